@@ -1,0 +1,1 @@
+"""The Azure ML side: pipeline wiring, local runner, model registry and registration triggers."""

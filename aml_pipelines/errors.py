@@ -1,0 +1,57 @@
+"""Errors of the Azure ML side.
+
+    PipelineError
+    ├── ComponentError        a component YAML does not load or validate
+    ├── StepFailed            a step's command exited non-zero (carries the exit code)
+    ├── GateRefused           the register gate refused a worse model
+    ├── RegistryError         the model registry failed
+    │   ├── ModelNotFound     no such model or version
+    │   └── IntegrityError    a stored model does not match its recorded sha256
+    ├── AzureNotConfigured    credentials or workspace coordinates are missing
+    └── TriggerError          a registration trigger failed
+
+The CLI prints one clear line and exits non-zero for each; never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base of every error the Azure ML side raises on purpose."""
+
+
+class ComponentError(PipelineError):
+    """A component YAML does not load or validate."""
+
+
+class StepFailed(PipelineError):
+    """A pipeline step's command exited non-zero."""
+
+    def __init__(self, step: str, exit_code: int) -> None:
+        super().__init__(f"step {step!r} failed with exit code {exit_code}")
+        self.step = step
+        self.exit_code = exit_code
+
+
+class GateRefused(PipelineError):
+    """The register gate refused a model that is worse than production."""
+
+
+class RegistryError(PipelineError):
+    """The model registry failed."""
+
+
+class ModelNotFound(RegistryError):
+    """No such model or version in the registry."""
+
+
+class IntegrityError(RegistryError):
+    """A stored model does not match its recorded sha256 (corrupted or tampered)."""
+
+
+class AzureNotConfigured(PipelineError):
+    """Azure credentials or workspace coordinates are missing."""
+
+
+class TriggerError(PipelineError):
+    """A registration trigger failed."""

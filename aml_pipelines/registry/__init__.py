@@ -1,0 +1,1 @@
+"""Model registry: one Protocol, a local folder backend and an Azure ML backend."""

@@ -1,0 +1,60 @@
+"""The ModelRegistry contract and the ModelVersion record both backends return."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+STAGE_TAG = "stage"
+
+
+class Stage:
+    """Values of the `stage` tag: the registry follows traffic."""
+
+    CANDIDATE = "candidate"
+    PRODUCTION = "production"
+    ARCHIVED = "archived"
+    ROLLED_BACK = "rolled-back"
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One immutable registered version of a model."""
+
+    name: str
+    version: int
+    uri: str
+    sha256: str
+    tags: Mapping[str, str] = field(default_factory=dict)
+    created_at: str = ""
+    path: Path | None = None  # a local folder holding the model files, when there is one
+
+    @property
+    def stage(self) -> str | None:
+        """The `stage` tag, or None."""
+        return self.tags.get(STAGE_TAG)
+
+
+@runtime_checkable
+class ModelRegistry(Protocol):
+    def register(
+        self, name: str, source: str | Path, tags: Mapping[str, str] | None = None
+    ) -> ModelVersion:
+        """Register the model at `source` as the next version of `name`; versions never collide."""
+
+    def get(self, name: str, version: int) -> ModelVersion:
+        """One version; raises ModelNotFound, or IntegrityError if its files do not match."""
+
+    def latest(self, name: str) -> ModelVersion | None:
+        """The highest version of `name`, or None when none is registered."""
+
+    def list_versions(self, name: str) -> list[ModelVersion]:
+        """Every version of `name`, oldest first."""
+
+    def set_tags(self, name: str, version: int, tags: Mapping[str, str]) -> ModelVersion:
+        """Merge `tags` into a version's tags (tags are mutable; model files are not)."""
+
+    def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersion]:
+        """Versions of `name` whose tag `key` equals `value`, oldest first."""

@@ -1,0 +1,50 @@
+"""The `aml-rollout` command: one entry point, subcommands contributed by each package.
+
+Every module imported here keeps heavy imports (azure.ai.ml, sklearn, fastapi, kubernetes) inside
+command bodies, so `aml-rollout --help` stays fast. Errors raised on purpose (RolloutError,
+PipelineError) become one red line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from aml_pipelines.cli import pipeline_app, registry_app
+from aml_pipelines.errors import PipelineError
+from aml_pipelines.trigger.cli import trigger_app
+from rollout.commands.rollout import rollout_app
+from rollout.commands.stack import stack_commands
+from rollout.errors import RolloutError
+from scoring.cli import load, serve
+
+EXIT_USER_ERROR = 2
+
+app = typer.Typer(
+    name="aml-rollout",
+    help="Train, register, package and progressively roll out Azure ML models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+app.add_typer(
+    pipeline_app, name="pipeline", help="Build, validate, submit or run the AML pipeline."
+)
+app.add_typer(registry_app, name="registry", help="List, show and tag registered model versions.")
+app.add_typer(rollout_app, name="rollout", help="Run and steer progressive rollouts.")
+app.add_typer(trigger_app, name="trigger", help="Start deliveries when a model is registered.")
+app.command("serve", help="Serve a packaged model (the blue or green scoring server).")(serve)
+app.command("load", help="Send bounded scoring load to a URL and print per-version counts.")(load)
+for name, command in stack_commands.items():
+    app.command(name)(command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except (RolloutError, PipelineError) as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(getattr(exc, "exit_code", EXIT_USER_ERROR))

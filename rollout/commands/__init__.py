@@ -1,0 +1,1 @@
+"""CLI command groups of the rollout package, mounted by `rollout.cli`."""

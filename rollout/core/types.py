@@ -1,0 +1,123 @@
+"""Value types shared by the core, the controller and every backend.
+
+They are frozen dataclasses and string enums so they serialise to the ledger and the state store
+as plain JSON and compare by value in tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Colour(StrEnum):
+    """The two deployment slots: green serves production, blue is the candidate."""
+
+    BLUE = "blue"
+    GREEN = "green"
+
+
+class Phase(StrEnum):
+    """Where a rollout is in its life; terminal phases are Succeeded, RolledBack and Failed."""
+
+    INITIALIZING = "Initializing"
+    PROGRESSING = "Progressing"
+    PAUSED = "Paused"
+    PROMOTING = "Promoting"
+    FINALISING = "Finalising"
+    SUCCEEDED = "Succeeded"
+    ROLLING_BACK = "RollingBack"
+    ROLLED_BACK = "RolledBack"
+    FAILED = "Failed"
+
+
+class Verdict(StrEnum):
+    """Outcome of one analysis: three-valued plus Error, as in Argo Rollouts' AnalysisPhase."""
+
+    SUCCESSFUL = "Successful"
+    FAILED = "Failed"
+    INCONCLUSIVE = "Inconclusive"
+    ERROR = "Error"
+
+
+@dataclass(frozen=True, slots=True)
+class Weights:
+    """Percent of default-route traffic per colour; always integers summing to 100."""
+
+    blue: int
+    green: int
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.blue <= 100 and 0 <= self.green <= 100):
+            raise ValueError(
+                f"weights must be within 0..100, got blue={self.blue} green={self.green}"
+            )
+        if self.blue + self.green != 100:
+            raise ValueError(f"weights must sum to 100, got blue={self.blue} green={self.green}")
+
+    @classmethod
+    def blue_at(cls, percent: int) -> Weights:
+        """Weights with `percent` on blue and the rest on green."""
+        return cls(blue=percent, green=100 - percent)
+
+    def of(self, colour: Colour) -> int:
+        """The weight of one colour."""
+        return self.blue if colour is Colour.BLUE else self.green
+
+
+@dataclass(frozen=True, slots=True)
+class ColourCounts:
+    """Counts for one colour over an observation window (exact integers where the source allows).
+
+    `latency_buckets` is a cumulative histogram: pairs (upper bound in seconds, requests with
+    latency <= bound), sorted by bound; empty when the source has no latency data. The core derives
+    "slow" requests from it against an SLO or the baseline's p99 bucket.
+    """
+
+    requests: int = 0
+    errors: int = 0
+    latency_buckets: tuple[tuple[float, int], ...] = ()
+
+    def slow(self, threshold_s: float) -> int:
+        """Requests slower than the smallest bucket bound >= threshold_s (0 with no histogram)."""
+        for bound, count in self.latency_buckets:
+            if bound >= threshold_s:
+                return max(self.requests - count, 0)
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What the metrics backend saw for both colours between `since` and `at` (epoch seconds).
+
+    `error` is set when the backend could not be read (the judge then says Verdict.ERROR);
+    `detail` carries the raw queries and values for the ledger.
+    """
+
+    since: float
+    at: float
+    blue: ColourCounts = field(default_factory=ColourCounts)
+    green: ColourCounts = field(default_factory=ColourCounts)
+    error: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def of(self, colour: Colour) -> ColourCounts:
+        """The counts of one colour."""
+        return self.blue if colour is Colour.BLUE else self.green
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """One deployable model version: what a colour serves.
+
+    `image` is the container image for Kubernetes; `model_dir` a local package folder for the
+    local stack; `deployment` the Azure ML deployment name. Backends use the fields they need.
+    """
+
+    model: str
+    version: str
+    sha256: str = ""
+    image: str | None = None
+    model_dir: str | None = None
+    deployment: str | None = None

@@ -1,0 +1,57 @@
+"""Errors of the rollout engine, one tree so callers catch at the right depth.
+
+    RolloutError
+    ├── ConfigError            invalid spec or unknown backend kind (names the field)
+    ├── RouterError            the traffic router could not read or apply weights
+    │   └── ConflictError      optimistic concurrency lost (e.g. HTTP 409); retry after re-read
+    ├── MetricsError           the metrics backend failed
+    │   ├── NoValuesFound      the query answered, but with no series (no traffic yet)
+    │   └── ProviderUnavailable the backend is unreachable (message carries the URL)
+    ├── StateError             the state store failed or holds something unreadable
+    │   └── LeaseHeldError     another controller holds the rollout's lease
+    └── LocalStackError        a process of the embedded local stack failed to start or died
+
+The CLI turns any RolloutError into one clear line and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class RolloutError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class ConfigError(RolloutError):
+    """A spec or backend configuration is invalid; the message names the field."""
+
+
+class RouterError(RolloutError):
+    """The traffic router could not read or apply weights."""
+
+
+class ConflictError(RouterError):
+    """An optimistic-concurrency write lost the race; re-read and retry."""
+
+
+class MetricsError(RolloutError):
+    """The metrics backend failed."""
+
+
+class NoValuesFound(MetricsError):
+    """The query answered with no series: no traffic yet, or a wrong label."""
+
+
+class ProviderUnavailable(MetricsError):
+    """The metrics backend cannot be reached."""
+
+
+class StateError(RolloutError):
+    """The state store failed or holds something unreadable."""
+
+
+class LeaseHeldError(StateError):
+    """Another controller holds the lease of this rollout."""
+
+
+class LocalStackError(RolloutError):
+    """A process of the embedded local stack failed to start or died."""

@@ -1,0 +1,1 @@
+"""Metrics providers: per-colour counts for the judge (Prometheus, static/simulated)."""

@@ -1,0 +1,29 @@
+"""The TrafficRouter contract every routing backend implements.
+
+All methods are idempotent: the controller may call any of them again after a crash, and applying
+the same thing twice must be harmless. Failures raise `rollout.errors.RouterError`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from rollout.core.types import Colour, Release, Weights
+
+
+@runtime_checkable
+class TrafficRouter(Protocol):
+    def deploy(self, colour: Colour, release: Release) -> None:
+        """Make `colour` serve `release` (create or replace its workload); traffic is unchanged."""
+
+    def release(self, colour: Colour) -> Release | None:
+        """The release `colour` serves now, or None when nothing is deployed there."""
+
+    def set_weights(self, weights: Weights) -> None:
+        """Route default (un-pinned) traffic by `weights`; header-pinned routes are untouched."""
+
+    def get_weights(self) -> Weights:
+        """The weights the data plane actually serves now (not merely what was last written)."""
+
+    def remove(self, colour: Colour) -> None:
+        """Remove `colour`'s workload (after promotion, blue); a no-op when already gone."""

@@ -1,0 +1,33 @@
+"""The root command: help lists every group, and stays light (no heavy SDK imported)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from rollout.cli import app
+
+HEAVY = ("azure.ai.ml", "sklearn", "fastapi", "kubernetes", "prometheus_api_client", "scipy")
+
+
+def test_help_lists_every_group() -> None:
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for group in ("pipeline", "registry", "rollout", "trigger", "serve", "load"):
+        assert group in result.output
+
+
+def test_help_imports_no_heavy_sdk() -> None:
+    # `import azure.ai.ml` alone costs seconds; --help must not pay for it.
+    code = (
+        "import sys\n"
+        "from rollout.cli import app\n"
+        "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+        f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip().splitlines()[-1] == "HEAVY="
