@@ -15,8 +15,9 @@ from rich.console import Console
 from aml_pipelines.cli import pipeline_app, registry_app
 from aml_pipelines.errors import PipelineError
 from aml_pipelines.trigger.cli import trigger_app
+from rollout.commands.manifests import manifests
 from rollout.commands.rollout import rollout_app
-from rollout.commands.stack import stack_commands
+from rollout.commands.stack import demo, up
 from rollout.errors import RolloutError
 from scoring.cli import load, serve
 
@@ -37,8 +38,9 @@ app.add_typer(rollout_app, name="rollout", help="Run and steer progressive rollo
 app.add_typer(trigger_app, name="trigger", help="Start deliveries when a model is registered.")
 app.command("serve", help="Serve a packaged model (the blue or green scoring server).")(serve)
 app.command("load", help="Send bounded scoring load to a URL and print per-version counts.")(load)
-for name, command in stack_commands.items():
-    app.command(name)(command)
+app.command("demo", help="Run the whole story on the embedded local stack.")(demo)
+app.command("up", help="Start the local stack and keep it running; prints the URLs.")(up)
+app.command("manifests", help="Render the Kubernetes/Istio bootstrap objects as YAML.")(manifests)
 
 
 def main() -> None:
