@@ -1,0 +1,389 @@
+"""The rollout spec: one YAML file in, one validated `RolloutSpec` out.
+
+The spec is validated once, here, at the edge; the core and the controller receive models, never
+dicts. Backend configurations are discriminated unions on `kind`, so an unknown kind or a field of
+the wrong backend is an error that names the field, not a silent fallback.
+
+    name: churn-model
+    router:   {kind: envoy, admin_url: "http://127.0.0.1:9901", routes_file: routes.yaml}
+    metrics:  {kind: prometheus, url: "http://127.0.0.1:9090", preset: envoy}
+    steps: [5, 25, 50, 100]          # or: seed  (Blue_0, Blue_50, Blue_100, Blue_Green, Green_100)
+    analysis:
+      interval_s: 10
+      alpha: 0.05
+      errors:  {max_ratio: 2.0, max_rate: 0.1}
+      latency: {threshold: baseline_p99}
+      on_inconclusive: hold
+
+Every weight plan ends at 100: reaching it is promotion (blue at 100 %, green replaced by blue's
+release, traffic back to green, blue removed), exactly the seed's Blue_100 → Blue_Green → Green_100.
+A step of weight 0 (the seed's Blue_0) deploys blue with no default traffic and is not analysed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rollout.core.types import Colour, Release
+from rollout.errors import ConfigError
+
+#: The seed's rollout (MLOpsPython): Blue_0, Blue_50, Blue_100, then Blue_Green and Green_100.
+SEED_STEPS: tuple[int, ...] = (0, 50, 100)
+
+#: Default plan. Short early steps at small weight catch big regressions while exposing few users;
+#: the decisive "not worse" evidence accumulates at 50 %, where the canary/baseline comparison
+#: carries the most information per request (p0(1-p0) is largest at p0 = 1/2). See docs/engine.md.
+DEFAULT_STEPS: tuple[int, ...] = (5, 25, 50, 100)
+
+#: Envoy's default histogram bucket bounds (milliseconds).
+ENVOY_BUCKETS_MS: tuple[float, ...] = (
+    0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+)  # fmt: skip
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ColourNames(_Model):
+    """A name per colour (a cluster, a Service, a deployment, a label value)."""
+
+    blue: str = Colour.BLUE.value
+    green: str = Colour.GREEN.value
+
+    def of(self, colour: Colour) -> str:
+        """The name of one colour."""
+        return self.blue if colour is Colour.BLUE else self.green
+
+
+# --------------------------------------------------------------------------------------- routers
+
+
+class MemoryRouterConfig(_Model):
+    """In-process router for tests and dry runs.
+
+    With `state_file` the routes survive the process (like a real data plane survives a controller
+    crash); with `journal` every applied action is appended as one JSON line (for audits and the
+    kill/resume test).
+    """
+
+    kind: Literal["memory"] = "memory"
+    state_file: Path | None = None
+    journal: Path | None = None
+
+
+class EnvoyRouterConfig(_Model):
+    """Local Envoy: route table from an RDS file replaced atomically; admin API to verify."""
+
+    kind: Literal["envoy"] = "envoy"
+    admin_url: str = "http://127.0.0.1:9901"
+    routes_file: Path
+    route_name: str = "aml_route"
+    virtual_host: str = "aml"
+    domains: list[str] = Field(default_factory=lambda: ["*"])
+    clusters: ColourNames = Field(default_factory=ColourNames)
+    pinned_clusters: ColourNames = Field(
+        default_factory=lambda: ColourNames(blue="blue-pinned", green="green-pinned")
+    )
+    #: Where the router records which release each colour serves (Envoy does not know).
+    releases_file: Path | None = None
+    timeout_s: float = Field(default=5.0, gt=0)
+
+
+class IstioRouterConfig(_Model):
+    """Istio on Kubernetes: a VirtualService with header routes first, then the weighted route."""
+
+    kind: Literal["istio"] = "istio"
+    namespace: str = "default"
+    app: str = "model"
+    virtual_service: str = "model"
+    gateway: str | None = "model-gateway"
+    hosts: list[str] = Field(default_factory=lambda: ["*"])
+    services: ColourNames = Field(
+        default_factory=lambda: ColourNames(blue="model-blue", green="model-green")
+    )
+    deployments: ColourNames = Field(
+        default_factory=lambda: ColourNames(blue="model-blue", green="model-green")
+    )
+    port: int = Field(default=80, gt=0, lt=65536)
+    container_port: int = Field(default=8000, gt=0, lt=65536)
+    kubeconfig: Path | None = None
+    context: str | None = None
+    in_cluster: bool = False
+
+
+class AzureMLRouterConfig(_Model):
+    """Azure ML managed online endpoint: `traffic` (and `mirror_traffic`) per deployment."""
+
+    kind: Literal["azureml"] = "azureml"
+    subscription_id: str
+    resource_group: str
+    workspace: str
+    endpoint: str
+    deployments: ColourNames = Field(default_factory=ColourNames)
+    #: Percent of traffic mirrored to blue during analysis (Azure allows at most 50).
+    mirror_percent: int = Field(default=0, ge=0, le=50)
+    instance_type: str = "Standard_DS3_v2"
+    instance_count: int = Field(default=1, ge=1)
+
+
+RouterConfig = Annotated[
+    MemoryRouterConfig | EnvoyRouterConfig | IstioRouterConfig | AzureMLRouterConfig,
+    Field(discriminator="kind"),
+]
+
+
+# --------------------------------------------------------------------------------------- metrics
+
+
+class LatencyModel(_Model):
+    """Lognormal latency: median in milliseconds and sigma of the underlying normal."""
+
+    median: float = Field(default=20.0, gt=0)
+    sigma: float = Field(default=0.4, ge=0)
+
+
+class TrafficModel(_Model):
+    """How one colour behaves in simulation."""
+
+    error_rate: float = Field(default=0.001, ge=0, le=1)
+    latency_ms: LatencyModel = Field(default_factory=LatencyModel)
+    #: The canary behaves like this from this simulated second on (before: like the baseline).
+    from_s: float = Field(default=0.0, ge=0)
+
+
+class StaticTick(_Model):
+    """One scripted observation: cumulative counts per colour (or an outage)."""
+
+    blue: dict[str, Any] = Field(default_factory=dict)
+    green: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+
+
+class StaticMetricsConfig(_Model):
+    """Scripted observations, returned in order (the last repeats); for tests and dry runs."""
+
+    kind: Literal["static"] = "static"
+    ticks: list[StaticTick] = Field(default_factory=list)
+
+
+class SimulatedMetricsConfig(_Model):
+    """Seeded synthetic traffic split by the router's current weights (dry runs, benchmarks)."""
+
+    kind: Literal["simulated"] = "simulated"
+    seed: int = 0
+    #: Total requests per second, or a step profile of [t_seconds, rps] points.
+    rps: float | list[tuple[float, float]] = 10.0
+    baseline: TrafficModel = Field(default_factory=TrafficModel)
+    canary: TrafficModel | None = None
+    buckets_ms: tuple[float, ...] = ENVOY_BUCKETS_MS
+
+
+class PromQueries(_Model):
+    """PromQL templates for the `custom` preset.
+
+    `{colour}` is replaced by the colour's label value, `{window}` by the range (e.g. `30s`).
+    Each must return ONE cumulative counter value: requests, 5xx errors, and for `latency_bucket`
+    the cumulative histogram series with an `le` label (one sample per bucket).
+    """
+
+    requests: str
+    errors: str
+    latency_bucket: str | None = None
+
+
+class PrometheusMetricsConfig(_Model):
+    """Prometheus HTTP API; presets for Envoy's cluster stats and Istio's standard telemetry."""
+
+    kind: Literal["prometheus"] = "prometheus"
+    url: str = "http://127.0.0.1:9090"
+    preset: Literal["envoy", "istio", "custom"] = "envoy"
+    queries: PromQueries | None = None
+    #: Label values that identify each colour (Envoy cluster name, Istio destination workload...).
+    labels: ColourNames = Field(default_factory=ColourNames)
+    #: For Istio: the namespace of the destination workloads.
+    namespace: str | None = None
+    latency_unit: Literal["ms", "s"] = "ms"
+    timeout_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _custom_needs_queries(self) -> PrometheusMetricsConfig:
+        if self.preset == "custom" and self.queries is None:
+            raise ValueError("preset 'custom' needs `queries` (requests, errors, latency_bucket)")
+        return self
+
+
+MetricsConfig = Annotated[
+    StaticMetricsConfig | SimulatedMetricsConfig | PrometheusMetricsConfig,
+    Field(discriminator="kind"),
+]
+
+
+# -------------------------------------------------------------------------------------- analysis
+
+
+class ErrorCheck(_Model):
+    """5xx responses of the canary against the baseline."""
+
+    enabled: bool = True
+    #: Relative margin: promotion needs evidence that canary rate < max_ratio × baseline rate,
+    #: and the sequential test hunts for any ratio > 1.
+    max_ratio: float = Field(default=2.0, gt=1)
+    #: Absolute guard: roll back at once when the canary's error rate is confidently above this.
+    max_rate: float | None = Field(default=0.1, gt=0, le=1)
+
+
+class LatencyCheck(_Model):
+    """Slow requests (above a histogram bucket) of the canary against the baseline."""
+
+    enabled: bool = True
+    #: `baseline_p99`: slow = above the bucket holding the baseline's p99 (about 1 % of requests);
+    #: `slo`: slow = above the bucket bound at `slo_ms`.
+    threshold: Literal["baseline_p99", "slo"] = "baseline_p99"
+    slo_ms: float | None = Field(default=None, gt=0)
+    max_ratio: float = Field(default=2.0, gt=1)
+    #: Absolute guard on the canary's share of requests above the SLO bucket (needs `slo_ms`).
+    max_slow_rate: float | None = Field(default=None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _slo_needs_bound(self) -> LatencyCheck:
+        if self.threshold == "slo" and self.slo_ms is None:
+            raise ValueError("threshold 'slo' needs `slo_ms`")
+        if self.max_slow_rate is not None and self.slo_ms is None:
+            raise ValueError("`max_slow_rate` needs `slo_ms` (the bucket it is measured against)")
+        return self
+
+
+class AnalysisConfig(_Model):
+    """How each step is judged."""
+
+    interval_s: float = Field(default=10.0, gt=0)
+    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    #: Canary requests a step needs before it may advance (evidence, not mere absence of alarm).
+    min_requests: int = Field(default=200, ge=0)
+    #: A step never advances sooner than this (defaults to one interval).
+    min_step_duration_s: float | None = Field(default=None, ge=0)
+    #: A step still inconclusive after this long follows `on_inconclusive`.
+    max_step_duration_s: float = Field(default=7200.0, gt=0)
+    #: Consecutive ticks with unreadable metrics before the step counts as inconclusive.
+    max_consecutive_errors: int = Field(default=4, ge=1)
+    errors: ErrorCheck = Field(default_factory=ErrorCheck)
+    latency: LatencyCheck = Field(default_factory=LatencyCheck)
+    on_inconclusive: Literal["hold", "rollback"] = "hold"
+
+    @property
+    def min_step_s(self) -> float:
+        """The effective minimum step duration."""
+        return self.interval_s if self.min_step_duration_s is None else self.min_step_duration_s
+
+    @model_validator(mode="after")
+    def _durations(self) -> AnalysisConfig:
+        if self.max_step_duration_s < self.min_step_s:
+            raise ValueError("max_step_duration_s must be >= min_step_duration_s")
+        if not (self.errors.enabled or self.latency.enabled):
+            raise ValueError("at least one of errors, latency must be enabled")
+        return self
+
+
+class ReleaseConfig(_Model):
+    """A release as written in a spec (see `rollout.core.types.Release`)."""
+
+    model: str
+    version: str
+    sha256: str = ""
+    image: str | None = None
+    model_dir: str | None = None
+    deployment: str | None = None
+
+    def to_release(self) -> Release:
+        """The core value type."""
+        return Release(**self.model_dump())
+
+
+class StateConfig(_Model):
+    """Where the controller keeps status and its lease."""
+
+    kind: Literal["file", "memory"] = "file"
+    #: Directory for `<name>.status.json`, `<name>.lock`, `<name>.ledger.jsonl`.
+    dir: Path = Path(".rollout")
+    #: A lease older than this (seconds without renewal) may be taken over.
+    lease_ttl_s: float = Field(default=30.0, gt=0)
+
+
+class RolloutSpec(_Model):
+    """A whole rollout: where traffic goes, where metrics come from, and how to judge."""
+
+    name: str = Field(default="rollout", pattern=r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
+    router: RouterConfig = Field(default_factory=MemoryRouterConfig)
+    metrics: MetricsConfig = Field(default_factory=StaticMetricsConfig)
+    steps: list[int] | Literal["seed"] = Field(default_factory=lambda: list(DEFAULT_STEPS))
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    #: Requests carrying `<header>: blue|green` are pinned to that colour and not analysed.
+    header: str = "x-api-version"
+    candidate: ReleaseConfig | None = None
+    stable: ReleaseConfig | None = None
+    state: StateConfig = Field(default_factory=StateConfig)
+
+    @field_validator("steps")
+    @classmethod
+    def _plan(cls, steps: list[int] | str) -> list[int] | str:
+        if isinstance(steps, str):
+            return steps
+        if not steps:
+            raise ValueError("needs at least one weight")
+        if any(not 0 <= w <= 100 for w in steps):
+            raise ValueError(f"weights must be within 0..100, got {steps}")
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            raise ValueError(f"weights must increase strictly, got {steps}")
+        if steps[-1] != 100:
+            raise ValueError(f"the last weight must be 100 (promotion), got {steps[-1]}")
+        return steps
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, header: str) -> str:
+        if not header or any(c.isspace() or c == ":" for c in header):
+            raise ValueError(f"not a valid HTTP header name: {header!r}")
+        return header.lower()
+
+    @property
+    def plan(self) -> tuple[int, ...]:
+        """The weight plan, presets resolved; always ends at 100."""
+        return SEED_STEPS if self.steps == "seed" else tuple(self.steps)
+
+
+def _format(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        problems.append(f"{where}: {err['msg']}")
+    return "; ".join(problems)
+
+
+def spec_from_dict(data: Any, *, source: str = "spec") -> RolloutSpec:
+    """Validate a parsed document; ConfigError names each bad field (`analysis.alpha: ...`)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return RolloutSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_format(exc)}") from None
+
+
+def load_spec(path: str | Path) -> RolloutSpec:
+    """Read and validate a YAML spec; relative paths in it stay relative to the caller's cwd."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read spec: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return spec_from_dict(data, source=str(path))

@@ -1,0 +1,123 @@
+"""In-memory TrafficRouter: the reference backend for tests, dry runs and the simulator.
+
+It keeps what a real data plane keeps (weights, the release per colour). Optionally:
+
+- `state_file`: the routes live in a JSON file written atomically (temp + fsync + rename), so they
+  survive the controller process, as Envoy's or Istio's routes do;
+- `journal`: every applied action is appended as one JSON line and fsync'ed before the call
+  returns, so a test that SIGKILLs the controller can check exactly what reached the data plane.
+
+Idempotent like every router: setting the weights already served, or removing an absent colour,
+changes nothing (but is still journalled, so a test can count repeats).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rollout.config import MemoryRouterConfig
+from rollout.core.types import Colour, Release, Weights
+from rollout.errors import RouterError
+
+
+class MemoryRouter:
+    """A TrafficRouter held in memory (and optionally mirrored to a file)."""
+
+    def __init__(
+        self,
+        *,
+        weights: Weights | None = None,
+        releases: dict[Colour, Release] | None = None,
+        state_file: Path | None = None,
+        journal: Path | None = None,
+    ) -> None:
+        self._state_file = state_file
+        self._journal = journal
+        self._weights = weights or Weights.blue_at(0)
+        self._releases: dict[Colour, Release] = dict(releases or {})
+        if state_file is not None and state_file.exists():
+            self._load(state_file)
+
+    @classmethod
+    def from_config(cls, cfg: MemoryRouterConfig) -> MemoryRouter:
+        """Build from the spec's router section."""
+        return cls(state_file=cfg.state_file, journal=cfg.journal)
+
+    # ------------------------------------------------------------------ TrafficRouter protocol
+
+    def deploy(self, colour: Colour, release: Release) -> None:
+        """Make `colour` serve `release`; traffic is unchanged."""
+        self._releases[colour] = release
+        self._commit("deploy", colour=colour.value, release=asdict(release))
+
+    def release(self, colour: Colour) -> Release | None:
+        """The release `colour` serves now, or None."""
+        return self._releases.get(colour)
+
+    def set_weights(self, weights: Weights) -> None:
+        """Route default traffic by `weights`."""
+        if weights.blue > 0 and Colour.BLUE not in self._releases:
+            raise RouterError(f"cannot send {weights.blue} % to blue: nothing is deployed there")
+        if weights.green > 0 and Colour.GREEN not in self._releases:
+            raise RouterError(f"cannot send {weights.green} % to green: nothing is deployed there")
+        self._weights = weights
+        self._commit("set_weights", blue=weights.blue, green=weights.green)
+
+    def get_weights(self) -> Weights:
+        """The weights served now."""
+        return self._weights
+
+    def remove(self, colour: Colour) -> None:
+        """Remove `colour`'s workload; a no-op when already gone."""
+        if self._weights.of(colour) > 0:
+            raise RouterError(f"cannot remove {colour.value}: it still serves default traffic")
+        self._releases.pop(colour, None)
+        self._commit("remove", colour=colour.value)
+
+    # ------------------------------------------------------------------------------ persistence
+
+    def _commit(self, action: str, **fields: Any) -> None:
+        # Data plane first, journal second: a kill in between leaves an applied-but-unjournalled
+        # action, which the idempotent re-apply after restart journals. The reverse order could
+        # journal something the data plane never served.
+        if self._state_file is not None:
+            _atomic_write_json(self._state_file, self._snapshot())
+        if self._journal is not None:
+            line = json.dumps({"action": action, **fields}, sort_keys=True) + "\n"
+            with self._journal.open("a", encoding="utf-8") as fh:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "weights": {"blue": self._weights.blue, "green": self._weights.green},
+            "releases": {c.value: asdict(r) for c, r in self._releases.items()},
+        }
+
+    def _load(self, path: Path) -> None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            self._weights = Weights(**data["weights"])
+            self._releases = {Colour(c): Release(**r) for c, r in data["releases"].items()}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RouterError(f"memory router state {path} is unreadable: {exc}") from exc
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON so a reader (or a crash) sees the old file or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(data, fh, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
