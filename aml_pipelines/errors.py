@@ -1,6 +1,7 @@
 """Errors of the Azure ML side.
 
     PipelineError
+    ├── ConfigError           an argument, a config value or input data is invalid (names the field)
     ├── ComponentError        a component YAML does not load or validate
     ├── StepFailed            a step's command exited non-zero (carries the exit code)
     ├── GateRefused           the register gate refused a worse model
@@ -18,6 +19,10 @@ from __future__ import annotations
 
 class PipelineError(Exception):
     """Base of every error the Azure ML side raises on purpose."""
+
+
+class ConfigError(PipelineError):
+    """An argument, a config value (e.g. an unknown registry kind) or input data is invalid."""
 
 
 class ComponentError(PipelineError):

@@ -1,0 +1,287 @@
+"""The example model: Ridge regression, evaluated on a held-out split, saved as a model folder.
+
+This is the part a user replaces with their own training code. What the rest of the system relies
+on is only the model-folder contract it writes:
+
+    model.skops         the estimator, serialised with skops (never pickle)
+    model.json          name, framework, estimator, model_file, sha256 of model.skops,
+                        feature_names, target, metrics {rmse, mse, r2} on the held-out split,
+                        data_fingerprint, library_versions, params {alpha, test_fraction, seed}
+    sample-input.json   {"data": [[...], ...]}: up to 100 held-out rows (sent by the load generator)
+
+Training is deterministic for a given seed and data: the split uses `seed`, Ridge's solver is
+deterministic, and the skops zip is re-packed with fixed timestamps so the same inputs give the
+same sha256 (skops stamps the current time into the zip otherwise).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import platform
+import re
+import zipfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aml_pipelines.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.skops"
+MODEL_JSON = "model.json"
+SAMPLE_INPUT = "sample-input.json"
+METRICS_FILE = "metrics.json"
+SAMPLE_ROWS = 100
+DIABETES_TARGET = "progression"
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_VERSIONED_LIBRARIES = ("scikit-learn", "skops", "numpy", "scipy")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Features, target and a fingerprint identifying exactly these values."""
+
+    features: np.ndarray
+    target: np.ndarray
+    feature_names: list[str]
+    target_name: str
+    source: str
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over column names and float64 values: same data, same fingerprint."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps([self.feature_names, self.target_name]).encode())
+        digest.update(np.ascontiguousarray(self.features, dtype=np.float64).tobytes())
+        digest.update(np.ascontiguousarray(self.target, dtype=np.float64).tobytes())
+        return f"sha256:{digest.hexdigest()}"
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Hyper-parameters and split settings; validated on construction."""
+
+    alpha: float = 1.0
+    test_fraction: float = 0.2
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ConfigError(f"alpha must be a finite number >= 0, got {self.alpha}")
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(
+                f"test_fraction must be strictly between 0 and 1, got {self.test_fraction}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one training run produced."""
+
+    model_dir: Path
+    metrics: dict[str, float]
+    sha256: str
+    data_fingerprint: str
+
+
+def load_diabetes_dataset() -> Dataset:
+    """scikit-learn's bundled diabetes data (442 rows, 10 features): no download needed."""
+    from sklearn.datasets import load_diabetes
+
+    bunch = load_diabetes()
+    return Dataset(
+        features=np.asarray(bunch.data, dtype=np.float64),
+        target=np.asarray(bunch.target, dtype=np.float64),
+        feature_names=[str(name) for name in bunch.feature_names],
+        target_name=DIABETES_TARGET,
+        source="sklearn:diabetes",
+    )
+
+
+def load_csv_dataset(data: Path, target: str) -> Dataset:
+    """Numeric CSV data: a file, or a folder (uri_folder) whose *.csv files share one header."""
+    files = sorted(data.glob("*.csv")) if data.is_dir() else [data]
+    if not files or not files[0].is_file():
+        raise ConfigError(f"data: no CSV file found at {data}")
+    header: list[str] | None = None
+    rows: list[list[float]] = []
+    for file in files:
+        with file.open(newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            file_header = [name.strip() for name in next(reader, [])]
+            if header is None:
+                header = file_header
+            elif file_header != header:
+                raise ConfigError(f"data: {file.name} has header {file_header}, expected {header}")
+            for line_no, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise ConfigError(
+                        f"data: {file.name} line {line_no} has {len(row)} fields, "
+                        f"expected {len(header)}"
+                    )
+                try:
+                    rows.append([float(value) for value in row])
+                except ValueError as exc:
+                    raise ConfigError(f"data: {file.name} line {line_no}: {exc}") from exc
+    assert header is not None
+    if target not in header:
+        raise ConfigError(f"target: column {target!r} not in the CSV header {header}")
+    if len(rows) < 4:
+        raise ConfigError(f"data: {len(rows)} rows is too few to train and evaluate")
+    values = np.asarray(rows, dtype=np.float64)
+    target_index = header.index(target)
+    feature_index = [i for i in range(len(header)) if i != target_index]
+    if not np.isfinite(values).all():
+        raise ConfigError("data: the CSV holds NaN or infinite values")
+    return Dataset(
+        features=values[:, feature_index],
+        target=values[:, target_index],
+        feature_names=[header[i] for i in feature_index],
+        target_name=target,
+        source=str(data),
+    )
+
+
+def load_dataset(data: Path | None, target: str | None) -> Dataset:
+    """The user's CSV when `data` is given (then `target` is required), else the diabetes data."""
+    if data is None:
+        return load_diabetes_dataset()
+    if not target:
+        raise ConfigError("target: required when data is given (the name of the target column)")
+    return load_csv_dataset(data, target)
+
+
+def deterministic_skops(model: Any) -> bytes:
+    """skops bytes that depend only on the model: equal models give equal sha256.
+
+    skops names nodes and array files after `id()` of the objects and stamps the current time
+    into the zip; both are renumbered / fixed here (ids in order of first appearance, which is
+    all skops needs: they are memo keys). The result is loaded back and checked against the model.
+    """
+    import skops.io as sio
+
+    raw = sio.dumps(model)
+    with zipfile.ZipFile(io.BytesIO(raw)) as src:
+        schema = src.read("schema.json").decode()
+        ids = {int(m) for m in re.findall(r'"__id__": (\d+)', schema)}
+        ids |= {int(Path(n).stem) for n in src.namelist() if n != "schema.json"}
+        order = sorted(ids, key=lambda i: schema.find(str(i)) % (len(schema) + 1))
+        renumber = {str(old): str(new) for new, old in enumerate(order, start=1)}
+        schema = re.sub(r"\d{6,}", lambda m: renumber.get(m.group(), m.group()), schema)
+        members = {"schema.json": schema.encode()}
+        for member in src.namelist():
+            if member != "schema.json":
+                stem, suffix = member.split(".", 1)
+                members[f"{renumber[stem]}.{suffix}"] = src.read(member)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        for member in sorted(members):
+            info = zipfile.ZipInfo(member, date_time=_ZIP_EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            dst.writestr(info, members[member])
+    blob = out.getvalue()
+    reloaded = sio.loads(blob, trusted=sio.get_untrusted_types(data=blob))
+    if not (
+        np.array_equal(reloaded.coef_, model.coef_) and reloaded.intercept_ == model.intercept_
+    ):
+        raise RuntimeError("skops normalisation changed the model; refusing to write it")
+    return blob
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a scorer needs to load the model exactly as trained."""
+    versions = {"python": platform.python_version()}
+    for dist in _VERSIONED_LIBRARIES:
+        versions[dist] = metadata.version(dist)
+    return versions
+
+
+def train(
+    out_dir: Path,
+    *,
+    name: str,
+    params: TrainParams,
+    data: Path | None = None,
+    target: str | None = None,
+    metrics_dir: Path | None = None,
+) -> TrainResult:
+    """Fit Ridge on a seeded split, evaluate on the held-out part, write the model folder."""
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import mean_squared_error, r2_score
+    from sklearn.model_selection import train_test_split
+
+    if not name:
+        raise ConfigError("model_name: must not be empty")
+    dataset = load_dataset(data, target)
+    x_train, x_test, y_train, y_test = train_test_split(
+        dataset.features,
+        dataset.target,
+        test_size=params.test_fraction,
+        random_state=params.seed,
+    )
+    if len(x_test) < 2 or len(x_train) < 2:
+        raise ConfigError(
+            f"test_fraction: {params.test_fraction} leaves {len(x_train)} training and "
+            f"{len(x_test)} held-out rows; both need at least 2"
+        )
+    model = Ridge(alpha=params.alpha).fit(x_train, y_train)
+    predicted = model.predict(x_test)
+    mse = float(mean_squared_error(y_test, predicted))
+    metrics = {"mse": mse, "rmse": math.sqrt(mse), "r2": float(r2_score(y_test, predicted))}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blob = deterministic_skops(model)
+    (out_dir / MODEL_FILE).write_bytes(blob)
+    sha256 = hashlib.sha256(blob).hexdigest()
+    manifest = {
+        "name": name,
+        "framework": "sklearn",
+        "estimator": "Ridge",
+        "model_file": MODEL_FILE,
+        "sha256": sha256,
+        "feature_names": dataset.feature_names,
+        "target": dataset.target_name,
+        "metrics": metrics,
+        "data_fingerprint": dataset.fingerprint,
+        "data_source": dataset.source,
+        "library_versions": library_versions(),
+        "params": {
+            "alpha": params.alpha,
+            "test_fraction": params.test_fraction,
+            "seed": params.seed,
+        },
+        "rows": {"train": len(x_train), "test": len(x_test)},
+    }
+    _write_json(out_dir / MODEL_JSON, manifest)
+    _write_json(out_dir / SAMPLE_INPUT, {"data": x_test[:SAMPLE_ROWS].tolist()})
+    if metrics_dir is not None:
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(metrics_dir / METRICS_FILE, {"name": name, "sha256": sha256, **metrics})
+    log.info(
+        "trained %s on %s (%d train / %d held-out rows): mse=%.2f rmse=%.3f r2=%.4f sha256=%s",
+        name,
+        dataset.source,
+        len(x_train),
+        len(x_test),
+        metrics["mse"],
+        metrics["rmse"],
+        metrics["r2"],
+        sha256[:12],
+    )
+    return TrainResult(out_dir, metrics, sha256, dataset.fingerprint)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")

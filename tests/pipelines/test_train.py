@@ -1,0 +1,115 @@
+"""The train component's library: the model-folder contract, determinism, CSV input, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from aml_pipelines.errors import ConfigError
+from components.train.train import TrainParams, train
+
+CONTRACT_KEYS = {
+    "name",
+    "framework",
+    "estimator",
+    "model_file",
+    "sha256",
+    "feature_names",
+    "target",
+    "metrics",
+    "data_fingerprint",
+    "library_versions",
+    "params",
+}
+
+
+def test_model_folder_follows_the_contract(tmp_path: Path) -> None:
+    result = train(tmp_path / "model", name="diabetes", params=TrainParams(), metrics_dir=tmp_path)
+    manifest = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert manifest.keys() >= CONTRACT_KEYS
+    assert manifest["framework"] == "sklearn" and manifest["estimator"] == "Ridge"
+    blob = (tmp_path / "model" / manifest["model_file"]).read_bytes()
+    assert manifest["sha256"] == hashlib.sha256(blob).hexdigest() == result.sha256
+    assert set(manifest["metrics"]) == {"mse", "rmse", "r2"}
+    assert manifest["metrics"]["rmse"] == pytest.approx(manifest["metrics"]["mse"] ** 0.5)
+    assert manifest["params"] == {"alpha": 1.0, "test_fraction": 0.2, "seed": 42}
+    assert len(manifest["feature_names"]) == 10
+    sample = json.loads((tmp_path / "model" / "sample-input.json").read_text())["data"]
+    assert len(sample) == manifest["rows"]["test"] == 89  # all held-out rows (<= 100)
+    assert all(len(row) == 10 for row in sample)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["mse"] == manifest["metrics"]["mse"]
+
+
+def test_model_loads_with_skops_and_predicts_the_sample(tmp_path: Path) -> None:
+    import skops.io as sio
+
+    train(tmp_path, name="m", params=TrainParams())
+    blob = (tmp_path / "model.skops").read_bytes()
+    assert not blob.startswith(b"\x80")  # a zip (skops), not a pickle
+    model = sio.loads(blob, trusted=sio.get_untrusted_types(data=blob))
+    sample = json.loads((tmp_path / "sample-input.json").read_text())["data"]
+    assert model.predict(sample).shape == (len(sample),)
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path: Path) -> None:
+    first = train(tmp_path / "a", name="m", params=TrainParams(seed=7))
+    again = train(tmp_path / "b", name="m", params=TrainParams(seed=7))
+    other = train(tmp_path / "c", name="m", params=TrainParams(seed=8))
+    assert first.sha256 == again.sha256 and first.metrics == again.metrics
+    assert other.metrics != first.metrics
+    assert first.data_fingerprint == other.data_fingerprint  # same data, different split
+
+
+def test_alpha_changes_the_held_out_error(tmp_path: Path) -> None:
+    base = train(tmp_path / "a", name="m", params=TrainParams(alpha=1.0))
+    worse = train(tmp_path / "b", name="m", params=TrainParams(alpha=10.0))
+    better = train(tmp_path / "c", name="m", params=TrainParams(alpha=0.1))
+    assert better.metrics["mse"] < base.metrics["mse"] < worse.metrics["mse"]
+
+
+def _write_csv(path: Path, rows: int = 40) -> None:
+    lines = ["x1,x2,y"] + [f"{i},{(i * 7) % 5},{2 * i + 1}" for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_csv_folder_with_a_target_column(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_csv(data / "part-0.csv")
+    result = train(
+        tmp_path / "model", name="csv", params=TrainParams(alpha=0.0), data=data, target="y"
+    )
+    manifest = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert manifest["feature_names"] == ["x1", "x2"] and manifest["target"] == "y"
+    assert result.metrics["r2"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("params", "target", "csv", "message"),
+    [
+        pytest.param({"alpha": -1.0}, None, False, "alpha", id="negative-alpha"),
+        pytest.param({"test_fraction": 1.0}, None, False, "test_fraction", id="fraction-one"),
+        pytest.param({}, None, True, "target: required", id="csv-without-target"),
+        pytest.param({}, "nope", True, "'nope' not in the CSV header", id="unknown-target"),
+    ],
+)
+def test_bad_input_names_the_field(
+    tmp_path: Path, params: dict[str, float], target: str | None, csv: bool, message: str
+) -> None:
+    data = None
+    if csv:
+        data = tmp_path / "data.csv"
+        _write_csv(data)
+    with pytest.raises(ConfigError, match=message):
+        train(tmp_path / "model", name="m", params=TrainParams(**params), data=data, target=target)
+
+
+def test_non_numeric_csv_names_the_line(tmp_path: Path) -> None:
+    data = tmp_path / "d.csv"
+    data.write_text("a,y\n1,2\nx,3\n")
+    with pytest.raises(ConfigError, match="line 3"):
+        train(tmp_path / "m", name="m", params=TrainParams(), data=data, target="y")
