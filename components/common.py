@@ -1,4 +1,4 @@
-"""Helpers every component's `main.py` shares: logging setup, atomic JSON writes, run identity.
+"""Helpers every component's `main.py` shares: logging setup, run identity, JSON files.
 
 Components run as `python -m components.<step>.main` both in Azure ML and under the local runner,
 so these helpers use only the standard library and never import azure.ai.ml.
@@ -6,14 +6,21 @@ so these helpers use only the standard library and never import azure.ai.ml.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import subprocess
-import tempfile
-from pathlib import Path
-from typing import Any
+
+from aml_pipelines.fileio import read_json, sha256_file, write_json
+
+__all__ = [
+    "git_commit",
+    "parse_bool",
+    "read_json",
+    "run_id",
+    "setup_logging",
+    "sha256_file",
+    "write_json",
+]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -21,34 +28,6 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def setup_logging() -> None:
     """Log INFO and above to stderr (Azure ML captures it in the step's std_log)."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write `payload` as indented JSON, atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_json(path: Path) -> Any:
-    """Read a JSON file."""
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def run_id() -> str:

@@ -1,0 +1,226 @@
+"""The `local` model registry: a folder on disk, safe for several processes at once.
+
+Layout (one folder per model name):
+
+    <root>/<name>/.lock             fcntl lock serialising version allocation and tag edits
+    <root>/<name>/<version>/        the model files, immutable once renamed into place
+    <root>/<name>/<version>/.registry.json
+                                    {name, version, sha256, files: {relpath: sha256}, created_at}
+    <root>/<name>/<version>.tags.json
+                                    mutable tags, replaced atomically (temp + rename)
+
+Registration copies the model into a private temp folder first (the slow part, outside the lock),
+then takes the lock, allocates max(version) + 1 and renames the temp folder onto it. The rename is
+atomic and fails if the target exists, so even a broken lock could not make two registrations share
+a version. Every read re-hashes the stored files against `.registry.json`: a corrupted, truncated,
+added or removed file raises IntegrityError naming the file, never a silently different model.
+
+`sha256` of a version is the hash of the model file named by its `model.json` (the model-folder
+contract), so it equals `model.json`'s own `sha256` and the scoring server can check it again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from aml_pipelines.errors import ConfigError, IntegrityError, ModelNotFound, RegistryError
+from aml_pipelines.fileio import read_json, sha256_file, write_json
+from aml_pipelines.registry.base import ModelVersion
+
+MANIFEST = ".registry.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+
+
+def check_name(name: str) -> str:
+    """Model names are path-safe (letters, digits, `.`, `_`, `-`), as Azure ML requires."""
+    if not _NAME.match(name):
+        raise ConfigError(
+            f"model name {name!r} is invalid: use letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit)"
+        )
+    return name
+
+
+class LocalRegistry:
+    """ModelRegistry over a local folder (see the module docstring for the layout)."""
+
+    kind = "local"
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"LocalRegistry({str(self.root)!r})"
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def register(
+        self, name: str, source: str | Path, tags: Mapping[str, str] | None = None
+    ) -> ModelVersion:
+        """Copy the model folder `source` in as the next version of `name`."""
+        model_root = self.root / check_name(name)
+        src = Path(source)
+        if str(source).startswith("azureml:"):
+            raise RegistryError(f"the local registry stores local folders, not {source}")
+        model_json = src / "model.json"
+        if not model_json.is_file():
+            raise RegistryError(f"{src} is not a model folder: model.json is missing")
+        manifest = read_json(model_json)
+        model_file = src / str(manifest.get("model_file", ""))
+        if not model_file.is_file():
+            raise RegistryError(f"{src}: model file {manifest.get('model_file')!r} is missing")
+        sha256 = sha256_file(model_file)
+        claimed = {manifest.get("sha256"), (tags or {}).get("sha256", sha256)}
+        if claimed != {sha256}:
+            raise IntegrityError(
+                f"{model_file} has sha256 {sha256}, "
+                f"but model.json or the tags claim {sorted(map(str, claimed - {sha256}))}"
+            )
+
+        model_root.mkdir(parents=True, exist_ok=True)
+        staging = model_root / f".tmp-{uuid.uuid4().hex}"
+        try:
+            shutil.copytree(src, staging, symlinks=False)
+            files = {
+                path.relative_to(staging).as_posix(): sha256_file(path)
+                for path in sorted(staging.rglob("*"))
+                if path.is_file()
+            }
+            if files.get(model_file.name) != sha256:
+                raise IntegrityError(f"{model_file} changed while it was being registered")
+            with self._locked(model_root):
+                version = max(self._versions(model_root), default=0) + 1
+                record = {
+                    "name": name,
+                    "version": version,
+                    "sha256": sha256,
+                    "model_file": model_file.name,
+                    "files": files,
+                    "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                }
+                write_json(staging / MANIFEST, record)
+                # rename(2) onto a fresh name: atomic, and fails if the version exists.
+                staging.rename(model_root / str(version))
+                write_json(self._tags_path(model_root, version), dict(tags or {}))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self.get(name, version)
+
+    def set_tags(self, name: str, version: int, tags: Mapping[str, str]) -> ModelVersion:
+        """Merge `tags` into the version's tags (an empty value removes the tag)."""
+        model_root = self.root / check_name(name)
+        self.get(name, version)  # raises ModelNotFound / IntegrityError first
+        with self._locked(model_root):
+            path = self._tags_path(model_root, version)
+            current: dict[str, str] = read_json(path) if path.exists() else {}
+            for key, value in tags.items():
+                if value == "":
+                    current.pop(key, None)
+                else:
+                    current[key] = str(value)
+            write_json(path, current)
+        return self.get(name, version)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def get(self, name: str, version: int) -> ModelVersion:
+        """One version, after re-hashing every stored file against its manifest."""
+        model_root = self.root / check_name(name)
+        folder = model_root / str(version)
+        if not (folder / MANIFEST).is_file():
+            known = sorted(self._versions(model_root))
+            raise ModelNotFound(
+                f"model {name!r} version {version} not found in {self.root} "
+                f"(versions: {known or 'none'})"
+            )
+        record = read_json(folder / MANIFEST)
+        self._verify(name, version, folder, record)
+        tags_path = self._tags_path(model_root, version)
+        tags = read_json(tags_path) if tags_path.exists() else {}
+        return ModelVersion(
+            name=name,
+            version=version,
+            uri=folder.as_uri(),
+            sha256=str(record["sha256"]),
+            tags={str(k): str(v) for k, v in tags.items()},
+            created_at=str(record.get("created_at", "")),
+            path=folder,
+        )
+
+    def latest(self, name: str) -> ModelVersion | None:
+        """The highest version of `name`, or None."""
+        versions = self._versions(self.root / check_name(name))
+        return self.get(name, max(versions)) if versions else None
+
+    def list_versions(self, name: str) -> list[ModelVersion]:
+        """Every version of `name`, oldest first."""
+        return [self.get(name, v) for v in sorted(self._versions(self.root / check_name(name)))]
+
+    def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersion]:
+        """Versions whose tag `key` equals `value`, oldest first."""
+        return [mv for mv in self.list_versions(name) if mv.tags.get(key) == value]
+
+    def names(self) -> list[str]:
+        """Every model name with at least one version."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self._versions(p))
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _versions(model_root: Path) -> set[int]:
+        if not model_root.is_dir():
+            return set()
+        return {int(p.name) for p in model_root.iterdir() if p.is_dir() and p.name.isdigit()}
+
+    @staticmethod
+    def _tags_path(model_root: Path, version: int) -> Path:
+        return model_root / f"{version}.tags.json"
+
+    @staticmethod
+    def _verify(name: str, version: int, folder: Path, record: Mapping[str, object]) -> None:
+        expected = record.get("files")
+        if not isinstance(expected, dict):
+            raise IntegrityError(f"{name}:{version}: {MANIFEST} has no file list")
+        present = {
+            p.relative_to(folder).as_posix()
+            for p in folder.rglob("*")
+            if p.is_file() and p.name != MANIFEST
+        }
+        if extra := sorted(present - expected.keys()):
+            raise IntegrityError(f"{name}:{version} was tampered with: unexpected files {extra}")
+        for rel, digest in sorted(expected.items()):
+            path = folder / rel
+            if not path.is_file():
+                raise IntegrityError(f"{name}:{version} is corrupted: {rel} is missing")
+            actual = sha256_file(path)
+            if actual != digest:
+                raise IntegrityError(
+                    f"{name}:{version} is corrupted: {rel} has sha256 {actual[:16]}…, "
+                    f"registered {str(digest)[:16]}…; refusing to use it"
+                )
+
+    @contextmanager
+    def _locked(self, model_root: Path) -> Iterator[None]:
+        fd = os.open(model_root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def default_root() -> Path:
+    """Where `local:` registries live unless told: $AML_ROLLOUT_HOME/registry or ./.aml-rollout."""
+    home = os.environ.get("AML_ROLLOUT_HOME")
+    return Path(home) / "registry" if home else Path(".aml-rollout") / "registry"

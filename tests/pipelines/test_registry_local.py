@@ -1,0 +1,183 @@
+"""The local registry: immutable versions, mutable tags, integrity on every read, two writers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aml_pipelines.errors import ConfigError, IntegrityError, ModelNotFound, RegistryError
+from aml_pipelines.registry.base import ModelRegistry, Stage
+from aml_pipelines.registry.factory import open_registry
+from aml_pipelines.registry.local import LocalRegistry
+from tests.pipelines.conftest import MakeModel, write_model_folder
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> LocalRegistry:
+    return LocalRegistry(tmp_path / "registry")
+
+
+def test_versions_count_up_and_keep_their_files(registry: LocalRegistry, make_model: MakeModel):
+    first = registry.register("m", make_model(mse=10.0), {"stage": Stage.CANDIDATE})
+    second = registry.register("m", make_model(mse=9.0))
+    assert isinstance(registry, ModelRegistry)
+    assert (first.version, second.version) == (1, 2)
+    assert registry.latest("m") == second
+    assert [v.version for v in registry.list_versions("m")] == [1, 2]
+    assert first.path is not None and (first.path / "model.skops").is_file()
+    assert first.uri.startswith("file://")
+    assert first.stage == Stage.CANDIDATE and second.stage is None
+    assert registry.names() == ["m"]
+
+
+def test_tags_are_mutable_and_files_are_not(registry: LocalRegistry, make_model: MakeModel):
+    registry.register("m", make_model(), {"stage": "candidate", "mse": "10"})
+    before = registry.get("m", 1)
+    after = registry.set_tags("m", 1, {"stage": Stage.PRODUCTION, "mse": ""})
+    assert after.tags == {"stage": "production"}  # "" removes a tag
+    assert after.sha256 == before.sha256
+    assert [v.version for v in registry.find_by_tag("m", "stage", "production")] == [1]
+    assert registry.find_by_tag("m", "stage", "candidate") == []
+
+
+def test_sha256_is_the_model_file_hash(registry: LocalRegistry, make_model: MakeModel):
+    source = make_model()
+    version = registry.register("m", source)
+    assert version.sha256 == (source / "model.json").read_text().split('"sha256": "')[1][:64]
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        pytest.param(lambda d: _flip_byte(d / "model.skops"), "model.skops has sha256", id="flip"),
+        pytest.param(lambda d: (d / "model.skops").write_bytes(b""), "model.skops", id="truncate"),
+        pytest.param(lambda d: (d / "model.json").unlink(), "model.json is missing", id="delete"),
+        pytest.param(lambda d: (d / "evil.py").write_text("x"), "unexpected files", id="add"),
+    ],
+)
+def test_a_tampered_version_is_refused_on_every_read(
+    registry: LocalRegistry, make_model: MakeModel, tamper, message: str
+) -> None:
+    stored = registry.register("m", make_model())
+    assert stored.path is not None
+    tamper(stored.path)
+    for read in (
+        lambda: registry.get("m", 1),
+        lambda: registry.latest("m"),
+        lambda: registry.list_versions("m"),
+        lambda: registry.find_by_tag("m", "stage", "x"),
+    ):
+        with pytest.raises(IntegrityError, match=message):
+            read()
+
+
+@pytest.mark.parametrize(
+    ("setup", "error", "message"),
+    [
+        pytest.param("no-model-json", RegistryError, "not a model folder", id="not-a-model"),
+        pytest.param("lying-sha", IntegrityError, "claim", id="model-json-lies"),
+        pytest.param("azureml", RegistryError, "local folders", id="azureml-uri"),
+    ],
+)
+def test_bad_sources_are_refused(
+    registry: LocalRegistry, tmp_path: Path, setup: str, error: type[Exception], message: str
+) -> None:
+    source: str | Path = write_model_folder(tmp_path / "src")
+    if setup == "no-model-json":
+        (tmp_path / "src" / "model.json").unlink()
+    elif setup == "lying-sha":
+        text = (tmp_path / "src" / "model.json").read_text()
+        (tmp_path / "src" / "model.json").write_text(text.replace('"sha256": "', '"sha256": "0'))
+    else:
+        source = "azureml://jobs/x/outputs/model"
+    with pytest.raises(error, match=message):
+        registry.register("m", source)
+    assert registry.list_versions("m") == []
+
+
+def test_unknown_version_and_bad_names(registry: LocalRegistry, make_model: MakeModel) -> None:
+    registry.register("m", make_model())
+    with pytest.raises(ModelNotFound, match=r"version 7 not found .*versions: \[1\]"):
+        registry.get("m", 7)
+    assert registry.latest("other") is None
+    with pytest.raises(ConfigError, match="invalid"):
+        registry.register("../escape", make_model())
+
+
+def test_factory_maps_kinds_and_refuses_unknown_ones(tmp_path: Path) -> None:
+    assert isinstance(open_registry(f"local:{tmp_path}"), LocalRegistry)
+    with pytest.raises(ConfigError, match="unknown kind 'mlflow'"):
+        open_registry("mlflow:x")
+
+
+@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    tags=st.dictionaries(
+        st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=8),
+        st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=8),
+        max_size=5,
+    )
+)
+def test_tags_round_trip(tmp_path: Path, tags: dict[str, str]) -> None:
+    registry = LocalRegistry(tmp_path / "hyp")
+    version = registry.register("m", write_model_folder(tmp_path / "hyp-src"), tags)
+    assert dict(registry.get("m", version.version).tags) == tags
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from aml_pipelines.registry.local import LocalRegistry
+    from tests.pipelines.conftest import write_model_folder
+
+    root, go, me, count = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    sources = [
+        write_model_folder(root.parent / f"src-{me}-{i}", salt=f"{me}{i}") for i in range(count)
+    ]
+    (root.parent / f"ready-{me}").touch()
+    deadline = time.monotonic() + 30
+    while not go.exists() and time.monotonic() < deadline:  # start together
+        time.sleep(0.001)
+    registry = LocalRegistry(root)
+    print(" ".join(str(registry.register("m", s, {"writer": me}).version) for s in sources))
+    """
+)
+
+
+def test_two_processes_registering_at_once_get_distinct_versions(tmp_path: Path) -> None:
+    root, go, per_writer = tmp_path / "registry", tmp_path / "go", 6
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(root), str(go), name, str(per_writer)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        for name in ("a", "b")
+    ]
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / f"ready-{n}").exists() for n in "ab"):  # both imported, then go
+        assert time.monotonic() < deadline, "writers did not start"
+        time.sleep(0.01)
+    go.touch()
+    outputs = [w.communicate(timeout=60)[0] for w in writers]
+    assert [w.returncode for w in writers] == [0, 0]
+    got = [int(v) for out in outputs for v in out.split()]
+    assert sorted(got) == list(range(1, 2 * per_writer + 1))
+    registry = LocalRegistry(root)
+    by_writer = {v.version: v.tags["writer"] for v in registry.list_versions("m")}
+    assert sorted(by_writer.values()) == ["a"] * per_writer + ["b"] * per_writer
