@@ -1,13 +1,182 @@
-"""`aml-rollout serve` and `aml-rollout load` (uvicorn, fastapi and httpx imported inside)."""
+"""`aml-rollout serve` and `aml-rollout load`.
+
+Only typer, rich and the stdlib are imported at module level: uvicorn, fastapi, sklearn, skops,
+httpx and prometheus_client are imported inside the command bodies so `aml-rollout --help` stays
+fast. A model that cannot be served (sha256 mismatch, untrusted types, missing files) stops
+`serve` before it binds its port, with one red line and exit code 2.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
 
-def serve() -> None:
-    """Serve a packaged model."""
-    raise NotImplementedError("scoring issue")
+import typer
+from rich.console import Console
+from rich.table import Table
+
+EXIT_USER_ERROR = 2
 
 
-def load() -> None:
-    """Send bounded load."""
-    raise NotImplementedError("scoring issue")
+class ColourOption(StrEnum):
+    """The two colours a server can run as (and a load can pin)."""
+
+    BLUE = "blue"
+    GREEN = "green"
+
+
+def _fail(message: str) -> typer.Exit:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(EXIT_USER_ERROR)
+
+
+def serve(
+    model_dir: Annotated[
+        Path, typer.Option(help="Package folder (package.json + model/) or model folder.")
+    ],
+    colour: Annotated[ColourOption, typer.Option(help="The colour this server runs as.")] = (
+        ColourOption.GREEN
+    ),
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    version: Annotated[
+        str | None, typer.Option(help="Model version label (default: package.json, else 0).")
+    ] = None,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="AML_ROLLOUT_API_KEY",
+            help="Require `Authorization: Bearer KEY` on /score (repeatable; prefer the env var).",
+            show_default=False,
+        ),
+    ] = None,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest accepted request body.")] = 1 << 20,
+    max_rows: Annotated[int, typer.Option(help="Most rows accepted in one request.")] = 1000,
+    fault_error_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Demo knob: fraction of requests answered 500.")
+    ] = 0.0,
+    fault_latency_ms: Annotated[
+        float, typer.Option(min=0.0, max=60_000, help="Demo knob: latency added to each request.")
+    ] = 0.0,
+    trust: Annotated[
+        list[str] | None,
+        typer.Option(help="Extra type to trust when loading the skops file (repeatable)."),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Python log level.")] = "info",
+) -> None:
+    """Serve a packaged model as the blue or green scoring server."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from scoring.errors import ScoringError
+    from scoring.model import load_model
+
+    try:
+        model = load_model(model_dir, version=version, extra_trusted=trust or ())
+    except ScoringError as exc:
+        raise _fail(str(exc)) from None
+
+    import uvicorn
+
+    from scoring.app import create_app
+    from scoring.faults import FaultKnob
+
+    app = create_app(
+        model,
+        colour=colour.value,
+        api_keys=api_key or (),
+        fault=FaultKnob(fault_error_rate, fault_latency_ms),
+        max_body_bytes=max_body_bytes,
+        max_rows=max_rows,
+    )
+    logging.getLogger("scoring").info(
+        "serving %s version %s as %s on http://%s:%d (auth %s)",
+        model.identity.name,
+        model.identity.version,
+        colour.value,
+        host,
+        port,
+        "on" if api_key else "off",
+    )
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        access_log=False,
+        http="httptools",
+        loop="uvloop",
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=5,
+    )
+
+
+def load(
+    url: Annotated[str, typer.Option(help="Scoring URL, e.g. http://127.0.0.1:8000/score.")],
+    rps: Annotated[
+        float | None, typer.Option(min=0.001, help="Requests per second (default: flat out).")
+    ] = None,
+    requests: Annotated[
+        int | None, typer.Option(min=1, help="Number of requests (default 100 without --duration).")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(min=0.001, max=86_400, help="Seconds to send for.")
+    ] = None,
+    colour: Annotated[
+        ColourOption | None, typer.Option(help="Pin a colour with the x-api-version header.")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=1024, help="Open connections.")] = 8,
+    sample: Annotated[
+        Path | None,
+        typer.Option(help="sample-input.json (or a model/package folder) to take rows from."),
+    ] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Rows per request.")] = 1,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="AML_ROLLOUT_API_KEY", help="Bearer key.", show_default=False),
+    ] = None,
+    timeout: Annotated[float, typer.Option(min=0.01, help="Per-request timeout, seconds.")] = 10.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Send bounded scoring load and print counts by version and status, p50/p99."""
+    import asyncio
+
+    from scoring.loadgen import read_sample, run_load
+
+    if requests is None and duration is None:
+        requests = 100
+    try:
+        rows = read_sample(sample) if sample is not None else None
+        report = asyncio.run(
+            run_load(
+                url,
+                rps=rps,
+                requests=requests,
+                duration=duration,
+                concurrency=concurrency,
+                colour=colour.value if colour else None,
+                rows=rows,
+                batch=batch,
+                api_key=api_key,
+                timeout=timeout,
+            )
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+        return
+    console = Console()
+    versions = Table("version (colour/model:version)", "requests", title="answered by")
+    for key, count in report.by_version.items():
+        versions.add_row(key, str(count))
+    statuses = Table("status", "requests", title="status")
+    for key, count in report.by_status.items():
+        statuses.add_row(key, str(count))
+    console.print(versions, statuses)
+    console.print(
+        f"{report.sent} requests in {report.elapsed_s:.2f} s ({report.rps:.1f}/s), "
+        f"p50 {report.p50_ms:.2f} ms, p99 {report.p99_ms:.2f} ms, max {report.max_ms:.2f} ms"
+    )

@@ -1,0 +1,415 @@
+"""The scoring server: `create_app(...)` builds the FastAPI application one colour runs.
+
+Routes:
+
+- `POST /score` `{"data": [[...], ...]}` -> `{"predictions": [...], "model", "version", "colour"}`
+- `GET /score` -> the model identity (what the seed's `curl $GATEWAY_IP/score` showed)
+- `GET /healthz` (process alive), `GET /readyz` (200 only once the model is loaded)
+- `GET /metrics` (Prometheus text from the injected registry, see scoring.metrics)
+- `GET|PUT /admin/fault` (the fault knob; loopback clients only, key-protected when keys are set)
+- `GET /openapi.json`, `/docs`
+
+`POST /score` is the hot path, so it is a raw ASGI endpoint (`ScoreEndpoint`) placed first in the
+router instead of a FastAPI route with a pydantic body: FastAPI's body parsing and validation cost
+more than the model does. It reads the body in chunks up to `max_body_bytes` (a declared
+Content-Length above the limit is refused before reading), decodes it with orjson, validates it
+(scoring.inputs), predicts (scoring.model fast path) and answers with orjson. Its schema, built
+from model.json's feature names, is added to the OpenAPI document by hand.
+
+Every bad request gets a 4xx JSON `{"error": "..."}`; an unexpected exception in scoring is
+logged and answered 500 (and counted: the judge must see real failures). API keys are compared in
+constant time and never logged. Uvicorn should run with the access log off (`aml-rollout serve`
+does), httptools and uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, Field
+from starlette.routing import Route
+
+from scoring.errors import InputError, ModelLoadError
+from scoring.faults import FaultKnob
+from scoring.inputs import DEFAULT_MAX_ROWS
+from scoring.metrics import ScoringMetrics
+from scoring.model import LoadedModel, load_model
+from scoring.scorer import Scorer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_AUTH_HEADERS = [*_JSON_HEADERS, (b"www-authenticate", b"Bearer")]
+_FAULT_HEADERS = [*_JSON_HEADERS, (b"x-fault-injected", b"1")]
+
+
+class FaultSetting(BaseModel):
+    """The fault knob's setting (PUT /admin/fault body and GET answer)."""
+
+    error_rate: float = Field(0.0, ge=0.0, le=1.0, description="probability of an injected 500")
+    latency_ms: float = Field(0.0, ge=0.0, le=60_000, description="latency added to each request")
+
+
+class ScoreResponse(BaseModel):
+    """The answer of POST /score."""
+
+    predictions: list[float]
+    model: str
+    version: str
+    colour: str
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer."""
+
+    error: str
+
+
+@dataclass(slots=True)
+class ServerState:
+    """Mutable state of one server: the model once loaded, metrics, fault knob and limits."""
+
+    colour: str
+    registry: CollectorRegistry
+    fault: FaultKnob
+    api_keys: tuple[bytes, ...]
+    max_body_bytes: int
+    max_rows: int
+    scorer: Scorer | None = None
+    metrics: ScoringMetrics | None = None
+    load_error: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def install(self, model: LoadedModel) -> None:
+        """Make `model` the one served (called once, at start or by the background loader)."""
+        with self._lock:
+            self.metrics = ScoringMetrics(self.registry, model.identity, self.colour)
+            self.metrics.show_fault(self.fault.error_rate, self.fault.latency_ms)
+            self.scorer = Scorer(model, self.colour, self.max_rows)
+
+    def set_fault(self, error_rate: float, latency_ms: float) -> None:
+        """Turn the fault knob (logged and exported)."""
+        self.fault.set(error_rate, latency_ms)
+        if self.metrics is not None:
+            self.metrics.show_fault(error_rate, latency_ms)
+
+    def authorised(self, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+        """True without keys, or when `Authorization: Bearer <key>` matches one (constant time)."""
+        if not self.api_keys:
+            return True
+        presented = b""
+        for name, value in headers:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    presented = token.strip()
+                break
+        ok = False
+        for key in self.api_keys:  # no early exit: timing must not tell which key matched
+            ok |= hmac.compare_digest(presented, key)
+        return ok
+
+
+def _error(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+class ScoreEndpoint:
+    """Raw ASGI endpoint for POST /score (see the module docstring for why it is raw)."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = self.state
+        metrics = state.metrics
+        scorer = state.scorer
+        if metrics is None or scorer is None:
+            await _send(send, 503, _error("model not loaded yet"), _JSON_HEADERS)
+            return
+        started = time.perf_counter()
+        metrics.in_flight.inc()
+        status = 500
+        try:
+            status, body, headers = await self._answer(scope, receive, scorer)
+            await _send(send, status, body, headers)
+        except Exception:
+            log.exception("unexpected error while scoring")
+            await _send(send, 500, _error("internal error while scoring"), _JSON_HEADERS)
+        finally:
+            metrics.in_flight.dec()
+            metrics.count(status)
+            metrics.observe_latency(time.perf_counter() - started)
+
+    async def _answer(
+        self, scope: Scope, receive: Receive, scorer: Scorer
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        state = self.state
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        if not state.authorised(headers):
+            return (
+                401,
+                _error("missing or invalid API key (Authorization: Bearer <key>)"),
+                _AUTH_HEADERS,
+            )
+        body = await _read_body(headers, receive, state.max_body_bytes)
+        if isinstance(body, InputError):
+            return body.status, _error(body.message), _JSON_HEADERS
+        if state.fault.active:
+            draw = state.fault.draw()
+            if draw.delay_s > 0:
+                assert state.metrics is not None
+                state.metrics.fault_delays.inc()
+                await asyncio.sleep(draw.delay_s)
+            if draw.error:
+                assert state.metrics is not None
+                state.metrics.fault_errors.inc()
+                return 500, _error("injected fault (fault knob is on)"), _FAULT_HEADERS
+        try:
+            answer = scorer.score(body)
+        except InputError as exc:
+            return exc.status, _error(exc.message), _JSON_HEADERS
+        return 200, orjson.dumps(answer), _JSON_HEADERS
+
+
+async def _read_body(
+    headers: Sequence[tuple[bytes, bytes]], receive: Receive, limit: int
+) -> bytes | InputError:
+    """The request body, or an InputError(413) once it exceeds `limit` (never read further)."""
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                return InputError("invalid Content-Length header", 400)
+            if declared > limit:
+                return InputError(f"request body of {declared} bytes exceeds {limit} bytes", 413)
+            break
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return InputError("client disconnected before sending the body", 400)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return InputError(f"request body exceeds {limit} bytes", 413)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _score_openapi(
+    n_features: int | None, feature_names: Sequence[str], max_rows: int
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"type": "array", "items": {"type": "number"}}
+    if n_features is not None:
+        row |= {
+            "minItems": n_features,
+            "maxItems": n_features,
+            "description": "one value per feature, in order: " + ", ".join(feature_names),
+        }
+    request_schema = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {"type": "array", "minItems": 1, "maxItems": max_rows, "items": row}
+        },
+    }
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+
+    def answer(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+        return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+    return {
+        "summary": "Score rows with the served model",
+        "operationId": "score_post",
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": request_schema}},
+        },
+        "responses": {
+            "200": answer("predictions", {"$ref": "#/components/schemas/ScoreResponse"}),
+            "400": answer("malformed JSON or unreadable body", error),
+            "401": answer("missing or invalid API key", error),
+            "413": answer("body or batch too large", error),
+            "422": answer("well-formed JSON the model cannot score", error),
+            "500": answer("injected fault or internal error", error),
+            "503": answer("model not loaded yet", error),
+        },
+    }
+
+
+def create_app(
+    model: LoadedModel | Path | str,
+    *,
+    colour: str = "green",
+    registry: CollectorRegistry | None = None,
+    api_keys: Sequence[str] = (),
+    fault: FaultKnob | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_rows: int = DEFAULT_MAX_ROWS,
+    version: str | None = None,
+) -> FastAPI:
+    """The scoring application for one colour.
+
+    `model` is a loaded model (the CLI loads it first so a bad model stops the start with a clear
+    error) or a model/package folder, loaded in a background thread at startup while /readyz
+    says 503. `registry` defaults to a fresh CollectorRegistry (never the global one).
+    """
+    if max_body_bytes < 1 or max_rows < 1:
+        raise ValueError("max_body_bytes and max_rows must be positive")
+    state = ServerState(
+        colour=colour,
+        registry=registry if registry is not None else CollectorRegistry(),
+        fault=fault if fault is not None else FaultKnob(),
+        api_keys=tuple(k.encode() for k in api_keys if k),
+        max_body_bytes=max_body_bytes,
+        max_rows=max_rows,
+    )
+    pending: Path | None = None
+    if isinstance(model, LoadedModel):
+        state.install(model)
+    else:
+        pending = Path(model)
+
+    def load_in_background(path: Path) -> None:
+        try:
+            state.install(load_model(path, version=version))
+        except ModelLoadError as exc:
+            state.load_error = str(exc)
+            log.error("cannot serve %s: %s", path, exc)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> Any:
+        if pending is not None:
+            threading.Thread(target=load_in_background, args=(pending,), daemon=True).start()
+        yield
+
+    app = FastAPI(
+        title="aml-rollout scoring",
+        summary=f"{colour} scoring server",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.scoring = state
+    app.router.routes.insert(0, Route("/score", ScoreEndpoint(state), methods=["POST"]))
+
+    def require_key(request: Request) -> JSONResponse | None:
+        if state.authorised(request.scope["headers"]):
+            return None
+        return JSONResponse(
+            {"error": "missing or invalid API key (Authorization: Bearer <key>)"},
+            status_code=401,
+            headers={"www-authenticate": "Bearer"},
+        )
+
+    def not_ready() -> JSONResponse:
+        status = "failed" if state.load_error else "loading"
+        detail = state.load_error or "model not loaded yet"
+        return JSONResponse({"status": status, "error": detail}, status_code=503)
+
+    @app.get("/score", responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    async def identity(request: Request) -> Response:
+        """The model identity and colour this server serves."""
+        if (denied := require_key(request)) is not None:
+            return denied
+        if state.scorer is None:
+            return not_ready()
+        return Response(orjson.dumps(state.scorer.identity()), media_type="application/json")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is alive (says nothing about the model)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
+    async def readyz() -> Response:
+        """200 once the model is loaded and the server can score; 503 before (or if it failed)."""
+        if state.scorer is None:
+            return not_ready()
+        ident = state.scorer.model.identity
+        return JSONResponse({"status": "ready", "model": ident.name, "version": ident.version})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus metrics of this server."""
+        return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def admin_guard(request: Request) -> JSONResponse | None:
+        client = request.client.host if request.client else ""
+        if client not in LOOPBACK_HOSTS:
+            return JSONResponse({"error": "the admin route only answers loopback clients"}, 403)
+        return require_key(request)
+
+    @app.get("/admin/fault", response_model=FaultSetting)
+    async def get_fault(request: Request) -> Any:
+        """The fault knob's current setting."""
+        if (denied := admin_guard(request)) is not None:
+            return denied
+        return FaultSetting(error_rate=state.fault.error_rate, latency_ms=state.fault.latency_ms)
+
+    @app.put("/admin/fault", response_model=FaultSetting)
+    async def put_fault(setting: FaultSetting, request: Request) -> Any:
+        """Set the fault knob (demos and tests): injected 500s and added latency."""
+        if (denied := admin_guard(request)) is not None:
+            return denied
+        state.set_fault(setting.error_rate, setting.latency_ms)
+        return setting
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, summary=app.summary, routes=app.routes
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components["ScoreResponse"] = ScoreResponse.model_json_schema()
+            components["ErrorResponse"] = ErrorResponse.model_json_schema()
+            model_ = state.scorer.model if state.scorer else None
+            schema["paths"].setdefault("/score", {})["post"] = _score_openapi(
+                model_.n_features if model_ else None,
+                model_.feature_names if model_ else (),
+                state.max_rows,
+            )
+            if model_ is not None:  # cache only the complete document
+                app.openapi_schema = schema
+            return schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
