@@ -96,22 +96,26 @@ class EnvoyRouterConfig(_Model):
 
 
 class IstioRouterConfig(_Model):
-    """Istio on Kubernetes: a VirtualService with header routes first, then the weighted route."""
+    """Istio on Kubernetes: a VirtualService with header routes first, then the weighted route.
+
+    Object names derive from `app` (docs/kubernetes.md): Deployments and Services
+    `<app>-blue|green`, pinned Services `<app>-<colour>-pinned`, Gateway `<app>-gateway`,
+    VirtualService `<app>`. The API server comes from `api_url` (e.g. `kubectl proxy`), else the
+    in-cluster service account (`in_cluster`), else the kubeconfig (`kubeconfig`, `context`).
+    """
 
     kind: Literal["istio"] = "istio"
     namespace: str = "default"
     app: str = "model"
-    virtual_service: str = "model"
-    gateway: str | None = "model-gateway"
     hosts: list[str] = Field(default_factory=lambda: ["*"])
-    services: ColourNames = Field(
-        default_factory=lambda: ColourNames(blue="model-blue", green="model-green")
-    )
-    deployments: ColourNames = Field(
-        default_factory=lambda: ColourNames(blue="model-blue", green="model-green")
-    )
+    #: Requests carrying `<header>: blue|green` go to that colour's pinned Service.
+    header: str = "x-api-version"
     port: int = Field(default=80, gt=0, lt=65536)
     container_port: int = Field(default=8000, gt=0, lt=65536)
+    replicas: int = Field(default=1, ge=0)
+    #: How long `deploy` waits for the new pods to be available before failing.
+    ready_timeout_s: float = Field(default=300.0, gt=0)
+    api_url: str | None = None
     kubeconfig: Path | None = None
     context: str | None = None
     in_cluster: bool = False

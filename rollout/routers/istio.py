@@ -1,0 +1,370 @@
+"""Istio router: blue/green Deployments and Services behind a Gateway and a VirtualService.
+
+The objects and the route arithmetic come from `istio_manifests` (pure); this module only reads
+and writes them through the kubernetes client (decide first, apply after — Argo Rollouts'
+generateVirtualServicePatches vs reconcileVirtualService).
+
+- `deploy` makes sure the Services, the Gateway and the VirtualService exist (created when
+  missing, never overwritten), creates or replaces Deployment `<app>-<colour>` with the release's
+  image and identity annotations, then waits until its pods are available (bounded).
+- `set_weights` reads the VirtualService, computes the new `spec.http` with `merge_routes` (only
+  routes named `aml-rollout-*` change; the user's routes stay where they are) and sends it as a
+  JSON merge patch carrying `metadata.resourceVersion`. A 409 (someone wrote in between) re-reads
+  and retries, a bounded number of times, then raises ConflictError. Nothing is written when
+  the routes already match (idempotent, and no resourceVersion churn for watchers).
+- `get_weights` reads the VirtualService back: what the control plane holds.
+- `remove` deletes the Deployment (its Services stay: empty Services are free and keep the pinned
+  route valid), refusing while the colour still takes default traffic.
+
+API failures become RouterError naming the object and the HTTP status; a 409 that outlives the
+retries is ConflictError. Only the verbs in `istio_manifests.ROLE_RULES` are used (checked by a
+test against a recorded run), so the rendered RBAC Role is enough.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
+from rollout.core.types import Colour, Release, Weights
+from rollout.errors import ConfigError, ConflictError, RouterError
+from rollout.routers import istio_manifests as m
+
+if TYPE_CHECKING:
+    from rollout.config import IstioRouterConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_NOT_FOUND = 404
+_CONFLICT = 409
+
+
+class IstioRouter:
+    """A TrafficRouter over the Kubernetes API (Istio networking v1 + apps/v1 + core/v1)."""
+
+    def __init__(
+        self,
+        layout: m.IstioLayout,
+        api_client: k8s.ApiClient,
+        *,
+        max_conflict_retries: int = 5,
+        ready_timeout_s: float = 300.0,
+        poll_s: float = 2.0,
+        request_timeout_s: float = 10.0,
+        sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.layout = layout
+        self._apps = k8s.AppsV1Api(api_client)
+        self._core = k8s.CoreV1Api(api_client)
+        self._custom = k8s.CustomObjectsApi(api_client)
+        self._host = api_client.configuration.host
+        self._max_retries = max_conflict_retries
+        self._ready_timeout_s = ready_timeout_s
+        self._poll_s = poll_s
+        self._timeout = request_timeout_s
+        self._sleep = sleep
+        self._monotonic = monotonic
+
+    @classmethod
+    def from_config(cls, cfg: IstioRouterConfig) -> IstioRouter:
+        """Build from the spec's `router` section (see IstioRouterConfig for the API server)."""
+        layout = m.IstioLayout(
+            namespace=cfg.namespace,
+            app=cfg.app,
+            port=cfg.port,
+            container_port=cfg.container_port,
+            header=cfg.header,
+            hosts=tuple(cfg.hosts),
+            replicas=cfg.replicas,
+        )
+        return cls(layout, api_client(cfg), ready_timeout_s=cfg.ready_timeout_s)
+
+    # ---------------------------------------------------------------- TrafficRouter protocol
+    def deploy(self, colour: Colour, release: Release) -> None:
+        """Make `colour` serve `release` and wait until its pods are available."""
+        body = m.deployment(self.layout, colour, release)
+        self._ensure_routing()
+        name = self.layout.deployment(colour)
+        self._retry_conflicts(f"Deployment {self._ns}/{name}", lambda: self._upsert(name, body))
+        self._wait_available(name)
+        log.info("deployed %s:%s as %s", release.model, release.version, name)
+
+    def release(self, colour: Colour) -> Release | None:
+        """The release recorded on Deployment `<app>-<colour>`, or None when it does not exist."""
+        found = self._read_deployment(self.layout.deployment(colour))
+        if found is None:
+            return None
+        pod = found.spec.template.spec if found.spec else None
+        image = pod.containers[0].image if pod and pod.containers else None
+        annotations = found.metadata.annotations if found.metadata else None
+        return m.release_from_annotations(annotations, image)
+
+    def set_weights(self, weights: Weights) -> None:
+        """Set our default route's weights; header-pinned and user routes are untouched."""
+        for colour in Colour:
+            if weights.of(colour) > 0 and self.release(colour) is None:
+                raise RouterError(
+                    f"cannot send {weights.of(colour)} % to {colour.value}: "
+                    f"Deployment {self._ns}/{self.layout.deployment(colour)} does not exist"
+                )
+        what = f"VirtualService {self._ns}/{self.layout.virtual_service}"
+        self._retry_conflicts(what, lambda: self._patch_routes(weights))
+        log.info("%s: default route set to blue=%d green=%d", what, weights.blue, weights.green)
+
+    def get_weights(self) -> Weights:
+        """The weights of the default route as the VirtualService holds them now."""
+        vs = self._read_virtual_service()
+        if vs is None:
+            raise RouterError(
+                f"VirtualService {self._ns}/{self.layout.virtual_service} does not exist "
+                "(run `aml-rollout manifests | kubectl apply -f -`, or deploy a colour first)"
+            )
+        return m.weights_from_routes(vs.get("spec", {}).get("http") or [], self.layout)
+
+    def remove(self, colour: Colour) -> None:
+        """Delete Deployment `<app>-<colour>`; a no-op when it is already gone."""
+        vs = self._read_virtual_service()
+        if vs is not None and m.weights_from_routes(vs["spec"].get("http") or [], self.layout).of(
+            colour
+        ):
+            raise RouterError(f"cannot remove {colour.value}: it still serves default traffic")
+        name = self.layout.deployment(colour)
+        self._read(
+            f"delete Deployment {self._ns}/{name}",
+            lambda: self._apps.delete_namespaced_deployment(
+                name, self._ns, _request_timeout=self._timeout
+            ),
+        )
+
+    # ------------------------------------------------------------------------------ internals
+    @property
+    def _ns(self) -> str:
+        return self.layout.namespace
+
+    def _ensure_routing(self) -> None:
+        """Create the Services, Gateway and VirtualService that are missing; never overwrite."""
+        for svc in m.services(self.layout):
+            self._ensure_service(svc)
+        self._ensure_istio("gateways", m.gateway(self.layout))
+        self._ensure_istio("virtualservices", m.virtual_service(self.layout, Weights.blue_at(0)))
+
+    def _ensure_service(self, svc: dict[str, Any]) -> None:
+        name = svc["metadata"]["name"]
+
+        def read() -> object:
+            return self._core.read_namespaced_service(
+                name, self._ns, _request_timeout=self._timeout
+            )
+
+        def create() -> object:
+            return self._core.create_namespaced_service(
+                self._ns, _model(k8s.V1Service, svc), _request_timeout=self._timeout
+            )
+
+        self._create_if_missing(f"Service {self._ns}/{name}", read, create)
+
+    def _ensure_istio(self, plural: str, obj: dict[str, Any]) -> None:
+        name = obj["metadata"]["name"]
+
+        def create() -> object:
+            return self._custom.create_namespaced_custom_object(
+                m.ISTIO_GROUP,
+                m.ISTIO_VERSION,
+                self._ns,
+                plural,
+                obj,
+                _request_timeout=self._timeout,
+            )
+
+        self._create_if_missing(
+            f"{obj['kind']} {self._ns}/{name}", lambda: self._get_custom(plural, name), create
+        )
+
+    def _create_if_missing(
+        self, what: str, read: Callable[[], object], create: Callable[[], object]
+    ) -> None:
+        if self._read(what, read) is not None:
+            return
+        try:
+            create()
+            log.info("created %s", what)
+        except ApiException as exc:
+            if exc.status != _CONFLICT:  # 409 AlreadyExists: someone created it meanwhile
+                raise _router_error(f"create {what}", exc, self._host) from exc
+        except HTTPError as exc:
+            raise _unreachable(f"create {what}", exc, self._host) from exc
+
+    def _upsert(self, name: str, body: dict[str, Any]) -> None:
+        current = self._read_deployment(name)
+        if current is None:
+            self._apps.create_namespaced_deployment(
+                self._ns, _model(k8s.V1Deployment, body), _request_timeout=self._timeout
+            )
+            return
+        version = current.metadata.resource_version if current.metadata else None
+        body = {**body, "metadata": {**body["metadata"], "resourceVersion": version}}
+        self._apps.replace_namespaced_deployment(
+            name, self._ns, _model(k8s.V1Deployment, body), _request_timeout=self._timeout
+        )
+
+    def _read_deployment(self, name: str) -> k8s.V1Deployment | None:
+        return self._read(
+            f"Deployment {self._ns}/{name}",
+            lambda: self._apps.read_namespaced_deployment(
+                name, self._ns, _request_timeout=self._timeout
+            ),
+        )
+
+    def _wait_available(self, name: str) -> None:
+        """Poll until the Deployment's current generation is fully rolled out and available."""
+        deadline = self._monotonic() + self._ready_timeout_s
+        what = f"Deployment {self._ns}/{name}"
+        while True:
+            dep = self._read_deployment(name)
+            if dep is None or dep.spec is None:
+                raise RouterError(f"{what} disappeared while waiting for it to become available")
+            want = dep.spec.replicas if dep.spec.replicas is not None else 1
+            generation = (dep.metadata.generation if dep.metadata else None) or 0
+            st = dep.status
+            if (
+                st is not None
+                and (st.observed_generation or 0) >= generation
+                and (st.updated_replicas or 0) >= want
+                and (st.available_replicas or 0) >= want
+            ):
+                return
+            if self._monotonic() >= deadline:
+                raise RouterError(
+                    f"{what} not available after {self._ready_timeout_s:g} s "
+                    f"(available {st.available_replicas if st else 0}/{want}); "
+                    f"see `kubectl -n {self._ns} describe deployment {name}`"
+                )
+            self._sleep(self._poll_s)
+
+    def _patch_routes(self, weights: Weights) -> None:
+        vs = self._read_virtual_service()
+        if vs is None:
+            self._custom.create_namespaced_custom_object(
+                m.ISTIO_GROUP,
+                m.ISTIO_VERSION,
+                self._ns,
+                "virtualservices",
+                m.virtual_service(self.layout, weights),
+                _request_timeout=self._timeout,
+            )
+            return
+        current = vs.get("spec", {}).get("http") or []
+        wanted = m.merge_routes(current, self.layout, weights)
+        if wanted == current:
+            return
+        patch = {
+            "metadata": {"resourceVersion": vs["metadata"]["resourceVersion"]},
+            "spec": {"http": wanted},
+        }
+        self._custom.patch_namespaced_custom_object(
+            m.ISTIO_GROUP,
+            m.ISTIO_VERSION,
+            self._ns,
+            "virtualservices",
+            self.layout.virtual_service,
+            patch,
+            _request_timeout=self._timeout,
+        )
+
+    def _retry_conflicts(self, what: str, write: Callable[[], None]) -> None:
+        """Run a read-modify-write; on 409 run it again from the read, a bounded number of times."""
+        for attempt in range(1, self._max_retries + 1):
+            try:
+                write()
+                return
+            except ApiException as exc:
+                if exc.status != _CONFLICT:
+                    raise _router_error(f"write {what}", exc, self._host) from exc
+                log.info("%s changed under us (409), re-reading (attempt %d)", what, attempt)
+            except HTTPError as exc:
+                raise _unreachable(f"write {what}", exc, self._host) from exc
+        raise ConflictError(
+            f"write {what}: still conflicting after {self._max_retries} attempts "
+            "(another writer keeps changing it)"
+        )
+
+    def _read_virtual_service(self) -> dict[str, Any] | None:
+        name = self.layout.virtual_service
+        return self._read(
+            f"VirtualService {self._ns}/{name}", lambda: self._get_custom("virtualservices", name)
+        )
+
+    def _get_custom(self, plural: str, name: str) -> dict[str, Any]:
+        obj = self._custom.get_namespaced_custom_object(
+            m.ISTIO_GROUP, m.ISTIO_VERSION, self._ns, plural, name, _request_timeout=self._timeout
+        )
+        return cast(dict[str, Any], obj)
+
+    def _read(self, what: str, call: Callable[[], T]) -> T | None:
+        """Run one API call; None on 404, RouterError on anything else that fails."""
+        try:
+            return call()
+        except ApiException as exc:
+            if exc.status == _NOT_FOUND:
+                return None
+            raise _router_error(what, exc, self._host) from exc
+        except HTTPError as exc:
+            raise _unreachable(what, exc, self._host) from exc
+
+
+def _model(cls: Any, body: dict[str, Any]) -> Any:
+    """A typed client model from one of our dicts (the typed APIs want models, not dicts)."""
+    model = cls.from_dict(body)
+    if model is None:
+        raise RouterError(f"cannot build a {cls.__name__} from {body.get('kind')} manifest")
+    return model
+
+
+def _router_error(what: str, exc: ApiException, host: str) -> RouterError:
+    message = exc.reason or ""
+    with contextlib.suppress(ValueError, AttributeError):  # a non-JSON body keeps the reason
+        message = json.loads(exc.body or "{}").get("message", message)
+    cls = ConflictError if exc.status == _CONFLICT else RouterError
+    hint = {
+        401: " (credentials rejected: check the kubeconfig/context)",
+        403: " (forbidden: apply the RBAC Role from `aml-rollout manifests`)",
+    }.get(exc.status or 0, "")
+    return cls(f"{what}: HTTP {exc.status} {message}{hint} [{host}]")
+
+
+def _unreachable(what: str, exc: Exception, host: str) -> RouterError:
+    return RouterError(f"{what}: cannot reach the Kubernetes API at {host}: {exc}")
+
+
+def api_client(cfg: IstioRouterConfig) -> k8s.ApiClient:
+    """An ApiClient for the API server the config names (see IstioRouterConfig)."""
+    configuration = k8s.Configuration()
+    try:
+        if cfg.api_url:
+            configuration.host = cfg.api_url
+        elif cfg.in_cluster:
+            k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration
+            )
+        else:
+            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=str(cfg.kubeconfig) if cfg.kubeconfig else None,
+                context=cfg.context,
+                client_configuration=configuration,
+            )
+    except (k8s_config.ConfigException, OSError) as exc:
+        raise ConfigError(f"router: cannot load Kubernetes credentials: {exc}") from exc
+    # Fail fast and let the controller's next tick retry, rather than hang on a dead API server.
+    configuration.retries = 2
+    return k8s.ApiClient(configuration)

@@ -1,0 +1,352 @@
+"""The Kubernetes and Istio objects of a blue/green model service, as plain dicts (pure, no I/O).
+
+One `IstioLayout` names everything; the functions here build the objects from it, and the same
+functions serve both the `aml-rollout manifests` bootstrap and the Istio router, so what a user
+applies and what the router later patches cannot drift apart.
+
+    Gateway <app>-gateway ──► VirtualService <app>, spec.http in order:
+      aml-rollout-pin-blue    x-api-version: blue   ─► Service <app>-blue-pinned
+      aml-rollout-pin-green   x-api-version: green  ─► Service <app>-green-pinned
+      (routes the user added: kept, in place)
+      aml-rollout-default     weighted              ─► Services <app>-blue / <app>-green
+    Services <app>-<colour> and <app>-<colour>-pinned both select Deployment <app>-<colour>.
+
+Pinned requests go through their own Service so Istio telemetry (`destination_service_name`)
+tells them apart: A/B and load-test traffic stays out of the canary statistics, as with the
+Envoy router's pinned clusters.
+
+The router owns only the routes named `aml-rollout-*`. `merge_routes` computes the new
+`spec.http` from the one read back (Argo Rollouts' generateVirtualServicePatches, pure) and keeps
+every other route where it was — never replacing the whole VirtualService (flagger#1715).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from rollout.core.types import Colour, Release, Weights
+from rollout.errors import ConfigError, RouterError
+
+Obj = dict[str, Any]
+
+# A DNS-1123 label of at most 50 characters, not 63: "-green-pinned" is appended to the app name.
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,48}[a-z0-9])?")
+
+ISTIO_GROUP = "networking.istio.io"
+ISTIO_VERSION = "v1"
+MANAGED_BY = "aml-rollout"
+ROUTE_PREFIX = "aml-rollout-"
+DEFAULT_ROUTE = "aml-rollout-default"
+ANNOTATION_PREFIX = "aml-rollout.io/"
+
+# What the Istio router does through the API, and nothing else. The RBAC Role is rendered from
+# this table, and tests/routers/test_manifests.py checks it equals what a router run used.
+ROLE_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("apps", "deployments", ("create", "delete", "get", "update")),
+    ("", "services", ("create", "get")),
+    (ISTIO_GROUP, "gateways", ("create", "get")),
+    (ISTIO_GROUP, "virtualservices", ("create", "get", "patch")),
+)
+
+
+def pin_route(colour: Colour) -> str:
+    """The name of the route that pins `colour` by header."""
+    return f"{ROUTE_PREFIX}pin-{colour.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class IstioLayout:
+    """Names and settings of one model service in one namespace."""
+
+    namespace: str
+    app: str
+    port: int = 80  # the Services' port (what the VirtualService routes to)
+    container_port: int = 8000  # the scoring server's port in the pod
+    header: str = "x-api-version"
+    hosts: tuple[str, ...] = ("*",)
+    replicas: int = 1
+    ingress_selector: tuple[tuple[str, str], ...] = (("istio", "ingressgateway"),)
+    service_account: str = "aml-rollout"
+    labels: tuple[tuple[str, str], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        for name, value in (("namespace", self.namespace), ("app", self.app)):
+            if not _DNS_LABEL.fullmatch(value):
+                raise ConfigError(
+                    f"router.{name}: {value!r} is not a DNS-1123 label "
+                    "(lower-case letters, digits and '-', at most 50 characters)"
+                )
+        for name, port in (("port", self.port), ("container_port", self.container_port)):
+            if not 0 < port < 65536:
+                raise ConfigError(f"router.{name}: {port} is not a TCP port")
+        if self.replicas < 0:
+            raise ConfigError(f"router.replicas: {self.replicas} must be >= 0")
+
+    @property
+    def gateway(self) -> str:
+        return f"{self.app}-gateway"
+
+    @property
+    def virtual_service(self) -> str:
+        return self.app
+
+    def deployment(self, colour: Colour) -> str:
+        return f"{self.app}-{colour.value}"
+
+    def service(self, colour: Colour, *, pinned: bool = False) -> str:
+        return f"{self.app}-{colour.value}{'-pinned' if pinned else ''}"
+
+
+def _meta(layout: IstioLayout, name: str, **labels: str) -> Obj:
+    all_labels = {"app.kubernetes.io/name": layout.app, "app.kubernetes.io/managed-by": MANAGED_BY}
+    all_labels.update(dict(layout.labels))
+    all_labels.update(labels)
+    return {"name": name, "namespace": layout.namespace, "labels": all_labels}
+
+
+# ---- workloads ------------------------------------------------------------------------------
+def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
+    """The Deployment `<app>-<colour>` serving `release` (its identity kept in annotations)."""
+    if not release.image:
+        raise RouterError(
+            f"release {release.model}:{release.version} has no container image; "
+            "the istio router deploys images (set Release.image, e.g. from package.json)"
+        )
+    pod_labels = {"app": layout.app, "version": colour.value}
+    probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            **_meta(layout, layout.deployment(colour), **pod_labels),
+            "annotations": release_annotations(release),
+        },
+        "spec": {
+            "replicas": layout.replicas,
+            "selector": {"matchLabels": pod_labels},
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "scoring",
+                            "image": release.image,
+                            "ports": [{"name": "http", "containerPort": layout.container_port}],
+                            "readinessProbe": probe,
+                            "livenessProbe": {
+                                **probe,
+                                "httpGet": {"path": "/healthz", "port": "http"},
+                            },
+                        }
+                    ]
+                },
+            },
+        },
+    }
+
+
+def release_annotations(release: Release) -> dict[str, str]:
+    """The release identity as Deployment annotations (read back by `release_from_annotations`)."""
+    return {
+        f"{ANNOTATION_PREFIX}model": release.model,
+        f"{ANNOTATION_PREFIX}version": release.version,
+        f"{ANNOTATION_PREFIX}sha256": release.sha256,
+    }
+
+
+def release_from_annotations(annotations: dict[str, str] | None, image: str | None) -> Release:
+    """The release a Deployment serves, from what `release_annotations` wrote."""
+    annotations = annotations or {}
+    model = annotations.get(f"{ANNOTATION_PREFIX}model")
+    version = annotations.get(f"{ANNOTATION_PREFIX}version")
+    if not model or version is None:
+        raise RouterError(
+            f"Deployment has no {ANNOTATION_PREFIX}model/version annotations: "
+            "it was not deployed by aml-rollout"
+        )
+    return Release(
+        model=model,
+        version=version,
+        sha256=annotations.get(f"{ANNOTATION_PREFIX}sha256", ""),
+        image=image,
+    )
+
+
+def service(layout: IstioLayout, colour: Colour, *, pinned: bool = False) -> Obj:
+    """Service `<app>-<colour>[-pinned]` in front of the colour's pods."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(layout, layout.service(colour, pinned=pinned)),
+        "spec": {
+            "selector": {"app": layout.app, "version": colour.value},
+            "ports": [{"name": "http", "port": layout.port, "targetPort": "http"}],
+        },
+    }
+
+
+def services(layout: IstioLayout) -> list[Obj]:
+    """The four Services: weighted and pinned, per colour."""
+    return [
+        service(layout, c, pinned=p) for c in (Colour.GREEN, Colour.BLUE) for p in (False, True)
+    ]
+
+
+# ---- Istio ----------------------------------------------------------------------------------
+def gateway(layout: IstioLayout) -> Obj:
+    """An HTTP Gateway on the ingress gateway for the service's hosts."""
+    return {
+        "apiVersion": f"{ISTIO_GROUP}/{ISTIO_VERSION}",
+        "kind": "Gateway",
+        "metadata": _meta(layout, layout.gateway),
+        "spec": {
+            "selector": dict(layout.ingress_selector),
+            "servers": [
+                {
+                    "port": {"number": 80, "name": "http", "protocol": "HTTP"},
+                    "hosts": list(layout.hosts),
+                }
+            ],
+        },
+    }
+
+
+def _destination(layout: IstioLayout, colour: Colour, *, pinned: bool = False) -> Obj:
+    return {"host": layout.service(colour, pinned=pinned), "port": {"number": layout.port}}
+
+
+def managed_routes(layout: IstioLayout, weights: Weights) -> list[Obj]:
+    """Our three routes, in order: pin blue, pin green, weighted default."""
+    pins = [
+        {
+            "name": pin_route(colour),
+            "match": [{"headers": {layout.header: {"exact": colour.value}}}],
+            "route": [{"destination": _destination(layout, colour, pinned=True)}],
+        }
+        for colour in (Colour.BLUE, Colour.GREEN)
+    ]
+    default = {
+        "name": DEFAULT_ROUTE,
+        "route": [
+            {"destination": _destination(layout, colour), "weight": weights.of(colour)}
+            for colour in (Colour.GREEN, Colour.BLUE)
+        ],
+    }
+    return [*pins, default]
+
+
+def virtual_service(layout: IstioLayout, weights: Weights) -> Obj:
+    """The VirtualService bound to the Gateway, holding only our routes."""
+    return {
+        "apiVersion": f"{ISTIO_GROUP}/{ISTIO_VERSION}",
+        "kind": "VirtualService",
+        "metadata": _meta(layout, layout.virtual_service),
+        "spec": {
+            "hosts": list(layout.hosts),
+            "gateways": [layout.gateway],
+            "http": managed_routes(layout, weights),
+        },
+    }
+
+
+def merge_routes(current: list[Obj], layout: IstioLayout, weights: Weights) -> list[Obj]:
+    """`spec.http` with our routes set to `weights` and every other route kept where it was.
+
+    Our routes already present are replaced in place. Missing pin routes go first (header
+    matches must win over anything broader), a missing default route goes last (it matches
+    everything). Pure: the router applies the result as a merge patch.
+    """
+    ours = {route["name"]: route for route in managed_routes(layout, weights)}
+    present = {route.get("name") for route in current}
+    merged = [ours[route["name"]] if route.get("name") in ours else route for route in current]
+    missing_pins = [r for name, r in ours.items() if name != DEFAULT_ROUTE and name not in present]
+    tail = [] if DEFAULT_ROUTE in present else [ours[DEFAULT_ROUTE]]
+    return [*missing_pins, *merged, *tail]
+
+
+def weights_from_routes(http: list[Obj], layout: IstioLayout) -> Weights:
+    """The weights of our default route, read from a VirtualService's `spec.http`."""
+    route = next((r for r in http if r.get("name") == DEFAULT_ROUTE), None)
+    where = f"VirtualService {layout.namespace}/{layout.virtual_service}"
+    if route is None:
+        raise RouterError(f"{where} has no {DEFAULT_ROUTE!r} route (not bootstrapped?)")
+    by_host = {layout.service(c): c for c in Colour}
+    found = {Colour.BLUE: 0, Colour.GREEN: 0}
+    for destination in route.get("route", []):
+        # Istio accepts the short name or the FQDN `<svc>.<ns>.svc.cluster.local`.
+        host = str(destination.get("destination", {}).get("host", "")).split(".")[0]
+        if host not in by_host:
+            raise RouterError(f"{where}: route {DEFAULT_ROUTE!r} sends traffic to unknown {host!r}")
+        # A single destination without weight takes everything (Istio's rule).
+        found[by_host[host]] += int(destination.get("weight", 100))
+    try:
+        return Weights(blue=found[Colour.BLUE], green=found[Colour.GREEN])
+    except ValueError as exc:
+        raise RouterError(f"{where}: route {DEFAULT_ROUTE!r} has invalid weights: {exc}") from exc
+
+
+# ---- RBAC and bootstrap ---------------------------------------------------------------------
+def rbac(layout: IstioLayout) -> list[Obj]:
+    """ServiceAccount, Role (only what the router uses, see ROLE_RULES) and RoleBinding."""
+    role_name = f"{layout.app}-rollout"
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": _meta(layout, layout.service_account),
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _meta(layout, role_name),
+            "rules": [
+                {"apiGroups": [group], "resources": [resource], "verbs": list(verbs)}
+                for group, resource, verbs in ROLE_RULES
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _meta(layout, role_name),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role_name},
+            "subjects": [
+                {
+                    "kind": "ServiceAccount",
+                    "name": layout.service_account,
+                    "namespace": layout.namespace,
+                }
+            ],
+        },
+    ]
+
+
+def namespace(layout: IstioLayout) -> Obj:
+    """The namespace, labelled for Istio sidecar injection."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": layout.namespace, "labels": {"istio-injection": "enabled"}},
+    }
+
+
+def bootstrap(layout: IstioLayout, releases: dict[Colour, Release] | None = None) -> list[Obj]:
+    """Everything `kubectl apply` needs before the first rollout, in apply order.
+
+    Deployments are rendered for the colours in `releases` (usually green, the production model);
+    traffic starts on green, or on blue when only blue is given.
+    """
+    releases = releases or {}
+    weights = Weights.blue_at(100 if set(releases) == {Colour.BLUE} else 0)
+    deployments = [
+        deployment(layout, c, releases[c]) for c in (Colour.GREEN, Colour.BLUE) if c in releases
+    ]
+    return [
+        namespace(layout),
+        *rbac(layout),
+        *services(layout),
+        *deployments,
+        gateway(layout),
+        virtual_service(layout, weights),
+    ]

@@ -1,0 +1,400 @@
+"""A small but real kube-apiserver over HTTP, for testing code that speaks the kubernetes client.
+
+It listens on 127.0.0.1 (free port) in a background thread and keeps objects in memory, keyed by
+(API group, resource, namespace, name) — every served version of a group shares one store, as in a
+real apiserver. What it implements is what clients rely on for correctness:
+
+- REST paths `/api/v1/...` (core group) and `/apis/{group}/{version}/...`, namespaced resources
+  and namespaces; GET (one or list), POST, PUT, PATCH, DELETE.
+- `metadata.resourceVersion` bumped on every write (one global counter), `uid`,
+  `creationTimestamp`, `generation` (bumped when `spec` changes).
+- Optimistic concurrency: a PUT or PATCH whose body (after patching) carries a resourceVersion
+  other than the stored one answers 409 Conflict; POST of an existing name answers 409
+  AlreadyExists; anything missing answers 404 NotFound; a POST into a missing namespace answers 404.
+- PATCH as JSON merge patch (RFC 7386) or JSON Patch (RFC 6902, with `test`); strategic merge
+  patch is refused with 415 rather than approximated.
+- Deployments are reported available at once (a stand-in for the deployment controller) unless
+  `ready_deployments` is False.
+
+Every request is recorded (`requests`) with the RBAC verb it needs, so tests can check that a
+Role grants exactly what a client used. `before_next_write(resource, name, fn)` runs `fn(obj)` as
+a concurrent writer just before the next write to that object is handled — the race a 409 guards.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+KINDS = {
+    "namespaces": "Namespace",
+    "services": "Service",
+    "serviceaccounts": "ServiceAccount",
+    "configmaps": "ConfigMap",
+    "deployments": "Deployment",
+    "roles": "Role",
+    "rolebindings": "RoleBinding",
+    "leases": "Lease",
+    "gateways": "Gateway",
+    "virtualservices": "VirtualService",
+    "destinationrules": "DestinationRule",
+}
+
+_CORE = re.compile(r"^/api/v1/(?:namespaces/(?P<ns>[^/]+)/)?(?P<res>[^/]+)(?:/(?P<name>[^/]+))?$")
+_GROUP = re.compile(
+    r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/(?:namespaces/(?P<ns>[^/]+)/)?"
+    r"(?P<res>[^/]+)(?:/(?P<name>[^/]+))?$"
+)
+
+Key = tuple[str, str, str, str]  # (group, resource, namespace, name); "" for core / cluster scope
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the apiserver's authorizer would see it."""
+
+    method: str
+    verb: str  # get, list, create, update, patch, delete
+    group: str  # "" for the core group
+    resource: str
+    namespace: str
+    name: str
+    content_type: str
+    status: int
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+
+
+class FakeKubeApiServer:
+    """The store, its HTTP front and the test hooks. Use as a context manager or start()/stop()."""
+
+    def __init__(self, *, ready_deployments: bool = True) -> None:
+        self.ready_deployments = ready_deployments
+        self.requests: list[RecordedRequest] = []
+        self._objects: dict[Key, dict[str, Any]] = {}
+        self._version = 0
+        self._lock = threading.RLock()
+        self._hooks: dict[tuple[str, str], Callable[[dict[str, Any]], None]] = {}
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "server not started"
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> FakeKubeApiServer:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = self._thread = None
+
+    def __enter__(self) -> FakeKubeApiServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- direct access for tests --------------------------------------------------------------
+    def get(self, resource: str, name: str, namespace: str = "", group: str = "") -> dict[str, Any]:
+        """A copy of a stored object; KeyError when missing."""
+        with self._lock:
+            return copy.deepcopy(self._objects[(group, resource, namespace, name)])
+
+    def exists(self, resource: str, name: str, namespace: str = "", group: str = "") -> bool:
+        with self._lock:
+            return (group, resource, namespace, name) in self._objects
+
+    def seed(self, obj: dict[str, Any], resource: str, group: str = "") -> dict[str, Any]:
+        """Store `obj` as if a client had created it (no request recorded)."""
+        meta = obj.get("metadata", {})
+        key = (group, resource, meta.get("namespace", ""), meta["name"])
+        with self._lock:
+            return copy.deepcopy(self._write(key, copy.deepcopy(obj), previous=None))
+
+    def before_next_write(
+        self, resource: str, name: str, fn: Callable[[dict[str, Any]], None]
+    ) -> None:
+        """Run `fn(stored_obj)` (mutating it, bumping its version) before the next write to it."""
+        self._hooks[(resource, name)] = fn
+
+    def verbs_used(self) -> set[tuple[str, str, str]]:
+        """(group, resource, verb) of every request received, successful or not."""
+        return {(r.group, r.resource, r.verb) for r in self.requests}
+
+    # ---- the API semantics --------------------------------------------------------------------
+    def _write(
+        self, key: Key, obj: dict[str, Any], previous: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        self._version += 1
+        meta = obj.setdefault("metadata", {})
+        meta["name"], meta["resourceVersion"] = key[3], str(self._version)
+        if key[2]:
+            meta["namespace"] = key[2]
+        if previous is None:
+            meta["uid"] = str(uuid.uuid4())
+            meta["creationTimestamp"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            meta["generation"] = 1
+        else:
+            for field in ("uid", "creationTimestamp"):
+                meta[field] = previous["metadata"][field]
+            changed = obj.get("spec") != previous.get("spec")
+            meta["generation"] = previous["metadata"]["generation"] + (1 if changed else 0)
+        if key[1] == "deployments" and self.ready_deployments:
+            replicas = obj.get("spec", {}).get("replicas", 1)
+            obj["status"] = {
+                "observedGeneration": meta["generation"],
+                "replicas": replicas,
+                "updatedReplicas": replicas,
+                "readyReplicas": replicas,
+                "availableReplicas": replicas,
+            }
+        self._objects[key] = obj
+        return obj
+
+    def _run_hook(self, key: Key) -> None:
+        hook = self._hooks.pop((key[1], key[3]), None)
+        if hook is not None and key in self._objects:
+            obj = copy.deepcopy(self._objects[key])
+            hook(obj)
+            self._write(key, obj, previous=self._objects[key])
+
+    def handle(
+        self, method: str, path: str, body: Any, content_type: str
+    ) -> tuple[int, dict[str, Any]]:
+        match = _CORE.match(path) or _GROUP.match(path)
+        if match is None:
+            raise ApiError(
+                404, "NotFound", f"the server could not find the requested resource {path}"
+            )
+        parts = match.groupdict()
+        group, resource = parts.get("group") or "", parts["res"]
+        namespace, name = parts["ns"] or "", parts["name"] or ""
+        if resource == "namespaces" and namespace:  # /api/v1/namespaces/{name}
+            namespace, name = "", namespace
+        if resource not in KINDS:
+            raise ApiError(404, "NotFound", f"the server doesn't have a resource type {resource!r}")
+        verb = {"GET": "get" if name else "list", "POST": "create", "PUT": "update"}.get(
+            method, method.lower()
+        )
+        record = dict(
+            method=method, verb=verb, group=group, resource=resource, namespace=namespace, name=name
+        )
+        try:
+            with self._lock:
+                result = self._dispatch(
+                    method, group, resource, namespace, name, body, content_type
+                )
+        except ApiError as exc:
+            self.requests.append(
+                RecordedRequest(**record, content_type=content_type, status=exc.code)
+            )
+            raise
+        self.requests.append(RecordedRequest(**record, content_type=content_type, status=result[0]))
+        return result
+
+    def _dispatch(
+        self,
+        method: str,
+        group: str,
+        resource: str,
+        namespace: str,
+        name: str,
+        body: Any,
+        content_type: str,
+    ) -> tuple[int, dict[str, Any]]:
+        kind = KINDS[resource]
+        if method == "GET" and not name:
+            items = [
+                copy.deepcopy(o)
+                for (g, r, ns, _), o in sorted(self._objects.items())
+                if (g, r, ns) == (group, resource, namespace)
+            ]
+            meta = {"resourceVersion": str(self._version)}
+            return 200, {"kind": f"{kind}List", "metadata": meta, "items": items}
+        if method == "POST":
+            name = (body.get("metadata") or {}).get("name", "")
+            if not name:
+                raise ApiError(422, "Invalid", f"{kind}: metadata.name is required")
+            if namespace and ("", "namespaces", "", namespace) not in self._objects:
+                raise ApiError(404, "NotFound", f'namespaces "{namespace}" not found')
+            key = (group, resource, namespace, name)
+            if key in self._objects:
+                raise ApiError(409, "AlreadyExists", f'{resource} "{name}" already exists')
+            return 201, copy.deepcopy(self._write(key, body, previous=None))
+        key = (group, resource, namespace, name)
+        if key not in self._objects:
+            raise ApiError(404, "NotFound", f'{resource} "{name}" not found')
+        if method == "GET":
+            return 200, copy.deepcopy(self._objects[key])
+        if method == "DELETE":
+            gone = self._objects.pop(key)
+            return 200, {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "status": "Success",
+                "details": {"name": name, "kind": resource, "uid": gone["metadata"]["uid"]},
+            }
+        self._run_hook(key)
+        current = self._objects[key]
+        if method == "PUT":
+            new = body
+        elif method == "PATCH":
+            new = _apply_patch(current, body, content_type)
+        else:
+            raise ApiError(405, "MethodNotAllowed", f"{method} is not supported")
+        wanted = (new.get("metadata") or {}).get("resourceVersion")
+        if wanted and wanted != current["metadata"]["resourceVersion"]:
+            raise ApiError(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on {resource} "{name}": the object has been '
+                "modified; please apply your changes to the latest version and try again",
+            )
+        return 200, copy.deepcopy(self._write(key, new, previous=current))
+
+
+def _apply_patch(current: dict[str, Any], patch: Any, content_type: str) -> dict[str, Any]:
+    if content_type == "application/merge-patch+json":
+        merged = merge_patch(copy.deepcopy(current), patch)
+        assert isinstance(merged, dict)
+        return merged
+    if content_type == "application/json-patch+json":
+        return json_patch(copy.deepcopy(current), patch)
+    raise ApiError(
+        415, "UnsupportedMediaType", f"patch content type {content_type!r} not supported"
+    )
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: objects merge key by key, null deletes, anything else (lists too) replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    if not isinstance(target, dict):
+        target = {}
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        else:
+            target[key] = merge_patch(target.get(key), value)
+    return target
+
+
+def json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
+    """RFC 6902 add / remove / replace / test (what clients use against the apiserver)."""
+    for op in ops:
+        *parents, last = [
+            p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]
+        ]
+        node: Any = doc
+        try:
+            for part in parents:
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            if op["op"] == "test":
+                actual = node[int(last)] if isinstance(node, list) else node[last]
+                if actual != op["value"]:
+                    raise ApiError(422, "Invalid", f"test failed at {op['path']}")
+            elif op["op"] == "remove":
+                del node[int(last) if isinstance(node, list) else last]
+            elif op["op"] in ("add", "replace"):
+                if isinstance(node, list):
+                    index = len(node) if last == "-" else int(last)
+                    if op["op"] == "add":
+                        node.insert(index, op["value"])
+                    else:
+                        node[index] = op["value"]
+                else:
+                    if op["op"] == "replace" and last not in node:
+                        raise KeyError(last)
+                    node[last] = op["value"]
+            else:
+                raise ApiError(422, "Invalid", f"unsupported JSON Patch op {op['op']!r}")
+        except (KeyError, IndexError, ValueError, TypeError) as exc:
+            raise ApiError(422, "Invalid", f"JSON Patch {op} does not apply: {exc!r}") from exc
+    return doc
+
+
+def _handler_for(api: FakeKubeApiServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go out in two writes
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet
+            pass
+
+        def _serve(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+            try:
+                body = json.loads(raw) if raw else None
+                code, payload = api.handle(
+                    self.command, urlsplit(self.path).path, body, content_type
+                )
+            except ApiError as exc:
+                code, payload = (
+                    exc.code,
+                    {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "status": "Failure",
+                        "message": exc.message,
+                        "reason": exc.reason,
+                        "code": exc.code,
+                    },
+                )
+            except json.JSONDecodeError as exc:
+                code, payload = (
+                    400,
+                    {
+                        "kind": "Status",
+                        "status": "Failure",
+                        "message": str(exc),
+                        "reason": "BadRequest",
+                        "code": 400,
+                    },
+                )
+            data = json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
+
+    return Handler
+
+
+@contextmanager
+def running(**kwargs: Any) -> Iterator[FakeKubeApiServer]:
+    """A started fake apiserver, stopped on exit."""
+    with FakeKubeApiServer(**kwargs) as server:
+        yield server

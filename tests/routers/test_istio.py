@@ -1,0 +1,265 @@
+"""The Istio router against a fake kube-apiserver over real HTTP (kubernetes client unchanged).
+
+The shared contract runs first; then what only Istio has: optimistic concurrency (409 → re-read
+→ retry, bounded), routes the user added surviving every write, no write when nothing changes,
+readiness waiting, and API errors becoming RouterError with context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client as k8s
+
+from rollout.config import IstioRouterConfig
+from rollout.core.types import Colour, Release, Weights
+from rollout.errors import ConflictError, RouterError
+from rollout.routers import istio_manifests as m
+from rollout.routers.factory import make_router
+from rollout.routers.istio import IstioRouter
+from tests.fakes.kube_apiserver import FakeKubeApiServer
+from tests.routers.contract import V1, V2, RouterContract, identity
+
+LAYOUT = m.IstioLayout(namespace="ml", app="diabetes")
+VS = ("virtualservices", "diabetes", "ml", m.ISTIO_GROUP)
+
+USER_ROUTE = {
+    "name": "team-debug",
+    "match": [{"uri": {"prefix": "/debug"}}],
+    "route": [{"destination": {"host": "debug-svc"}}],
+}
+
+
+@pytest.fixture
+def api() -> Iterator[FakeKubeApiServer]:
+    with FakeKubeApiServer() as server:
+        server.seed(m.namespace(LAYOUT), "namespaces")
+        yield server
+
+
+def make(api: FakeKubeApiServer, **kwargs: Any) -> IstioRouter:
+    configuration = k8s.Configuration()
+    configuration.host = api.url
+    kwargs.setdefault("sleep", lambda _s: None)
+    return IstioRouter(LAYOUT, k8s.ApiClient(configuration), **kwargs)
+
+
+def http_routes(api: FakeKubeApiServer) -> list[dict[str, Any]]:
+    routes: list[dict[str, Any]] = api.get(*VS)["spec"]["http"]
+    return routes
+
+
+class TestIstioRouterContract(RouterContract):
+    @pytest.fixture
+    def router(self, api: FakeKubeApiServer) -> IstioRouter:
+        return make(api)
+
+    def pinned_routes(self, router: Any) -> Any:
+        vs = router._read_virtual_service()
+        return [r for r in vs["spec"]["http"] if r["name"] != m.DEFAULT_ROUTE]
+
+
+def test_from_config_through_the_factory(api: FakeKubeApiServer) -> None:
+    cfg = IstioRouterConfig(namespace="ml", app="diabetes", api_url=api.url)
+    router = make_router(cfg)
+    assert isinstance(router, IstioRouter)
+    router.deploy(Colour.GREEN, V1)
+    assert identity(router.release(Colour.GREEN)) == identity(V1)
+
+
+def test_deploy_creates_the_objects_the_manifests_describe(api: FakeKubeApiServer) -> None:
+    make(api).deploy(Colour.GREEN, V1)
+    for obj in m.services(LAYOUT):
+        assert api.get("services", obj["metadata"]["name"], "ml")["spec"] == obj["spec"]
+    assert (
+        api.get("gateways", "diabetes-gateway", "ml", m.ISTIO_GROUP)["spec"]
+        == (m.gateway(LAYOUT)["spec"])
+    )
+    dep = api.get("deployments", "diabetes-green", "ml", "apps")
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == V1.image
+    assert [r["name"] for r in http_routes(api)] == [
+        "aml-rollout-pin-blue",
+        "aml-rollout-pin-green",
+        "aml-rollout-default",
+    ]
+
+
+def test_header_routes_come_first_and_pin_to_their_colour(api: FakeKubeApiServer) -> None:
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(10))
+    pin_blue, pin_green, default = http_routes(api)
+    assert pin_blue["match"] == [{"headers": {"x-api-version": {"exact": "blue"}}}]
+    assert pin_blue["route"][0]["destination"]["host"] == "diabetes-blue-pinned"
+    assert pin_green["route"][0]["destination"]["host"] == "diabetes-green-pinned"
+    assert {d["destination"]["host"]: d["weight"] for d in default["route"]} == {
+        "diabetes-green": 90,
+        "diabetes-blue": 10,
+    }
+
+
+def test_a_concurrent_write_between_read_and_patch_is_retried(api: FakeKubeApiServer) -> None:
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+
+    def someone_else(vs: dict[str, Any]) -> None:  # e.g. a GitOps agent touching a label
+        vs["metadata"].setdefault("labels", {})["touched-by"] = "argocd"
+
+    api.before_next_write("virtualservices", "diabetes", someone_else)
+    router.set_weights(Weights.blue_at(50))
+
+    patches = [r.status for r in api.requests if r.verb == "patch"]
+    assert patches == [409, 200]
+    assert router.get_weights() == Weights.blue_at(50)
+    assert api.get(*VS)["metadata"]["labels"]["touched-by"] == "argocd"  # their write survived
+
+
+def test_conflicts_that_never_end_raise_conflict_error(api: FakeKubeApiServer) -> None:
+    router = make(api, max_conflict_retries=3)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+
+    def keep_writing(vs: dict[str, Any]) -> None:
+        vs["metadata"].setdefault("annotations", {})["n"] = str(len(api.requests))
+        api.before_next_write("virtualservices", "diabetes", keep_writing)
+
+    api.before_next_write("virtualservices", "diabetes", keep_writing)
+    with pytest.raises(ConflictError, match="3 attempts"):
+        router.set_weights(Weights.blue_at(50))
+    assert [r.status for r in api.requests if r.verb == "patch"] == [409, 409, 409]
+
+
+def test_a_stale_deployment_replace_is_retried(api: FakeKubeApiServer) -> None:
+    router = make(api)
+    router.deploy(Colour.BLUE, V1)
+    api.before_next_write(
+        "deployments", "diabetes-blue", lambda d: d["metadata"]["labels"].update(x="y")
+    )
+    router.deploy(Colour.BLUE, V2)
+    assert [r.status for r in api.requests if r.verb == "update"] == [409, 200]
+    assert identity(router.release(Colour.BLUE)) == identity(V2)
+
+
+def test_user_routes_survive_every_write_in_place(api: FakeKubeApiServer) -> None:
+    vs = m.virtual_service(LAYOUT, Weights.blue_at(0))
+    http = vs["spec"]["http"]
+    vs["spec"]["http"] = [http[0], http[1], USER_ROUTE, http[2]]
+    api.seed(vs, "virtualservices", m.ISTIO_GROUP)
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    for blue in (10, 50, 100, 0):
+        router.set_weights(Weights.blue_at(blue))
+        assert http_routes(api)[2] == USER_ROUTE
+    assert [r["name"] for r in http_routes(api)] == [
+        "aml-rollout-pin-blue",
+        "aml-rollout-pin-green",
+        "team-debug",
+        "aml-rollout-default",
+    ]
+
+
+def test_a_user_made_virtual_service_gets_our_routes_around_theirs(
+    api: FakeKubeApiServer,
+) -> None:
+    vs = m.virtual_service(LAYOUT, Weights.blue_at(0))
+    vs["spec"]["http"] = [USER_ROUTE]
+    api.seed(vs, "virtualservices", m.ISTIO_GROUP)
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.set_weights(Weights.blue_at(0))
+    names = [r["name"] for r in http_routes(api)]
+    assert names == ["aml-rollout-pin-blue", "aml-rollout-pin-green", "team-debug",
+                     "aml-rollout-default"]  # fmt: skip
+
+
+def test_setting_the_served_weights_writes_nothing(api: FakeKubeApiServer) -> None:
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(20))
+    version = api.get(*VS)["metadata"]["resourceVersion"]
+    router.set_weights(Weights.blue_at(20))
+    assert api.get(*VS)["metadata"]["resourceVersion"] == version
+
+
+def test_fqdn_hosts_written_by_hand_are_read(api: FakeKubeApiServer) -> None:
+    vs = m.virtual_service(LAYOUT, Weights.blue_at(30))
+    for dest in vs["spec"]["http"][2]["route"]:
+        dest["destination"]["host"] += ".ml.svc.cluster.local"
+    api.seed(vs, "virtualservices", m.ISTIO_GROUP)
+    assert make(api).get_weights() == Weights.blue_at(30)
+
+
+def test_deploy_waits_for_available_pods_and_gives_up_at_the_deadline() -> None:
+    with FakeKubeApiServer(ready_deployments=False) as api:
+        api.seed(m.namespace(LAYOUT), "namespaces")
+        clock = [0.0]
+        router = make(
+            api,
+            ready_timeout_s=30,
+            poll_s=5,
+            monotonic=lambda: clock[0],
+            sleep=lambda s: clock.__setitem__(0, clock[0] + s),
+        )
+        with pytest.raises(RouterError, match=r"not available after 30 s \(available 0/1\)"):
+            router.deploy(Colour.GREEN, V1)
+        assert clock[0] == 30
+
+
+@pytest.mark.parametrize(
+    ("setup", "call", "message"),
+    [
+        pytest.param(
+            lambda api: None,
+            lambda r: r.get_weights(),
+            "VirtualService ml/diabetes does not exist",
+            id="no-virtual-service",
+        ),
+        pytest.param(
+            lambda api: None,
+            lambda r: r.deploy(Colour.GREEN, Release(model="m", version="1")),
+            "has no container image",
+            id="release-without-image",
+        ),
+        pytest.param(
+            lambda api: api.seed(
+                {
+                    **m.deployment(LAYOUT, Colour.GREEN, V1),
+                    "metadata": {"name": "diabetes-green", "namespace": "ml"},
+                },
+                "deployments",
+                "apps",
+            ),
+            lambda r: r.release(Colour.GREEN),
+            "not deployed by aml-rollout",
+            id="foreign-deployment",
+        ),
+    ],
+)
+def test_errors_name_the_object(
+    api: FakeKubeApiServer, setup: Any, call: Any, message: str
+) -> None:
+    setup(api)
+    with pytest.raises(RouterError, match=message):
+        call(make(api))
+
+
+def test_a_missing_namespace_is_a_clear_router_error() -> None:
+    with FakeKubeApiServer() as api, pytest.raises(RouterError, match=r'HTTP 404 namespaces "ml"'):
+        make(api).deploy(Colour.GREEN, V1)
+
+
+def test_an_unreachable_api_server_is_a_router_error_with_its_url() -> None:
+    with FakeKubeApiServer() as api:
+        url = api.url
+    configuration = k8s.Configuration()
+    configuration.host = url
+    configuration.retries = 0
+    router = IstioRouter(LAYOUT, k8s.ApiClient(configuration))
+    with pytest.raises(RouterError, match="cannot reach the Kubernetes API at " + url):
+        router.get_weights()
