@@ -1,0 +1,124 @@
+"""Register a trained model folder after the gate: the library behind the register component.
+
+    model folder ──► check sha256 ──► find production (tag stage=production) ──► gate
+                                                          refused: GateRefused (unless force)
+                  ──► registry.register(name, source, tags) ──► registration.json
+
+Tags written on the new version: its metrics (mse, rmse, r2), `stage=candidate`, `source_run`,
+`git_commit`, `sha256`, `data_fingerprint` and the gate outcome (`gate=passed|forced`,
+`gate_baseline`). The registry itself is injected, so the same code runs against the local
+folder registry and Azure ML; `source` lets Azure ML register the job-output URI of the folder
+instead of uploading local files.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from aml_pipelines.errors import GateRefused, IntegrityError, RegistryError
+from aml_pipelines.fileio import read_json, sha256_file, write_json
+from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
+from components.register.gate import GateDecision, evaluate_gate
+
+log = logging.getLogger(__name__)
+
+REGISTRATION_FILE = "registration.json"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What the register step produced: the new version and the gate's reasoning."""
+
+    version: ModelVersion
+    decision: GateDecision
+    forced: bool
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "name": self.version.name,
+            "version": self.version.version,
+            "uri": self.version.uri,
+            "sha256": self.version.sha256,
+            "stage": self.version.stage,
+            "gate": {
+                "passed": self.decision.passed,
+                "forced": self.forced,
+                "metric": self.decision.metric,
+                "candidate": self.decision.candidate,
+                "baseline": self.decision.baseline,
+                "baseline_version": self.decision.baseline_version,
+                "reason": self.decision.reason,
+            },
+        }
+
+
+def production_version(registry: ModelRegistry, name: str) -> ModelVersion | None:
+    """The version tagged stage=production (the highest, if several carry the tag)."""
+    tagged = registry.find_by_tag(name, STAGE_TAG, Stage.PRODUCTION)
+    if len(tagged) > 1:
+        log.warning(
+            "%d versions of %s are tagged production (%s); comparing with the highest",
+            len(tagged),
+            name,
+            [v.version for v in tagged],
+        )
+    return max(tagged, key=lambda v: v.version, default=None)
+
+
+def register_model(
+    model_dir: Path,
+    registry: ModelRegistry,
+    *,
+    metric: str = "mse",
+    max_regression: float = 0.0,
+    force: bool = False,
+    source: str | Path | None = None,
+    source_run: str = "unknown",
+    git_commit: str = "unknown",
+    out_dir: Path | None = None,
+) -> Registration:
+    """Gate the model folder against production, register it, write registration.json."""
+    model_json = model_dir / "model.json"
+    if not model_json.is_file():
+        raise RegistryError(f"{model_dir} is not a model folder: model.json is missing")
+    manifest = read_json(model_json)
+    name = str(manifest["name"])
+    model_file = model_dir / str(manifest["model_file"])
+    actual = sha256_file(model_file)
+    if actual != manifest["sha256"]:
+        raise IntegrityError(
+            f"{model_file} has sha256 {actual}, but model.json records {manifest['sha256']}"
+        )
+
+    production = production_version(registry, name)
+    decision = evaluate_gate(
+        manifest["metrics"], production, metric=metric, max_regression=max_regression
+    )
+    if decision.passed:
+        log.info("gate passed: %s", decision.reason)
+    elif force:
+        log.warning("gate REFUSED but --force given, registering anyway: %s", decision.reason)
+    else:
+        raise GateRefused(f"gate refused {name}: {decision.reason} (use --force to override)")
+
+    metrics = manifest["metrics"]
+    tags = {
+        **{key: repr(float(metrics[key])) for key in ("mse", "rmse", "r2") if key in metrics},
+        STAGE_TAG: Stage.CANDIDATE,
+        "source_run": source_run,
+        "git_commit": git_commit,
+        "sha256": actual,
+        "data_fingerprint": str(manifest.get("data_fingerprint", "")),
+        "gate": "passed" if decision.passed else "forced",
+        "gate_metric": metric,
+    }
+    if decision.baseline_version is not None:
+        tags["gate_baseline"] = f"{name}:{decision.baseline_version}"
+    version = registry.register(name, source if source is not None else model_dir, tags)
+    registration = Registration(version, decision, forced=not decision.passed)
+    log.info("registered %s version %s (%s) at %s", name, version.version, metric, version.uri)
+    if out_dir is not None:
+        write_json(out_dir / REGISTRATION_FILE, registration.as_json())
+    return registration

@@ -1,0 +1,127 @@
+"""The register step: the gate's decision table, then registration against the local registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aml_pipelines.errors import ConfigError, GateRefused, IntegrityError
+from aml_pipelines.registry.base import ModelVersion, Stage
+from aml_pipelines.registry.local import LocalRegistry
+from components.register.gate import evaluate_gate
+from components.register.main import EXIT_GATE_REFUSED, main
+from components.register.register import register_model
+from tests.pipelines.conftest import MakeModel
+
+
+def _production(**tags: str) -> ModelVersion:
+    return ModelVersion("m", 4, "file:///x", "0" * 64, {"stage": "production", **tags})
+
+
+PROD = _production(mse="10", rmse="3.5", r2="0.5")
+
+
+@pytest.mark.parametrize(
+    ("candidate", "production", "metric", "slack", "passed", "reason"),
+    [
+        pytest.param({"mse": 9.0}, None, "mse", 0, True, "first candidate", id="no-production"),
+        pytest.param({"mse": 9.0}, PROD, "mse", 0, True, "not worse", id="better"),
+        pytest.param({"mse": 10.0}, PROD, "mse", 0, True, "not worse", id="equal"),
+        pytest.param({"mse": 11.0}, PROD, "mse", 0, False, "worse than production m:4", id="worse"),
+        pytest.param({"mse": 10.1}, PROD, "mse", 0.02, True, "slack 2.0%", id="within-slack"),
+        pytest.param({"rmse": 3.0}, PROD, "rmse", 0, True, "lower is better", id="rmse"),
+        pytest.param({"r2": 0.4}, PROD, "r2", 0, False, "higher is better", id="r2-lower-worse"),
+        pytest.param({"mse": 1.0}, _production(), "mse", 0, False, "no usable", id="no-tag"),
+        pytest.param(
+            {"mse": 1.0}, _production(mse="?"), "mse", 0, False, "no usable", id="bad-tag"
+        ),
+        pytest.param({"mse": float("nan")}, None, "mse", 0, False, "mse is nan", id="nan"),
+    ],
+)
+def test_gate_decisions(candidate, production, metric, slack, passed, reason) -> None:
+    decision = evaluate_gate(candidate, production, metric=metric, max_regression=slack)
+    assert decision.passed is passed
+    assert reason in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("metric", "slack", "message"),
+    [
+        pytest.param("mae", 0.0, "metric: 'mae'", id="unknown-metric"),
+        pytest.param("mse", -0.1, "max_regression", id="negative-slack"),
+    ],
+)
+def test_gate_configuration_errors(metric: str, slack: float, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        evaluate_gate({"mse": 1.0}, None, metric=metric, max_regression=slack)
+
+
+def test_latest_registered_is_not_the_baseline(tmp_path: Path, make_model: MakeModel) -> None:
+    registry = LocalRegistry(tmp_path / "reg")
+    register_model(make_model(mse=10.0), registry)
+    # v1 is only a candidate: a worse v2 passes, because nothing is in production yet.
+    second = register_model(make_model(mse=50.0), registry)
+    assert second.version.version == 2 and second.decision.passed
+
+
+def test_gate_against_production_then_register(tmp_path: Path, make_model: MakeModel) -> None:
+    registry = LocalRegistry(tmp_path / "reg")
+    first = register_model(
+        make_model(mse=10.0),
+        registry,
+        source_run="run-1",
+        git_commit="abc",
+        out_dir=tmp_path / "o1",
+    )
+    assert first.version.tags["stage"] == Stage.CANDIDATE
+    assert first.version.tags["source_run"] == "run-1"
+    assert first.version.tags["git_commit"] == "abc"
+    assert float(first.version.tags["mse"]) == 10.0
+    written = json.loads((tmp_path / "o1" / "registration.json").read_text())
+    assert {k: written[k] for k in ("name", "version", "uri", "sha256")} == {
+        "name": "m",
+        "version": 1,
+        "uri": first.version.uri,
+        "sha256": first.version.sha256,
+    }
+    registry.set_tags("m", 1, {"stage": Stage.PRODUCTION})
+
+    with pytest.raises(GateRefused, match=r"mse=20 is worse than production m:1 mse=10"):
+        register_model(make_model(mse=20.0), registry, out_dir=tmp_path / "o2")
+    assert not (tmp_path / "o2" / "registration.json").exists()
+    assert [v.version for v in registry.list_versions("m")] == [1]
+
+    forced = register_model(make_model(mse=20.0), registry, force=True)
+    assert forced.forced and forced.version.tags["gate"] == "forced"
+    better = register_model(make_model(mse=5.0), registry)
+    assert better.version.version == 3 and better.version.tags["gate_baseline"] == "m:1"
+
+
+def test_a_model_folder_that_lies_about_its_hash_is_refused(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    folder = make_model()
+    (folder / "model.skops").write_bytes(b"swapped")
+    with pytest.raises(IntegrityError, match=r"model\.json records"):
+        register_model(folder, LocalRegistry(tmp_path / "reg"))
+
+
+def test_main_exit_codes(tmp_path: Path, make_model: MakeModel) -> None:
+    registry = f"local:{tmp_path / 'reg'}"
+
+    def run(mse: float, *extra: str) -> int:
+        out = tmp_path / f"out-{mse}-{len(extra)}"
+        return main(["--model", str(make_model(mse=mse)), "--registry", registry,
+                     "--registration", str(out), *extra])  # fmt: skip
+
+    assert run(10.0) == 0
+    LocalRegistry(tmp_path / "reg").set_tags("m", 1, {"stage": "production"})
+    assert run(20.0) == EXIT_GATE_REFUSED
+    assert run(20.0, "--force", "True") == 0
+    assert run(1.0, "--metric", "rmse") == 0
+    assert main(["--model", str(tmp_path), "--registry", "nope:x", "--registration", "o"]) == 1
+    with pytest.raises(SystemExit) as missing:
+        main(["--model", str(tmp_path)])
+    assert missing.value.code == 2  # argparse names the missing --registry
