@@ -1,8 +1,153 @@
-"""`aml-rollout manifests`: render the Kubernetes/Istio bootstrap objects as YAML."""
+"""`aml-rollout manifests`: render the Kubernetes/Istio bootstrap objects as YAML.
+
+    aml-rollout manifests --namespace ml --app diabetes --green-package runs/package -o k8s.yaml
+    kubectl apply -f k8s.yaml
+
+The objects (Namespace, ServiceAccount, Role + RoleBinding with only what the Istio router uses,
+the four Services, the Deployments given, the Gateway and the VirtualService with green at 100 %)
+come from `rollout.routers.istio_manifests`, the module the Istio router itself builds from, so
+what is applied and what the router later patches are the same shapes. Settings come from a
+rollout spec's istio `router` section (`--spec`) or from the options; options win.
+
+A colour's release is a package folder (`--green-package`, its package.json names model, version,
+sha256 and image) or an image `<registry>/<model>:<version>` (`--green-image`). The command
+imports only typer/stdlib at the top; pyyaml and the renderer load inside the command body.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
-def manifests() -> None:
-    """Render bootstrap manifests."""
-    raise NotImplementedError("istio router issue")
+import typer
+
+if TYPE_CHECKING:
+    from rollout.core.types import Release
+
+
+def manifests(
+    namespace: Annotated[
+        str | None, typer.Option("--namespace", "-n", help="Namespace of every object.")
+    ] = None,
+    app: Annotated[
+        str | None, typer.Option(help="Service name; objects are <app>-blue, <app>-gateway...")
+    ] = None,
+    spec: Annotated[
+        Path | None,
+        typer.Option(help="Take the settings from this rollout spec's istio router section."),
+    ] = None,
+    green_package: Annotated[
+        Path | None, typer.Option(help="Package folder (package.json) green serves.")
+    ] = None,
+    green_image: Annotated[
+        str | None, typer.Option(help="Image <registry>/<model>:<version> green serves.")
+    ] = None,
+    blue_package: Annotated[
+        Path | None, typer.Option(help="Package folder blue serves (usually none at bootstrap).")
+    ] = None,
+    blue_image: Annotated[str | None, typer.Option(help="Image blue serves.")] = None,
+    host: Annotated[
+        list[str] | None, typer.Option(help="Host the Gateway accepts (repeat; default '*').")
+    ] = None,
+    header: Annotated[str | None, typer.Option(help="Pinning header (x-api-version).")] = None,
+    port: Annotated[int | None, typer.Option(help="Service port (80).")] = None,
+    container_port: Annotated[
+        int | None, typer.Option(help="Scoring server port in the pod (8000).")
+    ] = None,
+    replicas: Annotated[int | None, typer.Option(help="Pods per colour (1).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
+    ] = None,
+) -> None:
+    """Render the bootstrap objects as multi-document YAML for `kubectl apply -f`."""
+    import yaml
+
+    from rollout.core.types import Colour
+    from rollout.errors import ConfigError
+    from rollout.routers import istio_manifests as m
+
+    settings: dict[str, Any] = {}
+    if spec is not None:
+        from rollout.config import IstioRouterConfig, load_spec
+
+        router = load_spec(spec).router
+        if not isinstance(router, IstioRouterConfig):
+            raise ConfigError(f"{spec}: router.kind is {router.kind!r}; manifests renders istio")
+        settings = {
+            "namespace": router.namespace,
+            "app": router.app,
+            "hosts": tuple(router.hosts),
+            "header": router.header,
+            "port": router.port,
+            "container_port": router.container_port,
+            "replicas": router.replicas,
+        }
+    options = {
+        "namespace": namespace,
+        "app": app,
+        "hosts": tuple(host) if host else None,
+        "header": header,
+        "port": port,
+        "container_port": container_port,
+        "replicas": replicas,
+    }
+    settings.update({k: v for k, v in options.items() if v is not None})
+    settings.setdefault("namespace", "default")
+    settings.setdefault("app", "model")
+    layout = m.IstioLayout(**settings)
+
+    releases: dict[Colour, Release] = {}
+    for colour, package, image in (
+        (Colour.GREEN, green_package, green_image),
+        (Colour.BLUE, blue_package, blue_image),
+    ):
+        if package is not None and image is not None:
+            raise ConfigError(
+                f"--{colour.value}-package and --{colour.value}-image exclude each other"
+            )
+        if package is not None:
+            releases[colour] = release_from_package(package)
+        elif image is not None:
+            releases[colour] = release_from_image(image)
+
+    text = f"# aml-rollout manifests: {layout.namespace}/{layout.app}\n" + yaml.safe_dump_all(
+        m.bootstrap(layout, releases), sort_keys=False, explicit_start=True
+    )
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        typer.echo(f"wrote {output}", err=True)
+
+
+def release_from_image(image: str) -> Release:
+    """The release an image `<registry>/<model>:<version>` holds (the package contract)."""
+    from rollout.core.types import Release
+    from rollout.errors import ConfigError
+
+    path, _, version = image.rpartition(":")
+    if not path or "/" in version or not version:
+        raise ConfigError(f"image {image!r}: expected <registry>/<model>:<version>")
+    return Release(model=path.rsplit("/", 1)[-1], version=version, image=image)
+
+
+def release_from_package(folder: Path) -> Release:
+    """The release a package folder describes (its package.json, written by `package`)."""
+    from rollout.core.types import Release
+    from rollout.errors import ConfigError
+
+    path = folder / "package.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return Release(
+            model=str(data["model"]),
+            version=str(data["version"]),
+            sha256=str(data.get("sha256", "")),
+            image=str(data["image"]),
+            model_dir=str(folder),
+        )
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: not found (is {folder} a package folder?)") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: unreadable package manifest ({exc!r})") from exc

@@ -201,6 +201,8 @@ class FakeKubeApiServer:
             namespace, name = "", namespace
         if resource not in KINDS:
             raise ApiError(404, "NotFound", f"the server doesn't have a resource type {resource!r}")
+        if method == "POST" and isinstance(body, dict):
+            name = str((body.get("metadata") or {}).get("name", ""))
         verb = {"GET": "get" if name else "list", "POST": "create", "PUT": "update"}.get(
             method, method.lower()
         )

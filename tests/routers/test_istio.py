@@ -173,8 +173,12 @@ def test_a_user_made_virtual_service_gets_our_routes_around_theirs(
     router.deploy(Colour.GREEN, V1)
     router.set_weights(Weights.blue_at(0))
     names = [r["name"] for r in http_routes(api)]
-    assert names == ["aml-rollout-pin-blue", "aml-rollout-pin-green", "team-debug",
-                     "aml-rollout-default"]  # fmt: skip
+    assert names == [
+        "aml-rollout-pin-blue",
+        "aml-rollout-pin-green",
+        "team-debug",
+        "aml-rollout-default",
+    ]
 
 
 def test_setting_the_served_weights_writes_nothing(api: FakeKubeApiServer) -> None:

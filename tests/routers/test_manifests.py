@@ -1,0 +1,307 @@
+"""`aml-rollout manifests`: valid Istio objects, an RBAC Role that is exactly what the router uses,
+and a bootstrap the router adopts without re-creating anything.
+
+Istio objects are checked against the real CRD schemas (istio_schemas/, closed against unknown
+fields under `spec`, see its README). The Role is checked against a recorded router run on the
+fake apiserver: every request the router made is granted, and every grant was used.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from kubernetes import client as k8s
+from typer.testing import CliRunner
+
+from rollout.cli import app
+from rollout.core.types import Colour, Weights
+from rollout.errors import ConfigError
+from rollout.routers import istio_manifests as m
+from rollout.routers.istio import IstioRouter
+from tests.fakes.kube_apiserver import FakeKubeApiServer
+from tests.routers.contract import V1, V2, identity
+
+SCHEMAS = Path(__file__).parent / "istio_schemas"
+RESOURCES = {  # kind → (group, plural) for applying rendered objects to the fake apiserver
+    "Namespace": ("", "namespaces"),
+    "ServiceAccount": ("", "serviceaccounts"),
+    "Service": ("", "services"),
+    "Role": ("rbac.authorization.k8s.io", "roles"),
+    "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings"),
+    "Deployment": ("apps", "deployments"),
+    "Gateway": (m.ISTIO_GROUP, "gateways"),
+    "VirtualService": (m.ISTIO_GROUP, "virtualservices"),
+}
+
+
+def strictify(node: Any) -> None:
+    """Close every object schema against unknown fields, as `kubectl --validate=strict` does."""
+    if isinstance(node, dict):
+        if (
+            "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            node["additionalProperties"] = False
+        for value in node.values():
+            strictify(value)
+    elif isinstance(node, list):
+        for value in node:
+            strictify(value)
+
+
+def validator(kind: str) -> jsonschema.Draft7Validator:
+    schema = json.loads((SCHEMAS / f"{kind.lower()}-v1.json").read_text())
+    strictify(schema["properties"]["spec"])  # the root stays open: metadata is not described
+    return jsonschema.Draft7Validator(schema)
+
+
+def render(*args: str) -> list[dict[str, Any]]:
+    result = CliRunner().invoke(app, ["manifests", *args])
+    assert result.exit_code == 0, result.output
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def errors(doc: dict[str, Any]) -> list[str]:
+    return [
+        "/".join(map(str, e.absolute_path)) + ": " + e.message
+        for e in validator(doc["kind"]).iter_errors(doc)
+    ]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param([], id="defaults"),
+        pytest.param(["-n", "ml", "--app", "diabetes", "--green-image", "r.io/d:1"], id="green"),
+        pytest.param(
+            [
+                "--green-image",
+                "r.io/d:1",
+                "--blue-image",
+                "r.io/d:2",
+                "--host",
+                "a.example.com",
+                "--host",
+                "b.example.com",
+                "--header",
+                "x-colour",
+                "--port",
+                "8080",
+            ],
+            id="both-colours-custom-hosts",
+        ),
+    ],
+)
+def test_every_istio_object_validates_against_the_crd_schema(args: list[str]) -> None:
+    docs = render(*args)
+    istio = [d for d in docs if d["apiVersion"].startswith(m.ISTIO_GROUP)]
+    assert sorted(d["kind"] for d in istio) == ["Gateway", "VirtualService"]
+    for doc in istio:
+        assert errors(doc) == [], doc
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        pytest.param(
+            ("http", 2, "route", 0, "weight"), "ten", "is not of type 'integer'", id="weight"
+        ),
+        pytest.param(
+            ("http", 2, "route", 0, "destination", "bogusField"),
+            1,
+            "'bogusField' was unexpected",
+            id="unknown-field",
+        ),
+        pytest.param(
+            ("http", 0, "match", 0, "headers", "x-api-version", "prefix"),
+            "b",
+            "is valid under each of",
+            id="exact-and-prefix",
+        ),
+    ],
+)
+def test_the_schema_check_catches_broken_virtual_services(
+    path: tuple[Any, ...], value: Any, expected: str
+) -> None:
+    # The validation above means something only if it can fail.
+    vs = copy.deepcopy(m.virtual_service(m.IstioLayout(namespace="ml", app="d"), Weights(10, 90)))
+    node = vs["spec"]
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    assert any(expected in e for e in errors(vs)), errors(vs)
+
+
+def test_bootstrap_order_and_contents() -> None:
+    docs = render("-n", "ml", "--app", "diabetes", "--green-image", "r.io/diabetes:3")
+    assert [d["kind"] for d in docs] == [
+        "Namespace",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "Service",
+        "Service",
+        "Service",
+        "Service",
+        "Deployment",
+        "Gateway",
+        "VirtualService",
+    ]
+    assert all(d["metadata"].get("namespace", "ml") == "ml" for d in docs)
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert deployment["metadata"]["name"] == "diabetes-green"
+    assert deployment["metadata"]["annotations"]["aml-rollout.io/version"] == "3"
+    vs = docs[-1]
+    assert m.weights_from_routes(vs["spec"]["http"], m.IstioLayout("ml", "diabetes")) == (
+        Weights.blue_at(0)
+    )
+    binding = docs[3]
+    assert binding["roleRef"]["name"] == docs[2]["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == docs[1]["metadata"]["name"]
+
+
+def granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def router_on(api: FakeKubeApiServer, layout: m.IstioLayout) -> IstioRouter:
+    configuration = k8s.Configuration()
+    configuration.host = api.url
+    return IstioRouter(layout, k8s.ApiClient(configuration), sleep=lambda _s: None)
+
+
+def exercise(router: IstioRouter) -> None:
+    """Everything a rollout does: the seed's promotion, a redeploy, a rollback, reads."""
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    router.deploy(Colour.BLUE, V2)
+    for blue in (10, 50, 100):
+        router.set_weights(Weights.blue_at(blue))
+    router.deploy(Colour.GREEN, V2)
+    router.set_weights(Weights.blue_at(0))
+    router.get_weights()
+    router.release(Colour.GREEN)
+    router.remove(Colour.BLUE)
+    router.remove(Colour.BLUE)
+
+
+def test_the_role_grants_exactly_what_the_router_uses() -> None:
+    docs = render("-n", "ml", "--app", "diabetes")
+    role = next(d for d in docs if d["kind"] == "Role")
+    layout = m.IstioLayout(namespace="ml", app="diabetes")
+    with FakeKubeApiServer() as api:
+        api.seed(m.namespace(layout), "namespaces")
+        exercise(router_on(api, layout))
+        used = api.verbs_used()
+    assert used <= granted(role), f"router used verbs the Role lacks: {used - granted(role)}"
+    assert granted(role) <= used, f"Role grants verbs the router never uses: {granted(role) - used}"
+
+
+def test_the_router_adopts_a_bootstrapped_namespace(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "package.json").write_text(
+        json.dumps({"model": "diabetes", "version": "1", "sha256": V1.sha256, "image": V1.image})
+    )
+    out = tmp_path / "k8s.yaml"
+    CliRunner().invoke(
+        app,
+        [
+            "manifests",
+            "-n",
+            "ml",
+            "--app",
+            "diabetes",
+            "--green-package",
+            str(package),
+            "-o",
+            str(out),
+        ],
+    )
+    docs = [d for d in yaml.safe_load_all(out.read_text()) if d]
+    layout = m.IstioLayout(namespace="ml", app="diabetes")
+    with FakeKubeApiServer() as api:
+        for doc in docs:  # what `kubectl apply -f k8s.yaml` does
+            group, plural = RESOURCES[doc["kind"]]
+            api.seed(doc, plural, group)
+        router = router_on(api, layout)
+        assert router.get_weights() == Weights.blue_at(0)
+        assert identity(router.release(Colour.GREEN)) == identity(V1)
+        router.deploy(Colour.BLUE, V2)
+        router.set_weights(Weights.blue_at(10))
+        creates = [(r.resource, r.name) for r in api.requests if r.verb == "create"]
+    assert creates == [("deployments", "diabetes-blue")]
+
+
+def test_settings_come_from_a_spec_and_options_win(tmp_path: Path) -> None:
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "router": {
+                    "kind": "istio",
+                    "namespace": "prod",
+                    "app": "churn",
+                    "hosts": ["churn.example.com"],
+                    "header": "x-colour",
+                    "port": 8080,
+                }
+            }
+        )
+    )
+    docs = render("--spec", str(spec), "--app", "churn2")
+    vs = docs[-1]
+    assert vs["metadata"] == {**vs["metadata"], "namespace": "prod", "name": "churn2"}
+    assert vs["spec"]["hosts"] == ["churn.example.com"]
+    assert vs["spec"]["http"][0]["match"][0]["headers"] == {"x-colour": {"exact": "blue"}}
+    assert vs["spec"]["http"][2]["route"][0]["destination"]["port"] == {"number": 8080}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(
+            ["--green-image", "diabetes"],
+            "expected <registry>/<model>:<version>",
+            id="image-without-tag",
+        ),
+        pytest.param(
+            ["--green-package", "/nonexistent"], "package.json: not found", id="missing-package"
+        ),
+        pytest.param(
+            ["--app", "Bad_Name"],
+            "router.app: 'Bad_Name' is not a DNS-1123 label",
+            id="bad-app-name",
+        ),
+        pytest.param(
+            ["--green-image", "r/d:1", "--green-package", "."],
+            "exclude each other",
+            id="image-and-package",
+        ),
+    ],
+)
+def test_bad_input_is_one_config_error(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["manifests", *args])
+    assert isinstance(result.exception, ConfigError)
+    assert message in str(result.exception)
+
+
+def test_a_non_istio_spec_is_refused(tmp_path: Path) -> None:
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text("router: {kind: memory}\n")
+    result = CliRunner().invoke(app, ["manifests", "--spec", str(spec)])
+    assert isinstance(result.exception, ConfigError)
+    assert "router.kind is 'memory'" in str(result.exception)
