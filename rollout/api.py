@@ -1,0 +1,113 @@
+"""The engine's public Python API: what the CLI, the demo and the delivery trigger call.
+
+    from rollout.api import load_spec, run_rollout
+    result = run_rollout("rollout.yaml", candidate=Release("diabetes", "7"))
+    result.phase            # Phase.SUCCEEDED / ROLLED_BACK / PAUSED / FAILED
+    result.reason           # one sentence: why
+    result.ledger_path      # the JSONL ledger (`aml-rollout rollout explain PATH`)
+
+`run_rollout` builds the router, metrics provider and state store the spec names (through the
+factories), holds the rollout's lease and drives it to a terminal phase, or until it is held for
+a human (Paused after an inconclusive step, or by `pause`) when `stop_when_paused` is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rollout.config import RolloutSpec, load_spec
+from rollout.controller import Clock, Controller, TickHook, default_owner
+from rollout.core.status import Status
+from rollout.core.types import Phase, Release
+from rollout.ledger import Ledger
+from rollout.metrics.base import MetricsProvider
+from rollout.metrics.factory import make_metrics
+from rollout.routers.base import TrafficRouter
+from rollout.routers.factory import make_router
+from rollout.state.base import StateStore
+from rollout.state.factory import make_store
+
+__all__ = ["RolloutResult", "load_spec", "open_store", "run_rollout"]
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutResult:
+    """How a rollout ended (or where it stopped)."""
+
+    phase: Phase
+    reason: str
+    ledger_path: Path
+    candidate: Release | None
+    stable: Release | None
+    status: Status
+
+    @property
+    def promoted(self) -> bool:
+        """True when the candidate now serves production."""
+        return self.phase is Phase.SUCCEEDED
+
+
+def _spec(spec: RolloutSpec | str | Path) -> RolloutSpec:
+    return spec if isinstance(spec, RolloutSpec) else load_spec(spec)
+
+
+def state_dir_of(spec: RolloutSpec, state_dir: Path | None = None) -> Path:
+    """Where the rollout keeps its status, commands, lease and ledger."""
+    return Path(state_dir) if state_dir is not None else spec.state.dir
+
+
+def ledger_path_of(spec: RolloutSpec, state_dir: Path | None = None) -> Path:
+    """The ledger file of the rollout."""
+    return state_dir_of(spec, state_dir) / f"{spec.name}.ledger.jsonl"
+
+
+def open_store(spec: RolloutSpec | str | Path, state_dir: Path | None = None) -> StateStore:
+    """The state store of a spec (for status and operator commands)."""
+    spec = _spec(spec)
+    return make_store(spec.state, spec.name, directory=state_dir)
+
+
+def run_rollout(
+    spec: RolloutSpec | str | Path,
+    *,
+    candidate: Release | None = None,
+    state_dir: Path | None = None,
+    router: TrafficRouter | None = None,
+    metrics: MetricsProvider | None = None,
+    clock: Clock | None = None,
+    on_tick: TickHook | None = None,
+    stop_when_paused: bool = False,
+    restart: bool = False,
+    max_ticks: int | None = None,
+) -> RolloutResult:
+    """Drive a rollout to its end and report how it ended.
+
+    `router`/`metrics` override the spec's backends (tests, the local stack); `restart` starts a
+    new rollout when the stored one has ended (otherwise its result is returned unchanged).
+    """
+    spec = _spec(spec)
+    router = router or make_router(spec.router)
+    metrics = metrics or make_metrics(spec.metrics, router=router)
+    store = make_store(spec.state, spec.name, directory=state_dir)
+    ledger_path = ledger_path_of(spec, state_dir)
+    controller = Controller(
+        spec,
+        router,
+        metrics,
+        store,
+        ledger=Ledger(ledger_path),
+        clock=clock,
+        candidate=candidate,
+        on_tick=on_tick,
+        owner=default_owner(),
+    )
+    status = controller.run(restart=restart, max_ticks=max_ticks, stop_when_paused=stop_when_paused)
+    return RolloutResult(
+        phase=status.phase,
+        reason=status.reason,
+        ledger_path=ledger_path,
+        candidate=status.candidate,
+        stable=status.stable,
+        status=status,
+    )

@@ -1,0 +1,267 @@
+"""The imperative shell around the pure core: observe → `core.step` → persist → apply.
+
+One tick:
+
+1. finish any actions a previous (possibly killed) controller persisted but did not apply;
+2. pick up operator commands queued in the state store;
+3. observe the metrics since the step began (only in phases that analyse);
+4. `core.step(spec, status, observation, now)` → Decision(status, actions, record);
+5. append the record to the ledger, persist the new status *with its actions pending*;
+6. apply each action through the router, persisting `applied` after each one.
+
+Because the decision is persisted before anything is applied, and every router call is
+idempotent, a controller killed at any instant (SIGKILL included) and restarted converges to the
+same data-plane state: no weight outside the plan, no step skipped or applied twice in effect, no
+second promotion. Transitional phases (Initializing, Promoting, Finalising, RollingBack) are
+stepped at once; analysing phases wait one analysis interval, waking early for commands.
+
+Time comes from an injected `Clock`: `RealClock` in production, `FakeClock` in tests and the
+simulator, so no test ever sleeps to wait for logic.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, Protocol
+
+from rollout.config import RolloutSpec
+from rollout.core.machine import Decision, new_status, step, with_commands
+from rollout.core.status import TRANSITIONAL, Action, Deploy, Remove, SetWeights, Status, describe
+from rollout.core.types import Colour, Observation, Phase, Release, Weights
+from rollout.errors import MetricsError, RolloutError, RouterError
+from rollout.ledger import Ledger
+from rollout.metrics.base import MetricsProvider
+from rollout.routers.base import TrafficRouter
+from rollout.state.base import StateStore
+
+log = logging.getLogger(__name__)
+
+#: Router calls are retried this many times (with doubling pauses from 1 s) before giving up.
+ROUTER_ATTEMPTS = 4
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Seconds since the epoch (or since a fake origin)."""
+
+    def sleep(self, seconds: float) -> None:
+        """Wait `seconds` (a fake clock just moves on)."""
+
+
+class RealClock:
+    """Wall time."""
+
+    def now(self) -> float:
+        """time.time()."""
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        """time.sleep()."""
+        time.sleep(max(seconds, 0.0))
+
+
+class FakeClock:
+    """A clock that moves only when slept on: deterministic tests and fast simulations."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.t = start
+
+    def now(self) -> float:
+        """The fake time."""
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        """Advance the fake time."""
+        self.t += max(seconds, 0.0)
+
+
+TickHook = Callable[[Status, dict[str, Any]], None]
+
+
+class Controller:
+    """Drives one rollout to a terminal phase (or until `max_ticks`)."""
+
+    def __init__(
+        self,
+        spec: RolloutSpec,
+        router: TrafficRouter,
+        metrics: MetricsProvider,
+        store: StateStore,
+        *,
+        ledger: Ledger | None = None,
+        clock: Clock | None = None,
+        candidate: Release | None = None,
+        on_tick: TickHook | None = None,
+        owner: str = "aml-rollout controller",
+        poll_s: float = 1.0,
+    ) -> None:
+        self.spec = spec
+        self.router = router
+        self.metrics = metrics
+        self.store = store
+        self.ledger = ledger
+        self.clock = clock or RealClock()
+        self.candidate = candidate
+        self.on_tick = on_tick
+        self.owner = owner
+        self.poll_s = poll_s
+
+    # ----------------------------------------------------------------------------- the loop
+
+    def run(
+        self,
+        *,
+        max_ticks: int | None = None,
+        restart: bool = False,
+        stop_when_paused: bool = False,
+    ) -> Status:
+        """Hold the lease and tick until the rollout ends; returns the final status.
+
+        With `stop_when_paused` it also returns when the rollout is held for a human.
+        """
+        with self.store.lease(self.owner):
+            status = self.start(restart=restart)
+            ticks = 0
+            while not status.terminal:
+                if max_ticks is not None and ticks >= max_ticks:
+                    break
+                if stop_when_paused and status.phase is Phase.PAUSED:
+                    break
+                status = self.tick(status)
+                ticks += 1
+                if not status.terminal and status.phase not in TRANSITIONAL:
+                    self._wait(self.spec.analysis.interval_s, status)
+            return status
+
+    def start(self, *, restart: bool = False) -> Status:
+        """Resume the stored status (finishing its pending actions) or begin a new rollout."""
+        status = self.store.load()
+        if status is not None and not (restart and status.terminal):
+            log.info("resuming rollout %s in phase %s", status.name, status.phase.value)
+            return self._finish_pending(status)
+        candidate = (
+            self.candidate
+            or (self.spec.candidate.to_release() if self.spec.candidate else None)
+            or self.router.release(Colour.BLUE)
+        )
+        if candidate is None:
+            raise RolloutError(
+                "no candidate release: give one (spec `candidate:` or --candidate) or deploy blue"
+            )
+        serving = self.router.release(Colour.GREEN)
+        stable = serving or (self.spec.stable.to_release() if self.spec.stable else None)
+        if stable is None:
+            raise RolloutError("green serves nothing: deploy the stable release first")
+        if serving is None:
+            # A fresh data plane (dry run, first install): bring up the stable release first.
+            log.info("green serves nothing: deploying %s:%s", stable.model, stable.version)
+            self.router.deploy(Colour.GREEN, stable)
+            self.router.set_weights(Weights.blue_at(0))
+        status = new_status(self.spec, now=self.clock.now(), candidate=candidate, stable=stable)
+        self.store.save(status)
+        if self.ledger is not None:
+            self.ledger.append(
+                {
+                    "event": "start",
+                    "at": status.started_at,
+                    "name": status.name,
+                    "plan": list(self.spec.plan),
+                    "candidate": _release_dict(candidate),
+                    "stable": _release_dict(stable),
+                }
+            )
+        return status
+
+    def tick(self, status: Status) -> Status:
+        """One observe → decide → persist → apply round."""
+        status = self._finish_pending(status)
+        status = with_commands(status, self.store.commands())
+        now = self.clock.now()
+        observation: Observation | None = None
+        if status.phase in (Phase.PROGRESSING, Phase.PAUSED):
+            observation = self._observe(status.step_started_at, now)
+        decision: Decision = step(self.spec, status, observation, now)
+        record = dict(decision.record)
+        record["describe"] = [describe(a) for a in decision.actions]
+        if self.ledger is not None:
+            self.ledger.append(record)
+        status = replace(decision.status, pending=decision.actions, applied=0)
+        self.store.save(status)
+        if decision.actions or status.phase.value != decision.record.get("phase_before"):
+            log.info(
+                "%s: %s%s",
+                status.phase.value,
+                status.reason,
+                "".join(f"; {describe(a)}" for a in decision.actions),
+            )
+        status = self._finish_pending(status)
+        if self.on_tick is not None:
+            self.on_tick(status, record)
+        return status
+
+    # ----------------------------------------------------------------------------- helpers
+
+    def _observe(self, since: float, now: float) -> Observation:
+        try:
+            return self.metrics.observe(since, now)
+        except MetricsError as exc:  # the contract says "never raises"; be safe anyway
+            return Observation(since=since, at=now, error=str(exc))
+
+    def _finish_pending(self, status: Status) -> Status:
+        for index in range(status.applied, len(status.pending)):
+            self._apply(status.pending[index])
+            status = replace(status, applied=index + 1)
+            self.store.save(status)
+        return status
+
+    def _apply(self, action: Action) -> None:
+        delay = 1.0
+        for attempt in range(1, ROUTER_ATTEMPTS + 1):
+            try:
+                if isinstance(action, SetWeights):
+                    self.router.set_weights(Weights.blue_at(action.blue))
+                elif isinstance(action, Deploy):
+                    self.router.deploy(action.colour, action.release)
+                elif isinstance(action, Remove):
+                    self.router.remove(action.colour)
+                return
+            except RouterError as exc:
+                if attempt == ROUTER_ATTEMPTS:
+                    raise RouterError(
+                        f"{describe(action)} failed {ROUTER_ATTEMPTS} times: {exc}"
+                    ) from exc
+                log.warning("%s failed (%s); retrying in %.0f s", describe(action), exc, delay)
+                self.clock.sleep(delay)
+                delay *= 2
+
+    def _wait(self, seconds: float, status: Status) -> None:
+        """Sleep one interval, waking early when an operator command arrives."""
+        known = set(status.handled) | {c.id for c in status.commands}
+        remaining = seconds
+        while remaining > 0:
+            nap = min(self.poll_s, remaining) if math.isfinite(self.poll_s) else remaining
+            self.clock.sleep(nap)
+            remaining -= nap
+            if remaining > 0 and any(c.id not in known for c in self.store.commands()):
+                return
+
+
+def _release_dict(release: Release) -> dict[str, Any]:
+    return {
+        "model": release.model,
+        "version": release.version,
+        "sha256": release.sha256,
+        "image": release.image,
+        "model_dir": release.model_dir,
+        "deployment": release.deployment,
+    }
+
+
+def default_owner() -> str:
+    """A readable lease owner: user@host."""
+    return f"{os.environ.get('USER', 'someone')}'s controller"

@@ -1,0 +1,550 @@
+"""The rollout state machine: `step(spec, status, observation, now) -> Decision(status, actions)`.
+
+Pure: no clock, no I/O. The controller observes, calls `step`, persists the decision, and applies
+its actions through the router. Phases (terminal in brackets):
+
+    Initializing ─► Progressing ◄─► Paused
+                        │  │            │
+        step passed at  │  └─ Failed ─► RollingBack ─► [RolledBack]
+        the last step   ▼               (blue → 0 % at once)
+                    Promoting ─► Finalising ─► [Succeeded]
+            Blue_100 then        Green_100, blue
+            Blue_Green           removed
+
+- Initializing: deploy the candidate to blue, set the first planned weight.
+- Progressing: every tick folds the new counts into the e-processes (see `rollout.core.stats`) and
+  judges the step: Failed → roll back; Successful → next planned weight (or promotion after the
+  last one below 100); Inconclusive → wait, and after `max_step_duration_s` follow
+  `on_inconclusive` (hold = Paused for a human, or roll back). Metrics errors count as
+  Inconclusive until `max_consecutive_errors` in a row, then the same policy applies.
+- Paused: no step advances, but the judge keeps watching: a clear regression still rolls back.
+- Operator commands (pause, resume, promote, abort, set_weight) arrive queued in the status and
+  are handled here, in order, at the start of a tick — never racing an analysis.
+
+Invariants (property-tested): blue's weight is always 0 or a planned weight; a Failed verdict
+ends with blue at 0; no traffic is neither a pass nor an instant fail; promotion happens once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from rollout.core.stats import rate_lower_bound
+from rollout.core.status import (
+    TERMINAL,
+    Action,
+    Command,
+    Counts,
+    Deploy,
+    Remove,
+    SetWeights,
+    Status,
+    action_to_dict,
+)
+from rollout.core.types import Colour, ColourCounts, Observation, Phase, Release, Verdict
+
+if TYPE_CHECKING:
+    from rollout.config import AnalysisConfig, RolloutSpec
+
+#: Baseline requests in a step before its p99 bucket is trusted as the "slow" threshold.
+MIN_BASELINE_FOR_P99 = 500
+#: Share of baseline requests above the chosen bucket: about its p99.
+P99_TAIL = 0.01
+#: Absolute guards fire when a one-sided lower confidence bound at this level exceeds the limit.
+GUARD_ALPHA = 0.001
+#: Operator command ids remembered (so a re-delivered command is not handled twice).
+HANDLED_MEMORY = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The new status, the actions that bring the data plane in line with it, and a ledger line."""
+
+    status: Status
+    actions: tuple[Action, ...] = ()
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def new_status(
+    spec: RolloutSpec,
+    *,
+    now: float,
+    candidate: Release | None = None,
+    stable: Release | None = None,
+) -> Status:
+    """The status of a rollout that has not started yet."""
+    if candidate is None and spec.candidate is not None:
+        candidate = spec.candidate.to_release()
+    if stable is None and spec.stable is not None:
+        stable = spec.stable.to_release()
+    return Status(
+        name=spec.name,
+        started_at=now,
+        step_started_at=now,
+        updated_at=now,
+        candidate=candidate,
+        stable=stable,
+    )
+
+
+def with_commands(status: Status, commands: list[Command]) -> Status:
+    """Queue operator commands not seen before (by id) onto the status."""
+    known = set(status.handled) | {c.id for c in status.commands}
+    fresh = tuple(c for c in commands if c.id not in known)
+    return replace(status, commands=status.commands + fresh) if fresh else status
+
+
+def step(
+    spec: RolloutSpec, status: Status, observation: Observation | None, now: float
+) -> Decision:
+    """Decide one tick. `observation` may be None in phases that do not analyse."""
+    before = status
+    status = replace(status, tick=status.tick + 1, updated_at=now)
+    record: dict[str, Any] = {"tick": status.tick, "at": now, "phase_before": before.phase.value}
+
+    if status.phase in TERMINAL:
+        status, notes = _drop_commands(status, "ignored: the rollout has ended")
+        return _decide(status, (), record, notes)
+    if status.phase is Phase.INITIALIZING:
+        return _decide(*_start(spec, status, now), record)
+    if status.phase is Phase.PROMOTING:
+        candidate = status.candidate
+        if candidate is None:
+            reason = "cannot promote: the candidate release is unknown; blue back to 0 %"
+            status = replace(status, phase=Phase.FAILED, blue_weight=0, reason=reason)
+            return _decide(status, (SetWeights(0),), record)
+        status = replace(
+            status,
+            phase=Phase.FINALISING,
+            reason=f"Blue_Green: green now serves {_name(candidate)}",
+        )
+        return _decide(status, (Deploy(Colour.GREEN, candidate),), record)
+    if status.phase is Phase.FINALISING:
+        status = replace(
+            status,
+            phase=Phase.SUCCEEDED,
+            blue_weight=0,
+            reason=f"Green_100: promoted {_name(status.candidate)}; blue removed",
+        )
+        return _decide(status, (SetWeights(0), Remove(Colour.BLUE)), record)
+    if status.phase is Phase.ROLLING_BACK:
+        status = replace(status, phase=Phase.ROLLED_BACK)
+        return _decide(status, (), record)
+    return _analyse(spec, status, observation, now, record)
+
+
+# ----------------------------------------------------------------------------------- internals
+
+
+def _decide(
+    status: Status,
+    actions: tuple[Action, ...],
+    record: dict[str, Any],
+    notes: list[str] | None = None,
+) -> Decision:
+    record = {
+        **record,
+        "phase": status.phase.value,
+        "step": status.step_index,
+        "weight": status.blue_weight,
+        "verdict": status.verdict.value if status.verdict else None,
+        "reason": status.reason,
+        "actions": [action_to_dict(a) for a in actions],
+    }
+    if notes:
+        record["commands"] = notes
+    return Decision(status=status, actions=actions, record=record)
+
+
+def _name(release: Release | None) -> str:
+    return f"{release.model}:{release.version}" if release else "the candidate"
+
+
+def _start(spec: RolloutSpec, status: Status, now: float) -> tuple[Status, tuple[Action, ...]]:
+    first = spec.plan[0]
+    actions: list[Action] = []
+    if status.candidate is not None:
+        actions.append(Deploy(Colour.BLUE, status.candidate))
+    if first == 100:
+        status = replace(status, phase=Phase.PROMOTING, blue_weight=100, step_index=0)
+        return replace(status, reason="plan starts at 100 %: promote"), (
+            *actions,
+            SetWeights(100),
+        )
+    actions.append(SetWeights(first))
+    status = _enter_step(status, 0, first, now)
+    status = replace(status, phase=Phase.PROGRESSING, reason=f"started: blue at {first} %")
+    return status, tuple(actions)
+
+
+def _enter_step(status: Status, index: int, weight: int, now: float) -> Status:
+    """Begin step `index`: counts restart (observations are cumulative since the step began)."""
+    return replace(
+        status,
+        step_index=index,
+        blue_weight=weight,
+        step_started_at=now,
+        last_blue=Counts(),
+        last_green=Counts(),
+        step_canary_requests=0,
+        consecutive_errors=0,
+    )
+
+
+def _rollback(status: Status, reason: str, verdict: Verdict | None) -> tuple[Status, tuple[Action]]:
+    status = replace(
+        status,
+        phase=Phase.ROLLING_BACK,
+        blue_weight=0,
+        verdict=verdict or status.verdict,
+        reason=reason,
+    )
+    return status, (SetWeights(0),)
+
+
+def _promote(status: Status, reason: str) -> tuple[Status, tuple[Action]]:
+    status = replace(status, phase=Phase.PROMOTING, blue_weight=100, reason=reason)
+    return status, (SetWeights(100),)
+
+
+def _drop_commands(status: Status, why: str) -> tuple[Status, list[str]]:
+    notes = [f"{c.kind}: {why}" for c in status.commands]
+    handled = (*status.handled, *(c.id for c in status.commands))[-HANDLED_MEMORY:]
+    return replace(status, commands=(), handled=handled), notes
+
+
+def _handle_commands(
+    spec: RolloutSpec, status: Status, now: float
+) -> tuple[Status, tuple[Action, ...], list[str]]:
+    """Apply queued operator commands in order; later ones see the effect of earlier ones."""
+    actions: list[Action] = []
+    notes: list[str] = []
+    plan = spec.plan
+    for cmd in status.commands:
+        status = replace(status, handled=(*status.handled, cmd.id)[-HANDLED_MEMORY:])
+        who = f" by {cmd.by}" if cmd.by else ""
+        if status.phase not in (Phase.PROGRESSING, Phase.PAUSED):
+            notes.append(f"{cmd.kind}: ignored in phase {status.phase.value}")
+            continue
+        if cmd.kind == "abort":
+            status, acts = _rollback(status, f"aborted{who}: blue back to 0 %", None)
+            actions.extend(acts)
+        elif cmd.kind == "promote":
+            status, acts = _promote(status, f"promoted{who} (analysis skipped)")
+            actions.extend(acts)
+        elif cmd.kind == "pause":
+            status = replace(status, phase=Phase.PAUSED, reason=f"paused{who}")
+        elif cmd.kind == "resume":
+            if status.phase is Phase.PAUSED:
+                status = _enter_step(status, status.step_index, status.blue_weight, now)
+                status = replace(status, phase=Phase.PROGRESSING, reason=f"resumed{who}")
+            else:
+                notes.append("resume: ignored, not paused")
+                continue
+        elif cmd.kind == "set_weight":
+            if cmd.weight not in plan:
+                notes.append(f"set_weight {cmd.weight}: ignored, not in the plan {list(plan)}")
+                continue
+            if cmd.weight == 100:
+                status, acts = _promote(status, f"weight set to 100 %{who}: promoting")
+                actions.extend(acts)
+            else:
+                status = _enter_step(status, plan.index(cmd.weight), cmd.weight, now)
+                status = replace(status, reason=f"weight set to {cmd.weight} %{who}")
+                actions.append(SetWeights(cmd.weight))
+        notes.append(f"{cmd.kind}: {status.reason}")
+    return replace(status, commands=()), tuple(actions), notes
+
+
+def p99_bucket(counts: ColourCounts) -> float | None:
+    """The largest bucket bound with at least 1 % of requests above it (about the p99)."""
+    if not counts.latency_buckets or counts.requests <= 0:
+        return None
+    chosen = counts.latency_buckets[0][0]
+    for bound, cumulative in counts.latency_buckets:
+        if math.isinf(bound):
+            break
+        if (counts.requests - cumulative) / counts.requests >= P99_TAIL:
+            chosen = bound
+    return chosen
+
+
+def _ingest(
+    analysis: AnalysisConfig, status: Status, obs: Observation
+) -> tuple[Status, dict[str, Any]]:
+    """Fold one observation's new counts into the evidence; returns the tick's deltas."""
+    threshold = status.slow_threshold_s
+    fresh_threshold = False
+    lat = analysis.latency
+    if lat.enabled and threshold is None:
+        if lat.threshold == "slo" and lat.slo_ms is not None:
+            threshold = lat.slo_ms / 1000.0
+        elif obs.green.requests >= MIN_BASELINE_FOR_P99:
+            threshold = p99_bucket(obs.green)
+            fresh_threshold = threshold is not None
+
+    def counts(c: ColourCounts) -> Counts:
+        slow = c.slow(threshold) if threshold is not None else 0
+        return Counts(requests=c.requests, errors=c.errors, slow=slow)
+
+    now_b, now_g = counts(obs.blue), counts(obs.green)
+    last_b, last_g = status.last_blue, status.last_green
+    if fresh_threshold:
+        # Count slow requests only from the tick after the threshold was chosen.
+        last_b, last_g = replace(last_b, slow=now_b.slow), replace(last_g, slow=now_g.slow)
+    db, dg = _delta(now_b, last_b), _delta(now_g, last_g)
+    errors = status.errors.update(
+        kc=db.errors, kb=dg.errors, nc=db.requests, nb=dg.requests, margin=analysis.errors.max_ratio
+    )
+    slow = status.slow
+    if threshold is not None and not fresh_threshold:
+        slow = slow.update(
+            kc=db.slow, kb=dg.slow, nc=db.requests, nb=dg.requests, margin=lat.max_ratio
+        )
+    status = replace(
+        status,
+        errors=errors,
+        slow=slow,
+        slow_threshold_s=threshold,
+        last_blue=now_b,
+        last_green=now_g,
+        step_canary_requests=status.step_canary_requests + db.requests,
+        consecutive_errors=0,
+    )
+    tick = {
+        "blue": {"requests": db.requests, "errors": db.errors, "slow": db.slow},
+        "green": {"requests": dg.requests, "errors": dg.errors, "slow": dg.slow},
+    }
+    return status, tick
+
+
+def _delta(now: Counts, last: Counts) -> Counts:
+    if now.requests < last.requests or now.errors < last.errors or now.slow < last.slow:
+        # A counter went backwards (a restarted server, a reset series): skip this tick's
+        # increment rather than guess it; the next tick measures from the new base.
+        return Counts()
+    return Counts(now.requests - last.requests, now.errors - last.errors, now.slow - last.slow)
+
+
+def _pct(x: float) -> str:
+    if math.isnan(x):
+        return "n/a"
+    return f"{x * 100:.2g} %"
+
+
+def _e(log_e: float) -> str:
+    e = math.exp(min(log_e, 700.0))
+    return f"{e:.3g}" if e < 1000 else f"{e:.0f}"
+
+
+def _checks(spec: RolloutSpec, status: Status) -> list[tuple[str, str]]:
+    """The active checks: (key in status/ledger, phrase for humans)."""
+    analysis = spec.analysis
+    active = []
+    if analysis.errors.enabled:
+        active.append(("errors", "error rate"))
+    if analysis.latency.enabled and status.slow_threshold_s is not None:
+        ms = status.slow_threshold_s * 1000.0
+        active.append(("slow", f"slow-request rate (> {ms:g} ms)"))
+    return active
+
+
+def _check_record(spec: RolloutSpec, status: Status) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, _ in _checks(spec, status):
+        ev = status.errors if key == "errors" else status.slow
+        out[key] = {
+            "canary_bad": ev.canary_bad,
+            "baseline_bad": ev.baseline_bad,
+            "canary_requests": ev.canary_requests,
+            "baseline_requests": ev.baseline_requests,
+            "log_e_worse": round(ev.log_e_worse(), 4),
+            "log_e_ok": round(ev.log_e_ok(), 4),
+        }
+    if status.slow_threshold_s is not None:
+        out["slow_threshold_ms"] = status.slow_threshold_s * 1000.0
+    return out
+
+
+def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> tuple[Verdict, str]:
+    """The verdict of the current step given the accumulated evidence."""
+    analysis = spec.analysis
+    alpha = analysis.alpha
+    checks = _checks(spec, status)
+    n_checks = (1 if analysis.errors.enabled else 0) + (1 if analysis.latency.enabled else 0)
+
+    # Absolute guards act at once (on a confident bound, so one unlucky error cannot trip them).
+    ev = status.errors
+    if analysis.errors.enabled and analysis.errors.max_rate is not None:
+        lb = rate_lower_bound(ev.canary_bad, ev.canary_requests, GUARD_ALPHA)
+        if lb > analysis.errors.max_rate:
+            return Verdict.FAILED, (
+                f"canary error rate {_pct(ev.canary_rate())} (at least {_pct(lb)} with "
+                f"{1 - GUARD_ALPHA:.1%} confidence) is above the limit "
+                f"{_pct(analysis.errors.max_rate)} after {ev.canary_requests} canary requests"
+            )
+    lat = analysis.latency
+    if lat.enabled and lat.max_slow_rate is not None and lat.slo_ms is not None:
+        slow_n = obs.blue.slow(lat.slo_ms / 1000.0)
+        lb = rate_lower_bound(slow_n, obs.blue.requests, GUARD_ALPHA)
+        if lb > lat.max_slow_rate:
+            return Verdict.FAILED, (
+                f"canary requests slower than {lat.slo_ms:g} ms: "
+                f"{_pct(slow_n / obs.blue.requests)} is above the limit "
+                f"{_pct(lat.max_slow_rate)} after {obs.blue.requests} canary requests"
+            )
+
+    # The sequential test: the mean of the checks' e-processes is itself an e-process, so the
+    # rollout as a whole keeps its false-rollback rate <= alpha (inactive checks count as e = 1).
+    logs = {
+        key: (status.errors if key == "errors" else status.slow).log_e_worse() for key, _ in checks
+    }
+    mean_e = sum(math.exp(min(v, 700.0)) for v in logs.values()) + (n_checks - len(logs))
+    if mean_e / n_checks >= 1.0 / alpha:
+        key, phrase = max(checks, key=lambda kp: logs[kp[0]])
+        e = status.errors if key == "errors" else status.slow
+        return Verdict.FAILED, (
+            f"canary {phrase} {_pct(e.canary_rate())} vs {_pct(e.baseline_rate())} baseline, "
+            f"e-value {_e(logs[key])} > {n_checks / alpha:g} after {e.canary_requests} canary "
+            "requests"
+        )
+
+    weight = status.blue_weight
+    elapsed = now - status.step_started_at
+    if weight == 0:
+        if elapsed >= analysis.min_step_s:
+            return Verdict.SUCCESSFUL, "step 0 %: blue deployed, reachable by header only"
+        return Verdict.INCONCLUSIVE, "step 0 %: waiting one interval"
+    if obs.blue.requests == 0 and status.step_canary_requests == 0:
+        return Verdict.INCONCLUSIVE, f"no canary traffic yet at {weight} %"
+    if elapsed < analysis.min_step_s:
+        return Verdict.INCONCLUSIVE, f"step {weight} % younger than {analysis.min_step_s:g} s"
+    if status.step_canary_requests < analysis.min_requests:
+        return Verdict.INCONCLUSIVE, (
+            f"step {weight} % has {status.step_canary_requests} of "
+            f"{analysis.min_requests} canary requests needed"
+        )
+    last = status.step_index + 1 >= len(spec.plan) or spec.plan[status.step_index + 1] == 100
+    if not last:
+        return Verdict.SUCCESSFUL, (
+            f"step {weight} % passed: {status.step_canary_requests} canary requests, "
+            "no evidence of a regression"
+        )
+    # Promotion needs positive evidence of "not worse" on every check.
+    missing = []
+    proven = []
+    for key, phrase in checks:
+        e = status.errors if key == "errors" else status.slow
+        margin = analysis.errors.max_ratio if key == "errors" else lat.max_ratio
+        log_ok = e.log_e_ok()
+        text = f"{phrase} < {margin:g}× baseline (e-value {_e(log_ok)}"
+        if log_ok >= math.log(1.0 / alpha):
+            proven.append(text + f" ≥ {1 / alpha:g})")
+        else:
+            missing.append(text + f" < {1 / alpha:g} so far)")
+    if lat.enabled and status.slow_threshold_s is None and obs.green.latency_buckets:
+        missing.append("latency threshold not chosen yet (too few baseline requests)")
+    if missing:
+        return Verdict.INCONCLUSIVE, f"step {weight} %: not yet shown " + "; ".join(missing)
+    return Verdict.SUCCESSFUL, "canary not worse: " + "; ".join(proven)
+
+
+def _analyse(
+    spec: RolloutSpec,
+    status: Status,
+    obs: Observation | None,
+    now: float,
+    record: dict[str, Any],
+) -> Decision:
+    analysis = spec.analysis
+    record["since"] = status.step_started_at
+    if obs is not None and obs.error is None:
+        status, tick = _ingest(analysis, status, obs)
+        record["counts"] = {
+            "blue": {"requests": obs.blue.requests, "errors": obs.blue.errors},
+            "green": {"requests": obs.green.requests, "errors": obs.green.errors},
+        }
+        record["tick_counts"] = tick
+    elif obs is not None:
+        status = replace(status, consecutive_errors=status.consecutive_errors + 1)
+        record["metrics_error"] = obs.error
+
+    if status.commands:
+        before = (status.phase, status.step_index)
+        status, actions, notes = _handle_commands(spec, status, now)
+        if actions or (status.phase, status.step_index) != before:
+            record["checks"] = _check_record(spec, status)
+            return _decide(status, actions, record, notes)
+    else:
+        notes = []
+
+    if obs is None or obs.error is not None:
+        limit = analysis.max_consecutive_errors
+        why = obs.error if obs is not None else "no observation"
+        status = replace(status, verdict=Verdict.ERROR)
+        if status.consecutive_errors >= limit and status.phase is Phase.PROGRESSING:
+            return _decide(
+                *_on_inconclusive(
+                    spec, status, f"metrics unreadable {limit} times in a row: {why}"
+                ),
+                record,
+                notes,
+            )
+        status = replace(status, reason=f"metrics unreadable ({why}); holding")
+        return _decide(status, (), record, notes)
+
+    verdict, reason = _judge(spec, status, obs, now)
+    status = replace(status, verdict=verdict)
+    record["checks"] = _check_record(spec, status)
+    record["threshold_worse"] = (
+        (1 if analysis.errors.enabled else 0) + (1 if analysis.latency.enabled else 0)
+    ) / analysis.alpha
+    record["threshold_ok"] = 1.0 / analysis.alpha
+
+    if verdict is Verdict.FAILED:
+        step_w = status.blue_weight
+        return _decide(
+            *_rollback(status, f"rolled back at step {step_w} %: {reason}", Verdict.FAILED),
+            record,
+            notes,
+        )
+    record["judge"] = reason
+    if status.phase is Phase.PAUSED:
+        # Held: the judge still guards (a Failed verdict above rolls back), nothing advances.
+        return _decide(status, (), record, notes)
+    if verdict is Verdict.SUCCESSFUL:
+        nxt = status.step_index + 1
+        plan = spec.plan
+        if nxt >= len(plan) or plan[nxt] == 100:
+            return _decide(*_promote(status, f"Blue_100: {reason}"), record, notes)
+        status = _enter_step(status, nxt, plan[nxt], now)
+        status = replace(status, reason=f"{reason}; blue to {plan[nxt]} %")
+        return _decide(status, (SetWeights(plan[nxt]),), record, notes)
+    if now - status.step_started_at >= analysis.max_step_duration_s:
+        return _decide(
+            *_on_inconclusive(
+                spec,
+                status,
+                f"step {status.blue_weight} % inconclusive after "
+                f"{analysis.max_step_duration_s:g} s: {reason}",
+            ),
+            record,
+            notes,
+        )
+    return _decide(replace(status, reason=reason), (), record, notes)
+
+
+def _on_inconclusive(
+    spec: RolloutSpec, status: Status, reason: str
+) -> tuple[Status, tuple[Action, ...]]:
+    if spec.analysis.on_inconclusive == "rollback":
+        return _rollback(status, f"rolled back: {reason}", Verdict.INCONCLUSIVE)
+    status = replace(
+        status,
+        phase=Phase.PAUSED,
+        verdict=Verdict.INCONCLUSIVE,
+        reason=f"held for a human: {reason}",
+    )
+    return status, ()

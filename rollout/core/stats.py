@@ -1,0 +1,137 @@
+"""Anytime-valid sequential tests on the canary's share of bad events.
+
+Model (Lindon & Malek, "Anytime-valid inference for multinomial count data", NeurIPS 2022, in its
+two-arm form). Within one tick, let the canary serve `nc` requests and the baseline `nb`. Bad
+events (5xx, or requests slower than a latency bucket) are rare and arrive independently, so,
+given the `n` bad events of the tick, the canary's share `k` is Binomial(n, p(θ)) with
+
+    p0 = nc / (nc + nb)                      (the canary's share of requests in the tick)
+    p(θ) = θ p0 / (θ p0 + 1 - p0)            (θ = canary bad rate / baseline bad rate)
+
+Conditioning on the tick's request split and event total makes the test immune to the weight
+changes between steps and to unknown baseline rates: the nuisance parameters cancel.
+
+Two e-processes run side by side, each a running sum (over ticks and steps, never reset) of
+per-tick log-likelihood ratios on a grid of θ, mixed with prior weights:
+
+- **worse** (rollback): H0 θ <= 1 against a grid of θ > 1. For θ_j > 1 the ratio
+  Bin(k; n, p(θ_j)) / Bin(k; n, p0) is a non-negative supermartingale under every θ <= 1, and so
+  is any mixture of them. By Ville's inequality P(sup_t E_t >= 1/α) <= α: the judge may look at
+  every tick, for as long as it likes, and still roll back a healthy canary with probability <= α.
+- **not worse** (promotion): H0 θ >= m (the margin, e.g. 2) against a grid of θ < m; the ratio of
+  θ_i < m to m is a supermartingale under every θ >= m. Crossing 1/α is evidence, at level α,
+  that the canary is less than m times worse: promotion is earned, not granted by silence.
+
+A discrete mixture costs about log(1/prior weight) nats over the oracle SPRT that knows θ; the
+grid puts its mass where regressions matter. Ticks without traffic on either side carry no
+information and leave both processes unchanged (no traffic never passes, never fails).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.special import logsumexp, xlogy
+
+#: θ > 1 alternatives for the "worse" test, and their prior weights (sum to 1). Mass spread over
+#: 1.5×..100× in log space, a little heavier on moderate effects where evidence is slow to build.
+WORSE_THETAS: NDArray[np.float64] = np.array([1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0])
+WORSE_PRIOR: NDArray[np.float64] = np.array([0.14, 0.16, 0.14, 0.14, 0.12, 0.1, 0.1, 0.1])
+
+#: θ < m alternatives for the "not worse" test as fractions of the margin m, with prior weights.
+#: Most mass at m/2 (for the default m = 2 that is θ = 1, an unchanged canary).
+OK_FRACTIONS: NDArray[np.float64] = np.array([0.25, 0.5, 0.7])
+OK_PRIOR: NDArray[np.float64] = np.array([0.2, 0.6, 0.2])
+
+
+def share(theta: NDArray[np.float64] | float, p0: float) -> NDArray[np.float64]:
+    """The canary's expected share of bad events when its rate is θ times the baseline's."""
+    theta = np.asarray(theta, dtype=float)
+    return np.asarray(theta * p0 / (theta * p0 + 1.0 - p0))
+
+
+def binomial_llr(k: int, n: int, p: NDArray[np.float64], p_ref: float) -> NDArray[np.float64]:
+    """log Bin(k; n, p) - log Bin(k; n, p_ref), elementwise over `p` (the n-choose-k cancels)."""
+    return np.asarray(
+        xlogy(k, p) - xlogy(k, p_ref) + xlogy(n - k, 1.0 - p) - xlogy(n - k, 1.0 - p_ref)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """Both e-processes for one check (errors or slow requests), accumulated over the rollout.
+
+    `worse[j]` is the log-likelihood ratio of WORSE_THETAS[j] against θ = 1, `ok[i]` that of
+    margin × OK_FRACTIONS[i] against θ = margin. Counts are the events that fed them.
+    """
+
+    worse: tuple[float, ...] = (0.0,) * len(WORSE_THETAS)
+    ok: tuple[float, ...] = (0.0,) * len(OK_FRACTIONS)
+    canary_bad: int = 0
+    baseline_bad: int = 0
+    canary_requests: int = 0
+    baseline_requests: int = 0
+
+    def log_e_worse(self) -> float:
+        """log of the mixture e-value for "canary worse than baseline"."""
+        return float(logsumexp(np.asarray(self.worse), b=WORSE_PRIOR))
+
+    def log_e_ok(self) -> float:
+        """log of the mixture e-value for "canary less than `margin` times worse"."""
+        return float(logsumexp(np.asarray(self.ok), b=OK_PRIOR))
+
+    def canary_rate(self) -> float:
+        """Observed canary bad-event rate (NaN without canary requests)."""
+        return self.canary_bad / self.canary_requests if self.canary_requests else float("nan")
+
+    def baseline_rate(self) -> float:
+        """Observed baseline bad-event rate (NaN without baseline requests)."""
+        return (
+            self.baseline_bad / self.baseline_requests if self.baseline_requests else float("nan")
+        )
+
+    def update(self, *, kc: int, kb: int, nc: int, nb: int, margin: float) -> Evidence:
+        """Fold in one tick: `kc`/`kb` bad events among `nc`/`nb` canary/baseline requests."""
+        if nc < 0 or nb < 0 or kc < 0 or kb < 0:
+            raise ValueError(f"negative tick counts: kc={kc} kb={kb} nc={nc} nb={nb}")
+        worse, ok = self.worse, self.ok
+        n = kc + kb
+        # No events, or one side without traffic: the conditional likelihood is flat in θ.
+        if n > 0 and nc > 0 and nb > 0:
+            p0 = nc / (nc + nb)
+            worse = tuple(np.asarray(self.worse) + binomial_llr(kc, n, share(WORSE_THETAS, p0), p0))
+            p_margin = float(share(margin, p0))
+            ok = tuple(
+                np.asarray(self.ok)
+                + binomial_llr(kc, n, share(OK_FRACTIONS * margin, p0), p_margin)
+            )
+        return Evidence(
+            worse=worse,
+            ok=ok,
+            canary_bad=self.canary_bad + kc,
+            baseline_bad=self.baseline_bad + kb,
+            canary_requests=self.canary_requests + nc,
+            baseline_requests=self.baseline_requests + nb,
+        )
+
+
+def rate_lower_bound(bad: int, requests: int, alpha: float) -> float:
+    """One-sided Clopper-Pearson lower confidence bound on a rate (0 without events)."""
+    from scipy.stats import beta
+
+    if bad <= 0 or requests <= 0:
+        return 0.0
+    return float(beta.ppf(alpha, bad, requests - bad + 1))
+
+
+def wald_expected_n(rate: float, ratio: float, *, alpha: float = 0.05, beta: float = 0.2) -> float:
+    """Wald's approximate E[N] (canary requests) for a Bernoulli SPRT that knows both rates.
+
+    H0: rate, H1: ratio × rate; the reference "nothing can do much better than this" bound.
+    """
+    p0, p1 = rate, min(ratio * rate, 1.0 - 1e-12)
+    kl = p1 * np.log(p1 / p0) + (1 - p1) * np.log((1 - p1) / (1 - p0))
+    numerator = (1 - beta) * np.log((1 - beta) / alpha) + beta * np.log(beta / (1 - alpha))
+    return float(numerator / kl)

@@ -1,0 +1,237 @@
+"""The rollout's persisted status, the actions the core asks for, and operator commands.
+
+Everything here is a frozen value with a plain-JSON form (`to_dict` / `from_dict`), so the state
+store can write it atomically and a restarted controller reads back exactly what was decided.
+
+`pending` + `applied` are the controller's write-ahead log: a decision is persisted with its
+actions *before* any is applied, and `applied` advances after each one. A controller killed at any
+point re-applies the remaining actions on restart; every action is idempotent, so an action that
+took effect just before the kill is harmless to apply again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from rollout.core.stats import Evidence
+from rollout.core.types import Colour, Phase, Release, Verdict
+
+TERMINAL: frozenset[Phase] = frozenset({Phase.SUCCEEDED, Phase.ROLLED_BACK, Phase.FAILED})
+#: Phases the controller steps through at once, without waiting for an analysis interval.
+TRANSITIONAL: frozenset[Phase] = frozenset(
+    {Phase.INITIALIZING, Phase.PROMOTING, Phase.FINALISING, Phase.ROLLING_BACK}
+)
+
+
+# ------------------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class SetWeights:
+    """Send `blue` percent of default traffic to blue, the rest to green."""
+
+    blue: int
+
+
+@dataclass(frozen=True, slots=True)
+class Deploy:
+    """Make `colour` serve `release` (Blue_Green deploys blue's release to green)."""
+
+    colour: Colour
+    release: Release
+
+
+@dataclass(frozen=True, slots=True)
+class Remove:
+    """Remove `colour`'s workload (blue, after promotion)."""
+
+    colour: Colour
+
+
+Action = SetWeights | Deploy | Remove
+
+
+def action_to_dict(action: Action) -> dict[str, Any]:
+    """Plain-JSON form of an action."""
+    if isinstance(action, SetWeights):
+        return {"type": "set_weights", "blue": action.blue}
+    if isinstance(action, Deploy):
+        return {"type": "deploy", "colour": action.colour.value, "release": asdict(action.release)}
+    return {"type": "remove", "colour": action.colour.value}
+
+
+def action_from_dict(data: dict[str, Any]) -> Action:
+    """Inverse of `action_to_dict`."""
+    kind = data["type"]
+    if kind == "set_weights":
+        return SetWeights(blue=int(data["blue"]))
+    if kind == "deploy":
+        return Deploy(colour=Colour(data["colour"]), release=Release(**data["release"]))
+    if kind == "remove":
+        return Remove(colour=Colour(data["colour"]))
+    raise ValueError(f"unknown action type {kind!r}")
+
+
+def describe(action: Action) -> str:
+    """One short human phrase for an action (ledger, explain, status view)."""
+    if isinstance(action, SetWeights):
+        return f"set weights blue {action.blue} % / green {100 - action.blue} %"
+    if isinstance(action, Deploy):
+        return f"deploy {action.release.model}:{action.release.version} to {action.colour.value}"
+    return f"remove {action.colour.value}"
+
+
+# ------------------------------------------------------------------------------------ commands
+
+CommandKind = Literal["pause", "resume", "promote", "abort", "set_weight"]
+COMMAND_KINDS: tuple[str, ...] = ("pause", "resume", "promote", "abort", "set_weight")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """An operator's request, queued in the state store and handled by the machine in order."""
+
+    id: str
+    kind: CommandKind
+    weight: int | None = None
+    at: float = 0.0
+    by: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Command:
+        """Inverse of `to_dict`; raises ValueError on an unknown kind."""
+        if data.get("kind") not in COMMAND_KINDS:
+            raise ValueError(f"unknown command kind {data.get('kind')!r}")
+        return cls(**data)
+
+
+# -------------------------------------------------------------------------------------- status
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """Cumulative counts of one colour since the step began, as last seen by the judge."""
+
+    requests: int = 0
+    errors: int = 0
+    slow: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Everything the machine knows between ticks."""
+
+    name: str
+    phase: Phase = Phase.INITIALIZING
+    step_index: int = 0
+    #: Blue's weight once the pending actions are applied (always a plan weight, or 0).
+    blue_weight: int = 0
+    started_at: float = 0.0
+    step_started_at: float = 0.0
+    updated_at: float = 0.0
+    tick: int = 0
+    candidate: Release | None = None
+    stable: Release | None = None
+    errors: Evidence = field(default_factory=Evidence)
+    slow: Evidence = field(default_factory=Evidence)
+    #: The latency bucket bound (seconds) above which a request is "slow"; fixed once chosen.
+    slow_threshold_s: float | None = None
+    last_blue: Counts = field(default_factory=Counts)
+    last_green: Counts = field(default_factory=Counts)
+    step_canary_requests: int = 0
+    consecutive_errors: int = 0
+    verdict: Verdict | None = None
+    reason: str = ""
+    commands: tuple[Command, ...] = ()
+    handled: tuple[str, ...] = ()
+    pending: tuple[Action, ...] = ()
+    applied: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        """True once the rollout has ended (Succeeded, RolledBack or Failed)."""
+        return self.phase in TERMINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (what the state store writes)."""
+        return {
+            "name": self.name,
+            "phase": self.phase.value,
+            "step_index": self.step_index,
+            "blue_weight": self.blue_weight,
+            "started_at": self.started_at,
+            "step_started_at": self.step_started_at,
+            "updated_at": self.updated_at,
+            "tick": self.tick,
+            "candidate": asdict(self.candidate) if self.candidate else None,
+            "stable": asdict(self.stable) if self.stable else None,
+            "errors": _evidence_to_dict(self.errors),
+            "slow": _evidence_to_dict(self.slow),
+            "slow_threshold_s": self.slow_threshold_s,
+            "last_blue": asdict(self.last_blue),
+            "last_green": asdict(self.last_green),
+            "step_canary_requests": self.step_canary_requests,
+            "consecutive_errors": self.consecutive_errors,
+            "verdict": self.verdict.value if self.verdict else None,
+            "reason": self.reason,
+            "commands": [c.to_dict() for c in self.commands],
+            "handled": list(self.handled),
+            "pending": [action_to_dict(a) for a in self.pending],
+            "applied": self.applied,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Status:
+        """Inverse of `to_dict`; raises KeyError/ValueError/TypeError on a malformed document."""
+        return cls(
+            name=data["name"],
+            phase=Phase(data["phase"]),
+            step_index=int(data["step_index"]),
+            blue_weight=int(data["blue_weight"]),
+            started_at=float(data["started_at"]),
+            step_started_at=float(data["step_started_at"]),
+            updated_at=float(data["updated_at"]),
+            tick=int(data["tick"]),
+            candidate=Release(**data["candidate"]) if data.get("candidate") else None,
+            stable=Release(**data["stable"]) if data.get("stable") else None,
+            errors=_evidence_from_dict(data["errors"]),
+            slow=_evidence_from_dict(data["slow"]),
+            slow_threshold_s=data.get("slow_threshold_s"),
+            last_blue=Counts(**data["last_blue"]),
+            last_green=Counts(**data["last_green"]),
+            step_canary_requests=int(data["step_canary_requests"]),
+            consecutive_errors=int(data["consecutive_errors"]),
+            verdict=Verdict(data["verdict"]) if data.get("verdict") else None,
+            reason=data.get("reason", ""),
+            commands=tuple(Command.from_dict(c) for c in data.get("commands", [])),
+            handled=tuple(data.get("handled", [])),
+            pending=tuple(action_from_dict(a) for a in data.get("pending", [])),
+            applied=int(data.get("applied", 0)),
+        )
+
+
+def _evidence_to_dict(ev: Evidence) -> dict[str, Any]:
+    return {
+        "worse": list(ev.worse),
+        "ok": list(ev.ok),
+        "canary_bad": ev.canary_bad,
+        "baseline_bad": ev.baseline_bad,
+        "canary_requests": ev.canary_requests,
+        "baseline_requests": ev.baseline_requests,
+    }
+
+
+def _evidence_from_dict(data: dict[str, Any]) -> Evidence:
+    return Evidence(
+        worse=tuple(float(x) for x in data["worse"]),
+        ok=tuple(float(x) for x in data["ok"]),
+        canary_bad=int(data["canary_bad"]),
+        baseline_bad=int(data["baseline_bad"]),
+        canary_requests=int(data["canary_requests"]),
+        baseline_requests=int(data["baseline_requests"]),
+    )

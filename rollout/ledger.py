@@ -1,0 +1,109 @@
+"""The decision ledger: one JSON line per tick, the answer to "why did it decide that?".
+
+Each line carries the counts the judge saw (cumulative for the step and this tick's increment),
+the statistics (log e-values for "worse" and "not worse"), the thresholds, the verdict, the
+actions and the reason. `explain` turns a ledger into a short story in plain words.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from rollout.errors import StateError
+
+
+class Ledger:
+    """Append-only JSONL file; each line is flushed and fsync'ed (a crash loses at most one)."""
+
+    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self._fsync = fsync
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one line."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            line = json.dumps(record, sort_keys=True, default=str) + "\n"
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(line)
+                if self._fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        except OSError as exc:
+            raise StateError(f"cannot append to ledger {self.path}: {exc.strerror}") from exc
+
+
+def read_ledger(path: Path) -> list[dict[str, Any]]:
+    """All records of a ledger; a torn last line is skipped. StateError if the file is missing."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise StateError(f"cannot read ledger {path}: {exc.strerror}") from exc
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number != len(lines):
+                raise StateError(f"{path}:{number}: not a JSON line") from None
+    return records
+
+
+def _when(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def explain(records: list[dict[str, Any]]) -> list[str]:
+    """The story of a rollout in plain words: one line per event that changed something."""
+    if not records:
+        return ["the ledger is empty: the rollout has not ticked yet"]
+    lines: list[str] = []
+    start = records[0].get("at", 0.0)
+    for rec in records:
+        if rec.get("event") == "start":
+            start = rec.get("at", start)
+            cand, stable = rec.get("candidate") or {}, rec.get("stable") or {}
+            lines.append(
+                f"started rollout {rec.get('name', '')}: candidate "
+                f"{cand.get('model', '?')}:{cand.get('version', '?')} (blue) against "
+                f"{stable.get('model', '?')}:{stable.get('version', '?')} (green), plan "
+                f"{rec.get('plan')}"
+            )
+            continue
+        changed = (
+            rec.get("actions") or rec.get("phase") != rec.get("phase_before") or rec.get("commands")
+        )
+        if not changed:
+            continue
+        t = _when(rec.get("at", start) - start)
+        for note in rec.get("commands") or []:
+            lines.append(f"[{t}] operator {note}")
+        lines.append(f"[{t}] {rec.get('phase')}: {rec.get('reason', '')}")
+    last = records[-1]
+    if last.get("phase") not in ("Succeeded", "RolledBack", "Failed"):
+        checks = last.get("checks") or {}
+        parts = []
+        for key in ("errors", "slow"):
+            c = checks.get(key)
+            if c:
+                parts.append(
+                    f"{key}: e-value worse {math.exp(min(c['log_e_worse'], 700)):.3g}, "
+                    f"not-worse {math.exp(min(c['log_e_ok'], 700)):.3g} after "
+                    f"{c['canary_requests']} canary requests"
+                )
+        now = _when(last.get("at", start) - start)
+        lines.append(f"[{now}] still {last.get('phase')}: {last.get('reason', '')}")
+        if parts:
+            lines.append("    " + "; ".join(parts))
+    return lines

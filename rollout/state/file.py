@@ -1,0 +1,125 @@
+"""File StateStore: one directory, a few files per rollout, safe against crashes and twins.
+
+    <dir>/<name>.status.json     the status; replaced atomically (temp + fsync + rename + dir fsync)
+    <dir>/<name>.commands.jsonl  operator commands, appended with O_APPEND (one write per line)
+    <dir>/<name>.lock            the lease: an fcntl lock held for the controller's lifetime
+
+The kernel drops an fcntl lock when its process dies — even by SIGKILL — so a crashed
+controller never wedges the rollout, and a second live controller fails fast with LeaseHeldError
+naming the holder (pid, host, start time written into the lock file).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rollout.core.status import Command, Status
+from rollout.errors import LeaseHeldError, StateError
+
+
+class FileStateStore:
+    """A StateStore in a local directory."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.dir = Path(directory)
+        self.name = name
+        self.status_path = self.dir / f"{name}.status.json"
+        self.commands_path = self.dir / f"{name}.commands.jsonl"
+        self.lock_path = self.dir / f"{name}.lock"
+
+    def _ensure_dir(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot create state directory {self.dir}: {exc.strerror}") from exc
+
+    def load(self) -> Status | None:
+        """The saved status, or None when the rollout never started."""
+        try:
+            text = self.status_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"cannot read {self.status_path}: {exc.strerror}") from exc
+        try:
+            return Status.from_dict(json.loads(text))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateError(f"{self.status_path} is not a rollout status: {exc}") from exc
+
+    def save(self, status: Status) -> None:
+        """Replace the status file atomically and durably."""
+        self._ensure_dir()
+        tmp = self.dir / f".{self.name}.status.{os.getpid()}.tmp"
+        try:
+            with tmp.open("w", encoding="utf-8") as fh:
+                json.dump(status.to_dict(), fh, sort_keys=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.replace(self.status_path)
+            dir_fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise StateError(f"cannot write {self.status_path}: {exc.strerror}") from exc
+
+    def push_command(self, command: Command) -> None:
+        """Append one command line (a single write, so concurrent writers do not interleave)."""
+        self._ensure_dir()
+        line = (json.dumps(command.to_dict(), sort_keys=True) + "\n").encode()
+        fd = os.open(self.commands_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def commands(self) -> list[Command]:
+        """All queued commands; a torn last line (a writer killed mid-write) is skipped."""
+        try:
+            lines = self.commands_path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(Command.from_dict(json.loads(line)))
+            except (ValueError, TypeError):
+                continue
+        return out
+
+    @contextmanager
+    def lease(self, owner: str) -> Iterator[None]:
+        """Hold an exclusive fcntl lock on the lock file for the block."""
+        self._ensure_dir()
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self.lock_path.read_text(encoding="utf-8").strip() or "unknown"
+                raise LeaseHeldError(
+                    f"rollout {self.name!r} is already driven by another controller ({holder}); "
+                    f"stop it, or steer it with `aml-rollout rollout pause|resume|promote|abort`"
+                ) from None
+            os.ftruncate(fd, 0)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            os.write(
+                fd, f"{owner} pid {os.getpid()} on {socket.gethostname()} since {stamp}".encode()
+            )
+            os.fsync(fd)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
