@@ -1,0 +1,360 @@
+"""The scoring server's HTTP contract: statuses, bodies, schemas, metrics, auth, limits, faults."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from scoring.app import create_app
+from scoring.faults import FaultKnob
+from scoring.model import LoadedModel
+from tests.scoring.conftest import AppClient
+
+LOOPBACK = ("127.0.0.1", 40000)
+ROW = [0.03, 0.05, 0.06, 0.02, -0.04, -0.03, -0.04, -0.002, 0.02, -0.017]
+
+
+def client(model: LoadedModel | Path, registry: CollectorRegistry, **kwargs: Any) -> AppClient:
+    return AppClient(create_app(model, registry=registry, **kwargs))
+
+
+def sample(registry: CollectorRegistry, name: str, code: str | None = None, **labels: str) -> float:
+    base = {"colour": "blue", "model": "diabetes", "version": "1"} | labels
+    if code is not None:
+        base["code"] = code
+    return registry.get_sample_value(name, base) or 0.0
+
+
+@pytest.fixture
+def blue(loaded: LoadedModel, registry: CollectorRegistry) -> Iterator[AppClient]:
+    with client(loaded, registry, colour="blue") as c:
+        yield c
+
+
+def test_score_returns_predictions_and_identity(
+    blue: AppClient, loaded: LoadedModel, holdout: np.ndarray
+) -> None:
+    response = blue.post("/score", json={"data": holdout[:5].tolist()})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model"] == "diabetes" and body["version"] == "1" and body["colour"] == "blue"
+    np.testing.assert_allclose(
+        body["predictions"], loaded.estimator.predict(holdout[:5]), rtol=1e-9, atol=1e-9
+    )
+
+
+def test_get_score_shows_the_identity(blue: AppClient, loaded: LoadedModel) -> None:
+    body = blue.get("/score").json()
+    assert body == {
+        "model": "diabetes",
+        "version": "1",
+        "colour": "blue",
+        "sha256": loaded.identity.sha256,
+        "estimator": "Ridge",
+        "feature_names": list(loaded.feature_names),
+    }
+
+
+@pytest.mark.parametrize(
+    ("content", "status"),
+    [
+        pytest.param(b"{", 400, id="malformed-json"),
+        pytest.param(b"", 400, id="empty-body"),
+        pytest.param(b'{"data": []}', 422, id="empty-batch"),
+        pytest.param(b'{"data": [[1, 2]]}', 422, id="wrong-width"),
+        pytest.param(b'{"data": [["a",2,3,4,5,6,7,8,9,10]]}', 422, id="wrong-type"),
+        pytest.param(
+            b'{"data": [[1e308,1e308,1e308,1e308,1e308,1e308,1e308,1e308,1e308,1e308]]}',
+            422,
+            id="prediction-overflows",
+        ),
+        pytest.param(b'{"rows": []}', 422, id="missing-field"),
+    ],
+)
+def test_bad_input_is_a_4xx_json_error_and_counted(
+    blue: AppClient, registry: CollectorRegistry, content: bytes, status: int
+) -> None:
+    response = blue.post("/score", content=content)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    assert isinstance(response.json()["error"], str)
+    assert sample(registry, "scoring_requests_total", str(status)) == 1
+
+
+def test_too_many_rows_is_413(loaded: LoadedModel, registry: CollectorRegistry) -> None:
+    with client(loaded, registry, colour="blue", max_rows=3) as c:
+        response = c.post("/score", json={"data": [ROW] * 4})
+    assert response.status_code == 413
+    assert "limit is 3" in response.json()["error"]
+
+
+def test_declared_oversized_body_is_refused_before_reading(
+    loaded: LoadedModel, registry: CollectorRegistry
+) -> None:
+    with client(loaded, registry, colour="blue", max_body_bytes=100) as c:
+        response = c.post("/score", json={"data": [ROW] * 10})
+    assert response.status_code == 413
+    assert "exceeds 100 bytes" in response.json()["error"]
+
+
+def test_streamed_oversized_body_stops_at_the_limit(
+    loaded: LoadedModel, registry: CollectorRegistry
+) -> None:
+    sent: list[int] = []
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: chunked upload
+        for i in range(1000):
+            sent.append(i)
+            yield b" " * 64
+
+    with client(loaded, registry, colour="blue", max_body_bytes=1000) as c:
+        response = c.post("/score", content=chunks())
+    assert response.status_code == 413
+    assert len(sent) < 1000  # the server stopped reading long before the end
+
+
+def test_metrics_count_requests_latency_and_in_flight(
+    blue: AppClient, registry: CollectorRegistry
+) -> None:
+    for _ in range(3):
+        assert blue.post("/score", json={"data": [ROW]}).status_code == 200
+    blue.post("/score", content=b"{")
+    assert sample(registry, "scoring_requests_total", "200") == 3
+    assert sample(registry, "scoring_requests_total", "400") == 1
+    assert sample(registry, "scoring_request_duration_seconds_count") == 4
+    assert sample(registry, "scoring_request_duration_seconds_bucket", le="10.0") == 4
+    assert registry.get_sample_value("scoring_requests_in_flight", {"colour": "blue"}) == 0
+    assert registry.get_sample_value("scoring_fault_error_rate", {"colour": "blue"}) == 0
+    text = blue.get("/metrics").text
+    assert (
+        'scoring_requests_total{code="200",colour="blue",model="diabetes",version="1"} 3.0' in text
+    )
+    assert "scoring_model_info" in text
+
+
+def test_latency_buckets_are_fine_enough_for_a_p99_judge(
+    blue: AppClient, registry: CollectorRegistry
+) -> None:
+    blue.post("/score", json={"data": [ROW]})
+    bounds = [
+        float(s.labels["le"])
+        for metric in registry.collect()
+        if metric.name == "scoring_request_duration_seconds"
+        for s in metric.samples
+        if s.name.endswith("_bucket") and s.labels["le"] != "+Inf"
+    ]
+    assert bounds[0] <= 0.001
+    below_100ms = [b for b in bounds if b <= 0.1]
+    assert len(below_100ms) >= 15
+    ratios = [b / a for a, b in itertools.pairwise(bounds)]
+    assert max(ratios) <= 2.0  # no bucket more than twice the one below
+
+
+def test_health_and_readiness(blue: AppClient) -> None:
+    assert blue.get("/healthz").json() == {"status": "ok"}
+    assert blue.get("/readyz").json() == {"status": "ready", "model": "diabetes", "version": "1"}
+
+
+def test_readyz_is_503_until_the_model_is_loaded(
+    model_dir: Path, registry: CollectorRegistry
+) -> None:
+    app = create_app(model_dir, colour="green", registry=registry, version="4")
+    with AppClient(app) as outside:  # no lifespan yet: nothing loads the model
+        assert outside.get("/readyz").status_code == 503
+        assert outside.post("/score", json={"data": [ROW]}).status_code == 503
+    with AppClient(app, lifespan=True) as c:  # startup loads it in the background
+        deadline = time.monotonic() + 20
+        while c.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "model never became ready"
+            time.sleep(0.02)
+        assert c.post("/score", json={"data": [ROW]}).json()["version"] == "4"
+
+
+def test_readyz_reports_a_failed_load(model_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "m"
+    broken.mkdir()
+    (broken / "model.json").write_text((model_dir / "model.json").read_text())
+    (broken / "model.skops").write_bytes(b"not the model")
+    app = create_app(broken, registry=CollectorRegistry())
+    with AppClient(app, lifespan=True) as c:
+        deadline = time.monotonic() + 20
+        while (r := c.get("/readyz")).json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    assert r.status_code == 503
+    assert "sha256" in r.json()["error"]
+
+
+def test_openapi_documents_score_with_the_model_width(blue: AppClient, holdout: np.ndarray) -> None:
+    doc = blue.get("/openapi.json").json()
+    post = doc["paths"]["/score"]["post"]
+    schema = post["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["properties"]["data"]["items"]["minItems"] == 10
+    jsonschema.validate({"data": holdout[:2].tolist()}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"data": [[1, 2]]}, schema)
+    answer = blue.post("/score", json={"data": [ROW]}).json()
+    response_schema = doc["components"]["schemas"]["ScoreResponse"]
+    jsonschema.validate(answer, response_schema)
+    assert {"200", "400", "401", "413", "422"} <= set(post["responses"])
+    assert "/readyz" in doc["paths"] and "/metrics" in doc["paths"]
+
+
+# --- auth ------------------------------------------------------------------------------------
+
+KEY = "s3cret-key-value"
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        pytest.param({}, 401, id="no-header"),
+        pytest.param({"authorization": "Bearer wrong"}, 401, id="wrong-key"),
+        pytest.param({"authorization": KEY}, 401, id="no-scheme"),
+        pytest.param({"authorization": f"Basic {KEY}"}, 401, id="wrong-scheme"),
+        pytest.param({"authorization": f"Bearer {KEY}"}, 200, id="right-key"),
+        pytest.param({"authorization": f"bearer {KEY}"}, 200, id="scheme-case-insensitive"),
+        pytest.param({"authorization": "Bearer other-key"}, 200, id="second-key"),
+    ],
+)
+def test_key_auth_on_score(
+    loaded: LoadedModel,
+    registry: CollectorRegistry,
+    headers: dict[str, str],
+    status: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with client(loaded, registry, colour="blue", api_keys=[KEY, "other-key"]) as c:
+        assert c.post("/score", json={"data": [ROW]}, headers=headers).status_code == status
+        assert c.get("/score", headers=headers).status_code == status
+        assert c.get("/healthz").status_code == 200  # probes and scrapes stay open
+        assert c.get("/metrics").status_code == 200
+    assert sample(registry, "scoring_requests_total", str(status)) == 1
+    assert KEY not in caplog.text
+
+
+def test_unauthorised_answer_says_bearer(loaded: LoadedModel, registry: CollectorRegistry) -> None:
+    with client(loaded, registry, api_keys=[KEY]) as c:
+        response = c.post("/score", json={"data": [ROW]})
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert KEY not in response.text
+
+
+# --- fault knob -------------------------------------------------------------------------------
+
+
+def test_fault_rate_gives_its_rate_within_binomial_tolerance(
+    loaded: LoadedModel, registry: CollectorRegistry
+) -> None:
+    n, rate = 2000, 0.05
+    fault = FaultKnob(error_rate=rate, rng=random.Random(7))
+    with client(loaded, registry, colour="blue", fault=fault) as c:
+        codes = [c.post("/score", json={"data": [ROW]}).status_code for _ in range(n)]
+    errors = codes.count(500)
+    sd = (n * rate * (1 - rate)) ** 0.5
+    assert abs(errors - n * rate) <= 4 * sd, errors
+    assert codes.count(200) == n - errors
+    assert sample(registry, "scoring_requests_total", "500") == errors
+    assert (
+        registry.get_sample_value(
+            "scoring_faults_injected_total", {"colour": "blue", "kind": "error"}
+        )
+        == errors
+    )
+    assert registry.get_sample_value("scoring_fault_error_rate", {"colour": "blue"}) == rate
+
+
+def test_injected_error_is_marked(loaded: LoadedModel, registry: CollectorRegistry) -> None:
+    with client(loaded, registry, fault=FaultKnob(error_rate=1.0)) as c:
+        response = c.post("/score", json={"data": [ROW]})
+    assert response.status_code == 500
+    assert response.headers["x-fault-injected"] == "1"
+    assert "injected fault" in response.json()["error"]
+
+
+def test_fault_latency_shows_in_the_histogram(
+    loaded: LoadedModel, registry: CollectorRegistry
+) -> None:
+    with client(loaded, registry, colour="blue", fault=FaultKnob(latency_ms=30)) as c:
+        assert c.post("/score", json={"data": [ROW]}).status_code == 200
+    assert sample(registry, "scoring_request_duration_seconds_bucket", le="0.025") == 0
+    assert sample(registry, "scoring_request_duration_seconds_count") == 1
+    assert registry.get_sample_value("scoring_fault_latency_seconds", {"colour": "blue"}) == 0.03
+
+
+def test_admin_route_turns_the_knob_at_run_time(
+    blue: AppClient, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert blue.get("/admin/fault").json() == {"error_rate": 0.0, "latency_ms": 0.0}
+    with caplog.at_level(logging.WARNING, logger="scoring.faults"):
+        response = blue.put("/admin/fault", json={"error_rate": 1.0, "latency_ms": 0})
+    assert response.status_code == 200
+    assert "fault knob ON" in caplog.text
+    assert registry.get_sample_value("scoring_fault_error_rate", {"colour": "blue"}) == 1.0
+    assert blue.post("/score", json={"data": [ROW]}).status_code == 500
+    blue.put("/admin/fault", json={"error_rate": 0, "latency_ms": 0})
+    assert blue.post("/score", json={"data": [ROW]}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("peer", "keys", "headers", "status"),
+    [
+        pytest.param(("10.1.2.3", 5000), (), {}, 403, id="remote-client"),
+        pytest.param(LOOPBACK, (KEY,), {}, 401, id="loopback-without-key"),
+        pytest.param(LOOPBACK, (KEY,), {"authorization": f"Bearer {KEY}"}, 200, id="loopback-key"),
+        pytest.param(("::1", 5000), (), {}, 200, id="ipv6-loopback"),
+    ],
+)
+def test_admin_route_is_loopback_only_and_keyed(
+    loaded: LoadedModel,
+    registry: CollectorRegistry,
+    peer: tuple[str, int],
+    keys: tuple[str, ...],
+    headers: dict[str, str],
+    status: int,
+) -> None:
+    app = create_app(loaded, registry=registry, api_keys=keys)
+    with AppClient(app, peer=peer) as c:
+        response = c.put("/admin/fault", json={"error_rate": 0.5}, headers=headers)
+    assert response.status_code == status
+    assert app.state.scoring.fault.error_rate == (0.5 if status == 200 else 0.0)
+
+
+@pytest.mark.parametrize(
+    "setting", [{"error_rate": 1.5}, {"error_rate": -0.1}, {"latency_ms": -1}], ids=json.dumps
+)
+def test_admin_route_rejects_out_of_range_settings(
+    blue: AppClient, setting: dict[str, float]
+) -> None:
+    assert blue.put("/admin/fault", json=setting).status_code == 422
+
+
+class Exploding:
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        raise RuntimeError("bug in the model")
+
+
+def test_unexpected_error_is_a_counted_500(
+    loaded: LoadedModel, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = LoadedModel(
+        loaded.identity, loaded.feature_names, Exploding(), loaded.estimator, loaded.model_dir
+    )
+    with client(broken, registry, colour="blue") as c:
+        response = c.post("/score", json={"data": [ROW]})
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal error while scoring"}
+    assert sample(registry, "scoring_requests_total", "500") == 1
+    assert "bug in the model" in caplog.text
