@@ -9,6 +9,7 @@ fake apiserver: every request the router made is granted, and every grant was us
 from __future__ import annotations
 
 import copy
+import re
 import json
 from pathlib import Path
 from typing import Any
@@ -305,3 +306,117 @@ def test_a_non_istio_spec_is_refused(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["manifests", "--spec", str(spec)])
     assert isinstance(result.exception, ConfigError)
     assert "router.kind is 'memory'" in str(result.exception)
+
+
+# ---- the Helm chart ---------------------------------------------------------------------------
+# helm is not installable here, so the chart keeps to a small subset of Go templates (values,
+# `quote`, `if`, `range`) that this renderer implements, and must render to exactly the objects
+# the Python builders make: chart, `manifests` and router cannot drift apart.
+CHART = Path(__file__).parents[2] / "charts" / "aml-rollout"
+_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
+
+
+def render_template(text: str, root: dict[str, Any]) -> str:
+    tokens: list[tuple[str, str]] = []
+    pos, trim_next = 0, False
+    for match in _ACTION.finditer(text):
+        literal = text[pos : match.start()]
+        literal = literal.lstrip() if trim_next else literal
+        tokens.append(("text", literal.rstrip() if match.group(1) else literal))
+        tokens.append(("action", match.group(2)))
+        pos, trim_next = match.end(), bool(match.group(3))
+    tail = text[pos:]
+    tokens.append(("text", tail.lstrip() if trim_next else tail))
+
+    def value(expr: str, dot: Any) -> Any:
+        head, *filters = (part.strip() for part in expr.split("|"))
+        node = root if head.startswith("$") else dot
+        for key in head.lstrip("$").split(".")[1:]:
+            node = node[key] if key else node
+        for name in filters:
+            assert name == "quote", f"template function {name!r} not supported by this renderer"
+            node = json.dumps(str(node))
+        return node
+
+    def run(i: int, dot: Any, out: list[str]) -> int:
+        while i < len(tokens):
+            kind, body = tokens[i]
+            if kind == "text":
+                out.append(body)
+            elif body == "end":
+                return i
+            elif body.startswith(("if ", "range ")):
+                keyword, expr = body.split(" ", 1)
+                subject = value(expr, dot)
+                items = ([dot] if subject else []) if keyword == "if" else list(subject)
+                end = run(i + 1, dot, [])  # find the matching end
+                for item in items:
+                    run(i + 1, item, out)
+                i = end
+            else:
+                rendered = value(body, dot)
+                out.append(str(rendered).lower() if isinstance(rendered, bool) else str(rendered))
+            i += 1
+        return i
+
+    out: list[str] = []
+    run(0, root, out)
+    return "".join(out)
+
+
+def render_chart(values: dict[str, Any], namespace: str) -> list[dict[str, Any]]:
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    root = {"Values": {**defaults, **values}, "Release": {"Namespace": namespace}}
+    docs = []
+    for template in sorted((CHART / "templates").glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(render_template(template.read_text(), root)) if d]
+    return docs
+
+
+def by_name(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"] != "Namespace"}
+
+
+@pytest.mark.parametrize(
+    ("values", "releases"),
+    [
+        pytest.param({}, {}, id="defaults"),
+        pytest.param(
+            {
+                "app": "diabetes",
+                "hosts": ["a.example.com", "b.example.com"],
+                "port": 8080,
+                "header": "x-colour",
+                "green": {
+                    "image": V1.image,
+                    "model": V1.model,
+                    "version": V1.version,
+                    "sha256": V1.sha256,
+                },
+            },
+            {Colour.GREEN: V1},
+            id="green-deployed-custom",
+        ),
+    ],
+)
+def test_the_chart_renders_what_the_router_builds(
+    values: dict[str, Any], releases: dict[Colour, Any]
+) -> None:
+    layout = m.IstioLayout(
+        namespace="ml",
+        app=values.get("app", "model"),
+        hosts=tuple(values.get("hosts", ["*"])),
+        port=values.get("port", 80),
+        header=values.get("header", "x-api-version"),
+    )
+    chart = by_name(render_chart(values, "ml"))
+    assert chart == by_name(m.bootstrap(layout, releases))
+    for doc in chart.values():
+        if doc["apiVersion"].startswith(m.ISTIO_GROUP):
+            assert errors(doc) == []
+
+
+def test_the_chart_renderer_is_not_vacuous() -> None:
+    text = "a: {{ .Values.x | quote }}\n{{- if .Values.on }}\nb: 1\n{{- end }}\nl:\n{{- range .Values.l }}\n- {{ . }}\n{{- end }}\n"
+    root = {"Values": {"x": 3, "on": False, "l": [1, 2]}}
+    assert yaml.safe_load(render_template(text, root)) == {"a": "3", "l": [1, 2]}
