@@ -1,0 +1,188 @@
+"""The one delivery path: a registered model version → package → rollout → registry tags.
+
+Both triggers (the registry watcher and the Event Grid webhook) hand versions to a `Delivery`;
+nothing else starts a rollout on their behalf. A delivery:
+
+1. packages the version (idempotent: the package folder is keyed by model and version and written
+   with temp + rename, so doing it twice after a crash costs time, not correctness);
+2. rolls it out through the rollout engine, whose state store is resumable: called again for the
+   same candidate after a crash, it continues the rollout where the store says it is instead of
+   starting over, and a finished rollout is never run again;
+3. makes the registry follow traffic: promoted → the candidate is `stage=production` and the
+   previous production version `stage=archived`; rolled back (or failed) → the candidate is
+   `stage=rolled-back` with `rollback_reason` from the ledger.
+
+Step 3 can be cut short by a crash after traffic moved. `reconcile` repairs that: it reads the last
+rollout's status from the state store and writes whatever tags are missing. Tag planning is a pure
+function of (versions, candidate, phase), so reconcile is idempotent — a second call plans nothing.
+
+The registry is the truth about what serves: `serving` maps versions to the colour they serve from
+the same status (green = production; blue = the candidate while a rollout runs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
+
+log = logging.getLogger(__name__)
+
+#: Tag carrying why a candidate was rolled back (from the rollout's ledger / status).
+REASON_TAG = "rollback_reason"
+#: Azure ML tag values are free text but long ones clutter every listing.
+MAX_REASON_CHARS = 256
+
+SUCCEEDED = "Succeeded"
+ROLLED_BACK = "RolledBack"
+FAILED = "Failed"
+TERMINAL = frozenset({SUCCEEDED, ROLLED_BACK, FAILED})
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    """What the rollout state store says about the last rollout on the endpoint.
+
+    `phase` is a `rollout.core.types.Phase` value; `weight` the blue weight in percent.
+    """
+
+    model: str
+    candidate: int
+    phase: str
+    reason: str = ""
+    stable: int | None = None
+    weight: int = 0
+
+    @property
+    def active(self) -> bool:
+        """True while the rollout has not reached a terminal phase."""
+        return self.phase not in TERMINAL
+
+
+@dataclass(frozen=True)
+class TagChange:
+    """Tags to merge into one version (planned, then applied in order)."""
+
+    version: int
+    tags: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """How a delivery ended: the rollout's terminal phase and why."""
+
+    model: str
+    version: int
+    phase: str
+    reason: str = ""
+    ledger_path: Path | None = None
+    tag_changes: tuple[TagChange, ...] = field(default=())
+
+
+class Delivery(Protocol):
+    """Package + roll out one version at a time on one endpoint, and keep registry tags true."""
+
+    def current(self) -> RolloutView | None:
+        """The last rollout on the endpoint from the state store (active or finished), or None."""
+
+    def deliver(self, version: ModelVersion) -> DeliveryOutcome:
+        """Deliver `version` and block until its rollout ends; resumes a rollout of the same
+        candidate found in the state store instead of starting it again."""
+
+    def abort(self, reason: str) -> None:
+        """Ask the active rollout to roll back now; it ends RolledBack with `reason`."""
+
+    def reconcile(self) -> list[TagChange]:
+        """Write the stage tags the last finished rollout implies (idempotent); returns changes."""
+
+
+# ------------------------------------------------------------------------------- pure planning
+
+
+def plan_tags(
+    versions: Sequence[ModelVersion], candidate: int, phase: str, reason: str = ""
+) -> list[TagChange]:
+    """The tag changes that make the registry agree with a rollout of `candidate` in `phase`.
+
+    Only differences are planned, so applying the plan twice is harmless and a repaired registry
+    plans nothing. The candidate's change comes first: a crash half-way leaves two `production`
+    versions at worst (repaired by the next plan), never none.
+    """
+    by_version = {v.version: v for v in versions}
+    if candidate not in by_version or phase not in TERMINAL:
+        return []
+    changes: list[TagChange] = []
+
+    def want(version: ModelVersion, tags: Mapping[str, str]) -> None:
+        if any(version.tags.get(k) != v for k, v in tags.items()):
+            changes.append(TagChange(version.version, dict(tags)))
+
+    if phase == SUCCEEDED:
+        want(by_version[candidate], {STAGE_TAG: Stage.PRODUCTION})
+        for other in versions:
+            if other.version != candidate and other.stage == Stage.PRODUCTION:
+                want(other, {STAGE_TAG: Stage.ARCHIVED})
+    else:
+        short = (reason or phase)[:MAX_REASON_CHARS]
+        want(by_version[candidate], {STAGE_TAG: Stage.ROLLED_BACK, REASON_TAG: short})
+    return changes
+
+
+def apply_tags(registry: ModelRegistry, model: str, changes: Sequence[TagChange]) -> None:
+    """Write planned tag changes in order."""
+    for change in changes:
+        registry.set_tags(model, change.version, change.tags)
+        log.info("registry: %s v%d tagged %s", model, change.version, dict(change.tags))
+
+
+def follow_traffic(
+    registry: ModelRegistry, model: str, candidate: int, phase: str, reason: str = ""
+) -> list[TagChange]:
+    """Plan and apply the tags for a rollout of `candidate` that ended in `phase`."""
+    changes = plan_tags(registry.list_versions(model), candidate, phase, reason)
+    apply_tags(registry, model, changes)
+    return changes
+
+
+def reconcile(registry: ModelRegistry, view: RolloutView | None) -> list[TagChange]:
+    """Repair tags after a crash between "traffic moved" and "tags written" (idempotent)."""
+    if view is None or view.active:
+        return []
+    changes = follow_traffic(registry, view.model, view.candidate, view.phase, view.reason)
+    if changes:
+        log.warning(
+            "registry repaired from rollout status (%s v%d %s): %d tag change(s)",
+            view.model,
+            view.candidate,
+            view.phase,
+            len(changes),
+        )
+    return changes
+
+
+def serving(versions: Sequence[ModelVersion], view: RolloutView | None) -> dict[int, str]:
+    """Which colour each version serves: `green`, or `blue 25%` for an active candidate.
+
+    Green serves the production version (seed semantics: on promotion green is replaced by the
+    candidate). While a rollout runs, its candidate serves blue at the current weight.
+    """
+    colours: dict[int, str] = {}
+    production = [v.version for v in versions if v.stage == Stage.PRODUCTION]
+    if view is not None and view.active:
+        colours[view.candidate] = f"blue {view.weight}%"
+        if view.stable is not None:
+            colours[view.stable] = f"green {100 - view.weight}%"
+            return colours
+    elif view is not None and view.phase == SUCCEEDED:
+        colours[view.candidate] = "green"
+        return colours
+    elif view is not None and view.stable is not None:
+        colours[view.stable] = "green"
+        return colours
+    if production:
+        colours.setdefault(max(production), "green")
+    return colours

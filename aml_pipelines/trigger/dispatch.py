@@ -1,0 +1,208 @@
+"""Exactly-once hand-off from triggers to the delivery path, one rollout at a time.
+
+The watcher and the webhook only *accept* versions (a durable `pending` entry in the cursor); a
+single worker then delivers them, oldest first. The worker's loop for one version is
+
+    take the deliver lock (one delivery per endpoint, across processes)
+    re-read the entry                      → done already (another process)? skip
+    wait while another rollout is active   → or, with supersede, abort it and wait for it to end
+    mark `started` (durable)               → from here on, a crash means "resume", not "restart"
+    delivery.deliver(version)              → package + rollout + tags; resumes from the state store
+    mark `done` with the outcome (durable)
+
+Crash semantics (SIGKILL anywhere):
+- before `started`: the entry is still pending and is delivered on restart — nothing happened yet;
+- between `started` and `done`: on restart the entry is found `started` and delivered again, which
+  the delivery path turns into a *resume* (the package step is idempotent; the rollout engine
+  continues the rollout of the same candidate from its state store; a rollout that already ended
+  is not run again and only its tags are reconciled). `attempts` counts the entries into delivery;
+- after `done`: nothing to do. So each version is delivered once, and none is skipped.
+
+Supersede: when a newer version of the same model is accepted while an older one is being
+delivered, the active rollout is aborted (it rolls back cleanly and ends RolledBack with the
+reason "superseded by version N"), and older pending versions are closed as `superseded` instead
+of being rolled out only to be replaced. Without supersede a newer version waits its turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+
+from aml_pipelines.delivery import FAILED, Delivery, DeliveryOutcome
+from aml_pipelines.errors import IntegrityError, ModelNotFound
+from aml_pipelines.registry.base import ModelRegistry
+from aml_pipelines.trigger.store import SUPERSEDED, Entry, Step, TriggerStore
+
+log = logging.getLogger(__name__)
+
+#: Errors after which a version can never be delivered: close it instead of retrying forever.
+PERMANENT = (ModelNotFound, IntegrityError)
+
+
+class Dispatcher:
+    """Accepts versions durably and delivers them one at a time, exactly once each."""
+
+    def __init__(
+        self,
+        store: TriggerStore,
+        registry: ModelRegistry,
+        delivery: Delivery,
+        *,
+        supersede: bool = False,
+        wait_interval_s: float = 5.0,
+        stop: threading.Event | None = None,
+        on_outcome: Callable[[DeliveryOutcome], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.delivery = delivery
+        self.supersede = supersede
+        self.wait_interval_s = wait_interval_s
+        self.stop = stop or threading.Event()
+        self.on_outcome = on_outcome
+        self._deliver_lock = store.lock("deliver", "a delivery on this endpoint")
+
+    # ------------------------------------------------------------------ accepting
+
+    def accept(self, model: str, version: int, source: str) -> bool:
+        """Record a version to deliver; False when the cursor already knows it (duplicate)."""
+        if not self.store.accept(model, version, source):
+            return False
+        log.info("accepted %s v%d (%s)", model, version, source)
+        if self.supersede:
+            self._abort_older(model, version)
+        return True
+
+    def _abort_older(self, model: str, newest: int) -> None:
+        view = self.delivery.current()
+        if view is not None and view.active and view.model == model and view.candidate < newest:
+            log.warning("superseding the rollout of %s v%d by v%d", model, view.candidate, newest)
+            self.delivery.abort(f"superseded by version {newest}")
+
+    # ------------------------------------------------------------------ delivering
+
+    def drain(self, model: str) -> list[DeliveryOutcome]:
+        """Deliver every open version of `model` (started ones first); returns the outcomes."""
+        outcomes = []
+        while not self.stop.is_set():
+            open_entries = self.store.load(model).open_entries()
+            if not open_entries:
+                break
+            outcome = self._deliver_one(model, open_entries[0].version)
+            if outcome is not None:
+                outcomes.append(outcome)
+        return outcomes
+
+    def _deliver_one(self, model: str, version: int) -> DeliveryOutcome | None:
+        with self._deliver_lock.held():
+            cursor = self.store.load(model)
+            entry = cursor.entries[version]
+            if entry.step is Step.DONE:  # another process finished it while we waited
+                return None
+            if self.supersede and entry.step is Step.PENDING:
+                newer = [e.version for e in cursor.open_entries() if e.version > version]
+                if newer:
+                    self._close(model, version, SUPERSEDED, f"superseded by version {max(newer)}")
+                    return None
+            if not self._wait_for_endpoint(model, version):
+                return None
+            self.store.update(
+                model, version, lambda e: replace(e, step=Step.STARTED, attempts=e.attempts + 1)
+            )
+            if entry.step is Step.STARTED:
+                log.warning("resuming the delivery of %s v%d after a restart", model, version)
+            try:
+                outcome = self.delivery.deliver(self.registry.get(model, version))
+            except PERMANENT as exc:
+                log.error("cannot deliver %s v%d: %s", model, version, exc)
+                self._close(model, version, FAILED, str(exc))
+                return DeliveryOutcome(model, version, FAILED, str(exc))
+            self._close(model, version, outcome.phase, outcome.reason)
+            log.info("delivered %s v%d: %s %s", model, version, outcome.phase, outcome.reason)
+            if self.on_outcome is not None:
+                self.on_outcome(outcome)
+            return outcome
+
+    def _close(self, model: str, version: int, outcome: str, reason: str) -> Entry:
+        return self.store.update(
+            model,
+            version,
+            lambda e: replace(e, step=Step.DONE, outcome=outcome, reason=reason),
+        )
+
+    def _wait_for_endpoint(self, model: str, version: int) -> bool:
+        """Wait until no other rollout is active on the endpoint; False when stopped meanwhile.
+
+        A rollout of this very version is ours, left by a crash: the delivery resumes it.
+        """
+        aborted = False
+        while True:
+            view = self.delivery.current()
+            if view is None or not view.active or (view.model, view.candidate) == (model, version):
+                return True
+            if self.supersede and not aborted:
+                log.warning(
+                    "aborting the active rollout of %s v%d for %s v%d",
+                    view.model,
+                    view.candidate,
+                    model,
+                    version,
+                )
+                self.delivery.abort(f"superseded by {model} version {version}")
+                aborted = True
+            else:
+                log.info(
+                    "%s v%d waits: the rollout of %s v%d is %s",
+                    model,
+                    version,
+                    view.model,
+                    view.candidate,
+                    view.phase,
+                )
+            if self.stop.wait(self.wait_interval_s):
+                return False
+
+
+class DeliveryWorker:
+    """The single thread that drains cursors: the webhook's queue → one delivery at a time."""
+
+    def __init__(self, dispatcher: Dispatcher, models: Callable[[], list[str]]) -> None:
+        self.dispatcher = dispatcher
+        self.models = models
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="delivery-worker", daemon=True)
+        self.errors: list[BaseException] = []
+
+    def start(self) -> None:
+        """Start the thread; it first drains what a previous process left open."""
+        self._wake.set()
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Tell the worker new versions were accepted."""
+        self._wake.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread to end (after `dispatcher.stop` is set)."""
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        stop = self.dispatcher.stop
+        while not stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            for model in self.models():
+                if stop.is_set():
+                    break
+                try:
+                    self.dispatcher.drain(model)
+                except Exception as exc:
+                    # The entry stays `started`/`pending`: retried (as a resume) on the next wake.
+                    log.exception("delivery of %s failed; will retry", model)
+                    self.errors.append(exc)
+                    stop.wait(self.dispatcher.wait_interval_s)
+                    self._wake.set()

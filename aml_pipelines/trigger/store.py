@@ -1,0 +1,218 @@
+"""What the triggers remember across restarts: a cursor per model and the event ids already seen.
+
+Cursor (`<state>/cursor-<model>.json`): every version a trigger has accepted, with its state
+
+    pending  accepted (seen by the watcher, or received from Event Grid), not yet delivered
+    started  the delivery began: written BEFORE the first side effect (packaging, traffic)
+    done     the delivery ended; `outcome` is the rollout phase, or `superseded`
+
+A version enters the cursor once and only moves forward (pending → started → done), so it is
+delivered at most once; it enters as soon as it is seen and leaves only as `done`, so no version
+is skipped. A version found `started` after a crash is *resumed*, never started again: the
+delivery path continues it from the rollout state store (see aml_pipelines/delivery.py).
+
+Every change is a read-modify-write under a short flock and lands with write-temp + fsync +
+rename + fsync of the folder, so a crash leaves either the old or the new file, never half of one,
+and two processes (a watcher and a webhook server) sharing a state folder cannot lose an update.
+
+Seen events (`<state>/events.json`): the ids of the last `SEEN_EVENTS_KEPT` accepted Event Grid
+events. Event Grid delivers at least once and retries for up to 24 h; ids older than that window
+are far beyond the bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from aml_pipelines.errors import TriggerError
+from aml_pipelines.trigger.lock import FileLock
+
+SEEN_EVENTS_KEPT = 10_000
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class Step(StrEnum):
+    """Where one version is in its delivery."""
+
+    PENDING = "pending"
+    STARTED = "started"
+    DONE = "done"
+
+
+#: Outcome recorded for a pending version skipped because a newer one superseded it.
+SUPERSEDED = "superseded"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One version in a cursor."""
+
+    version: int
+    step: Step
+    source: str = ""  # "watch" or "event:<id>"
+    outcome: str = ""  # rollout phase (Succeeded, RolledBack, Failed, ...) or SUPERSEDED
+    reason: str = ""
+    updated_at: str = ""
+    attempts: int = 0  # how many times the delivery was entered (2 = resumed once after a crash)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form (the version is the key, not repeated)."""
+        data = asdict(self)
+        del data["version"]
+        data["step"] = self.step.value
+        return data
+
+
+@dataclass
+class Cursor:
+    """Every version of one model a trigger has accepted, keyed by version."""
+
+    model: str
+    entries: dict[int, Entry] = field(default_factory=dict)
+
+    def open_entries(self) -> list[Entry]:
+        """Versions not yet done: started first (a crash left them), then pending; oldest first."""
+        live = [e for e in self.entries.values() if e.step is not Step.DONE]
+        return sorted(live, key=lambda e: (e.step is not Step.STARTED, e.version))
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON so a crash leaves the old file or the new one: temp, fsync, rename, fsync dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            Path(tmp).unlink()
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise TriggerError(f"cannot read trigger state {path}: {exc}") from exc
+
+
+class TriggerStore:
+    """Cursors and seen event ids under one state folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # ------------------------------------------------------------------ paths and locks
+
+    def _safe(self, model: str) -> str:
+        return _SAFE_NAME.sub("_", model)
+
+    def cursor_path(self, model: str) -> Path:
+        """The cursor file of one model."""
+        return self.root / f"cursor-{self._safe(model)}.json"
+
+    def lock(self, name: str, what: str) -> FileLock:
+        """A lock file in the state folder (e.g. `watch-<model>`, `deliver`, `serve`)."""
+        return FileLock(self.root / f"{self._safe(name)}.lock", what)
+
+    # ------------------------------------------------------------------ cursors
+
+    def load(self, model: str) -> Cursor:
+        """The cursor of `model` (empty when none was written yet)."""
+        raw = _read_json(self.cursor_path(model))
+        cursor = Cursor(model)
+        if raw is None:
+            return cursor
+        try:
+            for key, value in raw["versions"].items():
+                cursor.entries[int(key)] = Entry(
+                    version=int(key), **{**value, "step": Step(value["step"])}
+                )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TriggerError(
+                f"trigger cursor {self.cursor_path(model)} is unreadable: {exc}"
+            ) from exc
+        return cursor
+
+    @contextlib.contextmanager
+    def _editing(self, model: str) -> Iterator[Cursor]:
+        with self.lock(f"cursor-{model}", f"cursor of {model}").held():
+            cursor = self.load(model)
+            yield cursor
+            atomic_write_json(
+                self.cursor_path(model),
+                {
+                    "model": model,
+                    "versions": {str(v): e.to_json() for v, e in sorted(cursor.entries.items())},
+                },
+            )
+
+    def accept(self, model: str, version: int, source: str) -> bool:
+        """Record `version` as pending unless the cursor already knows it; True when new."""
+        with self._editing(model) as cursor:
+            if version in cursor.entries:
+                return False
+            cursor.entries[version] = Entry(version, Step.PENDING, source, updated_at=_now())
+            return True
+
+    def update(self, model: str, version: int, change: Callable[[Entry], Entry]) -> Entry:
+        """Apply `change` to one entry atomically and return the new entry."""
+        with self._editing(model) as cursor:
+            if version not in cursor.entries:
+                raise TriggerError(f"version {version} of {model} is not in the trigger cursor")
+            entry = change(cursor.entries[version])
+            cursor.entries[version] = Entry(**{**asdict(entry), "updated_at": _now()})
+            return cursor.entries[version]
+
+    def models(self) -> list[str]:
+        """Models that have a cursor in this folder (as written in the files)."""
+        names = []
+        for path in sorted(self.root.glob("cursor-*.json")):
+            raw = _read_json(path)
+            if isinstance(raw, dict) and isinstance(raw.get("model"), str):
+                names.append(raw["model"])
+        return names
+
+    # ------------------------------------------------------------------ seen events
+
+    def _events_path(self) -> Path:
+        return self.root / "events.json"
+
+    def event_seen(self, event_id: str) -> bool:
+        """True when `event_id` was remembered before (a redelivery)."""
+        raw = _read_json(self._events_path()) or {"ids": []}
+        return event_id in raw["ids"]
+
+    def remember_event(self, event_id: str) -> None:
+        """Record an accepted event id (the last SEEN_EVENTS_KEPT are kept)."""
+        path = self._events_path()
+        with self.lock("events", "event id store").held():
+            raw = _read_json(path) or {"ids": []}
+            ids: list[str] = raw["ids"]
+            if event_id not in ids:
+                ids.append(event_id)
+                atomic_write_json(path, {"ids": ids[-SEEN_EVENTS_KEPT:]})

@@ -1,0 +1,112 @@
+"""Registry watcher: poll a model's versions and hand each new matching one to the dispatcher.
+
+A version is *new* when it is newer than the version in production, carries every required tag
+(e.g. `stage=candidate`), has not been delivered already (its `stage` is not production,
+archived or rolled-back — the registry is the first record of what was delivered) and is not in
+the cursor (the durable record that covers the window before tags are written). A watcher started
+on an existing registry therefore picks up registered-but-undelivered candidates and leaves the
+history alone.
+
+One watcher per model and state folder: `run` holds a non-blocking flock for its lifetime, so a
+second watcher exits at once with a message naming the first one's pid. At start it reconciles the
+registry tags from the rollout state store (repairing a crash between traffic and tags) and then
+resumes whatever the cursor left open.
+
+Polling and delivering are separate threads: the main thread keeps polling while a rollout runs,
+so with `supersede` a newer version can abort the running rollout; without it, newer versions
+wait their turn in the cursor.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+
+from aml_pipelines.registry.base import ModelRegistry, ModelVersion, Stage
+from aml_pipelines.trigger.dispatch import DeliveryWorker, Dispatcher
+
+log = logging.getLogger(__name__)
+
+DELIVERED = frozenset({Stage.PRODUCTION, Stage.ARCHIVED, Stage.ROLLED_BACK})
+
+
+def matches(version: ModelVersion, required: Mapping[str, str]) -> bool:
+    """True when `version` carries every required tag with the required value."""
+    return all(version.tags.get(k) == v for k, v in required.items())
+
+
+def new_versions(
+    versions: list[ModelVersion], required: Mapping[str, str], known: set[int]
+) -> list[ModelVersion]:
+    """The versions a watcher should accept, oldest first (pure; see the module docstring)."""
+    production = max((v.version for v in versions if v.stage == Stage.PRODUCTION), default=0)
+    return sorted(
+        (
+            v
+            for v in versions
+            if v.version > production
+            and v.version not in known
+            and v.stage not in DELIVERED
+            and matches(v, required)
+        ),
+        key=lambda v: v.version,
+    )
+
+
+class Watcher:
+    """Polls one model in a registry and feeds new matching versions to a dispatcher."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        model: str,
+        dispatcher: Dispatcher,
+        *,
+        required_tags: Mapping[str, str] | None = None,
+        interval_s: float = 10.0,
+    ) -> None:
+        self.registry = registry
+        self.model = model
+        self.dispatcher = dispatcher
+        self.required_tags = dict(required_tags or {})
+        self.interval_s = interval_s
+
+    @property
+    def stop(self) -> threading.Event:
+        """Set it (e.g. from a signal handler) to end `run` after the current poll."""
+        return self.dispatcher.stop
+
+    def poll(self) -> list[int]:
+        """Accept every new matching version; returns the versions accepted now."""
+        known = set(self.dispatcher.store.load(self.model).entries)
+        fresh = new_versions(self.registry.list_versions(self.model), self.required_tags, known)
+        return [v.version for v in fresh if self.dispatcher.accept(self.model, v.version, "watch")]
+
+    def run(self, *, once: bool = False) -> None:
+        """Lock, reconcile, then poll and deliver until stopped (or one round with `once`)."""
+        store = self.dispatcher.store
+        lock = store.lock(f"watch-{self.model}", f"a watcher of model {self.model!r}")
+        with lock.held(blocking=False):
+            self.dispatcher.delivery.reconcile()
+            if once:
+                self.poll()
+                self.dispatcher.drain(self.model)
+                return
+            worker = DeliveryWorker(self.dispatcher, lambda: [self.model])
+            worker.start()
+            log.info(
+                "watching %s every %.1f s (tags %s)",
+                self.model,
+                self.interval_s,
+                self.required_tags,
+            )
+            while not self.stop.is_set():
+                try:
+                    if self.poll():
+                        worker.wake()
+                except Exception:
+                    # A registry hiccup must not kill a long-running watcher: log, retry next poll.
+                    log.exception("polling the registry for %s failed", self.model)
+                self.stop.wait(self.interval_s)
+            worker.join(timeout=self.interval_s)

@@ -1,0 +1,170 @@
+"""The registry watcher: exactly one delivery per new matching version, filters, waiting, supersede.
+
+In-process tests use the real store, dispatcher and local registry with the file-backed
+ResumableDelivery; the crash and two-watcher tests run real processes (tests/trigger/proc.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aml_pipelines.delivery import RolloutView
+from aml_pipelines.registry.base import ModelVersion
+from aml_pipelines.registry.local import LocalRegistry
+from aml_pipelines.trigger.dispatch import Dispatcher
+from aml_pipelines.trigger.store import Step, TriggerStore
+from aml_pipelines.trigger.watcher import Watcher, new_versions
+from tests.trigger.fakes import ResumableDelivery, journal, register
+
+CANDIDATE = {"stage": "candidate"}
+
+
+def _watch(registry: LocalRegistry, dispatcher: Dispatcher, **tags: str) -> None:
+    Watcher(registry, "diabetes", dispatcher, required_tags=tags or CANDIDATE).run(once=True)
+
+
+def _events(root: Path, *kinds: str) -> list[tuple[str, int]]:
+    return [(e["event"], e["version"]) for e in journal(root) if e["event"] in kinds]
+
+
+def test_new_version_is_delivered_exactly_once(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    register(registry, tmp_path, stage="candidate")
+    _watch(registry, dispatcher)
+    _watch(registry, dispatcher)  # nothing new: no second delivery
+    assert _events(tmp_path / "engine", "start", "resume", "end") == [("start", 1), ("end", 1)]
+    assert registry.get("diabetes", 1).stage == "production"
+
+    register(registry, tmp_path, stage="candidate")
+    _watch(registry, dispatcher)
+    _watch(registry, dispatcher)
+    assert _events(tmp_path / "engine", "start") == [("start", 1), ("start", 2)]
+    assert [v.stage for v in registry.list_versions("diabetes")] == ["archived", "production"]
+    entries = dispatcher.store.load("diabetes").entries
+    assert {v: (e.step, e.outcome, e.attempts) for v, e in entries.items()} == {
+        1: (Step.DONE, "Succeeded", 1),
+        2: (Step.DONE, "Succeeded", 1),
+    }
+
+
+def test_rolled_back_candidate_is_tagged_with_the_reason(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    register(registry, tmp_path, stage="candidate")
+    _watch(registry, dispatcher)
+    register(registry, tmp_path, stage="candidate", fault="error-rate")
+    _watch(registry, dispatcher)
+    v1, v2 = registry.list_versions("diabetes")
+    assert v1.stage == "production"  # the rollback leaves production where it was
+    assert v2.tags["stage"] == "rolled-back"
+    assert v2.tags["rollback_reason"] == "canary error rate 4.1% vs 0.1% baseline"
+
+
+def _mv(version: int, **tags: str) -> ModelVersion:
+    return ModelVersion("m", version, f"file:///m/{version}", "0" * 64, tags)
+
+
+@pytest.mark.parametrize(
+    ("versions", "required", "known", "expected"),
+    [
+        pytest.param([_mv(1, stage="candidate")], CANDIDATE, set(), [1], id="candidate"),
+        pytest.param([_mv(1)], CANDIDATE, set(), [], id="untagged-filtered"),
+        pytest.param([_mv(1)], {}, set(), [1], id="no-filter"),
+        pytest.param(
+            [_mv(1, stage="candidate", team="a"), _mv(2, stage="candidate", team="b")],
+            {"stage": "candidate", "team": "b"},
+            set(),
+            [2],
+            id="two-tags",
+        ),
+        pytest.param([_mv(1, stage="candidate")], CANDIDATE, {1}, [], id="in-cursor"),
+        pytest.param(
+            [_mv(1, stage="production"), _mv(2, stage="rolled-back"), _mv(3, stage="candidate")],
+            {},
+            set(),
+            [3],
+            id="delivered-history-skipped",
+        ),
+        pytest.param(
+            [_mv(1, stage="candidate"), _mv(2, stage="production"), _mv(3, stage="candidate")],
+            CANDIDATE,
+            set(),
+            [3],
+            id="older-than-production-skipped",
+        ),
+        pytest.param(
+            [_mv(3, stage="candidate"), _mv(2, stage="candidate")],
+            CANDIDATE,
+            set(),
+            [2, 3],
+            id="oldest-first",
+        ),
+    ],
+)
+def test_which_versions_are_new(versions, required, known, expected) -> None:
+    assert [v.version for v in new_versions(versions, required, known)] == expected
+
+
+def test_filter_by_tags_end_to_end(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    register(registry, tmp_path, stage="candidate", team="fraud")
+    register(registry, tmp_path, stage="candidate", team="churn")
+    register(registry, tmp_path, team="churn")  # not a candidate
+    _watch(registry, dispatcher, stage="candidate", team="churn")
+    assert _events(tmp_path / "engine", "start") == [("start", 2)]
+
+
+class _BusyEndpoint(ResumableDelivery):
+    """Reports another model's rollout as active for the first `busy_polls` looks."""
+
+    def __init__(self, *args, busy_polls: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.busy_polls = busy_polls
+        self.aborts: list[str] = []
+
+    def current(self) -> RolloutView | None:
+        if self.busy_polls > 0:
+            self.busy_polls -= 1
+            return RolloutView("other-model", 7, "Progressing", weight=25)
+        return super().current()
+
+    def abort(self, reason: str) -> None:
+        self.aborts.append(reason)
+
+
+@pytest.mark.parametrize("supersede", [False, True], ids=["waits", "supersede-aborts"])
+def test_a_version_waits_for_the_active_rollout(
+    tmp_path: Path, registry: LocalRegistry, supersede: bool
+) -> None:
+    busy = _BusyEndpoint(tmp_path / "engine", registry, busy_polls=3)
+    dispatcher = Dispatcher(
+        TriggerStore(tmp_path / "trigger"), registry, busy, supersede=supersede, wait_interval_s=0
+    )
+    register(registry, tmp_path, stage="candidate")
+    _watch(registry, dispatcher)
+    assert busy.busy_polls == 0  # it looked until the endpoint was free...
+    assert _events(tmp_path / "engine", "start", "end") == [("start", 1), ("end", 1)]
+    # ...and asked the other rollout to stop only with supersede (once, not on every look).
+    assert busy.aborts == (["superseded by diabetes version 1"] if supersede else [])
+
+
+def test_supersede_closes_older_pending_versions(
+    tmp_path: Path, registry: LocalRegistry, delivery: ResumableDelivery
+) -> None:
+    dispatcher = Dispatcher(
+        TriggerStore(tmp_path / "trigger"), registry, delivery, supersede=True, wait_interval_s=0
+    )
+    for _ in range(3):
+        register(registry, tmp_path, stage="candidate")
+    _watch(registry, dispatcher)
+    assert _events(tmp_path / "engine", "start") == [("start", 3)]
+    entries = dispatcher.store.load("diabetes").entries
+    assert [(e.outcome, e.reason) for e in entries.values()] == [
+        ("superseded", "superseded by version 3"),
+        ("superseded", "superseded by version 3"),
+        ("Succeeded", "all steps passed"),
+    ]
