@@ -9,8 +9,8 @@ fake apiserver: every request the router made is granted, and every grant was us
 from __future__ import annotations
 
 import copy
-import re
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -417,6 +417,9 @@ def test_the_chart_renders_what_the_router_builds(
 
 
 def test_the_chart_renderer_is_not_vacuous() -> None:
-    text = "a: {{ .Values.x | quote }}\n{{- if .Values.on }}\nb: 1\n{{- end }}\nl:\n{{- range .Values.l }}\n- {{ . }}\n{{- end }}\n"
+    text = (
+        "a: {{ .Values.x | quote }}\n{{- if .Values.on }}\nb: 1\n{{- end }}\n"
+        "l:\n{{- range .Values.l }}\n- {{ . }}\n{{- end }}\n"
+    )
     root = {"Values": {"x": 3, "on": False, "l": [1, 2]}}
     assert yaml.safe_load(render_template(text, root)) == {"a": "3", "l": [1, 2]}
