@@ -1,0 +1,251 @@
+"""Turn a registered model version into a deployable package folder.
+
+    <package>/
+      model/                 the registered model folder (model.skops, model.json, sample input)
+      scoring/               the `scoring` package's server modules (copied from this checkout)
+      score.py               Azure ML entry (init()/run()): the scoring package's score.py
+      asgi.py                the container's entry: the scoring package's FastAPI app on ./
+      requirements.txt       pinned: the model's library versions + the server's libraries
+      Dockerfile             python:3.11-slim, non-root, `uvicorn asgi:build --factory`
+      k8s/values-blue.yaml   Helm values for the blue / green Deployment of this version
+      k8s/values-green.yaml
+      package.json           {model, version, sha256, image, entry, files, ...}
+
+The model bits are checked three ways before anything is written: the registry re-hashes the
+stored version, the model file must match the version's sha256, and (when a registration record
+is given) the registration's sha256. The package is built in a temp folder next to the target and
+renamed into place, so a half-written package is never visible.
+
+`mode="azureml"` writes the same folder, then asks Azure ML to build the serving environment
+itself (`ml_client.models.package`, experimental in azure-ai-ml) with the folder as code and
+score.py as the scoring script; the environment Azure ML returns is recorded in package.json.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from aml_pipelines.errors import ComponentError, ConfigError, IntegrityError
+from aml_pipelines.fileio import read_json, sha256_file, write_json
+from aml_pipelines.registry.base import ModelVersion
+
+log = logging.getLogger(__name__)
+
+PACKAGE_JSON = "package.json"
+MODEL_SUBDIR = "model"
+COLOURS = ("blue", "green")
+MODES = ("local", "azureml")
+SERVER_PORT = 8000
+# Server-side modules of the scoring package that the image does not need (CLI, load generator).
+_SCORING_EXCLUDED = {"cli.py", "loadgen.py"}
+# Libraries the server imports, pinned to what this environment runs (and was tested with).
+_SERVER_LIBRARIES = ("fastapi", "uvicorn", "orjson", "prometheus-client", "pydantic")
+_MODEL_LIBRARIES = ("scikit-learn", "skops", "numpy", "scipy")
+
+ASGI_ENTRY = '''"""Container entry: the scoring package's app serving this package folder."""
+
+import os
+from pathlib import Path
+
+from scoring.app import create_app
+
+
+def build():
+    """uvicorn asgi:build --factory (colour from AML_ROLLOUT_COLOUR, default green)."""
+    return create_app(Path(__file__).parent, colour=os.environ.get("AML_ROLLOUT_COLOUR", "green"))
+'''
+
+DOCKERFILE = """\
+# Image for {model} version {version} (sha256 {sha256}).
+# Build: docker build -t {image} .
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 AZUREML_MODEL_DIR=/app
+WORKDIR /app
+COPY requirements.txt .
+RUN pip install --no-cache-dir -r requirements.txt
+COPY . .
+RUN useradd --uid 10001 --no-create-home scorer
+USER 10001
+EXPOSE {port}
+HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/healthz')"
+CMD ["uvicorn", "asgi:build", "--factory", "--host", "0.0.0.0", "--port", "{port}"]
+"""
+
+
+@dataclass(frozen=True)
+class PackageResult:
+    """The package folder written and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def image(self) -> str:
+        return str(self.manifest["image"])
+
+
+def image_name(image_registry: str, model: str, version: int | str) -> str:
+    """`<registry>/<model>:<version>`, lower-cased as OCI repository names must be."""
+    registry = image_registry.strip().rstrip("/")
+    if not registry or any(c.isspace() for c in registry):
+        raise ConfigError(f"image_registry: {image_registry!r} is not a registry host[/path]")
+    return f"{registry}/{model.lower()}:{version}"
+
+
+def scoring_sources() -> Path:
+    """The folder of the `scoring` package; it must hold score.py (the AML entry)."""
+    spec = importlib.util.find_spec("scoring")
+    if spec is None or spec.origin is None:
+        raise ComponentError("the `scoring` package is not importable: cannot package a model")
+    folder = Path(spec.origin).parent
+    if not (folder / "score.py").is_file():
+        raise ComponentError(
+            f"{folder / 'score.py'} is missing: the scoring package must provide the score.py "
+            "entry before models can be packaged"
+        )
+    return folder
+
+
+def requirements(library_versions: dict[str, str]) -> str:
+    """Pinned requirements: the model's libraries as trained, the server's as tested here."""
+    lines = ["# the model's libraries, pinned to the versions it was trained with"]
+    for dist in _MODEL_LIBRARIES:
+        version = library_versions.get(dist) or metadata.version(dist)
+        lines.append(f"{dist}=={version}")
+    lines.append("# the scoring server's libraries, pinned to the versions it was tested with")
+    for dist in _SERVER_LIBRARIES:
+        extra = "[standard]" if dist == "uvicorn" else ""
+        lines.append(f"{dist}{extra}=={metadata.version(dist)}")
+    return "\n".join(lines) + "\n"
+
+
+def helm_values(colour: str, image: str, model: ModelVersion) -> str:
+    """Helm values for one colour's Deployment of this version (see charts/)."""
+    repository, _, tag = image.rpartition(":")
+    return (
+        f"# {model.name} version {model.version} as the {colour} deployment\n"
+        f"colour: {colour}\n"
+        f"image:\n  repository: {repository}\n  tag: {tag!r}\n"
+        f"model:\n  name: {model.name}\n  version: {str(model.version)!r}\n"
+        f"  sha256: {model.sha256}\n"
+        f"containerPort: {SERVER_PORT}\n"
+        f"env:\n  AML_ROLLOUT_COLOUR: {colour}\n"
+    )
+
+
+def build_package(
+    model: ModelVersion,
+    out_dir: Path,
+    *,
+    image_registry: str,
+    model_dir: Path | None = None,
+    registration: dict[str, Any] | None = None,
+    mode: str = "local",
+    ml_client: Any = None,
+) -> PackageResult:
+    """Write the package folder for `model` at `out_dir` (replacing an existing one)."""
+    if mode not in MODES:
+        raise ConfigError(f"mode: {mode!r} is not one of {list(MODES)}")
+    if mode == "azureml" and ml_client is None:
+        raise ConfigError("mode: azureml needs a workspace (an MLClient)")
+    source = model.path or model_dir
+    if source is None:
+        raise ConfigError(
+            f"{model.name}:{model.version} has no local folder ({model.uri}); pass the model folder"
+        )
+    model_json = read_json(source / "model.json")
+    model_file = source / str(model_json["model_file"])
+    actual = sha256_file(model_file)
+    expected = {model.sha256, str(model_json["sha256"])}
+    if registration is not None:
+        expected.add(str(registration["sha256"]))
+    if expected != {actual}:
+        raise IntegrityError(
+            f"refusing to package {model.name}:{model.version}: {model_file} has sha256 {actual}, "
+            f"expected {sorted(expected - {actual})}"
+        )
+    scoring = scoring_sources()
+    image = image_name(image_registry, model.name, model.version)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        shutil.copytree(
+            source, staging / MODEL_SUBDIR, ignore=shutil.ignore_patterns(".registry.json")
+        )
+        (staging / "scoring").mkdir()
+        for module in sorted(scoring.glob("*.py")):
+            if module.name not in _SCORING_EXCLUDED:
+                shutil.copy2(module, staging / "scoring" / module.name)
+        shutil.copy2(scoring / "score.py", staging / "score.py")
+        (staging / "asgi.py").write_text(ASGI_ENTRY, encoding="utf-8")
+        (staging / "requirements.txt").write_text(
+            requirements(dict(model_json.get("library_versions", {}))), encoding="utf-8"
+        )
+        (staging / "Dockerfile").write_text(
+            DOCKERFILE.format(
+                model=model.name,
+                version=model.version,
+                sha256=actual,
+                image=image,
+                port=SERVER_PORT,
+            ),
+            encoding="utf-8",
+        )
+        (staging / "k8s").mkdir()
+        for colour in COLOURS:
+            (staging / "k8s" / f"values-{colour}.yaml").write_text(
+                helm_values(colour, image, model), encoding="utf-8"
+            )
+        files = {
+            p.relative_to(staging).as_posix(): sha256_file(p)
+            for p in sorted(staging.rglob("*"))
+            if p.is_file()
+        }
+        manifest: dict[str, Any] = {
+            "model": model.name,
+            "version": str(model.version),
+            "sha256": actual,
+            "image": image,
+            "source_uri": model.uri,
+            "model_dir": MODEL_SUBDIR,
+            "entry": {"aml": "score.py", "asgi": "asgi:build"},
+            "port": SERVER_PORT,
+            "metrics": model_json.get("metrics", {}),
+            "tags": dict(model.tags),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "files": files,
+        }
+        if mode == "azureml":
+            environment = _package_in_azureml(ml_client, model, staging)
+            manifest["azureml_environment"] = f"{environment.name}:{environment.version}"
+        write_json(staging / PACKAGE_JSON, manifest)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("packaged %s:%s as %s in %s", model.name, model.version, image, out_dir)
+    return PackageResult(out_dir, manifest)
+
+
+def _package_in_azureml(ml_client: Any, model: ModelVersion, folder: Path) -> Any:
+    """Ask Azure ML to build the serving environment from `folder` (experimental API)."""
+    from azure.ai.ml.entities import AzureMLOnlineInferencingServer, CodeConfiguration, ModelPackage
+
+    request = ModelPackage(
+        target_environment=f"{model.name}-serving",
+        inferencing_server=AzureMLOnlineInferencingServer(
+            code_configuration=CodeConfiguration(code=str(folder), scoring_script="score.py")
+        ),
+    )
+    log.info("asking Azure ML to package %s:%s", model.name, model.version)
+    return ml_client.models.package(model.name, str(model.version), request)

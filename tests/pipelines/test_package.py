@@ -1,0 +1,116 @@
+"""The package step: folder contract, integrity checks, and the package actually serving."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aml_pipelines.errors import ComponentError, ConfigError, IntegrityError
+from aml_pipelines.registry.local import LocalRegistry
+from components.package import package as package_module
+from components.package.main import main
+from components.package.package import build_package, image_name
+from components.register.register import register_model
+from components.train.train import TrainParams, train
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory: pytest.TempPathFactory) -> tuple[LocalRegistry, Path]:
+    root = tmp_path_factory.mktemp("pkg")
+    train(root / "model", name="Diabetes-Ridge", params=TrainParams())
+    registry = LocalRegistry(root / "registry")
+    register_model(root / "model", registry, out_dir=root / "registration")
+    return registry, root
+
+
+def test_package_folder_follows_the_contract(registered, tmp_path: Path) -> None:
+    registry, _ = registered
+    version = registry.get("Diabetes-Ridge", 1)
+    result = build_package(version, tmp_path / "pkg", image_registry="acr.example.io/team/")
+    pkg = tmp_path / "pkg"
+    manifest = json.loads((pkg / "package.json").read_text())
+    assert manifest["model"] == "Diabetes-Ridge" and manifest["version"] == "1"
+    assert manifest["sha256"] == version.sha256
+    assert manifest["image"] == result.image == "acr.example.io/team/diabetes-ridge:1"
+    for rel in ("model/model.skops", "model/model.json", "model/sample-input.json", "score.py",
+                "asgi.py", "scoring/app.py", "requirements.txt", "Dockerfile",
+                "k8s/values-blue.yaml", "k8s/values-green.yaml"):  # fmt: skip
+        assert (pkg / rel).is_file(), rel
+    assert not (pkg / "model" / ".registry.json").exists()
+    assert not (pkg / "scoring" / "cli.py").exists()  # the server needs no CLI
+    assert (pkg / "score.py").read_text() == (Path("scoring") / "score.py").read_text()
+    requirements = (pkg / "requirements.txt").read_text()
+    model_json = json.loads((pkg / "model" / "model.json").read_text())
+    assert f"scikit-learn=={model_json['library_versions']['scikit-learn']}" in requirements
+    assert "uvicorn[standard]==" in requirements
+    assert 'CMD ["uvicorn", "asgi:build", "--factory"' in (pkg / "Dockerfile").read_text()
+    blue = (pkg / "k8s" / "values-blue.yaml").read_text()
+    assert "colour: blue" in blue and "repository: acr.example.io/team/diabetes-ridge" in blue
+    assert manifest["files"]["model/model.skops"] == version.sha256
+
+
+def test_packaged_score_py_serves_with_only_the_package(registered, tmp_path: Path) -> None:
+    registry, _ = registered
+    pkg = build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "p", image_registry="r").path
+    sample = json.loads((pkg / "model" / "sample-input.json").read_text())["data"][:3]
+    code = (
+        "import json, sys, scoring, score\n"
+        "assert scoring.__file__.startswith(sys.argv[1]), scoring.__file__\n"
+        "score.init()\n"
+        "print(json.dumps(score.run(sys.argv[2])))\n"
+    )
+    env = {**os.environ, "AZUREML_MODEL_DIR": str(pkg), "PYTHONPATH": ""}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(pkg), json.dumps({"data": sample})],
+        cwd=pkg, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(answer["predictions"]) == 3
+    assert answer["model"] == "Diabetes-Ridge" and answer["version"] == "1", answer
+
+
+def test_a_swapped_model_file_is_not_packaged(registered, tmp_path: Path) -> None:
+    registry, _ = registered
+    version = registry.get("Diabetes-Ridge", 1)
+    with pytest.raises(IntegrityError, match="refusing to package"):
+        build_package(version, tmp_path / "p", image_registry="r", registration={"sha256": "0"})
+    assert not (tmp_path / "p").exists()
+
+
+def test_missing_score_py_fails_clearly(registered, tmp_path: Path, monkeypatch) -> None:
+    registry, _ = registered
+    (tmp_path / "scoring").mkdir()
+    (tmp_path / "scoring" / "__init__.py").write_text("")
+    fake = importlib.machinery.ModuleSpec(
+        "scoring", None, origin=str(tmp_path / "scoring/__init__.py")
+    )
+    monkeypatch.setattr(package_module.importlib.util, "find_spec", lambda _name: fake)
+    with pytest.raises(ComponentError, match=r"score\.py is missing"):
+        build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "p", image_registry="r")
+
+
+@pytest.mark.parametrize(
+    ("registry", "message"),
+    [pytest.param("", "image_registry", id="empty"), pytest.param("a b", "not a", id="space")],
+)
+def test_bad_image_registry(registry: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        image_name(registry, "m", 1)
+
+
+def test_main_packages_the_registered_version(registered, tmp_path: Path) -> None:
+    registry, root = registered
+    argv = ["--registration", str(root / "registration"), "--registry", f"local:{registry.root}",
+            "--image-registry", "localhost:5000", "--package", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "out" / "package.json").read_text())["image"] == (
+        "localhost:5000/diabetes-ridge:1"
+    )
+    assert main([*argv[:-1], str(tmp_path / "o2"), "--mode", "azureml"]) == 1  # no workspace
