@@ -1,0 +1,102 @@
+"""Entry point of the rollout component: package + spec in, a judged rollout out.
+
+It validates its inputs, then calls the engine's public API (`rollout.api.run_rollout`) with the
+package as the candidate release. It never pretends: if the engine cannot be imported it fails
+with "rollout engine not available". The rollout's state and JSONL ledger go to the `result`
+output, with `result.json` {phase, reason, ledger, candidate, stable}.
+
+Exit codes: 0 promoted (Succeeded), 3 rolled back, 4 engine not available, 5 paused for a human,
+1 failed or invalid input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from components.common import read_json, setup_logging, write_json
+
+log = logging.getLogger("components.rollout")
+
+EXIT_ROLLED_BACK = 3
+EXIT_ENGINE_UNAVAILABLE = 4
+EXIT_PAUSED = 5
+_EXIT_BY_PHASE = {"Succeeded": 0, "RolledBack": EXIT_ROLLED_BACK, "Paused": EXIT_PAUSED}
+_PACKAGE_KEYS = ("model", "version", "sha256", "image")
+
+
+class InvalidInput(Exception):
+    """An input of the component is missing or malformed."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="components.rollout.main", description=__doc__)
+    parser.add_argument("--package", type=Path, required=True, help="package folder")
+    parser.add_argument("--spec", type=Path, required=True, help="rollout spec (YAML)")
+    parser.add_argument("--result", type=Path, required=True, help="output folder")
+    return parser.parse_args(argv)
+
+
+def read_package(folder: Path) -> dict[str, Any]:
+    """package.json of a package folder, with the fields the rollout needs."""
+    path = folder / "package.json"
+    if not path.is_file():
+        raise InvalidInput(f"package: {path} not found (run the package step first)")
+    package: dict[str, Any] = read_json(path)
+    if missing := [key for key in _PACKAGE_KEYS if not package.get(key)]:
+        raise InvalidInput(f"package: {path} lacks {missing}")
+    return package
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    try:
+        package = read_package(args.package)
+        if not args.spec.is_file():
+            raise InvalidInput(f"spec: {args.spec} not found")
+    except InvalidInput as exc:
+        log.error("%s", exc)
+        return 1
+    try:
+        from rollout.api import load_spec, run_rollout
+        from rollout.core.types import Release
+        from rollout.errors import RolloutError
+    except ImportError as exc:
+        log.error("rollout engine not available (%s); nothing was rolled out", exc)
+        return EXIT_ENGINE_UNAVAILABLE
+
+    candidate = Release(
+        model=str(package["model"]),
+        version=str(package["version"]),
+        sha256=str(package["sha256"]),
+        image=str(package["image"]),
+        model_dir=str(args.package.resolve()),
+    )
+    try:
+        spec = load_spec(args.spec)
+        log.info("rolling out %s:%s (%s)", candidate.model, candidate.version, candidate.image)
+        result = run_rollout(spec, candidate=candidate, state_dir=args.result)
+    except RolloutError as exc:
+        log.error("rollout failed: %s", exc)
+        return 1
+    write_json(
+        args.result / "result.json",
+        {
+            "phase": str(result.phase),
+            "reason": result.reason,
+            "ledger": str(result.ledger_path),
+            "candidate": asdict(result.candidate) if result.candidate else None,
+            "stable": asdict(result.stable) if result.stable else None,
+        },
+    )
+    log.info("rollout ended %s: %s (ledger %s)", result.phase, result.reason, result.ledger_path)
+    return _EXIT_BY_PHASE.get(str(result.phase), 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The rollout component: input validation, the engine-missing error, and real dry-run rollouts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from components.rollout.main import EXIT_ENGINE_UNAVAILABLE, EXIT_ROLLED_BACK, main
+
+SPEC = """
+name: component-test
+router: {{kind: memory}}
+metrics: {{kind: simulated, seed: 3, rps: 5000{canary}}}
+steps: [50, 100]
+analysis: {{interval_s: 0.02, min_requests: 50, max_step_duration_s: 5}}
+stable: {{model: m, version: "0"}}
+"""
+
+
+@pytest.fixture
+def package(tmp_path: Path) -> Path:
+    folder = tmp_path / "package"
+    folder.mkdir()
+    (folder / "package.json").write_text(
+        json.dumps({"model": "m", "version": "1", "sha256": "ab" * 32, "image": "r/m:1"})
+    )
+    return folder
+
+
+def _spec(tmp_path: Path, canary: str = "") -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(SPEC.format(canary=canary))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("canary", "exit_code", "phase"),
+    [
+        pytest.param("", 0, "Succeeded", id="healthy-candidate-promoted"),
+        pytest.param(", canary: {error_rate: 0.3}", EXIT_ROLLED_BACK, "RolledBack", id="faulty"),
+    ],
+)
+def test_runs_the_engine_on_a_dry_run_spec(
+    tmp_path: Path, package: Path, canary: str, exit_code: int, phase: str
+) -> None:
+    result = tmp_path / "result"
+    argv = [
+        "--package",
+        str(package),
+        "--spec",
+        str(_spec(tmp_path, canary)),
+        "--result",
+        str(result),
+    ]
+    assert main(argv) == exit_code
+    written = json.loads((result / "result.json").read_text())
+    assert written["phase"] == phase
+    assert written["candidate"]["version"] == "1" and written["candidate"]["image"] == "r/m:1"
+    assert Path(written["ledger"]).is_file()
+
+
+def test_engine_not_available_fails_without_pretending(
+    tmp_path: Path, package: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "rollout.api", None)  # import now raises ImportError
+    result = tmp_path / "result"
+    argv = ["--package", str(package), "--spec", str(_spec(tmp_path)), "--result", str(result)]
+    assert main(argv) == EXIT_ENGINE_UNAVAILABLE
+    assert "rollout engine not available" in caplog.text
+    assert not (result / "result.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("break_it", "message"),
+    [
+        pytest.param("no-package-json", "package.json not found", id="no-package"),
+        pytest.param("no-image", "lacks ['image']", id="package-without-image"),
+        pytest.param("no-spec", "spec:", id="no-spec"),
+        pytest.param("bad-spec", "steps", id="invalid-spec"),
+    ],
+)
+def test_bad_inputs_are_refused(
+    tmp_path: Path, package: Path, break_it: str, message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = _spec(tmp_path)
+    if break_it == "no-package-json":
+        (package / "package.json").unlink()
+    elif break_it == "no-image":
+        (package / "package.json").write_text(
+            json.dumps({"model": "m", "version": "1", "sha256": "a"})
+        )
+    elif break_it == "no-spec":
+        spec.unlink()
+    else:
+        spec.write_text(spec.read_text().replace("[50, 100]", "[50, 40]"))
+    argv = ["--package", str(package), "--spec", str(spec), "--result", str(tmp_path / "r")]
+    assert main(argv) == 1
+    assert message in caplog.text
