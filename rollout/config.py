@@ -122,7 +122,12 @@ class IstioRouterConfig(_Model):
 
 
 class AzureMLRouterConfig(_Model):
-    """Azure ML managed online endpoint: `traffic` (and `mirror_traffic`) per deployment."""
+    """Azure ML managed online endpoint: `traffic` (and `mirror_traffic`) per deployment.
+
+    Each colour is a ManagedOnlineDeployment serving the release's registered model
+    `azureml:<model>:<version>`; `environment` (an asset id such as `azureml:sklearn-env:1`) and
+    `code` + `scoring_script` are what a non-MLflow model needs (docs/azureml-endpoint.md).
+    """
 
     kind: Literal["azureml"] = "azureml"
     subscription_id: str
@@ -130,10 +135,13 @@ class AzureMLRouterConfig(_Model):
     workspace: str
     endpoint: str
     deployments: ColourNames = Field(default_factory=ColourNames)
-    #: Percent of traffic mirrored to blue during analysis (Azure allows at most 50).
+    #: Percent of live traffic mirrored to blue while it takes none (Azure allows at most 50).
     mirror_percent: int = Field(default=0, ge=0, le=50)
     instance_type: str = "Standard_DS3_v2"
     instance_count: int = Field(default=1, ge=1)
+    environment: str | None = None
+    code: str | None = None
+    scoring_script: str = "score.py"
 
 
 RouterConfig = Annotated[

@@ -1,0 +1,332 @@
+"""Azure ML router: a managed online endpoint's `traffic` (and `mirror_traffic`) per deployment.
+
+The two colours are two deployments of one managed online endpoint (named `blue` and `green`
+unless the config says otherwise). Azure ML does the routing; this module speaks azure-ai-ml
+(`MLClient.online_endpoints` / `online_deployments`, imported lazily: `import azure.ai.ml` costs
+seconds) and keeps Azure's rules in pure functions (`plan_traffic`, `check_mirror`):
+
+- `traffic` sums to 0 or 100 over the endpoint's deployments. Our weights give blue + green
+  = 100, so another deployment taking live traffic is refused rather than silently zeroed.
+- `mirror_traffic` (shadow) goes to at most one deployment, at most 50 %, and never to a
+  deployment that also takes live traffic. With `mirror_percent` set, blue is shadowed while it
+  is deployed at weight 0 (the seed's Blue_0 step): it sees real requests, users never see its
+  answers; giving blue live traffic ends the shadow.
+- A request with header `azureml-model-deployment: <deployment>` is pinned to that deployment
+  (Azure's equivalent of our `x-api-version`; it bypasses `traffic`).
+
+`deploy` creates the endpoint when missing (key auth, no traffic), then creates or updates the
+ManagedOnlineDeployment with the release's registered model `azureml:<model>:<version>` and the
+release identity in its tags; it returns when Azure reports the operation done (the SDK's LRO
+poller). `remove` deletes the deployment, refusing while it takes live traffic.
+
+Azure gives no optimistic concurrency on the endpoint through the SDK: two writers of `traffic`
+race with last-writer-wins, so run one controller per endpoint (the state store's lease does).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from rollout.core.types import Colour, Release, Weights
+from rollout.errors import ConfigError, RouterError
+
+if TYPE_CHECKING:
+    from rollout.config import AzureMLRouterConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PIN_HEADER = "azureml-model-deployment"
+MAX_MIRROR_PERCENT = 50
+TAG_PREFIX = "aml-rollout."
+
+
+# ---- Azure's traffic rules, pure ------------------------------------------------------------
+def plan_traffic(
+    current: Mapping[str, int],
+    mirror: Mapping[str, int],
+    names: Mapping[Colour, str],
+    weights: Weights,
+    shadow_percent: int = 0,
+) -> tuple[dict[str, int], dict[str, int]]:
+    """The endpoint's new (traffic, mirror_traffic) for `weights` (checked by `check_mirror`).
+
+    Deployments we do not manage keep their entry at 0; one that takes live traffic is an error,
+    since blue + green already make 100. Blue is shadowed at `shadow_percent` while it takes no
+    live traffic (the caller passes 0 when blue is not deployed); other shadows are kept.
+    """
+    ours = set(names.values())
+    foreign = {name: pct for name, pct in current.items() if name not in ours and pct}
+    if foreign:
+        raise RouterError(
+            f"endpoint sends live traffic to deployments aml-rollout does not manage: {foreign}; "
+            "set them to 0 first"
+        )
+    traffic = {name: 0 for name in current if name not in ours}
+    for colour, name in names.items():
+        if weights.of(colour) or name in current:
+            traffic[name] = weights.of(colour)
+    new_mirror = {name: pct for name, pct in mirror.items() if name not in ours}
+    if shadow_percent and not weights.blue:
+        new_mirror[names[Colour.BLUE]] = shadow_percent
+    check_mirror(new_mirror, traffic)
+    return traffic, new_mirror
+
+
+def check_mirror(mirror: Mapping[str, int], traffic: Mapping[str, int]) -> None:
+    """Raise RouterError when `mirror_traffic` breaks Azure's rules."""
+    shadowed = {name: pct for name, pct in mirror.items() if pct}
+    if len(shadowed) > 1:
+        raise RouterError(f"mirror traffic may go to one deployment only, got {shadowed}")
+    for name, pct in shadowed.items():
+        if not 0 < pct <= MAX_MIRROR_PERCENT:
+            raise RouterError(
+                f"mirror traffic to {name!r} must be 1..{MAX_MIRROR_PERCENT} %, got {pct}"
+            )
+        if traffic.get(name):
+            raise RouterError(f"deployment {name!r} takes live traffic; it cannot also be mirrored")
+
+
+def weights_from_traffic(traffic: Mapping[str, int], names: Mapping[Colour, str]) -> Weights:
+    """Our weights as the endpoint's `traffic` holds them."""
+    blue, green = (int(traffic.get(names[c], 0)) for c in (Colour.BLUE, Colour.GREEN))
+    try:
+        return Weights(blue=blue, green=green)
+    except ValueError as exc:
+        raise RouterError(
+            f"endpoint traffic {dict(traffic)} does not split 100 % between "
+            f"{names[Colour.BLUE]!r} and {names[Colour.GREEN]!r} (no traffic set yet?)"
+        ) from exc
+
+
+def release_tags(release: Release) -> dict[str, str]:
+    """The release identity, stored as deployment tags."""
+    return {
+        f"{TAG_PREFIX}model": release.model,
+        f"{TAG_PREFIX}version": release.version,
+        f"{TAG_PREFIX}sha256": release.sha256,
+    }
+
+
+# ---- the router -----------------------------------------------------------------------------
+class AzureMLRouter:
+    """A TrafficRouter over one Azure ML managed online endpoint."""
+
+    def __init__(
+        self,
+        ml_client: Any,
+        endpoint: str,
+        *,
+        deployments: Mapping[Colour, str] | None = None,
+        instance_type: str = "Standard_DS3_v2",
+        instance_count: int = 1,
+        environment: str | None = None,
+        code: str | None = None,
+        scoring_script: str = "score.py",
+        mirror_percent: int = 0,
+    ) -> None:
+        self._ml = ml_client
+        self.endpoint = endpoint
+        self.names: dict[Colour, str] = dict(deployments or {c: c.value for c in Colour})
+        if len(set(self.names.values())) != 2:
+            raise ConfigError(
+                f"router.deployments: blue and green need two names, got {self.names}"
+            )
+        self._instance_type = instance_type
+        self._instance_count = instance_count
+        self._environment = environment
+        self._code = code
+        self._scoring_script = scoring_script
+        if not 0 <= mirror_percent <= MAX_MIRROR_PERCENT:
+            raise ConfigError(
+                f"router.mirror_percent: must be 0..{MAX_MIRROR_PERCENT}, got {mirror_percent}"
+            )
+        self._mirror_percent = mirror_percent
+
+    @classmethod
+    def from_config(cls, cfg: AzureMLRouterConfig) -> AzureMLRouter:
+        """Build with an MLClient on DefaultAzureCredential (az login, managed identity, ...)."""
+        from azure.ai.ml import MLClient
+        from azure.identity import DefaultAzureCredential
+
+        client = MLClient(
+            DefaultAzureCredential(), cfg.subscription_id, cfg.resource_group, cfg.workspace
+        )
+        return cls(
+            client,
+            cfg.endpoint,
+            deployments={c: cfg.deployments.of(c) for c in Colour},
+            instance_type=cfg.instance_type,
+            instance_count=cfg.instance_count,
+            environment=cfg.environment,
+            code=cfg.code,
+            scoring_script=cfg.scoring_script,
+            mirror_percent=cfg.mirror_percent,
+        )
+
+    # ---------------------------------------------------------------- TrafficRouter protocol
+    def deploy(self, colour: Colour, release: Release) -> None:
+        """Create or update deployment `colour` with the release's registered model."""
+        from azure.ai.ml.entities import CodeConfiguration, ManagedOnlineDeployment
+
+        self._ensure_endpoint()
+        name = self.names[colour]
+        deployment = ManagedOnlineDeployment(
+            name=name,
+            endpoint_name=self.endpoint,
+            model=f"azureml:{release.model}:{release.version}",
+            environment=self._environment,
+            code_configuration=(
+                CodeConfiguration(code=self._code, scoring_script=self._scoring_script)
+                if self._code
+                else None
+            ),
+            instance_type=self._instance_type,
+            instance_count=self._instance_count,
+            tags=release_tags(release),
+        )
+        self._call(
+            f"deploy {self.endpoint}/{name}",
+            lambda: self._ml.online_deployments.begin_create_or_update(deployment).result(),
+        )
+        log.info("deployed %s:%s as %s/%s", release.model, release.version, self.endpoint, name)
+
+    def release(self, colour: Colour) -> Release | None:
+        """The release deployment `colour` serves (from its tags), or None when it is absent."""
+        name = self.names[colour]
+        found = self._get(
+            f"deployment {self.endpoint}/{name}",
+            lambda: self._ml.online_deployments.get(name=name, endpoint_name=self.endpoint),
+        )
+        if found is None:
+            return None
+        tags = found.tags or {}
+        model, version = tags.get(f"{TAG_PREFIX}model"), tags.get(f"{TAG_PREFIX}version")
+        if not model or version is None:
+            raise RouterError(
+                f"deployment {self.endpoint}/{name} has no {TAG_PREFIX}model/version tags: "
+                "it was not deployed by aml-rollout"
+            )
+        return Release(
+            model=model,
+            version=version,
+            sha256=tags.get(f"{TAG_PREFIX}sha256", ""),
+            deployment=name,
+        )
+
+    def set_weights(self, weights: Weights) -> None:
+        """Set the endpoint's `traffic`; header-pinned requests are unaffected (Azure's rule)."""
+        deployed = {colour: self.release(colour) is not None for colour in Colour}
+        for colour in Colour:
+            if weights.of(colour) and not deployed[colour]:
+                raise RouterError(
+                    f"cannot send {weights.of(colour)} % to {colour.value}: deployment "
+                    f"{self.endpoint}/{self.names[colour]} does not exist"
+                )
+        endpoint = self._endpoint()
+        current, mirror = dict(endpoint.traffic or {}), dict(endpoint.mirror_traffic or {})
+        shadow = self._mirror_percent if deployed[Colour.BLUE] else 0
+        traffic, new_mirror = plan_traffic(current, mirror, self.names, weights, shadow)
+        if (traffic, new_mirror) == (current, mirror):
+            return
+        self._update_endpoint(endpoint, traffic, new_mirror)
+        log.info("endpoint %s: traffic %s mirror %s", self.endpoint, traffic, new_mirror)
+
+    def get_weights(self) -> Weights:
+        """The weights the endpoint's `traffic` holds now."""
+        return weights_from_traffic(self._endpoint().traffic or {}, self.names)
+
+    def remove(self, colour: Colour) -> None:
+        """Delete deployment `colour` (and any shadow to it); a no-op when it is already gone."""
+        name = self.names[colour]
+        endpoint = self._get(f"endpoint {self.endpoint}", self._endpoint_raw)
+        if endpoint is None:
+            return
+        traffic, mirror = dict(endpoint.traffic or {}), dict(endpoint.mirror_traffic or {})
+        if traffic.get(name):
+            raise RouterError(f"cannot remove {colour.value}: it still serves default traffic")
+        if name in traffic or name in mirror:  # Azure refuses to delete a referenced deployment
+            traffic.pop(name, None)
+            mirror.pop(name, None)
+            self._update_endpoint(endpoint, traffic, mirror)
+
+        self._get(  # already gone is fine: remove is idempotent
+            f"delete deployment {self.endpoint}/{name}",
+            lambda: self._ml.online_deployments.begin_delete(
+                name=name, endpoint_name=self.endpoint
+            ).result(),
+        )
+
+    # ------------------------------------------------------------------ shadow (Azure only)
+    def get_mirror(self) -> int:
+        """Percent of live requests mirrored to blue now."""
+        return int((self._endpoint().mirror_traffic or {}).get(self.names[Colour.BLUE], 0))
+
+    # ------------------------------------------------------------------------------ internals
+    def _ensure_endpoint(self) -> None:
+        if self._get(f"endpoint {self.endpoint}", self._endpoint_raw) is not None:
+            return
+        from azure.ai.ml.entities import ManagedOnlineEndpoint
+
+        new = ManagedOnlineEndpoint(name=self.endpoint, auth_mode="key")
+        self._call(
+            f"create endpoint {self.endpoint}",
+            lambda: self._ml.online_endpoints.begin_create_or_update(new).result(),
+        )
+        log.info("created endpoint %s", self.endpoint)
+
+    def _endpoint_raw(self) -> Any:
+        return self._ml.online_endpoints.get(name=self.endpoint)
+
+    def _endpoint(self) -> Any:
+        endpoint = self._get(f"endpoint {self.endpoint}", self._endpoint_raw)
+        if endpoint is None:
+            raise RouterError(f"endpoint {self.endpoint} does not exist (deploy a colour first)")
+        return endpoint
+
+    def _update_endpoint(
+        self, endpoint: Any, traffic: dict[str, int], mirror: dict[str, int]
+    ) -> None:
+        endpoint.traffic = traffic
+        endpoint.mirror_traffic = mirror
+        self._call(
+            f"update endpoint {self.endpoint} traffic",
+            lambda: self._ml.online_endpoints.begin_create_or_update(endpoint).result(),
+        )
+
+    def _get(self, what: str, call: Callable[[], T]) -> T | None:
+        try:
+            return self._call(what, call)
+        except _NotFound:
+            return None
+
+    def _call(self, what: str, call: Callable[[], T]) -> T:
+        """Run one SDK call, turning Azure's errors into RouterError naming the resource."""
+        from azure.core.exceptions import (
+            AzureError,
+            ClientAuthenticationError,
+            HttpResponseError,
+            ResourceNotFoundError,
+        )
+
+        try:
+            return call()
+        except ResourceNotFoundError as exc:
+            raise _NotFound(what) from exc
+        except ClientAuthenticationError as exc:
+            raise RouterError(f"{what}: Azure rejected the credentials ({exc.message})") from exc
+        except HttpResponseError as exc:
+            raise RouterError(f"{what}: HTTP {exc.status_code} {exc.message}") from exc
+        except AzureError as exc:
+            raise RouterError(f"{what}: {exc.message}") from exc
+        except Exception as exc:
+            # azure-ai-ml raises its own MlException tree (validation, asset resolution).
+            if type(exc).__module__.startswith("azure."):
+                raise RouterError(f"{what}: {exc}") from exc
+            raise
+
+
+class _NotFound(RouterError):
+    """A resource the caller may treat as absent (raised only out of `_call`)."""
