@@ -1,0 +1,194 @@
+"""Parse Azure Event Grid deliveries (Event Grid schema and CloudEvents 1.0) into plain records.
+
+Pure functions, no I/O: `parse(body)` returns one record per event, or raises `BadEvent` with a
+message that says what is wrong (the webhook answers it as a 400).
+
+Accepted shapes (what Event Grid sends to a webhook):
+- Event Grid schema: a JSON array of events (`id`, `eventType`, `subject`, `data`,
+  `dataVersion`, `eventTime`); the subscription handshake is one
+  `Microsoft.EventGrid.SubscriptionValidationEvent` whose `data.validationCode` must be echoed;
+- CloudEvents 1.0 structured mode: one JSON object with `specversion` (content type
+  `application/cloudevents+json`), or a JSON array of them (batch,
+  `application/cloudevents-batch+json`). CloudEvents validation is an HTTP OPTIONS handshake,
+  handled by the webhook, not here.
+
+Events are read through the azure-eventgrid package's `EventGridEvent.from_dict` and azure-core's
+`CloudEvent.from_dict`. Both are lenient (EventGridEvent accepts `{}`, CloudEvent invents an id
+when none is given, which would defeat de-duplication), so required fields are checked here first.
+
+`Microsoft.MachineLearningServices.ModelRegistered` carries `data.ModelName`, `data.ModelVersion`
+(a string), `data.ModelTags` and `data.ModelProperties`; its subject is `models/{name}:{version}`.
+The data is authoritative; the subject fills in a missing name or version and must not contradict.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aml_pipelines.errors import TriggerError
+
+MODEL_REGISTERED = "Microsoft.MachineLearningServices.ModelRegistered"
+SUBSCRIPTION_VALIDATION = "Microsoft.EventGrid.SubscriptionValidationEvent"
+_SUBJECT = re.compile(r"^models/(?P<name>[^:/]+):(?P<version>[^:/]+)$")
+_EVENTGRID_REQUIRED = ("id", "eventType", "subject", "data", "dataVersion", "eventTime")
+_CLOUDEVENT_REQUIRED = ("id", "source", "type", "specversion")
+#: Event Grid delivers at most 5,000 events per batch.
+MAX_EVENTS = 5_000
+
+
+class BadEvent(TriggerError):
+    """A delivery that is not a well-formed Event Grid or CloudEvents payload."""
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The Event Grid subscription handshake: answer `{"validationResponse": code}`."""
+
+    event_id: str
+    code: str
+
+
+@dataclass(frozen=True)
+class ModelRegistered:
+    """A model version was registered in an Azure ML workspace."""
+
+    event_id: str
+    model: str
+    version: int
+    tags: Mapping[str, str] = field(default_factory=dict)
+    properties: Mapping[str, str] = field(default_factory=dict)
+    schema: str = "eventgrid"  # or "cloudevents"
+
+
+@dataclass(frozen=True)
+class Other:
+    """Any other event type (e.g. SubscriptionDeletedEvent): acknowledged, not acted on."""
+
+    event_id: str
+    event_type: str
+
+
+Record = Validation | ModelRegistered | Other
+
+
+def parse(body: bytes) -> list[Record]:
+    """Parse one delivery; raises BadEvent naming the first problem."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadEvent(f"body is not JSON: {exc}") from None
+    if isinstance(payload, dict):
+        if "specversion" not in payload:
+            raise BadEvent(
+                "a single JSON object must be a CloudEvent (no 'specversion'); "
+                "Event Grid schema deliveries are JSON arrays"
+            )
+        items: list[Any] = [payload]
+    elif isinstance(payload, list):
+        items = payload
+    else:
+        raise BadEvent(f"body must be a JSON array or object, not {type(payload).__name__}")
+    if not items:
+        raise BadEvent("body holds no events")
+    if len(items) > MAX_EVENTS:
+        raise BadEvent(f"body holds {len(items)} events; at most {MAX_EVENTS} are accepted")
+    return [_parse_one(item, index) for index, item in enumerate(items)]
+
+
+def _parse_one(item: Any, index: int) -> Record:
+    where = f"event [{index}]"
+    if not isinstance(item, dict):
+        raise BadEvent(f"{where} is not a JSON object")
+    if "specversion" in item:
+        return _cloud_event(item, where)
+    return _eventgrid_event(item, where)
+
+
+def _require(item: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in item]
+    if missing:
+        raise BadEvent(f"{where} lacks required field(s) {', '.join(missing)}")
+    event_id = item["id"]
+    if not isinstance(event_id, str) or not event_id.strip():
+        raise BadEvent(f"{where}: 'id' must be a non-empty string")
+
+
+def _eventgrid_event(item: dict[str, Any], where: str) -> Record:
+    from azure.eventgrid import EventGridEvent
+
+    _require(item, _EVENTGRID_REQUIRED, where)
+    try:
+        event = EventGridEvent.from_dict(item)
+    except Exception as exc:  # azure-core's DeserializationError and friends
+        raise BadEvent(f"{where} is not an Event Grid event: {exc}") from None
+    event_type = str(event.event_type)
+    where = f"{where} ({event.id})"
+    if event_type == SUBSCRIPTION_VALIDATION:
+        code = event.data.get("validationCode") if isinstance(event.data, dict) else None
+        if not isinstance(code, str) or not code:
+            raise BadEvent(f"{where}: validation event without data.validationCode")
+        return Validation(event.id, code)
+    if event_type == MODEL_REGISTERED:
+        return _model_registered(event.id, event.subject, event.data, "eventgrid", where)
+    return Other(event.id, event_type)
+
+
+def _cloud_event(item: dict[str, Any], where: str) -> Record:
+    from azure.core.messaging import CloudEvent
+
+    _require(item, _CLOUDEVENT_REQUIRED, where)
+    if item["specversion"] != "1.0":
+        raise BadEvent(f"{where}: specversion {item['specversion']!r} is not supported (1.0 is)")
+    try:
+        event: CloudEvent[Any] = CloudEvent.from_dict(item)
+    except (ValueError, TypeError) as exc:
+        raise BadEvent(f"{where} is not a CloudEvent: {exc}") from None
+    where = f"{where} ({event.id})"
+    if event.type == MODEL_REGISTERED:
+        return _model_registered(event.id, event.subject, event.data, "cloudevents", where)
+    return Other(event.id, event.type)
+
+
+def _model_registered(
+    event_id: str, subject: str | None, data: Any, schema: str, where: str
+) -> ModelRegistered:
+    if not isinstance(data, dict):
+        raise BadEvent(f"{where}: ModelRegistered data must be a JSON object")
+    from_subject = _SUBJECT.match(subject or "")
+    name = data.get("ModelName") or (from_subject and from_subject["name"])
+    raw_version = data.get("ModelVersion") or (from_subject and from_subject["version"])
+    if not isinstance(name, str) or not name:
+        raise BadEvent(f"{where}: no model name (data.ModelName or subject models/NAME:VERSION)")
+    try:
+        version = int(str(raw_version))
+        if version < 1:
+            raise ValueError
+    except ValueError:
+        raise BadEvent(
+            f"{where}: model version {raw_version!r} is not a positive integer"
+        ) from None
+    if from_subject and (from_subject["name"], from_subject["version"]) != (name, str(version)):
+        raise BadEvent(
+            f"{where}: subject {subject!r} contradicts data ModelName={name!r} "
+            f"ModelVersion={raw_version!r}"
+        )
+    return ModelRegistered(
+        event_id=event_id,
+        model=name,
+        version=version,
+        tags=_str_map(data.get("ModelTags"), "ModelTags", where),
+        properties=_str_map(data.get("ModelProperties"), "ModelProperties", where),
+        schema=schema,
+    )
+
+
+def _str_map(value: Any, name: str, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadEvent(f"{where}: data.{name} must be a JSON object")
+    return {str(k): str(v) for k, v in value.items()}

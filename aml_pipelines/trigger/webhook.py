@@ -1,0 +1,270 @@
+"""Event Grid webhook: a small ASGI app on uvicorn, feeding the same dispatcher as the watcher.
+
+Why a raw ASGI app on uvicorn rather than FastAPI or `http.server`: the stdlib server is documented
+as not for production (basic security checks only, one thread per connection) and this endpoint
+faces the internet; uvicorn is already a dependency (the scoring service runs on it) and gives a
+hardened HTTP parser, TLS (`--ssl-*`), graceful shutdown and keep-alive. A framework would add
+routing and validation we do not need for one route, while the body limit must be enforced
+*while streaming* (chunked bodies carry no Content-Length) — the raw `receive()` loop does that in
+a few lines.
+
+Routes:
+- `POST /events`   Event Grid schema (array) or CloudEvents 1.0 (structured, or batch array)
+- `OPTIONS /events` CloudEvents abuse-protection handshake: `WebHook-Request-Origin` is echoed in
+  `WebHook-Allowed-Origin`
+- `GET /healthz`   liveness, no secret needed, reveals nothing
+
+Every `/events` request must carry the shared secret: query `?key=` (what an Event Grid endpoint
+URL carries), or header `aeg-sas-key` / `x-aml-rollout-key` (e.g. set through Event Grid's
+delivery attribute mapping). Compared with `hmac.compare_digest`; 401 otherwise, before the body is
+read. Our own log lines never carry the query string or headers; uvicorn's access log (kept: it is
+what operators grep) gets `key=***` through the `RedactKey` filter.
+
+Answers: 200 with a JSON summary for accepted deliveries (Event Grid treats 2xx as delivered),
+`{"validationResponse": code}` for the handshake, 400 malformed, 401 no/wrong key, 404 unknown
+path, 405 wrong method, 413 body over the limit, 415 not JSON. Event Grid does not retry 400,
+401, 413 (it dead-letters them), so only well-formed but temporarily unprocessable deliveries
+would get a 5xx — and there is none: accepting is a local file write.
+
+Accepting an event = a durable `pending` entry in the model's cursor (see store.py), then the
+event id is remembered; the single `DeliveryWorker` delivers pending versions one at a time.
+Redeliveries are answered 200 and counted as duplicates: by event id, and by version (a second
+event for a version already in the cursor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+from aml_pipelines.trigger.dispatch import Dispatcher
+from aml_pipelines.trigger.eventgrid import BadEvent, ModelRegistered, Validation, parse
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY = 1024 * 1024  # Event Grid's own limit for one event is 1 MB
+SECRET_HEADERS = (b"aeg-sas-key", b"x-aml-rollout-key")
+JSON_TYPES = (
+    "application/json",
+    "application/cloudevents+json",
+    "application/cloudevents-batch+json",
+)
+
+_QUERY_KEY = re.compile(r"([?&]key=)[^&\s]*")
+
+Scope = Mapping[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class RedactKey(logging.Filter):
+    """Blank `key=` query values in log records (uvicorn's access log prints the request path)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _QUERY_KEY.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
+            )
+        return True
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which ModelRegistered events start a delivery: model names (empty = any) and tags."""
+
+    models: Collection[str] = ()
+    tags: Mapping[str, str] | None = None
+
+    def reason_to_skip(self, event: ModelRegistered) -> str | None:
+        """Why the event is ignored, or None when it passes."""
+        if self.models and event.model not in self.models:
+            return f"model {event.model!r} is not watched"
+        for key, value in (self.tags or {}).items():
+            if event.tags.get(key) != value:
+                return f"tag {key}={value} not set"
+        return None
+
+
+class WebhookApp:
+    """The ASGI application; `wake` is called after events were accepted."""
+
+    def __init__(
+        self,
+        *,
+        secret: str,
+        dispatcher: Dispatcher,
+        wake: Callable[[], None],
+        event_filter: Filter | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
+    ) -> None:
+        self._secret = secret.encode()
+        self.dispatcher = dispatcher
+        self.wake = wake
+        self.filter = event_filter or Filter()
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan is off; websockets are not served
+            return
+        client = (scope.get("client") or ("?", 0))[0]
+        method, path = scope["method"], scope["path"]
+        try:
+            status, body, headers = await self._handle(scope, receive)
+        except _Reject as rej:
+            # Logged without query string or headers: they may carry the secret.
+            log.warning("%s %s from %s → %d %s", method, path, client, rej.status, rej.message)
+            status, body, headers = rej.status, {"error": rej.message}, {}
+        await _respond(send, status, body, headers)
+
+    async def _handle(
+        self, scope: Scope, receive: Receive
+    ) -> tuple[int, dict[str, Any] | None, dict[str, str]]:
+        path, method = scope["path"], scope["method"]
+        if path == "/healthz":
+            return 200, {"status": "ok"}, {}
+        if path != "/events":
+            raise _Reject(404, f"no route {path}; Event Grid posts to /events")
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        if not self._authorised(scope, headers):
+            raise _Reject(401, "missing or wrong key (query ?key= or header aeg-sas-key)")
+        if method == "OPTIONS":
+            origin = headers.get(b"webhook-request-origin", b"").decode(errors="replace")
+            if not origin:
+                raise _Reject(400, "OPTIONS without WebHook-Request-Origin")
+            log.info("CloudEvents validation handshake from %s", origin)
+            return 200, None, {"WebHook-Allowed-Origin": origin, "WebHook-Allowed-Rate": "*"}
+        if method != "POST":
+            raise _Reject(405, f"method {method} not allowed on /events")
+        content_type = headers.get(b"content-type", b"").decode(errors="replace")
+        if content_type.split(";")[0].strip().lower() not in JSON_TYPES:
+            raise _Reject(415, f"content type {content_type or 'none'!r} is not JSON")
+        body = await self._read_body(headers, receive)
+        try:
+            records = parse(body)
+        except BadEvent as exc:
+            raise _Reject(400, str(exc)) from None
+        validation = next((r for r in records if isinstance(r, Validation)), None)
+        if validation is not None:
+            log.info("Event Grid subscription validation (event %s)", validation.event_id)
+            return 200, {"validationResponse": validation.code}, {}
+        events = [r for r in records if isinstance(r, ModelRegistered)]
+        summary = await asyncio.to_thread(self._accept, events)
+        summary["ignored_other_types"] = len(records) - len(events)
+        return 200, summary, {}
+
+    def _authorised(self, scope: Scope, headers: Mapping[bytes, bytes]) -> bool:
+        query = parse_qs(scope.get("query_string", b"").decode(errors="replace"))
+        offered = [v.encode() for v in query.get("key", [])]
+        offered += [headers[h] for h in SECRET_HEADERS if h in headers]
+        # Compare every offered value (constant time each) so timing reveals nothing either way.
+        results = [hmac.compare_digest(value, self._secret) for value in offered]
+        return any(results)
+
+    async def _read_body(self, headers: Mapping[bytes, bytes], receive: Receive) -> bytes:
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                if int(declared) > self.max_body:
+                    raise _Reject(413, f"body of {int(declared)} bytes exceeds {self.max_body}")
+            except ValueError:
+                raise _Reject(400, "Content-Length is not a number") from None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Reject(400, "client disconnected mid-body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:  # chunked bodies declare no length: count as we read
+                raise _Reject(413, f"body exceeds {self.max_body} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _accept(self, events: list[ModelRegistered]) -> dict[str, Any]:
+        store = self.dispatcher.store
+        accepted, duplicates, filtered = [], 0, []
+        for event in events:
+            skip = self.filter.reason_to_skip(event)
+            if skip is not None:
+                filtered.append({"id": event.event_id, "reason": skip})
+                continue
+            if store.event_seen(event.event_id):
+                duplicates += 1
+                log.info("duplicate event %s (id already seen)", event.event_id)
+                continue
+            # Cursor first, then the id: a crash in between makes Event Grid's retry a version
+            # duplicate (the cursor knows the version), never a lost event.
+            new = self.dispatcher.accept(event.model, event.version, f"event:{event.event_id}")
+            store.remember_event(event.event_id)
+            if new:
+                accepted.append({"model": event.model, "version": event.version})
+            else:
+                duplicates += 1
+                log.info(
+                    "duplicate event %s: %s v%d is already known",
+                    event.event_id,
+                    event.model,
+                    event.version,
+                )
+        if accepted:
+            self.wake()
+        return {"accepted": accepted, "duplicates": duplicates, "filtered": filtered}
+
+
+async def _respond(
+    send: Send, status: int, body: dict[str, Any] | None, extra: dict[str, str]
+) -> None:
+    payload = b"" if body is None else json.dumps(body).encode()
+    headers = [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+    headers.append((b"content-length", str(len(payload)).encode()))
+    if body is not None:
+        headers.append((b"content-type", b"application/json"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def make_server(
+    app: WebhookApp,
+    *,
+    host: str,
+    port: int,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+) -> tuple[Any, Any, str]:
+    """A uvicorn Server, its bound socket and the events URL (`port=0` picks a free port).
+
+    Run it with `server.run(sockets=[sock])`; set `server.should_exit` to stop it.
+    """
+    import socket
+
+    import uvicorn
+
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactKey) for f in access.filters):
+        access.addFilter(RedactKey())
+    sock = socket.create_server((host, port))
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        log_config=None,  # keep the caller's logging set-up
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+    )
+    scheme = "https" if ssl_certfile else "http"
+    url = f"{scheme}://{host}:{sock.getsockname()[1]}/events"
+    return uvicorn.Server(config), sock, url

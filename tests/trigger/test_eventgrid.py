@@ -1,0 +1,176 @@
+"""Parsing Event Grid deliveries: both schemas, the handshake, and every malformed shape named."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from aml_pipelines.trigger.eventgrid import (
+    MODEL_REGISTERED,
+    BadEvent,
+    ModelRegistered,
+    Other,
+    Validation,
+    parse,
+)
+
+TOPIC = (
+    "/subscriptions/0000/resourceGroups/rg/providers/"
+    "Microsoft.MachineLearningServices/workspaces/ws"
+)
+
+
+def eg_event(
+    event_id: str = "e1", name: str = "diabetes", version: str = "3", **data: Any
+) -> dict[str, Any]:
+    """A ModelRegistered event in the Event Grid schema, as Azure ML publishes it."""
+    return {
+        "id": event_id,
+        "topic": TOPIC,
+        "subject": f"models/{name}:{version}",
+        "eventType": MODEL_REGISTERED,
+        "eventTime": "2026-11-25T10:00:00.000Z",
+        "data": {
+            "ModelName": name,
+            "ModelVersion": version,
+            "ModelTags": {"stage": "candidate"},
+            "ModelProperties": {"mse": "2900.1"},
+            **data,
+        },
+        "dataVersion": "2",
+        "metadataVersion": "1",
+    }
+
+
+def cloud_event(
+    event_id: str = "c1", name: str = "diabetes", version: str = "3", **data: Any
+) -> dict[str, Any]:
+    """The same event in CloudEvents 1.0 structured mode."""
+    return {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": TOPIC,
+        "type": MODEL_REGISTERED,
+        "subject": f"models/{name}:{version}",
+        "time": "2026-11-25T10:00:00Z",
+        "datacontenttype": "application/json",
+        "data": {
+            "ModelName": name,
+            "ModelVersion": version,
+            "ModelTags": {"stage": "candidate"},
+            "ModelProperties": {},
+            **data,
+        },
+    }
+
+
+def validation_event(code: str = "512d38b6-c7b8-40c8-89fe-f46f9e9622b6") -> dict[str, Any]:
+    return {
+        "id": "2d1781af-3a4c-4d7c-bd0c-e34b19da4e66",
+        "topic": TOPIC,
+        "subject": "",
+        "data": {
+            "validationCode": code,
+            "validationUrl": "https://rp-eastus2.eventgrid.azure.net/x",
+        },
+        "eventType": "Microsoft.EventGrid.SubscriptionValidationEvent",
+        "eventTime": "2026-11-25T10:00:00Z",
+        "metadataVersion": "1",
+        "dataVersion": "1",
+    }
+
+
+def _body(payload: Any) -> bytes:
+    return json.dumps(payload).encode()
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        pytest.param(
+            [eg_event()],
+            [
+                ModelRegistered(
+                    "e1", "diabetes", 3, {"stage": "candidate"}, {"mse": "2900.1"}, "eventgrid"
+                )
+            ],
+            id="eventgrid-schema",
+        ),
+        pytest.param(
+            cloud_event(),
+            [ModelRegistered("c1", "diabetes", 3, {"stage": "candidate"}, {}, "cloudevents")],
+            id="cloudevents-structured",
+        ),
+        pytest.param(
+            [cloud_event("c1"), cloud_event("c2", version="4")],
+            [
+                ModelRegistered("c1", "diabetes", 3, {"stage": "candidate"}, {}, "cloudevents"),
+                ModelRegistered("c2", "diabetes", 4, {"stage": "candidate"}, {}, "cloudevents"),
+            ],
+            id="cloudevents-batch",
+        ),
+        pytest.param(
+            [validation_event("abc")],
+            [Validation("2d1781af-3a4c-4d7c-bd0c-e34b19da4e66", "abc")],
+            id="validation",
+        ),
+        pytest.param(
+            [{**eg_event(), "eventType": "Microsoft.MachineLearningServices.RunCompleted"}],
+            [Other("e1", "Microsoft.MachineLearningServices.RunCompleted")],
+            id="other-type",
+        ),
+        pytest.param(
+            [eg_event(ModelName=None, ModelVersion=None, ModelTags=None)],
+            [ModelRegistered("e1", "diabetes", 3, {}, {"mse": "2900.1"}, "eventgrid")],
+            id="name-and-version-from-subject",
+        ),
+    ],
+)
+def test_parses(payload: Any, expected: list[Any]) -> None:
+    assert parse(_body(payload)) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param(b"{not json", "body is not JSON", id="not-json"),
+        pytest.param(b"\xff\xfe", "body is not JSON", id="not-utf8"),
+        pytest.param(b"42", "must be a JSON array or object", id="number"),
+        pytest.param(b"[]", "holds no events", id="empty"),
+        pytest.param(_body({"id": "x"}), "must be a CloudEvent", id="object-not-cloudevent"),
+        pytest.param(_body(["x"]), "event [0] is not a JSON object", id="array-of-strings"),
+        pytest.param(
+            _body([{k: v for k, v in eg_event().items() if k != "eventType"}]),
+            "lacks required field(s) eventType",
+            id="eventgrid-missing-type",
+        ),
+        pytest.param(_body([{**eg_event(), "id": ""}]), "'id' must be", id="empty-id"),
+        pytest.param(
+            _body({k: v for k, v in cloud_event().items() if k != "id"}),
+            "lacks required field(s) id",
+            id="cloudevent-without-id",
+        ),
+        pytest.param(
+            _body({**cloud_event(), "specversion": "0.3"}), "not supported", id="specversion"
+        ),
+        pytest.param(
+            _body([eg_event(version="latest")]), "'latest' is not a positive integer", id="ver"
+        ),
+        pytest.param(
+            _body([{**eg_event(), "subject": "models/other:3"}]), "contradicts", id="contradict"
+        ),
+        pytest.param(_body([{**eg_event(), "data": "x"}]), "must be a JSON object", id="data-str"),
+        pytest.param(
+            _body([eg_event(ModelTags=["a"])]), "ModelTags must be a JSON object", id="tags-list"
+        ),
+        pytest.param(
+            _body([{**validation_event(), "data": {}}]), "validationCode", id="validation-no-code"
+        ),
+    ],
+)
+def test_rejects_with_a_clear_message(body: bytes, message: str) -> None:
+    with pytest.raises(BadEvent, match=None) as info:
+        parse(body)
+    assert message in str(info.value)

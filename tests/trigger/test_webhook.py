@@ -1,0 +1,263 @@
+"""The Event Grid webhook over real HTTP: uvicorn on a free port, httpx as the client.
+
+The app hands accepted events to the real dispatcher and delivery worker (with the file-backed
+ResumableDelivery and a real LocalRegistry), so "accepted" is checked all the way to a delivery.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from aml_pipelines.registry.local import LocalRegistry
+from aml_pipelines.trigger.dispatch import DeliveryWorker, Dispatcher
+from aml_pipelines.trigger.store import Step, TriggerStore
+from aml_pipelines.trigger.webhook import Filter, WebhookApp, make_server
+from tests.trigger.fakes import ResumableDelivery, journal, register
+from tests.trigger.test_eventgrid import cloud_event, eg_event, validation_event
+
+SECRET = "s3cret-0123456789abcdef"
+JSON = {"content-type": "application/json"}
+
+
+@dataclass
+class Hook:
+    url: str
+    client: httpx.Client
+    root: Path
+
+    def post(self, payload: Any, *, key: str | None = SECRET, **kw: Any) -> httpx.Response:
+        params = {"key": key} if key is not None else {}
+        headers = {**JSON, **kw.pop("headers", {})}
+        return self.client.post(
+            self.url, content=json.dumps(payload), params=params, headers=headers, **kw
+        )
+
+    def starts(self) -> list[int]:
+        return [e["version"] for e in journal(self.root / "engine") if e["event"] == "start"]
+
+    def done(self) -> list[int]:
+        """Versions whose delivery is recorded done (after the tags were written)."""
+        entries = TriggerStore(self.root / "trigger").load("diabetes").entries
+        return [v for v, e in sorted(entries.items()) if e.step is Step.DONE]
+
+
+@contextmanager
+def running(
+    root: Path, registry: LocalRegistry, *, event_filter: Filter | None = None, max_body: int = 4096
+) -> Iterator[Hook]:
+    store = TriggerStore(root / "trigger")
+    dispatcher = Dispatcher(
+        store, registry, ResumableDelivery(root / "engine", registry), wait_interval_s=0.01
+    )
+    worker = DeliveryWorker(dispatcher, store.models)
+    app = WebhookApp(
+        secret=SECRET,
+        dispatcher=dispatcher,
+        wake=worker.wake,
+        event_filter=event_filter,
+        max_body=max_body,
+    )
+    server, sock, url = make_server(app, host="127.0.0.1", port=0)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    worker.start()
+    try:
+        with httpx.Client(timeout=10) as client:
+            deadline = time.monotonic() + 10
+            while not server.started:
+                assert time.monotonic() < deadline, "webhook server did not start"
+                time.sleep(0.01)
+            yield Hook(url, client, root)
+    finally:
+        server.should_exit = True
+        dispatcher.stop.set()
+        thread.join(10)
+        worker.join(10)
+        sock.close()
+        assert not worker.errors
+
+
+def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def hook(tmp_path: Path, registry: LocalRegistry) -> Iterator[Hook]:
+    with running(tmp_path, registry) as h:
+        yield h
+
+
+def test_eventgrid_subscription_validation_handshake(hook: Hook) -> None:
+    response = hook.post([validation_event("code-42")])
+    assert response.status_code == 200
+    assert response.json() == {"validationResponse": "code-42"}
+
+
+def test_cloudevents_validation_handshake(hook: Hook) -> None:
+    origin = {"WebHook-Request-Origin": "eventgrid.azure.net"}
+    response = hook.client.options(hook.url, params={"key": SECRET}, headers=origin)
+    assert response.status_code == 200
+    assert response.headers["WebHook-Allowed-Origin"] == "eventgrid.azure.net"
+    missing = hook.client.options(hook.url, params={"key": SECRET})
+    assert missing.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("payload", "content_type"),
+    [
+        pytest.param([eg_event("e1", version="1")], "application/json", id="eventgrid"),
+        pytest.param(
+            cloud_event("c1", version="1"), "application/cloudevents+json", id="cloudevent"
+        ),
+        pytest.param(
+            [cloud_event("c1", version="1")],
+            "application/cloudevents-batch+json",
+            id="cloudevents-batch",
+        ),
+    ],
+)
+def test_model_registered_starts_exactly_one_delivery(
+    tmp_path: Path, registry: LocalRegistry, hook: Hook, payload: Any, content_type: str
+) -> None:
+    register(registry, tmp_path, stage="candidate")
+    response = hook.post(payload, headers={"content-type": content_type})
+    assert response.status_code == 200
+    assert response.json()["accepted"] == [{"model": "diabetes", "version": 1}]
+    _until(lambda: hook.done() == [1], "the delivery of v1")
+    assert registry.get("diabetes", 1).stage == "production"
+    again = hook.post(payload, headers={"content-type": content_type})
+    assert again.json()["duplicates"] == 1
+    assert hook.starts() == [1]
+
+
+def test_dedupe_by_event_id_and_by_version_survives_a_restart(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    register(registry, tmp_path, stage="candidate")
+    register(registry, tmp_path, stage="candidate")
+    with running(tmp_path, registry) as hook:
+        first = hook.post([eg_event("e1", version="1"), eg_event("e1", version="1")])
+        assert first.json()["accepted"] == [{"model": "diabetes", "version": 1}]
+        assert first.json()["duplicates"] == 1
+        _until(lambda: hook.done() == [1], "v1")
+    with running(tmp_path, registry) as hook:  # a new server process-state: ids were persisted
+        again = hook.post([eg_event("e1", version="1"), eg_event("e9", version="1")])
+        assert again.json() == {
+            "accepted": [],
+            "duplicates": 2,
+            "filtered": [],
+            "ignored_other_types": 0,
+        }
+        new = hook.post([eg_event("e2", version="2")])
+        assert new.json()["accepted"] == [{"model": "diabetes", "version": 2}]
+        _until(lambda: hook.done() == [1, 2], "v2")
+    assert (tmp_path / "trigger" / "events.json").exists()
+
+
+def test_events_are_filtered_by_model_and_tags(tmp_path: Path, registry: LocalRegistry) -> None:
+    only = Filter(models=["diabetes"], tags={"stage": "candidate"})
+    with running(tmp_path, registry, event_filter=only) as hook:
+        response = hook.post(
+            [
+                eg_event("a", name="fraud", version="1"),
+                eg_event("b", version="1", ModelTags={"stage": "experiment"}),
+            ]
+        )
+        assert response.status_code == 200
+        assert response.json()["accepted"] == []
+        assert [f["reason"] for f in response.json()["filtered"]] == [
+            "model 'fraud' is not watched",
+            "tag stage=candidate not set",
+        ]
+    assert hook.starts() == []
+
+
+@pytest.mark.parametrize(
+    ("params", "headers", "status"),
+    [
+        pytest.param({}, {}, 401, id="no-key"),
+        pytest.param({"key": "wrong"}, {}, 401, id="wrong-query-key"),
+        pytest.param({"key": SECRET + "x"}, {}, 401, id="longer-key"),
+        pytest.param({}, {"aeg-sas-key": "wrong"}, 401, id="wrong-header"),
+        pytest.param({"key": SECRET}, {}, 200, id="query-key"),
+        pytest.param({}, {"aeg-sas-key": SECRET}, 200, id="aeg-sas-key-header"),
+        pytest.param({}, {"x-aml-rollout-key": SECRET}, 200, id="custom-header"),
+    ],
+)
+def test_shared_secret(
+    hook: Hook, params: dict[str, str], headers: dict[str, str], status: int
+) -> None:
+    response = hook.client.post(
+        hook.url,
+        content=json.dumps([validation_event()]),
+        params=params,
+        headers={**JSON, **headers},
+    )
+    assert response.status_code == status
+    if status == 401:
+        assert "key" in response.json()["error"]
+
+
+def test_health_needs_no_key_and_other_paths_are_404(hook: Hook) -> None:
+    base = hook.url.removesuffix("/events")
+    assert hook.client.get(f"{base}/healthz").json() == {"status": "ok"}
+    assert hook.client.get(f"{base}/nope").status_code == 404
+    assert hook.client.get(hook.url, params={"key": SECRET}).status_code == 405
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "message"),
+    [
+        pytest.param(b"{oops", "application/json", 400, "not JSON", id="malformed"),
+        pytest.param(b"[]", "application/json", 400, "no events", id="empty-array"),
+        pytest.param(
+            json.dumps([{"id": "x"}]).encode(), "application/json", 400, "lacks", id="fields"
+        ),
+        pytest.param(b"[]", "text/plain", 415, "not JSON", id="content-type"),
+        pytest.param(b"x" * 5000, "application/json", 413, "exceeds 4096", id="oversized"),
+    ],
+)
+def test_bad_bodies_get_a_clear_4xx(
+    hook: Hook, body: bytes, content_type: str, status: int, message: str
+) -> None:
+    response = hook.client.post(
+        hook.url, content=body, params={"key": SECRET}, headers={"content-type": content_type}
+    )
+    assert response.status_code == status
+    assert message in response.json()["error"]
+
+
+def test_oversized_chunked_body_is_cut_off_while_streaming(hook: Hook) -> None:
+    def chunks() -> Iterator[bytes]:  # no Content-Length: Transfer-Encoding chunked
+        for _ in range(10):
+            yield b" " * 1000
+
+    response = hook.client.post(hook.url, content=chunks(), params={"key": SECRET}, headers=JSON)
+    assert response.status_code == 413
+    assert "exceeds 4096" in response.json()["error"]
+
+
+def test_rejections_are_logged_without_secrets(
+    hook: Hook, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        hook.post([validation_event()], key="guessed-key-123")
+        hook.client.post(hook.url, content=b"oops", headers={**JSON, "aeg-sas-key": SECRET})
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith(("aml", "uvi")))
+    assert "401" in text and "400" in text
+    assert SECRET not in text and "guessed-key-123" not in text
+    assert "/events?key=*** " in text  # the access log keeps the line, without the key
