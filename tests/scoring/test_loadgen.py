@@ -1,0 +1,179 @@
+"""The load generator against real uvicorn servers: counts by version and status, bounds, pacing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+from typer.testing import CliRunner
+
+from rollout.cli import app as cli_app
+from scoring.app import create_app
+from scoring.faults import FaultKnob
+from scoring.loadgen import BackgroundLoad, LatencyHistogram, normalise_url, read_sample, run_load
+from scoring.model import load_model
+from tests.scoring.conftest import running_server
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir: Path, package_dir: Path) -> Iterator[dict[str, str]]:
+    """green serves the bare model as version 1; blue serves the package (version 7) with a
+    20 % fault rate (seeded)."""
+    green = create_app(
+        load_model(model_dir, version="1"), colour="green", registry=CollectorRegistry()
+    )
+    blue = create_app(
+        load_model(package_dir),
+        colour="blue",
+        registry=CollectorRegistry(),
+        fault=FaultKnob(error_rate=0.2, rng=random.Random(3)),
+    )
+    with running_server(green) as green_url, running_server(blue) as blue_url:
+        yield {"green": green_url, "blue": blue_url}
+
+
+def test_counts_by_version_and_status(servers: dict[str, str], model_dir: Path) -> None:
+    rows = read_sample(model_dir)
+    report = asyncio.run(
+        run_load(servers["green"] + "/score", requests=300, concurrency=4, rows=rows)
+    )
+    assert report.sent == 300
+    assert report.by_status == {"200": 300}
+    assert report.by_version == {"green/diabetes:1": 300}
+    assert 0 < report.p50_ms <= report.p99_ms <= report.max_ms
+
+
+def test_faulty_server_counts_errors_apart(servers: dict[str, str]) -> None:
+    rate = 0.2  # the blue server's fault knob
+    report = asyncio.run(run_load(servers["blue"] + "/score", requests=500, concurrency=8))
+    assert report.sent == 500
+    assert set(report.by_status) == {"200", "500"}
+    assert report.by_version == {"blue/diabetes:7": report.by_status["200"]}
+    sd = math.sqrt(500 * rate * (1 - rate))
+    assert abs(report.by_status["500"] - 500 * rate) <= 4 * sd
+
+
+def test_colour_sets_the_x_api_version_header(servers: dict[str, str]) -> None:
+    seen: list[str | None] = []
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        seen.append(dict(scope["headers"]).get(b"x-api-version", b"").decode() or None)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send(
+            {"type": "http.response.body", "body": b'{"colour":"blue","model":"m","version":"2"}'}
+        )
+
+    with running_server(app, lifespan="off") as url:
+        report = asyncio.run(run_load(url, requests=5, colour="blue", rows=[[1.0] * 10]))
+    assert seen == ["blue"] * 5
+    assert report.by_version == {"blue/m:2": 5}
+
+
+def test_rate_and_duration_bound_the_run(servers: dict[str, str]) -> None:
+    report = asyncio.run(
+        run_load(servers["green"] + "/score", rps=100, duration=1.0, concurrency=4)
+    )
+    # open-loop pacing: request i is due at i/rps, so a 1 s run sends ~100, never far more
+    assert 90 <= report.sent <= 101
+    assert report.elapsed_s < 1.5
+
+
+def test_unreachable_url_counts_transport_errors() -> None:
+    report = asyncio.run(
+        run_load(
+            "http://127.0.0.1:9/score", requests=3, concurrency=1, timeout=1, rows=[[0.0] * 10]
+        )
+    )
+    assert report.by_status == {"ConnectError": 3}
+    assert report.by_version == {}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        pytest.param({}, "bounded", id="unbounded"),
+        pytest.param({"requests": 0}, "requests must be", id="zero-requests"),
+        pytest.param({"duration": -1.0}, "duration must be", id="negative-duration"),
+        pytest.param({"requests": 1, "rps": 0.0}, "rps must be positive", id="zero-rps"),
+        pytest.param({"requests": 1, "concurrency": 0}, "at least 1", id="no-connections"),
+    ],
+)
+def test_load_must_be_bounded_and_sane(kwargs: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        asyncio.run(run_load("http://127.0.0.1:9/score", rows=[[0.0]], **kwargs))  # type: ignore[arg-type]
+
+
+def test_background_load_reports_running_counts_and_stops(servers: dict[str, str]) -> None:
+    load = BackgroundLoad(servers["green"] + "/score", rps=200, concurrency=4).start()
+    try:
+        end = time.monotonic() + 10
+        while load.snapshot().sent < 20:
+            assert time.monotonic() < end, "background load sent nothing"
+            time.sleep(0.02)
+        assert load.running
+    finally:
+        report = load.stop()
+    assert not load.running
+    assert report.sent >= 20
+    assert report.by_version == {"green/diabetes:1": report.by_status["200"]}
+    after = load.snapshot().sent
+    assert after == report.sent  # nothing is sent after stop()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(1e-5, 10.0), min_size=1, max_size=500), st.sampled_from([0.5, 0.9, 0.99]))
+def test_latency_histogram_quantiles_are_within_one_percent(values: list[float], q: float) -> None:
+    hist = LatencyHistogram()
+    for v in values:
+        hist.record(v)
+    exact = float(np.quantile(values, q, method="inverted_cdf"))
+    assert exact * 0.99 <= hist.quantile(q) <= exact * 1.0101 + 1e-12
+    assert hist.max == max(values)
+
+
+def test_read_sample_accepts_a_file_or_a_folder(model_dir: Path, package_dir: Path) -> None:
+    rows = read_sample(model_dir / "sample-input.json")
+    assert len(rows) == 89 and len(rows[0]) == 10  # the held-out 20 % of 442 rows, up to 100
+    assert read_sample(package_dir) == read_sample(package_dir / "model" / "sample-input.json")
+
+
+def test_bare_host_gets_a_scheme() -> None:
+    assert normalise_url("10.0.0.4/score") == "http://10.0.0.4/score"
+    assert normalise_url("https://x/score") == "https://x/score"
+
+
+def test_load_command_prints_counts(servers: dict[str, str], model_dir: Path) -> None:
+    result = CliRunner().invoke(
+        cli_app,
+        ["load", "--url", servers["green"] + "/score", "--requests", "40", "--colour", "green",
+         "--sample", str(model_dir), "--concurrency", "2", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["sent"] == 40
+    assert report["by_version"] == {"green/diabetes:1": 40}
+    assert report["by_status"] == {"200": 40}
+    table = CliRunner().invoke(
+        cli_app, ["load", "--url", servers["green"] + "/score", "--requests", "5"]
+    )
+    assert table.exit_code == 0
+    assert "green/diabetes:1" in table.output and "p99" in table.output
+
+
+def test_load_command_refuses_a_bad_sample(tmp_path: Path) -> None:
+    (tmp_path / "s.json").write_text("[1, 2]")
+    result = CliRunner().invoke(
+        cli_app, ["load", "--url", "127.0.0.1:9", "--sample", str(tmp_path / "s.json")]
+    )
+    assert result.exit_code == 2
+    assert "expected a JSON object" in result.output

@@ -1,0 +1,82 @@
+"""`aml-rollout serve`: refuses a bad model with one line and exit 2; serves a good one for real."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from rollout.cli import app as cli_app
+
+
+def test_serve_refuses_a_tampered_model(model_dir: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(model_dir, tmp_path / "m"))
+    with (copy / "model.skops").open("ab") as handle:
+        handle.write(b"!")
+    result = CliRunner().invoke(cli_app, ["serve", "--model-dir", str(copy), "--port", "1"])
+    assert result.exit_code == 2
+    assert "refusing to load" in result.output and "sha256" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_serve_refuses_a_missing_folder(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli_app, ["serve", "--model-dir", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_serve_runs_uvicorn_with_the_options(package_dir: Path) -> None:
+    port = _free_port()
+    argv = [sys.executable, "-c", "from rollout.cli import main; main()", "serve",
+            "--model-dir", str(package_dir), "--colour", "blue", "--port", str(port),
+            "--fault-error-rate", "1.0", "--log-level", "warning"]  # fmt: skip
+    env_key = {"AML_ROLLOUT_API_KEY": "k1"}
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**_env(), **env_key}
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, "server never became ready"
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body = {"data": [[0.0] * 10]}
+        assert httpx.post(f"{base}/score", json=body).status_code == 401
+        auth = {"authorization": "Bearer k1"}
+        faulty = httpx.post(f"{base}/score", json=body, headers=auth)
+        assert faulty.status_code == 500 and faulty.headers["x-fault-injected"] == "1"
+        assert httpx.get(f"{base}/score", headers=auth).json()["colour"] == "blue"
+        assert 'scoring_fault_error_rate{colour="blue"} 1.0' in httpx.get(f"{base}/metrics").text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=20)[0].decode()
+    # uvicorn shuts down gracefully, then re-raises the signal it caught
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "Traceback" not in out
+    assert "k1" not in out  # keys are never logged
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
