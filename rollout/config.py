@@ -90,8 +90,14 @@ class EnvoyRouterConfig(_Model):
     pinned_clusters: ColourNames = Field(
         default_factory=lambda: ColourNames(blue="blue-pinned", green="green-pinned")
     )
-    #: Where the router records which release each colour serves (Envoy does not know).
+    #: Requests carrying `<header>: blue|green` go to that colour's pinned cluster.
+    header: str = "x-api-version"
+    #: Where the router records which release each colour serves (Envoy does not know);
+    #: default `releases.json` next to `routes_file`.
     releases_file: Path | None = None
+    #: Where the scoring processes started by `deploy` are recorded (default `workloads/` next to
+    #: `routes_file`); the local stack stops every process recorded there.
+    workloads_dir: Path | None = None
     timeout_s: float = Field(default=5.0, gt=0)
 
 
@@ -281,7 +287,7 @@ class AnalysisConfig(_Model):
     #: A step never advances sooner than this (defaults to one interval).
     min_step_duration_s: float | None = Field(default=None, ge=0)
     #: A step still inconclusive after this long follows `on_inconclusive`.
-    max_step_duration_s: float = Field(default=7200.0, gt=0)
+    max_step_duration_s: float = Field(default=10800.0, gt=0)
     #: Consecutive ticks with unreadable metrics before the step counts as inconclusive.
     max_consecutive_errors: int = Field(default=4, ge=1)
     errors: ErrorCheck = Field(default_factory=ErrorCheck)

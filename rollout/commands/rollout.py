@@ -1,7 +1,312 @@
-"""`aml-rollout rollout ...`: run, validate, status, pause, resume, promote, abort, explain."""
+"""`aml-rollout rollout ...`: run, validate, status, steer (pause, resume, promote...), explain.
+
+Steering commands (pause, resume, promote, abort, set-weight) never touch the data plane
+themselves: they queue a command in the rollout's state store, and the running controller hands
+it to the state machine at its next tick (waking early), so a command never races an analysis.
+
+Exit codes of `run` (and of `status` for a finished rollout):
+
+    0  promoted (Succeeded)          3  rolled back (RolledBack)
+    4  held for a human (Paused)     5  failed (Failed)
+    2  error a user can fix (bad spec, lease held, router/metrics unreachable...)
+    6  still running (status of an unfinished rollout)
+
+Heavy modules (numpy, scipy, the engine) are imported inside command bodies so that
+`aml-rollout --help` stays fast.
+"""
 
 from __future__ import annotations
 
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
 import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from rollout.config import RolloutSpec
+    from rollout.core.status import Status
 
 rollout_app = typer.Typer(no_args_is_help=True)
+
+EXIT_PROMOTED = 0
+EXIT_ERROR = 2
+EXIT_ROLLED_BACK = 3
+EXIT_PAUSED = 4
+EXIT_FAILED = 5
+EXIT_RUNNING = 6
+
+_out = Console(highlight=False)
+_err = Console(stderr=True, highlight=False)
+
+SpecArg = Annotated[Path, typer.Argument(help="Rollout spec (YAML).", show_default=False)]
+StateDirOpt = Annotated[
+    Path | None,
+    typer.Option("--state-dir", help="Where status, commands and ledger live (default: spec)."),
+]
+
+
+def _fail(exc: Exception) -> NoReturn:
+    _err.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(EXIT_ERROR)
+
+
+def _exit_code(phase: str) -> int:
+    return {
+        "Succeeded": EXIT_PROMOTED,
+        "RolledBack": EXIT_ROLLED_BACK,
+        "Paused": EXIT_PAUSED,
+        "Failed": EXIT_FAILED,
+    }.get(phase, EXIT_RUNNING)
+
+
+def _load(spec_path: Path) -> RolloutSpec:
+    from rollout.config import load_spec
+    from rollout.errors import RolloutError
+
+    try:
+        return load_spec(spec_path)
+    except RolloutError as exc:
+        _fail(exc)
+
+
+@rollout_app.command()
+def validate(spec: SpecArg) -> None:
+    """Check a spec: every problem is reported with the field it concerns."""
+    parsed = _load(spec)
+    _out.print(
+        f"[green]ok[/] {spec}: rollout [bold]{parsed.name}[/], plan {list(parsed.plan)} %, "
+        f"router {parsed.router.kind}, metrics {parsed.metrics.kind}, "
+        f"alpha {parsed.analysis.alpha:g}, interval {parsed.analysis.interval_s:g} s, "
+        f"on inconclusive: {parsed.analysis.on_inconclusive}"
+    )
+
+
+def _release(text: str | None) -> Any:
+    from rollout.core.types import Release
+    from rollout.errors import ConfigError
+
+    if text is None:
+        return None
+    model, sep, version = text.partition(":")
+    if not sep or not model or not version:
+        _fail(ConfigError(f"--candidate: expected MODEL:VERSION, got {text!r}"))
+    return Release(model=model, version=version)
+
+
+@rollout_app.command()
+def run(
+    spec: SpecArg,
+    candidate: Annotated[
+        str | None, typer.Option(help="Candidate release MODEL:VERSION (default: the spec's).")
+    ] = None,
+    state_dir: StateDirOpt = None,
+    restart: Annotated[
+        bool, typer.Option(help="Start anew when the stored rollout has already ended.")
+    ] = False,
+    stop_when_paused: Annotated[
+        bool, typer.Option(help="Return (exit 4) when the rollout is held for a human.")
+    ] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the outcome.")] = False,
+    simulated_time: Annotated[
+        bool,
+        typer.Option(
+            help="Advance a fake clock instead of waiting (dry runs on simulated metrics)."
+        ),
+    ] = False,
+) -> None:
+    """Drive a rollout to its end: promoted (exit 0), rolled back (3), held (4), failed (5)."""
+    import logging
+
+    from rollout.api import run_rollout
+    from rollout.controller import FakeClock
+    from rollout.errors import RolloutError
+
+    parsed = _load(spec)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    def show(status: Status, record: dict[str, Any]) -> None:
+        if quiet:
+            return
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.get("at", time.time())))
+        _out.print(
+            f"{stamp} [bold]{status.phase.value:<11}[/] blue {status.blue_weight:>3} %  "
+            f"{status.reason}"
+        )
+
+    try:
+        result = run_rollout(
+            parsed,
+            candidate=_release(candidate),
+            state_dir=state_dir,
+            on_tick=show,
+            stop_when_paused=stop_when_paused,
+            restart=restart,
+            clock=FakeClock(time.time()) if simulated_time else None,
+        )
+    except RolloutError as exc:
+        _fail(exc)
+    colour = {"Succeeded": "green", "RolledBack": "yellow"}.get(result.phase.value, "red")
+    _out.print(f"[bold {colour}]{result.phase.value}[/]: {result.reason}")
+    _out.print(f"ledger: {result.ledger_path}  (aml-rollout rollout explain {result.ledger_path})")
+    raise typer.Exit(_exit_code(result.phase.value))
+
+
+def _read_status(parsed: RolloutSpec, state_dir: Path | None) -> Status | None:
+    from rollout.api import open_store
+    from rollout.errors import RolloutError
+
+    try:
+        return open_store(parsed, state_dir).load()
+    except RolloutError as exc:
+        _fail(exc)
+
+
+def _status_view(parsed: RolloutSpec, status: Status | None) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"rollout {parsed.name}", show_header=False, box=None)
+    if status is None:
+        table.add_row("phase", "not started")
+        return table
+    plan = " → ".join(
+        f"[bold reverse]{w}[/]" if i == status.step_index else str(w)
+        for i, w in enumerate(parsed.plan)
+    )
+    table.add_row("phase", f"[bold]{status.phase.value}[/]")
+    table.add_row("blue weight", f"{status.blue_weight} %   plan {plan}")
+    if status.candidate:
+        table.add_row("candidate", f"{status.candidate.model}:{status.candidate.version} (blue)")
+    if status.stable:
+        table.add_row("stable", f"{status.stable.model}:{status.stable.version} (green)")
+    table.add_row("verdict", status.verdict.value if status.verdict else "-")
+    table.add_row("reason", status.reason)
+    for label, ev in (("errors", status.errors), ("slow requests", status.slow)):
+        if ev.canary_requests:
+            table.add_row(
+                label,
+                f"canary {ev.canary_bad}/{ev.canary_requests}, baseline "
+                f"{ev.baseline_bad}/{ev.baseline_requests}; e-value worse "
+                f"{_exp(ev.log_e_worse())}, not-worse {_exp(ev.log_e_ok())}",
+            )
+    if status.commands:
+        table.add_row("queued", ", ".join(c.kind for c in status.commands))
+    return table
+
+
+def _exp(log_value: float) -> str:
+    import math
+
+    return f"{math.exp(min(log_value, 700.0)):.3g}"
+
+
+@rollout_app.command()
+def status(
+    spec: SpecArg,
+    state_dir: StateDirOpt = None,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until it ends.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw status JSON.")] = False,
+    timeout: Annotated[float, typer.Option(help="Stop watching after this many seconds.")] = 3600,
+) -> None:
+    """Show where a rollout is; exit code as for `run` (6 while still running)."""
+    parsed = _load(spec)
+    current = _read_status(parsed, state_dir)
+    if as_json:
+        _out.print_json(json.dumps(current.to_dict() if current else None))
+    elif watch:
+        from rich.live import Live
+
+        deadline = time.monotonic() + timeout
+        with Live(_status_view(parsed, current), console=_out, refresh_per_second=2) as live:
+            while time.monotonic() < deadline and not (current and current.terminal):
+                time.sleep(1.0)
+                current = _read_status(parsed, state_dir)
+                live.update(_status_view(parsed, current))
+    else:
+        _out.print(_status_view(parsed, current))
+    raise typer.Exit(_exit_code(current.phase.value) if current else EXIT_RUNNING)
+
+
+def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = None) -> None:
+    import getpass
+
+    from rollout.api import open_store
+    from rollout.core.status import Command
+    from rollout.errors import RolloutError
+
+    parsed = _load(spec)
+    if weight is not None and weight not in parsed.plan:
+        _fail(ValueError(f"weight {weight} is not in the plan {list(parsed.plan)}"))
+    try:
+        store = open_store(parsed, state_dir)
+        current = store.load()
+        if current is None:
+            _fail(RolloutError(f"rollout {parsed.name!r} has not started (no status found)"))
+        if current.terminal:
+            _fail(RolloutError(f"rollout {parsed.name!r} has ended ({current.phase.value})"))
+        store.push_command(
+            Command(
+                id=uuid.uuid4().hex,
+                kind=kind,  # type: ignore[arg-type]
+                weight=weight,
+                at=time.time(),
+                by=getpass.getuser(),
+            )
+        )
+    except RolloutError as exc:
+        _fail(exc)
+    _out.print(f"queued {kind} for rollout {parsed.name}; the controller acts at its next tick")
+
+
+@rollout_app.command()
+def pause(spec: SpecArg, state_dir: StateDirOpt = None) -> None:
+    """Hold the rollout at its current weight (the judge still rolls back a clear regression)."""
+    _queue(spec, state_dir, "pause")
+
+
+@rollout_app.command()
+def resume(spec: SpecArg, state_dir: StateDirOpt = None) -> None:
+    """Resume a paused or held rollout (the current step starts its clock again)."""
+    _queue(spec, state_dir, "resume")
+
+
+@rollout_app.command()
+def promote(spec: SpecArg, state_dir: StateDirOpt = None) -> None:
+    """Promote now, skipping the remaining analysis."""
+    _queue(spec, state_dir, "promote")
+
+
+@rollout_app.command()
+def abort(spec: SpecArg, state_dir: StateDirOpt = None) -> None:
+    """Roll back at once: blue to 0 %, green keeps serving."""
+    _queue(spec, state_dir, "abort")
+
+
+@rollout_app.command("set-weight")
+def set_weight(
+    spec: SpecArg,
+    weight: Annotated[int, typer.Argument(help="A weight of the plan (100 promotes).")],
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Jump to a step of the plan; analysis continues from there."""
+    _queue(spec, state_dir, "set_weight", weight)
+
+
+@rollout_app.command()
+def explain(
+    ledger: Annotated[Path, typer.Argument(help="A rollout ledger (*.ledger.jsonl).")],
+) -> None:
+    """Tell the story of a rollout from its ledger, in plain words."""
+    from rollout.errors import RolloutError
+    from rollout.ledger import explain as story
+    from rollout.ledger import read_ledger
+
+    try:
+        records = read_ledger(ledger)
+    except RolloutError as exc:
+        _fail(exc)
+    for line in story(records):
+        _out.print(line)

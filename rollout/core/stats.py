@@ -73,14 +73,17 @@ class Evidence:
     baseline_bad: int = 0
     canary_requests: int = 0
     baseline_requests: int = 0
+    #: log of the mixture e-values, kept in step with `worse` / `ok` (computed once per update).
+    log_e_worse_value: float = 0.0
+    log_e_ok_value: float = 0.0
 
     def log_e_worse(self) -> float:
         """log of the mixture e-value for "canary worse than baseline"."""
-        return float(logsumexp(np.asarray(self.worse), b=WORSE_PRIOR))
+        return self.log_e_worse_value
 
     def log_e_ok(self) -> float:
         """log of the mixture e-value for "canary less than `margin` times worse"."""
-        return float(logsumexp(np.asarray(self.ok), b=OK_PRIOR))
+        return self.log_e_ok_value
 
     def canary_rate(self) -> float:
         """Observed canary bad-event rate (NaN without canary requests)."""
@@ -97,16 +100,20 @@ class Evidence:
         if nc < 0 or nb < 0 or kc < 0 or kb < 0:
             raise ValueError(f"negative tick counts: kc={kc} kb={kb} nc={nc} nb={nb}")
         worse, ok = self.worse, self.ok
+        log_worse, log_ok = self.log_e_worse_value, self.log_e_ok_value
         n = kc + kb
         # No events, or one side without traffic: the conditional likelihood is flat in θ.
         if n > 0 and nc > 0 and nb > 0:
             p0 = nc / (nc + nb)
-            worse = tuple(np.asarray(self.worse) + binomial_llr(kc, n, share(WORSE_THETAS, p0), p0))
+            worse_arr = np.asarray(self.worse) + binomial_llr(kc, n, share(WORSE_THETAS, p0), p0)
             p_margin = float(share(margin, p0))
-            ok = tuple(
-                np.asarray(self.ok)
-                + binomial_llr(kc, n, share(OK_FRACTIONS * margin, p0), p_margin)
+            ok_arr = np.asarray(self.ok) + binomial_llr(
+                kc, n, share(OK_FRACTIONS * margin, p0), p_margin
             )
+            log_worse = float(logsumexp(worse_arr, b=WORSE_PRIOR))
+            log_ok = float(logsumexp(ok_arr, b=OK_PRIOR))
+            ok = tuple(ok_arr.tolist())
+            worse = tuple(worse_arr.tolist())
         return Evidence(
             worse=worse,
             ok=ok,
@@ -114,6 +121,8 @@ class Evidence:
             baseline_bad=self.baseline_bad + kb,
             canary_requests=self.canary_requests + nc,
             baseline_requests=self.baseline_requests + nb,
+            log_e_worse_value=log_worse,
+            log_e_ok_value=log_ok,
         )
 
 

@@ -223,6 +223,8 @@ def _evidence_to_dict(ev: Evidence) -> dict[str, Any]:
         "baseline_bad": ev.baseline_bad,
         "canary_requests": ev.canary_requests,
         "baseline_requests": ev.baseline_requests,
+        "log_e_worse": ev.log_e_worse_value,
+        "log_e_ok": ev.log_e_ok_value,
     }
 
 
@@ -234,4 +236,6 @@ def _evidence_from_dict(data: dict[str, Any]) -> Evidence:
         baseline_bad=int(data["baseline_bad"]),
         canary_requests=int(data["canary_requests"]),
         baseline_requests=int(data["baseline_requests"]),
+        log_e_worse_value=float(data["log_e_worse"]),
+        log_e_ok_value=float(data["log_e_ok"]),
     )

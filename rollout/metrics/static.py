@@ -99,7 +99,7 @@ class SimulatedMetrics:
         cfg: SimulatedMetricsConfig,
         router: TrafficRouter,
         *,
-        start: float = 0.0,
+        start: float | None = None,
         seed: int | None = None,
     ) -> None:
         self._router = router
@@ -112,10 +112,11 @@ class SimulatedMetrics:
         canary = cfg.canary or cfg.baseline
         self._canary = _Behaviour(canary, self.bounds_s)
         self._canary_from = canary.from_s
+        # Traffic starts at `start`, or at the first observation when not given.
         self._start = start
         width = 2 + len(self.bounds_s)  # requests, errors, cumulative bucket counts
         # Cumulative counts per colour at each generated time point (row 0 = start).
-        self._times: list[float] = [start]
+        self._times: list[float] = [] if start is None else [start]
         self._cum: list[tuple[NDArray[np.int64], NDArray[np.int64]]] = [
             (np.zeros(width, dtype=np.int64), np.zeros(width, dtype=np.int64))
         ]
@@ -148,6 +149,10 @@ class SimulatedMetrics:
 
     def advance(self, now: float) -> None:
         """Generate traffic from the last generated point up to `now` at the served weights."""
+        if self._start is None:
+            self._start = now
+            self._times.append(now)
+            return
         last = self._times[-1]
         if now <= last:
             return
@@ -164,6 +169,7 @@ class SimulatedMetrics:
         self._cum.append((cum_b + blue, cum_g + green))
 
     def _at(self, t: float) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        # Before the first point there was no traffic: row 0 holds zeros.
         i = bisect.bisect_right(self._times, t) - 1
         return self._cum[max(i, 0)]
 

@@ -1,0 +1,414 @@
+"""The state machine, one named case per behaviour: phases, verdicts, actions, commands."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from rollout.core.machine import new_status, p99_bucket, step, with_commands
+from rollout.core.stats import Evidence
+from rollout.core.status import Command, Deploy, Remove, SetWeights, Status
+from rollout.core.types import Colour, ColourCounts, Phase, Verdict
+from tests.core.helpers import V2, make_spec, obs
+
+SPEC = make_spec()
+
+
+def progressing(step_index: int = 0, weight: int = 10, **fields: Any) -> Status:
+    status = new_status(SPEC, now=0.0)
+    return replace(
+        status, phase=Phase.PROGRESSING, step_index=step_index, blue_weight=weight, **fields
+    )
+
+
+def with_ok_evidence(status: Status) -> Status:
+    ev = Evidence()
+    for _ in range(60):
+        ev = ev.update(kc=2, kb=2, nc=1000, nb=1000, margin=2.0)
+    return replace(status, errors=ev)
+
+
+@pytest.mark.parametrize(
+    ("status", "observation", "now", "phase", "verdict", "actions", "reason"),
+    [
+        pytest.param(
+            new_status(SPEC, now=0.0),
+            None,
+            0.0,
+            Phase.PROGRESSING,
+            None,
+            (Deploy(Colour.BLUE, V2), SetWeights(10)),
+            "started",
+            id="initializing-deploys-blue-then-first-weight",
+        ),
+        pytest.param(
+            progressing(),
+            obs(),
+            30.0,
+            Phase.PROGRESSING,
+            Verdict.INCONCLUSIVE,
+            (),
+            "no canary traffic",
+            id="no-traffic-is-inconclusive-not-a-pass",
+        ),
+        pytest.param(
+            progressing(),
+            obs(),
+            600.0,
+            Phase.PAUSED,
+            Verdict.INCONCLUSIVE,
+            (),
+            "held for a human",
+            id="no-traffic-until-max-duration-holds-not-fails",
+        ),
+        pytest.param(
+            progressing(),
+            obs(error="prometheus down"),
+            30.0,
+            Phase.PROGRESSING,
+            Verdict.ERROR,
+            (),
+            "metrics unreadable",
+            id="metrics-error-is-an-error-verdict",
+        ),
+        pytest.param(
+            progressing(consecutive_errors=3),
+            obs(error="prometheus down"),
+            30.0,
+            Phase.PAUSED,
+            Verdict.INCONCLUSIVE,
+            (),
+            "4 times in a row",
+            id="metrics-errors-in-a-row-follow-the-policy",
+        ),
+        pytest.param(
+            progressing(),
+            obs(blue=(200, 12), green=(1800, 2), at=30.0),
+            30.0,
+            Phase.ROLLING_BACK,
+            Verdict.FAILED,
+            (SetWeights(0),),
+            "e-value",
+            id="clear-regression-rolls-back-at-once",
+        ),
+        pytest.param(
+            progressing(),
+            obs(blue=(40, 20), green=(360, 0), at=30.0),
+            30.0,
+            Phase.ROLLING_BACK,
+            Verdict.FAILED,
+            (SetWeights(0),),
+            "rolled back at step 10 %",
+            id="half-the-canary-failing-rolls-back",
+        ),
+        pytest.param(
+            progressing(),
+            obs(blue=(50, 0), green=(450, 0), at=30.0),
+            30.0,
+            Phase.PROGRESSING,
+            Verdict.INCONCLUSIVE,
+            (),
+            "50 of 100 canary requests",
+            id="too-few-canary-requests-waits",
+        ),
+        pytest.param(
+            progressing(),
+            obs(blue=(150, 0), green=(1350, 1), at=5.0),
+            5.0,
+            Phase.PROGRESSING,
+            Verdict.INCONCLUSIVE,
+            (),
+            "younger than",
+            id="step-younger-than-one-interval-waits",
+        ),
+        pytest.param(
+            progressing(),
+            obs(blue=(150, 0), green=(1350, 1), at=30.0),
+            30.0,
+            Phase.PROGRESSING,
+            Verdict.SUCCESSFUL,
+            (SetWeights(50),),
+            "blue to 50 %",
+            id="healthy-step-advances-to-the-next-weight",
+        ),
+        pytest.param(
+            progressing(step_index=1, weight=50),
+            obs(blue=(500, 0), green=(500, 1), at=30.0),
+            30.0,
+            Phase.PROGRESSING,
+            Verdict.INCONCLUSIVE,
+            (),
+            "not yet shown",
+            id="last-step-needs-not-worse-evidence-not-silence",
+        ),
+        pytest.param(
+            with_ok_evidence(progressing(step_index=1, weight=50)),
+            obs(blue=(500, 0), green=(500, 1), at=30.0),
+            30.0,
+            Phase.PROMOTING,
+            Verdict.SUCCESSFUL,
+            (SetWeights(100),),
+            "not worse",
+            id="last-step-with-evidence-promotes-blue-100",
+        ),
+        pytest.param(
+            replace(progressing(), phase=Phase.PROMOTING, blue_weight=100),
+            None,
+            40.0,
+            Phase.FINALISING,
+            None,
+            (Deploy(Colour.GREEN, V2),),
+            "Blue_Green",
+            id="promoting-deploys-the-candidate-to-green",
+        ),
+        pytest.param(
+            replace(progressing(), phase=Phase.FINALISING, blue_weight=100),
+            None,
+            40.0,
+            Phase.SUCCEEDED,
+            None,
+            (SetWeights(0), Remove(Colour.BLUE)),
+            "Green_100",
+            id="finalising-returns-traffic-to-green-and-removes-blue",
+        ),
+        pytest.param(
+            replace(progressing(), phase=Phase.ROLLING_BACK, blue_weight=0),
+            None,
+            40.0,
+            Phase.ROLLED_BACK,
+            None,
+            (),
+            "",
+            id="rolling-back-ends-rolled-back",
+        ),
+        pytest.param(
+            replace(progressing(), phase=Phase.PAUSED, reason="paused by ann"),
+            obs(blue=(200, 12), green=(1800, 2), at=30.0),
+            30.0,
+            Phase.ROLLING_BACK,
+            Verdict.FAILED,
+            (SetWeights(0),),
+            "rolled back",
+            id="paused-still-rolls-back-a-clear-regression",
+        ),
+        pytest.param(
+            replace(progressing(), phase=Phase.PAUSED, reason="paused by ann"),
+            obs(blue=(150, 0), green=(1350, 1), at=30.0),
+            30.0,
+            Phase.PAUSED,
+            Verdict.SUCCESSFUL,
+            (),
+            "paused by ann",
+            id="paused-never-advances",
+        ),
+        pytest.param(
+            progressing(last_blue=replace(progressing().last_blue, requests=500)),
+            obs(blue=(100, 50), green=(900, 0), at=30.0),
+            30.0,
+            Phase.PROGRESSING,
+            Verdict.INCONCLUSIVE,
+            (),
+            "",
+            id="counter-reset-skips-the-tick-instead-of-guessing",
+        ),
+    ],
+)
+def test_step(
+    status: Status,
+    observation: Any,
+    now: float,
+    phase: Phase,
+    verdict: Verdict | None,
+    actions: tuple[Any, ...],
+    reason: str,
+) -> None:
+    decision = step(SPEC, status, observation, now)
+    assert decision.status.phase is phase
+    assert decision.status.verdict == verdict
+    assert decision.actions == actions
+    assert reason in decision.status.reason
+    assert decision.record["tick"] == status.tick + 1
+
+
+def test_inconclusive_with_rollback_policy_rolls_back() -> None:
+    spec = make_spec(analysis={"on_inconclusive": "rollback"})
+    decision = step(spec, progressing(), obs(), 600.0)
+    assert decision.status.phase is Phase.ROLLING_BACK
+    assert decision.actions == (SetWeights(0),)
+    assert decision.status.verdict is Verdict.INCONCLUSIVE
+
+
+def test_absolute_guard_fires_before_the_relative_test() -> None:
+    spec = make_spec(analysis={"errors": {"max_rate": 0.05}})
+    # No baseline traffic at all: the relative test is blind, the SLO guard is not.
+    decision = step(spec, progressing(), obs(blue=(400, 100), green=(0, 0), at=30.0), 30.0)
+    assert decision.status.phase is Phase.ROLLING_BACK
+    assert "above the limit" in decision.status.reason
+
+
+def cmd(kind: str, weight: int | None = None, ident: str = "c1") -> Command:
+    return Command(id=ident, kind=kind, weight=weight, by="ann")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("start", "command", "phase", "weight", "actions", "reason"),
+    [
+        pytest.param(
+            progressing(), cmd("pause"), Phase.PAUSED, 10, (), "paused by ann", id="pause"
+        ),
+        pytest.param(
+            replace(progressing(), phase=Phase.PAUSED),
+            cmd("resume"),
+            Phase.PROGRESSING,
+            10,
+            (),
+            "resumed by ann",
+            id="resume",
+        ),
+        pytest.param(
+            progressing(),
+            cmd("abort"),
+            Phase.ROLLING_BACK,
+            0,
+            (SetWeights(0),),
+            "aborted by ann",
+            id="abort-sends-blue-to-zero-at-once",
+        ),
+        pytest.param(
+            progressing(),
+            cmd("promote"),
+            Phase.PROMOTING,
+            100,
+            (SetWeights(100),),
+            "analysis skipped",
+            id="promote-skips-analysis",
+        ),
+        pytest.param(
+            progressing(),
+            cmd("set_weight", 50),
+            Phase.PROGRESSING,
+            50,
+            (SetWeights(50),),
+            "weight set to 50 %",
+            id="set-weight-jumps-to-a-planned-step",
+        ),
+        pytest.param(
+            progressing(),
+            cmd("set_weight", 30),
+            Phase.PROGRESSING,
+            10,
+            (),
+            "",
+            id="set-weight-outside-the-plan-is-ignored",
+        ),
+        pytest.param(
+            progressing(),
+            cmd("set_weight", 100),
+            Phase.PROMOTING,
+            100,
+            (SetWeights(100),),
+            "promoting",
+            id="set-weight-100-promotes",
+        ),
+        pytest.param(
+            replace(progressing(), phase=Phase.SUCCEEDED, blue_weight=0),
+            cmd("abort"),
+            Phase.SUCCEEDED,
+            0,
+            (),
+            "",
+            id="commands-after-the-end-are-ignored",
+        ),
+    ],
+)
+def test_commands(
+    start: Status,
+    command: Command,
+    phase: Phase,
+    weight: int,
+    actions: tuple[Any, ...],
+    reason: str,
+) -> None:
+    decision = step(SPEC, with_commands(start, [command]), obs(at=30.0), 30.0)
+    assert decision.status.phase is phase
+    assert decision.status.blue_weight == weight
+    assert decision.actions == actions
+    assert reason in decision.status.reason
+    assert decision.status.commands == ()
+    assert command.id in decision.status.handled
+
+
+def test_a_command_is_handled_once_even_if_delivered_again() -> None:
+    first = step(SPEC, with_commands(progressing(), [cmd("pause")]), obs(at=30.0), 30.0)
+    again = with_commands(first.status, [cmd("pause")])
+    assert again.commands == ()
+
+
+def test_seed_plan_starts_at_zero_and_advances_without_analysis() -> None:
+    spec = make_spec(steps="seed")
+    start = step(spec, new_status(spec, now=0.0), None, 0.0)
+    assert start.actions == (Deploy(Colour.BLUE, V2), SetWeights(0))
+    nxt = step(spec, start.status, obs(green=(100, 0), at=10.0), 10.0)
+    assert nxt.actions == (SetWeights(50),)
+
+
+def test_latency_threshold_is_chosen_near_the_baseline_p99() -> None:
+    buckets = ((0.025, 700), (0.05, 989), (0.1, 1000))
+    assert p99_bucket(ColourCounts(requests=1000, latency_buckets=buckets)) == 0.05
+    assert p99_bucket(ColourCounts(requests=1000)) is None
+
+
+def test_slow_requests_roll_back_a_latency_regression() -> None:
+    spec = make_spec(analysis={"latency": {"enabled": True}})
+    status = progressing()
+    base = ((0.025, 0), (0.05, 0), (0.1, 0))
+
+    def hist(n: int, slow: int) -> tuple[tuple[float, int], ...]:
+        return tuple((b, n - slow if b >= 0.05 else 0) for b, _ in base)
+
+    # First tick: 900 baseline requests fix the threshold at the 50 ms bucket.
+    status = step(
+        spec,
+        status,
+        obs(
+            blue=(100, 0),
+            green=(900, 0),
+            at=10.0,
+            blue_buckets=hist(100, 1),
+            green_buckets=hist(900, 9),
+        ),
+        10.0,
+    ).status
+    assert status.slow_threshold_s == 0.05
+    total_b, total_g, slow_b, slow_g = 100, 900, 1, 9
+    decision = None
+    for tick in range(2, 30):
+        total_b, total_g, slow_b, slow_g = total_b + 100, total_g + 900, slow_b + 6, slow_g + 9
+        decision = step(
+            spec,
+            status,
+            obs(
+                blue=(total_b, 0),
+                green=(total_g, 0),
+                at=tick * 2.0,
+                blue_buckets=hist(total_b, slow_b),
+                green_buckets=hist(total_g, slow_g),
+            ),
+            tick * 2.0,
+        )
+        status = decision.status
+        if status.phase is Phase.ROLLING_BACK:
+            break
+    assert decision is not None
+    assert status.phase is Phase.ROLLING_BACK
+    assert "slow-request rate (> 50 ms)" in status.reason
+
+
+def test_status_round_trips_through_json() -> None:
+    status = with_ok_evidence(progressing())
+    status = with_commands(status, [cmd("pause")])
+    decision = step(SPEC, status, obs(blue=(150, 0), green=(1350, 1), at=30.0), 30.0)
+    saved = replace(decision.status, pending=decision.actions)
+    assert Status.from_dict(saved.to_dict()) == saved
