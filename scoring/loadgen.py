@@ -51,7 +51,7 @@ class LatencyHistogram:
 
     def record(self, seconds: float) -> None:
         """Add one latency."""
-        self._buckets[int(math.log(max(seconds, 1e-7)) / _LOG_STEP)] += 1
+        self._buckets[math.floor(math.log(max(seconds, 1e-7)) / _LOG_STEP)] += 1
         self.count += 1
         self.total += seconds
         self.max = max(self.max, seconds)

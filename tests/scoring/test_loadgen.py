@@ -130,7 +130,7 @@ def test_background_load_reports_running_counts_and_stops(servers: dict[str, str
     assert after == report.sent  # nothing is sent after stop()
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(st.floats(1e-5, 10.0), min_size=1, max_size=500), st.sampled_from([0.5, 0.9, 0.99]))
 def test_latency_histogram_quantiles_are_within_one_percent(values: list[float], q: float) -> None:
     hist = LatencyHistogram()
