@@ -1,0 +1,197 @@
+"""Child processes of the local stack: started in their own session, stopped by PID, waited for.
+
+Every process (Envoy, Prometheus, scoring servers) is started with `start_new_session=True`, so
+that a Ctrl-C in the terminal reaches only the Python parent, which then stops its children in
+order, and so Envoy does not get the shutdown signal a short-lived parent shell would send it.
+Stopping sends SIGTERM to the child's process group, waits, then SIGKILLs and reaps it: no orphan
+and no port left bound. Output goes to a log file in the stack's directory, quoted in the error
+when a process dies or never gets ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import httpx
+
+from rollout.errors import LocalStackError
+
+log = logging.getLogger(__name__)
+
+#: Lines of a child's log quoted when it fails.
+LOG_TAIL_LINES = 15
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nothing listens on `host:port`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex((host, port)) != 0
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last lines of a log file ('' when there is none)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists and is not a zombie."""
+    try:
+        with Path(f"/proc/{pid}/stat").open(encoding="utf-8") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def pid_start_time(pid: int) -> str | None:
+    """The kernel's start time of a PID (guards against a recycled PID), None if gone."""
+    try:
+        with Path(f"/proc/{pid}/stat").open(encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def kill_group(pid: int, *, grace_s: float = 5.0) -> None:
+    """SIGTERM the process group led by `pid`, then SIGKILL after `grace_s`; waits for the end."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while pid_alive(pid) and time.monotonic() < deadline:
+        _reap(pid)
+        time.sleep(0.02)
+    if pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + grace_s
+        while pid_alive(pid) and time.monotonic() < deadline:
+            _reap(pid)
+            time.sleep(0.02)
+    _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    # Our own children must be waited for, or they stay zombies; others' are reaped by init.
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+class Child:
+    """One child process with a log file, a readiness probe and a clean stop."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log_path: Path,
+        ready_url: str | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.ready_url = ready_url
+        self.env = env
+        self.cwd = cwd
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The PID while started."""
+        return None if self.process is None else self.process.pid
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive."""
+        return self.process is not None and self.process.poll() is None
+
+    def start(self, *, ready_timeout_s: float = 30.0) -> Child:
+        """Start the process and wait until `ready_url` answers 200 (LocalStackError otherwise)."""
+        if self.running:
+            return self
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as out:
+            try:
+                self.process = subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env=self.env,
+                    cwd=self.cwd,
+                )
+            except OSError as exc:
+                raise LocalStackError(f"cannot start {self.name} ({self.argv[0]}): {exc}") from exc
+        log.debug("started %s (pid %d): %s", self.name, self.process.pid, " ".join(self.argv))
+        if self.ready_url is not None:
+            try:
+                wait_ready(self.ready_url, timeout_s=ready_timeout_s, alive=lambda: self.running)
+            except LocalStackError as exc:
+                self.stop()
+                raise LocalStackError(f"{self.name}: {exc}{self._tail()}") from None
+        return self
+
+    def stop(self, *, grace_s: float = 5.0) -> None:
+        """Stop the process group and reap it; a no-op when not running."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            kill_group(self.process.pid, grace_s=grace_s)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=grace_s)
+        log.debug("stopped %s (pid %d)", self.name, self.process.pid)
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL at once (tests of failure handling)."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def _tail(self) -> str:
+        tail = log_tail(self.log_path)
+        return f"\n--- last lines of {self.log_path} ---\n{tail}" if tail else ""
+
+
+def wait_ready(url: str, *, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Poll `url` until it answers 200; LocalStackError on timeout or when `alive()` turns false."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    with httpx.Client(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if not alive():
+                raise LocalStackError(f"exited before {url} answered")
+            try:
+                response = client.get(url)
+                if response.status_code == 200:
+                    return
+                last = f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                last = type(exc).__name__
+            time.sleep(0.05)
+    raise LocalStackError(f"{url} not ready after {timeout_s:g} s ({last})")

