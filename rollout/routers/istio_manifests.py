@@ -133,6 +133,9 @@ def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
                         {
                             "name": "scoring",
                             "image": release.image,
+                            # The scoring server labels its metrics and answers with this colour;
+                            # after Blue_Green, green pods serve blue's release and must say green.
+                            "env": [{"name": "AML_ROLLOUT_COLOUR", "value": colour.value}],
                             "ports": [{"name": "http", "containerPort": layout.container_port}],
                             "readinessProbe": probe,
                             "livenessProbe": {

@@ -267,3 +267,15 @@ def test_an_unreachable_api_server_is_a_router_error_with_its_url() -> None:
     router = IstioRouter(LAYOUT, k8s.ApiClient(configuration))
     with pytest.raises(RouterError, match="cannot reach the Kubernetes API at " + url):
         router.get_weights()
+
+
+def test_pods_know_their_colour_even_when_serving_the_other_release(
+    api: FakeKubeApiServer,
+) -> None:
+    # Blue_Green: green's pods run blue's release; their metrics must still say green.
+    router = make(api)
+    router.deploy(Colour.GREEN, V2)
+    container = api.get("deployments", "diabetes-green", "ml", "apps")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert {"name": "AML_ROLLOUT_COLOUR", "value": "green"} in container["env"]
