@@ -23,11 +23,14 @@ the same status (green = production; blue = the candidate while a rollout runs).
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from aml_pipelines.errors import ConfigError, TriggerError
 from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
 
 log = logging.getLogger(__name__)
@@ -186,3 +189,159 @@ def serving(versions: Sequence[ModelVersion], view: RolloutView | None) -> dict[
     if production:
         colours.setdefault(max(production), "green")
     return colours
+
+
+# ------------------------------------------------------------------------------- local delivery
+
+
+class LocalDelivery:
+    """Package on this machine and roll out with the rollout engine (the spec's router).
+
+    The package goes to `<state_dir>/packages/<model>/<version>`; the rollout's status, lease and
+    ledger live in `state_dir` (default: the spec's `state.dir`). `clock` is for tests.
+    """
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        spec: Any,
+        *,
+        state_dir: Path | None = None,
+        image_registry: str = "localhost",
+        clock: Any = None,
+    ) -> None:
+        from rollout.api import load_spec
+
+        self.registry = registry
+        self.spec = spec if not isinstance(spec, str | Path) else load_spec(spec)
+        self.state_dir = Path(state_dir) if state_dir is not None else Path(self.spec.state.dir)
+        self.image_registry = image_registry
+        self.clock = clock
+
+    def _store(self) -> Any:
+        from rollout.api import open_store
+
+        return open_store(self.spec, self.state_dir)
+
+    def current(self) -> RolloutView | None:
+        """The last rollout in the engine's state store."""
+        status = self._store().load()
+        if status is None or status.candidate is None:
+            return None
+        candidate, stable = status.candidate, status.stable
+        return RolloutView(
+            model=candidate.model,
+            candidate=_int(candidate.version),
+            phase=status.phase.value,
+            reason=status.reason,
+            stable=_int(stable.version) if stable and stable.model == candidate.model else None,
+            weight=status.blue_weight,
+        )
+
+    def deliver(self, version: ModelVersion) -> DeliveryOutcome:
+        """Package + roll out `version`; resume or just re-tag if the store already has it."""
+        from rollout.api import run_rollout
+
+        view = self.current()
+        ours = view is not None and (view.model, view.candidate) == (version.name, version.version)
+        if view is not None and ours and not view.active:
+            log.info(
+                "%s v%d: its rollout already ended (%s)", version.name, version.version, view.phase
+            )
+            return self._finish(version, view.phase, view.reason, None)
+        if view is not None and view.active and not ours:
+            raise TriggerError(
+                f"cannot deliver {version.name} v{version.version}: the rollout of "
+                f"{view.model} v{view.candidate} is {view.phase}"
+            )
+        spec = self.spec
+        if not ours:
+            release = self._package(version)
+            spec = self._with_stable(spec, version.name)
+        else:
+            release = None  # resumed: the stored status carries the candidate
+            log.info("%s v%d: resuming its rollout", version.name, version.version)
+        result = run_rollout(
+            spec,
+            candidate=release,
+            state_dir=self.state_dir,
+            clock=self.clock,
+            restart=not ours,
+        )
+        return self._finish(version, result.phase.value, result.reason, result.ledger_path)
+
+    def _finish(
+        self, version: ModelVersion, phase: str, reason: str, ledger: Path | None
+    ) -> DeliveryOutcome:
+        changes = follow_traffic(self.registry, version.name, version.version, phase, reason)
+        return DeliveryOutcome(version.name, version.version, phase, reason, ledger, tuple(changes))
+
+    def _package(self, version: ModelVersion) -> Any:
+        from components.package.package import build_package
+        from rollout.core.types import Release
+
+        out = self.state_dir / "packages" / version.name / str(version.version)
+        package = build_package(version, out, image_registry=self.image_registry)
+        return Release(
+            model=version.name,
+            version=str(version.version),
+            sha256=version.sha256,
+            image=package.image,
+            model_dir=str(package.path),
+        )
+
+    def _with_stable(self, spec: Any, model: str) -> Any:
+        """The spec, with the production version as `stable` when the spec names none.
+
+        The engine keeps whatever green serves; `stable` only matters on a fresh data plane.
+        """
+        if spec.stable is not None:
+            return spec
+        production = self.registry.find_by_tag(model, STAGE_TAG, Stage.PRODUCTION)
+        if not production:
+            return spec
+        from rollout.config import ReleaseConfig
+
+        release = self._package(production[-1])
+        return spec.model_copy(update={"stable": ReleaseConfig(**asdict(release))})
+
+    def abort(self, reason: str) -> None:
+        """Queue an `abort` command for the running controller (it rolls back on its next tick)."""
+        from rollout.core.status import Command
+
+        self._store().push_command(
+            Command(
+                id=f"trigger-{uuid.uuid4().hex}",
+                kind="abort",
+                at=time.time(),
+                by=f"trigger ({reason})",
+            )
+        )
+
+    def reconcile(self) -> list[TagChange]:
+        """Repair registry tags from the engine's last status."""
+        return reconcile(self.registry, self.current())
+
+
+def _int(version: str) -> int:
+    try:
+        return int(version)
+    except ValueError:
+        return 0  # not a registry version: never equal to one
+
+
+def make_delivery(
+    registry: ModelRegistry,
+    registry_spec: str,
+    spec: Path,
+    *,
+    state_dir: Path | None = None,
+    image_registry: str = "localhost",
+) -> Delivery:
+    """The delivery path for a registry kind: `local` packages and rolls out on this machine."""
+    from aml_pipelines.registry.factory import default_spec
+
+    kind = (registry_spec or default_spec()).partition(":")[0]
+    if kind == "local":
+        return LocalDelivery(registry, spec, state_dir=state_dir, image_registry=image_registry)
+    raise ConfigError(f"--registry: no delivery path for registry kind {kind!r} (known: local)")

@@ -1,7 +1,216 @@
-"""`aml-rollout trigger ...`: registry watcher and Event Grid webhook (heavy imports inside)."""
+"""`aml-rollout trigger watch|serve`: start deliveries when a model version is registered.
+
+Both commands build the same pieces — a registry, the delivery path (aml_pipelines/delivery.py),
+the trigger store and the dispatcher — and differ only in where versions come from: `watch`
+polls the registry, `serve` receives Azure Event Grid's ModelRegistered events. Only typer and
+the stdlib are imported at module level; the rest is imported inside the commands so that
+`aml-rollout --help` stays fast.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
 import typer
 
+if TYPE_CHECKING:
+    from aml_pipelines.trigger.dispatch import Dispatcher
+
 trigger_app = typer.Typer(no_args_is_help=True)
+
+DEFAULT_STATE = Path(".aml-rollout") / "trigger"
+DEFAULT_SECRET_ENV = "AML_ROLLOUT_TRIGGER_SECRET"  # noqa: S105 (a variable name, not a secret)
+MIN_SECRET_CHARS = 16
+
+RegistryOpt = Annotated[
+    str,
+    typer.Option(
+        "--registry",
+        help="local, local:PATH or azureml (default: $AML_ROLLOUT_REGISTRY, else local).",
+    ),
+]
+SpecOpt = Annotated[Path, typer.Option("--spec", help="Rollout spec (YAML) for every delivery.")]
+TagOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tag",
+        help="KEY=VALUE a version must carry (repeatable; default stage=candidate).",
+        show_default=False,
+    ),
+]
+StateOpt = Annotated[
+    Path, typer.Option("--state-dir", help="Where the cursor, event ids and locks live.")
+]
+RolloutStateOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--rollout-state-dir", help="The rollout engine's state folder (default: the spec's)."
+    ),
+]
+SupersedeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--supersede", help="A newer version aborts the running rollout instead of waiting."
+    ),
+]
+ImageOpt = Annotated[
+    str, typer.Option("--image-registry", help="Image registry named in package.json.")
+]
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _parse_tags(tags: list[str] | None) -> dict[str, str]:
+    from aml_pipelines.errors import ConfigError
+
+    if not tags:
+        return {"stage": "candidate"}
+    parsed = {}
+    for item in tags:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--tag {item!r}: expected KEY=VALUE, e.g. stage=candidate")
+        parsed[key] = value
+    return parsed
+
+
+def _dispatcher(
+    registry_spec: str,
+    spec: Path,
+    state_dir: Path,
+    rollout_state_dir: Path | None,
+    image_registry: str,
+    supersede: bool,
+) -> Dispatcher:
+    from aml_pipelines.delivery import make_delivery
+    from aml_pipelines.registry.factory import open_registry
+    from aml_pipelines.trigger.dispatch import Dispatcher
+    from aml_pipelines.trigger.store import TriggerStore
+
+    registry = open_registry(registry_spec or None)
+    delivery = make_delivery(
+        registry,
+        registry_spec,
+        spec,
+        state_dir=rollout_state_dir,
+        image_registry=image_registry,
+    )
+    return Dispatcher(TriggerStore(state_dir), registry, delivery, supersede=supersede)
+
+
+def _stop_on_signals(stop: Any) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        logging.getLogger(__name__).info(
+            "%s: stopping; a delivery in progress resumes on the next start",
+            signal.Signals(signum).name,
+        )
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+@trigger_app.command("watch")
+def watch(
+    model: Annotated[str, typer.Option("--model", help="Model name to watch.")],
+    spec: SpecOpt,
+    registry: RegistryOpt = "",
+    tag: TagOpt = None,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, help="Seconds between registry polls.")
+    ] = 10.0,
+    once: Annotated[
+        bool, typer.Option("--once", help="Poll once, deliver what is new, then exit.")
+    ] = False,
+    supersede: SupersedeOpt = False,
+    state_dir: StateOpt = DEFAULT_STATE,
+    rollout_state_dir: RolloutStateOpt = None,
+    image_registry: ImageOpt = "localhost",
+) -> None:
+    """Poll the registry; deliver (package + roll out) each new matching version exactly once."""
+    from aml_pipelines.trigger.watcher import Watcher
+
+    _setup_logging()
+    required = _parse_tags(tag)
+    dispatcher = _dispatcher(
+        registry, spec, state_dir, rollout_state_dir, image_registry, supersede
+    )
+    dispatcher.wait_interval_s = interval
+    watcher = Watcher(
+        dispatcher.registry, model, dispatcher, required_tags=required, interval_s=interval
+    )
+    if not once:
+        _stop_on_signals(watcher.stop)
+    watcher.run(once=once)
+
+
+@trigger_app.command("serve")
+def serve(
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0 = free).")],
+    spec: SpecOpt,
+    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    secret_env: Annotated[
+        str, typer.Option("--secret-env", help="Environment variable holding the shared secret.")
+    ] = DEFAULT_SECRET_ENV,
+    registry: RegistryOpt = "",
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="Accept only these models (repeatable; default all)."),
+    ] = None,
+    tag: TagOpt = None,
+    supersede: SupersedeOpt = False,
+    max_body: Annotated[
+        int, typer.Option("--max-body", min=1024, help="Largest accepted body in bytes.")
+    ] = 1 << 20,
+    ssl_certfile: Annotated[
+        str | None, typer.Option("--ssl-certfile", help="TLS certificate (PEM).")
+    ] = None,
+    ssl_keyfile: Annotated[str | None, typer.Option("--ssl-keyfile", help="TLS key (PEM).")] = None,
+    state_dir: StateOpt = DEFAULT_STATE,
+    rollout_state_dir: RolloutStateOpt = None,
+    image_registry: ImageOpt = "localhost",
+) -> None:
+    """Receive Azure Event Grid ModelRegistered events; deliver each new version exactly once."""
+    from aml_pipelines.errors import ConfigError
+    from aml_pipelines.trigger.dispatch import DeliveryWorker
+    from aml_pipelines.trigger.webhook import Filter, WebhookApp, make_server
+
+    _setup_logging()
+    secret = os.environ.get(secret_env, "")
+    if len(secret) < MIN_SECRET_CHARS:
+        raise ConfigError(
+            f"--secret-env: set ${secret_env} to the shared secret "
+            f"(at least {MIN_SECRET_CHARS} characters; it is the ?key= of the Event Grid URL)"
+        )
+    event_filter = Filter(models=tuple(model or ()), tags=_parse_tags(tag))
+    dispatcher = _dispatcher(
+        registry, spec, state_dir, rollout_state_dir, image_registry, supersede
+    )
+    store = dispatcher.store
+    with store.lock("serve", f"a webhook server on {state_dir}").held(blocking=False):
+        dispatcher.delivery.reconcile()
+        worker = DeliveryWorker(dispatcher, store.models)
+        app = WebhookApp(
+            secret=secret,
+            dispatcher=dispatcher,
+            wake=worker.wake,
+            event_filter=event_filter,
+            max_body=max_body,
+        )
+        server, sock, url = make_server(
+            app, host=host, port=port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile
+        )
+        worker.start()
+        typer.echo(f"listening on {url}?key=<secret from ${secret_env}>", err=False)
+        # On SIGINT/SIGTERM uvicorn stops accepting, finishes open requests, then re-raises the
+        # signal, so the process ends "terminated by signal". A delivery in progress is cut like
+        # a crash and resumes on the next start (see dispatch.py).
+        server.run(sockets=[sock])

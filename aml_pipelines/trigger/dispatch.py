@@ -32,14 +32,17 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from aml_pipelines.delivery import FAILED, Delivery, DeliveryOutcome
-from aml_pipelines.errors import IntegrityError, ModelNotFound
+from aml_pipelines.errors import ConfigError, IntegrityError, ModelNotFound
 from aml_pipelines.registry.base import ModelRegistry
 from aml_pipelines.trigger.store import SUPERSEDED, Entry, Step, TriggerStore
+from rollout.errors import ConfigError as SpecError
 
 log = logging.getLogger(__name__)
 
-#: Errors after which a version can never be delivered: close it instead of retrying forever.
-PERMANENT = (ModelNotFound, IntegrityError)
+#: Errors after which a version cannot be delivered as things stand (a missing or corrupted model,
+#: an invalid spec): close it as Failed instead of retrying forever. Anything else (a network
+#: error, a router that is down) leaves it open, to be resumed on the next attempt.
+PERMANENT = (ModelNotFound, IntegrityError, ConfigError, SpecError)
 
 
 class Dispatcher:

@@ -1,0 +1,197 @@
+"""`aml-rollout trigger watch|serve` as real processes, with the real delivery path: the local
+registry, the package component and the rollout engine (memory router persisted to a file,
+simulated traffic on the wall clock, short analysis interval).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from aml_pipelines.registry.local import LocalRegistry
+from aml_pipelines.trigger.store import Step, TriggerStore
+from tests.trigger.fakes import register
+from tests.trigger.test_eventgrid import eg_event
+from tests.trigger.test_watcher_process import _until
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "cli-secret-0123456789"
+
+
+def _spec(tmp: Path, canary_error_rate: float = 0.05) -> Path:
+    # A high base error rate and rate make "not worse" quick to show (about a second of
+    # traffic per step); the latency check is off because simulated latency adds nothing here.
+    spec = {
+        "name": "diabetes",
+        "router": {"kind": "memory", "state_file": str(tmp / "routes.json")},
+        "metrics": {
+            "kind": "simulated",
+            "seed": 3,
+            "rps": 4000,
+            "baseline": {"error_rate": 0.05},
+            "canary": {"error_rate": canary_error_rate},
+        },
+        "steps": [10, 50, 100],
+        "analysis": {
+            "interval_s": 0.2,
+            "min_step_duration_s": 0.4,
+            "min_requests": 20,
+            "latency": {"enabled": False},
+        },
+        "state": {"dir": str(tmp / "rollout")},
+    }
+    path = tmp / "rollout.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _cli(tmp: Path, *args: str) -> list[str]:
+    common = ["--registry", f"local:{tmp / 'registry'}", "--spec", str(tmp / "rollout.yaml")]
+    return [
+        sys.executable,
+        "-c",
+        "from rollout.cli import main; main()",
+        "trigger",
+        *args,
+        *common,
+        "--state-dir",
+        str(tmp / "trigger"),
+    ]
+
+
+def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, **kw)
+
+
+def _ledger_starts(tmp: Path) -> int:
+    path = tmp / "rollout" / "diabetes.ledger.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return sum(1 for line in lines if json.loads(line).get("event") == "start")
+
+
+def _status(tmp: Path) -> dict[str, Any]:
+    path = tmp / "rollout" / "diabetes.status.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return data
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> LocalRegistry:
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    _spec(tmp_path)
+    return registry
+
+
+def test_watch_once_promotes_and_the_registry_follows(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    first = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once"))
+    assert first.returncode == 0, first.stderr
+    assert [v.stage for v in registry.list_versions("diabetes")] == ["archived", "production"]
+    package = json.loads((tmp_path / "rollout/packages/diabetes/2/package.json").read_text())
+    assert package["version"] == "2"
+    again = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once"))
+    assert again.returncode == 0, again.stderr
+    assert _ledger_starts(tmp_path) == 1  # exactly one rollout for v2
+
+
+def test_watch_rolls_back_a_bad_candidate_with_the_ledger_reason(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    _spec(tmp_path, canary_error_rate=0.3)
+    done = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once"))
+    assert done.returncode == 0, done.stderr
+    v1, v2 = registry.list_versions("diabetes")
+    assert (v1.stage, v2.stage) == ("production", "rolled-back")
+    assert v2.tags["rollback_reason"] == _status(tmp_path)["reason"]
+    assert "canary error rate" in v2.tags["rollback_reason"]
+
+
+def test_sigkilled_watcher_resumes_the_rollout_from_the_state_store(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    cmd = _cli(tmp_path, "watch", "--model", "diabetes", "--interval", "0.2")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _until(
+            lambda: (
+                _status(tmp_path).get("phase") == "Progressing"
+                and _status(tmp_path).get("step_index", 0) >= 1
+            ),
+            "the rollout to reach its second step",
+            timeout=30,
+        )
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert registry.get("diabetes", 2).stage == "candidate"
+
+    resumed = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming the delivery of diabetes v2" in resumed.stderr
+    assert _ledger_starts(tmp_path) == 1  # resumed, not started again
+    assert registry.get("diabetes", 2).stage == "production"
+    entry = TriggerStore(tmp_path / "trigger").load("diabetes").entries[2]
+    assert (entry.step, entry.outcome, entry.attempts) == (Step.DONE, "Succeeded", 2)
+
+
+def test_serve_delivers_a_registered_event(tmp_path: Path, registry: LocalRegistry) -> None:
+    env = {**os.environ, "AML_ROLLOUT_TRIGGER_SECRET": SECRET}
+    cmd = _cli(tmp_path, "serve", "--port", "0", "--model", "diabetes")
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on http://127.0.0.1:"), line
+        url = line.split()[2].split("?")[0]
+        response = httpx.post(
+            url,
+            params={"key": SECRET},
+            content=json.dumps([eg_event("ev-1", version="2")]),
+            headers={"content-type": "application/json"},
+            timeout=10,
+        )
+        assert response.status_code == 200
+        assert response.json()["accepted"] == [{"model": "diabetes", "version": 2}]
+        done: Callable[[], bool] = lambda: registry.get("diabetes", 2).stage == "production"  # noqa: E731
+        _until(done, "the delivery of v2", timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down, then re-raises the signal: the conventional "terminated" status.
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_serve_refuses_to_start_without_a_secret(tmp_path: Path, registry: LocalRegistry) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "AML_ROLLOUT_TRIGGER_SECRET"}
+    result = _run(_cli(tmp_path, "serve", "--port", "0"), env=env)
+    assert result.returncode == 2
+    assert "set $AML_ROLLOUT_TRIGGER_SECRET to the shared secret" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_tag_option_is_one_clear_line(tmp_path: Path, registry: LocalRegistry) -> None:
+    result = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once", "--tag", "stage"))
+    assert result.returncode == 2
+    assert "--tag 'stage': expected KEY=VALUE" in result.stderr
+    assert "Traceback" not in result.stderr
