@@ -5,7 +5,8 @@ It listens on 127.0.0.1 (free port) in a background thread and keeps objects in 
 real apiserver. What it implements is what clients rely on for correctness:
 
 - REST paths `/api/v1/...` (core group) and `/apis/{group}/{version}/...`, namespaced resources
-  and namespaces; GET (one or list), POST, PUT, PATCH, DELETE.
+  and namespaces; GET (one or list), POST, PUT, PATCH, DELETE; the discovery documents (`/api`,
+  `/apis`, `/api/v1`, `/apis/{group}/{version}`), so the real `kubectl` can talk to it too.
 - `metadata.resourceVersion` bumped on every write (one global counter), `uid`,
   `creationTimestamp`, `generation` (bumped when `spec` changes).
 - Optimistic concurrency: a PUT or PATCH whose body (after patching) carries a resourceVersion
@@ -36,19 +37,32 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-KINDS = {
-    "namespaces": "Namespace",
-    "services": "Service",
-    "serviceaccounts": "ServiceAccount",
-    "configmaps": "ConfigMap",
-    "deployments": "Deployment",
-    "roles": "Role",
-    "rolebindings": "RoleBinding",
-    "leases": "Lease",
-    "gateways": "Gateway",
-    "virtualservices": "VirtualService",
-    "destinationrules": "DestinationRule",
+# API group → (served versions, {resource: kind}); "" is the core group. Namespaces are the only
+# cluster-scoped resource served.
+GROUPS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    "": (
+        ("v1",),
+        {
+            "namespaces": "Namespace",
+            "services": "Service",
+            "serviceaccounts": "ServiceAccount",
+            "configmaps": "ConfigMap",
+        },
+    ),
+    "apps": (("v1",), {"deployments": "Deployment"}),
+    "rbac.authorization.k8s.io": (("v1",), {"roles": "Role", "rolebindings": "RoleBinding"}),
+    "coordination.k8s.io": (("v1",), {"leases": "Lease"}),
+    "networking.istio.io": (
+        ("v1", "v1beta1"),
+        {
+            "gateways": "Gateway",
+            "virtualservices": "VirtualService",
+            "destinationrules": "DestinationRule",
+        },
+    ),
 }
+KINDS = {resource: kind for _, kinds in GROUPS.values() for resource, kind in kinds.items()}
+_VERBS = ["create", "delete", "get", "list", "patch", "update"]
 
 _CORE = re.compile(r"^/api/v1/(?:namespaces/(?P<ns>[^/]+)/)?(?P<res>[^/]+)(?:/(?P<name>[^/]+))?$")
 _GROUP = re.compile(
@@ -189,6 +203,8 @@ class FakeKubeApiServer:
     def handle(
         self, method: str, path: str, body: Any, content_type: str
     ) -> tuple[int, dict[str, Any]]:
+        if method == "GET" and (found := discovery(path)) is not None:
+            return 200, found
         match = _CORE.match(path) or _GROUP.match(path)
         if match is None:
             raise ApiError(
@@ -281,6 +297,41 @@ class FakeKubeApiServer:
                 "modified; please apply your changes to the latest version and try again",
             )
         return 200, copy.deepcopy(self._write(key, new, previous=current))
+
+
+def discovery(path: str) -> dict[str, Any] | None:
+    """The discovery documents kubectl reads before anything else (legacy, not aggregated)."""
+    if path == "/api":
+        return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
+    if path == "/apis":
+        groups = []
+        for group, (versions, _) in GROUPS.items():
+            if group:
+                listed = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
+                groups.append({"name": group, "versions": listed, "preferredVersion": listed[0]})
+        return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
+    parts = path.strip("/").split("/")
+    if parts == ["api", "v1"]:
+        group, version = "", "v1"
+    elif len(parts) == 3 and parts[0] == "apis" and parts[1] in GROUPS:
+        group, version = parts[1], parts[2]
+    else:
+        return None
+    versions, kinds = GROUPS[group]
+    if version not in versions:
+        return None
+    resources = [
+        {
+            "name": resource,
+            "singularName": kind.lower(),
+            "namespaced": resource != "namespaces",
+            "kind": kind,
+            "verbs": _VERBS,
+        }
+        for resource, kind in kinds.items()
+    ]
+    group_version = f"{group}/{version}" if group else version
+    return {"kind": "APIResourceList", "groupVersion": group_version, "resources": resources}
 
 
 def _apply_patch(current: dict[str, Any], patch: Any, content_type: str) -> dict[str, Any]:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -423,3 +426,35 @@ def test_the_chart_renderer_is_not_vacuous() -> None:
     )
     root = {"Values": {"x": 3, "on": False, "l": [1, 2]}}
     assert yaml.safe_load(render_template(text, root)) == {"a": "3", "l": [1, 2]}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_real_kubectl_applies_the_manifests_and_the_router_takes_over(tmp_path: Path) -> None:
+    out = tmp_path / "k8s.yaml"
+    CliRunner().invoke(
+        app, ["manifests", "-n", "ml", "--app", "diabetes", "--green-image", V1.image or "",
+              "-o", str(out)],
+    )  # fmt: skip
+    env = {**os.environ, "HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "none")}
+    layout = m.IstioLayout(namespace="ml", app="diabetes")
+    with FakeKubeApiServer() as api:
+
+        def kubectl(*args: str) -> str:
+            done = subprocess.run(
+                ["kubectl", "--server", api.url, *args],
+                capture_output=True, text=True, env=env, timeout=60, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        applied = kubectl("apply", "--validate=false", "-f", str(out))
+        assert applied.count(" created") == 11, applied
+        router = router_on(api, layout)
+        assert router.get_weights() == Weights.blue_at(0)
+        router.deploy(Colour.BLUE, V2)
+        router.set_weights(Weights.blue_at(50))
+        assert "diabetes-blue" in kubectl("-n", "ml", "get", "deployments", "-o", "name")
+        # Re-applying the bootstrap mid-rollout is a rollback, not a no-op: kubectl's three-way
+        # merge patch replaces `spec.http` (a list) with the file's. docs/kubernetes.md says so.
+        kubectl("apply", "--validate=false", "-f", str(out))
+        assert router.get_weights() == Weights.blue_at(0)
