@@ -1,0 +1,257 @@
+"""Scoring throughput: our server vs azureml-inference-server-http vs a plain FastAPI reference.
+
+    python -m benchmarks.scoring [--seconds 5] [--json]
+
+One server at a time, on this machine, each with ONE worker and the same model (Ridge on the
+diabetes data, written by the train component), the same 1-row payload and the same client:
+
+- ours:     `aml-rollout serve` (raw ASGI /score in FastAPI, uvicorn + httptools + uvloop)
+- azureml:  the same scoring/score.py under `azmlinfsrv` (Flask on gunicorn, sync worker),
+            in its own venv (benchmarks.azureml_env)
+- fastapi:  benchmarks.reference_server (pydantic body, Ridge.predict), same uvicorn settings
+
+Client: `wrk` (Debian package `wrk`), one thread. It is C and event-driven, so on a 2-core box it
+costs the servers far less CPU than any Python client would, and it is the same binary for all
+three. Per server: a warm-up, then closed-loop runs at 1 and 8 connections (rps and p50/p99), then
+a run paced at half of that server's own c8 rps (wrk's `delay()` hook, 8 connections) whose
+p50/p99 are the "latency under load" figures in the JSON. Any non-2xx answer fails the run.
+
+With `--json` the last line is
+`{"servers": {"ours"|"azureml"|"fastapi": {"rps_c1", "rps_c8", "p50_ms", "p99_ms"}},
+"ratio_vs_azureml": float, "ratio_vs_fastapi": float}` (ratios of rps_c8; p50/p99 at half of max).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from benchmarks.azureml_env import ROOT, ensure_azureml_venv
+
+ROW = [0.0381, 0.0507, 0.0617, 0.0219, -0.0442, -0.0348, -0.0434, -0.0026, 0.0199, -0.0176]
+PAYLOAD = json.dumps({"data": [ROW]})
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    """One wrk run."""
+
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    errors: int
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text.strip()).groups()  # type: ignore[union-attr]
+    return float(number) * _UNITS[unit]
+
+
+def parse_wrk(output: str) -> WrkResult:
+    """Requests/sec, the 50 % and 99 % latency lines and error counts from `wrk --latency`."""
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", output, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", output, re.M).group(1))  # type: ignore[union-attr]
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    return WrkResult(
+        rps=rps,
+        p50_ms=p50,
+        p99_ms=p99,
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        errors=sum(int(g) for g in errors.groups()) if errors else 0,
+    )
+
+
+def run_wrk(
+    url: str,
+    connections: int,
+    seconds: float,
+    workdir: Path,
+    rate: float | None = None,
+    latency_ms: float = 0.0,
+) -> WrkResult:
+    """wrk at `connections` for `seconds`. With `rate`, each connection waits between requests
+    (wrk's `delay()` hook) so the total is about `rate` requests per second; `latency_ms`, the
+    expected answer time, is taken off the wait since each connection waits after its answer."""
+    script = workdir / "post.lua"
+    lua = [
+        'wrk.method = "POST"',
+        f"wrk.body = {json.dumps(PAYLOAD)}",
+        'wrk.headers["Content-Type"] = "application/json"',
+    ]
+    if rate:
+        wait_ms = max(connections / rate * 1000 - latency_ms, 0.0)
+        lua.append(f"function delay() return {wait_ms:.3f} end")
+    script.write_text("\n".join(lua) + "\n")
+    duration = f"-d{max(1, round(seconds))}s"  # wrk takes whole seconds
+    argv = ["wrk", "-t1", f"-c{connections}", duration, "--latency", "-s", str(script), url]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=seconds + 30)
+    result = parse_wrk(out.stdout)
+    if result.non_2xx or result.errors:
+        raise RuntimeError(
+            f"{url}: {result.non_2xx} non-2xx answers, {result.errors} socket errors"
+        )
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def started(argv: list[str], url: str, env: dict[str, str]) -> Iterator[None]:
+    """Run a server process (own session) until the block ends; wait until /score answers 200."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            _wait_until_scoring(proc, argv[0], url, log)
+            yield
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)  # our own process group: server and workers
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _wait_until_scoring(proc: subprocess.Popen[bytes], name: str, url: str, log: IO[bytes]) -> None:
+    headers = {"content-type": "application/json"}
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"{name} exited: {log.read().decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not answer within 120 s")
+        try:
+            if httpx.post(url, content=PAYLOAD, headers=headers, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+
+
+def server_commands(
+    model_dir: Path, azmlinfsrv: Path
+) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """argv and environment of each server, each on its own free port."""
+    env = dict(os.environ)
+    uvicorn_flags = ["--http", "httptools", "--loop", "uvloop", "--no-access-log",
+                     "--log-level", "warning", "--workers", "1"]  # fmt: skip
+    return {
+        "ours": (
+            [sys.executable, "-c", "from rollout.cli import main; main()", "serve",
+             "--model-dir", str(model_dir), "--port", str(_free_port()), "--log-level", "warning"],
+            env,
+        ),
+        "azureml": (
+            [str(azmlinfsrv), "--entry_script", str(ROOT / "scoring" / "score.py"),
+             "--model_dir", str(model_dir), "--port", str(_free_port()), "--worker_count", "1"],
+            env | {"PYTHONPATH": str(ROOT)},
+        ),
+        "fastapi": (
+            [sys.executable, "-m", "uvicorn", "benchmarks.reference_server:create", "--factory",
+             "--host", "127.0.0.1", "--port", str(_free_port()), *uvicorn_flags],
+            env | {"REFERENCE_MODEL_DIR": str(model_dir)},
+        ),
+    }  # fmt: skip
+
+
+def measure(
+    name: str, argv: list[str], env: dict[str, str], url: str, seconds: float, workdir: Path
+) -> dict[str, float]:
+    """Warm up, then c1, c8 and half-of-max-rate runs against one server."""
+    with started(argv, url, env):
+        run_wrk(url, 8, 1.0, workdir)  # warm-up: JIT-free, but caches, allocator and sockets
+        c1 = run_wrk(url, 1, seconds, workdir)
+        c8 = run_wrk(url, 8, seconds, workdir)
+        half = run_wrk(url, 8, seconds, workdir, rate=c8.rps / 2, latency_ms=c1.p50_ms)
+    print(
+        f"{name:8} c1 {c1.rps:8.0f} rps p50 {c1.p50_ms:6.2f} p99 {c1.p99_ms:6.2f} ms | "
+        f"c8 {c8.rps:8.0f} rps p50 {c8.p50_ms:6.2f} p99 {c8.p99_ms:6.2f} ms | "
+        f"at {half.rps:6.0f} rps p50 {half.p50_ms:6.2f} p99 {half.p99_ms:6.2f} ms",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {"rps_c1": round(c1.rps, 1), "rps_c8": round(c8.rps, 1),
+            "p50_ms": round(half.p50_ms, 3), "p99_ms": round(half.p99_ms, 3)}  # fmt: skip
+
+
+def build_model(out: Path) -> Path:
+    """The example model, written by the train component (Ridge on diabetes, default params)."""
+    from components.train.train import TrainParams, train
+
+    train(out, name="diabetes", params=TrainParams())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print a table on stderr and the JSON result on stdout."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each timed run")
+    parser.add_argument("--json", action="store_true", help="print only the JSON result line")
+    parser.add_argument("--only", choices=["ours", "azureml", "fastapi"], action="append")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    azmlinfsrv = ensure_azureml_venv()
+    servers: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-scoring-") as tmp:
+        workdir = Path(tmp)
+        model_dir = build_model(workdir / "model")
+        for name, (cmd, env) in server_commands(model_dir, azmlinfsrv).items():
+            if args.only and name not in args.only:
+                continue
+            port = cmd[cmd.index("--port") + 1]
+            servers[name] = measure(
+                name, cmd, env, f"http://127.0.0.1:{port}/score", args.seconds, workdir
+            )
+
+    def ratio(other: str) -> float:
+        if "ours" not in servers or other not in servers:
+            return float("nan")
+        return round(servers["ours"]["rps_c8"] / servers[other]["rps_c8"], 2)
+
+    result = {
+        "servers": servers,
+        "ratio_vs_azureml": ratio("azureml"),
+        "ratio_vs_fastapi": ratio("fastapi"),
+    }
+    if not args.json:
+        vs_aml, vs_fastapi = result["ratio_vs_azureml"], result["ratio_vs_fastapi"]
+        print(f"ours/azureml rps (c8): {vs_aml}x, ours/fastapi: {vs_fastapi}x")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""score.py under the real `azureml-inference-server-http` (Flask on gunicorn, its own venv).
+
+The venv is created by benchmarks.azureml_env (pip from the package index, idempotent). The test
+skips only when that install fails, with pip's reason; otherwise it runs the AML server the way
+AML images do (`azmlinfsrv --entry_script score.py --model_dir DIR`) and checks the contract.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from benchmarks.azureml_env import ROOT, AzuremlEnvUnavailable, ensure_azureml_venv
+from scoring.model import LoadedModel
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def aml_url(package_dir: Path) -> Iterator[str]:
+    try:
+        azmlinfsrv = ensure_azureml_venv()
+    except AzuremlEnvUnavailable as exc:
+        pytest.skip(f"azureml-inference-server-http cannot be installed here: {exc}")
+    port = _free_port()
+    env = os.environ | {"PYTHONPATH": str(ROOT), "AML_ROLLOUT_COLOUR": "blue"}
+    proc = subprocess.Popen(
+        [str(azmlinfsrv), "--entry_script", str(ROOT / "scoring" / "score.py"),
+         "--model_dir", str(package_dir), "--port", str(port), "--worker_count", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/score"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, "the AML server never answered"
+            try:
+                httpx.post(url, json={"data": [[0.0] * 10]}, timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # gunicorn master and its worker: our own group
+        proc.communicate(timeout=30)
+
+
+def test_score_py_serves_predictions_under_the_aml_server(
+    aml_url: str, package_dir: Path, holdout: np.ndarray, loaded: LoadedModel
+) -> None:
+    response = httpx.post(aml_url, json={"data": holdout[:3].tolist()})
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["model"], body["version"], body["colour"]) == ("diabetes", "7", "blue")
+    np.testing.assert_allclose(
+        body["predictions"], loaded.estimator.predict(holdout[:3]), rtol=1e-9, atol=1e-9
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "status"),
+    [
+        pytest.param(b"{", 400, id="malformed-json"),
+        pytest.param(b'{"data": []}', 422, id="empty-batch"),
+        pytest.param(b'{"data": [[1, 2]]}', 422, id="wrong-width"),
+        pytest.param(b'{"data": [[true,2,3,4,5,6,7,8,9,10]]}', 422, id="wrong-type"),
+        pytest.param(b'{"data": [' + b",".join([b"[1,2,3,4,5,6,7,8,9,10]"] * 1001) + b"]}",
+                     413, id="too-many-rows"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_a_4xx_under_the_aml_server_too(
+    aml_url: str, content: bytes, status: int
+) -> None:
+    response = httpx.post(aml_url, content=content, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    assert isinstance(response.json()["error"], str)
