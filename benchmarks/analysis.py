@@ -42,7 +42,7 @@ from scipy.stats import beta as beta_dist
 
 from benchmarks.flagger import Outcome
 from benchmarks.flagger import simulate as simulate_flagger
-from rollout.config import RolloutSpec, SimulatedMetricsConfig, TrafficModel
+from rollout.config import RolloutSpec, SimulatedMetricsConfig, TrafficModel, load_spec
 from rollout.controller import Controller, FakeClock
 from rollout.core.machine import p99_bucket
 from rollout.core.stats import wald_expected_n
@@ -148,9 +148,13 @@ def run_ours(scenario: Scenario, seed: int, spec: RolloutSpec) -> Outcome:
     return Outcome(decision, decided_at, canary_at_decision, bad)
 
 
-def _chunk(args: tuple[str, Scenario, int, int]) -> list[tuple[Outcome, float]]:
-    policy, scenario, start, count = args
-    spec = RolloutSpec(name=scenario.name.lower().replace(" ", "-"))
+def _chunk(args: tuple[str, Scenario, int, int, Path | None]) -> list[tuple[Outcome, float]]:
+    policy, scenario, start, count, spec_file = args
+    # The product's defaults, or the plan and analysis of a user's spec (--spec).
+    base = load_spec(spec_file) if spec_file else RolloutSpec()
+    spec = RolloutSpec(
+        name=scenario.name.lower().replace(" ", "-"), steps=base.steps, analysis=base.analysis
+    )
     out = []
     for i in range(start, start + count):
         seed = scenario.seed * 1_000_003 + i
@@ -243,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", action="append", type=Path, help="scenario YAML (repeat)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--policy", action="append", choices=["ours", "flagger"])
+    parser.add_argument(
+        "--spec", type=Path, help="judge with this spec's steps and analysis (default: defaults)"
+    )
     args = parser.parse_args(argv)
     files = args.scenario or sorted(SCENARIO_DIR.glob("*.yaml"))
     scenarios = [Scenario.load(f) for f in files]
@@ -253,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     for scenario in scenarios:
         for policy in policies:
             for start in range(0, args.runs, per_job):
-                tasks.append((policy, scenario, start, min(per_job, args.runs - start)))
+                tasks.append((policy, scenario, start, min(per_job, args.runs - start), args.spec))
     if args.jobs > 1:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             chunks = list(pool.map(_chunk, tasks))

@@ -1,0 +1,210 @@
+"""The controller on in-process backends: end-to-end outcomes, commands, leases, failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rollout.config import SimulatedMetricsConfig, StaticTick, TrafficModel
+from rollout.controller import Controller, FakeClock
+from rollout.core.status import Command, SetWeights, Status
+from rollout.core.types import Colour, Phase, Release, Weights
+from rollout.errors import LeaseHeldError, RouterError, StateError
+from rollout.ledger import Ledger, explain, read_ledger
+from rollout.metrics.static import SimulatedMetrics, StaticMetrics
+from rollout.routers.memory import MemoryRouter
+from rollout.state.file import FileStateStore
+from rollout.state.memory import MemoryStateStore
+from tests.core.helpers import V1, V2, make_spec
+
+SPEC = make_spec()
+
+
+def simulated(router: MemoryRouter, canary_error: float, seed: int = 1) -> SimulatedMetrics:
+    cfg = SimulatedMetricsConfig(
+        seed=seed,
+        rps=200,
+        baseline=TrafficModel(error_rate=0.01),
+        canary=TrafficModel(error_rate=canary_error),
+    )
+    return SimulatedMetrics(cfg, router)
+
+
+def controller(
+    tmp_path: Path, router: MemoryRouter, metrics: Any, **kw: Any
+) -> tuple[Controller, FakeClock]:
+    clock = FakeClock(1000.0)
+    store = kw.pop("store", None) or FileStateStore(tmp_path, SPEC.name)
+    ctl = Controller(
+        kw.pop("spec", SPEC),
+        router,
+        metrics,
+        store,
+        ledger=Ledger(tmp_path / "t.ledger.jsonl", fsync=False),
+        clock=clock,
+        **kw,
+    )
+    return ctl, clock
+
+
+def test_a_healthy_candidate_is_promoted_seed_style(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    final = ctl.run(max_ticks=500)
+    assert final.phase is Phase.SUCCEEDED
+    assert router.get_weights() == Weights.blue_at(0)
+    assert router.release(Colour.GREEN) == V2  # green replaced by blue's release
+    assert router.release(Colour.BLUE) is None  # blue removed
+    story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
+    assert "started rollout t" in story and "Green_100: promoted diabetes:2" in story
+
+
+def test_a_regression_is_rolled_back_and_explained(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.08))
+    final = ctl.run(max_ticks=500)
+    assert final.phase is Phase.ROLLED_BACK
+    assert router.get_weights() == Weights.blue_at(0)
+    assert router.release(Colour.GREEN) == V1
+    story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
+    assert "rolled back at step 10 %: canary error rate" in story
+    assert "baseline, e-value" in story and "canary requests" in story
+
+
+def test_every_tick_writes_one_ledger_line(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.2))
+    final = ctl.run(max_ticks=500)
+    records = read_ledger(tmp_path / "t.ledger.jsonl")
+    assert records[0]["event"] == "start"
+    assert [r["tick"] for r in records[1:]] == list(range(1, final.tick + 1))
+    judged = [r for r in records if "checks" in r and r.get("verdict")]
+    assert judged and all(
+        {"counts", "threshold_worse", "verdict", "reason", "actions"} <= r.keys() for r in judged
+    )
+
+
+def test_an_operator_abort_reaches_the_machine_between_ticks(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    store = FileStateStore(tmp_path, SPEC.name)
+
+    def abort_on_third_tick(status: Status, record: dict[str, Any]) -> None:
+        if status.tick == 3:
+            store.push_command(Command(id="a1", kind="abort", by="ann"))
+
+    ctl, _ = controller(
+        tmp_path, router, StaticMetrics([]), store=store, on_tick=abort_on_third_tick
+    )
+    final = ctl.run(max_ticks=50)
+    assert final.phase is Phase.ROLLED_BACK
+    assert final.reason.startswith("aborted by ann")
+    assert router.get_weights() == Weights.blue_at(0)
+
+
+def test_metrics_outage_holds_the_rollout(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    metrics = StaticMetrics([StaticTick(error="connection refused")])
+    ctl, _ = controller(tmp_path, router, metrics)
+    final = ctl.run(max_ticks=50, stop_when_paused=True)
+    assert final.phase is Phase.PAUSED
+    assert "metrics unreadable 4 times in a row: connection refused" in final.reason
+    assert router.get_weights() == Weights.blue_at(10)  # held where it was, not rolled back
+
+
+def test_a_second_controller_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    store = FileStateStore(tmp_path, "t")
+    second = FileStateStore(tmp_path, "t")
+    with (
+        store.lease("first"),
+        pytest.raises(LeaseHeldError, match="already driven by another controller \\(first"),
+        second.lease("second"),
+    ):
+        pass
+    with FileStateStore(tmp_path, "t").lease("third"):  # released on exit
+        pass
+
+
+def test_memory_store_lease_is_exclusive() -> None:
+    with (
+        MemoryStateStore("x").lease("a"),
+        pytest.raises(LeaseHeldError),
+        MemoryStateStore("x").lease("b"),
+    ):
+        pass
+
+
+class FlakyRouter(MemoryRouter):
+    def __init__(self, failures: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.failures = failures
+
+    def set_weights(self, weights: Weights) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise RouterError("apiserver said 503")
+        super().set_weights(weights)
+
+
+def test_router_errors_are_retried(tmp_path: Path) -> None:
+    router = FlakyRouter(2, releases={Colour.GREEN: V1})
+    ctl, clock = controller(tmp_path, router, simulated(router, 0.2))
+    assert ctl.run(max_ticks=500).phase is Phase.ROLLED_BACK
+    assert clock.now() > 1000.0
+
+
+def test_a_dead_router_stops_the_controller_and_a_restart_finishes_the_job(
+    tmp_path: Path,
+) -> None:
+    router = FlakyRouter(100, releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]))
+    with pytest.raises(RouterError, match="failed 4 times"):
+        ctl.run(max_ticks=5)
+    saved = FileStateStore(tmp_path, "t").load()
+    assert saved is not None and saved.pending[saved.applied :] == (SetWeights(10),)
+    healthy = MemoryRouter(releases={Colour.GREEN: V1, Colour.BLUE: V2})
+    ctl2, _ = controller(tmp_path, healthy, StaticMetrics([]))
+    resumed = ctl2.start()
+    assert resumed.applied == len(resumed.pending)
+    assert healthy.get_weights() == Weights.blue_at(10)
+
+
+def test_a_finished_rollout_is_not_started_again_unless_asked(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.2))
+    assert ctl.run(max_ticks=500).phase is Phase.ROLLED_BACK
+    again, _ = controller(tmp_path, router, simulated(router, 0.2))
+    assert again.run(max_ticks=5).phase is Phase.ROLLED_BACK  # returned as it was
+    fresh = again.run(max_ticks=1, restart=True)
+    assert fresh.phase is Phase.PROGRESSING and fresh.tick == 1
+
+
+def test_a_candidate_is_required(tmp_path: Path) -> None:
+    spec = SPEC.model_copy(update={"candidate": None})
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]), spec=spec)
+    with pytest.raises(Exception, match="no candidate release"):
+        ctl.run(max_ticks=1)
+
+
+def test_an_unreadable_status_file_is_a_state_error(tmp_path: Path) -> None:
+    (tmp_path / "t.status.json").write_text("{not json")
+    with pytest.raises(StateError, match="not a rollout status"):
+        FileStateStore(tmp_path, "t").load()
+
+
+def test_a_torn_command_line_is_skipped(tmp_path: Path) -> None:
+    store = FileStateStore(tmp_path, "t")
+    store.push_command(Command(id="1", kind="pause"))
+    with store.commands_path.open("a") as fh:
+        fh.write('{"id": "2", "kin')
+    assert [c.id for c in store.commands()] == ["1"]
+
+
+def test_an_explicit_candidate_wins_over_the_spec(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]), candidate=Release("m", "9"))
+    status = ctl.run(max_ticks=1)
+    assert status.candidate == Release("m", "9")
+    assert router.release(Colour.BLUE) == Release("m", "9")

@@ -1,0 +1,149 @@
+"""`aml-rollout rollout ...` end to end through typer: messages, exit codes, steering, explain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from rollout.cli import app
+from rollout.commands.rollout import (
+    EXIT_ERROR,
+    EXIT_PAUSED,
+    EXIT_PROMOTED,
+    EXIT_ROLLED_BACK,
+    EXIT_RUNNING,
+)
+
+runner = CliRunner()
+
+
+def write_spec(tmp_path: Path, canary_error: float = 0.01, **extra: object) -> Path:
+    spec = {
+        "name": "cli",
+        "steps": [10, 50, 100],
+        "router": {"kind": "memory"},
+        "metrics": {
+            "kind": "simulated",
+            "seed": 2,
+            "rps": 200,
+            "baseline": {"error_rate": 0.01},
+            "canary": {"error_rate": canary_error},
+        },
+        "analysis": {"min_requests": 100, "latency": {"enabled": False}},
+        "candidate": {"model": "m", "version": "2"},
+        "stable": {"model": "m", "version": "1"},
+        "state": {"dir": str(tmp_path / "state")},
+        **extra,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, ["rollout", *args])
+    return result.exit_code, result.output
+
+
+def test_validate_accepts_a_good_spec(tmp_path: Path) -> None:
+    code, out = invoke("validate", str(write_spec(tmp_path)))
+    assert code == 0
+    assert "ok" in out and "plan [10, 50, 100]" in out
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        pytest.param({"analysis": {"alpha": 0.7}}, "analysis.alpha", id="alpha-out-of-range"),
+        pytest.param({"steps": [50, 10, 100]}, "weights must increase", id="steps-not-increasing"),
+        pytest.param({"steps": [10, 50]}, "last weight must be 100", id="plan-without-promotion"),
+        pytest.param({"router": {"kind": "nginx"}}, "router", id="unknown-router-kind"),
+        pytest.param(
+            {"metrics": {"kind": "prometheus", "preset": "custom"}},
+            "queries",
+            id="custom-preset-without-queries",
+        ),
+        pytest.param({"analysis": {"intervall_s": 5}}, "analysis.intervall_s", id="typo-field"),
+    ],
+)
+def test_validate_names_the_bad_field(
+    tmp_path: Path, patch: dict[str, object], message: str
+) -> None:
+    path = write_spec(tmp_path, **patch)  # type: ignore[arg-type]
+    code, out = invoke("validate", str(path))
+    assert code == EXIT_ERROR
+    assert message in out
+    assert "Traceback" not in out
+
+
+def test_validate_reports_a_missing_file(tmp_path: Path) -> None:
+    code, out = invoke("validate", str(tmp_path / "nope.yaml"))
+    assert code == EXIT_ERROR and "cannot read spec" in out
+
+
+def test_run_promotes_with_exit_0_then_explain_tells_the_story(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path)
+    code, out = invoke("run", str(spec), "--simulated-time", "-q")
+    assert code == EXIT_PROMOTED, out
+    assert "Succeeded" in out
+    code, out = invoke("explain", str(tmp_path / "state" / "cli.ledger.jsonl"))
+    assert code == 0
+    assert "Promoting: Blue_100: canary not worse" in out
+    assert "Green_100: promoted m:2" in out
+    code, out = invoke("status", str(spec))
+    assert code == EXIT_PROMOTED and "Succeeded" in out
+
+
+def test_run_rolls_back_with_exit_3(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, canary_error=0.08)
+    code, out = invoke("run", str(spec), "--simulated-time")
+    assert code == EXIT_ROLLED_BACK, out
+    code, out = invoke("explain", str(tmp_path / "state" / "cli.ledger.jsonl"))
+    assert "rolled back at step 10 %: canary error rate" in out
+
+
+def test_run_held_for_a_human_exits_4(tmp_path: Path) -> None:
+    spec = write_spec(
+        tmp_path,
+        metrics={"kind": "static", "ticks": [{"error": "connection refused"}]},
+    )
+    code, out = invoke("run", str(spec), "--simulated-time")
+    assert code == EXIT_PAUSED, out
+    assert "held for a human" in out
+
+
+def test_steering_an_unstarted_rollout_is_a_clear_error(tmp_path: Path) -> None:
+    code, out = invoke("pause", str(write_spec(tmp_path)))
+    assert code == EXIT_ERROR and "has not started" in out
+
+
+def test_steering_commands_are_queued_for_the_controller(tmp_path: Path) -> None:
+    spec = write_spec(
+        tmp_path,
+        metrics={"kind": "static", "ticks": []},
+        router={"kind": "memory", "state_file": str(tmp_path / "routes.json")},
+    )
+    # One tick only leaves a running rollout behind (the routes outlive it, in their file).
+    from rollout.api import run_rollout
+    from rollout.controller import FakeClock
+
+    run_rollout(spec, clock=FakeClock(0.0), max_ticks=1)
+    code, out = invoke("status", str(spec))
+    assert code == EXIT_RUNNING and "Progressing" in out
+    assert invoke("pause", str(spec))[0] == 0
+    assert invoke("set-weight", str(spec), "50")[0] == 0
+    code, out = invoke("set-weight", str(spec), "30")
+    assert code == EXIT_ERROR and "not in the plan" in out
+    lines = (tmp_path / "state" / "cli.commands.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in lines] == ["pause", "set_weight"]
+    result = run_rollout(spec, clock=FakeClock(100.0), max_ticks=1)
+    assert result.phase.value == "Paused" and result.status.blue_weight == 50
+
+
+def test_explain_of_a_missing_ledger_is_a_clear_error(tmp_path: Path) -> None:
+    code, out = invoke("explain", str(tmp_path / "none.jsonl"))
+    assert code == EXIT_ERROR and "cannot read ledger" in out
