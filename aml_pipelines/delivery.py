@@ -168,26 +168,23 @@ def reconcile(registry: ModelRegistry, view: RolloutView | None) -> list[TagChan
 
 
 def serving(versions: Sequence[ModelVersion], view: RolloutView | None) -> dict[int, str]:
-    """Which colour each version serves: `green`, or `blue 25%` for an active candidate.
+    """Which colour each version serves: `green`, or `blue 25%` / `green 75%` mid-rollout.
 
-    Green serves the production version (seed semantics: on promotion green is replaced by the
-    candidate). While a rollout runs, its candidate serves blue at the current weight.
+    Green serves production (seed semantics: on promotion green is replaced by the candidate);
+    while a rollout runs its candidate serves blue at the current weight. The rollout status is
+    the truth; the production tag stands in when no rollout ever ran.
     """
-    colours: dict[int, str] = {}
-    production = [v.version for v in versions if v.stage == Stage.PRODUCTION]
-    if view is not None and view.active:
+    production = max((v.version for v in versions if v.stage == Stage.PRODUCTION), default=None)
+    if view is None:
+        return {} if production is None else {production: "green"}
+    if view.phase == SUCCEEDED:
+        return {view.candidate: "green"}
+    green = view.stable if view.stable is not None else production
+    colours = {} if green is None else {green: "green"}
+    if view.active:
         colours[view.candidate] = f"blue {view.weight}%"
-        if view.stable is not None:
-            colours[view.stable] = f"green {100 - view.weight}%"
-            return colours
-    elif view is not None and view.phase == SUCCEEDED:
-        colours[view.candidate] = "green"
-        return colours
-    elif view is not None and view.stable is not None:
-        colours[view.stable] = "green"
-        return colours
-    if production:
-        colours.setdefault(max(production), "green")
+        if green is not None:
+            colours[green] = f"green {100 - view.weight}%"
     return colours
 
 

@@ -1,0 +1,227 @@
+"""The registry follows traffic: tag planning (pure), reconcile after a crash, serving colours,
+and LocalDelivery on the real rollout engine (memory router, simulated traffic, fake clock).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from aml_pipelines.delivery import (
+    LocalDelivery,
+    RolloutView,
+    TagChange,
+    plan_tags,
+    reconcile,
+    serving,
+)
+from aml_pipelines.registry.base import ModelVersion
+from aml_pipelines.registry.local import LocalRegistry
+from rollout.config import spec_from_dict
+from rollout.controller import FakeClock
+from tests.trigger.fakes import register
+
+
+def _mv(version: int, **tags: str) -> ModelVersion:
+    return ModelVersion("m", version, f"file:///m/{version}", "0" * 64, tags)
+
+
+PROD1_CAND2 = [_mv(1, stage="production"), _mv(2, stage="candidate")]
+
+
+@pytest.mark.parametrize(
+    ("versions", "candidate", "phase", "reason", "expected"),
+    [
+        pytest.param(
+            PROD1_CAND2,
+            2,
+            "Succeeded",
+            "",
+            [TagChange(2, {"stage": "production"}), TagChange(1, {"stage": "archived"})],
+            id="promote-archives-previous",
+        ),
+        pytest.param(
+            PROD1_CAND2,
+            2,
+            "RolledBack",
+            "canary 5xx 4 %",
+            [TagChange(2, {"stage": "rolled-back", "rollback_reason": "canary 5xx 4 %"})],
+            id="rollback-keeps-production",
+        ),
+        pytest.param(
+            PROD1_CAND2,
+            2,
+            "Failed",
+            "",
+            [TagChange(2, {"stage": "rolled-back", "rollback_reason": "Failed"})],
+            id="failed-counts-as-rolled-back",
+        ),
+        pytest.param(PROD1_CAND2, 2, "Progressing", "", [], id="active-plans-nothing"),
+        pytest.param(
+            [_mv(1, stage="archived"), _mv(2, stage="production")],
+            2,
+            "Succeeded",
+            "",
+            [],
+            id="already-true-plans-nothing",
+        ),
+        pytest.param(
+            [_mv(1, stage="production"), _mv(2, stage="production")],
+            2,
+            "Succeeded",
+            "",
+            [TagChange(1, {"stage": "archived"})],
+            id="half-written-promotion-finished",
+        ),
+        pytest.param(PROD1_CAND2, 3, "Succeeded", "", [], id="unknown-candidate"),
+    ],
+)
+def test_plan_tags(versions, candidate, phase, reason, expected) -> None:
+    assert plan_tags(versions, candidate, phase, reason) == expected
+
+
+def test_reason_is_bounded() -> None:
+    (change,) = plan_tags(PROD1_CAND2, 2, "RolledBack", "x" * 1000)
+    assert len(change.tags["rollback_reason"]) == 256
+
+
+@pytest.mark.parametrize(
+    ("view", "expected"),
+    [
+        pytest.param(None, {1: "green"}, id="no-rollout-production-is-green"),
+        pytest.param(
+            RolloutView("m", 2, "Progressing", stable=1, weight=25),
+            {1: "green 75%", 2: "blue 25%"},
+            id="mid-rollout",
+        ),
+        pytest.param(RolloutView("m", 2, "Succeeded", stable=1), {2: "green"}, id="promoted"),
+        pytest.param(RolloutView("m", 2, "RolledBack", stable=1), {1: "green"}, id="rolled-back"),
+        pytest.param(
+            RolloutView("m", 2, "Paused", weight=50),
+            {1: "green 50%", 2: "blue 50%"},
+            id="paused-no-stable-uses-production",
+        ),
+    ],
+)
+def test_serving_colours(view: RolloutView | None, expected: dict[int, str]) -> None:
+    assert serving(PROD1_CAND2, view) == expected
+
+
+# ------------------------------------------------------------------ on the real engine
+
+
+def _spec(tmp: Path, canary_error_rate: float, interval_s: float = 10.0):
+    return spec_from_dict(
+        {
+            "name": "diabetes",
+            "router": {"kind": "memory", "state_file": str(tmp / "routes.json")},
+            "metrics": {
+                "kind": "simulated",
+                "seed": 1,
+                "rps": 500,
+                "baseline": {"error_rate": 0.01},
+                "canary": {"error_rate": canary_error_rate},
+            },
+            "steps": [10, 50, 100],
+            "analysis": {
+                "interval_s": interval_s,
+                "min_requests": 50,
+                "latency": {"enabled": False},
+            },
+            "state": {"dir": str(tmp / "rollout")},
+        }
+    )
+
+
+@pytest.fixture
+def two_versions(tmp_path: Path) -> LocalRegistry:
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    return registry
+
+
+@pytest.mark.parametrize(
+    ("canary_error_rate", "stages", "reason"),
+    [
+        pytest.param(0.01, ["archived", "production"], None, id="promoted"),
+        pytest.param(0.5, ["production", "rolled-back"], "canary error rate", id="rolled-back"),
+    ],
+)
+def test_local_delivery_tags_follow_the_rollout(
+    tmp_path: Path,
+    two_versions: LocalRegistry,
+    canary_error_rate: float,
+    stages: list[str],
+    reason: str | None,
+) -> None:
+    delivery = LocalDelivery(
+        two_versions, _spec(tmp_path, canary_error_rate), clock=FakeClock(1_000.0)
+    )
+    outcome = delivery.deliver(two_versions.get("diabetes", 2))
+    versions = two_versions.list_versions("diabetes")
+    assert [v.stage for v in versions] == stages
+    if reason is not None:
+        assert reason in versions[1].tags["rollback_reason"]
+        assert versions[1].tags["rollback_reason"] == outcome.reason
+    assert outcome.ledger_path is not None and outcome.ledger_path.exists()
+    view = delivery.current()
+    assert view is not None and (view.model, view.candidate, view.stable) == ("diabetes", 2, 1)
+
+
+def test_crash_between_traffic_and_tags_is_repaired_idempotently(
+    tmp_path: Path, two_versions: LocalRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    delivery = LocalDelivery(two_versions, _spec(tmp_path, 0.01), clock=FakeClock(1_000.0))
+
+    def crash(*_args: object, **_kw: object) -> None:
+        raise SystemExit("killed after traffic moved, before tags were written")
+
+    monkeypatch.setattr("aml_pipelines.delivery.follow_traffic", crash)
+    with pytest.raises(SystemExit):
+        delivery.deliver(two_versions.get("diabetes", 2))
+    monkeypatch.undo()
+    assert two_versions.get("diabetes", 2).stage == "candidate"  # the registry lies...
+
+    restarted = LocalDelivery(two_versions, _spec(tmp_path, 0.01))
+    changes = restarted.reconcile()  # ...until the restart reconciles it from the status
+    assert changes == [TagChange(2, {"stage": "production"}), TagChange(1, {"stage": "archived"})]
+    assert restarted.reconcile() == []  # idempotent
+    assert reconcile(two_versions, restarted.current()) == []
+    # Delivering the same version again does not roll it out again: the status says it ended.
+    ledger = tmp_path / "rollout" / "diabetes.ledger.jsonl"
+    before = ledger.read_text()
+    outcome = restarted.deliver(two_versions.get("diabetes", 2))
+    assert outcome.phase == "Succeeded"
+    assert ledger.read_text() == before
+
+
+def test_abort_rolls_the_running_rollout_back_with_the_reason(
+    tmp_path: Path, two_versions: LocalRegistry
+) -> None:
+    # Real clock, long analysis interval: the rollout sits in its first step until aborted
+    # (the controller wakes early for commands).
+    delivery = LocalDelivery(two_versions, _spec(tmp_path, 0.01, interval_s=30.0))
+    outcomes = []
+    worker = threading.Thread(
+        target=lambda: outcomes.append(delivery.deliver(two_versions.get("diabetes", 2)))
+    )
+    worker.start()
+    try:
+        deadline = threading.Event()
+        for _ in range(500):
+            view = delivery.current()
+            if view is not None and view.phase == "Progressing":
+                break
+            deadline.wait(0.02)
+        delivery.abort("superseded by version 3")
+    finally:
+        worker.join(30)
+    (outcome,) = outcomes
+    assert outcome.phase == "RolledBack"
+    assert "aborted by trigger (superseded by version 3)" in outcome.reason
+    tags = two_versions.get("diabetes", 2).tags
+    assert tags["stage"] == "rolled-back"
+    assert tags["rollback_reason"] == outcome.reason
