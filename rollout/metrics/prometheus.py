@@ -1,0 +1,393 @@
+"""Prometheus as a MetricsProvider: exact per-colour counts since a step began.
+
+The judge wants integers: requests, 5xx errors and a cumulative latency histogram per colour,
+counted from `since` to `now`. `rate()` and `increase()` extrapolate and smooth, so this provider
+reads the raw cumulative counters instead, with prometheus-api-client:
+
+1. the counter value of every series at `now` and at `since` (two instant queries; a series
+   absent at `since` started after it, so its baseline is 0 — Envoy's 5xx series, for one,
+   appears only with the first 5xx);
+2. `resets(series[window])` at `now`; for the rare series that restarted inside the window, the
+   raw samples of the window are fetched and the increase is summed piece by piece (a drop means
+   the counter restarted from 0), which is exact where `increase()` is not.
+
+Per-series deltas are summed per colour, and histogram buckets per `le` (converted to seconds).
+
+Presets (label values per colour come from `labels`):
+
+- `envoy`: `envoy_cluster_upstream_rq_total`,
+  `envoy_cluster_upstream_rq_xx{envoy_response_code_class="5"}` and
+  `envoy_cluster_upstream_rq_time_bucket` (milliseconds) by `envoy_cluster_name`. Only the
+  weighted clusters `blue` and `green` are read, so header-pinned traffic (`blue-pinned`,
+  `green-pinned`) never enters the canary statistics. Envoy publishes histograms once per stats
+  flush (1 s in the local stack) while counters are live; requests not yet in the histogram are
+  counted as not slow rather than as slow, so the lag delays latency evidence by one flush and
+  never fabricates it.
+- `istio`: `istio_requests_total` (5xx by `response_code`) and
+  `istio_request_duration_milliseconds_bucket`, `reporter="destination"`, by `destination_workload`
+  (and `destination_workload_namespace` when `namespace` is set).
+- `custom`: PromQL templates (`{colour}` → label value, `{window}` → e.g. `42s`), each evaluated at
+  `since` and at `now`; a value that went down is taken as a restart from 0.
+
+No data (no series, NaN) gives zero counts, so the judge says Inconclusive; an unreachable
+Prometheus or a failing query gives `Observation(error=...)` naming the URL, so it says Error.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries
+from rollout.core.types import Colour, ColourCounts, Observation
+from rollout.errors import MetricsError, ProviderUnavailable
+from rollout.routers.base import TrafficRouter
+
+#: The shortest window for `resets()` (a range selector needs a positive duration).
+MIN_WINDOW_S = 1
+#: Prometheus' default lookback: an instant query at `since` finds a sample this far back.
+LOOKBACK_S = 300
+
+Series = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesSet:
+    """Counter series of both colours: a metric selector and the label naming the colour."""
+
+    metric: str
+    matchers: tuple[str, ...]
+    colour_label: str
+
+    def selector(self, values: Iterable[str]) -> str:
+        """PromQL selector for every colour at once (`label=~"blue|green"`)."""
+        # re.escape for the regex, then doubled backslashes for PromQL's string literal.
+        alternatives = "|".join(re.escape(v).replace("\\", "\\\\") for v in values)
+        matchers = [*self.matchers, f'{self.colour_label}=~"{alternatives}"']
+        return f"{self.metric}{{{','.join(matchers)}}}"
+
+
+@dataclass(frozen=True, slots=True)
+class Preset:
+    """Which series carry requests, 5xx errors and the latency histogram."""
+
+    requests: SeriesSet
+    errors: SeriesSet
+    latency_bucket: SeriesSet | None
+    latency_unit_s: float
+
+
+def envoy_preset() -> Preset:
+    """Envoy's per-cluster upstream stats (histogram in milliseconds)."""
+    label = "envoy_cluster_name"
+    return Preset(
+        requests=SeriesSet("envoy_cluster_upstream_rq_total", (), label),
+        errors=SeriesSet("envoy_cluster_upstream_rq_xx", ('envoy_response_code_class="5"',), label),
+        latency_bucket=SeriesSet("envoy_cluster_upstream_rq_time_bucket", (), label),
+        latency_unit_s=0.001,
+    )
+
+
+def istio_preset(namespace: str | None = None) -> Preset:
+    """Istio's standard telemetry, as reported by the destination proxy."""
+    label = "destination_workload"
+    base: tuple[str, ...] = ('reporter="destination"',)
+    if namespace:
+        base = (*base, f'destination_workload_namespace="{namespace}"')
+    return Preset(
+        requests=SeriesSet("istio_requests_total", base, label),
+        errors=SeriesSet("istio_requests_total", (*base, 'response_code=~"5.."'), label),
+        latency_bucket=SeriesSet("istio_request_duration_milliseconds_bucket", base, label),
+        latency_unit_s=0.001,
+    )
+
+
+class PrometheusMetrics:
+    """MetricsProvider reading per-colour counters from the Prometheus HTTP API."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        preset: Preset | None = None,
+        queries: PromQueries | None = None,
+        labels: ColourNames | None = None,
+        latency_unit_s: float = 0.001,
+        timeout_s: float = 5.0,
+    ) -> None:
+        if (preset is None) == (queries is None):
+            raise MetricsError("PrometheusMetrics needs exactly one of a preset or custom queries")
+        from prometheus_api_client import PrometheusConnect
+        from urllib3.util.retry import Retry
+
+        self.url = url.rstrip("/")
+        self.preset = preset
+        self.queries = queries
+        self.labels = labels or ColourNames()
+        self.latency_unit_s = latency_unit_s
+        self.timeout_s = timeout_s
+        # No retries: the controller asks again next tick, and "down" must show quickly.
+        self._client = PrometheusConnect(
+            url=self.url,
+            retry=Retry(total=0),
+            timeout=timeout_s,
+        )
+
+    @classmethod
+    def from_config(
+        cls, cfg: PrometheusMetricsConfig, router: TrafficRouter | None = None
+    ) -> PrometheusMetrics:
+        """Build from the spec's metrics section (the router is not needed)."""
+        unit = 0.001 if cfg.latency_unit == "ms" else 1.0
+        if cfg.preset == "custom":
+            return cls(
+                cfg.url,
+                queries=cfg.queries,
+                labels=cfg.labels,
+                latency_unit_s=unit,
+                timeout_s=cfg.timeout_s,
+            )
+        preset = envoy_preset() if cfg.preset == "envoy" else istio_preset(cfg.namespace)
+        return cls(cfg.url, preset=preset, labels=cfg.labels, timeout_s=cfg.timeout_s)
+
+    # ----------------------------------------------------------------- MetricsProvider protocol
+
+    def observe(self, since: float, now: float) -> Observation:
+        """Per-colour counts between `since` and `now`; never raises for a Prometheus problem."""
+        try:
+            if self.preset is not None:
+                counts, detail = self._observe_preset(self.preset, since, now)
+            else:
+                assert self.queries is not None
+                counts, detail = self._observe_custom(self.queries, since, now)
+        except MetricsError as exc:
+            return Observation(since=since, at=now, error=str(exc))
+        return Observation(
+            since=since,
+            at=now,
+            blue=counts[Colour.BLUE],
+            green=counts[Colour.GREEN],
+            detail=detail,
+        )
+
+    def is_online(self) -> bool:
+        """True when Prometheus answers a trivial query."""
+        try:
+            self._query("vector(1)", None)
+        except MetricsError:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Close the HTTP session."""
+        self._client.close()
+
+    # ---------------------------------------------------------------------------- the presets
+
+    def _observe_preset(
+        self, preset: Preset, since: float, now: float
+    ) -> tuple[dict[Colour, ColourCounts], dict[str, Any]]:
+        values = [self.labels.blue, self.labels.green]
+        requests = self._deltas(preset.requests, values, since, now)
+        errors = self._deltas(preset.errors, values, since, now)
+        buckets = (
+            self._deltas(preset.latency_bucket, values, since, now)
+            if preset.latency_bucket is not None
+            else {}
+        )
+        counts: dict[Colour, ColourCounts] = {}
+        detail: dict[str, Any] = {
+            "source": self.url,
+            "queries": {
+                "requests": preset.requests.selector(values),
+                "errors": preset.errors.selector(values),
+                "latency_bucket": preset.latency_bucket.selector(values)
+                if preset.latency_bucket
+                else None,
+            },
+        }
+        for colour in Colour:
+            value = self.labels.of(colour)
+            n = _total(requests, preset.requests.colour_label, value)
+            e = _total(errors, preset.errors.colour_label, value)
+            histogram = (
+                _histogram(
+                    buckets, preset.latency_bucket.colour_label, value, preset.latency_unit_s
+                )
+                if preset.latency_bucket is not None
+                else {}
+            )
+            counts[colour] = ColourCounts(
+                requests=n, errors=min(e, n), latency_buckets=_align(histogram, n)
+            )
+            detail[colour.value] = {
+                "requests": n,
+                "errors": e,
+                "histogram_requests": histogram.get(math.inf, 0),
+            }
+        return counts, detail
+
+    def _deltas(
+        self, series_set: SeriesSet, values: list[str], since: float, now: float
+    ) -> dict[Series, int]:
+        """Exact counter increase per series between `since` and `now`, resets included."""
+        selector = series_set.selector(values)
+        at_now = self._vector(selector, now)
+        at_since = self._vector(selector, since)
+        # The window reaches back past `since` to the baseline sample (the newest at or before
+        # it, within Prometheus' lookback), so a reset right after `since` is seen too.
+        window = max(math.ceil(now - since), MIN_WINDOW_S) + LOOKBACK_S
+        restarted = {
+            series
+            for series, n in self._vector(f"resets({selector}[{window}s])", now).items()
+            if n > 0
+        }
+        deltas: dict[Series, int] = {}
+        for series, value in at_now.items():
+            if series in restarted:
+                continue
+            deltas[series] = max(value - at_since.get(series, 0), 0)
+        if restarted:
+            for series, samples in self._matrix(f"{selector}[{window}s]", now).items():
+                if series in restarted:
+                    after = [v for t, v in samples if t > since]
+                    deltas[series] = _increase(at_since.get(series, 0), after)
+        return deltas
+
+    # ------------------------------------------------------------------------------ custom PromQL
+
+    def _observe_custom(
+        self, queries: PromQueries, since: float, now: float
+    ) -> tuple[dict[Colour, ColourCounts], dict[str, Any]]:
+        window = f"{max(math.ceil(now - since), MIN_WINDOW_S)}s"
+        counts: dict[Colour, ColourCounts] = {}
+        detail: dict[str, Any] = {"source": self.url, "queries": {}}
+        for colour in Colour:
+            value = self.labels.of(colour)
+
+            def render(template: str) -> str:
+                return template.replace("{colour}", value).replace("{window}", window)  # noqa: B023
+
+            def delta(expr: str) -> int:
+                before = sum(self._vector(expr, since).values())
+                after = sum(self._vector(expr, now).values())
+                return after - before if after >= before else after
+
+            n = delta(render(queries.requests))
+            e = delta(render(queries.errors))
+            histogram: dict[float, int] = {}
+            if queries.latency_bucket is not None:
+                expr = render(queries.latency_bucket)
+                before = _by_le(self._vector(expr, since), self.latency_unit_s)
+                after = _by_le(self._vector(expr, now), self.latency_unit_s)
+                histogram = {
+                    le: (c - before.get(le, 0) if c >= before.get(le, 0) else c)
+                    for le, c in after.items()
+                }
+            counts[colour] = ColourCounts(
+                requests=n, errors=min(e, n), latency_buckets=_align(histogram, n)
+            )
+            detail["queries"][colour.value] = [render(queries.requests), render(queries.errors)]
+            detail[colour.value] = {"requests": n, "errors": e}
+        return counts, detail
+
+    # ---------------------------------------------------------------------------------- HTTP API
+
+    def _query(self, query: str, at: float | None) -> list[dict[str, Any]]:
+        import requests
+        from prometheus_api_client.exceptions import PrometheusApiClientException
+
+        params = {"time": f"{at:.3f}"} if at is not None else None
+        try:
+            result: list[dict[str, Any]] = self._client.custom_query(query, params=params)
+        except requests.RequestException as exc:
+            raise ProviderUnavailable(
+                f"Prometheus at {self.url} is unreachable: {type(exc).__name__}"
+            ) from exc
+        except PrometheusApiClientException as exc:
+            raise MetricsError(f"Prometheus at {self.url} rejected {query!r}: {exc}") from exc
+        except ValueError as exc:  # not JSON: something else listens there
+            raise MetricsError(f"Prometheus at {self.url} answered garbage for {query!r}") from exc
+        return result
+
+    def _vector(self, query: str, at: float) -> dict[Series, int]:
+        """An instant vector as {series labels: integer value}; NaN and ±Inf are dropped."""
+        found: dict[Series, int] = {}
+        for item in self._query(query, at):
+            value = _number(item.get("value", [None, "NaN"])[1])
+            if value is not None:
+                found[_labels(item.get("metric", {}))] = round(value)
+        return found
+
+    def _matrix(self, query: str, at: float) -> dict[Series, list[tuple[float, int]]]:
+        """A range vector as {series labels: (time, integer value) samples in time order}."""
+        found: dict[Series, list[tuple[float, int]]] = {}
+        for item in self._query(query, at):
+            samples = [(float(t), _number(v)) for t, v in item.get("values", [])]
+            found[_labels(item.get("metric", {}))] = [
+                (t, round(v)) for t, v in samples if v is not None
+            ]
+        return found
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _number(raw: Any) -> float | None:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _labels(metric: dict[str, str]) -> Series:
+    # `__name__` is dropped by functions like resets(): leave it out so the keys match.
+    return tuple(sorted((k, v) for k, v in metric.items() if k != "__name__"))
+
+
+def _increase(baseline: int, samples: list[int]) -> int:
+    """Sum of increases over raw samples after `baseline`; a drop is a restart from 0."""
+    total, previous = 0, baseline
+    for value in samples:
+        total += value - previous if value >= previous else value
+        previous = value
+    return total
+
+
+def _total(deltas: dict[Series, int], label: str, value: str) -> int:
+    return sum(n for series, n in deltas.items() if dict(series).get(label) == value)
+
+
+def _by_le(vector: dict[Series, int], unit_s: float) -> dict[float, int]:
+    buckets: dict[float, int] = defaultdict(int)
+    for series, n in vector.items():
+        le = _number(dict(series).get("le"))
+        bound = math.inf if dict(series).get("le") == "+Inf" else le
+        if bound is None:
+            continue
+        buckets[bound if math.isinf(bound) else bound * unit_s] += n
+    return dict(buckets)
+
+
+def _histogram(
+    deltas: dict[Series, int], label: str, value: str, unit_s: float
+) -> dict[float, int]:
+    return _by_le({s: n for s, n in deltas.items() if dict(s).get(label) == value}, unit_s)
+
+
+def _align(histogram: dict[float, int], requests: int) -> tuple[tuple[float, int], ...]:
+    """Finite cumulative buckets consistent with `requests` (see the module docstring)."""
+    if not histogram:
+        return ()
+    in_histogram = histogram.get(math.inf, max(histogram.values()))
+    unflushed = max(requests - in_histogram, 0)
+    return tuple(
+        (bound, min(count + unflushed, requests))
+        for bound, count in sorted(histogram.items())
+        if math.isfinite(bound)
+    )

@@ -1,0 +1,174 @@
+"""A Prometheus HTTP API fake: real `/api/v1/query` JSON over a real socket, from stored samples.
+
+It evaluates just the PromQL the provider sends — a selector (`name{a="x",b=~"y|z"}`), a range
+selector (`sel[30s]`, answered as a matrix), `resets(sel[30s])` and `vector(1)` — against series
+a test writes with `add(name, labels, [(t, value), ...])`, with Prometheus' semantics: an instant
+selector takes the newest sample at or before `time` within 5 minutes (stale after), a range takes
+samples in `(time - range, time]`. Anything else answers 400 with Prometheus' error JSON, so a
+query the fake does not understand fails the test instead of passing by accident.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+LOOKBACK_S = 300.0
+_SELECTOR = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<matchers>[^}]*)\})?$")
+_MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*')
+
+
+class FakePrometheus:
+    """Serve stored series on 127.0.0.1; `queries` records every query seen."""
+
+    def __init__(self) -> None:
+        self.series: list[tuple[dict[str, str], list[tuple[float, float]]]] = []
+        self.queries: list[tuple[str, float]] = []
+        self.status = 200  # set to 500/503 to simulate a sick Prometheus
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                url = urlparse(self.path)
+                params = {k: v[0] for k, v in parse_qs(url.query).items()}
+                if url.path != "/api/v1/query":
+                    self._send(404, {"status": "error", "error": "not found"})
+                    return
+                if fake.status != 200:
+                    self._send(fake.status, {"status": "error", "error": "injected"})
+                    return
+                at = float(params.get("time", "1e12"))
+                fake.queries.append((params["query"], at))
+                try:
+                    result_type, result = fake.evaluate(params["query"], at)
+                except ValueError as exc:
+                    self._send(400, {"status": "error", "errorType": "bad_data", "error": str(exc)})
+                    return
+                self._send(
+                    200,
+                    {"status": "success", "data": {"resultType": result_type, "result": result}},
+                )
+
+            def _send(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def add(self, name: str, labels: dict[str, str], samples: list[tuple[float, float]]) -> None:
+        """Store one series (samples in time order)."""
+        self.series.append(({"__name__": name, **labels}, sorted(samples)))
+
+    def __enter__(self) -> FakePrometheus:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    # -------------------------------------------------------------------------------- PromQL
+
+    def evaluate(self, query: str, at: float) -> tuple[str, list[dict[str, Any]]]:
+        query = query.strip()
+        if query == "vector(1)":
+            return "vector", [{"metric": {}, "value": [at, "1"]}]
+        if query.startswith("resets(") and query.endswith(")"):
+            selector, window = _range(query[len("resets(") : -1])
+            result = []
+            for labels, samples in self._select(selector):
+                inside = [v for t, v in samples if at - window < t <= at]
+                if inside:
+                    resets = sum(1 for a, b in itertools.pairwise(inside) if b < a)
+                    result.append({"metric": _without_name(labels), "value": [at, str(resets)]})
+            return "vector", result
+        if query.endswith("]"):
+            selector, window = _range(query)
+            result = []
+            for labels, samples in self._select(selector):
+                inside = [[t, str(v)] for t, v in samples if at - window < t <= at]
+                if inside:
+                    result.append({"metric": labels, "values": inside})
+            return "matrix", result
+        result = []
+        for labels, samples in self._select(query):
+            before = [(t, v) for t, v in samples if at - LOOKBACK_S < t <= at]
+            if before:
+                result.append({"metric": labels, "value": [at, _fmt(before[-1][1])]})
+        return "vector", result
+
+    def _select(self, selector: str) -> list[tuple[dict[str, str], list[tuple[float, float]]]]:
+        match = _SELECTOR.match(selector.strip())
+        if match is None:
+            raise ValueError(f"fake Prometheus cannot parse {selector!r}")
+        matchers = []
+        raw = match.group("matchers") or ""
+        for part in _split(raw):
+            m = _MATCHER.fullmatch(part)
+            if m is None:
+                raise ValueError(f"fake Prometheus cannot parse matcher {part!r}")
+            matchers.append((m.group(1), m.group(2), m.group(3).replace("\\\\", "\\")))
+        chosen = []
+        for labels, samples in self.series:
+            if labels["__name__"] != match.group("name"):
+                continue
+            if all(_matches(labels.get(k, ""), op, v) for k, op, v in matchers):
+                chosen.append((labels, samples))
+        return chosen
+
+
+def _split(raw: str) -> list[str]:
+    parts, current, quoted = [], "", False
+    for ch in raw:
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    if current.strip():
+        parts.append(current)
+    return parts
+
+
+def _matches(value: str, op: str, wanted: str) -> bool:
+    if op == "=":
+        return value == wanted
+    if op == "!=":
+        return value != wanted
+    return re.fullmatch(wanted, value) is not None
+
+
+def _range(text: str) -> tuple[str, float]:
+    m = re.fullmatch(r"(.*)\[(\d+)s\]", text.strip())
+    if m is None:
+        raise ValueError(f"fake Prometheus cannot parse range {text!r}")
+    return m.group(1), float(m.group(2))
+
+
+def _without_name(labels: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in labels.items() if k != "__name__"}
+
+
+def _fmt(value: float) -> str:
+    if value != value:
+        return "NaN"
+    return repr(float(value)) if value != int(value) else str(int(value))
