@@ -9,13 +9,17 @@ a colour never removed while it takes traffic, pinned routes untouched by `set_w
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import RouterError
 from rollout.routers.base import TrafficRouter
+from rollout.routers.memory import MemoryRouter
 
 V1 = Release(model="diabetes", version="1", sha256="1" * 64, image="registry.local/diabetes:1")
 ALL_GREEN = Weights.blue_at(0)
@@ -25,6 +29,32 @@ V2 = Release(model="diabetes", version="2", sha256="2" * 64, image="registry.loc
 def identity(release: Release | None) -> tuple[str, str, str] | None:
     """What every backend must round-trip: model, version, sha256."""
     return None if release is None else (release.model, release.version, release.sha256)
+
+
+Op = tuple[Any, ...]
+OPS = st.one_of(
+    st.tuples(st.just("deploy"), st.sampled_from(Colour), st.sampled_from([V1, V2])),
+    st.tuples(st.just("set_weights"), st.sampled_from([0, 1, 10, 50, 100]).map(Weights.blue_at)),
+    st.tuples(st.just("remove"), st.sampled_from(Colour)),
+)
+
+
+def apply(router: TrafficRouter, op: Op) -> str:
+    """Run one call; its outcome as a comparable word."""
+    name, *args = op
+    try:
+        getattr(router, name)(*args)
+    except RouterError as exc:
+        return type(exc).__name__
+    return "ok"
+
+
+def observe(router: TrafficRouter) -> tuple[Any, ...]:
+    return (
+        router.get_weights(),
+        identity(router.release(Colour.BLUE)),
+        identity(router.release(Colour.GREEN)),
+    )
 
 
 class RouterContract:
@@ -37,6 +67,29 @@ class RouterContract:
     def pinned_routes(self, router: Any) -> Any:
         """The backend's header-pinned routes as served; None when it has none to inspect."""
         return None
+
+    def fresh_router(self) -> AbstractContextManager[TrafficRouter]:
+        """A new router with nothing deployed, cleaned up on exit (for the differential test).
+
+        Override it to have the backend compared call by call with the memory reference.
+        """
+        pytest.skip("this backend does not offer fresh routers for the differential test")
+
+    # ---------------------------------------------------------------------------- differential
+    @settings(
+        max_examples=20,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
+    )
+    @given(ops=st.lists(OPS, max_size=8))
+    def test_behaves_like_the_reference_under_any_call_sequence(self, ops: list[Op]) -> None:
+        reference = MemoryRouter()
+        with self.fresh_router() as router:
+            for r in (reference, router):
+                self.live(r)
+            for op in ops:
+                assert apply(router, op) == apply(reference, op), op
+                assert observe(router) == observe(reference), op
 
     @staticmethod
     def live(router: TrafficRouter, weights: Weights = ALL_GREEN) -> TrafficRouter:

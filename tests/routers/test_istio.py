@@ -8,6 +8,7 @@ readiness waiting, and API errors becoming RouterError with context.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -59,6 +60,12 @@ class TestIstioRouterContract(RouterContract):
     def pinned_routes(self, router: Any) -> Any:
         vs = router._read_virtual_service()
         return [r for r in vs["spec"]["http"] if r["name"] != m.DEFAULT_ROUTE]
+
+    @contextmanager
+    def fresh_router(self) -> Iterator[IstioRouter]:
+        with FakeKubeApiServer() as server:
+            server.seed(m.namespace(LAYOUT), "namespaces")
+            yield make(server)
 
 
 def test_from_config_through_the_factory(api: FakeKubeApiServer) -> None:
