@@ -37,9 +37,10 @@ def serve(
     model_dir: Annotated[
         Path, typer.Option(help="Package folder (package.json + model/) or model folder.")
     ],
-    colour: Annotated[ColourOption, typer.Option(help="The colour this server runs as.")] = (
-        ColourOption.GREEN
-    ),
+    colour: Annotated[
+        ColourOption,
+        typer.Option(envvar="AML_ROLLOUT_COLOUR", help="The colour this server runs as."),
+    ] = ColourOption.GREEN,
     port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8000,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     version: Annotated[
