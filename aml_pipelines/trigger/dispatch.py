@@ -33,8 +33,8 @@ from dataclasses import replace
 
 from aml_pipelines.delivery import FAILED, Delivery, DeliveryOutcome
 from aml_pipelines.errors import ConfigError, IntegrityError, ModelNotFound
-from aml_pipelines.registry.base import ModelRegistry
-from aml_pipelines.trigger.store import SUPERSEDED, Entry, Step, TriggerStore
+from aml_pipelines.registry.base import ModelRegistry, Stage
+from aml_pipelines.trigger.store import SKIPPED, SUPERSEDED, Entry, Step, TriggerStore
 from rollout.errors import ConfigError as SpecError
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 #: an invalid spec): close it as Failed instead of retrying forever. Anything else (a network
 #: error, a router that is down) leaves it open, to be resumed on the next attempt.
 PERMANENT = (ModelNotFound, IntegrityError, ConfigError, SpecError)
+#: Stages a version only reaches through a delivery: such a version is never delivered again.
+DELIVERED = frozenset({Stage.PRODUCTION, Stage.ARCHIVED, Stage.ROLLED_BACK})
 
 
 class Dispatcher:
@@ -110,6 +112,19 @@ class Dispatcher:
                 if newer:
                     self._close(model, version, SUPERSEDED, f"superseded by version {max(newer)}")
                     return None
+            try:
+                model_version = self.registry.get(model, version)
+            except PERMANENT as exc:
+                log.error("cannot deliver %s v%d: %s", model, version, exc)
+                self._close(model, version, FAILED, str(exc))
+                return DeliveryOutcome(model, version, FAILED, str(exc))
+            if entry.step is Step.PENDING and model_version.stage in DELIVERED:
+                # E.g. an Event Grid redelivery after the cursor was lost: the registry already
+                # records the outcome of this version's delivery.
+                reason = f"already delivered (stage={model_version.stage})"
+                log.info("%s v%d: %s", model, version, reason)
+                self._close(model, version, SKIPPED, reason)
+                return None
             if not self._wait_for_endpoint(model, version):
                 return None
             self.store.update(
@@ -118,7 +133,7 @@ class Dispatcher:
             if entry.step is Step.STARTED:
                 log.warning("resuming the delivery of %s v%d after a restart", model, version)
             try:
-                outcome = self.delivery.deliver(self.registry.get(model, version))
+                outcome = self.delivery.deliver(model_version)
             except PERMANENT as exc:
                 log.error("cannot deliver %s v%d: %s", model, version, exc)
                 self._close(model, version, FAILED, str(exc))

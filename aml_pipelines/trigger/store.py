@@ -51,6 +51,8 @@ class Step(StrEnum):
 
 #: Outcome recorded for a pending version skipped because a newer one superseded it.
 SUPERSEDED = "superseded"
+#: Outcome recorded for a pending version the registry already shows as delivered.
+SKIPPED = "skipped"
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class Entry:
     version: int
     step: Step
     source: str = ""  # "watch" or "event:<id>"
-    outcome: str = ""  # rollout phase (Succeeded, RolledBack, Failed, ...) or SUPERSEDED
+    outcome: str = ""  # rollout phase (Succeeded, RolledBack, Failed, ...), SUPERSEDED or SKIPPED
     reason: str = ""
     updated_at: str = ""
     attempts: int = 0  # how many times the delivery was entered (2 = resumed once after a crash)

@@ -24,11 +24,9 @@ import threading
 from collections.abc import Mapping
 
 from aml_pipelines.registry.base import ModelRegistry, ModelVersion, Stage
-from aml_pipelines.trigger.dispatch import DeliveryWorker, Dispatcher
+from aml_pipelines.trigger.dispatch import DELIVERED, DeliveryWorker, Dispatcher
 
 log = logging.getLogger(__name__)
-
-DELIVERED = frozenset({Stage.PRODUCTION, Stage.ARCHIVED, Stage.ROLLED_BACK})
 
 
 def matches(version: ModelVersion, required: Mapping[str, str]) -> bool:
@@ -71,6 +69,7 @@ class Watcher:
         self.dispatcher = dispatcher
         self.required_tags = dict(required_tags or {})
         self.interval_s = interval_s
+        self._listed_up_to: int | None = None
 
     @property
     def stop(self) -> threading.Event:
@@ -78,9 +77,21 @@ class Watcher:
         return self.dispatcher.stop
 
     def poll(self) -> list[int]:
-        """Accept every new matching version; returns the versions accepted now."""
+        """Accept every new matching version; returns the versions accepted now.
+
+        Listing re-reads (and, for the local registry, re-hashes) every version, so it runs only
+        when `latest` shows a version above the highest one listed before: a quiet registry costs
+        one version read per poll, not one per registered version.
+        """
+        latest = self.registry.latest(self.model)
+        if latest is None or (
+            self._listed_up_to is not None and latest.version <= self._listed_up_to
+        ):
+            return []
+        versions = self.registry.list_versions(self.model)
+        self._listed_up_to = max(v.version for v in versions)
         known = set(self.dispatcher.store.load(self.model).entries)
-        fresh = new_versions(self.registry.list_versions(self.model), self.required_tags, known)
+        fresh = new_versions(versions, self.required_tags, known)
         return [v.version for v in fresh if self.dispatcher.accept(self.model, v.version, "watch")]
 
     def run(self, *, once: bool = False) -> None:

@@ -168,3 +168,62 @@ def test_supersede_closes_older_pending_versions(
         ("superseded", "superseded by version 3"),
         ("Succeeded", "all steps passed"),
     ]
+
+
+class _CountingRegistry:
+    """The real local registry, counting full listings (each re-hashes every version)."""
+
+    def __init__(self, inner: LocalRegistry) -> None:
+        self.inner = inner
+        self.listings = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def list_versions(self, name: str) -> list[ModelVersion]:
+        self.listings += 1
+        return self.inner.list_versions(name)
+
+
+def test_a_quiet_registry_is_not_listed_on_every_poll(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    counting = _CountingRegistry(registry)
+    watcher = Watcher(counting, "diabetes", dispatcher, required_tags=CANDIDATE)  # type: ignore[arg-type]
+    register(registry, tmp_path, stage="candidate")
+    assert watcher.poll() == [1]
+    assert [watcher.poll() for _ in range(5)] == [[]] * 5
+    assert counting.listings == 1
+    register(registry, tmp_path, stage="candidate")
+    assert watcher.poll() == [2]
+    assert counting.listings == 2
+
+
+def test_a_version_the_registry_shows_delivered_is_skipped(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    # E.g. Event Grid redelivers an old event after the trigger's state folder was lost.
+    register(registry, tmp_path, stage="production")
+    assert dispatcher.accept("diabetes", 1, "event:old")
+    assert dispatcher.drain("diabetes") == []
+    entry = dispatcher.store.load("diabetes").entries[1]
+    assert (entry.step, entry.outcome, entry.reason) == (
+        Step.DONE,
+        "skipped",
+        "already delivered (stage=production)",
+    )
+    assert journal(tmp_path / "engine") == []
+
+
+def test_a_corrupted_model_is_closed_as_failed_not_retried(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    version = register(registry, tmp_path, stage="candidate")
+    assert version.path is not None
+    (version.path / "model.skops").write_bytes(b"tampered")
+    assert dispatcher.accept("diabetes", 1, "watch")
+    (outcome,) = dispatcher.drain("diabetes")
+    assert outcome.phase == "Failed"
+    assert "corrupted" in outcome.reason
+    assert dispatcher.store.load("diabetes").entries[1].step is Step.DONE
+    assert journal(tmp_path / "engine") == []
