@@ -222,18 +222,7 @@ class LocalDelivery:
 
     def current(self) -> RolloutView | None:
         """The last rollout in the engine's state store."""
-        status = self._store().load()
-        if status is None or status.candidate is None:
-            return None
-        candidate, stable = status.candidate, status.stable
-        return RolloutView(
-            model=candidate.model,
-            candidate=_int(candidate.version),
-            phase=status.phase.value,
-            reason=status.reason,
-            stable=_int(stable.version) if stable and stable.model == candidate.model else None,
-            weight=status.blue_weight,
-        )
+        return rollout_view(self.spec, self.state_dir)
 
     def deliver(self, version: ModelVersion) -> DeliveryOutcome:
         """Package + roll out `version`; resume or just re-tag if the store already has it."""
@@ -318,6 +307,24 @@ class LocalDelivery:
     def reconcile(self) -> list[TagChange]:
         """Repair registry tags from the engine's last status."""
         return reconcile(self.registry, self.current())
+
+
+def rollout_view(spec: Any, state_dir: Path | None = None) -> RolloutView | None:
+    """What the engine's state store says about the last rollout of `spec` (a spec or its path)."""
+    from rollout.api import open_store
+
+    status = open_store(spec, state_dir).load()
+    if status is None or status.candidate is None:
+        return None
+    candidate, stable = status.candidate, status.stable
+    return RolloutView(
+        model=candidate.model,
+        candidate=_int(candidate.version),
+        phase=status.phase.value,
+        reason=status.reason,
+        stable=_int(stable.version) if stable and stable.model == candidate.model else None,
+        weight=status.blue_weight,
+    )
 
 
 def _int(version: str) -> int:
