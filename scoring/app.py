@@ -153,7 +153,7 @@ class ScoreEndpoint:
         metrics.in_flight.inc()
         status = 500
         try:
-            status, body, headers = await self._answer(scope, receive, scorer)
+            status, body, headers = await self._answer(scope, receive, scorer, metrics)
             await _send(send, status, body, headers)
         except Exception:
             log.exception("unexpected error while scoring")
@@ -164,7 +164,7 @@ class ScoreEndpoint:
             metrics.observe_latency(time.perf_counter() - started)
 
     async def _answer(
-        self, scope: Scope, receive: Receive, scorer: Scorer
+        self, scope: Scope, receive: Receive, scorer: Scorer, metrics: ScoringMetrics
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         state = self.state
         headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -180,12 +180,10 @@ class ScoreEndpoint:
         if state.fault.active:
             draw = state.fault.draw()
             if draw.delay_s > 0:
-                assert state.metrics is not None
-                state.metrics.fault_delays.inc()
+                metrics.fault_delays.inc()
                 await asyncio.sleep(draw.delay_s)
             if draw.error:
-                assert state.metrics is not None
-                state.metrics.fault_errors.inc()
+                metrics.fault_errors.inc()
                 return 500, _error("injected fault (fault knob is on)"), _FAULT_HEADERS
         try:
             answer = scorer.score(body)
