@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 #: How long a scoring server may take to load its model and answer /readyz.
 READY_TIMEOUT_S = 60.0
+#: Servers started by this Python process, by PID: kept so they are reaped (not left zombies, and
+#: without Popen's "still running" warning) whichever ScoringProcesses instance stops them.
+_OWN: dict[int, Child] = {}
 _SERVE = "import sys; from rollout.cli import main; sys.argv[0] = 'aml-rollout'; main()"
 
 
@@ -110,6 +113,7 @@ class ScoringProcesses:
         )
         child.start()
         assert child.pid is not None
+        _OWN[child.pid] = child
         record = {
             "ref": ref,
             "pid": child.pid,
@@ -137,7 +141,7 @@ class ScoringProcesses:
         """Stop the server behind `endpoint` (if it is still the process we started)."""
         record = self._read(endpoint.ref)
         if record is not None and _same_process(record):
-            kill_group(int(record["pid"]))
+            _stop(int(record["pid"]))
         with contextlib.suppress(FileNotFoundError):
             self._record_path(endpoint.ref).unlink()
         self._write_targets()
@@ -152,7 +156,7 @@ class ScoringProcesses:
         stopped = 0
         for record in self.records():
             if _same_process(record):
-                kill_group(int(record["pid"]))
+                _stop(int(record["pid"]))
                 stopped += 1
             with contextlib.suppress(FileNotFoundError):
                 self._record_path(str(record["ref"])).unlink()
@@ -199,6 +203,14 @@ class ScoringProcesses:
         ]
         self.directory.mkdir(parents=True, exist_ok=True)
         write_atomically(self.directory / "targets.json", groups)
+
+
+def _stop(pid: int) -> None:
+    own = _OWN.pop(pid, None)
+    if own is not None:
+        own.stop()
+    else:
+        kill_group(pid)
 
 
 def _same_process(record: Mapping[str, Any]) -> bool:

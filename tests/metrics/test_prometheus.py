@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rollout.config import PrometheusMetricsConfig, PromQueries
+from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries
 from rollout.core.types import ColourCounts
 from rollout.metrics.factory import make_metrics
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset, istio_preset
@@ -200,9 +200,7 @@ def test_istio_preset_reads_destination_telemetry(prom: FakePrometheus) -> None:
     provider = PrometheusMetrics(
         prom.url,
         preset=istio_preset("ml"),
-        labels=PrometheusMetricsConfig(
-            labels={"blue": "diabetes-blue", "green": "diabetes-green"}
-        ).labels,
+        labels=ColourNames(blue="diabetes-blue", green="diabetes-green"),
     )
     observation = provider.observe(T0, T0 + 5)
     assert (observation.blue.requests, observation.blue.errors) == (43, 3)

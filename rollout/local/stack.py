@@ -1,0 +1,208 @@
+"""The embedded local stack: Envoy, Prometheus, blue/green scoring servers and a load generator.
+
+    with LocalStack(workdir) as stack:            # Envoy + Prometheus up, nothing deployed
+        stack.router.deploy(Colour.GREEN, v1)     # green = production (a scoring process)
+        load = stack.start_load(rps=100)          # traffic through Envoy's listener
+        spec = stack.spec(steps=[10, 50, 100])    # a RolloutSpec wired to this stack
+        run_rollout(spec, candidate=v2)           # the real engine; deploys blue itself
+    # every process stopped and reaped, every port released
+
+Everything binds 127.0.0.1 on free ports. Processes run in their own sessions (see
+`rollout.local.process`), so Ctrl-C reaches only this Python process, whose `stop()` (also run
+on any error by the context manager) stops, in order: the load, the scoring servers recorded in
+`workloads/` (including ones started by a controller that died), Prometheus, Envoy.
+
+Layout of `workdir`:
+
+    envoy/        envoy.json (bootstrap), routes.json (RDS), endpoints-<colour>.json (EDS), log
+    prometheus/   prometheus.yml, data/ (TSDB), log
+    workloads/    one <colour>-<port>.proc.json per scoring process, its log, targets.json
+    releases.json which release each colour serves (the Envoy router's record)
+    state/        rollout status, lease and ledger of specs made by `spec()`
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from rollout.config import (
+    AnalysisConfig,
+    EnvoyRouterConfig,
+    PrometheusMetricsConfig,
+    RolloutSpec,
+    StateConfig,
+)
+from rollout.core.types import Colour
+from rollout.errors import LocalStackError
+from rollout.local.envoy import EnvoyProcess
+from rollout.local.prometheus import PrometheusProcess
+from rollout.local.workloads import ScoringProcesses
+from rollout.metrics.prometheus import PrometheusMetrics
+from rollout.routers.envoy import EnvoyRouter
+
+log = logging.getLogger(__name__)
+
+
+class LocalStack:
+    """Start/stop the local data plane and monitoring; build specs, routers and load for it."""
+
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        *,
+        faults: Mapping[str, float] | None = None,
+        keep: bool | None = None,
+        envoy_port: int | None = None,
+    ) -> None:
+        self._temporary = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="aml-rollout-stack-")).resolve()
+        # A temporary folder is removed at stop unless `keep`; a given folder is always kept.
+        self.keep = (not self._temporary) if keep is None else keep
+        self.envoy = EnvoyProcess(self.workdir / "envoy", port=envoy_port)
+        self.workloads = ScoringProcesses(self.workdir / "workloads", faults=faults)
+        self.prometheus = PrometheusProcess(
+            self.workdir / "prometheus",
+            envoy_admin=f"127.0.0.1:{self.envoy.admin_port}",
+            targets_file=self.workloads.directory / "targets.json",
+        )
+        self._router: EnvoyRouter | None = None
+        self._metrics: PrometheusMetrics | None = None
+        self._loads: list[Any] = []
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> LocalStack:
+        """Start Envoy and Prometheus (stopping what started if anything fails)."""
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self.envoy.start()
+            self.prometheus.start()
+        except BaseException:
+            self.stop()
+            raise
+        log.info(
+            "local stack up: envoy %s (admin %s), prometheus %s, in %s",
+            self.envoy.url,
+            self.envoy.admin_url,
+            self.prometheus.url,
+            self.workdir,
+        )
+        return self
+
+    def stop(self) -> None:
+        """Stop everything this stack started; safe to call twice and after a partial start."""
+        for load in self._loads:
+            try:
+                load.stop(timeout=5.0)
+            except Exception as exc:  # a failed load must not keep processes alive
+                log.warning("load generator ended with %s", exc)
+        self._loads.clear()
+        for client in (self._router, self._metrics):
+            if client is not None:
+                client.close()
+        self._router = self._metrics = None
+        stopped = self.workloads.stop_all()
+        if stopped:
+            log.debug("stopped %d scoring server(s)", stopped)
+        self.prometheus.stop()
+        self.envoy.stop()
+        if not self.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------------ what it offers
+
+    @property
+    def url(self) -> str:
+        """Envoy's listener: where clients send /score (pin with `x-api-version`)."""
+        return self.envoy.url
+
+    def router_config(self) -> EnvoyRouterConfig:
+        """The spec's router section for this stack."""
+        return EnvoyRouterConfig(
+            admin_url=self.envoy.admin_url,
+            routes_file=self.envoy.files.routes,
+            releases_file=self.workdir / "releases.json",
+            workloads_dir=self.workloads.directory,
+        )
+
+    def metrics_config(self) -> PrometheusMetricsConfig:
+        """The spec's metrics section for this stack (Envoy preset)."""
+        return PrometheusMetricsConfig(url=self.prometheus.url, preset="envoy")
+
+    @property
+    def router(self) -> EnvoyRouter:
+        """An Envoy router on this stack, with this stack's scoring processes as workloads."""
+        if self._router is None:
+            cfg = self.router_config()
+            assert cfg.releases_file is not None
+            self._router = EnvoyRouter(
+                admin_url=cfg.admin_url,
+                files=self.envoy.files,
+                releases_file=cfg.releases_file,
+                workloads=self.workloads,
+            )
+        return self._router
+
+    @property
+    def metrics(self) -> PrometheusMetrics:
+        """The Prometheus provider on this stack."""
+        if self._metrics is None:
+            self._metrics = PrometheusMetrics.from_config(self.metrics_config())
+        return self._metrics
+
+    def spec(self, name: str = "local", **fields: Any) -> RolloutSpec:
+        """A RolloutSpec wired to this stack; `fields` override (e.g. steps, analysis)."""
+        data: dict[str, Any] = {
+            "name": name,
+            "router": self.router_config(),
+            "metrics": self.metrics_config(),
+            "analysis": AnalysisConfig(interval_s=1.0),
+            "state": StateConfig(dir=self.workdir / "state"),
+        }
+        data.update(fields)
+        return RolloutSpec.model_validate(data)
+
+    def start_load(self, rps: float, **options: Any) -> Any:
+        """Background load through Envoy (`BackgroundLoad`), stopped with the stack."""
+        from scoring.loadgen import BackgroundLoad
+
+        load = BackgroundLoad(f"{self.url}/score", rps=rps, **options).start()
+        self._loads.append(load)
+        return load
+
+    def set_fault(self, colour: Colour, error_rate: float, latency_ms: float = 0.0) -> None:
+        """Demo knob: turn on the fault injection of `colour`'s live scoring server."""
+        endpoint = self.workloads.endpoint_of(colour)
+        if endpoint is None:
+            raise LocalStackError(f"no scoring server runs as {colour.value}")
+        url = f"http://{endpoint.host}:{endpoint.port}/admin/fault"
+        try:
+            response = httpx.put(
+                url, json={"error_rate": error_rate, "latency_ms": latency_ms}, timeout=5
+            )
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise LocalStackError(f"cannot set the fault knob at {url}: {exc}") from exc
+        log.warning(
+            "demo knob: %s now answers %.0f %% of requests with 500", colour.value, error_rate * 100
+        )
+
+    def processes(self) -> dict[str, int | None]:
+        """PIDs of the stack's processes (for tests and `up`)."""
+        found: dict[str, int | None] = {"envoy": self.envoy.pid, "prometheus": self.prometheus.pid}
+        for record in self.workloads.records():
+            found[f"scoring {record['ref']}"] = int(record["pid"])
+        return found

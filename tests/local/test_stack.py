@@ -1,0 +1,85 @@
+"""The local stack's lifecycle with real processes: up, serving through Envoy, and nothing left.
+
+Real Envoy, real Prometheus, real `aml-rollout serve` processes for real trained models. After
+`stop()` (or an error while starting) no process of the stack is alive and no port is bound.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rollout.core.types import Colour, Weights
+from rollout.errors import LocalStackError
+from rollout.local.process import pid_alive, port_is_free
+from rollout.local.stack import LocalStack
+from tests.local.conftest import MakeRelease
+
+pytestmark = pytest.mark.slow
+
+
+def ports_of(stack: LocalStack) -> list[int]:
+    ports = [stack.envoy.port, stack.envoy.admin_port, stack.prometheus.port]
+    return ports + [int(r["port"]) for r in stack.workloads.records()]
+
+
+def test_serves_both_colours_through_envoy_and_stops_clean(make_release: MakeRelease) -> None:
+    stack = LocalStack().start()
+    try:
+        stack.router.deploy(Colour.GREEN, make_release("1"))
+        stack.router.deploy(Colour.BLUE, make_release("2"))
+        stack.router.set_weights(Weights.blue_at(0))
+        with httpx.Client(base_url=stack.url, timeout=10) as client:
+            row = {"data": [[0.01] * 10]}
+            default = client.post("/score", json=row).json()
+            blue = client.post("/score", json=row, headers={"x-api-version": "blue"}).json()
+        assert (default["colour"], default["version"]) == ("green", "1")
+        assert (blue["colour"], blue["version"]) == ("blue", "2")
+        pids = [p for p in stack.processes().values() if p is not None]
+        ports = ports_of(stack)
+        assert len(pids) == 4
+    finally:
+        stack.stop()
+    assert not any(pid_alive(pid) for pid in pids)
+    assert all(port_is_free(port) for port in ports)
+    assert not stack.workdir.exists()  # a temporary stack leaves nothing behind
+
+
+def test_fault_knob_makes_a_colour_fail(make_release: MakeRelease, tmp_path: Path) -> None:
+    with LocalStack(tmp_path / "stack") as stack:
+        stack.router.deploy(Colour.GREEN, make_release("1"))
+        stack.set_fault(Colour.GREEN, 1.0)
+        assert httpx.post(f"{stack.url}/score", json={"data": [[0.0] * 10]}).status_code == 500
+    assert (tmp_path / "stack" / "envoy" / "envoy.json").exists()  # a given workdir is kept
+
+
+def test_a_failed_start_leaves_nothing_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AML_ROLLOUT_PROMETHEUS", str(tmp_path / "no-such-prometheus"))
+    stack = LocalStack(tmp_path / "stack")
+    with pytest.raises(LocalStackError, match="AML_ROLLOUT_PROMETHEUS"):
+        stack.start()
+    assert not stack.envoy.running
+    assert port_is_free(stack.envoy.admin_port)
+
+
+def test_servers_started_by_a_dead_controller_are_still_stopped(
+    make_release: MakeRelease, tmp_path: Path
+) -> None:
+    stack = LocalStack(tmp_path / "stack").start()
+    try:
+        # A second router on the same files, as a separate controller process would build it.
+        from rollout.routers.factory import make_router
+
+        other = make_router(stack.router_config())
+        other.deploy(Colour.GREEN, make_release("1"))
+        other.close()  # type: ignore[attr-defined]
+        pids = [int(r["pid"]) for r in stack.workloads.records()]
+        assert pids and all(pid_alive(p) for p in pids)
+    finally:
+        stack.stop()
+    assert not any(pid_alive(p) for p in pids)
+    assert not list(stack.workloads.directory.glob("*.proc.json"))
