@@ -31,11 +31,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import replace
 
-from aml_pipelines.delivery import FAILED, Delivery, DeliveryOutcome
-from aml_pipelines.errors import ConfigError, IntegrityError, ModelNotFound
+from aml_pipelines.delivery import FAILED, Delivery, DeliveryOutcome, RolloutView
+from aml_pipelines.errors import ConfigError, IntegrityError, ModelNotFound, PipelineError
 from aml_pipelines.registry.base import ModelRegistry, Stage
 from aml_pipelines.trigger.store import SKIPPED, SUPERSEDED, Entry, Step, TriggerStore
 from rollout.errors import ConfigError as SpecError
+from rollout.errors import RolloutError
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ class Dispatcher:
         A rollout of this very version is ours, left by a crash: the delivery resumes it.
         """
         aborted = False
+        reported: RolloutView | None = None
         while True:
             view = self.delivery.current()
             if view is None or not view.active or (view.model, view.candidate) == (model, version):
@@ -171,7 +173,7 @@ class Dispatcher:
                 )
                 self.delivery.abort(f"superseded by {model} version {version}")
                 aborted = True
-            else:
+            elif view != reported:  # once per state, not every interval
                 log.info(
                     "%s v%d waits: the rollout of %s v%d is %s",
                     model,
@@ -180,6 +182,7 @@ class Dispatcher:
                     view.candidate,
                     view.phase,
                 )
+                reported = view
             if self.stop.wait(self.wait_interval_s):
                 return False
 
@@ -192,7 +195,8 @@ class DeliveryWorker:
         self.models = models
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="delivery-worker", daemon=True)
-        self.errors: list[BaseException] = []
+        self.failures = 0  # deliveries interrupted by an error (each is retried)
+        self.last_error: BaseException | None = None
 
     def start(self) -> None:
         """Start the thread; it first drains what a previous process left open."""
@@ -220,7 +224,14 @@ class DeliveryWorker:
                     self.dispatcher.drain(model)
                 except Exception as exc:
                     # The entry stays `started`/`pending`: retried (as a resume) on the next wake.
-                    log.exception("delivery of %s failed; will retry", model)
-                    self.errors.append(exc)
-                    stop.wait(self.dispatcher.wait_interval_s)
+                    self.failures += 1
+                    self.last_error = exc
+                    retry = self.dispatcher.wait_interval_s
+                    if isinstance(exc, PipelineError | RolloutError):  # known: one line is enough
+                        log.warning(
+                            "delivery of %s stopped: %s; retrying in %.0f s", model, exc, retry
+                        )
+                    else:
+                        log.exception("delivery of %s failed; retrying in %.0f s", model, retry)
+                    stop.wait(retry)
                     self._wake.set()

@@ -13,7 +13,7 @@ import pytest
 from aml_pipelines.delivery import RolloutView
 from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
-from aml_pipelines.trigger.dispatch import Dispatcher
+from aml_pipelines.trigger.dispatch import DeliveryWorker, Dispatcher
 from aml_pipelines.trigger.store import Step, TriggerStore
 from aml_pipelines.trigger.watcher import Watcher, new_versions
 from tests.trigger.fakes import ResumableDelivery, journal, register
@@ -227,3 +227,41 @@ def test_a_corrupted_model_is_closed_as_failed_not_retried(
     assert "corrupted" in outcome.reason
     assert dispatcher.store.load("diabetes").entries[1].step is Step.DONE
     assert journal(tmp_path / "engine") == []
+
+
+class _FlakyDelivery(ResumableDelivery):
+    """Fails its first delivery with a transient error (a network blip), then works."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.blips = 1
+
+    def deliver(self, version: ModelVersion):
+        if self.blips:
+            self.blips -= 1
+            raise ConnectionError("endpoint unreachable")
+        return super().deliver(version)
+
+
+def test_worker_retries_a_transient_failure_as_a_resume(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    flaky = _FlakyDelivery(tmp_path / "engine", registry)
+    dispatcher = Dispatcher(
+        TriggerStore(tmp_path / "trigger"), registry, flaky, wait_interval_s=0.01
+    )
+    register(registry, tmp_path, stage="candidate")
+    worker = DeliveryWorker(dispatcher, lambda: ["diabetes"])
+    assert dispatcher.accept("diabetes", 1, "watch")
+    worker.start()
+    try:
+        for _ in range(1000):
+            if dispatcher.store.load("diabetes").entries[1].step is Step.DONE:
+                break
+            dispatcher.stop.wait(0.01)
+    finally:
+        dispatcher.stop.set()
+        worker.join(10)
+    entry = dispatcher.store.load("diabetes").entries[1]
+    assert (entry.step, entry.outcome, entry.attempts) == (Step.DONE, "Succeeded", 2)
+    assert (worker.failures, str(worker.last_error)) == (1, "endpoint unreachable")

@@ -85,7 +85,7 @@ def running(
         thread.join(10)
         worker.join(10)
         sock.close()
-        assert not worker.errors
+        assert worker.failures == 0, worker.last_error
 
 
 def _until(condition: Callable[[], bool], what: str) -> None:
