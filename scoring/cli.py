@@ -69,6 +69,8 @@ def serve(
     log_level: Annotated[str, typer.Option(help="Python log level.")] = "info",
 ) -> None:
     """Serve a packaged model as the blue or green scoring server."""
+    if log_level.upper() not in logging.getLevelNamesMapping():
+        raise _fail(f"--log-level: unknown level {log_level!r} (debug, info, warning, error)")
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -80,3 +80,11 @@ def _env() -> dict[str, str]:
     import os
 
     return dict(os.environ)
+
+
+def test_serve_refuses_an_unknown_log_level(model_dir: Path) -> None:
+    result = CliRunner().invoke(
+        cli_app, ["serve", "--model-dir", str(model_dir), "--log-level", "loud"]
+    )
+    assert result.exit_code == 2
+    assert "unknown level 'loud'" in result.output
