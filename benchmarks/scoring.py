@@ -236,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                 name, cmd, env, f"http://127.0.0.1:{port}/score", args.seconds, workdir
             )
 
-    def ratio(other: str) -> float:
+    def ratio(other: str) -> float | None:
         if "ours" not in servers or other not in servers:
-            return float("nan")
+            return None  # a partial run (--only): JSON null, never NaN
         return round(servers["ours"]["rps_c8"] / servers[other]["rps_c8"], 2)
 
     result = {
