@@ -60,7 +60,6 @@ class Dispatcher:
         supersede: bool = False,
         wait_interval_s: float = 5.0,
         stop: threading.Event | None = None,
-        on_outcome: Callable[[DeliveryOutcome], None] | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -68,7 +67,6 @@ class Dispatcher:
         self.supersede = supersede
         self.wait_interval_s = wait_interval_s
         self.stop = stop or threading.Event()
-        self.on_outcome = on_outcome
         self._deliver_lock = store.lock("deliver", "a delivery on this endpoint")
 
     # ------------------------------------------------------------------ accepting
@@ -116,9 +114,7 @@ class Dispatcher:
             try:
                 model_version = self.registry.get(model, version)
             except PERMANENT as exc:
-                log.error("cannot deliver %s v%d: %s", model, version, exc)
-                self._close(model, version, FAILED, str(exc))
-                return DeliveryOutcome(model, version, FAILED, str(exc))
+                return self._fail(model, version, exc)
             if entry.step is Step.PENDING and model_version.stage in DELIVERED:
                 # E.g. an Event Grid redelivery after the cursor was lost: the registry already
                 # records the outcome of this version's delivery.
@@ -128,22 +124,25 @@ class Dispatcher:
                 return None
             if not self._wait_for_endpoint(model, version):
                 return None
-            self.store.update(
+            started = self.store.update(
                 model, version, lambda e: replace(e, step=Step.STARTED, attempts=e.attempts + 1)
             )
-            if entry.step is Step.STARTED:
-                log.warning("resuming the delivery of %s v%d after a restart", model, version)
+            if entry.step is Step.STARTED:  # after a crash, or an error in this process
+                log.warning(
+                    "resuming the delivery of %s v%d (attempt %d)", model, version, started.attempts
+                )
             try:
                 outcome = self.delivery.deliver(model_version)
             except PERMANENT as exc:
-                log.error("cannot deliver %s v%d: %s", model, version, exc)
-                self._close(model, version, FAILED, str(exc))
-                return DeliveryOutcome(model, version, FAILED, str(exc))
+                return self._fail(model, version, exc)
             self._close(model, version, outcome.phase, outcome.reason)
             log.info("delivered %s v%d: %s %s", model, version, outcome.phase, outcome.reason)
-            if self.on_outcome is not None:
-                self.on_outcome(outcome)
             return outcome
+
+    def _fail(self, model: str, version: int, exc: Exception) -> DeliveryOutcome:
+        log.error("cannot deliver %s v%d: %s", model, version, exc)
+        self._close(model, version, FAILED, str(exc))
+        return DeliveryOutcome(model, version, FAILED, str(exc))
 
     def _close(self, model: str, version: int, outcome: str, reason: str) -> Entry:
         return self.store.update(

@@ -145,7 +145,7 @@ def test_sigkilled_watcher_resumes_the_rollout_from_the_state_store(
 
     resumed = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once"))
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming the delivery of diabetes v2" in resumed.stderr
+    assert "resuming the delivery of diabetes v2 (attempt 2)" in resumed.stderr
     assert _ledger_starts(tmp_path) == 1  # resumed, not started again
     assert registry.get("diabetes", 2).stage == "production"
     entry = TriggerStore(tmp_path / "trigger").load("diabetes").entries[2]
