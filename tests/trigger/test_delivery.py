@@ -8,6 +8,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aml_pipelines.delivery import (
     LocalDelivery,
@@ -225,3 +227,36 @@ def test_abort_rolls_the_running_rollout_back_with_the_reason(
     tags = two_versions.get("diabetes", 2).tags
     assert tags["stage"] == "rolled-back"
     assert tags["rollback_reason"] == outcome.reason
+
+
+# ------------------------------------------------------------------ invariants (hypothesis)
+
+STAGES = st.sampled_from([None, "candidate", "production", "archived", "rolled-back"])
+
+
+def _apply(versions: list[ModelVersion], changes: list[TagChange]) -> list[ModelVersion]:
+    tags = {v.version: dict(v.tags) for v in versions}
+    for change in changes:
+        tags[change.version].update(change.tags)
+    return [_mv(v.version, **tags[v.version]) for v in versions]
+
+
+@given(
+    stages=st.lists(STAGES, min_size=1, max_size=6),
+    data=st.data(),
+    phase=st.sampled_from(["Succeeded", "RolledBack", "Failed"]),
+)
+def test_tag_plans_converge_in_one_application(stages, data, phase) -> None:
+    versions = [_mv(i + 1, **({"stage": s} if s else {})) for i, s in enumerate(stages)]
+    candidate = data.draw(st.integers(1, len(versions)))
+    after = _apply(versions, plan_tags(versions, candidate, phase, "why"))
+    assert plan_tags(after, candidate, phase, "why") == []  # idempotent: reconcile twice = once
+    production = [v.version for v in after if v.stage == "production"]
+    if phase == "Succeeded":
+        assert production == [candidate]  # exactly one production, the promoted one
+    else:
+        assert after[candidate - 1].stage == "rolled-back"
+        # a rollback never touches the production version(s)
+        assert production == [
+            v.version for v in versions if v.stage == "production" and v.version != candidate
+        ]
