@@ -70,6 +70,7 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
         return ["the ledger is empty: the rollout has not ticked yet"]
     lines: list[str] = []
     start = records[0].get("at", 0.0)
+    previous = None
     for rec in records:
         if rec.get("event") == "start":
             start = rec.get("at", start)
@@ -89,7 +90,12 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
         t = _when(rec.get("at", start) - start)
         for note in rec.get("commands") or []:
             lines.append(f"[{t}] operator {note}")
-        lines.append(f"[{t}] {rec.get('phase')}: {rec.get('reason', '')}")
+        reason = rec.get("reason", "")
+        if reason == previous:  # e.g. RollingBack → RolledBack: same cause, say it once
+            lines.append(f"[{t}] {rec.get('phase')}")
+        else:
+            lines.append(f"[{t}] {rec.get('phase')}: {reason}")
+        previous = reason
     last = records[-1]
     if last.get("phase") not in ("Succeeded", "RolledBack", "Failed"):
         checks = last.get("checks") or {}

@@ -1,0 +1,51 @@
+"""Factories map every `kind` to a backend class with `from_config`; unknown kinds are errors."""
+
+from __future__ import annotations
+
+import importlib
+from types import SimpleNamespace
+
+import pytest
+
+from rollout.config import MemoryRouterConfig, SimulatedMetricsConfig, StaticMetricsConfig
+from rollout.errors import ConfigError
+from rollout.metrics import factory as metrics_factory
+from rollout.metrics.static import SimulatedMetrics, StaticMetrics
+from rollout.routers import factory as router_factory
+from rollout.routers.memory import MemoryRouter
+
+
+@pytest.mark.parametrize(
+    ("backends", "kind"),
+    [pytest.param(router_factory.BACKENDS, k, id=f"router-{k}") for k in router_factory.BACKENDS]
+    + [
+        pytest.param(metrics_factory.BACKENDS, k, id=f"metrics-{k}")
+        for k in metrics_factory.BACKENDS
+    ],
+)
+def test_every_kind_names_a_class_with_from_config(
+    backends: dict[str, tuple[str, str]], kind: str
+) -> None:
+    module, name = backends[kind]
+    cls = getattr(importlib.import_module(module), name)
+    assert callable(getattr(cls, "from_config", None))
+
+
+def test_memory_and_in_process_metrics_are_built() -> None:
+    router = router_factory.make_router(MemoryRouterConfig())
+    assert isinstance(router, MemoryRouter)
+    assert isinstance(metrics_factory.make_metrics(StaticMetricsConfig()), StaticMetrics)
+    simulated = metrics_factory.make_metrics(SimulatedMetricsConfig(), router=router)
+    assert isinstance(simulated, SimulatedMetrics)
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        pytest.param(router_factory.make_router, "router.kind", id="router"),
+        pytest.param(metrics_factory.make_metrics, "metrics.kind", id="metrics"),
+    ],
+)
+def test_an_unknown_kind_is_a_config_error_not_a_fallback(make: object, field: str) -> None:
+    with pytest.raises(ConfigError, match=f"{field}: unknown kind 'nginx'"):
+        make(SimpleNamespace(kind="nginx"))  # type: ignore[operator]
