@@ -135,9 +135,8 @@ class IstioRouter:
     def remove(self, colour: Colour) -> None:
         """Delete Deployment `<app>-<colour>`; a no-op when it is already gone."""
         vs = self._read_virtual_service()
-        if vs is not None and m.weights_from_routes(vs["spec"].get("http") or [], self.layout).of(
-            colour
-        ):
+        served = m.weights_from_routes(vs["spec"].get("http") or [], self.layout) if vs else None
+        if served is not None and served.of(colour):
             raise RouterError(f"cannot remove {colour.value}: it still serves default traffic")
         name = self.layout.deployment(colour)
         self._read(
