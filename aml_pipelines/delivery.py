@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from aml_pipelines.errors import ConfigError, TriggerError
+from aml_pipelines.errors import TriggerError
 from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
 
 log = logging.getLogger(__name__)
@@ -188,14 +188,22 @@ def serving(versions: Sequence[ModelVersion], view: RolloutView | None) -> dict[
     return colours
 
 
-# ------------------------------------------------------------------------------- local delivery
+# ------------------------------------------------------------------------- the engine delivery
 
 
-class LocalDelivery:
-    """Package on this machine and roll out with the rollout engine (the spec's router).
+class EngineDelivery:
+    """Package, then run the rollout engine in this process against the spec's router.
 
-    The package goes to `<state_dir>/packages/<model>/<version>`; the rollout's status, lease and
-    ledger live in `state_dir` (default: the spec's `state.dir`). `clock` is for tests.
+    The router is whatever the spec names: Envoy on this machine, Istio on a cluster, an Azure ML
+    managed online endpoint. The controller runs here, next to the trigger, so one durable state
+    store serves resume, abort (supersede) and tag reconciliation alike — an Azure ML pipeline job
+    would keep the rollout's state on an ephemeral job disk, out of the trigger's reach.
+
+    A version with a local folder (the `local` registry) is packaged to
+    `<state_dir>/packages/<model>/<version>` (the scoring server and Envoy stack serve it from
+    there); one without (an Azure ML registry) is deployed from the registry itself — the azureml
+    router deploys `azureml:<model>:<version>`. The rollout's status, lease and ledger live in
+    `state_dir` (default: the spec's `state.dir`). `clock` is for tests.
     """
 
     def __init__(
@@ -266,6 +274,8 @@ class LocalDelivery:
         from components.package.package import build_package
         from rollout.core.types import Release
 
+        if version.path is None:  # e.g. Azure ML: the endpoint deploys the registered model
+            return Release(model=version.name, version=str(version.version), sha256=version.sha256)
         out = self.state_dir / "packages" / version.name / str(version.version)
         package = build_package(version, out, image_registry=self.image_registry)
         return Release(
@@ -332,20 +342,3 @@ def _int(version: str) -> int:
         return int(version)
     except ValueError:
         return 0  # not a registry version: never equal to one
-
-
-def make_delivery(
-    registry: ModelRegistry,
-    registry_spec: str,
-    spec: Path,
-    *,
-    state_dir: Path | None = None,
-    image_registry: str = "localhost",
-) -> Delivery:
-    """The delivery path for a registry kind: `local` packages and rolls out on this machine."""
-    from aml_pipelines.registry.factory import default_spec
-
-    kind = (registry_spec or default_spec()).partition(":")[0]
-    if kind == "local":
-        return LocalDelivery(registry, spec, state_dir=state_dir, image_registry=image_registry)
-    raise ConfigError(f"--registry: no delivery path for registry kind {kind!r} (known: local)")

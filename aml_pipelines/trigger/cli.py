@@ -90,18 +90,14 @@ def _dispatcher(
     image_registry: str,
     supersede: bool,
 ) -> Dispatcher:
-    from aml_pipelines.delivery import make_delivery
+    from aml_pipelines.delivery import EngineDelivery
     from aml_pipelines.registry.factory import open_registry
     from aml_pipelines.trigger.dispatch import Dispatcher
     from aml_pipelines.trigger.store import TriggerStore
 
     registry = open_registry(registry_spec or None)
-    delivery = make_delivery(
-        registry,
-        registry_spec,
-        spec,
-        state_dir=rollout_state_dir,
-        image_registry=image_registry,
+    delivery = EngineDelivery(
+        registry, spec, state_dir=rollout_state_dir, image_registry=image_registry
     )
     return Dispatcher(TriggerStore(state_dir), registry, delivery, supersede=supersede)
 

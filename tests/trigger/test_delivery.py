@@ -1,10 +1,12 @@
 """The registry follows traffic: tag planning (pure), reconcile after a crash, serving colours,
-and LocalDelivery on the real rollout engine (memory router, simulated traffic, fake clock).
+and EngineDelivery on the real rollout engine (memory router, simulated traffic, fake clock).
 """
 
 from __future__ import annotations
 
+import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aml_pipelines.delivery import (
-    LocalDelivery,
+    EngineDelivery,
     RolloutView,
     TagChange,
     plan_tags,
@@ -159,7 +161,7 @@ def test_local_delivery_tags_follow_the_rollout(
     stages: list[str],
     reason: str | None,
 ) -> None:
-    delivery = LocalDelivery(
+    delivery = EngineDelivery(
         two_versions, _spec(tmp_path, canary_error_rate), clock=FakeClock(1_000.0)
     )
     outcome = delivery.deliver(two_versions.get("diabetes", 2))
@@ -176,7 +178,7 @@ def test_local_delivery_tags_follow_the_rollout(
 def test_crash_between_traffic_and_tags_is_repaired_idempotently(
     tmp_path: Path, two_versions: LocalRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    delivery = LocalDelivery(two_versions, _spec(tmp_path, 0.01), clock=FakeClock(1_000.0))
+    delivery = EngineDelivery(two_versions, _spec(tmp_path, 0.01), clock=FakeClock(1_000.0))
 
     def crash(*_args: object, **_kw: object) -> None:
         raise SystemExit("killed after traffic moved, before tags were written")
@@ -187,7 +189,7 @@ def test_crash_between_traffic_and_tags_is_repaired_idempotently(
     monkeypatch.undo()
     assert two_versions.get("diabetes", 2).stage == "candidate"  # the registry lies...
 
-    restarted = LocalDelivery(two_versions, _spec(tmp_path, 0.01))
+    restarted = EngineDelivery(two_versions, _spec(tmp_path, 0.01))
     changes = restarted.reconcile()  # ...until the restart reconciles it from the status
     assert changes == [TagChange(2, {"stage": "production"}), TagChange(1, {"stage": "archived"})]
     assert restarted.reconcile() == []  # idempotent
@@ -205,7 +207,7 @@ def test_abort_rolls_the_running_rollout_back_with_the_reason(
 ) -> None:
     # Real clock, long analysis interval: the rollout sits in its first step until aborted
     # (the controller wakes early for commands).
-    delivery = LocalDelivery(two_versions, _spec(tmp_path, 0.01, interval_s=30.0))
+    delivery = EngineDelivery(two_versions, _spec(tmp_path, 0.01, interval_s=30.0))
     outcomes = []
     worker = threading.Thread(
         target=lambda: outcomes.append(delivery.deliver(two_versions.get("diabetes", 2)))
@@ -260,3 +262,36 @@ def test_tag_plans_converge_in_one_application(stages, data, phase) -> None:
         assert production == [
             v.version for v in versions if v.stage == "production" and v.version != candidate
         ]
+
+
+class _RemoteRegistry:
+    """The local registry seen as a remote one (Azure ML): versions carry no local folder."""
+
+    def __init__(self, inner: LocalRegistry) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def get(self, name: str, version: int) -> ModelVersion:
+        return replace(self.inner.get(name, version), path=None)
+
+    def list_versions(self, name: str) -> list[ModelVersion]:
+        return [replace(v, path=None) for v in self.inner.list_versions(name)]
+
+    def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersion]:
+        return [v for v in self.list_versions(name) if v.tags.get(key) == value]
+
+
+def test_a_version_without_local_files_is_rolled_out_from_the_registry(
+    tmp_path: Path, two_versions: LocalRegistry
+) -> None:
+    remote = _RemoteRegistry(two_versions)
+    delivery = EngineDelivery(remote, _spec(tmp_path, 0.01), clock=FakeClock(1_000.0))  # type: ignore[arg-type]
+    outcome = delivery.deliver(remote.get("diabetes", 2))
+    assert outcome.phase == "Succeeded"
+    assert not (tmp_path / "rollout" / "packages").exists()  # nothing packaged locally
+    green = json.loads((tmp_path / "routes.json").read_text())["releases"]["green"]
+    # Promoted: green serves v2, identified by the registry alone (model, version, sha256).
+    assert (green["model"], green["version"], green["model_dir"]) == ("diabetes", "2", None)
+    assert green["sha256"] == two_versions.get("diabetes", 2).sha256
