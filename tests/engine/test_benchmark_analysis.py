@@ -1,0 +1,47 @@
+"""The statistics benchmark runs, and its last line is the JSON the issue specifies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.analysis import SCENARIO_DIR, Scenario, main, slow_rates
+
+KEYS = {
+    "scenario", "policy", "runs", "total_rps", "error_ratio", "latency_ratio", "p_rollback",
+    "p_promote", "mean_decision_s", "mean_bad_canary_requests", "false_rollback_upper95",
+    "en_over_wald",
+}  # fmt: skip
+
+
+def test_a_small_run_prints_the_specified_json(capsys: pytest.CaptureFixture[str]) -> None:
+    scenarios = [SCENARIO_DIR / "err-50x-100rps.yaml", SCENARIO_DIR / "aa-100rps.yaml"]
+    args = ["--json", "--runs", "4", "--jobs", "1"]
+    for path in scenarios:
+        args += ["--scenario", str(path)]
+    assert main(args) == 0
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {(r["scenario"], r["policy"]): r for r in payload["results"]}
+    assert set(rows) == {
+        (s, p) for s in ("err-50x-100rps", "aa-100rps") for p in ("ours", "flagger")
+    }
+    for row in rows.values():
+        assert row.keys() >= KEYS
+        assert row["runs"] == 4
+    assert rows[("err-50x-100rps", "ours")]["p_rollback"] == 1.0
+    assert rows[("err-50x-100rps", "ours")]["false_rollback_upper95"] is None
+    assert rows[("aa-100rps", "ours")]["false_rollback_upper95"] is not None
+    assert rows[("aa-100rps", "ours")]["en_over_wald"] is None
+
+
+def test_default_scenarios_load() -> None:
+    names = {Scenario.load(p).name for p in Path(SCENARIO_DIR).glob("*.yaml")}
+    assert {"aa-10rps", "aa-100rps", "err-10x-10rps", "err-50x-100rps", "lat-1.3x-100rps"} <= names
+
+
+def test_latency_scenario_compares_about_one_percent_slow_requests() -> None:
+    base, canary = slow_rates(Scenario.load(SCENARIO_DIR / "lat-1.3x-100rps.yaml"))
+    assert 0.005 < base < 0.02
+    assert canary > 3 * base
