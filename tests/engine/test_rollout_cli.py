@@ -96,6 +96,10 @@ def test_run_promotes_with_exit_0_then_explain_tells_the_story(tmp_path: Path) -
     assert "Green_100: promoted m:2" in out
     code, out = invoke("status", str(spec))
     assert code == EXIT_PROMOTED and "Succeeded" in out
+    code, out = invoke("status", str(spec), "--watch", "--timeout", "5")
+    assert code == EXIT_PROMOTED and "Green_100" in out
+    code, out = invoke("status", str(spec), "--json")
+    assert json.loads(out)["phase"] == "Succeeded"
 
 
 def test_run_rolls_back_with_exit_3(tmp_path: Path) -> None:
