@@ -1,8 +1,278 @@
-"""`aml-rollout pipeline ...` and `aml-rollout registry ...` (heavy imports inside commands)."""
+"""`aml-rollout pipeline ...` and `aml-rollout registry ...` (heavy imports inside commands).
+
+Only typer, rich and the standard library are imported at module level; azure.ai.ml and the
+registry backends load inside the command that needs them, so `aml-rollout --help` stays fast.
+Every error a user can fix (PipelineError) prints one red line and exits non-zero: 2 for bad
+input or configuration, a failed step's own exit code for `run-local`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from aml_pipelines.pipeline import PipelineParams
+
+EXIT_USER_ERROR = 2
 
 pipeline_app = typer.Typer(no_args_is_help=True)
 registry_app = typer.Typer(no_args_is_help=True)
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ParamOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--param",
+        "-p",
+        help="Pipeline input KEY=VALUE (repeatable): model_name, alpha, test_fraction, seed, "
+        "data, target, metric, max_regression, force, image_registry, package_mode.",
+        show_default=False,
+    ),
+]
+SpecOption = Annotated[
+    Path | None,
+    typer.Option(help="Rollout spec for the rollout step (default: the bundled example)."),
+]
+RegistryOption = Annotated[
+    str | None,
+    typer.Option(
+        "--registry",
+        envvar="AML_ROLLOUT_REGISTRY",
+        help="local:PATH or azureml:SUBSCRIPTION/RESOURCE_GROUP/WORKSPACE "
+        "[default: local (.aml-rollout/registry)]",
+        show_default=False,
+    ),
+]
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """PipelineError -> one red line and an exit code, never a traceback."""
+    from aml_pipelines.errors import PipelineError
+
+    try:
+        yield
+    except PipelineError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(getattr(exc, "exit_code", EXIT_USER_ERROR)) from None
+
+
+def parse_params(
+    pairs: list[str] | None, *, rollout_spec: Path | None = None, **overrides: Any
+) -> PipelineParams:
+    """PipelineParams from KEY=VALUE pairs, converted to each field's type; errors name the key."""
+    from aml_pipelines.errors import ConfigError
+    from aml_pipelines.pipeline import PipelineParams
+
+    fields = {f.name: f for f in dataclasses.fields(PipelineParams)}
+    settable = sorted(set(fields) - {"registry", "rollout_spec"})
+    values: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in settable:
+            raise ConfigError(f"--param {pair!r}: expected KEY=VALUE with KEY one of {settable}")
+        kind = str(fields[key].type)
+        try:
+            if kind == "bool":
+                if raw.lower() not in {"true", "false"}:
+                    raise ValueError("expected true or false")
+                values[key] = raw.lower() == "true"
+            elif kind == "int":
+                values[key] = int(raw)
+            elif kind == "float":
+                values[key] = float(raw)
+            else:
+                values[key] = raw or None
+        except ValueError as exc:
+            raise ConfigError(f"--param {key}: {raw!r} is not a valid {kind} ({exc})") from None
+    if rollout_spec is not None:
+        if not rollout_spec.is_file():
+            raise ConfigError(f"--rollout-spec: {rollout_spec} not found")
+        values["rollout_spec"] = str(rollout_spec)
+    return PipelineParams(**values)
+
+
+# ------------------------------------------------------------------------------------- pipeline
+
+
+@pipeline_app.command("validate")
+def validate(params: ParamOption = None, rollout_spec: SpecOption = None) -> None:
+    """Load and validate every component, build the pipeline and validate it offline."""
+    with _user_errors():
+        from aml_pipelines.build import validate_offline
+
+        summary = validate_offline(parse_params(params, rollout_spec=rollout_spec))
+    table = Table("step", "component", "inputs", "outputs", title="components: valid")
+    for step, info in summary.components.items():
+        table.add_row(
+            step,
+            f"{info['name']}:{info['version']}",
+            ", ".join(info["inputs"]),
+            ", ".join(info["outputs"]),
+        )
+    out.print(table)
+    out.print(
+        f"pipeline valid (offline): {' → '.join(summary.nodes)}; "
+        f"{len(summary.pipeline_inputs)} inputs, outputs {', '.join(summary.outputs)}"
+    )
+
+
+@pipeline_app.command("build")
+def build(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the job YAML.")],
+    params: ParamOption = None,
+    rollout_spec: SpecOption = None,
+    compute: Annotated[str | None, typer.Option(help="Default compute for every step.")] = None,
+) -> None:
+    """Write the pipeline job YAML (relative code: paths) for `az ml job create -f`."""
+    with _user_errors():
+        from aml_pipelines.build import dump_pipeline
+        from aml_pipelines.pipeline import build_pipeline
+
+        job = build_pipeline(parse_params(params, rollout_spec=rollout_spec), compute=compute)
+        dump_pipeline(job, output)
+    out.print(f"wrote {output} ({', '.join(job.jobs)}); submit with: az ml job create -f {output}")
+
+
+@pipeline_app.command("submit")
+def submit(
+    subscription: Annotated[str, typer.Option(help="Azure subscription id.")],
+    resource_group: Annotated[str, typer.Option(help="Resource group of the workspace.")],
+    workspace: Annotated[str, typer.Option(help="Azure ML workspace name.")],
+    compute: Annotated[str, typer.Option(help="Compute cluster for every step.")] = "cpu-cluster",
+    experiment: Annotated[str, typer.Option(help="Experiment name.")] = "aml-rollout",
+    params: ParamOption = None,
+    rollout_spec: SpecOption = None,
+) -> None:
+    """Submit the pipeline to an Azure ML workspace (DefaultAzureCredential)."""
+    with _user_errors():
+        from aml_pipelines.build import submit_pipeline, workspace_client
+        from aml_pipelines.pipeline import build_pipeline
+
+        pipeline_params = parse_params(params, rollout_spec=rollout_spec)
+        client = workspace_client(subscription, resource_group, workspace)
+        job = build_pipeline(pipeline_params, compute=compute)
+        submitted = submit_pipeline(job, client, experiment=experiment)
+    out.print(f"submitted {submitted.name}: {submitted.studio_url or '(no studio URL)'}")
+
+
+@pipeline_app.command("run-local")
+def run_local(
+    params: ParamOption = None,
+    rollout_spec: SpecOption = None,
+    until: Annotated[str, typer.Option(help="Last step to run.")] = "package",
+    run_dir: Annotated[Path | None, typer.Option(help="Run folder [default: runs/<id>].")] = None,
+    registry: RegistryOption = None,
+) -> None:
+    """Run the pipeline's steps here, as subprocesses, with a local registry."""
+    with _user_errors():
+        from aml_pipelines.errors import ConfigError
+        from aml_pipelines.local_runner import run_local as run
+
+        spec = registry or "local"
+        if not spec.startswith("local"):
+            raise ConfigError(f"--registry: run-local needs a local registry, got {spec!r}")
+        pipeline_params = parse_params(params, rollout_spec=rollout_spec, registry=spec)
+        result = run(pipeline_params, run_dir=run_dir, until=until, sink=_echo)
+    total = sum(step.seconds for step in result.steps.values())
+    out.print(f"[green]local run complete[/] in {total:.1f} s: {result.run_dir}")
+    registration = result.run_dir / "register" / "registration" / "registration.json"
+    if registration.is_file():
+        info = json.loads(registration.read_text())
+        out.print(f"registered {info['name']} version {info['version']} (sha256 {info['sha256']})")
+
+
+def _echo(line: str) -> None:
+    err.print(line, markup=False)
+
+
+# ------------------------------------------------------------------------------------- registry
+
+
+def _open(spec: str | None) -> Any:
+    from aml_pipelines.registry.factory import open_registry
+
+    return open_registry(spec)
+
+
+@registry_app.command("list")
+def list_versions(
+    name: Annotated[str | None, typer.Argument(help="Model name [default: every model].")] = None,
+    registry: RegistryOption = None,
+) -> None:
+    """List registered versions with their stage and metrics."""
+    with _user_errors():
+        reg = _open(registry)
+        names = [name] if name else reg.names()
+        table = Table("model", "version", "stage", "mse", "r2", "sha256", "created")
+        for model in names:
+            for mv in reg.list_versions(model):
+                table.add_row(
+                    mv.name,
+                    str(mv.version),
+                    mv.stage or "-",
+                    _short(mv.tags.get("mse")),
+                    _short(mv.tags.get("r2")),
+                    mv.sha256[:12],
+                    mv.created_at,
+                )
+    if table.row_count:
+        out.print(table)
+    else:
+        out.print(f"no registered models in {registry or 'the local registry'}")
+
+
+@registry_app.command("show")
+def show(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[int, typer.Argument(help="Version number.")],
+    registry: RegistryOption = None,
+) -> None:
+    """Show one version (verifying its files) as JSON."""
+    with _user_errors():
+        mv = _open(registry).get(name, version)
+    record = dataclasses.asdict(mv)
+    record["path"] = str(mv.path) if mv.path else None
+    out.print_json(json.dumps(record))
+
+
+@registry_app.command("tag")
+def tag(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[int, typer.Argument(help="Version number.")],
+    tags: Annotated[list[str], typer.Argument(help="KEY=VALUE pairs; KEY= removes the tag.")],
+    registry: RegistryOption = None,
+) -> None:
+    """Set (or remove) tags on a version, e.g. `stage=production`."""
+    with _user_errors():
+        from aml_pipelines.errors import ConfigError
+
+        pairs: dict[str, str] = {}
+        for pair in tags:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"tag {pair!r}: expected KEY=VALUE")
+            pairs[key] = value
+        mv = _open(registry).set_tags(name, version, pairs)
+    out.print(f"{mv.name}:{mv.version} tags: {json.dumps(dict(mv.tags), sort_keys=True)}")
+
+
+def _short(value: str | None) -> str:
+    if value is None:
+        return "-"
+    try:
+        return f"{float(value):.4g}"
+    except ValueError:
+        return value

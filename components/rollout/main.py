@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec)
         log.info("rolling out %s:%s (%s)", candidate.model, candidate.version, candidate.image)
-        result = run_rollout(spec, candidate=candidate, state_dir=args.result)
+        # A pipeline step must end: a rollout held for a human stops here (exit 5, resumable).
+        result = run_rollout(
+            spec, candidate=candidate, state_dir=args.result, stop_when_paused=True
+        )
     except RolloutError as exc:
         log.error("rollout failed: %s", exc)
         return 1

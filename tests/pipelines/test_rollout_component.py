@@ -8,14 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from components.rollout.main import EXIT_ENGINE_UNAVAILABLE, EXIT_ROLLED_BACK, main
+from components.rollout.main import (
+    EXIT_ENGINE_UNAVAILABLE,
+    EXIT_PAUSED,
+    EXIT_ROLLED_BACK,
+    main,
+)
 
 SPEC = """
 name: component-test
 router: {{kind: memory}}
-metrics: {{kind: simulated, seed: 3, rps: 5000{canary}}}
+metrics: {{kind: simulated, seed: 3, rps: {rps}{canary}}}
 steps: [50, 100]
-analysis: {{interval_s: 0.02, min_requests: 50, max_step_duration_s: 5}}
+analysis: {{interval_s: 0.02, min_requests: 50, max_step_duration_s: {max_step}}}
 stable: {{model: m, version: "0"}}
 """
 
@@ -30,28 +35,31 @@ def package(tmp_path: Path) -> Path:
     return folder
 
 
-def _spec(tmp_path: Path, canary: str = "") -> Path:
+def _spec(tmp_path: Path, canary: str = "", rps: int = 2e5, max_step: float = 10) -> Path:
     path = tmp_path / "spec.yaml"
-    path.write_text(SPEC.format(canary=canary))
+    path.write_text(SPEC.format(canary=canary, rps=rps, max_step=max_step))
     return path
 
 
 @pytest.mark.parametrize(
-    ("canary", "exit_code", "phase"),
+    ("canary", "rps", "exit_code", "phase"),
     [
-        pytest.param("", 0, "Succeeded", id="healthy-candidate-promoted"),
-        pytest.param(", canary: {error_rate: 0.3}", EXIT_ROLLED_BACK, "RolledBack", id="faulty"),
+        pytest.param("", 2e5, 0, "Succeeded", id="healthy"),
+        pytest.param(", canary: {error_rate: 0.3}", 2e5, EXIT_ROLLED_BACK, "RolledBack", id="5xx"),
+        # too little traffic to decide: held for a human, and the step ends instead of waiting
+        pytest.param("", 50, EXIT_PAUSED, "Paused", id="inconclusive-pauses"),
     ],
-)
+)  # fmt: skip
 def test_runs_the_engine_on_a_dry_run_spec(
-    tmp_path: Path, package: Path, canary: str, exit_code: int, phase: str
+    tmp_path: Path, package: Path, canary: str, rps: float, exit_code: int, phase: str
 ) -> None:
     result = tmp_path / "result"
+    max_step = 0.3 if phase == "Paused" else 10
     argv = [
         "--package",
         str(package),
         "--spec",
-        str(_spec(tmp_path, canary)),
+        str(_spec(tmp_path, canary, rps, max_step)),
         "--result",
         str(result),
     ]

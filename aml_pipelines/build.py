@@ -1,0 +1,201 @@
+"""Validate, dump and submit the pipeline job: the library behind `aml-rollout pipeline ...`.
+
+- `validate_offline` loads every component YAML and runs its `_validate()`, builds the pipeline,
+  runs the job's own validation and `MLClient.jobs.validate` with an offline client (a
+  placeholder workspace and a credential that is never asked for a token): no network.
+- `dump_pipeline` writes the job YAML with RELATIVE paths. azure-ai-ml dumps `code:` as an absolute
+  path and prefixes local input paths with `azureml:` (which would name a registered data asset);
+  both are rewritten so `az ml job create -f pipeline.yml` works from any checkout.
+- `workspace_client` / `submit_pipeline` talk to a real workspace with DefaultAzureCredential;
+  tests pass `transport=` (a fake ARM server) and a static credential instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aml_pipelines.errors import AzureNotConfigured, ComponentError, PipelineError
+from aml_pipelines.pipeline import (
+    STEPS,
+    PipelineParams,
+    build_pipeline,
+    component_path,
+    quiet_sdk,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COMPUTE = "cpu-cluster"
+OFFLINE_WORKSPACE = ("00000000-0000-0000-0000-000000000000", "offline-rg", "offline-ws")
+
+
+@dataclass(frozen=True)
+class ValidationSummary:
+    """What `pipeline validate` checked."""
+
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)
+    pipeline_inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+
+
+class OfflineCredential:
+    """A credential for MLClient operations that never leave the process (validate, build)."""
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        raise AzureNotConfigured("an offline client tried to reach Azure")
+
+
+def offline_client() -> Any:
+    """An MLClient bound to a placeholder workspace; constructing it makes no request."""
+    from azure.ai.ml import MLClient
+
+    sub, rg, ws = OFFLINE_WORKSPACE
+    return MLClient(OfflineCredential(), sub, rg, ws)
+
+
+def load_validated_components() -> dict[str, Any]:
+    """Load every component YAML and run its validation; ComponentError names the failing file."""
+    quiet_sdk()
+    from azure.ai.ml import load_component
+
+    loaded: dict[str, Any] = {}
+    for step in STEPS:
+        path = component_path(step)
+        try:
+            component = load_component(source=path)
+        except Exception as exc:  # the SDK raises marshmallow / its own errors with details
+            raise ComponentError(f"{path}: does not load: {_sdk_errors(exc)}") from exc
+        result = component._validate()
+        if not result.passed:
+            raise ComponentError(f"{path}: invalid: {result.error_messages}")
+        loaded[step] = component
+    return loaded
+
+
+def _sdk_errors(exc: Exception) -> str:
+    """The SDK's validation errors as `field: message` pairs instead of its JSON report."""
+    text = str(exc)
+    start, end = text.find("{"), text.rfind("}")
+    try:
+        report = json.loads(text[start : end + 1])
+        return "; ".join(f"{e.get('path')}: {e.get('message')}" for e in report["errors"])
+    except (ValueError, KeyError, TypeError):
+        return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def validate_offline(
+    params: PipelineParams | None = None, *, compute: str = DEFAULT_COMPUTE
+) -> ValidationSummary:
+    """Every offline check azure-ai-ml offers, for the components and the assembled pipeline.
+
+    Azure ML requires a compute per node; validation uses `compute` (a name, not looked up).
+    """
+    loaded = load_validated_components()
+    job = build_pipeline(params, loaded=loaded, compute=compute)
+    own = job._validate()
+    if not own.passed:
+        raise ComponentError(f"pipeline is invalid: {own.error_messages}")
+    remote_style = offline_client().jobs.validate(job)
+    if not remote_style.passed:
+        raise ComponentError(f"pipeline is invalid: {remote_style.error_messages}")
+    return ValidationSummary(
+        components={
+            step: {
+                "name": c.name,
+                "version": c.version,
+                "inputs": sorted(c.inputs),
+                "outputs": sorted(c.outputs),
+            }
+            for step, c in loaded.items()
+        },
+        nodes=list(job.jobs),
+        pipeline_inputs=sorted(job.inputs),
+        outputs=sorted(job.outputs),
+    )
+
+
+def pipeline_dict(job: Any, relative_to: Path) -> dict[str, Any]:
+    """The job as a YAML-ready dict with local paths relative to `relative_to`."""
+    data: dict[str, Any] = job._to_dict()
+    base = relative_to.resolve()
+
+    def relative(path: str) -> str:
+        rel = os.path.relpath(Path(path).resolve(), base)
+        return rel if rel.startswith(".") else f"./{rel}"
+
+    for key, value in job.inputs.items():
+        # azure-ai-ml dumps a boolean pipeline input as 0/1; a boolean component input wants bools
+        if isinstance(getattr(value, "_data", None), bool):
+            data["inputs"][key] = value._data
+    for spec in (data.get("inputs") or {}).values():
+        if isinstance(spec, dict) and isinstance(spec.get("path"), str):
+            local = spec["path"].removeprefix("azureml:")
+            if local != spec["path"] and Path(local).exists():
+                spec["path"] = relative(local)
+    for node in data.get("jobs", {}).values():
+        component = node.get("component")
+        code = component.get("code") if isinstance(component, dict) else None
+        if isinstance(code, str) and Path(code).is_absolute():
+            component["code"] = relative(code)
+    return data
+
+
+def dump_pipeline(job: Any, out: Path) -> Path:
+    """Write the job YAML to `out` with relative paths (see the module docstring)."""
+    import yaml
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = pipeline_dict(job, out.parent)
+    out.write_text(yaml.safe_dump(data, sort_keys=False, width=100), encoding="utf-8")
+    return out
+
+
+def workspace_client(
+    subscription: str,
+    resource_group: str,
+    workspace: str,
+    *,
+    credential: Any = None,
+    **client_kwargs: Any,
+) -> Any:
+    """An MLClient for a workspace; DefaultAzureCredential unless a credential is given."""
+    from azure.ai.ml import MLClient
+
+    missing = [
+        flag
+        for flag, value in (
+            ("--subscription", subscription),
+            ("--resource-group", resource_group),
+            ("--workspace", workspace),
+        )
+        if not value
+    ]
+    if missing:
+        raise AzureNotConfigured(f"missing workspace coordinates: {', '.join(missing)}")
+    if credential is None:
+        from azure.identity import DefaultAzureCredential
+
+        credential = DefaultAzureCredential()
+    return MLClient(credential, subscription, resource_group, workspace, **client_kwargs)
+
+
+def submit_pipeline(job: Any, ml_client: Any, *, experiment: str = "aml-rollout") -> Any:
+    """Submit the job; Azure errors become one clear PipelineError line."""
+    from azure.core.exceptions import AzureError, ClientAuthenticationError
+
+    try:
+        return ml_client.jobs.create_or_update(job, experiment_name=experiment)
+    except ClientAuthenticationError as exc:
+        raise AzureNotConfigured(
+            "no usable Azure credentials (DefaultAzureCredential found none): run `az login`, "
+            "or set AZURE_CLIENT_ID / AZURE_TENANT_ID / AZURE_CLIENT_SECRET; "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    except AzureError as exc:
+        raise PipelineError(f"submitting the pipeline failed: {str(exc).splitlines()[0]}") from exc

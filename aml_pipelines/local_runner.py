@@ -1,0 +1,267 @@
+"""Run the delivery pipeline on this machine, step by step, with the components' real commands.
+
+The runner builds the same pipeline job that is submitted to Azure ML (`pipeline.build_pipeline`)
+and walks its nodes:
+
+1. order the nodes by their `${{parent.jobs.<node>.outputs.<name>}}` references (a topological
+   sort; `until` keeps a step and the steps it depends on);
+2. bind every output to a folder `<run_dir>/<node>/<output>/`, every input to the pipeline value,
+   the upstream output folder, or the component's default;
+3. render the component's declared `command` as Azure ML does: `$[[...]]` optional blocks are
+   kept only when their inputs are bound, `${{inputs.x}}` / `${{outputs.y}}` are substituted;
+4. run it as a subprocess in the component's code folder (`python` is this interpreter), stream
+   its output line by line with a `[node]` prefix into `<run_dir>/<node>/std_log.txt` and the
+   caller's sink, and stop at the first non-zero exit with StepFailed(node, exit_code).
+
+azure.ai.ml is imported once, here, to load the components; the steps themselves never import it
+(unless they talk to Azure), so a local run costs about one SDK import plus the steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aml_pipelines.errors import ComponentError, ConfigError, StepFailed
+from aml_pipelines.pipeline import STEPS, PipelineParams, build_pipeline
+
+log = logging.getLogger(__name__)
+
+_PLACEHOLDER = re.compile(r"\$\{\{(inputs|outputs)\.(\w+)\}\}")
+_OPTIONAL_BLOCK = re.compile(r"\$\[\[(.*?)\]\]", re.DOTALL)
+_PARENT_INPUT = re.compile(r"^\$\{\{parent\.inputs\.(\w+)\}\}$")
+_PARENT_OUTPUT = re.compile(r"^\$\{\{parent\.jobs\.(\w+)\.outputs\.(\w+)\}\}$")
+
+Sink = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StepRun:
+    """One executed step: its command line, exit code, output folders and duration."""
+
+    name: str
+    argv: list[str]
+    exit_code: int
+    outputs: dict[str, Path]
+    seconds: float
+
+
+@dataclass
+class LocalRun:
+    """A local run: where it lives and what each step did."""
+
+    run_dir: Path
+    steps: dict[str, StepRun] = field(default_factory=dict)
+
+    def output(self, step: str, name: str) -> Path:
+        """The folder bound to `step`'s output `name`."""
+        return self.steps[step].outputs[name]
+
+
+@dataclass(frozen=True)
+class _Node:
+    name: str
+    component: Any
+    bindings: dict[str, Any]  # input name -> literal, ("parent", input) or ("job", node, output)
+
+
+def default_run_dir(base: Path = Path("runs")) -> Path:
+    """`runs/<UTC timestamp>-<short id>` under the current folder."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    return base / f"{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+def _log_sink(line: str) -> None:
+    log.info("%s", line)
+
+
+def run_local(
+    params: PipelineParams | None = None,
+    *,
+    run_dir: Path | None = None,
+    until: str = "package",
+    sink: Sink | None = None,
+    env: Mapping[str, str] | None = None,
+) -> LocalRun:
+    """Run the pipeline's steps up to `until` as subprocesses; raise StepFailed on the first error.
+
+    `params.registry` should name a local registry (`local:PATH`; the default `azureml` is what
+    the job uses in Azure). Relative paths in `params` are resolved against the current folder.
+    `sink` receives every log line, prefixed `[step] ` (default: this module's logger).
+    """
+    if until not in STEPS:
+        raise ConfigError(f"until: {until!r} is not one of {list(STEPS)}")
+    params = _absolute(params or PipelineParams(registry="local"))
+    run_dir = (run_dir or default_run_dir()).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    emit = sink or _log_sink
+    run_id = run_dir.name
+    nodes = _plan(build_pipeline(params), until)
+    values = asdict(params)
+    result = LocalRun(run_dir)
+    emit(f"local run {run_id}: {' → '.join(n.name for n in nodes)} in {run_dir}")
+    for node in nodes:
+        outputs = {name: run_dir / node.name / name for name in node.component.outputs}
+        inputs: dict[str, Any] = {}
+        for name, spec in node.component.inputs.items():
+            bound = node.bindings.get(name)
+            if isinstance(bound, tuple) and bound[0] == "parent":
+                value = values.get(bound[1])
+            elif isinstance(bound, tuple):
+                value = result.output(bound[1], bound[2])
+            else:
+                value = bound
+            if value is None:
+                value = spec.default
+            if value is None and not spec.optional:
+                raise ComponentError(f"step {node.name!r}: required input {name!r} is not bound")
+            inputs[name] = value
+        argv = render_command(node.component.command, inputs, outputs)
+        code_dir = (Path(node.component.base_path) / (node.component.code or ".")).resolve()
+        for folder in outputs.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        step_env = {
+            **os.environ,
+            **(env or {}),
+            "AML_ROLLOUT_RUN_ID": f"{run_id}/{node.name}",
+            "PYTHONUNBUFFERED": "1",
+        }
+        emit(f"[{node.name}] $ {shlex.join(argv)}")
+        started = time.monotonic()
+        code = _execute(
+            argv, code_dir, step_env, run_dir / node.name / "std_log.txt", node.name, emit
+        )
+        step = StepRun(node.name, argv, code, outputs, time.monotonic() - started)
+        result.steps[node.name] = step
+        if code != 0:
+            emit(f"[{node.name}] failed with exit code {code} after {step.seconds:.1f} s")
+            raise StepFailed(node.name, code)
+        emit(f"[{node.name}] done in {step.seconds:.1f} s")
+    return result
+
+
+def render_command(
+    command: str, inputs: Mapping[str, Any], outputs: Mapping[str, Path]
+) -> list[str]:
+    """The argv Azure ML would run: optional blocks resolved, placeholders substituted.
+
+    Substitution happens per token after splitting, so a path with spaces stays one argument;
+    `python` becomes this interpreter so the step runs in the same environment.
+    """
+
+    def keep_block(match: re.Match[str]) -> str:
+        inner = match.group(1)
+        unbound = [
+            name
+            for kind, name in _PLACEHOLDER.findall(inner)
+            if kind == "inputs" and inputs.get(name) is None
+        ]
+        return "" if unbound else inner
+
+    template = _OPTIONAL_BLOCK.sub(keep_block, command)
+
+    def substitute(match: re.Match[str]) -> str:
+        kind, name = match.groups()
+        if kind == "outputs":
+            if name not in outputs:
+                raise ComponentError(f"command refers to unknown output {name!r}")
+            return str(outputs[name])
+        if name not in inputs:
+            raise ComponentError(f"command refers to unknown input {name!r}")
+        value = inputs[name]
+        if value is None:
+            raise ComponentError(f"command needs input {name!r}, which is not bound")
+        return _render_value(value)
+
+    argv = [_PLACEHOLDER.sub(substitute, token) for token in shlex.split(template)]
+    if argv and argv[0] == "python":
+        argv[0] = sys.executable
+    return argv
+
+
+def _render_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "True" if value else "False"  # as Azure ML renders booleans
+    return str(value)
+
+
+def _absolute(params: PipelineParams) -> PipelineParams:
+    """Steps run in the code folder: make every local path absolute first."""
+    changes: dict[str, Any] = {}
+    for key in ("data", "rollout_spec"):
+        value = getattr(params, key)
+        if value is not None and "://" not in value and not value.startswith("azureml:"):
+            changes[key] = str(Path(value).resolve())
+    kind, _, path = params.registry.partition(":")
+    if kind == "local":
+        from aml_pipelines.registry.local import default_root
+
+        changes["registry"] = f"local:{(Path(path) if path else default_root()).resolve()}"
+    return replace(params, **changes)
+
+
+def _plan(job: Any, until: str) -> list[_Node]:
+    """The nodes to run, in dependency order, ending with `until` (and only what it needs)."""
+    spec = job._to_dict()["jobs"]  # the YAML view: bindings as ${{parent...}} strings
+    nodes: dict[str, _Node] = {}
+    for name, node in job.jobs.items():
+        bindings: dict[str, Any] = {}
+        for input_name, value in (spec[name].get("inputs") or {}).items():
+            raw = value.get("path") if isinstance(value, dict) else value
+            if isinstance(raw, str) and (m := _PARENT_INPUT.match(raw)):
+                bindings[input_name] = ("parent", m.group(1))
+            elif isinstance(raw, str) and (m := _PARENT_OUTPUT.match(raw)):
+                bindings[input_name] = ("job", m.group(1), m.group(2))
+            else:
+                bindings[input_name] = raw
+        nodes[name] = _Node(name, node.component, bindings)
+
+    def upstream(node: _Node) -> set[str]:
+        return {b[1] for b in node.bindings.values() if isinstance(b, tuple) and b[0] == "job"}
+
+    needed: list[str] = []
+
+    def visit(name: str, trail: tuple[str, ...] = ()) -> None:
+        if name in trail:
+            raise ComponentError(f"pipeline has a cycle: {' → '.join((*trail, name))}")
+        for parent in sorted(upstream(nodes[name])):
+            visit(parent, (*trail, name))
+        if name not in needed:
+            needed.append(name)
+
+    visit(until)
+    return [nodes[name] for name in needed]
+
+
+def _execute(
+    argv: list[str], cwd: Path, env: Mapping[str, str], log_file: Path, name: str, emit: Sink
+) -> int:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        log_file.open("w", encoding="utf-8") as fh,
+        subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=dict(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        ) as proc,
+    ):
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            fh.write(line)
+            emit(f"[{name}] {line.rstrip()}")
+        return proc.wait()

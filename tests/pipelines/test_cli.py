@@ -1,0 +1,114 @@
+"""`aml-rollout pipeline ...` and `aml-rollout registry ...`: outputs and error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rollout.cli import app
+from tests.pipelines.conftest import write_model_folder
+
+runner = CliRunner()
+
+
+def invoke(*args: str, env: dict[str, str] | None = None):
+    return runner.invoke(app, list(args), env=env)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["pipeline", "build"], "Missing option '--output'", id="build-needs-output"),
+        pytest.param(
+            ["pipeline", "submit", "--subscription", "s"], "Missing option", id="submit-coordinates"
+        ),
+        pytest.param(
+            ["pipeline", "validate", "-p", "alpha=x"],
+            "--param alpha: 'x' is not a valid float",
+            id="bad-float",
+        ),
+        pytest.param(
+            ["pipeline", "validate", "-p", "colour=blue"],
+            "expected KEY=VALUE with KEY one of",
+            id="unknown-param",
+        ),
+        pytest.param(
+            ["pipeline", "validate", "-p", "force=maybe"], "expected true or false", id="bad-bool"
+        ),
+        pytest.param(
+            ["pipeline", "validate", "--rollout-spec", "nope.yaml"],
+            "--rollout-spec: nope.yaml not found",
+            id="no-spec",
+        ),
+        pytest.param(
+            ["pipeline", "run-local", "--registry", "azureml"],
+            "run-local needs a local registry",
+            id="azure-registry",
+        ),
+        pytest.param(
+            ["pipeline", "run-local", "--until", "deploy"],
+            "until: 'deploy' is not one of",
+            id="bad-until",
+        ),
+        pytest.param(
+            ["registry", "list", "--registry", "s3:x"], "unknown kind 's3'", id="bad-registry-kind"
+        ),
+        pytest.param(
+            ["registry", "show", "m", "one"], "Invalid value for 'version'", id="version-not-int"
+        ),
+    ],
+)
+def test_bad_arguments_get_one_clear_line(args: list[str], message: str) -> None:
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())  # rich may wrap long lines
+    assert "Traceback" not in result.output
+
+
+def test_validate_prints_a_summary() -> None:
+    result = invoke("pipeline", "validate")
+    assert result.exit_code == 0, result.output
+    assert "pipeline valid (offline): train → register → package → rollout" in result.output
+
+
+def test_build_writes_a_relative_pipeline_yaml(tmp_path: Path) -> None:
+    out = tmp_path / "pipeline.yml"
+    result = invoke("pipeline", "build", "-o", str(out), "-p", "alpha=0.5", "--compute", "gpu")
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert "alpha: 0.5" in text and "default_compute: azureml:gpu" in text
+    assert "code: /" not in text
+
+
+def test_registry_list_show_tag(tmp_path: Path) -> None:
+    from aml_pipelines.registry.local import LocalRegistry
+
+    spec = f"local:{tmp_path / 'reg'}"
+    LocalRegistry(tmp_path / "reg").register(
+        "m", write_model_folder(tmp_path / "src", mse=42.0), {"stage": "candidate", "mse": "42.0"}
+    )
+    listed = invoke("registry", "list", "--registry", spec)
+    assert listed.exit_code == 0 and "candidate" in listed.output and "42" in listed.output
+    tagged = invoke("registry", "tag", "m", "1", "stage=production", "--registry", spec)
+    assert tagged.exit_code == 0 and '"stage": "production"' in tagged.output
+    shown = invoke("registry", "show", "m", "1", "--registry", spec)
+    assert shown.exit_code == 0 and '"stage": "production"' in shown.output
+    missing = invoke("registry", "show", "m", "7", "--registry", spec)
+    assert missing.exit_code == 2 and "version 7 not found" in missing.output
+    bad = invoke("registry", "tag", "m", "1", "stage", "--registry", spec)
+    assert bad.exit_code == 2 and "expected KEY=VALUE" in bad.output
+    empty = invoke("registry", "list", "--registry", f"local:{tmp_path / 'none'}")
+    assert empty.exit_code == 0 and "no registered models" in empty.output
+
+
+def test_registry_refuses_a_tampered_model(tmp_path: Path) -> None:
+    from aml_pipelines.registry.local import LocalRegistry
+
+    stored = LocalRegistry(tmp_path / "reg").register("m", write_model_folder(tmp_path / "s"))
+    assert stored.path is not None
+    (stored.path / "model.skops").write_bytes(b"evil")
+    result = invoke("registry", "show", "m", "1", "--registry", f"local:{tmp_path / 'reg'}")
+    assert result.exit_code == 2
+    assert "m:1 is corrupted: model.skops has sha256" in " ".join(result.output.split())

@@ -1,0 +1,106 @@
+"""The local runner: real component command lines as subprocesses, in dependency order."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from aml_pipelines.errors import ComponentError, ConfigError, StepFailed
+from aml_pipelines.local_runner import render_command, run_local
+from aml_pipelines.pipeline import PipelineParams
+from aml_pipelines.registry.base import Stage
+from aml_pipelines.registry.local import LocalRegistry
+from components.register.main import EXIT_GATE_REFUSED
+
+COMMAND = (
+    "python -m x --a ${{inputs.a}} $[[--b ${{inputs.b}}]] --flag ${{inputs.f}} --out ${{outputs.o}}"
+)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "expected"),
+    [
+        pytest.param({"a": 1, "b": None, "f": False}, ["--a", "1", "--flag", "False"], id="drop"),
+        pytest.param(
+            {"a": 1, "b": "x y", "f": True}, ["--a", "1", "--b", "x y", "--flag", "True"], id="keep"
+        ),
+    ],
+)
+def test_render_command(inputs: dict[str, object], expected: list[str]) -> None:
+    argv = render_command(COMMAND, inputs, {"o": Path("/out dir")})
+    assert argv[0] == sys.executable and argv[1:3] == ["-m", "x"]
+    assert argv[3:-2] == expected
+    assert argv[-2:] == ["--out", "/out dir"]
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        pytest.param("run ${{inputs.zzz}}", "unknown input 'zzz'", id="unknown-input"),
+        pytest.param("run ${{outputs.zzz}}", "unknown output 'zzz'", id="unknown-output"),
+        pytest.param("run ${{inputs.b}}", "not bound", id="required-unbound"),
+    ],
+)
+def test_render_command_errors(command: str, message: str) -> None:
+    with pytest.raises(ComponentError, match=message):
+        render_command(command, {"a": 1, "b": None}, {})
+
+
+def _params(tmp_path: Path, **kwargs: object) -> PipelineParams:
+    return PipelineParams(registry=f"local:{tmp_path / 'registry'}", **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_v1_registered_worse_v2_refused_better_v2_registered(tmp_path: Path) -> None:
+    lines: list[str] = []
+    registry = LocalRegistry(tmp_path / "registry")
+
+    first = run_local(_params(tmp_path), run_dir=tmp_path / "run1", sink=lines.append)
+    assert list(first.steps) == ["train", "register", "package"]
+    package = json.loads((first.output("package", "package") / "package.json").read_text())
+    assert (package["model"], package["version"]) == ("diabetes-ridge", "1")
+    assert registry.get("diabetes-ridge", 1).stage == Stage.CANDIDATE
+    assert any(line.startswith("[train] ") and "trained diabetes-ridge" in line for line in lines)
+    assert (tmp_path / "run1" / "register" / "std_log.txt").read_text().count("gate passed") == 1
+    registry.set_tags("diabetes-ridge", 1, {"stage": Stage.PRODUCTION})  # v1 went live
+
+    with pytest.raises(StepFailed) as refused:
+        run_local(_params(tmp_path, alpha=10.0), run_dir=tmp_path / "run2", sink=lines.append)
+    assert (refused.value.step, refused.value.exit_code) == ("register", EXIT_GATE_REFUSED)
+    assert any("worse than production diabetes-ridge:1" in line for line in lines)
+    assert not (tmp_path / "run2" / "package").exists()  # stopped at the first failure
+    assert [v.version for v in registry.list_versions("diabetes-ridge")] == [1]
+
+    better = run_local(_params(tmp_path, alpha=0.1), run_dir=tmp_path / "run3", sink=lines.append)
+    registration = json.loads(
+        (better.output("register", "registration") / "registration.json").read_text()
+    )
+    assert registration["version"] == 2
+    v2 = registry.get("diabetes-ridge", 2)
+    assert v2.sha256 == registration["sha256"] and float(v2.tags["mse"]) < float(
+        registry.get("diabetes-ridge", 1).tags["mse"]
+    )
+    assert v2.tags["source_run"] == "run3/register"
+
+
+def test_until_train_runs_one_step_and_a_failure_stops_the_run(tmp_path: Path) -> None:
+    only = run_local(_params(tmp_path, seed=3), run_dir=tmp_path / "r1", until="train")
+    assert list(only.steps) == ["train"]
+    assert (only.output("train", "model") / "model.json").is_file()
+
+    bad = tmp_path / "data"
+    bad.mkdir()
+    (bad / "d.csv").write_text("a,y\n1,2\n")
+    with pytest.raises(StepFailed) as failed:
+        run_local(_params(tmp_path, data=str(bad), target="y"), run_dir=tmp_path / "r2")
+    assert (failed.value.step, failed.value.exit_code) == ("train", 1)
+    assert "too few" in (tmp_path / "r2" / "train" / "std_log.txt").read_text()
+    assert not (tmp_path / "r2" / "register").exists()
+
+
+def test_unknown_until_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="until"):
+        run_local(_params(tmp_path), run_dir=tmp_path / "r", until="deploy")
