@@ -98,12 +98,7 @@ class LocalStack:
 
     def stop(self) -> None:
         """Stop everything this stack started; safe to call twice and after a partial start."""
-        for load in self._loads:
-            try:
-                load.stop(timeout=5.0)
-            except Exception as exc:  # a failed load must not keep processes alive
-                log.warning("load generator ended with %s", exc)
-        self._loads.clear()
+        self.stop_loads()
         for client in (self._router, self._metrics):
             if client is not None:
                 client.close()
@@ -182,6 +177,15 @@ class LocalStack:
         load = BackgroundLoad(f"{self.url}/score", rps=rps, **options).start()
         self._loads.append(load)
         return load
+
+    def stop_loads(self) -> None:
+        """Stop every background load started by `start_load`."""
+        for load in self._loads:
+            try:
+                load.stop(timeout=5.0)
+            except Exception as exc:  # a failed load must not keep processes alive
+                log.warning("load generator ended with %s", exc)
+        self._loads.clear()
 
     def set_fault(self, colour: Colour, error_rate: float, latency_ms: float = 0.0) -> None:
         """Demo knob: turn on the fault injection of `colour`'s live scoring server."""

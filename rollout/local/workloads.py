@@ -11,9 +11,13 @@ restarts, as pods do on Kubernetes.
 For the local Prometheus, the live processes are also listed in `targets.json` (file service
 discovery), so each scoring server's own /metrics is scraped with its colour as a label.
 
-`faults` is the demo knob: a release whose version is listed starts with the scoring server's
-fault injection on (`--fault-error-rate`), so the demo and the e2e tests can roll out a candidate
-that misbehaves. It is logged loudly and never set by anything but the demo and tests.
+`faults` is the demo knob: a release whose version is listed (or any release, under "*")
+starts with the scoring server's fault injection on (`--fault-error-rate`), so the demo and the
+e2e tests can roll out a candidate that misbehaves. It is logged loudly and never set by
+anything but the demo and tests.
+
+A new server gets a few scoring requests before it is handed to Envoy (its first requests pay
+for lazy imports and allocations), so a canary is not judged on its cold start.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from rollout.core.types import Colour, Release
 from rollout.errors import LocalStackError, RouterError
@@ -42,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: How long a scoring server may take to load its model and answer /readyz.
 READY_TIMEOUT_S = 60.0
+#: Scoring requests a new server answers before it gets traffic.
+WARM_UP_REQUESTS = 20
 #: Servers started by this Python process, by PID: kept so they are reaped (not left zombies, and
 #: without Popen's "still running" warning) whichever ScoringProcesses instance stops them.
 _OWN: dict[int, Child] = {}
@@ -95,7 +103,7 @@ class ScoringProcesses:
             "--log-level",
             "warning",
         ]
-        fault = self.faults.get(release.version, 0.0)
+        fault = self.faults.get(release.version, self.faults.get("*", 0.0))
         if fault:
             log.warning(
                 "demo knob: %s:%s starts with fault injection on (%.0f %% errors)",
@@ -133,6 +141,7 @@ class ScoringProcesses:
         except LocalStackError as exc:
             self.stop(Endpoint(self.host, port, ref))
             raise RouterError(f"scoring server for {colour.value} did not start: {exc}") from None
+        _warm_up(f"http://{self.host}:{port}/score", Path(release.model_dir))
         self._write_targets()
         log.info("%s serves %s:%s on port %d", colour.value, release.model, release.version, port)
         return Endpoint(self.host, port, ref)
@@ -203,6 +212,20 @@ class ScoringProcesses:
         ]
         self.directory.mkdir(parents=True, exist_ok=True)
         write_atomically(self.directory / "targets.json", groups)
+
+
+def _warm_up(url: str, model_dir: Path, requests: int = WARM_UP_REQUESTS) -> None:
+    """Send a few real rows (errors ignored: a faulty server is still warm)."""
+    rows: list[Any] = [[0.0] * 10]
+    for candidate in (model_dir / "sample-input.json", model_dir / "model" / "sample-input.json"):
+        if candidate.is_file():
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                rows = json.loads(candidate.read_text(encoding="utf-8"))["data"] or rows
+            break
+    with httpx.Client(timeout=5.0) as client:
+        for i in range(requests):
+            with contextlib.suppress(httpx.HTTPError):
+                client.post(url, json={"data": [rows[i % len(rows)]]})
 
 
 def _stop(pid: int) -> None:

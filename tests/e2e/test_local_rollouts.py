@@ -1,0 +1,257 @@
+"""End to end on the real local stack: Envoy + Prometheus + scoring processes + the real engine.
+
+One stack for the module (starting it costs seconds). Models are really trained; every rollout
+goes through `rollout.api.run_rollout` (or the `aml-rollout rollout run` CLI in a subprocess) with
+the Envoy router and the Prometheus provider — no shortcut decision logic anywhere.
+
+The demo knob (`faults`) gives every scoring server a 5 % background error rate: the engine only
+promotes on positive evidence that the canary is not worse, and with zero errors on both sides
+there is nothing to compare (see docs/local-stack.md). Release "3" is the faulty candidate (50 %).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from rollout.api import run_rollout
+from rollout.core.types import Colour, Phase, Release, Weights
+from rollout.ledger import read_ledger
+from rollout.local.stack import LocalStack
+from tests.local.conftest import MakeRelease
+from tests.routers.contract import identity
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+NOISE = 0.05
+FAULTY = "3"
+RPS = 100
+ANALYSIS: dict[str, Any] = {
+    "interval_s": 1.0,
+    "min_requests": 100,
+    "latency": {"enabled": False},
+    "max_step_duration_s": 120,
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with LocalStack(tmp_path_factory.mktemp("stack"), faults={"*": NOISE, FAULTY: 0.5}) as stack:
+        yield stack
+
+
+@pytest.fixture
+def green_v1(stack: LocalStack, make_release: MakeRelease) -> Release:
+    """Green serves v1, blue nothing, all default traffic to green (no load running)."""
+    stack.stop_loads()
+    v1 = make_release("1")
+    stack.router.deploy(Colour.GREEN, v1)
+    stack.router.set_weights(Weights.blue_at(0))
+    stack.router.remove(Colour.BLUE)
+    return v1
+
+
+def envoy_counters(stack: LocalStack) -> dict[str, int]:
+    text = httpx.get(
+        f"{stack.envoy.admin_url}/stats", params={"filter": r"upstream_rq_total$"}
+    ).text
+    counts = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if name.startswith("cluster.") and name.count(".") == 2:
+            counts[name.split(".")[1]] = int(value)
+    return counts
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after}
+
+
+def send(stack: LocalStack, n: int, colour: str | None = None) -> None:
+    import asyncio
+
+    from scoring.loadgen import run_load
+
+    report = asyncio.run(run_load(f"{stack.url}/score", requests=n, concurrency=16, colour=colour))
+    assert report.sent == n
+
+
+# ------------------------------------------------------------------------------------- traffic
+
+
+def test_weighted_split_of_2000_requests_is_binomial(
+    stack: LocalStack, green_v1: Release, make_release: MakeRelease
+) -> None:
+    stack.router.deploy(Colour.BLUE, make_release("2"))
+    stack.router.set_weights(Weights.blue_at(30))
+    before = envoy_counters(stack)
+    send(stack, 2000)
+    moved = delta(before, envoy_counters(stack))
+    assert moved["blue"] + moved["green"] == 2000
+    sigma = (2000 * 0.3 * 0.7) ** 0.5  # 20.5
+    assert abs(moved["blue"] - 600) <= 4 * sigma, moved
+
+
+def test_pinned_requests_reach_only_their_colour_and_not_the_canary_counts(
+    stack: LocalStack, green_v1: Release, make_release: MakeRelease
+) -> None:
+    stack.router.deploy(Colour.BLUE, make_release("2"))
+    stack.router.set_weights(Weights.blue_at(50))
+    time.sleep(1.5)  # let Prometheus hold a sample from before the window
+    since = time.time()
+    before = envoy_counters(stack)
+    send(stack, 1000, colour="blue")
+    send(stack, 1000, colour="green")
+    moved = delta(before, envoy_counters(stack))
+    assert moved["blue-pinned"] == 1000 and moved["green-pinned"] == 1000
+    assert moved["blue"] == 0 and moved["green"] == 0
+    # ... and the judge's source sees none of them on the weighted clusters.
+    now = time.time()
+    time.sleep(2.5)  # one scrape after `now`
+    observation = stack.metrics.observe(since, now + 1.5)
+    assert observation.error is None
+    assert observation.blue.requests == 0 and observation.green.requests == 0
+
+
+# ------------------------------------------------------------------------------------ rollouts
+
+
+def rollout(stack: LocalStack, name: str, candidate: Release, **fields: Any) -> Any:
+    spec = stack.spec(name, steps=fields.pop("steps", [50, 100]), analysis=ANALYSIS | fields)
+    return run_rollout(spec, candidate=candidate, router=stack.router, metrics=stack.metrics)
+
+
+def test_healthy_candidate_is_promoted(
+    stack: LocalStack, green_v1: Release, make_release: MakeRelease
+) -> None:
+    v2 = make_release("2")
+    stack.start_load(rps=RPS)
+    result = rollout(stack, "healthy", v2, steps=[20, 50, 100])
+    assert result.phase is Phase.SUCCEEDED, result.reason
+    assert stack.router.release(Colour.GREEN) == v2
+    assert stack.router.release(Colour.BLUE) is None
+    assert stack.router.get_weights() == Weights.blue_at(0)
+    assert stack.router.served_endpoints(Colour.BLUE) == []
+    assert {20, 50} <= {r["weight"] for r in read_ledger(result.ledger_path) if "weight" in r}
+
+
+def test_faulty_candidate_is_rolled_back_and_blue_ends_at_zero(
+    stack: LocalStack, green_v1: Release, make_release: MakeRelease
+) -> None:
+    stack.start_load(rps=RPS)
+    result = rollout(stack, "faulty", make_release(FAULTY))
+    assert result.phase is Phase.ROLLED_BACK, result.reason
+    assert "rolled back" in result.reason
+    assert stack.router.get_weights() == Weights.blue_at(0)
+    assert stack.router.release(Colour.GREEN) == green_v1
+
+
+def test_prometheus_down_mid_step_never_promotes(
+    stack: LocalStack, green_v1: Release, make_release: MakeRelease
+) -> None:
+    stack.start_load(rps=RPS)
+    spec = stack.spec(
+        "outage", steps=[50, 100], analysis=ANALYSIS | {"max_consecutive_errors": 100}
+    )
+    ticks: list[dict[str, Any]] = []
+    outcome: list[Any] = []
+    started = threading.Event()
+
+    def on_tick(status: Any, record: dict[str, Any]) -> None:
+        ticks.append({"phase": status.phase, "weight": status.blue_weight, **record})
+        if status.phase is Phase.PROGRESSING and status.blue_weight == 50:
+            started.set()
+
+    def drive() -> None:
+        outcome.append(
+            run_rollout(
+                spec,
+                candidate=make_release("2"),
+                router=stack.router,
+                metrics=stack.metrics,
+                on_tick=on_tick,
+            )
+        )
+
+    thread = threading.Thread(target=drive)
+    thread.start()
+    try:
+        assert started.wait(60), "the rollout never reached 50 %"
+        stack.prometheus.stop()
+        down_from = len(ticks)
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            assert stack.router.get_weights() == Weights.blue_at(50)
+            time.sleep(0.25)
+        while_down = ticks[down_from:]
+        assert while_down, "no tick while Prometheus was down"
+        assert all(t["phase"] == Phase.PROGRESSING and t["weight"] == 50 for t in while_down)
+        assert any(t.get("verdict") == "Error" for t in while_down)
+    finally:
+        stack.prometheus.start()
+        thread.join(120)
+    assert outcome and outcome[0].phase is Phase.SUCCEEDED, outcome
+
+
+def test_controller_killed_mid_rollout_resumes_and_finishes(
+    stack: LocalStack, green_v1: Release, make_release: MakeRelease, tmp_path: Path
+) -> None:
+    v2 = make_release("2")
+    stack.start_load(rps=RPS)
+    spec = stack.spec(
+        "killed",
+        steps=[20, 50, 100],
+        analysis=ANALYSIS,
+        candidate={
+            "model": v2.model,
+            "version": v2.version,
+            "sha256": v2.sha256,
+            "model_dir": v2.model_dir,
+        },
+    )
+    spec_file = tmp_path / "killed.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    status_file = spec.state.dir / "killed.status.json"
+    argv = [
+        sys.executable,
+        "-c",
+        "import sys; from rollout.cli import main; sys.argv[0] = 'aml-rollout'; main()",
+        "rollout",
+        "run",
+        str(spec_file),
+        "--quiet",
+    ]
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if (
+                status_file.exists()
+                and json.loads(status_file.read_text()).get("blue_weight") == 50
+            ):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the first controller never reached 50 %")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    assert stack.router.get_weights() == Weights.blue_at(50)  # the data plane kept serving
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=150, check=False)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert identity(stack.router.release(Colour.GREEN)) == identity(v2)
+    assert stack.router.release(Colour.BLUE) is None
+    assert stack.router.get_weights() == Weights.blue_at(0)
+    live = [r for r in stack.workloads.records() if r["colour"] == "blue"]
+    assert live == [], "a blue scoring server outlived the rollout"
