@@ -211,18 +211,27 @@ def _open(spec: str | None) -> Any:
 def list_versions(
     name: Annotated[str | None, typer.Argument(help="Model name [default: every model].")] = None,
     registry: RegistryOption = None,
+    rollout_spec: Annotated[
+        Path | None,
+        typer.Option(help="Rollout spec whose status shows the serving colour mid-rollout."),
+    ] = None,
 ) -> None:
-    """List registered versions with their stage and metrics."""
+    """List registered versions with their stage, serving colour and metrics."""
     with _user_errors():
+        from aml_pipelines.delivery import serving_column
+
         reg = _open(registry)
         names = [name] if name else reg.names()
-        table = Table("model", "version", "stage", "mse", "r2", "sha256", "created")
+        table = Table("model", "version", "stage", "serving", "mse", "r2", "sha256", "created")
         for model in names:
-            for mv in reg.list_versions(model):
+            versions = reg.list_versions(model)
+            colours = serving_column(versions, rollout_spec)
+            for mv in versions:
                 table.add_row(
                     mv.name,
                     str(mv.version),
                     mv.stage or "-",
+                    colours.get(mv.version, "-"),
                     _short(mv.tags.get("mse")),
                     _short(mv.tags.get("r2")),
                     mv.sha256[:12],

@@ -337,6 +337,14 @@ def rollout_view(spec: Any, state_dir: Path | None = None) -> RolloutView | None
     )
 
 
+def serving_column(versions: Sequence[ModelVersion], spec: Path | None) -> dict[int, str]:
+    """`serving` for one model's versions, from the rollout status of `spec` when given."""
+    view = rollout_view(spec) if spec is not None else None
+    if view is not None and versions and view.model != versions[0].name:
+        view = None  # the spec rolls out another model
+    return serving(versions, view)
+
+
 def _int(version: str) -> int:
     try:
         return int(version)

@@ -17,9 +17,11 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger.store import Step, TriggerStore
+from rollout.cli import app
 from tests.trigger.fakes import register
 from tests.trigger.test_eventgrid import eg_event
 from tests.trigger.test_watcher_process import _until
@@ -73,6 +75,26 @@ def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, **kw)
 
 
+def _registry_list(tmp: Path) -> dict[str, str]:
+    """`aml-rollout registry list` → {version: serving colour}."""
+    result = CliRunner().invoke(
+        app,
+        [
+            "registry",
+            "list",
+            "diabetes",
+            "--registry",
+            f"local:{tmp / 'registry'}",
+            "--rollout-spec",
+            str(tmp / "rollout.yaml"),
+        ],
+        terminal_width=200,
+    )
+    assert result.exit_code == 0, result.output
+    rows = [line.split("│") for line in result.output.splitlines() if "│ diabetes" in line]
+    return {cells[2].strip(): cells[4].strip() for cells in rows}
+
+
 def _ledger_starts(tmp: Path) -> int:
     path = tmp / "rollout" / "diabetes.ledger.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
@@ -103,6 +125,7 @@ def test_watch_once_promotes_and_the_registry_follows(
     first = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once"))
     assert first.returncode == 0, first.stderr
     assert [v.stage for v in registry.list_versions("diabetes")] == ["archived", "production"]
+    assert _registry_list(tmp_path) == {"1": "-", "2": "green"}
     package = json.loads((tmp_path / "rollout/packages/diabetes/2/package.json").read_text())
     assert package["version"] == "2"
     again = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once"))
@@ -142,6 +165,8 @@ def test_sigkilled_watcher_resumes_the_rollout_from_the_state_store(
         proc.kill()
         proc.communicate()
     assert registry.get("diabetes", 2).stage == "candidate"
+    weight = _status(tmp_path)["blue_weight"]
+    assert _registry_list(tmp_path) == {"1": f"green {100 - weight}%", "2": f"blue {weight}%"}
 
     resumed = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once"))
     assert resumed.returncode == 0, resumed.stderr
