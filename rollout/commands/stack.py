@@ -1,13 +1,177 @@
-"""Top-level commands about the embedded local stack: `demo` and `up`."""
+"""Top-level commands about the embedded local stack: `demo` and `up`.
+
+Only typer, rich and the stdlib at module level (the stack, the engine, sklearn and the pipeline
+runner are imported inside the commands), so `aml-rollout --help` stays fast. SIGTERM is turned
+into the same clean stop as Ctrl-C: every process of the stack is stopped and reaped.
+"""
 
 from __future__ import annotations
 
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
 
-def demo() -> None:
-    """Run the whole story on the embedded local stack."""
-    raise NotImplementedError("local stack issue")
+import typer
+from rich.console import Console
+from rich.table import Table
+
+EXIT_INTERRUPTED = 130
 
 
-def up() -> None:
-    """Start the local stack and keep it running."""
-    raise NotImplementedError("local stack issue")
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C for the block, so `finally` clauses stop the stack."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def demo(
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output folder (default: runs/demo-<UTC timestamp>)."),
+    ] = None,
+    rps: Annotated[float, typer.Option(min=10, max=1000, help="Load through Envoy.")] = 120.0,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log what the stack does.")
+    ] = False,
+) -> None:
+    """Run the whole story on the embedded local stack (train, register, roll out, roll back)."""
+    import logging
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.ERROR,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from rollout.local.demo import run_demo
+
+    folder = out or Path("runs") / f"demo-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    console = Console()
+    try:
+        with _sigterm_as_interrupt():
+            result = run_demo(folder, console=console, rps=rps)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: the stack is stopped[/]")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    expected = {"diabetes-v2": "Succeeded", "diabetes-v3": "RolledBack"}
+    if result.outcomes != expected:
+        console.print(f"[red]the demo did not go as expected: {result.outcomes}[/]")
+        raise typer.Exit(1)
+
+
+def up(
+    model_dir: Annotated[
+        Path | None,
+        typer.Option(help="Package or model folder green serves (default: train the example)."),
+    ] = None,
+    candidate_dir: Annotated[
+        Path | None,
+        typer.Option(help="Package or model folder blue serves (pinned traffic only, weight 0)."),
+    ] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where the stack keeps its files (default: a temp dir).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Envoy listener port (default: free).")] = None,
+    duration: Annotated[
+        float | None, typer.Option(min=0.1, help="Stop after this many seconds (default: Ctrl-C).")
+    ] = None,
+    load_rps: Annotated[
+        float, typer.Option(min=0, help="Background load through Envoy (0 = none).")
+    ] = 0.0,
+) -> None:
+    """Start the local stack and keep it running until Ctrl-C; prints the URLs to curl."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from rollout.core.types import Colour, Weights
+    from rollout.local.stack import LocalStack
+
+    console = Console()
+    stack = LocalStack(workdir, envoy_port=port)
+    try:
+        with _sigterm_as_interrupt():
+            stack.start()
+            green_dir = model_dir or _train_example(stack.workdir / "models" / "green", console)
+            stack.router.deploy(Colour.GREEN, _release(green_dir, "1"))
+            if candidate_dir is not None:
+                stack.router.deploy(Colour.BLUE, _release(candidate_dir, "2"))
+            stack.router.set_weights(Weights.blue_at(0))
+            if load_rps:
+                stack.start_load(rps=load_rps)
+            _print_urls(console, stack, blue=candidate_dir is not None)
+            deadline = None if duration is None else time.monotonic() + duration
+            while deadline is None or time.monotonic() < deadline:
+                time.sleep(0.2 if deadline is None else min(0.2, deadline - time.monotonic()))
+    except KeyboardInterrupt:
+        console.print("stopping ...")
+    finally:
+        stack.stop()
+    console.print("stack stopped: no process left, ports released")
+
+
+def _train_example(folder: Path, console: Console) -> Path:
+    from components.train.train import TrainParams, train
+
+    console.print("training the example model (diabetes, Ridge) ...")
+    train(folder, name="diabetes", params=TrainParams())
+    return folder
+
+
+def _release(folder: Path, default_version: str) -> Any:
+    """The release a package folder (package.json) or a bare model folder (model.json) holds."""
+    import json
+
+    from rollout.core.types import Release
+    from rollout.errors import LocalStackError
+
+    package, model = folder / "package.json", folder / "model.json"
+    try:
+        if package.is_file():
+            data = json.loads(package.read_text(encoding="utf-8"))
+            name, version = str(data["model"]), str(data["version"])
+        elif model.is_file():
+            data = json.loads(model.read_text(encoding="utf-8"))
+            name, version = str(data["name"]), default_version
+        else:
+            raise LocalStackError(f"{folder} holds no package.json or model.json")
+    except (OSError, ValueError, KeyError) as exc:
+        raise LocalStackError(f"{folder}: unreadable manifest ({exc})") from exc
+    return Release(
+        model=name,
+        version=version,
+        sha256=str(data.get("sha256", "")),
+        model_dir=str(folder.resolve()),
+    )
+
+
+def _print_urls(console: Console, stack: Any, *, blue: bool) -> None:
+    table = Table("what", "where", title="aml-rollout local stack (Ctrl-C to stop)")
+    table.add_row("scoring (Envoy)", f"{stack.url}/score")
+    table.add_row("Envoy admin", stack.envoy.admin_url)
+    table.add_row("Prometheus", stack.prometheus.url)
+    from rollout.core.types import Colour
+
+    for colour in (Colour.GREEN, Colour.BLUE):
+        served = stack.workloads.endpoint_of(colour)
+        if served is not None:
+            table.add_row(f"{colour.value} server (direct)", f"http://{served.host}:{served.port}")
+    table.add_row("files", str(stack.workdir))
+    console.print(table)
+    row = '{"data": [[0.03, 0.05, 0.06, 0.02, -0.04, -0.03, -0.04, 0.0, 0.02, -0.02]]}'
+    console.print(f"curl -s {stack.url}/score -H 'content-type: application/json' -d '{row}'")
+    if blue:
+        console.print(
+            f"curl -s {stack.url}/score -H 'x-api-version: blue' "
+            f"-H 'content-type: application/json' -d '{row}'"
+        )
+    console.print(f"curl -s {stack.url}/score   # GET: which model and version answers")

@@ -1,0 +1,263 @@
+"""`aml-rollout demo`: the whole story on the local stack, with real processes and the real engine.
+
+1. train v1 → register (local registry) → production → package → green (a scoring process
+   behind Envoy); steady load starts through Envoy (real held-out rows);
+2. train v2 → register (the gate compares it with production) → package → live rollout with the
+   real engine (`rollout.api.run_rollout`), the Envoy router and the Prometheus provider, shown
+   as a live view → promoted; the registry follows (v2 production, v1 archived);
+3. train v3 → register → package → the same rollout, but v3's scoring server has the fault knob
+   on (the demo knob, clearly labelled: 40 % of its answers are 500s) → rolled back
+   automatically; the registry tags v3 rolled-back with the reason;
+4. an HTML report (weights, per-colour error rate and p99 over time, decisions marked) and the
+   ledgers, whose paths are printed.
+
+Demo knob #2, also labelled: every scoring server answers 2 % of requests with 500. The engine
+promotes only on positive evidence that the canary is not worse than the baseline, and a
+service with no errors at all gives it no events to compare; real services have a background
+error rate, the local model server does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+
+from rollout.core.types import Colour, Release, Weights
+from rollout.local.stack import LocalStack
+
+log = logging.getLogger(__name__)
+
+MODEL = "diabetes"
+#: v1 → v2 → v3: each better on held-out MSE than the last, so each passes the registry gate.
+ALPHAS = {1: 1.0, 2: 0.3, 3: 0.1}
+BACKGROUND_ERROR_RATE = 0.02
+FAULTY_VERSION = 3
+FAULT_ERROR_RATE = 0.4
+RPS = 120.0
+STEPS = [10, 50, 100]
+ANALYSIS: dict[str, Any] = {
+    "interval_s": 1.0,
+    "min_requests": 150,
+    "max_step_duration_s": 150.0,
+    # The local servers' latency is dominated by this shared machine's scheduling noise;
+    # the demo judges errors only (docs/local-stack.md shows a latency-judged spec).
+    "latency": {"enabled": False},
+}
+
+
+@dataclass
+class DemoResult:
+    """Where the demo wrote its outputs and how each rollout ended."""
+
+    out_dir: Path
+    report: Path
+    ledgers: list[Path] = field(default_factory=list)
+    outcomes: dict[str, str] = field(default_factory=dict)
+
+
+def run_demo(out_dir: Path, *, console: Console | None = None, rps: float = RPS) -> DemoResult:
+    """Run the story; the stack is always stopped at the end (also on Ctrl-C or an error)."""
+    from aml_pipelines.registry.local import LocalRegistry
+
+    console = console or Console()
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    registry = LocalRegistry(out_dir / "registry")
+    result = DemoResult(out_dir, out_dir / "report.html")
+    started = time.monotonic()
+    faults = {"*": BACKGROUND_ERROR_RATE, str(FAULTY_VERSION): FAULT_ERROR_RATE}
+    console.rule("[bold]aml-rollout demo[/]")
+    console.print(
+        f"[yellow]demo knobs:[/] every scoring server fails {BACKGROUND_ERROR_RATE:.0%} of "
+        f"requests (background noise); v{FAULTY_VERSION} fails {FAULT_ERROR_RATE:.0%} (the faulty "
+        "candidate)"
+    )
+    with LocalStack(out_dir / "stack", faults=faults) as stack:
+        console.print(
+            f"stack up: envoy {stack.url}  admin {stack.envoy.admin_url}  "
+            f"prometheus {stack.prometheus.url}"
+        )
+        # 1. v1 becomes production and serves as green.
+        v1 = _pipeline(1, registry, out_dir, console)
+        _tag(registry, v1, "Succeeded", "first production model")
+        green = _package(registry, v1, out_dir)
+        console.print(f"[green]green[/] ← {MODEL} v1 (production)")
+        stack.router.deploy(Colour.GREEN, green)
+        stack.router.set_weights(Weights.blue_at(0))
+        rows = _sample_rows(green)
+        load = stack.start_load(rps=rps, rows=rows, concurrency=16)
+        console.print(f"load: {rps:g} requests/s through Envoy (held-out rows)")
+
+        # 2. and 3. two candidates, rolled out by the real engine.
+        for number in (2, 3):
+            version = _pipeline(number, registry, out_dir, console)
+            candidate = _package(registry, version, out_dir)
+            name = f"{MODEL}-v{number}"
+            label = (
+                " [red](fault knob on: the faulty candidate)[/]" if number == FAULTY_VERSION else ""
+            )
+            console.rule(f"rollout of {MODEL} v{number}{label}")
+            phase, reason, ledger = _rollout(stack, name, candidate, load, console)
+            _tag(registry, version, phase, reason)
+            result.ledgers.append(ledger)
+            result.outcomes[name] = phase
+            style = "green" if phase == "Succeeded" else "red"
+            console.print(f"[{style}]{phase}[/]: {reason}")
+            stages = {f"v{v.version}": v.stage for v in registry.list_versions(MODEL)}
+            console.print(f"registry stages: {stages}")
+
+        from rollout.report import write_report
+
+        write_report(
+            result.report,
+            result.ledgers,
+            prometheus_url=stack.prometheus.url,
+            title="aml-rollout demo",
+            notes=[
+                f"Local stack: Envoy + Prometheus + uvicorn scoring servers, {rps:g} req/s. "
+                f"Demo knobs: {BACKGROUND_ERROR_RATE:.0%} background errors on every server, "
+                f"{FAULT_ERROR_RATE:.0%} on v{FAULTY_VERSION}."
+            ],
+        )
+        final = load.snapshot()
+        console.print(
+            f"load: {final.sent} requests, by version {final.by_version}, p99 {final.p99_ms:.1f} ms"
+        )
+    console.rule("[bold]done[/]")
+    console.print(f"report:  {result.report}")
+    for ledger in result.ledgers:
+        console.print(f"ledger:  {ledger}   (aml-rollout rollout explain {ledger})")
+    console.print(f"outputs: {out_dir}   ({time.monotonic() - started:.0f} s)")
+    return result
+
+
+# ----------------------------------------------------------------------------------- the steps
+
+
+def _pipeline(number: int, registry: Any, out_dir: Path, console: Console) -> Any:
+    """train → register with the components' real commands; returns the new ModelVersion."""
+    from aml_pipelines.local_runner import run_local
+    from aml_pipelines.pipeline import PipelineParams
+
+    params = PipelineParams(
+        model_name=MODEL,
+        alpha=ALPHAS[number],
+        registry=f"local:{out_dir / 'registry'}",
+        image_registry="localhost",
+    )
+    before = registry.latest(MODEL)
+    console.print(f"[bold]pipeline v{number}[/]: train (alpha {ALPHAS[number]}) → register")
+
+    def sink(line: str) -> None:
+        if any(word in line for word in ("failed", "gate ", "registered ", "mse=")):
+            text = line.split(": ", 1)[-1] if " INFO " in line else line
+            console.print(f"  [dim]{text.strip()[:120]}[/]", highlight=False)
+
+    run_local(params, run_dir=out_dir / "pipeline" / f"v{number}", until="register", sink=sink)
+    version = registry.latest(MODEL)
+    if version is None or (before is not None and version.version == before.version):
+        from rollout.errors import LocalStackError
+
+        raise LocalStackError(f"pipeline v{number} registered no new version of {MODEL}")
+    return version
+
+
+def _package(registry: Any, version: Any, out_dir: Path) -> Release:
+    from components.package.package import build_package
+
+    folder = out_dir / "packages" / MODEL / str(version.version)
+    package = build_package(version, folder, image_registry="localhost")
+    return Release(
+        model=version.name,
+        version=str(version.version),
+        sha256=version.sha256,
+        image=package.image,
+        model_dir=str(package.path),
+    )
+
+
+def _tag(registry: Any, version: Any, phase: str, reason: str) -> None:
+    from aml_pipelines.delivery import follow_traffic
+
+    follow_traffic(registry, version.name, version.version, phase, reason)
+
+
+def _sample_rows(release: Release) -> list[list[float]] | None:
+    from scoring.loadgen import read_sample
+
+    try:
+        return read_sample(Path(str(release.model_dir)))
+    except ValueError:
+        return None
+
+
+def _rollout(
+    stack: LocalStack, name: str, candidate: Release, load: Any, console: Console
+) -> tuple[str, str, Path]:
+    from rollout.api import run_rollout
+
+    spec = stack.spec(name, steps=STEPS, analysis=ANALYSIS)
+    view = _LiveView(name, load)
+    with Live(view.render(), console=console, refresh_per_second=4, transient=False) as live:
+        view.live = live.update
+        outcome = run_rollout(
+            spec,
+            candidate=candidate,
+            router=stack.router,
+            metrics=stack.metrics,
+            on_tick=view.tick,
+            restart=True,
+        )
+    return outcome.phase.value, outcome.reason, outcome.ledger_path
+
+
+class _LiveView:
+    """The rich panel redrawn on every controller tick."""
+
+    def __init__(self, name: str, load: Any) -> None:
+        self.name = name
+        self.load = load
+        self.started = time.monotonic()
+        self.status: Any = None
+        self.record: dict[str, Any] = {}
+        self.live: Callable[[Any], None] | None = None
+
+    def tick(self, status: Any, record: dict[str, Any]) -> None:
+        self.status, self.record = status, record
+        if self.live is not None:
+            self.live(self.render())
+
+    def render(self) -> Panel:
+        status, record = self.status, self.record
+        weight = status.blue_weight if status is not None else 0
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="bold")
+        table.add_column()
+        table.add_row("phase", status.phase.value if status is not None else "starting")
+        table.add_row("step", f"{record.get('step', 0)} (blue {weight} %)")
+        bar = ProgressBar(total=100, completed=weight, width=40, complete_style="blue")
+        table.add_row("weights", Group(bar, f"blue {weight} % / green {100 - weight} %"))
+        counts = record.get("counts") or {}
+        for colour in ("blue", "green"):
+            c = counts.get(colour, {})
+            table.add_row(
+                colour,
+                f"{c.get('requests', 0)} requests, {c.get('errors', 0)} errors (this step)",
+            )
+        verdict = record.get("verdict") or "-"
+        table.add_row("verdict", verdict)
+        table.add_row("reason", str(record.get("reason", ""))[:160])
+        snap = self.load.snapshot()
+        table.add_row("load", f"{snap.rps:.0f} req/s, p99 {snap.p99_ms:.1f} ms")
+        elapsed = time.monotonic() - self.started
+        return Panel(table, title=f"{self.name}  +{elapsed:.0f} s", expand=False)

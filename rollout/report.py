@@ -1,0 +1,338 @@
+"""The rollout report: one self-contained HTML file with the story of one or more rollouts.
+
+For each rollout (a ledger) it draws, on one time axis:
+
+- blue's weight as Envoy served it, step by step (from the ledger);
+- the per-colour 5xx error rate and p99 latency over time, from Prometheus (`query_range` over
+  Envoy's weighted clusters: what the judge was fed), when a Prometheus URL is given;
+- every decision as a marked vertical line (step passed, promoted, rolled back), its reason in
+  the table below and in the marker's tooltip.
+
+The charts are inline SVG written here (no JavaScript, no CDN, no plotting library), so the file
+opens anywhere, offline, and diffs as text. `write_report` is what `aml-rollout demo` calls.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rollout.ledger import read_ledger
+
+log = logging.getLogger(__name__)
+
+COLOURS = {"blue": "#1f6feb", "green": "#2da44e"}
+DECISION_COLOURS = {"passed": "#6e7781", "promoted": "#2da44e", "rolled back": "#cf222e"}
+WIDTH, HEIGHT, PAD_L, PAD_R, PAD_T, PAD_B = 860, 170, 60, 20, 16, 28
+#: Seconds shown before the first and after the last tick.
+PAD_S = 2.0
+
+ERROR_RATE = (
+    "sum by (envoy_cluster_name) (rate(envoy_cluster_upstream_rq_xx"
+    '{{envoy_cluster_name=~"blue|green",envoy_response_code_class="5"}}[{w}]))'
+    " / sum by (envoy_cluster_name) (rate(envoy_cluster_upstream_rq_total"
+    '{{envoy_cluster_name=~"blue|green"}}[{w}]))'
+)
+P99_MS = (
+    "histogram_quantile(0.99, sum by (envoy_cluster_name, le) "
+    '(rate(envoy_cluster_upstream_rq_time_bucket{{envoy_cluster_name=~"blue|green"}}[{w}])))'
+)
+
+
+@dataclass
+class Series:
+    """One line on a chart: (epoch seconds, value) points."""
+
+    name: str
+    points: list[tuple[float, float]] = field(default_factory=list)
+
+
+@dataclass
+class Decision:
+    """A marked moment: when, what kind, and why."""
+
+    at: float
+    kind: str
+    text: str
+
+
+@dataclass
+class RolloutStory:
+    """What one rollout's section shows."""
+
+    name: str
+    start: float
+    end: float
+    outcome: str
+    reason: str
+    weights: Series
+    decisions: list[Decision]
+    error_rate: list[Series] = field(default_factory=list)
+    p99_ms: list[Series] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def story_from_ledger(path: Path) -> RolloutStory:
+    """Weights, decisions and the per-tick table of one ledger."""
+    records = [r for r in read_ledger(path) if "at" in r]
+    if not records:
+        raise ValueError(f"{path}: no ticks in this ledger")
+    weights = Series("blue")
+    decisions: list[Decision] = []
+    rows = []
+    for record in records:
+        at = float(record["at"])
+        if "weight" in record:
+            weights.points.append((at, float(record["weight"])))
+        actions = record.get("actions") or []
+        reason = str(record.get("reason", ""))
+        if any(a.get("type") == "set_weights" for a in actions) and record.get("tick", 1) != 0:
+            decisions.append(Decision(at, _kind(reason, record), reason))
+        counts = record.get("counts") or {}
+        rows.append(
+            {
+                "at": at,
+                "phase": record.get("phase", ""),
+                "weight": record.get("weight", ""),
+                "verdict": record.get("verdict") or "",
+                "blue": counts.get("blue", {}),
+                "green": counts.get("green", {}),
+                "reason": reason,
+                "decided": bool(actions),
+            }
+        )
+    last = records[-1]
+    return RolloutStory(
+        name=path.name.removesuffix(".ledger.jsonl"),
+        start=float(records[0]["at"]),
+        end=float(last["at"]),
+        outcome=str(last.get("phase", "")),
+        reason=str(last.get("reason", "")),
+        weights=weights,
+        decisions=decisions,
+        rows=rows,
+    )
+
+
+def _kind(reason: str, record: dict[str, Any]) -> str:
+    text = reason.lower()
+    if "rolled back" in text or record.get("phase") in ("RollingBack", "RolledBack"):
+        return "rolled back"
+    if record.get("phase") in ("Promoting", "Finalising", "Succeeded"):
+        return "promoted"
+    return "passed"
+
+
+def add_prometheus(story: RolloutStory, url: str, *, step_s: float = 1.0) -> None:
+    """Fill the error-rate and p99 series from Prometheus (a warning, not a failure, if down)."""
+    from prometheus_api_client import PrometheusConnect
+
+    start = datetime.fromtimestamp(story.start - PAD_S, UTC)
+    end = datetime.fromtimestamp(story.end + PAD_S, UTC)
+    window = "5s"
+    try:
+        with PrometheusConnect(url=url) as prom:
+            errors = prom.custom_query_range(
+                ERROR_RATE.format(w=window), start_time=start, end_time=end, step=f"{step_s:g}s"
+            )
+            p99 = prom.custom_query_range(
+                P99_MS.format(w=window), start_time=start, end_time=end, step=f"{step_s:g}s"
+            )
+    except Exception as exc:  # the report still tells the story from the ledger
+        log.warning(
+            "report: cannot read Prometheus at %s (%s); charts from the ledger only", url, exc
+        )
+        return
+    story.error_rate = _series(errors, scale=100.0)
+    story.p99_ms = _series(p99, scale=1.0)
+
+
+def _series(result: list[dict[str, Any]], *, scale: float) -> list[Series]:
+    out = []
+    for item in result:
+        name = item.get("metric", {}).get("envoy_cluster_name", "?")
+        points = []
+        for t, v in item.get("values", []):
+            value = float(v)
+            if math.isfinite(value):
+                points.append((float(t), value * scale))
+        out.append(Series(name, points))
+    return sorted(out, key=lambda s: s.name)
+
+
+# ---------------------------------------------------------------------------------------- SVG
+
+
+def _chart(
+    title: str,
+    unit: str,
+    series: Sequence[Series],
+    start: float,
+    end: float,
+    decisions: Sequence[Decision],
+    *,
+    y_max: float | None = None,
+    step: bool = False,
+) -> str:
+    origin = start  # "+N s" labels count from the rollout's first tick
+    start, end = start - PAD_S, end + PAD_S
+    span = max(end - start, 1.0)
+    series = [Series(s.name, [(t, v) for t, v in s.points if start <= t <= end]) for s in series]
+    values = [v for s in series for _, v in s.points]
+    top = y_max if y_max is not None else max([*values, 0.0]) * 1.15 or 1.0
+    inner_w, inner_h = WIDTH - PAD_L - PAD_R, HEIGHT - PAD_T - PAD_B
+
+    def x(t: float) -> float:
+        return PAD_L + (t - start) / span * inner_w
+
+    def y(v: float) -> float:
+        return PAD_T + inner_h - min(v, top) / top * inner_h
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" '
+        f'role="img" aria-label="{html.escape(title)}">',
+        f'<text x="{PAD_L}" y="11" class="t">{html.escape(title)}</text>',
+    ]
+    for i in range(5):
+        v = top * i / 4
+        parts.append(
+            f'<line x1="{PAD_L}" x2="{WIDTH - PAD_R}" y1="{y(v):.1f}" y2="{y(v):.1f}" class="g"/>'
+            f'<text x="{PAD_L - 6}" y="{y(v) + 4:.1f}" class="a" text-anchor="end">'
+            f"{_fmt(v)}{html.escape(unit)}</text>"
+        )
+    for i in range(6):
+        t = start + span * i / 5
+        parts.append(
+            f'<text x="{x(t):.1f}" y="{HEIGHT - 8}" class="a" text-anchor="middle">'
+            f"{t - origin:+.0f} s</text>"
+        )
+    for d in decisions:
+        colour = DECISION_COLOURS.get(d.kind, "#6e7781")
+        parts.append(
+            f'<line x1="{x(d.at):.1f}" x2="{x(d.at):.1f}" y1="{PAD_T}" y2="{PAD_T + inner_h}" '
+            f'stroke="{colour}" stroke-dasharray="4 3"><title>{html.escape(d.text)}</title></line>'
+        )
+    for s in series:
+        if not s.points:
+            continue
+        pts = []
+        previous: float | None = None
+        for t, v in s.points:
+            if step and previous is not None:
+                pts.append(f"{x(t):.1f},{y(previous):.1f}")
+            pts.append(f"{x(t):.1f},{y(v):.1f}")
+            previous = v
+        colour = COLOURS.get(s.name, "#8250df")
+        parts.append(
+            f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{" ".join(pts)}">'
+            f"<title>{html.escape(s.name)}</title></polyline>"
+        )
+    legend_x = WIDTH - PAD_R - 10
+    for i, s in enumerate(series):
+        colour = COLOURS.get(s.name, "#8250df")
+        parts.append(
+            f'<text x="{legend_x}" y="{PAD_T + 12 + 14 * i}" class="a" text-anchor="end" '
+            f'fill="{colour}">{html.escape(s.name)}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.0f}" if v >= 10 or v == 0 else f"{v:.2g}"
+
+
+# --------------------------------------------------------------------------------------- HTML
+
+_STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:900px;
+color:#1f2328}
+h1{font-size:1.5em} h2{font-size:1.2em;margin-top:2em} svg{width:100%;height:auto;margin:.3em 0}
+.t{font-size:12px;font-weight:600} .a{font-size:10px;fill:#57606a} .g{stroke:#d0d7de}
+table{border-collapse:collapse;font-size:12px;width:100%} td,th{border-bottom:1px solid #d0d7de;
+padding:2px 6px;text-align:left;vertical-align:top} tr.d{background:#fff8c5}
+.ok{color:#2da44e;font-weight:600} .bad{color:#cf222e;font-weight:600}
+"""
+
+
+def render_html(stories: Sequence[RolloutStory], *, title: str, notes: Sequence[str] = ()) -> str:
+    """The whole report as one HTML string."""
+    out = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    out += [f"<p>{html.escape(n)}</p>" for n in notes]
+    for story in stories:
+        good = story.outcome == "Succeeded"
+        out.append(f"<h2>{html.escape(story.name)}: ")
+        out.append(
+            f"<span class='{'ok' if good else 'bad'}'>{html.escape(story.outcome)}</span></h2>"
+        )
+        out.append(f"<p>{html.escape(story.reason)}</p>")
+        started = datetime.fromtimestamp(story.start, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        out.append(f"<p>started {started}, {story.end - story.start:.1f} s. Dashed lines: ")
+        out.append("decisions (grey: step passed, green: promotion, red: rollback).</p>")
+        out.append(
+            _chart(
+                "blue weight (served)", " %", [story.weights], story.start, story.end,
+                story.decisions, y_max=100.0, step=True,
+            )
+        )  # fmt: skip
+        if story.error_rate:
+            out.append(
+                _chart(
+                    "5xx error rate per colour (Envoy, 5 s window)", " %", story.error_rate,
+                    story.start, story.end, story.decisions,
+                )
+            )  # fmt: skip
+        if story.p99_ms:
+            out.append(
+                _chart(
+                    "p99 latency per colour (Envoy, 5 s window)", " ms", story.p99_ms,
+                    story.start, story.end, story.decisions,
+                )
+            )  # fmt: skip
+        out.append(
+            "<table><tr><th>+s</th><th>phase</th><th>blue %</th><th>verdict</th>"
+            "<th>blue req/err</th><th>green req/err</th><th>reason</th></tr>"
+        )
+        for row in story.rows:
+            blue, green = row["blue"], row["green"]
+            out.append(
+                f"<tr class='{'d' if row['decided'] else ''}'>"
+                f"<td>{row['at'] - story.start:.1f}</td><td>{html.escape(str(row['phase']))}</td>"
+                f"<td>{row['weight']}</td><td>{html.escape(str(row['verdict']))}</td>"
+                f"<td>{blue.get('requests', '')}/{blue.get('errors', '')}</td>"
+                f"<td>{green.get('requests', '')}/{green.get('errors', '')}</td>"
+                f"<td>{html.escape(str(row['reason']))}</td></tr>"
+            )
+        out.append("</table>")
+    out.append("</body></html>")
+    return "".join(out)
+
+
+def write_report(
+    path: Path,
+    ledgers: Sequence[Path],
+    *,
+    prometheus_url: str | None = None,
+    title: str = "aml-rollout report",
+    notes: Sequence[str] = (),
+) -> Path:
+    """Render the ledgers (plus Prometheus series when a URL is given) to `path`."""
+    stories = []
+    for ledger in ledgers:
+        story = story_from_ledger(ledger)
+        if prometheus_url:
+            add_prometheus(story, prometheus_url)
+        stories.append(story)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_html(stories, title=title, notes=notes), encoding="utf-8")
+    return path
