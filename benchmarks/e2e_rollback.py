@@ -1,0 +1,217 @@
+"""End-to-end rollback time on the real local stack: fault onset → Envoy serving blue at 0 %.
+
+    python -m benchmarks.e2e_rollback --json [--runs 3] [--rps 100]
+
+Set-up (real processes throughout): Envoy, Prometheus (1 s scrape), two uvicorn scoring servers
+with trained models, the in-process load generator at `--rps` through Envoy, and the real engine
+(`rollout.api.run_rollout`, Envoy router, Prometheus provider, 1 s analysis interval) holding
+blue at 10 %. Every server answers 0.5 % of requests with 500 (the demo knob's background noise,
+so "50× worse" has a baseline to be 50 times worse than).
+
+Each run: a fresh rollout of the candidate reaches 10 % and is judged healthy for a few seconds;
+then blue's fault knob goes to 25 % errors (50× the baseline) at the *onset*. A watcher polls
+Envoy's admin `/config_dump` every 5 ms for the first moment it serves blue at 0 %. Measured:
+
+- `onset_to_zero_s`: seconds from the fault onset to Envoy serving blue at 0 %;
+- `bad_canary_requests`: 5xx answered by blue's weighted cluster meanwhile (Envoy's own counter);
+- `set_weights_to_served_s`: `EnvoyRouter.set_weights` from the route-file rename to Envoy
+  serving the new split (confirmed in `/config_dump`), median of 20 changes per run.
+
+Medians over `--runs` (≥ 3). With `--json` the last line is
+`{"onset_to_zero_s": float, "bad_canary_requests": int, "set_weights_to_served_s": float,
+"runs": int}`. Target: onset_to_zero_s ≤ 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from rollout.core.types import Colour, Phase, Release, Weights
+from rollout.local.stack import LocalStack
+
+BASE_ERROR_RATE = 0.005
+FAULT_MULTIPLIER = 50
+HEALTHY_S = 4.0
+POLL_S = 0.005
+
+
+def train_release(folder: Path, version: str, alpha: float) -> Release:
+    """A real trained model folder as a release."""
+    from components.train.train import TrainParams, train
+
+    result = train(folder, name="diabetes", params=TrainParams(alpha=alpha))
+    return Release(model="diabetes", version=version, sha256=result.sha256, model_dir=str(folder))
+
+
+def blue_5xx(stack: LocalStack) -> int:
+    """Envoy's own count of 5xx answered through the weighted `blue` cluster."""
+    text = httpx.get(
+        f"{stack.envoy.admin_url}/stats", params={"filter": r"^cluster\.blue\.upstream_rq_5xx$"}
+    ).text
+    return sum(int(line.rsplit(":", 1)[1]) for line in text.splitlines() if ":" in line)
+
+
+def measure_set_weights(stack: LocalStack, changes: int = 20) -> float:
+    """Median seconds from set_weights' rename to Envoy serving it (blue 10 ↔ 0 %, ends at 0)."""
+    samples = []
+    router = stack.router
+    for i in range(changes):
+        router.set_weights(Weights.blue_at(10 if i % 2 == 0 else 0))
+        assert router.last_served_s is not None
+        samples.append(router.last_served_s)
+    return statistics.median(samples)
+
+
+def one_run(stack: LocalStack, candidate: Release, index: int) -> dict[str, Any]:
+    """One rollout at 10 %, a fault, and the watch for blue at 0 %."""
+    from rollout.api import run_rollout
+
+    spec = stack.spec(
+        f"bench-{index}",
+        steps=[10, 100],
+        analysis={
+            "interval_s": 1.0,
+            # hold at 10 % (never enough evidence to advance) until the fault shows
+            "min_requests": 10**9,
+            "max_step_duration_s": 3600,
+            "latency": {"enabled": False},
+        },
+    )
+    set_weights_s = measure_set_weights(stack)  # before the controller owns the weights
+    at_ten = threading.Event()
+    outcome: list[Any] = []
+
+    def on_tick(status: Any, record: dict[str, Any]) -> None:
+        if status.phase is Phase.PROGRESSING and status.blue_weight == 10:
+            at_ten.set()
+
+    def drive() -> None:
+        outcome.append(
+            run_rollout(
+                spec,
+                candidate=candidate,
+                router=stack.router,
+                metrics=stack.metrics,
+                on_tick=on_tick,
+                restart=True,
+            )
+        )
+
+    controller = threading.Thread(target=drive, name="controller")
+    controller.start()
+    if not at_ten.wait(120):
+        raise RuntimeError("the rollout never reached 10 %")
+    time.sleep(HEALTHY_S)
+    watcher = _ZeroWatcher(stack)
+    errors_before = blue_5xx(stack)
+    onset = time.monotonic()
+    stack.set_fault(Colour.BLUE, BASE_ERROR_RATE * FAULT_MULTIPLIER)
+    watcher.start()
+    controller.join(120)
+    zero_at = watcher.stop()
+    errors_after = watcher.errors_at_zero if watcher.errors_at_zero is not None else blue_5xx(stack)
+    stack.set_fault(Colour.BLUE, BASE_ERROR_RATE)  # healthy again for the next run
+    result = outcome[0] if outcome else None
+    return {
+        "run": index,
+        "phase": result.phase.value if result else "none",
+        "reason": result.reason if result else "",
+        "onset_to_zero_s": (zero_at - onset) if zero_at is not None else float("nan"),
+        "bad_canary_requests": errors_after - errors_before,
+        "set_weights_to_served_s": set_weights_s,
+    }
+
+
+class _ZeroWatcher:
+    """Polls Envoy until it serves blue at 0 %; notes the time and blue's 5xx count then."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        from rollout.routers.envoy import EnvoyRouter
+
+        self.stack = stack
+        self.router = EnvoyRouter(
+            admin_url=stack.envoy.admin_url,
+            files=stack.envoy.files,
+            releases_file=stack.workdir / "releases.json",
+        )
+        self.zero_at: float | None = None
+        self.errors_at_zero: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="zero-watcher")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            if self.router.get_weights().blue == 0:
+                self.zero_at = time.monotonic()
+                self.errors_at_zero = blue_5xx(self.stack)
+                return
+            time.sleep(POLL_S)
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join(10)
+        self.router.close()
+        return self.zero_at
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs (median reported; >= 3)")
+    parser.add_argument("--rps", type=float, default=100.0, help="load through Envoy")
+    parser.add_argument("--json", action="store_true", help="last line: one JSON object")
+    args = parser.parse_args(argv)
+    if args.runs < 3:
+        parser.error("--runs must be at least 3 (the median of fewer says little)")
+    logging.basicConfig(level=logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="aml-rollout-bench-") as tmp:
+        base = Path(tmp)
+        green = train_release(base / "v1", "1", 1.0)
+        blue = train_release(base / "v2", "2", 0.3)
+        with LocalStack(base / "stack", faults={"*": BASE_ERROR_RATE}) as stack:
+            stack.router.deploy(Colour.GREEN, green)
+            stack.router.deploy(Colour.BLUE, blue)
+            stack.router.set_weights(Weights.blue_at(0))
+            stack.start_load(rps=args.rps, concurrency=16)
+            runs = []
+            for index in range(args.runs):
+                run = one_run(stack, blue, index)
+                runs.append(run)
+                print(
+                    f"run {index}: {run['phase']} onset→0 % {run['onset_to_zero_s']:.2f} s, "
+                    f"{run['bad_canary_requests']} bad canary requests, set_weights→served "
+                    f"{run['set_weights_to_served_s'] * 1000:.1f} ms ({run['reason']})"
+                )
+    summary = {
+        "onset_to_zero_s": round(statistics.median(r["onset_to_zero_s"] for r in runs), 3),
+        "bad_canary_requests": int(statistics.median(r["bad_canary_requests"] for r in runs)),
+        "set_weights_to_served_s": round(
+            statistics.median(r["set_weights_to_served_s"] for r in runs), 4
+        ),
+        "runs": len(runs),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"median over {summary['runs']} runs: fault onset → blue at 0 % in "
+            f"{summary['onset_to_zero_s']} s, {summary['bad_canary_requests']} bad canary "
+            f"requests, set_weights → served {summary['set_weights_to_served_s'] * 1000:.1f} ms"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
