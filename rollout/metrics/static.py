@@ -179,6 +179,8 @@ class SimulatedMetrics:
 
     def observe(self, since: float, now: float) -> Observation:
         """Counts per colour between `since` and `now`."""
+        if self._start is None:  # traffic flows from the first window's start
+            self.advance(since)
         self.advance(now)
         b0, g0 = self._at(since)
         b1, g1 = self._at(now)
