@@ -224,7 +224,16 @@ class Controller:
         for attempt in range(1, ROUTER_ATTEMPTS + 1):
             try:
                 if isinstance(action, SetWeights):
-                    self.router.set_weights(Weights.blue_at(action.blue))
+                    wanted = Weights.blue_at(action.blue)
+                    self.router.set_weights(wanted)
+                    # Trust what the data plane serves, not what was written (Envoy keeps its
+                    # old routes when it rejects a file).
+                    served = self.router.get_weights()
+                    if served != wanted:
+                        raise RouterError(
+                            f"the router accepted blue {wanted.blue} % but serves blue "
+                            f"{served.blue} %"
+                        )
                 elif isinstance(action, Deploy):
                     self.router.deploy(action.colour, action.release)
                 elif isinstance(action, Remove):

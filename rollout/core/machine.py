@@ -477,6 +477,8 @@ def _analyse(
             "green": {"requests": obs.green.requests, "errors": obs.green.errors},
         }
         record["tick_counts"] = tick
+        if obs.detail:
+            record["detail"] = obs.detail  # raw queries and values, for "why did it decide that?"
     elif obs is not None:
         status = replace(status, consecutive_errors=status.consecutive_errors + 1)
         record["metrics_error"] = obs.error

@@ -208,3 +208,17 @@ def test_an_explicit_candidate_wins_over_the_spec(tmp_path: Path) -> None:
     status = ctl.run(max_ticks=1)
     assert status.candidate == Release("m", "9")
     assert router.release(Colour.BLUE) == Release("m", "9")
+
+
+class StubbornRouter(MemoryRouter):
+    """Accepts every write but keeps serving all-green (like Envoy rejecting a route file)."""
+
+    def get_weights(self) -> Weights:
+        return Weights.blue_at(0)
+
+
+def test_weights_the_data_plane_does_not_serve_are_an_error(tmp_path: Path) -> None:
+    router = StubbornRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]))
+    with pytest.raises(RouterError, match="accepted blue 10 % but serves blue 0 %"):
+        ctl.run(max_ticks=3)
