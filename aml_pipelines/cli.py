@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -160,6 +161,9 @@ def submit(
     with _user_errors():
         from aml_pipelines.build import submit_pipeline, workspace_client
         from aml_pipelines.pipeline import build_pipeline
+
+        # DefaultAzureCredential logs every credential it tried; the error line below says it all
+        logging.getLogger("azure.identity").setLevel(logging.ERROR)
 
         pipeline_params = parse_params(params, rollout_spec=rollout_spec)
         client = workspace_client(subscription, resource_group, workspace)

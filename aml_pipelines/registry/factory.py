@@ -2,6 +2,9 @@
 
     local:PATH                       a LocalRegistry rooted at PATH
     local                            a LocalRegistry at the default root (.aml-rollout/registry)
+    azureml                          the Azure ML workspace of the running job (AZUREML_ARM_*
+                                     variables, which Azure ML sets inside every job)
+    azureml:SUB/RESOURCE_GROUP/WS    an explicit Azure ML workspace (DefaultAzureCredential)
 
 An unknown kind is a ConfigError naming the accepted kinds; there is no silent fallback.
 """
@@ -10,11 +13,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from aml_pipelines.errors import ConfigError
 from aml_pipelines.registry.base import ModelRegistry
 
-KINDS = ("local",)
+KINDS = ("local", "azureml")
 ENV_VAR = "AML_ROLLOUT_REGISTRY"
 
 
@@ -23,12 +27,18 @@ def default_spec() -> str:
     return os.environ.get(ENV_VAR) or "local"
 
 
-def open_registry(spec: str | None = None) -> ModelRegistry:
-    """Build the registry a spec names (see the module docstring)."""
+def open_registry(spec: str | None = None, *, ml_client: Any = None) -> ModelRegistry:
+    """Build the registry a spec names (see the module docstring); `ml_client` overrides Azure."""
     spec = spec or default_spec()
     kind, _, arg = spec.partition(":")
     if kind == "local":
         from aml_pipelines.registry.local import LocalRegistry, default_root
 
         return LocalRegistry(Path(arg) if arg else default_root())
+    if kind == "azureml":
+        from aml_pipelines.registry.azureml import AzureMLRegistry, workspace_client
+
+        return AzureMLRegistry(
+            ml_client if ml_client is not None else workspace_client(arg or None)
+        )
     raise ConfigError(f"registry: unknown kind {kind!r} in {spec!r}; expected one of 'local:PATH'")

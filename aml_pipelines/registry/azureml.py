@@ -1,0 +1,208 @@
+"""The `azureml` model registry: model versions in an Azure ML workspace (`ml_client.models`).
+
+- **Sources are `azureml://` paths, never local uploads**: a job output
+  (`azureml://jobs/<run>/outputs/<name>`, what the register component receives in `direct` mode)
+  or a datastore path. Uploading from the machine would register bits nobody evaluated.
+- **Versions are explicit**: the next version is max(existing) + 1 and the PUT names it. Azure ML
+  refuses to change an existing version (409), so two concurrent registrations cannot share a
+  version: the loser re-reads and takes the next one (bounded attempts).
+- **Integrity**: the model file's sha256 is an immutable model *property* (set at registration;
+  the registry never downloads the files). Every read checks that the `sha256` tag, when present,
+  still matches it; the bits themselves are re-hashed by the package step and by the scoring server.
+- **Tags are mutable**: `set_tags` re-PUTs the same version with merged tags (Azure ML allows
+  tag changes on an existing version).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from aml_pipelines.errors import (
+    AzureNotConfigured,
+    IntegrityError,
+    ModelNotFound,
+    RegistryError,
+)
+from aml_pipelines.registry.base import ModelVersion
+from aml_pipelines.registry.local import check_name
+
+log = logging.getLogger(__name__)
+
+SHA256_PROPERTY = "sha256"
+MODEL_TYPE = "custom_model"
+# Azure ML sets these inside a job; `azureml` with no coordinates means "this workspace".
+_JOB_ENV = ("AZUREML_ARM_SUBSCRIPTION", "AZUREML_ARM_RESOURCEGROUP", "AZUREML_ARM_WORKSPACE_NAME")
+
+
+def workspace_client(coordinates: str | None = None, **client_kwargs: Any) -> Any:
+    """MLClient for `SUB/RESOURCE_GROUP/WORKSPACE`, or the job's own workspace when None."""
+    if coordinates:
+        parts = coordinates.split("/")
+        if len(parts) != 3 or not all(parts):
+            raise AzureNotConfigured(
+                f"registry: 'azureml:{coordinates}' must be "
+                "azureml:SUBSCRIPTION/RESOURCE_GROUP/WORKSPACE"
+            )
+    else:
+        parts = [os.environ.get(var, "") for var in _JOB_ENV]
+        if not all(parts):
+            raise AzureNotConfigured(
+                "registry: 'azureml' names the workspace of the running Azure ML job, but "
+                f"{', '.join(_JOB_ENV)} are not set; "
+                "use azureml:SUBSCRIPTION/RESOURCE_GROUP/WORKSPACE"
+            )
+    from aml_pipelines.build import workspace_client as client_for
+
+    return client_for(*parts, **client_kwargs)
+
+
+class AzureMLRegistry:
+    """ModelRegistry over an Azure ML workspace (see the module docstring)."""
+
+    kind = "azureml"
+
+    def __init__(self, ml_client: Any, *, max_attempts: int = 5) -> None:
+        self.ml_client = ml_client
+        self.max_attempts = max_attempts
+
+    def __repr__(self) -> str:
+        return f"AzureMLRegistry({self.ml_client.workspace_name!r})"
+
+    def register(
+        self, name: str, source: str | Path, tags: Mapping[str, str] | None = None
+    ) -> ModelVersion:
+        """Register `source` (an azureml:// path) as the next version of `name`."""
+        from azure.ai.ml.entities import Model
+        from azure.core.exceptions import HttpResponseError
+
+        check_name(name)
+        uri = str(source)
+        if not uri.startswith("azureml://"):
+            raise RegistryError(
+                f"the azureml registry registers azureml:// job-output or datastore paths, "
+                f"not {uri!r} (a local upload would register unevaluated bits)"
+            )
+        tags = dict(tags or {})
+        sha256 = tags.get("sha256", "")
+        if len(sha256) != 64:
+            raise RegistryError(
+                "the azureml registry needs the model file's sha256 in the `sha256` tag "
+                "(it never downloads the files to hash them)"
+            )
+        for attempt in range(1, self.max_attempts + 1):
+            version = max((v.version for v in self.list_versions(name)), default=0) + 1
+            model = Model(
+                name=name,
+                version=str(version),
+                path=uri,
+                type=MODEL_TYPE,
+                tags=tags,
+                properties={SHA256_PROPERTY: sha256},
+            )
+            try:
+                created = self._call(
+                    f"register {name}:{version}", self.ml_client.models.create_or_update, model
+                )
+            except RegistryError as exc:
+                if (
+                    not isinstance(exc.__cause__, HttpResponseError)
+                    or exc.__cause__.status_code != 409
+                ):
+                    raise
+                log.info(
+                    "version %s of %s was taken concurrently (attempt %d)", version, name, attempt
+                )
+                continue
+            return self._to_version(created)
+        raise RegistryError(
+            f"could not allocate a version of {name} after {self.max_attempts} tries"
+        )
+
+    def get(self, name: str, version: int) -> ModelVersion:
+        """One version; ModelNotFound if absent, IntegrityError if its sha256 tag was altered."""
+        return self._to_version(
+            self._call(f"get {name}:{version}", self.ml_client.models.get, name, str(version))
+        )
+
+    def latest(self, name: str) -> ModelVersion | None:
+        versions = self.list_versions(name)
+        return versions[-1] if versions else None
+
+    def list_versions(self, name: str) -> list[ModelVersion]:
+        models = self._call(f"list {name}", lambda: list(self.ml_client.models.list(name=name)))
+        return sorted((self._to_version(m) for m in models), key=lambda v: v.version)
+
+    def set_tags(self, name: str, version: int, tags: Mapping[str, str]) -> ModelVersion:
+        """Merge `tags` into the version's tags (an empty value removes the tag)."""
+        model = self._call(f"get {name}:{version}", self.ml_client.models.get, name, str(version))
+        merged = dict(model.tags or {})
+        for key, value in tags.items():
+            if value == "":
+                merged.pop(key, None)
+            else:
+                merged[key] = str(value)
+        model.tags = merged
+        updated = self._call(f"tag {name}:{version}", self.ml_client.models.create_or_update, model)
+        return self._to_version(updated)
+
+    def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersion]:
+        return [v for v in self.list_versions(name) if v.tags.get(key) == value]
+
+    def names(self) -> list[str]:
+        """Every model name in the workspace."""
+        return sorted(
+            {m.name for m in self._call("list models", lambda: list(self.ml_client.models.list()))}
+        )
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _to_version(self, model: Any) -> ModelVersion:
+        tags = {str(k): str(v) for k, v in (model.tags or {}).items()}
+        sha256 = str((model.properties or {}).get(SHA256_PROPERTY, ""))
+        label = f"{model.name}:{model.version}"
+        if not sha256:
+            raise IntegrityError(
+                f"{label} has no {SHA256_PROPERTY} property: not registered by aml-rollout"
+            )
+        if tags.get("sha256", sha256) != sha256:
+            raise IntegrityError(
+                f"{label}: tag sha256 {tags['sha256'][:16]}… disagrees with the immutable "
+                f"property {sha256[:16]}…; refusing to use it"
+            )
+        created = getattr(getattr(model, "creation_context", None), "created_at", None)
+        created_at = created.isoformat(timespec="seconds") if created is not None else ""
+        return ModelVersion(
+            name=model.name,
+            version=int(model.version),
+            uri=f"azureml:{model.name}:{model.version}",
+            sha256=sha256,
+            tags=tags,
+            created_at=created_at,
+            path=None,
+        )
+
+    def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        from azure.core.exceptions import (
+            ClientAuthenticationError,
+            HttpResponseError,
+            ResourceNotFoundError,
+        )
+
+        try:
+            return fn(*args)
+        except ResourceNotFoundError as exc:
+            raise ModelNotFound(
+                f"{what}: not found in workspace {self.ml_client.workspace_name}"
+            ) from exc
+        except ClientAuthenticationError as exc:
+            raise AzureNotConfigured(
+                f"{what}: no usable Azure credentials ({str(exc).splitlines()[0]})"
+            ) from exc
+        except HttpResponseError as exc:
+            raise RegistryError(
+                f"{what}: Azure ML answered {exc.status_code}: {exc.message}"
+            ) from exc

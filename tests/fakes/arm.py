@@ -1,0 +1,435 @@
+"""A fake Azure Resource Manager: a real HTTP server on 127.0.0.1, reached through azure-core.
+
+Why: azure-ai-ml's real serialisation, retries, paging and LRO polling should run in tests, with
+no network and no mock of the SDK. `FakeArmTransport` is an azure-core `RequestsTransport` that
+rewrites `https://management.azure.com/...` (and any other host you list) to this server after
+every policy has run, so bearer-token policies still see https.
+
+    with FakeArm() as arm:
+        arm.add_workspace(SUB, RG, WS)                       # location + properties.workspaceId
+        client = MLClient(StaticCredential(), SUB, RG, WS, transport=arm.transport())
+        client.models.create_or_update(Model(name="m", path="azureml://...", type="custom_model"))
+        arm.get(path) / arm.put(path, body) / arm.children(path)   # inspect or seed state
+        arm.calls                                            # [(method, path, query, body), ...]
+
+Generic resource semantics (any provider, any depth):
+
+- `PUT path` stores the JSON body as the resource and answers it with `id` (the path), `name` (the
+  last segment), `type` (e.g. `Microsoft.MachineLearningServices/workspaces/models/versions`),
+  `systemData` (created/lastModified, by "fake-arm") and `properties.provisioningState:
+  Succeeded`. 201 when created, 200 when replaced.
+- `GET path` returns the resource; `GET` of a collection (a path ending in a resource type, e.g.
+  `.../models/m/versions`) returns `{"value": [children...]}` (no paging); 404 otherwise, with an
+  ARM error body `{"error": {"code": "ResourceNotFound", "message": ...}}`.
+- `DELETE path` removes the resource and everything under it (200, or 204 when absent).
+- `PATCH path` merges the body into the stored resource (dicts merged recursively).
+- `arm.on(method, regex, handler)` adds a route (first match wins, before the generic ones):
+  `handler(arm, match, body, query) -> (status, body_dict, headers)`; use it for POST actions
+  (listKeys, package, ...) and anything the generic rules do not cover.
+- `arm.lro(regex, polls=1)`: PUT/DELETE/POST on matching paths answer 201/202 with
+  `Azure-AsyncOperation` and `Location` headers; the operation reports `InProgress` `polls`
+  times, then `Succeeded` (the resource itself is stored immediately).
+- `arm.defaults(regex, properties)`: properties merged into matching PUT bodies when absent (e.g.
+  model versions get `flavors: {}`, which azure-ai-ml needs when reading them back).
+- `arm.fail(method, regex, status, code, times=1)`: the next `times` matching calls fail with an
+  ARM error (to test retries and error messages).
+
+Azure ML asset versions (`.../workspaces/<ws>/{models,environments,components,codes,data}/<name>/
+versions/<v>`) behave as the service does: a PUT creates or refreshes the container
+`.../<kind>/<name>` with `properties.latestVersion` and `nextVersion` (azure-ai-ml reads it to pick
+the next version), and a version is immutable: re-PUT with a different body apart from `tags`,
+`description`, `properties`, `stage` and `isArchived` answers 409 `Conflict`.
+
+Paths compare case-insensitively, as ARM does; `api-version` and other query strings are
+recorded in `calls` and otherwise ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+from azure.core.credentials import AccessToken
+from azure.core.pipeline.transport import RequestsTransport
+
+Handler = Callable[
+    ["FakeArm", re.Match[str], Any, dict[str, list[str]]], tuple[int, Any, dict[str, str]]
+]
+
+ARM_HOST = "management.azure.com"
+_WORKSPACE_TYPE = "Microsoft.MachineLearningServices/workspaces"
+_ASSET_VERSION = re.compile(
+    r"/(?P<kind>models|environments|components|codes|data)/(?P<name>[^/]+)/versions/[^/]+$",
+    re.IGNORECASE,
+)
+
+
+class StaticCredential:
+    """A TokenCredential handing out unsigned JWTs (the fake does not check them).
+
+    azure-ai-ml decodes token claims when it submits jobs (`tid`, and `aud` must equal the
+    requested resource), so each token has the shape of a real one for the scope asked.
+    """
+
+    EXPIRES = 4_102_444_800  # 2100-01-01
+
+    def __init__(self, oid: str = "00000000-0000-0000-0000-00000000000a") -> None:
+        self.oid = oid
+        self.scopes: list[str] = []
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        self.scopes.extend(scopes)
+        audience = (scopes[0] if scopes else "").removesuffix("/.default")
+        claims = {
+            "aud": audience,
+            "oid": self.oid,
+            "tid": "00000000-0000-0000-0000-00000000000b",
+            "exp": self.EXPIRES,
+        }
+        parts = [{"alg": "none", "typ": "JWT"}, claims]
+        encoded = [base64.urlsafe_b64encode(json.dumps(p).encode()) for p in parts]
+        encoded.append(base64.urlsafe_b64encode(b"unsigned"))
+        return AccessToken(".".join(e.decode().rstrip("=") for e in encoded), self.EXPIRES)
+
+
+class FakeArmTransport(RequestsTransport):
+    """RequestsTransport sending requests for `hosts` to the fake server instead."""
+
+    def __init__(self, base_url: str, hosts: frozenset[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._base = urlsplit(base_url)
+        self._hosts = hosts
+
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        parts = urlsplit(request.url)
+        if parts.hostname in self._hosts:
+            request.headers["x-fake-arm-original-host"] = parts.netloc
+            request.url = urlunsplit(
+                (self._base.scheme, self._base.netloc, parts.path, parts.query, "")
+            )
+        return super().send(request, **kwargs)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _segments(path: str) -> list[str]:
+    return [s for s in path.strip("/").split("/") if s]
+
+
+def _is_collection(path: str) -> bool:
+    """ARM paths alternate type/name (after dropping `providers/<namespace>`)."""
+    segments = _segments(path)
+    remaining: list[str] = []
+    skip = 0
+    for i, seg in enumerate(segments):
+        if skip:
+            skip -= 1
+            continue
+        if seg.lower() == "providers" and i + 1 < len(segments):
+            skip = 1
+            continue
+        remaining.append(seg)
+    return len(remaining) % 2 == 1
+
+
+def _resource_type(path: str) -> str:
+    segments = _segments(path)
+    lowered = [s.lower() for s in segments]
+    if "providers" not in lowered:
+        return "/".join(segments[-2:-1])
+    start = len(lowered) - 1 - lowered[::-1].index("providers")
+    namespace, rest = segments[start + 1], segments[start + 2 :]
+    return "/".join([namespace, *rest[0::2]])
+
+
+def _merge(into: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
+class FakeArm:
+    """The fake server and its state (see the module docstring)."""
+
+    def __init__(self, hosts: tuple[str, ...] = (ARM_HOST,)) -> None:
+        self.hosts = frozenset(hosts)
+        self.resources: dict[str, dict[str, Any]] = {}  # lower-cased path -> resource
+        self.calls: list[tuple[str, str, dict[str, list[str]], Any]] = []
+        self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
+        self._lro: list[tuple[re.Pattern[str], int]] = []
+        self._defaults: list[tuple[re.Pattern[str], dict[str, Any]]] = []
+        self._failures: list[list[Any]] = []
+        self._operations: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self.defaults(r"/models/[^/]+/versions/[^/]+$", {"flavors": {}})
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> FakeArm:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> FakeArm:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def transport(self, **kwargs: Any) -> FakeArmTransport:
+        """An azure-core transport routing the fake's hosts here (pass as `transport=`)."""
+        return FakeArmTransport(self.url, self.hosts, **kwargs)
+
+    # -- configuration ----------------------------------------------------------------------------
+
+    def on(self, method: str, pattern: str, handler: Handler) -> None:
+        self._routes.append((method.upper(), re.compile(pattern, re.IGNORECASE), handler))
+
+    def lro(self, pattern: str, polls: int = 1) -> None:
+        self._lro.append((re.compile(pattern, re.IGNORECASE), polls))
+
+    def defaults(self, pattern: str, properties: dict[str, Any]) -> None:
+        self._defaults.append((re.compile(pattern, re.IGNORECASE), properties))
+
+    def fail(self, method: str, pattern: str, status: int, code: str, times: int = 1) -> None:
+        self._failures.append(
+            [method.upper(), re.compile(pattern, re.IGNORECASE), status, code, times]
+        )
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def put(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Store a resource as a PUT would; returns (resource, created)."""
+        resource = copy.deepcopy(body) if isinstance(body, dict) else {}
+        key = path.rstrip("/").lower()
+        properties = resource.setdefault("properties", {})
+        if isinstance(properties, dict):
+            for pattern, extra in self._defaults:
+                if pattern.search(path):
+                    for name, value in extra.items():
+                        properties.setdefault(name, copy.deepcopy(value))
+            properties.setdefault("provisioningState", "Succeeded")
+        with self._lock:
+            previous = self.resources.get(key)
+            created_at = previous["systemData"]["createdAt"] if previous else _now()
+            resource.update(
+                {
+                    "id": path.rstrip("/"),
+                    "name": _segments(path)[-1],
+                    "type": _resource_type(path),
+                    "systemData": {
+                        "createdAt": created_at,
+                        "createdBy": "fake-arm",
+                        "createdByType": "User",
+                        "lastModifiedAt": _now(),
+                        "lastModifiedBy": "fake-arm",
+                        "lastModifiedByType": "User",
+                    },
+                }
+            )
+            self.resources[key] = resource
+        return copy.deepcopy(resource), previous is None
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        with self._lock:
+            found = self.resources.get(path.rstrip("/").lower())
+            return copy.deepcopy(found) if found is not None else None
+
+    def children(self, path: str) -> list[dict[str, Any]]:
+        prefix = path.rstrip("/").lower() + "/"
+        with self._lock:
+            return [
+                copy.deepcopy(r)
+                for key, r in sorted(self.resources.items())
+                if key.startswith(prefix) and "/" not in key[len(prefix) :]
+            ]
+
+    def delete(self, path: str) -> bool:
+        key = path.rstrip("/").lower()
+        with self._lock:
+            doomed = [k for k in self.resources if k == key or k.startswith(key + "/")]
+            for k in doomed:
+                del self.resources[k]
+        return bool(doomed)
+
+    def add_workspace(
+        self, subscription: str, resource_group: str, workspace: str, location: str = "westeurope"
+    ) -> dict[str, Any]:
+        """Seed a workspace as azure-ai-ml expects to read it (location, workspaceId, URLs)."""
+        path = (
+            f"/subscriptions/{subscription}/resourceGroups/{resource_group}"
+            f"/providers/{_WORKSPACE_TYPE}/{workspace}"
+        )
+        resource, _ = self.put(
+            path,
+            {
+                "location": location,
+                "kind": "Default",
+                "identity": {"type": "SystemAssigned"},
+                "properties": {
+                    "workspaceId": str(uuid.uuid5(uuid.NAMESPACE_URL, path)),
+                    "friendlyName": workspace,
+                    "discoveryUrl": f"https://{location}.api.azureml.ms/discovery",
+                    "mlFlowTrackingUri": f"azureml://{location}.api.azureml.ms/mlflow/v1.0{path}",
+                    "storageAccount": f"/subscriptions/{subscription}/resourceGroups/"
+                    f"{resource_group}/providers/Microsoft.Storage/storageAccounts/fakestore",
+                },
+            },
+        )
+        return resource
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    def _answer(self, method: str, raw_path: str, body: Any) -> tuple[int, Any, dict[str, str]]:
+        parts = urlsplit(raw_path)
+        path, query = parts.path, parse_qs(parts.query)
+        self.calls.append((method, path, query, body))
+        for failure in self._failures:
+            if failure[4] > 0 and failure[0] == method and failure[1].search(path):
+                failure[4] -= 1
+                return failure[2], _error(failure[3], f"injected failure on {method} {path}"), {}
+        for route_method, pattern, handler in self._routes:
+            if route_method == method and (match := pattern.search(path)):
+                return handler(self, match, body, query)
+        if path.startswith("/_operations/"):
+            return self._operation(path)
+        polls = next((n for p, n in self._lro if p.search(path)), None)
+        if method == "GET":
+            found = self.get(path)
+            if found is not None:
+                return 200, found, {}
+            if _is_collection(path):
+                return 200, {"value": self.children(path)}, {}
+            return 404, _error("ResourceNotFound", f"{path} was not found"), {}
+        if method == "PUT":
+            body = body if isinstance(body, dict) else {}
+            if (asset := _ASSET_VERSION.search(path)) and (conflict := self._immutable(path, body)):
+                return 409, _error("Conflict", conflict), {}
+            resource, created = self.put(path, body)
+            if asset:
+                self._refresh_container(path[: asset.start()] + f"/{asset['kind']}/{asset['name']}")
+            if polls is not None:
+                return 201, resource, self._start_operation(polls, path)
+            return (201 if created else 200), resource, {}
+        if method == "PATCH":
+            current = self.get(path)
+            if current is None:
+                return 404, _error("ResourceNotFound", f"{path} was not found"), {}
+            resource, _ = self.put(path, _merge(current, body if isinstance(body, dict) else {}))
+            return 200, resource, {}
+        if method == "DELETE":
+            existed = self.delete(path)
+            if polls is not None and existed:
+                return 202, None, self._start_operation(polls, path)
+            return (200 if existed else 204), None, {}
+        if method == "POST" and polls is not None:
+            return 202, None, self._start_operation(polls, path)
+        return 404, _error("NoFakeRoute", f"the fake ARM has no route for {method} {path}"), {}
+
+    def _immutable(self, path: str, body: dict[str, Any]) -> str | None:
+        current = self.get(path)
+        if current is None:
+            return None
+        mutable = {"tags", "description", "properties", "stage", "isArchived", "provisioningState"}
+        before = {k: v for k, v in current.get("properties", {}).items() if k not in mutable}
+        after = {k: v for k, v in body.get("properties", {}).items() if k not in mutable}
+        before = {k: v for k, v in before.items() if k in after or v not in ({}, None, False)}
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        if not changed:
+            return None
+        return f"{path} already exists and is immutable (would change {changed})"
+
+    def _refresh_container(self, container: str) -> None:
+        numbers = [
+            int(v["name"]) for v in self.children(container + "/versions") if v["name"].isdigit()
+        ]
+        latest = max(numbers, default=0)
+        existing = self.get(container) or {"properties": {}}
+        existing["properties"].update(
+            {"latestVersion": str(latest), "nextVersion": str(latest + 1)}
+        )
+        self.put(container, existing)
+
+    def _start_operation(self, polls: int, path: str) -> dict[str, str]:
+        op = uuid.uuid4().hex
+        self._operations[op] = polls
+        url = f"https://{ARM_HOST}/_operations/{op}"
+        return {"Azure-AsyncOperation": url, "Location": url, "Retry-After": "0"}
+
+    def _operation(self, path: str) -> tuple[int, Any, dict[str, str]]:
+        op = path.rsplit("/", 1)[-1]
+        if op not in self._operations:
+            return 404, _error("OperationNotFound", f"no operation {op}"), {}
+        if self._operations[op] > 0:
+            self._operations[op] -= 1
+            return 200, {"status": "InProgress"}, {"Retry-After": "0"}
+        return 200, {"status": "Succeeded"}, {}
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        arm = self
+
+        class _Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    body = raw.decode(errors="replace")
+                status, payload, headers = arm._answer(self.command, self.path, body)
+                data = b"" if payload is None else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("x-ms-request-id", uuid.uuid4().hex)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = _handle
+
+            def log_message(self, format: str, *args: Any) -> None:  # quiet test output
+                pass
+
+        return _Handler
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+def iter_calls(arm: FakeArm, method: str, pattern: str) -> Iterator[tuple[str, Any]]:
+    """(path, body) of recorded calls matching a method and a regex."""
+    compiled = re.compile(pattern, re.IGNORECASE)
+    for call_method, path, _query, body in arm.calls:
+        if call_method == method and compiled.search(path):
+            yield path, body

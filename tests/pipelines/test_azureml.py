@@ -1,0 +1,259 @@
+"""The Azure ML side through a fake ARM server: real azure-ai-ml calls over real HTTP.
+
+The registry backend and pipeline submission use `MLClient(transport=FakeArmTransport)`; the SDK
+serialises, sends and parses as it would against management.azure.com. What is NOT exercised:
+the first-time upload of the code snapshot to blob storage (the fake answers the SDK's
+lookup-by-content-hash with an existing code version, as Azure ML does when the same snapshot was
+uploaded before), and anything the job does after it is accepted.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aml_pipelines.errors import (
+    AzureNotConfigured,
+    GateRefused,
+    IntegrityError,
+    ModelNotFound,
+    PipelineError,
+    RegistryError,
+)
+from aml_pipelines.registry.azureml import AzureMLRegistry
+from aml_pipelines.registry.base import ModelRegistry, Stage
+from aml_pipelines.registry.factory import open_registry
+from tests.fakes.arm import FakeArm, StaticCredential, iter_calls
+from tests.pipelines.conftest import MakeModel
+
+SUB, RG, WS = "11111111-2222-3333-4444-555555555555", "ml-rg", "ml-ws"
+WS_PATH = (
+    f"/subscriptions/{SUB}/resourceGroups/{RG}"
+    f"/providers/Microsoft.MachineLearningServices/workspaces/{WS}"
+)
+SHA = "ab" * 32
+AZURE_CREDENTIAL_ENV = (
+    "AZURE_CLIENT_ID",
+    "AZURE_TENANT_ID",
+    "AZURE_CLIENT_SECRET",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "IDENTITY_ENDPOINT",
+    "MSI_ENDPOINT",
+)
+
+
+@pytest.fixture
+def arm() -> Iterator[FakeArm]:
+    with FakeArm() as fake:
+        fake.add_workspace(SUB, RG, WS)
+        yield fake
+
+
+@pytest.fixture
+def client(arm: FakeArm) -> Any:
+    from azure.ai.ml import MLClient
+
+    return MLClient(StaticCredential(), SUB, RG, WS, transport=arm.transport())
+
+
+@pytest.fixture
+def registry(client: Any) -> AzureMLRegistry:
+    return AzureMLRegistry(client)
+
+
+def test_register_get_list_tag(arm: FakeArm, registry: AzureMLRegistry) -> None:
+    assert isinstance(registry, ModelRegistry)
+    first = registry.register(
+        "m", "azureml://jobs/run-1/outputs/model", {"sha256": SHA, "stage": "candidate"}
+    )
+    second = registry.register("m", "azureml://jobs/run-2/outputs/model", {"sha256": "cd" * 32})
+    assert (first.version, second.version) == (1, 2)
+    assert first.uri == "azureml:m:1" and first.sha256 == SHA and first.stage == Stage.CANDIDATE
+    put = arm.get(f"{WS_PATH}/models/m/versions/1")
+    assert put is not None
+    assert put["properties"]["modelUri"] == "azureml://jobs/run-1/outputs/model"
+    assert put["properties"]["properties"] == {"sha256": SHA}
+    assert registry.latest("m") == registry.get("m", 2)
+    assert [v.version for v in registry.list_versions("m")] == [1, 2]
+    tagged = registry.set_tags("m", 1, {"stage": Stage.PRODUCTION})
+    assert tagged.tags["stage"] == "production" and tagged.sha256 == SHA
+    assert [v.version for v in registry.find_by_tag("m", "stage", "production")] == [1]
+    assert registry.names() == ["m"]
+    with pytest.raises(ModelNotFound, match="get m:9: not found"):
+        registry.get("m", 9)
+
+
+@pytest.mark.parametrize(
+    ("source", "tags", "message"),
+    [
+        pytest.param("/tmp/model", {"sha256": SHA}, "not '/tmp/model'", id="local-path"),
+        pytest.param("azureml://jobs/r/outputs/model", {}, "sha256", id="no-sha256"),
+    ],
+)
+def test_refuses_local_uploads_and_unhashed_models(
+    arm: FakeArm, registry: AzureMLRegistry, source: str, tags: dict[str, str], message: str
+) -> None:
+    with pytest.raises(RegistryError, match=message):
+        registry.register("m", source, tags)
+    assert not list(iter_calls(arm, "PUT", "/models/"))
+
+
+def test_a_tampered_sha256_tag_is_refused(arm: FakeArm, registry: AzureMLRegistry) -> None:
+    registry.register("m", "azureml://jobs/r/outputs/model", {"sha256": SHA})
+    stored = arm.get(f"{WS_PATH}/models/m/versions/1")
+    assert stored is not None
+    stored["properties"]["tags"]["sha256"] = "0" * 64
+    arm.put(f"{WS_PATH}/models/m/versions/1", stored)
+    with pytest.raises(IntegrityError, match="disagrees with the immutable property"):
+        registry.get("m", 1)
+
+
+def test_a_version_taken_concurrently_is_skipped(arm: FakeArm, registry: AzureMLRegistry) -> None:
+    def competitor(
+        fake: FakeArm, match: re.Match[str], body: Any, query: Any
+    ) -> tuple[int, Any, dict]:
+        # another process registers version 1 first; Azure ML then refuses our PUT of version 1
+        fake.put(
+            match.group(0),
+            {
+                "properties": {
+                    "modelUri": "azureml://jobs/other/outputs/m",
+                    "properties": {"sha256": "ef" * 32},
+                }
+            },
+        )
+        fake._refresh_container(match.group(0).rsplit("/versions/", 1)[0])
+        return 409, {"error": {"code": "Conflict", "message": "version exists"}}, {}
+
+    arm.on("PUT", r"^.*/models/m/versions/1$", competitor)
+    ours = registry.register("m", "azureml://jobs/ours/outputs/model", {"sha256": SHA})
+    assert ours.version == 2 and ours.sha256 == SHA
+    assert registry.get("m", 1).sha256 == "ef" * 32
+
+
+def test_concurrent_registrations_get_distinct_versions(client: Any) -> None:
+    results: list[int] = []
+
+    def register(i: int) -> None:
+        reg = AzureMLRegistry(client, max_attempts=20)
+        results.append(
+            reg.register("m", f"azureml://jobs/r{i}/outputs/model", {"sha256": SHA}).version
+        )
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(results) == [1, 2, 3, 4]
+
+
+def test_the_register_gate_runs_against_azure(
+    registry: AzureMLRegistry, make_model: MakeModel, tmp_path: Path
+) -> None:
+    from components.register.register import register_model
+
+    first = register_model(make_model(mse=10.0), registry, source="azureml://jobs/a/outputs/model")
+    assert first.version.version == 1
+    registry.set_tags("m", 1, {"stage": Stage.PRODUCTION})
+    with pytest.raises(GateRefused, match="worse than production m:1"):
+        register_model(make_model(mse=11.0), registry, source="azureml://jobs/b/outputs/model")
+    better = register_model(
+        make_model(mse=9.0), registry, source="azureml://jobs/c/outputs/model", out_dir=tmp_path
+    )
+    assert better.version.version == 2 and better.version.tags["gate_baseline"] == "m:1"
+    assert (tmp_path / "registration.json").read_text().count('"uri": "azureml:m:2"') == 1
+
+
+@pytest.mark.parametrize(
+    ("spec", "env", "message"),
+    [
+        pytest.param(
+            "azureml:only-two/parts", {}, "must be azureml:SUBSCRIPTION", id="bad-coordinates"
+        ),
+        pytest.param("azureml", {}, "AZUREML_ARM_SUBSCRIPTION", id="not-in-a-job"),
+    ],
+)
+def test_factory_azure_errors(spec: str, env: dict[str, str], message: str, monkeypatch) -> None:
+    for var in (
+        "AZUREML_ARM_SUBSCRIPTION",
+        "AZUREML_ARM_RESOURCEGROUP",
+        "AZUREML_ARM_WORKSPACE_NAME",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(AzureNotConfigured, match=message):
+        open_registry(spec)
+
+
+def test_factory_uses_a_given_client(client: Any) -> None:
+    assert isinstance(open_registry("azureml", ml_client=client), AzureMLRegistry)
+
+
+# ---------------------------------------------------------------------------------- submission
+
+
+def _existing_code_upload(fake: FakeArm, match: re.Match[str], body: Any, query: Any):
+    """Answer the SDK's lookup-by-content-hash with a code version (as after an earlier upload)."""
+    version, _ = fake.put(match.group(0) + "/1", {"properties": {
+        "codeUri": "https://fakestore.blob.core.windows.net/azureml/LocalUpload/snapshot",
+        "hash": query["hash"][0], "hashVersion": query["hashVersion"][0]}})  # fmt: skip
+    return 200, {"value": [version]}, {}
+
+
+def test_submit_sends_the_pipeline_job(arm: FakeArm, client: Any) -> None:
+    from aml_pipelines.build import submit_pipeline
+    from aml_pipelines.pipeline import PipelineParams, build_pipeline
+
+    arm.on("GET", r"^.*/codes/[^/]+/versions$", _existing_code_upload)
+    spec = "azureml://datastores/workspaceblobstore/paths/specs/rollout.yaml"
+    job = build_pipeline(PipelineParams(alpha=0.5, rollout_spec=spec), compute="cpu-cluster")
+    submitted = submit_pipeline(job, client, experiment="exp")
+    assert submitted.name and submitted.studio_url
+
+    jobs = list(iter_calls(arm, "PUT", r"/jobs/[^/]+$"))
+    assert len(jobs) == 1
+    properties = jobs[0][1]["properties"]
+    assert properties["jobType"] == "Pipeline" and properties["experimentName"] == "exp"
+    assert properties["inputs"]["alpha"]["value"] == "0.5"
+    assert properties["inputs"]["rollout_spec"]["uri"] == spec
+    assert set(properties["jobs"]) == {"train", "register", "package", "rollout"}
+    components = [body for _, body in iter_calls(arm, "PUT", r"/components/[^/]+/versions/")]
+    commands = {c["properties"]["componentSpec"]["command"].split()[2] for c in components}
+    assert commands == {f"components.{s}.main" for s in ("train", "register", "package", "rollout")}
+    # the code snapshot holds the packages only: hashing it must not walk the whole checkout
+    assert all(
+        c["properties"]["componentSpec"]["code"].startswith("azureml:/subscriptions/")
+        for c in components
+    )
+
+
+def test_submit_reports_azure_errors_in_one_line(arm: FakeArm, client: Any) -> None:
+    from aml_pipelines.build import submit_pipeline
+    from aml_pipelines.pipeline import PipelineParams, build_pipeline
+
+    arm.on("GET", r"^.*/codes/[^/]+/versions$", _existing_code_upload)
+    arm.fail("PUT", r"/jobs/[^/]+$", 400, "UserError: compute cpu-cluster not found")
+    job = build_pipeline(PipelineParams(rollout_spec="azureml://datastores/d/paths/s.yaml"))
+    with pytest.raises(PipelineError, match="submitting the pipeline failed") as caught:
+        submit_pipeline(job, client)
+    assert "\n" not in str(caught.value)
+
+
+def test_submit_without_credentials_says_so(tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    for var in AZURE_CREDENTIAL_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no cached az / token-cache accounts
+    monkeypatch.setenv("PATH", "/nonexistent")  # no az, pwsh or azd to ask
+    result = CliRunner().invoke(app, ["pipeline", "submit", "--subscription", SUB,
+                                      "--resource-group", RG, "--workspace", WS])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "no usable Azure credentials" in result.output and "az login" in result.output
