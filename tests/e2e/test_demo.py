@@ -1,0 +1,46 @@
+"""`aml-rollout demo` (what `make demo` runs) end to end: the story happens and is written down."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aml_pipelines.registry.local import LocalRegistry
+from rollout.ledger import read_ledger
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+CLI = [
+    sys.executable,
+    "-c",
+    "import sys; from rollout.cli import main; sys.argv[0] = 'aml-rollout'; main()",
+]
+
+
+def test_demo_promotes_then_rolls_back_and_writes_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    done = subprocess.run(
+        [*CLI, "demo", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=290,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = out / "report.html"
+    assert f"report:  {report}" in done.stdout
+    page = report.read_text()
+    assert page.count("<svg") == 6  # per rollout: weights, error rate, p99
+    ledgers = {p.name: read_ledger(p) for p in (out / "stack" / "state").glob("*.ledger.jsonl")}
+    assert ledgers["diabetes-v2.ledger.jsonl"][-1]["phase"] == "Succeeded"
+    assert ledgers["diabetes-v3.ledger.jsonl"][-1]["phase"] == "RolledBack"
+    registry = LocalRegistry(out / "registry")
+    stages = {v.version: v.stage for v in registry.list_versions("diabetes")}
+    assert stages == {1: "archived", 2: "production", 3: "rolled-back"}
+    # the stack is gone: no scoring process recorded as running
+    assert not list((out / "stack" / "workloads").glob("*.proc.json"))

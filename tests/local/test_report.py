@@ -1,0 +1,71 @@
+"""The HTML report from ledgers written by the real Ledger: weights, decisions, self-contained."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from rollout.ledger import Ledger
+from rollout.report import render_html, story_from_ledger, write_report
+from tests.metrics.fake_prometheus import FakePrometheus
+
+T0 = 1_700_000_000.0
+
+
+def tick(at: float, phase: str, weight: int, reason: str, *, blue: int | None = None) -> dict:
+    actions = [] if blue is None else [{"type": "set_weights", "blue": blue}]
+    return {
+        "tick": int(at - T0),
+        "at": at,
+        "phase": phase,
+        "weight": weight,
+        "verdict": "Inconclusive",
+        "reason": reason,
+        "actions": actions,
+        "counts": {"blue": {"requests": 10, "errors": 1}, "green": {"requests": 90, "errors": 0}},
+    }
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Path:
+    path = tmp_path / "diabetes-v3.ledger.jsonl"
+    book = Ledger(path, fsync=False)
+    book.append(tick(T0 + 1, "Progressing", 10, "started: blue at 10 %", blue=10))
+    book.append(tick(T0 + 2, "Progressing", 10, "step 10 % has 11 of 100 canary requests"))
+    book.append(tick(T0 + 3, "Progressing", 50, "step 10 % passed", blue=50))
+    book.append(
+        tick(T0 + 4, "RolledBack", 0, "rolled back at step 50 %: canary error rate 29 %", blue=0)
+    )
+    return path
+
+
+def test_story_has_the_served_weights_and_each_decision(ledger: Path) -> None:
+    story = story_from_ledger(ledger)
+    assert story.name == "diabetes-v3"
+    assert story.outcome == "RolledBack"
+    assert [v for _, v in story.weights.points] == [10, 10, 50, 0]
+    assert [d.kind for d in story.decisions] == ["passed", "passed", "rolled back"]
+    assert story.end - story.start == pytest.approx(3.0)
+
+
+def test_html_is_self_contained_with_charts_and_the_reasons(ledger: Path) -> None:
+    page = render_html([story_from_ledger(ledger)], title="t")
+    assert page.count("<svg") == 1  # weights only: no Prometheus series given
+    assert "<script" not in page
+    assert not re.findall(r"(?:src|href)=", page)  # nothing fetched from anywhere
+    assert "canary error rate 29 %" in page
+    assert page.count('stroke-dasharray="4 3"') == 3
+
+
+def test_report_survives_an_unreadable_prometheus(ledger: Path, tmp_path: Path) -> None:
+    with FakePrometheus() as prom:  # answers /api/v1/query only: query_range fails
+        out = write_report(tmp_path / "r.html", [ledger], prometheus_url=prom.url)
+    assert out.read_text().count("<svg") == 1
+
+
+def test_an_empty_ledger_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "x.ledger.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no ticks"):
+        story_from_ledger(tmp_path / "x.ledger.jsonl")

@@ -1,0 +1,90 @@
+"""`aml-rollout up` as a user runs it: URLs printed, curl-able, and a clean stop.
+
+Stopped by `--duration` and by SIGTERM (what Ctrl-C in a terminal and a process manager send
+end the same way): afterwards no scoring process is recorded as running and every port the
+stack printed is free again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rollout.local.process import pid_alive, port_is_free
+
+pytestmark = pytest.mark.slow
+
+CLI = [
+    sys.executable,
+    "-c",
+    "import sys; from rollout.cli import main; sys.argv[0] = 'aml-rollout'; main()",
+]
+
+
+def ports_in(text: str) -> set[int]:
+    return {int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", text)}
+
+
+def scoring_pids(workdir: Path) -> list[int]:
+    return [
+        int(json.loads(p.read_text())["pid"]) for p in (workdir / "workloads").glob("*.proc.json")
+    ]
+
+
+def test_up_with_a_duration_prints_the_urls_and_stops_clean(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*CLI, "up", "--duration", "2", "--workdir", str(tmp_path / "stack")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "x-api-version" not in done.stdout  # no candidate: no blue curl line
+    assert "/score" in done.stdout and "stack stopped" in done.stdout
+    ports = ports_in(done.stdout)
+    assert len(ports) >= 4
+    assert all(port_is_free(p) for p in ports)
+    assert scoring_pids(tmp_path / "stack") == []
+
+
+def test_up_serves_until_sigterm_then_stops_clean(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [*CLI, "up", "--workdir", str(tmp_path / "stack")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    output = ""
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 90
+        while "GET: which model" not in output and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            output += line
+        url = re.search(r"(http://127\.0\.0\.1:\d+)/score", output)
+        assert url, output
+        answer = httpx.get(f"{url.group(1)}/score", timeout=10).json()
+        assert answer["colour"] == "green"
+        pids = scoring_pids(tmp_path / "stack")
+        assert pids and all(pid_alive(p) for p in pids)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        rest, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output + rest
+    assert "stack stopped" in rest
+    assert not any(pid_alive(p) for p in pids)
+    assert all(port_is_free(p) for p in ports_in(output))
