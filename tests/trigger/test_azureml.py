@@ -1,0 +1,82 @@
+"""The watcher on an Azure ML registry: real azure-ai-ml calls over HTTP to the fake ARM server
+(tests/fakes/arm.py), delivered by the real engine (memory router, simulated traffic, fake
+clock). The registry tags written back are read from the fake's stored ARM resources.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aml_pipelines.delivery import EngineDelivery
+from aml_pipelines.registry.azureml import AzureMLRegistry
+from aml_pipelines.trigger.dispatch import Dispatcher
+from aml_pipelines.trigger.store import TriggerStore
+from aml_pipelines.trigger.watcher import Watcher
+from rollout.config import spec_from_dict
+from rollout.controller import FakeClock
+from tests.fakes.arm import FakeArm, StaticCredential, iter_calls
+
+SUB, RG, WS = "11111111-2222-3333-4444-555555555555", "ml-rg", "ml-ws"
+VERSIONS = (
+    f"/subscriptions/{SUB}/resourceGroups/{RG}"
+    f"/providers/Microsoft.MachineLearningServices/workspaces/{WS}/models/diabetes/versions"
+)
+
+
+@pytest.fixture
+def arm() -> Iterator[FakeArm]:
+    with FakeArm() as fake:
+        fake.add_workspace(SUB, RG, WS)
+        yield fake
+
+
+@pytest.fixture
+def registry(arm: FakeArm) -> AzureMLRegistry:
+    from azure.ai.ml import MLClient
+
+    return AzureMLRegistry(MLClient(StaticCredential(), SUB, RG, WS, transport=arm.transport()))
+
+
+def _watcher(tmp_path: Path, registry: AzureMLRegistry) -> Watcher:
+    spec = spec_from_dict(
+        {
+            "name": "diabetes",
+            "router": {"kind": "memory", "state_file": str(tmp_path / "routes.json")},
+            "metrics": {"kind": "simulated", "seed": 1, "rps": 500},
+            "steps": [10, 50, 100],
+            "analysis": {"interval_s": 10, "min_requests": 50, "latency": {"enabled": False}},
+            "state": {"dir": str(tmp_path / "rollout")},
+        }
+    )
+    delivery = EngineDelivery(registry, spec, clock=FakeClock(1_000.0))
+    dispatcher = Dispatcher(TriggerStore(tmp_path / "trigger"), registry, delivery)
+    return Watcher(registry, "diabetes", dispatcher, required_tags={"stage": "candidate"})
+
+
+def _stages(arm: FakeArm) -> dict[str, Any]:
+    return {v["name"]: v["properties"]["tags"].get("stage") for v in arm.children(VERSIONS)}
+
+
+def test_watch_an_azureml_registry_and_tag_it_after_promotion(
+    tmp_path: Path, arm: FakeArm, registry: AzureMLRegistry
+) -> None:
+    registry.register(
+        "diabetes",
+        "azureml://jobs/run-1/outputs/model",
+        {"sha256": "a" * 64, "stage": "production"},
+    )
+    registry.register(
+        "diabetes", "azureml://jobs/run-2/outputs/model", {"sha256": "b" * 64, "stage": "candidate"}
+    )
+    _watcher(tmp_path, registry).run(once=True)
+    assert _stages(arm) == {"1": "archived", "2": "production"}
+
+    puts = len(list(iter_calls(arm, "PUT", r"/models/diabetes/versions/")))
+    assert puts == 4  # two registrations, two tag writes
+    _watcher(tmp_path, registry).run(once=True)  # a restarted watcher: nothing new, nothing written
+    assert len(list(iter_calls(arm, "PUT", r"/models/diabetes/versions/"))) == puts
+    assert not (tmp_path / "rollout" / "packages").exists()  # deployed from the registry
