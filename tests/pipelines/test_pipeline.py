@@ -56,7 +56,11 @@ def test_pipeline_validates_offline() -> None:
 
 
 def _normalise(text: str, base: Path) -> str:
-    return text.replace(os.path.relpath(REPO, base), "<REPO>")
+    """Paths relative to the checkout, and the conda env (checked by test_environment) elided."""
+    data = yaml.safe_load(text.replace(os.path.relpath(REPO, base), "<REPO>"))
+    for node in data["jobs"].values():
+        node["component"]["environment"] = "<environment.yml on the image in component.yml>"
+    return yaml.safe_dump(data, sort_keys=False, width=100)
 
 
 def test_pipeline_dumps_to_the_golden_yaml(tmp_path: Path, components) -> None:
@@ -68,6 +72,7 @@ def test_pipeline_dumps_to_the_golden_yaml(tmp_path: Path, components) -> None:
     assert codes == {os.path.relpath(REPO, tmp_path)}  # relative, never absolute
     assert not dumped["inputs"]["rollout_spec"]["path"].startswith(("azureml:", "/"))
     normalised = _normalise(out.read_text(), tmp_path)
+    assert "environment.yml" in normalised
     if os.environ.get("UPDATE_GOLDEN"):
         GOLDEN.write_text(normalised)
     assert normalised == GOLDEN.read_text(), "run with UPDATE_GOLDEN=1 after an intended change"
