@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+import uuid
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,31 +44,51 @@ def upstreams() -> Iterator[ThreadUpstreams]:
     servers.close()
 
 
-@pytest.fixture
-def fresh_router(
-    envoy: EnvoyProcess, upstreams: ThreadUpstreams, tmp_path: Path
-) -> Iterator[EnvoyRouter]:
+def new_router(envoy: EnvoyProcess, upstreams: ThreadUpstreams, releases: Path) -> EnvoyRouter:
+    """A router on the shared Envoy with nothing deployed (the watched files reset)."""
     initial_files(envoy.files)
     router = EnvoyRouter(
         admin_url=envoy.admin_url,
         files=envoy.files,
-        releases_file=tmp_path / "releases.json",
+        releases_file=releases,
         workloads=upstreams,
     )
     router._wait_for(lambda: router.get_weights() == Weights.blue_at(0), "reset")
+    return router
+
+
+@pytest.fixture
+def envoy_router(
+    envoy: EnvoyProcess, upstreams: ThreadUpstreams, tmp_path: Path
+) -> Iterator[EnvoyRouter]:
+    router = new_router(envoy, upstreams, tmp_path / "releases.json")
     yield router
     router.close()
 
 
 @pytest.fixture
-def router(fresh_router: EnvoyRouter) -> EnvoyRouter:
-    return fresh_router
+def router(envoy_router: EnvoyRouter) -> EnvoyRouter:
+    return envoy_router
 
 
 class TestEnvoyRouterContract(RouterContract):
+    @pytest.fixture(autouse=True)
+    def _shared(self, envoy: EnvoyProcess, tmp_path: Path) -> None:
+        self.envoy, self.tmp = envoy, tmp_path
+
     @pytest.fixture
-    def router(self, fresh_router: EnvoyRouter) -> EnvoyRouter:
-        return fresh_router
+    def router(self, envoy_router: EnvoyRouter) -> EnvoyRouter:
+        return envoy_router
+
+    @contextmanager
+    def fresh_router(self) -> Iterator[EnvoyRouter]:
+        upstreams = ThreadUpstreams()
+        router = new_router(self.envoy, upstreams, self.tmp / f"releases-{uuid.uuid4().hex}.json")
+        try:
+            yield router
+        finally:
+            router.close()
+            upstreams.close()
 
     def pinned_routes(self, router: Any) -> Any:
         return router.pinned_routes()
