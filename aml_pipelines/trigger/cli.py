@@ -145,7 +145,12 @@ def watch(
     )
     if not once:
         _stop_on_signals(watcher.stop)
-    watcher.run(once=once)
+    outcomes = watcher.run(once=once)
+    if once:
+        for outcome in outcomes:
+            typer.echo(f"{outcome.model} v{outcome.version}: {outcome.phase} {outcome.reason}")
+        if not outcomes:
+            typer.echo(f"{model}: no new version to deliver")
 
 
 @trigger_app.command("serve")

@@ -23,6 +23,8 @@ import logging
 import threading
 from collections.abc import Mapping
 
+from aml_pipelines.delivery import DeliveryOutcome
+from aml_pipelines.errors import PipelineError
 from aml_pipelines.registry.base import ModelRegistry, ModelVersion, Stage
 from aml_pipelines.trigger.dispatch import DELIVERED, DeliveryWorker, Dispatcher
 
@@ -94,16 +96,18 @@ class Watcher:
         fresh = new_versions(versions, self.required_tags, known)
         return [v.version for v in fresh if self.dispatcher.accept(self.model, v.version, "watch")]
 
-    def run(self, *, once: bool = False) -> None:
-        """Lock, reconcile, then poll and deliver until stopped (or one round with `once`)."""
+    def run(self, *, once: bool = False) -> list[DeliveryOutcome]:
+        """Lock, reconcile, then poll and deliver until stopped (or one round with `once`).
+
+        Returns the outcomes of a `once` round (a long-running watcher logs them instead).
+        """
         store = self.dispatcher.store
         lock = store.lock(f"watch-{self.model}", f"a watcher of model {self.model!r}")
         with lock.held(blocking=False):
             self.dispatcher.delivery.reconcile()
             if once:
                 self.poll()
-                self.dispatcher.drain(self.model)
-                return
+                return self.dispatcher.drain(self.model)
             worker = DeliveryWorker(self.dispatcher, lambda: [self.model])
             worker.start()
             log.info(
@@ -116,8 +120,11 @@ class Watcher:
                 try:
                     if self.poll():
                         worker.wake()
-                except Exception:
+                except PipelineError as exc:
                     # A registry hiccup must not kill a long-running watcher: log, retry next poll.
+                    log.warning("polling the registry for %s failed: %s", self.model, exc)
+                except Exception:
                     log.exception("polling the registry for %s failed", self.model)
                 self.stop.wait(self.interval_s)
             worker.join(timeout=self.interval_s)
+            return []

@@ -124,12 +124,14 @@ def test_watch_once_promotes_and_the_registry_follows(
 ) -> None:
     first = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once"))
     assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("diabetes v2: Succeeded ")
     assert [v.stage for v in registry.list_versions("diabetes")] == ["archived", "production"]
     assert _registry_list(tmp_path) == {"1": "-", "2": "green"}
     package = json.loads((tmp_path / "rollout/packages/diabetes/2/package.json").read_text())
     assert package["version"] == "2"
     again = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once"))
     assert again.returncode == 0, again.stderr
+    assert again.stdout == "diabetes: no new version to deliver\n"
     assert _ledger_starts(tmp_path) == 1  # exactly one rollout for v2
 
 
