@@ -253,6 +253,8 @@ def test_submit_without_credentials_says_so(tmp_path: Path, monkeypatch) -> None
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no cached az / token-cache accounts
     monkeypatch.setenv("PATH", "/nonexistent")  # no az, pwsh or azd to ask
+    # developer credentials only: never probe a managed-identity endpoint (CI runs on cloud VMs)
+    monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "dev")
     result = CliRunner().invoke(app, ["pipeline", "submit", "--subscription", SUB,
                                       "--resource-group", RG, "--workspace", WS])  # fmt: skip
     assert result.exit_code == 2, result.output

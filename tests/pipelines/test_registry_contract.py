@@ -1,0 +1,90 @@
+"""One contract suite, run against every registry backend: local, memory, azureml (on fake ARM)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aml_pipelines.errors import ModelNotFound
+from aml_pipelines.registry.base import ModelRegistry
+from tests.pipelines.conftest import write_model_folder
+
+Source = Callable[[int], tuple[str | Path, dict[str, str]]]
+
+
+@pytest.fixture(params=["local", "memory", "azureml"])
+def backend(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[ModelRegistry, Source]]:
+    kind = request.param
+    if kind == "azureml":
+        from azure.ai.ml import MLClient
+
+        from aml_pipelines.registry.azureml import AzureMLRegistry
+        from tests.fakes.arm import FakeArm, StaticCredential
+
+        with FakeArm() as arm:
+            arm.add_workspace("s", "rg", "ws")
+            client = MLClient(StaticCredential(), "s", "rg", "ws", transport=arm.transport())
+
+            def remote(i: int) -> tuple[str | Path, dict[str, str]]:
+                return f"azureml://jobs/run-{i}/outputs/model", {"sha256": f"{i:064x}"}
+
+            yield AzureMLRegistry(client), remote
+        return
+
+    def folder(i: int) -> tuple[str | Path, dict[str, str]]:
+        return write_model_folder(tmp_path / f"src-{i}", salt=str(i)), {}
+
+    if kind == "local":
+        from aml_pipelines.registry.local import LocalRegistry
+
+        yield LocalRegistry(tmp_path / "registry"), folder
+    else:
+        from aml_pipelines.registry.memory import MemoryRegistry
+
+        yield MemoryRegistry(), folder
+
+
+def _register(registry: ModelRegistry, source: Source, i: int, **tags: str) -> Any:
+    path, base_tags = source(i)
+    return registry.register("contract-model", path, {**base_tags, **tags})
+
+
+def test_versions_count_up_from_one(backend) -> None:
+    registry, source = backend
+    assert isinstance(registry, ModelRegistry)
+    assert registry.latest("contract-model") is None
+    assert registry.list_versions("contract-model") == []
+    versions = [_register(registry, source, i).version for i in range(3)]
+    assert versions == [1, 2, 3]
+    latest = registry.latest("contract-model")
+    assert latest is not None and latest.version == 3
+    assert [v.version for v in registry.list_versions("contract-model")] == [1, 2, 3]
+
+
+def test_tags_merge_remove_and_find(backend) -> None:
+    registry, source = backend
+    _register(registry, source, 1, stage="candidate", owner="a")
+    _register(registry, source, 2, stage="candidate")
+    updated = registry.set_tags("contract-model", 1, {"stage": "production", "owner": ""})
+    assert updated.tags.get("stage") == "production" and "owner" not in updated.tags
+    assert registry.get("contract-model", 1).tags == updated.tags
+    assert [v.version for v in registry.find_by_tag("contract-model", "stage", "candidate")] == [2]
+
+
+def test_sha256_is_fixed_at_registration(backend) -> None:
+    registry, source = backend
+    first = _register(registry, source, 7)
+    assert len(first.sha256) == 64
+    assert registry.set_tags("contract-model", 1, {"x": "y"}).sha256 == first.sha256
+
+
+def test_unknown_version(backend) -> None:
+    registry, source = backend
+    _register(registry, source, 1)
+    with pytest.raises(ModelNotFound):
+        registry.get("contract-model", 5)
