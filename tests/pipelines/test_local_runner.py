@@ -104,3 +104,27 @@ def test_until_train_runs_one_step_and_a_failure_stops_the_run(tmp_path: Path) -
 def test_unknown_until_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="until"):
         run_local(_params(tmp_path), run_dir=tmp_path / "r", until="deploy")
+
+
+DRY_RUN_SPEC = """
+name: local-runner
+router: {kind: memory}
+metrics: {kind: simulated, seed: 5, rps: 200000}
+steps: [50, 100]
+analysis: {interval_s: 0.02, min_requests: 50, max_step_duration_s: 10}
+stable: {model: diabetes-ridge, version: "0"}
+"""
+
+
+@pytest.mark.slow
+def test_all_four_steps_with_a_dry_run_rollout(tmp_path: Path) -> None:
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(DRY_RUN_SPEC)
+    run = run_local(
+        _params(tmp_path, rollout_spec=str(spec)), run_dir=tmp_path / "run", until="rollout"
+    )
+    assert list(run.steps) == ["train", "register", "package", "rollout"]
+    result = json.loads((run.output("rollout", "result") / "result.json").read_text())
+    assert result["phase"] == "Succeeded"
+    assert result["candidate"]["model_dir"] == str(run.output("package", "package"))
+    assert result["candidate"]["image"] == "amlrollout.azurecr.io/diabetes-ridge:1"
