@@ -239,6 +239,9 @@ def build_package(
 
 def _package_in_azureml(ml_client: Any, model: ModelVersion, folder: Path) -> Any:
     """Ask Azure ML to build the serving environment from `folder` (experimental API)."""
+    from aml_pipelines.pipeline import quiet_sdk
+
+    quiet_sdk()  # `models.package` and its classes log "experimental" notices on every call
     from azure.ai.ml.entities import AzureMLOnlineInferencingServer, CodeConfiguration, ModelPackage
 
     request = ModelPackage(

@@ -26,9 +26,11 @@ Generic resource semantics (any provider, any depth):
 - `arm.on(method, regex, handler)` adds a route (first match wins, before the generic ones):
   `handler(arm, match, body, query) -> (status, body_dict, headers)`; use it for POST actions
   (listKeys, package, ...) and anything the generic rules do not cover.
-- `arm.lro(regex, polls=1)`: PUT/DELETE/POST on matching paths answer 201/202 with
+- `arm.lro(regex, polls=1, result=None)`: PUT/DELETE/POST on matching paths answer 201/202 with
   `Azure-AsyncOperation` and `Location` headers; the operation reports `InProgress` `polls`
-  times, then `Succeeded` (the resource itself is stored immediately).
+  times, then `Succeeded` (the resource itself is stored immediately). For a POST, `result`
+  (a dict, or a callable `(arm, path, body) -> dict`) is what the `Location` URL returns once
+  the operation is done: the action's response body.
 - `arm.defaults(regex, properties)`: properties merged into matching PUT bodies when absent (e.g.
   model versions get `flavors: {}`, which azure-ai-ml needs when reading them back).
 - `arm.fail(method, regex, status, code, times=1)`: the next `times` matching calls fail with an
@@ -170,10 +172,11 @@ class FakeArm:
         self.resources: dict[str, dict[str, Any]] = {}  # lower-cased path -> resource
         self.calls: list[tuple[str, str, dict[str, list[str]], Any]] = []
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
-        self._lro: list[tuple[re.Pattern[str], int]] = []
+        self._lro: list[tuple[re.Pattern[str], int, Any]] = []
         self._defaults: list[tuple[re.Pattern[str], dict[str, Any]]] = []
         self._failures: list[list[Any]] = []
         self._operations: dict[str, int] = {}
+        self._results: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -211,8 +214,8 @@ class FakeArm:
     def on(self, method: str, pattern: str, handler: Handler) -> None:
         self._routes.append((method.upper(), re.compile(pattern, re.IGNORECASE), handler))
 
-    def lro(self, pattern: str, polls: int = 1) -> None:
-        self._lro.append((re.compile(pattern, re.IGNORECASE), polls))
+    def lro(self, pattern: str, polls: int = 1, result: Any = None) -> None:
+        self._lro.append((re.compile(pattern, re.IGNORECASE), polls, result))
 
     def defaults(self, pattern: str, properties: dict[str, Any]) -> None:
         self._defaults.append((re.compile(pattern, re.IGNORECASE), properties))
@@ -319,7 +322,8 @@ class FakeArm:
                 return handler(self, match, body, query)
         if path.startswith("/_operations/"):
             return self._operation(path)
-        polls = next((n for p, n in self._lro if p.search(path)), None)
+        lro = next(((n, r) for p, n, r in self._lro if p.search(path)), None)
+        polls = lro[0] if lro else None
         if method == "GET":
             found = self.get(path)
             if found is not None:
@@ -348,8 +352,9 @@ class FakeArm:
             if polls is not None and existed:
                 return 202, None, self._start_operation(polls, path)
             return (200 if existed else 204), None, {}
-        if method == "POST" and polls is not None:
-            return 202, None, self._start_operation(polls, path)
+        if method == "POST" and lro is not None:
+            result = lro[1](self, path, body) if callable(lro[1]) else lro[1]
+            return 202, None, self._start_operation(lro[0], path, result)
         return 404, _error("NoFakeRoute", f"the fake ARM has no route for {method} {path}"), {}
 
     def _immutable(self, path: str, body: dict[str, Any]) -> str | None:
@@ -376,13 +381,22 @@ class FakeArm:
         )
         self.put(container, existing)
 
-    def _start_operation(self, polls: int, path: str) -> dict[str, str]:
+    def _start_operation(self, polls: int, path: str, result: Any = None) -> dict[str, str]:
         op = uuid.uuid4().hex
         self._operations[op] = polls
         url = f"https://{ARM_HOST}/_operations/{op}"
-        return {"Azure-AsyncOperation": url, "Location": url, "Retry-After": "0"}
+        location = url
+        if result is not None:
+            self._results[op] = result
+            location = f"{url}/result"
+        return {"Azure-AsyncOperation": url, "Location": location, "Retry-After": "0"}
 
     def _operation(self, path: str) -> tuple[int, Any, dict[str, str]]:
+        if path.endswith("/result"):
+            op = path.rsplit("/", 2)[-2]
+            if op not in self._results or self._operations.get(op, 1) > 0:
+                return 404, _error("OperationNotFound", f"no finished operation {op}"), {}
+            return 200, self._results[op], {}
         op = path.rsplit("/", 1)[-1]
         if op not in self._operations:
             return 404, _error("OperationNotFound", f"no operation {op}"), {}

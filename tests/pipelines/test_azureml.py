@@ -259,3 +259,31 @@ def test_submit_without_credentials_says_so(tmp_path: Path, monkeypatch) -> None
                                       "--resource-group", RG, "--workspace", WS])  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "no usable Azure credentials" in result.output and "az login" in result.output
+
+
+def test_package_in_azureml_mode_asks_azure_to_build_the_image(
+    arm: FakeArm, client: Any, registry: AzureMLRegistry, tmp_path: Path
+) -> None:
+    from components.package.package import build_package
+    from components.train.train import TrainParams, train
+
+    def package_action(fake: FakeArm, path: str, body: Any) -> dict[str, Any]:
+        environment = body["targetEnvironmentId"]
+        name = environment.rsplit("/environments/", 1)[1]
+        fake.put(f"{WS_PATH}/environments/{name}/versions/1", {"properties": {"image": "img"}})
+        return {"targetEnvironmentId": f"{environment}/versions/1"}
+
+    arm.on("GET", r"^.*/codes/[^/]+/versions$", _existing_code_upload)
+    arm.lro(r"/models/[^/]+/versions/[^/]+/package$", polls=2, result=package_action)
+    trained = train(tmp_path / "model", name="m", params=TrainParams())
+    version = registry.register("m", "azureml://jobs/r/outputs/model", {"sha256": trained.sha256})
+    result = build_package(
+        version, tmp_path / "pkg", image_registry="acr.io", model_dir=tmp_path / "model",
+        mode="azureml", ml_client=client,
+    )  # fmt: skip
+    assert result.manifest["azureml_environment"] == "m-serving:1"
+    ((_, request),) = iter_calls(arm, "POST", r"/models/m/versions/1/package$")
+    server = request["inferencingServer"]
+    assert server["serverType"] == "AzureMLOnline"
+    assert server["codeConfiguration"]["scoringScript"] == "score.py"
+    assert (tmp_path / "pkg" / "score.py").is_file()
