@@ -1,0 +1,55 @@
+"""Timings of the pipeline commands a user waits for, as JSON.
+
+    python -m benchmarks.pipeline [--repeat 3]
+
+Each command runs as a fresh `aml-rollout` process (what a user pays, imports included) in a
+temporary folder: `--help`, `pipeline validate`, `pipeline build -o`, and `pipeline run-local`
+(train → register → package with a local registry). Prints
+`{"help_s": [...], "validate_s": [...], "build_s": [...], "run_local_s": [...], "load_average": x}`
+with one entry per repetition. Numbers are wall-clock and depend on the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CLI = str(Path(sys.executable).with_name("aml-rollout"))
+COMMANDS = {
+    "help_s": ["--help"],
+    "validate_s": ["pipeline", "validate"],
+    "build_s": ["pipeline", "build", "-o", "pipeline.yml"],
+    "run_local_s": ["pipeline", "run-local", "--registry", "local:registry", "--run-dir", "run"],
+}
+
+
+def timed(argv: list[str], cwd: Path) -> float:
+    started = time.perf_counter()
+    subprocess.run([CLI, *argv], cwd=cwd, check=True, capture_output=True)
+    return round(time.perf_counter() - started, 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    times: dict[str, list[float]] = {name: [] for name in COMMANDS}
+    for _ in range(args.repeat):
+        work = Path(tempfile.mkdtemp(prefix="aml-rollout-bench-"))
+        try:
+            for name, argv in COMMANDS.items():
+                times[name].append(timed(argv, work))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({**times, "load_average": round(os.getloadavg()[0], 2)}))
+
+
+if __name__ == "__main__":
+    main()
