@@ -3,7 +3,8 @@
 Why: azure-ai-ml's real serialisation, retries, paging and LRO polling should run in tests, with
 no network and no mock of the SDK. `FakeArmTransport` is an azure-core `RequestsTransport` that
 rewrites `https://management.azure.com/...` (and any other host you list) to this server after
-every policy has run, so bearer-token policies still see https.
+every policy has run, so bearer-token policies still see https. It also compresses the sleeps
+azure-core asks it for (LRO polling intervals, retry back-off) to 10 ms.
 
     with FakeArm() as arm:
         arm.add_workspace(SUB, RG, WS)                       # location + properties.workspaceId
@@ -53,6 +54,7 @@ import copy
 import json
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -110,6 +112,14 @@ class FakeArmTransport(RequestsTransport):
         super().__init__(**kwargs)
         self._base = urlsplit(base_url)
         self._hosts = hosts
+
+    def sleep(self, duration: float) -> None:
+        """Compress the waits azure-core asks for (LRO polling intervals, retry back-off).
+
+        azure-core sleeps through the transport; against the fake a 30 s polling interval (what
+        azure-ai-ml uses when a response carries no non-zero Retry-After) is pure waiting.
+        """
+        time.sleep(min(duration, 0.01))
 
     def send(self, request: Any, **kwargs: Any) -> Any:
         parts = urlsplit(request.url)
