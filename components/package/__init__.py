@@ -1,0 +1,1 @@
+"""The package component: a registered model version into a deployable package folder."""

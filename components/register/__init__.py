@@ -1,0 +1,1 @@
+"""The register component: the evaluation gate and the registration."""

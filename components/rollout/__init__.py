@@ -1,0 +1,1 @@
+"""The rollout component: hands the package to the rollout engine (rollout.api)."""
