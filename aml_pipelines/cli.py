@@ -84,7 +84,8 @@ def parse_params(
         key = key.strip().replace("-", "_")
         if not sep or key not in settable:
             raise ConfigError(f"--param {pair!r}: expected KEY=VALUE with KEY one of {settable}")
-        kind = str(fields[key].type)
+        annotation = fields[key].type
+        kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "str")
         try:
             if kind == "bool":
                 if raw.lower() not in {"true", "false"}:

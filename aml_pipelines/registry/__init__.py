@@ -1,1 +1,1 @@
-"""Model registry: one Protocol, a local folder backend and an Azure ML backend."""
+"""Model registry: the Protocol (base), local-folder, Azure ML and in-memory backends, factory."""
