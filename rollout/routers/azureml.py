@@ -53,9 +53,11 @@ def plan_traffic(
 ) -> tuple[dict[str, int], dict[str, int]]:
     """The endpoint's new (traffic, mirror_traffic) for `weights` (checked by `check_mirror`).
 
-    Deployments we do not manage keep their entry at 0; one that takes live traffic is an error,
-    since blue + green already make 100. Blue is shadowed at `shadow_percent` while it takes no
-    live traffic (the caller passes 0 when blue is not deployed); other shadows are kept.
+    Zero entries are left out, as azure-ai-ml strips them before sending anyway, so a plan
+    compares equal to what the endpoint reads back. A deployment we do not manage that takes
+    live traffic is an error, since blue + green already make 100. Blue is shadowed at
+    `shadow_percent` while it takes no live traffic (the caller passes 0 when blue is not
+    deployed); other shadows are kept.
     """
     ours = set(names.values())
     foreign = {name: pct for name, pct in current.items() if name not in ours and pct}
@@ -64,15 +66,17 @@ def plan_traffic(
             f"endpoint sends live traffic to deployments aml-rollout does not manage: {foreign}; "
             "set them to 0 first"
         )
-    traffic = {name: 0 for name in current if name not in ours}
-    for colour, name in names.items():
-        if weights.of(colour) or name in current:
-            traffic[name] = weights.of(colour)
-    new_mirror = {name: pct for name, pct in mirror.items() if name not in ours}
+    traffic = {name: weights.of(colour) for colour, name in names.items() if weights.of(colour)}
+    new_mirror = {name: pct for name, pct in mirror.items() if name not in ours and pct}
     if shadow_percent and not weights.blue:
         new_mirror[names[Colour.BLUE]] = shadow_percent
     check_mirror(new_mirror, traffic)
     return traffic, new_mirror
+
+
+def nonzero(shares: Mapping[str, int]) -> dict[str, int]:
+    """A traffic map as Azure keeps it: without zero entries."""
+    return {name: int(pct) for name, pct in shares.items() if pct}
 
 
 def check_mirror(mirror: Mapping[str, int], traffic: Mapping[str, int]) -> None:
@@ -226,7 +230,7 @@ class AzureMLRouter:
                     f"{self.endpoint}/{self.names[colour]} does not exist"
                 )
         endpoint = self._endpoint()
-        current, mirror = dict(endpoint.traffic or {}), dict(endpoint.mirror_traffic or {})
+        current, mirror = nonzero(endpoint.traffic or {}), nonzero(endpoint.mirror_traffic or {})
         shadow = self._mirror_percent if deployed[Colour.BLUE] else 0
         traffic, new_mirror = plan_traffic(current, mirror, self.names, weights, shadow)
         if (traffic, new_mirror) == (current, mirror):
@@ -244,12 +248,11 @@ class AzureMLRouter:
         endpoint = self._get(f"endpoint {self.endpoint}", self._endpoint_raw)
         if endpoint is None:
             return
-        traffic, mirror = dict(endpoint.traffic or {}), dict(endpoint.mirror_traffic or {})
+        traffic, mirror = nonzero(endpoint.traffic or {}), nonzero(endpoint.mirror_traffic or {})
         if traffic.get(name):
             raise RouterError(f"cannot remove {colour.value}: it still serves default traffic")
-        if name in traffic or name in mirror:  # Azure refuses to delete a referenced deployment
-            traffic.pop(name, None)
-            mirror.pop(name, None)
+        if name in mirror:  # Azure refuses to delete a deployment that is still mirrored to
+            mirror.pop(name)
             self._update_endpoint(endpoint, traffic, mirror)
 
         self._get(  # already gone is fine: remove is idempotent
@@ -318,14 +321,21 @@ class AzureMLRouter:
         except ClientAuthenticationError as exc:
             raise RouterError(f"{what}: Azure rejected the credentials ({exc.message})") from exc
         except HttpResponseError as exc:
-            raise RouterError(f"{what}: HTTP {exc.status_code} {exc.message}") from exc
+            raise RouterError(f"{what}: HTTP {exc.status_code} {_one_line(exc.message)}") from exc
         except AzureError as exc:
-            raise RouterError(f"{what}: {exc.message}") from exc
+            raise RouterError(f"{what}: {_one_line(exc.message)}") from exc
         except Exception as exc:
             # azure-ai-ml raises its own MlException tree (validation, asset resolution).
             if type(exc).__module__.startswith("azure."):
-                raise RouterError(f"{what}: {exc}") from exc
+                raise RouterError(f"{what}: {_one_line(str(exc))}") from exc
             raise
+
+
+def _one_line(message: str) -> str:
+    """azure-ai-ml's multi-paragraph validation text, cut to its substance on one line."""
+    for boilerplate in ("Resolutions:", "Additional Resources:"):
+        message = message.split(boilerplate, 1)[0]
+    return " ".join(message.split())
 
 
 class _NotFound(RouterError):

@@ -122,13 +122,19 @@ class FakeArmTransport(RequestsTransport):
         time.sleep(min(duration, 0.01))
 
     def send(self, request: Any, **kwargs: Any) -> Any:
-        parts = urlsplit(request.url)
+        original = request.url
+        parts = urlsplit(original)
         if parts.hostname in self._hosts:
             request.headers["x-fake-arm-original-host"] = parts.netloc
             request.url = urlunsplit(
                 (self._base.scheme, self._base.netloc, parts.path, parts.query, "")
             )
-        return super().send(request, **kwargs)
+        try:
+            return super().send(request, **kwargs)
+        finally:
+            # An LRO poller re-reads the resource at its initial request's URL; left rewritten
+            # to plain http, the bearer-token policy would refuse it (non-TLS).
+            request.url = original
 
 
 def _now() -> str:
@@ -190,7 +196,9 @@ class FakeArm:
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )  # a short poll so stop() returns at once
         self.defaults(r"/models/[^/]+/versions/[^/]+$", {"flavors": {}})
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -420,6 +428,9 @@ class FakeArm:
 
         class _Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body leave in two writes; with Nagle on, every response would wait
+            # for the client's delayed ACK (~40 ms a request).
+            disable_nagle_algorithm = True
 
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)

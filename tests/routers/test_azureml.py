@@ -4,6 +4,9 @@ through the real azure-ai-ml SDK against the fake ARM server (real serialisation
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -12,7 +15,14 @@ from hypothesis import strategies as st
 
 from rollout.core.types import Colour, Weights
 from rollout.errors import RouterError
-from rollout.routers.azureml import check_mirror, plan_traffic, weights_from_traffic
+from rollout.routers.azureml import (
+    AzureMLRouter,
+    check_mirror,
+    plan_traffic,
+    weights_from_traffic,
+)
+from tests.fakes.arm import FakeArm, StaticCredential
+from tests.routers.contract import V1, V2, RouterContract
 
 NAMES = {Colour.BLUE: "blue", Colour.GREEN: "green"}
 
@@ -23,16 +33,16 @@ NAMES = {Colour.BLUE: "blue", Colour.GREEN: "green"}
         pytest.param({}, {}, 0, 0, {"green": 100}, {}, id="first-traffic-green-only"),
         pytest.param({"green": 100}, {}, 10, 0, {"green": 90, "blue": 10}, {}, id="canary-step"),
         pytest.param(
-            {"green": 100, "blue": 0}, {}, 0, 20, {"green": 100, "blue": 0}, {"blue": 20},
+            {"green": 100, "blue": 0}, {}, 0, 20, {"green": 100}, {"blue": 20},
             id="blue-at-zero-is-shadowed",
         ),
         pytest.param(
-            {"green": 100, "blue": 0}, {"blue": 20}, 10, 20, {"green": 90, "blue": 10}, {},
+            {"green": 100}, {"blue": 20}, 10, 20, {"green": 90, "blue": 10}, {},
             id="live-traffic-ends-the-shadow",
         ),
         pytest.param(
-            {"green": 100, "old": 0}, {}, 0, 0, {"green": 100, "old": 0}, {},
-            id="foreign-deployment-at-zero-kept",
+            {"green": 100, "old": 0}, {}, 100, 0, {"blue": 100}, {},
+            id="zero-entries-left-out-as-the-sdk-does",
         ),
         pytest.param(
             {"green": 100}, {"other": 10}, 50, 0, {"green": 50, "blue": 50}, {"other": 10},
@@ -104,3 +114,127 @@ def test_planned_traffic_always_obeys_azure_and_round_trips(
 def test_weights_from_traffic_refuses_a_split_that_is_not_ours(traffic: dict[str, Any]) -> None:
     with pytest.raises(RouterError, match="does not split 100 %"):
         weights_from_traffic(traffic, NAMES)
+
+
+# ---- the router through the real SDK against the fake ARM ------------------------------------
+SUB, RG, WS = "00000000-0000-0000-0000-000000000001", "ml-rg", "ml-ws"
+WORKSPACE = (
+    f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.MachineLearningServices"
+    f"/workspaces/{WS}"
+)
+
+
+@pytest.fixture(scope="module")
+def arm() -> Iterator[FakeArm]:
+    with FakeArm() as server:
+        server.add_workspace(SUB, RG, WS)
+        # Endpoint and deployment writes are long-running operations, as in Azure: the SDK's
+        # poller follows Azure-AsyncOperation until it reports Succeeded.
+        server.lro(r"/onlineEndpoints/[^/]+(/deployments/[^/]+)?$", polls=1)
+        # What the service fills in on a deployment and azure-ai-ml needs to read it back.
+        server.defaults(
+            r"/onlineEndpoints/[^/]+/deployments/[^/]+$",
+            {"scaleSettings": {"scaleType": "Default"}},
+        )
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ml_client(arm: FakeArm) -> Any:
+    from azure.ai.ml import MLClient
+
+    return MLClient(StaticCredential(), SUB, RG, WS, transport=arm.transport())
+
+
+_endpoints = itertools.count()
+
+
+def make_router(ml_client: Any, **kwargs: Any) -> AzureMLRouter:
+    """A router on a fresh endpoint (one module-wide fake ARM, a new endpoint per router)."""
+    kwargs.setdefault("environment", "azureml:diabetes-env:1")
+    return AzureMLRouter(ml_client, f"ep-{next(_endpoints)}", **kwargs)
+
+
+def endpoint(arm: FakeArm, router: AzureMLRouter) -> dict[str, Any]:
+    found = arm.get(f"{WORKSPACE}/onlineEndpoints/{router.endpoint}")
+    assert found is not None
+    return found
+
+
+class TestAzureMLRouterContract(RouterContract):
+    @pytest.fixture(autouse=True)
+    def _client(self, ml_client: Any) -> None:
+        self.ml_client = ml_client
+
+    @pytest.fixture
+    def router(self, ml_client: Any) -> AzureMLRouter:
+        return make_router(ml_client)
+
+    @contextmanager
+    def fresh_router(self) -> Iterator[AzureMLRouter]:
+        yield make_router(self.ml_client)
+
+
+def test_deploy_sends_the_registered_model_and_the_release_tags(
+    arm: FakeArm, ml_client: Any
+) -> None:
+    router = make_router(ml_client, instance_type="Standard_F4s_v2", instance_count=2)
+    router.deploy(Colour.BLUE, V2)
+    dep = arm.get(f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments/blue")
+    assert dep is not None
+    props = dep["properties"]
+    assert props["model"].endswith("/models/diabetes/versions/2")
+    assert props["environmentId"].endswith("/environments/diabetes-env/versions/1")
+    assert props["instanceType"] == "Standard_F4s_v2"
+    assert dep["sku"]["capacity"] == 2
+    assert dep["tags"]["aml-rollout.version"] == "2"
+    assert endpoint(arm, router)["properties"]["authMode"] == "Key"
+    release = router.release(Colour.BLUE)
+    assert release is not None and release.deployment == "blue"
+
+
+def test_weights_are_the_endpoint_traffic(arm: FakeArm, ml_client: Any) -> None:
+    router = make_router(ml_client)
+    RouterContract.live(router, Weights.blue_at(25))
+    assert endpoint(arm, router)["properties"]["traffic"] == {"green": 75, "blue": 25}
+
+
+def test_blue_at_zero_is_shadowed_and_live_traffic_ends_the_shadow(
+    arm: FakeArm, ml_client: Any
+) -> None:
+    router = make_router(ml_client, mirror_percent=20)
+    router.deploy(Colour.GREEN, V1)
+    router.set_weights(Weights.blue_at(0))
+    assert router.get_mirror() == 0  # nothing to shadow yet
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(0))
+    assert endpoint(arm, router)["properties"]["mirrorTraffic"] == {"blue": 20}
+    router.set_weights(Weights.blue_at(10))
+    props = endpoint(arm, router)["properties"]
+    assert (props["traffic"], props["mirrorTraffic"]) == ({"green": 90, "blue": 10}, {})
+    router.set_weights(Weights.blue_at(0))  # rollback: shadowing resumes
+    router.remove(Colour.BLUE)
+    assert endpoint(arm, router)["properties"]["mirrorTraffic"] == {}
+
+
+def test_setting_the_served_weights_writes_nothing(arm: FakeArm, ml_client: Any) -> None:
+    router = make_router(ml_client)
+    RouterContract.live(router, Weights.blue_at(10))
+    before = len(arm.calls)
+    router.set_weights(Weights.blue_at(10))
+    assert [c[0] for c in arm.calls[before:]] == ["GET"] * (len(arm.calls) - before)
+
+
+def test_azure_errors_are_router_errors_naming_the_resource(arm: FakeArm, ml_client: Any) -> None:
+    router = make_router(ml_client)
+    RouterContract.live(router)
+    router.deploy(Colour.BLUE, V2)
+    arm.fail("PUT", f"/onlineEndpoints/{router.endpoint}$", 400, "BadArgument")
+    with pytest.raises(RouterError, match=rf"update endpoint {router.endpoint} traffic: HTTP 400"):
+        router.set_weights(Weights.blue_at(10))
+    assert router.get_weights() == Weights.blue_at(0)
+
+
+def test_get_weights_without_an_endpoint_says_so(ml_client: Any) -> None:
+    with pytest.raises(RouterError, match=r"endpoint ep-\d+ does not exist"):
+        make_router(ml_client).get_weights()
