@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from rollout.config import AzureMLRouterConfig
 from rollout.core.types import Colour, Weights
 from rollout.errors import RouterError
 from rollout.routers.azureml import (
@@ -21,6 +22,7 @@ from rollout.routers.azureml import (
     plan_traffic,
     weights_from_traffic,
 )
+from rollout.routers.factory import make_router as make_router_from
 from tests.fakes.arm import FakeArm, StaticCredential
 from tests.routers.contract import V1, V2, RouterContract
 
@@ -238,3 +240,24 @@ def test_azure_errors_are_router_errors_naming_the_resource(arm: FakeArm, ml_cli
 def test_get_weights_without_an_endpoint_says_so(ml_client: Any) -> None:
     with pytest.raises(RouterError, match=r"endpoint ep-\d+ does not exist"):
         make_router(ml_client).get_weights()
+
+
+def test_sdk_validation_errors_are_one_line(ml_client: Any) -> None:
+    router = AzureMLRouter(ml_client, "ep")  # Azure wants 3..32 characters
+    with pytest.raises(RouterError) as caught:
+        router.deploy(Colour.GREEN, V1)
+    assert "\n" not in str(caught.value)
+    assert "at least 3 and at most 32 characters" in str(caught.value)
+
+
+def test_from_config_through_the_factory() -> None:
+    cfg = AzureMLRouterConfig(
+        subscription_id=SUB, resource_group=RG, workspace=WS, endpoint="diabetes-ep",
+        deployments={"blue": "cand", "green": "prod"}, mirror_percent=10,
+    )  # fmt: skip
+    router = make_router_from(cfg)
+    assert isinstance(router, AzureMLRouter)
+    assert (router.endpoint, router.names) == (
+        "diabetes-ep",
+        {Colour.BLUE: "cand", Colour.GREEN: "prod"},
+    )
