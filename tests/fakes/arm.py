@@ -124,16 +124,17 @@ class FakeArmTransport(RequestsTransport):
     def send(self, request: Any, **kwargs: Any) -> Any:
         original = request.url
         parts = urlsplit(original)
-        if parts.hostname in self._hosts:
-            request.headers["x-fake-arm-original-host"] = parts.netloc
-            request.url = urlunsplit(
-                (self._base.scheme, self._base.netloc, parts.path, parts.query, "")
-            )
+        if parts.hostname not in self._hosts:
+            return super().send(request, **kwargs)
+        request.headers["x-fake-arm-original-host"] = parts.netloc
+        request.url = urlunsplit(
+            (self._base.scheme, self._base.netloc, parts.path, parts.query, "")
+        )
         try:
             return super().send(request, **kwargs)
         finally:
-            # An LRO poller re-reads the resource at its initial request's URL; left rewritten
-            # to plain http, the bearer-token policy would refuse it (non-TLS).
+            # LRO pollers re-read the resource at the request's URL and the bearer-token policy
+            # refuses plain http: the request leaves the transport as it came in.
             request.url = original
 
 
