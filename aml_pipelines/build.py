@@ -155,7 +155,9 @@ def dump_pipeline(job: Any, out: Path) -> Path:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     data = pipeline_dict(job, out.parent)
-    out.write_text(yaml.safe_dump(data, sort_keys=False, width=100), encoding="utf-8")
+    out.write_text(
+        yaml.safe_dump(data, sort_keys=False, width=100, allow_unicode=True), encoding="utf-8"
+    )
     return out
 
 
