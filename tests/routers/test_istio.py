@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client as k8s
 
 from rollout.config import IstioRouterConfig
-from rollout.core.types import Colour, Release, Weights
+from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.errors import ConflictError, RouterError
 from rollout.routers import istio_manifests as m
 from rollout.routers.factory import make_router
@@ -286,3 +287,43 @@ def test_pods_know_their_colour_even_when_serving_the_other_release(
         "containers"
     ][0]
     assert {"name": "AML_ROLLOUT_COLOUR", "value": "green"} in container["env"]
+
+
+@pytest.mark.parametrize(
+    ("canary_error_rate", "phase", "green", "blue"),
+    [
+        pytest.param(0.01, Phase.SUCCEEDED, V2, None, id="healthy-candidate-promoted"),
+        pytest.param(0.2, Phase.ROLLED_BACK, V1, V2, id="faulty-candidate-rolled-back"),
+    ],
+)
+def test_the_engine_drives_istio_end_to_end(
+    api: FakeKubeApiServer,
+    tmp_path: Path,
+    canary_error_rate: float,
+    phase: Phase,
+    green: Release,
+    blue: Release | None,
+) -> None:
+    from rollout.api import run_rollout
+    from rollout.config import spec_from_dict
+    from rollout.controller import FakeClock
+
+    make(api).deploy(Colour.GREEN, V1)  # production, as `aml-rollout manifests` would leave it
+    spec = spec_from_dict({
+        "name": "diabetes",
+        "router": {"kind": "istio", "namespace": "ml", "app": "diabetes", "api_url": api.url},
+        "metrics": {"kind": "simulated", "seed": 3, "rps": 500,
+                    "baseline": {"error_rate": 0.01}, "canary": {"error_rate": canary_error_rate}},
+        "steps": [10, 50, 100],
+        "analysis": {"interval_s": 10, "min_requests": 50, "latency": {"enabled": False}},
+        "state": {"dir": str(tmp_path / "state")},
+    })  # fmt: skip
+    result = run_rollout(spec, candidate=V2, clock=FakeClock(1_000.0))
+
+    assert result.phase is phase, result.reason
+    router = make(api)
+    assert router.get_weights() == Weights.blue_at(0)
+    assert identity(router.release(Colour.GREEN)) == identity(green)
+    assert identity(router.release(Colour.BLUE)) == identity(blue)
+    weights_written = [r for r in api.requests if r.verb == "patch" and r.status == 200]
+    assert len(weights_written) >= 2  # it really moved traffic through the VirtualService
