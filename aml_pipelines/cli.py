@@ -189,6 +189,10 @@ def run_local(
         spec = registry or "local"
         if not spec.startswith("local"):
             raise ConfigError(f"--registry: run-local needs a local registry, got {spec!r}")
+        if until == "rollout" and rollout_spec is None:
+            raise ConfigError(
+                "--until rollout needs --rollout-spec FILE (the bundled example targets Azure)"
+            )
         pipeline_params = parse_params(params, rollout_spec=rollout_spec, registry=spec)
         result = run(pipeline_params, run_dir=run_dir, until=until, sink=_echo)
     total = sum(step.seconds for step in result.steps.values())

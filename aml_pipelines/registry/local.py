@@ -25,9 +25,10 @@ import fcntl
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -86,6 +87,7 @@ class LocalRegistry:
             )
 
         model_root.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_staging(model_root)
         staging = model_root / f".tmp-{uuid.uuid4().hex}"
         try:
             shutil.copytree(src, staging, symlinks=False)
@@ -218,6 +220,15 @@ class LocalRegistry:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def _remove_abandoned_staging(model_root: Path, older_than_s: float = 3600.0) -> None:
+    """Delete staging folders a killed registration left behind (never a live one: 1 h old)."""
+    cutoff = time.time() - older_than_s
+    for leftover in model_root.glob(".tmp-*"):
+        with suppress(OSError):
+            if leftover.stat().st_mtime < cutoff:
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def default_root() -> Path:

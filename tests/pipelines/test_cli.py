@@ -48,6 +48,11 @@ def invoke(*args: str, env: dict[str, str] | None = None):
             id="azure-registry",
         ),
         pytest.param(
+            ["pipeline", "run-local", "--until", "rollout"],
+            "--until rollout needs --rollout-spec FILE",
+            id="rollout-without-spec",
+        ),
+        pytest.param(
             ["pipeline", "run-local", "--until", "deploy"],
             "until: 'deploy' is not one of",
             id="bad-until",

@@ -181,3 +181,16 @@ def test_two_processes_registering_at_once_get_distinct_versions(tmp_path: Path)
     registry = LocalRegistry(root)
     by_writer = {v.version: v.tags["writer"] for v in registry.list_versions("m")}
     assert sorted(by_writer.values()) == ["a"] * per_writer + ["b"] * per_writer
+
+
+def test_abandoned_staging_folders_are_cleaned(registry: LocalRegistry, make_model: MakeModel):
+    import os
+
+    registry.register("m", make_model())
+    old, fresh = registry.root / "m" / ".tmp-old", registry.root / "m" / ".tmp-fresh"
+    old.mkdir()
+    fresh.mkdir()
+    os.utime(old, (0, 0))  # a registration killed long ago
+    registry.register("m", make_model(mse=5.0))
+    assert not old.exists() and fresh.exists()  # a recent one may still be in flight
+    assert [v.version for v in registry.list_versions("m")] == [1, 2]
