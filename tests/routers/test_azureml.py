@@ -7,14 +7,17 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rollout.config import AzureMLRouterConfig
-from rollout.core.types import Colour, Weights
+from rollout.api import run_rollout
+from rollout.config import AzureMLRouterConfig, spec_from_dict
+from rollout.controller import FakeClock
+from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.errors import RouterError
 from rollout.routers.azureml import (
     AzureMLRouter,
@@ -23,8 +26,8 @@ from rollout.routers.azureml import (
     weights_from_traffic,
 )
 from rollout.routers.factory import make_router as make_router_from
-from tests.fakes.arm import FakeArm, StaticCredential
-from tests.routers.contract import V1, V2, RouterContract
+from tests.fakes.arm import FakeArm, StaticCredential, iter_calls
+from tests.routers.contract import V1, V2, RouterContract, identity
 
 NAMES = {Colour.BLUE: "blue", Colour.GREEN: "green"}
 
@@ -261,3 +264,40 @@ def test_from_config_through_the_factory() -> None:
         "diabetes-ep",
         {Colour.BLUE: "cand", Colour.GREEN: "prod"},
     )
+
+
+@pytest.mark.parametrize(
+    ("canary_error_rate", "phase", "green"),
+    [
+        pytest.param(0.01, Phase.SUCCEEDED, V2, id="healthy-candidate-promoted"),
+        pytest.param(0.2, Phase.ROLLED_BACK, V1, id="faulty-candidate-rolled-back"),
+    ],
+)
+def test_the_engine_drives_an_endpoint_end_to_end(
+    arm: FakeArm, ml_client: Any, tmp_path: Path, canary_error_rate: float, phase: Phase,
+    green: Release,
+) -> None:  # fmt: skip
+    router = make_router(ml_client, mirror_percent=10)
+    router.deploy(Colour.GREEN, V1)
+    router.set_weights(Weights.blue_at(0))
+    spec = spec_from_dict({
+        "name": "diabetes",
+        "router": {"kind": "azureml", "subscription_id": SUB, "resource_group": RG,
+                   "workspace": WS, "endpoint": router.endpoint, "mirror_percent": 10},
+        "metrics": {"kind": "simulated", "seed": 3, "rps": 500,
+                    "baseline": {"error_rate": 0.01}, "canary": {"error_rate": canary_error_rate}},
+        "steps": [10, 50, 100],
+        "analysis": {"interval_s": 10, "min_requests": 50, "latency": {"enabled": False}},
+        "state": {"dir": str(tmp_path / "state")},
+    })  # fmt: skip
+    result = run_rollout(spec, candidate=V2, router=router, clock=FakeClock(1_000.0))
+
+    assert result.phase is phase, result.reason
+    props = endpoint(arm, router)["properties"]
+    assert props["traffic"] == {"green": 100}
+    assert identity(router.release(Colour.GREEN)) == identity(green)
+    traffic_writes = [
+        body["properties"]["traffic"]
+        for _, body in iter_calls(arm, "PUT", f"/onlineEndpoints/{router.endpoint}$")
+    ]
+    assert {"green": 90, "blue": 10} in traffic_writes  # it really moved the endpoint's traffic
