@@ -47,6 +47,8 @@ RPS = 120.0
 STEPS = [10, 50, 100]
 ANALYSIS: dict[str, Any] = {
     "interval_s": 1.0,
+    # The healthy candidate must not be rolled back by bad luck (A/A false rollbacks <= alpha).
+    "alpha": 0.01,
     "min_requests": 150,
     "max_step_duration_s": 150.0,
     # The local servers' latency is dominated by this shared machine's scheduling noise;
