@@ -137,6 +137,12 @@ def run(
             f"{status.reason}"
         )
 
+    previous = _read_status(parsed, state_dir)
+    if previous is not None and previous.terminal and not restart:
+        _out.print(
+            f"rollout {parsed.name} already ended ({previous.phase.value}); "
+            "`--restart` starts a new one"
+        )
     try:
         result = run_rollout(
             parsed,

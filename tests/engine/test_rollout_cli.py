@@ -100,6 +100,8 @@ def test_run_promotes_with_exit_0_then_explain_tells_the_story(tmp_path: Path) -
     assert code == EXIT_PROMOTED and "Green_100" in out
     code, out = invoke("status", str(spec), "--json")
     assert json.loads(out)["phase"] == "Succeeded"
+    code, out = invoke("run", str(spec), "--simulated-time", "-q")
+    assert code == EXIT_PROMOTED and "already ended (Succeeded)" in out
 
 
 def test_run_rolls_back_with_exit_3(tmp_path: Path) -> None:
