@@ -252,9 +252,14 @@ def test_oversized_chunked_body_is_cut_off_while_streaming(hook: Hook) -> None:
 
 
 def test_rejections_are_logged_without_secrets(
-    hook: Hook, caplog: pytest.LogCaptureFixture
+    hook: Hook, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with caplog.at_level(logging.INFO):
+    # Other tests in the session may have silenced uvicorn's access log (a global logger);
+    # this test needs it on, as in production, to check that the key is redacted from it.
+    access = logging.getLogger("uvicorn.access")
+    monkeypatch.setattr(access, "propagate", True)
+    monkeypatch.setattr(access, "disabled", False)
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="uvicorn.access"):
         hook.post([validation_event()], key="guessed-key-123")
         hook.client.post(hook.url, content=b"oops", headers={**JSON, "aeg-sas-key": SECRET})
     text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith(("aml", "uvi")))
