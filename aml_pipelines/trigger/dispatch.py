@@ -33,7 +33,7 @@ from dataclasses import replace
 
 from aml_pipelines.delivery import FAILED, Delivery, DeliveryOutcome, RolloutView
 from aml_pipelines.errors import ConfigError, IntegrityError, ModelNotFound, PipelineError
-from aml_pipelines.registry.base import ModelRegistry, Stage
+from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
 from aml_pipelines.trigger.store import SKIPPED, SUPERSEDED, Entry, Step, TriggerStore
 from rollout.errors import ConfigError as SpecError
 from rollout.errors import RolloutError
@@ -115,10 +115,7 @@ class Dispatcher:
                 model_version = self.registry.get(model, version)
             except PERMANENT as exc:
                 return self._fail(model, version, exc)
-            if entry.step is Step.PENDING and model_version.stage in DELIVERED:
-                # E.g. an Event Grid redelivery after the cursor was lost: the registry already
-                # records the outcome of this version's delivery.
-                reason = f"already delivered (stage={model_version.stage})"
+            if entry.step is Step.PENDING and (reason := self._stale(model_version)):
                 log.info("%s v%d: %s", model, version, reason)
                 self._close(model, version, SKIPPED, reason)
                 return None
@@ -138,6 +135,21 @@ class Dispatcher:
             self._close(model, version, outcome.phase, outcome.reason)
             log.info("delivered %s v%d: %s %s", model, version, outcome.phase, outcome.reason)
             return outcome
+
+    def _stale(self, version: ModelVersion) -> str | None:
+        """Why a pending version must not be rolled out, or None.
+
+        Its stage already records a delivery (e.g. Event Grid redelivers an old event after the
+        state folder was lost), or a newer version is in production (events can arrive out of
+        order: rolling the older one out would downgrade production).
+        """
+        if version.stage in DELIVERED:
+            return f"already delivered (stage={version.stage})"
+        production = self.registry.find_by_tag(version.name, STAGE_TAG, Stage.PRODUCTION)
+        newest = max((v.version for v in production), default=0)
+        if newest > version.version:
+            return f"older than the production version {newest}"
+        return None
 
     def _fail(self, model: str, version: int, exc: Exception) -> DeliveryOutcome:
         log.error("cannot deliver %s v%d: %s", model, version, exc)

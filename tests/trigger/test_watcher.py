@@ -265,3 +265,16 @@ def test_worker_retries_a_transient_failure_as_a_resume(
     entry = dispatcher.store.load("diabetes").entries[1]
     assert (entry.step, entry.outcome, entry.attempts) == (Step.DONE, "Succeeded", 2)
     assert (worker.failures, str(worker.last_error)) == (1, "endpoint unreachable")
+
+
+def test_a_version_older_than_production_is_skipped(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    # Event Grid may deliver v1's event after v2 was already promoted: never downgrade.
+    register(registry, tmp_path, stage="candidate")
+    register(registry, tmp_path, stage="production")
+    assert dispatcher.accept("diabetes", 1, "event:late")
+    assert dispatcher.drain("diabetes") == []
+    entry = dispatcher.store.load("diabetes").entries[1]
+    assert (entry.outcome, entry.reason) == ("skipped", "older than the production version 2")
+    assert journal(tmp_path / "engine") == []
