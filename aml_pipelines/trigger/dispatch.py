@@ -31,7 +31,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import replace
 
-from aml_pipelines.delivery import FAILED, Delivery, DeliveryOutcome, RolloutView
+from aml_pipelines.delivery import (
+    FAILED,
+    REASON_TAG,
+    ROLLED_BACK,
+    SUCCEEDED,
+    Delivery,
+    DeliveryOutcome,
+    RolloutView,
+)
 from aml_pipelines.errors import ConfigError, IntegrityError, ModelNotFound, PipelineError
 from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
 from aml_pipelines.trigger.store import SKIPPED, SUPERSEDED, Entry, Step, TriggerStore
@@ -115,9 +123,11 @@ class Dispatcher:
                 model_version = self.registry.get(model, version)
             except PERMANENT as exc:
                 return self._fail(model, version, exc)
-            if entry.step is Step.PENDING and (reason := self._stale(model_version)):
-                log.info("%s v%d: %s", model, version, reason)
-                self._close(model, version, SKIPPED, reason)
+            settled = self._settled(entry, model_version)
+            if settled is not None:
+                outcome_name, reason = settled
+                log.info("%s v%d: %s (%s)", model, version, outcome_name, reason)
+                self._close(model, version, outcome_name, reason)
                 return None
             if not self._wait_for_endpoint(model, version):
                 return None
@@ -136,19 +146,27 @@ class Dispatcher:
             log.info("delivered %s v%d: %s %s", model, version, outcome.phase, outcome.reason)
             return outcome
 
-    def _stale(self, version: ModelVersion) -> str | None:
-        """Why a pending version must not be rolled out, or None.
+    def _settled(self, entry: Entry, version: ModelVersion) -> tuple[str, str] | None:
+        """(outcome, reason) when the registry already settles this version, else None.
 
-        Its stage already records a delivery (e.g. Event Grid redelivers an old event after the
-        state folder was lost), or a newer version is in production (events can arrive out of
-        order: rolling the older one out would downgrade production).
+        - Its stage records a delivery. For a version we had started, that is our rollout's
+          outcome (the tags are written after it ended; a restart's reconcile may have just
+          written them), so no second rollout is run. For a pending one, someone else delivered
+          it (e.g. Event Grid redelivers an old event after the state folder was lost): skipped.
+        - A newer version is in production (a crash left it open while another trigger moved
+          on, or events arrived out of order): rolling it out would downgrade production.
         """
-        if version.stage in DELIVERED:
-            return f"already delivered (stage={version.stage})"
+        stage = version.stage
+        if stage in DELIVERED and entry.step is Step.STARTED:
+            if stage == Stage.ROLLED_BACK:
+                return ROLLED_BACK, version.tags.get(REASON_TAG, "")
+            return SUCCEEDED, f"registry records stage={stage}"
+        if stage in DELIVERED:
+            return SKIPPED, f"already delivered (stage={stage})"
         production = self.registry.find_by_tag(version.name, STAGE_TAG, Stage.PRODUCTION)
         newest = max((v.version for v in production), default=0)
         if newest > version.version:
-            return f"older than the production version {newest}"
+            return SKIPPED, f"older than the production version {newest}"
         return None
 
     def _fail(self, model: str, version: int, exc: Exception) -> DeliveryOutcome:

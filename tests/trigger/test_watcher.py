@@ -6,6 +6,7 @@ ResumableDelivery; the crash and two-watcher tests run real processes (tests/tri
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -274,6 +275,21 @@ def test_a_version_older_than_production_is_skipped(
     register(registry, tmp_path, stage="candidate")
     register(registry, tmp_path, stage="production")
     assert dispatcher.accept("diabetes", 1, "event:late")
+    assert dispatcher.drain("diabetes") == []
+    entry = dispatcher.store.load("diabetes").entries[1]
+    assert (entry.outcome, entry.reason) == ("skipped", "older than the production version 2")
+    assert journal(tmp_path / "engine") == []
+
+
+def test_a_started_version_overtaken_by_a_newer_production_is_not_rolled_out(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    # Crashed while packaging v1; meanwhile another trigger promoted v2. Resuming v1 would
+    # downgrade production.
+    register(registry, tmp_path, stage="candidate")
+    assert dispatcher.accept("diabetes", 1, "watch")
+    dispatcher.store.update("diabetes", 1, lambda e: replace(e, step=Step.STARTED, attempts=1))
+    register(registry, tmp_path, stage="production")
     assert dispatcher.drain("diabetes") == []
     entry = dispatcher.store.load("diabetes").entries[1]
     assert (entry.outcome, entry.reason) == ("skipped", "older than the production version 2")

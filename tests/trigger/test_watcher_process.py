@@ -83,19 +83,20 @@ def test_sigkill_mid_delivery_then_restart_resumes_without_repeating_or_skipping
 
 
 @pytest.mark.parametrize(
-    ("tags", "stage", "reason"),
+    ("tags", "stage", "outcome", "reason"),
     [
-        pytest.param({}, "production", None, id="promoted"),
+        pytest.param({}, "production", "Succeeded", None, id="promoted"),
         pytest.param(
             {"fault": "yes"},
             "rolled-back",
+            "RolledBack",
             "canary error rate 4.1% vs 0.1% baseline",
             id="rolled-back",
         ),
     ],
 )
 def test_crash_between_traffic_and_tags_is_repaired_on_restart(
-    tmp_path: Path, tags: dict[str, str], stage: str, reason: str | None
+    tmp_path: Path, tags: dict[str, str], stage: str, outcome: str, reason: str | None
 ) -> None:
     registry = LocalRegistry(tmp_path / "registry")
     register(registry, tmp_path, stage="production")
@@ -111,13 +112,16 @@ def test_crash_between_traffic_and_tags_is_repaired_on_restart(
     assert v2.stage == stage
     assert v2.tags.get("rollback_reason") == reason
     assert v1.stage == ("archived" if stage == "production" else "production")
-    # The resumed delivery found the rollout finished and did not run it again.
+    # The reconciled registry settles the started version: its rollout is not run again...
     assert [e["event"] for e in journal(tmp_path / "engine") if e["event"] != "step"] == [
         "start",
         "end",
-        "ended-before",
     ]
-    assert TriggerStore(tmp_path / "trigger").load("diabetes").entries[2].step is Step.DONE
+    # ...and the cursor records the rollout's real outcome.
+    entry = TriggerStore(tmp_path / "trigger").load("diabetes").entries[2]
+    assert (entry.step, entry.outcome) == (Step.DONE, outcome)
+    if reason is not None:
+        assert entry.reason == reason
 
 
 def test_a_second_watcher_exits_with_a_clear_message(tmp_path: Path) -> None:
