@@ -5,6 +5,8 @@ single worker then delivers them, oldest first. The worker's loop for one versio
 
     take the deliver lock (one delivery per endpoint, across processes)
     re-read the entry                      → done already (another process)? skip
+    ask the registry                       → stage records a delivery, or a newer version is in
+                                             production? close it without a rollout
     wait while another rollout is active   → or, with supersede, abort it and wait for it to end
     mark `started` (durable)               → from here on, a crash means "resume", not "restart"
     delivery.deliver(version)              → package + rollout + tags; resumes from the state store
@@ -14,8 +16,9 @@ Crash semantics (SIGKILL anywhere):
 - before `started`: the entry is still pending and is delivered on restart — nothing happened yet;
 - between `started` and `done`: on restart the entry is found `started` and delivered again, which
   the delivery path turns into a *resume* (the package step is idempotent; the rollout engine
-  continues the rollout of the same candidate from its state store; a rollout that already ended
-  is not run again and only its tags are reconciled). `attempts` counts the entries into delivery;
+  continues the rollout of the same candidate from its state store); a rollout that already ended
+  is not run again: the start-up reconcile writes its tags, which then settle the entry with the
+  rollout's outcome. `attempts` counts the entries into delivery;
 - after `done`: nothing to do. So each version is delivered once, and none is skipped.
 
 Supersede: when a newer version of the same model is accepted while an older one is being
