@@ -224,3 +224,27 @@ def test_bad_tag_option_is_one_clear_line(tmp_path: Path, registry: LocalRegistr
     assert result.returncode == 2
     assert "--tag 'stage': expected KEY=VALUE" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_second_watch_command_exits_with_the_holders_pid(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    first = subprocess.Popen(
+        _cli(tmp_path, "watch", "--model", "diabetes", "--interval", "0.2"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    lock = tmp_path / "trigger" / "watch-diabetes.lock"
+    try:
+        _until(lambda: lock.exists() and lock.read_text() == str(first.pid), "the first watcher")
+        second = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once"))
+        assert second.returncode == 2
+        assert "a watcher of model 'diabetes' is already running" in second.stderr
+        assert f"pid {first.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=20) == 0
+    finally:
+        first.kill()
+        first.communicate()
