@@ -54,12 +54,16 @@ class Hook:
 
 @contextmanager
 def running(
-    root: Path, registry: LocalRegistry, *, event_filter: Filter | None = None, max_body: int = 4096
+    root: Path,
+    registry: LocalRegistry,
+    *,
+    event_filter: Filter | None = None,
+    max_body: int = 4096,
+    step_s: float = 0.0,
 ) -> Iterator[Hook]:
     store = TriggerStore(root / "trigger")
-    dispatcher = Dispatcher(
-        store, registry, ResumableDelivery(root / "engine", registry), wait_interval_s=0.01
-    )
+    delivery = ResumableDelivery(root / "engine", registry, step_s=step_s)
+    dispatcher = Dispatcher(store, registry, delivery, wait_interval_s=0.01)
     worker = DeliveryWorker(dispatcher, store.models)
     app = WebhookApp(
         secret=SECRET,
@@ -166,6 +170,21 @@ def test_dedupe_by_event_id_and_by_version_survives_a_restart(
         assert new.json()["accepted"] == [{"model": "diabetes", "version": 2}]
         _until(lambda: hook.done() == [1, 2], "v2")
     assert (tmp_path / "trigger" / "events.json").exists()
+
+
+def test_events_arriving_together_are_delivered_one_at_a_time(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    for _ in range(3):
+        register(registry, tmp_path, stage="candidate")
+    with running(tmp_path, registry, step_s=0.03) as hook:
+        for version in (1, 2, 3):  # three requests while the first delivery runs
+            response = hook.post([eg_event(f"e{version}", version=str(version))])
+            assert response.json()["accepted"] == [{"model": "diabetes", "version": version}]
+        _until(lambda: hook.done() == [1, 2, 3], "three deliveries")
+    events = [(e["event"], e["version"]) for e in journal(tmp_path / "engine")]
+    bounds = [e for e in events if e[0] in ("start", "end")]
+    assert bounds == [("start", 1), ("end", 1), ("start", 2), ("end", 2), ("start", 3), ("end", 3)]
 
 
 def test_events_are_filtered_by_model_and_tags(tmp_path: Path, registry: LocalRegistry) -> None:
