@@ -7,8 +7,9 @@
     result.ledger_path      # the JSONL ledger (`aml-rollout rollout explain PATH`)
 
 `run_rollout` builds the router, metrics provider and state store the spec names (through the
-factories), holds the rollout's lease and drives it to a terminal phase, or until it is held for
-a human (Paused after an inconclusive step, or by `pause`) when `stop_when_paused` is set.
+factories), holds the rollout's lease and drives it to a terminal phase — or, with
+`stop_when_paused`, until the inconclusive policy holds it for a human (an operator's `pause`
+keeps the controller running, guarding, until resume, promote or abort).
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ simulator, so no test ever sleeps to wait for logic.
 
 from __future__ import annotations
 
+import getpass
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -122,7 +122,9 @@ class Controller:
     ) -> Status:
         """Hold the lease and tick until the rollout ends; returns the final status.
 
-        With `stop_when_paused` it also returns when the rollout is held for a human.
+        With `stop_when_paused` it also returns when the inconclusive policy holds the rollout
+        for a human; an operator's `pause` never stops the controller (it keeps guarding and
+        waits for resume, promote or abort).
         """
         with self.store.lease(self.owner):
             status = self.start(restart=restart)
@@ -130,7 +132,7 @@ class Controller:
             while not status.terminal:
                 if max_ticks is not None and ticks >= max_ticks:
                     break
-                if stop_when_paused and status.phase is Phase.PAUSED:
+                if stop_when_paused and status.phase is Phase.PAUSED and status.held:
                     break
                 status = self.tick(status)
                 ticks += 1
@@ -272,5 +274,9 @@ def _release_dict(release: Release) -> dict[str, Any]:
 
 
 def default_owner() -> str:
-    """A readable lease owner: user@host."""
-    return f"{os.environ.get('USER', 'someone')}'s controller"
+    """A readable lease owner for messages ("ann's controller pid 12 on host since ...")."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "someone"
+    return f"{user}'s controller"

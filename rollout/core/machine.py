@@ -144,6 +144,8 @@ def _decide(
     record: dict[str, Any],
     notes: list[str] | None = None,
 ) -> Decision:
+    if status.held and status.phase is not Phase.PAUSED:
+        status = replace(status, held=False)
     record = {
         **record,
         "phase": status.phase.value,
@@ -151,6 +153,7 @@ def _decide(
         "weight": status.blue_weight,
         "verdict": status.verdict.value if status.verdict else None,
         "reason": status.reason,
+        "held": status.held,
         "actions": [action_to_dict(a) for a in actions],
     }
     if notes:
@@ -557,6 +560,7 @@ def _on_inconclusive(
         status,
         phase=Phase.PAUSED,
         verdict=Verdict.INCONCLUSIVE,
+        held=True,
         reason=f"held for a human: {reason}",
     )
     return status, ()

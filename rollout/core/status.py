@@ -147,6 +147,8 @@ class Status:
     consecutive_errors: int = 0
     verdict: Verdict | None = None
     reason: str = ""
+    #: Paused by the inconclusive policy (waiting for a human), not by an operator's `pause`.
+    held: bool = False
     commands: tuple[Command, ...] = ()
     handled: tuple[str, ...] = ()
     pending: tuple[Action, ...] = ()
@@ -179,6 +181,7 @@ class Status:
             "consecutive_errors": self.consecutive_errors,
             "verdict": self.verdict.value if self.verdict else None,
             "reason": self.reason,
+            "held": self.held,
             "commands": [c.to_dict() for c in self.commands],
             "handled": list(self.handled),
             "pending": [action_to_dict(a) for a in self.pending],
@@ -208,6 +211,7 @@ class Status:
             consecutive_errors=int(data["consecutive_errors"]),
             verdict=Verdict(data["verdict"]) if data.get("verdict") else None,
             reason=data.get("reason", ""),
+            held=bool(data.get("held", False)),
             commands=tuple(Command.from_dict(c) for c in data.get("commands", [])),
             handled=tuple(data.get("handled", [])),
             pending=tuple(action_from_dict(a) for a in data.get("pending", [])),

@@ -222,3 +222,22 @@ def test_weights_the_data_plane_does_not_serve_are_an_error(tmp_path: Path) -> N
     ctl, _ = controller(tmp_path, router, StaticMetrics([]))
     with pytest.raises(RouterError, match="accepted blue 10 % but serves blue 0 %"):
         ctl.run(max_ticks=3)
+
+
+def test_an_operator_pause_keeps_the_controller_guarding_until_resume(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    store = FileStateStore(tmp_path, SPEC.name)
+    phases: list[Phase] = []
+
+    def steer(status: Status, record: dict[str, Any]) -> None:
+        phases.append(status.phase)
+        if status.tick == 2:
+            store.push_command(Command(id="p", kind="pause", by="ann"))
+        if status.tick == 6:
+            store.push_command(Command(id="r", kind="resume", by="ann"))
+
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01), store=store, on_tick=steer)
+    final = ctl.run(max_ticks=500, stop_when_paused=True)
+    assert Phase.PAUSED in phases  # it paused, did not return, and resumed
+    assert final.phase is Phase.SUCCEEDED
+    assert not final.held
