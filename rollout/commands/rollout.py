@@ -108,7 +108,7 @@ def run(
         bool, typer.Option(help="Start anew when the stored rollout has already ended.")
     ] = False,
     stop_when_paused: Annotated[
-        bool, typer.Option(help="Return (exit 4) when the rollout is held for a human.")
+        bool, typer.Option(help="Return (exit 4) when the policy holds the rollout for a human.")
     ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the outcome.")] = False,
     simulated_time: Annotated[
