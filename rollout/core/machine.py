@@ -401,8 +401,8 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
     lat = analysis.latency
     if lat.enabled and lat.max_slow_rate is not None and lat.slo_ms is not None:
         slow_n = obs.blue.slow(lat.slo_ms / 1000.0)
-        lb = rate_lower_bound(slow_n, obs.blue.requests, GUARD_ALPHA)
-        if lb > lat.max_slow_rate:
+        over = obs.blue.requests > 0 and slow_n / obs.blue.requests > lat.max_slow_rate
+        if over and rate_lower_bound(slow_n, obs.blue.requests, GUARD_ALPHA) > lat.max_slow_rate:
             return Verdict.FAILED, (
                 f"canary requests slower than {lat.slo_ms:g} ms: "
                 f"{_pct(slow_n / obs.blue.requests)} is above the limit "
@@ -457,8 +457,11 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
             proven.append(text + f" ≥ {1 / alpha:g})")
         else:
             missing.append(text + f" < {1 / alpha:g} so far)")
-    if lat.enabled and status.slow_threshold_s is None and obs.green.latency_buckets:
-        missing.append("latency threshold not chosen yet (too few baseline requests)")
+    if lat.enabled and status.slow_threshold_s is None:
+        if obs.green.latency_buckets:
+            missing.append("latency threshold not chosen yet (too few baseline requests)")
+        else:
+            proven.append("latency not judged (the metrics source reports no histogram)")
     if missing:
         return Verdict.INCONCLUSIVE, f"step {weight} %: not yet shown " + "; ".join(missing)
     return Verdict.SUCCESSFUL, "canary not worse: " + "; ".join(proven)

@@ -412,3 +412,11 @@ def test_status_round_trips_through_json() -> None:
     decision = step(SPEC, status, obs(blue=(150, 0), green=(1350, 1), at=30.0), 30.0)
     saved = replace(decision.status, pending=decision.actions)
     assert Status.from_dict(saved.to_dict()) == saved
+
+
+def test_without_a_histogram_latency_is_said_to_be_unjudged_not_silently_passed() -> None:
+    spec = make_spec(analysis={"latency": {"enabled": True}})
+    status = with_ok_evidence(progressing(step_index=1, weight=50))
+    decision = step(spec, status, obs(blue=(700, 0), green=(700, 1), at=30.0), 30.0)
+    assert decision.status.phase is Phase.PROMOTING
+    assert "latency not judged (the metrics source reports no histogram)" in decision.status.reason
