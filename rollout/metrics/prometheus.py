@@ -4,9 +4,10 @@ The judge wants integers: requests, 5xx errors and a cumulative latency histogra
 counted from `since` to `now`. `rate()` and `increase()` extrapolate and smooth, so this provider
 reads the raw cumulative counters instead, with prometheus-api-client:
 
-1. the counter value of every series at `now` and at `since` (two instant queries; a series
-   absent at `since` started after it, so its baseline is 0 — Envoy's 5xx series, for one,
-   appears only with the first 5xx);
+1. the counter value of every series at `now`, and its baseline: its first sample at or after
+   `since` (so no traffic from before the step counts — not the previous step's, not the
+   previous rollout's canary's); a series absent at `since` appeared during the step and counts
+   from 0 (Envoy's 5xx series, for one, appears only with the first 5xx);
 2. `resets(series[window])` at `now`; for the rare series that restarted inside the window, the
    raw samples of the window are fetched and the increase is summed piece by piece (a drop means
    the counter restarted from 0), which is exact where `increase()` is not.
@@ -49,8 +50,9 @@ from rollout.routers.base import TrafficRouter
 
 #: The shortest window for `resets()` (a range selector needs a positive duration).
 MIN_WINDOW_S = 1
-#: Prometheus' default lookback: an instant query at `since` finds a sample this far back.
-LOOKBACK_S = 300
+#: How long after a step's start its first sample (the baseline) is searched for: longer than
+#: any sane scrape interval.
+BASELINE_SEARCH_S = 60
 
 Series = tuple[tuple[str, str], ...]
 
@@ -234,28 +236,48 @@ class PrometheusMetrics:
     def _deltas(
         self, series_set: SeriesSet, values: list[str], since: float, now: float
     ) -> dict[Series, int]:
-        """Exact counter increase per series between `since` and `now`, resets included."""
+        """Exact counter increase per series from the step's first sample to `now`.
+
+        The baseline of a series is its first sample at or after `since` (searched for up to
+        BASELINE_SEARCH_S), so traffic from before the step — the tail of the previous step, or
+        of the previous rollout's canary — never counts; what the step loses is the traffic
+        between `since` and that first scrape. A series with no sample at all at `since` (within
+        Prometheus' lookback) appeared during the step and counts from 0.
+        """
         selector = series_set.selector(values)
         at_now = self._vector(selector, now)
-        at_since = self._vector(selector, since)
-        # The window reaches back past `since` to the baseline sample (the newest at or before
-        # it, within Prometheus' lookback), so a reset right after `since` is seen too.
-        window = max(math.ceil(now - since), MIN_WINDOW_S) + LOOKBACK_S
+        existed = self._vector(selector, since)
+        # Range selectors are open on the left: one extra millisecond takes in a sample that
+        # lies exactly on `since`.
+        span_ms = max(round((now - since) * 1000), 1)
+        search_ms = min(span_ms, BASELINE_SEARCH_S * 1000)
+        first: dict[Series, tuple[float, int]] = {
+            series: samples[0]
+            for series, samples in self._matrix(
+                f"{selector}[{search_ms + 1}ms]", since + search_ms / 1000
+            ).items()
+            if samples
+        }
         restarted = {
             series
-            for series, n in self._vector(f"resets({selector}[{window}s])", now).items()
+            for series, n in self._vector(f"resets({selector}[{span_ms + 1}ms])", now).items()
             if n > 0
         }
+        raw = self._matrix(f"{selector}[{span_ms + 1}ms]", now) if restarted else {}
         deltas: dict[Series, int] = {}
         for series, value in at_now.items():
-            if series in restarted:
+            if series not in existed:
+                base_t, base = since, 0
+            elif series in first:
+                base_t, base = first[series]
+            else:
+                deltas[series] = 0  # not scraped since the step began
                 continue
-            deltas[series] = max(value - at_since.get(series, 0), 0)
-        if restarted:
-            for series, samples in self._matrix(f"{selector}[{window}s]", now).items():
-                if series in restarted:
-                    after = [v for t, v in samples if t > since]
-                    deltas[series] = _increase(at_since.get(series, 0), after)
+            if series in restarted:
+                later = [v for t, v in raw.get(series, []) if t > base_t]
+                deltas[series] = _increase(base, later)
+            else:
+                deltas[series] = max(value - base, 0)
         return deltas
 
     # ------------------------------------------------------------------------------ custom PromQL

@@ -158,10 +158,10 @@ def _matches(value: str, op: str, wanted: str) -> bool:
 
 
 def _range(text: str) -> tuple[str, float]:
-    m = re.fullmatch(r"(.*)\[(\d+)s\]", text.strip())
+    m = re.fullmatch(r"(.*)\[(\d+)(ms|s)\]", text.strip())
     if m is None:
         raise ValueError(f"fake Prometheus cannot parse range {text!r}")
-    return m.group(1), float(m.group(2))
+    return m.group(1), float(m.group(2)) / (1000.0 if m.group(3) == "ms" else 1.0)
 
 
 def _without_name(labels: dict[str, str]) -> dict[str, str]:

@@ -227,3 +227,18 @@ def test_factory_builds_the_envoy_preset(prom: FakePrometheus) -> None:
     provider = make_metrics(PrometheusMetricsConfig(url=prom.url))
     assert isinstance(provider, PrometheusMetrics)
     assert provider.preset == envoy_preset()
+
+
+def test_traffic_from_before_the_step_never_counts(prom: FakePrometheus) -> None:
+    # The previous rollout's canary was failing until just before `since` (= T0); the first
+    # scrape after T0 still carries its tail. The step counts from that first scrape on.
+    errors = [(T0 - 1.9, 40), (T0 - 0.9, 50), (T0 + 0.1, 60), (T0 + 1.1, 62), (T0 + 2.1, 63)]
+    prom.add(
+        "envoy_cluster_upstream_rq_xx",
+        {"envoy_cluster_name": "blue", "envoy_response_code_class": "5"},
+        errors,
+    )
+    requests = [(t, v * 10) for t, v in errors]
+    prom.add("envoy_cluster_upstream_rq_total", {"envoy_cluster_name": "blue"}, requests)
+    observation = envoy(prom).observe(T0, T0 + 2.5)
+    assert (observation.blue.requests, observation.blue.errors) == (30, 3)

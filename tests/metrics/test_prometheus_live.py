@@ -78,7 +78,9 @@ def scraped_up_to(rig: Rig, moment: float, timeout_s: float = 15.0) -> None:
 def test_counts_equal_envoys_own_counters_and_exclude_pinned(rig: Rig) -> None:
     RouterContract.live(rig.router, Weights.blue_at(50))
     rig.upstreams.of(Colour.BLUE).fail_every(10)
-    scraped_up_to(rig, time.time())
+    since = time.time()
+    # The step's counts start at its first scrape (nothing from before a step ever counts).
+    scraped_up_to(rig, since)
     before = {
         c: (
             rig.envoy_counter(f"cluster.{c}.upstream_rq_total"),
@@ -86,7 +88,6 @@ def test_counts_equal_envoys_own_counters_and_exclude_pinned(rig: Rig) -> None:
         )
         for c in ("blue", "green")
     }
-    since = time.time()
     with httpx.Client(base_url=rig.envoy.url) as client:
         for i in range(400):
             client.post("/score", content=b"{}")
