@@ -5,7 +5,9 @@ A version is *new* when it is newer than the version in production, carries ever
 archived or rolled-back — the registry is the first record of what was delivered) and is not in
 the cursor (the durable record that covers the window before tags are written). A watcher started
 on an existing registry therefore picks up registered-but-undelivered candidates and leaves the
-history alone.
+history alone. Versions are allocated in increasing order, so the full listing (which re-hashes
+every version of a local registry) runs only when `latest` shows a higher version; an old version
+re-tagged as a candidate later is noticed at the next registration or restart.
 
 One watcher per model and state folder: `run` holds a non-blocking flock for its lifetime, so a
 second watcher exits at once with a message naming the first one's pid. At start it reconciles the
