@@ -215,3 +215,37 @@ def serve(
         # signal, so the process ends "terminated by signal". A delivery in progress is cut like
         # a crash and resumes on the next start (see dispatch.py).
         server.run(sockets=[sock])
+
+
+@trigger_app.command("status")
+def status(
+    model: Annotated[
+        str | None, typer.Option("--model", help="Only this model [default: every model].")
+    ] = None,
+    state_dir: StateOpt = DEFAULT_STATE,
+) -> None:
+    """Show what the triggers accepted and how each delivery ended (the cursors)."""
+    from rich.console import Console
+    from rich.table import Column, Table
+
+    from aml_pipelines.trigger.store import TriggerStore
+
+    store = TriggerStore(state_dir)
+    table = Table(
+        *(Column(h, no_wrap=True) for h in ("model", "version", "step", "outcome", "attempts")),
+        Column("reason", overflow="fold"),  # the long one folds, the rest stay whole
+    )
+    for name in [model] if model else store.models():
+        for entry in sorted(store.load(name).entries.values(), key=lambda e: e.version):
+            table.add_row(
+                name,
+                str(entry.version),
+                entry.step.value,
+                entry.outcome or "-",
+                str(entry.attempts),
+                entry.reason or "-",
+            )
+    if table.row_count:
+        Console().print(table)
+    else:
+        typer.echo(f"no trigger state in {state_dir}")

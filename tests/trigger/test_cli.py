@@ -93,7 +93,9 @@ def _registry_list(tmp: Path) -> dict[str, str]:
         terminal_width=200,
     )
     assert result.exit_code == 0, result.output
-    rows = [line.split("│") for line in result.output.splitlines() if "│ diabetes" in line]
+    rows = [
+        line.split("│") for line in result.output.splitlines() if line.startswith("│ diabetes ")
+    ]
     return {cells[2].strip(): cells[4].strip() for cells in rows}
 
 
@@ -134,6 +136,12 @@ def test_watch_once_promotes_and_the_registry_follows(
     again = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once"))
     assert again.returncode == 0, again.stderr
     assert again.stdout == "diabetes: no new version to deliver\n"
+    shown = CliRunner().invoke(
+        app, ["trigger", "status", "--state-dir", str(tmp_path / "trigger")], terminal_width=200
+    )
+    assert shown.exit_code == 0, shown.output
+    (row,) = [line for line in shown.output.splitlines() if line.startswith("│ diabetes ")]
+    assert [c.strip() for c in row.split("│")[1:6]] == ["diabetes", "2", "done", "Succeeded", "1"]
     assert _ledger_starts(tmp_path) == 1  # exactly one rollout for v2
 
 
