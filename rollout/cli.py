@@ -48,5 +48,5 @@ def main() -> None:
     try:
         app()
     except (RolloutError, PipelineError) as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(getattr(exc, "exit_code", EXIT_USER_ERROR))
