@@ -103,12 +103,17 @@ def up(
             stack.start()
             green_dir = model_dir or _train_example(stack.workdir / "models" / "green", console)
             stack.router.deploy(Colour.GREEN, _release(green_dir, "1"))
-            if candidate_dir is not None:
-                stack.router.deploy(Colour.BLUE, _release(candidate_dir, "2"))
+            candidate = None if candidate_dir is None else _release(candidate_dir, "2")
+            if candidate is not None:
+                stack.router.deploy(Colour.BLUE, candidate)
             stack.router.set_weights(Weights.blue_at(0))
             if load_rps:
                 stack.start_load(rps=load_rps)
-            _print_urls(console, stack, blue=candidate_dir is not None)
+            _print_urls(console, stack, blue=candidate is not None)
+            spec_file = _write_spec(stack, candidate)
+            console.print(f"rollout spec for this stack: {spec_file}")
+            if candidate is not None:
+                console.print(f"  roll blue out live:  aml-rollout rollout run {spec_file}")
             deadline = None if duration is None else time.monotonic() + duration
             while deadline is None or time.monotonic() < deadline:
                 time.sleep(0.2 if deadline is None else min(0.2, deadline - time.monotonic()))
@@ -117,6 +122,21 @@ def up(
     finally:
         stack.stop()
     console.print("stack stopped: no process left, ports released")
+
+
+def _write_spec(stack: Any, candidate: Any) -> Path:
+    """A rollout spec wired to this stack (router envoy, metrics prometheus), as YAML."""
+    from dataclasses import asdict
+
+    import yaml
+
+    fields: dict[str, Any] = {"steps": [10, 50, 100]}
+    if candidate is not None:
+        fields["candidate"] = asdict(candidate)
+    spec = stack.spec("local", **fields)
+    path = Path(stack.workdir) / "rollout.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "utf-8")
+    return path
 
 
 def _train_example(folder: Path, console: Console) -> Path:
