@@ -43,6 +43,8 @@ from rollout.errors import RouterError
 _API = "type.googleapis.com/envoy"
 ROUTE_TYPE = f"{_API}.config.route.v3.RouteConfiguration"
 ENDPOINTS_TYPE = f"{_API}.config.endpoint.v3.ClusterLoadAssignment"
+#: Downstream connections Envoy accepts at once (local stack: a load generator and a few curls).
+MAX_CONNECTIONS = 10_000
 #: Polling pause while waiting for Envoy to serve what we wrote (it takes 3-6 ms).
 POLL_S = 0.002
 
@@ -211,6 +213,19 @@ def bootstrap(
         # Histograms are published only every flush; the judge wants them fresh.
         "stats_flush_interval": "1s",
         "admin": {"address": {"socket_address": {"address": host, "port_value": admin_port}}},
+        # A bound on downstream connections (Envoy warns at start without one).
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": f"{_API}.extensions.resource_monitors.downstream_connections.v3"
+                        ".DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": MAX_CONNECTIONS,
+                    },
+                }
+            ]
+        },
         "static_resources": {
             "listeners": [
                 {

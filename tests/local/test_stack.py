@@ -83,3 +83,26 @@ def test_servers_started_by_a_dead_controller_are_still_stopped(
         stack.stop()
     assert not any(pid_alive(p) for p in pids)
     assert not list(stack.workloads.directory.glob("*.proc.json"))
+
+
+@pytest.mark.parametrize(
+    ("model_dir", "match"),
+    [
+        pytest.param(None, "has no model_dir", id="no-model-dir"),
+        pytest.param("missing", "is not a folder", id="missing-folder"),
+        pytest.param("empty", "did not start", id="server-refuses-the-folder"),
+    ],
+)
+def test_a_release_that_cannot_be_served_is_a_router_error(
+    tmp_path: Path, model_dir: str | None, match: str
+) -> None:
+    from rollout.core.types import Release
+    from rollout.errors import RouterError
+
+    (tmp_path / "empty").mkdir()
+    folder = None if model_dir is None else str(tmp_path / model_dir)
+    with LocalStack(tmp_path / "stack") as stack:
+        with pytest.raises(RouterError, match=match):
+            stack.router.deploy(Colour.GREEN, Release("diabetes", "9", model_dir=folder))
+        assert stack.router.release(Colour.GREEN) is None
+        assert not list(stack.workloads.directory.glob("*.proc.json"))
