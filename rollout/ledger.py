@@ -88,10 +88,13 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
         if not changed:
             continue
         t = _when(rec.get("at", start) - start)
-        for note in rec.get("commands") or []:
-            lines.append(f"[{t}] operator {note}")
         reason = rec.get("reason", "")
-        if reason == previous:  # e.g. RollingBack → RolledBack: same cause, say it once
+        notes = rec.get("commands") or []
+        for note in notes:
+            lines.append(f"[{t}] operator {note}")
+        if notes and notes[-1].endswith(f": {reason}"):
+            lines[-1] += f" → {rec.get('phase')}"  # the command's effect is the new phase
+        elif reason == previous:  # e.g. RollingBack → RolledBack: same cause, say it once
             lines.append(f"[{t}] {rec.get('phase')}")
         else:
             lines.append(f"[{t}] {rec.get('phase')}: {reason}")

@@ -101,6 +101,9 @@ def test_an_operator_abort_reaches_the_machine_between_ticks(tmp_path: Path) -> 
     assert final.phase is Phase.ROLLED_BACK
     assert final.reason.startswith("aborted by ann")
     assert router.get_weights() == Weights.blue_at(0)
+    story = explain(read_ledger(tmp_path / "t.ledger.jsonl"))
+    assert "operator abort: aborted by ann: blue back to 0 % → RollingBack" in story[-2]
+    assert story[-1].endswith("RolledBack")
 
 
 def test_metrics_outage_holds_the_rollout(tmp_path: Path) -> None:
