@@ -67,7 +67,9 @@ class Upstream:
 
     def __init__(self, colour: str, version: str = "0") -> None:
         self.server = _Server(colour, version)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
         self.thread.start()
 
     @property

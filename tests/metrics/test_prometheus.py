@@ -110,13 +110,19 @@ def test_counter_resets_are_counted_exactly(
     assert observation.blue.requests == expected
 
 
+@pytest.fixture(scope="module")
+def shared_prom() -> Iterator[FakePrometheus]:
+    with FakePrometheus() as fake:
+        yield fake
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     start=st.integers(0, 10_000),
     steps=st.lists(st.tuples(st.integers(0, 500), st.booleans()), min_size=1, max_size=30),
 )
 def test_any_counter_history_gives_the_true_increase(
-    start: int, steps: list[tuple[int, bool]]
+    shared_prom: FakePrometheus, start: int, steps: list[tuple[int, bool]]
 ) -> None:
     value, samples, true_increase = start, [(T0, float(start))], 0
     for i, (increment, restart) in enumerate(steps, 1):
@@ -124,9 +130,11 @@ def test_any_counter_history_gives_the_true_increase(
         value = increment if restart and increment < value else value + increment
         true_increase += increment
         samples.append((T0 + i, float(value)))
-    with FakePrometheus() as prom:
-        prom.add("envoy_cluster_upstream_rq_total", {"envoy_cluster_name": "green"}, samples)
-        observation = envoy(prom).observe(T0, T0 + len(steps))
+    shared_prom.series = []
+    shared_prom.add("envoy_cluster_upstream_rq_total", {"envoy_cluster_name": "green"}, samples)
+    provider = envoy(shared_prom)
+    observation = provider.observe(T0, T0 + len(steps))
+    provider.close()
     assert observation.green.requests == true_increase
 
 
