@@ -23,7 +23,9 @@ from aml_pipelines.errors import AzureNotConfigured, ComponentError, PipelineErr
 from aml_pipelines.pipeline import (
     COMPONENTS_DIR,
     STEPS,
+    DeployParams,
     PipelineParams,
+    build_deploy_pipeline,
     build_pipeline,
     component_path,
     quiet_sdk,
@@ -100,7 +102,19 @@ def validate_offline(
     Azure ML requires a compute per node; validation uses `compute` (a name, not looked up).
     """
     loaded = load_validated_components()
-    job = build_pipeline(params, loaded=loaded, compute=compute)
+    return _validated(build_pipeline(params, loaded=loaded, compute=compute), loaded)
+
+
+def validate_deploy_offline(
+    params: DeployParams | None = None, *, compute: str = DEFAULT_COMPUTE
+) -> ValidationSummary:
+    """`validate_offline` for the deploy pipeline (package → rollout of a registered version)."""
+    loaded = load_validated_components()
+    job = build_deploy_pipeline(params, loaded=loaded, compute=compute)
+    return _validated(job, {step: c for step, c in loaded.items() if step in job.jobs})
+
+
+def _validated(job: Any, loaded: dict[str, Any]) -> ValidationSummary:
     own = job._validate()
     if not own.passed:
         raise ComponentError(f"pipeline is invalid: {own.error_messages}")

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from aml_pipelines.pipeline import PipelineParams
+    from aml_pipelines.pipeline import DeployParams, PipelineParams
 
 EXIT_USER_ERROR = 2
 
@@ -37,13 +37,22 @@ ParamOption = Annotated[
         "--param",
         "-p",
         help="Pipeline input KEY=VALUE (repeatable): model_name, alpha, test_fraction, seed, "
-        "data, target, metric, max_regression, force, image_registry, package_mode.",
+        "data, target, metric, max_regression, force, image_registry, package_mode; with "
+        "--deploy: model_name, model_version, image_registry, package_mode.",
         show_default=False,
     ),
 ]
 SpecOption = Annotated[
     Path | None,
     typer.Option(help="Rollout spec for the rollout step (default: the bundled example)."),
+]
+DeployOption = Annotated[
+    bool,
+    typer.Option(
+        "--deploy",
+        help="The deploy pipeline (package → rollout of a registered version: "
+        "-p model_name=N -p model_version=V) instead of the training pipeline.",
+    ),
 ]
 RegistryOption = Annotated[
     str | None,
@@ -73,10 +82,28 @@ def parse_params(
     pairs: list[str] | None, *, rollout_spec: Path | None = None, **overrides: Any
 ) -> PipelineParams:
     """PipelineParams from KEY=VALUE pairs, converted to each field's type; errors name the key."""
-    from aml_pipelines.errors import ConfigError
     from aml_pipelines.pipeline import PipelineParams
 
-    fields = {f.name: f for f in dataclasses.fields(PipelineParams)}
+    params: PipelineParams = _parse_into(PipelineParams, pairs, rollout_spec, overrides)
+    return params
+
+
+def parse_deploy_params(
+    pairs: list[str] | None, *, rollout_spec: Path | None = None, **overrides: Any
+) -> DeployParams:
+    """DeployParams (the deploy pipeline's inputs) from KEY=VALUE pairs, like parse_params."""
+    from aml_pipelines.pipeline import DeployParams
+
+    params: DeployParams = _parse_into(DeployParams, pairs, rollout_spec, overrides)
+    return params
+
+
+def _parse_into(
+    cls: Any, pairs: list[str] | None, rollout_spec: Path | None, overrides: dict[str, Any]
+) -> Any:
+    from aml_pipelines.errors import ConfigError
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     settable = sorted(set(fields) - {"registry", "rollout_spec"})
     values: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
     for pair in pairs or []:
@@ -103,19 +130,26 @@ def parse_params(
         if not rollout_spec.is_file():
             raise ConfigError(f"--rollout-spec: {rollout_spec} not found")
         values["rollout_spec"] = str(rollout_spec)
-    return PipelineParams(**values)
+    return cls(**values)
 
 
 # ------------------------------------------------------------------------------------- pipeline
 
 
 @pipeline_app.command("validate")
-def validate(params: ParamOption = None, rollout_spec: SpecOption = None) -> None:
+def validate(
+    params: ParamOption = None, rollout_spec: SpecOption = None, deploy: DeployOption = False
+) -> None:
     """Load and validate every component, build the pipeline and validate it offline."""
     with _user_errors():
-        from aml_pipelines.build import validate_offline
+        from aml_pipelines.build import validate_deploy_offline, validate_offline
 
-        summary = validate_offline(parse_params(params, rollout_spec=rollout_spec))
+        if deploy:
+            summary = validate_deploy_offline(
+                parse_deploy_params(params, rollout_spec=rollout_spec)
+            )
+        else:
+            summary = validate_offline(parse_params(params, rollout_spec=rollout_spec))
     table = Table("step", "component", "inputs", "outputs", title="components: valid")
     for step, info in summary.components.items():
         table.add_row(
@@ -137,13 +171,18 @@ def build(
     params: ParamOption = None,
     rollout_spec: SpecOption = None,
     compute: Annotated[str | None, typer.Option(help="Default compute for every step.")] = None,
+    deploy: DeployOption = False,
 ) -> None:
     """Write the pipeline job YAML (relative code: paths) for `az ml job create -f`."""
     with _user_errors():
         from aml_pipelines.build import dump_pipeline
-        from aml_pipelines.pipeline import build_pipeline
+        from aml_pipelines.pipeline import build_deploy_pipeline, build_pipeline
 
-        job = build_pipeline(parse_params(params, rollout_spec=rollout_spec), compute=compute)
+        if deploy:
+            deploy_params = parse_deploy_params(params, rollout_spec=rollout_spec)
+            job = build_deploy_pipeline(deploy_params, compute=compute)
+        else:
+            job = build_pipeline(parse_params(params, rollout_spec=rollout_spec), compute=compute)
         dump_pipeline(job, output)
     out.print(f"wrote {output} ({', '.join(job.jobs)}); submit with: az ml job create -f {output}")
 

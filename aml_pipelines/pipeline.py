@@ -1,9 +1,17 @@
-"""The delivery pipeline: train → register → package → rollout, wired with azure-ai-ml's @pipeline.
+"""The two pipelines, wired with azure-ai-ml's @pipeline from the same command components.
+
+- `build_pipeline`: the training pipeline, train → register → package → rollout. Registering is
+  part of it; the package step names the new version by the register step's registration.json.
+- `build_deploy_pipeline`: the deploy pipeline, package → rollout, for a version that is ALREADY
+  registered (what the registration trigger submits with `--delivery pipeline`). It starts from
+  a registered reference: `model_name` + `model_version`, and the model's files as a
+  `custom_model` input `azureml:<name>:<version>` that Azure ML mounts for the package step.
 
 This module only wires nodes. Each step is the command component in `components/<step>/
 component.yml`, loaded with `load_component`; the same YAML command lines run in Azure ML (the
-job `build_pipeline` returns, submitted or dumped) and on this machine (the local runner walks the
-same job's nodes). There is no second definition of the pipeline.
+job a builder returns, submitted or dumped) and on this machine (the local runner walks the
+training pipeline's nodes). There is no second definition of a step. In both pipelines the
+rollout step gets the registry, so the registry tags follow traffic from inside the job.
 
 `azure.ai.ml` is imported inside the functions: importing it costs about a second and a half.
 """
@@ -18,9 +26,11 @@ from typing import Any
 import components
 
 STEPS = ("train", "register", "package", "rollout")
+DEPLOY_STEPS = ("package", "rollout")
 COMPONENTS_DIR = Path(components.__file__).resolve().parent
 EXAMPLE_SPEC = COMPONENTS_DIR / "rollout" / "spec.example.yaml"
 PIPELINE_NAME = "aml_rollout_delivery"
+DEPLOY_PIPELINE_NAME = "aml_rollout_deploy"
 
 
 def component_path(step: str) -> Path:
@@ -52,6 +62,23 @@ class PipelineParams:
         for key in ("data", "rollout_spec", "target"):
             values.pop(key)
         return values
+
+
+@dataclass(frozen=True)
+class DeployParams:
+    """The deploy pipeline's inputs: a registered version, where to package and how to roll out."""
+
+    model_name: str = "diabetes-ridge"
+    model_version: int = 1
+    registry: str = "azureml"
+    image_registry: str = "amlrollout.azurecr.io"
+    package_mode: str = "local"
+    rollout_spec: str = field(default=str(EXAMPLE_SPEC))
+
+    @property
+    def model_uri(self) -> str:
+        """The registered model as an Azure ML asset reference."""
+        return f"azureml:{self.model_name}:{self.model_version}"
 
 
 def quiet_sdk() -> None:
@@ -127,7 +154,7 @@ def build_pipeline(
             image_registry=image_registry,
             mode=package_mode,
         )
-        rollout = rollout_c(package=package.outputs.package, spec=rollout_spec)
+        rollout = rollout_c(package=package.outputs.package, spec=rollout_spec, registry=registry)
         return {
             "model": train.outputs.model,
             "metrics": train.outputs.metrics,
@@ -143,9 +170,71 @@ def build_pipeline(
     if params.target is not None:
         kwargs["target"] = params.target
     job = delivery(**kwargs)
+    _set_compute(job, compute)
+    return job
+
+
+def build_deploy_pipeline(
+    params: DeployParams | None = None,
+    *,
+    compute: str | None = None,
+    loaded: dict[str, Any] | None = None,
+) -> Any:
+    """The deploy pipeline job (package → rollout) for one registered version."""
+    from azure.ai.ml import Input
+    from azure.ai.ml.dsl import pipeline
+
+    params = params or DeployParams()
+    if params.model_version < 1:
+        from aml_pipelines.errors import ConfigError
+
+        raise ConfigError(f"model_version: {params.model_version} is not a registry version")
+    steps = loaded or load_components()
+    package_c, rollout_c = (steps[s] for s in DEPLOY_STEPS)
+
+    @pipeline(
+        None,
+        name=DEPLOY_PIPELINE_NAME,
+        display_name=f"aml-rollout: deploy {params.model_name}:{params.model_version}",
+        description="A registered model version → scoring package → judged rollout → tags",
+    )
+    # No annotations, as in build_pipeline: the dsl reads them at runtime.
+    def deploy(  # type: ignore[no-untyped-def]
+        model_name,
+        model_version,
+        registered_model,
+        registry,
+        image_registry,
+        package_mode,
+        rollout_spec,
+    ):
+        package = package_c(
+            model_name=model_name,
+            model_version=model_version,
+            registered_model=registered_model,
+            registry=registry,
+            image_registry=image_registry,
+            mode=package_mode,
+        )
+        rollout = rollout_c(package=package.outputs.package, spec=rollout_spec, registry=registry)
+        return {"package": package.outputs.package, "rollout_result": rollout.outputs.result}
+
+    job = deploy(
+        model_name=params.model_name,
+        model_version=params.model_version,
+        registered_model=Input(type="custom_model", path=params.model_uri),
+        registry=params.registry,
+        image_registry=params.image_registry,
+        package_mode=params.package_mode,
+        rollout_spec=Input(type="uri_file", path=params.rollout_spec),
+    )
+    _set_compute(job, compute)
+    return job
+
+
+def _set_compute(job: Any, compute: str | None) -> None:
     if compute is not None:
         from azure.ai.ml.entities import PipelineJobSettings
 
         job.settings = job.settings or PipelineJobSettings()
         job.settings.default_compute = compute
-    return job

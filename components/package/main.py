@@ -1,4 +1,15 @@
-"""Entry point of the package component: registered version in, package folder out."""
+"""Entry point of the package component: a registered version in, a package folder out.
+
+The version is named one of two ways, exactly one of which must be given:
+
+- `--registration DIR` (the training pipeline): the register step's registration.json, whose
+  sha256 is checked too; the model files come from `--model` when the registry keeps no copy;
+- `--model-name N --model-version V` (the deploy pipeline): a version already registered; its
+  files come from `--registered-model` (Azure ML mounts `azureml:<name>:<version>` there) or the
+  registry's own folder (the local registry).
+
+Neither or both is a clear error (exit 1) before anything is read.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +17,9 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
-from aml_pipelines.errors import PipelineError
+from aml_pipelines.errors import ConfigError, PipelineError
 from components.common import read_json, setup_logging
 
 log = logging.getLogger("components.package")
@@ -15,18 +27,46 @@ log = logging.getLogger("components.package")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="components.package.main", description=__doc__)
-    parser.add_argument("--registration", type=Path, required=True, help="registration.json folder")
+    parser.add_argument("--registration", type=Path, default=None, help="registration.json folder")
+    parser.add_argument("--model-name", default=None, help="a registered model's name")
+    parser.add_argument("--model-version", type=int, default=None, help="its registered version")
     parser.add_argument(
         "--model",
         type=Path,
         default=None,
         help="the model folder, when the registry keeps no local copy (Azure ML)",
     )
+    parser.add_argument(
+        "--registered-model", type=Path, default=None, help="the registered model's files"
+    )
     parser.add_argument("--registry", required=True, help="local:PATH or azureml[:SUB/RG/WS]")
     parser.add_argument("--image-registry", required=True, help="e.g. myacr.azurecr.io")
     parser.add_argument("--mode", default="local", choices=["local", "azureml"])
     parser.add_argument("--package", type=Path, required=True, help="output: package folder")
     return parser.parse_args(argv)  # fmt: skip
+
+
+def resolve_reference(args: argparse.Namespace) -> tuple[str, int, dict[str, Any] | None]:
+    """(name, version, registration record or None) from exactly one way of naming a version."""
+    by_name = args.model_name is not None or args.model_version is not None
+    if args.registration is not None and by_name:
+        raise ConfigError(
+            "give either --registration (the register step's output) or "
+            "--model-name/--model-version (a registered version), not both"
+        )
+    if args.model is not None and args.registered_model is not None:
+        raise ConfigError("give either --model or --registered-model, not both")
+    if args.registration is not None:
+        registration: dict[str, Any] = read_json(args.registration / "registration.json")
+        return str(registration["name"]), int(registration["version"]), registration
+    if args.model_name is None or args.model_version is None:
+        raise ConfigError(
+            "no model version to package: give --registration, or both --model-name and "
+            "--model-version"
+        )
+    if args.model_version < 1:
+        raise ConfigError(f"--model-version: {args.model_version} is not a registry version")
+    return str(args.model_name), int(args.model_version), None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,14 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     from components.package.package import build_package
 
     try:
-        registration = read_json(args.registration / "registration.json")
+        name, number, registration = resolve_reference(args)
         registry = open_registry(args.registry)
-        version = registry.get(registration["name"], int(registration["version"]))
+        version = registry.get(name, number)
         result = build_package(
             version,
             args.package,
             image_registry=args.image_registry,
-            model_dir=args.model,
+            model_dir=args.model or args.registered_model,
             registration=registration,
             mode=args.mode,
             ml_client=getattr(registry, "ml_client", None),

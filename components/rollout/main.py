@@ -5,6 +5,14 @@ package as the candidate release. It never pretends: if the engine cannot be imp
 with "rollout engine not available". The rollout's state and JSONL ledger go to the `result`
 output, with `result.json` {phase, reason, ledger, candidate, stable}.
 
+With `--registry`, the registry follows traffic once the rollout ends, exactly as the trigger's
+in-process delivery does (`aml_pipelines.delivery.follow_traffic`): promoted → the candidate is
+`stage=production` and the previous production version `stage=archived`; rolled back → the
+candidate is `stage=rolled-back` with `rollback_reason`. This is what keeps the registry true when
+the rollout runs inside an Azure ML job (the deploy pipeline), where no trigger process sees its
+outcome. A paused rollout changes no tag. Tags that cannot be written fail the step (exit 1): the
+traffic moved, and a registry that says otherwise must not look like success.
+
 Exit codes: 0 promoted (Succeeded), 3 rolled back, 4 engine not available, 5 paused for a human,
 1 failed or invalid input.
 """
@@ -37,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="components.rollout.main", description=__doc__)
     parser.add_argument("--package", type=Path, required=True, help="package folder")
     parser.add_argument("--spec", type=Path, required=True, help="rollout spec (YAML)")
+    parser.add_argument(
+        "--registry", default=None, help="local:PATH or azureml[:SUB/RG/WS]: tag the outcome"
+    )
     parser.add_argument("--result", type=Path, required=True, help="output folder")
     return parser.parse_args(argv)
 
@@ -98,7 +109,26 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     log.info("rollout ended %s: %s (ledger %s)", result.phase, result.reason, result.ledger_path)
+    if args.registry and not _follow_traffic(args.registry, candidate, result):
+        return 1
     return _EXIT_BY_PHASE.get(str(result.phase), 1)
+
+
+def _follow_traffic(registry_spec: str, candidate: Any, result: Any) -> bool:
+    """Tag the registry after the rollout's outcome; False (logged) when that failed."""
+    from aml_pipelines.delivery import follow_traffic
+    from aml_pipelines.errors import PipelineError
+    from aml_pipelines.registry.factory import open_registry
+
+    phase = getattr(result.phase, "value", str(result.phase))
+    try:
+        registry = open_registry(registry_spec)
+        version = int(candidate.version)
+        follow_traffic(registry, candidate.model, version, phase, result.reason)  # logs each tag
+    except (PipelineError, ValueError) as exc:
+        log.error("the rollout ended %s but the registry tags were not written: %s", phase, exc)
+        return False
+    return True
 
 
 if __name__ == "__main__":

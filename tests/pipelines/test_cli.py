@@ -58,6 +58,16 @@ def invoke(*args: str, env: dict[str, str] | None = None):
             id="bad-until",
         ),
         pytest.param(
+            ["pipeline", "validate", "--deploy", "-p", "alpha=1"],
+            "KEY one of ['image_registry', 'model_name', 'model_version', 'package_mode']",
+            id="deploy-unknown-param",
+        ),
+        pytest.param(
+            ["pipeline", "build", "--deploy", "-o", "x.yml", "-p", "model_version=0"],
+            "model_version: 0 is not a registry version",
+            id="deploy-version-zero",
+        ),
+        pytest.param(
             ["registry", "list", "--registry", "s3:x"], "unknown kind 's3'", id="bad-registry-kind"
         ),
         pytest.param(
@@ -84,6 +94,19 @@ def test_build_writes_a_relative_pipeline_yaml(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     text = out.read_text()
     assert "alpha: 0.5" in text and "default_compute: azureml:gpu" in text
+    assert "code: /" not in text
+
+
+def test_deploy_pipeline_validates_and_builds(tmp_path: Path) -> None:
+    validated = invoke("pipeline", "validate", "--deploy", "-p", "model_version=2")
+    assert validated.exit_code == 0, validated.output
+    assert "pipeline valid (offline): package → rollout" in validated.output
+    out = tmp_path / "deploy.yml"
+    built = invoke("pipeline", "build", "--deploy", "-o", str(out),
+                   "-p", "model_name=diabetes", "-p", "model_version=4")  # fmt: skip
+    assert built.exit_code == 0, built.output
+    text = out.read_text()
+    assert "path: azureml:diabetes:4" in text and "model_version: 4" in text
     assert "code: /" not in text
 
 

@@ -114,3 +114,44 @@ def test_main_packages_the_registered_version(registered, tmp_path: Path) -> Non
         "localhost:5000/diabetes-ridge:1"
     )
     assert main([*argv[:-1], str(tmp_path / "o2"), "--mode", "azureml"]) == 1  # no workspace
+
+
+def test_main_packages_a_version_named_by_model_name_and_version(
+    registered, tmp_path: Path
+) -> None:
+    """The deploy pipeline's way: no registration.json, the files mounted from the registry."""
+    registry, _ = registered
+    version = registry.get("Diabetes-Ridge", 1)
+    argv = ["--model-name", "Diabetes-Ridge", "--model-version", "1",
+            "--registered-model", str(version.path), "--registry", f"local:{registry.root}",
+            "--image-registry", "acr.io", "--package", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((tmp_path / "out" / "package.json").read_text())
+    assert (manifest["model"], manifest["version"]) == ("Diabetes-Ridge", "1")
+    assert manifest["sha256"] == version.sha256
+
+
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        pytest.param([], "no model version to package", id="neither"),
+        pytest.param(["--model-name", "Diabetes-Ridge"], "both --model-name and --model-version",
+                     id="name-without-version"),
+        pytest.param(["--registration", "REG", "--model-name", "Diabetes-Ridge",
+                      "--model-version", "1"], "not both", id="both"),
+        pytest.param(["--model-name", "Diabetes-Ridge", "--model-version", "0"],
+                     "--model-version: 0", id="version-zero"),
+        pytest.param(["--model-name", "Diabetes-Ridge", "--model-version", "7"], "version 7",
+                     id="unknown-version"),
+    ],
+)  # fmt: skip
+def test_main_refuses_a_missing_or_double_reference(
+    registered, tmp_path: Path, reference: list[str], message: str, caplog
+) -> None:
+    registry, root = registered
+    reference = [str(root / "registration") if a == "REG" else a for a in reference]
+    argv = [*reference, "--registry", f"local:{registry.root}", "--image-registry", "acr.io",
+            "--package", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 1
+    assert message in caplog.text
+    assert not (tmp_path / "out").exists()

@@ -11,11 +11,24 @@ import pytest
 import yaml
 
 from aml_pipelines import build as build_module
-from aml_pipelines.build import dump_pipeline, load_validated_components, validate_offline
-from aml_pipelines.errors import ComponentError
-from aml_pipelines.pipeline import STEPS, PipelineParams, build_pipeline, component_path
+from aml_pipelines.build import (
+    dump_pipeline,
+    load_validated_components,
+    validate_deploy_offline,
+    validate_offline,
+)
+from aml_pipelines.errors import ComponentError, ConfigError
+from aml_pipelines.pipeline import (
+    STEPS,
+    DeployParams,
+    PipelineParams,
+    build_deploy_pipeline,
+    build_pipeline,
+    component_path,
+)
 
 GOLDEN = Path(__file__).parent / "golden" / "pipeline.yml"
+DEPLOY_GOLDEN = Path(__file__).parent / "golden" / "deploy.yml"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -63,19 +76,66 @@ def _normalise(text: str, base: Path) -> str:
     return yaml.safe_dump(data, sort_keys=False, width=100)
 
 
-def test_pipeline_dumps_to_the_golden_yaml(tmp_path: Path, components) -> None:
-    out = dump_pipeline(
-        build_pipeline(compute="cpu-cluster", loaded=components), tmp_path / "p.yml"
-    )
-    dumped = yaml.safe_load(out.read_text())
+def _check_golden(job: object, tmp_path: Path, golden: Path) -> dict:
+    out = dump_pipeline(job, tmp_path / "p.yml")
+    dumped: dict = yaml.safe_load(out.read_text())
     codes = {node["component"]["code"] for node in dumped["jobs"].values()}
     assert codes == {os.path.relpath(REPO, tmp_path)}  # relative, never absolute
     assert not dumped["inputs"]["rollout_spec"]["path"].startswith(("azureml:", "/"))
     normalised = _normalise(out.read_text(), tmp_path)
     assert "environment.yml" in normalised
     if os.environ.get("UPDATE_GOLDEN"):
-        GOLDEN.write_text(normalised)
-    assert normalised == GOLDEN.read_text(), "run with UPDATE_GOLDEN=1 after an intended change"
+        golden.write_text(normalised)
+    assert normalised == golden.read_text(), "run with UPDATE_GOLDEN=1 after an intended change"
+    return dumped
+
+
+def test_pipeline_dumps_to_the_golden_yaml(tmp_path: Path, components) -> None:
+    dumped = _check_golden(
+        build_pipeline(compute="cpu-cluster", loaded=components), tmp_path, GOLDEN
+    )
+    # the rollout step writes the registry tags itself (the registry follows traffic in the job)
+    assert dumped["jobs"]["rollout"]["inputs"]["registry"] == {
+        "path": "${{parent.inputs.registry}}"
+    }
+
+
+# ---------------------------------------------------------------- the deploy pipeline
+
+
+def test_deploy_pipeline_validates_offline() -> None:
+    summary = validate_deploy_offline(DeployParams(model_name="diabetes", model_version=3))
+    assert summary.nodes == ["package", "rollout"]
+    assert set(summary.components) == {"package", "rollout"}
+    assert summary.outputs == ["package", "rollout_result"]
+    assert summary.pipeline_inputs == sorted(
+        ["model_name", "model_version", "registered_model", "registry", "image_registry",
+         "package_mode", "rollout_spec"]
+    )  # fmt: skip
+
+
+def test_deploy_pipeline_starts_from_a_registered_reference(tmp_path: Path, components) -> None:
+    job = build_deploy_pipeline(
+        DeployParams(model_name="diabetes", model_version=3),
+        compute="cpu-cluster",
+        loaded=components,
+    )
+    dumped = _check_golden(job, tmp_path, DEPLOY_GOLDEN)
+    inputs = dumped["inputs"]
+    assert (inputs["model_name"], inputs["model_version"]) == ("diabetes", 3)
+    assert inputs["registered_model"] == {"type": "custom_model", "path": "azureml:diabetes:3"}
+    package = dumped["jobs"]["package"]["inputs"]
+    assert set(package) == {"model_name", "model_version", "registered_model", "registry",
+                            "image_registry", "mode"}  # fmt: skip
+    assert "registration" not in package and "model" not in package
+    from azure.ai.ml import load_job
+
+    assert load_job(tmp_path / "p.yml")._validate().passed  # what `az ml job create -f` does
+
+
+def test_deploy_pipeline_refuses_a_version_below_one(components) -> None:
+    with pytest.raises(ConfigError, match="model_version: 0"):
+        build_deploy_pipeline(DeployParams(model_version=0), loaded=components)
 
 
 def test_the_dumped_yaml_loads_back_as_a_valid_job(tmp_path: Path, components) -> None:

@@ -107,3 +107,43 @@ def test_bad_inputs_are_refused(
     argv = ["--package", str(package), "--spec", str(spec), "--result", str(tmp_path / "r")]
     assert main(argv) == 1
     assert message in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("canary", "exit_code", "stages"),
+    [
+        pytest.param("", 0, {1: "archived", 2: "production"}, id="promoted"),
+        pytest.param(", canary: {error_rate: 0.3}", EXIT_ROLLED_BACK,
+                     {1: "production", 2: "rolled-back"}, id="rolled-back"),
+    ],
+)  # fmt: skip
+def test_with_a_registry_the_tags_follow_traffic(
+    tmp_path: Path, package: Path, canary: str, exit_code: int, stages: dict[int, str]
+) -> None:
+    """What keeps the registry true when the rollout runs inside an Azure ML job."""
+    from aml_pipelines.registry.local import LocalRegistry
+    from tests.pipelines.conftest import write_model_folder
+
+    registry = LocalRegistry(tmp_path / "registry")
+    registry.register("m", write_model_folder(tmp_path / "v1", name="m"), {"stage": "production"})
+    registry.register("m", write_model_folder(tmp_path / "v2", name="m", salt="2"),
+                      {"stage": "candidate"})  # fmt: skip
+    (package / "package.json").write_text(
+        json.dumps({"model": "m", "version": "2", "sha256": "ab" * 32, "image": "r/m:2"})
+    )
+    argv = ["--package", str(package), "--spec", str(_spec(tmp_path, canary)),
+            "--registry", f"local:{registry.root}",
+            "--result", str(tmp_path / "result")]  # fmt: skip
+    assert main(argv) == exit_code
+    assert {v.version: v.stage for v in registry.list_versions("m")} == stages
+    if exit_code == EXIT_ROLLED_BACK:
+        assert registry.get("m", 2).tags["rollback_reason"]
+
+
+def test_tags_that_cannot_be_written_fail_the_step(
+    tmp_path: Path, package: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    argv = ["--package", str(package), "--spec", str(_spec(tmp_path)),
+            "--registry", "nosuch:registry", "--result", str(tmp_path / "result")]  # fmt: skip
+    assert main(argv) == 1
+    assert "the rollout ended Succeeded but the registry tags were not written" in caplog.text
