@@ -93,6 +93,8 @@ class Scenario:
 
     @property
     def error_ratio(self) -> float:
+        if self.baseline.error_rate == 0:  # a clean service: equal is 1, anything more is infinite
+            return 1.0 if self.canary.error_rate == 0 else math.inf
         return self.canary.error_rate / self.baseline.error_rate
 
     @property

@@ -11,7 +11,7 @@ the wrong backend is an error that names the field, not a silent fallback.
     analysis:
       interval_s: 10
       alpha: 0.05
-      errors:  {max_ratio: 2.0, max_rate: 0.1}
+      errors:  {max_ratio: 2.0, max_rate: 0.1, negligible_rate: 0.001}
       latency: {threshold: baseline_p99}
       on_inconclusive: hold
 
@@ -254,6 +254,10 @@ class ErrorCheck(_Model):
     max_ratio: float = Field(default=2.0, gt=1)
     #: Absolute guard: roll back at once when the canary's error rate is confidently above this.
     max_rate: float | None = Field(default=0.1, gt=0, le=1)
+    #: An error rate this low is fine whatever the baseline does: promotion needs evidence that
+    #: the canary is < max_ratio × baseline OR below this rate (0 turns the second part off).
+    #: Without it a service with no errors at all could never show it is not worse.
+    negligible_rate: float = Field(default=0.001, ge=0, lt=1)
 
 
 class LatencyCheck(_Model):
@@ -267,6 +271,9 @@ class LatencyCheck(_Model):
     max_ratio: float = Field(default=2.0, gt=1)
     #: Absolute guard on the canary's share of requests above the SLO bucket (needs `slo_ms`).
     max_slow_rate: float | None = Field(default=None, gt=0, le=1)
+    #: A share of slow requests this low is fine whatever the baseline does (as for errors; it
+    #: matters with `threshold: slo`, where a fast service has no slow requests at all). 0: off.
+    negligible_rate: float = Field(default=0.001, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _slo_needs_bound(self) -> LatencyCheck:

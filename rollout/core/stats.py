@@ -21,6 +21,18 @@ per-tick log-likelihood ratios on a grid of θ, mixed with prior weights:
 - **not worse** (promotion): H0 θ >= m (the margin, e.g. 2) against a grid of θ < m; the ratio of
   θ_i < m to m is a supermartingale under every θ >= m. Crossing 1/α is evidence, at level α,
   that the canary is less than m times worse: promotion is earned, not granted by silence.
+- **negligible** (promotion, absolute): on the canary's own Bernoulli stream, H0 p_c >= δ (the
+  negligible rate, e.g. 0.1 %) against a grid of rates below δ. Per request the ratio
+  (p_i/δ)^bad ((1-p_i)/(1-δ))^good has mean p(p_i/δ) + (1-p)(1-p_i)/(1-δ), which is 1 at p = δ
+  and decreasing in p, so it is a supermartingale under every p_c >= δ. A service with no errors
+  on either side produces no bad events, so the ratio test alone could never pass it; this one
+  does, after about ln(2/α)/δ clean canary requests.
+
+"Not worse" for a check is the MEAN of the ratio and negligible e-processes. Under the
+intersection of their nulls — θ >= m AND p_c >= δ, which is exactly "the canary is worse" —
+both are supermartingales on the same tick filtration, so their mean is one too and Ville
+bounds the false-promotion rate by α; outside it (the canary is fine one way or the other)
+whichever e-process has power carries the mean, at the cost of a factor 2 (ln 2 nats).
 
 A discrete mixture costs about log(1/prior weight) nats over the oracle SPRT that knows θ; the
 grid puts its mass where regressions matter. Ticks without traffic on either side carry no
@@ -45,11 +57,22 @@ WORSE_PRIOR: NDArray[np.float64] = np.array([0.14, 0.16, 0.14, 0.14, 0.12, 0.1, 
 OK_FRACTIONS: NDArray[np.float64] = np.array([0.25, 0.5, 0.7])
 OK_PRIOR: NDArray[np.float64] = np.array([0.2, 0.6, 0.2])
 
+#: Canary rates below δ for the "negligible" test, as fractions of δ, with prior weights. Most
+#: mass near 0 — a clean service, the case the ratio test cannot decide — yet not at 0 exactly,
+#: so one stray error costs ln 20 ≈ 3 nats instead of killing the alternative for good.
+LOW_FRACTIONS: NDArray[np.float64] = np.array([0.05, 0.25, 0.5])
+LOW_PRIOR: NDArray[np.float64] = np.array([0.6, 0.25, 0.15])
+
 
 def share(theta: NDArray[np.float64] | float, p0: float) -> NDArray[np.float64]:
     """The canary's expected share of bad events when its rate is θ times the baseline's."""
     theta = np.asarray(theta, dtype=float)
     return np.asarray(theta * p0 / (theta * p0 + 1.0 - p0))
+
+
+def log_mean_e(*log_es: float) -> float:
+    """log of the mean of e-values given as logs (a mean of e-processes is an e-process)."""
+    return float(logsumexp(np.asarray(log_es)) - np.log(len(log_es)))
 
 
 def binomial_llr(k: int, n: int, p: NDArray[np.float64], p_ref: float) -> NDArray[np.float64]:
@@ -61,29 +84,44 @@ def binomial_llr(k: int, n: int, p: NDArray[np.float64], p_ref: float) -> NDArra
 
 @dataclass(frozen=True, slots=True)
 class Evidence:
-    """Both e-processes for one check (errors or slow requests), accumulated over the rollout.
+    """The e-processes of one check (errors or slow requests), accumulated over the rollout.
 
     `worse[j]` is the log-likelihood ratio of WORSE_THETAS[j] against θ = 1, `ok[i]` that of
-    margin × OK_FRACTIONS[i] against θ = margin. Counts are the events that fed them.
+    margin × OK_FRACTIONS[i] against θ = margin, `low[i]` that of a canary rate
+    δ × LOW_FRACTIONS[i] against δ (all zeros when δ = 0, the test disabled). Counts are the
+    events that fed them.
     """
 
     worse: tuple[float, ...] = (0.0,) * len(WORSE_THETAS)
     ok: tuple[float, ...] = (0.0,) * len(OK_FRACTIONS)
+    low: tuple[float, ...] = (0.0,) * len(LOW_FRACTIONS)
     canary_bad: int = 0
     baseline_bad: int = 0
     canary_requests: int = 0
     baseline_requests: int = 0
-    #: log of the mixture e-values, kept in step with `worse` / `ok` (computed once per update).
+    #: logs of the mixture e-values, kept in step with the grids (computed once per update):
+    #: "worse", "less than margin × worse" (ratio), "rate below δ" (low), and "not worse" — the
+    #: mean of ratio and low when δ > 0, else the ratio alone.
     log_e_worse_value: float = 0.0
     log_e_ok_value: float = 0.0
+    log_e_ratio_value: float = 0.0
+    log_e_low_value: float = 0.0
 
     def log_e_worse(self) -> float:
         """log of the mixture e-value for "canary worse than baseline"."""
         return self.log_e_worse_value
 
     def log_e_ok(self) -> float:
-        """log of the mixture e-value for "canary less than `margin` times worse"."""
+        """log of the e-value for "not worse": < margin × baseline, or below the negligible rate."""
         return self.log_e_ok_value
+
+    def log_e_ratio(self) -> float:
+        """log of the e-value for "canary less than `margin` times worse than baseline"."""
+        return self.log_e_ratio_value
+
+    def log_e_low(self) -> float:
+        """log of the e-value for "canary rate below the negligible rate δ"."""
+        return self.log_e_low_value
 
     def canary_rate(self) -> float:
         """Observed canary bad-event rate (NaN without canary requests)."""
@@ -95,12 +133,18 @@ class Evidence:
             self.baseline_bad / self.baseline_requests if self.baseline_requests else float("nan")
         )
 
-    def update(self, *, kc: int, kb: int, nc: int, nb: int, margin: float) -> Evidence:
-        """Fold in one tick: `kc`/`kb` bad events among `nc`/`nb` canary/baseline requests."""
+    def update(
+        self, *, kc: int, kb: int, nc: int, nb: int, margin: float, negligible: float = 0.0
+    ) -> Evidence:
+        """Fold in one tick: `kc`/`kb` bad events among `nc`/`nb` canary/baseline requests.
+
+        `negligible` is δ, the canary rate that is fine whatever the baseline does (0: off).
+        """
         if nc < 0 or nb < 0 or kc < 0 or kb < 0:
             raise ValueError(f"negative tick counts: kc={kc} kb={kb} nc={nc} nb={nb}")
-        worse, ok = self.worse, self.ok
-        log_worse, log_ok = self.log_e_worse_value, self.log_e_ok_value
+        worse, ok, low = self.worse, self.ok, self.low
+        log_worse, log_ratio = self.log_e_worse_value, self.log_e_ratio_value
+        log_low = self.log_e_low_value
         n = kc + kb
         # No events, or one side without traffic: the conditional likelihood is flat in θ.
         if n > 0 and nc > 0 and nb > 0:
@@ -111,18 +155,31 @@ class Evidence:
                 kc, n, share(OK_FRACTIONS * margin, p0), p_margin
             )
             log_worse = float(logsumexp(worse_arr, b=WORSE_PRIOR))
-            log_ok = float(logsumexp(ok_arr, b=OK_PRIOR))
+            log_ratio = float(logsumexp(ok_arr, b=OK_PRIOR))
             ok = tuple(ok_arr.tolist())
             worse = tuple(worse_arr.tolist())
+        # The canary's own stream needs no baseline: every canary request is evidence.
+        if negligible > 0 and nc > 0:
+            # (min: counters scraped at slightly different instants may show more errors than
+            # requests in one tick; then every request of the tick counts as bad.)
+            low_arr = np.asarray(self.low) + binomial_llr(
+                min(kc, nc), nc, LOW_FRACTIONS * negligible, negligible
+            )
+            log_low = float(logsumexp(low_arr, b=LOW_PRIOR))
+            low = tuple(low_arr.tolist())
+        log_ok = log_mean_e(log_ratio, log_low) if negligible > 0 else log_ratio
         return Evidence(
             worse=worse,
             ok=ok,
+            low=low,
             canary_bad=self.canary_bad + kc,
             baseline_bad=self.baseline_bad + kb,
             canary_requests=self.canary_requests + nc,
             baseline_requests=self.baseline_requests + nb,
             log_e_worse_value=log_worse,
             log_e_ok_value=log_ok,
+            log_e_ratio_value=log_ratio,
+            log_e_low_value=log_low,
         )
 
 

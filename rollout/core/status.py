@@ -229,6 +229,9 @@ def _evidence_to_dict(ev: Evidence) -> dict[str, Any]:
         "baseline_requests": ev.baseline_requests,
         "log_e_worse": ev.log_e_worse_value,
         "log_e_ok": ev.log_e_ok_value,
+        "low": list(ev.low),
+        "log_e_ratio": ev.log_e_ratio_value,
+        "log_e_low": ev.log_e_low_value,
     }
 
 
@@ -242,4 +245,8 @@ def _evidence_from_dict(data: dict[str, Any]) -> Evidence:
         baseline_requests=int(data["baseline_requests"]),
         log_e_worse_value=float(data["log_e_worse"]),
         log_e_ok_value=float(data["log_e_ok"]),
+        # Status files written before the negligible-rate test: "ok" was the ratio test alone.
+        low=tuple(float(x) for x in data.get("low", Evidence().low)),
+        log_e_ratio_value=float(data.get("log_e_ratio", data["log_e_ok"])),
+        log_e_low_value=float(data.get("log_e_low", 0.0)),
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from rollout.config import RolloutSpec
 from rollout.core.machine import new_status, p99_bucket, step, with_commands
 from rollout.core.stats import Evidence
 from rollout.core.status import Command, Deploy, Remove, SetWeights, Status
@@ -420,3 +422,111 @@ def test_without_a_histogram_latency_is_said_to_be_unjudged_not_silently_passed(
     decision = step(spec, status, obs(blue=(700, 0), green=(700, 1), at=30.0), 30.0)
     assert decision.status.phase is Phase.PROMOTING
     assert "latency not judged (the metrics source reports no histogram)" in decision.status.reason
+
+
+# ------------------------------------------------ "not worse" = < max_ratio × baseline OR below δ
+
+
+def drive_last_step(
+    spec: RolloutSpec, blue: tuple[int, int], green: tuple[int, int], ticks: int
+) -> Status:
+    """Tick the last step (50 %) with the same (requests, errors) per colour each 10 s tick."""
+    status = progressing(step_index=1, weight=50)
+    (nb, kb), (ng, kg) = blue, green
+    for tick in range(1, ticks + 1):
+        at = tick * 10.0
+        observation = obs(blue=(nb * tick, kb * tick), green=(ng * tick, kg * tick), at=at)
+        status = step(spec, status, observation, at).status
+        if status.phase is not Phase.PROGRESSING:
+            break
+    return status
+
+
+CLEAN_SPEC = make_spec(analysis={"max_step_duration_s": 36000})
+#: ln(2/α)/δ: canary requests a clean canary needs at α = 0.05, δ = 0.1 % (the mean halves e).
+CLEAN_N = math.log(2 / 0.05) / 0.001
+
+
+@pytest.mark.parametrize(
+    ("spec", "blue", "green", "phase", "reason"),
+    [
+        pytest.param(
+            CLEAN_SPEC,
+            (100, 0),
+            (100, 0),
+            Phase.PROMOTING,
+            "error rate shown < 0.1 % (e-value",
+            id="zero-errors-on-both-sides-promotes-on-the-negligible-rate",
+        ),
+        pytest.param(
+            make_spec(analysis={"max_step_duration_s": 3000, "errors": {"negligible_rate": 0}}),
+            (100, 0),
+            (100, 0),
+            Phase.PAUSED,
+            "not yet shown error rate < 2× baseline (e-value 1 < 20 after 30,000 canary requests)",
+            id="negligible-rate-0-turns-it-off-a-clean-service-is-held",
+        ),
+        pytest.param(
+            CLEAN_SPEC,
+            (1000, 2),
+            (1000, 0),
+            Phase.ROLLING_BACK,
+            "rolled back",
+            id="canary-errors-above-delta-and-none-on-the-baseline-is-not-promoted",
+        ),
+        pytest.param(
+            make_spec(analysis={"max_step_duration_s": 3000}),
+            (1, 0),
+            (1, 0),
+            Phase.PAUSED,
+            "after 300 canary requests",
+            id="a-clean-canary-still-needs-its-requests-low-traffic-holds",
+        ),
+        pytest.param(
+            CLEAN_SPEC,
+            (5000, 1),
+            (5000, 0),
+            Phase.PROMOTING,
+            "error rate shown < 0.1 %",
+            id="a-canary-error-rate-well-below-delta-promotes-though-the-baseline-has-none",
+        ),
+        pytest.param(
+            make_spec(
+                analysis={"max_step_duration_s": 36000, "errors": {"negligible_rate": 0.0001}}
+            ),
+            (5000, 1),
+            (5000, 0),
+            Phase.ROLLING_BACK,
+            "canary error rate 0.02 % vs 0 % baseline",
+            id="the-same-canary-above-a-stricter-delta-is-not-promoted",
+        ),
+    ],
+)
+def test_negligible_rate(
+    spec: RolloutSpec,
+    blue: tuple[int, int],
+    green: tuple[int, int],
+    phase: Phase,
+    reason: str,
+) -> None:
+    status = drive_last_step(spec, blue, green, ticks=400)
+    assert status.phase is phase
+    assert reason in status.reason
+
+
+def test_a_clean_canary_promotes_after_about_ln_2_over_alpha_over_delta_requests() -> None:
+    status = drive_last_step(CLEAN_SPEC, (50, 0), (50, 0), ticks=400)
+    assert status.phase is Phase.PROMOTING
+    # The prior's weight on "rate ≈ 0" (0.6) and the grid point at δ/20 cost ~20 % over the bound.
+    assert CLEAN_N <= status.errors.canary_requests <= 1.3 * CLEAN_N
+    assert f"after {status.errors.canary_requests:,} canary requests" in status.reason
+
+
+def test_a_status_file_from_before_the_negligible_rate_test_still_loads() -> None:
+    status = with_ok_evidence(progressing())
+    data = status.to_dict()
+    for key in ("low", "log_e_ratio", "log_e_low"):
+        del data["errors"][key]
+    loaded = Status.from_dict(data)
+    assert loaded.errors.log_e_ratio() == status.errors.log_e_ok()
+    assert loaded.errors.log_e_low() == 0.0

@@ -9,11 +9,14 @@ import pytest
 from scipy.stats import binom
 
 from rollout.core.stats import (
+    LOW_FRACTIONS,
+    LOW_PRIOR,
     OK_FRACTIONS,
     WORSE_PRIOR,
     WORSE_THETAS,
     Evidence,
     binomial_llr,
+    log_mean_e,
     rate_lower_bound,
     share,
     wald_expected_n,
@@ -53,9 +56,62 @@ def test_not_worse_ratios_have_mean_at_most_one_at_or_above_the_margin(margin: f
             assert float(weights @ lr) <= 1.0 + 1e-9
 
 
+@pytest.mark.parametrize("n", [1, 50, 2000])
+@pytest.mark.parametrize("delta", [0.0001, 0.001, 0.05])
+@pytest.mark.parametrize("excess", [1.0, 1.5, 10.0])
+def test_negligible_ratios_are_supermartingales_at_or_above_delta(
+    n: int, delta: float, excess: float
+) -> None:
+    # E[LR] over the exact Binomial(n, p) law of a tick's canary errors: = 1 at p = δ, < 1 above.
+    k = np.arange(n + 1)
+    weights = binom.pmf(k, n, delta * excess)
+    for p in LOW_FRACTIONS * delta:
+        lr = np.exp([binomial_llr(int(i), n, np.array([p]), delta)[0] for i in k])
+        mean = float(weights @ lr)
+        assert mean <= 1.0 + 1e-9
+        if excess == 1.0:
+            assert mean == pytest.approx(1.0, rel=1e-9)
+
+
 def test_prior_weights_sum_to_one() -> None:
     assert WORSE_PRIOR.sum() == pytest.approx(1.0)
     assert len(WORSE_PRIOR) == len(WORSE_THETAS)
+    assert LOW_PRIOR.sum() == pytest.approx(1.0)
+    assert len(LOW_PRIOR) == len(LOW_FRACTIONS)
+
+
+def test_not_worse_is_the_mean_of_the_ratio_and_negligible_e_values() -> None:
+    ev = Evidence()
+    for _ in range(30):
+        ev = ev.update(kc=1, kb=1, nc=1000, nb=1000, margin=2.0, negligible=0.001)
+    assert ev.log_e_ok() == pytest.approx(log_mean_e(ev.log_e_ratio(), ev.log_e_low()))
+    assert math.exp(ev.log_e_ok()) == pytest.approx(
+        (math.exp(ev.log_e_ratio()) + math.exp(ev.log_e_low())) / 2
+    )
+
+
+def test_without_a_negligible_rate_not_worse_is_the_ratio_test_alone() -> None:
+    ev = Evidence()
+    for _ in range(10):
+        ev = ev.update(kc=0, kb=0, nc=1000, nb=1000, margin=2.0)
+    assert ev.log_e_ok() == ev.log_e_ratio() == ev.log_e_low() == 0.0
+
+
+def test_clean_canary_requests_build_negligible_evidence_without_baseline_traffic() -> None:
+    ev = Evidence()
+    for _ in range(50):
+        ev = ev.update(kc=0, kb=0, nc=100, nb=0, margin=2.0, negligible=0.001)
+    # 5,000 clean requests: the prior-weighted mean of ((1 − f δ)/(1 − δ))^5000 over the grid.
+    growth = ((1 - LOW_FRACTIONS * 0.001) / (1 - 0.001)) ** 5000
+    assert math.exp(ev.log_e_low()) == pytest.approx(float(LOW_PRIOR @ growth), rel=1e-9)
+    assert ev.log_e_ratio() == 0.0
+
+
+def test_a_canary_at_twice_delta_never_shows_a_negligible_rate() -> None:
+    ev = Evidence()
+    for _ in range(200):  # 200,000 canary requests at 0.2 %, no baseline errors at all
+        ev = ev.update(kc=2, kb=0, nc=1000, nb=1000, margin=2.0, negligible=0.001)
+    assert ev.log_e_low() < -50
 
 
 @pytest.mark.parametrize(
