@@ -530,3 +530,30 @@ def test_a_status_file_from_before_the_negligible_rate_test_still_loads() -> Non
     loaded = Status.from_dict(data)
     assert loaded.errors.log_e_ratio() == status.errors.log_e_ok()
     assert loaded.errors.log_e_low() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("errors_e", "slow_e", "phase", "reason"),
+    [
+        # 0.75 × 30 + 0.25 × 1 = 22.75 ≥ 20: errors alone needed (20 − 0.25) / 0.75 = 26.3.
+        pytest.param(30.0, 1.0, Phase.ROLLING_BACK, "e-value 30 > 26.3", id="errors-weighted-3/4"),
+        pytest.param(25.0, 1.0, Phase.PROGRESSING, "blue to 50 %", id="errors-below-their-share"),
+        # 0.25 × 70 + 0.75 × 1 = 18.25 < 20: slow requests alone need (20 − 0.75) / 0.25 = 77.
+        pytest.param(1.0, 70.0, Phase.PROGRESSING, "blue to 50 %", id="latency-below-its-share"),
+        pytest.param(1.0, 80.0, Phase.ROLLING_BACK, "> 77", id="latency-weighted-1/4"),
+        pytest.param(20.0, 40.0, Phase.ROLLING_BACK, "e-value 20 > 13.3", id="both-add-up"),
+    ],
+)
+def test_the_worse_e_value_is_a_weighted_mean_of_the_checks(
+    errors_e: float, slow_e: float, phase: Phase, reason: str
+) -> None:
+    spec = make_spec(analysis={"latency": {"enabled": True}})
+    status = replace(
+        progressing(),
+        errors=Evidence(log_e_worse_value=math.log(errors_e)),
+        slow=Evidence(log_e_worse_value=math.log(slow_e)),
+        slow_threshold_s=0.05,
+    )
+    decision = step(spec, status, obs(blue=(150, 0), green=(1350, 0), at=30.0), 30.0)
+    assert decision.status.phase is phase
+    assert reason in decision.status.reason
