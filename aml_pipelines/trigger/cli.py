@@ -1,10 +1,17 @@
 """`aml-rollout trigger watch|serve`: start deliveries when a model version is registered.
 
-Both commands build the same pieces — a registry, the delivery path (aml_pipelines/delivery.py),
-the trigger store and the dispatcher — and differ only in where versions come from: `watch`
-polls the registry, `serve` receives Azure Event Grid's ModelRegistered events. Only typer and
-the stdlib are imported at module level; the rest is imported inside the commands so that
-`aml-rollout --help` stays fast.
+Both commands build the same pieces — a registry, the delivery path, the trigger store and the
+dispatcher — and differ only in where versions come from: `watch` polls the registry, `serve`
+receives Azure Event Grid's ModelRegistered events. `--delivery` picks the delivery path:
+
+- `engine` (default, aml_pipelines/delivery.py): package here and run the rollout controller in
+  this process, against whatever router the spec names;
+- `pipeline` (aml_pipelines/azure_delivery.py): submit the deploy pipeline (package → rollout)
+  to the Azure ML workspace named by --subscription/--resource-group/--workspace, whose registry
+  is the one watched; the job rolls out and writes the registry tags.
+
+Only typer and the stdlib are imported at module level; the rest is imported inside the commands
+so that `aml-rollout --help` stays fast.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -33,7 +41,14 @@ RegistryOpt = Annotated[
         help="local, local:PATH or azureml (default: $AML_ROLLOUT_REGISTRY, else local).",
     ),
 ]
-SpecOpt = Annotated[Path, typer.Option("--spec", help="Rollout spec (YAML) for every delivery.")]
+SpecOpt = Annotated[
+    str,
+    typer.Option(
+        "--spec",
+        help="Rollout spec (YAML) for every delivery; with --delivery pipeline also a URI "
+        "(azureml://datastores/...) the job reads.",
+    ),
+]
 TagOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -58,8 +73,78 @@ SupersedeOpt = Annotated[
     ),
 ]
 ImageOpt = Annotated[
-    str, typer.Option("--image-registry", help="Image registry named in package.json.")
+    str | None,
+    typer.Option(
+        "--image-registry",
+        help="Image registry named in package.json [default: localhost; "
+        "amlrollout.azurecr.io with --delivery pipeline].",
+        show_default=False,
+    ),
 ]
+DeliveryOpt = Annotated[
+    str,
+    typer.Option(
+        "--delivery",
+        help="engine: roll out from this process; pipeline: submit the deploy pipeline to "
+        "Azure ML (needs --subscription, --resource-group, --workspace).",
+    ),
+]
+SubscriptionOpt = Annotated[
+    str | None, typer.Option("--subscription", help="Azure subscription (--delivery pipeline).")
+]
+ResourceGroupOpt = Annotated[
+    str | None, typer.Option("--resource-group", help="Resource group (--delivery pipeline).")
+]
+WorkspaceOpt = Annotated[
+    str | None, typer.Option("--workspace", help="Azure ML workspace (--delivery pipeline).")
+]
+ComputeOpt = Annotated[
+    str,
+    typer.Option("--compute", help="Compute cluster for the deploy jobs (--delivery pipeline)."),
+]
+DELIVERIES = ("engine", "pipeline")
+
+
+@dataclass(frozen=True)
+class DeliveryChoice:
+    """How versions are delivered: `engine` here, or `pipeline` jobs in an Azure ML workspace."""
+
+    kind: str = "engine"
+    subscription: str | None = None
+    resource_group: str | None = None
+    workspace: str | None = None
+    compute: str = "cpu-cluster"
+
+    def check(self, registry: str, supersede: bool) -> str:
+        """Refuse inconsistent options (ConfigError); returns the registry spec to open."""
+        from aml_pipelines.errors import ConfigError
+
+        if self.kind not in DELIVERIES:
+            raise ConfigError(f"--delivery: {self.kind!r} is not one of {list(DELIVERIES)}")
+        if self.kind == "engine":
+            return registry
+        coordinates = {
+            "--subscription": self.subscription,
+            "--resource-group": self.resource_group,
+            "--workspace": self.workspace,
+        }
+        if missing := [flag for flag, value in coordinates.items() if not value]:
+            raise ConfigError(
+                "--delivery pipeline submits jobs to an Azure ML workspace: "
+                f"give {', '.join(missing)}"
+            )
+        if supersede:
+            raise ConfigError(
+                "--supersede needs --delivery engine: a rollout inside a pipeline job cannot be "
+                "aborted cleanly (cancelling the job leaves traffic split)"
+            )
+        workspace_registry = f"azureml:{self.subscription}/{self.resource_group}/{self.workspace}"
+        if registry and registry != workspace_registry:
+            raise ConfigError(
+                f"--registry {registry!r}: --delivery pipeline deploys registered versions of the "
+                f"job's workspace; omit --registry or give {workspace_registry}"
+            )
+        return workspace_registry
 
 
 def _setup_logging() -> None:
@@ -84,21 +169,43 @@ def _parse_tags(tags: list[str] | None) -> dict[str, str]:
 
 def _dispatcher(
     registry_spec: str,
-    spec: Path,
+    spec: str,
     state_dir: Path,
     rollout_state_dir: Path | None,
-    image_registry: str,
+    image_registry: str | None,
     supersede: bool,
+    choice: DeliveryChoice,
 ) -> Dispatcher:
-    from aml_pipelines.delivery import EngineDelivery
+    from aml_pipelines.delivery import Delivery
     from aml_pipelines.registry.factory import open_registry
     from aml_pipelines.trigger.dispatch import Dispatcher
     from aml_pipelines.trigger.store import TriggerStore
 
-    registry = open_registry(registry_spec or None)
-    delivery = EngineDelivery(
-        registry, spec, state_dir=rollout_state_dir, image_registry=image_registry
-    )
+    registry_spec = choice.check(registry_spec, supersede)
+    delivery: Delivery
+    if choice.kind == "pipeline":
+        from aml_pipelines import build
+        from aml_pipelines.azure_delivery import PipelineDelivery
+
+        # DefaultAzureCredential logs every credential it tried; a failure is one clear line
+        logging.getLogger("azure.identity").setLevel(logging.ERROR)
+        client = build.workspace_client(
+            choice.subscription or "", choice.resource_group or "", choice.workspace or ""
+        )
+        registry = open_registry(registry_spec, ml_client=client)
+        delivery = PipelineDelivery(
+            client, spec, state_dir, compute=choice.compute, image_registry=image_registry
+        )
+    else:
+        from aml_pipelines.delivery import EngineDelivery
+
+        registry = open_registry(registry_spec or None)
+        delivery = EngineDelivery(
+            registry,
+            Path(spec),
+            state_dir=rollout_state_dir,
+            image_registry=image_registry or "localhost",
+        )
     return Dispatcher(TriggerStore(state_dir), registry, delivery, supersede=supersede)
 
 
@@ -129,15 +236,21 @@ def watch(
     supersede: SupersedeOpt = False,
     state_dir: StateOpt = DEFAULT_STATE,
     rollout_state_dir: RolloutStateOpt = None,
-    image_registry: ImageOpt = "localhost",
+    image_registry: ImageOpt = None,
+    delivery: DeliveryOpt = "engine",
+    subscription: SubscriptionOpt = None,
+    resource_group: ResourceGroupOpt = None,
+    workspace: WorkspaceOpt = None,
+    compute: ComputeOpt = "cpu-cluster",
 ) -> None:
     """Poll the registry; deliver (package + roll out) each new matching version exactly once."""
     from aml_pipelines.trigger.watcher import Watcher
 
     _setup_logging()
     required = _parse_tags(tag)
+    choice = DeliveryChoice(delivery, subscription, resource_group, workspace, compute)
     dispatcher = _dispatcher(
-        registry, spec, state_dir, rollout_state_dir, image_registry, supersede
+        registry, spec, state_dir, rollout_state_dir, image_registry, supersede, choice
     )
     dispatcher.wait_interval_s = interval
     watcher = Watcher(
@@ -177,7 +290,12 @@ def serve(
     ssl_keyfile: Annotated[str | None, typer.Option("--ssl-keyfile", help="TLS key (PEM).")] = None,
     state_dir: StateOpt = DEFAULT_STATE,
     rollout_state_dir: RolloutStateOpt = None,
-    image_registry: ImageOpt = "localhost",
+    image_registry: ImageOpt = None,
+    delivery: DeliveryOpt = "engine",
+    subscription: SubscriptionOpt = None,
+    resource_group: ResourceGroupOpt = None,
+    workspace: WorkspaceOpt = None,
+    compute: ComputeOpt = "cpu-cluster",
 ) -> None:
     """Receive Azure Event Grid ModelRegistered events; deliver each new version exactly once."""
     from aml_pipelines.errors import ConfigError
@@ -192,8 +310,9 @@ def serve(
             f"(at least {MIN_SECRET_CHARS} characters; it is the ?key= of the Event Grid URL)"
         )
     event_filter = Filter(models=tuple(model or ()), tags=_parse_tags(tag))
+    choice = DeliveryChoice(delivery, subscription, resource_group, workspace, compute)
     dispatcher = _dispatcher(
-        registry, spec, state_dir, rollout_state_dir, image_registry, supersede
+        registry, spec, state_dir, rollout_state_dir, image_registry, supersede, choice
     )
     store = dispatcher.store
     with store.lock("serve", f"a webhook server on {state_dir}").held(blocking=False):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,3 +47,16 @@ def make_model(tmp_path: Path) -> MakeModel:
         return write_model_folder(tmp_path / f"model-{next(counter)}", **kwargs)  # type: ignore[arg-type]
 
     return make
+
+
+def existing_code_upload(fake: Any, match: re.Match[str], body: Any, query: Any) -> Any:
+    """A FakeArm route: answer azure-ai-ml's code lookup-by-content-hash with a code version.
+
+    Azure ML does that when the same snapshot was uploaded before; the first upload goes to blob
+    storage through azure-storage-blob's own HTTP pipeline, which the ARM transport cannot reach.
+    Use: `arm.on("GET", r"^.*/codes/[^/]+/versions$", existing_code_upload)`.
+    """
+    version, _ = fake.put(match.group(0) + "/1", {"properties": {
+        "codeUri": "https://fakestore.blob.core.windows.net/azureml/LocalUpload/snapshot",
+        "hash": query["hash"][0], "hashVersion": query["hashVersion"][0]}})  # fmt: skip
+    return 200, {"value": [version]}, {}

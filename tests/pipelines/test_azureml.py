@@ -29,7 +29,7 @@ from aml_pipelines.registry.azureml import AzureMLRegistry
 from aml_pipelines.registry.base import ModelRegistry, Stage
 from aml_pipelines.registry.factory import open_registry
 from tests.fakes.arm import FakeArm, StaticCredential, iter_calls
-from tests.pipelines.conftest import MakeModel
+from tests.pipelines.conftest import MakeModel, existing_code_upload
 
 SUB, RG, WS = "11111111-2222-3333-4444-555555555555", "ml-rg", "ml-ws"
 WS_PATH = (
@@ -197,19 +197,11 @@ def test_factory_uses_a_given_client(client: Any) -> None:
 # ---------------------------------------------------------------------------------- submission
 
 
-def _existing_code_upload(fake: FakeArm, match: re.Match[str], body: Any, query: Any):
-    """Answer the SDK's lookup-by-content-hash with a code version (as after an earlier upload)."""
-    version, _ = fake.put(match.group(0) + "/1", {"properties": {
-        "codeUri": "https://fakestore.blob.core.windows.net/azureml/LocalUpload/snapshot",
-        "hash": query["hash"][0], "hashVersion": query["hashVersion"][0]}})  # fmt: skip
-    return 200, {"value": [version]}, {}
-
-
 def test_submit_sends_the_pipeline_job(arm: FakeArm, client: Any) -> None:
     from aml_pipelines.build import submit_pipeline
     from aml_pipelines.pipeline import PipelineParams, build_pipeline
 
-    arm.on("GET", r"^.*/codes/[^/]+/versions$", _existing_code_upload)
+    arm.on("GET", r"^.*/codes/[^/]+/versions$", existing_code_upload)
     spec = "azureml://datastores/workspaceblobstore/paths/specs/rollout.yaml"
     job = build_pipeline(PipelineParams(alpha=0.5, rollout_spec=spec), compute="cpu-cluster")
     submitted = submit_pipeline(job, client, experiment="exp")
@@ -236,7 +228,7 @@ def test_submit_reports_azure_errors_in_one_line(arm: FakeArm, client: Any) -> N
     from aml_pipelines.build import submit_pipeline
     from aml_pipelines.pipeline import PipelineParams, build_pipeline
 
-    arm.on("GET", r"^.*/codes/[^/]+/versions$", _existing_code_upload)
+    arm.on("GET", r"^.*/codes/[^/]+/versions$", existing_code_upload)
     arm.fail("PUT", r"/jobs/[^/]+$", 400, "UserError: compute cpu-cluster not found")
     job = build_pipeline(PipelineParams(rollout_spec="azureml://datastores/d/paths/s.yaml"))
     with pytest.raises(PipelineError, match="submitting the pipeline failed") as caught:
@@ -273,7 +265,7 @@ def test_package_in_azureml_mode_asks_azure_to_build_the_image(
         fake.put(f"{WS_PATH}/environments/{name}/versions/1", {"properties": {"image": "img"}})
         return {"targetEnvironmentId": f"{environment}/versions/1"}
 
-    arm.on("GET", r"^.*/codes/[^/]+/versions$", _existing_code_upload)
+    arm.on("GET", r"^.*/codes/[^/]+/versions$", existing_code_upload)
     arm.lro(r"/models/[^/]+/versions/[^/]+/package$", polls=2, result=package_action)
     trained = train(tmp_path / "model", name="m", params=TrainParams())
     version = registry.register("m", "azureml://jobs/r/outputs/model", {"sha256": trained.sha256})

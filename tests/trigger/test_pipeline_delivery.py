@@ -1,0 +1,250 @@
+"""`--delivery pipeline`: the trigger submits the deploy pipeline to Azure ML, exactly once.
+
+Real azure-ai-ml calls over HTTP to the fake ARM server (tests/fakes/arm.py): the registry reads
+and the job submission (components, environment, the pipeline job PUT) are the SDK's own. The
+fake answers the code snapshot's lookup-by-hash with an existing upload (the first upload goes to
+blob storage, out of the ARM transport's reach). What a job does once Azure ML accepted it is not
+exercised here: the rollout step's tagging runs in tests/pipelines/test_rollout_component.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from aml_pipelines.azure_delivery import JOBS_FILE, SUBMITTED, PipelineDelivery
+from aml_pipelines.delivery import SUCCEEDED
+from aml_pipelines.errors import ConfigError, PipelineError, TriggerError
+from aml_pipelines.registry.azureml import AzureMLRegistry
+from aml_pipelines.trigger.dispatch import Dispatcher
+from aml_pipelines.trigger.store import Step, TriggerStore
+from aml_pipelines.trigger.watcher import Watcher
+from rollout.errors import ConfigError as SpecError
+from tests.fakes.arm import FakeArm, StaticCredential, iter_calls
+from tests.pipelines.conftest import existing_code_upload
+
+SUB, RG, WS = "11111111-2222-3333-4444-555555555555", "ml-rg", "ml-ws"
+WS_PATH = (
+    f"/subscriptions/{SUB}/resourceGroups/{RG}"
+    f"/providers/Microsoft.MachineLearningServices/workspaces/{WS}"
+)
+SPEC_URI = "azureml://datastores/workspaceblobstore/paths/specs/rollout.yaml"
+JOB_PUT = r"/workspaces/[^/]+/jobs/[^/]+$"
+
+
+@pytest.fixture
+def arm() -> Iterator[FakeArm]:
+    with FakeArm() as fake:
+        fake.add_workspace(SUB, RG, WS)
+        fake.on("GET", r"^.*/codes/[^/]+/versions$", existing_code_upload)
+        yield fake
+
+
+@pytest.fixture
+def client(arm: FakeArm) -> Any:
+    from azure.ai.ml import MLClient
+
+    return MLClient(StaticCredential(), SUB, RG, WS, transport=arm.transport())
+
+
+@pytest.fixture
+def registry(client: Any) -> AzureMLRegistry:
+    registry = AzureMLRegistry(client)
+    registry.register(
+        "diabetes",
+        "azureml://jobs/run-1/outputs/model",
+        {"sha256": "a" * 64, "stage": "production"},
+    )
+    registry.register(
+        "diabetes", "azureml://jobs/run-2/outputs/model", {"sha256": "b" * 64, "stage": "candidate"}
+    )
+    return registry
+
+
+def _watcher(tmp_path: Path, client: Any, registry: AzureMLRegistry) -> Watcher:
+    delivery = PipelineDelivery(client, SPEC_URI, tmp_path / "trigger", compute="cpu-cluster")
+    dispatcher = Dispatcher(
+        TriggerStore(tmp_path / "trigger"), registry, delivery, wait_interval_s=0
+    )
+    return Watcher(registry, "diabetes", dispatcher, required_tags={"stage": "candidate"})
+
+
+def _jobs(arm: FakeArm) -> list[tuple[str, Any]]:
+    return list(iter_calls(arm, "PUT", JOB_PUT))
+
+
+def _set_status(arm: FakeArm, name: str, status: str) -> None:
+    job = arm.get(f"{WS_PATH}/jobs/{name}")
+    assert job is not None
+    job["properties"]["status"] = status
+    arm.put(f"{WS_PATH}/jobs/{name}", job)
+
+
+def test_a_new_version_submits_one_deploy_job_and_a_restart_none(
+    tmp_path: Path, arm: FakeArm, client: Any, registry: AzureMLRegistry
+) -> None:
+    _watcher(tmp_path, client, registry).run(once=True)
+
+    ((path, body),) = _jobs(arm)
+    properties = body["properties"]
+    assert properties["jobType"] == "Pipeline"
+    assert set(properties["jobs"]) == {"package", "rollout"}
+    inputs = properties["inputs"]
+    assert inputs["model_name"]["value"] == "diabetes"
+    assert inputs["model_version"]["value"] == "2"
+    assert inputs["registered_model"]["jobInputType"] == "custom_model"
+    # azure-ai-ml resolved `azureml:diabetes:2` against the workspace to the version's ARM id
+    assert inputs["registered_model"]["uri"] == f"{WS_PATH}/models/diabetes/versions/2"
+    assert inputs["rollout_spec"]["uri"] == SPEC_URI
+    assert inputs["registry"]["value"] == "azureml"  # the job's own workspace
+    job = path.rsplit("/", 1)[1]
+    assert job.startswith("deploy-diabetes-v2-")
+
+    entry = TriggerStore(tmp_path / "trigger").load("diabetes").entries[2]
+    assert (entry.step, entry.outcome) == (Step.DONE, SUBMITTED)
+    assert job in entry.reason  # the cursor records the submitted job (and its studio URL)
+    assert (tmp_path / "trigger" / JOBS_FILE).is_file()
+
+    _watcher(tmp_path, client, registry).run(once=True)  # restarted: nothing new
+    assert len(_jobs(arm)) == 1
+    # the trigger writes no tag in this mode: the job's rollout step does
+    assert registry.get("diabetes", 2).stage == "candidate"
+
+
+def test_a_crash_before_azure_accepted_the_job_resubmits_it_under_the_same_name(
+    tmp_path: Path, arm: FakeArm, client: Any, registry: AzureMLRegistry
+) -> None:
+    arm.fail("PUT", JOB_PUT, 400, "UserError")  # the submission does not land
+    watcher = _watcher(tmp_path, client, registry)
+    with pytest.raises(PipelineError, match="submitting the pipeline failed"):
+        watcher.run(once=True)
+    entry = TriggerStore(tmp_path / "trigger").load("diabetes").entries[2]
+    assert entry.step is Step.STARTED  # left open: resumed on the next start
+    first_name = _jobs(arm)[0][0].rsplit("/", 1)[1]
+
+    _watcher(tmp_path, client, registry).run(once=True)
+    names = [path.rsplit("/", 1)[1] for path, _ in _jobs(arm)]
+    assert names == [first_name, first_name]  # one job: the name chosen before the crash
+    assert arm.get(f"{WS_PATH}/jobs/{first_name}") is not None
+
+
+def test_delivering_again_after_acceptance_submits_nothing(
+    tmp_path: Path, arm: FakeArm, client: Any, registry: AzureMLRegistry
+) -> None:
+    """A crash after Azure ML accepted the job, before the cursor said `done`."""
+    delivery = PipelineDelivery(client, SPEC_URI, tmp_path / "trigger")
+    first = delivery.deliver(registry.get("diabetes", 2))
+    again = delivery.deliver(registry.get("diabetes", 2))
+    assert len(_jobs(arm)) == 1
+    assert first.phase == again.phase == SUBMITTED and first.reason == again.reason
+
+
+def test_the_next_version_waits_for_the_running_job(
+    tmp_path: Path, arm: FakeArm, client: Any, registry: AzureMLRegistry
+) -> None:
+    """One rollout per endpoint: the last job counts as a running rollout until it ended."""
+    delivery = PipelineDelivery(client, SPEC_URI, tmp_path / "trigger")
+    assert delivery.current() is None
+    delivery.deliver(registry.get("diabetes", 2))
+    name = _jobs(arm)[0][0].rsplit("/", 1)[1]
+
+    _set_status(arm, name, "Running")
+    view = delivery.current()
+    assert view is not None and view.active and (view.model, view.candidate) == ("diabetes", 2)
+    assert name in view.reason
+
+    _set_status(arm, name, "Completed")
+    view = delivery.current()
+    assert view is not None and not view.active and view.phase == SUCCEEDED
+    reads = len(list(iter_calls(arm, "GET", rf"/jobs/{name}$")))
+    delivery.current()  # a terminal status is remembered: Azure ML is not asked again
+    assert len(list(iter_calls(arm, "GET", rf"/jobs/{name}$"))) == reads
+
+
+def test_abort_is_refused_and_reconcile_writes_nothing(tmp_path: Path, client: Any) -> None:
+    delivery = PipelineDelivery(client, SPEC_URI, tmp_path / "trigger")
+    with pytest.raises(TriggerError, match="cannot be aborted cleanly"):
+        delivery.abort("superseded by version 3")
+    assert delivery.reconcile() == []
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "message"),
+    [
+        pytest.param("nope.yaml", ConfigError, "--spec: nope.yaml not found", id="missing-file"),
+        pytest.param("BAD", SpecError, "steps", id="invalid-spec"),
+    ],
+)
+def test_a_local_spec_is_checked_before_anything_is_submitted(
+    tmp_path: Path, client: Any, spec: str, error: type[Exception], message: str
+) -> None:
+    if spec == "BAD":
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(
+            "name: x\nrouter: {kind: memory}\nmetrics: {kind: simulated}\nsteps: [50, 40]\n"
+        )
+        spec = str(bad)
+    with pytest.raises(error, match=message):
+        PipelineDelivery(client, spec, tmp_path / "trigger")
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["--delivery", "pipeline", "--subscription", SUB],
+                     "give --resource-group, --workspace", id="no-workspace"),
+        pytest.param(["--delivery", "pipeline", "--subscription", SUB, "--resource-group", RG,
+                      "--workspace", WS, "--supersede"], "--supersede needs --delivery engine",
+                     id="supersede"),
+        pytest.param(["--delivery", "pipeline", "--subscription", SUB, "--resource-group", RG,
+                      "--workspace", WS, "--registry", "local"],
+                     f"omit --registry or give azureml:{SUB}/{RG}/{WS}", id="local-registry"),
+        pytest.param(["--delivery", "kubernetes"], "--delivery: 'kubernetes' is not one of",
+                     id="unknown"),
+    ],
+)  # fmt: skip
+def test_pipeline_delivery_options_are_checked(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    from rollout.cli import app
+
+    argv = ["trigger", "watch", "--model", "diabetes", "--once", "--spec", SPEC_URI,
+            "--state-dir", str(tmp_path / "trigger"), *args]  # fmt: skip
+    result = CliRunner().invoke(app, argv)
+    assert isinstance(result.exception, ConfigError), result.output
+    assert message in str(result.exception)
+    assert not (tmp_path / "trigger").exists()  # refused before anything was written
+
+
+def test_watch_with_pipeline_delivery_submits_through_the_cli(
+    tmp_path: Path, arm: FakeArm, registry: AzureMLRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI wiring end to end; only the credential and the transport point at the fake."""
+    from aml_pipelines import build
+    from rollout.cli import app
+
+    real = build.workspace_client
+    monkeypatch.setattr(
+        build,
+        "workspace_client",
+        lambda *a, **kw: real(*a, credential=StaticCredential(), transport=arm.transport(), **kw),
+    )
+    argv = ["trigger", "watch", "--model", "diabetes", "--once", "--spec", SPEC_URI,
+            "--state-dir", str(tmp_path / "trigger"), "--delivery", "pipeline",
+            "--subscription", SUB, "--resource-group", RG, "--workspace", WS,
+            "--compute", "gpu-cluster"]  # fmt: skip
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert "diabetes v2: Submitted pipeline job deploy-diabetes-v2-" in result.output
+    ((_, body),) = _jobs(arm)
+    assert body["properties"]["settings"]["default_compute"].endswith("gpu-cluster")
+    again = CliRunner().invoke(app, argv)
+    assert again.exit_code == 0 and "no new version to deliver" in again.output
+    assert len(_jobs(arm)) == 1
