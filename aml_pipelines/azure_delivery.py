@@ -17,7 +17,8 @@ its cursor as `Submitted`, with the job and its URL as the reason — `trigger s
 One rollout at a time. `current()` reports the last submitted job as an active rollout until
 Azure ML says the job ended (Completed / Failed / Canceled), so the dispatcher submits the next
 version only after the previous job is over — never two rollouts on one endpoint. A job whose
-status is terminal is remembered as such and not asked again.
+status is terminal is remembered as such and not asked again; a job Azure ML does not know (its
+submission never landed) is not running either.
 
 What this mode cannot do, by construction (see docs/triggers.md, "Where the rollout runs"):
 abort (supersede) — cancelling a job kills its controller mid-step and leaves traffic split, so
@@ -48,7 +49,8 @@ SUBMITTED = "Submitted"
 JOBS_FILE = "pipeline-jobs.json"
 DEFAULT_EXPERIMENT = "aml-rollout-deploy"
 #: Azure ML job statuses that end a job, and the rollout phase each stands for.
-JOB_TERMINAL = {"Completed": SUCCEEDED, "Failed": FAILED, "Canceled": FAILED}
+NOT_FOUND = "NotFound"
+JOB_TERMINAL = {"Completed": SUCCEEDED, "Failed": FAILED, "Canceled": FAILED, NOT_FOUND: FAILED}
 _UNSAFE = re.compile(r"[^a-z0-9_-]+")
 
 
@@ -109,9 +111,11 @@ class PipelineDelivery:
         record = max(self._load().values(), key=lambda r: r.seq, default=None)
         if record is None:
             return None
-        if record.status not in JOB_TERMINAL and record.state == "submitted":
+        if record.status not in JOB_TERMINAL:
             job = self._get_job(record.job)
-            status = _status(job) if job is not None else "NotFound"
+            # A job Azure ML does not know never ran (its submission did not land, or it was
+            # deleted): nothing runs on the endpoint, and waiting for it would wait forever.
+            status = _status(job) if job is not None else NOT_FOUND
             if status != record.status:
                 record = self._save(replace(record, status=status))
         phase = JOB_TERMINAL.get(record.status, "Running")

@@ -126,6 +126,9 @@ def test_a_crash_before_azure_accepted_the_job_resubmits_it_under_the_same_name(
     assert entry.step is Step.STARTED  # left open: resumed on the next start
     first_name = _jobs(arm)[0][0].rsplit("/", 1)[1]
 
+    view = PipelineDelivery(client, SPEC_URI, tmp_path / "trigger").current()
+    assert view is not None and not view.active  # a job that never landed is not running
+
     _watcher(tmp_path, client, registry).run(once=True)
     names = [path.rsplit("/", 1)[1] for path, _ in _jobs(arm)]
     assert names == [first_name, first_name]  # one job: the name chosen before the crash
