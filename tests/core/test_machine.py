@@ -557,3 +557,30 @@ def test_the_worse_e_value_is_a_weighted_mean_of_the_checks(
     decision = step(spec, status, obs(blue=(150, 0), green=(1350, 0), at=30.0), 30.0)
     assert decision.status.phase is phase
     assert reason in decision.status.reason
+
+
+def test_a_fast_clean_service_with_a_latency_slo_promotes_on_both_negligible_rates() -> None:
+    # SLO 250 ms, nobody slower: no slow requests and no errors on either side, so neither
+    # ratio test can move; both checks are shown below their negligible rate.
+    spec = make_spec(
+        analysis={
+            "max_step_duration_s": 36000,
+            "latency": {"enabled": True, "threshold": "slo", "slo_ms": 250},
+        }
+    )
+
+    def fast(n: int) -> tuple[tuple[float, int], ...]:
+        return ((0.1, n), (0.25, n), (math.inf, n))
+
+    status = progressing(step_index=1, weight=50)
+    for tick in range(1, 200):
+        n = 50 * tick
+        observation = obs(
+            blue=(n, 0), green=(n, 0), at=tick * 10.0, blue_buckets=fast(n), green_buckets=fast(n)
+        )
+        status = step(spec, status, observation, tick * 10.0).status
+        if status.phase is not Phase.PROGRESSING:
+            break
+    assert status.phase is Phase.PROMOTING
+    assert "error rate shown < 0.1 %" in status.reason
+    assert "slow-request rate (> 250 ms) shown < 0.1 %" in status.reason
