@@ -9,6 +9,8 @@ exercised here: the rollout step's tagging runs in tests/pipelines/test_rollout_
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -166,6 +168,36 @@ def test_the_next_version_waits_for_the_running_job(
     reads = len(list(iter_calls(arm, "GET", rf"/jobs/{name}$")))
     delivery.current()  # a terminal status is remembered: Azure ML is not asked again
     assert len(list(iter_calls(arm, "GET", rf"/jobs/{name}$"))) == reads
+
+
+def test_the_watcher_submits_the_next_version_only_after_the_job_ended(
+    tmp_path: Path, arm: FakeArm, client: Any, registry: AzureMLRegistry
+) -> None:
+    """End to end: v3 arrives while v2's job runs; its job is submitted once v2's completed."""
+    _watcher(tmp_path, client, registry).run(once=True)
+    (first,) = [path.rsplit("/", 1)[1] for path, _ in _jobs(arm)]
+    _set_status(arm, first, "Running")
+    registry.register(
+        "diabetes", "azureml://jobs/run-3/outputs/model", {"sha256": "c" * 64, "stage": "candidate"}
+    )
+    watcher = _watcher(tmp_path, client, registry)
+    watcher.dispatcher.wait_interval_s = 0.02
+    runner = threading.Thread(target=watcher.run, kwargs={"once": True})
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(list(iter_calls(arm, "GET", rf"/jobs/{first}$"))) < 3:  # it polls the job...
+            assert time.monotonic() < deadline, "the watcher never asked for the running job"
+            time.sleep(0.01)
+        assert len(_jobs(arm)) == 1  # ...and submits nothing while it runs
+        _set_status(arm, first, "Completed")
+        runner.join(timeout=10)
+        assert not runner.is_alive()
+    finally:
+        watcher.dispatcher.stop.set()
+        runner.join(timeout=10)
+    second = _jobs(arm)[1][1]["properties"]["inputs"]
+    assert len(_jobs(arm)) == 2 and second["model_version"]["value"] == "3"
 
 
 def test_abort_is_refused_and_reconcile_writes_nothing(tmp_path: Path, client: Any) -> None:
