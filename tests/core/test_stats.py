@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.special import logsumexp
 from scipy.stats import binom
 
 from rollout.core.stats import (
@@ -17,6 +18,7 @@ from rollout.core.stats import (
     Evidence,
     binomial_llr,
     log_mean_e,
+    log_mixture,
     rate_lower_bound,
     share,
     wald_expected_n,
@@ -162,3 +164,13 @@ def test_wald_reference_matches_the_textbook_order_of_magnitude() -> None:
 def test_rate_lower_bound() -> None:
     assert rate_lower_bound(0, 100, 0.01) == 0.0
     assert 0.3 < rate_lower_bound(50, 100, 0.01) < 0.5
+
+
+@pytest.mark.parametrize(
+    "log_lr", [[0.0, 0.0, 0.0], [-800.0, 3.0, 1.0], [900.0, 899.0, -5.0], [-1e3, -1e3, -1e3]]
+)
+def test_log_mixture_is_scipys_logsumexp_without_overflow(log_lr: list[float]) -> None:
+    prior = np.array([0.6, 0.25, 0.15])
+    expected = float(logsumexp(np.array(log_lr), b=prior))
+    assert log_mixture(np.array(log_lr), prior) == pytest.approx(expected, rel=1e-12)
+    assert log_mean_e(*log_lr) == pytest.approx(float(logsumexp(log_lr) - math.log(3)), 1e-12)
