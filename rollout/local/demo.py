@@ -232,10 +232,14 @@ class _LiveView:
         self.started = time.monotonic()
         self.status: Any = None
         self.record: dict[str, Any] = {}
+        self.counts: dict[str, Any] = {}
         self.live: Callable[[Any], None] | None = None
 
     def tick(self, status: Any, record: dict[str, Any]) -> None:
         self.status, self.record = status, record
+        if record.get("counts"):
+            # Keep the evidence of the last analysed tick on screen after the decision.
+            self.counts = record["counts"]
         if self.live is not None:
             self.live(self.render())
 
@@ -249,12 +253,12 @@ class _LiveView:
         table.add_row("step", f"{record.get('step', 0)} (blue {weight} %)")
         bar = ProgressBar(total=100, completed=weight, width=40, complete_style="blue")
         table.add_row("weights", Group(bar, f"blue {weight} % / green {100 - weight} %"))
-        counts = record.get("counts") or {}
         for colour in ("blue", "green"):
-            c = counts.get(colour, {})
+            c = self.counts.get(colour, {})
             table.add_row(
                 colour,
-                f"{c.get('requests', 0)} requests, {c.get('errors', 0)} errors (this step)",
+                f"{c.get('requests', 0)} requests, {c.get('errors', 0)} errors "
+                "(last analysed step)",
             )
         verdict = record.get("verdict") or "-"
         table.add_row("verdict", verdict)
