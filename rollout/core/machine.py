@@ -59,8 +59,8 @@ GUARD_ALPHA = 0.001
 #: its evidence per request, so the total is least with w_i ∝ 1/I_i: w ≈ 0.9 at a 0.1 % error
 #: rate (slow requests are ~1 % by construction, ~10× the events), 0.5 when errors are as
 #: frequent as slow requests. 0.75 is within 3-4 % of the best in both cases (0.9 would lose
-#: 14 % in the second). Measured: 2× to 50× error regressions decided ~8 % sooner, the +30 %
-#: latency regression ~5 % later (docs/engine.md).
+#: 14 % in the second). Measured: 5-12 % fewer canary requests to roll back 2× to 50× error
+#: regressions, 12 % more for the +30 % latency one (docs/engine.md).
 ERRORS_WEIGHT = 0.75
 #: Operator command ids remembered (so a re-delivered command is not handled twice).
 HANDLED_MEMORY = 64
