@@ -61,6 +61,22 @@ def test_a_healthy_candidate_is_promoted_seed_style(tmp_path: Path) -> None:
     assert "started rollout t" in story and "Green_100: promoted diabetes:2" in story
 
 
+def test_a_service_without_any_error_is_promoted_and_the_story_says_why(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    cfg = SimulatedMetricsConfig(
+        seed=3, rps=200, baseline=TrafficModel(error_rate=0.0), canary=TrafficModel(error_rate=0.0)
+    )
+    ctl, _ = controller(tmp_path, router, SimulatedMetrics(cfg, router))
+    final = ctl.run(max_ticks=500)
+    assert final.phase is Phase.SUCCEEDED
+    story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
+    assert "canary not worse: error rate shown < 0.1 % (e-value" in story
+    judged = [r for r in read_ledger(tmp_path / "t.ledger.jsonl") if "checks" in r]
+    errors = judged[-1]["checks"]["errors"]
+    assert errors["canary_bad"] == errors["baseline_bad"] == 0
+    assert errors["log_e_low"] > errors["log_e_ratio"] == 0.0
+
+
 def test_a_regression_is_rolled_back_and_explained(tmp_path: Path) -> None:
     router = MemoryRouter(releases={Colour.GREEN: V1})
     ctl, _ = controller(tmp_path, router, simulated(router, 0.08))
