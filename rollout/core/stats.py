@@ -11,8 +11,8 @@ given the `n` bad events of the tick, the canary's share `k` is Binomial(n, p(θ
 Conditioning on the tick's request split and event total makes the test immune to the weight
 changes between steps and to unknown baseline rates: the nuisance parameters cancel.
 
-Two e-processes run side by side, each a running sum (over ticks and steps, never reset) of
-per-tick log-likelihood ratios on a grid of θ, mixed with prior weights:
+Three e-processes run side by side, each a running sum (over ticks and steps, never reset) of
+per-tick log-likelihood ratios on a grid of alternatives, mixed with prior weights:
 
 - **worse** (rollback): H0 θ <= 1 against a grid of θ > 1. For θ_j > 1 the ratio
   Bin(k; n, p(θ_j)) / Bin(k; n, p0) is a non-negative supermartingale under every θ <= 1, and so
@@ -36,7 +36,8 @@ whichever e-process has power carries the mean, at the cost of a factor 2 (ln 2 
 
 A discrete mixture costs about log(1/prior weight) nats over the oracle SPRT that knows θ; the
 grid puts its mass where regressions matter. Ticks without traffic on either side carry no
-information and leave both processes unchanged (no traffic never passes, never fails).
+information about θ and leave the ratio processes unchanged; the negligible one moves only with
+canary requests (no canary traffic never passes, never fails).
 """
 
 from __future__ import annotations
