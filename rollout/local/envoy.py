@@ -106,6 +106,7 @@ class EnvoyProcess:
             ],
             log_path=self.workdir / "envoy.log",
             ready_url=f"{self.admin_url}/ready",
+            die_with_parent=True,  # the stack's owner gone = nobody left to stop or drive it
         )
         self._child.start(ready_timeout_s=ready_timeout_s)
         return self

@@ -6,16 +6,27 @@ order, and so Envoy does not get the shutdown signal a short-lived parent shell 
 Stopping sends SIGTERM to the child's process group, waits, then SIGKILLs and reaps it: no orphan
 and no port left bound. Output goes to a log file in the stack's directory, quoted in the error
 when a process dies or never gets ready.
+
+A parent killed hard (SIGKILL, an OOM kill, a test runner's timeout) runs no cleanup, and its own
+session no longer reaches the children. `die_with_parent=True` asks Linux to send the child
+SIGTERM when its parent dies (`prctl(PR_SET_PDEATHSIG)`, set between fork and exec). The kernel
+ties that signal to the *thread* that forked the child, not the process: a child started from a
+short-lived worker thread would be stopped when that thread ends. So it is only set for
+children started from the main thread (whose end is the process's end); elsewhere, and on other
+systems, the child simply does not get it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -90,6 +101,33 @@ def kill_group(pid: int, *, grace_s: float = 5.0) -> None:
     _reap(pid)
 
 
+#: <linux/prctl.h>: the signal a process gets when its parent (thread) dies.
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent_hook() -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child get SIGTERM when this process dies; None if unsafe.
+
+    None off Linux and off the main thread (see the module docstring). The hook runs in the
+    forked child before exec, so it does as little as possible: libc's `prctl` is looked up
+    here, in the parent. If the parent died between fork and prctl, the child stops at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+    term = int(signal.SIGTERM)
+
+    def hook() -> None:
+        prctl(PR_SET_PDEATHSIG, term)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), term)
+
+    return hook
+
+
 def _reap(pid: int) -> None:
     # Our own children must be waited for, or they stay zombies; others' are reaped by init.
     with contextlib.suppress(ChildProcessError, OSError):
@@ -97,7 +135,11 @@ def _reap(pid: int) -> None:
 
 
 class Child:
-    """One child process with a log file, a readiness probe and a clean stop."""
+    """One child process with a log file, a readiness probe and a clean stop.
+
+    `die_with_parent`: the child gets SIGTERM when this process dies, even by SIGKILL (Linux,
+    main thread only: see `die_with_parent_hook`).
+    """
 
     def __init__(
         self,
@@ -108,6 +150,7 @@ class Child:
         ready_url: str | None = None,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -115,6 +158,7 @@ class Child:
         self.ready_url = ready_url
         self.env = env
         self.cwd = cwd
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -132,6 +176,7 @@ class Child:
         if self.running:
             return self
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        hook = die_with_parent_hook() if self.die_with_parent else None
         with self.log_path.open("ab") as out:
             try:
                 self.process = subprocess.Popen(
@@ -140,6 +185,7 @@ class Child:
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
+                    preexec_fn=hook,  # only prctl: see die_with_parent_hook
                     env=self.env,
                     cwd=self.cwd,
                 )

@@ -122,6 +122,7 @@ class PrometheusProcess:
             ],
             log_path=self.workdir / "prometheus.log",
             ready_url=f"{self.url}/-/ready",
+            die_with_parent=True,  # nothing to scrape for once the stack's owner is gone
         )
         self._child.start(ready_timeout_s=ready_timeout_s)
         return self

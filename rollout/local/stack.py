@@ -11,6 +11,8 @@ Everything binds 127.0.0.1 on free ports. Processes run in their own sessions (s
 `rollout.local.process`), so Ctrl-C reaches only this Python process, whose `stop()` (also run
 on any error by the context manager) stops, in order: the load, the scoring servers recorded in
 `workloads/` (including ones started by a controller that died), Prometheus, Envoy.
+If this process is killed hard, Linux stops Envoy, Prometheus and the scoring servers it
+started from its main thread (`die_with_parent`); the load generator is a thread and goes too.
 
 Layout of `workdir`:
 
@@ -66,7 +68,10 @@ class LocalStack:
         # A temporary folder is removed at stop unless `keep`; a given folder is always kept.
         self.keep = (not self._temporary) if keep is None else keep
         self.envoy = EnvoyProcess(self.workdir / "envoy", port=envoy_port)
-        self.workloads = ScoringProcesses(self.workdir / "workloads", faults=faults)
+        # Servers this process starts die with it (Envoy does too); see ScoringProcesses.
+        self.workloads = ScoringProcesses(
+            self.workdir / "workloads", faults=faults, die_with_parent=True
+        )
         self.prometheus = PrometheusProcess(
             self.workdir / "prometheus",
             envoy_admin=f"127.0.0.1:{self.envoy.admin_port}",

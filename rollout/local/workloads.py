@@ -6,7 +6,12 @@ router then points the colour's EDS file at it. Each process is recorded in `dir
 JSON file (pid, kernel start time, port, colour, release) *before* we wait for it, so a process
 started by a controller that is SIGKILLed a moment later is still found and stopped by the stack.
 Processes outlive the controller on purpose: the data plane keeps serving while a controller
-restarts, as pods do on Kubernetes.
+restarts, as pods do on Kubernetes. The one exception is `die_with_parent=True`, which
+`LocalStack` sets for its own instance: a server started by the process that owns Envoy (the
+demo, `up`, an in-process controller) is useless once that process is gone, so Linux stops it
+with its owner even after a SIGKILL (see `rollout.local.process`). A controller in another
+process (`aml-rollout rollout run` against the stack) builds its own instance without it, so
+its servers survive its restart.
 
 For the local Prometheus, the live processes are also listed in `targets.json` (file service
 discovery), so each scoring server's own /metrics is scraped with its colour as a label.
@@ -66,8 +71,10 @@ class ScoringProcesses:
         faults: Mapping[str, float] | None = None,
         host: str = "127.0.0.1",
         ready_timeout_s: float = READY_TIMEOUT_S,
+        die_with_parent: bool = False,
     ) -> None:
         self.directory = Path(directory)
+        self.die_with_parent = die_with_parent
         self.faults = dict(faults or {})
         self.host = host
         self.ready_timeout_s = ready_timeout_s
@@ -118,6 +125,7 @@ class ScoringProcesses:
             argv,
             log_path=self.directory / f"{ref}.log",
             ready_url=None,
+            die_with_parent=self.die_with_parent,
         )
         child.start()
         assert child.pid is not None

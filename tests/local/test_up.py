@@ -88,3 +88,37 @@ def test_up_serves_until_sigterm_then_stops_clean(tmp_path: Path) -> None:
     assert "stack stopped" in rest
     assert not any(pid_alive(p) for p in pids)
     assert all(port_is_free(p) for p in ports_in(output))
+
+
+def test_up_killed_hard_takes_its_children_along(tmp_path: Path) -> None:
+    """SIGKILL runs no cleanup: Linux's parent-death signal stops Envoy, Prometheus and green."""
+    process = subprocess.Popen(
+        [*CLI, "up", "--workdir", str(tmp_path / "stack")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    output = ""
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 90
+        while "GET: which model" not in output and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            output += line
+        ports = ports_in(output)
+        pids = scoring_pids(tmp_path / "stack")
+        assert len(ports) >= 4 and pids, output
+        assert not any(port_is_free(p) for p in ports)
+    finally:
+        process.kill()
+        process.communicate(timeout=30)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if not any(pid_alive(p) for p in pids) and all(port_is_free(p) for p in ports):
+            break
+        time.sleep(0.1)
+    assert not any(pid_alive(p) for p in pids), "green's scoring server outlived `up`"
+    assert all(port_is_free(p) for p in ports), "a port of the stack is still bound"
