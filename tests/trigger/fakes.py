@@ -133,17 +133,12 @@ class ResumableDelivery:
                 phase, reason = ROLLED_BACK, self.abort_path.read_text()
                 self.abort_path.unlink()
                 break
-            self._save(
-                model=version.name,
-                candidate=version.version,
-                phase="Progressing",
-                reason="",
-                stable=stable,
-                weight=int(100 * (step + 1) / (self.steps + 1)),
-                step=step,
-            )
+            self._progress(version, stable, step)
             time.sleep(self.step_s)
             step += 1
+            # Persist the step before reporting it: a kill right after the report must resume
+            # from this step (as the engine's state store does), never from the one before.
+            self._progress(version, stable, step)
             self._log("step", version.version, step=step)
         if phase == SUCCEEDED and version.tags.get("fault"):
             phase, reason = ROLLED_BACK, "canary error rate 4.1% vs 0.1% baseline"
@@ -160,6 +155,17 @@ class ResumableDelivery:
         if self.crash_between:  # traffic moved, tags not yet written
             os.kill(os.getpid(), signal.SIGKILL)
         return self._finish(version, phase, reason)
+
+    def _progress(self, version: ModelVersion, stable: int | None, step: int) -> None:
+        self._save(
+            model=version.name,
+            candidate=version.version,
+            phase="Progressing",
+            reason="",
+            stable=stable,
+            weight=int(100 * (min(step, self.steps - 1) + 1) / (self.steps + 1)),
+            step=step,
+        )
 
     def _finish(self, version: ModelVersion, phase: str, reason: str) -> DeliveryOutcome:
         changes = follow_traffic(self.registry, version.name, version.version, phase, reason)
