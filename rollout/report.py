@@ -33,11 +33,16 @@ WIDTH, HEIGHT, PAD_L, PAD_R, PAD_T, PAD_B = 860, 170, 60, 20, 16, 28
 #: Seconds shown before the first and after the last tick.
 PAD_S = 2.0
 
-ERROR_RATE = (
-    "sum by (envoy_cluster_name) (rate(envoy_cluster_upstream_rq_xx"
-    '{{envoy_cluster_name=~"blue|green",envoy_response_code_class="5"}}[{w}]))'
-    " / sum by (envoy_cluster_name) (rate(envoy_cluster_upstream_rq_total"
+_REQUESTS = (
+    "sum by (envoy_cluster_name) (rate(envoy_cluster_upstream_rq_total"
     '{{envoy_cluster_name=~"blue|green"}}[{w}]))'
+)
+#: Envoy creates a cluster's 5xx series only with its first 5xx: a clean colour gets `0 * its
+#: request rate` (the `or`), so it is drawn at 0 % instead of missing from the chart.
+ERROR_RATE = (
+    "(sum by (envoy_cluster_name) (rate(envoy_cluster_upstream_rq_xx"
+    '{{envoy_cluster_name=~"blue|green",envoy_response_code_class="5"}}[{w}]))'
+    f" or 0 * {_REQUESTS}) / {_REQUESTS}"
 )
 P99_MS = (
     "histogram_quantile(0.99, sum by (envoy_cluster_name, le) "
