@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check format lint types imports prometheus clean
+.PHONY: demo test check bench format lint types imports prometheus wrk clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,18 @@ demo: $(STAMP) prometheus
 
 test: $(STAMP) prometheus
 	$(PY) -m pytest
+
+# The benchmarks behind the README's numbers; each prints one JSON line last.
+bench: $(STAMP) prometheus wrk
+	$(PY) -m benchmarks.analysis --json
+	$(PY) -m benchmarks.scoring --json
+	$(PY) -m benchmarks.e2e_rollback --json
+	$(PY) -m benchmarks.pipeline --json
+
+# wrk is the scoring benchmark's load client (Debian package).
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk >/dev/null; } \
+		|| { echo "error: the scoring benchmark needs wrk: sudo apt-get install wrk" >&2; exit 1; }
 
 format:
 	$(VENV)/bin/ruff format .
