@@ -117,6 +117,9 @@ def die_with_parent_hook() -> Callable[[], None] | None:
     if threading.current_thread() is not threading.main_thread():
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl
+    # The kernel reads the signal as an unsigned long: pass a full one, not a bare int.
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
     parent = os.getpid()
     term = int(signal.SIGTERM)
 
