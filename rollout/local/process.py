@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Self
 
 import httpx
 
@@ -244,3 +245,39 @@ def wait_ready(url: str, *, timeout_s: float, alive: Callable[[], bool] = lambda
                 last = type(exc).__name__
             time.sleep(0.05)
     raise LocalStackError(f"{url} not ready after {timeout_s:g} s ({last})")
+
+
+class StackProcess:
+    """What Envoy and Prometheus share: one `Child` at a time, its pid, a stop, a `with` block.
+
+    Subclasses set `self._child` in their `start()` and return `self` from it.
+    """
+
+    _child: Child | None = None
+    stop_grace_s: float = 5.0
+
+    def start(self) -> Self:
+        """Start the process; returns once it answers its readiness probe."""
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive."""
+        return self._child is not None and self._child.running
+
+    @property
+    def pid(self) -> int | None:
+        """The process id while running."""
+        return None if self._child is None else self._child.pid
+
+    def stop(self) -> None:
+        """Stop the process and reap it; a no-op when it is not running."""
+        if self._child is not None:
+            self._child.stop(grace_s=self.stop_grace_s)
+            self._child = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from rollout.errors import LocalStackError
-from rollout.local.process import Child, free_port
+from rollout.local.process import Child, StackProcess, free_port
 
 #: Where scripts/ensure-prometheus.sh unpacks the Debian package (relative to the checkout).
 CACHED_BINARY = Path(".cache/prometheus/usr/bin/prometheus")
@@ -69,8 +69,10 @@ def scrape_config(envoy_admin: str, targets_file: Path) -> dict[str, object]:
     }
 
 
-class PrometheusProcess:
+class PrometheusProcess(StackProcess):
     """One Prometheus on 127.0.0.1:`port` scraping the stack every second."""
+
+    stop_grace_s = 10.0  # it flushes its TSDB head on SIGTERM
 
     def __init__(
         self,
@@ -85,22 +87,11 @@ class PrometheusProcess:
         self.envoy_admin = envoy_admin
         self.targets_file = targets_file
         self.config_path = self.workdir / "prometheus.yml"
-        self._child: Child | None = None
 
     @property
     def url(self) -> str:
         """The HTTP API base URL."""
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        """Whether the process is alive."""
-        return self._child is not None and self._child.running
-
-    @property
-    def pid(self) -> int | None:
-        """The process id while running."""
-        return None if self._child is None else self._child.pid
 
     def start(self, *, ready_timeout_s: float = 60.0) -> PrometheusProcess:
         """Write the config and start Prometheus; returns once `/-/ready` answers."""
@@ -126,15 +117,3 @@ class PrometheusProcess:
         )
         self._child.start(ready_timeout_s=ready_timeout_s)
         return self
-
-    def stop(self) -> None:
-        """Stop Prometheus and reap it."""
-        if self._child is not None:
-            self._child.stop(grace_s=10.0)
-            self._child = None
-
-    def __enter__(self) -> PrometheusProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
