@@ -354,6 +354,29 @@ class RolloutSpec(_Model):
     stable: ReleaseConfig | None = None
     state: StateConfig = Field(default_factory=StateConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _istio_metrics_follow_the_router(cls, data: Any) -> Any:
+        """With Istio on both sides, the preset counts the router's weighted Services by default.
+
+        The Services are `<app>-blue` / `<app>-green` in the router's namespace; without this the
+        preset would look for Services named `blue` / `green` and never see any traffic.
+        """
+        if not isinstance(data, dict):
+            return data
+        router, metrics = data.get("router"), data.get("metrics")
+        if not (isinstance(router, dict) and isinstance(metrics, dict)):
+            return data
+        if router.get("kind") != "istio" or metrics.get("kind") != "prometheus":
+            return data
+        if metrics.get("preset") != "istio":
+            return data
+        app = router.get("app", IstioRouterConfig.model_fields["app"].default)
+        namespace = router.get("namespace", IstioRouterConfig.model_fields["namespace"].default)
+        metrics = {"labels": {"blue": f"{app}-blue", "green": f"{app}-green"}, **metrics}
+        metrics.setdefault("namespace", namespace)
+        return {**data, "metrics": metrics}
+
     @field_validator("steps")
     @classmethod
     def _plan(cls, steps: list[int] | str) -> list[int] | str:

@@ -25,8 +25,11 @@ Presets (label values per colour come from `labels`):
   counted as not slow rather than as slow, so the lag delays latency evidence by one flush and
   never fabricates it.
 - `istio`: `istio_requests_total` (5xx by `response_code`) and
-  `istio_request_duration_milliseconds_bucket`, `reporter="destination"`, by `destination_workload`
-  (and `destination_workload_namespace` when `namespace` is set).
+  `istio_request_duration_milliseconds_bucket`, `reporter="source"` (the ingress gateway and client
+  sidecars), by `destination_service_name` (and `destination_service_namespace` when `namespace` is
+  set). Pinned requests reach the same pods through `<app>-<colour>-pinned` Services, so counting
+  the weighted Services `<app>-blue` / `<app>-green` keeps A/B traffic out of the canary counts; the
+  destination proxy cannot tell the two apart, hence the source reporter.
 - `custom`: PromQL templates (`{colour}` → label value, `{window}` → e.g. `42s`), each evaluated at
   `since` and at `now`; a value that went down is taken as a restart from 0.
 
@@ -95,11 +98,11 @@ def envoy_preset() -> Preset:
 
 
 def istio_preset(namespace: str | None = None) -> Preset:
-    """Istio's standard telemetry, as reported by the destination proxy."""
-    label = "destination_workload"
-    base: tuple[str, ...] = ('reporter="destination"',)
+    """Istio's standard telemetry of the weighted Services, as reported by the calling proxy."""
+    label = "destination_service_name"
+    base: tuple[str, ...] = ('reporter="source"',)
     if namespace:
-        base = (*base, f'destination_workload_namespace="{namespace}"')
+        base = (*base, f'destination_service_namespace="{namespace}"')
     return Preset(
         requests=SeriesSet("istio_requests_total", base, label),
         errors=SeriesSet("istio_requests_total", (*base, 'response_code=~"5.."'), label),

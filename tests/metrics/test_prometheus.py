@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries
+from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries, spec_from_dict
 from rollout.core.types import ColourCounts
 from rollout.metrics.factory import make_metrics
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset, istio_preset
@@ -191,12 +191,19 @@ def test_is_online(prom: FakePrometheus) -> None:
     assert envoy(prom).is_online()
 
 
-def test_istio_preset_reads_destination_telemetry(prom: FakePrometheus) -> None:
-    def istio(workload: str, code: str, values: list[float], namespace: str = "ml") -> None:
+def test_istio_preset_counts_the_weighted_services_only(prom: FakePrometheus) -> None:
+    def istio(
+        service: str,
+        code: str,
+        values: list[float],
+        *,
+        namespace: str = "ml",
+        reporter: str = "source",
+    ) -> None:
         labels = {
-            "reporter": "destination",
-            "destination_workload": workload,
-            "destination_workload_namespace": namespace,
+            "reporter": reporter,
+            "destination_service_name": service,
+            "destination_service_namespace": namespace,
             "response_code": code,
         }
         prom.add("istio_requests_total", labels, [(T0, values[0]), (T0 + 5, values[1])])
@@ -205,6 +212,8 @@ def test_istio_preset_reads_destination_telemetry(prom: FakePrometheus) -> None:
     istio("diabetes-blue", "503", [1, 4])
     istio("diabetes-green", "200", [100, 400])
     istio("diabetes-green", "200", [7, 999], namespace="other")  # another namespace: ignored
+    istio("diabetes-blue-pinned", "503", [0, 80])  # A/B traffic: never the canary's
+    istio("diabetes-blue", "200", [0, 45], reporter="destination")  # same requests, other proxy
     provider = PrometheusMetrics(
         prom.url,
         preset=istio_preset("ml"),
@@ -213,6 +222,32 @@ def test_istio_preset_reads_destination_telemetry(prom: FakePrometheus) -> None:
     observation = provider.observe(T0, T0 + 5)
     assert (observation.blue.requests, observation.blue.errors) == (43, 3)
     assert (observation.green.requests, observation.green.errors) == (300, 0)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "labels", "namespace"),
+    [
+        pytest.param({}, ("diabetes-blue", "diabetes-green"), "ml", id="derived-from-the-router"),
+        pytest.param(
+            {"labels": {"blue": "b", "green": "g"}, "namespace": "other"},
+            ("b", "g"),
+            "other",
+            id="explicit-values-win",
+        ),
+    ],
+)
+def test_istio_preset_follows_the_istio_router(
+    metrics: dict[str, object], labels: tuple[str, str], namespace: str
+) -> None:
+    spec = spec_from_dict(
+        {
+            "router": {"kind": "istio", "namespace": "ml", "app": "diabetes"},
+            "metrics": {"kind": "prometheus", "url": "http://p:9090", "preset": "istio", **metrics},
+        }
+    )
+    assert isinstance(spec.metrics, PrometheusMetricsConfig)
+    assert (spec.metrics.labels.blue, spec.metrics.labels.green) == labels
+    assert spec.metrics.namespace == namespace
 
 
 def test_custom_queries(prom: FakePrometheus) -> None:
