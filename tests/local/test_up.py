@@ -40,6 +40,26 @@ def scoring_pids(workdir: Path) -> list[int]:
     ]
 
 
+def start_up(workdir: Path) -> tuple[subprocess.Popen[str], str]:
+    """Start `aml-rollout up` and read its output until it has printed the URLs (90 s at most)."""
+    process = subprocess.Popen(
+        [*CLI, "up", "--workdir", str(workdir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert process.stdout is not None
+    output = ""
+    deadline = time.monotonic() + 90
+    while "GET: which model" not in output and time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        output += line
+    return process, output
+
+
 def test_up_with_a_duration_prints_the_urls_and_stops_clean(tmp_path: Path) -> None:
     done = subprocess.run(
         [*CLI, "up", "--duration", "2", "--workdir", str(tmp_path / "stack")],
@@ -59,22 +79,8 @@ def test_up_with_a_duration_prints_the_urls_and_stops_clean(tmp_path: Path) -> N
 
 
 def test_up_serves_until_sigterm_then_stops_clean(tmp_path: Path) -> None:
-    process = subprocess.Popen(
-        [*CLI, "up", "--workdir", str(tmp_path / "stack")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    output = ""
+    process, output = start_up(tmp_path / "stack")
     try:
-        assert process.stdout is not None
-        deadline = time.monotonic() + 90
-        while "GET: which model" not in output and time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            output += line
         url = re.search(r"(http://127\.0\.0\.1:\d+)/score", output)
         assert url, output
         answer = httpx.get(f"{url.group(1)}/score", timeout=10).json()
@@ -92,22 +98,8 @@ def test_up_serves_until_sigterm_then_stops_clean(tmp_path: Path) -> None:
 
 def test_up_killed_hard_takes_its_children_along(tmp_path: Path) -> None:
     """SIGKILL runs no cleanup: Linux's parent-death signal stops Envoy, Prometheus and green."""
-    process = subprocess.Popen(
-        [*CLI, "up", "--workdir", str(tmp_path / "stack")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    output = ""
+    process, output = start_up(tmp_path / "stack")
     try:
-        assert process.stdout is not None
-        deadline = time.monotonic() + 90
-        while "GET: which model" not in output and time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            output += line
         ports = ports_in(output)
         pids = scoring_pids(tmp_path / "stack")
         assert len(ports) >= 4 and pids, output
