@@ -47,7 +47,7 @@ from rollout.controller import Controller, FakeClock
 from rollout.core.machine import p99_bucket
 from rollout.core.stats import wald_expected_n
 from rollout.core.types import Colour, ColourCounts, Phase, Release
-from rollout.metrics.static import SimulatedMetrics, _Behaviour
+from rollout.metrics.static import SimulatedMetrics, TrafficBehaviour
 from rollout.routers.memory import MemoryRouter
 from rollout.state.memory import MemoryStateStore
 
@@ -181,8 +181,8 @@ def slow_rates(scenario: Scenario) -> tuple[float, float]:
     """Baseline and canary shares above the baseline's p99 bucket (what the judge compares)."""
     cfg = scenario.metrics(0)
     bounds = np.asarray(cfg.buckets_ms, dtype=float) / 1000.0
-    base = _Behaviour(scenario.baseline, bounds)
-    canary = _Behaviour(scenario.canary, bounds)
+    base = TrafficBehaviour(scenario.baseline, bounds)
+    canary = TrafficBehaviour(scenario.canary, bounds)
     total = 10**9  # the expected histogram, as the judge would see it with plenty of traffic
     expected = ColourCounts(
         requests=total,

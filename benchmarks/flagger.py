@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from rollout.config import SimulatedMetricsConfig
-from rollout.metrics.static import _Behaviour
+from rollout.metrics.static import TrafficBehaviour
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,9 @@ def simulate(
     """One Flagger rollout on synthetic traffic; counts drawn per interval, never per request."""
     bounds_s = np.asarray(cfg.buckets_ms, dtype=float) / 1000.0
     bounds_ms = np.asarray(cfg.buckets_ms, dtype=float)
-    base = _Behaviour(cfg.baseline, bounds_s)
+    base = TrafficBehaviour(cfg.baseline, bounds_s)
     canary_model = cfg.canary or cfg.baseline
-    canary = _Behaviour(canary_model, bounds_s)
+    canary = TrafficBehaviour(canary_model, bounds_s)
     rps = float(cfg.rps) if isinstance(cfg.rps, int | float) else float(cfg.rps[0][1])
     weight, failed, t = policy.step, 0, 0.0
     served, bad = 0, 0

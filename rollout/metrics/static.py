@@ -73,7 +73,7 @@ class StaticMetrics:
         return True
 
 
-class _Behaviour:
+class TrafficBehaviour:
     """Per-request probabilities of one traffic model: error rate and latency bucket masses."""
 
     def __init__(self, model: TrafficModel, bounds_s: NDArray[np.float64]) -> None:
@@ -108,9 +108,9 @@ class SimulatedMetrics:
             [(0.0, float(cfg.rps))] if isinstance(cfg.rps, int | float) else sorted(cfg.rps)
         )
         self.bounds_s = np.asarray(cfg.buckets_ms or ENVOY_BUCKETS_MS, dtype=float) / 1000.0
-        self._baseline = _Behaviour(cfg.baseline, self.bounds_s)
+        self._baseline = TrafficBehaviour(cfg.baseline, self.bounds_s)
         canary = cfg.canary or cfg.baseline
-        self._canary = _Behaviour(canary, self.bounds_s)
+        self._canary = TrafficBehaviour(canary, self.bounds_s)
         self._canary_from = canary.from_s
         # Traffic starts at `start`, or at the first observation when not given.
         self._start = start
@@ -137,7 +137,7 @@ class SimulatedMetrics:
         i = bisect.bisect_right(times, t) - 1
         return self._profile[max(i, 0)][1]
 
-    def _draw(self, n: int, behaviour: _Behaviour) -> NDArray[np.int64]:
+    def _draw(self, n: int, behaviour: TrafficBehaviour) -> NDArray[np.int64]:
         out = np.zeros(2 + len(self.bounds_s), dtype=np.int64)
         if n <= 0:
             return out
