@@ -293,6 +293,11 @@ class AnalysisConfig(_Model):
     min_requests: int = Field(default=200, ge=0)
     #: A step never advances sooner than this (defaults to one interval).
     min_step_duration_s: float | None = Field(default=None, ge=0)
+    #: A step does not advance while the "worse" e-value is above this: the data favour a
+    #: regression, so its exposure does not grow while the evidence builds up (1: any lean
+    #: toward "worse"; null: advance regardless). Costs a healthy canary almost nothing (its
+    #: e-value drifts below 1) and cuts the bad requests a moderate regression serves.
+    hold_above_e: float | None = Field(default=1.0, ge=1)
     #: A step still inconclusive after this long follows `on_inconclusive`.
     max_step_duration_s: float = Field(default=10800.0, gt=0)
     #: Consecutive ticks with unreadable metrics before the step counts as inconclusive.

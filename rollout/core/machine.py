@@ -476,6 +476,13 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
         )
     last = status.step_index + 1 >= len(spec.plan) or spec.plan[status.step_index + 1] == 100
     if not last:
+        hold = analysis.hold_above_e
+        # (A relative tolerance, so rounding in the mixtures never holds a step with no data.)
+        if hold is not None and combined > hold * (1.0 + 1e-9):
+            return Verdict.INCONCLUSIVE, (
+                f"step {weight} %: not stepping up while the evidence leans toward a regression "
+                f"(e-value {_e(math.log(combined))} > {hold:g}; rollback at {1.0 / alpha:g})"
+            )
         return Verdict.SUCCESSFUL, (
             f"step {weight} % passed: {status.step_canary_requests} canary requests, "
             "no evidence of a regression"

@@ -537,9 +537,10 @@ def test_a_status_file_from_before_the_negligible_rate_test_still_loads() -> Non
     [
         # 0.75 × 30 + 0.25 × 1 = 22.75 ≥ 20: errors alone needed (20 − 0.25) / 0.75 = 26.3.
         pytest.param(30.0, 1.0, Phase.ROLLING_BACK, "e-value 30 > 26.3", id="errors-weighted-3/4"),
-        pytest.param(25.0, 1.0, Phase.PROGRESSING, "blue to 50 %", id="errors-below-their-share"),
+        # Below the rollback threshold but above 1: held at its weight, not stepped up.
+        pytest.param(25.0, 1.0, Phase.PROGRESSING, "not stepping up", id="errors-below-share"),
         # 0.25 × 70 + 0.75 × 1 = 18.25 < 20: slow requests alone need (20 − 0.75) / 0.25 = 77.
-        pytest.param(1.0, 70.0, Phase.PROGRESSING, "blue to 50 %", id="latency-below-its-share"),
+        pytest.param(1.0, 70.0, Phase.PROGRESSING, "not stepping up", id="latency-below-share"),
         pytest.param(1.0, 80.0, Phase.ROLLING_BACK, "> 77", id="latency-weighted-1/4"),
         pytest.param(20.0, 40.0, Phase.ROLLING_BACK, "e-value 20 > 13.3", id="both-add-up"),
     ],
@@ -584,3 +585,37 @@ def test_a_fast_clean_service_with_a_latency_slo_promotes_on_both_negligible_rat
     assert status.phase is Phase.PROMOTING
     assert "error rate shown < 0.1 %" in status.reason
     assert "slow-request rate (> 250 ms) shown < 0.1 %" in status.reason
+
+
+@pytest.mark.parametrize(
+    ("errors_e", "hold_above_e", "now", "phase", "weight", "reason"),
+    [
+        pytest.param(
+            3.0, 1.0, 30.0, Phase.PROGRESSING, 10, "not stepping up", id="leaning-worse-holds"
+        ),
+        pytest.param(
+            1.0, 1.0, 30.0, Phase.PROGRESSING, 50, "blue to 50 %", id="no-events-e-1-steps-up"
+        ),
+        pytest.param(0.5, 1.0, 30.0, Phase.PROGRESSING, 50, "blue to 50 %", id="leaning-fine"),
+        pytest.param(3.0, 5.0, 30.0, Phase.PROGRESSING, 50, "blue to 50 %", id="looser-hold"),
+        pytest.param(15.0, None, 30.0, Phase.PROGRESSING, 50, "blue to 50 %", id="hold-off"),
+        pytest.param(
+            3.0, 1.0, 600.0, Phase.PAUSED, 10, "inconclusive after 600 s", id="held-until-max"
+        ),
+    ],
+)
+def test_a_step_does_not_step_up_while_the_evidence_leans_toward_a_regression(
+    errors_e: float,
+    hold_above_e: float | None,
+    now: float,
+    phase: Phase,
+    weight: int,
+    reason: str,
+) -> None:
+    spec = make_spec(analysis={"hold_above_e": hold_above_e})
+    status = replace(progressing(), errors=Evidence(log_e_worse_value=math.log(errors_e)))
+    decision = step(spec, status, obs(blue=(150, 0), green=(1350, 0), at=now), now)
+    assert decision.status.phase is phase
+    assert decision.status.blue_weight == weight
+    assert reason in decision.status.reason
+
