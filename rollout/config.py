@@ -188,6 +188,8 @@ class StaticMetricsConfig(_Model):
 
     kind: Literal["static"] = "static"
     ticks: list[StaticTick] = Field(default_factory=list)
+    #: What `history` returns: the counts before the rollout (none when not given).
+    history: StaticTick | None = None
 
 
 class SimulatedMetricsConfig(_Model):
@@ -267,6 +269,10 @@ class LatencyCheck(_Model):
     #: `baseline_p99`: slow = above the bucket holding the baseline's p99 (about 1 % of requests);
     #: `slo`: slow = above the bucket bound at `slo_ms`.
     threshold: Literal["baseline_p99", "slo"] = "baseline_p99"
+    #: With `baseline_p99`: look this far back before the rollout for green's histogram, so the
+    #: bucket is chosen before the first step and the check judges from the first tick (it needs
+    #: 500 green requests in the window; otherwise, or with 0, the first step's are used).
+    history_s: float = Field(default=600.0, ge=0)
     slo_ms: float | None = Field(default=None, gt=0)
     max_ratio: float = Field(default=2.0, gt=1)
     #: Absolute guard on the canary's share of requests above the SLO bucket (needs `slo_ms`).

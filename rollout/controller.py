@@ -4,7 +4,8 @@ One tick:
 
 1. finish any actions a previous (possibly killed) controller persisted but did not apply;
 2. pick up operator commands queued in the state store;
-3. observe the metrics since the step began (only in phases that analyse);
+3. observe the metrics since the step began (only in phases that analyse; when starting, green's
+   traffic before the rollout, for the latency check's threshold);
 4. `core.step(spec, status, observation, now)` → Decision(status, actions, record);
 5. append the record to the ledger, persist the new status *with its actions pending*;
 6. apply each action through the router, persisting `applied` after each one.
@@ -187,6 +188,8 @@ class Controller:
         observation: Observation | None = None
         if status.phase in (Phase.PROGRESSING, Phase.PAUSED):
             observation = self._observe(status.step_started_at, now)
+        elif status.phase is Phase.INITIALIZING:
+            observation = self._history(now)
         decision: Decision = step(self.spec, status, observation, now)
         record = dict(decision.record)
         record["describe"] = [describe(a) for a in decision.actions]
@@ -212,6 +215,17 @@ class Controller:
         try:
             return self.metrics.observe(since, now)
         except MetricsError as exc:  # the contract says "never raises"; be safe anyway
+            return Observation(since=since, at=now, error=str(exc))
+
+    def _history(self, now: float) -> Observation | None:
+        """Green's traffic before the rollout, when the latency check wants its p99 bucket."""
+        lat = self.spec.analysis.latency
+        if not (lat.enabled and lat.threshold == "baseline_p99" and lat.history_s > 0):
+            return None
+        since = now - lat.history_s
+        try:
+            return self.metrics.history(since, now)
+        except MetricsError as exc:
             return Observation(since=since, at=now, error=str(exc))
 
     def _finish_pending(self, status: Status) -> Status:

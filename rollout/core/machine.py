@@ -11,7 +11,8 @@ its actions through the router. Phases (terminal in brackets):
             Blue_100 then        Green_100, blue
             Blue_Green           removed
 
-- Initializing: deploy the candidate to blue, set the first planned weight.
+- Initializing: deploy the candidate to blue, set the first planned weight; with a history
+  observation (green before the rollout) choose the latency check's "slow" bucket from it.
 - Progressing: every tick folds the new counts into the e-processes (see `rollout.core.stats`) and
   judges the step: Failed → roll back; Successful → next planned weight (or promotion after the
   last one below 100); Inconclusive → wait, and after `max_step_duration_s` follow
@@ -116,6 +117,7 @@ def step(
         status, notes = _drop_commands(status, "ignored: the rollout has ended")
         return _decide(status, (), record, notes)
     if status.phase is Phase.INITIALIZING:
+        status = _threshold_from_history(spec, status, observation, record)
         return _decide(*_start(spec, status, now), record)
     if status.phase is Phase.PROMOTING:
         candidate = status.candidate
@@ -173,6 +175,30 @@ def _name(release: Release | None) -> str:
     return f"{release.model}:{release.version}" if release else "the candidate"
 
 
+def _threshold_from_history(
+    spec: RolloutSpec, status: Status, history: Observation | None, record: dict[str, Any]
+) -> Status:
+    """Choose the baseline's p99 bucket from green's traffic before the rollout, if enough.
+
+    Chosen on data the rollout never tests, so the latency check counts from the first tick;
+    without enough history it is chosen from the first step instead (see `_ingest`).
+    """
+    lat = spec.analysis.latency
+    if not (lat.enabled and lat.threshold == "baseline_p99") or status.slow_threshold_s is not None:
+        return status
+    if history is None or history.error is not None:
+        return status
+    green = history.green
+    record["history"] = {"since": history.since, "at": history.at, "green": green.requests}
+    if green.requests < MIN_BASELINE_FOR_P99:
+        return status
+    threshold = p99_bucket(green)
+    if threshold is None:
+        return status
+    record["history"]["slow_threshold_ms"] = threshold * 1000.0
+    return replace(status, slow_threshold_s=threshold)
+
+
 def _start(spec: RolloutSpec, status: Status, now: float) -> tuple[Status, tuple[Action, ...]]:
     first = spec.plan[0]
     actions: list[Action] = []
@@ -186,7 +212,13 @@ def _start(spec: RolloutSpec, status: Status, now: float) -> tuple[Status, tuple
         )
     actions.append(SetWeights(first))
     status = _enter_step(status, 0, first, now)
-    status = replace(status, phase=Phase.PROGRESSING, reason=f"started: blue at {first} %")
+    reason = f"started: blue at {first} %"
+    if status.slow_threshold_s is not None and spec.analysis.latency.threshold == "baseline_p99":
+        reason += (
+            f"; slow = above {status.slow_threshold_s * 1000:g} ms, green's p99 bucket before the"
+            " rollout"
+        )
+    status = replace(status, phase=Phase.PROGRESSING, reason=reason)
     return status, tuple(actions)
 
 

@@ -16,5 +16,13 @@ class MetricsProvider(Protocol):
         returns an Observation with `error` set, so the judge can say Verdict.ERROR.
         """
 
+    def history(self, since: float, now: float) -> Observation:
+        """The same counts for a window before the rollout began, when green served everything.
+
+        The judge picks the baseline's p99 bucket from green's histogram here, so the latency
+        check runs from the first tick. A backend that keeps no history returns an empty
+        Observation (or one with `error` set); the judge then picks it from the first step.
+        """
+
     def is_online(self) -> bool:
         """True when the backend answers a trivial query."""

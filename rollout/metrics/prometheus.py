@@ -179,6 +179,10 @@ class PrometheusMetrics:
             detail=detail,
         )
 
+    def history(self, since: float, now: float) -> Observation:
+        """Counts before the rollout: the same exact counter deltas, further back in time."""
+        return self.observe(since, now)
+
     def is_online(self) -> bool:
         """True when Prometheus answers a trivial query."""
         try:

@@ -41,8 +41,9 @@ def _counts(data: dict[str, Any]) -> ColourCounts:
 class StaticMetrics:
     """Scripted observations, one per `observe` call; the last repeats forever."""
 
-    def __init__(self, ticks: list[StaticTick]) -> None:
+    def __init__(self, ticks: list[StaticTick], history: StaticTick | None = None) -> None:
         self._ticks = ticks
+        self._history = history
         self._next = 0
         self.calls = 0
 
@@ -51,7 +52,7 @@ class StaticMetrics:
         cls, cfg: StaticMetricsConfig, router: TrafficRouter | None = None
     ) -> StaticMetrics:
         """Build from the spec's metrics section (the router is not needed)."""
-        return cls(list(cfg.ticks))
+        return cls(list(cfg.ticks), cfg.history)
 
     def observe(self, since: float, now: float) -> Observation:
         """The next scripted observation (an empty one when nothing is scripted)."""
@@ -60,17 +61,23 @@ class StaticMetrics:
             return Observation(since=since, at=now)
         tick = self._ticks[min(self._next, len(self._ticks) - 1)]
         self._next += 1
-        return Observation(
-            since=since,
-            at=now,
-            blue=_counts(tick.blue),
-            green=_counts(tick.green),
-            error=tick.error,
-        )
+        return _observation(tick, since, now)
+
+    def history(self, since: float, now: float) -> Observation:
+        """The scripted counts before the rollout (an empty observation when none)."""
+        if self._history is None:
+            return Observation(since=since, at=now)
+        return _observation(self._history, since, now)
 
     def is_online(self) -> bool:
         """Always."""
         return True
+
+
+def _observation(tick: StaticTick, since: float, now: float) -> Observation:
+    return Observation(
+        since=since, at=now, blue=_counts(tick.blue), green=_counts(tick.green), error=tick.error
+    )
 
 
 class TrafficBehaviour:
@@ -186,6 +193,15 @@ class SimulatedMetrics:
         b1, g1 = self._at(now)
         return Observation(
             since=since, at=now, blue=self._colour(b1 - b0), green=self._colour(g1 - g0)
+        )
+
+    def history(self, since: float, now: float) -> Observation:
+        """Traffic before the rollout: green alone, at the profile's first rate, drawn afresh."""
+        if self._start is not None:
+            now = min(now, self._start)
+        total = int(self._rng.poisson(self.rps_at(0.0) * max(now - since, 0.0)))
+        return Observation(
+            since=since, at=now, green=self._colour(self._draw(total, self._baseline))
         )
 
     def is_online(self) -> bool:

@@ -619,3 +619,47 @@ def test_a_step_does_not_step_up_while_the_evidence_leans_toward_a_regression(
     assert decision.status.blue_weight == weight
     assert reason in decision.status.reason
 
+
+GREEN_BEFORE = obs(
+    green=(2000, 0), green_buckets=((0.025, 1900), (0.05, 1980), (0.1, 2000), (math.inf, 2000))
+)
+
+
+@pytest.mark.parametrize(
+    ("history", "latency", "threshold"),
+    [
+        pytest.param(GREEN_BEFORE, {"enabled": True}, 0.05, id="chosen-from-green-before-rollout"),
+        pytest.param(
+            obs(green=(400, 0), green_buckets=((0.05, 396), (math.inf, 400))),
+            {"enabled": True},
+            None,
+            id="too-little-history-first-step-chooses",
+        ),
+        pytest.param(obs(error="down"), {"enabled": True}, None, id="unreadable-history"),
+        pytest.param(None, {"enabled": True}, None, id="no-history"),
+        pytest.param(
+            GREEN_BEFORE,
+            {"enabled": True, "threshold": "slo", "slo_ms": 250},
+            None,
+            id="an-slo-needs-no-history",
+        ),
+        pytest.param(GREEN_BEFORE, {"enabled": False}, None, id="latency-off"),
+    ],
+)
+def test_the_slow_bucket_is_chosen_from_green_before_the_rollout(
+    history: Any, latency: dict[str, Any], threshold: float | None
+) -> None:
+    spec = make_spec(analysis={"latency": latency})
+    decision = step(spec, new_status(spec, now=0.0), history, 0.0)
+    assert decision.status.phase is Phase.PROGRESSING
+    assert decision.status.slow_threshold_s == threshold
+    assert ("green's p99 bucket before the rollout" in decision.status.reason) == bool(threshold)
+
+
+def test_with_the_bucket_chosen_before_the_rollout_the_first_tick_is_judged() -> None:
+    spec = make_spec(analysis={"latency": {"enabled": True}})
+    started = step(spec, new_status(spec, now=0.0), GREEN_BEFORE, 0.0).status
+    buckets = ((0.05, 80), (math.inf, 100))  # 20 of 100 canary requests slower than 50 ms
+    first = obs(blue=(100, 0), green=(900, 0), blue_buckets=buckets, at=10.0)
+    status = step(spec, started, first, 10.0).status
+    assert status.slow.canary_requests == 100 and status.slow.canary_bad == 20

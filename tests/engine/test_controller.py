@@ -260,3 +260,38 @@ def test_an_operator_pause_keeps_the_controller_guarding_until_resume(tmp_path: 
     assert Phase.PAUSED in phases  # it paused, did not return, and resumed
     assert final.phase is Phase.SUCCEEDED
     assert not final.held
+
+
+def test_the_latency_bucket_comes_from_green_before_the_rollout(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    spec = make_spec(analysis={"latency": {"enabled": True, "history_s": 300}})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01), spec=spec)
+    status = ctl.tick(ctl.start())
+    assert status.slow_threshold_s == 0.05  # lognormal median 20 ms, σ 0.4: p99 ≈ 50 ms
+    first = read_ledger(tmp_path / "t.ledger.jsonl")[1]
+    assert 0.9 * 200 * 300 < first["history"]["green"] < 1.1 * 200 * 300
+    assert "green's p99 bucket before the rollout" in first["reason"]
+
+
+def test_without_history_the_first_step_chooses_the_latency_bucket(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    spec = make_spec(analysis={"latency": {"enabled": True, "history_s": 0}})
+    ctl, clock = controller(tmp_path, router, simulated(router, 0.01), spec=spec)
+    status = ctl.tick(ctl.start())
+    assert status.slow_threshold_s is None
+    assert "history" not in read_ledger(tmp_path / "t.ledger.jsonl")[1]
+    clock.sleep(10)
+    status = ctl.tick(status)  # 10 s at 200 rps: 1,800 green requests, enough
+    assert status.slow_threshold_s == 0.05
+
+
+def test_scripted_metrics_can_script_the_history_too(tmp_path: Path) -> None:
+    history = StaticTick(green={"requests": 1000, "latency_buckets": [[0.1, 990], [0.25, 1000]]})
+    metrics = StaticMetrics([], history)
+    assert metrics.history(0.0, 600.0).green.requests == 1000
+    assert StaticMetrics([]).history(0.0, 600.0).green.requests == 0
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    spec = make_spec(analysis={"latency": {"enabled": True}})
+    ctl, _ = controller(tmp_path, router, metrics, spec=spec)
+    assert ctl.tick(ctl.start()).slow_threshold_s == 0.1
+    assert metrics.calls == 0  # the history is not one of the scripted ticks

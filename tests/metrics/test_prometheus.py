@@ -285,3 +285,14 @@ def test_traffic_from_before_the_step_never_counts(prom: FakePrometheus) -> None
     prom.add("envoy_cluster_upstream_rq_total", {"envoy_cluster_name": "blue"}, requests)
     observation = envoy(prom).observe(T0, T0 + 2.5)
     assert (observation.blue.requests, observation.blue.errors) == (30, 3)
+
+
+def test_history_counts_the_window_before_the_rollout(prom: FakePrometheus) -> None:
+    # Green served everything before the rollout began at T0; its p99 bucket is read from here.
+    counter(prom, "envoy_cluster_upstream_rq_total", "green", [0, 600, 1200])
+    for le, value in [("25", 1000), ("50", 1190), ("+Inf", 1200)]:
+        counter(prom, "envoy_cluster_upstream_rq_time_bucket", "green", [0, 0, value], le=le)
+    history = envoy(prom).history(T0 - 10, T0)
+    assert history.error is None
+    assert history.green.requests == 1200 and history.blue.requests == 0
+    assert history.green.latency_buckets == ((0.025, 1000), (0.05, 1190))
