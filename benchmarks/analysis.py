@@ -282,7 +282,9 @@ def summarise(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
-    parser.add_argument("--runs", type=int, default=1000, help="rollouts per scenario and policy")
+    parser.add_argument(
+        "--runs", type=int, default=2000, help="rollouts per scenario and policy (default 2000)"
+    )
     parser.add_argument("--scenario", action="append", type=Path, help="scenario YAML (repeat)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--policy", action="append", choices=["ours", "flagger"])
