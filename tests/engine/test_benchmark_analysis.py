@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -34,11 +35,28 @@ def test_a_small_run_prints_the_specified_json(capsys: pytest.CaptureFixture[str
     assert rows[("err-50x-100rps", "ours")]["false_rollback_upper95"] is None
     assert rows[("aa-100rps", "ours")]["false_rollback_upper95"] is not None
     assert rows[("aa-100rps", "ours")]["en_over_wald"] is None
+    # The oracle reference: regression scenarios only, beside the two policies.
+    (oracle,) = payload["oracle"]
+    assert oracle["scenario"] == "err-50x-100rps" and oracle["runs"] == 4
+    assert oracle["mean_canary_requests_to_reject"] >= 1 and oracle["en_over_wald"] > 0
 
 
 def test_default_scenarios_load() -> None:
     names = {Scenario.load(p).name for p in Path(SCENARIO_DIR).glob("*.yaml")}
     assert {"aa-10rps", "aa-100rps", "err-10x-10rps", "err-50x-100rps", "lat-1.3x-100rps"} <= names
+
+
+def test_the_oracle_needs_at_least_the_data_processing_floor() -> None:
+    # Any power-one test at level alpha needs E[N] >= ln(1/alpha) / KL canary requests; the
+    # oracle SPRT overshoots its threshold, so it needs more (seeded: deterministic).
+    from benchmarks.analysis import oracle_reference
+
+    row = oracle_reference(Scenario.load(SCENARIO_DIR / "err-10x-10rps.yaml"), runs=2000)
+    assert row is not None
+    p0, p1 = 0.001, 0.01
+    kl = p1 * math.log(p1 / p0) + (1 - p1) * math.log((1 - p1) / (1 - p0))
+    assert math.log(20) / kl < row["mean_canary_requests_to_reject"] < 3 * math.log(20) / kl
+    assert oracle_reference(Scenario.load(SCENARIO_DIR / "aa-10rps.yaml"), runs=10) is None
 
 
 def test_latency_scenario_compares_about_one_percent_slow_requests() -> None:
