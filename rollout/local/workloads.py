@@ -56,7 +56,8 @@ READY_TIMEOUT_S = 60.0
 #: Scoring requests a new server answers before it gets traffic.
 WARM_UP_REQUESTS = 20
 #: Servers started by this Python process, by PID: kept so they are reaped (not left zombies, and
-#: without Popen's "still running" warning) whichever ScoringProcesses instance stops them.
+#: without Popen's "still running" warning) whichever ScoringProcesses instance stops them, or,
+#: when a controller in another process stopped them, by `_reap_exited`.
 _OWN: dict[int, Child] = {}
 _SERVE = "import sys; from rollout.cli import main; sys.argv[0] = 'aml-rollout'; main()"
 
@@ -182,6 +183,7 @@ class ScoringProcesses:
 
     def records(self) -> list[dict[str, Any]]:
         """Every recorded server, running or not."""
+        _reap_exited()
         found = []
         for path in sorted(self.directory.glob("*.proc.json")):
             record = self._read(path.name.removesuffix(".proc.json"))
@@ -242,6 +244,14 @@ def _stop(pid: int) -> None:
         own.stop()
     else:
         kill_group(pid)
+
+
+def _reap_exited() -> None:
+    # Only the parent can reap a child: one that a controller in another process stopped (it
+    # promoted or rolled back past it) is a zombie here, and its record is gone, until we poll it.
+    for pid, child in list(_OWN.items()):
+        if not child.running:  # the poll collects its exit status
+            del _OWN[pid]
 
 
 def _same_process(record: Mapping[str, Any]) -> bool:

@@ -6,6 +6,8 @@ Real Envoy, real Prometheus, real `aml-rollout serve` processes for real trained
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -15,6 +17,7 @@ from rollout.core.types import Colour, Weights
 from rollout.errors import LocalStackError
 from rollout.local.process import pid_alive, port_is_free
 from rollout.local.stack import LocalStack
+from rollout.local.workloads import ScoringProcesses
 from tests.local.conftest import MakeRelease
 
 pytestmark = pytest.mark.slow
@@ -83,6 +86,21 @@ def test_servers_started_by_a_dead_controller_are_still_stopped(
         stack.stop()
     assert not any(pid_alive(p) for p in pids)
     assert not list(stack.workloads.directory.glob("*.proc.json"))
+
+
+def test_a_server_stopped_by_another_controller_is_reaped_by_its_parent(
+    make_release: MakeRelease, tmp_path: Path
+) -> None:
+    workloads = ScoringProcesses(tmp_path / "workloads")
+    workloads.start(Colour.GREEN, make_release("1"))
+    [pid] = [int(r["pid"]) for r in workloads.records()]
+    # A controller in another process promotes past it: it stops the server but cannot reap it.
+    other = "import sys; from rollout.local.workloads import ScoringProcesses as S; "
+    other += "S(sys.argv[1]).stop_all()"
+    subprocess.run([sys.executable, "-c", other, str(workloads.directory)], check=True, timeout=60)
+    assert not pid_alive(pid)
+    assert workloads.records() == []
+    assert not Path(f"/proc/{pid}").exists()  # reaped, not left a zombie until we exit
 
 
 @pytest.mark.parametrize(
