@@ -49,7 +49,8 @@ from rollout.core.types import Colour, ColourCounts, Observation, Phase, Release
 if TYPE_CHECKING:
     from rollout.config import AnalysisConfig, RolloutSpec
 
-#: Baseline requests in a step before its p99 bucket is trusted as the "slow" threshold.
+#: Green requests (before the rollout, or in its first step) before their p99 bucket is trusted as
+#: the "slow" threshold.
 MIN_BASELINE_FOR_P99 = 500
 #: Share of baseline requests above the chosen bucket: about its p99.
 P99_TAIL = 0.01
