@@ -271,20 +271,11 @@ class EngineDelivery:
         return DeliveryOutcome(version.name, version.version, phase, reason, ledger, tuple(changes))
 
     def _package(self, version: ModelVersion) -> Any:
-        from components.package.package import build_package
         from rollout.core.types import Release
 
         if version.path is None:  # e.g. Azure ML: the endpoint deploys the registered model
             return Release(model=version.name, version=str(version.version), sha256=version.sha256)
-        out = self.state_dir / "packages" / version.name / str(version.version)
-        package = build_package(version, out, image_registry=self.image_registry)
-        return Release(
-            model=version.name,
-            version=str(version.version),
-            sha256=version.sha256,
-            image=package.image,
-            model_dir=str(package.path),
-        )
+        return package_release(version, self.state_dir, image_registry=self.image_registry)
 
     def _with_stable(self, spec: Any, model: str) -> Any:
         """The spec, with the production version as `stable` when the spec names none.
@@ -350,3 +341,19 @@ def _int(version: str) -> int:
         return int(version)
     except ValueError:
         return 0  # not a registry version: never equal to one
+
+
+def package_release(version: ModelVersion, out_dir: Path, *, image_registry: str) -> Any:
+    """Package a registered version under `out_dir/packages/<name>/<version>`; its Release."""
+    from components.package.package import build_package
+    from rollout.core.types import Release
+
+    folder = out_dir / "packages" / version.name / str(version.version)
+    package = build_package(version, folder, image_registry=image_registry)
+    return Release(
+        model=version.name,
+        version=str(version.version),
+        sha256=version.sha256,
+        image=package.image,
+        model_dir=str(package.path),
+    )

@@ -95,7 +95,7 @@ def run_demo(out_dir: Path, *, console: Console | None = None, rps: float = RPS)
         # 1. v1 becomes production and serves as green.
         v1 = _pipeline(1, registry, out_dir, console)
         _tag(registry, v1, "Succeeded", "first production model")
-        green = _package(registry, v1, out_dir)
+        green = _package(v1, out_dir)
         console.print(f"[green]green[/] ← {MODEL} v1 (production)")
         stack.router.deploy(Colour.GREEN, green)
         stack.router.set_weights(Weights.blue_at(0))
@@ -106,7 +106,7 @@ def run_demo(out_dir: Path, *, console: Console | None = None, rps: float = RPS)
         # 2. and 3. two candidates, rolled out by the real engine.
         for number in (2, 3):
             version = _pipeline(number, registry, out_dir, console)
-            candidate = _package(registry, version, out_dir)
+            candidate = _package(version, out_dir)
             name = f"{MODEL}-v{number}"
             label = (
                 " [red](fault knob on: the faulty candidate)[/]" if number == FAULTY_VERSION else ""
@@ -177,18 +177,11 @@ def _pipeline(number: int, registry: Any, out_dir: Path, console: Console) -> An
     return version
 
 
-def _package(registry: Any, version: Any, out_dir: Path) -> Release:
-    from components.package.package import build_package
+def _package(version: Any, out_dir: Path) -> Release:
+    from aml_pipelines.delivery import package_release
 
-    folder = out_dir / "packages" / MODEL / str(version.version)
-    package = build_package(version, folder, image_registry="localhost")
-    return Release(
-        model=version.name,
-        version=str(version.version),
-        sha256=version.sha256,
-        image=package.image,
-        model_dir=str(package.path),
-    )
+    release: Release = package_release(version, out_dir, image_registry="localhost")
+    return release
 
 
 def _tag(registry: Any, version: Any, phase: str, reason: str) -> None:
