@@ -281,6 +281,11 @@ class LatencyCheck(_Model):
     #: matters with `threshold: slo`, where a fast service has no slow requests at all). 0: off.
     negligible_rate: float = Field(default=0.001, ge=0, lt=1)
 
+    @property
+    def uses_baseline_p99(self) -> bool:
+        """True when "slow" is the baseline's p99 bucket (chosen from green's traffic)."""
+        return self.enabled and self.threshold == "baseline_p99"
+
     @model_validator(mode="after")
     def _slo_needs_bound(self) -> LatencyCheck:
         if self.threshold == "slo" and self.slo_ms is None:

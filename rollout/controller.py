@@ -211,22 +211,19 @@ class Controller:
 
     # ----------------------------------------------------------------------------- helpers
 
-    def _observe(self, since: float, now: float) -> Observation:
+    def _observe(self, since: float, now: float, *, history: bool = False) -> Observation:
+        read = self.metrics.history if history else self.metrics.observe
         try:
-            return self.metrics.observe(since, now)
+            return read(since, now)
         except MetricsError as exc:  # the contract says "never raises"; be safe anyway
             return Observation(since=since, at=now, error=str(exc))
 
     def _history(self, now: float) -> Observation | None:
         """Green's traffic before the rollout, when the latency check wants its p99 bucket."""
         lat = self.spec.analysis.latency
-        if not (lat.enabled and lat.threshold == "baseline_p99" and lat.history_s > 0):
+        if not (lat.uses_baseline_p99 and lat.history_s > 0):
             return None
-        since = now - lat.history_s
-        try:
-            return self.metrics.history(since, now)
-        except MetricsError as exc:
-            return Observation(since=since, at=now, error=str(exc))
+        return self._observe(now - lat.history_s, now, history=True)
 
     def _finish_pending(self, status: Status) -> Status:
         for index in range(status.applied, len(status.pending)):

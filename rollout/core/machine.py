@@ -184,16 +184,12 @@ def _threshold_from_history(
     Chosen on data the rollout never tests, so the latency check counts from the first tick;
     without enough history it is chosen from the first step instead (see `_ingest`).
     """
-    lat = spec.analysis.latency
-    if not (lat.enabled and lat.threshold == "baseline_p99") or status.slow_threshold_s is not None:
+    if not spec.analysis.latency.uses_baseline_p99 or status.slow_threshold_s is not None:
         return status
     if history is None or history.error is not None:
         return status
-    green = history.green
-    record["history"] = {"since": history.since, "at": history.at, "green": green.requests}
-    if green.requests < MIN_BASELINE_FOR_P99:
-        return status
-    threshold = p99_bucket(green)
+    record["history"] = {"since": history.since, "at": history.at, "green": history.green.requests}
+    threshold = _baseline_bucket(history.green)
     if threshold is None:
         return status
     record["history"]["slow_threshold_ms"] = threshold * 1000.0
@@ -214,7 +210,7 @@ def _start(spec: RolloutSpec, status: Status, now: float) -> tuple[Status, tuple
     actions.append(SetWeights(first))
     status = _enter_step(status, 0, first, now)
     reason = f"started: blue at {first} %"
-    if status.slow_threshold_s is not None and spec.analysis.latency.threshold == "baseline_p99":
+    if status.slow_threshold_s is not None:  # only the history sets it this early
         reason += (
             f"; slow = above {status.slow_threshold_s * 1000:g} ms, green's p99 bucket before the"
             " rollout"
@@ -321,6 +317,11 @@ def p99_bucket(counts: ColourCounts) -> float | None:
     return best[1] if best else counts.latency_buckets[0][0]
 
 
+def _baseline_bucket(green: ColourCounts) -> float | None:
+    """Green's p99 bucket, once it has served enough requests to trust it (else None)."""
+    return p99_bucket(green) if green.requests >= MIN_BASELINE_FOR_P99 else None
+
+
 def _ingest(
     analysis: AnalysisConfig, status: Status, obs: Observation
 ) -> tuple[Status, dict[str, Any]]:
@@ -331,8 +332,8 @@ def _ingest(
     if lat.enabled and threshold is None:
         if lat.threshold == "slo" and lat.slo_ms is not None:
             threshold = lat.slo_ms / 1000.0
-        elif obs.green.requests >= MIN_BASELINE_FOR_P99:
-            threshold = p99_bucket(obs.green)
+        else:
+            threshold = _baseline_bucket(obs.green)
             fresh_threshold = threshold is not None
 
     def counts(c: ColourCounts) -> Counts:
