@@ -28,10 +28,13 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aml_pipelines.errors import TriggerError
 from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
+
+if TYPE_CHECKING:
+    from rollout.core.types import Release
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +346,7 @@ def _int(version: str) -> int:
         return 0  # not a registry version: never equal to one
 
 
-def package_release(version: ModelVersion, out_dir: Path, *, image_registry: str) -> Any:
+def package_release(version: ModelVersion, out_dir: Path, *, image_registry: str) -> Release:
     """Package a registered version under `out_dir/packages/<name>/<version>`; its Release."""
     from components.package.package import build_package
     from rollout.core.types import Release

@@ -72,6 +72,7 @@ class DemoResult:
 
 def run_demo(out_dir: Path, *, console: Console | None = None, rps: float = RPS) -> DemoResult:
     """Run the story; the stack is always stopped at the end (also on Ctrl-C or an error)."""
+    from aml_pipelines.delivery import package_release
     from aml_pipelines.registry.local import LocalRegistry
 
     console = console or Console()
@@ -95,7 +96,7 @@ def run_demo(out_dir: Path, *, console: Console | None = None, rps: float = RPS)
         # 1. v1 becomes production and serves as green.
         v1 = _pipeline(1, registry, out_dir, console)
         _tag(registry, v1, "Succeeded", "first production model")
-        green = _package(v1, out_dir)
+        green = package_release(v1, out_dir, image_registry="localhost")
         console.print(f"[green]green[/] ← {MODEL} v1 (production)")
         stack.router.deploy(Colour.GREEN, green)
         stack.router.set_weights(Weights.blue_at(0))
@@ -106,7 +107,7 @@ def run_demo(out_dir: Path, *, console: Console | None = None, rps: float = RPS)
         # 2. and 3. two candidates, rolled out by the real engine.
         for number in (2, 3):
             version = _pipeline(number, registry, out_dir, console)
-            candidate = _package(version, out_dir)
+            candidate = package_release(version, out_dir, image_registry="localhost")
             name = f"{MODEL}-v{number}"
             label = (
                 " [red](fault knob on: the faulty candidate)[/]" if number == FAULTY_VERSION else ""
@@ -175,13 +176,6 @@ def _pipeline(number: int, registry: Any, out_dir: Path, console: Console) -> An
 
         raise LocalStackError(f"pipeline v{number} registered no new version of {MODEL}")
     return version
-
-
-def _package(version: Any, out_dir: Path) -> Release:
-    from aml_pipelines.delivery import package_release
-
-    release: Release = package_release(version, out_dir, image_registry="localhost")
-    return release
 
 
 def _tag(registry: Any, version: Any, phase: str, reason: str) -> None:
