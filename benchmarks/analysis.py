@@ -223,7 +223,8 @@ def oracle_reference(scenario: Scenario, runs: int) -> dict[str, Any] | None:
     served, bad = [], []
     for _ in range(runs):
         run = simulate_oracle(base, canary, rng)
-        served.append(run.canary_requests)
+        if run.rolled_back:  # E[N] to reject, over the runs that did (as for our policy)
+            served.append(run.canary_requests)
         # A latency regression's bad events are slow requests; its harm is still its errors.
         errors = (
             run.bad if by_errors else rng.binomial(run.canary_requests, scenario.canary.error_rate)
@@ -234,6 +235,7 @@ def oracle_reference(scenario: Scenario, runs: int) -> dict[str, Any] | None:
         "scenario": scenario.name,
         "policy": "oracle",
         "runs": runs,
+        "p_rollback": len(served) / runs,
         "mean_canary_requests_to_reject": mean_n,
         "mean_bad_canary_requests": float(np.mean(bad)),
         "wald_expected_n": wald,
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for r in oracle:
         print(
-            f"{r['scenario']:<18}{'oracle':<9}{r['runs']:>6}{1:>9.3f}{0:>8.3f}{'-':>10}"
+            f"{r['scenario']:<18}{'oracle':<9}{r['runs']:>6}{r['p_rollback']:>9.3f}{0:>8.3f}{'-':>10}"
             f"{r['mean_bad_canary_requests']:>10.2f}{r['mean_bad_canary_requests']:>9.2f}"
             f"{'-':>9}{r['en_over_wald']:>9.2f}"
         )

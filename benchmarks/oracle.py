@@ -27,8 +27,9 @@ MAX_REQUESTS = 10**8
 
 @dataclass(frozen=True)
 class OracleRun:
-    canary_requests: int  # canary requests served until the oracle rolls back
+    canary_requests: int  # canary requests served until the oracle rolls back (or gives up)
     bad: int  # bad events (errors, or slow requests for a latency regression) among them
+    rolled_back: bool  # False only when MAX_REQUESTS ran out first
 
 
 def simulate(
@@ -47,5 +48,5 @@ def simulate(
         bad += 1
         llr += (gap - 1) * down + up
         if llr >= threshold:
-            break
-    return OracleRun(served, bad)
+            return OracleRun(served, bad, rolled_back=True)
+    return OracleRun(served, bad, rolled_back=False)

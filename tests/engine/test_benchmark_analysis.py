@@ -38,6 +38,7 @@ def test_a_small_run_prints_the_specified_json(capsys: pytest.CaptureFixture[str
     # The oracle reference: regression scenarios only, beside the two policies.
     (oracle,) = payload["oracle"]
     assert oracle["scenario"] == "err-50x-100rps" and oracle["runs"] == 4
+    assert oracle["p_rollback"] == 1.0  # power one: it always gets there
     assert oracle["mean_canary_requests_to_reject"] >= 1 and oracle["en_over_wald"] > 0
 
 
