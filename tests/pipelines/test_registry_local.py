@@ -179,12 +179,17 @@ def test_two_processes_registering_at_once_get_distinct_versions(tmp_path: Path)
         )
         for name in ("a", "b")
     ]
-    deadline = time.monotonic() + 30
-    while not all((tmp_path / f"ready-{n}").exists() for n in "ab"):  # both imported, then go
-        assert time.monotonic() < deadline, "writers did not start"
-        time.sleep(0.01)
-    go.touch()
-    outputs = [w.communicate(timeout=60)[0] for w in writers]
+    try:
+        deadline = time.monotonic() + 30
+        while not all((tmp_path / f"ready-{n}").exists() for n in "ab"):  # both imported, then go
+            assert time.monotonic() < deadline, "writers did not start"
+            time.sleep(0.01)
+        go.touch()
+        outputs = [w.communicate(timeout=60)[0] for w in writers]
+    finally:  # a failed start or a hung writer leaks no process
+        for w in writers:
+            w.kill()
+            w.communicate()
     assert [w.returncode for w in writers] == [0, 0]
     got = [int(v) for out in outputs for v in out.split()]
     assert sorted(got) == list(range(1, 2 * per_writer + 1))

@@ -41,9 +41,15 @@ def _until(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> N
 
 
 def _run(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    proc = _start(root, *args)
-    out, err = proc.communicate(timeout=30)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    # subprocess.run kills the watcher if it outlives the timeout: a failing test leaks nothing.
+    return subprocess.run(
+        [sys.executable, "-m", "tests.trigger.proc", str(root), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def _per_version(root: Path, kind: str) -> Counter[int]:
