@@ -1,0 +1,46 @@
+"""The lower bound on E[N]/Wald (benchmarks/bound.py) against tests whose E[N] is known."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from benchmarks.bound import certify, dual_value, main
+
+FIFTY = np.array([50.0])
+
+
+@pytest.mark.parametrize(
+    ("lam", "nu"), list(itertools.product([0.01, 0.1, 0.6, 3.0], [0.05, 0.5, 8.0, 40.0]))
+)
+def test_no_certificate_against_a_target_a_real_test_meets(lam: float, nu: float) -> None:
+    # The power-one SPRT rolling back at likelihood ratio 20 meets X = 2.5 at 50x (it needs 2.2,
+    # benchmarks/oracle.py) at level 0.05: weak duality forbids any positive dual there.
+    dual = dual_value(2.5, FIFTY, np.array([lam]), np.array([nu]), power=0.999)
+    assert dual <= 0
+
+
+def test_a_target_below_the_known_rates_optimum_is_proven_out_of_reach() -> None:
+    # Told the rates, the best power-one test needs ~1.6-1.7 x Wald at 50x (its threshold tuned
+    # to spend all of alpha); 1.4 is proven impossible, for every test, not just that one.
+    assert certify(1.4, [50.0], power=0.999).proven
+
+
+def test_leaving_regressions_undecided_lowers_the_bound() -> None:
+    # A test may roll back only the quick runs and leave 20 % undecided: 1.4 is then not proven.
+    assert not certify(1.4, [50.0], power=0.8).proven
+
+
+def test_cli_prints_the_bound_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    main(["--thetas", "50", "--power", "0.999", "--json"])
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert payload["thetas"] == [50.0]
+    assert 1.4 <= payload["en_over_wald_lower_bound"] < 2.5
+    assert all(
+        c["proven"] == (c["x"] <= payload["en_over_wald_lower_bound"])
+        for c in payload["certificates"]
+    )
