@@ -18,9 +18,11 @@ Measures (both policies, same definitions):
   promotion the regression serves all traffic until the horizon (expected count added); runs
   that never decide keep serving at their last weight until the horizon. (The count "until the
   decision" is printed too.)
-- Wald: Wald's approximation of the SPRT's E[N] in canary requests for a test that knows both
-  rates (α 0.05, β 0.2; see `rollout.core.stats.wald_expected_n`); for the latency scenario the
-  rates are the share of requests above the baseline's p99 bucket.
+- Wald: the E[N] in canary requests of Wald's SPRT, which knows both rates (α 0.05, β 0.2),
+  computed exactly (`benchmarks.oracle.sprt_expected_n`: 18, 187, 583, 5,408 canary requests
+  for 50×, 10×, 5×, 2× on 0.1 %, as ANCHORS.md quotes); Wald's approximation of it, which ignores
+  the overshoot, is in the JSON as `wald_formula_n`. For the latency scenario the rates are the
+  share of requests above the baseline's p99 bucket.
 - oracle (regression scenarios only; `benchmarks/oracle.py`): the power-one SPRT at level α that
   is told both rates and sees every canary request one by one — what a perfect judge of this
   kind would need. Its rows are printed with the others and, in the JSON, listed under "oracle"
@@ -47,6 +49,7 @@ from scipy.stats import beta as beta_dist
 from benchmarks.flagger import Outcome
 from benchmarks.flagger import simulate as simulate_flagger
 from benchmarks.oracle import simulate as simulate_oracle
+from benchmarks.oracle import sprt_expected_n
 from rollout.config import RolloutSpec, SimulatedMetricsConfig, TrafficModel, load_spec
 from rollout.controller import Controller, FakeClock
 from rollout.core.machine import p99_bucket
@@ -200,26 +203,35 @@ def slow_rates(scenario: Scenario) -> tuple[float, float]:
     return float(1.0 - base.cdf[idx]), float(1.0 - canary.cdf[idx])
 
 
-def wald_reference(scenario: Scenario) -> float | None:
+def reference_rates(scenario: Scenario) -> tuple[float, float] | None:
+    """The baseline's and the canary's bad rates the references test (None for A/A)."""
     if scenario.is_aa:
         return None
     if scenario.error_ratio > 1.0:
-        return wald_expected_n(scenario.baseline.error_rate, scenario.error_ratio)
-    base, canary = slow_rates(scenario)
-    return wald_expected_n(base, canary / base)
+        return scenario.baseline.error_rate, scenario.canary.error_rate
+    return slow_rates(scenario)
+
+
+def wald_reference(scenario: Scenario) -> float | None:
+    """E[N] of Wald's SPRT for the scenario's effect (None for A/A)."""
+    rates = reference_rates(scenario)
+    return sprt_expected_n(*rates) if rates else None
+
+
+def wald_formula(scenario: Scenario) -> float | None:
+    """Wald's approximation of the same E[N] (no overshoot), for comparison."""
+    rates = reference_rates(scenario)
+    return wald_expected_n(rates[0], rates[1] / rates[0]) if rates else None
 
 
 def oracle_reference(scenario: Scenario, runs: int) -> dict[str, Any] | None:
     """The oracle's E[N], bad requests and E[N] / Wald (None for A/A scenarios)."""
-    wald = wald_reference(scenario)
-    if wald is None:
+    rates, wald = reference_rates(scenario), wald_reference(scenario)
+    if rates is None or wald is None:
         return None
+    base, canary = rates
     rng = np.random.default_rng(scenario.seed)
     by_errors = scenario.error_ratio > 1.0
-    if by_errors:
-        base, canary = scenario.baseline.error_rate, scenario.canary.error_rate
-    else:
-        base, canary = slow_rates(scenario)
     served, bad = [], []
     for _ in range(runs):
         run = simulate_oracle(base, canary, rng)
@@ -239,6 +251,7 @@ def oracle_reference(scenario: Scenario, runs: int) -> dict[str, Any] | None:
         "mean_canary_requests_to_reject": mean_n,
         "mean_bad_canary_requests": float(np.mean(bad)),
         "wald_expected_n": wald,
+        "wald_formula_n": wald_formula(scenario),
         "en_over_wald": mean_n / wald,
     }
 
@@ -278,6 +291,7 @@ def summarise(
             float(np.mean([o.canary_requests for o in rollbacks])) if rollbacks else None
         ),
         "wald_expected_n": wald,
+        "wald_formula_n": wald_formula(scenario),
     }
 
 
@@ -326,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
 
     def fmt(x: float | None, spec: str) -> str:
-        return "-" if x is None else format(x, spec)
+        # A missing value keeps its column: "-" right-aligned to the same width.
+        return format("-", ">" + spec.lstrip(">").split(".")[0]) if x is None else format(x, spec)
 
     for r in results:
         print(

@@ -7,7 +7,8 @@ knows less, so it can only do worse.
 
 The question: can a test at level α (P(rollback) <= α when θ = 1) that rolls back each of the
 regressions θ ∈ Θ with probability >= `power` keep E[canary requests | rollback] <= X × Wald_θ
-for every θ ∈ Θ at once? Weak Lagrangian duality answers "no" with a certificate. For multipliers
+for every θ ∈ Θ at once? (Wald_θ: E[N] of Wald's SPRT, `benchmarks.oracle.sprt_expected_n`, the
+benchmark's reference.) Weak Lagrangian duality answers "no" with a certificate. For multipliers
 λ_θ, ν_θ >= 0, every such test has
 
     J = Σ λ_θ E_θ[(N/W_θ - X); rollback] - Σ ν_θ P_θ(rollback) + P_1(rollback)
@@ -35,7 +36,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.optimize import minimize
 
-from rollout.core.stats import wald_expected_n
+from benchmarks.oracle import sprt_expected_n
 
 #: Bad events tracked exactly; beyond, the value is bounded below by optional stopping (the
 #: likelihood ratios are martingales under θ = 1), so a small cap costs tightness, not validity.
@@ -53,7 +54,7 @@ def dual_value(
     power: float = 0.95,
 ) -> float:
     """V - α + power × Σ ν for these multipliers: > 0 proves that no test meets `x` on all θ."""
-    wald = np.array([wald_expected_n(base_rate, float(t), alpha=alpha) for t in thetas])
+    wald = np.array([sprt_expected_n(base_rate, float(t) * base_rate, alpha=alpha) for t in thetas])
     # Past this many requests every λ_θ (t / W_θ - X) - ν_θ is >= 0: rolling back only costs.
     horizon = math.ceil(float(np.max(wald * (x + nu / lam)))) + 1
     up = np.log(thetas)[:, None]  # a bad request multiplies L_θ by θ

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks.analysis import SCENARIO_DIR, Scenario, main, slow_rates
@@ -64,3 +65,35 @@ def test_latency_scenario_compares_about_one_percent_slow_requests() -> None:
     base, canary = slow_rates(Scenario.load(SCENARIO_DIR / "lat-1.3x-100rps.yaml"))
     assert 0.005 < base < 0.02
     assert canary > 3 * base
+
+
+def test_wald_reference_is_the_sprts_real_expected_n() -> None:
+    # ANCHORS.md: "a Wald SPRT needs on average about 18 canary requests for a 50x rise, 187 for
+    # 10x, 583 for 5x, 5,420 for 2x"; Wald's formula, blind to the overshoot, says less.
+    from benchmarks.analysis import wald_formula, wald_reference
+
+    for name, anchor in [("err-50x-100rps", 18), ("err-10x-10rps", 187), ("err-5x-100rps", 583)]:
+        scenario = Scenario.load(SCENARIO_DIR / f"{name}.yaml")
+        exact, formula = wald_reference(scenario), wald_formula(scenario)
+        assert exact is not None and formula is not None
+        assert exact == pytest.approx(anchor, rel=0.01)
+        assert formula < exact
+    assert wald_reference(Scenario.load(SCENARIO_DIR / "aa-10rps.yaml")) is None
+
+
+def test_sprt_expected_n_agrees_with_running_the_sprt() -> None:
+    from benchmarks.oracle import sprt_expected_n
+
+    p0, p1 = 0.001, 0.01
+    up, down = math.log(p1 / p0), math.log1p(-p1) - math.log1p(-p0)
+    upper, lower = math.log(0.8 / 0.05), math.log(0.2 / 0.95)
+    rng = np.random.default_rng(11)
+    lengths = []
+    for _ in range(3000):  # one request at a time, stopping at either boundary
+        llr, n = 0.0, 0
+        while lower < llr < upper:
+            n += 1
+            llr += up if rng.random() < p1 else down
+        lengths.append(n)
+    standard_error = np.std(lengths) / math.sqrt(len(lengths))
+    assert abs(np.mean(lengths) - sprt_expected_n(p0, p1)) < 4 * standard_error
