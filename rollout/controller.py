@@ -159,7 +159,10 @@ class Controller:
         serving = self.router.release(Colour.GREEN)
         stable = serving or (self.spec.stable.to_release() if self.spec.stable else None)
         if stable is None:
-            raise RolloutError("green serves nothing: deploy the stable release first")
+            raise RolloutError(
+                "green serves nothing: deploy the stable release first, or name it in the spec "
+                "(`stable:`) and the controller deploys it"
+            )
         if serving is None:
             # A fresh data plane (dry run, first install): bring up the stable release first.
             log.info("green serves nothing: deploying %s:%s", stable.model, stable.version)

@@ -153,3 +153,28 @@ def test_steering_commands_are_queued_for_the_controller(tmp_path: Path) -> None
 def test_explain_of_a_missing_ledger_is_a_clear_error(tmp_path: Path) -> None:
     code, out = invoke("explain", str(tmp_path / "none.jsonl"))
     assert code == EXIT_ERROR and "cannot read ledger" in out
+
+
+def test_the_documented_dry_run_runs_as_documented(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # docs/engine.md shows a dry-run spec and the line `run` prints for it: both stay true.
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "engine.md").read_text()
+    block = doc.split("```yaml\n# dry-run.yaml")[1].split("```")[0]
+    shown = doc.split("$ aml-rollout rollout run dry-run.yaml --simulated-time")[1]
+    outcome = shown.split("\n")[1]
+    (tmp_path / "dry-run.yaml").write_text("# dry-run.yaml" + block)
+    monkeypatch.chdir(tmp_path)
+    code, out = invoke("run", "dry-run.yaml", "--simulated-time", "-q")
+    assert code == EXIT_ROLLED_BACK, out
+    assert " ".join(out.split()).startswith(outcome)
+
+
+def test_a_dry_run_without_a_stable_release_says_how_to_name_one(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path)
+    data = yaml.safe_load(spec.read_text())
+    del data["stable"]
+    spec.write_text(yaml.safe_dump(data))
+    code, out = invoke("run", str(spec), "--simulated-time")
+    assert code == EXIT_ERROR
+    assert "green serves nothing" in out and "`stable:`" in " ".join(out.split())
