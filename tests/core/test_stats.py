@@ -141,6 +141,15 @@ def test_a_ten_fold_regression_builds_evidence_quickly() -> None:
     assert ev.log_e_ok() < 0
 
 
+@pytest.mark.parametrize("canary_share", [0.001, 0.01, 0.05, 0.25, 0.5])
+def test_a_single_canary_error_is_never_enough_to_roll_back(canary_share: float) -> None:
+    # One stray error must not abort a rollout at alpha 0.05 whatever the weight: the mixture
+    # rises at most to sum(prior x theta) = 19.85 < 20 (docs/engine.md, the 50x floor).
+    nc = round(1_000_000 * canary_share)
+    ev = Evidence().update(kc=1, kb=0, nc=nc, nb=1_000_000 - nc, margin=2.0)
+    assert 1 < math.exp(ev.log_e_worse()) < float(WORSE_PRIOR @ WORSE_THETAS) < 1 / 0.05
+
+
 def test_an_unchanged_canary_earns_not_worse_evidence() -> None:
     ev = Evidence()
     for _ in range(60):  # canary half the traffic, half the errors
