@@ -24,6 +24,7 @@ test: $(STAMP) prometheus
 # The benchmarks behind the README's numbers; each prints one JSON line last.
 bench: $(STAMP) prometheus wrk
 	$(PY) -m benchmarks.analysis --json
+	$(PY) -m benchmarks.bound --json
 	$(PY) -m benchmarks.scoring --json
 	$(PY) -m benchmarks.e2e_rollback --json
 	$(PY) -m benchmarks.pipeline --json
