@@ -7,6 +7,8 @@ real one (package + rollout engine), persisted in files so it works across proce
 - `deliver()` of the candidate found there *continues* from the saved step (journal "resume"),
   a candidate whose rollout already ended is not run again (journal "ended-before");
 - `abort()` queues a command the running delivery reads at its next step (like the engine);
+- a version tagged `steps: N` takes N steps instead of the delivery's default (a long rollout
+  that a test can supersede without racing its end);
 - after the terminal status is saved, the registry tags are written with the real
   `follow_traffic` — the window a crash can cut (`crash_between=True` SIGKILLs itself there).
 
@@ -128,17 +130,18 @@ class ResumableDelivery:
             stable = production[-1].version if production else None
             self._log("start", version.version)
         phase, reason = SUCCEEDED, "all steps passed"
-        while step < self.steps:
+        steps = int(version.tags.get("steps", self.steps))
+        while step < steps:
             if self.abort_path.exists():
                 phase, reason = ROLLED_BACK, self.abort_path.read_text()
                 self.abort_path.unlink()
                 break
-            self._progress(version, stable, step)
+            self._progress(version, stable, step, steps)
             time.sleep(self.step_s)
             step += 1
             # Persist the step before reporting it: a kill right after the report must resume
             # from this step (as the engine's state store does), never from the one before.
-            self._progress(version, stable, step)
+            self._progress(version, stable, step, steps)
             self._log("step", version.version, step=step)
         if phase == SUCCEEDED and version.tags.get("fault"):
             phase, reason = ROLLED_BACK, "canary error rate 4.1% vs 0.1% baseline"
@@ -156,14 +159,14 @@ class ResumableDelivery:
             os.kill(os.getpid(), signal.SIGKILL)
         return self._finish(version, phase, reason)
 
-    def _progress(self, version: ModelVersion, stable: int | None, step: int) -> None:
+    def _progress(self, version: ModelVersion, stable: int | None, step: int, steps: int) -> None:
         self._save(
             model=version.name,
             candidate=version.version,
             phase="Progressing",
             reason="",
             stable=stable,
-            weight=int(100 * (min(step, self.steps - 1) + 1) / (self.steps + 1)),
+            weight=int(100 * (min(step, steps - 1) + 1) / (steps + 1)),
             step=step,
         )
 

@@ -60,7 +60,8 @@ def test_sigkill_mid_delivery_then_restart_resumes_without_repeating_or_skipping
     tmp_path: Path,
 ) -> None:
     registry = LocalRegistry(tmp_path / "registry")
-    register(registry, tmp_path, stage="candidate")
+    # v1 takes 50 steps of 0.3 s: the kill after its first step cannot come after its end.
+    register(registry, tmp_path, stage="candidate", steps="50")
     register(registry, tmp_path, stage="candidate")
     proc = _start(tmp_path, "--once", "--step-s", "0.3")
     try:
@@ -151,7 +152,8 @@ def test_live_watcher_delivers_new_versions_and_supersedes(tmp_path: Path) -> No
     registry = LocalRegistry(tmp_path / "registry")
     watcher = _start(tmp_path, "--supersede", "--step-s", "0.2")
     try:
-        register(registry, tmp_path, stage="candidate")
+        # v1 alone would take 200 s: it cannot end before v2 supersedes it, however slow the box.
+        register(registry, tmp_path, stage="candidate", steps="1000")
         _until(lambda: _per_version(tmp_path, "step")[1] >= 1, "v1 to be rolling out")
         register(registry, tmp_path, stage="candidate")
         _until(lambda: _per_version(tmp_path, "end")[2] == 1, "v2 to be delivered")
