@@ -38,6 +38,10 @@ def test_demo_promotes_then_rolls_back_and_writes_the_report(tmp_path: Path) -> 
     assert page.count("<svg") == 6  # per rollout: weights, error rate, p99
     ledgers = {p.name: read_ledger(p) for p in (out / "stack" / "state").glob("*.ledger.jsonl")}
     assert ledgers["diabetes-v2.ledger.jsonl"][-1]["phase"] == "Succeeded"
+    # promoted on both checks: errors, and latency against the demo's 250 ms SLO
+    reasons = " ".join(str(e.get("reason", "")) for e in ledgers["diabetes-v2.ledger.jsonl"])
+    assert "error rate shown < 1 %" in reasons
+    assert "slow-request rate (> 250 ms) shown < 1 %" in reasons
     assert ledgers["diabetes-v3.ledger.jsonl"][-1]["phase"] == "RolledBack"
     registry = LocalRegistry(out / "registry")
     stages = {v.version: v.stage for v in registry.list_versions("diabetes")}
