@@ -24,6 +24,7 @@ from rollout.core.types import Phase, Release
 from rollout.ledger import Ledger
 from rollout.metrics.base import MetricsProvider
 from rollout.metrics.factory import make_metrics
+from rollout.notify import WebhookNotifier
 from rollout.routers.base import TrafficRouter
 from rollout.routers.factory import make_router
 from rollout.state.base import StateStore
@@ -102,6 +103,7 @@ def run_rollout(
         candidate=candidate,
         on_tick=on_tick,
         owner=default_owner(),
+        notifier=WebhookNotifier(spec.notify) if spec.notify else None,
     )
     status = controller.run(restart=restart, max_ticks=max_ticks, stop_when_paused=stop_when_paused)
     return RolloutResult(

@@ -356,6 +356,28 @@ class StateConfig(_Model):
     lease_ttl_s: float = Field(default=30.0, gt=0)
 
 
+#: Phases a webhook may be told about (Initializing is not one: nothing has happened yet).
+NotifyPhase = Literal[
+    "Progressing", "Paused", "Promoting", "Succeeded", "RollingBack", "RolledBack", "Failed"
+]
+
+
+NOTIFY_DEFAULT: tuple[NotifyPhase, ...] = ("Paused", "Succeeded", "RolledBack", "Failed")
+
+
+class NotifyConfig(_Model):
+    """A webhook told when the rollout enters a phase someone should hear about (best effort)."""
+
+    #: Gets a JSON POST: `text` (one line, what Slack-style incoming webhooks show), `rollout`,
+    #: `phase`, `reason`, `blue_weight`, `candidate`, `stable`, `at`.
+    url: str = Field(pattern=r"^https?://\S+$")
+    #: By default: the rollout ended, or it waits for a human.
+    on: list[NotifyPhase] = Field(default_factory=lambda: list(NOTIFY_DEFAULT), min_length=1)
+    #: Per attempt; a failed or slow webhook never holds up the rollout (two attempts, then a
+    #: warning in the log).
+    timeout_s: float = Field(default=5.0, gt=0, le=60)
+
+
 class RolloutSpec(_Model):
     """A whole rollout: where traffic goes, where metrics come from, and how to judge."""
 
@@ -369,6 +391,8 @@ class RolloutSpec(_Model):
     candidate: ReleaseConfig | None = None
     stable: ReleaseConfig | None = None
     state: StateConfig = Field(default_factory=StateConfig)
+    #: Tell a webhook when the rollout is promoted, rolled back, failed or held for a human.
+    notify: NotifyConfig | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -84,6 +84,11 @@ class FakeClock:
 TickHook = Callable[[Status, dict[str, Any]], None]
 
 
+class Notifier(Protocol):
+    def entered(self, name: str, status: Status) -> bool:
+        """Tell whoever should know that rollout `name` entered `status.phase` (never raises)."""
+
+
 class Controller:
     """Drives one rollout to a terminal phase (or until `max_ticks`)."""
 
@@ -100,6 +105,7 @@ class Controller:
         on_tick: TickHook | None = None,
         owner: str = "aml-rollout controller",
         poll_s: float = 1.0,
+        notifier: Notifier | None = None,
     ) -> None:
         self.spec = spec
         self.router = router
@@ -111,6 +117,7 @@ class Controller:
         self.on_tick = on_tick
         self.owner = owner
         self.poll_s = poll_s
+        self.notifier = notifier
 
     # ----------------------------------------------------------------------------- the loop
 
@@ -208,6 +215,9 @@ class Controller:
                 "".join(f"; {describe(a)}" for a in decision.actions),
             )
         status = self._finish_pending(status)
+        # After the actions: a slow webhook never delays a rollback.
+        if self.notifier is not None and status.phase.value != record.get("phase_before"):
+            self.notifier.entered(status.name, status)
         if self.on_tick is not None:
             self.on_tick(status, record)
         return status

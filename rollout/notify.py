@@ -1,0 +1,87 @@
+"""Tell someone when a rollout enters a phase they should hear about: a JSON POST to a webhook.
+
+    notify:
+      url: https://hooks.example.com/rollouts      # any endpoint that takes a JSON POST
+      on: [Paused, Succeeded, RolledBack, Failed]  # the default
+
+The body carries a one-line `text` (what Slack-style incoming webhooks display) and the fields
+a script would want:
+
+    {"text": "aml-rollout diabetes: RolledBack (blue 0 %) - rolled back at step 5 %: ...",
+     "rollout": "diabetes", "phase": "RolledBack", "reason": "...", "blue_weight": 0,
+     "candidate": "diabetes:2", "stable": "diabetes:1", "at": 1764400000.0}
+
+Best effort, and never in the way: the controller calls it after a tick's actions are applied
+(a rollback is never delayed by a slow webhook), two attempts of `timeout_s` each, and a failure
+is a warning in the log, not an error of the rollout. A controller killed between persisting a
+phase and posting about it does not post it after a restart (at most once per phase change).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+
+from rollout.config import NotifyConfig
+from rollout.core.status import Status
+
+log = logging.getLogger(__name__)
+
+#: POST attempts per message (a connection error, a timeout or a 5xx is retried once).
+ATTEMPTS = 2
+
+
+class WebhookNotifier:
+    """Posts one message per phase change into one of `config.on`."""
+
+    def __init__(self, config: NotifyConfig, *, transport: httpx.BaseTransport | None = None):
+        self.config = config
+        self.phases = frozenset(config.on)
+        self._transport = transport
+
+    def message(self, name: str, status: Status) -> dict[str, Any]:
+        """The JSON body for `status` of rollout `name`."""
+
+        def release(r: Any) -> str | None:
+            return f"{r.model}:{r.version}" if r is not None else None
+
+        text = f"aml-rollout {name}: {status.phase.value} (blue {status.blue_weight} %)"
+        return {
+            "text": f"{text} - {status.reason}" if status.reason else text,
+            "rollout": name,
+            "phase": status.phase.value,
+            "reason": status.reason,
+            "blue_weight": status.blue_weight,
+            "candidate": release(status.candidate),
+            "stable": release(status.stable),
+            "at": status.updated_at,
+        }
+
+    def entered(self, name: str, status: Status) -> bool:
+        """Post about `status` if its phase is one to tell; True when a webhook took it."""
+        if status.phase.value not in self.phases:
+            return False
+        body = self.message(name, status)
+        problem = ""
+        with httpx.Client(timeout=self.config.timeout_s, transport=self._transport) as client:
+            for _ in range(ATTEMPTS):
+                try:
+                    response = client.post(self.config.url, json=body)
+                except httpx.HTTPError as exc:
+                    problem = f"{type(exc).__name__}: {exc}"
+                    continue
+                if response.is_success:
+                    return True
+                problem = f"HTTP {response.status_code}"
+                if response.status_code < 500:  # the webhook refuses it: asking again won't help
+                    break
+        log.warning(
+            "could not notify %s that rollout %s is %s: %s",
+            self.config.url,
+            name,
+            status.phase.value,
+            problem,
+        )
+        return False

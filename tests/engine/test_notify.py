@@ -1,0 +1,165 @@
+"""Webhook notifications (rollout/notify.py) against a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rollout.api import run_rollout
+from rollout.config import RolloutSpec, load_spec
+from rollout.core.types import Phase
+from rollout.errors import ConfigError
+
+
+@dataclass
+class Webhook:
+    """A local endpoint that records what it is sent and answers `status` (after `delay_s`)."""
+
+    url: str = ""
+    status: int = 200
+    delay_s: float = 0.0
+    received: list[dict[str, Any]] = field(default_factory=list)
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    hook = Webhook()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            hook.received.append(json.loads(body))
+            time.sleep(hook.delay_s)
+            self.send_response(hook.status)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    hook.url = f"http://127.0.0.1:{server.server_port}/hook"
+    yield hook
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def closed_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def spec(tmp_path: Path, canary_error: float, **notify: Any) -> RolloutSpec:
+    return RolloutSpec.model_validate(
+        {
+            "name": "notified",
+            "steps": [10, 50, 100],
+            "metrics": {
+                "kind": "simulated",
+                "seed": 2,
+                "rps": 200,
+                "baseline": {"error_rate": 0.01},
+                "canary": {"error_rate": canary_error},
+            },
+            "analysis": {"min_requests": 100, "latency": {"enabled": False}},
+            "candidate": {"model": "m", "version": "2"},
+            "stable": {"model": "m", "version": "1"},
+            "state": {"dir": str(tmp_path / "state")},
+            "notify": notify,
+        }
+    )
+
+
+def run(spec: RolloutSpec) -> Phase:
+    from rollout.controller import FakeClock
+
+    return run_rollout(spec, clock=FakeClock(0.0)).phase
+
+
+def test_a_rollback_is_posted_once_with_its_reason(tmp_path: Path, webhook: Webhook) -> None:
+    assert run(spec(tmp_path, 0.08, url=webhook.url)) is Phase.ROLLED_BACK
+    (message,) = webhook.received  # RollingBack is not in the default list, RolledBack is
+    assert message["phase"] == "RolledBack" and message["rollout"] == "notified"
+    assert message["candidate"] == "m:2" and message["stable"] == "m:1"
+    assert message["blue_weight"] == 0
+    assert message["reason"].startswith("rolled back at step 10 %: canary error rate")
+    assert message["text"] == f"aml-rollout notified: RolledBack (blue 0 %) - {message['reason']}"
+
+
+def test_a_promotion_is_posted_and_only_the_phases_asked_for(
+    tmp_path: Path, webhook: Webhook
+) -> None:
+    on = ["Promoting", "Succeeded"]
+    assert run(spec(tmp_path, 0.01, url=webhook.url, on=on)) is Phase.SUCCEEDED
+    assert [m["phase"] for m in webhook.received] == on
+
+
+def test_a_rollout_the_webhook_does_not_want_to_hear_about_posts_nothing(
+    tmp_path: Path, webhook: Webhook
+) -> None:
+    assert run(spec(tmp_path, 0.01, url=webhook.url, on=["RolledBack"])) is Phase.SUCCEEDED
+    assert webhook.received == []
+
+
+@pytest.mark.parametrize(
+    ("status", "attempts"),
+    [pytest.param(503, 2, id="server-error-retried-once"), pytest.param(404, 1, id="refused")],
+)
+def test_a_failing_webhook_is_a_warning_never_a_failed_rollout(
+    tmp_path: Path,
+    webhook: Webhook,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+    attempts: int,
+) -> None:
+    webhook.status = status
+    with caplog.at_level(logging.WARNING, logger="rollout.notify"):
+        assert run(spec(tmp_path, 0.08, url=webhook.url)) is Phase.ROLLED_BACK
+    assert len(webhook.received) == attempts
+    assert f"could not notify {webhook.url} that rollout notified is RolledBack: HTTP {status}" in (
+        caplog.text
+    )
+
+
+def test_an_unreachable_or_slow_webhook_does_not_stop_the_rollout(
+    tmp_path: Path, webhook: Webhook, caplog: pytest.LogCaptureFixture
+) -> None:
+    webhook.delay_s = 1.0  # longer than the timeout
+    with caplog.at_level(logging.WARNING, logger="rollout.notify"):
+        assert run(spec(tmp_path, 0.08, url=webhook.url, timeout_s=0.2)) is Phase.ROLLED_BACK
+        closed = f"http://127.0.0.1:{closed_port()}/hook"
+        assert run(spec(tmp_path / "down", 0.08, url=closed)) is Phase.ROLLED_BACK
+    assert "ReadTimeout" in caplog.text and "ConnectError" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("notify", "field_name"),
+    [
+        pytest.param({"url": "hooks.example.com"}, "notify.url", id="not-http"),
+        pytest.param({"url": "http://x", "on": ["Initializing"]}, "notify.on", id="bad-phase"),
+        pytest.param({"url": "http://x", "on": []}, "notify.on", id="empty"),
+        pytest.param({"url": "http://x", "timeout_s": 0}, "notify.timeout_s", id="timeout"),
+    ],
+)
+def test_a_bad_notify_section_names_the_field(
+    tmp_path: Path, notify: dict[str, Any], field_name: str
+) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(json.dumps({"name": "x", "notify": notify}))
+    with pytest.raises(ConfigError, match=field_name.replace(".", r"\.")):
+        load_spec(path)
