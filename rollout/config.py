@@ -370,12 +370,19 @@ class NotifyConfig(_Model):
 
     #: Gets a JSON POST: `text` (one line, what Slack-style incoming webhooks show), `rollout`,
     #: `phase`, `reason`, `blue_weight`, `candidate`, `stable`, `at`.
-    url: str = Field(pattern=r"^https?://\S+$")
+    url: str
     #: By default: the rollout ended, or it waits for a human.
     on: list[NotifyPhase] = Field(default_factory=lambda: list(NOTIFY_DEFAULT), min_length=1)
     #: Per attempt; a failed or slow webhook never holds up the rollout (two attempts, then a
     #: warning in the log).
     timeout_s: float = Field(default=5.0, gt=0, le=60)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")) or any(c.isspace() for c in url):
+            raise ValueError(f"must be an http:// or https:// URL, got {url!r}")
+        return url
 
 
 class RolloutSpec(_Model):

@@ -178,3 +178,11 @@ def test_a_dry_run_without_a_stable_release_says_how_to_name_one(tmp_path: Path)
     code, out = invoke("run", str(spec), "--simulated-time")
     assert code == EXIT_ERROR
     assert "green serves nothing" in out and "`stable:`" in " ".join(out.split())
+
+
+def test_the_readme_spec_validates(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("A rollout spec (all fields in docs/engine.md):")[1]
+    (tmp_path / "rollout.yaml").write_text(block.split("```yaml\n")[1].split("```")[0])
+    code, out = invoke("validate", str(tmp_path / "rollout.yaml"))
+    assert code == 0, out
