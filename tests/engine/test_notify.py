@@ -19,6 +19,7 @@ from rollout.api import run_rollout
 from rollout.config import RolloutSpec, load_spec
 from rollout.core.types import Phase
 from rollout.errors import ConfigError
+from tests.engine.specs import write_spec
 
 
 @dataclass
@@ -65,24 +66,7 @@ def closed_port() -> int:
 
 
 def spec(tmp_path: Path, canary_error: float, **notify: Any) -> RolloutSpec:
-    return RolloutSpec.model_validate(
-        {
-            "name": "notified",
-            "steps": [10, 50, 100],
-            "metrics": {
-                "kind": "simulated",
-                "seed": 2,
-                "rps": 200,
-                "baseline": {"error_rate": 0.01},
-                "canary": {"error_rate": canary_error},
-            },
-            "analysis": {"min_requests": 100, "latency": {"enabled": False}},
-            "candidate": {"model": "m", "version": "2"},
-            "stable": {"model": "m", "version": "1"},
-            "state": {"dir": str(tmp_path / "state")},
-            "notify": notify,
-        }
-    )
+    return load_spec(write_spec(tmp_path, canary_error, notify=notify))
 
 
 def run(spec: RolloutSpec) -> Phase:
@@ -94,11 +78,11 @@ def run(spec: RolloutSpec) -> Phase:
 def test_a_rollback_is_posted_once_with_its_reason(tmp_path: Path, webhook: Webhook) -> None:
     assert run(spec(tmp_path, 0.08, url=webhook.url)) is Phase.ROLLED_BACK
     (message,) = webhook.received  # RollingBack is not in the default list, RolledBack is
-    assert message["phase"] == "RolledBack" and message["rollout"] == "notified"
+    assert message["phase"] == "RolledBack" and message["rollout"] == "cli"
     assert message["candidate"] == "m:2" and message["stable"] == "m:1"
     assert message["blue_weight"] == 0
     assert message["reason"].startswith("rolled back at step 10 %: canary error rate")
-    assert message["text"] == f"aml-rollout notified: RolledBack (blue 0 %) - {message['reason']}"
+    assert message["text"] == f"aml-rollout cli: RolledBack (blue 0 %) - {message['reason']}"
 
 
 def test_a_promotion_is_posted_and_only_the_phases_asked_for(
@@ -131,7 +115,7 @@ def test_a_failing_webhook_is_a_warning_never_a_failed_rollout(
     with caplog.at_level(logging.WARNING, logger="rollout.notify"):
         assert run(spec(tmp_path, 0.08, url=webhook.url)) is Phase.ROLLED_BACK
     assert len(webhook.received) == attempts
-    assert f"could not notify {webhook.url} that rollout notified is RolledBack: HTTP {status}" in (
+    assert f"could not notify {webhook.url} that rollout cli is RolledBack: HTTP {status}" in (
         caplog.text
     )
 
@@ -143,6 +127,7 @@ def test_an_unreachable_or_slow_webhook_does_not_stop_the_rollout(
     with caplog.at_level(logging.WARNING, logger="rollout.notify"):
         assert run(spec(tmp_path, 0.08, url=webhook.url, timeout_s=0.2)) is Phase.ROLLED_BACK
         closed = f"http://127.0.0.1:{closed_port()}/hook"
+        (tmp_path / "down").mkdir()
         assert run(spec(tmp_path / "down", 0.08, url=closed)) is Phase.ROLLED_BACK
     assert "ReadTimeout" in caplog.text and "ConnectError" in caplog.text
 
