@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rollout.core.types import Colour, Release
+from rollout.core.types import Colour, Phase, Release
 from rollout.errors import ConfigError
 
 #: The seed's rollout (MLOpsPython): Blue_0, Blue_50, Blue_100, then Blue_Green and Green_100.
@@ -356,23 +356,18 @@ class StateConfig(_Model):
     lease_ttl_s: float = Field(default=30.0, gt=0)
 
 
-#: Phases a webhook may be told about (Initializing is not one: nothing has happened yet).
-NotifyPhase = Literal[
-    "Progressing", "Paused", "Promoting", "Succeeded", "RollingBack", "RolledBack", "Failed"
-]
-
-
-NOTIFY_DEFAULT: tuple[NotifyPhase, ...] = ("Paused", "Succeeded", "RolledBack", "Failed")
-
-
 class NotifyConfig(_Model):
     """A webhook told when the rollout enters a phase someone should hear about (best effort)."""
 
     #: Gets a JSON POST: `text` (one line, what Slack-style incoming webhooks show), `rollout`,
     #: `phase`, `reason`, `blue_weight`, `candidate`, `stable`, `at`.
     url: str
-    #: By default: the rollout ended, or it waits for a human.
-    on: list[NotifyPhase] = Field(default_factory=lambda: list(NOTIFY_DEFAULT), min_length=1)
+    #: Phases to tell (any but Initializing). By default: the rollout ended, or it waits for a
+    #: human.
+    on: list[Phase] = Field(
+        default_factory=lambda: [Phase.PAUSED, Phase.SUCCEEDED, Phase.ROLLED_BACK, Phase.FAILED],
+        min_length=1,
+    )
     #: Per attempt; a failed or slow webhook never holds up the rollout (two attempts, then a
     #: warning in the log).
     timeout_s: float = Field(default=5.0, gt=0, le=60)
@@ -383,6 +378,13 @@ class NotifyConfig(_Model):
         if not url.startswith(("http://", "https://")) or any(c.isspace() for c in url):
             raise ValueError(f"must be an http:// or https:// URL, got {url!r}")
         return url
+
+    @field_validator("on")
+    @classmethod
+    def _not_initializing(cls, on: list[Phase]) -> list[Phase]:
+        if Phase.INITIALIZING in on:
+            raise ValueError("Initializing is not a phase to tell: nothing has happened yet")
+        return on
 
 
 class RolloutSpec(_Model):

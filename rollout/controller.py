@@ -85,8 +85,8 @@ TickHook = Callable[[Status, dict[str, Any]], None]
 
 
 class Notifier(Protocol):
-    def entered(self, name: str, status: Status) -> bool:
-        """Tell whoever should know that rollout `name` entered `status.phase` (never raises)."""
+    def entered(self, status: Status) -> bool:
+        """Tell whoever should know that the rollout entered `status.phase` (never raises)."""
 
 
 class Controller:
@@ -217,7 +217,7 @@ class Controller:
         status = self._finish_pending(status)
         # After the actions: a slow webhook never delays a rollback.
         if self.notifier is not None and status.phase.value != record.get("phase_before"):
-            self.notifier.entered(status.name, status)
+            self.notifier.entered(status)
         if self.on_tick is not None:
             self.on_tick(status, record)
         return status

@@ -26,6 +26,7 @@ import httpx
 
 from rollout.config import NotifyConfig
 from rollout.core.status import Status
+from rollout.core.types import Release
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +37,20 @@ ATTEMPTS = 2
 class WebhookNotifier:
     """Posts one message per phase change into one of `config.on`."""
 
-    def __init__(self, config: NotifyConfig, *, transport: httpx.BaseTransport | None = None):
+    def __init__(self, config: NotifyConfig) -> None:
         self.config = config
         self.phases = frozenset(config.on)
-        self._transport = transport
 
-    def message(self, name: str, status: Status) -> dict[str, Any]:
-        """The JSON body for `status` of rollout `name`."""
+    def message(self, status: Status) -> dict[str, Any]:
+        """The JSON body for `status`."""
 
-        def release(r: Any) -> str | None:
+        def release(r: Release | None) -> str | None:
             return f"{r.model}:{r.version}" if r is not None else None
 
-        text = f"aml-rollout {name}: {status.phase.value} (blue {status.blue_weight} %)"
+        text = f"aml-rollout {status.name}: {status.phase.value} (blue {status.blue_weight} %)"
         return {
             "text": f"{text} - {status.reason}" if status.reason else text,
-            "rollout": name,
+            "rollout": status.name,
             "phase": status.phase.value,
             "reason": status.reason,
             "blue_weight": status.blue_weight,
@@ -59,13 +59,13 @@ class WebhookNotifier:
             "at": status.updated_at,
         }
 
-    def entered(self, name: str, status: Status) -> bool:
+    def entered(self, status: Status) -> bool:
         """Post about `status` if its phase is one to tell; True when a webhook took it."""
-        if status.phase.value not in self.phases:
+        if status.phase not in self.phases:
             return False
-        body = self.message(name, status)
+        body = self.message(status)
         problem = ""
-        with httpx.Client(timeout=self.config.timeout_s, transport=self._transport) as client:
+        with httpx.Client(timeout=self.config.timeout_s) as client:
             for _ in range(ATTEMPTS):
                 try:
                     response = client.post(self.config.url, json=body)
@@ -80,7 +80,7 @@ class WebhookNotifier:
         log.warning(
             "could not notify %s that rollout %s is %s: %s",
             self.config.url,
-            name,
+            status.name,
             status.phase.value,
             problem,
         )
