@@ -364,7 +364,8 @@ class NotifyConfig(_Model):
     url: str
     #: Phases to tell (any but Initializing). By default: the rollout ended, or it waits for a
     #: human.
-    on: list[Phase] = Field(
+    #: (Not `on`: YAML 1.1 reads a bare `on:` key as the boolean true.)
+    phases: list[Phase] = Field(
         default_factory=lambda: [Phase.PAUSED, Phase.SUCCEEDED, Phase.ROLLED_BACK, Phase.FAILED],
         min_length=1,
     )
@@ -379,12 +380,12 @@ class NotifyConfig(_Model):
             raise ValueError(f"must be an http:// or https:// URL, got {url!r}")
         return url
 
-    @field_validator("on")
+    @field_validator("phases")
     @classmethod
-    def _not_initializing(cls, on: list[Phase]) -> list[Phase]:
-        if Phase.INITIALIZING in on:
+    def _not_initializing(cls, phases: list[Phase]) -> list[Phase]:
+        if Phase.INITIALIZING in phases:
             raise ValueError("Initializing is not a phase to tell: nothing has happened yet")
-        return on
+        return phases
 
 
 class RolloutSpec(_Model):
@@ -483,4 +484,24 @@ def load_spec(path: str | Path) -> RolloutSpec:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if where := _boolean_key(data):
+        raise ConfigError(
+            f"{path}: {where}: a key YAML reads as a boolean (an unquoted on, off, yes or no); "
+            "quote it, or use the field's name"
+        )
     return spec_from_dict(data, source=str(path))
+
+
+def _boolean_key(data: Any, where: str = "") -> str | None:
+    """Where (a dotted path, "top level" at the root) YAML 1.1 turned a mapping key into a bool."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(key, bool):
+                return where or "top level"
+            if found := _boolean_key(value, f"{where}.{key}" if where else str(key)):
+                return found
+    elif isinstance(data, list):
+        for index, item in enumerate(data):
+            if found := _boolean_key(item, f"{where}.{index}"):
+                return found
+    return None

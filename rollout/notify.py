@@ -2,7 +2,7 @@
 
     notify:
       url: https://hooks.example.com/rollouts      # any endpoint that takes a JSON POST
-      on: [Paused, Succeeded, RolledBack, Failed]  # the default
+      phases: [Paused, Succeeded, RolledBack, Failed]  # the default
 
 The body carries a one-line `text` (what Slack-style incoming webhooks display) and the fields
 a script would want:
@@ -35,11 +35,11 @@ ATTEMPTS = 2
 
 
 class WebhookNotifier:
-    """Posts one message per phase change into one of `config.on`."""
+    """Posts one message per phase change into one of `config.phases`."""
 
     def __init__(self, config: NotifyConfig) -> None:
         self.config = config
-        self.phases = frozenset(config.on)
+        self.phases = frozenset(config.phases)
 
     def message(self, status: Status) -> dict[str, Any]:
         """The JSON body for `status`."""

@@ -88,15 +88,15 @@ def test_a_rollback_is_posted_once_with_its_reason(tmp_path: Path, webhook: Webh
 def test_a_promotion_is_posted_and_only_the_phases_asked_for(
     tmp_path: Path, webhook: Webhook
 ) -> None:
-    on = ["Promoting", "Succeeded"]
-    assert run(spec(tmp_path, 0.01, url=webhook.url, on=on)) is Phase.SUCCEEDED
-    assert [m["phase"] for m in webhook.received] == on
+    phases = ["Promoting", "Succeeded"]
+    assert run(spec(tmp_path, 0.01, url=webhook.url, phases=phases)) is Phase.SUCCEEDED
+    assert [m["phase"] for m in webhook.received] == phases
 
 
 def test_a_rollout_the_webhook_does_not_want_to_hear_about_posts_nothing(
     tmp_path: Path, webhook: Webhook
 ) -> None:
-    assert run(spec(tmp_path, 0.01, url=webhook.url, on=["RolledBack"])) is Phase.SUCCEEDED
+    assert run(spec(tmp_path, 0.01, url=webhook.url, phases=["RolledBack"])) is Phase.SUCCEEDED
     assert webhook.received == []
 
 
@@ -136,8 +136,9 @@ def test_an_unreachable_or_slow_webhook_does_not_stop_the_rollout(
     ("notify", "field_name"),
     [
         pytest.param({"url": "hooks.example.com"}, "notify.url", id="not-http"),
-        pytest.param({"url": "http://x", "on": ["Initializing"]}, "notify.on", id="bad-phase"),
-        pytest.param({"url": "http://x", "on": []}, "notify.on", id="empty"),
+        pytest.param({"url": "http://x", "phases": ["Initializing"]}, "notify.phases", id="init"),
+        pytest.param({"url": "http://x", "phases": ["Done"]}, "notify.phases", id="bad-phase"),
+        pytest.param({"url": "http://x", "phases": []}, "notify.phases", id="empty"),
         pytest.param({"url": "http://x", "timeout_s": 0}, "notify.timeout_s", id="timeout"),
     ],
 )
@@ -148,3 +149,13 @@ def test_a_bad_notify_section_names_the_field(
     path.write_text(json.dumps({"name": "x", "notify": notify}))
     with pytest.raises(ConfigError, match=field_name.replace(".", r"\.")):
         load_spec(path)
+
+
+def test_the_documented_notify_section_loads(tmp_path: Path) -> None:
+    # YAML, not JSON: a bare `on:` key would load as the boolean true.
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "engine.md").read_text()
+    block = doc.split("```yaml\nnotify:")[1].split("```")[0]
+    (tmp_path / "spec.yaml").write_text("name: x\nnotify:" + block)
+    notify = load_spec(tmp_path / "spec.yaml").notify
+    assert notify is not None
+    assert notify.phases == [Phase.PAUSED, Phase.SUCCEEDED, Phase.ROLLED_BACK, Phase.FAILED]

@@ -58,6 +58,16 @@ def test_validate_names_the_bad_field(
     assert "Traceback" not in out
 
 
+def test_validate_explains_a_key_yaml_read_as_a_boolean(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text('name: x\nnotify: {url: "http://x", on: [Paused]}\n')  # `on:` is true
+    code, out = invoke("validate", str(path))
+    assert code == EXIT_ERROR
+    assert "notify: a key YAML reads as a boolean (an unquoted on, off, yes or no)" in " ".join(
+        out.split()
+    )
+
+
 def test_validate_reports_a_missing_file(tmp_path: Path) -> None:
     code, out = invoke("validate", str(tmp_path / "nope.yaml"))
     assert code == EXIT_ERROR and "cannot read spec" in out
