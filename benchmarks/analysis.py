@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for r in oracle:
         print(
-            f"{r['scenario']:<18}{'oracle':<9}{r['runs']:>6}{r['p_rollback']:>9.3f}{0:>8.3f}{'-':>10}"
+            f"{r['scenario']:<18}{'oracle':<9}{r['runs']:>6}{r['p_rollback']:>9.3f}{'-':>8}{'-':>10}"
             f"{r['mean_bad_canary_requests']:>10.2f}{r['mean_bad_canary_requests']:>9.2f}"
             f"{'-':>9}{r['en_over_wald']:>9.2f}"
         )

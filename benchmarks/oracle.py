@@ -40,14 +40,19 @@ class OracleRun:
     rolled_back: bool  # False only when MAX_REQUESTS ran out first
 
 
+def log_steps(base_rate: float, canary_rate: float) -> tuple[float, float]:
+    """How one bad request (up) and one good request (down, < 0) move the log-likelihood ratio
+    of `canary_rate` against `base_rate`."""
+    if not 0 < base_rate < canary_rate < 1:
+        raise ValueError(f"the SPRT needs 0 < base {base_rate} < canary {canary_rate} < 1")
+    return math.log(canary_rate / base_rate), math.log1p(-canary_rate) - math.log1p(-base_rate)
+
+
 def simulate(
     base_rate: float, canary_rate: float, rng: np.random.Generator, *, alpha: float = 0.05
 ) -> OracleRun:
     """One power-one SPRT of `canary_rate` against `base_rate`, both known, per request."""
-    if not 0 < base_rate < canary_rate < 1:
-        raise ValueError(f"the oracle needs 0 < base {base_rate} < canary {canary_rate} < 1")
-    up = math.log(canary_rate / base_rate)  # a bad request
-    down = math.log1p(-canary_rate) - math.log1p(-base_rate)  # a good one (< 0)
+    up, down = log_steps(base_rate, canary_rate)
     threshold = math.log(1.0 / alpha)
     llr, served, bad = 0.0, 0, 0
     while served < MAX_REQUESTS:
@@ -70,10 +75,7 @@ def sprt_expected_n(
     against `base_rate`. E[N] = Σ_n P(N > n), carried forward request by request over the
     undecided paths (a handful of bad-request counts at any n), until < 1e-12 of them remain.
     """
-    if not 0 < base_rate < canary_rate < 1:
-        raise ValueError(f"the SPRT needs 0 < base {base_rate} < canary {canary_rate} < 1")
-    up = math.log(canary_rate / base_rate)
-    down = math.log1p(-canary_rate) - math.log1p(-base_rate)
+    up, down = log_steps(base_rate, canary_rate)
     upper, lower = math.log((1 - beta) / alpha), math.log(beta / (1 - alpha))
     undecided = {0: 1.0}  # bad requests seen -> probability, over the paths still running
     expected, served = 0.0, 0
