@@ -85,7 +85,7 @@ TickHook = Callable[[Status, dict[str, Any]], None]
 
 
 class Notifier(Protocol):
-    def entered(self, status: Status) -> bool:
+    def entered(self, status: Status) -> None:
         """Tell whoever should know that the rollout entered `status.phase` (never raises)."""
 
 

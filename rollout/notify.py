@@ -59,10 +59,10 @@ class WebhookNotifier:
             "at": status.updated_at,
         }
 
-    def entered(self, status: Status) -> bool:
-        """Post about `status` if its phase is one to tell; True when a webhook took it."""
+    def entered(self, status: Status) -> None:
+        """Post about `status` if its phase is one to tell (a failure is a logged warning)."""
         if status.phase not in self.phases:
-            return False
+            return
         body = self.message(status)
         problem = ""
         with httpx.Client(timeout=self.config.timeout_s) as client:
@@ -73,7 +73,7 @@ class WebhookNotifier:
                     problem = f"{type(exc).__name__}: {exc}"
                     continue
                 if response.is_success:
-                    return True
+                    return
                 problem = f"HTTP {response.status_code}"
                 if response.status_code < 500:  # the webhook refuses it: asking again won't help
                     break
@@ -84,4 +84,3 @@ class WebhookNotifier:
             status.phase.value,
             problem,
         )
-        return False
