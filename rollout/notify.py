@@ -45,7 +45,7 @@ class WebhookNotifier:
         """The JSON body for `status`."""
 
         def release(r: Release | None) -> str | None:
-            return f"{r.model}:{r.version}" if r is not None else None
+            return r.ref if r is not None else None
 
         text = f"aml-rollout {status.name}: {status.phase.value} (blue {status.blue_weight} %)"
         return {

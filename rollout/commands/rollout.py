@@ -185,9 +185,9 @@ def _status_view(parsed: RolloutSpec, status: Status | None) -> Any:
     table.add_row("phase", f"[bold]{status.phase.value}[/]")
     table.add_row("blue weight", f"{status.blue_weight} %   plan {plan}")
     if status.candidate:
-        table.add_row("candidate", f"{status.candidate.model}:{status.candidate.version} (blue)")
+        table.add_row("candidate", f"{status.candidate.ref} (blue)")
     if status.stable:
-        table.add_row("stable", f"{status.stable.model}:{status.stable.version} (green)")
+        table.add_row("stable", f"{status.stable.ref} (green)")
     table.add_row("verdict", status.verdict.value if status.verdict else "-")
     table.add_row("reason", status.reason)
     for label, ev in (("errors", status.errors), ("slow requests", status.slow)):

@@ -173,7 +173,7 @@ def _decide(
 
 
 def _name(release: Release | None) -> str:
-    return f"{release.model}:{release.version}" if release else "the candidate"
+    return release.ref if release else "the candidate"
 
 
 def _threshold_from_history(

@@ -78,7 +78,7 @@ def describe(action: Action) -> str:
     if isinstance(action, SetWeights):
         return f"set weights blue {action.blue} % / green {100 - action.blue} %"
     if isinstance(action, Deploy):
-        return f"deploy {action.release.model}:{action.release.version} to {action.colour.value}"
+        return f"deploy {action.release.ref} to {action.colour.value}"
     return f"remove {action.colour.value}"
 
 

@@ -121,3 +121,8 @@ class Release:
     image: str | None = None
     model_dir: str | None = None
     deployment: str | None = None
+
+    @property
+    def ref(self) -> str:
+        """`model:version`, how people and the Azure ML registry name a release."""
+        return f"{self.model}:{self.version}"

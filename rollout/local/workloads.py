@@ -84,7 +84,7 @@ class ScoringProcesses:
         """Start a scoring server for `release`; returns once it is ready."""
         if not release.model_dir:
             raise RouterError(
-                f"cannot deploy {release.model}:{release.version} to {colour.value} locally: "
+                f"cannot deploy {release.ref} to {colour.value} locally: "
                 "the release has no model_dir (a package or model folder)"
             )
         if not Path(release.model_dir).is_dir():

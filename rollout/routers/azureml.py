@@ -180,7 +180,7 @@ class AzureMLRouter:
         deployment = ManagedOnlineDeployment(
             name=name,
             endpoint_name=self.endpoint,
-            model=f"azureml:{release.model}:{release.version}",
+            model=f"azureml:{release.ref}",
             environment=self._environment,
             code_configuration=(
                 CodeConfiguration(code=self._code, scoring_script=self._scoring_script)

@@ -111,7 +111,7 @@ def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
     """The Deployment `<app>-<colour>` serving `release` (its identity kept in annotations)."""
     if not release.image:
         raise RouterError(
-            f"release {release.model}:{release.version} has no container image; "
+            f"release {release.ref} has no container image; "
             "the istio router deploys images (set Release.image, e.g. from package.json)"
         )
     pod_labels = {"app": layout.app, "version": colour.value}

@@ -253,10 +253,9 @@ def test_controller_killed_mid_rollout_resumes_and_finishes(
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            if (
-                status_file.exists()
-                and json.loads(status_file.read_text()).get("blue_weight") == 50
-            ):
+            # 50 % decided *and* applied: the status is saved before its actions run.
+            saved = json.loads(status_file.read_text()) if status_file.exists() else {}
+            if saved.get("blue_weight") == 50 and saved["applied"] == len(saved["pending"]):
                 break
             time.sleep(0.1)
         else:
