@@ -299,12 +299,18 @@ class EngineDelivery:
         """Queue an `abort` command for the running controller (it rolls back on its next tick)."""
         from rollout.core.status import Command
 
-        self._store().push_command(
+        store = self._store()
+        status = store.load()
+        if status is None or status.terminal:
+            log.info("nothing to abort (%s): no rollout is running", reason)
+            return
+        store.push_command(
             Command(
                 id=f"trigger-{uuid.uuid4().hex}",
                 kind="abort",
                 at=time.time(),
                 by=f"trigger ({reason})",
+                rollout=status.id,  # never the next rollout, if this one ends first
             )
         )
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -352,8 +353,6 @@ class StateConfig(_Model):
     kind: Literal["file", "memory"] = "file"
     #: Directory for `<name>.status.json`, `<name>.lock`, `<name>.ledger.jsonl`.
     dir: Path = Path(".rollout")
-    #: A lease older than this (seconds without renewal) may be taken over.
-    lease_ttl_s: float = Field(default=30.0, gt=0)
 
 
 class NotifyConfig(_Model):
@@ -376,8 +375,17 @@ class NotifyConfig(_Model):
     @field_validator("url")
     @classmethod
     def _http_url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")) or any(c.isspace() for c in url):
+        if not url.startswith(("http://", "https://")) or any(
+            c.isspace() or not c.isprintable() for c in url
+        ):
             raise ValueError(f"must be an http:// or https:// URL, got {url!r}")
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"not a usable URL ({exc}): {url!r}") from None
+        if not parts.hostname:
+            raise ValueError(f"has no host: {url!r}")
         return url
 
     @field_validator("phases")

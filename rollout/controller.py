@@ -26,6 +26,7 @@ import getpass
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
@@ -141,7 +142,10 @@ class Controller:
                 if max_ticks is not None and ticks >= max_ticks:
                     break
                 if stop_when_paused and status.phase is Phase.PAUSED and status.held:
-                    break
+                    # Held for a human: stop, unless the human has already answered.
+                    status = with_commands(status, self.store.commands())
+                    if not status.commands:
+                        break
                 status = self.tick(status)
                 ticks += 1
                 if not status.terminal and status.phase not in TRANSITIONAL:
@@ -152,6 +156,7 @@ class Controller:
         """Resume the stored status (finishing its pending actions) or begin a new rollout."""
         status = self.store.load()
         if status is not None and not (restart and status.terminal):
+            self._check_same_candidate(status)
             log.info("resuming rollout %s in phase %s", status.name, status.phase.value)
             return self._finish_pending(status)
         candidate = (
@@ -175,7 +180,14 @@ class Controller:
             log.info("green serves nothing: deploying %s:%s", stable.model, stable.version)
             self.router.deploy(Colour.GREEN, stable)
             self.router.set_weights(Weights.blue_at(0))
-        status = new_status(self.spec, now=self.clock.now(), candidate=candidate, stable=stable)
+        status = new_status(
+            self.spec,
+            now=self.clock.now(),
+            candidate=candidate,
+            stable=stable,
+            rollout_id=uuid.uuid4().hex,
+            commands_read=len(self.store.commands()),
+        )
         self.store.save(status)
         if self.ledger is not None:
             self.ledger.append(
@@ -189,6 +201,28 @@ class Controller:
                 }
             )
         return status
+
+    def _check_same_candidate(self, status: Status) -> None:
+        """Refuse to resume a stored rollout of another candidate than the one asked for.
+
+        Otherwise `run --candidate m:3` on a rollout that promoted m:2 would report m:2's success.
+        """
+        wanted = self.candidate or (
+            self.spec.candidate.to_release() if self.spec.candidate else None
+        )
+        stored = status.candidate
+        if wanted is None or stored is None or wanted.ref == stored.ref:
+            return
+        if status.terminal:
+            raise RolloutError(
+                f"rollout {status.name!r} of {stored.ref} has ended ({status.phase.value}), and "
+                f"{wanted.ref} was asked for: `--restart` starts a new rollout of {wanted.ref}"
+            )
+        raise RolloutError(
+            f"rollout {status.name!r} of {stored.ref} is still {status.phase.value}, and "
+            f"{wanted.ref} was asked for: resume it with `--candidate {stored.ref}`, or end it "
+            "first (`aml-rollout rollout abort`)"
+        )
 
     def tick(self, status: Status) -> Status:
         """One observe → decide → persist → apply round."""
@@ -276,13 +310,12 @@ class Controller:
 
     def _wait(self, seconds: float, status: Status) -> None:
         """Sleep one interval, waking early when an operator command arrives."""
-        known = set(status.handled) | {c.id for c in status.commands}
         remaining = seconds
         while remaining > 0:
             nap = min(self.poll_s, remaining) if math.isfinite(self.poll_s) else remaining
             self.clock.sleep(nap)
             remaining -= nap
-            if remaining > 0 and any(c.id not in known for c in self.store.commands()):
+            if remaining > 0 and with_commands(status, self.store.commands()) is not status:
                 return
 
 

@@ -7,12 +7,11 @@ actions and the reason. `explain` turns a ledger into a short story in plain wor
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from rollout import jsonl
 from rollout.errors import StateError
 
 
@@ -27,32 +26,17 @@ class Ledger:
         """Write one line."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            line = json.dumps(record, sort_keys=True, default=str) + "\n"
-            with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(line)
-                if self._fsync:
-                    fh.flush()
-                    os.fsync(fh.fileno())
+            jsonl.append(self.path, record, fsync=self._fsync)
         except OSError as exc:
             raise StateError(f"cannot append to ledger {self.path}: {exc.strerror}") from exc
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:
-    """All records of a ledger; a torn last line is skipped. StateError if the file is missing."""
+    """All records of a ledger; lines torn by a crash are skipped. StateError if unreadable."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        return jsonl.read(path)
     except OSError as exc:
         raise StateError(f"cannot read ledger {path}: {exc.strerror}") from exc
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if number != len(lines):
-                raise StateError(f"{path}:{number}: not a JSON line") from None
-    return records
 
 
 def _when(seconds: float) -> str:

@@ -72,6 +72,9 @@ class WebhookNotifier:
                 except httpx.HTTPError as exc:
                     problem = f"{type(exc).__name__}: {exc}"
                     continue
+                except Exception as exc:  # best effort: nothing here may fail the rollout
+                    problem = f"{type(exc).__name__}: {exc}"
+                    break
                 if response.is_success:
                     return
                 problem = f"HTTP {response.status_code}"

@@ -9,7 +9,7 @@ Exit codes of `run` (and of `status` for a finished rollout):
     0  promoted (Succeeded)          3  rolled back (RolledBack)
     4  held for a human (Paused)     5  failed (Failed)
     2  error a user can fix (bad spec, lease held, router/metrics unreachable...)
-    6  still running (status of an unfinished rollout)
+    6  still running (status of an unfinished rollout, an operator's pause included)
 
 Heavy modules (numpy, scipy, the engine) are imported inside command bodies so that
 `aml-rollout --help` stays fast.
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 if TYPE_CHECKING:
     from rollout.config import RolloutSpec
@@ -50,7 +51,7 @@ StateDirOpt = Annotated[
 
 
 def _fail(exc: Exception) -> NoReturn:
-    _err.print(f"[bold red]error:[/] {exc}")
+    _err.print(f"[bold red]error:[/] {escape(str(exc))}")
     raise typer.Exit(EXIT_ERROR)
 
 
@@ -134,7 +135,7 @@ def run(
         stamp = time.strftime("%H:%M:%S", time.localtime(record.get("at", time.time())))
         _out.print(
             f"{stamp} [bold]{status.phase.value:<11}[/] blue {status.blue_weight:>3} %  "
-            f"{status.reason}"
+            f"{escape(status.reason)}"
         )
 
     previous = _read_status(parsed, state_dir)
@@ -156,19 +157,34 @@ def run(
     except RolloutError as exc:
         _fail(exc)
     colour = {"Succeeded": "green", "RolledBack": "yellow"}.get(result.phase.value, "red")
-    _out.print(f"[bold {colour}]{result.phase.value}[/]: {result.reason}")
+    _out.print(f"[bold {colour}]{result.phase.value}[/]: {escape(result.reason)}")
     _out.print(f"ledger: {result.ledger_path}  (aml-rollout rollout explain {result.ledger_path})")
     raise typer.Exit(_exit_code(result.phase.value))
 
 
 def _read_status(parsed: RolloutSpec, state_dir: Path | None) -> Status | None:
+    """The stored status, with the commands queued since its last tick (shown as "queued")."""
     from rollout.api import open_store
+    from rollout.core.machine import with_commands
     from rollout.errors import RolloutError
 
     try:
-        return open_store(parsed, state_dir).load()
+        store = open_store(parsed, state_dir)
+        status = store.load()
+        return with_commands(status, store.commands()) if status else None
     except RolloutError as exc:
         _fail(exc)
+
+
+def _settled(status: Status | None) -> bool:
+    """Ended, or held for a human: nothing changes until someone acts."""
+    return status is not None and (status.terminal or status.held)
+
+
+def _status_code(status: Status | None) -> int:
+    if status is None or (status.phase.value == "Paused" and not status.held):
+        return EXIT_RUNNING  # an operator's pause: the controller still runs and guards
+    return _exit_code(status.phase.value)
 
 
 def _status_view(parsed: RolloutSpec, status: Status | None) -> Any:
@@ -189,7 +205,7 @@ def _status_view(parsed: RolloutSpec, status: Status | None) -> Any:
     if status.stable:
         table.add_row("stable", f"{status.stable.ref} (green)")
     table.add_row("verdict", status.verdict.value if status.verdict else "-")
-    table.add_row("reason", status.reason)
+    table.add_row("reason", escape(status.reason))
     for label, ev in (("errors", status.errors), ("slow requests", status.slow)):
         if ev.canary_requests:
             table.add_row(
@@ -227,13 +243,13 @@ def status(
 
         deadline = time.monotonic() + timeout
         with Live(_status_view(parsed, current), console=_out, refresh_per_second=2) as live:
-            while time.monotonic() < deadline and not (current and current.terminal):
+            while time.monotonic() < deadline and not _settled(current):
                 time.sleep(1.0)
                 current = _read_status(parsed, state_dir)
                 live.update(_status_view(parsed, current))
     else:
         _out.print(_status_view(parsed, current))
-    raise typer.Exit(_exit_code(current.phase.value) if current else EXIT_RUNNING)
+    raise typer.Exit(_status_code(current))
 
 
 def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = None) -> None:
@@ -260,6 +276,7 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
                 weight=weight,
                 at=time.time(),
                 by=getpass.getuser(),
+                rollout=current.id,
             )
         )
     except RolloutError as exc:

@@ -97,6 +97,9 @@ class Command:
     weight: int | None = None
     at: float = 0.0
     by: str = ""
+    #: The `Status.id` of the rollout the operator saw when queuing it ("" = whichever runs): a
+    #: command aimed at a rollout that has since ended is never applied to the next one.
+    rollout: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
@@ -127,6 +130,8 @@ class Status:
     """Everything the machine knows between ticks."""
 
     name: str
+    #: Tells one rollout of `name` from the next (a new id each start, "" in old status files).
+    id: str = ""
     phase: Phase = Phase.INITIALIZING
     step_index: int = 0
     #: Blue's weight once the pending actions are applied (always a plan weight, or 0).
@@ -149,7 +154,11 @@ class Status:
     reason: str = ""
     #: Paused by the inconclusive policy (waiting for a human), not by an operator's `pause`.
     held: bool = False
+    #: Commands read from the store's log but not yet handled.
     commands: tuple[Command, ...] = ()
+    #: How many commands of the store's log this status has read (-1: a status file written
+    #: before this field, which remembered the ids in `handled` instead).
+    commands_read: int = 0
     handled: tuple[str, ...] = ()
     pending: tuple[Action, ...] = ()
     applied: int = 0
@@ -163,6 +172,7 @@ class Status:
         """Plain-JSON form (what the state store writes)."""
         return {
             "name": self.name,
+            "id": self.id,
             "phase": self.phase.value,
             "step_index": self.step_index,
             "blue_weight": self.blue_weight,
@@ -183,6 +193,7 @@ class Status:
             "reason": self.reason,
             "held": self.held,
             "commands": [c.to_dict() for c in self.commands],
+            "commands_read": self.commands_read,
             "handled": list(self.handled),
             "pending": [action_to_dict(a) for a in self.pending],
             "applied": self.applied,
@@ -193,6 +204,7 @@ class Status:
         """Inverse of `to_dict`; raises KeyError/ValueError/TypeError on a malformed document."""
         return cls(
             name=data["name"],
+            id=data.get("id", ""),
             phase=Phase(data["phase"]),
             step_index=int(data["step_index"]),
             blue_weight=int(data["blue_weight"]),
@@ -213,6 +225,7 @@ class Status:
             reason=data.get("reason", ""),
             held=bool(data.get("held", False)),
             commands=tuple(Command.from_dict(c) for c in data.get("commands", [])),
+            commands_read=int(data.get("commands_read", -1)),
             handled=tuple(data.get("handled", [])),
             pending=tuple(action_from_dict(a) for a in data.get("pending", [])),
             applied=int(data.get("applied", 0)),

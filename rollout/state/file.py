@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from rollout import jsonl
 from rollout.core.status import Command, Status
 from rollout.errors import LeaseHeldError, StateError
 
@@ -74,24 +75,29 @@ class FileStateStore:
     def push_command(self, command: Command) -> None:
         """Append one command line (a single write, so concurrent writers do not interleave)."""
         self._ensure_dir()
-        line = (json.dumps(command.to_dict(), sort_keys=True) + "\n").encode()
-        fd = os.open(self.commands_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            jsonl.append(self.commands_path, command.to_dict())
+        except OSError as exc:
+            raise StateError(
+                f"cannot queue a command in {self.commands_path}: {exc.strerror}"
+            ) from exc
 
     def commands(self) -> list[Command]:
-        """All queued commands; a torn last line (a writer killed mid-write) is skipped."""
+        """The command log, oldest first; lines torn by a killed writer are skipped.
+
+        Positions are stable: the log only grows, a line counts once it is complete, and a
+        torn fragment is ended by the next append, never merged into it.
+        """
         try:
-            lines = self.commands_path.read_text(encoding="utf-8").splitlines()
+            records = jsonl.read(self.commands_path)
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise StateError(f"cannot read {self.commands_path}: {exc.strerror}") from exc
         out = []
-        for line in lines:
+        for record in records:
             try:
-                out.append(Command.from_dict(json.loads(line)))
+                out.append(Command.from_dict(record))
             except (ValueError, TypeError):
                 continue
         return out

@@ -339,13 +339,55 @@ def test_commands(
     assert decision.actions == actions
     assert reason in decision.status.reason
     assert decision.status.commands == ()
-    assert command.id in decision.status.handled
+    assert decision.status.commands_read == 1
 
 
 def test_a_command_is_handled_once_even_if_delivered_again() -> None:
     first = step(SPEC, with_commands(progressing(), [cmd("pause")]), obs(at=30.0), 30.0)
     again = with_commands(first.status, [cmd("pause")])
     assert again.commands == ()
+
+
+def test_a_long_command_log_is_read_once_however_long() -> None:
+    """Each command is handled once, also past the 64 ids an earlier version remembered."""
+    log = [cmd("set_weight", 25, "w25"), cmd("set_weight", 50, "w50")]
+    log += [cmd("resume", ident=f"r{i}") for i in range(100)]
+    status = step(SPEC, with_commands(progressing(), log), obs(at=30.0), 30.0).status
+    assert status.blue_weight == 50 and status.commands_read == 102
+    for t in (40.0, 50.0):
+        decision = step(SPEC, with_commands(status, log), obs(at=t), t)
+        assert "commands" not in decision.record and decision.status.blue_weight == 50
+        status = decision.status
+
+
+def test_a_command_queued_for_an_earlier_rollout_is_ignored() -> None:
+    status = replace(progressing(), id="run-2")
+    stale = replace(cmd("promote"), rollout="run-1")
+    decision = step(SPEC, with_commands(status, [stale]), obs(at=30.0), 30.0)
+    assert decision.status.phase is Phase.PROGRESSING and decision.actions == ()
+    assert decision.record["commands"] == [
+        "promote by ann: ignored, queued for an earlier rollout of t"
+    ]
+    aimed = replace(cmd("pause", ident="c2"), rollout="run-2")
+    assert (
+        step(SPEC, with_commands(status, [aimed]), obs(at=30.0), 30.0).status.phase is Phase.PAUSED
+    )
+
+
+def test_a_new_rollout_does_not_read_the_commands_of_the_previous_one() -> None:
+    log = [cmd("promote", ident="old")]
+    status = new_status(SPEC, now=0.0, rollout_id="run-2", commands_read=len(log))
+    assert with_commands(status, log) is status
+
+
+def test_a_status_file_from_before_commands_read_skips_handled_ids() -> None:
+    saved = progressing().to_dict()
+    del saved["commands_read"]
+    old = Status.from_dict({**saved, "handled": ["c1"]})
+    assert old.commands_read == -1
+    status = with_commands(old, [cmd("pause", ident="c1"), cmd("abort", ident="c2")])
+    assert [c.id for c in status.commands] == ["c2"] and status.commands_read == 2
+    assert status.handled == ()
 
 
 def test_seed_plan_starts_at_zero_and_advances_without_analysis() -> None:

@@ -11,7 +11,7 @@ from rollout.config import SimulatedMetricsConfig, StaticTick, TrafficModel
 from rollout.controller import Controller, FakeClock
 from rollout.core.status import Command, SetWeights, Status
 from rollout.core.types import Colour, Phase, Release, Weights
-from rollout.errors import LeaseHeldError, RouterError, StateError
+from rollout.errors import LeaseHeldError, RolloutError, RouterError, StateError
 from rollout.ledger import Ledger, explain, read_ledger
 from rollout.metrics.static import SimulatedMetrics, StaticMetrics
 from rollout.routers.memory import MemoryRouter
@@ -213,12 +213,24 @@ def test_an_unreadable_status_file_is_a_state_error(tmp_path: Path) -> None:
         FileStateStore(tmp_path, "t").load()
 
 
-def test_a_torn_command_line_is_skipped(tmp_path: Path) -> None:
+def test_a_torn_command_line_is_skipped_and_never_swallows_the_next(tmp_path: Path) -> None:
     store = FileStateStore(tmp_path, "t")
     store.push_command(Command(id="1", kind="pause"))
-    with store.commands_path.open("a") as fh:
-        fh.write('{"id": "2", "kin')
+    with store.commands_path.open("ab") as fh:
+        fh.write('{"id": "2", "by": "Zoë'.encode()[:-1])  # killed inside a UTF-8 character
     assert [c.id for c in store.commands()] == ["1"]
+    store.push_command(Command(id="3", kind="abort", by="ann"))
+    assert [c.id for c in store.commands()] == ["1", "3"]
+
+
+def test_a_torn_ledger_line_does_not_make_the_ledger_unreadable(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.jsonl", fsync=False)
+    ledger.append({"event": "start", "at": 0.0, "name": "t", "plan": [10, 100]})
+    with ledger.path.open("a") as fh:
+        fh.write('{"tick": 1, "phase')  # the controller was killed mid-line, then restarted
+    ledger.append({"tick": 1, "at": 10.0, "phase": "Progressing"})
+    assert [r.get("tick") for r in read_ledger(ledger.path)] == [None, 1]
+    assert explain(read_ledger(ledger.path))
 
 
 def test_an_explicit_candidate_wins_over_the_spec(tmp_path: Path) -> None:
@@ -295,3 +307,52 @@ def test_scripted_metrics_can_script_the_history_too(tmp_path: Path) -> None:
     ctl, _ = controller(tmp_path, router, metrics, spec=spec)
     assert ctl.tick(ctl.start()).slow_threshold_s == 0.1
     assert metrics.calls == 0  # the history is not one of the scripted ticks
+
+
+def test_a_held_rollout_acts_on_the_answer_queued_while_no_controller_ran(tmp_path: Path) -> None:
+    """Held → exit → `rollout resume` → `run` again: the resume is handled, not held again."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    metrics = StaticMetrics([StaticTick(error="connection refused")])
+    ctl, _ = controller(tmp_path, router, metrics)
+    held = ctl.run(max_ticks=50, stop_when_paused=True)
+    assert held.phase is Phase.PAUSED and held.held
+    ctl.store.push_command(Command(id="r", kind="resume", by="ann", rollout=held.id))
+    again, _ = controller(tmp_path, router, metrics)
+    resumed = again.run(max_ticks=1, stop_when_paused=True)
+    assert resumed.phase is Phase.PROGRESSING and resumed.reason == "resumed by ann"
+
+
+def test_commands_of_an_ended_rollout_are_not_replayed_on_the_next(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    store = FileStateStore(tmp_path, SPEC.name)
+
+    def promote_at_once(status: Status, record: dict[str, Any]) -> None:
+        if status.tick == 2:
+            store.push_command(Command(id="p", kind="promote", by="ann", rollout=status.id))
+
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]), store=store, on_tick=promote_at_once)
+    first = ctl.run(max_ticks=50)
+    assert first.phase is Phase.SUCCEEDED and "promoted by ann" in "\n".join(
+        explain(read_ledger(tmp_path / "t.ledger.jsonl"))
+    )
+    v3 = Release("diabetes", "3")
+    nxt, _ = controller(tmp_path, router, StaticMetrics([]), candidate=v3)
+    second = nxt.run(max_ticks=5, restart=True)
+    assert second.id != first.id
+    assert second.phase is Phase.PROGRESSING and second.candidate == v3  # not promoted by ann
+
+
+def test_a_stored_rollout_of_another_candidate_is_not_reported_as_this_one(
+    tmp_path: Path,
+) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    assert ctl.run(max_ticks=2).phase is Phase.PROGRESSING
+    v3 = Release("diabetes", "3")
+    other, _ = controller(tmp_path, router, simulated(router, 0.01), candidate=v3)
+    with pytest.raises(RolloutError, match="of diabetes:2 is still Progressing, and diabetes:3"):
+        other.run(max_ticks=1)
+    assert ctl.run(max_ticks=500).phase is Phase.SUCCEEDED
+    with pytest.raises(RolloutError, match=r"has ended \(Succeeded\), and diabetes:3 was asked"):
+        other.run(max_ticks=1)
+    assert other.run(max_ticks=1, restart=True).candidate == v3

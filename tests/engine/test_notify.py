@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 
 from rollout.api import run_rollout
-from rollout.config import RolloutSpec, load_spec
+from rollout.config import NotifyConfig, RolloutSpec, load_spec
+from rollout.core.status import Status
 from rollout.core.types import Phase
 from rollout.errors import ConfigError
+from rollout.notify import WebhookNotifier
 from tests.engine.specs import write_spec
 
 
@@ -132,10 +134,22 @@ def test_an_unreachable_or_slow_webhook_does_not_stop_the_rollout(
     assert "ReadTimeout" in caplog.text and "ConnectError" in caplog.text
 
 
+def test_the_notifier_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    """Even for a URL only httpx refuses (validation keeps such URLs out of specs)."""
+    notifier = WebhookNotifier(
+        NotifyConfig.model_construct(url="http://[::1", phases=[Phase.ROLLED_BACK], timeout_s=1.0)
+    )
+    with caplog.at_level(logging.WARNING, logger="rollout.notify"):
+        notifier.entered(Status(name="x", phase=Phase.ROLLED_BACK))
+    assert "could not notify http://[::1 that rollout x is RolledBack: InvalidURL" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("notify", "field_name"),
     [
         pytest.param({"url": "hooks.example.com"}, "notify.url", id="not-http"),
+        pytest.param({"url": "http://[::1"}, "notify.url", id="httpx-refuses-it"),
+        pytest.param({"url": "https://"}, "notify.url", id="no-host"),
         pytest.param({"url": "http://x", "phases": ["Initializing"]}, "notify.phases", id="init"),
         pytest.param({"url": "http://x", "phases": ["Done"]}, "notify.phases", id="bad-phase"),
         pytest.param({"url": "http://x", "phases": []}, "notify.phases", id="empty"),

@@ -134,8 +134,44 @@ def test_steering_commands_are_queued_for_the_controller(tmp_path: Path) -> None
     assert code == EXIT_ERROR and "not in the plan" in out
     lines = (tmp_path / "state" / "cli.commands.jsonl").read_text().splitlines()
     assert [json.loads(line)["kind"] for line in lines] == ["pause", "set_weight"]
+    code, out = invoke("status", str(spec))
+    assert "queued" in out and "pause, set_weight" in out
     result = run_rollout(spec, clock=FakeClock(100.0), max_ticks=1)
     assert result.phase.value == "Paused" and result.status.blue_weight == 50
+    code, out = invoke("status", str(spec))  # an operator's pause: the controller still guards
+    assert code == EXIT_RUNNING and "Paused" in out and "queued" not in out
+
+
+def test_a_held_rollout_resumes_when_run_again_after_resume(tmp_path: Path) -> None:
+    spec = write_spec(
+        tmp_path,
+        metrics={"kind": "static", "ticks": [{"error": "connection refused"}]},
+    )
+    assert invoke("run", str(spec), "--simulated-time")[0] == EXIT_PAUSED
+    code, out = invoke("status", str(spec), "--watch", "--timeout", "60")
+    assert code == EXIT_PAUSED and "held for a human" in out  # returned at once, not after 60 s
+    assert invoke("resume", str(spec))[0] == 0
+    code, out = invoke("run", str(spec), "--simulated-time")
+    assert "resumed by" in out, out  # handled, then held again: metrics are still down
+    assert code == EXIT_PAUSED
+
+
+def test_run_refuses_to_report_another_candidates_outcome(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path)
+    assert invoke("run", str(spec), "--simulated-time", "-q")[0] == EXIT_PROMOTED
+    code, out = invoke("run", str(spec), "--simulated-time", "--candidate", "m:3")
+    assert code == EXIT_ERROR
+    assert "of m:2 has ended (Succeeded), and m:3 was asked for" in " ".join(out.split())
+    code, out = invoke(
+        "run", str(spec), "--simulated-time", "-q", "--candidate", "m:3", "--restart"
+    )
+    assert code == EXIT_PROMOTED, out
+
+
+def test_error_text_is_printed_as_is_not_as_markup(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, name="Diabetes")
+    code, out = invoke("validate", str(path))
+    assert code == EXIT_ERROR and "^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$" in out
 
 
 def test_explain_of_a_missing_ledger_is_a_clear_error(tmp_path: Path) -> None:

@@ -1,0 +1,58 @@
+"""Append-only JSON-lines files (the ledger, the command log) that survive torn writes.
+
+A writer killed mid-line leaves a fragment without its newline. Readers only take complete
+lines, and skip (with a warning) the ones that do not parse; a writer that finds a fragment at
+the end terminates it first, so the fragment never swallows the next record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def append(path: Path, record: dict[str, Any], *, fsync: bool = True) -> None:
+    """Append `record` as one line (one `write` under O_APPEND, so writers never interleave)."""
+    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and _last_byte(path, size) != b"\n":
+            line = b"\n" + line  # end a torn fragment first
+        while line:
+            written = os.write(fd, line)
+            line = line[written:]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    """The records of every complete line; FileNotFoundError/OSError as `open` raises them."""
+    data = Path(path).read_bytes()
+    records = []
+    for number, line in enumerate(data.split(b"\n")[:-1], 1):  # the last piece is incomplete
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:  # UnicodeDecodeError included
+            log.warning("%s:%d: skipped a line that is not JSON (a torn write?)", path, number)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            log.warning("%s:%d: skipped a line that is not a JSON object", path, number)
+    return records
+
+
+def _last_byte(path: Path, size: int) -> bytes:
+    with Path(path).open("rb") as fh:
+        fh.seek(size - 1)
+        return fh.read(1)
