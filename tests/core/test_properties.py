@@ -44,15 +44,16 @@ def drive(
     step_index_seen = (status.step_index, status.step_started_at)
     deploys_to_green = 0
     history: list[tuple[object, ...]] = []
+    log: list[Command] = []
     for n, rate_b, rate_g, outage, command, weight in ticks:
         if (status.step_index, status.step_started_at) != step_index_seen:
             counts = {"b": [0, 0], "g": [0, 0]}  # observations restart with each step
             step_index_seen = (status.step_index, status.step_started_at)
-        if command is not None:
-            status = with_commands(
-                status,
-                [Command(id=f"c{now}", kind=command, weight=weight)],  # type: ignore[arg-type]
-            )
+        if command is not None:  # the store's log only grows
+            log.append(Command(id=f"c{len(log)}", kind=command, weight=weight))  # type: ignore[arg-type]
+            status = with_commands(status, log)
+            queued = [c.id for c in status.commands]  # the new one, none read twice
+            assert queued[-1] == log[-1].id and len(set(queued)) == len(queued)
         nb = n * status.blue_weight // 100 if canary_traffic else 0
         counts["b"][0] += nb
         counts["b"][1] += int(nb * rate_b)
