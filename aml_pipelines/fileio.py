@@ -24,6 +24,15 @@ def write_json(path: Path, payload: Any) -> None:
         raise
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make the renames and unlinks done in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_json(path: Path) -> Any:
     """Read a JSON file."""
     return json.loads(path.read_text(encoding="utf-8"))

@@ -13,8 +13,13 @@
 
 The model bits are checked three ways before anything is written: the registry re-hashes the
 stored version, the model file must match the version's sha256, and (when a registration record
-is given) the registration's sha256. The package is built in a temp folder next to the target and
-renamed into place, so a half-written package is never visible.
+is given) the registration's sha256. The package is built in a hidden temp folder *inside* the
+output folder, then its entries are moved into place with package.json last: package.json is the
+completion marker. The output folder itself is never removed or renamed — on Azure ML a
+`uri_folder` output is a mount point (rw_mount), and rename(2)/rmdir(2) on it fail with EBUSY. The
+old package.json is removed before any old file is, so a crash part-way leaves a folder without
+package.json (the rollout step refuses it: "run the package step first"), never a mix of two
+versions that looks complete; a crash while building leaves the old package as it was.
 
 `mode="azureml"` writes the same folder, then asks Azure ML to build the serving environment
 itself (`ml_client.models.package`, experimental in azure-ai-ml) with the folder as code and
@@ -34,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from aml_pipelines.errors import ComponentError, ConfigError, IntegrityError
-from aml_pipelines.fileio import read_json, sha256_file, write_json
+from aml_pipelines.fileio import fsync_dir, read_json, sha256_file, write_json
 from aml_pipelines.registry.base import ModelVersion
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,8 @@ PACKAGE_JSON = "package.json"
 MODEL_SUBDIR = "model"
 COLOURS = ("blue", "green")
 MODES = ("local", "azureml")
+#: The build folder inside the output folder (hidden; a crash's leftover goes with the next build).
+STAGING_PREFIX = ".package-tmp-"
 SERVER_PORT = 8000
 # Server-side modules of the scoring package that the image does not need (CLI, load generator).
 _SCORING_EXCLUDED = {"cli.py", "loadgen.py"}
@@ -151,7 +158,7 @@ def build_package(
     mode: str = "local",
     ml_client: Any = None,
 ) -> PackageResult:
-    """Write the package folder for `model` at `out_dir` (replacing an existing one)."""
+    """Write the package for `model` into `out_dir` (replacing the content of an existing one)."""
     if mode not in MODES:
         raise ConfigError(f"mode: {mode!r} is not one of {list(MODES)}")
     if mode == "azureml" and ml_client is None:
@@ -175,8 +182,8 @@ def build_package(
     scoring = scoring_sources()
     image = image_name(image_registry, model.name, model.version)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
     try:
         shutil.copytree(
             source, staging / MODEL_SUBDIR, ignore=shutil.ignore_patterns(".registry.json")
@@ -228,13 +235,33 @@ def build_package(
             environment = _package_in_azureml(ml_client, model, staging)
             manifest["azureml_environment"] = f"{environment.name}:{environment.version}"
         write_json(staging / PACKAGE_JSON, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        _move_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("packaged %s:%s as %s in %s", model.name, model.version, image, out_dir)
     return PackageResult(out_dir, manifest)
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Replace the content of `out_dir` by the package in `staging` (a folder inside it).
+
+    package.json goes first (out) and last (in): between the two, the folder is not a package.
+    """
+    (out_dir / PACKAGE_JSON).unlink(missing_ok=True)
+    fsync_dir(out_dir)
+    for old in out_dir.iterdir():
+        if old == staging:
+            continue
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    for new in sorted(staging.iterdir()):
+        if new.name != PACKAGE_JSON:
+            new.rename(out_dir / new.name)
+    fsync_dir(out_dir)
+    (staging / PACKAGE_JSON).rename(out_dir / PACKAGE_JSON)
+    fsync_dir(out_dir)
 
 
 def _package_in_azureml(ml_client: Any, model: ModelVersion, folder: Path) -> Any:
