@@ -294,3 +294,35 @@ def test_a_started_version_overtaken_by_a_newer_production_is_not_rolled_out(
     entry = dispatcher.store.load("diabetes").entries[1]
     assert (entry.outcome, entry.reason) == ("skipped", "older than the production version 2")
     assert journal(tmp_path / "engine") == []
+
+
+def test_worker_resumes_a_crashed_rollout_of_any_model_before_pending_ones(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    # `trigger serve` watches every model on one endpoint. zeta was mid-rollout when the process
+    # was killed; alpha (drained first by name) has a pending version that waits for zeta's active
+    # rollout, which only this worker can resume: zeta must go first or nothing ever moves.
+    engine = ResumableDelivery(tmp_path / "engine", registry)
+    dispatcher = Dispatcher(
+        TriggerStore(tmp_path / "trigger"), registry, engine, wait_interval_s=0.01
+    )
+    zeta = register(registry, tmp_path, "zeta", stage="candidate")
+    register(registry, tmp_path, "alpha", stage="candidate")
+    assert dispatcher.accept("zeta", 1, "event:z1")
+    dispatcher.store.update("zeta", 1, lambda e: replace(e, step=Step.STARTED, attempts=1))
+    engine._progress(zeta, None, 1, 3)  # the rollout state the killed process left: active
+    assert dispatcher.accept("alpha", 1, "event:a1")
+    worker = DeliveryWorker(dispatcher, dispatcher.store.models)
+    worker.start()
+    try:
+        for _ in range(1000):
+            steps = {m: dispatcher.store.load(m).entries[1].step for m in ("alpha", "zeta")}
+            if set(steps.values()) == {Step.DONE}:
+                break
+            dispatcher.stop.wait(0.01)
+    finally:
+        dispatcher.stop.set()
+        worker.join(10)
+    assert steps == {"alpha": Step.DONE, "zeta": Step.DONE}
+    events = [(e["event"], e["version"]) for e in journal(tmp_path / "engine")]
+    assert events[0] == ("resume", 1) and ("start", 1) in events
