@@ -10,10 +10,12 @@ Layout (one folder per model name):
                                     mutable tags, replaced atomically (temp + rename)
 
 Registration copies the model into a private temp folder first (the slow part, outside the lock),
-then takes the lock, allocates max(version) + 1 and renames the temp folder onto it. The rename is
-atomic and fails if the target exists, so even a broken lock could not make two registrations share
-a version. Every read re-hashes the stored files against `.registry.json`: a corrupted, truncated,
-added or removed file raises IntegrityError naming the file, never a silently different model.
+then takes the lock, allocates max(version) + 1, writes the version's tags file and renames the temp
+folder onto it. The rename is atomic and fails if the target exists, so even a broken lock could not
+make two registrations share a version; it comes after the tags, so a version is never visible
+without the tags it was registered with. Every read re-hashes the stored files against
+`.registry.json`: a corrupted, truncated, added or removed file raises IntegrityError naming the
+file, never a silently different model.
 
 `sha256` of a version is the hash of the model file named by its `model.json` (the model-folder
 contract), so it equals `model.json`'s own `sha256` and the scoring server can check it again.
@@ -109,9 +111,17 @@ class LocalRegistry:
                     "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 }
                 write_json(staging / MANIFEST, record)
-                # rename(2) onto a fresh name: atomic, and fails if the version exists.
-                staging.rename(model_root / str(version))
-                write_json(self._tags_path(model_root, version), dict(tags or {}))
+                # Tags first: the folder is what makes the version visible, and a reader (the
+                # watcher) that saw it without its tags would never look at it again. A tags file
+                # left by a crash before the rename is overwritten by the next registration.
+                tags_path = self._tags_path(model_root, version)
+                write_json(tags_path, dict(tags or {}))
+                try:
+                    # rename(2) onto a fresh name: atomic, and fails if the version exists.
+                    staging.rename(model_root / str(version))
+                except BaseException:
+                    tags_path.unlink(missing_ok=True)
+                    raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return self.get(name, version)

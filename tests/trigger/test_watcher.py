@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from aml_pipelines.delivery import RolloutView
+from aml_pipelines.registry import local as local_registry
 from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger.dispatch import DeliveryWorker, Dispatcher
@@ -326,3 +328,41 @@ def test_worker_resumes_a_crashed_rollout_of_any_model_before_pending_ones(
     assert steps == {"alpha": Step.DONE, "zeta": Step.DONE}
     events = [(e["event"], e["version"]) for e in journal(tmp_path / "engine")]
     assert events[0] == ("resume", 1) and ("start", 1) in events
+
+
+@pytest.mark.parametrize("hook", ["write_json", "rename"])
+def test_a_poll_during_a_registration_never_loses_the_version(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    dispatcher: Dispatcher,
+    monkeypatch: pytest.MonkeyPatch,
+    hook: str,
+) -> None:
+    # A poll at any point of register() (here: at every file write or rename it makes) must not
+    # see the version without its tags: the watcher would count it as listed and never look again.
+    register(registry, tmp_path, stage="production")
+    watcher = Watcher(registry, "diabetes", dispatcher, required_tags=CANDIDATE)
+    assert watcher.poll() == []
+    polled: list[list[int]] = []
+    if hook == "write_json":
+        real_write = local_registry.write_json
+
+        def write_then_poll(path: Path, payload: object) -> None:
+            real_write(path, payload)
+            polled.append(watcher.poll())
+
+        monkeypatch.setattr(local_registry, "write_json", write_then_poll)
+    else:
+        real_rename = Path.rename
+
+        def rename_then_poll(self: Path, target: Any) -> Path:
+            moved = real_rename(self, target)
+            polled.append(watcher.poll())
+            return moved
+
+        monkeypatch.setattr(Path, "rename", rename_then_poll)
+    register(registry, tmp_path, stage="candidate")
+    monkeypatch.undo()
+    assert polled  # the hook ran inside register()
+    accepted = [v for batch in polled for v in batch] + watcher.poll()
+    assert accepted == [2]
