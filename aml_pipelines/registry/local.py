@@ -24,6 +24,7 @@ contract), so it equals `model.json`'s own `sha256` and the scoring server can c
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -33,10 +34,13 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from aml_pipelines.errors import ConfigError, IntegrityError, ModelNotFound, RegistryError
 from aml_pipelines.fileio import read_json, sha256_file, write_json
-from aml_pipelines.registry.base import ModelVersion
+from aml_pipelines.registry.base import STAGE_TAG, ModelVersion, Stage
+
+log = logging.getLogger(__name__)
 
 MANIFEST = ".registry.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
@@ -59,6 +63,7 @@ class LocalRegistry:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
+        self._skipped: set[tuple[str, int]] = set()  # versions listings left out (warned once)
 
     def __repr__(self) -> str:
         return f"LocalRegistry({str(self.root)!r})"
@@ -153,10 +158,10 @@ class LocalRegistry:
                 f"model {name!r} version {version} not found in {self.root} "
                 f"(versions: {known or 'none'})"
             )
-        record = read_json(folder / MANIFEST)
+        record = _read_record(folder / MANIFEST, f"{name}:{version}")
         self._verify(name, version, folder, record)
         tags_path = self._tags_path(model_root, version)
-        tags = read_json(tags_path) if tags_path.exists() else {}
+        tags = _read_record(tags_path, f"{name}:{version}") if tags_path.exists() else {}
         return ModelVersion(
             name=name,
             version=version,
@@ -168,13 +173,23 @@ class LocalRegistry:
         )
 
     def latest(self, name: str) -> ModelVersion | None:
-        """The highest version of `name`, or None."""
-        versions = self._versions(self.root / check_name(name))
-        return self.get(name, max(versions)) if versions else None
+        """The highest readable version of `name`, or None."""
+        for version in sorted(self._versions(self.root / check_name(name)), reverse=True):
+            if (found := self._readable(name, version)) is not None:
+                return found
+        return None
 
     def list_versions(self, name: str) -> list[ModelVersion]:
-        """Every version of `name`, oldest first."""
-        return [self.get(name, v) for v in sorted(self._versions(self.root / check_name(name)))]
+        """Every readable version of `name`, oldest first.
+
+        A version that fails its checks (a damaged old version) is left out with one warning, so
+        it cannot stop the gate, the watcher and the delivery of every new version; `get` of it
+        still raises IntegrityError. A damaged version tagged `stage=production` still raises:
+        without it the gate would pass any candidate and old versions could downgrade production.
+        """
+        versions = sorted(self._versions(self.root / check_name(name)))
+        found = (self._readable(name, v) for v in versions)
+        return [mv for mv in found if mv is not None]
 
     def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersion]:
         """Versions whose tag `key` equals `value`, oldest first."""
@@ -187,6 +202,24 @@ class LocalRegistry:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self._versions(p))
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _stage_tag(self, name: str, version: int) -> str | None:
+        try:
+            tags = _read_record(self._tags_path(self.root / name, version), f"{name}:{version}")
+        except (OSError, IntegrityError):
+            return None
+        return str(tags.get(STAGE_TAG, "")) or None
+
+    def _readable(self, name: str, version: int) -> ModelVersion | None:
+        try:
+            return self.get(name, version)
+        except (IntegrityError, ModelNotFound) as exc:
+            if self._stage_tag(name, version) == Stage.PRODUCTION:
+                raise  # never hide production: the gate and the no-downgrade check compare to it
+            if (name, version) not in self._skipped:
+                self._skipped.add((name, version))
+                log.warning("skipping %s:%s in listings: %s", name, version, exc)
+            return None
 
     @staticmethod
     def _versions(model_root: Path) -> set[int]:
@@ -230,6 +263,19 @@ class LocalRegistry:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def _read_record(path: Path, label: str) -> dict[str, Any]:
+    """A JSON object from the registry's own files; damage is an IntegrityError, not a crash."""
+    try:
+        record = read_json(path)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: truncated or overwritten
+        raise IntegrityError(
+            f"{label}: {path.name} is damaged ({exc}); refusing to use it"
+        ) from exc
+    if not isinstance(record, dict):
+        raise IntegrityError(f"{label}: {path.name} is not a JSON object; refusing to use it")
+    return record
 
 
 def _remove_abandoned_staging(model_root: Path, older_than_s: float = 3600.0) -> None:

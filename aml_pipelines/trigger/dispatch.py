@@ -149,7 +149,10 @@ class Dispatcher:
                 model_version = self.registry.get(model, version)
             except PERMANENT as exc:
                 return self._fail(model, version, exc)
-            settled = self._settled(entry, model_version)
+            try:
+                settled = self._settled(entry, model_version)
+            except PERMANENT as exc:
+                return self._fail(model, version, exc)
             if settled is not None:
                 outcome_name, reason = settled
                 log.info("%s v%d: %s (%s)", model, version, outcome_name, reason)

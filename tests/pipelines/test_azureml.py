@@ -113,6 +113,48 @@ def test_a_tampered_sha256_tag_is_refused(arm: FakeArm, registry: AzureMLRegistr
         registry.get("m", 1)
 
 
+def _foreign(arm: FakeArm, version: str, **tags: str) -> None:
+    """A version registered outside aml-rollout (studio, `az ml model create`): no sha256."""
+    arm.put(
+        f"{WS_PATH}/models/m/versions/{version}",
+        {"properties": {"modelUri": "azureml://datastores/d/paths/m", "tags": tags}},
+    )
+    arm._refresh_container(f"{WS_PATH}/models/m")
+
+
+def test_listings_skip_versions_not_registered_by_aml_rollout(
+    arm: FakeArm, registry: AzureMLRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry.register(
+        "m", "azureml://jobs/r1/outputs/model", {"sha256": SHA, "stage": "production"}
+    )
+    registry.register("m", "azureml://jobs/r2/outputs/model", {"sha256": SHA, "stage": "candidate"})
+    _foreign(arm, "3", note="manual")
+    _foreign(arm, "4-hotfix", stage="candidate")
+    for _ in range(2):
+        assert [v.version for v in registry.list_versions("m")] == [1, 2]
+        latest = registry.latest("m")
+        assert latest is not None and latest.version == 2
+        assert [v.version for v in registry.find_by_tag("m", "stage", "candidate")] == [2]
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skipped) == 2  # once per version, not once per listing
+    assert any("m:3 has no sha256 property" in message for message in skipped)
+    with pytest.raises(IntegrityError, match="not registered by aml-rollout"):
+        registry.get("m", 3)  # strict where a version is asked for by name
+    ours = registry.register("m", "azureml://jobs/r5/outputs/model", {"sha256": SHA})
+    assert ours.version == 4  # the foreign version 3 is skipped in listings, never reused
+
+
+def test_a_foreign_production_version_is_not_hidden(
+    arm: FakeArm, registry: AzureMLRegistry
+) -> None:
+    # Hiding it would make the gate pass any candidate and let old versions replace it.
+    registry.register("m", "azureml://jobs/r1/outputs/model", {"sha256": SHA})
+    _foreign(arm, "2", stage="production")
+    with pytest.raises(IntegrityError, match="m:2 has no sha256 property"):
+        registry.find_by_tag("m", "stage", "production")
+
+
 def test_a_version_taken_concurrently_is_skipped(arm: FakeArm, registry: AzureMLRegistry) -> None:
     def competitor(
         fake: FakeArm, match: re.Match[str], body: Any, query: Any

@@ -366,3 +366,37 @@ def test_a_poll_during_a_registration_never_loses_the_version(
     assert polled  # the hook ran inside register()
     accepted = [v for batch in polled for v in batch] + watcher.poll()
     assert accepted == [2]
+
+
+def _damage(registry: LocalRegistry, version: int) -> None:
+    path = registry.get("diabetes", version).path
+    assert path is not None
+    (path / "model.skops").write_bytes(b"bit rot")
+
+
+def test_a_damaged_old_version_does_not_block_new_ones(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    register(registry, tmp_path, stage="archived")
+    register(registry, tmp_path, stage="production")
+    _damage(registry, 1)
+    register(registry, tmp_path, stage="candidate")
+    _watch(registry, dispatcher)
+    assert _events(tmp_path / "engine", "start", "end") == [("start", 3), ("end", 3)]
+    assert registry.get("diabetes", 3).stage == "production"
+
+
+def test_a_version_whose_baseline_cannot_be_read_closes_failed(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    # The no-downgrade check needs the production version; damaged, it raises IntegrityError.
+    # Retrying cannot help: the version is closed Failed with the reason, not retried forever.
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    _damage(registry, 1)
+    assert dispatcher.accept("diabetes", 2, "event:e2")
+    [outcome] = dispatcher.drain("diabetes")
+    entry = dispatcher.store.load("diabetes").entries[2]
+    assert (outcome.phase, entry.step, entry.outcome) == ("Failed", Step.DONE, "Failed")
+    assert "diabetes:1 is corrupted" in entry.reason
+    assert journal(tmp_path / "engine") == []
