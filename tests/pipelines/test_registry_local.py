@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aml_pipelines import fileio
 from aml_pipelines.errors import ConfigError, IntegrityError, ModelNotFound, RegistryError
 from aml_pipelines.registry.base import ModelRegistry, Stage
 from aml_pipelines.registry.factory import open_registry
@@ -251,3 +254,29 @@ def test_abandoned_staging_folders_are_cleaned(registry: LocalRegistry, make_mod
     registry.register("m", make_model(mse=5.0))
     assert not old.exists() and fresh.exists()  # a recent one may still be in flight
     assert [v.version for v in registry.list_versions("m")] == [1, 2]
+
+
+def test_write_json_is_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tags and manifests must survive a power cut: data fsynced before the rename, the folder
+    # after it (rename alone may reach the disk before the data, leaving an empty file).
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, Path.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", str(Path(f"/proc/self/fd/{fd}").readlink())))
+        real_fsync(fd)
+
+    def replace(self: Path, target: Any) -> Path:
+        events.append(("rename", str(target)))
+        return real_replace(self, target)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    monkeypatch.setattr(Path, "replace", replace)
+    target = tmp_path / "1.tags.json"
+    fileio.write_json(target, {"stage": "candidate"})
+    monkeypatch.undo()
+    assert [kind for kind, _ in events] == ["fsync", "rename", "fsync"]
+    assert Path(events[0][1]).parent == tmp_path and events[0][1] != str(target)  # the temp file
+    assert events[1][1] == str(target) and events[2][1] == str(tmp_path)
+    assert fileio.read_json(target) == {"stage": "candidate"}
+    assert [p.name for p in tmp_path.iterdir()] == ["1.tags.json"]
