@@ -7,7 +7,7 @@
       asgi.py                the container's entry: the scoring package's FastAPI app on ./
       requirements.txt       pinned: the model's library versions + the server's libraries
       Dockerfile             python:3.11-slim, non-root, `uvicorn asgi:build --factory`
-      k8s/values-blue.yaml   Helm values for the blue / green Deployment of this version
+      k8s/values-blue.yaml   values for charts/aml-rollout deploying this version as blue / green
       k8s/values-green.yaml
       package.json           {model, version, sha256, image, entry, files, ...}
 
@@ -37,6 +37,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from aml_pipelines.errors import ComponentError, ConfigError, IntegrityError
 from aml_pipelines.fileio import fsync_dir, read_json, sha256_file, write_json
@@ -135,17 +137,25 @@ def requirements(library_versions: dict[str, str]) -> str:
 
 
 def helm_values(colour: str, image: str, model: ModelVersion) -> str:
-    """Helm values for one colour's Deployment of this version (see charts/)."""
-    repository, _, tag = image.rpartition(":")
-    return (
-        f"# {model.name} version {model.version} as the {colour} deployment\n"
-        f"colour: {colour}\n"
-        f"image:\n  repository: {repository}\n  tag: {tag!r}\n"
-        f"model:\n  name: {model.name}\n  version: {str(model.version)!r}\n"
-        f"  sha256: {model.sha256}\n"
-        f"containerPort: {SERVER_PORT}\n"
-        f"env:\n  AML_ROLLOUT_COLOUR: {colour}\n"
+    """Values for charts/aml-rollout that deploy this version as `colour`.
+
+    The chart's shape exactly: `<colour>: {image, model, version, sha256}` (a colour with an
+    empty image gets no Deployment) and `containerPort`; the chart sets AML_ROLLOUT_COLOUR itself.
+    `helm upgrade --install <release> charts/aml-rollout -f k8s/values-<colour>.yaml`.
+    """
+    values = {
+        colour: {
+            "image": image,
+            "model": model.name,
+            "version": str(model.version),
+            "sha256": model.sha256,
+        },
+        "containerPort": SERVER_PORT,
+    }
+    header = (
+        f"# {model.name} version {model.version} as the {colour} deployment (charts/aml-rollout)\n"
     )
+    return header + yaml.safe_dump(values, sort_keys=False)
 
 
 def build_package(

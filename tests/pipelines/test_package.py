@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from aml_pipelines.errors import ComponentError, ConfigError, IntegrityError
 from aml_pipelines.registry.local import LocalRegistry
@@ -22,6 +23,9 @@ from components.package.package import build_package, image_name
 from components.register.register import register_model
 from components.rollout.main import InvalidInput, read_package
 from components.train.train import TrainParams, train
+from rollout.core.types import Colour, Release
+from rollout.routers import istio_manifests as m
+from tests.routers.test_manifests import by_name, render_chart
 
 REPO = Path(__file__).parents[2]
 
@@ -56,9 +60,34 @@ def test_package_folder_follows_the_contract(registered, tmp_path: Path) -> None
     assert f"scikit-learn=={model_json['library_versions']['scikit-learn']}" in requirements
     assert "uvicorn[standard]==" in requirements
     assert 'CMD ["uvicorn", "asgi:build", "--factory"' in (pkg / "Dockerfile").read_text()
-    blue = (pkg / "k8s" / "values-blue.yaml").read_text()
-    assert "colour: blue" in blue and "repository: acr.example.io/team/diabetes-ridge" in blue
+    blue = yaml.safe_load((pkg / "k8s" / "values-blue.yaml").read_text())
+    assert blue["blue"]["image"] == "acr.example.io/team/diabetes-ridge:1"
     assert manifest["files"]["model/model.skops"] == version.sha256
+
+
+@pytest.mark.parametrize("colour", [Colour.BLUE, Colour.GREEN])
+def test_the_helm_values_deploy_this_version_with_the_chart(
+    registered, tmp_path: Path, colour: Colour
+) -> None:
+    # `helm install -f k8s/values-<colour>.yaml charts/aml-rollout` must render this colour's
+    # Deployment of this version, exactly as the istio router would deploy it.
+    registry, _ = registered
+    version = registry.get("Diabetes-Ridge", 1)
+    pkg = build_package(version, tmp_path / "p", image_registry="acr.example.io").path
+    values = yaml.safe_load((pkg / "k8s" / f"values-{colour.value}.yaml").read_text())
+    chart = by_name(render_chart(values, "ml"))
+    release = Release(
+        model="Diabetes-Ridge",
+        version="1",
+        sha256=version.sha256,
+        image="acr.example.io/diabetes-ridge:1",
+    )
+    expected = by_name(m.bootstrap(m.IstioLayout(namespace="ml", app="model"), {colour: release}))
+    name = ("Deployment", f"model-{colour.value}")
+    assert name in chart
+    assert chart[name] == expected[name]
+    other = Colour.GREEN if colour is Colour.BLUE else Colour.BLUE
+    assert ("Deployment", f"model-{other.value}") not in chart  # one colour per file
 
 
 def test_packaged_score_py_serves_with_only_the_package(registered, tmp_path: Path) -> None:
