@@ -321,3 +321,74 @@ def test_package_in_azureml_mode_asks_azure_to_build_the_image(
     assert server["serverType"] == "AzureMLOnline"
     assert server["codeConfiguration"]["scoringScript"] == "score.py"
     assert (tmp_path / "pkg" / "score.py").is_file()
+
+
+# ---------------------------------------------------------------------------------- identity
+
+CLIENT_ID = "11111111-2222-3333-4444-555555555555"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        pytest.param({}, {}, id="system-assigned"),
+        pytest.param(
+            {"DEFAULT_IDENTITY_CLIENT_ID": CLIENT_ID},
+            {"managed_identity_client_id": CLIENT_ID},
+            id="azure-ml-user-assigned",
+        ),
+        pytest.param(
+            {"AZURE_CLIENT_ID": "a", "DEFAULT_IDENTITY_CLIENT_ID": "b"},
+            {},
+            id="azure-client-id-wins",
+        ),
+    ],
+)
+def test_managed_identity_keywords(env: dict[str, str], expected: dict[str, str]) -> None:
+    from aml_pipelines.build import managed_identity
+
+    assert managed_identity(env) == expected
+
+
+@pytest.mark.parametrize("variable", ["DEFAULT_IDENTITY_CLIENT_ID", "AZURE_CLIENT_ID"])
+def test_the_steps_ask_azure_ml_for_the_user_assigned_identity(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """A fake Azure ML identity endpoint (MSI_ENDPOINT) records which identity is asked for."""
+    import http.server
+    import json
+    import time
+
+    from aml_pipelines.build import workspace_client
+
+    asked: list[str] = []
+
+    class Identity(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            body = json.dumps(
+                {"access_token": "t", "expires_on": int(time.time()) + 3600, "token_type": "Bearer"}
+            ).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Identity)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for name in (*AZURE_CREDENTIAL_ENV, "DEFAULT_IDENTITY_CLIENT_ID"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("MSI_ENDPOINT", f"http://127.0.0.1:{server.server_port}/msi/token")
+        monkeypatch.setenv("MSI_SECRET", "s")
+        monkeypatch.setenv(variable, CLIENT_ID)
+        client = workspace_client(SUB, RG, WS)
+        client._credential.get_token("https://management.azure.com/.default")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert asked and f"clientid={CLIENT_ID}" in asked[-1]
