@@ -15,7 +15,8 @@ ML accepted it), it is submitted under the same name. The dispatcher then closes
 its cursor as `Submitted`, with the job and its URL as the reason — `trigger status` shows them.
 
 One rollout at a time. `current()` reports the last submitted job as an active rollout until
-Azure ML says the job ended (Completed / Failed / Canceled), so the dispatcher submits the next
+Azure ML says the job ended (Completed, or Failed / Canceled / NotResponding / Paused, all taken as
+Failed: azure-ai-ml's own terminal statuses), so the dispatcher submits the next
 version only after the previous job is over — never two rollouts on one endpoint. A job whose
 status is terminal is remembered as such and not asked again; a job Azure ML does not know (its
 submission never landed) is not running either.
@@ -48,9 +49,19 @@ log = logging.getLogger(__name__)
 SUBMITTED = "Submitted"
 JOBS_FILE = "pipeline-jobs.json"
 DEFAULT_EXPERIMENT = "aml-rollout-deploy"
-#: Azure ML job statuses that end a job, and the rollout phase each stands for.
+#: Azure ML job statuses that end a job, and the rollout phase each stands for: azure-ai-ml's
+#: own `RunHistoryConstants.TERMINAL_STATUSES` (a test keeps the two equal; importing it here
+#: would load all of azure.ai.ml, ~4 s) plus NotFound. A job that is NotResponding or Paused is
+#: not a rollout in progress: waiting for it would hold every later version forever.
 NOT_FOUND = "NotFound"
-JOB_TERMINAL = {"Completed": SUCCEEDED, "Failed": FAILED, "Canceled": FAILED, NOT_FOUND: FAILED}
+JOB_TERMINAL = {
+    "Completed": SUCCEEDED,
+    "Failed": FAILED,
+    "Canceled": FAILED,
+    "NotResponding": FAILED,
+    "Paused": FAILED,
+    NOT_FOUND: FAILED,
+}
 _UNSAFE = re.compile(r"[^a-z0-9_-]+")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,8 +201,22 @@ def workspace_client(
     if credential is None:
         from azure.identity import DefaultAzureCredential
 
-        credential = DefaultAzureCredential()
+        credential = DefaultAzureCredential(**managed_identity(os.environ))
     return MLClient(credential, subscription, resource_group, workspace, **client_kwargs)
+
+
+def managed_identity(env: Mapping[str, str]) -> dict[str, str]:
+    """Keywords naming the user-assigned identity: AZURE_CLIENT_ID, else DEFAULT_IDENTITY_CLIENT_ID.
+
+    DefaultAzureCredential reads only AZURE_CLIENT_ID; Azure ML names the user-assigned identity
+    of a compute cluster in DEFAULT_IDENTITY_CLIENT_ID. Without either, the system-assigned
+    identity is used. (Passing `managed_identity_client_id=None` would disable the
+    AZURE_CLIENT_ID default, so the keyword is passed only with a value.)
+    """
+    if env.get("AZURE_CLIENT_ID"):
+        return {}
+    client_id = env.get("DEFAULT_IDENTITY_CLIENT_ID", "")
+    return {"managed_identity_client_id": client_id} if client_id else {}
 
 
 def stage_code(job: Any, into: Path) -> Path:

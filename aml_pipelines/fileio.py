@@ -1,4 +1,4 @@
-"""Small file helpers: atomic JSON writes and sha256, shared by the registry and the components."""
+"""Small file helpers: durable atomic JSON writes and sha256 (registry and components)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,34 @@ from typing import Any
 
 
 def write_json(path: Path, payload: Any) -> None:
-    """Write `payload` as indented JSON, atomically (temp file in the same folder, then rename)."""
+    """Write `payload` as indented JSON, atomically and durably.
+
+    Temp file in the same folder, fsync, rename onto `path`, fsync of the folder: after a crash or
+    a power cut the file is the old one or the new one, never empty or half written (rename alone
+    can reach the disk before the data does).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(payload, fh, indent=2, sort_keys=True)
             fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         Path(tmp).replace(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the renames and unlinks done in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_json(path: Path) -> Any:

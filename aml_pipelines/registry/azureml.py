@@ -11,6 +11,12 @@
   still matches it; the bits themselves are re-hashed by the package step and by the scoring server.
 - **Tags are mutable**: `set_tags` re-PUTs the same version with merged tags (Azure ML allows
   tag changes on an existing version).
+- **Listings skip what they cannot read**: a workspace may hold versions registered outside
+  aml-rollout (no `sha256` property, or a version that is not an integer). `get` refuses them
+  (IntegrityError); `list_versions`, `latest` and `find_by_tag` leave them out with one warning
+  per version, so one foreign version does not stop the gate, the watcher and every delivery
+  (one tagged `stage=production` still raises: the gate and the no-downgrade check need it).
+  Version allocation still counts every integer version, foreign ones included.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from aml_pipelines.errors import (
     ModelNotFound,
     RegistryError,
 )
-from aml_pipelines.registry.base import ModelVersion
+from aml_pipelines.registry.base import STAGE_TAG, ModelVersion, Stage
 from aml_pipelines.registry.local import check_name
 
 log = logging.getLogger(__name__)
@@ -68,6 +74,7 @@ class AzureMLRegistry:
     def __init__(self, ml_client: Any, *, max_attempts: int = 5) -> None:
         self.ml_client = ml_client
         self.max_attempts = max_attempts
+        self._skipped: set[tuple[str, str]] = set()  # versions listings left out (warned once)
 
     def __repr__(self) -> str:
         return f"AzureMLRegistry({self.ml_client.workspace_name!r})"
@@ -94,7 +101,8 @@ class AzureMLRegistry:
                 "(it never downloads the files to hash them)"
             )
         for attempt in range(1, self.max_attempts + 1):
-            version = max((v.version for v in self.list_versions(name)), default=0) + 1
+            taken = self._list(name)  # every version, readable or not: none may be reused
+            version = max((int(m.version) for m in taken if _is_int(m.version)), default=0) + 1
             model = Model(
                 name=name,
                 version=str(version),
@@ -133,8 +141,18 @@ class AzureMLRegistry:
         return versions[-1] if versions else None
 
     def list_versions(self, name: str) -> list[ModelVersion]:
-        models = self._call(f"list {name}", lambda: list(self.ml_client.models.list(name=name)))
-        return sorted((self._to_version(m) for m in models), key=lambda v: v.version)
+        """Every readable version of `name`, oldest first (see the module docstring)."""
+        versions = []
+        for model in self._list(name):
+            try:
+                versions.append(self._to_version(model))
+            except IntegrityError as exc:
+                if (model.tags or {}).get(STAGE_TAG) == Stage.PRODUCTION:
+                    raise  # never hide production: the gate and the no-downgrade check need it
+                if (name, str(model.version)) not in self._skipped:
+                    self._skipped.add((name, str(model.version)))
+                    log.warning("skipping %s:%s in listings: %s", name, model.version, exc)
+        return sorted(versions, key=lambda v: v.version)
 
     def set_tags(self, name: str, version: int, tags: Mapping[str, str]) -> ModelVersion:
         """Merge `tags` into the version's tags (an empty value removes the tag)."""
@@ -160,10 +178,18 @@ class AzureMLRegistry:
 
     # -- internals ------------------------------------------------------------------------------
 
+    def _list(self, name: str) -> list[Any]:
+        return list(self._call(f"list {name}", lambda: list(self.ml_client.models.list(name=name))))
+
     def _to_version(self, model: Any) -> ModelVersion:
         tags = {str(k): str(v) for k, v in (model.tags or {}).items()}
         sha256 = str((model.properties or {}).get(SHA256_PROPERTY, ""))
         label = f"{model.name}:{model.version}"
+        if not _is_int(model.version):
+            raise IntegrityError(
+                f"{label}: version {model.version!r} is not an integer: not registered by "
+                "aml-rollout"
+            )
         if not sha256:
             raise IntegrityError(
                 f"{label} has no {SHA256_PROPERTY} property: not registered by aml-rollout"
@@ -206,3 +232,7 @@ class AzureMLRegistry:
             raise RegistryError(
                 f"{what}: Azure ML answered {exc.status_code}: {exc.message}"
             ) from exc
+
+
+def _is_int(version: Any) -> bool:
+    return str(version).isdigit()

@@ -10,10 +10,12 @@ Layout (one folder per model name):
                                     mutable tags, replaced atomically (temp + rename)
 
 Registration copies the model into a private temp folder first (the slow part, outside the lock),
-then takes the lock, allocates max(version) + 1 and renames the temp folder onto it. The rename is
-atomic and fails if the target exists, so even a broken lock could not make two registrations share
-a version. Every read re-hashes the stored files against `.registry.json`: a corrupted, truncated,
-added or removed file raises IntegrityError naming the file, never a silently different model.
+then takes the lock, allocates max(version) + 1, writes the version's tags file and renames the temp
+folder onto it. The rename is atomic and fails if the target exists, so even a broken lock could not
+make two registrations share a version; it comes after the tags, so a version is never visible
+without the tags it was registered with. Every read re-hashes the stored files against
+`.registry.json`: a corrupted, truncated, added or removed file raises IntegrityError naming the
+file, never a silently different model.
 
 `sha256` of a version is the hash of the model file named by its `model.json` (the model-folder
 contract), so it equals `model.json`'s own `sha256` and the scoring server can check it again.
@@ -22,6 +24,7 @@ contract), so it equals `model.json`'s own `sha256` and the scoring server can c
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -31,10 +34,13 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from aml_pipelines.errors import ConfigError, IntegrityError, ModelNotFound, RegistryError
 from aml_pipelines.fileio import read_json, sha256_file, write_json
-from aml_pipelines.registry.base import ModelVersion
+from aml_pipelines.registry.base import STAGE_TAG, ModelVersion, Stage
+
+log = logging.getLogger(__name__)
 
 MANIFEST = ".registry.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
@@ -57,6 +63,7 @@ class LocalRegistry:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
+        self._skipped: set[tuple[str, int]] = set()  # versions listings left out (warned once)
 
     def __repr__(self) -> str:
         return f"LocalRegistry({str(self.root)!r})"
@@ -109,9 +116,17 @@ class LocalRegistry:
                     "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 }
                 write_json(staging / MANIFEST, record)
-                # rename(2) onto a fresh name: atomic, and fails if the version exists.
-                staging.rename(model_root / str(version))
-                write_json(self._tags_path(model_root, version), dict(tags or {}))
+                # Tags first: the folder is what makes the version visible, and a reader (the
+                # watcher) that saw it without its tags would never look at it again. A tags file
+                # left by a crash before the rename is overwritten by the next registration.
+                tags_path = self._tags_path(model_root, version)
+                write_json(tags_path, dict(tags or {}))
+                try:
+                    # rename(2) onto a fresh name: atomic, and fails if the version exists.
+                    staging.rename(model_root / str(version))
+                except BaseException:
+                    tags_path.unlink(missing_ok=True)
+                    raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return self.get(name, version)
@@ -143,10 +158,10 @@ class LocalRegistry:
                 f"model {name!r} version {version} not found in {self.root} "
                 f"(versions: {known or 'none'})"
             )
-        record = read_json(folder / MANIFEST)
+        record = _read_record(folder / MANIFEST, f"{name}:{version}")
         self._verify(name, version, folder, record)
         tags_path = self._tags_path(model_root, version)
-        tags = read_json(tags_path) if tags_path.exists() else {}
+        tags = _read_record(tags_path, f"{name}:{version}") if tags_path.exists() else {}
         return ModelVersion(
             name=name,
             version=version,
@@ -158,13 +173,23 @@ class LocalRegistry:
         )
 
     def latest(self, name: str) -> ModelVersion | None:
-        """The highest version of `name`, or None."""
-        versions = self._versions(self.root / check_name(name))
-        return self.get(name, max(versions)) if versions else None
+        """The highest readable version of `name`, or None."""
+        for version in sorted(self._versions(self.root / check_name(name)), reverse=True):
+            if (found := self._readable(name, version)) is not None:
+                return found
+        return None
 
     def list_versions(self, name: str) -> list[ModelVersion]:
-        """Every version of `name`, oldest first."""
-        return [self.get(name, v) for v in sorted(self._versions(self.root / check_name(name)))]
+        """Every readable version of `name`, oldest first.
+
+        A version that fails its checks (a damaged old version) is left out with one warning, so
+        it cannot stop the gate, the watcher and the delivery of every new version; `get` of it
+        still raises IntegrityError. A damaged version tagged `stage=production` still raises:
+        without it the gate would pass any candidate and old versions could downgrade production.
+        """
+        versions = sorted(self._versions(self.root / check_name(name)))
+        found = (self._readable(name, v) for v in versions)
+        return [mv for mv in found if mv is not None]
 
     def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersion]:
         """Versions whose tag `key` equals `value`, oldest first."""
@@ -177,6 +202,24 @@ class LocalRegistry:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self._versions(p))
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _stage_tag(self, name: str, version: int) -> str | None:
+        try:
+            tags = _read_record(self._tags_path(self.root / name, version), f"{name}:{version}")
+        except (OSError, IntegrityError):
+            return None
+        return str(tags.get(STAGE_TAG, "")) or None
+
+    def _readable(self, name: str, version: int) -> ModelVersion | None:
+        try:
+            return self.get(name, version)
+        except (IntegrityError, ModelNotFound) as exc:
+            if self._stage_tag(name, version) == Stage.PRODUCTION:
+                raise  # never hide production: the gate and the no-downgrade check compare to it
+            if (name, version) not in self._skipped:
+                self._skipped.add((name, version))
+                log.warning("skipping %s:%s in listings: %s", name, version, exc)
+            return None
 
     @staticmethod
     def _versions(model_root: Path) -> set[int]:
@@ -220,6 +263,19 @@ class LocalRegistry:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def _read_record(path: Path, label: str) -> dict[str, Any]:
+    """A JSON object from the registry's own files; damage is an IntegrityError, not a crash."""
+    try:
+        record = read_json(path)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: truncated or overwritten
+        raise IntegrityError(
+            f"{label}: {path.name} is damaged ({exc}); refusing to use it"
+        ) from exc
+    if not isinstance(record, dict):
+        raise IntegrityError(f"{label}: {path.name} is not a JSON object; refusing to use it")
+    return record
 
 
 def _remove_abandoned_staging(model_root: Path, older_than_s: float = 3600.0) -> None:

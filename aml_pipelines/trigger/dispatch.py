@@ -43,7 +43,13 @@ from aml_pipelines.delivery import (
     DeliveryOutcome,
     RolloutView,
 )
-from aml_pipelines.errors import ConfigError, IntegrityError, ModelNotFound, PipelineError
+from aml_pipelines.errors import (
+    ConfigError,
+    IntegrityError,
+    ModelNotFound,
+    PipelineError,
+    TriggerError,
+)
 from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
 from aml_pipelines.trigger.store import SKIPPED, SUPERSEDED, Entry, Step, TriggerStore
 from rollout.errors import ConfigError as SpecError
@@ -111,6 +117,23 @@ class Dispatcher:
                 outcomes.append(outcome)
         return outcomes
 
+    def resume_order(self, models: list[str]) -> list[str]:
+        """`models` with those holding a `started` entry first (otherwise in the given order).
+
+        A `started` entry may be the endpoint's active rollout, left by a crash, which only this
+        worker resumes: a pending version of another model drained before it would wait for
+        that rollout forever. A cursor that cannot be read keeps its place (drain reports it).
+        """
+
+        def started(model: str) -> bool:
+            try:
+                entries = self.store.load(model).entries.values()
+            except TriggerError:
+                return False
+            return any(e.step is Step.STARTED for e in entries)
+
+        return sorted(models, key=lambda model: not started(model))
+
     def _deliver_one(self, model: str, version: int) -> DeliveryOutcome | None:
         with self._deliver_lock.held():
             cursor = self.store.load(model)
@@ -126,7 +149,10 @@ class Dispatcher:
                 model_version = self.registry.get(model, version)
             except PERMANENT as exc:
                 return self._fail(model, version, exc)
-            settled = self._settled(entry, model_version)
+            try:
+                settled = self._settled(entry, model_version)
+            except PERMANENT as exc:
+                return self._fail(model, version, exc)
             if settled is not None:
                 outcome_name, reason = settled
                 log.info("%s v%d: %s (%s)", model, version, outcome_name, reason)
@@ -220,7 +246,10 @@ class Dispatcher:
 
 
 class DeliveryWorker:
-    """The single thread that drains cursors: the webhook's queue → one delivery at a time."""
+    """The single thread that drains cursors: the webhook's queue → one delivery at a time.
+
+    Models with a `started` entry are drained first on every pass (see Dispatcher.resume_order).
+    """
 
     def __init__(self, dispatcher: Dispatcher, models: Callable[[], list[str]]) -> None:
         self.dispatcher = dispatcher
@@ -249,7 +278,7 @@ class DeliveryWorker:
         while not stop.is_set():
             self._wake.wait()
             self._wake.clear()
-            for model in self.models():
+            for model in self.dispatcher.resume_order(self.models()):
                 if stop.is_set():
                     break
                 try:

@@ -3,6 +3,12 @@
 Pure functions, no I/O: `parse(body)` returns one record per event, or raises `BadEvent` with a
 message that says what is wrong (the webhook answers it as a 400).
 
+A malformed event in a batch that also holds good ones becomes a `Rejected` record (index, id,
+what is wrong) and the others are parsed as usual: the webhook acknowledges the batch and logs the
+rejected events. Answering 400 would make Event Grid drop (or dead-letter) the whole batch — a
+400 is never retried — losing the valid events with the one that can never be parsed anyway. A
+body that is not a batch of events at all, or one in which no event parses, is a BadEvent.
+
 Accepted shapes (what Event Grid sends to a webhook):
 - Event Grid schema: a JSON array of events (`id`, `eventType`, `subject`, `data`,
   `dataVersion`, `eventTime`); the subscription handshake is one
@@ -72,7 +78,16 @@ class Other:
     event_type: str
 
 
-Record = Validation | ModelRegistered | Other
+@dataclass(frozen=True)
+class Rejected:
+    """A malformed event of a batch whose other events parsed: logged and reported, not acted on."""
+
+    index: int
+    event_id: str | None
+    error: str
+
+
+Record = Validation | ModelRegistered | Other | Rejected
 
 
 def parse(body: bytes) -> list[Record]:
@@ -96,7 +111,20 @@ def parse(body: bytes) -> list[Record]:
         raise BadEvent("body holds no events")
     if len(items) > MAX_EVENTS:
         raise BadEvent(f"body holds {len(items)} events; at most {MAX_EVENTS} are accepted")
-    return [_parse_one(item, index) for index, item in enumerate(items)]
+    records: list[Record] = []
+    for index, item in enumerate(items):
+        try:
+            records.append(_parse_one(item, index))
+        except BadEvent as exc:
+            event_id = item.get("id") if isinstance(item, dict) else None
+            records.append(
+                Rejected(index, event_id if isinstance(event_id, str) else None, str(exc))
+            )
+    if all(isinstance(r, Rejected) for r in records):
+        first = records[0]
+        assert isinstance(first, Rejected)
+        raise BadEvent(first.error if len(records) == 1 else f"no event is valid; {first.error}")
+    return records
 
 
 def _parse_one(item: Any, index: int) -> Record:
@@ -117,10 +145,17 @@ def _require(item: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
         raise BadEvent(f"{where}: 'id' must be a non-empty string")
 
 
+def _optional_string(item: dict[str, Any], key: str, where: str) -> None:
+    value = item.get(key)
+    if value is not None and not isinstance(value, str):
+        raise BadEvent(f"{where}: {key!r} must be a string, not {type(value).__name__}")
+
+
 def _eventgrid_event(item: dict[str, Any], where: str) -> Record:
     from azure.eventgrid import EventGridEvent
 
     _require(item, _EVENTGRID_REQUIRED, where)
+    _optional_string(item, "subject", where)
     try:
         event = EventGridEvent.from_dict(item)
     except Exception as exc:  # azure-core's DeserializationError and friends
@@ -143,14 +178,32 @@ def _cloud_event(item: dict[str, Any], where: str) -> Record:
     _require(item, _CLOUDEVENT_REQUIRED, where)
     if item["specversion"] != "1.0":
         raise BadEvent(f"{where}: specversion {item['specversion']!r} is not supported (1.0 is)")
+    _optional_string(item, "subject", where)
+    _optional_string(item, "time", where)
     try:
         event: CloudEvent[Any] = CloudEvent.from_dict(item)
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # from_dict raises what its field parsers raise (TypeError, ...)
+        if "time" in item and _parses_without(item, "time"):
+            raise BadEvent(
+                f"{where}: 'time' {item['time']!r} is not an RFC 3339 timestamp "
+                "(e.g. 2024-05-01T10:00:00Z)"
+            ) from None
         raise BadEvent(f"{where} is not a CloudEvent: {exc}") from None
     where = f"{where} ({event.id})"
     if event.type == MODEL_REGISTERED:
         return _model_registered(event.id, event.subject, event.data, "cloudevents", where)
     return Other(event.id, event.type)
+
+
+def _parses_without(item: dict[str, Any], key: str) -> bool:
+    """True when `item` is a valid CloudEvent once `key` is left out (so `key` is the problem)."""
+    from azure.core.messaging import CloudEvent
+
+    try:
+        CloudEvent.from_dict({k: v for k, v in item.items() if k != key})
+    except Exception:
+        return False
+    return True
 
 
 def _model_registered(

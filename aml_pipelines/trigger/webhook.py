@@ -21,8 +21,10 @@ read. Our own log lines never carry the query string or headers; uvicorn's acces
 what operators grep) gets `key=***` through the `RedactKey` filter.
 
 Answers: 200 with a JSON summary for accepted deliveries (Event Grid treats 2xx as delivered),
-`{"validationResponse": code}` for the handshake, 400 malformed, 401 no/wrong key, 404 unknown
-path, 405 wrong method, 413 body over the limit, 415 not JSON. Event Grid does not retry 400,
+`{"validationResponse": code}` for the handshake, 400 malformed (the body, or every event in it;
+a malformed event among good ones is logged and listed under `rejected` in a 200 — see
+eventgrid.py), 401 no/wrong key, 404 unknown path, 405 wrong method, 413 body over the limit,
+415 not JSON. Event Grid does not retry 400,
 401, 413 (it dead-letters them), so only well-formed but temporarily unprocessable deliveries
 would get a 5xx — and there is none: accepting is a local file write.
 
@@ -45,7 +47,13 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from aml_pipelines.trigger.dispatch import Dispatcher
-from aml_pipelines.trigger.eventgrid import BadEvent, ModelRegistered, Validation, parse
+from aml_pipelines.trigger.eventgrid import (
+    BadEvent,
+    ModelRegistered,
+    Rejected,
+    Validation,
+    parse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +170,16 @@ class WebhookApp:
             log.info("Event Grid subscription validation (event %s)", validation.event_id)
             return 200, {"validationResponse": validation.code}, {}
         events = [r for r in records if isinstance(r, ModelRegistered)]
+        rejected = [r for r in records if isinstance(r, Rejected)]
+        for bad in rejected:  # the rest of the batch is acknowledged: see eventgrid.Rejected
+            log.warning(
+                "rejected event [%d] (id %s) of a batch: %s", bad.index, bad.event_id, bad.error
+            )
         summary = await asyncio.to_thread(self._accept, events)
-        summary["ignored_other_types"] = len(records) - len(events)
+        summary["ignored_other_types"] = len(records) - len(events) - len(rejected)
+        summary["rejected"] = [
+            {"index": r.index, "id": r.event_id, "error": r.error} for r in rejected
+        ]
         return 200, summary, {}
 
     def _authorised(self, scope: Scope, headers: Mapping[bytes, bytes]) -> bool:

@@ -7,14 +7,19 @@
       asgi.py                the container's entry: the scoring package's FastAPI app on ./
       requirements.txt       pinned: the model's library versions + the server's libraries
       Dockerfile             python:3.11-slim, non-root, `uvicorn asgi:build --factory`
-      k8s/values-blue.yaml   Helm values for the blue / green Deployment of this version
+      k8s/values-blue.yaml   values for charts/aml-rollout deploying this version as blue / green
       k8s/values-green.yaml
       package.json           {model, version, sha256, image, entry, files, ...}
 
 The model bits are checked three ways before anything is written: the registry re-hashes the
 stored version, the model file must match the version's sha256, and (when a registration record
-is given) the registration's sha256. The package is built in a temp folder next to the target and
-renamed into place, so a half-written package is never visible.
+is given) the registration's sha256. The package is built in a hidden temp folder *inside* the
+output folder, then its entries are moved into place with package.json last: package.json is the
+completion marker. The output folder itself is never removed or renamed — on Azure ML a
+`uri_folder` output is a mount point (rw_mount), and rename(2)/rmdir(2) on it fail with EBUSY. The
+old package.json is removed before any old file is, so a crash part-way leaves a folder without
+package.json (the rollout step refuses it: "run the package step first"), never a mix of two
+versions that looks complete; a crash while building leaves the old package as it was.
 
 `mode="azureml"` writes the same folder, then asks Azure ML to build the serving environment
 itself (`ml_client.models.package`, experimental in azure-ai-ml) with the folder as code and
@@ -33,8 +38,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from aml_pipelines.errors import ComponentError, ConfigError, IntegrityError
-from aml_pipelines.fileio import read_json, sha256_file, write_json
+from aml_pipelines.fileio import fsync_dir, read_json, sha256_file, write_json
 from aml_pipelines.registry.base import ModelVersion
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,8 @@ PACKAGE_JSON = "package.json"
 MODEL_SUBDIR = "model"
 COLOURS = ("blue", "green")
 MODES = ("local", "azureml")
+#: The build folder inside the output folder (hidden; a crash's leftover goes with the next build).
+STAGING_PREFIX = ".package-tmp-"
 SERVER_PORT = 8000
 # Server-side modules of the scoring package that the image does not need (CLI, load generator).
 _SCORING_EXCLUDED = {"cli.py", "loadgen.py"}
@@ -128,17 +137,25 @@ def requirements(library_versions: dict[str, str]) -> str:
 
 
 def helm_values(colour: str, image: str, model: ModelVersion) -> str:
-    """Helm values for one colour's Deployment of this version (see charts/)."""
-    repository, _, tag = image.rpartition(":")
-    return (
-        f"# {model.name} version {model.version} as the {colour} deployment\n"
-        f"colour: {colour}\n"
-        f"image:\n  repository: {repository}\n  tag: {tag!r}\n"
-        f"model:\n  name: {model.name}\n  version: {str(model.version)!r}\n"
-        f"  sha256: {model.sha256}\n"
-        f"containerPort: {SERVER_PORT}\n"
-        f"env:\n  AML_ROLLOUT_COLOUR: {colour}\n"
+    """Values for charts/aml-rollout that deploy this version as `colour`.
+
+    The chart's shape exactly: `<colour>: {image, model, version, sha256}` (a colour with an
+    empty image gets no Deployment) and `containerPort`; the chart sets AML_ROLLOUT_COLOUR itself.
+    `helm upgrade --install <release> charts/aml-rollout -f k8s/values-<colour>.yaml`.
+    """
+    values = {
+        colour: {
+            "image": image,
+            "model": model.name,
+            "version": str(model.version),
+            "sha256": model.sha256,
+        },
+        "containerPort": SERVER_PORT,
+    }
+    header = (
+        f"# {model.name} version {model.version} as the {colour} deployment (charts/aml-rollout)\n"
     )
+    return header + yaml.safe_dump(values, sort_keys=False)
 
 
 def build_package(
@@ -151,7 +168,7 @@ def build_package(
     mode: str = "local",
     ml_client: Any = None,
 ) -> PackageResult:
-    """Write the package folder for `model` at `out_dir` (replacing an existing one)."""
+    """Write the package for `model` into `out_dir` (replacing the content of an existing one)."""
     if mode not in MODES:
         raise ConfigError(f"mode: {mode!r} is not one of {list(MODES)}")
     if mode == "azureml" and ml_client is None:
@@ -175,8 +192,8 @@ def build_package(
     scoring = scoring_sources()
     image = image_name(image_registry, model.name, model.version)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
     try:
         shutil.copytree(
             source, staging / MODEL_SUBDIR, ignore=shutil.ignore_patterns(".registry.json")
@@ -228,13 +245,33 @@ def build_package(
             environment = _package_in_azureml(ml_client, model, staging)
             manifest["azureml_environment"] = f"{environment.name}:{environment.version}"
         write_json(staging / PACKAGE_JSON, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        _move_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("packaged %s:%s as %s in %s", model.name, model.version, image, out_dir)
     return PackageResult(out_dir, manifest)
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Replace the content of `out_dir` by the package in `staging` (a folder inside it).
+
+    package.json goes first (out) and last (in): between the two, the folder is not a package.
+    """
+    (out_dir / PACKAGE_JSON).unlink(missing_ok=True)
+    fsync_dir(out_dir)
+    for old in out_dir.iterdir():
+        if old == staging:
+            continue
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    for new in sorted(staging.iterdir()):
+        if new.name != PACKAGE_JSON:
+            new.rename(out_dir / new.name)
+    fsync_dir(out_dir)
+    (staging / PACKAGE_JSON).rename(out_dir / PACKAGE_JSON)
+    fsync_dir(out_dir)
 
 
 def _package_in_azureml(ml_client: Any, model: ModelVersion, folder: Path) -> Any:

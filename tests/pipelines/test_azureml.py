@@ -113,6 +113,48 @@ def test_a_tampered_sha256_tag_is_refused(arm: FakeArm, registry: AzureMLRegistr
         registry.get("m", 1)
 
 
+def _foreign(arm: FakeArm, version: str, **tags: str) -> None:
+    """A version registered outside aml-rollout (studio, `az ml model create`): no sha256."""
+    arm.put(
+        f"{WS_PATH}/models/m/versions/{version}",
+        {"properties": {"modelUri": "azureml://datastores/d/paths/m", "tags": tags}},
+    )
+    arm._refresh_container(f"{WS_PATH}/models/m")
+
+
+def test_listings_skip_versions_not_registered_by_aml_rollout(
+    arm: FakeArm, registry: AzureMLRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry.register(
+        "m", "azureml://jobs/r1/outputs/model", {"sha256": SHA, "stage": "production"}
+    )
+    registry.register("m", "azureml://jobs/r2/outputs/model", {"sha256": SHA, "stage": "candidate"})
+    _foreign(arm, "3", note="manual")
+    _foreign(arm, "4-hotfix", stage="candidate")
+    for _ in range(2):
+        assert [v.version for v in registry.list_versions("m")] == [1, 2]
+        latest = registry.latest("m")
+        assert latest is not None and latest.version == 2
+        assert [v.version for v in registry.find_by_tag("m", "stage", "candidate")] == [2]
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skipped) == 2  # once per version, not once per listing
+    assert any("m:3 has no sha256 property" in message for message in skipped)
+    with pytest.raises(IntegrityError, match="not registered by aml-rollout"):
+        registry.get("m", 3)  # strict where a version is asked for by name
+    ours = registry.register("m", "azureml://jobs/r5/outputs/model", {"sha256": SHA})
+    assert ours.version == 4  # the foreign version 3 is skipped in listings, never reused
+
+
+def test_a_foreign_production_version_is_not_hidden(
+    arm: FakeArm, registry: AzureMLRegistry
+) -> None:
+    # Hiding it would make the gate pass any candidate and let old versions replace it.
+    registry.register("m", "azureml://jobs/r1/outputs/model", {"sha256": SHA})
+    _foreign(arm, "2", stage="production")
+    with pytest.raises(IntegrityError, match="m:2 has no sha256 property"):
+        registry.find_by_tag("m", "stage", "production")
+
+
 def test_a_version_taken_concurrently_is_skipped(arm: FakeArm, registry: AzureMLRegistry) -> None:
     def competitor(
         fake: FakeArm, match: re.Match[str], body: Any, query: Any
@@ -279,3 +321,74 @@ def test_package_in_azureml_mode_asks_azure_to_build_the_image(
     assert server["serverType"] == "AzureMLOnline"
     assert server["codeConfiguration"]["scoringScript"] == "score.py"
     assert (tmp_path / "pkg" / "score.py").is_file()
+
+
+# ---------------------------------------------------------------------------------- identity
+
+CLIENT_ID = "11111111-2222-3333-4444-555555555555"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        pytest.param({}, {}, id="system-assigned"),
+        pytest.param(
+            {"DEFAULT_IDENTITY_CLIENT_ID": CLIENT_ID},
+            {"managed_identity_client_id": CLIENT_ID},
+            id="azure-ml-user-assigned",
+        ),
+        pytest.param(
+            {"AZURE_CLIENT_ID": "a", "DEFAULT_IDENTITY_CLIENT_ID": "b"},
+            {},
+            id="azure-client-id-wins",
+        ),
+    ],
+)
+def test_managed_identity_keywords(env: dict[str, str], expected: dict[str, str]) -> None:
+    from aml_pipelines.build import managed_identity
+
+    assert managed_identity(env) == expected
+
+
+@pytest.mark.parametrize("variable", ["DEFAULT_IDENTITY_CLIENT_ID", "AZURE_CLIENT_ID"])
+def test_the_steps_ask_azure_ml_for_the_user_assigned_identity(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """A fake Azure ML identity endpoint (MSI_ENDPOINT) records which identity is asked for."""
+    import http.server
+    import json
+    import time
+
+    from aml_pipelines.build import workspace_client
+
+    asked: list[str] = []
+
+    class Identity(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            body = json.dumps(
+                {"access_token": "t", "expires_on": int(time.time()) + 3600, "token_type": "Bearer"}
+            ).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Identity)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for name in (*AZURE_CREDENTIAL_ENV, "DEFAULT_IDENTITY_CLIENT_ID"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("MSI_ENDPOINT", f"http://127.0.0.1:{server.server_port}/msi/token")
+        monkeypatch.setenv("MSI_SECRET", "s")
+        monkeypatch.setenv(variable, CLIENT_ID)
+        client = workspace_client(SUB, RG, WS)
+        client._credential.get_token("https://management.azure.com/.default")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert asked and f"clientid={CLIENT_ID}" in asked[-1]

@@ -5,11 +5,15 @@ from __future__ import annotations
 import importlib.machinery
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from aml_pipelines.errors import ComponentError, ConfigError, IntegrityError
 from aml_pipelines.registry.local import LocalRegistry
@@ -17,7 +21,13 @@ from components.package import package as package_module
 from components.package.main import main
 from components.package.package import build_package, image_name
 from components.register.register import register_model
+from components.rollout.main import InvalidInput, read_package
 from components.train.train import TrainParams, train
+from rollout.core.types import Colour, Release
+from rollout.routers import istio_manifests as m
+from tests.routers.test_manifests import by_name, render_chart
+
+REPO = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +60,34 @@ def test_package_folder_follows_the_contract(registered, tmp_path: Path) -> None
     assert f"scikit-learn=={model_json['library_versions']['scikit-learn']}" in requirements
     assert "uvicorn[standard]==" in requirements
     assert 'CMD ["uvicorn", "asgi:build", "--factory"' in (pkg / "Dockerfile").read_text()
-    blue = (pkg / "k8s" / "values-blue.yaml").read_text()
-    assert "colour: blue" in blue and "repository: acr.example.io/team/diabetes-ridge" in blue
+    blue = yaml.safe_load((pkg / "k8s" / "values-blue.yaml").read_text())
+    assert blue["blue"]["image"] == "acr.example.io/team/diabetes-ridge:1"
     assert manifest["files"]["model/model.skops"] == version.sha256
+
+
+@pytest.mark.parametrize("colour", [Colour.BLUE, Colour.GREEN])
+def test_the_helm_values_deploy_this_version_with_the_chart(
+    registered, tmp_path: Path, colour: Colour
+) -> None:
+    # `helm install -f k8s/values-<colour>.yaml charts/aml-rollout` must render this colour's
+    # Deployment of this version, exactly as the istio router would deploy it.
+    registry, _ = registered
+    version = registry.get("Diabetes-Ridge", 1)
+    pkg = build_package(version, tmp_path / "p", image_registry="acr.example.io").path
+    values = yaml.safe_load((pkg / "k8s" / f"values-{colour.value}.yaml").read_text())
+    chart = by_name(render_chart(values, "ml"))
+    release = Release(
+        model="Diabetes-Ridge",
+        version="1",
+        sha256=version.sha256,
+        image="acr.example.io/diabetes-ridge:1",
+    )
+    expected = by_name(m.bootstrap(m.IstioLayout(namespace="ml", app="model"), {colour: release}))
+    name = ("Deployment", f"model-{colour.value}")
+    assert name in chart
+    assert chart[name] == expected[name]
+    other = Colour.GREEN if colour is Colour.BLUE else Colour.BLUE
+    assert ("Deployment", f"model-{other.value}") not in chart  # one colour per file
 
 
 def test_packaged_score_py_serves_with_only_the_package(registered, tmp_path: Path) -> None:
@@ -155,3 +190,90 @@ def test_main_refuses_a_missing_or_double_reference(
     assert main(argv) == 1
     assert message in caplog.text
     assert not (tmp_path / "out").exists()
+
+
+# ---- the output folder is replaced in place (Azure ML mounts it) ------------------------------
+
+
+def test_packaging_again_replaces_the_content_not_the_folder(registered, tmp_path: Path) -> None:
+    registry, _ = registered
+    out = tmp_path / "out"
+    build_package(registry.get("Diabetes-Ridge", 1), out, image_registry="r1")
+    inode = out.stat().st_ino
+    (out / "stale.txt").write_text("from an older package")
+    (out / f"{package_module.STAGING_PREFIX}crashed").mkdir()  # a killed build's leftover
+    build_package(registry.get("Diabetes-Ridge", 1), out, image_registry="r2")
+    assert out.stat().st_ino == inode  # never removed nor renamed: a mount point stays put
+    assert json.loads((out / "package.json").read_text())["image"] == "r2/diabetes-ridge:1"
+    manifest_files = set(json.loads((out / "package.json").read_text())["files"])
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert on_disk == manifest_files | {"package.json"}
+
+
+def test_a_crash_while_moving_leaves_no_package_that_looks_complete(
+    registered, tmp_path: Path, monkeypatch
+) -> None:
+    registry, _ = registered
+    out = tmp_path / "out"
+    build_package(registry.get("Diabetes-Ridge", 1), out, image_registry="r1")
+    renames = 0
+    real_rename = Path.rename
+
+    def crash_on_the_third_rename(self: Path, target: Any) -> Path:
+        nonlocal renames
+        renames += 1
+        if renames == 3:
+            raise OSError("killed")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash_on_the_third_rename)
+    with pytest.raises(OSError, match="killed"):
+        build_package(registry.get("Diabetes-Ridge", 1), out, image_registry="r2")
+    assert not (out / "package.json").exists()
+    with pytest.raises(InvalidInput, match="run the package step first"):
+        read_package(out)
+
+
+def test_a_failed_build_leaves_the_old_package_intact(
+    registered, tmp_path: Path, monkeypatch
+) -> None:
+    registry, _ = registered
+    out = tmp_path / "out"
+    build_package(registry.get("Diabetes-Ridge", 1), out, image_registry="r1")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def fail(*_args: Any) -> str:
+        raise ComponentError("no requirements")
+
+    monkeypatch.setattr(package_module, "requirements", fail)
+    with pytest.raises(ComponentError):
+        build_package(registry.get("Diabetes-Ridge", 1), out, image_registry="r2")
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def _can_mount() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = ["unshare", "--mount", "--propagation", "private", "mount", "-t", "tmpfs", "x", "/mnt"]
+    return subprocess.run(probe, capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs a private mount namespace (unshare --mount)")
+def test_the_package_step_writes_into_a_mount_point(registered, tmp_path: Path) -> None:
+    """Azure ML mounts each uri_folder output (rw_mount): rename/rmdir of it fail with EBUSY."""
+    registry, _ = registered
+    out = tmp_path / "out"
+    out.mkdir()
+    step = [sys.executable, "-m", "components.package.main", "--model-name", "Diabetes-Ridge",
+            "--model-version", "1", "--registry", f"local:{registry.root}",
+            "--image-registry", "acr.io", "--package", str(out)]  # fmt: skip
+    script = f"mount -t tmpfs out {out} && {shlex.join(step)} && ls -A {out}"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    listed = done.stdout.split()
+    assert "package.json" in listed and "model" in listed
+    assert not [name for name in listed if name.startswith(package_module.STAGING_PREFIX)]

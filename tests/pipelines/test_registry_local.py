@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aml_pipelines import fileio
 from aml_pipelines.errors import ConfigError, IntegrityError, ModelNotFound, RegistryError
 from aml_pipelines.registry.base import ModelRegistry, Stage
 from aml_pipelines.registry.factory import open_registry
@@ -66,22 +69,64 @@ def _flip_byte(path: Path) -> None:
         pytest.param(lambda d: (d / "model.skops").write_bytes(b""), "model.skops", id="truncate"),
         pytest.param(lambda d: (d / "model.json").unlink(), "model.json is missing", id="delete"),
         pytest.param(lambda d: (d / "evil.py").write_text("x"), "unexpected files", id="add"),
+        pytest.param(
+            lambda d: (d / ".registry.json").write_text('{"name": "m", "ver'),
+            r"\.registry\.json is damaged",
+            id="manifest-truncated",
+        ),
+        pytest.param(
+            lambda d: (d.parent / "1.tags.json").write_text(""),
+            r"1\.tags\.json is damaged",
+            id="tags-empty",
+        ),
+        pytest.param(
+            lambda d: (d.parent / "1.tags.json").write_text("[]"),
+            "not a JSON object",
+            id="tags-not-an-object",
+        ),
     ],
 )
-def test_a_tampered_version_is_refused_on_every_read(
-    registry: LocalRegistry, make_model: MakeModel, tamper, message: str
+def test_a_tampered_version_is_refused_and_left_out_of_listings(
+    registry: LocalRegistry, make_model: MakeModel, tamper, message: str, caplog
 ) -> None:
-    stored = registry.register("m", make_model())
+    stored = registry.register("m", make_model(), {"stage": Stage.ARCHIVED})
+    registry.register("m", make_model(mse=9.0), {"stage": Stage.CANDIDATE})
     assert stored.path is not None
     tamper(stored.path)
-    for read in (
-        lambda: registry.get("m", 1),
-        lambda: registry.latest("m"),
-        lambda: registry.list_versions("m"),
-        lambda: registry.find_by_tag("m", "stage", "x"),
-    ):
-        with pytest.raises(IntegrityError, match=message):
-            read()
+    with pytest.raises(IntegrityError, match=message):
+        registry.get("m", 1)  # strict: IntegrityError closes a delivery as Failed, never a retry
+    # One damaged old version must not block the gate, the watcher and every new delivery.
+    for _ in range(2):
+        assert [v.version for v in registry.list_versions("m")] == [2]
+        assert [v.version for v in registry.find_by_tag("m", "stage", "candidate")] == [2]
+        latest = registry.latest("m")
+        assert latest is not None and latest.version == 2
+    assert [r.getMessage()[:22] for r in caplog.records if r.levelname == "WARNING"] == [
+        "skipping m:1 in listin"
+    ]  # once per version, not once per listing
+
+
+def test_a_damaged_latest_version_is_skipped_by_latest(
+    registry: LocalRegistry, make_model: MakeModel
+) -> None:
+    registry.register("m", make_model())
+    broken = registry.register("m", make_model(mse=9.0))
+    assert broken.path is not None
+    _flip_byte(broken.path / "model.skops")
+    latest = registry.latest("m")
+    assert latest is not None and latest.version == 1
+
+
+def test_a_damaged_production_version_is_never_hidden(
+    registry: LocalRegistry, make_model: MakeModel
+) -> None:
+    # Left out, the gate would pass any candidate and older versions could replace production.
+    stored = registry.register("m", make_model(), {"stage": Stage.PRODUCTION})
+    registry.register("m", make_model(mse=9.0), {"stage": Stage.CANDIDATE})
+    assert stored.path is not None
+    _flip_byte(stored.path / "model.skops")
+    with pytest.raises(IntegrityError, match=r"model\.skops has sha256"):
+        registry.find_by_tag("m", "stage", Stage.PRODUCTION)
 
 
 @pytest.mark.parametrize(
@@ -209,3 +254,29 @@ def test_abandoned_staging_folders_are_cleaned(registry: LocalRegistry, make_mod
     registry.register("m", make_model(mse=5.0))
     assert not old.exists() and fresh.exists()  # a recent one may still be in flight
     assert [v.version for v in registry.list_versions("m")] == [1, 2]
+
+
+def test_write_json_is_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tags and manifests must survive a power cut: data fsynced before the rename, the folder
+    # after it (rename alone may reach the disk before the data, leaving an empty file).
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, Path.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", str(Path(f"/proc/self/fd/{fd}").readlink())))
+        real_fsync(fd)
+
+    def replace(self: Path, target: Any) -> Path:
+        events.append(("rename", str(target)))
+        return real_replace(self, target)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    monkeypatch.setattr(Path, "replace", replace)
+    target = tmp_path / "1.tags.json"
+    fileio.write_json(target, {"stage": "candidate"})
+    monkeypatch.undo()
+    assert [kind for kind, _ in events] == ["fsync", "rename", "fsync"]
+    assert Path(events[0][1]).parent == tmp_path and events[0][1] != str(target)  # the temp file
+    assert events[1][1] == str(target) and events[2][1] == str(tmp_path)
+    assert fileio.read_json(target) == {"stage": "candidate"}
+    assert [p.name for p in tmp_path.iterdir()] == ["1.tags.json"]

@@ -12,6 +12,7 @@ from aml_pipelines.trigger.eventgrid import (
     BadEvent,
     ModelRegistered,
     Other,
+    Rejected,
     Validation,
     parse,
 )
@@ -168,9 +169,53 @@ def test_parses(payload: Any, expected: list[Any]) -> None:
         pytest.param(
             _body([{**validation_event(), "data": {}}]), "validationCode", id="validation-no-code"
         ),
+        pytest.param(
+            _body({**cloud_event(), "subject": 5}),
+            "'subject' must be a string, not int",
+            id="cloudevent-subject-number",
+        ),
+        pytest.param(
+            _body({**cloud_event(), "subject": {"a": 1}}),
+            "'subject' must be a string, not dict",
+            id="cloudevent-subject-object",
+        ),
+        pytest.param(
+            _body([{**eg_event(), "subject": 5}]),
+            "'subject' must be a string",
+            id="eventgrid-subject-number",
+        ),
+        pytest.param(
+            _body({**cloud_event(), "time": 123}), "'time' must be a string", id="time-number"
+        ),
+        pytest.param(
+            _body({**cloud_event(), "time": "not-a-time"}),
+            "'time' 'not-a-time' is not an RFC 3339 timestamp",
+            id="time-garbage",
+        ),
+        pytest.param(
+            _body({**cloud_event(), "Bad-Ext": 1}), "is not a CloudEvent", id="bad-extension"
+        ),
+        pytest.param(
+            _body([{**cloud_event("c1"), "subject": 5}, {**cloud_event("c2"), "time": 1}]),
+            "no event is valid; event [0]: 'subject' must be a string",
+            id="every-event-of-a-batch-bad",
+        ),
     ],
 )
 def test_rejects_with_a_clear_message(body: bytes, message: str) -> None:
     with pytest.raises(BadEvent, match=None) as info:
         parse(body)
     assert message in str(info.value)
+
+
+def test_a_malformed_event_in_a_batch_is_rejected_alone() -> None:
+    # A 400 would make Event Grid drop the whole batch (it never retries 400): the valid
+    # events would be lost with the one that can never be parsed.
+    body = _body([cloud_event("c1"), {**cloud_event("c2"), "subject": 5}, {"id": 7}])
+    records = parse(body)
+    assert records == [
+        ModelRegistered("c1", "diabetes", 3, {"stage": "candidate"}, {}, "cloudevents"),
+        Rejected(1, "c2", "event [1]: 'subject' must be a string, not int"),
+        Rejected(2, None, "event [2] lacks required field(s) eventType, subject, data, "
+                 "dataVersion, eventTime"),
+    ]  # fmt: skip

@@ -18,8 +18,14 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from aml_pipelines.azure_delivery import JOBS_FILE, SUBMITTED, PipelineDelivery
-from aml_pipelines.delivery import SUCCEEDED
+from aml_pipelines.azure_delivery import (
+    JOB_TERMINAL,
+    JOBS_FILE,
+    NOT_FOUND,
+    SUBMITTED,
+    PipelineDelivery,
+)
+from aml_pipelines.delivery import FAILED, SUCCEEDED
 from aml_pipelines.errors import ConfigError, PipelineError, TriggerError
 from aml_pipelines.registry.azureml import AzureMLRegistry
 from aml_pipelines.trigger.dispatch import Dispatcher
@@ -283,3 +289,22 @@ def test_watch_with_pipeline_delivery_submits_through_the_cli(
     again = CliRunner().invoke(app, argv)
     assert again.exit_code == 0 and "no new version to deliver" in again.output
     assert len(_jobs(arm)) == 1
+
+
+def test_the_terminal_job_statuses_are_azure_ai_mls() -> None:
+    from azure.ai.ml.operations._run_history_constants import RunHistoryConstants
+
+    assert set(JOB_TERMINAL) == {*RunHistoryConstants.TERMINAL_STATUSES, NOT_FOUND}
+
+
+@pytest.mark.parametrize("status", ["NotResponding", "Paused", "Canceled"])
+def test_a_job_that_stopped_without_completing_ends_the_rollout_as_failed(
+    tmp_path: Path, arm: FakeArm, client: Any, registry: AzureMLRegistry, status: str
+) -> None:
+    # Otherwise the dispatcher would wait for it, and hold every later version, forever.
+    delivery = PipelineDelivery(client, SPEC_URI, tmp_path / "trigger")
+    delivery.deliver(registry.get("diabetes", 2))
+    name = _jobs(arm)[0][0].rsplit("/", 1)[1]
+    _set_status(arm, name, status)
+    view = delivery.current()
+    assert view is not None and not view.active and view.phase == FAILED

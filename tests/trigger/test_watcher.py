@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from aml_pipelines.delivery import RolloutView
+from aml_pipelines.registry import local as local_registry
 from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger.dispatch import DeliveryWorker, Dispatcher
@@ -293,4 +295,108 @@ def test_a_started_version_overtaken_by_a_newer_production_is_not_rolled_out(
     assert dispatcher.drain("diabetes") == []
     entry = dispatcher.store.load("diabetes").entries[1]
     assert (entry.outcome, entry.reason) == ("skipped", "older than the production version 2")
+    assert journal(tmp_path / "engine") == []
+
+
+def test_worker_resumes_a_crashed_rollout_of_any_model_before_pending_ones(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    # `trigger serve` watches every model on one endpoint. zeta was mid-rollout when the process
+    # was killed; alpha (drained first by name) has a pending version that waits for zeta's active
+    # rollout, which only this worker can resume: zeta must go first or nothing ever moves.
+    engine = ResumableDelivery(tmp_path / "engine", registry)
+    dispatcher = Dispatcher(
+        TriggerStore(tmp_path / "trigger"), registry, engine, wait_interval_s=0.01
+    )
+    zeta = register(registry, tmp_path, "zeta", stage="candidate")
+    register(registry, tmp_path, "alpha", stage="candidate")
+    assert dispatcher.accept("zeta", 1, "event:z1")
+    dispatcher.store.update("zeta", 1, lambda e: replace(e, step=Step.STARTED, attempts=1))
+    engine._progress(zeta, None, 1, 3)  # the rollout state the killed process left: active
+    assert dispatcher.accept("alpha", 1, "event:a1")
+    worker = DeliveryWorker(dispatcher, dispatcher.store.models)
+    worker.start()
+    try:
+        for _ in range(1000):
+            steps = {m: dispatcher.store.load(m).entries[1].step for m in ("alpha", "zeta")}
+            if set(steps.values()) == {Step.DONE}:
+                break
+            dispatcher.stop.wait(0.01)
+    finally:
+        dispatcher.stop.set()
+        worker.join(10)
+    assert steps == {"alpha": Step.DONE, "zeta": Step.DONE}
+    events = [(e["event"], e["version"]) for e in journal(tmp_path / "engine")]
+    assert events[0] == ("resume", 1) and ("start", 1) in events
+
+
+@pytest.mark.parametrize("hook", ["write_json", "rename"])
+def test_a_poll_during_a_registration_never_loses_the_version(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    dispatcher: Dispatcher,
+    monkeypatch: pytest.MonkeyPatch,
+    hook: str,
+) -> None:
+    # A poll at any point of register() (here: at every file write or rename it makes) must not
+    # see the version without its tags: the watcher would count it as listed and never look again.
+    register(registry, tmp_path, stage="production")
+    watcher = Watcher(registry, "diabetes", dispatcher, required_tags=CANDIDATE)
+    assert watcher.poll() == []
+    polled: list[list[int]] = []
+    if hook == "write_json":
+        real_write = local_registry.write_json
+
+        def write_then_poll(path: Path, payload: object) -> None:
+            real_write(path, payload)
+            polled.append(watcher.poll())
+
+        monkeypatch.setattr(local_registry, "write_json", write_then_poll)
+    else:
+        real_rename = Path.rename
+
+        def rename_then_poll(self: Path, target: Any) -> Path:
+            moved = real_rename(self, target)
+            polled.append(watcher.poll())
+            return moved
+
+        monkeypatch.setattr(Path, "rename", rename_then_poll)
+    register(registry, tmp_path, stage="candidate")
+    monkeypatch.undo()
+    assert polled  # the hook ran inside register()
+    accepted = [v for batch in polled for v in batch] + watcher.poll()
+    assert accepted == [2]
+
+
+def _damage(registry: LocalRegistry, version: int) -> None:
+    path = registry.get("diabetes", version).path
+    assert path is not None
+    (path / "model.skops").write_bytes(b"bit rot")
+
+
+def test_a_damaged_old_version_does_not_block_new_ones(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    register(registry, tmp_path, stage="archived")
+    register(registry, tmp_path, stage="production")
+    _damage(registry, 1)
+    register(registry, tmp_path, stage="candidate")
+    _watch(registry, dispatcher)
+    assert _events(tmp_path / "engine", "start", "end") == [("start", 3), ("end", 3)]
+    assert registry.get("diabetes", 3).stage == "production"
+
+
+def test_a_version_whose_baseline_cannot_be_read_closes_failed(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    # The no-downgrade check needs the production version; damaged, it raises IntegrityError.
+    # Retrying cannot help: the version is closed Failed with the reason, not retried forever.
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    _damage(registry, 1)
+    assert dispatcher.accept("diabetes", 2, "event:e2")
+    [outcome] = dispatcher.drain("diabetes")
+    entry = dispatcher.store.load("diabetes").entries[2]
+    assert (outcome.phase, entry.step, entry.outcome) == ("Failed", Step.DONE, "Failed")
+    assert "diabetes:1 is corrupted" in entry.reason
     assert journal(tmp_path / "engine") == []

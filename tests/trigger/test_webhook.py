@@ -165,6 +165,7 @@ def test_dedupe_by_event_id_and_by_version_survives_a_restart(
             "duplicates": 2,
             "filtered": [],
             "ignored_other_types": 0,
+            "rejected": [],
         }
         new = hook.post([eg_event("e2", version="2")])
         assert new.json()["accepted"] == [{"model": "diabetes", "version": 2}]
@@ -285,3 +286,35 @@ def test_rejections_are_logged_without_secrets(
     assert "401" in text and "400" in text
     assert SECRET not in text and "guessed-key-123" not in text
     assert "/events?key=*** " in text  # the access log keeps the line, without the key
+
+
+def test_a_malformed_event_does_not_drop_the_valid_ones_of_its_batch(
+    tmp_path: Path, registry: LocalRegistry, hook: Hook
+) -> None:
+    register(registry, tmp_path, stage="candidate")
+    batch = [cloud_event("c1", version="1"), {**cloud_event("c2", version="2"), "subject": 5}]
+    response = hook.post(batch, headers={"content-type": "application/cloudevents-batch+json"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["accepted"] == [{"model": "diabetes", "version": 1}]
+    assert body["rejected"] == [
+        {"index": 1, "id": "c2", "error": "event [1]: 'subject' must be a string, not int"}
+    ]
+    _until(lambda: hook.done() == [1], "v1 delivered")
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        pytest.param({"subject": 5}, id="subject-number"),
+        pytest.param({"subject": {"a": 1}}, id="subject-object"),
+        pytest.param({"time": "yesterday"}, id="bad-time"),
+    ],
+)
+def test_a_lone_malformed_cloudevent_is_a_400_not_a_500(hook: Hook, event: dict[str, Any]) -> None:
+    # A 5xx makes Event Grid retry for 24 h; a 400 says at once what is wrong.
+    response = hook.post(
+        {**cloud_event("c1"), **event}, headers={"content-type": "application/cloudevents+json"}
+    )
+    assert response.status_code == 400, response.text
+    assert "event [0]" in response.json()["error"]
