@@ -22,6 +22,7 @@ every other route where it was — never replacing the whole VirtualService (fla
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,8 @@ MANAGED_BY = "aml-rollout"
 ROUTE_PREFIX = "aml-rollout-"
 DEFAULT_ROUTE = "aml-rollout-default"
 ANNOTATION_PREFIX = "aml-rollout.io/"
+SCORING_CONTAINER = "scoring"
+COLOUR_ENV = "AML_ROLLOUT_COLOUR"
 
 # What the Istio router does through the API, and nothing else. The RBAC Role is rendered from
 # this table, and tests/routers/test_manifests.py checks it equals what a router run used.
@@ -131,11 +134,11 @@ def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
                 "spec": {
                     "containers": [
                         {
-                            "name": "scoring",
+                            "name": SCORING_CONTAINER,
                             "image": release.image,
                             # The scoring server labels its metrics and answers with this colour;
                             # after Blue_Green, green pods serve blue's release and must say green.
-                            "env": [{"name": "AML_ROLLOUT_COLOUR", "value": colour.value}],
+                            "env": [{"name": COLOUR_ENV, "value": colour.value}],
                             "ports": [{"name": "http", "containerPort": layout.container_port}],
                             "readinessProbe": probe,
                             "livenessProbe": {
@@ -148,6 +151,84 @@ def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
             },
         },
     }
+
+
+def scoring_container(deployment: Obj) -> Obj | None:
+    """The pod template's container named `scoring`, else its first one (None when empty)."""
+    containers = ((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}
+    found = containers.get("containers") or []
+    return next(
+        (c for c in found if c.get("name") == SCORING_CONTAINER), found[0] if found else None
+    )
+
+
+def updated_deployment(current: Obj, colour: Colour, release: Release) -> Obj:
+    """`current` (a Deployment as read) changed only where the router owns it.
+
+    That is the scoring container's image, its AML_ROLLOUT_COLOUR variable and the
+    `aml-rollout.io/*` annotations. Everything else (replicas an HPA or an operator set, Helm's
+    labels and annotations, resources, imagePullSecrets, ...) is kept, and so is
+    `metadata.resourceVersion`: a PUT of the result fails with 409 if the object changed since
+    it was read. `status` is dropped (the API server ignores it on this write anyway).
+    """
+    if not release.image:
+        raise RouterError(f"release {release.ref} has no container image")
+    new = copy.deepcopy(current)
+    new.pop("status", None)
+    meta = new.setdefault("metadata", {})
+    meta["annotations"] = {**(meta.get("annotations") or {}), **release_annotations(release)}
+    container = scoring_container(new)
+    if container is None:
+        raise RouterError(
+            f"Deployment {meta.get('namespace')}/{meta.get('name')} has no containers"
+        )
+    container["image"] = release.image
+    ours = {"name": COLOUR_ENV, "value": colour.value}
+    env = container.setdefault("env", [])
+    at = next((i for i, e in enumerate(env) if e.get("name") == COLOUR_ENV), None)
+    if at is None:
+        env.append(ours)
+    else:
+        env[at] = ours  # in place, so a second deploy of the same release changes nothing
+    return new
+
+
+def rollout_waiting_for(deployment: Obj) -> str | None:
+    """What a Deployment's rollout still waits for, or None when it is complete.
+
+    `kubectl rollout status`'s rule: the controller has seen the current generation, all wanted
+    replicas run the new pod template, no old pod is left, and every new pod is available. Old
+    pods that are still available do not count (mid rolling update they keep
+    `availableReplicas` up). A rollout past its progressDeadlineSeconds raises RouterError:
+    waiting longer will not help.
+    """
+    meta = deployment.get("metadata") or {}
+    status = deployment.get("status") or {}
+    where = f"Deployment {meta.get('namespace')}/{meta.get('name')}"
+    generation = meta.get("generation") or 0
+    if (status.get("observedGeneration") or 0) < generation:
+        return "the deployment controller to see the new spec"
+    for condition in status.get("conditions") or []:
+        if (condition.get("type"), condition.get("reason")) == (
+            "Progressing",
+            "ProgressDeadlineExceeded",
+        ):
+            raise RouterError(
+                f"{where} exceeded its progress deadline: {condition.get('message', '')} "
+                f"(see `kubectl -n {meta.get('namespace')} describe deployment {meta.get('name')}`)"
+            )
+    replicas = (deployment.get("spec") or {}).get("replicas")
+    want = 1 if replicas is None else int(replicas)
+    updated = int(status.get("updatedReplicas") or 0)
+    total = int(status.get("replicas") or 0)
+    available = int(status.get("availableReplicas") or 0)
+    if updated < want:
+        return f"{updated} of {want} replicas updated"
+    if total > updated:
+        return f"{total - updated} old replicas to terminate"
+    if available < updated:
+        return f"{available} of {updated} updated replicas available"
+    return None
 
 
 def release_annotations(release: Release) -> dict[str, str]:

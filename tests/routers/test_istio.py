@@ -26,6 +26,8 @@ from tests.routers.contract import V1, V2, RouterContract, identity
 
 LAYOUT = m.IstioLayout(namespace="ml", app="diabetes")
 VS = ("virtualservices", "diabetes", "ml", m.ISTIO_GROUP)
+DEPLOYMENT_BLUE = ("deployments", "diabetes-blue", "ml", "apps")
+DEPLOYMENT_GREEN = ("deployments", "diabetes-green", "ml", "apps")
 
 USER_ROUTE = {
     "name": "team-debug",
@@ -41,11 +43,11 @@ def api() -> Iterator[FakeKubeApiServer]:
         yield server
 
 
-def make(api: FakeKubeApiServer, **kwargs: Any) -> IstioRouter:
+def make(api: FakeKubeApiServer, layout: m.IstioLayout = LAYOUT, **kwargs: Any) -> IstioRouter:
     configuration = k8s.Configuration()
     configuration.host = api.url
     kwargs.setdefault("sleep", lambda _s: None)
-    return IstioRouter(LAYOUT, k8s.ApiClient(configuration), **kwargs)
+    return IstioRouter(layout, k8s.ApiClient(configuration), **kwargs)
 
 
 def http_routes(api: FakeKubeApiServer) -> list[dict[str, Any]]:
@@ -141,15 +143,70 @@ def test_conflicts_that_never_end_raise_conflict_error(api: FakeKubeApiServer) -
     assert [r.status for r in api.requests if r.verb == "patch"] == [409, 409, 409]
 
 
-def test_a_stale_deployment_replace_is_retried(api: FakeKubeApiServer) -> None:
+def test_a_stale_deployment_replace_is_retried_and_their_change_survives(
+    api: FakeKubeApiServer,
+) -> None:
     router = make(api)
     router.deploy(Colour.BLUE, V1)
-    api.before_next_write(
-        "deployments", "diabetes-blue", lambda d: d["metadata"]["labels"].update(x="y")
-    )
+
+    def someone_else(dep: dict[str, Any]) -> None:  # `kubectl scale` + `kubectl label`
+        dep["metadata"]["labels"]["x"] = "y"
+        dep["spec"]["replicas"] = 4
+
+    api.before_next_write("deployments", "diabetes-blue", someone_else)
     router.deploy(Colour.BLUE, V2)
     assert [r.status for r in api.requests if r.verb == "update"] == [409, 200]
     assert identity(router.release(Colour.BLUE)) == identity(V2)
+    dep = api.get(*DEPLOYMENT_BLUE)
+    assert (dep["metadata"]["labels"]["x"], dep["spec"]["replicas"]) == ("y", 4)
+
+
+def helm_and_platform_owned(dep: dict[str, Any]) -> dict[str, Any]:
+    """`dep` as `helm install`, an HPA and a platform team leave it."""
+    dep["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
+    dep["metadata"]["annotations"]["meta.helm.sh/release-name"] = "diabetes"
+    dep["spec"]["replicas"] = 6
+    pod = dep["spec"]["template"]["spec"]
+    pod["imagePullSecrets"] = [{"name": "acr"}]
+    pod["containers"][0]["resources"] = {"requests": {"cpu": "500m"}, "limits": {"memory": "2Gi"}}
+    pod["containers"][0]["env"].insert(0, {"name": "WORKERS", "value": "4"})
+    pod["containers"].append({"name": "sidecar", "image": "logger:1"})
+    return dep
+
+
+def test_redeploy_changes_only_what_the_router_owns(api: FakeKubeApiServer) -> None:
+    seeded = api.seed(
+        helm_and_platform_owned(m.deployment(LAYOUT, Colour.GREEN, V1)), "deployments", "apps"
+    )
+    make(api).deploy(Colour.GREEN, V2)
+
+    after = api.get(*DEPLOYMENT_GREEN)
+    expected = seeded
+    expected["metadata"]["annotations"].update(m.release_annotations(V2))
+    expected["spec"]["template"]["spec"]["containers"][0]["image"] = V2.image
+    for volatile in ("resourceVersion", "generation"):
+        expected["metadata"].pop(volatile), after["metadata"].pop(volatile)
+    expected.pop("status"), after.pop("status")
+    assert after == expected  # Helm's metadata, the HPA's 6 replicas, resources... all kept
+    assert [r.verb for r in api.requests if r.resource == "deployments"].count("update") == 1
+
+
+def test_only_a_new_deployment_gets_the_layout_replicas(api: FakeKubeApiServer) -> None:
+    router = make(api, layout=m.IstioLayout(namespace="ml", app="diabetes", replicas=3))
+    router.deploy(Colour.BLUE, V1)
+    assert api.get(*DEPLOYMENT_BLUE)["spec"]["replicas"] == 3
+    # an HPA scales it between our read and our write (409, re-read, and its 5 is kept)
+    api.before_next_write("deployments", "diabetes-blue", lambda d: d["spec"].update(replicas=5))
+    router.deploy(Colour.BLUE, V2)
+    assert api.get(*DEPLOYMENT_BLUE)["spec"]["replicas"] == 5
+
+
+def test_deploying_the_served_release_again_writes_nothing(api: FakeKubeApiServer) -> None:
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    version = api.get(*DEPLOYMENT_GREEN)["metadata"]["resourceVersion"]
+    router.deploy(Colour.GREEN, V1)
+    assert api.get(*DEPLOYMENT_GREEN)["metadata"]["resourceVersion"] == version
 
 
 def test_user_routes_survive_every_write_in_place(api: FakeKubeApiServer) -> None:
@@ -218,9 +275,73 @@ def test_deploy_waits_for_available_pods_and_gives_up_at_the_deadline() -> None:
             monotonic=lambda: clock[0],
             sleep=lambda s: clock.__setitem__(0, clock[0] + s),
         )
-        with pytest.raises(RouterError, match=r"not available after 30 s \(available 0/1\)"):
+        with pytest.raises(RouterError, match=r"not available after 30 s \(waiting for the dep"):
             router.deploy(Colour.GREEN, V1)
         assert clock[0] == 30
+
+
+def _rollout(generation: int, replicas: int, updated: int, available: int) -> dict[str, Any]:
+    return {
+        "observedGeneration": generation,
+        "replicas": replicas,
+        "updatedReplicas": updated,
+        "availableReplicas": available,
+    }
+
+
+_DEADLINE = {
+    "type": "Progressing",
+    "status": "False",
+    "reason": "ProgressDeadlineExceeded",
+    "message": 'ReplicaSet "diabetes-blue-7d9" has timed out progressing.',
+}
+
+
+@pytest.mark.parametrize(
+    ("statuses", "polls", "error"),
+    [
+        pytest.param(
+            # RollingUpdate, maxSurge 1: the old pod stays available while the new one starts.
+            [_rollout(0, 2, 1, 1), _rollout(0, 1, 1, 0), _rollout(0, 1, 1, 1)],
+            3, None, id="old-pods-available-do-not-count",
+        ),
+        pytest.param(
+            [_rollout(-1, 1, 1, 1), _rollout(0, 1, 1, 1)],
+            2, None, id="new-generation-not-yet-observed",
+        ),
+        pytest.param(
+            [{**_rollout(-1, 1, 1, 1), "conditions": [_DEADLINE]}, _rollout(0, 1, 1, 1)],
+            2, None, id="a-stale-deadline-of-the-previous-generation-is-no-failure",
+        ),
+        pytest.param(
+            [{**_rollout(0, 2, 1, 1), "conditions": [_DEADLINE]}],
+            0, "exceeded its progress deadline: ReplicaSet .* timed out", id="deadline-fails-fast",
+        ),
+    ],
+)  # fmt: skip
+def test_deploy_waits_until_the_rollout_is_complete(
+    api: FakeKubeApiServer, statuses: list[dict[str, Any]], polls: int, error: str | None
+) -> None:
+    clock = [0.0]
+    script = iter(statuses)
+
+    def controller_step(seconds: float) -> None:  # the deployment controller between polls
+        clock[0] += seconds
+        generation = api.get(*DEPLOYMENT_BLUE)["metadata"]["generation"]
+        status = dict(next(script))
+        status["observedGeneration"] += generation
+        api.set_status(*DEPLOYMENT_BLUE, status)
+
+    router = make(api, poll_s=5, monotonic=lambda: clock[0], sleep=controller_step)
+    router.deploy(Colour.BLUE, V1)
+    api.ready_deployments = False
+    if error is None:
+        router.deploy(Colour.BLUE, V2)
+    else:  # the controller already reports on generation 2, the one our write will make
+        api.set_status(*DEPLOYMENT_BLUE, {**statuses[0], "observedGeneration": 2})
+        with pytest.raises(RouterError, match=error):
+            router.deploy(Colour.BLUE, V2)
+    assert clock[0] == polls * 5
 
 
 @pytest.mark.parametrize(
