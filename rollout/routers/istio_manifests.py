@@ -341,17 +341,66 @@ def merge_routes(current: list[Obj], layout: IstioLayout, weights: Weights) -> l
     Our routes already present are replaced in place. Missing pin routes go first (header
     matches must win over anything broader), a missing default route goes last (it matches
     everything). Pure: the router applies the result as a merge patch.
+
+    A user route that matches every request (see `check_reachable`) placed before any of ours
+    is refused with RouterError rather than written: Istio takes the first match, so our route
+    would never be reached while get_weights reported its split. We do not move our default
+    route above it: that would silently take over everything the user's route serves.
     """
     ours = {route["name"]: route for route in managed_routes(layout, weights)}
     present = {route.get("name") for route in current}
     merged = [ours[route["name"]] if route.get("name") in ours else route for route in current]
     missing_pins = [r for name, r in ours.items() if name != DEFAULT_ROUTE and name not in present]
     tail = [] if DEFAULT_ROUTE in present else [ours[DEFAULT_ROUTE]]
-    return [*missing_pins, *merged, *tail]
+    result = [*missing_pins, *merged, *tail]
+    check_reachable(result, layout)
+    return result
+
+
+# A match entry with only these keys, and a `uri` (if any) among _EVERY_URI, matches everything.
+_NON_MATCHING_KEYS = {"name", "ignoreUriCase", "statPrefix"}
+_EVERY_URI = ({"prefix": "/"}, {"regex": ".*"}, {"regex": "^.*$"}, {"regex": "/.*"})
+
+
+def matches_everything(route: Obj) -> bool:
+    """Whether an http route takes every request (no `match`, or a match-all entry in it)."""
+    entries = route.get("match")
+    if not entries:
+        return True
+    return any(
+        isinstance(entry, dict)
+        and set(entry) <= {*_NON_MATCHING_KEYS, "uri"}
+        and entry.get("uri", _EVERY_URI[0]) in _EVERY_URI
+        for entry in entries
+    )
+
+
+def check_reachable(http: list[Obj], layout: IstioLayout) -> None:
+    """Raise RouterError when a user route that takes every request shadows one of ours."""
+    ours = {pin_route(c) for c in Colour} | {DEFAULT_ROUTE}
+    for index, route in enumerate(http):
+        if route.get("name") in ours or not matches_everything(route):
+            continue
+        shadowed = [r["name"] for r in http[index + 1 :] if r.get("name") in ours]
+        if shadowed:
+            name = route.get("name") or f"#{index} (unnamed)"
+            raise RouterError(
+                f"VirtualService {layout.namespace}/{layout.virtual_service}: route {name!r} "
+                f"matches every request, so {', '.join(map(repr, shadowed))} after it would "
+                f"never be reached; give {name!r} a narrower match, move it after "
+                f"{DEFAULT_ROUTE!r}, or delete it (aml-rollout will not put its routes above "
+                "it: that would take over the traffic it serves)"
+            )
+        return
 
 
 def weights_from_routes(http: list[Obj], layout: IstioLayout) -> Weights:
-    """The weights of our default route, read from a VirtualService's `spec.http`."""
+    """The weights of our default route, read from a VirtualService's `spec.http`.
+
+    RouterError when a user route shadows it (`check_reachable`): its weights would not be
+    what the data plane serves.
+    """
+    check_reachable(http, layout)
     route = next((r for r in http if r.get("name") == DEFAULT_ROUTE), None)
     where = f"VirtualService {layout.namespace}/{layout.virtual_service}"
     if route is None:

@@ -448,3 +448,63 @@ def test_the_engine_drives_istio_end_to_end(
     assert identity(router.release(Colour.BLUE)) == identity(blue)
     weights_written = [r for r in api.requests if r.verb == "patch" and r.status == 200]
     assert len(weights_written) >= 2  # it really moved traffic through the VirtualService
+
+
+def _user(name: str, *match: dict[str, Any]) -> dict[str, Any]:
+    route: dict[str, Any] = {"name": name, "route": [{"destination": {"host": "legacy"}}]}
+    if match:
+        route["match"] = list(match)
+    return route
+
+
+@pytest.mark.parametrize(
+    ("user_route", "shadows"),
+    [
+        pytest.param(_user("legacy"), True, id="no-match"),
+        pytest.param(_user("legacy", {"uri": {"prefix": "/"}}), True, id="prefix-slash"),
+        pytest.param(_user("legacy", {"uri": {"regex": ".*"}}), True, id="regex-dot-star"),
+        pytest.param(_user("legacy", {"name": "all"}), True, id="named-empty-match"),
+        pytest.param(
+            _user("legacy", {"uri": {"prefix": "/v1"}}, {"uri": {"prefix": "/"}}), True,
+            id="one-match-all-entry-of-two",
+        ),
+        pytest.param(_user("legacy", {"uri": {"prefix": "/debug"}}), False, id="narrow-prefix"),
+        pytest.param(
+            _user("legacy", {"uri": {"prefix": "/"}, "headers": {"x-team": {"exact": "a"}}}),
+            False, id="prefix-slash-and-a-header",
+        ),
+        pytest.param(
+            _user("legacy", {"uri": {"prefix": "/"}, "gateways": ["mesh"]}), False,
+            id="only-from-the-mesh",
+        ),
+    ],
+)  # fmt: skip
+def test_a_user_catch_all_before_our_default_route_is_refused(
+    user_route: dict[str, Any], shadows: bool
+) -> None:
+    # Adopting a VirtualService: our default route would be appended after the user's routes.
+    if shadows:
+        with pytest.raises(RouterError, match="route 'legacy' matches every request"):
+            m.merge_routes([user_route], LAYOUT, Weights.blue_at(50))
+    else:
+        merged = m.merge_routes([user_route], LAYOUT, Weights.blue_at(50))
+        assert [r["name"] for r in merged][-2:] == ["legacy", m.DEFAULT_ROUTE]
+
+
+def test_a_shadowed_default_route_is_neither_written_nor_reported(api: FakeKubeApiServer) -> None:
+    vs = m.virtual_service(LAYOUT, Weights.blue_at(0))
+    vs["spec"]["http"] = [_user("legacy")]
+    api.seed(vs, "virtualservices", m.ISTIO_GROUP)
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    with pytest.raises(RouterError, match=r"'legacy' matches every request.*'aml-rollout-default'"):
+        router.set_weights(Weights.blue_at(50))
+    assert [r.verb for r in api.requests if r.resource == "virtualservices"].count("patch") == 0
+
+    # A catch-all someone puts above our routes later: get_weights refuses to report the split.
+    vs = m.virtual_service(LAYOUT, Weights.blue_at(30))
+    vs["spec"]["http"].insert(0, _user("legacy", {"uri": {"prefix": "/"}}))
+    api.seed(vs, "virtualservices", m.ISTIO_GROUP)
+    with pytest.raises(RouterError, match="would never be reached"):
+        router.get_weights()
