@@ -32,8 +32,11 @@ from rollout.errors import ConfigError, RouterError
 
 Obj = dict[str, Any]
 
-# A DNS-1123 label of at most 50 characters, not 63: "-green-pinned" is appended to the app name.
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,48}[a-z0-9])?")
+# Namespaces are DNS-1123 labels. The app name becomes Service names (`<app>-green-pinned`), and
+# Service names are DNS-1035 labels (they start with a letter): at most 50 characters, not 63,
+# as "-green-pinned" is appended.
+_DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_APP_NAME = re.compile(r"[a-z]([-a-z0-9]{0,48}[a-z0-9])?")
 
 ISTIO_GROUP = "networking.istio.io"
 ISTIO_VERSION = "v1"
@@ -75,12 +78,22 @@ class IstioLayout:
     labels: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
-        for name, value in (("namespace", self.namespace), ("app", self.app)):
-            if not _DNS_LABEL.fullmatch(value):
-                raise ConfigError(
-                    f"router.{name}: {value!r} is not a DNS-1123 label "
-                    "(lower-case letters, digits and '-', at most 50 characters)"
-                )
+        if not _DNS_1123_LABEL.fullmatch(self.namespace):
+            raise ConfigError(
+                f"router.namespace: {self.namespace!r} is not a DNS-1123 label "
+                "(lower-case letters, digits and '-', at most 63 characters)"
+            )
+        if not self.app[:1].isalpha():
+            raise ConfigError(
+                f"router.app: {self.app!r} must start with a letter "
+                f"(Services are named after it, e.g. {self.app}-blue, and Service names are "
+                "DNS-1035 labels)"
+            )
+        if not _APP_NAME.fullmatch(self.app):
+            raise ConfigError(
+                f"router.app: {self.app!r} is not a DNS-1035 label (a lower-case letter, then "
+                "lower-case letters, digits and '-', not ending in '-', at most 50 characters)"
+            )
         for name, port in (("port", self.port), ("container_port", self.container_port)):
             if not 0 < port < 65536:
                 raise ConfigError(f"router.{name}: {port} is not a TCP port")

@@ -286,10 +286,20 @@ def test_settings_come_from_a_spec_and_options_win(tmp_path: Path) -> None:
             ["--green-package", "/nonexistent"], "package.json: not found", id="missing-package"
         ),
         pytest.param(
-            ["--app", "Bad_Name"],
-            "router.app: 'Bad_Name' is not a DNS-1123 label",
+            ["--app", "bad_name"],
+            "router.app: 'bad_name' is not a DNS-1035 label",
             id="bad-app-name",
         ),
+        pytest.param(
+            # Service 3d-scorer-blue would be refused by the API server (RFC 1035).
+            ["--app", "3d-scorer"],
+            "router.app: '3d-scorer' must start with a letter",
+            id="app-name-starting-with-a-digit",
+        ),
+        pytest.param(
+            ["--app", "a" * 51], "at most 50 characters", id="app-name-too-long-for-its-services"
+        ),
+        pytest.param(["-n", "Prod"], "router.namespace: 'Prod' is not a DNS-1123", id="bad-ns"),
         pytest.param(
             ["--green-image", "r/d:1", "--green-package", "."],
             "exclude each other",
