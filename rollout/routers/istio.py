@@ -112,6 +112,9 @@ class IstioRouter:
         found = self._read_deployment(self.layout.deployment(colour))
         if found is None:
             return None
+        # A rollout past its progress deadline serves no release: RouterError, so that
+        # set_weights cannot send traffic to it. One still in progress is the release.
+        m.rollout_waiting_for(found)
         container = m.scoring_container(found)
         image = container.get("image") if container else None
         annotations = (found.get("metadata") or {}).get("annotations")

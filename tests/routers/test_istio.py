@@ -508,3 +508,16 @@ def test_a_shadowed_default_route_is_neither_written_nor_reported(api: FakeKubeA
     api.seed(vs, "virtualservices", m.ISTIO_GROUP)
     with pytest.raises(RouterError, match="would never be reached"):
         router.get_weights()
+
+
+def test_a_deployment_past_its_progress_deadline_is_no_release(api: FakeKubeApiServer) -> None:
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(0))
+    api.set_status(*DEPLOYMENT_BLUE, {"observedGeneration": 1, "conditions": [_DEADLINE]})
+    with pytest.raises(RouterError, match="diabetes-blue exceeded its progress deadline"):
+        router.release(Colour.BLUE)
+    with pytest.raises(RouterError, match="exceeded its progress deadline"):
+        router.set_weights(Weights.blue_at(10))
+    assert router.get_weights() == Weights.blue_at(0)
