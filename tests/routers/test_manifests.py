@@ -283,6 +283,16 @@ def test_settings_come_from_a_spec_and_options_win(tmp_path: Path) -> None:
             id="image-without-tag",
         ),
         pytest.param(
+            ["--green-image", "acr.io/team/diabetes@sha256:" + "a" * 64],
+            "a digest alone names no model version",
+            id="digest-without-tag",
+        ),
+        pytest.param(
+            ["--green-image", "acr.io/team/diabetes:3@md5:abc"],
+            "expected <registry>/<model>:<version>",
+            id="not-a-sha256-digest",
+        ),
+        pytest.param(
             ["--green-package", "/nonexistent"], "package.json: not found", id="missing-package"
         ),
         pytest.param(
@@ -468,3 +478,20 @@ def test_real_kubectl_applies_the_manifests_and_the_router_takes_over(tmp_path: 
         # merge patch replaces `spec.http` (a list) with the file's. docs/kubernetes.md says so.
         kubectl("apply", "--validate=false", "-f", str(out))
         assert router.get_weights() == Weights.blue_at(0)
+
+
+@pytest.mark.parametrize(
+    ("image", "model", "version"),
+    [
+        pytest.param("acr.io/team/diabetes:3", "diabetes", "3", id="tag"),
+        pytest.param("localhost:5000/diabetes:3", "diabetes", "3", id="registry-port"),
+        pytest.param(
+            "acr.io/team/diabetes:3@sha256:" + "a" * 64, "diabetes", "3", id="tag-and-digest"
+        ),
+    ],
+)
+def test_release_from_image(image: str, model: str, version: str) -> None:
+    from rollout.commands.manifests import release_from_image
+
+    release = release_from_image(image)
+    assert (release.model, release.version, release.image) == (model, version, image)
