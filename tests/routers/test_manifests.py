@@ -339,6 +339,10 @@ CHART = Path(__file__).parents[2] / "charts" / "aml-rollout"
 _ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
 
 
+class RequiredValueError(Exception):
+    """What `helm template` reports (and exits on) when a `required` value is missing."""
+
+
 def render_template(text: str, root: dict[str, Any]) -> str:
     tokens: list[tuple[str, str]] = []
     pos, trim_next = 0, False
@@ -353,15 +357,22 @@ def render_template(text: str, root: dict[str, Any]) -> str:
 
     def value(expr: str, dot: Any) -> Any:
         head, *filters = (part.strip() for part in expr.split("|"))
+        message = None
+        if head.startswith("required "):  # required "message" .Values.x
+            quoted, _, head = head.removeprefix("required ").rpartition(" ")
+            message = json.loads(quoted)
         node = root if head.startswith("$") else dot
         for key in head.lstrip("$").split(".")[1:]:
             node = node[key] if key else node
+        if message is not None and node in (None, ""):  # Helm's rule: nil or empty fails
+            raise RequiredValueError(message)
         for name in filters:
             assert name == "quote", f"template function {name!r} not supported by this renderer"
             node = json.dumps(str(node))
         return node
 
-    def run(i: int, dot: Any, out: list[str]) -> int:
+    def run(i: int, dot: Any, out: list[str], live: bool = True) -> int:
+        """Render from token i to its `end`; not `live`: only find that end (evaluate nothing)."""
         while i < len(tokens):
             kind, body = tokens[i]
             if kind == "text":
@@ -370,13 +381,14 @@ def render_template(text: str, root: dict[str, Any]) -> str:
                 return i
             elif body.startswith(("if ", "range ")):
                 keyword, expr = body.split(" ", 1)
-                subject = value(expr, dot)
-                items = ([dot] if subject else []) if keyword == "if" else list(subject)
-                end = run(i + 1, dot, [])  # find the matching end
-                for item in items:
-                    run(i + 1, item, out)
+                end = run(i + 1, dot, [], live=False)  # find the matching end
+                if live:
+                    subject = value(expr, dot)
+                    items = ([dot] if subject else []) if keyword == "if" else list(subject)
+                    for item in items:
+                        run(i + 1, item, out)
                 i = end
-            else:
+            elif live:
                 rendered = value(body, dot)
                 out.append(str(rendered).lower() if isinstance(rendered, bool) else str(rendered))
             i += 1
@@ -495,3 +507,11 @@ def test_release_from_image(image: str, model: str, version: str) -> None:
 
     release = release_from_image(image)
     assert (release.model, release.version, release.image) == (model, version, image)
+
+
+@pytest.mark.parametrize("colour", ["green", "blue"])
+@pytest.mark.parametrize("missing", ["model", "version"])
+def test_the_chart_refuses_an_image_without_its_release_identity(colour: str, missing: str) -> None:
+    block = {"image": V1.image, "model": V1.model, "version": V1.version, "sha256": V1.sha256}
+    with pytest.raises(RequiredValueError, match=rf"{colour}\.{missing} is required"):
+        render_chart({colour: {**block, missing: ""}}, "ml")
