@@ -149,6 +149,8 @@ class AzureMLRouterConfig(_Model):
     environment: str | None = None
     code: str | None = None
     scoring_script: str = "score.py"
+    #: How long `deploy` waits for Azure to finish a deployment (image build, VMs) before failing.
+    deploy_timeout_s: float = Field(default=3600.0, gt=0)
 
 
 RouterConfig = Annotated[

@@ -122,13 +122,24 @@ def manifests(
 
 
 def release_from_image(image: str) -> Release:
-    """The release an image `<registry>/<model>:<version>` holds (the package contract)."""
+    """The release an image `<registry>/<model>:<version>` holds (the package contract).
+
+    A digest may follow the tag (`<registry>/<model>:<version>@sha256:...`, deployed as given);
+    a digest alone names no version, so it is refused.
+    """
     from rollout.core.types import Release
     from rollout.errors import ConfigError
 
-    path, _, version = image.rpartition(":")
-    if not path or "/" in version or not version:
-        raise ConfigError(f"image {image!r}: expected <registry>/<model>:<version>")
+    expected = "expected <registry>/<model>:<version> (optionally followed by @sha256:<digest>)"
+    reference, _, digest = image.partition("@")
+    if digest and ":" not in reference.rsplit("/", 1)[-1]:
+        raise ConfigError(
+            f"image {image!r}: a digest alone names no model version; {expected}, "
+            "or use --<colour>-package"
+        )
+    path, _, version = reference.rpartition(":")
+    if not path or "/" in version or not version or (digest and not digest.startswith("sha256:")):
+        raise ConfigError(f"image {image!r}: {expected}")
     return Release(model=path.rsplit("/", 1)[-1], version=version, image=image)
 
 

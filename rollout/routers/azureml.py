@@ -14,10 +14,14 @@ seconds) and keeps Azure's rules in pure functions (`plan_traffic`, `check_mirro
 - A request with header `azureml-model-deployment: <deployment>` is pinned to that deployment
   (Azure's equivalent of our `x-api-version`; it bypasses `traffic`).
 
-`deploy` creates the endpoint when missing (key auth, no traffic), then creates or updates the
+`deploy` creates the endpoint when missing (key auth, no traffic), then creates the
 ManagedOnlineDeployment with the release's registered model `azureml:<model>:<version>` and the
-release identity in its tags; it returns when Azure reports the operation done (the SDK's LRO
-poller). `remove` deletes the deployment, refusing while it takes live traffic.
+release identity in its tags, or, when it exists, reads it and sends it back with only the
+model, those tags and the configured environment/code changed (the PUT replaces the whole
+deployment: an operator's capacity, environment variables, request settings stay). It returns
+when Azure reports the operation done (the SDK's LRO poller, bounded by `deploy_timeout_s`).
+`release` refuses a deployment whose provisioning Failed or was Canceled. `remove` deletes the
+deployment, refusing while it takes live traffic.
 
 Azure gives no optimistic concurrency on the endpoint through the SDK: two writers of `traffic`
 race with last-writer-wins, so run one controller per endpoint (the state store's lease does).
@@ -130,6 +134,7 @@ class AzureMLRouter:
         code: str | None = None,
         scoring_script: str = "score.py",
         mirror_percent: int = 0,
+        deploy_timeout_s: float = 3600.0,
     ) -> None:
         self._ml = ml_client
         self.endpoint = endpoint
@@ -148,6 +153,7 @@ class AzureMLRouter:
                 f"router.mirror_percent: must be 0..{MAX_MIRROR_PERCENT}, got {mirror_percent}"
             )
         self._mirror_percent = mirror_percent
+        self._deploy_timeout_s = deploy_timeout_s
 
     @classmethod
     def from_config(cls, cfg: AzureMLRouterConfig) -> AzureMLRouter:
@@ -168,6 +174,7 @@ class AzureMLRouter:
             code=cfg.code,
             scoring_script=cfg.scoring_script,
             mirror_percent=cfg.mirror_percent,
+            deploy_timeout_s=cfg.deploy_timeout_s,
         )
 
     # ---------------------------------------------------------------- TrafficRouter protocol
@@ -177,35 +184,57 @@ class AzureMLRouter:
 
         self._ensure_endpoint()
         name = self.names[colour]
-        deployment = ManagedOnlineDeployment(
-            name=name,
-            endpoint_name=self.endpoint,
-            model=f"azureml:{release.ref}",
-            environment=self._environment,
-            code_configuration=(
-                CodeConfiguration(code=self._code, scoring_script=self._scoring_script)
-                if self._code
-                else None
-            ),
-            instance_type=self._instance_type,
-            instance_count=self._instance_count,
-            tags=release_tags(release),
+        code = (
+            CodeConfiguration(code=self._code, scoring_script=self._scoring_script)
+            if self._code
+            else None
         )
+        existing = self._get_deployment(name)
+        if existing is None:
+            deployment = ManagedOnlineDeployment(
+                name=name,
+                endpoint_name=self.endpoint,
+                model=f"azureml:{release.ref}",
+                environment=self._environment,
+                code_configuration=code,
+                instance_type=self._instance_type,
+                instance_count=self._instance_count,
+                tags=release_tags(release),
+            )
+        else:
+            # The PUT is a full replace: send back what Azure holds (capacity an operator
+            # scaled, environment variables, request settings, probes, App Insights...) with
+            # only what the router owns changed.
+            deployment = existing
+            deployment.model = f"azureml:{release.ref}"
+            deployment.tags = {**(existing.tags or {}), **release_tags(release)}
+            if self._environment:
+                deployment.environment = self._environment
+            if code is not None:
+                deployment.code_configuration = code
+        what = f"deploy {self.endpoint}/{name}"
         self._call(
-            f"deploy {self.endpoint}/{name}",
-            lambda: self._ml.online_deployments.begin_create_or_update(deployment).result(),
+            what,
+            lambda: self._finish(
+                what, self._ml.online_deployments.begin_create_or_update(deployment)
+            ),
         )
         log.info("deployed %s:%s as %s/%s", release.model, release.version, self.endpoint, name)
 
     def release(self, colour: Colour) -> Release | None:
         """The release deployment `colour` serves (from its tags), or None when it is absent."""
         name = self.names[colour]
-        found = self._get(
-            f"deployment {self.endpoint}/{name}",
-            lambda: self._ml.online_deployments.get(name=name, endpoint_name=self.endpoint),
-        )
+        found = self._get_deployment(name)
         if found is None:
             return None
+        state = str(getattr(found.provisioning_state, "value", found.provisioning_state) or "")
+        if state.lower() in ("failed", "canceled"):
+            # Not a release that serves: set_weights must not send traffic to it, and the
+            # controller must not take it for the candidate or the stable release.
+            raise RouterError(
+                f"deployment {self.endpoint}/{name} is in provisioning state {state}: "
+                "deploy it again, or delete it"
+            )
         tags = found.tags or {}
         model, version = tags.get(f"{TAG_PREFIX}model"), tags.get(f"{TAG_PREFIX}version")
         if not model or version is None:
@@ -268,15 +297,21 @@ class AzureMLRouter:
         return int((self._endpoint().mirror_traffic or {}).get(self.names[Colour.BLUE], 0))
 
     # ------------------------------------------------------------------------------ internals
+    def _get_deployment(self, name: str) -> Any:
+        return self._get(
+            f"deployment {self.endpoint}/{name}",
+            lambda: self._ml.online_deployments.get(name=name, endpoint_name=self.endpoint),
+        )
+
     def _ensure_endpoint(self) -> None:
         if self._get(f"endpoint {self.endpoint}", self._endpoint_raw) is not None:
             return
         from azure.ai.ml.entities import ManagedOnlineEndpoint
 
         new = ManagedOnlineEndpoint(name=self.endpoint, auth_mode="key")
+        what = f"create endpoint {self.endpoint}"
         self._call(
-            f"create endpoint {self.endpoint}",
-            lambda: self._ml.online_endpoints.begin_create_or_update(new).result(),
+            what, lambda: self._finish(what, self._ml.online_endpoints.begin_create_or_update(new))
         )
         log.info("created endpoint %s", self.endpoint)
 
@@ -298,6 +333,16 @@ class AzureMLRouter:
             f"update endpoint {self.endpoint} traffic",
             lambda: self._ml.online_endpoints.begin_create_or_update(endpoint).result(),
         )
+
+    def _finish(self, what: str, poller: Any) -> Any:
+        """Wait for a long-running operation, at most `deploy_timeout_s`."""
+        poller.wait(timeout=self._deploy_timeout_s)  # returns, not raises, when it expires
+        if not poller.done():
+            raise RouterError(
+                f"{what}: Azure has not finished after {self._deploy_timeout_s:g} s "
+                "(it goes on; the next deploy or release call sees its state)"
+            )
+        return poller.result()
 
     def _get(self, what: str, call: Callable[[], T]) -> T | None:
         try:
@@ -321,7 +366,7 @@ class AzureMLRouter:
         except ClientAuthenticationError as exc:
             raise RouterError(f"{what}: Azure rejected the credentials ({exc.message})") from exc
         except HttpResponseError as exc:
-            raise RouterError(f"{what}: HTTP {exc.status_code} {_one_line(exc.message)}") from exc
+            raise RouterError(f"{what}: {_describe(exc)}") from exc
         except AzureError as exc:
             raise RouterError(f"{what}: {_one_line(exc.message)}") from exc
         except Exception as exc:
@@ -329,6 +374,17 @@ class AzureMLRouter:
             if type(exc).__module__.startswith("azure."):
                 raise RouterError(f"{what}: {_one_line(str(exc))}") from exc
             raise
+
+
+def _describe(exc: Any) -> str:
+    """One line for an HttpResponseError: the status (or 'operation failed') and ARM's error."""
+    error = getattr(exc, "error", None)
+    code, message = getattr(error, "code", None), getattr(error, "message", None)
+    detail = f"{code}: {_one_line(message)}" if code and message else _one_line(exc.message)
+    if exc.status_code is not None and exc.status_code < 400:
+        # A long-running operation that ended Failed/Canceled: the poll itself was an HTTP 200.
+        return f"the operation failed: {detail}"
+    return f"HTTP {exc.status_code} {detail}"
 
 
 def _one_line(message: str) -> str:

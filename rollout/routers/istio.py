@@ -5,8 +5,13 @@ and writes them through the kubernetes client (decide first, apply after — Arg
 generateVirtualServicePatches vs reconcileVirtualService).
 
 - `deploy` makes sure the Services, the Gateway and the VirtualService exist (created when
-  missing, never overwritten), creates or replaces Deployment `<app>-<colour>` with the release's
-  image and identity annotations, then waits until its pods are available (bounded).
+  missing, never overwritten), then creates Deployment `<app>-<colour>`, or, when it exists,
+  changes only what the router owns in the object it read (the scoring container's image, its
+  AML_ROLLOUT_COLOUR variable, the `aml-rollout.io/*` annotations) and PUTs it back carrying
+  the read `resourceVersion` (409 → re-read → retry, as below): replicas set by an HPA, Helm's
+  metadata, resources and the rest stay. Then it waits, bounded, until the rollout is complete
+  by `kubectl rollout status`'s rule (new pods all updated and available, no old pod left),
+  failing at once when the Deployment reports ProgressDeadlineExceeded.
 - `set_weights` reads the VirtualService, computes the new `spec.http` with `merge_routes` (only
   routes named `aml-rollout-*` change; the user's routes stay where they are) and sends it as a
   JSON merge patch carrying `metadata.resourceVersion`. A 409 (someone wrote in between) re-reads
@@ -93,10 +98,12 @@ class IstioRouter:
     # ---------------------------------------------------------------- TrafficRouter protocol
     def deploy(self, colour: Colour, release: Release) -> None:
         """Make `colour` serve `release` and wait until its pods are available."""
-        body = m.deployment(self.layout, colour, release)
+        body = m.deployment(self.layout, colour, release)  # checks the release has an image
         self._ensure_routing()
         name = self.layout.deployment(colour)
-        self._retry_conflicts(f"Deployment {self._ns}/{name}", lambda: self._upsert(name, body))
+        self._retry_conflicts(
+            f"Deployment {self._ns}/{name}", lambda: self._upsert(name, body, colour, release)
+        )
         self._wait_available(name)
         log.info("deployed %s:%s as %s", release.model, release.version, name)
 
@@ -105,9 +112,12 @@ class IstioRouter:
         found = self._read_deployment(self.layout.deployment(colour))
         if found is None:
             return None
-        pod = found.spec.template.spec if found.spec else None
-        image = pod.containers[0].image if pod and pod.containers else None
-        annotations = found.metadata.annotations if found.metadata else None
+        # A rollout past its progress deadline serves no release: RouterError, so that
+        # set_weights cannot send traffic to it. One still in progress is the release.
+        m.rollout_waiting_for(found)
+        container = m.scoring_container(found)
+        image = container.get("image") if container else None
+        annotations = (found.get("metadata") or {}).get("annotations")
         return m.release_from_annotations(annotations, image)
 
     def set_weights(self, weights: Weights) -> None:
@@ -204,49 +214,51 @@ class IstioRouter:
         except HTTPError as exc:
             raise _unreachable(f"create {what}", exc, self._host) from exc
 
-    def _upsert(self, name: str, body: dict[str, Any]) -> None:
+    def _upsert(self, name: str, body: dict[str, Any], colour: Colour, release: Release) -> None:
         current = self._read_deployment(name)
-        if current is None:
+        if current is None:  # only a new Deployment gets the whole manifest (and layout.replicas)
             self._apps.create_namespaced_deployment(
                 self._ns, _model(k8s.V1Deployment, body), _request_timeout=self._timeout
             )
             return
-        version = current.metadata.resource_version if current.metadata else None
-        body = {**body, "metadata": {**body["metadata"], "resourceVersion": version}}
+        wanted = m.updated_deployment(current, colour, release)
+        if wanted == {k: v for k, v in current.items() if k != "status"}:
+            return  # already serving it: no write, no new generation
+        # The dict as read, not a typed model: fields the client's models do not know survive.
         self._apps.replace_namespaced_deployment(
-            name, self._ns, _model(k8s.V1Deployment, body), _request_timeout=self._timeout
+            name,
+            self._ns,
+            cast(k8s.V1Deployment, wanted),  # the client serialises a dict body as it is
+            _request_timeout=self._timeout,
         )
 
-    def _read_deployment(self, name: str) -> k8s.V1Deployment | None:
-        return self._read(
+    def _read_deployment(self, name: str) -> dict[str, Any] | None:
+        """The Deployment as the API server sent it (raw JSON), or None when it does not exist."""
+        response: Any = self._read(  # with _preload_content=False: the HTTP response
             f"Deployment {self._ns}/{name}",
             lambda: self._apps.read_namespaced_deployment(
-                name, self._ns, _request_timeout=self._timeout
+                name, self._ns, _request_timeout=self._timeout, _preload_content=False
             ),
         )
+        if response is None:
+            return None
+        return cast(dict[str, Any], json.loads(response.data))
 
     def _wait_available(self, name: str) -> None:
-        """Poll until the Deployment's current generation is fully rolled out and available."""
+        """Poll until the Deployment's rollout is complete (see `m.rollout_waiting_for`)."""
         deadline = self._monotonic() + self._ready_timeout_s
         what = f"Deployment {self._ns}/{name}"
         while True:
             dep = self._read_deployment(name)
-            if dep is None or dep.spec is None:
+            if dep is None:
                 raise RouterError(f"{what} disappeared while waiting for it to become available")
-            want = dep.spec.replicas if dep.spec.replicas is not None else 1
-            generation = (dep.metadata.generation if dep.metadata else None) or 0
-            st = dep.status
-            if (
-                st is not None
-                and (st.observed_generation or 0) >= generation
-                and (st.updated_replicas or 0) >= want
-                and (st.available_replicas or 0) >= want
-            ):
+            waiting_for = m.rollout_waiting_for(dep)
+            if waiting_for is None:
                 return
             if self._monotonic() >= deadline:
                 raise RouterError(
                     f"{what} not available after {self._ready_timeout_s:g} s "
-                    f"(available {st.available_replicas if st else 0}/{want}); "
+                    f"(waiting for {waiting_for}); "
                     f"see `kubectl -n {self._ns} describe deployment {name}`"
                 )
             self._sleep(self._poll_s)

@@ -22,6 +22,7 @@ every other route where it was — never replacing the whole VirtualService (fla
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +32,11 @@ from rollout.errors import ConfigError, RouterError
 
 Obj = dict[str, Any]
 
-# A DNS-1123 label of at most 50 characters, not 63: "-green-pinned" is appended to the app name.
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,48}[a-z0-9])?")
+# Namespaces are DNS-1123 labels. The app name becomes Service names (`<app>-green-pinned`), and
+# Service names are DNS-1035 labels (they start with a letter): at most 50 characters, not 63,
+# as "-green-pinned" is appended.
+_DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_APP_NAME = re.compile(r"[a-z]([-a-z0-9]{0,48}[a-z0-9])?")
 
 ISTIO_GROUP = "networking.istio.io"
 ISTIO_VERSION = "v1"
@@ -40,6 +44,8 @@ MANAGED_BY = "aml-rollout"
 ROUTE_PREFIX = "aml-rollout-"
 DEFAULT_ROUTE = "aml-rollout-default"
 ANNOTATION_PREFIX = "aml-rollout.io/"
+SCORING_CONTAINER = "scoring"
+COLOUR_ENV = "AML_ROLLOUT_COLOUR"
 
 # What the Istio router does through the API, and nothing else. The RBAC Role is rendered from
 # this table, and tests/routers/test_manifests.py checks it equals what a router run used.
@@ -72,12 +78,22 @@ class IstioLayout:
     labels: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
-        for name, value in (("namespace", self.namespace), ("app", self.app)):
-            if not _DNS_LABEL.fullmatch(value):
-                raise ConfigError(
-                    f"router.{name}: {value!r} is not a DNS-1123 label "
-                    "(lower-case letters, digits and '-', at most 50 characters)"
-                )
+        if not _DNS_1123_LABEL.fullmatch(self.namespace):
+            raise ConfigError(
+                f"router.namespace: {self.namespace!r} is not a DNS-1123 label "
+                "(lower-case letters, digits and '-', at most 63 characters)"
+            )
+        if not self.app[:1].isalpha():
+            raise ConfigError(
+                f"router.app: {self.app!r} must start with a letter "
+                f"(Services are named after it, e.g. {self.app}-blue, and Service names are "
+                "DNS-1035 labels)"
+            )
+        if not _APP_NAME.fullmatch(self.app):
+            raise ConfigError(
+                f"router.app: {self.app!r} is not a DNS-1035 label (a lower-case letter, then "
+                "lower-case letters, digits and '-', not ending in '-', at most 50 characters)"
+            )
         for name, port in (("port", self.port), ("container_port", self.container_port)):
             if not 0 < port < 65536:
                 raise ConfigError(f"router.{name}: {port} is not a TCP port")
@@ -131,11 +147,11 @@ def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
                 "spec": {
                     "containers": [
                         {
-                            "name": "scoring",
+                            "name": SCORING_CONTAINER,
                             "image": release.image,
                             # The scoring server labels its metrics and answers with this colour;
                             # after Blue_Green, green pods serve blue's release and must say green.
-                            "env": [{"name": "AML_ROLLOUT_COLOUR", "value": colour.value}],
+                            "env": [{"name": COLOUR_ENV, "value": colour.value}],
                             "ports": [{"name": "http", "containerPort": layout.container_port}],
                             "readinessProbe": probe,
                             "livenessProbe": {
@@ -148,6 +164,84 @@ def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
             },
         },
     }
+
+
+def scoring_container(deployment: Obj) -> Obj | None:
+    """The pod template's container named `scoring`, else its first one (None when empty)."""
+    containers = ((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}
+    found = containers.get("containers") or []
+    return next(
+        (c for c in found if c.get("name") == SCORING_CONTAINER), found[0] if found else None
+    )
+
+
+def updated_deployment(current: Obj, colour: Colour, release: Release) -> Obj:
+    """`current` (a Deployment as read) changed only where the router owns it.
+
+    That is the scoring container's image, its AML_ROLLOUT_COLOUR variable and the
+    `aml-rollout.io/*` annotations. Everything else (replicas an HPA or an operator set, Helm's
+    labels and annotations, resources, imagePullSecrets, ...) is kept, and so is
+    `metadata.resourceVersion`: a PUT of the result fails with 409 if the object changed since
+    it was read. `status` is dropped (the API server ignores it on this write anyway).
+    """
+    if not release.image:
+        raise RouterError(f"release {release.ref} has no container image")
+    new = copy.deepcopy(current)
+    new.pop("status", None)
+    meta = new.setdefault("metadata", {})
+    meta["annotations"] = {**(meta.get("annotations") or {}), **release_annotations(release)}
+    container = scoring_container(new)
+    if container is None:
+        raise RouterError(
+            f"Deployment {meta.get('namespace')}/{meta.get('name')} has no containers"
+        )
+    container["image"] = release.image
+    ours = {"name": COLOUR_ENV, "value": colour.value}
+    env = container.setdefault("env", [])
+    at = next((i for i, e in enumerate(env) if e.get("name") == COLOUR_ENV), None)
+    if at is None:
+        env.append(ours)
+    else:
+        env[at] = ours  # in place, so a second deploy of the same release changes nothing
+    return new
+
+
+def rollout_waiting_for(deployment: Obj) -> str | None:
+    """What a Deployment's rollout still waits for, or None when it is complete.
+
+    `kubectl rollout status`'s rule: the controller has seen the current generation, all wanted
+    replicas run the new pod template, no old pod is left, and every new pod is available. Old
+    pods that are still available do not count (mid rolling update they keep
+    `availableReplicas` up). A rollout past its progressDeadlineSeconds raises RouterError:
+    waiting longer will not help.
+    """
+    meta = deployment.get("metadata") or {}
+    status = deployment.get("status") or {}
+    where = f"Deployment {meta.get('namespace')}/{meta.get('name')}"
+    generation = meta.get("generation") or 0
+    if (status.get("observedGeneration") or 0) < generation:
+        return "the deployment controller to see the new spec"
+    for condition in status.get("conditions") or []:
+        if (condition.get("type"), condition.get("reason")) == (
+            "Progressing",
+            "ProgressDeadlineExceeded",
+        ):
+            raise RouterError(
+                f"{where} exceeded its progress deadline: {condition.get('message', '')} "
+                f"(see `kubectl -n {meta.get('namespace')} describe deployment {meta.get('name')}`)"
+            )
+    replicas = (deployment.get("spec") or {}).get("replicas")
+    want = 1 if replicas is None else int(replicas)
+    updated = int(status.get("updatedReplicas") or 0)
+    total = int(status.get("replicas") or 0)
+    available = int(status.get("availableReplicas") or 0)
+    if updated < want:
+        return f"{updated} of {want} replicas updated"
+    if total > updated:
+        return f"{total - updated} old replicas to terminate"
+    if available < updated:
+        return f"{available} of {updated} updated replicas available"
+    return None
 
 
 def release_annotations(release: Release) -> dict[str, str]:
@@ -260,17 +354,66 @@ def merge_routes(current: list[Obj], layout: IstioLayout, weights: Weights) -> l
     Our routes already present are replaced in place. Missing pin routes go first (header
     matches must win over anything broader), a missing default route goes last (it matches
     everything). Pure: the router applies the result as a merge patch.
+
+    A user route that matches every request (see `check_reachable`) placed before any of ours
+    is refused with RouterError rather than written: Istio takes the first match, so our route
+    would never be reached while get_weights reported its split. We do not move our default
+    route above it: that would silently take over everything the user's route serves.
     """
     ours = {route["name"]: route for route in managed_routes(layout, weights)}
     present = {route.get("name") for route in current}
     merged = [ours[route["name"]] if route.get("name") in ours else route for route in current]
     missing_pins = [r for name, r in ours.items() if name != DEFAULT_ROUTE and name not in present]
     tail = [] if DEFAULT_ROUTE in present else [ours[DEFAULT_ROUTE]]
-    return [*missing_pins, *merged, *tail]
+    result = [*missing_pins, *merged, *tail]
+    check_reachable(result, layout)
+    return result
+
+
+# A match entry with only these keys, and a `uri` (if any) among _EVERY_URI, matches everything.
+_NON_MATCHING_KEYS = {"name", "ignoreUriCase", "statPrefix"}
+_EVERY_URI = ({"prefix": "/"}, {"regex": ".*"}, {"regex": "^.*$"}, {"regex": "/.*"})
+
+
+def matches_everything(route: Obj) -> bool:
+    """Whether an http route takes every request (no `match`, or a match-all entry in it)."""
+    entries = route.get("match")
+    if not entries:
+        return True
+    return any(
+        isinstance(entry, dict)
+        and set(entry) <= {*_NON_MATCHING_KEYS, "uri"}
+        and entry.get("uri", _EVERY_URI[0]) in _EVERY_URI
+        for entry in entries
+    )
+
+
+def check_reachable(http: list[Obj], layout: IstioLayout) -> None:
+    """Raise RouterError when a user route that takes every request shadows one of ours."""
+    ours = {pin_route(c) for c in Colour} | {DEFAULT_ROUTE}
+    for index, route in enumerate(http):
+        if route.get("name") in ours or not matches_everything(route):
+            continue
+        shadowed = [r["name"] for r in http[index + 1 :] if r.get("name") in ours]
+        if shadowed:
+            name = route.get("name") or f"#{index} (unnamed)"
+            raise RouterError(
+                f"VirtualService {layout.namespace}/{layout.virtual_service}: route {name!r} "
+                f"matches every request, so {', '.join(map(repr, shadowed))} after it would "
+                f"never be reached; give {name!r} a narrower match, move it after "
+                f"{DEFAULT_ROUTE!r}, or delete it (aml-rollout will not put its routes above "
+                "it: that would take over the traffic it serves)"
+            )
+        return
 
 
 def weights_from_routes(http: list[Obj], layout: IstioLayout) -> Weights:
-    """The weights of our default route, read from a VirtualService's `spec.http`."""
+    """The weights of our default route, read from a VirtualService's `spec.http`.
+
+    RouterError when a user route shadows it (`check_reachable`): its weights would not be
+    what the data plane serves.
+    """
+    check_reachable(http, layout)
     route = next((r for r in http if r.get("name") == DEFAULT_ROUTE), None)
     where = f"VirtualService {layout.namespace}/{layout.virtual_service}"
     if route is None:

@@ -15,7 +15,9 @@ real apiserver. What it implements is what clients rely on for correctness:
 - PATCH as JSON merge patch (RFC 7386) or JSON Patch (RFC 6902, with `test`); strategic merge
   patch is refused with 415 rather than approximated.
 - Deployments are reported available at once (a stand-in for the deployment controller) unless
-  `ready_deployments` is False.
+  `ready_deployments` is False; then `status` is a subresource as in a real apiserver (a write
+  of the object keeps the stored status) and a test plays the deployment controller with
+  `set_status` (e.g. mid rolling update: old pods still available, new ones not yet).
 
 Every request is recorded (`requests`) with the RBAC verb it needs, so tests can check that a
 Role grants exactly what a client used. `before_next_write(resource, name, fn)` runs `fn(obj)` as
@@ -153,6 +155,16 @@ class FakeKubeApiServer:
         with self._lock:
             return copy.deepcopy(self._write(key, copy.deepcopy(obj), previous=None))
 
+    def set_status(
+        self, resource: str, name: str, namespace: str, group: str, status: dict[str, Any]
+    ) -> None:
+        """Replace an object's `status` as its controller would (a write: resourceVersion moves)."""
+        with self._lock:
+            obj = self._objects[(group, resource, namespace, name)]
+            self._version += 1
+            obj["metadata"]["resourceVersion"] = str(self._version)
+            obj["status"] = copy.deepcopy(status)
+
     def before_next_write(
         self, resource: str, name: str, fn: Callable[[dict[str, Any]], None]
     ) -> None:
@@ -190,6 +202,11 @@ class FakeKubeApiServer:
                 "readyReplicas": replicas,
                 "availableReplicas": replicas,
             }
+        elif key[1] == "deployments" and previous is not None:
+            # status is a subresource: writing the object does not change it.
+            obj.pop("status", None)
+            if "status" in previous:
+                obj["status"] = copy.deepcopy(previous["status"])
         self._objects[key] = obj
         return obj
 

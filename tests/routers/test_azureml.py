@@ -5,6 +5,7 @@ through the real azure-ai-ml SDK against the fake ARM server (real serialisation
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,8 +130,8 @@ WORKSPACE = (
 )
 
 
-@pytest.fixture(scope="module")
-def arm() -> Iterator[FakeArm]:
+@contextmanager
+def running_arm() -> Iterator[FakeArm]:
     with FakeArm() as server:
         server.add_workspace(SUB, RG, WS)
         # Endpoint and deployment writes are long-running operations, as in Azure: the SDK's
@@ -144,11 +145,21 @@ def arm() -> Iterator[FakeArm]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def ml_client(arm: FakeArm) -> Any:
+def client_of(arm: FakeArm) -> Any:
     from azure.ai.ml import MLClient
 
     return MLClient(StaticCredential(), SUB, RG, WS, transport=arm.transport())
+
+
+@pytest.fixture(scope="module")
+def arm() -> Iterator[FakeArm]:
+    with running_arm() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ml_client(arm: FakeArm) -> Any:
+    return client_of(arm)
 
 
 _endpoints = itertools.count()
@@ -301,3 +312,86 @@ def test_the_engine_drives_an_endpoint_end_to_end(
         for _, body in iter_calls(arm, "PUT", f"/onlineEndpoints/{router.endpoint}$")
     ]
     assert {"green": 90, "blue": 10} in traffic_writes  # it really moved the endpoint's traffic
+
+
+def test_redeploy_keeps_what_an_operator_set_on_the_deployment(
+    arm: FakeArm, ml_client: Any
+) -> None:
+    router = make_router(ml_client, instance_count=1, environment="azureml:diabetes-env:2")
+    router.deploy(Colour.GREEN, V1)
+    path = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments/green"
+    dep = arm.get(path)
+    assert dep is not None
+    dep["sku"]["capacity"] = 8  # scaled up for production load
+    dep["tags"]["owner"] = "ml-platform"
+    dep["properties"]["environmentVariables"] = {"WORKERS": "4"}
+    dep["properties"]["requestSettings"] = {"requestTimeout": "PT30S"}
+    dep["properties"]["appInsightsEnabled"] = True
+    dep["properties"]["environmentId"] = dep["properties"]["environmentId"].replace("/2", "/1")
+    arm.put(path, dep)
+
+    router.deploy(Colour.GREEN, V2)  # e.g. the Blue_Green step of a promotion
+
+    after = arm.get(path)
+    assert after is not None
+    props = after["properties"]
+    assert after["sku"]["capacity"] == 8
+    assert props["environmentVariables"] == {"WORKERS": "4"}
+    assert props["requestSettings"]["requestTimeout"] == "PT30S"
+    assert props["appInsightsEnabled"] is True
+    assert props["model"].endswith("/models/diabetes/versions/2")
+    assert props["environmentId"].endswith("/environments/diabetes-env/versions/2")  # configured
+    assert after["tags"]["owner"] == "ml-platform"
+    assert after["tags"]["aml-rollout.version"] == "2"
+
+
+def _failing_operations(arm: FakeArm, path: str) -> None:
+    """Deployment operations end Failed, and the deployment says so, as Azure does."""
+
+    def failed(arm_: FakeArm, match: Any, body: Any, query: Any) -> tuple[int, Any, Any]:
+        dep = arm_.get(path)
+        if dep is not None:
+            dep["properties"]["provisioningState"] = "Failed"
+            arm_.resources[path.lower()] = dep
+        error = {"code": "ImageBuildFailure", "message": "Image build failed:\n conda env"}
+        return 200, {"status": "Failed", "error": error}, {}
+
+    arm.on("GET", r"^/_operations/", failed)
+
+
+def test_a_failed_deployment_is_one_clear_line_and_not_a_release() -> None:
+    with running_arm() as arm:
+        router = AzureMLRouter(client_of(arm), "ep-failing", environment="azureml:env:1")
+        router.deploy(Colour.GREEN, V1)
+        router.set_weights(Weights.blue_at(0))
+        _failing_operations(arm, f"{WORKSPACE}/onlineEndpoints/ep-failing/deployments/blue")
+        with pytest.raises(RouterError) as caught:
+            router.deploy(Colour.BLUE, V2)
+        assert str(caught.value) == (
+            "deploy ep-failing/blue: the operation failed: "
+            "ImageBuildFailure: Image build failed: conda env"
+        )
+        with pytest.raises(RouterError, match="blue is in provisioning state Failed"):
+            router.release(Colour.BLUE)
+        with pytest.raises(RouterError, match="provisioning state Failed"):
+            router.set_weights(Weights.blue_at(10))
+        assert router.get_weights() == Weights.blue_at(0)
+
+
+def test_deploy_gives_up_waiting_at_its_timeout() -> None:
+    finished = threading.Event()
+    with running_arm() as arm:
+
+        def in_progress(arm_: FakeArm, match: Any, body: Any, query: Any) -> tuple[int, Any, Any]:
+            status = "Succeeded" if finished.is_set() else "InProgress"
+            return 200, {"status": status}, {"Retry-After": "0"}
+
+        router = AzureMLRouter(
+            client_of(arm), "ep-slow", environment="azureml:env:1", deploy_timeout_s=0.05
+        )
+        arm.on("GET", r"^/_operations/", in_progress)
+        try:
+            with pytest.raises(RouterError, match=r"create endpoint ep-slow: .* after 0.05 s"):
+                router.deploy(Colour.GREEN, V1)
+        finally:
+            finished.set()  # lets the SDK's poller thread end

@@ -26,6 +26,8 @@ from tests.routers.contract import V1, V2, RouterContract, identity
 
 LAYOUT = m.IstioLayout(namespace="ml", app="diabetes")
 VS = ("virtualservices", "diabetes", "ml", m.ISTIO_GROUP)
+DEPLOYMENT_BLUE = ("deployments", "diabetes-blue", "ml", "apps")
+DEPLOYMENT_GREEN = ("deployments", "diabetes-green", "ml", "apps")
 
 USER_ROUTE = {
     "name": "team-debug",
@@ -41,11 +43,11 @@ def api() -> Iterator[FakeKubeApiServer]:
         yield server
 
 
-def make(api: FakeKubeApiServer, **kwargs: Any) -> IstioRouter:
+def make(api: FakeKubeApiServer, layout: m.IstioLayout = LAYOUT, **kwargs: Any) -> IstioRouter:
     configuration = k8s.Configuration()
     configuration.host = api.url
     kwargs.setdefault("sleep", lambda _s: None)
-    return IstioRouter(LAYOUT, k8s.ApiClient(configuration), **kwargs)
+    return IstioRouter(layout, k8s.ApiClient(configuration), **kwargs)
 
 
 def http_routes(api: FakeKubeApiServer) -> list[dict[str, Any]]:
@@ -141,15 +143,70 @@ def test_conflicts_that_never_end_raise_conflict_error(api: FakeKubeApiServer) -
     assert [r.status for r in api.requests if r.verb == "patch"] == [409, 409, 409]
 
 
-def test_a_stale_deployment_replace_is_retried(api: FakeKubeApiServer) -> None:
+def test_a_stale_deployment_replace_is_retried_and_their_change_survives(
+    api: FakeKubeApiServer,
+) -> None:
     router = make(api)
     router.deploy(Colour.BLUE, V1)
-    api.before_next_write(
-        "deployments", "diabetes-blue", lambda d: d["metadata"]["labels"].update(x="y")
-    )
+
+    def someone_else(dep: dict[str, Any]) -> None:  # `kubectl scale` + `kubectl label`
+        dep["metadata"]["labels"]["x"] = "y"
+        dep["spec"]["replicas"] = 4
+
+    api.before_next_write("deployments", "diabetes-blue", someone_else)
     router.deploy(Colour.BLUE, V2)
     assert [r.status for r in api.requests if r.verb == "update"] == [409, 200]
     assert identity(router.release(Colour.BLUE)) == identity(V2)
+    dep = api.get(*DEPLOYMENT_BLUE)
+    assert (dep["metadata"]["labels"]["x"], dep["spec"]["replicas"]) == ("y", 4)
+
+
+def helm_and_platform_owned(dep: dict[str, Any]) -> dict[str, Any]:
+    """`dep` as `helm install`, an HPA and a platform team leave it."""
+    dep["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
+    dep["metadata"]["annotations"]["meta.helm.sh/release-name"] = "diabetes"
+    dep["spec"]["replicas"] = 6
+    pod = dep["spec"]["template"]["spec"]
+    pod["imagePullSecrets"] = [{"name": "acr"}]
+    pod["containers"][0]["resources"] = {"requests": {"cpu": "500m"}, "limits": {"memory": "2Gi"}}
+    pod["containers"][0]["env"].insert(0, {"name": "WORKERS", "value": "4"})
+    pod["containers"].append({"name": "sidecar", "image": "logger:1"})
+    return dep
+
+
+def test_redeploy_changes_only_what_the_router_owns(api: FakeKubeApiServer) -> None:
+    seeded = api.seed(
+        helm_and_platform_owned(m.deployment(LAYOUT, Colour.GREEN, V1)), "deployments", "apps"
+    )
+    make(api).deploy(Colour.GREEN, V2)
+
+    after = api.get(*DEPLOYMENT_GREEN)
+    expected = seeded
+    expected["metadata"]["annotations"].update(m.release_annotations(V2))
+    expected["spec"]["template"]["spec"]["containers"][0]["image"] = V2.image
+    for volatile in ("resourceVersion", "generation"):
+        expected["metadata"].pop(volatile), after["metadata"].pop(volatile)
+    expected.pop("status"), after.pop("status")
+    assert after == expected  # Helm's metadata, the HPA's 6 replicas, resources... all kept
+    assert [r.verb for r in api.requests if r.resource == "deployments"].count("update") == 1
+
+
+def test_only_a_new_deployment_gets_the_layout_replicas(api: FakeKubeApiServer) -> None:
+    router = make(api, layout=m.IstioLayout(namespace="ml", app="diabetes", replicas=3))
+    router.deploy(Colour.BLUE, V1)
+    assert api.get(*DEPLOYMENT_BLUE)["spec"]["replicas"] == 3
+    # an HPA scales it between our read and our write (409, re-read, and its 5 is kept)
+    api.before_next_write("deployments", "diabetes-blue", lambda d: d["spec"].update(replicas=5))
+    router.deploy(Colour.BLUE, V2)
+    assert api.get(*DEPLOYMENT_BLUE)["spec"]["replicas"] == 5
+
+
+def test_deploying_the_served_release_again_writes_nothing(api: FakeKubeApiServer) -> None:
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    version = api.get(*DEPLOYMENT_GREEN)["metadata"]["resourceVersion"]
+    router.deploy(Colour.GREEN, V1)
+    assert api.get(*DEPLOYMENT_GREEN)["metadata"]["resourceVersion"] == version
 
 
 def test_user_routes_survive_every_write_in_place(api: FakeKubeApiServer) -> None:
@@ -218,9 +275,73 @@ def test_deploy_waits_for_available_pods_and_gives_up_at_the_deadline() -> None:
             monotonic=lambda: clock[0],
             sleep=lambda s: clock.__setitem__(0, clock[0] + s),
         )
-        with pytest.raises(RouterError, match=r"not available after 30 s \(available 0/1\)"):
+        with pytest.raises(RouterError, match=r"not available after 30 s \(waiting for the dep"):
             router.deploy(Colour.GREEN, V1)
         assert clock[0] == 30
+
+
+def _rollout(generation: int, replicas: int, updated: int, available: int) -> dict[str, Any]:
+    return {
+        "observedGeneration": generation,
+        "replicas": replicas,
+        "updatedReplicas": updated,
+        "availableReplicas": available,
+    }
+
+
+_DEADLINE = {
+    "type": "Progressing",
+    "status": "False",
+    "reason": "ProgressDeadlineExceeded",
+    "message": 'ReplicaSet "diabetes-blue-7d9" has timed out progressing.',
+}
+
+
+@pytest.mark.parametrize(
+    ("statuses", "polls", "error"),
+    [
+        pytest.param(
+            # RollingUpdate, maxSurge 1: the old pod stays available while the new one starts.
+            [_rollout(0, 2, 1, 1), _rollout(0, 1, 1, 0), _rollout(0, 1, 1, 1)],
+            3, None, id="old-pods-available-do-not-count",
+        ),
+        pytest.param(
+            [_rollout(-1, 1, 1, 1), _rollout(0, 1, 1, 1)],
+            2, None, id="new-generation-not-yet-observed",
+        ),
+        pytest.param(
+            [{**_rollout(-1, 1, 1, 1), "conditions": [_DEADLINE]}, _rollout(0, 1, 1, 1)],
+            2, None, id="a-stale-deadline-of-the-previous-generation-is-no-failure",
+        ),
+        pytest.param(
+            [{**_rollout(0, 2, 1, 1), "conditions": [_DEADLINE]}],
+            0, "exceeded its progress deadline: ReplicaSet .* timed out", id="deadline-fails-fast",
+        ),
+    ],
+)  # fmt: skip
+def test_deploy_waits_until_the_rollout_is_complete(
+    api: FakeKubeApiServer, statuses: list[dict[str, Any]], polls: int, error: str | None
+) -> None:
+    clock = [0.0]
+    script = iter(statuses)
+
+    def controller_step(seconds: float) -> None:  # the deployment controller between polls
+        clock[0] += seconds
+        generation = api.get(*DEPLOYMENT_BLUE)["metadata"]["generation"]
+        status = dict(next(script))
+        status["observedGeneration"] += generation
+        api.set_status(*DEPLOYMENT_BLUE, status)
+
+    router = make(api, poll_s=5, monotonic=lambda: clock[0], sleep=controller_step)
+    router.deploy(Colour.BLUE, V1)
+    api.ready_deployments = False
+    if error is None:
+        router.deploy(Colour.BLUE, V2)
+    else:  # the controller already reports on generation 2, the one our write will make
+        api.set_status(*DEPLOYMENT_BLUE, {**statuses[0], "observedGeneration": 2})
+        with pytest.raises(RouterError, match=error):
+            router.deploy(Colour.BLUE, V2)
+    assert clock[0] == polls * 5
 
 
 @pytest.mark.parametrize(
@@ -327,3 +448,76 @@ def test_the_engine_drives_istio_end_to_end(
     assert identity(router.release(Colour.BLUE)) == identity(blue)
     weights_written = [r for r in api.requests if r.verb == "patch" and r.status == 200]
     assert len(weights_written) >= 2  # it really moved traffic through the VirtualService
+
+
+def _user(name: str, *match: dict[str, Any]) -> dict[str, Any]:
+    route: dict[str, Any] = {"name": name, "route": [{"destination": {"host": "legacy"}}]}
+    if match:
+        route["match"] = list(match)
+    return route
+
+
+@pytest.mark.parametrize(
+    ("user_route", "shadows"),
+    [
+        pytest.param(_user("legacy"), True, id="no-match"),
+        pytest.param(_user("legacy", {"uri": {"prefix": "/"}}), True, id="prefix-slash"),
+        pytest.param(_user("legacy", {"uri": {"regex": ".*"}}), True, id="regex-dot-star"),
+        pytest.param(_user("legacy", {"name": "all"}), True, id="named-empty-match"),
+        pytest.param(
+            _user("legacy", {"uri": {"prefix": "/v1"}}, {"uri": {"prefix": "/"}}), True,
+            id="one-match-all-entry-of-two",
+        ),
+        pytest.param(_user("legacy", {"uri": {"prefix": "/debug"}}), False, id="narrow-prefix"),
+        pytest.param(
+            _user("legacy", {"uri": {"prefix": "/"}, "headers": {"x-team": {"exact": "a"}}}),
+            False, id="prefix-slash-and-a-header",
+        ),
+        pytest.param(
+            _user("legacy", {"uri": {"prefix": "/"}, "gateways": ["mesh"]}), False,
+            id="only-from-the-mesh",
+        ),
+    ],
+)  # fmt: skip
+def test_a_user_catch_all_before_our_default_route_is_refused(
+    user_route: dict[str, Any], shadows: bool
+) -> None:
+    # Adopting a VirtualService: our default route would be appended after the user's routes.
+    if shadows:
+        with pytest.raises(RouterError, match="route 'legacy' matches every request"):
+            m.merge_routes([user_route], LAYOUT, Weights.blue_at(50))
+    else:
+        merged = m.merge_routes([user_route], LAYOUT, Weights.blue_at(50))
+        assert [r["name"] for r in merged][-2:] == ["legacy", m.DEFAULT_ROUTE]
+
+
+def test_a_shadowed_default_route_is_neither_written_nor_reported(api: FakeKubeApiServer) -> None:
+    vs = m.virtual_service(LAYOUT, Weights.blue_at(0))
+    vs["spec"]["http"] = [_user("legacy")]
+    api.seed(vs, "virtualservices", m.ISTIO_GROUP)
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    with pytest.raises(RouterError, match=r"'legacy' matches every request.*'aml-rollout-default'"):
+        router.set_weights(Weights.blue_at(50))
+    assert [r.verb for r in api.requests if r.resource == "virtualservices"].count("patch") == 0
+
+    # A catch-all someone puts above our routes later: get_weights refuses to report the split.
+    vs = m.virtual_service(LAYOUT, Weights.blue_at(30))
+    vs["spec"]["http"].insert(0, _user("legacy", {"uri": {"prefix": "/"}}))
+    api.seed(vs, "virtualservices", m.ISTIO_GROUP)
+    with pytest.raises(RouterError, match="would never be reached"):
+        router.get_weights()
+
+
+def test_a_deployment_past_its_progress_deadline_is_no_release(api: FakeKubeApiServer) -> None:
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(0))
+    api.set_status(*DEPLOYMENT_BLUE, {"observedGeneration": 1, "conditions": [_DEADLINE]})
+    with pytest.raises(RouterError, match="diabetes-blue exceeded its progress deadline"):
+        router.release(Colour.BLUE)
+    with pytest.raises(RouterError, match="exceeded its progress deadline"):
+        router.set_weights(Weights.blue_at(10))
+    assert router.get_weights() == Weights.blue_at(0)

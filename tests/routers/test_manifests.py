@@ -283,13 +283,33 @@ def test_settings_come_from_a_spec_and_options_win(tmp_path: Path) -> None:
             id="image-without-tag",
         ),
         pytest.param(
+            ["--green-image", "acr.io/team/diabetes@sha256:" + "a" * 64],
+            "a digest alone names no model version",
+            id="digest-without-tag",
+        ),
+        pytest.param(
+            ["--green-image", "acr.io/team/diabetes:3@md5:abc"],
+            "expected <registry>/<model>:<version>",
+            id="not-a-sha256-digest",
+        ),
+        pytest.param(
             ["--green-package", "/nonexistent"], "package.json: not found", id="missing-package"
         ),
         pytest.param(
-            ["--app", "Bad_Name"],
-            "router.app: 'Bad_Name' is not a DNS-1123 label",
+            ["--app", "bad_name"],
+            "router.app: 'bad_name' is not a DNS-1035 label",
             id="bad-app-name",
         ),
+        pytest.param(
+            # Service 3d-scorer-blue would be refused by the API server (RFC 1035).
+            ["--app", "3d-scorer"],
+            "router.app: '3d-scorer' must start with a letter",
+            id="app-name-starting-with-a-digit",
+        ),
+        pytest.param(
+            ["--app", "a" * 51], "at most 50 characters", id="app-name-too-long-for-its-services"
+        ),
+        pytest.param(["-n", "Prod"], "router.namespace: 'Prod' is not a DNS-1123", id="bad-ns"),
         pytest.param(
             ["--green-image", "r/d:1", "--green-package", "."],
             "exclude each other",
@@ -319,6 +339,10 @@ CHART = Path(__file__).parents[2] / "charts" / "aml-rollout"
 _ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
 
 
+class RequiredValueError(Exception):
+    """What `helm template` reports (and exits on) when a `required` value is missing."""
+
+
 def render_template(text: str, root: dict[str, Any]) -> str:
     tokens: list[tuple[str, str]] = []
     pos, trim_next = 0, False
@@ -333,15 +357,22 @@ def render_template(text: str, root: dict[str, Any]) -> str:
 
     def value(expr: str, dot: Any) -> Any:
         head, *filters = (part.strip() for part in expr.split("|"))
+        message = None
+        if head.startswith("required "):  # required "message" .Values.x
+            quoted, _, head = head.removeprefix("required ").rpartition(" ")
+            message = json.loads(quoted)
         node = root if head.startswith("$") else dot
         for key in head.lstrip("$").split(".")[1:]:
             node = node[key] if key else node
+        if message is not None and node in (None, ""):  # Helm's rule: nil or empty fails
+            raise RequiredValueError(message)
         for name in filters:
             assert name == "quote", f"template function {name!r} not supported by this renderer"
             node = json.dumps(str(node))
         return node
 
-    def run(i: int, dot: Any, out: list[str]) -> int:
+    def run(i: int, dot: Any, out: list[str], live: bool = True) -> int:
+        """Render from token i to its `end`; not `live`: only find that end (evaluate nothing)."""
         while i < len(tokens):
             kind, body = tokens[i]
             if kind == "text":
@@ -350,13 +381,14 @@ def render_template(text: str, root: dict[str, Any]) -> str:
                 return i
             elif body.startswith(("if ", "range ")):
                 keyword, expr = body.split(" ", 1)
-                subject = value(expr, dot)
-                items = ([dot] if subject else []) if keyword == "if" else list(subject)
-                end = run(i + 1, dot, [])  # find the matching end
-                for item in items:
-                    run(i + 1, item, out)
+                end = run(i + 1, dot, [], live=False)  # find the matching end
+                if live:
+                    subject = value(expr, dot)
+                    items = ([dot] if subject else []) if keyword == "if" else list(subject)
+                    for item in items:
+                        run(i + 1, item, out)
                 i = end
-            else:
+            elif live:
                 rendered = value(body, dot)
                 out.append(str(rendered).lower() if isinstance(rendered, bool) else str(rendered))
             i += 1
@@ -458,3 +490,28 @@ def test_real_kubectl_applies_the_manifests_and_the_router_takes_over(tmp_path: 
         # merge patch replaces `spec.http` (a list) with the file's. docs/kubernetes.md says so.
         kubectl("apply", "--validate=false", "-f", str(out))
         assert router.get_weights() == Weights.blue_at(0)
+
+
+@pytest.mark.parametrize(
+    ("image", "model", "version"),
+    [
+        pytest.param("acr.io/team/diabetes:3", "diabetes", "3", id="tag"),
+        pytest.param("localhost:5000/diabetes:3", "diabetes", "3", id="registry-port"),
+        pytest.param(
+            "acr.io/team/diabetes:3@sha256:" + "a" * 64, "diabetes", "3", id="tag-and-digest"
+        ),
+    ],
+)
+def test_release_from_image(image: str, model: str, version: str) -> None:
+    from rollout.commands.manifests import release_from_image
+
+    release = release_from_image(image)
+    assert (release.model, release.version, release.image) == (model, version, image)
+
+
+@pytest.mark.parametrize("colour", ["green", "blue"])
+@pytest.mark.parametrize("missing", ["model", "version"])
+def test_the_chart_refuses_an_image_without_its_release_identity(colour: str, missing: str) -> None:
+    block = {"image": V1.image, "model": V1.model, "version": V1.version, "sha256": V1.sha256}
+    with pytest.raises(RequiredValueError, match=rf"{colour}\.{missing} is required"):
+        render_chart({colour: {**block, missing: ""}}, "ml")
