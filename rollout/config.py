@@ -494,12 +494,26 @@ def load_spec(path: str | Path) -> RolloutSpec:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if where := _boolean_key(data):
-        raise ConfigError(
-            f"{path}: {where}: a key YAML reads as a boolean (an unquoted on, off, yes or no); "
-            "quote it, or use the field's name"
-        )
-    return spec_from_dict(data, source=str(path))
+    where = _boolean_key(data)
+    if where is None:
+        return spec_from_dict(data, source=str(path))
+    problem = (
+        f"{path}: {where}: a key YAML reads as a boolean (an unquoted on, off, yes or no); "
+        "quote it, or use the field's name"
+    )
+    try:  # report the rest too, without pydantic's "Keys should be strings" for the same key
+        spec_from_dict(_without_boolean_keys(data), source=str(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{problem}\n{exc}") from None
+    raise ConfigError(problem)
+
+
+def _without_boolean_keys(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _without_boolean_keys(v) for k, v in data.items() if not isinstance(k, bool)}
+    if isinstance(data, list):
+        return [_without_boolean_keys(item) for item in data]
+    return data
 
 
 def _boolean_key(data: Any, where: str = "") -> str | None:

@@ -175,6 +175,11 @@ class Controller:
                 "green serves nothing: deploy the stable release first, or name it in the spec "
                 "(`stable:`) and the controller deploys it"
             )
+        if _same_bits(candidate, stable):
+            raise RolloutError(
+                f"green already serves {candidate.ref}: nothing to roll out (name another "
+                "candidate with --candidate or the spec's `candidate:`)"
+            )
         if serving is None:
             # A fresh data plane (dry run, first install): bring up the stable release first.
             log.info("green serves nothing: deploying %s:%s", stable.model, stable.version)
@@ -317,6 +322,11 @@ class Controller:
             remaining -= nap
             if remaining > 0 and with_commands(status, self.store.commands()) is not status:
                 return
+
+
+def _same_bits(a: Release, b: Release) -> bool:
+    """The same model bits in the same image (a new image of one model is a real candidate)."""
+    return (a.ref, a.sha256, a.image) == (b.ref, b.sha256, b.image)
 
 
 def _release_dict(release: Release) -> dict[str, Any]:

@@ -119,7 +119,8 @@ def run(
         ),
     ] = False,
 ) -> None:
-    """Drive a rollout to its end: promoted (exit 0), rolled back (3), held (4), failed (5)."""
+    """Drive a rollout to its end: promoted (exit 0), rolled back (3), held (4), failed (5),
+    error (2)."""
     import logging
 
     from rollout.api import run_rollout
@@ -176,6 +177,17 @@ def _read_status(parsed: RolloutSpec, state_dir: Path | None) -> Status | None:
         _fail(exc)
 
 
+def _controller(parsed: RolloutSpec, state_dir: Path | None) -> str | None:
+    """Who drives the rollout now (the lease holder), or None."""
+    from rollout.api import open_store
+    from rollout.errors import RolloutError
+
+    try:
+        return open_store(parsed, state_dir).controller()
+    except RolloutError as exc:
+        _fail(exc)
+
+
 def _settled(status: Status | None) -> bool:
     """Ended, or held for a human: nothing changes until someone acts."""
     return status is not None and (status.terminal or status.held)
@@ -183,12 +195,14 @@ def _settled(status: Status | None) -> bool:
 
 def _status_code(status: Status | None) -> int:
     if status is None or (status.phase.value == "Paused" and not status.held):
-        return EXIT_RUNNING  # an operator's pause: the controller still runs and guards
+        return EXIT_RUNNING  # not started yet, or an operator's pause the controller guards
     return _exit_code(status.phase.value)
 
 
-def _status_view(parsed: RolloutSpec, status: Status | None) -> Any:
+def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | None) -> Any:
     from rich.table import Table
+
+    from rollout.core.status import describe
 
     table = Table(title=f"rollout {parsed.name}", show_header=False, box=None)
     if status is None:
@@ -214,8 +228,16 @@ def _status_view(parsed: RolloutSpec, status: Status | None) -> Any:
                 f"{ev.baseline_bad}/{ev.baseline_requests}; e-value worse "
                 f"{_exp(ev.log_e_worse())}, not-worse {_exp(ev.log_e_ok())}",
             )
+    if status.applied < len(status.pending):
+        todo = status.pending[status.applied :]
+        table.add_row("not applied", escape("; ".join(describe(a) for a in todo)))
     if status.commands:
         table.add_row("queued", ", ".join(c.kind for c in status.commands))
+    if controller:
+        table.add_row("controller", escape(controller))
+    elif not status.terminal:
+        what = "answer with resume, promote or abort, then" if status.held else "resume it with"
+        table.add_row("controller", f"none running: {what} `aml-rollout rollout run SPEC`")
     return table
 
 
@@ -238,18 +260,41 @@ def status(
     current = _read_status(parsed, state_dir)
     if as_json:
         _out.print_json(json.dumps(current.to_dict() if current else None))
+    elif watch and not _out.is_terminal:
+        current = _follow(parsed, state_dir, current, timeout)
     elif watch:
         from rich.live import Live
 
         deadline = time.monotonic() + timeout
-        with Live(_status_view(parsed, current), console=_out, refresh_per_second=2) as live:
+        view = _status_view(parsed, current, _controller(parsed, state_dir))
+        with Live(view, console=_out, refresh_per_second=2) as live:
             while time.monotonic() < deadline and not _settled(current):
                 time.sleep(1.0)
                 current = _read_status(parsed, state_dir)
-                live.update(_status_view(parsed, current))
+                live.update(_status_view(parsed, current, _controller(parsed, state_dir)))
     else:
-        _out.print(_status_view(parsed, current))
+        _out.print(_status_view(parsed, current, _controller(parsed, state_dir)))
     raise typer.Exit(_status_code(current))
+
+
+def _follow(
+    parsed: RolloutSpec, state_dir: Path | None, current: Status | None, timeout: float
+) -> Status | None:
+    """`status --watch` into a pipe or a file: one plain line per change, not a live panel."""
+    deadline = time.monotonic() + timeout
+    shown: tuple[object, ...] | None = None
+    while True:
+        if current is not None:
+            line = (current.phase.value, current.blue_weight, current.reason)
+            if line != shown:
+                stamp = time.strftime("%H:%M:%S")
+                text = f"{stamp} {line[0]:<11} blue {line[1]:>3} %  {line[2]}"
+                _out.print(text, markup=False, soft_wrap=True)
+                shown = line
+        if _settled(current) or time.monotonic() >= deadline:
+            return current
+        time.sleep(1.0)
+        current = _read_status(parsed, state_dir)
 
 
 def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = None) -> None:
@@ -281,7 +326,13 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
         )
     except RolloutError as exc:
         _fail(exc)
-    _out.print(f"queued {kind} for rollout {parsed.name}; the controller acts at its next tick")
+    if store.controller():
+        _out.print(f"queued {kind} for rollout {parsed.name}; the controller acts at its next tick")
+    else:
+        _out.print(
+            f"queued {kind} for rollout {parsed.name}; no controller is running: "
+            f"`aml-rollout rollout run {spec}` acts on it"
+        )
 
 
 @rollout_app.command()
@@ -320,16 +371,31 @@ def set_weight(
 
 @rollout_app.command()
 def explain(
-    ledger: Annotated[Path, typer.Argument(help="A rollout ledger (*.ledger.jsonl).")],
+    path: Annotated[
+        Path,
+        typer.Argument(help="A rollout ledger (*.ledger.jsonl), or the rollout's spec (YAML)."),
+    ],
+    state_dir: StateDirOpt = None,
 ) -> None:
     """Tell the story of a rollout from its ledger, in plain words."""
-    from rollout.errors import RolloutError
+    from rollout.api import ledger_path_of
+    from rollout.errors import RolloutError, StateError
     from rollout.ledger import explain as story
     from rollout.ledger import read_ledger
 
+    ledger = path
+    if path.suffix in (".yaml", ".yml"):
+        ledger = ledger_path_of(_load(path), state_dir)
+    elif path.name.endswith(".status.json"):
+        ledger = path.with_name(path.name.removesuffix(".status.json") + ".ledger.jsonl")
     try:
         records = read_ledger(ledger)
+        if not records and ledger.stat().st_size:
+            raise StateError(
+                f"{ledger} is not a rollout ledger (no JSON lines): give the rollout's "
+                "<name>.ledger.jsonl, or its spec"
+            )
     except RolloutError as exc:
         _fail(exc)
     for line in story(records):
-        _out.print(line)
+        _out.print(escape(line))

@@ -27,5 +27,8 @@ class StateStore(Protocol):
     def commands(self) -> list[Command]:
         """Every queued command, oldest first (the machine skips ids it has handled)."""
 
+    def controller(self) -> str | None:
+        """Who holds the lease now ("ann's controller pid 12 on host since ..."), None if nobody."""
+
     def lease(self, owner: str) -> AbstractContextManager[None]:
         """Hold the rollout's lease for the block; LeaseHeldError if another controller has it."""

@@ -102,6 +102,24 @@ class FileStateStore:
                 continue
         return out
 
+    def controller(self) -> str | None:
+        """The lease holder, probed without waiting (the probe holds the lock for microseconds)."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"cannot read {self.lock_path}: {exc.strerror}") from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return self.lock_path.read_text(encoding="utf-8").strip() or "a controller"
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     @contextmanager
     def lease(self, owner: str) -> Iterator[None]:
         """Hold an exclusive fcntl lock on the lock file for the block."""

@@ -38,6 +38,10 @@ class MemoryStateStore:
         """All queued commands."""
         return list(self._commands)
 
+    def controller(self) -> str | None:
+        """The lease holder in this process, if any."""
+        return self._leases.get(self.name)
+
     @contextmanager
     def lease(self, owner: str) -> Iterator[None]:
         """Exclusive per rollout name in this process."""

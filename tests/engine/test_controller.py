@@ -356,3 +356,11 @@ def test_a_stored_rollout_of_another_candidate_is_not_reported_as_this_one(
     with pytest.raises(RolloutError, match=r"has ended \(Succeeded\), and diabetes:3 was asked"):
         other.run(max_ticks=1)
     assert other.run(max_ticks=1, restart=True).candidate == v3
+
+
+def test_the_release_green_serves_is_no_candidate(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V2})
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]))
+    with pytest.raises(RolloutError, match="green already serves diabetes:2: nothing to roll out"):
+        ctl.run(max_ticks=1)
+    assert router.release(Colour.BLUE) is None

@@ -17,6 +17,7 @@ from rollout.commands.rollout import (
     EXIT_ROLLED_BACK,
     EXIT_RUNNING,
 )
+from rollout.core.status import Status
 from tests.engine.specs import write_spec
 
 runner = CliRunner()
@@ -66,6 +67,15 @@ def test_validate_explains_a_key_yaml_read_as_a_boolean(tmp_path: Path) -> None:
     assert "notify: a key YAML reads as a boolean (an unquoted on, off, yes or no)" in " ".join(
         out.split()
     )
+
+
+def test_validate_reports_the_other_problems_with_a_boolean_key(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text('name: x\nsteps: [3, 1]\nnotify: {url: "http://x", on: [Paused]}\n')
+    code, out = invoke("validate", str(path))
+    text = " ".join(out.split())
+    assert code == EXIT_ERROR and "reads as a boolean" in text and "steps" in text
+    assert "Keys should be strings" not in text
 
 
 def test_validate_reports_a_missing_file(tmp_path: Path) -> None:
@@ -172,6 +182,54 @@ def test_error_text_is_printed_as_is_not_as_markup(tmp_path: Path) -> None:
     path = write_spec(tmp_path, name="Diabetes")
     code, out = invoke("validate", str(path))
     assert code == EXIT_ERROR and "^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$" in out
+
+
+def test_explain_takes_the_ledger_the_spec_or_the_status_file(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, canary_error=0.08)
+    assert invoke("run", str(spec), "--simulated-time", "-q")[0] == EXIT_ROLLED_BACK
+    state = tmp_path / "state"
+    for given in (state / "cli.ledger.jsonl", spec, state / "cli.status.json"):
+        code, out = invoke("explain", str(given))
+        assert code == 0 and "rolled back at step 10 %" in out, given
+    code, out = invoke("explain", str(state / "cli.commands.jsonl.missing"))
+    assert code == EXIT_ERROR and "cannot read ledger" in out
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a ledger\n")
+    code, out = invoke("explain", str(notes))
+    assert code == EXIT_ERROR and "is not a rollout ledger" in " ".join(out.split())
+
+
+def test_status_says_when_no_controller_drives_the_rollout(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, metrics={"kind": "static", "ticks": []})
+    from rollout.api import open_store, run_rollout
+    from rollout.controller import FakeClock
+
+    run_rollout(spec, clock=FakeClock(0.0), max_ticks=1)
+    code, out = invoke("status", str(spec))
+    assert code == EXIT_RUNNING and "none running" in out
+    code, out = invoke("abort", str(spec))
+    assert code == 0 and "no controller is running" in " ".join(out.split())
+    store = open_store(spec)
+    with store.lease("ann's controller"):
+        assert "ann's controller pid" in (store.controller() or "")
+        code, out = invoke("status", str(spec))
+        assert "ann's controller pid" in out and "none running" not in out
+    assert store.controller() is None
+
+
+def test_status_shows_actions_decided_but_not_applied(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path)
+    from dataclasses import replace
+
+    from rollout.api import open_store
+    from rollout.core.status import SetWeights
+    from rollout.core.types import Phase
+
+    store = open_store(spec)
+    store.save(replace(Status(name="cli", phase=Phase.PROGRESSING), pending=(SetWeights(10),)))
+    code, out = invoke("status", str(spec))
+    assert code == EXIT_RUNNING
+    assert "not applied" in out and "set weights blue 10 % / green 90 %" in out, out
 
 
 def test_explain_of_a_missing_ledger_is_a_clear_error(tmp_path: Path) -> None:
