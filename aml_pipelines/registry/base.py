@@ -58,3 +58,6 @@ class ModelRegistry(Protocol):
 
     def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersion]:
         """Versions of `name` whose tag `key` equals `value`, oldest first."""
+
+    def names(self) -> list[str]:
+        """Every model name with at least one version, sorted."""

@@ -7,6 +7,9 @@
     azureml:SUB/RESOURCE_GROUP/WS    an explicit Azure ML workspace (DefaultAzureCredential)
 
 An unknown kind is a ConfigError naming the accepted kinds; there is no silent fallback.
+Readers that would otherwise wait on nothing (the triggers) pass `must_exist=True`: a `local`
+root that is not a folder is then a ConfigError instead of an empty registry. Writers (the
+register step) leave it False: the first registration creates the folder.
 """
 
 from __future__ import annotations
@@ -27,14 +30,23 @@ def default_spec() -> str:
     return os.environ.get(ENV_VAR) or "local"
 
 
-def open_registry(spec: str | None = None, *, ml_client: Any = None) -> ModelRegistry:
+def open_registry(
+    spec: str | None = None, *, ml_client: Any = None, must_exist: bool = False
+) -> ModelRegistry:
     """Build the registry a spec names (see the module docstring); `ml_client` overrides Azure."""
     spec = spec or default_spec()
     kind, _, arg = spec.partition(":")
     if kind == "local":
         from aml_pipelines.registry.local import LocalRegistry, default_root
 
-        return LocalRegistry(Path(arg) if arg else default_root())
+        registry = LocalRegistry(Path(arg) if arg else default_root())
+        if must_exist and not registry.root.is_dir():
+            raise ConfigError(
+                f"registry {spec!r}: {registry.root} does not exist (nothing was ever registered "
+                "there); check --registry / $AML_ROLLOUT_REGISTRY, or create the folder to "
+                "wait for a first registration"
+            )
+        return registry
     if kind == "azureml":
         from aml_pipelines.registry.azureml import AzureMLRegistry, workspace_client
 

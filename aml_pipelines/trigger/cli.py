@@ -26,6 +26,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from aml_pipelines.registry.base import ModelRegistry
     from aml_pipelines.trigger.dispatch import Dispatcher
 
 trigger_app = typer.Typer(no_args_is_help=True)
@@ -192,14 +195,15 @@ def _dispatcher(
         client = build.workspace_client(
             choice.subscription or "", choice.resource_group or "", choice.workspace or ""
         )
-        registry = open_registry(registry_spec, ml_client=client)
+        registry = open_registry(registry_spec, ml_client=client, must_exist=True)
         delivery = PipelineDelivery(
             client, spec, state_dir, compute=choice.compute, image_registry=image_registry
         )
     else:
         from aml_pipelines.delivery import EngineDelivery
 
-        registry = open_registry(registry_spec or None)
+        # A mistyped local path would otherwise be an empty registry, polled forever for nothing.
+        registry = open_registry(registry_spec or None, must_exist=True)
         delivery = EngineDelivery(
             registry,
             Path(spec),
@@ -207,6 +211,33 @@ def _dispatcher(
             image_registry=image_registry or "localhost",
         )
     return Dispatcher(TriggerStore(state_dir), registry, delivery, supersede=supersede)
+
+
+def _warn_unknown_models(registry: ModelRegistry, models: Sequence[str]) -> list[str]:
+    """Warn about each of `models` the registry holds no version of, naming those it holds.
+
+    Returns the unknown ones. A warning, not an error: a model name exists in a registry only
+    from its first registration, so a trigger set up before the first training run is
+    legitimate. A typo is what this catches.
+    """
+    from aml_pipelines.errors import PipelineError
+
+    if not models:
+        return []
+    try:
+        known = registry.names()
+    except PipelineError as exc:  # unreachable registry: the first poll or delivery reports it
+        logging.getLogger(__name__).warning("could not list the models in %r: %s", registry, exc)
+        return []
+    if missing := [name for name in models if name not in known]:
+        logging.getLogger(__name__).warning(
+            "%r has no model %s (it holds: %s); nothing is delivered until one is registered "
+            "— check --model",
+            registry,
+            " or ".join(repr(name) for name in missing),
+            ", ".join(known) or "no model yet",
+        )
+    return missing
 
 
 def _stop_on_signals(stop: Any) -> None:
@@ -253,6 +284,7 @@ def watch(
         registry, spec, state_dir, rollout_state_dir, image_registry, supersede, choice
     )
     dispatcher.wait_interval_s = interval
+    unknown = _warn_unknown_models(dispatcher.registry, [model])
     watcher = Watcher(
         dispatcher.registry, model, dispatcher, required_tags=required, interval_s=interval
     )
@@ -263,7 +295,9 @@ def watch(
         for outcome in outcomes:
             typer.echo(f"{outcome.model} v{outcome.version}: {outcome.phase} {outcome.reason}")
         if not outcomes:
-            typer.echo(f"{model}: no new version to deliver")
+            typer.echo(
+                f"{model}: " + ("not in the registry" if unknown else "no new version to deliver")
+            )
 
 
 @trigger_app.command("serve")
@@ -314,6 +348,7 @@ def serve(
     dispatcher = _dispatcher(
         registry, spec, state_dir, rollout_state_dir, image_registry, supersede, choice
     )
+    _warn_unknown_models(dispatcher.registry, model or [])
     store = dispatcher.store
     with store.lock("serve", f"a webhook server on {state_dir}").held(blocking=False):
         dispatcher.delivery.reconcile()

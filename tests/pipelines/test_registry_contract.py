@@ -59,8 +59,10 @@ def test_versions_count_up_from_one(backend) -> None:
     assert isinstance(registry, ModelRegistry)
     assert registry.latest("contract-model") is None
     assert registry.list_versions("contract-model") == []
+    assert registry.names() == []  # the triggers warn about a --model the registry lacks
     versions = [_register(registry, source, i).version for i in range(3)]
     assert versions == [1, 2, 3]
+    assert registry.names() == ["contract-model"]
     latest = registry.latest("contract-model")
     assert latest is not None and latest.version == 3
     assert [v.version for v in registry.list_versions("contract-model")] == [1, 2, 3]

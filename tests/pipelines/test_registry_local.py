@@ -168,6 +168,16 @@ def test_factory_maps_kinds_and_refuses_unknown_ones(tmp_path: Path) -> None:
         open_registry("mlflow:x")
 
 
+def test_readers_can_require_the_local_folder_to_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    assert isinstance(open_registry(f"local:{missing}"), LocalRegistry)  # a writer creates it
+    assert not missing.exists()
+    with pytest.raises(ConfigError, match=f"{missing} does not exist"):
+        open_registry(f"local:{missing}", must_exist=True)
+    missing.mkdir()  # an empty registry, waiting for its first registration, is fine
+    assert open_registry(f"local:{missing}", must_exist=True).names() == []
+
+
 def test_a_sha256_tag_is_a_claim_that_is_checked(registry: LocalRegistry, tmp_path: Path) -> None:
     source = write_model_folder(tmp_path / "src")
     with pytest.raises(IntegrityError, match="the tags claim"):

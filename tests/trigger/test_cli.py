@@ -256,3 +256,47 @@ def test_a_second_watch_command_exits_with_the_holders_pid(
     finally:
         first.kill()
         first.communicate()
+
+
+@pytest.mark.parametrize("command", ["watch", "serve"])
+def test_a_registry_folder_that_does_not_exist_is_one_clear_line(
+    tmp_path: Path, command: str
+) -> None:
+    # It used to be an empty registry: `--once` said "no new version to deliver" and exited 0,
+    # and without it the trigger polled a typo forever.
+    _spec(tmp_path)
+    args = ["--model", "diabetes", *(["--once"] if command == "watch" else ["--port", "0"])]
+    env = {**os.environ, "AML_ROLLOUT_TRIGGER_SECRET": SECRET}
+    result = _run(_cli(tmp_path, command, *args), env=env)
+    assert result.returncode == 2, result.stdout
+    assert f"{tmp_path / 'registry'} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not (tmp_path / "trigger").exists()  # refused before anything was written
+
+
+def test_watch_warns_when_the_registry_has_no_such_model(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    result = _run(_cli(tmp_path, "watch", "--model", "diabetis", "--once"))
+    assert result.returncode == 0, result.stderr
+    assert "has no model 'diabetis' (it holds: diabetes)" in result.stderr
+    assert result.stdout == "diabetis: not in the registry\n"
+
+
+def test_serve_warns_about_a_model_filter_that_names_no_model(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    env = {**os.environ, "AML_ROLLOUT_TRIGGER_SECRET": SECRET}
+    cmd = _cli(tmp_path, "serve", "--port", "0", "--model", "diabetes", "--model", "diabetis")
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("listening on ")  # a warning, still serving
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert "has no model 'diabetis' (it holds: diabetes)" in stderr
+    assert "'diabetes' (" not in stderr  # the model it has is not warned about
