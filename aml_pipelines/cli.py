@@ -3,7 +3,9 @@
 Only typer, rich and the standard library are imported at module level; azure.ai.ml and the
 registry backends load inside the command that needs them, so `aml-rollout --help` stays fast.
 Every error a user can fix (PipelineError) prints one red line and exits non-zero: 2 for bad
-input or configuration, a failed step's own exit code for `run-local`.
+input or configuration, a failed step's own exit code for `run-local`. A rollout that ran and was
+not promoted (rolled back, paused) is an outcome, not an error: `run-local` reports it as such,
+with the reason and the ledger, and still exits with the rollout step's code (3, 5).
 """
 
 from __future__ import annotations
@@ -222,7 +224,7 @@ def run_local(
 ) -> None:
     """Run the pipeline's steps here, as subprocesses, with a local registry."""
     with _user_errors():
-        from aml_pipelines.errors import ConfigError
+        from aml_pipelines.errors import ConfigError, RolloutNotPromoted
         from aml_pipelines.local_runner import run_local as run
 
         spec = registry or "local"
@@ -233,7 +235,12 @@ def run_local(
                 "--until rollout needs --rollout-spec FILE (the bundled example targets Azure)"
             )
         pipeline_params = parse_params(params, rollout_spec=rollout_spec, registry=spec)
-        result = run(pipeline_params, run_dir=run_dir, until=until, sink=_echo)
+        try:
+            result = run(pipeline_params, run_dir=run_dir, until=until, sink=_echo)
+        except RolloutNotPromoted as verdict:
+            # The rollout did its job (a rollback protects production): say what it decided.
+            out.print(f"[bold yellow]{verdict}[/]")
+            raise typer.Exit(verdict.exit_code) from None
     total = sum(step.seconds for step in result.steps.values())
     out.print(f"[green]local run complete[/] in {total:.1f} s: {result.run_dir}")
     registration = result.run_dir / "register" / "registration" / "registration.json"

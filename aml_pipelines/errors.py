@@ -4,6 +4,7 @@
     ├── ConfigError           an argument, a config value or input data is invalid (names the field)
     ├── ComponentError        a component YAML does not load or validate
     ├── StepFailed            a step's command exited non-zero (carries the exit code)
+    │   └── RolloutNotPromoted  the rollout step's verdict: rolled back or paused (not a crash)
     ├── GateRefused           the register gate refused a worse model
     ├── RegistryError         the model registry failed
     │   ├── ModelNotFound     no such model or version
@@ -36,6 +37,23 @@ class StepFailed(PipelineError):
         super().__init__(f"step {step!r} failed with exit code {exit_code}")
         self.step = step
         self.exit_code = exit_code
+
+
+class RolloutNotPromoted(StepFailed):
+    """The rollout step ended with a verdict other than promotion: rolled back, or paused.
+
+    A StepFailed, so scripts and callers still see a non-zero exit; its own class so that the
+    local runner's caller reports an outcome, not a crash.
+    """
+
+    def __init__(self, exit_code: int, outcome: str, reason: str, ledger: str) -> None:
+        super().__init__("rollout", exit_code)
+        self.outcome = outcome
+        self.reason = reason
+        self.ledger = ledger
+        detail = f": {reason}" if reason else ""
+        where = f" — see the ledger: {ledger}" if ledger else ""
+        self.args = (f"rollout: {outcome} (exit {exit_code}){detail}{where}",)
 
 
 class GateRefused(PipelineError):

@@ -11,7 +11,10 @@ and walks its nodes:
    kept only when their inputs are bound, `${{inputs.x}}` / `${{outputs.y}}` are substituted;
 4. run it as a subprocess in the component's code folder (`python` is this interpreter), stream
    its output line by line with a `[node]` prefix into `<run_dir>/<node>/std_log.txt` and the
-   caller's sink, and stop at the first non-zero exit with StepFailed(node, exit_code).
+   caller's sink, and stop at the first non-zero exit with StepFailed(node, exit_code) — except
+   the rollout step's verdicts (3 rolled back, 5 paused: components/rollout/main.py), which raise
+   RolloutNotPromoted (a StepFailed) carrying the outcome, the reason and the ledger from
+   result.json, so that a correct rollback is reported as an outcome and not as a crash.
 
 azure.ai.ml is imported once, here, to load the components; the steps themselves never import it
 (unless they talk to Azure), so a local run costs about one SDK import plus the steps.
@@ -33,8 +36,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aml_pipelines.errors import ComponentError, ConfigError, StepFailed
+from aml_pipelines.errors import ComponentError, ConfigError, RolloutNotPromoted, StepFailed
+from aml_pipelines.fileio import read_json
 from aml_pipelines.pipeline import STEPS, PipelineParams, build_pipeline
+from components.rollout.main import EXIT_PAUSED, EXIT_ROLLED_BACK
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,9 @@ _PARENT_INPUT = re.compile(r"^\$\{\{parent\.inputs\.(\w+)\}\}$")
 _PARENT_OUTPUT = re.compile(r"^\$\{\{parent\.jobs\.(\w+)\.outputs\.(\w+)\}\}$")
 
 Sink = Callable[[str], None]
+
+# The rollout step's exit codes that are verdicts of a rollout that ran, not failures.
+ROLLOUT_VERDICTS = {EXIT_ROLLED_BACK: "rolled back", EXIT_PAUSED: "paused for a human decision"}
 
 
 @dataclass(frozen=True)
@@ -144,11 +152,33 @@ def run_local(
         )
         step = StepRun(node.name, argv, code, outputs, time.monotonic() - started)
         result.steps[node.name] = step
+        if node.name == "rollout" and code in ROLLOUT_VERDICTS:
+            verdict = _verdict(code, outputs.get("result"))
+            emit(f"[{node.name}] {verdict.outcome} (exit {code}) after {step.seconds:.1f} s")
+            raise verdict
         if code != 0:
             emit(f"[{node.name}] failed with exit code {code} after {step.seconds:.1f} s")
             raise StepFailed(node.name, code)
         emit(f"[{node.name}] done in {step.seconds:.1f} s")
     return result
+
+
+def _verdict(code: int, result: Path | None) -> RolloutNotPromoted:
+    """The rollout's verdict, with the reason and ledger its result.json records (if readable)."""
+    record: Any = {}
+    if result is not None and (result / "result.json").is_file():
+        try:
+            record = read_json(result / "result.json")
+        except ValueError:
+            log.warning("%s is damaged; reporting the exit code alone", result / "result.json")
+    if not isinstance(record, dict):
+        record = {}
+    return RolloutNotPromoted(
+        code,
+        ROLLOUT_VERDICTS[code],
+        str(record.get("reason") or ""),
+        str(record.get("ledger") or ""),
+    )
 
 
 def render_command(

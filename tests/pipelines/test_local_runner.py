@@ -7,13 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from aml_pipelines.errors import ComponentError, ConfigError, StepFailed
-from aml_pipelines.local_runner import render_command, run_local
+from aml_pipelines.errors import ComponentError, ConfigError, RolloutNotPromoted, StepFailed
+from aml_pipelines.local_runner import _verdict, render_command, run_local
 from aml_pipelines.pipeline import PipelineParams
 from aml_pipelines.registry.base import Stage
 from aml_pipelines.registry.local import LocalRegistry
 from components.register.main import EXIT_GATE_REFUSED
+from components.rollout.main import EXIT_PAUSED, EXIT_ROLLED_BACK
 
 COMMAND = (
     "python -m x --a ${{inputs.a}} $[[--b ${{inputs.b}}]] --flag ${{inputs.f}} --out ${{outputs.o}}"
@@ -128,3 +130,69 @@ def test_all_four_steps_with_a_dry_run_rollout(tmp_path: Path) -> None:
     assert result["phase"] == "Succeeded"
     assert result["candidate"]["model_dir"] == str(run.output("package", "package"))
     assert result["candidate"]["image"] == "amlrollout.azurecr.io/diabetes-ridge:1"
+
+
+@pytest.mark.slow
+def test_run_local_reports_a_rollback_as_an_outcome_not_a_crash(tmp_path: Path) -> None:
+    # It printed "error: step 'rollout' failed with exit code 3" for a rollback that did its job.
+    from rollout.cli import app
+
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(DRY_RUN_SPEC.replace("rps: 200000", "rps: 200000, canary: {error_rate: 0.3}"))
+    result = CliRunner().invoke(
+        app,
+        ["pipeline", "run-local", "--until", "rollout", "--rollout-spec", str(spec),
+         "--registry", f"local:{tmp_path / 'registry'}", "--run-dir", str(tmp_path / "run")],
+        terminal_width=400,
+    )  # fmt: skip
+    assert result.exit_code == EXIT_ROLLED_BACK, result.output  # scripts still see "not promoted"
+    ledger = tmp_path / "run" / "rollout" / "result" / "local-runner.ledger.jsonl"
+    assert "rollout: rolled back (exit 3): rolled back at step 50 %: canary error rate" in (
+        result.output
+    )
+    assert f"see the ledger: {ledger}" in result.output and ledger.is_file()
+    assert "error:" not in result.output and "failed with exit code" not in result.output
+    registry = LocalRegistry(tmp_path / "registry")
+    assert registry.get("diabetes-ridge", 1).stage == Stage.ROLLED_BACK
+
+
+def test_run_local_still_reports_a_failed_step_as_an_error(tmp_path: Path) -> None:
+    from rollout.cli import app
+
+    bad = tmp_path / "data"
+    bad.mkdir()
+    (bad / "d.csv").write_text("a,y\n1,2\n")
+    result = CliRunner().invoke(
+        app,
+        ["pipeline", "run-local", "--until", "train", "-p", f"data={bad}", "-p", "target=y",
+         "--registry", f"local:{tmp_path / 'registry'}", "--run-dir", str(tmp_path / "run")],
+        terminal_width=400,
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "error: step 'train' failed with exit code 1" in result.output
+
+
+@pytest.mark.parametrize(
+    ("code", "record", "message"),
+    [
+        pytest.param(EXIT_ROLLED_BACK, {"reason": "5xx", "ledger": "/l.jsonl"},
+                     "rollout: rolled back (exit 3): 5xx — see the ledger: /l.jsonl",
+                     id="rolled-back"),
+        pytest.param(EXIT_PAUSED, {"reason": "inconclusive", "ledger": "/l.jsonl"},
+                     "rollout: paused for a human decision (exit 5): inconclusive — see the "
+                     "ledger: /l.jsonl", id="paused"),
+        pytest.param(EXIT_ROLLED_BACK, None, "rollout: rolled back (exit 3)", id="no-result"),
+        pytest.param(EXIT_PAUSED, "{truncated", "rollout: paused for a human decision (exit 5)",
+                     id="damaged-result"),
+    ],
+)  # fmt: skip
+def test_a_rollout_verdict_names_the_outcome_reason_and_ledger(
+    tmp_path: Path, code: int, record: object, message: str
+) -> None:
+    if record is not None:
+        text = record if isinstance(record, str) else json.dumps(record)
+        (tmp_path / "result.json").write_text(text)
+    verdict = _verdict(code, tmp_path)
+    assert isinstance(verdict, StepFailed)  # callers catching StepFailed still stop
+    assert isinstance(verdict, RolloutNotPromoted)
+    assert (verdict.step, verdict.exit_code, str(verdict)) == ("rollout", code, message)
