@@ -13,17 +13,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 if TYPE_CHECKING:
     from aml_pipelines.pipeline import DeployParams, PipelineParams
+    from aml_pipelines.registry.base import ModelVersion
 
 EXIT_USER_ERROR = 2
 
@@ -276,22 +278,12 @@ def list_versions(
         from aml_pipelines.delivery import serving_column
 
         reg = _open(registry)
-        names = [name] if name else reg.names()
-        table = Table("model", "version", "stage", "serving", "mse", "r2", "sha256", "created")
-        for model in names:
+        rows = []
+        for model in [name] if name else reg.names():
             versions = reg.list_versions(model)
             colours = serving_column(versions, rollout_spec)
-            for mv in versions:
-                table.add_row(
-                    mv.name,
-                    str(mv.version),
-                    mv.stage or "-",
-                    colours.get(mv.version, "-"),
-                    _short(mv.tags.get("mse")),
-                    _short(mv.tags.get("r2")),
-                    mv.sha256[:12],
-                    mv.created_at,
-                )
+            rows += [(mv, colours.get(mv.version, "-")) for mv in versions]
+        table = versions_table(rows)
     if table.row_count:
         out.print(table)
     else:
@@ -331,6 +323,44 @@ def tag(
             pairs[key] = value
         mv = _open(registry).set_tags(name, version, pairs)
     out.print(f"{mv.name}:{mv.version} tags: {json.dumps(dict(mv.tags), sort_keys=True)}")
+
+
+def versions_table(rows: Iterable[tuple[ModelVersion, str]]) -> Table:
+    """The `registry list` table of (version, serving colour) rows, readable at 80 columns.
+
+    model, version and stage are what a reader scans for, so they never wrap or get cut; the other
+    columns fold when the terminal is narrow (serving wraps "green 75%" at its space). Borderless,
+    with the sha256 shortened to 7 hex digits (as git does) and `created` to the date (UTC), one
+    version is one line at 80 columns for model names up to 14 characters (diabetes-ridge; about 11
+    mid-rollout, when serving reads "green 75%"); `registry show` prints the full values.
+    """
+    # no_wrap: never wrapped, and cut only if the folding columns cannot give way enough
+    table = Table(
+        Column("model", no_wrap=True),
+        Column("version", no_wrap=True),
+        Column("stage", no_wrap=True),
+        Column("serving", overflow="fold"),
+        Column("mse", overflow="fold"),
+        Column("r2", overflow="fold"),
+        Column("sha256", overflow="fold"),
+        Column("created", no_wrap=True),  # a date folded mid-way reads worse than a wrapped colour
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    for mv, colour in rows:
+        table.add_row(
+            mv.name,
+            str(mv.version),
+            mv.stage or "-",
+            colour,
+            _short(mv.tags.get("mse")),
+            _short(mv.tags.get("r2")),
+            mv.sha256[:7],
+            mv.created_at[:10] or "-",
+        )
+    return table
 
 
 def _short(value: str | None) -> str:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import re
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
+from aml_pipelines.cli import versions_table
+from aml_pipelines.registry.base import ModelVersion
 from rollout.cli import app
 from tests.pipelines.conftest import write_model_folder
 
@@ -140,3 +145,39 @@ def test_registry_refuses_a_tampered_model(tmp_path: Path) -> None:
     result = invoke("registry", "show", "m", "1", "--registry", f"local:{tmp_path / 'reg'}")
     assert result.exit_code == 2
     assert "m:1 is corrupted: model.skops has sha256" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param("diabetes-ridge", id="one-line-per-version"),
+        pytest.param("diabetes-ridge-nightly-retrain", id="long-name-folds-the-others"),
+    ],
+)
+def test_registry_list_never_cuts_model_version_or_stage_at_80_columns(model: str) -> None:
+    # At 80 columns it printed `diabete…`, `product…`, `rolled-…`: the very columns one reads.
+    rows = [
+        (1, "archived", "-"),
+        (2, "production", "green 75%"),
+        (3, "rolled-back", "-"),
+        (14, "candidate", "blue 25%"),
+    ]
+    table = versions_table(
+        (
+            ModelVersion(model, version, f"uri:{version}", f"{version:07x}".ljust(64, "f"),
+                         {"stage": stage, "mse": "3077.1234", "r2": "0.45123"},
+                         "2026-11-29T08:05:00+00:00"),
+            serving,
+        )
+        for version, stage, serving in rows
+    )  # fmt: skip
+    console = Console(width=80, file=io.StringIO(), record=True)
+    console.print(table)
+    text = console.export_text()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for version, stage, _ in rows:
+        line = re.search(rf"^{model}  +{version}  +{stage}  .*$", text, re.MULTILINE)
+        assert line, text
+        if len(model) <= 14:  # the common case: only "green 75%" wraps, at its space
+            assert line.group().endswith(f"{version:07x}  2026-11-29"), text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,10 +94,9 @@ def _registry_list(tmp: Path) -> dict[str, str]:
         terminal_width=200,
     )
     assert result.exit_code == 0, result.output
-    rows = [
-        line.split("│") for line in result.output.splitlines() if line.startswith("│ diabetes ")
-    ]
-    return {cells[2].strip(): cells[4].strip() for cells in rows}
+    # borderless: cells are separated by two or more spaces ("blue 25%" keeps its one space)
+    rows = [re.split(r"\s{2,}", line) for line in result.output.splitlines()]
+    return {cells[1]: cells[3] for cells in rows if cells[0] == "diabetes"}
 
 
 def _ledger_starts(tmp: Path) -> int:
