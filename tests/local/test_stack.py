@@ -159,3 +159,17 @@ def test_a_workdir_serves_again_after_a_stop_and_after_a_crash(
         assert (served.status_code, served.json()["version"]) == (200, "2")
     finally:
         second.stop()
+
+
+def test_a_server_that_dies_on_start_says_why_and_where_its_log_is(tmp_path: Path) -> None:
+    from rollout.core.types import Release
+    from rollout.errors import RouterError
+
+    (tmp_path / "empty").mkdir()
+    workloads = ScoringProcesses(tmp_path / "workloads")
+    with pytest.raises(RouterError) as failed:
+        workloads.start(Colour.GREEN, Release("diabetes", "9", model_dir=str(tmp_path / "empty")))
+    message = str(failed.value)
+    assert "did not start" in message
+    assert "holds neither package.json" in message  # the cause, from the server's log
+    assert str(tmp_path / "workloads" / "green-") in message and ".log" in message
