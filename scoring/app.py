@@ -43,6 +43,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, Field
 from starlette.routing import Route
 
+from scoring.auth import api_key_problem
 from scoring.errors import InputError, ModelLoadError
 from scoring.faults import FaultKnob
 from scoring.inputs import DEFAULT_MAX_ROWS
@@ -292,11 +293,13 @@ def create_app(
     """
     if max_body_bytes < 1 or max_rows < 1:
         raise ValueError("max_body_bytes and max_rows must be positive")
+    if (problem := api_key_problem(api_keys)) is not None:
+        raise ValueError(problem)
     state = ServerState(
         colour=colour,
         registry=registry if registry is not None else CollectorRegistry(),
         fault=fault if fault is not None else FaultKnob(),
-        api_keys=tuple(k.encode() for k in api_keys if k),
+        api_keys=tuple(k.encode() for k in api_keys),
         max_body_bytes=max_body_bytes,
         max_rows=max_rows,
     )

@@ -358,3 +358,14 @@ def test_unexpected_error_is_a_counted_500(
     assert response.json() == {"error": "internal error while scoring"}
     assert sample(registry, "scoring_requests_total", "500") == 1
     assert "bug in the model" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "keys", [("",), (KEY, " "), (f" {KEY}",)], ids=["empty", "blank", "padded"]
+)
+def test_create_app_refuses_a_key_that_would_mean_no_auth(
+    loaded: LoadedModel, registry: CollectorRegistry, keys: tuple[str, ...]
+) -> None:
+    # Was: empty keys were dropped, so `--api-key ""` served /score to anyone.
+    with pytest.raises(ValueError, match="API key"):
+        create_app(loaded, registry=registry, api_keys=keys)
