@@ -6,7 +6,8 @@ Routes:
 - `GET /score` -> the model identity (what the seed's `curl $GATEWAY_IP/score` showed)
 - `GET /healthz` (process alive), `GET /readyz` (200 only once the model is loaded)
 - `GET /metrics` (Prometheus text from the injected registry, see scoring.metrics)
-- `GET|PUT /admin/fault` (the fault knob; loopback clients only, key-protected when keys are set)
+- `GET|PUT /admin/fault` (the fault knob; loopback clients only, not relayed by a proxy,
+  key-protected when keys are set)
 - `GET /openapi.json`, `/docs`
 
 `POST /score` is the hot path, so it is a raw ASGI endpoint (`ScoreEndpoint`) placed first in the
@@ -55,6 +56,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+#: Headers a proxy adds on the way (Envoy: x-forwarded-proto, x-envoy-expected-rq-timeout-ms).
+#: A request to /admin carrying one came through a proxy on this host, from anywhere.
+PROXY_HEADERS = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-real-ip"})
+PROXY_HEADER_PREFIX = "x-envoy-"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -376,6 +381,13 @@ def create_app(
         client = request.client.host if request.client else ""
         if client not in LOOPBACK_HOSTS:
             return JSONResponse({"error": "the admin route only answers loopback clients"}, 403)
+        # A local proxy (the stack's Envoy) connects from loopback too: its requests come from
+        # anywhere. The Envoy route table refuses /admin as well; this holds where it does not
+        # (another proxy, a percent-encoded path that its prefix match misses).
+        if any(k in PROXY_HEADERS or k.startswith(PROXY_HEADER_PREFIX) for k in request.headers):
+            return JSONResponse(
+                {"error": "the admin route does not answer requests relayed by a proxy"}, 403
+            )
         return require_key(request)
 
     @app.get("/admin/fault", response_model=FaultSetting)

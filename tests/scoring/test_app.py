@@ -315,6 +315,20 @@ def test_admin_route_turns_the_knob_at_run_time(
         pytest.param(LOOPBACK, (KEY,), {}, 401, id="loopback-without-key"),
         pytest.param(LOOPBACK, (KEY,), {"authorization": f"Bearer {KEY}"}, 200, id="loopback-key"),
         pytest.param(("::1", 5000), (), {}, 200, id="ipv6-loopback"),
+        # A local proxy connects from loopback: what it relays comes from anywhere.
+        pytest.param(LOOPBACK, (), {"x-forwarded-for": "10.1.2.3"}, 403, id="forwarded-for"),
+        pytest.param(LOOPBACK, (), {"x-forwarded-proto": "http"}, 403, id="forwarded-proto"),
+        pytest.param(LOOPBACK, (), {"forwarded": "for=10.1.2.3"}, 403, id="forwarded"),
+        pytest.param(
+            LOOPBACK, (), {"x-envoy-expected-rq-timeout-ms": "15000"}, 403, id="via-envoy"
+        ),
+        pytest.param(
+            LOOPBACK,
+            (KEY,),
+            {"authorization": f"Bearer {KEY}", "x-envoy-attempt-count": "1"},
+            403,
+            id="via-envoy-with-key",
+        ),
     ],
 )
 def test_admin_route_is_loopback_only_and_keyed(
