@@ -352,7 +352,44 @@ def test_admin_route_is_loopback_only_and_keyed(
 def test_admin_route_rejects_out_of_range_settings(
     blue: AppClient, setting: dict[str, float]
 ) -> None:
-    assert blue.put("/admin/fault", json=setting).status_code == 422
+    response = blue.put("/admin/fault", json=setting)
+    assert response.status_code == 422
+    assert set(response.json()) == {"error"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b'{"error_rate": NaN}', id="nan"),
+        pytest.param(b'{"latency_ms": Infinity}', id="infinity"),
+        pytest.param(b'{"latency_ms": "inf"}', id="inf-string"),
+        pytest.param(b'{"error_rate": "nan"}', id="nan-string"),
+        pytest.param(b'{"error_rate": [NaN]}', id="nan-in-a-list"),
+        pytest.param(b"not json", id="not-json"),
+    ],
+)
+def test_admin_route_answers_bad_numbers_422_not_500(blue: AppClient, body: bytes) -> None:
+    # Was: FastAPI's handler echoed the NaN back, could not serialise it, and answered 500.
+    response = blue.put("/admin/fault", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert set(response.json()) == {"error"}
+    assert blue.get("/admin/fault").json() == {"error_rate": 0.0, "latency_ms": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        pytest.param("PUT", "/score", 405, id="wrong-method"),
+        pytest.param("DELETE", "/admin/fault", 405, id="wrong-admin-method"),
+        pytest.param("GET", "/nowhere", 404, id="unknown-path"),
+    ],
+)
+def test_every_error_answer_is_an_error_object(
+    blue: AppClient, method: str, path: str, status: int
+) -> None:
+    response = blue.request(method, path)
+    assert response.status_code == status
+    assert set(response.json()) == {"error"}
 
 
 class Exploding:
