@@ -131,6 +131,27 @@ def test_pinned_requests_reach_only_their_colour_and_not_the_canary_counts(
     assert observation.blue.requests == 0 and observation.green.requests == 0
 
 
+def test_scoring_series_carry_one_colour_label_not_exported_duplicates(
+    stack: LocalStack, green_v1: Release
+) -> None:
+    # The targets and the servers' own series both say colour and version: without
+    # honor_labels Prometheus renamed the servers' labels exported_colour / exported_version.
+    send(stack, 20, colour="green")
+    deadline = time.monotonic() + 15
+    labels: list[dict[str, str]] = []
+    while not labels and time.monotonic() < deadline:
+        answer = httpx.get(
+            f"{stack.prometheus.url}/api/v1/query",
+            params={"query": 'scoring_requests_total{job="scoring"}'},
+        ).json()
+        labels = [r["metric"] for r in answer["data"]["result"]]
+        time.sleep(0.25)
+    assert labels, "Prometheus never scraped a scoring server"
+    for series in labels:
+        assert not any(name.startswith("exported_") for name in series), series
+        assert (series["colour"], series["version"]) == ("green", green_v1.version)
+
+
 # ------------------------------------------------------------------------------------ rollouts
 
 
