@@ -202,8 +202,12 @@ def bootstrap(
                     "resource_api_version": "V3",
                 },
             },
-            # Several in-flight requests per connection would hide a slow server behind
-            # queueing; the defaults (1024) are far above what the local stack sends.
+            # Panic mode off. By default (50 %), when too few of a cluster's hosts are healthy,
+            # Envoy ignores health and balances over all of them, unhealthy ones included; 0 %
+            # disables that, so a host marked unhealthy never gets traffic (no healthy host:
+            # Envoy answers 503 itself). With no active health checks or outlier detection
+            # configured here every host counts as healthy, so today this changes nothing; it
+            # keeps a future health check from being overridden by panic routing.
             "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
         }
 
