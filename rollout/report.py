@@ -34,7 +34,7 @@ WIDTH, HEIGHT, PAD_L, PAD_R, PAD_T, PAD_B = 860, 170, 60, 20, 16, 28
 PAD_S = 2.0
 
 _REQUESTS = (
-    "sum by (envoy_cluster_name) (rate(envoy_cluster_upstream_rq_total"
+    "sum by (envoy_cluster_name) (rate(envoy_cluster_upstream_rq_completed"
     '{{envoy_cluster_name=~"blue|green"}}[{w}]))'
 )
 #: Envoy creates a cluster's 5xx series only with its first 5xx: a clean colour gets `0 * its

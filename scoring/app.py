@@ -6,7 +6,8 @@ Routes:
 - `GET /score` -> the model identity (what the seed's `curl $GATEWAY_IP/score` showed)
 - `GET /healthz` (process alive), `GET /readyz` (200 only once the model is loaded)
 - `GET /metrics` (Prometheus text from the injected registry, see scoring.metrics)
-- `GET|PUT /admin/fault` (the fault knob; loopback clients only, key-protected when keys are set)
+- `GET|PUT /admin/fault` (the fault knob; loopback clients only, not relayed by a proxy,
+  key-protected when keys are set)
 - `GET /openapi.json`, `/docs`
 
 `POST /score` is the hot path, so it is a raw ASGI endpoint (`ScoreEndpoint`) placed first in the
@@ -37,12 +38,15 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
+from scoring.auth import api_key_problem
 from scoring.errors import InputError, ModelLoadError
 from scoring.faults import FaultKnob
 from scoring.inputs import DEFAULT_MAX_ROWS
@@ -54,6 +58,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+#: Headers a proxy adds on the way (Envoy: x-forwarded-proto, x-envoy-expected-rq-timeout-ms).
+#: A request to /admin carrying one came through a proxy on this host, from anywhere.
+PROXY_HEADERS = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-real-ip"})
+PROXY_HEADER_PREFIX = "x-envoy-"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -67,6 +75,9 @@ _FAULT_HEADERS = [*_JSON_HEADERS, (b"x-fault-injected", b"1")]
 
 class FaultSetting(BaseModel):
     """The fault knob's setting (PUT /admin/fault body and GET answer)."""
+
+    # NaN passes neither bound check nor JSON serialisation: refuse it as bad input (422).
+    model_config = ConfigDict(allow_inf_nan=False)
 
     error_rate: float = Field(0.0, ge=0.0, le=1.0, description="probability of an injected 500")
     latency_ms: float = Field(0.0, ge=0.0, le=60_000, description="latency added to each request")
@@ -232,6 +243,15 @@ async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes,
     await send({"type": "http.response.body", "body": body})
 
 
+def _validation_message(exc: RequestValidationError) -> str:
+    """One line naming each bad field and why, without echoing the input back."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(x) for x in error.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
 def _score_openapi(
     n_features: int | None, feature_names: Sequence[str], max_rows: int
 ) -> dict[str, Any]:
@@ -292,11 +312,13 @@ def create_app(
     """
     if max_body_bytes < 1 or max_rows < 1:
         raise ValueError("max_body_bytes and max_rows must be positive")
+    if (problem := api_key_problem(api_keys)) is not None:
+        raise ValueError(problem)
     state = ServerState(
         colour=colour,
         registry=registry if registry is not None else CollectorRegistry(),
         fault=fault if fault is not None else FaultKnob(),
-        api_keys=tuple(k.encode() for k in api_keys if k),
+        api_keys=tuple(k.encode() for k in api_keys),
         max_body_bytes=max_body_bytes,
         max_rows=max_rows,
     )
@@ -326,6 +348,20 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.scoring = state
+
+    # Every error answer is {"error": ...} (FastAPI's defaults say {"detail": ...}), and bad
+    # input never becomes a 5xx: the default 422 handler echoes the input back, and a NaN in
+    # it could not be serialised (500).
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": _validation_message(exc)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
+
     app.router.routes.insert(0, Route("/score", ScoreEndpoint(state), methods=["POST"]))
 
     def require_key(request: Request) -> JSONResponse | None:
@@ -373,16 +409,31 @@ def create_app(
         client = request.client.host if request.client else ""
         if client not in LOOPBACK_HOSTS:
             return JSONResponse({"error": "the admin route only answers loopback clients"}, 403)
+        # A local proxy (the stack's Envoy) connects from loopback too: its requests come from
+        # anywhere. The Envoy route table refuses /admin as well; this holds where it does not
+        # (another proxy, a percent-encoded path that its prefix match misses).
+        if any(k in PROXY_HEADERS or k.startswith(PROXY_HEADER_PREFIX) for k in request.headers):
+            return JSONResponse(
+                {"error": "the admin route does not answer requests relayed by a proxy"}, 403
+            )
         return require_key(request)
 
-    @app.get("/admin/fault", response_model=FaultSetting)
+    @app.get(
+        "/admin/fault",
+        response_model=FaultSetting,
+        responses={code: {"model": ErrorResponse} for code in (401, 403)},
+    )
     async def get_fault(request: Request) -> Any:
         """The fault knob's current setting."""
         if (denied := admin_guard(request)) is not None:
             return denied
         return FaultSetting(error_rate=state.fault.error_rate, latency_ms=state.fault.latency_ms)
 
-    @app.put("/admin/fault", response_model=FaultSetting)
+    @app.put(
+        "/admin/fault",
+        response_model=FaultSetting,
+        responses={code: {"model": ErrorResponse} for code in (401, 403, 422)},
+    )
     async def put_fault(setting: FaultSetting, request: Request) -> Any:
         """Set the fault knob (demos and tests): injected 500s and added latency."""
         if (denied := admin_guard(request)) is not None:

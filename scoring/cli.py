@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -17,6 +18,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from scoring.auth import api_key_problem
 
 EXIT_USER_ERROR = 2
 
@@ -71,6 +74,18 @@ def serve(
     """Serve a packaged model as the blue or green scoring server."""
     if log_level.upper() not in logging.getLevelNamesMapping():
         raise _fail(f"--log-level: unknown level {log_level!r} (debug, info, warning, error)")
+    if max_rows < 1 or max_body_bytes < 1:
+        raise _fail(
+            f"--max-rows and --max-body-bytes must be at least 1 "
+            f"(got {max_rows} and {max_body_bytes})"
+        )
+    if (problem := api_key_problem(api_key or ())) is not None:
+        raise _fail(f"--api-key / AML_ROLLOUT_API_KEY: {problem}")
+    if not api_key and os.environ.get("AML_ROLLOUT_API_KEY") is not None:
+        # Set but blank: most likely a secret that was not injected. Fail closed, not open.
+        raise _fail(
+            "AML_ROLLOUT_API_KEY is set but holds no key: give a real key or unset it for no auth"
+        )
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

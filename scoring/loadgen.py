@@ -190,8 +190,21 @@ def read_sample(path: Path | str) -> list[list[float]]:
 
 
 def normalise_url(url: str) -> str:
-    """Add http:// to a bare host[:port]/path (the seed passed `$GATEWAY_IP/score`)."""
-    return url if "://" in url else f"http://{url}"
+    """Add http:// to a bare host[:port]/path (the seed passed `$GATEWAY_IP/score`).
+
+    ValueError for what no request could go to (no host, another scheme, a port out of range),
+    before any worker starts: one clear line instead of every worker failing at once.
+    """
+    full = url if "://" in url else f"http://{url}"
+    try:
+        parsed = httpx.URL(full)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"invalid URL {url!r}: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"invalid URL {url!r}: expected [http(s)://]host[:port]/path")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise ValueError(f"invalid URL {url!r}: port {parsed.port} is not within 1..65535")
+    return full
 
 
 def _version_of(body: bytes) -> str | None:
@@ -238,6 +251,7 @@ async def run_load(
         raise ValueError(f"rps must be positive, got {rps}")
     if concurrency < 1 or batch < 1:
         raise ValueError("concurrency and batch must be at least 1")
+    target = normalise_url(url)
     rows = list(rows) if rows is not None else default_rows()
     if not rows:
         raise ValueError("no rows to send")
@@ -251,7 +265,6 @@ async def run_load(
     if api_key:
         headers["authorization"] = f"Bearer {api_key}"
     stats = stats if stats is not None else LoadStats()
-    target = normalise_url(url)
     next_ticket = 0
 
     async def worker(client: httpx.AsyncClient, start: float, deadline: float) -> None:

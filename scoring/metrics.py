@@ -2,9 +2,9 @@
 
 Names and labels (what the canary judge and the local Prometheus read):
 
-- `scoring_requests_total{colour, model, version, code}`: POST/GET /score requests by HTTP
-  status code, 4xx and injected 5xx included.
-- `scoring_request_duration_seconds{colour, model, version}`: latency histogram of /score,
+- `scoring_requests_total{colour, model, version, code}`: POST /score requests by HTTP status
+  code, 4xx and injected 5xx included (GET /score, the identity, is not a scoring request).
+- `scoring_request_duration_seconds{colour, model, version}`: latency histogram of POST /score,
   measured in the server from the first byte read to the answer handed to the transport. The
   buckets are fine (0.5 ms steps at the low end) because the judge derives "slow" requests from
   the bucket just above the baseline's p99.

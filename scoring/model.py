@@ -11,6 +11,8 @@ Prediction has two paths. Linear regressors (Ridge, LinearRegression, Lasso, ...
 `X @ coef_ + intercept_` in numpy: the same arithmetic `Ridge.predict` does, without its per-call
 input validation (~250 µs per call on a small box, against ~2 µs of arithmetic). Any other
 estimator goes through its own `predict`. Input validation is ours (scoring.inputs) either way.
+An estimator without a callable `predict`, or whose prediction of one row of zeros is not one
+float64 (shape (1,)), refuses to load: it would say ready and then answer every request 500.
 
 This module imports numpy at top level and sklearn/skops only inside `load_model`, so score.py
 stays importable cheaply and the package never imports the rollout engine.
@@ -177,6 +179,27 @@ def _predictor_for(estimator: Any) -> Predictor:
     return EstimatorPredictor(estimator)
 
 
+def _smoke_test(predictor: Predictor, n_features: int, model_file: Path) -> None:
+    """Predict one row of zeros: a model that cannot answer it must not load and say ready.
+
+    Otherwise /readyz would say 200 and every request fail with 500 (a classifier with string
+    labels, a multi-output regressor, a predict that needs other input).
+    """
+    try:
+        out = predictor.predict(np.zeros((1, n_features), dtype=np.float64))
+    except Exception as exc:  # whatever the estimator raises, it is the model's fault
+        raise ModelLoadError(
+            f"{model_file}: cannot predict one row of {n_features} zeros "
+            f"({type(exc).__name__}: {exc}); a scoring model must return one number per row"
+        ) from exc
+    if not isinstance(out, np.ndarray) or out.dtype != np.float64 or out.shape != (1,):
+        shape = getattr(out, "shape", None)
+        raise ModelLoadError(
+            f"{model_file}: predicting one row gave {type(out).__name__} of shape {shape}, "
+            "expected one float per row (shape (1,))"
+        )
+
+
 def load_model(
     path: Path | str,
     *,
@@ -254,7 +277,13 @@ def load_model(
         sha256=actual_sha,
         estimator=type(estimator).__name__,
     )
+    if not callable(getattr(estimator, "predict", None)):
+        raise ModelLoadError(
+            f"{model_file}: a {type(estimator).__name__} has no predict method, "
+            "so it cannot score (is this a transformer rather than a model?)"
+        )
     predictor = _predictor_for(estimator)
+    _smoke_test(predictor, len(features), model_file)
     log.info(
         "loaded model %s version %s (%s, sha256 %s, %s path)",
         identity.name,

@@ -75,9 +75,13 @@ class EnvoyProcess(StackProcess):
         self.bootstrap_path.write_text(json.dumps(document, indent=1), encoding="utf-8")
 
     def start(self, *, ready_timeout_s: float = 20.0) -> EnvoyProcess:
-        """Write the config (unless present) and start Envoy; returns once `/ready` answers."""
-        if not self.bootstrap_path.exists():
-            self.write_config()
+        """Write the config and start Envoy; returns once `/ready` answers.
+
+        Always written, never reused: a bootstrap left in `workdir` by a previous run names that
+        run's ports (free ports differ every run), so this Envoy would listen where nobody looks
+        and `/ready` would never answer; its endpoint files name servers that are gone.
+        """
+        self.write_config()
         self._child = Child(
             "envoy",
             [

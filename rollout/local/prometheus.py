@@ -9,7 +9,9 @@ Scrape jobs (every second, so the judge sees a change within about 1.5 s):
 - `envoy`: Envoy's admin `/stats/prometheus` (per-cluster request, 5xx and latency series: what
   the rollout is judged on);
 - `scoring`: each scoring server's `/metrics`, found through `targets.json` written by
-  `rollout.local.workloads` (file service discovery, reloaded on change).
+  `rollout.local.workloads` (file service discovery, reloaded on change). The targets carry
+  `colour` and `version` labels, which the servers' own series carry too: `honor_labels` keeps
+  one `colour`/`version` instead of adding `exported_colour`/`exported_version` duplicates.
 
 Data lives in the stack's directory; `stop()` then `start()` keeps it (the e2e test that stops
 Prometheus mid-step restarts it on the same TSDB and port).
@@ -63,6 +65,10 @@ def scrape_config(envoy_admin: str, targets_file: Path) -> dict[str, object]:
             },
             {
                 "job_name": "scoring",
+                # The servers label their own series with colour and version; the targets carry
+                # the same labels (so process_* series say which server they are). Without
+                # honor_labels every clash is renamed exported_colour / exported_version.
+                "honor_labels": True,
                 "file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": "1s"}],
             },
         ],

@@ -14,6 +14,10 @@ on any error by the context manager) stops, in order: the load, the scoring serv
 If this process is killed hard, Linux stops Envoy, Prometheus and the scoring servers it
 started from its main thread (`die_with_parent`); the load generator is a thread and goes too.
 
+A workdir may be reused (`aml-rollout up --workdir D`, `demo --out X` twice): `start()` writes
+Envoy's config afresh (new ports), stops scoring servers a previous stack left recorded and
+forgets which release each colour served; rollout state, ledgers and Prometheus' data stay.
+
 Layout of `workdir`:
 
     envoy/        envoy.json (bootstrap), routes.json (RDS), endpoints-<colour>.json (EDS), log
@@ -68,6 +72,7 @@ class LocalStack:
         # A temporary folder is removed at stop unless `keep`; a given folder is always kept.
         self.keep = (not self._temporary) if keep is None else keep
         self.envoy = EnvoyProcess(self.workdir / "envoy", port=envoy_port)
+        self.releases_file = self.workdir / "releases.json"
         # Servers this process starts die with it (Envoy does too); see ScoringProcesses.
         self.workloads = ScoringProcesses(
             self.workdir / "workloads", faults=faults, die_with_parent=True
@@ -87,6 +92,7 @@ class LocalStack:
         """Start Envoy and Prometheus (stopping what started if anything fails)."""
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
+            self._clear_leftovers()
             self.envoy.start()
             self.prometheus.start()
         except BaseException:
@@ -100,6 +106,26 @@ class LocalStack:
             self.workdir,
         )
         return self
+
+    def _clear_leftovers(self) -> None:
+        """Forget what a previous stack in this workdir left: it served behind another Envoy.
+
+        Envoy starts with fresh routes and no endpoints (see `EnvoyProcess.start`), so:
+        scoring servers still recorded in `workloads/` (a controller in another process does
+        not tie them to its life) are stopped — nothing can reach them through the new Envoy,
+        and Prometheus would go on scraping them; `releases.json` is removed, or the router
+        would report a colour as serving a release no endpoint backs and let traffic be sent
+        there. The rollout state (statuses, ledgers), Prometheus' data and trained models are
+        kept: they are history, not claims about what runs now.
+        """
+        stopped = self.workloads.stop_all()
+        if stopped:
+            log.warning(
+                "stopped %d scoring server(s) left running by a previous stack in %s",
+                stopped,
+                self.workdir,
+            )
+        self.releases_file.unlink(missing_ok=True)
 
     def stop(self) -> None:
         """Stop everything this stack started; safe to call twice and after a partial start."""
@@ -134,7 +160,7 @@ class LocalStack:
         return EnvoyRouterConfig(
             admin_url=self.envoy.admin_url,
             routes_file=self.envoy.files.routes,
-            releases_file=self.workdir / "releases.json",
+            releases_file=self.releases_file,
             workloads_dir=self.workloads.directory,
         )
 

@@ -43,6 +43,7 @@ from rollout.local.process import (
     Child,
     free_port,
     kill_group,
+    log_tail,
     pid_alive,
     pid_start_time,
     wait_ready,
@@ -121,10 +122,11 @@ class ScoringProcesses:
             )
             argv += ["--fault-error-rate", str(fault)]
         self.directory.mkdir(parents=True, exist_ok=True)
+        log_path = self.directory / f"{ref}.log"
         child = Child(
             f"scoring server {ref}",
             argv,
-            log_path=self.directory / f"{ref}.log",
+            log_path=log_path,
             ready_url=None,
             die_with_parent=self.die_with_parent,
         )
@@ -149,7 +151,14 @@ class ScoringProcesses:
             )
         except LocalStackError as exc:
             self.stop(Endpoint(self.host, port, ref))
-            raise RouterError(f"scoring server for {colour.value} did not start: {exc}") from None
+            # The cause (a bad model folder, a traceback) is in the server's own log.
+            tail = log_tail(log_path)
+            quoted = (
+                f"\n--- last lines of {log_path} ---\n{tail}" if tail else f" (log: {log_path})"
+            )
+            raise RouterError(
+                f"scoring server for {colour.value} did not start: {exc}{quoted}"
+            ) from None
         _warm_up(f"http://{self.host}:{port}/score", Path(release.model_dir))
         self._write_targets()
         log.info("%s serves %s:%s on port %d", colour.value, release.model, release.version, port)

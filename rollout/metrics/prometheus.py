@@ -16,9 +16,14 @@ Per-series deltas are summed per colour, and histogram buckets per `le` (convert
 
 Presets (label values per colour come from `labels`):
 
-- `envoy`: `envoy_cluster_upstream_rq_total`,
+- `envoy`: `envoy_cluster_upstream_rq_completed`,
   `envoy_cluster_upstream_rq_xx{envoy_response_code_class="5"}` and
-  `envoy_cluster_upstream_rq_time_bucket` (milliseconds) by `envoy_cluster_name`. Only the
+  `envoy_cluster_upstream_rq_time_bucket` (milliseconds) by `envoy_cluster_name`. Requests are
+  the *completed* ones, not `upstream_rq_total`: Envoy charges `rq_completed` and `rq_xx` together
+  for every response, its own included, whereas `rq_total` counts only requests that reached an
+  upstream connection — the 503s Envoy answers when a colour's server is dead (connect failure)
+  are in `rq_xx` and `rq_completed` but never in `rq_total`, which would read as "no traffic"
+  while half the users get errors. In-flight requests, too, count in neither. Only the
   weighted clusters `blue` and `green` are read, so header-pinned traffic (`blue-pinned`,
   `green-pinned`) never enters the canary statistics. Envoy publishes histograms once per stats
   flush (1 s in the local stack) while counters are live; requests not yet in the histogram are
@@ -32,6 +37,13 @@ Presets (label values per colour come from `labels`):
   destination proxy cannot tell the two apart, hence the source reporter.
 - `custom`: PromQL templates (`{colour}` → label value, `{window}` → e.g. `42s`), each evaluated at
   `since` and at `now`; a value that went down is taken as a restart from 0.
+
+Errors are never clamped to the request count. Every error is a request, so when a window
+counts more errors than requests (a scrape caught one counter and not yet the other, or a
+custom query that counts requests elsewhere), the requests are raised to the errors and the
+detail keeps the count before as `requests_raised_to_errors`. Dropping errors would hide a
+failing canary, and an Observation error would make the judge wait (Error) through exactly the
+outage it must see.
 
 No data (no series, NaN) gives zero counts, so the judge says Inconclusive; an unreachable
 Prometheus or a failing query gives `Observation(error=...)` naming the URL, so it says Error.
@@ -90,7 +102,7 @@ def envoy_preset() -> Preset:
     """Envoy's per-cluster upstream stats (histogram in milliseconds)."""
     label = "envoy_cluster_name"
     return Preset(
-        requests=SeriesSet("envoy_cluster_upstream_rq_total", (), label),
+        requests=SeriesSet("envoy_cluster_upstream_rq_completed", (), label),
         errors=SeriesSet("envoy_cluster_upstream_rq_xx", ('envoy_response_code_class="5"',), label),
         latency_bucket=SeriesSet("envoy_cluster_upstream_rq_time_bucket", (), label),
         latency_unit_s=0.001,
@@ -230,14 +242,12 @@ class PrometheusMetrics:
                 if preset.latency_bucket is not None
                 else {}
             )
-            counts[colour] = ColourCounts(
-                requests=n, errors=min(e, n), latency_buckets=_align(histogram, n)
-            )
             detail[colour.value] = {
                 "requests": n,
                 "errors": e,
                 "histogram_requests": histogram.get(math.inf, 0),
             }
+            counts[colour] = _counts(n, e, histogram, detail[colour.value])
         return counts, detail
 
     def _deltas(
@@ -317,11 +327,9 @@ class PrometheusMetrics:
                     le: (c - before.get(le, 0) if c >= before.get(le, 0) else c)
                     for le, c in after.items()
                 }
-            counts[colour] = ColourCounts(
-                requests=n, errors=min(e, n), latency_buckets=_align(histogram, n)
-            )
             detail["queries"][colour.value] = [render(queries.requests), render(queries.errors)]
             detail[colour.value] = {"requests": n, "errors": e}
+            counts[colour] = _counts(n, e, histogram, detail[colour.value])
         return counts, detail
 
     # ---------------------------------------------------------------------------------- HTTP API
@@ -407,6 +415,18 @@ def _histogram(
     deltas: dict[Series, int], label: str, value: str, unit_s: float
 ) -> dict[float, int]:
     return _by_le({s: n for s, n in deltas.items() if dict(s).get(label) == value}, unit_s)
+
+
+def _counts(
+    requests: int, errors: int, histogram: dict[float, int], detail: dict[str, Any]
+) -> ColourCounts:
+    """A colour's counts; more errors than requests raises the requests (see the docstring)."""
+    if errors > requests:
+        detail["requests_raised_to_errors"] = requests
+        requests = errors
+    return ColourCounts(
+        requests=requests, errors=errors, latency_buckets=_align(histogram, requests)
+    )
 
 
 def _align(histogram: dict[float, int], requests: int) -> tuple[tuple[float, int], ...]:

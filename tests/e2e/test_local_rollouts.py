@@ -12,6 +12,7 @@ here). The demo knob (`faults`) is on for release "3" only, the faulty candidate
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import yaml
 from rollout.api import run_rollout
 from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.ledger import read_ledger
+from rollout.local.process import port_is_free
 from rollout.local.stack import LocalStack
 from tests.local.conftest import MakeRelease
 from tests.routers.contract import identity
@@ -129,6 +131,32 @@ def test_pinned_requests_reach_only_their_colour_and_not_the_canary_counts(
     assert observation.blue.requests == 0 and observation.green.requests == 0
 
 
+def test_scoring_series_carry_one_colour_label_not_exported_duplicates(
+    stack: LocalStack, green_v1: Release
+) -> None:
+    # The targets and the servers' own series both say colour and version: without
+    # honor_labels Prometheus renamed the servers' labels exported_colour / exported_version.
+    send(stack, 20, colour="green")
+    deadline = time.monotonic() + 15
+    labels: list[dict[str, str]] = []
+    wanted = ("green", green_v1.version)
+    while time.monotonic() < deadline:
+        answer = httpx.get(
+            f"{stack.prometheus.url}/api/v1/query",
+            params={"query": 'scoring_requests_total{job="scoring"}'},
+        ).json()
+        labels = [r["metric"] for r in answer["data"]["result"]]
+        if any((s.get("colour"), s.get("version")) == wanted for s in labels):
+            break
+        time.sleep(0.25)
+    else:
+        pytest.fail(f"Prometheus never scraped green's server: {labels}")
+    # (Servers of earlier tests may still show until their staleness markers land.)
+    for series in labels:
+        assert not any(name.startswith("exported_") for name in series), series
+        assert series["colour"] in ("blue", "green"), series
+
+
 # ------------------------------------------------------------------------------------ rollouts
 
 
@@ -160,6 +188,57 @@ def test_faulty_candidate_is_rolled_back_and_blue_ends_at_zero(
     assert "rolled back" in result.reason
     assert stack.router.get_weights() == Weights.blue_at(0)
     assert stack.router.release(Colour.GREEN) == green_v1
+
+
+class CanaryKilledBeforeTraffic:
+    """The stack's router, except that blue's server is SIGKILLed just before blue gets traffic.
+
+    So no request of the step ever reaches blue: all it serves are Envoy's own 503s.
+    """
+
+    def __init__(self, stack: LocalStack) -> None:
+        self.stack = stack
+        self.killed: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stack.router, name)
+
+    def set_weights(self, weights: Weights) -> None:
+        if weights.blue > 0 and not self.killed:
+            (server,) = [r for r in self.stack.workloads.records() if r["colour"] == "blue"]
+            os.kill(int(server["pid"]), signal.SIGKILL)
+            self.killed.append(int(server["pid"]))
+            # Dead, not dying: a connection accepted in between would be a real upstream request.
+            deadline = time.monotonic() + 10
+            while not port_is_free(int(server["port"])) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self.stack.router.set_weights(weights)
+
+
+def test_killed_canary_server_is_rolled_back_on_envoys_503s(
+    stack: LocalStack, green_v1: Release, make_release: MakeRelease
+) -> None:
+    """Blue's scoring server dies as it gets 50 %: Envoy answers 503 after each failed connect.
+
+    Those 503s never reach `upstream_rq_total` (no upstream request was made); the provider must
+    still count them as blue's requests and errors, and the judge must roll back at once — not
+    see "no traffic" while half the users get errors.
+    """
+    stack.start_load(rps=RPS)
+    router = CanaryKilledBeforeTraffic(stack)
+    # Bounded even if the outage went unseen: an inconclusive step rolls back after 40 s.
+    analysis = ANALYSIS | {"max_step_duration_s": 40, "on_inconclusive": "rollback"}
+    spec = stack.spec("killed-canary", steps=[50, 100], analysis=analysis)
+    started = time.monotonic()
+    result = run_rollout(spec, candidate=make_release("2"), router=router, metrics=stack.metrics)
+    assert router.killed, "the rollout never sent traffic to blue"
+    assert result.phase is Phase.ROLLED_BACK, result.reason
+    assert time.monotonic() - started < 30, "rolled back only when the step timed out"
+    assert stack.router.get_weights() == Weights.blue_at(0)
+    assert stack.router.release(Colour.GREEN) == green_v1
+    # The judge saw the outage as blue's errors over as many requests, not as "no traffic".
+    counted = [r["counts"]["blue"] for r in read_ledger(result.ledger_path) if "counts" in r]
+    assert any(c["errors"] > 0 and c["requests"] == c["errors"] for c in counted), counted
 
 
 #: Canary requests that prove a clean canary below the 1 % negligible rate with room to spare

@@ -124,3 +124,52 @@ def test_a_release_that_cannot_be_served_is_a_router_error(
             stack.router.deploy(Colour.GREEN, Release("diabetes", "9", model_dir=folder))
         assert stack.router.release(Colour.GREEN) is None
         assert not list(stack.workloads.directory.glob("*.proc.json"))
+
+
+def test_a_workdir_serves_again_after_a_stop_and_after_a_crash(
+    make_release: MakeRelease, tmp_path: Path
+) -> None:
+    from rollout.routers.factory import make_router
+
+    workdir = tmp_path / "stack"
+    with LocalStack(workdir) as first:
+        first.router.deploy(Colour.GREEN, make_release("1"))
+        first_ports = (first.envoy.port, first.envoy.admin_port)
+    # A crash: Envoy and Prometheus gone, a server started by a controller in another process
+    # (not tied to the stack's life) still running, its record and releases.json left behind.
+    crashed = LocalStack(workdir).start()
+    other = make_router(crashed.router_config())
+    other.deploy(Colour.GREEN, make_release("1"))
+    other.close()  # type: ignore[attr-defined]
+    [left] = [int(r["pid"]) for r in crashed.workloads.records()]
+    crashed.prometheus.stop()
+    crashed.envoy.stop()
+    assert (workdir / "releases.json").exists()
+
+    second = LocalStack(workdir).start()  # was: "envoy ... /ready not ready after 20 s"
+    try:
+        assert (second.envoy.port, second.envoy.admin_port) != first_ports
+        assert not pid_alive(left), "a server of the previous stack outlived it"
+        assert second.workloads.records() == []
+        assert second.router.release(Colour.GREEN) is None
+        assert second.router.served_endpoints(Colour.GREEN) == []
+        second.router.deploy(Colour.GREEN, make_release("2"))
+        second.router.set_weights(Weights.blue_at(0))
+        served = httpx.post(f"{second.url}/score", json={"data": [[0.0] * 10]}, timeout=10)
+        assert (served.status_code, served.json()["version"]) == (200, "2")
+    finally:
+        second.stop()
+
+
+def test_a_server_that_dies_on_start_says_why_and_where_its_log_is(tmp_path: Path) -> None:
+    from rollout.core.types import Release
+    from rollout.errors import RouterError
+
+    (tmp_path / "empty").mkdir()
+    workloads = ScoringProcesses(tmp_path / "workloads")
+    with pytest.raises(RouterError) as failed:
+        workloads.start(Colour.GREEN, Release("diabetes", "9", model_dir=str(tmp_path / "empty")))
+    message = str(failed.value)
+    assert "did not start" in message
+    assert "holds neither package.json" in message  # the cause, from the server's log
+    assert str(tmp_path / "workloads" / "green-") in message and ".log" in message

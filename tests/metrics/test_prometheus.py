@@ -3,9 +3,10 @@
 What is checked: exact integer deltas of cumulative counters between `since` and `now`, only the
 weighted clusters (pinned traffic excluded), a 5xx series absent at `since` counted from 0,
 counter resets inside the window (property-tested), histogram buckets converted to seconds and
-aligned with the request count, no data → zero counts (the judge's Inconclusive), unreachable or
-failing Prometheus → Observation.error naming the URL (the judge's Error); the Istio and custom
-presets; the factory.
+aligned with the request count, Envoy's own 503s for a dead upstream counted as requests and
+errors (rq_completed, not rq_total), errors never clamped to the request count, no data → zero
+counts (the judge's Inconclusive), unreachable or failing Prometheus → Observation.error naming
+the URL (the judge's Error); the Istio and custom presets; the factory.
 """
 
 from __future__ import annotations
@@ -47,19 +48,19 @@ def test_exact_deltas_per_colour_and_pinned_traffic_excluded(prom: FakePrometheu
     # scraped at T0-10 .. ; `since` = T0-8 (third sample), `now` = T0 (eleventh)
     counter(
         prom,
-        "envoy_cluster_upstream_rq_total",
+        "envoy_cluster_upstream_rq_completed",
         "blue",
         [90, 95, 100, 110, 120, 130, 140, 150, 155, 158, 160],
     )
     counter(
         prom,
-        "envoy_cluster_upstream_rq_total",
+        "envoy_cluster_upstream_rq_completed",
         "green",
         [0, 500, 1000, 1100, 1200, 1300, 1400, 1500, 1500, 1500, 1500],
     )
     counter(
         prom,
-        "envoy_cluster_upstream_rq_total",
+        "envoy_cluster_upstream_rq_completed",
         "blue-pinned",
         [0, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 9999],
     )
@@ -105,7 +106,7 @@ def test_counter_resets_are_counted_exactly(
     prom: FakePrometheus, values: list[float], expected: int
 ) -> None:
     samples = [(T0 + i, v) for i, v in enumerate(values)]
-    prom.add("envoy_cluster_upstream_rq_total", {"envoy_cluster_name": "blue"}, samples)
+    prom.add("envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "blue"}, samples)
     observation = envoy(prom).observe(T0, T0 + len(values) - 1)
     assert observation.blue.requests == expected
 
@@ -131,7 +132,7 @@ def test_any_counter_history_gives_the_true_increase(
         true_increase += increment
         samples.append((T0 + i, float(value)))
     shared_prom.series = []
-    shared_prom.add("envoy_cluster_upstream_rq_total", {"envoy_cluster_name": "green"}, samples)
+    shared_prom.add("envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "green"}, samples)
     provider = envoy(shared_prom)
     observation = provider.observe(T0, T0 + len(steps))
     provider.close()
@@ -139,7 +140,7 @@ def test_any_counter_history_gives_the_true_increase(
 
 
 def test_latency_buckets_in_seconds_and_aligned_with_requests(prom: FakePrometheus) -> None:
-    counter(prom, "envoy_cluster_upstream_rq_total", "green", [0, 100])
+    counter(prom, "envoy_cluster_upstream_rq_completed", "green", [0, 100])
     # Envoy's histogram lags the counters by one flush: 90 of the 100 requests are in it.
     for le, value in [("5", 80), ("25", 88), ("100", 90), ("+Inf", 90)]:
         counter(prom, "envoy_cluster_upstream_rq_time_bucket", "green", [0, value], le=le)
@@ -157,12 +158,12 @@ def test_latency_buckets_in_seconds_and_aligned_with_requests(prom: FakePromethe
         pytest.param(lambda prom: None, id="no-series"),
         pytest.param(
             lambda prom: counter(
-                prom, "envoy_cluster_upstream_rq_total", "blue", [float("nan")] * 3
+                prom, "envoy_cluster_upstream_rq_completed", "blue", [float("nan")] * 3
             ),
             id="nan",
         ),
         pytest.param(
-            lambda prom: counter(prom, "envoy_cluster_upstream_rq_total", "other", [0, 10, 20]),
+            lambda prom: counter(prom, "envoy_cluster_upstream_rq_completed", "other", [0, 10, 20]),
             id="other-clusters-only",
         ),
     ],
@@ -282,17 +283,69 @@ def test_traffic_from_before_the_step_never_counts(prom: FakePrometheus) -> None
         errors,
     )
     requests = [(t, v * 10) for t, v in errors]
-    prom.add("envoy_cluster_upstream_rq_total", {"envoy_cluster_name": "blue"}, requests)
+    prom.add("envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "blue"}, requests)
     observation = envoy(prom).observe(T0, T0 + 2.5)
     assert (observation.blue.requests, observation.blue.errors) == (30, 3)
 
 
 def test_history_counts_the_window_before_the_rollout(prom: FakePrometheus) -> None:
     # Green served everything before the rollout began at T0; its p99 bucket is read from here.
-    counter(prom, "envoy_cluster_upstream_rq_total", "green", [0, 600, 1200])
+    counter(prom, "envoy_cluster_upstream_rq_completed", "green", [0, 600, 1200])
     for le, value in [("25", 1000), ("50", 1190), ("+Inf", 1200)]:
         counter(prom, "envoy_cluster_upstream_rq_time_bucket", "green", [0, 0, value], le=le)
     history = envoy(prom).history(T0 - 10, T0)
     assert history.error is None
     assert history.green.requests == 1200 and history.blue.requests == 0
     assert history.green.latency_buckets == ((0.025, 1000), (0.05, 1190))
+
+
+def test_envoys_own_503s_for_a_dead_canary_count_as_requests_and_errors(
+    prom: FakePrometheus,
+) -> None:
+    # Blue's server is dead: Envoy answers 503 after each failed connect. Those responses are
+    # charged to rq_completed and rq_xx, never to rq_total (no upstream request was made).
+    counter(prom, "envoy_cluster_upstream_rq_total", "blue", [40, 40, 40, 40])
+    counter(prom, "envoy_cluster_upstream_rq_completed", "blue", [40, 40, 140, 240])
+    prom.add(
+        "envoy_cluster_upstream_rq_xx",
+        {"envoy_cluster_name": "blue", "envoy_response_code_class": "5"},
+        [(T0 - 8, 100), (T0 - 7, 200)],
+    )
+    counter(prom, "envoy_cluster_upstream_rq_completed", "green", [0, 0, 100, 200])
+    observation = envoy(prom).observe(T0 - 9, T0 - 7)
+    assert observation.error is None
+    assert (observation.blue.requests, observation.blue.errors) == (200, 200)
+    assert (observation.green.requests, observation.green.errors) == (200, 0)
+
+
+@pytest.mark.parametrize(
+    ("requests", "errors", "expected"),
+    [
+        pytest.param([0, 10], [0, 12], (12, 12), id="more-errors-than-requests"),
+        pytest.param([0, 0], [0, 5], (5, 5), id="errors-without-requests"),
+        pytest.param([0, 10], [0, 4], (10, 4), id="consistent-untouched"),
+    ],
+)
+def test_errors_are_never_clamped_to_requests(
+    prom: FakePrometheus, requests: list[float], errors: list[float], expected: tuple[int, int]
+) -> None:
+    counter(prom, "envoy_cluster_upstream_rq_completed", "blue", requests)
+    counter(prom, "envoy_cluster_upstream_rq_xx", "blue", errors, envoy_response_code_class="5")
+    observation = envoy(prom).observe(T0 - 10, T0 - 9)
+    assert (observation.blue.requests, observation.blue.errors) == expected
+    raised = observation.detail["blue"].get("requests_raised_to_errors")
+    assert raised == (None if expected[1] <= requests[-1] else requests[-1])
+
+
+def test_custom_queries_never_clamp_errors(prom: FakePrometheus) -> None:
+    prom.add("my_requests_total", {"svc": "blue"}, [(T0, 10), (T0 + 5, 12)])
+    prom.add("my_errors_total", {"svc": "blue"}, [(T0, 0), (T0 + 5, 7)])
+    cfg = PrometheusMetricsConfig(
+        url=prom.url,
+        preset="custom",
+        queries=PromQueries(
+            requests='my_requests_total{svc="{colour}"}', errors='my_errors_total{svc="{colour}"}'
+        ),
+    )
+    observation = make_metrics(cfg).observe(T0, T0 + 5)
+    assert (observation.blue.requests, observation.blue.errors) == (7, 7)

@@ -83,7 +83,7 @@ def test_counts_equal_envoys_own_counters_and_exclude_pinned(rig: Rig) -> None:
     scraped_up_to(rig, since)
     before = {
         c: (
-            rig.envoy_counter(f"cluster.{c}.upstream_rq_total"),
+            rig.envoy_counter(f"cluster.{c}.upstream_rq_completed"),
             rig.envoy_counter(f"cluster.{c}.upstream_rq_5xx"),
         )
         for c in ("blue", "green")
@@ -96,7 +96,7 @@ def test_counts_equal_envoys_own_counters_and_exclude_pinned(rig: Rig) -> None:
     time.sleep(0.1)
     after = {
         c: (
-            rig.envoy_counter(f"cluster.{c}.upstream_rq_total"),
+            rig.envoy_counter(f"cluster.{c}.upstream_rq_completed"),
             rig.envoy_counter(f"cluster.{c}.upstream_rq_5xx"),
         )
         for c in ("blue", "green")

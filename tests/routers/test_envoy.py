@@ -218,3 +218,36 @@ def test_remove_empties_the_colour_and_stops_its_server(
     assert not any(ref.startswith("blue") for ref in upstreams.servers)
     assert colours_answering(envoy.url, 5, {"x-api-version": "blue"}) == Counter({"503": 5})
     assert identity(router.release(Colour.GREEN)) == identity(V1)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "relayed"),
+    [
+        pytest.param("PUT", "/admin/fault", {}, False, id="admin-fault"),
+        pytest.param("GET", "/admin", {}, False, id="admin-itself"),
+        pytest.param("GET", "/admin/fault", {"x-api-version": "blue"}, False, id="pinned-admin"),
+        pytest.param("GET", "/administer", {}, True, id="other-path-same-start"),
+        pytest.param("POST", "/score", {}, True, id="score"),
+    ],
+)
+def test_admin_is_refused_by_envoy_itself(
+    router: EnvoyRouter,
+    envoy: EnvoyProcess,
+    upstreams: ThreadUpstreams,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    relayed: bool,
+) -> None:
+    # The scoring servers' /admin trusts loopback clients, and Envoy connects from loopback.
+    RouterContract.live(router, Weights.blue_at(50))
+    served_before = sum(u.server.served for u in upstreams.servers.values())
+    response = httpx.request(method, f"{envoy.url}{path}", headers=headers, json={})
+    served = sum(u.server.served for u in upstreams.servers.values()) - served_before
+    if relayed:
+        assert (response.status_code, served) == (200, 1)
+    else:
+        assert (response.status_code, served) == (403, 0)
+        assert response.headers["content-type"] == "application/json"
+        assert "not served through Envoy" in response.json()["error"]
+    assert router.get_weights() == Weights.blue_at(50)  # the extra route is not a default route

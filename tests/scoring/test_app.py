@@ -315,6 +315,20 @@ def test_admin_route_turns_the_knob_at_run_time(
         pytest.param(LOOPBACK, (KEY,), {}, 401, id="loopback-without-key"),
         pytest.param(LOOPBACK, (KEY,), {"authorization": f"Bearer {KEY}"}, 200, id="loopback-key"),
         pytest.param(("::1", 5000), (), {}, 200, id="ipv6-loopback"),
+        # A local proxy connects from loopback: what it relays comes from anywhere.
+        pytest.param(LOOPBACK, (), {"x-forwarded-for": "10.1.2.3"}, 403, id="forwarded-for"),
+        pytest.param(LOOPBACK, (), {"x-forwarded-proto": "http"}, 403, id="forwarded-proto"),
+        pytest.param(LOOPBACK, (), {"forwarded": "for=10.1.2.3"}, 403, id="forwarded"),
+        pytest.param(
+            LOOPBACK, (), {"x-envoy-expected-rq-timeout-ms": "15000"}, 403, id="via-envoy"
+        ),
+        pytest.param(
+            LOOPBACK,
+            (KEY,),
+            {"authorization": f"Bearer {KEY}", "x-envoy-attempt-count": "1"},
+            403,
+            id="via-envoy-with-key",
+        ),
     ],
 )
 def test_admin_route_is_loopback_only_and_keyed(
@@ -338,7 +352,44 @@ def test_admin_route_is_loopback_only_and_keyed(
 def test_admin_route_rejects_out_of_range_settings(
     blue: AppClient, setting: dict[str, float]
 ) -> None:
-    assert blue.put("/admin/fault", json=setting).status_code == 422
+    response = blue.put("/admin/fault", json=setting)
+    assert response.status_code == 422
+    assert set(response.json()) == {"error"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b'{"error_rate": NaN}', id="nan"),
+        pytest.param(b'{"latency_ms": Infinity}', id="infinity"),
+        pytest.param(b'{"latency_ms": "inf"}', id="inf-string"),
+        pytest.param(b'{"error_rate": "nan"}', id="nan-string"),
+        pytest.param(b'{"error_rate": [NaN]}', id="nan-in-a-list"),
+        pytest.param(b"not json", id="not-json"),
+    ],
+)
+def test_admin_route_answers_bad_numbers_422_not_500(blue: AppClient, body: bytes) -> None:
+    # Was: FastAPI's handler echoed the NaN back, could not serialise it, and answered 500.
+    response = blue.put("/admin/fault", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert set(response.json()) == {"error"}
+    assert blue.get("/admin/fault").json() == {"error_rate": 0.0, "latency_ms": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        pytest.param("PUT", "/score", 405, id="wrong-method"),
+        pytest.param("DELETE", "/admin/fault", 405, id="wrong-admin-method"),
+        pytest.param("GET", "/nowhere", 404, id="unknown-path"),
+    ],
+)
+def test_every_error_answer_is_an_error_object(
+    blue: AppClient, method: str, path: str, status: int
+) -> None:
+    response = blue.request(method, path)
+    assert response.status_code == status
+    assert set(response.json()) == {"error"}
 
 
 class Exploding:
@@ -358,3 +409,14 @@ def test_unexpected_error_is_a_counted_500(
     assert response.json() == {"error": "internal error while scoring"}
     assert sample(registry, "scoring_requests_total", "500") == 1
     assert "bug in the model" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "keys", [("",), (KEY, " "), (f" {KEY}",)], ids=["empty", "blank", "padded"]
+)
+def test_create_app_refuses_a_key_that_would_mean_no_auth(
+    loaded: LoadedModel, registry: CollectorRegistry, keys: tuple[str, ...]
+) -> None:
+    # Was: empty keys were dropped, so `--api-key ""` served /score to anyone.
+    with pytest.raises(ValueError, match="API key"):
+        create_app(loaded, registry=registry, api_keys=keys)

@@ -177,3 +177,20 @@ def test_load_command_refuses_a_bad_sample(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "expected a JSON object" in result.output
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        pytest.param("127.0.0.1:99999/score", "port 99999", id="port-out-of-range"),
+        pytest.param("http:///score", "expected", id="no-host"),
+        pytest.param("ftp://127.0.0.1/score", "expected", id="other-scheme"),
+        pytest.param("http://127.0.0.1:abc/score", "invalid URL", id="port-not-a-number"),
+    ],
+)
+def test_load_command_refuses_a_bad_url_in_one_line(url: str, message: str) -> None:
+    # Was: an ExceptionGroup traceback from every worker.
+    result = CliRunner().invoke(cli_app, ["load", "--url", url, "--requests", "1"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output

@@ -13,7 +13,9 @@ import skops.io as sio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import Lasso, LinearRegression, Ridge
+from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeRegressor
 
 from scoring.errors import IntegrityError, ModelLoadError, UntrustedTypesError
@@ -153,3 +155,35 @@ def test_fast_path_matches_on_held_out_rows(loaded: LoadedModel, holdout: np.nda
         loaded.predictor.predict(holdout), loaded.estimator.predict(holdout), rtol=1e-9, atol=1e-9
     )
     assert sio.get_untrusted_types(file=loaded.model_dir / "model.skops") == []
+
+
+@pytest.mark.parametrize(
+    ("estimator", "target", "message"),
+    [
+        pytest.param(StandardScaler(), None, "has no predict method", id="transformer"),
+        pytest.param(
+            DummyClassifier(strategy="most_frequent"),
+            lambda y: np.where(y > 140, "high", "low"),
+            "cannot predict one row",
+            id="string-labels",
+        ),
+        pytest.param(Ridge(), lambda y: np.c_[y, y], r"shape \(1, 2\)", id="two-outputs"),
+    ],
+)
+def test_a_model_that_cannot_score_refuses_to_load(
+    tmp_path: Path, estimator: object, target: object, message: str
+) -> None:
+    # Was: it loaded, /readyz said 200, and every request was a 500.
+    folder = make_model_dir(tmp_path / "m", estimator=estimator, target=target)
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(folder)
+
+
+def test_a_classifier_with_numeric_labels_loads(tmp_path: Path) -> None:
+    folder = make_model_dir(
+        tmp_path / "m",
+        estimator=DummyClassifier(strategy="most_frequent"),
+        target=lambda y: (y > 140).astype(int),
+    )
+    model = load_model(folder)
+    assert model.predictor.predict(np.zeros((2, 10))).shape == (2,)

@@ -88,3 +88,27 @@ def test_serve_refuses_an_unknown_log_level(model_dir: Path) -> None:
     )
     assert result.exit_code == 2
     assert "unknown level 'loud'" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        pytest.param(["--api-key", ""], {}, "empty API key", id="empty-key"),
+        pytest.param(["--api-key", "k1", "--api-key", "  "], {}, "empty API key", id="blank-key"),
+        pytest.param(["--api-key", " k1"], {}, "spaces around it", id="padded-key"),
+        pytest.param([], {"AML_ROLLOUT_API_KEY": " "}, "holds no key", id="blank-env-key"),
+        pytest.param([], {"AML_ROLLOUT_API_KEY": ""}, "holds no key", id="empty-env-key"),
+        pytest.param(["--max-rows", "0"], {}, "--max-rows", id="zero-rows"),
+        pytest.param(["--max-body-bytes", "-1"], {}, "--max-body-bytes", id="negative-body"),
+    ],
+)
+def test_serve_refuses_unusable_options_in_one_line(
+    model_dir: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    # Was: an empty key logged "auth on" and served /score to anyone; --max-rows 0 a traceback.
+    result = CliRunner().invoke(
+        cli_app, ["serve", "--model-dir", str(model_dir), "--port", "1", *args], env=env
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
