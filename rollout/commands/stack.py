@@ -110,10 +110,7 @@ def up(
             if load_rps:
                 stack.start_load(rps=load_rps)
             _print_urls(console, stack, blue=candidate is not None)
-            spec_file = _write_spec(stack, candidate)
-            console.print(f"rollout spec for this stack: {spec_file}")
-            if candidate is not None:
-                console.print(f"  roll blue out live:  aml-rollout rollout run {spec_file}")
+            _print_spec_hint(console, _write_spec(stack, candidate), blue=candidate is not None)
             deadline = None if duration is None else time.monotonic() + duration
             while deadline is None or time.monotonic() < deadline:
                 time.sleep(0.2 if deadline is None else min(0.2, deadline - time.monotonic()))
@@ -188,10 +185,25 @@ def _print_urls(console: Console, stack: Any, *, blue: bool) -> None:
     table.add_row("files", str(stack.workdir))
     console.print(table)
     row = '{"data": [[0.03, 0.05, 0.06, 0.02, -0.04, -0.03, -0.04, 0.0, 0.02, -0.02]]}'
-    console.print(f"curl -s {stack.url}/score -H 'content-type: application/json' -d '{row}'")
+    _print_command(
+        console, f"curl -s {stack.url}/score -H 'content-type: application/json' -d '{row}'"
+    )
     if blue:
-        console.print(
+        _print_command(
+            console,
             f"curl -s {stack.url}/score -H 'x-api-version: blue' "
-            f"-H 'content-type: application/json' -d '{row}'"
+            f"-H 'content-type: application/json' -d '{row}'",
         )
-    console.print(f"curl -s {stack.url}/score   # GET: which model and version answers")
+    _print_command(console, f"curl -s {stack.url}/score   # GET: which model and version answers")
+
+
+def _print_spec_hint(console: Console, spec_file: Path, *, blue: bool) -> None:
+    _print_command(console, f"rollout spec for this stack: {spec_file}")
+    if blue:
+        _print_command(console, f"  roll blue out live:  aml-rollout rollout run {spec_file}")
+
+
+def _print_command(console: Console, line: str) -> None:
+    """One line to copy and paste: never wrapped (a newline inside a quoted header is a 400),
+    never styled (rich would read `[...]` in a JSON body as markup)."""
+    console.print(line, soft_wrap=True, markup=False, highlight=False)

@@ -1,0 +1,62 @@
+"""What `aml-rollout up` prints to copy and paste survives an 80-column terminal intact.
+
+Was: rich hard-wrapped the curl lines inside the quoted `-H`/`-d` arguments, so a pasted command
+sent a header holding a newline (Envoy answers 400).
+"""
+
+from __future__ import annotations
+
+import io
+import shlex
+from pathlib import Path
+from types import SimpleNamespace
+
+from rich.console import Console
+
+from rollout.commands.stack import _print_spec_hint, _print_urls
+from rollout.core.types import Colour
+from rollout.routers.envoy import Endpoint
+
+URL = "http://127.0.0.1:45678"
+
+
+def fake_stack(workdir: Path) -> SimpleNamespace:
+    served = {Colour.GREEN: Endpoint("127.0.0.1", 41001), Colour.BLUE: Endpoint("127.0.0.1", 41002)}
+    return SimpleNamespace(
+        url=URL,
+        envoy=SimpleNamespace(admin_url="http://127.0.0.1:45679"),
+        prometheus=SimpleNamespace(url="http://127.0.0.1:45680"),
+        workloads=SimpleNamespace(endpoint_of=served.get),
+        workdir=workdir,
+    )
+
+
+def render(tmp_path: Path) -> list[str]:
+    out = io.StringIO()
+    console = Console(file=out, width=80, color_system=None)
+    _print_urls(console, fake_stack(tmp_path), blue=True)
+    spec = tmp_path / "a-folder-with-a-rather-long-name-to-cross-80-columns" / "rollout.yaml"
+    _print_spec_hint(console, spec, blue=True)
+    return out.getvalue().splitlines()
+
+
+def test_curl_lines_are_whole_at_80_columns(tmp_path: Path) -> None:
+    curls = [line for line in render(tmp_path) if line.startswith("curl ")]
+    assert len(curls) == 3
+    for line in curls:
+        argv = shlex.split(line, comments=True)  # every quote closed on the same line
+        assert argv[:3] == ["curl", "-s", f"{URL}/score"]
+    posts = [shlex.split(line) for line in curls if " -d " in line]
+    assert len(posts) == 2
+    for argv in posts:
+        assert "content-type: application/json" in argv
+        body = argv[argv.index("-d") + 1]
+        assert body.startswith('{"data": [[0.03,') and body.endswith("-0.02]]}")
+    assert any("x-api-version: blue" in shlex.split(line) for line in curls)
+
+
+def test_the_rollout_hint_is_one_line(tmp_path: Path) -> None:
+    lines = render(tmp_path)
+    hint = [line for line in lines if "aml-rollout rollout run" in line]
+    assert len(hint) == 1
+    assert hint[0].endswith("/a-folder-with-a-rather-long-name-to-cross-80-columns/rollout.yaml")
