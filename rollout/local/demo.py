@@ -32,7 +32,7 @@ from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from rollout.core.types import Colour, Release, Weights
+from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.local.stack import LocalStack
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,19 @@ def _rollout(
             on_tick=view.tick,
             restart=True,
         )
+    end_live(console)
     return outcome.phase.value, outcome.reason, outcome.ledger_path
+
+
+def end_live(console: Console) -> None:
+    """End the line a finished `Live` left open.
+
+    In a terminal, rich ends the live display with a newline; into a file or a pipe (`make demo
+    | tee`), it writes the last render once and stops after the panel's bottom border, so the
+    next print would start on that line (`╯Succeeded: ...`).
+    """
+    if not console.is_terminal or console.is_dumb_terminal:
+        console.line()
 
 
 class _LiveView:
@@ -236,6 +248,16 @@ class _LiveView:
         if self.live is not None:
             self.live(self.render())
 
+    @staticmethod
+    def _step(status: Any, record: dict[str, Any], weight: int) -> str:
+        if status is None or not status.terminal:
+            return f"{record.get('step', 0)} (blue {weight} %)"
+        # Ended: blue is back at 0 % either way, so "step 1 (blue 0 %)" next to Succeeded would
+        # read as a failure. Say who serves all traffic now.
+        serving = status.candidate if status.phase is Phase.SUCCEEDED else status.stable
+        who = serving.ref if serving is not None else "the stable release"
+        return f"done: green serves {who} (100 %)"
+
     def render(self) -> Panel:
         status, record = self.status, self.record
         weight = status.blue_weight if status is not None else 0
@@ -243,7 +265,7 @@ class _LiveView:
         table.add_column(style="bold")
         table.add_column()
         table.add_row("phase", status.phase.value if status is not None else "starting")
-        table.add_row("step", f"{record.get('step', 0)} (blue {weight} %)")
+        table.add_row("step", self._step(status, record, weight))
         bar = ProgressBar(total=100, completed=weight, width=40, complete_style="blue")
         table.add_row("weights", Group(bar, f"blue {weight} % / green {100 - weight} %"))
         for colour in ("blue", "green"):

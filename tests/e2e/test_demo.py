@@ -32,6 +32,10 @@ def test_demo_promotes_then_rolls_back_and_writes_the_report(tmp_path: Path) -> 
         env={**os.environ, "COLUMNS": "200"},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # each outcome starts its own line after the live panel, which says who serves at the end
+    assert "╯Succeeded" not in done.stdout and "╯RolledBack" not in done.stdout
+    assert "\nSucceeded: Green_100" in done.stdout
+    assert "done: green serves diabetes:2 (100 %)" in done.stdout
     report = out / "report.html"
     assert f"report:  {report}" in done.stdout
     page = report.read_text()
