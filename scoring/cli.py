@@ -13,7 +13,7 @@ import logging
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -21,7 +21,12 @@ from rich.table import Table
 
 from scoring.auth import api_key_problem
 
+if TYPE_CHECKING:
+    from scoring.loadgen import LoadReport
+
 EXIT_USER_ERROR = 2
+#: `load` ran, but no request got a 2xx answer.
+EXIT_LOAD_FAILED = 1
 
 
 class ColourOption(StrEnum):
@@ -161,7 +166,7 @@ def load(
     """Send bounded scoring load and print counts by version and status, p50/p99."""
     import asyncio
 
-    from scoring.loadgen import read_sample, run_load
+    from scoring.loadgen import failure_hint, normalise_url, read_sample, run_load
 
     if requests is None and duration is None:
         requests = 100
@@ -183,9 +188,17 @@ def load(
         )
     except ValueError as exc:
         raise _fail(str(exc)) from None
+    hint = failure_hint(report, normalise_url(url))
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
-        return
+    else:
+        _print_load_report(report)
+    if hint is not None:
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {hint}", highlight=False)
+        raise typer.Exit(EXIT_LOAD_FAILED)
+
+
+def _print_load_report(report: LoadReport) -> None:
     console = Console()
     versions = Table("version (colour/model:version)", "requests", title="answered by")
     for key, count in report.by_version.items():
@@ -194,7 +207,14 @@ def load(
     for key, count in report.by_status.items():
         statuses.add_row(key, str(count))
     console.print(versions, statuses)
-    console.print(
-        f"{report.sent} requests in {report.elapsed_s:.2f} s ({report.rps:.1f}/s), "
-        f"p50 {report.p50_ms:.2f} ms, p99 {report.p99_ms:.2f} ms, max {report.max_ms:.2f} ms"
-    )
+    summary = f"{report.sent} requests in {report.elapsed_s:.2f} s ({report.rps:.1f}/s)"
+    if report.answered:
+        # Percentiles of HTTP answers only: a transport error has no server latency to show.
+        summary += (
+            f", p50 {report.p50_ms:.2f} ms, p99 {report.p99_ms:.2f} ms, max {report.max_ms:.2f} ms"
+        )
+        if report.answered < report.sent:
+            summary += f" (over the {report.answered} answered)"
+    else:
+        summary += ", no answer to time"
+    console.print(summary, soft_wrap=True)

@@ -7,7 +7,11 @@ over a request count or a duration (one of them is required: load is always boun
 - by version: `colour/model:version` read from each answer's body (what the server says it is),
 - by status: HTTP status code, or the transport error's class name (ConnectError, ReadTimeout),
 - latency: a log-bucketed histogram (1 % resolution) so p50/p99 cost bounded memory however
-  long it runs.
+  long it runs. Only HTTP answers (any status) are timed: a refused connection "takes"
+  microseconds and a timeout takes `timeout`, neither of which is a server's latency.
+
+A run where no request got a 2xx answer failed as a whole; `failure_hint` says the likely cause
+in one line (no key, nothing listening, no answer in time), and `aml-rollout load` exits 1.
 
 Pacing is open-loop: request i is due at start + i/rps, whoever is free sends it, so a slow
 server does not slow the offered rate down (until all `concurrency` connections are busy).
@@ -84,15 +88,23 @@ class LoadReport:
     elapsed_s: float
     by_status: dict[str, int]
     by_version: dict[str, int]
+    #: Latency of HTTP answers only (transport errors are not timed); 0 when there were none.
     p50_ms: float
     p99_ms: float
     max_ms: float
     mean_ms: float
+    #: Requests that got an HTTP answer (any status), as opposed to a transport error.
+    answered: int = 0
 
     @property
     def ok(self) -> int:
         """Answers with status 200."""
         return self.by_status.get("200", 0)
+
+    @property
+    def succeeded(self) -> int:
+        """Answers with a 2xx status."""
+        return sum(n for status, n in self.by_status.items() if _is_2xx(status))
 
     @property
     def rps(self) -> float:
@@ -103,6 +115,8 @@ class LoadReport:
         """A JSON-ready dict (with the achieved rps)."""
         return {
             "sent": self.sent,
+            "answered": self.answered,
+            "succeeded": self.succeeded,
             "elapsed_s": round(self.elapsed_s, 3),
             "rps": round(self.rps, 1),
             "by_status": self.by_status,
@@ -122,16 +136,19 @@ class LoadStats:
         self._status: Counter[str] = Counter()
         self._version: Counter[str] = Counter()
         self._latency = LatencyHistogram()
+        self._sent = 0
         self._started = time.monotonic()
         self._ended: float | None = None
 
-    def record(self, status: str, version: str | None, seconds: float) -> None:
-        """Count one request."""
+    def record(self, status: str, version: str | None, seconds: float | None) -> None:
+        """Count one request; `seconds` None for a transport error (no answer to time)."""
         with self._lock:
+            self._sent += 1
             self._status[status] += 1
             if version is not None:
                 self._version[version] += 1
-            self._latency.record(seconds)
+            if seconds is not None:
+                self._latency.record(seconds)
 
     def start(self) -> None:
         """Mark the start of sending (elapsed time counts from here)."""
@@ -145,11 +162,13 @@ class LoadStats:
         """The counts so far."""
         with self._lock:
             latency = self._latency.copy()
+            sent = self._sent
             by_status = dict(sorted(self._status.items()))
             by_version = dict(sorted(self._version.items()))
         end = self._ended if self._ended is not None else time.monotonic()
         return LoadReport(
-            sent=latency.count,
+            sent=sent,
+            answered=latency.count,
             elapsed_s=end - self._started,
             by_status=by_status,
             by_version=by_version,
@@ -205,6 +224,27 @@ def normalise_url(url: str) -> str:
     if parsed.port is not None and not 0 < parsed.port < 65536:
         raise ValueError(f"invalid URL {url!r}: port {parsed.port} is not within 1..65535")
     return full
+
+
+def _is_2xx(status: str) -> bool:
+    return len(status) == 3 and status.startswith("2") and status.isdigit()
+
+
+def failure_hint(report: LoadReport, url: str) -> str | None:
+    """One line on why no request got a 2xx answer; None when at least one did."""
+    if report.succeeded:
+        return None
+    statuses = report.by_status
+    if not statuses:
+        return f"no request was sent to {url}"
+    seen = ", ".join(f"{status} x{n}" for status, n in statuses.items())
+    if "401" in statuses:
+        return f"no request succeeded ({seen}); 401: set --api-key (or AML_ROLLOUT_API_KEY)"
+    if "ConnectError" in statuses and not report.answered:
+        return f"no request succeeded ({seen}): nothing is listening at {url}"
+    if any(status.endswith("Timeout") for status in statuses) and not report.answered:
+        return f"no request succeeded ({seen}): {url} did not answer within --timeout"
+    return f"no request to {url} got a 2xx answer ({seen})"
 
 
 def _version_of(body: bytes) -> str | None:
@@ -289,7 +329,7 @@ async def run_load(
             try:
                 response = await client.post(target, content=bodies[ticket % len(bodies)])
             except httpx.HTTPError as exc:
-                stats.record(type(exc).__name__, None, time.monotonic() - sent)
+                stats.record(type(exc).__name__, None, None)
                 continue
             elapsed = time.monotonic() - sent
             version = _version_of(response.content) if response.status_code == 200 else None

@@ -20,7 +20,15 @@ from typer.testing import CliRunner
 from rollout.cli import app as cli_app
 from scoring.app import create_app
 from scoring.faults import FaultKnob
-from scoring.loadgen import BackgroundLoad, LatencyHistogram, normalise_url, read_sample, run_load
+from scoring.loadgen import (
+    BackgroundLoad,
+    LatencyHistogram,
+    LoadReport,
+    failure_hint,
+    normalise_url,
+    read_sample,
+    run_load,
+)
 from scoring.model import load_model
 from tests.scoring.conftest import running_server
 
@@ -38,8 +46,18 @@ def servers(model_dir: Path, package_dir: Path) -> Iterator[dict[str, str]]:
         registry=CollectorRegistry(),
         fault=FaultKnob(error_rate=0.2, rng=random.Random(3)),
     )
-    with running_server(green) as green_url, running_server(blue) as blue_url:
-        yield {"green": green_url, "blue": blue_url}
+    keyed = create_app(
+        load_model(model_dir, version="1"),
+        colour="green",
+        registry=CollectorRegistry(),
+        api_keys=("k1",),
+    )
+    with (
+        running_server(green) as green_url,
+        running_server(blue) as blue_url,
+        running_server(keyed) as keyed_url,
+    ):
+        yield {"green": green_url, "blue": blue_url, "keyed": keyed_url}
 
 
 def test_counts_by_version_and_status(servers: dict[str, str], model_dir: Path) -> None:
@@ -96,6 +114,9 @@ def test_unreachable_url_counts_transport_errors() -> None:
     )
     assert report.by_status == {"ConnectError": 3}
     assert report.by_version == {}
+    # a refused connection is not a server's latency: nothing timed, no percentiles
+    assert report.sent == 3 and report.answered == 0 and report.succeeded == 0
+    assert report.p50_ms == report.p99_ms == report.max_ms == 0.0
 
 
 @pytest.mark.parametrize(
@@ -194,3 +215,57 @@ def test_load_command_refuses_a_bad_url_in_one_line(url: str, message: str) -> N
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def report_of(by_status: dict[str, int], answered: int) -> LoadReport:
+    sent = sum(by_status.values())
+    return LoadReport(sent, 1.0, by_status, {}, 1.0, 2.0, 3.0, 1.5, answered=answered)
+
+
+@pytest.mark.parametrize(
+    ("by_status", "answered", "hint"),
+    [
+        pytest.param({"200": 1, "500": 9}, 10, None, id="one-2xx-is-not-a-failure"),
+        pytest.param({"204": 3}, 3, None, id="any-2xx-counts"),
+        pytest.param({"401": 10}, 10, "401: set --api-key", id="no-key"),
+        pytest.param({"ConnectError": 10}, 0, "nothing is listening at U", id="dead-port"),
+        pytest.param({"ReadTimeout": 2}, 0, "did not answer within --timeout", id="timeouts"),
+        pytest.param({"500": 4}, 4, "no request to U got a 2xx answer (500 x4)", id="all-500"),
+        pytest.param({}, 0, "no request was sent to U", id="nothing-sent"),
+    ],
+)
+def test_failure_hint_names_the_likely_cause(
+    by_status: dict[str, int], answered: int, hint: str | None
+) -> None:
+    found = failure_hint(report_of(by_status, answered), "U")
+    if hint is None:
+        assert found is None
+    else:
+        assert found is not None and hint in found
+
+
+def test_load_command_fails_when_every_request_is_refused_401(servers: dict[str, str]) -> None:
+    # Was: exit 0 with a status table full of 401s.
+    url = servers["keyed"] + "/score"
+    result = CliRunner().invoke(
+        cli_app, ["load", "--url", url, "--requests", "5"], env={"AML_ROLLOUT_API_KEY": None}
+    )
+    assert result.exit_code == 1, result.output
+    assert "401: set --api-key" in result.output
+    keyed = CliRunner().invoke(
+        cli_app, ["load", "--url", url, "--requests", "5", "--api-key", "k1"]
+    )
+    assert keyed.exit_code == 0, keyed.output
+
+
+def test_load_command_fails_when_nothing_listens_and_times_nothing() -> None:
+    # Was: exit 0, and p50/p99 "latencies" of refused connections.
+    url = "http://127.0.0.1:9/score"
+    result = CliRunner().invoke(cli_app, ["load", "--url", url, "--requests", "3"])
+    assert result.exit_code == 1, result.output
+    assert f"nothing is listening at {url}" in result.output
+    assert "p50" not in result.output and "p99" not in result.output
+    assert "Traceback" not in result.output
+    as_json = CliRunner().invoke(cli_app, ["load", "--url", url, "--requests", "3", "--json"])
+    assert as_json.exit_code == 1
+    assert json.loads(as_json.stdout.strip().splitlines()[-1])["succeeded"] == 0
