@@ -3,14 +3,17 @@
 Only typer, rich and the stdlib are imported at module level: uvicorn, fastapi, sklearn, skops,
 httpx and prometheus_client are imported inside the command bodies so `aml-rollout --help` stays
 fast. A model that cannot be served (sha256 mismatch, untrusted types, missing files) stops
-`serve` before it binds its port, with one red line and exit code 2.
+`serve` before it binds its port, with one red line and exit code 2; so does a port already in
+use or an address it cannot bind (checked before "serving … on …" is logged).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import socket
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -115,25 +118,58 @@ def serve(
         max_body_bytes=max_body_bytes,
         max_rows=max_rows,
     )
+    # Bound here, before "serving ... on" is logged: a busy port or a bad --host is one red line
+    # and exit 2, not a "serving" line followed by uvicorn's errno and shutdown lines (exit 3).
+    sock = _listen_socket(host, port)
     logging.getLogger("scoring").info(
         "serving %s version %s as %s on http://%s:%d (auth %s)",
         model.identity.name,
         model.identity.version,
         colour.value,
         host,
-        port,
+        sock.getsockname()[1],
         "on" if api_key else "off",
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
-        host=host,
-        port=port,
         access_log=False,
         http="httptools",
         loop="uvloop",
         log_level=log_level.lower(),
         timeout_graceful_shutdown=5,
     )
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host:port` (uvicorn listens on it); _fail when it cannot be."""
+    if not 0 <= port <= 65535:
+        raise _fail(f"--port {port}: not within 0..65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise _fail(f"--host {host!r}: not an address of this machine ({exc})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own bind
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise _fail(
+                f"--port {port}: {host}:{port} is already in use (another server?); "
+                "choose another port"
+            ) from None
+        raise _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def load(

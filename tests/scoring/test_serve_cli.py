@@ -112,3 +112,39 @@ def test_serve_refuses_unusable_options_in_one_line(
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_serve_on_a_busy_port_says_so_in_one_line(model_dir: Path) -> None:
+    # Was: "serving ... on http://127.0.0.1:PORT", then uvicorn's "[Errno 98] address already
+    # in use" and its shutdown lines, exit 3.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = [sys.executable, "-c", "from rollout.cli import main; main()", "serve",
+                "--model-dir", str(model_dir), "--port", str(port)]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=_env())
+    assert done.returncode == 2, done.stdout + done.stderr
+    output = done.stdout + done.stderr
+    errors = [line for line in output.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, output
+    assert errors[0].startswith("error: ") and f"127.0.0.1:{port} is already in use" in errors[0]
+    assert "serving" not in output and "Errno" not in output and "shutdown" not in output
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        pytest.param("192.0.2.1", "cannot listen on 192.0.2.1", id="not-an-address-here"),
+        pytest.param("127.0.0.1:80", "--host '127.0.0.1:80'", id="port-in-the-host"),
+    ],
+)
+def test_serve_on_an_unusable_host_says_so_in_one_line(
+    model_dir: Path, host: str, message: str
+) -> None:
+    result = CliRunner().invoke(
+        cli_app, ["serve", "--model-dir", str(model_dir), "--host", host, "--port", "0"]
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
