@@ -97,6 +97,15 @@ def up(
     from rollout.local.stack import LocalStack
 
     console = Console()
+    if port is not None:
+        from rollout.errors import LocalStackError
+        from rollout.local.process import port_is_free
+
+        if not port_is_free(port):
+            raise LocalStackError(
+                f"--port {port}: 127.0.0.1:{port} is already in use; choose another port, "
+                "or leave --port out for a free one"
+            )
     stack = LocalStack(workdir, envoy_port=port)
     try:
         with _sigterm_as_interrupt():

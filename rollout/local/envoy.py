@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from rollout.errors import LocalStackError
-from rollout.local.process import Child, StackProcess, free_port
+from rollout.local.process import Child, StackProcess, free_port, port_is_free
 from rollout.routers.envoy import EnvoyFiles, bootstrap, initial_files
 
 
@@ -81,6 +81,13 @@ class EnvoyProcess(StackProcess):
         run's ports (free ports differ every run), so this Envoy would listen where nobody looks
         and `/ready` would never answer; its endpoint files name servers that are gone.
         """
+        for what, port in (("listener", self.port), ("admin", self.admin_port)):
+            # Envoy would exit at once on a busy port, its reason buried in its log.
+            if not port_is_free(port):
+                raise LocalStackError(
+                    f"Envoy's {what} port 127.0.0.1:{port} is already in use: "
+                    "choose another port (or none, for a free one)"
+                )
         self.write_config()
         self._child = Child(
             "envoy",

@@ -14,6 +14,9 @@ on any error by the context manager) stops, in order: the load, the scoring serv
 If this process is killed hard, Linux stops Envoy, Prometheus and the scoring servers it
 started from its main thread (`die_with_parent`); the load generator is a thread and goes too.
 
+A temporary workdir is removed at `stop()`, except after a failed `start()`: the error quotes
+and names the failing process's log there, so the folder is kept (and the error says so).
+
 A workdir may be reused (`aml-rollout up --workdir D`, `demo --out X` twice): `start()` writes
 Envoy's config afresh (new ports), stops scoring servers a previous stack left recorded and
 forgets which release each colour served; rollout state, ledgers and Prometheus' data stay.
@@ -95,6 +98,16 @@ class LocalStack:
             self._clear_leftovers()
             self.envoy.start()
             self.prometheus.start()
+        except LocalStackError as exc:
+            if self.keep:
+                self.stop()
+                raise
+            # The error names a log in the workdir: deleting it would leave the user a dead path.
+            self.keep = True
+            self.stop()
+            raise LocalStackError(
+                f"{exc}\n(the stack did not start; its files and logs are kept in {self.workdir})"
+            ) from exc
         except BaseException:
             self.stop()
             raise

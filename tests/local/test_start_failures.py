@@ -1,0 +1,80 @@
+"""A stack that cannot start says why in one place, and the log it names still exists.
+
+Was: `aml-rollout up --port <busy>` failed with "envoy: exited before ... answered" and named
+`/tmp/aml-rollout-stack-.../envoy/envoy.log`, a folder the cleanup had already deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rollout.errors import LocalStackError
+from rollout.local.envoy import EnvoyProcess
+from rollout.local.stack import LocalStack
+
+CLI = [
+    sys.executable,
+    "-c",
+    "import sys; from rollout.cli import main; sys.argv[0] = 'aml-rollout'; main()",
+]
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield int(taken.getsockname()[1])
+
+
+def test_envoy_on_a_busy_port_is_refused_before_it_starts(busy_port: int, tmp_path: Path) -> None:
+    envoy = EnvoyProcess(tmp_path / "envoy", port=busy_port)
+    with pytest.raises(LocalStackError, match=f"127.0.0.1:{busy_port} is already in use"):
+        envoy.start()
+    assert envoy.pid is None
+
+
+def test_a_failed_start_keeps_the_temporary_folder_its_error_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "envoy"
+    fake.write_text("#!/bin/sh\necho 'cannot bind: the reason envoy gives'\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("AML_ROLLOUT_ENVOY", str(fake))
+    stack = LocalStack()
+    try:
+        with pytest.raises(LocalStackError) as caught:
+            stack.start()
+        message = str(caught.value)
+        assert "the reason envoy gives" in message  # the log's tail is quoted
+        assert f"kept in {stack.workdir}" in message
+        assert (stack.workdir / "envoy" / "envoy.log").is_file()  # and the named log exists
+        stack.stop()  # a later stop (as `up`'s finally runs it) keeps it too
+        assert stack.workdir.is_dir()
+    finally:
+        shutil.rmtree(stack.workdir, ignore_errors=True)
+
+
+def test_up_on_a_busy_port_says_so_in_one_line(busy_port: int, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*CLI, "up", "--port", str(busy_port), "--workdir", str(tmp_path / "stack")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip() == (
+        f"error: --port {busy_port}: 127.0.0.1:{busy_port} is already in use; choose another "
+        "port, or leave --port out for a free one"
+    )
+    assert not (tmp_path / "stack").exists()  # refused before anything was made
