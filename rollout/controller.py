@@ -35,7 +35,7 @@ from rollout.config import RolloutSpec
 from rollout.core.machine import Decision, new_status, step, with_commands
 from rollout.core.status import TRANSITIONAL, Action, Deploy, Remove, SetWeights, Status, describe
 from rollout.core.types import Colour, Observation, Phase, Release, Weights
-from rollout.errors import MetricsError, RolloutError, RouterError
+from rollout.errors import MetricsError, RolloutError, RouterError, RouterUnavailable
 from rollout.ledger import Ledger
 from rollout.metrics.base import MetricsProvider
 from rollout.routers.base import TrafficRouter
@@ -43,7 +43,9 @@ from rollout.state.base import StateStore
 
 log = logging.getLogger(__name__)
 
-#: Router calls are retried this many times (with doubling pauses from 1 s) before giving up.
+#: Router calls are retried this many times (with doubling pauses from 1 s) before giving up;
+#: `RouterUnavailable` only once the router has answered this controller (a blip, then), not
+#: before (a spec pointing at a router nobody runs: fail at once, with that one line).
 ROUTER_ATTEMPTS = 4
 
 
@@ -119,6 +121,8 @@ class Controller:
         self.owner = owner
         self.poll_s = poll_s
         self.notifier = notifier
+        #: Whether a router action has succeeded since this controller started (see `_apply`).
+        self._router_answered = False
 
     # ----------------------------------------------------------------------------- the loop
 
@@ -185,6 +189,7 @@ class Controller:
             log.info("green serves nothing: deploying %s:%s", stable.model, stable.version)
             self.router.deploy(Colour.GREEN, stable)
             self.router.set_weights(Weights.blue_at(0))
+            self._router_answered = True
         status = new_status(
             self.spec,
             now=self.clock.now(),
@@ -303,8 +308,13 @@ class Controller:
                     self.router.deploy(action.colour, action.release)
                 elif isinstance(action, Remove):
                     self.router.remove(action.colour)
+                self._router_answered = True
                 return
             except RouterError as exc:
+                if isinstance(exc, RouterUnavailable) and not self._router_answered:
+                    # Never reached since this controller started: a spec pointing at a router
+                    # nobody runs, not a blip. Retrying would only delay the one clear line.
+                    raise
                 if attempt == ROUTER_ATTEMPTS:
                     raise RouterError(
                         f"{describe(action)} failed {ROUTER_ATTEMPTS} times: {exc}"

@@ -3,7 +3,8 @@
     RolloutError
     ├── ConfigError            invalid spec or unknown backend kind (names the field)
     ├── RouterError            the traffic router could not read or apply weights
-    │   └── ConflictError      optimistic concurrency lost (e.g. HTTP 409); retry after re-read
+    │   ├── ConflictError      optimistic concurrency lost (e.g. HTTP 409); retry after re-read
+    │   └── RouterUnavailable  nothing answers at the router's control plane (message has the URL)
     ├── MetricsError           the metrics backend failed
     │   ├── NoValuesFound      the query answered, but with no series (no traffic yet)
     │   └── ProviderUnavailable the backend is unreachable (message carries the URL)
@@ -31,6 +32,10 @@ class RouterError(RolloutError):
 
 class ConflictError(RouterError):
     """An optimistic-concurrency write lost the race; re-read and retry."""
+
+
+class RouterUnavailable(RouterError):
+    """Nothing answers at the router's control plane (e.g. no Envoy at the admin URL)."""
 
 
 class MetricsError(RolloutError):

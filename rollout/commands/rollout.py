@@ -51,7 +51,7 @@ StateDirOpt = Annotated[
 
 
 def _fail(exc: Exception) -> NoReturn:
-    _err.print(f"[bold red]error:[/] {escape(str(exc))}")
+    _err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(EXIT_ERROR)
 
 

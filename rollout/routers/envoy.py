@@ -40,7 +40,7 @@ import httpx
 
 from rollout.config import ColourNames, EnvoyRouterConfig
 from rollout.core.types import Colour, Release, Weights
-from rollout.errors import RouterError
+from rollout.errors import RouterError, RouterUnavailable
 
 _API = "type.googleapis.com/envoy"
 ROUTE_TYPE = f"{_API}.config.route.v3.RouteConfiguration"
@@ -368,6 +368,7 @@ class EnvoyRouter:
 
     def deploy(self, colour: Colour, release: Release) -> None:
         """Make `colour` serve `release`: new server, endpoints swapped, old server stopped."""
+        self._require_admin()  # before a server is started for nothing
         slots = self._slots()
         current = slots.get(colour.value)
         if current is not None and _same(current["release"], release):
@@ -397,6 +398,7 @@ class EnvoyRouter:
 
     def set_weights(self, weights: Weights) -> None:
         """Write the route table with `weights` and return once Envoy serves it."""
+        self._require_admin()
         slots = self._slots()
         for colour in Colour:
             if weights.of(colour) > 0 and colour.value not in slots:
@@ -509,6 +511,20 @@ class EnvoyRouter:
         return sorted(seen)
 
     # ------------------------------------------------------------------------------- internals
+
+    def _require_admin(self) -> None:
+        """RouterUnavailable at once when nothing answers at the admin URL.
+
+        Any HTTP answer will do (`/ready` says 503 while Envoy starts): this tells "no Envoy
+        here" (a spec pointing at an Envoy nobody started) from a config Envoy did not take.
+        """
+        try:
+            self._http.get(f"{self.admin_url}/ready")
+        except httpx.TransportError as exc:
+            raise RouterUnavailable(
+                f"Envoy admin at {self.admin_url} is not reachable: {exc or type(exc).__name__} "
+                "(start one with `aml-rollout up`, and use the spec it writes)"
+            ) from exc
 
     def _point(self, colour: Colour, endpoints: list[Endpoint]) -> None:
         version = f"{colour.value}-{time.time_ns()}"

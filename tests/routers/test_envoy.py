@@ -23,7 +23,7 @@ import pytest
 
 from rollout.config import EnvoyRouterConfig
 from rollout.core.types import Colour, Release, Weights
-from rollout.errors import RouterError
+from rollout.errors import RouterError, RouterUnavailable
 from rollout.local.envoy import EnvoyProcess, envoy_binary
 from rollout.routers.envoy import EnvoyFiles, EnvoyRouter, initial_files, write_atomically
 from rollout.routers.factory import make_router
@@ -251,3 +251,43 @@ def test_admin_is_refused_by_envoy_itself(
         assert response.headers["content-type"] == "application/json"
         assert "not served through Envoy" in response.json()["error"]
     assert router.get_weights() == Weights.blue_at(50)  # the extra route is not a default route
+
+
+class RecordingWorkloads:
+    """Workloads that only record what they were asked to start."""
+
+    def __init__(self) -> None:
+        self.started: list[Release] = []
+
+    def start(self, colour: Colour, release: Release) -> Any:
+        self.started.append(release)
+        raise AssertionError("no server may be started for an unreachable Envoy")
+
+    def stop(self, endpoint: Any) -> None:
+        pass
+
+    def alive(self, endpoint: Any) -> bool:
+        return False
+
+
+def test_no_envoy_at_the_admin_url_is_one_clear_error(tmp_path: Path) -> None:
+    # Was: a scoring server started, then "cannot read Envoy's config", the server stopped.
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]  # nothing listens once closed
+    workloads = RecordingWorkloads()
+    router = EnvoyRouter(
+        admin_url=f"http://127.0.0.1:{dead}",
+        files=EnvoyFiles(tmp_path / "routes.json"),
+        releases_file=tmp_path / "releases.json",
+        workloads=workloads,
+    )
+    expected = rf"Envoy admin at http://127.0.0.1:{dead} is not reachable: .*aml-rollout up"
+    with pytest.raises(RouterUnavailable, match=expected):
+        router.deploy(Colour.GREEN, V1)
+    with pytest.raises(RouterUnavailable, match=expected):
+        router.set_weights(Weights.blue_at(0))
+    assert workloads.started == []
+    router.close()
