@@ -450,6 +450,11 @@ class RolloutSpec(_Model):
             raise ValueError(f"weights must increase strictly, got {steps}")
         if steps[-1] != 100:
             raise ValueError(f"the last weight must be 100 (promotion), got {steps[-1]}")
+        if len(steps) < 2 or steps[-2] == 0:
+            raise ValueError(
+                f"the step before 100 must send the candidate traffic: promotion needs evidence "
+                f"from it, got {steps}"
+            )
         return steps
 
     @field_validator("header")

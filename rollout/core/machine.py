@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from rollout.core.stats import Evidence, rate_lower_bound
+from rollout.core.stats import Evidence, log_e_above
 from rollout.core.status import (
     TERMINAL,
     Action,
@@ -54,8 +54,10 @@ if TYPE_CHECKING:
 MIN_BASELINE_FOR_P99 = 500
 #: Share of baseline requests above the chosen bucket: about its p99.
 P99_TAIL = 0.01
-#: Absolute guards fire when a one-sided lower confidence bound at this level exceeds the limit.
+#: Absolute guards fire when their e-value against "at most the limit" reaches 1/GUARD_ALPHA: the
+#: chance a canary within the limit ever trips one is at most this, however often it looks.
 GUARD_ALPHA = 0.001
+GUARD_LOG_THRESHOLD = math.log(1.0 / GUARD_ALPHA)
 #: The errors check's weight in the "worse" e-value when latency is judged too (latency gets the
 #: rest). A check with weight w_i crosses 1/α after about ln(1/(α w_i)) / I_i requests, I_i being
 #: its evidence per request, so the total is least with w_i ∝ 1/I_i: w ≈ 0.9 at a 0.1 % error
@@ -471,27 +473,30 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
     alpha = analysis.alpha
     checks = _checks(spec, status)
 
-    # Absolute guards act at once (on a confident bound, so one unlucky error cannot trip them).
+    # Absolute guards act at once, on an e-value of their own (one unlucky error cannot trip
+    # them, and looking every tick costs nothing: see `log_e_above`).
     ev = status.errors
     max_rate = analysis.errors.max_rate
-    # (The bound is below the observed rate, so skip the costly quantile when that is in bounds.)
+    # (Below the limit the e-value cannot reach 1/GUARD_ALPHA: skip it.)
     if analysis.errors.enabled and max_rate is not None and ev.canary_rate() > max_rate:
-        lb = rate_lower_bound(ev.canary_bad, ev.canary_requests, GUARD_ALPHA)
-        if lb > max_rate:
+        log_e = log_e_above(ev.canary_bad, ev.canary_requests, max_rate)
+        if log_e >= GUARD_LOG_THRESHOLD:
             return Verdict.FAILED, (
-                f"canary error rate {_pct(ev.canary_rate())} (at least {_pct(lb)} with "
-                f"{1 - GUARD_ALPHA:.1%} confidence) is above the limit "
-                f"{_pct(max_rate)} after {ev.canary_requests} canary requests"
+                f"canary error rate {_pct(ev.canary_rate())} is above the limit "
+                f"{_pct(max_rate)} (e-value {_e(log_e)} ≥ {1 / GUARD_ALPHA:g}) after "
+                f"{ev.canary_requests} canary requests"
             )
     lat = analysis.latency
     if lat.enabled and lat.max_slow_rate is not None and lat.slo_ms is not None:
         slow_n = obs.blue.slow(lat.slo_ms / 1000.0)
         over = obs.blue.requests > 0 and slow_n / obs.blue.requests > lat.max_slow_rate
-        if over and rate_lower_bound(slow_n, obs.blue.requests, GUARD_ALPHA) > lat.max_slow_rate:
+        log_e = log_e_above(slow_n, obs.blue.requests, lat.max_slow_rate) if over else 0.0
+        if log_e >= GUARD_LOG_THRESHOLD:
             return Verdict.FAILED, (
                 f"canary requests slower than {lat.slo_ms:g} ms: "
                 f"{_pct(slow_n / obs.blue.requests)} is above the limit "
-                f"{_pct(lat.max_slow_rate)} after {obs.blue.requests} canary requests"
+                f"{_pct(lat.max_slow_rate)} (e-value {_e(log_e)} ≥ {1 / GUARD_ALPHA:g}) after "
+                f"{obs.blue.requests} canary requests"
             )
 
     # The sequential test: a weighted mean of the checks' e-processes is itself an e-process, so

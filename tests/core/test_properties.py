@@ -18,7 +18,7 @@ from rollout.core.status import TRANSITIONAL, Command, Deploy, SetWeights
 from rollout.core.types import Colour, Phase, Verdict, Weights
 from tests.core.helpers import make_spec, obs
 
-PLANS = st.sampled_from([[10, 50, 100], [5, 25, 50, 100], "seed", [1, 100], [100]])
+PLANS = st.sampled_from([[10, 50, 100], [5, 25, 50, 100], "seed", [1, 100], [0, 1, 100]])
 
 tick = st.tuples(
     st.integers(0, 400),  # total requests this tick

@@ -17,9 +17,9 @@ from rollout.core.stats import (
     WORSE_THETAS,
     Evidence,
     binomial_llr,
+    log_e_above,
     log_mean_e,
     log_mixture,
-    rate_lower_bound,
     share,
     wald_expected_n,
 )
@@ -170,9 +170,39 @@ def test_wald_reference_matches_the_textbook_order_of_magnitude() -> None:
     assert 4000 < wald_expected_n(0.001, 2) < 6000
 
 
-def test_rate_lower_bound() -> None:
-    assert rate_lower_bound(0, 100, 0.01) == 0.0
-    assert 0.3 < rate_lower_bound(50, 100, 0.01) < 0.5
+@pytest.mark.parametrize("limit", [0.001, 0.1, 0.6])
+@pytest.mark.parametrize("n", [1, 20, 300])
+def test_the_guard_e_value_has_mean_at_most_one_within_the_limit(limit: float, n: int) -> None:
+    k = np.arange(n + 1)
+    e = np.exp([log_e_above(int(i), n, limit) for i in k])
+    assert float(binom.pmf(k, n, limit) @ e) == pytest.approx(1.0, rel=1e-9)
+    assert float(binom.pmf(k, n, limit / 2) @ e) < 1.0
+
+
+def test_a_canary_at_the_limit_trips_the_guard_at_most_alpha_over_every_look() -> None:
+    """Exact: the chance of ever reaching 1/0.001, looking after each of 2,000 requests."""
+    limit, threshold, n_max = 0.1, math.log(1000.0), 2000
+    alive = np.array([1.0])  # P(k bad so far, never tripped), k = 0..n
+    tripped, k = 0.0, 0
+    for n in range(1, n_max + 1):
+        alive = np.append(alive * (1 - limit), 0.0) + np.append(0.0, alive * limit)
+        # The e-value grows with k: find the least k that trips (it moves slowly with n).
+        k = max(k - 2, 0)
+        while k > 0 and log_e_above(k - 1, n, limit) >= threshold:
+            k -= 1
+        while k <= n and log_e_above(k, n, limit) < threshold:
+            k += 1
+        tripped += float(alive[k:].sum())
+        alive[k:] = 0.0
+    assert tripped <= 0.001
+    assert tripped > 0.0001  # not vacuous: the guard does get close to its level
+
+
+def test_a_clear_breach_of_a_limit_trips_the_guard_within_a_few_dozen_requests() -> None:
+    # 50 % errors against a 10 % limit.
+    first = next(n for n in range(1, 200) if log_e_above(n // 2, n, 0.1) >= math.log(1000.0))
+    assert first <= 30
+    assert log_e_above(0, 0, 0.1) == 0.0
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,10 @@ def test_validate_accepts_a_good_spec(tmp_path: Path) -> None:
         pytest.param({"analysis": {"alpha": 0.7}}, "analysis.alpha", id="alpha-out-of-range"),
         pytest.param({"steps": [50, 10, 100]}, "weights must increase", id="steps-not-increasing"),
         pytest.param({"steps": [10, 50]}, "last weight must be 100", id="plan-without-promotion"),
+        pytest.param(
+            {"steps": [0, 100]}, "must send the candidate traffic", id="unjudged-promotion"
+        ),
+        pytest.param({"steps": [100]}, "must send the candidate traffic", id="big-bang"),
         pytest.param({"router": {"kind": "nginx"}}, "router", id="unknown-router-kind"),
         pytest.param(
             {"metrics": {"kind": "prometheus", "preset": "custom"}},
