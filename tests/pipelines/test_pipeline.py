@@ -3,6 +3,8 @@ validates (azure-ai-ml's own checks and `MLClient.jobs.validate`) and dumps to a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -29,6 +31,7 @@ from aml_pipelines.pipeline import (
 
 GOLDEN = Path(__file__).parent / "golden" / "pipeline.yml"
 DEPLOY_GOLDEN = Path(__file__).parent / "golden" / "deploy.yml"
+VERSIONS = Path(__file__).parent / "golden" / "component-versions.json"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -46,6 +49,46 @@ def test_component_yaml_loads_and_validates(step: str, components: dict[str, obj
     component = components[step]
     assert component._validate().passed  # type: ignore[attr-defined]
     assert component.name == f"aml_rollout_{step}"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("step", "deterministic"),
+    [
+        # same seed and data give the same model bytes: re-using a train output is correct
+        pytest.param("train", True, id="train-may-be-reused"),
+        pytest.param("register", False, id="register-reads-the-production-version"),
+        pytest.param("package", False, id="package-reads-the-registry"),
+        pytest.param("rollout", False, id="rollout-depends-on-live-traffic"),
+    ],
+)
+def test_steps_acting_on_live_state_are_never_reused(
+    step: str, deterministic: bool, components: dict[str, object]
+) -> None:
+    # What the SDK sends to Azure ML (azure-ai-ml defaults is_deterministic to true, and Azure ML
+    # then re-uses an earlier run's outputs when inputs, code and environment are unchanged).
+    spec = components[step]._to_rest_object().properties.component_spec  # type: ignore[attr-defined]
+    assert spec["is_deterministic"] is deterministic
+
+
+def test_a_changed_component_gets_a_new_version() -> None:
+    """Azure ML refuses to re-register a changed component under a version it already holds."""
+    current = {}
+    for step in STEPS:
+        text = component_path(step).read_text()
+        current[step] = {
+            "version": str(yaml.safe_load(text)["version"]),
+            "sha256": hashlib.sha256(text.encode()).hexdigest(),
+        }
+    recorded = json.loads(VERSIONS.read_text())
+    if os.environ.get("UPDATE_GOLDEN"):
+        VERSIONS.write_text(json.dumps(current, indent=2) + "\n")
+        return
+    for step in STEPS:
+        if current[step]["sha256"] != recorded[step]["sha256"]:
+            assert current[step]["version"] != recorded[step]["version"], (
+                f"components/{step}/component.yml changed: bump its version"
+            )
+    assert current == recorded, "run with UPDATE_GOLDEN=1 after an intended change"
 
 
 def test_a_broken_binding_is_reported_with_its_file(tmp_path: Path, monkeypatch) -> None:
