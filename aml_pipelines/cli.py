@@ -174,7 +174,8 @@ def build(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the job YAML.")],
     params: ParamOption = None,
     rollout_spec: SpecOption = None,
-    compute: Annotated[str | None, typer.Option(help="Default compute for every step.")] = None,
+    # Azure ML refuses a job with no compute ("Compute not set"): the same default as submit.
+    compute: Annotated[str, typer.Option(help="Compute cluster for every step.")] = "cpu-cluster",
     deploy: DeployOption = False,
 ) -> None:
     """Write the pipeline job YAML (relative code: paths) for `az ml job create -f`."""

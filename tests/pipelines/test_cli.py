@@ -102,6 +102,27 @@ def test_build_writes_a_relative_pipeline_yaml(tmp_path: Path) -> None:
     assert "code: /" not in text
 
 
+@pytest.mark.parametrize("deploy", [pytest.param([], id="training"), pytest.param(["--deploy"], id="deploy")])
+def test_a_built_yaml_without_compute_is_accepted_by_job_create(
+    tmp_path: Path, deploy: list[str]
+) -> None:
+    from azure.ai.ml import load_job
+
+    from aml_pipelines.build import offline_client
+    from aml_pipelines.errors import AzureNotConfigured
+
+    out = tmp_path / "pipeline.yml"
+    result = invoke("pipeline", "build", *deploy, "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert "default_compute: azureml:cpu-cluster" in out.read_text()  # as `pipeline submit`
+    job = load_job(out)  # what `az ml job create -f` does, then its checks before any request
+    assert job._validate().passed
+    # The offline client's credential raises when asked for a token: reaching that point means
+    # the SDK's own checks ("Compute not set", bindings) passed and it was about to send the job.
+    with pytest.raises(AzureNotConfigured):
+        offline_client().jobs.create_or_update(job)
+
+
 def test_deploy_pipeline_validates_and_builds(tmp_path: Path) -> None:
     validated = invoke("pipeline", "validate", "--deploy", "-p", "model_version=2")
     assert validated.exit_code == 0, validated.output
