@@ -4,8 +4,10 @@
   runs the job's own validation and `MLClient.jobs.validate` with an offline client (a
   placeholder workspace and a credential that is never asked for a token): no network.
 - `dump_pipeline` writes the job YAML with RELATIVE paths. azure-ai-ml dumps `code:` as an absolute
-  path and prefixes local input paths with `azureml:` (which would name a registered data asset);
-  both are rewritten so `az ml job create -f pipeline.yml` works from any checkout.
+  path and prefixes every input path with `azureml:` (which would name a registered data asset,
+  even for `https://` or `abfss://` URIs); local paths are written relative (and must exist),
+  remote URIs and `azureml:` references as given, so `az ml job create -f pipeline.yml` sends what
+  `submit` sends, from any checkout.
 - `workspace_client` / `submit_pipeline` talk to a real workspace with DefaultAzureCredential;
   tests pass `transport=` (a fake ARM server) and a static credential instead.
 """
@@ -20,7 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aml_pipelines.errors import AzureNotConfigured, ComponentError, PipelineError
+from aml_pipelines.errors import (
+    AzureNotConfigured,
+    ComponentError,
+    ConfigError,
+    PipelineError,
+)
 from aml_pipelines.pipeline import (
     COMPONENTS_DIR,
     STEPS,
@@ -151,11 +158,19 @@ def pipeline_dict(job: Any, relative_to: Path) -> dict[str, Any]:
         # azure-ai-ml dumps a boolean pipeline input as 0/1; a boolean component input wants bools
         if isinstance(getattr(value, "_data", None), bool):
             data["inputs"][key] = value._data
-    for spec in (data.get("inputs") or {}).values():
-        if isinstance(spec, dict) and isinstance(spec.get("path"), str):
-            local = spec["path"].removeprefix("azureml:")
-            if local != spec["path"] and Path(local).exists():
-                spec["path"] = relative(local)
+    for key, spec in (data.get("inputs") or {}).items():
+        # _to_dict() writes EVERY path as `azureml:<path>` (a data-asset reference): take the path
+        # the job was given instead. Remote URIs and asset references go as they are (as submit
+        # sends them); a local path must exist, since `az ml job create` uploads it.
+        given = getattr(getattr(job.inputs.get(key), "_data", None), "path", None)
+        if not (isinstance(spec, dict) and isinstance(given, str)):
+            continue
+        if "://" in given or given.startswith("azureml:"):
+            spec["path"] = given
+        elif Path(given).exists():
+            spec["path"] = relative(given)
+        else:
+            raise ConfigError(f"{key}: local path {given} does not exist")
     for node in data.get("jobs", {}).values():
         component = node.get("component")
         code = component.get("code") if isinstance(component, dict) else None

@@ -143,6 +143,49 @@ def test_pipeline_dumps_to_the_golden_yaml(tmp_path: Path, components) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param("https://acct.blob.core.windows.net/c/data/", id="https"),
+        pytest.param("wasbs://c@acct.blob.core.windows.net/data/", id="wasbs"),
+        pytest.param("abfss://fs@acct.dfs.core.windows.net/data/", id="abfss"),
+        pytest.param("azureml://datastores/d/paths/data/", id="azureml-uri"),
+        pytest.param("azureml:diabetes-csv:1", id="data-asset"),
+    ],
+)
+def test_remote_data_is_dumped_as_submit_sends_it(tmp_path: Path, components, data: str) -> None:
+    from azure.ai.ml import load_job
+
+    job = build_pipeline(PipelineParams(data=data, target="y"), compute="c", loaded=components)
+    sent = job._to_rest_object().properties.inputs["data"].uri  # what `pipeline submit` sends
+    out = dump_pipeline(job, tmp_path / "p.yml")
+    assert yaml.safe_load(out.read_text())["inputs"]["data"]["path"] == data
+    loaded = load_job(out)  # what `az ml job create -f` sends
+    assert loaded._validate().passed
+    # (an asset reference is resolved to its ARM id at submission; unresolved, the two spellings
+    # of the same reference differ only by the prefix)
+    loaded_uri = loaded._to_rest_object().properties.inputs["data"].uri
+    assert loaded_uri.removeprefix("azureml:") == sent.removeprefix("azureml:")
+    assert "://" not in data or loaded_uri == data
+
+
+def test_local_data_is_dumped_relative(tmp_path: Path, components) -> None:
+    (tmp_path / "csv").mkdir()
+    job = build_pipeline(
+        PipelineParams(data=str(tmp_path / "csv"), target="y"), compute="c", loaded=components
+    )
+    out = dump_pipeline(job, tmp_path / "out" / "p.yml")
+    assert yaml.safe_load(out.read_text())["inputs"]["data"]["path"] == "../csv"
+
+
+def test_a_missing_local_data_folder_is_named(tmp_path: Path, components) -> None:
+    job = build_pipeline(
+        PipelineParams(data=str(tmp_path / "nope"), target="y"), compute="c", loaded=components
+    )
+    with pytest.raises(ConfigError, match=r"^data: local path .*nope does not exist"):
+        dump_pipeline(job, tmp_path / "p.yml")
+
+
 # ---------------------------------------------------------------- the deploy pipeline
 
 
