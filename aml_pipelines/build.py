@@ -8,6 +8,8 @@
   even for `https://` or `abfss://` URIs); local paths are written relative (and must exist),
   remote URIs and `azureml:` references as given, so `az ml job create -f pipeline.yml` sends what
   `submit` sends, from any checkout.
+- `stamp_source` sets GIT_COMMIT (the submitting checkout's `git rev-parse HEAD`, "-dirty" when
+  the staged packages have changes) on every step: the steps run in a snapshot without .git.
 - `workspace_client` / `submit_pipeline` talk to a real workspace with DefaultAzureCredential;
   tests pass `transport=` (a fake ARM server) and a static credential instead.
 """
@@ -257,13 +259,56 @@ def stage_code(job: Any, into: Path) -> Path:
     return into
 
 
+def source_commit(
+    root: Path = COMPONENTS_DIR.parent, env: Mapping[str, str] = os.environ
+) -> str | None:
+    """The commit of the code a job runs: $GIT_COMMIT, else `git rev-parse HEAD` of `root`.
+
+    "-dirty" is appended when the packages that are staged (CODE_PACKAGES) differ from HEAD
+    (changed or untracked files). None when `root` is not a git checkout and GIT_COMMIT is unset.
+    """
+    import subprocess
+
+    if commit := env.get("GIT_COMMIT"):
+        return commit
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--", *CODE_PACKAGES)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if changed else head
+
+
+def stamp_source(job: Any, commit: str | None = None) -> str | None:
+    """Set GIT_COMMIT on every step of `job` to the submitting checkout's commit.
+
+    In Azure ML the steps run in a staged snapshot without .git, where `git rev-parse` cannot
+    answer: without this every registered model was tagged git_commit=unknown.
+    """
+    commit = commit or source_commit()
+    if commit:
+        for node in job.jobs.values():
+            node.environment_variables = {**(node.environment_variables or {}), "GIT_COMMIT": commit}
+    return commit
+
+
 def submit_pipeline(job: Any, ml_client: Any, *, experiment: str = "aml-rollout") -> Any:
-    """Submit the job with a staged code snapshot; Azure errors become one clear line."""
+    """Submit the job (stamped with its GIT_COMMIT, with a staged code snapshot).
+
+    Azure errors become one clear line.
+    """
     import tempfile
 
     from azure.ai.ml.exceptions import MlException
     from azure.core.exceptions import AzureError, ClientAuthenticationError
 
+    stamp_source(job)
     try:
         with tempfile.TemporaryDirectory(prefix="aml-rollout-code-") as tmp:
             stage_code(job, Path(tmp))

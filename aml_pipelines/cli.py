@@ -180,7 +180,7 @@ def build(
 ) -> None:
     """Write the pipeline job YAML (relative code: paths) for `az ml job create -f`."""
     with _user_errors():
-        from aml_pipelines.build import dump_pipeline
+        from aml_pipelines.build import dump_pipeline, stamp_source
         from aml_pipelines.pipeline import build_deploy_pipeline, build_pipeline
 
         if deploy:
@@ -188,6 +188,7 @@ def build(
             job = build_deploy_pipeline(deploy_params, compute=compute)
         else:
             job = build_pipeline(parse_params(params, rollout_spec=rollout_spec), compute=compute)
+        stamp_source(job)
         dump_pipeline(job, output)
     out.print(f"wrote {output} ({', '.join(job.jobs)}); submit with: az ml job create -f {output}")
 

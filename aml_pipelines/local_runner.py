@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from aml_pipelines.build import source_commit
 from aml_pipelines.errors import ComponentError, ConfigError, RolloutNotPromoted, StepFailed
 from aml_pipelines.fileio import read_json
 from aml_pipelines.pipeline import STEPS, PipelineParams, build_pipeline
@@ -120,6 +121,7 @@ def run_local(
     values = asdict(params)
     result = LocalRun(run_dir)
     emit(f"local run {run_id}: {' → '.join(n.name for n in nodes)} in {run_dir}")
+    commit = source_commit()  # as in Azure ML (build.stamp_source): "-dirty" included
     for node in nodes:
         outputs = {name: run_dir / node.name / name for name in node.component.outputs}
         inputs: dict[str, Any] = {}
@@ -141,6 +143,7 @@ def run_local(
         for folder in outputs.values():
             folder.mkdir(parents=True, exist_ok=True)
         step_env = {
+            **({"GIT_COMMIT": commit} if commit else {}),
             **os.environ,
             **(env or {}),
             "AML_ROLLOUT_RUN_ID": f"{run_id}/{node.name}",

@@ -240,7 +240,7 @@ def test_factory_uses_a_given_client(client: Any) -> None:
 
 
 def test_submit_sends_the_pipeline_job(arm: FakeArm, client: Any) -> None:
-    from aml_pipelines.build import submit_pipeline
+    from aml_pipelines.build import source_commit, submit_pipeline
     from aml_pipelines.pipeline import PipelineParams, build_pipeline
 
     arm.on("GET", r"^.*/codes/[^/]+/versions$", existing_code_upload)
@@ -256,6 +256,12 @@ def test_submit_sends_the_pipeline_job(arm: FakeArm, client: Any) -> None:
     assert properties["inputs"]["alpha"]["value"] == "0.5"
     assert properties["inputs"]["rollout_spec"]["uri"] == spec
     assert set(properties["jobs"]) == {"train", "register", "package", "rollout"}
+    # the steps run in a snapshot without .git: the submitting checkout's commit goes with them
+    commit = source_commit()
+    assert commit and all(
+        node["environment_variables"] == {"GIT_COMMIT": commit}
+        for node in properties["jobs"].values()
+    )
     components = [body for _, body in iter_calls(arm, "PUT", r"/components/[^/]+/versions/")]
     commands = {c["properties"]["componentSpec"]["command"].split()[2] for c in components}
     assert commands == {f"components.{s}.main" for s in ("train", "register", "package", "rollout")}

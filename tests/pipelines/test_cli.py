@@ -123,6 +123,25 @@ def test_a_built_yaml_without_compute_is_accepted_by_job_create(
         offline_client().jobs.create_or_update(job)
 
 
+def test_a_built_job_carries_the_source_commit(tmp_path: Path) -> None:
+    import yaml
+    from azure.ai.ml import load_job
+
+    from aml_pipelines.build import source_commit
+
+    out = tmp_path / "pipeline.yml"
+    result = invoke("pipeline", "build", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    commit = source_commit()  # this checkout's HEAD (+ -dirty while it has changes)
+    assert commit
+    jobs = yaml.safe_load(out.read_text())["jobs"]
+    assert {n: j["environment_variables"] for n, j in jobs.items()} == {
+        n: {"GIT_COMMIT": commit} for n in ("train", "register", "package", "rollout")
+    }
+    loaded = load_job(out)  # az ml job create sends it on each node
+    assert loaded.jobs["register"].environment_variables == {"GIT_COMMIT": commit}
+
+
 def test_deploy_pipeline_validates_and_builds(tmp_path: Path) -> None:
     validated = invoke("pipeline", "validate", "--deploy", "-p", "model_version=2")
     assert validated.exit_code == 0, validated.output

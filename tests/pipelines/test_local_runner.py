@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from aml_pipelines.build import source_commit
 from aml_pipelines.errors import ComponentError, ConfigError, RolloutNotPromoted, StepFailed
 from aml_pipelines.local_runner import _render_value, _verdict, render_command, run_local
 from aml_pipelines.pipeline import STEPS, PipelineParams, component_path
@@ -141,6 +142,7 @@ def test_v1_registered_worse_v2_refused_better_v2_registered(tmp_path: Path) -> 
         registry.get("diabetes-ridge", 1).tags["mse"]
     )
     assert v2.tags["source_run"] == "run3/register"
+    assert v2.tags["git_commit"] == source_commit()  # the checkout's, "-dirty" when it has changes
 
 
 def test_until_train_runs_one_step_and_a_failure_stops_the_run(tmp_path: Path) -> None:

@@ -186,6 +186,48 @@ def test_a_missing_local_data_folder_is_named(tmp_path: Path, components) -> Non
         dump_pipeline(job, tmp_path / "p.yml")
 
 
+def _git(repo: Path, *args: str) -> str:
+    import subprocess
+
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "HOME": str(repo), "PATH": os.environ["PATH"]}  # fmt: skip
+    done = subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("change", "env", "suffix"),
+    [
+        pytest.param(None, {}, "", id="clean"),
+        pytest.param("components/x.py", {}, "-dirty", id="changed-package-file"),
+        pytest.param("scoring/new.py", {}, "-dirty", id="untracked-package-file"),
+        pytest.param("notes.txt", {}, "", id="change-outside-the-staged-packages"),
+        pytest.param(None, {"GIT_COMMIT": "ci-build-7"}, None, id="GIT_COMMIT-wins"),
+    ],
+)
+def test_source_commit(tmp_path: Path, change: str | None, env: dict, suffix: str | None) -> None:
+    from aml_pipelines.build import source_commit
+
+    (tmp_path / "components").mkdir()
+    (tmp_path / "components" / "x.py").write_text("x = 1\n")
+    (tmp_path / "scoring").mkdir()
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "c")
+    head = _git(tmp_path, "rev-parse", "HEAD")
+    if change:
+        (tmp_path / change).write_text("changed\n")
+    expected = "ci-build-7" if suffix is None else head + suffix
+    assert source_commit(tmp_path, env) == expected
+
+
+def test_no_checkout_no_commit(tmp_path: Path) -> None:
+    from aml_pipelines.build import source_commit
+
+    assert source_commit(tmp_path, {}) is None  # e.g. an installed package: left to the step
+
+
 # ---------------------------------------------------------------- the deploy pipeline
 
 
