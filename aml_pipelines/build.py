@@ -294,7 +294,10 @@ def stamp_source(job: Any, commit: str | None = None) -> str | None:
     commit = commit or source_commit()
     if commit:
         for node in job.jobs.values():
-            node.environment_variables = {**(node.environment_variables or {}), "GIT_COMMIT": commit}
+            node.environment_variables = {
+                **(node.environment_variables or {}),
+                "GIT_COMMIT": commit,
+            }
     return commit
 
 

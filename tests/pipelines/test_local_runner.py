@@ -78,10 +78,10 @@ def test_azure_and_local_rendering_agree_on_every_argument(step: str) -> None:
     component = load_component(source=component_path(step))
     values = {k: SPACED[k] for k in [*component.inputs, *component.outputs]}
     # Azure ML: the text run by a shell (here `python` is a shell function printing its argv)
+    script = 'python() { printf "%s\\0" "$@"; }; ' + _azure_rendered(component.command, values)
     shell = subprocess.run(
-        ["bash", "-c", 'python() { printf "%s\\0" "$@"; }; ' + _azure_rendered(component.command, values)],
-        capture_output=True, text=True, check=True, timeout=30,
-    )  # fmt: skip
+        ["bash", "-c", script], capture_output=True, text=True, check=True, timeout=30
+    )
     azure_argv = shell.stdout.split("\0")[:-1]
     local_argv = render_command(
         component.command,
