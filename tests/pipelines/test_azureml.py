@@ -287,6 +287,7 @@ def test_submit_reports_azure_errors_in_one_line(arm: FakeArm, client: Any) -> N
 def test_submit_without_credentials_says_so(tmp_path: Path, monkeypatch) -> None:
     from typer.testing import CliRunner
 
+    from aml_pipelines.pipeline import EXAMPLE_SPEC
     from rollout.cli import app
 
     for var in AZURE_CREDENTIAL_ENV:
@@ -296,7 +297,8 @@ def test_submit_without_credentials_says_so(tmp_path: Path, monkeypatch) -> None
     # developer credentials only: never probe a managed-identity endpoint (CI runs on cloud VMs)
     monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "dev")
     result = CliRunner().invoke(app, ["pipeline", "submit", "--subscription", SUB,
-                                      "--resource-group", RG, "--workspace", WS])  # fmt: skip
+                                      "--resource-group", RG, "--workspace", WS,
+                                      "--rollout-spec", str(EXAMPLE_SPEC)])  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "no usable Azure credentials" in result.output and "az login" in result.output
 
