@@ -4,8 +4,12 @@
   runs the job's own validation and `MLClient.jobs.validate` with an offline client (a
   placeholder workspace and a credential that is never asked for a token): no network.
 - `dump_pipeline` writes the job YAML with RELATIVE paths. azure-ai-ml dumps `code:` as an absolute
-  path and prefixes local input paths with `azureml:` (which would name a registered data asset);
-  both are rewritten so `az ml job create -f pipeline.yml` works from any checkout.
+  path and prefixes every input path with `azureml:` (which would name a registered data asset,
+  even for `https://` or `abfss://` URIs); local paths are written relative (and must exist),
+  remote URIs and `azureml:` references as given, so `az ml job create -f pipeline.yml` sends what
+  `submit` sends, from any checkout.
+- `stamp_source` sets GIT_COMMIT (the submitting checkout's `git rev-parse HEAD`, "-dirty" when
+  the staged packages have changes) on every step: the steps run in a snapshot without .git.
 - `workspace_client` / `submit_pipeline` talk to a real workspace with DefaultAzureCredential;
   tests pass `transport=` (a fake ARM server) and a static credential instead.
 """
@@ -20,7 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aml_pipelines.errors import AzureNotConfigured, ComponentError, PipelineError
+from aml_pipelines.errors import (
+    AzureNotConfigured,
+    ComponentError,
+    ConfigError,
+    PipelineError,
+)
 from aml_pipelines.pipeline import (
     COMPONENTS_DIR,
     STEPS,
@@ -151,11 +160,19 @@ def pipeline_dict(job: Any, relative_to: Path) -> dict[str, Any]:
         # azure-ai-ml dumps a boolean pipeline input as 0/1; a boolean component input wants bools
         if isinstance(getattr(value, "_data", None), bool):
             data["inputs"][key] = value._data
-    for spec in (data.get("inputs") or {}).values():
-        if isinstance(spec, dict) and isinstance(spec.get("path"), str):
-            local = spec["path"].removeprefix("azureml:")
-            if local != spec["path"] and Path(local).exists():
-                spec["path"] = relative(local)
+    for key, spec in (data.get("inputs") or {}).items():
+        # _to_dict() writes EVERY path as `azureml:<path>` (a data-asset reference): take the path
+        # the job was given instead. Remote URIs and asset references go as they are (as submit
+        # sends them); a local path must exist, since `az ml job create` uploads it.
+        given = getattr(getattr(job.inputs.get(key), "_data", None), "path", None)
+        if not (isinstance(spec, dict) and isinstance(given, str)):
+            continue
+        if "://" in given or given.startswith("azureml:"):
+            spec["path"] = given
+        elif Path(given).exists():
+            spec["path"] = relative(given)
+        else:
+            raise ConfigError(f"{key}: local path {given} does not exist")
     for node in data.get("jobs", {}).values():
         component = node.get("component")
         code = component.get("code") if isinstance(component, dict) else None
@@ -242,13 +259,59 @@ def stage_code(job: Any, into: Path) -> Path:
     return into
 
 
+def source_commit(
+    root: Path = COMPONENTS_DIR.parent, env: Mapping[str, str] = os.environ
+) -> str | None:
+    """The commit of the code a job runs: $GIT_COMMIT, else `git rev-parse HEAD` of `root`.
+
+    "-dirty" is appended when the packages that are staged (CODE_PACKAGES) differ from HEAD
+    (changed or untracked files). None when `root` is not a git checkout and GIT_COMMIT is unset.
+    """
+    import subprocess
+
+    if commit := env.get("GIT_COMMIT"):
+        return commit
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--", *CODE_PACKAGES)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if changed else head
+
+
+def stamp_source(job: Any, commit: str | None = None) -> str | None:
+    """Set GIT_COMMIT on every step of `job` to the submitting checkout's commit.
+
+    In Azure ML the steps run in a staged snapshot without .git, where `git rev-parse` cannot
+    answer: without this every registered model was tagged git_commit=unknown.
+    """
+    commit = commit or source_commit()
+    if commit:
+        for node in job.jobs.values():
+            node.environment_variables = {
+                **(node.environment_variables or {}),
+                "GIT_COMMIT": commit,
+            }
+    return commit
+
+
 def submit_pipeline(job: Any, ml_client: Any, *, experiment: str = "aml-rollout") -> Any:
-    """Submit the job with a staged code snapshot; Azure errors become one clear line."""
+    """Submit the job (stamped with its GIT_COMMIT, with a staged code snapshot).
+
+    Azure errors become one clear line.
+    """
     import tempfile
 
     from azure.ai.ml.exceptions import MlException
     from azure.core.exceptions import AzureError, ClientAuthenticationError
 
+    stamp_source(job)
     try:
         with tempfile.TemporaryDirectory(prefix="aml-rollout-code-") as tmp:
             stage_code(job, Path(tmp))

@@ -48,7 +48,10 @@ ParamOption = Annotated[
 ]
 SpecOption = Annotated[
     Path | None,
-    typer.Option(help="Rollout spec for the rollout step (default: the bundled example)."),
+    typer.Option(
+        help="Rollout spec for the rollout step: required by build, submit and run-local "
+        "--until rollout; validate uses the bundled example by default."
+    ),
 ]
 DeployOption = Annotated[
     bool,
@@ -169,24 +172,45 @@ def validate(
     )
 
 
+def _require_spec(rollout_spec: Path | None, command: str) -> None:
+    """Refuse to build or submit a job whose rollout step would use the bundled example spec.
+
+    Both pipelines end with the rollout step. The example targets a placeholder subscription
+    (00000000-...): a job built with it trains and registers a version, then fails at the rollout
+    after spending cluster time, and leaves a candidate behind. `validate` (offline) still uses
+    it; passing the example explicitly is a deliberate choice and is accepted.
+    """
+    if rollout_spec is None:
+        from aml_pipelines.errors import ConfigError
+
+        raise ConfigError(
+            f"pipeline {command} needs --rollout-spec FILE: the job ends with the rollout step, "
+            "and the bundled example (components/rollout/spec.example.yaml) targets a placeholder "
+            "subscription 00000000-0000-0000-0000-000000000000"
+        )
+
+
 @pipeline_app.command("build")
 def build(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the job YAML.")],
     params: ParamOption = None,
     rollout_spec: SpecOption = None,
-    compute: Annotated[str | None, typer.Option(help="Default compute for every step.")] = None,
+    # Azure ML refuses a job with no compute ("Compute not set"): the same default as submit.
+    compute: Annotated[str, typer.Option(help="Compute cluster for every step.")] = "cpu-cluster",
     deploy: DeployOption = False,
 ) -> None:
     """Write the pipeline job YAML (relative code: paths) for `az ml job create -f`."""
     with _user_errors():
-        from aml_pipelines.build import dump_pipeline
+        from aml_pipelines.build import dump_pipeline, stamp_source
         from aml_pipelines.pipeline import build_deploy_pipeline, build_pipeline
 
+        _require_spec(rollout_spec, "build")
         if deploy:
             deploy_params = parse_deploy_params(params, rollout_spec=rollout_spec)
             job = build_deploy_pipeline(deploy_params, compute=compute)
         else:
             job = build_pipeline(parse_params(params, rollout_spec=rollout_spec), compute=compute)
+        stamp_source(job)
         dump_pipeline(job, output)
     out.print(f"wrote {output} ({', '.join(job.jobs)}); submit with: az ml job create -f {output}")
 
@@ -209,6 +233,7 @@ def submit(
         # DefaultAzureCredential logs every credential it tried; the error line below says it all
         logging.getLogger("azure.identity").setLevel(logging.ERROR)
 
+        _require_spec(rollout_spec, "submit")
         pipeline_params = parse_params(params, rollout_spec=rollout_spec)
         client = workspace_client(subscription, resource_group, workspace)
         job = build_pipeline(pipeline_params, compute=compute)

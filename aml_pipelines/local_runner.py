@@ -8,7 +8,8 @@ and walks its nodes:
 2. bind every output to a folder `<run_dir>/<node>/<output>/`, every input to the pipeline value,
    the upstream output folder, or the component's default;
 3. render the component's declared `command` as Azure ML does: `$[[...]]` optional blocks are
-   kept only when their inputs are bound, `${{inputs.x}}` / `${{outputs.y}}` are substituted;
+   kept only when their inputs are bound, `${{inputs.x}}` / `${{outputs.y}}` are substituted into
+   the text, which is then split as a shell would (the YAMLs quote string and path values);
 4. run it as a subprocess in the component's code folder (`python` is this interpreter), stream
    its output line by line with a `[node]` prefix into `<run_dir>/<node>/std_log.txt` and the
    caller's sink, and stop at the first non-zero exit with StepFailed(node, exit_code) — except
@@ -36,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from aml_pipelines.build import source_commit
 from aml_pipelines.errors import ComponentError, ConfigError, RolloutNotPromoted, StepFailed
 from aml_pipelines.fileio import read_json
 from aml_pipelines.pipeline import STEPS, PipelineParams, build_pipeline
@@ -119,6 +121,7 @@ def run_local(
     values = asdict(params)
     result = LocalRun(run_dir)
     emit(f"local run {run_id}: {' → '.join(n.name for n in nodes)} in {run_dir}")
+    commit = source_commit()  # as in Azure ML (build.stamp_source): "-dirty" included
     for node in nodes:
         outputs = {name: run_dir / node.name / name for name in node.component.outputs}
         inputs: dict[str, Any] = {}
@@ -140,6 +143,7 @@ def run_local(
         for folder in outputs.values():
             folder.mkdir(parents=True, exist_ok=True)
         step_env = {
+            **({"GIT_COMMIT": commit} if commit else {}),
             **os.environ,
             **(env or {}),
             "AML_ROLLOUT_RUN_ID": f"{run_id}/{node.name}",
@@ -186,8 +190,10 @@ def render_command(
 ) -> list[str]:
     """The argv Azure ML would run: optional blocks resolved, placeholders substituted.
 
-    Substitution happens per token after splitting, so a path with spaces stays one argument;
-    `python` becomes this interpreter so the step runs in the same environment.
+    As in Azure ML, values are substituted into the command TEXT, which is then split as a shell
+    would (shlex): a value with a space stays one argument only where the YAML quotes it, so an
+    unquoted one fails here as it would in Azure. `python` becomes this interpreter so the step
+    runs in the same environment.
     """
 
     def keep_block(match: re.Match[str]) -> str:
@@ -214,7 +220,11 @@ def render_command(
             raise ComponentError(f"command needs input {name!r}, which is not bound")
         return _render_value(value)
 
-    argv = [_PLACEHOLDER.sub(substitute, token) for token in shlex.split(template)]
+    text = _PLACEHOLDER.sub(substitute, template)
+    try:
+        argv = shlex.split(text)
+    except ValueError as exc:  # e.g. a value with a ' inside a quoted placeholder
+        raise ConfigError(f"the command does not parse as a shell line ({exc}): {text}") from None
     if argv and argv[0] == "python":
         argv[0] = sys.executable
     return argv

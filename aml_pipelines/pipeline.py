@@ -105,6 +105,14 @@ def build_pipeline(
     from azure.ai.ml.dsl import pipeline
 
     params = params or PipelineParams()
+    if params.target is not None and params.data is None:
+        from aml_pipelines.errors import ConfigError
+
+        # The step would drop --target silently (its $[[...]] block needs data too).
+        raise ConfigError(
+            f"target: {params.target!r} is given without data; target names a column of the CSV "
+            "data (-p data=FOLDER), the bundled diabetes data has its own target"
+        )
     steps = loaded or load_components()
     train_c, register_c, package_c, rollout_c = (steps[s] for s in STEPS)
 

@@ -22,10 +22,13 @@ import time
 from pathlib import Path
 
 CLI = str(Path(sys.executable).with_name("aml-rollout"))
+EXAMPLE_SPEC = str(
+    Path(__file__).resolve().parents[1] / "components" / "rollout" / "spec.example.yaml"
+)
 COMMANDS = {
     "help_s": ["--help"],
     "validate_s": ["pipeline", "validate"],
-    "build_s": ["pipeline", "build", "-o", "pipeline.yml"],
+    "build_s": ["pipeline", "build", "-o", "pipeline.yml", "--rollout-spec", EXAMPLE_SPEC],
     "run_local_s": ["pipeline", "run-local", "--registry", "local:registry", "--run-dir", "run"],
 }
 

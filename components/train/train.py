@@ -81,6 +81,8 @@ class TrainParams:
             raise ConfigError(
                 f"test_fraction must be strictly between 0 and 1, got {self.test_fraction}"
             )
+        if not 0 <= self.seed < 2**32:  # numpy's RandomState accepts no other seed
+            raise ConfigError(f"seed must be between 0 and 2**32 - 1, got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,8 @@ def load_csv_dataset(data: Path, target: str) -> Dataset:
     header: list[str] | None = None
     rows: list[list[float]] = []
     for file in files:
-        with file.open(newline="", encoding="utf-8") as fh:
+        # utf-8-sig: a byte-order mark (Excel writes one) would become part of the first column name
+        with file.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
             file_header = [name.strip() for name in next(reader, [])]
             if header is None:
@@ -225,17 +228,20 @@ def train(
     if not name:
         raise ConfigError("model_name: must not be empty")
     dataset = load_dataset(data, target)
+    # Checked before splitting: sklearn raises its own error when a side would be empty.
+    rows = len(dataset.target)
+    held_out = math.ceil(params.test_fraction * rows)  # how train_test_split sizes the test set
+    if held_out < 2 or rows - held_out < 2:
+        raise ConfigError(
+            f"test_fraction: {params.test_fraction} leaves {rows - held_out} training and "
+            f"{held_out} held-out rows of {rows}; both need at least 2 (r2 needs 2 held-out rows)"
+        )
     x_train, x_test, y_train, y_test = train_test_split(
         dataset.features,
         dataset.target,
         test_size=params.test_fraction,
         random_state=params.seed,
     )
-    if len(x_test) < 2 or len(x_train) < 2:
-        raise ConfigError(
-            f"test_fraction: {params.test_fraction} leaves {len(x_train)} training and "
-            f"{len(x_test)} held-out rows; both need at least 2"
-        )
     model = Ridge(alpha=params.alpha).fit(x_train, y_train)
     predicted = model.predict(x_test)
     mse = float(mean_squared_error(y_test, predicted))

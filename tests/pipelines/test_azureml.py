@@ -240,7 +240,7 @@ def test_factory_uses_a_given_client(client: Any) -> None:
 
 
 def test_submit_sends_the_pipeline_job(arm: FakeArm, client: Any) -> None:
-    from aml_pipelines.build import submit_pipeline
+    from aml_pipelines.build import source_commit, submit_pipeline
     from aml_pipelines.pipeline import PipelineParams, build_pipeline
 
     arm.on("GET", r"^.*/codes/[^/]+/versions$", existing_code_upload)
@@ -256,6 +256,12 @@ def test_submit_sends_the_pipeline_job(arm: FakeArm, client: Any) -> None:
     assert properties["inputs"]["alpha"]["value"] == "0.5"
     assert properties["inputs"]["rollout_spec"]["uri"] == spec
     assert set(properties["jobs"]) == {"train", "register", "package", "rollout"}
+    # the steps run in a snapshot without .git: the submitting checkout's commit goes with them
+    commit = source_commit()
+    assert commit and all(
+        node["environment_variables"] == {"GIT_COMMIT": commit}
+        for node in properties["jobs"].values()
+    )
     components = [body for _, body in iter_calls(arm, "PUT", r"/components/[^/]+/versions/")]
     commands = {c["properties"]["componentSpec"]["command"].split()[2] for c in components}
     assert commands == {f"components.{s}.main" for s in ("train", "register", "package", "rollout")}
@@ -281,6 +287,7 @@ def test_submit_reports_azure_errors_in_one_line(arm: FakeArm, client: Any) -> N
 def test_submit_without_credentials_says_so(tmp_path: Path, monkeypatch) -> None:
     from typer.testing import CliRunner
 
+    from aml_pipelines.pipeline import EXAMPLE_SPEC
     from rollout.cli import app
 
     for var in AZURE_CREDENTIAL_ENV:
@@ -290,7 +297,8 @@ def test_submit_without_credentials_says_so(tmp_path: Path, monkeypatch) -> None
     # developer credentials only: never probe a managed-identity endpoint (CI runs on cloud VMs)
     monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "dev")
     result = CliRunner().invoke(app, ["pipeline", "submit", "--subscription", SUB,
-                                      "--resource-group", RG, "--workspace", WS])  # fmt: skip
+                                      "--resource-group", RG, "--workspace", WS,
+                                      "--rollout-spec", str(EXAMPLE_SPEC)])  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "no usable Azure credentials" in result.output and "az login" in result.output
 

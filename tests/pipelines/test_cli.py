@@ -11,11 +11,13 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from aml_pipelines.cli import versions_table
+from aml_pipelines.pipeline import EXAMPLE_SPEC
 from aml_pipelines.registry.base import ModelVersion
 from rollout.cli import app
 from tests.pipelines.conftest import write_model_folder
 
 runner = CliRunner()
+SPEC = ("--rollout-spec", str(EXAMPLE_SPEC))  # named explicitly: build and submit need a spec
 
 
 def invoke(*args: str, env: dict[str, str] | None = None):
@@ -68,9 +70,45 @@ def invoke(*args: str, env: dict[str, str] | None = None):
             id="deploy-unknown-param",
         ),
         pytest.param(
-            ["pipeline", "build", "--deploy", "-o", "x.yml", "-p", "model_version=0"],
+            ["pipeline", "build", "--deploy", "-o", "x.yml", "-p", "model_version=0", *SPEC],
             "model_version: 0 is not a registry version",
             id="deploy-version-zero",
+        ),
+        # the job ends with the rollout step: the bundled example's placeholder subscription
+        # would train and register, then fail at the rollout
+        pytest.param(
+            ["pipeline", "build", "-o", "x.yml"],
+            "pipeline build needs --rollout-spec FILE: the job ends with the rollout step",
+            id="build-without-spec",
+        ),
+        pytest.param(
+            ["pipeline", "build", "--deploy", "-o", "x.yml"],
+            "pipeline build needs --rollout-spec FILE",
+            id="deploy-build-without-spec",
+        ),
+        pytest.param(
+            [
+                "pipeline",
+                "submit",
+                "--subscription",
+                "s",
+                "--resource-group",
+                "r",
+                "--workspace",
+                "w",
+            ],
+            "pipeline submit needs --rollout-spec FILE",
+            id="submit-without-spec",
+        ),
+        pytest.param(
+            ["pipeline", "validate", "-p", "target=y"],
+            "target: 'y' is given without data",
+            id="target-without-data",
+        ),
+        pytest.param(
+            ["pipeline", "build", "-o", "x.yml", "-p", "target=y", *SPEC],
+            "(-p data=FOLDER)",
+            id="build-target-without-data",
         ),
         pytest.param(
             ["registry", "list", "--registry", "s3:x"], "unknown kind 's3'", id="bad-registry-kind"
@@ -95,11 +133,55 @@ def test_validate_prints_a_summary() -> None:
 
 def test_build_writes_a_relative_pipeline_yaml(tmp_path: Path) -> None:
     out = tmp_path / "pipeline.yml"
-    result = invoke("pipeline", "build", "-o", str(out), "-p", "alpha=0.5", "--compute", "gpu")
+    result = invoke(
+        "pipeline", "build", "-o", str(out), "-p", "alpha=0.5", "--compute", "gpu", *SPEC
+    )
     assert result.exit_code == 0, result.output
     text = out.read_text()
     assert "alpha: 0.5" in text and "default_compute: azureml:gpu" in text
     assert "code: /" not in text
+
+
+@pytest.mark.parametrize(
+    "deploy", [pytest.param([], id="training"), pytest.param(["--deploy"], id="deploy")]
+)
+def test_a_built_yaml_without_compute_is_accepted_by_job_create(
+    tmp_path: Path, deploy: list[str]
+) -> None:
+    from azure.ai.ml import load_job
+
+    from aml_pipelines.build import offline_client
+    from aml_pipelines.errors import AzureNotConfigured
+
+    out = tmp_path / "pipeline.yml"
+    result = invoke("pipeline", "build", *deploy, "-o", str(out), *SPEC)
+    assert result.exit_code == 0, result.output
+    assert "default_compute: azureml:cpu-cluster" in out.read_text()  # as `pipeline submit`
+    job = load_job(out)  # what `az ml job create -f` does, then its checks before any request
+    assert job._validate().passed
+    # The offline client's credential raises when asked for a token: reaching that point means
+    # the SDK's own checks ("Compute not set", bindings) passed and it was about to send the job.
+    with pytest.raises(AzureNotConfigured):
+        offline_client().jobs.create_or_update(job)
+
+
+def test_a_built_job_carries_the_source_commit(tmp_path: Path) -> None:
+    import yaml
+    from azure.ai.ml import load_job
+
+    from aml_pipelines.build import source_commit
+
+    out = tmp_path / "pipeline.yml"
+    result = invoke("pipeline", "build", "-o", str(out), *SPEC)
+    assert result.exit_code == 0, result.output
+    commit = source_commit()  # this checkout's HEAD (+ -dirty while it has changes)
+    assert commit
+    jobs = yaml.safe_load(out.read_text())["jobs"]
+    assert {n: j["environment_variables"] for n, j in jobs.items()} == {
+        n: {"GIT_COMMIT": commit} for n in ("train", "register", "package", "rollout")
+    }
+    loaded = load_job(out)  # az ml job create sends it on each node
+    assert loaded.jobs["register"].environment_variables == {"GIT_COMMIT": commit}
 
 
 def test_deploy_pipeline_validates_and_builds(tmp_path: Path) -> None:
@@ -107,7 +189,7 @@ def test_deploy_pipeline_validates_and_builds(tmp_path: Path) -> None:
     assert validated.exit_code == 0, validated.output
     assert "pipeline valid (offline): package → rollout" in validated.output
     out = tmp_path / "deploy.yml"
-    built = invoke("pipeline", "build", "--deploy", "-o", str(out),
+    built = invoke("pipeline", "build", "--deploy", "-o", str(out), *SPEC,
                    "-p", "model_name=diabetes", "-p", "model_version=4")  # fmt: skip
     assert built.exit_code == 0, built.output
     text = out.read_text()

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from aml_pipelines.build import source_commit
 from aml_pipelines.errors import ComponentError, ConfigError, RolloutNotPromoted, StepFailed
-from aml_pipelines.local_runner import _verdict, render_command, run_local
-from aml_pipelines.pipeline import PipelineParams
+from aml_pipelines.local_runner import _render_value, _verdict, render_command, run_local
+from aml_pipelines.pipeline import STEPS, PipelineParams, component_path
 from aml_pipelines.registry.base import Stage
 from aml_pipelines.registry.local import LocalRegistry
 from components.register.main import EXIT_GATE_REFUSED
 from components.rollout.main import EXIT_PAUSED, EXIT_ROLLED_BACK
 
 COMMAND = (
-    "python -m x --a ${{inputs.a}} $[[--b ${{inputs.b}}]] --flag ${{inputs.f}} --out ${{outputs.o}}"
+    "python -m x --a ${{inputs.a}} $[[--b '${{inputs.b}}']] --flag ${{inputs.f}} "
+    "--out '${{outputs.o}}'"
 )
 
 
@@ -29,6 +33,10 @@ COMMAND = (
         pytest.param(
             {"a": 1, "b": "x y", "f": True}, ["--a", "1", "--b", "x y", "--flag", "True"], id="keep"
         ),
+        # Azure ML substitutes into the text and runs it with a shell: unquoted, a space splits
+        pytest.param(
+            {"a": "x y", "b": None, "f": True}, ["--a", "x", "y", "--flag", "True"], id="unquoted"
+        ),
     ],
 )
 def test_render_command(inputs: dict[str, object], expected: list[str]) -> None:
@@ -36,6 +44,54 @@ def test_render_command(inputs: dict[str, object], expected: list[str]) -> None:
     assert argv[0] == sys.executable and argv[1:3] == ["-m", "x"]
     assert argv[3:-2] == expected
     assert argv[-2:] == ["--out", "/out dir"]
+
+
+def test_a_value_that_breaks_the_quoting_is_one_clear_error() -> None:
+    with pytest.raises(ConfigError, match="does not parse as a shell line"):
+        render_command(COMMAND, {"a": 1, "b": "it's", "f": True}, {"o": Path("/o")})
+
+
+def _azure_rendered(command: str, values: dict[str, object]) -> str:
+    """The command text as Azure ML runs it: every value substituted textually, blocks kept."""
+    text = re.sub(r"\$\[\[(.*?)\]\]", r"\1", command, flags=re.DOTALL)
+    return re.sub(
+        r"\$\{\{(?:inputs|outputs)\.(\w+)\}\}", lambda m: _render_value(values[m.group(1)]), text
+    )
+
+
+# A value with a space for every input and output of every component (paths included).
+SPACED: dict[str, object] = {
+    "model_name": "my model", "alpha": 1.0, "test_fraction": 0.2, "seed": 42,
+    "data": "/data dir/csv", "target": "disease progression", "model": "/mnt/model dir",
+    "metrics": "/mnt/metrics dir", "model_ref": "azureml://datastores/d/paths/a b/",
+    "registry": "local:/reg dir", "metric": "mse", "max_regression": 0.0, "force": False,
+    "registration": "/mnt/reg dir", "model_version": 2, "registered_model": "/mnt/rm dir",
+    "image_registry": "acr.io", "mode": "local", "package": "/mnt/pkg dir",
+    "spec": "/specs/my spec.yaml", "result": "/mnt/result dir",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_azure_and_local_rendering_agree_on_every_argument(step: str) -> None:
+    from azure.ai.ml import load_component
+
+    component = load_component(source=component_path(step))
+    values = {k: SPACED[k] for k in [*component.inputs, *component.outputs]}
+    # Azure ML: the text run by a shell (here `python` is a shell function printing its argv)
+    script = 'python() { printf "%s\\0" "$@"; }; ' + _azure_rendered(component.command, values)
+    shell = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, check=True, timeout=30
+    )
+    azure_argv = shell.stdout.split("\0")[:-1]
+    local_argv = render_command(
+        component.command,
+        {k: values[k] for k in component.inputs},
+        {k: Path(str(values[k])) for k in component.outputs},
+    )
+    assert local_argv[1:] == azure_argv
+    for name in component.inputs:  # each spaced value arrived as ONE argument
+        if isinstance(values[name], str):
+            assert values[name] in azure_argv, name
 
 
 @pytest.mark.parametrize(
@@ -86,6 +142,7 @@ def test_v1_registered_worse_v2_refused_better_v2_registered(tmp_path: Path) -> 
         registry.get("diabetes-ridge", 1).tags["mse"]
     )
     assert v2.tags["source_run"] == "run3/register"
+    assert v2.tags["git_commit"] == source_commit()  # the checkout's, "-dirty" when it has changes
 
 
 def test_until_train_runs_one_step_and_a_failure_stops_the_run(tmp_path: Path) -> None:
@@ -101,6 +158,37 @@ def test_until_train_runs_one_step_and_a_failure_stops_the_run(tmp_path: Path) -
     assert (failed.value.step, failed.value.exit_code) == ("train", 1)
     assert "too few" in (tmp_path / "r2" / "train" / "std_log.txt").read_text()
     assert not (tmp_path / "r2" / "register").exists()
+
+
+def test_a_target_column_with_a_space_trains_locally_and_as_azure_runs_it(tmp_path: Path) -> None:
+    from azure.ai.ml import load_component
+
+    data = tmp_path / "my data"
+    data.mkdir()
+    rows = [f"{i},{(i * 7) % 5},{2 * i + (i * 7) % 5}" for i in range(12)]
+    (data / "d.csv").write_text("a,b,disease progression\n" + "\n".join(rows) + "\n")
+    params = _params(tmp_path, data=str(data), target="disease progression")
+    run = run_local(params, run_dir=tmp_path / "run dir", until="train")
+    model = json.loads((run.output("train", "model") / "model.json").read_text())
+    assert (model["target"], model["feature_names"]) == ("disease progression", ["a", "b"])
+
+    # The same YAML as Azure ML runs it: values substituted into the text, run by a shell.
+    train = load_component(source=component_path("train"))
+    values = {"model_name": "m", "alpha": 1.0, "test_fraction": 0.25, "seed": 1, "data": data,
+              "target": "disease progression", "model": tmp_path / "az model",
+              "metrics": tmp_path / "az metrics"}  # fmt: skip
+    command = _azure_rendered(train.command, values).replace("python", sys.executable, 1)
+    shell = subprocess.run(
+        ["bash", "-c", command],
+        cwd=Path(train.base_path, train.code).resolve(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shell.returncode == 0, shell.stderr
+    assert json.loads((tmp_path / "az model" / "model.json").read_text())["target"] == (
+        "disease progression"
+    )
 
 
 def test_unknown_until_is_refused(tmp_path: Path) -> None:

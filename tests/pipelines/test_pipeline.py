@@ -3,6 +3,8 @@ validates (azure-ai-ml's own checks and `MLClient.jobs.validate`) and dumps to a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -29,6 +31,7 @@ from aml_pipelines.pipeline import (
 
 GOLDEN = Path(__file__).parent / "golden" / "pipeline.yml"
 DEPLOY_GOLDEN = Path(__file__).parent / "golden" / "deploy.yml"
+VERSIONS = Path(__file__).parent / "golden" / "component-versions.json"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -46,6 +49,46 @@ def test_component_yaml_loads_and_validates(step: str, components: dict[str, obj
     component = components[step]
     assert component._validate().passed  # type: ignore[attr-defined]
     assert component.name == f"aml_rollout_{step}"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("step", "deterministic"),
+    [
+        # same seed and data give the same model bytes: re-using a train output is correct
+        pytest.param("train", True, id="train-may-be-reused"),
+        pytest.param("register", False, id="register-reads-the-production-version"),
+        pytest.param("package", False, id="package-reads-the-registry"),
+        pytest.param("rollout", False, id="rollout-depends-on-live-traffic"),
+    ],
+)
+def test_steps_acting_on_live_state_are_never_reused(
+    step: str, deterministic: bool, components: dict[str, object]
+) -> None:
+    # What the SDK sends to Azure ML (azure-ai-ml defaults is_deterministic to true, and Azure ML
+    # then re-uses an earlier run's outputs when inputs, code and environment are unchanged).
+    spec = components[step]._to_rest_object().properties.component_spec  # type: ignore[attr-defined]
+    assert spec["is_deterministic"] is deterministic
+
+
+def test_a_changed_component_gets_a_new_version() -> None:
+    """Azure ML refuses to re-register a changed component under a version it already holds."""
+    current = {}
+    for step in STEPS:
+        text = component_path(step).read_text()
+        current[step] = {
+            "version": str(yaml.safe_load(text)["version"]),
+            "sha256": hashlib.sha256(text.encode()).hexdigest(),
+        }
+    recorded = json.loads(VERSIONS.read_text())
+    if os.environ.get("UPDATE_GOLDEN"):
+        VERSIONS.write_text(json.dumps(current, indent=2) + "\n")
+        return
+    for step in STEPS:
+        if current[step]["sha256"] != recorded[step]["sha256"]:
+            assert current[step]["version"] != recorded[step]["version"], (
+                f"components/{step}/component.yml changed: bump its version"
+            )
+    assert current == recorded, "run with UPDATE_GOLDEN=1 after an intended change"
 
 
 def test_a_broken_binding_is_reported_with_its_file(tmp_path: Path, monkeypatch) -> None:
@@ -98,6 +141,91 @@ def test_pipeline_dumps_to_the_golden_yaml(tmp_path: Path, components) -> None:
     assert dumped["jobs"]["rollout"]["inputs"]["registry"] == {
         "path": "${{parent.inputs.registry}}"
     }
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param("https://acct.blob.core.windows.net/c/data/", id="https"),
+        pytest.param("wasbs://c@acct.blob.core.windows.net/data/", id="wasbs"),
+        pytest.param("abfss://fs@acct.dfs.core.windows.net/data/", id="abfss"),
+        pytest.param("azureml://datastores/d/paths/data/", id="azureml-uri"),
+        pytest.param("azureml:diabetes-csv:1", id="data-asset"),
+    ],
+)
+def test_remote_data_is_dumped_as_submit_sends_it(tmp_path: Path, components, data: str) -> None:
+    from azure.ai.ml import load_job
+
+    job = build_pipeline(PipelineParams(data=data, target="y"), compute="c", loaded=components)
+    sent = job._to_rest_object().properties.inputs["data"].uri  # what `pipeline submit` sends
+    out = dump_pipeline(job, tmp_path / "p.yml")
+    assert yaml.safe_load(out.read_text())["inputs"]["data"]["path"] == data
+    loaded = load_job(out)  # what `az ml job create -f` sends
+    assert loaded._validate().passed
+    # (an asset reference is resolved to its ARM id at submission; unresolved, the two spellings
+    # of the same reference differ only by the prefix)
+    loaded_uri = loaded._to_rest_object().properties.inputs["data"].uri
+    assert loaded_uri.removeprefix("azureml:") == sent.removeprefix("azureml:")
+    assert "://" not in data or loaded_uri == data
+
+
+def test_local_data_is_dumped_relative(tmp_path: Path, components) -> None:
+    (tmp_path / "csv").mkdir()
+    job = build_pipeline(
+        PipelineParams(data=str(tmp_path / "csv"), target="y"), compute="c", loaded=components
+    )
+    out = dump_pipeline(job, tmp_path / "out" / "p.yml")
+    assert yaml.safe_load(out.read_text())["inputs"]["data"]["path"] == "../csv"
+
+
+def test_a_missing_local_data_folder_is_named(tmp_path: Path, components) -> None:
+    job = build_pipeline(
+        PipelineParams(data=str(tmp_path / "nope"), target="y"), compute="c", loaded=components
+    )
+    with pytest.raises(ConfigError, match=r"^data: local path .*nope does not exist"):
+        dump_pipeline(job, tmp_path / "p.yml")
+
+
+def _git(repo: Path, *args: str) -> str:
+    import subprocess
+
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "HOME": str(repo), "PATH": os.environ["PATH"]}  # fmt: skip
+    done = subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("change", "env", "suffix"),
+    [
+        pytest.param(None, {}, "", id="clean"),
+        pytest.param("components/x.py", {}, "-dirty", id="changed-package-file"),
+        pytest.param("scoring/new.py", {}, "-dirty", id="untracked-package-file"),
+        pytest.param("notes.txt", {}, "", id="change-outside-the-staged-packages"),
+        pytest.param(None, {"GIT_COMMIT": "ci-build-7"}, None, id="GIT_COMMIT-wins"),
+    ],
+)
+def test_source_commit(tmp_path: Path, change: str | None, env: dict, suffix: str | None) -> None:
+    from aml_pipelines.build import source_commit
+
+    (tmp_path / "components").mkdir()
+    (tmp_path / "components" / "x.py").write_text("x = 1\n")
+    (tmp_path / "scoring").mkdir()
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "c")
+    head = _git(tmp_path, "rev-parse", "HEAD")
+    if change:
+        (tmp_path / change).write_text("changed\n")
+    expected = "ci-build-7" if suffix is None else head + suffix
+    assert source_commit(tmp_path, env) == expected
+
+
+def test_no_checkout_no_commit(tmp_path: Path) -> None:
+    from aml_pipelines.build import source_commit
+
+    assert source_commit(tmp_path, {}) is None  # e.g. an installed package: left to the step
 
 
 # ---------------------------------------------------------------- the deploy pipeline

@@ -93,6 +93,21 @@ def test_csv_folder_with_a_target_column(tmp_path: Path) -> None:
     [
         pytest.param({"alpha": -1.0}, None, False, "alpha", id="negative-alpha"),
         pytest.param({"test_fraction": 1.0}, None, False, "test_fraction", id="fraction-one"),
+        pytest.param({"seed": -1}, None, False, "^seed must be", id="negative-seed"),
+        pytest.param({"seed": 2**32}, None, False, "^seed must be", id="seed-too-big"),
+        pytest.param(
+            {"test_fraction": 0.999}, None, False, "^test_fraction: .* 0 training", id="no-training"
+        ),
+        pytest.param(
+            {"test_fraction": 0.001}, None, False, "^test_fraction: .* 1 held-out", id="1-held-out"
+        ),
+        pytest.param(
+            {"test_fraction": 0.97},
+            "y",
+            True,
+            "^test_fraction: .* 1 training",
+            id="one-training-row",
+        ),
         pytest.param({}, None, True, "target: required", id="csv-without-target"),
         pytest.param({}, "nope", True, "'nope' not in the CSV header", id="unknown-target"),
     ],
@@ -106,6 +121,15 @@ def test_bad_input_names_the_field(
         _write_csv(data)
     with pytest.raises(ConfigError, match=message):
         train(tmp_path / "model", name="m", params=TrainParams(**params), data=data, target=target)
+
+
+def test_a_csv_with_a_byte_order_mark(tmp_path: Path) -> None:
+    data = tmp_path / "d.csv"
+    _write_csv(data)
+    data.write_bytes(b"\xef\xbb\xbf" + data.read_bytes())  # as Excel's "CSV UTF-8" writes it
+    train(tmp_path / "m", name="m", params=TrainParams(), data=data, target="x1")
+    manifest = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert (manifest["target"], manifest["feature_names"]) == ("x1", ["x2", "y"])
 
 
 def test_non_numeric_csv_names_the_line(tmp_path: Path) -> None:
