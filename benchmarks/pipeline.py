@@ -1,6 +1,6 @@
 """Timings of the pipeline commands a user waits for, as JSON.
 
-    python -m benchmarks.pipeline [--repeat 3]
+    python -m benchmarks.pipeline [--repeat 3] [--json]
 
 Each command runs as a fresh `aml-rollout` process (what a user pays, imports included) in a
 temporary folder: `--help`, `pipeline validate`, `pipeline build -o`, and `pipeline run-local`
@@ -42,6 +42,8 @@ def timed(argv: list[str], cwd: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=3)
+    # Like the other benchmarks (`make bench` passes it); the one line printed is JSON anyway.
+    parser.add_argument("--json", action="store_true", help="print only the JSON result line")
     args = parser.parse_args()
     times: dict[str, list[float]] = {name: [] for name in COMMANDS}
     for _ in range(args.repeat):
