@@ -251,18 +251,22 @@ def test_istio_preset_follows_the_istio_router(
     assert spec.metrics.namespace == namespace
 
 
-def test_custom_queries(prom: FakePrometheus) -> None:
-    prom.add("my_requests_total", {"svc": "blue"}, [(T0, 10), (T0 + 5, 70)])
-    prom.add("my_errors_total", {"svc": "blue"}, [(T0, 0), (T0 + 5, 6)])
-    prom.add("my_requests_total", {"svc": "green"}, [(T0, 500), (T0 + 5, 20)])  # restarted
-    cfg = PrometheusMetricsConfig(
+def custom_preset(prom: FakePrometheus) -> PrometheusMetricsConfig:
+    """`my_requests_total` / `my_errors_total` by `svc=<colour>`, through the custom preset."""
+    return PrometheusMetricsConfig(
         url=prom.url,
         preset="custom",
         queries=PromQueries(
             requests='my_requests_total{svc="{colour}"}', errors='my_errors_total{svc="{colour}"}'
         ),
     )
-    observation = make_metrics(cfg).observe(T0, T0 + 5)
+
+
+def test_custom_queries(prom: FakePrometheus) -> None:
+    prom.add("my_requests_total", {"svc": "blue"}, [(T0, 10), (T0 + 5, 70)])
+    prom.add("my_errors_total", {"svc": "blue"}, [(T0, 0), (T0 + 5, 6)])
+    prom.add("my_requests_total", {"svc": "green"}, [(T0, 500), (T0 + 5, 20)])  # restarted
+    observation = make_metrics(custom_preset(prom)).observe(T0, T0 + 5)
     assert (observation.blue.requests, observation.blue.errors) == (60, 6)
     assert (observation.green.requests, observation.green.errors) == (20, 0)
 
@@ -340,12 +344,5 @@ def test_errors_are_never_clamped_to_requests(
 def test_custom_queries_never_clamp_errors(prom: FakePrometheus) -> None:
     prom.add("my_requests_total", {"svc": "blue"}, [(T0, 10), (T0 + 5, 12)])
     prom.add("my_errors_total", {"svc": "blue"}, [(T0, 0), (T0 + 5, 7)])
-    cfg = PrometheusMetricsConfig(
-        url=prom.url,
-        preset="custom",
-        queries=PromQueries(
-            requests='my_requests_total{svc="{colour}"}', errors='my_errors_total{svc="{colour}"}'
-        ),
-    )
-    observation = make_metrics(cfg).observe(T0, T0 + 5)
+    observation = make_metrics(custom_preset(prom)).observe(T0, T0 + 5)
     assert (observation.blue.requests, observation.blue.errors) == (7, 7)
