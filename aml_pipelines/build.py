@@ -278,6 +278,10 @@ def source_commit(
         ).stdout.strip()
 
     try:
+        # Only the project's own checkout: installed into a virtualenv inside another git
+        # project, `root` would answer with that project's HEAD.
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != Path(root).resolve():
+            return None
         head = git("rev-parse", "HEAD")
         changed = git("status", "--porcelain", "--", *CODE_PACKAGES)
     except (OSError, subprocess.SubprocessError):

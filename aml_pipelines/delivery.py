@@ -238,6 +238,7 @@ class EngineDelivery:
     def deliver(self, version: ModelVersion) -> DeliveryOutcome:
         """Package + roll out `version`; resume or just re-tag if the store already has it."""
         from rollout.api import run_rollout
+        from rollout.core.types import Release
 
         view = self.current()
         ours = view is not None and (view.model, view.candidate) == (version.name, version.version)
@@ -256,7 +257,9 @@ class EngineDelivery:
             release = self._package(version)
             spec = self._with_stable(spec, version.name)
         else:
-            release = None  # resumed: the stored status carries the candidate
+            # Resumed: the stored status carries the candidate; naming it keeps a spec that
+            # names another `candidate:` from being taken for a different rollout.
+            release = Release(model=version.name, version=str(version.version))
             log.info("%s v%d: resuming its rollout", version.name, version.version)
         result = run_rollout(
             spec,

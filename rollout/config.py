@@ -355,6 +355,9 @@ class StateConfig(_Model):
     kind: Literal["file", "memory"] = "file"
     #: Directory for `<name>.status.json`, `<name>.lock`, `<name>.ledger.jsonl`.
     dir: Path = Path(".rollout")
+    #: Ignored, kept so that older specs load: the lease is a lock the kernel releases when its
+    #: controller dies, so it never needs to expire.
+    lease_ttl_s: float | None = Field(default=None, gt=0)
 
 
 class NotifyConfig(_Model):

@@ -44,8 +44,9 @@ from rollout.state.base import StateStore
 log = logging.getLogger(__name__)
 
 #: Router calls are retried this many times (with doubling pauses from 1 s) before giving up;
-#: `RouterUnavailable` only once the router has answered this controller (a blip, then), not
-#: before (a spec pointing at a router nobody runs: fail at once, with that one line).
+#: except a deploy that meets `RouterUnavailable` before the router ever answered this controller
+#: (a spec pointing at a router nobody runs: fail at once, with that one line). Weight changes,
+#: a rollback above all, are always retried.
 ROUTER_ATTEMPTS = 4
 
 
@@ -311,9 +312,14 @@ class Controller:
                 self._router_answered = True
                 return
             except RouterError as exc:
-                if isinstance(exc, RouterUnavailable) and not self._router_answered:
-                    # Never reached since this controller started: a spec pointing at a router
-                    # nobody runs, not a blip. Retrying would only delay the one clear line.
+                if (
+                    isinstance(exc, RouterUnavailable)
+                    and isinstance(action, Deploy)
+                    and not self._router_answered
+                ):
+                    # A deploy before the router ever answered this controller: a spec pointing
+                    # at a router nobody runs, not a blip, and retrying would only delay the one
+                    # clear line. Weight changes (a rollback above all) are always retried.
                     raise
                 if attempt == ROUTER_ATTEMPTS:
                     raise RouterError(

@@ -64,6 +64,7 @@ class LocalRegistry:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
         self._skipped: set[tuple[str, int]] = set()  # versions listings left out (warned once)
+        self._stage_unknown: set[tuple[str, int]] = set()  # ...of those, with unreadable tags
 
     def __repr__(self) -> str:
         return f"LocalRegistry({str(self.root)!r})"
@@ -192,8 +193,21 @@ class LocalRegistry:
         return [mv for mv in found if mv is not None]
 
     def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersion]:
-        """Versions whose tag `key` equals `value`, oldest first."""
-        return [mv for mv in self.list_versions(name) if mv.tags.get(key) == value]
+        """Versions whose tag `key` equals `value`, oldest first.
+
+        Asked for production and finding none while a version's tags could not be read, it
+        raises: that version may be production, and "none" would let the gate pass anything.
+        """
+        found = [mv for mv in self.list_versions(name) if mv.tags.get(key) == value]
+        if not found and (key, value) == (STAGE_TAG, Stage.PRODUCTION):
+            unknown = sorted(v for n, v in self._stage_unknown if n == name)
+            if unknown:
+                tags = self._tags_path(self.root / name, unknown[0])
+                raise IntegrityError(
+                    f"{name}:{unknown[0]}: its tags are damaged, so which version is in "
+                    f"production is unknown; repair or remove {tags}"
+                )
+        return found
 
     def names(self) -> list[str]:
         """Every model name with at least one version."""
@@ -204,18 +218,23 @@ class LocalRegistry:
     # -- internals ----------------------------------------------------------------------------
 
     def _stage_tag(self, name: str, version: int) -> str | None:
-        try:
-            tags = _read_record(self._tags_path(self.root / name, version), f"{name}:{version}")
-        except (OSError, IntegrityError):
-            return None
+        """The version's stage tag; IntegrityError/OSError when its tags cannot be read."""
+        tags = _read_record(self._tags_path(self.root / name, version), f"{name}:{version}")
         return str(tags.get(STAGE_TAG, "")) or None
 
     def _readable(self, name: str, version: int) -> ModelVersion | None:
         try:
             return self.get(name, version)
         except (IntegrityError, ModelNotFound) as exc:
-            if self._stage_tag(name, version) == Stage.PRODUCTION:
-                raise  # never hide production: the gate and the no-downgrade check compare to it
+            # Never hide production: the gate and the no-downgrade check compare to it. A version
+            # whose tags are the damaged part might be production, so it is not hidden either.
+            try:
+                stage = self._stage_tag(name, version)
+            except (OSError, IntegrityError):
+                self._stage_unknown.add((name, version))  # see find_by_tag
+                stage = None
+            if stage == Stage.PRODUCTION:
+                raise
             if (name, version) not in self._skipped:
                 self._skipped.add((name, version))
                 log.warning("skipping %s:%s in listings: %s", name, version, exc)

@@ -7,6 +7,7 @@
       asgi.py                the container's entry: the scoring package's FastAPI app on ./
       requirements.txt       pinned: the model's library versions + the server's libraries
       Dockerfile             python:3.11-slim, non-root, `uvicorn asgi:build --factory`
+      .dockerignore          keeps a killed build's staging folder out of the image
       k8s/values-blue.yaml   values for charts/aml-rollout deploying this version as blue / green
       k8s/values-green.yaml
       package.json           {model, version, sha256, image, entry, files, ...}
@@ -217,6 +218,8 @@ def build_package(
             ),
             encoding="utf-8",
         )
+        # A killed build leaves its staging folder here until the next build: never in an image.
+        (staging / ".dockerignore").write_text(f"{STAGING_PREFIX}*\n", encoding="utf-8")
         (staging / "k8s").mkdir()
         for colour in COLOURS:
             (staging / "k8s" / f"values-{colour}.yaml").write_text(

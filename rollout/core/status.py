@@ -102,8 +102,11 @@ class Command:
     rollout: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form."""
-        return asdict(self)
+        """Plain-JSON form (without `rollout` when unset, as older readers expect)."""
+        data = asdict(self)
+        if not self.rollout:
+            del data["rollout"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Command:

@@ -32,9 +32,12 @@ Layout of `workdir`:
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -88,13 +91,15 @@ class LocalStack:
         self._router: EnvoyRouter | None = None
         self._metrics: PrometheusMetrics | None = None
         self._loads: list[Any] = []
+        self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
 
     def start(self) -> LocalStack:
         """Start Envoy and Prometheus (stopping what started if anything fails)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._lock_workdir()  # before anything is touched: a live stack's files are its own
         try:
-            self.workdir.mkdir(parents=True, exist_ok=True)
             self._clear_leftovers()
             self.envoy.start()
             self.prometheus.start()
@@ -119,6 +124,32 @@ class LocalStack:
             self.workdir,
         )
         return self
+
+    def _lock_workdir(self) -> None:
+        """Hold `<workdir>/.stack.lock` for the stack's life (the kernel drops it if we die).
+
+        A second stack on the same folder would stop the first one's scoring servers and
+        rewrite the route files its Envoy watches: it is refused instead, naming the holder.
+        """
+        path = self.workdir / ".stack.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text(encoding="utf-8").strip() or "another process"
+            os.close(fd)
+            raise LocalStackError(
+                f"another local stack runs in {self.workdir} ({holder}): stop it, or use "
+                "another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self._lock_fd = fd
+
+    def _unlock_workdir(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
 
     def _clear_leftovers(self) -> None:
         """Forget what a previous stack in this workdir left: it served behind another Envoy.
@@ -152,6 +183,7 @@ class LocalStack:
             log.debug("stopped %d scoring server(s)", stopped)
         self.prometheus.stop()
         self.envoy.stop()
+        self._unlock_workdir()
         if not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

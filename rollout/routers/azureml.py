@@ -251,21 +251,30 @@ class AzureMLRouter:
 
     def set_weights(self, weights: Weights) -> None:
         """Set the endpoint's `traffic`; header-pinned requests are unaffected (Azure's rule)."""
-        deployed = {colour: self.release(colour) is not None for colour in Colour}
+        # Only colours that take traffic are checked: a rollback (blue 0 %) must work whatever
+        # state blue is in, a failed image build included.
         for colour in Colour:
-            if weights.of(colour) and not deployed[colour]:
+            if weights.of(colour) and self.release(colour) is None:
                 raise RouterError(
                     f"cannot send {weights.of(colour)} % to {colour.value}: deployment "
                     f"{self.endpoint}/{self.names[colour]} does not exist"
                 )
         endpoint = self._endpoint()
         current, mirror = nonzero(endpoint.traffic or {}), nonzero(endpoint.mirror_traffic or {})
-        shadow = self._mirror_percent if deployed[Colour.BLUE] else 0
+        mirrors = self._mirror_percent and weights.blue == 0 and self._serves(Colour.BLUE)
+        shadow = self._mirror_percent if mirrors else 0
         traffic, new_mirror = plan_traffic(current, mirror, self.names, weights, shadow)
         if (traffic, new_mirror) == (current, mirror):
             return
         self._update_endpoint(endpoint, traffic, new_mirror)
         log.info("endpoint %s: traffic %s mirror %s", self.endpoint, traffic, new_mirror)
+
+    def _serves(self, colour: Colour) -> bool:
+        """Deployed and not failed (a failed deployment gets no mirrored traffic either)."""
+        try:
+            return self.release(colour) is not None
+        except RouterError:
+            return False
 
     def get_weights(self) -> Weights:
         """The weights the endpoint's `traffic` holds now."""

@@ -112,9 +112,6 @@ class IstioRouter:
         found = self._read_deployment(self.layout.deployment(colour))
         if found is None:
             return None
-        # A rollout past its progress deadline serves no release: RouterError, so that
-        # set_weights cannot send traffic to it. One still in progress is the release.
-        m.rollout_waiting_for(found)
         container = m.scoring_container(found)
         image = container.get("image") if container else None
         annotations = (found.get("metadata") or {}).get("annotations")
@@ -123,10 +120,21 @@ class IstioRouter:
     def set_weights(self, weights: Weights) -> None:
         """Set our default route's weights; header-pinned and user routes are untouched."""
         for colour in Colour:
-            if weights.of(colour) > 0 and self.release(colour) is None:
+            if weights.of(colour) == 0:
+                continue  # a rollback must work whatever state the other colour is in
+            name = f"{self._ns}/{self.layout.deployment(colour)}"
+            found = self._read_deployment(self.layout.deployment(colour))
+            if found is None:
                 raise RouterError(
                     f"cannot send {weights.of(colour)} % to {colour.value}: "
-                    f"Deployment {self._ns}/{self.layout.deployment(colour)} does not exist"
+                    f"Deployment {name} does not exist"
+                )
+            # Past its progress deadline with no pod available, it would answer nothing. (With
+            # pods available, e.g. a stalled scale-up, it still serves and may take traffic.)
+            if m.past_deadline(found) and not (found.get("status") or {}).get("availableReplicas"):
+                raise RouterError(
+                    f"cannot send {weights.of(colour)} % to {colour.value}: Deployment {name} "
+                    "exceeded its progress deadline and has no available pod"
                 )
         what = f"VirtualService {self._ns}/{self.layout.virtual_service}"
         self._retry_conflicts(what, lambda: self._patch_routes(weights))

@@ -221,15 +221,11 @@ def rollout_waiting_for(deployment: Obj) -> str | None:
     generation = meta.get("generation") or 0
     if (status.get("observedGeneration") or 0) < generation:
         return "the deployment controller to see the new spec"
-    for condition in status.get("conditions") or []:
-        if (condition.get("type"), condition.get("reason")) == (
-            "Progressing",
-            "ProgressDeadlineExceeded",
-        ):
-            raise RouterError(
-                f"{where} exceeded its progress deadline: {condition.get('message', '')} "
-                f"(see `kubectl -n {meta.get('namespace')} describe deployment {meta.get('name')}`)"
-            )
+    if (condition := past_deadline(deployment)) is not None:
+        raise RouterError(
+            f"{where} exceeded its progress deadline: {condition.get('message', '')} "
+            f"(see `kubectl -n {meta.get('namespace')} describe deployment {meta.get('name')}`)"
+        )
     replicas = (deployment.get("spec") or {}).get("replicas")
     want = 1 if replicas is None else int(replicas)
     updated = int(status.get("updatedReplicas") or 0)
@@ -241,6 +237,17 @@ def rollout_waiting_for(deployment: Obj) -> str | None:
         return f"{total - updated} old replicas to terminate"
     if available < updated:
         return f"{available} of {updated} updated replicas available"
+    return None
+
+
+def past_deadline(deployment: Obj) -> Obj | None:
+    """The Progressing condition saying ProgressDeadlineExceeded, if the Deployment has one."""
+    for condition in (deployment.get("status") or {}).get("conditions") or []:
+        if (condition.get("type"), condition.get("reason")) == (
+            "Progressing",
+            "ProgressDeadlineExceeded",
+        ):
+            return dict(condition)
     return None
 
 

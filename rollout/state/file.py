@@ -126,9 +126,7 @@ class FileStateStore:
         self._ensure_dir()
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _try_lock(fd):
                 holder = self.lock_path.read_text(encoding="utf-8").strip() or "unknown"
                 raise LeaseHeldError(
                     f"rollout {self.name!r} is already driven by another controller ({holder}); "
@@ -147,3 +145,20 @@ class FileStateStore:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+def _try_lock(fd: int, patience_s: float = 0.2) -> bool:
+    """Take the lease's exclusive lock, waiting out `controller()` probes (microseconds each).
+
+    A live controller holds the lock for good, so a short wait changes nothing there; without
+    it, a controller starting while `status` probed would be refused as "already driven".
+    """
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)

@@ -222,6 +222,35 @@ def test_a_router_that_answered_before_is_retried_when_unreachable(tmp_path: Pat
     assert clock.now() >= 1000.0 + 1 + 2 + 4
 
 
+class BlipOnFirstCall(MemoryRouter):
+    """Unreachable for the first `blips` weight changes, then fine (a busy Envoy, say)."""
+
+    def __init__(self, blips: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.blips = blips
+
+    def set_weights(self, weights: Weights) -> None:
+        if self.blips:
+            self.blips -= 1
+            raise RouterUnavailable("admin at http://127.0.0.1:9 is not reachable")
+        super().set_weights(weights)
+
+
+def test_a_resumed_rollback_is_retried_through_a_blip(tmp_path: Path) -> None:
+    """A controller resumed mid-rollout, whose first action is the rollback, must not give up."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    store = FileStateStore(tmp_path, SPEC.name)
+    first, _ = controller(tmp_path, router, StaticMetrics([]), store=store)
+    assert first.run(max_ticks=2).blue_weight == 10
+    store.push_command(Command(id="a", kind="abort", by="ann"))
+    blip = BlipOnFirstCall(
+        1, releases={Colour.GREEN: V1, Colour.BLUE: V2}, weights=Weights.blue_at(10)
+    )
+    resumed, _ = controller(tmp_path, blip, StaticMetrics([]), store=store)
+    assert resumed.run(max_ticks=5).phase is Phase.ROLLED_BACK
+    assert blip.get_weights() == Weights.blue_at(0)
+
+
 def test_a_dead_router_stops_the_controller_and_a_restart_finishes_the_job(
     tmp_path: Path,
 ) -> None:
@@ -413,3 +442,30 @@ def test_the_release_green_serves_is_no_candidate(tmp_path: Path) -> None:
     with pytest.raises(RolloutError, match="green already serves diabetes:2: nothing to roll out"):
         ctl.run(max_ticks=1)
     assert router.release(Colour.BLUE) is None
+
+
+def test_a_status_probe_never_makes_a_starting_controller_refuse(tmp_path: Path) -> None:
+    """`status` probes the lease by taking it shared for an instant; `run` waits that out."""
+    import fcntl
+    import os
+    import threading
+
+    store = FileStateStore(tmp_path, "t")
+    store._ensure_dir()
+    fd = os.open(store.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a probe, caught in the act
+    release = threading.Timer(0.05, lambda: fcntl.flock(fd, fcntl.LOCK_UN))
+    release.start()
+    try:
+        with store.lease("ann's controller"):
+            assert "ann's controller" in (store.controller() or "")
+    finally:
+        release.join()
+        os.close(fd)
+    assert store.controller() is None
+
+
+def test_a_command_without_a_rollout_id_is_written_as_older_readers_expect() -> None:
+    assert "rollout" not in Command(id="1", kind="pause").to_dict()
+    aimed = Command(id="2", kind="abort", rollout="r1")
+    assert Command.from_dict(aimed.to_dict()) == aimed

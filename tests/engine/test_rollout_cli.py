@@ -82,6 +82,11 @@ def test_validate_reports_the_other_problems_with_a_boolean_key(tmp_path: Path) 
     assert "Keys should be strings" not in text
 
 
+def test_a_spec_from_before_lease_ttl_s_was_dropped_still_loads(tmp_path: Path) -> None:
+    code, out = invoke("validate", str(write_spec(tmp_path, state={"lease_ttl_s": 30})))
+    assert code == 0, out
+
+
 def test_validate_reports_a_missing_file(tmp_path: Path) -> None:
     code, out = invoke("validate", str(tmp_path / "nope.yaml"))
     assert code == EXIT_ERROR and "cannot read spec" in out

@@ -135,6 +135,12 @@ def test_a_workdir_serves_again_after_a_stop_and_after_a_crash(
     with LocalStack(workdir) as first:
         first.router.deploy(Colour.GREEN, make_release("1"))
         first_ports = (first.envoy.port, first.envoy.admin_port)
+        # A second stack on a live one's folder would stop its servers and rewrite its routes.
+        with pytest.raises(LocalStackError, match=r"another local stack runs in .* \(pid \d+"):
+            LocalStack(workdir).start()
+        first.router.set_weights(Weights.blue_at(0))
+        served = httpx.post(f"{first.url}/score", json={"data": [[0.0] * 10]}, timeout=10)
+        assert served.status_code == 200  # untouched
     # A crash: Envoy and Prometheus gone, a server started by a controller in another process
     # (not tied to the stack's life) still running, its record and releases.json left behind.
     crashed = LocalStack(workdir).start()
@@ -144,6 +150,7 @@ def test_a_workdir_serves_again_after_a_stop_and_after_a_crash(
     [left] = [int(r["pid"]) for r in crashed.workloads.records()]
     crashed.prometheus.stop()
     crashed.envoy.stop()
+    crashed._unlock_workdir()  # what the kernel does when a process dies
     assert (workdir / "releases.json").exists()
 
     second = LocalStack(workdir).start()  # was: "envoy ... /ready not ready after 20 s"

@@ -226,6 +226,14 @@ def test_no_checkout_no_commit(tmp_path: Path) -> None:
     from aml_pipelines.build import source_commit
 
     assert source_commit(tmp_path, {}) is None  # e.g. an installed package: left to the step
+    # Installed into a virtualenv inside the user's own git project: not that project's HEAD.
+    installed = tmp_path / ".venv" / "lib" / "site-packages"
+    installed.mkdir(parents=True)
+    (tmp_path / "train.py").write_text("x = 1\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "train.py")
+    _git(tmp_path, "commit", "-qm", "the user's project")
+    assert source_commit(installed, {}) is None
 
 
 # ---------------------------------------------------------------- the deploy pipeline

@@ -129,6 +129,19 @@ def test_a_damaged_production_version_is_never_hidden(
         registry.find_by_tag("m", "stage", Stage.PRODUCTION)
 
 
+def test_a_version_whose_tags_are_damaged_is_not_hidden_either(
+    registry: LocalRegistry, make_model: MakeModel
+) -> None:
+    # Its stage is unknown: it may be production, and hiding it would let the gate pass anything.
+    stored = registry.register("m", make_model(), {"stage": Stage.PRODUCTION})
+    registry.register("m", make_model(mse=9.0), {"stage": Stage.CANDIDATE})
+    assert stored.path is not None
+    (stored.path.parent / "1.tags.json").write_text("")
+    assert [v.version for v in registry.list_versions("m")] == [2]  # listings go on
+    with pytest.raises(IntegrityError, match=r"which version is in production is unknown"):
+        registry.find_by_tag("m", "stage", Stage.PRODUCTION)
+
+
 @pytest.mark.parametrize(
     ("setup", "error", "message"),
     [

@@ -375,6 +375,7 @@ def test_a_failed_deployment_is_one_clear_line_and_not_a_release() -> None:
             router.release(Colour.BLUE)
         with pytest.raises(RouterError, match="provisioning state Failed"):
             router.set_weights(Weights.blue_at(10))
+        router.set_weights(Weights.blue_at(0))  # a rollback or abort: never refused
         assert router.get_weights() == Weights.blue_at(0)
 
 

@@ -510,14 +510,31 @@ def test_a_shadowed_default_route_is_neither_written_nor_reported(api: FakeKubeA
         router.get_weights()
 
 
-def test_a_deployment_past_its_progress_deadline_is_no_release(api: FakeKubeApiServer) -> None:
+def test_a_deployment_past_its_progress_deadline_with_no_pod_gets_no_traffic(
+    api: FakeKubeApiServer,
+) -> None:
     router = make(api)
     router.deploy(Colour.GREEN, V1)
     router.deploy(Colour.BLUE, V2)
-    router.set_weights(Weights.blue_at(0))
+    router.set_weights(Weights.blue_at(10))
     api.set_status(*DEPLOYMENT_BLUE, {"observedGeneration": 1, "conditions": [_DEADLINE]})
-    with pytest.raises(RouterError, match="diabetes-blue exceeded its progress deadline"):
-        router.release(Colour.BLUE)
-    with pytest.raises(RouterError, match="exceeded its progress deadline"):
-        router.set_weights(Weights.blue_at(10))
+    assert router.release(Colour.BLUE) == V2  # what it was asked to serve
+    with pytest.raises(RouterError, match="exceeded its progress deadline and has no available"):
+        router.set_weights(Weights.blue_at(50))
+    router.set_weights(Weights.blue_at(0))  # the rollback is never refused
+    assert router.get_weights() == Weights.blue_at(0)
+
+
+def test_a_stalled_scale_up_of_green_does_not_block_a_rollback(api: FakeKubeApiServer) -> None:
+    # e.g. an HPA asked for 6 pods and 3 fit: past the deadline, yet green serves.
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(10))
+    api.set_status(
+        *DEPLOYMENT_GREEN,
+        {"observedGeneration": 1, "availableReplicas": 3, "conditions": [_DEADLINE]},
+    )
+    assert router.release(Colour.GREEN) == V1
+    router.set_weights(Weights.blue_at(0))
     assert router.get_weights() == Weights.blue_at(0)
