@@ -164,11 +164,7 @@ class Controller:
             self._check_same_candidate(status)
             log.info("resuming rollout %s in phase %s", status.name, status.phase.value)
             return self._finish_pending(status)
-        candidate = (
-            self.candidate
-            or (self.spec.candidate.to_release() if self.spec.candidate else None)
-            or self.router.release(Colour.BLUE)
-        )
+        candidate = self._asked_candidate() or self.router.release(Colour.BLUE)
         if candidate is None:
             raise RolloutError(
                 "no candidate release: give one (spec `candidate:` or --candidate) or deploy blue"
@@ -213,14 +209,16 @@ class Controller:
             )
         return status
 
+    def _asked_candidate(self) -> Release | None:
+        """The candidate given to the controller, else the spec's (None when neither names one)."""
+        return self.candidate or (self.spec.candidate.to_release() if self.spec.candidate else None)
+
     def _check_same_candidate(self, status: Status) -> None:
         """Refuse to resume a stored rollout of another candidate than the one asked for.
 
         Otherwise `run --candidate m:3` on a rollout that promoted m:2 would report m:2's success.
         """
-        wanted = self.candidate or (
-            self.spec.candidate.to_release() if self.spec.candidate else None
-        )
+        wanted = self._asked_candidate()
         stored = status.candidate
         if wanted is None or stored is None or wanted.ref == stored.ref:
             return

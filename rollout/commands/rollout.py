@@ -30,6 +30,7 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from rollout.config import RolloutSpec
     from rollout.core.status import Status
+    from rollout.state.base import StateStore
 
 rollout_app = typer.Typer(no_args_is_help=True)
 
@@ -139,7 +140,7 @@ def run(
             f"{escape(status.reason)}"
         )
 
-    previous = _read_status(parsed, state_dir)
+    previous = _read_status(_store(parsed, state_dir))
     if previous is not None and previous.terminal and not restart:
         _out.print(
             f"rollout {parsed.name} already ended ({previous.phase.value}); "
@@ -163,29 +164,37 @@ def run(
     raise typer.Exit(_exit_code(result.phase.value))
 
 
-def _read_status(parsed: RolloutSpec, state_dir: Path | None) -> Status | None:
-    """The stored status, with the commands queued since its last tick (shown as "queued")."""
+def _store(parsed: RolloutSpec, state_dir: Path | None) -> StateStore:
     from rollout.api import open_store
+    from rollout.errors import RolloutError
+
+    try:
+        return open_store(parsed, state_dir)
+    except RolloutError as exc:
+        _fail(exc)
+
+
+def _read_status(store: StateStore) -> Status | None:
+    """The stored status, with the commands queued since its last tick (shown as "queued")."""
     from rollout.core.machine import with_commands
     from rollout.errors import RolloutError
 
     try:
-        store = open_store(parsed, state_dir)
         status = store.load()
         return with_commands(status, store.commands()) if status else None
     except RolloutError as exc:
         _fail(exc)
 
 
-def _controller(parsed: RolloutSpec, state_dir: Path | None) -> str | None:
-    """Who drives the rollout now (the lease holder), or None."""
-    from rollout.api import open_store
+def _view(parsed: RolloutSpec, store: StateStore, status: Status | None) -> Any:
+    """The status table, with who drives the rollout now (the lease holder)."""
     from rollout.errors import RolloutError
 
     try:
-        return open_store(parsed, state_dir).controller()
+        holder = store.controller()
     except RolloutError as exc:
         _fail(exc)
+    return _status_view(parsed, status, holder)
 
 
 def _settled(status: Status | None) -> bool:
@@ -257,29 +266,27 @@ def status(
 ) -> None:
     """Show where a rollout is; exit code as for `run` (6 while still running)."""
     parsed = _load(spec)
-    current = _read_status(parsed, state_dir)
+    store = _store(parsed, state_dir)
+    current = _read_status(store)
     if as_json:
         _out.print_json(json.dumps(current.to_dict() if current else None))
     elif watch and not _out.is_terminal:
-        current = _follow(parsed, state_dir, current, timeout)
+        current = _follow(store, current, timeout)
     elif watch:
         from rich.live import Live
 
         deadline = time.monotonic() + timeout
-        view = _status_view(parsed, current, _controller(parsed, state_dir))
-        with Live(view, console=_out, refresh_per_second=2) as live:
+        with Live(_view(parsed, store, current), console=_out, refresh_per_second=2) as live:
             while time.monotonic() < deadline and not _settled(current):
                 time.sleep(1.0)
-                current = _read_status(parsed, state_dir)
-                live.update(_status_view(parsed, current, _controller(parsed, state_dir)))
+                current = _read_status(store)
+                live.update(_view(parsed, store, current))
     else:
-        _out.print(_status_view(parsed, current, _controller(parsed, state_dir)))
+        _out.print(_view(parsed, store, current))
     raise typer.Exit(_status_code(current))
 
 
-def _follow(
-    parsed: RolloutSpec, state_dir: Path | None, current: Status | None, timeout: float
-) -> Status | None:
+def _follow(store: StateStore, current: Status | None, timeout: float) -> Status | None:
     """`status --watch` into a pipe or a file: one plain line per change, not a live panel."""
     deadline = time.monotonic() + timeout
     shown: tuple[object, ...] | None = None
@@ -294,21 +301,20 @@ def _follow(
         if _settled(current) or time.monotonic() >= deadline:
             return current
         time.sleep(1.0)
-        current = _read_status(parsed, state_dir)
+        current = _read_status(store)
 
 
 def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = None) -> None:
     import getpass
 
-    from rollout.api import open_store
     from rollout.core.status import Command
     from rollout.errors import RolloutError
 
     parsed = _load(spec)
     if weight is not None and weight not in parsed.plan:
         _fail(ValueError(f"weight {weight} is not in the plan {list(parsed.plan)}"))
+    store = _store(parsed, state_dir)
     try:
-        store = open_store(parsed, state_dir)
         current = store.load()
         if current is None:
             _fail(RolloutError(f"rollout {parsed.name!r} has not started (no status found)"))
@@ -324,9 +330,10 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
                 rollout=current.id,
             )
         )
+        running = store.controller()
     except RolloutError as exc:
         _fail(exc)
-    if store.controller():
+    if running:
         _out.print(f"queued {kind} for rollout {parsed.name}; the controller acts at its next tick")
     else:
         _out.print(

@@ -467,6 +467,19 @@ def _check_record(spec: RolloutSpec, status: Status) -> dict[str, Any]:
     return out
 
 
+def _guard(bad: int, requests: int, limit: float) -> str:
+    """How a canary rate breaches a hard limit ("" while it does not, on the guard's e-value)."""
+    if requests <= 0 or bad / requests <= limit:
+        return ""  # at or below the limit the e-value cannot reach 1/GUARD_ALPHA: skip it
+    log_e = log_e_above(bad, requests, limit)
+    if log_e < GUARD_LOG_THRESHOLD:
+        return ""
+    return (
+        f"{_pct(bad / requests)} is above the limit {_pct(limit)} (e-value {_e(log_e)} ≥ "
+        f"{1 / GUARD_ALPHA:g}) after {requests} canary requests"
+    )
+
+
 def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> tuple[Verdict, str]:
     """The verdict of the current step given the accumulated evidence."""
     analysis = spec.analysis
@@ -476,28 +489,16 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
     # Absolute guards act at once, on an e-value of their own (one unlucky error cannot trip
     # them, and looking every tick costs nothing: see `log_e_above`).
     ev = status.errors
-    max_rate = analysis.errors.max_rate
-    # (Below the limit the e-value cannot reach 1/GUARD_ALPHA: skip it.)
-    if analysis.errors.enabled and max_rate is not None and ev.canary_rate() > max_rate:
-        log_e = log_e_above(ev.canary_bad, ev.canary_requests, max_rate)
-        if log_e >= GUARD_LOG_THRESHOLD:
-            return Verdict.FAILED, (
-                f"canary error rate {_pct(ev.canary_rate())} is above the limit "
-                f"{_pct(max_rate)} (e-value {_e(log_e)} ≥ {1 / GUARD_ALPHA:g}) after "
-                f"{ev.canary_requests} canary requests"
-            )
+    if analysis.errors.enabled and analysis.errors.max_rate is not None:
+        breach = _guard(ev.canary_bad, ev.canary_requests, analysis.errors.max_rate)
+        if breach:
+            return Verdict.FAILED, f"canary error rate {breach}"
     lat = analysis.latency
     if lat.enabled and lat.max_slow_rate is not None and lat.slo_ms is not None:
         slow_n = obs.blue.slow(lat.slo_ms / 1000.0)
-        over = obs.blue.requests > 0 and slow_n / obs.blue.requests > lat.max_slow_rate
-        log_e = log_e_above(slow_n, obs.blue.requests, lat.max_slow_rate) if over else 0.0
-        if log_e >= GUARD_LOG_THRESHOLD:
-            return Verdict.FAILED, (
-                f"canary requests slower than {lat.slo_ms:g} ms: "
-                f"{_pct(slow_n / obs.blue.requests)} is above the limit "
-                f"{_pct(lat.max_slow_rate)} (e-value {_e(log_e)} ≥ {1 / GUARD_ALPHA:g}) after "
-                f"{obs.blue.requests} canary requests"
-            )
+        breach = _guard(slow_n, obs.blue.requests, lat.max_slow_rate)
+        if breach:
+            return Verdict.FAILED, f"canary requests slower than {lat.slo_ms:g} ms: {breach}"
 
     # The sequential test: a weighted mean of the checks' e-processes is itself an e-process, so
     # the rollout as a whole keeps its false-rollback rate <= alpha (a check not active yet
