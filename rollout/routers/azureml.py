@@ -118,6 +118,12 @@ def release_tags(release: Release) -> dict[str, str]:
     }
 
 
+def _failed(deployment: Any) -> str:
+    """The deployment's provisioning state when it is Failed or Canceled, else ""."""
+    state = getattr(deployment.provisioning_state, "value", deployment.provisioning_state)
+    return str(state or "") if str(state or "").lower() in ("failed", "canceled") else ""
+
+
 # ---- the router -----------------------------------------------------------------------------
 class AzureMLRouter:
     """A TrafficRouter over one Azure ML managed online endpoint."""
@@ -227,8 +233,7 @@ class AzureMLRouter:
         found = self._get_deployment(name)
         if found is None:
             return None
-        state = str(getattr(found.provisioning_state, "value", found.provisioning_state) or "")
-        if state.lower() in ("failed", "canceled"):
+        if state := _failed(found):
             # Not a release that serves: set_weights must not send traffic to it, and the
             # controller must not take it for the candidate or the stable release.
             raise RouterError(
@@ -270,11 +275,12 @@ class AzureMLRouter:
         log.info("endpoint %s: traffic %s mirror %s", self.endpoint, traffic, new_mirror)
 
     def _serves(self, colour: Colour) -> bool:
-        """Deployed and not failed (a failed deployment gets no mirrored traffic either)."""
-        try:
-            return self.release(colour) is not None
-        except RouterError:
-            return False
+        """Deployed and not failed (a failed deployment gets no mirrored traffic either).
+
+        Reading it may fail (network, Azure 5xx): that is an error, not "not serving".
+        """
+        found = self._get_deployment(self.names[colour])
+        return found is not None and not _failed(found)
 
     def get_weights(self) -> Weights:
         """The weights the endpoint's `traffic` holds now."""
