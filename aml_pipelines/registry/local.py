@@ -56,6 +56,10 @@ def check_name(name: str) -> str:
     return name
 
 
+#: The stage of a version whose tags file cannot be read.
+_UNKNOWN = "<unknown>"
+
+
 class LocalRegistry:
     """ModelRegistry over a local folder (see the module docstring for the layout)."""
 
@@ -64,7 +68,6 @@ class LocalRegistry:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
         self._skipped: set[tuple[str, int]] = set()  # versions listings left out (warned once)
-        self._stage_unknown: set[tuple[str, int]] = set()  # ...of those, with unreadable tags
 
     def __repr__(self) -> str:
         return f"LocalRegistry({str(self.root)!r})"
@@ -188,9 +191,7 @@ class LocalRegistry:
         still raises IntegrityError. A damaged version tagged `stage=production` still raises:
         without it the gate would pass any candidate and old versions could downgrade production.
         """
-        versions = sorted(self._versions(self.root / check_name(name)))
-        found = (self._readable(name, v) for v in versions)
-        return [mv for mv in found if mv is not None]
+        return self._list(name)[0]
 
     def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersion]:
         """Versions whose tag `key` equals `value`, oldest first.
@@ -198,15 +199,14 @@ class LocalRegistry:
         Asked for production and finding none while a version's tags could not be read, it
         raises: that version may be production, and "none" would let the gate pass anything.
         """
-        found = [mv for mv in self.list_versions(name) if mv.tags.get(key) == value]
-        if not found and (key, value) == (STAGE_TAG, Stage.PRODUCTION):
-            unknown = sorted(v for n, v in self._stage_unknown if n == name)
-            if unknown:
-                tags = self._tags_path(self.root / name, unknown[0])
-                raise IntegrityError(
-                    f"{name}:{unknown[0]}: its tags are damaged, so which version is in "
-                    f"production is unknown; repair or remove {tags}"
-                )
+        versions, unknown = self._list(name)
+        found = [mv for mv in versions if mv.tags.get(key) == value]
+        if not found and (key, value) == (STAGE_TAG, Stage.PRODUCTION) and unknown:
+            tags = self._tags_path(self.root / name, unknown[0])
+            raise IntegrityError(
+                f"{name}:{unknown[0]}: its tags are damaged, so which version is in "
+                f"production is unknown; repair or remove {tags}"
+            )
         return found
 
     def names(self) -> list[str]:
@@ -217,28 +217,44 @@ class LocalRegistry:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _stage_tag(self, name: str, version: int) -> str | None:
-        """The version's stage tag; IntegrityError/OSError when its tags cannot be read."""
-        tags = _read_record(self._tags_path(self.root / name, version), f"{name}:{version}")
-        return str(tags.get(STAGE_TAG, "")) or None
+    def _list(self, name: str) -> tuple[list[ModelVersion], list[int]]:
+        """The readable versions, and the skipped ones whose stage is unknown (see find_by_tag)."""
+        unknown: list[int] = []
+        found = (
+            self._readable(name, v, unknown)
+            for v in sorted(self._versions(self.root / check_name(name)))
+        )
+        return [mv for mv in found if mv is not None], unknown
 
-    def _readable(self, name: str, version: int) -> ModelVersion | None:
+    def _readable(
+        self, name: str, version: int, unknown: list[int] | None = None
+    ) -> ModelVersion | None:
+        """The version, or None (warned once) when it fails its checks; its number goes to
+        `unknown` when its tags cannot be read either."""
         try:
             return self.get(name, version)
         except (IntegrityError, ModelNotFound) as exc:
-            # Never hide production: the gate and the no-downgrade check compare to it. A version
-            # whose tags are the damaged part might be production, so it is not hidden either.
-            try:
-                stage = self._stage_tag(name, version)
-            except (OSError, IntegrityError):
-                self._stage_unknown.add((name, version))  # see find_by_tag
-                stage = None
+            # Never hide production: the gate and the no-downgrade check compare to it.
+            stage = self._stage_tag(name, version)
             if stage == Stage.PRODUCTION:
                 raise
+            if stage is _UNKNOWN and unknown is not None:
+                unknown.append(version)
             if (name, version) not in self._skipped:
                 self._skipped.add((name, version))
                 log.warning("skipping %s:%s in listings: %s", name, version, exc)
             return None
+
+    def _stage_tag(self, name: str, version: int) -> str | None:
+        """The version's stage tag (None without one); `_UNKNOWN` when its tags are damaged."""
+        path = self._tags_path(self.root / name, version)
+        if not path.exists():
+            return None  # as `get` reads it: no tags
+        try:
+            tags = _read_record(path, f"{name}:{version}")
+        except (OSError, IntegrityError):
+            return _UNKNOWN
+        return str(tags.get(STAGE_TAG, "")) or None
 
     @staticmethod
     def _versions(model_root: Path) -> set[int]:

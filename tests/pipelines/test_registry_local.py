@@ -140,6 +140,19 @@ def test_a_version_whose_tags_are_damaged_is_not_hidden_either(
     assert [v.version for v in registry.list_versions("m")] == [2]  # listings go on
     with pytest.raises(IntegrityError, match=r"which version is in production is unknown"):
         registry.find_by_tag("m", "stage", Stage.PRODUCTION)
+    # Repaired: the same registry object sees it (nothing about the damage is remembered).
+    (stored.path.parent / "1.tags.json").write_text('{"stage": "production"}')
+    assert [v.version for v in registry.find_by_tag("m", "stage", Stage.PRODUCTION)] == [1]
+
+
+def test_a_damaged_version_without_tags_does_not_block_the_production_lookup(
+    registry: LocalRegistry, make_model: MakeModel
+) -> None:
+    stored = registry.register("m", make_model())
+    assert stored.path is not None
+    (stored.path.parent / "1.tags.json").unlink(missing_ok=True)
+    _flip_byte(stored.path / "model.skops")
+    assert registry.find_by_tag("m", "stage", Stage.PRODUCTION) == []  # no tags: not production
 
 
 @pytest.mark.parametrize(
