@@ -172,6 +172,10 @@ def validate(
     )
 
 
+#: build.DEFAULT_COMPUTE, written here so that `--help` does not import the Azure ML SDK.
+COMPUTE = "cpu-cluster"
+
+
 def _require_spec(rollout_spec: Path | None, command: str) -> None:
     """Refuse to build or submit a job whose rollout step would use the bundled example spec.
 
@@ -196,7 +200,7 @@ def build(
     params: ParamOption = None,
     rollout_spec: SpecOption = None,
     # Azure ML refuses a job with no compute ("Compute not set"): the same default as submit.
-    compute: Annotated[str, typer.Option(help="Compute cluster for every step.")] = "cpu-cluster",
+    compute: Annotated[str, typer.Option(help="Compute cluster for every step.")] = COMPUTE,
     deploy: DeployOption = False,
 ) -> None:
     """Write the pipeline job YAML (relative code: paths) for `az ml job create -f`."""
@@ -220,7 +224,7 @@ def submit(
     subscription: Annotated[str, typer.Option(help="Azure subscription id.")],
     resource_group: Annotated[str, typer.Option(help="Resource group of the workspace.")],
     workspace: Annotated[str, typer.Option(help="Azure ML workspace name.")],
-    compute: Annotated[str, typer.Option(help="Compute cluster for every step.")] = "cpu-cluster",
+    compute: Annotated[str, typer.Option(help="Compute cluster for every step.")] = COMPUTE,
     experiment: Annotated[str, typer.Option(help="Experiment name.")] = "aml-rollout",
     params: ParamOption = None,
     rollout_spec: SpecOption = None,

@@ -39,9 +39,9 @@ class ColourOption(StrEnum):
     GREEN = "green"
 
 
-def _fail(message: str) -> typer.Exit:
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
     Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(EXIT_USER_ERROR)
+    return typer.Exit(code)
 
 
 def serve(
@@ -230,8 +230,7 @@ def load(
     else:
         _print_load_report(report)
     if hint is not None:
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {hint}", highlight=False)
-        raise typer.Exit(EXIT_LOAD_FAILED)
+        raise _fail(hint, EXIT_LOAD_FAILED)
 
 
 def _print_load_report(report: LoadReport) -> None:

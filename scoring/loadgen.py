@@ -136,14 +136,12 @@ class LoadStats:
         self._status: Counter[str] = Counter()
         self._version: Counter[str] = Counter()
         self._latency = LatencyHistogram()
-        self._sent = 0
         self._started = time.monotonic()
         self._ended: float | None = None
 
     def record(self, status: str, version: str | None, seconds: float | None) -> None:
         """Count one request; `seconds` None for a transport error (no answer to time)."""
         with self._lock:
-            self._sent += 1
             self._status[status] += 1
             if version is not None:
                 self._version[version] += 1
@@ -162,8 +160,8 @@ class LoadStats:
         """The counts so far."""
         with self._lock:
             latency = self._latency.copy()
-            sent = self._sent
             by_status = dict(sorted(self._status.items()))
+            sent = sum(by_status.values())  # every request gets a status, answer or error
             by_version = dict(sorted(self._version.items()))
         end = self._ended if self._ended is not None else time.monotonic()
         return LoadReport(

@@ -263,3 +263,10 @@ def test_registry_list_never_cuts_model_version_or_stage_at_80_columns(model: st
         assert line, text
         if len(model) <= 14:  # the common case: only "green 75%" wraps, at its space
             assert line.group().endswith(f"{version:07x}  2026-11-29"), text
+
+
+def test_the_cli_default_compute_is_the_pipelines_default() -> None:
+    from aml_pipelines import cli
+    from aml_pipelines.build import DEFAULT_COMPUTE
+
+    assert cli.COMPUTE == DEFAULT_COMPUTE
