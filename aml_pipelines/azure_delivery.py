@@ -240,12 +240,12 @@ class PipelineDelivery:
 
     def _save(self, record: JobRecord) -> JobRecord:
         """Record durably (temp + fsync + rename): callers hold the dispatcher's deliver lock."""
-        from aml_pipelines.trigger.store import atomic_write_json
+        from aml_pipelines.fileio import write_json
 
         record = replace(record, updated_at=datetime.now(UTC).isoformat(timespec="seconds"))
         records = self._load()
         records[_key(record.model, record.version)] = record
-        atomic_write_json(self.jobs_path, {"jobs": {k: asdict(v) for k, v in records.items()}})
+        write_json(self.jobs_path, {"jobs": {k: asdict(v) for k, v in records.items()}})
         return record
 
 

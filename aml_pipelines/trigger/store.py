@@ -25,9 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -35,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from aml_pipelines.errors import TriggerError
+from aml_pipelines.fileio import write_json
 from aml_pipelines.trigger.lock import FileLock
 
 SEEN_EVENTS_KEPT = 10_000
@@ -92,27 +91,6 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON so a crash leaves the old file or the new one: temp, fsync, rename, fsync dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            Path(tmp).unlink()
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -165,7 +143,7 @@ class TriggerStore:
         with self.lock(f"cursor-{model}", f"cursor of {model}").held():
             cursor = self.load(model)
             yield cursor
-            atomic_write_json(
+            write_json(
                 self.cursor_path(model),
                 {
                     "model": model,
@@ -217,4 +195,4 @@ class TriggerStore:
             ids: list[str] = raw["ids"]
             if event_id not in ids:
                 ids.append(event_id)
-                atomic_write_json(path, {"ids": ids[-SEEN_EVENTS_KEPT:]})
+                write_json(path, {"ids": ids[-SEEN_EVENTS_KEPT:]})
