@@ -40,12 +40,12 @@ from aml_pipelines.pipeline import (
     component_path,
     quiet_sdk,
 )
+from components.common import CODE_PACKAGES, source_commit
 
 log = logging.getLogger(__name__)
 
 DEFAULT_COMPUTE = "cpu-cluster"
 # What the steps import at run time (the component code folder, staged for submission).
-CODE_PACKAGES = ("aml_pipelines", "components", "rollout", "scoring")
 OFFLINE_WORKSPACE = ("00000000-0000-0000-0000-000000000000", "offline-rg", "offline-ws")
 
 
@@ -257,36 +257,6 @@ def stage_code(job: Any, into: Path) -> Path:
     for node in job.jobs.values():
         node.component.code = str(into)
     return into
-
-
-def source_commit(
-    root: Path = COMPONENTS_DIR.parent, env: Mapping[str, str] = os.environ
-) -> str | None:
-    """The commit of the code a job runs: $GIT_COMMIT, else `git rev-parse HEAD` of `root`.
-
-    "-dirty" is appended when the packages that are staged (CODE_PACKAGES) differ from HEAD
-    (changed or untracked files). None when `root` is not a git checkout and GIT_COMMIT is unset.
-    """
-    import subprocess
-
-    if commit := env.get("GIT_COMMIT"):
-        return commit
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-
-    try:
-        # Only the project's own checkout: installed into a virtualenv inside another git
-        # project, `root` would answer with that project's HEAD.
-        if Path(git("rev-parse", "--show-toplevel")).resolve() != Path(root).resolve():
-            return None
-        head = git("rev-parse", "HEAD")
-        changed = git("status", "--porcelain", "--", *CODE_PACKAGES)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{head}-dirty" if changed else head
 
 
 def stamp_source(job: Any, commit: str | None = None) -> str | None:

@@ -37,10 +37,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aml_pipelines.build import source_commit
 from aml_pipelines.errors import ComponentError, ConfigError, RolloutNotPromoted, StepFailed
 from aml_pipelines.fileio import read_json
 from aml_pipelines.pipeline import STEPS, PipelineParams, build_pipeline
+from components.common import source_commit
 from components.rollout.main import EXIT_PAUSED, EXIT_ROLLED_BACK
 
 log = logging.getLogger(__name__)

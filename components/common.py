@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+from collections.abc import Mapping
+from pathlib import Path
 
 from aml_pipelines.fileio import read_json, sha256_file, write_json
 
@@ -35,17 +37,41 @@ def run_id() -> str:
     return os.environ.get("AZUREML_RUN_ID") or os.environ.get("AML_ROLLOUT_RUN_ID") or "unknown"
 
 
+#: The packages a job's code snapshot holds (build.stage_code), whose changes make it "-dirty".
+CODE_PACKAGES = ("aml_pipelines", "components", "rollout", "scoring")
+#: The folder holding those packages: the checkout locally, the code snapshot in Azure ML.
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
 def git_commit() -> str:
-    """The source commit: $GIT_COMMIT (set by CI or the runner), else `git rev-parse HEAD`."""
-    if commit := os.environ.get("GIT_COMMIT"):
+    """The source commit (`source_commit`), or "unknown"."""
+    return source_commit() or "unknown"
+
+
+def source_commit(root: Path = SOURCE_ROOT, env: Mapping[str, str] = os.environ) -> str | None:
+    """The commit of the code a job runs: $GIT_COMMIT, else `git rev-parse HEAD` of `root`.
+
+    "-dirty" is appended when the packages that are staged (CODE_PACKAGES) differ from HEAD
+    (changed or untracked files). None when `root` is not a git checkout and GIT_COMMIT is unset.
+    """
+    if commit := env.get("GIT_COMMIT"):
         return commit
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5
-        )
+        # Only the project's own checkout: installed into a virtualenv inside another git
+        # project, `root` would answer with that project's HEAD.
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != Path(root).resolve():
+            return None
+        head = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--", *CODE_PACKAGES)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
+        return None
+    return f"{head}-dirty" if changed else head
 
 
 def parse_bool(text: str) -> bool:

@@ -240,8 +240,9 @@ def test_factory_uses_a_given_client(client: Any) -> None:
 
 
 def test_submit_sends_the_pipeline_job(arm: FakeArm, client: Any) -> None:
-    from aml_pipelines.build import source_commit, submit_pipeline
+    from aml_pipelines.build import submit_pipeline
     from aml_pipelines.pipeline import PipelineParams, build_pipeline
+    from components.common import source_commit
 
     arm.on("GET", r"^.*/codes/[^/]+/versions$", existing_code_upload)
     spec = "azureml://datastores/workspaceblobstore/paths/specs/rollout.yaml"

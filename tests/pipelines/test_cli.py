@@ -169,7 +169,7 @@ def test_a_built_job_carries_the_source_commit(tmp_path: Path) -> None:
     import yaml
     from azure.ai.ml import load_job
 
-    from aml_pipelines.build import source_commit
+    from components.common import source_commit
 
     out = tmp_path / "pipeline.yml"
     result = invoke("pipeline", "build", "-o", str(out), *SPEC)

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from aml_pipelines.build import source_commit
 from aml_pipelines.errors import ComponentError, ConfigError, RolloutNotPromoted, StepFailed
 from aml_pipelines.local_runner import _render_value, _verdict, render_command, run_local
 from aml_pipelines.pipeline import STEPS, PipelineParams, component_path
 from aml_pipelines.registry.base import Stage
 from aml_pipelines.registry.local import LocalRegistry
+from components.common import source_commit
 from components.register.main import EXIT_GATE_REFUSED
 from components.rollout.main import EXIT_PAUSED, EXIT_ROLLED_BACK
 

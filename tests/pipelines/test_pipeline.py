@@ -207,7 +207,7 @@ def _git(repo: Path, *args: str) -> str:
     ],
 )
 def test_source_commit(tmp_path: Path, change: str | None, env: dict, suffix: str | None) -> None:
-    from aml_pipelines.build import source_commit
+    from components.common import source_commit
 
     (tmp_path / "components").mkdir()
     (tmp_path / "components" / "x.py").write_text("x = 1\n")
@@ -223,7 +223,7 @@ def test_source_commit(tmp_path: Path, change: str | None, env: dict, suffix: st
 
 
 def test_no_checkout_no_commit(tmp_path: Path) -> None:
-    from aml_pipelines.build import source_commit
+    from components.common import source_commit
 
     assert source_commit(tmp_path, {}) is None  # e.g. an installed package: left to the step
     # Installed into a virtualenv inside the user's own git project: not that project's HEAD.
