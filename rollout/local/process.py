@@ -56,6 +56,15 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) != 0
 
 
+def quoted_log_tail(path: Path, *, or_else: str | None = None) -> str:
+    """The log's last lines set off for an error message; `or_else` (default: the log's path in
+    parentheses) when there are none."""
+    tail = log_tail(path)
+    if tail:
+        return f"\n--- last lines of {path} ---\n{tail}"
+    return f" (log: {path})" if or_else is None else or_else
+
+
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     """The last lines of a log file ('' when there is none)."""
     try:
@@ -224,8 +233,7 @@ class Child:
         self.process = None
 
     def _tail(self) -> str:
-        tail = log_tail(self.log_path)
-        return f"\n--- last lines of {self.log_path} ---\n{tail}" if tail else ""
+        return quoted_log_tail(self.log_path, or_else="")
 
 
 def wait_ready(url: str, *, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:

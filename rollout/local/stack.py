@@ -32,12 +32,10 @@ Layout of `workdir`:
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,6 +56,7 @@ from rollout.local.prometheus import PrometheusProcess
 from rollout.local.workloads import ScoringProcesses
 from rollout.metrics.prometheus import PrometheusMetrics
 from rollout.routers.envoy import EnvoyRouter
+from rollout.state.file import hold_lock
 
 log = logging.getLogger(__name__)
 
@@ -131,19 +130,11 @@ class LocalStack:
         A second stack on the same folder would stop the first one's scoring servers and
         rewrite the route files its Envoy watches: it is refused instead, naming the holder.
         """
-        path = self.workdir / ".stack.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = path.read_text(encoding="utf-8").strip() or "another process"
-            os.close(fd)
+        fd = hold_lock(self.workdir / ".stack.lock", "")
+        if isinstance(fd, str):
             raise LocalStackError(
-                f"another local stack runs in {self.workdir} ({holder}): stop it, or use "
-                "another folder"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+                f"another local stack runs in {self.workdir} ({fd}): stop it, or use another folder"
+            )
         self._lock_fd = fd
 
     def _unlock_workdir(self) -> None:

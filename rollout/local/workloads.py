@@ -43,9 +43,9 @@ from rollout.local.process import (
     Child,
     free_port,
     kill_group,
-    log_tail,
     pid_alive,
     pid_start_time,
+    quoted_log_tail,
     wait_ready,
 )
 from rollout.routers.envoy import Endpoint, write_atomically
@@ -152,12 +152,8 @@ class ScoringProcesses:
         except LocalStackError as exc:
             self.stop(Endpoint(self.host, port, ref))
             # The cause (a bad model folder, a traceback) is in the server's own log.
-            tail = log_tail(log_path)
-            quoted = (
-                f"\n--- last lines of {log_path} ---\n{tail}" if tail else f" (log: {log_path})"
-            )
             raise RouterError(
-                f"scoring server for {colour.value} did not start: {exc}{quoted}"
+                f"scoring server for {colour.value} did not start: {exc}{quoted_log_tail(log_path)}"
             ) from None
         _warm_up(f"http://{self.host}:{port}/score", Path(release.model_dir))
         self._write_targets()

@@ -124,27 +124,33 @@ class FileStateStore:
     def lease(self, owner: str) -> Iterator[None]:
         """Hold an exclusive fcntl lock on the lock file for the block."""
         self._ensure_dir()
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            if not _try_lock(fd):
-                holder = self.lock_path.read_text(encoding="utf-8").strip() or "unknown"
-                raise LeaseHeldError(
-                    f"rollout {self.name!r} is already driven by another controller ({holder}); "
-                    f"stop it, or steer it with `aml-rollout rollout pause|resume|promote|abort`"
-                ) from None
-            os.ftruncate(fd, 0)
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            os.write(
-                fd, f"{owner} pid {os.getpid()} on {socket.gethostname()} since {stamp}".encode()
+        fd = hold_lock(self.lock_path, owner)
+        if isinstance(fd, str):
+            raise LeaseHeldError(
+                f"rollout {self.name!r} is already driven by another controller ({fd}); "
+                f"stop it, or steer it with `aml-rollout rollout pause|resume|promote|abort`"
             )
-            os.fsync(fd)
-            try:
-                yield
-            finally:
-                os.ftruncate(fd, 0)
-                fcntl.flock(fd, fcntl.LOCK_UN)
+        try:
+            yield
         finally:
-            os.close(fd)
+            os.ftruncate(fd, 0)
+            os.close(fd)  # closing drops the lock
+
+
+def hold_lock(path: Path, owner: str) -> int | str:
+    """Take `path`'s exclusive fcntl lock and stamp it with who holds it: the open fd (close it
+    to release; the kernel does if the process dies), or the holder's stamp when another
+    process has it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if not _try_lock(fd):
+        os.close(fd)
+        return path.read_text(encoding="utf-8").strip() or "unknown"
+    os.ftruncate(fd, 0)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    holder = f"pid {os.getpid()} on {socket.gethostname()} since {stamp}"
+    os.write(fd, f"{owner} {holder}".encode() if owner else holder.encode())
+    os.fsync(fd)
+    return fd
 
 
 def _try_lock(fd: int, patience_s: float = 0.2) -> bool:
