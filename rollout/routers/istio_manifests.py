@@ -182,10 +182,9 @@ def updated_deployment(current: Obj, colour: Colour, release: Release) -> Obj:
     `aml-rollout.io/*` annotations. Everything else (replicas an HPA or an operator set, Helm's
     labels and annotations, resources, imagePullSecrets, ...) is kept, and so is
     `metadata.resourceVersion`: a PUT of the result fails with 409 if the object changed since
-    it was read. `status` is dropped (the API server ignores it on this write anyway).
+    it was read. `status` is dropped (the API server ignores it on this write anyway). The
+    release's image is checked by `deployment`, which `IstioRouter.deploy` builds first.
     """
-    if not release.image:
-        raise RouterError(f"release {release.ref} has no container image")
     new = copy.deepcopy(current)
     new.pop("status", None)
     meta = new.setdefault("metadata", {})
