@@ -255,7 +255,7 @@ def run_local(
 ) -> None:
     """Run the pipeline's steps here, as subprocesses, with a local registry."""
     with _user_errors():
-        from aml_pipelines.errors import ConfigError, RolloutNotPromoted
+        from aml_pipelines.errors import ConfigError, ModelNotRegistered, RolloutNotPromoted
         from aml_pipelines.local_runner import run_local as run
 
         spec = registry or "local"
@@ -268,8 +268,8 @@ def run_local(
         pipeline_params = parse_params(params, rollout_spec=rollout_spec, registry=spec)
         try:
             result = run(pipeline_params, run_dir=run_dir, until=until, sink=_echo)
-        except RolloutNotPromoted as verdict:
-            # The rollout did its job (a rollback protects production): say what it decided.
+        except (RolloutNotPromoted, ModelNotRegistered) as verdict:
+            # The gate or the rollout did its job (production is protected): say what it decided.
             out.print(f"[bold yellow]{verdict}[/]")
             raise typer.Exit(verdict.exit_code) from None
     total = sum(step.seconds for step in result.steps.values())
@@ -287,10 +287,10 @@ def _echo(line: str) -> None:
 # ------------------------------------------------------------------------------------- registry
 
 
-def _open(spec: str | None) -> Any:
+def _open(spec: str | None, *, must_exist: bool = False) -> Any:
     from aml_pipelines.registry.factory import open_registry
 
-    return open_registry(spec)
+    return open_registry(spec, must_exist=must_exist)
 
 
 @registry_app.command("list")
@@ -306,7 +306,9 @@ def list_versions(
     with _user_errors():
         from aml_pipelines.delivery import serving_column
 
-        reg = _open(registry)
+        # A registry the user named (--registry, $AML_ROLLOUT_REGISTRY) that does not exist is a
+        # typo, not an empty registry; the default one is merely not used yet.
+        reg = _open(registry, must_exist=bool(registry))
         rows = []
         for model in [name] if name else reg.names():
             versions = reg.list_versions(model)
@@ -316,7 +318,8 @@ def list_versions(
     if table.row_count:
         out.print(table)
     else:
-        out.print(f"no registered models in {registry or 'the local registry'}")
+        what = f"named {name!r} " if name else ""
+        out.print(f"no registered models {what}in {registry or 'the local registry'}")
 
 
 @registry_app.command("show")

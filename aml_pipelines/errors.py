@@ -56,6 +56,21 @@ class RolloutNotPromoted(StepFailed):
         self.args = (f"rollout: {outcome} (exit {exit_code}){detail}{where}",)
 
 
+class ModelNotRegistered(StepFailed):
+    """The register step's gate refused the model (exit 3): an outcome, like a rollback.
+
+    The gate did its job: a model worse than production never reaches the registry. The reason
+    is the step's own log line (`gate refused ...`), emitted just before.
+    """
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__("register", exit_code)
+        self.args = (
+            f"register: not registered, the gate refused the model (exit {exit_code}); "
+            "`--param force=true` registers it anyway",
+        )
+
+
 class GateRefused(PipelineError):
     """The register gate refused a model that is worse than production."""
 

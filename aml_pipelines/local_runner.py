@@ -15,7 +15,8 @@ and walks its nodes:
    caller's sink, and stop at the first non-zero exit with StepFailed(node, exit_code) — except
    the rollout step's verdicts (3 rolled back, 5 paused: components/rollout/main.py), which raise
    RolloutNotPromoted (a StepFailed) carrying the outcome, the reason and the ledger from
-   result.json, so that a correct rollback is reported as an outcome and not as a crash.
+   result.json, and the register gate's refusal (3), which raises ModelNotRegistered, so that
+   a correct rollback or refusal is reported as an outcome and not as a crash.
 
 azure.ai.ml is imported once, here, to load the components; the steps themselves never import it
 (unless they talk to Azure), so a local run costs about one SDK import plus the steps.
@@ -37,10 +38,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aml_pipelines.errors import ComponentError, ConfigError, RolloutNotPromoted, StepFailed
+from aml_pipelines.errors import (
+    ComponentError,
+    ConfigError,
+    ModelNotRegistered,
+    RolloutNotPromoted,
+    StepFailed,
+)
 from aml_pipelines.fileio import read_json
 from aml_pipelines.pipeline import STEPS, PipelineParams, build_pipeline
 from components.common import source_commit
+from components.register.main import EXIT_GATE_REFUSED
 from components.rollout.main import EXIT_PAUSED, EXIT_ROLLED_BACK
 
 log = logging.getLogger(__name__)
@@ -160,6 +168,9 @@ def run_local(
             verdict = _verdict(code, outputs.get("result"))
             emit(f"[{node.name}] {verdict.outcome} (exit {code}) after {step.seconds:.1f} s")
             raise verdict
+        if node.name == "register" and code == EXIT_GATE_REFUSED:
+            emit(f"[{node.name}] not registered (exit {code}) after {step.seconds:.1f} s")
+            raise ModelNotRegistered(code)
         if code != 0:
             emit(f"[{node.name}] failed with exit code {code} after {step.seconds:.1f} s")
             raise StepFailed(node.name, code)

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             out_dir=args.registration,
         )
     except GateRefused as exc:
-        log.error("%s", exc)
+        log.warning("%s", exc)  # an outcome, not a failure of the step: exit 3 says which
         return EXIT_GATE_REFUSED
     except PipelineError as exc:
         log.error("registration failed: %s", exc)

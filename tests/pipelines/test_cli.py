@@ -214,8 +214,10 @@ def test_registry_list_show_tag(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "version 7 not found" in missing.output
     bad = invoke("registry", "tag", "m", "1", "stage", "--registry", spec)
     assert bad.exit_code == 2 and "expected KEY=VALUE" in bad.output
-    empty = invoke("registry", "list", "--registry", f"local:{tmp_path / 'none'}")
-    assert empty.exit_code == 0 and "no registered models" in empty.output
+    other = invoke("registry", "list", "other", "--registry", spec)
+    assert other.exit_code == 0 and "no registered models named 'other'" in other.output
+    typo = invoke("registry", "list", "--registry", f"local:{tmp_path / 'none'}")
+    assert typo.exit_code == 2 and "does not exist" in typo.output
 
 
 def test_registry_refuses_a_tampered_model(tmp_path: Path) -> None:
@@ -270,3 +272,12 @@ def test_the_cli_default_compute_is_the_pipelines_default() -> None:
     from aml_pipelines.build import DEFAULT_COMPUTE
 
     assert cli.COMPUTE == DEFAULT_COMPUTE
+
+
+def test_registry_list_before_anything_was_registered(tmp_path: Path) -> None:
+    """The default registry not created yet is empty, not an error (a named one is: a typo)."""
+    result = invoke(
+        "registry", "list", env={"AML_ROLLOUT_HOME": str(tmp_path), "AML_ROLLOUT_REGISTRY": ""}
+    )
+    assert result.exit_code == 0, result.output
+    assert "no registered models in the local registry" in result.output

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from aml_pipelines.errors import ComponentError, ConfigError, RolloutNotPromoted, StepFailed
+from aml_pipelines.errors import (
+    ComponentError,
+    ConfigError,
+    ModelNotRegistered,
+    RolloutNotPromoted,
+    StepFailed,
+)
 from aml_pipelines.local_runner import _render_value, _verdict, render_command, run_local
 from aml_pipelines.pipeline import STEPS, PipelineParams, component_path
 from aml_pipelines.registry.base import Stage
@@ -125,9 +131,11 @@ def test_v1_registered_worse_v2_refused_better_v2_registered(tmp_path: Path) -> 
     assert (tmp_path / "run1" / "register" / "std_log.txt").read_text().count("gate passed") == 1
     registry.set_tags("diabetes-ridge", 1, {"stage": Stage.PRODUCTION})  # v1 went live
 
-    with pytest.raises(StepFailed) as refused:
+    with pytest.raises(ModelNotRegistered) as refused:  # a StepFailed, reported as an outcome
         run_local(_params(tmp_path, alpha=10.0), run_dir=tmp_path / "run2", sink=lines.append)
     assert (refused.value.step, refused.value.exit_code) == ("register", EXIT_GATE_REFUSED)
+    assert "not registered, the gate refused the model" in str(refused.value)
+    assert any(line.startswith("[register] not registered (exit 3)") for line in lines)
     assert any("worse than production diabetes-ridge:1" in line for line in lines)
     assert not (tmp_path / "run2" / "package").exists()  # stopped at the first failure
     assert [v.version for v in registry.list_versions("diabetes-ridge")] == [1]
