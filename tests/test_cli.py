@@ -31,3 +31,12 @@ def test_help_imports_no_heavy_sdk() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip().splitlines()[-1] == "HEAVY="
+
+
+def test_help_shows_flags_as_flags() -> None:
+    """A flag takes no value, so its help shows no type (typer 0.29.0-0.29.2 printed `<bool>`
+    after every flag, `--help` included, which reads as if `--watch true` were expected)."""
+    result = CliRunner().invoke(app, ["rollout", "status", "--help"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0
+    assert "--watch" in result.output and "<float>" in result.output  # typed options keep theirs
+    assert "<bool>" not in result.output
