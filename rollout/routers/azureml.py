@@ -33,6 +33,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from rollout.azure_credential import default_credential
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import ConfigError, RouterError
 
@@ -162,13 +163,21 @@ class AzureMLRouter:
         self._deploy_timeout_s = deploy_timeout_s
 
     @classmethod
-    def from_config(cls, cfg: AzureMLRouterConfig) -> AzureMLRouter:
-        """Build with an MLClient on DefaultAzureCredential (az login, managed identity, ...)."""
+    def from_config(cls, cfg: AzureMLRouterConfig, **client_kwargs: Any) -> AzureMLRouter:
+        """Build with an MLClient on `default_credential()` (az login, managed identity, ...).
+
+        The credential follows the pipelines' rule (rollout.azure_credential): inside an Azure
+        ML job on a compute with a user-assigned identity, that identity moves the traffic.
+        `client_kwargs` go to MLClient (tests pass `transport=`).
+        """
         from azure.ai.ml import MLClient
-        from azure.identity import DefaultAzureCredential
 
         client = MLClient(
-            DefaultAzureCredential(), cfg.subscription_id, cfg.resource_group, cfg.workspace
+            default_credential(),
+            cfg.subscription_id,
+            cfg.resource_group,
+            cfg.workspace,
+            **client_kwargs,
         )
         return cls(
             client,

@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rollout.api import run_rollout
+from rollout.azure_credential import managed_identity
 from rollout.config import AzureMLRouterConfig, spec_from_dict
 from rollout.controller import FakeClock
 from rollout.core.types import Colour, Phase, Release, Weights
@@ -28,6 +29,7 @@ from rollout.routers.azureml import (
 )
 from rollout.routers.factory import make_router as make_router_from
 from tests.fakes.arm import FakeArm, StaticCredential, iter_calls
+from tests.fakes.identity import AZURE_CREDENTIAL_ENV, FakeIdentityEndpoint
 from tests.routers.contract import V1, V2, RouterContract, identity
 
 NAMES = {Colour.BLUE: "blue", Colour.GREEN: "green"}
@@ -275,6 +277,71 @@ def test_from_config_through_the_factory() -> None:
         "diabetes-ep",
         {Colour.BLUE: "cand", Colour.GREEN: "prod"},
     )
+
+
+# ---- identity: the rule the pipelines use too (rollout.azure_credential) --------------------
+CLIENT_ID = "11111111-2222-3333-4444-555555555555"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        pytest.param({}, {}, id="system-assigned"),
+        pytest.param(
+            {"DEFAULT_IDENTITY_CLIENT_ID": CLIENT_ID},
+            {"managed_identity_client_id": CLIENT_ID},
+            id="azure-ml-user-assigned",
+        ),
+        pytest.param(
+            {"AZURE_CLIENT_ID": "a", "DEFAULT_IDENTITY_CLIENT_ID": "b"},
+            {},
+            id="azure-client-id-wins-defaultazurecredential-reads-it",
+        ),
+        pytest.param(
+            {"AZURE_CLIENT_ID": "", "DEFAULT_IDENTITY_CLIENT_ID": CLIENT_ID},
+            {"managed_identity_client_id": CLIENT_ID},
+            id="empty-azure-client-id-is-unset",
+        ),
+    ],
+)
+def test_managed_identity_keywords(env: dict[str, str], expected: dict[str, str]) -> None:
+    assert managed_identity(env) == expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "client_ids"),
+    [
+        pytest.param("DEFAULT_IDENTITY_CLIENT_ID", [CLIENT_ID], id="azure-ml-user-assigned"),
+        pytest.param("AZURE_CLIENT_ID", [CLIENT_ID], id="azure-client-id"),
+        pytest.param(None, [None], id="system-assigned"),
+    ],
+)
+def test_the_router_moves_traffic_as_the_computes_user_assigned_identity(
+    monkeypatch: pytest.MonkeyPatch, variable: str | None, client_ids: list[str | None]
+) -> None:
+    """from_config inside an Azure ML job: the token comes from the identity the job names.
+
+    Azure ML sets MSI_ENDPOINT/MSI_SECRET in a job and, for a compute's user-assigned identity,
+    DEFAULT_IDENTITY_CLIENT_ID; a bare DefaultAzureCredential asked for the system-assigned one.
+    """
+    for name in AZURE_CREDENTIAL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    with running_arm() as arm, FakeIdentityEndpoint() as identity:
+        seeded = AzureMLRouter(client_of(arm), "ep-identity", environment="azureml:env:1")
+        seeded.deploy(Colour.GREEN, V1)
+        seeded.set_weights(Weights.blue_at(0))
+        monkeypatch.setenv("MSI_ENDPOINT", identity.url)
+        monkeypatch.setenv("MSI_SECRET", "s")
+        if variable:
+            monkeypatch.setenv(variable, CLIENT_ID)
+        cfg = AzureMLRouterConfig(
+            subscription_id=SUB, resource_group=RG, workspace=WS, endpoint="ep-identity"
+        )
+        router = AzureMLRouter.from_config(cfg, transport=arm.transport())
+        before = len(arm.calls)
+        assert router.get_weights() == Weights.blue_at(0)
+    assert identity.client_ids() == client_ids
+    assert arm.calls[before:], "the router's request reached ARM with that token"
 
 
 @pytest.mark.parametrize(
