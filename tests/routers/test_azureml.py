@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -446,20 +447,87 @@ def test_a_failed_deployment_is_one_clear_line_and_not_a_release() -> None:
         assert router.get_weights() == Weights.blue_at(0)
 
 
-def test_deploy_gives_up_waiting_at_its_timeout() -> None:
+@contextmanager
+def operations_stuck_in_progress(arm: FakeArm) -> Iterator[None]:
+    """Every long-running operation reports InProgress until the block ends, then Succeeded.
+
+    The resource itself is written at once, as the fake ARM does for any LRO.
+    """
     finished = threading.Event()
-    with running_arm() as arm:
 
-        def in_progress(arm_: FakeArm, match: Any, body: Any, query: Any) -> tuple[int, Any, Any]:
-            status = "Succeeded" if finished.is_set() else "InProgress"
-            return 200, {"status": status}, {"Retry-After": "0"}
+    def in_progress(arm_: FakeArm, match: Any, body: Any, query: Any) -> tuple[int, Any, Any]:
+        status = "Succeeded" if finished.is_set() else "InProgress"
+        return 200, {"status": status}, {"Retry-After": "0"}
 
+    arm.on("GET", r"^/_operations/", in_progress)
+    try:
+        yield
+    finally:
+        finished.set()  # lets the SDK's poller threads end
+
+
+def test_deploy_gives_up_waiting_at_its_timeout() -> None:
+    with running_arm() as arm, operations_stuck_in_progress(arm):
         router = AzureMLRouter(
             client_of(arm), "ep-slow", environment="azureml:env:1", deploy_timeout_s=0.05
         )
-        arm.on("GET", r"^/_operations/", in_progress)
-        try:
-            with pytest.raises(RouterError, match=r"create endpoint ep-slow: .* after 0.05 s"):
-                router.deploy(Colour.GREEN, V1)
-        finally:
-            finished.set()  # lets the SDK's poller thread end
+        with pytest.raises(
+            RouterError,
+            match=r"create endpoint ep-slow: .* after 0.05 s \(router.deploy_timeout_s\)",
+        ):
+            router.deploy(Colour.GREEN, V1)
+
+
+@pytest.mark.parametrize(
+    ("mirror_percent", "call", "message"),
+    [
+        pytest.param(
+            0, lambda r: r.set_weights(Weights.blue_at(10)),
+            r"update endpoint ep-stuck traffic: Azure has not finished after 0.05 s "
+            r"\(router.traffic_timeout_s\)",
+            id="traffic-update-bounded-by-traffic-timeout",
+        ),
+        pytest.param(
+            20, lambda r: r.set_weights(Weights.blue_at(10)),  # also ends the shadow
+            r"update endpoint ep-stuck traffic: .* after 0.05 s \(router.traffic_timeout_s\)",
+            id="shadow-ending-bounded-by-traffic-timeout",
+        ),
+        pytest.param(
+            20, lambda r: r.remove(Colour.BLUE),  # drops the shadow first
+            r"update endpoint ep-stuck traffic: .* after 0.05 s \(router.traffic_timeout_s\)",
+            id="remove-dropping-the-shadow-bounded-by-traffic-timeout",
+        ),
+        pytest.param(
+            0, lambda r: r.remove(Colour.BLUE),
+            r"delete deployment ep-stuck/blue: Azure has not finished after 0.07 s "
+            r"\(router.deploy_timeout_s\)",
+            id="delete-bounded-by-deploy-timeout",
+        ),
+        pytest.param(
+            0, lambda r: r.deploy(Colour.BLUE, V1),
+            r"deploy ep-stuck/blue: .* after 0.07 s \(router.deploy_timeout_s\)",
+            id="redeploy-bounded-by-deploy-timeout",
+        ),
+    ],
+)  # fmt: skip
+def test_an_operation_azure_leaves_in_progress_fails_at_its_bound(
+    mirror_percent: int, call: Any, message: str
+) -> None:
+    """No wait on Azure is unbounded: each write fails at the timeout that governs it."""
+    with running_arm() as arm:
+        ready = AzureMLRouter(
+            client_of(arm), "ep-stuck", environment="azureml:env:1", mirror_percent=mirror_percent
+        )
+        ready.deploy(Colour.GREEN, V1)
+        ready.deploy(Colour.BLUE, V2)
+        ready.set_weights(Weights.blue_at(0))
+        # The same endpoint, with short bounds that tell the two timeouts apart.
+        router = AzureMLRouter(
+            client_of(arm), "ep-stuck", environment="azureml:env:1",
+            mirror_percent=mirror_percent, deploy_timeout_s=0.07, traffic_timeout_s=0.05,
+        )  # fmt: skip
+        with operations_stuck_in_progress(arm):
+            started = time.monotonic()
+            with pytest.raises(RouterError, match=message):
+                call(router)
+            assert time.monotonic() - started < 10  # at its bound, not when Azure finishes
