@@ -402,9 +402,14 @@ class AzureMLRouter:
         try:
             return call()
         except ResourceNotFoundError as exc:
-            raise _NotFound(what) from exc
+            # `_get` takes it for "absent"; any other caller shows what Azure said.
+            raise _NotFound(f"{what}: {_describe(exc)}") from exc
         except ClientAuthenticationError as exc:
-            raise RouterError(f"{what}: Azure rejected the credentials ({exc.message})") from exc
+            if exc.response is None:  # no token at all: the credential chain found no identity
+                raise RouterError(
+                    f"{what}: no usable Azure credentials ({_one_line(exc.message)})"
+                ) from exc
+            raise RouterError(f"{what}: Azure rejected the credentials ({_describe(exc)})") from exc
         except HttpResponseError as exc:
             raise RouterError(f"{what}: {_describe(exc)}") from exc
         except AzureError as exc:
@@ -442,8 +447,8 @@ def _describe(exc: Any) -> str:
 
 
 def _one_line(message: str) -> str:
-    """azure-ai-ml's multi-paragraph validation text, cut to its substance on one line."""
-    for boilerplate in ("Resolutions:", "Additional Resources:"):
+    """azure-ai-ml's (or azure-identity's) multi-paragraph text, cut to its substance, one line."""
+    for boilerplate in ("Resolutions:", "Additional Resources:", "To mitigate this issue"):
         message = message.split(boilerplate, 1)[0]
     return " ".join(message.split())
 

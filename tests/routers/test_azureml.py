@@ -254,6 +254,64 @@ def test_azure_errors_are_router_errors_naming_the_resource(arm: FakeArm, ml_cli
     assert router.get_weights() == Weights.blue_at(0)
 
 
+@pytest.mark.parametrize(
+    ("resource", "call", "message"),
+    [
+        pytest.param(
+            "/deployments/blue", lambda r: r.deploy(Colour.BLUE, V2),
+            r"^deploy ep-\d+/blue: HTTP 404 ResourceNotFound: injected failure on PUT ",
+            id="deploy",
+        ),
+        pytest.param(
+            "", lambda r: r.set_weights(Weights.blue_at(10)),
+            r"^update endpoint ep-\d+ traffic: HTTP 404 ResourceNotFound: injected failure ",
+            id="traffic-update",
+        ),
+    ],
+)  # fmt: skip
+def test_a_404_on_a_write_says_what_azure_answered(
+    arm: FakeArm, ml_client: Any, resource: str, call: Any, message: str
+) -> None:
+    """Only reads take 404 for "absent"; a write's 404 was a bare "deploy ep/blue" before."""
+    router = make_router(ml_client)
+    RouterContract.live(router)
+    router.deploy(Colour.BLUE, V1)
+    arm.fail("PUT", f"/onlineEndpoints/{router.endpoint}{resource}$", 404, "ResourceNotFound")
+    with pytest.raises(RouterError, match=message):
+        call(router)
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        pytest.param(429, "TooManyRequests", id="throttled"),
+        pytest.param(500, "InternalServerError", id="500"),
+        pytest.param(503, "ServiceUnavailable", id="503"),
+    ],
+)
+def test_arm_throttling_and_5xx_are_retried_then_one_line(
+    arm: FakeArm, ml_client: Any, status: int, code: str
+) -> None:
+    """azure-core retries 408/429/5xx three times (docs/azureml-endpoint.md says so)."""
+    router = make_router(ml_client)
+    RouterContract.live(router)
+    router.deploy(Colour.BLUE, V1)
+    endpoint_path = f"/onlineEndpoints/{router.endpoint}$"
+
+    arm.fail("GET", endpoint_path, status, code, times=2)
+    arm.fail("PUT", endpoint_path, status, code, times=2)
+    router.set_weights(Weights.blue_at(10))  # two failures each: retried through
+    assert router.get_weights() == Weights.blue_at(10)
+
+    arm.fail("GET", endpoint_path, status, code, times=100)
+    before = len(list(iter_calls(arm, "GET", endpoint_path)))
+    with pytest.raises(RouterError) as caught:
+        router.get_weights()
+    assert str(caught.value).startswith(f"endpoint {router.endpoint}: HTTP {status} {code}: ")
+    assert "\n" not in str(caught.value)
+    assert len(list(iter_calls(arm, "GET", endpoint_path))) - before == 4  # 1 + 3 retries
+
+
 def test_get_weights_without_an_endpoint_says_so(ml_client: Any) -> None:
     with pytest.raises(RouterError, match=r"endpoint ep-\d+ does not exist"):
         make_router(ml_client).get_weights()
@@ -343,6 +401,42 @@ def test_the_router_moves_traffic_as_the_computes_user_assigned_identity(
         assert router.get_weights() == Weights.blue_at(0)
     assert identity.client_ids() == client_ids
     assert arm.calls[before:], "the router's request reached ARM with that token"
+
+
+def test_no_usable_credentials_is_one_line_naming_the_endpoint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The real DefaultAzureCredential finding no identity: its many-line text, on one line."""
+    for name in AZURE_CREDENTIAL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no cached az / token-cache accounts
+    monkeypatch.setenv("PATH", "/nonexistent")  # no az, pwsh or azd to ask
+    # developer credentials only: never probe a managed-identity endpoint (CI runs on cloud VMs)
+    monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "dev")
+    with running_arm() as arm:
+        cfg = AzureMLRouterConfig(
+            subscription_id=SUB, resource_group=RG, workspace=WS, endpoint="ep-nobody"
+        )
+        router = AzureMLRouter.from_config(cfg, transport=arm.transport())
+        with pytest.raises(RouterError) as caught:
+            router.get_weights()
+    text = str(caught.value)
+    assert text.startswith("endpoint ep-nobody: no usable Azure credentials (")
+    assert "AzureCliCredential" in text  # what each credential said is kept
+    assert "\n" not in text and "To mitigate" not in text
+
+
+def test_credentials_azure_rejects_are_one_line(arm: FakeArm, ml_client: Any) -> None:
+    router = make_router(ml_client)
+    RouterContract.live(router)
+    arm.fail("GET", f"/onlineEndpoints/{router.endpoint}$", 401, "InvalidAuthenticationToken")
+    with pytest.raises(RouterError) as caught:
+        router.get_weights()
+    assert str(caught.value).startswith(
+        f"endpoint {router.endpoint}: Azure rejected the credentials "
+        "(HTTP 401 InvalidAuthenticationToken: injected failure on GET "
+    )
+    assert "\n" not in str(caught.value)
 
 
 @pytest.mark.parametrize(
