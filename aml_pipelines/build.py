@@ -10,7 +10,8 @@
   `submit` sends, from any checkout.
 - `stamp_source` sets GIT_COMMIT (the submitting checkout's `git rev-parse HEAD`, "-dirty" when
   the staged packages have changes) on every step: the steps run in a snapshot without .git.
-- `workspace_client` / `submit_pipeline` talk to a real workspace with DefaultAzureCredential;
+- `workspace_client` / `submit_pipeline` talk to a real workspace with DefaultAzureCredential
+  (the identity `rollout.azure_credential` picks, as the endpoint router does);
   tests pass `transport=` (a fake ARM server) and a static credential instead.
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from aml_pipelines.pipeline import (
     quiet_sdk,
 )
 from components.common import CODE_PACKAGES, source_commit
+from rollout.azure_credential import default_credential
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def workspace_client(
     credential: Any = None,
     **client_kwargs: Any,
 ) -> Any:
-    """An MLClient for a workspace; DefaultAzureCredential unless a credential is given."""
+    """An MLClient for a workspace; `rollout.azure_credential.default_credential()` by default."""
     from azure.ai.ml import MLClient
 
     missing = [
@@ -216,24 +217,8 @@ def workspace_client(
     if missing:
         raise AzureNotConfigured(f"missing workspace coordinates: {', '.join(missing)}")
     if credential is None:
-        from azure.identity import DefaultAzureCredential
-
-        credential = DefaultAzureCredential(**managed_identity(os.environ))
+        credential = default_credential()
     return MLClient(credential, subscription, resource_group, workspace, **client_kwargs)
-
-
-def managed_identity(env: Mapping[str, str]) -> dict[str, str]:
-    """Keywords naming the user-assigned identity: AZURE_CLIENT_ID, else DEFAULT_IDENTITY_CLIENT_ID.
-
-    DefaultAzureCredential reads only AZURE_CLIENT_ID; Azure ML names the user-assigned identity
-    of a compute cluster in DEFAULT_IDENTITY_CLIENT_ID. Without either, the system-assigned
-    identity is used. (Passing `managed_identity_client_id=None` would disable the
-    AZURE_CLIENT_ID default, so the keyword is passed only with a value.)
-    """
-    if env.get("AZURE_CLIENT_ID"):
-        return {}
-    client_id = env.get("DEFAULT_IDENTITY_CLIENT_ID", "")
-    return {"managed_identity_client_id": client_id} if client_id else {}
 
 
 def stage_code(job: Any, into: Path) -> Path:

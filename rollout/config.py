@@ -149,8 +149,12 @@ class AzureMLRouterConfig(_Model):
     environment: str | None = None
     code: str | None = None
     scoring_script: str = "score.py"
-    #: How long `deploy` waits for Azure to finish a deployment (image build, VMs) before failing.
+    #: How long `deploy` and `remove` wait for Azure to create, update or delete a deployment
+    #: (image build, VMs) or the endpoint before failing; Azure carries on.
     deploy_timeout_s: float = Field(default=3600.0, gt=0)
+    #: How long a change of the endpoint's traffic (or mirror) may take before failing. No VMs
+    #: move, Azure applies it in seconds to a couple of minutes; a rollback waits on it.
+    traffic_timeout_s: float = Field(default=300.0, gt=0)
 
 
 RouterConfig = Annotated[

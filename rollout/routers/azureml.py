@@ -19,9 +19,17 @@ ManagedOnlineDeployment with the release's registered model `azureml:<model>:<ve
 release identity in its tags, or, when it exists, reads it and sends it back with only the
 model, those tags and the configured environment/code changed (the PUT replaces the whole
 deployment: an operator's capacity, environment variables, request settings stay). It returns
-when Azure reports the operation done (the SDK's LRO poller, bounded by `deploy_timeout_s`).
-`release` refuses a deployment whose provisioning Failed or was Canceled. `remove` deletes the
-deployment, refusing while it takes live traffic.
+when Azure reports the operation done. `release` refuses a deployment whose provisioning Failed
+or was Canceled. `remove` deletes the deployment, refusing while it takes live traffic.
+
+Every write is an ARM long-running operation, and every one is waited for with a bound
+(`_finish`): an operation Azure leaves InProgress must not hang the rollout, or the Azure ML
+pipeline step running it, for ever. Creating, updating or deleting a deployment (or creating the
+endpoint) moves VMs and may build an image: `deploy_timeout_s` (an hour by default). A change of
+the endpoint's `traffic` / `mirror_traffic` moves no VMs and takes seconds to a couple of
+minutes: `traffic_timeout_s` (five minutes by default), so that a rollback stuck at Azure fails
+loudly in minutes, not after the deploy bound. On expiry the call raises RouterError naming the
+operation and the setting; Azure carries on, and the next call reads the state it reached.
 
 Azure gives no optimistic concurrency on the endpoint through the SDK: two writers of `traffic`
 race with last-writer-wins, so run one controller per endpoint (the state store's lease does).
@@ -33,6 +41,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from rollout.azure_credential import default_credential
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import ConfigError, RouterError
 
@@ -141,6 +150,7 @@ class AzureMLRouter:
         scoring_script: str = "score.py",
         mirror_percent: int = 0,
         deploy_timeout_s: float = 3600.0,
+        traffic_timeout_s: float = 300.0,
     ) -> None:
         self._ml = ml_client
         self.endpoint = endpoint
@@ -160,15 +170,24 @@ class AzureMLRouter:
             )
         self._mirror_percent = mirror_percent
         self._deploy_timeout_s = deploy_timeout_s
+        self._traffic_timeout_s = traffic_timeout_s
 
     @classmethod
-    def from_config(cls, cfg: AzureMLRouterConfig) -> AzureMLRouter:
-        """Build with an MLClient on DefaultAzureCredential (az login, managed identity, ...)."""
+    def from_config(cls, cfg: AzureMLRouterConfig, **client_kwargs: Any) -> AzureMLRouter:
+        """Build with an MLClient on `default_credential()` (az login, managed identity, ...).
+
+        The credential follows the pipelines' rule (rollout.azure_credential): inside an Azure
+        ML job on a compute with a user-assigned identity, that identity moves the traffic.
+        `client_kwargs` go to MLClient (tests pass `transport=`).
+        """
         from azure.ai.ml import MLClient
-        from azure.identity import DefaultAzureCredential
 
         client = MLClient(
-            DefaultAzureCredential(), cfg.subscription_id, cfg.resource_group, cfg.workspace
+            default_credential(),
+            cfg.subscription_id,
+            cfg.resource_group,
+            cfg.workspace,
+            **client_kwargs,
         )
         return cls(
             client,
@@ -181,6 +200,7 @@ class AzureMLRouter:
             scoring_script=cfg.scoring_script,
             mirror_percent=cfg.mirror_percent,
             deploy_timeout_s=cfg.deploy_timeout_s,
+            traffic_timeout_s=cfg.traffic_timeout_s,
         )
 
     # ---------------------------------------------------------------- TrafficRouter protocol
@@ -221,7 +241,7 @@ class AzureMLRouter:
         what = f"deploy {self.endpoint}/{name}"
         self._call(
             what,
-            lambda: self._finish(
+            lambda: self._finish_deploy(
                 what, self._ml.online_deployments.begin_create_or_update(deployment)
             ),
         )
@@ -299,11 +319,13 @@ class AzureMLRouter:
             mirror.pop(name)
             self._update_endpoint(endpoint, traffic, mirror)
 
+        what = f"delete deployment {self.endpoint}/{name}"
         self._get(  # already gone is fine: remove is idempotent
-            f"delete deployment {self.endpoint}/{name}",
-            lambda: self._ml.online_deployments.begin_delete(
-                name=name, endpoint_name=self.endpoint
-            ).result(),
+            what,
+            lambda: self._finish_deploy(
+                what,
+                self._ml.online_deployments.begin_delete(name=name, endpoint_name=self.endpoint),
+            ),
         )
 
     # ------------------------------------------------------------------ shadow (Azure only)
@@ -326,7 +348,10 @@ class AzureMLRouter:
         new = ManagedOnlineEndpoint(name=self.endpoint, auth_mode="key")
         what = f"create endpoint {self.endpoint}"
         self._call(
-            what, lambda: self._finish(what, self._ml.online_endpoints.begin_create_or_update(new))
+            what,
+            lambda: self._finish_deploy(
+                what, self._ml.online_endpoints.begin_create_or_update(new)
+            ),
         )
         log.info("created endpoint %s", self.endpoint)
 
@@ -344,20 +369,20 @@ class AzureMLRouter:
     ) -> None:
         endpoint.traffic = traffic
         endpoint.mirror_traffic = mirror
+        what = f"update endpoint {self.endpoint} traffic"
         self._call(
-            f"update endpoint {self.endpoint} traffic",
-            lambda: self._ml.online_endpoints.begin_create_or_update(endpoint).result(),
+            what,
+            lambda: _finish(
+                what,
+                self._ml.online_endpoints.begin_create_or_update(endpoint),
+                self._traffic_timeout_s,
+                "traffic_timeout_s",
+            ),
         )
 
-    def _finish(self, what: str, poller: Any) -> Any:
-        """Wait for a long-running operation, at most `deploy_timeout_s`."""
-        poller.wait(timeout=self._deploy_timeout_s)  # returns, not raises, when it expires
-        if not poller.done():
-            raise RouterError(
-                f"{what}: Azure has not finished after {self._deploy_timeout_s:g} s "
-                "(it goes on; the next deploy or release call sees its state)"
-            )
-        return poller.result()
+    def _finish_deploy(self, what: str, poller: Any) -> Any:
+        """Wait for a deployment's (or the endpoint's) creation, update or deletion."""
+        return _finish(what, poller, self._deploy_timeout_s, "deploy_timeout_s")
 
     def _get(self, what: str, call: Callable[[], T]) -> T | None:
         try:
@@ -377,9 +402,14 @@ class AzureMLRouter:
         try:
             return call()
         except ResourceNotFoundError as exc:
-            raise _NotFound(what) from exc
+            # `_get` takes it for "absent"; any other caller shows what Azure said.
+            raise _NotFound(f"{what}: {_describe(exc)}") from exc
         except ClientAuthenticationError as exc:
-            raise RouterError(f"{what}: Azure rejected the credentials ({exc.message})") from exc
+            if exc.response is None:  # no token at all: the credential chain found no identity
+                raise RouterError(
+                    f"{what}: no usable Azure credentials ({_one_line(exc.message)})"
+                ) from exc
+            raise RouterError(f"{what}: Azure rejected the credentials ({_describe(exc)})") from exc
         except HttpResponseError as exc:
             raise RouterError(f"{what}: {_describe(exc)}") from exc
         except AzureError as exc:
@@ -389,6 +419,20 @@ class AzureMLRouter:
             if type(exc).__module__.startswith("azure."):
                 raise RouterError(f"{what}: {_one_line(str(exc))}") from exc
             raise
+
+
+def _finish(what: str, poller: Any, timeout_s: float, setting: str) -> Any:
+    """The result of a long-running operation, waiting at most `timeout_s` (RouterError then).
+
+    `setting` names the router option that bounds this wait, so the error says what to raise.
+    """
+    poller.wait(timeout=timeout_s)  # returns, not raises, when it expires
+    if not poller.done():
+        raise RouterError(
+            f"{what}: Azure has not finished after {timeout_s:g} s (router.{setting}); "
+            "it goes on, and the next call reads the state it reached"
+        )
+    return poller.result()
 
 
 def _describe(exc: Any) -> str:
@@ -403,8 +447,8 @@ def _describe(exc: Any) -> str:
 
 
 def _one_line(message: str) -> str:
-    """azure-ai-ml's multi-paragraph validation text, cut to its substance on one line."""
-    for boilerplate in ("Resolutions:", "Additional Resources:"):
+    """azure-ai-ml's (or azure-identity's) multi-paragraph text, cut to its substance, one line."""
+    for boilerplate in ("Resolutions:", "Additional Resources:", "To mitigate this issue"):
         message = message.split(boilerplate, 1)[0]
     return " ".join(message.split())
 

@@ -29,6 +29,7 @@ from aml_pipelines.registry.azureml import AzureMLRegistry
 from aml_pipelines.registry.base import ModelRegistry, Stage
 from aml_pipelines.registry.factory import open_registry
 from tests.fakes.arm import FakeArm, StaticCredential, iter_calls
+from tests.fakes.identity import AZURE_CREDENTIAL_ENV, FakeIdentityEndpoint
 from tests.pipelines.conftest import MakeModel, existing_code_upload
 
 SUB, RG, WS = "11111111-2222-3333-4444-555555555555", "ml-rg", "ml-ws"
@@ -37,14 +38,6 @@ WS_PATH = (
     f"/providers/Microsoft.MachineLearningServices/workspaces/{WS}"
 )
 SHA = "ab" * 32
-AZURE_CREDENTIAL_ENV = (
-    "AZURE_CLIENT_ID",
-    "AZURE_TENANT_ID",
-    "AZURE_CLIENT_SECRET",
-    "AZURE_FEDERATED_TOKEN_FILE",
-    "IDENTITY_ENDPOINT",
-    "MSI_ENDPOINT",
-)
 
 
 @pytest.fixture
@@ -337,67 +330,19 @@ def test_package_in_azureml_mode_asks_azure_to_build_the_image(
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
 
 
-@pytest.mark.parametrize(
-    ("env", "expected"),
-    [
-        pytest.param({}, {}, id="system-assigned"),
-        pytest.param(
-            {"DEFAULT_IDENTITY_CLIENT_ID": CLIENT_ID},
-            {"managed_identity_client_id": CLIENT_ID},
-            id="azure-ml-user-assigned",
-        ),
-        pytest.param(
-            {"AZURE_CLIENT_ID": "a", "DEFAULT_IDENTITY_CLIENT_ID": "b"},
-            {},
-            id="azure-client-id-wins",
-        ),
-    ],
-)
-def test_managed_identity_keywords(env: dict[str, str], expected: dict[str, str]) -> None:
-    from aml_pipelines.build import managed_identity
-
-    assert managed_identity(env) == expected
-
-
 @pytest.mark.parametrize("variable", ["DEFAULT_IDENTITY_CLIENT_ID", "AZURE_CLIENT_ID"])
 def test_the_steps_ask_azure_ml_for_the_user_assigned_identity(
     monkeypatch: pytest.MonkeyPatch, variable: str
 ) -> None:
-    """A fake Azure ML identity endpoint (MSI_ENDPOINT) records which identity is asked for."""
-    import http.server
-    import json
-    import time
-
+    """The rule itself is tested in tests/routers/test_azureml.py; this is the pipelines' use."""
     from aml_pipelines.build import workspace_client
 
-    asked: list[str] = []
-
-    class Identity(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            asked.append(self.path)
-            body = json.dumps(
-                {"access_token": "t", "expires_on": int(time.time()) + 3600, "token_type": "Bearer"}
-            ).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_args: Any) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Identity)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        for name in (*AZURE_CREDENTIAL_ENV, "DEFAULT_IDENTITY_CLIENT_ID"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("MSI_ENDPOINT", f"http://127.0.0.1:{server.server_port}/msi/token")
+    for name in AZURE_CREDENTIAL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    with FakeIdentityEndpoint() as identity:
+        monkeypatch.setenv("MSI_ENDPOINT", identity.url)
         monkeypatch.setenv("MSI_SECRET", "s")
         monkeypatch.setenv(variable, CLIENT_ID)
         client = workspace_client(SUB, RG, WS)
         client._credential.get_token("https://management.azure.com/.default")
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert asked and f"clientid={CLIENT_ID}" in asked[-1]
+    assert identity.client_ids() == [CLIENT_ID]

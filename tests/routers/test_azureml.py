@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rollout.api import run_rollout
+from rollout.azure_credential import managed_identity
 from rollout.config import AzureMLRouterConfig, spec_from_dict
 from rollout.controller import FakeClock
 from rollout.core.types import Colour, Phase, Release, Weights
@@ -28,6 +30,7 @@ from rollout.routers.azureml import (
 )
 from rollout.routers.factory import make_router as make_router_from
 from tests.fakes.arm import FakeArm, StaticCredential, iter_calls
+from tests.fakes.identity import AZURE_CREDENTIAL_ENV, FakeIdentityEndpoint
 from tests.routers.contract import V1, V2, RouterContract, identity
 
 NAMES = {Colour.BLUE: "blue", Colour.GREEN: "green"}
@@ -251,6 +254,64 @@ def test_azure_errors_are_router_errors_naming_the_resource(arm: FakeArm, ml_cli
     assert router.get_weights() == Weights.blue_at(0)
 
 
+@pytest.mark.parametrize(
+    ("resource", "call", "message"),
+    [
+        pytest.param(
+            "/deployments/blue", lambda r: r.deploy(Colour.BLUE, V2),
+            r"^deploy ep-\d+/blue: HTTP 404 ResourceNotFound: injected failure on PUT ",
+            id="deploy",
+        ),
+        pytest.param(
+            "", lambda r: r.set_weights(Weights.blue_at(10)),
+            r"^update endpoint ep-\d+ traffic: HTTP 404 ResourceNotFound: injected failure ",
+            id="traffic-update",
+        ),
+    ],
+)  # fmt: skip
+def test_a_404_on_a_write_says_what_azure_answered(
+    arm: FakeArm, ml_client: Any, resource: str, call: Any, message: str
+) -> None:
+    """Only reads take 404 for "absent"; a write's 404 was a bare "deploy ep/blue" before."""
+    router = make_router(ml_client)
+    RouterContract.live(router)
+    router.deploy(Colour.BLUE, V1)
+    arm.fail("PUT", f"/onlineEndpoints/{router.endpoint}{resource}$", 404, "ResourceNotFound")
+    with pytest.raises(RouterError, match=message):
+        call(router)
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        pytest.param(429, "TooManyRequests", id="throttled"),
+        pytest.param(500, "InternalServerError", id="500"),
+        pytest.param(503, "ServiceUnavailable", id="503"),
+    ],
+)
+def test_arm_throttling_and_5xx_are_retried_then_one_line(
+    arm: FakeArm, ml_client: Any, status: int, code: str
+) -> None:
+    """azure-core retries 408/429/5xx three times (docs/azureml-endpoint.md says so)."""
+    router = make_router(ml_client)
+    RouterContract.live(router)
+    router.deploy(Colour.BLUE, V1)
+    endpoint_path = f"/onlineEndpoints/{router.endpoint}$"
+
+    arm.fail("GET", endpoint_path, status, code, times=2)
+    arm.fail("PUT", endpoint_path, status, code, times=2)
+    router.set_weights(Weights.blue_at(10))  # two failures each: retried through
+    assert router.get_weights() == Weights.blue_at(10)
+
+    arm.fail("GET", endpoint_path, status, code, times=100)
+    before = len(list(iter_calls(arm, "GET", endpoint_path)))
+    with pytest.raises(RouterError) as caught:
+        router.get_weights()
+    assert str(caught.value).startswith(f"endpoint {router.endpoint}: HTTP {status} {code}: ")
+    assert "\n" not in str(caught.value)
+    assert len(list(iter_calls(arm, "GET", endpoint_path))) - before == 4  # 1 + 3 retries
+
+
 def test_get_weights_without_an_endpoint_says_so(ml_client: Any) -> None:
     with pytest.raises(RouterError, match=r"endpoint ep-\d+ does not exist"):
         make_router(ml_client).get_weights()
@@ -275,6 +336,107 @@ def test_from_config_through_the_factory() -> None:
         "diabetes-ep",
         {Colour.BLUE: "cand", Colour.GREEN: "prod"},
     )
+
+
+# ---- identity: the rule the pipelines use too (rollout.azure_credential) --------------------
+CLIENT_ID = "11111111-2222-3333-4444-555555555555"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        pytest.param({}, {}, id="system-assigned"),
+        pytest.param(
+            {"DEFAULT_IDENTITY_CLIENT_ID": CLIENT_ID},
+            {"managed_identity_client_id": CLIENT_ID},
+            id="azure-ml-user-assigned",
+        ),
+        pytest.param(
+            {"AZURE_CLIENT_ID": "a", "DEFAULT_IDENTITY_CLIENT_ID": "b"},
+            {},
+            id="azure-client-id-wins-defaultazurecredential-reads-it",
+        ),
+        pytest.param(
+            {"AZURE_CLIENT_ID": "", "DEFAULT_IDENTITY_CLIENT_ID": CLIENT_ID},
+            {"managed_identity_client_id": CLIENT_ID},
+            id="empty-azure-client-id-is-unset",
+        ),
+    ],
+)
+def test_managed_identity_keywords(env: dict[str, str], expected: dict[str, str]) -> None:
+    assert managed_identity(env) == expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "client_ids"),
+    [
+        pytest.param("DEFAULT_IDENTITY_CLIENT_ID", [CLIENT_ID], id="azure-ml-user-assigned"),
+        pytest.param("AZURE_CLIENT_ID", [CLIENT_ID], id="azure-client-id"),
+        pytest.param(None, [None], id="system-assigned"),
+    ],
+)
+def test_the_router_moves_traffic_as_the_computes_user_assigned_identity(
+    monkeypatch: pytest.MonkeyPatch, variable: str | None, client_ids: list[str | None]
+) -> None:
+    """from_config inside an Azure ML job: the token comes from the identity the job names.
+
+    Azure ML sets MSI_ENDPOINT/MSI_SECRET in a job and, for a compute's user-assigned identity,
+    DEFAULT_IDENTITY_CLIENT_ID; a bare DefaultAzureCredential asked for the system-assigned one.
+    """
+    for name in AZURE_CREDENTIAL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    with running_arm() as arm, FakeIdentityEndpoint() as identity:
+        seeded = AzureMLRouter(client_of(arm), "ep-identity", environment="azureml:env:1")
+        seeded.deploy(Colour.GREEN, V1)
+        seeded.set_weights(Weights.blue_at(0))
+        monkeypatch.setenv("MSI_ENDPOINT", identity.url)
+        monkeypatch.setenv("MSI_SECRET", "s")
+        if variable:
+            monkeypatch.setenv(variable, CLIENT_ID)
+        cfg = AzureMLRouterConfig(
+            subscription_id=SUB, resource_group=RG, workspace=WS, endpoint="ep-identity"
+        )
+        router = AzureMLRouter.from_config(cfg, transport=arm.transport())
+        before = len(arm.calls)
+        assert router.get_weights() == Weights.blue_at(0)
+    assert identity.client_ids() == client_ids
+    assert arm.calls[before:], "the router's request reached ARM with that token"
+
+
+def test_no_usable_credentials_is_one_line_naming_the_endpoint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The real DefaultAzureCredential finding no identity: its many-line text, on one line."""
+    for name in AZURE_CREDENTIAL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no cached az / token-cache accounts
+    monkeypatch.setenv("PATH", "/nonexistent")  # no az, pwsh or azd to ask
+    # developer credentials only: never probe a managed-identity endpoint (CI runs on cloud VMs)
+    monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "dev")
+    with running_arm() as arm:
+        cfg = AzureMLRouterConfig(
+            subscription_id=SUB, resource_group=RG, workspace=WS, endpoint="ep-nobody"
+        )
+        router = AzureMLRouter.from_config(cfg, transport=arm.transport())
+        with pytest.raises(RouterError) as caught:
+            router.get_weights()
+    text = str(caught.value)
+    assert text.startswith("endpoint ep-nobody: no usable Azure credentials (")
+    assert "AzureCliCredential" in text  # what each credential said is kept
+    assert "\n" not in text and "To mitigate" not in text
+
+
+def test_credentials_azure_rejects_are_one_line(arm: FakeArm, ml_client: Any) -> None:
+    router = make_router(ml_client)
+    RouterContract.live(router)
+    arm.fail("GET", f"/onlineEndpoints/{router.endpoint}$", 401, "InvalidAuthenticationToken")
+    with pytest.raises(RouterError) as caught:
+        router.get_weights()
+    assert str(caught.value).startswith(
+        f"endpoint {router.endpoint}: Azure rejected the credentials "
+        "(HTTP 401 InvalidAuthenticationToken: injected failure on GET "
+    )
+    assert "\n" not in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -379,20 +541,87 @@ def test_a_failed_deployment_is_one_clear_line_and_not_a_release() -> None:
         assert router.get_weights() == Weights.blue_at(0)
 
 
-def test_deploy_gives_up_waiting_at_its_timeout() -> None:
+@contextmanager
+def operations_stuck_in_progress(arm: FakeArm) -> Iterator[None]:
+    """Every long-running operation reports InProgress until the block ends, then Succeeded.
+
+    The resource itself is written at once, as the fake ARM does for any LRO.
+    """
     finished = threading.Event()
-    with running_arm() as arm:
 
-        def in_progress(arm_: FakeArm, match: Any, body: Any, query: Any) -> tuple[int, Any, Any]:
-            status = "Succeeded" if finished.is_set() else "InProgress"
-            return 200, {"status": status}, {"Retry-After": "0"}
+    def in_progress(arm_: FakeArm, match: Any, body: Any, query: Any) -> tuple[int, Any, Any]:
+        status = "Succeeded" if finished.is_set() else "InProgress"
+        return 200, {"status": status}, {"Retry-After": "0"}
 
+    arm.on("GET", r"^/_operations/", in_progress)
+    try:
+        yield
+    finally:
+        finished.set()  # lets the SDK's poller threads end
+
+
+def test_deploy_gives_up_waiting_at_its_timeout() -> None:
+    with running_arm() as arm, operations_stuck_in_progress(arm):
         router = AzureMLRouter(
             client_of(arm), "ep-slow", environment="azureml:env:1", deploy_timeout_s=0.05
         )
-        arm.on("GET", r"^/_operations/", in_progress)
-        try:
-            with pytest.raises(RouterError, match=r"create endpoint ep-slow: .* after 0.05 s"):
-                router.deploy(Colour.GREEN, V1)
-        finally:
-            finished.set()  # lets the SDK's poller thread end
+        with pytest.raises(
+            RouterError,
+            match=r"create endpoint ep-slow: .* after 0.05 s \(router.deploy_timeout_s\)",
+        ):
+            router.deploy(Colour.GREEN, V1)
+
+
+@pytest.mark.parametrize(
+    ("mirror_percent", "call", "message"),
+    [
+        pytest.param(
+            0, lambda r: r.set_weights(Weights.blue_at(10)),
+            r"update endpoint ep-stuck traffic: Azure has not finished after 0.05 s "
+            r"\(router.traffic_timeout_s\)",
+            id="traffic-update-bounded-by-traffic-timeout",
+        ),
+        pytest.param(
+            20, lambda r: r.set_weights(Weights.blue_at(10)),  # also ends the shadow
+            r"update endpoint ep-stuck traffic: .* after 0.05 s \(router.traffic_timeout_s\)",
+            id="shadow-ending-bounded-by-traffic-timeout",
+        ),
+        pytest.param(
+            20, lambda r: r.remove(Colour.BLUE),  # drops the shadow first
+            r"update endpoint ep-stuck traffic: .* after 0.05 s \(router.traffic_timeout_s\)",
+            id="remove-dropping-the-shadow-bounded-by-traffic-timeout",
+        ),
+        pytest.param(
+            0, lambda r: r.remove(Colour.BLUE),
+            r"delete deployment ep-stuck/blue: Azure has not finished after 0.07 s "
+            r"\(router.deploy_timeout_s\)",
+            id="delete-bounded-by-deploy-timeout",
+        ),
+        pytest.param(
+            0, lambda r: r.deploy(Colour.BLUE, V1),
+            r"deploy ep-stuck/blue: .* after 0.07 s \(router.deploy_timeout_s\)",
+            id="redeploy-bounded-by-deploy-timeout",
+        ),
+    ],
+)  # fmt: skip
+def test_an_operation_azure_leaves_in_progress_fails_at_its_bound(
+    mirror_percent: int, call: Any, message: str
+) -> None:
+    """No wait on Azure is unbounded: each write fails at the timeout that governs it."""
+    with running_arm() as arm:
+        ready = AzureMLRouter(
+            client_of(arm), "ep-stuck", environment="azureml:env:1", mirror_percent=mirror_percent
+        )
+        ready.deploy(Colour.GREEN, V1)
+        ready.deploy(Colour.BLUE, V2)
+        ready.set_weights(Weights.blue_at(0))
+        # The same endpoint, with short bounds that tell the two timeouts apart.
+        router = AzureMLRouter(
+            client_of(arm), "ep-stuck", environment="azureml:env:1",
+            mirror_percent=mirror_percent, deploy_timeout_s=0.07, traffic_timeout_s=0.05,
+        )  # fmt: skip
+        with operations_stuck_in_progress(arm):
+            started = time.monotonic()
+            with pytest.raises(RouterError, match=message):
+                call(router)
+            assert time.monotonic() - started < 10  # at its bound, not when Azure finishes
