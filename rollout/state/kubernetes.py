@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -99,10 +100,11 @@ class KubernetesStateStore:
         api_client: k8s.ApiClient,
         *,
         lease_ttl_s: int = 15,
-        max_conflict_retries: int = 8,
+        max_conflict_retries: int = 10,
         request_timeout_s: float = 10.0,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.objects = objects
         self.name = objects.rollout
@@ -114,6 +116,7 @@ class KubernetesStateStore:
         self._timeout = request_timeout_s
         self._clock = clock
         self._monotonic = monotonic
+        self._sleep = sleep
         #: The status ConfigMap as this store last read or wrote it: its resourceVersion is what
         #: `save()` requires the server still to have (the fence).
         self._status: Obj | None = None
@@ -229,6 +232,8 @@ class KubernetesStateStore:
                 return
             except _Conflict:
                 log.debug("%s changed under us (409); appending again (%d)", name, attempt)
+                # Jittered, growing pauses: CLIs pushing at the same instant spread out.
+                self._sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))  # noqa: S311
             except _Missing:
                 raise self._no_namespace(name) from None
         raise StateError(
