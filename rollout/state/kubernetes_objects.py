@@ -48,7 +48,7 @@ LEASE_API = "coordination.k8s.io/v1"
 CONFIGMAP_MAX_BYTES = 1024 * 1024
 
 #: What the kubernetes state store does through the API, and nothing else. The RBAC Role of the
-#: chart and of `aml-rollout manifests` includes these rules (`istio_manifests.ROLE_RULES`), and
+#: chart and of `aml-rollout manifests` includes these rules (`istio_manifests.ROLE_RULES`);
 #: tests/state/test_kubernetes.py checks they equal what a recorded run of the store used.
 ROLE_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("", "configmaps", ("create", "get", "patch")),
