@@ -10,7 +10,7 @@ fields they do not know.
 
 - **Lease** `aml-rollout-<name>`: `lease(owner)` creates it, or takes it over when it has no
   holder or its holder stopped renewing (renewTime + leaseDurationSeconds in the past), by a
-  PUT carrying the resourceVersion it read — of two controllers racing for it, the API server
+  patch carrying the resourceVersion it read — of two controllers racing for it, the API server
   lets one write and answers the other 409, which then re-reads and reports the winner
   (LeaseHeldError, at once: the CLI's contract). A live holder is reported at once too. While
   held, a daemon thread renews it every `lease_ttl_s / 3`; a renewal refused (someone took it
@@ -20,7 +20,7 @@ fields they do not know.
 - **Fencing** — a lease alone cannot stop a controller that froze past its lease (a long GC
   pause, a partition) from writing when it wakes. So status writes are compare-and-swap: `save()`
   patches the status ConfigMap carrying the resourceVersion this store last read or wrote, and a
-  409 means someone else wrote since: StateError, "lost the rollout to another controller".
+  409 means someone else wrote since: StateError, "lost rollout 'x' to another controller".
   Taking the lease *claims* the status (a write of the holder annotation, which moves the
   resourceVersion), so the stale controller's next save is refused even if the new one has not
   saved yet; and the new controller's `load()` refuses a status written after its claim. A
@@ -167,16 +167,20 @@ class KubernetesStateStore:
             raise StateError(
                 f"cannot save the status of rollout {self.name!r}: {self._too_big(name, size)}"
             )
-        written: Obj | None
         try:
             if current is None:
                 holder = self._held.holder if self._held else ""
                 body = o.configmap(self.objects, name, {o.STATUS_KEY: text}, holder)
-                written = self._create_configmap(body)
+                self._status = self._create_configmap(body)
             else:
-                written = self._patch_configmap(name, o.data_patch(current, o.STATUS_KEY, text))
+                patch = o.data_patch(current, o.STATUS_KEY, text)
+                self._status = self._patch_configmap(name, patch)
         except _Conflict:
-            written = self._landed_anyway(text)
+            # A 409 is never our own write: the client does not resend a POST or a PATCH whose
+            # answer it missed (that is a StateError, and the next controller resumes).
+            raise self._fenced(
+                "was written by someone else since this controller wrote it"
+            ) from None
         except _Missing:
             if current is None:
                 raise self._no_namespace(name) from None
@@ -184,19 +188,6 @@ class KubernetesStateStore:
                 f"ConfigMap {self._ns}/{name} was deleted while this controller drove rollout "
                 f"{self.name!r}; it stops rather than start the rollout over"
             ) from None
-        if written is None:
-            raise self._fenced("was written by someone else since this controller wrote it")
-        self._status = written
-
-    def _landed_anyway(self, text: str) -> Obj | None:
-        """After a 409: our own write, if it is what the server holds (a write whose answer was
-        lost, retried by the HTTP client, meets its own resourceVersion change)."""
-        found = self._read_configmap(self.objects.status)
-        if o.data_of(found, o.STATUS_KEY) != text:
-            return None
-        if self._held and o.annotation_of(found, o.HOLDER_ANNOTATION) != self._held.holder:
-            return None
-        return found
 
     def _fenced(self, why: str) -> StateError:
         return StateError(
@@ -214,8 +205,6 @@ class KubernetesStateStore:
         for attempt in range(1, self._max_retries + 1):
             found = self._read_configmap(name)
             log_text = o.data_of(found, o.COMMANDS_KEY) or ""
-            if line in log_text.splitlines(keepends=True):
-                return  # our own append landed; its answer was lost and the client retried it
             new_log = o.appended(log_text, line)
             if (size := o.size_with(found, o.COMMANDS_KEY, new_log)) > o.CONFIGMAP_MAX_BYTES:
                 raise StateError(

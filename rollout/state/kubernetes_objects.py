@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rollout.core.status import Command
-from rollout.errors import ConfigError
+from rollout.errors import ConfigError, StateError
 from rollout.kubenames import (
     COMMANDS_SUFFIX,
     PREFIX,
@@ -111,8 +111,10 @@ def resource_version(obj: Obj | None) -> str | None:
 
 def _guarded(obj: Obj, patch: Obj) -> Obj:
     """`patch`, applicable only while the object is still `obj`'s version."""
-    metadata = {**(patch.get("metadata") or {}), "resourceVersion": resource_version(obj)}
-    return {**patch, "metadata": metadata}
+    version = resource_version(obj)
+    if version is None:  # a null resourceVersion in a merge patch would make it unconditional
+        raise StateError(f"{(obj.get('metadata') or {}).get('name')}: no resourceVersion")
+    return {**patch, "metadata": {**(patch.get("metadata") or {}), "resourceVersion": version}}
 
 
 # ----------------------------------------------------------------------------------- ConfigMaps
@@ -144,14 +146,6 @@ def data_of(obj: Obj | None, key: str) -> str | None:
     if obj is None:
         return None
     value = (obj.get("data") or {}).get(key)
-    return value if isinstance(value, str) else None
-
-
-def annotation_of(obj: Obj | None, key: str) -> str | None:
-    """One annotation of an object as read."""
-    if obj is None:
-        return None
-    value = ((obj.get("metadata") or {}).get("annotations") or {}).get(key)
     return value if isinstance(value, str) else None
 
 
