@@ -90,6 +90,14 @@ class _Held:
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
+    @property
+    def claim(self) -> str:
+        """What this tenure writes on the status: the holder and its acquireTime, different
+        for every take of the Lease, so the claim always moves the status's resourceVersion
+        (the API server skips a write that changes nothing)."""
+        acquired = (self.obj.get("spec") or {}).get("acquireTime")
+        return f"{self.holder} since {acquired}" if acquired else self.holder
+
 
 class KubernetesStateStore:
     """A StateStore in a Kubernetes namespace (see the module docstring)."""
@@ -169,7 +177,7 @@ class KubernetesStateStore:
             )
         try:
             if current is None:
-                holder = self._held.holder if self._held else ""
+                holder = self._held.claim if self._held else ""
                 body = o.configmap(self.objects, name, {o.STATUS_KEY: text}, holder)
                 self._status = self._create_configmap(body)
             else:
@@ -251,7 +259,7 @@ class KubernetesStateStore:
         held = self._acquire(f"{owner} {stamp}" if owner else stamp)
         self._held = held
         try:
-            self._claim_status(held.holder)
+            self._claim_status(held.claim)
             held.thread = threading.Thread(
                 target=self._keep_renewing,
                 args=(held,),
@@ -302,18 +310,18 @@ class KubernetesStateStore:
             f"controller died, its lease expires {self.lease_ttl_s} s after its last renewal)"
         )
 
-    def _claim_status(self, holder: str) -> None:
-        """Write our name on the status ConfigMap (creating it if need be): the fence moves."""
+    def _claim_status(self, claim: str) -> None:
+        """Write our claim on the status ConfigMap (creating it if need be): the fence moves."""
         name = self.objects.status
         for _ in range(self._max_retries):
             found = self._read_configmap(name)
             try:
                 if found is None:
                     self._status = self._create_configmap(
-                        o.configmap(self.objects, name, {}, holder)
+                        o.configmap(self.objects, name, {}, claim)
                     )
                 else:
-                    self._status = self._patch_configmap(name, o.claim_patch(found, holder))
+                    self._status = self._patch_configmap(name, o.claim_patch(found, claim))
                 return
             except _Conflict:
                 continue  # a stale controller wrote in between: claim over it

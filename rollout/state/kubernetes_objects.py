@@ -4,7 +4,8 @@ Rollout `<name>` in namespace `<ns>` is three objects:
 
     ConfigMap aml-rollout-<name>-status    data `status.json`: the status, one JSON document;
                                            annotation aml-rollout.io/holder: the controller that
-                                           last took the lease (its claim, see the store)
+                                           last took the lease, and when (its claim, see the
+                                           store)
     ConfigMap aml-rollout-<name>-commands  data `commands.jsonl`: operator commands, a JSON line
                                            each, append-only — a command's position never moves
     Lease     aml-rollout-<name>           coordination.k8s.io/v1: holderIdentity,
@@ -120,9 +121,9 @@ def _guarded(obj: Obj, patch: Obj) -> Obj:
 # ----------------------------------------------------------------------------------- ConfigMaps
 
 
-def configmap(objects: StateObjects, name: str, data: dict[str, str], holder: str = "") -> Obj:
-    """A new ConfigMap of the rollout; `holder` stamps the claim annotation."""
-    annotations = {HOLDER_ANNOTATION: holder} if holder else {}
+def configmap(objects: StateObjects, name: str, data: dict[str, str], claim: str = "") -> Obj:
+    """A new ConfigMap of the rollout; `claim` stamps the holder annotation."""
+    annotations = {HOLDER_ANNOTATION: claim} if claim else {}
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -136,9 +137,9 @@ def data_patch(obj: Obj, key: str, value: str) -> Obj:
     return _guarded(obj, {"data": {key: value}})
 
 
-def claim_patch(obj: Obj, holder: str) -> Obj:
+def claim_patch(obj: Obj, claim: str) -> Obj:
     """Stamp `obj` (as read) with the holder annotation: a write that moves its version."""
-    return _guarded(obj, {"metadata": {"annotations": {HOLDER_ANNOTATION: holder}}})
+    return _guarded(obj, {"metadata": {"annotations": {HOLDER_ANNOTATION: claim}}})
 
 
 def data_of(obj: Obj | None, key: str) -> str | None:

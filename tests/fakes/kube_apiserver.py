@@ -10,8 +10,10 @@ real apiserver. What it implements is what clients rely on for correctness:
 - `metadata.resourceVersion` bumped on every write (one global counter), `uid`,
   `creationTimestamp`, `generation` (bumped when `spec` changes).
 - Optimistic concurrency: a PUT or PATCH whose body (after patching) carries a resourceVersion
-  other than the stored one answers 409 Conflict; POST of an existing name answers 409
-  AlreadyExists; anything missing answers 404 NotFound; a POST into a missing namespace answers 404.
+  other than the stored one answers 409 Conflict; a PATCH that changes nothing writes nothing
+  (the resourceVersion stays, as the real apiserver skips no-op updates); POST of an existing
+  name answers 409 AlreadyExists; anything missing answers 404 NotFound; a POST into a missing
+  namespace answers 404.
 - PATCH as JSON merge patch (RFC 7386) or JSON Patch (RFC 6902, with `test`); strategic merge
   patch is refused with 415 rather than approximated.
 - Two checks of the real one that clients get wrong: a Lease's `acquireTime` / `renewTime` must
@@ -318,6 +320,8 @@ class FakeKubeApiServer:
                 f'Operation cannot be fulfilled on {resource} "{name}": the object has been '
                 "modified; please apply your changes to the latest version and try again",
             )
+        if method == "PATCH" and new == current:
+            return 200, copy.deepcopy(current)  # a no-op write is no write: the version stays
         return 200, copy.deepcopy(self._write(key, new, previous=current))
 
 

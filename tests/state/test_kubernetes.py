@@ -73,7 +73,8 @@ def test_the_objects_as_the_api_server_holds_them(api: FakeKubeApiServer) -> Non
     for obj in (lease, status_cm, commands_configmap(api, "diabetes")):
         assert obj["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "aml-rollout"}
         assert obj["metadata"]["annotations"][o.ROLLOUT_ANNOTATION] == "diabetes"
-    assert status_cm["metadata"]["annotations"][o.HOLDER_ANNOTATION] == spec["holderIdentity"]
+    claim = f"{spec['holderIdentity']} since {spec['acquireTime']}"
+    assert status_cm["metadata"]["annotations"][o.HOLDER_ANNOTATION] == claim
     assert status_cm["data"][o.STATUS_KEY].startswith("{")
     log = commands_configmap(api, "diabetes")["data"][o.COMMANDS_KEY]
     assert log.count("\n") == 1 and '"id":"1"' in log
@@ -241,6 +242,17 @@ def test_the_renewal_notices_a_take_over_and_saves_stop(
         eventually(lambda: "lost the lease of rollout 'r'" in caplog.text)
         with pytest.raises(StateError, match=r"lost the lease .* taken over by bob pid"):
             store.save(a_status(2))
+
+
+def test_every_take_of_the_lease_moves_the_status_version(api: FakeKubeApiServer) -> None:
+    # The claim is the fence, and the API server skips a write that changes nothing: a claim
+    # must differ from the last one even when the same process takes the lease again.
+    store = kube_store(api, ttl=30)
+    versions = []
+    for _ in range(2):
+        with store.lease("ann"):
+            versions.append(api.get("configmaps", "aml-rollout-r-status", NAMESPACE))
+    assert versions[0]["metadata"]["resourceVersion"] != versions[1]["metadata"]["resourceVersion"]
 
 
 def test_a_save_after_the_lease_is_lost_is_refused(api: FakeKubeApiServer) -> None:
