@@ -55,7 +55,7 @@ def _spec(spec: RolloutSpec | str | Path) -> RolloutSpec:
 
 
 def state_dir_of(spec: RolloutSpec, state_dir: Path | None = None) -> Path:
-    """Where the rollout keeps its status, commands, lease and ledger."""
+    """Where the rollout keeps its ledger (and with the file store its status, commands, lease)."""
     return Path(state_dir) if state_dir is not None else spec.state.dir
 
 

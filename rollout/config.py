@@ -28,10 +28,20 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from rollout.core.types import Colour, Phase, Release
 from rollout.errors import ConfigError
+from rollout.kubenames import namespace_problem, rollout_name_problem
 
 #: The seed's rollout (MLOpsPython): Blue_0, Blue_50, Blue_100, then Blue_Green and Green_100.
 SEED_STEPS: tuple[int, ...] = (0, 50, 100)
@@ -102,13 +112,26 @@ class EnvoyRouterConfig(_Model):
     timeout_s: float = Field(default=5.0, gt=0)
 
 
-class IstioRouterConfig(_Model):
+class KubeApiConfig(_Model):
+    """How to reach a Kubernetes API server (the istio router and the kubernetes state store).
+
+    `api_url` (e.g. `kubectl proxy` at http://127.0.0.1:8001), else the in-cluster service
+    account (`in_cluster`), else the kubeconfig (`kubeconfig`, default ~/.kube/config, and
+    `context`). One rule, in `rollout.kubeapi.api_client`.
+    """
+
+    api_url: str | None = None
+    kubeconfig: Path | None = None
+    context: str | None = None
+    in_cluster: bool = False
+
+
+class IstioRouterConfig(KubeApiConfig):
     """Istio on Kubernetes: a VirtualService with header routes first, then the weighted route.
 
     Object names derive from `app` (docs/kubernetes.md): Deployments and Services
     `<app>-blue|green`, pinned Services `<app>-<colour>-pinned`, Gateway `<app>-gateway`,
-    VirtualService `<app>`. The API server comes from `api_url` (e.g. `kubectl proxy`), else the
-    in-cluster service account (`in_cluster`), else the kubeconfig (`kubeconfig`, `context`).
+    VirtualService `<app>`. The API server: see KubeApiConfig.
     """
 
     kind: Literal["istio"] = "istio"
@@ -122,10 +145,6 @@ class IstioRouterConfig(_Model):
     replicas: int = Field(default=1, ge=0)
     #: How long `deploy` waits for the new pods to be available before failing.
     ready_timeout_s: float = Field(default=300.0, gt=0)
-    api_url: str | None = None
-    kubeconfig: Path | None = None
-    context: str | None = None
-    in_cluster: bool = False
 
 
 class AzureMLRouterConfig(_Model):
@@ -353,15 +372,64 @@ class ReleaseConfig(_Model):
         return Release(**self.model_dump())
 
 
-class StateConfig(_Model):
-    """Where the controller keeps status and its lease."""
+class FileStateConfig(_Model):
+    """Status, commands, lease and ledger in a local directory: one machine's controllers."""
 
-    kind: Literal["file", "memory"] = "file"
-    #: Directory for `<name>.status.json`, `<name>.lock`, `<name>.ledger.jsonl`.
+    kind: Literal["file"] = "file"
+    #: Directory for `<name>.status.json`, `<name>.commands.jsonl`, `<name>.lock`,
+    #: `<name>.ledger.jsonl`.
     dir: Path = Path(".rollout")
     #: Ignored, kept so that older specs load: the lease is a lock the kernel releases when its
     #: controller dies, so it never needs to expire.
     lease_ttl_s: float | None = Field(default=None, gt=0)
+
+
+class MemoryStateConfig(_Model):
+    """Status, commands and lease in the process (tests, dry runs); the ledger still in `dir`."""
+
+    kind: Literal["memory"] = "memory"
+    dir: Path = Path(".rollout")
+    #: Ignored, as for `file`.
+    lease_ttl_s: float | None = Field(default=None, gt=0)
+
+
+class KubernetesStateConfig(KubeApiConfig):
+    """Status and commands in ConfigMaps, the lease a coordination.k8s.io Lease, in `namespace`.
+
+    Unlike a local directory this spans nodes: a rescheduled controller resumes the rollout, and
+    two controllers on two nodes cannot both drive it (docs/kubernetes.md). The API server: see
+    KubeApiConfig.
+    """
+
+    kind: Literal["kubernetes"] = "kubernetes"
+    namespace: str
+    #: The ledger only (`<name>.ledger.jsonl`, a line per tick: it would outgrow a ConfigMap). In
+    #: a pod, mount a volume here or the ledger goes with the pod (status and commands do not).
+    dir: Path = Path(".rollout")
+    #: Seconds the lease lasts without renewal (the Lease's `leaseDurationSeconds`; renewed every
+    #: third of it). A controller that died is replaced after at most this long.
+    lease_ttl_s: int = Field(default=15, ge=1, le=3600)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, namespace: str) -> str:
+        if (problem := namespace_problem(namespace)) is not None:
+            raise ValueError(problem)
+        return namespace
+
+
+def _file_by_default(data: Any) -> Any:
+    """`state:` without `kind` is the file store (as before there was a choice)."""
+    if isinstance(data, dict) and "kind" not in data:
+        return {"kind": "file", **data}
+    return data
+
+
+StateConfig = Annotated[
+    FileStateConfig | MemoryStateConfig | KubernetesStateConfig,
+    Field(discriminator="kind"),
+    BeforeValidator(_file_by_default),
+]
 
 
 class NotifyConfig(_Model):
@@ -417,7 +485,7 @@ class RolloutSpec(_Model):
     header: str = "x-api-version"
     candidate: ReleaseConfig | None = None
     stable: ReleaseConfig | None = None
-    state: StateConfig = Field(default_factory=StateConfig)
+    state: StateConfig = Field(default_factory=FileStateConfig)
     #: Tell a webhook when the rollout is promoted, rolled back, failed or held for a human.
     notify: NotifyConfig | None = None
 
@@ -470,6 +538,19 @@ class RolloutSpec(_Model):
         if not header or any(c.isspace() or c == ":" for c in header):
             raise ValueError(f"not a valid HTTP header name: {header!r}")
         return header.lower()
+
+    @model_validator(mode="after")
+    def _kubernetes_names(self) -> RolloutSpec:
+        """With the kubernetes store, the name names ConfigMaps and a Lease: say so at `name`."""
+        if isinstance(self.state, KubernetesStateConfig):
+            problem = rollout_name_problem(self.name)
+            if problem is not None:
+                error = PydanticCustomError("kubernetes_name", "{problem}", {"problem": problem})
+                raise ValidationError.from_exception_data(
+                    type(self).__name__,
+                    [InitErrorDetails(type=error, loc=("name",), input=self.name)],
+                )
+        return self
 
     @property
     def plan(self) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ Exit codes of `run` (and of `status` for a finished rollout):
     4  held for a human (Paused)     5  failed (Failed)
     2  error a user can fix (bad spec, lease held, router/metrics unreachable...)
     6  still running (status of an unfinished rollout, an operator's pause included)
+  130  interrupted (Ctrl-C or SIGTERM): the rollout is kept, its lease released; `run` resumes
 
 Heavy modules (numpy, scipy, the engine) are imported inside command bodies so that
 `aml-rollout --help` stays fast.
@@ -47,7 +48,11 @@ _err = Console(stderr=True, highlight=False)
 SpecArg = Annotated[Path, typer.Argument(help="Rollout spec (YAML).", show_default=False)]
 StateDirOpt = Annotated[
     Path | None,
-    typer.Option("--state-dir", help="Where status, commands and ledger live (default: spec)."),
+    typer.Option(
+        "--state-dir",
+        help="Where status, commands and ledger live (default: spec); with state.kind "
+        "kubernetes only the ledger.",
+    ),
 ]
 
 
@@ -125,6 +130,7 @@ def run(
     import logging
 
     from rollout.api import run_rollout
+    from rollout.commands.stack import EXIT_INTERRUPTED, sigterm_as_interrupt
     from rollout.controller import FakeClock
     from rollout.errors import RolloutError
 
@@ -147,17 +153,26 @@ def run(
             "`--restart` starts a new one"
         )
     try:
-        result = run_rollout(
-            parsed,
-            candidate=_release(candidate),
-            state_dir=state_dir,
-            on_tick=show,
-            stop_when_paused=stop_when_paused,
-            restart=restart,
-            clock=FakeClock(time.time()) if simulated_time else None,
-        )
+        # SIGTERM (a pod deleted, a node drained) stops like Ctrl-C: the lease is released on
+        # the way out, so the next controller need not wait for it to expire.
+        with sigterm_as_interrupt():
+            result = run_rollout(
+                parsed,
+                candidate=_release(candidate),
+                state_dir=state_dir,
+                on_tick=show,
+                stop_when_paused=stop_when_paused,
+                restart=restart,
+                clock=FakeClock(time.time()) if simulated_time else None,
+            )
     except RolloutError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        _err.print(
+            "interrupted: the rollout stays where it is (its lease released); "
+            "`aml-rollout rollout run` resumes it"
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     colour = {"Succeeded": "green", "RolledBack": "yellow"}.get(result.phase.value, "red")
     _out.print(f"[bold {colour}]{result.phase.value}[/]: {escape(result.reason)}")
     _out.print(f"ledger: {result.ledger_path}  (aml-rollout rollout explain {result.ledger_path})")

@@ -23,7 +23,7 @@ EXIT_INTERRUPTED = 130
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[None]:
     """Treat SIGTERM like Ctrl-C for the block, so `finally` clauses stop the stack."""
 
     def handler(signum: int, frame: Any) -> None:
@@ -58,7 +58,7 @@ def demo(
     folder = out or Path("runs") / f"demo-{datetime.now(UTC):%Y%m%dT%H%M%S}"
     console = Console()
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             result = run_demo(folder, console=console, rps=rps)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: the stack is stopped[/]")
@@ -108,7 +108,7 @@ def up(
             )
     stack = LocalStack(workdir, envoy_port=port)
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             stack.start()
             green_dir = model_dir or _train_example(stack.workdir / "models" / "green", console)
             stack.router.deploy(Colour.GREEN, _release(green_dir, "1"))

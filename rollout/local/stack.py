@@ -45,9 +45,9 @@ import httpx
 from rollout.config import (
     AnalysisConfig,
     EnvoyRouterConfig,
+    FileStateConfig,
     PrometheusMetricsConfig,
     RolloutSpec,
-    StateConfig,
 )
 from rollout.core.types import Colour
 from rollout.errors import LocalStackError
@@ -232,7 +232,7 @@ class LocalStack:
             "router": self.router_config(),
             "metrics": self.metrics_config(),
             "analysis": AnalysisConfig(interval_s=1.0),
-            "state": StateConfig(dir=self.workdir / "state"),
+            "state": FileStateConfig(dir=self.workdir / "state"),
         }
         data.update(fields)
         return RolloutSpec.model_validate(data)

@@ -28,7 +28,6 @@ test against a recorded run), so the rendered RBAC Role is enough.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -36,12 +35,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
+from rollout import kubeapi
 from rollout.core.types import Colour, Release, Weights
-from rollout.errors import ConfigError, ConflictError, RouterError
+from rollout.errors import ConflictError, RouterError
 from rollout.routers import istio_manifests as m
 
 if TYPE_CHECKING:
@@ -50,8 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_NOT_FOUND = 404
-_CONFLICT = 409
+_NOT_FOUND = kubeapi.NOT_FOUND
+_CONFLICT = kubeapi.CONFLICT
 
 
 class IstioRouter:
@@ -93,7 +92,7 @@ class IstioRouter:
             hosts=tuple(cfg.hosts),
             replicas=cfg.replicas,
         )
-        return cls(layout, api_client(cfg), ready_timeout_s=cfg.ready_timeout_s)
+        return cls(layout, kubeapi.api_client(cfg, "router"), ready_timeout_s=cfg.ready_timeout_s)
 
     # ---------------------------------------------------------------- TrafficRouter protocol
     def deploy(self, colour: Colour, release: Release) -> None:
@@ -351,39 +350,9 @@ def _model(cls: Any, body: dict[str, Any]) -> Any:
 
 
 def _router_error(what: str, exc: ApiException, host: str) -> RouterError:
-    message = exc.reason or ""
-    with contextlib.suppress(ValueError, AttributeError):  # a non-JSON body keeps the reason
-        message = json.loads(exc.body or "{}").get("message", message)
     cls = ConflictError if exc.status == _CONFLICT else RouterError
-    hint = {
-        401: " (credentials rejected: check the kubeconfig/context)",
-        403: " (forbidden: apply the RBAC Role from `aml-rollout manifests`)",
-    }.get(exc.status or 0, "")
-    return cls(f"{what}: HTTP {exc.status} {message}{hint} [{host}]")
+    return cls(f"{what}: {kubeapi.describe(exc)} [{host}]")
 
 
 def _unreachable(what: str, exc: Exception, host: str) -> RouterError:
     return RouterError(f"{what}: cannot reach the Kubernetes API at {host}: {exc}")
-
-
-def api_client(cfg: IstioRouterConfig) -> k8s.ApiClient:
-    """An ApiClient for the API server the config names (see IstioRouterConfig)."""
-    configuration = k8s.Configuration()
-    try:
-        if cfg.api_url:
-            configuration.host = cfg.api_url
-        elif cfg.in_cluster:
-            k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
-                client_configuration=configuration
-            )
-        else:
-            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=str(cfg.kubeconfig) if cfg.kubeconfig else None,
-                context=cfg.context,
-                client_configuration=configuration,
-            )
-    except (k8s_config.ConfigException, OSError) as exc:
-        raise ConfigError(f"router: cannot load Kubernetes credentials: {exc}") from exc
-    # Fail fast and let the controller's next tick retry, rather than hang on a dead API server.
-    configuration.retries = 2
-    return k8s.ApiClient(configuration)

@@ -29,6 +29,7 @@ from typing import Any
 
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import ConfigError, RouterError
+from rollout.state.kubernetes_objects import ROLE_RULES as STATE_ROLE_RULES
 
 Obj = dict[str, Any]
 
@@ -47,14 +48,18 @@ ANNOTATION_PREFIX = "aml-rollout.io/"
 SCORING_CONTAINER = "scoring"
 COLOUR_ENV = "AML_ROLLOUT_COLOUR"
 
-# What the Istio router does through the API, and nothing else. The RBAC Role is rendered from
-# this table, and tests/routers/test_manifests.py checks it equals what a router run used.
-ROLE_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+# What the Istio router does through the API, and nothing else.
+ROUTER_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("apps", "deployments", ("create", "delete", "get", "update")),
     ("", "services", ("create", "get")),
     (ISTIO_GROUP, "gateways", ("create", "get")),
     (ISTIO_GROUP, "virtualservices", ("create", "get", "patch")),
 )
+# The controller's RBAC Role: the router's rules, and the kubernetes state store's (ConfigMaps
+# and a Lease: a controller running in the cluster keeps its state there). The chart's Role is
+# this table; tests/routers/test_manifests.py checks it equals what a run of the router and of
+# the state store used, no more, no less.
+ROLE_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = ROUTER_RULES + STATE_ROLE_RULES
 
 
 def pin_route(colour: Colour) -> str:
@@ -441,7 +446,8 @@ def weights_from_routes(http: list[Obj], layout: IstioLayout) -> Weights:
 
 # ---- RBAC and bootstrap ---------------------------------------------------------------------
 def rbac(layout: IstioLayout) -> list[Obj]:
-    """ServiceAccount, Role (only what the router uses, see ROLE_RULES) and RoleBinding."""
+    """ServiceAccount, Role (only what the router and the state store use, see ROLE_RULES) and
+    RoleBinding."""
     role_name = f"{layout.app}-rollout"
     return [
         {

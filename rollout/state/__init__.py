@@ -1,1 +1,1 @@
-"""State stores: a rollout's status, queued operator commands and lease (file, memory)."""
+"""State stores: a rollout's status, operator commands and lease (file, memory, kubernetes)."""

@@ -13,8 +13,11 @@ from pydantic import BaseModel
 from rollout.config import (
     AzureMLRouterConfig,
     EnvoyRouterConfig,
+    FileStateConfig,
     IstioRouterConfig,
+    KubernetesStateConfig,
     MemoryRouterConfig,
+    MemoryStateConfig,
     PrometheusMetricsConfig,
     SimulatedMetricsConfig,
     StaticMetricsConfig,
@@ -24,6 +27,9 @@ from rollout.metrics import factory as metrics_factory
 from rollout.metrics.static import SimulatedMetrics, StaticMetrics
 from rollout.routers import factory as router_factory
 from rollout.routers.memory import MemoryRouter
+from rollout.state import factory as state_factory
+from rollout.state.file import FileStateStore
+from rollout.state.memory import MemoryStateStore
 
 
 @pytest.mark.parametrize(
@@ -32,7 +38,8 @@ from rollout.routers.memory import MemoryRouter
     + [
         pytest.param(metrics_factory.BACKENDS, k, id=f"metrics-{k}")
         for k in metrics_factory.BACKENDS
-    ],
+    ]
+    + [pytest.param(state_factory.BACKENDS, k, id=f"state-{k}") for k in state_factory.BACKENDS],
 )
 def test_every_kind_names_a_class_with_from_config(
     backends: dict[str, tuple[str, str]], kind: str
@@ -62,6 +69,21 @@ def test_an_unknown_kind_is_a_config_error_not_a_fallback(make: object, field: s
         make(SimpleNamespace(kind="nginx"))  # type: ignore[operator]
 
 
+def test_file_and_memory_stores_are_built(tmp_path: Path) -> None:
+    store = state_factory.make_store(FileStateConfig(dir=tmp_path / "a"), "r")
+    assert isinstance(store, FileStateStore) and store.dir == tmp_path / "a"
+    moved = state_factory.make_store(FileStateConfig(), "r", directory=tmp_path / "b")
+    assert isinstance(moved, FileStateStore) and moved.dir == tmp_path / "b"
+    assert isinstance(state_factory.make_store(MemoryStateConfig(), "r"), MemoryStateStore)
+
+
+def test_an_unknown_state_kind_is_a_config_error_listing_the_kinds() -> None:
+    with pytest.raises(
+        ConfigError, match=r"state.kind: unknown kind 'etcd' \(known: file, memory, kubernetes\)"
+    ):
+        state_factory.make_store(SimpleNamespace(kind="etcd"), "r")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("bullet", "configs"),
     [
@@ -74,6 +96,9 @@ def test_an_unknown_kind_is_a_config_error_not_a_fallback(make: object, field: s
             "metrics",
             [StaticMetricsConfig, SimulatedMetricsConfig, PrometheusMetricsConfig],
             id="metrics",
+        ),
+        pytest.param(
+            "state", [FileStateConfig, MemoryStateConfig, KubernetesStateConfig], id="state"
         ),
     ],
 )

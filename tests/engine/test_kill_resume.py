@@ -8,6 +8,10 @@ rollout ends. The router's journal records every action that reached the "data p
   revisited after moving on;
 - the candidate is deployed to green once in effect (one promotion), blue removed once;
 - the rollout ends Succeeded with green serving the candidate at 100 %.
+
+Both durable state stores run it: `file`, and `kubernetes` against the fake kube-apiserver in
+this process (the killed driver talks to it over HTTP; its Lease, never released, expires 1 s
+after its last renewal, and the restarted driver waits for that, as a rescheduled pod would).
 """
 
 from __future__ import annotations
@@ -16,18 +20,36 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from itertools import groupby
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.fakes.kube_apiserver import FakeKubeApiServer
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def drive(work: Path, kill_at: int) -> subprocess.CompletedProcess[str]:
+@contextmanager
+def state_on(backend: str) -> Iterator[str | None]:
+    """Where the driver keeps its state: None for the file store, else an API server's URL."""
+    if backend == "file":
+        yield None
+        return
+    with FakeKubeApiServer() as api:
+        api.seed(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ml"}}, "namespaces"
+        )
+        yield api.url
+
+
+def drive(work: Path, kill_at: int, api_url: str | None = None, *flags: str) -> Any:
+    extra = [api_url, *flags] if api_url else []
     return subprocess.run(
-        [sys.executable, "-m", "tests.engine.killable_driver", str(work), str(kill_at)],
+        [sys.executable, "-m", "tests.engine.killable_driver", str(work), str(kill_at), *extra],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -67,40 +89,62 @@ def check_invariants(work: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def total_writes(tmp_path_factory: pytest.TempPathFactory) -> int:
-    work = tmp_path_factory.mktemp("clean")
-    done = drive(work, 0)
-    assert done.returncode == 0, done.stderr
-    outcome = json.loads(done.stdout.strip().splitlines()[-1])
-    assert outcome["phase"] == "Succeeded"
-    check_invariants(work)
-    return int(outcome["writes"])
+def total_writes(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], int]:
+    """The durable writes of a clean run, per store (measured once per module)."""
+    known: dict[str, int] = {}
+
+    def of(backend: str) -> int:
+        if backend not in known:
+            work = tmp_path_factory.mktemp(f"clean-{backend}")
+            with state_on(backend) as url:
+                done = drive(work, 0, url)
+            assert done.returncode == 0, done.stderr
+            outcome = json.loads(done.stdout.strip().splitlines()[-1])
+            assert outcome["phase"] == "Succeeded"
+            check_invariants(work)
+            known[backend] = int(outcome["writes"])
+        return known[backend]
+
+    return of
 
 
-# A clean run makes 22 durable writes today: one case per write (spread evenly if that changes).
-POINTS = 22
+# A clean run makes 22 durable writes today: one case per write for the file store (spread
+# evenly if that changes), and 6 spread over them for the kubernetes store, whose restarts each
+# wait up to a second for the killed controller's lease to expire.
+POINTS = {"file": 22, "kubernetes": 6}
+CASES = [
+    pytest.param(backend, point, id=f"{backend}-kill-at-{point}-of-{points}")
+    for backend, points in POINTS.items()
+    for point in range(1, points + 1)
+]
 
 
-@pytest.mark.parametrize("point", range(1, POINTS + 1), ids=lambda p: f"kill-at-{p}-of-{POINTS}")
+@pytest.mark.parametrize(("backend", "point"), CASES)
 def test_killed_anywhere_the_restarted_controller_finishes_safely(
-    tmp_path: Path, total_writes: int, point: int
+    tmp_path: Path, total_writes: Callable[[str], int], backend: str, point: int
 ) -> None:
-    kill_at = max(1, round(total_writes * point / POINTS))
-    killed = drive(tmp_path, kill_at)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    for _ in range(3):
-        done = drive(tmp_path, 0)
-        if done.returncode == 0:
-            break
+    kill_at = max(1, round(total_writes(backend) * point / POINTS[backend]))
+    with state_on(backend) as url:
+        killed = drive(tmp_path, kill_at, url)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        for _ in range(3):
+            done = drive(tmp_path, 0, url)
+            if done.returncode == 0:
+                break
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["phase"] == "Succeeded"
     check_invariants(tmp_path)
 
 
-def test_killed_twice_in_a_row(tmp_path: Path, total_writes: int) -> None:
-    assert drive(tmp_path, max(2, total_writes // 3)).returncode == -signal.SIGKILL
-    assert drive(tmp_path, 3).returncode == -signal.SIGKILL
-    done = drive(tmp_path, 0)
+@pytest.mark.parametrize("backend", POINTS)
+def test_killed_twice_in_a_row(
+    tmp_path: Path, total_writes: Callable[[str], int], backend: str
+) -> None:
+    with state_on(backend) as url:
+        first = drive(tmp_path, max(2, total_writes(backend) // 3), url)
+        assert first.returncode == -signal.SIGKILL, first.stderr
+        assert drive(tmp_path, 3, url).returncode == -signal.SIGKILL
+        done = drive(tmp_path, 0, url)
     assert done.returncode == 0, done.stderr
     check_invariants(tmp_path)
 
@@ -113,3 +157,19 @@ def test_a_second_live_controller_exits_with_a_clear_message(tmp_path: Path) -> 
     assert second.returncode != 0
     assert "LeaseHeldError" in second.stderr
     assert "already driven by another controller (the first controller" in second.stderr
+
+
+def test_a_second_live_controller_on_another_node_exits_with_a_clear_message(
+    tmp_path: Path,
+) -> None:
+    from tests.state.helpers import kube_store
+
+    with FakeKubeApiServer() as api:
+        api.seed(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ml"}}, "namespaces"
+        )
+        with kube_store(api, "kill", ttl=30).lease("the first controller"):
+            second = drive(tmp_path, 0, api.url, "--no-wait")
+    assert second.returncode != 0
+    assert "LeaseHeldError" in second.stderr
+    assert "already driven by another controller (the first controller pid" in second.stderr

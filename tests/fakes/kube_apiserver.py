@@ -10,10 +10,15 @@ real apiserver. What it implements is what clients rely on for correctness:
 - `metadata.resourceVersion` bumped on every write (one global counter), `uid`,
   `creationTimestamp`, `generation` (bumped when `spec` changes).
 - Optimistic concurrency: a PUT or PATCH whose body (after patching) carries a resourceVersion
-  other than the stored one answers 409 Conflict; POST of an existing name answers 409
-  AlreadyExists; anything missing answers 404 NotFound; a POST into a missing namespace answers 404.
+  other than the stored one answers 409 Conflict; a PATCH that changes nothing writes nothing
+  (the resourceVersion stays, as the real apiserver skips no-op updates); POST of an existing
+  name answers 409 AlreadyExists; anything missing answers 404 NotFound; a POST into a missing
+  namespace answers 404.
 - PATCH as JSON merge patch (RFC 7386) or JSON Patch (RFC 6902, with `test`); strategic merge
   patch is refused with 415 rather than approximated.
+- Two checks of the real one that clients get wrong: a Lease's `acquireTime` / `renewTime` must
+  be MicroTimes with exactly six fractional digits (else 400, as Go's RFC3339Micro parser
+  answers), and a ConfigMap's data may hold at most 1 MiB (else 422 Invalid, "Too long").
 - Deployments are reported available at once (a stand-in for the deployment controller) unless
   `ready_deployments` is False; then `status` is a subresource as in a real apiserver (a write
   of the object keeps the stored status) and a test plays the deployment controller with
@@ -278,6 +283,7 @@ class FakeKubeApiServer:
             name = (body.get("metadata") or {}).get("name", "")
             if not name:
                 raise ApiError(422, "Invalid", f"{kind}: metadata.name is required")
+            _validate(resource, name, body)
             if namespace and ("", "namespaces", "", namespace) not in self._objects:
                 raise ApiError(404, "NotFound", f'namespaces "{namespace}" not found')
             key = (group, resource, namespace, name)
@@ -305,6 +311,7 @@ class FakeKubeApiServer:
             new = _apply_patch(current, body, content_type)
         else:
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported")
+        _validate(resource, name, new)
         wanted = (new.get("metadata") or {}).get("resourceVersion")
         if wanted and wanted != current["metadata"]["resourceVersion"]:
             raise ApiError(
@@ -313,7 +320,41 @@ class FakeKubeApiServer:
                 f'Operation cannot be fulfilled on {resource} "{name}": the object has been '
                 "modified; please apply your changes to the latest version and try again",
             )
+        if method == "PATCH" and new == current:
+            return 200, copy.deepcopy(current)  # a no-op write is no write: the version stays
         return 200, copy.deepcopy(self._write(key, new, previous=current))
+
+
+# Go's time.RFC3339Micro layout, which the apiserver decodes metav1.MicroTime with.
+_MICRO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)")
+CONFIGMAP_MAX_BYTES = 1024 * 1024  # corev1.MaxSecretSize, which ConfigMaps share
+
+
+def _validate(resource: str, name: str, obj: dict[str, Any]) -> None:
+    """The real apiserver's decoding and validation, where clients are known to go wrong."""
+    if resource == "leases":
+        for field in ("acquireTime", "renewTime"):
+            value = (obj.get("spec") or {}).get(field)
+            if value is not None and not (isinstance(value, str) and _MICRO_TIME.fullmatch(value)):
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    f'Lease in version "v1" cannot be handled as a Lease: parsing time '
+                    f'"{value}" as "2006-01-02T15:04:05.000000Z07:00": cannot parse',
+                )
+    if resource == "configmaps":
+        size = sum(
+            len(str(k).encode()) + len(str(v).encode())
+            for part in ("data", "binaryData")
+            for k, v in (obj.get(part) or {}).items()
+        )
+        if size > CONFIGMAP_MAX_BYTES:
+            raise ApiError(
+                422,
+                "Invalid",
+                f'ConfigMap "{name}" is invalid: []: Too long: must have at most '
+                f"{CONFIGMAP_MAX_BYTES} bytes",
+            )
 
 
 def discovery(path: str) -> dict[str, Any] | None:

@@ -30,6 +30,7 @@ from rollout.routers import istio_manifests as m
 from rollout.routers.istio import IstioRouter
 from tests.fakes.kube_apiserver import FakeKubeApiServer
 from tests.routers.contract import V1, V2, identity
+from tests.state.helpers import exercise as exercise_state_store
 
 SCHEMAS = Path(__file__).parent / "istio_schemas"
 RESOURCES = {  # kind → (group, plural) for applying rendered objects to the fake apiserver
@@ -202,16 +203,17 @@ def exercise(router: IstioRouter) -> None:
     router.remove(Colour.BLUE)
 
 
-def test_the_role_grants_exactly_what_the_router_uses() -> None:
+def test_the_role_grants_exactly_what_the_router_and_the_state_store_use() -> None:
     docs = render("-n", "ml", "--app", "diabetes")
     role = next(d for d in docs if d["kind"] == "Role")
     layout = m.IstioLayout(namespace="ml", app="diabetes")
     with FakeKubeApiServer() as api:
         api.seed(m.namespace(layout), "namespaces")
         exercise(router_on(api, layout))
+        exercise_state_store(api)  # a controller in the cluster keeps its state there
         used = api.verbs_used()
-    assert used <= granted(role), f"router used verbs the Role lacks: {used - granted(role)}"
-    assert granted(role) <= used, f"Role grants verbs the router never uses: {granted(role) - used}"
+    assert used <= granted(role), f"controller used verbs the Role lacks: {used - granted(role)}"
+    assert granted(role) <= used, f"Role grants verbs nothing uses: {granted(role) - used}"
 
 
 def test_the_router_adopts_a_bootstrapped_namespace(tmp_path: Path) -> None:

@@ -1,0 +1,45 @@
+"""Kubernetes object names: the DNS-1123 rules, and what the kubernetes state store calls things.
+
+Pure and import-free, so the spec's validation (`rollout.config`, which the pure core reads) can
+say at `name` and `state.namespace` what the API server would refuse later, without depending
+on the state store package.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: Namespaces (and each dot-separated part of an object name) are DNS-1123 labels.
+DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+#: ConfigMap and Lease names are DNS-1123 subdomains (and at most 253 characters).
+DNS_1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+SUBDOMAIN_MAX = 253
+
+#: The state store's objects: Lease `aml-rollout-<name>`, ConfigMaps `aml-rollout-<name>-status`
+#: and `aml-rollout-<name>-commands`.
+PREFIX = "aml-rollout-"
+STATUS_SUFFIX = "-status"
+COMMANDS_SUFFIX = "-commands"
+
+
+def namespace_problem(namespace: str) -> str | None:
+    """Why `namespace` is no namespace name, or None."""
+    if DNS_1123_LABEL.fullmatch(namespace):
+        return None
+    return (
+        f"{namespace!r} is not a Kubernetes namespace name (a DNS-1123 label: at most 63 "
+        "lower-case letters, digits and '-', starting and ending with a letter or digit)"
+    )
+
+
+def rollout_name_problem(name: str) -> str | None:
+    """Why rollout `name` cannot name the state store's objects, or None when it can."""
+    longest = f"{PREFIX}{name}{COMMANDS_SUFFIX}"
+    if DNS_1123_SUBDOMAIN.fullmatch(longest) and len(longest) <= SUBDOMAIN_MAX:
+        return None
+    room = SUBDOMAIN_MAX - len(PREFIX) - len(COMMANDS_SUFFIX)
+    return (
+        f"{name!r} cannot name Kubernetes objects (with state.kind kubernetes the rollout lives "
+        f"in ConfigMap {PREFIX}{name}{STATUS_SUFFIX}): use lower-case letters, digits, '-' and "
+        f"'.' only (no '_', no '.' next to '-' or '.'), at most {room} characters"
+    )

@@ -1,0 +1,511 @@
+"""Kubernetes StateStore: status and commands in ConfigMaps, the lease a coordination.k8s.io Lease.
+
+Unlike the file store this spans nodes: a controller rescheduled to another node resumes the
+rollout, and two controllers on two nodes cannot both drive it. The objects and the rules on
+their content are in `kubernetes_objects`; this module reads and writes them. Objects are read
+as raw JSON and, once created, written as JSON merge patches of our fields carrying the
+resourceVersion they were computed from (compare-and-swap): other fields survive, and nothing
+goes through the client's typed models, which would rewrite a Lease's MicroTimes and refuse
+fields they do not know.
+
+- **Lease** `aml-rollout-<name>`: `lease(owner)` creates it, or takes it over when it has no
+  holder or its holder stopped renewing (renewTime + leaseDurationSeconds in the past), by a
+  patch carrying the resourceVersion it read — of two controllers racing for it, the API server
+  lets one write and answers the other 409, which then re-reads and reports the winner
+  (LeaseHeldError, at once: the CLI's contract). A live holder is reported at once too. While
+  held, a daemon thread renews it every `lease_ttl_s / 3`; a renewal refused (someone took it
+  over or deleted it), or none succeeding for `lease_ttl_s`, marks the lease lost, and the next
+  `save()` raises StateError: this controller stops. On exit the holder is cleared (CAS; a
+  failure is logged, the lease then expires on its own).
+- **Fencing** — a lease alone cannot stop a controller that froze past its lease (a long GC
+  pause, a partition) from writing when it wakes. So status writes are compare-and-swap: `save()`
+  patches the status ConfigMap carrying the resourceVersion this store last read or wrote, and a
+  409 means someone else wrote since: StateError, "lost rollout 'x' to another controller".
+  Taking the lease *claims* the status (a write of the holder annotation, which moves the
+  resourceVersion), so the stale controller's next save is refused even if the new one has not
+  saved yet; and the new controller's `load()` refuses a status written after its claim. A
+  frozen controller can thus apply at most the one router action it was applying when it froze
+  (actions are idempotent and re-applied by the new controller), never persist a decision.
+- **Commands**: ConfigMap `aml-rollout-<name>-commands`, one JSON line per command in one data
+  key. `push_command` reads it, appends a line and writes it back with the read resourceVersion;
+  a 409 (another CLI appended meanwhile) re-reads and appends again, a bounded number of times.
+  Lines are never rewritten or dropped, so positions (`Status.commands_read`) are stable. A
+  ConfigMap holds at most 1 MiB: a push that would pass it is refused with a clear StateError
+  and nothing written (~8,000 commands; the log is shared by every rollout of the name).
+
+The ledger is not here: it grows a line per tick and would outgrow a ConfigMap, so it stays a
+local file under `state.dir` (mount a volume there in a pod). API failures become StateError
+naming the object; only the verbs in `kubernetes_objects.ROLE_RULES` are used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
+from rollout import kubeapi
+from rollout.core.status import Command, Status
+from rollout.errors import LeaseHeldError, StateError
+from rollout.state import kubernetes_objects as o
+
+if TYPE_CHECKING:
+    from rollout.config import KubernetesStateConfig
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class _Conflict(Exception):
+    """409: the object changed since it was read (or, on create, it already exists)."""
+
+
+class _Missing(Exception):
+    """404: the object (or, on create, its namespace) does not exist."""
+
+
+@dataclass
+class _Held:
+    """A lease this store holds: the Lease as last written, and how fresh it is."""
+
+    holder: str
+    obj: Obj
+    #: time.monotonic() when the last successful write of the Lease was sent.
+    renewed_at: float
+    lost: str | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    @property
+    def claim(self) -> str:
+        """What this tenure writes on the status: the holder and its acquireTime, different
+        for every take of the Lease, so the claim always moves the status's resourceVersion
+        (the API server skips a write that changes nothing)."""
+        acquired = (self.obj.get("spec") or {}).get("acquireTime")
+        return f"{self.holder} since {acquired}" if acquired else self.holder
+
+
+class KubernetesStateStore:
+    """A StateStore in a Kubernetes namespace (see the module docstring)."""
+
+    def __init__(
+        self,
+        objects: o.StateObjects,
+        api_client: k8s.ApiClient,
+        *,
+        lease_ttl_s: int = 15,
+        max_conflict_retries: int = 10,
+        request_timeout_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.objects = objects
+        self.name = objects.rollout
+        self.lease_ttl_s = lease_ttl_s
+        self._core = k8s.CoreV1Api(api_client)
+        self._coordination = k8s.CoordinationV1Api(api_client)
+        self._host = api_client.configuration.host
+        self._max_retries = max_conflict_retries
+        self._timeout = request_timeout_s
+        self._clock = clock
+        self._monotonic = monotonic
+        self._sleep = sleep
+        #: The status ConfigMap as this store last read or wrote it: its resourceVersion is what
+        #: `save()` requires the server still to have (the fence).
+        self._status: Obj | None = None
+        self._held: _Held | None = None
+
+    @classmethod
+    def from_config(cls, cfg: KubernetesStateConfig, name: str) -> KubernetesStateStore:
+        """Build from the spec's `state` section (see KubeApiConfig for the API server)."""
+        objects = o.StateObjects(namespace=cfg.namespace, rollout=name)
+        return cls(objects, kubeapi.api_client(cfg, "state"), lease_ttl_s=cfg.lease_ttl_s)
+
+    @property
+    def _ns(self) -> str:
+        return self.objects.namespace
+
+    # ----------------------------------------------------------------------------- status
+
+    def load(self) -> Status | None:
+        """The saved status, or None when the rollout never started.
+
+        While this store holds the lease, a status written by anyone else since its claim is
+        refused (StateError): another controller drives the rollout now.
+        """
+        found = self._read_configmap(self.objects.status)
+        if self._held is not None and o.resource_version(found) != o.resource_version(self._status):
+            raise self._fenced("was written by someone else after this controller took the lease")
+        self._status = found
+        text = o.data_of(found, o.STATUS_KEY)
+        if text is None:
+            return None
+        try:
+            return Status.from_dict(json.loads(text))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateError(
+                f"ConfigMap {self._ns}/{self.objects.status} (key {o.STATUS_KEY}) is not a "
+                f"rollout status: {exc}"
+            ) from exc
+
+    def save(self, status: Status) -> None:
+        """Write the status if nobody else wrote it since this store last did (else StateError).
+
+        Refused too when this store's lease was lost or has not been renewed for its ttl.
+        """
+        self._check_lease()
+        text = json.dumps(status.to_dict(), sort_keys=True)
+        current, name = self._status, self.objects.status
+        if (size := o.size_with(current, o.STATUS_KEY, text)) > o.CONFIGMAP_MAX_BYTES:
+            raise StateError(
+                f"cannot save the status of rollout {self.name!r}: {self._too_big(name, size)}"
+            )
+        try:
+            if current is None:
+                holder = self._held.claim if self._held else ""
+                body = o.configmap(self.objects, name, {o.STATUS_KEY: text}, holder)
+                self._status = self._create_configmap(body)
+            else:
+                patch = o.data_patch(current, o.STATUS_KEY, text)
+                self._status = self._patch_configmap(name, patch)
+        except _Conflict:
+            # A 409 is never our own write: the client does not resend a POST or a PATCH whose
+            # answer it missed (that is a StateError, and the next controller resumes).
+            raise self._fenced(
+                "was written by someone else since this controller wrote it"
+            ) from None
+        except _Missing:
+            if current is None:
+                raise self._no_namespace(name) from None
+            raise StateError(
+                f"ConfigMap {self._ns}/{name} was deleted while this controller drove rollout "
+                f"{self.name!r}; it stops rather than start the rollout over"
+            ) from None
+
+    def _fenced(self, why: str) -> StateError:
+        return StateError(
+            f"lost rollout {self.name!r} to another controller: its status (ConfigMap "
+            f"{self._ns}/{self.objects.status}) {why}; this controller stops "
+            "(`aml-rollout rollout status` shows who drives it now)"
+        )
+
+    # ---------------------------------------------------------------------------- commands
+
+    def push_command(self, command: Command) -> None:
+        """Append one line to the command log: read, append, write back if unchanged (CAS)."""
+        line = o.command_line(command)
+        name = self.objects.commands
+        for attempt in range(1, self._max_retries + 1):
+            found = self._read_configmap(name)
+            log_text = o.data_of(found, o.COMMANDS_KEY) or ""
+            new_log = o.appended(log_text, line)
+            if (size := o.size_with(found, o.COMMANDS_KEY, new_log)) > o.CONFIGMAP_MAX_BYTES:
+                raise StateError(
+                    f"cannot queue the command: the command log of rollout {self.name!r} is "
+                    f"full ({self._too_big(name, size)}); nothing was written. Once no rollout "
+                    f"of this name runs, `kubectl -n {self._ns} delete configmap {name}` starts "
+                    "a new log"
+                )
+            try:
+                if found is None:
+                    self._create_configmap(o.configmap(self.objects, name, {o.COMMANDS_KEY: line}))
+                else:
+                    self._patch_configmap(name, o.data_patch(found, o.COMMANDS_KEY, new_log))
+                return
+            except _Conflict:
+                log.debug("%s changed under us (409); appending again (%d)", name, attempt)
+                # Jittered, growing pauses: CLIs pushing at the same instant spread out.
+                self._sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))  # noqa: S311
+            except _Missing:
+                raise self._no_namespace(name) from None
+        raise StateError(
+            f"could not queue the command in ConfigMap {self._ns}/{name}: still conflicting "
+            f"after {self._max_retries} attempts (others keep writing it)"
+        )
+
+    def commands(self) -> list[Command]:
+        """The command log, oldest first."""
+        found = self._read_configmap(self.objects.commands)
+        return o.parse_commands(o.data_of(found, o.COMMANDS_KEY) or "")
+
+    # ------------------------------------------------------------------------------- lease
+
+    def controller(self) -> str | None:
+        """The Lease's holder while its lease runs; None when released or expired."""
+        found = self._read_lease()
+        if found is None or o.live_holder(found, self._clock()) is None:
+            return None
+        return o.describe_holder(found)
+
+    @contextmanager
+    def lease(self, owner: str) -> Iterator[None]:
+        """Hold the Lease for the block, renewed in the background; released on exit."""
+        stamp = f"pid {os.getpid()} on {socket.gethostname()}"
+        held = self._acquire(f"{owner} {stamp}" if owner else stamp)
+        self._held = held
+        try:
+            self._claim_status(held.claim)
+            held.thread = threading.Thread(
+                target=self._keep_renewing,
+                args=(held,),
+                name=f"renew-{self.objects.lease}",
+                daemon=True,
+            )
+            held.thread.start()
+            yield
+        finally:
+            held.stop.set()
+            if held.thread is not None:
+                held.thread.join()
+            self._held = None
+            self._release(held)
+
+    def _acquire(self, holder: str) -> _Held:
+        """Create the Lease, or take it over when free; LeaseHeldError when someone holds it."""
+        for _ in range(self._max_retries):
+            found = self._read_lease()
+            sent, now = self._monotonic(), self._clock()
+            if found is not None and o.live_holder(found, now) is not None:
+                raise self._held_by(found)
+            try:
+                if found is None:
+                    written = self._create_lease(
+                        o.lease(self.objects, holder, self.lease_ttl_s, now)
+                    )
+                else:
+                    patch = o.take_patch(found, holder, self.lease_ttl_s, now)
+                    written = self._patch_lease(patch, self._timeout)
+                    if o.holder_of(found):
+                        log.warning("took over the expired lease of %s", o.describe_holder(found))
+            except _Conflict:
+                continue  # someone else created or took it meanwhile: read who
+            except _Missing:
+                raise self._no_namespace(self.objects.lease) from None
+            return _Held(holder=holder, obj=written, renewed_at=sent)
+        raise StateError(
+            f"cannot take Lease {self._ns}/{self.objects.lease}: still conflicting after "
+            f"{self._max_retries} attempts"
+        )
+
+    def _held_by(self, found: Obj) -> LeaseHeldError:
+        return LeaseHeldError(
+            f"rollout {self.name!r} is already driven by another controller "
+            f"({o.describe_holder(found)}); stop it, or steer it with `aml-rollout rollout "
+            f"pause|resume|promote|abort` (Lease {self._ns}/{self.objects.lease}: if that "
+            f"controller died, its lease expires {self.lease_ttl_s} s after its last renewal)"
+        )
+
+    def _claim_status(self, claim: str) -> None:
+        """Write our claim on the status ConfigMap (creating it if need be): the fence moves."""
+        name = self.objects.status
+        for _ in range(self._max_retries):
+            found = self._read_configmap(name)
+            try:
+                if found is None:
+                    self._status = self._create_configmap(
+                        o.configmap(self.objects, name, {}, claim)
+                    )
+                else:
+                    self._status = self._patch_configmap(name, o.claim_patch(found, claim))
+                return
+            except _Conflict:
+                continue  # a stale controller wrote in between: claim over it
+            except _Missing:
+                raise self._no_namespace(name) from None
+        raise StateError(
+            f"cannot claim ConfigMap {self._ns}/{name}: still conflicting after "
+            f"{self._max_retries} attempts"
+        )
+
+    def _keep_renewing(self, held: _Held) -> None:
+        """The renewal thread: every ttl/3 until released, or until the lease is lost."""
+        while not held.stop.wait(self.lease_ttl_s / 3):
+            try:
+                self._renew(held)
+            except (StateError, _Conflict) as exc:
+                log.warning("could not renew Lease %s/%s: %s", self._ns, self.objects.lease, exc)
+                if self._monotonic() - held.renewed_at > self.lease_ttl_s:
+                    held.lost = f"it could not be renewed for {self.lease_ttl_s} s ({exc})"
+            except Exception as exc:  # a dead thread would be a lost lease nobody notices
+                held.lost = f"renewing it failed: {exc!r}"
+            if held.lost is not None:
+                log.error("lost the lease of rollout %r: %s", self.name, held.lost)
+                return
+
+    def _renew(self, held: _Held) -> None:
+        timeout = max(0.5, self.lease_ttl_s / 3)
+        what = f"Lease {self._ns}/{self.objects.lease}"
+        for _ in range(2):
+            sent, now = self._monotonic(), self._clock()
+            try:
+                held.obj = self._patch_lease(o.renew_patch(held.obj, now), timeout)
+                held.renewed_at = sent
+                return
+            except _Missing:
+                held.lost = f"{what} was deleted"
+                return
+            except _Conflict:
+                found = self._read_lease(timeout)
+                if found is None or o.holder_of(found) != held.holder:
+                    taker = o.describe_holder(found) if found else "nobody (it was deleted)"
+                    held.lost = f"{what} was taken over by {taker}"
+                    return
+                held.obj = found  # still ours (someone touched its metadata): renew that
+        raise _Conflict(f"{what} keeps changing")
+
+    def _check_lease(self) -> None:
+        held = self._held
+        if held is None:
+            return
+        if held.lost is None and self._monotonic() - held.renewed_at > self.lease_ttl_s:
+            held.lost = f"it was not renewed for more than {self.lease_ttl_s} s"
+        if held.lost is not None:
+            raise StateError(
+                f"lost the lease of rollout {self.name!r}: {held.lost}; another controller may "
+                "drive it now, so this one stops"
+            )
+
+    def _release(self, held: _Held) -> None:
+        """Clear the holder, unless someone took the Lease over; failures are only logged."""
+        what = f"Lease {self._ns}/{self.objects.lease}"
+        obj = held.obj
+        try:
+            for _ in range(2):
+                try:
+                    self._patch_lease(o.release_patch(obj), self._timeout)
+                    return
+                except _Conflict:
+                    found = self._read_lease()
+                    if found is None or o.holder_of(found) != held.holder:
+                        return  # taken over (or deleted): nothing of ours to release
+                    obj = found
+        except (StateError, _Missing) as exc:
+            log.warning(
+                "could not release %s (%s); it expires %d s after its last renewal",
+                what,
+                exc,
+                self.lease_ttl_s,
+            )
+
+    # ---------------------------------------------------------------------------- requests
+
+    def _read_configmap(self, name: str) -> Obj | None:
+        return self._read(
+            f"read ConfigMap {self._ns}/{name}",
+            lambda: self._core.read_namespaced_config_map(
+                name, self._ns, _request_timeout=self._timeout, _preload_content=False
+            ),
+        )
+
+    def _create_configmap(self, body: Obj) -> Obj:
+        name = body["metadata"]["name"]
+        configmap = cast(k8s.V1ConfigMap, body)  # our own object: the typed model knows it all
+        return self._json(
+            f"create ConfigMap {self._ns}/{name}",
+            lambda: self._core.create_namespaced_config_map(
+                self._ns, configmap, _request_timeout=self._timeout, _preload_content=False
+            ),
+        )
+
+    def _patch_configmap(self, name: str, patch: Obj) -> Obj:
+        return self._json(
+            f"write ConfigMap {self._ns}/{name}",
+            lambda: self._core.patch_namespaced_config_map(
+                name,
+                self._ns,
+                patch,
+                _content_type=MERGE_PATCH,
+                _request_timeout=self._timeout,
+                _preload_content=False,
+            ),
+        )
+
+    def _read_lease(self, timeout: float | None = None) -> Obj | None:
+        name = self.objects.lease
+        return self._read(
+            f"read Lease {self._ns}/{name}",
+            lambda: self._coordination.read_namespaced_lease(
+                name, self._ns, _request_timeout=timeout or self._timeout, _preload_content=False
+            ),
+        )
+
+    def _create_lease(self, body: Obj) -> Obj:
+        lease = cast(k8s.V1Lease, body)  # see micro_time: its times survive the typed model
+        return self._json(
+            f"create Lease {self._ns}/{self.objects.lease}",
+            lambda: self._coordination.create_namespaced_lease(
+                self._ns, lease, _request_timeout=self._timeout, _preload_content=False
+            ),
+        )
+
+    def _patch_lease(self, patch: Obj, timeout: float) -> Obj:
+        name = self.objects.lease
+        return self._json(
+            f"write Lease {self._ns}/{name}",
+            lambda: self._coordination.patch_namespaced_lease(
+                name,
+                self._ns,
+                patch,
+                _content_type=MERGE_PATCH,
+                _request_timeout=timeout,
+                _preload_content=False,
+            ),
+        )
+
+    def _read(self, what: str, call: Callable[[], Any]) -> Obj | None:
+        try:
+            return self._json(what, call)
+        except _Missing:
+            return None
+        except _Conflict as exc:  # a read never conflicts
+            raise StateError(f"{what}: {exc}") from exc
+
+    def _json(self, what: str, call: Callable[[], Any]) -> Obj:
+        """Run one request made with `_preload_content=False`; the object the server answered.
+
+        404 → _Missing, 409 → _Conflict (the callers decide what they mean), anything else that
+        fails → StateError naming the object and the API server.
+        """
+        try:
+            response = call()
+        except ApiException as exc:
+            if exc.status == kubeapi.NOT_FOUND:
+                raise _Missing(kubeapi.describe(exc)) from exc
+            if exc.status == kubeapi.CONFLICT:
+                raise _Conflict(kubeapi.describe(exc)) from exc
+            raise StateError(f"{what}: {kubeapi.describe(exc)} [{self._host}]") from exc
+        except HTTPError as exc:
+            raise StateError(
+                f"{what}: cannot reach the Kubernetes API at {self._host}: {exc}"
+            ) from exc
+        try:
+            return cast(Obj, json.loads(response.data))
+        except ValueError as exc:
+            raise StateError(f"{what}: the API server answered something not JSON") from exc
+
+    def _no_namespace(self, name: str) -> StateError:
+        return StateError(
+            f"cannot create {name} in namespace {self._ns!r}: the namespace does not exist "
+            f"(create it, or fix state.namespace) [{self._host}]"
+        )
+
+    def _too_big(self, name: str, size: int) -> str:
+        return (
+            f"ConfigMap {self._ns}/{name} would hold {size} bytes, over the "
+            f"{o.CONFIGMAP_MAX_BYTES} a ConfigMap may hold"
+        )

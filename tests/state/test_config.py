@@ -1,0 +1,113 @@
+"""The spec's `state` section: a discriminated union on kind whose errors name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rollout.config import (
+    FileStateConfig,
+    KubernetesStateConfig,
+    MemoryStateConfig,
+    spec_from_dict,
+)
+from rollout.errors import ConfigError
+from rollout.state.factory import make_store
+
+
+def spec(state: Any, name: str = "diabetes") -> Any:
+    return spec_from_dict({"name": name, "state": state})
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        pytest.param({}, FileStateConfig, id="no-state-section"),
+        pytest.param({"state": {"dir": "x"}}, FileStateConfig, id="no-kind-is-file"),
+        pytest.param({"state": {"kind": "memory"}}, MemoryStateConfig, id="memory"),
+        pytest.param(
+            {"state": {"kind": "kubernetes", "namespace": "ml"}},
+            KubernetesStateConfig,
+            id="kubernetes",
+        ),
+    ],
+)
+def test_the_kind_picks_the_config(data: dict[str, Any], expected: type) -> None:
+    assert type(spec_from_dict(data).state) is expected
+
+
+def test_kubernetes_defaults_and_the_shared_api_fields() -> None:
+    state = spec(
+        {"kind": "kubernetes", "namespace": "ml", "kubeconfig": "~/k", "context": "aks-prod"}
+    ).state
+    assert isinstance(state, KubernetesStateConfig)
+    assert (state.lease_ttl_s, state.dir, state.in_cluster) == (15, Path(".rollout"), False)
+    assert (state.kubeconfig, state.context) == (Path("~/k"), "aks-prod")
+
+
+def test_file_still_accepts_and_ignores_lease_ttl_s() -> None:
+    state = spec({"lease_ttl_s": 30}).state
+    assert isinstance(state, FileStateConfig) and state.lease_ttl_s == 30
+
+
+@pytest.mark.parametrize(
+    ("state", "name", "message"),
+    [
+        pytest.param(
+            {"kind": "kubernetes"}, "diabetes", "state.kubernetes.namespace: Field required",
+            id="missing-namespace",
+        ),
+        pytest.param(
+            {"kind": "kubernetes", "namespace": "Prod_ML"}, "diabetes",
+            "state.kubernetes.namespace: Value error, 'Prod_ML' is not a Kubernetes namespace",
+            id="bad-namespace",
+        ),
+        pytest.param(
+            {"kind": "kubernetes", "namespace": "ml"}, "churn_model",
+            "name: 'churn_model' cannot name Kubernetes objects (with state.kind kubernetes the "
+            "rollout lives in ConfigMap aml-rollout-churn_model-status)",
+            id="underscore-in-name",
+        ),
+        pytest.param(
+            {"kind": "kubernetes", "namespace": "ml"}, "a" * 233, "at most 232 characters",
+            id="name-too-long",
+        ),
+        pytest.param(
+            {"kind": "kubernetes", "namespace": "ml", "lease_ttl_s": 2.5}, "diabetes",
+            "state.kubernetes.lease_ttl_s: Input should be a valid integer",
+            id="fractional-ttl",
+        ),
+        pytest.param(
+            {"kind": "kubernetes", "namespace": "ml", "lease_ttl_s": 0}, "diabetes",
+            "state.kubernetes.lease_ttl_s: Input should be greater than or equal to 1",
+            id="zero-ttl",
+        ),
+        pytest.param(
+            {"kind": "kubernetes", "namespace": "ml", "app": "x"}, "diabetes",
+            "state.kubernetes.app: Extra inputs are not permitted",
+            id="a-router-field",
+        ),
+        pytest.param(
+            {"kind": "etcd"}, "diabetes",
+            "state: Input tag 'etcd' found using 'kind' does not match any of the expected tags: "
+            "'file', 'memory', 'kubernetes'",
+            id="unknown-kind",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_state_config_names_the_field(state: dict[str, Any], name: str, message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        spec(state, name)
+    assert message in str(refused.value)
+
+
+def test_the_name_rule_applies_only_to_the_kubernetes_store() -> None:
+    assert spec({"kind": "file"}, "churn_model").name == "churn_model"
+
+
+def test_unloadable_credentials_are_a_config_error_naming_state(tmp_path: Path) -> None:
+    cfg = KubernetesStateConfig(namespace="ml", kubeconfig=tmp_path / "missing")
+    with pytest.raises(ConfigError, match=r"^state: cannot load Kubernetes credentials"):
+        make_store(cfg, "diabetes")

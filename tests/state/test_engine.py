@@ -1,0 +1,172 @@
+"""The engine on the kubernetes state store: controller, CLI and a pod's SIGTERM, over real HTTP.
+
+The fake kube-apiserver runs in this process; controllers (in-process, or a real `aml-rollout
+rollout run` subprocess) talk to it over HTTP through the unmodified kubernetes client. Router
+and metrics are the in-process ones (memory router, simulated traffic), as in tests/engine.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from rollout.api import run_rollout
+from rollout.cli import app
+from rollout.config import RolloutSpec, spec_from_dict
+from rollout.controller import FakeClock
+from rollout.core.status import Command, Status
+from rollout.core.types import Colour, Phase, Weights
+from rollout.routers.memory import MemoryRouter
+from tests.fakes.kube_apiserver import FakeKubeApiServer
+from tests.state.helpers import NAMESPACE, kube_store, lease_of, namespace
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def api() -> Iterator[FakeKubeApiServer]:
+    with FakeKubeApiServer() as server:
+        server.seed(namespace(), "namespaces")
+        yield server
+
+
+def spec_data(api: FakeKubeApiServer, work: Path, canary_error: float = 0.01) -> dict[str, Any]:
+    return {
+        "name": "diabetes",
+        "steps": [10, 50, 100],
+        "router": {"kind": "memory", "state_file": str(work / "routes.json")},
+        "metrics": {
+            "kind": "simulated",
+            "seed": 5,
+            "rps": 200,
+            "baseline": {"error_rate": 0.01},
+            "canary": {"error_rate": canary_error},
+        },
+        "analysis": {"min_requests": 100, "latency": {"enabled": False}},
+        "candidate": {"model": "m", "version": "2"},
+        "stable": {"model": "m", "version": "1"},
+        "state": {
+            "kind": "kubernetes",
+            "namespace": NAMESPACE,
+            "api_url": api.url,
+            "lease_ttl_s": 5,
+            "dir": str(work / "ledger"),
+        },
+    }
+
+
+def spec(api: FakeKubeApiServer, work: Path, canary_error: float = 0.01) -> RolloutSpec:
+    return spec_from_dict(spec_data(api, work, canary_error))
+
+
+def stored(api: FakeKubeApiServer) -> Status | None:
+    return kube_store(api, "diabetes").load()
+
+
+@pytest.mark.parametrize(
+    ("canary_error", "phase", "green"),
+    [
+        pytest.param(0.01, Phase.SUCCEEDED, "2", id="healthy-promoted"),
+        pytest.param(0.08, Phase.ROLLED_BACK, "1", id="faulty-rolled-back"),
+    ],
+)
+def test_a_rollout_runs_to_its_end_with_its_state_in_the_cluster(
+    api: FakeKubeApiServer, tmp_path: Path, canary_error: float, phase: Phase, green: str
+) -> None:
+    result = run_rollout(spec(api, tmp_path, canary_error), clock=FakeClock(1000.0))
+    assert result.phase is phase, result.reason
+    router = MemoryRouter(state_file=tmp_path / "routes.json")
+    assert router.get_weights() == Weights.blue_at(0)
+    served = router.release(Colour.GREEN)
+    assert served is not None and served.version == green
+    final = stored(api)
+    assert final is not None and final.phase is phase and final.pending[final.applied :] == ()
+    assert "holderIdentity" not in lease_of(api, "diabetes")["spec"]  # released
+    assert result.ledger_path == tmp_path / "ledger" / "diabetes.ledger.jsonl"
+    ticks = [json.loads(line) for line in result.ledger_path.read_text().splitlines()]
+    assert ticks[0]["event"] == "start" and len(ticks) == final.tick + 1
+    # Ended: run again, and it is reported as it is, not started over.
+    again = run_rollout(spec(api, tmp_path, canary_error), clock=FakeClock(5000.0))
+    assert (again.phase, again.status.tick) == (phase, final.tick)
+
+
+def test_an_abort_queued_on_another_node_reaches_the_controller(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    cli = kube_store(api, "diabetes")  # `aml-rollout rollout abort` on someone's laptop
+
+    def abort_at_tick_1(status: Status, record: dict[str, Any]) -> None:
+        if status.tick == 1:
+            cli.push_command(Command(id="a1", kind="abort", by="ann", rollout=status.id))
+
+    result = run_rollout(spec(api, tmp_path), clock=FakeClock(1000.0), on_tick=abort_at_tick_1)
+    assert result.phase is Phase.ROLLED_BACK
+    assert "abort" in result.reason
+
+
+def test_a_rescheduled_controller_resumes_where_the_last_one_stopped(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    first = run_rollout(spec(api, tmp_path), clock=FakeClock(1000.0), max_ticks=1)
+    assert first.phase is Phase.PROGRESSING
+    # Another pod, on another node: a fresh store, nothing local but the router's data plane.
+    resumed = run_rollout(spec(api, tmp_path), clock=FakeClock(2000.0))
+    assert resumed.phase is Phase.SUCCEEDED
+    assert resumed.status.id == first.status.id  # the same rollout, not a new one
+    assert lease_of(api, "diabetes")["spec"]["leaseTransitions"] == 1
+
+
+def test_status_names_the_controller_holding_the_lease(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "rollout.yaml"
+    path.write_text(yaml.safe_dump(spec_data(api, tmp_path)))
+    run_rollout(spec(api, tmp_path), clock=FakeClock(1000.0), max_ticks=2)
+    with kube_store(api, "diabetes").lease("ann's controller"):
+        shown = CliRunner().invoke(app, ["rollout", "status", str(path)])
+    assert "ann's controller pid" in shown.output
+    shown = CliRunner().invoke(app, ["rollout", "status", str(path)])
+    assert "none running" in shown.output
+
+
+def test_a_sigterm_stops_the_controller_and_releases_its_lease(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    data = spec_data(api, tmp_path)
+    data["analysis"]["interval_s"] = 60  # it waits, as a controller mostly does
+    data["state"]["lease_ttl_s"] = 60
+    path = tmp_path / "rollout.yaml"
+    path.write_text(yaml.safe_dump(data))
+    controller = subprocess.Popen(
+        [sys.executable, "-c", "from rollout.cli import main; main()", "rollout", "run", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (api.exists("leases", "aml-rollout-diabetes", NAMESPACE, "coordination.k8s.io")
+                   and (stored(api) or Status("x")).tick >= 1):  # fmt: skip
+            assert controller.poll() is None, controller.communicate()
+            assert time.monotonic() < deadline, "the controller did not start"
+            time.sleep(0.05)
+        controller.send_signal(signal.SIGTERM)
+        _, err = controller.communicate(timeout=15)
+    finally:
+        controller.kill()
+    assert controller.returncode == 130, err
+    assert "interrupted: the rollout stays where it is" in err
+    assert "holderIdentity" not in lease_of(api, "diabetes")["spec"]  # the next one need not wait
+    kept = stored(api)
+    assert kept is not None and not kept.terminal

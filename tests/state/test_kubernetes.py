@@ -1,0 +1,388 @@
+"""What only the kubernetes state store has, against the fake kube-apiserver over real HTTP.
+
+The contract (tests/state/test_stores.py) runs first; here: the objects as the API server holds
+them, compare-and-swap appends under injected and real concurrent writers, the 1 MiB limit, two
+controllers on two "nodes" (a live lease refused, an expired one taken over, the stale one fenced,
+renewal keeping a lease alive past several ttls, release letting the next one in at once), and
+errors naming the object. "Another node" is another store with its own client; time passing is
+another store whose clock runs ahead (a lease expires for it) — nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from rollout.config import KubernetesStateConfig
+from rollout.core.status import Command
+from rollout.errors import ConfigError, LeaseHeldError, StateError
+from rollout.state import kubernetes_objects as o
+from rollout.state.factory import make_store
+from rollout.state.kubernetes import KubernetesStateStore
+from rollout.state.kubernetes_objects import StateObjects
+from tests.fakes.kube_apiserver import FakeKubeApiServer
+from tests.state.contract import a_status
+from tests.state.helpers import NAMESPACE, exercise, kube_store, lease_of, namespace
+
+MICRO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|\+00:00)")
+
+
+@pytest.fixture
+def api() -> Iterator[FakeKubeApiServer]:
+    with FakeKubeApiServer() as server:
+        server.seed(namespace(), "namespaces")
+        yield server
+
+
+def ahead(seconds: float) -> Callable[[], float]:
+    """A wall clock `seconds` ahead: to it, a lease renewed now has long expired."""
+    return lambda: time.time() + seconds
+
+
+def eventually(check: Callable[[], bool], within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, "not within the deadline"
+        time.sleep(0.02)
+
+
+def commands_configmap(api: FakeKubeApiServer, name: str = "r") -> dict[str, Any]:
+    return api.get("configmaps", f"aml-rollout-{name}-commands", NAMESPACE)
+
+
+# ---------------------------------------------------------------------------------- objects
+
+
+def test_the_objects_as_the_api_server_holds_them(api: FakeKubeApiServer) -> None:
+    store = kube_store(api, "diabetes", ttl=7)
+    store.push_command(Command(id="1", kind="pause", by="ann"))
+    with store.lease("ann's controller"):
+        store.save(a_status())
+        lease = lease_of(api, "diabetes")
+        status_cm = api.get("configmaps", "aml-rollout-diabetes-status", NAMESPACE)
+    spec = lease["spec"]
+    assert spec["holderIdentity"].startswith("ann's controller pid ")
+    assert spec["leaseDurationSeconds"] == 7
+    assert spec["leaseTransitions"] == 0
+    assert MICRO_TIME.fullmatch(spec["acquireTime"]) and MICRO_TIME.fullmatch(spec["renewTime"])
+    for obj in (lease, status_cm, commands_configmap(api, "diabetes")):
+        assert obj["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "aml-rollout"}
+        assert obj["metadata"]["annotations"][o.ROLLOUT_ANNOTATION] == "diabetes"
+    claim = f"{spec['holderIdentity']} since {spec['acquireTime']}"
+    assert status_cm["metadata"]["annotations"][o.HOLDER_ANNOTATION] == claim
+    assert status_cm["data"][o.STATUS_KEY].startswith("{")
+    log = commands_configmap(api, "diabetes")["data"][o.COMMANDS_KEY]
+    assert log.count("\n") == 1 and '"id":"1"' in log
+    assert "holderIdentity" not in lease_of(api, "diabetes")["spec"]  # released
+
+
+def test_a_lease_written_on_a_whole_second_is_still_a_micro_time(api: FakeKubeApiServer) -> None:
+    # The kubernetes client re-serialises a typed Lease with isoformat(), which drops a zero
+    # fraction; the API server (and the fake) refuse anything but six digits.
+    store = kube_store(api, clock=lambda: 1_800_000_000.0)
+    with store.lease("ann"):
+        assert MICRO_TIME.fullmatch(lease_of(api)["spec"]["acquireTime"])
+
+
+def test_other_fields_of_the_objects_survive_our_writes(api: FakeKubeApiServer) -> None:
+    store = kube_store(api)
+    store.save(a_status(1))
+    store.push_command(Command(id="1", kind="pause"))
+    name = "aml-rollout-r-status"
+
+    def annotate(obj: dict[str, Any]) -> None:
+        obj["metadata"]["annotations"]["team"] = "ml-platform"
+        obj["data"]["notes.txt"] = "kept"
+
+    api.before_next_write("configmaps", name, annotate)
+    store.push_command(Command(id="2", kind="resume"))  # a write elsewhere changes nothing here
+    api.before_next_write("configmaps", "aml-rollout-r-commands", annotate)
+    store.push_command(Command(id="3", kind="abort"))
+    cm = commands_configmap(api)
+    assert cm["metadata"]["annotations"]["team"] == "ml-platform"
+    assert cm["data"]["notes.txt"] == "kept"
+    assert [c.id for c in store.commands()] == ["1", "2", "3"]
+
+
+# --------------------------------------------------------------------------------- commands
+
+
+def test_a_push_that_meets_a_concurrent_append_appends_after_it(api: FakeKubeApiServer) -> None:
+    store = kube_store(api)
+    store.push_command(Command(id="1", kind="pause"))
+    other = o.command_line(Command(id="theirs", kind="resume", by="bob"))
+
+    def another_cli_appends(obj: dict[str, Any]) -> None:
+        obj["data"][o.COMMANDS_KEY] += other
+
+    api.before_next_write("configmaps", "aml-rollout-r-commands", another_cli_appends)
+    store.push_command(Command(id="mine", kind="abort", by="ann"))
+    assert [c.id for c in store.commands()] == ["1", "theirs", "mine"]
+    patches = [r for r in api.requests if r.verb == "patch" and r.resource == "configmaps"]
+    assert [r.status for r in patches] == [409, 200]
+
+
+def test_endless_conflicts_are_a_state_error_not_a_lost_command(api: FakeKubeApiServer) -> None:
+    store = kube_store(api, max_conflict_retries=3, sleep=lambda _s: None)
+    store.push_command(Command(id="1", kind="pause"))
+    original = store._patch_configmap
+
+    def always_beaten(name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        api.before_next_write("configmaps", name, lambda obj: obj["metadata"].update(x="y"))
+        return original(name, patch)
+
+    store._patch_configmap = always_beaten  # type: ignore[method-assign]
+    with pytest.raises(StateError, match="still conflicting after 3 attempts"):
+        store.push_command(Command(id="2", kind="abort"))
+    assert [c.id for c in kube_store(api).commands()] == ["1"]
+
+
+def test_a_full_command_log_refuses_the_push_and_keeps_the_log(api: FakeKubeApiServer) -> None:
+    store = kube_store(api)
+    store.push_command(Command(id="1", kind="pause"))
+    cm = commands_configmap(api)
+    room = o.CONFIGMAP_MAX_BYTES - o.size_with(cm, o.COMMANDS_KEY, cm["data"][o.COMMANDS_KEY])
+    filler = '{"note":"x"}\n' * ((room - 20) // 13)  # 20 bytes left: no command fits
+    cm["data"][o.COMMANDS_KEY] = filler + cm["data"][o.COMMANDS_KEY]
+    api.seed(cm, "configmaps")
+    with pytest.raises(StateError) as refused:
+        store.push_command(Command(id="2", kind="abort", by="ann"))
+    message = str(refused.value)
+    assert "command log of rollout 'r' is full" in message and "nothing was written" in message
+    assert "kubectl -n ml delete configmap aml-rollout-r-commands" in message
+    assert [c.id for c in store.commands()] == ["1"]  # the filler lines are no commands
+
+
+def test_the_fake_refuses_an_oversized_configmap_as_the_api_server_does(
+    api: FakeKubeApiServer,
+) -> None:
+    # The store's own check keeps it from ever sending one; the server would say this.
+    store = kube_store(api)
+    store.push_command(Command(id="1", kind="pause"))
+    body = {"data": {o.COMMANDS_KEY: "x" * o.CONFIGMAP_MAX_BYTES}}
+    with pytest.raises(StateError, match=r"HTTP 422 .*Too long: must have at most 1048576 bytes"):
+        store._json(
+            "write",
+            lambda: store._core.patch_namespaced_config_map(
+                "aml-rollout-r-commands",
+                NAMESPACE,
+                body,
+                _content_type="application/merge-patch+json",
+                _preload_content=False,
+            ),
+        )
+
+
+# ----------------------------------------------------------------------- two nodes, one lease
+
+
+def test_a_live_lease_is_refused_at_once_naming_its_holder(api: FakeKubeApiServer) -> None:
+    first, second = kube_store(api, ttl=30), kube_store(api, ttl=30)
+    with first.lease("ann's controller"):
+        started = time.monotonic()
+        with pytest.raises(LeaseHeldError) as refused:
+            second.lease("bob's controller").__enter__()
+        assert time.monotonic() - started < 1
+    message = str(refused.value)
+    assert re.search(r"\(ann's controller pid \d+ on \S+ since \d{4}-\d\d-\d\dT[\d:]+Z\)", message)
+    assert "aml-rollout rollout pause|resume|promote|abort" in message
+    assert "Lease ml/aml-rollout-r" in message and "expires 30 s after its last renewal" in message
+
+
+def test_an_expired_lease_is_taken_over_and_the_stale_controller_fenced(
+    api: FakeKubeApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    stale = kube_store(api, ttl=30)
+    later = kube_store(api, ttl=30, clock=ahead(60))  # to it, stale's lease ran out
+    with stale.lease("ann's controller"):
+        stale.save(a_status(1))
+        with caplog.at_level(logging.WARNING), later.lease("bob's controller"):
+            assert "took over the expired lease of ann's controller" in caplog.text
+            assert lease_of(api)["spec"]["leaseTransitions"] == 1
+            resumed = later.load()
+            assert resumed is not None and resumed.tick == 1
+            # The stale controller wakes up: it may neither persist a decision nor read one.
+            with pytest.raises(StateError, match="lost rollout 'r' to another controller"):
+                stale.save(a_status(2))
+            later.save(a_status(2))
+            with pytest.raises(StateError, match="lost rollout 'r' to another controller"):
+                stale.load()
+    loaded = kube_store(api).load()
+    assert loaded is not None and loaded.tick == 2
+    assert "holderIdentity" not in lease_of(api)["spec"]  # the stale one did not clear bob's
+    clears = [r for r in api.requests if r.resource == "leases" and r.status == 409]
+    assert clears  # stale's release met bob's lease and left it alone
+
+
+def test_a_stale_controller_is_fenced_even_before_the_new_one_saves(
+    api: FakeKubeApiServer,
+) -> None:
+    stale = kube_store(api, ttl=30)
+    later = kube_store(api, ttl=30, clock=ahead(60))
+    with stale.lease("ann"):
+        stale.save(a_status(1))
+        with later.lease("bob"):  # takes the lease and claims the status: nothing else yet
+            with pytest.raises(StateError, match="lost rollout"):
+                stale.save(a_status(2))
+            loaded = later.load()
+            assert loaded is not None and loaded.tick == 1
+
+
+def test_the_renewal_notices_a_take_over_and_saves_stop(
+    api: FakeKubeApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = kube_store(api, ttl=1)
+    later = kube_store(api, clock=ahead(60))
+    with caplog.at_level(logging.WARNING), store.lease("ann"), later.lease("bob"):
+        eventually(lambda: "lost the lease of rollout 'r'" in caplog.text)
+        with pytest.raises(StateError, match=r"lost the lease .* taken over by bob pid"):
+            store.save(a_status(2))
+
+
+def test_every_take_of_the_lease_moves_the_status_version(api: FakeKubeApiServer) -> None:
+    # The claim is the fence, and the API server skips a write that changes nothing: a claim
+    # must differ from the last one even when the same process takes the lease again.
+    store = kube_store(api, ttl=30)
+    versions = []
+    for _ in range(2):
+        with store.lease("ann"):
+            versions.append(api.get("configmaps", "aml-rollout-r-status", NAMESPACE))
+    assert versions[0]["metadata"]["resourceVersion"] != versions[1]["metadata"]["resourceVersion"]
+
+
+def test_a_save_after_the_lease_is_lost_is_refused(api: FakeKubeApiServer) -> None:
+    store = kube_store(api, ttl=1)
+    with store.lease("ann"):
+        store.save(a_status(1))
+        api._objects.pop(("coordination.k8s.io", "leases", NAMESPACE, "aml-rollout-r"))
+        eventually(lambda: store._held is not None and store._held.lost is not None)
+        with pytest.raises(StateError, match=r"lost the lease of rollout 'r': .* was deleted"):
+            store.save(a_status(2))
+
+
+def test_a_lease_not_renewed_for_its_ttl_refuses_saves(api: FakeKubeApiServer) -> None:
+    # A controller frozen (or cut off) past its ttl must not write when it wakes, even before
+    # its renewal thread has run once.
+    offset = [0.0]
+    store = kube_store(api, ttl=30, monotonic=lambda: time.monotonic() + offset[0])
+    with store.lease("ann"):
+        store.save(a_status(1))
+        offset[0] = 31.0
+        with pytest.raises(StateError, match="not renewed for more than 30 s"):
+            store.save(a_status(2))
+
+
+def test_renewal_keeps_a_live_lease_alive_past_several_ttls(api: FakeKubeApiServer) -> None:
+    store, other = kube_store(api, ttl=1), kube_store(api, ttl=1)
+    with store.lease("ann"):
+        acquired = lease_of(api)["spec"]["renewTime"]
+        for tick in range(1, 7):  # 3 s: three ttls
+            time.sleep(0.5)
+            store.save(a_status(tick))
+        with pytest.raises(LeaseHeldError, match="ann"):
+            other.lease("bob").__enter__()
+        assert lease_of(api)["spec"]["renewTime"] > acquired
+    renewals = [r for r in api.requests if r.resource == "leases" and r.verb == "patch"]
+    assert len(renewals) >= 6  # every ttl/3, then the release
+
+
+def test_controller_is_none_once_the_lease_expired(api: FakeKubeApiServer) -> None:
+    store = kube_store(api, ttl=30)
+    with store.lease("ann"):
+        assert "ann" in (kube_store(api).controller() or "")
+        assert kube_store(api, clock=ahead(60)).controller() is None
+
+
+def test_a_release_that_fails_is_logged_not_raised(
+    api: FakeKubeApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = kube_store(api, ttl=30)
+    with caplog.at_level(logging.WARNING), store.lease("ann"):
+        api._objects.pop(("coordination.k8s.io", "leases", NAMESPACE, "aml-rollout-r"))
+    assert "could not release Lease ml/aml-rollout-r" in caplog.text
+    assert "it expires 30 s after its last renewal" in caplog.text
+
+
+def test_a_racing_take_over_that_loses_names_the_winner(api: FakeKubeApiServer) -> None:
+    stale = kube_store(api, ttl=30)
+    with stale.lease("ann"):
+        pass
+    # ann released; bob and carol both see a free Lease; carol writes first.
+    carol = kube_store(api, ttl=30)
+
+    def carol_wins(obj: dict[str, Any]) -> None:
+        obj["spec"].update(
+            holderIdentity="carol's controller pid 9 on node-2",
+            renewTime=o.micro_time(time.time()),
+            acquireTime=o.micro_time(time.time()),
+        )
+
+    api.before_next_write("leases", "aml-rollout-r", carol_wins)
+    with pytest.raises(LeaseHeldError, match="carol's controller pid 9 on node-2"):
+        kube_store(api, ttl=30).lease("bob").__enter__()
+    assert carol.controller() is not None
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+def test_a_missing_namespace_is_named() -> None:
+    with FakeKubeApiServer() as bare:
+        store = kube_store(bare)
+        with pytest.raises(StateError, match=r"namespace 'ml'.* does not exist"):
+            store.push_command(Command(id="1", kind="pause"))
+        with pytest.raises(StateError, match=r"namespace 'ml'.* does not exist"):
+            store.lease("ann").__enter__()
+
+
+def test_an_unreachable_api_server_is_a_state_error_with_its_url() -> None:
+    with FakeKubeApiServer() as gone:
+        url = gone.url
+    cfg = KubernetesStateConfig(namespace=NAMESPACE, api_url=url)
+    store = make_store(cfg, "r")
+    with pytest.raises(StateError, match=f"cannot reach the Kubernetes API at {url}"):
+        store.load()
+
+
+def test_an_unreadable_status_is_a_state_error(api: FakeKubeApiServer) -> None:
+    api.seed(
+        {"metadata": {"name": "aml-rollout-r-status", "namespace": NAMESPACE},
+         "data": {o.STATUS_KEY: "{not json"}},
+        "configmaps",
+    )  # fmt: skip
+    with pytest.raises(StateError, match=r"ConfigMap ml/aml-rollout-r-status .* not a rollout"):
+        kube_store(api).load()
+
+
+@pytest.mark.parametrize(
+    ("namespace_", "name", "field"),
+    [
+        pytest.param("ML", "r", "state.namespace", id="namespace-upper-case"),
+        pytest.param("ml", "a_b", "name", id="underscore"),
+        pytest.param("ml", "x" * 233, "name", id="too-long"),
+    ],
+)
+def test_names_the_api_server_would_refuse_are_config_errors(
+    namespace_: str, name: str, field: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        StateObjects(namespace_, name)
+
+
+def test_built_from_a_spec_through_the_factory(api: FakeKubeApiServer) -> None:
+    cfg = KubernetesStateConfig(namespace=NAMESPACE, api_url=api.url, lease_ttl_s=9)
+    store = make_store(cfg, "r")
+    assert isinstance(store, KubernetesStateStore) and store.lease_ttl_s == 9
+    store.push_command(Command(id="1", kind="pause"))
+    assert [c.id for c in kube_store(api).commands()] == ["1"]
+
+
+def test_the_store_uses_exactly_the_verbs_of_its_role_rules(api: FakeKubeApiServer) -> None:
+    exercise(api)
+    granted = {(g, r, v) for g, r, verbs in o.ROLE_RULES for v in verbs}
+    assert api.verbs_used() == granted
