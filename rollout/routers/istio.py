@@ -7,11 +7,13 @@ generateVirtualServicePatches vs reconcileVirtualService).
 - `deploy` makes sure the Services, the Gateway and the VirtualService exist (created when
   missing, never overwritten), then creates Deployment `<app>-<colour>`, or, when it exists,
   changes only what the router owns in the object it read (the scoring container's image, its
-  AML_ROLLOUT_COLOUR variable, the `aml-rollout.io/*` annotations) and PUTs it back carrying
-  the read `resourceVersion` (409 → re-read → retry, as below): replicas set by an HPA, Helm's
-  metadata, resources and the rest stay. Then it waits, bounded, until the rollout is complete
-  by `kubectl rollout status`'s rule (new pods all updated and available, no old pod left),
-  failing at once when the Deployment reports ProgressDeadlineExceeded.
+  AML_ROLLOUT_COLOUR variable, the `aml-rollout.io/*` annotations) and sends what changed as a
+  JSON merge patch carrying the read `resourceVersion` (409 → re-read → retry, as below):
+  replicas set by an HPA, Helm's metadata, resources and the rest stay, and so do fields the
+  client's typed models do not know (a PUT goes through them, and they refuse such fields).
+  Then it waits, bounded, until the rollout is complete by `kubectl rollout status`'s rule (new
+  pods all updated and available, no old pod left), failing at once when the Deployment
+  reports ProgressDeadlineExceeded.
 - `set_weights` reads the VirtualService, computes the new `spec.http` with `merge_routes` (only
   routes named `aml-rollout-*` change; the user's routes stay where they are) and sends it as a
   JSON merge patch carrying `metadata.resourceVersion`. A 409 (someone wrote in between) re-reads
@@ -229,13 +231,17 @@ class IstioRouter:
             )
             return
         wanted = m.updated_deployment(current, colour, release)
-        if wanted == {k: v for k, v in current.items() if k != "status"}:
+        spec = {k: v for k, v in current.items() if k != "status"}
+        if wanted == spec:
             return  # already serving it: no write, no new generation
-        # The dict as read, not a typed model: fields the client's models do not know survive.
-        self._apps.replace_namespaced_deployment(
+        # A merge patch of what changed, carrying the read resourceVersion (409 if it moved):
+        # a PUT of the whole object would go through the client's typed models, which refuse
+        # any field they do not know.
+        self._apps.patch_namespaced_deployment(
             name,
             self._ns,
-            cast(k8s.V1Deployment, wanted),  # the client serialises a dict body as it is
+            m.merge_patch(spec, wanted),
+            _content_type="application/merge-patch+json",
             _request_timeout=self._timeout,
         )
 

@@ -50,7 +50,7 @@ COLOUR_ENV = "AML_ROLLOUT_COLOUR"
 
 # What the Istio router does through the API, and nothing else.
 ROUTER_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("apps", "deployments", ("create", "delete", "get", "update")),
+    ("apps", "deployments", ("create", "delete", "get", "patch")),
     ("", "services", ("create", "get")),
     (ISTIO_GROUP, "gateways", ("create", "get")),
     (ISTIO_GROUP, "virtualservices", ("create", "get", "patch")),
@@ -186,9 +186,9 @@ def updated_deployment(current: Obj, colour: Colour, release: Release) -> Obj:
     That is the scoring container's image, its AML_ROLLOUT_COLOUR variable and the
     `aml-rollout.io/*` annotations. Everything else (replicas an HPA or an operator set, Helm's
     labels and annotations, resources, imagePullSecrets, ...) is kept, and so is
-    `metadata.resourceVersion`: a PUT of the result fails with 409 if the object changed since
-    it was read. `status` is dropped (the API server ignores it on this write anyway). The
-    release's image is checked by `deployment`, which `IstioRouter.deploy` builds first.
+    `metadata.resourceVersion`. `status` is dropped (it is not ours to write). The release's
+    image is checked by `deployment`, which `IstioRouter.deploy` builds first. The router sends
+    `merge_patch(current, result)`.
     """
     new = copy.deepcopy(current)
     new.pop("status", None)
@@ -208,6 +208,34 @@ def updated_deployment(current: Obj, colour: Colour, release: Release) -> Obj:
     else:
         env[at] = ours  # in place, so a second deploy of the same release changes nothing
     return new
+
+
+def merge_patch(current: Obj, wanted: Obj) -> Obj:
+    """The JSON merge patch (RFC 7386) that turns `current` into `wanted`, carrying `current`'s
+    resourceVersion so that the API server refuses it (409) if the object changed since.
+
+    Objects are diffed key by key; a list that differs is sent whole (merge patch replaces
+    lists); a key `wanted` lacks is sent as null (removed). Only what differs is sent, so the
+    write never goes through the client's typed models, which refuse any field they do not
+    know (a field newer than the client, from a newer cluster).
+    """
+    patch = _diff(current, wanted)
+    version = (current.get("metadata") or {}).get("resourceVersion")
+    if version:
+        patch.setdefault("metadata", {})["resourceVersion"] = version
+    return patch
+
+
+def _diff(current: Obj, wanted: Obj) -> Obj:
+    patch: Obj = {key: None for key in current if key not in wanted}
+    for key, value in wanted.items():
+        old = current.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            if nested := _diff(old, value):
+                patch[key] = nested
+        elif key not in current or old != value:
+            patch[key] = value
+    return patch
 
 
 def rollout_waiting_for(deployment: Obj) -> str | None:

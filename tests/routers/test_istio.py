@@ -155,7 +155,12 @@ def test_a_stale_deployment_replace_is_retried_and_their_change_survives(
 
     api.before_next_write("deployments", "diabetes-blue", someone_else)
     router.deploy(Colour.BLUE, V2)
-    assert [r.status for r in api.requests if r.verb == "update"] == [409, 200]
+    assert [
+        r.status for r in api.requests if r.resource == "deployments" and r.verb == "patch"
+    ] == [
+        409,
+        200,
+    ]
     assert identity(router.release(Colour.BLUE)) == identity(V2)
     dep = api.get(*DEPLOYMENT_BLUE)
     assert (dep["metadata"]["labels"]["x"], dep["spec"]["replicas"]) == ("y", 4)
@@ -188,7 +193,43 @@ def test_redeploy_changes_only_what_the_router_owns(api: FakeKubeApiServer) -> N
         expected["metadata"].pop(volatile), after["metadata"].pop(volatile)
     expected.pop("status"), after.pop("status")
     assert after == expected  # Helm's metadata, the HPA's 6 replicas, resources... all kept
-    assert [r.verb for r in api.requests if r.resource == "deployments"].count("update") == 1
+    assert [r.verb for r in api.requests if r.resource == "deployments"].count("patch") == 1
+
+
+def test_redeploy_keeps_fields_the_client_does_not_know(api: FakeKubeApiServer) -> None:
+    """A cluster newer than the kubernetes client serves fields its typed models refuse
+    (pydantic `extra_forbidden`): a PUT of the object as read would fail before sending."""
+    dep = m.deployment(LAYOUT, Colour.GREEN, V1)
+    dep["spec"]["template"]["spec"]["futurePodField"] = {"enabled": True}
+    api.seed(dep, "deployments", "apps")
+    make(api).deploy(Colour.GREEN, V2)
+    after = api.get(*DEPLOYMENT_GREEN)["spec"]["template"]["spec"]
+    assert after["futurePodField"] == {"enabled": True}
+    assert after["containers"][0]["image"] == V2.image
+
+
+@pytest.mark.parametrize(
+    ("current", "wanted", "patch"),
+    [
+        pytest.param({"a": 1, "b": 2}, {"a": 1, "b": 3}, {"b": 3}, id="changed-scalar"),
+        pytest.param({"a": 1}, {}, {"a": None}, id="removed-key"),
+        pytest.param(
+            {"m": {"x": 1, "y": 2}}, {"m": {"x": 1, "y": 5}}, {"m": {"y": 5}}, id="nested"
+        ),
+        pytest.param({"l": [1, 2]}, {"l": [1, 3]}, {"l": [1, 3]}, id="list-sent-whole"),
+        pytest.param({"a": 1}, {"a": 1}, {}, id="unchanged"),
+        pytest.param(
+            {"metadata": {"resourceVersion": "7", "name": "d"}, "spec": {"r": 1}},
+            {"metadata": {"resourceVersion": "7", "name": "d"}, "spec": {"r": 2}},
+            {"metadata": {"resourceVersion": "7"}, "spec": {"r": 2}},
+            id="carries-resource-version",
+        ),
+    ],
+)
+def test_merge_patch(
+    current: dict[str, Any], wanted: dict[str, Any], patch: dict[str, Any]
+) -> None:
+    assert m.merge_patch(current, wanted) == patch
 
 
 def test_only_a_new_deployment_gets_the_layout_replicas(api: FakeKubeApiServer) -> None:
