@@ -291,6 +291,9 @@ class Controller:
     def _apply(self, action: Action) -> None:
         delay = 1.0
         for attempt in range(1, ROUTER_ATTEMPTS + 1):
+            # A controller whose lease is lost (or about to be) must not move traffic that the
+            # controller taking over now drives: StateError, and this one stops.
+            self.store.check_lease()
             try:
                 if isinstance(action, SetWeights):
                     wanted = Weights.blue_at(action.blue)

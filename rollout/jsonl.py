@@ -35,8 +35,15 @@ def append(path: Path, record: dict[str, Any], *, fsync: bool = True) -> None:
 
 def read(path: Path) -> list[dict[str, Any]]:
     """The records of every complete line; FileNotFoundError/OSError as `open` raises them."""
+    return [record for record in read_slots(path) if record is not None]
+
+
+def read_slots(path: Path) -> list[dict[str, Any] | None]:
+    """One entry per complete non-blank line: its record, or None (with a warning) when it is
+    not a JSON object. A line keeps its position whether or not it parses, so positions into
+    the file never shift (a fragment ended by the next append becomes a None slot in place)."""
     data = Path(path).read_bytes()
-    records = []
+    slots: list[dict[str, Any] | None] = []
     for number, line in enumerate(data.split(b"\n")[:-1], 1):  # the last piece is incomplete
         if not line.strip():
             continue
@@ -44,12 +51,12 @@ def read(path: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except ValueError:  # UnicodeDecodeError included
             log.warning("%s:%d: skipped a line that is not JSON (a torn write?)", path, number)
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-        else:
+            record = None
+        if record is not None and not isinstance(record, dict):
             log.warning("%s:%d: skipped a line that is not a JSON object", path, number)
-    return records
+            record = None
+        slots.append(record)
+    return slots
 
 
 def _last_byte(path: Path, size: int) -> bytes:

@@ -29,6 +29,7 @@ ends with blue at 0; no traffic is neither a pass nor an instant fail; promotion
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -107,21 +108,25 @@ def new_status(
     )
 
 
-def with_commands(status: Status, commands: list[Command]) -> Status:
+def with_commands(status: Status, commands: Sequence[Command | None]) -> Status:
     """Queue the commands of the store's log (`commands`, oldest first) not read before.
 
     Returns `status` itself when there is nothing new. The log only grows, so a position is
-    enough: no command is read twice, however many there are.
+    enough: no command is read twice, however many there are. A None entry (a line this
+    version cannot read) takes its position and is skipped. A log shorter than the position
+    read was deleted and begun again (e.g. a full Kubernetes command log): it is read from
+    its start.
     """
     if status.commands_read < 0:  # a status file from before `commands_read`: skip by id
         known = set(status.handled) | {c.id for c in status.commands}
-        fresh = tuple(c for c in commands if c.id not in known)
+        fresh = tuple(c for c in commands if c is not None and c.id not in known)
         return replace(
             status, commands=status.commands + fresh, commands_read=len(commands), handled=()
         )
-    if len(commands) <= status.commands_read:
-        return status
-    fresh = tuple(commands[status.commands_read :])
+    start = status.commands_read if len(commands) >= status.commands_read else 0
+    if len(commands) == start:
+        return status if start == status.commands_read else replace(status, commands_read=0)
+    fresh = tuple(c for c in commands[start:] if c is not None)
     return replace(status, commands=status.commands + fresh, commands_read=len(commands))
 
 

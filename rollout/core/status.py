@@ -115,6 +115,18 @@ class Command:
             raise ValueError(f"unknown command kind {data.get('kind')!r}")
         return cls(**data)
 
+    @classmethod
+    def from_line(cls, data: Any) -> Command | None:
+        """A command log line's command, or None when it is not one this version can read (a
+        line edited by hand, a kind or field from a newer version): it still takes its place in
+        the log, so that positions mean the same to every reader."""
+        if not isinstance(data, dict):
+            return None
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError):
+            return None
+
 
 # -------------------------------------------------------------------------------------- status
 

@@ -24,8 +24,16 @@ class StateStore(Protocol):
     def push_command(self, command: Command) -> None:
         """Queue an operator command (needs no lease)."""
 
-    def commands(self) -> list[Command]:
-        """Every queued command, oldest first (the machine skips ids it has handled)."""
+    def commands(self) -> list[Command | None]:
+        """The command log, oldest first: one entry per line, None for a line that is not a
+        command this version can read (it keeps its position: the machine reads by position)."""
+
+    def check_lease(self) -> None:
+        """StateError when the lease this store holds is lost or about to be (no-op otherwise).
+
+        The controller asks before every router action: a controller that lost its lease must
+        not move traffic the one that took over now drives.
+        """
 
     def controller(self) -> str | None:
         """Who holds the lease now ("ann's controller pid 12 on host since ..."), None if nobody."""

@@ -82,25 +82,23 @@ class FileStateStore:
                 f"cannot queue a command in {self.commands_path}: {exc.strerror}"
             ) from exc
 
-    def commands(self) -> list[Command]:
-        """The command log, oldest first; lines torn by a killed writer are skipped.
+    def commands(self) -> list[Command | None]:
+        """The command log, oldest first; None for a line that is not a command.
 
-        Positions are stable: the log only grows, a line counts once it is complete, and a
-        torn fragment is ended by the next append, never merged into it.
+        Positions are stable: the log only grows, a line counts once it is complete (whether
+        it parses or not), and a torn fragment is ended by the next append, never merged into
+        it.
         """
         try:
-            records = jsonl.read(self.commands_path)
+            slots = jsonl.read_slots(self.commands_path)
         except FileNotFoundError:
             return []
         except OSError as exc:
             raise StateError(f"cannot read {self.commands_path}: {exc.strerror}") from exc
-        out = []
-        for record in records:
-            try:
-                out.append(Command.from_dict(record))
-            except (ValueError, TypeError):
-                continue
-        return out
+        return [Command.from_line(record) for record in slots]
+
+    def check_lease(self) -> None:
+        """An fcntl lock is held until its process dies: it cannot be lost."""
 
     def controller(self) -> str | None:
         """The lease holder, probed without waiting (the probe holds the lock for microseconds)."""

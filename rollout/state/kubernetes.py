@@ -8,28 +8,35 @@ resourceVersion they were computed from (compare-and-swap): other fields survive
 goes through the client's typed models, which would rewrite a Lease's MicroTimes and refuse
 fields they do not know.
 
-- **Lease** `aml-rollout-<name>`: `lease(owner)` creates it, or takes it over when it has no
-  holder or its holder stopped renewing (renewTime + leaseDurationSeconds in the past), by a
-  patch carrying the resourceVersion it read — of two controllers racing for it, the API server
-  lets one write and answers the other 409, which then re-reads and reports the winner
-  (LeaseHeldError, at once: the CLI's contract). A live holder is reported at once too. While
-  held, a daemon thread renews it every `lease_ttl_s / 3`; a renewal refused (someone took it
-  over or deleted it), or none succeeding for `lease_ttl_s`, marks the lease lost, and the next
-  `save()` raises StateError: this controller stops. On exit the holder is cleared (CAS; a
-  failure is logged, the lease then expires on its own).
-- **Fencing** — a lease alone cannot stop a controller that froze past its lease (a long GC
-  pause, a partition) from writing when it wakes. So status writes are compare-and-swap: `save()`
-  patches the status ConfigMap carrying the resourceVersion this store last read or wrote, and a
-  409 means someone else wrote since: StateError, "lost rollout 'x' to another controller".
-  Taking the lease *claims* the status (a write of the holder annotation, which moves the
-  resourceVersion), so the stale controller's next save is refused even if the new one has not
-  saved yet; and the new controller's `load()` refuses a status written after its claim. A
-  frozen controller can thus apply at most the one router action it was applying when it froze
-  (actions are idempotent and re-applied by the new controller), never persist a decision.
+- **Lease** `aml-rollout-<name>`: `lease(owner)` creates it, or takes it when it has no
+  holder, or takes it over when its holder stopped renewing: renewTime + leaseDurationSeconds
+  is past by this machine's clock AND the Lease stays unchanged while this process watches it
+  for another ttl by its monotonic clock (client-go's rule: a clock running ahead of the
+  holder's must not take a live lease). The take is a patch carrying the resourceVersion read —
+  of two controllers racing for it, the API server lets one write and answers the other 409,
+  which then re-reads and reports the winner (LeaseHeldError: the CLI's contract). A live holder
+  is reported at once. While held, a daemon thread renews it every `lease_ttl_s / 3` (every
+  second after a failure); a renewal refused (someone took it over or deleted it), or none
+  going through for `renew_deadline_s` (two thirds of the ttl), marks the lease lost:
+  `check_lease()`, which the controller calls before every router action, and `save()` raise
+  StateError, and this controller stops, a third of the ttl before anyone may take over. On
+  exit the holder is cleared (CAS; a failure is logged, the lease then expires on its own).
+- **Fencing** — a lease alone cannot stop a controller that froze (a long GC pause) from writing
+  when it wakes. So status writes are compare-and-swap: `save()` patches the status ConfigMap
+  carrying the resourceVersion this store last read or wrote. On a 409 it re-reads: if the
+  holder annotation is still this tenure's claim and the status still what it wrote, someone
+  only edited labels or annotations and the write is retried; otherwise StateError, "lost
+  rollout 'x' to another controller". Taking the lease *claims* the status (a write of the
+  holder annotation, which moves the resourceVersion), so the stale controller's next save is
+  refused even if the new one has not saved yet; and the new controller's `load()` refuses a
+  status written by anyone else after its claim. A frozen controller can thus land at most the
+  one router request it had in flight when it froze (actions are idempotent and re-applied by
+  the new controller), never persist a decision.
 - **Commands**: ConfigMap `aml-rollout-<name>-commands`, one JSON line per command in one data
   key. `push_command` reads it, appends a line and writes it back with the read resourceVersion;
   a 409 (another CLI appended meanwhile) re-reads and appends again, a bounded number of times.
-  Lines are never rewritten or dropped, so positions (`Status.commands_read`) are stable. A
+  Lines are never rewritten or dropped, and a line that does not parse still counts (None), so
+  positions (`Status.commands_read`) are stable and the same for every reader. A
   ConfigMap holds at most 1 MiB: a push that would pass it is refused with a clear StateError
   and nothing written (~8,000 commands; the log is shared by every rollout of the name).
 
@@ -117,6 +124,10 @@ class KubernetesStateStore:
         self.objects = objects
         self.name = objects.rollout
         self.lease_ttl_s = lease_ttl_s
+        #: The holder gives up (`check_lease` fails) this long after its last renewal that went
+        #: through, a third of the ttl before anyone else may take the Lease (client-go's
+        #: renewDeadline < leaseDuration): it stops moving traffic before a successor starts.
+        self.renew_deadline_s = lease_ttl_s * 2 / 3
         self._core = k8s.CoreV1Api(api_client)
         self._coordination = k8s.CoordinationV1Api(api_client)
         self._host = api_client.configuration.host
@@ -149,7 +160,11 @@ class KubernetesStateStore:
         refused (StateError): another controller drives the rollout now.
         """
         found = self._read_configmap(self.objects.status)
-        if self._held is not None and o.resource_version(found) != o.resource_version(self._status):
+        if (
+            self._held is not None
+            and o.resource_version(found) != o.resource_version(self._status)
+            and not self._still_ours(found)
+        ):
             raise self._fenced("was written by someone else after this controller took the lease")
         self._status = found
         text = o.data_of(found, o.STATUS_KEY)
@@ -168,7 +183,7 @@ class KubernetesStateStore:
 
         Refused too when this store's lease was lost or has not been renewed for its ttl.
         """
-        self._check_lease()
+        self.check_lease()
         text = json.dumps(status.to_dict(), sort_keys=True)
         current, name = self._status, self.objects.status
         if (size := o.size_with(current, o.STATUS_KEY, text)) > o.CONFIGMAP_MAX_BYTES:
@@ -180,22 +195,53 @@ class KubernetesStateStore:
                 holder = self._held.claim if self._held else ""
                 body = o.configmap(self.objects, name, {o.STATUS_KEY: text}, holder)
                 self._status = self._create_configmap(body)
-            else:
-                patch = o.data_patch(current, o.STATUS_KEY, text)
-                self._status = self._patch_configmap(name, patch)
+                return
+            for _ in range(self._max_retries):
+                try:
+                    patch = o.data_patch(current, o.STATUS_KEY, text)
+                    self._status = self._patch_configmap(name, patch)
+                    return
+                except _Conflict:
+                    # A 409 is never our own write: the client does not resend a PATCH whose
+                    # answer it missed. Someone else wrote: another controller (then the claim
+                    # or the status changed), or a person or tool editing labels or
+                    # annotations, which is no reason to stop.
+                    found = self._read_configmap(name)
+                    if found is None:
+                        raise self._deleted(name) from None
+                    if not self._still_ours(found):
+                        raise
+                    current = found
+            raise StateError(
+                f"cannot save the status of rollout {self.name!r}: ConfigMap {self._ns}/{name} "
+                f"still changing after {self._max_retries} attempts"
+            )
         except _Conflict:
-            # A 409 is never our own write: the client does not resend a POST or a PATCH whose
-            # answer it missed (that is a StateError, and the next controller resumes).
             raise self._fenced(
                 "was written by someone else since this controller wrote it"
             ) from None
         except _Missing:
             if current is None:
                 raise self._no_namespace(name) from None
-            raise StateError(
-                f"ConfigMap {self._ns}/{name} was deleted while this controller drove rollout "
-                f"{self.name!r}; it stops rather than start the rollout over"
-            ) from None
+            raise self._deleted(name) from None
+
+    def _deleted(self, name: str) -> StateError:
+        return StateError(
+            f"ConfigMap {self._ns}/{name} was deleted while this controller drove rollout "
+            f"{self.name!r}; it stops rather than start the rollout over"
+        )
+
+    def _still_ours(self, found: Obj | None) -> bool:
+        """Whether the status as read (`found`) still carries this controller's claim and the
+        status it last wrote: a write in between touched only what is not ours (a label, an
+        annotation), not another controller's."""
+        held, last = self._held, self._status
+        return (
+            held is not None
+            and found is not None
+            and o.claim_of(found) == held.claim
+            and o.data_of(found, o.STATUS_KEY) == o.data_of(last, o.STATUS_KEY)
+        )
 
     def _fenced(self, why: str) -> StateError:
         return StateError(
@@ -217,9 +263,9 @@ class KubernetesStateStore:
             if (size := o.size_with(found, o.COMMANDS_KEY, new_log)) > o.CONFIGMAP_MAX_BYTES:
                 raise StateError(
                     f"cannot queue the command: the command log of rollout {self.name!r} is "
-                    f"full ({self._too_big(name, size)}); nothing was written. Once no rollout "
-                    f"of this name runs, `kubectl -n {self._ns} delete configmap {name}` starts "
-                    "a new log"
+                    f"full ({self._too_big(name, size)}); nothing was written. `kubectl -n "
+                    f"{self._ns} delete configmap {name}` starts a new log (a running controller "
+                    "reads it from its start)"
                 )
             try:
                 if found is None:
@@ -238,7 +284,7 @@ class KubernetesStateStore:
             f"after {self._max_retries} attempts (others keep writing it)"
         )
 
-    def commands(self) -> list[Command]:
+    def commands(self) -> list[Command | None]:
         """The command log, oldest first."""
         found = self._read_configmap(self.objects.commands)
         return o.parse_commands(o.data_of(found, o.COMMANDS_KEY) or "")
@@ -279,9 +325,11 @@ class KubernetesStateStore:
         """Create the Lease, or take it over when free; LeaseHeldError when someone holds it."""
         for _ in range(self._max_retries):
             found = self._read_lease()
-            sent, now = self._monotonic(), self._clock()
-            if found is not None and o.live_holder(found, now) is not None:
+            if found is not None and o.live_holder(found, self._clock()) is not None:
                 raise self._held_by(found)
+            if found is not None and o.holder_of(found) is not None:
+                found = self._watch_expired(found)
+            sent, now = self._monotonic(), self._clock()
             try:
                 if found is None:
                     written = self._create_lease(
@@ -301,6 +349,29 @@ class KubernetesStateStore:
             f"cannot take Lease {self._ns}/{self.objects.lease}: still conflicting after "
             f"{self._max_retries} attempts"
         )
+
+    def _watch_expired(self, found: Obj) -> Obj | None:
+        """The Lease `found`, expired by this machine's clock, once it stayed unchanged for a
+        whole ttl by this process's monotonic clock (client-go's rule): a clock running ahead of
+        the holder's must not take a live lease. LeaseHeldError when its holder renews it
+        meanwhile; the Lease as it now stands when it is released or deleted meanwhile."""
+        version = o.resource_version(found)
+        log.info(
+            "Lease %s/%s of %s looks expired; watching it %d s before taking it over",
+            self._ns,
+            self.objects.lease,
+            o.describe_holder(found),
+            self.lease_ttl_s,
+        )
+        deadline = self._monotonic() + self.lease_ttl_s
+        while self._monotonic() < deadline:
+            self._sleep(min(1.0, self.lease_ttl_s / 5))
+            seen = self._read_lease()
+            if seen is None or o.holder_of(seen) is None:
+                return seen  # deleted or released meanwhile: free
+            if o.resource_version(seen) != version:
+                raise self._held_by(seen)  # renewed (or taken): alive, whatever the clocks say
+        return found
 
     def _held_by(self, found: Obj) -> LeaseHeldError:
         return LeaseHeldError(
@@ -334,13 +405,16 @@ class KubernetesStateStore:
 
     def _keep_renewing(self, held: _Held) -> None:
         """The renewal thread: every ttl/3 until released, or until the lease is lost."""
-        while not held.stop.wait(self.lease_ttl_s / 3):
+        pause = self.lease_ttl_s / 3
+        while not held.stop.wait(pause):
+            pause = self.lease_ttl_s / 3
             try:
                 self._renew(held)
             except (StateError, _Conflict) as exc:
                 log.warning("could not renew Lease %s/%s: %s", self._ns, self.objects.lease, exc)
-                if self._monotonic() - held.renewed_at > self.lease_ttl_s:
-                    held.lost = f"it could not be renewed for {self.lease_ttl_s} s ({exc})"
+                if self._monotonic() - held.renewed_at > self.renew_deadline_s:
+                    held.lost = f"it could not be renewed for {self.renew_deadline_s:g} s ({exc})"
+                pause = min(1.0, self.lease_ttl_s / 10)  # a blip: try again soon
             except Exception as exc:  # a dead thread would be a lost lease nobody notices
                 held.lost = f"renewing it failed: {exc!r}"
             if held.lost is not None:
@@ -368,12 +442,13 @@ class KubernetesStateStore:
                 held.obj = found  # still ours (someone touched its metadata): renew that
         raise _Conflict(f"{what} keeps changing")
 
-    def _check_lease(self) -> None:
+    def check_lease(self) -> None:
+        """StateError once the lease is lost, or not renewed for `renew_deadline_s`."""
         held = self._held
         if held is None:
             return
-        if held.lost is None and self._monotonic() - held.renewed_at > self.lease_ttl_s:
-            held.lost = f"it was not renewed for more than {self.lease_ttl_s} s"
+        if held.lost is None and self._monotonic() - held.renewed_at > self.renew_deadline_s:
+            held.lost = f"it was not renewed for more than {self.renew_deadline_s:g} s"
         if held.lost is not None:
             raise StateError(
                 f"lost the lease of rollout {self.name!r}: {held.lost}; another controller may "

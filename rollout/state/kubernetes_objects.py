@@ -142,6 +142,13 @@ def claim_patch(obj: Obj, claim: str) -> Obj:
     return _guarded(obj, {"metadata": {"annotations": {HOLDER_ANNOTATION: claim}}})
 
 
+def claim_of(obj: Obj | None) -> str | None:
+    """The holder annotation of a ConfigMap as read (None when absent)."""
+    annotations = ((obj or {}).get("metadata") or {}).get("annotations") or {}
+    value = annotations.get(HOLDER_ANNOTATION)
+    return value if isinstance(value, str) else None
+
+
 def data_of(obj: Obj | None, key: str) -> str | None:
     """One data value of a ConfigMap as read (None when absent)."""
     if obj is None:
@@ -170,19 +177,22 @@ def appended(log: str, line: str) -> str:
     return log + line
 
 
-def parse_commands(log: str) -> list[Command]:
-    """The commands of a log, oldest first; a line that is not a command is skipped.
+def parse_commands(log: str) -> list[Command | None]:
+    """The commands of a log, oldest first; None for a line that is not a command.
 
-    Lines are whole (each append is one atomic write of the ConfigMap), so skipping only ever
-    concerns a line someone edited in by hand, and it is skipped the same way on every read:
-    positions stay stable.
+    Lines are whole (each append is one atomic write of the ConfigMap). A line that does not
+    parse (edited in by hand, or from a newer version) keeps its position, so positions mean
+    the same to every reader, whatever it can parse. Blank lines are not positions.
     """
-    out = []
+    out: list[Command | None] = []
     for line in log.splitlines():
-        try:
-            out.append(Command.from_dict(json.loads(line)))
-        except (ValueError, TypeError, AttributeError):
+        if not line.strip():
             continue
+        try:
+            data = json.loads(line)
+        except ValueError:
+            data = None
+        out.append(Command.from_line(data))
     return out
 
 

@@ -34,9 +34,12 @@ class MemoryStateStore:
         """Queue a command."""
         self._commands.append(command)
 
-    def commands(self) -> list[Command]:
+    def commands(self) -> list[Command | None]:
         """All queued commands."""
         return list(self._commands)
+
+    def check_lease(self) -> None:
+        """A lease in this process is never lost."""
 
     def controller(self) -> str | None:
         """The lease holder in this process, if any."""

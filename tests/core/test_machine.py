@@ -380,6 +380,25 @@ def test_a_new_rollout_does_not_read_the_commands_of_the_previous_one() -> None:
     assert with_commands(status, log) is status
 
 
+def test_a_line_that_is_no_command_keeps_its_position() -> None:
+    """A line this version cannot read (a newer kind, edited by hand) is None in the log: it
+    counts as a position, so the commands after it are read once and only once."""
+    log = [cmd("pause", ident="c1"), None, cmd("resume", ident="c3")]
+    status = with_commands(progressing(), log)
+    assert [c.id for c in status.commands] == ["c1", "c3"] and status.commands_read == 3
+    assert with_commands(replace(status, commands=()), log).commands == ()
+
+
+def test_a_command_log_begun_again_is_read_from_its_start() -> None:
+    """A log shorter than the position read was deleted and started over (a full Kubernetes
+    command log): its commands are new, not positions already read."""
+    status = replace(progressing(), commands_read=5)
+    restarted = with_commands(status, [cmd("abort", ident="a1")])
+    assert [c.id for c in restarted.commands] == ["a1"] and restarted.commands_read == 1
+    emptied = with_commands(status, [])
+    assert emptied.commands == () and emptied.commands_read == 0
+
+
 def test_a_status_file_from_before_commands_read_skips_handled_ids() -> None:
     saved = progressing().to_dict()
     del saved["commands_read"]

@@ -143,7 +143,7 @@ def test_conflicts_that_never_end_raise_conflict_error(api: FakeKubeApiServer) -
     assert [r.status for r in api.requests if r.verb == "patch"] == [409, 409, 409]
 
 
-def test_a_stale_deployment_replace_is_retried_and_their_change_survives(
+def test_a_stale_deployment_patch_is_retried_and_their_change_survives(
     api: FakeKubeApiServer,
 ) -> None:
     router = make(api)

@@ -170,3 +170,40 @@ def test_a_sigterm_stops_the_controller_and_releases_its_lease(
     assert "holderIdentity" not in lease_of(api, "diabetes")["spec"]  # the next one need not wait
     kept = stored(api)
     assert kept is not None and not kept.terminal
+
+
+def test_a_controller_that_lost_its_lease_moves_no_more_traffic(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    """Between two attempts at a router action the lease ran out (a partition, a long pause):
+    the controller stops instead of retrying into the rollout a successor now drives."""
+    from rollout.controller import Controller
+    from rollout.errors import RouterError, StateError
+    from rollout.metrics.factory import make_metrics
+
+    offset = [0.0]
+    store = kube_store(api, "diabetes", ttl=30, monotonic=lambda: time.monotonic() + offset[0])
+    rollout_spec = spec(api, tmp_path)
+    shared = MemoryRouter()
+    attempts: list[int] = []
+
+    class CutOff(MemoryRouter):
+        def set_weights(self, weights: Weights) -> None:
+            if weights.blue == 10:  # the first step: fails, and the lease runs out meanwhile
+                attempts.append(weights.blue)
+                offset[0] = 21.0  # past the 20 s renew deadline of a 30 s lease
+                raise RouterError("the API server did not answer")
+            super().set_weights(weights)
+
+    router = CutOff()
+    controller = Controller(
+        rollout_spec,
+        router,
+        make_metrics(rollout_spec.metrics, router=shared),
+        store,
+        clock=FakeClock(1000.0),
+    )
+    with pytest.raises(StateError, match="not renewed for more than 20 s"):
+        controller.run()
+    assert attempts == [10]  # no retry once the lease was gone
+    assert router.get_weights().blue == 0

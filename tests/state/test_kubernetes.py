@@ -44,6 +44,31 @@ def ahead(seconds: float) -> Callable[[], float]:
     return lambda: time.time() + seconds
 
 
+class InstantTime:
+    """A monotonic clock that `sleep` advances at once: a store's wait before taking over an
+    expired lease (a whole ttl of watching it unchanged) costs no real time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def successor(api: FakeKubeApiServer, *, ttl: int = 30) -> KubernetesStateStore:
+    """A controller to which the current holder's lease has expired (its clock is 2 minutes
+    ahead, and it watches the Lease unchanged for a ttl in no real time): it takes it over
+    unless the holder renews meanwhile (the holders here renew every ttl/3 of real time, long
+    after these tests' takeovers)."""
+    instant = InstantTime()
+    return kube_store(
+        api, ttl=ttl, clock=ahead(120), monotonic=instant.monotonic, sleep=instant.sleep
+    )
+
+
 def eventually(check: Callable[[], bool], within_s: float = 5.0) -> None:
     deadline = time.monotonic() + within_s
     while not check():
@@ -155,7 +180,9 @@ def test_a_full_command_log_refuses_the_push_and_keeps_the_log(api: FakeKubeApiS
     message = str(refused.value)
     assert "command log of rollout 'r' is full" in message and "nothing was written" in message
     assert "kubectl -n ml delete configmap aml-rollout-r-commands" in message
-    assert [c.id for c in store.commands()] == ["1"]  # the filler lines are no commands
+    log = store.commands()
+    assert [c.id for c in log if c is not None] == ["1"]  # the filler lines are no commands
+    assert len(log) == filler.count("\n") + 1  # but they keep their positions
 
 
 def test_the_fake_refuses_an_oversized_configmap_as_the_api_server_does(
@@ -198,7 +225,7 @@ def test_an_expired_lease_is_taken_over_and_the_stale_controller_fenced(
     api: FakeKubeApiServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     stale = kube_store(api, ttl=30)
-    later = kube_store(api, ttl=30, clock=ahead(60))  # to it, stale's lease ran out
+    later = successor(api)  # to it, stale's lease ran out
     with stale.lease("ann's controller"):
         stale.save(a_status(1))
         with caplog.at_level(logging.WARNING), later.lease("bob's controller"):
@@ -223,7 +250,7 @@ def test_a_stale_controller_is_fenced_even_before_the_new_one_saves(
     api: FakeKubeApiServer,
 ) -> None:
     stale = kube_store(api, ttl=30)
-    later = kube_store(api, ttl=30, clock=ahead(60))
+    later = successor(api)
     with stale.lease("ann"):
         stale.save(a_status(1))
         with later.lease("bob"):  # takes the lease and claims the status: nothing else yet
@@ -236,8 +263,8 @@ def test_a_stale_controller_is_fenced_even_before_the_new_one_saves(
 def test_the_renewal_notices_a_take_over_and_saves_stop(
     api: FakeKubeApiServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = kube_store(api, ttl=1)
-    later = kube_store(api, clock=ahead(60))
+    store = kube_store(api, ttl=3)  # renews 1 s after taking the lease: bob has it by then
+    later = successor(api, ttl=1)
     with caplog.at_level(logging.WARNING), store.lease("ann"), later.lease("bob"):
         eventually(lambda: "lost the lease of rollout 'r'" in caplog.text)
         with pytest.raises(StateError, match=r"lost the lease .* taken over by bob pid"):
@@ -272,8 +299,12 @@ def test_a_lease_not_renewed_for_its_ttl_refuses_saves(api: FakeKubeApiServer) -
     store = kube_store(api, ttl=30, monotonic=lambda: time.monotonic() + offset[0])
     with store.lease("ann"):
         store.save(a_status(1))
-        offset[0] = 31.0
-        with pytest.raises(StateError, match="not renewed for more than 30 s"):
+        # It gives up a third of the ttl before anyone may take the lease over (20 s of 30):
+        # it stops moving traffic before a successor starts.
+        offset[0] = 21.0
+        with pytest.raises(StateError, match="not renewed for more than 20 s"):
+            store.check_lease()
+        with pytest.raises(StateError, match="not renewed for more than 20 s"):
             store.save(a_status(2))
 
 
@@ -386,3 +417,59 @@ def test_the_store_uses_exactly_the_verbs_of_its_role_rules(api: FakeKubeApiServ
     exercise(api)
     granted = {(g, r, v) for g, r, verbs in o.ROLE_RULES for v in verbs}
     assert api.verbs_used() == granted
+
+
+def test_a_clock_running_ahead_cannot_take_a_live_lease(api: FakeKubeApiServer) -> None:
+    """To a laptop whose clock is two minutes ahead the pod's lease looks expired: it watches
+    the Lease for a ttl, sees it renewed, and is refused; the pod keeps driving."""
+    pod = kube_store(api, ttl=1)  # renews every 1/3 s
+    laptop = kube_store(api, ttl=1, clock=ahead(120))
+    with pod.lease("pod"):
+        pod.save(a_status(1))
+        with pytest.raises(LeaseHeldError, match="pod pid"):
+            laptop.lease("laptop").__enter__()
+        pod.save(a_status(2))  # still the holder
+    assert lease_of(api)["spec"].get("leaseTransitions", 0) == 0
+
+
+def test_an_expired_lease_is_watched_a_ttl_before_it_is_taken(api: FakeKubeApiServer) -> None:
+    stale = kube_store(api, ttl=30)
+    instant = InstantTime()
+    later = kube_store(
+        api, ttl=30, clock=ahead(120), monotonic=instant.monotonic, sleep=instant.sleep
+    )
+    with stale.lease("ann"), later.lease("bob"):
+        assert instant.now >= 30  # a whole ttl with no renewal seen, then the take-over
+        assert "bob" in (later.controller() or "")
+
+
+def test_an_edit_of_the_status_configmap_by_someone_else_does_not_stop_the_holder(
+    api: FakeKubeApiServer,
+) -> None:
+    """A `kubectl label`, or a GitOps tool stamping its metadata, moves the resourceVersion
+    without touching the claim or the status: not another controller, no reason to stop."""
+    store = kube_store(api, ttl=30)
+    with store.lease("ann"):
+        store.save(a_status(1))
+        cm = api.get("configmaps", "aml-rollout-r-status", NAMESPACE)
+        cm["metadata"].setdefault("labels", {})["team"] = "ml"
+        api.seed(cm, "configmaps")
+        store.save(a_status(2))
+        loaded = store.load()
+        assert loaded is not None and loaded.tick == 2
+        assert (
+            api.get("configmaps", "aml-rollout-r-status", NAMESPACE)["metadata"]["labels"]["team"]
+            == "ml"
+        )
+
+
+def test_a_log_line_this_version_cannot_read_keeps_its_position(
+    api: FakeKubeApiServer,
+) -> None:
+    store = kube_store(api)
+    store.push_command(Command(id="1", kind="pause"))
+    cm = commands_configmap(api)
+    cm["data"][o.COMMANDS_KEY] += '{"id":"2","kind":"rewind"}\nnot json\n'  # newer, by hand
+    api.seed(cm, "configmaps")
+    store.push_command(Command(id="3", kind="abort"))
+    assert [c and c.id for c in store.commands()] == ["1", None, None, "3"]
