@@ -56,6 +56,10 @@ def describe(exc: ApiException) -> str:
         message = json.loads(exc.body or "{}").get("message", message)
     hint = {
         401: " (credentials rejected: check the kubeconfig/context)",
-        403: " (forbidden: apply the RBAC Role from `aml-rollout manifests`)",
+        403: (
+            " (forbidden: the identity this runs as — the kubeconfig's user, or in a pod its "
+            "ServiceAccount — needs the Role from `aml-rollout manifests` bound in that "
+            "namespace)"
+        ),
     }.get(exc.status or 0, "")
     return f"HTTP {exc.status} {message}{hint}"
