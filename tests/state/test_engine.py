@@ -27,6 +27,7 @@ from rollout.controller import FakeClock
 from rollout.core.status import Command, Status
 from rollout.core.types import Colour, Phase, Weights
 from rollout.routers.memory import MemoryRouter
+from tests.engine.specs import spec_dict
 from tests.fakes.kube_apiserver import FakeKubeApiServer
 from tests.state.helpers import NAMESPACE, kube_store, lease_of, namespace
 
@@ -41,28 +42,20 @@ def api() -> Iterator[FakeKubeApiServer]:
 
 
 def spec_data(api: FakeKubeApiServer, work: Path, canary_error: float = 0.01) -> dict[str, Any]:
-    return {
-        "name": "diabetes",
-        "steps": [10, 50, 100],
-        "router": {"kind": "memory", "state_file": str(work / "routes.json")},
-        "metrics": {
-            "kind": "simulated",
-            "seed": 5,
-            "rps": 200,
-            "baseline": {"error_rate": 0.01},
-            "canary": {"error_rate": canary_error},
-        },
-        "analysis": {"min_requests": 100, "latency": {"enabled": False}},
-        "candidate": {"model": "m", "version": "2"},
-        "stable": {"model": "m", "version": "1"},
-        "state": {
+    return spec_dict(
+        work,
+        canary_error,
+        seed=5,
+        name="diabetes",
+        router={"kind": "memory", "state_file": str(work / "routes.json")},
+        state={
             "kind": "kubernetes",
             "namespace": NAMESPACE,
             "api_url": api.url,
             "lease_ttl_s": 5,
             "dir": str(work / "ledger"),
         },
-    }
+    )
 
 
 def spec(api: FakeKubeApiServer, work: Path, canary_error: float = 0.01) -> RolloutSpec:
