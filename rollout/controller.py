@@ -32,7 +32,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from rollout.config import RolloutSpec
-from rollout.core.machine import Decision, new_status, step, with_commands
+from rollout.core.machine import Decision, last_command_id, new_status, step, with_commands
 from rollout.core.status import TRANSITIONAL, Action, Deploy, Remove, SetWeights, Status, describe
 from rollout.core.types import Colour, Observation, Phase, Release, Weights
 from rollout.errors import MetricsError, RolloutError, RouterError, RouterUnavailable
@@ -187,13 +187,15 @@ class Controller:
             self.router.deploy(Colour.GREEN, stable)
             self.router.set_weights(Weights.blue_at(0))
             self._router_answered = True
+        queued = self.store.commands()
         status = new_status(
             self.spec,
             now=self.clock.now(),
             candidate=candidate,
             stable=stable,
             rollout_id=uuid.uuid4().hex,
-            commands_read=len(self.store.commands()),
+            commands_read=len(queued),
+            commands_last=last_command_id(queued),
         )
         self.store.save(status)
         if self.ledger is not None:

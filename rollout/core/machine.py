@@ -29,7 +29,7 @@ ends with blue at 0; no traffic is neither a pass nor an instant fail; promotion
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -86,11 +86,13 @@ def new_status(
     stable: Release | None = None,
     rollout_id: str = "",
     commands_read: int = 0,
+    commands_last: str = "",
 ) -> Status:
     """The status of a rollout that has not started yet.
 
-    `commands_read` is the length of the store's command log now: commands queued for earlier
-    rollouts of the same name are never read by this one.
+    `commands_read` is the length of the store's command log now and `commands_last` the id of
+    its last command (`last_command_id`): commands queued for earlier rollouts of the same name
+    are never read by this one.
     """
     if candidate is None and spec.candidate is not None:
         candidate = spec.candidate.to_release()
@@ -100,6 +102,7 @@ def new_status(
         name=spec.name,
         id=rollout_id,
         commands_read=commands_read,
+        commands_last=commands_last,
         started_at=now,
         step_started_at=now,
         updated_at=now,
@@ -111,23 +114,64 @@ def new_status(
 def with_commands(status: Status, commands: Sequence[Command | None]) -> Status:
     """Queue the commands of the store's log (`commands`, oldest first) not read before.
 
-    Returns `status` itself when there is nothing new. The log only grows, so a position is
-    enough: no command is read twice, however many there are. A None entry (a line this
-    version cannot read) takes its position and is skipped. A log shorter than the position
-    read was deleted and begun again (e.g. a full Kubernetes command log): it is read from
-    its start.
+    Returns `status` itself when there is nothing new. Reading goes on after the last command
+    read (`Status.commands_last`), wherever it now stands in the log, so no command is read
+    twice however long the log, and an edit of the lines before it changes nothing. A log that
+    no longer holds it was deleted and begun again (e.g. a full Kubernetes command log): it is
+    read from its start. None entries (lines this version cannot read) are skipped, and a
+    command pushed twice (a retried push that had gone through) is read once.
     """
     if status.commands_read < 0:  # a status file from before `commands_read`: skip by id
         known = set(status.handled) | {c.id for c in status.commands}
-        fresh = tuple(c for c in commands if c is not None and c.id not in known)
+        fresh = _once_each(c for c in commands if c is not None and c.id not in known)
         return replace(
-            status, commands=status.commands + fresh, commands_read=len(commands), handled=()
+            status,
+            commands=status.commands + fresh,
+            commands_read=len(commands),
+            commands_last=last_command_id(commands),
+            handled=(),
         )
-    start = status.commands_read if len(commands) >= status.commands_read else 0
-    if len(commands) == start:
-        return status if start == status.commands_read else replace(status, commands_read=0)
-    fresh = tuple(c for c in commands[start:] if c is not None)
-    return replace(status, commands=status.commands + fresh, commands_read=len(commands))
+    unread = commands[_unread_from(status, commands) :]
+    fresh = _once_each(c for c in unread if c is not None and c.id != status.commands_last)
+    if not fresh:
+        return status
+    return replace(
+        status,
+        commands=status.commands + fresh,
+        commands_read=len(commands),
+        commands_last=fresh[-1].id,
+    )
+
+
+def last_command_id(commands: Sequence[Command | None]) -> str:
+    """The id of the log's last readable command ("" when it has none)."""
+    return next((c.id for c in reversed(commands) if c is not None), "")
+
+
+def _unread_from(status: Status, commands: Sequence[Command | None]) -> int:
+    """Where the commands `status` has not read begin in the log."""
+    if status.commands_last:
+        for index in range(len(commands) - 1, -1, -1):
+            command = commands[index]
+            if command is not None and command.id == status.commands_last:
+                return index + 1
+        return 0  # the log no longer holds it: begun again
+    if status.commands_last is None:  # saved by an earlier version: it counted readable lines
+        readable = [index for index, c in enumerate(commands) if c is not None]
+        if status.commands_read == 0 or len(readable) < status.commands_read:
+            return 0
+        return readable[status.commands_read - 1] + 1
+    return status.commands_read if status.commands_read <= len(commands) else 0
+
+
+def _once_each(commands: Iterable[Command]) -> tuple[Command, ...]:
+    seen: set[str] = set()
+    out = []
+    for command in commands:
+        if command.id not in seen:
+            seen.add(command.id)
+            out.append(command)
+    return tuple(out)
 
 
 def step(

@@ -380,23 +380,53 @@ def test_a_new_rollout_does_not_read_the_commands_of_the_previous_one() -> None:
     assert with_commands(status, log) is status
 
 
-def test_a_line_that_is_no_command_keeps_its_position() -> None:
-    """A line this version cannot read (a newer kind, edited by hand) is None in the log: it
-    counts as a position, so the commands after it are read once and only once."""
+def test_a_line_that_is_no_command_is_skipped() -> None:
+    """A line this version cannot read (a newer kind, edited by hand) is None in the log."""
     log = [cmd("pause", ident="c1"), None, cmd("resume", ident="c3")]
     status = with_commands(progressing(), log)
-    assert [c.id for c in status.commands] == ["c1", "c3"] and status.commands_read == 3
-    assert with_commands(replace(status, commands=()), log).commands == ()
+    assert [c.id for c in status.commands] == ["c1", "c3"] and status.commands_last == "c3"
+    handled = replace(status, commands=())
+    assert with_commands(handled, log) is handled
+
+
+def read(status: Status, log: list[Command | None]) -> list[str]:
+    return [c.id for c in with_commands(status, log).commands]
+
+
+def test_reading_goes_on_after_the_last_command_read_whatever_the_log_became() -> None:
+    log = [cmd("set_weight", 50, "w50"), cmd("pause", ident="p"), cmd("resume", ident="r")]
+    status = replace(with_commands(progressing(), log), commands=())
+    assert status.commands_read == 3 and status.commands_last == "r"
+    # a line before it deleted by hand: nothing replayed, the next command read
+    edited = [log[0], log[2], cmd("abort", ident="a")]
+    assert read(status, edited) == ["a"]
+    # the log deleted and begun again (its own new commands only), however long it is now
+    assert read(status, [cmd("abort", ident="a1")]) == ["a1"]
+    again = [cmd("resume", ident=f"n{i}") for i in range(5)]
+    assert read(status, again) == [f"n{i}" for i in range(5)]
+    # a push that went through twice (its answer lost, retried) is read once
+    assert read(status, [*log, cmd("abort", ident="a"), cmd("abort", ident="a")]) == ["a"]
+    assert read(replace(status, commands_last="a"), [*log, cmd("abort", ident="a")]) == []
+
+
+def test_a_status_saved_by_an_earlier_version_reads_on_where_it_stopped() -> None:
+    """Its `commands_read` counted only the lines it could read: a torn line before its
+    position must not shift it (which would replay a command)."""
+    log = [cmd("pause", ident="p"), None, cmd("resume", ident="r"), cmd("abort", ident="a")]
+    saved = {**progressing().to_dict(), "commands_read": 2}
+    del saved["commands_last"]
+    old = Status.from_dict(saved)
+    assert old.commands_last is None
+    assert read(old, log) == ["a"]
+    assert read(old, log[:3]) == []
 
 
 def test_a_command_log_begun_again_is_read_from_its_start() -> None:
-    """A log shorter than the position read was deleted and started over (a full Kubernetes
-    command log): its commands are new, not positions already read."""
+    """A log shorter than the position read, with no command read yet, was begun again."""
     status = replace(progressing(), commands_read=5)
     restarted = with_commands(status, [cmd("abort", ident="a1")])
     assert [c.id for c in restarted.commands] == ["a1"] and restarted.commands_read == 1
-    emptied = with_commands(status, [])
-    assert emptied.commands == () and emptied.commands_read == 0
+    assert with_commands(status, []) is status
 
 
 def test_a_status_file_from_before_commands_read_skips_handled_ids() -> None:
