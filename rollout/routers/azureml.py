@@ -129,8 +129,18 @@ def release_tags(release: Release) -> dict[str, str]:
 
 def _failed(deployment: Any) -> str:
     """The deployment's provisioning state when it is Failed or Canceled, else ""."""
-    state = getattr(deployment.provisioning_state, "value", deployment.provisioning_state)
-    return str(state or "") if str(state or "").lower() in ("failed", "canceled") else ""
+    state = _state(deployment)
+    return state if state.lower() in ("failed", "canceled") else ""
+
+
+def _state(resource: Any) -> str:
+    """A resource's provisioning state as Azure spells it ("" when it has none)."""
+    state = getattr(resource.provisioning_state, "value", resource.provisioning_state)
+    return str(state or "")
+
+
+#: States of an endpoint whose last change Azure is still carrying out.
+_IN_PROGRESS = ("creating", "updating", "deleting")
 
 
 # ---- the router -----------------------------------------------------------------------------
@@ -285,6 +295,13 @@ class AzureMLRouter:
                     f"{self.endpoint}/{self.names[colour]} does not exist"
                 )
         endpoint = self._endpoint()
+        if (state := _state(endpoint)).lower() in _IN_PROGRESS:
+            # An earlier change (ours that timed out, or someone else's) is still being carried
+            # out: the `traffic` read is what was asked for, not what serves. Never take it for
+            # applied; the controller's next attempt reads again.
+            raise RouterError(
+                f"endpoint {self.endpoint} is still {state}: an earlier change has not finished"
+            )
         current, mirror = nonzero(endpoint.traffic or {}), nonzero(endpoint.mirror_traffic or {})
         mirrors = self._mirror_percent and weights.blue == 0 and self._serves(Colour.BLUE)
         shadow = self._mirror_percent if mirrors else 0

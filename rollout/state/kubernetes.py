@@ -97,13 +97,27 @@ class _Held:
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
-    @property
-    def claim(self) -> str:
-        """What this tenure writes on the status: the holder and its acquireTime, different
-        for every take of the Lease, so the claim always moves the status's resourceVersion
-        (the API server skips a write that changes nothing)."""
-        acquired = (self.obj.get("spec") or {}).get("acquireTime")
-        return f"{self.holder} since {acquired}" if acquired else self.holder
+    def __post_init__(self) -> None:
+        #: The Lease's acquireTime as this tenure wrote it: with the holder, what tells this
+        #: tenure from a later one of the same holder string (same owner, pid and host).
+        self.acquired: str | None = _acquire_time(self.obj)
+        #: What this tenure writes on the status: the holder and its acquireTime, different for
+        #: every take of the Lease, so the claim always moves the status's resourceVersion (the
+        #: API server skips a write that changes nothing). Fixed at the take.
+        self.claim = f"{self.holder} since {self.acquired}" if self.acquired else self.holder
+
+    def owns(self, found: Obj | None) -> bool:
+        """Whether the Lease as read is still this tenure's."""
+        return (
+            found is not None
+            and o.holder_of(found) == self.holder
+            and _acquire_time(found) == self.acquired
+        )
+
+
+def _acquire_time(lease: Obj) -> str | None:
+    value = (lease.get("spec") or {}).get("acquireTime")
+    return value if isinstance(value, str) else None
 
 
 class KubernetesStateStore:
@@ -404,12 +418,17 @@ class KubernetesStateStore:
         )
 
     def _keep_renewing(self, held: _Held) -> None:
-        """The renewal thread: every ttl/3 until released, or until the lease is lost."""
+        """The renewal thread: every ttl/3 until released, or until the lease is lost.
+
+        The period runs from when the last renewal was *sent*, so a slow API server does not
+        stretch the gap between renewals by its round trips (which would trip the renew
+        deadline on a lease that is fine).
+        """
         pause = self.lease_ttl_s / 3
         while not held.stop.wait(pause):
-            pause = self.lease_ttl_s / 3
             try:
                 self._renew(held)
+                pause = max(0.0, held.renewed_at + self.lease_ttl_s / 3 - self._monotonic())
             except (StateError, _Conflict) as exc:
                 log.warning("could not renew Lease %s/%s: %s", self._ns, self.objects.lease, exc)
                 if self._monotonic() - held.renewed_at > self.renew_deadline_s:
@@ -435,7 +454,7 @@ class KubernetesStateStore:
                 return
             except _Conflict:
                 found = self._read_lease(timeout)
-                if found is None or o.holder_of(found) != held.holder:
+                if found is None or not held.owns(found):
                     taker = o.describe_holder(found) if found else "nobody (it was deleted)"
                     held.lost = f"{what} was taken over by {taker}"
                     return
@@ -466,7 +485,7 @@ class KubernetesStateStore:
                     return
                 except _Conflict:
                     found = self._read_lease()
-                    if found is None or o.holder_of(found) != held.holder:
+                    if found is None or not held.owns(found):
                         return  # taken over (or deleted): nothing of ours to release
                     obj = found
         except (StateError, _Missing) as exc:

@@ -625,3 +625,26 @@ def test_an_operation_azure_leaves_in_progress_fails_at_its_bound(
             with pytest.raises(RouterError, match=message):
                 call(router)
             assert time.monotonic() - started < 10  # at its bound, not when Azure finishes
+
+
+def test_weights_asked_while_the_endpoint_still_updates_are_not_taken_as_served(
+    arm: FakeArm, ml_client: Any
+) -> None:
+    """After a traffic update timed out, Azure's endpoint shows the traffic asked for while it
+    is still Updating: the retry must not take that for done (it may yet fail)."""
+    router = make_router(ml_client)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(0))
+    path = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}"
+    updating = endpoint(arm, router)
+    updating["properties"]["traffic"] = {"green": 90, "blue": 10}
+    updating["properties"]["provisioningState"] = "Updating"
+    arm.resources[path.lower()] = updating
+    with pytest.raises(RouterError, match=r"still Updating: an earlier change has not finished"):
+        router.set_weights(Weights.blue_at(10))
+    done = endpoint(arm, router)
+    done["properties"]["provisioningState"] = "Succeeded"
+    arm.resources[path.lower()] = done
+    router.set_weights(Weights.blue_at(10))  # now it is what serves: nothing to write
+    assert router.get_weights() == Weights.blue_at(10)

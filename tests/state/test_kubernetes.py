@@ -473,3 +473,40 @@ def test_a_log_line_this_version_cannot_read_keeps_its_position(
     api.seed(cm, "configmaps")
     store.push_command(Command(id="3", kind="abort"))
     assert [c and c.id for c in store.commands()] == ["1", None, None, "3"]
+
+
+def test_a_later_tenure_of_the_same_holder_string_is_not_taken_for_ours(
+    api: FakeKubeApiServer,
+) -> None:
+    """Same owner, pid and host (host networking, two controllers in one process): the Lease's
+    acquireTime tells the tenures apart, so the stale one still notices the takeover."""
+    stale = kube_store(api, ttl=3)  # renews 1 s after taking the lease
+    later = successor(api)
+    with stale.lease("ctl"):
+        stale.save(a_status(1))
+        with later.lease("ctl"):
+            eventually(lambda: stale._held is not None and stale._held.lost is not None)
+            with pytest.raises(StateError, match="taken over by ctl"):
+                stale.save(a_status(2))
+            later.save(a_status(2))
+
+
+def test_a_slow_api_server_does_not_cost_the_lease(
+    api: FakeKubeApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renewals run every ttl/3 from when the last one was sent: round trips of 0.6 s (within
+    their 1 s timeout, ttl 3 s) do not add up past the 2 s renew deadline."""
+    renew = KubernetesStateStore._patch_lease
+
+    def slow(self: KubernetesStateStore, patch: dict[str, Any], timeout: float) -> Any:
+        time.sleep(0.6)
+        return renew(self, patch, timeout)
+
+    store = kube_store(api, ttl=3)
+    with store.lease("ann"):
+        monkeypatch.setattr(KubernetesStateStore, "_patch_lease", slow)
+        deadline = time.monotonic() + 4.5
+        while time.monotonic() < deadline:
+            store.check_lease()  # never lost
+            time.sleep(0.05)
+        monkeypatch.undo()
