@@ -306,9 +306,9 @@ def list_versions(
     with _user_errors():
         from aml_pipelines.delivery import serving_column
 
-        # A registry the user named (--registry, $AML_ROLLOUT_REGISTRY) that does not exist is a
-        # typo, not an empty registry; the default one is merely not used yet.
-        reg = _open(registry, must_exist=bool(registry))
+        # A registry the user named by path (--registry, $AML_ROLLOUT_REGISTRY) that does not
+        # exist is a typo, not an empty registry; the default one is merely not used yet.
+        reg = _open(registry, must_exist=bool(registry) and registry not in ("local", "local:"))
         rows = []
         for model in [name] if name else reg.names():
             versions = reg.list_versions(model)

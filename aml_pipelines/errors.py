@@ -4,7 +4,8 @@
     ├── ConfigError           an argument, a config value or input data is invalid (names the field)
     ├── ComponentError        a component YAML does not load or validate
     ├── StepFailed            a step's command exited non-zero (carries the exit code)
-    │   └── RolloutNotPromoted  the rollout step's verdict: rolled back or paused (not a crash)
+    │   ├── RolloutNotPromoted  the rollout step's verdict: rolled back or paused (not a crash)
+    │   └── ModelNotRegistered  the register gate refused the model (not a crash)
     ├── GateRefused           the register gate refused a worse model
     ├── RegistryError         the model registry failed
     │   ├── ModelNotFound     no such model or version

@@ -170,10 +170,10 @@ class AzureMLRouterConfig(_Model):
     scoring_script: str = "score.py"
     #: How long `deploy` and `remove` wait for Azure to create, update or delete a deployment
     #: (image build, VMs) or the endpoint before failing; Azure carries on.
-    deploy_timeout_s: float = Field(default=3600.0, gt=0)
+    deploy_timeout_s: float = Field(default=3600.0, gt=0, allow_inf_nan=False)
     #: How long a change of the endpoint's traffic (or mirror) may take before failing. No VMs
     #: move, Azure applies it in seconds to a couple of minutes; a rollback waits on it.
-    traffic_timeout_s: float = Field(default=300.0, gt=0)
+    traffic_timeout_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
 
 
 RouterConfig = Annotated[

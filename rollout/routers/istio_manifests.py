@@ -219,10 +219,11 @@ def merge_patch(current: Obj, wanted: Obj) -> Obj:
     write never goes through the client's typed models, which refuse any field they do not
     know (a field newer than the client, from a newer cluster).
     """
-    patch = _diff(current, wanted)
     version = (current.get("metadata") or {}).get("resourceVersion")
-    if version:
-        patch.setdefault("metadata", {})["resourceVersion"] = version
+    if not version:  # without it the patch would apply whatever happened since the read
+        raise RouterError("merge_patch needs the object as read, with its resourceVersion")
+    patch = _diff(current, wanted)
+    patch.setdefault("metadata", {})["resourceVersion"] = version
     return patch
 
 

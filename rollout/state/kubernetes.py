@@ -115,6 +115,12 @@ class _Held:
         )
 
 
+def _tenure(lease: Obj) -> tuple[Any, ...]:
+    """What changes when a Lease is renewed or taken (its metadata may change otherwise)."""
+    spec = lease.get("spec") or {}
+    return (o.holder_of(lease), spec.get("acquireTime"), spec.get("renewTime"))
+
+
 def _acquire_time(lease: Obj) -> str | None:
     value = (lease.get("spec") or {}).get("acquireTime")
     return value if isinstance(value, str) else None
@@ -367,9 +373,10 @@ class KubernetesStateStore:
     def _watch_expired(self, found: Obj) -> Obj | None:
         """The Lease `found`, expired by this machine's clock, once it stayed unchanged for a
         whole ttl by this process's monotonic clock (client-go's rule): a clock running ahead of
-        the holder's must not take a live lease. LeaseHeldError when its holder renews it
-        meanwhile; the Lease as it now stands when it is released or deleted meanwhile."""
-        version = o.resource_version(found)
+        the holder's must not take a live lease. LeaseHeldError when it is renewed or taken
+        meanwhile; the Lease as it now stands when it is released or deleted meanwhile, or
+        when the watch ends (an edit of its labels or annotations only is no sign of life)."""
+        tenure = _tenure(found)
         log.info(
             "Lease %s/%s of %s looks expired; watching it %d s before taking it over",
             self._ns,
@@ -383,8 +390,9 @@ class KubernetesStateStore:
             seen = self._read_lease()
             if seen is None or o.holder_of(seen) is None:
                 return seen  # deleted or released meanwhile: free
-            if o.resource_version(seen) != version:
+            if _tenure(seen) != tenure:
                 raise self._held_by(seen)  # renewed (or taken): alive, whatever the clocks say
+            found = seen  # the version the take-over must carry
         return found
 
     def _held_by(self, found: Obj) -> LeaseHeldError:
@@ -392,7 +400,8 @@ class KubernetesStateStore:
             f"rollout {self.name!r} is already driven by another controller "
             f"({o.describe_holder(found)}); stop it, or steer it with `aml-rollout rollout "
             f"pause|resume|promote|abort` (Lease {self._ns}/{self.objects.lease}: if that "
-            f"controller died, its lease expires {self.lease_ttl_s} s after its last renewal)"
+            f"controller died, its lease expires {self.lease_ttl_s} s after its last renewal, "
+            f"and a new controller takes it over after watching it another {self.lease_ttl_s} s)"
         )
 
     def _claim_status(self, claim: str) -> None:

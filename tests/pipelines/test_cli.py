@@ -276,8 +276,8 @@ def test_the_cli_default_compute_is_the_pipelines_default() -> None:
 
 def test_registry_list_before_anything_was_registered(tmp_path: Path) -> None:
     """The default registry not created yet is empty, not an error (a named one is: a typo)."""
-    result = invoke(
-        "registry", "list", env={"AML_ROLLOUT_HOME": str(tmp_path), "AML_ROLLOUT_REGISTRY": ""}
-    )
-    assert result.exit_code == 0, result.output
-    assert "no registered models in the local registry" in result.output
+    for named in ("", "local"):  # unset, or the default named as such
+        env = {"AML_ROLLOUT_HOME": str(tmp_path), "AML_ROLLOUT_REGISTRY": named}
+        result = invoke("registry", "list", env=env)
+        assert result.exit_code == 0, result.output
+        assert "no registered models in" in result.output

@@ -648,3 +648,14 @@ def test_weights_asked_while_the_endpoint_still_updates_are_not_taken_as_served(
     arm.resources[path.lower()] = done
     router.set_weights(Weights.blue_at(10))  # now it is what serves: nothing to write
     assert router.get_weights() == Weights.blue_at(10)
+
+
+@pytest.mark.parametrize("field", ["deploy_timeout_s", "traffic_timeout_s"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0])
+def test_a_timeout_must_be_a_finite_positive_number(field: str, value: float) -> None:
+    """An infinite wait is what the bounds are for (and `.inf` crashed the poller's join)."""
+    from pydantic import ValidationError
+
+    base = {"subscription_id": SUB, "resource_group": RG, "workspace": WS, "endpoint": "ep"}
+    with pytest.raises(ValidationError, match=field):
+        AzureMLRouterConfig.model_validate({"kind": "azureml", **base, field: value})

@@ -218,18 +218,20 @@ def test_redeploy_keeps_fields_the_client_does_not_know(api: FakeKubeApiServer) 
         ),
         pytest.param({"l": [1, 2]}, {"l": [1, 3]}, {"l": [1, 3]}, id="list-sent-whole"),
         pytest.param({"a": 1}, {"a": 1}, {}, id="unchanged"),
-        pytest.param(
-            {"metadata": {"resourceVersion": "7", "name": "d"}, "spec": {"r": 1}},
-            {"metadata": {"resourceVersion": "7", "name": "d"}, "spec": {"r": 2}},
-            {"metadata": {"resourceVersion": "7"}, "spec": {"r": 2}},
-            id="carries-resource-version",
-        ),
     ],
 )
 def test_merge_patch(
     current: dict[str, Any], wanted: dict[str, Any], patch: dict[str, Any]
 ) -> None:
-    assert m.merge_patch(current, wanted) == patch
+    """Only what differs, and always the resourceVersion read (the API server's precondition)."""
+    meta = {"name": "d", "resourceVersion": "7"}
+    got = m.merge_patch({"metadata": meta, **current}, {"metadata": meta, **wanted})
+    assert got == {"metadata": {"resourceVersion": "7"}, **patch}
+
+
+def test_merge_patch_refuses_an_object_without_its_resource_version() -> None:
+    with pytest.raises(RouterError, match="resourceVersion"):
+        m.merge_patch({"spec": {"r": 1}}, {"spec": {"r": 2}})
 
 
 def test_only_a_new_deployment_gets_the_layout_replicas(api: FakeKubeApiServer) -> None:

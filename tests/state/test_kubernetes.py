@@ -510,3 +510,23 @@ def test_a_slow_api_server_does_not_cost_the_lease(
             store.check_lease()  # never lost
             time.sleep(0.05)
         monkeypatch.undo()
+
+
+def test_a_label_on_a_dead_holders_lease_is_no_sign_of_life(api: FakeKubeApiServer) -> None:
+    """Only a renewal or a take tells the watcher the holder lives; a metadata edit of the
+    Lease meanwhile (a label) does not, and the take-over carries the edited version."""
+    dead = kube_store(api, ttl=30)
+    instant = InstantTime()
+    edits = iter(range(1, 100))
+
+    def sleep_and_label(seconds: float) -> None:
+        instant.sleep(seconds)
+        lease = lease_of(api)
+        lease["metadata"].setdefault("labels", {})["edit"] = str(next(edits))
+        api.seed(lease, "leases", "coordination.k8s.io")
+
+    later = kube_store(
+        api, ttl=30, clock=ahead(120), monotonic=instant.monotonic, sleep=sleep_and_label
+    )
+    with dead.lease("ann"), later.lease("bob"):
+        assert "bob" in (later.controller() or "")
