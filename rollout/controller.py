@@ -32,7 +32,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from rollout.config import RolloutSpec
-from rollout.core.machine import Decision, last_command_id, new_status, step, with_commands
+from rollout.core.machine import Decision, command_tail, new_status, step, with_commands
 from rollout.core.status import TRANSITIONAL, Action, Deploy, Remove, SetWeights, Status, describe
 from rollout.core.types import Colour, Observation, Phase, Release, Weights
 from rollout.errors import MetricsError, RolloutError, RouterError, RouterUnavailable
@@ -196,7 +196,7 @@ class Controller:
             stable=stable,
             rollout_id=uuid.uuid4().hex,
             commands_read=len(queued),
-            commands_last=last_command_id(queued),
+            commands_tail=command_tail((), queued),
         )
         self.store.save(status)
         if self.ledger is not None:

@@ -86,13 +86,13 @@ def new_status(
     stable: Release | None = None,
     rollout_id: str = "",
     commands_read: int = 0,
-    commands_last: str = "",
+    commands_tail: tuple[str, ...] = (),
 ) -> Status:
     """The status of a rollout that has not started yet.
 
-    `commands_read` is the length of the store's command log now and `commands_last` the id of
-    its last command (`last_command_id`): commands queued for earlier rollouts of the same name
-    are never read by this one.
+    `commands_read` is the length of the store's command log now and `commands_tail` its last
+    ids (`command_tail((), log)`): commands queued for earlier rollouts of the same name are
+    never read by this one.
     """
     if candidate is None and spec.candidate is not None:
         candidate = spec.candidate.to_release()
@@ -102,7 +102,7 @@ def new_status(
         name=spec.name,
         id=rollout_id,
         commands_read=commands_read,
-        commands_last=commands_last,
+        commands_tail=commands_tail,
         started_at=now,
         step_started_at=now,
         updated_at=now,
@@ -111,15 +111,19 @@ def new_status(
     )
 
 
+#: How many of the last read command ids a status keeps as anchors in the log.
+COMMANDS_TAIL = 16
+
+
 def with_commands(status: Status, commands: Sequence[Command | None]) -> Status:
     """Queue the commands of the store's log (`commands`, oldest first) not read before.
 
-    Returns `status` itself when there is nothing new. Reading goes on after the last command
-    read (`Status.commands_last`), wherever it now stands in the log, so no command is read
-    twice however long the log, and an edit of the lines before it changes nothing. A log that
-    no longer holds it was deleted and begun again (e.g. a full Kubernetes command log): it is
-    read from its start. None entries (lines this version cannot read) are skipped, and a
-    command pushed twice (a retried push that had gone through) is read once.
+    Returns `status` itself when there is nothing new. Reading goes on after the latest command
+    in the log that was read before (`Status.commands_tail`: the last few ids), wherever it now
+    stands: no command is read twice however long the log, and an edit of lines already read
+    (one deleted, garbled or pushed twice) replays nothing. A log that holds none of them was
+    deleted and begun again (e.g. a full Kubernetes command log): it is read from its start.
+    None entries (lines this version cannot read) are skipped.
     """
     if status.commands_read < 0:  # a status file from before `commands_read`: skip by id
         known = set(status.handled) | {c.id for c in status.commands}
@@ -128,40 +132,46 @@ def with_commands(status: Status, commands: Sequence[Command | None]) -> Status:
             status,
             commands=status.commands + fresh,
             commands_read=len(commands),
-            commands_last=last_command_id(commands),
+            commands_tail=command_tail((), commands),
             handled=(),
         )
     unread = commands[_unread_from(status, commands) :]
-    fresh = _once_each(c for c in unread if c is not None and c.id != status.commands_last)
+    seen = set(status.commands_tail or ())
+    fresh = _once_each(c for c in unread if c is not None and c.id not in seen)
     if not fresh:
         return status
     return replace(
         status,
         commands=status.commands + fresh,
         commands_read=len(commands),
-        commands_last=fresh[-1].id,
+        commands_tail=command_tail(status.commands_tail or (), unread),
     )
 
 
-def last_command_id(commands: Sequence[Command | None]) -> str:
-    """The id of the log's last readable command ("" when it has none)."""
-    return next((c.id for c in reversed(commands) if c is not None), "")
+def command_tail(tail: tuple[str, ...], read: Sequence[Command | None]) -> tuple[str, ...]:
+    """`tail` followed by the ids just `read` (duplicates too: the log's order), the last few."""
+    return (*tail, *(c.id for c in read if c is not None))[-COMMANDS_TAIL:]
 
 
 def _unread_from(status: Status, commands: Sequence[Command | None]) -> int:
     """Where the commands `status` has not read begin in the log."""
-    if status.commands_last:
+    tail, position = status.commands_tail, status.commands_read
+    if tail:
+        at = commands[position - 1] if 0 < position <= len(commands) else None
+        if at is not None and at.id == tail[-1]:
+            return position  # the log as it was read, grown at most
+        anchors = set(tail)
         for index in range(len(commands) - 1, -1, -1):
             command = commands[index]
-            if command is not None and command.id == status.commands_last:
-                return index + 1
-        return 0  # the log no longer holds it: begun again
-    if status.commands_last is None:  # saved by an earlier version: it counted readable lines
+            if command is not None and command.id in anchors:
+                return index + 1  # edited before that point
+        return 0  # none of them left: begun again
+    if tail is None:  # saved by an earlier version: it counted readable lines only
         readable = [index for index, c in enumerate(commands) if c is not None]
-        if status.commands_read == 0 or len(readable) < status.commands_read:
+        if position == 0 or len(readable) < position:
             return 0
-        return readable[status.commands_read - 1] + 1
-    return status.commands_read if status.commands_read <= len(commands) else 0
+        return readable[position - 1] + 1
+    return position if position <= len(commands) else 0
 
 
 def _once_each(commands: Iterable[Command]) -> tuple[Command, ...]:

@@ -174,10 +174,11 @@ class Status:
     #: How many lines of the store's command log this status has read (-1: a status file
     #: written before this field, which remembered the ids in `handled` instead).
     commands_read: int = 0
-    #: The id of the last command read: reading goes on after it, wherever it now stands in the
-    #: log ("" none read yet: from `commands_read`; None: a status file written before this
-    #: field, whose `commands_read` counted only the lines it could read).
-    commands_last: str | None = ""
+    #: The ids of the last commands read, newest last (at most COMMANDS_TAIL): reading goes on
+    #: after the latest of them in the log, wherever that now stands (() none read yet: from
+    #: `commands_read`; None: a status file written before this field, whose `commands_read`
+    #: counted only the lines it could read).
+    commands_tail: tuple[str, ...] | None = ()
     handled: tuple[str, ...] = ()
     pending: tuple[Action, ...] = ()
     applied: int = 0
@@ -213,7 +214,7 @@ class Status:
             "held": self.held,
             "commands": [c.to_dict() for c in self.commands],
             "commands_read": self.commands_read,
-            "commands_last": self.commands_last,
+            "commands_tail": None if self.commands_tail is None else list(self.commands_tail),
             "handled": list(self.handled),
             "pending": [action_to_dict(a) for a in self.pending],
             "applied": self.applied,
@@ -246,7 +247,9 @@ class Status:
             held=bool(data.get("held", False)),
             commands=tuple(Command.from_dict(c) for c in data.get("commands", [])),
             commands_read=int(data.get("commands_read", -1)),
-            commands_last=data.get("commands_last"),
+            commands_tail=None
+            if data.get("commands_tail") is None
+            else tuple(str(i) for i in data["commands_tail"]),
             handled=tuple(data.get("handled", [])),
             pending=tuple(action_from_dict(a) for a in data.get("pending", [])),
             applied=int(data.get("applied", 0)),

@@ -36,7 +36,7 @@ fields they do not know.
   key. `push_command` reads it, appends a line and writes it back with the read resourceVersion;
   a 409 (another CLI appended meanwhile) re-reads and appends again, a bounded number of times.
   Lines are never rewritten or dropped; a line that does not parse is None. (The machine reads
-  on after the last command it read, `Status.commands_last`.) A
+  on after the last commands it read, `Status.commands_tail`.) A
   ConfigMap holds at most 1 MiB: a push that would pass it is refused with a clear StateError
   and nothing written (~8,000 commands; the log is shared by every rollout of the name).
 
