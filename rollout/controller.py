@@ -184,10 +184,8 @@ class Controller:
         if serving is None:
             # A fresh data plane (dry run, first install): bring up the stable release first.
             log.info("green serves nothing: deploying %s:%s", stable.model, stable.version)
-            self.store.check_lease()
-            self.router.deploy(Colour.GREEN, stable)
-            self.router.set_weights(Weights.blue_at(0))
-            self._router_answered = True
+            self._apply(Deploy(Colour.GREEN, stable))
+            self._apply(SetWeights(0))
         queued = self.store.commands()
         status = new_status(
             self.spec,

@@ -38,6 +38,7 @@ race with last-writer-wins, so run one controller per endpoint (the state store'
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -161,6 +162,8 @@ class AzureMLRouter:
         mirror_percent: int = 0,
         deploy_timeout_s: float = 3600.0,
         traffic_timeout_s: float = 300.0,
+        poll_s: float = 5.0,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._ml = ml_client
         self.endpoint = endpoint
@@ -181,6 +184,8 @@ class AzureMLRouter:
         self._mirror_percent = mirror_percent
         self._deploy_timeout_s = deploy_timeout_s
         self._traffic_timeout_s = traffic_timeout_s
+        self._poll_s = poll_s
+        self._sleep = sleep
 
     @classmethod
     def from_config(cls, cfg: AzureMLRouterConfig, **client_kwargs: Any) -> AzureMLRouter:
@@ -294,22 +299,36 @@ class AzureMLRouter:
                     f"cannot send {weights.of(colour)} % to {colour.value}: deployment "
                     f"{self.endpoint}/{self.names[colour]} does not exist"
                 )
-        endpoint = self._endpoint()
-        if (state := _state(endpoint)).lower() in _IN_PROGRESS:
-            # An earlier change (ours that timed out, or someone else's) is still being carried
-            # out: the `traffic` read is what was asked for, not what serves. Never take it for
-            # applied; the controller's next attempt reads again.
-            raise RouterError(
-                f"endpoint {self.endpoint} is still {state}: an earlier change has not finished"
-            )
+        endpoint = self._settled_endpoint()
         current, mirror = nonzero(endpoint.traffic or {}), nonzero(endpoint.mirror_traffic or {})
         mirrors = self._mirror_percent and weights.blue == 0 and self._serves(Colour.BLUE)
         shadow = self._mirror_percent if mirrors else 0
         traffic, new_mirror = plan_traffic(current, mirror, self.names, weights, shadow)
-        if (traffic, new_mirror) == (current, mirror):
+        # After a change that Failed (or was Canceled) the `traffic` read may be what was asked
+        # for, not what serves: write it again rather than take it for applied.
+        if (traffic, new_mirror) == (current, mirror) and not _failed(endpoint):
             return
         self._update_endpoint(endpoint, traffic, new_mirror)
         log.info("endpoint %s: traffic %s mirror %s", self.endpoint, traffic, new_mirror)
+
+    def _settled_endpoint(self) -> Any:
+        """The endpoint once no change of it is in progress, waiting at most
+        `traffic_timeout_s`: while Azure carries one out (ours that timed out, or someone
+        else's), the `traffic` read is what was asked for, not what serves."""
+        deadline = time.monotonic() + self._traffic_timeout_s
+        while True:
+            endpoint = self._endpoint()
+            state = _state(endpoint)
+            if state.lower() not in _IN_PROGRESS:
+                return endpoint
+            if time.monotonic() >= deadline:
+                raise RouterError(
+                    f"endpoint {self.endpoint} is still {state} after "
+                    f"{self._traffic_timeout_s:g} s (router.traffic_timeout_s): an earlier change "
+                    "has not finished"
+                )
+            log.info("endpoint %s is %s: waiting for that change to finish", self.endpoint, state)
+            self._sleep(self._poll_s)
 
     def _serves(self, colour: Colour) -> bool:
         """Deployed and not failed (a failed deployment gets no mirrored traffic either).

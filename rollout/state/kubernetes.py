@@ -433,7 +433,8 @@ class KubernetesStateStore:
         stretch the gap between renewals by its round trips (which would trip the renew
         deadline on a lease that is fine).
         """
-        pause = self.lease_ttl_s / 3
+        # From the take, not from this thread's start: claiming the status came in between.
+        pause = max(0.0, held.renewed_at + self.lease_ttl_s / 3 - self._monotonic())
         while not held.stop.wait(pause):
             try:
                 self._renew(held)

@@ -627,27 +627,69 @@ def test_an_operation_azure_leaves_in_progress_fails_at_its_bound(
             assert time.monotonic() - started < 10  # at its bound, not when Azure finishes
 
 
-def test_weights_asked_while_the_endpoint_still_updates_are_not_taken_as_served(
-    arm: FakeArm, ml_client: Any
-) -> None:
-    """After a traffic update timed out, Azure's endpoint shows the traffic asked for while it
-    is still Updating: the retry must not take that for done (it may yet fail)."""
-    router = make_router(ml_client)
+def _endpoint_showing(
+    arm: FakeArm, router: AzureMLRouter, state: str, traffic: dict[str, int]
+) -> str:
+    """The endpoint as Azure shows it after a traffic change it has not (yet) carried out."""
+    path = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}"
+    shown = endpoint(arm, router)
+    shown["properties"]["traffic"] = traffic
+    shown["properties"]["provisioningState"] = state
+    arm.resources[path.lower()] = shown
+    return path
+
+
+def _deployed(ml_client: Any, **kwargs: Any) -> AzureMLRouter:
+    router = make_router(ml_client, poll_s=0.02, **kwargs)
     router.deploy(Colour.GREEN, V1)
     router.deploy(Colour.BLUE, V2)
     router.set_weights(Weights.blue_at(0))
-    path = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}"
-    updating = endpoint(arm, router)
-    updating["properties"]["traffic"] = {"green": 90, "blue": 10}
-    updating["properties"]["provisioningState"] = "Updating"
-    arm.resources[path.lower()] = updating
-    with pytest.raises(RouterError, match=r"still Updating: an earlier change has not finished"):
-        router.set_weights(Weights.blue_at(10))
-    done = endpoint(arm, router)
-    done["properties"]["provisioningState"] = "Succeeded"
-    arm.resources[path.lower()] = done
-    router.set_weights(Weights.blue_at(10))  # now it is what serves: nothing to write
+    return router
+
+
+def test_a_change_still_in_progress_is_waited_for_not_taken_as_served(
+    arm: FakeArm, ml_client: Any
+) -> None:
+    """After a traffic update timed out, Azure's endpoint shows the traffic asked for while it
+    is still Updating: the retry waits for Azure to finish instead of taking it for done."""
+    router = _deployed(ml_client)
+    path = _endpoint_showing(arm, router, "Updating", {"green": 90, "blue": 10})
+
+    def finish() -> None:
+        time.sleep(0.3)
+        done = endpoint(arm, router)
+        done["properties"]["provisioningState"] = "Succeeded"
+        arm.resources[path.lower()] = done
+
+    finisher = threading.Thread(target=finish)
+    finisher.start()
+    started = time.monotonic()
+    router.set_weights(Weights.blue_at(10))  # waits, then finds it served: nothing to write
+    finisher.join()
+    assert time.monotonic() - started >= 0.3
     assert router.get_weights() == Weights.blue_at(10)
+
+
+def test_a_change_that_never_finishes_fails_at_the_traffic_timeout(
+    arm: FakeArm, ml_client: Any
+) -> None:
+    router = _deployed(ml_client, traffic_timeout_s=0.2)
+    _endpoint_showing(arm, router, "Updating", {"green": 90, "blue": 10})
+    with pytest.raises(
+        RouterError, match=r"still Updating after 0.2 s \(router.traffic_timeout_s\)"
+    ):
+        router.set_weights(Weights.blue_at(10))
+
+
+def test_traffic_shown_by_a_failed_endpoint_is_written_again(arm: FakeArm, ml_client: Any) -> None:
+    """A change that Failed may leave the traffic asked for on show: not what serves."""
+    router = _deployed(ml_client)
+    _endpoint_showing(arm, router, "Failed", {"green": 90, "blue": 10})
+    before = len(list(iter_calls(arm, "PUT", f"/onlineEndpoints/{router.endpoint}$")))
+    router.set_weights(Weights.blue_at(10))
+    after = list(iter_calls(arm, "PUT", f"/onlineEndpoints/{router.endpoint}$"))
+    assert len(after) == before + 1
+    assert after[-1][1]["properties"]["traffic"] == {"green": 90, "blue": 10}
 
 
 @pytest.mark.parametrize("field", ["deploy_timeout_s", "traffic_timeout_s"])
