@@ -101,10 +101,13 @@ class _Held:
         #: The Lease's acquireTime as this tenure wrote it: with the holder, what tells this
         #: tenure from a later one of the same holder string (same owner, pid and host).
         self.acquired: str | None = _acquire_time(self.obj)
-        #: What this tenure writes on the status: the holder and its acquireTime, different for
-        #: every take of the Lease, so the claim always moves the status's resourceVersion (the
-        #: API server skips a write that changes nothing). Fixed at the take.
-        self.claim = f"{self.holder} since {self.acquired}" if self.acquired else self.holder
+
+    @property
+    def claim(self) -> str:
+        """What this tenure writes on the status: the holder and its acquireTime, different for
+        every take of the Lease, so the claim always moves the status's resourceVersion (the
+        API server skips a write that changes nothing)."""
+        return f"{self.holder} since {self.acquired}" if self.acquired else self.holder
 
     def owns(self, found: Obj | None) -> bool:
         """Whether the Lease as read is still this tenure's."""
@@ -117,8 +120,7 @@ class _Held:
 
 def _tenure(lease: Obj) -> tuple[Any, ...]:
     """What changes when a Lease is renewed or taken (its metadata may change otherwise)."""
-    spec = lease.get("spec") or {}
-    return (o.holder_of(lease), spec.get("acquireTime"), spec.get("renewTime"))
+    return (o.holder_of(lease), _acquire_time(lease), (lease.get("spec") or {}).get("renewTime"))
 
 
 def _acquire_time(lease: Obj) -> str | None:
