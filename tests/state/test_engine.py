@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +28,9 @@ from rollout.core.types import Colour, Phase, Weights
 from rollout.routers.memory import MemoryRouter
 from tests.engine.specs import spec_dict
 from tests.fakes.kube_apiserver import FakeKubeApiServer
-from tests.state.helpers import NAMESPACE, kube_store, lease_of, namespace
+from tests.state.helpers import NAMESPACE, kube_store, lease_of
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def api() -> Iterator[FakeKubeApiServer]:
-    with FakeKubeApiServer() as server:
-        server.seed(namespace(), "namespaces")
-        yield server
 
 
 def spec_data(api: FakeKubeApiServer, work: Path, canary_error: float = 0.01) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -27,16 +27,9 @@ from rollout.state.kubernetes import KubernetesStateStore
 from rollout.state.kubernetes_objects import StateObjects
 from tests.fakes.kube_apiserver import FakeKubeApiServer
 from tests.state.contract import a_status
-from tests.state.helpers import NAMESPACE, exercise, kube_store, lease_of, namespace
+from tests.state.helpers import NAMESPACE, exercise, kube_store, lease_of
 
 MICRO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|\+00:00)")
-
-
-@pytest.fixture
-def api() -> Iterator[FakeKubeApiServer]:
-    with FakeKubeApiServer() as server:
-        server.seed(namespace(), "namespaces")
-        yield server
 
 
 def ahead(seconds: float) -> Callable[[], float]:

@@ -6,7 +6,6 @@ kubernetes client; `twin` is a second store with its own client, as on another n
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from rollout.state.kubernetes import KubernetesStateStore
 from rollout.state.memory import MemoryStateStore
 from tests.fakes.kube_apiserver import FakeKubeApiServer
 from tests.state.contract import StateStoreContract
-from tests.state.helpers import kube_store, namespace
+from tests.state.helpers import kube_store
 
 
 class TestMemoryStore(StateStoreContract):
@@ -40,12 +39,6 @@ class TestFileStore(StateStoreContract):
 
 
 class TestKubernetesStore(StateStoreContract):
-    @pytest.fixture
-    def api(self) -> Iterator[FakeKubeApiServer]:
-        with FakeKubeApiServer() as server:
-            server.seed(namespace(), "namespaces")
-            yield server
-
     @pytest.fixture
     def store(self, api: FakeKubeApiServer) -> KubernetesStateStore:
         return kube_store(api, ttl=5)
