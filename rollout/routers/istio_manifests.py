@@ -29,14 +29,14 @@ from typing import Any
 
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import ConfigError, RouterError
+from rollout.kubenames import DNS_1123_LABEL
 from rollout.state.kubernetes_objects import ROLE_RULES as STATE_ROLE_RULES
 
 Obj = dict[str, Any]
 
-# Namespaces are DNS-1123 labels. The app name becomes Service names (`<app>-green-pinned`), and
-# Service names are DNS-1035 labels (they start with a letter): at most 50 characters, not 63,
-# as "-green-pinned" is appended.
-_DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+# Namespaces are DNS-1123 labels (kubenames.DNS_1123_LABEL). The app name becomes Service names
+# (`<app>-green-pinned`), and Service names are DNS-1035 labels (they start with a letter): at
+# most 50 characters, not 63, as "-green-pinned" is appended.
 _APP_NAME = re.compile(r"[a-z]([-a-z0-9]{0,48}[a-z0-9])?")
 
 ISTIO_GROUP = "networking.istio.io"
@@ -83,7 +83,7 @@ class IstioLayout:
     labels: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
-        if not _DNS_1123_LABEL.fullmatch(self.namespace):
+        if not DNS_1123_LABEL.fullmatch(self.namespace):
             raise ConfigError(
                 f"router.namespace: {self.namespace!r} is not a DNS-1123 label "
                 "(lower-case letters, digits and '-', at most 63 characters)"
