@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +44,27 @@ def read_slots(path: Path) -> list[dict[str, Any] | None]:
     not a JSON object. A line keeps its position whether or not it parses, so positions into
     the file never shift (a fragment ended by the next append becomes a None slot in place)."""
     data = Path(path).read_bytes()
+    return parse_lines(data.split(b"\n")[:-1], where=path)  # the last piece is incomplete
+
+
+def parse_lines(
+    lines: Iterable[str | bytes], *, where: Path | None = None
+) -> list[dict[str, Any] | None]:
+    """Each non-blank line's JSON object, or None for a line that is not one (logged as a
+    warning naming `where` and the line number, when given)."""
     slots: list[dict[str, Any] | None] = []
-    for number, line in enumerate(data.split(b"\n")[:-1], 1):  # the last piece is incomplete
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError:  # UnicodeDecodeError included
-            log.warning("%s:%d: skipped a line that is not JSON (a torn write?)", path, number)
+            if where is not None:
+                log.warning("%s:%d: skipped a line that is not JSON (a torn write?)", where, number)
             record = None
         if record is not None and not isinstance(record, dict):
-            log.warning("%s:%d: skipped a line that is not a JSON object", path, number)
+            if where is not None:
+                log.warning("%s:%d: skipped a line that is not a JSON object", where, number)
             record = None
         slots.append(record)
     return slots

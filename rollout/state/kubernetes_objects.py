@@ -25,6 +25,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from rollout import jsonl
 from rollout.core.status import Command
 from rollout.errors import ConfigError, StateError
 from rollout.kubenames import (
@@ -184,16 +185,7 @@ def parse_commands(log: str) -> list[Command | None]:
     parse (edited in by hand, or from a newer version) keeps its position, so positions mean
     the same to every reader, whatever it can parse. Blank lines are not positions.
     """
-    out: list[Command | None] = []
-    for line in log.splitlines():
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except ValueError:
-            data = None
-        out.append(Command.from_line(data))
-    return out
+    return [Command.from_line(record) for record in jsonl.parse_lines(log.splitlines())]
 
 
 # ---------------------------------------------------------------------------------------- Lease
