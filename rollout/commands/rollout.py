@@ -146,7 +146,7 @@ def run(
             f"{escape(status.reason)}"
         )
 
-    previous = _read_status(_store(parsed, state_dir))
+    previous = _load_status(_store(parsed, state_dir))
     if previous is not None and previous.terminal and not restart:
         _out.print(
             f"rollout {parsed.name} already ended ({previous.phase.value}); "
@@ -194,9 +194,19 @@ def _read_status(store: StateStore) -> Status | None:
     from rollout.core.machine import with_commands
     from rollout.errors import RolloutError
 
+    status = _load_status(store)
     try:
-        status = store.load()
         return with_commands(status, store.commands()) if status else None
+    except RolloutError as exc:
+        _fail(exc)
+
+
+def _load_status(store: StateStore) -> Status | None:
+    """The stored status (a store that cannot be read is one red line)."""
+    from rollout.errors import RolloutError
+
+    try:
+        return store.load()
     except RolloutError as exc:
         _fail(exc)
 
