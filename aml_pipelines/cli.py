@@ -1,7 +1,8 @@
 """`aml-rollout pipeline ...` and `aml-rollout registry ...` (heavy imports inside commands).
 
-Only typer, rich and the standard library are imported at module level; azure.ai.ml and the
-registry backends load inside the command that needs them, so `aml-rollout --help` stays fast.
+Only typer, rich, the standard library and `aml_pipelines.build` (no SDK at import) are
+imported at module level; azure.ai.ml and the registry backends load inside the command that
+needs them, so `aml-rollout --help` stays fast.
 Every error a user can fix (PipelineError) prints one red line and exits non-zero: 2 for bad
 input or configuration, a failed step's own exit code for `run-local`. A rollout that ran and was
 not promoted (rolled back, paused) is an outcome, not an error: `run-local` reports it as such,
@@ -22,6 +23,8 @@ import typer
 from rich import box
 from rich.console import Console
 from rich.table import Column, Table
+
+from aml_pipelines.build import DEFAULT_COMPUTE
 
 if TYPE_CHECKING:
     from aml_pipelines.pipeline import DeployParams, PipelineParams
@@ -172,10 +175,6 @@ def validate(
     )
 
 
-#: build.DEFAULT_COMPUTE, written here so that `--help` does not import the Azure ML SDK.
-COMPUTE = "cpu-cluster"
-
-
 def _require_spec(rollout_spec: Path | None, command: str) -> None:
     """Refuse to build or submit a job whose rollout step would use the bundled example spec.
 
@@ -200,7 +199,7 @@ def build(
     params: ParamOption = None,
     rollout_spec: SpecOption = None,
     # Azure ML refuses a job with no compute ("Compute not set"): the same default as submit.
-    compute: Annotated[str, typer.Option(help="Compute cluster for every step.")] = COMPUTE,
+    compute: Annotated[str, typer.Option(help="Compute cluster for every step.")] = DEFAULT_COMPUTE,
     deploy: DeployOption = False,
 ) -> None:
     """Write the pipeline job YAML (relative code: paths) for `az ml job create -f`."""
@@ -224,7 +223,7 @@ def submit(
     subscription: Annotated[str, typer.Option(help="Azure subscription id.")],
     resource_group: Annotated[str, typer.Option(help="Resource group of the workspace.")],
     workspace: Annotated[str, typer.Option(help="Azure ML workspace name.")],
-    compute: Annotated[str, typer.Option(help="Compute cluster for every step.")] = COMPUTE,
+    compute: Annotated[str, typer.Option(help="Compute cluster for every step.")] = DEFAULT_COMPUTE,
     experiment: Annotated[str, typer.Option(help="Experiment name.")] = "aml-rollout",
     params: ParamOption = None,
     rollout_spec: SpecOption = None,

@@ -267,11 +267,12 @@ def test_registry_list_never_cuts_model_version_or_stage_at_80_columns(model: st
             assert line.group().endswith(f"{version:07x}  2026-11-29"), text
 
 
-def test_the_cli_default_compute_is_the_pipelines_default() -> None:
-    from aml_pipelines import cli
+@pytest.mark.parametrize("command", ["build", "submit"])
+def test_the_cli_default_compute_is_the_pipelines_default(command: str) -> None:
     from aml_pipelines.build import DEFAULT_COMPUTE
 
-    assert cli.COMPUTE == DEFAULT_COMPUTE
+    shown = invoke("pipeline", command, "--help", env={"COLUMNS": "200"})
+    assert f"[default: {DEFAULT_COMPUTE}]" in shown.output
 
 
 def test_registry_list_before_anything_was_registered(tmp_path: Path) -> None:
