@@ -33,7 +33,7 @@ from aml_pipelines.errors import (
     ModelNotFound,
     RegistryError,
 )
-from aml_pipelines.registry.base import STAGE_TAG, ModelVersion, Stage
+from aml_pipelines.registry.base import STAGE_TAG, ModelVersion, SkippedVersions, Stage
 from aml_pipelines.registry.local import check_name
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class AzureMLRegistry:
     def __init__(self, ml_client: Any, *, max_attempts: int = 5) -> None:
         self.ml_client = ml_client
         self.max_attempts = max_attempts
-        self._skipped: set[tuple[str, str]] = set()  # versions listings left out (warned once)
+        self._skipped = SkippedVersions()
 
     def __repr__(self) -> str:
         return f"AzureMLRegistry({self.ml_client.workspace_name!r})"
@@ -149,9 +149,7 @@ class AzureMLRegistry:
             except IntegrityError as exc:
                 if (model.tags or {}).get(STAGE_TAG) == Stage.PRODUCTION:
                     raise  # never hide production: the gate and the no-downgrade check need it
-                if (name, str(model.version)) not in self._skipped:
-                    self._skipped.add((name, str(model.version)))
-                    log.warning("skipping %s:%s in listings: %s", name, model.version, exc)
+                self._skipped.warn(log, name, model.version, exc)
         return sorted(versions, key=lambda v: v.version)
 
     def set_tags(self, name: str, version: int, tags: Mapping[str, str]) -> ModelVersion:
@@ -179,7 +177,10 @@ class AzureMLRegistry:
     # -- internals ------------------------------------------------------------------------------
 
     def _list(self, name: str) -> list[Any]:
-        return list(self._call(f"list {name}", lambda: list(self.ml_client.models.list(name=name))))
+        models: list[Any] = self._call(
+            f"list {name}", lambda: list(self.ml_client.models.list(name=name))
+        )
+        return models
 
     def _to_version(self, model: Any) -> ModelVersion:
         tags = {str(k): str(v) for k, v in (model.tags or {}).items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,3 +62,16 @@ class ModelRegistry(Protocol):
 
     def names(self) -> list[str]:
         """Every model name with at least one version, sorted."""
+
+
+class SkippedVersions:
+    """The versions a registry's listings leave out (unreadable, tampered), each warned about
+    once per registry object, so a watcher polling every few seconds does not repeat it."""
+
+    def __init__(self) -> None:
+        self._warned: set[tuple[str, str]] = set()
+
+    def warn(self, log: logging.Logger, name: str, version: object, exc: Exception) -> None:
+        if (name, str(version)) not in self._warned:
+            self._warned.add((name, str(version)))
+            log.warning("skipping %s:%s in listings: %s", name, version, exc)

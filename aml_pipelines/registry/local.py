@@ -38,7 +38,7 @@ from typing import Any
 
 from aml_pipelines.errors import ConfigError, IntegrityError, ModelNotFound, RegistryError
 from aml_pipelines.fileio import read_json, sha256_file, write_json
-from aml_pipelines.registry.base import STAGE_TAG, ModelVersion, Stage
+from aml_pipelines.registry.base import STAGE_TAG, ModelVersion, SkippedVersions, Stage
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class LocalRegistry:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
-        self._skipped: set[tuple[str, int]] = set()  # versions listings left out (warned once)
+        self._skipped = SkippedVersions()
 
     def __repr__(self) -> str:
         return f"LocalRegistry({str(self.root)!r})"
@@ -240,9 +240,7 @@ class LocalRegistry:
                 raise
             if stage is _UNKNOWN and unknown is not None:
                 unknown.append(version)
-            if (name, version) not in self._skipped:
-                self._skipped.add((name, version))
-                log.warning("skipping %s:%s in listings: %s", name, version, exc)
+            self._skipped.warn(log, name, version, exc)
             return None
 
     def _stage_tag(self, name: str, version: int) -> str | None:
