@@ -25,8 +25,10 @@ real apiserver. What it implements is what clients rely on for correctness:
   `set_status` (e.g. mid rolling update: old pods still available, new ones not yet).
 
 Every request is recorded (`requests`) with the RBAC verb it needs, so tests can check that a
-Role grants exactly what a client used. `before_next_write(resource, name, fn)` runs `fn(obj)` as
-a concurrent writer just before the next write to that object is handled — the race a 409 guards.
+Role grants exactly what a client used. `delay(resource, verb, s)` answers such requests late (a
+slow API server); `delete(...)` removes an object as another client would.
+`before_next_write(resource, name, fn)` runs `fn(obj)` as a concurrent writer just before the next
+write to that object is handled — the race a 409 guards.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import datetime as dt
 import json
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -110,6 +113,7 @@ class FakeKubeApiServer:
         self._version = 0
         self._lock = threading.RLock()
         self._hooks: dict[tuple[str, str], Callable[[dict[str, Any]], None]] = {}
+        self._delays: dict[tuple[str, str], float] = {}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -159,6 +163,16 @@ class FakeKubeApiServer:
         key = (group, resource, meta.get("namespace", ""), meta["name"])
         with self._lock:
             return copy.deepcopy(self._write(key, copy.deepcopy(obj), previous=None))
+
+    def delete(self, resource: str, name: str, namespace: str = "", group: str = "") -> None:
+        """Remove an object as another client's DELETE would (no request recorded)."""
+        with self._lock:
+            del self._objects[(group, resource, namespace, name)]
+
+    def delay(self, resource: str, verb: str, seconds: float) -> None:
+        """Answer every later `verb` request on `resource` `seconds` late (a slow API server);
+        0 ends it. Other requests are served meanwhile, as by a real one."""
+        self._delays[(resource, verb)] = seconds
 
     def set_status(
         self, resource: str, name: str, namespace: str, group: str, status: dict[str, Any]
@@ -247,6 +261,8 @@ class FakeKubeApiServer:
         record = dict(
             method=method, verb=verb, group=group, resource=resource, namespace=namespace, name=name
         )
+        if seconds := self._delays.get((resource, verb)):
+            time.sleep(seconds)  # outside the lock: a slow answer, not a stalled server
         try:
             with self._lock:
                 result = self._dispatch(
