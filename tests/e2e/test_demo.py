@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from aml_pipelines.registry.local import LocalRegistry
 from rollout.ledger import read_ledger
+from tests.cli import CLI
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-CLI = [
-    sys.executable,
-    "-c",
-    "import sys; from rollout.cli import main; sys.argv[0] = 'aml-rollout'; main()",
-]
 
 
 def test_demo_promotes_then_rolls_back_and_writes_the_report(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.ledger import read_ledger
 from rollout.local.process import port_is_free
 from rollout.local.stack import LocalStack
+from tests.cli import CLI
 from tests.local.conftest import MakeRelease
 from tests.routers.contract import identity
 
@@ -320,9 +320,7 @@ def test_controller_killed_mid_rollout_resumes_and_finishes(
     spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     status_file = spec.state.dir / "killed.status.json"
     argv = [
-        sys.executable,
-        "-c",
-        "import sys; from rollout.cli import main; sys.argv[0] = 'aml-rollout'; main()",
+        *CLI,
         "rollout",
         "run",
         str(spec_file),

@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,12 +18,7 @@ import pytest
 from rollout.errors import LocalStackError
 from rollout.local.envoy import EnvoyProcess
 from rollout.local.stack import LocalStack
-
-CLI = [
-    sys.executable,
-    "-c",
-    "import sys; from rollout.cli import main; sys.argv[0] = 'aml-rollout'; main()",
-]
+from tests.cli import CLI
 
 
 @pytest.fixture

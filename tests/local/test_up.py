@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,14 +19,9 @@ import httpx
 import pytest
 
 from rollout.local.process import pid_alive, port_is_free
+from tests.cli import CLI
 
 pytestmark = pytest.mark.slow
-
-CLI = [
-    sys.executable,
-    "-c",
-    "import sys; from rollout.cli import main; sys.argv[0] = 'aml-rollout'; main()",
-]
 
 
 def ports_in(text: str) -> set[int]:
