@@ -163,7 +163,10 @@ def _chunk(args: tuple[str, Scenario, int, int, Path | None]) -> list[tuple[Outc
     # The product's defaults, or the plan and analysis of a user's spec (--spec).
     base = load_spec(spec_file) if spec_file else RolloutSpec()
     spec = RolloutSpec(
-        name=scenario.name.lower().replace(" ", "-"), steps=base.steps, analysis=base.analysis
+        name=scenario.name.lower().replace(" ", "-"),
+        steps=base.steps,
+        mirror_percent=base.mirror_percent,
+        analysis=base.analysis,
     )
     out = []
     for i in range(start, start + count):

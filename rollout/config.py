@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
 import yaml
@@ -46,10 +46,15 @@ from rollout.kubenames import namespace_problem, rollout_name_problem
 #: The seed's rollout (MLOpsPython): Blue_0, Blue_50, Blue_100, then Blue_Green and Green_100.
 SEED_STEPS: tuple[int, ...] = (0, 50, 100)
 
-#: Default plan. Short early steps at small weight catch big regressions while exposing few users;
-#: the decisive "not worse" evidence accumulates at 50 %, where the canary/baseline comparison
-#: carries the most information per request (p0(1-p0) is largest at p0 = 1/2). See docs/engine.md.
-DEFAULT_STEPS: tuple[int, ...] = (5, 25, 50, 100)
+#: Default plan. A shadow step first (0 %: blue judged on a mirror of DEFAULT_MIRROR_PERCENT of
+#: live traffic, its answers never served) catches big regressions before any user sees one;
+#: short early steps at small weight catch the rest while exposing few users; the decisive "not
+#: worse" evidence accumulates at 50 %, where the canary/baseline comparison carries the most
+#: information per request (p0(1-p0) is largest at p0 = 1/2). See docs/engine.md.
+DEFAULT_STEPS: tuple[int, ...] = (0, 5, 25, 50, 100)
+DEFAULT_MIRROR_PERCENT = 5
+#: The default plan where mirrored requests cannot be counted (the istio preset).
+LIVE_STEPS: tuple[int, ...] = (5, 25, 50, 100)
 
 #: Envoy's default histogram bucket bounds (milliseconds).
 ENVOY_BUCKETS_MS: tuple[float, ...] = (
@@ -161,8 +166,6 @@ class AzureMLRouterConfig(_Model):
     workspace: str
     endpoint: str
     deployments: ColourNames = Field(default_factory=ColourNames)
-    #: Percent of live traffic mirrored to blue while it takes none (Azure allows at most 50).
-    mirror_percent: int = Field(default=0, ge=0, le=50)
     instance_type: str = "Standard_DS3_v2"
     instance_count: int = Field(default=1, ge=1)
     environment: str | None = None
@@ -175,6 +178,20 @@ class AzureMLRouterConfig(_Model):
     #: move, Azure applies it in seconds to a couple of minutes; a rollback waits on it.
     traffic_timeout_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mirror_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "mirror_percent" in data:
+            raise ValueError(
+                "mirror_percent moved to the top of the spec (`mirror_percent:` next to `steps:`): "
+                "it mirrors live traffic to blue during the plan's 0 % step, the shadow step, "
+                "which is now judged on blue's answers; Azure allows at most 50"
+            )
+        return data
+
+
+#: Most percent Azure ML mirrors to a deployment (`mirror_traffic`).
+AZURE_MAX_MIRROR_PERCENT = 50
 
 RouterConfig = Annotated[
     MemoryRouterConfig | EnvoyRouterConfig | IstioRouterConfig | AzureMLRouterConfig,
@@ -473,6 +490,14 @@ class NotifyConfig(_Model):
         return phases
 
 
+def _field_error(model: BaseModel, loc: tuple[str, ...], value: Any, problem: str) -> NoReturn:
+    """Raise a ValidationError at `loc` from a whole-model check (so the error names the field)."""
+    error = PydanticCustomError("spec", "{problem}", {"problem": problem})
+    raise ValidationError.from_exception_data(
+        type(model).__name__, [InitErrorDetails(type=error, loc=loc, input=value)]
+    )
+
+
 class RolloutSpec(_Model):
     """A whole rollout: where traffic goes, where metrics come from, and how to judge."""
 
@@ -480,6 +505,10 @@ class RolloutSpec(_Model):
     router: RouterConfig = Field(default_factory=MemoryRouterConfig)
     metrics: MetricsConfig = Field(default_factory=StaticMetricsConfig)
     steps: list[int] | Literal["seed"] = Field(default_factory=lambda: list(DEFAULT_STEPS))
+    #: Percent of live traffic copied to blue during a 0 % step, which is then a *shadow step*:
+    #: judged like any other on blue's answers to the copies, which no user ever sees. 0: the
+    #: 0 % step only deploys blue, reachable by header.
+    mirror_percent: int = Field(default=DEFAULT_MIRROR_PERCENT, ge=0, le=100)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     #: Requests carrying `<header>: blue|green` are pinned to that colour and not analysed.
     header: str = "x-api-version"
@@ -502,9 +531,15 @@ class RolloutSpec(_Model):
         router, metrics = data.get("router"), data.get("metrics")
         if not (isinstance(router, dict) and isinstance(metrics, dict)):
             return data
-        if router.get("kind") != "istio" or metrics.get("kind") != "prometheus":
+        if metrics.get("kind") != "prometheus" or metrics.get("preset") != "istio":
             return data
-        if metrics.get("preset") != "istio":
+        # Istio's source reporter does not count mirrored requests (istio/istio#23496): no
+        # shadow step unless asked for (and then refused, by `_mirror_is_visible`).
+        if "mirror_percent" not in data:
+            data = {**data, "mirror_percent": 0}
+            if "steps" not in data:
+                data["steps"] = list(LIVE_STEPS)
+        if router.get("kind") != "istio":
             return data
         app = router.get("app", IstioRouterConfig.model_fields["app"].default)
         namespace = router.get("namespace", IstioRouterConfig.model_fields["namespace"].default)
@@ -540,22 +575,56 @@ class RolloutSpec(_Model):
         return header.lower()
 
     @model_validator(mode="after")
+    def _mirror_needs_a_shadow_step(self) -> RolloutSpec:
+        """An explicit `mirror_percent` needs a 0 % step; the data plane must be able to mirror."""
+        loc, value = ("mirror_percent",), self.mirror_percent
+        if not self.shadow_percent:
+            if value and "mirror_percent" in self.model_fields_set:
+                _field_error(
+                    self,
+                    loc,
+                    value,
+                    "mirrors traffic only during a 0 % step, and the plan has none: start "
+                    f"`steps` with 0 (e.g. {[0, *self.plan]}) or set mirror_percent to 0",
+                )
+            return self
+        if isinstance(self.router, AzureMLRouterConfig) and value > AZURE_MAX_MIRROR_PERCENT:
+            _field_error(
+                self,
+                loc,
+                value,
+                f"Azure ML mirrors at most {AZURE_MAX_MIRROR_PERCENT} % of an endpoint's traffic",
+            )
+        metrics = self.metrics
+        if isinstance(metrics, PrometheusMetricsConfig) and metrics.preset == "istio":
+            _field_error(
+                self,
+                loc,
+                value,
+                "the istio metrics preset cannot see a shadow step: Istio's source reporter does "
+                "not count mirrored requests (istio/istio#23496). Set mirror_percent to 0 (the "
+                "0 % step then only deploys blue) or read blue with `preset: custom` queries",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _kubernetes_names(self) -> RolloutSpec:
         """With the kubernetes store, the name names ConfigMaps and a Lease: say so at `name`."""
         if isinstance(self.state, KubernetesStateConfig):
             problem = rollout_name_problem(self.name)
             if problem is not None:
-                error = PydanticCustomError("kubernetes_name", "{problem}", {"problem": problem})
-                raise ValidationError.from_exception_data(
-                    type(self).__name__,
-                    [InitErrorDetails(type=error, loc=("name",), input=self.name)],
-                )
+                _field_error(self, ("name",), self.name, problem)
         return self
 
     @property
     def plan(self) -> tuple[int, ...]:
         """The weight plan, presets resolved; always ends at 100."""
         return SEED_STEPS if self.steps == "seed" else tuple(self.steps)
+
+    @property
+    def shadow_percent(self) -> int:
+        """Percent mirrored to blue in the shadow step (the plan's 0 % step); 0: no shadow step."""
+        return self.mirror_percent if 0 in self.plan else 0
 
 
 def _format(exc: ValidationError) -> str:

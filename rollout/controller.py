@@ -297,15 +297,14 @@ class Controller:
             self.store.check_lease()
             try:
                 if isinstance(action, SetWeights):
-                    wanted = Weights.blue_at(action.blue)
+                    wanted = action.weights
                     self.router.set_weights(wanted)
                     # Trust what the data plane serves, not what was written (Envoy keeps its
                     # old routes when it rejects a file).
                     served = self.router.get_weights()
                     if served != wanted:
                         raise RouterError(
-                            f"the router accepted blue {wanted.blue} % but serves blue "
-                            f"{served.blue} %"
+                            f"the router accepted {_blue(wanted)} but serves {_blue(served)}"
                         )
                 elif isinstance(action, Deploy):
                     self.router.deploy(action.colour, action.release)
@@ -365,3 +364,9 @@ def default_owner() -> str:
     except (KeyError, OSError):
         user = "someone"
     return f"{user}'s controller"
+
+
+def _blue(weights: Weights) -> str:
+    """Blue's share of `weights` in words (green has the rest)."""
+    mirror = f" + {weights.mirror} % mirrored" if weights.mirror else ""
+    return f"blue {weights.blue} %{mirror}"

@@ -240,6 +240,7 @@ def _decide(
         "phase": status.phase.value,
         "step": status.step_index,
         "weight": status.blue_weight,
+        **({"mirror": status.mirror} if status.mirror else {}),
         "verdict": status.verdict.value if status.verdict else None,
         "reason": status.reason,
         "held": status.held,
@@ -285,9 +286,15 @@ def _start(spec: RolloutSpec, status: Status, now: float) -> tuple[Status, tuple
             *actions,
             SetWeights(100),
         )
-    actions.append(SetWeights(first))
-    status = _enter_step(status, 0, first, now)
+    mirror = _mirror_at(spec, first)
+    actions.append(SetWeights(first, mirror))
+    status = _enter_step(status, 0, first, now, mirror)
     reason = f"started: blue at {first} %"
+    if mirror:
+        reason += (
+            f", {mirror} % of live traffic mirrored to it (shadow: its answers are judged, never"
+            " served)"
+        )
     if status.slow_threshold_s is not None:  # only the history sets it this early
         reason += (
             f"; slow = above {status.slow_threshold_s * 1000:g} ms, green's p99 bucket before the"
@@ -297,12 +304,25 @@ def _start(spec: RolloutSpec, status: Status, now: float) -> tuple[Status, tuple
     return status, tuple(actions)
 
 
-def _enter_step(status: Status, index: int, weight: int, now: float) -> Status:
+def _mirror_at(spec: RolloutSpec, weight: int) -> int:
+    """Percent mirrored to blue at a plan weight: the shadow step's at 0 %, else none."""
+    return spec.shadow_percent if weight == 0 else 0
+
+
+def _step_name(status: Status) -> str:
+    """How the reasons name the current step."""
+    if status.mirror:
+        return f"shadow step ({status.mirror} % mirrored)"
+    return f"step {status.blue_weight} %"
+
+
+def _enter_step(status: Status, index: int, weight: int, now: float, mirror: int = 0) -> Status:
     """Begin step `index`: counts restart (observations are cumulative since the step began)."""
     return replace(
         status,
         step_index=index,
         blue_weight=weight,
+        mirror=mirror,
         step_started_at=now,
         last_blue=Counts(),
         last_green=Counts(),
@@ -316,6 +336,7 @@ def _rollback(status: Status, reason: str, verdict: Verdict | None) -> tuple[Sta
         status,
         phase=Phase.ROLLING_BACK,
         blue_weight=0,
+        mirror=0,
         verdict=verdict or status.verdict,
         reason=reason,
     )
@@ -323,7 +344,7 @@ def _rollback(status: Status, reason: str, verdict: Verdict | None) -> tuple[Sta
 
 
 def _promote(status: Status, reason: str) -> tuple[Status, tuple[Action]]:
-    status = replace(status, phase=Phase.PROMOTING, blue_weight=100, reason=reason)
+    status = replace(status, phase=Phase.PROMOTING, blue_weight=100, mirror=0, reason=reason)
     return status, (SetWeights(100),)
 
 
@@ -359,7 +380,9 @@ def _handle_commands(
             status = replace(status, phase=Phase.PAUSED, reason=f"paused{who}")
         elif cmd.kind == "resume":
             if status.phase is Phase.PAUSED:
-                status = _enter_step(status, status.step_index, status.blue_weight, now)
+                status = _enter_step(
+                    status, status.step_index, status.blue_weight, now, status.mirror
+                )
                 status = replace(status, phase=Phase.PROGRESSING, reason=f"resumed{who}")
             else:
                 notes.append("resume: ignored, not paused")
@@ -372,9 +395,10 @@ def _handle_commands(
                 status, acts = _promote(status, f"weight set to 100 %{who}: promoting")
                 actions.extend(acts)
             else:
-                status = _enter_step(status, plan.index(cmd.weight), cmd.weight, now)
+                mirror = _mirror_at(spec, cmd.weight)
+                status = _enter_step(status, plan.index(cmd.weight), cmd.weight, now, mirror)
                 status = replace(status, reason=f"weight set to {cmd.weight} %{who}")
-                actions.append(SetWeights(cmd.weight))
+                actions.append(SetWeights(cmd.weight, mirror))
         notes.append(f"{cmd.kind}: {status.reason}")
     return replace(status, commands=()), tuple(actions), notes
 
@@ -579,18 +603,20 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
         )
 
     weight = status.blue_weight
+    name = _step_name(status)
     elapsed = now - status.step_started_at
-    if weight == 0:
+    if weight == 0 and not status.mirror:
         if elapsed >= analysis.min_step_s:
             return Verdict.SUCCESSFUL, "step 0 %: blue deployed, reachable by header only"
         return Verdict.INCONCLUSIVE, "step 0 %: waiting one interval"
     if obs.blue.requests == 0 and status.step_canary_requests == 0:
-        return Verdict.INCONCLUSIVE, f"no canary traffic yet at {weight} %"
+        where = name if status.mirror else f"at {weight} %"
+        return Verdict.INCONCLUSIVE, f"no canary traffic yet {where}"
     if elapsed < analysis.min_step_s:
-        return Verdict.INCONCLUSIVE, f"step {weight} % younger than {analysis.min_step_s:g} s"
+        return Verdict.INCONCLUSIVE, f"{name} younger than {analysis.min_step_s:g} s"
     if status.step_canary_requests < analysis.min_requests:
         return Verdict.INCONCLUSIVE, (
-            f"step {weight} % has {status.step_canary_requests} of "
+            f"{name} has {status.step_canary_requests} of "
             f"{analysis.min_requests} canary requests needed"
         )
     last = status.step_index + 1 >= len(spec.plan) or spec.plan[status.step_index + 1] == 100
@@ -599,11 +625,11 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
         # (A relative tolerance, so rounding in the mixtures never holds a step with no data.)
         if hold is not None and combined > hold * (1.0 + 1e-9):
             return Verdict.INCONCLUSIVE, (
-                f"step {weight} %: not stepping up while the evidence leans toward a regression "
+                f"{name}: not stepping up while the evidence leans toward a regression "
                 f"(e-value {_e(math.log(combined))} > {hold:g}; rollback at {1.0 / alpha:g})"
             )
         return Verdict.SUCCESSFUL, (
-            f"step {weight} % passed: {status.step_canary_requests} canary requests, "
+            f"{name} passed: {status.step_canary_requests} canary requests, "
             "no evidence of a regression"
         )
     # Promotion needs positive evidence of "not worse" on every check.
@@ -634,7 +660,7 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
         else:
             proven.append("latency not judged (the metrics source reports no histogram)")
     if missing:
-        return Verdict.INCONCLUSIVE, f"step {weight} %: not yet shown " + "; ".join(missing)
+        return Verdict.INCONCLUSIVE, f"{name}: not yet shown " + "; ".join(missing)
     return Verdict.SUCCESSFUL, "canary not worse: " + "; ".join(proven)
 
 
@@ -692,9 +718,9 @@ def _analyse(
     record["threshold_ok"] = 1.0 / analysis.alpha
 
     if verdict is Verdict.FAILED:
-        step_w = status.blue_weight
+        at = _step_name(status)
         return _decide(
-            *_rollback(status, f"rolled back at step {step_w} %: {reason}", Verdict.FAILED),
+            *_rollback(status, f"rolled back at {at}: {reason}", Verdict.FAILED),
             record,
             notes,
         )
@@ -707,15 +733,15 @@ def _analyse(
         plan = spec.plan
         if nxt >= len(plan) or plan[nxt] == 100:
             return _decide(*_promote(status, f"Blue_100: {reason}"), record, notes)
-        status = _enter_step(status, nxt, plan[nxt], now)
+        status = _enter_step(status, nxt, plan[nxt], now, _mirror_at(spec, plan[nxt]))
         status = replace(status, reason=f"{reason}; blue to {plan[nxt]} %")
-        return _decide(status, (SetWeights(plan[nxt]),), record, notes)
+        return _decide(status, (SetWeights(plan[nxt], status.mirror),), record, notes)
     if now - status.step_started_at >= analysis.max_step_duration_s:
         return _decide(
             *_on_inconclusive(
                 spec,
                 status,
-                f"step {status.blue_weight} % inconclusive after "
+                f"{_step_name(status)} inconclusive after "
                 f"{analysis.max_step_duration_s:g} s: {reason}",
             ),
             record,

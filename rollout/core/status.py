@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from rollout.core.stats import Evidence
-from rollout.core.types import Colour, Phase, Release, Verdict
+from rollout.core.types import Colour, Phase, Release, Verdict, Weights
 
 TERMINAL: frozenset[Phase] = frozenset({Phase.SUCCEEDED, Phase.ROLLED_BACK, Phase.FAILED})
 #: Phases the controller steps through at once, without waiting for an analysis interval.
@@ -29,9 +29,19 @@ TRANSITIONAL: frozenset[Phase] = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class SetWeights:
-    """Send `blue` percent of default traffic to blue, the rest to green."""
+    """Send `blue` percent of default traffic to blue, the rest to green.
+
+    With `mirror` (only while `blue` is 0), copy that percent of the traffic to blue as well:
+    the shadow step, analysed on answers no user sees.
+    """
 
     blue: int
+    mirror: int = 0
+
+    @property
+    def weights(self) -> Weights:
+        """The weights the router is asked to serve."""
+        return Weights.blue_at(self.blue, self.mirror)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +65,10 @@ Action = SetWeights | Deploy | Remove
 def action_to_dict(action: Action) -> dict[str, Any]:
     """Plain-JSON form of an action."""
     if isinstance(action, SetWeights):
-        return {"type": "set_weights", "blue": action.blue}
+        out: dict[str, Any] = {"type": "set_weights", "blue": action.blue}
+        if action.mirror:  # (absent when 0: ledgers and journals read as before)
+            out["mirror"] = action.mirror
+        return out
     if isinstance(action, Deploy):
         return {"type": "deploy", "colour": action.colour.value, "release": asdict(action.release)}
     return {"type": "remove", "colour": action.colour.value}
@@ -65,7 +78,7 @@ def action_from_dict(data: dict[str, Any]) -> Action:
     """Inverse of `action_to_dict`."""
     kind = data["type"]
     if kind == "set_weights":
-        return SetWeights(blue=int(data["blue"]))
+        return SetWeights(blue=int(data["blue"]), mirror=int(data.get("mirror", 0)))
     if kind == "deploy":
         return Deploy(colour=Colour(data["colour"]), release=Release(**data["release"]))
     if kind == "remove":
@@ -76,7 +89,7 @@ def action_from_dict(data: dict[str, Any]) -> Action:
 def describe(action: Action) -> str:
     """One short human phrase for an action (ledger, explain, status view)."""
     if isinstance(action, SetWeights):
-        return f"set weights blue {action.blue} % / green {100 - action.blue} %"
+        return f"set weights {action.weights}"
     if isinstance(action, Deploy):
         return f"deploy {action.release.ref} to {action.colour.value}"
     return f"remove {action.colour.value}"
@@ -151,6 +164,9 @@ class Status:
     step_index: int = 0
     #: Blue's weight once the pending actions are applied (always a plan weight, or 0).
     blue_weight: int = 0
+    #: Percent of live traffic mirrored to blue once the pending actions are applied (only in
+    #: the shadow step: weight 0 with the spec's `mirror_percent`).
+    mirror: int = 0
     started_at: float = 0.0
     step_started_at: float = 0.0
     updated_at: float = 0.0
@@ -196,6 +212,7 @@ class Status:
             "phase": self.phase.value,
             "step_index": self.step_index,
             "blue_weight": self.blue_weight,
+            "mirror": self.mirror,
             "started_at": self.started_at,
             "step_started_at": self.step_started_at,
             "updated_at": self.updated_at,
@@ -229,6 +246,7 @@ class Status:
             phase=Phase(data["phase"]),
             step_index=int(data["step_index"]),
             blue_weight=int(data["blue_weight"]),
+            mirror=int(data.get("mirror", 0)),
             started_at=float(data["started_at"]),
             step_started_at=float(data["step_started_at"]),
             updated_at=float(data["updated_at"]),

@@ -43,10 +43,15 @@ class Verdict(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Weights:
-    """Percent of default-route traffic per colour; always integers summing to 100."""
+    """Percent of default-route traffic per colour; always integers summing to 100.
+
+    `mirror` is the percent of that traffic also *copied* to blue while blue serves none (a
+    shadow: blue answers the copies, the answers are discarded, users only ever see green's).
+    """
 
     blue: int
     green: int
+    mirror: int = 0
 
     def __post_init__(self) -> None:
         if not (0 <= self.blue <= 100 and 0 <= self.green <= 100):
@@ -55,11 +60,22 @@ class Weights:
             )
         if self.blue + self.green != 100:
             raise ValueError(f"weights must sum to 100, got blue={self.blue} green={self.green}")
+        if not 0 <= self.mirror <= 100:
+            raise ValueError(f"mirror must be within 0..100, got {self.mirror}")
+        if self.mirror and self.blue:
+            raise ValueError(
+                f"blue is mirrored only while it serves no live traffic, got blue={self.blue} "
+                f"mirror={self.mirror}"
+            )
 
     @classmethod
-    def blue_at(cls, percent: int) -> Weights:
-        """Weights with `percent` on blue and the rest on green."""
-        return cls(blue=percent, green=100 - percent)
+    def blue_at(cls, percent: int, mirror: int = 0) -> Weights:
+        """Weights with `percent` on blue and the rest on green (`mirror` % copied to blue)."""
+        return cls(blue=percent, green=100 - percent, mirror=mirror)
+
+    def __str__(self) -> str:
+        shadow = f", {self.mirror} % mirrored to blue" if self.mirror else ""
+        return f"blue {self.blue} % / green {self.green} %{shadow}"
 
     def of(self, colour: Colour) -> int:
         """The weight of one colour."""

@@ -128,6 +128,7 @@ class SimulatedMetrics:
             (np.zeros(width, dtype=np.int64), np.zeros(width, dtype=np.int64))
         ]
         self.canary_bad = 0  # errors served by blue so far (for the benchmark's harm measure)
+        self.mirrored_bad = 0  # errors blue answered to mirrored copies (never served)
 
     @classmethod
     def from_config(
@@ -165,12 +166,18 @@ class SimulatedMetrics:
             return
         t_rel = last - self._start
         total = int(self._rng.poisson(self.rps_at(t_rel) * (now - last)))
-        blue_pct = self._router.get_weights().blue
-        n_blue = int(self._rng.binomial(total, blue_pct / 100.0)) if total else 0
+        weights = self._router.get_weights()
+        n_blue = int(self._rng.binomial(total, weights.blue / 100.0)) if total else 0
+        # A shadow: blue also answers a copy of `mirror` % of the requests; nobody sees those.
+        n_mirror = int(self._rng.binomial(total, weights.mirror / 100.0)) if total else 0
         canary = self._canary if t_rel >= self._canary_from else self._baseline
         blue = self._draw(n_blue, canary)
         green = self._draw(total - n_blue, self._baseline)
         self.canary_bad += int(blue[1])
+        if n_mirror:
+            mirrored = self._draw(n_mirror, canary)
+            self.mirrored_bad += int(mirrored[1])
+            blue = blue + mirrored
         cum_b, cum_g = self._cum[-1]
         self._times.append(now)
         self._cum.append((cum_b + blue, cum_g + green))

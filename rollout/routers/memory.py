@@ -64,8 +64,10 @@ class MemoryRouter:
             raise RouterError(f"cannot send {weights.blue} % to blue: nothing is deployed there")
         if weights.green > 0 and Colour.GREEN not in self._releases:
             raise RouterError(f"cannot send {weights.green} % to green: nothing is deployed there")
+        if weights.mirror > 0 and Colour.BLUE not in self._releases:
+            raise RouterError(f"cannot mirror {weights.mirror} % to blue: nothing is deployed")
         self._weights = weights
-        self._commit("set_weights", blue=weights.blue, green=weights.green)
+        self._commit("set_weights", **self._weights_dict())
 
     def get_weights(self) -> Weights:
         """The weights served now."""
@@ -95,9 +97,15 @@ class MemoryRouter:
 
     def _snapshot(self) -> dict[str, Any]:
         return {
-            "weights": {"blue": self._weights.blue, "green": self._weights.green},
+            "weights": self._weights_dict(),
             "releases": {c.value: asdict(r) for c, r in self._releases.items()},
         }
+
+    def _weights_dict(self) -> dict[str, int]:
+        out = {"blue": self._weights.blue, "green": self._weights.green}
+        if self._weights.mirror:  # (absent when 0: journals read as before)
+            out["mirror"] = self._weights.mirror
+        return out
 
     def _load(self, path: Path) -> None:
         try:
