@@ -520,6 +520,23 @@ class RolloutSpec(_Model):
 
     @model_validator(mode="before")
     @classmethod
+    def _no_shadow_step_the_istio_preset_cannot_count(cls, data: Any) -> Any:
+        """Istio's source reporter does not count mirrored requests (istio/istio#23496).
+
+        So with the istio preset the defaults are a plan without a shadow step and no mirror; a
+        `mirror_percent` asked for is refused by `_mirror_needs_a_shadow_step`.
+        """
+        if not isinstance(data, dict) or "mirror_percent" in data:
+            return data
+        metrics = data.get("metrics")
+        if not isinstance(metrics, dict) or metrics.get("kind") != "prometheus":
+            return data
+        if metrics.get("preset") != "istio":
+            return data
+        return {"steps": list(LIVE_STEPS), **data, "mirror_percent": 0}
+
+    @model_validator(mode="before")
+    @classmethod
     def _istio_metrics_follow_the_router(cls, data: Any) -> Any:
         """With Istio on both sides, the preset counts the router's weighted Services by default.
 
@@ -531,15 +548,9 @@ class RolloutSpec(_Model):
         router, metrics = data.get("router"), data.get("metrics")
         if not (isinstance(router, dict) and isinstance(metrics, dict)):
             return data
-        if metrics.get("kind") != "prometheus" or metrics.get("preset") != "istio":
+        if router.get("kind") != "istio" or metrics.get("kind") != "prometheus":
             return data
-        # Istio's source reporter does not count mirrored requests (istio/istio#23496): no
-        # shadow step unless asked for (and then refused, by `_mirror_is_visible`).
-        if "mirror_percent" not in data:
-            data = {**data, "mirror_percent": 0}
-            if "steps" not in data:
-                data["steps"] = list(LIVE_STEPS)
-        if router.get("kind") != "istio":
+        if metrics.get("preset") != "istio":
             return data
         app = router.get("app", IstioRouterConfig.model_fields["app"].default)
         namespace = router.get("namespace", IstioRouterConfig.model_fields["namespace"].default)

@@ -84,8 +84,9 @@ def _load(spec_path: Path) -> RolloutSpec:
 def validate(spec: SpecArg) -> None:
     """Check a spec: every problem is reported with the field it concerns."""
     parsed = _load(spec)
+    shadow = f" (0 %: shadow, {parsed.shadow_percent} % mirrored)" if parsed.shadow_percent else ""
     _out.print(
-        f"[green]ok[/] {spec}: rollout [bold]{parsed.name}[/], plan {list(parsed.plan)} %, "
+        f"[green]ok[/] {spec}: rollout [bold]{parsed.name}[/], plan {list(parsed.plan)} %{shadow}, "
         f"router {parsed.router.kind}, metrics {parsed.metrics.kind}, "
         f"alpha {parsed.analysis.alpha:g}, interval {parsed.analysis.interval_s:g} s, "
         f"on inconclusive: {parsed.analysis.on_inconclusive}"
@@ -247,7 +248,8 @@ def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | N
         for i, w in enumerate(parsed.plan)
     )
     table.add_row("phase", f"[bold]{status.phase.value}[/]")
-    table.add_row("blue weight", f"{status.blue_weight} %   plan {plan}")
+    mirror = f" + {status.mirror} % mirrored (shadow)" if status.mirror else ""
+    table.add_row("blue weight", f"{status.blue_weight} %{mirror}   plan {plan}")
     if status.candidate:
         table.add_row("candidate", f"{status.candidate.ref} (blue)")
     if status.stable:

@@ -312,7 +312,7 @@ def _mirror_at(spec: RolloutSpec, weight: int) -> int:
 def _step_name(status: Status) -> str:
     """How the reasons name the current step."""
     if status.mirror:
-        return f"shadow step ({status.mirror} % mirrored)"
+        return f"the shadow step ({status.mirror} % mirrored)"
     return f"step {status.blue_weight} %"
 
 

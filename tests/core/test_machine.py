@@ -447,12 +447,20 @@ def test_a_status_file_from_before_commands_read_skips_handled_ids() -> None:
     assert status.handled == ()
 
 
-def test_seed_plan_starts_at_zero_and_advances_without_analysis() -> None:
-    spec = make_spec(steps="seed")
+def test_seed_plan_starts_at_zero_and_advances_without_analysis_when_nothing_is_mirrored() -> None:
+    spec = make_spec(steps="seed", mirror_percent=0)
     start = step(spec, new_status(spec, now=0.0), None, 0.0)
     assert start.actions == (Deploy(Colour.BLUE, V2), SetWeights(0))
     nxt = step(spec, start.status, obs(green=(100, 0), at=10.0), 10.0)
     assert nxt.actions == (SetWeights(50),)
+
+
+def test_seed_plan_judges_blue_0_on_mirrored_traffic_by_default() -> None:
+    spec = make_spec(steps="seed")
+    start = step(spec, new_status(spec, now=0.0), None, 0.0)
+    assert start.actions == (Deploy(Colour.BLUE, V2), SetWeights(0, mirror=5))
+    waiting = step(spec, start.status, obs(blue=(5, 0), green=(100, 0), at=10.0), 10.0)
+    assert waiting.actions == ()
 
 
 def test_latency_threshold_is_chosen_near_the_baseline_p99() -> None:

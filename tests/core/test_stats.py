@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy.special import logsumexp
+from scipy.special import logsumexp, xlogy
 from scipy.stats import binom
 
 from rollout.core.stats import (
@@ -213,3 +213,34 @@ def test_log_mixture_is_scipys_logsumexp_without_overflow(log_lr: list[float]) -
     expected = float(logsumexp(np.array(log_lr), b=prior))
     assert log_mixture(np.array(log_lr), prior) == pytest.approx(expected, rel=1e-12)
     assert log_mean_e(*log_lr) == pytest.approx(float(logsumexp(log_lr) - math.log(3)), 1e-12)
+
+
+@pytest.mark.parametrize("mirror", [0.05, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("poison", [0, 1, 4])
+@pytest.mark.parametrize("random_rate", [0.0, 0.02])
+def test_worse_ratios_stay_supermartingales_when_mirrored_copies_fail_with_their_originals(
+    mirror: float, poison: int, random_rate: float
+) -> None:
+    # The shadow step: blue answers copies of `mirror` × green's requests. A request that fails
+    # whatever model answers it (a poison input) fails on both colours, so the two counts are no
+    # longer independent. With the canary as good as the baseline: of green's `poison` failures
+    # each original was copied with probability `mirror` (c_d ~ Bin(poison, mirror)), and both
+    # colours also fail at random at `random_rate`. The judge still sees a mean LR <= 1 per tick:
+    # E = [(1 + q)(1 - q + 2θq) / (1 + θq)²]^poison × 1 for the pure copies, <= 1 since the
+    # difference is q²(θ - 1)² >= 0.
+    nb = 60
+    nc = round(nb * mirror)
+    p0 = nc / (nc + nb)
+    green_random = binom.pmf(np.arange(nb + 1), nb, random_rate)
+    blue_random = binom.pmf(np.arange(nc + 1), nc, random_rate)
+    copied = binom.pmf(np.arange(poison + 1), poison, mirror)
+    # Every (green random, blue random, copied) outcome at once: blue's bad events k and the
+    # tick's total n, with their joint probability.
+    gi, ci, cd = np.meshgrid(
+        np.arange(nb + 1), np.arange(nc + 1), np.arange(poison + 1), indexing="ij"
+    )
+    weight = green_random[gi] * blue_random[ci] * copied[cd]
+    k, n = ci + cd, poison + gi + ci + cd
+    for p in share(WORSE_THETAS, p0):
+        llr = xlogy(k, p / p0) + xlogy(n - k, (1.0 - p) / (1.0 - p0))
+        assert float((weight * np.exp(llr)).sum()) <= 1.0 + 1e-9
