@@ -8,16 +8,21 @@ served, the A/A false-rollback rate's 95 % Clopper-Pearson upper bound, and E[ca
 reject] / Wald's SPRT E[N] for the same effect. With `--json` the last line is one JSON object.
 
 "ours" is the REAL engine: `rollout.controller.Controller` + `rollout.core` with the product's
-default analysis settings, a MemoryRouter, a MemoryStateStore, `SimulatedMetrics` splitting
-seeded Poisson traffic by the weights the router serves, and a FakeClock. Traffic is drawn per
-tick (binomial/Poisson/multinomial counts), never per request.
+default plan (a shadow step with 5 % of traffic mirrored to the canary, then 5, 25, 50 %) and
+analysis settings (or a spec's, `--spec`), a MemoryRouter, a MemoryStateStore,
+`SimulatedMetrics` splitting seeded Poisson traffic by the weights (and mirror) the router
+serves, and a FakeClock. Traffic is drawn per tick (binomial/Poisson/multinomial counts), never
+per request.
 
 Measures (both policies, same definitions):
 - decision time: when the policy commits to rollback or promotion (simulated seconds);
 - bad canary requests: canary 5xx served within the scenario's horizon — until rollback; after a
   promotion the regression serves all traffic until the horizon (expected count added); runs
   that never decide keep serving at their last weight until the horizon. (The count "until the
-  decision" is printed too.)
+  decision" is printed too.) The canary's answers to mirrored copies in the shadow step reach
+  nobody and are not counted here; the JSON has them as `mean_bad_mirrored_requests`.
+- canary requests (the E[N] side of EN/Wald): every request the canary answered before the
+  rollback, mirrored copies included: they are the judge's sample as much as live ones.
 - Wald: the E[N] in canary requests of Wald's SPRT, which knows both rates (α 0.05, β 0.2),
   computed exactly (`benchmarks.oracle.sprt_expected_n`: 18, 187, 583, 5,408 canary requests
   for 50×, 10×, 5×, 2× on 0.1 %, as ANCHORS.md quotes); Wald's approximation of it, which ignores
@@ -151,11 +156,13 @@ def run_ours(scenario: Scenario, seed: int, spec: RolloutSpec) -> Outcome:
     if decision == "none":
         metrics.advance(scenario.duration_s)
         canary_at_decision = int(metrics._cum[-1][0][0])
-        return Outcome("none", None, canary_at_decision, float(metrics.canary_bad))
+        return Outcome(
+            "none", None, canary_at_decision, float(metrics.canary_bad), metrics.mirrored_bad
+        )
     bad = float(metrics.canary_bad)
     if decision == "promote" and decided_at is not None:
         bad += (scenario.duration_s - decided_at) * scenario.mean_rps * scenario.canary.error_rate
-    return Outcome(decision, decided_at, canary_at_decision, bad)
+    return Outcome(decision, decided_at, canary_at_decision, bad, metrics.mirrored_bad)
 
 
 def _chunk(args: tuple[str, Scenario, int, int, Path | None]) -> list[tuple[Outcome, float]]:
@@ -292,6 +299,7 @@ def summarise(
         "en_over_wald": en_over_wald,
         # Extra context (not part of the fixed schema's required keys).
         "mean_bad_until_decision": float(np.mean([b for _, b in results])),
+        "mean_bad_mirrored_requests": float(np.mean([o.mirrored_bad for o in outcomes])),
         "mean_canary_requests_to_reject": (
             float(np.mean([o.canary_requests for o in rollbacks])) if rollbacks else None
         ),

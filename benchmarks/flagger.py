@@ -35,6 +35,7 @@ class Outcome:
     decided_at: float | None
     canary_requests: int  # canary requests served until the decision
     bad_canary: float  # canary errors served within the horizon (see analysis.py)
+    mirrored_bad: int = 0  # canary errors answered to mirrored copies, never served
 
 
 def _p99_ms(bounds_ms: NDArray[np.float64], per_bucket: NDArray[np.int64]) -> float:

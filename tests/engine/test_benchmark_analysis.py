@@ -33,6 +33,9 @@ def test_a_small_run_prints_the_specified_json(capsys: pytest.CaptureFixture[str
         assert row.keys() >= KEYS
         assert row["runs"] == 4
     assert rows[("err-50x-100rps", "ours")]["p_rollback"] == 1.0
+    # Caught in the default plan's shadow step: blue's errors went to mirrored copies only.
+    assert rows[("err-50x-100rps", "ours")]["mean_bad_mirrored_requests"] > 0
+    assert rows[("err-50x-100rps", "flagger")]["mean_bad_mirrored_requests"] == 0
     assert rows[("err-50x-100rps", "ours")]["false_rollback_upper95"] is None
     assert rows[("aa-100rps", "ours")]["false_rollback_upper95"] is not None
     assert rows[("aa-100rps", "ours")]["en_over_wald"] is None

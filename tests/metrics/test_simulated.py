@@ -1,0 +1,38 @@
+"""The simulated metrics source: traffic split by the weights the router serves, shadow included."""
+
+from __future__ import annotations
+
+import pytest
+
+from rollout.config import SimulatedMetricsConfig, TrafficModel
+from rollout.core.types import Colour, Observation, Release, Weights
+from rollout.metrics.static import SimulatedMetrics
+from rollout.routers.memory import MemoryRouter
+
+V1, V2 = Release(model="m", version="1"), Release(model="m", version="2")
+
+
+def simulate(weights: Weights, seconds: float = 1000.0) -> tuple[SimulatedMetrics, Observation]:
+    router = MemoryRouter(releases={Colour.GREEN: V1, Colour.BLUE: V2})
+    router.set_weights(weights)
+    cfg = SimulatedMetricsConfig(
+        seed=3, rps=100, baseline=TrafficModel(error_rate=0.0), canary=TrafficModel(error_rate=0.1)
+    )
+    metrics = SimulatedMetrics(cfg, router, start=0.0)
+    return metrics, metrics.observe(0.0, seconds)
+
+
+def test_a_mirror_copies_requests_to_blue_and_serves_none_of_its_answers() -> None:
+    metrics, seen = simulate(Weights.blue_at(0, mirror=20))
+    assert seen.green.requests == pytest.approx(100_000, rel=0.02)  # green still serves all
+    assert seen.blue.requests == pytest.approx(20_000, rel=0.03)  # and blue answers 20 % copies
+    assert seen.blue.errors == pytest.approx(2_000, rel=0.1)  # which the judge sees
+    assert metrics.canary_bad == 0  # but no user was served
+    assert metrics.mirrored_bad == seen.blue.errors
+
+
+def test_live_weights_serve_blue_answers() -> None:
+    metrics, seen = simulate(Weights.blue_at(20))
+    assert seen.green.requests == pytest.approx(80_000, rel=0.02)
+    assert metrics.canary_bad == seen.blue.errors > 0
+    assert metrics.mirrored_bad == 0
