@@ -18,8 +18,13 @@ generateVirtualServicePatches vs reconcileVirtualService).
   routes named `aml-rollout-*` change; the user's routes stay where they are) and sends it as a
   JSON merge patch carrying `metadata.resourceVersion`. A 409 (someone wrote in between) re-reads
   and retries, a bounded number of times, then raises ConflictError. Nothing is written when
-  the routes already match (idempotent, and no resourceVersion churn for watchers).
-- `get_weights` reads the VirtualService back: what the control plane holds.
+  the routes already match (idempotent, and no resourceVersion churn for watchers). A shadow
+  step (`weights.mirror`) adds `mirror` / `mirrorPercentage` to our default route; as a merge
+  patch replaces a list whole, the next `spec.http` without them removes them (no nulls needed).
+  Traffic, live or mirrored, is refused to a colour whose Deployment is missing or past its
+  progress deadline with no pod available.
+- `get_weights` reads the VirtualService back: what the control plane holds, the mirror to
+  blue's weighted Service included (`istio_manifests.mirror_from_route`).
 - `remove` deletes the Deployment (its Services stay: empty Services are free and keep the pinned
   route valid), refusing while the colour still takes default traffic.
 
@@ -121,28 +126,30 @@ class IstioRouter:
     def set_weights(self, weights: Weights) -> None:
         """Set our default route's weights; header-pinned and user routes are untouched."""
         for colour in Colour:
-            if weights.of(colour) == 0:
+            if weights.of(colour):
+                sending = f"send {weights.of(colour)} % to {colour.value}"
+            elif colour is Colour.BLUE and weights.mirror:
+                sending = f"mirror {weights.mirror} % to blue"
+            else:
                 continue  # a rollback must work whatever state the other colour is in
             name = f"{self._ns}/{self.layout.deployment(colour)}"
             found = self._read_deployment(self.layout.deployment(colour))
             if found is None:
-                raise RouterError(
-                    f"cannot send {weights.of(colour)} % to {colour.value}: "
-                    f"Deployment {name} does not exist"
-                )
+                raise RouterError(f"cannot {sending}: Deployment {name} does not exist")
             # Past its progress deadline with no pod available, it would answer nothing. (With
             # pods available, e.g. a stalled scale-up, it still serves and may take traffic.)
             if m.past_deadline(found) and not (found.get("status") or {}).get("availableReplicas"):
                 raise RouterError(
-                    f"cannot send {weights.of(colour)} % to {colour.value}: Deployment {name} "
+                    f"cannot {sending}: Deployment {name} "
                     "exceeded its progress deadline and has no available pod"
                 )
         what = f"VirtualService {self._ns}/{self.layout.virtual_service}"
         self._retry_conflicts(what, lambda: self._patch_routes(weights))
-        log.info("%s: default route set to blue=%d green=%d", what, weights.blue, weights.green)
+        log.info("%s: default route set to %s", what, weights)
 
     def get_weights(self) -> Weights:
-        """The weights of the default route as the VirtualService holds them now."""
+        """The default route's weights as the VirtualService holds them now, and the percent it
+        mirrors to blue's weighted Service (a mirror anywhere else reads as 0: not ours)."""
         vs = self._read_virtual_service()
         if vs is None:
             raise RouterError(
@@ -292,6 +299,15 @@ class IstioRouter:
         wanted = m.merge_routes(current, self.layout, weights)
         if wanted == current:
             return
+        if foreign := m.foreign_mirrors(current, self.layout):
+            log.warning(
+                "VirtualService %s/%s: route %r is aml-rollout's, written whole: its mirror "
+                "to %s (not blue's weighted Service) is dropped by this write",
+                self._ns,
+                self.layout.virtual_service,
+                m.DEFAULT_ROUTE,
+                ", ".join(foreign),
+            )
         patch = {
             "metadata": {"resourceVersion": vs["metadata"]["resourceVersion"]},
             "spec": {"http": wanted},

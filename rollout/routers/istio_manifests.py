@@ -18,6 +18,14 @@ Envoy router's pinned clusters.
 The router owns only the routes named `aml-rollout-*`. `merge_routes` computes the new
 `spec.http` from the one read back (Argo Rollouts' generateVirtualServicePatches, pure) and keeps
 every other route where it was — never replacing the whole VirtualService (flagger#1715).
+
+The shadow step (`Weights.mirror` > 0, blue at 0 %) is Istio's request mirroring on the default
+route only: `mirror: {host: <app>-blue, port: {number: <port>}}` and `mirrorPercentage: {value:
+<percent>}`. The proxy copies that share of the un-pinned requests to blue's weighted Service
+and discards blue's answers; pinned routes are never mirrored. `mirror_from_route` reads it back:
+only a mirror to blue's weighted Service counts (that is where the judge reads blue); a mirror
+elsewhere copies nothing to blue, reads as 0 and is dropped by the next write of the route,
+which is ours whole (`foreign_mirrors` names it, so the router can say so).
 """
 
 from __future__ import annotations
@@ -354,6 +362,19 @@ def _destination(layout: IstioLayout, colour: Colour, *, pinned: bool = False) -
     return {"host": layout.service(colour, pinned=pinned), "port": {"number": layout.port}}
 
 
+def _service_named(host: object, layout: IstioLayout) -> str | None:
+    """The Service in the layout's namespace that a route host names, or None.
+
+    Istio accepts the short name `<svc>` (the VirtualService's namespace) and the dotted forms
+    `<svc>.<ns>`, `<svc>.<ns>.svc.cluster.local` (any cluster domain); a host in another
+    namespace is not one of ours, whatever its first label.
+    """
+    name, _, rest = str(host or "").partition(".")
+    if rest and rest.split(".")[0] != layout.namespace:
+        return None
+    return name
+
+
 def managed_routes(layout: IstioLayout, weights: Weights) -> list[Obj]:
     """Our three routes, in order: pin blue, pin green, weighted default."""
     pins = [
@@ -364,13 +385,16 @@ def managed_routes(layout: IstioLayout, weights: Weights) -> list[Obj]:
         }
         for colour in (Colour.BLUE, Colour.GREEN)
     ]
-    default = {
+    default: Obj = {
         "name": DEFAULT_ROUTE,
         "route": [
             {"destination": _destination(layout, colour), "weight": weights.of(colour)}
             for colour in (Colour.GREEN, Colour.BLUE)
         ],
     }
+    if weights.mirror:  # the shadow step: copies to blue's weighted Service, answers discarded
+        default["mirror"] = _destination(layout, Colour.BLUE)
+        default["mirrorPercentage"] = {"value": float(weights.mirror)}
     return [*pins, default]
 
 
@@ -461,16 +485,79 @@ def weights_from_routes(http: list[Obj], layout: IstioLayout) -> Weights:
     by_host = {layout.service(c): c for c in Colour}
     found = {Colour.BLUE: 0, Colour.GREEN: 0}
     for destination in route.get("route", []):
-        # Istio accepts the short name or the FQDN `<svc>.<ns>.svc.cluster.local`.
-        host = str(destination.get("destination", {}).get("host", "")).split(".")[0]
-        if host not in by_host:
+        host = (destination.get("destination") or {}).get("host", "")
+        name = _service_named(host, layout)
+        if name not in by_host:
             raise RouterError(f"{where}: route {DEFAULT_ROUTE!r} sends traffic to unknown {host!r}")
         # A single destination without weight takes everything (Istio's rule).
-        found[by_host[host]] += int(destination.get("weight", 100))
+        found[by_host[name]] += int(destination.get("weight", 100))
+    mirror = mirror_from_route(route, layout)
     try:
-        return Weights(blue=found[Colour.BLUE], green=found[Colour.GREEN])
+        return Weights(blue=found[Colour.BLUE], green=found[Colour.GREEN], mirror=mirror)
     except ValueError as exc:
         raise RouterError(f"{where}: route {DEFAULT_ROUTE!r} has invalid weights: {exc}") from exc
+
+
+def _mirrors(route: Obj) -> list[tuple[object, float]]:
+    """(host, percent) of every mirror on an http route, by Istio's rules.
+
+    `mirror` takes `mirrorPercentage.value` (a double), else the deprecated integer
+    `mirrorPercent`, else 100 (absent: everything is mirrored); `mirrors` entries (the newer list,
+    never together with `mirror`) take their own `percentage.value`, else 100. A percentage of
+    0 mirrors nothing.
+    """
+    found: list[tuple[object, float]] = []
+    if isinstance(route.get("mirror"), dict):
+        if isinstance(route.get("mirrorPercentage"), dict):
+            percent = route["mirrorPercentage"].get("value", 0)
+        else:
+            percent = next(
+                (route[k] for k in ("mirrorPercent", "mirror_percent") if route.get(k) is not None),
+                100,
+            )
+        found.append((route["mirror"].get("host"), percent))
+    for entry in route.get("mirrors") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("destination"), dict):
+            percentage = entry.get("percentage")
+            percent = percentage.get("value", 0) if isinstance(percentage, dict) else 100
+            found.append((entry["destination"].get("host"), percent))
+    return [(host, float(percent)) for host, percent in found if float(percent) > 0]
+
+
+def mirror_from_route(route: Obj, layout: IstioLayout) -> int:
+    """Percent of a route's requests mirrored to blue's weighted Service (0: none).
+
+    Only blue's weighted Service counts: the judge reads blue there. A mirror to any other host
+    (blue's pinned Service included) copies nothing the judge sees and is not ours: it reads as
+    0 here (see `foreign_mirrors`). RouterError for what Weights cannot hold: a share that is
+    not a whole percent, or blue mirrored twice.
+    """
+    where = f"VirtualService {layout.namespace}/{layout.virtual_service}"
+    blue = layout.service(Colour.BLUE)
+    shares = [p for host, p in _mirrors(route) if _service_named(host, layout) == blue]
+    if not shares:
+        return 0
+    if len(shares) > 1:
+        raise RouterError(f"{where}: route {route.get('name')!r} mirrors to {blue!r} twice")
+    percent = shares[0]
+    if not percent.is_integer():
+        raise RouterError(
+            f"{where}: route {route.get('name')!r} mirrors {percent:g} % to {blue!r}; "
+            "aml-rollout mirrors whole percents only"
+        )
+    return int(percent)
+
+
+def foreign_mirrors(http: list[Obj], layout: IstioLayout) -> list[str]:
+    """Hosts our default route mirrors to other than blue's weighted Service (someone's edit).
+
+    The route is ours and the next write replaces it whole, so these disappear with it.
+    """
+    route = next((r for r in http if r.get("name") == DEFAULT_ROUTE), None)
+    if route is None:
+        return []
+    blue = layout.service(Colour.BLUE)
+    return [str(h) for h, _ in _mirrors(route) if _service_named(h, layout) != blue]
 
 
 # ---- RBAC and bootstrap ---------------------------------------------------------------------

@@ -7,6 +7,8 @@ readiness waiting, and API errors becoming RouterError with context.
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -581,3 +583,271 @@ def test_a_stalled_scale_up_of_green_does_not_block_a_rollback(api: FakeKubeApiS
     assert router.release(Colour.GREEN) == V1
     router.set_weights(Weights.blue_at(0))
     assert router.get_weights() == Weights.blue_at(0)
+
+
+# ---- the shadow step: Istio's request mirroring on our default route ------------------------
+SHADOW = Weights.blue_at(0, mirror=5)
+BLUE_HOST = {"host": "diabetes-blue", "port": {"number": 80}}
+
+
+def default_route(api: FakeKubeApiServer) -> dict[str, Any]:
+    route = http_routes(api)[-1]
+    assert route["name"] == m.DEFAULT_ROUTE
+    return route
+
+
+def both_deployed(api: FakeKubeApiServer, **kwargs: Any) -> IstioRouter:
+    router = make(api, **kwargs)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    return router
+
+
+def test_a_shadow_step_mirrors_the_default_route_to_blue(api: FakeKubeApiServer) -> None:
+    router = both_deployed(api)
+    pinned_before = http_routes(api)[:2]
+    router.set_weights(SHADOW)
+
+    route = default_route(api)
+    assert route["mirror"] == BLUE_HOST  # blue's weighted Service, on the port the route uses
+    assert route["mirrorPercentage"] == {"value": 5.0}
+    assert {d["destination"]["host"]: d["weight"] for d in route["route"]} == {
+        "diabetes-green": 100,
+        "diabetes-blue": 0,
+    }
+    assert http_routes(api)[:2] == pinned_before  # pinned requests are never mirrored
+    assert router.get_weights() == SHADOW
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        pytest.param(Weights.blue_at(5), id="first-live-step"),
+        pytest.param(Weights.blue_at(0), id="rollback"),
+        pytest.param(Weights.blue_at(0, mirror=20), id="another-share"),
+        pytest.param(Weights.blue_at(100), id="promote"),
+    ],
+)
+def test_the_next_weights_change_sets_or_removes_the_mirror(
+    api: FakeKubeApiServer, after: Weights
+) -> None:
+    router = both_deployed(api)
+    router.set_weights(SHADOW)
+    router.set_weights(after)
+
+    route = default_route(api)  # as the API server stores it, after the merge patch
+    if after.mirror:
+        assert (route["mirror"], route["mirrorPercentage"]) == (BLUE_HOST, {"value": 20.0})
+    else:
+        assert "mirror" not in route and "mirrorPercentage" not in route
+    assert router.get_weights() == after
+    assert all("mirror" not in r for r in http_routes(api)[:2])
+
+
+def test_setting_the_served_shadow_writes_nothing(api: FakeKubeApiServer) -> None:
+    router = both_deployed(api)
+    router.set_weights(SHADOW)
+    version = api.get(*VS)["metadata"]["resourceVersion"]
+    router.set_weights(SHADOW)
+    assert api.get(*VS)["metadata"]["resourceVersion"] == version
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        pytest.param(Weights.blue_at(0), SHADOW, id="adding-the-mirror"),
+        pytest.param(SHADOW, Weights.blue_at(5), id="removing-the-mirror"),
+    ],
+)
+def test_a_concurrent_write_during_a_mirror_change_is_retried(
+    api: FakeKubeApiServer, first: Weights, then: Weights
+) -> None:
+    router = both_deployed(api)
+    router.set_weights(first)
+
+    def someone_else(vs: dict[str, Any]) -> None:
+        vs["metadata"].setdefault("labels", {})["touched-by"] = "argocd"
+
+    api.before_next_write("virtualservices", "diabetes", someone_else)
+    patches_before = sum(r.verb == "patch" for r in api.requests)
+    router.set_weights(then)
+
+    patches = [r.status for r in api.requests if r.verb == "patch"][patches_before:]
+    assert patches == [409, 200]
+    assert router.get_weights() == then
+    assert api.get(*VS)["metadata"]["labels"]["touched-by"] == "argocd"
+
+
+def test_nothing_is_mirrored_to_a_blue_that_is_not_there(api: FakeKubeApiServer) -> None:
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    with pytest.raises(RouterError, match="cannot mirror 5 % to blue: Deployment ml/diabetes-blue"):
+        router.set_weights(SHADOW)
+    assert not any(r.verb == "patch" for r in api.requests)
+    assert router.get_weights() == Weights.blue_at(0)
+
+
+def test_nothing_is_mirrored_to_a_blue_past_its_deadline_with_no_pod(
+    api: FakeKubeApiServer,
+) -> None:
+    router = both_deployed(api)
+    api.set_status(*DEPLOYMENT_BLUE, {"observedGeneration": 1, "conditions": [_DEADLINE]})
+    with pytest.raises(RouterError, match=r"cannot mirror 5 % to blue: .* no available pod"):
+        router.set_weights(SHADOW)
+    assert router.get_weights() == Weights.blue_at(0)
+
+
+def _default_with(blue: int = 0, **fields: Any) -> list[dict[str, Any]]:
+    http = m.managed_routes(LAYOUT, Weights.blue_at(blue))
+    http[-1].update(fields)
+    return http
+
+
+@pytest.mark.parametrize(
+    ("fields", "mirror"),
+    [
+        pytest.param({"mirror": {"host": "diabetes-blue"}}, 100, id="no-percentage-is-all"),
+        pytest.param(
+            {
+                "mirror": {"host": "diabetes-blue.ml.svc.cluster.local"},
+                "mirrorPercentage": {"value": 5},  # the API server may send 5.0 back as 5
+            },
+            5,
+            id="fqdn",
+        ),
+        pytest.param(
+            {"mirror": {"host": "diabetes-blue"}, "mirrorPercentage": {"value": 0.0}},
+            0,
+            id="zero-percent-mirrors-nothing",
+        ),
+        pytest.param(
+            {"mirror": {"host": "diabetes-blue"}, "mirrorPercent": 7}, 7, id="deprecated-integer"
+        ),
+        pytest.param(
+            {"mirrors": [{"destination": {"host": "diabetes-blue"}, "percentage": {"value": 3}}]},
+            3,
+            id="mirrors-list",
+        ),
+        pytest.param(
+            {"mirror": {"host": "shadow-logger"}, "mirrorPercentage": {"value": 50.0}},
+            0,
+            id="another-host-is-not-ours",
+        ),
+        pytest.param(
+            {"mirror": {"host": "diabetes-blue-pinned"}}, 0, id="blue-pinned-is-not-judged"
+        ),
+        pytest.param(
+            {"mirror": {"host": "diabetes-blue.staging.svc.cluster.local"}},
+            0,
+            id="same-name-other-namespace",
+        ),
+    ],
+)
+def test_the_mirror_read_back_counts_only_blue_s_weighted_service(
+    fields: dict[str, Any], mirror: int
+) -> None:
+    assert m.weights_from_routes(_default_with(**fields), LAYOUT) == Weights.blue_at(0, mirror)
+
+
+@pytest.mark.parametrize(
+    ("blue", "fields", "message"),
+    [
+        pytest.param(
+            0,
+            {"mirror": {"host": "diabetes-blue"}, "mirrorPercentage": {"value": 2.5}},
+            "mirrors 2.5 % to 'diabetes-blue'; aml-rollout mirrors whole percents only",
+            id="fraction-of-a-percent",
+        ),
+        pytest.param(
+            30,
+            {"mirror": {"host": "diabetes-blue"}, "mirrorPercentage": {"value": 5.0}},
+            "invalid weights: blue is mirrored only while it serves no live traffic",
+            id="mirrored-while-serving",
+        ),
+        pytest.param(
+            0,
+            {
+                "mirror": {"host": "diabetes-blue"},
+                "mirrors": [{"destination": {"host": "diabetes-blue"}}],
+            },
+            "mirrors to 'diabetes-blue' twice",
+            id="twice",
+        ),
+    ],
+)
+def test_a_mirror_weights_cannot_hold_is_a_router_error(
+    blue: int, fields: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(RouterError, match=re.escape(message)):
+        m.weights_from_routes(_default_with(blue, **fields), LAYOUT)
+
+
+def test_a_destination_in_another_namespace_is_not_ours() -> None:
+    http = m.managed_routes(LAYOUT, Weights.blue_at(30))
+    http[-1]["route"][1]["destination"]["host"] = "diabetes-blue.staging.svc.cluster.local"
+    with pytest.raises(RouterError, match=r"unknown 'diabetes-blue\.staging"):
+        m.weights_from_routes(http, LAYOUT)
+
+
+def test_someone_else_s_mirror_on_our_route_is_dropped_by_the_next_write_and_said(
+    api: FakeKubeApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    router = both_deployed(api)
+    router.set_weights(Weights.blue_at(0))
+    vs = api.get(*VS)
+    vs["spec"]["http"][-1]["mirror"] = {"host": "shadow-logger"}
+    api.seed(vs, "virtualservices", m.ISTIO_GROUP)  # a hand edit of our route
+    assert router.get_weights() == Weights.blue_at(0)  # it copies nothing to blue
+
+    with caplog.at_level(logging.WARNING, logger="rollout.routers.istio"):
+        router.set_weights(SHADOW)
+    assert "its mirror to shadow-logger (not blue's weighted Service) is dropped" in caplog.text
+    assert default_route(api)["mirror"] == BLUE_HOST
+    assert router.get_weights() == SHADOW
+
+
+@pytest.mark.parametrize(
+    ("canary_error_rate", "phase", "blue_served"),
+    [
+        pytest.param(0.01, Phase.SUCCEEDED, True, id="healthy-candidate-promoted"),
+        pytest.param(0.3, Phase.ROLLED_BACK, False, id="faulty-candidate-stopped-in-the-shadow"),
+    ],
+)
+def test_the_engine_runs_a_shadow_step_through_the_virtual_service(
+    api: FakeKubeApiServer,
+    tmp_path: Path,
+    canary_error_rate: float,
+    phase: Phase,
+    blue_served: bool,
+) -> None:
+    from rollout.api import run_rollout
+    from rollout.config import spec_from_dict
+    from rollout.controller import FakeClock
+
+    make(api).deploy(Colour.GREEN, V1)
+    spec = spec_from_dict({
+        "name": "diabetes",
+        "router": {"kind": "istio", "namespace": "ml", "app": "diabetes", "api_url": api.url},
+        # The simulated traffic reads the weights back from the VirtualService each tick, so
+        # blue is judged only on what the mirror there copies to it.
+        "metrics": {"kind": "simulated", "seed": 3, "rps": 2000,
+                    "baseline": {"error_rate": 0.01}, "canary": {"error_rate": canary_error_rate}},
+        "steps": [0, 10, 50, 100],
+        "mirror_percent": 5,
+        "analysis": {"interval_s": 10, "min_requests": 50, "latency": {"enabled": False}},
+        "state": {"dir": str(tmp_path / "state")},
+    })  # fmt: skip
+    seen: list[tuple[int, dict[str, Any] | None, dict[str, Any] | None]] = []
+
+    def read_vs(status: Any, record: dict[str, Any]) -> None:
+        route = default_route(api)
+        seen.append((status.blue_weight, route.get("mirror"), route.get("mirrorPercentage")))
+
+    result = run_rollout(spec, candidate=V2, clock=FakeClock(1_000.0), on_tick=read_vs)
+
+    assert result.phase is phase, result.reason
+    assert (0, BLUE_HOST, {"value": 5.0}) in seen  # the shadow step, as the VirtualService held it
+    assert all(mirror is None for blue, mirror, _ in seen if blue > 0)  # never with live traffic
+    assert any(blue > 0 for blue, _, _ in seen) is blue_served
+    assert make(api).get_weights() == Weights.blue_at(0)
+    assert "mirror" not in default_route(api)

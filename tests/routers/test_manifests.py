@@ -112,11 +112,51 @@ def test_every_istio_object_validates_against_the_crd_schema(args: list[str]) ->
         assert errors(doc) == [], doc
 
 
+SHADOW = Weights.blue_at(0, mirror=5)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        pytest.param(SHADOW, id="shadow-step"),
+        pytest.param(Weights.blue_at(0, mirror=100), id="everything-mirrored"),
+        pytest.param(Weights.blue_at(25), id="live-step"),
+    ],
+)
+def test_the_virtual_service_of_every_step_validates(weights: Weights) -> None:
+    for layout in (m.IstioLayout("ml", "diabetes"), m.IstioLayout("ml", "d", port=8080)):
+        vs = m.virtual_service(layout, weights)
+        assert errors(vs) == [], vs
+
+
+def test_the_virtual_service_the_router_leaves_validates_through_a_shadow_step() -> None:
+    layout = m.IstioLayout(namespace="ml", app="diabetes")
+    with FakeKubeApiServer() as api:
+        api.seed(m.namespace(layout), "namespaces")
+        router = router_on(api, layout)
+        router.deploy(Colour.GREEN, V1)
+        router.deploy(Colour.BLUE, V2)
+        for weights in (SHADOW, Weights.blue_at(5), Weights.blue_at(0)):
+            router.set_weights(weights)
+            stored = api.get("virtualservices", "diabetes", "ml", m.ISTIO_GROUP)
+            assert errors(stored) == [], stored
+            assert ("mirror" in stored["spec"]["http"][2]) is bool(weights.mirror)
+
+
 @pytest.mark.parametrize(
     ("path", "value", "expected"),
     [
         pytest.param(
             ("http", 2, "route", 0, "weight"), "ten", "is not of type 'integer'", id="weight"
+        ),
+        pytest.param(
+            ("http", 2, "mirrorPercentage", "value"),
+            "5%",
+            "is not of type 'number'",
+            id="mirror-percentage",
+        ),
+        pytest.param(
+            ("http", 2, "mirror", "weight"), 5, "'weight' was unexpected", id="mirror-weight"
         ),
         pytest.param(
             ("http", 2, "route", 0, "destination", "bogusField"),
@@ -136,7 +176,8 @@ def test_the_schema_check_catches_broken_virtual_services(
     path: tuple[Any, ...], value: Any, expected: str
 ) -> None:
     # The validation above means something only if it can fail.
-    vs = copy.deepcopy(m.virtual_service(m.IstioLayout(namespace="ml", app="d"), Weights(10, 90)))
+    # (The default route carries a mirror, so the mirror fields are checked too.)
+    vs = copy.deepcopy(m.virtual_service(m.IstioLayout(namespace="ml", app="d"), SHADOW))
     node = vs["spec"]
     for part in path[:-1]:
         node = node[part]
@@ -189,10 +230,13 @@ def router_on(api: FakeKubeApiServer, layout: m.IstioLayout) -> IstioRouter:
 
 
 def exercise(router: IstioRouter) -> None:
-    """Everything a rollout does: the seed's promotion, a redeploy, a rollback, reads."""
+    """Everything a rollout does: a shadow step, the seed's promotion, a redeploy, a rollback,
+    reads."""
     router.deploy(Colour.GREEN, V1)
     router.deploy(Colour.BLUE, V2)
     router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(0, mirror=5))
+    router.get_weights()
     for blue in (10, 50, 100):
         router.set_weights(Weights.blue_at(blue))
     router.deploy(Colour.GREEN, V2)
