@@ -8,9 +8,12 @@ seconds) and keeps Azure's rules in pure functions (`plan_traffic`, `check_mirro
 - `traffic` sums to 0 or 100 over the endpoint's deployments. Our weights give blue + green
   = 100, so another deployment taking live traffic is refused rather than silently zeroed.
 - `mirror_traffic` (shadow) goes to at most one deployment, at most 50 %, and never to a
-  deployment that also takes live traffic. With `mirror_percent` set, blue is shadowed while it
-  is deployed at weight 0 (the seed's Blue_0 step): it sees real requests, users never see its
-  answers; giving blue live traffic ends the shadow.
+  deployment that also takes live traffic. Blue is mirrored exactly when the weights ask for it
+  (`Weights.mirror`, the spec's `mirror_percent` during the shadow step, the plan's 0 % step):
+  it answers real requests, users never see its answers. Any other weights end blue's shadow:
+  giving blue live traffic, and a rollback to 0 % (a rolled-back candidate gets no more
+  requests). Mirroring a blue that is not deployed (or whose deployment Failed) is refused.
+  Shadows of deployments we do not manage are left as they are.
 - A request with header `azureml-model-deployment: <deployment>` is pinned to that deployment
   (Azure's equivalent of our `x-api-version`; it bypasses `traffic`).
 
@@ -63,15 +66,14 @@ def plan_traffic(
     mirror: Mapping[str, int],
     names: Mapping[Colour, str],
     weights: Weights,
-    shadow_percent: int = 0,
 ) -> tuple[dict[str, int], dict[str, int]]:
     """The endpoint's new (traffic, mirror_traffic) for `weights` (checked by `check_mirror`).
 
     Zero entries are left out, as azure-ai-ml strips them before sending anyway, so a plan
     compares equal to what the endpoint reads back. A deployment we do not manage that takes
     live traffic is an error, since blue + green already make 100. Blue is shadowed at
-    `shadow_percent` while it takes no live traffic (the caller passes 0 when blue is not
-    deployed); other shadows are kept.
+    `weights.mirror` and at nothing else (0: whatever shadow it had ends); shadows of other
+    deployments are kept. (The caller checks that blue is deployed when mirrored.)
     """
     ours = set(names.values())
     foreign = {name: pct for name, pct in current.items() if name not in ours and pct}
@@ -82,8 +84,8 @@ def plan_traffic(
         )
     traffic = {name: weights.of(colour) for colour, name in names.items() if weights.of(colour)}
     new_mirror = {name: pct for name, pct in mirror.items() if name not in ours and pct}
-    if shadow_percent and not weights.blue:
-        new_mirror[names[Colour.BLUE]] = shadow_percent
+    if weights.mirror:
+        new_mirror[names[Colour.BLUE]] = weights.mirror
     check_mirror(new_mirror, traffic)
     return traffic, new_mirror
 
@@ -107,16 +109,33 @@ def check_mirror(mirror: Mapping[str, int], traffic: Mapping[str, int]) -> None:
             raise RouterError(f"deployment {name!r} takes live traffic; it cannot also be mirrored")
 
 
-def weights_from_traffic(traffic: Mapping[str, int], names: Mapping[Colour, str]) -> Weights:
-    """Our weights as the endpoint's `traffic` holds them."""
-    blue, green = (int(traffic.get(names[c], 0)) for c in (Colour.BLUE, Colour.GREEN))
+def weights_from_traffic(
+    traffic: Mapping[str, int], names: Mapping[Colour, str], mirror: Mapping[str, int] | None = None
+) -> Weights:
+    """Our weights as the endpoint's `traffic` and `mirror_traffic` hold them.
+
+    A mirror to blue while blue takes live traffic is a state Azure refuses to write, so one
+    read back is not what serves (a change shown after it failed, or a writer that is not us):
+    a RouterError saying so rather than weights that hide it (the controller then sets the
+    weights again, and `set_weights` writes a plan Azure accepts).
+    """
+    blue_name, green_name = names[Colour.BLUE], names[Colour.GREEN]
+    blue, green = int(traffic.get(blue_name, 0)), int(traffic.get(green_name, 0))
+    shadow = int((mirror or {}).get(blue_name, 0))
     try:
-        return Weights(blue=blue, green=green)
+        split = Weights(blue=blue, green=green)
     except ValueError as exc:
         raise RouterError(
             f"endpoint traffic {dict(traffic)} does not split 100 % between "
-            f"{names[Colour.BLUE]!r} and {names[Colour.GREEN]!r} (no traffic set yet?)"
+            f"{blue_name!r} and {green_name!r} (no traffic set yet?)"
         ) from exc
+    if shadow and blue:
+        raise RouterError(
+            f"endpoint mirrors {shadow} % to {blue_name!r}, which also takes {blue} % of live "
+            "traffic: Azure refuses that, so it is not what serves (a change that failed, or "
+            "another writer?)"
+        )
+    return Weights(blue=split.blue, green=split.green, mirror=shadow)  # Azure caps it at 50
 
 
 def release_tags(release: Release) -> dict[str, str]:
@@ -159,7 +178,6 @@ class AzureMLRouter:
         environment: str | None = None,
         code: str | None = None,
         scoring_script: str = "score.py",
-        mirror_percent: int = 0,
         deploy_timeout_s: float = 3600.0,
         traffic_timeout_s: float = 300.0,
         poll_s: float = 5.0,
@@ -177,11 +195,6 @@ class AzureMLRouter:
         self._environment = environment
         self._code = code
         self._scoring_script = scoring_script
-        if not 0 <= mirror_percent <= MAX_MIRROR_PERCENT:
-            raise ConfigError(
-                f"router.mirror_percent: must be 0..{MAX_MIRROR_PERCENT}, got {mirror_percent}"
-            )
-        self._mirror_percent = mirror_percent
         self._deploy_timeout_s = deploy_timeout_s
         self._traffic_timeout_s = traffic_timeout_s
         self._poll_s = poll_s
@@ -213,7 +226,6 @@ class AzureMLRouter:
             environment=cfg.environment,
             code=cfg.code,
             scoring_script=cfg.scoring_script,
-            mirror_percent=cfg.mirror_percent,
             deploy_timeout_s=cfg.deploy_timeout_s,
             traffic_timeout_s=cfg.traffic_timeout_s,
         )
@@ -290,20 +302,26 @@ class AzureMLRouter:
         )
 
     def set_weights(self, weights: Weights) -> None:
-        """Set the endpoint's `traffic`; header-pinned requests are unaffected (Azure's rule)."""
-        # Only colours that take traffic are checked: a rollback (blue 0 %) must work whatever
-        # state blue is in, a failed image build included.
+        """Set the endpoint's `traffic`, and its `mirror_traffic` to blue at `weights.mirror`.
+
+        Header-pinned requests are unaffected (Azure's rule). Blue's shadow is exactly
+        `weights.mirror`: 0 (a live step, a rollback) ends it.
+        """
+        # Only colours that take traffic, live or mirrored, are checked: a rollback (blue 0 %,
+        # no mirror) must work whatever state blue is in, a failed image build included; a
+        # failed blue is no release (release() raises), so it is mirrored no more than served.
         for colour in Colour:
-            if weights.of(colour) and self.release(colour) is None:
+            share, verb = weights.of(colour), "send"
+            if colour is Colour.BLUE and weights.mirror:  # blue is at 0 %: Weights' invariant
+                share, verb = weights.mirror, "mirror"
+            if share and self.release(colour) is None:
                 raise RouterError(
-                    f"cannot send {weights.of(colour)} % to {colour.value}: deployment "
+                    f"cannot {verb} {share} % to {colour.value}: deployment "
                     f"{self.endpoint}/{self.names[colour]} does not exist"
                 )
         endpoint = self._settled_endpoint()
         current, mirror = nonzero(endpoint.traffic or {}), nonzero(endpoint.mirror_traffic or {})
-        mirrors = self._mirror_percent and weights.blue == 0 and self._serves(Colour.BLUE)
-        shadow = self._mirror_percent if mirrors else 0
-        traffic, new_mirror = plan_traffic(current, mirror, self.names, weights, shadow)
+        traffic, new_mirror = plan_traffic(current, mirror, self.names, weights)
         # After a change that Failed (or was Canceled) the `traffic` read may be what was asked
         # for, not what serves: write it again rather than take it for applied.
         if (traffic, new_mirror) == (current, mirror) and not _failed(endpoint):
@@ -330,17 +348,12 @@ class AzureMLRouter:
             log.info("endpoint %s is %s: waiting for that change to finish", self.endpoint, state)
             self._sleep(self._poll_s)
 
-    def _serves(self, colour: Colour) -> bool:
-        """Deployed and not failed (a failed deployment gets no mirrored traffic either).
-
-        Reading it may fail (network, Azure 5xx): that is an error, not "not serving".
-        """
-        found = self._get_deployment(self.names[colour])
-        return found is not None and not _failed(found)
-
     def get_weights(self) -> Weights:
-        """The weights the endpoint's `traffic` holds now."""
-        return weights_from_traffic(self._endpoint().traffic or {}, self.names)
+        """The weights the endpoint's `traffic` holds now, with its `mirror_traffic` to blue."""
+        endpoint = self._endpoint()
+        return weights_from_traffic(
+            endpoint.traffic or {}, self.names, nonzero(endpoint.mirror_traffic or {})
+        )
 
     def remove(self, colour: Colour) -> None:
         """Delete deployment `colour` (and any shadow to it); a no-op when it is already gone."""
@@ -363,11 +376,6 @@ class AzureMLRouter:
                 self._ml.online_deployments.begin_delete(name=name, endpoint_name=self.endpoint),
             ),
         )
-
-    # ------------------------------------------------------------------ shadow (Azure only)
-    def get_mirror(self) -> int:
-        """Percent of live requests mirrored to blue now."""
-        return int((self._endpoint().mirror_traffic or {}).get(self.names[Colour.BLUE], 0))
 
     # ------------------------------------------------------------------------------ internals
     def _get_deployment(self, name: str) -> Any:

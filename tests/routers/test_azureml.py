@@ -13,16 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
 from rollout.api import run_rollout
 from rollout.azure_credential import managed_identity
-from rollout.config import AzureMLRouterConfig, spec_from_dict
+from rollout.config import AZURE_MAX_MIRROR_PERCENT, AzureMLRouterConfig, load_spec, spec_from_dict
 from rollout.controller import FakeClock
 from rollout.core.types import Colour, Phase, Release, Weights
-from rollout.errors import RouterError
+from rollout.errors import ConfigError, RouterError
 from rollout.routers.azureml import (
+    MAX_MIRROR_PERCENT,
     AzureMLRouter,
     check_mirror,
     plan_traffic,
@@ -43,11 +45,27 @@ NAMES = {Colour.BLUE: "blue", Colour.GREEN: "green"}
         pytest.param({"green": 100}, {}, 10, 0, {"green": 90, "blue": 10}, {}, id="canary-step"),
         pytest.param(
             {"green": 100, "blue": 0}, {}, 0, 20, {"green": 100}, {"blue": 20},
-            id="blue-at-zero-is-shadowed",
+            id="shadow-step-mirrors-blue",
         ),
         pytest.param(
-            {"green": 100}, {"blue": 20}, 10, 20, {"green": 90, "blue": 10}, {},
+            {"green": 100}, {"blue": 5}, 0, 20, {"green": 100}, {"blue": 20},
+            id="shadow-percent-changed",
+        ),
+        pytest.param(
+            {"green": 100}, {"blue": 20}, 10, 0, {"green": 90, "blue": 10}, {},
             id="live-traffic-ends-the-shadow",
+        ),
+        pytest.param(
+            {"green": 90, "blue": 10}, {}, 0, 0, {"green": 100}, {},
+            id="rollback-no-shadow",
+        ),
+        pytest.param(
+            {"green": 100}, {"blue": 20}, 0, 0, {"green": 100}, {},
+            id="weight-0-mirror-0-ends-the-shadow",
+        ),
+        pytest.param(
+            {"green": 100}, {"green": 10}, 0, 5, {"green": 100}, {"blue": 5},
+            id="a-shadow-of-our-green-is-not-kept",
         ),
         pytest.param(
             {"green": 100, "old": 0}, {}, 100, 0, {"blue": 100}, {},
@@ -56,6 +74,10 @@ NAMES = {Colour.BLUE: "blue", Colour.GREEN: "green"}
         pytest.param(
             {"green": 100}, {"other": 10}, 50, 0, {"green": 50, "blue": 50}, {"other": 10},
             id="foreign-shadow-kept",
+        ),
+        pytest.param(
+            {"green": 100}, {"other": 10}, 0, 0, {"green": 100}, {"other": 10},
+            id="foreign-shadow-kept-at-0",
         ),
     ],
 )  # fmt: skip
@@ -67,10 +89,8 @@ def test_plan_traffic(
     traffic: dict[str, int],
     new_mirror: dict[str, int],
 ) -> None:
-    assert plan_traffic(current, mirror, NAMES, Weights.blue_at(blue), shadow) == (
-        traffic,
-        new_mirror,
-    )
+    weights = Weights.blue_at(blue, mirror=shadow)
+    assert plan_traffic(current, mirror, NAMES, weights) == (traffic, new_mirror)
 
 
 @pytest.mark.parametrize(
@@ -78,13 +98,15 @@ def test_plan_traffic(
     [
         pytest.param({"green": 60, "old": 40}, {}, 10, 0, "does not manage", id="foreign-live"),
         pytest.param({"green": 100}, {"other": 10}, 0, 10, "one deployment", id="two-shadows"),
+        pytest.param({"green": 100}, {}, 0, 51, r"must be 1\.\.50 %, got 51", id="over-50"),
+        pytest.param({"green": 100}, {}, 0, 100, r"must be 1\.\.50 %", id="all-mirrored"),
     ],
 )
 def test_plan_traffic_refuses_what_azure_would(
     current: dict[str, int], mirror: dict[str, int], blue: int, shadow: int, message: str
 ) -> None:
     with pytest.raises(RouterError, match=message):
-        plan_traffic(current, mirror, NAMES, Weights.blue_at(blue), shadow)
+        plan_traffic(current, mirror, NAMES, Weights.blue_at(blue, mirror=shadow))
 
 
 @pytest.mark.parametrize(
@@ -102,18 +124,18 @@ def test_check_mirror(mirror: dict[str, int], traffic: dict[str, int], message: 
 
 @given(
     blue=st.integers(0, 100),
-    shadow=st.sampled_from([0, 10, 50]),
+    shadow=st.sampled_from([0, 1, 10, 50]),
+    before=st.sampled_from([{}, {"blue": 20}, {"green": 5}]),
     foreign=st.dictionaries(st.sampled_from(["old", "x"]), st.just(0), max_size=2),
 )
 def test_planned_traffic_always_obeys_azure_and_round_trips(
-    blue: int, shadow: int, foreign: dict[str, int]
+    blue: int, shadow: int, before: dict[str, int], foreign: dict[str, int]
 ) -> None:
-    traffic, mirror = plan_traffic(
-        {"green": 100, **foreign}, {}, NAMES, Weights.blue_at(blue), shadow
-    )
+    weights = Weights.blue_at(blue, mirror=0 if blue else shadow)
+    traffic, mirror = plan_traffic({"green": 100, **foreign}, before, NAMES, weights)
     assert sum(traffic.values()) == 100
     check_mirror(mirror, traffic)
-    assert weights_from_traffic(traffic, NAMES) == Weights.blue_at(blue)
+    assert weights_from_traffic(traffic, NAMES, mirror) == weights
 
 
 @pytest.mark.parametrize(
@@ -123,6 +145,31 @@ def test_planned_traffic_always_obeys_azure_and_round_trips(
 def test_weights_from_traffic_refuses_a_split_that_is_not_ours(traffic: dict[str, Any]) -> None:
     with pytest.raises(RouterError, match="does not split 100 %"):
         weights_from_traffic(traffic, NAMES)
+
+
+@pytest.mark.parametrize(
+    ("traffic", "mirror", "weights"),
+    [
+        pytest.param({"green": 100}, {"blue": 5}, Weights.blue_at(0, mirror=5), id="shadow"),
+        pytest.param({"green": 100}, {"other": 5}, Weights.blue_at(0), id="foreign-shadow"),
+        pytest.param({"green": 100}, {"green": 5}, Weights.blue_at(0), id="green-shadow"),
+        pytest.param({"green": 100}, {"blue": 0}, Weights.blue_at(0), id="zero-entry"),
+    ],
+)
+def test_weights_from_traffic_reads_blues_mirror_only(
+    traffic: dict[str, int], mirror: dict[str, int], weights: Weights
+) -> None:
+    assert weights_from_traffic(traffic, NAMES, mirror) == weights
+
+
+def test_a_mirror_to_a_live_blue_reads_as_a_router_error_not_a_crash() -> None:
+    """Azure refuses to write that state, so one read back is not what serves: say so (the
+    controller then sets the weights again), neither crash in Weights nor hide the mirror."""
+    with pytest.raises(RouterError) as caught:
+        weights_from_traffic({"green": 90, "blue": 10}, NAMES, {"blue": 20})
+    assert str(caught.value).startswith(
+        "endpoint mirrors 20 % to 'blue', which also takes 10 % of live traffic: Azure refuses"
+    )
 
 
 # ---- the router through the real SDK against the fake ARM ------------------------------------
@@ -218,22 +265,98 @@ def test_weights_are_the_endpoint_traffic(arm: FakeArm, ml_client: Any) -> None:
     assert endpoint(arm, router)["properties"]["traffic"] == {"green": 75, "blue": 25}
 
 
-def test_blue_at_zero_is_shadowed_and_live_traffic_ends_the_shadow(
-    arm: FakeArm, ml_client: Any
+def _served(arm: FakeArm, router: AzureMLRouter) -> tuple[Any, Any]:
+    props = endpoint(arm, router)["properties"]
+    return props["traffic"], props.get("mirrorTraffic", {})
+
+
+@pytest.mark.parametrize(
+    ("after", "traffic"),
+    [
+        pytest.param(Weights.blue_at(10), {"green": 90, "blue": 10}, id="live-traffic-ends-it"),
+        pytest.param(Weights.blue_at(0), {"green": 100}, id="rollback-ends-it"),
+    ],
+)
+def test_the_shadow_step_mirrors_blue_and_any_other_weights_end_it(
+    arm: FakeArm, ml_client: Any, after: Weights, traffic: dict[str, int]
 ) -> None:
-    router = make_router(ml_client, mirror_percent=20)
-    router.deploy(Colour.GREEN, V1)
-    router.set_weights(Weights.blue_at(0))
-    assert router.get_mirror() == 0  # nothing to shadow yet
+    router = make_router(ml_client)
+    RouterContract.live(router)
     router.deploy(Colour.BLUE, V2)
     router.set_weights(Weights.blue_at(0))
-    assert endpoint(arm, router)["properties"]["mirrorTraffic"] == {"blue": 20}
-    router.set_weights(Weights.blue_at(10))
-    props = endpoint(arm, router)["properties"]
-    assert (props["traffic"], props["mirrorTraffic"]) == ({"green": 90, "blue": 10}, {})
-    router.set_weights(Weights.blue_at(0))  # rollback: shadowing resumes
+    assert _served(arm, router) == ({"green": 100}, {})  # weight 0, mirror 0: no shadow
+
+    shadow = Weights.blue_at(0, mirror=5)
+    router.set_weights(shadow)
+    assert _served(arm, router) == ({"green": 100}, {"blue": 5})
+    assert router.get_weights() == shadow  # what the controller checks after set_weights
+
+    router.set_weights(after)
+    assert _served(arm, router) == (traffic, {})
+    assert router.get_weights() == after
+
+
+def test_a_rolled_back_blue_stays_unshadowed(arm: FakeArm, ml_client: Any) -> None:
+    """The old router shadowed any deployed blue at 0 %, a rolled-back candidate included."""
+    router = make_router(ml_client)
+    RouterContract.live(router)
+    router.deploy(Colour.BLUE, V2)
+    for weights in (Weights.blue_at(0, mirror=20), Weights.blue_at(25), Weights.blue_at(0)):
+        router.set_weights(weights)
+    assert _served(arm, router) == ({"green": 100}, {})
+    assert router.get_weights() == Weights.blue_at(0)
     router.remove(Colour.BLUE)
-    assert endpoint(arm, router)["properties"]["mirrorTraffic"] == {}
+    assert router.release(Colour.BLUE) is None
+
+
+def test_remove_drops_the_shadow_before_deleting(arm: FakeArm, ml_client: Any) -> None:
+    router = make_router(ml_client)
+    RouterContract.live(router)
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(0, mirror=20))
+    router.remove(Colour.BLUE)  # Azure refuses to delete a deployment still mirrored to
+    assert _served(arm, router) == ({"green": 100}, {})
+    assert router.release(Colour.BLUE) is None
+
+
+def test_mirroring_a_blue_that_is_not_deployed_is_refused(arm: FakeArm, ml_client: Any) -> None:
+    router = make_router(ml_client)
+    RouterContract.live(router)
+    before = len(list(iter_calls(arm, "PUT", f"/onlineEndpoints/{router.endpoint}$")))
+    with pytest.raises(
+        RouterError, match=rf"^cannot mirror 5 % to blue: deployment {router.endpoint}/blue "
+    ):
+        router.set_weights(Weights.blue_at(0, mirror=5))
+    assert len(list(iter_calls(arm, "PUT", f"/onlineEndpoints/{router.endpoint}$"))) == before
+    assert router.get_weights() == Weights.blue_at(0)
+
+
+def test_a_mirror_over_50_is_refused_before_azure_is_asked(arm: FakeArm, ml_client: Any) -> None:
+    router = make_router(ml_client)
+    RouterContract.live(router)
+    router.deploy(Colour.BLUE, V2)
+    before = len(list(iter_calls(arm, "PUT", f"/onlineEndpoints/{router.endpoint}$")))
+    with pytest.raises(RouterError, match=r"mirror traffic to 'blue' must be 1\.\.50 %, got 60"):
+        router.set_weights(Weights.blue_at(0, mirror=60))
+    assert len(list(iter_calls(arm, "PUT", f"/onlineEndpoints/{router.endpoint}$"))) == before
+    assert router.get_weights() == Weights.blue_at(0)
+
+
+def test_get_weights_reads_a_mirror_to_a_live_blue_as_one_line(
+    arm: FakeArm, ml_client: Any
+) -> None:
+    """An endpoint showing what Azure forbids (a change that failed, another writer) is not
+    what serves; set_weights then writes a plan Azure accepts."""
+    router = make_router(ml_client)
+    RouterContract.live(router, Weights.blue_at(10))
+    shown = endpoint(arm, router)
+    shown["properties"]["mirrorTraffic"] = {"blue": 20}
+    arm.resources[f"{WORKSPACE}/onlineEndpoints/{router.endpoint}".lower()] = shown
+    with pytest.raises(RouterError, match="mirrors 20 % to 'blue', which also takes 10 %"):
+        router.get_weights()
+    router.set_weights(Weights.blue_at(10))
+    assert _served(arm, router) == ({"green": 90, "blue": 10}, {})
+    assert router.get_weights() == Weights.blue_at(10)
 
 
 def test_setting_the_served_weights_writes_nothing(arm: FakeArm, ml_client: Any) -> None:
@@ -328,7 +451,7 @@ def test_sdk_validation_errors_are_one_line(ml_client: Any) -> None:
 def test_from_config_through_the_factory() -> None:
     cfg = AzureMLRouterConfig(
         subscription_id=SUB, resource_group=RG, workspace=WS, endpoint="diabetes-ep",
-        deployments={"blue": "cand", "green": "prod"}, mirror_percent=10,
+        deployments={"blue": "cand", "green": "prod"},
     )  # fmt: skip
     router = make_router_from(cfg)
     assert isinstance(router, AzureMLRouter)
@@ -336,6 +459,55 @@ def test_from_config_through_the_factory() -> None:
         "diabetes-ep",
         {Colour.BLUE: "cand", Colour.GREEN: "prod"},
     )
+
+
+def azure_spec_file(tmp_path: Path, router: dict[str, Any], top: dict[str, Any]) -> Path:
+    """A spec file with an azureml router (plus `router` keys) and `top` keys at the top."""
+    base = {"kind": "azureml", "subscription_id": SUB, "resource_group": RG, "workspace": WS}
+    spec = {"name": "diabetes", "router": {**base, "endpoint": "diabetes-ep", **router}, **top}
+    path = tmp_path / "rollout.yaml"
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("router", "top", "message"),
+    [
+        pytest.param(
+            {"mirror_percent": 10}, {},
+            r"router\.azureml: .*mirror_percent moved to the top of the spec",
+            id="router-mirror-percent-moved",
+        ),
+        pytest.param(
+            {}, {"mirror_percent": 60},
+            r"rollout\.yaml: mirror_percent: Azure ML mirrors at most 50 %",
+            id="over-azures-50",
+        ),
+    ],
+)  # fmt: skip
+def test_the_spec_refuses_a_mirror_azure_cannot_take(
+    tmp_path: Path, router: dict[str, Any], top: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_spec(azure_spec_file(tmp_path, router, top))
+
+
+@pytest.mark.parametrize(
+    ("top", "shadow"),
+    [
+        pytest.param({}, 5, id="default-plan-shadows-5"),
+        pytest.param({"mirror_percent": 50}, 50, id="azures-most"),
+        pytest.param({"mirror_percent": 0}, 0, id="no-shadow"),
+    ],
+)
+def test_the_spec_decides_the_shadow_on_an_endpoint(
+    tmp_path: Path, top: dict[str, Any], shadow: int
+) -> None:
+    assert load_spec(azure_spec_file(tmp_path, {}, top)).shadow_percent == shadow
+
+
+def test_the_router_and_the_spec_agree_on_azures_mirror_limit() -> None:
+    assert MAX_MIRROR_PERCENT == AZURE_MAX_MIRROR_PERCENT
 
 
 # ---- identity: the rule the pipelines use too (rollout.azure_credential) --------------------
@@ -440,40 +612,49 @@ def test_credentials_azure_rejects_are_one_line(arm: FakeArm, ml_client: Any) ->
 
 
 @pytest.mark.parametrize(
-    ("canary_error_rate", "phase", "green"),
+    ("canary_error_rate", "phase", "green", "after_shadow"),
     [
-        pytest.param(0.01, Phase.SUCCEEDED, V2, id="healthy-candidate-promoted"),
-        pytest.param(0.2, Phase.ROLLED_BACK, V1, id="faulty-candidate-rolled-back"),
+        pytest.param(
+            0.01, Phase.SUCCEEDED, V2, {"green": 90, "blue": 10},
+            id="healthy-candidate-promoted",
+        ),
+        pytest.param(  # refused by the shadow step: no user ever saw its answers
+            0.2, Phase.ROLLED_BACK, V1, {"green": 100},
+            id="faulty-candidate-rolled-back",
+        ),
     ],
-)
+)  # fmt: skip
 def test_the_engine_drives_an_endpoint_end_to_end(
     arm: FakeArm, ml_client: Any, tmp_path: Path, canary_error_rate: float, phase: Phase,
-    green: Release,
+    green: Release, after_shadow: dict[str, int],
 ) -> None:  # fmt: skip
-    router = make_router(ml_client, mirror_percent=10)
+    router = make_router(ml_client)
     router.deploy(Colour.GREEN, V1)
     router.set_weights(Weights.blue_at(0))
     spec = spec_from_dict({
         "name": "diabetes",
         "router": {"kind": "azureml", "subscription_id": SUB, "resource_group": RG,
-                   "workspace": WS, "endpoint": router.endpoint, "mirror_percent": 10},
+                   "workspace": WS, "endpoint": router.endpoint},
         "metrics": {"kind": "simulated", "seed": 3, "rps": 500,
                     "baseline": {"error_rate": 0.01}, "canary": {"error_rate": canary_error_rate}},
-        "steps": [10, 50, 100],
+        "steps": [0, 10, 50, 100],
+        "mirror_percent": 20,  # the shadow step: 20 % of live traffic copied to blue
         "analysis": {"interval_s": 10, "min_requests": 50, "latency": {"enabled": False}},
         "state": {"dir": str(tmp_path / "state")},
     })  # fmt: skip
     result = run_rollout(spec, candidate=V2, router=router, clock=FakeClock(1_000.0))
 
     assert result.phase is phase, result.reason
-    props = endpoint(arm, router)["properties"]
-    assert props["traffic"] == {"green": 100}
+    assert _served(arm, router) == ({"green": 100}, {})  # promoted or rolled back: no shadow
     assert identity(router.release(Colour.GREEN)) == identity(green)
-    traffic_writes = [
-        body["properties"]["traffic"]
+    writes = [
+        (body["properties"]["traffic"], body["properties"].get("mirrorTraffic", {}))
         for _, body in iter_calls(arm, "PUT", f"/onlineEndpoints/{router.endpoint}$")
     ]
-    assert {"green": 90, "blue": 10} in traffic_writes  # it really moved the endpoint's traffic
+    # It really moved the endpoint: the shadow step, then the next step or the rollback, and
+    # either one ended the shadow.
+    shadow = writes.index(({"green": 100}, {"blue": 20}))
+    assert writes[shadow + 1] == (after_shadow, {})
 
 
 def test_redeploy_keeps_what_an_operator_set_on_the_deployment(
@@ -537,6 +718,8 @@ def test_a_failed_deployment_is_one_clear_line_and_not_a_release() -> None:
             router.release(Colour.BLUE)
         with pytest.raises(RouterError, match="provisioning state Failed"):
             router.set_weights(Weights.blue_at(10))
+        with pytest.raises(RouterError, match="provisioning state Failed"):
+            router.set_weights(Weights.blue_at(0, mirror=5))  # no shadow to it either
         router.set_weights(Weights.blue_at(0))  # a rollback or abort: never refused
         assert router.get_weights() == Weights.blue_at(0)
 
@@ -573,7 +756,7 @@ def test_deploy_gives_up_waiting_at_its_timeout() -> None:
 
 
 @pytest.mark.parametrize(
-    ("mirror_percent", "call", "message"),
+    ("mirror", "call", "message"),
     [
         pytest.param(
             0, lambda r: r.set_weights(Weights.blue_at(10)),
@@ -582,9 +765,19 @@ def test_deploy_gives_up_waiting_at_its_timeout() -> None:
             id="traffic-update-bounded-by-traffic-timeout",
         ),
         pytest.param(
+            0, lambda r: r.set_weights(Weights.blue_at(0, mirror=20)),
+            r"update endpoint ep-stuck traffic: .* after 0.05 s \(router.traffic_timeout_s\)",
+            id="shadow-starting-bounded-by-traffic-timeout",
+        ),
+        pytest.param(
             20, lambda r: r.set_weights(Weights.blue_at(10)),  # also ends the shadow
             r"update endpoint ep-stuck traffic: .* after 0.05 s \(router.traffic_timeout_s\)",
             id="shadow-ending-bounded-by-traffic-timeout",
+        ),
+        pytest.param(
+            20, lambda r: r.set_weights(Weights.blue_at(0)),  # a rollback from the shadow step
+            r"update endpoint ep-stuck traffic: .* after 0.05 s \(router.traffic_timeout_s\)",
+            id="shadow-rollback-bounded-by-traffic-timeout",
         ),
         pytest.param(
             20, lambda r: r.remove(Colour.BLUE),  # drops the shadow first
@@ -605,20 +798,18 @@ def test_deploy_gives_up_waiting_at_its_timeout() -> None:
     ],
 )  # fmt: skip
 def test_an_operation_azure_leaves_in_progress_fails_at_its_bound(
-    mirror_percent: int, call: Any, message: str
+    mirror: int, call: Any, message: str
 ) -> None:
     """No wait on Azure is unbounded: each write fails at the timeout that governs it."""
     with running_arm() as arm:
-        ready = AzureMLRouter(
-            client_of(arm), "ep-stuck", environment="azureml:env:1", mirror_percent=mirror_percent
-        )
+        ready = AzureMLRouter(client_of(arm), "ep-stuck", environment="azureml:env:1")
         ready.deploy(Colour.GREEN, V1)
         ready.deploy(Colour.BLUE, V2)
-        ready.set_weights(Weights.blue_at(0))
+        ready.set_weights(Weights.blue_at(0, mirror=mirror))
         # The same endpoint, with short bounds that tell the two timeouts apart.
         router = AzureMLRouter(
             client_of(arm), "ep-stuck", environment="azureml:env:1",
-            mirror_percent=mirror_percent, deploy_timeout_s=0.07, traffic_timeout_s=0.05,
+            deploy_timeout_s=0.07, traffic_timeout_s=0.05,
         )  # fmt: skip
         with operations_stuck_in_progress(arm):
             started = time.monotonic()
