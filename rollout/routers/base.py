@@ -20,10 +20,17 @@ class TrafficRouter(Protocol):
         """The release `colour` serves now, or None when nothing is deployed there."""
 
     def set_weights(self, weights: Weights) -> None:
-        """Route default (un-pinned) traffic by `weights`; header-pinned routes are untouched."""
+        """Route default (un-pinned) traffic by `weights`; header-pinned routes are untouched.
+
+        `weights.mirror` % of that traffic is also copied to blue (answers discarded), which is
+        refused when nothing is deployed there; 0 ends any mirror to blue.
+        """
 
     def get_weights(self) -> Weights:
-        """The weights the data plane actually serves now (not merely what was last written)."""
+        """The weights (and mirror to blue) the data plane serves now, not what was written."""
 
     def remove(self, colour: Colour) -> None:
-        """Remove `colour`'s workload (after promotion, blue); a no-op when already gone."""
+        """Remove `colour`'s workload (after promotion, blue); a no-op when already gone.
+
+        Refused while `colour` takes live traffic; a mirror to blue ends with blue's removal.
+        """

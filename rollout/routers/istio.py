@@ -159,11 +159,13 @@ class IstioRouter:
         return m.weights_from_routes(vs.get("spec", {}).get("http") or [], self.layout)
 
     def remove(self, colour: Colour) -> None:
-        """Delete Deployment `<app>-<colour>`; a no-op when it is already gone."""
+        """Delete Deployment `<app>-<colour>` (ending a mirror to it); a no-op when already gone."""
         vs = self._read_virtual_service()
         served = m.weights_from_routes(vs["spec"].get("http") or [], self.layout) if vs else None
         if served is not None and served.of(colour):
             raise RouterError(f"cannot remove {colour.value}: it still serves default traffic")
+        if served is not None and served.mirror and colour is Colour.BLUE:
+            self.set_weights(Weights.blue_at(served.blue))  # no copies to a removed blue
         name = self.layout.deployment(colour)
         self._read(
             f"delete Deployment {self._ns}/{name}",

@@ -74,9 +74,11 @@ class MemoryRouter:
         return self._weights
 
     def remove(self, colour: Colour) -> None:
-        """Remove `colour`'s workload; a no-op when already gone."""
+        """Remove `colour`'s workload (ending a mirror to it); a no-op when already gone."""
         if self._weights.of(colour) > 0:
             raise RouterError(f"cannot remove {colour.value}: it still serves default traffic")
+        if colour is Colour.BLUE and self._weights.mirror:
+            self._weights = Weights.blue_at(self._weights.blue)  # no copies to a removed blue
         self._releases.pop(colour, None)
         self._commit("remove", colour=colour.value)
 

@@ -23,6 +23,7 @@ from rollout.routers.memory import MemoryRouter
 
 V1 = Release(model="diabetes", version="1", sha256="1" * 64, image="registry.local/diabetes:1")
 ALL_GREEN = Weights.blue_at(0)
+SHADOW = Weights.blue_at(0, mirror=5)  # the default plan's shadow step
 V2 = Release(model="diabetes", version="2", sha256="2" * 64, image="registry.local/diabetes:2")
 
 
@@ -34,7 +35,10 @@ def identity(release: Release | None) -> tuple[str, str, str] | None:
 Op = tuple[Any, ...]
 OPS = st.one_of(
     st.tuples(st.just("deploy"), st.sampled_from(Colour), st.sampled_from([V1, V2])),
-    st.tuples(st.just("set_weights"), st.sampled_from([0, 1, 10, 50, 100]).map(Weights.blue_at)),
+    st.tuples(
+        st.just("set_weights"),
+        st.sampled_from([0, 1, 10, 50, 100]).map(Weights.blue_at) | st.just(SHADOW),
+    ),
     st.tuples(st.just("remove"), st.sampled_from(Colour)),
 )
 
@@ -178,6 +182,44 @@ class RouterContract:
         self.live(router)  # green only
         with pytest.raises(RouterError, match="blue"):
             router.set_weights(Weights.blue_at(10))
+        assert router.get_weights() == Weights.blue_at(0)
+
+    # ----------------------------------------------------------------------------------- mirror
+    def test_the_shadow_round_trips_and_ends_when_blue_goes_live(
+        self, router: TrafficRouter
+    ) -> None:
+        self.live(router)
+        router.deploy(Colour.BLUE, V2)
+        router.set_weights(SHADOW)
+        assert router.get_weights() == SHADOW
+        router.set_weights(SHADOW)  # idempotent
+        assert router.get_weights() == SHADOW
+        router.set_weights(Weights.blue_at(10))
+        assert router.get_weights() == Weights.blue_at(10)
+        router.set_weights(SHADOW)
+        router.set_weights(Weights.blue_at(0))  # a rollback from the shadow step
+        assert router.get_weights() == Weights.blue_at(0)
+
+    def test_refuses_to_mirror_to_a_blue_with_nothing_deployed(self, router: TrafficRouter) -> None:
+        self.live(router)  # green only
+        with pytest.raises(RouterError, match="blue"):
+            router.set_weights(SHADOW)
+        assert router.get_weights() == Weights.blue_at(0)
+
+    def test_a_mirror_leaves_pinned_routes_alone(self, router: TrafficRouter) -> None:
+        self.live(router, Weights.blue_at(10))
+        before = self.pinned_routes(router)
+        if before is None:
+            pytest.skip("this backend has no header-pinned routes")
+        router.set_weights(SHADOW)
+        assert self.pinned_routes(router) == before
+
+    def test_removing_blue_ends_a_mirror_to_it(self, router: TrafficRouter) -> None:
+        self.live(router)
+        router.deploy(Colour.BLUE, V2)
+        router.set_weights(SHADOW)
+        router.remove(Colour.BLUE)
+        assert router.release(Colour.BLUE) is None
         assert router.get_weights() == Weights.blue_at(0)
 
     # ----------------------------------------------------------------------------------- remove
