@@ -513,7 +513,11 @@ class EnvoyRouter:
         raise RouterError(f"Envoy route table {self.route_name!r} has no default route")
 
     def remove(self, colour: Colour) -> None:
-        """Empty `colour`'s endpoints and stop its server; a no-op when already gone."""
+        """Empty `colour`'s endpoints and stop its server; a no-op when already gone.
+
+        Refused while `colour` takes default traffic. Removing blue ends a mirror to it first:
+        copies sent to an empty cluster would come back as Envoy's 503s, charged to blue.
+        """
         slots = self._slots()
         if colour.value not in slots:
             return
@@ -523,6 +527,8 @@ class EnvoyRouter:
                 f"cannot remove {colour.value}: "
                 f"it still serves {served.of(colour)} % of default traffic"
             )
+        if colour is Colour.BLUE and served.mirror:
+            self.set_weights(Weights.blue_at(served.blue))
         self._point(colour, [])
         slot = slots.pop(colour.value)
         self._save_slots(slots)

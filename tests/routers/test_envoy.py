@@ -434,6 +434,23 @@ def test_mirror_round_trips_through_envoy(router: EnvoyRouter, mirror: int) -> N
     assert router.get_weights() == Weights.blue_at(0)
 
 
+def test_removing_blue_ends_the_mirror_before_its_endpoints_go(
+    router: EnvoyRouter, envoy: EnvoyProcess, upstreams: ThreadUpstreams
+) -> None:
+    # (The shared contract on main says so for every router; Envoy also must not copy
+    # requests to an empty cluster, where each copy would be a 503 charged to blue.)
+    RouterContract.live(router, Weights.blue_at(0))
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(0, 50))
+    router.remove(Colour.BLUE)
+    assert router.release(Colour.BLUE) is None
+    assert router.get_weights() == Weights.blue_at(0)
+    before = cluster_counter(envoy, "cluster.blue.upstream_rq_completed")
+    assert colours_answering(envoy.url, 40) == Counter({"green": 40})
+    time.sleep(0.2)
+    assert cluster_counter(envoy, "cluster.blue.upstream_rq_completed") == before
+
+
 def test_mirror_needs_something_deployed_on_blue(router: EnvoyRouter) -> None:
     RouterContract.live(router)  # green only
     with pytest.raises(RouterError, match="cannot mirror 5 % to blue: nothing is deployed"):
