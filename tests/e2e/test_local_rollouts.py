@@ -424,6 +424,8 @@ def test_controller_killed_mid_rollout_resumes_and_finishes(
     spec = stack.spec(
         "killed",
         steps=[20, 50, 100],
+        # Explicit: dumped below, the default 5 would be refused on reload for want of a 0 % step.
+        mirror_percent=0,
         analysis=ANALYSIS,
         candidate={
             "model": v2.model,
