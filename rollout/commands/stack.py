@@ -136,7 +136,9 @@ def _write_spec(stack: Any, candidate: Any) -> Path:
 
     import yaml
 
-    fields: dict[str, Any] = {"steps": [10, 50, 100]}
+    # No 0 % step in this plan, so no shadow step: say mirror_percent 0, or the dumped default
+    # (5) makes the written spec invalid ("mirrors traffic only during a 0 % step").
+    fields: dict[str, Any] = {"steps": [10, 50, 100], "mirror_percent": 0}
     if candidate is not None:
         fields["candidate"] = asdict(candidate)
     spec = stack.spec("local", **fields)

@@ -4,10 +4,15 @@
    behind Envoy); steady load starts through Envoy (real held-out rows);
 2. train v2 → register (the gate compares it with production) → package → live rollout with the
    real engine (`rollout.api.run_rollout`), the Envoy router and the Prometheus provider, shown
-   as a live view → promoted; the registry follows (v2 production, v1 archived);
+   as a live view, on the product's default plan: the shadow step first (blue at 0 %, 5 % of
+   live requests copied to it, its answers judged and discarded by Envoy), then 5, 25, 50 % →
+   promoted; the registry follows (v2 production, v1 archived);
 3. train v3 → register → package → the same rollout, but v3's scoring server has the fault knob
    on (the demo knob, clearly labelled: 40 % of its answers are 500s) → rolled back
-   automatically; the registry tags v3 rolled-back with the reason;
+   automatically, normally in the shadow step: the demo then says how many mirrored copies v3
+   was judged on, and that no user received an answer from it — only if the load generator saw
+   none (no answer naming v3, no 5xx) while blue never left 0 %; otherwise it says what users
+   got. The registry tags v3 rolled-back with the reason;
 4. an HTML report (weights, per-colour error rate and p99 over time, decisions marked) and the
    ledgers, whose paths are printed.
 
@@ -33,6 +38,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from rollout.core.types import Colour, Phase, Release, Weights
+from rollout.ledger import read_ledger
 from rollout.local.stack import LocalStack
 
 log = logging.getLogger(__name__)
@@ -43,7 +49,6 @@ ALPHAS = {1: 1.0, 2: 0.3, 3: 0.1}
 FAULTY_VERSION = 3
 FAULT_ERROR_RATE = 0.4
 RPS = 120.0
-STEPS = [10, 50, 100]
 ANALYSIS: dict[str, Any] = {
     "interval_s": 1.0,
     # The healthy candidate must not be rolled back by bad luck (A/A false rollbacks <= alpha).
@@ -51,8 +56,8 @@ ANALYSIS: dict[str, Any] = {
     "min_requests": 100,
     "max_step_duration_s": 150.0,
     # "Fewer than 1 % errors is fine for this demo service, whatever green does." A clean canary
-    # shows that after about ln(2/alpha)/0.01 ≈ 600 requests (counted over all steps): ~10-15 s
-    # at 120 req/s with steps 10 → 50 %. The product default (0.1 %) would need ~6,000. The
+    # shows that after about ln(2/alpha)/0.01 ≈ 600 requests (counted over all steps, the shadow
+    # step's mirrored copies included). The product default (0.1 %) would need ~6,000. The
     # faulty candidate (40 %) is far above both this and `max_ratio` x green's 0 %.
     "errors": {"negligible_rate": 0.01},
     # Latency against an SLO: "slow" = above Envoy's 250 ms bucket, and a slow share under 1 %
@@ -116,12 +121,16 @@ def run_demo(out_dir: Path, *, console: Console | None = None, rps: float = RPS)
                 " [red](fault knob on: the faulty candidate)[/]" if number == FAULTY_VERSION else ""
             )
             console.rule(f"rollout of {MODEL} v{number}{label}")
+            before = load.snapshot()
             phase, reason, ledger = _rollout(stack, name, candidate, load, console)
+            seen = exposure(before, load.snapshot(), candidate, read_ledger(ledger))
             _tag(registry, version, phase, reason)
             result.ledgers.append(ledger)
             result.outcomes[name] = phase
             style = "green" if phase == "Succeeded" else "red"
             console.print(f"[{style}]{phase}[/]: {reason}")
+            if phase != "Succeeded":
+                console.print(seen.story(f"v{number}"))
             stages = {f"v{v.version}": v.stage for v in registry.list_versions(MODEL)}
             console.print(f"registry stages: {stages}")
 
@@ -201,7 +210,7 @@ def _rollout(
 ) -> tuple[str, str, Path]:
     from rollout.api import run_rollout
 
-    spec = stack.spec(name, steps=STEPS, analysis=ANALYSIS)
+    spec = stack.spec(name, analysis=ANALYSIS)  # the default plan, shadow step first
     view = _LiveView(name, load)
     with Live(view.render(), console=console, refresh_per_second=4, transient=False) as live:
         view.live = live.update
@@ -215,6 +224,63 @@ def _rollout(
         )
     end_live(console)
     return outcome.phase.value, outcome.reason, outcome.ledger_path
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """What users got from a candidate during its rollout, and what the judge saw of it."""
+
+    #: Answers whose body names the candidate (the load generator reads `colour/model:version`).
+    answers: int
+    #: Client-visible 5xx during the rollout. An error body names no server, but every other
+    #: server in the demo answers no 500 at all, so these are the candidate's (or Envoy's).
+    errors_5xx: int
+    #: Blue's highest weight during the rollout (0: it never served live traffic).
+    max_weight: int
+    #: Blue's requests and errors the judge counted (mirrored copies in the shadow step).
+    judged: int
+    judged_bad: int
+    mirror: int
+
+    def story(self, name: str) -> str:
+        """One line for the console: what users received from the candidate."""
+        if self.max_weight == 0 and self.answers == 0 and self.errors_5xx == 0:
+            return (
+                f"users never received an answer from {name}: it was judged on {self.judged} "
+                f"mirrored copies of their requests ({self.mirror} % shadow, {self.judged_bad} "
+                "answered 500), whose answers Envoy discarded"
+            )
+        return (
+            f"users received {self.answers} answers from {name} and {self.errors_5xx} 5xx "
+            f"during its rollout (blue reached {self.max_weight} %; the judge counted "
+            f"{self.judged} canary requests, {self.judged_bad} errors)"
+        )
+
+
+def exposure(before: Any, after: Any, candidate: Release, ledger: list[dict[str, Any]]) -> Exposure:
+    """Exposure from two load snapshots around a rollout and the rollout's ledger."""
+    named = f"{candidate.model}:{candidate.version}"
+    answers = sum(
+        n - before.by_version.get(key, 0)
+        for key, n in after.by_version.items()
+        if key.startswith("blue/") and key.endswith(f"/{named}")
+    )
+    errors = sum(
+        n - before.by_status.get(code, 0)
+        for code, n in after.by_status.items()
+        if code.startswith("5")
+    )
+    ticks = [r for r in ledger if "weight" in r]
+    judged = [r["checks"]["errors"] for r in ledger if "errors" in r.get("checks", {})]
+    last = judged[-1] if judged else {}
+    return Exposure(
+        answers=answers,
+        errors_5xx=errors,
+        max_weight=max((int(r["weight"]) for r in ticks), default=0),
+        judged=int(last.get("canary_requests", 0)),
+        judged_bad=int(last.get("canary_bad", 0)),
+        mirror=max((int(r.get("mirror", 0)) for r in ticks), default=0),
+    )
 
 
 def end_live(console: Console) -> None:
@@ -250,6 +316,8 @@ class _LiveView:
 
     @staticmethod
     def _step(status: Any, record: dict[str, Any], weight: int) -> str:
+        if status is not None and not status.terminal and status.mirror:
+            return f"{record.get('step', 0)} (shadow: blue {weight} %, {status.mirror} % mirrored)"
         if status is None or not status.terminal:
             return f"{record.get('step', 0)} (blue {weight} %)"
         # Ended: blue is back at 0 % either way, so "step 1 (blue 0 %)" next to Succeeded would
@@ -267,7 +335,10 @@ class _LiveView:
         table.add_row("phase", status.phase.value if status is not None else "starting")
         table.add_row("step", self._step(status, record, weight))
         bar = ProgressBar(total=100, completed=weight, width=40, complete_style="blue")
-        table.add_row("weights", Group(bar, f"blue {weight} % / green {100 - weight} %"))
+        split = f"blue {weight} % / green {100 - weight} %"
+        if status is not None and not status.terminal and status.mirror:
+            split += f", {status.mirror} % copied to blue (answers discarded)"
+        table.add_row("weights", Group(bar, split))
         for colour in ("blue", "green"):
             c = self.counts.get(colour, {})
             table.add_row(

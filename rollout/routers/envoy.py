@@ -11,6 +11,12 @@ changes during a rollout comes from files Envoy watches, so nothing ever restart
   file and renames it onto the path (Envoy reloads on an inotify move, never on an in-place
   edit), then polls the admin `/config_dump` until Envoy serves that exact version: when it
   returns, the split is live.
+- the shadow step (`Weights.mirror`, blue at 0 %): the default route also carries a
+  `request_mirror_policies` entry copying that percent of its requests to the `blue` cluster.
+  Envoy sends the copy alongside the real request, never waits for it and drops its answer, so
+  users only ever get green's; the copies are charged to `blue`'s upstream statistics
+  (`upstream_rq_completed`, `upstream_rq_xx`, `upstream_rq_time`), which is what the judge reads.
+  Pinned routes are never mirrored. With no mirror the file is exactly what it was before.
 - each colour's endpoints via EDS (`path_config_source` too, one file per colour). A colour's
   weighted and pinned clusters share one ClusterLoadAssignment (`service_name`), so the pinned
   cluster always reaches the same servers while its statistics stay apart: A/B and load-test
@@ -22,8 +28,9 @@ starts a server for the release (locally: an `aml-rollout serve` process on a fr
 the old server stopped. Which release a colour serves is kept in `releases_file` (Envoy does not
 know models). `remove` empties the colour's endpoints, then stops its server.
 
-`get_weights` reads the weights Envoy actually serves (`/config_dump`), not the file we wrote: a
-file Envoy rejected (it keeps the old routes) is caught, and a restarted controller sees the truth.
+`get_weights` reads the weights and the mirror Envoy actually serves (`/config_dump`), not the
+file we wrote: a file Envoy rejected (it keeps the old routes) is caught, and a restarted
+controller sees the truth.
 """
 
 from __future__ import annotations
@@ -144,19 +151,60 @@ def route_table(
         for colour in (Colour.BLUE, Colour.GREEN)
         if weights.of(colour) > 0
     ]
-    routes.append(
-        {
-            "name": "weighted",
-            "match": {"prefix": "/"},
-            "route": {"weighted_clusters": {"clusters": weighted}},
-        }
-    )
+    action: dict[str, Any] = {"weighted_clusters": {"clusters": weighted}}
+    if weights.mirror:
+        # The shadow step: Envoy copies `mirror` % of the default route's requests to blue's
+        # weighted cluster, so blue's answers are charged to the statistics the judge reads;
+        # Envoy does not wait for them and never returns them. Pinned routes are never mirrored.
+        action["request_mirror_policies"] = [mirror_policy(clusters.blue, weights.mirror)]
+    routes.append({"name": "weighted", "match": {"prefix": "/"}, "route": action})
     config = {
         "@type": ROUTE_TYPE,
         "name": route_name,
         "virtual_hosts": [{"name": virtual_host, "domains": domains or ["*"], "routes": routes}],
     }
     return {"version_info": version, "resources": [config]}
+
+
+def mirror_policy(cluster: str, percent: int) -> dict[str, Any]:
+    """A RouteAction.RequestMirrorPolicy copying `percent` % of a route's requests to `cluster`."""
+    return {
+        "cluster": cluster,
+        "runtime_fraction": {"default_value": {"numerator": percent, "denominator": "HUNDRED"}},
+    }
+
+
+#: FractionalPercent denominators (the enum's names) as multiples of one percent.
+_PER_PERCENT = {"HUNDRED": 1, "TEN_THOUSAND": 100, "MILLION": 10_000}
+
+
+def served_mirror(action: dict[str, Any], blue_cluster: str) -> int:
+    """The percent a served RouteAction (from `/config_dump`) mirrors to `blue_cluster`.
+
+    No `request_mirror_policies` (a route file from before the shadow step, or none asked
+    for): 0. The dump leaves out proto3 defaults, so an absent denominator is HUNDRED and an
+    absent numerator 0 (Envoy 1.40 then mirrors nothing, measured), while a policy without
+    `runtime_fraction` mirrors every request. Anything we never write is a RouterError: a mirror
+    to another cluster, a fraction that is no whole percent, or a `runtime_key` (a runtime
+    override would make the served fraction differ from the table's).
+    """
+    percent = 0
+    for policy in action.get("request_mirror_policies", []):
+        if policy.get("cluster") != blue_cluster:
+            raise RouterError(f"Envoy mirrors the default route elsewhere than blue: {policy}")
+        fraction = policy.get("runtime_fraction")
+        if fraction is None:
+            percent += 100
+            continue
+        if fraction.get("runtime_key"):
+            raise RouterError(f"Envoy mirrors a fraction under a runtime key: {policy}")
+        value = fraction.get("default_value", {})
+        per_percent = _PER_PERCENT.get(value.get("denominator", "HUNDRED"))
+        numerator = int(value.get("numerator", 0))
+        if per_percent is None or numerator % per_percent:
+            raise RouterError(f"Envoy mirrors a fraction that is no whole percent: {policy}")
+        percent += numerator // per_percent
+    return percent
 
 
 def endpoint_assignment(
@@ -406,7 +454,12 @@ class EnvoyRouter:
                     f"cannot send {weights.of(colour)} % to {colour.value}: "
                     "nothing is deployed there"
                 )
-        version = f"{weights.blue}-{weights.green}-{time.time_ns()}"
+        if weights.mirror > 0 and Colour.BLUE.value not in slots:
+            raise RouterError(
+                f"cannot mirror {weights.mirror} % to blue: nothing is deployed there"
+            )
+        shadow = f"-m{weights.mirror}" if weights.mirror else ""
+        version = f"{weights.blue}-{weights.green}{shadow}-{time.time_ns()}"
         document = route_table(
             weights,
             version=version,
@@ -420,15 +473,15 @@ class EnvoyRouter:
         started = self._clock()
         write_atomically(self.files.routes, document)
         # Envoy keeps the old version_info when a file brings the same routes (it hashes the
-        # content), so "served" means: the served default route carries exactly these weights.
+        # content), so "served" means: the served default route carries exactly these weights
+        # (and mirror).
         self._wait_for(
-            lambda: self._serves(weights),
-            f"routes with blue at {weights.blue} % (version {version})",
+            lambda: self._serves(weights), f"routes with {_blue(weights)} (version {version})"
         )
         self.last_served_s = self._clock() - started
 
     def get_weights(self) -> Weights:
-        """The default-route weights Envoy serves now, read from its admin `/config_dump`."""
+        """The default-route weights (and mirror) Envoy serves now, read from `/config_dump`."""
         config = self._served_route_config()
         if config is None:
             raise RouterError(
@@ -450,14 +503,21 @@ class EnvoyRouter:
                     continue
                 blue = served.get(self.clusters.blue, 0)
                 green = served.get(self.clusters.green, 0)
+                mirror = served_mirror(action, self.clusters.blue)
                 try:
-                    return Weights(blue=blue, green=green)
+                    return Weights(blue=blue, green=green, mirror=mirror)
                 except ValueError as exc:
-                    raise RouterError(f"Envoy serves weights outside the plan: {served}") from exc
+                    raise RouterError(
+                        f"Envoy serves weights outside the plan: {served}, mirror {mirror} %"
+                    ) from exc
         raise RouterError(f"Envoy route table {self.route_name!r} has no default route")
 
     def remove(self, colour: Colour) -> None:
-        """Empty `colour`'s endpoints and stop its server; a no-op when already gone."""
+        """Empty `colour`'s endpoints and stop its server; a no-op when already gone.
+
+        Refused while `colour` takes default traffic. Removing blue ends a mirror to it first:
+        copies sent to an empty cluster would come back as Envoy's 503s, charged to blue.
+        """
         slots = self._slots()
         if colour.value not in slots:
             return
@@ -467,6 +527,8 @@ class EnvoyRouter:
                 f"cannot remove {colour.value}: "
                 f"it still serves {served.of(colour)} % of default traffic"
             )
+        if colour is Colour.BLUE and served.mirror:
+            self.set_weights(Weights.blue_at(served.blue))
         self._point(colour, [])
         slot = slots.pop(colour.value)
         self._save_slots(slots)
@@ -593,6 +655,11 @@ class EnvoyRouter:
     def _save_slots(self, slots: dict[str, Any]) -> None:
         self.releases_file.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(self.releases_file, slots)
+
+
+def _blue(weights: Weights) -> str:
+    mirror = f", {weights.mirror} % mirrored to it" if weights.mirror else ""
+    return f"blue at {weights.blue} %{mirror}"
 
 
 def _same(recorded: dict[str, Any], release: Release) -> bool:

@@ -1,7 +1,10 @@
-"""The demo's live panel: an ended rollout reads as ended, and the next line starts on its own.
+"""The demo's live panel and its words about the faulty candidate.
 
-Was: the promoted v2 showed `step 1 (blue 0 %)` next to Succeeded, and into a pipe (`make demo`)
-the next line was glued to the panel's border: `╯Succeeded: Green_100: ...`.
+An ended rollout reads as ended, the next line starts on its own, the shadow step shows its
+mirror, and "users never received an answer from v3" is said only when the load generator saw
+none while blue stayed at 0 %. Was: the promoted v2 showed `step 1 (blue 0 %)` next to
+Succeeded, and into a pipe (`make demo`) the next line was glued to the panel's border:
+`╯Succeeded: Green_100: ...`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from rich.live import Live
 
 from rollout.core.status import Status
 from rollout.core.types import Phase, Release
-from rollout.local.demo import _LiveView, end_live
+from rollout.local.demo import Exposure, _LiveView, end_live, exposure
 
 V1 = Release(model="diabetes", version="1")
 V2 = Release(model="diabetes", version="2")
@@ -63,3 +66,74 @@ def test_the_line_after_a_live_panel_in_a_pipe_starts_fresh() -> None:
     end_live(console)
     console.print("Succeeded: promoted")
     assert out.getvalue().splitlines()[-1] == "Succeeded: promoted"
+
+
+def test_the_shadow_step_shows_the_mirror() -> None:
+    status = Status(
+        name="d", phase=Phase.PROGRESSING, step_index=0, blue_weight=0, mirror=5, candidate=V2
+    )
+    text = rendered(status)
+    assert "0 (shadow: blue 0 %, 5 % mirrored)" in text
+    assert "blue 0 % / green 100 %, 5 % copied to blue (answers discarded)" in text
+
+
+# ------------------------------------------------------------------- what users got from v3
+
+V3 = Release(model="diabetes", version="3")
+
+
+def load(by_status: dict[str, int], by_version: dict[str, int]) -> SimpleNamespace:
+    return SimpleNamespace(by_status=by_status, by_version=by_version)
+
+
+BEFORE = load({"200": 1000}, {"green/diabetes:2": 1000})
+SHADOW_LEDGER = [
+    {"event": "start"},
+    {"weight": 0, "mirror": 5, "reason": "started"},
+    {"weight": 0, "mirror": 5, "checks": {"errors": {"canary_requests": 9, "canary_bad": 4}}},
+    {"weight": 0, "mirror": 5, "checks": {"errors": {"canary_requests": 20, "canary_bad": 11}}},
+    {"weight": 0, "reason": "rolled back at shadow step (5 % mirrored): ..."},
+]
+
+
+def test_a_shadow_rollback_nobody_saw_says_so_with_the_judges_counts() -> None:
+    after = load({"200": 1400}, {"green/diabetes:2": 1400})
+    seen = exposure(BEFORE, after, V3, SHADOW_LEDGER)
+    assert seen == Exposure(
+        answers=0, errors_5xx=0, max_weight=0, judged=20, judged_bad=11, mirror=5
+    )
+    assert seen.story("v3") == (
+        "users never received an answer from v3: it was judged on 20 mirrored copies of their "
+        "requests (5 % shadow, 11 answered 500), whose answers Envoy discarded"
+    )
+
+
+@pytest.mark.parametrize(
+    ("after", "ledger", "told"),
+    [
+        pytest.param(
+            load({"200": 1390, "500": 10}, {"green/diabetes:2": 1390}),
+            SHADOW_LEDGER,
+            "users received 0 answers from v3 and 10 5xx",
+            id="client-5xx",
+        ),
+        pytest.param(
+            load({"200": 1400}, {"green/diabetes:2": 1395, "blue/diabetes:3": 5}),
+            SHADOW_LEDGER,
+            "users received 5 answers from v3 and 0 5xx",
+            id="answer-from-v3",
+        ),
+        pytest.param(
+            load({"200": 1400}, {"green/diabetes:2": 1400}),
+            [*SHADOW_LEDGER, {"weight": 5}],
+            "blue reached 5 %",
+            id="blue-took-live-traffic",
+        ),
+    ],
+)
+def test_otherwise_the_story_says_what_users_got(
+    after: SimpleNamespace, ledger: list[dict[str, object]], told: str
+) -> None:
+    story = exposure(BEFORE, after, V3, ledger).story("v3")
+    assert "never" not in story
+    assert told in story

@@ -1,7 +1,8 @@
 """What `aml-rollout up` prints to copy and paste survives an 80-column terminal intact.
 
 Was: rich hard-wrapped the curl lines inside the quoted `-H`/`-d` arguments, so a pasted command
-sent a header holding a newline (Envoy answers 400).
+sent a header holding a newline (Envoy answers 400). And the spec it writes loads: since the
+shadow step, its dumped default `mirror_percent: 5` next to steps without a 0 % step was refused.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from rollout.commands.stack import _print_spec_hint, _print_urls
+from rollout.commands.stack import _print_spec_hint, _print_urls, _write_spec
+from rollout.config import load_spec
 from rollout.core.types import Colour
+from rollout.local.stack import LocalStack
 from rollout.routers.envoy import Endpoint
 
 URL = "http://127.0.0.1:45678"
@@ -60,3 +63,9 @@ def test_the_rollout_hint_is_one_line(tmp_path: Path) -> None:
     hint = [line for line in lines if "aml-rollout rollout run" in line]
     assert len(hint) == 1
     assert hint[0].endswith("/a-folder-with-a-rather-long-name-to-cross-80-columns/rollout.yaml")
+
+
+def test_the_spec_up_writes_loads(tmp_path: Path) -> None:
+    spec = load_spec(_write_spec(LocalStack(tmp_path), None))  # (a stack never started)
+    assert (spec.plan, spec.shadow_percent) == ((10, 50, 100), 0)
+    assert spec.router.kind == "envoy" and spec.metrics.kind == "prometheus"

@@ -5,12 +5,17 @@ endpoint files are reset, so every test starts from "nothing deployed, all traff
 The shared contract runs first; then what only Envoy has: the generated bootstrap validates,
 traffic really follows the weights and the pinning header, a rejected route file is caught by
 reading back what Envoy serves, and deploy swaps a colour's server without dropping requests.
+The shadow step: the route table mirrors only the weighted route (pure tests of the document and
+of reading a served mirror back), and on the real Envoy blue answers about the mirrored share of
+copies, charged to its weighted cluster, while clients only ever get green's answers.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -25,7 +30,14 @@ from rollout.config import EnvoyRouterConfig
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import RouterError, RouterUnavailable
 from rollout.local.envoy import EnvoyProcess, envoy_binary
-from rollout.routers.envoy import EnvoyFiles, EnvoyRouter, initial_files, write_atomically
+from rollout.routers.envoy import (
+    EnvoyFiles,
+    EnvoyRouter,
+    initial_files,
+    route_table,
+    served_mirror,
+    write_atomically,
+)
 from rollout.routers.factory import make_router
 from tests.local.upstream import ThreadUpstreams
 from tests.routers.contract import V1, V2, RouterContract, identity
@@ -291,3 +303,219 @@ def test_no_envoy_at_the_admin_url_is_one_clear_error(tmp_path: Path) -> None:
         router.set_weights(Weights.blue_at(0))
     assert workloads.started == []
     router.close()
+
+
+# ---------------------------------------------------------------------------------- shadow step
+
+
+def routes_of(weights: Weights) -> dict[str, dict[str, Any]]:
+    document = route_table(weights, version="v")
+    return {r["name"]: r for r in document["resources"][0]["virtual_hosts"][0]["routes"]}
+
+
+def test_the_shadow_step_mirrors_only_the_weighted_route_to_blues_weighted_cluster() -> None:
+    routes = routes_of(Weights.blue_at(0, mirror=5))
+    assert routes["weighted"]["route"] == {
+        "weighted_clusters": {"clusters": [{"name": "green", "weight": 100}]},
+        "request_mirror_policies": [
+            {
+                "cluster": "blue",  # the cluster the judge reads, not blue-pinned
+                "runtime_fraction": {"default_value": {"numerator": 5, "denominator": "HUNDRED"}},
+            }
+        ],
+    }
+    for name in ("pinned-blue", "pinned-green", "admin-forbidden"):
+        assert "request_mirror_policies" not in routes[name].get("route", {}), name
+
+
+def test_no_mirror_writes_the_route_table_of_before_the_shadow_step() -> None:
+    # Byte for byte what earlier versions wrote: a file from before reads back as mirror 0.
+    routes = routes_of(Weights.blue_at(30))
+    assert routes["weighted"]["route"] == {
+        "weighted_clusters": {
+            "clusters": [{"name": "blue", "weight": 30}, {"name": "green", "weight": 70}]
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    ("policies", "percent"),
+    [
+        pytest.param(None, 0, id="none-old-file"),
+        pytest.param([], 0, id="empty"),
+        # /config_dump leaves proto3 defaults out: denominator HUNDRED is never shown
+        pytest.param(
+            [{"cluster": "blue", "runtime_fraction": {"default_value": {"numerator": 5}}}],
+            5,
+            id="hundred-omitted",
+        ),
+        pytest.param(
+            [{"cluster": "blue", "runtime_fraction": {"default_value": {}}}],
+            0,
+            id="numerator-0-omitted",
+        ),
+        pytest.param(
+            [
+                {
+                    "cluster": "blue",
+                    "runtime_fraction": {
+                        "default_value": {"numerator": 500, "denominator": "TEN_THOUSAND"}
+                    },
+                }
+            ],
+            5,
+            id="ten-thousand",
+        ),
+        pytest.param(
+            [
+                {
+                    "cluster": "blue",
+                    "runtime_fraction": {
+                        "default_value": {"numerator": 250000, "denominator": "MILLION"}
+                    },
+                }
+            ],
+            25,
+            id="million",
+        ),
+        pytest.param([{"cluster": "blue"}], 100, id="no-fraction-mirrors-all"),
+    ],
+)
+def test_served_mirror_reads_what_envoy_dumps(policies: Any, percent: int) -> None:
+    action: dict[str, Any] = {"weighted_clusters": {"clusters": [{"name": "green", "weight": 100}]}}
+    if policies is not None:
+        action["request_mirror_policies"] = policies
+    assert served_mirror(action, "blue") == percent
+
+
+@pytest.mark.parametrize(
+    ("policy", "problem"),
+    [
+        pytest.param({"cluster": "green"}, "elsewhere than blue", id="other-cluster"),
+        pytest.param({"cluster": "blue-pinned"}, "elsewhere than blue", id="pinned-cluster"),
+        pytest.param(
+            {
+                "cluster": "blue",
+                "runtime_fraction": {
+                    "default_value": {"numerator": 55, "denominator": "TEN_THOUSAND"}
+                },
+            },
+            "no whole percent",
+            id="fractional",
+        ),
+        pytest.param(
+            {
+                "cluster": "blue",
+                "runtime_fraction": {"default_value": {"numerator": 5}, "runtime_key": "k"},
+            },
+            "runtime key",
+            id="runtime-key",
+        ),
+    ],
+)
+def test_served_mirror_refuses_what_we_never_write(policy: dict[str, Any], problem: str) -> None:
+    with pytest.raises(RouterError, match=problem):
+        served_mirror({"request_mirror_policies": [policy]}, "blue")
+
+
+def cluster_counter(envoy: EnvoyProcess, name: str) -> int:
+    """One of Envoy's own counters or gauges, e.g. `cluster.blue.upstream_rq_completed`."""
+    text = httpx.get(f"{envoy.admin_url}/stats", params={"filter": f"^{re.escape(name)}$"}).text
+    return sum(int(line.rsplit(":", 1)[1]) for line in text.splitlines() if ":" in line)
+
+
+@pytest.mark.parametrize("mirror", [1, 5, 50, 100])
+def test_mirror_round_trips_through_envoy(router: EnvoyRouter, mirror: int) -> None:
+    RouterContract.live(router, Weights.blue_at(0))
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(0, mirror))
+    assert router.get_weights() == Weights.blue_at(0, mirror)
+    router.set_weights(Weights.blue_at(0))  # the shadow step ends: the mirror goes too
+    assert router.get_weights() == Weights.blue_at(0)
+
+
+def test_removing_blue_ends_the_mirror_before_its_endpoints_go(
+    router: EnvoyRouter, envoy: EnvoyProcess, upstreams: ThreadUpstreams
+) -> None:
+    # (The shared contract on main says so for every router; Envoy also must not copy
+    # requests to an empty cluster, where each copy would be a 503 charged to blue.)
+    RouterContract.live(router, Weights.blue_at(0))
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(0, 50))
+    router.remove(Colour.BLUE)
+    assert router.release(Colour.BLUE) is None
+    assert router.get_weights() == Weights.blue_at(0)
+    before = cluster_counter(envoy, "cluster.blue.upstream_rq_completed")
+    assert colours_answering(envoy.url, 40) == Counter({"green": 40})
+    time.sleep(0.2)
+    assert cluster_counter(envoy, "cluster.blue.upstream_rq_completed") == before
+
+
+def test_mirror_needs_something_deployed_on_blue(router: EnvoyRouter) -> None:
+    RouterContract.live(router)  # green only
+    with pytest.raises(RouterError, match="cannot mirror 5 % to blue: nothing is deployed"):
+        router.set_weights(Weights.blue_at(0, 5))
+    assert router.get_weights() == Weights.blue_at(0)
+
+
+def test_a_served_mirror_next_to_live_blue_traffic_is_an_error(
+    router: EnvoyRouter, envoy: EnvoyProcess
+) -> None:
+    # Not a Weights the plan has: the router says so instead of reporting half of it.
+    RouterContract.live(router, Weights.blue_at(10))
+    document = route_table(Weights.blue_at(10), version="mirror-and-live")
+    default = document["resources"][0]["virtual_hosts"][0]["routes"][-1]
+    default["route"]["request_mirror_policies"] = [{"cluster": "blue"}]
+    write_atomically(envoy.files.routes, document)
+    router._wait_for(
+        lambda: "request_mirror_policies" in served_default_route(router), "the written table"
+    )
+    with pytest.raises(RouterError, match="outside the plan"):
+        router.get_weights()
+
+
+def served_default_route(router: EnvoyRouter) -> dict[str, Any]:
+    config = router._served_route_config() or {}
+    action: dict[str, Any] = config["virtual_hosts"][0]["routes"][-1]["route"]
+    return action
+
+
+MIRRORED = 20
+SENT = 500
+
+
+def test_blue_answers_mirrored_copies_that_no_client_ever_sees(
+    router: EnvoyRouter, envoy: EnvoyProcess, upstreams: ThreadUpstreams
+) -> None:
+    RouterContract.live(router, Weights.blue_at(0))
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(0, MIRRORED))
+    blue = upstreams.of(Colour.BLUE)
+    blue.fail_every(1)  # a candidate that answers 500 to everything
+    completed, failed = "cluster.blue.upstream_rq_completed", "cluster.blue.upstream_rq_5xx"
+    before = {name: cluster_counter(envoy, name) for name in (completed, failed)}
+
+    pinned = colours_answering(envoy.url, 50, {"x-api-version": "green"})
+    time.sleep(0.2)  # a copy would be on its way before the answer: give it time to land
+    assert (pinned, blue.server.served) == (Counter({"green": 50}), 0), "a pinned request copied"
+    seen = colours_answering(envoy.url, SENT)
+    assert seen == Counter({"green": SENT}), "a client got an answer from blue"
+
+    # Copies are fire-and-forget: wait until none is in flight and Envoy charged every answer.
+    router._wait_for(
+        lambda: (
+            cluster_counter(envoy, "cluster.blue.upstream_rq_active") == 0
+            and cluster_counter(envoy, completed) - before[completed] == blue.server.served
+        ),
+        "every mirrored answer counted",
+    )
+    copies = blue.server.served
+    sigma = (SENT * MIRRORED / 100 * (1 - MIRRORED / 100)) ** 0.5  # ~8.9
+    assert abs(copies - SENT * MIRRORED / 100) <= 4 * sigma, copies
+    # Charged to blue's weighted cluster, every one a 5xx: what the envoy metrics preset reads.
+    assert cluster_counter(envoy, failed) - before[failed] == copies
+
+    router.set_weights(Weights.blue_at(0))
+    colours_answering(envoy.url, 100)
+    time.sleep(0.2)
+    assert blue.server.served == copies, "blue still gets copies after the shadow step"
