@@ -34,6 +34,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -631,6 +632,11 @@ class RolloutSpec(_Model):
     def plan(self) -> tuple[int, ...]:
         """The weight plan, presets resolved; always ends at 100."""
         return SEED_STEPS if self.steps == "seed" else tuple(self.steps)
+
+    @field_serializer("mirror_percent")
+    def _effective_mirror(self, mirror_percent: int) -> int:
+        """Dump the share that takes effect: 0 without a 0 % step, so a dumped spec loads again."""
+        return self.shadow_percent
 
     @property
     def shadow_percent(self) -> int:

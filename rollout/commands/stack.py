@@ -136,9 +136,7 @@ def _write_spec(stack: Any, candidate: Any) -> Path:
 
     import yaml
 
-    # No 0 % step in this plan, so no shadow step: say mirror_percent 0, or the dumped default
-    # (5) makes the written spec invalid ("mirrors traffic only during a 0 % step").
-    fields: dict[str, Any] = {"steps": [10, 50, 100], "mirror_percent": 0}
+    fields: dict[str, Any] = {}  # the product's plan: the shadow step, then 5, 25, 50 %
     if candidate is not None:
         fields["candidate"] = asdict(candidate)
     spec = stack.spec("local", **fields)

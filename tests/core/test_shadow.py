@@ -153,3 +153,10 @@ def test_the_istio_preset_defaults_to_a_plan_without_a_shadow_step() -> None:
         {"steps": "seed", "metrics": {"kind": "prometheus", "url": "http://p", "preset": "istio"}}
     )
     assert seed.shadow_percent == 0  # the seed's Blue_0 only deploys blue there
+
+
+@pytest.mark.parametrize("steps", [[10, 50, 100], [0, 10, 50, 100], "seed"])
+def test_a_dumped_spec_loads_again_with_the_same_shadow(steps: object) -> None:
+    spec = RolloutSpec.model_validate({"steps": steps})
+    again = RolloutSpec.model_validate(spec.model_dump(mode="json"))
+    assert (again.plan, again.shadow_percent) == (spec.plan, spec.shadow_percent)

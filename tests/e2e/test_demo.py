@@ -45,7 +45,7 @@ def test_demo_promotes_then_rolls_back_and_writes_the_report(tmp_path: Path) -> 
     # the load generator's clients got no answer from it (no answer naming v3, no 5xx)
     v2_steps = [(e.get("weight"), e.get("mirror", 0)) for e in ledgers["diabetes-v2.ledger.jsonl"]]
     assert (0, 5) in v2_steps and (50, 0) in v2_steps
-    assert "\nRolledBack: rolled back at shadow step (5 % mirrored)" in done.stdout
+    assert "\nRolledBack: rolled back at the shadow step (20 % mirrored)" in done.stdout
     assert "\nusers never received an answer from v3: it was judged on " in done.stdout
     assert "blue/diabetes:3" not in done.stdout.rsplit("\nload: ", 1)[1]
     registry = LocalRegistry(out / "registry")

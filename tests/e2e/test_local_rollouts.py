@@ -290,7 +290,7 @@ def test_faulty_candidate_is_rolled_back_at_the_shadow_step_unseen_by_any_client
     after = load.snapshot()
 
     assert result.phase is Phase.ROLLED_BACK, result.reason
-    assert result.reason.startswith("rolled back at shadow step (5 % mirrored)"), result.reason
+    assert result.reason.startswith("rolled back at the shadow step (5 % mirrored)"), result.reason
     assert took < 30, took
     ledger = read_ledger(result.ledger_path)
     assert {r["weight"] for r in ledger if "weight" in r} == {0}, "blue got live traffic"
@@ -424,8 +424,6 @@ def test_controller_killed_mid_rollout_resumes_and_finishes(
     spec = stack.spec(
         "killed",
         steps=[20, 50, 100],
-        # Explicit: dumped below, the default 5 would be refused on reload for want of a 0 % step.
-        mirror_percent=0,
         analysis=ANALYSIS,
         candidate={
             "model": v2.model,

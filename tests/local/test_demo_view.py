@@ -92,7 +92,7 @@ SHADOW_LEDGER = [
     {"weight": 0, "mirror": 5, "reason": "started"},
     {"weight": 0, "mirror": 5, "checks": {"errors": {"canary_requests": 9, "canary_bad": 4}}},
     {"weight": 0, "mirror": 5, "checks": {"errors": {"canary_requests": 20, "canary_bad": 11}}},
-    {"weight": 0, "reason": "rolled back at shadow step (5 % mirrored): ..."},
+    {"weight": 0, "reason": "rolled back at the shadow step (5 % mirrored): ..."},
 ]
 
 

@@ -1,8 +1,8 @@
 """What `aml-rollout up` prints to copy and paste survives an 80-column terminal intact.
 
 Was: rich hard-wrapped the curl lines inside the quoted `-H`/`-d` arguments, so a pasted command
-sent a header holding a newline (Envoy answers 400). And the spec it writes loads: since the
-shadow step, its dumped default `mirror_percent: 5` next to steps without a 0 % step was refused.
+sent a header holding a newline (Envoy answers 400). And the spec it writes loads again, with the
+product's plan (the shadow step first).
 """
 
 from __future__ import annotations
@@ -67,5 +67,5 @@ def test_the_rollout_hint_is_one_line(tmp_path: Path) -> None:
 
 def test_the_spec_up_writes_loads(tmp_path: Path) -> None:
     spec = load_spec(_write_spec(LocalStack(tmp_path), None))  # (a stack never started)
-    assert (spec.plan, spec.shadow_percent) == ((10, 50, 100), 0)
+    assert (spec.plan, spec.shadow_percent) == ((0, 5, 25, 50, 100), 5)
     assert spec.router.kind == "envoy" and spec.metrics.kind == "prometheus"
