@@ -27,7 +27,7 @@ from rollout.ledger import read_ledger
 
 log = logging.getLogger(__name__)
 
-COLOURS = {"blue": "#1f6feb", "green": "#2da44e"}
+COLOURS = {"blue": "#1f6feb", "green": "#2da44e", "blue mirrored (shadow)": "#54aeff"}
 DECISION_COLOURS = {"passed": "#6e7781", "promoted": "#2da44e", "rolled back": "#cf222e"}
 WIDTH, HEIGHT, PAD_L, PAD_R, PAD_T, PAD_B = 860, 170, 60, 20, 16, 28
 #: Seconds shown before the first and after the last tick.
@@ -81,6 +81,8 @@ class RolloutStory:
     error_rate: list[Series] = field(default_factory=list)
     p99_ms: list[Series] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    #: Percent of live traffic mirrored to blue (the shadow step); no points when never mirrored.
+    mirror: Series = field(default_factory=lambda: Series("blue mirrored (shadow)"))
 
 
 def story_from_ledger(path: Path) -> RolloutStory:
@@ -89,12 +91,14 @@ def story_from_ledger(path: Path) -> RolloutStory:
     if not records:
         raise ValueError(f"{path}: no ticks in this ledger")
     weights = Series("blue")
+    mirror = Series("blue mirrored (shadow)")
     decisions: list[Decision] = []
     rows = []
     for record in records:
         at = float(record["at"])
         if "weight" in record:
             weights.points.append((at, float(record["weight"])))
+            mirror.points.append((at, float(record.get("mirror", 0))))
         actions = record.get("actions") or []
         reason = str(record.get("reason", ""))
         if any(a.get("type") == "set_weights" for a in actions) and record.get("tick", 1) != 0:
@@ -120,6 +124,7 @@ def story_from_ledger(path: Path) -> RolloutStory:
         outcome=str(last.get("phase", "")),
         reason=str(last.get("reason", "")),
         weights=weights,
+        mirror=mirror if any(v for _, v in mirror.points) else Series(mirror.name),
         decisions=decisions,
         rows=rows,
     )
@@ -239,7 +244,7 @@ def _chart(
             f"<title>{html.escape(s.name)}</title></polyline>"
         )
     legend_x = WIDTH - PAD_R - 10
-    for i, s in enumerate(series):
+    for i, s in enumerate([s for s in series if s.points]):
         colour = COLOURS.get(s.name, "#8250df")
         parts.append(
             f'<text x="{legend_x}" y="{PAD_T + 12 + 14 * i}" class="a" text-anchor="end" '
@@ -286,7 +291,8 @@ def render_html(stories: Sequence[RolloutStory], *, title: str, notes: Sequence[
         out.append("decisions (grey: step passed, green: promotion, red: rollback).</p>")
         out.append(
             _chart(
-                "blue weight (served)", " %", [story.weights], story.start, story.end,
+                "blue weight (served; mirrored: copies whose answers nobody gets)", " %",
+                [story.weights, story.mirror], story.start, story.end,
                 story.decisions, y_max=100.0, step=True,
             )
         )  # fmt: skip

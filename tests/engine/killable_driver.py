@@ -47,7 +47,8 @@ def spec_for(work: Path, api_url: str | None = None) -> RolloutSpec:
     return spec_from_dict(
         {
             "name": "kill",
-            "steps": [10, 50, 100],
+            "steps": [0, 10, 50, 100],  # the shadow step first, as by default
+            "mirror_percent": 20,
             "router": {
                 "kind": "memory",
                 "state_file": str(work / "routes.json"),

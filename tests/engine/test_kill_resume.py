@@ -64,12 +64,13 @@ def journal(work: Path) -> list[dict[str, Any]]:
 
 def check_invariants(work: Path) -> None:
     actions = journal(work)
-    weights = [a["blue"] for a in actions if a["action"] == "set_weights"]
-    assert set(weights) <= {0, 10, 50, 100}
+    # (blue %, mirrored %): the shadow step, then the live steps, promotion, blue removed.
+    weights = [(a["blue"], a.get("mirror", 0)) for a in actions if a["action"] == "set_weights"]
+    assert set(weights) <= {(0, 0), (0, 20), (10, 0), (50, 0), (100, 0)}
     walk = [w for w, _ in groupby(weights)]
-    if walk[0] == 0:  # the bootstrap's "all to green" (absent when killed right before it)
+    if walk[0] == (0, 0):  # the bootstrap's "all to green" (absent when killed right before it)
         walk = walk[1:]
-    assert walk == [10, 50, 100, 0]
+    assert walk == [(0, 20), (10, 0), (50, 0), (100, 0), (0, 0)]
     effects = [
         (a["action"], a.get("colour"), (a.get("release") or {}).get("version"))
         for a in actions
@@ -108,10 +109,10 @@ def total_writes(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], in
     return of
 
 
-# A clean run makes 22 durable writes today: one case per write for the file store (spread
+# A clean run makes 27 durable writes today: one case per write for the file store (spread
 # evenly if that changes), and 6 spread over them for the kubernetes store, whose restarts each
 # wait up to a second for the killed controller's lease to expire.
-POINTS = {"file": 22, "kubernetes": 6}
+POINTS = {"file": 27, "kubernetes": 6}
 CASES = [
     pytest.param(backend, point, id=f"{backend}-kill-at-{point}-of-{points}")
     for backend, points in POINTS.items()

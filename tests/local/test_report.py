@@ -50,6 +50,20 @@ def test_story_has_the_served_weights_and_each_decision(ledger: Path) -> None:
     assert story.end - story.start == pytest.approx(3.0)
 
 
+def test_the_shadow_step_is_drawn_as_blue_mirrored(tmp_path: Path, ledger: Path) -> None:
+    path = tmp_path / "shadow.ledger.jsonl"
+    book = Ledger(path, fsync=False)
+    book.append({**tick(T0 + 1, "Progressing", 0, "started", blue=0), "mirror": 5})
+    book.append(tick(T0 + 2, "Progressing", 10, "the shadow step (5 % mirrored) passed", blue=10))
+    story = story_from_ledger(path)
+    assert [v for _, v in story.mirror.points] == [5, 0]
+    assert "blue mirrored (shadow)" in render_html([story], title="t")
+    # A rollout without a shadow step has no such line, nor its legend.
+    plain = story_from_ledger(ledger)
+    assert plain.mirror.points == []
+    assert "blue mirrored (shadow)" not in render_html([plain], title="t")
+
+
 def test_html_is_self_contained_with_charts_and_the_reasons(ledger: Path) -> None:
     page = render_html([story_from_ledger(ledger)], title="t")
     assert page.count("<svg") == 1  # weights only: no Prometheus series given
