@@ -7,7 +7,8 @@ the wrong backend is an error that names the field, not a silent fallback.
     name: churn-model
     router:   {kind: envoy, admin_url: "http://127.0.0.1:9901", routes_file: routes.yaml}
     metrics:  {kind: prometheus, url: "http://127.0.0.1:9090", preset: envoy}
-    steps: [5, 25, 50, 100]          # or: seed  (Blue_0, Blue_50, Blue_100, Blue_Green, Green_100)
+    steps: [0, 5, 25, 50, 100]       # or: seed  (Blue_0, Blue_50, Blue_100, Blue_Green, Green_100)
+    mirror_percent: 5                # copied to blue during the 0 % step: the shadow step
     analysis:
       interval_s: 10
       alpha: 0.05
@@ -17,7 +18,9 @@ the wrong backend is an error that names the field, not a silent fallback.
 
 Every weight plan ends at 100: reaching it is promotion (blue at 100 %, green replaced by blue's
 release, traffic back to green, blue removed), exactly the seed's Blue_100 → Blue_Green → Green_100.
-A step of weight 0 (the seed's Blue_0) deploys blue with no default traffic and is not analysed.
+A step of weight 0 (the seed's Blue_0) deploys blue with no default traffic; with `mirror_percent`
+it is the shadow step, judged on blue's answers to copies of live requests that no user receives,
+and without, it is not analysed.
 """
 
 from __future__ import annotations
