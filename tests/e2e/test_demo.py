@@ -10,6 +10,7 @@ import pytest
 
 from aml_pipelines.registry.local import LocalRegistry
 from rollout.ledger import read_ledger
+from rollout.local.demo import DEMO_MIRROR_PERCENT
 from tests.cli import CLI
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -44,8 +45,10 @@ def test_demo_promotes_then_rolls_back_and_writes_the_report(tmp_path: Path) -> 
     # the default plan: v2 went through the shadow step; v3 (40 % errors) never left it, and
     # the load generator's clients got no answer from it (no answer naming v3, no 5xx)
     v2_steps = [(e.get("weight"), e.get("mirror", 0)) for e in ledgers["diabetes-v2.ledger.jsonl"]]
-    assert (0, 5) in v2_steps and (50, 0) in v2_steps
-    assert "\nRolledBack: rolled back at the shadow step (20 % mirrored)" in done.stdout
+    assert (0, DEMO_MIRROR_PERCENT) in v2_steps and (50, 0) in v2_steps
+    assert f"\nRolledBack: rolled back at the shadow step ({DEMO_MIRROR_PERCENT} % mirrored)" in (
+        done.stdout
+    )
     assert "\nusers never received an answer from v3: it was judged on " in done.stdout
     assert "blue/diabetes:3" not in done.stdout.rsplit("\nload: ", 1)[1]
     registry = LocalRegistry(out / "registry")
