@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from rollout.config import RolloutSpec
 from rollout.core.machine import Decision, command_tail, new_status, step, with_commands
 from rollout.core.status import TRANSITIONAL, Action, Deploy, Remove, SetWeights, Status, describe
-from rollout.core.types import Colour, Observation, Phase, Release, Weights
+from rollout.core.types import Colour, Observation, Phase, Release
 from rollout.errors import MetricsError, RolloutError, RouterError, RouterUnavailable
 from rollout.ledger import Ledger
 from rollout.metrics.base import MetricsProvider
@@ -303,9 +303,8 @@ class Controller:
                     # old routes when it rejects a file).
                     served = self.router.get_weights()
                     if served != wanted:
-                        raise RouterError(
-                            f"the router accepted {_blue(wanted)} but serves {_blue(served)}"
-                        )
+                        accepted, serves = wanted.blue_share, served.blue_share
+                        raise RouterError(f"the router accepted {accepted} but serves {serves}")
                 elif isinstance(action, Deploy):
                     self.router.deploy(action.colour, action.release)
                 elif isinstance(action, Remove):
@@ -364,9 +363,3 @@ def default_owner() -> str:
     except (KeyError, OSError):
         user = "someone"
     return f"{user}'s controller"
-
-
-def _blue(weights: Weights) -> str:
-    """Blue's share of `weights` in words (green has the rest)."""
-    mirror = f" + {weights.mirror} % mirrored" if weights.mirror else ""
-    return f"blue {weights.blue} %{mirror}"

@@ -73,6 +73,12 @@ class Weights:
         """Weights with `percent` on blue and the rest on green (`mirror` % copied to blue)."""
         return cls(blue=percent, green=100 - percent, mirror=mirror)
 
+    @property
+    def blue_share(self) -> str:
+        """Blue's part in words (green has the rest): `blue 10 %`, `blue 0 % + 5 % mirrored`."""
+        mirror = f" + {self.mirror} % mirrored" if self.mirror else ""
+        return f"blue {self.blue} %{mirror}"
+
     def __str__(self) -> str:
         shadow = f", {self.mirror} % mirrored to blue" if self.mirror else ""
         return f"blue {self.blue} % / green {self.green} %{shadow}"

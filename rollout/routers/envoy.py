@@ -476,7 +476,7 @@ class EnvoyRouter:
         # content), so "served" means: the served default route carries exactly these weights
         # (and mirror).
         self._wait_for(
-            lambda: self._serves(weights), f"routes with {_blue(weights)} (version {version})"
+            lambda: self._serves(weights), f"routes with {weights.blue_share} (version {version})"
         )
         self.last_served_s = self._clock() - started
 
@@ -655,11 +655,6 @@ class EnvoyRouter:
     def _save_slots(self, slots: dict[str, Any]) -> None:
         self.releases_file.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(self.releases_file, slots)
-
-
-def _blue(weights: Weights) -> str:
-    mirror = f", {weights.mirror} % mirrored to it" if weights.mirror else ""
-    return f"blue at {weights.blue} %{mirror}"
 
 
 def _same(recorded: dict[str, Any], release: Release) -> bool:

@@ -191,7 +191,7 @@ def test_a_set_weights_envoy_never_serves_is_an_error(
         timeout_s=0.3,
     )
     router.deploy(Colour.GREEN, V1)
-    with pytest.raises(RouterError, match="did not serve routes with blue at 0 %"):
+    with pytest.raises(RouterError, match="did not serve routes with blue 0 %"):
         router.set_weights(Weights.blue_at(0))
     router.close()
 
