@@ -46,6 +46,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from rollout.azure_credential import default_credential
+from rollout.config import AZURE_MAX_MIRROR_PERCENT as MAX_MIRROR_PERCENT
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import ConfigError, RouterError
 
@@ -56,7 +57,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PIN_HEADER = "azureml-model-deployment"
-MAX_MIRROR_PERCENT = 50
 TAG_PREFIX = "aml-rollout."
 
 

@@ -19,12 +19,11 @@ from hypothesis import strategies as st
 
 from rollout.api import run_rollout
 from rollout.azure_credential import managed_identity
-from rollout.config import AZURE_MAX_MIRROR_PERCENT, AzureMLRouterConfig, load_spec, spec_from_dict
+from rollout.config import AzureMLRouterConfig, load_spec, spec_from_dict
 from rollout.controller import FakeClock
 from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.errors import ConfigError, RouterError
 from rollout.routers.azureml import (
-    MAX_MIRROR_PERCENT,
     AzureMLRouter,
     check_mirror,
     plan_traffic,
@@ -504,10 +503,6 @@ def test_the_spec_decides_the_shadow_on_an_endpoint(
     tmp_path: Path, top: dict[str, Any], shadow: int
 ) -> None:
     assert load_spec(azure_spec_file(tmp_path, {}, top)).shadow_percent == shadow
-
-
-def test_the_router_and_the_spec_agree_on_azures_mirror_limit() -> None:
-    assert MAX_MIRROR_PERCENT == AZURE_MAX_MIRROR_PERCENT
 
 
 # ---- identity: the rule the pipelines use too (rollout.azure_credential) --------------------
