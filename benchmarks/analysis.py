@@ -171,8 +171,8 @@ def _chunk(args: tuple[str, Scenario, int, int, Path | None]) -> list[tuple[Outc
     base = load_spec(spec_file) if spec_file else RolloutSpec()
     spec = RolloutSpec(
         name=scenario.name.lower().replace(" ", "-"),
-        steps=base.steps,
-        mirror_percent=base.mirror_percent,
+        steps=list(base.plan),
+        mirror_percent=base.shadow_percent,
         analysis=base.analysis,
     )
     out = []

@@ -508,11 +508,13 @@ class RolloutSpec(_Model):
     name: str = Field(default="rollout", pattern=r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
     router: RouterConfig = Field(default_factory=MemoryRouterConfig)
     metrics: MetricsConfig = Field(default_factory=StaticMetricsConfig)
-    steps: list[int] | Literal["seed"] = Field(default_factory=lambda: list(DEFAULT_STEPS))
+    #: None: DEFAULT_STEPS, or LIVE_STEPS with the istio metrics preset (see `plan`).
+    steps: list[int] | Literal["seed"] | None = None
     #: Percent of live traffic copied to blue during a 0 % step, which is then a *shadow step*:
     #: judged like any other on blue's answers to the copies, which no user ever sees. 0: the
-    #: 0 % step only deploys blue, reachable by header.
-    mirror_percent: int = Field(default=DEFAULT_MIRROR_PERCENT, ge=0, le=100)
+    #: 0 % step only deploys blue, reachable by header. None: DEFAULT_MIRROR_PERCENT, or 0 with
+    #: the istio metrics preset, which cannot count mirrored requests (see `shadow_percent`).
+    mirror_percent: int | None = Field(default=None, ge=0, le=100)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     #: Requests carrying `<header>: blue|green` are pinned to that colour and not analysed.
     header: str = "x-api-version"
@@ -521,23 +523,6 @@ class RolloutSpec(_Model):
     state: StateConfig = Field(default_factory=FileStateConfig)
     #: Tell a webhook when the rollout is promoted, rolled back, failed or held for a human.
     notify: NotifyConfig | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_shadow_step_the_istio_preset_cannot_count(cls, data: Any) -> Any:
-        """Istio's source reporter does not count mirrored requests (istio/istio#23496).
-
-        So with the istio preset the defaults are a plan without a shadow step and no mirror; a
-        `mirror_percent` asked for is refused by `_mirror_needs_a_shadow_step`.
-        """
-        if not isinstance(data, dict) or "mirror_percent" in data:
-            return data
-        metrics = data.get("metrics")
-        if not isinstance(metrics, dict) or metrics.get("kind") != "prometheus":
-            return data
-        if metrics.get("preset") != "istio":
-            return data
-        return {"steps": list(LIVE_STEPS), **data, "mirror_percent": 0}
 
     @model_validator(mode="before")
     @classmethod
@@ -564,8 +549,8 @@ class RolloutSpec(_Model):
 
     @field_validator("steps")
     @classmethod
-    def _plan(cls, steps: list[int] | str) -> list[int] | str:
-        if isinstance(steps, str):
+    def _plan(cls, steps: list[int] | str | None) -> list[int] | str | None:
+        if steps is None or isinstance(steps, str):
             return steps
         if not steps:
             raise ValueError("needs at least one weight")
@@ -592,13 +577,13 @@ class RolloutSpec(_Model):
     @model_validator(mode="after")
     def _mirror_needs_a_shadow_step(self) -> RolloutSpec:
         """An explicit `mirror_percent` needs a 0 % step; the data plane must be able to mirror."""
-        loc, value = ("mirror_percent",), self.mirror_percent
-        if not self.shadow_percent:
-            if value and "mirror_percent" in self.model_fields_set:
+        loc, value = ("mirror_percent",), self.shadow_percent
+        if not value:
+            if self.mirror_percent and 0 not in self.plan:  # asked for, with nowhere to go
                 _field_error(
                     self,
                     loc,
-                    value,
+                    self.mirror_percent,
                     "mirrors traffic only during a 0 % step, and the plan has none: start "
                     f"`steps` with 0 (e.g. {[0, *self.plan]}) or set mirror_percent to 0",
                 )
@@ -610,8 +595,7 @@ class RolloutSpec(_Model):
                 value,
                 f"Azure ML mirrors at most {AZURE_MAX_MIRROR_PERCENT} % of an endpoint's traffic",
             )
-        metrics = self.metrics
-        if isinstance(metrics, PrometheusMetricsConfig) and metrics.preset == "istio":
+        if self._istio_preset:
             _field_error(
                 self,
                 loc,
@@ -632,19 +616,34 @@ class RolloutSpec(_Model):
         return self
 
     @property
-    def plan(self) -> tuple[int, ...]:
-        """The weight plan, presets resolved; always ends at 100."""
-        return SEED_STEPS if self.steps == "seed" else tuple(self.steps)
+    def _istio_preset(self) -> bool:
+        """Istio's source reporter does not count mirrored requests (istio/istio#23496)."""
+        return isinstance(self.metrics, PrometheusMetricsConfig) and self.metrics.preset == "istio"
 
-    @field_serializer("mirror_percent")
-    def _effective_mirror(self, mirror_percent: int) -> int:
-        """Dump the share that takes effect: 0 without a 0 % step, so a dumped spec loads again."""
-        return self.shadow_percent
+    @property
+    def plan(self) -> tuple[int, ...]:
+        """The weight plan, presets and defaults resolved; always ends at 100."""
+        if self.steps is None:
+            return LIVE_STEPS if self._istio_preset else DEFAULT_STEPS
+        return SEED_STEPS if self.steps == "seed" else tuple(self.steps)
 
     @property
     def shadow_percent(self) -> int:
         """Percent mirrored to blue in the shadow step (the plan's 0 % step); 0: no shadow step."""
-        return self.mirror_percent if 0 in self.plan else 0
+        share = self.mirror_percent
+        if share is None:
+            share = 0 if self._istio_preset else DEFAULT_MIRROR_PERCENT
+        return share if 0 in self.plan else 0
+
+    @field_serializer("steps")
+    def _resolved_steps(self, steps: list[int] | str | None) -> list[int] | str:
+        """Dump the plan that takes effect (a written-out spec says what it will do)."""
+        return list(self.plan) if steps is None else steps
+
+    @field_serializer("mirror_percent")
+    def _effective_mirror(self, mirror_percent: int | None) -> int:
+        """Dump the share that takes effect: 0 without a 0 % step, so a dumped spec loads again."""
+        return self.shadow_percent
 
 
 def _format(exc: ValidationError) -> str:

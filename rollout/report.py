@@ -27,7 +27,9 @@ from rollout.ledger import read_ledger
 
 log = logging.getLogger(__name__)
 
-COLOURS = {"blue": "#1f6feb", "green": "#2da44e", "blue mirrored (shadow)": "#54aeff"}
+#: The report's name for blue's mirrored share (the shadow step).
+MIRRORED = "blue mirrored (shadow)"
+COLOURS = {"blue": "#1f6feb", "green": "#2da44e", MIRRORED: "#54aeff"}
 DECISION_COLOURS = {"passed": "#6e7781", "promoted": "#2da44e", "rolled back": "#cf222e"}
 WIDTH, HEIGHT, PAD_L, PAD_R, PAD_T, PAD_B = 860, 170, 60, 20, 16, 28
 #: Seconds shown before the first and after the last tick.
@@ -82,7 +84,7 @@ class RolloutStory:
     p99_ms: list[Series] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     #: Percent of live traffic mirrored to blue (the shadow step); no points when never mirrored.
-    mirror: Series = field(default_factory=lambda: Series("blue mirrored (shadow)"))
+    mirror: Series = field(default_factory=lambda: Series(MIRRORED))
 
 
 def story_from_ledger(path: Path) -> RolloutStory:
@@ -91,7 +93,7 @@ def story_from_ledger(path: Path) -> RolloutStory:
     if not records:
         raise ValueError(f"{path}: no ticks in this ledger")
     weights = Series("blue")
-    mirror = Series("blue mirrored (shadow)")
+    mirror = Series(MIRRORED)
     decisions: list[Decision] = []
     rows = []
     for record in records:

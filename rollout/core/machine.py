@@ -610,8 +610,12 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
             return Verdict.SUCCESSFUL, "step 0 %: blue deployed, reachable by header only"
         return Verdict.INCONCLUSIVE, "step 0 %: waiting one interval"
     if obs.blue.requests == 0 and status.step_canary_requests == 0:
-        where = name if status.mirror else f"at {weight} %"
-        return Verdict.INCONCLUSIVE, f"no canary traffic yet {where}"
+        if status.mirror:
+            return Verdict.INCONCLUSIVE, (
+                f"no mirrored copies counted yet in {name}: does the metrics source count "
+                "mirrored requests?"
+            )
+        return Verdict.INCONCLUSIVE, f"no canary traffic yet at {weight} %"
     if elapsed < analysis.min_step_s:
         return Verdict.INCONCLUSIVE, f"{name} younger than {analysis.min_step_s:g} s"
     if status.step_canary_requests < analysis.min_requests:

@@ -339,9 +339,8 @@ class _LiveView:
         table.add_row("phase", status.phase.value if status is not None else "starting")
         table.add_row("step", self._step(status, record, weight))
         bar = ProgressBar(total=100, completed=weight, width=40, complete_style="blue")
-        split = f"blue {weight} % / green {100 - weight} %"
-        if status is not None and not status.terminal and status.mirror:
-            split += f", {status.mirror} % copied to blue (answers discarded)"
+        mirror = status.mirror if status is not None and not status.terminal else 0
+        split = f"{Weights.blue_at(weight, mirror)}" + (" (answers discarded)" if mirror else "")
         table.add_row("weights", Group(bar, split))
         for colour in ("blue", "green"):
             c = self.counts.get(colour, {})

@@ -6,7 +6,12 @@ from dataclasses import replace
 
 import pytest
 
-from rollout.config import DEFAULT_MIRROR_PERCENT, LIVE_STEPS, RolloutSpec
+from rollout.config import (
+    DEFAULT_MIRROR_PERCENT,
+    LIVE_STEPS,
+    PrometheusMetricsConfig,
+    RolloutSpec,
+)
 from rollout.core.machine import new_status, step, with_commands
 from rollout.core.status import (
     Command,
@@ -160,3 +165,46 @@ def test_a_dumped_spec_loads_again_with_the_same_shadow(steps: object) -> None:
     spec = RolloutSpec.model_validate({"steps": steps})
     again = RolloutSpec.model_validate(spec.model_dump(mode="json"))
     assert (again.plan, again.shadow_percent) == (spec.plan, spec.shadow_percent)
+
+
+def test_a_spec_built_from_models_gets_the_istio_preset_defaults_too() -> None:
+    istio = PrometheusMetricsConfig(url="http://p", preset="istio")
+    spec = RolloutSpec(metrics=istio)
+    assert (spec.plan, spec.shadow_percent) == (LIVE_STEPS, 0)
+    # Following the refusal's advice (mirror_percent: 0) keeps the plan without a 0 % step.
+    assert RolloutSpec(metrics=istio, mirror_percent=0).plan == LIVE_STEPS
+
+
+def paused_in_the_shadow_step() -> Status:
+    status = step(SHADOW, with_commands(started(), [Command(kind="pause", id="p")]), obs(), 5.0)
+    assert status.status.phase is Phase.PAUSED and status.status.mirror == 20
+    return status.status
+
+
+def test_resuming_in_the_shadow_step_keeps_judging_on_the_mirror() -> None:
+    resumed = step(
+        SHADOW,
+        with_commands(paused_in_the_shadow_step(), [Command(kind="resume", id="r")]),
+        obs(),
+        10.0,
+    ).status
+    assert (resumed.phase, resumed.mirror) == (Phase.PROGRESSING, 20)
+    # Judged, not passed as a header-only step once min_step_s is over: it wants its copies.
+    later = step(SHADOW, resumed, obs(blue=(10, 0), green=(50, 0), at=60.0, since=10.0), 60.0)
+    assert later.actions == () and "has 10 of 100 canary requests" in later.status.reason
+
+
+@pytest.mark.parametrize(
+    ("kind", "weight", "phase", "actions"),
+    [
+        pytest.param("abort", None, Phase.ROLLING_BACK, (SetWeights(0),), id="abort"),
+        pytest.param("promote", None, Phase.PROMOTING, (SetWeights(100),), id="promote"),
+        pytest.param("set_weight", 10, Phase.PAUSED, (SetWeights(10),), id="set-weight-10"),
+    ],
+)
+def test_leaving_the_shadow_step_by_command_ends_the_mirror(
+    kind: str, weight: int | None, phase: Phase, actions: tuple[SetWeights, ...]
+) -> None:
+    command = Command(kind=kind, id="c", weight=weight)  # type: ignore[arg-type]
+    decision = step(SHADOW, with_commands(paused_in_the_shadow_step(), [command]), obs(), 10.0)
+    assert (decision.status.phase, decision.actions, decision.status.mirror) == (phase, actions, 0)

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from scipy.special import logsumexp, xlogy
-from scipy.stats import binom
+from scipy.special import logsumexp
+from scipy.stats import binom, multinomial
 
 from rollout.core.stats import (
     LOW_FRACTIONS,
@@ -242,5 +242,44 @@ def test_worse_ratios_stay_supermartingales_when_mirrored_copies_fail_with_their
     weight = green_random[gi] * blue_random[ci] * copied[cd]
     k, n = ci + cd, poison + gi + ci + cd
     for p in share(WORSE_THETAS, p0):
-        llr = xlogy(k, p / p0) + xlogy(n - k, (1.0 - p) / (1.0 - p0))
+        llr = binomial_llr(k, n, np.asarray(p), p0)  # elementwise over every outcome
         assert float((weight * np.exp(llr)).sum()) <= 1.0 + 1e-9
+
+
+@pytest.mark.parametrize("mirror", [0.1, 0.5])
+@pytest.mark.parametrize("poison", [0.0, 0.005, 0.02])
+def test_not_worse_ratios_stay_supermartingales_on_copies_of_a_canary_at_the_margin(
+    mirror: float, poison: float
+) -> None:
+    # Promotion's evidence accrues in the shadow step too. Its null: the canary fails at least
+    # `margin` times as often as the baseline. Each original request is poison with probability
+    # `poison` (fails on both colours), else fails at random: on green at 0.4 %, on blue's copy
+    # at the rate that puts blue's total at margin x green's. Copied pairs are
+    # (both, green only, blue only, neither); uncopied originals fail on green alone.
+    margin, nb = 2.0, 40
+    nc = round(nb * mirror)
+    p0 = nc / (nc + nb)
+    rb = 0.004
+    green = poison + (1 - poison) * rb
+    rc = (margin * green - poison) / (1 - poison)
+    pair = np.array(
+        [
+            poison + (1 - poison) * rb * rc,
+            (1 - poison) * rb * (1 - rc),
+            (1 - poison) * (1 - rb) * rc,
+        ]
+    )
+    uncopied = binom.pmf(np.arange(nb - nc + 1), nb - nc, green)
+    p_margin = float(share(margin, p0))
+    means = np.zeros(len(OK_FRACTIONS))
+    for both in range(nc + 1):
+        for g_only in range(nc + 1 - both):
+            for b_only in range(nc + 1 - both - g_only):
+                counts = [both, g_only, b_only, nc - both - g_only - b_only]
+                prob = multinomial.pmf(counts, nc, [*pair, 1 - pair.sum()])
+                k = both + b_only
+                n = 2 * both + g_only + b_only + np.arange(nb - nc + 1)
+                for i, p in enumerate(share(OK_FRACTIONS * margin, p0)):
+                    llr = binomial_llr(k, n, np.asarray(p), p_margin)
+                    means[i] += prob * float(uncopied @ np.exp(llr))
+    assert means.max() <= 1.0 + 1e-9

@@ -100,3 +100,17 @@ def test_sprt_expected_n_agrees_with_running_the_sprt() -> None:
         lengths.append(n)
     standard_error = np.std(lengths) / math.sqrt(len(lengths))
     assert abs(np.mean(lengths) - sprt_expected_n(p0, p1)) < 4 * standard_error
+
+
+def test_a_spec_without_a_shadow_step_runs_the_live_plan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The "before" column of docs/engine.md: the plan [5, 25, 50, 100], no mirror anywhere.
+    spec = tmp_path / "live.yaml"
+    spec.write_text("steps: [5, 25, 50, 100]\n")
+    scenario = SCENARIO_DIR / "err-50x-100rps.yaml"
+    args = ["--json", "--runs", "2", "--jobs", "1", "--policy", "ours"]
+    assert main([*args, "--scenario", str(scenario), "--spec", str(spec)]) == 0
+    (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    assert row["p_rollback"] == 1.0
+    assert row["mean_bad_mirrored_requests"] == 0 and row["mean_bad_canary_requests"] > 0
