@@ -74,7 +74,7 @@ def test_the_shadow_step_shows_the_mirror() -> None:
     )
     text = rendered(status)
     assert "0 (shadow: blue 0 %, 5 % mirrored)" in text
-    assert "blue 0 % / green 100 %, 5 % copied to blue (answers discarded)" in text
+    assert "blue 0 % / green 100 %, 5 % mirrored to blue (answers discarded)" in text
 
 
 # ------------------------------------------------------------------- what users got from v3
