@@ -334,6 +334,25 @@ def test_weights_the_data_plane_does_not_serve_are_an_error(tmp_path: Path) -> N
         ctl.run(max_ticks=3)
 
 
+class MirrorlessRouter(MemoryRouter):
+    """Serves the weights it is given but never the mirror (a data plane that cannot shadow)."""
+
+    def get_weights(self) -> Weights:
+        served = super().get_weights()
+        return Weights.blue_at(served.blue)
+
+
+def test_a_mirror_the_data_plane_does_not_serve_is_an_error(tmp_path: Path) -> None:
+    # Otherwise the shadow step would wait for copies that never come, saying only that.
+    router = MirrorlessRouter(releases={Colour.GREEN: V1})
+    spec = SPEC.model_copy(update={"steps": [0, 10, 50, 100], "mirror_percent": 20})
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]), spec=spec)
+    with pytest.raises(
+        RouterError, match=r"accepted blue 0 % \+ 20 % mirrored but serves blue 0 %"
+    ):
+        ctl.run(max_ticks=3)
+
+
 def test_an_operator_pause_keeps_the_controller_guarding_until_resume(tmp_path: Path) -> None:
     router = MemoryRouter(releases={Colour.GREEN: V1})
     store = FileStateStore(tmp_path, SPEC.name)
