@@ -9,7 +9,11 @@ a script would want:
 
     {"text": "aml-rollout diabetes: RolledBack (blue 0 %) - rolled back at step 5 %: ...",
      "rollout": "diabetes", "phase": "RolledBack", "reason": "...", "blue_weight": 0,
-     "candidate": "diabetes:2", "stable": "diabetes:1", "at": 1764400000.0}
+     "mirror_percent": 0, "candidate": "diabetes:2", "stable": "diabetes:1",
+     "at": 1764400000.0}
+
+(`mirror_percent`: what blue is mirrored in the shadow step, held there for a human say; the
+text then reads `(blue 0 % + 5 % mirrored)`.)
 
 Best effort, and never in the way: the controller calls it after a tick's actions are applied
 (a rollback is never delayed by a slow webhook), two attempts of `timeout_s` each, and a failure
@@ -26,7 +30,7 @@ import httpx
 
 from rollout.config import NotifyConfig
 from rollout.core.status import Status
-from rollout.core.types import Release
+from rollout.core.types import Release, Weights
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +51,15 @@ class WebhookNotifier:
         def release(r: Release | None) -> str | None:
             return r.ref if r is not None else None
 
-        text = f"aml-rollout {status.name}: {status.phase.value} (blue {status.blue_weight} %)"
+        share = Weights.blue_at(status.blue_weight, status.mirror).blue_share
+        text = f"aml-rollout {status.name}: {status.phase.value} ({share})"
         return {
             "text": f"{text} - {status.reason}" if status.reason else text,
             "rollout": status.name,
             "phase": status.phase.value,
             "reason": status.reason,
             "blue_weight": status.blue_weight,
+            "mirror_percent": status.mirror,
             "candidate": release(status.candidate),
             "stable": release(status.stable),
             "at": status.updated_at,

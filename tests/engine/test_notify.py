@@ -173,3 +173,10 @@ def test_the_documented_notify_section_loads(tmp_path: Path) -> None:
     notify = load_spec(tmp_path / "spec.yaml").notify
     assert notify is not None
     assert notify.phases == [Phase.PAUSED, Phase.SUCCEEDED, Phase.ROLLED_BACK, Phase.FAILED]
+
+
+def test_a_rollout_held_in_the_shadow_step_says_blue_is_mirrored() -> None:
+    held = Status(name="d", phase=Phase.PAUSED, blue_weight=0, mirror=5, reason="held for a human")
+    message = WebhookNotifier(NotifyConfig(url="http://127.0.0.1:9/")).message(held)
+    assert message["text"] == "aml-rollout d: Paused (blue 0 % + 5 % mirrored) - held for a human"
+    assert (message["blue_weight"], message["mirror_percent"]) == (0, 5)
