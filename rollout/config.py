@@ -457,7 +457,7 @@ class NotifyConfig(_Model):
     """A webhook told when the rollout enters a phase someone should hear about (best effort)."""
 
     #: Gets a JSON POST: `text` (one line, what Slack-style incoming webhooks show), `rollout`,
-    #: `phase`, `reason`, `blue_weight`, `candidate`, `stable`, `at`.
+    #: `phase`, `reason`, `blue_weight`, `mirror_percent`, `candidate`, `stable`, `at`.
     url: str
     #: Phases to tell (any but Initializing). By default: the rollout ended, or it waits for a
     #: human.
