@@ -58,12 +58,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from azure.core.credentials import AccessToken
 from azure.core.pipeline.transport import RequestsTransport
+
+from tests.fakes.server import LocalServer
 
 Handler = Callable[
     ["FakeArm", re.Match[str], Any, dict[str, list[str]]], tuple[int, Any, dict[str, str]]
@@ -195,28 +197,21 @@ class FakeArm:
         self._operations: dict[str, int] = {}
         self._results: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )  # a short poll so stop() returns at once
+        self._server = LocalServer(self._handler_class())
         self.defaults(r"/models/[^/]+/versions/[^/]+$", {"flavors": {}})
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return self._server.url
 
     def start(self) -> FakeArm:
-        self._thread.start()
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._server.stop()
 
     def __enter__(self) -> FakeArm:
         return self.start()

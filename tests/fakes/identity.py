@@ -15,11 +15,12 @@ network to Azure:
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.fakes.server import LocalServer
 
 #: Variables that make DefaultAzureCredential pick another credential, or another identity.
 AZURE_CREDENTIAL_ENV = (
@@ -40,29 +41,22 @@ class FakeIdentityEndpoint:
 
     def __init__(self) -> None:
         self.queries: list[dict[str, list[str]]] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
+        self._server = LocalServer(self._handler_class())
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/msi/token"
+        return f"{self._server.url}/msi/token"
 
     def client_ids(self) -> list[str | None]:
         """The `clientid` of every token request (None: the system-assigned identity)."""
         return [query.get("clientid", [None])[0] for query in self.queries]
 
     def __enter__(self) -> FakeIdentityEndpoint:
-        self._thread.start()
+        self._server.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._server.stop()
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         endpoint = self
