@@ -169,7 +169,11 @@ class SimulatedMetrics:
         weights = self._router.get_weights()
         n_blue = int(self._rng.binomial(total, weights.blue / 100.0)) if total else 0
         # A shadow: blue also answers a copy of `mirror` % of the requests; nobody sees those.
-        n_mirror = int(self._rng.binomial(total, weights.mirror / 100.0)) if total else 0
+        n_mirror = (
+            int(self._rng.binomial(total, weights.mirror / 100.0))
+            if total and weights.mirror
+            else 0
+        )
         canary = self._canary if t_rel >= self._canary_from else self._baseline
         blue = self._draw(n_blue, canary)
         green = self._draw(total - n_blue, self._baseline)
