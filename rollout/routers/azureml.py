@@ -122,20 +122,19 @@ def weights_from_traffic(
     blue_name, green_name = names[Colour.BLUE], names[Colour.GREEN]
     blue, green = int(traffic.get(blue_name, 0)), int(traffic.get(green_name, 0))
     shadow = int((mirror or {}).get(blue_name, 0))
-    try:
-        split = Weights(blue=blue, green=green)
-    except ValueError as exc:
-        raise RouterError(
-            f"endpoint traffic {dict(traffic)} does not split 100 % between "
-            f"{blue_name!r} and {green_name!r} (no traffic set yet?)"
-        ) from exc
     if shadow and blue:
         raise RouterError(
             f"endpoint mirrors {shadow} % to {blue_name!r}, which also takes {blue} % of live "
             "traffic: Azure refuses that, so it is not what serves (a change that failed, or "
             "another writer?)"
         )
-    return Weights(blue=split.blue, green=split.green, mirror=shadow)  # Azure caps it at 50
+    try:
+        return Weights(blue=blue, green=green, mirror=shadow)  # Azure caps the mirror at 50
+    except ValueError as exc:
+        raise RouterError(
+            f"endpoint traffic {dict(traffic)} does not split 100 % between "
+            f"{blue_name!r} and {green_name!r} (no traffic set yet?)"
+        ) from exc
 
 
 def release_tags(release: Release) -> dict[str, str]:
