@@ -73,7 +73,7 @@ def test_the_shadow_step_shows_the_mirror() -> None:
         name="d", phase=Phase.PROGRESSING, step_index=0, blue_weight=0, mirror=5, candidate=V2
     )
     text = rendered(status)
-    assert "0 (shadow: blue 0 %, 5 % mirrored)" in text
+    assert "0 (shadow: blue 0 % + 5 % mirrored)" in text
     assert "blue 0 % / green 100 %, 5 % mirrored to blue (answers discarded)" in text
 
 
