@@ -671,6 +671,11 @@ def load_spec(path: str | Path) -> RolloutSpec:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read spec: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # e.g. saved as UTF-16 by Windows tools
+        raise ConfigError(
+            f"{path}: cannot read spec: not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+            f"offset {exc.start}); save it as UTF-8"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

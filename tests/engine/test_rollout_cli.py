@@ -92,6 +92,13 @@ def test_validate_reports_a_missing_file(tmp_path: Path) -> None:
     assert code == EXIT_ERROR and "cannot read spec" in out
 
 
+def test_validate_reports_a_spec_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: x\n", encoding="utf-16")  # what Windows PowerShell 5 `>` writes
+    code, out = invoke("validate", str(path))
+    assert code == EXIT_ERROR and "not UTF-8 text" in out, out
+
+
 def test_run_promotes_with_exit_0_then_explain_tells_the_story(tmp_path: Path) -> None:
     spec = write_spec(tmp_path)
     code, out = invoke("run", str(spec), "--simulated-time", "-q")
