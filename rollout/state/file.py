@@ -122,7 +122,10 @@ class FileStateStore:
     def lease(self, owner: str) -> Iterator[None]:
         """Hold an exclusive fcntl lock on the lock file for the block."""
         self._ensure_dir()
-        fd = hold_lock(self.lock_path, owner)
+        try:
+            fd = hold_lock(self.lock_path, owner)
+        except OSError as exc:  # a state dir another user created, a read-only mount
+            raise StateError(f"cannot take the lease {self.lock_path}: {exc.strerror}") from exc
         if isinstance(fd, str):
             raise LeaseHeldError(
                 f"rollout {self.name!r} is already driven by another controller ({fd}); "

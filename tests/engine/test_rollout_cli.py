@@ -136,6 +136,14 @@ def test_run_held_for_a_human_exits_4(tmp_path: Path) -> None:
     assert "held for a human" in out
 
 
+def test_run_without_a_usable_lock_file_is_a_clear_error(tmp_path: Path) -> None:
+    # As a state dir another user created would be (a directory: root ignores permissions).
+    (tmp_path / "state" / "cli.lock").mkdir(parents=True)
+    code, out = invoke("run", str(write_spec(tmp_path)), "--simulated-time", "-q")
+    assert code == EXIT_ERROR, out
+    assert "cannot take the lease" in out and "cli.lock" in out
+
+
 def test_steering_an_unstarted_rollout_is_a_clear_error(tmp_path: Path) -> None:
     code, out = invoke("pause", str(write_spec(tmp_path)))
     assert code == EXIT_ERROR and "has not started" in out
