@@ -50,24 +50,45 @@ def read_slots(path: Path) -> list[dict[str, Any] | None]:
 def parse_lines(
     lines: Iterable[str | bytes], *, where: Path | None = None
 ) -> list[dict[str, Any] | None]:
-    """Each non-blank line's JSON object, or None for a line that is not one (logged as a
-    warning naming `where` and the line number, when given)."""
+    """Each non-blank line's JSON object, or None for a line that is not one (logged as one
+    warning naming `where` and the line numbers, when given; each line once per process)."""
     slots: list[dict[str, Any] | None] = []
+    skipped: list[int] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError:  # UnicodeDecodeError included
-            if where is not None:
-                log.warning("%s:%d: skipped a line that is not JSON (a torn write?)", where, number)
             record = None
-        if record is not None and not isinstance(record, dict):
-            if where is not None:
-                log.warning("%s:%d: skipped a line that is not a JSON object", where, number)
+        if not isinstance(record, dict):
             record = None
+            skipped.append(number)
         slots.append(record)
+    if where is not None and skipped:
+        _warn_skipped(str(where), skipped)
     return slots
+
+
+#: Lines already reported per file. The controller and `status --watch` read the command log
+#: every second, and lines never move: without this one torn line would warn once a second for
+#: the rest of the rollout.
+_reported: dict[str, set[int]] = {}
+
+
+def _warn_skipped(where: str, numbers: list[int]) -> None:
+    seen = _reported.setdefault(where, set())
+    new = [n for n in numbers if n not in seen]
+    if not new:
+        return
+    seen.update(new)
+    shown = ", ".join(str(n) for n in new[:5]) + (", ..." if len(new) > 5 else "")
+    log.warning(
+        "%s: skipped %d line(s) that are not JSON objects (a torn write?): line %s",
+        where,
+        len(new),
+        shown,
+    )
 
 
 def _last_byte(path: Path, size: int) -> bytes:

@@ -302,6 +302,21 @@ def test_a_torn_command_line_is_skipped_and_never_swallows_the_next(tmp_path: Pa
     assert [c and c.id for c in store.commands()] == ["1", None, "3"]
 
 
+def test_a_torn_command_line_is_reported_once_not_at_every_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The controller reads the log every second while it waits: one warning, not one a second.
+    store = FileStateStore(tmp_path, "t")
+    with store.commands_path.open("ab") as fh:
+        fh.write(b'{"id": "1", "ki')
+    store.push_command(Command(id="2", kind="pause"))
+    for _ in range(3):
+        assert [c and c.id for c in store.commands()] == [None, "2"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "rollout.jsonl"]
+    assert len(warnings) == 1 and f"{store.commands_path}: skipped 1 line" in warnings[0]
+    assert warnings[0].endswith("line 1")
+
+
 def test_a_torn_ledger_line_does_not_make_the_ledger_unreadable(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.jsonl", fsync=False)
     ledger.append({"event": "start", "at": 0.0, "name": "t", "plan": [10, 100]})
