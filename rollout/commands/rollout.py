@@ -164,7 +164,11 @@ def run(
                 on_tick=show,
                 stop_when_paused=stop_when_paused,
                 restart=restart,
-                clock=FakeClock(time.time()) if simulated_time else None,
+                # Never behind the stored status: a simulated rollout resumed ran ahead of
+                # the wall clock, and its ledger would step back in time.
+                clock=FakeClock(max(time.time(), previous.updated_at if previous else 0.0))
+                if simulated_time
+                else None,
             )
     except RolloutError as exc:
         _fail(exc)

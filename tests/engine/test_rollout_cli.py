@@ -190,6 +190,21 @@ def test_a_held_rollout_resumes_when_run_again_after_resume(tmp_path: Path) -> N
     assert code == EXIT_PAUSED
 
 
+def test_a_simulated_rollout_resumed_in_simulated_time_does_not_go_back_in_time(
+    tmp_path: Path,
+) -> None:
+    spec = write_spec(
+        tmp_path,
+        metrics={"kind": "static", "ticks": [{"error": "connection refused"}]},
+    )
+    assert invoke("run", str(spec), "--simulated-time")[0] == EXIT_PAUSED  # 3 h of fake time
+    assert invoke("resume", str(spec))[0] == 0
+    assert invoke("run", str(spec), "--simulated-time")[0] == EXIT_PAUSED
+    ledger = (tmp_path / "state" / "cli.ledger.jsonl").read_text().splitlines()
+    times = [json.loads(line)["at"] for line in ledger]
+    assert times == sorted(times)
+
+
 def test_run_refuses_to_report_another_candidates_outcome(tmp_path: Path) -> None:
     spec = write_spec(tmp_path)
     assert invoke("run", str(spec), "--simulated-time", "-q")[0] == EXIT_PROMOTED
