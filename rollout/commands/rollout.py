@@ -429,9 +429,10 @@ def explain(
         ledger = path.with_name(path.name.removesuffix(".status.json") + ".ledger.jsonl")
     try:
         records = read_ledger(ledger)
-        if not records and ledger.stat().st_size:
+        # Every ledger line has a phase (a tick) or is a start event; a command log has neither.
+        if ledger.stat().st_size and not any("phase" in r or "event" in r for r in records):
             raise StateError(
-                f"{ledger} is not a rollout ledger (no JSON lines): give the rollout's "
+                f"{ledger} is not a rollout ledger (no ledger lines): give the rollout's "
                 "<name>.ledger.jsonl, or its spec"
             )
     except RolloutError as exc:

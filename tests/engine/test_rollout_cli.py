@@ -236,6 +236,10 @@ def test_explain_takes_the_ledger_the_spec_or_the_status_file(tmp_path: Path) ->
     notes.write_text("not a ledger\n")
     code, out = invoke("explain", str(notes))
     assert code == EXIT_ERROR and "is not a rollout ledger" in " ".join(out.split())
+    commands = state / "cli.commands.jsonl"  # JSON lines, but not a ledger's
+    commands.write_text(json.dumps({"id": "1", "kind": "pause", "rollout": "x"}) + "\n")
+    code, out = invoke("explain", str(commands))
+    assert code == EXIT_ERROR and "is not a rollout ledger" in " ".join(out.split()), out
 
 
 def test_status_says_when_no_controller_drives_the_rollout(tmp_path: Path) -> None:
