@@ -21,6 +21,8 @@ its actions through the router. Phases (terminal in brackets):
 - Paused: no step advances, but the judge keeps watching: a clear regression still rolls back.
 - Operator commands (pause, resume, promote, abort, set_weight) arrive queued in the status and
   are handled here, in order, at the start of a tick — never racing an analysis.
+- A plan edited mid-rollout (`steps` changed, then the controller restarted): the step goes on
+  as blue's weight's step in the new plan; a weight the new plan lacks holds for a human.
 
 Invariants (property-tested): blue's weight is always 0 or a planned weight; a Failed verdict
 ends with blue at 0; no traffic is neither a pass nor an instant fail; promotion happens once.
@@ -714,6 +716,7 @@ def _analyse(
         status = replace(status, reason=f"metrics unreadable ({why}); holding")
         return _decide(status, (), record, notes)
 
+    status, off_plan = _follow_plan(spec, status, record)
     verdict, reason = _judge(spec, status, obs, now)
     status = replace(status, verdict=verdict)
     record["checks"] = _check_record(spec, status)
@@ -729,6 +732,11 @@ def _analyse(
             notes,
         )
     record["judge"] = reason
+    if off_plan and status.phase is Phase.PROGRESSING:
+        status = replace(
+            status, phase=Phase.PAUSED, held=True, reason=f"held for a human: {off_plan}"
+        )
+        return _decide(status, (), record, notes)
     if status.phase is Phase.PAUSED:
         # Held: the judge still guards (a Failed verdict above rolls back), nothing advances.
         return _decide(status, (), record, notes)
@@ -752,6 +760,28 @@ def _analyse(
             notes,
         )
     return _decide(replace(status, reason=reason), (), record, notes)
+
+
+def _follow_plan(spec: RolloutSpec, status: Status, record: dict[str, Any]) -> tuple[Status, str]:
+    """Find the current step in a plan edited since the rollout began ("" when it is there).
+
+    The step index was stored against the plan of its day. Blue's weight still in the plan: the
+    step goes on as that weight's step there (its evidence and age kept). No longer in it: the
+    machine must not guess which way to go, so it returns why it holds for a human.
+    """
+    plan = spec.plan
+    index, weight = status.step_index, status.blue_weight
+    if index < len(plan) and plan[index] == weight:
+        return status, ""
+    if weight in plan:
+        record["plan_changed"] = (
+            f"blue's {weight} % is now step {plan.index(weight) + 1} of {list(plan)}"
+        )
+        return replace(status, step_index=plan.index(weight)), ""
+    return status, (
+        f"blue is at {weight} %, which the plan {list(plan)} no longer has (`steps` changed "
+        "since this step began): set-weight to a planned weight, promote or abort"
+    )
 
 
 def _on_inconclusive(

@@ -770,3 +770,44 @@ def test_with_the_bucket_chosen_before_the_rollout_the_first_tick_is_judged() ->
     first = obs(blue=(100, 0), green=(900, 0), blue_buckets=buckets, at=10.0)
     status = step(spec, started, first, 10.0).status
     assert status.slow.canary_requests == 100 and status.slow.canary_bad == 20
+
+
+# A plan edited between two runs of the controller: the stored step index is the old plan's.
+CLEAN = obs((200, 0), (1800, 0), at=30.0)
+
+
+def test_a_plan_edited_mid_rollout_goes_on_at_blue_s_weight_in_the_new_plan() -> None:
+    """Blue at 10 %, step 0 of [10, 50, 100]; the plan is now [5, 10, 25, 100]: step 1 of it."""
+    edited = make_spec(steps=[5, 10, 25, 100])
+    decision = step(edited, with_ok_evidence(progressing(0, 10)), CLEAN, 30.0)
+    assert decision.status.phase is Phase.PROGRESSING
+    assert decision.actions == (SetWeights(25),)  # the new plan's next weight, not 50 nor 100
+    assert decision.status.step_index == 2
+    assert "now step 2 of [5, 10, 25, 100]" in decision.record["plan_changed"]
+
+
+def test_a_plan_that_no_longer_has_blue_s_weight_holds_instead_of_promoting() -> None:
+    """Blue at 10 % (step 0), the plan now [50, 100]: index 0 + 1 would look like the last step."""
+    edited = make_spec(steps=[50, 100])
+    decision = step(edited, with_ok_evidence(progressing(0, 10)), CLEAN, 30.0)
+    assert decision.status.phase is Phase.PAUSED and decision.status.held
+    assert decision.actions == ()
+    assert decision.status.blue_weight == 10
+    assert "which the plan [50, 100] no longer has" in decision.status.reason
+    # the operator answers with a weight of the new plan; the step goes on from there
+    moved = step(edited, with_commands(decision.status, [cmd("set_weight", 50)]), CLEAN, 40.0)
+    assert moved.actions == (SetWeights(50),) and moved.status.step_index == 0
+
+
+def test_off_the_plan_the_judge_still_rolls_back_a_regression() -> None:
+    edited = make_spec(steps=[50, 100])
+    bad = obs((400, 40), (3600, 3), at=30.0)
+    decision = step(edited, progressing(0, 10), bad, 30.0)
+    assert decision.status.phase is Phase.ROLLING_BACK
+    assert decision.actions == (SetWeights(0),)
+
+
+def test_a_plan_cut_short_below_the_stored_index_does_not_crash() -> None:
+    edited = make_spec(steps=[50, 100])
+    decision = step(edited, progressing(2, 75), CLEAN, 30.0)  # index 2 is past the new plan
+    assert decision.status.phase is Phase.PAUSED and decision.status.blue_weight == 75
