@@ -276,11 +276,29 @@ def submit_pipeline(job: Any, ml_client: Any, *, experiment: str = "aml-rollout"
             stage_code(job, Path(tmp))
             return ml_client.jobs.create_or_update(job, experiment_name=experiment)
     except ClientAuthenticationError as exc:
+        if exc.response is not None:  # a token was sent, and ARM refused it (expired, tenant)
+            raise PipelineError(
+                "submitting the pipeline failed: Azure rejected the credentials "
+                f"(HTTP {exc.status_code}): {_first_line(exc)}"
+            ) from exc
         raise AzureNotConfigured(
             "no usable Azure credentials (DefaultAzureCredential found none): run `az login`, "
             "or set AZURE_CLIENT_ID / AZURE_TENANT_ID / AZURE_CLIENT_SECRET; "
-            f"{str(exc).splitlines()[0]}"
+            f"{_first_line(exc)}"
         ) from exc
     except (AzureError, MlException) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"submitting the pipeline failed: {first}") from exc
+        raise PipelineError(f"submitting the pipeline failed: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    """The substance of an Azure error in one line.
+
+    azure-ai-ml reports a job that fails its own validation as a JSON document
+    (`{"result": "Failed", "errors": [{"message", "path"}, ...]}`), whose first line is "{".
+    """
+    text = str(exc).strip()
+    try:
+        errors = json.loads(text)["errors"]
+        return "; ".join(f"{e.get('path', '?')}: {e.get('message', '?')}" for e in errors)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return text.splitlines()[0] if text else type(exc).__name__

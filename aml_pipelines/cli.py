@@ -139,6 +139,15 @@ def _parse_into(
     if rollout_spec is not None:
         if not rollout_spec.is_file():
             raise ConfigError(f"--rollout-spec: {rollout_spec} not found")
+        # Checked here, not first at the job's last step: a bad spec would fail the rollout
+        # only after train and register spent cluster time and left a candidate behind.
+        from rollout.api import load_spec
+        from rollout.errors import ConfigError as SpecError
+
+        try:
+            load_spec(rollout_spec)
+        except SpecError as exc:
+            raise ConfigError(f"--rollout-spec: {exc}") from None
         values["rollout_spec"] = str(rollout_spec)
     return cls(**values)
 

@@ -22,8 +22,11 @@ ManagedOnlineDeployment with the release's registered model `azureml:<model>:<ve
 release identity in its tags, or, when it exists, reads it and sends it back with only the
 model, those tags and the configured environment/code changed (the PUT replaces the whole
 deployment: an operator's capacity, environment variables, request settings stay). It returns
-when Azure reports the operation done. `release` refuses a deployment whose provisioning Failed
-or was Canceled. `remove` deletes the deployment, refusing while it takes live traffic.
+when Azure reports the operation done; while the endpoint or the deployment is mid-change
+(Azure refuses to write it then) it first waits for that change, at most `deploy_timeout_s`.
+`release` refuses a deployment from which no release serves: its provisioning Failed or was
+Canceled, or it is still Creating or Deleting. `remove` deletes the deployment, refusing while
+it takes live traffic.
 
 Every write is an ARM long-running operation, and every one is waited for with a bound
 (`_finish`): an operation Azure leaves InProgress must not hang the rollout, or the Azure ML
@@ -152,14 +155,25 @@ def _failed(deployment: Any) -> str:
     return state if state.lower() in ("failed", "canceled") else ""
 
 
+def _unserved(deployment: Any) -> str:
+    """The deployment's provisioning state when no release serves from it, else "".
+
+    Failed or Canceled, or Creating (not up yet) or Deleting (going away). Updating and Scaling
+    are not: the deployment serves through them (an operator scaling green must not block a
+    rollback).
+    """
+    state = _state(deployment)
+    return state if state.lower() in ("failed", "canceled", "creating", "deleting") else ""
+
+
 def _state(resource: Any) -> str:
     """A resource's provisioning state as Azure spells it ("" when it has none)."""
     state = getattr(resource.provisioning_state, "value", resource.provisioning_state)
     return str(state or "")
 
 
-#: States of an endpoint whose last change Azure is still carrying out.
-_IN_PROGRESS = ("creating", "updating", "deleting")
+#: States of an endpoint or a deployment whose last change Azure is still carrying out.
+_IN_PROGRESS = ("creating", "updating", "scaling", "deleting")
 
 
 # ---- the router -----------------------------------------------------------------------------
@@ -241,7 +255,15 @@ class AzureMLRouter:
             if self._code
             else None
         )
-        existing = self._get_deployment(name)
+        # Azure refuses to write a deployment while it, or its endpoint, is mid-change (ours that
+        # timed out, or someone else's): wait for that change to end, as set_weights does.
+        bound = (self._deploy_timeout_s, "deploy_timeout_s")
+        self._settled(f"endpoint {self.endpoint}", self._endpoint_raw, *bound)
+        existing = self._settled(
+            f"deployment {self.endpoint}/{name}",
+            lambda: self._ml.online_deployments.get(name=name, endpoint_name=self.endpoint),
+            *bound,
+        )
         if existing is None:
             deployment = ManagedOnlineDeployment(
                 name=name,
@@ -279,12 +301,16 @@ class AzureMLRouter:
         found = self._get_deployment(name)
         if found is None:
             return None
-        if state := _failed(found):
+        if state := _unserved(found):
             # Not a release that serves: set_weights must not send traffic to it, and the
             # controller must not take it for the candidate or the stable release.
-            raise RouterError(
-                f"deployment {self.endpoint}/{name} is in provisioning state {state}: "
+            what = (
                 "deploy it again, or delete it"
+                if _failed(found)
+                else "Azure has not finished that change; try again when it has"
+            )
+            raise RouterError(
+                f"deployment {self.endpoint}/{name} is in provisioning state {state}: {what}"
             )
         tags = found.tags or {}
         model, version = tags.get(f"{TAG_PREFIX}model"), tags.get(f"{TAG_PREFIX}version")
@@ -318,7 +344,12 @@ class AzureMLRouter:
                     f"cannot {verb} {share} % to {colour.value}: deployment "
                     f"{self.endpoint}/{self.names[colour]} does not exist"
                 )
-        endpoint = self._settled_endpoint()
+        endpoint = self._settled(
+            f"endpoint {self.endpoint}",
+            self._endpoint,
+            self._traffic_timeout_s,
+            "traffic_timeout_s",
+        )
         current, mirror = nonzero(endpoint.traffic or {}), nonzero(endpoint.mirror_traffic or {})
         traffic, new_mirror = plan_traffic(current, mirror, self.names, weights)
         # After a change that Failed (or was Canceled) the `traffic` read may be what was asked
@@ -328,23 +359,23 @@ class AzureMLRouter:
         self._update_endpoint(endpoint, traffic, new_mirror)
         log.info("endpoint %s: traffic %s mirror %s", self.endpoint, traffic, new_mirror)
 
-    def _settled_endpoint(self) -> Any:
-        """The endpoint once no change of it is in progress, waiting at most
-        `traffic_timeout_s`: while Azure carries one out (ours that timed out, or someone
-        else's), the `traffic` read is what was asked for, not what serves."""
-        deadline = time.monotonic() + self._traffic_timeout_s
+    def _settled(self, what: str, read: Callable[[], Any], timeout_s: float, setting: str) -> Any:
+        """`read()` (the endpoint or a deployment; None when absent) once no change of it is in
+        progress, waiting at most `timeout_s` (the router option `setting`): while Azure
+        carries one out (ours that timed out, or someone else's), what it shows is what was
+        asked for, not what serves, and Azure refuses another write to it."""
+        deadline = time.monotonic() + timeout_s
         while True:
-            endpoint = self._endpoint()
-            state = _state(endpoint)
+            resource = self._get(what, read)
+            state = "" if resource is None else _state(resource)
             if state.lower() not in _IN_PROGRESS:
-                return endpoint
+                return resource
             if time.monotonic() >= deadline:
                 raise RouterError(
-                    f"endpoint {self.endpoint} is still {state} after "
-                    f"{self._traffic_timeout_s:g} s (router.traffic_timeout_s): an earlier change "
-                    "has not finished"
+                    f"{what} is still {state} after {timeout_s:g} s (router.{setting}): "
+                    "an earlier change has not finished"
                 )
-            log.info("endpoint %s is %s: waiting for that change to finish", self.endpoint, state)
+            log.info("%s is %s: waiting for that change to finish", what, state)
             self._sleep(self._poll_s)
 
     def get_weights(self) -> Weights:

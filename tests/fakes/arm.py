@@ -29,9 +29,17 @@ Generic resource semantics (any provider, any depth):
   (listKeys, package, ...) and anything the generic rules do not cover.
 - `arm.lro(regex, polls=1, result=None)`: PUT/DELETE/POST on matching paths answer 201/202 with
   `Azure-AsyncOperation` and `Location` headers; the operation reports `InProgress` `polls`
-  times, then `Succeeded` (the resource itself is stored immediately). For a POST, `result`
+  times, then `Succeeded`. While it runs, the resource shows what ARM shows: a PUT stores the
+  body at once with `provisioningState` `Creating` (new) or `Updating` (replaced), a DELETE
+  leaves it `Deleting`; the operation's `Succeeded` makes it `Succeeded`, or removes it. (A
+  test that answers `/_operations/` itself owns that state too.) For a POST, `result`
   (a dict, or a callable `(arm, path, body) -> dict`) is what the `Location` URL returns once
   the operation is done: the action's response body.
+- A write to a resource whose provisioning state is not terminal (`Creating`, `Updating`,
+  `Deleting`, ...: not `Succeeded`, `Failed` or `Canceled`), or a PUT of a resource under one,
+  answers 409 `Conflict`, as ARM does ("... the resource entity provisioning state is not
+  terminal"; Azure ML: "Cannot create a deployment in endpoint ... because it is in Updating
+  provisioning state").
 - `arm.defaults(regex, properties)`: properties merged into matching PUT bodies when absent (e.g.
   model versions get `flavors: {}`, which azure-ai-ml needs when reading them back).
 - `arm.fail(method, regex, status, code, times=1)`: the next `times` matching calls fail with an
@@ -73,6 +81,7 @@ Handler = Callable[
 
 ARM_HOST = "management.azure.com"
 _WORKSPACE_TYPE = "Microsoft.MachineLearningServices/workspaces"
+_TERMINAL = ("succeeded", "failed", "canceled")
 _ASSET_VERSION = re.compile(
     r"/(?P<kind>models|environments|components|codes|data)/(?P<name>[^/]+)/versions/[^/]+$",
     re.IGNORECASE,
@@ -195,6 +204,7 @@ class FakeArm:
         self._defaults: list[tuple[re.Pattern[str], dict[str, Any]]] = []
         self._failures: list[list[Any]] = []
         self._operations: dict[str, int] = {}
+        self._targets: dict[str, tuple[str, str]] = {}  # operation -> (method, resource path)
         self._results: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._server = LocalServer(self._handler_class())
@@ -345,15 +355,21 @@ class FakeArm:
             if _is_collection(path):
                 return 200, {"value": self.children(path)}, {}
             return 404, _error("ResourceNotFound", f"{path} was not found"), {}
+        if method in ("PUT", "PATCH", "DELETE") and (busy := self._busy(path, method)):
+            return 409, _error("Conflict", busy), {}
         if method == "PUT":
             body = body if isinstance(body, dict) else {}
             if (asset := _ASSET_VERSION.search(path)) and (conflict := self._immutable(path, body)):
                 return 409, _error("Conflict", conflict), {}
+            if polls is not None:
+                # Async: ARM answers (and shows) a non-terminal state until the operation ends.
+                state = "Updating" if self.get(path) is not None else "Creating"
+                body = _merge(copy.deepcopy(body), {"properties": {"provisioningState": state}})
             resource, created = self.put(path, body)
             if asset:
                 self._refresh_container(path[: asset.start()] + f"/{asset['kind']}/{asset['name']}")
             if polls is not None:
-                return 201, resource, self._start_operation(polls, path)
+                return 201, resource, self._start_operation(polls, path, method="PUT")
             return (201 if created else 200), resource, {}
         if method == "PATCH":
             current = self.get(path)
@@ -362,9 +378,12 @@ class FakeArm:
             resource, _ = self.put(path, _merge(current, body if isinstance(body, dict) else {}))
             return 200, resource, {}
         if method == "DELETE":
+            if polls is not None and (doomed := self.get(path)) is not None:
+                doomed.setdefault("properties", {})["provisioningState"] = "Deleting"
+                with self._lock:
+                    self.resources[path.rstrip("/").lower()] = doomed
+                return 202, None, self._start_operation(polls, path, method="DELETE")
             existed = self.delete(path)
-            if polls is not None and existed:
-                return 202, None, self._start_operation(polls, path)
             return (200 if existed else 204), None, {}
         if method == "POST" and lro is not None:
             result = lro[1](self, path, body) if callable(lro[1]) else lro[1]
@@ -395,9 +414,27 @@ class FakeArm:
         )
         self.put(container, existing)
 
-    def _start_operation(self, polls: int, path: str, result: Any = None) -> dict[str, str]:
+    def _busy(self, path: str, method: str) -> str | None:
+        """Why ARM refuses this write now: it or (for a PUT) a parent is mid-operation."""
+        segments = _segments(path)
+        for depth in range(len(segments), 0, -1):
+            if depth < len(segments) and method != "PUT":
+                break
+            resource = self.get("/" + "/".join(segments[:depth]))
+            state = str(((resource or {}).get("properties") or {}).get("provisioningState", ""))
+            if state and state.lower() not in _TERMINAL:
+                return (
+                    f"cannot modify {path}: {'/'.join(segments[:depth])} is in {state} "
+                    "provisioning state, which is not terminal; retry when it has finished"
+                )
+        return None
+
+    def _start_operation(
+        self, polls: int, path: str, result: Any = None, method: str = "POST"
+    ) -> dict[str, str]:
         op = uuid.uuid4().hex
         self._operations[op] = polls
+        self._targets[op] = (method, path)
         url = f"https://{ARM_HOST}/_operations/{op}"
         location = url
         if result is not None:
@@ -417,7 +454,18 @@ class FakeArm:
         if self._operations[op] > 0:
             self._operations[op] -= 1
             return 200, {"status": "InProgress"}, {"Retry-After": "0"}
+        self._settle(op)
         return 200, {"status": "Succeeded"}, {}
+
+    def _settle(self, op: str) -> None:
+        """The resource as a finished operation leaves it: Succeeded, or deleted."""
+        method, path = self._targets.pop(op, ("POST", ""))
+        if method == "DELETE":
+            self.delete(path)
+        elif method == "PUT" and (resource := self.get(path)) is not None:
+            resource.setdefault("properties", {})["provisioningState"] = "Succeeded"
+            with self._lock:
+                self.resources[path.rstrip("/").lower()] = resource
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         arm = self

@@ -272,10 +272,44 @@ def test_submit_reports_azure_errors_in_one_line(arm: FakeArm, client: Any) -> N
 
     arm.on("GET", r"^.*/codes/[^/]+/versions$", existing_code_upload)
     arm.fail("PUT", r"/jobs/[^/]+$", 400, "UserError: compute cpu-cluster not found")
-    job = build_pipeline(PipelineParams(rollout_spec="azureml://datastores/d/paths/s.yaml"))
+    spec = "azureml://datastores/d/paths/s.yaml"
+    job = build_pipeline(PipelineParams(rollout_spec=spec), compute="cpu-cluster")
     with pytest.raises(PipelineError, match="submitting the pipeline failed") as caught:
         submit_pipeline(job, client)
+    assert "compute cpu-cluster not found" in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_a_job_the_sdk_refuses_says_why_in_one_line(arm: FakeArm, client: Any) -> None:
+    """azure-ai-ml's own validation comes as a JSON document: not 'failed: {'."""
+    from aml_pipelines.build import submit_pipeline
+    from aml_pipelines.pipeline import PipelineParams, build_pipeline
+
+    arm.on("GET", r"^.*/codes/[^/]+/versions$", existing_code_upload)
+    job = build_pipeline(PipelineParams(rollout_spec="azureml://datastores/d/paths/s.yaml"))
+    with pytest.raises(PipelineError) as caught:
+        submit_pipeline(job, client)  # no compute
+    assert str(caught.value).startswith(
+        "submitting the pipeline failed: jobs.train.compute: Compute not set; "
+    )
+    assert "\n" not in str(caught.value)
+
+
+def test_submit_with_credentials_azure_rejects_says_so(arm: FakeArm, client: Any) -> None:
+    """A token ARM refuses (expired, another tenant) is not 'no credentials found'."""
+    from aml_pipelines.build import submit_pipeline
+    from aml_pipelines.pipeline import PipelineParams, build_pipeline
+
+    arm.on("GET", r"^.*/codes/[^/]+/versions$", existing_code_upload)
+    arm.fail("PUT", r"/jobs/[^/]+$", 401, "InvalidAuthenticationTokenTenant")
+    spec = "azureml://datastores/d/paths/s.yaml"
+    job = build_pipeline(PipelineParams(rollout_spec=spec), compute="cpu-cluster")
+    with pytest.raises(PipelineError) as caught:
+        submit_pipeline(job, client)
+    message = str(caught.value)
+    assert message.startswith("submitting the pipeline failed: Azure rejected the credentials")
+    assert "InvalidAuthenticationTokenTenant" in message and "found none" not in message
+    assert "\n" not in message
 
 
 def test_submit_without_credentials_says_so(tmp_path: Path, monkeypatch) -> None:

@@ -125,6 +125,34 @@ def test_bad_arguments_get_one_clear_line(args: list[str], message: str) -> None
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("command", ["validate", "build", "submit"])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param("steps: [0, 200]\n", "steps", id="invalid-field"),
+        pytest.param("steps: [0, 5\n", "not valid YAML", id="not-yaml"),
+    ],
+)
+def test_an_invalid_rollout_spec_is_refused_before_any_job(
+    tmp_path: Path, command: str, text: str, message: str
+) -> None:
+    """Else the job would train and register a version, then fail at its rollout step."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text, encoding="utf-8")
+    out = tmp_path / "pipeline.yml"
+    where = {
+        "validate": [],
+        "build": ["-o", str(out)],
+        "submit": ["--subscription", "s", "--resource-group", "r", "--workspace", "w"],
+    }[command]
+    result = invoke("pipeline", command, *where, "--rollout-spec", str(spec))
+    assert result.exit_code == 2, result.output
+    flat = " ".join(result.output.split())
+    assert f"--rollout-spec: {spec}" in flat and message in flat
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
 def test_validate_prints_a_summary() -> None:
     result = invoke("pipeline", "validate")
     assert result.exit_code == 0, result.output

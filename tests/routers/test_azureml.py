@@ -720,20 +720,22 @@ def test_a_failed_deployment_is_one_clear_line_and_not_a_release() -> None:
 
 
 @contextmanager
-def operations_stuck_in_progress(arm: FakeArm) -> Iterator[None]:
-    """Every long-running operation reports InProgress until the block ends, then Succeeded.
+def operations_stuck_in_progress(arm: FakeArm) -> Iterator[threading.Event]:
+    """Every long-running operation reports InProgress until the block ends (or the event it
+    yields is set: Azure finishes), then goes on as the fake ARM's own do.
 
-    The resource itself is written at once, as the fake ARM does for any LRO.
+    Meanwhile the resource shows what ARM shows: Creating, Updating or Deleting.
     """
     finished = threading.Event()
 
     def in_progress(arm_: FakeArm, match: Any, body: Any, query: Any) -> tuple[int, Any, Any]:
-        status = "Succeeded" if finished.is_set() else "InProgress"
-        return 200, {"status": status}, {"Retry-After": "0"}
+        if finished.is_set():
+            return arm_._operation(match.string)  # the SDK's pollers finish it
+        return 200, {"status": "InProgress"}, {"Retry-After": "0"}
 
     arm.on("GET", r"^/_operations/", in_progress)
     try:
-        yield
+        yield finished
     finally:
         finished.set()  # lets the SDK's poller threads end
 
@@ -865,6 +867,66 @@ def test_a_change_that_never_finishes_fails_at_the_traffic_timeout(
         RouterError, match=r"still Updating after 0.2 s \(router.traffic_timeout_s\)"
     ):
         router.set_weights(Weights.blue_at(10))
+
+
+def _state_of(arm: FakeArm, path: str) -> str:
+    found = arm.get(path)
+    assert found is not None
+    return str(found["properties"]["provisioningState"])
+
+
+def test_a_deploy_azure_is_still_carrying_out_is_waited_for_not_written_over() -> None:
+    """After a deploy timed out, Azure goes on: the deployment shows Creating, serves nothing,
+    and refuses another write (409) until it is done. Its retry waits for Azure, at most
+    `deploy_timeout_s`; meanwhile it is no release (no traffic, not a candidate)."""
+    with running_arm() as arm:
+        path = f"{WORKSPACE}/onlineEndpoints/ep-slow-blue/deployments/blue"
+        hasty = AzureMLRouter(
+            client_of(arm), "ep-slow-blue", environment="azureml:env:1",
+            deploy_timeout_s=0.05, poll_s=0.01,
+        )  # fmt: skip
+        hasty.deploy(Colour.GREEN, V1)
+        hasty.set_weights(Weights.blue_at(0))
+        with operations_stuck_in_progress(arm) as azure_finishes:
+            with pytest.raises(RouterError, match=r"deploy ep-slow-blue/blue: .*deploy_timeout_s"):
+                hasty.deploy(Colour.BLUE, V2)
+            assert _state_of(arm, path) == "Creating"
+            with pytest.raises(RouterError, match="blue is in provisioning state Creating"):
+                hasty.release(Colour.BLUE)
+            with pytest.raises(RouterError, match="provisioning state Creating"):
+                hasty.set_weights(Weights.blue_at(10))
+            with pytest.raises(
+                RouterError,
+                match=r"deployment ep-slow-blue/blue is still Creating after 0.05 s "
+                r"\(router.deploy_timeout_s\)",
+            ):
+                hasty.deploy(Colour.BLUE, V2)  # bounded, and no write Azure would refuse
+            threading.Timer(0.3, azure_finishes.set).start()
+            patient = AzureMLRouter(
+                client_of(arm), "ep-slow-blue", environment="azureml:env:1", poll_s=0.01
+            )
+            patient.deploy(Colour.BLUE, V2)  # was: HTTP 409 Conflict
+        assert _state_of(arm, path) == "Succeeded"
+        assert identity(patient.release(Colour.BLUE)) == identity(V2)
+
+
+def test_a_deploy_waits_for_the_endpoints_change_to_finish(arm: FakeArm, ml_client: Any) -> None:
+    """Azure ML refuses to write a deployment while its endpoint is Updating (a traffic change
+    that timed out, or someone else's): deploy waits for it, as set_weights does."""
+    router = _deployed(ml_client)
+    path = _endpoint_showing(arm, router, "Updating", {"green": 100})
+
+    def finish() -> None:
+        time.sleep(0.3)
+        done = endpoint(arm, router)
+        done["properties"]["provisioningState"] = "Succeeded"
+        arm.resources[path.lower()] = done
+
+    finisher = threading.Thread(target=finish)
+    finisher.start()
+    router.deploy(Colour.GREEN, V2)  # was: HTTP 409 Conflict
+    finisher.join()
+    assert identity(router.release(Colour.GREEN)) == identity(V2)
 
 
 def test_traffic_shown_by_a_failed_endpoint_is_written_again(arm: FakeArm, ml_client: Any) -> None:
