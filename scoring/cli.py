@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from scoring.auth import api_key_problem
@@ -40,7 +41,10 @@ class ColourOption(StrEnum):
 
 
 def _fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    # Escaped: a message quotes paths and URLs, whose `[...]` rich would take as markup.
+    Console(stderr=True, soft_wrap=True).print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False
+    )
     return typer.Exit(code)
 
 

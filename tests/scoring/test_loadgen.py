@@ -205,7 +205,7 @@ def test_load_command_refuses_a_bad_sample(tmp_path: Path) -> None:
     [
         pytest.param("127.0.0.1:99999/score", "port 99999", id="port-out-of-range"),
         pytest.param("http:///score", "expected", id="no-host"),
-        pytest.param("ftp://127.0.0.1/score", "expected", id="other-scheme"),
+        pytest.param("ftp://127.0.0.1/score", "expected [http(s)://]host", id="other-scheme"),
         pytest.param("http://127.0.0.1:abc/score", "invalid URL", id="port-not-a-number"),
     ],
 )

@@ -33,6 +33,17 @@ def test_serve_refuses_a_missing_folder(tmp_path: Path) -> None:
     assert "does not exist" in result.output
 
 
+@pytest.mark.parametrize("name", ["run[/x]", "run[bold]"], ids=["closing-tag", "style-tag"])
+def test_serve_error_shows_a_bracketed_path_as_given(tmp_path: Path, name: str) -> None:
+    # Was: rich read `[...]` in the path as markup: `[bold]` vanished from the path shown,
+    # `[/x]` raised MarkupError with a traceback.
+    missing = tmp_path / name
+    result = CliRunner().invoke(cli_app, ["serve", "--model-dir", str(missing)])
+    assert result.exit_code == 2, result.output
+    assert f"model dir {missing} does not exist" in result.output
+    assert "Traceback" not in result.output
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
