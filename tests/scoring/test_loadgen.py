@@ -126,6 +126,8 @@ def test_unreachable_url_counts_transport_errors() -> None:
         pytest.param({"requests": 0}, "requests must be", id="zero-requests"),
         pytest.param({"duration": -1.0}, "duration must be", id="negative-duration"),
         pytest.param({"requests": 1, "rps": 0.0}, "rps must be positive", id="zero-rps"),
+        pytest.param({"requests": 1, "rps": math.nan}, "rps must be positive", id="nan-rps"),
+        pytest.param({"requests": 1, "timeout": math.nan}, "timeout must be", id="nan-timeout"),
         pytest.param({"requests": 1, "concurrency": 0}, "at least 1", id="no-connections"),
     ],
 )

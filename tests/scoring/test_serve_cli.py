@@ -111,6 +111,8 @@ def test_serve_refuses_an_unknown_log_level(model_dir: Path) -> None:
         pytest.param([], {"AML_ROLLOUT_API_KEY": ""}, "holds no key", id="empty-env-key"),
         pytest.param(["--max-rows", "0"], {}, "--max-rows", id="zero-rows"),
         pytest.param(["--max-body-bytes", "-1"], {}, "--max-body-bytes", id="negative-body"),
+        pytest.param(["--fault-error-rate", "nan"], {}, "--fault-error-rate", id="nan-rate"),
+        pytest.param(["--fault-latency-ms", "nan"], {}, "--fault-latency-ms", id="nan-latency"),
     ],
 )
 def test_serve_refuses_unusable_options_in_one_line(
