@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -42,6 +43,25 @@ def test_serve_error_shows_a_bracketed_path_as_given(tmp_path: Path, name: str) 
     assert result.exit_code == 2, result.output
     assert f"model dir {missing} does not exist" in result.output
     assert "Traceback" not in result.output
+
+
+def test_serve_refuses_an_unreadable_model_file_in_one_line(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: a PermissionError traceback. Tests run as root, who reads any file: the open of
+    # this one file fails as it does for a service user without read permission.
+    model_file = model_dir / "model.skops"
+    real_open = Path.open
+
+    def open_(path: Path, *args: Any, **kwargs: Any) -> Any:
+        if path == model_file:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+    result = CliRunner().invoke(cli_app, ["serve", "--model-dir", str(model_dir), "--port", "1"])
+    assert result.exit_code == 2, result.output
+    assert f"cannot read model file {model_file}: Permission denied" in result.output
 
 
 def _free_port() -> int:
