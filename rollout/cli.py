@@ -11,6 +11,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from aml_pipelines.cli import pipeline_app, registry_app
 from aml_pipelines.errors import PipelineError
@@ -48,5 +49,8 @@ def main() -> None:
     try:
         app()
     except (RolloutError, PipelineError) as exc:
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        # Escaped: messages quote paths and logs, whose `[...]` rich would take as markup.
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False
+        )
         sys.exit(getattr(exc, "exit_code", EXIT_USER_ERROR))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import socket
 from enum import StrEnum
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from scoring.auth import api_key_problem
@@ -40,7 +42,10 @@ class ColourOption(StrEnum):
 
 
 def _fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    # Escaped: a message quotes paths and URLs, whose `[...]` rich would take as markup.
+    Console(stderr=True, soft_wrap=True).print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False
+    )
     return typer.Exit(code)
 
 
@@ -87,6 +92,12 @@ def serve(
             f"--max-rows and --max-body-bytes must be at least 1 "
             f"(got {max_rows} and {max_body_bytes})"
         )
+    for name, value in (
+        ("--fault-error-rate", fault_error_rate),
+        ("--fault-latency-ms", fault_latency_ms),
+    ):
+        if math.isnan(value):  # passes typer's min/max (every comparison with NaN is false)
+            raise _fail(f"{name}: nan is not a number")
     if (problem := api_key_problem(api_key or ())) is not None:
         raise _fail(f"--api-key / AML_ROLLOUT_API_KEY: {problem}")
     if not api_key and os.environ.get("AML_ROLLOUT_API_KEY") is not None:

@@ -285,8 +285,11 @@ async def run_load(
         raise ValueError(f"requests must be within 1..{MAX_REQUESTS}, got {requests}")
     if duration is not None and not 0 < duration <= MAX_DURATION_S:
         raise ValueError(f"duration must be within 0..{MAX_DURATION_S:.0f} s, got {duration}")
-    if rps is not None and rps <= 0:
+    # `not x > 0`, not `x <= 0`: NaN is neither, and a NaN rate sent flat out.
+    if rps is not None and not rps > 0:
         raise ValueError(f"rps must be positive, got {rps}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be positive, got {timeout}")
     if concurrency < 1 or batch < 1:
         raise ValueError("concurrency and batch must be at least 1")
     target = normalise_url(url)

@@ -236,7 +236,10 @@ def load_model(
     if not model_file.is_file():
         raise ModelLoadError(f"model file {model_file} not found")
 
-    actual_sha = sha256_of(model_file)
+    try:
+        actual_sha = sha256_of(model_file)
+    except OSError as exc:  # e.g. a file the server's user may not read
+        raise ModelLoadError(f"cannot read model file {model_file}: {exc.strerror or exc}") from exc
     if actual_sha != expected_sha.lower():
         raise IntegrityError(
             f"refusing to load {model_file}: sha256 is {actual_sha}, "

@@ -3,6 +3,9 @@
 `Scorer.score(body)` validates (scoring.inputs), predicts (scoring.model) and returns
 `{"predictions": [...], "model": name, "version": v, "colour": c}`. Predictions that come out
 non-finite (inputs near the float limits) are refused as a 422 rather than sent as JSON null.
+So is a finite value beyond float32's range given to an estimator that computes in float32
+(trees, gradient boosting): its own validation refuses it with a ValueError, which is the
+input's fault; any other exception from the model stays a 500.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import numpy as np
 from scoring.errors import InputError
 from scoring.inputs import DEFAULT_MAX_ROWS, parse_rows
 from scoring.model import LoadedModel
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +46,17 @@ class Scorer:
         """Predictions for a request body; InputError (4xx) for anything that cannot be scored."""
         x = parse_rows(body, self.model.n_features, self.max_rows)
         with np.errstate(all="ignore"):
-            predictions = self.model.predictor.predict(x)
+            try:
+                predictions = self.model.predictor.predict(x)
+            except ValueError:
+                too_large = np.abs(x) > _FLOAT32_MAX
+                if not too_large.any():
+                    raise  # the model's failure, not the input's: a counted 500
+                i, j = np.argwhere(too_large)[0]
+                raise InputError(
+                    f"data[{i}][{j}] is too large for this model, which computes in float32 "
+                    f"(at most {_FLOAT32_MAX:.4g} in magnitude)"
+                ) from None
         if not np.isfinite(predictions).all():
             row = int(np.argwhere(~np.isfinite(predictions))[0][0])
             raise InputError(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
 from rollout.cli import app
+from tests.cli import CLI
 
 HEAVY = ("azure.ai.ml", "sklearn", "fastapi", "kubernetes", "prometheus_api_client", "scipy")
 
@@ -40,3 +43,18 @@ def test_help_shows_flags_as_flags() -> None:
     assert result.exit_code == 0
     assert "--watch" in result.output and "<float>" in result.output  # typed options keep theirs
     assert "<bool>" not in result.output
+
+
+def test_an_error_quoting_brackets_is_shown_as_is(tmp_path: Path) -> None:
+    # Was: rich read `[/x]` in the quoted path as a closing tag and died with a traceback.
+    spec = tmp_path / "[/x].yaml"
+    done = subprocess.run(
+        [*CLI, "manifests", "--spec", str(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "COLUMNS": "300"},
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().startswith(f"error: {spec}: ")
+    assert "Traceback" not in done.stderr

@@ -81,7 +81,9 @@ def up(
     workdir: Annotated[
         Path | None, typer.Option(help="Where the stack keeps its files (default: a temp dir).")
     ] = None,
-    port: Annotated[int | None, typer.Option(help="Envoy listener port (default: free).")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="Envoy listener port (default: free).")
+    ] = None,
     duration: Annotated[
         float | None, typer.Option(min=0.1, help="Stop after this many seconds (default: Ctrl-C).")
     ] = None,

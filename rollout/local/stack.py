@@ -96,8 +96,14 @@ class LocalStack:
 
     def start(self) -> LocalStack:
         """Start Envoy and Prometheus (stopping what started if anything fails)."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._lock_workdir()  # before anything is touched: a live stack's files are its own
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._lock_workdir()  # before anything is touched: a live stack's files are its own
+        except OSError as exc:  # a file there, no permission, a read-only place
+            why = "it is not a folder" if isinstance(exc, FileExistsError) else exc.strerror
+            raise LocalStackError(
+                f"cannot keep the stack's files in {self.workdir}: {why or exc}"
+            ) from exc
         try:
             self._clear_leftovers()
             self.envoy.start()

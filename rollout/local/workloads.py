@@ -225,7 +225,8 @@ class ScoringProcesses:
             for r in self.records()
             if _same_process(r)
         ]
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.directory.is_dir():
+            return  # no server was ever started here: no target to list (and maybe no folder)
         write_atomically(self.directory / "targets.json", groups)
 
 

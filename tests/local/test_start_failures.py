@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from rollout.cli import app as cli_app
 from rollout.errors import LocalStackError
 from rollout.local.envoy import EnvoyProcess
 from rollout.local.stack import LocalStack
@@ -72,3 +74,50 @@ def test_up_on_a_busy_port_says_so_in_one_line(busy_port: int, tmp_path: Path) -
         "port, or leave --port out for a free one"
     )
     assert not (tmp_path / "stack").exists()  # refused before anything was made
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_up_refuses_a_port_out_of_range_before_anything(port: str, tmp_path: Path) -> None:
+    # Was: an OverflowError traceback from the busy-port check (connect_ex).
+    result = CliRunner().invoke(
+        cli_app, ["up", "--port", port, "--workdir", str(tmp_path / "stack")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "--port" in result.output and "65535" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "stack").exists()
+
+
+@pytest.mark.parametrize(
+    ("where", "why"),
+    [
+        pytest.param("file", "it is not a folder", id="a-file"),
+        pytest.param("file/stack", "Not a directory", id="under-a-file"),
+    ],
+)
+def test_up_in_an_unusable_workdir_says_so_in_one_line(
+    tmp_path: Path, where: str, why: str
+) -> None:
+    # Was: a FileExistsError traceback from start(), chained to a NotADirectoryError one from
+    # the stop() in `up`'s finally (it wrote workloads/targets.json under the same path).
+    (tmp_path / "file").write_text("not a folder")
+    workdir = tmp_path / where
+    done = subprocess.run(
+        [*CLI, "up", "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip() == f"error: cannot keep the stack's files in {workdir}: {why}"
+
+
+def test_a_stack_that_could_not_make_its_folder_stops_quietly(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    stack = LocalStack(tmp_path / "file")
+    with pytest.raises(LocalStackError, match="it is not a folder"):
+        stack.start()
+    stack.stop()  # what `up`'s finally does: nothing to stop, and no new error
+    assert (tmp_path / "file").read_text() == "not a folder"

@@ -15,11 +15,12 @@ import jsonschema
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
+from sklearn.tree import DecisionTreeRegressor
 
 from scoring.app import create_app
 from scoring.faults import FaultKnob
-from scoring.model import LoadedModel
-from tests.scoring.conftest import AppClient
+from scoring.model import LoadedModel, load_model
+from tests.scoring.conftest import AppClient, make_model_dir
 
 LOOPBACK = ("127.0.0.1", 40000)
 ROW = [0.03, 0.05, 0.06, 0.02, -0.04, -0.03, -0.04, -0.002, 0.02, -0.017]
@@ -393,15 +394,22 @@ def test_every_error_answer_is_an_error_object(
 
 
 class Exploding:
+    def __init__(self, error: type[Exception] = RuntimeError) -> None:
+        self.error = error
+
     def predict(self, x: np.ndarray) -> np.ndarray:
-        raise RuntimeError("bug in the model")
+        raise self.error("bug in the model")
 
 
+@pytest.mark.parametrize("error", [RuntimeError, ValueError], ids=lambda e: e.__name__)
 def test_unexpected_error_is_a_counted_500(
-    loaded: LoadedModel, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+    loaded: LoadedModel,
+    registry: CollectorRegistry,
+    caplog: pytest.LogCaptureFixture,
+    error: type[Exception],
 ) -> None:
     broken = LoadedModel(
-        loaded.identity, loaded.feature_names, Exploding(), loaded.estimator, loaded.model_dir
+        loaded.identity, loaded.feature_names, Exploding(error), loaded.estimator, loaded.model_dir
     )
     with client(broken, registry, colour="blue") as c:
         response = c.post("/score", json={"data": [ROW]})
@@ -409,6 +417,30 @@ def test_unexpected_error_is_a_counted_500(
     assert response.json() == {"error": "internal error while scoring"}
     assert sample(registry, "scoring_requests_total", "500") == 1
     assert "bug in the model" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    folder = make_model_dir(
+        tmp_path_factory.mktemp("tree"), estimator=DecisionTreeRegressor(max_depth=3)
+    )
+    return load_model(folder, version="1", extra_trusted=["sklearn.tree._tree.Tree"])
+
+
+@pytest.mark.parametrize("value", [1e39, -1.7e308], ids=["above-float32", "near-double-min"])
+def test_a_value_beyond_float32_is_a_422_for_a_tree(
+    tree: LoadedModel, registry: CollectorRegistry, value: float
+) -> None:
+    # Was: 500. A tree computes in float32 and its predict refused the finite value with a
+    # ValueError, which the judge counted against the model.
+    row = [*ROW[:3], value, *ROW[4:]]
+    with client(tree, registry, colour="blue") as c:
+        assert c.post("/score", json={"data": [ROW]}).status_code == 200
+        response = c.post("/score", json={"data": [ROW, row]})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"].startswith("data[1][3] is too large for this model")
+    assert sample(registry, "scoring_requests_total", "422") == 1
+    assert sample(registry, "scoring_requests_total", "500") == 0
 
 
 @pytest.mark.parametrize(

@@ -126,6 +126,8 @@ def test_unreachable_url_counts_transport_errors() -> None:
         pytest.param({"requests": 0}, "requests must be", id="zero-requests"),
         pytest.param({"duration": -1.0}, "duration must be", id="negative-duration"),
         pytest.param({"requests": 1, "rps": 0.0}, "rps must be positive", id="zero-rps"),
+        pytest.param({"requests": 1, "rps": math.nan}, "rps must be positive", id="nan-rps"),
+        pytest.param({"requests": 1, "timeout": math.nan}, "timeout must be", id="nan-timeout"),
         pytest.param({"requests": 1, "concurrency": 0}, "at least 1", id="no-connections"),
     ],
 )
@@ -205,7 +207,7 @@ def test_load_command_refuses_a_bad_sample(tmp_path: Path) -> None:
     [
         pytest.param("127.0.0.1:99999/score", "port 99999", id="port-out-of-range"),
         pytest.param("http:///score", "expected", id="no-host"),
-        pytest.param("ftp://127.0.0.1/score", "expected", id="other-scheme"),
+        pytest.param("ftp://127.0.0.1/score", "expected [http(s)://]host", id="other-scheme"),
         pytest.param("http://127.0.0.1:abc/score", "invalid URL", id="port-not-a-number"),
     ],
 )

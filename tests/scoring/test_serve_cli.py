@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -31,6 +32,36 @@ def test_serve_refuses_a_missing_folder(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli_app, ["serve", "--model-dir", str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+@pytest.mark.parametrize("name", ["run[/x]", "run[bold]"], ids=["closing-tag", "style-tag"])
+def test_serve_error_shows_a_bracketed_path_as_given(tmp_path: Path, name: str) -> None:
+    # Was: rich read `[...]` in the path as markup: `[bold]` vanished from the path shown,
+    # `[/x]` raised MarkupError with a traceback.
+    missing = tmp_path / name
+    result = CliRunner().invoke(cli_app, ["serve", "--model-dir", str(missing)])
+    assert result.exit_code == 2, result.output
+    assert f"model dir {missing} does not exist" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_serve_refuses_an_unreadable_model_file_in_one_line(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: a PermissionError traceback. Tests run as root, who reads any file: the open of
+    # this one file fails as it does for a service user without read permission.
+    model_file = model_dir / "model.skops"
+    real_open = Path.open
+
+    def open_(path: Path, *args: Any, **kwargs: Any) -> Any:
+        if path == model_file:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+    result = CliRunner().invoke(cli_app, ["serve", "--model-dir", str(model_dir), "--port", "1"])
+    assert result.exit_code == 2, result.output
+    assert f"cannot read model file {model_file}: Permission denied" in result.output
 
 
 def _free_port() -> int:
@@ -100,6 +131,8 @@ def test_serve_refuses_an_unknown_log_level(model_dir: Path) -> None:
         pytest.param([], {"AML_ROLLOUT_API_KEY": ""}, "holds no key", id="empty-env-key"),
         pytest.param(["--max-rows", "0"], {}, "--max-rows", id="zero-rows"),
         pytest.param(["--max-body-bytes", "-1"], {}, "--max-body-bytes", id="negative-body"),
+        pytest.param(["--fault-error-rate", "nan"], {}, "--fault-error-rate", id="nan-rate"),
+        pytest.param(["--fault-latency-ms", "nan"], {}, "--fault-latency-ms", id="nan-latency"),
     ],
 )
 def test_serve_refuses_unusable_options_in_one_line(
