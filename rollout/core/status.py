@@ -135,7 +135,9 @@ class Command:
     def from_dict(cls, data: dict[str, Any]) -> Command:
         """Inverse of `to_dict`; raises ValueError on an unknown kind or a field of the wrong
         type (a hand-edited log line with a list for an id would otherwise reach the core, which
-        puts ids in sets)."""
+        puts ids in sets); TypeError when it is not an object."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a command is a JSON object, not {data!r}")
         if data.get("kind") not in COMMAND_KINDS:
             raise ValueError(f"unknown command kind {data.get('kind')!r}")
         for key, types in _COMMAND_FIELD_TYPES.items():

@@ -10,6 +10,7 @@ another store whose clock runs ahead (a lease expires for it) — nothing is moc
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -376,10 +377,22 @@ def test_an_unreachable_api_server_is_a_state_error_with_its_url() -> None:
         store.load()
 
 
-def test_an_unreadable_status_is_a_state_error(api: FakeKubeApiServer) -> None:
+def _edited_status(**fields: Any) -> str:
+    return json.dumps({**status().to_dict(), **fields})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("{not json", id="not-json"),
+        pytest.param(_edited_status(commands=["pause"]), id="a-command-that-is-not-an-object"),
+        pytest.param(_edited_status(commands="pause"), id="commands-not-a-list"),
+    ],
+)
+def test_an_unreadable_status_is_a_state_error(api: FakeKubeApiServer, text: str) -> None:
     api.seed(
         {"metadata": {"name": "aml-rollout-r-status", "namespace": NAMESPACE},
-         "data": {o.STATUS_KEY: "{not json"}},
+         "data": {o.STATUS_KEY: text}},
         "configmaps",
     )  # fmt: skip
     with pytest.raises(StateError, match=r"ConfigMap ml/aml-rollout-r-status .* not a rollout"):
