@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -38,6 +39,9 @@ from aml_pipelines.trigger.lock import FileLock
 
 SEEN_EVENTS_KEPT = 10_000
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+#: Longest model part of a state file name: a file name is at most 255 bytes, and around it go
+#: "cursor-" + ".json", and write_json's ".<name>.XXXXXXXX.tmp". (Model names reach 255.)
+_MAX_SAFE_NAME = 200
 
 
 class Step(StrEnum):
@@ -109,7 +113,12 @@ class TriggerStore:
     # ------------------------------------------------------------------ paths and locks
 
     def _safe(self, model: str) -> str:
-        return _SAFE_NAME.sub("_", model)
+        safe = _SAFE_NAME.sub("_", model)
+        if len(safe) <= _MAX_SAFE_NAME:
+            return safe
+        # Cut to fit a file name; a hash of the whole name keeps two long names apart.
+        digest = hashlib.sha256(model.encode()).hexdigest()[:16]
+        return f"{safe[: _MAX_SAFE_NAME - len(digest) - 1]}-{digest}"
 
     def cursor_path(self, model: str) -> Path:
         """The cursor file of one model."""

@@ -93,10 +93,14 @@ class Watcher:
         ):
             return []
         versions = self.registry.list_versions(self.model)
-        self._listed_up_to = max(v.version for v in versions)
         known = set(self.dispatcher.store.load(self.model).entries)
         fresh = new_versions(versions, self.required_tags, known)
-        return [v.version for v in fresh if self.dispatcher.accept(self.model, v.version, "watch")]
+        accepted = [
+            v.version for v in fresh if self.dispatcher.accept(self.model, v.version, "watch")
+        ]
+        # Only once all are accepted: a poll that fails on the way lists again next time.
+        self._listed_up_to = max(v.version for v in versions)
+        return accepted
 
     def run(self, *, once: bool = False) -> list[DeliveryOutcome]:
         """Lock, reconcile, then poll and deliver until stopped (or one round with `once`).

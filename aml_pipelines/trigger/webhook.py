@@ -262,18 +262,21 @@ def make_server(
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
 ) -> tuple[Any, Any, str]:
-    """A uvicorn Server, its bound socket and the events URL (`port=0` picks a free port).
+    """A uvicorn Server, its bound socket and the events URL (`port=0` picks a free port);
+    ConfigError when the address cannot be bound or the TLS files do not load.
 
     Run it with `server.run(sockets=[sock])`; set `server.should_exit` to stop it.
     """
     import socket
+    import ssl
 
     import uvicorn
+
+    from aml_pipelines.errors import ConfigError
 
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactKey) for f in access.filters):
         access.addFilter(RedactKey())
-    sock = socket.create_server((host, port))
     config = uvicorn.Config(
         app,
         lifespan="off",
@@ -281,6 +284,21 @@ def make_server(
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
     )
+    try:
+        # Loaded now, not by `run`: a certificate that does not load is then one line, not a
+        # traceback after "listening on" was printed.
+        config.load()
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"--ssl-certfile/--ssl-keyfile: cannot load {ssl_certfile} / {ssl_keyfile}: {exc}"
+        ) from exc
+    try:
+        sock = socket.create_server((host, port))
+    except OSError as exc:
+        raise ConfigError(
+            f"--host/--port: cannot listen on {host}:{port}: {exc.strerror or exc} "
+            "(another process holds the port, or the address is not this machine's)"
+        ) from exc
     scheme = "https" if ssl_certfile else "http"
     url = f"{scheme}://{host}:{sock.getsockname()[1]}/events"
     return uvicorn.Server(config), sock, url

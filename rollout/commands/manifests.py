@@ -117,7 +117,10 @@ def manifests(
     if output is None:
         typer.echo(text, nl=False)
     else:
-        output.write_text(text, encoding="utf-8")
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"-o {output}: cannot write it: {exc.strerror or exc}") from exc
         typer.echo(f"wrote {output}", err=True)
 
 

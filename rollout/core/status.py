@@ -101,6 +101,16 @@ CommandKind = Literal["pause", "resume", "promote", "abort", "set_weight"]
 COMMAND_KINDS: tuple[str, ...] = ("pause", "resume", "promote", "abort", "set_weight")
 
 
+#: The JSON types of a command's fields as `to_dict` writes them (bool is refused separately).
+_COMMAND_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "id": str,
+    "weight": (int, type(None)),
+    "at": (int, float),
+    "by": str,
+    "rollout": str,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Command:
     """An operator's request, queued in the state store and handled by the machine in order."""
@@ -123,9 +133,19 @@ class Command:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Command:
-        """Inverse of `to_dict`; raises ValueError on an unknown kind."""
+        """Inverse of `to_dict`; raises ValueError on an unknown kind or a field of the wrong
+        type (a hand-edited log line with a list for an id would otherwise reach the core, which
+        puts ids in sets); TypeError when it is not an object."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a command is a JSON object, not {data!r}")
         if data.get("kind") not in COMMAND_KINDS:
             raise ValueError(f"unknown command kind {data.get('kind')!r}")
+        for key, types in _COMMAND_FIELD_TYPES.items():
+            value = data.get(key)
+            if key in data and (isinstance(value, bool) or not isinstance(value, types)):
+                raise ValueError(f"command field {key!r} is {value!r}")
+        if "id" not in data:
+            raise ValueError("command without an id")
         return cls(**data)
 
     @classmethod

@@ -361,6 +361,11 @@ def test_settings_come_from_a_spec_and_options_win(tmp_path: Path) -> None:
             "exclude each other",
             id="image-and-package",
         ),
+        pytest.param(
+            ["-o", "/nonexistent/k8s.yaml"],
+            "-o /nonexistent/k8s.yaml: cannot write it: No such file or directory",
+            id="output-in-a-missing-folder",
+        ),
     ],
 )
 def test_bad_input_is_one_config_error(args: list[str], message: str) -> None:

@@ -10,15 +10,18 @@ another store whose clock runs ahead (a lease expires for it) — nothing is moc
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from rollout.config import KubernetesStateConfig
+from rollout.core.machine import with_commands
 from rollout.core.status import Command
 from rollout.errors import ConfigError, LeaseHeldError, StateError
 from rollout.state import kubernetes_objects as o
@@ -27,7 +30,7 @@ from rollout.state.kubernetes import KubernetesStateStore
 from rollout.state.kubernetes_objects import StateObjects
 from tests.fakes.kube_apiserver import FakeKubeApiServer
 from tests.state.contract import a_status
-from tests.state.helpers import NAMESPACE, exercise, kube_store, lease_of
+from tests.state.helpers import NAMESPACE, exercise, kube_store, lease_of, status
 
 MICRO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|\+00:00)")
 
@@ -374,10 +377,22 @@ def test_an_unreachable_api_server_is_a_state_error_with_its_url() -> None:
         store.load()
 
 
-def test_an_unreadable_status_is_a_state_error(api: FakeKubeApiServer) -> None:
+def _edited_status(**fields: Any) -> str:
+    return json.dumps({**status().to_dict(), **fields})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("{not json", id="not-json"),
+        pytest.param(_edited_status(commands=["pause"]), id="a-command-that-is-not-an-object"),
+        pytest.param(_edited_status(commands="pause"), id="commands-not-a-list"),
+    ],
+)
+def test_an_unreadable_status_is_a_state_error(api: FakeKubeApiServer, text: str) -> None:
     api.seed(
         {"metadata": {"name": "aml-rollout-r-status", "namespace": NAMESPACE},
-         "data": {o.STATUS_KEY: "{not json"}},
+         "data": {o.STATUS_KEY: text}},
         "configmaps",
     )  # fmt: skip
     with pytest.raises(StateError, match=r"ConfigMap ml/aml-rollout-r-status .* not a rollout"):
@@ -467,6 +482,34 @@ def test_a_log_line_this_version_cannot_read_keeps_its_position(
     api.seed(cm, "configmaps")
     store.push_command(Command(id="3", kind="abort"))
     assert [c and c.id for c in store.commands()] == ["1", None, None, "3"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        pytest.param('{"id":["x"],"kind":"abort"}', id="list-id"),
+        pytest.param('{"id":{"a":1},"kind":"pause"}', id="object-id"),
+        pytest.param('{"kind":"pause"}', id="no-id"),
+        pytest.param('{"id":"w","kind":"set_weight","weight":"25"}', id="string-weight"),
+        pytest.param('{"id":"w","kind":"set_weight","weight":true}', id="bool-weight"),
+        pytest.param('{"id":"t","kind":"pause","at":"yesterday"}', id="string-time"),
+        pytest.param('{"id":"b","kind":"pause","by":["ann"]}', id="list-author"),
+    ],
+)
+def test_a_hand_edited_line_with_fields_of_the_wrong_type_is_unreadable_not_a_crash(
+    api: FakeKubeApiServer, line: str
+) -> None:
+    """`kubectl edit` can put anything in the log; the controller puts command ids in sets."""
+    store = kube_store(api)
+    store.push_command(Command(id="1", kind="pause"))
+    cm = commands_configmap(api)
+    cm["data"][o.COMMANDS_KEY] += line + "\n"
+    api.seed(cm, "configmaps")
+    store.push_command(Command(id="3", kind="abort"))
+    read = store.commands()
+    assert [c and c.id for c in read] == ["1", None, "3"]
+    fresh = replace(status(), commands_read=0, commands_tail=())
+    assert [c.id for c in with_commands(fresh, read).commands] == ["1", "3"]
 
 
 def test_a_later_tenure_of_the_same_holder_string_is_not_taken_for_ours(

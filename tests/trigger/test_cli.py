@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -225,6 +226,30 @@ def test_serve_refuses_to_start_without_a_secret(tmp_path: Path, registry: Local
     assert result.returncode == 2
     assert "set $AML_ROLLOUT_TRIGGER_SECRET to the shared secret" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        pytest.param(["--port", "{busy}"], "--host/--port: cannot listen on", id="port-in-use"),
+        pytest.param(
+            ["--port", "0", "--ssl-certfile", "{tmp}/no.pem", "--ssl-keyfile", "{tmp}/no.key"],
+            "--ssl-certfile/--ssl-keyfile: cannot load",
+            id="missing-certificate",
+        ),
+    ],
+)
+def test_serve_that_cannot_listen_is_one_clear_line(
+    tmp_path: Path, registry: LocalRegistry, args: list[str], said: str
+) -> None:
+    env = {**os.environ, "AML_ROLLOUT_TRIGGER_SECRET": SECRET}
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = str(taken.getsockname()[1])
+        filled = [a.format(busy=busy, tmp=tmp_path) for a in args]
+        result = _run(_cli(tmp_path, "serve", *filled), env=env)
+    assert result.returncode == 2, result.stderr
+    assert said in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""  # never "listening on"
 
 
 def test_bad_tag_option_is_one_clear_line(tmp_path: Path, registry: LocalRegistry) -> None:

@@ -202,6 +202,30 @@ def test_a_quiet_registry_is_not_listed_on_every_poll(
     assert counting.listings == 2
 
 
+def test_a_poll_that_fails_while_accepting_does_not_lose_the_version(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    dispatcher: Dispatcher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The running watcher logs a failed poll and polls again; the version listed in the failed
+    # poll but never accepted must be accepted then, not taken as already listed.
+    register(registry, tmp_path, stage="production")
+    watcher = Watcher(registry, "diabetes", dispatcher, required_tags=CANDIDATE)
+    assert watcher.poll() == []
+    register(registry, tmp_path, stage="candidate")
+    real_accept = dispatcher.store.accept
+
+    def disk_full(*args: Any) -> bool:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dispatcher.store, "accept", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        watcher.poll()
+    monkeypatch.setattr(dispatcher.store, "accept", real_accept)
+    assert watcher.poll() == [2]
+
+
 def test_a_version_the_registry_shows_delivered_is_skipped(
     tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
 ) -> None:

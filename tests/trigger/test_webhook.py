@@ -173,6 +173,23 @@ def test_dedupe_by_event_id_and_by_version_survives_a_restart(
     assert (tmp_path / "trigger" / "events.json").exists()
 
 
+def test_the_longest_model_name_the_registry_takes_is_accepted_and_delivered(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    # Its cursor and lock files are named after it: "cursor-<255 characters>.json" is longer
+    # than a file name may be, which answered Event Grid 500 (retried for a day), a traceback each.
+    name = "m" * 255
+    register(registry, tmp_path, name=name, stage="candidate")
+    with running(tmp_path, registry) as hook:
+        response = hook.post([eg_event("e1", name=name, version="1")])
+        assert response.status_code == 200, response.text
+        assert response.json()["accepted"] == [{"model": name, "version": 1}]
+        store = TriggerStore(tmp_path / "trigger")
+        _until(lambda: store.load(name).entries[1].step is Step.DONE, "the delivery")
+    assert store.models() == [name]
+    assert registry.get(name, 1).stage == "production"
+
+
 def test_events_arriving_together_are_delivered_one_at_a_time(
     tmp_path: Path, registry: LocalRegistry
 ) -> None:
