@@ -24,6 +24,7 @@ from rollout.core.types import Phase, Release
 from rollout.ledger import Ledger
 from rollout.metrics.base import MetricsProvider
 from rollout.metrics.factory import make_metrics
+from rollout.metrics.static import SimulatedMetrics
 from rollout.notify import WebhookNotifier
 from rollout.routers.base import TrafficRouter
 from rollout.routers.factory import make_router
@@ -70,6 +71,18 @@ def open_store(spec: RolloutSpec | str | Path, state_dir: Path | None = None) ->
     return make_store(spec.state, spec.name, directory=state_dir)
 
 
+def _metrics_of(spec: RolloutSpec, router: TrafficRouter, store: StateStore) -> MetricsProvider:
+    """The spec's metrics source; a simulated one resuming a rollout draws on, not again."""
+    metrics = make_metrics(spec.metrics, router=router)
+    if isinstance(metrics, SimulatedMetrics):
+        stored = store.load()
+        if stored is not None and not stored.terminal:
+            # Same seed, same draws: a dry run resumed in a new process would replay the
+            # traffic its first process saw, every error of it counted again.
+            metrics.reseed(stored.tick)
+    return metrics
+
+
 def run_rollout(
     spec: RolloutSpec | str | Path,
     *,
@@ -90,8 +103,8 @@ def run_rollout(
     """
     spec = _spec(spec)
     router = router or make_router(spec.router)
-    metrics = metrics or make_metrics(spec.metrics, router=router)
     store = make_store(spec.state, spec.name, directory=state_dir)
+    metrics = metrics or _metrics_of(spec, router, store)
     ledger_path = ledger_path_of(spec, state_dir)
     controller = Controller(
         spec,

@@ -10,6 +10,10 @@ One tick:
 5. append the record to the ledger, persist the new status *with its actions pending*;
 6. apply each action through the router, persisting `applied` after each one.
 
+A resumed rollout first brings the data plane back to what its status says the step serves (a
+colour serving nothing gets its release, the weights are set again), should the data plane have
+lost it while no controller ran.
+
 Because the decision is persisted before anything is applied, and every router call is
 idempotent, a controller killed at any instant (SIGKILL included) and restarted converges to the
 same data-plane state: no weight outside the plan, no step skipped or applied twice in effect, no
@@ -163,7 +167,9 @@ class Controller:
         if status is not None and not (restart and status.terminal):
             self._check_same_candidate(status)
             log.info("resuming rollout %s in phase %s", status.name, status.phase.value)
-            return self._finish_pending(status)
+            status = self._finish_pending(status)
+            self._restore_data_plane(status)
+            return status
         candidate = self._asked_candidate() or self.router.release(Colour.BLUE)
         if candidate is None:
             raise RolloutError(
@@ -209,6 +215,46 @@ class Controller:
                 }
             )
         return status
+
+    def _restore_data_plane(self, status: Status) -> None:
+        """On resume, make the data plane serve what the status says the step serves.
+
+        The status is the rollout's truth; the data plane may have lost it while no controller
+        ran: an Envoy restarted from its bootstrap, a memory router without a state file (a dry
+        run resumed), a VirtualService edited by hand. Left alone, blue would get no canary
+        traffic and the step would wait for evidence until held. A colour that serves nothing
+        gets its release again; a colour serving another release is left to the operator.
+        """
+        if status.phase not in (Phase.PROGRESSING, Phase.PAUSED):
+            return
+        repairs: list[Action] = [
+            Deploy(colour, release)
+            for colour, release in ((Colour.GREEN, status.stable), (Colour.BLUE, status.candidate))
+            if release is not None and self.router.release(colour) is None
+        ]
+        wanted = SetWeights(status.blue_weight, status.mirror)
+        served = self.router.get_weights()
+        if repairs or served != wanted.weights:
+            repairs.append(wanted)
+        if not repairs:
+            return
+        log.warning(
+            "the data plane serves %s, the rollout's status says %s: %s",
+            served.blue_share,
+            wanted.weights.blue_share,
+            "; ".join(describe(a) for a in repairs),
+        )
+        if self.ledger is not None:
+            self.ledger.append(
+                {
+                    "event": "restore",
+                    "at": self.clock.now(),
+                    "served": served.blue_share,
+                    "describe": [describe(a) for a in repairs],
+                }
+            )
+        for action in repairs:
+            self._apply(action)
 
     def _asked_candidate(self) -> Release | None:
         """The candidate given to the controller, else the spec's (None when neither names one)."""

@@ -66,6 +66,13 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
                 f"{rec.get('plan')}"
             )
             continue
+        if rec.get("event") == "restore":
+            t = _when(rec.get("at", start) - start)
+            lines.append(
+                f"[{t}] resumed with a data plane serving {rec.get('served')}: "
+                + "; ".join(rec.get("describe") or [])
+            )
+            continue
         changed = (
             rec.get("actions") or rec.get("phase") != rec.get("phase_before") or rec.get("commands")
         )

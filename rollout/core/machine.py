@@ -452,6 +452,10 @@ def _ingest(
     if fresh_threshold:
         # Count slow requests only from the tick after the threshold was chosen.
         last_b, last_g = replace(last_b, slow=now_b.slow), replace(last_g, slow=now_g.slow)
+    if obs.fresh_series and (last_b != Counts() or last_g != Counts()):
+        # Counts from another series than the step's base: an increase over it would pair one
+        # series' requests with the other's errors. They become the base; nothing is folded.
+        last_b, last_g = now_b, now_g
     db, dg = _delta(now_b, last_b), _delta(now_g, last_g)
     errors = status.errors.update(
         kc=db.errors,

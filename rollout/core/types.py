@@ -114,7 +114,9 @@ class Observation:
     """What the metrics backend saw for both colours between `since` and `at` (epoch seconds).
 
     `error` is set when the backend could not be read (the judge then says Verdict.ERROR);
-    `detail` carries the raw queries and values for the ledger.
+    `detail` carries the raw queries and values for the ledger. `fresh_series` says the counts
+    begin anew here and do not continue earlier observations' (a simulated data plane in a new
+    process): a step that counted before takes them as its new base instead of an increase.
     """
 
     since: float
@@ -123,6 +125,7 @@ class Observation:
     green: ColourCounts = field(default_factory=ColourCounts)
     error: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    fresh_series: bool = False
 
     def of(self, colour: Colour) -> ColourCounts:
         """The counts of one colour."""

@@ -110,7 +110,8 @@ class SimulatedMetrics:
         seed: int | None = None,
     ) -> None:
         self._router = router
-        self._rng = np.random.default_rng(cfg.seed if seed is None else seed)
+        self._seed = cfg.seed if seed is None else seed
+        self._rng = np.random.default_rng(self._seed)
         self._profile = (
             [(0.0, float(cfg.rps))] if isinstance(cfg.rps, int | float) else sorted(cfg.rps)
         )
@@ -138,6 +139,10 @@ class SimulatedMetrics:
         if router is None:
             raise ValueError("the simulated metrics source needs the router")
         return cls(cfg, router)
+
+    def reseed(self, stream: int) -> None:
+        """Draw from stream `stream` of the seed (0 is the seed itself), reproducibly."""
+        self._rng = np.random.default_rng([self._seed, stream] if stream else self._seed)
 
     def rps_at(self, t: float) -> float:
         """Total request rate at simulated time `t` (seconds since start)."""
@@ -196,14 +201,24 @@ class SimulatedMetrics:
         return ColourCounts(requests=int(row[0]), errors=int(row[1]), latency_buckets=buckets)
 
     def observe(self, since: float, now: float) -> Observation:
-        """Counts per colour between `since` and `now`."""
-        if self._start is None:  # traffic flows from the first window's start
+        """Counts per colour between `since` and `now`.
+
+        Without a `start`, traffic flows from the first window's start, drawn afresh in this
+        process: the first observation says so (`fresh_series`), so a rollout resumed mid-step
+        does not take its counts for an increase over counts another process drew.
+        """
+        fresh = self._start is None
+        if fresh:
             self.advance(since)
         self.advance(now)
         b0, g0 = self._at(since)
         b1, g1 = self._at(now)
         return Observation(
-            since=since, at=now, blue=self._colour(b1 - b0), green=self._colour(g1 - g0)
+            since=since,
+            at=now,
+            blue=self._colour(b1 - b0),
+            green=self._colour(g1 - g0),
+            fresh_series=fresh,
         )
 
     def history(self, since: float, now: float) -> Observation:

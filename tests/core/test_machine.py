@@ -811,3 +811,21 @@ def test_a_plan_cut_short_below_the_stored_index_does_not_crash() -> None:
     edited = make_spec(steps=[50, 100])
     decision = step(edited, progressing(2, 75), CLEAN, 30.0)  # index 2 is past the new plan
     assert decision.status.phase is Phase.PAUSED and decision.status.blue_weight == 75
+
+
+def test_counts_of_a_fresh_series_become_the_base_of_a_step_that_counted() -> None:
+    """A simulated source redrawn in a new process: its counts are not an increase."""
+    counted = step(SPEC, progressing(), obs((50, 0), (450, 0), at=10.0), 10.0).status
+    assert counted.last_blue.requests == 50
+    fresh = replace(obs((60, 9), (540, 0), at=20.0), fresh_series=True)
+    rebased = step(SPEC, counted, fresh, 20.0)
+    assert rebased.record["tick_counts"]["blue"] == {"requests": 0, "errors": 0, "slow": 0}
+    assert rebased.status.errors.canary_bad == 0 and rebased.status.last_blue.errors == 9
+    after = step(SPEC, rebased.status, obs((80, 9), (720, 1), at=30.0), 30.0)
+    assert after.record["tick_counts"]["blue"]["requests"] == 20  # from the new base
+
+
+def test_a_fresh_series_at_a_step_that_counted_nothing_is_folded_in() -> None:
+    fresh = replace(obs((200, 1), (1800, 0), at=10.0), fresh_series=True)
+    decision = step(SPEC, progressing(), fresh, 10.0)
+    assert decision.status.errors.canary_bad == 1

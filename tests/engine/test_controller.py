@@ -504,3 +504,51 @@ def test_a_command_without_a_rollout_id_is_written_as_older_readers_expect() -> 
     assert "rollout" not in Command(id="1", kind="pause").to_dict()
     aimed = Command(id="2", kind="abort", rollout="r1")
     assert Command.from_dict(aimed.to_dict()) == aimed
+
+
+def test_a_resumed_rollout_restores_a_data_plane_that_lost_its_routes(tmp_path: Path) -> None:
+    """A memory router without a state file is a data plane reset (Envoy from its bootstrap)."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    status = ctl.run(max_ticks=3)
+    assert status.phase is Phase.PROGRESSING and status.blue_weight == 50
+    reset = MemoryRouter()  # a new process: nothing deployed, no weights
+    again, _ = controller(tmp_path, reset, simulated(reset, 0.01))
+    resumed = again.start()
+    assert resumed.blue_weight == 50
+    assert reset.release(Colour.GREEN) == V1 and reset.release(Colour.BLUE) == V2
+    assert reset.get_weights() == Weights.blue_at(50)
+    story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
+    assert "resumed with a data plane serving blue 0 %: deploy diabetes:1 to green" in story
+
+
+def test_a_resumed_rollout_leaves_a_data_plane_that_kept_its_routes_alone(
+    tmp_path: Path,
+) -> None:
+    journal = tmp_path / "journal.jsonl"
+    router = MemoryRouter(releases={Colour.GREEN: V1}, journal=journal)
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    ctl.run(max_ticks=3)
+    writes = journal.read_text().count("\n")
+    again, _ = controller(tmp_path, router, simulated(router, 0.01))
+    again.start()
+    assert journal.read_text().count("\n") == writes
+    assert not any(r.get("event") == "restore" for r in read_ledger(tmp_path / "t.ledger.jsonl"))
+
+
+def test_a_resumed_dry_run_draws_new_traffic_instead_of_replaying_it(tmp_path: Path) -> None:
+    """Same seed in a new process would count the first process's errors again."""
+    from rollout.api import _metrics_of
+
+    spec = make_spec(metrics={"kind": "simulated", "rps": 100}, router={"kind": "memory"})
+    store = FileStateStore(tmp_path, spec.name)
+    fresh = _metrics_of(spec, MemoryRouter(), store)
+    assert isinstance(fresh, SimulatedMetrics)
+    first = fresh.history(0.0, 600.0).green.requests
+    ctl, _ = controller(tmp_path, MemoryRouter(releases={Colour.GREEN: V1}), fresh, spec=spec)
+    ctl.run(max_ticks=2)
+    resumed = _metrics_of(spec, MemoryRouter(), store)
+    assert isinstance(resumed, SimulatedMetrics)
+    assert resumed.history(0.0, 600.0).green.requests != first
+    replay = SimulatedMetrics(spec.metrics, MemoryRouter())  # type: ignore[arg-type]
+    assert replay.history(0.0, 600.0).green.requests == first

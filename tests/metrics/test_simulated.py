@@ -36,3 +36,26 @@ def test_live_weights_serve_blue_answers() -> None:
     assert seen.green.requests == pytest.approx(80_000, rel=0.02)
     assert metrics.canary_bad == seen.blue.errors > 0
     assert metrics.mirrored_bad == 0
+
+
+def test_without_a_start_the_first_observation_says_its_series_is_fresh() -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1, Colour.BLUE: V2})
+    cfg = SimulatedMetricsConfig(seed=3, rps=100)
+    metrics = SimulatedMetrics(cfg, router)
+    assert metrics.observe(100.0, 110.0).fresh_series  # drawn afresh in this process
+    assert not metrics.observe(100.0, 120.0).fresh_series  # then it goes on
+    assert not SimulatedMetrics(cfg, router, start=0.0).observe(0.0, 10.0).fresh_series
+
+
+def test_a_reseeded_source_draws_other_traffic_reproducibly() -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1, Colour.BLUE: V2})
+    cfg = SimulatedMetricsConfig(seed=3, rps=100, baseline=TrafficModel(error_rate=0.05))
+
+    def green_errors(stream: int) -> list[int]:
+        metrics = SimulatedMetrics(cfg, router, start=0.0)
+        metrics.reseed(stream)
+        return [metrics.observe(0.0, t).green.errors for t in (10.0, 20.0, 30.0)]
+
+    assert green_errors(0) == green_errors(0)
+    assert green_errors(7) == green_errors(7)
+    assert green_errors(7) != green_errors(0)
