@@ -827,6 +827,24 @@ def _endpoint_showing(
     return path
 
 
+@contextmanager
+def _finished_later(arm: FakeArm, router: AzureMLRouter, path: str) -> Iterator[None]:
+    """Azure finishes the endpoint's change 0.3 s after the block begins."""
+
+    def finish() -> None:
+        time.sleep(0.3)
+        done = endpoint(arm, router)
+        done["properties"]["provisioningState"] = "Succeeded"
+        arm.resources[path.lower()] = done
+
+    finisher = threading.Thread(target=finish)
+    finisher.start()
+    try:
+        yield
+    finally:
+        finisher.join()
+
+
 def _deployed(ml_client: Any, **kwargs: Any) -> AzureMLRouter:
     router = make_router(ml_client, poll_s=0.02, **kwargs)
     router.deploy(Colour.GREEN, V1)
@@ -843,17 +861,9 @@ def test_a_change_still_in_progress_is_waited_for_not_taken_as_served(
     router = _deployed(ml_client)
     path = _endpoint_showing(arm, router, "Updating", {"green": 90, "blue": 10})
 
-    def finish() -> None:
-        time.sleep(0.3)
-        done = endpoint(arm, router)
-        done["properties"]["provisioningState"] = "Succeeded"
-        arm.resources[path.lower()] = done
-
-    finisher = threading.Thread(target=finish)
-    finisher.start()
     started = time.monotonic()
-    router.set_weights(Weights.blue_at(10))  # waits, then finds it served: nothing to write
-    finisher.join()
+    with _finished_later(arm, router, path):
+        router.set_weights(Weights.blue_at(10))  # waits, then finds it served: nothing to write
     assert time.monotonic() - started >= 0.3
     assert router.get_weights() == Weights.blue_at(10)
 
@@ -916,16 +926,8 @@ def test_a_deploy_waits_for_the_endpoints_change_to_finish(arm: FakeArm, ml_clie
     router = _deployed(ml_client)
     path = _endpoint_showing(arm, router, "Updating", {"green": 100})
 
-    def finish() -> None:
-        time.sleep(0.3)
-        done = endpoint(arm, router)
-        done["properties"]["provisioningState"] = "Succeeded"
-        arm.resources[path.lower()] = done
-
-    finisher = threading.Thread(target=finish)
-    finisher.start()
-    router.deploy(Colour.GREEN, V2)  # was: HTTP 409 Conflict
-    finisher.join()
+    with _finished_later(arm, router, path):
+        router.deploy(Colour.GREEN, V2)  # was: HTTP 409 Conflict
     assert identity(router.release(Colour.GREEN)) == identity(V2)
 
 
