@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from rollout.cli import app
-from tests.cli import CLI
+from tests.cli import run_cli
 
 HEAVY = ("azure.ai.ml", "sklearn", "fastapi", "kubernetes", "prometheus_api_client", "scipy")
 
@@ -48,13 +47,7 @@ def test_help_shows_flags_as_flags() -> None:
 def test_an_error_quoting_brackets_is_shown_as_is(tmp_path: Path) -> None:
     # Was: rich read `[/x]` in the quoted path as a closing tag and died with a traceback.
     spec = tmp_path / "[/x].yaml"
-    done = subprocess.run(
-        [*CLI, "manifests", "--spec", str(spec)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "COLUMNS": "300"},
-    )
+    done = run_cli("manifests", "--spec", str(spec), columns=300)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().startswith(f"error: {spec}: ")
     assert "Traceback" not in done.stderr

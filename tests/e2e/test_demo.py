@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,21 +9,14 @@ import pytest
 from aml_pipelines.registry.local import LocalRegistry
 from rollout.ledger import read_ledger
 from rollout.local.demo import DEMO_MIRROR_PERCENT
-from tests.cli import CLI
+from tests.cli import run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_demo_promotes_then_rolls_back_and_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    done = subprocess.run(
-        [*CLI, "demo", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=290,
-        check=False,
-        env={**os.environ, "COLUMNS": "200"},
-    )
+    done = run_cli("demo", "--out", str(out), timeout=290)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # each outcome starts its own line after the live panel, which says who serves at the end
     assert "╯Succeeded" not in done.stdout and "╯RolledBack" not in done.stdout

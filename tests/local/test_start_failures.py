@@ -6,10 +6,8 @@ Was: `aml-rollout up --port <busy>` failed with "envoy: exited before ... answer
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from rollout.cli import app as cli_app
 from rollout.errors import LocalStackError
 from rollout.local.envoy import EnvoyProcess
 from rollout.local.stack import LocalStack
-from tests.cli import CLI
+from tests.cli import run_cli
 
 
 @pytest.fixture
@@ -59,20 +57,8 @@ def test_a_failed_start_keeps_the_temporary_folder_its_error_names(
         shutil.rmtree(stack.workdir, ignore_errors=True)
 
 
-def _up(*args: str) -> subprocess.CompletedProcess[str]:
-    """`aml-rollout up ARGS` as a user runs it (a wide terminal: one line per error)."""
-    return subprocess.run(
-        [*CLI, "up", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-
-
 def test_up_on_a_busy_port_says_so_in_one_line(busy_port: int, tmp_path: Path) -> None:
-    done = _up("--port", str(busy_port), "--workdir", str(tmp_path / "stack"))
+    done = run_cli("up", "--port", str(busy_port), "--workdir", str(tmp_path / "stack"))
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.strip() == (
         f"error: --port {busy_port}: 127.0.0.1:{busy_port} is already in use; choose another "
@@ -107,7 +93,7 @@ def test_up_in_an_unusable_workdir_says_so_in_one_line(
     # the stop() in `up`'s finally (it wrote workloads/targets.json under the same path).
     (tmp_path / "file").write_text("not a folder")
     workdir = tmp_path / where
-    done = _up("--workdir", str(workdir))
+    done = run_cli("up", "--workdir", str(workdir))
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.strip() == f"error: cannot keep the stack's files in {workdir}: {why}"
 

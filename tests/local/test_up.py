@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from rollout.local.process import pid_alive, port_is_free
-from tests.cli import CLI
+from tests.cli import CLI, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -55,14 +55,7 @@ def start_up(workdir: Path) -> tuple[subprocess.Popen[str], str]:
 
 
 def test_up_with_a_duration_prints_the_urls_and_stops_clean(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [*CLI, "up", "--duration", "2", "--workdir", str(tmp_path / "stack")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, "COLUMNS": "200"},
-    )
+    done = run_cli("up", "--duration", "2", "--workdir", str(tmp_path / "stack"), timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "x-api-version" not in done.stdout  # no candidate: no blue curl line
     assert "/score" in done.stdout and "stack stopped" in done.stdout
