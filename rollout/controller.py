@@ -232,16 +232,15 @@ class Controller:
             for colour, release in ((Colour.GREEN, status.stable), (Colour.BLUE, status.candidate))
             if release is not None and self.router.release(colour) is None
         ]
-        wanted = SetWeights(status.blue_weight, status.mirror)
         served = self.router.get_weights()
-        if repairs or served != wanted.weights:
-            repairs.append(wanted)
+        if repairs or served != status.weights:
+            repairs.append(SetWeights(status.blue_weight, status.mirror))
         if not repairs:
             return
         log.warning(
             "the data plane serves %s, the rollout's status says %s: %s",
             served.blue_share,
-            wanted.weights.blue_share,
+            status.weights.blue_share,
             "; ".join(describe(a) for a in repairs),
         )
         if self.ledger is not None:

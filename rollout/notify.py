@@ -30,7 +30,7 @@ import httpx
 
 from rollout.config import NotifyConfig
 from rollout.core.status import Status
-from rollout.core.types import Release, Weights
+from rollout.core.types import Release
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ class WebhookNotifier:
         def release(r: Release | None) -> str | None:
             return r.ref if r is not None else None
 
-        share = Weights.blue_at(status.blue_weight, status.mirror).blue_share
-        text = f"aml-rollout {status.name}: {status.phase.value} ({share})"
+        text = f"aml-rollout {status.name}: {status.phase.value} ({status.weights.blue_share})"
         return {
             "text": f"{text} - {status.reason}" if status.reason else text,
             "rollout": status.name,

@@ -242,7 +242,6 @@ def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | N
     from rich.table import Table
 
     from rollout.core.status import describe
-    from rollout.core.types import Weights
 
     table = Table(title=f"rollout {parsed.name}", show_header=False, box=None)
     if status is None:
@@ -253,8 +252,7 @@ def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | N
         for i, w in enumerate(parsed.plan)
     )
     table.add_row("phase", f"[bold]{status.phase.value}[/]")
-    weights = Weights.blue_at(status.blue_weight, status.mirror)
-    table.add_row("weights", f"{weights}   plan {plan}")
+    table.add_row("weights", f"{status.weights}   plan {plan}")
     if status.candidate:
         table.add_row("candidate", f"{status.candidate.ref} (blue)")
     if status.stable:

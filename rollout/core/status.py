@@ -224,6 +224,11 @@ class Status:
         """True once the rollout has ended (Succeeded, RolledBack or Failed)."""
         return self.phase in TERMINAL
 
+    @property
+    def weights(self) -> Weights:
+        """What the data plane serves once the pending actions are applied."""
+        return Weights.blue_at(self.blue_weight, self.mirror)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (what the state store writes)."""
         return {

@@ -321,8 +321,7 @@ class _LiveView:
     @staticmethod
     def _step(status: Any, record: dict[str, Any], weight: int) -> str:
         if status is not None and not status.terminal and status.mirror:
-            shadow = Weights.blue_at(weight, status.mirror).blue_share
-            return f"{record.get('step', 0)} (shadow: {shadow})"
+            return f"{record.get('step', 0)} (shadow: {status.weights.blue_share})"
         if status is None or not status.terminal:
             return f"{record.get('step', 0)} (blue {weight} %)"
         # Ended: blue is back at 0 % either way, so "step 1 (blue 0 %)" next to Succeeded would
@@ -340,8 +339,8 @@ class _LiveView:
         table.add_row("phase", status.phase.value if status is not None else "starting")
         table.add_row("step", self._step(status, record, weight))
         bar = ProgressBar(total=100, completed=weight, width=40, complete_style="blue")
-        mirror = status.mirror if status is not None and not status.terminal else 0
-        split = str(Weights.blue_at(weight, mirror)) + (" (answers discarded)" if mirror else "")
+        weights = status.weights if status is not None else Weights.blue_at(0)
+        split = str(weights) + (" (answers discarded)" if weights.mirror else "")
         table.add_row("weights", Group(bar, split))
         for colour in ("blue", "green"):
             c = self.counts.get(colour, {})
