@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 EXIT_USER_ERROR = 2
 #: `load` ran, but no request got a 2xx answer.
 EXIT_LOAD_FAILED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 class ColourOption(StrEnum):
@@ -213,13 +214,15 @@ def load(
     """Send bounded scoring load and print counts by version and status, p50/p99."""
     import asyncio
 
-    from scoring.loadgen import failure_hint, normalise_url, read_sample, run_load
+    from scoring.loadgen import LoadStats, failure_hint, normalise_url, read_sample, run_load
 
     if requests is None and duration is None:
         requests = 100
+    stats = LoadStats()
+    interrupted = False
     try:
         rows = read_sample(sample) if sample is not None else None
-        report = asyncio.run(
+        asyncio.run(
             run_load(
                 url,
                 rps=rps,
@@ -231,15 +234,28 @@ def load(
                 batch=batch,
                 api_key=api_key,
                 timeout=timeout,
+                stats=stats,
             )
         )
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    hint = failure_hint(report, normalise_url(url))
+    except KeyboardInterrupt:
+        # Ctrl-C on a long run: the counts so far are what the user waited for; requests still
+        # in flight were cancelled and are not counted.
+        interrupted = True
+        stats.finish()
+    report = stats.snapshot()
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
     else:
         _print_load_report(report)
+    if interrupted:
+        raise _fail(
+            f"interrupted: the report covers the {report.sent} requests"
+            " that finished before Ctrl-C",
+            EXIT_INTERRUPTED,
+        )
+    hint = failure_hint(report, normalise_url(url))
     if hint is not None:
         raise _fail(hint, EXIT_LOAD_FAILED)
 

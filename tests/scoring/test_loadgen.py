@@ -6,10 +6,13 @@ import asyncio
 import json
 import math
 import random
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -30,6 +33,7 @@ from scoring.loadgen import (
     run_load,
 )
 from scoring.model import load_model
+from tests.cli import CLI
 from tests.scoring.conftest import running_server
 
 
@@ -191,6 +195,41 @@ def test_load_command_prints_counts(servers: dict[str, str], model_dir: Path) ->
     )
     assert table.exit_code == 0
     assert "green/diabetes:1" in table.output and "p99" in table.output
+
+
+def _answered(base_url: str) -> float:
+    """Scoring requests the server at `base_url` has answered, from its /metrics."""
+    text = httpx.get(base_url + "/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("scoring_requests_total{")
+    )
+
+
+def test_load_command_prints_its_report_on_ctrl_c(servers: dict[str, str]) -> None:
+    """A long run stopped by Ctrl-C still prints what it saw, and says it was interrupted."""
+    before = _answered(servers["green"])
+    with subprocess.Popen(
+        [*CLI, "load", "--url", servers["green"] + "/score", "--rps", "50", "--duration", "120",
+         "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as load:  # fmt: skip
+        deadline = time.monotonic() + 30
+        while _answered(servers["green"]) < before + 10:
+            assert load.poll() is None and time.monotonic() < deadline, "no load arrived"
+            time.sleep(0.1)
+        load.send_signal(signal.SIGINT)
+        out, err = load.communicate(timeout=30)
+    assert load.returncode == 130, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["sent"] >= 10
+    assert report["by_status"] == {"200": report["sent"]}
+    assert report["by_version"] == {"green/diabetes:1": report["sent"]}
+    assert f"interrupted: the report covers the {report['sent']} requests" in err
+    assert "Traceback" not in err
 
 
 def test_load_command_refuses_a_bad_sample(tmp_path: Path) -> None:
