@@ -42,9 +42,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from scoring.auth import api_key_problem
 from scoring.errors import InputError, ModelLoadError
@@ -57,6 +57,8 @@ from scoring.scorer import Scorer
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+#: A fault setting is two numbers; anything longer is not one.
+ADMIN_MAX_BODY_BYTES = 4096
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 #: Headers a proxy adds on the way (Envoy: x-forwarded-proto, x-envoy-expected-rq-timeout-ms).
 #: A request to /admin carrying one came through a proxy on this host, from anywhere.
@@ -243,13 +245,23 @@ async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes,
     await send({"type": "http.response.body", "body": body})
 
 
-def _validation_message(exc: RequestValidationError) -> str:
+def _validation_message(exc: RequestValidationError | ValidationError) -> str:
     """One line naming each bad field and why, without echoing the input back."""
     parts = []
     for error in exc.errors():
         where = ".".join(str(x) for x in error.get("loc", ()) if x != "body") or "body"
         parts.append(f"{where}: {error.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route of `app` answers on the request's path."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 def _score_openapi(
@@ -357,9 +369,15 @@ def create_app(
         return JSONResponse({"error": _validation_message(exc)}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = exc.headers
+        if exc.status_code == 405:
+            # Starlette's Allow names the first route on the path only; /score and /admin/fault
+            # have two (POST and GET, PUT and GET).
+            others = {k: v for k, v in (headers or {}).items() if k.lower() != "allow"}
+            headers = {**others, "allow": ", ".join(_allowed_methods(app, request))}
         return JSONResponse(
-            {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+            {"error": str(exc.detail)}, status_code=exc.status_code, headers=headers
         )
 
     app.router.routes.insert(0, Route("/score", ScoreEndpoint(state), methods=["POST"]))
@@ -432,12 +450,27 @@ def create_app(
     @app.put(
         "/admin/fault",
         response_model=FaultSetting,
-        responses={code: {"model": ErrorResponse} for code in (401, 403, 422)},
+        responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 413, 422)},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": FaultSetting.model_json_schema()}},
+            }
+        },
     )
-    async def put_fault(setting: FaultSetting, request: Request) -> Any:
+    async def put_fault(request: Request) -> Any:
         """Set the fault knob (demos and tests): injected 500s and added latency."""
+        # The body is read here, after the guard, not declared as a parameter: FastAPI would read
+        # and parse a body of any size from any client before the guard could refuse it.
         if (denied := admin_guard(request)) is not None:
             return denied
+        body = await _read_body(request.scope["headers"], request.receive, ADMIN_MAX_BODY_BYTES)
+        if isinstance(body, InputError):
+            return JSONResponse({"error": body.message}, body.status)
+        try:
+            setting = FaultSetting.model_validate_json(body)
+        except ValidationError as exc:
+            return JSONResponse({"error": _validation_message(exc)}, 422)
         state.set_fault(setting.error_rate, setting.latency_ms)
         return setting
 

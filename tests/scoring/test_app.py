@@ -24,6 +24,7 @@ from tests.scoring.conftest import AppClient, make_model_dir
 
 LOOPBACK = ("127.0.0.1", 40000)
 ROW = [0.03, 0.05, 0.06, 0.02, -0.04, -0.03, -0.04, -0.002, 0.02, -0.017]
+JSON_TYPE = {"content-type": "application/json"}
 
 
 def client(model: LoadedModel | Path, registry: CollectorRegistry, **kwargs: Any) -> AppClient:
@@ -210,6 +211,11 @@ def test_openapi_documents_score_with_the_model_width(blue: AppClient, holdout: 
     jsonschema.validate(answer, response_schema)
     assert {"200", "400", "401", "413", "422"} <= set(post["responses"])
     assert "/readyz" in doc["paths"] and "/metrics" in doc["paths"]
+    put_fault = doc["paths"]["/admin/fault"]["put"]
+    fault_schema = put_fault["requestBody"]["content"]["application/json"]["schema"]
+    jsonschema.validate({"error_rate": 0.5, "latency_ms": 10}, fault_schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"error_rate": 2}, fault_schema)
 
 
 # --- auth ------------------------------------------------------------------------------------
@@ -348,6 +354,33 @@ def test_admin_route_is_loopback_only_and_keyed(
 
 
 @pytest.mark.parametrize(
+    ("peer", "keys", "status"),
+    [
+        pytest.param(("10.1.2.3", 5000), (), 403, id="remote-client"),
+        pytest.param(LOOPBACK, (KEY,), 401, id="loopback-without-key"),
+    ],
+)
+def test_admin_route_refuses_before_it_reads_the_body(
+    loaded: LoadedModel, registry: CollectorRegistry, peer: tuple[str, int], keys: tuple[str, ...],
+    status: int,
+) -> None:  # fmt: skip
+    # Was 422: the body was parsed (whatever its size, from whoever sent it) before the guard.
+    app = create_app(loaded, registry=registry, api_keys=keys)
+    with AppClient(app, peer=peer) as c:
+        response = c.put("/admin/fault", content=b"[" * 100_000, headers=JSON_TYPE)
+    assert response.status_code == status
+    assert set(response.json()) == {"error"}
+
+
+def test_admin_route_refuses_a_long_body_413(blue: AppClient) -> None:
+    padded = b'{"error_rate": 0.5' + b" " * 5000 + b"}"
+    response = blue.put("/admin/fault", content=padded, headers=JSON_TYPE)
+    assert response.status_code == 413
+    assert "exceeds 4096 bytes" in response.json()["error"]
+    assert blue.get("/admin/fault").json() == {"error_rate": 0.0, "latency_ms": 0.0}
+
+
+@pytest.mark.parametrize(
     "setting", [{"error_rate": 1.5}, {"error_rate": -0.1}, {"latency_ms": -1}], ids=json.dumps
 )
 def test_admin_route_rejects_out_of_range_settings(
@@ -371,26 +404,29 @@ def test_admin_route_rejects_out_of_range_settings(
 )
 def test_admin_route_answers_bad_numbers_422_not_500(blue: AppClient, body: bytes) -> None:
     # Was: FastAPI's handler echoed the NaN back, could not serialise it, and answered 500.
-    response = blue.put("/admin/fault", content=body, headers={"content-type": "application/json"})
+    response = blue.put("/admin/fault", content=body, headers=JSON_TYPE)
     assert response.status_code == 422
     assert set(response.json()) == {"error"}
     assert blue.get("/admin/fault").json() == {"error_rate": 0.0, "latency_ms": 0.0}
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "status"),
+    ("method", "path", "status", "allow"),
     [
-        pytest.param("PUT", "/score", 405, id="wrong-method"),
-        pytest.param("DELETE", "/admin/fault", 405, id="wrong-admin-method"),
-        pytest.param("GET", "/nowhere", 404, id="unknown-path"),
+        pytest.param("PUT", "/score", 405, "GET, POST", id="wrong-method"),
+        pytest.param("DELETE", "/admin/fault", 405, "GET, PUT", id="wrong-admin-method"),
+        pytest.param("POST", "/readyz", 405, "GET", id="wrong-probe-method"),
+        pytest.param("GET", "/nowhere", 404, None, id="unknown-path"),
     ],
 )
 def test_every_error_answer_is_an_error_object(
-    blue: AppClient, method: str, path: str, status: int
+    blue: AppClient, method: str, path: str, status: int, allow: str | None
 ) -> None:
     response = blue.request(method, path)
     assert response.status_code == status
     assert set(response.json()) == {"error"}
+    # A 405 names every method the path answers (was: only the first route's, "POST" on /score).
+    assert response.headers.get("allow") == allow
 
 
 class Exploding:
