@@ -26,7 +26,9 @@ a malformed event among good ones is logged and listed under `rejected` in a 200
 eventgrid.py), 401 no/wrong key, 404 unknown path, 405 wrong method, 413 body over the limit,
 415 not JSON. Event Grid does not retry 400,
 401, 413 (it dead-letters them), so only well-formed but temporarily unprocessable deliveries
-would get a 5xx — and there is none: accepting is a local file write.
+get a 5xx: 500 `{"error"}` when the events cannot be recorded (accepting is a local file write:
+a full disk, an unreadable trigger state file). Event Grid retries those with backoff (for 24 h
+by default), so the operator can mend the state while no event is lost.
 
 Accepting an event = a durable `pending` entry in the model's cursor (see store.py), then the
 event id is remembered; the single `DeliveryWorker` delivers pending versions one at a time.
@@ -46,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
+from aml_pipelines.errors import TriggerError
 from aml_pipelines.trigger.dispatch import Dispatcher
 from aml_pipelines.trigger.eventgrid import (
     BadEvent,
@@ -134,7 +137,8 @@ class WebhookApp:
             status, body, headers = await self._handle(scope, receive)
         except _Reject as rej:
             # Logged without query string or headers: they may carry the secret.
-            log.warning("%s %s from %s → %d %s", method, path, client, rej.status, rej.message)
+            level = logging.ERROR if rej.status >= 500 else logging.WARNING
+            log.log(level, "%s %s from %s → %d %s", method, path, client, rej.status, rej.message)
             status, body, headers = rej.status, {"error": rej.message}, {}
         await _respond(send, status, body, headers)
 
@@ -175,7 +179,11 @@ class WebhookApp:
             log.warning(
                 "rejected event [%d] (id %s) of a batch: %s", bad.index, bad.event_id, bad.error
             )
-        summary = await asyncio.to_thread(self._accept, events)
+        try:
+            summary = await asyncio.to_thread(self._accept, events)
+        except (TriggerError, OSError) as exc:
+            # 5xx on purpose: Event Grid retries it, where a 4xx would drop the event.
+            raise _Reject(500, f"cannot record the events (Event Grid will retry): {exc}") from None
         summary["ignored_other_types"] = len(records) - len(events) - len(rejected)
         summary["rejected"] = [
             {"index": r.index, "id": r.event_id, "error": r.error} for r in rejected

@@ -173,6 +173,28 @@ def test_dedupe_by_event_id_and_by_version_survives_a_restart(
     assert (tmp_path / "trigger" / "events.json").exists()
 
 
+def test_events_that_cannot_be_recorded_get_a_500_and_are_accepted_on_the_retry(
+    tmp_path: Path, registry: LocalRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A 5xx is what makes Event Grid retry; the answer names the broken file in JSON, not
+    # uvicorn's "Internal Server Error" after a traceback.
+    register(registry, tmp_path, stage="candidate")
+    seen = tmp_path / "trigger" / "events.json"
+    seen.parent.mkdir(parents=True)
+    seen.write_text("{not json")
+    with running(tmp_path, registry) as hook:
+        with caplog.at_level(logging.ERROR, logger="aml_pipelines.trigger.webhook"):
+            response = hook.post([eg_event("e1", version="1")])
+        assert response.status_code == 500
+        assert "cannot record the events" in response.json()["error"]
+        assert str(seen) in response.json()["error"]
+        assert "500 cannot record the events" in caplog.text
+        seen.unlink()  # the operator mends the state; Event Grid's retry then goes through
+        retry = hook.post([eg_event("e1", version="1")])
+        assert retry.json()["accepted"] == [{"model": "diabetes", "version": 1}]
+        _until(lambda: hook.done() == [1], "v1")
+
+
 def test_the_longest_model_name_the_registry_takes_is_accepted_and_delivered(
     tmp_path: Path, registry: LocalRegistry
 ) -> None:
