@@ -24,9 +24,12 @@ model, those tags and the configured environment/code changed (the PUT replaces 
 deployment: an operator's capacity, environment variables, request settings stay). It returns
 when Azure reports the operation done; while the endpoint or the deployment is mid-change
 (Azure refuses to write it then) it first waits for that change, at most `deploy_timeout_s`.
+A deployment that already holds the release as configured (Succeeded, the release's tags and
+model, the configured environment and code asset) is left as it is: a deploy retried after a
+timeout, which Azure went on to finish, does not roll every instance a second time.
 `release` refuses a deployment from which no release serves: its provisioning Failed or was
 Canceled, or it is still Creating or Deleting. `remove` deletes the deployment, refusing while
-it takes live traffic.
+it takes live traffic; it too first waits for a change of the endpoint or the deployment.
 
 Every write is an ARM long-running operation, and every one is waited for with a bound
 (`_finish`): an operation Azure leaves InProgress must not hang the rollout, or the Azure ML
@@ -172,6 +175,18 @@ def _state(resource: Any) -> str:
     return str(state or "")
 
 
+def _is_asset(held: Any, kind: str, ref: str) -> bool:
+    """Whether `held` (as Azure answers it: an ARM id) is the asset `ref` (`azureml:name:version`)
+    names; `kind` is the ARM collection: models, environments, codes."""
+    held = str(held or "")
+    if held == ref:
+        return True
+    parts = ref.split(":")
+    if len(parts) != 3 or parts[0] != "azureml":  # azureml:name@latest, a local folder, ...
+        return False
+    return held.lower().endswith(f"/{kind}/{parts[1]}/versions/{parts[2]}".lower())
+
+
 #: States of an endpoint or a deployment whose last change Azure is still carrying out.
 _IN_PROGRESS = ("creating", "updating", "scaling", "deleting")
 
@@ -264,6 +279,11 @@ class AzureMLRouter:
             lambda: self._ml.online_deployments.get(name=name, endpoint_name=self.endpoint),
             *bound,
         )
+        if existing is not None and self._holds(existing, release):
+            # A retry of a deploy that timed out while Azure went on and finished it: a second
+            # PUT would roll every instance again, for nothing.
+            log.info("%s/%s already serves %s: nothing to deploy", self.endpoint, name, release.ref)
+            return
         if existing is None:
             deployment = ManagedOnlineDeployment(
                 name=name,
@@ -359,6 +379,28 @@ class AzureMLRouter:
         self._update_endpoint(endpoint, traffic, new_mirror)
         log.info("endpoint %s: traffic %s mirror %s", self.endpoint, traffic, new_mirror)
 
+    def _holds(self, deployment: Any, release: Release) -> bool:
+        """Whether `deployment` has finished deploying `release` as configured: Succeeded, with
+        the release's tags and model and the configured environment and code. What cannot be
+        compared (a local code folder, which the SDK uploads) counts as a change."""
+        tags = deployment.tags or {}
+        if _state(deployment).lower() != "succeeded" or any(
+            tags.get(key) != value for key, value in release_tags(release).items()
+        ):
+            return False
+        if not _is_asset(deployment.model, "models", f"azureml:{release.ref}"):
+            return False
+        if self._environment and not _is_asset(
+            deployment.environment, "environments", self._environment
+        ):
+            return False
+        if self._code:
+            held = deployment.code_configuration
+            if held is None or held.scoring_script != self._scoring_script:
+                return False
+            return _is_asset(held.code, "codes", self._code)
+        return True
+
     def _settled(self, what: str, read: Callable[[], Any], timeout_s: float, setting: str) -> Any:
         """`read()` (the endpoint or a deployment; None when absent) once no change of it is in
         progress, waiting at most `timeout_s` (the router option `setting`): while Azure
@@ -388,7 +430,11 @@ class AzureMLRouter:
     def remove(self, colour: Colour) -> None:
         """Delete deployment `colour` (and any shadow to it); a no-op when it is already gone."""
         name = self.names[colour]
-        endpoint = self._get(f"endpoint {self.endpoint}", self._endpoint_raw)
+        # Mid-change, the endpoint shows the traffic asked for (a rollback that timed out: blue
+        # 0 %), not what serves, and Azure refuses to delete a deployment that is mid-change:
+        # wait for both, as deploy does.
+        bound = (self._deploy_timeout_s, "deploy_timeout_s")
+        endpoint = self._settled(f"endpoint {self.endpoint}", self._endpoint_raw, *bound)
         if endpoint is None:
             return
         traffic, mirror = nonzero(endpoint.traffic or {}), nonzero(endpoint.mirror_traffic or {})
@@ -397,8 +443,14 @@ class AzureMLRouter:
         if name in mirror:  # Azure refuses to delete a deployment that is still mirrored to
             mirror.pop(name)
             self._update_endpoint(endpoint, traffic, mirror)
-
         what = f"delete deployment {self.endpoint}/{name}"
+        deployment = self._settled(
+            f"deployment {self.endpoint}/{name}",
+            lambda: self._ml.online_deployments.get(name=name, endpoint_name=self.endpoint),
+            *bound,
+        )
+        if deployment is None:  # gone, or its deletion (ours that timed out) has now finished
+            return
         self._get(  # already gone is fine: remove is idempotent
             what,
             lambda: self._finish_deploy(

@@ -864,7 +864,8 @@ def test_a_change_still_in_progress_is_waited_for_not_taken_as_served(
     started = time.monotonic()
     with _finished_later(arm, router, path):
         router.set_weights(Weights.blue_at(10))  # waits, then finds it served: nothing to write
-    assert time.monotonic() - started >= 0.3
+        waited = time.monotonic() - started  # inside the block: leaving it joins the finisher
+    assert waited >= 0.3
     assert router.get_weights() == Weights.blue_at(10)
 
 
@@ -918,6 +919,49 @@ def test_a_deploy_azure_is_still_carrying_out_is_waited_for_not_written_over() -
             patient.deploy(Colour.BLUE, V2)  # was: HTTP 409 Conflict
         assert _state_of(arm, path) == "Succeeded"
         assert identity(patient.release(Colour.BLUE)) == identity(V2)
+        # Azure finished the first deploy: the retry found V2 there and wrote nothing (was: a
+        # second PUT, which rolls every instance again).
+        assert len(list(iter_calls(arm, "PUT", "/deployments/blue$"))) == 1
+
+
+def _deploy_puts(arm: FakeArm, router: AzureMLRouter, colour: Colour) -> int:
+    deployment = f"/onlineEndpoints/{router.endpoint}/deployments/{colour.value}$"
+    return len(list(iter_calls(arm, "PUT", deployment)))
+
+
+@pytest.mark.parametrize(
+    ("change", "writes"),
+    [
+        pytest.param({}, False, id="same-release-same-config"),
+        pytest.param({"release": V1}, True, id="another-release"),
+        pytest.param({"environment": "azureml:diabetes-env:2"}, True, id="another-environment"),
+        pytest.param({"code": "azureml:score-code:1"}, True, id="code-configured-now"),
+        pytest.param({"state": "Failed"}, True, id="failed-deployment"),
+        pytest.param({"tag": "other-sha"}, True, id="release-tags-differ"),
+    ],
+)
+def test_deploying_what_a_deployment_already_serves_writes_nothing(
+    arm: FakeArm, ml_client: Any, change: dict[str, Any], writes: bool
+) -> None:
+    router = make_router(ml_client)
+    router.deploy(Colour.BLUE, V2)
+    path = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments/blue"
+    if "state" in change or "tag" in change:
+        shown = arm.get(path)
+        assert shown is not None
+        shown["properties"]["provisioningState"] = change.get("state", "Succeeded")
+        shown["tags"]["aml-rollout.sha256"] = change.get("tag", shown["tags"]["aml-rollout.sha256"])
+        arm.resources[path.lower()] = shown
+    again = AzureMLRouter(
+        ml_client,
+        router.endpoint,
+        environment=change.get("environment", "azureml:diabetes-env:1"),
+        code=change.get("code"),
+    )
+    before = _deploy_puts(arm, router, Colour.BLUE)
+    again.deploy(Colour.BLUE, change.get("release", V2))
+    assert _deploy_puts(arm, router, Colour.BLUE) == before + writes
+    assert identity(again.release(Colour.BLUE)) == identity(change.get("release", V2))
 
 
 def test_a_deploy_waits_for_the_endpoints_change_to_finish(arm: FakeArm, ml_client: Any) -> None:
@@ -929,6 +973,52 @@ def test_a_deploy_waits_for_the_endpoints_change_to_finish(arm: FakeArm, ml_clie
     with _finished_later(arm, router, path):
         router.deploy(Colour.GREEN, V2)  # was: HTTP 409 Conflict
     assert identity(router.release(Colour.GREEN)) == identity(V2)
+
+
+@pytest.mark.parametrize("state", ["Updating", "Deleting"])
+def test_remove_waits_for_a_change_of_the_deployment_to_finish(
+    arm: FakeArm, ml_client: Any, state: str
+) -> None:
+    """Blue mid-change (a redeploy, or our own delete, that timed out): Azure refuses to delete
+    it meanwhile (409). remove waits for Azure to finish; a deletion that finishes is enough."""
+    router = _deployed(ml_client)
+    path = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments/blue"
+    shown = arm.get(path)
+    assert shown is not None
+    shown["properties"]["provisioningState"] = state
+    arm.resources[path.lower()] = shown
+
+    def azure_finishes() -> None:
+        time.sleep(0.3)
+        if state == "Deleting":
+            del arm.resources[path.lower()]
+        else:
+            done = arm.get(path)
+            assert done is not None
+            done["properties"]["provisioningState"] = "Succeeded"
+            arm.resources[path.lower()] = done
+
+    finisher = threading.Thread(target=azure_finishes)
+    finisher.start()
+    try:
+        router.remove(Colour.BLUE)  # was: HTTP 409 Conflict
+    finally:
+        finisher.join()
+    assert arm.get(path) is None
+
+
+def test_remove_waits_for_the_endpoints_change_to_finish(arm: FakeArm, ml_client: Any) -> None:
+    """A rollback whose traffic write timed out: the Updating endpoint shows blue at 0 %, but
+    blue still serves until Azure finishes. remove waits for that before deleting blue."""
+    router = _deployed(ml_client)
+    router.set_weights(Weights.blue_at(10))
+    path = _endpoint_showing(arm, router, "Updating", {"green": 100})
+    started = time.monotonic()
+    with _finished_later(arm, router, path):
+        router.remove(Colour.BLUE)
+        waited = time.monotonic() - started
+    assert waited >= 0.3
+    assert arm.get(f"{path}/deployments/blue") is None
 
 
 def test_traffic_shown_by_a_failed_endpoint_is_written_again(arm: FakeArm, ml_client: Any) -> None:
