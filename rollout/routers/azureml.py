@@ -178,13 +178,13 @@ def _state(resource: Any) -> str:
 def _is_asset(held: Any, kind: str, ref: str) -> bool:
     """Whether `held` (as Azure answers it: an ARM id) is the asset `ref` (`azureml:name:version`)
     names; `kind` is the ARM collection: models, environments, codes."""
-    held = str(held or "")
-    if held == ref:
+    text = str(held or "")
+    if text == ref:
         return True
     parts = ref.split(":")
     if len(parts) != 3 or parts[0] != "azureml":  # azureml:name@latest, a local folder, ...
         return False
-    return held.lower().endswith(f"/{kind}/{parts[1]}/versions/{parts[2]}".lower())
+    return text.lower().endswith(f"/{kind}/{parts[1]}/versions/{parts[2]}".lower())
 
 
 #: States of an endpoint or a deployment whose last change Azure is still carrying out.
