@@ -32,11 +32,39 @@ class Ledger:
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:
-    """All records of a ledger; lines torn by a crash are skipped. StateError if unreadable."""
+    """The records of a ledger, one per tick. StateError if unreadable.
+
+    Lines torn by a crash are skipped, and so are lines of ticks that were done again (see
+    `latest_ticks`): the file keeps both, as an append-only log should.
+    """
     try:
-        return jsonl.read(path)
+        return latest_ticks(jsonl.read(path))
     except OSError as exc:
         raise StateError(f"cannot read ledger {path}: {exc.strerror}") from exc
+
+
+def latest_ticks(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`records` without the lines of ticks a later line of the same rollout did again.
+
+    The controller appends a tick's line before it saves the status. Stopped in between (a
+    Ctrl-C, a SIGKILL), its decision was never the rollout's: the resumed controller does that
+    tick again, on newer counts, and its line is the one that counts. A rollout begins at its
+    `start` line; tick numbers count from 1 again after it.
+    """
+    kept: list[dict[str, Any] | None] = []
+    where: dict[int, int] = {}  # tick -> its line's index in `kept`, for this rollout
+    last = 0
+    for record in records:
+        if record.get("event") == "start":
+            where, last = {}, 0
+        tick = record.get("tick")
+        if isinstance(tick, int) and not isinstance(tick, bool):
+            if tick <= last:  # rare: a redone tick (ticks only go up otherwise)
+                for redone in [t for t in where if t >= tick]:
+                    kept[where.pop(redone)] = None
+            where[tick], last = len(kept), tick
+        kept.append(record)
+    return [record for record in kept if record is not None]
 
 
 def _when(seconds: float) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from rollout import jsonl
 from rollout.config import SimulatedMetricsConfig, StaticTick, TrafficModel
 from rollout.controller import Controller, FakeClock
 from rollout.core.status import Command, SetWeights, Status
@@ -106,6 +107,48 @@ def test_every_tick_writes_one_ledger_line(tmp_path: Path) -> None:
     assert judged and all(
         {"counts", "threshold_worse", "verdict", "reason", "actions"} <= r.keys() for r in judged
     )
+
+
+class InterruptedAt(FileStateStore):
+    """A file store that a Ctrl-C stops once, after the ledger line of `tick`, before its save."""
+
+    def __init__(self, root: Path, name: str, tick: int) -> None:
+        super().__init__(root, name)
+        self.tick = tick
+
+    def save(self, status: Status) -> None:
+        if status.tick == self.tick:
+            self.tick = -1
+            raise KeyboardInterrupt
+        super().save(status)
+
+
+def test_a_tick_interrupted_before_its_status_was_saved_is_told_once(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    store = InterruptedAt(tmp_path, SPEC.name, tick=2)
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.2), store=store)
+    with pytest.raises(KeyboardInterrupt):
+        ctl.run(max_ticks=500)
+    resumed, _ = controller(tmp_path, router, simulated(router, 0.2, seed=2))
+    final = resumed.run(max_ticks=500)
+    assert final.phase is Phase.ROLLED_BACK
+    raw = [r.get("tick") for r in jsonl.read(tmp_path / "t.ledger.jsonl")]
+    assert raw.count(2) == 2  # the file keeps both lines: an append-only log
+    records = read_ledger(tmp_path / "t.ledger.jsonl")
+    # Was: tick 2 twice, the first a decision the rollout never made.
+    assert [r["tick"] for r in records if "tick" in r] == list(range(1, final.tick + 1))
+
+
+def test_a_restarted_rollout_counts_its_ticks_from_one_again(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.2))
+    first = ctl.run(max_ticks=500)
+    second = ctl.run(max_ticks=3, restart=True)
+    records = read_ledger(tmp_path / "t.ledger.jsonl")
+    starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
+    assert len(starts) == 2
+    assert [r["tick"] for r in records[starts[1] + 1 :]] == list(range(1, second.tick + 1))
+    assert [r["tick"] for r in records[1 : starts[1]]] == list(range(1, first.tick + 1))
 
 
 def test_an_operator_abort_reaches_the_machine_between_ticks(tmp_path: Path) -> None:
