@@ -17,14 +17,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from aml_pipelines.errors import GateRefused, IntegrityError, RegistryError
-from aml_pipelines.fileio import read_json, sha256_file, write_json
+from aml_pipelines.errors import ConfigError, GateRefused, IntegrityError, RegistryError
+from aml_pipelines.fileio import read_json_object, sha256_file, write_json
 from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
-from components.register.gate import GateDecision, evaluate_gate
+from components.register.gate import LOWER_IS_BETTER, GateDecision, evaluate_gate
 
 log = logging.getLogger(__name__)
 
 REGISTRATION_FILE = "registration.json"
+#: The model.json fields this step relies on (the model-folder contract, components/train).
+MANIFEST_FIELDS = ("name", "model_file", "sha256", "metrics")
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,19 @@ def register_model(
     model_json = model_dir / "model.json"
     if not model_json.is_file():
         raise RegistryError(f"{model_dir} is not a model folder: model.json is missing")
-    manifest = read_json(model_json)
+    manifest = read_json_object(model_json, required=MANIFEST_FIELDS)
+    metrics = manifest["metrics"]
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"{model_json}: metrics must be an object, got {metrics!r}")
+    for key in LOWER_IS_BETTER:
+        if key in metrics and (
+            isinstance(metrics[key], bool) or not isinstance(metrics[key], int | float)
+        ):
+            raise ConfigError(f"{model_json}: metrics.{key} is {metrics[key]!r}, not a number")
     name = str(manifest["name"])
     model_file = model_dir / str(manifest["model_file"])
+    if not model_file.is_file():
+        raise RegistryError(f"{model_dir}: model file {manifest['model_file']!r} is missing")
     actual = sha256_file(model_file)
     if actual != manifest["sha256"]:
         raise IntegrityError(
@@ -94,7 +106,7 @@ def register_model(
 
     production = production_version(registry, name)
     decision = evaluate_gate(
-        manifest["metrics"], production, metric=metric, max_regression=max_regression
+        metrics, production, metric=metric, max_regression=max_regression
     )
     if decision.passed:
         log.info("gate passed: %s", decision.reason)
@@ -103,7 +115,6 @@ def register_model(
     else:
         raise GateRefused(f"gate refused {name}: {decision.reason} (use --force to override)")
 
-    metrics = manifest["metrics"]
     tags = {
         **{key: repr(float(metrics[key])) for key in ("mse", "rmse", "r2") if key in metrics},
         STAGE_TAG: Stage.CANDIDATE,
