@@ -6,7 +6,8 @@
 
 Tags written on the new version: its metrics (mse, rmse, r2), `stage=candidate`, `source_run`,
 `git_commit`, `sha256`, `data_fingerprint` and the gate outcome (`gate=passed|forced`,
-`gate_baseline`). The registry itself is injected, so the same code runs against the local
+`gate_baseline`). Re-running the step in the same run (same `source_run`) with the same bits
+registers nothing new: registration.json names the version that run registered before. The registry itself is injected, so the same code runs against the local
 folder registry and Azure ML; `source` lets Azure ML register the job-output URI of the folder
 instead of uploading local files.
 """
@@ -69,6 +70,20 @@ def production_version(registry: ModelRegistry, name: str) -> ModelVersion | Non
     return max(tagged, key=lambda v: v.version, default=None)
 
 
+def _registered_by(
+    registry: ModelRegistry, name: str, source_run: str, sha256: str
+) -> ModelVersion | None:
+    """The version this same run registered with these bits, if any (a re-run of the step).
+
+    A step re-run after it registered (killed before registration.json was written, a retried
+    node, `run-local --run-dir` again) must not add a second version of the same model.
+    """
+    if source_run == "unknown":
+        return None
+    earlier = registry.find_by_tag(name, "source_run", source_run)
+    return max((v for v in earlier if v.sha256 == sha256), key=lambda v: v.version, default=None)
+
+
 def register_model(
     model_dir: Path,
     registry: ModelRegistry,
@@ -127,9 +142,18 @@ def register_model(
     }
     if decision.baseline_version is not None:
         tags["gate_baseline"] = f"{name}:{decision.baseline_version}"
-    version = registry.register(name, source if source is not None else model_dir, tags)
+    if (version := _registered_by(registry, name, source_run, actual)) is not None:
+        log.info(
+            "%s version %s holds this model already, registered by this run (%s): "
+            "not registering it again",
+            name,
+            version.version,
+            source_run,
+        )
+    else:
+        version = registry.register(name, source if source is not None else model_dir, tags)
+        log.info("registered %s version %s (%s) at %s", name, version.version, metric, version.uri)
     registration = Registration(version, decision, forced=not decision.passed)
-    log.info("registered %s version %s (%s) at %s", name, version.version, metric, version.uri)
     if out_dir is not None:
         write_json(out_dir / REGISTRATION_FILE, registration.as_json())
     return registration

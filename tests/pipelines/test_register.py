@@ -173,3 +173,25 @@ def test_a_damaged_model_folder_is_one_error_and_nothing_is_registered(
     assert error.getMessage().startswith("registration failed: ")
     assert re.search(message, error.getMessage()), error.getMessage()
     assert LocalRegistry(tmp_path / "reg").names() == []
+
+
+@pytest.mark.parametrize(
+    ("runs", "versions"),
+    [
+        # killed after registering, before registration.json; or `run-local --run-dir` again
+        pytest.param(("run-1/register", "run-1/register"), [1, 1], id="same-run-registers-once"),
+        pytest.param(("run-1/register", "run-2/register"), [1, 2], id="another-run-registers"),
+        pytest.param(("unknown", "unknown"), [1, 2], id="no-run-id-registers"),
+    ],
+)
+def test_a_rerun_of_the_step_does_not_register_the_model_twice(
+    tmp_path: Path, make_model: MakeModel, runs: tuple[str, str], versions: list[int]
+) -> None:
+    registry = LocalRegistry(tmp_path / "reg")
+    folder = make_model()
+    for attempt, run in enumerate(runs):
+        out = tmp_path / f"out-{attempt}"
+        registration = register_model(folder, registry, source_run=run, out_dir=out)
+        written = json.loads((out / "registration.json").read_text())
+        assert written["version"] == registration.version.version == versions[attempt]
+    assert [v.version for v in registry.list_versions("m")] == sorted(set(versions))
