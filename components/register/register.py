@@ -100,6 +100,10 @@ def register_model(
     model_json = model_dir / "model.json"
     if not model_json.is_file():
         raise RegistryError(f"{model_dir} is not a model folder: model.json is missing")
+    if out_dir is not None:
+        # Before registering: a version registered without its registration.json is a version
+        # the rest of the pipeline never hears of.
+        out_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_json_object(model_json, required=MANIFEST_FIELDS)
     metrics = manifest["metrics"]
     if not isinstance(metrics, dict):

@@ -195,3 +195,14 @@ def test_a_rerun_of_the_step_does_not_register_the_model_twice(
         written = json.loads((out / "registration.json").read_text())
         assert written["version"] == registration.version.version == versions[attempt]
     assert [v.version for v in registry.list_versions("m")] == sorted(set(versions))
+
+
+def test_an_unwritable_output_fails_before_anything_is_registered(
+    tmp_path: Path, make_model: MakeModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    argv = ["--model", str(make_model()), "--registry", f"local:{tmp_path / 'reg'}",
+            "--registration", str(tmp_path / "file" / "out")]  # fmt: skip
+    assert main(argv) == 1
+    assert "registration failed: [Errno 20] Not a directory" in caplog.text
+    assert LocalRegistry(tmp_path / "reg").names() == []

@@ -168,3 +168,13 @@ def test_a_model_name_the_registry_refuses_is_refused_before_training(
     with pytest.raises(ConfigError, match="^model name .* is invalid"):
         train(tmp_path / "m", name=name, params=TrainParams())
     assert not (tmp_path / "m").exists()
+
+
+def test_main_reports_an_unusable_output_folder_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from components.train.main import main
+
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["--model-name", "m", "--model-dir", str(tmp_path / "file" / "model")]) == 1
+    assert "training failed: [Errno 20] Not a directory" in caplog.text
