@@ -7,9 +7,10 @@
 Tags written on the new version: its metrics (mse, rmse, r2), `stage=candidate`, `source_run`,
 `git_commit`, `sha256`, `data_fingerprint` and the gate outcome (`gate=passed|forced`,
 `gate_baseline`). Re-running the step in the same run (same `source_run`) with the same bits
-registers nothing new: registration.json names the version that run registered before. The registry itself is injected, so the same code runs against the local
-folder registry and Azure ML; `source` lets Azure ML register the job-output URI of the folder
-instead of uploading local files.
+registers nothing new: registration.json names the version that run registered before. The
+registry itself is injected, so the same code runs against the local folder registry and Azure
+ML; `source` lets Azure ML register the job-output URI of the folder instead of uploading local
+files.
 """
 
 from __future__ import annotations
@@ -124,9 +125,7 @@ def register_model(
         )
 
     production = production_version(registry, name)
-    decision = evaluate_gate(
-        metrics, production, metric=metric, max_regression=max_regression
-    )
+    decision = evaluate_gate(metrics, production, metric=metric, max_regression=max_regression)
     if decision.passed:
         log.info("gate passed: %s", decision.reason)
     elif force:

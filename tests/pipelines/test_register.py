@@ -161,7 +161,10 @@ def _rewrite_manifest(folder: Path, change: str) -> None:
     ],
 )  # fmt: skip
 def test_a_damaged_model_folder_is_one_error_and_nothing_is_registered(
-    tmp_path: Path, make_model: MakeModel, caplog: pytest.LogCaptureFixture, change: str,
+    tmp_path: Path,
+    make_model: MakeModel,
+    caplog: pytest.LogCaptureFixture,
+    change: str,
     message: str,
 ) -> None:
     folder = make_model()

@@ -145,7 +145,8 @@ def test_non_numeric_csv_names_the_line(tmp_path: Path) -> None:
         pytest.param(b"\xff\xfe\x00a,y\n", r"^data: d\.csv is not a UTF-8 CSV file", id="binary"),
         # the second y would be a feature: the model would learn the target from itself
         pytest.param(b"a,y,y\n" + b"1,2,2\n3,4,4\n5,6,6\n7,8,8\n9,1,1\n2,3,3\n",
-                     r"^data: the CSV header repeats the column\(s\) \['y'\]", id="repeated-target"),
+                     r"^data: the CSV header repeats the column\(s\) \['y'\]",
+                     id="repeated-target"),
         pytest.param(b"y\n1\n2\n3\n4\n5\n6\n", "^data: the CSV has no feature column",
                      id="target-only"),
         # finite, but they overflow inside the solver
@@ -165,7 +166,7 @@ def test_a_bad_csv_is_one_error_naming_it(tmp_path: Path, content: bytes, messag
 def test_a_model_name_the_registry_refuses_is_refused_before_training(
     tmp_path: Path, name: str
 ) -> None:
-    with pytest.raises(ConfigError, match="^model name .* is invalid"):
+    with pytest.raises(ConfigError, match=r"^model name .* is invalid"):
         train(tmp_path / "m", name=name, params=TrainParams())
     assert not (tmp_path / "m").exists()
 
