@@ -129,6 +129,9 @@ def _follow_traffic(registry_spec: str, candidate: Any, result: Any) -> bool:
     try:
         registry = open_registry(registry_spec)
         version = int(candidate.version)
+        # A version the registry does not hold (another registry, a damaged version left out of
+        # listings) would get no tags and no error: the registry would not follow traffic.
+        registry.get(candidate.model, version)
         follow_traffic(registry, candidate.model, version, phase, result.reason)  # logs each tag
     except (PipelineError, ValueError) as exc:
         log.error("the rollout ended %s but the registry tags were not written: %s", phase, exc)
