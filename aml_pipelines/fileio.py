@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from aml_pipelines.errors import ConfigError
+
 
 def write_json(path: Path, payload: Any) -> None:
     """Write `payload` as indented JSON, atomically and durably.
@@ -44,6 +46,27 @@ def fsync_dir(folder: Path) -> None:
 def read_json(path: Path) -> Any:
     """Read a JSON file."""
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_json_object(path: Path, *, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A JSON object a step reads as input (model.json, registration.json, package.json).
+
+    Missing, unreadable, not JSON, not an object, or without a `required` field: one ConfigError
+    naming the file (and the fields), never a traceback.
+    """
+    try:
+        record = read_json(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror})") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path} is not a JSON object")
+    if missing := [key for key in required if key not in record]:
+        raise ConfigError(f"{path} lacks the field(s) {missing}")
+    return record
 
 
 def sha256_file(path: Path) -> str:

@@ -19,6 +19,7 @@ rollout step gets the registry, so the registry tags follow traffic from inside 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,40 @@ class DeployParams:
         return f"azureml:{self.model_name}:{self.model_version}"
 
 
+def check_params(params: PipelineParams | DeployParams) -> None:
+    """Refuse inputs a step would refuse, before a job is built (ConfigError naming the input).
+
+    Without this, a bad `metric` or `package_mode` fails its step only after train (and
+    register) ran on the cluster, and leaves a registered candidate behind; a bad `model_name`
+    trains a model the register step then refuses.
+    """
+    from aml_pipelines.errors import ConfigError
+    from aml_pipelines.registry.local import check_name
+    from components.package.package import MODES
+
+    check_name(params.model_name)
+    if params.package_mode not in MODES:
+        raise ConfigError(f"package_mode: {params.package_mode!r} is not one of {list(MODES)}")
+    if isinstance(params, DeployParams):
+        if params.model_version < 1:
+            raise ConfigError(f"model_version: {params.model_version} is not a registry version")
+        return
+    from components.register.gate import LOWER_IS_BETTER
+    from components.train.train import TrainParams
+
+    if params.target is not None and params.data is None:
+        # The step would drop --target silently (its $[[...]] block needs data too).
+        raise ConfigError(
+            f"target: {params.target!r} is given without data; target names a column of the CSV "
+            "data (-p data=FOLDER), the bundled diabetes data has its own target"
+        )
+    if params.metric not in LOWER_IS_BETTER:
+        raise ConfigError(f"metric: {params.metric!r} is not one of {sorted(LOWER_IS_BETTER)}")
+    if not (math.isfinite(params.max_regression) and params.max_regression >= 0):
+        raise ConfigError(f"max_regression: must be >= 0, got {params.max_regression}")
+    TrainParams(alpha=params.alpha, test_fraction=params.test_fraction, seed=params.seed)
+
+
 def quiet_sdk() -> None:
     """Silence azure-ai-ml's "experimental class" notices (logged for its own schema classes)."""
     logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
@@ -105,14 +140,7 @@ def build_pipeline(
     from azure.ai.ml.dsl import pipeline
 
     params = params or PipelineParams()
-    if params.target is not None and params.data is None:
-        from aml_pipelines.errors import ConfigError
-
-        # The step would drop --target silently (its $[[...]] block needs data too).
-        raise ConfigError(
-            f"target: {params.target!r} is given without data; target names a column of the CSV "
-            "data (-p data=FOLDER), the bundled diabetes data has its own target"
-        )
+    check_params(params)
     steps = loaded or load_components()
     train_c, register_c, package_c, rollout_c = (steps[s] for s in STEPS)
 
@@ -193,10 +221,7 @@ def build_deploy_pipeline(
     from azure.ai.ml.dsl import pipeline
 
     params = params or DeployParams()
-    if params.model_version < 1:
-        from aml_pipelines.errors import ConfigError
-
-        raise ConfigError(f"model_version: {params.model_version} is not a registry version")
+    check_params(params)
     steps = loaded or load_components()
     package_c, rollout_c = (steps[s] for s in DEPLOY_STEPS)
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from aml_pipelines.errors import ConfigError, PipelineError
-from components.common import read_json, setup_logging
+from aml_pipelines.fileio import read_json_object
+from components.common import setup_logging
 
 log = logging.getLogger("components.package")
 
@@ -57,8 +58,12 @@ def resolve_reference(args: argparse.Namespace) -> tuple[str, int, dict[str, Any
     if args.model is not None and args.registered_model is not None:
         raise ConfigError("give either --model or --registered-model, not both")
     if args.registration is not None:
-        registration: dict[str, Any] = read_json(args.registration / "registration.json")
-        return str(registration["name"]), int(registration["version"]), registration
+        path = args.registration / "registration.json"
+        registration = read_json_object(path, required=("name", "version", "sha256"))
+        version = registration["version"]
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ConfigError(f"{path}: version {version!r} is not a registry version")
+        return str(registration["name"]), version, registration
     if args.model_name is None or args.model_version is None:
         raise ConfigError(
             "no model version to package: give --registration, or both --model-name and "

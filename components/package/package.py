@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from aml_pipelines.errors import ComponentError, ConfigError, IntegrityError
-from aml_pipelines.fileio import fsync_dir, read_json, sha256_file, write_json
+from aml_pipelines.fileio import fsync_dir, read_json_object, sha256_file, write_json
 from aml_pipelines.registry.base import ModelVersion
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def build_package(
         raise ConfigError(
             f"{model.name}:{model.version} has no local folder ({model.uri}); pass the model folder"
         )
-    model_json = read_json(source / "model.json")
+    model_json = read_json_object(source / "model.json", required=("model_file", "sha256"))
     model_file = source / str(model_json["model_file"])
     actual = sha256_file(model_file)
     expected = {model.sha256, str(model_json["sha256"])}

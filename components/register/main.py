@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except GateRefused as exc:
         log.warning("%s", exc)  # an outcome, not a failure of the step: exit 3 says which
         return EXIT_GATE_REFUSED
-    except PipelineError as exc:
+    except (PipelineError, OSError) as exc:  # OSError: an unwritable registry or output folder
         log.error("registration failed: %s", exc)
         return 1
     return 0

@@ -6,9 +6,11 @@
 
 Tags written on the new version: its metrics (mse, rmse, r2), `stage=candidate`, `source_run`,
 `git_commit`, `sha256`, `data_fingerprint` and the gate outcome (`gate=passed|forced`,
-`gate_baseline`). The registry itself is injected, so the same code runs against the local
-folder registry and Azure ML; `source` lets Azure ML register the job-output URI of the folder
-instead of uploading local files.
+`gate_baseline`). Re-running the step in the same run (same `source_run`) with the same bits
+registers nothing new: registration.json names the version that run registered before. The
+registry itself is injected, so the same code runs against the local folder registry and Azure
+ML; `source` lets Azure ML register the job-output URI of the folder instead of uploading local
+files.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from aml_pipelines.errors import GateRefused, IntegrityError, RegistryError
-from aml_pipelines.fileio import read_json, sha256_file, write_json
+from aml_pipelines.errors import ConfigError, GateRefused, IntegrityError, RegistryError
+from aml_pipelines.fileio import read_json_object, sha256_file, write_json
 from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
-from components.register.gate import GateDecision, evaluate_gate
+from components.register.gate import LOWER_IS_BETTER, GateDecision, evaluate_gate
 
 log = logging.getLogger(__name__)
 
 REGISTRATION_FILE = "registration.json"
+#: The model.json fields this step relies on (the model-folder contract, components/train).
+MANIFEST_FIELDS = ("name", "model_file", "sha256", "metrics")
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,20 @@ def production_version(registry: ModelRegistry, name: str) -> ModelVersion | Non
     return max(tagged, key=lambda v: v.version, default=None)
 
 
+def _registered_by(
+    registry: ModelRegistry, name: str, source_run: str, sha256: str
+) -> ModelVersion | None:
+    """The version this same run registered with these bits, if any (a re-run of the step).
+
+    A step re-run after it registered (killed before registration.json was written, a retried
+    node, `run-local --run-dir` again) must not add a second version of the same model.
+    """
+    if source_run == "unknown":
+        return None
+    earlier = registry.find_by_tag(name, "source_run", source_run)
+    return max((v for v in earlier if v.sha256 == sha256), key=lambda v: v.version, default=None)
+
+
 def register_model(
     model_dir: Path,
     registry: ModelRegistry,
@@ -83,9 +101,23 @@ def register_model(
     model_json = model_dir / "model.json"
     if not model_json.is_file():
         raise RegistryError(f"{model_dir} is not a model folder: model.json is missing")
-    manifest = read_json(model_json)
+    if out_dir is not None:
+        # Before registering: a version registered without its registration.json is a version
+        # the rest of the pipeline never hears of.
+        out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_json_object(model_json, required=MANIFEST_FIELDS)
+    metrics = manifest["metrics"]
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"{model_json}: metrics must be an object, got {metrics!r}")
+    for key in LOWER_IS_BETTER:
+        if key in metrics and (
+            isinstance(metrics[key], bool) or not isinstance(metrics[key], int | float)
+        ):
+            raise ConfigError(f"{model_json}: metrics.{key} is {metrics[key]!r}, not a number")
     name = str(manifest["name"])
     model_file = model_dir / str(manifest["model_file"])
+    if not model_file.is_file():
+        raise RegistryError(f"{model_dir}: model file {manifest['model_file']!r} is missing")
     actual = sha256_file(model_file)
     if actual != manifest["sha256"]:
         raise IntegrityError(
@@ -93,9 +125,7 @@ def register_model(
         )
 
     production = production_version(registry, name)
-    decision = evaluate_gate(
-        manifest["metrics"], production, metric=metric, max_regression=max_regression
-    )
+    decision = evaluate_gate(metrics, production, metric=metric, max_regression=max_regression)
     if decision.passed:
         log.info("gate passed: %s", decision.reason)
     elif force:
@@ -103,7 +133,6 @@ def register_model(
     else:
         raise GateRefused(f"gate refused {name}: {decision.reason} (use --force to override)")
 
-    metrics = manifest["metrics"]
     tags = {
         **{key: repr(float(metrics[key])) for key in ("mse", "rmse", "r2") if key in metrics},
         STAGE_TAG: Stage.CANDIDATE,
@@ -116,9 +145,18 @@ def register_model(
     }
     if decision.baseline_version is not None:
         tags["gate_baseline"] = f"{name}:{decision.baseline_version}"
-    version = registry.register(name, source if source is not None else model_dir, tags)
+    if (version := _registered_by(registry, name, source_run, actual)) is not None:
+        log.info(
+            "%s version %s holds this model already, registered by this run (%s): "
+            "not registering it again",
+            name,
+            version.version,
+            source_run,
+        )
+    else:
+        version = registry.register(name, source if source is not None else model_dir, tags)
+        log.info("registered %s version %s (%s) at %s", name, version.version, metric, version.uri)
     registration = Registration(version, decision, forced=not decision.passed)
-    log.info("registered %s version %s (%s) at %s", name, version.version, metric, version.uri)
     if out_dir is not None:
         write_json(out_dir / REGISTRATION_FILE, registration.as_json())
     return registration

@@ -26,7 +26,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from components.common import read_json, setup_logging, write_json
+from aml_pipelines.errors import ConfigError
+from aml_pipelines.fileio import read_json_object
+from components.common import setup_logging, write_json
 
 log = logging.getLogger("components.rollout")
 
@@ -57,7 +59,10 @@ def read_package(folder: Path) -> dict[str, Any]:
     path = folder / "package.json"
     if not path.is_file():
         raise InvalidInput(f"package: {path} not found (run the package step first)")
-    package: dict[str, Any] = read_json(path)
+    try:
+        package = read_json_object(path)
+    except ConfigError as exc:
+        raise InvalidInput(f"package: {exc}") from None
     if missing := [key for key in _PACKAGE_KEYS if not package.get(key)]:
         raise InvalidInput(f"package: {path} lacks {missing}")
     return package
@@ -124,6 +129,9 @@ def _follow_traffic(registry_spec: str, candidate: Any, result: Any) -> bool:
     try:
         registry = open_registry(registry_spec)
         version = int(candidate.version)
+        # A version the registry does not hold (another registry, a damaged version left out of
+        # listings) would get no tags and no error: the registry would not follow traffic.
+        registry.get(candidate.model, version)
         follow_traffic(registry, candidate.model, version, phase, result.reason)  # logs each tag
     except (PipelineError, ValueError) as exc:
         log.error("the rollout ended %s but the registry tags were not written: %s", phase, exc)

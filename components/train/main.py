@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             target=args.target,
             metrics_dir=args.metrics_dir,
         )
-    except PipelineError as exc:
+    except (PipelineError, OSError) as exc:  # OSError: an unreadable file, an unwritable output
         log.error("training failed: %s", exc)
         return 1
     log.info("model folder written to %s", result.model_dir)

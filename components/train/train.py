@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from aml_pipelines.errors import ConfigError
+from aml_pipelines.registry.local import check_name
 
 log = logging.getLogger(__name__)
 
@@ -117,29 +118,18 @@ def load_csv_dataset(data: Path, target: str) -> Dataset:
     header: list[str] | None = None
     rows: list[list[float]] = []
     for file in files:
-        # utf-8-sig: a byte-order mark (Excel writes one) would become part of the first column name
-        with file.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            file_header = [name.strip() for name in next(reader, [])]
-            if header is None:
-                header = file_header
-            elif file_header != header:
-                raise ConfigError(f"data: {file.name} has header {file_header}, expected {header}")
-            for line_no, row in enumerate(reader, start=2):
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    raise ConfigError(
-                        f"data: {file.name} line {line_no} has {len(row)} fields, "
-                        f"expected {len(header)}"
-                    )
-                try:
-                    rows.append([float(value) for value in row])
-                except ValueError as exc:
-                    raise ConfigError(f"data: {file.name} line {line_no}: {exc}") from exc
+        try:
+            header = _read_csv(file, header, rows)
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise ConfigError(f"data: {file.name} is not a UTF-8 CSV file ({exc})") from exc
     assert header is not None
     if target not in header:
         raise ConfigError(f"target: column {target!r} not in the CSV header {header}")
+    if repeated := sorted({name for name in header if header.count(name) > 1}):
+        # header.index() would pick the first copy: a repeated target would train on itself
+        raise ConfigError(f"data: the CSV header repeats the column(s) {repeated}")
+    if len(header) < 2:
+        raise ConfigError(f"data: the CSV has no feature column besides the target {target!r}")
     if len(rows) < 4:
         raise ConfigError(f"data: {len(rows)} rows is too few to train and evaluate")
     values = np.asarray(rows, dtype=np.float64)
@@ -154,6 +144,29 @@ def load_csv_dataset(data: Path, target: str) -> Dataset:
         target_name=target,
         source=str(data),
     )
+
+
+def _read_csv(file: Path, header: list[str] | None, rows: list[list[float]]) -> list[str]:
+    """Append `file`'s rows to `rows`; its header, which must equal `header` when given."""
+    # utf-8-sig: a byte-order mark (Excel writes one) would become part of the first column name
+    with file.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        file_header = [name.strip() for name in next(reader, [])]
+        if header is not None and file_header != header:
+            raise ConfigError(f"data: {file.name} has header {file_header}, expected {header}")
+        for line_no, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(file_header):
+                raise ConfigError(
+                    f"data: {file.name} line {line_no} has {len(row)} fields, "
+                    f"expected {len(file_header)}"
+                )
+            try:
+                rows.append([float(value) for value in row])
+            except ValueError as exc:
+                raise ConfigError(f"data: {file.name} line {line_no}: {exc}") from exc
+    return file_header
 
 
 def load_dataset(data: Path | None, target: str | None) -> Dataset:
@@ -225,8 +238,7 @@ def train(
     from sklearn.metrics import mean_squared_error, r2_score
     from sklearn.model_selection import train_test_split
 
-    if not name:
-        raise ConfigError("model_name: must not be empty")
+    check_name(name)  # the registry's rule: refused here, before training, not after it
     dataset = load_dataset(data, target)
     # Checked before splitting: sklearn raises its own error when a side would be empty.
     rows = len(dataset.target)
@@ -242,8 +254,14 @@ def train(
         test_size=params.test_fraction,
         random_state=params.seed,
     )
-    model = Ridge(alpha=params.alpha).fit(x_train, y_train)
-    predicted = model.predict(x_test)
+    try:
+        # Finite values near float64's limit overflow inside the solver: an error, not a
+        # warning followed by a model of NaNs.
+        with np.errstate(over="raise", invalid="raise"):
+            model = Ridge(alpha=params.alpha).fit(x_train, y_train)
+            predicted = model.predict(x_test)
+    except (ValueError, FloatingPointError) as exc:
+        raise ConfigError(f"data: Ridge cannot be fitted on {dataset.source}: {exc}") from exc
     mse = float(mean_squared_error(y_test, predicted))
     metrics = {"mse": mse, "rmse": math.sqrt(mse), "r2": float(r2_score(y_test, predicted))}
 

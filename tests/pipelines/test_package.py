@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.machinery
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -190,6 +191,59 @@ def test_main_refuses_a_missing_or_double_reference(
     assert main(argv) == 1
     assert message in caplog.text
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param(None, r"registration\.json not found", id="missing"),
+        pytest.param('{"name": "Diabetes-Ridge", "vers', "is not valid JSON", id="truncated"),
+        pytest.param("[1]", "is not a JSON object", id="not-an-object"),
+        pytest.param('{"name": "Diabetes-Ridge", "sha256": "ab"}',
+                     r"lacks the field\(s\) \['version'\]", id="no-version"),
+        pytest.param('{"name": "Diabetes-Ridge", "version": "one", "sha256": "ab"}',
+                     "version 'one' is not a registry version", id="version-not-a-number"),
+        pytest.param('{"name": "Diabetes-Ridge", "version": 0, "sha256": "ab"}',
+                     "version 0 is not a registry version", id="version-zero"),
+    ],
+)  # fmt: skip
+def test_main_refuses_a_damaged_registration_in_one_line(
+    registered, tmp_path: Path, content: str | None, message: str, caplog
+) -> None:
+    registry, _ = registered
+    reg = tmp_path / "registration"
+    reg.mkdir()
+    if content is not None:
+        (reg / "registration.json").write_text(content)
+    argv = ["--registration", str(reg), "--registry", f"local:{registry.root}",
+            "--image-registry", "acr.io", "--package", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 1
+    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert error.getMessage().startswith("packaging failed: "), error.getMessage()
+    assert re.search(message, error.getMessage()), error.getMessage()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_model_json_is_not_packaged(registered, tmp_path: Path) -> None:
+    """The model folder passed in (Azure ML: the train output) is read before anything else."""
+    registry, root = registered
+    folder = tmp_path / "model"
+    shutil.copytree(root / "model", folder)
+    (folder / "model.json").write_text('{"model_file": "model.skops"}')
+    version = registry.get("Diabetes-Ridge", 1)
+    without_path = type(version)(version.name, version.version, "azureml://x", version.sha256)
+    with pytest.raises(ConfigError, match=r"model\.json lacks the field\(s\) \['sha256'\]"):
+        build_package(without_path, tmp_path / "out", image_registry="acr.io", model_dir=folder)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_rollout_step_refuses_a_damaged_package_json(tmp_path: Path) -> None:
+    (tmp_path / "package.json").write_text('{"model": "m", "vers')
+    with pytest.raises(InvalidInput, match=r"^package: .*package\.json is not valid JSON"):
+        read_package(tmp_path)
+    (tmp_path / "package.json").write_text("[]")
+    with pytest.raises(InvalidInput, match=r"^package: .*package\.json is not a JSON object"):
+        read_package(tmp_path)
 
 
 # ---- the output folder is replaced in place (Azure ML mounts it) ------------------------------

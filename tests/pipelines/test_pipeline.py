@@ -269,6 +269,30 @@ def test_deploy_pipeline_starts_from_a_registered_reference(tmp_path: Path, comp
     assert load_job(tmp_path / "p.yml")._validate().passed  # what `az ml job create -f` does
 
 
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        # each would fail its step only after train (and register) ran in Azure ML
+        pytest.param(PipelineParams(metric="auc"), "^metric: 'auc' is not one of", id="metric"),
+        pytest.param(PipelineParams(package_mode="cloud"), "^package_mode: 'cloud'",
+                     id="package-mode"),
+        pytest.param(PipelineParams(model_name="my model"), "^model name 'my model' is invalid",
+                     id="model-name"),
+        pytest.param(PipelineParams(test_fraction=2.0), "^test_fraction", id="test-fraction"),
+        pytest.param(PipelineParams(alpha=-1.0), "^alpha", id="alpha"),
+        pytest.param(PipelineParams(max_regression=-0.1), "^max_regression", id="max-regression"),
+        pytest.param(DeployParams(package_mode="cloud"), "^package_mode", id="deploy-package-mode"),
+        pytest.param(DeployParams(model_name="a/b"), "^model name 'a/b'", id="deploy-model-name"),
+    ],
+)  # fmt: skip
+def test_inputs_a_step_would_refuse_are_refused_before_building(
+    components, params: PipelineParams | DeployParams, message: str
+) -> None:
+    build = build_deploy_pipeline if isinstance(params, DeployParams) else build_pipeline
+    with pytest.raises(ConfigError, match=message):
+        build(params, loaded=components)  # type: ignore[operator]
+
+
 def test_deploy_pipeline_refuses_a_version_below_one(components) -> None:
     with pytest.raises(ConfigError, match="model_version: 0"):
         build_deploy_pipeline(DeployParams(model_version=0), loaded=components)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,86 @@ def test_main_exit_codes(tmp_path: Path, make_model: MakeModel) -> None:
     with pytest.raises(SystemExit) as missing:
         main(["--model", str(tmp_path)])
     assert missing.value.code == 2  # argparse names the missing --registry
+
+
+def _rewrite_manifest(folder: Path, change: str) -> None:
+    manifest = folder / "model.json"
+    record = json.loads(manifest.read_text())
+    if change == "truncated":
+        manifest.write_text(manifest.read_text()[:20])
+    elif change == "list":
+        manifest.write_text("[]")
+    elif change == "no-metrics":
+        del record["metrics"]
+        manifest.write_text(json.dumps(record))
+    elif change == "metrics-string":
+        record["metrics"] = "mse=3"
+        manifest.write_text(json.dumps(record))
+    elif change == "mse-string":
+        record["metrics"]["mse"] = "low"
+        manifest.write_text(json.dumps(record))
+    elif change == "no-model-file":
+        (folder / "model.skops").unlink()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param("truncated", r"model\.json is not valid JSON", id="truncated"),
+        pytest.param("list", r"model\.json is not a JSON object", id="not-an-object"),
+        pytest.param("no-metrics", r"model\.json lacks the field\(s\) \['metrics'\]",
+                     id="no-metrics"),
+        pytest.param("metrics-string", "metrics must be an object", id="metrics-not-an-object"),
+        pytest.param("mse-string", "metrics.mse is 'low', not a number", id="metric-not-a-number"),
+        pytest.param("no-model-file", "model file 'model.skops' is missing", id="no-model-file"),
+    ],
+)  # fmt: skip
+def test_a_damaged_model_folder_is_one_error_and_nothing_is_registered(
+    tmp_path: Path,
+    make_model: MakeModel,
+    caplog: pytest.LogCaptureFixture,
+    change: str,
+    message: str,
+) -> None:
+    folder = make_model()
+    _rewrite_manifest(folder, change)
+    argv = ["--model", str(folder), "--registry", f"local:{tmp_path / 'reg'}",
+            "--registration", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 1
+    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert error.getMessage().startswith("registration failed: ")
+    assert re.search(message, error.getMessage()), error.getMessage()
+    assert LocalRegistry(tmp_path / "reg").names() == []
+
+
+@pytest.mark.parametrize(
+    ("runs", "versions"),
+    [
+        # killed after registering, before registration.json; or `run-local --run-dir` again
+        pytest.param(("run-1/register", "run-1/register"), [1, 1], id="same-run-registers-once"),
+        pytest.param(("run-1/register", "run-2/register"), [1, 2], id="another-run-registers"),
+        pytest.param(("unknown", "unknown"), [1, 2], id="no-run-id-registers"),
+    ],
+)
+def test_a_rerun_of_the_step_does_not_register_the_model_twice(
+    tmp_path: Path, make_model: MakeModel, runs: tuple[str, str], versions: list[int]
+) -> None:
+    registry = LocalRegistry(tmp_path / "reg")
+    folder = make_model()
+    for attempt, run in enumerate(runs):
+        out = tmp_path / f"out-{attempt}"
+        registration = register_model(folder, registry, source_run=run, out_dir=out)
+        written = json.loads((out / "registration.json").read_text())
+        assert written["version"] == registration.version.version == versions[attempt]
+    assert [v.version for v in registry.list_versions("m")] == sorted(set(versions))
+
+
+def test_an_unwritable_output_fails_before_anything_is_registered(
+    tmp_path: Path, make_model: MakeModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    argv = ["--model", str(make_model()), "--registry", f"local:{tmp_path / 'reg'}",
+            "--registration", str(tmp_path / "file" / "out")]  # fmt: skip
+    assert main(argv) == 1
+    assert "registration failed: [Errno 20] Not a directory" in caplog.text
+    assert LocalRegistry(tmp_path / "reg").names() == []

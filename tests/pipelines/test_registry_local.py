@@ -190,7 +190,8 @@ def test_unknown_version_and_bad_names(registry: LocalRegistry, make_model: Make
 
 def test_factory_maps_kinds_and_refuses_unknown_ones(tmp_path: Path) -> None:
     assert isinstance(open_registry(f"local:{tmp_path}"), LocalRegistry)
-    with pytest.raises(ConfigError, match="unknown kind 'mlflow'"):
+    expected = "unknown kind 'mlflow' .*; expected local, local:PATH, azureml or azureml:SUB"
+    with pytest.raises(ConfigError, match=expected):
         open_registry("mlflow:x")
 
 

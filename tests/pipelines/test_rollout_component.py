@@ -147,3 +147,20 @@ def test_tags_that_cannot_be_written_fail_the_step(
             "--registry", "nosuch:registry", "--result", str(tmp_path / "result")]  # fmt: skip
     assert main(argv) == 1
     assert "the rollout ended Succeeded but the registry tags were not written" in caplog.text
+
+
+def test_a_version_the_registry_does_not_hold_fails_the_step(
+    tmp_path: Path, package: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing to tag is not success: the registry would not follow the traffic that moved."""
+    from aml_pipelines.registry.local import LocalRegistry
+    from tests.pipelines.conftest import write_model_folder
+
+    registry = LocalRegistry(tmp_path / "registry")  # holds "other", not the packaged m:1
+    registry.register("other", write_model_folder(tmp_path / "v1", name="other"))
+    argv = ["--package", str(package), "--spec", str(_spec(tmp_path)),
+            "--registry", f"local:{registry.root}",
+            "--result", str(tmp_path / "result")]  # fmt: skip
+    assert main(argv) == 1
+    assert "the rollout ended Succeeded but the registry tags were not written" in caplog.text
+    assert "model 'm' version 1 not found" in caplog.text

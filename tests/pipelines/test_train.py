@@ -137,3 +137,45 @@ def test_non_numeric_csv_names_the_line(tmp_path: Path) -> None:
     data.write_text("a,y\n1,2\nx,3\n")
     with pytest.raises(ConfigError, match="line 3"):
         train(tmp_path / "m", name="m", params=TrainParams(), data=data, target="y")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param(b"\xff\xfe\x00a,y\n", r"^data: d\.csv is not a UTF-8 CSV file", id="binary"),
+        # the second y would be a feature: the model would learn the target from itself
+        pytest.param(b"a,y,y\n" + b"1,2,2\n3,4,4\n5,6,6\n7,8,8\n9,1,1\n2,3,3\n",
+                     r"^data: the CSV header repeats the column\(s\) \['y'\]",
+                     id="repeated-target"),
+        pytest.param(b"y\n1\n2\n3\n4\n5\n6\n", "^data: the CSV has no feature column",
+                     id="target-only"),
+        # finite, but they overflow inside the solver
+        pytest.param(b"a,y\n1e308,1e308\n-1e308,-1e308\n1e308,1\n1,1e308\n2,2\n-1e308,3\n",
+                     "^data: Ridge cannot be fitted", id="overflow"),
+    ],
+)  # fmt: skip
+def test_a_bad_csv_is_one_error_naming_it(tmp_path: Path, content: bytes, message: str) -> None:
+    data = tmp_path / "d.csv"
+    data.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        train(tmp_path / "m", name="m", params=TrainParams(), data=data, target="y")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "../m", "my model", "m" * 256])
+def test_a_model_name_the_registry_refuses_is_refused_before_training(
+    tmp_path: Path, name: str
+) -> None:
+    with pytest.raises(ConfigError, match=r"^model name .* is invalid"):
+        train(tmp_path / "m", name=name, params=TrainParams())
+    assert not (tmp_path / "m").exists()
+
+
+def test_main_reports_an_unusable_output_folder_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from components.train.main import main
+
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["--model-name", "m", "--model-dir", str(tmp_path / "file" / "model")]) == 1
+    assert "training failed: [Errno 20] Not a directory" in caplog.text
