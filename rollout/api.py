@@ -31,7 +31,7 @@ from rollout.routers.factory import make_router
 from rollout.state.base import StateStore
 from rollout.state.factory import make_store
 
-__all__ = ["RolloutResult", "load_spec", "open_store", "run_rollout"]
+__all__ = ["RolloutResult", "bootstrap", "load_spec", "open_store", "run_rollout"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +81,29 @@ def _metrics_of(spec: RolloutSpec, router: TrafficRouter, store: StateStore) -> 
             # traffic its first process saw, every error of it counted again.
             metrics.reseed(stored.tick)
     return metrics
+
+
+def bootstrap(
+    spec: RolloutSpec | str | Path,
+    release: Release,
+    *,
+    state_dir: Path | None = None,
+    router: TrafficRouter | None = None,
+) -> bool:
+    """Deploy a service's first release to an empty green, all traffic to it (no judge: there is
+    nothing to compare it with). False when green already serves it. See Controller.bootstrap."""
+    spec = _spec(spec)
+    router = router or make_router(spec.router)
+    store = make_store(spec.state, spec.name, directory=state_dir)
+    controller = Controller(
+        spec,
+        router,
+        make_metrics(spec.metrics, router=router),  # unused: bootstrap observes nothing
+        store,
+        ledger=Ledger(ledger_path_of(spec, state_dir)),
+        owner=default_owner(),
+    )
+    return controller.bootstrap(release)
 
 
 def run_rollout(

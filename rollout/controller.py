@@ -161,6 +161,43 @@ class Controller:
                     self._wait(self.spec.analysis.interval_s, status)
             return status
 
+    def bootstrap(self, release: Release) -> bool:
+        """Deploy `release` to an empty green and send it all traffic: a service's first release.
+
+        A rollout cannot bring it: the judge compares a candidate with what green serves. Holds
+        the rollout's lease; refuses while a rollout is active, or when green serves another
+        release (roll that one out instead). False when green already serves `release`.
+        """
+        with self.store.lease(self.owner):
+            status = self.store.load()
+            if status is not None and not status.terminal:
+                raise RolloutError(
+                    f"rollout {status.name!r} is {status.phase.value}: bootstrap fills an empty "
+                    "green, before the first rollout"
+                )
+            serving = self.router.release(Colour.GREEN)
+            if serving is not None and _same_bits(serving, release):
+                return False
+            if serving is not None:
+                raise RolloutError(
+                    f"green already serves {serving.ref}: roll {release.ref} out instead "
+                    f"(`aml-rollout rollout run --candidate {release.ref}`)"
+                )
+            actions = (Deploy(Colour.GREEN, release), SetWeights(0))
+            for action in actions:
+                self._apply(action)
+            if self.ledger is not None:
+                self.ledger.append(
+                    {
+                        "event": "bootstrap",
+                        "at": self.clock.now(),
+                        "release": _release_dict(release),
+                        "by": self.owner,
+                        "describe": [describe(a) for a in actions],
+                    }
+                )
+            return True
+
     def start(self, *, restart: bool = False) -> Status:
         """Resume the stored status (finishing its pending actions) or begin a new rollout."""
         status = self.store.load()
@@ -179,8 +216,15 @@ class Controller:
         stable = serving or (self.spec.stable.to_release() if self.spec.stable else None)
         if stable is None:
             raise RolloutError(
-                "green serves nothing: deploy the stable release first, or name it in the spec "
-                "(`stable:`) and the controller deploys it"
+                "green serves nothing: name the stable release in the spec (`stable:`) and the "
+                "controller deploys it first; for a service's first release, "
+                f"`aml-rollout rollout bootstrap SPEC --release {candidate.ref}`"
+            )
+        if _same_bits(candidate, stable) and serving is None:
+            raise RolloutError(
+                f"`stable:` names the candidate {candidate.ref}: a rollout compares the candidate "
+                "with another release; for a service's first release, "
+                f"`aml-rollout rollout bootstrap SPEC --release {candidate.ref}`"
             )
         if _same_bits(candidate, stable):
             raise RolloutError(

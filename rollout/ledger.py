@@ -94,6 +94,13 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
                 f"{rec.get('plan')}"
             )
             continue
+        if rec.get("event") == "bootstrap":
+            first = rec.get("release") or {}
+            lines.append(
+                f"bootstrapped green with {first.get('model', '?')}:{first.get('version', '?')} "
+                f"(a first release, unjudged: nothing to compare it with), by {rec.get('by', '?')}"
+            )
+            continue
         if rec.get("event") == "restore":
             t = _when(rec.get("at", start) - start)
             lines.append(

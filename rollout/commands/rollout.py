@@ -93,7 +93,7 @@ def validate(spec: SpecArg) -> None:
     )
 
 
-def _release(text: str | None) -> Any:
+def _release(text: str | None, option: str = "--candidate") -> Any:
     from rollout.core.types import Release
     from rollout.errors import ConfigError
 
@@ -101,7 +101,7 @@ def _release(text: str | None) -> Any:
         return None
     model, sep, version = text.partition(":")
     if not sep or not model or not version:
-        _fail(ConfigError(f"--candidate: expected MODEL:VERSION, got {text!r}"))
+        _fail(ConfigError(f"{option}: expected MODEL:VERSION, got {text!r}"))
     return Release(model=model, version=version)
 
 
@@ -182,6 +182,43 @@ def run(
     _out.print(f"[bold {colour}]{result.phase.value}[/]: {escape(result.reason)}")
     _out.print(f"ledger: {result.ledger_path}  (aml-rollout rollout explain {result.ledger_path})")
     raise typer.Exit(_exit_code(result.phase.value))
+
+
+@rollout_app.command()
+def bootstrap(
+    spec: SpecArg,
+    release: Annotated[
+        str | None,
+        typer.Option(
+            help="The first release MODEL:VERSION (default: the spec's `stable:`, else its "
+            "`candidate:`)."
+        ),
+    ] = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Deploy a service's first release to an empty green, all traffic to it, unjudged: there is
+    nothing to compare it with yet. Every later release is rolled out against it."""
+    from rollout.api import bootstrap as bootstrap_green
+    from rollout.errors import ConfigError, RolloutError
+
+    parsed = _load(spec)
+    first = _release(release, "--release")
+    if first is None:
+        named = parsed.stable or parsed.candidate
+        if named is None:
+            _fail(ConfigError("--release: name the first release (the spec names none)"))
+        first = named.to_release()
+    try:
+        done = bootstrap_green(parsed, first, state_dir=state_dir)
+    except RolloutError as exc:
+        _fail(exc)
+    if not done:
+        _out.print(f"green already serves {escape(first.ref)}: nothing to do")
+        return
+    _out.print(
+        f"[bold green]green[/] serves {escape(first.ref)} with all traffic; roll out the next "
+        "release with `aml-rollout rollout run`"
+    )
 
 
 def _store(parsed: RolloutSpec, state_dir: Path | None) -> StateStore:

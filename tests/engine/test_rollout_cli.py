@@ -303,6 +303,64 @@ def test_a_dry_run_without_a_stable_release_says_how_to_name_one(tmp_path: Path)
     code, out = invoke("run", str(spec), "--simulated-time")
     assert code == EXIT_ERROR
     assert "green serves nothing" in out and "`stable:`" in " ".join(out.split())
+    assert "aml-rollout rollout bootstrap SPEC --release m:2" in " ".join(out.split())
+
+
+def test_a_first_release_is_bootstrapped_then_the_next_is_rolled_out_against_it(
+    tmp_path: Path,
+) -> None:
+    routes = tmp_path / "routes.json"
+    spec = write_spec(tmp_path, router={"kind": "memory", "state_file": str(routes)})
+    data = yaml.safe_load(spec.read_text())
+    data["stable"] = data["candidate"] = {"model": "m", "version": "1"}  # a first release
+    spec.write_text(yaml.safe_dump(data))
+    code, out = invoke("run", str(spec), "--simulated-time")
+    assert code == EXIT_ERROR  # was: "green already serves m:1", while green served nothing
+    assert "`stable:` names the candidate m:1" in " ".join(out.split())
+
+    code, out = invoke("bootstrap", str(spec))
+    assert code == 0, out
+    assert "green serves m:1 with all traffic" in out
+    served = json.loads(routes.read_text())
+    assert served["weights"] == {"blue": 0, "green": 100}
+    assert served["releases"]["green"]["version"] == "1"
+    assert invoke("bootstrap", str(spec)) == (0, "green already serves m:1: nothing to do\n")
+    code, out = invoke("bootstrap", str(spec), "--release", "m:2")
+    assert code == EXIT_ERROR and "green already serves m:1: roll m:2 out instead" in out
+
+    code, out = invoke("run", str(spec), "--candidate", "m:2", "--simulated-time")
+    assert code == 0, out
+    code, story = invoke("explain", str(spec))
+    assert code == 0
+    assert "bootstrapped green with m:1 (a first release, unjudged" in " ".join(story.split())
+    assert "started rollout cli: candidate m:2 (blue) against m:1 (green)" in story
+
+
+def test_bootstrap_refuses_while_a_rollout_is_active(tmp_path: Path) -> None:
+    routes = tmp_path / "routes.json"
+    spec = write_spec(
+        tmp_path,
+        router={"kind": "memory", "state_file": str(routes)},
+        metrics={"kind": "static", "ticks": [{"error": "connection refused"}]},
+    )
+    code, out = invoke("run", str(spec), "--simulated-time")
+    assert code == EXIT_PAUSED, out  # held for a human: not over
+    routes.unlink()  # the data plane lost everything, the rollout is still on
+    code, out = invoke("bootstrap", str(spec), "--release", "m:1")
+    assert code == EXIT_ERROR
+    assert "rollout 'cli' is Paused: bootstrap fills an empty green" in " ".join(out.split())
+    assert not routes.exists()
+
+
+def test_bootstrap_needs_a_release(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path)
+    data = yaml.safe_load(spec.read_text())
+    del data["stable"], data["candidate"]
+    spec.write_text(yaml.safe_dump(data))
+    code, out = invoke("bootstrap", str(spec))
+    assert code == EXIT_ERROR and "--release: name the first release" in out
+    code, out = invoke("bootstrap", str(spec), "--release", "m")
+    assert code == EXIT_ERROR and "--release: expected MODEL:VERSION, got 'm'" in out
 
 
 def test_the_readme_spec_validates(tmp_path: Path) -> None:
