@@ -65,8 +65,8 @@ from rollout.routers.base import TrafficRouter
 
 #: The shortest window for `resets()` (a range selector needs a positive duration).
 MIN_WINDOW_S = 1
-#: How long after a step's start its first sample (the baseline) is searched for: longer than
-#: any sane scrape interval.
+#: How long after a step's start its first sample (the baseline) is searched for first: longer
+#: than any sane scrape interval. A series not scraped in that time is searched for over the step.
 BASELINE_SEARCH_S = 60
 
 Series = tuple[tuple[str, str], ...]
@@ -255,10 +255,11 @@ class PrometheusMetrics:
     ) -> dict[Series, int]:
         """Exact counter increase per series from the step's first sample to `now`.
 
-        The baseline of a series is its first sample at or after `since` (searched for up to
-        BASELINE_SEARCH_S), so traffic from before the step — the tail of the previous step, or
-        of the previous rollout's canary — never counts; what the step loses is the traffic
-        between `since` and that first scrape. A series with no sample at all at `since` (within
+        The baseline of a series is its first sample at or after `since`, so traffic from before
+        the step — the tail of the previous step, or of the previous rollout's canary — never
+        counts; what the step loses is the traffic between `since` and that first scrape. The
+        first BASELINE_SEARCH_S are searched; a series with no sample there (Prometheus or its
+        target was down when the step began) is looked for over the whole step. A series with no sample at all at `since` (within
         Prometheus' lookback) appeared during the step and counts from 0.
         """
         selector = series_set.selector(values)
@@ -280,7 +281,12 @@ class PrometheusMetrics:
             for series, n in self._vector(f"resets({selector}[{span_ms + 1}ms])", now).items()
             if n > 0
         }
-        raw = self._matrix(f"{selector}[{span_ms + 1}ms]", now) if restarted else {}
+        whole_step = f"{selector}[{span_ms + 1}ms]"
+        raw = self._matrix(whole_step, now) if restarted else {}
+        unscraped = [s for s in at_now if s in existed and s not in first]
+        if unscraped and search_ms < span_ms:
+            raw = raw or self._matrix(whole_step, now)
+            first.update((s, raw[s][0]) for s in unscraped if raw.get(s))
         deltas: dict[Series, int] = {}
         for series, value in at_now.items():
             if series not in existed:

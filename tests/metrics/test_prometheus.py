@@ -346,3 +346,15 @@ def test_custom_queries_never_clamp_errors(prom: FakePrometheus) -> None:
     prom.add("my_errors_total", {"svc": "blue"}, [(T0, 0), (T0 + 5, 7)])
     observation = make_metrics(custom_preset(prom)).observe(T0, T0 + 5)
     assert (observation.blue.requests, observation.blue.errors) == (7, 7)
+
+
+def test_a_step_whose_first_minute_has_no_scrape_counts_from_its_first_scrape(
+    prom: FakePrometheus,
+) -> None:
+    # Prometheus was down from just before the step began until 90 s into it (longer than the
+    # first-sample search); green's counter went on. The step counts from the first scrape.
+    before = [(T0 - 10 + i, 1000.0 + 100 * i) for i in range(10)]
+    after = [(T0 + 90 + i, 20_000.0 + 100 * i) for i in range(11)]
+    prom.add("envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "green"}, before + after)
+    observation = envoy(prom).observe(T0, T0 + 100)
+    assert observation.green.requests == 1000
