@@ -6,8 +6,9 @@ reads the raw cumulative counters instead, with prometheus-api-client:
 
 1. the counter value of every series at `now`, and its baseline: its first sample at or after
    `since` (so no traffic from before the step counts — not the previous step's, not the
-   previous rollout's canary's); a series absent at `since` appeared during the step and counts
-   from 0 (Envoy's 5xx series, for one, appears only with the first 5xx);
+   previous rollout's canary's); a series with no sample in the 5 minutes before `since`
+   appeared during the step and counts from 0 (Envoy's 5xx series, for one, appears only with
+   the first 5xx) — one merely marked stale there by a failed scrape did not;
 2. `resets(series[window])` at `now`; for the rare series that restarted inside the window, the
    raw samples of the window are fetched and the increase is summed piece by piece (a drop means
    the counter restarted from 0), which is exact where `increase()` is not.
@@ -65,6 +66,9 @@ from rollout.routers.base import TrafficRouter
 
 #: The shortest window for `resets()` (a range selector needs a positive duration).
 MIN_WINDOW_S = 1
+#: How far back before a step's start a series' last sample says it existed (Prometheus'
+#: default lookback).
+LOOKBACK_S = 300
 #: How long after a step's start its first sample (the baseline) is searched for first: longer
 #: than any sane scrape interval. A series not scraped in that time is searched for over the step.
 BASELINE_SEARCH_S = 60
@@ -259,12 +263,15 @@ class PrometheusMetrics:
         the step — the tail of the previous step, or of the previous rollout's canary — never
         counts; what the step loses is the traffic between `since` and that first scrape. The
         first BASELINE_SEARCH_S are searched; a series with no sample there (Prometheus or its
-        target was down when the step began) is looked for over the whole step. A series with no sample at all at `since` (within
-        Prometheus' lookback) appeared during the step and counts from 0.
+        target was down when the step began) is looked for over the whole step. A series with
+        no sample in the LOOKBACK_S before `since` appeared during the step and counts from 0;
+        one merely marked stale at `since` (by a failed scrape) did not.
         """
         selector = series_set.selector(values)
         at_now = self._vector(selector, now)
-        existed = self._vector(selector, since)
+        # Not `selector` at `since`: a failed scrape marks every series of its target stale,
+        # and a series stale at `since` would look new and count its whole history.
+        existed = self._vector(f"last_over_time({selector}[{LOOKBACK_S}s])", since)
         # Range selectors are open on the left: one extra millisecond takes in a sample that
         # lies exactly on `since`.
         span_ms = max(round((now - since) * 1000), 1)

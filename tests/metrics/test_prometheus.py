@@ -21,7 +21,7 @@ from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries, sp
 from rollout.core.types import ColourCounts
 from rollout.metrics.factory import make_metrics
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset, istio_preset
-from tests.metrics.fake_prometheus import FakePrometheus
+from tests.metrics.fake_prometheus import STALE, FakePrometheus
 
 T0 = 1_700_000_000.0
 
@@ -358,3 +358,38 @@ def test_a_step_whose_first_minute_has_no_scrape_counts_from_its_first_scrape(
     prom.add("envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "green"}, before + after)
     observation = envoy(prom).observe(T0, T0 + 100)
     assert observation.green.requests == 1000
+
+
+def test_a_failed_scrape_as_the_step_begins_never_counts_the_history(prom: FakePrometheus) -> None:
+    # One scrape of Envoy failed at T0 - 0.5: Prometheus marked every series stale until the next
+    # one at T0 + 0.5. The counters went on (Envoy did not restart): they still hold the previous
+    # rollout's 9000 blue errors, which are no traffic of this step.
+    def scraped(values: list[float]) -> list[tuple[float, float | None]]:
+        return [(T0 - 3.5, values[0]), (T0 - 1.5, values[0]), (T0 - 0.5, STALE)] + [
+            (T0 + 0.5 + i, v) for i, v in enumerate(values[1:])
+        ]
+
+    prom.add(
+        "envoy_cluster_upstream_rq_completed",
+        {"envoy_cluster_name": "blue"},
+        scraped([50_000, 50_010, 50_020]),
+    )
+    prom.add(
+        "envoy_cluster_upstream_rq_xx",
+        {"envoy_cluster_name": "blue", "envoy_response_code_class": "5"},
+        scraped([9000, 9000, 9000]),
+    )
+    observation = envoy(prom).observe(T0, T0 + 2)
+    assert (observation.blue.requests, observation.blue.errors) == (10, 0)
+
+
+def test_a_series_restarted_while_stale_as_the_step_begins_counts_from_its_first_scrape(
+    prom: FakePrometheus,
+) -> None:
+    # Envoy restarted across the step's start (its scrapes failed meanwhile): the new process'
+    # counters begin again from 0, and the step counts from its first scrape on.
+    samples: list[tuple[float, float | None]] = [(T0 - 2, 50_000), (T0 - 1, STALE)]
+    samples += [(T0 + 1, 3), (T0 + 2, 13), (T0 + 3, 40)]
+    prom.add("envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "green"}, samples)
+    observation = envoy(prom).observe(T0, T0 + 3)
+    assert observation.green.requests == 37
