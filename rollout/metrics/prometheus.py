@@ -360,8 +360,11 @@ class PrometheusMetrics:
             ) from exc
         except PrometheusApiClientException as exc:
             raise MetricsError(f"Prometheus at {self.url} rejected {query!r}: {exc}") from exc
-        except ValueError as exc:  # not JSON: something else listens there
+        except (ValueError, KeyError, TypeError) as exc:
+            # Not JSON, or JSON without `data.result`: something else listens there.
             raise MetricsError(f"Prometheus at {self.url} answered garbage for {query!r}") from exc
+        if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
+            raise MetricsError(f"Prometheus at {self.url} answered garbage for {query!r}")
         return result
 
     def _vector(self, query: str, at: float) -> dict[Series, int]:

@@ -12,6 +12,7 @@ the URL (the judge's Error); the Istio and custom presets; the factory.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from hypothesis import given, settings
@@ -21,6 +22,7 @@ from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries, sp
 from rollout.core.types import ColourCounts
 from rollout.metrics.factory import make_metrics
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset, istio_preset
+from tests.fakes.server import LocalServer
 from tests.metrics.fake_prometheus import STALE, FakePrometheus
 
 T0 = 1_700_000_000.0
@@ -186,6 +188,39 @@ def test_failing_prometheus_is_an_error(prom: FakePrometheus) -> None:
     prom.status = 503
     observation = envoy(prom).observe(T0 - 10, T0)
     assert observation.error is not None and prom.url in observation.error
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b'{"status": "ok"}', id="json-without-data"),
+        pytest.param(b'{"status": "success", "data": {"result": {"a": 1}}}', id="result-no-list"),
+        pytest.param(b'{"status": "success", "data": {"result": ["a"]}}', id="items-no-objects"),
+        pytest.param(b"<html>login</html>", id="not-json"),
+    ],
+)
+def test_something_else_answering_200_is_an_error_naming_the_url(body: bytes) -> None:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = LocalServer(Handler)
+    server.start()
+    try:
+        provider = PrometheusMetrics(server.url, preset=envoy_preset())
+        observation = provider.observe(T0 - 10, T0)
+        online = provider.is_online()
+        provider.close()
+    finally:
+        server.stop()
+    assert observation.error is not None and server.url in observation.error
+    assert not online
 
 
 def test_is_online(prom: FakePrometheus) -> None:
