@@ -4,7 +4,8 @@ The judge wants integers: requests, 5xx errors and a cumulative latency histogra
 counted from `since` to `now`. `rate()` and `increase()` extrapolate and smooth, so this provider
 reads the raw cumulative counters instead, with prometheus-api-client:
 
-1. the counter value of every series at `now`, and its baseline: its first sample at or after
+1. the counter value of every series at `now` (its last sample in the step, so a series marked
+   stale by a failed scrape keeps its count), and its baseline: its first sample at or after
    `since` (so no traffic from before the step counts — not the previous step's, not the
    previous rollout's canary's); a series with no sample in the 5 minutes before `since`
    appeared during the step and counts from 0 (Envoy's 5xx series, for one, appears only with
@@ -268,13 +269,17 @@ class PrometheusMetrics:
         one merely marked stale at `since` (by a failed scrape) did not.
         """
         selector = series_set.selector(values)
-        at_now = self._vector(selector, now)
-        # Not `selector` at `since`: a failed scrape marks every series of its target stale,
-        # and a series stale at `since` would look new and count its whole history.
-        existed = self._vector(f"last_over_time({selector}[{LOOKBACK_S}s])", since)
         # Range selectors are open on the left: one extra millisecond takes in a sample that
         # lies exactly on `since`.
         span_ms = max(round((now - since) * 1000), 1)
+        whole_step = f"{selector}[{span_ms + 1}ms]"
+        # The last sample in the step, not `selector` at `now`: a series marked stale by a
+        # failed scrape would drop out, the step's counts would fall, and the judge would count
+        # them all again when the next scrape brings the series back.
+        at_now = self._vector(f"last_over_time({whole_step})", now)
+        # Not `selector` at `since`: a failed scrape marks every series of its target stale,
+        # and a series stale at `since` would look new and count its whole history.
+        existed = self._vector(f"last_over_time({selector}[{LOOKBACK_S}s])", since)
         search_ms = min(span_ms, BASELINE_SEARCH_S * 1000)
         first: dict[Series, tuple[float, int]] = {
             series: samples[0]
@@ -288,7 +293,6 @@ class PrometheusMetrics:
             for series, n in self._vector(f"resets({selector}[{span_ms + 1}ms])", now).items()
             if n > 0
         }
-        whole_step = f"{selector}[{span_ms + 1}ms]"
         raw = self._matrix(whole_step, now) if restarted else {}
         unscraped = [s for s in at_now if s in existed and s not in first]
         if unscraped and search_ms < span_ms:

@@ -428,3 +428,19 @@ def test_a_series_restarted_while_stale_as_the_step_begins_counts_from_its_first
     prom.add("envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "green"}, samples)
     observation = envoy(prom).observe(T0, T0 + 3)
     assert observation.green.requests == 37
+
+
+def test_a_failed_scrape_at_the_tick_keeps_the_steps_counts(prom: FakePrometheus) -> None:
+    # The scrape before this tick failed and marked the series stale. The step's counts must not
+    # drop to 0: the judge would skip the drop and, when the next scrape brings the series back,
+    # count the whole step's traffic a second time.
+    samples: list[tuple[float, float | None]] = [(T0 - 0.5 + i, 100.0 + 10 * i) for i in range(4)]
+    samples.append((T0 + 3.5, STALE))
+    prom.add("envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "blue"}, samples)
+    prom.add(
+        "envoy_cluster_upstream_rq_xx",
+        {"envoy_cluster_name": "blue", "envoy_response_code_class": "5"},
+        [(t, None if v is STALE else v / 10) for t, v in samples],
+    )
+    observation = envoy(prom).observe(T0, T0 + 4)
+    assert (observation.blue.requests, observation.blue.errors) == (20, 2)

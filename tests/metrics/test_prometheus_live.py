@@ -217,3 +217,32 @@ def test_a_failed_scrape_as_the_step_begins_counts_only_the_steps_traffic(
 
     assert observation.error is None
     assert (observation.blue.requests, observation.blue.errors) == (10, 0)
+
+
+def test_a_failed_scrape_at_the_tick_keeps_the_steps_counts(tmp_path: Path) -> None:
+    requests = 'envoy_cluster_upstream_rq_completed{envoy_cluster_name="blue"}'
+    target = ScrapeTarget({requests: 50_000})
+    target.server.start()
+    prometheus = PrometheusProcess(
+        tmp_path, envoy_admin=target.address, targets_file=tmp_path / "targets.json"
+    )
+    provider = PrometheusMetrics(prometheus.url, preset=envoy_preset())
+    try:
+        prometheus.start()
+        wait_until('up{job="envoy"}', lambda up: up == 1, provider)
+        since = time.time()
+        wait_until(f"timestamp({requests})", lambda t: t > since, provider)
+        target.counters[requests] += 10
+        moment = time.time()
+        wait_until(f"timestamp({requests})", lambda t: t > moment, provider)
+        target.failing.set()
+        wait_until('up{job="envoy"}', lambda up: up == 0, provider)  # series marked stale
+
+        observation = provider.observe(since, time.time())
+    finally:
+        provider.close()
+        prometheus.stop()
+        target.server.stop()
+
+    assert observation.error is None
+    assert observation.blue.requests == 10
