@@ -4,10 +4,12 @@ The judge wants integers: requests, 5xx errors and a cumulative latency histogra
 counted from `since` to `now`. `rate()` and `increase()` extrapolate and smooth, so this provider
 reads the raw cumulative counters instead, with prometheus-api-client:
 
-1. the counter value of every series at `now`, and its baseline: its first sample at or after
+1. the counter value of every series at `now` (its last sample in the step, so a series marked
+   stale by a failed scrape keeps its count), and its baseline: its first sample at or after
    `since` (so no traffic from before the step counts — not the previous step's, not the
-   previous rollout's canary's); a series absent at `since` appeared during the step and counts
-   from 0 (Envoy's 5xx series, for one, appears only with the first 5xx);
+   previous rollout's canary's); a series with no sample in the 5 minutes before `since`
+   appeared during the step and counts from 0 (Envoy's 5xx series, for one, appears only with
+   the first 5xx) — one merely marked stale there by a failed scrape did not;
 2. `resets(series[window])` at `now`; for the rare series that restarted inside the window, the
    raw samples of the window are fetched and the increase is summed piece by piece (a drop means
    the counter restarted from 0), which is exact where `increase()` is not.
@@ -65,8 +67,11 @@ from rollout.routers.base import TrafficRouter
 
 #: The shortest window for `resets()` (a range selector needs a positive duration).
 MIN_WINDOW_S = 1
-#: How long after a step's start its first sample (the baseline) is searched for: longer than
-#: any sane scrape interval.
+#: How far back before a step's start a series' last sample says it existed (Prometheus'
+#: default lookback).
+LOOKBACK_S = 300
+#: How long after a step's start its first sample (the baseline) is searched for first: longer
+#: than any sane scrape interval. A series not scraped in that time is searched for over the step.
 BASELINE_SEARCH_S = 60
 
 Series = tuple[tuple[str, str], ...]
@@ -255,18 +260,26 @@ class PrometheusMetrics:
     ) -> dict[Series, int]:
         """Exact counter increase per series from the step's first sample to `now`.
 
-        The baseline of a series is its first sample at or after `since` (searched for up to
-        BASELINE_SEARCH_S), so traffic from before the step — the tail of the previous step, or
-        of the previous rollout's canary — never counts; what the step loses is the traffic
-        between `since` and that first scrape. A series with no sample at all at `since` (within
-        Prometheus' lookback) appeared during the step and counts from 0.
+        The baseline of a series is its first sample at or after `since`, so traffic from before
+        the step — the tail of the previous step, or of the previous rollout's canary — never
+        counts; what the step loses is the traffic between `since` and that first scrape. The
+        first BASELINE_SEARCH_S are searched; a series with no sample there (Prometheus or its
+        target was down when the step began) is looked for over the whole step. A series with
+        no sample in the LOOKBACK_S before `since` appeared during the step and counts from 0;
+        one merely marked stale at `since` (by a failed scrape) did not.
         """
         selector = series_set.selector(values)
-        at_now = self._vector(selector, now)
-        existed = self._vector(selector, since)
         # Range selectors are open on the left: one extra millisecond takes in a sample that
         # lies exactly on `since`.
         span_ms = max(round((now - since) * 1000), 1)
+        whole_step = f"{selector}[{span_ms + 1}ms]"
+        # The last sample in the step, not `selector` at `now`: a series marked stale by a
+        # failed scrape would drop out, the step's counts would fall, and the judge would count
+        # them all again when the next scrape brings the series back.
+        at_now = self._vector(f"last_over_time({whole_step})", now)
+        # Not `selector` at `since`: a failed scrape marks every series of its target stale,
+        # and a series stale at `since` would look new and count its whole history.
+        existed = self._vector(f"last_over_time({selector}[{LOOKBACK_S}s])", since)
         search_ms = min(span_ms, BASELINE_SEARCH_S * 1000)
         first: dict[Series, tuple[float, int]] = {
             series: samples[0]
@@ -280,7 +293,11 @@ class PrometheusMetrics:
             for series, n in self._vector(f"resets({selector}[{span_ms + 1}ms])", now).items()
             if n > 0
         }
-        raw = self._matrix(f"{selector}[{span_ms + 1}ms]", now) if restarted else {}
+        raw = self._matrix(whole_step, now) if restarted else {}
+        unscraped = [s for s in at_now if s in existed and s not in first]
+        if unscraped and search_ms < span_ms:
+            raw = raw or self._matrix(whole_step, now)
+            first.update((s, raw[s][0]) for s in unscraped if raw.get(s))
         deltas: dict[Series, int] = {}
         for series, value in at_now.items():
             if series not in existed:
@@ -347,8 +364,11 @@ class PrometheusMetrics:
             ) from exc
         except PrometheusApiClientException as exc:
             raise MetricsError(f"Prometheus at {self.url} rejected {query!r}: {exc}") from exc
-        except ValueError as exc:  # not JSON: something else listens there
+        except (ValueError, KeyError, TypeError) as exc:
+            # Not JSON, or JSON without `data.result`: something else listens there.
             raise MetricsError(f"Prometheus at {self.url} answered garbage for {query!r}") from exc
+        if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
+            raise MetricsError(f"Prometheus at {self.url} answered garbage for {query!r}")
         return result
 
     def _vector(self, query: str, at: float) -> dict[Series, int]:

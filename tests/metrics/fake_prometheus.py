@@ -1,11 +1,14 @@
 """A Prometheus HTTP API fake: real `/api/v1/query` JSON over a real socket, from stored samples.
 
 It evaluates just the PromQL the provider sends — a selector (`name{a="x",b=~"y|z"}`), a range
-selector (`sel[30s]`, answered as a matrix), `resets(sel[30s])` and `vector(1)` — against series
-a test writes with `add(name, labels, [(t, value), ...])`, with Prometheus' semantics: an instant
-selector takes the newest sample at or before `time` within 5 minutes (stale after), a range takes
-samples in `(time - range, time]`. Anything else answers 400 with Prometheus' error JSON, so a
-query the fake does not understand fails the test instead of passing by accident.
+selector (`sel[30s]`, answered as a matrix), `resets(sel[30s])`, `last_over_time(sel[30s])` and
+`vector(1)` — against series a test writes with `add(name, labels, [(t, value), ...])`, with
+Prometheus' semantics: an instant selector takes the newest sample at or before `time` within 5
+minutes (stale after), a range takes samples in `(time - range, time]`. A value of `STALE` is a
+staleness marker (what Prometheus writes for every series of a target when a scrape fails): an
+instant selector whose newest sample is one finds nothing, and ranges skip it. Anything else
+answers 400 with Prometheus' error JSON, so a query the fake does not understand fails the test
+instead of passing by accident.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from urllib.parse import parse_qs, urlparse
 from tests.fakes.server import LocalServer
 
 LOOKBACK_S = 300.0
+#: A staleness marker, as a sample value (Prometheus never returns it from a query).
+STALE = None
 _SELECTOR = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<matchers>[^}]*)\})?$")
 _MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*')
 
@@ -28,7 +33,7 @@ class FakePrometheus:
     """Serve stored series on 127.0.0.1; `queries` records every query seen."""
 
     def __init__(self) -> None:
-        self.series: list[tuple[dict[str, str], list[tuple[float, float]]]] = []
+        self.series: list[tuple[dict[str, str], list[tuple[float, float | None]]]] = []
         self.queries: list[tuple[str, float]] = []
         self.status = 200  # set to 500/503 to simulate a sick Prometheus
         fake = self
@@ -72,9 +77,11 @@ class FakePrometheus:
     def url(self) -> str:
         return self._server.url
 
-    def add(self, name: str, labels: dict[str, str], samples: list[tuple[float, float]]) -> None:
-        """Store one series (samples in time order)."""
-        self.series.append(({"__name__": name, **labels}, sorted(samples)))
+    def add(
+        self, name: str, labels: dict[str, str], samples: list[tuple[float, float | None]]
+    ) -> None:
+        """Store one series (samples in time order; a value of `STALE` is a staleness marker)."""
+        self.series.append(({"__name__": name, **labels}, sorted(samples, key=lambda s: s[0])))
 
     def __enter__(self) -> FakePrometheus:
         self._server.start()
@@ -92,28 +99,45 @@ class FakePrometheus:
         if query.startswith("resets(") and query.endswith(")"):
             selector, window = _range(query[len("resets(") : -1])
             result = []
-            for labels, samples in self._select(selector):
-                inside = [v for t, v in samples if at - window < t <= at]
-                if inside:
-                    resets = sum(1 for a, b in itertools.pairwise(inside) if b < a)
-                    result.append({"metric": _without_name(labels), "value": [at, str(resets)]})
+            for labels, inside in self._ranges(selector, window, at):
+                resets = sum(1 for (_, a), (_, b) in itertools.pairwise(inside) if b < a)
+                result.append({"metric": _without_name(labels), "value": [at, str(resets)]})
+            return "vector", result
+        if query.startswith("last_over_time(") and query.endswith(")"):
+            selector, window = _range(query[len("last_over_time(") : -1])
+            result = [
+                {"metric": labels, "value": [at, _fmt(inside[-1][1])]}
+                for labels, inside in self._ranges(selector, window, at)
+            ]
             return "vector", result
         if query.endswith("]"):
             selector, window = _range(query)
-            result = []
-            for labels, samples in self._select(selector):
-                inside = [[t, str(v)] for t, v in samples if at - window < t <= at]
-                if inside:
-                    result.append({"metric": labels, "values": inside})
+            result = [
+                {"metric": labels, "values": [[t, str(v)] for t, v in inside]}
+                for labels, inside in self._ranges(selector, window, at)
+            ]
             return "matrix", result
         result = []
         for labels, samples in self._select(query):
             before = [(t, v) for t, v in samples if at - LOOKBACK_S < t <= at]
-            if before:
+            if before and before[-1][1] is not STALE:
                 result.append({"metric": labels, "value": [at, _fmt(before[-1][1])]})
         return "vector", result
 
-    def _select(self, selector: str) -> list[tuple[dict[str, str], list[tuple[float, float]]]]:
+    def _ranges(
+        self, selector: str, window: float, at: float
+    ) -> list[tuple[dict[str, str], list[tuple[float, float]]]]:
+        """Each selected series' samples in `(at - window, at]`, staleness markers skipped."""
+        found = []
+        for labels, samples in self._select(selector):
+            inside = [(t, v) for t, v in samples if at - window < t <= at and v is not STALE]
+            if inside:
+                found.append((labels, inside))
+        return found
+
+    def _select(
+        self, selector: str
+    ) -> list[tuple[dict[str, str], list[tuple[float, float | None]]]]:
         match = _SELECTOR.match(selector.strip())
         if match is None:
             raise ValueError(f"fake Prometheus cannot parse {selector!r}")

@@ -12,6 +12,7 @@ the URL (the judge's Error); the Istio and custom presets; the factory.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from hypothesis import given, settings
@@ -21,7 +22,8 @@ from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries, sp
 from rollout.core.types import ColourCounts
 from rollout.metrics.factory import make_metrics
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset, istio_preset
-from tests.metrics.fake_prometheus import FakePrometheus
+from tests.fakes.server import LocalServer
+from tests.metrics.fake_prometheus import STALE, FakePrometheus
 
 T0 = 1_700_000_000.0
 
@@ -188,6 +190,39 @@ def test_failing_prometheus_is_an_error(prom: FakePrometheus) -> None:
     assert observation.error is not None and prom.url in observation.error
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b'{"status": "ok"}', id="json-without-data"),
+        pytest.param(b'{"status": "success", "data": {"result": {"a": 1}}}', id="result-no-list"),
+        pytest.param(b'{"status": "success", "data": {"result": ["a"]}}', id="items-no-objects"),
+        pytest.param(b"<html>login</html>", id="not-json"),
+    ],
+)
+def test_something_else_answering_200_is_an_error_naming_the_url(body: bytes) -> None:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = LocalServer(Handler)
+    server.start()
+    try:
+        provider = PrometheusMetrics(server.url, preset=envoy_preset())
+        observation = provider.observe(T0 - 10, T0)
+        online = provider.is_online()
+        provider.close()
+    finally:
+        server.stop()
+    assert observation.error is not None and server.url in observation.error
+    assert not online
+
+
 def test_is_online(prom: FakePrometheus) -> None:
     assert envoy(prom).is_online()
 
@@ -346,3 +381,66 @@ def test_custom_queries_never_clamp_errors(prom: FakePrometheus) -> None:
     prom.add("my_errors_total", {"svc": "blue"}, [(T0, 0), (T0 + 5, 7)])
     observation = make_metrics(custom_preset(prom)).observe(T0, T0 + 5)
     assert (observation.blue.requests, observation.blue.errors) == (7, 7)
+
+
+def test_a_step_whose_first_minute_has_no_scrape_counts_from_its_first_scrape(
+    prom: FakePrometheus,
+) -> None:
+    # Prometheus was down from just before the step began until 90 s into it (longer than the
+    # first-sample search); green's counter went on. The step counts from the first scrape.
+    before = [(T0 - 10 + i, 1000.0 + 100 * i) for i in range(10)]
+    after = [(T0 + 90 + i, 20_000.0 + 100 * i) for i in range(11)]
+    prom.add("envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "green"}, before + after)
+    observation = envoy(prom).observe(T0, T0 + 100)
+    assert observation.green.requests == 1000
+
+
+def test_a_failed_scrape_as_the_step_begins_never_counts_the_history(prom: FakePrometheus) -> None:
+    # One scrape of Envoy failed at T0 - 0.5: Prometheus marked every series stale until the next
+    # one at T0 + 0.5. The counters went on (Envoy did not restart): they still hold the previous
+    # rollout's 9000 blue errors, which are no traffic of this step.
+    def scraped(values: list[float]) -> list[tuple[float, float | None]]:
+        return [(T0 - 3.5, values[0]), (T0 - 1.5, values[0]), (T0 - 0.5, STALE)] + [
+            (T0 + 0.5 + i, v) for i, v in enumerate(values[1:])
+        ]
+
+    prom.add(
+        "envoy_cluster_upstream_rq_completed",
+        {"envoy_cluster_name": "blue"},
+        scraped([50_000, 50_010, 50_020]),
+    )
+    prom.add(
+        "envoy_cluster_upstream_rq_xx",
+        {"envoy_cluster_name": "blue", "envoy_response_code_class": "5"},
+        scraped([9000, 9000, 9000]),
+    )
+    observation = envoy(prom).observe(T0, T0 + 2)
+    assert (observation.blue.requests, observation.blue.errors) == (10, 0)
+
+
+def test_a_series_restarted_while_stale_as_the_step_begins_counts_from_its_first_scrape(
+    prom: FakePrometheus,
+) -> None:
+    # Envoy restarted across the step's start (its scrapes failed meanwhile): the new process'
+    # counters begin again from 0, and the step counts from its first scrape on.
+    samples: list[tuple[float, float | None]] = [(T0 - 2, 50_000), (T0 - 1, STALE)]
+    samples += [(T0 + 1, 3), (T0 + 2, 13), (T0 + 3, 40)]
+    prom.add("envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "green"}, samples)
+    observation = envoy(prom).observe(T0, T0 + 3)
+    assert observation.green.requests == 37
+
+
+def test_a_failed_scrape_at_the_tick_keeps_the_steps_counts(prom: FakePrometheus) -> None:
+    # The scrape before this tick failed and marked the series stale. The step's counts must not
+    # drop to 0: the judge would skip the drop and, when the next scrape brings the series back,
+    # count the whole step's traffic a second time.
+    samples: list[tuple[float, float | None]] = [(T0 - 0.5 + i, 100.0 + 10 * i) for i in range(4)]
+    samples.append((T0 + 3.5, STALE))
+    prom.add("envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "blue"}, samples)
+    prom.add(
+        "envoy_cluster_upstream_rq_xx",
+        {"envoy_cluster_name": "blue", "envoy_response_code_class": "5"},
+        [(t, None if v is STALE else v / 10) for t, v in samples],
+    )
+    observation = envoy(prom).observe(T0, T0 + 4)
+    assert (observation.blue.requests, observation.blue.errors) == (20, 2)

@@ -3,13 +3,16 @@
 Tiny upstreams answer behind Envoy (blue fails every 10th request); the provider's counts for a
 window must equal, exactly, what Envoy itself counted on the weighted clusters over that window —
 and the header-pinned requests sent meanwhile must not appear in them. Stopping Prometheus turns
-the next observation into an error naming its URL.
+the next observation into an error naming its URL. A step that begins while a failed scrape has
+marked Envoy's series stale counts only its own traffic, not the counters' whole history.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
@@ -20,6 +23,7 @@ from rollout.local.envoy import EnvoyProcess
 from rollout.local.prometheus import PrometheusProcess
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset
 from rollout.routers.envoy import EnvoyRouter
+from tests.fakes.server import LocalServer
 from tests.local.upstream import ThreadUpstreams
 from tests.routers.contract import RouterContract
 
@@ -136,3 +140,109 @@ def test_stopped_prometheus_is_an_error_then_recovers(rig: Rig) -> None:
     finally:
         rig.prometheus.start()
     assert rig.provider.is_online()
+
+
+class ScrapeTarget:
+    """Envoy-named counters at /stats/prometheus, set by the test; `failing` answers 500."""
+
+    def __init__(self, counters: dict[str, int]) -> None:
+        self.counters = counters
+        self.failing = threading.Event()
+        target = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if target.failing.is_set():
+                    self.send_response(500)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
+                body = "".join(f"{k} {v}\n" for k, v in target.counters.items()).encode()
+                self.send_response(200)
+                self.send_header("content-type", "text/plain; version=0.0.4")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = LocalServer(Handler)
+
+    @property
+    def address(self) -> str:
+        return self.server.url.removeprefix("http://")
+
+
+def wait_until(query: str, accept: Callable[[float], bool], provider: PrometheusMetrics) -> None:
+    deadline = time.monotonic() + 20.0
+    while time.monotonic() < deadline:
+        result = provider._query(query, None)
+        if result and accept(float(result[0]["value"][1])):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"Prometheus never answered {query!r} as wanted")
+
+
+def test_a_failed_scrape_as_the_step_begins_counts_only_the_steps_traffic(
+    tmp_path: Path,
+) -> None:
+    requests = 'envoy_cluster_upstream_rq_completed{envoy_cluster_name="blue"}'
+    errors = 'envoy_cluster_upstream_rq_xx{envoy_cluster_name="blue",envoy_response_code_class="5"}'
+    # Envoy's counters after a previous rollout whose canary failed.
+    target = ScrapeTarget({requests: 50_000, errors: 9_000})
+    target.server.start()
+    prometheus = PrometheusProcess(
+        tmp_path, envoy_admin=target.address, targets_file=tmp_path / "targets.json"
+    )
+    provider = PrometheusMetrics(prometheus.url, preset=envoy_preset())
+    try:
+        prometheus.start()
+        wait_until('up{job="envoy"}', lambda up: up == 1, provider)
+        target.failing.set()
+        wait_until('up{job="envoy"}', lambda up: up == 0, provider)  # series marked stale
+        since = time.time()
+        target.failing.clear()
+        # (timestamp() of a selector, not of an expression: only a selector keeps the sample's)
+        wait_until(f"timestamp({requests})", lambda t: t > since, provider)
+        target.counters[requests] += 10  # the step's own traffic, after its first scrape
+        moment = time.time()
+        wait_until(f"timestamp({requests})", lambda t: t > moment, provider)
+
+        observation = provider.observe(since, time.time())
+    finally:
+        provider.close()
+        prometheus.stop()
+        target.server.stop()
+
+    assert observation.error is None
+    assert (observation.blue.requests, observation.blue.errors) == (10, 0)
+
+
+def test_a_failed_scrape_at_the_tick_keeps_the_steps_counts(tmp_path: Path) -> None:
+    requests = 'envoy_cluster_upstream_rq_completed{envoy_cluster_name="blue"}'
+    target = ScrapeTarget({requests: 50_000})
+    target.server.start()
+    prometheus = PrometheusProcess(
+        tmp_path, envoy_admin=target.address, targets_file=tmp_path / "targets.json"
+    )
+    provider = PrometheusMetrics(prometheus.url, preset=envoy_preset())
+    try:
+        prometheus.start()
+        wait_until('up{job="envoy"}', lambda up: up == 1, provider)
+        since = time.time()
+        wait_until(f"timestamp({requests})", lambda t: t > since, provider)
+        target.counters[requests] += 10
+        moment = time.time()
+        wait_until(f"timestamp({requests})", lambda t: t > moment, provider)
+        target.failing.set()
+        wait_until('up{job="envoy"}', lambda up: up == 0, provider)  # series marked stale
+
+        observation = provider.observe(since, time.time())
+    finally:
+        provider.close()
+        prometheus.stop()
+        target.server.stop()
+
+    assert observation.error is None
+    assert observation.blue.requests == 10
