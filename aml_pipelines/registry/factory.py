@@ -53,4 +53,7 @@ def open_registry(
         return AzureMLRegistry(
             ml_client if ml_client is not None else workspace_client(arg or None)
         )
-    raise ConfigError(f"registry: unknown kind {kind!r} in {spec!r}; expected one of 'local:PATH'")
+    raise ConfigError(
+        f"registry: unknown kind {kind!r} in {spec!r}; expected local, local:PATH, azureml or "
+        "azureml:SUBSCRIPTION/RESOURCE_GROUP/WORKSPACE"
+    )
