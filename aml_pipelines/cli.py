@@ -70,7 +70,7 @@ RegistryOption = Annotated[
         "--registry",
         envvar="AML_ROLLOUT_REGISTRY",
         help="local:PATH or azureml:SUBSCRIPTION/RESOURCE_GROUP/WORKSPACE "
-        "[default: local (.aml-rollout/registry)]",
+        "(default: local, .aml-rollout/registry)",
         show_default=False,
     ),
 ]
@@ -258,7 +258,7 @@ def run_local(
     params: ParamOption = None,
     rollout_spec: SpecOption = None,
     until: Annotated[str, typer.Option(help="Last step to run.")] = "package",
-    run_dir: Annotated[Path | None, typer.Option(help="Run folder [default: runs/<id>].")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<id>).")] = None,
     registry: RegistryOption = None,
 ) -> None:
     """Run the pipeline's steps here, as subprocesses, with a local registry."""
@@ -303,7 +303,7 @@ def _open(spec: str | None, *, must_exist: bool = False) -> Any:
 
 @registry_app.command("list")
 def list_versions(
-    name: Annotated[str | None, typer.Argument(help="Model name [default: every model].")] = None,
+    name: Annotated[str | None, typer.Argument(help="Model name (default: every model).")] = None,
     registry: RegistryOption = None,
     rollout_spec: Annotated[
         Path | None,

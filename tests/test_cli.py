@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from typer.testing import CliRunner
 
@@ -51,3 +52,33 @@ def test_an_error_quoting_brackets_is_shown_as_is(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().startswith(f"error: {spec}: ")
     assert "Traceback" not in done.stderr
+
+
+def _helps() -> list[tuple[str, str]]:
+    """(where, text) for every command's and every parameter's help in the whole tree."""
+    import typer.main
+
+    found: list[tuple[str, str]] = []
+
+    def walk(command: Any, path: str) -> None:
+        if command.help:
+            found.append((path, command.help))
+        for param in command.params:
+            if help_text := getattr(param, "help", None):
+                found.append((f"{path} {param.name}", help_text))
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+
+    walk(typer.main.get_command(app), "aml-rollout")
+    return found
+
+
+def test_no_help_text_is_swallowed_as_markup() -> None:
+    """Help is rendered as rich markup, where `[default: x]` is a tag: it vanished, leaving
+    `Model name .` (registry list, trigger status, --image-registry, --run-dir, --registry)."""
+    from rich.text import Text
+
+    swallowed = [
+        f"{where}: {text!r}" for where, text in _helps() if Text.from_markup(text).plain != text
+    ]
+    assert not swallowed

@@ -79,8 +79,8 @@ ImageOpt = Annotated[
     str | None,
     typer.Option(
         "--image-registry",
-        help="Image registry named in package.json [default: localhost; "
-        "amlrollout.azurecr.io with --delivery pipeline].",
+        help="Image registry named in package.json (default: localhost; "
+        "amlrollout.azurecr.io with --delivery pipeline).",
         show_default=False,
     ),
 ]
@@ -374,7 +374,7 @@ def serve(
 @trigger_app.command("status")
 def status(
     model: Annotated[
-        str | None, typer.Option("--model", help="Only this model [default: every model].")
+        str | None, typer.Option("--model", help="Only this model (default: every model).")
     ] = None,
     state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:

@@ -111,8 +111,14 @@ def manifests(
         elif image is not None:
             releases[colour] = release_from_image(image)
 
-    text = f"# aml-rollout manifests: {layout.namespace}/{layout.app}\n" + yaml.safe_dump_all(
-        m.bootstrap(layout, releases), sort_keys=False, explicit_start=True
+    class _NoAliases(yaml.SafeDumper):
+        # A Deployment's selector and pod labels are one dict; written as `&id001` / `*id001`,
+        # the file reads as a puzzle to whoever reviews it before `kubectl apply`.
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    text = f"# aml-rollout manifests: {layout.namespace}/{layout.app}\n" + yaml.dump_all(
+        m.bootstrap(layout, releases), Dumper=_NoAliases, sort_keys=False, explicit_start=True
     )
     if output is None:
         typer.echo(text, nl=False)

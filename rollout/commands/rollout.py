@@ -50,8 +50,8 @@ StateDirOpt = Annotated[
     Path | None,
     typer.Option(
         "--state-dir",
-        help="Where status, commands and ledger live (default: spec); with state.kind "
-        "kubernetes only the ledger.",
+        help="Where status, commands and ledger live (default: the spec's state.dir, .rollout "
+        "under the current directory); with state.kind kubernetes only the ledger.",
     ),
 ]
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from aml_pipelines import fileio
 from aml_pipelines.errors import ConfigError, IntegrityError, ModelNotFound, RegistryError
 from aml_pipelines.registry.base import ModelRegistry, Stage
-from aml_pipelines.registry.factory import open_registry
+from aml_pipelines.registry.factory import KINDS, open_registry
 from aml_pipelines.registry.local import LocalRegistry
 from tests.pipelines.conftest import MakeModel, write_model_folder
 
@@ -191,8 +191,10 @@ def test_unknown_version_and_bad_names(registry: LocalRegistry, make_model: Make
 def test_factory_maps_kinds_and_refuses_unknown_ones(tmp_path: Path) -> None:
     assert isinstance(open_registry(f"local:{tmp_path}"), LocalRegistry)
     expected = "unknown kind 'mlflow' .*; expected local, local:PATH, azureml or azureml:SUB"
-    with pytest.raises(ConfigError, match=expected):
+    with pytest.raises(ConfigError, match=expected) as refused:
         open_registry("mlflow:x")
+    # Every accepted kind is named, not only the first one written (was: "one of 'local:PATH'").
+    assert all(kind in str(refused.value) for kind in KINDS)
 
 
 def test_readers_can_require_the_local_folder_to_exist(tmp_path: Path) -> None:

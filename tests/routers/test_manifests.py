@@ -185,6 +185,16 @@ def test_the_schema_check_catches_broken_virtual_services(
     assert any(expected in e for e in errors(vs)), errors(vs)
 
 
+def test_the_yaml_has_no_anchors_or_aliases() -> None:
+    # Was: the Deployment's selector and pod labels, one dict, came out as `&id001` / `*id001`.
+    result = CliRunner().invoke(
+        app, ["manifests", "--app", "diabetes", "--green-image", "acr.example.io/diabetes:1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "&id" not in result.stdout and "*id" not in result.stdout
+    assert "matchLabels:\n      app: diabetes" in result.stdout
+
+
 def test_bootstrap_order_and_contents() -> None:
     docs = render("-n", "ml", "--app", "diabetes", "--green-image", "r.io/diabetes:3")
     assert [d["kind"] for d in docs] == [
