@@ -26,6 +26,7 @@ and without, it is not analysed.
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
 from urllib.parse import urlsplit
@@ -285,8 +286,45 @@ class PrometheusMetricsConfig(_Model):
         return self
 
 
+#: Latency bucket bounds (ms) counted from the traffic log: the judge's "slow" is above one of
+#: them (the SLO's, or the one nearest the baseline's p99).
+AZURE_LOG_BUCKETS_MS = (5, 10, 25, 50, 75, 100, 150, 250, 500, 750, 1000, 2500, 5000, 10000, 30000)
+
+
+class AzureMonitorMetricsConfig(_Model):
+    """An Azure ML managed online endpoint's traffic log, in a Log Analytics workspace.
+
+    The endpoint needs a diagnostic setting sending `AmlOnlineEndpointTrafficLog` to the
+    workspace. With the azureml router, `endpoint` and `deployments` default to the router's.
+    """
+
+    kind: Literal["azuremonitor"] = "azuremonitor"
+    #: The Log Analytics workspace ID (a GUID: the workspace's Overview page, "Workspace ID").
+    workspace_id: str = Field(
+        pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    )
+    endpoint: str = Field(min_length=1)
+    deployments: ColourNames = Field(default_factory=ColourNames)
+    buckets_ms: tuple[float, ...] = AZURE_LOG_BUCKETS_MS
+    #: The Logs query API (sovereign clouds have their own, e.g. https://api.loganalytics.azure.cn).
+    logs_url: str = "https://api.loganalytics.io"
+    timeout_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+
+    @field_validator("buckets_ms")
+    @classmethod
+    def _increasing(cls, bounds: tuple[float, ...]) -> tuple[float, ...]:
+        if not bounds or any(not 0 < b < math.inf for b in bounds):
+            raise ValueError(f"needs positive, finite bounds, got {list(bounds)}")
+        if any(b <= a for a, b in itertools.pairwise(bounds)):
+            raise ValueError(f"bounds must increase strictly, got {list(bounds)}")
+        return bounds
+
+
 MetricsConfig = Annotated[
-    StaticMetricsConfig | SimulatedMetricsConfig | PrometheusMetricsConfig,
+    StaticMetricsConfig
+    | SimulatedMetricsConfig
+    | PrometheusMetricsConfig
+    | AzureMonitorMetricsConfig,
     Field(discriminator="kind"),
 ]
 
@@ -545,6 +583,22 @@ class RolloutSpec(_Model):
         namespace = router.get("namespace", IstioRouterConfig.model_fields["namespace"].default)
         metrics = {"labels": {"blue": f"{app}-blue", "green": f"{app}-green"}, **metrics}
         metrics.setdefault("namespace", namespace)
+        return {**data, "metrics": metrics}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _azure_metrics_follow_the_router(cls, data: Any) -> Any:
+        """With the azureml router, the traffic log is read for the router's endpoint and
+        deployments unless the metrics section names others."""
+        if not isinstance(data, dict):
+            return data
+        router, metrics = data.get("router"), data.get("metrics")
+        if not (isinstance(router, dict) and isinstance(metrics, dict)):
+            return data
+        if router.get("kind") != "azureml" or metrics.get("kind") != "azuremonitor":
+            return data
+        defaults = {"endpoint": router.get("endpoint"), "deployments": router.get("deployments")}
+        metrics = {**{k: v for k, v in defaults.items() if v is not None}, **metrics}
         return {**data, "metrics": metrics}
 
     @field_validator("steps")

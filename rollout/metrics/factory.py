@@ -19,6 +19,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "static": ("rollout.metrics.static", "StaticMetrics"),
     "simulated": ("rollout.metrics.static", "SimulatedMetrics"),
     "prometheus": ("rollout.metrics.prometheus", "PrometheusMetrics"),
+    "azuremonitor": ("rollout.metrics.azuremonitor", "AzureMonitorMetrics"),
 }
 
 

@@ -1,0 +1,221 @@
+"""Azure Monitor as a MetricsProvider: an Azure ML endpoint's traffic log, counted in Log Analytics.
+
+A managed online endpoint exposes no Prometheus metrics, and Azure Monitor's platform metrics
+for it are per-minute aggregates with latency as percentiles only: no counts above a bound, which
+the judge's slow-request test needs. Its **traffic log** has what the judge wants. A diagnostic
+setting on the endpoint sends `AmlOnlineEndpointTrafficLog` to a Log Analytics workspace: one
+record per request, with the deployment that answered it (`DeploymentName`), the final response
+code (`ResponseCode`) and the total duration (`TotalDurationMs`). One KQL query per tick, with
+azure-monitor-query's `LogsQueryClient`, counts per deployment the requests whose `TimeGenerated`
+falls in the window, the 5xx among them, and the requests at or under each latency bound
+(`buckets_ms`): exact integers, and a cumulative histogram.
+
+    AmlOnlineEndpointTrafficLog
+    | where TimeGenerated >= datetime(2026-11-29T16:00:00.000000Z)
+        and TimeGenerated < datetime(2026-11-29T16:05:00.000000Z)
+    | where EndpointName == "diabetes-ep" and DeploymentName in ("blue", "green")
+    | extend code = toint(ResponseCode), ms = todouble(TotalDurationMs)
+    | summarize requests = count(), errors = countif(code >= 500),
+        le_0 = countif(ms <= 5), le_1 = countif(ms <= 10), ... by DeploymentName
+
+Records reach the workspace minutes after the request (Azure's ingestion latency). The counts of
+a step grow as they arrive, and every request counts once, in the step its `TimeGenerated` falls
+in, however late it arrives: a late record adds to a later tick's increment, and the judge's test
+conditions on each tick's split between the colours, which lateness does not bias. The judge waits
+for evidence as it would for a quiet service. Set `analysis.interval_s` to a minute or more: the
+log moves no faster, and each tick is a query (Log Analytics throttles at about 200 a minute per
+user).
+
+What cannot be told apart in the log, and is therefore counted: requests pinned to a deployment
+with the `azureml-model-deployment` header. Whether Azure logs the copies it mirrors to a
+deployment is not documented; if your workspace shows none for blue during the shadow step, use
+`mirror_percent: 0`.
+
+A query that fails (no permission, a workspace that does not exist, a partial result) gives
+`Observation(error=...)` naming the workspace, so the judge says Error; no record gives zero counts
+(Inconclusive). The credential is `DefaultAzureCredential` with the pipelines' rule
+(rollout.azure_credential); it needs the Log Analytics Reader role on the workspace.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from rollout.azure_credential import default_credential
+from rollout.core.types import Colour, ColourCounts, Observation
+from rollout.errors import MetricsError
+
+if TYPE_CHECKING:
+    from rollout.config import AzureMonitorMetricsConfig, ColourNames
+    from rollout.routers.base import TrafficRouter
+
+TABLE = "AmlOnlineEndpointTrafficLog"
+
+
+def kql_string(text: str) -> str:
+    """`text` as a KQL string literal (double quotes; backslash and quote escaped)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _kql_time(epoch_s: float) -> str:
+    stamp = dt.datetime.fromtimestamp(epoch_s, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return f"datetime({stamp})"
+
+
+def traffic_query(
+    endpoint: str, names: Sequence[str], buckets_ms: Sequence[float], since: float, now: float
+) -> str:
+    """The KQL counting each deployment's requests, 5xx and requests per latency bound."""
+    bounds = ", ".join(f"le_{i} = countif(ms <= {b:g})" for i, b in enumerate(buckets_ms))
+    deployments = ", ".join(kql_string(n) for n in names)
+    return (
+        f"{TABLE}\n"
+        f"| where TimeGenerated >= {_kql_time(since)} and TimeGenerated < {_kql_time(now)}\n"
+        f"| where EndpointName == {kql_string(endpoint)} and DeploymentName in ({deployments})\n"
+        "| extend code = toint(ResponseCode), ms = todouble(TotalDurationMs)\n"
+        f"| summarize requests = count(), errors = countif(code >= 500), {bounds}"
+        " by DeploymentName"
+    )
+
+
+class AzureMonitorMetrics:
+    """MetricsProvider counting an Azure ML endpoint's traffic log in Log Analytics."""
+
+    def __init__(
+        self,
+        client: Any,
+        workspace_id: str,
+        endpoint: str,
+        *,
+        deployments: ColourNames | None = None,
+        buckets_ms: Sequence[float] = (),
+        timeout_s: float = 30.0,
+    ) -> None:
+        from rollout.config import AZURE_LOG_BUCKETS_MS, ColourNames
+
+        self._client = client
+        self.workspace_id = workspace_id
+        self.endpoint = endpoint
+        self.names = deployments or ColourNames()
+        self.buckets_ms = tuple(buckets_ms) or AZURE_LOG_BUCKETS_MS
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: AzureMonitorMetricsConfig,
+        router: TrafficRouter | None = None,
+        **client_kwargs: Any,
+    ) -> AzureMonitorMetrics:
+        """Build with a LogsQueryClient on `default_credential()`; `client_kwargs` go to it
+        (tests pass `transport=`)."""
+        from azure.monitor.query import LogsQueryClient
+
+        client = LogsQueryClient(default_credential(), endpoint=cfg.logs_url, **client_kwargs)
+        return cls(
+            client,
+            cfg.workspace_id,
+            cfg.endpoint,
+            deployments=cfg.deployments,
+            buckets_ms=cfg.buckets_ms,
+            timeout_s=cfg.timeout_s,
+        )
+
+    # ----------------------------------------------------------------- MetricsProvider protocol
+
+    def observe(self, since: float, now: float) -> Observation:
+        """Per-colour counts of the requests logged between `since` and `now`; never raises."""
+        if now <= since:
+            return Observation(since=since, at=now)
+        names = [self.names.of(c) for c in Colour]
+        query = traffic_query(self.endpoint, names, self.buckets_ms, since, now)
+        try:
+            rows = self._query(query, since, now)
+        except MetricsError as exc:
+            return Observation(since=since, at=now, error=str(exc))
+        counts = {c: self._counts(rows.get(self.names.of(c))) for c in Colour}
+        detail = {"workspace": self.workspace_id, "query": query, "rows": rows}
+        return Observation(
+            since=since, at=now, blue=counts[Colour.BLUE], green=counts[Colour.GREEN], detail=detail
+        )
+
+    def history(self, since: float, now: float) -> Observation:
+        """The same counts for a window before the rollout (the log keeps its retention)."""
+        return self.observe(since, now)
+
+    def is_online(self) -> bool:
+        """True when the workspace answers a trivial query."""
+        try:
+            self._run("print ok = 1", None)
+        except MetricsError:
+            return False
+        return True
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _counts(self, row: dict[str, int] | None) -> ColourCounts:
+        if row is None:
+            return ColourCounts()
+        bounds = [(b / 1000.0, row[f"le_{i}"]) for i, b in enumerate(self.buckets_ms)]
+        buckets = (*bounds, (math.inf, row["requests"]))
+        return ColourCounts(requests=row["requests"], errors=row["errors"], latency_buckets=buckets)
+
+    def _query(self, query: str, since: float, now: float) -> dict[str, dict[str, int]]:
+        """{deployment: {column: count}} for the query's one table."""
+        start = dt.datetime.fromtimestamp(since, dt.UTC)
+        end = dt.datetime.fromtimestamp(now, dt.UTC)
+        tables = self._run(query, (start, end))
+        if len(tables) != 1:
+            raise MetricsError(self._where(f"expected one result table, got {len(tables)}"))
+        table = tables[0]
+        columns = list(table.columns)
+        wanted = ["DeploymentName", "requests", "errors"]
+        wanted += [f"le_{i}" for i in range(len(self.buckets_ms))]
+        if missing := [c for c in wanted if c not in columns]:
+            raise MetricsError(self._where(f"the result has no column {', '.join(missing)}"))
+        rows: dict[str, dict[str, int]] = {}
+        for row in table.rows:
+            values = dict(zip(columns, row, strict=False))
+            try:
+                rows[str(values["DeploymentName"])] = {c: int(values[c]) for c in wanted[1:]}
+            except (TypeError, ValueError) as exc:
+                raise MetricsError(self._where(f"a count is not a number ({exc})")) from None
+        return rows
+
+    def _run(self, query: str, timespan: Any) -> list[Any]:
+        """The query's tables; MetricsError for anything but a complete result."""
+        from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError
+        from azure.monitor.query import LogsQueryStatus
+
+        try:
+            result = self._client.query_workspace(
+                self.workspace_id,
+                query,
+                timespan=timespan,
+                server_timeout=max(1, int(self.timeout_s)),
+                connection_timeout=self.timeout_s,
+                read_timeout=self.timeout_s,
+            )
+        except ClientAuthenticationError as exc:
+            raise MetricsError(self._where(f"no usable Azure credentials ({_line(exc)})")) from exc
+        except HttpResponseError as exc:
+            raise MetricsError(self._where(f"HTTP {exc.status_code}: {_line(exc)}")) from exc
+        except AzureError as exc:
+            raise MetricsError(self._where(f"unreachable ({_line(exc)})")) from exc
+        if result.status != LogsQueryStatus.SUCCESS:
+            # A partial result may miss records: counting it would undercount the step.
+            error = getattr(result, "partial_error", None)
+            raise MetricsError(self._where(f"partial result ({_line(error) if error else '?'})"))
+        return list(result.tables)
+
+    def _where(self, problem: str) -> str:
+        return f"Log Analytics workspace {self.workspace_id} ({TABLE}): {problem}"
+
+
+def _line(error: Any) -> str:
+    """An Azure error's message on one line."""
+    message = getattr(error, "message", None) or str(error)
+    return " ".join(str(message).split())

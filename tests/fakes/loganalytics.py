@@ -1,0 +1,139 @@
+"""A fake Log Analytics query API holding an Azure ML endpoint's traffic log.
+
+`POST /v1/workspaces/<id>/query` (what azure-monitor-query's `LogsQueryClient.query_workspace`
+sends, through the FakeArm transport: `https://api.loganalytics.io` is routed here) answers the
+query shape `rollout.metrics.azuremonitor.traffic_query` writes, evaluated over the stored
+records, and `print ok = 1`. The query text is parsed, not trusted: its time window, endpoint,
+deployments, 5xx predicate and latency bounds decide what is counted, so a test of the provider
+also tests the KQL it writes. Anything else is a 400 `BadArgumentError`, as a syntax error is.
+
+    with FakeLogAnalytics() as logs:
+        logs.log(at, "ep", "blue", code=500, ms=42)
+        client = LogsQueryClient(StaticCredential(), transport=logs.transport())
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from tests.fakes.arm import FakeArm, FakeArmTransport
+
+HOST = "api.loganalytics.io"
+WORKSPACE = "11111111-2222-3333-4444-555555555555"
+
+_TIME = r"datetime\((?P<{name}>[0-9T:.\-]+Z)\)"
+_QUERY = re.compile(
+    r"^AmlOnlineEndpointTrafficLog\n"
+    rf"\| where TimeGenerated >= {_TIME.format(name='start')} and TimeGenerated < "
+    rf"{_TIME.format(name='end')}\n"
+    r'\| where EndpointName == "(?P<endpoint>(?:[^"\\]|\\.)*)" and DeploymentName in '
+    r"\((?P<deployments>[^)]*)\)\n"
+    r"\| extend code = toint\(ResponseCode\), ms = todouble\(TotalDurationMs\)\n"
+    r"\| summarize requests = count\(\), errors = countif\(code >= 500\), "
+    r"(?P<bounds>(?:le_\d+ = countif\(ms <= [0-9.e+]+\)(?:, )?)+) by DeploymentName$"
+)
+_BOUND = re.compile(r"le_(\d+) = countif\(ms <= ([0-9.e+]+)\)")
+_STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
+@dataclass(frozen=True)
+class Record:
+    """One request in the traffic log."""
+
+    at: float
+    endpoint: str
+    deployment: str
+    code: int
+    ms: float
+
+
+def _unquote(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def _epoch(stamp: str) -> float:
+    return dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC).timestamp()
+
+
+class FakeLogAnalytics:
+    """The fake API and the traffic log it holds (see the module docstring)."""
+
+    def __init__(self, workspace: str = WORKSPACE) -> None:
+        self.workspace = workspace
+        self.records: list[Record] = []
+        self.queries: list[str] = []
+        self._arm = FakeArm(hosts=(HOST,))
+        self._arm.on("POST", r"^/v1/workspaces/([^/]+)/query$", self._query)
+
+    def __enter__(self) -> FakeLogAnalytics:
+        self._arm.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._arm.stop()
+
+    def transport(self) -> FakeArmTransport:
+        """Pass as `transport=` to a LogsQueryClient."""
+        return self._arm.transport()
+
+    def log(
+        self, at: float, endpoint: str, deployment: str, *, code: int = 200, ms: float = 20.0
+    ) -> None:
+        """Add one request to the log."""
+        self.records.append(Record(at, endpoint, deployment, code, ms))
+
+    def fail(self, status: int, code: str, times: int = 1) -> None:
+        """The next `times` queries fail with an API error."""
+        self._arm.fail("POST", r"/query$", status, code, times)
+
+    def answer_partially(self) -> None:
+        """The next queries return their table with a partial-error, as a timed-out query does."""
+        self._partial = True
+
+    _partial = False
+
+    # -- the API ----------------------------------------------------------------------------
+
+    def _query(
+        self, _arm: FakeArm, match: re.Match[str], body: Any, _q: Any
+    ) -> tuple[int, Any, dict[str, str]]:
+        if match.group(1) != self.workspace:
+            error = {"code": "WorkspaceNotFoundError", "message": f"workspace {match.group(1)}"}
+            return 404, {"error": error}, {}
+        query = str((body or {}).get("query", ""))
+        self.queries.append(query)
+        if query == "print ok = 1":
+            return 200, _tables(["ok"], ["int"], [[1]]), {}
+        parsed = _QUERY.match(query)
+        if parsed is None:
+            error = {"code": "BadArgumentError", "message": "Syntax error: unexpected query"}
+            return 400, {"error": error}, {}
+        start, end = _epoch(parsed["start"]), _epoch(parsed["end"])
+        endpoint = _unquote(parsed["endpoint"])
+        deployments = [_unquote(d) for d in _STRING.findall(parsed["deployments"])]
+        bounds = [(int(i), float(b)) for i, b in _BOUND.findall(parsed["bounds"])]
+        rows: dict[str, list[int]] = {}
+        for record in self.records:
+            if not (start <= record.at < end and record.endpoint == endpoint):
+                continue
+            if record.deployment not in deployments:
+                continue
+            row = rows.setdefault(record.deployment, [0, 0] + [0] * len(bounds))
+            row[0] += 1
+            row[1] += record.code >= 500
+            for i, bound in bounds:
+                row[2 + i] += record.ms <= bound
+        columns = ["DeploymentName", "requests", "errors", *(f"le_{i}" for i, _ in bounds)]
+        types = ["string"] + ["long"] * (len(columns) - 1)
+        answer = _tables(columns, types, [[name, *row] for name, row in rows.items()])
+        if self._partial:
+            answer["error"] = {"code": "PartialError", "message": "query timed out, results cut"}
+        return 200, answer, {}
+
+
+def _tables(columns: list[str], types: list[str], rows: list[list[Any]]) -> dict[str, Any]:
+    described = [{"name": n, "type": t} for n, t in zip(columns, types, strict=True)]
+    return {"tables": [{"name": "PrimaryResult", "columns": described, "rows": rows}]}

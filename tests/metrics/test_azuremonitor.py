@@ -1,0 +1,258 @@
+"""The Azure Monitor provider through the real azure-monitor-query SDK against a fake Log
+Analytics API (tests/fakes/loganalytics.py) that parses and evaluates the KQL the provider writes.
+
+What is checked: per-colour requests, 5xx and cumulative latency counts of the endpoint's traffic
+log in the window (other endpoints, other deployments, other times and 4xx excluded); the
+deployment names and endpoint taken from the azureml router; a KQL string that cannot break out
+of its literal; failures (HTTP errors, partial results, no workspace, no credentials, a result of
+another shape) as one-line Observation errors naming the workspace; the judge on these counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from rollout.config import AzureMonitorMetricsConfig, ColourNames, spec_from_dict
+from rollout.controller import Controller, FakeClock
+from rollout.core.types import Colour, Phase, Weights
+from rollout.errors import ConfigError
+from rollout.metrics.azuremonitor import AzureMonitorMetrics, kql_string, traffic_query
+from rollout.metrics.factory import make_metrics
+from rollout.routers.memory import MemoryRouter
+from rollout.state.memory import MemoryStateStore
+from tests.core.helpers import V1, make_spec
+from tests.fakes.arm import StaticCredential
+from tests.fakes.loganalytics import WORKSPACE, FakeLogAnalytics
+
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture
+def logs() -> Iterator[FakeLogAnalytics]:
+    with FakeLogAnalytics() as fake:
+        yield fake
+
+
+def provider(logs: FakeLogAnalytics, **kwargs: Any) -> AzureMonitorMetrics:
+    from azure.monitor.query import LogsQueryClient
+
+    client = LogsQueryClient(StaticCredential(), transport=logs.transport())
+    kwargs.setdefault("buckets_ms", (10, 50, 100))
+    return AzureMonitorMetrics(client, WORKSPACE, kwargs.pop("endpoint", "ep"), **kwargs)
+
+
+def test_counts_the_endpoints_requests_errors_and_latency_in_the_window(
+    logs: FakeLogAnalytics,
+) -> None:
+    for i in range(10):
+        logs.log(T0 + i, "ep", "blue", code=500 if i < 3 else 200, ms=5 + 10 * i)
+    logs.log(T0 + 1, "ep", "blue", code=429)  # a client error: a request, not a 5xx
+    for i in range(20):
+        logs.log(T0 + i, "ep", "green", code=503 if i == 0 else 200, ms=40)
+    logs.log(T0 - 1, "ep", "blue", code=500)  # before the step
+    logs.log(T0 + 30, "ep", "blue", code=500)  # after `now`
+    logs.log(T0 + 2, "other-ep", "blue", code=500)  # another endpoint's deployment
+    logs.log(T0 + 2, "ep", "orange", code=500)  # a deployment we do not manage
+
+    obs = provider(logs).observe(T0, T0 + 30)
+
+    assert obs.error is None
+    assert (obs.blue.requests, obs.blue.errors) == (11, 3)
+    assert (obs.green.requests, obs.green.errors) == (20, 1)
+    # ms 5, 15, ..., 95 (and the 429 at 20 ms): ≤ 10 ms 1, ≤ 50 ms 6, ≤ 100 ms all 11
+    assert obs.blue.latency_buckets == ((0.01, 1), (0.05, 6), (0.1, 11), (float("inf"), 11))
+    assert obs.blue.slow(0.05) == 5
+    assert obs.green.slow(0.05) == 0
+    assert obs.detail["workspace"] == WORKSPACE
+
+
+def test_no_record_is_zero_counts_not_an_error(logs: FakeLogAnalytics) -> None:
+    obs = provider(logs).observe(T0, T0 + 60)
+    assert obs.error is None
+    assert obs.blue.requests == obs.green.requests == 0
+
+
+def test_the_deployments_are_the_routers_names(logs: FakeLogAnalytics) -> None:
+    logs.log(T0, "ep", "cand-7", code=500)
+    logs.log(T0, "ep", "prod-6")
+    names = ColourNames(blue="cand-7", green="prod-6")
+    obs = provider(logs, deployments=names).observe(T0, T0 + 1)
+    assert (obs.blue.requests, obs.blue.errors, obs.green.requests) == (1, 1, 1)
+
+
+def test_a_name_cannot_break_out_of_its_kql_string() -> None:
+    assert kql_string('ep" or 1 == 1 //') == '"ep\\" or 1 == 1 //"'
+    assert kql_string("a\\") == '"a\\\\"'
+    query = traffic_query('x" | take 1 //', ["blue"], [10.0], T0, T0 + 1)
+    assert 'EndpointName == "x\\" | take 1 //"' in query
+
+
+def test_an_odd_endpoint_name_is_matched_as_it_is(logs: FakeLogAnalytics) -> None:
+    name = 'ep"quoted\\'
+    logs.log(T0, name, "blue")
+    obs = provider(logs, endpoint=name).observe(T0, T0 + 1)
+    assert obs.error is None and obs.blue.requests == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "expected"),
+    [
+        (403, "InsufficientAccessError", "HTTP 403"),
+        (400, "BadArgumentError", "HTTP 400"),
+        (500, "InternalServerError", "HTTP 500"),
+    ],
+)
+def test_a_failed_query_is_an_error_naming_the_workspace(
+    logs: FakeLogAnalytics, status: int, code: str, expected: str
+) -> None:
+    logs.fail(status, code, times=5)  # past the SDK's retries
+    obs = provider(logs).observe(T0, T0 + 60)
+    assert obs.error is not None
+    assert obs.error.startswith(
+        f"Log Analytics workspace {WORKSPACE} (AmlOnlineEndpointTrafficLog)"
+    )
+    assert expected in obs.error and "\n" not in obs.error
+
+
+def test_a_partial_result_is_an_error_not_an_undercount(logs: FakeLogAnalytics) -> None:
+    logs.log(T0, "ep", "blue", code=500)
+    logs.answer_partially()
+    obs = provider(logs).observe(T0, T0 + 60)
+    assert obs.error is not None and "partial result (query timed out" in obs.error
+    assert obs.blue.requests == 0
+
+
+def test_a_workspace_that_does_not_exist_is_an_error(logs: FakeLogAnalytics) -> None:
+    from azure.monitor.query import LogsQueryClient
+
+    client = LogsQueryClient(StaticCredential(), transport=logs.transport())
+    other = "99999999-2222-3333-4444-555555555555"
+    obs = AzureMonitorMetrics(client, other, "ep").observe(T0, T0 + 60)
+    assert obs.error is not None and f"workspace {other}" in obs.error and "404" in obs.error
+
+
+def test_an_unreachable_api_is_an_error(logs: FakeLogAnalytics) -> None:
+    from azure.monitor.query import LogsQueryClient
+
+    client = LogsQueryClient(StaticCredential(), endpoint="http://127.0.0.1:9", retry_total=0)
+    obs = AzureMonitorMetrics(client, WORKSPACE, "ep", timeout_s=2).observe(T0, T0 + 60)
+    assert obs.error is not None and "unreachable" in obs.error
+
+
+def test_a_result_of_another_shape_is_an_error(logs: FakeLogAnalytics) -> None:
+    class OtherTable:
+        def __init__(self) -> None:
+            self.columns = ["DeploymentName", "requests"]
+            self.rows = [["blue", 3]]
+
+    class Client:
+        def query_workspace(self, *args: Any, **kwargs: Any) -> Any:
+            from azure.monitor.query import LogsQueryStatus
+
+            return type("R", (), {"status": LogsQueryStatus.SUCCESS, "tables": [OtherTable()]})
+
+    obs = AzureMonitorMetrics(Client(), WORKSPACE, "ep").observe(T0, T0 + 60)
+    assert obs.error is not None and "the result has no column errors" in obs.error
+
+
+def test_is_online(logs: FakeLogAnalytics) -> None:
+    assert provider(logs).is_online()
+    logs.fail(403, "InsufficientAccessError", times=5)
+    assert not provider(logs).is_online()
+
+
+# ---- the spec --------------------------------------------------------------------------------
+
+AZUREML = {
+    "kind": "azureml",
+    "subscription_id": "00000000-0000-0000-0000-000000000001",
+    "resource_group": "rg",
+    "workspace": "ws",
+    "endpoint": "diabetes-ep",
+    "deployments": {"blue": "cand", "green": "prod"},
+}
+
+
+def test_with_the_azureml_router_the_endpoint_and_deployments_are_the_routers() -> None:
+    spec = spec_from_dict(
+        {"router": AZUREML, "metrics": {"kind": "azuremonitor", "workspace_id": WORKSPACE}}
+    )
+    assert isinstance(spec.metrics, AzureMonitorMetricsConfig)
+    assert spec.metrics.endpoint == "diabetes-ep"
+    assert spec.metrics.deployments == ColourNames(blue="cand", green="prod")
+    named = spec_from_dict(
+        {
+            "router": AZUREML,
+            "metrics": {"kind": "azuremonitor", "workspace_id": WORKSPACE, "endpoint": "other"},
+        }
+    )
+    assert isinstance(named.metrics, AzureMonitorMetricsConfig)
+    assert named.metrics.endpoint == "other"
+
+
+@pytest.mark.parametrize(
+    ("metrics", "field"),
+    [
+        ({"workspace_id": WORKSPACE}, "metrics.azuremonitor.endpoint"),
+        ({"workspace_id": "my-workspace", "endpoint": "ep"}, "metrics.azuremonitor.workspace_id"),
+        (
+            {"workspace_id": WORKSPACE, "endpoint": "ep", "buckets_ms": [50, 10]},
+            "metrics.azuremonitor.buckets_ms",
+        ),
+        (
+            {"workspace_id": WORKSPACE, "endpoint": "ep", "buckets_ms": []},
+            "metrics.azuremonitor.buckets_ms",
+        ),
+    ],
+)
+def test_the_spec_names_the_bad_field(metrics: dict[str, Any], field: str) -> None:
+    with pytest.raises((ConfigError, ValidationError), match=field.replace(".", r"\.")):
+        spec_from_dict({"metrics": {"kind": "azuremonitor", **metrics}})
+
+
+def test_the_factory_builds_it_on_the_default_credential(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        "rollout.metrics.azuremonitor.default_credential", lambda: StaticCredential()
+    )
+    cfg = AzureMonitorMetricsConfig(workspace_id=WORKSPACE, endpoint="ep")
+    built = make_metrics(cfg)
+    assert isinstance(built, AzureMonitorMetrics)
+    assert (built.workspace_id, built.endpoint) == (WORKSPACE, "ep")
+
+
+# ---- the judge on the traffic log ------------------------------------------------------------
+
+
+def test_a_candidate_failing_in_the_traffic_log_is_rolled_back(logs: FakeLogAnalytics) -> None:
+    """The engine end to end on this provider: after every tick, the requests of the coming
+    interval are logged by the colour the router sends them to (1 % errors on green, 20 % on
+    blue)."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    clock = FakeClock(T0)
+    spec = make_spec(steps=[10, 50, 100])
+    metrics = provider(logs)
+    served = [0]
+
+    def traffic(*_: Any) -> None:
+        # 100 requests a second over the coming interval, split by the served weights.
+        weights: Weights = router.get_weights()
+        start = clock.now()
+        for i in range(int(spec.analysis.interval_s * 100)):
+            served[0] += 1
+            blue = (served[0] % 100) < weights.blue
+            bad = served[0] % (5 if blue else 100) == 0
+            colour = "blue" if blue else "green"
+            logs.log(start + i / 100, "ep", colour, code=500 if bad else 200)
+
+    ctl = Controller(
+        spec, router, metrics, MemoryStateStore(spec.name), clock=clock, on_tick=traffic
+    )
+    final = ctl.run(max_ticks=100)
+    assert final.phase is Phase.ROLLED_BACK, final.reason
+    assert "canary error rate" in final.reason
+    assert router.get_weights() == Weights.blue_at(0)
+    assert any("TimeGenerated >=" in q for q in logs.queries)
