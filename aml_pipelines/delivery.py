@@ -236,8 +236,12 @@ class EngineDelivery:
         return rollout_view(self.spec, self.state_dir)
 
     def deliver(self, version: ModelVersion) -> DeliveryOutcome:
-        """Package + roll out `version`; resume or just re-tag if the store already has it."""
-        from rollout.api import run_rollout
+        """Package + roll out `version`; resume or just re-tag if the store already has it.
+
+        A model's first release (no production version, green serving nothing) is deployed to
+        green unjudged (`rollout bootstrap`): there is nothing to compare it with.
+        """
+        from rollout.api import ledger_path_of, run_rollout
         from rollout.core.types import Release
 
         view = self.current()
@@ -256,6 +260,13 @@ class EngineDelivery:
         if not ours:
             release = self._package(version)
             spec = self._with_stable(spec, version.name)
+            if spec.stable is None and self._first_release(spec, release):
+                reason = (
+                    f"first release of {version.name}: deployed to green unjudged, with all "
+                    "traffic (no production version to compare it with)"
+                )
+                ledger = ledger_path_of(spec, self.state_dir)
+                return self._finish(version, SUCCEEDED, reason, ledger)
         else:
             # Resumed: the stored status carries the candidate; naming it keeps a spec that
             # names another `candidate:` from being taken for a different rollout.
@@ -282,6 +293,20 @@ class EngineDelivery:
         if version.path is None:  # e.g. Azure ML: the endpoint deploys the registered model
             return Release(model=version.name, version=str(version.version), sha256=version.sha256)
         return package_release(version, self.state_dir, image_registry=self.image_registry)
+
+    def _first_release(self, spec: Any, release: Any) -> bool:
+        """Bootstrap `release` to green when green serves nothing (or, after a crash, already
+        serves it): the model's first release. False when green serves another release, which
+        the rollout then compares the candidate with."""
+        from rollout.api import bootstrap, green_release
+        from rollout.controller import same_bits
+
+        serving = green_release(spec)
+        if serving is not None and not same_bits(serving, release):
+            return False
+        bootstrap(spec, release, state_dir=self.state_dir)
+        log.info("%s: first release, deployed to green unjudged", release.ref)
+        return True
 
     def _with_stable(self, spec: Any, model: str) -> Any:
         """The spec, with the production version as `stable` when the spec names none.

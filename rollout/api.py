@@ -20,7 +20,7 @@ from pathlib import Path
 from rollout.config import RolloutSpec, load_spec
 from rollout.controller import Clock, Controller, TickHook, default_owner
 from rollout.core.status import Status
-from rollout.core.types import Phase, Release
+from rollout.core.types import Colour, Phase, Release
 from rollout.ledger import Ledger
 from rollout.metrics.base import MetricsProvider
 from rollout.metrics.factory import make_metrics
@@ -31,7 +31,7 @@ from rollout.routers.factory import make_router
 from rollout.state.base import StateStore
 from rollout.state.factory import make_store
 
-__all__ = ["RolloutResult", "bootstrap", "load_spec", "open_store", "run_rollout"]
+__all__ = ["RolloutResult", "bootstrap", "green_release", "load_spec", "open_store", "run_rollout"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +104,14 @@ def bootstrap(
         owner=default_owner(),
     )
     return controller.bootstrap(release)
+
+
+def green_release(
+    spec: RolloutSpec | str | Path, *, router: TrafficRouter | None = None
+) -> Release | None:
+    """The release green serves on the spec's data plane (None: nothing)."""
+    spec = _spec(spec)
+    return (router or make_router(spec.router)).release(Colour.GREEN)
 
 
 def run_rollout(

@@ -176,7 +176,7 @@ class Controller:
                     "green, before the first rollout"
                 )
             serving = self.router.release(Colour.GREEN)
-            if serving is not None and _same_bits(serving, release):
+            if serving is not None and same_bits(serving, release):
                 return False
             if serving is not None:
                 raise RolloutError(
@@ -220,13 +220,13 @@ class Controller:
                 "controller deploys it first; for a service's first release, "
                 f"`aml-rollout rollout bootstrap SPEC --release {candidate.ref}`"
             )
-        if _same_bits(candidate, stable) and serving is None:
+        if same_bits(candidate, stable) and serving is None:
             raise RolloutError(
                 f"`stable:` names the candidate {candidate.ref}: a rollout compares the candidate "
                 "with another release; for a service's first release, "
                 f"`aml-rollout rollout bootstrap SPEC --release {candidate.ref}`"
             )
-        if _same_bits(candidate, stable):
+        if same_bits(candidate, stable):
             raise RolloutError(
                 f"green already serves {candidate.ref}: nothing to roll out (name another "
                 "candidate with --candidate or the spec's `candidate:`)"
@@ -429,7 +429,7 @@ class Controller:
                 return
 
 
-def _same_bits(a: Release, b: Release) -> bool:
+def same_bits(a: Release, b: Release) -> bool:
     """The same model bits in the same image (a new image of one model is a real candidate)."""
     return (a.ref, a.sha256, a.image) == (b.ref, b.sha256, b.image)
 

@@ -25,6 +25,9 @@ from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
 from rollout.config import spec_from_dict
 from rollout.controller import FakeClock
+from rollout.core.types import Colour, Release
+from rollout.ledger import explain, read_ledger
+from rollout.routers.memory import MemoryRouter
 from tests.trigger.fakes import register
 
 
@@ -173,6 +176,54 @@ def test_local_delivery_tags_follow_the_rollout(
     assert outcome.ledger_path is not None and outcome.ledger_path.exists()
     view = delivery.current()
     assert view is not None and (view.model, view.candidate, view.stable) == ("diabetes", 2, 1)
+
+
+def test_a_models_first_release_is_deployed_unjudged_then_the_next_is_rolled_out_against_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: "green serves nothing" for ever, retried every interval: the trigger could deliver
+    # no model that had never been in production.
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="candidate")
+    delivery = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=FakeClock(1_000.0))
+
+    def crash(*_args: object, **_kw: object) -> None:
+        raise SystemExit("killed after green was deployed, before the tags were written")
+
+    monkeypatch.setattr("aml_pipelines.delivery.follow_traffic", crash)
+    with pytest.raises(SystemExit):
+        delivery.deliver(registry.get("diabetes", 1))
+    monkeypatch.undo()
+    first = delivery.deliver(registry.get("diabetes", 1))  # the retry finds v1 on green
+
+    assert first.phase == "Succeeded"
+    assert first.reason.startswith("first release of diabetes: deployed to green unjudged")
+    assert [v.stage for v in registry.list_versions("diabetes")] == ["production"]
+    routes = json.loads((tmp_path / "routes.json").read_text())
+    assert routes["weights"] == {"blue": 0, "green": 100}
+    assert routes["releases"]["green"]["version"] == "1"
+
+    register(registry, tmp_path, stage="candidate")
+    second = delivery.deliver(registry.get("diabetes", 2))
+    assert second.phase == "Succeeded", second.reason
+    assert [v.stage for v in registry.list_versions("diabetes")] == ["archived", "production"]
+    view = delivery.current()
+    assert view is not None and (view.candidate, view.stable) == (2, 1)  # judged against v1
+    story = "\n".join(explain(read_ledger(first.ledger_path)))
+    assert "bootstrapped green with diabetes:1 (a first release, unjudged" in story
+
+
+def test_a_first_version_is_rolled_out_against_what_green_already_serves(tmp_path: Path) -> None:
+    """No production version in the registry, but green serves a release (deployed before the
+    registry was used): the candidate is judged against it, not deployed unjudged."""
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="candidate")
+    spec = _spec(tmp_path, 0.5)
+    MemoryRouter.from_config(spec.router).deploy(Colour.GREEN, Release("diabetes", "0"))
+    delivery = EngineDelivery(registry, spec, clock=FakeClock(1_000.0))
+    outcome = delivery.deliver(registry.get("diabetes", 1))
+    assert outcome.phase == "RolledBack", outcome.reason
+    assert registry.get("diabetes", 1).stage == "rolled-back"
 
 
 def test_crash_between_traffic_and_tags_is_repaired_idempotently(
