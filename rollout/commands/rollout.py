@@ -148,7 +148,11 @@ def run(
         )
 
     previous = _load_status(_store(parsed, state_dir))
-    if previous is not None and previous.terminal and not restart:
+    asked = _release(candidate)
+    stored = previous.candidate if previous is not None else None
+    same = asked is None or (stored is not None and stored.ref == asked.ref)
+    # Another candidate than the ended rollout's is refused below, saying to --restart.
+    if previous is not None and previous.terminal and not restart and same:
         _out.print(
             f"rollout {parsed.name} already ended ({previous.phase.value}); "
             "`--restart` starts a new one"
@@ -159,7 +163,7 @@ def run(
         with sigterm_as_interrupt():
             result = run_rollout(
                 parsed,
-                candidate=_release(candidate),
+                candidate=asked,
                 state_dir=state_dir,
                 on_tick=show,
                 stop_when_paused=stop_when_paused,
@@ -279,6 +283,7 @@ def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | N
     from rich.table import Table
 
     from rollout.core.status import describe
+    from rollout.core.types import Phase
 
     table = Table(title=f"rollout {parsed.name}", show_header=False, box=None)
     if status is None:
@@ -290,10 +295,13 @@ def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | N
     )
     table.add_row("phase", f"[bold]{status.phase.value}[/]")
     table.add_row("weights", f"{status.weights}   plan {plan}")
+    # Promoted, the candidate is what green serves; the stable release it replaced is gone.
+    promoted = status.phase is Phase.SUCCEEDED
     if status.candidate:
-        table.add_row("candidate", f"{status.candidate.ref} (blue)")
+        where = "green: promoted" if promoted else "blue"
+        table.add_row("candidate", f"{status.candidate.ref} ({where})")
     if status.stable:
-        table.add_row("stable", f"{status.stable.ref} (green)")
+        table.add_row("stable", f"{status.stable.ref} ({'replaced' if promoted else 'green'})")
     table.add_row("verdict", status.verdict.value if status.verdict else "-")
     table.add_row("reason", escape(status.reason))
     for label, ev in (("errors", status.errors), ("slow requests", status.slow)):
@@ -447,7 +455,10 @@ def set_weight(
 def explain(
     path: Annotated[
         Path,
-        typer.Argument(help="A rollout ledger (*.ledger.jsonl), or the rollout's spec (YAML)."),
+        typer.Argument(
+            help="A rollout ledger (*.ledger.jsonl), the rollout's spec (YAML), or its status "
+            "file (*.status.json, next to its ledger)."
+        ),
     ],
     state_dir: StateDirOpt = None,
 ) -> None:

@@ -110,6 +110,8 @@ def test_run_promotes_with_exit_0_then_explain_tells_the_story(tmp_path: Path) -
     assert "Green_100: promoted m:2" in out
     code, out = invoke("status", str(spec))
     assert code == EXIT_PROMOTED and "Succeeded" in out
+    # Was "stable m:1 (green)": after the promotion green serves m:2.
+    assert "m:2 (green: promoted)" in out and "m:1 (replaced)" in out
     code, out = invoke("status", str(spec), "--watch", "--timeout", "5")
     assert code == EXIT_PROMOTED and "Green_100" in out
     code, out = invoke("status", str(spec), "--json")
@@ -211,6 +213,9 @@ def test_run_refuses_to_report_another_candidates_outcome(tmp_path: Path) -> Non
     code, out = invoke("run", str(spec), "--simulated-time", "--candidate", "m:3")
     assert code == EXIT_ERROR
     assert "of m:2 has ended (Succeeded), and m:3 was asked for" in " ".join(out.split())
+    assert "already ended" not in out  # one message, the one that says what to do
+    code, out = invoke("run", str(spec), "--simulated-time", "-q", "--candidate", "m:2")
+    assert code == EXIT_PROMOTED and "already ended (Succeeded)" in out
     code, out = invoke(
         "run", str(spec), "--simulated-time", "-q", "--candidate", "m:3", "--restart"
     )
