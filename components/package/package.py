@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -102,12 +103,48 @@ class PackageResult:
         return str(self.manifest["image"])
 
 
+#: An OCI repository path component (distribution spec): lower-case alphanumerics, separated by
+#: one `.`, one or two `_`, or dashes.
+_PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
+#: A registry host (a DNS name, or `localhost`), with an optional port.
+_HOST = re.compile(
+    r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?"
+)
+
+
 def image_name(image_registry: str, model: str, version: int | str) -> str:
-    """`<registry>/<model>:<version>`, lower-cased as OCI repository names must be."""
+    """`<registry>/<model>:<version>`, the model lower-cased as OCI repository names must be.
+
+    ConfigError for what no registry would take, before anything is built: a registry that is not
+    `host[:port][/path]` with a lower-case path, a model name that does not make a path component
+    once lower-cased (`m.`, `a..b`), a version that is not a valid tag.
+    """
     registry = image_registry.strip().rstrip("/")
     if not registry or any(c.isspace() for c in registry):
         raise ConfigError(f"image_registry: {image_registry!r} is not a registry host[/path]")
-    return f"{registry}/{model.lower()}:{version}"
+    first, *path = registry.split("/")
+    # docker's rule: the first component is a host when it has a `.` or a `:`, or is localhost.
+    if "." in first or ":" in first or first == "localhost":
+        if not _HOST.fullmatch(first):
+            raise ConfigError(f"image_registry: {first!r} is not a registry host[:port]")
+    else:
+        path = [first, *path]
+    for component in path:
+        if not _PATH_COMPONENT.fullmatch(component):
+            raise ConfigError(
+                f"image_registry: {component!r} is not a repository path component (lower-case "
+                "letters and digits, separated by '.', '_' or '-')"
+            )
+    repository = model.lower()
+    if not _PATH_COMPONENT.fullmatch(repository):
+        raise ConfigError(
+            f"model name {model!r} does not make an image repository name: lower-cased, it must "
+            "be letters and digits, separated by single '.', '_' or '-'"
+        )
+    tag = str(version)
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", tag):
+        raise ConfigError(f"version {tag!r} is not an image tag")
+    return f"{registry}/{repository}:{tag}"
 
 
 def scoring_sources() -> Path:

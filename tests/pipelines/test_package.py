@@ -134,11 +134,37 @@ def test_missing_score_py_fails_clearly(registered, tmp_path: Path, monkeypatch)
 
 @pytest.mark.parametrize(
     ("registry", "message"),
-    [pytest.param("", "image_registry", id="empty"), pytest.param("a b", "not a", id="space")],
+    [
+        pytest.param("", "image_registry", id="empty"),
+        pytest.param("a b", "not a", id="space"),
+        pytest.param("acr.io/Team", "'Team' is not a repository path component", id="upper-path"),
+        pytest.param("acr_io.com/x", "'acr_io.com' is not a registry host", id="bad-host"),
+        pytest.param("localhost:5000/a..b", "'a..b' is not a repository", id="double-dot"),
+    ],
 )
 def test_bad_image_registry(registry: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         image_name(registry, "m", 1)
+
+
+@pytest.mark.parametrize(
+    ("registry", "model", "image"),
+    [
+        ("localhost:5000", "Diabetes-Ridge", "localhost:5000/diabetes-ridge:3"),
+        ("myacr.azurecr.io/ml/models", "churn_v2", "myacr.azurecr.io/ml/models/churn_v2:3"),
+        ("team", "m.x", "team/m.x:3"),  # a Docker Hub namespace
+        ("MyACR.azurecr.io", "m", "MyACR.azurecr.io/m:3"),  # hosts are case-insensitive
+    ],
+)
+def test_image_names(registry: str, model: str, image: str) -> None:
+    assert image_name(registry, model, 3) == image
+
+
+@pytest.mark.parametrize("model", ["m.", "a..b", "-m", "m__-x"])
+def test_a_model_name_that_makes_no_image_name_is_refused(model: str) -> None:
+    # Was: an image reference no registry takes, found only when pushing it.
+    with pytest.raises(ConfigError, match=f"model name {re.escape(repr(model))} does not make"):
+        image_name("localhost:5000", model, 1)
 
 
 def test_main_packages_the_registered_version(registered, tmp_path: Path) -> None:
