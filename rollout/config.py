@@ -540,6 +540,21 @@ def _field_error(model: BaseModel, loc: tuple[str, ...], value: Any, problem: st
     )
 
 
+def _raw_sections(
+    data: Any, router_kind: str, metrics_kind: str
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A spec document's `router` and `metrics` sections, before validation, when they are of
+    these kinds (for defaults one section takes from the other); None otherwise."""
+    if not isinstance(data, dict):
+        return None
+    router, metrics = data.get("router"), data.get("metrics")
+    if not (isinstance(router, dict) and isinstance(metrics, dict)):
+        return None
+    if router.get("kind") != router_kind or metrics.get("kind") != metrics_kind:
+        return None
+    return router, metrics
+
+
 class RolloutSpec(_Model):
     """A whole rollout: where traffic goes, where metrics come from, and how to judge."""
 
@@ -570,15 +585,10 @@ class RolloutSpec(_Model):
         The Services are `<app>-blue` / `<app>-green` in the router's namespace; without this the
         preset would look for Services named `blue` / `green` and never see any traffic.
         """
-        if not isinstance(data, dict):
+        sections = _raw_sections(data, "istio", "prometheus")
+        if sections is None or sections[1].get("preset") != "istio":
             return data
-        router, metrics = data.get("router"), data.get("metrics")
-        if not (isinstance(router, dict) and isinstance(metrics, dict)):
-            return data
-        if router.get("kind") != "istio" or metrics.get("kind") != "prometheus":
-            return data
-        if metrics.get("preset") != "istio":
-            return data
+        router, metrics = sections
         app = router.get("app", IstioRouterConfig.model_fields["app"].default)
         namespace = router.get("namespace", IstioRouterConfig.model_fields["namespace"].default)
         metrics = {"labels": {"blue": f"{app}-blue", "green": f"{app}-green"}, **metrics}
@@ -590,13 +600,10 @@ class RolloutSpec(_Model):
     def _azure_metrics_follow_the_router(cls, data: Any) -> Any:
         """With the azureml router, the traffic log is read for the router's endpoint and
         deployments unless the metrics section names others."""
-        if not isinstance(data, dict):
+        sections = _raw_sections(data, "azureml", "azuremonitor")
+        if sections is None:
             return data
-        router, metrics = data.get("router"), data.get("metrics")
-        if not (isinstance(router, dict) and isinstance(metrics, dict)):
-            return data
-        if router.get("kind") != "azureml" or metrics.get("kind") != "azuremonitor":
-            return data
+        router, metrics = sections
         defaults = {"endpoint": router.get("endpoint"), "deployments": router.get("deployments")}
         metrics = {**{k: v for k, v in defaults.items() if v is not None}, **metrics}
         return {**data, "metrics": metrics}

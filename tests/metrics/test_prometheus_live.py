@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -184,13 +185,12 @@ def wait_until(query: str, accept: Callable[[float], bool], provider: Prometheus
     raise AssertionError(f"Prometheus never answered {query!r} as wanted")
 
 
-def test_a_failed_scrape_as_the_step_begins_counts_only_the_steps_traffic(
-    tmp_path: Path,
-) -> None:
-    requests = 'envoy_cluster_upstream_rq_completed{envoy_cluster_name="blue"}'
-    errors = 'envoy_cluster_upstream_rq_xx{envoy_cluster_name="blue",envoy_response_code_class="5"}'
-    # Envoy's counters after a previous rollout whose canary failed.
-    target = ScrapeTarget({requests: 50_000, errors: 9_000})
+@contextmanager
+def scraping(
+    tmp_path: Path, counters: dict[str, int]
+) -> Iterator[tuple[ScrapeTarget, PrometheusMetrics]]:
+    """A real Prometheus scraping a ScrapeTarget with `counters`, up; yields it and a provider."""
+    target = ScrapeTarget(counters)
     target.server.start()
     prometheus = PrometheusProcess(
         tmp_path, envoy_admin=target.address, targets_file=tmp_path / "targets.json"
@@ -199,50 +199,50 @@ def test_a_failed_scrape_as_the_step_begins_counts_only_the_steps_traffic(
     try:
         prometheus.start()
         wait_until('up{job="envoy"}', lambda up: up == 1, provider)
-        target.failing.set()
-        wait_until('up{job="envoy"}', lambda up: up == 0, provider)  # series marked stale
-        since = time.time()
-        target.failing.clear()
-        # (timestamp() of a selector, not of an expression: only a selector keeps the sample's)
-        wait_until(f"timestamp({requests})", lambda t: t > since, provider)
-        target.counters[requests] += 10  # the step's own traffic, after its first scrape
-        moment = time.time()
-        wait_until(f"timestamp({requests})", lambda t: t > moment, provider)
-
-        observation = provider.observe(since, time.time())
+        yield target, provider
     finally:
         provider.close()
         prometheus.stop()
         target.server.stop()
+
+
+REQUESTS = 'envoy_cluster_upstream_rq_completed{envoy_cluster_name="blue"}'
+ERRORS = 'envoy_cluster_upstream_rq_xx{envoy_cluster_name="blue",envoy_response_code_class="5"}'
+
+
+def scraped_after(moment: float, provider: PrometheusMetrics) -> None:
+    """Wait for a scrape of blue's requests after `moment`."""
+    # (timestamp() of a selector, not of an expression: only a selector keeps the sample's)
+    wait_until(f"timestamp({REQUESTS})", lambda t: t > moment, provider)
+
+
+def test_a_failed_scrape_as_the_step_begins_counts_only_the_steps_traffic(
+    tmp_path: Path,
+) -> None:
+    # Envoy's counters after a previous rollout whose canary failed.
+    with scraping(tmp_path, {REQUESTS: 50_000, ERRORS: 9_000}) as (target, provider):
+        target.failing.set()
+        wait_until('up{job="envoy"}', lambda up: up == 0, provider)  # series marked stale
+        since = time.time()
+        target.failing.clear()
+        scraped_after(since, provider)
+        target.counters[REQUESTS] += 10  # the step's own traffic, after its first scrape
+        scraped_after(time.time(), provider)
+        observation = provider.observe(since, time.time())
 
     assert observation.error is None
     assert (observation.blue.requests, observation.blue.errors) == (10, 0)
 
 
 def test_a_failed_scrape_at_the_tick_keeps_the_steps_counts(tmp_path: Path) -> None:
-    requests = 'envoy_cluster_upstream_rq_completed{envoy_cluster_name="blue"}'
-    target = ScrapeTarget({requests: 50_000})
-    target.server.start()
-    prometheus = PrometheusProcess(
-        tmp_path, envoy_admin=target.address, targets_file=tmp_path / "targets.json"
-    )
-    provider = PrometheusMetrics(prometheus.url, preset=envoy_preset())
-    try:
-        prometheus.start()
-        wait_until('up{job="envoy"}', lambda up: up == 1, provider)
+    with scraping(tmp_path, {REQUESTS: 50_000}) as (target, provider):
         since = time.time()
-        wait_until(f"timestamp({requests})", lambda t: t > since, provider)
-        target.counters[requests] += 10
-        moment = time.time()
-        wait_until(f"timestamp({requests})", lambda t: t > moment, provider)
+        scraped_after(since, provider)
+        target.counters[REQUESTS] += 10
+        scraped_after(time.time(), provider)
         target.failing.set()
         wait_until('up{job="envoy"}', lambda up: up == 0, provider)  # series marked stale
-
         observation = provider.observe(since, time.time())
-    finally:
-        provider.close()
-        prometheus.stop()
-        target.server.stop()
 
     assert observation.error is None
     assert observation.blue.requests == 10
