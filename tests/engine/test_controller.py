@@ -595,3 +595,43 @@ def test_a_resumed_dry_run_draws_new_traffic_instead_of_replaying_it(tmp_path: P
     assert resumed.history(0.0, 600.0).green.requests != first
     replay = SimulatedMetrics(spec.metrics, MemoryRouter())  # type: ignore[arg-type]
     assert replay.history(0.0, 600.0).green.requests == first
+
+
+class NewEndpoint(MemoryRouter):
+    """A data plane like a new Azure ML endpoint: no traffic split until one is set (reading it
+    is a RouterError), and `kill_at_set_weights` kills the process at its first weight change."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.traffic_set = False
+        self.kill_at_set_weights = False
+
+    def set_weights(self, weights: Weights) -> None:
+        if self.kill_at_set_weights:
+            self.kill_at_set_weights = False
+            raise SystemExit("killed between deploying green and sending it traffic")
+        super().set_weights(weights)
+        self.traffic_set = True
+
+    def get_weights(self) -> Weights:
+        if not self.traffic_set:
+            raise RouterError("endpoint traffic {} does not split 100 % (no traffic set yet?)")
+        return super().get_weights()
+
+
+def test_a_bootstrap_killed_before_green_had_traffic_sends_it_traffic_when_run_again(
+    tmp_path: Path,
+) -> None:
+    router = NewEndpoint()
+    router.kill_at_set_weights = True
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]))
+    with pytest.raises(SystemExit):
+        ctl.bootstrap(V1)
+    assert router.release(Colour.GREEN) == V1 and not router.traffic_set
+
+    # Was: "green already serves m:1: nothing to do", and green was left without traffic.
+    assert ctl.bootstrap(V1) is True
+    assert router.get_weights() == Weights.blue_at(0)
+    story = explain(read_ledger(tmp_path / "t.ledger.jsonl"))
+    assert any(line.startswith(f"bootstrapped green with {V1.ref}") for line in story)
+    assert ctl.bootstrap(V1) is False  # done: nothing left to do
