@@ -126,7 +126,8 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
             lines.append(f"[{t}] {rec.get('phase')}: {reason}")
         previous = reason
     last = records[-1]
-    if last.get("phase") not in ("Succeeded", "RolledBack", "Failed"):
+    # After an event (a bootstrap, a start not ticked yet) there is no phase to say it is still in.
+    if "event" not in last and last.get("phase") not in ("Succeeded", "RolledBack", "Failed"):
         checks = last.get("checks") or {}
         parts = []
         for key in ("errors", "slow"):

@@ -635,3 +635,24 @@ def test_a_bootstrap_killed_before_green_had_traffic_sends_it_traffic_when_run_a
     story = explain(read_ledger(tmp_path / "t.ledger.jsonl"))
     assert any(line.startswith(f"bootstrapped green with {V1.ref}") for line in story)
     assert ctl.bootstrap(V1) is False  # done: nothing left to do
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        pytest.param(
+            {"event": "bootstrap", "at": 1.0, "release": {"model": "m", "version": "1"}},
+            id="bootstrap",
+        ),
+        pytest.param(
+            {"event": "start", "at": 1.0, "name": "r", "candidate": {}, "stable": {}},
+            id="start-not-ticked-yet",
+        ),
+    ],
+)
+def test_a_ledger_ending_with_an_event_tells_no_phase_it_is_still_in(
+    record: dict[str, Any],
+) -> None:
+    story = explain([record])
+    assert len(story) == 1  # was a second line: "[0 s] still None: "
+    assert "still" not in story[0]
