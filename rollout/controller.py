@@ -268,6 +268,7 @@ class Controller:
                     "event": "start",
                     "at": status.started_at,
                     "name": status.name,
+                    "rollout_id": status.id,
                     "plan": list(self.spec.plan),
                     "candidate": _release_dict(candidate),
                     "stable": _release_dict(stable),
@@ -351,6 +352,7 @@ class Controller:
         decision: Decision = step(self.spec, status, observation, now)
         record = dict(decision.record)
         record["describe"] = [describe(a) for a in decision.actions]
+        record["rollout_id"] = status.id  # which rollout the tick is of (ledger.latest_ticks)
         if self.ledger is not None:
             self.ledger.append(record)
         status = replace(decision.status, pending=decision.actions, applied=0)

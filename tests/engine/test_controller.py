@@ -151,6 +151,42 @@ def test_a_restarted_rollout_counts_its_ticks_from_one_again(tmp_path: Path) -> 
     assert [r["tick"] for r in records[1 : starts[1]]] == list(range(1, first.tick + 1))
 
 
+class NoLedgerAfterStart(Ledger):
+    """A ledger whose `start` line is lost once: the process stopped after the status save."""
+
+    def append(self, record: dict[str, Any]) -> None:
+        if record.get("event") == "start" and not getattr(self, "stopped", False):
+            self.stopped = True
+            raise KeyboardInterrupt
+        super().append(record)
+
+
+def test_a_rollout_whose_start_line_was_lost_keeps_the_previous_rollouts_ticks(
+    tmp_path: Path,
+) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.2))
+    first = ctl.run(max_ticks=500)
+    path = tmp_path / "t.ledger.jsonl"
+    store = FileStateStore(tmp_path, SPEC.name)
+    lossy = Controller(
+        SPEC,
+        router,
+        simulated(router, 0.2),
+        store,
+        ledger=NoLedgerAfterStart(path),
+        clock=FakeClock(9e3),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        lossy.run(max_ticks=3, restart=True)
+    resumed, _ = controller(tmp_path, router, simulated(router, 0.2, seed=2))
+    second = resumed.run(max_ticks=3)
+    ticks = [r["tick"] for r in read_ledger(path) if "tick" in r]
+    # Was: the second rollout's tick 1 read as tick 1 done again, so every tick of the first
+    # rollout vanished from the ledger's story.
+    assert ticks == list(range(1, first.tick + 1)) + list(range(1, second.tick + 1))
+
+
 def test_an_operator_abort_reaches_the_machine_between_ticks(tmp_path: Path) -> None:
     router = MemoryRouter(releases={Colour.GREEN: V1})
     store = FileStateStore(tmp_path, SPEC.name)
