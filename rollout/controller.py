@@ -38,7 +38,7 @@ from typing import Any, Protocol
 from rollout.config import RolloutSpec
 from rollout.core.machine import Decision, command_tail, new_status, step, with_commands
 from rollout.core.status import TRANSITIONAL, Action, Deploy, Remove, SetWeights, Status, describe
-from rollout.core.types import Colour, Observation, Phase, Release
+from rollout.core.types import Colour, Observation, Phase, Release, Weights
 from rollout.errors import MetricsError, RolloutError, RouterError, RouterUnavailable
 from rollout.ledger import Ledger
 from rollout.metrics.base import MetricsProvider
@@ -166,7 +166,8 @@ class Controller:
 
         A rollout cannot bring it: the judge compares a candidate with what green serves. Holds
         the rollout's lease; refuses while a rollout is active, or when green serves another
-        release (roll that one out instead). False when green already serves `release`.
+        release (roll that one out instead). False when green already serves `release` with all
+        traffic; run again after a stop between the deploy and the weights, it sets the weights.
         """
         with self.store.lease(self.owner):
             status = self.store.load()
@@ -176,14 +177,18 @@ class Controller:
                     "green, before the first rollout"
                 )
             serving = self.router.release(Colour.GREEN)
+            actions: tuple[Action, ...] = (Deploy(Colour.GREEN, release), SetWeights(0))
             if serving is not None and same_bits(serving, release):
-                return False
-            if serving is not None:
+                if not self._bootstrap_unfinished():
+                    return False
+                # Stopped between the deploy and the weights (a new Azure endpoint then sends
+                # green nothing): the weights are what is left to do.
+                actions = (SetWeights(0),)
+            elif serving is not None:
                 raise RolloutError(
                     f"green already serves {serving.ref}: roll {release.ref} out instead "
                     f"(`aml-rollout rollout run --candidate {release.ref}`)"
                 )
-            actions = (Deploy(Colour.GREEN, release), SetWeights(0))
             for action in actions:
                 self._apply(action)
             if self.ledger is not None:
@@ -196,6 +201,16 @@ class Controller:
                         "describe": [describe(a) for a in actions],
                     }
                 )
+            return True
+
+    def _bootstrap_unfinished(self) -> bool:
+        """True when green serves but blue serves nothing and green lacks all traffic (or the
+        data plane has no traffic split yet): a bootstrap stopped before its weights."""
+        if self.router.release(Colour.BLUE) is not None:
+            return False  # a rollout's state (an ended one that failed): not ours to change
+        try:
+            return self.router.get_weights() != Weights.blue_at(0)
+        except RouterError:
             return True
 
     def start(self, *, restart: bool = False) -> Status:
@@ -253,6 +268,7 @@ class Controller:
                     "event": "start",
                     "at": status.started_at,
                     "name": status.name,
+                    "rollout_id": status.id,
                     "plan": list(self.spec.plan),
                     "candidate": _release_dict(candidate),
                     "stable": _release_dict(stable),
@@ -336,6 +352,7 @@ class Controller:
         decision: Decision = step(self.spec, status, observation, now)
         record = dict(decision.record)
         record["describe"] = [describe(a) for a in decision.actions]
+        record["rollout_id"] = status.id  # which rollout the tick is of (ledger.latest_ticks)
         if self.ledger is not None:
             self.ledger.append(record)
         status = replace(decision.status, pending=decision.actions, applied=0)

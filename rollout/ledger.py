@@ -49,14 +49,18 @@ def latest_ticks(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     The controller appends a tick's line before it saves the status. Stopped in between (a
     Ctrl-C, a SIGKILL), its decision was never the rollout's: the resumed controller does that
     tick again, on newer counts, and its line is the one that counts. A rollout begins at its
-    `start` line; tick numbers count from 1 again after it.
+    `start` line, or at a tick of another `rollout_id` (its start line lost: stopped between
+    the status save and the line); tick numbers count from 1 again after it.
     """
     kept: list[dict[str, Any] | None] = []
     where: dict[int, int] = {}  # tick -> its line's index in `kept`, for this rollout
     last = 0
+    rollout = None  # the rollout_id of the lines read last (older ledgers have none)
     for record in records:
-        if record.get("event") == "start":
+        new_id = record.get("rollout_id")
+        if record.get("event") == "start" or (new_id and rollout and new_id != rollout):
             where, last = {}, 0
+        rollout = new_id or rollout
         tick = record.get("tick")
         if isinstance(tick, int) and not isinstance(tick, bool):
             if tick <= last:  # rare: a redone tick (ticks only go up otherwise)
@@ -126,7 +130,8 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
             lines.append(f"[{t}] {rec.get('phase')}: {reason}")
         previous = reason
     last = records[-1]
-    if last.get("phase") not in ("Succeeded", "RolledBack", "Failed"):
+    # After an event (a bootstrap, a start not ticked yet) there is no phase to say it is still in.
+    if "event" not in last and last.get("phase") not in ("Succeeded", "RolledBack", "Failed"):
         checks = last.get("checks") or {}
         parts = []
         for key in ("errors", "slow"):

@@ -221,32 +221,37 @@ class WebhookApp:
 
     def _accept(self, events: list[ModelRegistered]) -> dict[str, Any]:
         store = self.dispatcher.store
-        accepted, duplicates, filtered = [], 0, []
-        for event in events:
-            skip = self.filter.reason_to_skip(event)
-            if skip is not None:
-                filtered.append({"id": event.event_id, "reason": skip})
-                continue
-            if store.event_seen(event.event_id):
-                duplicates += 1
-                log.info("duplicate event %s (id already seen)", event.event_id)
-                continue
-            # Cursor first, then the id: a crash in between makes Event Grid's retry a version
-            # duplicate (the cursor knows the version), never a lost event.
-            new = self.dispatcher.accept(event.model, event.version, f"event:{event.event_id}")
-            store.remember_event(event.event_id)
-            if new:
-                accepted.append({"model": event.model, "version": event.version})
-            else:
-                duplicates += 1
-                log.info(
-                    "duplicate event %s: %s v%d is already known",
-                    event.event_id,
-                    event.model,
-                    event.version,
-                )
-        if accepted:
-            self.wake()
+        accepted: list[dict[str, Any]] = []
+        duplicates, filtered = 0, []
+        try:
+            for event in events:
+                skip = self.filter.reason_to_skip(event)
+                if skip is not None:
+                    filtered.append({"id": event.event_id, "reason": skip})
+                    continue
+                if store.event_seen(event.event_id):
+                    duplicates += 1
+                    log.info("duplicate event %s (id already seen)", event.event_id)
+                    continue
+                # Cursor first, then the id: a crash in between makes Event Grid's retry a
+                # version duplicate (the cursor knows the version), never a lost event.
+                new = self.dispatcher.accept(event.model, event.version, f"event:{event.event_id}")
+                store.remember_event(event.event_id)
+                if new:
+                    accepted.append({"model": event.model, "version": event.version})
+                else:
+                    duplicates += 1
+                    log.info(
+                        "duplicate event %s: %s v%d is already known",
+                        event.event_id,
+                        event.model,
+                        event.version,
+                    )
+        finally:
+            # Also when a later event of the batch failed: the retry finds these duplicates,
+            # and nothing else would wake the worker for them.
+            if accepted:
+                self.wake()
         return {"accepted": accepted, "duplicates": duplicates, "filtered": filtered}
 
 

@@ -5,17 +5,26 @@ for it are per-minute aggregates with latency as percentiles only: no counts abo
 the judge's slow-request test needs. Its **traffic log** has what the judge wants. A diagnostic
 setting on the endpoint sends `AmlOnlineEndpointTrafficLog` to a Log Analytics workspace: one
 record per request, with the deployment that answered it (`DeploymentName`), the final response
-code (`ResponseCode`) and the total duration (`TotalDurationMs`). One KQL query per tick, with
-azure-monitor-query's `LogsQueryClient`, counts per deployment the requests whose `TimeGenerated`
-falls in the window, the 5xx among them, and the requests at or under each latency bound
-(`buckets_ms`): exact integers, and a cumulative histogram.
+code (`ResponseCode`), the model container's own code (`ModelStatusCode`) and the total duration
+(`TotalDurationMs`). One KQL query per tick, with azure-monitor-query's `LogsQueryClient`, counts
+per deployment the requests whose `TimeGenerated` falls in the window, the failed ones among them,
+and the requests at or under each latency bound (`buckets_ms`): exact integers, and a cumulative
+histogram.
+
+A failed request is what a 5xx is behind Envoy or Istio, in Azure's codes: a 5xx from the
+endpoint; a 424, which Azure answers whenever the model container does not answer 200 (the model's
+500 is logged as ResponseCode 424, ModelStatusCode 500), unless the model's own code was a 4xx (the
+client's fault, as a 4xx is elsewhere); and a 408, the model running past `request_timeout_ms`
+(Envoy's 504). Counting `ResponseCode >= 500` alone would miss every error the model raises.
 
     AmlOnlineEndpointTrafficLog
     | where TimeGenerated >= datetime(2026-11-29T16:00:00.000000Z)
         and TimeGenerated < datetime(2026-11-29T16:05:00.000000Z)
     | where EndpointName == "diabetes-ep" and DeploymentName in ("blue", "green")
-    | extend code = toint(ResponseCode), ms = todouble(TotalDurationMs)
-    | summarize requests = count(), errors = countif(code >= 500),
+    | extend code = toint(ResponseCode), model = coalesce(toint(ModelStatusCode), 0),
+        ms = todouble(TotalDurationMs)
+    | summarize requests = count(), errors = countif(code >= 500 or code == 408
+        or (code == 424 and (model < 400 or model >= 500))),
         le_0 = countif(ms <= 5), le_1 = countif(ms <= 10), ... by DeploymentName
 
 Records reach the workspace minutes after the request (Azure's ingestion latency). The counts of
@@ -54,6 +63,10 @@ if TYPE_CHECKING:
 
 TABLE = "AmlOnlineEndpointTrafficLog"
 
+#: A failed request (see the module docstring): an endpoint 5xx, a model timeout (408), or a model
+#: error (424) whose model code is not a client error. `model` is 0 when the model gave no code.
+FAILED = "code >= 500 or code == 408 or (code == 424 and (model < 400 or model >= 500))"
+
 
 def kql_string(text: str) -> str:
     """`text` as a KQL string literal (double quotes; backslash and quote escaped)."""
@@ -68,15 +81,16 @@ def _kql_time(epoch_s: float) -> str:
 def traffic_query(
     endpoint: str, names: Sequence[str], buckets_ms: Sequence[float], since: float, now: float
 ) -> str:
-    """The KQL counting each deployment's requests, 5xx and requests per latency bound."""
+    """The KQL counting each deployment's requests, failed ones and requests per latency bound."""
     bounds = ", ".join(f"le_{i} = countif(ms <= {b:g})" for i, b in enumerate(buckets_ms))
     deployments = ", ".join(kql_string(n) for n in names)
     return (
         f"{TABLE}\n"
         f"| where TimeGenerated >= {_kql_time(since)} and TimeGenerated < {_kql_time(now)}\n"
         f"| where EndpointName == {kql_string(endpoint)} and DeploymentName in ({deployments})\n"
-        "| extend code = toint(ResponseCode), ms = todouble(TotalDurationMs)\n"
-        f"| summarize requests = count(), errors = countif(code >= 500), {bounds}"
+        "| extend code = toint(ResponseCode), model = coalesce(toint(ModelStatusCode), 0),"
+        " ms = todouble(TotalDurationMs)\n"
+        f"| summarize requests = count(), errors = countif({FAILED}), {bounds}"
         " by DeploymentName"
     )
 

@@ -151,6 +151,42 @@ def test_a_restarted_rollout_counts_its_ticks_from_one_again(tmp_path: Path) -> 
     assert [r["tick"] for r in records[1 : starts[1]]] == list(range(1, first.tick + 1))
 
 
+class NoLedgerAfterStart(Ledger):
+    """A ledger whose `start` line is lost once: the process stopped after the status save."""
+
+    def append(self, record: dict[str, Any]) -> None:
+        if record.get("event") == "start" and not getattr(self, "stopped", False):
+            self.stopped = True
+            raise KeyboardInterrupt
+        super().append(record)
+
+
+def test_a_rollout_whose_start_line_was_lost_keeps_the_previous_rollouts_ticks(
+    tmp_path: Path,
+) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.2))
+    first = ctl.run(max_ticks=500)
+    path = tmp_path / "t.ledger.jsonl"
+    store = FileStateStore(tmp_path, SPEC.name)
+    lossy = Controller(
+        SPEC,
+        router,
+        simulated(router, 0.2),
+        store,
+        ledger=NoLedgerAfterStart(path),
+        clock=FakeClock(9e3),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        lossy.run(max_ticks=3, restart=True)
+    resumed, _ = controller(tmp_path, router, simulated(router, 0.2, seed=2))
+    second = resumed.run(max_ticks=3)
+    ticks = [r["tick"] for r in read_ledger(path) if "tick" in r]
+    # Was: the second rollout's tick 1 read as tick 1 done again, so every tick of the first
+    # rollout vanished from the ledger's story.
+    assert ticks == list(range(1, first.tick + 1)) + list(range(1, second.tick + 1))
+
+
 def test_an_operator_abort_reaches_the_machine_between_ticks(tmp_path: Path) -> None:
     router = MemoryRouter(releases={Colour.GREEN: V1})
     store = FileStateStore(tmp_path, SPEC.name)
@@ -595,3 +631,64 @@ def test_a_resumed_dry_run_draws_new_traffic_instead_of_replaying_it(tmp_path: P
     assert resumed.history(0.0, 600.0).green.requests != first
     replay = SimulatedMetrics(spec.metrics, MemoryRouter())  # type: ignore[arg-type]
     assert replay.history(0.0, 600.0).green.requests == first
+
+
+class NewEndpoint(MemoryRouter):
+    """A data plane like a new Azure ML endpoint: no traffic split until one is set (reading it
+    is a RouterError), and `kill_at_set_weights` kills the process at its first weight change."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.traffic_set = False
+        self.kill_at_set_weights = False
+
+    def set_weights(self, weights: Weights) -> None:
+        if self.kill_at_set_weights:
+            self.kill_at_set_weights = False
+            raise SystemExit("killed between deploying green and sending it traffic")
+        super().set_weights(weights)
+        self.traffic_set = True
+
+    def get_weights(self) -> Weights:
+        if not self.traffic_set:
+            raise RouterError("endpoint traffic {} does not split 100 % (no traffic set yet?)")
+        return super().get_weights()
+
+
+def test_a_bootstrap_killed_before_green_had_traffic_sends_it_traffic_when_run_again(
+    tmp_path: Path,
+) -> None:
+    router = NewEndpoint()
+    router.kill_at_set_weights = True
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]))
+    with pytest.raises(SystemExit):
+        ctl.bootstrap(V1)
+    assert router.release(Colour.GREEN) == V1 and not router.traffic_set
+
+    # Was: "green already serves m:1: nothing to do", and green was left without traffic.
+    assert ctl.bootstrap(V1) is True
+    assert router.get_weights() == Weights.blue_at(0)
+    story = explain(read_ledger(tmp_path / "t.ledger.jsonl"))
+    assert any(line.startswith(f"bootstrapped green with {V1.ref}") for line in story)
+    assert ctl.bootstrap(V1) is False  # done: nothing left to do
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        pytest.param(
+            {"event": "bootstrap", "at": 1.0, "release": {"model": "m", "version": "1"}},
+            id="bootstrap",
+        ),
+        pytest.param(
+            {"event": "start", "at": 1.0, "name": "r", "candidate": {}, "stable": {}},
+            id="start-not-ticked-yet",
+        ),
+    ],
+)
+def test_a_ledger_ending_with_an_event_tells_no_phase_it_is_still_in(
+    record: dict[str, Any],
+) -> None:
+    story = explain([record])
+    assert len(story) == 1  # was a second line: "[0 s] still None: "
+    assert "still" not in story[0]

@@ -4,11 +4,13 @@
 sends, through the FakeArm transport: `https://api.loganalytics.io` is routed here) answers the
 query shape `rollout.metrics.azuremonitor.traffic_query` writes, evaluated over the stored
 records, and `print ok = 1`. The query text is parsed, not trusted: its time window, endpoint,
-deployments, 5xx predicate and latency bounds decide what is counted, so a test of the provider
-also tests the KQL it writes. Anything else is a 400 `BadArgumentError`, as a syntax error is.
+deployments, failed-request predicate and latency bounds decide what is counted, so a test of the
+provider also tests the KQL it writes. Anything else is a 400 `BadArgumentError`, as a syntax
+error is.
 
     with FakeLogAnalytics() as logs:
-        logs.log(at, "ep", "blue", code=500, ms=42)
+        logs.log(at, "ep", "blue", code=503, ms=42)  # the endpoint's own 5xx
+        logs.log(at, "ep", "blue", model=500)  # the model's 500: Azure answers (and logs) 424
         client = LogsQueryClient(StaticCredential(), transport=logs.transport())
 """
 
@@ -24,6 +26,9 @@ from tests.fakes.arm import FakeArm, FakeArmTransport
 HOST = "api.loganalytics.io"
 WORKSPACE = "11111111-2222-3333-4444-555555555555"
 
+#: The failed-request predicate the fake knows (and `Record.failed` evaluates): another one in
+#: the query is a syntax error here, so a change to the provider's must be made here too.
+_FAILED = "code >= 500 or code == 408 or (code == 424 and (model < 400 or model >= 500))"
 _TIME = r"datetime\((?P<{name}>[0-9T:.\-]+Z)\)"
 _QUERY = re.compile(
     r"^AmlOnlineEndpointTrafficLog\n"
@@ -31,8 +36,9 @@ _QUERY = re.compile(
     rf"{_TIME.format(name='end')}\n"
     r'\| where EndpointName == "(?P<endpoint>(?:[^"\\]|\\.)*)" and DeploymentName in '
     r"\((?P<deployments>[^)]*)\)\n"
-    r"\| extend code = toint\(ResponseCode\), ms = todouble\(TotalDurationMs\)\n"
-    r"\| summarize requests = count\(\), errors = countif\(code >= 500\), "
+    r"\| extend code = toint\(ResponseCode\), model = coalesce\(toint\(ModelStatusCode\), 0\), "
+    r"ms = todouble\(TotalDurationMs\)\n"
+    rf"\| summarize requests = count\(\), errors = countif\({re.escape(_FAILED)}\), "
     r"(?P<bounds>(?:le_\d+ = countif\(ms <= [0-9.e+]+\)(?:, )?)+) by DeploymentName$"
 )
 _BOUND = re.compile(r"le_(\d+) = countif\(ms <= ([0-9.e+]+)\)")
@@ -46,8 +52,18 @@ class Record:
     at: float
     endpoint: str
     deployment: str
-    code: int
+    code: int  # ResponseCode, what the client got
+    model_code: int | None  # ModelStatusCode, what the model container answered (None: nothing)
     ms: float
+
+    def failed(self) -> bool:
+        """`_FAILED` on this record, as Kusto evaluates it (a missing model code is 0)."""
+        model = self.model_code or 0
+        return (
+            self.code >= 500
+            or self.code == 408
+            or (self.code == 424 and (model < 400 or model >= 500))
+        )
 
 
 def _unquote(text: str) -> str:
@@ -80,10 +96,22 @@ class FakeLogAnalytics:
         return self._arm.transport()
 
     def log(
-        self, at: float, endpoint: str, deployment: str, *, code: int = 200, ms: float = 20.0
+        self,
+        at: float,
+        endpoint: str,
+        deployment: str,
+        *,
+        code: int = 200,
+        model: int | None = None,
+        ms: float = 20.0,
     ) -> None:
-        """Add one request to the log."""
-        self.records.append(Record(at, endpoint, deployment, code, ms))
+        """Add one request to the log, as Azure logs it: `code` is the endpoint's answer; with
+        `model` (the model container's code) other than 200 the endpoint answered 424."""
+        if model is not None and model != 200:
+            code = 424
+        elif model is None and code == 200:
+            model = 200
+        self.records.append(Record(at, endpoint, deployment, code, model, ms))
 
     def fail(self, status: int, code: str, times: int = 1) -> None:
         """The next `times` queries fail with an API error."""
@@ -123,7 +151,7 @@ class FakeLogAnalytics:
                 continue
             row = rows.setdefault(record.deployment, [0, 0] + [0] * len(bounds))
             row[0] += 1
-            row[1] += record.code >= 500
+            row[1] += record.failed()
             for i, bound in bounds:
                 row[2 + i] += record.ms <= bound
         columns = ["DeploymentName", "requests", "errors", *(f"le_{i}" for i, _ in bounds)]

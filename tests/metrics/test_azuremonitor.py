@@ -1,8 +1,9 @@
 """The Azure Monitor provider through the real azure-monitor-query SDK against a fake Log
 Analytics API (tests/fakes/loganalytics.py) that parses and evaluates the KQL the provider writes.
 
-What is checked: per-colour requests, 5xx and cumulative latency counts of the endpoint's traffic
-log in the window (other endpoints, other deployments, other times and 4xx excluded); the
+What is checked: per-colour requests, failed requests and cumulative latency counts of the
+endpoint's traffic log in the window (other endpoints, other deployments, other times and 4xx
+excluded; a model's 500, which Azure logs as a 424, counted); the
 deployment names and endpoint taken from the azureml router; a KQL string that cannot break out
 of its literal; failures (HTTP errors, partial results, no workspace, no credentials, a result of
 another shape) as one-line Observation errors naming the workspace; the judge on these counts.
@@ -246,7 +247,7 @@ def test_a_candidate_failing_in_the_traffic_log_is_rolled_back(logs: FakeLogAnal
             blue = (served[0] % 100) < weights.blue
             bad = served[0] % (5 if blue else 100) == 0
             colour = "blue" if blue else "green"
-            logs.log(start + i / 100, "ep", colour, code=500 if bad else 200)
+            logs.log(start + i / 100, "ep", colour, model=500 if bad else 200)
 
     ctl = Controller(
         spec, router, metrics, MemoryStateStore(spec.name), clock=clock, on_tick=traffic
@@ -256,3 +257,28 @@ def test_a_candidate_failing_in_the_traffic_log_is_rolled_back(logs: FakeLogAnal
     assert "canary error rate" in final.reason
     assert router.get_weights() == Weights.blue_at(0)
     assert any("TimeGenerated >=" in q for q in logs.queries)
+
+
+@pytest.mark.parametrize(
+    ("record", "failed"),
+    [
+        pytest.param({"model": 500}, True, id="model-500-logged-as-424"),
+        pytest.param({"model": 503}, True, id="model-503-logged-as-424"),
+        pytest.param({"code": 424}, True, id="424-no-model-answer"),
+        pytest.param({"model": 400}, False, id="model-400-clients-fault"),
+        pytest.param({"code": 408}, True, id="408-model-past-request-timeout"),
+        pytest.param({"code": 502}, True, id="endpoint-502"),
+        pytest.param({"code": 429}, False, id="429-too-many-requests"),
+        pytest.param({"code": 401}, False, id="401-unauthorised"),
+        pytest.param({}, False, id="200"),
+    ],
+)
+def test_a_request_fails_as_a_5xx_fails_behind_envoy(
+    logs: FakeLogAnalytics, record: dict[str, Any], failed: bool
+) -> None:
+    """Azure answers 424 (ResponseCode) whenever the model container does not answer 200,
+    with the model's code in ModelStatusCode: a model's 500 is never a 5xx in the log."""
+    logs.log(T0, "ep", "blue", **record)
+    obs = provider(logs).observe(T0, T0 + 1)
+    assert obs.error is None
+    assert (obs.blue.requests, obs.blue.errors) == (1, int(failed))

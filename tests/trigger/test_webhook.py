@@ -195,6 +195,27 @@ def test_events_that_cannot_be_recorded_get_a_500_and_are_accepted_on_the_retry(
         _until(lambda: hook.done() == [1], "v1")
 
 
+def test_an_event_recorded_before_another_of_its_batch_failed_is_delivered(
+    tmp_path: Path, registry: LocalRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The batch answers 500 (the other model's cursor cannot be written), but diabetes v1 is
+    # recorded: Event Grid's retry finds it a duplicate, so only this request can start it.
+    register(registry, tmp_path, stage="candidate")
+    accept = Dispatcher.accept
+
+    def disk_full_for_other(self: Dispatcher, model: str, *args: Any) -> bool:
+        if model == "other":
+            raise OSError(28, "No space left on device")
+        return accept(self, model, *args)
+
+    monkeypatch.setattr(Dispatcher, "accept", disk_full_for_other)
+    with running(tmp_path, registry) as hook:
+        response = hook.post([eg_event("e1", version="1"), eg_event("e2", name="other")])
+        assert response.status_code == 500
+        # Was: the worker was never woken, and v1 waited for some later event.
+        _until(lambda: hook.done() == [1], "v1")
+
+
 def test_the_longest_model_name_the_registry_takes_is_accepted_and_delivered(
     tmp_path: Path, registry: LocalRegistry
 ) -> None:
