@@ -24,7 +24,7 @@ from rollout.core.types import Colour, Phase, Release
 from rollout.ledger import Ledger
 from rollout.metrics.base import MetricsProvider
 from rollout.metrics.factory import make_metrics
-from rollout.metrics.static import SimulatedMetrics
+from rollout.metrics.static import SimulatedMetrics, StaticMetrics
 from rollout.notify import WebhookNotifier
 from rollout.routers.base import TrafficRouter
 from rollout.routers.factory import make_router
@@ -98,7 +98,7 @@ def bootstrap(
     controller = Controller(
         spec,
         router,
-        make_metrics(spec.metrics, router=router),  # unused: bootstrap observes nothing
+        StaticMetrics([]),  # bootstrap observes nothing: the spec's backend is not built
         store,
         ledger=Ledger(ledger_path_of(spec, state_dir)),
         owner=default_owner(),

@@ -604,9 +604,16 @@ class RolloutSpec(_Model):
         if sections is None:
             return data
         router, metrics = sections
-        defaults = {"endpoint": router.get("endpoint"), "deployments": router.get("deployments")}
-        metrics = {**{k: v for k, v in defaults.items() if v is not None}, **metrics}
-        return {**data, "metrics": metrics}
+        merged = dict(metrics)
+        if "endpoint" not in merged and "endpoint" in router:
+            merged["endpoint"] = router["endpoint"]
+        names, given = router.get("deployments"), metrics.get("deployments")
+        if isinstance(names, dict):
+            # Each colour the metrics section does not name reads the router's deployment.
+            merged["deployments"] = (
+                {**names, **given} if isinstance(given, dict) else given or names
+            )
+        return {**data, "metrics": merged}
 
     @field_validator("steps")
     @classmethod

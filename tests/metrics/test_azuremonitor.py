@@ -193,6 +193,18 @@ def test_with_the_azureml_router_the_endpoint_and_deployments_are_the_routers() 
     )
     assert isinstance(named.metrics, AzureMonitorMetricsConfig)
     assert named.metrics.endpoint == "other"
+    one_colour = spec_from_dict(
+        {
+            "router": AZUREML,
+            "metrics": {
+                "kind": "azuremonitor",
+                "workspace_id": WORKSPACE,
+                "deployments": {"blue": "cand-logged-as"},
+            },
+        }
+    )
+    assert isinstance(one_colour.metrics, AzureMonitorMetricsConfig)
+    assert one_colour.metrics.deployments == ColourNames(blue="cand-logged-as", green="prod")
 
 
 @pytest.mark.parametrize(
