@@ -264,10 +264,10 @@ def tls_verify(cfg: PrometheusMetricsConfig) -> bool | str:
     if cfg.ca_file is None:
         return True
     path = cfg.ca_file
-    if not path.is_file():
-        raise ConfigError(f"metrics.ca_file: {path} does not exist")
     try:
         ssl.create_default_context(cafile=str(path))
+    except FileNotFoundError:
+        raise ConfigError(f"metrics.ca_file: {path} does not exist") from None
     except ssl.SSLError:
         raise ConfigError(f"metrics.ca_file: {path} holds no PEM CA certificate") from None
     except OSError as exc:

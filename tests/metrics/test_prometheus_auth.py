@@ -135,38 +135,52 @@ def test_a_token_file_is_read_again_when_it_changes(prom: FakePrometheus, tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("fields", "field"),
+    ("fields", "message"),
     [
         pytest.param(
-            {"bearer_token_env": "PROM_UNSET"}, "metrics.bearer_token_env", id="env-unset"
+            {"bearer_token_env": "PROM_UNSET"},
+            "metrics.bearer_token_env: environment variable PROM_UNSET is not set (or empty)",
+            id="env-unset",
         ),
         pytest.param(
-            {"bearer_token_env": "PROM_EMPTY"}, "metrics.bearer_token_env", id="env-empty"
+            {"bearer_token_env": "PROM_EMPTY"},
+            "metrics.bearer_token_env: environment variable PROM_EMPTY is not set (or empty)",
+            id="env-empty",
         ),
         pytest.param(
-            {"bearer_token_file": "missing"}, "metrics.bearer_token_file", id="file-missing"
+            {"bearer_token_file": "missing"},
+            "metrics.bearer_token_file: missing does not exist",
+            id="file-missing",
         ),
-        pytest.param({"bearer_token_file": "empty"}, "metrics.bearer_token_file", id="file-empty"),
+        pytest.param(
+            {"bearer_token_file": "empty"},
+            "metrics.bearer_token_file: empty is empty",
+            id="file-empty",
+        ),
         pytest.param(
             {"basic_auth": {"username": "u", "password_env": "PROM_UNSET"}},
-            "metrics.basic_auth.password_env",
+            "metrics.basic_auth.password_env: environment variable PROM_UNSET is not set",
             id="basic-env-unset",
         ),
         pytest.param(
             {"basic_auth": {"username": "u", "password_file": "missing"}},
-            "metrics.basic_auth.password_file",
+            "metrics.basic_auth.password_file: missing does not exist",
             id="basic-file-missing",
         ),
         pytest.param(
-            {"url": "https://p:9090", "ca_file": "missing"}, "metrics.ca_file", id="ca-missing"
+            {"url": "https://p:9090", "ca_file": "missing"},
+            "metrics.ca_file: missing does not exist",
+            id="ca-missing",
         ),
         pytest.param(
-            {"url": "https://p:9090", "ca_file": "empty"}, "metrics.ca_file", id="ca-not-pem"
+            {"url": "https://p:9090", "ca_file": "empty"},
+            "metrics.ca_file: empty holds no PEM CA certificate",
+            id="ca-not-pem",
         ),
     ],
 )
 def test_a_secret_or_ca_that_is_not_there_fails_at_start_naming_the_field(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fields: dict[str, Any], field: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fields: dict[str, Any], message: str
 ) -> None:
     monkeypatch.delenv("PROM_UNSET", raising=False)
     monkeypatch.setenv("PROM_EMPTY", "")
@@ -176,7 +190,7 @@ def test_a_secret_or_ca_that_is_not_there_fails_at_start_naming_the_field(
     cfg = PrometheusMetricsConfig(**{"url": "http://p:9090", **fields})
     with pytest.raises(ConfigError) as caught:
         make_metrics(cfg)
-    assert str(caught.value).startswith(f"{field}: ")
+    assert str(caught.value).startswith(message)
 
 
 @pytest.mark.parametrize(
