@@ -265,8 +265,34 @@ class PromQueries(_Model):
     latency_bucket: str | None = None
 
 
+class PromBasicAuth(_Model):
+    """HTTP basic auth: a username, and the password from an environment variable or a file."""
+
+    username: str = Field(min_length=1)
+    password_env: str | None = Field(default=None, min_length=1)
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_password(self) -> PromBasicAuth:
+        if (self.password_env is None) == (self.password_file is None):
+            _field_error(
+                self,
+                (),
+                None,
+                "give the password as exactly one of `password_env` or `password_file`",
+            )
+        return self
+
+
 class PrometheusMetricsConfig(_Model):
-    """Prometheus HTTP API; presets for Envoy's cluster stats and Istio's standard telemetry."""
+    """Prometheus HTTP API; presets for Envoy's cluster stats and Istio's standard telemetry.
+
+    Authentication, at most one: `bearer_token_env` / `bearer_token_file`, `basic_auth`, or
+    `azure_auth` (an Entra ID token for Azure Monitor managed Prometheus). The spec names where a
+    secret is, never the secret; whether it is there is checked when the provider is built
+    (rollout.metrics.prometheus_auth), not here, so operator commands run from a machine without
+    the controller's secrets can still load the spec.
+    """
 
     kind: Literal["prometheus"] = "prometheus"
     url: str = "http://127.0.0.1:9090"
@@ -278,11 +304,69 @@ class PrometheusMetricsConfig(_Model):
     namespace: str | None = None
     latency_unit: Literal["ms", "s"] = "ms"
     timeout_s: float = Field(default=5.0, gt=0)
+    #: A bearer token in this environment variable (read once, at start).
+    bearer_token_env: str | None = Field(default=None, min_length=1)
+    #: A bearer token in this file, read again for every request (a rotated Secret is picked up).
+    bearer_token_file: Path | None = None
+    basic_auth: PromBasicAuth | None = None
+    #: An Entra ID token for https://prometheus.monitor.azure.com from `default_credential()`.
+    azure_auth: bool = False
+    #: PEM CA bundle that signed the server's certificate (a private CA).
+    ca_file: Path | None = None
+    #: Accept any certificate: anyone on the path can read and answer the queries. Warned about.
+    insecure_skip_verify: bool = False
 
     @model_validator(mode="after")
     def _custom_needs_queries(self) -> PrometheusMetricsConfig:
         if self.preset == "custom" and self.queries is None:
             raise ValueError("preset 'custom' needs `queries` (requests, errors, latency_bucket)")
+        return self
+
+    @property
+    def auth_fields(self) -> list[str]:
+        """The authentication fields set (at most one is valid)."""
+        values = {
+            "bearer_token_env": self.bearer_token_env,
+            "bearer_token_file": self.bearer_token_file,
+            "basic_auth": self.basic_auth,
+            "azure_auth": self.azure_auth or None,
+        }
+        return [name for name, value in values.items() if value is not None]
+
+    @model_validator(mode="after")
+    def _one_auth_and_tls_over_https(self) -> PrometheusMetricsConfig:
+        chosen = self.auth_fields
+        if len(chosen) > 1:
+            _field_error(
+                self,
+                (chosen[1],),
+                None,
+                f"only one authentication method at a time; {' and '.join(chosen)} are set",
+            )
+        parts = urlsplit(self.url)
+        if parts.username is not None or parts.password is not None:
+            # The url is in every error message and in the ledger's detail.
+            _field_error(
+                self,
+                ("url",),
+                None,
+                "holds credentials (user:password@); use basic_auth with password_env or "
+                "password_file",
+            )
+        https = parts.scheme == "https"
+        if self.azure_auth and not https:
+            # An Entra ID token sent in clear text is anyone's on the path for its lifetime.
+            _field_error(self, ("url",), self.url, "azure_auth sends its token only over https")
+        for name in ("ca_file", "insecure_skip_verify"):
+            if getattr(self, name) and not https:
+                _field_error(self, (name,), None, f"applies to an https url, not {self.url!r}")
+        if self.ca_file is not None and self.insecure_skip_verify:
+            _field_error(
+                self,
+                ("insecure_skip_verify",),
+                None,
+                "excludes ca_file: either verify against the CA or do not verify",
+            )
         return self
 
 

@@ -48,22 +48,30 @@ failing canary, and an Observation error would make the judge wait (Error) throu
 outage it must see.
 
 No data (no series, NaN) gives zero counts, so the judge says Inconclusive; an unreachable
-Prometheus or a failing query gives `Observation(error=...)` naming the URL, so it says Error.
+Prometheus or a failing query gives `Observation(error=...)` naming the URL, so it says Error —
+and so do refused credentials (401/403, said as such), a certificate no trusted CA signed, and a
+secret that cannot be read. Authentication (bearer token, basic auth, Azure Monitor managed
+Prometheus' Entra ID token) and TLS (`ca_file`, `insecure_skip_verify`) come from the spec through
+rollout.metrics.prometheus_auth, which also keeps secrets out of every message this module makes.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import ssl
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries
 from rollout.core.types import Colour, ColourCounts, Observation
 from rollout.errors import MetricsError, ProviderUnavailable
 from rollout.routers.base import TrafficRouter
+
+if TYPE_CHECKING:
+    from rollout.metrics.prometheus_auth import AzureBearerAuth, BasicAuth, BearerAuth
 
 #: The shortest window for `resets()` (a range selector needs a positive duration).
 MIN_WINDOW_S = 1
@@ -140,9 +148,12 @@ class PrometheusMetrics:
         labels: ColourNames | None = None,
         latency_unit_s: float = 0.001,
         timeout_s: float = 5.0,
+        auth: BearerAuth | BasicAuth | AzureBearerAuth | None = None,
+        verify: bool | str = True,
     ) -> None:
         if (preset is None) == (queries is None):
             raise MetricsError("PrometheusMetrics needs exactly one of a preset or custom queries")
+        import requests
         from prometheus_api_client import PrometheusConnect
         from urllib3.util.retry import Retry
 
@@ -152,29 +163,41 @@ class PrometheusMetrics:
         self.labels = labels or ColourNames()
         self.latency_unit_s = latency_unit_s
         self.timeout_s = timeout_s
+        self.auth = auth
+        # Our own session for `verify`: PrometheusConnect's only TLS switch is disable_ssl, and it
+        # passes `session.verify` (True, False or a CA file) with every request.
+        session = requests.Session()
+        session.verify = verify
         # No retries: the controller asks again next tick, and "down" must show quickly.
         self._client = PrometheusConnect(
             url=self.url,
             retry=Retry(total=0),
             timeout=timeout_s,
+            auth=auth,
+            session=session,
         )
 
     @classmethod
     def from_config(
         cls, cfg: PrometheusMetricsConfig, router: TrafficRouter | None = None
     ) -> PrometheusMetrics:
-        """Build from the spec's metrics section (the router is not needed)."""
-        unit = 0.001 if cfg.latency_unit == "ms" else 1.0
+        """Build from the spec's metrics section (the router is not needed).
+
+        Secrets and the CA file are read here: one missing is a ConfigError naming its field.
+        """
+        from rollout.metrics.prometheus_auth import http_auth, tls_verify
+
+        connection: dict[str, Any] = {
+            "labels": cfg.labels,
+            "timeout_s": cfg.timeout_s,
+            "verify": tls_verify(cfg),
+            "auth": http_auth(cfg),
+        }
         if cfg.preset == "custom":
-            return cls(
-                cfg.url,
-                queries=cfg.queries,
-                labels=cfg.labels,
-                latency_unit_s=unit,
-                timeout_s=cfg.timeout_s,
-            )
+            unit = 0.001 if cfg.latency_unit == "ms" else 1.0
+            return cls(cfg.url, queries=cfg.queries, latency_unit_s=unit, **connection)
         preset = envoy_preset() if cfg.preset == "envoy" else istio_preset(cfg.namespace)
-        return cls(cfg.url, preset=preset, labels=cfg.labels, timeout_s=cfg.timeout_s)
+        return cls(cfg.url, preset=preset, **connection)
 
     # ----------------------------------------------------------------- MetricsProvider protocol
 
@@ -209,8 +232,14 @@ class PrometheusMetrics:
         return True
 
     def close(self) -> None:
-        """Close the HTTP session."""
+        """Close the HTTP session (and an Azure credential's)."""
         self._client.close()
+        close = getattr(self.auth, "close", None)
+        if callable(close):
+            close()
+
+    def __repr__(self) -> str:
+        return f"PrometheusMetrics({self.url!r}, auth={self.auth!r})"
 
     # ---------------------------------------------------------------------------- the presets
 
@@ -358,18 +387,31 @@ class PrometheusMetrics:
         params = {"time": f"{at:.3f}"} if at is not None else None
         try:
             result: list[dict[str, Any]] = self._client.custom_query(query, params=params)
+        except requests.exceptions.SSLError as exc:
+            raise ProviderUnavailable(f"Prometheus at {self.url}: {_tls_problem(exc)}") from exc
         except requests.RequestException as exc:
             raise ProviderUnavailable(
                 f"Prometheus at {self.url} is unreachable: {type(exc).__name__}"
             ) from exc
         except PrometheusApiClientException as exc:
-            raise MetricsError(f"Prometheus at {self.url} rejected {query!r}: {exc}") from exc
+            status = re.match(r"HTTP Status Code (40[13])\b", str(exc))
+            if status:
+                sent = f"with {self.auth!r}" if self.auth is not None else "without credentials"
+                problem = f"refused the request {sent} (HTTP {status.group(1)})"
+            else:
+                problem = f"rejected {query!r}: {exc}"
+            raise MetricsError(self._redact(f"Prometheus at {self.url} {problem}")) from exc
+        except MetricsError as exc:  # a secret that cannot be read now, no Entra ID token
+            raise MetricsError(f"Prometheus at {self.url}: {exc}") from exc
         except (ValueError, KeyError, TypeError) as exc:
             # Not JSON, or JSON without `data.result`: something else listens there.
             raise MetricsError(f"Prometheus at {self.url} answered garbage for {query!r}") from exc
         if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
             raise MetricsError(f"Prometheus at {self.url} answered garbage for {query!r}")
         return result
+
+    def _redact(self, text: str) -> str:
+        return self.auth.redact(text) if self.auth is not None else text
 
     def _vector(self, query: str, at: float) -> dict[Series, int]:
         """An instant vector as {series labels: integer value}; NaN and ±Inf are dropped."""
@@ -392,6 +434,24 @@ class PrometheusMetrics:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+def _tls_problem(exc: BaseException) -> str:
+    """What went wrong in a TLS handshake, found in urllib3's chain of wrapped errors."""
+    pending: list[object] = [exc]
+    seen: set[int] = set()
+    while pending:
+        error = pending.pop()
+        if not isinstance(error, BaseException) or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return (
+                f"TLS certificate not trusted ({error.verify_message}); "
+                "metrics.ca_file names the CA that signed it"
+            )
+        pending.extend([*error.args, getattr(error, "reason", None), error.__cause__])
+    return f"TLS handshake failed ({type(exc).__name__})"
 
 
 def _number(raw: Any) -> float | None:

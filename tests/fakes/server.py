@@ -2,29 +2,50 @@
 
 The fakes (ARM, kube-apiserver, identity endpoint, Prometheus) differ in what they answer, not in
 how they run: each holds one `LocalServer` for its handler and delegates `url`, `start`, `stop`.
+With an `ssl_context` (tests.fakes.tls makes one from a CA of the test's own) it serves HTTPS.
 """
 
 from __future__ import annotations
 
+import ssl
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client refusing the certificate (what the TLS tests want) is not the fake's error.
+        if not isinstance(sys.exc_info()[1], ssl.SSLError):
+            super().handle_error(request, client_address)
 
 
 class LocalServer:
     """`handler` served on a daemon thread; `stop()` returns at once (short poll interval)."""
 
-    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
+    def __init__(
+        self, handler: type[BaseHTTPRequestHandler], ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        self._server = _Server(("127.0.0.1", 0), handler)
+        self._scheme = "http"
+        if ssl_context is not None:
+            # The handshake runs in the handler's thread, so a client that gives up on the
+            # certificate never stalls the accept loop.
+            self._server.socket = ssl_context.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
+            self._scheme = "https"
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
         )
 
     @property
     def url(self) -> str:
-        """`http://127.0.0.1:<port>`."""
+        """`http://127.0.0.1:<port>` (https with an ssl_context)."""
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{self._scheme}://{host!s}:{port}"
 
     def start(self) -> None:
         self._thread.start()

@@ -9,6 +9,13 @@ staleness marker (what Prometheus writes for every series of a target when a scr
 instant selector whose newest sample is one finds nothing, and ranges skip it. Anything else
 answers 400 with Prometheus' error JSON, so a query the fake does not understand fails the test
 instead of passing by accident.
+
+Authentication and TLS, as a Prometheus behind a proxy has them: with `require_authorization`
+set, a request whose `Authorization` header is not exactly that answers 401 (and with
+`echo_authorization` its body, and that of an injected `status`, quotes the header it got, as
+some proxies' error pages do — to test that no secret travels on into an error message);
+`authorizations` records the header of every request (None when absent).
+`FakePrometheus(tls=context)` serves HTTPS (tests.fakes.tls).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import ssl
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -32,10 +40,13 @@ _MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!=|=)\s*"((?:[^"\\]|\\
 class FakePrometheus:
     """Serve stored series on 127.0.0.1; `queries` records every query seen."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.series: list[tuple[dict[str, str], list[tuple[float, float | None]]]] = []
         self.queries: list[tuple[str, float]] = []
         self.status = 200  # set to 500/503 to simulate a sick Prometheus
+        self.require_authorization: str | None = None
+        self.echo_authorization = False
+        self.authorizations: list[str | None] = []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -45,8 +56,19 @@ class FakePrometheus:
                 if url.path != "/api/v1/query":
                     self._send(404, {"status": "error", "error": "not found"})
                     return
+                got = self.headers.get("Authorization")
+                fake.authorizations.append(got)
+                if fake.require_authorization is not None and got != fake.require_authorization:
+                    body = {"status": "error", "error": "unauthorized"}
+                    if fake.echo_authorization:
+                        body["error"] = f"unauthorized: Authorization {got!r} refused"
+                    self._send(401, body)
+                    return
                 if fake.status != 200:
-                    self._send(fake.status, {"status": "error", "error": "injected"})
+                    body = {"status": "error", "error": "injected"}
+                    if fake.echo_authorization:
+                        body["error"] = f"injected; Authorization {got!r}"
+                    self._send(fake.status, body)
                     return
                 at = float(params.get("time", "1e12"))
                 fake.queries.append((params["query"], at))
@@ -71,7 +93,7 @@ class FakePrometheus:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = LocalServer(Handler)
+        self._server = LocalServer(Handler, ssl_context=tls)
 
     @property
     def url(self) -> str:

@@ -1,0 +1,275 @@
+"""How the Prometheus provider signs its requests and checks TLS: the spec's fields → requests.
+
+The spec says where a secret is (an environment variable, a file), never the secret. This module
+reads it, twice over:
+
+- at start (`http_auth`, `tls_verify`, called when the provider is built): an environment variable
+  that is unset or empty, a file that is missing, unreadable or empty, a CA file holding no PEM
+  certificate — each a ConfigError naming the spec's field, before the first tick, instead of a
+  401 or a TLS failure at it. (Not at spec validation: `status`, `pause` and the other operator
+  commands load the spec on machines that do not hold the controller's secrets.)
+- per request, a `requests.auth.AuthBase` sets `Authorization`:
+  `BearerAuth` with a token from `bearer_token_env` (read once) or `bearer_token_file` (read
+  again for every request, as Prometheus does with `credentials_file`: a rotated Kubernetes
+  Secret is used from the next query on, no restart); `BasicAuth` with the password from
+  `password_env` or `password_file` alike; `AzureBearerAuth` with an Entra ID token for Azure
+  Monitor managed Prometheus (scope `https://prometheus.monitor.azure.com/.default`) from
+  `rollout.azure_credential.default_credential()`, kept until REFRESH_MARGIN_S before it expires
+  and dropped when Prometheus answers 401 (a revoked token is replaced on the next query).
+  A secret that cannot be read then (a deleted file, no token) raises MetricsError, which the
+  provider turns into an Observation error: the judge says Error and waits.
+
+Secrets stay out of reprs, logs and messages: the auth objects print their source, never the
+value, and `redact` blanks out every value they sent from a text — a proxy that echoes request
+headers in its 401 page would otherwise carry the token into an Observation's error, hence into
+the ledger.
+
+TLS: `tls_verify` gives requests' `verify`: the CA file, False with `insecure_skip_verify` (a
+warning is logged once, at start), True otherwise (the system's CAs).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from requests import PreparedRequest, Response
+from requests.auth import AuthBase
+
+from rollout.azure_credential import default_credential
+from rollout.config import PrometheusMetricsConfig
+from rollout.errors import ConfigError, MetricsError
+
+log = logging.getLogger(__name__)
+
+#: The audience of Azure Monitor managed Prometheus' query API, as an OAuth 2.0 scope.
+PROMETHEUS_SCOPE = "https://prometheus.monitor.azure.com/.default"
+#: A cached Entra ID token is replaced this long before it expires (azure-core's margin too).
+REFRESH_MARGIN_S = 300.0
+REDACTED = "<redacted>"
+
+
+class Secret(Protocol):
+    """Where a secret comes from."""
+
+    field: str
+
+    def value(self) -> str:
+        """The secret now; MetricsError (naming the field, not the value) when it cannot be read."""
+        ...
+
+
+class EnvSecret:
+    """A secret in an environment variable, read once: a process' environment does not change."""
+
+    def __init__(self, field: str, name: str, env: dict[str, str] | None = None) -> None:
+        self.field = field
+        self.name = name
+        value = (os.environ if env is None else env).get(name, "").strip()
+        if not value:
+            raise ConfigError(f"{field}: environment variable {name} is not set (or empty)")
+        self._value = value
+
+    def value(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"EnvSecret(${self.name})"
+
+
+class FileSecret:
+    """A secret in a file, read again every time (surrounding whitespace stripped)."""
+
+    def __init__(self, field: str, path: Path) -> None:
+        self.field = field
+        self.path = path
+        try:
+            self.value()
+        except MetricsError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def value(self) -> str:
+        try:
+            text = self.path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            raise MetricsError(f"{self.field}: {self.path} does not exist") from None
+        except OSError as exc:
+            raise MetricsError(f"{self.field}: cannot read {self.path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise MetricsError(f"{self.field}: {self.path} is not UTF-8 text") from None
+        if not text:
+            raise MetricsError(f"{self.field}: {self.path} is empty")
+        return text
+
+    def __repr__(self) -> str:
+        return f"FileSecret({self.path})"
+
+
+class _Auth(AuthBase):
+    """Remembers what it sent, so that `redact` can take it out of any text."""
+
+    def __init__(self) -> None:
+        self._sent: set[str] = set()
+
+    def _remember(self, *values: str) -> None:
+        self._sent.update(v for v in values if v)
+
+    def redact(self, text: str) -> str:
+        """`text` with every secret value this object ever sent replaced by REDACTED."""
+        for value in sorted(self._sent, key=len, reverse=True):
+            text = text.replace(value, REDACTED)
+        return text
+
+
+def _bearer_token(token: str, field: str) -> str:
+    # A bearer token is visible ASCII (RFC 6750). Anything else would fail in requests with a
+    # message that quotes the header, secret included; say which field holds it instead.
+    if not token.isascii() or not token.isprintable() or " " in token:
+        raise MetricsError(f"{field}: holds characters a bearer token cannot have")
+    return token
+
+
+class BearerAuth(_Auth):
+    """`Authorization: Bearer <token>` with the token read from `secret` for every request."""
+
+    def __init__(self, secret: Secret) -> None:
+        super().__init__()
+        self.secret = secret
+
+    def __call__(self, request: PreparedRequest) -> PreparedRequest:
+        token = _bearer_token(self.secret.value(), self.secret.field)
+        self._remember(token)
+        request.headers["Authorization"] = f"Bearer {token}"
+        return request
+
+    def __repr__(self) -> str:
+        return f"BearerAuth({self.secret!r})"
+
+
+class BasicAuth(_Auth):
+    """`Authorization: Basic ...` with the password read from `secret` for every request."""
+
+    def __init__(self, username: str, secret: Secret) -> None:
+        super().__init__()
+        self.username = username
+        self.secret = secret
+
+    def __call__(self, request: PreparedRequest) -> PreparedRequest:
+        password = self.secret.value()
+        # UTF-8 (RFC 7617's charset): requests' own HTTPBasicAuth encodes str as latin-1 and
+        # fails on other characters.
+        pair = base64.b64encode(f"{self.username}:{password}".encode()).decode("ascii")
+        self._remember(password, pair)
+        request.headers["Authorization"] = f"Basic {pair}"
+        return request
+
+    def __repr__(self) -> str:
+        return f"BasicAuth({self.username!r}, {self.secret!r})"
+
+
+class AzureBearerAuth(_Auth):
+    """An Entra ID bearer token for `scope` from an azure-core TokenCredential, cached."""
+
+    field = "metrics.azure_auth"
+
+    def __init__(
+        self,
+        credential: Any,
+        *,
+        scope: str = PROMETHEUS_SCOPE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__()
+        self.credential = credential
+        self.scope = scope
+        self._clock = clock
+        self._token: Any = None  # azure.core.credentials.AccessToken
+        self._lock = threading.Lock()
+
+    def __call__(self, request: PreparedRequest) -> PreparedRequest:
+        token = self._current()
+        self._remember(token)
+        request.headers["Authorization"] = f"Bearer {token}"
+        request.register_hook("response", self._on_response)  # type: ignore[no-untyped-call]
+        return request
+
+    def _current(self) -> str:
+        from azure.core.exceptions import AzureError
+
+        with self._lock:
+            if self._token is None or self._clock() >= self._token.expires_on - REFRESH_MARGIN_S:
+                try:
+                    self._token = self.credential.get_token(self.scope)
+                except AzureError as exc:
+                    # The first line says which credentials were tried and why each failed;
+                    # the rest is troubleshooting links.
+                    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    raise MetricsError(
+                        f"{self.field}: no Entra ID token for {self.scope}: {reason}"
+                    ) from exc
+            return _bearer_token(str(self._token.token), self.field)
+
+    def _on_response(self, response: Response, **kwargs: Any) -> Response:
+        if response.status_code == 401:
+            with self._lock:
+                self._token = None  # revoked or not yet valid: ask again next time
+        return response
+
+    def close(self) -> None:
+        """Close the credential (DefaultAzureCredential holds HTTP sessions)."""
+        close = getattr(self.credential, "close", None)
+        if callable(close):
+            close()
+
+    def __repr__(self) -> str:
+        return f"AzureBearerAuth({self.scope!r})"
+
+
+def http_auth(cfg: PrometheusMetricsConfig) -> BearerAuth | BasicAuth | AzureBearerAuth | None:
+    """The auth the spec asks for, its secret read once now (ConfigError naming the field)."""
+    if cfg.bearer_token_env is not None:
+        return BearerAuth(EnvSecret("metrics.bearer_token_env", cfg.bearer_token_env))
+    if cfg.bearer_token_file is not None:
+        return BearerAuth(FileSecret("metrics.bearer_token_file", cfg.bearer_token_file))
+    if cfg.basic_auth is not None:
+        basic = cfg.basic_auth
+        secret: Secret
+        if basic.password_env is not None:
+            secret = EnvSecret("metrics.basic_auth.password_env", basic.password_env)
+        else:
+            assert basic.password_file is not None  # the config allows exactly one
+            secret = FileSecret("metrics.basic_auth.password_file", basic.password_file)
+        return BasicAuth(basic.username, secret)
+    if cfg.azure_auth:
+        return AzureBearerAuth(default_credential())
+    return None
+
+
+def tls_verify(cfg: PrometheusMetricsConfig) -> bool | str:
+    """requests' `verify`: the CA file (checked now: ConfigError naming it), False, or True."""
+    if cfg.insecure_skip_verify:
+        log.warning(
+            "metrics.insecure_skip_verify: the TLS certificate of %s is not verified; anyone on "
+            "the path can read the queries and forge the counts the rollout is judged on",
+            cfg.url,
+        )
+        return False
+    if cfg.ca_file is None:
+        return True
+    path = cfg.ca_file
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except FileNotFoundError:
+        raise ConfigError(f"metrics.ca_file: {path} does not exist") from None
+    except ssl.SSLError:
+        raise ConfigError(f"metrics.ca_file: {path} holds no PEM CA certificate") from None
+    except OSError as exc:
+        raise ConfigError(f"metrics.ca_file: cannot read {path}: {exc.strerror}") from None
+    return str(path)

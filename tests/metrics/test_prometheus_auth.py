@@ -1,0 +1,410 @@
+"""Authentication and TLS of the Prometheus provider, at the wire.
+
+The fake Prometheus (a real HTTP server) requires an exact `Authorization` header (401
+otherwise) and serves HTTPS with a CA made in the test, so requests, prometheus-api-client and
+the provider run unchanged. What is checked: each auth method sends the right header (bearer from
+an environment variable or from a file read again after it changes, basic auth, an Entra ID token
+for Azure Monitor managed Prometheus' scope, cached and refreshed before it expires, replaced
+after a 401); the spec's rules (one method, TLS options only over https, no credentials in the
+url) name the field; a missing secret or CA is a ConfigError at start; a refused credential, an
+unreadable secret and an untrusted certificate are Observation errors naming the URL; secrets
+never show in reprs, logs or errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from azure.core.credentials import AccessToken
+from azure.core.exceptions import ClientAuthenticationError
+
+from rollout.config import PrometheusMetricsConfig, spec_from_dict
+from rollout.errors import ConfigError
+from rollout.metrics import prometheus_auth
+from rollout.metrics.factory import make_metrics
+from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset
+from rollout.metrics.prometheus_auth import PROMETHEUS_SCOPE, AzureBearerAuth
+from tests.fakes.arm import StaticCredential
+from tests.fakes.tls import Pki, make_pki
+from tests.metrics.fake_prometheus import FakePrometheus
+
+T0 = 1_700_000_000.0
+TOKEN = "s3cr3t-token-value"
+PASSWORD = "pä55-wörd"  # not latin-1-safe in every client: sent as UTF-8
+
+
+def basic(username: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
+@pytest.fixture
+def prom() -> Iterator[FakePrometheus]:
+    with FakePrometheus() as fake:
+        fake.add("envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "blue"}, [])
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def tls_prom(pki: Pki) -> Iterator[FakePrometheus]:
+    with FakePrometheus(tls=pki.server_context()) as fake:
+        yield fake
+
+
+def provider(url: str, **fields: Any) -> PrometheusMetrics:
+    built = make_metrics(PrometheusMetricsConfig(url=url, **fields))
+    assert isinstance(built, PrometheusMetrics)
+    return built
+
+
+# ---------------------------------------------------------------------------------- the methods
+
+
+@pytest.mark.parametrize(
+    ("fields", "header"),
+    [
+        pytest.param({"bearer_token_env": "PROM_TOKEN"}, f"Bearer {TOKEN}", id="bearer-from-env"),
+        pytest.param({"bearer_token_file": "token"}, f"Bearer {TOKEN}", id="bearer-from-file"),
+        pytest.param(
+            {"basic_auth": {"username": "rollout", "password_env": "PROM_PASSWORD"}},
+            basic("rollout", PASSWORD),
+            id="basic-password-from-env",
+        ),
+        pytest.param(
+            {"basic_auth": {"username": "rollout", "password_file": "password"}},
+            basic("rollout", PASSWORD),
+            id="basic-password-from-file",
+        ),
+    ],
+)
+def test_each_method_sends_its_header(
+    prom: FakePrometheus,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fields: dict[str, Any],
+    header: str,
+) -> None:
+    monkeypatch.setenv("PROM_TOKEN", TOKEN)
+    monkeypatch.setenv("PROM_PASSWORD", PASSWORD)
+    (tmp_path / "token").write_text(f"{TOKEN}\n")  # a Secret's trailing newline is not the token's
+    (tmp_path / "password").write_text(PASSWORD)
+    monkeypatch.chdir(tmp_path)
+    prom.require_authorization = header
+    metrics = provider(prom.url, **fields)
+    observation = metrics.observe(T0 - 10, T0)
+    assert observation.error is None
+    assert metrics.is_online()
+    assert prom.authorizations and set(prom.authorizations) == {header}
+
+
+def test_without_credentials_a_401_is_an_error_naming_the_url(prom: FakePrometheus) -> None:
+    prom.require_authorization = f"Bearer {TOKEN}"
+    observation = provider(prom.url).observe(T0 - 10, T0)
+    assert observation.error is not None
+    assert prom.url in observation.error and "HTTP 401" in observation.error
+
+
+def test_a_token_file_is_read_again_when_it_changes(prom: FakePrometheus, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("first-token")
+    prom.require_authorization = "Bearer first-token"
+    metrics = provider(prom.url, bearer_token_file=token_file)
+    assert metrics.observe(T0 - 10, T0).error is None
+    # The Secret is rotated: the server takes only the new token, and the provider, unchanged,
+    # sends it from the next query on.
+    token_file.write_text("second-token")
+    prom.require_authorization = "Bearer second-token"
+    assert metrics.observe(T0 - 10, T0).error is None
+    # The file disappears mid-rollout: an Observation error (the judge waits), not a crash.
+    token_file.unlink()
+    observation = metrics.observe(T0 - 10, T0)
+    assert observation.error is not None and prom.url in observation.error
+    assert f"metrics.bearer_token_file: {token_file} does not exist" in observation.error
+
+
+# ------------------------------------------------------------------------------ start and spec
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        pytest.param(
+            {"bearer_token_env": "PROM_UNSET"},
+            "metrics.bearer_token_env: environment variable PROM_UNSET is not set (or empty)",
+            id="env-unset",
+        ),
+        pytest.param(
+            {"bearer_token_env": "PROM_EMPTY"},
+            "metrics.bearer_token_env: environment variable PROM_EMPTY is not set (or empty)",
+            id="env-empty",
+        ),
+        pytest.param(
+            {"bearer_token_file": "missing"},
+            "metrics.bearer_token_file: missing does not exist",
+            id="file-missing",
+        ),
+        pytest.param(
+            {"bearer_token_file": "empty"},
+            "metrics.bearer_token_file: empty is empty",
+            id="file-empty",
+        ),
+        pytest.param(
+            {"basic_auth": {"username": "u", "password_env": "PROM_UNSET"}},
+            "metrics.basic_auth.password_env: environment variable PROM_UNSET is not set",
+            id="basic-env-unset",
+        ),
+        pytest.param(
+            {"basic_auth": {"username": "u", "password_file": "missing"}},
+            "metrics.basic_auth.password_file: missing does not exist",
+            id="basic-file-missing",
+        ),
+        pytest.param(
+            {"url": "https://p:9090", "ca_file": "missing"},
+            "metrics.ca_file: missing does not exist",
+            id="ca-missing",
+        ),
+        pytest.param(
+            {"url": "https://p:9090", "ca_file": "empty"},
+            "metrics.ca_file: empty holds no PEM CA certificate",
+            id="ca-not-pem",
+        ),
+    ],
+)
+def test_a_secret_or_ca_that_is_not_there_fails_at_start_naming_the_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fields: dict[str, Any], message: str
+) -> None:
+    monkeypatch.delenv("PROM_UNSET", raising=False)
+    monkeypatch.setenv("PROM_EMPTY", "")
+    (tmp_path / "empty").write_text("\n")
+    monkeypatch.chdir(tmp_path)
+    # The spec itself is valid: operator commands load it where the secrets are not.
+    cfg = PrometheusMetricsConfig(**{"url": "http://p:9090", **fields})
+    with pytest.raises(ConfigError) as caught:
+        make_metrics(cfg)
+    assert str(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        pytest.param(
+            {"bearer_token_env": "A", "bearer_token_file": "/f"},
+            "metrics.prometheus.bearer_token_file: only one authentication method at a time; "
+            "bearer_token_env and bearer_token_file are set",
+            id="two-methods",
+        ),
+        pytest.param(
+            {
+                "url": "https://p",
+                "basic_auth": {"username": "u", "password_env": "P"},
+                "azure_auth": True,
+            },
+            "metrics.prometheus.azure_auth: only one authentication method at a time; "
+            "basic_auth and azure_auth are set",
+            id="basic-and-azure",
+        ),
+        pytest.param(
+            {"basic_auth": {"username": "u"}},
+            "metrics.prometheus.basic_auth: give the password as exactly one of",
+            id="basic-without-password",
+        ),
+        pytest.param(
+            {"basic_auth": {"username": "u", "password_env": "P", "password_file": "/f"}},
+            "metrics.prometheus.basic_auth: give the password as exactly one of",
+            id="basic-with-two-passwords",
+        ),
+        pytest.param(
+            {"basic_auth": {"username": "u", "password": "inline"}},
+            "metrics.prometheus.basic_auth.password: Extra inputs are not permitted",
+            id="no-inline-password",
+        ),
+        pytest.param(
+            {"url": "http://p", "azure_auth": True},
+            "metrics.prometheus.url: azure_auth sends its token only over https",
+            id="azure-over-http",
+        ),
+        pytest.param(
+            {"url": "http://p", "ca_file": "/ca.pem"},
+            "metrics.prometheus.ca_file: applies to an https url",
+            id="ca-over-http",
+        ),
+        pytest.param(
+            {"url": "https://p", "ca_file": "/ca.pem", "insecure_skip_verify": True},
+            "metrics.prometheus.insecure_skip_verify: excludes ca_file",
+            id="ca-and-insecure",
+        ),
+        pytest.param(
+            {"url": "https://rollout:hunter2@p"},
+            "metrics.prometheus.url: holds credentials",
+            id="credentials-in-url",
+        ),
+    ],
+)
+def test_the_spec_names_the_field(metrics: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        spec_from_dict({"metrics": {"kind": "prometheus", **metrics}})
+    assert message in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------- TLS
+
+
+def test_a_private_ca_is_trusted_through_ca_file(tls_prom: FakePrometheus, pki: Pki) -> None:
+    metrics = provider(tls_prom.url, ca_file=pki.ca_file)
+    assert tls_prom.url.startswith("https://")
+    assert metrics.observe(T0 - 10, T0).error is None
+    assert tls_prom.queries
+
+
+@pytest.mark.parametrize("with_other_ca", [False, True], ids=["system-cas", "another-ca"])
+def test_an_unknown_ca_is_an_error_naming_the_url(
+    tls_prom: FakePrometheus, tmp_path: Path, with_other_ca: bool
+) -> None:
+    fields = {"ca_file": make_pki(tmp_path, "other").ca_file} if with_other_ca else {}
+    metrics = provider(tls_prom.url, **fields)
+    observation = metrics.observe(T0 - 10, T0)
+    assert observation.error is not None
+    assert tls_prom.url in observation.error
+    assert "TLS certificate not trusted" in observation.error
+    assert not tls_prom.queries
+    assert not metrics.is_online()
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_insecure_skip_verify_accepts_any_certificate_and_says_so(
+    tls_prom: FakePrometheus, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="rollout.metrics.prometheus_auth"):
+        metrics = provider(tls_prom.url, insecure_skip_verify=True)
+    assert metrics.observe(T0 - 10, T0).error is None
+    assert "metrics.insecure_skip_verify" in caplog.text and tls_prom.url in caplog.text
+
+
+# -------------------------------------------------------------------------------------- Azure
+
+
+def test_azure_auth_sends_an_entra_token_for_managed_prometheus(
+    tls_prom: FakePrometheus, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    credential = StaticCredential()
+    monkeypatch.setattr(prometheus_auth, "default_credential", lambda: credential)
+    expected = StaticCredential().get_token(PROMETHEUS_SCOPE).token
+    tls_prom.require_authorization = f"Bearer {expected}"
+    metrics = provider(tls_prom.url, azure_auth=True, ca_file=pki.ca_file)
+    assert metrics.observe(T0 - 10, T0).error is None
+    assert PROMETHEUS_SCOPE == "https://prometheus.monitor.azure.com/.default"
+    # One token for every query of the tick: it is cached until shortly before it expires.
+    assert credential.scopes == [PROMETHEUS_SCOPE]
+    assert len(tls_prom.authorizations) > 1
+
+
+class ExpiringCredential:
+    """Hands out `token-1`, `token-2`, ... each valid for an hour from the test's clock."""
+
+    def __init__(self, clock: list[float]) -> None:
+        self.clock = clock
+        self.issued = 0
+        self.fail = False
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        assert scopes == (PROMETHEUS_SCOPE,)
+        if self.fail:
+            raise ClientAuthenticationError(
+                "DefaultAzureCredential failed to retrieve a token from the included "
+                "credentials.\nAttempted credentials: ..."
+            )
+        self.issued += 1
+        return AccessToken(f"token-{self.issued}", int(self.clock[0]) + 3600)
+
+
+@pytest.fixture
+def clock() -> list[float]:
+    return [T0]
+
+
+def azure_provider(url: str, credential: ExpiringCredential, ca_file: Path) -> PrometheusMetrics:
+    auth = AzureBearerAuth(credential, clock=lambda: credential.clock[0])
+    return PrometheusMetrics(url, preset=envoy_preset(), auth=auth, verify=str(ca_file))
+
+
+def test_azure_token_is_refreshed_before_it_expires(
+    tls_prom: FakePrometheus, pki: Pki, clock: list[float]
+) -> None:
+    credential = ExpiringCredential(clock)
+    metrics = azure_provider(tls_prom.url, credential, pki.ca_file)
+    tls_prom.require_authorization = "Bearer token-1"
+    assert metrics.observe(T0 - 10, T0).error is None
+    clock[0] = T0 + 3600 - 301  # still five minutes and more to go: kept
+    assert metrics.observe(T0 - 10, T0).error is None
+    assert credential.issued == 1
+    clock[0] = T0 + 3600 - 299  # within five minutes of expiry: replaced
+    tls_prom.require_authorization = "Bearer token-2"
+    assert metrics.observe(T0 - 10, T0).error is None
+    assert credential.issued == 2
+
+
+def test_a_refused_azure_token_is_replaced_on_the_next_query(
+    tls_prom: FakePrometheus, pki: Pki, clock: list[float]
+) -> None:
+    credential = ExpiringCredential(clock)
+    metrics = azure_provider(tls_prom.url, credential, pki.ca_file)
+    tls_prom.require_authorization = "Bearer token-2"  # token-1 was revoked
+    failed = metrics.observe(T0 - 10, T0)
+    assert failed.error is not None and "HTTP 401" in failed.error
+    assert metrics.observe(T0 - 10, T0).error is None
+    assert credential.issued == 2
+
+
+def test_no_azure_token_is_an_error_naming_the_url(
+    tls_prom: FakePrometheus, pki: Pki, clock: list[float]
+) -> None:
+    credential = ExpiringCredential(clock)
+    credential.fail = True
+    observation = azure_provider(tls_prom.url, credential, pki.ca_file).observe(T0 - 10, T0)
+    assert observation.error == (
+        f"Prometheus at {tls_prom.url}: metrics.azure_auth: no Entra ID token for "
+        f"{PROMETHEUS_SCOPE}: DefaultAzureCredential failed to retrieve a token from the "
+        "included credentials."
+    )
+    assert not tls_prom.authorizations
+
+
+# ---------------------------------------------------------------------------------- no leaks
+
+
+def test_secrets_stay_out_of_reprs_logs_errors_and_details(
+    prom: FakePrometheus, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("PROM_PASSWORD", PASSWORD)
+    cfg = PrometheusMetricsConfig(
+        url=prom.url, basic_auth={"username": "rollout", "password_env": "PROM_PASSWORD"}
+    )
+    prom.require_authorization = "Bearer something-else"
+    prom.echo_authorization = True  # a proxy quoting the request in its error pages
+    secrets = [PASSWORD, basic("rollout", PASSWORD).removeprefix("Basic ")]
+    with caplog.at_level(logging.DEBUG):
+        metrics = make_metrics(cfg)
+        refused = metrics.observe(T0 - 10, T0)
+        # Accepted, then failing: the error quotes the body, which quotes the header.
+        prom.require_authorization, prom.status = basic("rollout", PASSWORD), 500
+        failed = metrics.observe(T0 - 10, T0)
+        prom.status = 200
+        served = metrics.observe(T0 - 10, T0)
+    assert served.error is None
+    assert refused.error is not None and "HTTP 401" in refused.error
+    assert "PROM_PASSWORD" in refused.error  # says which secret was refused, not what it is
+    assert failed.error is not None and "HTTP Status Code 500" in failed.error
+    assert "<redacted>" in failed.error
+    seen = [repr(cfg), repr(metrics), refused.error, failed.error, str(served.detail), caplog.text]
+    assert all(secret not in text for secret in secrets for text in seen)
+    assert secrets[1] in prom.authorizations[-1]  # it was sent, so the checks above could fail
