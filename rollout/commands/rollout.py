@@ -257,7 +257,9 @@ def _load_status(store: StateStore) -> Status | None:
         _fail(exc)
 
 
-def _view(parsed: RolloutSpec, store: StateStore, status: Status | None) -> Any:
+def _view(
+    parsed: RolloutSpec, store: StateStore, status: Status | None, state_dir: Path | None
+) -> Any:
     """The status table, with who drives the rollout now (the lease holder)."""
     from rollout.errors import RolloutError
 
@@ -265,7 +267,34 @@ def _view(parsed: RolloutSpec, store: StateStore, status: Status | None) -> Any:
         holder = store.controller()
     except RolloutError as exc:
         _fail(exc)
-    return _status_view(parsed, status, holder)
+    table = _status_view(parsed, status, holder)
+    if status is None and (first := _bootstrapped(parsed, state_dir)) is not None:
+        table.add_row(
+            "green",
+            f"{escape(first)} with all traffic, bootstrapped (a first release, unjudged); roll "
+            "out the next one with `aml-rollout rollout run`",
+        )
+    return table
+
+
+def _bootstrapped(parsed: RolloutSpec, state_dir: Path | None) -> str | None:
+    """MODEL:VERSION of the last bootstrap the ledger records, when no rollout has begun since."""
+    from rollout.api import ledger_path_of
+    from rollout.errors import StateError
+    from rollout.ledger import read_ledger
+
+    path = ledger_path_of(parsed, state_dir)
+    if not path.exists():
+        return None
+    try:
+        records = read_ledger(path)
+    except StateError:
+        return None  # the table says what it can; `explain` reports an unreadable ledger
+    last = records[-1] if records else {}
+    if last.get("event") != "bootstrap":
+        return None
+    release = last.get("release") or {}
+    return f"{release.get('model', '?')}:{release.get('version', '?')}"
 
 
 def _settled(status: Status | None) -> bool:
@@ -351,13 +380,15 @@ def status(
         from rich.live import Live
 
         deadline = time.monotonic() + timeout
-        with Live(_view(parsed, store, current), console=_out, refresh_per_second=2) as live:
+        with Live(
+            _view(parsed, store, current, state_dir), console=_out, refresh_per_second=2
+        ) as live:
             while time.monotonic() < deadline and not _settled(current):
                 time.sleep(1.0)
                 current = _read_status(store)
-                live.update(_view(parsed, store, current))
+                live.update(_view(parsed, store, current, state_dir))
     else:
-        _out.print(_view(parsed, store, current))
+        _out.print(_view(parsed, store, current, state_dir))
     raise typer.Exit(_status_code(current))
 
 

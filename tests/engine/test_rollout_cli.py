@@ -326,6 +326,9 @@ def test_a_first_release_is_bootstrapped_then_the_next_is_rolled_out_against_it(
     code, out = invoke("bootstrap", str(spec))
     assert code == 0, out
     assert "green serves m:1 with all traffic" in out
+    code, out = invoke("status", str(spec))  # was only "not started"
+    assert code == EXIT_RUNNING and "not started" in out
+    assert "m:1 with all traffic, bootstrapped (a first release, unjudged)" in " ".join(out.split())
     served = json.loads(routes.read_text())
     assert served["weights"] == {"blue": 0, "green": 100}
     assert served["releases"]["green"]["version"] == "1"
