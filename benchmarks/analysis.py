@@ -24,10 +24,10 @@ Measures (both policies, same definitions):
 - canary requests (the E[N] side of EN/Wald): every request the canary answered before the
   rollback, mirrored copies included: they are the judge's sample as much as live ones.
 - Wald: the E[N] in canary requests of Wald's SPRT, which knows both rates (α 0.05, β 0.2),
-  computed exactly (`benchmarks.oracle.sprt_expected_n`: 18, 187, 583, 5,408 canary requests
-  for 50×, 10×, 5×, 2× on 0.1 %, as ANCHORS.md quotes); Wald's approximation of it, which ignores
-  the overshoot, is in the JSON as `wald_formula_n`. For the latency scenario the rates are the
-  share of requests above the baseline's p99 bucket.
+  computed exactly (`benchmarks.oracle.sprt_expected_n`: 18, 186, 583, 5,408 canary requests
+  for 50×, 10×, 5×, 2× on 0.1 %, as ANCHORS.md quotes to ±0.5 %); Wald's approximation of it,
+  which ignores the overshoot, is in the JSON as `wald_formula_n`. For the latency scenario the
+  rates are the share of requests above the baseline's p99 bucket.
 - oracle (regression scenarios only; `benchmarks/oracle.py`): the power-one SPRT at level α that
   is told both rates and sees every canary request one by one — what a perfect judge of this
   kind would need. Its rows are printed with the others and, in the JSON, listed under "oracle"

@@ -3,11 +3,12 @@
 **Wald's SPRT** (`sprt_expected_n`): the two-sided sequential probability ratio test of the
 canary's bad rate against the baseline's, both known, at α = 0.05 and β = 0.2, fed every canary
 request. Its expected number of canary requests under the regression is the benchmark's `Wald`:
-18, 187, 583 and 5,408 for 50×, 10×, 5× and 2× on a 0.1 % base rate, the numbers ANCHORS.md
-quotes. Computed exactly (the law of the undecided paths, request by request), not with Wald's
-approximation (`rollout.core.stats.wald_expected_n`: 13, 136, 470, 4,928), which assumes the log
-ratio lands exactly on a boundary. Here a bad request moves it by ln θ — 3.9 nats at 50×, more
-than the upper boundary's ln 16 = 2.8 — so the real test overshoots, and needs more.
+18, 186, 583 and 5,408 for 50×, 10×, 5× and 2× on a 0.1 % base rate, the numbers ANCHORS.md
+quotes (it says 187 and 5,420). Computed exactly (the law of the undecided paths, request by
+request), not with Wald's approximation (`rollout.core.stats.wald_expected_n`: 13, 136, 470,
+4,929), which assumes the log ratio lands exactly on a boundary. Here a bad request moves it by
+ln θ — 3.9 nats at 50×, more than the upper boundary's ln 16 = 2.8 — so the real test
+overshoots, and needs more.
 
 **The oracle** (`simulate`): Wald's SPRT may stop early *accepting* "no regression" (β = 0.2); a
 rollout judge cannot: it must keep looking until it rolls back (power one), at level α over the

@@ -58,7 +58,9 @@ MIN_BASELINE_FOR_P99 = 500
 #: Share of baseline requests above the chosen bucket: about its p99.
 P99_TAIL = 0.01
 #: Absolute guards fire when their e-value against "at most the limit" reaches 1/GUARD_ALPHA: the
-#: chance a canary within the limit ever trips one is at most this, however often it looks.
+#: chance a canary within the limit ever trips one is at most this, however often it looks — over
+#: the rollout for the error guard (rollout-wide counts), within each step for the latency guard
+#: (it reads the step's histogram, so each step entered adds up to GUARD_ALPHA).
 GUARD_ALPHA = 0.001
 GUARD_LOG_THRESHOLD = math.log(1.0 / GUARD_ALPHA)
 #: The errors check's weight in the "worse" e-value when latency is judged too (latency gets the
