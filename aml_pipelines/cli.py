@@ -38,14 +38,27 @@ registry_app = typer.Typer(no_args_is_help=True)
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+_TRAINING_INPUTS = (
+    "model_name, alpha, test_fraction, seed, data, target, metric, max_regression, force, "
+    "image_registry, package_mode"
+)
 ParamOption = Annotated[
     list[str] | None,
     typer.Option(
         "--param",
         "-p",
-        help="Pipeline input KEY=VALUE (repeatable): model_name, alpha, test_fraction, seed, "
-        "data, target, metric, max_regression, force, image_registry, package_mode; with "
+        help=f"Pipeline input KEY=VALUE (repeatable): {_TRAINING_INPUTS}; with "
         "--deploy: model_name, model_version, image_registry, package_mode.",
+        show_default=False,
+    ),
+]
+#: For the commands without --deploy (submit, run-local): only the training pipeline's inputs.
+TrainingParamOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--param",
+        "-p",
+        help=f"Pipeline input KEY=VALUE (repeatable): {_TRAINING_INPUTS}.",
         show_default=False,
     ),
 ]
@@ -234,7 +247,7 @@ def submit(
     workspace: Annotated[str, typer.Option(help="Azure ML workspace name.")],
     compute: Annotated[str, typer.Option(help="Compute cluster for every step.")] = DEFAULT_COMPUTE,
     experiment: Annotated[str, typer.Option(help="Experiment name.")] = "aml-rollout",
-    params: ParamOption = None,
+    params: TrainingParamOption = None,
     rollout_spec: SpecOption = None,
 ) -> None:
     """Submit the pipeline to an Azure ML workspace (DefaultAzureCredential)."""
@@ -255,7 +268,7 @@ def submit(
 
 @pipeline_app.command("run-local")
 def run_local(
-    params: ParamOption = None,
+    params: TrainingParamOption = None,
     rollout_spec: SpecOption = None,
     until: Annotated[str, typer.Option(help="Last step to run.")] = "package",
     run_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<id>).")] = None,

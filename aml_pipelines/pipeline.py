@@ -85,15 +85,19 @@ class DeployParams:
 def check_params(params: PipelineParams | DeployParams) -> None:
     """Refuse inputs a step would refuse, before a job is built (ConfigError naming the input).
 
-    Without this, a bad `metric` or `package_mode` fails its step only after train (and
-    register) ran on the cluster, and leaves a registered candidate behind; a bad `model_name`
-    trains a model the register step then refuses.
+    Without this, a bad `metric`, `package_mode` or `image_registry` fails its step only after
+    train (and register) ran on the cluster, and leaves a registered candidate behind; a bad
+    `model_name` trains a model the register step then refuses.
     """
     from aml_pipelines.errors import ConfigError
     from aml_pipelines.registry.local import check_name
-    from components.package.package import MODES
+    from components.package.package import MODES, image_name
 
     check_name(params.model_name)
+    # The package step names the image `<image_registry>/<model_name>:<version>`: a registry, or
+    # a model name that makes no repository once lower-cased (`m.`), fails it after train and
+    # register.
+    image_name(params.image_registry, params.model_name, 1)
     if params.package_mode not in MODES:
         raise ConfigError(f"package_mode: {params.package_mode!r} is not one of {list(MODES)}")
     if isinstance(params, DeployParams):

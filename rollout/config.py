@@ -550,7 +550,8 @@ class KubernetesStateConfig(KubeApiConfig):
     #: a pod, mount a volume here or the ledger goes with the pod (status and commands do not).
     dir: Path = Path(".rollout")
     #: Seconds the lease lasts without renewal (the Lease's `leaseDurationSeconds`; renewed every
-    #: third of it). A controller that died is replaced after at most this long.
+    #: third of it). A controller that died is replaced once it has expired and a newcomer has
+    #: watched it unchanged for this long again: at least twice this long after its last renewal.
     lease_ttl_s: int = Field(default=15, ge=1, le=3600)
 
     @field_validator("namespace")

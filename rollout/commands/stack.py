@@ -138,7 +138,14 @@ def _write_spec(stack: Any, candidate: Any) -> Path:
 
     import yaml
 
-    fields: dict[str, Any] = {}  # the product's plan: the shadow step, then 5, 25, 50 %
+    from rollout.config import AnalysisConfig, LatencyCheck
+
+    # The product's plan (the shadow step, then 5, 25, 50 %) and error analysis, but latency
+    # against a 250 ms SLO, as in the demo: green's own p99 bucket is 1-5 ms here, and a fresh
+    # blue's tail on a shared machine is slower than that by more than any model is, so the
+    # default check rolled back a healthy candidate at the shadow step (twice in a row).
+    latency = LatencyCheck(threshold="slo", slo_ms=250)
+    fields: dict[str, Any] = {"analysis": AnalysisConfig(interval_s=1.0, latency=latency)}
     if candidate is not None:
         fields["candidate"] = asdict(candidate)
     spec = stack.spec("local", **fields)

@@ -69,3 +69,8 @@ def test_the_spec_up_writes_loads(tmp_path: Path) -> None:
     spec = load_spec(_write_spec(LocalStack(tmp_path), None))  # (a stack never started)
     assert (spec.plan, spec.shadow_percent) == ((0, 5, 25, 50, 100), 5)
     assert spec.router.kind == "envoy" and spec.metrics.kind == "prometheus"
+    # Latency against an SLO, not green's p99 bucket (1-5 ms here): that rolled back a healthy
+    # candidate at the shadow step. Errors keep the product's defaults.
+    latency = spec.analysis.latency
+    assert (latency.threshold, latency.slo_ms) == ("slo", 250)
+    assert spec.analysis.errors == type(spec.analysis.errors)()

@@ -303,6 +303,23 @@ def test_the_cli_default_compute_is_the_pipelines_default(command: str) -> None:
     assert f"[default: {DEFAULT_COMPUTE}]" in shown.output
 
 
+@pytest.mark.parametrize(
+    ("command", "has_deploy"),
+    [
+        pytest.param("validate", True, id="validate"),
+        pytest.param("build", True, id="build"),
+        pytest.param("submit", False, id="submit"),
+        pytest.param("run-local", False, id="run-local"),
+    ],
+)
+def test_help_mentions_deploy_only_where_the_command_has_it(command: str, has_deploy: bool) -> None:
+    # Was: submit's and run-local's --param help listed the inputs "with --deploy", an option
+    # neither command has.
+    shown = invoke("pipeline", command, "--help", env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert ("--deploy" in shown.output) is has_deploy, shown.output
+
+
 def test_registry_list_before_anything_was_registered(tmp_path: Path) -> None:
     """The default registry not created yet is empty, not an error (a named one is: a typo)."""
     for named in ("", "local"):  # unset, or the default named as such

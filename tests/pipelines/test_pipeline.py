@@ -283,6 +283,13 @@ def test_deploy_pipeline_starts_from_a_registered_reference(tmp_path: Path, comp
         pytest.param(PipelineParams(max_regression=-0.1), "^max_regression", id="max-regression"),
         pytest.param(DeployParams(package_mode="cloud"), "^package_mode", id="deploy-package-mode"),
         pytest.param(DeployParams(model_name="a/b"), "^model name 'a/b'", id="deploy-model-name"),
+        # the package step's image reference: it failed only after train and register ran
+        pytest.param(PipelineParams(image_registry="acr.io/Team"), "^image_registry: 'Team'",
+                     id="image-registry"),
+        pytest.param(PipelineParams(model_name="m."), "^model name 'm.' does not make an image",
+                     id="model-name-no-image"),
+        pytest.param(DeployParams(image_registry="acr io"), "^image_registry: 'acr io'",
+                     id="deploy-image-registry"),
     ],
 )  # fmt: skip
 def test_inputs_a_step_would_refuse_are_refused_before_building(
