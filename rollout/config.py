@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -69,6 +71,21 @@ ENVOY_BUCKETS_MS: tuple[float, ...] = (
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+#: An HTTP header name: a token of RFC 9110 (letters, digits and !#$%&'*+-.^_`|~).
+_HEADER_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def header_name(header: str) -> str:
+    """`header` lower-cased (HTTP/2 and Envoy match names lower-case); ValueError if it is no
+    header name — it would render a route no proxy accepts, or one no request ever matches."""
+    if not _HEADER_TOKEN.fullmatch(header):
+        raise ValueError(f"not a valid HTTP header name: {header!r}")
+    return header.lower()
+
+
+HeaderName = Annotated[str, AfterValidator(header_name)]
 
 
 class ColourNames(_Model):
@@ -112,7 +129,7 @@ class EnvoyRouterConfig(_Model):
         default_factory=lambda: ColourNames(blue="blue-pinned", green="green-pinned")
     )
     #: Requests carrying `<header>: blue|green` go to that colour's pinned cluster.
-    header: str = "x-api-version"
+    header: HeaderName = "x-api-version"
     #: Where the router records which release each colour serves (Envoy does not know);
     #: default `releases.json` next to `routes_file`.
     releases_file: Path | None = None
@@ -149,7 +166,7 @@ class IstioRouterConfig(KubeApiConfig):
     app: str = "model"
     hosts: list[str] = Field(default_factory=lambda: ["*"])
     #: Requests carrying `<header>: blue|green` go to that colour's pinned Service.
-    header: str = "x-api-version"
+    header: HeaderName = "x-api-version"
     port: int = Field(default=80, gt=0, lt=65536)
     container_port: int = Field(default=8000, gt=0, lt=65536)
     replicas: int = Field(default=1, ge=0)
@@ -655,7 +672,7 @@ class RolloutSpec(_Model):
     mirror_percent: int | None = Field(default=None, ge=0, le=100)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     #: Requests carrying `<header>: blue|green` are pinned to that colour and not analysed.
-    header: str = "x-api-version"
+    header: HeaderName = "x-api-version"
     candidate: ReleaseConfig | None = None
     stable: ReleaseConfig | None = None
     state: StateConfig = Field(default_factory=FileStateConfig)
@@ -719,13 +736,6 @@ class RolloutSpec(_Model):
                 f"from it, got {steps}"
             )
         return steps
-
-    @field_validator("header")
-    @classmethod
-    def _header(cls, header: str) -> str:
-        if not header or any(c.isspace() or c == ":" for c in header):
-            raise ValueError(f"not a valid HTTP header name: {header!r}")
-        return header.lower()
 
     @model_validator(mode="after")
     def _mirror_needs_a_shadow_step(self) -> RolloutSpec:

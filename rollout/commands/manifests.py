@@ -92,6 +92,13 @@ def manifests(
         "container_port": container_port,
         "replicas": replicas,
     }
+    if header is not None:
+        from rollout.config import header_name
+
+        try:
+            options["header"] = header_name(header)
+        except ValueError as exc:
+            raise ConfigError(f"--header: {exc}") from None
     settings.update({k: v for k, v in options.items() if v is not None})
     settings.setdefault("namespace", "default")
     settings.setdefault("app", "model")

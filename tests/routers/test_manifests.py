@@ -376,6 +376,12 @@ def test_settings_come_from_a_spec_and_options_win(tmp_path: Path) -> None:
             "-o /nonexistent/k8s.yaml: cannot write it: No such file or directory",
             id="output-in-a-missing-folder",
         ),
+        pytest.param(
+            # Was rendered: a VirtualService match no request can carry.
+            ["--header", "bad header"],
+            "--header: not a valid HTTP header name: 'bad header'",
+            id="header-with-a-space",
+        ),
     ],
 )
 def test_bad_input_is_one_config_error(args: list[str], message: str) -> None:
