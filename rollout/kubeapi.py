@@ -49,6 +49,19 @@ def api_client(cfg: KubeApiConfig, where: str) -> k8s.ApiClient:
     return k8s.ApiClient(configuration)
 
 
+def not_served(exc: ApiException) -> bool:
+    """Whether a 404 is for the resource type, not an object: the API server serves no such
+    group/version/resource (e.g. networking.istio.io/v1 before Istio 1.22). A missing object's
+    (or namespace's) Status names it in `details`; a path no API serves names nothing."""
+    if exc.status != NOT_FOUND:
+        return False
+    try:
+        details = json.loads(exc.body or "").get("details") or {}
+    except (ValueError, AttributeError):  # "404 page not found", as older API servers answer
+        return True
+    return not (isinstance(details, dict) and details.get("name"))
+
+
 def describe(exc: ApiException) -> str:
     """ "HTTP 403 <the API server's message> (what to do)" for an API error."""
     message = exc.reason or ""

@@ -358,7 +358,7 @@ class IstioRouter:
         try:
             return call()
         except ApiException as exc:
-            if exc.status == _NOT_FOUND:
+            if exc.status == _NOT_FOUND and not kubeapi.not_served(exc):
                 return None
             raise _router_error(what, exc, self._host) from exc
         except HTTPError as exc:
@@ -374,6 +374,12 @@ def _model(cls: Any, body: dict[str, Any]) -> Any:
 
 
 def _router_error(what: str, exc: ApiException, host: str) -> RouterError:
+    if kubeapi.not_served(exc):  # not a missing object: the API itself is not there
+        return RouterError(
+            f"{what}: the API server at {host} does not serve this resource type (HTTP 404 naming "
+            f"no object); the router needs {m.ISTIO_GROUP}/{m.ISTIO_VERSION}, served by Istio "
+            "1.22 or later: is Istio installed, and recent enough?"
+        )
     cls = ConflictError if exc.status == _CONFLICT else RouterError
     return cls(f"{what}: {kubeapi.describe(exc)} [{host}]")
 

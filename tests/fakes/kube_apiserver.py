@@ -16,6 +16,9 @@ real apiserver. What it implements is what clients rely on for correctness:
   namespace answers 404.
 - PATCH as JSON merge patch (RFC 7386) or JSON Patch (RFC 6902, with `test`); strategic merge
   patch is refused with 415 rather than approximated.
+- 404 bodies shaped as the real ones: a missing object's Status names it in `details`, a path
+  no API serves (a group or version not installed: `istio_versions=("v1beta1",)` plays Istio
+  before 1.22, which had no networking.istio.io/v1) names nothing.
 - Two checks of the real one that clients get wrong: a Lease's `acquireTime` / `renewTime` must
   be MicroTimes with exactly six fractional digits (else 400, as Go's RFC3339Micro parser
   answers), and a ConfigMap's data may hold at most 1 MiB (else 422 Invalid, "Too long").
@@ -100,16 +103,24 @@ class RecordedRequest:
 
 
 class ApiError(Exception):
-    def __init__(self, code: int, reason: str, message: str) -> None:
+    def __init__(
+        self, code: int, reason: str, message: str, details: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.code, self.reason, self.message = code, reason, message
+        self.details = details or {}
 
 
 class FakeKubeApiServer:
     """The store, its HTTP front and the test hooks. Use as a context manager or start()/stop()."""
 
-    def __init__(self, *, ready_deployments: bool = True) -> None:
+    def __init__(
+        self, *, ready_deployments: bool = True, istio_versions: tuple[str, ...] | None = None
+    ) -> None:
         self.ready_deployments = ready_deployments
+        #: The networking.istio.io versions served (default GROUPS': v1 and v1beta1); e.g.
+        #: ("v1beta1",) is Istio before 1.22, ("",) no Istio at all.
+        self.istio_versions = istio_versions or GROUPS["networking.istio.io"][0]
         self.requests: list[RecordedRequest] = []
         self._objects: dict[Key, dict[str, Any]] = {}
         self._version = 0
@@ -244,8 +255,11 @@ class FakeKubeApiServer:
         namespace, name = parts["ns"] or "", parts["name"] or ""
         if resource == "namespaces" and namespace:  # /api/v1/namespaces/{name}
             namespace, name = "", namespace
-        if resource not in KINDS:
-            raise ApiError(404, "NotFound", f"the server doesn't have a resource type {resource!r}")
+        versions, kinds = GROUPS.get(group, ((), {}))
+        served = self.istio_versions if group == "networking.istio.io" else versions
+        if resource not in kinds or (parts.get("version") or "v1") not in served:
+            # What a real apiserver answers for a path no API serves: a Status naming no object.
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if method == "POST" and isinstance(body, dict):
             name = str((body.get("metadata") or {}).get("name", ""))
         verb = {"GET": "get" if name else "list", "POST": "create", "PUT": "update"}.get(
@@ -294,14 +308,24 @@ class FakeKubeApiServer:
                 raise ApiError(422, "Invalid", f"{kind}: metadata.name is required")
             _validate(resource, name, body)
             if namespace and ("", "namespaces", "", namespace) not in self._objects:
-                raise ApiError(404, "NotFound", f'namespaces "{namespace}" not found')
+                raise ApiError(
+                    404,
+                    "NotFound",
+                    f'namespaces "{namespace}" not found',
+                    {"name": namespace, "kind": "namespaces"},
+                )
             key = (group, resource, namespace, name)
             if key in self._objects:
                 raise ApiError(409, "AlreadyExists", f'{resource} "{name}" already exists')
             return 201, copy.deepcopy(self._write(key, body, previous=None))
         key = (group, resource, namespace, name)
         if key not in self._objects:
-            raise ApiError(404, "NotFound", f'{resource} "{name}" not found')
+            raise ApiError(
+                404,
+                "NotFound",
+                f'{resource} "{name}" not found',
+                {"name": name, "group": group, "kind": resource},
+            )
         if method == "GET":
             return 200, copy.deepcopy(self._objects[key])
         if method == "DELETE":
@@ -487,6 +511,7 @@ def _handler_for(api: FakeKubeApiServer) -> type[BaseHTTPRequestHandler]:
                         "status": "Failure",
                         "message": exc.message,
                         "reason": exc.reason,
+                        "details": exc.details,
                         "code": exc.code,
                     },
                 )

@@ -432,6 +432,33 @@ def test_a_missing_namespace_is_a_clear_router_error() -> None:
         make(api).deploy(Colour.GREEN, V1)
 
 
+@pytest.mark.parametrize(
+    "versions",
+    [pytest.param(("v1beta1",), id="istio-before-1.22"), pytest.param(("",), id="no-istio")],
+)
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda r: r.get_weights(), id="get_weights"),
+        pytest.param(lambda r: r.deploy(Colour.GREEN, V1), id="deploy"),
+        pytest.param(lambda r: r.remove(Colour.BLUE), id="remove"),
+    ],
+)
+def test_an_api_server_without_istio_v1_says_so(versions: tuple[str, ...], call: Any) -> None:
+    """A 404 for the resource type is not a missing object: without networking.istio.io/v1
+    (Istio before 1.22, or none) get_weights said the VirtualService did not exist and to apply
+    the manifests, deploy answered 'HTTP 404 the server could not find the requested resource'
+    and remove deleted the Deployment without reading the traffic it takes."""
+    with FakeKubeApiServer(istio_versions=versions) as api:
+        api.seed(m.namespace(LAYOUT), "namespaces")
+        api.seed(m.deployment(LAYOUT, Colour.BLUE, V1), "deployments", "apps")
+        with pytest.raises(
+            RouterError, match=r"does not serve this resource type.*networking.istio.io/v1.*1\.22"
+        ):
+            call(make(api))
+        assert api.exists(*DEPLOYMENT_BLUE[:3], group="apps")
+
+
 def test_an_unreachable_api_server_is_a_router_error_with_its_url() -> None:
     with FakeKubeApiServer() as api:
         url = api.url
