@@ -29,8 +29,9 @@ generateVirtualServicePatches vs reconcileVirtualService).
   route valid), refusing while the colour still takes default traffic.
 
 API failures become RouterError naming the object and the HTTP status; a 409 that outlives the
-retries is ConflictError. Only the verbs in `istio_manifests.ROLE_RULES` are used (checked by a
-test against a recorded run), so the rendered RBAC Role is enough.
+retries is ConflictError; no answer at all from the API server is RouterUnavailable. Only the
+verbs in `istio_manifests.ROLE_RULES` are used (checked by a test against a recorded run), so
+the rendered RBAC Role is enough.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from urllib3.exceptions import HTTPError
 
 from rollout import kubeapi
 from rollout.core.types import Colour, Release, Weights
-from rollout.errors import ConflictError, RouterError
+from rollout.errors import ConflictError, RouterError, RouterUnavailable
 from rollout.routers import istio_manifests as m
 
 if TYPE_CHECKING:
@@ -385,4 +386,4 @@ def _router_error(what: str, exc: ApiException, host: str) -> RouterError:
 
 
 def _unreachable(what: str, exc: Exception, host: str) -> RouterError:
-    return RouterError(f"{what}: cannot reach the Kubernetes API at {host}: {exc}")
+    return RouterUnavailable(f"{what}: cannot reach the Kubernetes API at {host}: {exc}")

@@ -19,7 +19,7 @@ from kubernetes import client as k8s
 
 from rollout.config import IstioRouterConfig
 from rollout.core.types import Colour, Phase, Release, Weights
-from rollout.errors import ConflictError, RouterError
+from rollout.errors import ConflictError, RouterError, RouterUnavailable
 from rollout.routers import istio_manifests as m
 from rollout.routers.factory import make_router
 from rollout.routers.istio import IstioRouter
@@ -466,8 +466,12 @@ def test_an_unreachable_api_server_is_a_router_error_with_its_url() -> None:
     configuration.host = url
     configuration.retries = 0
     router = IstioRouter(LAYOUT, k8s.ApiClient(configuration))
-    with pytest.raises(RouterError, match="cannot reach the Kubernetes API at " + url):
+    # RouterUnavailable (errors.py: nothing answers at the router's control plane), as the envoy
+    # router: the controller fails a first deploy at once instead of retrying a dead URL.
+    with pytest.raises(RouterUnavailable, match="cannot reach the Kubernetes API at " + url):
         router.get_weights()
+    with pytest.raises(RouterUnavailable, match="cannot reach the Kubernetes API at " + url):
+        router.deploy(Colour.GREEN, V1)
 
 
 def test_pods_know_their_colour_even_when_serving_the_other_release(
