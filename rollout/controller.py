@@ -42,7 +42,7 @@ from rollout.core.types import Colour, Observation, Phase, Release, Weights
 from rollout.errors import MetricsError, RolloutError, RouterError, RouterUnavailable
 from rollout.ledger import Ledger
 from rollout.metrics.base import MetricsProvider
-from rollout.routers.base import TrafficRouter
+from rollout.routers.base import Fenced, TrafficRouter
 from rollout.state.base import StateStore
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,10 @@ class Controller:
         self.notifier = notifier
         #: Whether a router action has succeeded since this controller started (see `_apply`).
         self._router_answered = False
+        if isinstance(router, Fenced):
+            # Checked before each write inside an action too, not only before the action: on a
+            # slow control plane one action outlasts the lease (routers.base.Fence).
+            router.fence = store.check_lease
 
     # ----------------------------------------------------------------------------- the loop
 

@@ -55,6 +55,7 @@ from rollout.azure_credential import default_credential
 from rollout.config import AZURE_MAX_MIRROR_PERCENT as MAX_MIRROR_PERCENT
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import ConfigError, RouterError
+from rollout.routers.base import Fence, no_fence
 
 if TYPE_CHECKING:
     from rollout.config import AzureMLRouterConfig
@@ -227,6 +228,8 @@ class AzureMLRouter:
         self._traffic_timeout_s = traffic_timeout_s
         self._poll_s = poll_s
         self._sleep = sleep
+        #: Checked before every write (see routers.base.Fence): the controller's lease check.
+        self.fence: Fence = no_fence
 
     @classmethod
     def from_config(cls, cfg: AzureMLRouterConfig, **client_kwargs: Any) -> AzureMLRouter:
@@ -307,6 +310,7 @@ class AzureMLRouter:
             if code is not None:
                 deployment.code_configuration = code
         what = f"deploy {self.endpoint}/{name}"
+        self.fence()
         self._call(
             what,
             lambda: self._finish_deploy(
@@ -451,6 +455,7 @@ class AzureMLRouter:
         )
         if deployment is None:  # gone, or its deletion (ours that timed out) has now finished
             return
+        self.fence()
         self._get(  # already gone is fine: remove is idempotent
             what,
             lambda: self._finish_deploy(
@@ -473,6 +478,7 @@ class AzureMLRouter:
 
         new = ManagedOnlineEndpoint(name=self.endpoint, auth_mode="key")
         what = f"create endpoint {self.endpoint}"
+        self.fence()
         self._call(
             what,
             lambda: self._finish_deploy(
@@ -496,6 +502,7 @@ class AzureMLRouter:
         endpoint.traffic = traffic
         endpoint.mirror_traffic = mirror
         what = f"update endpoint {self.endpoint} traffic"
+        self.fence()
         self._call(
             what,
             lambda: _finish(

@@ -6,9 +6,27 @@ the same thing twice must be harmless. Failures raise `rollout.errors.RouterErro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from rollout.core.types import Colour, Release, Weights
+
+#: Called right before each write a router sends to a remote control plane. The controller sets
+#: it to its lease check: an action on a slow API server can take longer than the lease, and a
+#: controller that lost its lease meanwhile must not land the writes still to come (raises).
+Fence = Callable[[], None]
+
+
+def no_fence() -> None:
+    """The fence of a router no controller drives (a script, a test): writes are never stopped."""
+
+
+@runtime_checkable
+class Fenced(Protocol):
+    """A router whose single actions send several writes (reads between them): it calls
+    `fence()` before each one."""
+
+    fence: Fence
 
 
 @runtime_checkable

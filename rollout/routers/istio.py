@@ -50,6 +50,7 @@ from rollout import kubeapi
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import ConflictError, RouterError, RouterUnavailable
 from rollout.routers import istio_manifests as m
+from rollout.routers.base import Fence, no_fence
 
 if TYPE_CHECKING:
     from rollout.config import IstioRouterConfig
@@ -87,6 +88,8 @@ class IstioRouter:
         self._timeout = request_timeout_s
         self._sleep = sleep
         self._monotonic = monotonic
+        #: Checked before every write (see routers.base.Fence): the controller's lease check.
+        self.fence: Fence = no_fence
 
     @classmethod
     def from_config(cls, cfg: IstioRouterConfig) -> IstioRouter:
@@ -168,6 +171,7 @@ class IstioRouter:
         if served is not None and served.mirror and colour is Colour.BLUE:
             self.set_weights(Weights.blue_at(served.blue))  # no copies to a removed blue
         name = self.layout.deployment(colour)
+        self.fence()
         self._read(
             f"delete Deployment {self._ns}/{name}",
             lambda: self._apps.delete_namespaced_deployment(
@@ -196,6 +200,7 @@ class IstioRouter:
             )
 
         def create() -> object:
+            self.fence()
             return self._core.create_namespaced_service(
                 self._ns, _model(k8s.V1Service, svc), _request_timeout=self._timeout
             )
@@ -206,6 +211,7 @@ class IstioRouter:
         name = obj["metadata"]["name"]
 
         def create() -> object:
+            self.fence()
             return self._custom.create_namespaced_custom_object(
                 m.ISTIO_GROUP,
                 m.ISTIO_VERSION,
@@ -236,6 +242,7 @@ class IstioRouter:
     def _upsert(self, name: str, body: dict[str, Any], colour: Colour, release: Release) -> None:
         current = self._read_deployment(name)
         if current is None:  # only a new Deployment gets the whole manifest (and layout.replicas)
+            self.fence()
             self._apps.create_namespaced_deployment(
                 self._ns, _model(k8s.V1Deployment, body), _request_timeout=self._timeout
             )
@@ -247,6 +254,7 @@ class IstioRouter:
         # A merge patch of what changed, carrying the read resourceVersion (409 if it moved):
         # a PUT of the whole object would go through the client's typed models, which refuse
         # any field they do not know.
+        self.fence()
         self._apps.patch_namespaced_deployment(
             name,
             self._ns,
@@ -289,6 +297,7 @@ class IstioRouter:
     def _patch_routes(self, weights: Weights) -> None:
         vs = self._read_virtual_service()
         if vs is None:
+            self.fence()
             self._custom.create_namespaced_custom_object(
                 m.ISTIO_GROUP,
                 m.ISTIO_VERSION,
@@ -315,6 +324,7 @@ class IstioRouter:
             "metadata": {"resourceVersion": vs["metadata"]["resourceVersion"]},
             "spec": {"http": wanted},
         }
+        self.fence()
         self._custom.patch_namespaced_custom_object(
             m.ISTIO_GROUP,
             m.ISTIO_VERSION,

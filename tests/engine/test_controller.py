@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,21 @@ class InterruptedAt(FileStateStore):
             self.tick = -1
             raise KeyboardInterrupt
         super().save(status)
+
+
+def test_the_controller_fences_a_routers_writes_with_its_lease(tmp_path: Path) -> None:
+    """A router that sends several writes per action gets the lease check before each one."""
+
+    class FencedRouter(MemoryRouter):
+        fence: Callable[[], None] = staticmethod(lambda: None)
+
+    store = FileStateStore(tmp_path, SPEC.name)
+    router = FencedRouter(releases={Colour.GREEN: V1})
+    controller(tmp_path, router, StaticMetrics([]), store=store)
+    assert router.fence == store.check_lease
+    plain = MemoryRouter(releases={Colour.GREEN: V1})  # one write per action: nothing to fence
+    controller(tmp_path, plain, StaticMetrics([]), store=store)
+    assert not hasattr(plain, "fence")
 
 
 def test_a_tick_interrupted_before_its_status_was_saved_is_told_once(tmp_path: Path) -> None:

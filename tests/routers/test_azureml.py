@@ -22,7 +22,7 @@ from rollout.azure_credential import managed_identity
 from rollout.config import AzureMLRouterConfig, load_spec, spec_from_dict
 from rollout.controller import FakeClock
 from rollout.core.types import Colour, Phase, Release, Weights
-from rollout.errors import ConfigError, RouterError
+from rollout.errors import ConfigError, RouterError, StateError
 from rollout.routers.azureml import (
     AzureMLRouter,
     check_mirror,
@@ -1019,6 +1019,29 @@ def test_remove_waits_for_the_endpoints_change_to_finish(arm: FakeArm, ml_client
         waited = time.monotonic() - started
     assert waited >= 0.3
     assert arm.get(f"{path}/deployments/blue") is None
+
+
+def test_a_lost_lease_stops_the_writes_inside_an_action(arm: FakeArm, ml_client: Any) -> None:
+    """An action reads before it writes (and may wait for Azure to settle): the router checks
+    the controller's lease right before each write, not only before the action."""
+    router = _deployed(ml_client)
+    router.set_weights(Weights.blue_at(10))
+    puts = len(arm.calls)
+
+    def lease_lost() -> None:
+        raise StateError("lost the lease of rollout 'x': another controller may drive it")
+
+    router.fence = lease_lost
+    for call in (
+        lambda: router.set_weights(Weights.blue_at(50)),
+        lambda: router.deploy(Colour.BLUE, V1),
+        lambda: router.set_weights(Weights.blue_at(0)),
+    ):
+        with pytest.raises(StateError, match="lost the lease"):
+            call()
+    writes = [c for c in arm.calls[puts:] if c[0] in ("PUT", "PATCH", "DELETE", "POST")]
+    assert writes == []  # reads only
+    assert router.get_weights() == Weights.blue_at(10)
 
 
 def test_traffic_shown_by_a_failed_endpoint_is_written_again(arm: FakeArm, ml_client: Any) -> None:

@@ -19,7 +19,7 @@ from kubernetes import client as k8s
 
 from rollout.config import IstioRouterConfig
 from rollout.core.types import Colour, Phase, Release, Weights
-from rollout.errors import ConflictError, RouterError, RouterUnavailable
+from rollout.errors import ConflictError, RouterError, RouterUnavailable, StateError
 from rollout.routers import istio_manifests as m
 from rollout.routers.factory import make_router
 from rollout.routers.istio import IstioRouter
@@ -472,6 +472,44 @@ def test_an_unreachable_api_server_is_a_router_error_with_its_url() -> None:
         router.get_weights()
     with pytest.raises(RouterUnavailable, match="cannot reach the Kubernetes API at " + url):
         router.deploy(Colour.GREEN, V1)
+
+
+class LeaseLost:
+    """A fence (the controller's lease check) that passes `allowed` times, then raises."""
+
+    def __init__(self, allowed: int) -> None:
+        self.allowed = allowed
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.calls > self.allowed:
+            raise StateError("lost the lease of rollout 'x': another controller may drive it")
+
+
+@pytest.mark.parametrize(
+    ("blue", "call"),
+    [
+        pytest.param(10, lambda r: r.set_weights(Weights.blue_at(50)), id="set-weights"),
+        pytest.param(10, lambda r: r.deploy(Colour.BLUE, V1), id="redeploy"),
+        pytest.param(0, lambda r: r.remove(Colour.BLUE), id="remove"),
+    ],
+)
+def test_a_lost_lease_stops_the_writes_inside_an_action(
+    api: FakeKubeApiServer, blue: int, call: Any
+) -> None:
+    """The controller checks its lease before each action; on a slow API server an action
+    (reads, then a write) can outlast the lease, so the router checks it before each write too.
+    Was: the write went out after the lease was lost, over the next controller's."""
+    router = both_deployed(api)
+    router.set_weights(Weights.blue_at(blue))
+    before = (api.get(*VS), api.get("deployments", "diabetes-blue", "ml", "apps"))
+    fence = LeaseLost(allowed=0)
+    router.fence = fence
+    with pytest.raises(StateError, match="lost the lease"):
+        call(router)
+    assert fence.calls == 1  # checked right before the write, which never went out
+    assert (api.get(*VS), api.get("deployments", "diabetes-blue", "ml", "apps")) == before
 
 
 def test_pods_know_their_colour_even_when_serving_the_other_release(
