@@ -275,13 +275,8 @@ class AzureMLRouter:
         )
         # Azure refuses to write a deployment while it, or its endpoint, is mid-change (ours that
         # timed out, or someone else's): wait for that change to end, as set_weights does.
-        bound = (self._deploy_timeout_s, "deploy_timeout_s")
-        self._settled(f"endpoint {self.endpoint}", self._endpoint_raw, *bound)
-        existing = self._settled(
-            f"deployment {self.endpoint}/{name}",
-            lambda: self._ml.online_deployments.get(name=name, endpoint_name=self.endpoint),
-            *bound,
-        )
+        self._settled_endpoint_for_write()
+        existing = self._settled_deployment(name)
         if existing is not None and self._holds(existing, release):
             # A retry of a deploy that timed out while Azure went on and finished it: a second
             # PUT would roll every instance again, for nothing.
@@ -437,8 +432,7 @@ class AzureMLRouter:
         # Mid-change, the endpoint shows the traffic asked for (a rollback that timed out: blue
         # 0 %), not what serves, and Azure refuses to delete a deployment that is mid-change:
         # wait for both, as deploy does.
-        bound = (self._deploy_timeout_s, "deploy_timeout_s")
-        endpoint = self._settled(f"endpoint {self.endpoint}", self._endpoint_raw, *bound)
+        endpoint = self._settled_endpoint_for_write()
         if endpoint is None:
             return
         traffic, mirror = nonzero(endpoint.traffic or {}), nonzero(endpoint.mirror_traffic or {})
@@ -448,12 +442,7 @@ class AzureMLRouter:
             mirror.pop(name)
             self._update_endpoint(endpoint, traffic, mirror)
         what = f"delete deployment {self.endpoint}/{name}"
-        deployment = self._settled(
-            f"deployment {self.endpoint}/{name}",
-            lambda: self._ml.online_deployments.get(name=name, endpoint_name=self.endpoint),
-            *bound,
-        )
-        if deployment is None:  # gone, or its deletion (ours that timed out) has now finished
+        if self._settled_deployment(name) is None:  # gone, or its deletion has now finished
             return
         self.fence()
         self._get(  # already gone is fine: remove is idempotent
@@ -466,9 +455,29 @@ class AzureMLRouter:
 
     # ------------------------------------------------------------------------------ internals
     def _get_deployment(self, name: str) -> Any:
-        return self._get(
+        return self._get(f"deployment {self.endpoint}/{name}", lambda: self._deployment_raw(name))
+
+    def _deployment_raw(self, name: str) -> Any:
+        return self._ml.online_deployments.get(name=name, endpoint_name=self.endpoint)
+
+    def _settled_deployment(self, name: str) -> Any:
+        """Deployment `name` (None when absent) once no change of it is in progress, waiting at
+        most `deploy_timeout_s`: Azure refuses to write or delete it meanwhile."""
+        return self._settled(
             f"deployment {self.endpoint}/{name}",
-            lambda: self._ml.online_deployments.get(name=name, endpoint_name=self.endpoint),
+            lambda: self._deployment_raw(name),
+            self._deploy_timeout_s,
+            "deploy_timeout_s",
+        )
+
+    def _settled_endpoint_for_write(self) -> Any:
+        """The endpoint (None when absent) once no change of it is in progress, waiting at most
+        `deploy_timeout_s`, before a deployment of it is written or deleted."""
+        return self._settled(
+            f"endpoint {self.endpoint}",
+            self._endpoint_raw,
+            self._deploy_timeout_s,
+            "deploy_timeout_s",
         )
 
     def _ensure_endpoint(self) -> None:
