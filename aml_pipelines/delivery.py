@@ -300,11 +300,13 @@ class EngineDelivery:
         the rollout then compares the candidate with."""
         from rollout.api import bootstrap, green_release
         from rollout.controller import same_bits
+        from rollout.routers.factory import make_router
 
-        serving = green_release(spec)
+        router = make_router(spec.router)  # one client for both calls (azureml: an MLClient)
+        serving = green_release(spec, router=router)
         if serving is not None and not same_bits(serving, release):
             return False
-        bootstrap(spec, release, state_dir=self.state_dir)
+        bootstrap(spec, release, state_dir=self.state_dir, router=router)
         log.info("%s: first release, deployed to green unjudged", release.ref)
         return True
 
