@@ -257,10 +257,9 @@ def _load_status(store: StateStore) -> Status | None:
         _fail(exc)
 
 
-def _view(
-    parsed: RolloutSpec, store: StateStore, status: Status | None, state_dir: Path | None
-) -> Any:
-    """The status table, with who drives the rollout now (the lease holder)."""
+def _view(parsed: RolloutSpec, store: StateStore, status: Status | None, first: str | None) -> Any:
+    """The status table, with who drives the rollout now (the lease holder); `first` is the
+    release a bootstrap left on green (`_bootstrapped`), shown until a rollout begins."""
     from rollout.errors import RolloutError
 
     try:
@@ -268,7 +267,7 @@ def _view(
     except RolloutError as exc:
         _fail(exc)
     table = _status_view(parsed, status, holder)
-    if status is None and (first := _bootstrapped(parsed, state_dir)) is not None:
+    if status is None and first is not None:
         table.add_row(
             "green",
             f"{escape(first)} with all traffic, bootstrapped (a first release, unjudged); roll "
@@ -372,6 +371,8 @@ def status(
     parsed = _load(spec)
     store = _store(parsed, state_dir)
     current = _read_status(store)
+    # Read once, not at every refresh: only shown while no rollout has begun.
+    first = _bootstrapped(parsed, state_dir) if current is None else None
     if as_json:
         _out.print_json(json.dumps(current.to_dict() if current else None))
     elif watch and not _out.is_terminal:
@@ -380,15 +381,13 @@ def status(
         from rich.live import Live
 
         deadline = time.monotonic() + timeout
-        with Live(
-            _view(parsed, store, current, state_dir), console=_out, refresh_per_second=2
-        ) as live:
+        with Live(_view(parsed, store, current, first), console=_out, refresh_per_second=2) as live:
             while time.monotonic() < deadline and not _settled(current):
                 time.sleep(1.0)
                 current = _read_status(store)
-                live.update(_view(parsed, store, current, state_dir))
+                live.update(_view(parsed, store, current, first))
     else:
-        _out.print(_view(parsed, store, current, state_dir))
+        _out.print(_view(parsed, store, current, first))
     raise typer.Exit(_status_code(current))
 
 
