@@ -81,6 +81,9 @@ class FakeLogAnalytics:
         self.workspace = workspace
         self.records: list[Record] = []
         self.queries: list[str] = []
+        self._partial = False
+        #: A table answered instead of evaluating the query (another schema, say).
+        self._table: tuple[list[str], list[list[Any]]] | None = None
         self._arm = FakeArm(hosts=(HOST,))
         self._arm.on("POST", r"^/v1/workspaces/([^/]+)/query$", self._query)
 
@@ -121,7 +124,9 @@ class FakeLogAnalytics:
         """The next queries return their table with a partial-error, as a timed-out query does."""
         self._partial = True
 
-    _partial = False
+    def answer_table(self, columns: list[str], rows: list[list[Any]]) -> None:
+        """The next traffic queries get this table (all columns `long` but the first)."""
+        self._table = (columns, rows)
 
     # -- the API ----------------------------------------------------------------------------
 
@@ -136,6 +141,9 @@ class FakeLogAnalytics:
         if query == "print ok = 1":
             return 200, _tables(["ok"], ["int"], [[1]]), {}
         parsed = _QUERY.match(query)
+        if parsed is not None and self._table is not None:
+            columns, rows = self._table
+            return 200, _tables(columns, ["string"] + ["long"] * (len(columns) - 1), rows), {}
         if parsed is None:
             error = {"code": "BadArgumentError", "message": "Syntax error: unexpected query"}
             return 400, {"error": error}, {}

@@ -145,18 +145,8 @@ def test_an_unreachable_api_is_an_error(logs: FakeLogAnalytics) -> None:
 
 
 def test_a_result_of_another_shape_is_an_error(logs: FakeLogAnalytics) -> None:
-    class OtherTable:
-        def __init__(self) -> None:
-            self.columns = ["DeploymentName", "requests"]
-            self.rows = [["blue", 3]]
-
-    class Client:
-        def query_workspace(self, *args: Any, **kwargs: Any) -> Any:
-            from azure.monitor.query import LogsQueryStatus
-
-            return type("R", (), {"status": LogsQueryStatus.SUCCESS, "tables": [OtherTable()]})
-
-    obs = AzureMonitorMetrics(Client(), WORKSPACE, "ep").observe(T0, T0 + 60)
+    logs.answer_table(["DeploymentName", "requests"], [["blue", 3]])
+    obs = provider(logs).observe(T0, T0 + 60)
     assert obs.error is not None and "the result has no column errors" in obs.error
 
 
