@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -178,6 +179,18 @@ def test_local_delivery_tags_follow_the_rollout(
     assert view is not None and (view.model, view.candidate, view.stable) == ("diabetes", 2, 1)
 
 
+def killed_before_the_tags(monkeypatch: pytest.MonkeyPatch, deliver: Callable[[], object]) -> None:
+    """Run `deliver` as a trigger killed after the traffic moved, before the tags were written."""
+
+    def crash(*_args: object, **_kw: object) -> None:
+        raise SystemExit("killed after the traffic moved, before the tags were written")
+
+    monkeypatch.setattr("aml_pipelines.delivery.follow_traffic", crash)
+    with pytest.raises(SystemExit):
+        deliver()
+    monkeypatch.undo()
+
+
 def test_a_models_first_release_is_deployed_unjudged_then_the_next_is_rolled_out_against_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -186,14 +199,7 @@ def test_a_models_first_release_is_deployed_unjudged_then_the_next_is_rolled_out
     registry = LocalRegistry(tmp_path / "registry")
     register(registry, tmp_path, stage="candidate")
     delivery = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=FakeClock(1_000.0))
-
-    def crash(*_args: object, **_kw: object) -> None:
-        raise SystemExit("killed after green was deployed, before the tags were written")
-
-    monkeypatch.setattr("aml_pipelines.delivery.follow_traffic", crash)
-    with pytest.raises(SystemExit):
-        delivery.deliver(registry.get("diabetes", 1))
-    monkeypatch.undo()
+    killed_before_the_tags(monkeypatch, lambda: delivery.deliver(registry.get("diabetes", 1)))
     first = delivery.deliver(registry.get("diabetes", 1))  # the retry finds v1 on green
 
     assert first.phase == "Succeeded"
@@ -230,14 +236,7 @@ def test_crash_between_traffic_and_tags_is_repaired_idempotently(
     tmp_path: Path, two_versions: LocalRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     delivery = EngineDelivery(two_versions, _spec(tmp_path, 0.01), clock=FakeClock(1_000.0))
-
-    def crash(*_args: object, **_kw: object) -> None:
-        raise SystemExit("killed after traffic moved, before tags were written")
-
-    monkeypatch.setattr("aml_pipelines.delivery.follow_traffic", crash)
-    with pytest.raises(SystemExit):
-        delivery.deliver(two_versions.get("diabetes", 2))
-    monkeypatch.undo()
+    killed_before_the_tags(monkeypatch, lambda: delivery.deliver(two_versions.get("diabetes", 2)))
     assert two_versions.get("diabetes", 2).stage == "candidate"  # the registry lies...
 
     restarted = EngineDelivery(two_versions, _spec(tmp_path, 0.01))
