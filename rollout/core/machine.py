@@ -59,8 +59,7 @@ MIN_BASELINE_FOR_P99 = 500
 P99_TAIL = 0.01
 #: Absolute guards fire when their e-value against "at most the limit" reaches 1/GUARD_ALPHA: the
 #: chance a canary within the limit ever trips one is at most this, however often it looks — over
-#: the rollout for the error guard (rollout-wide counts), within each step for the latency guard
-#: (it reads the step's histogram, so each step entered adds up to GUARD_ALPHA).
+#: the rollout, for each guard (both count the canary's requests over the whole rollout).
 GUARD_ALPHA = 0.001
 GUARD_LOG_THRESHOLD = math.log(1.0 / GUARD_ALPHA)
 #: The errors check's weight in the "worse" e-value when latency is judged too (latency gets the
@@ -445,15 +444,21 @@ def _ingest(
             threshold = _baseline_bucket(obs.green)
             fresh_threshold = threshold is not None
 
+    slo_s = _guard_slo_s(analysis)
+
     def counts(c: ColourCounts) -> Counts:
         slow = c.slow(threshold) if threshold is not None else 0
-        return Counts(requests=c.requests, errors=c.errors, slow=slow)
+        over_slo = c.slow(slo_s) if slo_s is not None else 0
+        return Counts(requests=c.requests, errors=c.errors, slow=slow, over_slo=over_slo)
 
     now_b, now_g = counts(obs.blue), counts(obs.green)
     last_b, last_g = status.last_blue, status.last_green
     if fresh_threshold:
         # Count slow requests only from the tick after the threshold was chosen.
         last_b, last_g = replace(last_b, slow=now_b.slow), replace(last_g, slow=now_g.slow)
+    if last_b.over_slo < 0:
+        # A status written before the guard counted its own requests: count from the next tick.
+        last_b, last_g = replace(last_b, over_slo=now_b.over_slo), replace(last_g, over_slo=0)
     if obs.fresh_series and (last_b != Counts() or last_g != Counts()):
         # Counts from another series than the step's base: an increase over it would pair one
         # series' requests with the other's errors. They become the base; nothing is folded.
@@ -485,6 +490,7 @@ def _ingest(
         last_blue=now_b,
         last_green=now_g,
         step_canary_requests=status.step_canary_requests + db.requests,
+        canary_over_slo=status.canary_over_slo + db.over_slo,
         consecutive_errors=0,
     )
     tick = {
@@ -495,11 +501,29 @@ def _ingest(
 
 
 def _delta(now: Counts, last: Counts) -> Counts:
-    if now.requests < last.requests or now.errors < last.errors or now.slow < last.slow:
+    if (
+        now.requests < last.requests
+        or now.errors < last.errors
+        or now.slow < last.slow
+        or now.over_slo < last.over_slo
+    ):
         # A counter went backwards (a restarted server, a reset series): skip this tick's
         # increment rather than guess it; the next tick measures from the new base.
         return Counts()
-    return Counts(now.requests - last.requests, now.errors - last.errors, now.slow - last.slow)
+    return Counts(
+        now.requests - last.requests,
+        now.errors - last.errors,
+        now.slow - last.slow,
+        now.over_slo - last.over_slo,
+    )
+
+
+def _guard_slo_s(analysis: AnalysisConfig) -> float | None:
+    """The latency guard's SLO in seconds (None without a latency guard)."""
+    lat = analysis.latency
+    if lat.enabled and lat.max_slow_rate is not None and lat.slo_ms is not None:
+        return lat.slo_ms / 1000.0
+    return None
 
 
 def _pct(x: float) -> str:
@@ -585,11 +609,11 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
         if breach:
             return Verdict.FAILED, f"canary error rate {breach}"
     lat = analysis.latency
-    if lat.enabled and lat.max_slow_rate is not None and lat.slo_ms is not None:
-        slow_n = obs.blue.slow(lat.slo_ms / 1000.0)
-        breach = _guard(slow_n, obs.blue.requests, lat.max_slow_rate)
+    slo_s = _guard_slo_s(analysis)
+    if slo_s is not None and lat.max_slow_rate is not None:
+        breach = _guard(status.canary_over_slo, ev.canary_requests, lat.max_slow_rate)
         if breach:
-            return Verdict.FAILED, f"canary requests slower than {lat.slo_ms:g} ms: {breach}"
+            return Verdict.FAILED, f"canary requests slower than {slo_s * 1000:g} ms: {breach}"
 
     # The sequential test: a weighted mean of the checks' e-processes is itself an e-process, so
     # the rollout as a whole keeps its false-rollback rate <= alpha (a check not active yet

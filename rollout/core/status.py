@@ -171,6 +171,9 @@ class Counts:
     requests: int = 0
     errors: int = 0
     slow: int = 0
+    #: Requests above the latency guard's SLO (0 without a guard; -1 in a status file written
+    #: before this field: unknown, so the guard counts from the tick after).
+    over_slo: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +203,9 @@ class Status:
     last_blue: Counts = field(default_factory=Counts)
     last_green: Counts = field(default_factory=Counts)
     step_canary_requests: int = 0
+    #: Canary requests above the latency guard's SLO over the rollout (the guard's count; its
+    #: requests are the errors check's canary requests, folded from the same ticks).
+    canary_over_slo: int = 0
     consecutive_errors: int = 0
     verdict: Verdict | None = None
     reason: str = ""
@@ -250,6 +256,7 @@ class Status:
             "last_blue": asdict(self.last_blue),
             "last_green": asdict(self.last_green),
             "step_canary_requests": self.step_canary_requests,
+            "canary_over_slo": self.canary_over_slo,
             "consecutive_errors": self.consecutive_errors,
             "verdict": self.verdict.value if self.verdict else None,
             "reason": self.reason,
@@ -281,9 +288,10 @@ class Status:
             errors=_evidence_from_dict(data["errors"]),
             slow=_evidence_from_dict(data["slow"]),
             slow_threshold_s=data.get("slow_threshold_s"),
-            last_blue=Counts(**data["last_blue"]),
-            last_green=Counts(**data["last_green"]),
+            last_blue=_counts_from_dict(data["last_blue"]),
+            last_green=_counts_from_dict(data["last_green"]),
             step_canary_requests=int(data["step_canary_requests"]),
+            canary_over_slo=int(data.get("canary_over_slo", 0)),
             consecutive_errors=int(data["consecutive_errors"]),
             verdict=Verdict(data["verdict"]) if data.get("verdict") else None,
             reason=data.get("reason", ""),
@@ -297,6 +305,11 @@ class Status:
             pending=tuple(action_from_dict(a) for a in data.get("pending", [])),
             applied=int(data.get("applied", 0)),
         )
+
+
+def _counts_from_dict(data: dict[str, Any]) -> Counts:
+    # A status file written before `over_slo`: the step's count so far is unknown (-1).
+    return Counts(**{"over_slo": -1, **data})
 
 
 def _evidence_to_dict(ev: Evidence) -> dict[str, Any]:

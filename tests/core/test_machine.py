@@ -11,7 +11,7 @@ import pytest
 from rollout.config import RolloutSpec
 from rollout.core.machine import new_status, p99_bucket, step, with_commands
 from rollout.core.stats import Evidence
-from rollout.core.status import Command, Deploy, Remove, SetWeights, Status
+from rollout.core.status import Command, Counts, Deploy, Remove, SetWeights, Status
 from rollout.core.types import Colour, ColourCounts, Phase, Verdict
 from tests.core.helpers import V2, make_spec, obs
 
@@ -829,3 +829,56 @@ def test_a_fresh_series_at_a_step_that_counted_nothing_is_folded_in() -> None:
     fresh = replace(obs((200, 1), (1800, 0), at=10.0), fresh_series=True)
     decision = step(SPEC, progressing(), fresh, 10.0)
     assert decision.status.errors.canary_bad == 1
+
+
+GUARDED = make_spec(
+    analysis={
+        "max_step_duration_s": 36000,
+        "latency": {"enabled": True, "threshold": "slo", "slo_ms": 250, "max_slow_rate": 0.05},
+    }
+)
+
+
+def slow_buckets(requests: int, slow: int) -> tuple[tuple[float, int], ...]:
+    """A histogram with `slow` of `requests` above 250 ms."""
+    return ((0.25, requests - slow), (math.inf, requests))
+
+
+def guarded_tick(status: Status, tick: int, blue: tuple[int, int]) -> Status:
+    """One tick of the GUARDED spec; `blue` = (requests, over 250 ms) since the step began."""
+    observation = obs(
+        blue=(blue[0], 0),
+        green=(blue[0] * 9, 0),
+        at=tick * 10.0,
+        blue_buckets=slow_buckets(*blue),
+        # Green as slow as blue: the relative test stays quiet, only the guard can act.
+        green_buckets=slow_buckets(blue[0] * 9, blue[1] * 9),
+    )
+    return step(GUARDED, status, observation, tick * 10.0).status
+
+
+def test_the_latency_guard_counts_over_the_rollout_not_afresh_at_each_step() -> None:
+    # 10 of 60 canary requests over the SLO (17 % against a 5 % limit): not yet enough for the
+    # guard's e-value (12 of 60 would be). Then a new step: 10 of 60 more. Pooled, 20 of 120
+    # trip it (18 would); the new step's 60 requests alone would not.
+    status = guarded_tick(progressing(slow_threshold_s=0.25), 1, (60, 10))
+    assert status.phase is Phase.PROGRESSING and status.canary_over_slo == 10
+    status = replace(status, step_index=1, blue_weight=50, last_blue=Counts(), last_green=Counts())
+    status = guarded_tick(status, 2, (60, 10))
+    assert status.canary_over_slo == 20 and status.errors.canary_requests == 120
+    assert status.phase is Phase.ROLLING_BACK
+    assert "slower than 250 ms: 17 % is above the limit 5 %" in status.reason
+    assert "after 120 canary requests" in status.reason
+
+
+def test_a_status_saved_before_the_guard_counted_does_not_count_the_step_so_far_at_once() -> None:
+    status = guarded_tick(progressing(slow_threshold_s=0.25), 1, (60, 10))
+    old = status.to_dict()
+    del old["canary_over_slo"], old["last_blue"]["over_slo"], old["last_green"]["over_slo"]
+    resumed = Status.from_dict(old)
+    assert resumed.last_blue.over_slo == -1 and resumed.canary_over_slo == 0
+    # The step's slow requests so far cannot be paired with the requests counted: the guard
+    # counts from the next tick on (all 20 against this tick's 60 would trip it).
+    status = guarded_tick(resumed, 2, (120, 20))
+    assert status.canary_over_slo == 0 and status.phase is Phase.PROGRESSING
+    assert Status.from_dict(status.to_dict()) == status
