@@ -326,10 +326,14 @@ class PrometheusMetricsConfig(_Model):
     #: A bearer token in this file, read again for every request (a rotated Secret is picked up).
     bearer_token_file: Path | None = None
     basic_auth: PromBasicAuth | None = None
-    #: An Entra ID token for https://prometheus.monitor.azure.com from `default_credential()`.
+    #: An Entra ID token for Azure Monitor managed Prometheus from `default_credential()` (for
+    #: the cloud of the url: prometheus.monitor.azure.com, .azure.us or .azure.cn).
     azure_auth: bool = False
     #: PEM CA bundle that signed the server's certificate (a private CA).
     ca_file: Path | None = None
+    #: Mutual TLS: the client certificate (PEM; may hold the key too) and its private key.
+    cert_file: Path | None = None
+    key_file: Path | None = None
     #: Accept any certificate: anyone on the path can read and answer the queries. Warned about.
     insecure_skip_verify: bool = False
 
@@ -374,9 +378,11 @@ class PrometheusMetricsConfig(_Model):
         if self.azure_auth and not https:
             # An Entra ID token sent in clear text is anyone's on the path for its lifetime.
             _field_error(self, ("url",), self.url, "azure_auth sends its token only over https")
-        for name in ("ca_file", "insecure_skip_verify"):
+        for name in ("ca_file", "insecure_skip_verify", "cert_file", "key_file"):
             if getattr(self, name) and not https:
                 _field_error(self, (name,), None, f"applies to an https url, not {self.url!r}")
+        if self.key_file is not None and self.cert_file is None:
+            _field_error(self, ("key_file",), None, "needs cert_file (the certificate it signs)")
         if self.ca_file is not None and self.insecure_skip_verify:
             _field_error(
                 self,

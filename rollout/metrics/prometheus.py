@@ -51,8 +51,9 @@ No data (no series, NaN) gives zero counts, so the judge says Inconclusive; an u
 Prometheus or a failing query gives `Observation(error=...)` naming the URL, so it says Error —
 and so do refused credentials (401/403, said as such), a certificate no trusted CA signed, and a
 secret that cannot be read. Authentication (bearer token, basic auth, Azure Monitor managed
-Prometheus' Entra ID token) and TLS (`ca_file`, `insecure_skip_verify`) come from the spec through
-rollout.metrics.prometheus_auth, which also keeps secrets out of every message this module makes.
+Prometheus' Entra ID token) and TLS (`ca_file`, `insecure_skip_verify`, `cert_file`/`key_file` for
+mutual TLS) come from the spec through rollout.metrics.prometheus_auth, which also keeps secrets
+out of every message this module makes.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class PrometheusMetrics:
         timeout_s: float = 5.0,
         auth: BearerAuth | BasicAuth | AzureBearerAuth | None = None,
         verify: bool | str = True,
+        cert: str | tuple[str, str] | None = None,
     ) -> None:
         if (preset is None) == (queries is None):
             raise MetricsError("PrometheusMetrics needs exactly one of a preset or custom queries")
@@ -164,10 +166,13 @@ class PrometheusMetrics:
         self.latency_unit_s = latency_unit_s
         self.timeout_s = timeout_s
         self.auth = auth
-        # Our own session for `verify`: PrometheusConnect's only TLS switch is disable_ssl, and it
-        # passes `session.verify` (True, False or a CA file) with every request.
+        # Our own session for `verify` and `cert`: PrometheusConnect's only TLS switch is
+        # disable_ssl, and it passes `session.verify` (True, False or a CA file) and
+        # `session.cert` (a client certificate for mutual TLS) with every request.
         session = requests.Session()
         session.verify = verify
+        session.cert = cert
+        self._client_cert = cert is not None
         # No retries: the controller asks again next tick, and "down" must show quickly.
         self._client = PrometheusConnect(
             url=self.url,
@@ -185,12 +190,13 @@ class PrometheusMetrics:
 
         Secrets and the CA file are read here: one missing is a ConfigError naming its field.
         """
-        from rollout.metrics.prometheus_auth import http_auth, tls_verify
+        from rollout.metrics.prometheus_auth import http_auth, tls_client_cert, tls_verify
 
         connection: dict[str, Any] = {
             "labels": cfg.labels,
             "timeout_s": cfg.timeout_s,
             "verify": tls_verify(cfg),
+            "cert": tls_client_cert(cfg),
             "auth": http_auth(cfg),
         }
         if cfg.preset == "custom":
@@ -388,7 +394,8 @@ class PrometheusMetrics:
         try:
             result: list[dict[str, Any]] = self._client.custom_query(query, params=params)
         except requests.exceptions.SSLError as exc:
-            raise ProviderUnavailable(f"Prometheus at {self.url}: {_tls_problem(exc)}") from exc
+            problem = _tls_problem(exc, client_cert=self._client_cert)
+            raise ProviderUnavailable(f"Prometheus at {self.url}: {problem}") from exc
         except requests.RequestException as exc:
             raise ProviderUnavailable(
                 f"Prometheus at {self.url} is unreachable: {type(exc).__name__}"
@@ -436,7 +443,7 @@ class PrometheusMetrics:
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def _tls_problem(exc: BaseException) -> str:
+def _tls_problem(exc: BaseException, *, client_cert: bool) -> str:
     """What went wrong in a TLS handshake, found in urllib3's chain of wrapped errors."""
     pending: list[object] = [exc]
     seen: set[int] = set()
@@ -451,7 +458,17 @@ def _tls_problem(exc: BaseException) -> str:
                 "metrics.ca_file names the CA that signed it"
             )
         pending.extend([*error.args, getattr(error, "reason", None), error.__cause__])
-    return f"TLS handshake failed ({type(exc).__name__})"
+    # A server that wants a client certificate says so in an alert, but in TLS 1.3 it checks
+    # the certificate after the client's handshake is done, so the client mostly sees the
+    # connection closed under its request (SSLEOFError), not the alert.
+    if client_cert:
+        hint = "did the server refuse the client certificate in metrics.cert_file?"
+    else:
+        hint = (
+            "a server that asks for a client certificate (mutual TLS) closes the connection so: "
+            "metrics.cert_file and key_file name one"
+        )
+    return f"TLS handshake failed ({type(exc).__name__}); {hint}"
 
 
 def _number(raw: Any) -> float | None:

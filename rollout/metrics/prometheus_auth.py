@@ -13,7 +13,8 @@ reads it, twice over:
   again for every request, as Prometheus does with `credentials_file`: a rotated Kubernetes
   Secret is used from the next query on, no restart); `BasicAuth` with the password from
   `password_env` or `password_file` alike; `AzureBearerAuth` with an Entra ID token for Azure
-  Monitor managed Prometheus (scope `https://prometheus.monitor.azure.com/.default`) from
+  Monitor managed Prometheus (scope `https://prometheus.monitor.azure.com/.default`, or the
+  US Government / China cloud's when the url's host is in it, as Flagger and KEDA do) from
   `rollout.azure_credential.default_credential()`, kept until REFRESH_MARGIN_S before it expires
   and dropped when Prometheus answers 401 (a revoked token is replaced on the next query).
   A secret that cannot be read then (a deleted file, no token) raises MetricsError, which the
@@ -25,7 +26,8 @@ headers in its 401 page would otherwise carry the token into an Observation's er
 the ledger.
 
 TLS: `tls_verify` gives requests' `verify`: the CA file, False with `insecure_skip_verify` (a
-warning is logged once, at start), True otherwise (the system's CAs).
+warning is logged once, at start), True otherwise (the system's CAs); `tls_client_cert` gives
+its `cert` for mutual TLS (`cert_file`, `key_file`), loaded once at start to check them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from requests import PreparedRequest, Response
 from requests.auth import AuthBase
@@ -51,6 +54,11 @@ log = logging.getLogger(__name__)
 
 #: The audience of Azure Monitor managed Prometheus' query API, as an OAuth 2.0 scope.
 PROMETHEUS_SCOPE = "https://prometheus.monitor.azure.com/.default"
+#: A query endpoint's host suffix → its cloud's audience (US Government, China; else public).
+SOVEREIGN_SCOPES = {
+    ".prometheus.monitor.azure.us": "https://prometheus.monitor.azure.us/.default",
+    ".prometheus.monitor.azure.cn": "https://prometheus.monitor.azure.cn/.default",
+}
 #: A cached Entra ID token is replaced this long before it expires (azure-core's margin too).
 REFRESH_MARGIN_S = 300.0
 REDACTED = "<redacted>"
@@ -248,8 +256,37 @@ def http_auth(cfg: PrometheusMetricsConfig) -> BearerAuth | BasicAuth | AzureBea
             secret = FileSecret("metrics.basic_auth.password_file", basic.password_file)
         return BasicAuth(basic.username, secret)
     if cfg.azure_auth:
-        return AzureBearerAuth(default_credential())
+        return AzureBearerAuth(default_credential(), scope=azure_scope(cfg.url))
     return None
+
+
+def azure_scope(url: str) -> str:
+    """The Entra ID scope of the Azure Monitor workspace at `url`, by the cloud its host is in."""
+    host = (urlsplit(url).hostname or "").lower()
+    for suffix, scope in SOVEREIGN_SCOPES.items():
+        if host.endswith(suffix):
+            return scope
+    return PROMETHEUS_SCOPE
+
+
+def tls_client_cert(cfg: PrometheusMetricsConfig) -> str | tuple[str, str] | None:
+    """requests' `cert` for mutual TLS (checked now: ConfigError naming the field), or None."""
+    if cfg.cert_file is None:
+        return None
+    cert, key = cfg.cert_file, cfg.key_file
+    for name, path in (("cert_file", cert), ("key_file", key)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"metrics.{name}: {path} does not exist")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        holder = "cert_file and key_file do" if key is not None else "cert_file does"
+        raise ConfigError(
+            f"metrics.{holder} not hold a PEM certificate and its private key ({exc.reason})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"metrics.cert_file: cannot read {cert}: {exc.strerror}") from None
+    return (str(cert), str(key)) if key is not None else str(cert)
 
 
 def tls_verify(cfg: PrometheusMetricsConfig) -> bool | str:

@@ -238,6 +238,16 @@ def test_a_secret_or_ca_that_is_not_there_fails_at_start_naming_the_field(
             id="ca-over-http",
         ),
         pytest.param(
+            {"url": "http://p", "cert_file": "/c.pem"},
+            "metrics.prometheus.cert_file: applies to an https url",
+            id="client-cert-over-http",
+        ),
+        pytest.param(
+            {"url": "https://p", "key_file": "/c.key"},
+            "metrics.prometheus.key_file: needs cert_file",
+            id="key-without-cert",
+        ),
+        pytest.param(
             {"url": "https://p", "ca_file": "/ca.pem", "insecure_skip_verify": True},
             "metrics.prometheus.insecure_skip_verify: excludes ca_file",
             id="ca-and-insecure",
@@ -290,7 +300,113 @@ def test_insecure_skip_verify_accepts_any_certificate_and_says_so(
     assert "metrics.insecure_skip_verify" in caplog.text and tls_prom.url in caplog.text
 
 
+@pytest.fixture
+def mtls_prom(pki: Pki) -> Iterator[FakePrometheus]:
+    with FakePrometheus(tls=pki.server_context(require_client_cert=True)) as fake:
+        yield fake
+
+
+@pytest.mark.parametrize("one_file", [False, True], ids=["cert-and-key", "both-in-cert_file"])
+def test_mutual_tls_sends_the_client_certificate(
+    mtls_prom: FakePrometheus, pki: Pki, tmp_path: Path, one_file: bool
+) -> None:
+    if one_file:
+        both = tmp_path / "client.pem"
+        both.write_bytes(pki.client_cert_file.read_bytes() + pki.client_key_file.read_bytes())
+        fields: dict[str, Any] = {"cert_file": both}
+    else:
+        fields = {"cert_file": pki.client_cert_file, "key_file": pki.client_key_file}
+    metrics = provider(mtls_prom.url, ca_file=pki.ca_file, **fields)
+    assert metrics.observe(T0 - 10, T0).error is None
+    assert mtls_prom.queries
+
+
+def test_a_server_asking_for_a_client_certificate_is_an_error_naming_cert_file(
+    mtls_prom: FakePrometheus, pki: Pki
+) -> None:
+    observation = provider(mtls_prom.url, ca_file=pki.ca_file).observe(T0 - 10, T0)
+    assert observation.error is not None
+    assert mtls_prom.url in observation.error
+    assert "mutual TLS" in observation.error and "metrics.cert_file" in observation.error
+    assert not mtls_prom.queries
+
+
+def test_a_refused_client_certificate_is_an_error_asking_about_it(
+    mtls_prom: FakePrometheus, pki: Pki, tmp_path: Path
+) -> None:
+    other = make_pki(tmp_path, "other")
+    metrics = provider(
+        mtls_prom.url,
+        ca_file=pki.ca_file,
+        cert_file=other.client_cert_file,
+        key_file=other.client_key_file,
+    )
+    observation = metrics.observe(T0 - 10, T0)
+    assert observation.error is not None
+    assert "refuse the client certificate in metrics.cert_file" in observation.error
+    assert not mtls_prom.queries
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        pytest.param(
+            {"cert_file": "missing"}, "metrics.cert_file: {tmp}/missing does not exist", id="none"
+        ),
+        pytest.param(
+            {"cert_file": "client.pem", "key_file": "missing"},
+            "metrics.key_file: {tmp}/missing does not exist",
+            id="no-key",
+        ),
+        pytest.param(
+            {"cert_file": "client.pem"},
+            "metrics.cert_file does not hold a PEM certificate and its private key",
+            id="cert-without-its-key",
+        ),
+        pytest.param(
+            {"cert_file": "client.pem", "key_file": "server.key"},
+            "metrics.cert_file and key_file do not hold a PEM certificate and its private key",
+            id="another-key",
+        ),
+    ],
+)
+def test_client_certificate_files_are_checked_when_the_provider_is_built(
+    pki: Pki, tmp_path: Path, files: dict[str, str], message: str
+) -> None:
+    (tmp_path / "client.pem").write_bytes(pki.client_cert_file.read_bytes())
+    (tmp_path / "server.key").write_bytes(pki.key_file.read_bytes())
+    fields = {name: tmp_path / value for name, value in files.items()}
+    with pytest.raises(ConfigError) as caught:
+        provider("https://p:9090", **fields)
+    assert message.format(tmp=tmp_path) in str(caught.value)
+
+
 # -------------------------------------------------------------------------------------- Azure
+
+
+@pytest.mark.parametrize(
+    ("url", "scope"),
+    [
+        ("https://ws-1a2b.eastus.prometheus.monitor.azure.com", PROMETHEUS_SCOPE),
+        (
+            "https://ws-1a2b.usgovvirginia.prometheus.monitor.azure.us",
+            "https://prometheus.monitor.azure.us/.default",
+        ),
+        (
+            "https://WS.chinanorth3.prometheus.monitor.azure.cn:443/",
+            "https://prometheus.monitor.azure.cn/.default",
+        ),
+        ("https://prometheus.example.com", PROMETHEUS_SCOPE),
+    ],
+    ids=["public", "us-government", "china", "other-host"],
+)
+def test_azure_auth_asks_for_the_audience_of_the_workspace_cloud(
+    url: str, scope: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prometheus_auth, "default_credential", StaticCredential)
+    auth = provider(url, azure_auth=True).auth
+    assert isinstance(auth, AzureBearerAuth)
+    assert auth.scope == scope
 
 
 def test_azure_auth_sends_an_entra_token_for_managed_prometheus(
