@@ -42,8 +42,8 @@ EXIT_PAUSED = 4
 EXIT_FAILED = 5
 EXIT_RUNNING = 6
 
-_out = Console(highlight=False)
-_err = Console(stderr=True, highlight=False)
+_out = Console(highlight=False, soft_wrap=True)
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 SpecArg = Annotated[Path, typer.Argument(help="Rollout spec (YAML).", show_default=False)]
 StateDirOpt = Annotated[

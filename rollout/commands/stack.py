@@ -56,7 +56,7 @@ def demo(
     from rollout.local.demo import run_demo
 
     folder = out or Path("runs") / f"demo-{datetime.now(UTC):%Y%m%dT%H%M%S}"
-    console = Console()
+    console = Console(soft_wrap=True)
     try:
         with sigterm_as_interrupt():
             result = run_demo(folder, console=console, rps=rps)
@@ -98,7 +98,7 @@ def up(
     from rollout.core.types import Colour, Weights
     from rollout.local.stack import LocalStack
 
-    console = Console()
+    console = Console(soft_wrap=True)
     if port is not None:
         from rollout.errors import LocalStackError
         from rollout.local.process import port_is_free
