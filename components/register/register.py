@@ -22,7 +22,14 @@ from pathlib import Path
 
 from aml_pipelines.errors import ConfigError, GateRefused, IntegrityError, RegistryError
 from aml_pipelines.fileio import read_json_object, sha256_file, write_json
-from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
+from aml_pipelines.registry.base import (
+    ROLLOUT_BY_JOB,
+    ROLLOUT_BY_TAG,
+    STAGE_TAG,
+    ModelRegistry,
+    ModelVersion,
+    Stage,
+)
 from components.register.gate import (
     DATA_FINGERPRINT,
     EVAL_FINGERPRINT,
@@ -100,12 +107,18 @@ def register_model(
     metric: str = "mse",
     max_regression: float = 0.0,
     force: bool = False,
+    rollout_in_job: bool = False,
     source: str | Path | None = None,
     source_run: str = "unknown",
     git_commit: str = "unknown",
     out_dir: Path | None = None,
 ) -> Registration:
-    """Gate the model folder against production, register it, write registration.json."""
+    """Gate the model folder against production, register it, write registration.json.
+
+    `rollout_in_job`: the job running this step rolls the version out itself (the training
+    pipeline's rollout step); the version is tagged `rollout_by=pipeline-job` so that a trigger
+    watching the same registry does not start a second rollout of it.
+    """
     model_json = model_dir / "model.json"
     if not model_json.is_file():
         raise RegistryError(f"{model_dir} is not a model folder: model.json is missing")
@@ -167,6 +180,8 @@ def register_model(
         "gate": "passed" if decision.passed else "forced",
         "gate_metric": metric,
     }
+    if rollout_in_job:
+        tags[ROLLOUT_BY_TAG] = ROLLOUT_BY_JOB
     if decision.baseline_version is not None:
         tags["gate_baseline"] = f"{name}:{decision.baseline_version}"
     if (version := _registered_by(registry, name, source_run, actual)) is not None:

@@ -196,6 +196,20 @@ def test_a_model_evaluated_on_other_data_is_not_gated_on_its_numbers(
     assert "comparison UNCHECKED" in caplog.text
 
 
+def test_a_version_the_job_rolls_out_itself_is_tagged_for_the_triggers(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    registry = LocalRegistry(tmp_path / "reg")
+    alone = register_model(make_model(mse=10.0), registry)
+    assert "rollout_by" not in alone.version.tags  # the triggers' to deliver
+    code = main(
+        ["--model", str(make_model(mse=9.0)), "--registry", f"local:{tmp_path / 'reg'}",
+         "--rollout-in-job", "True", "--registration", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert code == 0
+    assert registry.get("m", 2).tags["rollout_by"] == "pipeline-job"
+
+
 def test_a_model_folder_that_lies_about_its_hash_is_refused(
     tmp_path: Path, make_model: MakeModel
 ) -> None:
