@@ -363,10 +363,20 @@ def tag(
     version: Annotated[int, typer.Argument(help="Version number.")],
     tags: Annotated[list[str], typer.Argument(help="KEY=VALUE pairs; KEY= removes the tag.")],
     registry: RegistryOption = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="With stage=production: archive the version that holds it now "
+            "(otherwise refused: a model has one production version).",
+        ),
+    ] = False,
 ) -> None:
     """Set (or remove) tags on a version, e.g. `stage=production`."""
     with _user_errors():
+        from aml_pipelines.delivery import plan_manual_tags
         from aml_pipelines.errors import ConfigError
+        from aml_pipelines.registry.base import STAGE_TAG, Stage
 
         pairs: dict[str, str] = {}
         for pair in tags:
@@ -374,8 +384,15 @@ def tag(
             if not sep or not key:
                 raise ConfigError(f"tag {pair!r}: expected KEY=VALUE")
             pairs[key] = value
-        mv = _open(registry).set_tags(name, version, pairs)
-    out.print(f"{mv.name}:{mv.version} tags: {json.dumps(dict(mv.tags), sort_keys=True)}")
+        reg = _open(registry)
+        reg.get(name, version)  # an unknown or damaged version is named before anything else
+        # Listed only to move production: other tags must stay writable beside a damaged version.
+        moves = pairs.get(STAGE_TAG) == Stage.PRODUCTION
+        versions = reg.list_versions(name) if moves else []
+        changes = plan_manual_tags(versions, version, pairs, replace=replace)
+        written = [reg.set_tags(name, change.version, change.tags) for change in changes]
+    for mv in written:
+        out.print(f"{mv.name}:{mv.version} tags: {json.dumps(dict(mv.tags), sort_keys=True)}")
 
 
 def versions_table(rows: Iterable[tuple[ModelVersion, str]]) -> Table:

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from aml_pipelines.errors import TriggerError
+from aml_pipelines.errors import ConfigError, TriggerError
 from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
 
 if TYPE_CHECKING:
@@ -136,6 +136,34 @@ def plan_tags(
         short = (reason or phase)[:MAX_REASON_CHARS]
         want(by_version[candidate], {STAGE_TAG: Stage.ROLLED_BACK, REASON_TAG: short})
     return changes
+
+
+def plan_manual_tags(
+    versions: Sequence[ModelVersion], version: int, tags: Mapping[str, str], *, replace: bool
+) -> list[TagChange]:
+    """The changes for a person tagging `version` by hand (`aml-rollout registry tag`).
+
+    Tagging a version `stage=production` while another carries it would leave two: every reader
+    of "the production version" (the register gate, the watcher's and dispatcher's no-downgrade
+    check, the delivery's `stable`, `registry list`) takes the highest, so a hand-tagged older
+    version would be silently ignored, and a hand-tagged newer one would become the gate's
+    baseline while traffic still goes to the other. So that is refused (ConfigError naming the
+    holder), unless `replace`: then the holder is archived after the new tag is written — the
+    order plan_tags uses, so a crash in between leaves two at worst, never none.
+    """
+    changes = [TagChange(version, dict(tags))]
+    if tags.get(STAGE_TAG) != Stage.PRODUCTION:
+        return changes
+    holders = [v for v in versions if v.stage == Stage.PRODUCTION and v.version != version]
+    if holders and not replace:
+        labels = ", ".join(f"{v.name}:{v.version}" for v in holders)
+        raise ConfigError(
+            f"{labels} {'is' if len(holders) == 1 else 'are'} already tagged stage=production; "
+            f"a model has one production version (the gate, the triggers and `registry list` "
+            f"read it). Add --replace to tag {holders[0].name}:{version} production and "
+            f"archive {labels} (this records what serves; it moves no traffic)"
+        )
+    return changes + [TagChange(v.version, {STAGE_TAG: Stage.ARCHIVED}) for v in holders]
 
 
 def apply_tags(registry: ModelRegistry, model: str, changes: Sequence[TagChange]) -> None:

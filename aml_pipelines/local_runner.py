@@ -125,8 +125,11 @@ def run_local(
     run_dir.mkdir(parents=True, exist_ok=True)
     emit = sink or _log_sink
     run_id = run_dir.name
-    nodes = _plan(build_pipeline(params), until)
-    values = asdict(params)
+    # Stopping before the rollout step, nothing here rolls the version out: the register step
+    # must then not tag it as the job's own (`rollout_by`), or no trigger would ever deliver it.
+    rolls_out = until == "rollout"
+    nodes = _plan(build_pipeline(params, rolls_out=rolls_out), until)
+    values = {**asdict(params), "rollout_in_job": rolls_out}  # the pipeline's inputs
     result = LocalRun(run_dir)
     emit(f"local run {run_id}: {' → '.join(n.name for n in nodes)} in {run_dir}")
     commit = source_commit()  # as in Azure ML (build.stamp_source): "-dirty" included

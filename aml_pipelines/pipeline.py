@@ -138,8 +138,15 @@ def build_pipeline(
     *,
     compute: str | None = None,
     loaded: dict[str, Any] | None = None,
+    rolls_out: bool = True,
 ) -> Any:
-    """The pipeline job for `params` (an azure.ai.ml PipelineJob), ready to validate or submit."""
+    """The pipeline job for `params` (an azure.ai.ml PipelineJob), ready to validate or submit.
+
+    The job's rollout step rolls out the version its register step registers, so the register
+    step tags it `rollout_by=pipeline-job` and the registration triggers leave it alone (two
+    controllers would otherwise roll it out at once). `rolls_out=False` is for the local runner
+    stopping before the rollout step: the version is then the triggers' to deliver.
+    """
     from azure.ai.ml import Input
     from azure.ai.ml.dsl import pipeline
 
@@ -168,6 +175,7 @@ def build_pipeline(
         image_registry,
         package_mode,
         rollout_spec,
+        rollout_in_job,
         data=None,
         target=None,
     ):
@@ -186,6 +194,7 @@ def build_pipeline(
             metric=metric,
             max_regression=max_regression,
             force=force,
+            rollout_in_job=rollout_in_job,
         )
         package = package_c(
             registration=register.outputs.registration,
@@ -204,6 +213,9 @@ def build_pipeline(
         }
 
     kwargs: dict[str, Any] = params.literals()
+    # A pipeline input rather than a node literal: the YAML dump writes a node's boolean as 1,
+    # which is not what a boolean input takes; pipeline inputs are written true/false.
+    kwargs["rollout_in_job"] = rolls_out
     kwargs["rollout_spec"] = Input(type="uri_file", path=params.rollout_spec)
     if params.data is not None:
         kwargs["data"] = Input(type="uri_folder", path=params.data)

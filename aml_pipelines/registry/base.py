@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 STAGE_TAG = "stage"
+#: Set at registration by a training pipeline whose own rollout step rolls the version out
+#: (value ROLLOUT_BY_JOB): the triggers leave such a version alone, or it would be rolled out
+#: twice, by two controllers at once on one endpoint.
+ROLLOUT_BY_TAG = "rollout_by"
+ROLLOUT_BY_JOB = "pipeline-job"
 
 
 class Stage:

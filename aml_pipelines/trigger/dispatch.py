@@ -5,8 +5,9 @@ single worker then delivers them, oldest first. The worker's loop for one versio
 
     take the deliver lock (one delivery per endpoint, across processes)
     re-read the entry                      → done already (another process)? skip
-    ask the registry                       → stage records a delivery, or a newer version is in
-                                             production? close it without a rollout
+    ask the registry                       → stage records a delivery, a newer version is in
+                                             production, or the job that registered it rolls it
+                                             out itself? close it without a rollout
     wait while another rollout is active   → or, with supersede, abort it and wait for it to end
     mark `started` (durable)               → from here on, a crash means "resume", not "restart"
     delivery.deliver(version)              → package + rollout + tags; resumes from the state store
@@ -50,7 +51,14 @@ from aml_pipelines.errors import (
     PipelineError,
     TriggerError,
 )
-from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
+from aml_pipelines.registry.base import (
+    ROLLOUT_BY_JOB,
+    ROLLOUT_BY_TAG,
+    STAGE_TAG,
+    ModelRegistry,
+    ModelVersion,
+    Stage,
+)
 from aml_pipelines.trigger.store import SKIPPED, SUPERSEDED, Entry, Step, TriggerStore
 from rollout.errors import ConfigError as SpecError
 from rollout.errors import RolloutError
@@ -184,6 +192,9 @@ class Dispatcher:
           it (e.g. Event Grid redelivers an old event after the state folder was lost): skipped.
         - A newer version is in production (a crash left it open while another trigger moved
           on, or events arrived out of order): rolling it out would downgrade production.
+        - A pending version the pipeline job that registered it rolls out itself (tag
+          `rollout_by=pipeline-job`, the training pipeline): a second rollout of it would run
+          beside the job's, two controllers on one endpoint.
         """
         stage = version.stage
         if stage in DELIVERED and entry.step is Step.STARTED:
@@ -192,6 +203,12 @@ class Dispatcher:
             return SUCCEEDED, f"registry records stage={stage}"
         if stage in DELIVERED:
             return SKIPPED, f"already delivered (stage={stage})"
+        if entry.step is Step.PENDING and version.tags.get(ROLLOUT_BY_TAG) == ROLLOUT_BY_JOB:
+            run = version.tags.get("source_run", "?")
+            return SKIPPED, (
+                f"rolled out by the pipeline job that registered it ({run}; "
+                f"tag {ROLLOUT_BY_TAG}={ROLLOUT_BY_JOB})"
+            )
         production = self.registry.find_by_tag(version.name, STAGE_TAG, Stage.PRODUCTION)
         newest = max((v.version for v in production), default=0)
         if newest > version.version:

@@ -6,6 +6,20 @@ production model the first candidate passes: there is nothing to be worse than.
 
 Lower is better for `mse` and `rmse`, higher for `r2`. `max_regression` allows a relative slack
 (0.02 = up to 2 % worse still passes); the default 0 refuses anything worse.
+
+**Only comparable metrics are compared.** A metric measured on other evaluation data says nothing
+about which model is better: a lower mse on easier held-out rows would pass a worse model, a
+higher one on harder rows refuse a better one. The candidate's fingerprints (model.json) are
+checked against the production version's tags, most precise first:
+
+    eval_fingerprint   the held-out rows the metrics were measured on (data and split)
+    data_fingerprint   the whole data set (a different one means different held-out rows)
+
+Known to differ → refused, whatever the numbers say (`comparable=False`; `force` registers it
+anyway, tagged `gate=forced`). Cannot be told (a fingerprint missing on either side — a model
+registered before eval_fingerprint existed, or training code that writes none; or the same data
+set with no eval_fingerprint, so the split may differ) → the numbers decide, and the reason says
+the comparison is unchecked (`comparable=None`; the register step logs it as a warning).
 """
 
 from __future__ import annotations
@@ -18,6 +32,8 @@ from aml_pipelines.errors import ConfigError
 from aml_pipelines.registry.base import ModelVersion
 
 LOWER_IS_BETTER = {"mse": True, "rmse": True, "r2": False}
+EVAL_FINGERPRINT = "eval_fingerprint"
+DATA_FINGERPRINT = "data_fingerprint"
 
 
 @dataclass(frozen=True)
@@ -30,6 +46,8 @@ class GateDecision:
     candidate: float
     baseline: float | None = None
     baseline_version: int | None = None
+    #: True: measured on the same held-out data; False: known not to be; None: not checked.
+    comparable: bool | None = None
 
 
 def evaluate_gate(
@@ -38,8 +56,13 @@ def evaluate_gate(
     *,
     metric: str = "mse",
     max_regression: float = 0.0,
+    fingerprints: Mapping[str, str] | None = None,
 ) -> GateDecision:
-    """Compare the candidate's `metric` with the production version's tag of the same name."""
+    """Compare the candidate's `metric` with the production version's tag of the same name.
+
+    `fingerprints` are the candidate's `eval_fingerprint` / `data_fingerprint` (see the module
+    docstring): metrics measured on other data than production's are not compared.
+    """
     if metric not in LOWER_IS_BETTER:
         raise ConfigError(f"metric: {metric!r} is not one of {sorted(LOWER_IS_BETTER)}")
     if not (math.isfinite(max_regression) and max_regression >= 0):
@@ -71,18 +94,66 @@ def evaluate_gate(
             None,
             production.version,
         )
+    comparable, why = comparability(fingerprints or {}, production.tags)
+    if comparable is False:
+        return GateDecision(
+            False,
+            f"candidate {metric}={candidate:.6g} and production {label} {metric}={baseline:.6g} "
+            f"were measured on different data ({why}): not comparable, so neither better nor "
+            f"worse; evaluate both on the same held-out data",
+            metric,
+            candidate,
+            baseline,
+            production.version,
+            comparable=False,
+        )
     lower = LOWER_IS_BETTER[metric]
     limit = baseline + abs(baseline) * max_regression * (1 if lower else -1)
     passed = candidate <= limit if lower else candidate >= limit
     direction = "lower" if lower else "higher"
     verdict = "not worse than" if passed else "worse than"
     slack = f" (slack {max_regression:.1%}, limit {limit:.6g})" if max_regression else ""
+    unchecked = f"; UNCHECKED whether both were measured on the same data: {why}" if why else ""
     return GateDecision(
         passed,
         f"candidate {metric}={candidate:.6g} is {verdict} production {label} "
-        f"{metric}={baseline:.6g} ({direction} is better){slack}",
+        f"{metric}={baseline:.6g} ({direction} is better){slack}{unchecked}",
         metric,
         candidate,
         baseline,
         production.version,
+        comparable=comparable,
     )
+
+
+def comparability(
+    candidate: Mapping[str, str], production: Mapping[str, str]
+) -> tuple[bool | None, str]:
+    """(comparable, why): were both models' metrics measured on the same held-out data?
+
+    True with "" when the eval fingerprints match; False or None with the reason otherwise (see
+    the module docstring). Empty values count as missing.
+    """
+    ours, theirs = candidate.get(EVAL_FINGERPRINT) or "", production.get(EVAL_FINGERPRINT) or ""
+    if ours and theirs:
+        if ours == theirs:
+            return True, ""
+        return False, f"{EVAL_FINGERPRINT} {_short(ours)} vs {_short(theirs)}"
+    data, prod_data = candidate.get(DATA_FINGERPRINT) or "", production.get(DATA_FINGERPRINT) or ""
+    if data and prod_data and data != prod_data:
+        return False, f"{DATA_FINGERPRINT} {_short(data)} vs {_short(prod_data)}"
+    sides = (("the candidate", ours), ("the production version", theirs))
+    lacking = " and ".join(side for side, value in sides if not value)
+    verb = "have" if not (ours or theirs) else "has"
+    if data and data == prod_data:
+        return None, (
+            f"same {DATA_FINGERPRINT}, but {lacking} {verb} no {EVAL_FINGERPRINT} "
+            "(the held-out split may differ)"
+        )
+    return None, f"{lacking} {verb} no {EVAL_FINGERPRINT}, and no {DATA_FINGERPRINT} to compare"
+
+
+def _short(fingerprint: str) -> str:
+    """`sha256:` and 12 hex digits: enough to tell two apart in a log line."""
+    algorithm, _, digest = fingerprint.rpartition(":")
+    return f"{algorithm}:{digest[:12]}…" if algorithm else f"{digest[:12]}…"

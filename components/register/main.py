@@ -31,6 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metric", default="mse", choices=["mse", "rmse", "r2"])
     parser.add_argument("--max-regression", type=float, default=0.0)
     parser.add_argument("--force", type=parse_bool, default=False, help="true: skip the gate")
+    parser.add_argument(
+        "--rollout-in-job",
+        type=parse_bool,
+        default=False,
+        help="true: this job's rollout step rolls the version out (tag it for the triggers)",
+    )
     parser.add_argument("--registration", type=Path, required=True, help="output folder")
     return parser.parse_args(argv)
 
@@ -49,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             metric=args.metric,
             max_regression=args.max_regression,
             force=args.force,
+            rollout_in_job=args.rollout_in_job,
             source=source,
             source_run=run_id(),
             git_commit=git_commit(),

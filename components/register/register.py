@@ -5,12 +5,13 @@
                   ──► registry.register(name, source, tags) ──► registration.json
 
 Tags written on the new version: its metrics (mse, rmse, r2), `stage=candidate`, `source_run`,
-`git_commit`, `sha256`, `data_fingerprint` and the gate outcome (`gate=passed|forced`,
-`gate_baseline`). Re-running the step in the same run (same `source_run`) with the same bits
-registers nothing new: registration.json names the version that run registered before. The
-registry itself is injected, so the same code runs against the local folder registry and Azure
-ML; `source` lets Azure ML register the job-output URI of the folder instead of uploading local
-files.
+`git_commit`, `sha256`, `data_fingerprint`, `eval_fingerprint` (when model.json has it: the next
+gate compares only metrics measured on the same held-out data, see gate.py) and the gate outcome
+(`gate=passed|forced`, `gate_baseline`). Re-running the step in the same run (same `source_run`)
+with the same bits registers nothing new: registration.json names the version that run
+registered before. The registry itself is injected, so the same code runs against the local
+folder registry and Azure ML; `source` lets Azure ML register the job-output URI of the folder
+instead of uploading local files.
 """
 
 from __future__ import annotations
@@ -21,8 +22,21 @@ from pathlib import Path
 
 from aml_pipelines.errors import ConfigError, GateRefused, IntegrityError, RegistryError
 from aml_pipelines.fileio import read_json_object, sha256_file, write_json
-from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
-from components.register.gate import LOWER_IS_BETTER, GateDecision, evaluate_gate
+from aml_pipelines.registry.base import (
+    ROLLOUT_BY_JOB,
+    ROLLOUT_BY_TAG,
+    STAGE_TAG,
+    ModelRegistry,
+    ModelVersion,
+    Stage,
+)
+from components.register.gate import (
+    DATA_FINGERPRINT,
+    EVAL_FINGERPRINT,
+    LOWER_IS_BETTER,
+    GateDecision,
+    evaluate_gate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +68,7 @@ class Registration:
                 "baseline": self.decision.baseline,
                 "baseline_version": self.decision.baseline_version,
                 "reason": self.decision.reason,
+                "comparable": self.decision.comparable,
             },
         }
 
@@ -92,12 +107,18 @@ def register_model(
     metric: str = "mse",
     max_regression: float = 0.0,
     force: bool = False,
+    rollout_in_job: bool = False,
     source: str | Path | None = None,
     source_run: str = "unknown",
     git_commit: str = "unknown",
     out_dir: Path | None = None,
 ) -> Registration:
-    """Gate the model folder against production, register it, write registration.json."""
+    """Gate the model folder against production, register it, write registration.json.
+
+    `rollout_in_job`: the job running this step rolls the version out itself (the training
+    pipeline's rollout step); the version is tagged `rollout_by=pipeline-job` so that a trigger
+    watching the same registry does not start a second rollout of it.
+    """
     model_json = model_dir / "model.json"
     if not model_json.is_file():
         raise RegistryError(f"{model_dir} is not a model folder: model.json is missing")
@@ -124,9 +145,20 @@ def register_model(
             f"{model_file} has sha256 {actual}, but model.json records {manifest['sha256']}"
         )
 
+    fingerprints = {
+        key: str(manifest[key]) for key in (EVAL_FINGERPRINT, DATA_FINGERPRINT) if manifest.get(key)
+    }
     production = production_version(registry, name)
-    decision = evaluate_gate(metrics, production, metric=metric, max_regression=max_regression)
-    if decision.passed:
+    decision = evaluate_gate(
+        metrics,
+        production,
+        metric=metric,
+        max_regression=max_regression,
+        fingerprints=fingerprints,
+    )
+    if decision.passed and decision.comparable is None and production is not None:
+        log.warning("gate passed, comparison UNCHECKED: %s", decision.reason)
+    elif decision.passed:
         log.info("gate passed: %s", decision.reason)
     elif force:
         log.warning("gate REFUSED but --force given, registering anyway: %s", decision.reason)
@@ -139,10 +171,17 @@ def register_model(
         "source_run": source_run,
         "git_commit": git_commit,
         "sha256": actual,
-        "data_fingerprint": str(manifest.get("data_fingerprint", "")),
+        DATA_FINGERPRINT: str(manifest.get(DATA_FINGERPRINT, "")),
+        **(
+            {EVAL_FINGERPRINT: fingerprints[EVAL_FINGERPRINT]}
+            if EVAL_FINGERPRINT in fingerprints
+            else {}
+        ),
         "gate": "passed" if decision.passed else "forced",
         "gate_metric": metric,
     }
+    if rollout_in_job:
+        tags[ROLLOUT_BY_TAG] = ROLLOUT_BY_JOB
     if decision.baseline_version is not None:
         tags["gate_baseline"] = f"{name}:{decision.baseline_version}"
     if (version := _registered_by(registry, name, source_run, actual)) is not None:

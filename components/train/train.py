@@ -6,7 +6,10 @@ on is only the model-folder contract it writes:
     model.skops         the estimator, serialised with skops (never pickle)
     model.json          name, framework, estimator, model_file, sha256 of model.skops,
                         feature_names, target, metrics {rmse, mse, r2} on the held-out split,
-                        data_fingerprint, library_versions, params {alpha, test_fraction, seed}
+                        data_fingerprint (the whole data set), eval_fingerprint (the held-out
+                        rows the metrics were measured on: the register gate compares only
+                        metrics with the same one), library_versions,
+                        params {alpha, test_fraction, seed}
     sample-input.json   {"data": [[...], ...]}: up to 100 held-out rows (sent by the load generator)
 
 Training is deterministic for a given seed and data: the split uses `seed`, Ridge's solver is
@@ -60,10 +63,14 @@ class Dataset:
     @property
     def fingerprint(self) -> str:
         """sha256 over column names and float64 values: same data, same fingerprint."""
+        return self.fingerprint_of(self.features, self.target)
+
+    def fingerprint_of(self, features: np.ndarray, target: np.ndarray) -> str:
+        """The fingerprint of some rows of this data set (e.g. the held-out split)."""
         digest = hashlib.sha256()
         digest.update(json.dumps([self.feature_names, self.target_name]).encode())
-        digest.update(np.ascontiguousarray(self.features, dtype=np.float64).tobytes())
-        digest.update(np.ascontiguousarray(self.target, dtype=np.float64).tobytes())
+        digest.update(np.ascontiguousarray(features, dtype=np.float64).tobytes())
+        digest.update(np.ascontiguousarray(target, dtype=np.float64).tobytes())
         return f"sha256:{digest.hexdigest()}"
 
 
@@ -94,6 +101,7 @@ class TrainResult:
     metrics: dict[str, float]
     sha256: str
     data_fingerprint: str
+    eval_fingerprint: str = ""
 
 
 def load_diabetes_dataset() -> Dataset:
@@ -265,6 +273,9 @@ def train(
     mse = float(mean_squared_error(y_test, predicted))
     metrics = {"mse": mse, "rmse": math.sqrt(mse), "r2": float(r2_score(y_test, predicted))}
 
+    # The metrics hold only for these rows: another split of the same data gives other numbers.
+    eval_fingerprint = dataset.fingerprint_of(x_test, y_test)
+
     out_dir.mkdir(parents=True, exist_ok=True)
     blob = deterministic_skops(model)
     (out_dir / MODEL_FILE).write_bytes(blob)
@@ -279,6 +290,7 @@ def train(
         "target": dataset.target_name,
         "metrics": metrics,
         "data_fingerprint": dataset.fingerprint,
+        "eval_fingerprint": eval_fingerprint,
         "data_source": dataset.source,
         "library_versions": library_versions(),
         "params": {
@@ -304,7 +316,7 @@ def train(
         metrics["r2"],
         sha256[:12],
     )
-    return TrainResult(out_dir, metrics, sha256, dataset.fingerprint)
+    return TrainResult(out_dir, metrics, sha256, dataset.fingerprint, eval_fingerprint)
 
 
 def _write_json(path: Path, payload: Any) -> None:

@@ -15,7 +15,13 @@ MakeModel = Callable[..., Path]
 
 
 def write_model_folder(
-    folder: Path, *, name: str = "m", mse: float = 100.0, salt: str = ""
+    folder: Path,
+    *,
+    name: str = "m",
+    mse: float = 100.0,
+    salt: str = "",
+    data_fingerprint: str = "sha256:fixture",
+    eval_fingerprint: str | None = None,
 ) -> Path:
     """A model folder with a fake model file: registry and gate tests need no sklearn."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -30,10 +36,12 @@ def write_model_folder(
         "feature_names": ["a", "b"],
         "target": "y",
         "metrics": {"mse": mse, "rmse": mse**0.5, "r2": 0.5},
-        "data_fingerprint": "sha256:fixture",
+        "data_fingerprint": data_fingerprint,
         "library_versions": {},
         "params": {"alpha": 1.0, "test_fraction": 0.2, "seed": 1},
     }
+    if eval_fingerprint is not None:
+        manifest["eval_fingerprint"] = eval_fingerprint
     (folder / "model.json").write_text(json.dumps(manifest))
     (folder / "sample-input.json").write_text(json.dumps({"data": [[1.0, 2.0]]}))
     return folder

@@ -248,6 +248,30 @@ def test_registry_list_show_tag(tmp_path: Path) -> None:
     assert typo.exit_code == 2 and "does not exist" in typo.output
 
 
+def test_registry_tag_keeps_one_production_version(tmp_path: Path) -> None:
+    # Two `production` versions: every reader takes the highest, so a hand-tagged older version
+    # was silently ignored by the gate, the triggers and `registry list`.
+    from aml_pipelines.registry.local import LocalRegistry
+
+    registry = LocalRegistry(tmp_path / "reg")
+    for mse in (42.0, 41.0):
+        registry.register("m", write_model_folder(tmp_path / str(mse), mse=mse), {"stage": "x"})
+    spec = f"local:{tmp_path / 'reg'}"
+    assert (
+        invoke("registry", "tag", "m", "2", "stage=production", "--registry", spec).exit_code == 0
+    )
+
+    refused = invoke("registry", "tag", "m", "1", "stage=production", "--registry", spec)
+    assert refused.exit_code == 2
+    assert "m:2 is already tagged stage=production" in " ".join(refused.output.split())
+    assert [v.stage for v in registry.list_versions("m")] == ["x", "production"]
+
+    moved = invoke("registry", "tag", "m", "1", "stage=production", "--replace", "--registry", spec)
+    assert moved.exit_code == 0, moved.output
+    assert [v.stage for v in registry.list_versions("m")] == ["production", "archived"]
+    assert "m:2 tags:" in moved.output
+
+
 def test_registry_refuses_a_tampered_model(tmp_path: Path) -> None:
     from aml_pipelines.registry.local import LocalRegistry
 

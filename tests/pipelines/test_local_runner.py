@@ -71,6 +71,7 @@ SPACED: dict[str, object] = {
     "data": "/data dir/csv", "target": "disease progression", "model": "/mnt/model dir",
     "metrics": "/mnt/metrics dir", "model_ref": "azureml://datastores/d/paths/a b/",
     "registry": "local:/reg dir", "metric": "mse", "max_regression": 0.0, "force": False,
+    "rollout_in_job": True,
     "registration": "/mnt/reg dir", "model_version": 2, "registered_model": "/mnt/rm dir",
     "image_registry": "acr.io", "mode": "local", "package": "/mnt/pkg dir",
     "spec": "/specs/my spec.yaml", "result": "/mnt/result dir",
@@ -127,6 +128,8 @@ def test_v1_registered_worse_v2_refused_better_v2_registered(tmp_path: Path) -> 
     package = json.loads((first.output("package", "package") / "package.json").read_text())
     assert (package["model"], package["version"]) == ("diabetes-ridge", "1")
     assert registry.get("diabetes-ridge", 1).stage == Stage.CANDIDATE
+    # Nothing in this run rolls it out: it is the triggers' to deliver.
+    assert "rollout_by" not in registry.get("diabetes-ridge", 1).tags
     assert any(line.startswith("[train] ") and "trained diabetes-ridge" in line for line in lines)
     assert (tmp_path / "run1" / "register" / "std_log.txt").read_text().count("gate passed") == 1
     registry.set_tags("diabetes-ridge", 1, {"stage": Stage.PRODUCTION})  # v1 went live
@@ -226,6 +229,9 @@ def test_all_four_steps_with_a_dry_run_rollout(tmp_path: Path) -> None:
     assert result["phase"] == "Succeeded"
     assert result["candidate"]["model_dir"] == str(run.output("package", "package"))
     assert result["candidate"]["image"] == "amlrollout.azurecr.io/diabetes-ridge:1"
+    # The run's own rollout step rolled it out: a trigger watching this registry leaves it alone.
+    registered = LocalRegistry(tmp_path / "registry").get("diabetes-ridge", 1)
+    assert registered.tags["rollout_by"] == "pipeline-job"
 
 
 @pytest.mark.slow

@@ -47,6 +47,72 @@ def test_gate_decisions(candidate, production, metric, slack, passed, reason) ->
     assert reason in decision.reason
 
 
+SAME = {"eval_fingerprint": "sha256:eval-a", "data_fingerprint": "sha256:data-a"}
+PROD_EVAL_A = _production(mse="10", **SAME)
+PROD_DATA_A = _production(mse="10", data_fingerprint="sha256:data-a")
+
+
+@pytest.mark.parametrize(
+    ("fingerprints", "production", "mse", "passed", "comparable", "reason"),
+    [
+        pytest.param(SAME, PROD_EVAL_A, 9.0, True, True, "not worse", id="same-held-out-rows"),
+        pytest.param(SAME, PROD_EVAL_A, 11.0, False, True, "worse than", id="same-rows-worse"),
+        pytest.param(
+            {**SAME, "eval_fingerprint": "sha256:eval-b"},
+            PROD_EVAL_A,
+            1.0,
+            False,
+            False,
+            "measured on different data (eval_fingerprint sha256:eval-b… vs sha256:eval-a…)",
+            id="other-split-of-the-same-data-refused-however-good",
+        ),
+        pytest.param(
+            {"data_fingerprint": "sha256:data-b"},
+            PROD_DATA_A,
+            1.0,
+            False,
+            False,
+            "measured on different data (data_fingerprint",
+            id="other-data-refused",
+        ),
+        pytest.param(
+            {"eval_fingerprint": "sha256:eval-b", "data_fingerprint": "sha256:data-b"},
+            PROD_DATA_A,
+            20.0,
+            False,
+            False,
+            "not comparable",
+            id="production-without-eval-fingerprint-on-other-data",
+        ),
+        pytest.param(
+            SAME,
+            PROD_DATA_A,
+            9.0,
+            True,
+            None,
+            "UNCHECKED whether both were measured on the same data: same data_fingerprint, but "
+            "the production version has no eval_fingerprint",
+            id="same-data-split-unknown-passes-loudly",
+        ),
+        pytest.param(
+            {},
+            PROD,
+            9.0,
+            True,
+            None,
+            "the candidate and the production version have no eval_fingerprint",
+            id="no-fingerprints-passes-loudly",
+        ),
+    ],
+)
+def test_gate_compares_only_metrics_measured_on_the_same_data(
+    fingerprints, production, mse, passed, comparable, reason
+) -> None:
+    decision = evaluate_gate({"mse": mse}, production, fingerprints=fingerprints)
+    assert (decision.passed, decision.comparable) == (passed, comparable)
+    assert reason in decision.reason
+
+
 @pytest.mark.parametrize(
     ("metric", "slack", "message"),
     [
@@ -98,6 +164,50 @@ def test_gate_against_production_then_register(tmp_path: Path, make_model: MakeM
     assert forced.forced and forced.version.tags["gate"] == "forced"
     better = register_model(make_model(mse=5.0), registry)
     assert better.version.version == 3 and better.version.tags["gate_baseline"] == "m:1"
+
+
+def test_a_model_evaluated_on_other_data_is_not_gated_on_its_numbers(
+    tmp_path: Path, make_model: MakeModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = LocalRegistry(tmp_path / "reg")
+    first = register_model(make_model(mse=10.0, eval_fingerprint="sha256:a"), registry)
+    assert first.version.tags["eval_fingerprint"] == "sha256:a"
+    registry.set_tags("m", 1, {"stage": Stage.PRODUCTION})
+
+    # A far lower mse, on other held-out rows: it proves nothing, so it is not registered.
+    with pytest.raises(GateRefused, match=r"measured on different data.*not comparable"):
+        register_model(make_model(mse=1.0, eval_fingerprint="sha256:b"), registry)
+    assert [v.version for v in registry.list_versions("m")] == [1]
+
+    forced = register_model(
+        make_model(mse=1.0, eval_fingerprint="sha256:b"),
+        registry,
+        force=True,
+        out_dir=tmp_path / "out",
+    )
+    assert forced.version.tags["gate"] == "forced"
+    gate = json.loads((tmp_path / "out" / "registration.json").read_text())["gate"]
+    assert gate["comparable"] is False and gate["forced"] is True
+
+    registry.set_tags("m", 1, {"eval_fingerprint": ""})  # registered before the fingerprint
+    with caplog.at_level("WARNING"):
+        unchecked = register_model(make_model(mse=9.0, eval_fingerprint="sha256:a"), registry)
+    assert unchecked.decision.passed and unchecked.decision.comparable is None
+    assert "comparison UNCHECKED" in caplog.text
+
+
+def test_a_version_the_job_rolls_out_itself_is_tagged_for_the_triggers(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    registry = LocalRegistry(tmp_path / "reg")
+    alone = register_model(make_model(mse=10.0), registry)
+    assert "rollout_by" not in alone.version.tags  # the triggers' to deliver
+    code = main(
+        ["--model", str(make_model(mse=9.0)), "--registry", f"local:{tmp_path / 'reg'}",
+         "--rollout-in-job", "True", "--registration", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert code == 0
+    assert registry.get("m", 2).tags["rollout_by"] == "pipeline-job"
 
 
 def test_a_model_folder_that_lies_about_its_hash_is_refused(

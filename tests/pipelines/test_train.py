@@ -21,6 +21,7 @@ CONTRACT_KEYS = {
     "target",
     "metrics",
     "data_fingerprint",
+    "eval_fingerprint",
     "library_versions",
     "params",
 }
@@ -62,6 +63,9 @@ def test_training_is_deterministic_for_a_seed(tmp_path: Path) -> None:
     assert first.sha256 == again.sha256 and first.metrics == again.metrics
     assert other.metrics != first.metrics
     assert first.data_fingerprint == other.data_fingerprint  # same data, different split
+    # ... so the metrics were measured on other rows: the gate must be able to tell.
+    assert first.eval_fingerprint == again.eval_fingerprint != other.eval_fingerprint
+    assert first.eval_fingerprint.startswith("sha256:")
 
 
 def test_alpha_changes_the_held_out_error(tmp_path: Path) -> None:
@@ -69,6 +73,8 @@ def test_alpha_changes_the_held_out_error(tmp_path: Path) -> None:
     worse = train(tmp_path / "b", name="m", params=TrainParams(alpha=10.0))
     better = train(tmp_path / "c", name="m", params=TrainParams(alpha=0.1))
     assert better.metrics["mse"] < base.metrics["mse"] < worse.metrics["mse"]
+    # Same data and split: the gate may compare them.
+    assert base.eval_fingerprint == worse.eval_fingerprint == better.eval_fingerprint
 
 
 def _write_csv(path: Path, rows: int = 40) -> None:

@@ -18,10 +18,12 @@ from aml_pipelines.delivery import (
     EngineDelivery,
     RolloutView,
     TagChange,
+    plan_manual_tags,
     plan_tags,
     reconcile,
     serving,
 )
+from aml_pipelines.errors import ConfigError
 from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
 from rollout.config import spec_from_dict
@@ -88,6 +90,77 @@ PROD1_CAND2 = [_mv(1, stage="production"), _mv(2, stage="candidate")]
 )
 def test_plan_tags(versions, candidate, phase, reason, expected) -> None:
     assert plan_tags(versions, candidate, phase, reason) == expected
+
+
+@pytest.mark.parametrize(
+    ("versions", "version", "tags", "replace", "expected"),
+    [
+        pytest.param(
+            [_mv(1, stage="candidate")],
+            1,
+            {"stage": "production"},
+            False,
+            [TagChange(1, {"stage": "production"})],
+            id="first-production",
+        ),
+        pytest.param(
+            PROD1_CAND2,
+            1,
+            {"stage": "production", "note": "x"},
+            False,
+            [TagChange(1, {"stage": "production", "note": "x"})],
+            id="the-holder-itself",
+        ),
+        pytest.param(
+            PROD1_CAND2,
+            2,
+            {"note": "x"},
+            False,
+            [TagChange(2, {"note": "x"})],
+            id="other-tags-untouched",
+        ),
+        pytest.param(
+            PROD1_CAND2,
+            2,
+            {"stage": "production"},
+            True,
+            [TagChange(2, {"stage": "production"}), TagChange(1, {"stage": "archived"})],
+            id="replace-archives-the-holder-after",
+        ),
+        pytest.param(
+            [_mv(1, stage="production"), _mv(2, stage="production"), _mv(3)],
+            3,
+            {"stage": "production"},
+            True,
+            [
+                TagChange(3, {"stage": "production"}),
+                TagChange(1, {"stage": "archived"}),
+                TagChange(2, {"stage": "archived"}),
+            ],
+            id="replace-repairs-two-holders",
+        ),
+    ],
+)
+def test_plan_manual_tags(versions, version, tags, replace, expected) -> None:
+    assert plan_manual_tags(versions, version, tags, replace=replace) == expected
+
+
+@pytest.mark.parametrize(
+    "versions",
+    [
+        pytest.param(PROD1_CAND2, id="newer-over-older"),
+        pytest.param(
+            [_mv(1, stage="candidate"), _mv(2, stage="production")], id="older-over-newer"
+        ),
+    ],
+)
+def test_a_second_production_version_is_refused(versions) -> None:
+    other = 2 if versions[0].stage == "candidate" else 1
+    target = 3 - other
+    with pytest.raises(
+        ConfigError, match=rf"m:{other} is already tagged stage=production.*--replace"
+    ):
+        plan_manual_tags(versions, target, {"stage": "production"}, replace=False)
 
 
 def test_reason_is_bounded() -> None:

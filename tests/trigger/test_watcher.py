@@ -53,6 +53,32 @@ def test_new_version_is_delivered_exactly_once(
     }
 
 
+def test_a_version_its_own_pipeline_job_rolls_out_is_left_to_the_job(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    # The training pipeline's register step tags it; its rollout step rolls it out. A trigger
+    # delivering it too ran a second controller on the same endpoint, beside the job's.
+    register(registry, tmp_path, stage="candidate")
+    _watch(registry, dispatcher)
+    register(
+        registry,
+        tmp_path,
+        stage="candidate",
+        rollout_by="pipeline-job",
+        source_run="job-7/register",
+    )
+    _watch(registry, dispatcher)
+    _watch(registry, dispatcher)
+    assert _events(tmp_path / "engine", "start") == [("start", 1)]
+    assert registry.get("diabetes", 2).stage == "candidate"  # the job's rollout step tags it
+    entry = dispatcher.store.load("diabetes").entries[2]
+    assert (entry.step, entry.outcome, entry.attempts) == (Step.DONE, "skipped", 0)
+    assert entry.reason == (
+        "rolled out by the pipeline job that registered it (job-7/register; "
+        "tag rollout_by=pipeline-job)"
+    )
+
+
 def test_rolled_back_candidate_is_tagged_with_the_reason(
     tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
 ) -> None:
