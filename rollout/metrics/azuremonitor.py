@@ -201,7 +201,7 @@ class AzureMonitorMetrics:
 
     def _run(self, query: str, timespan: Any) -> list[Any]:
         """The query's tables; MetricsError for anything but a complete result."""
-        from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError
+        from azure.core.exceptions import AzureError, HttpResponseError
         from azure.monitor.query import LogsQueryStatus
 
         try:
@@ -213,10 +213,16 @@ class AzureMonitorMetrics:
                 connection_timeout=self.timeout_s,
                 read_timeout=self.timeout_s,
             )
-        except ClientAuthenticationError as exc:
-            raise MetricsError(self._where(f"no usable Azure credentials ({_line(exc)})")) from exc
         except HttpResponseError as exc:
-            raise MetricsError(self._where(f"HTTP {exc.status_code}: {_line(exc)}")) from exc
+            # azure-monitor-query re-raises every error of its request as a bare
+            # HttpResponseError, the credential's own included (no response: no token at all).
+            if _no_token(exc):
+                problem = f"no usable Azure credentials ({_line(exc)})"
+            elif exc.status_code == 401:
+                problem = f"Azure rejected the credentials (HTTP 401: {_line(exc)})"
+            else:
+                problem = f"HTTP {exc.status_code}: {_line(exc)}"
+            raise MetricsError(self._where(problem)) from exc
         except AzureError as exc:
             raise MetricsError(self._where(f"unreachable ({_line(exc)})")) from exc
         if result.status != LogsQueryStatus.SUCCESS:
@@ -229,7 +235,20 @@ class AzureMonitorMetrics:
         return f"Log Analytics workspace {self.workspace_id} ({TABLE}): {problem}"
 
 
+def _no_token(exc: BaseException) -> bool:
+    """Whether the credential got no token (a ClientAuthenticationError with no response, maybe
+    re-raised by the SDK as the context of another error): no identity to sign in as."""
+    from azure.core.exceptions import ClientAuthenticationError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ClientAuthenticationError) and seen.response is None:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _line(error: Any) -> str:
-    """An Azure error's message on one line."""
-    message = getattr(error, "message", None) or str(error)
-    return " ".join(str(message).split())
+    """An Azure error's message on one line (azure-identity's closing pointer cut off)."""
+    message = str(getattr(error, "message", None) or error)
+    return " ".join(message.split("To mitigate this issue", 1)[0].split())

@@ -12,6 +12,7 @@ another shape) as one-line Observation errors naming the workspace; the judge on
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +28,7 @@ from rollout.routers.memory import MemoryRouter
 from rollout.state.memory import MemoryStateStore
 from tests.core.helpers import V1, make_spec
 from tests.fakes.arm import StaticCredential
+from tests.fakes.identity import AZURE_CREDENTIAL_ENV
 from tests.fakes.loganalytics import WORKSPACE, FakeLogAnalytics
 
 T0 = 1_700_000_000.0
@@ -148,6 +150,37 @@ def test_a_result_of_another_shape_is_an_error(logs: FakeLogAnalytics) -> None:
     logs.answer_table(["DeploymentName", "requests"], [["blue", 3]])
     obs = provider(logs).observe(T0, T0 + 60)
     assert obs.error is not None and "the result has no column errors" in obs.error
+
+
+def test_no_usable_credentials_is_one_line_naming_the_workspace(
+    logs: FakeLogAnalytics, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The real DefaultAzureCredential finding no identity (was: `HTTP None: ...`, since the
+    SDK re-raises the credential's error as a bare HttpResponseError)."""
+    for name in AZURE_CREDENTIAL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no cached az / token-cache accounts
+    monkeypatch.setenv("PATH", "/nonexistent")  # no az, pwsh or azd to ask
+    monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "dev")  # never probe a managed identity
+    cfg = AzureMonitorMetricsConfig(workspace_id=WORKSPACE, endpoint="ep")
+    obs = AzureMonitorMetrics.from_config(cfg, transport=logs.transport()).observe(T0, T0 + 60)
+    assert obs.error is not None
+    assert obs.error.startswith(
+        f"Log Analytics workspace {WORKSPACE} (AmlOnlineEndpointTrafficLog): "
+        "no usable Azure credentials ("
+    )
+    assert "AzureCliCredential" in obs.error  # what each credential said is kept
+    assert "HTTP None" not in obs.error and "To mitigate" not in obs.error
+    assert "\n" not in obs.error
+    assert logs.queries == []  # nothing was sent without a token
+
+
+def test_credentials_the_api_rejects_are_one_line(logs: FakeLogAnalytics) -> None:
+    logs.fail(401, "InvalidAuthenticationToken")
+    obs = provider(logs).observe(T0, T0 + 60)
+    assert obs.error is not None
+    assert "Azure rejected the credentials (HTTP 401: " in obs.error
+    assert "\n" not in obs.error
 
 
 def test_is_online(logs: FakeLogAnalytics) -> None:
