@@ -14,16 +14,24 @@ histogram.
 A failed request is what a 5xx is behind Envoy or Istio, in Azure's codes: a 5xx from the
 endpoint; a 424, which Azure answers whenever the model container does not answer 200 (the model's
 500 is logged as ResponseCode 424, ModelStatusCode 500), unless the model's own code was a 4xx (the
-client's fault, as a 4xx is elsewhere); and a 408, the model running past `request_timeout_ms`
-(Envoy's 504). Counting `ResponseCode >= 500` alone would miss every error the model raises.
+client's fault, as a 4xx is elsewhere); a 408, the model running past `request_timeout_ms`
+(Envoy's 504); and a 429 "Too many pending requests", which Azure answers when more than
+2 x `max_concurrent_requests_per_instance` x `instance_count` requests wait on one deployment: the
+deployment that answered it is out of capacity, as an upstream whose queue overflows is behind
+Envoy (whose 503s count). It is the colour's own failure, and one a slow candidate hides
+otherwise: the requests it cannot take are answered at once, so its latency even looks better.
+The endpoint's own 429 "Rate-limited" (its requests per second quota) is not counted: it is no
+deployment's doing, and falls on both colours by their share of the requests. Counting
+`ResponseCode >= 500` alone would miss every error the model raises.
 
     AmlOnlineEndpointTrafficLog
     | where TimeGenerated >= datetime(2026-11-29T16:00:00.000000Z)
         and TimeGenerated < datetime(2026-11-29T16:05:00.000000Z)
     | where EndpointName == "diabetes-ep" and DeploymentName in ("blue", "green")
     | extend code = toint(ResponseCode), model = coalesce(toint(ModelStatusCode), 0),
-        ms = todouble(TotalDurationMs)
+        reason = tostring(ResponseCodeReason), ms = todouble(TotalDurationMs)
     | summarize requests = count(), errors = countif(code >= 500 or code == 408
+        or (code == 429 and reason !has "rate")
         or (code == 424 and (model < 400 or model >= 500))),
         le_0 = countif(ms <= 5), le_1 = countif(ms <= 10), ... by DeploymentName
 
@@ -63,9 +71,14 @@ if TYPE_CHECKING:
 
 TABLE = "AmlOnlineEndpointTrafficLog"
 
-#: A failed request (see the module docstring): an endpoint 5xx, a model timeout (408), or a model
-#: error (424) whose model code is not a client error. `model` is 0 when the model gave no code.
-FAILED = "code >= 500 or code == 408 or (code == 424 and (model < 400 or model >= 500))"
+#: A failed request (see the module docstring): an endpoint 5xx, a model timeout (408), a
+#: deployment out of capacity (429 "Too many pending requests", not the endpoint's "Rate-limited"),
+#: or a model error (424) whose model code is not a client error. `model` is 0 when the model gave
+#: no code, `reason` "" when the log has none.
+FAILED = (
+    'code >= 500 or code == 408 or (code == 429 and reason !has "rate")'
+    " or (code == 424 and (model < 400 or model >= 500))"
+)
 
 
 def kql_string(text: str) -> str:
@@ -89,7 +102,7 @@ def traffic_query(
         f"| where TimeGenerated >= {_kql_time(since)} and TimeGenerated < {_kql_time(now)}\n"
         f"| where EndpointName == {kql_string(endpoint)} and DeploymentName in ({deployments})\n"
         "| extend code = toint(ResponseCode), model = coalesce(toint(ModelStatusCode), 0),"
-        " ms = todouble(TotalDurationMs)\n"
+        " reason = tostring(ResponseCodeReason), ms = todouble(TotalDurationMs)\n"
         f"| summarize requests = count(), errors = countif({FAILED}), {bounds}"
         " by DeploymentName"
     )

@@ -53,7 +53,7 @@ def test_counts_the_endpoints_requests_errors_and_latency_in_the_window(
 ) -> None:
     for i in range(10):
         logs.log(T0 + i, "ep", "blue", code=500 if i < 3 else 200, ms=5 + 10 * i)
-    logs.log(T0 + 1, "ep", "blue", code=429)  # a client error: a request, not a 5xx
+    logs.log(T0 + 1, "ep", "blue", code=429, reason="Rate-limited")  # the endpoint's quota
     for i in range(20):
         logs.log(T0 + i, "ep", "green", code=503 if i == 0 else 200, ms=40)
     logs.log(T0 - 1, "ep", "blue", code=500)  # before the step
@@ -263,7 +263,20 @@ def test_the_factory_builds_it_on_the_default_credential(monkeypatch: pytest.Mon
 # ---- the judge on the traffic log ------------------------------------------------------------
 
 
-def test_a_candidate_failing_in_the_traffic_log_is_rolled_back(logs: FakeLogAnalytics) -> None:
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param({"model": 500}, id="model-errors"),
+        # Rejected at once: the candidate's latency even looks better than green's.
+        pytest.param(
+            {"code": 429, "reason": "Too many pending requests", "ms": 1.0},
+            id="out-of-capacity-429s",
+        ),
+    ],
+)
+def test_a_candidate_failing_in_the_traffic_log_is_rolled_back(
+    logs: FakeLogAnalytics, fault: dict[str, Any]
+) -> None:
     """The engine end to end on this provider: after every tick, the requests of the coming
     interval are logged by the colour the router sends them to (1 % errors on green, 20 % on
     blue)."""
@@ -282,7 +295,10 @@ def test_a_candidate_failing_in_the_traffic_log_is_rolled_back(logs: FakeLogAnal
             blue = (served[0] % 100) < weights.blue
             bad = served[0] % (5 if blue else 100) == 0
             colour = "blue" if blue else "green"
-            logs.log(start + i / 100, "ep", colour, model=500 if bad else 200)
+            if bad and blue:
+                logs.log(start + i / 100, "ep", colour, **fault)
+            else:
+                logs.log(start + i / 100, "ep", colour, model=500 if bad else 200)
 
     ctl = Controller(
         spec, router, metrics, MemoryStateStore(spec.name), clock=clock, on_tick=traffic
@@ -303,7 +319,14 @@ def test_a_candidate_failing_in_the_traffic_log_is_rolled_back(logs: FakeLogAnal
         pytest.param({"model": 400}, False, id="model-400-clients-fault"),
         pytest.param({"code": 408}, True, id="408-model-past-request-timeout"),
         pytest.param({"code": 502}, True, id="endpoint-502"),
-        pytest.param({"code": 429}, False, id="429-too-many-requests"),
+        pytest.param(
+            {"code": 429, "reason": "Too many pending requests"},
+            True,
+            id="429-deployment-out-of-capacity",
+        ),
+        pytest.param({"code": 429}, True, id="429-no-reason-logged"),
+        pytest.param({"code": 429, "reason": "Rate-limited"}, False, id="429-endpoint-rate-limit"),
+        pytest.param({"code": 429, "reason": "Rate limiting"}, False, id="429-rate-limiting"),
         pytest.param({"code": 401}, False, id="401-unauthorised"),
         pytest.param({}, False, id="200"),
     ],
@@ -312,7 +335,9 @@ def test_a_request_fails_as_a_5xx_fails_behind_envoy(
     logs: FakeLogAnalytics, record: dict[str, Any], failed: bool
 ) -> None:
     """Azure answers 424 (ResponseCode) whenever the model container does not answer 200,
-    with the model's code in ModelStatusCode: a model's 500 is never a 5xx in the log."""
+    with the model's code in ModelStatusCode: a model's 500 is never a 5xx in the log. A 429
+    is a failure of the deployment that answered it ("Too many pending requests": out of
+    capacity), unless it is the endpoint's requests-per-second limit ("Rate-limited")."""
     logs.log(T0, "ep", "blue", **record)
     obs = provider(logs).observe(T0, T0 + 1)
     assert obs.error is None
