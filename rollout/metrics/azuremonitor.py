@@ -31,8 +31,8 @@ deployment's doing, and falls on both colours by their share of the requests. Co
     | extend code = toint(ResponseCode), model = coalesce(toint(ModelStatusCode), 0),
         reason = tostring(ResponseCodeReason), ms = todouble(TotalDurationMs)
     | summarize requests = count(), errors = countif(code >= 500 or code == 408
-        or (code == 429 and reason !has "rate")
-        or (code == 424 and (model < 400 or model >= 500))),
+        or (code == 429 and reason !has "rate") or model >= 500
+        or (code == 424 and model < 400)),
         le_0 = countif(ms <= 5), le_1 = countif(ms <= 10), ... by DeploymentName
 
 Records reach the workspace minutes after the request (Azure's ingestion latency). The counts of
@@ -44,9 +44,17 @@ log moves no faster, and each tick is a query (Log Analytics throttles at about 
 user).
 
 What cannot be told apart in the log, and is therefore counted: requests pinned to a deployment
-with the `azureml-model-deployment` header. Whether Azure logs the copies it mirrors to a
-deployment is not documented; if your workspace shows none for blue during the shadow step, use
-`mirror_percent: 0`.
+with the `azureml-model-deployment` header, and the copies Azure mirrors to a deployment. Azure
+mirrors a share of the endpoint's traffic to the shadow deployment "so that you can gather metrics
+and logging", but the traffic log's documented columns have none that marks a copy. During the
+shadow step blue takes no live traffic, so its records are its mirrored copies (and any request
+pinned to it); green's are the live requests, each once (green logs its own answer, the copy is
+blue's). The judge compares the colours' rates on the split it counts, so a 5 % mirror is simply a
+small blue. `ResponseCode` is documented as what the client was answered, which for a copy may be
+green's answer, not blue's: a model 5xx (`ModelStatusCode`) therefore counts as failed whatever
+`ResponseCode` says; for a live request Azure answers 424 whenever the model did not answer 200,
+so this counts nothing more there. If Azure logs no copies, blue shows no requests during the
+shadow step and the judge holds it ("no mirrored copies counted yet"): use `mirror_percent: 0`.
 
 A query that fails (no permission, a workspace that does not exist, a partial result) gives
 `Observation(error=...)` naming the workspace, so the judge says Error; no record gives zero counts
@@ -73,11 +81,12 @@ TABLE = "AmlOnlineEndpointTrafficLog"
 
 #: A failed request (see the module docstring): an endpoint 5xx, a model timeout (408), a
 #: deployment out of capacity (429 "Too many pending requests", not the endpoint's "Rate-limited"),
-#: or a model error (424) whose model code is not a client error. `model` is 0 when the model gave
-#: no code, `reason` "" when the log has none.
+#: a model 5xx whatever code the endpoint logged (a mirrored copy's may be the live answer's), or
+#: a 424 with no model code (the model did not answer). `model` is 0 when the model gave no code,
+#: `reason` "" when the log has none.
 FAILED = (
     'code >= 500 or code == 408 or (code == 429 and reason !has "rate")'
-    " or (code == 424 and (model < 400 or model >= 500))"
+    " or model >= 500 or (code == 424 and model < 400)"
 )
 
 

@@ -31,7 +31,7 @@ WORKSPACE = "11111111-2222-3333-4444-555555555555"
 #: the query is a syntax error here, so a change to the provider's must be made here too.
 _FAILED = (
     'code >= 500 or code == 408 or (code == 429 and reason !has "rate")'
-    " or (code == 424 and (model < 400 or model >= 500))"
+    " or model >= 500 or (code == 424 and model < 400)"
 )
 _TIME = r"datetime\((?P<{name}>[0-9T:.\-]+Z)\)"
 _QUERY = re.compile(
@@ -70,7 +70,8 @@ class Record:
             self.code >= 500
             or self.code == 408
             or (self.code == 429 and not rate_limited)
-            or (self.code == 424 and (model < 400 or model >= 500))
+            or model >= 500
+            or (self.code == 424 and model < 400)
         )
 
 
@@ -119,8 +120,9 @@ class FakeLogAnalytics:
     ) -> None:
         """Add one request to the log, as Azure logs it: `code` is the endpoint's answer (and
         `reason` its reason phrase); with `model` (the model container's code) other than 200
-        the endpoint answered 424."""
-        if model is not None and model != 200:
+        the endpoint answered 424, unless `code` says otherwise (a mirrored copy logged with the
+        live answer's code, say)."""
+        if model is not None and model != 200 and code == 200:
             code = 424
         elif model is None and code == 200:
             model = 200

@@ -3,10 +3,11 @@ Analytics API (tests/fakes/loganalytics.py) that parses and evaluates the KQL th
 
 What is checked: per-colour requests, failed requests and cumulative latency counts of the
 endpoint's traffic log in the window (other endpoints, other deployments, other times and 4xx
-excluded; a model's 500, which Azure logs as a 424, counted); the
+excluded; a model's 500, which Azure logs as a 424, and a deployment's 429 counted); the
 deployment names and endpoint taken from the azureml router; a KQL string that cannot break out
 of its literal; failures (HTTP errors, partial results, no workspace, no credentials, a result of
-another shape) as one-line Observation errors naming the workspace; the judge on these counts.
+another shape) as one-line Observation errors naming the workspace; the judge on these counts,
+the shadow step's on blue's mirrored copies.
 """
 
 from __future__ import annotations
@@ -310,6 +311,53 @@ def test_a_candidate_failing_in_the_traffic_log_is_rolled_back(
     assert any("TimeGenerated >=" in q for q in logs.queries)
 
 
+@pytest.mark.parametrize("healthy", [True, False], ids=["healthy-promoted", "faulty-rolled-back"])
+def test_the_shadow_step_is_judged_on_blues_mirrored_copies(
+    logs: FakeLogAnalytics, healthy: bool
+) -> None:
+    """The shadow step on the traffic log: green answers every live request, blue a mirrored copy
+    of 20 % of them, logged under blue's deployment name (no column marks a copy). Green's
+    requests are counted once, blue's are its copies, and the judge decides on them."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    clock = FakeClock(T0)
+    spec = make_spec(steps=[0, 50, 100], mirror_percent=20, analysis={"min_step_duration_s": 0})
+    metrics = provider(logs)
+    served = [0]
+    shadow: list[tuple[float, float, int, int]] = []  # (from, to, live requests, copies)
+
+    def traffic(*_: Any) -> None:
+        weights: Weights = router.get_weights()
+        start = clock.now()
+        live = copies = 0
+        for i in range(int(spec.analysis.interval_s * 100)):
+            served[0] += 1
+            at = start + i / 100
+            blue = (served[0] % 100) < weights.blue
+            logs.log(at, "ep", "blue" if blue else "green", model=200)
+            live += 1
+            if weights.mirror and served[0] % 100 < weights.mirror:
+                bad = not healthy and served[0] % 500 < 100  # a fifth of blue's copies fail
+                logs.log(at, "ep", "blue", model=500 if bad else 200)
+                copies += 1
+        if weights.mirror:
+            shadow.append((start, start + spec.analysis.interval_s, live, copies))
+
+    ctl = Controller(
+        spec, router, metrics, MemoryStateStore(spec.name), clock=clock, on_tick=traffic
+    )
+    final = ctl.run(max_ticks=200)
+    assert shadow, "the rollout went through the shadow step"
+    during = metrics.observe(shadow[0][0], shadow[-1][1])
+    assert during.green.requests == sum(live for *_, live, _ in shadow)  # each request once
+    assert during.blue.requests == sum(copies for *_, copies in shadow) > 0
+    if healthy:
+        assert final.phase is Phase.SUCCEEDED, final.reason
+    else:
+        assert final.phase is Phase.ROLLED_BACK, final.reason
+        assert final.reason.startswith("rolled back at the shadow step"), final.reason
+        assert router.get_weights() == Weights.blue_at(0)  # and no shadow left
+
+
 @pytest.mark.parametrize(
     ("record", "failed"),
     [
@@ -328,6 +376,8 @@ def test_a_candidate_failing_in_the_traffic_log_is_rolled_back(
         pytest.param({"code": 429, "reason": "Rate-limited"}, False, id="429-endpoint-rate-limit"),
         pytest.param({"code": 429, "reason": "Rate limiting"}, False, id="429-rate-limiting"),
         pytest.param({"code": 401}, False, id="401-unauthorised"),
+        # A mirrored copy, should Azure log it with the live answer's code: the model's counts.
+        pytest.param({"code": 200, "model": 500}, True, id="model-500-under-a-200"),
         pytest.param({}, False, id="200"),
     ],
 )
