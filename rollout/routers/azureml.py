@@ -18,7 +18,8 @@ seconds) and keeps Azure's rules in pure functions (`plan_traffic`, `check_mirro
   (Azure's equivalent of our `x-api-version`; it bypasses `traffic`).
 
 `deploy` creates the endpoint when missing (key auth, no traffic), then creates the
-ManagedOnlineDeployment with the release's registered model `azureml:<model>:<version>` and the
+ManagedOnlineDeployment with the release's registered model `azureml:<model>:<version>`, the
+other colour's request settings (so that the colours answer 408s and 429s alike) and the
 release identity in its tags, or, when it exists, reads it and sends it back with only the
 model, those tags and the configured environment/code changed (the PUT replaces the whole
 deployment: an operator's capacity, environment variables, request settings stay). It returns
@@ -297,6 +298,11 @@ class AzureMLRouter:
             log.info("%s/%s already serves %s: nothing to deploy", self.endpoint, name, release.ref)
             return
         if existing is None:
+            # A new colour answers under the other colour's request settings (timeout, requests
+            # per instance): under Azure's defaults instead it would time out (408) and refuse
+            # (429) where the other does not, failures the judge counts against its release.
+            sibling = Colour.GREEN if colour is Colour.BLUE else Colour.BLUE
+            other = self._get_deployment(self.names[sibling])
             deployment = ManagedOnlineDeployment(
                 name=name,
                 endpoint_name=self.endpoint,
@@ -305,6 +311,7 @@ class AzureMLRouter:
                 code_configuration=code,
                 instance_type=self._instance_type,
                 instance_count=self._instance_count,
+                request_settings=None if other is None else other.request_settings,
                 tags=release_tags(release),
             )
         else:

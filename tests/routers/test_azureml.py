@@ -652,6 +652,30 @@ def test_the_engine_drives_an_endpoint_end_to_end(
     assert writes[shadow + 1] == (after_shadow, {})
 
 
+def test_a_new_blue_answers_under_greens_request_settings(arm: FakeArm, ml_client: Any) -> None:
+    """Green's request timeout and requests per instance (what makes Azure answer 408 and 429)
+    are blue's when the router creates it: under Azure's defaults (5 s, 1 request) a candidate
+    as good as green would time out and refuse where green does not, and be rolled back."""
+    router = make_router(ml_client)
+    router.deploy(Colour.GREEN, V1)
+    path = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments"
+    green = arm.get(f"{path}/green")
+    assert green is not None
+    green["properties"]["requestSettings"] = {
+        "requestTimeout": "PT30S",
+        "maxConcurrentRequestsPerInstance": 4,
+    }
+    arm.put(f"{path}/green", green)
+
+    router.deploy(Colour.BLUE, V2)
+
+    blue = arm.get(f"{path}/blue")
+    assert blue is not None
+    settings = blue["properties"]["requestSettings"]
+    assert settings["requestTimeout"] == "PT30S"
+    assert settings["maxConcurrentRequestsPerInstance"] == 4
+
+
 def test_redeploy_keeps_what_an_operator_set_on_the_deployment(
     arm: FakeArm, ml_client: Any
 ) -> None:
