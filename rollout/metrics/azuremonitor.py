@@ -14,17 +14,25 @@ histogram.
 A failed request is what a 5xx is behind Envoy or Istio, in Azure's codes: a 5xx from the
 endpoint; a 424, which Azure answers whenever the model container does not answer 200 (the model's
 500 is logged as ResponseCode 424, ModelStatusCode 500), unless the model's own code was a 4xx (the
-client's fault, as a 4xx is elsewhere); and a 408, the model running past `request_timeout_ms`
-(Envoy's 504). Counting `ResponseCode >= 500` alone would miss every error the model raises.
+client's fault, as a 4xx is elsewhere); a 408, the model running past `request_timeout_ms`
+(Envoy's 504); and a 429 "Too many pending requests", which Azure answers when more than
+2 x `max_concurrent_requests_per_instance` x `instance_count` requests wait on one deployment: the
+deployment that answered it is out of capacity, as an upstream whose queue overflows is behind
+Envoy (whose 503s count). It is the colour's own failure, and one a slow candidate hides
+otherwise: the requests it cannot take are answered at once, so its latency even looks better.
+The endpoint's own 429 "Rate-limited" (its requests per second quota) is not counted: it is no
+deployment's doing, and falls on both colours by their share of the requests. Counting
+`ResponseCode >= 500` alone would miss every error the model raises.
 
     AmlOnlineEndpointTrafficLog
     | where TimeGenerated >= datetime(2026-11-29T16:00:00.000000Z)
         and TimeGenerated < datetime(2026-11-29T16:05:00.000000Z)
     | where EndpointName == "diabetes-ep" and DeploymentName in ("blue", "green")
     | extend code = toint(ResponseCode), model = coalesce(toint(ModelStatusCode), 0),
-        ms = todouble(TotalDurationMs)
+        reason = tostring(ResponseCodeReason), ms = todouble(TotalDurationMs)
     | summarize requests = count(), errors = countif(code >= 500 or code == 408
-        or (code == 424 and (model < 400 or model >= 500))),
+        or (code == 429 and reason !has "rate") or model >= 500
+        or (code == 424 and model < 400)),
         le_0 = countif(ms <= 5), le_1 = countif(ms <= 10), ... by DeploymentName
 
 Records reach the workspace minutes after the request (Azure's ingestion latency). The counts of
@@ -36,9 +44,17 @@ log moves no faster, and each tick is a query (Log Analytics throttles at about 
 user).
 
 What cannot be told apart in the log, and is therefore counted: requests pinned to a deployment
-with the `azureml-model-deployment` header. Whether Azure logs the copies it mirrors to a
-deployment is not documented; if your workspace shows none for blue during the shadow step, use
-`mirror_percent: 0`.
+with the `azureml-model-deployment` header, and the copies Azure mirrors to a deployment. Azure
+mirrors a share of the endpoint's traffic to the shadow deployment "so that you can gather metrics
+and logging", but the traffic log's documented columns have none that marks a copy. During the
+shadow step blue takes no live traffic, so its records are its mirrored copies (and any request
+pinned to it); green's are the live requests, each once (green logs its own answer, the copy is
+blue's). The judge compares the colours' rates on the split it counts, so a 5 % mirror is simply a
+small blue. `ResponseCode` is documented as what the client was answered, which for a copy may be
+green's answer, not blue's: a model 5xx (`ModelStatusCode`) therefore counts as failed whatever
+`ResponseCode` says; for a live request Azure answers 424 whenever the model did not answer 200,
+so this counts nothing more there. If Azure logs no copies, blue shows no requests during the
+shadow step and the judge holds it ("no mirrored copies counted yet"): use `mirror_percent: 0`.
 
 A query that fails (no permission, a workspace that does not exist, a partial result) gives
 `Observation(error=...)` naming the workspace, so the judge says Error; no record gives zero counts
@@ -63,9 +79,15 @@ if TYPE_CHECKING:
 
 TABLE = "AmlOnlineEndpointTrafficLog"
 
-#: A failed request (see the module docstring): an endpoint 5xx, a model timeout (408), or a model
-#: error (424) whose model code is not a client error. `model` is 0 when the model gave no code.
-FAILED = "code >= 500 or code == 408 or (code == 424 and (model < 400 or model >= 500))"
+#: A failed request (see the module docstring): an endpoint 5xx, a model timeout (408), a
+#: deployment out of capacity (429 "Too many pending requests", not the endpoint's "Rate-limited"),
+#: a model 5xx whatever code the endpoint logged (a mirrored copy's may be the live answer's), or
+#: a 424 with no model code (the model did not answer). `model` is 0 when the model gave no code,
+#: `reason` "" when the log has none.
+FAILED = (
+    'code >= 500 or code == 408 or (code == 429 and reason !has "rate")'
+    " or model >= 500 or (code == 424 and model < 400)"
+)
 
 
 def kql_string(text: str) -> str:
@@ -89,7 +111,7 @@ def traffic_query(
         f"| where TimeGenerated >= {_kql_time(since)} and TimeGenerated < {_kql_time(now)}\n"
         f"| where EndpointName == {kql_string(endpoint)} and DeploymentName in ({deployments})\n"
         "| extend code = toint(ResponseCode), model = coalesce(toint(ModelStatusCode), 0),"
-        " ms = todouble(TotalDurationMs)\n"
+        " reason = tostring(ResponseCodeReason), ms = todouble(TotalDurationMs)\n"
         f"| summarize requests = count(), errors = countif({FAILED}), {bounds}"
         " by DeploymentName"
     )
@@ -201,7 +223,7 @@ class AzureMonitorMetrics:
 
     def _run(self, query: str, timespan: Any) -> list[Any]:
         """The query's tables; MetricsError for anything but a complete result."""
-        from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError
+        from azure.core.exceptions import AzureError, HttpResponseError
         from azure.monitor.query import LogsQueryStatus
 
         try:
@@ -213,10 +235,16 @@ class AzureMonitorMetrics:
                 connection_timeout=self.timeout_s,
                 read_timeout=self.timeout_s,
             )
-        except ClientAuthenticationError as exc:
-            raise MetricsError(self._where(f"no usable Azure credentials ({_line(exc)})")) from exc
         except HttpResponseError as exc:
-            raise MetricsError(self._where(f"HTTP {exc.status_code}: {_line(exc)}")) from exc
+            # azure-monitor-query re-raises every error of its request as a bare
+            # HttpResponseError, the credential's own included (no response: no token at all).
+            if _no_token(exc):
+                problem = f"no usable Azure credentials ({_line(exc)})"
+            elif exc.status_code == 401:
+                problem = f"Azure rejected the credentials (HTTP 401: {_line(exc)})"
+            else:
+                problem = f"HTTP {exc.status_code}: {_line(exc)}"
+            raise MetricsError(self._where(problem)) from exc
         except AzureError as exc:
             raise MetricsError(self._where(f"unreachable ({_line(exc)})")) from exc
         if result.status != LogsQueryStatus.SUCCESS:
@@ -229,7 +257,20 @@ class AzureMonitorMetrics:
         return f"Log Analytics workspace {self.workspace_id} ({TABLE}): {problem}"
 
 
+def _no_token(exc: BaseException) -> bool:
+    """Whether the credential got no token (a ClientAuthenticationError with no response, maybe
+    re-raised by the SDK as the context of another error): no identity to sign in as."""
+    from azure.core.exceptions import ClientAuthenticationError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ClientAuthenticationError) and seen.response is None:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _line(error: Any) -> str:
-    """An Azure error's message on one line."""
-    message = getattr(error, "message", None) or str(error)
-    return " ".join(str(message).split())
+    """An Azure error's message on one line (azure-identity's closing pointer cut off)."""
+    message = str(getattr(error, "message", None) or error)
+    return " ".join(message.split("To mitigate this issue", 1)[0].split())

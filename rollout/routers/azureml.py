@@ -18,7 +18,8 @@ seconds) and keeps Azure's rules in pure functions (`plan_traffic`, `check_mirro
   (Azure's equivalent of our `x-api-version`; it bypasses `traffic`).
 
 `deploy` creates the endpoint when missing (key auth, no traffic), then creates the
-ManagedOnlineDeployment with the release's registered model `azureml:<model>:<version>` and the
+ManagedOnlineDeployment with the release's registered model `azureml:<model>:<version>`, the
+other colour's request settings (so that the colours answer 408s and 429s alike) and the
 release identity in its tags, or, when it exists, reads it and sends it back with only the
 model, those tags and the configured environment/code changed (the PUT replaces the whole
 deployment: an operator's capacity, environment variables, request settings stay). It returns
@@ -27,8 +28,10 @@ when Azure reports the operation done; while the endpoint or the deployment is m
 A deployment that already holds the release as configured (Succeeded, the release's tags and
 model, the configured environment and code asset) is left as it is: a deploy retried after a
 timeout, which Azure went on to finish, does not roll every instance a second time.
-`release` refuses a deployment from which no release serves: its provisioning Failed or was
-Canceled, or it is still Creating or Deleting. `remove` deletes the deployment, refusing while
+`release` refuses a deployment from which no release serves (its provisioning Failed or was
+Canceled, or it is still Creating or Deleting), and one still Updating, whose tags name the
+release asked for rather than the one serving; `set_weights` refuses traffic only to the former
+(an Updating deployment serves through the change). `remove` deletes the deployment, refusing while
 it takes live traffic; it too first waits for a change of the endpoint or the deployment.
 
 Every write is an ARM long-running operation, and every one is waited for with a bound
@@ -160,7 +163,7 @@ def _failed(deployment: Any) -> str:
 
 
 def _unserved(deployment: Any) -> str:
-    """The deployment's provisioning state when no release serves from it, else "".
+    """The deployment's provisioning state when it must take no traffic, else "".
 
     Failed or Canceled, or Creating (not up yet) or Deleting (going away). Updating and Scaling
     are not: the deployment serves through them (an operator scaling green must not block a
@@ -168,6 +171,18 @@ def _unserved(deployment: Any) -> str:
     """
     state = _state(deployment)
     return state if state.lower() in ("failed", "canceled", "creating", "deleting") else ""
+
+
+def _unsettled(deployment: Any) -> str:
+    """The deployment's provisioning state when its tags may not name the release it serves.
+
+    `_unserved`, and Updating: Azure stores a PUT's tags (and model) at once, while the change
+    rolls out over minutes (Azure ML keeps extra capacity for such upgrades) or fails, so the
+    tags of an Updating deployment name the release asked for, not the one serving. Scaling is
+    not: it changes the instance count only.
+    """
+    state = _state(deployment)
+    return state if _unserved(deployment) or state.lower() == "updating" else ""
 
 
 def _state(resource: Any) -> str:
@@ -283,6 +298,11 @@ class AzureMLRouter:
             log.info("%s/%s already serves %s: nothing to deploy", self.endpoint, name, release.ref)
             return
         if existing is None:
+            # A new colour answers under the other colour's request settings (timeout, requests
+            # per instance): under Azure's defaults instead it would time out (408) and refuse
+            # (429) where the other does not, failures the judge counts against its release.
+            sibling = Colour.GREEN if colour is Colour.BLUE else Colour.BLUE
+            other = self._get_deployment(self.names[sibling])
             deployment = ManagedOnlineDeployment(
                 name=name,
                 endpoint_name=self.endpoint,
@@ -291,6 +311,7 @@ class AzureMLRouter:
                 code_configuration=code,
                 instance_type=self._instance_type,
                 instance_count=self._instance_count,
+                request_settings=None if other is None else other.request_settings,
                 tags=release_tags(release),
             )
         else:
@@ -315,14 +336,20 @@ class AzureMLRouter:
         log.info("deployed %s:%s as %s/%s", release.model, release.version, self.endpoint, name)
 
     def release(self, colour: Colour) -> Release | None:
-        """The release deployment `colour` serves (from its tags), or None when it is absent."""
+        """The release deployment `colour` serves (from its tags), or None when it is absent.
+
+        Refused (RouterError) while its tags may not name what serves (`_unsettled`): the
+        controller must not take a release Azure is still rolling out, or failed to, for the
+        candidate or the stable one.
+        """
         name = self.names[colour]
         found = self._get_deployment(name)
-        if found is None:
-            return None
-        if state := _unserved(found):
-            # Not a release that serves: set_weights must not send traffic to it, and the
-            # controller must not take it for the candidate or the stable release.
+        return None if found is None else self._release_of(name, found, _unsettled)
+
+    def _release_of(self, name: str, found: Any, refused: Callable[[Any], str]) -> Release:
+        """The release in the tags of deployment `name` (`found`, as read); RouterError when
+        `refused(found)` names a provisioning state, or the tags are not ours."""
+        if state := refused(found):
             what = (
                 "deploy it again, or delete it"
                 if _failed(found)
@@ -353,16 +380,22 @@ class AzureMLRouter:
         """
         # Only colours that take traffic, live or mirrored, are checked: a rollback (blue 0 %,
         # no mirror) must work whatever state blue is in, a failed image build included; a
-        # failed blue is no release (release() raises), so it is mirrored no more than served.
+        # failed blue takes no traffic, so it is mirrored no more than served.
         for colour in Colour:
             share, verb = weights.of(colour), "send"
             if colour is Colour.BLUE and weights.mirror:  # blue is at 0 %: Weights' invariant
                 share, verb = weights.mirror, "mirror"
-            if share and self.release(colour) is None:
+            if not share:
+                continue
+            found = self._get_deployment(self.names[colour])
+            if found is None:
                 raise RouterError(
                     f"cannot {verb} {share} % to {colour.value}: deployment "
                     f"{self.endpoint}/{self.names[colour]} does not exist"
                 )
+            # Updating is not refused here (unlike in release()): the deployment serves through
+            # it, and an operator scaling green, or blue out of 429s, must not stop the rollout.
+            self._release_of(self.names[colour], found, _unserved)
         endpoint = self._settled(
             f"endpoint {self.endpoint}",
             self._endpoint,

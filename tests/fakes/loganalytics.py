@@ -11,6 +11,7 @@ error is.
     with FakeLogAnalytics() as logs:
         logs.log(at, "ep", "blue", code=503, ms=42)  # the endpoint's own 5xx
         logs.log(at, "ep", "blue", model=500)  # the model's 500: Azure answers (and logs) 424
+        logs.log(at, "ep", "blue", code=429, reason="Too many pending requests")  # out of capacity
         client = LogsQueryClient(StaticCredential(), transport=logs.transport())
 """
 
@@ -28,7 +29,10 @@ WORKSPACE = "11111111-2222-3333-4444-555555555555"
 
 #: The failed-request predicate the fake knows (and `Record.failed` evaluates): another one in
 #: the query is a syntax error here, so a change to the provider's must be made here too.
-_FAILED = "code >= 500 or code == 408 or (code == 424 and (model < 400 or model >= 500))"
+_FAILED = (
+    'code >= 500 or code == 408 or (code == 429 and reason !has "rate")'
+    " or model >= 500 or (code == 424 and model < 400)"
+)
 _TIME = r"datetime\((?P<{name}>[0-9T:.\-]+Z)\)"
 _QUERY = re.compile(
     r"^AmlOnlineEndpointTrafficLog\n"
@@ -37,7 +41,7 @@ _QUERY = re.compile(
     r'\| where EndpointName == "(?P<endpoint>(?:[^"\\]|\\.)*)" and DeploymentName in '
     r"\((?P<deployments>[^)]*)\)\n"
     r"\| extend code = toint\(ResponseCode\), model = coalesce\(toint\(ModelStatusCode\), 0\), "
-    r"ms = todouble\(TotalDurationMs\)\n"
+    r"reason = tostring\(ResponseCodeReason\), ms = todouble\(TotalDurationMs\)\n"
     rf"\| summarize requests = count\(\), errors = countif\({re.escape(_FAILED)}\), "
     r"(?P<bounds>(?:le_\d+ = countif\(ms <= [0-9.e+]+\)(?:, )?)+) by DeploymentName$"
 )
@@ -55,14 +59,19 @@ class Record:
     code: int  # ResponseCode, what the client got
     model_code: int | None  # ModelStatusCode, what the model container answered (None: nothing)
     ms: float
+    reason: str = ""  # ResponseCodeReason, the reason phrase of `code`
 
     def failed(self) -> bool:
-        """`_FAILED` on this record, as Kusto evaluates it (a missing model code is 0)."""
+        """`_FAILED` on this record, as Kusto evaluates it (a missing model code is 0; `has` matches
+        a whole term, case-insensitively)."""
         model = self.model_code or 0
+        rate_limited = "rate" in re.findall(r"[0-9a-z]+", self.reason.lower())
         return (
             self.code >= 500
             or self.code == 408
-            or (self.code == 424 and (model < 400 or model >= 500))
+            or (self.code == 429 and not rate_limited)
+            or model >= 500
+            or (self.code == 424 and model < 400)
         )
 
 
@@ -107,14 +116,17 @@ class FakeLogAnalytics:
         code: int = 200,
         model: int | None = None,
         ms: float = 20.0,
+        reason: str = "",
     ) -> None:
-        """Add one request to the log, as Azure logs it: `code` is the endpoint's answer; with
-        `model` (the model container's code) other than 200 the endpoint answered 424."""
-        if model is not None and model != 200:
+        """Add one request to the log, as Azure logs it: `code` is the endpoint's answer (and
+        `reason` its reason phrase); with `model` (the model container's code) other than 200
+        the endpoint answered 424, unless `code` says otherwise (a mirrored copy logged with the
+        live answer's code, say)."""
+        if model is not None and model != 200 and code == 200:
             code = 424
         elif model is None and code == 200:
             model = 200
-        self.records.append(Record(at, endpoint, deployment, code, model, ms))
+        self.records.append(Record(at, endpoint, deployment, code, model, ms, reason))
 
     def fail(self, status: int, code: str, times: int = 1) -> None:
         """The next `times` queries fail with an API error."""

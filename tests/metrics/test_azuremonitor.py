@@ -3,15 +3,17 @@ Analytics API (tests/fakes/loganalytics.py) that parses and evaluates the KQL th
 
 What is checked: per-colour requests, failed requests and cumulative latency counts of the
 endpoint's traffic log in the window (other endpoints, other deployments, other times and 4xx
-excluded; a model's 500, which Azure logs as a 424, counted); the
+excluded; a model's 500, which Azure logs as a 424, and a deployment's 429 counted); the
 deployment names and endpoint taken from the azureml router; a KQL string that cannot break out
 of its literal; failures (HTTP errors, partial results, no workspace, no credentials, a result of
-another shape) as one-line Observation errors naming the workspace; the judge on these counts.
+another shape) as one-line Observation errors naming the workspace; the judge on these counts,
+the shadow step's on blue's mirrored copies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +29,7 @@ from rollout.routers.memory import MemoryRouter
 from rollout.state.memory import MemoryStateStore
 from tests.core.helpers import V1, make_spec
 from tests.fakes.arm import StaticCredential
+from tests.fakes.identity import AZURE_CREDENTIAL_ENV
 from tests.fakes.loganalytics import WORKSPACE, FakeLogAnalytics
 
 T0 = 1_700_000_000.0
@@ -51,7 +54,7 @@ def test_counts_the_endpoints_requests_errors_and_latency_in_the_window(
 ) -> None:
     for i in range(10):
         logs.log(T0 + i, "ep", "blue", code=500 if i < 3 else 200, ms=5 + 10 * i)
-    logs.log(T0 + 1, "ep", "blue", code=429)  # a client error: a request, not a 5xx
+    logs.log(T0 + 1, "ep", "blue", code=429, reason="Rate-limited")  # the endpoint's quota
     for i in range(20):
         logs.log(T0 + i, "ep", "green", code=503 if i == 0 else 200, ms=40)
     logs.log(T0 - 1, "ep", "blue", code=500)  # before the step
@@ -150,6 +153,37 @@ def test_a_result_of_another_shape_is_an_error(logs: FakeLogAnalytics) -> None:
     assert obs.error is not None and "the result has no column errors" in obs.error
 
 
+def test_no_usable_credentials_is_one_line_naming_the_workspace(
+    logs: FakeLogAnalytics, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The real DefaultAzureCredential finding no identity (was: `HTTP None: ...`, since the
+    SDK re-raises the credential's error as a bare HttpResponseError)."""
+    for name in AZURE_CREDENTIAL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no cached az / token-cache accounts
+    monkeypatch.setenv("PATH", "/nonexistent")  # no az, pwsh or azd to ask
+    monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "dev")  # never probe a managed identity
+    cfg = AzureMonitorMetricsConfig(workspace_id=WORKSPACE, endpoint="ep")
+    obs = AzureMonitorMetrics.from_config(cfg, transport=logs.transport()).observe(T0, T0 + 60)
+    assert obs.error is not None
+    assert obs.error.startswith(
+        f"Log Analytics workspace {WORKSPACE} (AmlOnlineEndpointTrafficLog): "
+        "no usable Azure credentials ("
+    )
+    assert "AzureCliCredential" in obs.error  # what each credential said is kept
+    assert "HTTP None" not in obs.error and "To mitigate" not in obs.error
+    assert "\n" not in obs.error
+    assert logs.queries == []  # nothing was sent without a token
+
+
+def test_credentials_the_api_rejects_are_one_line(logs: FakeLogAnalytics) -> None:
+    logs.fail(401, "InvalidAuthenticationToken")
+    obs = provider(logs).observe(T0, T0 + 60)
+    assert obs.error is not None
+    assert "Azure rejected the credentials (HTTP 401: " in obs.error
+    assert "\n" not in obs.error
+
+
 def test_is_online(logs: FakeLogAnalytics) -> None:
     assert provider(logs).is_online()
     logs.fail(403, "InsufficientAccessError", times=5)
@@ -230,7 +264,20 @@ def test_the_factory_builds_it_on_the_default_credential(monkeypatch: pytest.Mon
 # ---- the judge on the traffic log ------------------------------------------------------------
 
 
-def test_a_candidate_failing_in_the_traffic_log_is_rolled_back(logs: FakeLogAnalytics) -> None:
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param({"model": 500}, id="model-errors"),
+        # Rejected at once: the candidate's latency even looks better than green's.
+        pytest.param(
+            {"code": 429, "reason": "Too many pending requests", "ms": 1.0},
+            id="out-of-capacity-429s",
+        ),
+    ],
+)
+def test_a_candidate_failing_in_the_traffic_log_is_rolled_back(
+    logs: FakeLogAnalytics, fault: dict[str, Any]
+) -> None:
     """The engine end to end on this provider: after every tick, the requests of the coming
     interval are logged by the colour the router sends them to (1 % errors on green, 20 % on
     blue)."""
@@ -249,7 +296,10 @@ def test_a_candidate_failing_in_the_traffic_log_is_rolled_back(logs: FakeLogAnal
             blue = (served[0] % 100) < weights.blue
             bad = served[0] % (5 if blue else 100) == 0
             colour = "blue" if blue else "green"
-            logs.log(start + i / 100, "ep", colour, model=500 if bad else 200)
+            if bad and blue:
+                logs.log(start + i / 100, "ep", colour, **fault)
+            else:
+                logs.log(start + i / 100, "ep", colour, model=500 if bad else 200)
 
     ctl = Controller(
         spec, router, metrics, MemoryStateStore(spec.name), clock=clock, on_tick=traffic
@@ -261,6 +311,53 @@ def test_a_candidate_failing_in_the_traffic_log_is_rolled_back(logs: FakeLogAnal
     assert any("TimeGenerated >=" in q for q in logs.queries)
 
 
+@pytest.mark.parametrize("healthy", [True, False], ids=["healthy-promoted", "faulty-rolled-back"])
+def test_the_shadow_step_is_judged_on_blues_mirrored_copies(
+    logs: FakeLogAnalytics, healthy: bool
+) -> None:
+    """The shadow step on the traffic log: green answers every live request, blue a mirrored copy
+    of 20 % of them, logged under blue's deployment name (no column marks a copy). Green's
+    requests are counted once, blue's are its copies, and the judge decides on them."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    clock = FakeClock(T0)
+    spec = make_spec(steps=[0, 50, 100], mirror_percent=20, analysis={"min_step_duration_s": 0})
+    metrics = provider(logs)
+    served = [0]
+    shadow: list[tuple[float, float, int, int]] = []  # (from, to, live requests, copies)
+
+    def traffic(*_: Any) -> None:
+        weights: Weights = router.get_weights()
+        start = clock.now()
+        live = copies = 0
+        for i in range(int(spec.analysis.interval_s * 100)):
+            served[0] += 1
+            at = start + i / 100
+            blue = (served[0] % 100) < weights.blue
+            logs.log(at, "ep", "blue" if blue else "green", model=200)
+            live += 1
+            if weights.mirror and served[0] % 100 < weights.mirror:
+                bad = not healthy and served[0] % 500 < 100  # a fifth of blue's copies fail
+                logs.log(at, "ep", "blue", model=500 if bad else 200)
+                copies += 1
+        if weights.mirror:
+            shadow.append((start, start + spec.analysis.interval_s, live, copies))
+
+    ctl = Controller(
+        spec, router, metrics, MemoryStateStore(spec.name), clock=clock, on_tick=traffic
+    )
+    final = ctl.run(max_ticks=200)
+    assert shadow, "the rollout went through the shadow step"
+    during = metrics.observe(shadow[0][0], shadow[-1][1])
+    assert during.green.requests == sum(live for *_, live, _ in shadow)  # each request once
+    assert during.blue.requests == sum(copies for *_, copies in shadow) > 0
+    if healthy:
+        assert final.phase is Phase.SUCCEEDED, final.reason
+    else:
+        assert final.phase is Phase.ROLLED_BACK, final.reason
+        assert final.reason.startswith("rolled back at the shadow step"), final.reason
+        assert router.get_weights() == Weights.blue_at(0)  # and no shadow left
+
+
 @pytest.mark.parametrize(
     ("record", "failed"),
     [
@@ -270,8 +367,17 @@ def test_a_candidate_failing_in_the_traffic_log_is_rolled_back(logs: FakeLogAnal
         pytest.param({"model": 400}, False, id="model-400-clients-fault"),
         pytest.param({"code": 408}, True, id="408-model-past-request-timeout"),
         pytest.param({"code": 502}, True, id="endpoint-502"),
-        pytest.param({"code": 429}, False, id="429-too-many-requests"),
+        pytest.param(
+            {"code": 429, "reason": "Too many pending requests"},
+            True,
+            id="429-deployment-out-of-capacity",
+        ),
+        pytest.param({"code": 429}, True, id="429-no-reason-logged"),
+        pytest.param({"code": 429, "reason": "Rate-limited"}, False, id="429-endpoint-rate-limit"),
+        pytest.param({"code": 429, "reason": "Rate limiting"}, False, id="429-rate-limiting"),
         pytest.param({"code": 401}, False, id="401-unauthorised"),
+        # A mirrored copy, should Azure log it with the live answer's code: the model's counts.
+        pytest.param({"code": 200, "model": 500}, True, id="model-500-under-a-200"),
         pytest.param({}, False, id="200"),
     ],
 )
@@ -279,7 +385,9 @@ def test_a_request_fails_as_a_5xx_fails_behind_envoy(
     logs: FakeLogAnalytics, record: dict[str, Any], failed: bool
 ) -> None:
     """Azure answers 424 (ResponseCode) whenever the model container does not answer 200,
-    with the model's code in ModelStatusCode: a model's 500 is never a 5xx in the log."""
+    with the model's code in ModelStatusCode: a model's 500 is never a 5xx in the log. A 429
+    is a failure of the deployment that answered it ("Too many pending requests": out of
+    capacity), unless it is the endpoint's requests-per-second limit ("Rate-limited")."""
     logs.log(T0, "ep", "blue", **record)
     obs = provider(logs).observe(T0, T0 + 1)
     assert obs.error is None

@@ -652,6 +652,30 @@ def test_the_engine_drives_an_endpoint_end_to_end(
     assert writes[shadow + 1] == (after_shadow, {})
 
 
+def test_a_new_blue_answers_under_greens_request_settings(arm: FakeArm, ml_client: Any) -> None:
+    """Green's request timeout and requests per instance (what makes Azure answer 408 and 429)
+    are blue's when the router creates it: under Azure's defaults (5 s, 1 request) a candidate
+    as good as green would time out and refuse where green does not, and be rolled back."""
+    router = make_router(ml_client)
+    router.deploy(Colour.GREEN, V1)
+    path = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments"
+    green = arm.get(f"{path}/green")
+    assert green is not None
+    green["properties"]["requestSettings"] = {
+        "requestTimeout": "PT30S",
+        "maxConcurrentRequestsPerInstance": 4,
+    }
+    arm.put(f"{path}/green", green)
+
+    router.deploy(Colour.BLUE, V2)
+
+    blue = arm.get(f"{path}/blue")
+    assert blue is not None
+    settings = blue["properties"]["requestSettings"]
+    assert settings["requestTimeout"] == "PT30S"
+    assert settings["maxConcurrentRequestsPerInstance"] == 4
+
+
 def test_redeploy_keeps_what_an_operator_set_on_the_deployment(
     arm: FakeArm, ml_client: Any
 ) -> None:
@@ -717,6 +741,84 @@ def test_a_failed_deployment_is_one_clear_line_and_not_a_release() -> None:
             router.set_weights(Weights.blue_at(0, mirror=5))  # no shadow to it either
         router.set_weights(Weights.blue_at(0))  # a rollback or abort: never refused
         assert router.get_weights() == Weights.blue_at(0)
+
+
+def _show_state(arm: FakeArm, router: AzureMLRouter, colour: Colour, state: str) -> None:
+    path = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments/{colour.value}"
+    shown = arm.get(path)
+    assert shown is not None
+    shown["properties"]["provisioningState"] = state
+    arm.resources[path.lower()] = shown
+
+
+@pytest.mark.parametrize(
+    ("state", "a_release", "takes_traffic"),
+    [
+        pytest.param("Succeeded", True, True, id="succeeded"),
+        pytest.param("Scaling", True, True, id="scaling-changes-the-instance-count-only"),
+        # The PUT's tags are stored at once, the change rolls out (or fails) over minutes: the
+        # tags name the release asked for, not the one serving. It still serves.
+        pytest.param("Updating", False, True, id="updating-tags-name-what-was-asked-for"),
+        pytest.param("Failed", False, False, id="failed"),
+        pytest.param("Canceled", False, False, id="canceled"),
+        pytest.param("Creating", False, False, id="creating"),
+        pytest.param("Deleting", False, False, id="deleting"),
+    ],
+)
+def test_which_provisioning_states_hold_a_release_and_which_take_traffic(
+    arm: FakeArm, ml_client: Any, state: str, a_release: bool, takes_traffic: bool
+) -> None:
+    router = _deployed(ml_client)
+    _show_state(arm, router, Colour.BLUE, state)
+    if a_release:
+        assert identity(router.release(Colour.BLUE)) == identity(V2)
+    else:
+        with pytest.raises(RouterError, match=f"blue is in provisioning state {state}: "):
+            router.release(Colour.BLUE)
+    if takes_traffic:
+        router.set_weights(Weights.blue_at(10))
+        assert router.get_weights() == Weights.blue_at(10)
+    else:
+        with pytest.raises(RouterError, match=f"provisioning state {state}"):
+            router.set_weights(Weights.blue_at(10))
+    router.set_weights(Weights.blue_at(0))  # a rollback: never refused
+
+
+def test_a_redeploy_azure_is_still_rolling_out_is_not_yet_its_release() -> None:
+    """A redeploy of blue (V1 -> V2) that timed out: Azure shows Updating with V2's tags while
+    V1 still serves. release() refuses it (was: V2, which a resumed controller took for the
+    candidate serving); once Azure finishes, V2 is the release."""
+    with running_arm() as arm:
+        router = AzureMLRouter(
+            client_of(arm), "ep-rolling", environment="azureml:env:1",
+            deploy_timeout_s=0.05, poll_s=0.01,
+        )  # fmt: skip
+        router.deploy(Colour.GREEN, V1)
+        router.deploy(Colour.BLUE, V1)
+        router.set_weights(Weights.blue_at(10))
+        with operations_stuck_in_progress(arm) as azure_finishes:
+            with pytest.raises(RouterError, match=r"deploy ep-rolling/blue: .*deploy_timeout_s"):
+                router.deploy(Colour.BLUE, V2)
+            path = f"{WORKSPACE}/onlineEndpoints/ep-rolling/deployments/blue"
+            assert _state_of(arm, path) == "Updating"
+            with pytest.raises(RouterError, match="blue is in provisioning state Updating"):
+                router.release(Colour.BLUE)
+            azure_finishes.set()
+            patient = AzureMLRouter(
+                client_of(arm), "ep-rolling", environment="azureml:env:1", poll_s=0.01
+            )
+            patient.deploy(Colour.BLUE, V2)  # waits for Azure, finds V2 there
+        assert identity(patient.release(Colour.BLUE)) == identity(V2)
+
+
+def test_a_rollback_goes_through_while_an_operator_scales_green(
+    arm: FakeArm, ml_client: Any
+) -> None:
+    router = _deployed(ml_client)
+    router.set_weights(Weights.blue_at(25))
+    _show_state(arm, router, Colour.GREEN, "Updating")  # `--set instance_count=5`, say
+    router.set_weights(Weights.blue_at(0))
+    assert router.get_weights() == Weights.blue_at(0)
 
 
 @contextmanager
