@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollout.core.types import Colour, Release, Weights
-from rollout.errors import ConfigError, RouterError
+from rollout.errors import ConfigError, DeployFailed, RouterError
 from rollout.kubenames import DNS_1123_LABEL
 from rollout.state.kubernetes_objects import ROLE_RULES as STATE_ROLE_RULES
 
@@ -59,6 +59,7 @@ COLOUR_ENV = "AML_ROLLOUT_COLOUR"
 # What the Istio router does through the API, and nothing else.
 ROUTER_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("apps", "deployments", ("create", "delete", "get", "patch")),
+    ("", "pods", ("list",)),  # only to say why a Deployment's pods are not ready
     ("", "services", ("create", "get")),
     (ISTIO_GROUP, "gateways", ("create", "get")),
     (ISTIO_GROUP, "virtualservices", ("create", "get", "patch")),
@@ -253,8 +254,8 @@ def rollout_waiting_for(deployment: Obj) -> str | None:
     `kubectl rollout status`'s rule: the controller has seen the current generation, all wanted
     replicas run the new pod template, no old pod is left, and every new pod is available. Old
     pods that are still available do not count (mid rolling update they keep
-    `availableReplicas` up). A rollout past its progressDeadlineSeconds raises RouterError:
-    waiting longer will not help.
+    `availableReplicas` up). A rollout past its progressDeadlineSeconds raises DeployFailed:
+    waiting longer will not help (`not_ready` says why).
     """
     meta = deployment.get("metadata") or {}
     status = deployment.get("status") or {}
@@ -262,11 +263,8 @@ def rollout_waiting_for(deployment: Obj) -> str | None:
     generation = meta.get("generation") or 0
     if (status.get("observedGeneration") or 0) < generation:
         return "the deployment controller to see the new spec"
-    if (condition := past_deadline(deployment)) is not None:
-        raise RouterError(
-            f"{where} exceeded its progress deadline: {condition.get('message', '')} "
-            f"(see `kubectl -n {meta.get('namespace')} describe deployment {meta.get('name')}`)"
-        )
+    if past_deadline(deployment) is not None:
+        raise DeployFailed(f"{where} exceeded its progress deadline")
     replicas = (deployment.get("spec") or {}).get("replicas")
     want = 1 if replicas is None else int(replicas)
     updated = int(status.get("updatedReplicas") or 0)
@@ -290,6 +288,87 @@ def past_deadline(deployment: Obj) -> Obj | None:
         ):
             return dict(condition)
     return None
+
+
+#: The longest API server message quoted in `not_ready` (an image pull error can be a screenful).
+_MESSAGE_CHARS = 300
+
+
+def not_ready(headline: str, deployment: Obj, pods: list[Obj] | str) -> str:
+    """One line for a Deployment whose pods will not become ready: `headline` (what the wait
+    saw), then what the API says about why — the Deployment's conditions that are not well
+    (`ReplicaFailure` e.g. a quota, `Available=False`, a progress deadline) and the pods' own
+    reasons (`pod_problems`; `pods` is a str when they could not be read) — and where to look.
+    """
+    meta = deployment.get("metadata") or {}
+    parts = [headline]
+    for condition in (deployment.get("status") or {}).get("conditions") or []:
+        kind, state = condition.get("type"), condition.get("status")
+        if (kind, state) in (("Available", "True"), ("Progressing", "True")) or (
+            kind == "ReplicaFailure" and state != "True"
+        ):
+            continue
+        parts.append(
+            f"{kind}={state} {condition.get('reason', '')}: "
+            f"{_short(condition.get('message', ''))}".rstrip(": ")
+        )
+    parts.append(f"pods: {pods if isinstance(pods, str) else pod_problems(pods)}")
+    parts.append(f"see `kubectl -n {meta.get('namespace')} describe deployment {meta.get('name')}`")
+    return "; ".join(parts)
+
+
+def pod_problems(pods: list[Obj]) -> str:
+    """Why the pods that are not ready are not, as their status says: a container waiting
+    (ImagePullBackOff, CrashLoopBackOff with its last exit, CreateContainerConfigError...), a
+    pod the scheduler cannot place, a container running but not ready (its readiness probe).
+    The same reason on several pods is said once, with their number."""
+    seen: dict[str, int] = {}
+    for pod in pods:
+        status = pod.get("status") or {}
+        if (pod.get("metadata") or {}).get("deletionTimestamp"):
+            continue  # on its way out: an old pod, not why the new ones are not ready
+        conditions = {c.get("type"): c for c in status.get("conditions") or []}
+        if (conditions.get("Ready") or {}).get("status") == "True":
+            continue
+        reasons = []
+        scheduled = conditions.get("PodScheduled") or {}
+        if scheduled.get("status") == "False":
+            reasons.append(
+                f"not scheduled, {scheduled.get('reason', '')}: {_short(scheduled.get('message'))}"
+            )
+        for container in [
+            *(status.get("initContainerStatuses") or []),
+            *(status.get("containerStatuses") or []),
+        ]:
+            if (reason := _container_problem(container)) is not None:
+                reasons.append(f"container {container.get('name')} {reason}")
+        for reason in reasons or [f"{status.get('phase', 'Unknown')}, not ready"]:
+            seen[reason] = seen.get(reason, 0) + 1
+    if not seen:
+        return "none that is not ready"
+    return "; ".join(
+        reason if count == 1 else f"{reason} ({count} pods)" for reason, count in seen.items()
+    )
+
+
+def _container_problem(container: Obj) -> str | None:
+    state = container.get("state") or {}
+    if waiting := state.get("waiting"):
+        text = f"{waiting.get('reason', 'waiting')}: {_short(waiting.get('message'))}".rstrip(": ")
+        last = (container.get("lastState") or {}).get("terminated")
+        if last:
+            text += f" (last exit {last.get('exitCode')}: {last.get('reason', '')})"
+        return text
+    if (terminated := state.get("terminated")) and terminated.get("exitCode"):
+        return f"terminated, exit {terminated.get('exitCode')}: {terminated.get('reason', '')}"
+    if "running" in state and not container.get("ready"):
+        return "running, not ready (its readiness probe fails)"
+    return None
+
+
+def _short(message: object) -> str:
+    text = " ".join(str(message or "").split())
+    return text if len(text) <= _MESSAGE_CHARS else text[: _MESSAGE_CHARS - 1] + "…"
 
 
 def release_annotations(release: Release) -> dict[str, str]:

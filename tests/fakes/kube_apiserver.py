@@ -5,7 +5,8 @@ It listens on 127.0.0.1 (free port) in a background thread and keeps objects in 
 real apiserver. What it implements is what clients rely on for correctness:
 
 - REST paths `/api/v1/...` (core group) and `/apis/{group}/{version}/...`, namespaced resources
-  and namespaces; GET (one or list), POST, PUT, PATCH, DELETE; the discovery documents (`/api`,
+  and namespaces; GET (one, or a list filtered by an equality `labelSelector`), POST, PUT,
+  PATCH, DELETE; the discovery documents (`/api`,
   `/apis`, `/api/v1`, `/apis/{group}/{version}`), so the real `kubectl` can talk to it too.
 - `metadata.resourceVersion` bumped on every write (one global counter), `uid`,
   `creationTimestamp`, `generation` (bumped when `spec` changes).
@@ -48,7 +49,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from tests.fakes.server import LocalServer
 
@@ -60,6 +61,7 @@ GROUPS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
         {
             "namespaces": "Namespace",
             "services": "Service",
+            "pods": "Pod",
             "serviceaccounts": "ServiceAccount",
             "configmaps": "ConfigMap",
         },
@@ -241,7 +243,7 @@ class FakeKubeApiServer:
             self._write(key, obj, previous=self._objects[key])
 
     def handle(
-        self, method: str, path: str, body: Any, content_type: str
+        self, method: str, path: str, body: Any, content_type: str, label_selector: str = ""
     ) -> tuple[int, dict[str, Any]]:
         if method == "GET" and (found := discovery(path)) is not None:
             return 200, found
@@ -273,7 +275,7 @@ class FakeKubeApiServer:
         try:
             with self._lock:
                 result = self._dispatch(
-                    method, group, resource, namespace, name, body, content_type
+                    method, group, resource, namespace, name, body, content_type, label_selector
                 )
         except ApiError as exc:
             self.requests.append(
@@ -292,13 +294,16 @@ class FakeKubeApiServer:
         name: str,
         body: Any,
         content_type: str,
+        label_selector: str = "",
     ) -> tuple[int, dict[str, Any]]:
         kind = KINDS[resource]
         if method == "GET" and not name:
+            wanted = dict(term.split("=", 1) for term in label_selector.split(",") if term)
             items = [
                 copy.deepcopy(o)
                 for (g, r, ns, _), o in sorted(self._objects.items())
                 if (g, r, ns) == (group, resource, namespace)
+                and wanted.items() <= ((o.get("metadata") or {}).get("labels") or {}).items()
             ]
             meta = {"resourceVersion": str(self._version)}
             return 200, {"kind": f"{kind}List", "metadata": meta, "items": items}
@@ -499,9 +504,9 @@ def _handler_for(api: FakeKubeApiServer) -> type[BaseHTTPRequestHandler]:
             content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
             try:
                 body = json.loads(raw) if raw else None
-                code, payload = api.handle(
-                    self.command, urlsplit(self.path).path, body, content_type
-                )
+                url = urlsplit(self.path)
+                selector = parse_qs(url.query).get("labelSelector", [""])[0]
+                code, payload = api.handle(self.command, url.path, body, content_type, selector)
             except ApiError as exc:
                 code, payload = (
                     exc.code,

@@ -19,11 +19,17 @@ from kubernetes import client as k8s
 
 from rollout.config import IstioRouterConfig
 from rollout.core.types import Colour, Phase, Release, Weights
-from rollout.errors import ConflictError, RouterError, RouterUnavailable, StateError
+from rollout.errors import (
+    ConflictError,
+    DeployFailed,
+    RouterError,
+    RouterUnavailable,
+    StateError,
+)
 from rollout.routers import istio_manifests as m
 from rollout.routers.factory import make_router
 from rollout.routers.istio import IstioRouter
-from tests.fakes.kube_apiserver import FakeKubeApiServer
+from tests.fakes.kube_apiserver import ApiError, FakeKubeApiServer
 from tests.routers.contract import V1, V2, RouterContract, identity
 
 LAYOUT = m.IstioLayout(namespace="ml", app="diabetes")
@@ -360,7 +366,8 @@ _DEADLINE = {
         ),
         pytest.param(
             [{**_rollout(0, 2, 1, 1), "conditions": [_DEADLINE]}],
-            0, "exceeded its progress deadline: ReplicaSet .* timed out", id="deadline-fails-fast",
+            0, "exceeded its progress deadline; Progressing=False ProgressDeadlineExceeded: "
+            "ReplicaSet .* timed out", id="deadline-fails-fast",
         ),
     ],
 )  # fmt: skip
@@ -384,9 +391,132 @@ def test_deploy_waits_until_the_rollout_is_complete(
         router.deploy(Colour.BLUE, V2)
     else:  # the controller already reports on generation 2, the one our write will make
         api.set_status(*DEPLOYMENT_BLUE, {**statuses[0], "observedGeneration": 2})
-        with pytest.raises(RouterError, match=error):
+        with pytest.raises(DeployFailed, match=error):
             router.deploy(Colour.BLUE, V2)
     assert clock[0] == polls * 5
+
+
+def _pod(name: str, colour: str = "blue", **status: Any) -> dict[str, Any]:
+    labels = {"app": "diabetes", "version": colour}
+    meta = {"name": name, "namespace": "ml", "labels": labels}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "status": status}
+
+
+def _scoring(state: dict[str, Any], **more: Any) -> list[dict[str, Any]]:
+    return [{"name": "scoring", "ready": False, "state": state, **more}]
+
+
+PULL = {"waiting": {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "r/d:2"'}}
+CRASH = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting"}}
+EXITED = {"terminated": {"exitCode": 1, "reason": "Error"}}
+NO_CPU = {
+    "type": "PodScheduled",
+    "status": "False",
+    "reason": "Unschedulable",
+    "message": "0/3 nodes are available: 3 Insufficient cpu.",
+}
+NOT_READY_PODS = [
+    _pod("diabetes-blue-1", phase="Pending", containerStatuses=_scoring(PULL)),
+    _pod("diabetes-blue-2", phase="Pending", containerStatuses=_scoring(PULL)),
+    _pod("diabetes-blue-3", phase="Running", containerStatuses=_scoring(CRASH, lastState=EXITED)),
+    _pod("diabetes-blue-4", phase="Pending", conditions=[NO_CPU]),
+    _pod("diabetes-blue-5", phase="Running", containerStatuses=_scoring({"running": {}})),
+    _pod("diabetes-blue-old", phase="Running", conditions=[{"type": "Ready", "status": "True"}]),
+    _pod("diabetes-green-1", "green", phase="Pending", containerStatuses=_scoring(PULL)),
+]
+NOT_READY_STATUS = {
+    "observedGeneration": 1,
+    "replicas": 5,
+    "updatedReplicas": 5,
+    "availableReplicas": 0,
+    "conditions": [
+        {"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"},
+        {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable",
+         "message": "Deployment does not have minimum availability."},
+        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+         "message": 'pods "diabetes-blue-6" is forbidden: exceeded quota: ml-quota'},
+    ],
+}  # fmt: skip
+
+
+def never_ready(api: FakeKubeApiServer, clock: list[float]) -> IstioRouter:
+    """A router on an API server whose blue pods never become ready, with a fake clock."""
+    api.ready_deployments = False
+    for pod in NOT_READY_PODS:
+        api.seed(pod, "pods")
+
+    def poll(seconds: float) -> None:  # the deployment controller reports, between polls
+        clock[0] += seconds
+        api.set_status(*DEPLOYMENT_BLUE, NOT_READY_STATUS)
+
+    return make(api, ready_timeout_s=300, poll_s=5, monotonic=lambda: clock[0], sleep=poll)
+
+
+def test_a_deployment_that_never_becomes_ready_says_why(api: FakeKubeApiServer) -> None:
+    """Was: 'not available after 300 s (waiting for 0 of 5 updated replicas available)' and no
+    more; the why was left to `kubectl describe` on every pod."""
+    clock = [0.0]
+    with pytest.raises(DeployFailed) as failed:
+        never_ready(api, clock).deploy(Colour.BLUE, V2)
+    assert clock[0] == 300
+    assert str(failed.value) == (
+        "Deployment ml/diabetes-blue not available after 300 s (waiting for 0 of 5 updated "
+        "replicas available); Available=False MinimumReplicasUnavailable: Deployment does not "
+        'have minimum availability.; ReplicaFailure=True FailedCreate: pods "diabetes-blue-6" is '
+        "forbidden: exceeded quota: ml-quota; pods: container scoring ImagePullBackOff: Back-off "
+        'pulling image "r/d:2" (2 pods); container scoring CrashLoopBackOff: '
+        "back-off 40s restarting (last exit 1: Error); not scheduled, "
+        "Unschedulable: 0/3 nodes are available: 3 Insufficient cpu.; container scoring "
+        "running, not ready (its readiness probe fails); "
+        "see `kubectl -n ml describe deployment diabetes-blue`"
+    )
+    assert ("", "pods", "list") in api.verbs_used()
+
+
+def test_pods_that_cannot_be_read_do_not_hide_why_a_deploy_failed(
+    api: FakeKubeApiServer,
+) -> None:
+    """A Role from before `pods: list` (or one without it) answers 403: the deploy still fails
+    with what the Deployment says, and says the pods were not readable."""
+    handle = api.handle
+
+    def forbid_pods(method: str, path: str, *args: Any) -> tuple[int, dict[str, Any]]:
+        if path.endswith("/pods"):
+            raise ApiError(403, "Forbidden", 'pods is forbidden: User "x" cannot list resource')
+        return handle(method, path, *args)
+
+    api.handle = forbid_pods  # type: ignore[method-assign]
+    with pytest.raises(DeployFailed, match=r"exceeded quota: ml-quota; pods: not readable "
+                       r"\(HTTP 403 pods is forbidden: .*\); see `kubectl"):  # fmt: skip
+        never_ready(api, [0.0]).deploy(Colour.BLUE, V2)
+
+
+def test_a_deployment_that_never_becomes_ready_fails_the_controller_once(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    """A readiness timeout is an answer: was, the controller retried the deploy 3 more times,
+    each waiting `ready_timeout_s` again (20 min for the default 300 s, then the same again
+    after every restart of the controller's Job)."""
+    from rollout.config import spec_from_dict
+    from rollout.controller import Controller, FakeClock
+    from rollout.metrics.static import StaticMetrics
+    from rollout.state.memory import MemoryStateStore
+
+    make(api).deploy(Colour.GREEN, V1)
+    clock = [0.0]
+    router = never_ready(api, clock)
+    spec = spec_from_dict({
+        "name": "diabetes",
+        "router": {"kind": "istio", "namespace": "ml", "app": "diabetes", "api_url": api.url},
+        "metrics": {"kind": "static"},
+        "steps": [10, 100],
+    })  # fmt: skip
+    ctl = Controller(
+        spec, router, StaticMetrics([]), MemoryStateStore(), clock=FakeClock(1_000.0), candidate=V2
+    )
+    with pytest.raises(DeployFailed, match="diabetes-blue not available after 300 s"):
+        ctl.run(max_ticks=3)
+    assert clock[0] == 300  # one wait, not four
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from rollout.cli import app
 from rollout.core.types import Colour, Weights
-from rollout.errors import ConfigError
+from rollout.errors import ConfigError, DeployFailed
 from rollout.routers import istio_manifests as m
 from rollout.routers.istio import IstioRouter
 from tests.fakes.kube_apiserver import FakeKubeApiServer
@@ -257,6 +257,18 @@ def exercise(router: IstioRouter) -> None:
     router.remove(Colour.BLUE)
 
 
+def deploy_that_never_gets_ready(api: FakeKubeApiServer, router: IstioRouter) -> None:
+    """A deploy whose Deployment is past its progress deadline: the router reads its pods to
+    say why."""
+    key = ("deployments", "diabetes-green", "ml", "apps")
+    api.ready_deployments = False
+    deadline = {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}
+    generation = api.get(*key)["metadata"]["generation"]
+    api.set_status(*key, {"observedGeneration": generation, "conditions": [deadline]})
+    with pytest.raises(DeployFailed, match="pods: none that is not ready"):
+        router.deploy(Colour.GREEN, V2)
+
+
 def test_the_role_grants_exactly_what_the_router_and_the_state_store_use() -> None:
     docs = render("-n", "ml", "--app", "diabetes")
     role = next(d for d in docs if d["kind"] == "Role")
@@ -264,6 +276,7 @@ def test_the_role_grants_exactly_what_the_router_and_the_state_store_use() -> No
     with FakeKubeApiServer() as api:
         api.seed(m.namespace(layout), "namespaces")
         exercise(router_on(api, layout))
+        deploy_that_never_gets_ready(api, router_on(api, layout))
         exercise_state_store(api)  # a controller in the cluster keeps its state there
         used = api.verbs_used()
     assert used <= granted(role), f"controller used verbs the Role lacks: {used - granted(role)}"
