@@ -6,8 +6,10 @@ generateVirtualServicePatches vs reconcileVirtualService).
 
 - `deploy` makes sure the Services, the Gateway and the VirtualService exist (created when
   missing, never overwritten), then creates Deployment `<app>-<colour>`, or, when it exists,
-  changes only what the router owns in the object it read (the scoring container's image, its
-  AML_ROLLOUT_COLOUR variable, the `aml-rollout.io/*` annotations) and sends what changed as a
+  changes only what the router owns in the object it read (the scoring container's image and,
+  for a tag, its pull policy; its AML_ROLLOUT_COLOUR variable; the `aml-rollout.io/*`
+  annotations of the Deployment and of its pod template, so that a new release rolls the pods
+  even under an unchanged tag, see `istio_manifests.pinned`) and sends what changed as a
   JSON merge patch carrying the read `resourceVersion` (409 → re-read → retry, as below):
   replicas set by an HPA, Helm's metadata, resources and the rest stay, and so do fields the
   client's typed models do not know (a PUT goes through them, and they refuse such fields).

@@ -146,6 +146,18 @@ def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
         )
     pod_labels = {"app": layout.app, "version": colour.value}
     probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5}
+    scoring: Obj = {
+        "name": SCORING_CONTAINER,
+        "image": release.image,
+        # The scoring server labels its metrics and answers with this colour; after
+        # Blue_Green, green pods serve blue's release and must say green.
+        "env": [{"name": COLOUR_ENV, "value": colour.value}],
+        "ports": [{"name": "http", "containerPort": layout.container_port}],
+        "readinessProbe": probe,
+        "livenessProbe": {**probe, "httpGet": {"path": "/healthz", "port": "http"}},
+    }
+    if not pinned(release.image):
+        scoring["imagePullPolicy"] = "Always"  # see `pinned`
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -157,27 +169,27 @@ def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
             "replicas": layout.replicas,
             "selector": {"matchLabels": pod_labels},
             "template": {
-                "metadata": {"labels": pod_labels},
-                "spec": {
-                    "containers": [
-                        {
-                            "name": SCORING_CONTAINER,
-                            "image": release.image,
-                            # The scoring server labels its metrics and answers with this colour;
-                            # after Blue_Green, green pods serve blue's release and must say green.
-                            "env": [{"name": COLOUR_ENV, "value": colour.value}],
-                            "ports": [{"name": "http", "containerPort": layout.container_port}],
-                            "readinessProbe": probe,
-                            "livenessProbe": {
-                                **probe,
-                                "httpGet": {"path": "/healthz", "port": "http"},
-                            },
-                        }
-                    ]
-                },
+                # The release on the pods too: a new release is a new pod template, so the pods
+                # roll even when its image keeps its tag (see `pinned`).
+                "metadata": {"labels": pod_labels, "annotations": release_annotations(release)},
+                "spec": {"containers": [scoring]},
             },
         },
     }
+
+
+def pinned(image: str) -> bool:
+    """Whether an image reference names its bits by digest (`...@sha256:<hex>`).
+
+    A tag does not: the package step names images `<registry>/<model>:<version>`, and a model
+    re-packaged under its version (new bits, a new sha256) is pushed under the same tag. Its
+    pods must roll (the release's annotations are on the pod template, so the template changes)
+    and must pull the tag again: with Kubernetes' default for a tag, IfNotPresent, a node that
+    ran the old image starts the new pod on it. So a tag gets `imagePullPolicy: Always` (the
+    kubelet resolves the tag at the registry and pulls only when the digest is new); a digest
+    keeps the default and starts without the registry.
+    """
+    return "@" in image
 
 
 def scoring_container(deployment: Obj) -> Obj | None:
@@ -192,12 +204,14 @@ def scoring_container(deployment: Obj) -> Obj | None:
 def updated_deployment(current: Obj, colour: Colour, release: Release) -> Obj:
     """`current` (a Deployment as read) changed only where the router owns it.
 
-    That is the scoring container's image, its AML_ROLLOUT_COLOUR variable and the
-    `aml-rollout.io/*` annotations. Everything else (replicas an HPA or an operator set, Helm's
-    labels and annotations, resources, imagePullSecrets, ...) is kept, and so is
-    `metadata.resourceVersion`. `status` is dropped (it is not ours to write). The release's
-    image is checked by `deployment`, which `IstioRouter.deploy` builds first. The router sends
-    `merge_patch(current, result)`.
+    That is the scoring container's image (and, for an image not pinned by digest, its
+    `imagePullPolicy: Always`, see `pinned`), its AML_ROLLOUT_COLOUR variable and the
+    `aml-rollout.io/*` annotations, of the Deployment and of its pod template (so that a new
+    release rolls the pods even under an unchanged image tag). Everything else (replicas an
+    HPA or an operator set, Helm's labels and annotations, resources, imagePullSecrets, ...) is
+    kept, and so is `metadata.resourceVersion`. `status` is dropped (it is not ours to write).
+    The release's image is checked by `deployment`, which `IstioRouter.deploy` builds first.
+    The router sends `merge_patch(current, result)`.
     """
     new = copy.deepcopy(current)
     new.pop("status", None)
@@ -209,6 +223,13 @@ def updated_deployment(current: Obj, colour: Colour, release: Release) -> Obj:
             f"Deployment {meta.get('namespace')}/{meta.get('name')} has no containers"
         )
     container["image"] = release.image
+    if release.image and not pinned(release.image):
+        container["imagePullPolicy"] = "Always"
+    template_meta = new["spec"]["template"].setdefault("metadata", {})
+    template_meta["annotations"] = {
+        **(template_meta.get("annotations") or {}),
+        **release_annotations(release),
+    }
     ours = {"name": COLOUR_ENV, "value": colour.value}
     env = container.setdefault("env", [])
     at = next((i for i, e in enumerate(env) if e.get("name") == COLOUR_ENV), None)

@@ -7,6 +7,7 @@ readiness waiting, and API errors becoming RouterError with context.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Iterator
@@ -179,6 +180,7 @@ def helm_and_platform_owned(dep: dict[str, Any]) -> dict[str, Any]:
     dep["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
     dep["metadata"]["annotations"]["meta.helm.sh/release-name"] = "diabetes"
     dep["spec"]["replicas"] = 6
+    dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] = "true"
     pod = dep["spec"]["template"]["spec"]
     pod["imagePullSecrets"] = [{"name": "acr"}]
     pod["containers"][0]["resources"] = {"requests": {"cpu": "500m"}, "limits": {"memory": "2Gi"}}
@@ -196,12 +198,55 @@ def test_redeploy_changes_only_what_the_router_owns(api: FakeKubeApiServer) -> N
     after = api.get(*DEPLOYMENT_GREEN)
     expected = seeded
     expected["metadata"]["annotations"].update(m.release_annotations(V2))
+    expected["spec"]["template"]["metadata"]["annotations"].update(m.release_annotations(V2))
     expected["spec"]["template"]["spec"]["containers"][0]["image"] = V2.image
     for volatile in ("resourceVersion", "generation"):
         expected["metadata"].pop(volatile), after["metadata"].pop(volatile)
     expected.pop("status"), after.pop("status")
     assert after == expected  # Helm's metadata, the HPA's 6 replicas, resources... all kept
     assert [r.verb for r in api.requests if r.resource == "deployments"].count("patch") == 1
+
+
+def test_a_release_pushed_again_under_its_tag_rolls_the_pods_and_pulls_it(
+    api: FakeKubeApiServer,
+) -> None:
+    """The package step names an image `<registry>/<model>:<version>`: a model re-packaged
+    under its version (new bits, a new sha256) is pushed under the same tag. Was: the deploy
+    changed only the Deployment's annotations, so no new pod template, no new pods: the old
+    bits went on serving while `release()` reported the new ones (and new pods, taking the
+    tag's default IfNotPresent, ran the old image wherever a node had it)."""
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    generation = api.get(*DEPLOYMENT_GREEN)["metadata"]["generation"]
+    rebuilt = dataclasses.replace(V1, sha256="3" * 64)
+    router.deploy(Colour.GREEN, rebuilt)
+    after = api.get(*DEPLOYMENT_GREEN)
+    assert after["metadata"]["generation"] == generation + 1  # a new pod template: pods roll
+    template = after["spec"]["template"]
+    assert template["metadata"]["annotations"] == m.release_annotations(rebuilt)
+    assert template["spec"]["containers"][0]["imagePullPolicy"] == "Always"
+    assert identity(router.release(Colour.GREEN)) == identity(rebuilt)
+
+
+@pytest.mark.parametrize(
+    ("image", "policy"),
+    [
+        pytest.param("registry.local/diabetes:1", "Always", id="tag-pulled-at-every-start"),
+        pytest.param("registry.local/diabetes:1@sha256:" + "a" * 64, None, id="digest-default"),
+    ],
+)
+def test_an_image_named_by_tag_is_pulled_again_one_named_by_digest_is_not(
+    api: FakeKubeApiServer, image: str, policy: str | None
+) -> None:
+    # A Deployment made elsewhere (IfNotPresent set by hand) is adopted the same way.
+    dep = m.deployment(LAYOUT, Colour.BLUE, V2)
+    dep["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = "IfNotPresent"
+    api.seed(dep, "deployments", "apps")
+    make(api).deploy(Colour.BLUE, dataclasses.replace(V1, image=image))
+    container = api.get(*DEPLOYMENT_BLUE)["spec"]["template"]["spec"]["containers"][0]
+    assert container["imagePullPolicy"] == (policy or "IfNotPresent")
+    created = m.deployment(LAYOUT, Colour.GREEN, dataclasses.replace(V1, image=image))
+    assert created["spec"]["template"]["spec"]["containers"][0].get("imagePullPolicy") == policy
 
 
 def test_redeploy_keeps_fields_the_client_does_not_know(api: FakeKubeApiServer) -> None:

@@ -413,8 +413,9 @@ def test_a_non_istio_spec_is_refused(tmp_path: Path) -> None:
 
 # ---- the Helm chart ---------------------------------------------------------------------------
 # helm is not installable here, so the chart keeps to a small subset of Go templates (values,
-# `quote`, `if`, `range`) that this renderer implements, and must render to exactly the objects
-# the Python builders make: chart, `manifests` and router cannot drift apart.
+# `quote`, `required`, `if`, `not`, `contains`, `range`) that this renderer implements, and must
+# render to exactly the objects the Python builders make: chart, `manifests` and router cannot
+# drift apart.
 CHART = Path(__file__).parents[2] / "charts" / "aml-rollout"
 _ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
 
@@ -436,6 +437,13 @@ def render_template(text: str, root: dict[str, Any]) -> str:
     tokens.append(("text", tail.lstrip() if trim_next else tail))
 
     def value(expr: str, dot: Any) -> Any:
+        if expr.startswith("not "):
+            return not value(expr.removeprefix("not ").strip(), dot)
+        if expr.startswith("(") and expr.endswith(")"):
+            return value(expr[1:-1].strip(), dot)
+        if expr.startswith("contains "):  # contains "substring" .Values.x (sprig's order)
+            quoted, _, subject = expr.removeprefix("contains ").partition(" ")
+            return json.loads(quoted) in str(value(subject.strip(), dot))
         head, *filters = (part.strip() for part in expr.split("|"))
         message = None
         if head.startswith("required "):  # required "message" .Values.x
@@ -535,9 +543,11 @@ def test_the_chart_renderer_is_not_vacuous() -> None:
     text = (
         "a: {{ .Values.x | quote }}\n{{- if .Values.on }}\nb: 1\n{{- end }}\n"
         "l:\n{{- range .Values.l }}\n- {{ . }}\n{{- end }}\n"
+        '{{- if not (contains "@" .Values.i) }}\nc: 1\n{{- end }}\n'
+        '{{- if contains "@" .Values.i }}\nd: 1\n{{- end }}\n'
     )
-    root = {"Values": {"x": 3, "on": False, "l": [1, 2]}}
-    assert yaml.safe_load(render_template(text, root)) == {"a": "3", "l": [1, 2]}
+    root = {"Values": {"x": 3, "on": False, "l": [1, 2], "i": "r/m@sha256:0"}}
+    assert yaml.safe_load(render_template(text, root)) == {"a": "3", "l": [1, 2], "d": 1}
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
