@@ -82,8 +82,11 @@ class IstioRouter:
         request_timeout_s: float = 10.0,
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
+        credentials: kubeapi.Credentials | None = None,
     ) -> None:
         self.layout = layout
+        #: What `api_client` authenticates with, for the hints of a 401/403.
+        self._credentials = credentials
         self._apps = k8s.AppsV1Api(api_client)
         self._core = k8s.CoreV1Api(api_client)
         self._custom = k8s.CustomObjectsApi(api_client)
@@ -109,7 +112,12 @@ class IstioRouter:
             hosts=tuple(cfg.hosts),
             replicas=cfg.replicas,
         )
-        return cls(layout, kubeapi.api_client(cfg, "router"), ready_timeout_s=cfg.ready_timeout_s)
+        return cls(
+            layout,
+            kubeapi.api_client(cfg, "router"),
+            ready_timeout_s=cfg.ready_timeout_s,
+            credentials=kubeapi.Credentials.of(cfg),
+        )
 
     # ---------------------------------------------------------------- TrafficRouter protocol
     def deploy(self, colour: Colour, release: Release) -> None:
@@ -241,7 +249,7 @@ class IstioRouter:
             log.info("created %s", what)
         except ApiException as exc:
             if exc.status != _CONFLICT:  # 409 AlreadyExists: someone created it meanwhile
-                raise _router_error(f"create {what}", exc, self._host) from exc
+                raise _router_error(f"create {what}", exc, self._host, self._credentials) from exc
         except HTTPError as exc:
             raise _unreachable(f"create {what}", exc, self._host) from exc
 
@@ -324,7 +332,7 @@ class IstioRouter:
             )
             items = json.loads(response.data).get("items") or []
         except ApiException as exc:
-            return f"not readable ({kubeapi.describe(exc)})"
+            return f"not readable ({kubeapi.describe(exc, self._credentials)})"
         except (HTTPError, ValueError) as exc:
             return f"not readable ({exc})"
         return cast(list[dict[str, Any]], items)
@@ -378,7 +386,9 @@ class IstioRouter:
                 return
             except ApiException as exc:
                 if exc.status != _CONFLICT:
-                    raise _router_error(f"write {what}", exc, self._host) from exc
+                    raise _router_error(
+                        f"write {what}", exc, self._host, self._credentials
+                    ) from exc
                 log.info("%s changed under us (409), re-reading (attempt %d)", what, attempt)
             except HTTPError as exc:
                 raise _unreachable(f"write {what}", exc, self._host) from exc
@@ -406,7 +416,7 @@ class IstioRouter:
         except ApiException as exc:
             if exc.status == _NOT_FOUND and not kubeapi.not_served(exc):
                 return None
-            raise _router_error(what, exc, self._host) from exc
+            raise _router_error(what, exc, self._host, self._credentials) from exc
         except HTTPError as exc:
             raise _unreachable(what, exc, self._host) from exc
 
@@ -419,7 +429,9 @@ def _model(cls: Any, body: dict[str, Any]) -> Any:
     return model
 
 
-def _router_error(what: str, exc: ApiException, host: str) -> RouterError:
+def _router_error(
+    what: str, exc: ApiException, host: str, credentials: kubeapi.Credentials | None
+) -> RouterError:
     if kubeapi.not_served(exc):  # not a missing object: the API itself is not there
         return RouterError(
             f"{what}: the API server at {host} does not serve this resource type (HTTP 404 naming "
@@ -427,7 +439,7 @@ def _router_error(what: str, exc: ApiException, host: str) -> RouterError:
             "1.22 or later: is Istio installed, and recent enough?"
         )
     cls = ConflictError if exc.status == _CONFLICT else RouterError
-    return cls(f"{what}: {kubeapi.describe(exc)} [{host}]")
+    return cls(f"{what}: {kubeapi.describe(exc, credentials)} [{host}]")
 
 
 def _unreachable(what: str, exc: Exception, host: str) -> RouterError:

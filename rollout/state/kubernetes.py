@@ -142,8 +142,11 @@ class KubernetesStateStore:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        credentials: kubeapi.Credentials | None = None,
     ) -> None:
         self.objects = objects
+        #: What `api_client` authenticates with, for the hints of a 401/403.
+        self._credentials = credentials
         self.name = objects.rollout
         self.lease_ttl_s = lease_ttl_s
         #: The holder gives up (`check_lease` fails) this long after its last renewal that went
@@ -167,7 +170,12 @@ class KubernetesStateStore:
     def from_config(cls, cfg: KubernetesStateConfig, name: str) -> KubernetesStateStore:
         """Build from the spec's `state` section (see KubeApiConfig for the API server)."""
         objects = o.StateObjects(namespace=cfg.namespace, rollout=name)
-        return cls(objects, kubeapi.api_client(cfg, "state"), lease_ttl_s=cfg.lease_ttl_s)
+        return cls(
+            objects,
+            kubeapi.api_client(cfg, "state"),
+            lease_ttl_s=cfg.lease_ttl_s,
+            credentials=kubeapi.Credentials.of(cfg),
+        )
 
     @property
     def _ns(self) -> str:
@@ -591,10 +599,12 @@ class KubernetesStateStore:
             response = call()
         except ApiException as exc:
             if exc.status == kubeapi.NOT_FOUND:
-                raise _Missing(kubeapi.describe(exc)) from exc
+                raise _Missing(kubeapi.describe(exc, self._credentials)) from exc
             if exc.status == kubeapi.CONFLICT:
-                raise _Conflict(kubeapi.describe(exc)) from exc
-            raise StateError(f"{what}: {kubeapi.describe(exc)} [{self._host}]") from exc
+                raise _Conflict(kubeapi.describe(exc, self._credentials)) from exc
+            raise StateError(
+                f"{what}: {kubeapi.describe(exc, self._credentials)} [{self._host}]"
+            ) from exc
         except HTTPError as exc:
             raise StateError(
                 f"{what}: cannot reach the Kubernetes API at {self._host}: {exc}"

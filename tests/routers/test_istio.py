@@ -8,6 +8,7 @@ readiness waiting, and API errors becoming RouterError with context.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -18,7 +19,8 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
-from rollout.config import IstioRouterConfig
+from rollout import kubeapi
+from rollout.config import IstioRouterConfig, KubeApiConfig, KubernetesStateConfig
 from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.errors import (
     ConflictError,
@@ -30,6 +32,7 @@ from rollout.errors import (
 from rollout.routers import istio_manifests as m
 from rollout.routers.factory import make_router
 from rollout.routers.istio import IstioRouter
+from rollout.state.kubernetes import KubernetesStateStore
 from tests.fakes.kube_apiserver import ApiError, FakeKubeApiServer
 from tests.routers.contract import V1, V2, RouterContract, identity
 
@@ -632,6 +635,102 @@ def test_an_api_server_without_istio_v1_says_so(versions: tuple[str, ...], call:
         ):
             call(make(api))
         assert api.exists(*DEPLOYMENT_BLUE[:3], group="apps")
+
+
+def refuse_everything(api: FakeKubeApiServer, code: int) -> None:
+    """The API server answers every request `code` (401: who are you; 403: not allowed)."""
+    reason = {401: "Unauthorized", 403: "Forbidden"}[code]
+    message = {401: "Unauthorized", 403: 'User "ann" cannot get resource "configmaps"'}[code]
+
+    def refuse(*_args: Any) -> tuple[int, dict[str, Any]]:
+        raise ApiError(code, reason, message)
+
+    api.handle = refuse  # type: ignore[method-assign]
+
+
+def kubeconfig_for(api: FakeKubeApiServer, tmp_path: Path) -> Path:
+    path = tmp_path / "config"
+    path.write_text(
+        json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "other",
+            "clusters": [{"name": "c", "cluster": {"server": api.url}}],
+            "users": [{"name": "ann", "user": {"token": "t"}}],
+            "contexts": [{"name": "aks-ml", "context": {"cluster": "c", "user": "ann"}}],
+        })
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("code", [401, 403])
+@pytest.mark.parametrize("source", ["api_url", "kubeconfig"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda cfg: make_router(IstioRouterConfig(**cfg)).get_weights(), id="router"),
+        pytest.param(
+            lambda cfg: KubernetesStateStore.from_config(
+                KubernetesStateConfig(**cfg), "diabetes"
+            ).load(),
+            id="state-store",
+        ),
+    ],
+)
+def test_a_refusal_names_the_credentials_actually_used(
+    api: FakeKubeApiServer, tmp_path: Path, code: int, source: str, call: Any
+) -> None:
+    """Was: every 401 said 'check the kubeconfig/context' and every 403 'the kubeconfig's
+    user, or in a pod its ServiceAccount', also to a spec with api_url, which sends no
+    credentials at all."""
+    cfg: dict[str, Any] = {"namespace": "ml"}
+    if source == "api_url":
+        cfg["api_url"] = api.url
+        expected = {401: "requests to api_url " + api.url, 403: "api_url " + api.url}[code]
+    else:
+        cfg.update(kubeconfig=kubeconfig_for(api, tmp_path), context="aks-ml")
+        expected = f"kubeconfig {tmp_path / 'config'}, context aks-ml"
+    refuse_everything(api, code)
+    with pytest.raises((RouterError, StateError)) as refused:
+        call(cfg)
+    message = str(refused.value)
+    assert f"HTTP {code} " in message
+    assert expected in message
+    if source == "api_url":
+        assert "check kubeconfig" not in message and "user of kubeconfig" not in message
+
+
+@pytest.mark.parametrize(
+    ("credentials", "code", "expected"),
+    [
+        pytest.param(
+            kubeapi.Credentials("in_cluster"), 401,
+            "the pod's ServiceAccount token (in_cluster) was refused", id="in-cluster-401",
+        ),
+        pytest.param(
+            kubeapi.Credentials("in_cluster"), 403,
+            "the pod's ServiceAccount (in_cluster) needs the Role", id="in-cluster-403",
+        ),
+        pytest.param(None, 403, "the identity this runs as needs the Role", id="unknown-403"),
+        pytest.param(kubeapi.Credentials("in_cluster"), 500, "", id="no-hint-for-a-500"),
+    ],
+)  # fmt: skip
+def test_the_hint_for_each_source_of_credentials(
+    credentials: kubeapi.Credentials | None, code: int, expected: str
+) -> None:
+    exc = k8s.ApiException(status=code, reason="x")
+    described = kubeapi.describe(exc, credentials)
+    assert expected in described
+    assert described.endswith(")") is bool(expected)
+
+
+def test_the_credentials_follow_the_rule_api_client_uses(monkeypatch: Any) -> None:
+    monkeypatch.setenv("KUBECONFIG", "/etc/kube/ci.yaml")
+    assert kubeapi.Credentials.of(KubeApiConfig(api_url="http://p:8001", in_cluster=True)) == (
+        kubeapi.Credentials("api_url", "http://p:8001")
+    )
+    assert kubeapi.Credentials.of(KubeApiConfig(in_cluster=True)).source == "in_cluster"
+    assert kubeapi.Credentials.of(KubeApiConfig()).detail == (
+        "kubeconfig /etc/kube/ci.yaml, its current context"
+    )
 
 
 def test_an_unreachable_api_server_is_a_router_error_with_its_url() -> None:
