@@ -111,6 +111,7 @@ class IstioRouter:
             header=cfg.header,
             hosts=tuple(cfg.hosts),
             replicas=cfg.replicas,
+            ingress_selector=(("istio", cfg.ingress_gateway),),
         )
         return cls(
             layout,

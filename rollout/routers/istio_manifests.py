@@ -37,7 +37,7 @@ from typing import Any
 
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import ConfigError, DeployFailed, RouterError
-from rollout.kubenames import DNS_1123_LABEL
+from rollout.kubenames import DNS_1123_LABEL, LABEL_VALUE
 from rollout.state.kubernetes_objects import ROLE_RULES as STATE_ROLE_RULES
 
 Obj = dict[str, Any]
@@ -90,6 +90,10 @@ class IstioLayout:
     ingress_selector: tuple[tuple[str, str], ...] = (("istio", "ingressgateway"),)
     service_account: str = "aml-rollout"
     labels: tuple[tuple[str, str], ...] = field(default=())
+    #: The Istio revision whose sidecars the namespace gets (`istio.io/rev`), as AKS's Istio
+    #: add-on requires (`asm-1-23`); "" labels it `istio-injection: enabled`, which the add-on
+    #: ignores. Only the bootstrap's Namespace uses it.
+    istio_revision: str = ""
 
     def __post_init__(self) -> None:
         if not DNS_1123_LABEL.fullmatch(self.namespace):
@@ -113,6 +117,13 @@ class IstioLayout:
                 raise ConfigError(f"router.{name}: {port} is not a TCP port")
         if self.replicas < 0:
             raise ConfigError(f"router.replicas: {self.replicas} must be >= 0")
+        gateway = [("ingress_gateway", value) for _, value in self.ingress_selector]
+        for name, value in [*gateway, ("istio_revision", self.istio_revision)]:
+            if value and not LABEL_VALUE.fullmatch(value):
+                raise ConfigError(
+                    f"{name}: {value!r} is not a label value (at most 63 letters, digits, '-', "
+                    "'_' and '.', starting and ending with a letter or digit)"
+                )
 
     @property
     def gateway(self) -> str:
@@ -697,11 +708,16 @@ def rbac(layout: IstioLayout) -> list[Obj]:
 
 
 def namespace(layout: IstioLayout) -> Obj:
-    """The namespace, labelled for Istio sidecar injection."""
+    """The namespace, labelled for Istio sidecar injection (by the layout's revision, if any)."""
+    injection = (
+        {"istio.io/rev": layout.istio_revision}
+        if layout.istio_revision
+        else {"istio-injection": "enabled"}
+    )
     return {
         "apiVersion": "v1",
         "kind": "Namespace",
-        "metadata": {"name": layout.namespace, "labels": {"istio-injection": "enabled"}},
+        "metadata": {"name": layout.namespace, "labels": injection},
     }
 
 

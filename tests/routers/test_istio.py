@@ -91,6 +91,21 @@ def test_from_config_through_the_factory(api: FakeKubeApiServer) -> None:
     assert identity(router.release(Colour.GREEN)) == identity(V1)
 
 
+def test_the_gateway_a_deploy_creates_binds_the_ingress_gateway_of_the_spec(
+    api: FakeKubeApiServer,
+) -> None:
+    # AKS's Istio add-on: its gateway pods are not `istio: ingressgateway`.
+    cfg = IstioRouterConfig(
+        namespace="ml",
+        app="diabetes",
+        api_url=api.url,
+        ingress_gateway="aks-istio-ingressgateway-internal",
+    )
+    make_router(cfg).deploy(Colour.GREEN, V1)
+    gateway = api.get("gateways", "diabetes-gateway", "ml", m.ISTIO_GROUP)
+    assert gateway["spec"]["selector"] == {"istio": "aks-istio-ingressgateway-internal"}
+
+
 def test_deploy_creates_the_objects_the_manifests_describe(api: FakeKubeApiServer) -> None:
     make(api).deploy(Colour.GREEN, V1)
     for obj in m.services(LAYOUT):

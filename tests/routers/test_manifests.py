@@ -343,9 +343,38 @@ def test_settings_come_from_a_spec_and_options_win(tmp_path: Path) -> None:
     assert vs["spec"]["http"][2]["route"][0]["destination"]["port"] == {"number": 8080}
 
 
+def test_aks_istio_add_on_gateway_and_revision(tmp_path: Path) -> None:
+    """AKS's Istio add-on labels its ingress gateways `istio: aks-istio-ingressgateway-external`
+    and injects sidecars by revision label only. Was: the Gateway always selected
+    `istio: ingressgateway` (binding no pod there) and the Namespace was labelled
+    `istio-injection: enabled` (ignored there: pods without sidecars), with no way to say
+    otherwise to `manifests`, nor to the router that creates a missing Gateway."""
+    gateway = "aks-istio-ingressgateway-external"
+    docs = render("-n", "ml", "--ingress-gateway", gateway, "--istio-revision", "asm-1-23")
+    kinds = {d["kind"]: d for d in docs}
+    assert kinds["Namespace"]["metadata"]["labels"] == {"istio.io/rev": "asm-1-23"}
+    assert kinds["Gateway"]["spec"]["selector"] == {"istio": gateway}
+    assert errors(kinds["Gateway"]) == []
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(yaml.safe_dump({"router": {"kind": "istio", "ingress_gateway": gateway}}))
+    from_spec = {d["kind"]: d for d in render("--spec", str(spec))}
+    assert from_spec["Gateway"]["spec"]["selector"] == {"istio": gateway}
+    assert from_spec["Namespace"]["metadata"]["labels"] == {"istio-injection": "enabled"}
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        pytest.param(
+            ["--ingress-gateway", "aks istio"],
+            "ingress_gateway: 'aks istio' is not a label value",
+            id="gateway-label-with-a-space",
+        ),
+        pytest.param(
+            ["--istio-revision", "asm-1-23-"],
+            "istio_revision: 'asm-1-23-' is not a label value",
+            id="revision-ending-in-a-dash",
+        ),
         pytest.param(
             ["--green-image", "diabetes"],
             "expected <registry>/<model>:<version>",
@@ -520,6 +549,9 @@ def by_name(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]
             {Colour.GREEN: V1},
             id="green-deployed-custom",
         ),
+        pytest.param(
+            {"ingressGateway": "aks-istio-ingressgateway-external"}, {}, id="aks-istio-add-on"
+        ),
     ],
 )
 def test_the_chart_renders_what_the_router_builds(
@@ -531,6 +563,7 @@ def test_the_chart_renders_what_the_router_builds(
         hosts=tuple(values.get("hosts", ["*"])),
         port=values.get("port", 80),
         header=values.get("header", "x-api-version"),
+        ingress_selector=(("istio", values.get("ingressGateway", "ingressgateway")),),
     )
     chart = by_name(render_chart(values, "ml"))
     assert chart == by_name(m.bootstrap(layout, releases))
