@@ -308,7 +308,9 @@ class KubernetesStateStore:
                 # Jittered, growing pauses: CLIs pushing at the same instant spread out.
                 self._sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))  # noqa: S311
             except _Missing:
-                raise self._no_namespace(name) from None
+                if found is None:  # a create's 404: the namespace
+                    raise self._no_namespace(name) from None
+                # Deleted since the read (`kubectl delete` starts a new log): read it again.
         raise StateError(
             f"could not queue the command in ConfigMap {self._ns}/{name}: still conflicting "
             f"after {self._max_retries} attempts (others keep writing it)"
@@ -373,7 +375,9 @@ class KubernetesStateStore:
             except _Conflict:
                 continue  # someone else created or took it meanwhile: read who
             except _Missing:
-                raise self._no_namespace(self.objects.lease) from None
+                if found is None:  # a create's 404: the namespace
+                    raise self._no_namespace(self.objects.lease) from None
+                continue  # deleted since the read: read it again
             return _Held(holder=holder, obj=written, renewed_at=sent)
         raise StateError(
             f"cannot take Lease {self._ns}/{self.objects.lease}: still conflicting after "
@@ -430,7 +434,9 @@ class KubernetesStateStore:
             except _Conflict:
                 continue  # a stale controller wrote in between: claim over it
             except _Missing:
-                raise self._no_namespace(name) from None
+                if found is None:  # a create's 404: the namespace
+                    raise self._no_namespace(name) from None
+                continue  # deleted since the read: read it again
         raise StateError(
             f"cannot claim ConfigMap {self._ns}/{name}: still conflicting after "
             f"{self._max_retries} attempts"

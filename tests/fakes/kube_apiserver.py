@@ -32,7 +32,8 @@ Every request is recorded (`requests`) with the RBAC verb it needs, so tests can
 Role grants exactly what a client used. `delay(resource, verb, s)` answers such requests late (a
 slow API server); `delete(...)` removes an object as another client would.
 `before_next_write(resource, name, fn)` runs `fn(obj)` as a concurrent writer just before the next
-write to that object is handled — the race a 409 guards.
+write to that object is handled — the race a 409 guards (or, returning DELETED, deletes it: the
+race a 404 on a write is).
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ _GROUP = re.compile(
     r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/(?:namespaces/(?P<ns>[^/]+)/)?"
     r"(?P<res>[^/]+)(?:/(?P<name>[^/]+))?$"
 )
+
+#: What a `before_next_write` hook returns to delete the object rather than change it.
+DELETED = object()
 
 Key = tuple[str, str, str, str]  # (group, resource, namespace, name); "" for core / cluster scope
 
@@ -191,9 +195,10 @@ class FakeKubeApiServer:
             obj["status"] = copy.deepcopy(status)
 
     def before_next_write(
-        self, resource: str, name: str, fn: Callable[[dict[str, Any]], None]
+        self, resource: str, name: str, fn: Callable[[dict[str, Any]], object]
     ) -> None:
-        """Run `fn(stored_obj)` (mutating it, bumping its version) before the next write to it."""
+        """Run `fn(stored_obj)` (mutating it, bumping its version) before the next write to it;
+        `fn` returning DELETED deletes it instead (`kubectl delete` between a read and a write)."""
         self._hooks[(resource, name)] = fn
 
     def verbs_used(self) -> set[tuple[str, str, str]]:
@@ -239,8 +244,10 @@ class FakeKubeApiServer:
         hook = self._hooks.pop((key[1], key[3]), None)
         if hook is not None and key in self._objects:
             obj = copy.deepcopy(self._objects[key])
-            hook(obj)
-            self._write(key, obj, previous=self._objects[key])
+            if hook(obj) is DELETED:
+                del self._objects[key]
+            else:
+                self._write(key, obj, previous=self._objects[key])
 
     def handle(
         self, method: str, path: str, body: Any, content_type: str, label_selector: str = ""
@@ -324,6 +331,8 @@ class FakeKubeApiServer:
                 raise ApiError(409, "AlreadyExists", f'{resource} "{name}" already exists')
             return 201, copy.deepcopy(self._write(key, body, previous=None))
         key = (group, resource, namespace, name)
+        if method in ("PUT", "PATCH"):
+            self._run_hook(key)
         if key not in self._objects:
             raise ApiError(
                 404,
@@ -341,7 +350,6 @@ class FakeKubeApiServer:
                 "status": "Success",
                 "details": {"name": name, "kind": resource, "uid": gone["metadata"]["uid"]},
             }
-        self._run_hook(key)
         current = self._objects[key]
         if method == "PUT":
             new = body
