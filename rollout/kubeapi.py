@@ -47,7 +47,11 @@ def api_client(cfg: KubeApiConfig, where: str) -> k8s.ApiClient:
                 client_configuration=configuration,
             )
     except (k8s_config.ConfigException, OSError) as exc:
-        raise ConfigError(f"{where}: cannot load Kubernetes credentials: {exc}") from exc
+        hint = ""
+        if not cfg.in_cluster and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            # A pod has no kubeconfig: its ServiceAccount is what the spec forgot to ask for.
+            hint = f" (this runs in a pod: `{where}.in_cluster: true` uses its ServiceAccount)"
+        raise ConfigError(f"{where}: cannot load Kubernetes credentials: {exc}{hint}") from exc
     # Fail fast and let the caller's next attempt retry, rather than hang on a dead API server.
     configuration.retries = 2
     return k8s.ApiClient(configuration)

@@ -23,6 +23,7 @@ from rollout import kubeapi
 from rollout.config import IstioRouterConfig, KubeApiConfig, KubernetesStateConfig
 from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.errors import (
+    ConfigError,
     ConflictError,
     DeployFailed,
     RouterError,
@@ -746,6 +747,20 @@ def test_the_credentials_follow_the_rule_api_client_uses(monkeypatch: Any) -> No
     assert kubeapi.Credentials.of(KubeApiConfig()).detail == (
         "kubeconfig /etc/kube/ci.yaml, its current context"
     )
+
+
+def test_a_spec_without_in_cluster_in_a_pod_is_told_to_set_it(
+    monkeypatch: Any, tmp_path: Path
+) -> None:
+    """A controller Job whose spec forgot `in_cluster: true` found no kubeconfig and said only
+    'Invalid kube-config file. No configuration found.'"""
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"runs in a pod: `router.in_cluster: true` uses its"):
+        make_router(IstioRouterConfig(namespace="ml"))
+    with pytest.raises(ConfigError, match=r"`state.in_cluster: true`"):
+        KubernetesStateStore.from_config(KubernetesStateConfig(namespace="ml"), "diabetes")
 
 
 def test_an_unreachable_api_server_is_a_router_error_with_its_url() -> None:
