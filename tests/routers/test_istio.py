@@ -116,7 +116,9 @@ def test_deploy_creates_the_objects_the_manifests_describe(api: FakeKubeApiServe
         == (m.gateway(LAYOUT)["spec"])
     )
     dep = api.get("deployments", "diabetes-green", "ml", "apps")
-    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == V1.image
+    # Through the client's typed model and back: the pull policy and the pod template's
+    # release annotations included.
+    assert dep["spec"] == m.deployment(LAYOUT, Colour.GREEN, V1)["spec"]
     assert [r["name"] for r in http_routes(api)] == [
         "aml-rollout-pin-blue",
         "aml-rollout-pin-green",
