@@ -172,6 +172,12 @@ class IstioRouterConfig(KubeApiConfig):
     replicas: int = Field(default=1, ge=0)
     #: How long `deploy` waits for the new pods to be available before failing.
     ready_timeout_s: float = Field(default=300.0, gt=0)
+    #: The `istio:` label of the ingress gateway pods the Gateway binds to: `ingressgateway`
+    #: for Istio's own install; AKS's Istio add-on labels its gateways
+    #: `aks-istio-ingressgateway-external` / `-internal`.
+    ingress_gateway: str = Field(
+        default="ingressgateway", pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+    )
 
 
 class AzureMLRouterConfig(_Model):

@@ -39,7 +39,13 @@ from rollout.config import RolloutSpec
 from rollout.core.machine import Decision, command_tail, new_status, step, with_commands
 from rollout.core.status import TRANSITIONAL, Action, Deploy, Remove, SetWeights, Status, describe
 from rollout.core.types import Colour, Observation, Phase, Release, Weights
-from rollout.errors import MetricsError, RolloutError, RouterError, RouterUnavailable
+from rollout.errors import (
+    DeployFailed,
+    MetricsError,
+    RolloutError,
+    RouterError,
+    RouterUnavailable,
+)
 from rollout.ledger import Ledger
 from rollout.metrics.base import MetricsProvider
 from rollout.routers.base import Fenced, TrafficRouter
@@ -49,8 +55,9 @@ log = logging.getLogger(__name__)
 
 #: Router calls are retried this many times (with doubling pauses from 1 s) before giving up;
 #: except a deploy that meets `RouterUnavailable` before the router ever answered this controller
-#: (a spec pointing at a router nobody runs: fail at once, with that one line). Weight changes,
-#: a rollback above all, are always retried.
+#: (a spec pointing at a router nobody runs: fail at once, with that one line), and
+#: `DeployFailed` (pods that never became ready: retrying would wait for them again, for as
+#: long). Weight changes, a rollback above all, are always retried.
 ROUTER_ATTEMPTS = 4
 
 
@@ -422,6 +429,8 @@ class Controller:
                 self._router_answered = True
                 return
             except RouterError as exc:
+                if isinstance(exc, DeployFailed):
+                    raise  # an answer (e.g. pods never ready after the wait), not a blip
                 if (
                     isinstance(exc, RouterUnavailable)
                     and isinstance(action, Deploy)

@@ -4,7 +4,8 @@
     ├── ConfigError            invalid spec or unknown backend kind (names the field)
     ├── RouterError            the traffic router could not read or apply weights
     │   ├── ConflictError      optimistic concurrency lost (e.g. HTTP 409); retry after re-read
-    │   └── RouterUnavailable  nothing answers at the router's control plane (message has the URL)
+    │   ├── RouterUnavailable  nothing answers at the router's control plane (message has the URL)
+    │   └── DeployFailed       the workload was written but does not become ready: an answer
     ├── MetricsError           the metrics backend failed
     │   ├── NoValuesFound      the query answered, but with no series (no traffic yet)
     │   └── ProviderUnavailable the backend is unreachable (message carries the URL)
@@ -36,6 +37,11 @@ class ConflictError(RouterError):
 
 class RouterUnavailable(RouterError):
     """Nothing answers at the router's control plane (e.g. no Envoy at the admin URL)."""
+
+
+class DeployFailed(RouterError):
+    """A deploy was written but its workload does not become ready (pods never ready, a progress
+    deadline passed). An answer, not a blip: deploying again would only wait for it again."""
 
 
 class MetricsError(RolloutError):

@@ -4,14 +4,18 @@ Shared by the istio router and the kubernetes state store, so a spec names its c
 way in `router:` and `state:` (KubeApiConfig): `api_url` (e.g. `kubectl proxy`), else the
 in-cluster service account (`in_cluster`), else the kubeconfig (`kubeconfig`, `context`).
 Errors are read the same way too: one line with the HTTP status, the API server's own message,
-and for 401/403 what to fix.
+and for 401/403 what to fix, said for the credentials actually used (`Credentials`): api_url
+sends none of its own, in_cluster is the pod's ServiceAccount, a kubeconfig is a file and a
+context.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from typing import TYPE_CHECKING
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
@@ -43,10 +47,73 @@ def api_client(cfg: KubeApiConfig, where: str) -> k8s.ApiClient:
                 client_configuration=configuration,
             )
     except (k8s_config.ConfigException, OSError) as exc:
-        raise ConfigError(f"{where}: cannot load Kubernetes credentials: {exc}") from exc
+        hint = ""
+        if not cfg.in_cluster and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            # A pod has no kubeconfig: its ServiceAccount is what the spec forgot to ask for.
+            hint = f" (this runs in a pod: `{where}.in_cluster: true` uses its ServiceAccount)"
+        raise ConfigError(f"{where}: cannot load Kubernetes credentials: {exc}{hint}") from exc
     # Fail fast and let the caller's next attempt retry, rather than hang on a dead API server.
     configuration.retries = 2
     return k8s.ApiClient(configuration)
+
+
+_ROLE = "the Role from `aml-rollout manifests` bound in that namespace"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What requests to the API server authenticate with, as `api_client` chose it from a
+    KubeApiConfig: what a 401 or 403 hint must name (`hint`)."""
+
+    source: Literal["api_url", "in_cluster", "kubeconfig"]
+    #: The URL (api_url), or the kubeconfig file and context; "" for in_cluster.
+    detail: str = ""
+
+    @classmethod
+    def of(cls, cfg: KubeApiConfig) -> Credentials:
+        """The credentials `api_client(cfg)` uses (the same rule, in the same order)."""
+        if cfg.api_url:
+            return cls("api_url", cfg.api_url)
+        if cfg.in_cluster:
+            return cls("in_cluster")
+        # load_kube_config's own default: $KUBECONFIG, else ~/.kube/config.
+        path = cfg.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        context = f"context {cfg.context}" if cfg.context else "its current context"
+        return cls("kubeconfig", f"kubeconfig {path}, {context}")
+
+    def hint(self, status: int) -> str:
+        """What to fix after a 401 (credentials rejected) or a 403 (forbidden); "" otherwise."""
+        if status == 401:
+            return {
+                "api_url": (
+                    f"credentials rejected: requests to api_url {self.detail} carry none of "
+                    "their own; behind `kubectl proxy` it is the proxy's kubeconfig that was "
+                    "refused (renew its login, restart the proxy), and an API server reached "
+                    "directly needs in_cluster or kubeconfig instead of api_url"
+                ),
+                "in_cluster": (
+                    "credentials rejected: the pod's ServiceAccount token (in_cluster) was "
+                    "refused: is it mounted (automountServiceAccountToken) and of this cluster?"
+                ),
+                "kubeconfig": (
+                    f"credentials rejected: check {self.detail} (its user's token or "
+                    "certificate; on AKS `az aks get-credentials`, with Entra ID `kubelogin`)"
+                ),
+            }[self.source]
+        if status == 403:
+            return {
+                "api_url": (
+                    f"forbidden: api_url {self.detail} adds no credentials, so the identity is "
+                    "whatever answers there (`kubectl proxy`: its kubeconfig's user; else "
+                    f"anonymous), and it needs {_ROLE}"
+                ),
+                "in_cluster": (
+                    f"forbidden: the pod's ServiceAccount (in_cluster) needs {_ROLE}: run the "
+                    "pod as the chart's (`serviceAccountName: aml-rollout`)"
+                ),
+                "kubeconfig": f"forbidden: the user of {self.detail} needs {_ROLE}",
+            }[self.source]
+        return ""
 
 
 def not_served(exc: ApiException) -> bool:
@@ -62,17 +129,18 @@ def not_served(exc: ApiException) -> bool:
     return not (isinstance(details, dict) and details.get("name"))
 
 
-def describe(exc: ApiException) -> str:
-    """ "HTTP 403 <the API server's message> (what to do)" for an API error."""
+def describe(exc: ApiException, credentials: Credentials | None = None) -> str:
+    """ "HTTP 403 <the API server's message> (what to do)" for an API error; the hint names
+    `credentials` (a client built without a KubeApiConfig gets a general one)."""
     message = exc.reason or ""
     with contextlib.suppress(ValueError, AttributeError):  # a non-JSON body keeps the reason
         message = json.loads(exc.body or "{}").get("message", message)
-    hint = {
-        401: " (credentials rejected: check the kubeconfig/context)",
-        403: (
-            " (forbidden: the identity this runs as — the kubeconfig's user, or in a pod its "
-            "ServiceAccount — needs the Role from `aml-rollout manifests` bound in that "
-            "namespace)"
-        ),
-    }.get(exc.status or 0, "")
-    return f"HTTP {exc.status} {message}{hint}"
+    status = exc.status or 0
+    if credentials is not None:
+        hint = credentials.hint(status)
+    else:
+        hint = {
+            401: "credentials rejected",
+            403: f"forbidden: the identity this runs as needs {_ROLE}",
+        }.get(status, "")
+    return f"HTTP {exc.status} {message}" + (f" ({hint})" if hint else "")

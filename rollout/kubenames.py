@@ -15,6 +15,10 @@ DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 DNS_1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 SUBDOMAIN_MAX = 253
 
+#: A label value: at most 63 letters, digits, '-', '_' and '.', starting and ending with a
+#: letter or digit (the empty value aside, which nothing here wants).
+LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+
 #: The state store's objects: Lease `aml-rollout-<name>`, ConfigMaps `aml-rollout-<name>-status`
 #: and `aml-rollout-<name>-commands`.
 PREFIX = "aml-rollout-"

@@ -56,6 +56,20 @@ def manifests(
         int | None, typer.Option(help="Scoring server port in the pod (8000).")
     ] = None,
     replicas: Annotated[int | None, typer.Option(help="Pods per colour (1).")] = None,
+    ingress_gateway: Annotated[
+        str | None,
+        typer.Option(
+            help="`istio:` label of the ingress gateway pods (ingressgateway; AKS's Istio "
+            "add-on: aks-istio-ingressgateway-external)."
+        ),
+    ] = None,
+    istio_revision: Annotated[
+        str | None,
+        typer.Option(
+            help="Label the namespace istio.io/rev=REV, not istio-injection=enabled (AKS's "
+            "Istio add-on: its revision, e.g. asm-1-23)."
+        ),
+    ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
     ] = None,
@@ -82,6 +96,7 @@ def manifests(
             "port": router.port,
             "container_port": router.container_port,
             "replicas": router.replicas,
+            "ingress_selector": (("istio", router.ingress_gateway),),
         }
     options = {
         "namespace": namespace,
@@ -91,6 +106,8 @@ def manifests(
         "port": port,
         "container_port": container_port,
         "replicas": replicas,
+        "ingress_selector": (("istio", ingress_gateway),) if ingress_gateway else None,
+        "istio_revision": istio_revision,
     }
     if header is not None:
         from rollout.config import header_name

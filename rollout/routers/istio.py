@@ -6,14 +6,19 @@ generateVirtualServicePatches vs reconcileVirtualService).
 
 - `deploy` makes sure the Services, the Gateway and the VirtualService exist (created when
   missing, never overwritten), then creates Deployment `<app>-<colour>`, or, when it exists,
-  changes only what the router owns in the object it read (the scoring container's image, its
-  AML_ROLLOUT_COLOUR variable, the `aml-rollout.io/*` annotations) and sends what changed as a
+  changes only what the router owns in the object it read (the scoring container's image and,
+  for a tag, its pull policy; its AML_ROLLOUT_COLOUR variable; the `aml-rollout.io/*`
+  annotations of the Deployment and of its pod template, so that a new release rolls the pods
+  even under an unchanged tag, see `istio_manifests.pinned`) and sends what changed as a
   JSON merge patch carrying the read `resourceVersion` (409 → re-read → retry, as below):
   replicas set by an HPA, Helm's metadata, resources and the rest stay, and so do fields the
   client's typed models do not know (a PUT goes through them, and they refuse such fields).
   Then it waits, bounded, until the rollout is complete by `kubectl rollout status`'s rule (new
   pods all updated and available, no old pod left), failing at once when the Deployment
-  reports ProgressDeadlineExceeded.
+  reports ProgressDeadlineExceeded. Either failure is DeployFailed, which the controller does
+  not retry (it would wait as long again), saying why as far as the API tells: the
+  Deployment's conditions and its pods' reasons (ImagePullBackOff, CrashLoopBackOff,
+  Unschedulable...), read with the one `pods: list` the Role grants for this.
 - `set_weights` reads the VirtualService, computes the new `spec.http` with `merge_routes` (only
   routes named `aml-rollout-*` change; the user's routes stay where they are) and sends it as a
   JSON merge patch carrying `metadata.resourceVersion`. A 409 (someone wrote in between) re-reads
@@ -29,7 +34,8 @@ generateVirtualServicePatches vs reconcileVirtualService).
   route valid), refusing while the colour still takes default traffic.
 
 API failures become RouterError naming the object and the HTTP status; a 409 that outlives the
-retries is ConflictError; no answer at all from the API server is RouterUnavailable. Only the
+retries is ConflictError; no answer at all from the API server is RouterUnavailable; pods
+that do not become ready are DeployFailed. Only the
 verbs in `istio_manifests.ROLE_RULES` are used (checked by a test against a recorded run), so
 the rendered RBAC Role is enough.
 """
@@ -48,7 +54,7 @@ from urllib3.exceptions import HTTPError
 
 from rollout import kubeapi
 from rollout.core.types import Colour, Release, Weights
-from rollout.errors import ConflictError, RouterError, RouterUnavailable
+from rollout.errors import ConflictError, DeployFailed, RouterError, RouterUnavailable
 from rollout.routers import istio_manifests as m
 from rollout.routers.base import Fence, no_fence
 
@@ -76,8 +82,11 @@ class IstioRouter:
         request_timeout_s: float = 10.0,
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
+        credentials: kubeapi.Credentials | None = None,
     ) -> None:
         self.layout = layout
+        #: What `api_client` authenticates with, for the hints of a 401/403.
+        self._credentials = credentials
         self._apps = k8s.AppsV1Api(api_client)
         self._core = k8s.CoreV1Api(api_client)
         self._custom = k8s.CustomObjectsApi(api_client)
@@ -102,8 +111,14 @@ class IstioRouter:
             header=cfg.header,
             hosts=tuple(cfg.hosts),
             replicas=cfg.replicas,
+            ingress_selector=(("istio", cfg.ingress_gateway),),
         )
-        return cls(layout, kubeapi.api_client(cfg, "router"), ready_timeout_s=cfg.ready_timeout_s)
+        return cls(
+            layout,
+            kubeapi.api_client(cfg, "router"),
+            ready_timeout_s=cfg.ready_timeout_s,
+            credentials=kubeapi.Credentials.of(cfg),
+        )
 
     # ---------------------------------------------------------------- TrafficRouter protocol
     def deploy(self, colour: Colour, release: Release) -> None:
@@ -235,7 +250,7 @@ class IstioRouter:
             log.info("created %s", what)
         except ApiException as exc:
             if exc.status != _CONFLICT:  # 409 AlreadyExists: someone created it meanwhile
-                raise _router_error(f"create {what}", exc, self._host) from exc
+                raise _router_error(f"create {what}", exc, self._host, self._credentials) from exc
         except HTTPError as exc:
             raise _unreachable(f"create {what}", exc, self._host) from exc
 
@@ -276,23 +291,52 @@ class IstioRouter:
         return cast(dict[str, Any], json.loads(response.data))
 
     def _wait_available(self, name: str) -> None:
-        """Poll until the Deployment's rollout is complete (see `m.rollout_waiting_for`)."""
+        """Poll until the Deployment's rollout is complete (see `m.rollout_waiting_for`).
+
+        DeployFailed when it will not be: past its progress deadline, or still not complete
+        after `ready_timeout_s` — an answer the controller does not retry (it would only wait
+        as long again), saying why as far as the API tells (`m.not_ready`).
+        """
         deadline = self._monotonic() + self._ready_timeout_s
         what = f"Deployment {self._ns}/{name}"
         while True:
             dep = self._read_deployment(name)
             if dep is None:
                 raise RouterError(f"{what} disappeared while waiting for it to become available")
-            waiting_for = m.rollout_waiting_for(dep)
+            try:
+                waiting_for = m.rollout_waiting_for(dep)
+            except DeployFailed as exc:
+                raise DeployFailed(m.not_ready(str(exc), dep, self._pods(dep))) from None
             if waiting_for is None:
                 return
             if self._monotonic() >= deadline:
-                raise RouterError(
+                headline = (
                     f"{what} not available after {self._ready_timeout_s:g} s "
-                    f"(waiting for {waiting_for}); "
-                    f"see `kubectl -n {self._ns} describe deployment {name}`"
+                    f"(waiting for {waiting_for})"
                 )
+                raise DeployFailed(m.not_ready(headline, dep, self._pods(dep)))
             self._sleep(self._poll_s)
+
+    def _pods(self, deployment: dict[str, Any]) -> list[dict[str, Any]] | str:
+        """The pods a Deployment selects, as raw JSON; what went wrong (a str) when they cannot
+        be read: a Role from before `pods: list`, say, must not hide why the deploy failed."""
+        labels = ((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        if not labels:
+            return "not read (the Deployment selects by expressions)"
+        selector = ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+        try:
+            response: Any = self._core.list_namespaced_pod(  # the HTTP response, raw JSON
+                self._ns,
+                label_selector=selector,
+                _request_timeout=self._timeout,
+                _preload_content=False,
+            )
+            items = json.loads(response.data).get("items") or []
+        except ApiException as exc:
+            return f"not readable ({kubeapi.describe(exc, self._credentials)})"
+        except (HTTPError, ValueError) as exc:
+            return f"not readable ({exc})"
+        return cast(list[dict[str, Any]], items)
 
     def _patch_routes(self, weights: Weights) -> None:
         vs = self._read_virtual_service()
@@ -343,7 +387,9 @@ class IstioRouter:
                 return
             except ApiException as exc:
                 if exc.status != _CONFLICT:
-                    raise _router_error(f"write {what}", exc, self._host) from exc
+                    raise _router_error(
+                        f"write {what}", exc, self._host, self._credentials
+                    ) from exc
                 log.info("%s changed under us (409), re-reading (attempt %d)", what, attempt)
             except HTTPError as exc:
                 raise _unreachable(f"write {what}", exc, self._host) from exc
@@ -371,7 +417,7 @@ class IstioRouter:
         except ApiException as exc:
             if exc.status == _NOT_FOUND and not kubeapi.not_served(exc):
                 return None
-            raise _router_error(what, exc, self._host) from exc
+            raise _router_error(what, exc, self._host, self._credentials) from exc
         except HTTPError as exc:
             raise _unreachable(what, exc, self._host) from exc
 
@@ -384,7 +430,9 @@ def _model(cls: Any, body: dict[str, Any]) -> Any:
     return model
 
 
-def _router_error(what: str, exc: ApiException, host: str) -> RouterError:
+def _router_error(
+    what: str, exc: ApiException, host: str, credentials: kubeapi.Credentials | None
+) -> RouterError:
     if kubeapi.not_served(exc):  # not a missing object: the API itself is not there
         return RouterError(
             f"{what}: the API server at {host} does not serve this resource type (HTTP 404 naming "
@@ -392,7 +440,7 @@ def _router_error(what: str, exc: ApiException, host: str) -> RouterError:
             "1.22 or later: is Istio installed, and recent enough?"
         )
     cls = ConflictError if exc.status == _CONFLICT else RouterError
-    return cls(f"{what}: {kubeapi.describe(exc)} [{host}]")
+    return cls(f"{what}: {kubeapi.describe(exc, credentials)} [{host}]")
 
 
 def _unreachable(what: str, exc: Exception, host: str) -> RouterError:

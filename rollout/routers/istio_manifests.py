@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollout.core.types import Colour, Release, Weights
-from rollout.errors import ConfigError, RouterError
-from rollout.kubenames import DNS_1123_LABEL
+from rollout.errors import ConfigError, DeployFailed, RouterError
+from rollout.kubenames import DNS_1123_LABEL, LABEL_VALUE
 from rollout.state.kubernetes_objects import ROLE_RULES as STATE_ROLE_RULES
 
 Obj = dict[str, Any]
@@ -59,6 +59,7 @@ COLOUR_ENV = "AML_ROLLOUT_COLOUR"
 # What the Istio router does through the API, and nothing else.
 ROUTER_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("apps", "deployments", ("create", "delete", "get", "patch")),
+    ("", "pods", ("list",)),  # only to say why a Deployment's pods are not ready
     ("", "services", ("create", "get")),
     (ISTIO_GROUP, "gateways", ("create", "get")),
     (ISTIO_GROUP, "virtualservices", ("create", "get", "patch")),
@@ -89,6 +90,10 @@ class IstioLayout:
     ingress_selector: tuple[tuple[str, str], ...] = (("istio", "ingressgateway"),)
     service_account: str = "aml-rollout"
     labels: tuple[tuple[str, str], ...] = field(default=())
+    #: The Istio revision whose sidecars the namespace gets (`istio.io/rev`), as AKS's Istio
+    #: add-on requires (`asm-1-23`); "" labels it `istio-injection: enabled`, which the add-on
+    #: ignores. Only the bootstrap's Namespace uses it.
+    istio_revision: str = ""
 
     def __post_init__(self) -> None:
         if not DNS_1123_LABEL.fullmatch(self.namespace):
@@ -112,6 +117,13 @@ class IstioLayout:
                 raise ConfigError(f"router.{name}: {port} is not a TCP port")
         if self.replicas < 0:
             raise ConfigError(f"router.replicas: {self.replicas} must be >= 0")
+        gateway = [("ingress_gateway", value) for _, value in self.ingress_selector]
+        for name, value in [*gateway, ("istio_revision", self.istio_revision)]:
+            if value and not LABEL_VALUE.fullmatch(value):
+                raise ConfigError(
+                    f"{name}: {value!r} is not a label value (at most 63 letters, digits, '-', "
+                    "'_' and '.', starting and ending with a letter or digit)"
+                )
 
     @property
     def gateway(self) -> str:
@@ -145,6 +157,18 @@ def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
         )
     pod_labels = {"app": layout.app, "version": colour.value}
     probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5}
+    scoring: Obj = {
+        "name": SCORING_CONTAINER,
+        "image": release.image,
+        # The scoring server labels its metrics and answers with this colour; after
+        # Blue_Green, green pods serve blue's release and must say green.
+        "env": [{"name": COLOUR_ENV, "value": colour.value}],
+        "ports": [{"name": "http", "containerPort": layout.container_port}],
+        "readinessProbe": probe,
+        "livenessProbe": {**probe, "httpGet": {"path": "/healthz", "port": "http"}},
+    }
+    if not pinned(release.image):
+        scoring["imagePullPolicy"] = "Always"  # see `pinned`
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -156,27 +180,27 @@ def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
             "replicas": layout.replicas,
             "selector": {"matchLabels": pod_labels},
             "template": {
-                "metadata": {"labels": pod_labels},
-                "spec": {
-                    "containers": [
-                        {
-                            "name": SCORING_CONTAINER,
-                            "image": release.image,
-                            # The scoring server labels its metrics and answers with this colour;
-                            # after Blue_Green, green pods serve blue's release and must say green.
-                            "env": [{"name": COLOUR_ENV, "value": colour.value}],
-                            "ports": [{"name": "http", "containerPort": layout.container_port}],
-                            "readinessProbe": probe,
-                            "livenessProbe": {
-                                **probe,
-                                "httpGet": {"path": "/healthz", "port": "http"},
-                            },
-                        }
-                    ]
-                },
+                # The release on the pods too: a new release is a new pod template, so the pods
+                # roll even when its image keeps its tag (see `pinned`).
+                "metadata": {"labels": pod_labels, "annotations": release_annotations(release)},
+                "spec": {"containers": [scoring]},
             },
         },
     }
+
+
+def pinned(image: str) -> bool:
+    """Whether an image reference names its bits by digest (`...@sha256:<hex>`).
+
+    A tag does not: the package step names images `<registry>/<model>:<version>`, and a model
+    re-packaged under its version (new bits, a new sha256) is pushed under the same tag. Its
+    pods must roll (the release's annotations are on the pod template, so the template changes)
+    and must pull the tag again: with Kubernetes' default for a tag, IfNotPresent, a node that
+    ran the old image starts the new pod on it. So a tag gets `imagePullPolicy: Always` (the
+    kubelet resolves the tag at the registry and pulls only when the digest is new); a digest
+    keeps the default and starts without the registry.
+    """
+    return "@" in image
 
 
 def scoring_container(deployment: Obj) -> Obj | None:
@@ -191,12 +215,14 @@ def scoring_container(deployment: Obj) -> Obj | None:
 def updated_deployment(current: Obj, colour: Colour, release: Release) -> Obj:
     """`current` (a Deployment as read) changed only where the router owns it.
 
-    That is the scoring container's image, its AML_ROLLOUT_COLOUR variable and the
-    `aml-rollout.io/*` annotations. Everything else (replicas an HPA or an operator set, Helm's
-    labels and annotations, resources, imagePullSecrets, ...) is kept, and so is
-    `metadata.resourceVersion`. `status` is dropped (it is not ours to write). The release's
-    image is checked by `deployment`, which `IstioRouter.deploy` builds first. The router sends
-    `merge_patch(current, result)`.
+    That is the scoring container's image (and, for an image not pinned by digest, its
+    `imagePullPolicy: Always`, see `pinned`), its AML_ROLLOUT_COLOUR variable and the
+    `aml-rollout.io/*` annotations, of the Deployment and of its pod template (so that a new
+    release rolls the pods even under an unchanged image tag). Everything else (replicas an
+    HPA or an operator set, Helm's labels and annotations, resources, imagePullSecrets, ...) is
+    kept, and so is `metadata.resourceVersion`. `status` is dropped (it is not ours to write).
+    The release's image is checked by `deployment`, which `IstioRouter.deploy` builds first.
+    The router sends `merge_patch(current, result)`.
     """
     new = copy.deepcopy(current)
     new.pop("status", None)
@@ -208,6 +234,13 @@ def updated_deployment(current: Obj, colour: Colour, release: Release) -> Obj:
             f"Deployment {meta.get('namespace')}/{meta.get('name')} has no containers"
         )
     container["image"] = release.image
+    if release.image and not pinned(release.image):
+        container["imagePullPolicy"] = "Always"
+    template_meta = new["spec"]["template"].setdefault("metadata", {})
+    template_meta["annotations"] = {
+        **(template_meta.get("annotations") or {}),
+        **release_annotations(release),
+    }
     ours = {"name": COLOUR_ENV, "value": colour.value}
     env = container.setdefault("env", [])
     at = next((i for i, e in enumerate(env) if e.get("name") == COLOUR_ENV), None)
@@ -253,8 +286,8 @@ def rollout_waiting_for(deployment: Obj) -> str | None:
     `kubectl rollout status`'s rule: the controller has seen the current generation, all wanted
     replicas run the new pod template, no old pod is left, and every new pod is available. Old
     pods that are still available do not count (mid rolling update they keep
-    `availableReplicas` up). A rollout past its progressDeadlineSeconds raises RouterError:
-    waiting longer will not help.
+    `availableReplicas` up). A rollout past its progressDeadlineSeconds raises DeployFailed:
+    waiting longer will not help (`not_ready` says why).
     """
     meta = deployment.get("metadata") or {}
     status = deployment.get("status") or {}
@@ -262,11 +295,8 @@ def rollout_waiting_for(deployment: Obj) -> str | None:
     generation = meta.get("generation") or 0
     if (status.get("observedGeneration") or 0) < generation:
         return "the deployment controller to see the new spec"
-    if (condition := past_deadline(deployment)) is not None:
-        raise RouterError(
-            f"{where} exceeded its progress deadline: {condition.get('message', '')} "
-            f"(see `kubectl -n {meta.get('namespace')} describe deployment {meta.get('name')}`)"
-        )
+    if past_deadline(deployment) is not None:
+        raise DeployFailed(f"{where} exceeded its progress deadline")
     replicas = (deployment.get("spec") or {}).get("replicas")
     want = 1 if replicas is None else int(replicas)
     updated = int(status.get("updatedReplicas") or 0)
@@ -290,6 +320,87 @@ def past_deadline(deployment: Obj) -> Obj | None:
         ):
             return dict(condition)
     return None
+
+
+#: The longest API server message quoted in `not_ready` (an image pull error can be a screenful).
+_MESSAGE_CHARS = 300
+
+
+def not_ready(headline: str, deployment: Obj, pods: list[Obj] | str) -> str:
+    """One line for a Deployment whose pods will not become ready: `headline` (what the wait
+    saw), then what the API says about why — the Deployment's conditions that are not well
+    (`ReplicaFailure` e.g. a quota, `Available=False`, a progress deadline) and the pods' own
+    reasons (`pod_problems`; `pods` is a str when they could not be read) — and where to look.
+    """
+    meta = deployment.get("metadata") or {}
+    parts = [headline]
+    for condition in (deployment.get("status") or {}).get("conditions") or []:
+        kind, state = condition.get("type"), condition.get("status")
+        if (kind, state) in (("Available", "True"), ("Progressing", "True")) or (
+            kind == "ReplicaFailure" and state != "True"
+        ):
+            continue
+        parts.append(
+            f"{kind}={state} {condition.get('reason', '')}: "
+            f"{_short(condition.get('message', ''))}".rstrip(": ")
+        )
+    parts.append(f"pods: {pods if isinstance(pods, str) else pod_problems(pods)}")
+    parts.append(f"see `kubectl -n {meta.get('namespace')} describe deployment {meta.get('name')}`")
+    return "; ".join(parts)
+
+
+def pod_problems(pods: list[Obj]) -> str:
+    """Why the pods that are not ready are not, as their status says: a container waiting
+    (ImagePullBackOff, CrashLoopBackOff with its last exit, CreateContainerConfigError...), a
+    pod the scheduler cannot place, a container running but not ready (its readiness probe).
+    The same reason on several pods is said once, with their number."""
+    seen: dict[str, int] = {}
+    for pod in pods:
+        status = pod.get("status") or {}
+        if (pod.get("metadata") or {}).get("deletionTimestamp"):
+            continue  # on its way out: an old pod, not why the new ones are not ready
+        conditions = {c.get("type"): c for c in status.get("conditions") or []}
+        if (conditions.get("Ready") or {}).get("status") == "True":
+            continue
+        reasons = []
+        scheduled = conditions.get("PodScheduled") or {}
+        if scheduled.get("status") == "False":
+            reasons.append(
+                f"not scheduled, {scheduled.get('reason', '')}: {_short(scheduled.get('message'))}"
+            )
+        for container in [
+            *(status.get("initContainerStatuses") or []),
+            *(status.get("containerStatuses") or []),
+        ]:
+            if (reason := _container_problem(container)) is not None:
+                reasons.append(f"container {container.get('name')} {reason}")
+        for reason in reasons or [f"{status.get('phase', 'Unknown')}, not ready"]:
+            seen[reason] = seen.get(reason, 0) + 1
+    if not seen:
+        return "none that is not ready"
+    return "; ".join(
+        reason if count == 1 else f"{reason} ({count} pods)" for reason, count in seen.items()
+    )
+
+
+def _container_problem(container: Obj) -> str | None:
+    state = container.get("state") or {}
+    if waiting := state.get("waiting"):
+        text = f"{waiting.get('reason', 'waiting')}: {_short(waiting.get('message'))}".rstrip(": ")
+        last = (container.get("lastState") or {}).get("terminated")
+        if last:
+            text += f" (last exit {last.get('exitCode')}: {last.get('reason', '')})"
+        return text
+    if (terminated := state.get("terminated")) and terminated.get("exitCode"):
+        return f"terminated, exit {terminated.get('exitCode')}: {terminated.get('reason', '')}"
+    if "running" in state and not container.get("ready"):
+        return "running, not ready (its readiness probe fails)"
+    return None
+
+
+def _short(message: object) -> str:
+    text = " ".join(str(message or "").split())
+    return text if len(text) <= _MESSAGE_CHARS else text[: _MESSAGE_CHARS - 1] + "…"
 
 
 def release_annotations(release: Release) -> dict[str, str]:
@@ -597,11 +708,16 @@ def rbac(layout: IstioLayout) -> list[Obj]:
 
 
 def namespace(layout: IstioLayout) -> Obj:
-    """The namespace, labelled for Istio sidecar injection."""
+    """The namespace, labelled for Istio sidecar injection (by the layout's revision, if any)."""
+    injection = (
+        {"istio.io/rev": layout.istio_revision}
+        if layout.istio_revision
+        else {"istio-injection": "enabled"}
+    )
     return {
         "apiVersion": "v1",
         "kind": "Namespace",
-        "metadata": {"name": layout.namespace, "labels": {"istio-injection": "enabled"}},
+        "metadata": {"name": layout.namespace, "labels": injection},
     }
 
 

@@ -142,8 +142,11 @@ class KubernetesStateStore:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        credentials: kubeapi.Credentials | None = None,
     ) -> None:
         self.objects = objects
+        #: What `api_client` authenticates with, for the hints of a 401/403.
+        self._credentials = credentials
         self.name = objects.rollout
         self.lease_ttl_s = lease_ttl_s
         #: The holder gives up (`check_lease` fails) this long after its last renewal that went
@@ -167,7 +170,12 @@ class KubernetesStateStore:
     def from_config(cls, cfg: KubernetesStateConfig, name: str) -> KubernetesStateStore:
         """Build from the spec's `state` section (see KubeApiConfig for the API server)."""
         objects = o.StateObjects(namespace=cfg.namespace, rollout=name)
-        return cls(objects, kubeapi.api_client(cfg, "state"), lease_ttl_s=cfg.lease_ttl_s)
+        return cls(
+            objects,
+            kubeapi.api_client(cfg, "state"),
+            lease_ttl_s=cfg.lease_ttl_s,
+            credentials=kubeapi.Credentials.of(cfg),
+        )
 
     @property
     def _ns(self) -> str:
@@ -300,7 +308,9 @@ class KubernetesStateStore:
                 # Jittered, growing pauses: CLIs pushing at the same instant spread out.
                 self._sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))  # noqa: S311
             except _Missing:
-                raise self._no_namespace(name) from None
+                if found is None:  # a create's 404: the namespace
+                    raise self._no_namespace(name) from None
+                # Deleted since the read (`kubectl delete` starts a new log): read it again.
         raise StateError(
             f"could not queue the command in ConfigMap {self._ns}/{name}: still conflicting "
             f"after {self._max_retries} attempts (others keep writing it)"
@@ -365,7 +375,9 @@ class KubernetesStateStore:
             except _Conflict:
                 continue  # someone else created or took it meanwhile: read who
             except _Missing:
-                raise self._no_namespace(self.objects.lease) from None
+                if found is None:  # a create's 404: the namespace
+                    raise self._no_namespace(self.objects.lease) from None
+                continue  # deleted since the read: read it again
             return _Held(holder=holder, obj=written, renewed_at=sent)
         raise StateError(
             f"cannot take Lease {self._ns}/{self.objects.lease}: still conflicting after "
@@ -422,7 +434,9 @@ class KubernetesStateStore:
             except _Conflict:
                 continue  # a stale controller wrote in between: claim over it
             except _Missing:
-                raise self._no_namespace(name) from None
+                if found is None:  # a create's 404: the namespace
+                    raise self._no_namespace(name) from None
+                continue  # deleted since the read: read it again
         raise StateError(
             f"cannot claim ConfigMap {self._ns}/{name}: still conflicting after "
             f"{self._max_retries} attempts"
@@ -591,10 +605,12 @@ class KubernetesStateStore:
             response = call()
         except ApiException as exc:
             if exc.status == kubeapi.NOT_FOUND:
-                raise _Missing(kubeapi.describe(exc)) from exc
+                raise _Missing(kubeapi.describe(exc, self._credentials)) from exc
             if exc.status == kubeapi.CONFLICT:
-                raise _Conflict(kubeapi.describe(exc)) from exc
-            raise StateError(f"{what}: {kubeapi.describe(exc)} [{self._host}]") from exc
+                raise _Conflict(kubeapi.describe(exc, self._credentials)) from exc
+            raise StateError(
+                f"{what}: {kubeapi.describe(exc, self._credentials)} [{self._host}]"
+            ) from exc
         except HTTPError as exc:
             raise StateError(
                 f"{what}: cannot reach the Kubernetes API at {self._host}: {exc}"

@@ -5,7 +5,8 @@ It listens on 127.0.0.1 (free port) in a background thread and keeps objects in 
 real apiserver. What it implements is what clients rely on for correctness:
 
 - REST paths `/api/v1/...` (core group) and `/apis/{group}/{version}/...`, namespaced resources
-  and namespaces; GET (one or list), POST, PUT, PATCH, DELETE; the discovery documents (`/api`,
+  and namespaces; GET (one, or a list filtered by an equality `labelSelector`), POST, PUT,
+  PATCH, DELETE; the discovery documents (`/api`,
   `/apis`, `/api/v1`, `/apis/{group}/{version}`), so the real `kubectl` can talk to it too.
 - `metadata.resourceVersion` bumped on every write (one global counter), `uid`,
   `creationTimestamp`, `generation` (bumped when `spec` changes).
@@ -31,7 +32,8 @@ Every request is recorded (`requests`) with the RBAC verb it needs, so tests can
 Role grants exactly what a client used. `delay(resource, verb, s)` answers such requests late (a
 slow API server); `delete(...)` removes an object as another client would.
 `before_next_write(resource, name, fn)` runs `fn(obj)` as a concurrent writer just before the next
-write to that object is handled — the race a 409 guards.
+write to that object is handled — the race a 409 guards (or, returning DELETED, deletes it: the
+race a 404 on a write is).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from tests.fakes.server import LocalServer
 
@@ -60,6 +62,7 @@ GROUPS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
         {
             "namespaces": "Namespace",
             "services": "Service",
+            "pods": "Pod",
             "serviceaccounts": "ServiceAccount",
             "configmaps": "ConfigMap",
         },
@@ -84,6 +87,9 @@ _GROUP = re.compile(
     r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/(?:namespaces/(?P<ns>[^/]+)/)?"
     r"(?P<res>[^/]+)(?:/(?P<name>[^/]+))?$"
 )
+
+#: What a `before_next_write` hook returns to delete the object rather than change it.
+DELETED = object()
 
 Key = tuple[str, str, str, str]  # (group, resource, namespace, name); "" for core / cluster scope
 
@@ -189,9 +195,10 @@ class FakeKubeApiServer:
             obj["status"] = copy.deepcopy(status)
 
     def before_next_write(
-        self, resource: str, name: str, fn: Callable[[dict[str, Any]], None]
+        self, resource: str, name: str, fn: Callable[[dict[str, Any]], object]
     ) -> None:
-        """Run `fn(stored_obj)` (mutating it, bumping its version) before the next write to it."""
+        """Run `fn(stored_obj)` (mutating it, bumping its version) before the next write to it;
+        `fn` returning DELETED deletes it instead (`kubectl delete` between a read and a write)."""
         self._hooks[(resource, name)] = fn
 
     def verbs_used(self) -> set[tuple[str, str, str]]:
@@ -237,11 +244,13 @@ class FakeKubeApiServer:
         hook = self._hooks.pop((key[1], key[3]), None)
         if hook is not None and key in self._objects:
             obj = copy.deepcopy(self._objects[key])
-            hook(obj)
-            self._write(key, obj, previous=self._objects[key])
+            if hook(obj) is DELETED:
+                del self._objects[key]
+            else:
+                self._write(key, obj, previous=self._objects[key])
 
     def handle(
-        self, method: str, path: str, body: Any, content_type: str
+        self, method: str, path: str, body: Any, content_type: str, label_selector: str = ""
     ) -> tuple[int, dict[str, Any]]:
         if method == "GET" and (found := discovery(path)) is not None:
             return 200, found
@@ -273,7 +282,7 @@ class FakeKubeApiServer:
         try:
             with self._lock:
                 result = self._dispatch(
-                    method, group, resource, namespace, name, body, content_type
+                    method, group, resource, namespace, name, body, content_type, label_selector
                 )
         except ApiError as exc:
             self.requests.append(
@@ -292,13 +301,16 @@ class FakeKubeApiServer:
         name: str,
         body: Any,
         content_type: str,
+        label_selector: str = "",
     ) -> tuple[int, dict[str, Any]]:
         kind = KINDS[resource]
         if method == "GET" and not name:
+            wanted = dict(term.split("=", 1) for term in label_selector.split(",") if term)
             items = [
                 copy.deepcopy(o)
                 for (g, r, ns, _), o in sorted(self._objects.items())
                 if (g, r, ns) == (group, resource, namespace)
+                and wanted.items() <= ((o.get("metadata") or {}).get("labels") or {}).items()
             ]
             meta = {"resourceVersion": str(self._version)}
             return 200, {"kind": f"{kind}List", "metadata": meta, "items": items}
@@ -319,6 +331,8 @@ class FakeKubeApiServer:
                 raise ApiError(409, "AlreadyExists", f'{resource} "{name}" already exists')
             return 201, copy.deepcopy(self._write(key, body, previous=None))
         key = (group, resource, namespace, name)
+        if method in ("PUT", "PATCH"):
+            self._run_hook(key)
         if key not in self._objects:
             raise ApiError(
                 404,
@@ -336,7 +350,6 @@ class FakeKubeApiServer:
                 "status": "Success",
                 "details": {"name": name, "kind": resource, "uid": gone["metadata"]["uid"]},
             }
-        self._run_hook(key)
         current = self._objects[key]
         if method == "PUT":
             new = body
@@ -499,9 +512,9 @@ def _handler_for(api: FakeKubeApiServer) -> type[BaseHTTPRequestHandler]:
             content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
             try:
                 body = json.loads(raw) if raw else None
-                code, payload = api.handle(
-                    self.command, urlsplit(self.path).path, body, content_type
-                )
+                url = urlsplit(self.path)
+                selector = parse_qs(url.query).get("labelSelector", [""])[0]
+                code, payload = api.handle(self.command, url.path, body, content_type, selector)
             except ApiError as exc:
                 code, payload = (
                     exc.code,

@@ -7,6 +7,8 @@ readiness waiting, and API errors becoming RouterError with context.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -17,13 +19,22 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
-from rollout.config import IstioRouterConfig
+from rollout import kubeapi
+from rollout.config import IstioRouterConfig, KubeApiConfig, KubernetesStateConfig
 from rollout.core.types import Colour, Phase, Release, Weights
-from rollout.errors import ConflictError, RouterError, RouterUnavailable, StateError
+from rollout.errors import (
+    ConfigError,
+    ConflictError,
+    DeployFailed,
+    RouterError,
+    RouterUnavailable,
+    StateError,
+)
 from rollout.routers import istio_manifests as m
 from rollout.routers.factory import make_router
 from rollout.routers.istio import IstioRouter
-from tests.fakes.kube_apiserver import FakeKubeApiServer
+from rollout.state.kubernetes import KubernetesStateStore
+from tests.fakes.kube_apiserver import ApiError, FakeKubeApiServer
 from tests.routers.contract import V1, V2, RouterContract, identity
 
 LAYOUT = m.IstioLayout(namespace="ml", app="diabetes")
@@ -81,6 +92,21 @@ def test_from_config_through_the_factory(api: FakeKubeApiServer) -> None:
     assert identity(router.release(Colour.GREEN)) == identity(V1)
 
 
+def test_the_gateway_a_deploy_creates_binds_the_ingress_gateway_of_the_spec(
+    api: FakeKubeApiServer,
+) -> None:
+    # AKS's Istio add-on: its gateway pods are not `istio: ingressgateway`.
+    cfg = IstioRouterConfig(
+        namespace="ml",
+        app="diabetes",
+        api_url=api.url,
+        ingress_gateway="aks-istio-ingressgateway-internal",
+    )
+    make_router(cfg).deploy(Colour.GREEN, V1)
+    gateway = api.get("gateways", "diabetes-gateway", "ml", m.ISTIO_GROUP)
+    assert gateway["spec"]["selector"] == {"istio": "aks-istio-ingressgateway-internal"}
+
+
 def test_deploy_creates_the_objects_the_manifests_describe(api: FakeKubeApiServer) -> None:
     make(api).deploy(Colour.GREEN, V1)
     for obj in m.services(LAYOUT):
@@ -90,7 +116,9 @@ def test_deploy_creates_the_objects_the_manifests_describe(api: FakeKubeApiServe
         == (m.gateway(LAYOUT)["spec"])
     )
     dep = api.get("deployments", "diabetes-green", "ml", "apps")
-    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == V1.image
+    # Through the client's typed model and back: the pull policy and the pod template's
+    # release annotations included.
+    assert dep["spec"] == m.deployment(LAYOUT, Colour.GREEN, V1)["spec"]
     assert [r["name"] for r in http_routes(api)] == [
         "aml-rollout-pin-blue",
         "aml-rollout-pin-green",
@@ -173,6 +201,7 @@ def helm_and_platform_owned(dep: dict[str, Any]) -> dict[str, Any]:
     dep["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
     dep["metadata"]["annotations"]["meta.helm.sh/release-name"] = "diabetes"
     dep["spec"]["replicas"] = 6
+    dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] = "true"
     pod = dep["spec"]["template"]["spec"]
     pod["imagePullSecrets"] = [{"name": "acr"}]
     pod["containers"][0]["resources"] = {"requests": {"cpu": "500m"}, "limits": {"memory": "2Gi"}}
@@ -190,12 +219,55 @@ def test_redeploy_changes_only_what_the_router_owns(api: FakeKubeApiServer) -> N
     after = api.get(*DEPLOYMENT_GREEN)
     expected = seeded
     expected["metadata"]["annotations"].update(m.release_annotations(V2))
+    expected["spec"]["template"]["metadata"]["annotations"].update(m.release_annotations(V2))
     expected["spec"]["template"]["spec"]["containers"][0]["image"] = V2.image
     for volatile in ("resourceVersion", "generation"):
         expected["metadata"].pop(volatile), after["metadata"].pop(volatile)
     expected.pop("status"), after.pop("status")
     assert after == expected  # Helm's metadata, the HPA's 6 replicas, resources... all kept
     assert [r.verb for r in api.requests if r.resource == "deployments"].count("patch") == 1
+
+
+def test_a_release_pushed_again_under_its_tag_rolls_the_pods_and_pulls_it(
+    api: FakeKubeApiServer,
+) -> None:
+    """The package step names an image `<registry>/<model>:<version>`: a model re-packaged
+    under its version (new bits, a new sha256) is pushed under the same tag. Was: the deploy
+    changed only the Deployment's annotations, so no new pod template, no new pods: the old
+    bits went on serving while `release()` reported the new ones (and new pods, taking the
+    tag's default IfNotPresent, ran the old image wherever a node had it)."""
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    generation = api.get(*DEPLOYMENT_GREEN)["metadata"]["generation"]
+    rebuilt = dataclasses.replace(V1, sha256="3" * 64)
+    router.deploy(Colour.GREEN, rebuilt)
+    after = api.get(*DEPLOYMENT_GREEN)
+    assert after["metadata"]["generation"] == generation + 1  # a new pod template: pods roll
+    template = after["spec"]["template"]
+    assert template["metadata"]["annotations"] == m.release_annotations(rebuilt)
+    assert template["spec"]["containers"][0]["imagePullPolicy"] == "Always"
+    assert identity(router.release(Colour.GREEN)) == identity(rebuilt)
+
+
+@pytest.mark.parametrize(
+    ("image", "policy"),
+    [
+        pytest.param("registry.local/diabetes:1", "Always", id="tag-pulled-at-every-start"),
+        pytest.param("registry.local/diabetes:1@sha256:" + "a" * 64, None, id="digest-default"),
+    ],
+)
+def test_an_image_named_by_tag_is_pulled_again_one_named_by_digest_is_not(
+    api: FakeKubeApiServer, image: str, policy: str | None
+) -> None:
+    # A Deployment made elsewhere (IfNotPresent set by hand) is adopted the same way.
+    dep = m.deployment(LAYOUT, Colour.BLUE, V2)
+    dep["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = "IfNotPresent"
+    api.seed(dep, "deployments", "apps")
+    make(api).deploy(Colour.BLUE, dataclasses.replace(V1, image=image))
+    container = api.get(*DEPLOYMENT_BLUE)["spec"]["template"]["spec"]["containers"][0]
+    assert container["imagePullPolicy"] == (policy or "IfNotPresent")
+    created = m.deployment(LAYOUT, Colour.GREEN, dataclasses.replace(V1, image=image))
+    assert created["spec"]["template"]["spec"]["containers"][0].get("imagePullPolicy") == policy
 
 
 def test_redeploy_keeps_fields_the_client_does_not_know(api: FakeKubeApiServer) -> None:
@@ -360,7 +432,8 @@ _DEADLINE = {
         ),
         pytest.param(
             [{**_rollout(0, 2, 1, 1), "conditions": [_DEADLINE]}],
-            0, "exceeded its progress deadline: ReplicaSet .* timed out", id="deadline-fails-fast",
+            0, "exceeded its progress deadline; Progressing=False ProgressDeadlineExceeded: "
+            "ReplicaSet .* timed out", id="deadline-fails-fast",
         ),
     ],
 )  # fmt: skip
@@ -384,9 +457,132 @@ def test_deploy_waits_until_the_rollout_is_complete(
         router.deploy(Colour.BLUE, V2)
     else:  # the controller already reports on generation 2, the one our write will make
         api.set_status(*DEPLOYMENT_BLUE, {**statuses[0], "observedGeneration": 2})
-        with pytest.raises(RouterError, match=error):
+        with pytest.raises(DeployFailed, match=error):
             router.deploy(Colour.BLUE, V2)
     assert clock[0] == polls * 5
+
+
+def _pod(name: str, colour: str = "blue", **status: Any) -> dict[str, Any]:
+    labels = {"app": "diabetes", "version": colour}
+    meta = {"name": name, "namespace": "ml", "labels": labels}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "status": status}
+
+
+def _scoring(state: dict[str, Any], **more: Any) -> list[dict[str, Any]]:
+    return [{"name": "scoring", "ready": False, "state": state, **more}]
+
+
+PULL = {"waiting": {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "r/d:2"'}}
+CRASH = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting"}}
+EXITED = {"terminated": {"exitCode": 1, "reason": "Error"}}
+NO_CPU = {
+    "type": "PodScheduled",
+    "status": "False",
+    "reason": "Unschedulable",
+    "message": "0/3 nodes are available: 3 Insufficient cpu.",
+}
+NOT_READY_PODS = [
+    _pod("diabetes-blue-1", phase="Pending", containerStatuses=_scoring(PULL)),
+    _pod("diabetes-blue-2", phase="Pending", containerStatuses=_scoring(PULL)),
+    _pod("diabetes-blue-3", phase="Running", containerStatuses=_scoring(CRASH, lastState=EXITED)),
+    _pod("diabetes-blue-4", phase="Pending", conditions=[NO_CPU]),
+    _pod("diabetes-blue-5", phase="Running", containerStatuses=_scoring({"running": {}})),
+    _pod("diabetes-blue-old", phase="Running", conditions=[{"type": "Ready", "status": "True"}]),
+    _pod("diabetes-green-1", "green", phase="Pending", containerStatuses=_scoring(PULL)),
+]
+NOT_READY_STATUS = {
+    "observedGeneration": 1,
+    "replicas": 5,
+    "updatedReplicas": 5,
+    "availableReplicas": 0,
+    "conditions": [
+        {"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"},
+        {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable",
+         "message": "Deployment does not have minimum availability."},
+        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+         "message": 'pods "diabetes-blue-6" is forbidden: exceeded quota: ml-quota'},
+    ],
+}  # fmt: skip
+
+
+def never_ready(api: FakeKubeApiServer, clock: list[float]) -> IstioRouter:
+    """A router on an API server whose blue pods never become ready, with a fake clock."""
+    api.ready_deployments = False
+    for pod in NOT_READY_PODS:
+        api.seed(pod, "pods")
+
+    def poll(seconds: float) -> None:  # the deployment controller reports, between polls
+        clock[0] += seconds
+        api.set_status(*DEPLOYMENT_BLUE, NOT_READY_STATUS)
+
+    return make(api, ready_timeout_s=300, poll_s=5, monotonic=lambda: clock[0], sleep=poll)
+
+
+def test_a_deployment_that_never_becomes_ready_says_why(api: FakeKubeApiServer) -> None:
+    """Was: 'not available after 300 s (waiting for 0 of 5 updated replicas available)' and no
+    more; the why was left to `kubectl describe` on every pod."""
+    clock = [0.0]
+    with pytest.raises(DeployFailed) as failed:
+        never_ready(api, clock).deploy(Colour.BLUE, V2)
+    assert clock[0] == 300
+    assert str(failed.value) == (
+        "Deployment ml/diabetes-blue not available after 300 s (waiting for 0 of 5 updated "
+        "replicas available); Available=False MinimumReplicasUnavailable: Deployment does not "
+        'have minimum availability.; ReplicaFailure=True FailedCreate: pods "diabetes-blue-6" is '
+        "forbidden: exceeded quota: ml-quota; pods: container scoring ImagePullBackOff: Back-off "
+        'pulling image "r/d:2" (2 pods); container scoring CrashLoopBackOff: '
+        "back-off 40s restarting (last exit 1: Error); not scheduled, "
+        "Unschedulable: 0/3 nodes are available: 3 Insufficient cpu.; container scoring "
+        "running, not ready (its readiness probe fails); "
+        "see `kubectl -n ml describe deployment diabetes-blue`"
+    )
+    assert ("", "pods", "list") in api.verbs_used()
+
+
+def test_pods_that_cannot_be_read_do_not_hide_why_a_deploy_failed(
+    api: FakeKubeApiServer,
+) -> None:
+    """A Role from before `pods: list` (or one without it) answers 403: the deploy still fails
+    with what the Deployment says, and says the pods were not readable."""
+    handle = api.handle
+
+    def forbid_pods(method: str, path: str, *args: Any) -> tuple[int, dict[str, Any]]:
+        if path.endswith("/pods"):
+            raise ApiError(403, "Forbidden", 'pods is forbidden: User "x" cannot list resource')
+        return handle(method, path, *args)
+
+    api.handle = forbid_pods  # type: ignore[method-assign]
+    with pytest.raises(DeployFailed, match=r"exceeded quota: ml-quota; pods: not readable "
+                       r"\(HTTP 403 pods is forbidden: .*\); see `kubectl"):  # fmt: skip
+        never_ready(api, [0.0]).deploy(Colour.BLUE, V2)
+
+
+def test_a_deployment_that_never_becomes_ready_fails_the_controller_once(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    """A readiness timeout is an answer: was, the controller retried the deploy 3 more times,
+    each waiting `ready_timeout_s` again (20 min for the default 300 s, then the same again
+    after every restart of the controller's Job)."""
+    from rollout.config import spec_from_dict
+    from rollout.controller import Controller, FakeClock
+    from rollout.metrics.static import StaticMetrics
+    from rollout.state.memory import MemoryStateStore
+
+    make(api).deploy(Colour.GREEN, V1)
+    clock = [0.0]
+    router = never_ready(api, clock)
+    spec = spec_from_dict({
+        "name": "diabetes",
+        "router": {"kind": "istio", "namespace": "ml", "app": "diabetes", "api_url": api.url},
+        "metrics": {"kind": "static"},
+        "steps": [10, 100],
+    })  # fmt: skip
+    ctl = Controller(
+        spec, router, StaticMetrics([]), MemoryStateStore(), clock=FakeClock(1_000.0), candidate=V2
+    )
+    with pytest.raises(DeployFailed, match="diabetes-blue not available after 300 s"):
+        ctl.run(max_ticks=3)
+    assert clock[0] == 300  # one wait, not four
 
 
 @pytest.mark.parametrize(
@@ -457,6 +653,116 @@ def test_an_api_server_without_istio_v1_says_so(versions: tuple[str, ...], call:
         ):
             call(make(api))
         assert api.exists(*DEPLOYMENT_BLUE[:3], group="apps")
+
+
+def refuse_everything(api: FakeKubeApiServer, code: int) -> None:
+    """The API server answers every request `code` (401: who are you; 403: not allowed)."""
+    reason = {401: "Unauthorized", 403: "Forbidden"}[code]
+    message = {401: "Unauthorized", 403: 'User "ann" cannot get resource "configmaps"'}[code]
+
+    def refuse(*_args: Any) -> tuple[int, dict[str, Any]]:
+        raise ApiError(code, reason, message)
+
+    api.handle = refuse  # type: ignore[method-assign]
+
+
+def kubeconfig_for(api: FakeKubeApiServer, tmp_path: Path) -> Path:
+    path = tmp_path / "config"
+    path.write_text(
+        json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "other",
+            "clusters": [{"name": "c", "cluster": {"server": api.url}}],
+            "users": [{"name": "ann", "user": {"token": "t"}}],
+            "contexts": [{"name": "aks-ml", "context": {"cluster": "c", "user": "ann"}}],
+        })
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("code", [401, 403])
+@pytest.mark.parametrize("source", ["api_url", "kubeconfig"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda cfg: make_router(IstioRouterConfig(**cfg)).get_weights(), id="router"),
+        pytest.param(
+            lambda cfg: KubernetesStateStore.from_config(
+                KubernetesStateConfig(**cfg), "diabetes"
+            ).load(),
+            id="state-store",
+        ),
+    ],
+)
+def test_a_refusal_names_the_credentials_actually_used(
+    api: FakeKubeApiServer, tmp_path: Path, code: int, source: str, call: Any
+) -> None:
+    """Was: every 401 said 'check the kubeconfig/context' and every 403 'the kubeconfig's
+    user, or in a pod its ServiceAccount', also to a spec with api_url, which sends no
+    credentials at all."""
+    cfg: dict[str, Any] = {"namespace": "ml"}
+    if source == "api_url":
+        cfg["api_url"] = api.url
+        expected = {401: "requests to api_url " + api.url, 403: "api_url " + api.url}[code]
+    else:
+        cfg.update(kubeconfig=kubeconfig_for(api, tmp_path), context="aks-ml")
+        expected = f"kubeconfig {tmp_path / 'config'}, context aks-ml"
+    refuse_everything(api, code)
+    with pytest.raises((RouterError, StateError)) as refused:
+        call(cfg)
+    message = str(refused.value)
+    assert f"HTTP {code} " in message
+    assert expected in message
+    if source == "api_url":
+        assert "check kubeconfig" not in message and "user of kubeconfig" not in message
+
+
+@pytest.mark.parametrize(
+    ("credentials", "code", "expected"),
+    [
+        pytest.param(
+            kubeapi.Credentials("in_cluster"), 401,
+            "the pod's ServiceAccount token (in_cluster) was refused", id="in-cluster-401",
+        ),
+        pytest.param(
+            kubeapi.Credentials("in_cluster"), 403,
+            "the pod's ServiceAccount (in_cluster) needs the Role", id="in-cluster-403",
+        ),
+        pytest.param(None, 403, "the identity this runs as needs the Role", id="unknown-403"),
+        pytest.param(kubeapi.Credentials("in_cluster"), 500, "", id="no-hint-for-a-500"),
+    ],
+)  # fmt: skip
+def test_the_hint_for_each_source_of_credentials(
+    credentials: kubeapi.Credentials | None, code: int, expected: str
+) -> None:
+    exc = k8s.ApiException(status=code, reason="x")
+    described = kubeapi.describe(exc, credentials)
+    assert expected in described
+    assert described.endswith(")") is bool(expected)
+
+
+def test_the_credentials_follow_the_rule_api_client_uses(monkeypatch: Any) -> None:
+    monkeypatch.setenv("KUBECONFIG", "/etc/kube/ci.yaml")
+    assert kubeapi.Credentials.of(KubeApiConfig(api_url="http://p:8001", in_cluster=True)) == (
+        kubeapi.Credentials("api_url", "http://p:8001")
+    )
+    assert kubeapi.Credentials.of(KubeApiConfig(in_cluster=True)).source == "in_cluster"
+    assert kubeapi.Credentials.of(KubeApiConfig()).detail == (
+        "kubeconfig /etc/kube/ci.yaml, its current context"
+    )
+
+
+def test_a_spec_without_in_cluster_in_a_pod_is_told_to_set_it(
+    monkeypatch: Any, tmp_path: Path
+) -> None:
+    """A controller Job whose spec forgot `in_cluster: true` found no kubeconfig and said only
+    'Invalid kube-config file. No configuration found.'"""
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"runs in a pod: `router.in_cluster: true` uses its"):
+        make_router(IstioRouterConfig(namespace="ml"))
+    with pytest.raises(ConfigError, match=r"`state.in_cluster: true`"):
+        KubernetesStateStore.from_config(KubernetesStateConfig(namespace="ml"), "diabetes")
 
 
 def test_an_unreachable_api_server_is_a_router_error_with_its_url() -> None:

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from rollout.cli import app
 from rollout.core.types import Colour, Weights
-from rollout.errors import ConfigError
+from rollout.errors import ConfigError, DeployFailed
 from rollout.routers import istio_manifests as m
 from rollout.routers.istio import IstioRouter
 from tests.fakes.kube_apiserver import FakeKubeApiServer
@@ -257,6 +257,18 @@ def exercise(router: IstioRouter) -> None:
     router.remove(Colour.BLUE)
 
 
+def deploy_that_never_gets_ready(api: FakeKubeApiServer, router: IstioRouter) -> None:
+    """A deploy whose Deployment is past its progress deadline: the router reads its pods to
+    say why."""
+    key = ("deployments", "diabetes-green", "ml", "apps")
+    api.ready_deployments = False
+    deadline = {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}
+    generation = api.get(*key)["metadata"]["generation"]
+    api.set_status(*key, {"observedGeneration": generation, "conditions": [deadline]})
+    with pytest.raises(DeployFailed, match="pods: none that is not ready"):
+        router.deploy(Colour.GREEN, V2)
+
+
 def test_the_role_grants_exactly_what_the_router_and_the_state_store_use() -> None:
     docs = render("-n", "ml", "--app", "diabetes")
     role = next(d for d in docs if d["kind"] == "Role")
@@ -264,6 +276,7 @@ def test_the_role_grants_exactly_what_the_router_and_the_state_store_use() -> No
     with FakeKubeApiServer() as api:
         api.seed(m.namespace(layout), "namespaces")
         exercise(router_on(api, layout))
+        deploy_that_never_gets_ready(api, router_on(api, layout))
         exercise_state_store(api)  # a controller in the cluster keeps its state there
         used = api.verbs_used()
     assert used <= granted(role), f"controller used verbs the Role lacks: {used - granted(role)}"
@@ -330,9 +343,38 @@ def test_settings_come_from_a_spec_and_options_win(tmp_path: Path) -> None:
     assert vs["spec"]["http"][2]["route"][0]["destination"]["port"] == {"number": 8080}
 
 
+def test_aks_istio_add_on_gateway_and_revision(tmp_path: Path) -> None:
+    """AKS's Istio add-on labels its ingress gateways `istio: aks-istio-ingressgateway-external`
+    and injects sidecars by revision label only. Was: the Gateway always selected
+    `istio: ingressgateway` (binding no pod there) and the Namespace was labelled
+    `istio-injection: enabled` (ignored there: pods without sidecars), with no way to say
+    otherwise to `manifests`, nor to the router that creates a missing Gateway."""
+    gateway = "aks-istio-ingressgateway-external"
+    docs = render("-n", "ml", "--ingress-gateway", gateway, "--istio-revision", "asm-1-23")
+    kinds = {d["kind"]: d for d in docs}
+    assert kinds["Namespace"]["metadata"]["labels"] == {"istio.io/rev": "asm-1-23"}
+    assert kinds["Gateway"]["spec"]["selector"] == {"istio": gateway}
+    assert errors(kinds["Gateway"]) == []
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(yaml.safe_dump({"router": {"kind": "istio", "ingress_gateway": gateway}}))
+    from_spec = {d["kind"]: d for d in render("--spec", str(spec))}
+    assert from_spec["Gateway"]["spec"]["selector"] == {"istio": gateway}
+    assert from_spec["Namespace"]["metadata"]["labels"] == {"istio-injection": "enabled"}
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        pytest.param(
+            ["--ingress-gateway", "aks istio"],
+            "ingress_gateway: 'aks istio' is not a label value",
+            id="gateway-label-with-a-space",
+        ),
+        pytest.param(
+            ["--istio-revision", "asm-1-23-"],
+            "istio_revision: 'asm-1-23-' is not a label value",
+            id="revision-ending-in-a-dash",
+        ),
         pytest.param(
             ["--green-image", "diabetes"],
             "expected <registry>/<model>:<version>",
@@ -400,8 +442,9 @@ def test_a_non_istio_spec_is_refused(tmp_path: Path) -> None:
 
 # ---- the Helm chart ---------------------------------------------------------------------------
 # helm is not installable here, so the chart keeps to a small subset of Go templates (values,
-# `quote`, `if`, `range`) that this renderer implements, and must render to exactly the objects
-# the Python builders make: chart, `manifests` and router cannot drift apart.
+# `quote`, `required`, `if`, `not`, `contains`, `range`) that this renderer implements, and must
+# render to exactly the objects the Python builders make: chart, `manifests` and router cannot
+# drift apart.
 CHART = Path(__file__).parents[2] / "charts" / "aml-rollout"
 _ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
 
@@ -423,6 +466,13 @@ def render_template(text: str, root: dict[str, Any]) -> str:
     tokens.append(("text", tail.lstrip() if trim_next else tail))
 
     def value(expr: str, dot: Any) -> Any:
+        if expr.startswith("not "):
+            return not value(expr.removeprefix("not ").strip(), dot)
+        if expr.startswith("(") and expr.endswith(")"):
+            return value(expr[1:-1].strip(), dot)
+        if expr.startswith("contains "):  # contains "substring" .Values.x (sprig's order)
+            quoted, _, subject = expr.removeprefix("contains ").partition(" ")
+            return json.loads(quoted) in str(value(subject.strip(), dot))
         head, *filters = (part.strip() for part in expr.split("|"))
         message = None
         if head.startswith("required "):  # required "message" .Values.x
@@ -499,6 +549,9 @@ def by_name(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]
             {Colour.GREEN: V1},
             id="green-deployed-custom",
         ),
+        pytest.param(
+            {"ingressGateway": "aks-istio-ingressgateway-external"}, {}, id="aks-istio-add-on"
+        ),
     ],
 )
 def test_the_chart_renders_what_the_router_builds(
@@ -510,6 +563,7 @@ def test_the_chart_renders_what_the_router_builds(
         hosts=tuple(values.get("hosts", ["*"])),
         port=values.get("port", 80),
         header=values.get("header", "x-api-version"),
+        ingress_selector=(("istio", values.get("ingressGateway", "ingressgateway")),),
     )
     chart = by_name(render_chart(values, "ml"))
     assert chart == by_name(m.bootstrap(layout, releases))
@@ -522,9 +576,11 @@ def test_the_chart_renderer_is_not_vacuous() -> None:
     text = (
         "a: {{ .Values.x | quote }}\n{{- if .Values.on }}\nb: 1\n{{- end }}\n"
         "l:\n{{- range .Values.l }}\n- {{ . }}\n{{- end }}\n"
+        '{{- if not (contains "@" .Values.i) }}\nc: 1\n{{- end }}\n'
+        '{{- if contains "@" .Values.i }}\nd: 1\n{{- end }}\n'
     )
-    root = {"Values": {"x": 3, "on": False, "l": [1, 2]}}
-    assert yaml.safe_load(render_template(text, root)) == {"a": "3", "l": [1, 2]}
+    root = {"Values": {"x": 3, "on": False, "l": [1, 2], "i": "r/m@sha256:0"}}
+    assert yaml.safe_load(render_template(text, root)) == {"a": "3", "l": [1, 2], "d": 1}
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")

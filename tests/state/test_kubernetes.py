@@ -28,7 +28,7 @@ from rollout.state import kubernetes_objects as o
 from rollout.state.factory import make_store
 from rollout.state.kubernetes import KubernetesStateStore
 from rollout.state.kubernetes_objects import StateObjects
-from tests.fakes.kube_apiserver import FakeKubeApiServer
+from tests.fakes.kube_apiserver import DELETED, FakeKubeApiServer
 from tests.state.contract import a_status
 from tests.state.helpers import NAMESPACE, exercise, kube_store, lease_of, status
 
@@ -366,6 +366,40 @@ def test_a_missing_namespace_is_named() -> None:
             store.push_command(Command(id="1", kind="pause"))
         with pytest.raises(StateError, match=r"namespace 'ml'.* does not exist"):
             store.lease("ann").__enter__()
+
+
+def test_a_command_log_deleted_between_read_and_append_is_started_again(
+    api: FakeKubeApiServer,
+) -> None:
+    """The docs say `kubectl delete configmap aml-rollout-<name>-commands` starts a new log.
+    Was: a push racing that delete got a 404 on its append and said the namespace did not
+    exist, and the command (an abort, say) was lost."""
+    store = kube_store(api)
+    store.push_command(Command(id="1", kind="pause"))
+    api.before_next_write("configmaps", "aml-rollout-r-commands", lambda _obj: DELETED)
+    store.push_command(Command(id="2", kind="abort"))
+    assert [c.id for c in store.commands() if c] == ["2"]
+
+
+@pytest.mark.parametrize(
+    ("resource", "name"),
+    [
+        pytest.param("leases", "aml-rollout-r", id="lease-deleted-before-the-take"),
+        pytest.param("configmaps", "aml-rollout-r-status", id="status-deleted-before-the-claim"),
+    ],
+)
+def test_an_object_deleted_between_read_and_write_is_read_again(
+    api: FakeKubeApiServer, resource: str, name: str
+) -> None:
+    """Was: StateError 'the namespace does not exist' (any 404 on a write was taken for one)."""
+    previous = kube_store(api)
+    with previous.lease("bob"):
+        previous.save(a_status(1))
+    api.before_next_write(resource, name, lambda _obj: DELETED)
+    store = kube_store(api)
+    with store.lease("ann"):
+        assert "ann" in lease_of(api)["spec"]["holderIdentity"]
+        assert o.claim_of(api.get("configmaps", "aml-rollout-r-status", NAMESPACE))
 
 
 def test_an_unreachable_api_server_is_a_state_error_with_its_url() -> None:
