@@ -36,7 +36,14 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from rollout.config import RolloutSpec
-from rollout.core.machine import Decision, command_tail, new_status, step, with_commands
+from rollout.core.machine import (
+    Decision,
+    candidate_failed,
+    command_tail,
+    new_status,
+    step,
+    with_commands,
+)
 from rollout.core.status import TRANSITIONAL, Action, Deploy, Remove, SetWeights, Status, describe
 from rollout.core.types import Colour, Observation, Phase, Release, Weights
 from rollout.errors import (
@@ -353,6 +360,8 @@ class Controller:
     def tick(self, status: Status) -> Status:
         """One observe → decide → persist → apply round."""
         status = self._finish_pending(status)
+        if status.terminal:
+            return status  # the pending actions ended it (a candidate that could not be deployed)
         status = with_commands(status, self.store.commands())
         now = self.clock.now()
         observation: Observation | None = None
@@ -361,9 +370,22 @@ class Controller:
         elif status.phase is Phase.INITIALIZING:
             observation = self._history(now)
         decision: Decision = step(self.spec, status, observation, now)
+        record, status = self._persist(decision)
+        status = self._finish_pending(status)
+        # After the actions: a slow webhook never delays a rollback. (A phase the actions
+        # themselves led to, a candidate that could not be deployed, was told already.)
+        entered = decision.status.phase.value != record.get("phase_before")
+        if self.notifier is not None and entered and status.phase is decision.status.phase:
+            self.notifier.entered(status)
+        if self.on_tick is not None:
+            self.on_tick(status, record)
+        return status
+
+    def _persist(self, decision: Decision) -> tuple[dict[str, Any], Status]:
+        """Write the decision's ledger line, then its status with the actions pending."""
         record = dict(decision.record)
         record["describe"] = [describe(a) for a in decision.actions]
-        record["rollout_id"] = status.id  # which rollout the tick is of (ledger.latest_ticks)
+        record["rollout_id"] = decision.status.id  # (ledger.latest_ticks)
         if self.ledger is not None:
             self.ledger.append(record)
         status = replace(decision.status, pending=decision.actions, applied=0)
@@ -375,13 +397,7 @@ class Controller:
                 status.reason,
                 "".join(f"; {describe(a)}" for a in decision.actions),
             )
-        status = self._finish_pending(status)
-        # After the actions: a slow webhook never delays a rollback.
-        if self.notifier is not None and status.phase.value != record.get("phase_before"):
-            self.notifier.entered(status)
-        if self.on_tick is not None:
-            self.on_tick(status, record)
-        return status
+        return record, status
 
     # ----------------------------------------------------------------------------- helpers
 
@@ -401,9 +417,23 @@ class Controller:
 
     def _finish_pending(self, status: Status) -> Status:
         for index in range(status.applied, len(status.pending)):
-            self._apply(status.pending[index])
+            action = status.pending[index]
+            try:
+                self._apply(action)
+            except DeployFailed as exc:
+                if not (isinstance(action, Deploy) and action.colour is Colour.BLUE):
+                    raise  # green (the stable release, or a promotion's Blue_Green): a human's
+                return self._candidate_failed(status, exc)
             status = replace(status, applied=index + 1)
             self.store.save(status)
+        return status
+
+    def _candidate_failed(self, status: Status, exc: DeployFailed) -> Status:
+        """The candidate's deploy failed for good: the rollout Fails, blue at 0 %, told."""
+        _, status = self._persist(candidate_failed(status, str(exc), self.clock.now()))
+        status = self._finish_pending(status)
+        if self.notifier is not None:
+            self.notifier.entered(status)
         return status
 
     def _apply(self, action: Action) -> None:

@@ -227,6 +227,24 @@ def step(
     return _analyse(spec, status, observation, now, record)
 
 
+def candidate_failed(status: Status, problem: str, now: float) -> Decision:
+    """Blue's deploy failed for good (`problem`: an image that never starts, a quota, pods never
+    ready): the rollout fails with blue at 0 %. Nothing of the candidate was judged and none
+    of its answers were served; trying again would only wait for it again."""
+    before = status
+    status = replace(
+        status,
+        tick=status.tick + 1,
+        updated_at=now,
+        phase=Phase.FAILED,
+        blue_weight=0,
+        mirror=0,
+        reason=f"{_name(status.candidate)} could not be deployed to blue: {problem}",
+    )
+    record = {"tick": status.tick, "at": now, "phase_before": before.phase.value}
+    return _decide(status, (SetWeights(0),), record)
+
+
 # ----------------------------------------------------------------------------------- internals
 
 

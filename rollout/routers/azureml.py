@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from rollout.azure_credential import default_credential
 from rollout.config import AZURE_MAX_MIRROR_PERCENT as MAX_MIRROR_PERCENT
 from rollout.core.types import Colour, Release, Weights
-from rollout.errors import ConfigError, RouterError
+from rollout.errors import ConfigError, DeployFailed, RouterError
 from rollout.routers.base import Fence, no_fence
 
 if TYPE_CHECKING:
@@ -327,12 +327,21 @@ class AzureMLRouter:
                 deployment.code_configuration = code
         what = f"deploy {self.endpoint}/{name}"
         self.fence()
-        self._call(
-            what,
-            lambda: self._finish_deploy(
-                what, self._ml.online_deployments.begin_create_or_update(deployment)
-            ),
-        )
+        try:
+            self._call(
+                what,
+                lambda: self._finish_deploy(
+                    what, self._ml.online_deployments.begin_create_or_update(deployment)
+                ),
+            )
+        except RouterError as exc:
+            # Azure carried the deployment out and it Failed (an image that does not build, a
+            # container that never answers its probes): an answer, not a blip. Another PUT
+            # would fail the same way, up to `deploy_timeout_s` later.
+            failed = self._get_deployment(name)
+            if failed is not None and _state(failed).lower() == "failed":
+                raise DeployFailed(str(exc)) from exc
+            raise
         log.info("deployed %s:%s as %s/%s", release.model, release.version, self.endpoint, name)
 
     def release(self, colour: Colour) -> Release | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,10 @@ import pytest
 from rollout import jsonl
 from rollout.config import SimulatedMetricsConfig, StaticTick, TrafficModel
 from rollout.controller import Controller, FakeClock
-from rollout.core.status import Command, SetWeights, Status
+from rollout.core.status import Command, Deploy, SetWeights, Status
 from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.errors import (
+    DeployFailed,
     LeaseHeldError,
     RolloutError,
     RouterError,
@@ -315,6 +317,77 @@ def test_a_router_that_answered_before_is_retried_when_unreachable(tmp_path: Pat
         ctl.run(max_ticks=500)
     assert router.attempts == 4
     assert clock.now() >= 1000.0 + 1 + 2 + 4
+
+
+class NeverReadyBlue(MemoryRouter):
+    """Blue's workload never becomes ready; green deploys (once `green_fails`, it fails too)."""
+
+    green_fails = False
+
+    def deploy(self, colour: Colour, release: Release) -> None:
+        if colour is Colour.BLUE or self.green_fails:
+            super().deploy(colour, release)  # written, as a real router does, but never ready
+            raise DeployFailed(f"Deployment ml/diabetes-{colour.value}: ImagePullBackOff")
+        super().deploy(colour, release)
+
+
+class Told:
+    def __init__(self) -> None:
+        self.phases: list[Phase] = []
+
+    def entered(self, status: Status) -> None:
+        self.phases.append(status.phase)
+
+
+def test_a_candidate_that_cannot_be_deployed_fails_the_rollout_at_once(tmp_path: Path) -> None:
+    router = NeverReadyBlue(releases={Colour.GREEN: V1})
+    told = Told()
+    ctl, clock = controller(tmp_path, router, StaticMetrics([]), notifier=told)
+    final = ctl.run(max_ticks=5)
+    assert final.phase is Phase.FAILED and final.blue_weight == 0
+    assert final.applied == len(final.pending)  # blue at 0 % applied
+    assert final.reason == (
+        "diabetes:2 could not be deployed to blue: Deployment ml/diabetes-blue: ImagePullBackOff"
+    )
+    assert router.get_weights() == Weights.blue_at(0)  # no traffic ever went to it
+    assert clock.now() == 1000.0  # not tried again: it would only wait again
+    assert told.phases == [Phase.FAILED]  # told once
+    assert ctl.store.load() == final
+    records = read_ledger(tmp_path / "t.ledger.jsonl")
+    assert [(r["phase_before"], r["phase"]) for r in records if "phase" in r] == [
+        ("Initializing", "Progressing"),
+        ("Progressing", "Failed"),
+    ]
+    assert "could not be deployed to blue" in "\n".join(explain(records))
+
+
+def test_a_candidate_deploy_failing_after_a_restart_fails_the_rollout_too(tmp_path: Path) -> None:
+    # Killed with the deploy pending; the restarted controller meets the failure on resume.
+    router = NeverReadyBlue(releases={Colour.GREEN: V1})
+    store = FileStateStore(tmp_path, SPEC.name)
+    first, _ = controller(tmp_path, MemoryRouter(releases={Colour.GREEN: V1}), None, store=store)
+    begun = first.start()
+    store.save(begun)  # INITIALIZING; its tick decides Deploy(blue), SetWeights(10)
+    decided = replace(
+        begun, phase=Phase.PROGRESSING, pending=(Deploy(Colour.BLUE, V2), SetWeights(10))
+    )
+    store.save(decided)
+    told = Told()
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]), store=store, notifier=told)
+    final = ctl.run(max_ticks=5)
+    assert final.phase is Phase.FAILED and "ImagePullBackOff" in final.reason
+    assert told.phases == [Phase.FAILED]
+
+
+def test_the_stable_release_that_cannot_be_deployed_is_an_error_for_a_human(
+    tmp_path: Path,
+) -> None:
+    # Green is not the candidate: failing "the rollout" would blame the wrong release.
+    router = NeverReadyBlue()
+    router.green_fails = True
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]))
+    with pytest.raises(DeployFailed, match="diabetes-green"):
+        ctl.run(max_ticks=5)
 
 
 class BlipOnFirstCall(MemoryRouter):

@@ -22,7 +22,7 @@ from rollout.azure_credential import managed_identity
 from rollout.config import AzureMLRouterConfig, load_spec, spec_from_dict
 from rollout.controller import FakeClock
 from rollout.core.types import Colour, Phase, Release, Weights
-from rollout.errors import ConfigError, RouterError, StateError
+from rollout.errors import ConfigError, DeployFailed, RouterError, StateError
 from rollout.routers.azureml import (
     AzureMLRouter,
     check_mirror,
@@ -727,7 +727,8 @@ def test_a_failed_deployment_is_one_clear_line_and_not_a_release() -> None:
         router.deploy(Colour.GREEN, V1)
         router.set_weights(Weights.blue_at(0))
         _failing_operations(arm, f"{WORKSPACE}/onlineEndpoints/ep-failing/deployments/blue")
-        with pytest.raises(RouterError) as caught:
+        # DeployFailed: the controller fails the rollout at once instead of trying again.
+        with pytest.raises(DeployFailed) as caught:
             router.deploy(Colour.BLUE, V2)
         assert str(caught.value) == (
             "deploy ep-failing/blue: the operation failed: "

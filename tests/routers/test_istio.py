@@ -557,12 +557,12 @@ def test_pods_that_cannot_be_read_do_not_hide_why_a_deploy_failed(
         never_ready(api, [0.0]).deploy(Colour.BLUE, V2)
 
 
-def test_a_deployment_that_never_becomes_ready_fails_the_controller_once(
+def test_a_candidate_that_never_becomes_ready_fails_the_rollout_once(
     api: FakeKubeApiServer, tmp_path: Path
 ) -> None:
     """A readiness timeout is an answer: was, the controller retried the deploy 3 more times,
     each waiting `ready_timeout_s` again (20 min for the default 300 s, then the same again
-    after every restart of the controller's Job)."""
+    after every restart of the controller's Job). Now the rollout Fails, blue at 0 %."""
     from rollout.config import spec_from_dict
     from rollout.controller import Controller, FakeClock
     from rollout.metrics.static import StaticMetrics
@@ -580,9 +580,12 @@ def test_a_deployment_that_never_becomes_ready_fails_the_controller_once(
     ctl = Controller(
         spec, router, StaticMetrics([]), MemoryStateStore(), clock=FakeClock(1_000.0), candidate=V2
     )
-    with pytest.raises(DeployFailed, match="diabetes-blue not available after 300 s"):
-        ctl.run(max_ticks=3)
+    final = ctl.run(max_ticks=3)
+    assert final.phase is Phase.FAILED
+    assert "diabetes:2 could not be deployed to blue" in final.reason
+    assert "diabetes-blue not available after 300 s" in final.reason
     assert clock[0] == 300  # one wait, not four
+    assert router.get_weights() == Weights.blue_at(0)
 
 
 @pytest.mark.parametrize(
