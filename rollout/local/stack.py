@@ -32,6 +32,7 @@ Layout of `workdir`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -143,6 +144,19 @@ class LocalStack:
             )
         self._lock_fd = fd
 
+    def _owns_workdir(self) -> bool:
+        """Whether the scoring servers recorded in the folder are this stack's to stop.
+
+        They are when it holds the lock, or can take it now (no stack runs there: what a
+        crashed one left is anyone's to clean up). A stack refused at `start()` because another
+        runs there must not stop that one's servers on its way out (`up` stops its stack on
+        any exit: it once took green down under a live stack, and Envoy answered 503).
+        """
+        if self._lock_fd is None and self.workdir.is_dir():
+            with contextlib.suppress(LocalStackError, OSError):
+                self._lock_workdir()
+        return self._lock_fd is not None
+
     def _unlock_workdir(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing drops the flock
@@ -175,9 +189,10 @@ class LocalStack:
             if client is not None:
                 client.close()
         self._router = self._metrics = None
-        stopped = self.workloads.stop_all()
-        if stopped:
-            log.debug("stopped %d scoring server(s)", stopped)
+        if self._owns_workdir():
+            stopped = self.workloads.stop_all()
+            if stopped:
+                log.debug("stopped %d scoring server(s)", stopped)
         self.prometheus.stop()
         self.envoy.stop()
         self._unlock_workdir()

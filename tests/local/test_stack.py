@@ -136,8 +136,10 @@ def test_a_workdir_serves_again_after_a_stop_and_after_a_crash(
         first.router.deploy(Colour.GREEN, make_release("1"))
         first_ports = (first.envoy.port, first.envoy.admin_port)
         # A second stack on a live one's folder would stop its servers and rewrite its routes.
+        refused = LocalStack(workdir)
         with pytest.raises(LocalStackError, match=r"another local stack runs in .* \(pid \d+"):
-            LocalStack(workdir).start()
+            refused.start()
+        refused.stop()  # as `up` does on any exit: the live stack's servers are not its own
         first.router.set_weights(Weights.blue_at(0))
         served = httpx.post(f"{first.url}/score", json={"data": [[0.0] * 10]}, timeout=10)
         assert served.status_code == 200  # untouched
