@@ -52,8 +52,8 @@ from rollout.config import (
 )
 from rollout.core.types import Colour
 from rollout.errors import LocalStackError
-from rollout.local.envoy import EnvoyProcess
-from rollout.local.prometheus import PrometheusProcess
+from rollout.local.envoy import EnvoyProcess, envoy_binary
+from rollout.local.prometheus import PrometheusProcess, prometheus_binary
 from rollout.local.workloads import ScoringProcesses
 from rollout.metrics.prometheus import PrometheusMetrics
 from rollout.routers.envoy import EnvoyRouter
@@ -97,6 +97,12 @@ class LocalStack:
 
     def start(self) -> LocalStack:
         """Start Envoy and Prometheus (stopping what started if anything fails)."""
+        try:  # A missing binary is found before anything runs: it names no log worth keeping.
+            envoy_binary()
+            prometheus_binary()
+        except LocalStackError:
+            self.stop()  # nothing started; a temporary folder goes
+            raise
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._lock_workdir()  # before anything is touched: a live stack's files are its own
