@@ -88,6 +88,17 @@ def test_up_on_a_busy_port_says_so_in_one_line(busy_port: int, tmp_path: Path) -
     assert not (tmp_path / "stack").exists()  # refused before anything was made
 
 
+@pytest.mark.parametrize("option", ["--model-dir", "--candidate-dir"])
+def test_up_with_a_folder_holding_no_model_says_so_before_anything(
+    option: str, tmp_path: Path
+) -> None:
+    # Was: Envoy and Prometheus started, the example model trained (~5 s), then the error.
+    done = run_cli("up", option, str(tmp_path / "typo"), "--workdir", str(tmp_path / "stack"))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip() == f"error: {tmp_path / 'typo'} holds no package.json or model.json"
+    assert not (tmp_path / "stack").exists()  # refused before anything was made
+
+
 @pytest.mark.parametrize("port", ["70000", "-1"])
 def test_up_refuses_a_port_out_of_range_before_anything(port: str, tmp_path: Path) -> None:
     # Was: an OverflowError traceback from the busy-port check (connect_ex).
