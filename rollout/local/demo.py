@@ -153,12 +153,19 @@ def run_demo(out_dir: Path, *, console: Console | None = None, rps: float = RPS)
         console.print(
             f"load: {final.sent} requests, by version {final.by_version}, p99 {final.p99_ms:.1f} ms"
         )
-    console.rule("[bold]done[/]")
-    console.print(f"report:  {result.report}")
-    for ledger in result.ledgers:
-        console.print(f"ledger:  {ledger}   (aml-rollout rollout explain {ledger})")
-    console.print(f"outputs: {out_dir}   ({time.monotonic() - started:.0f} s)")
+    print_outputs(console, result, time.monotonic() - started)
     return result
+
+
+def print_outputs(console: Console, result: DemoResult, seconds: float) -> None:
+    """Where the report and ledgers are: one line each whatever the width (a wrapped
+    `explain` hint, pasted, ran without its ledger), paths printed as they are, not as markup."""
+    console.rule("[bold]done[/]")
+    lines = [f"report:  {result.report}"]
+    lines += [f"ledger:  {path}   (aml-rollout rollout explain {path})" for path in result.ledgers]
+    lines.append(f"outputs: {result.out_dir}   ({seconds:.0f} s)")
+    for line in lines:
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
 
 
 # ----------------------------------------------------------------------------------- the steps

@@ -10,6 +10,7 @@ Succeeded, and into a pipe (`make demo`) the next line was glued to the panel's 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -137,3 +138,18 @@ def test_otherwise_the_story_says_what_users_got(
     story = exposure(BEFORE, after, V3, ledger).story("v3")
     assert "never" not in story
     assert told in story
+
+
+def test_the_outputs_are_one_line_each_at_80_columns(tmp_path: Path) -> None:
+    # Was wrapped after "aml-rollout": pasted, the hint ran a command without its ledger.
+    from rollout.local.demo import DemoResult, print_outputs
+
+    out = tmp_path / "runs" / "demo-[20260101T120000]"  # brackets: printed, not read as markup
+    ledger = out / "stack" / "state" / "diabetes-v2.ledger.jsonl"
+    result = DemoResult(out, out / "report.html", ledgers=[ledger])
+    buffer = io.StringIO()
+    print_outputs(Console(file=buffer, width=80), result, 52.4)
+    lines = buffer.getvalue().splitlines()
+    assert f"ledger:  {ledger}   (aml-rollout rollout explain {ledger})" in lines
+    assert f"report:  {out / 'report.html'}" in lines
+    assert f"outputs: {out}   (52 s)" in lines
