@@ -89,6 +89,16 @@ def run_demo(out_dir: Path, *, console: Console | None = None, rps: float = RPS)
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     registry = LocalRegistry(out_dir / "registry")
+    earlier = registry.latest(MODEL)
+    if earlier is not None:
+        # Its gate would refuse v1 against the earlier run's production model (and say to
+        # rerun with `--param force=true`, an option `demo` does not have).
+        from rollout.errors import LocalStackError
+
+        raise LocalStackError(
+            f"{out_dir} holds an earlier demo's registry ({MODEL} up to v{earlier.version}): "
+            "the story starts from an empty one; give a new --out"
+        )
     result = DemoResult(out_dir, out_dir / "report.html")
     started = time.monotonic()
     # The demo knob: only the faulty candidate's server injects errors; all others answer clean.

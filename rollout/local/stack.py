@@ -17,7 +17,7 @@ started from its main thread (`die_with_parent`); the load generator is a thread
 A temporary workdir is removed at `stop()`, except after a failed `start()`: the error quotes
 and names the failing process's log there, so the folder is kept (and the error says so).
 
-A workdir may be reused (`aml-rollout up --workdir D`, `demo --out X` twice): `start()` writes
+A workdir may be reused (`aml-rollout up --workdir D` twice, or after a crash): `start()` writes
 Envoy's config afresh (new ports), stops scoring servers a previous stack left recorded and
 forgets which release each colour served; rollout state, ledgers and Prometheus' data stay.
 

@@ -20,6 +20,8 @@ from rich.live import Live
 from rollout.core.status import Status
 from rollout.core.types import Phase, Release
 from rollout.local.demo import Exposure, _LiveView, end_live, exposure
+from tests.cli import run_cli
+from tests.local.conftest import MakeRelease
 
 V1 = Release(model="diabetes", version="1")
 V2 = Release(model="diabetes", version="2")
@@ -153,3 +155,22 @@ def test_the_outputs_are_one_line_each_at_80_columns(tmp_path: Path) -> None:
     assert f"ledger:  {ledger}   (aml-rollout rollout explain {ledger})" in lines
     assert f"report:  {out / 'report.html'}" in lines
     assert f"outputs: {out}   (52 s)" in lines
+
+
+def test_a_demo_into_an_earlier_demos_folder_is_refused_before_anything_starts(
+    make_release: MakeRelease, tmp_path: Path
+) -> None:
+    # Was: the stack started and v1 was trained, then "register: not registered, the gate
+    # refused the model (exit 3); `--param force=true` registers it anyway" (no such option).
+    from aml_pipelines.registry.local import LocalRegistry
+
+    LocalRegistry(tmp_path / "registry").register(
+        "diabetes", Path(str(make_release("1").model_dir))
+    )
+    done = run_cli("demo", "--out", str(tmp_path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip() == (
+        f"error: {tmp_path} holds an earlier demo's registry (diabetes up to v1): the story "
+        "starts from an empty one; give a new --out"
+    )
+    assert not (tmp_path / "stack").exists()
