@@ -39,6 +39,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from rollout.core.types import Colour, Phase, Release, Weights
+from rollout.errors import LocalStackError
 from rollout.ledger import read_ledger
 from rollout.local.stack import LocalStack
 
@@ -87,14 +88,18 @@ def run_demo(out_dir: Path, *, console: Console | None = None, rps: float = RPS)
 
     console = console or Console()
     out_dir = out_dir.resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file there, no permission, a read-only place
+        why = "it is not a folder" if isinstance(exc, FileExistsError) else exc.strerror
+        raise LocalStackError(
+            f"cannot write the demo's outputs in {out_dir}: {why or exc}"
+        ) from exc
     registry = LocalRegistry(out_dir / "registry")
     earlier = registry.latest(MODEL)
     if earlier is not None:
         # Its gate would refuse v1 against the earlier run's production model (and say to
         # rerun with `--param force=true`, an option `demo` does not have).
-        from rollout.errors import LocalStackError
-
         raise LocalStackError(
             f"{out_dir} holds an earlier demo's registry ({MODEL} up to v{earlier.version}): "
             "the story starts from an empty one; give a new --out"
@@ -203,8 +208,6 @@ def _pipeline(number: int, registry: Any, out_dir: Path, console: Console) -> An
     run_local(params, run_dir=out_dir / "pipeline" / f"v{number}", until="register", sink=sink)
     version = registry.latest(MODEL)
     if version is None or (before is not None and version.version == before.version):
-        from rollout.errors import LocalStackError
-
         raise LocalStackError(f"pipeline v{number} registered no new version of {MODEL}")
     return version
 

@@ -174,3 +174,23 @@ def test_a_demo_into_an_earlier_demos_folder_is_refused_before_anything_starts(
         "starts from an empty one; give a new --out"
     )
     assert not (tmp_path / "stack").exists()
+
+
+@pytest.mark.parametrize(
+    ("where", "why"),
+    [
+        pytest.param("file", "it is not a folder", id="a-file"),
+        pytest.param("file/out", "Not a directory", id="under-a-file"),
+    ],
+)
+def test_a_demo_out_that_cannot_be_a_folder_says_so_in_one_line(
+    tmp_path: Path, where: str, why: str
+) -> None:
+    # Was: a FileExistsError / NotADirectoryError traceback from mkdir.
+    (tmp_path / "file").write_text("not a folder")
+    done = run_cli("demo", "--out", str(tmp_path / where))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert (
+        done.stderr.strip()
+        == f"error: cannot write the demo's outputs in {tmp_path / where}: {why}"
+    )
