@@ -184,7 +184,12 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     colour = {"Succeeded": "green", "RolledBack": "yellow"}.get(result.phase.value, "red")
     _out.print(f"[bold {colour}]{result.phase.value}[/]: {escape(result.reason)}")
-    _out.print(f"ledger: {result.ledger_path}  (aml-rollout rollout explain {result.ledger_path})")
+    # One line whatever the width: wrapped, a pasted hint ran `explain` without its ledger.
+    _out.print(
+        f"ledger: {result.ledger_path}  (aml-rollout rollout explain {result.ledger_path})",
+        soft_wrap=True,
+        markup=False,
+    )
     raise typer.Exit(_exit_code(result.phase.value))
 
 

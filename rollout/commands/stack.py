@@ -108,13 +108,16 @@ def up(
                 f"--port {port}: 127.0.0.1:{port} is already in use; choose another port, "
                 "or leave --port out for a free one"
             )
+    # Read before anything starts: a mistyped folder is one line, not seconds of training first.
+    green = None if model_dir is None else _release(model_dir, "1")
+    candidate = None if candidate_dir is None else _release(candidate_dir, "2")
     stack = LocalStack(workdir, envoy_port=port)
     try:
         with sigterm_as_interrupt():
             stack.start()
-            green_dir = model_dir or _train_example(stack.workdir / "models" / "green", console)
-            stack.router.deploy(Colour.GREEN, _release(green_dir, "1"))
-            candidate = None if candidate_dir is None else _release(candidate_dir, "2")
+            if green is None:
+                green = _release(_train_example(stack.workdir / "models" / "green", console), "1")
+            stack.router.deploy(Colour.GREEN, green)
             if candidate is not None:
                 stack.router.deploy(Colour.BLUE, candidate)
             stack.router.set_weights(Weights.blue_at(0))

@@ -39,6 +39,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from rollout.core.types import Colour, Phase, Release, Weights
+from rollout.errors import LocalStackError
 from rollout.ledger import read_ledger
 from rollout.local.stack import LocalStack
 
@@ -87,8 +88,22 @@ def run_demo(out_dir: Path, *, console: Console | None = None, rps: float = RPS)
 
     console = console or Console()
     out_dir = out_dir.resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file there, no permission, a read-only place
+        why = "it is not a folder" if isinstance(exc, FileExistsError) else exc.strerror
+        raise LocalStackError(
+            f"cannot write the demo's outputs in {out_dir}: {why or exc}"
+        ) from exc
     registry = LocalRegistry(out_dir / "registry")
+    earlier = registry.latest(MODEL)
+    if earlier is not None:
+        # Its gate would refuse v1 against the earlier run's production model (and say to
+        # rerun with `--param force=true`, an option `demo` does not have).
+        raise LocalStackError(
+            f"{out_dir} holds an earlier demo's registry ({MODEL} up to v{earlier.version}): "
+            "the story starts from an empty one; give a new --out"
+        )
     result = DemoResult(out_dir, out_dir / "report.html")
     started = time.monotonic()
     # The demo knob: only the faulty candidate's server injects errors; all others answer clean.
@@ -153,12 +168,19 @@ def run_demo(out_dir: Path, *, console: Console | None = None, rps: float = RPS)
         console.print(
             f"load: {final.sent} requests, by version {final.by_version}, p99 {final.p99_ms:.1f} ms"
         )
-    console.rule("[bold]done[/]")
-    console.print(f"report:  {result.report}")
-    for ledger in result.ledgers:
-        console.print(f"ledger:  {ledger}   (aml-rollout rollout explain {ledger})")
-    console.print(f"outputs: {out_dir}   ({time.monotonic() - started:.0f} s)")
+    print_outputs(console, result, time.monotonic() - started)
     return result
+
+
+def print_outputs(console: Console, result: DemoResult, seconds: float) -> None:
+    """Where the report and ledgers are: one line each whatever the width (a wrapped
+    `explain` hint, pasted, ran without its ledger), paths printed as they are, not as markup."""
+    console.rule("[bold]done[/]")
+    lines = [f"report:  {result.report}"]
+    lines += [f"ledger:  {path}   (aml-rollout rollout explain {path})" for path in result.ledgers]
+    lines.append(f"outputs: {result.out_dir}   ({seconds:.0f} s)")
+    for line in lines:
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
 
 
 # ----------------------------------------------------------------------------------- the steps
@@ -186,8 +208,6 @@ def _pipeline(number: int, registry: Any, out_dir: Path, console: Console) -> An
     run_local(params, run_dir=out_dir / "pipeline" / f"v{number}", until="register", sink=sink)
     version = registry.latest(MODEL)
     if version is None or (before is not None and version.version == before.version):
-        from rollout.errors import LocalStackError
-
         raise LocalStackError(f"pipeline v{number} registered no new version of {MODEL}")
     return version
 

@@ -17,7 +17,7 @@ started from its main thread (`die_with_parent`); the load generator is a thread
 A temporary workdir is removed at `stop()`, except after a failed `start()`: the error quotes
 and names the failing process's log there, so the folder is kept (and the error says so).
 
-A workdir may be reused (`aml-rollout up --workdir D`, `demo --out X` twice): `start()` writes
+A workdir may be reused (`aml-rollout up --workdir D` twice, or after a crash): `start()` writes
 Envoy's config afresh (new ports), stops scoring servers a previous stack left recorded and
 forgets which release each colour served; rollout state, ledgers and Prometheus' data stay.
 
@@ -32,6 +32,7 @@ Layout of `workdir`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -51,8 +52,8 @@ from rollout.config import (
 )
 from rollout.core.types import Colour
 from rollout.errors import LocalStackError
-from rollout.local.envoy import EnvoyProcess
-from rollout.local.prometheus import PrometheusProcess
+from rollout.local.envoy import EnvoyProcess, envoy_binary
+from rollout.local.prometheus import PrometheusProcess, prometheus_binary
 from rollout.local.workloads import ScoringProcesses
 from rollout.metrics.prometheus import PrometheusMetrics
 from rollout.routers.envoy import EnvoyRouter
@@ -96,6 +97,12 @@ class LocalStack:
 
     def start(self) -> LocalStack:
         """Start Envoy and Prometheus (stopping what started if anything fails)."""
+        try:  # A missing binary is found before anything runs: it names no log worth keeping.
+            envoy_binary()
+            prometheus_binary()
+        except LocalStackError:
+            self.stop()  # nothing started; a temporary folder goes
+            raise
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._lock_workdir()  # before anything is touched: a live stack's files are its own
@@ -143,6 +150,19 @@ class LocalStack:
             )
         self._lock_fd = fd
 
+    def _owns_workdir(self) -> bool:
+        """Whether the scoring servers recorded in the folder are this stack's to stop.
+
+        They are when it holds the lock, or can take it now (no stack runs there: what a
+        crashed one left is anyone's to clean up). A stack refused at `start()` because another
+        runs there must not stop that one's servers on its way out (`up` stops its stack on
+        any exit: it once took green down under a live stack, and Envoy answered 503).
+        """
+        if self._lock_fd is None and self.workdir.is_dir():
+            with contextlib.suppress(LocalStackError, OSError):
+                self._lock_workdir()
+        return self._lock_fd is not None
+
     def _unlock_workdir(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing drops the flock
@@ -175,9 +195,10 @@ class LocalStack:
             if client is not None:
                 client.close()
         self._router = self._metrics = None
-        stopped = self.workloads.stop_all()
-        if stopped:
-            log.debug("stopped %d scoring server(s)", stopped)
+        if self._owns_workdir():
+            stopped = self.workloads.stop_all()
+            if stopped:
+                log.debug("stopped %d scoring server(s)", stopped)
         self.prometheus.stop()
         self.envoy.stop()
         self._unlock_workdir()

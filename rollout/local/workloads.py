@@ -149,13 +149,18 @@ class ScoringProcesses:
                 timeout_s=self.ready_timeout_s,
                 alive=lambda: child.running,
             )
+            _warm_up(f"http://{self.host}:{port}/score", Path(release.model_dir))
         except LocalStackError as exc:
             self.stop(Endpoint(self.host, port, ref))
             # The cause (a bad model folder, a traceback) is in the server's own log.
             raise RouterError(
                 f"scoring server for {colour.value} did not start: {exc}{quoted_log_tail(log_path)}"
             ) from None
-        _warm_up(f"http://{self.host}:{port}/score", Path(release.model_dir))
+        except BaseException:
+            # Ctrl-C or SIGTERM while it loads: nothing routes to it yet and no one would stop
+            # it before the stack does (a resumed rollout starts another one).
+            self.stop(Endpoint(self.host, port, ref))
+            raise
         self._write_targets()
         log.info("%s serves %s:%s on port %d", colour.value, release.model, release.version, port)
         return Endpoint(self.host, port, ref)

@@ -134,6 +134,16 @@ def test_run_rolls_back_with_exit_3(tmp_path: Path) -> None:
     assert "rolled back at step 10 %: canary error rate" in out
 
 
+def test_run_prints_the_explain_hint_on_one_line_however_long(tmp_path: Path) -> None:
+    # Was wrapped at the console's width: pasted, it ran `explain` without its ledger.
+    folder = tmp_path / ("a-long-folder-name-" * 10)
+    folder.mkdir()
+    code, out = invoke("run", str(write_spec(folder, canary_error=0.08)), "--simulated-time")
+    assert code == EXIT_ROLLED_BACK, out
+    ledger = folder / "state" / "cli.ledger.jsonl"
+    assert f"ledger: {ledger}  (aml-rollout rollout explain {ledger})" in out.splitlines()
+
+
 def test_run_held_for_a_human_exits_4(tmp_path: Path) -> None:
     spec = write_spec(
         tmp_path,

@@ -10,6 +10,7 @@ Succeeded, and into a pipe (`make demo`) the next line was glued to the panel's 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +20,8 @@ from rich.live import Live
 from rollout.core.status import Status
 from rollout.core.types import Phase, Release
 from rollout.local.demo import Exposure, _LiveView, end_live, exposure
+from tests.cli import run_cli
+from tests.local.conftest import MakeRelease
 
 V1 = Release(model="diabetes", version="1")
 V2 = Release(model="diabetes", version="2")
@@ -137,3 +140,57 @@ def test_otherwise_the_story_says_what_users_got(
     story = exposure(BEFORE, after, V3, ledger).story("v3")
     assert "never" not in story
     assert told in story
+
+
+def test_the_outputs_are_one_line_each_at_80_columns(tmp_path: Path) -> None:
+    # Was wrapped after "aml-rollout": pasted, the hint ran a command without its ledger.
+    from rollout.local.demo import DemoResult, print_outputs
+
+    out = tmp_path / "runs" / "demo-[20260101T120000]"  # brackets: printed, not read as markup
+    ledger = out / "stack" / "state" / "diabetes-v2.ledger.jsonl"
+    result = DemoResult(out, out / "report.html", ledgers=[ledger])
+    buffer = io.StringIO()
+    print_outputs(Console(file=buffer, width=80), result, 52.4)
+    lines = buffer.getvalue().splitlines()
+    assert f"ledger:  {ledger}   (aml-rollout rollout explain {ledger})" in lines
+    assert f"report:  {out / 'report.html'}" in lines
+    assert f"outputs: {out}   (52 s)" in lines
+
+
+def test_a_demo_into_an_earlier_demos_folder_is_refused_before_anything_starts(
+    make_release: MakeRelease, tmp_path: Path
+) -> None:
+    # Was: the stack started and v1 was trained, then "register: not registered, the gate
+    # refused the model (exit 3); `--param force=true` registers it anyway" (no such option).
+    from aml_pipelines.registry.local import LocalRegistry
+
+    LocalRegistry(tmp_path / "registry").register(
+        "diabetes", Path(str(make_release("1").model_dir))
+    )
+    done = run_cli("demo", "--out", str(tmp_path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip() == (
+        f"error: {tmp_path} holds an earlier demo's registry (diabetes up to v1): the story "
+        "starts from an empty one; give a new --out"
+    )
+    assert not (tmp_path / "stack").exists()
+
+
+@pytest.mark.parametrize(
+    ("where", "why"),
+    [
+        pytest.param("file", "it is not a folder", id="a-file"),
+        pytest.param("file/out", "Not a directory", id="under-a-file"),
+    ],
+)
+def test_a_demo_out_that_cannot_be_a_folder_says_so_in_one_line(
+    tmp_path: Path, where: str, why: str
+) -> None:
+    # Was: a FileExistsError / NotADirectoryError traceback from mkdir.
+    (tmp_path / "file").write_text("not a folder")
+    done = run_cli("demo", "--out", str(tmp_path / where))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert (
+        done.stderr.strip()
+        == f"error: cannot write the demo's outputs in {tmp_path / where}: {why}"
+    )

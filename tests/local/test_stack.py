@@ -136,8 +136,10 @@ def test_a_workdir_serves_again_after_a_stop_and_after_a_crash(
         first.router.deploy(Colour.GREEN, make_release("1"))
         first_ports = (first.envoy.port, first.envoy.admin_port)
         # A second stack on a live one's folder would stop its servers and rewrite its routes.
+        refused = LocalStack(workdir)
         with pytest.raises(LocalStackError, match=r"another local stack runs in .* \(pid \d+"):
-            LocalStack(workdir).start()
+            refused.start()
+        refused.stop()  # as `up` does on any exit: the live stack's servers are not its own
         first.router.set_weights(Weights.blue_at(0))
         served = httpx.post(f"{first.url}/score", json={"data": [[0.0] * 10]}, timeout=10)
         assert served.status_code == 200  # untouched
@@ -180,3 +182,29 @@ def test_a_server_that_dies_on_start_says_why_and_where_its_log_is(tmp_path: Pat
     assert "did not start" in message
     assert "holds neither package.json" in message  # the cause, from the server's log
     assert str(tmp_path / "workloads" / "green-") in message and ".log" in message
+
+
+@pytest.mark.parametrize("step", ["wait_ready", "_warm_up"])
+def test_a_server_interrupted_while_it_starts_is_stopped(
+    make_release: MakeRelease, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    # Was: Ctrl-C on `aml-rollout rollout run` while blue's server loaded left it running,
+    # recorded but routed to by nothing, until the stack stopped; each resume started another.
+    from rollout.local import workloads as module
+
+    workloads = ScoringProcesses(tmp_path / "workloads")
+    pids: list[int] = []
+
+    def ctrl_c(*args: object, **kwargs: object) -> None:
+        pids.extend(int(r["pid"]) for r in workloads.records())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, step, ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            workloads.start(Colour.BLUE, make_release("1"))
+        assert len(pids) == 1
+        assert not pid_alive(pids[0])
+        assert workloads.records() == []
+    finally:
+        workloads.stop_all()  # a failed check leaves no server behind

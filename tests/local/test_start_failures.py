@@ -57,6 +57,27 @@ def test_a_failed_start_keeps_the_temporary_folder_its_error_names(
         shutil.rmtree(stack.workdir, ignore_errors=True)
 
 
+def test_a_missing_binary_starts_nothing_and_keeps_no_temporary_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: Envoy started, then "AML_ROLLOUT_PROMETHEUS=... is not a file (the stack did not
+    # start; its files and logs are kept in /tmp/aml-rollout-stack-...)": a folder holding no
+    # log about it, left behind at every try.
+    monkeypatch.setenv("AML_ROLLOUT_PROMETHEUS", str(tmp_path / "no-prometheus"))
+    stack = LocalStack()
+    try:
+        with pytest.raises(LocalStackError) as caught:
+            stack.start()
+        assert (
+            str(caught.value)
+            == f"AML_ROLLOUT_PROMETHEUS={tmp_path / 'no-prometheus'} is not a file"
+        )
+        assert stack.envoy.pid is None
+        assert not stack.workdir.exists()
+    finally:
+        shutil.rmtree(stack.workdir, ignore_errors=True)
+
+
 def test_up_on_a_busy_port_says_so_in_one_line(busy_port: int, tmp_path: Path) -> None:
     done = run_cli("up", "--port", str(busy_port), "--workdir", str(tmp_path / "stack"))
     assert done.returncode == 2, done.stdout + done.stderr
@@ -64,6 +85,17 @@ def test_up_on_a_busy_port_says_so_in_one_line(busy_port: int, tmp_path: Path) -
         f"error: --port {busy_port}: 127.0.0.1:{busy_port} is already in use; choose another "
         "port, or leave --port out for a free one"
     )
+    assert not (tmp_path / "stack").exists()  # refused before anything was made
+
+
+@pytest.mark.parametrize("option", ["--model-dir", "--candidate-dir"])
+def test_up_with_a_folder_holding_no_model_says_so_before_anything(
+    option: str, tmp_path: Path
+) -> None:
+    # Was: Envoy and Prometheus started, the example model trained (~5 s), then the error.
+    done = run_cli("up", option, str(tmp_path / "typo"), "--workdir", str(tmp_path / "stack"))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip() == f"error: {tmp_path / 'typo'} holds no package.json or model.json"
     assert not (tmp_path / "stack").exists()  # refused before anything was made
 
 
