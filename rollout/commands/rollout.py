@@ -42,6 +42,8 @@ EXIT_PAUSED = 4
 EXIT_FAILED = 5
 EXIT_RUNNING = 6
 
+# soft_wrap: long lines are printed whole (the terminal wraps them), never broken at 80 columns
+# in a pipe or a CI log.
 _out = Console(highlight=False, soft_wrap=True)
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -57,7 +59,7 @@ StateDirOpt = Annotated[
 
 
 def _fail(exc: Exception) -> NoReturn:
-    _err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+    _err.print(f"[bold red]error:[/] {escape(str(exc))}")
     raise typer.Exit(EXIT_ERROR)
 
 
@@ -184,10 +186,10 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     colour = {"Succeeded": "green", "RolledBack": "yellow"}.get(result.phase.value, "red")
     _out.print(f"[bold {colour}]{result.phase.value}[/]: {escape(result.reason)}")
-    # One line whatever the width: wrapped, a pasted hint ran `explain` without its ledger.
+    # One line whatever the width (the consoles soft-wrap): wrapped, a pasted hint ran
+    # `explain` without its ledger.
     _out.print(
         f"ledger: {result.ledger_path}  (aml-rollout rollout explain {result.ledger_path})",
-        soft_wrap=True,
         markup=False,
     )
     raise typer.Exit(_exit_code(result.phase.value))
@@ -406,7 +408,7 @@ def _follow(store: StateStore, current: Status | None, timeout: float) -> Status
             if line != shown:
                 stamp = time.strftime("%H:%M:%S")
                 text = f"{stamp} {line[0]:<11} blue {line[1]:>3} %  {line[2]}"
-                _out.print(text, markup=False, soft_wrap=True)
+                _out.print(text, markup=False)
                 shown = line
         if _settled(current) or time.monotonic() >= deadline:
             return current
