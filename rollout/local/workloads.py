@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 
 from rollout.core.types import Colour, Release
-from rollout.errors import LocalStackError, RouterError
+from rollout.errors import DeployFailed, LocalStackError, RouterError
 from rollout.local.process import (
     Child,
     free_port,
@@ -83,13 +83,14 @@ class ScoringProcesses:
 
     def start(self, colour: Colour, release: Release) -> Endpoint:
         """Start a scoring server for `release`; returns once it is ready."""
+        # What is wrong with the release itself is DeployFailed: an answer, no retry helps.
         if not release.model_dir:
-            raise RouterError(
+            raise DeployFailed(
                 f"cannot deploy {release.ref} to {colour.value} locally: "
                 "the release has no model_dir (a package or model folder)"
             )
         if not Path(release.model_dir).is_dir():
-            raise RouterError(
+            raise DeployFailed(
                 f"cannot deploy to {colour.value}: {release.model_dir} is not a folder"
             )
         port = free_port(self.host)
@@ -151,9 +152,11 @@ class ScoringProcesses:
             )
             _warm_up(f"http://{self.host}:{port}/score", Path(release.model_dir))
         except LocalStackError as exc:
+            died = not child.running  # the release's server exited (a model it cannot load)
             self.stop(Endpoint(self.host, port, ref))
             # The cause (a bad model folder, a traceback) is in the server's own log.
-            raise RouterError(
+            error = DeployFailed if died else RouterError  # else: slow, maybe a loaded machine
+            raise error(
                 f"scoring server for {colour.value} did not start: {exc}{quoted_log_tail(log_path)}"
             ) from None
         except BaseException:

@@ -111,16 +111,18 @@ def test_a_server_stopped_by_another_controller_is_reaped_by_its_parent(
         pytest.param("empty", "did not start", id="server-refuses-the-folder"),
     ],
 )
-def test_a_release_that_cannot_be_served_is_a_router_error(
+def test_a_release_that_cannot_be_served_is_deploy_failed(
     tmp_path: Path, model_dir: str | None, match: str
 ) -> None:
+    """DeployFailed, not a RouterError to retry: the controller fails a candidate that cannot be
+    served at once (a server that exits on the folder would exit again)."""
     from rollout.core.types import Release
-    from rollout.errors import RouterError
+    from rollout.errors import DeployFailed
 
     (tmp_path / "empty").mkdir()
     folder = None if model_dir is None else str(tmp_path / model_dir)
     with LocalStack(tmp_path / "stack") as stack:
-        with pytest.raises(RouterError, match=match):
+        with pytest.raises(DeployFailed, match=match):
             stack.router.deploy(Colour.GREEN, Release("diabetes", "9", model_dir=folder))
         assert stack.router.release(Colour.GREEN) is None
         assert not list(stack.workloads.directory.glob("*.proc.json"))
