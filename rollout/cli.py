@@ -54,3 +54,7 @@ def main() -> None:
             f"[bold red]error:[/] {escape(str(exc))}", highlight=False
         )
         sys.exit(getattr(exc, "exit_code", EXIT_USER_ERROR))
+
+
+if __name__ == "__main__":  # python -m rollout.cli, e.g. from a checkout without the script
+    main()

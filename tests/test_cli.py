@@ -22,6 +22,16 @@ def test_help_lists_every_group() -> None:
         assert group in result.output
 
 
+def test_python_dash_m_runs_the_cli() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "rollout.cli", "rollout", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "Usage:" in done.stdout and "bootstrap" in done.stdout
+
+
 def test_help_imports_no_heavy_sdk() -> None:
     # `import azure.ai.ml` alone costs seconds; --help must not pay for it.
     code = (
