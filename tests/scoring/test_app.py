@@ -322,6 +322,11 @@ def test_admin_route_turns_the_knob_at_run_time(
         pytest.param(LOOPBACK, (KEY,), {}, 401, id="loopback-without-key"),
         pytest.param(LOOPBACK, (KEY,), {"authorization": f"Bearer {KEY}"}, 200, id="loopback-key"),
         pytest.param(("::1", 5000), (), {}, 200, id="ipv6-loopback"),
+        pytest.param(("127.0.0.2", 5000), (), {}, 200, id="loopback-range"),
+        # Was 403: a server bound to `::` sees a local IPv4 client as ::ffff:127.0.0.1.
+        pytest.param(("::ffff:127.0.0.1", 5000), (), {}, 200, id="ipv4-mapped-loopback"),
+        pytest.param(("::ffff:10.1.2.3", 5000), (), {}, 403, id="ipv4-mapped-remote"),
+        pytest.param(("not-an-address", 5000), (), {}, 403, id="unparsable-peer"),
         # A local proxy connects from loopback: what it relays comes from anywhere.
         pytest.param(LOOPBACK, (), {"x-forwarded-for": "10.1.2.3"}, 403, id="forwarded-for"),
         pytest.param(LOOPBACK, (), {"x-forwarded-proto": "http"}, 403, id="forwarded-proto"),
