@@ -362,6 +362,9 @@ def create_app(
         except ModelLoadError as exc:
             state.load_error = str(exc)
             log.error("cannot serve %s: %s", path, exc)
+        except Exception as exc:  # any other failure must not leave /readyz saying "loading"
+            state.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("cannot serve %s", path)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:

@@ -198,6 +198,23 @@ def test_readyz_reports_a_failed_load(model_dir: Path, tmp_path: Path) -> None:
     assert "sha256" in r.json()["error"]
 
 
+def test_readyz_reports_a_load_that_failed_unexpectedly(
+    loaded: LoadedModel, model_dir: Path, registry: CollectorRegistry
+) -> None:
+    # Was: only a ModelLoadError was caught; anything else (here, a registry that already holds
+    # another server's metrics) ended the loader thread and /readyz said "loading" for ever.
+    create_app(loaded, colour="blue", registry=registry)
+    app = create_app(model_dir, colour="green", registry=registry)
+    with AppClient(app, lifespan=True) as c:
+        deadline = time.monotonic() + 20
+        while (r := c.get("/readyz")).json()["status"] == "loading":
+            assert time.monotonic() < deadline, "the failed load still says loading"
+            time.sleep(0.02)
+    assert r.status_code == 503
+    assert r.json()["status"] == "failed"
+    assert "Duplicated timeseries" in r.json()["error"]
+
+
 def test_openapi_documents_score_with_the_model_width(blue: AppClient, holdout: np.ndarray) -> None:
     doc = blue.get("/openapi.json").json()
     post = doc["paths"]["/score"]["post"]
