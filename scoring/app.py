@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import threading
 import time
@@ -59,7 +60,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 #: A fault setting is two numbers; anything longer is not one.
 ADMIN_MAX_BODY_BYTES = 4096
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 #: Headers a proxy adds on the way (Envoy: x-forwarded-proto, x-envoy-expected-rq-timeout-ms).
 #: A request to /admin carrying one came through a proxy on this host, from anywhere.
 PROXY_HEADERS = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-real-ip"})
@@ -143,6 +143,22 @@ class ServerState:
         for key in self.api_keys:  # no early exit: timing must not tell which key matched
             ok |= hmac.compare_digest(presented, key)
         return ok
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a peer address is this machine's loopback (127.0.0.0/8, ::1).
+
+    A server bound to `::` accepts IPv4 too, and sees a local IPv4 client as ::ffff:127.0.0.1.
+    """
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def _error(message: str) -> bytes:
@@ -346,6 +362,9 @@ def create_app(
         except ModelLoadError as exc:
             state.load_error = str(exc)
             log.error("cannot serve %s: %s", path, exc)
+        except Exception as exc:  # any other failure must not leave /readyz saying "loading"
+            state.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("cannot serve %s", path)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
@@ -424,8 +443,7 @@ def create_app(
         return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
     def admin_guard(request: Request) -> JSONResponse | None:
-        client = request.client.host if request.client else ""
-        if client not in LOOPBACK_HOSTS:
+        if request.client is None or not is_loopback(request.client.host):
             return JSONResponse({"error": "the admin route only answers loopback clients"}, 403)
         # A local proxy (the stack's Envoy) connects from loopback too: its requests come from
         # anywhere. The Envoy route table refuses /admin as well; this holds where it does not

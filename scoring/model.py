@@ -12,7 +12,8 @@ Prediction has two paths. Linear regressors (Ridge, LinearRegression, Lasso, ...
 input validation (~250 µs per call on a small box, against ~2 µs of arithmetic). Any other
 estimator goes through its own `predict`. Input validation is ours (scoring.inputs) either way.
 An estimator without a callable `predict`, or whose prediction of one row of zeros is not one
-float64 (shape (1,)), refuses to load: it would say ready and then answer every request 500.
+finite float64 (shape (1,)), refuses to load: it would say ready and then answer every request
+500 (or, for a NaN, 422, which would hide the broken model from the judge).
 
 This module imports numpy at top level and sklearn/skops only inside `load_model`, so score.py
 stays importable cheaply and the package never imports the rollout engine.
@@ -183,7 +184,8 @@ def _smoke_test(predictor: Predictor, n_features: int, model_file: Path) -> None
     """Predict one row of zeros: a model that cannot answer it must not load and say ready.
 
     Otherwise /readyz would say 200 and every request fail with 500 (a classifier with string
-    labels, a multi-output regressor, a predict that needs other input).
+    labels, a multi-output regressor, a predict that needs other input), or with 422 (NaN or
+    infinite parameters: a non-finite prediction is taken for an input beyond the model's range).
     """
     try:
         out = predictor.predict(np.zeros((1, n_features), dtype=np.float64))
@@ -197,6 +199,13 @@ def _smoke_test(predictor: Predictor, n_features: int, model_file: Path) -> None
         raise ModelLoadError(
             f"{model_file}: predicting one row gave {type(out).__name__} of shape {shape}, "
             "expected one float per row (shape (1,))"
+        )
+    if not np.isfinite(out).all():
+        # NaN or infinite coefficients, intercept or leaves: every answer would be refused as
+        # "out of the model's numeric range", a 422 the judge does not count against the model.
+        raise ModelLoadError(
+            f"{model_file}: predicting one row of {n_features} zeros gave {out[0]}, "
+            "not a finite number (NaN or infinite parameters?)"
         )
 
 

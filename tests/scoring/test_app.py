@@ -198,6 +198,23 @@ def test_readyz_reports_a_failed_load(model_dir: Path, tmp_path: Path) -> None:
     assert "sha256" in r.json()["error"]
 
 
+def test_readyz_reports_a_load_that_failed_unexpectedly(
+    loaded: LoadedModel, model_dir: Path, registry: CollectorRegistry
+) -> None:
+    # Was: only a ModelLoadError was caught; anything else (here, a registry that already holds
+    # another server's metrics) ended the loader thread and /readyz said "loading" for ever.
+    create_app(loaded, colour="blue", registry=registry)
+    app = create_app(model_dir, colour="green", registry=registry)
+    with AppClient(app, lifespan=True) as c:
+        deadline = time.monotonic() + 20
+        while (r := c.get("/readyz")).json()["status"] == "loading":
+            assert time.monotonic() < deadline, "the failed load still says loading"
+            time.sleep(0.02)
+    assert r.status_code == 503
+    assert r.json()["status"] == "failed"
+    assert "Duplicated timeseries" in r.json()["error"]
+
+
 def test_openapi_documents_score_with_the_model_width(blue: AppClient, holdout: np.ndarray) -> None:
     doc = blue.get("/openapi.json").json()
     post = doc["paths"]["/score"]["post"]
@@ -322,6 +339,11 @@ def test_admin_route_turns_the_knob_at_run_time(
         pytest.param(LOOPBACK, (KEY,), {}, 401, id="loopback-without-key"),
         pytest.param(LOOPBACK, (KEY,), {"authorization": f"Bearer {KEY}"}, 200, id="loopback-key"),
         pytest.param(("::1", 5000), (), {}, 200, id="ipv6-loopback"),
+        pytest.param(("127.0.0.2", 5000), (), {}, 200, id="loopback-range"),
+        # Was 403: a server bound to `::` sees a local IPv4 client as ::ffff:127.0.0.1.
+        pytest.param(("::ffff:127.0.0.1", 5000), (), {}, 200, id="ipv4-mapped-loopback"),
+        pytest.param(("::ffff:10.1.2.3", 5000), (), {}, 403, id="ipv4-mapped-remote"),
+        pytest.param(("not-an-address", 5000), (), {}, 403, id="unparsable-peer"),
         # A local proxy connects from loopback: what it relays comes from anywhere.
         pytest.param(LOOPBACK, (), {"x-forwarded-for": "10.1.2.3"}, 403, id="forwarded-for"),
         pytest.param(LOOPBACK, (), {"x-forwarded-proto": "http"}, 403, id="forwarded-proto"),

@@ -5,7 +5,9 @@ from __future__ import annotations
 import fractions
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import skops.io as sio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from sklearn.dummy import DummyClassifier
+from sklearn.dummy import DummyClassifier, DummyRegressor
 from sklearn.linear_model import Lasso, LinearRegression, Ridge
 from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeRegressor
@@ -187,3 +189,47 @@ def test_a_classifier_with_numeric_labels_loads(tmp_path: Path) -> None:
     )
     model = load_model(folder)
     assert model.predictor.predict(np.zeros((2, 10))).shape == (2,)
+
+
+def _refit_file(folder: Path, change: Callable[[Any], None]) -> Path:
+    """Apply `change` to the saved estimator and record the new sha256, as train would."""
+    estimator = sio.load(
+        folder / "model.skops", trusted=sio.get_untrusted_types(file=folder / "model.skops")
+    )
+    change(estimator)
+    sio.dump(estimator, folder / "model.skops")
+    meta = json.loads((folder / "model.json").read_text())
+    meta["sha256"] = sha256_of(folder / "model.skops")
+    (folder / "model.json").write_text(json.dumps(meta))
+    return folder
+
+
+def _set_nan_coef(model: Any) -> None:
+    model.coef_[2] = np.nan
+
+
+def _set_inf_intercept(model: Any) -> None:
+    model.intercept_ = np.inf
+
+
+def _set_nan_constant(model: Any) -> None:
+    model.constant_ = np.full_like(model.constant_, np.nan)
+
+
+@pytest.mark.parametrize(
+    ("estimator", "change"),
+    [
+        pytest.param(Ridge(), _set_nan_coef, id="nan-coefficient-fast-path"),
+        pytest.param(Ridge(), _set_inf_intercept, id="infinite-intercept-fast-path"),
+        pytest.param(DummyRegressor(), _set_nan_constant, id="nan-prediction-estimator-path"),
+    ],
+)
+def test_a_model_that_predicts_non_finite_numbers_refuses_to_load(
+    tmp_path: Path, estimator: Any, change: Callable[[Any], None]
+) -> None:
+    # Was: it loaded and /readyz said 200, then every request was answered 422 "out of the
+    # model's numeric range": the model's failure shown as the client's, which the judge does
+    # not count, so a broken candidate could be promoted.
+    folder = _refit_file(make_model_dir(tmp_path / "m", estimator=estimator), change)
+    with pytest.raises(ModelLoadError, match="not a finite number"):
+        load_model(folder)
