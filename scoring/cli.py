@@ -33,6 +33,12 @@ EXIT_USER_ERROR = 2
 #: `load` ran, but no request got a 2xx answer.
 EXIT_LOAD_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+#: How long `serve` keeps an idle client connection open (uvicorn's default is 5 s). A proxy in
+#: front (Envoy, an Istio sidecar, a load balancer) must close idle connections first: a
+#: request it sends on a connection the server is closing at that moment comes back as a 503
+#: the proxy makes up, which the rollout judge would count against the model. Above the 60 s
+#: of the local Envoy (rollout.routers.envoy.UPSTREAM_IDLE_S) and of common load balancers.
+KEEP_ALIVE_S = 75
 
 
 class ColourOption(StrEnum):
@@ -149,6 +155,7 @@ def serve(
         loop="uvloop",
         log_level=log_level.lower(),
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     try:
         uvicorn.Server(config).run(sockets=[sock])

@@ -56,6 +56,9 @@ ENDPOINTS_TYPE = f"{_API}.config.endpoint.v3.ClusterLoadAssignment"
 MAX_CONNECTIONS = 10_000
 #: Polling pause while waiting for Envoy to serve what we wrote (it takes 3-6 ms).
 POLL_S = 0.002
+#: Envoy closes an upstream connection idle this long (its default is an hour); below the
+#: scoring server's keep-alive (scoring.cli.KEEP_ALIVE_S), so the server never closes first.
+UPSTREAM_IDLE_S = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +260,16 @@ def bootstrap(
             # configured here every host counts as healthy, so today this changes nothing; it
             # keeps a future health check from being overridden by panic routing.
             "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+            # Close an idle upstream connection before the scoring server does (its keep-alive
+            # is longer, scoring.cli.KEEP_ALIVE_S): else a request sent on a connection the
+            # server closes at that moment is a 503 Envoy makes up, counted against the model.
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": f"{_API}.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "common_http_protocol_options": {"idle_timeout": f"{UPSTREAM_IDLE_S}s"},
+                    "explicit_http_config": {"http_protocol_options": {}},
+                }
+            },
         }
 
     manager: dict[str, Any] = {

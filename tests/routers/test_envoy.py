@@ -31,6 +31,7 @@ from rollout.core.types import Colour, Release, Weights
 from rollout.errors import RouterError, RouterUnavailable
 from rollout.local.envoy import EnvoyProcess, envoy_binary
 from rollout.routers.envoy import (
+    UPSTREAM_IDLE_S,
     EnvoyFiles,
     EnvoyRouter,
     initial_files,
@@ -39,6 +40,7 @@ from rollout.routers.envoy import (
     write_atomically,
 )
 from rollout.routers.factory import make_router
+from scoring.cli import KEEP_ALIVE_S
 from tests.local.upstream import ThreadUpstreams
 from tests.routers.contract import V1, V2, RouterContract, identity
 
@@ -128,6 +130,23 @@ def test_generated_bootstrap_passes_envoys_own_validation(envoy: EnvoyProcess) -
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_envoy_closes_idle_upstream_connections_before_the_scoring_server_does(
+    envoy: EnvoyProcess,
+) -> None:
+    dump = httpx.get(f"{envoy.admin_url}/config_dump", timeout=5).json()
+    clusters = [
+        entry["cluster"]
+        for section in dump["configs"]
+        for entry in section.get("static_clusters", [])
+    ]
+    assert {c["name"] for c in clusters} >= {"blue", "green"}
+    for cluster in clusters:
+        options = cluster["typed_extension_protocol_options"]
+        http = options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        assert http["common_http_protocol_options"]["idle_timeout"] == f"{UPSTREAM_IDLE_S}s"
+    assert UPSTREAM_IDLE_S < KEEP_ALIVE_S
 
 
 def test_from_config_through_the_factory(envoy: EnvoyProcess, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import shutil
 import signal
 import socket
@@ -16,6 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from rollout.cli import app as cli_app
+from rollout.routers.envoy import UPSTREAM_IDLE_S
+from scoring.cli import KEEP_ALIVE_S
 
 
 def test_serve_refuses_a_tampered_model(model_dir: Path, tmp_path: Path) -> None:
@@ -98,6 +101,19 @@ def test_serve_runs_uvicorn_with_the_options(package_dir: Path) -> None:
         assert faulty.status_code == 500 and faulty.headers["x-fault-injected"] == "1"
         assert httpx.get(f"{base}/score", headers=auth).json()["colour"] == "blue"
         assert 'scoring_fault_error_rate{colour="blue"} 1.0' in httpx.get(f"{base}/metrics").text
+        # A connection idle past uvicorn's default keep-alive (5 s) is still open: the proxy in
+        # front closes idle ones first (Envoy here after UPSTREAM_IDLE_S), never the server.
+        assert UPSTREAM_IDLE_S < KEEP_ALIVE_S
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            for pause in (0, 6):
+                time.sleep(pause)
+                # Closed by the server meanwhile, this raises RemoteDisconnected.
+                conn.request("GET", "/readyz")
+                answer = conn.getresponse()
+                assert answer.status == 200 and answer.read()
+        finally:
+            conn.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=20)[0].decode()
