@@ -238,8 +238,7 @@ class Controller:
             self._check_same_candidate(status)
             log.info("resuming rollout %s in phase %s", status.name, status.phase.value)
             status = self._finish_pending(status)
-            self._restore_data_plane(status)
-            return status
+            return self._restore_data_plane(status)
         candidate = self._asked_candidate() or self.router.release(Colour.BLUE)
         if candidate is None:
             raise RolloutError(
@@ -294,17 +293,18 @@ class Controller:
             )
         return status
 
-    def _restore_data_plane(self, status: Status) -> None:
+    def _restore_data_plane(self, status: Status) -> Status:
         """On resume, make the data plane serve what the status says the step serves.
 
         The status is the rollout's truth; the data plane may have lost it while no controller
         ran: an Envoy restarted from its bootstrap, a memory router without a state file (a dry
         run resumed), a VirtualService edited by hand. Left alone, blue would get no canary
         traffic and the step would wait for evidence until held. A colour that serves nothing
-        gets its release again; a colour serving another release is left to the operator.
+        gets its release again; a colour serving another release is left to the operator. The
+        candidate failing that deploy for good fails the rollout, as at its first deploy.
         """
         if status.phase not in (Phase.PROGRESSING, Phase.PAUSED):
-            return
+            return status
         repairs: list[Action] = [
             Deploy(colour, release)
             for colour, release in ((Colour.GREEN, status.stable), (Colour.BLUE, status.candidate))
@@ -314,7 +314,7 @@ class Controller:
         if repairs or served != status.weights:
             repairs.append(SetWeights(status.blue_weight, status.mirror))
         if not repairs:
-            return
+            return status
         log.warning(
             "the data plane serves %s, the rollout's status says %s: %s",
             served.blue_share,
@@ -331,7 +331,13 @@ class Controller:
                 }
             )
         for action in repairs:
-            self._apply(action)
+            try:
+                self._apply(action)
+            except DeployFailed as exc:
+                if not _deploys_candidate(action):
+                    raise
+                return self._candidate_failed(status, exc)
+        return status
 
     def _asked_candidate(self) -> Release | None:
         """The candidate given to the controller, else the spec's (None when neither names one)."""
@@ -421,7 +427,7 @@ class Controller:
             try:
                 self._apply(action)
             except DeployFailed as exc:
-                if not (isinstance(action, Deploy) and action.colour is Colour.BLUE):
+                if not _deploys_candidate(action):
                     raise  # green (the stable release, or a promotion's Blue_Green): a human's
                 return self._candidate_failed(status, exc)
             status = replace(status, applied=index + 1)
@@ -492,6 +498,11 @@ class Controller:
 def same_bits(a: Release, b: Release) -> bool:
     """The same model bits in the same image (a new image of one model is a real candidate)."""
     return (a.ref, a.sha256, a.image) == (b.ref, b.sha256, b.image)
+
+
+def _deploys_candidate(action: Action) -> bool:
+    """A deploy to blue: one failing for good is the candidate's failure, not a human's."""
+    return isinstance(action, Deploy) and action.colour is Colour.BLUE
 
 
 def _release_dict(release: Release) -> dict[str, Any]:

@@ -379,6 +379,27 @@ def test_a_candidate_deploy_failing_after_a_restart_fails_the_rollout_too(tmp_pa
     assert told.phases == [Phase.FAILED]
 
 
+def test_a_candidate_that_cannot_be_deployed_again_on_resume_fails_the_rollout(
+    tmp_path: Path,
+) -> None:
+    # The data plane lost blue while no controller ran (an Envoy restarted, a namespace
+    # cleaned); the resumed controller deploys it again, and that deploy fails for good.
+    healthy = MemoryRouter(releases={Colour.GREEN: V1})
+    first, _ = controller(tmp_path, healthy, simulated(healthy, 0.01))
+    assert first.run(max_ticks=3).blue_weight == 50
+    lost = NeverReadyBlue(releases={Colour.GREEN: V1})
+    told = Told()
+    ctl, clock = controller(tmp_path, lost, StaticMetrics([]), notifier=told)
+    started = clock.now()
+    final = ctl.run(max_ticks=5)
+    assert final.phase is Phase.FAILED and final.blue_weight == 0
+    assert "could not be deployed to blue" in final.reason and "ImagePullBackOff" in final.reason
+    assert lost.get_weights() == Weights.blue_at(0)
+    assert clock.now() == started  # failed at once, not tried again
+    assert told.phases == [Phase.FAILED]
+    assert ctl.store.load() == final
+
+
 def test_the_stable_release_that_cannot_be_deployed_is_an_error_for_a_human(
     tmp_path: Path,
 ) -> None:
