@@ -274,6 +274,8 @@ def _view(parsed: RolloutSpec, store: StateStore, status: Status | None, first: 
     except RolloutError as exc:
         _fail(exc)
     table = _status_view(parsed, status, holder)
+    if status is None:
+        table.add_row("state", escape(_no_status(store)))
     if status is None and first is not None:
         table.add_row(
             "green",
@@ -303,6 +305,22 @@ def _bootstrapped(parsed: RolloutSpec, state_dir: Path | None) -> str | None:
     return f"{release.get('model', '?')}:{release.get('version', '?')}"
 
 
+def _no_status(store: StateStore) -> str:
+    """Where no status was found, and what that directory holds instead: `.rollout` under
+    another working directory, or the state dir of another spec, look like "not started"."""
+    from rollout.state.file import FileStateStore
+
+    if not isinstance(store, FileStateStore):
+        return "no status found"
+    text = f"no {store.status_path}"
+    if not store.dir.is_dir():
+        return f"{text}, no directory {store.dir}: run from where `run` ran, or give --state-dir"
+    others = sorted(p.name.removesuffix(".status.json") for p in store.dir.glob("*.status.json"))
+    if others:
+        text += f"; that directory holds rollout {', '.join(others)}: another spec's state dir?"
+    return text
+
+
 def _settled(status: Status | None) -> bool:
     """Ended, or held for a human: nothing changes until someone acts."""
     return status is not None and (status.terminal or status.held)
@@ -321,6 +339,8 @@ def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | N
     from rollout.core.types import Phase
 
     table = Table(title=f"rollout {parsed.name}", show_header=False, box=None)
+    table.add_column()
+    table.add_column(overflow="fold")  # a path or a lease holder cut with "…" says nothing
     if status is None:
         table.add_row("phase", "not started")
         return table
@@ -429,7 +449,7 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
     try:
         current = store.load()
         if current is None:
-            _fail(RolloutError(f"rollout {parsed.name!r} has not started (no status found)"))
+            _fail(RolloutError(f"rollout {parsed.name!r} has not started ({_no_status(store)})"))
         if current.terminal:
             _fail(RolloutError(f"rollout {parsed.name!r} has ended ({current.phase.value})"))
         store.push_command(

@@ -167,6 +167,24 @@ def test_steering_an_unstarted_rollout_is_a_clear_error(tmp_path: Path) -> None:
     assert code == EXIT_ERROR and "has not started" in out
 
 
+@pytest.mark.parametrize("command", ["status", "pause"])
+def test_a_rollout_not_found_says_where_it_was_looked_for(tmp_path: Path, command: str) -> None:
+    # The usual mistakes: `.rollout` under another working directory, a --state-dir of another
+    # spec. Both read as "not started" when the rollout runs, unless the place is named.
+    spec = write_spec(tmp_path)
+    assert invoke("run", str(spec), "--simulated-time", "-q")[0] == EXIT_PROMOTED
+    elsewhere = tmp_path / "elsewhere"
+    code, out = invoke(command, str(spec), "--state-dir", str(elsewhere))
+    assert code == (EXIT_RUNNING if command == "status" else EXIT_ERROR), out
+    said = "".join(out.split())  # a long path is folded over lines, never cut
+    assert f"no{elsewhere / 'cli.status.json'},nodirectory{elsewhere}:" in said
+    (tmp_path / "other").mkdir()
+    other = write_spec(tmp_path / "other", name="other")
+    code, out = invoke(command, str(other), "--state-dir", str(tmp_path / "state"))
+    said = "".join(out.split())
+    assert f"no{tmp_path / 'state' / 'other.status.json'};thatdirectoryholdsrolloutcli:" in said
+
+
 def test_steering_commands_are_queued_for_the_controller(tmp_path: Path) -> None:
     spec = write_spec(
         tmp_path,
