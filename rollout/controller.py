@@ -237,6 +237,8 @@ class Controller:
         if status is not None and not (restart and status.terminal):
             self._check_same_candidate(status)
             log.info("resuming rollout %s in phase %s", status.name, status.phase.value)
+            if self._abort_queued(status):
+                return self._restore_data_plane(self._skip_pending(status), aborting=True)
             status = self._finish_pending(status)
             return self._restore_data_plane(status)
         candidate = self._asked_candidate() or self.router.release(Colour.BLUE)
@@ -293,7 +295,38 @@ class Controller:
             )
         return status
 
-    def _restore_data_plane(self, status: Status) -> Status:
+    def _abort_queued(self, status: Status) -> bool:
+        """An operator's abort of this rollout was queued while no controller ran (and no
+        promote before it, which the machine would follow, ignoring the abort)."""
+        if status.phase not in (Phase.PROGRESSING, Phase.PAUSED):
+            return False
+        for command in with_commands(status, self.store.commands()).commands:
+            if command.rollout and command.rollout != status.id:
+                continue  # the machine ignores it too
+            if command.kind == "abort":
+                return True
+            if command.kind == "promote" or (
+                command.kind == "set_weight" and command.weight == 100
+            ):
+                return False
+        return False
+
+    def _skip_pending(self, status: Status) -> Status:
+        """The status without the actions left to apply, which a queued abort makes moot.
+
+        Applied first, a step up would send blue more traffic for a moment before the abort
+        takes it all away, and a router refusing it (a blue deployment gone Failed) would stop
+        every `run` before the abort is read: the operator could never abort. In memory only:
+        the next tick saves the abort's decision, which replaces them; stopped before, the
+        stored status still has them and the abort still unread.
+        """
+        left = status.pending[status.applied :]
+        if not left:
+            return status
+        log.warning("an abort is queued: not applying %s", "; ".join(describe(a) for a in left))
+        return replace(status, pending=(), applied=0)
+
+    def _restore_data_plane(self, status: Status, *, aborting: bool = False) -> Status:
         """On resume, make the data plane serve what the status says the step serves.
 
         The status is the rollout's truth; the data plane may have lost it while no controller
@@ -302,16 +335,18 @@ class Controller:
         traffic and the step would wait for evidence until held. A colour that serves nothing
         gets its release again; a colour serving another release is left to the operator. The
         candidate failing that deploy for good fails the rollout, as at its first deploy.
+        `aborting` (an abort queued): green only, as the abort's weights come next.
         """
         if status.phase not in (Phase.PROGRESSING, Phase.PAUSED):
             return status
+        colours = ((Colour.GREEN, status.stable), (Colour.BLUE, status.candidate))
         repairs: list[Action] = [
             Deploy(colour, release)
-            for colour, release in ((Colour.GREEN, status.stable), (Colour.BLUE, status.candidate))
+            for colour, release in (colours[:1] if aborting else colours)
             if release is not None and self.router.release(colour) is None
         ]
         served = self.router.get_weights()
-        if repairs or served != status.weights:
+        if not aborting and (repairs or served != status.weights):
             repairs.append(SetWeights(status.blue_weight, status.mirror))
         if not repairs:
             return status

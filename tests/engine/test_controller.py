@@ -456,6 +456,60 @@ def test_a_dead_router_stops_the_controller_and_a_restart_finishes_the_job(
     assert healthy.get_weights() == Weights.blue_at(10)
 
 
+class RefusesMoreBlue(MemoryRouter):
+    """Refuses to send blue more than it serves (an Azure deployment gone Failed, say)."""
+
+    def set_weights(self, weights: Weights) -> None:
+        if weights.blue > self.get_weights().blue:
+            raise RouterError("deployment blue is Failed: no traffic to it")
+        super().set_weights(weights)
+
+
+def stopped_before_step_up(tmp_path: Path) -> tuple[FileStateStore, Status]:
+    """A rollout at 10 % whose step up to 50 % was decided, and never applied (router down)."""
+    store = FileStateStore(tmp_path, SPEC.name)
+    first, _ = controller(tmp_path, MemoryRouter(releases={Colour.GREEN: V1}), None, store=store)
+    at_10 = first.start()
+    decided = replace(
+        at_10, phase=Phase.PROGRESSING, step_index=1, blue_weight=50, pending=(SetWeights(50),)
+    )
+    store.save(decided)
+    return store, decided
+
+
+@pytest.mark.parametrize(
+    "queued",
+    [pytest.param(["abort"], id="abort"), pytest.param(["pause", "abort"], id="pause-then-abort")],
+)
+def test_an_abort_queued_while_no_controller_ran_is_not_preceded_by_the_step_up(
+    tmp_path: Path, queued: list[str]
+) -> None:
+    # The step up failed (exit 2, kept pending); the operator aborts and runs again. Applying the
+    # step up first sent blue 50 % for a moment before the rollback, and a router refusing it
+    # failed `run` again and again: the abort could never get through.
+    store, _ = stopped_before_step_up(tmp_path)
+    for n, kind in enumerate(queued):
+        store.push_command(Command(id=f"c{n}", kind=kind, by="ann"))  # type: ignore[arg-type]
+    journal = tmp_path / "journal.jsonl"
+    router = RefusesMoreBlue(
+        releases={Colour.GREEN: V1, Colour.BLUE: V2}, weights=Weights.blue_at(10), journal=journal
+    )
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]), store=store)
+    final = ctl.run(max_ticks=5)
+    assert final.phase is Phase.ROLLED_BACK and router.get_weights() == Weights.blue_at(0)
+    assert [r["blue"] for r in jsonl.read(journal) if r["action"] == "set_weights"] == [0]
+
+
+def test_a_step_up_kept_pending_is_applied_before_a_pause(tmp_path: Path) -> None:
+    # Only an abort makes the step up moot: a pause holds the rollout at the weight it decided.
+    store, _ = stopped_before_step_up(tmp_path)
+    store.push_command(Command(id="p", kind="pause", by="ann"))
+    router = MemoryRouter(releases={Colour.GREEN: V1, Colour.BLUE: V2}, weights=Weights.blue_at(10))
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]), store=store)
+    final = ctl.run(max_ticks=1)
+    assert final.phase is Phase.PAUSED and router.get_weights() == Weights.blue_at(50)
+
+
 def test_a_finished_rollout_is_not_started_again_unless_asked(tmp_path: Path) -> None:
     router = MemoryRouter(releases={Colour.GREEN: V1})
     ctl, _ = controller(tmp_path, router, simulated(router, 0.2))
@@ -709,6 +763,22 @@ def test_a_resumed_rollout_restores_a_data_plane_that_lost_its_routes(tmp_path: 
     assert reset.get_weights() == Weights.blue_at(50)
     story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
     assert "resumed with a data plane serving blue 0 %: deploy diabetes:1 to green" in story
+
+
+def test_a_data_plane_that_lost_its_routes_is_not_given_blue_again_for_an_abort(
+    tmp_path: Path,
+) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    status = ctl.run(max_ticks=3)
+    assert status.blue_weight == 50
+    ctl.store.push_command(Command(id="a", kind="abort", by="ann"))
+    journal = tmp_path / "journal.jsonl"
+    reset = MemoryRouter(journal=journal)  # nothing deployed, no weights
+    again, _ = controller(tmp_path, reset, simulated(reset, 0.01))
+    assert again.run(max_ticks=3).phase is Phase.ROLLED_BACK
+    assert reset.release(Colour.GREEN) == V1 and reset.release(Colour.BLUE) is None
+    assert [r["blue"] for r in jsonl.read(journal) if r["action"] == "set_weights"] == [0]
 
 
 def test_a_resumed_rollout_leaves_a_data_plane_that_kept_its_routes_alone(
