@@ -115,6 +115,8 @@ class FileStateStore:
                 return self.lock_path.read_text(encoding="utf-8").strip() or "a controller"
             fcntl.flock(fd, fcntl.LOCK_UN)
             return None
+        except OSError as exc:  # ENOLCK: a network filesystem without its lock service
+            raise StateError(f"cannot probe the lease {self.lock_path}: {exc.strerror}") from exc
         finally:
             os.close(fd)
 
