@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from rollout.ledger import explain, read_ledger
 from tests.fakes.kube_apiserver import FakeKubeApiServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,3 +175,47 @@ def test_a_second_live_controller_on_another_node_exits_with_a_clear_message(
     assert second.returncode != 0
     assert "LeaseHeldError" in second.stderr
     assert "already driven by another controller (the first controller pid" in second.stderr
+
+
+def killed_with_a_step_up_pending(work: Path, total: int) -> Any:
+    """Kill a fresh rollout in `work` right after it saved a step up it had not applied yet."""
+    from rollout.core.status import SetWeights
+    from rollout.state.file import FileStateStore
+
+    for kill_at in range(total // 3, total):
+        for old in work.iterdir():
+            old.unlink()
+        assert drive(work, kill_at).returncode == -signal.SIGKILL
+        saved = FileStateStore(work, "kill").load()
+        assert saved is not None and not saved.terminal
+        left = saved.pending[saved.applied :]
+        if left and isinstance(left[0], SetWeights) and left[0].weights.blue > 0:
+            return saved
+    raise AssertionError("no kill point leaves a step up pending")
+
+
+@pytest.mark.parametrize("point", range(1, 5), ids=lambda p: f"kill-at-{p}-after-the-abort")
+def test_an_abort_queued_while_killed_is_applied_once_however_often_killed_again(
+    tmp_path: Path, total_writes: Callable[[str], int], point: int
+) -> None:
+    """Killed with a step up decided and not applied, then an abort queued: the step up never
+    reaches the data plane, the abort does, once, whatever the kills after it."""
+    from rollout.core.status import Command
+    from rollout.state.file import FileStateStore
+
+    begun = killed_with_a_step_up_pending(tmp_path, total_writes("file"))
+    store = FileStateStore(tmp_path, "kill")
+    store.push_command(Command(id="abort-1", kind="abort", by="ann", rollout=begun.id))
+    before = len(journal(tmp_path))
+    assert drive(tmp_path, point).returncode == -signal.SIGKILL
+    done = drive(tmp_path, 0)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["phase"] == "RolledBack"
+    after = journal(tmp_path)[before:]
+    # From the abort on: blue at 0 % and nothing else, no promotion, no weight on the way.
+    assert {(a["blue"], a.get("mirror", 0)) for a in after if a["action"] == "set_weights"} == {
+        (0, 0)
+    }
+    assert all(a["action"] == "set_weights" for a in after)
+    story = "\n".join(explain(read_ledger(tmp_path / "kill.ledger.jsonl")))
+    assert story.count("operator abort") == 1, story
