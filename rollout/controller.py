@@ -323,7 +323,10 @@ class Controller:
         left = status.pending[status.applied :]
         if not left:
             return status
-        log.warning("an abort is queued: not applying %s", "; ".join(describe(a) for a in left))
+        skipped = [describe(a) for a in left]
+        log.warning("an abort is queued: not applying %s", "; ".join(skipped))
+        if self.ledger is not None:  # the ledger's decision line said they would be
+            self.ledger.append({"event": "skipped", "at": self.clock.now(), "describe": skipped})
         return replace(status, pending=(), applied=0)
 
     def _restore_data_plane(self, status: Status, *, aborting: bool = False) -> Status:

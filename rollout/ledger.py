@@ -112,6 +112,12 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
                 + "; ".join(rec.get("describe") or [])
             )
             continue
+        if rec.get("event") == "skipped":
+            t = _when(rec.get("at", start) - start)
+            lines.append(
+                f"[{t}] not applied, an abort being queued: " + "; ".join(rec.get("describe") or [])
+            )
+            continue
         changed = (
             rec.get("actions") or rec.get("phase") != rec.get("phase_before") or rec.get("commands")
         )

@@ -498,6 +498,8 @@ def test_an_abort_queued_while_no_controller_ran_is_not_preceded_by_the_step_up(
     final = ctl.run(max_ticks=5)
     assert final.phase is Phase.ROLLED_BACK and router.get_weights() == Weights.blue_at(0)
     assert [r["blue"] for r in jsonl.read(journal) if r["action"] == "set_weights"] == [0]
+    story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
+    assert "not applied, an abort being queued: set weights blue 50 % / green 50 %" in story
 
 
 def test_a_step_up_kept_pending_is_applied_before_a_pause(tmp_path: Path) -> None:
