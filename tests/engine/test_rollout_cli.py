@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from rollout.cli import app
 from rollout.commands.rollout import (
     EXIT_ERROR,
+    EXIT_FAILED,
     EXIT_PAUSED,
     EXIT_PROMOTED,
     EXIT_ROLLED_BACK,
@@ -152,6 +153,35 @@ def test_run_held_for_a_human_exits_4(tmp_path: Path) -> None:
     code, out = invoke("run", str(spec), "--simulated-time")
     assert code == EXIT_PAUSED, out
     assert "held for a human" in out
+
+
+def test_a_candidate_that_cannot_be_deployed_exits_5_and_stays_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rollout.core.types import Colour, Release
+    from rollout.errors import DeployFailed
+    from rollout.routers.memory import MemoryRouter
+
+    deploy = MemoryRouter.deploy
+    tries: list[str] = []
+
+    def never_ready_blue(self: MemoryRouter, colour: Colour, release: Release) -> None:
+        deploy(self, colour, release)
+        if colour is Colour.BLUE:
+            tries.append(release.ref)
+            raise DeployFailed("Deployment ml/cli-blue: ImagePullBackOff")
+
+    monkeypatch.setattr(MemoryRouter, "deploy", never_ready_blue)
+    spec = str(write_spec(tmp_path))
+    code, out = invoke("run", spec, "--simulated-time")
+    assert code == EXIT_FAILED, out
+    assert "Failed: m:2 could not be deployed to blue: Deployment ml/cli-blue" in out
+    assert invoke("status", spec)[0] == EXIT_FAILED
+    code, out = invoke("run", spec, "--simulated-time")  # a Job retrying: no deploy again
+    assert code == EXIT_FAILED and "already ended (Failed)" in out
+    assert tries == ["m:2"]
+    code, out = invoke("explain", spec)
+    assert "could not be deployed to blue" in out
 
 
 def test_run_without_a_usable_lock_file_is_a_clear_error(tmp_path: Path) -> None:
