@@ -395,10 +395,16 @@ class Controller:
                 f"rollout {status.name!r} of {stored.ref} has ended ({status.phase.value}), and "
                 f"{wanted.ref} was asked for: `--restart` starts a new rollout of {wanted.ref}"
             )
+        if self._abort_queued(status):
+            raise RolloutError(
+                f"rollout {status.name!r} of {stored.ref} is still {status.phase.value}, and "
+                f"{wanted.ref} was asked for; an abort of it is queued: apply it with "
+                f"`--candidate {stored.ref}`, then start {wanted.ref} with `--restart`"
+            )
         raise RolloutError(
             f"rollout {status.name!r} of {stored.ref} is still {status.phase.value}, and "
             f"{wanted.ref} was asked for: resume it with `--candidate {stored.ref}`, or end it "
-            "first (`aml-rollout rollout abort`)"
+            f"first (`aml-rollout rollout abort`, applied by `run --candidate {stored.ref}`)"
         )
 
     def tick(self, status: Status) -> Status:

@@ -467,11 +467,17 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
         _fail(exc)
     if running:
         _out.print(f"queued {kind} for rollout {parsed.name}; the controller acts at its next tick")
-    else:
-        _out.print(
-            f"queued {kind} for rollout {parsed.name}; no controller is running: "
-            f"`aml-rollout rollout run {spec}` acts on it"
-        )
+        return
+    # `run` resumes only the stored rollout's candidate: a spec that now names another one
+    # would be refused (the operator may be aborting to roll that one out).
+    stored = current.candidate
+    named = parsed.candidate.to_release() if parsed.candidate else None
+    which = f" --candidate {stored.ref}" if stored and named and named.ref != stored.ref else ""
+    _out.print(
+        f"queued {kind} for rollout {parsed.name}; no controller is running: "
+        f"`aml-rollout rollout run {spec}{which}` acts on it",
+        markup=False,
+    )
 
 
 @rollout_app.command()

@@ -286,6 +286,31 @@ def test_run_refuses_to_report_another_candidates_outcome(tmp_path: Path) -> Non
     assert code == EXIT_PROMOTED, out
 
 
+def test_aborting_a_rollout_to_roll_out_another_candidate_says_how_at_each_step(
+    tmp_path: Path,
+) -> None:
+    # Held at m:2, the spec edited to name m:3: `abort` and `run` must say `--candidate m:2`
+    # applies the abort; they said `run SPEC` (refused: m:3 asked) and "end it first (abort)",
+    # which the operator had just done.
+    spec = write_spec(tmp_path, metrics={"kind": "static", "ticks": [{"error": "refused"}]})
+    assert invoke("run", str(spec), "--simulated-time", "-q")[0] == EXIT_PAUSED
+    data = yaml.safe_load(spec.read_text())
+    data["candidate"] = {"model": "m", "version": "3"}
+    spec.write_text(yaml.safe_dump(data))
+    code, out = invoke("abort", str(spec))
+    assert code == 0 and f"`aml-rollout rollout run {spec} --candidate m:2` acts on it" in out
+    code, out = invoke("run", str(spec), "--simulated-time", "-q")
+    said = " ".join(out.split())
+    assert (
+        code == EXIT_ERROR and "an abort of it is queued: apply it with `--candidate m:2`" in said
+    )
+    code, out = invoke("run", str(spec), "--simulated-time", "-q", "--candidate", "m:2")
+    assert code == EXIT_ROLLED_BACK, out
+    code, out = invoke("run", str(spec), "--simulated-time", "-q", "--restart")
+    assert code == EXIT_PAUSED, out
+    assert json.loads(invoke("status", str(spec), "--json")[1])["candidate"]["version"] == "3"
+
+
 def test_error_text_is_printed_as_is_not_as_markup(tmp_path: Path) -> None:
     path = write_spec(tmp_path, name="Diabetes")
     code, out = invoke("validate", str(path))
