@@ -17,7 +17,8 @@ text then reads `(blue 0 % + 5 % mirrored)`.)
 
 Best effort, and never in the way: the controller calls it after a tick's actions are applied
 (a rollback is never delayed by a slow webhook), two attempts of `timeout_s` each, and a failure
-is a warning in the log, not an error of the rollout. A controller killed between persisting a
+is a warning in the log (naming the webhook by scheme and host only: an incoming webhook's path
+is its secret), not an error of the rollout. A controller killed between persisting a
 phase and posting about it does not post it after a restart (at most once per phase change).
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -85,10 +87,26 @@ class WebhookNotifier:
                 problem = f"HTTP {response.status_code}"
                 if response.status_code < 500:  # the webhook refuses it: asking again won't help
                     break
+        shown = shown_url(self.config.url)
         log.warning(
             "could not notify %s that rollout %s is %s: %s",
-            self.config.url,
+            shown,
             status.name,
             status.phase.value,
-            problem,
+            problem.replace(self.config.url, shown),
         )
+
+
+def shown_url(url: str) -> str:
+    """The webhook as a log may show it: scheme and host. An incoming webhook's path (or
+    query) is its credential (`hooks.slack.com/services/T…/B…/<token>`), and logs travel
+    further than the spec; user info is dropped too."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "the webhook"
+    host = parts.netloc.rpartition("@")[2]
+    if not parts.scheme or not host:
+        return "the webhook"
+    hidden = "/…" if parts.path.strip("/") or parts.query or parts.fragment else ""
+    return f"{parts.scheme}://{host}{hidden}"

@@ -117,9 +117,23 @@ def test_a_failing_webhook_is_a_warning_never_a_failed_rollout(
     with caplog.at_level(logging.WARNING, logger="rollout.notify"):
         assert run(spec(tmp_path, 0.08, url=webhook.url)) is Phase.ROLLED_BACK
     assert len(webhook.received) == attempts
-    assert f"could not notify {webhook.url} that rollout cli is RolledBack: HTTP {status}" in (
+    host = webhook.url.removesuffix("/hook")
+    assert f"could not notify {host}/… that rollout cli is RolledBack: HTTP {status}" in (
         caplog.text
     )
+
+
+def test_the_webhooks_path_never_reaches_the_log(
+    tmp_path: Path, webhook: Webhook, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An incoming webhook's path is its credential (hooks.slack.com/services/T…/B…/<token>):
+    # whoever reads the controller's log could post to the channel.
+    secret = f"{webhook.url}/services/T0/B0/s3cr3tt0ken?key=also-secret"
+    webhook.status = 404
+    with caplog.at_level(logging.WARNING, logger="rollout.notify"):
+        assert run(spec(tmp_path, 0.08, url=secret)) is Phase.ROLLED_BACK
+    assert "could not notify http://127.0.0.1:" in caplog.text
+    assert "s3cr3tt0ken" not in caplog.text and "also-secret" not in caplog.text
 
 
 def test_an_unreachable_or_slow_webhook_does_not_stop_the_rollout(
@@ -141,7 +155,7 @@ def test_the_notifier_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     )
     with caplog.at_level(logging.WARNING, logger="rollout.notify"):
         notifier.entered(Status(name="x", phase=Phase.ROLLED_BACK))
-    assert "could not notify http://[::1 that rollout x is RolledBack: InvalidURL" in caplog.text
+    assert "could not notify the webhook that rollout x is RolledBack: InvalidURL" in caplog.text
 
 
 @pytest.mark.parametrize(
