@@ -114,6 +114,11 @@ class MemoryRouterConfig(_Model):
     state_file: Path | None = None
     journal: Path | None = None
 
+    @property
+    def identity(self) -> str:
+        """The data plane this drives, in words (a stored rollout remembers it: RolloutSpec)."""
+        return f"memory {self.state_file.resolve()}" if self.state_file else "memory"
+
 
 class EnvoyRouterConfig(_Model):
     """Local Envoy: route table from an RDS file replaced atomically; admin API to verify."""
@@ -137,6 +142,11 @@ class EnvoyRouterConfig(_Model):
     #: `routes_file`); the local stack stops every process recorded there.
     workloads_dir: Path | None = None
     timeout_s: float = Field(default=5.0, gt=0)
+
+    @property
+    def identity(self) -> str:
+        """The data plane this drives: its route file (the admin port may change between runs)."""
+        return f"envoy {self.routes_file.resolve()}"
 
 
 class KubeApiConfig(_Model):
@@ -179,6 +189,12 @@ class IstioRouterConfig(KubeApiConfig):
         default="ingressgateway", pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
     )
 
+    @property
+    def identity(self) -> str:
+        """The data plane this drives: its objects (not how the API server is reached, which
+        differs between a controller in the cluster and an operator's kubeconfig)."""
+        return f"istio {self.namespace}/{self.app}"
+
 
 class AzureMLRouterConfig(_Model):
     """Azure ML managed online endpoint: `traffic` (and `mirror_traffic`) per deployment.
@@ -216,6 +232,13 @@ class AzureMLRouterConfig(_Model):
                 "which is now judged on blue's answers; Azure allows at most 50"
             )
         return data
+
+    @property
+    def identity(self) -> str:
+        """The data plane this drives: the endpoint, by its workspace."""
+        return (
+            f"azureml {self.subscription_id}/{self.resource_group}/{self.workspace}/{self.endpoint}"
+        )
 
 
 #: Most percent Azure ML mirrors to a deployment (`mirror_traffic`).

@@ -235,6 +235,7 @@ class Controller:
         """Resume the stored status (finishing its pending actions) or begin a new rollout."""
         status = self.store.load()
         if status is not None and not (restart and status.terminal):
+            check_same_router(self.spec, status)
             self._check_same_candidate(status)
             log.info("resuming rollout %s in phase %s", status.name, status.phase.value)
             if self._abort_queued(status):
@@ -537,6 +538,18 @@ class Controller:
             remaining -= nap
             if remaining > 0 and with_commands(status, self.store.commands()) is not status:
                 return
+
+
+def check_same_router(spec: RolloutSpec, status: Status) -> None:
+    """Refuse to resume or steer a stored rollout of this name that drives another data plane:
+    another spec with the same `name` (and state dir), e.g. a copy for another namespace."""
+    if not status.router or status.router == spec.router.identity:
+        return  # ("" : a status file written before rollouts remembered their router)
+    raise RolloutError(
+        f"the stored rollout {status.name!r} drives {status.router}, and this spec's router is "
+        f"{spec.router.identity}: another spec of the same name shares its state. Give this "
+        "spec its own `name:` (or --state-dir)"
+    )
 
 
 def same_bits(a: Release, b: Release) -> bool:

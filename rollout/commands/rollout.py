@@ -395,9 +395,17 @@ def status(
     timeout: Annotated[float, typer.Option(help="Stop watching after this many seconds.")] = 3600,
 ) -> None:
     """Show where a rollout is; exit code as for `run` (6 while still running)."""
+    from rollout.controller import check_same_router
+    from rollout.errors import RolloutError
+
     parsed = _load(spec)
     store = _store(parsed, state_dir)
     current = _read_status(store)
+    if current is not None:
+        try:
+            check_same_router(parsed, current)  # not another data plane's rollout as this one's
+        except RolloutError as exc:
+            _fail(exc)
     # Read once, not at every refresh: only shown while no rollout has begun.
     first = _bootstrapped(parsed, state_dir) if current is None else None
     if as_json:
@@ -439,6 +447,7 @@ def _follow(store: StateStore, current: Status | None, timeout: float) -> Status
 def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = None) -> None:
     import getpass
 
+    from rollout.controller import check_same_router
     from rollout.core.status import Command
     from rollout.errors import RolloutError
 
@@ -450,6 +459,7 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
         current = store.load()
         if current is None:
             _fail(RolloutError(f"rollout {parsed.name!r} has not started ({_no_status(store)})"))
+        check_same_router(parsed, current)
         if current.terminal:
             _fail(RolloutError(f"rollout {parsed.name!r} has ended ({current.phase.value})"))
         store.push_command(

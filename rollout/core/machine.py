@@ -104,6 +104,7 @@ def new_status(
     return Status(
         name=spec.name,
         id=rollout_id,
+        router=spec.router.identity,
         commands_read=commands_read,
         commands_tail=commands_tail,
         started_at=now,

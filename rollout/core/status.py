@@ -183,6 +183,9 @@ class Status:
     name: str
     #: Tells one rollout of `name` from the next (a new id each start, "" in old status files).
     id: str = ""
+    #: The data plane it drives (the spec's `router.identity`; "" in old status files): another
+    #: spec of the same name, on another data plane, must not resume or steer it.
+    router: str = ""
     phase: Phase = Phase.INITIALIZING
     step_index: int = 0
     #: Blue's weight once the pending actions are applied (always a plan weight, or 0).
@@ -240,6 +243,7 @@ class Status:
         return {
             "name": self.name,
             "id": self.id,
+            "router": self.router,
             "phase": self.phase.value,
             "step_index": self.step_index,
             "blue_weight": self.blue_weight,
@@ -275,6 +279,7 @@ class Status:
         return cls(
             name=data["name"],
             id=data.get("id", ""),
+            router=str(data.get("router", "")),
             phase=Phase(data["phase"]),
             step_index=int(data["step_index"]),
             blue_weight=int(data["blue_weight"]),

@@ -286,6 +286,34 @@ def test_run_refuses_to_report_another_candidates_outcome(tmp_path: Path) -> Non
     assert code == EXIT_PROMOTED, out
 
 
+def test_a_spec_of_the_same_name_on_another_data_plane_cannot_resume_or_steer_it(
+    tmp_path: Path,
+) -> None:
+    # dev.yaml copied to prod.yaml with another data plane but the same `name:`, run from the
+    # same folder: prod's `run` would have resumed dev's rollout on prod (blue jumping to dev's
+    # step unjudged), its `pause`/`status` paused and shown dev's.
+    dev = write_spec(tmp_path, metrics={"kind": "static", "ticks": [{"error": "refused"}]})
+    assert invoke("run", str(dev), "--simulated-time", "-q")[0] == EXIT_PAUSED
+    prod = tmp_path / "prod.yaml"
+    data = yaml.safe_load(dev.read_text())
+    data["router"] = {"kind": "memory", "state_file": str(tmp_path / "prod-routes.json")}
+    prod.write_text(yaml.safe_dump(data))
+    for command in (["run", str(prod), "--simulated-time", "-q"], ["pause", str(prod)]):
+        code, out = invoke(*command)
+        said = " ".join(out.split())
+        assert code == EXIT_ERROR, out
+        assert "the stored rollout 'cli' drives memory, and this spec's router is memory " in said
+        assert "Give this spec its own `name:` (or --state-dir)" in said
+    assert invoke("status", str(prod))[0] == EXIT_ERROR
+    assert invoke("status", str(dev))[0] == EXIT_PAUSED  # its own spec still drives it
+    # A status written before rollouts remembered their router is not refused.
+    status_file = tmp_path / "state" / "cli.status.json"
+    stored = json.loads(status_file.read_text())
+    del stored["router"]
+    status_file.write_text(json.dumps(stored))
+    assert invoke("status", str(prod))[0] == EXIT_PAUSED
+
+
 def test_aborting_a_rollout_to_roll_out_another_candidate_says_how_at_each_step(
     tmp_path: Path,
 ) -> None:
