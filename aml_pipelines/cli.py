@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Column, Table
 
 from aml_pipelines.build import DEFAULT_COMPUTE
@@ -97,7 +98,8 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except PipelineError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        # Escaped: messages quote paths, names and values, whose `[...]` rich would take as markup
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(getattr(exc, "exit_code", EXIT_USER_ERROR)) from None
 
 
@@ -237,7 +239,10 @@ def build(
             job = build_pipeline(parse_params(params, rollout_spec=rollout_spec), compute=compute)
         stamp_source(job)
         dump_pipeline(job, output)
-    out.print(f"wrote {output} ({', '.join(job.jobs)}); submit with: az ml job create -f {output}")
+    out.print(
+        f"wrote {output} ({', '.join(job.jobs)}); submit with: az ml job create -f {output}",
+        markup=False,
+    )
 
 
 @pipeline_app.command("submit")
@@ -263,7 +268,9 @@ def submit(
         client = workspace_client(subscription, resource_group, workspace)
         job = build_pipeline(pipeline_params, compute=compute)
         submitted = submit_pipeline(job, client, experiment=experiment)
-    out.print(f"submitted {submitted.name}: {submitted.studio_url or '(no studio URL)'}")
+    out.print(
+        f"submitted {submitted.name}: {submitted.studio_url or '(no studio URL)'}", markup=False
+    )
 
 
 @pipeline_app.command("run-local")
@@ -291,14 +298,17 @@ def run_local(
             result = run(pipeline_params, run_dir=run_dir, until=until, sink=_echo)
         except (RolloutNotPromoted, ModelNotRegistered) as verdict:
             # The gate or the rollout did its job (production is protected): say what it decided.
-            out.print(f"[bold yellow]{verdict}[/]")
+            out.print(f"[bold yellow]{escape(str(verdict))}[/]")
             raise typer.Exit(verdict.exit_code) from None
     total = sum(step.seconds for step in result.steps.values())
-    out.print(f"[green]local run complete[/] in {total:.1f} s: {result.run_dir}")
+    out.print(f"[green]local run complete[/] in {total:.1f} s: {escape(str(result.run_dir))}")
     registration = result.run_dir / "register" / "registration" / "registration.json"
     if registration.is_file():
         info = json.loads(registration.read_text())
-        out.print(f"registered {info['name']} version {info['version']} (sha256 {info['sha256']})")
+        out.print(
+            f"registered {info['name']} version {info['version']} (sha256 {info['sha256']})",
+            markup=False,
+        )
 
 
 def _echo(line: str) -> None:
@@ -340,7 +350,7 @@ def list_versions(
         out.print(table)
     else:
         what = f"named {name!r} " if name else ""
-        out.print(f"no registered models {what}in {registry or 'the local registry'}")
+        out.print(f"no registered models {what}in {registry or 'the local registry'}", markup=False)
 
 
 @registry_app.command("show")
@@ -392,7 +402,10 @@ def tag(
         changes = plan_manual_tags(versions, version, pairs, replace=replace)
         written = [reg.set_tags(name, change.version, change.tags) for change in changes]
     for mv in written:
-        out.print(f"{mv.name}:{mv.version} tags: {json.dumps(dict(mv.tags), sort_keys=True)}")
+        out.print(
+            f"{mv.name}:{mv.version} tags: {json.dumps(dict(mv.tags), sort_keys=True)}",
+            markup=False,
+        )
 
 
 def versions_table(rows: Iterable[tuple[ModelVersion, str]]) -> Table:

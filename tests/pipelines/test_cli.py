@@ -116,6 +116,17 @@ def invoke(*args: str, env: dict[str, str] | None = None):
         pytest.param(
             ["registry", "show", "m", "one"], "Invalid value for 'version'", id="version-not-int"
         ),
+        # rich markup: `[b]` and `[red]` in a value were eaten, the line named another path/name
+        pytest.param(
+            ["pipeline", "validate", "--rollout-spec", "/tmp/[red]spec.yaml"],
+            "--rollout-spec: /tmp/[red]spec.yaml not found",
+            id="brackets-in-spec-path-kept",
+        ),
+        pytest.param(
+            ["pipeline", "validate", "-p", "model_name=a[b]"],
+            "model name 'a[b]' is invalid",
+            id="brackets-in-model-name-kept",
+        ),
     ],
 )
 def test_bad_arguments_get_one_clear_line(args: list[str], message: str) -> None:
@@ -242,6 +253,9 @@ def test_registry_list_show_tag(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "version 7 not found" in missing.output
     bad = invoke("registry", "tag", "m", "1", "stage", "--registry", spec)
     assert bad.exit_code == 2 and "expected KEY=VALUE" in bad.output
+    # a value in brackets is printed as written, not taken for rich markup
+    noted = invoke("registry", "tag", "m", "1", "note=[red]retrained", "--registry", spec)
+    assert noted.exit_code == 0 and '"note": "[red]retrained"' in noted.output
     other = invoke("registry", "list", "other", "--registry", spec)
     assert other.exit_code == 0 and "no registered models named 'other'" in other.output
     typo = invoke("registry", "list", "--registry", f"local:{tmp_path / 'none'}")
