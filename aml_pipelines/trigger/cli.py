@@ -401,5 +401,11 @@ def status(
             )
     if table.row_count:
         Console().print(table)
+    elif model and (held := [name for name in store.models() if name != model]):
+        # A mistyped --model is not an empty folder: saying "no trigger state" sent the user
+        # looking for another --state-dir.
+        typer.echo(
+            f"no trigger state for model {model!r} in {state_dir} (it holds: {', '.join(held)})"
+        )
     else:
         typer.echo(f"no trigger state in {state_dir}")

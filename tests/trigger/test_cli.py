@@ -325,3 +325,27 @@ def test_serve_warns_about_a_model_filter_that_names_no_model(
         proc.kill()
     assert "has no model 'diabetis' (it holds: diabetes)" in stderr
     assert "'diabetes' (" not in stderr  # the model it has is not warned about
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        pytest.param(
+            ["--model", "diabetis"],
+            "no trigger state for model 'diabetis' in {dir} (it holds: diabetes)",
+            id="model-typo-names-the-models-held",
+        ),
+        pytest.param(["--model", "diabetes"], "│ diabetes ", id="model-held"),
+    ],
+)
+def test_status_of_a_model_the_state_folder_lacks(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    """`no trigger state in DIR` for a mistyped --model sent the user to another state folder."""
+    TriggerStore(tmp_path / "trigger").accept("diabetes", 2, "watch")
+    state_dir = str(tmp_path / "trigger")
+    shown = CliRunner().invoke(
+        app, ["trigger", "status", *args, "--state-dir", state_dir], terminal_width=200
+    )
+    assert shown.exit_code == 0, shown.output
+    assert expected.format(dir=state_dir) in shown.output
