@@ -186,11 +186,17 @@ def dump_pipeline(job: Any, out: Path) -> Path:
     """Write the job YAML to `out` with relative paths (see the module docstring)."""
     import yaml
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():  # `-o runs/` meant as a folder: say so before building anything
+        raise ConfigError(
+            f"--output {out} is a folder; name the YAML file, e.g. {out}/pipeline.yml"
+        )
     data = pipeline_dict(job, out.parent)
-    out.write_text(
-        yaml.safe_dump(data, sort_keys=False, width=100, allow_unicode=True), encoding="utf-8"
-    )
+    text = yaml.safe_dump(data, sort_keys=False, width=100, allow_unicode=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:  # a typo'd or read-only folder is the user's to fix: no traceback
+        raise ConfigError(f"--output {out}: cannot write it: {exc.strerror}") from None
     return out
 
 

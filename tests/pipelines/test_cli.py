@@ -182,6 +182,24 @@ def test_build_writes_a_relative_pipeline_yaml(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        pytest.param(".", "is a folder; name the YAML file", id="a-folder"),
+        pytest.param("file/pipeline.yml", "pipeline.yml: cannot write it", id="under-a-file"),
+    ],
+)
+def test_build_to_an_unwritable_output_is_one_line(
+    tmp_path: Path, where: str, message: str
+) -> None:
+    """`-o` naming a folder (or a path under a file) was an IsADirectoryError traceback."""
+    (tmp_path / "file").write_text("")
+    result = invoke("pipeline", "build", "-o", str(tmp_path / where), *SPEC)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize(
     "deploy", [pytest.param([], id="training"), pytest.param(["--deploy"], id="deploy")]
 )
 def test_a_built_yaml_without_compute_is_accepted_by_job_create(
