@@ -122,7 +122,10 @@ def run_local(
         raise ConfigError(f"until: {until!r} is not one of {list(STEPS)}")
     params = _absolute(params or PipelineParams(registry="local"))
     run_dir = (run_dir or default_run_dir()).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. --run-dir naming a file: one line, no traceback
+        raise ConfigError(f"run_dir {run_dir}: cannot create it: {exc.strerror}") from None
     emit = sink or _log_sink
     run_id = run_dir.name
     # Stopping before the rollout step, nothing here rolls the version out: the register step

@@ -33,8 +33,13 @@ class FileLock:
 
     def acquire(self, *, blocking: bool) -> None:
         """Take the lock; without `blocking`, raise TriggerError at once when it is taken."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a --state-dir that is a file or unwritable: one line, no traceback
+            raise TriggerError(
+                f"cannot create the lock {self.path}: {exc.strerror}; check --state-dir"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:

@@ -181,6 +181,14 @@ def test_build_writes_a_relative_pipeline_yaml(tmp_path: Path) -> None:
     assert "code: /" not in text
 
 
+def test_run_local_into_a_run_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    """`--run-dir` naming a file was a FileExistsError traceback, before anything ran."""
+    (tmp_path / "run").write_text("")
+    result = invoke("pipeline", "run-local", "--run-dir", str(tmp_path / "run"))
+    assert result.exit_code == 2, result.output
+    assert f"run_dir {tmp_path / 'run'}: cannot create it" in " ".join(result.output.split())
+
+
 @pytest.mark.parametrize(
     ("where", "message"),
     [

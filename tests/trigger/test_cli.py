@@ -349,3 +349,14 @@ def test_status_of_a_model_the_state_folder_lacks(
     )
     assert shown.exit_code == 0, shown.output
     assert expected.format(dir=state_dir) in shown.output
+
+
+def test_a_state_dir_that_is_a_file_is_one_clear_line(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    """A --state-dir naming a file (or unwritable) ended in a FileExistsError traceback."""
+    (tmp_path / "trigger").write_text("")
+    done = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once"))
+    assert done.returncode == 2, done.stderr
+    assert f"cannot create the lock {tmp_path / 'trigger'}" in done.stderr
+    assert "check --state-dir" in done.stderr and "Traceback" not in done.stderr
