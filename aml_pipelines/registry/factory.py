@@ -40,6 +40,12 @@ def open_registry(
         from aml_pipelines.registry.local import LocalRegistry, default_root
 
         registry = LocalRegistry(Path(arg) if arg else default_root())
+        if must_exist and registry.root.exists() and not registry.root.is_dir():
+            # "does not exist" would send the user looking for a folder that is there, as a file
+            raise ConfigError(
+                f"registry {spec!r}: {registry.root} is a file, not a registry folder; check "
+                "--registry / $AML_ROLLOUT_REGISTRY"
+            )
         if must_exist and not registry.root.is_dir():
             raise ConfigError(
                 f"registry {spec!r}: {registry.root} does not exist (nothing was ever registered "

@@ -205,6 +205,10 @@ def test_readers_can_require_the_local_folder_to_exist(tmp_path: Path) -> None:
         open_registry(f"local:{missing}", must_exist=True)
     missing.mkdir()  # an empty registry, waiting for its first registration, is fine
     assert open_registry(f"local:{missing}", must_exist=True).names() == []
+    a_file = tmp_path / "registry.txt"  # was reported as "does not exist"
+    a_file.write_text("")
+    with pytest.raises(ConfigError, match=f"{a_file} is a file, not a registry folder"):
+        open_registry(f"local:{a_file}", must_exist=True)
 
 
 def test_a_sha256_tag_is_a_claim_that_is_checked(registry: LocalRegistry, tmp_path: Path) -> None:
