@@ -877,7 +877,7 @@ def load_spec(path: str | Path) -> RolloutSpec:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     where = _boolean_key(data)
     if where is None:
         return spec_from_dict(data, source=str(path))
@@ -890,6 +890,17 @@ def load_spec(path: str | Path) -> RolloutSpec:
     except ConfigError as exc:
         raise ConfigError(f"{problem}\n{exc}") from None
     raise ConfigError(problem)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: PyYAML's own text spans five, with a caret under a quoted line."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    return f"{where}: {problem}" + (f" ({context})" if context else "")
 
 
 def _without_boolean_keys(data: Any) -> Any:

@@ -161,6 +161,7 @@ def test_an_invalid_rollout_spec_is_refused_before_any_job(
     flat = " ".join(result.output.split())
     assert f"--rollout-spec: {spec}" in flat and message in flat
     assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output  # one line, as documented
     assert not out.exists()
 
 
