@@ -381,6 +381,7 @@ def status(
     """Show what the triggers accepted and how each delivery ended (the cursors)."""
     from rich.console import Console
     from rich.table import Column, Table
+    from rich.text import Text
 
     from aml_pipelines.trigger.store import TriggerStore
 
@@ -397,7 +398,8 @@ def status(
                 entry.step.value,
                 entry.outcome or "-",
                 str(entry.attempts),
-                entry.reason or "-",
+                # As written: a reason quotes paths and errors, whose `[...]` is no markup.
+                Text(entry.reason or "-"),
             )
     if table.row_count:
         Console().print(table)

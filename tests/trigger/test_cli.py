@@ -5,6 +5,7 @@ simulated traffic on the wall clock, short analysis interval).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -349,6 +350,20 @@ def test_status_of_a_model_the_state_folder_lacks(
     )
     assert shown.exit_code == 0, shown.output
     assert expected.format(dir=state_dir) in shown.output
+
+
+def test_status_shows_a_reason_as_written_brackets_included(tmp_path: Path) -> None:
+    store = TriggerStore(tmp_path / "trigger")
+    store.accept("diabetes", 2, "watch")
+    reason = "registry 'local:/tmp/[red]reg' has no version 2"
+    store.update("diabetes", 2, lambda entry: dataclasses.replace(entry, reason=reason))
+    shown = CliRunner().invoke(
+        app,
+        ["trigger", "status", "--state-dir", str(tmp_path / "trigger")],
+        env={"COLUMNS": "200"},  # rich's width: the reason on one line
+    )
+    assert shown.exit_code == 0, shown.output
+    assert reason in shown.output
 
 
 def test_a_state_dir_that_is_a_file_is_one_clear_line(
