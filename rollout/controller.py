@@ -370,12 +370,8 @@ class Controller:
                 }
             )
         for action in repairs:
-            try:
-                self._apply(action)
-            except DeployFailed as exc:
-                if not _deploys_candidate(action):
-                    raise
-                return self._candidate_failed(status, exc)
+            if (failed := self._apply_or_fail(action, status)) is not None:
+                return failed
         return status
 
     def _asked_candidate(self) -> Release | None:
@@ -468,24 +464,27 @@ class Controller:
 
     def _finish_pending(self, status: Status) -> Status:
         for index in range(status.applied, len(status.pending)):
-            action = status.pending[index]
-            try:
-                self._apply(action)
-            except DeployFailed as exc:
-                if not _deploys_candidate(action):
-                    raise  # green (the stable release, or a promotion's Blue_Green): a human's
-                return self._candidate_failed(status, exc)
+            if (failed := self._apply_or_fail(status.pending[index], status)) is not None:
+                return failed
             status = replace(status, applied=index + 1)
             self.store.save(status)
         return status
 
-    def _candidate_failed(self, status: Status, exc: DeployFailed) -> Status:
-        """The candidate's deploy failed for good: the rollout Fails, blue at 0 %, told."""
-        _, status = self._persist(candidate_failed(status, str(exc), self.clock.now()))
-        status = self._finish_pending(status)
-        if self.notifier is not None:
-            self.notifier.entered(status)
-        return status
+    def _apply_or_fail(self, action: Action, status: Status) -> Status | None:
+        """Apply `action`; when it deploys the candidate and that fails for good (DeployFailed),
+        the rollout Fails instead, blue at 0 %, told: that failed status (else None). A deploy
+        to green failing so is a human's (the stable release, or a promotion's Blue_Green)."""
+        try:
+            self._apply(action)
+        except DeployFailed as exc:
+            if not (isinstance(action, Deploy) and action.colour is Colour.BLUE):
+                raise
+            _, failed = self._persist(candidate_failed(status, str(exc), self.clock.now()))
+            failed = self._finish_pending(failed)
+            if self.notifier is not None:
+                self.notifier.entered(failed)
+            return failed
+        return None
 
     def _apply(self, action: Action) -> None:
         delay = 1.0
@@ -555,11 +554,6 @@ def check_same_router(spec: RolloutSpec, status: Status) -> None:
 def same_bits(a: Release, b: Release) -> bool:
     """The same model bits in the same image (a new image of one model is a real candidate)."""
     return (a.ref, a.sha256, a.image) == (b.ref, b.sha256, b.image)
-
-
-def _deploys_candidate(action: Action) -> bool:
-    """A deploy to blue: one failing for good is the candidate's failure, not a human's."""
-    return isinstance(action, Deploy) and action.colour is Colour.BLUE
 
 
 def _release_dict(release: Release) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from rollout.core.stats import Evidence, log_e_above
@@ -520,21 +520,12 @@ def _ingest(
 
 
 def _delta(now: Counts, last: Counts) -> Counts:
-    if (
-        now.requests < last.requests
-        or now.errors < last.errors
-        or now.slow < last.slow
-        or now.over_slo < last.over_slo
-    ):
+    increments = [getattr(now, f.name) - getattr(last, f.name) for f in fields(Counts)]
+    if any(d < 0 for d in increments):
         # A counter went backwards (a restarted server, a reset series): skip this tick's
         # increment rather than guess it; the next tick measures from the new base.
         return Counts()
-    return Counts(
-        now.requests - last.requests,
-        now.errors - last.errors,
-        now.slow - last.slow,
-        now.over_slo - last.over_slo,
-    )
+    return Counts(*increments)
 
 
 def _guard_slo_s(analysis: AnalysisConfig) -> float | None:
