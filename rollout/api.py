@@ -14,13 +14,14 @@ keeps the controller running, guarding, until resume, promote or abort).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from rollout.config import RolloutSpec, load_spec
-from rollout.controller import Clock, Controller, TickHook, default_owner
+from rollout.controller import Clock, Controller, FirstCheck, TickHook, default_owner
 from rollout.core.status import Status
-from rollout.core.types import Colour, Phase, Release
+from rollout.core.types import Colour, Phase, Release, Verdict
 from rollout.ledger import Ledger
 from rollout.metrics.base import MetricsProvider
 from rollout.metrics.factory import make_metrics
@@ -31,7 +32,16 @@ from rollout.routers.factory import make_router
 from rollout.state.base import StateStore
 from rollout.state.factory import make_store
 
-__all__ = ["RolloutResult", "bootstrap", "green_release", "load_spec", "open_store", "run_rollout"]
+__all__ = [
+    "FirstCheck",
+    "RolloutResult",
+    "bootstrap",
+    "bootstrap_checked",
+    "green_release",
+    "load_spec",
+    "open_store",
+    "run_rollout",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +114,37 @@ def bootstrap(
         owner=default_owner(),
     )
     return controller.bootstrap(release)
+
+
+def bootstrap_checked(
+    spec: RolloutSpec | str | Path,
+    release: Release,
+    *,
+    state_dir: Path | None = None,
+    router: TrafficRouter | None = None,
+    metrics: MetricsProvider | None = None,
+    clock: Clock | None = None,
+    on_look: Callable[[Verdict, str], None] | None = None,
+) -> FirstCheck:
+    """`bootstrap`, then judge the first release on the spec's absolute limits from the spec's
+    metrics, every interval, until a verdict; the spec's `notify` hears how it ended. See
+    Controller.bootstrap_checked."""
+    spec = _spec(spec)
+    router = router or make_router(spec.router)
+    store = make_store(spec.state, spec.name, directory=state_dir)
+    controller = Controller(
+        spec,
+        router,
+        metrics or make_metrics(spec.metrics, router=router),
+        store,
+        ledger=Ledger(ledger_path_of(spec, state_dir)),
+        clock=clock,
+        owner=default_owner(),
+    )
+    check = controller.bootstrap_checked(release, on_look=on_look)
+    if spec.notify is not None:
+        WebhookNotifier(spec.notify).first_release(spec.name, release, check.verdict, check.reason)
+    return check
 
 
 def green_release(

@@ -32,7 +32,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from rollout.config import RolloutSpec
@@ -40,20 +40,23 @@ from rollout.core.machine import (
     Decision,
     candidate_failed,
     command_tail,
+    first_release_limits,
+    judge_first,
     new_status,
     step,
     with_commands,
 )
 from rollout.core.status import TRANSITIONAL, Action, Deploy, Remove, SetWeights, Status, describe
-from rollout.core.types import Colour, Observation, Phase, Release, Weights
+from rollout.core.types import Colour, Observation, Phase, Release, Verdict, Weights
 from rollout.errors import (
+    ConfigError,
     DeployFailed,
     MetricsError,
     RolloutError,
     RouterError,
     RouterUnavailable,
 )
-from rollout.ledger import Ledger
+from rollout.ledger import Ledger, span
 from rollout.metrics.base import MetricsProvider
 from rollout.routers.base import Fenced, TrafficRouter
 from rollout.state.base import StateStore
@@ -109,6 +112,16 @@ TickHook = Callable[[Status, dict[str, Any]], None]
 class Notifier(Protocol):
     def entered(self, status: Status) -> None:
         """Tell whoever should know that the rollout entered `status.phase` (never raises)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FirstCheck:
+    """How the check of a service's first release ended (`Controller.bootstrap_checked`)."""
+
+    #: False when green already served the release with all traffic before this call.
+    deployed: bool
+    verdict: Verdict
+    reason: str
 
 
 class Controller:
@@ -188,38 +201,101 @@ class Controller:
         traffic; run again after a stop between the deploy and the weights, it sets the weights.
         """
         with self.store.lease(self.owner):
-            status = self.store.load()
-            if status is not None and not status.terminal:
-                raise RolloutError(
-                    f"rollout {status.name!r} is {status.phase.value}: bootstrap fills an empty "
-                    "green, before the first rollout"
-                )
-            serving = self.router.release(Colour.GREEN)
-            actions: tuple[Action, ...] = (Deploy(Colour.GREEN, release), SetWeights(0))
-            if serving is not None and same_bits(serving, release):
-                if not self._bootstrap_unfinished():
-                    return False
-                # Stopped between the deploy and the weights (a new Azure endpoint then sends
-                # green nothing): the weights are what is left to do.
-                actions = (SetWeights(0),)
-            elif serving is not None:
-                raise RolloutError(
-                    f"green already serves {serving.ref}: roll {release.ref} out instead "
-                    f"(`aml-rollout rollout run --candidate {release.ref}`)"
-                )
-            for action in actions:
-                self._apply(action)
+            return self._bootstrap(release)
+
+    def bootstrap_checked(
+        self, release: Release, *, on_look: Callable[[Verdict, str], None] | None = None
+    ) -> FirstCheck:
+        """`bootstrap`, then judge the first release on the spec's absolute limits (there is no
+        baseline to compare it with; `core.machine.judge_first`), looking every interval.
+
+        Ends Successful (every limit shown kept after `min_requests`), Failed (a limit
+        breached: the release still serves all traffic, there being nothing to roll back to),
+        Inconclusive (undecided after `max_step_duration_s`) or Error (the metrics unreadable
+        `max_consecutive_errors` times in a row). The lease is held throughout, so no rollout
+        starts while the release is judged; the ledger records the verdict. Run again (after a
+        stop, say), it judges the release afresh from then on.
+        """
+        analysis = self.spec.analysis
+        if not first_release_limits(analysis):
+            raise ConfigError(
+                "analysis: checking a first release needs an absolute limit "
+                "(`errors.max_rate`, or `latency.max_slow_rate` with `slo_ms`)"
+            )
+        with self.store.lease(self.owner):
+            deployed = self._bootstrap(release)
+            started = self.clock.now()
+            verdict, reason, requests, unread = Verdict.INCONCLUSIVE, "no look yet", 0, 0
+            while True:
+                self.clock.sleep(analysis.interval_s)
+                self.store.check_lease()
+                now = self.clock.now()
+                observation = self._observe(started, now)
+                if observation.error is not None:
+                    unread += 1
+                    verdict, reason = Verdict.ERROR, f"metrics unreadable: {observation.error}"
+                else:
+                    unread, requests = 0, observation.green.requests
+                    verdict, reason = judge_first(analysis, observation.green)
+                if on_look is not None:
+                    on_look(verdict, reason)
+                if verdict in (Verdict.SUCCESSFUL, Verdict.FAILED):
+                    break
+                if verdict is Verdict.ERROR and unread >= analysis.max_consecutive_errors:
+                    break
+                if now - started >= analysis.max_step_duration_s:
+                    verdict = Verdict.INCONCLUSIVE
+                    reason = f"undecided after {span(now - started)}: {reason}"
+                    break
             if self.ledger is not None:
                 self.ledger.append(
                     {
-                        "event": "bootstrap",
-                        "at": self.clock.now(),
+                        "event": "first-check",
+                        "at": now,
+                        "since": started,
                         "release": _release_dict(release),
+                        "verdict": verdict.value,
+                        "reason": reason,
+                        "requests": requests,
                         "by": self.owner,
-                        "describe": [describe(a) for a in actions],
                     }
                 )
-            return True
+            return FirstCheck(deployed=deployed, verdict=verdict, reason=reason)
+
+    def _bootstrap(self, release: Release) -> bool:
+        """`bootstrap`, the lease held."""
+        status = self.store.load()
+        if status is not None and not status.terminal:
+            raise RolloutError(
+                f"rollout {status.name!r} is {status.phase.value}: bootstrap fills an empty "
+                "green, before the first rollout"
+            )
+        serving = self.router.release(Colour.GREEN)
+        actions: tuple[Action, ...] = (Deploy(Colour.GREEN, release), SetWeights(0))
+        if serving is not None and same_bits(serving, release):
+            if not self._bootstrap_unfinished():
+                return False
+            # Stopped between the deploy and the weights (a new Azure endpoint then sends
+            # green nothing): the weights are what is left to do.
+            actions = (SetWeights(0),)
+        elif serving is not None:
+            raise RolloutError(
+                f"green already serves {serving.ref}: roll {release.ref} out instead "
+                f"(`aml-rollout rollout run --candidate {release.ref}`)"
+            )
+        for action in actions:
+            self._apply(action)
+        if self.ledger is not None:
+            self.ledger.append(
+                {
+                    "event": "bootstrap",
+                    "at": self.clock.now(),
+                    "release": _release_dict(release),
+                    "by": self.owner,
+                    "describe": [describe(a) for a in actions],
+                }
+            )
+        return True
 
     def _bootstrap_unfinished(self) -> bool:
         """True when green serves but blue serves nothing and green lacks all traffic (or the

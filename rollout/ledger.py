@@ -71,7 +71,8 @@ def latest_ticks(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [record for record in kept if record is not None]
 
 
-def _when(seconds: float) -> str:
+def span(seconds: float) -> str:
+    """A duration as a person says it: "40 s", "12.5 min", "3.0 h"."""
     seconds = max(seconds, 0.0)
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -87,7 +88,7 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     start = records[0].get("at", 0.0)
     previous = None
-    for rec in records:
+    for index, rec in enumerate(records):
         if rec.get("event") == "start":
             start = rec.get("at", start)
             cand, stable = rec.get("candidate") or {}, rec.get("stable") or {}
@@ -100,20 +101,31 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
             continue
         if rec.get("event") == "bootstrap":
             first = rec.get("release") or {}
+            checked = index + 1 < len(records) and records[index + 1].get("event") == "first-check"
+            judged = "judged on absolute limits alone" if checked else "unjudged"
             lines.append(
                 f"bootstrapped green with {first.get('model', '?')}:{first.get('version', '?')} "
-                f"(a first release, unjudged: nothing to compare it with), by {rec.get('by', '?')}"
+                f"(a first release, {judged}: nothing to compare it with), by "
+                f"{rec.get('by', '?')}"
+            )
+            continue
+        if rec.get("event") == "first-check":
+            first = rec.get("release") or {}
+            lines.append(
+                f"[{span(rec.get('at', start) - start)}] first release "
+                f"{first.get('model', '?')}:{first.get('version', '?')} judged on the absolute "
+                f"limits: {rec.get('verdict', '?')}: {rec.get('reason', '')}"
             )
             continue
         if rec.get("event") == "restore":
-            t = _when(rec.get("at", start) - start)
+            t = span(rec.get("at", start) - start)
             lines.append(
                 f"[{t}] resumed with a data plane serving {rec.get('served')}: "
                 + "; ".join(rec.get("describe") or [])
             )
             continue
         if rec.get("event") == "skipped":
-            t = _when(rec.get("at", start) - start)
+            t = span(rec.get("at", start) - start)
             lines.append(
                 f"[{t}] not applied, an abort being queued: " + "; ".join(rec.get("describe") or [])
             )
@@ -123,7 +135,7 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
         )
         if not changed:
             continue
-        t = _when(rec.get("at", start) - start)
+        t = span(rec.get("at", start) - start)
         reason = rec.get("reason", "")
         notes = rec.get("commands") or []
         for note in notes:
@@ -148,7 +160,7 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
                     f"not-worse {math.exp(min(c['log_e_ok'], 700)):.3g} after "
                     f"{c['canary_requests']} canary requests"
                 )
-        now = _when(last.get("at", start) - start)
+        now = span(last.get("at", start) - start)
         lines.append(f"[{now}] still {last.get('phase')}: {last.get('reason', '')}")
         if parts:
             lines.append("    " + "; ".join(parts))

@@ -32,9 +32,16 @@ import httpx
 
 from rollout.config import NotifyConfig
 from rollout.core.status import Status
-from rollout.core.types import Release
+from rollout.core.types import Phase, Release, Verdict
 
 log = logging.getLogger(__name__)
+
+#: The phase a first release's check is told as (an Error is the caller's to report).
+FIRST_CHECK_PHASES = {
+    Verdict.SUCCESSFUL: Phase.SUCCEEDED,
+    Verdict.FAILED: Phase.FAILED,
+    Verdict.INCONCLUSIVE: Phase.PAUSED,
+}
 
 #: POST attempts per message (a connection error, a timeout or a 5xx is retried once).
 ATTEMPTS = 2
@@ -68,9 +75,27 @@ class WebhookNotifier:
 
     def entered(self, status: Status) -> None:
         """Post about `status` if its phase is one to tell (a failure is a logged warning)."""
-        if status.phase not in self.phases:
+        if status.phase in self.phases:
+            self._post(self.message(status), f"rollout {status.name} is {status.phase.value}")
+
+    def first_release(self, name: str, release: Release, verdict: Verdict, reason: str) -> None:
+        """Post how the check of a service's first release ended (`bootstrap --check`), if its
+        phase is one to tell: Succeeded (within the limits), Failed (a limit breached) or
+        Paused (undecided: a human's call)."""
+        phase = FIRST_CHECK_PHASES.get(verdict)
+        if phase is None or phase not in self.phases:
             return
-        body = self.message(status)
+        text = f"aml-rollout {name}: first release {release.ref} {verdict.value} - {reason}"
+        body = {
+            "text": text,
+            "rollout": name,
+            "phase": phase.value,
+            "reason": reason,
+            "first_release": release.ref,
+        }
+        self._post(body, f"the first release of {name} is {verdict.value}")
+
+    def _post(self, body: dict[str, Any], what: str) -> None:
         problem = ""
         with httpx.Client(timeout=self.config.timeout_s) as client:
             for _ in range(ATTEMPTS):
@@ -89,11 +114,7 @@ class WebhookNotifier:
                     break
         shown = shown_url(self.config.url)
         log.warning(
-            "could not notify %s that rollout %s is %s: %s",
-            shown,
-            status.name,
-            status.phase.value,
-            problem.replace(self.config.url, shown),
+            "could not notify %s that %s: %s", shown, what, problem.replace(self.config.url, shown)
         )
 
 

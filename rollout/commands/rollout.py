@@ -206,10 +206,31 @@ def bootstrap(
         ),
     ] = None,
     state_dir: StateDirOpt = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Then judge it on the spec's absolute limits (errors.max_rate, "
+            "latency.max_slow_rate) from its metrics until a verdict: within them (exit 0), "
+            "a limit breached (5), undecided after max_step_duration_s (4).",
+        ),
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the outcome.")] = False,
+    simulated_time: Annotated[
+        bool,
+        typer.Option(
+            help="With --check: advance a fake clock instead of waiting (simulated metrics)."
+        ),
+    ] = False,
 ) -> None:
-    """Deploy a service's first release to an empty green, all traffic to it, unjudged: there is
-    nothing to compare it with yet. Every later release is rolled out against it."""
+    """Deploy a service's first release to an empty green, all traffic to it. There is nothing
+    to compare it with yet: unjudged, or with --check judged on absolute limits alone. Every
+    later release is rolled out against it."""
     from rollout.api import bootstrap as bootstrap_green
+    from rollout.api import bootstrap_checked
+    from rollout.commands.stack import EXIT_INTERRUPTED, sigterm_as_interrupt
+    from rollout.controller import FakeClock
+    from rollout.core.types import Verdict
     from rollout.errors import ConfigError, RolloutError
 
     parsed = _load(spec)
@@ -219,17 +240,81 @@ def bootstrap(
         if named is None:
             _fail(ConfigError("--release: name the first release (the spec names none)"))
         first = named.to_release()
+    if not check:
+        if simulated_time:
+            _fail(ConfigError("--simulated-time: only with --check (nothing is waited for)"))
+        try:
+            done = bootstrap_green(parsed, first, state_dir=state_dir)
+        except RolloutError as exc:
+            _fail(exc)
+        if not done:
+            _out.print(f"green already serves {escape(first.ref)}: nothing to do")
+            return
+        _out.print(
+            f"[bold green]green[/] serves {escape(first.ref)} with all traffic; roll out the "
+            "next release with `aml-rollout rollout run`"
+        )
+        return
+
+    clock = FakeClock(time.time()) if simulated_time else None
+
+    def show(verdict: Verdict, reason: str) -> None:
+        if not quiet:
+            stamp = time.strftime("%H:%M:%S", time.localtime(clock.now() if clock else None))
+            _out.print(f"{stamp} [bold]{verdict.value:<12}[/] {escape(reason)}")
+
+    if not quiet:
+        _out.print(
+            f"green: {escape(first.ref)} with all traffic; judging it on the absolute limits "
+            f"every {parsed.analysis.interval_s:g} s"
+        )
     try:
-        done = bootstrap_green(parsed, first, state_dir=state_dir)
+        with sigterm_as_interrupt():
+            result = bootstrap_checked(
+                parsed,
+                first,
+                state_dir=state_dir,
+                clock=clock,
+                on_look=show,
+            )
     except RolloutError as exc:
         _fail(exc)
-    if not done:
-        _out.print(f"green already serves {escape(first.ref)}: nothing to do")
-        return
+    except KeyboardInterrupt:
+        _err.print(
+            f"interrupted: green serves {first.ref} with all traffic, not judged; "
+            "`aml-rollout rollout bootstrap --check` judges it afresh"
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if result.verdict is Verdict.ERROR:
+        _fail(RolloutError(result.reason))
+    outcome = {
+        Verdict.SUCCESSFUL: (
+            "green",
+            "within the limits",
+            EXIT_PROMOTED,
+            "roll out the next release with `aml-rollout rollout run`",
+        ),
+        Verdict.FAILED: (
+            "red",
+            "a limit breached",
+            EXIT_FAILED,
+            f"{first.ref} still serves all traffic (there is nothing to roll back to): roll a "
+            "fixed release out with `aml-rollout rollout run --candidate MODEL:VERSION`",
+        ),
+        Verdict.INCONCLUSIVE: (
+            "yellow",
+            "undecided",
+            EXIT_PAUSED,
+            "a human's call: look at its traffic, or run `bootstrap --check` again",
+        ),
+    }
+    colour, said, code, hint = outcome[result.verdict]
     _out.print(
-        f"[bold green]green[/] serves {escape(first.ref)} with all traffic; roll out the next "
-        "release with `aml-rollout rollout run`"
+        f"[bold {colour}]{result.verdict.value}[/] ({said}): first release {escape(first.ref)}: "
+        f"{escape(result.reason)}",
     )
+    _out.print(escape(hint))
+    raise typer.Exit(code)
 
 
 def _store(parsed: RolloutSpec, state_dir: Path | None) -> StateStore:
@@ -266,7 +351,7 @@ def _load_status(store: StateStore) -> Status | None:
 
 def _view(parsed: RolloutSpec, store: StateStore, status: Status | None, first: str | None) -> Any:
     """The status table, with who drives the rollout now (the lease holder); `first` is the
-    release a bootstrap left on green (`_bootstrapped`), shown until a rollout begins."""
+    release a bootstrap left on green, as `_bootstrapped` says it, shown until a rollout begins."""
     from rollout.errors import RolloutError
 
     try:
@@ -277,16 +362,13 @@ def _view(parsed: RolloutSpec, store: StateStore, status: Status | None, first: 
     if status is None:
         table.add_row("state", escape(_no_status(store)))
     if status is None and first is not None:
-        table.add_row(
-            "green",
-            f"{escape(first)} with all traffic, bootstrapped (a first release, unjudged); roll "
-            "out the next one with `aml-rollout rollout run`",
-        )
+        table.add_row("green", escape(first))
     return table
 
 
 def _bootstrapped(parsed: RolloutSpec, state_dir: Path | None) -> str | None:
-    """MODEL:VERSION of the last bootstrap the ledger records, when no rollout has begun since."""
+    """What green serves after the last bootstrap the ledger records (and how the release's last
+    check ended, if it had one), when no rollout has begun since."""
     from rollout.api import ledger_path_of
     from rollout.errors import StateError
     from rollout.ledger import read_ledger
@@ -298,11 +380,21 @@ def _bootstrapped(parsed: RolloutSpec, state_dir: Path | None) -> str | None:
         records = read_ledger(path)
     except StateError:
         return None  # the table says what it can; `explain` reports an unreadable ledger
-    last = records[-1] if records else {}
-    if last.get("event") != "bootstrap":
+    checks = 0
+    while checks < len(records) and records[-1 - checks].get("event") == "first-check":
+        checks += 1
+    if checks == len(records) or records[-1 - checks].get("event") != "bootstrap":
         return None
-    release = last.get("release") or {}
-    return f"{release.get('model', '?')}:{release.get('version', '?')}"
+    release = records[-1 - checks].get("release") or {}
+    judged = "unjudged"
+    if checks:
+        check = records[-1]
+        judged = f"judged on the absolute limits: {check.get('verdict')}: {check.get('reason')}"
+    return (
+        f"{release.get('model', '?')}:{release.get('version', '?')} with all traffic, "
+        f"bootstrapped (a first release, {judged}); roll out the next one with "
+        "`aml-rollout rollout run`"
+    )
 
 
 def _no_status(store: StateStore) -> str:

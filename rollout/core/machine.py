@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from rollout.core.stats import Evidence, log_e_above
+from rollout.core.stats import Evidence, log_e_above, log_e_below
 from rollout.core.status import (
     TERMINAL,
     Action,
@@ -603,6 +603,66 @@ def _guard(bad: int, requests: int, limit: float) -> str:
         f"{_pct(bad / requests)} is above the limit {_pct(limit)} (e-value {_e(log_e)} ≥ "
         f"{1 / GUARD_ALPHA:g}) after {requests} canary requests"
     )
+
+
+def first_release_limits(analysis: AnalysisConfig) -> list[tuple[str, str, float]]:
+    """The absolute limits a service's first release is checked against, as (which requests
+    are bad: "errors" or "over_slo", what that is, the limit): the hard guards of the spec."""
+    limits: list[tuple[str, str, float]] = []
+    if analysis.errors.enabled and analysis.errors.max_rate is not None:
+        limits.append(("errors", "error rate", analysis.errors.max_rate))
+    slo_s = _guard_slo_s(analysis)
+    if slo_s is not None and analysis.latency.max_slow_rate is not None:
+        slower = f"share of requests slower than {slo_s * 1000:g} ms"
+        limits.append(("over_slo", slower, analysis.latency.max_slow_rate))
+    return limits
+
+
+def judge_first(analysis: AnalysisConfig, green: ColourCounts) -> tuple[Verdict, str]:
+    """Is green's first release within the spec's absolute limits? From its cumulative counts
+    since it took all traffic (there is no baseline: only the hard guards can judge it).
+
+    Failed when a limit is breached, Successful when every limit is shown kept and the release
+    has answered `min_requests`, else Inconclusive (no traffic is neither). Each of the k limits
+    gets α/k in each direction, on e-values against "at most" and "at least the limit": by
+    Ville's inequality the verdict may be asked every tick, for as long as it takes.
+    """
+    limits = first_release_limits(analysis)
+    if not limits:
+        raise ValueError("no absolute limit to check a first release against")
+    n = green.requests
+    if n <= 0:
+        return Verdict.INCONCLUSIVE, "no requests yet"
+    slo_s = _guard_slo_s(analysis)
+    bad_of = {"errors": green.errors, "over_slo": green.slow(slo_s) if slo_s is not None else 0}
+    log_needed = math.log(len(limits) / analysis.alpha)
+    needed = _e(log_needed)
+    kept: list[tuple[float, str, float]] = []
+    for name, what, limit in limits:
+        bad = min(bad_of[name], n)
+        measured = f"{what} {_pct(bad / n)}"
+        above = log_e_above(bad, n, limit)
+        if above >= log_needed:
+            return Verdict.FAILED, (
+                f"{measured} is above the limit {_pct(limit)} (e-value {_e(above)} ≥ {needed}) "
+                f"after {n} requests"
+            )
+        below = log_e_below(bad, n, limit)
+        if below < log_needed:
+            # Undecided: say which way the counts lean, and how far that evidence has come.
+            side, log_e = ("above", above) if bad / n > limit else ("below", below)
+            return Verdict.INCONCLUSIVE, (
+                f"{measured} after {n} requests, not yet shown {side} the limit {_pct(limit)} "
+                f"(e-value {_e(log_e)} of {needed})"
+            )
+        kept.append((below, measured, limit))
+    shown = "; ".join(
+        f"{measured} is below the limit {_pct(limit)} (e-value {_e(below)} ≥ {needed})"
+        for below, measured, limit in kept
+    )
+    if n < analysis.min_requests:
+        return Verdict.INCONCLUSIVE, f"{shown}; {n} of the {analysis.min_requests} requests needed"
+    return Verdict.SUCCESSFUL, f"{shown} after {n} requests"
 
 
 def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> tuple[Verdict, str]:

@@ -217,6 +217,20 @@ def log_e_above(bad: int, requests: int, limit: float) -> float:
     return log_mixture(binomial_llr(bad, requests, p1, limit), ABOVE_PRIOR)
 
 
+def log_e_below(bad: int, requests: int, limit: float) -> float:
+    """log e-value against "the rate is at least `limit`", from cumulative counts.
+
+    The mirror of `log_e_above`, on the negligible test's grid (rates of LOW_FRACTIONS × limit
+    with LOW_PRIOR): each ratio is a supermartingale under every rate >= limit, so crossing
+    1/a while looking every tick is evidence at level a that the rate is below the limit.
+    """
+    if requests <= 0:
+        return 0.0
+    return log_mixture(
+        binomial_llr(min(bad, requests), requests, LOW_FRACTIONS * limit, limit), LOW_PRIOR
+    )
+
+
 def wald_expected_n(rate: float, ratio: float, *, alpha: float = 0.05, beta: float = 0.2) -> float:
     """Wald's approximate E[N] (canary requests) for a Bernoulli SPRT that knows both rates.
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from rollout.config import RolloutSpec
-from rollout.core.machine import new_status, p99_bucket, step, with_commands
+from rollout.core.machine import judge_first, new_status, p99_bucket, step, with_commands
 from rollout.core.stats import Evidence
 from rollout.core.status import Command, Counts, Deploy, Remove, SetWeights, Status
 from rollout.core.types import Colour, ColourCounts, Phase, Verdict
@@ -882,3 +882,97 @@ def test_a_status_saved_before_the_guard_counted_does_not_count_the_step_so_far_
     status = guarded_tick(resumed, 2, (120, 20))
     assert status.canary_over_slo == 0 and status.phase is Phase.PROGRESSING
     assert Status.from_dict(status.to_dict()) == status
+
+
+# ---- a service's first release, judged on absolute limits alone (`bootstrap --check`)
+
+SLO_GUARD = {"latency": {"enabled": True, "threshold": "slo", "slo_ms": 250, "max_slow_rate": 0.05}}
+
+
+def green_counts(requests: int, errors: int = 0, slow: int = 0) -> ColourCounts:
+    """Green's counts with `slow` of its requests above the 250 ms bucket."""
+    return ColourCounts(
+        requests=requests, errors=errors, latency_buckets=((0.25, requests - slow), (1.0, requests))
+    )
+
+
+@pytest.mark.parametrize(
+    ("analysis", "counts", "verdict", "reason"),
+    [
+        pytest.param({}, green_counts(0), Verdict.INCONCLUSIVE, "no requests yet", id="no-traffic"),
+        pytest.param(
+            {},
+            green_counts(10),
+            Verdict.INCONCLUSIVE,
+            "error rate 0 % after 10 requests, not yet shown below the limit 10 % (e-value 2.45 "
+            "of 20)",
+            id="too-few-to-show-below",
+        ),
+        pytest.param(
+            {},
+            green_counts(60),
+            Verdict.INCONCLUSIVE,
+            "60 of the 100 requests needed",
+            id="shown-below-but-min-requests-not-reached",
+        ),
+        pytest.param(
+            {},
+            green_counts(120, errors=1),
+            Verdict.SUCCESSFUL,
+            "error rate 0.83 % is below the limit 10 %",
+            id="within-the-limit",
+        ),
+        pytest.param(
+            {},
+            green_counts(30, errors=12),
+            Verdict.FAILED,
+            "error rate 40 % is above the limit 10 % (e-value 3127 ≥ 20) after 30 requests",
+            id="breach",
+        ),
+        pytest.param(
+            {},
+            green_counts(100, errors=15),
+            Verdict.INCONCLUSIVE,
+            "error rate 15 % after 100 requests, not yet shown above the limit 10 %",
+            id="leaning-above-not-shown",
+        ),
+        pytest.param(
+            SLO_GUARD,
+            green_counts(400, slow=80),
+            Verdict.FAILED,
+            "share of requests slower than 250 ms 20 % is above the limit 5 %",
+            id="slo-breach",
+        ),
+        pytest.param(
+            SLO_GUARD,
+            green_counts(400, slow=2),
+            Verdict.SUCCESSFUL,
+            # α split between the two limits: each needs 2 / 0.05 = 40.
+            "error rate 0 % is below the limit 10 % (e-value",
+            id="both-limits-kept",
+        ),
+        pytest.param(
+            {"errors": {"max_rate": None}, **SLO_GUARD},
+            green_counts(400, errors=200, slow=2),
+            Verdict.SUCCESSFUL,
+            "share of requests slower than 250 ms 0.5 % is below the limit 5 %",
+            id="errors-unlimited-only-latency-judged",
+        ),
+    ],
+)
+def test_judge_first(
+    analysis: dict[str, Any], counts: ColourCounts, verdict: Verdict, reason: str
+) -> None:
+    got, why = judge_first(make_spec(analysis=analysis).analysis, counts)
+    assert (got, reason in why) == (verdict, True), why
+
+
+def test_judge_first_splits_alpha_between_its_limits() -> None:
+    _, why = judge_first(make_spec(analysis=SLO_GUARD).analysis, green_counts(400, slow=2))
+    assert why.count("≥ 40)") == 2 and why.endswith("after 400 requests")
+
+
+def test_judge_first_needs_an_absolute_limit() -> None:
+    analysis = make_spec(analysis={"errors": {"max_rate": None}}).analysis
+    with pytest.raises(ValueError, match="no absolute limit"):
+        judge_first(analysis, green_counts(100))

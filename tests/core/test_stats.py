@@ -18,6 +18,7 @@ from rollout.core.stats import (
     Evidence,
     binomial_llr,
     log_e_above,
+    log_e_below,
     log_mean_e,
     log_mixture,
     share,
@@ -203,6 +204,42 @@ def test_a_clear_breach_of_a_limit_trips_the_guard_within_a_few_dozen_requests()
     first = next(n for n in range(1, 200) if log_e_above(n // 2, n, 0.1) >= math.log(1000.0))
     assert first <= 30
     assert log_e_above(0, 0, 0.1) == 0.0
+
+
+@pytest.mark.parametrize("limit", [0.001, 0.1, 0.6])
+@pytest.mark.parametrize("n", [1, 20, 300])
+def test_the_below_e_value_has_mean_at_most_one_at_or_above_the_limit(limit: float, n: int) -> None:
+    k = np.arange(n + 1)
+    e = np.exp([log_e_below(int(i), n, limit) for i in k])
+    assert float(binom.pmf(k, n, limit) @ e) == pytest.approx(1.0, rel=1e-9)
+    assert float(binom.pmf(k, n, min(2 * limit, 0.9)) @ e) < 1.0
+
+
+def test_a_release_at_the_limit_is_shown_below_it_at_most_alpha_over_every_look() -> None:
+    """Exact: the chance of ever reaching 1/0.05 "below 10 %" at a 10 % error rate, looking
+    after each of 2,000 requests (the first release's check asks every tick)."""
+    limit, threshold, n_max = 0.1, math.log(20.0), 2000
+    alive = np.array([1.0])  # P(k bad so far, never shown below), k = 0..n
+    shown, k = 0.0, 0
+    for n in range(1, n_max + 1):
+        alive = np.append(alive * (1 - limit), 0.0) + np.append(0.0, alive * limit)
+        # The e-value falls as k grows: find the least k not shown (it moves slowly with n).
+        k = max(k - 2, 0)
+        while k <= n and log_e_below(k, n, limit) >= threshold:
+            k += 1
+        while k > 0 and log_e_below(k - 1, n, limit) < threshold:
+            k -= 1
+        shown += float(alive[:k].sum())
+        alive[:k] = 0.0
+    assert shown <= 0.05
+    assert shown > 0.005  # not vacuous
+
+
+def test_a_clean_release_is_shown_below_a_10_percent_limit_within_a_few_dozen_requests() -> None:
+    first = next(n for n in range(1, 200) if log_e_below(0, n, 0.1) >= math.log(20.0))
+    assert first <= 40
+    assert log_e_below(0, 0, 0.1) == 0.0
+    assert log_e_below(5, 3, 0.1) == log_e_below(3, 3, 0.1)  # more errors than requests: all bad
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from rollout.controller import Controller, FakeClock
 from rollout.core.status import Command, Deploy, SetWeights, Status
 from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.errors import (
+    ConfigError,
     DeployFailed,
     LeaseHeldError,
     RolloutError,
@@ -853,6 +854,87 @@ def test_a_bootstrap_killed_before_green_had_traffic_sends_it_traffic_when_run_a
     story = explain(read_ledger(tmp_path / "t.ledger.jsonl"))
     assert any(line.startswith(f"bootstrapped green with {V1.ref}") for line in story)
     assert ctl.bootstrap(V1) is False  # done: nothing left to do
+
+
+def first_check_metrics(router: MemoryRouter, error_rate: float) -> SimulatedMetrics:
+    cfg = SimulatedMetricsConfig(seed=3, rps=20, baseline=TrafficModel(error_rate=error_rate))
+    return SimulatedMetrics(cfg, router)
+
+
+def test_a_first_release_that_keeps_the_limits_is_checked_successful(tmp_path: Path) -> None:
+    router = MemoryRouter()
+    ctl, clock = controller(tmp_path, router, first_check_metrics(router, 0.001))
+    looks: list[tuple[str, str]] = []
+    check = ctl.bootstrap_checked(V1, on_look=lambda v, why: looks.append((v.value, why)))
+    assert (check.deployed, check.verdict.value) == (True, "Successful")
+    assert "error rate" in check.reason and "below the limit 10 %" in check.reason
+    # 20 rps, 100 requests asked: decided at the first look past 100 requests, not before.
+    assert [v for v, _ in looks] == ["Inconclusive"] * (len(looks) - 1) + ["Successful"]
+    assert clock.now() - 1000.0 == 10.0 * len(looks) <= 60.0
+    assert router.release(Colour.GREEN) == V1 and router.get_weights() == Weights.blue_at(0)
+    records = read_ledger(tmp_path / "t.ledger.jsonl")
+    assert [r.get("event") for r in records] == ["bootstrap", "first-check"]
+    assert records[-1]["verdict"] == "Successful" and records[-1]["requests"] >= 100
+    story = explain(records)
+    assert story[0].startswith(f"bootstrapped green with {V1.ref} (a first release, judged on")
+    assert story[1].startswith(f"[{10 * len(looks)} s] first release {V1.ref} judged on the")
+
+
+def test_a_broken_first_release_fails_its_check_and_keeps_serving(tmp_path: Path) -> None:
+    router = MemoryRouter()
+    ctl, clock = controller(tmp_path, router, first_check_metrics(router, 0.3))
+    check = ctl.bootstrap_checked(V1)
+    assert check.verdict.value == "Failed" and "above the limit 10 %" in check.reason
+    assert clock.now() == 1010.0  # one look: ~200 requests at 30 % errors
+    # Nothing to roll back to: green keeps all traffic (a fix is rolled out against it).
+    assert router.release(Colour.GREEN) == V1 and router.get_weights() == Weights.blue_at(0)
+    assert read_ledger(tmp_path / "t.ledger.jsonl")[-1]["verdict"] == "Failed"
+
+
+def test_a_first_release_without_traffic_is_undecided_after_max_step_duration(
+    tmp_path: Path,
+) -> None:
+    ctl, clock = controller(tmp_path, MemoryRouter(), StaticMetrics([]))
+    check = ctl.bootstrap_checked(V1)
+    assert check.verdict.value == "Inconclusive"  # no traffic: never a pass, never a fail
+    assert check.reason == "undecided after 10.0 min: no requests yet"
+    assert clock.now() == 1600.0
+
+
+def test_a_first_release_check_on_unreadable_metrics_is_an_error(tmp_path: Path) -> None:
+    metrics = StaticMetrics([StaticTick(error="connection refused")])
+    ctl, clock = controller(tmp_path, MemoryRouter(), metrics)
+    check = ctl.bootstrap_checked(V1)
+    assert (check.verdict.value, check.reason) == (
+        "Error",
+        "metrics unreadable: connection refused",
+    )
+    assert clock.now() == 1040.0  # max_consecutive_errors (4) looks in a row
+
+
+def test_a_first_release_check_holds_the_lease_throughout(tmp_path: Path) -> None:
+    router = MemoryRouter()
+    ctl, _ = controller(tmp_path, router, first_check_metrics(router, 0.001))
+    refused: list[str] = []
+
+    def another_controller(*_: object) -> None:
+        try:
+            with FileStateStore(tmp_path, SPEC.name).lease("another"):
+                pass
+        except LeaseHeldError as exc:
+            refused.append(str(exc))
+
+    ctl.bootstrap_checked(V1, on_look=another_controller)
+    assert refused and "already driven by another controller" in refused[0]
+
+
+def test_a_first_release_check_needs_an_absolute_limit(tmp_path: Path) -> None:
+    router = MemoryRouter()
+    spec = make_spec(analysis={"errors": {"max_rate": None}})
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]), spec=spec)
+    with pytest.raises(ConfigError, match=r"`errors.max_rate`, or `latency.max_slow_rate`"):
+        ctl.bootstrap_checked(V1)
+    assert router.release(Colour.GREEN) is None  # refused before deploying anything
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from rollout.api import run_rollout
 from rollout.config import NotifyConfig, RolloutSpec, load_spec
@@ -194,3 +195,36 @@ def test_a_rollout_held_in_the_shadow_step_says_blue_is_mirrored() -> None:
     message = WebhookNotifier(NotifyConfig(url="http://127.0.0.1:9/")).message(held)
     assert message["text"] == "aml-rollout d: Paused (blue 0 % + 5 % mirrored) - held for a human"
     assert (message["blue_weight"], message["mirror_percent"]) == (0, 5)
+
+
+@pytest.mark.parametrize(
+    ("green_error", "phases", "told"),
+    [
+        pytest.param(0.3, None, "Failed", id="breach-told-as-failed"),
+        pytest.param(0.001, None, "Succeeded", id="kept-told-as-succeeded"),
+        pytest.param(0.001, ["Failed"], None, id="only-failures-wanted"),
+    ],
+)
+def test_a_first_release_check_is_posted_as_its_outcome(
+    tmp_path: Path, webhook: Webhook, green_error: float, phases: list[str] | None, told: str | None
+) -> None:
+    from rollout.api import bootstrap_checked
+    from rollout.controller import FakeClock
+    from rollout.core.types import Release
+
+    notify: dict[str, Any] = {"url": webhook.url, **({"phases": phases} if phases else {})}
+    path = write_spec(tmp_path, notify=notify)
+    data = yaml.safe_load(path.read_text())
+    data["metrics"]["baseline"]["error_rate"] = green_error
+    path.write_text(yaml.safe_dump(data))
+    check = bootstrap_checked(load_spec(path), Release("m", "1"), clock=FakeClock(0.0))
+    if told is None:
+        assert webhook.received == []
+        return
+    (message,) = webhook.received
+    assert message["phase"] == told and message["first_release"] == "m:1"
+    assert message["reason"] == check.reason
+    assert (
+        message["text"]
+        == f"aml-rollout cli: first release m:1 {check.verdict.value} - {check.reason}"
+    )

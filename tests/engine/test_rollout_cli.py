@@ -462,6 +462,56 @@ def test_a_first_release_is_bootstrapped_then_the_next_is_rolled_out_against_it(
     assert "started rollout cli: candidate m:2 (blue) against m:1 (green)" in story
 
 
+@pytest.mark.parametrize(
+    ("green_error", "code", "verdict", "said"),
+    [
+        pytest.param(0.001, EXIT_PROMOTED, "Successful", "below the limit 10 %", id="kept"),
+        pytest.param(0.3, EXIT_FAILED, "Failed", "above the limit 10 %", id="breached"),
+    ],
+)
+def test_bootstrap_check_judges_the_first_release_on_absolute_limits(
+    tmp_path: Path, green_error: float, code: int, verdict: str, said: str
+) -> None:
+    routes = tmp_path / "routes.json"
+    spec = write_spec(tmp_path, router={"kind": "memory", "state_file": str(routes)})
+    data = yaml.safe_load(spec.read_text())
+    data["metrics"]["baseline"]["error_rate"] = green_error
+    spec.write_text(yaml.safe_dump(data))
+    got, out = invoke("bootstrap", str(spec), "--release", "m:1", "--check", "--simulated-time")
+    flat = " ".join(out.split())
+    assert got == code, out
+    assert "green: m:1 with all traffic; judging it on the absolute limits every 10 s" in flat
+    assert f"{verdict} (" in flat and said in flat
+    if verdict == "Failed":  # nothing to roll back to: it serves on, and a fix is the way out
+        assert "m:1 still serves all traffic (there is nothing to roll back to)" in flat
+    assert json.loads(routes.read_text())["weights"] == {"blue": 0, "green": 100}
+    got, out = invoke("status", str(spec))
+    assert got == EXIT_RUNNING
+    assert f"bootstrapped (a first release, judged on the absolute limits: {verdict}:" in " ".join(
+        out.split()
+    )
+    got, story = invoke("explain", str(spec))
+    assert f"first release m:1 judged on the absolute limits: {verdict}: error rate" in " ".join(
+        story.split()
+    )
+    # Run again: green serves it already, so it is only judged afresh.
+    got, out = invoke("bootstrap", str(spec), "--release", "m:1", "--check", "--simulated-time")
+    assert got == code and "judging it" in out
+
+
+def test_bootstrap_check_errors_are_one_line(tmp_path: Path) -> None:
+    spec = write_spec(
+        tmp_path, analysis={"errors": {"max_rate": None}, "latency": {"enabled": False}}
+    )
+    code, out = invoke("bootstrap", str(spec), "--check", "--simulated-time")
+    assert code == EXIT_ERROR and "checking a first release needs an absolute limit" in out
+    code, out = invoke("bootstrap", str(write_spec(tmp_path)), "--simulated-time")
+    assert code == EXIT_ERROR and "--simulated-time: only with --check" in out
+    spec = write_spec(tmp_path, metrics={"kind": "static", "ticks": [{"error": "refused"}]})
+    code, out = invoke("bootstrap", str(spec), "--check", "--simulated-time", "--quiet")
+    assert (code, out) == (EXIT_ERROR, "error: metrics unreadable: refused\n")
+
+
 def test_bootstrap_refuses_while_a_rollout_is_active(tmp_path: Path) -> None:
     routes = tmp_path / "routes.json"
     spec = write_spec(
@@ -495,3 +545,11 @@ def test_the_readme_spec_validates(tmp_path: Path) -> None:
     (tmp_path / "rollout.yaml").write_text(block.split("```yaml\n")[1].split("```")[0])
     code, out = invoke("validate", str(tmp_path / "rollout.yaml"))
     assert code == 0, out
+
+
+def test_bootstrap_check_without_traffic_is_a_humans_call(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, metrics={"kind": "static", "ticks": [{}]})
+    code, out = invoke("bootstrap", str(spec), "--check", "--simulated-time", "--quiet")
+    flat = " ".join(out.split())
+    assert code == EXIT_PAUSED, out
+    assert "Inconclusive (undecided): first release m:1: undecided after 3.0 h: no requests" in flat
