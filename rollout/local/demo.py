@@ -34,11 +34,12 @@ from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from rollout.core.types import Colour, Phase, Release, Weights
+from rollout.core.types import Phase, Release, Verdict, Weights
 from rollout.errors import LocalStackError
 from rollout.ledger import read_ledger
 from rollout.local.stack import LocalStack
@@ -85,6 +86,7 @@ def run_demo(out_dir: Path, *, console: Console | None = None, rps: float = RPS)
     """Run the story; the stack is always stopped at the end (also on Ctrl-C or an error)."""
     from aml_pipelines.delivery import package_release
     from aml_pipelines.registry.local import LocalRegistry
+    from rollout.api import bootstrap, bootstrap_checked
 
     console = console or Console()
     out_dir = out_dir.resolve()
@@ -123,11 +125,19 @@ def run_demo(out_dir: Path, *, console: Console | None = None, rps: float = RPS)
         _tag(registry, v1, "Succeeded", "first production model")
         green = package_release(v1, out_dir, image_registry="localhost")
         console.print(f"[green]green[/] ← {MODEL} v1 (production)")
-        stack.router.deploy(Colour.GREEN, green)
-        stack.router.set_weights(Weights.blue_at(0))
+        first = stack.spec(f"{MODEL}-v1", analysis=ANALYSIS)
+        bootstrap(first, green, router=stack.router)
         rows = _sample_rows(green)
         load = stack.start_load(rps=rps, rows=rows, concurrency=16)
         console.print(f"load: {rps:g} requests/s through Envoy (held-out rows)")
+        # A first release has nothing to compare it with: judged on the absolute limits alone
+        # (what `aml-rollout rollout bootstrap --check` does).
+        check = bootstrap_checked(first, green, router=stack.router, metrics=stack.metrics)
+        style = "green" if check.verdict is Verdict.SUCCESSFUL else "red"
+        console.print(
+            f"first release v1 checked on absolute limits: [{style}]{check.verdict.value}[/]: "
+            f"{escape(check.reason)}"
+        )
 
         # 2. and 3. two candidates, rolled out by the real engine.
         for number in (2, 3):

@@ -27,6 +27,9 @@ def test_demo_promotes_then_rolls_back_and_writes_the_report(tmp_path: Path) -> 
     page = report.read_text()
     assert page.count("<svg") == 6  # per rollout: weights, error rate, p99
     ledgers = {p.name: read_ledger(p) for p in (out / "stack" / "state").glob("*.ledger.jsonl")}
+    # v1, a first release, checked on the absolute limits from the real Prometheus
+    assert "first release v1 checked on absolute limits: Successful: error rate 0 %" in done.stdout
+    assert [r["event"] for r in ledgers["diabetes-v1.ledger.jsonl"]] == ["bootstrap", "first-check"]
     assert ledgers["diabetes-v2.ledger.jsonl"][-1]["phase"] == "Succeeded"
     # promoted on both checks: errors, and latency against the demo's 250 ms SLO
     reasons = " ".join(str(e.get("reason", "")) for e in ledgers["diabetes-v2.ledger.jsonl"])
