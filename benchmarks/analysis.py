@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 from scipy.stats import beta as beta_dist
 
 from benchmarks.flagger import Outcome
@@ -60,11 +61,44 @@ from rollout.controller import Controller, FakeClock
 from rollout.core.machine import p99_bucket
 from rollout.core.stats import wald_expected_n
 from rollout.core.types import Colour, ColourCounts, Phase, Release
+from rollout.errors import ConfigError
 from rollout.metrics.static import SimulatedMetrics, TrafficBehaviour
 from rollout.routers.memory import MemoryRouter
 from rollout.state.memory import MemoryStateStore
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
+
+
+class ScenarioFile(BaseModel):
+    """A scenario YAML, as docs/engine.md describes it; an unknown key is an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    seed: int = 0
+    #: Total requests per second, or a step profile of [t_seconds, rps] points.
+    rps: float | list[tuple[float, float]]
+    duration_s: PositiveFloat = 3600.0
+    baseline: TrafficModel
+    canary: TrafficModel | None = None  # none: an A/A scenario
+
+    @field_validator("rps", mode="plain")
+    @classmethod
+    def _rate_or_profile(cls, value: Any) -> float | list[tuple[float, float]]:
+        # One message for both shapes: pydantic's own names each arm of the union.
+        problem = "give a rate >= 0, or a non-empty list of [t_seconds, rps] points, each >= 0"
+        if isinstance(value, bool | str):
+            raise ValueError(problem)
+        try:
+            if isinstance(value, list):
+                points = [(float(t), float(r)) for t, r in value]
+                if points and all(t >= 0 and r >= 0 for t, r in points):
+                    return points
+            elif float(value) >= 0:
+                return float(value)
+        except (TypeError, ValueError):
+            pass
+        raise ValueError(problem)
 
 
 @dataclass(frozen=True)
@@ -78,15 +112,32 @@ class Scenario:
 
     @classmethod
     def load(cls, path: Path) -> Scenario:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        rps = data["rps"]
+        """Read and validate a scenario; ConfigError names the file and each bad field."""
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read scenario: {_reason(exc)}") from None
+        except yaml.YAMLError as exc:
+            mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else exc
+            raise ConfigError(f"{path}: not valid YAML: {where}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping (name, rps, baseline, ...)")
+        try:
+            file = ScenarioFile.model_validate(data)
+        except ValidationError as exc:
+            problems = (
+                f"{'.'.join(str(part) for part in err['loc'])}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise ConfigError(f"{path}: {'; '.join(problems)}") from None
         return cls(
-            name=data["name"],
-            seed=int(data.get("seed", 0)),
-            rps=[(float(t), float(r)) for t, r in rps] if isinstance(rps, list) else float(rps),
-            duration_s=float(data.get("duration_s", 3600)),
-            baseline=TrafficModel.model_validate(data["baseline"]),
-            canary=TrafficModel.model_validate(data.get("canary") or data["baseline"]),
+            name=file.name,
+            seed=file.seed,
+            rps=file.rps,
+            duration_s=file.duration_s,
+            baseline=file.baseline,
+            canary=file.canary or file.baseline,
         )
 
     def metrics(self, seed: int) -> SimulatedMetricsConfig:
@@ -117,6 +168,12 @@ class Scenario:
     @property
     def is_aa(self) -> bool:
         return self.error_ratio == 1.0 and self.latency_ratio == 1.0
+
+
+def _reason(exc: OSError | UnicodeDecodeError) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (offset {exc.start})"
+    return exc.strerror or str(exc)
 
 
 CANDIDATE = Release(model="model", version="2")
@@ -308,21 +365,56 @@ def summarise(
     }
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type: a whole number >= 1 (0 runs would have nothing to summarise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument(
-        "--runs", type=int, default=2000, help="rollouts per scenario and policy (default 2000)"
+        "--runs",
+        type=_at_least_one,
+        default=2000,
+        help="rollouts per scenario and policy (default 2000)",
     )
-    parser.add_argument("--scenario", action="append", type=Path, help="scenario YAML (repeat)")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--policy", action="append", choices=["ours", "flagger"])
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        type=Path,
+        help="scenario YAML (repeat; default: every file in benchmarks/scenarios/)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=_at_least_one,
+        default=os.cpu_count() or 1,
+        help="worker processes (default: one per core)",
+    )
+    parser.add_argument(
+        "--policy",
+        action="append",
+        choices=["ours", "flagger"],
+        help="policy to run (repeat; default: both)",
+    )
     parser.add_argument(
         "--spec", type=Path, help="judge with this spec's steps and analysis (default: defaults)"
     )
     args = parser.parse_args(argv)
     files = args.scenario or sorted(SCENARIO_DIR.glob("*.yaml"))
-    scenarios = [Scenario.load(f) for f in files]
+    try:
+        scenarios = [Scenario.load(f) for f in files]
+        if args.spec:
+            load_spec(args.spec)  # here, once: in the workers it would end in a traceback
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     policies = args.policy or ["ours", "flagger"]
     started = time.perf_counter()
     per_job = max(1, math.ceil(args.runs / max(args.jobs, 1)))

@@ -114,3 +114,70 @@ def test_a_spec_without_a_shadow_step_runs_the_live_plan(
     (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
     assert row["p_rollback"] == 1.0
     assert row["mean_bad_mirrored_requests"] == 0 and row["mean_bad_canary_requests"] > 0
+
+
+GOOD = "name: s\nrps: 10\nbaseline: {error_rate: 0.001}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        pytest.param(None, "cannot read scenario: No such file", id="missing-file"),
+        pytest.param("name: s\nrps: [10\n", "not valid YAML: line 3, column 1", id="bad-yaml"),
+        pytest.param("- a\n", "expected a mapping", id="not-a-mapping"),
+        pytest.param(GOOD + "canary: {eror_rate: 0.01}\n", "canary.eror_rate: Extra", id="typo"),
+        pytest.param(GOOD + "duration: 60\n", "duration: Extra inputs", id="top-level-typo"),
+        pytest.param("rps: 10\nbaseline: {}\n", "name: Field required", id="no-name"),
+        pytest.param("name: s\nbaseline: {}\n", "rps: Field required", id="no-rps"),
+        pytest.param("name: s\nrps: 10\n", "baseline: Field required", id="no-baseline"),
+        pytest.param(GOOD.replace("10", "-1"), "rps: Value error, give a rate", id="negative-rps"),
+        pytest.param(GOOD.replace("10", "[[0, 10], [60]]"), "rps: Value error", id="bad-point"),
+        pytest.param(GOOD.replace("10", "[]"), "rps: Value error", id="empty-profile"),
+        pytest.param(GOOD + "duration_s: 0\n", "duration_s: Input should be greater", id="dur-0"),
+        pytest.param(
+            GOOD + "canary: {error_rate: 2}\n", "canary.error_rate: Input should be", id="rate>1"
+        ),
+    ],
+)
+def test_a_bad_scenario_is_one_line_naming_file_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str | None, problem: str
+) -> None:
+    path = tmp_path / "scenario.yaml"
+    if text is not None:
+        path.write_text(text)
+    assert main(["--json", "--runs", "1", "--jobs", "1", "--scenario", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}: ")
+    assert problem in err
+
+
+def test_a_profile_scenario_loads_as_points(tmp_path: Path) -> None:
+    path = tmp_path / "profile.yaml"
+    path.write_text(GOOD.replace("rps: 10", "rps: [[0, 10], [60, 20]]"))
+    scenario = Scenario.load(path)
+    assert scenario.rps == [(0.0, 10.0), (60.0, 20.0)]
+    assert scenario.canary == scenario.baseline  # no canary: A/A
+
+
+def test_a_bad_spec_is_one_line_before_any_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("steps: [5, 25]\nanalysis: {alpah: 0.1}\n")
+    args = ["--runs", "1", "--jobs", "2", "--scenario", str(SCENARIO_DIR / "err-50x-100rps.yaml")]
+    assert main([*args, "--spec", str(spec)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: {spec}: ") and "analysis.alpah" in err
+
+
+@pytest.mark.parametrize("option", ["--runs", "--jobs"])
+@pytest.mark.parametrize("value", ["0", "-2", "x"])
+def test_runs_and_jobs_must_be_whole_numbers_from_one(
+    capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([option, value, "--scenario", str(SCENARIO_DIR / "err-50x-100rps.yaml")])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: " in capsys.readouterr().err
