@@ -52,7 +52,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 from scipy.stats import beta as beta_dist
 
-from benchmarks.flagger import Outcome
+from benchmarks.flagger import Outcome, expected_requests
 from benchmarks.flagger import simulate as simulate_flagger
 from benchmarks.oracle import simulate as simulate_oracle
 from benchmarks.oracle import sprt_expected_n
@@ -147,13 +147,11 @@ class Scenario:
 
     @property
     def mean_rps(self) -> float:
-        if isinstance(self.rps, float):
-            return self.rps
-        points = sorted(self.rps)
-        total = 0.0
-        for (t0, r), (t1, _) in zip(points, [*points[1:], (self.duration_s, 0.0)], strict=True):
-            total += r * max(min(t1, self.duration_s) - t0, 0.0)
-        return total / self.duration_s
+        return expected_requests(self.rps, 0.0, self.duration_s) / self.duration_s
+
+    def errors_after(self, t: float) -> float:
+        """The canary errors expected from `t` to the horizon once it serves all traffic."""
+        return expected_requests(self.rps, t, self.duration_s) * self.canary.error_rate
 
     @property
     def error_ratio(self) -> float:
@@ -218,7 +216,7 @@ def run_ours(scenario: Scenario, seed: int, spec: RolloutSpec) -> Outcome:
         )
     bad = float(metrics.canary_bad)
     if decision == "promote" and decided_at is not None:
-        bad += (scenario.duration_s - decided_at) * scenario.mean_rps * scenario.canary.error_rate
+        bad += scenario.errors_after(decided_at)
     return Outcome(decision, decided_at, canary_at_decision, bad, metrics.mirrored_bad)
 
 
@@ -247,8 +245,7 @@ def _chunk(args: tuple[str, Scenario, int, int, Path | None]) -> list[tuple[Outc
 
 def _bad_until_decision(outcome: Outcome, scenario: Scenario) -> float:
     if outcome.decision == "promote" and outcome.decided_at is not None:
-        after = (scenario.duration_s - outcome.decided_at) * scenario.mean_rps
-        return outcome.bad_canary - after * scenario.canary.error_rate
+        return outcome.bad_canary - scenario.errors_after(outcome.decided_at)
     return outcome.bad_canary
 
 

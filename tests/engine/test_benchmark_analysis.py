@@ -181,3 +181,57 @@ def test_runs_and_jobs_must_be_whole_numbers_from_one(
         main([option, value, "--scenario", str(SCENARIO_DIR / "err-50x-100rps.yaml")])
     assert exit_info.value.code == 2
     assert f"argument {option}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("rps", "t0", "t1", "expected"),
+    [
+        pytest.param(10.0, 0, 60, 600, id="constant"),
+        pytest.param([(0, 10), (60, 100)], 0, 120, 600 + 6000, id="two-steps"),
+        pytest.param([(60, 100), (0, 10)], 30, 90, 300 + 3000, id="unsorted-mid-step"),
+        pytest.param([(60, 100)], 0, 120, 12000, id="before-the-first-point-its-rate"),
+        pytest.param([(0, 10), (60, 0)], 60, 3600, 0, id="quiet-after"),
+    ],
+)
+def test_expected_requests_integrates_the_profile(
+    rps: float | list[tuple[float, float]], t0: float, t1: float, expected: float
+) -> None:
+    from benchmarks.flagger import expected_requests
+
+    assert expected_requests(rps, t0, t1) == pytest.approx(expected)
+
+
+def test_flagger_draws_from_the_rps_profile_not_its_first_point() -> None:
+    from benchmarks.flagger import simulate as simulate_flagger
+    from rollout.config import SimulatedMetricsConfig
+
+    # A/A: promoted after five passing checks at 10..50 %; 10 rps for the first minute only.
+    cfg = SimulatedMetricsConfig(rps=[(0.0, 10.0), (60.0, 1000.0)])
+    outcome = simulate_flagger(cfg, 3600.0, np.random.default_rng(1))
+    assert outcome.decision == "promote"
+    # ~60 + 1000 x 60 x (0.2 + 0.3 + 0.4 + 0.5) = 84,060 canary requests, not 10 rps' 900
+    assert outcome.canary_requests == pytest.approx(84_060, rel=0.02)
+
+
+def test_harm_after_a_promotion_follows_the_profile(tmp_path: Path) -> None:
+    path = tmp_path / "quiet-after.yaml"
+    path.write_text(
+        "name: q\nrps: [[0, 100], [1800, 0]]\nbaseline: {error_rate: 0.001}\n"
+        "canary: {error_rate: 0.01}\n"
+    )
+    scenario = Scenario.load(path)
+    assert scenario.mean_rps == pytest.approx(50.0)
+    assert scenario.errors_after(1800.0) == 0.0  # no traffic left to harm
+    assert scenario.errors_after(900.0) == pytest.approx(900 * 100 * 0.01)
+
+
+def test_bad_until_the_decision_is_never_negative_on_a_profile(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "ramp.yaml"
+    path.write_text("name: ramp\nrps: [[0, 10], [60, 20]]\nbaseline: {error_rate: 0.001}\n")
+    args = ["--json", "--runs", "20", "--jobs", "1", "--policy", "flagger"]
+    assert main([*args, "--scenario", str(path)]) == 0
+    (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    assert row["p_promote"] == 1.0
+    assert 0 <= row["mean_bad_until_decision"] < row["mean_bad_canary_requests"]
