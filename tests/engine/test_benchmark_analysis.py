@@ -235,3 +235,35 @@ def test_bad_until_the_decision_is_never_negative_on_a_profile(
     (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
     assert row["p_promote"] == 1.0
     assert 0 <= row["mean_bad_until_decision"] < row["mean_bad_canary_requests"]
+
+
+def test_readme_quotes_the_en_over_wald_range_of_the_docs_table() -> None:
+    # README's "E[N] is A–B× ... Wald's formula ... would read C–D" against the measured table in
+    # docs/engine.md (ours, error scenarios, the starred partial row left out).
+    import re
+
+    from benchmarks.analysis import wald_formula, wald_reference
+
+    root = Path(__file__).resolve().parents[2]
+    table = re.findall(
+        r"^\| (err-[\w.-]+) \| ours \|.* \| ([\d.]+) \|$",
+        (root / "docs" / "engine.md").read_text(encoding="utf-8"),
+        re.M,
+    )
+    assert len(table) >= 7
+    exact, formula = [], []
+    for name, ratio in table:
+        scenario = Scenario.load(SCENARIO_DIR / f"{name}.yaml")
+        wald, approx = wald_reference(scenario), wald_formula(scenario)
+        assert wald is not None and approx is not None
+        exact.append(float(ratio))
+        formula.append(float(ratio) * wald / approx)
+    readme = " ".join((root / "README.md").read_text(encoding="utf-8").split())
+    found = re.search(r"E\[N\] is ([\d.]+)–([\d.]+)×.*?would read (\d+\.\d+)–(\d+\.\d+)", readme)
+    assert found is not None
+    assert [float(x) for x in found.groups()] == [
+        min(exact),
+        max(exact),
+        round(min(formula), 1),
+        round(max(formula), 1),
+    ]
