@@ -268,16 +268,19 @@ def slow_rates(scenario: Scenario) -> tuple[float, float]:
 
 
 def reference_rates(scenario: Scenario) -> tuple[float, float] | None:
-    """The baseline's and the canary's bad rates the references test (None for A/A)."""
+    """The baseline's and the canary's bad rates the references test; None when there is no
+    regression to detect (A/A, a better canary) or no baseline rate to compare with (0 %)."""
     if scenario.is_aa:
         return None
     if scenario.error_ratio > 1.0:
-        return scenario.baseline.error_rate, scenario.canary.error_rate
-    return slow_rates(scenario)
+        rates = scenario.baseline.error_rate, scenario.canary.error_rate
+    else:
+        rates = slow_rates(scenario)
+    return rates if 0 < rates[0] < rates[1] < 1 else None
 
 
 def wald_reference(scenario: Scenario) -> float | None:
-    """E[N] of Wald's SPRT for the scenario's effect (None for A/A)."""
+    """E[N] of Wald's SPRT for the scenario's effect (None without a reference, as above)."""
     rates = reference_rates(scenario)
     return sprt_expected_n(*rates) if rates else None
 
@@ -289,7 +292,7 @@ def wald_formula(scenario: Scenario) -> float | None:
 
 
 def oracle_reference(scenario: Scenario, runs: int) -> dict[str, Any] | None:
-    """The oracle's E[N], bad requests and E[N] / Wald (None for A/A scenarios)."""
+    """The oracle's E[N], bad requests and E[N] / Wald (None without a reference, as above)."""
     rates, wald = reference_rates(scenario), wald_reference(scenario)
     if rates is None or wald is None:
         return None

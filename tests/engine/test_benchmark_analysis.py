@@ -267,3 +267,26 @@ def test_readme_quotes_the_en_over_wald_range_of_the_docs_table() -> None:
         round(min(formula), 1),
         round(max(formula), 1),
     ]
+
+
+@pytest.mark.parametrize(
+    ("baseline", "canary"),
+    [
+        pytest.param("{error_rate: 0.001}", "{error_rate: 0.0005}", id="fewer-errors"),
+        pytest.param("{error_rate: 0.001}", "{latency_ms: {median: 15}}", id="faster"),
+        pytest.param("{error_rate: 0.0}", "{error_rate: 0.01}", id="errors-on-a-clean-baseline"),
+    ],
+)
+def test_a_scenario_without_an_sprt_reference_runs_with_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], baseline: str, canary: str
+) -> None:
+    # No worse rate to detect, or no baseline rate to compare with: Wald's SPRT and the oracle
+    # have nothing to test; the rows still come, with EN/Wald "-" (null), not a traceback.
+    path = tmp_path / "scenario.yaml"
+    path.write_text(f"name: s\nrps: 100\nbaseline: {baseline}\ncanary: {canary}\n")
+    assert main(["--json", "--runs", "2", "--jobs", "1", "--scenario", str(path)]) == 0
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert payload["oracle"] == []
+    assert [row["policy"] for row in payload["results"]] == ["ours", "flagger"]
+    assert all(row["wald_expected_n"] is None for row in payload["results"])
+    assert all(row["en_over_wald"] is None for row in payload["results"])
