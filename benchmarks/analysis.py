@@ -346,7 +346,8 @@ def summarise(
         "policy": policy,
         "runs": runs,
         "total_rps": scenario.mean_rps,
-        "error_ratio": scenario.error_ratio,
+        # Errors against a baseline with none: infinite, which JSON cannot hold (null).
+        "error_ratio": scenario.error_ratio if math.isfinite(scenario.error_ratio) else None,
         "latency_ratio": scenario.latency_ratio,
         "p_rollback": len(rollbacks) / runs,
         "p_promote": len(promotes) / runs,

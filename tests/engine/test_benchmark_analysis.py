@@ -285,7 +285,12 @@ def test_a_scenario_without_an_sprt_reference_runs_with_none(
     path = tmp_path / "scenario.yaml"
     path.write_text(f"name: s\nrps: 100\nbaseline: {baseline}\ncanary: {canary}\n")
     assert main(["--json", "--runs", "2", "--jobs", "1", "--scenario", str(path)]) == 0
-    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    def not_json(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    payload = json.loads(last, parse_constant=not_json)  # strict: no NaN or Infinity
     assert payload["oracle"] == []
     assert [row["policy"] for row in payload["results"]] == ["ours", "flagger"]
     assert all(row["wald_expected_n"] is None for row in payload["results"])
