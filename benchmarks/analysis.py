@@ -1,6 +1,7 @@
 """Statistics benchmark: our engine against a Flagger-equivalent policy on simulated traffic.
 
     python -m benchmarks.analysis --json [--runs N] [--scenario FILE ...] [--jobs J]
+        [--policy ours|flagger ...] [--spec SPEC]
 
 For every scenario (YAML, default set in benchmarks/scenarios/) and policy it runs seeded
 rollouts and reports P(rollback), P(promote), mean time to decision, mean canary bad requests

@@ -295,3 +295,15 @@ def test_a_scenario_without_an_sprt_reference_runs_with_none(
     assert [row["policy"] for row in payload["results"]] == ["ours", "flagger"]
     assert all(row["wald_expected_n"] is None for row in payload["results"])
     assert all(row["en_over_wald"] is None for row in payload["results"])
+
+
+def test_docs_usage_line_names_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    options = set(re.findall(r"--[a-z]+", capsys.readouterr().out)) - {"--help"}
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "engine.md").read_text(encoding="utf-8")
+    usage = re.search(r"^python -m benchmarks\.analysis (.*)$", docs, re.M)
+    assert usage is not None
+    assert set(re.findall(r"--[a-z]+", usage.group(1))) == options
