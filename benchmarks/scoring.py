@@ -42,7 +42,7 @@ from typing import IO
 
 import httpx
 
-from benchmarks.azureml_env import ROOT, ensure_azureml_venv
+from benchmarks.azureml_env import ROOT, AzuremlEnvUnavailable, ensure_azureml_venv
 
 SERVERS = ["ours", "azureml", "fastapi"]
 ROW = [0.0381, 0.0507, 0.0617, 0.0219, -0.0442, -0.0348, -0.0434, -0.0026, 0.0199, -0.0176]
@@ -235,7 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     wanted = args.only or SERVERS
     # Only when measured: creating .venv-azureml pip-installs the AML server (minutes, network).
-    azmlinfsrv = ensure_azureml_venv() if "azureml" in wanted else Path("azmlinfsrv")
+    try:
+        azmlinfsrv = ensure_azureml_venv() if "azureml" in wanted else Path("azmlinfsrv")
+    except AzuremlEnvUnavailable as exc:
+        print(
+            f"error: azureml-inference-server-http: {exc} (or leave it out: --only)",
+            file=sys.stderr,
+        )
+        return 2
     servers: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-scoring-") as tmp:
         workdir = Path(tmp)

@@ -75,3 +75,21 @@ def test_seconds_below_one_is_exit_2(capsys: pytest.CaptureFixture[str], seconds
         main(["--seconds", seconds])
     assert exit_info.value.code == 2
     assert "--seconds must be at least 1" in capsys.readouterr().err
+
+
+def test_a_venv_pip_cannot_create_is_an_error_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import benchmarks.scoring as bench
+    from benchmarks.azureml_env import AzuremlEnvUnavailable
+
+    def no_pip() -> None:
+        raise AzuremlEnvUnavailable("`pip install ...` failed: No matching distribution found")
+
+    monkeypatch.setattr(bench.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(bench, "ensure_azureml_venv", no_pip)
+    assert bench.main(["--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("error: azureml-inference-server-http: `pip install ...` failed: No")
+    assert "--only" in err
