@@ -412,6 +412,14 @@ def main(argv: list[str] | None = None) -> int:
     files = args.scenario or sorted(SCENARIO_DIR.glob("*.yaml"))
     try:
         scenarios = [Scenario.load(f) for f in files]
+        # Rows are named (and runs merged) by scenario name: a copy not renamed would mix.
+        first: dict[str, Path] = {}
+        for path, scenario in zip(files, scenarios, strict=True):
+            if (other := first.get(scenario.name)) == path:
+                raise ConfigError(f"{path}: given twice")
+            if other is not None:
+                raise ConfigError(f"{path}: name: {scenario.name!r} is also the name in {other}")
+            first[scenario.name] = path
         if args.spec:
             load_spec(args.spec)  # here, once: in the workers it would end in a traceback
     except ConfigError as exc:

@@ -307,3 +307,20 @@ def test_docs_usage_line_names_every_option(capsys: pytest.CaptureFixture[str]) 
     usage = re.search(r"^python -m benchmarks\.analysis (.*)$", docs, re.M)
     assert usage is not None
     assert set(re.findall(r"--[a-z]+", usage.group(1))) == options
+
+
+def test_two_scenarios_with_one_name_are_refused_not_merged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A copy of a scenario, tweaked but not renamed: its runs would be merged into the
+    # original's rows (runs doubled, both rows the same).
+    original = SCENARIO_DIR / "err-10x-100rps.yaml"
+    variant = tmp_path / "variant.yaml"
+    variant.write_text(original.read_text().replace("error_rate: 0.01,", "error_rate: 0.05,"))
+    args = ["--runs", "1", "--jobs", "1", "--scenario", str(original), "--scenario", str(variant)]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"error: {variant}: name: 'err-10x-100rps' is also the name in {original}\n"
+    assert main(["--runs", "1", "--scenario", str(original), "--scenario", str(original)]) == 2
+    assert capsys.readouterr().err == f"error: {original}: given twice\n"
