@@ -226,7 +226,7 @@ def _chunk(args: tuple[str, Scenario, int, int, Path | None]) -> list[tuple[Outc
     # The product's defaults, or the plan and analysis of a user's spec (--spec).
     base = load_spec(spec_file) if spec_file else RolloutSpec()
     spec = RolloutSpec(
-        name=scenario.name.lower().replace(" ", "-"),
+        name="benchmark",  # the state store's key only: any scenario name goes
         steps=list(base.plan),
         mirror_percent=base.shadow_percent,
         analysis=base.analysis,

@@ -324,3 +324,12 @@ def test_two_scenarios_with_one_name_are_refused_not_merged(
     assert err == f"error: {variant}: name: 'err-10x-100rps' is also the name in {original}\n"
     assert main(["--runs", "1", "--scenario", str(original), "--scenario", str(original)]) == 2
     assert capsys.readouterr().err == f"error: {original}: given twice\n"
+
+
+def test_any_scenario_name_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The name labels rows only; it used to become the rollout's name, which must be a DNS label.
+    path = tmp_path / "named.yaml"
+    path.write_text(GOOD.replace("name: s", "name: 'Err 10x / my_variant'"))
+    assert main(["--json", "--runs", "1", "--jobs", "1", "--scenario", str(path)]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    assert {row["scenario"] for row in rows} == {"Err 10x / my_variant"}
