@@ -25,6 +25,8 @@ CLI = str(Path(sys.executable).with_name("aml-rollout"))
 EXAMPLE_SPEC = str(
     Path(__file__).resolve().parents[1] / "components" / "rollout" / "spec.example.yaml"
 )
+#: Each command's limit: a hung one fails the benchmark instead of holding it forever.
+TIMEOUT_S = 300.0
 COMMANDS = {
     "help_s": ["--help"],
     "validate_s": ["pipeline", "validate"],
@@ -39,7 +41,12 @@ class CommandFailed(RuntimeError):
 
 def timed(argv: list[str], cwd: Path) -> float:
     started = time.perf_counter()
-    done = subprocess.run([CLI, *argv], cwd=cwd, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(
+            [CLI, *argv], cwd=cwd, capture_output=True, text=True, check=False, timeout=TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:
+        raise CommandFailed(f"`aml-rollout {' '.join(argv)}` ran over {TIMEOUT_S:g} s") from None
     if done.returncode != 0:
         last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise CommandFailed(f"`aml-rollout {' '.join(argv)}` exited {done.returncode}: {last[0]}")

@@ -45,3 +45,12 @@ def test_repeat_must_be_at_least_one(capsys: pytest.CaptureFixture[str], repeat:
         bench.main(["--repeat", repeat])
     assert exit_info.value.code == 2
     assert "--repeat must be at least 1" in capsys.readouterr().err
+
+
+def test_a_hung_command_fails_after_the_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench, "CLI", _fake_cli(tmp_path, "exec sleep 30"))
+    monkeypatch.setattr(bench, "TIMEOUT_S", 0.5)
+    assert bench.main(["--repeat", "1"]) == 1
+    assert capsys.readouterr().err == "error: `aml-rollout --help` ran over 0.5 s\n"
