@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.seconds >= 1:
         parser.error(f"--seconds must be at least 1 (wrk runs whole seconds), not {args.seconds:g}")
     if shutil.which("wrk") is None:
-        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+        print("error: wrk is not installed: apt-get install -y wrk", file=sys.stderr)
         return 2
     wanted = args.only or SERVERS
     # Only when measured: creating .venv-azureml pip-installs the AML server (minutes, network).

@@ -93,3 +93,14 @@ def test_a_venv_pip_cannot_create_is_an_error_line_not_a_traceback(
     assert out == ""
     assert err.startswith("error: azureml-inference-server-http: `pip install ...` failed: No")
     assert "--only" in err
+
+
+def test_without_wrk_one_error_line_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import benchmarks.scoring as bench
+
+    monkeypatch.setattr(bench.shutil, "which", lambda name: None)
+    assert bench.main(["--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "error: wrk is not installed: apt-get install -y wrk\n"
