@@ -333,3 +333,17 @@ def test_any_scenario_name_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["--json", "--runs", "1", "--jobs", "1", "--scenario", str(path)]) == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
     assert {row["scenario"] for row in rows} == {"Err 10x / my_variant"}
+
+
+def test_fr_ub95_is_the_two_sided_clopper_pearson_upper_end() -> None:
+    # docs/engine.md: "58 rollbacks in 2,000 runs read 0.037" (aa-100rps's 0.029).
+    from benchmarks.analysis import summarise
+    from benchmarks.flagger import Outcome
+
+    scenario = Scenario.load(SCENARIO_DIR / "aa-100rps.yaml")
+    outcomes = [Outcome("rollback", 100.0, 500, 0.0)] * 58 + [
+        Outcome("promote", 700.0, 9000, 1.0)
+    ] * 1942
+    row = summarise(scenario, "ours", [(o, o.bad_canary) for o in outcomes])
+    assert row["p_rollback"] == 0.029
+    assert f"{row['false_rollback_upper95']:.3f}" == "0.037"
