@@ -1,6 +1,7 @@
 """Statistics benchmark: our engine against a Flagger-equivalent policy on simulated traffic.
 
     python -m benchmarks.analysis --json [--runs N] [--scenario FILE ...] [--jobs J]
+        [--policy ours|flagger ...] [--spec SPEC]
 
 For every scenario (YAML, default set in benchmarks/scenarios/) and policy it runs seeded
 rollouts and reports P(rollback), P(promote), mean time to decision, mean canary bad requests
@@ -49,9 +50,10 @@ from typing import Any
 
 import numpy as np
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 from scipy.stats import beta as beta_dist
 
-from benchmarks.flagger import Outcome
+from benchmarks.flagger import Outcome, expected_requests
 from benchmarks.flagger import simulate as simulate_flagger
 from benchmarks.oracle import simulate as simulate_oracle
 from benchmarks.oracle import sprt_expected_n
@@ -60,11 +62,44 @@ from rollout.controller import Controller, FakeClock
 from rollout.core.machine import p99_bucket
 from rollout.core.stats import wald_expected_n
 from rollout.core.types import Colour, ColourCounts, Phase, Release
+from rollout.errors import ConfigError
 from rollout.metrics.static import SimulatedMetrics, TrafficBehaviour
 from rollout.routers.memory import MemoryRouter
 from rollout.state.memory import MemoryStateStore
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
+
+
+class ScenarioFile(BaseModel):
+    """A scenario YAML, as docs/engine.md describes it; an unknown key is an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    seed: int = 0
+    #: Total requests per second, or a step profile of [t_seconds, rps] points.
+    rps: float | list[tuple[float, float]]
+    duration_s: PositiveFloat = 3600.0
+    baseline: TrafficModel
+    canary: TrafficModel | None = None  # none: an A/A scenario
+
+    @field_validator("rps", mode="plain")
+    @classmethod
+    def _rate_or_profile(cls, value: Any) -> float | list[tuple[float, float]]:
+        # One message for both shapes: pydantic's own names each arm of the union.
+        problem = "give a rate >= 0, or a non-empty list of [t_seconds, rps] points, each >= 0"
+        if isinstance(value, bool | str):
+            raise ValueError(problem)
+        try:
+            if isinstance(value, list):
+                points = [(float(t), float(r)) for t, r in value]
+                if points and all(t >= 0 and r >= 0 for t, r in points):
+                    return points
+            elif float(value) >= 0:
+                return float(value)
+        except (TypeError, ValueError):
+            pass
+        raise ValueError(problem)
 
 
 @dataclass(frozen=True)
@@ -78,15 +113,32 @@ class Scenario:
 
     @classmethod
     def load(cls, path: Path) -> Scenario:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        rps = data["rps"]
+        """Read and validate a scenario; ConfigError names the file and each bad field."""
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read scenario: {_reason(exc)}") from None
+        except yaml.YAMLError as exc:
+            mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else exc
+            raise ConfigError(f"{path}: not valid YAML: {where}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping (name, rps, baseline, ...)")
+        try:
+            file = ScenarioFile.model_validate(data)
+        except ValidationError as exc:
+            problems = (
+                f"{'.'.join(str(part) for part in err['loc'])}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise ConfigError(f"{path}: {'; '.join(problems)}") from None
         return cls(
-            name=data["name"],
-            seed=int(data.get("seed", 0)),
-            rps=[(float(t), float(r)) for t, r in rps] if isinstance(rps, list) else float(rps),
-            duration_s=float(data.get("duration_s", 3600)),
-            baseline=TrafficModel.model_validate(data["baseline"]),
-            canary=TrafficModel.model_validate(data.get("canary") or data["baseline"]),
+            name=file.name,
+            seed=file.seed,
+            rps=file.rps,
+            duration_s=file.duration_s,
+            baseline=file.baseline,
+            canary=file.canary or file.baseline,
         )
 
     def metrics(self, seed: int) -> SimulatedMetricsConfig:
@@ -96,13 +148,11 @@ class Scenario:
 
     @property
     def mean_rps(self) -> float:
-        if isinstance(self.rps, float):
-            return self.rps
-        points = sorted(self.rps)
-        total = 0.0
-        for (t0, r), (t1, _) in zip(points, [*points[1:], (self.duration_s, 0.0)], strict=True):
-            total += r * max(min(t1, self.duration_s) - t0, 0.0)
-        return total / self.duration_s
+        return expected_requests(self.rps, 0.0, self.duration_s) / self.duration_s
+
+    def errors_after(self, t: float) -> float:
+        """The canary errors expected from `t` to the horizon once it serves all traffic."""
+        return expected_requests(self.rps, t, self.duration_s) * self.canary.error_rate
 
     @property
     def error_ratio(self) -> float:
@@ -117,6 +167,12 @@ class Scenario:
     @property
     def is_aa(self) -> bool:
         return self.error_ratio == 1.0 and self.latency_ratio == 1.0
+
+
+def _reason(exc: OSError | UnicodeDecodeError) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (offset {exc.start})"
+    return exc.strerror or str(exc)
 
 
 CANDIDATE = Release(model="model", version="2")
@@ -161,7 +217,7 @@ def run_ours(scenario: Scenario, seed: int, spec: RolloutSpec) -> Outcome:
         )
     bad = float(metrics.canary_bad)
     if decision == "promote" and decided_at is not None:
-        bad += (scenario.duration_s - decided_at) * scenario.mean_rps * scenario.canary.error_rate
+        bad += scenario.errors_after(decided_at)
     return Outcome(decision, decided_at, canary_at_decision, bad, metrics.mirrored_bad)
 
 
@@ -170,7 +226,7 @@ def _chunk(args: tuple[str, Scenario, int, int, Path | None]) -> list[tuple[Outc
     # The product's defaults, or the plan and analysis of a user's spec (--spec).
     base = load_spec(spec_file) if spec_file else RolloutSpec()
     spec = RolloutSpec(
-        name=scenario.name.lower().replace(" ", "-"),
+        name="benchmark",  # the state store's key only: any scenario name goes
         steps=list(base.plan),
         mirror_percent=base.shadow_percent,
         analysis=base.analysis,
@@ -190,8 +246,7 @@ def _chunk(args: tuple[str, Scenario, int, int, Path | None]) -> list[tuple[Outc
 
 def _bad_until_decision(outcome: Outcome, scenario: Scenario) -> float:
     if outcome.decision == "promote" and outcome.decided_at is not None:
-        after = (scenario.duration_s - outcome.decided_at) * scenario.mean_rps
-        return outcome.bad_canary - after * scenario.canary.error_rate
+        return outcome.bad_canary - scenario.errors_after(outcome.decided_at)
     return outcome.bad_canary
 
 
@@ -214,16 +269,19 @@ def slow_rates(scenario: Scenario) -> tuple[float, float]:
 
 
 def reference_rates(scenario: Scenario) -> tuple[float, float] | None:
-    """The baseline's and the canary's bad rates the references test (None for A/A)."""
+    """The baseline's and the canary's bad rates the references test; None when there is no
+    regression to detect (A/A, a better canary) or no baseline rate to compare with (0 %)."""
     if scenario.is_aa:
         return None
     if scenario.error_ratio > 1.0:
-        return scenario.baseline.error_rate, scenario.canary.error_rate
-    return slow_rates(scenario)
+        rates = scenario.baseline.error_rate, scenario.canary.error_rate
+    else:
+        rates = slow_rates(scenario)
+    return rates if 0 < rates[0] < rates[1] < 1 else None
 
 
 def wald_reference(scenario: Scenario) -> float | None:
-    """E[N] of Wald's SPRT for the scenario's effect (None for A/A)."""
+    """E[N] of Wald's SPRT for the scenario's effect (None without a reference, as above)."""
     rates = reference_rates(scenario)
     return sprt_expected_n(*rates) if rates else None
 
@@ -235,7 +293,7 @@ def wald_formula(scenario: Scenario) -> float | None:
 
 
 def oracle_reference(scenario: Scenario, runs: int) -> dict[str, Any] | None:
-    """The oracle's E[N], bad requests and E[N] / Wald (None for A/A scenarios)."""
+    """The oracle's E[N], bad requests and E[N] / Wald (None without a reference, as above)."""
     rates, wald = reference_rates(scenario), wald_reference(scenario)
     if rates is None or wald is None:
         return None
@@ -289,7 +347,8 @@ def summarise(
         "policy": policy,
         "runs": runs,
         "total_rps": scenario.mean_rps,
-        "error_ratio": scenario.error_ratio,
+        # Errors against a baseline with none: infinite, which JSON cannot hold (null).
+        "error_ratio": scenario.error_ratio if math.isfinite(scenario.error_ratio) else None,
         "latency_ratio": scenario.latency_ratio,
         "p_rollback": len(rollbacks) / runs,
         "p_promote": len(promotes) / runs,
@@ -308,21 +367,64 @@ def summarise(
     }
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type: a whole number >= 1 (0 runs would have nothing to summarise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument(
-        "--runs", type=int, default=2000, help="rollouts per scenario and policy (default 2000)"
+        "--runs",
+        type=_at_least_one,
+        default=2000,
+        help="rollouts per scenario and policy (default 2000)",
     )
-    parser.add_argument("--scenario", action="append", type=Path, help="scenario YAML (repeat)")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--policy", action="append", choices=["ours", "flagger"])
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        type=Path,
+        help="scenario YAML (repeat; default: every file in benchmarks/scenarios/)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=_at_least_one,
+        default=os.cpu_count() or 1,
+        help="worker processes (default: one per core)",
+    )
+    parser.add_argument(
+        "--policy",
+        action="append",
+        choices=["ours", "flagger"],
+        help="policy to run (repeat; default: both)",
+    )
     parser.add_argument(
         "--spec", type=Path, help="judge with this spec's steps and analysis (default: defaults)"
     )
     args = parser.parse_args(argv)
     files = args.scenario or sorted(SCENARIO_DIR.glob("*.yaml"))
-    scenarios = [Scenario.load(f) for f in files]
+    try:
+        scenarios = [Scenario.load(f) for f in files]
+        # Rows are named (and runs merged) by scenario name: a copy not renamed would mix.
+        first: dict[str, Path] = {}
+        for path, scenario in zip(files, scenarios, strict=True):
+            if (other := first.get(scenario.name)) == path:
+                raise ConfigError(f"{path}: given twice")
+            if other is not None:
+                raise ConfigError(f"{path}: name: {scenario.name!r} is also the name in {other}")
+            first[scenario.name] = path
+        if args.spec:
+            load_spec(args.spec)  # here, once: in the workers it would end in a traceback
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     policies = args.policy or ["ours", "flagger"]
     started = time.perf_counter()
     per_job = max(1, math.ceil(args.runs / max(args.jobs, 1)))

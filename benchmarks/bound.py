@@ -125,14 +125,53 @@ def largest_proven(
     return proven, tried
 
 
+def _thetas(text: str) -> list[float]:
+    """argparse type: comma-separated regressions, each a rate 1 < θ < 1 / base rate (1,000)."""
+    try:
+        thetas = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated numbers: {text!r}") from None
+    bad = [t for t in thetas if not 1 < t < 1 / 0.001]
+    if bad:
+        raise argparse.ArgumentTypeError(f"each θ must be > 1 and < 1000 (0.1 % base), not {bad}")
+    return thetas
+
+
+def _probability(text: str) -> float:
+    """argparse type: a probability above 0, at most 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, not {value:g}")
+    return value
+
+
+def _level(text: str) -> float:
+    """argparse type: a test level α, 0 < α < 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), not {value:g}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--thetas", default="5,10,50", help="regressions θ (comma-separated)")
-    parser.add_argument("--power", type=float, default=0.95, help="P(rollback) each θ must reach")
-    parser.add_argument("--alpha", type=float, default=0.05)
+    parser.add_argument(
+        "--thetas", type=_thetas, default="5,10,50", help="regressions θ (comma-separated)"
+    )
+    parser.add_argument(
+        "--power", type=_probability, default=0.95, help="P(rollback) each θ must reach"
+    )
+    parser.add_argument("--alpha", type=_level, default=0.05, help="P(rollback) allowed when θ = 1")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args(argv)
-    thetas = [float(t) for t in args.thetas.split(",")]
+    thetas = args.thetas
+    shown = ",".join(f"{t:g}" for t in thetas)
     started = time.perf_counter()
     bound, tried = largest_proven(thetas, power=args.power, alpha=args.alpha)
     took = f"{time.perf_counter() - started:.0f} s"
@@ -140,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"No bound proven above 0.5 x Wald ({took})")
     else:
         print(
-            f"No level-{args.alpha:g} test that rolls back each of θ = {args.thetas} with "
+            f"No level-{args.alpha:g} test that rolls back each of θ = {shown} with "
             f"probability >= {args.power:g} keeps E[N | rollback] at or below {bound:.2f} x Wald "
             f"on all of them (baseline rate known, every canary request seen; {took})"
         )

@@ -17,7 +17,8 @@ Envoy's admin `/config_dump` every 5 ms for the first moment it serves blue at 0
 - `set_weights_to_served_s`: `EnvoyRouter.set_weights` from the route-file rename to Envoy
   serving the new split (confirmed in `/config_dump`), median of 20 changes per run.
 
-Medians over `--runs` (≥ 3). With `--json` the last line is
+A run that never reaches 10 %, or still serves blue 120 s after the fault, ends the benchmark
+with one error line and exit code 1. Medians over `--runs` (≥ 3). With `--json` the last line is
 `{"onset_to_zero_s": float, "bad_canary_requests": int, "set_weights_to_served_s": float,
 "runs": int}`. Target: onset_to_zero_s ≤ 5.
 """
@@ -28,6 +29,7 @@ import argparse
 import json
 import logging
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -43,6 +45,15 @@ BASE_ERROR_RATE = 0.005
 FAULT_MULTIPLIER = 50
 HEALTHY_S = 4.0
 POLL_S = 0.005
+#: Seconds to wait for 10 %, then for the rollback after the fault: the run fails past either.
+PATIENCE_S = 120.0
+#: Ticks (1 s apart) a run's controller may take in all, so that a rollout that is never rolled
+#: back ends on its own instead of holding blue at 10 % until `max_step_duration_s`.
+MAX_TICKS = int(3 * PATIENCE_S)
+
+
+class RunFailed(RuntimeError):
+    """A run did not get to measure a rollback; the message says which run and why."""
 
 
 def train_release(folder: Path, version: str, alpha: float) -> Release:
@@ -104,21 +115,29 @@ def one_run(stack: LocalStack, candidate: Release, index: int) -> dict[str, Any]
                 metrics=stack.metrics,
                 on_tick=on_tick,
                 restart=True,
+                max_ticks=MAX_TICKS,
             )
         )
 
-    controller = threading.Thread(target=drive, name="controller")
+    # A daemon: when a run fails, the benchmark reports it and exits without waiting for it.
+    controller = threading.Thread(target=drive, name="controller", daemon=True)
     controller.start()
-    if not at_ten.wait(120):
-        raise RuntimeError("the rollout never reached 10 %")
+    if not at_ten.wait(PATIENCE_S):
+        raise RunFailed(f"run {index}: the rollout never reached 10 % in {PATIENCE_S:.0f} s")
     time.sleep(HEALTHY_S)
     watcher = _ZeroWatcher(stack)
     errors_before = blue_5xx(stack)
     onset = time.monotonic()
     stack.set_fault(Colour.BLUE, BASE_ERROR_RATE * FAULT_MULTIPLIER)
     watcher.start()
-    controller.join(120)
+    controller.join(PATIENCE_S)
     zero_at = watcher.stop()
+    if zero_at is None:
+        result = outcome[0] if outcome else None
+        how = f"{result.phase.value}: {result.reason}" if result else "still running"
+        raise RunFailed(
+            f"run {index}: Envoy still served blue {PATIENCE_S:.0f} s after the fault ({how})"
+        )
     errors_after = watcher.errors_at_zero if watcher.errors_at_zero is not None else blue_5xx(stack)
     stack.set_fault(Colour.BLUE, BASE_ERROR_RATE)  # healthy again for the next run
     result = outcome[0] if outcome else None
@@ -126,7 +145,7 @@ def one_run(stack: LocalStack, candidate: Release, index: int) -> dict[str, Any]
         "run": index,
         "phase": result.phase.value if result else "none",
         "reason": result.reason if result else "",
-        "onset_to_zero_s": (zero_at - onset) if zero_at is not None else float("nan"),
+        "onset_to_zero_s": zero_at - onset,
         "bad_canary_requests": errors_after - errors_before,
         "set_weights_to_served_s": set_weights_s,
     }
@@ -167,15 +186,8 @@ class _ZeroWatcher:
         return self.zero_at
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3, help="runs (median reported; >= 3)")
-    parser.add_argument("--rps", type=float, default=100.0, help="load through Envoy")
-    parser.add_argument("--json", action="store_true", help="last line: one JSON object")
-    args = parser.parse_args(argv)
-    if args.runs < 3:
-        parser.error("--runs must be at least 3 (the median of fewer says little)")
-    logging.basicConfig(level=logging.ERROR)
+def measure_runs(count: int, rps: float) -> list[dict[str, Any]]:
+    """`count` runs on one local stack, load at `rps` throughout; RunFailed at the first miss."""
     with tempfile.TemporaryDirectory(prefix="aml-rollout-bench-") as tmp:
         base = Path(tmp)
         green = train_release(base / "v1", "1", 1.0)
@@ -184,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             stack.router.deploy(Colour.GREEN, green)
             stack.router.deploy(Colour.BLUE, blue)
             stack.router.set_weights(Weights.blue_at(0))
-            stack.start_load(rps=args.rps, concurrency=16)
+            stack.start_load(rps=rps, concurrency=16)
             runs = []
-            for index in range(args.runs):
+            for index in range(count):
                 run = one_run(stack, blue, index)
                 runs.append(run)
                 print(
@@ -194,6 +206,25 @@ def main(argv: list[str] | None = None) -> int:
                     f"{run['bad_canary_requests']} bad canary requests, set_weights→served "
                     f"{run['set_weights_to_served_s'] * 1000:.1f} ms ({run['reason']})"
                 )
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs (median reported; >= 3)")
+    parser.add_argument("--rps", type=float, default=100.0, help="load through Envoy")
+    parser.add_argument("--json", action="store_true", help="last line: one JSON object")
+    args = parser.parse_args(argv)
+    if args.runs < 3:
+        parser.error("--runs must be at least 3 (the median of fewer says little)")
+    if not args.rps > 0:
+        parser.error(f"--rps must be above 0, not {args.rps:g} (the judge needs traffic)")
+    logging.basicConfig(level=logging.ERROR)
+    try:
+        runs = measure_runs(args.runs, args.rps)
+    except RunFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     summary = {
         "onset_to_zero_s": round(statistics.median(r["onset_to_zero_s"] for r in runs), 3),
         "bad_canary_requests": int(statistics.median(r["bad_canary_requests"] for r in runs)),

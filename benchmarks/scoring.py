@@ -42,8 +42,9 @@ from typing import IO
 
 import httpx
 
-from benchmarks.azureml_env import ROOT, ensure_azureml_venv
+from benchmarks.azureml_env import ROOT, AzuremlEnvUnavailable, ensure_azureml_venv
 
+SERVERS = ["ours", "azureml", "fastapi"]
 ROW = [0.0381, 0.0507, 0.0617, 0.0219, -0.0442, -0.0348, -0.0434, -0.0026, 0.0199, -0.0176]
 PAYLOAD = json.dumps({"data": [ROW]})
 
@@ -216,20 +217,38 @@ def build_model(out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print a table on stderr and the JSON result on stdout."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each timed run")
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="length of each timed run (whole seconds, >= 1)"
+    )
     parser.add_argument("--json", action="store_true", help="print only the JSON result line")
-    parser.add_argument("--only", choices=["ours", "azureml", "fastapi"], action="append")
+    parser.add_argument(
+        "--only",
+        choices=SERVERS,
+        action="append",
+        help="measure this server (repeat; default: all)",
+    )
     args = parser.parse_args(argv)
+    if not args.seconds >= 1:
+        parser.error(f"--seconds must be at least 1 (wrk runs whole seconds), not {args.seconds:g}")
     if shutil.which("wrk") is None:
-        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+        print("error: wrk is not installed: apt-get install -y wrk", file=sys.stderr)
         return 2
-    azmlinfsrv = ensure_azureml_venv()
+    wanted = args.only or SERVERS
+    # Only when measured: creating .venv-azureml pip-installs the AML server (minutes, network).
+    try:
+        azmlinfsrv = ensure_azureml_venv() if "azureml" in wanted else Path("azmlinfsrv")
+    except AzuremlEnvUnavailable as exc:
+        print(
+            f"error: azureml-inference-server-http: {exc} (or leave it out: --only)",
+            file=sys.stderr,
+        )
+        return 2
     servers: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-scoring-") as tmp:
         workdir = Path(tmp)
         model_dir = build_model(workdir / "model")
         for name, (cmd, env) in server_commands(model_dir, azmlinfsrv).items():
-            if args.only and name not in args.only:
+            if name not in wanted:
                 continue
             port = cmd[cmd.index("--port") + 1]
             servers[name] = measure(

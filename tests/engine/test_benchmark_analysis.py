@@ -114,3 +114,236 @@ def test_a_spec_without_a_shadow_step_runs_the_live_plan(
     (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
     assert row["p_rollback"] == 1.0
     assert row["mean_bad_mirrored_requests"] == 0 and row["mean_bad_canary_requests"] > 0
+
+
+GOOD = "name: s\nrps: 10\nbaseline: {error_rate: 0.001}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        pytest.param(None, "cannot read scenario: No such file", id="missing-file"),
+        pytest.param("name: s\nrps: [10\n", "not valid YAML: line 3, column 1", id="bad-yaml"),
+        pytest.param("- a\n", "expected a mapping", id="not-a-mapping"),
+        pytest.param(GOOD + "canary: {eror_rate: 0.01}\n", "canary.eror_rate: Extra", id="typo"),
+        pytest.param(GOOD + "duration: 60\n", "duration: Extra inputs", id="top-level-typo"),
+        pytest.param("rps: 10\nbaseline: {}\n", "name: Field required", id="no-name"),
+        pytest.param("name: s\nbaseline: {}\n", "rps: Field required", id="no-rps"),
+        pytest.param("name: s\nrps: 10\n", "baseline: Field required", id="no-baseline"),
+        pytest.param(GOOD.replace("10", "-1"), "rps: Value error, give a rate", id="negative-rps"),
+        pytest.param(GOOD.replace("10", "[[0, 10], [60]]"), "rps: Value error", id="bad-point"),
+        pytest.param(GOOD.replace("10", "[]"), "rps: Value error", id="empty-profile"),
+        pytest.param(GOOD + "duration_s: 0\n", "duration_s: Input should be greater", id="dur-0"),
+        pytest.param(
+            GOOD + "canary: {error_rate: 2}\n", "canary.error_rate: Input should be", id="rate>1"
+        ),
+    ],
+)
+def test_a_bad_scenario_is_one_line_naming_file_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str | None, problem: str
+) -> None:
+    path = tmp_path / "scenario.yaml"
+    if text is not None:
+        path.write_text(text)
+    assert main(["--json", "--runs", "1", "--jobs", "1", "--scenario", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}: ")
+    assert problem in err
+
+
+def test_a_profile_scenario_loads_as_points(tmp_path: Path) -> None:
+    path = tmp_path / "profile.yaml"
+    path.write_text(GOOD.replace("rps: 10", "rps: [[0, 10], [60, 20]]"))
+    scenario = Scenario.load(path)
+    assert scenario.rps == [(0.0, 10.0), (60.0, 20.0)]
+    assert scenario.canary == scenario.baseline  # no canary: A/A
+
+
+def test_a_bad_spec_is_one_line_before_any_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("steps: [5, 25]\nanalysis: {alpah: 0.1}\n")
+    args = ["--runs", "1", "--jobs", "2", "--scenario", str(SCENARIO_DIR / "err-50x-100rps.yaml")]
+    assert main([*args, "--spec", str(spec)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: {spec}: ") and "analysis.alpah" in err
+
+
+@pytest.mark.parametrize("option", ["--runs", "--jobs"])
+@pytest.mark.parametrize("value", ["0", "-2", "x"])
+def test_runs_and_jobs_must_be_whole_numbers_from_one(
+    capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([option, value, "--scenario", str(SCENARIO_DIR / "err-50x-100rps.yaml")])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("rps", "t0", "t1", "expected"),
+    [
+        pytest.param(10.0, 0, 60, 600, id="constant"),
+        pytest.param([(0, 10), (60, 100)], 0, 120, 600 + 6000, id="two-steps"),
+        pytest.param([(60, 100), (0, 10)], 30, 90, 300 + 3000, id="unsorted-mid-step"),
+        pytest.param([(60, 100)], 0, 120, 12000, id="before-the-first-point-its-rate"),
+        pytest.param([(0, 10), (60, 0)], 60, 3600, 0, id="quiet-after"),
+    ],
+)
+def test_expected_requests_integrates_the_profile(
+    rps: float | list[tuple[float, float]], t0: float, t1: float, expected: float
+) -> None:
+    from benchmarks.flagger import expected_requests
+
+    assert expected_requests(rps, t0, t1) == pytest.approx(expected)
+
+
+def test_flagger_draws_from_the_rps_profile_not_its_first_point() -> None:
+    from benchmarks.flagger import simulate as simulate_flagger
+    from rollout.config import SimulatedMetricsConfig
+
+    # A/A: promoted after five passing checks at 10..50 %; 10 rps for the first minute only.
+    cfg = SimulatedMetricsConfig(rps=[(0.0, 10.0), (60.0, 1000.0)])
+    outcome = simulate_flagger(cfg, 3600.0, np.random.default_rng(1))
+    assert outcome.decision == "promote"
+    # ~60 + 1000 x 60 x (0.2 + 0.3 + 0.4 + 0.5) = 84,060 canary requests, not 10 rps' 900
+    assert outcome.canary_requests == pytest.approx(84_060, rel=0.02)
+
+
+def test_harm_after_a_promotion_follows_the_profile(tmp_path: Path) -> None:
+    path = tmp_path / "quiet-after.yaml"
+    path.write_text(
+        "name: q\nrps: [[0, 100], [1800, 0]]\nbaseline: {error_rate: 0.001}\n"
+        "canary: {error_rate: 0.01}\n"
+    )
+    scenario = Scenario.load(path)
+    assert scenario.mean_rps == pytest.approx(50.0)
+    assert scenario.errors_after(1800.0) == 0.0  # no traffic left to harm
+    assert scenario.errors_after(900.0) == pytest.approx(900 * 100 * 0.01)
+
+
+def test_bad_until_the_decision_is_never_negative_on_a_profile(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "ramp.yaml"
+    path.write_text("name: ramp\nrps: [[0, 10], [60, 20]]\nbaseline: {error_rate: 0.001}\n")
+    args = ["--json", "--runs", "20", "--jobs", "1", "--policy", "flagger"]
+    assert main([*args, "--scenario", str(path)]) == 0
+    (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    assert row["p_promote"] == 1.0
+    assert 0 <= row["mean_bad_until_decision"] < row["mean_bad_canary_requests"]
+
+
+def test_readme_quotes_the_en_over_wald_range_of_the_docs_table() -> None:
+    # README's "E[N] is A–B× ... Wald's formula ... would read C–D" against the measured table in
+    # docs/engine.md (ours, error scenarios, the starred partial row left out).
+    import re
+
+    from benchmarks.analysis import wald_formula, wald_reference
+
+    root = Path(__file__).resolve().parents[2]
+    table = re.findall(
+        r"^\| (err-[\w.-]+) \| ours \|.* \| ([\d.]+) \|$",
+        (root / "docs" / "engine.md").read_text(encoding="utf-8"),
+        re.M,
+    )
+    assert len(table) >= 7
+    exact, formula = [], []
+    for name, ratio in table:
+        scenario = Scenario.load(SCENARIO_DIR / f"{name}.yaml")
+        wald, approx = wald_reference(scenario), wald_formula(scenario)
+        assert wald is not None and approx is not None
+        exact.append(float(ratio))
+        formula.append(float(ratio) * wald / approx)
+    readme = " ".join((root / "README.md").read_text(encoding="utf-8").split())
+    found = re.search(r"E\[N\] is ([\d.]+)–([\d.]+)×.*?would read (\d+\.\d+)–(\d+\.\d+)", readme)
+    assert found is not None
+    assert [float(x) for x in found.groups()] == [
+        min(exact),
+        max(exact),
+        round(min(formula), 1),
+        round(max(formula), 1),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("baseline", "canary"),
+    [
+        pytest.param("{error_rate: 0.001}", "{error_rate: 0.0005}", id="fewer-errors"),
+        pytest.param("{error_rate: 0.001}", "{latency_ms: {median: 15}}", id="faster"),
+        pytest.param("{error_rate: 0.0}", "{error_rate: 0.01}", id="errors-on-a-clean-baseline"),
+    ],
+)
+def test_a_scenario_without_an_sprt_reference_runs_with_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], baseline: str, canary: str
+) -> None:
+    # No worse rate to detect, or no baseline rate to compare with: Wald's SPRT and the oracle
+    # have nothing to test; the rows still come, with EN/Wald "-" (null), not a traceback.
+    path = tmp_path / "scenario.yaml"
+    path.write_text(f"name: s\nrps: 100\nbaseline: {baseline}\ncanary: {canary}\n")
+    assert main(["--json", "--runs", "2", "--jobs", "1", "--scenario", str(path)]) == 0
+
+    def not_json(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    payload = json.loads(last, parse_constant=not_json)  # strict: no NaN or Infinity
+    assert payload["oracle"] == []
+    assert [row["policy"] for row in payload["results"]] == ["ours", "flagger"]
+    assert all(row["wald_expected_n"] is None for row in payload["results"])
+    assert all(row["en_over_wald"] is None for row in payload["results"])
+
+
+def test_docs_usage_line_names_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    options = set(re.findall(r"--[a-z]+", capsys.readouterr().out)) - {"--help"}
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "engine.md").read_text(encoding="utf-8")
+    usage = re.search(r"^python -m benchmarks\.analysis (.*)$", docs, re.M)
+    assert usage is not None
+    assert set(re.findall(r"--[a-z]+", usage.group(1))) == options
+
+
+def test_two_scenarios_with_one_name_are_refused_not_merged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A copy of a scenario, tweaked but not renamed: its runs would be merged into the
+    # original's rows (runs doubled, both rows the same).
+    original = SCENARIO_DIR / "err-10x-100rps.yaml"
+    variant = tmp_path / "variant.yaml"
+    variant.write_text(original.read_text().replace("error_rate: 0.01,", "error_rate: 0.05,"))
+    args = ["--runs", "1", "--jobs", "1", "--scenario", str(original), "--scenario", str(variant)]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"error: {variant}: name: 'err-10x-100rps' is also the name in {original}\n"
+    assert main(["--runs", "1", "--scenario", str(original), "--scenario", str(original)]) == 2
+    assert capsys.readouterr().err == f"error: {original}: given twice\n"
+
+
+def test_any_scenario_name_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The name labels rows only; it used to become the rollout's name, which must be a DNS label.
+    path = tmp_path / "named.yaml"
+    path.write_text(GOOD.replace("name: s", "name: 'Err 10x / my_variant'"))
+    assert main(["--json", "--runs", "1", "--jobs", "1", "--scenario", str(path)]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    assert {row["scenario"] for row in rows} == {"Err 10x / my_variant"}
+
+
+def test_fr_ub95_is_the_two_sided_clopper_pearson_upper_end() -> None:
+    # docs/engine.md: "58 rollbacks in 2,000 runs read 0.037" (aa-100rps's 0.029).
+    from benchmarks.analysis import summarise
+    from benchmarks.flagger import Outcome
+
+    scenario = Scenario.load(SCENARIO_DIR / "aa-100rps.yaml")
+    outcomes = [Outcome("rollback", 100.0, 500, 0.0)] * 58 + [
+        Outcome("promote", 700.0, 9000, 1.0)
+    ] * 1942
+    row = summarise(scenario, "ours", [(o, o.bad_canary) for o in outcomes])
+    assert row["p_rollback"] == 0.029
+    assert f"{row['false_rollback_upper95']:.3f}" == "0.037"

@@ -44,3 +44,27 @@ def test_cli_prints_the_bound_as_json(capsys: pytest.CaptureFixture[str]) -> Non
         c["proven"] == (c["x"] <= payload["en_over_wald_lower_bound"])
         for c in payload["certificates"]
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        pytest.param(["--thetas", "a"], "argument --thetas: not comma-separated", id="theta-nan"),
+        pytest.param(["--thetas", "5,,10"], "argument --thetas: not comma", id="empty-theta"),
+        pytest.param(["--thetas", "1"], "each θ must be > 1", id="theta-1-is-no-regression"),
+        pytest.param(["--thetas", "0.5,10"], "not [0.5]", id="theta-improvement"),
+        pytest.param(["--thetas", "1000"], "and < 1000", id="theta-rate-above-1"),
+        pytest.param(["--power", "2"], "argument --power: must be above 0", id="power-2"),
+        pytest.param(["--power", "0"], "argument --power: must be above 0", id="power-0"),
+        pytest.param(["--alpha", "0"], "argument --alpha: must be between 0", id="alpha-0"),
+        pytest.param(["--alpha", "1"], "argument --alpha: must be between 0", id="alpha-1"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_option(
+    capsys: pytest.CaptureFixture[str], args: list[str], problem: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert problem in err.splitlines()[-1]

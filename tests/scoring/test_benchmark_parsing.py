@@ -1,4 +1,4 @@
-"""The scoring benchmark reads wrk's report correctly (units, error lines)."""
+"""The scoring benchmark: reading wrk's report (units, error lines), its arguments, --only."""
 
 from __future__ import annotations
 
@@ -38,3 +38,69 @@ def test_parse_wrk_counts_failures() -> None:
     result = parse_wrk(failing)
     assert result.p99_ms == pytest.approx(1200.0)
     assert (result.non_2xx, result.errors) == (7, 3)
+
+
+def test_only_ours_and_fastapi_never_create_the_azureml_venv(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    from pathlib import Path
+
+    import benchmarks.scoring as bench
+
+    def no_venv() -> Path:
+        raise AssertionError("pip-installed the AML server for a run that does not measure it")
+
+    measured: list[str] = []
+
+    def fake_measure(name: str, *_: object) -> dict[str, float]:
+        measured.append(name)
+        return {"rps_c1": 1.0, "rps_c8": 2.0, "p50_ms": 1.0, "p99_ms": 2.0}
+
+    monkeypatch.setattr(bench.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(bench, "ensure_azureml_venv", no_venv)
+    monkeypatch.setattr(bench, "build_model", lambda out: out)
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    assert bench.main(["--only", "ours", "--only", "fastapi", "--json"]) == 0
+    assert measured == ["ours", "fastapi"]
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert payload["ratio_vs_fastapi"] == 1.0 and payload["ratio_vs_azureml"] is None
+
+
+@pytest.mark.parametrize("seconds", ["0", "0.5", "-2", "nan"])
+def test_seconds_below_one_is_exit_2(capsys: pytest.CaptureFixture[str], seconds: str) -> None:
+    from benchmarks.scoring import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--seconds", seconds])
+    assert exit_info.value.code == 2
+    assert "--seconds must be at least 1" in capsys.readouterr().err
+
+
+def test_a_venv_pip_cannot_create_is_an_error_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import benchmarks.scoring as bench
+    from benchmarks.azureml_env import AzuremlEnvUnavailable
+
+    def no_pip() -> None:
+        raise AzuremlEnvUnavailable("`pip install ...` failed: No matching distribution found")
+
+    monkeypatch.setattr(bench.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(bench, "ensure_azureml_venv", no_pip)
+    assert bench.main(["--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("error: azureml-inference-server-http: `pip install ...` failed: No")
+    assert "--only" in err
+
+
+def test_without_wrk_one_error_line_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import benchmarks.scoring as bench
+
+    monkeypatch.setattr(bench.shutil, "which", lambda name: None)
+    assert bench.main(["--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "error: wrk is not installed: apt-get install -y wrk\n"
