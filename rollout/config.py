@@ -297,6 +297,23 @@ class SimulatedMetricsConfig(_Model):
     canary: TrafficModel | None = None
     buckets_ms: tuple[float, ...] = ENVOY_BUCKETS_MS
 
+    @field_validator("rps", mode="before")
+    @classmethod
+    def _rates(cls, rps: Any) -> Any:
+        # Before pydantic's own checks, whose union of two types would say everything twice.
+        def rate(x: Any) -> bool:
+            return isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x < math.inf
+
+        def point(p: Any) -> bool:
+            return isinstance(p, list | tuple) and len(p) == 2 and all(map(rate, p))
+
+        if rate(rps) or (isinstance(rps, list) and rps and all(map(point, rps))):
+            return rps
+        raise ValueError(
+            f"expected requests per second (a number >= 0) or a profile of [t_seconds, rps] "
+            f"points (numbers >= 0), got {rps!r}"
+        )
+
 
 class PromQueries(_Model):
     """PromQL templates for the `custom` preset.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from rollout.config import SimulatedMetricsConfig, TrafficModel
 from rollout.core.types import Colour, Observation, Release, Weights
@@ -59,3 +60,18 @@ def test_a_reseeded_source_draws_other_traffic_reproducibly() -> None:
     assert green_errors(0) == green_errors(0)
     assert green_errors(7) == green_errors(7)
     assert green_errors(7) != green_errors(0)
+
+
+@pytest.mark.parametrize("rps", [-5, float("inf"), "x", True, [], [[0, -1]], [[0, 5, 1]], [5]])
+def test_a_bad_simulated_rate_is_refused_naming_the_field(rps: object) -> None:
+    # A negative rate was accepted, and the dry run crashed with a traceback in numpy.
+    with pytest.raises(ValidationError, match="expected requests per second"):
+        SimulatedMetricsConfig(rps=rps)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("rps", "at_90"), [(0, 0.0), (2.5, 2.5), ([[0, 5], [60, 10]], 10.0), ([(0, 5)], 5.0)]
+)
+def test_simulated_rates_and_profiles_are_accepted(rps: object, at_90: float) -> None:
+    cfg = SimulatedMetricsConfig(rps=rps)  # type: ignore[arg-type]
+    assert SimulatedMetrics(cfg, MemoryRouter()).rps_at(90.0) == at_90
