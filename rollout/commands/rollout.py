@@ -31,6 +31,7 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from rollout.config import RolloutSpec
     from rollout.core.status import Status
+    from rollout.core.types import Release
     from rollout.state.base import StateStore
 
 rollout_app = typer.Typer(no_args_is_help=True)
@@ -227,10 +228,6 @@ def bootstrap(
     to compare it with yet: unjudged, or with --check judged on absolute limits alone. Every
     later release is rolled out against it."""
     from rollout.api import bootstrap as bootstrap_green
-    from rollout.api import bootstrap_checked
-    from rollout.commands.stack import EXIT_INTERRUPTED, sigterm_as_interrupt
-    from rollout.controller import FakeClock
-    from rollout.core.types import Verdict
     from rollout.errors import ConfigError, RolloutError
 
     parsed = _load(spec)
@@ -240,21 +237,33 @@ def bootstrap(
         if named is None:
             _fail(ConfigError("--release: name the first release (the spec names none)"))
         first = named.to_release()
-    if not check:
-        if simulated_time:
-            _fail(ConfigError("--simulated-time: only with --check (nothing is waited for)"))
-        try:
-            done = bootstrap_green(parsed, first, state_dir=state_dir)
-        except RolloutError as exc:
-            _fail(exc)
-        if not done:
-            _out.print(f"green already serves {escape(first.ref)}: nothing to do")
-            return
-        _out.print(
-            f"[bold green]green[/] serves {escape(first.ref)} with all traffic; roll out the "
-            "next release with `aml-rollout rollout run`"
-        )
+    if check:
+        raise typer.Exit(_check_first(parsed, first, state_dir, quiet, simulated_time))
+    if simulated_time:
+        _fail(ConfigError("--simulated-time: only with --check (nothing is waited for)"))
+    try:
+        done = bootstrap_green(parsed, first, state_dir=state_dir)
+    except RolloutError as exc:
+        _fail(exc)
+    if not done:
+        _out.print(f"green already serves {escape(first.ref)}: nothing to do")
         return
+    _out.print(
+        f"[bold green]green[/] serves {escape(first.ref)} with all traffic; roll out the next "
+        "release with `aml-rollout rollout run`"
+    )
+
+
+def _check_first(
+    parsed: RolloutSpec, first: Release, state_dir: Path | None, quiet: bool, simulated_time: bool
+) -> int:
+    """`bootstrap --check`: deploy, then judge the first release; prints the looks and the
+    verdict, returns the exit code."""
+    from rollout.api import bootstrap_checked
+    from rollout.commands.stack import EXIT_INTERRUPTED, sigterm_as_interrupt
+    from rollout.controller import FakeClock
+    from rollout.core.types import Verdict
+    from rollout.errors import RolloutError
 
     clock = FakeClock(time.time()) if simulated_time else None
 
@@ -271,23 +280,19 @@ def bootstrap(
     try:
         with sigterm_as_interrupt():
             result = bootstrap_checked(
-                parsed,
-                first,
-                state_dir=state_dir,
-                clock=clock,
-                on_look=show,
+                parsed, first, state_dir=state_dir, clock=clock, on_look=show
             )
     except RolloutError as exc:
         _fail(exc)
     except KeyboardInterrupt:
         _err.print(
-            f"interrupted: green serves {first.ref} with all traffic, not judged; "
-            "`aml-rollout rollout bootstrap --check` judges it afresh"
+            f"interrupted: {first.ref} not judged; `aml-rollout rollout bootstrap --check` "
+            "finishes its deploy if need be and judges it afresh"
         )
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        return EXIT_INTERRUPTED
     if result.verdict is Verdict.ERROR:
         _fail(RolloutError(result.reason))
-    outcome = {
+    colour, said, code, hint = {
         Verdict.SUCCESSFUL: (
             "green",
             "within the limits",
@@ -307,14 +312,13 @@ def bootstrap(
             EXIT_PAUSED,
             "a human's call: look at its traffic, or run `bootstrap --check` again",
         ),
-    }
-    colour, said, code, hint = outcome[result.verdict]
+    }[result.verdict]
     _out.print(
         f"[bold {colour}]{result.verdict.value}[/] ({said}): first release {escape(first.ref)}: "
         f"{escape(result.reason)}",
     )
     _out.print(escape(hint))
-    raise typer.Exit(code)
+    return code
 
 
 def _store(parsed: RolloutSpec, state_dir: Path | None) -> StateStore:

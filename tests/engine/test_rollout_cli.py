@@ -553,3 +553,17 @@ def test_bootstrap_check_without_traffic_is_a_humans_call(tmp_path: Path) -> Non
     flat = " ".join(out.split())
     assert code == EXIT_PAUSED, out
     assert "Inconclusive (undecided): first release m:1: undecided after 3.0 h: no requests" in flat
+
+
+def test_bootstrap_check_interrupted_says_how_to_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rollout.api
+
+    def interrupted(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rollout.api, "bootstrap_checked", interrupted)
+    code, out = invoke("bootstrap", str(write_spec(tmp_path)), "--check", "--quiet")
+    assert code == 130
+    assert "interrupted: m:1 not judged; `aml-rollout rollout bootstrap --check` finishes" in out
