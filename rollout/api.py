@@ -103,17 +103,8 @@ def bootstrap(
     """Deploy a service's first release to an empty green, all traffic to it (no judge: there is
     nothing to compare it with). False when green already serves it. See Controller.bootstrap."""
     spec = _spec(spec)
-    router = router or make_router(spec.router)
-    store = make_store(spec.state, spec.name, directory=state_dir)
-    controller = Controller(
-        spec,
-        router,
-        StaticMetrics([]),  # bootstrap observes nothing: the spec's backend is not built
-        store,
-        ledger=Ledger(ledger_path_of(spec, state_dir)),
-        owner=default_owner(),
-    )
-    return controller.bootstrap(release)
+    # StaticMetrics: bootstrap observes nothing, so the spec's backend is not built.
+    return _first_release(spec, state_dir, router, lambda _: StaticMetrics([])).bootstrap(release)
 
 
 def bootstrap_checked(
@@ -130,21 +121,35 @@ def bootstrap_checked(
     metrics, every interval, until a verdict; the spec's `notify` hears how it ended. See
     Controller.bootstrap_checked."""
     spec = _spec(spec)
-    router = router or make_router(spec.router)
-    store = make_store(spec.state, spec.name, directory=state_dir)
-    controller = Controller(
-        spec,
-        router,
-        metrics or make_metrics(spec.metrics, router=router),
-        store,
-        ledger=Ledger(ledger_path_of(spec, state_dir)),
-        clock=clock,
-        owner=default_owner(),
-    )
+
+    def observed(router: TrafficRouter) -> MetricsProvider:
+        return metrics or make_metrics(spec.metrics, router=router)
+
+    controller = _first_release(spec, state_dir, router, observed, clock)
     check = controller.bootstrap_checked(release, on_look=on_look)
     if spec.notify is not None:
         WebhookNotifier(spec.notify).first_release(spec.name, release, check.verdict, check.reason)
     return check
+
+
+def _first_release(
+    spec: RolloutSpec,
+    state_dir: Path | None,
+    router: TrafficRouter | None,
+    metrics: Callable[[TrafficRouter], MetricsProvider],
+    clock: Clock | None = None,
+) -> Controller:
+    """The controller that brings a service's first release (`metrics` of the router used)."""
+    router = router or make_router(spec.router)
+    return Controller(
+        spec,
+        router,
+        metrics(router),
+        make_store(spec.state, spec.name, directory=state_dir),
+        ledger=Ledger(ledger_path_of(spec, state_dir)),
+        clock=clock,
+        owner=default_owner(),
+    )
 
 
 def green_release(
