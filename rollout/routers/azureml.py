@@ -245,6 +245,7 @@ class AzureMLRouter:
         self._sleep = sleep
         #: Checked before every write (see routers.base.Fence): the controller's lease check.
         self.fence: Fence = no_fence
+        self._workspace_found = False  # see _check_workspace
 
     @classmethod
     def from_config(cls, cfg: AzureMLRouterConfig, **client_kwargs: Any) -> AzureMLRouter:
@@ -572,7 +573,30 @@ class AzureMLRouter:
         try:
             return self._call(what, call)
         except _NotFound:
+            self._check_workspace()
             return None
+
+    def _check_workspace(self) -> None:
+        """RouterError when the workspace itself is not found (a wrong subscription, resource
+        group or workspace): every read under it is a 404 too, which would otherwise read as an
+        endpoint or deployment that is merely absent ("green serves nothing: bootstrap it").
+        Checked once, on the first 404; the SDK reads the workspace on every write anyway."""
+        if self._workspace_found:
+            return
+        ws = self._ml.workspace_name
+        where = (
+            f"workspace {ws} (resource group {self._ml.resource_group_name}, "
+            f"subscription {self._ml.subscription_id})"
+        )
+        try:
+            self._call(where, lambda: self._ml.workspaces.get(ws))
+        except _NotFound as exc:
+            raise RouterError(
+                f"{exc}: check router.subscription_id, router.resource_group and router.workspace"
+            ) from exc
+        except RouterError:
+            return  # no answer either way (no read permission, say): take the 404 as it came
+        self._workspace_found = True
 
     def _call(self, what: str, call: Callable[[], T]) -> T:
         """Run one SDK call, turning Azure's errors into RouterError naming the resource."""

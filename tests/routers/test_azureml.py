@@ -434,6 +434,36 @@ def test_arm_throttling_and_5xx_are_retried_then_one_line(
     assert len(list(iter_calls(arm, "GET", endpoint_path))) - before == 4  # 1 + 3 retries
 
 
+@pytest.mark.parametrize(
+    ("where", "call"),
+    [
+        pytest.param((SUB, RG, "no-ws"), lambda r: r.release(Colour.GREEN), id="release"),
+        pytest.param((SUB, "no-rg", WS), lambda r: r.get_weights(), id="get-weights"),
+        pytest.param(
+            ("99999999-0000-0000-0000-000000000000", RG, WS), lambda r: r.deploy(Colour.GREEN, V1),
+            id="deploy",
+        ),
+    ],
+)  # fmt: skip
+def test_a_workspace_not_found_is_not_an_absent_endpoint(
+    arm: FakeArm, where: tuple[str, str, str], call: Any
+) -> None:
+    """Under a wrong subscription, resource group or workspace every read is a 404: said so,
+    naming the fields, not read as "green serves nothing" (advice to bootstrap the endpoint)."""
+    from azure.ai.ml import MLClient
+
+    client = MLClient(StaticCredential(), *where, transport=arm.transport())
+    with pytest.raises(RouterError) as caught:
+        call(AzureMLRouter(client, "diabetes-ep"))
+    sub, rg, ws = where
+    assert str(caught.value).startswith(
+        f"workspace {ws} (resource group {rg}, subscription {sub}): HTTP 404 ResourceNotFound: "
+    )
+    assert str(caught.value).endswith(
+        "check router.subscription_id, router.resource_group and router.workspace"
+    )
+
+
 def test_get_weights_without_an_endpoint_says_so(ml_client: Any) -> None:
     with pytest.raises(RouterError, match=r"endpoint ep-\d+ does not exist"):
         make_router(ml_client).get_weights()
