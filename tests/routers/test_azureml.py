@@ -522,6 +522,68 @@ def test_the_spec_refuses_a_mirror_azure_cannot_take(
 
 
 @pytest.mark.parametrize(
+    ("router", "message"),
+    [
+        pytest.param(
+            {"subscription_id": "my-subscription"},
+            r"router\.azureml\.subscription_id: .*'my-subscription' is not an Azure subscription "
+            r"ID, a GUID",
+            id="subscription-not-a-guid",
+        ),
+        pytest.param(
+            {"endpoint": "ep"},
+            r"router\.azureml\.endpoint: .*'ep' is not an Azure ML endpoint or deployment name: "
+            r"3 to 32 letters",
+            id="endpoint-too-short",
+        ),
+        pytest.param(
+            {"endpoint": "diabetes_ep"},
+            r"router\.azureml\.endpoint: .*'diabetes_ep' is not an Azure ML endpoint",
+            id="endpoint-underscore",
+        ),
+        pytest.param(
+            {"endpoint": "e" * 33}, r"router\.azureml\.endpoint: ", id="endpoint-too-long"
+        ),
+        pytest.param(
+            {"deployments": {"blue": "blue-", "green": "green"}},
+            r"router\.azureml\.deployments: .*'blue-' is not an Azure ML endpoint or deployment",
+            id="deployment-ends-with-a-hyphen",
+        ),
+        pytest.param(
+            {"deployments": {"blue": "pr"}},
+            r"router\.azureml\.deployments: .*'pr' is not an Azure ML",
+            id="deployment-too-short",
+        ),
+        pytest.param(
+            {"deployments": {"blue": "green"}},
+            r"router\.azureml\.deployments: .*blue and green need two deployments, both are "
+            r"'green'",
+            id="one-deployment-for-both-colours",
+        ),
+        pytest.param(
+            {"workspace": ""}, r"router\.azureml\.workspace: ", id="empty-workspace"
+        ),
+    ],
+)  # fmt: skip
+def test_the_spec_refuses_names_azure_would_refuse(
+    tmp_path: Path, router: dict[str, Any], message: str
+) -> None:
+    """What azure-ai-ml checks only when it writes (or Azure when it answers) is refused by
+    `rollout validate`, at the field: not at the rollout's first deploy."""
+    with pytest.raises(ConfigError, match=message):
+        load_spec(azure_spec_file(tmp_path, router, {}))
+
+
+@pytest.mark.parametrize("name", ["diabetes-ep", "abc", "Ep-2", "a" + "b" * 30 + "9"])
+def test_the_spec_takes_the_names_azure_takes(tmp_path: Path, name: str) -> None:
+    spec = load_spec(
+        azure_spec_file(tmp_path, {"endpoint": name, "deployments": {"blue": name}}, {})
+    )
+    assert isinstance(spec.router, AzureMLRouterConfig)
+    assert (spec.router.endpoint, spec.router.deployments.blue) == (name, name)
+
+
+@pytest.mark.parametrize(
     ("top", "shadow"),
     [
         pytest.param({}, 5, id="default-plan-shadows-5"),
@@ -1194,6 +1256,6 @@ def test_a_timeout_must_be_a_finite_positive_number(field: str, value: float) ->
     """An infinite wait is what the bounds are for (and `.inf` crashed the poller's join)."""
     from pydantic import ValidationError
 
-    base = {"subscription_id": SUB, "resource_group": RG, "workspace": WS, "endpoint": "ep"}
+    base = {"subscription_id": SUB, "resource_group": RG, "workspace": WS, "endpoint": "ep-1"}
     with pytest.raises(ValidationError, match=field):
         AzureMLRouterConfig.model_validate({"kind": "azureml", **base, field: value})
