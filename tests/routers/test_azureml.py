@@ -5,6 +5,7 @@ through the real azure-ai-ml SDK against the fake ARM server (real serialisation
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -683,6 +684,37 @@ def test_no_usable_credentials_is_one_line_naming_the_endpoint(
     assert text.startswith("endpoint ep-nobody: no usable Azure credentials (")
     assert "AzureCliCredential" in text  # what each credential said is kept
     assert "\n" not in text and "To mitigate" not in text
+
+
+@pytest.mark.parametrize("command", ["bootstrap", "run"])
+def test_no_usable_credentials_is_one_line_at_the_cli_too(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    command: str,
+) -> None:
+    """DefaultAzureCredential also logs what each credential said, a dozen WARNING lines before
+    the error line that already carries it: the command prints the one line only."""
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    for name in AZURE_CREDENTIAL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "dev")
+    spec = azure_spec_file(tmp_path, {}, {"state": {"dir": str(tmp_path / "state")}})
+    identity_log = logging.getLogger("azure.identity")
+    level = identity_log.level
+    option = "--release" if command == "bootstrap" else "--candidate"
+    try:
+        result = CliRunner().invoke(app, ["rollout", command, str(spec), option, "diabetes:2"])
+    finally:
+        identity_log.setLevel(level)
+    assert result.exit_code == 2, result.output
+    assert "diabetes-ep/green: no usable Azure credentials (" in result.output
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("azure.identity")] == []
 
 
 def test_credentials_azure_rejects_are_one_line(arm: FakeArm, ml_client: Any) -> None:
