@@ -136,7 +136,11 @@ def test_a_workspace_that_does_not_exist_is_an_error(logs: FakeLogAnalytics) -> 
     client = LogsQueryClient(StaticCredential(), transport=logs.transport())
     other = "99999999-2222-3333-4444-555555555555"
     obs = AzureMonitorMetrics(client, other, "ep").observe(T0, T0 + 60)
-    assert obs.error is not None and f"workspace {other}" in obs.error and "404" in obs.error
+    # Azure's code and message once, not the SDK's "(code) message Code: code Message: message"
+    assert obs.error == (
+        f"Log Analytics workspace {other} (AmlOnlineEndpointTrafficLog): "
+        f"HTTP 404 WorkspaceNotFoundError: workspace {other}"
+    )
 
 
 def test_an_unreachable_api_is_an_error(logs: FakeLogAnalytics) -> None:
@@ -180,7 +184,7 @@ def test_credentials_the_api_rejects_are_one_line(logs: FakeLogAnalytics) -> Non
     logs.fail(401, "InvalidAuthenticationToken")
     obs = provider(logs).observe(T0, T0 + 60)
     assert obs.error is not None
-    assert "Azure rejected the credentials (HTTP 401: " in obs.error
+    assert "Azure rejected the credentials (HTTP 401 InvalidAuthenticationToken: " in obs.error
     assert "\n" not in obs.error
 
 
