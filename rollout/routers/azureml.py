@@ -44,7 +44,8 @@ loudly in minutes, not after the deploy bound. On expiry the call raises RouterE
 operation and the setting; Azure carries on, and the next call reads the state it reached.
 
 Azure gives no optimistic concurrency on the endpoint through the SDK: two writers of `traffic`
-race with last-writer-wins, so run one controller per endpoint (the state store's lease does).
+race with last-writer-wins, so run one controller per endpoint (the state store's lease does,
+among controllers sharing that store).
 """
 
 from __future__ import annotations
