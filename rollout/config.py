@@ -485,6 +485,17 @@ class AzureMonitorMetricsConfig(_Model):
     logs_url: str = "https://api.loganalytics.io"
     timeout_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
 
+    @field_validator("logs_url")
+    @classmethod
+    def _https(cls, url: str) -> str:
+        # The query carries an Entra ID token, which azure-core sends over https only: any
+        # other url fails every tick, after blue was deployed (azure-monitor-query adds
+        # https:// to a bare host itself).
+        parts = urlsplit(url if "://" in url else f"https://{url}")
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError(f"needs an https url (the query carries a token), got {url!r}")
+        return url
+
     @field_validator("buckets_ms")
     @classmethod
     def _increasing(cls, bounds: tuple[float, ...]) -> tuple[float, ...]:

@@ -248,11 +248,31 @@ def test_with_the_azureml_router_the_endpoint_and_deployments_are_the_routers() 
             {"workspace_id": WORKSPACE, "endpoint": "ep", "buckets_ms": []},
             "metrics.azuremonitor.buckets_ms",
         ),
+        (  # azure-core sends the token over https only: every tick would fail
+            {"workspace_id": WORKSPACE, "endpoint": "ep", "logs_url": "http://api.loganalytics.io"},
+            "metrics.azuremonitor.logs_url",
+        ),
+        (
+            {"workspace_id": WORKSPACE, "endpoint": "ep", "logs_url": "ftp://logs.example"},
+            "metrics.azuremonitor.logs_url",
+        ),
     ],
 )
 def test_the_spec_names_the_bad_field(metrics: dict[str, Any], field: str) -> None:
     with pytest.raises((ConfigError, ValidationError), match=field.replace(".", r"\.")):
         spec_from_dict({"metrics": {"kind": "azuremonitor", **metrics}})
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://api.loganalytics.azure.cn", "api.loganalytics.us", "https://api.loganalytics.io/v1"],
+)
+def test_the_logs_url_takes_what_the_sdk_takes(url: str) -> None:
+    """A bare host (the SDK adds https://) and a url ending in /v1 (it strips it) work."""
+    metrics = {"kind": "azuremonitor", "workspace_id": WORKSPACE, "endpoint": "ep", "logs_url": url}
+    assert spec_from_dict({"metrics": metrics}).metrics == AzureMonitorMetricsConfig(
+        workspace_id=WORKSPACE, endpoint="ep", logs_url=url
+    )
 
 
 def test_the_factory_builds_it_on_the_default_credential(monkeypatch: pytest.MonkeyPatch) -> None:
