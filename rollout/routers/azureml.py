@@ -90,7 +90,7 @@ def plan_traffic(
     foreign = {name: pct for name, pct in current.items() if name not in ours and pct}
     if foreign:
         raise RouterError(
-            f"endpoint sends live traffic to deployments aml-rollout does not manage: {foreign}; "
+            f"deployments aml-rollout does not manage take live traffic: {foreign}; "
             "set them to 0 first"
         )
     traffic = {name: weights.of(colour) for colour, name in names.items() if weights.of(colour)}
@@ -414,7 +414,10 @@ class AzureMLRouter:
             "traffic_timeout_s",
         )
         current, mirror = nonzero(endpoint.traffic or {}), nonzero(endpoint.mirror_traffic or {})
-        traffic, new_mirror = plan_traffic(current, mirror, self.names, weights)
+        try:
+            traffic, new_mirror = plan_traffic(current, mirror, self.names, weights)
+        except RouterError as exc:  # a plan Azure would refuse: say which endpoint's
+            raise RouterError(f"update endpoint {self.endpoint} traffic: {exc}") from exc
         # After a change that Failed (or was Canceled) the `traffic` read may be what was asked
         # for, not what serves: write it again rather than take it for applied.
         if (traffic, new_mirror) == (current, mirror) and not _failed(endpoint):

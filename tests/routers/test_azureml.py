@@ -378,6 +378,41 @@ def test_azure_errors_are_router_errors_naming_the_resource(arm: FakeArm, ml_cli
 
 
 @pytest.mark.parametrize(
+    ("traffic", "mirror", "weights", "message"),
+    [
+        pytest.param(
+            {"green": 90, "old": 10}, {}, Weights.blue_at(10),
+            "deployments aml-rollout does not manage take live traffic: {'old': 10}; set them "
+            "to 0 first",
+            id="foreign-live-traffic",
+        ),
+        pytest.param(
+            {"green": 100}, {"old": 10}, Weights.blue_at(0, mirror=5),
+            "mirror traffic may go to one deployment only, got {'old': 10, 'blue': 5}",
+            id="foreign-shadow-and-ours",
+        ),
+    ],
+)  # fmt: skip
+def test_a_plan_azure_would_refuse_names_the_endpoint(
+    arm: FakeArm,
+    ml_client: Any,
+    traffic: dict[str, int],
+    mirror: dict[str, int],
+    weights: Weights,
+    message: str,
+) -> None:
+    router = make_router(ml_client)
+    RouterContract.live(router)
+    router.deploy(Colour.BLUE, V2)
+    found = endpoint(arm, router)
+    found["properties"].update(traffic=traffic, mirrorTraffic=mirror)
+    arm.resources[f"{WORKSPACE}/onlineEndpoints/{router.endpoint}".lower()] = found
+    with pytest.raises(RouterError) as caught:
+        router.set_weights(weights)
+    assert str(caught.value) == f"update endpoint {router.endpoint} traffic: {message}"
+
+
+@pytest.mark.parametrize(
     ("resource", "call", "message"),
     [
         pytest.param(
