@@ -51,6 +51,7 @@ among controllers sharing that store).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -658,8 +659,14 @@ def _describe(exc: Any) -> str:
     return f"HTTP {exc.status_code} {detail}"
 
 
+#: A terminal colour code: azure-ai-ml colours its validation and asset errors (its first line in
+#: black, unreadable on a dark terminal; escape codes in a log, the ledger, a job's std_log).
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def _one_line(message: str) -> str:
     """azure-ai-ml's (or azure-identity's) multi-paragraph text, cut to its substance, one line."""
+    message = _ANSI.sub("", message)
     for boilerplate in ("Resolutions:", "Additional Resources:", "To mitigate this issue"):
         message = message.split(boilerplate, 1)[0]
     return " ".join(message.split())

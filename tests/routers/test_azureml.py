@@ -513,6 +513,18 @@ def test_sdk_validation_errors_are_one_line(ml_client: Any) -> None:
     assert "at least 3 and at most 32 characters" in str(caught.value)
 
 
+def test_an_asset_the_workspace_lacks_is_one_plain_line(ml_client: Any) -> None:
+    """azure-ai-ml colours this text with terminal escapes (its first line black): none of them
+    reaches the error line, which a terminal, a log and the ledger show."""
+    router = make_router(ml_client, environment="azureml:no-such-env@latest")
+    with pytest.raises(RouterError) as caught:
+        router.deploy(Colour.GREEN, V1)
+    assert str(caught.value) == (
+        f"deploy {router.endpoint}/green: 1) Resource was not found. Details: "
+        "(x) Asset azureml:no-such-env does not exist in workspace ml-ws."
+    )
+
+
 def test_from_config_through_the_factory() -> None:
     cfg = AzureMLRouterConfig(
         subscription_id=SUB, resource_group=RG, workspace=WS, endpoint="diabetes-ep",
