@@ -375,7 +375,9 @@ class AzureMLRouter:
         if not model or version is None:
             raise RouterError(
                 f"deployment {self.endpoint}/{name} has no {TAG_PREFIX}model/version tags: "
-                "it was not deployed by aml-rollout"
+                "it was not deployed by aml-rollout (to adopt it, tag it with the registered "
+                f"model and version it serves, {TAG_PREFIX}model and {TAG_PREFIX}version; or "
+                "name other deployments in router.deployments)"
             )
         return Release(
             model=model,

@@ -525,6 +525,27 @@ def test_an_asset_the_workspace_lacks_is_one_plain_line(ml_client: Any) -> None:
     )
 
 
+def test_a_deployment_aml_rollout_did_not_make_says_how_to_adopt_it(
+    arm: FakeArm, ml_client: Any
+) -> None:
+    """An endpoint made by hand: its deployment is refused as green, saying what would adopt it."""
+    router = make_router(ml_client)
+    router.deploy(Colour.GREEN, V1)
+    path = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments/green"
+    shown = arm.get(path)
+    assert shown is not None
+    shown["tags"] = {"owner": "ops"}
+    arm.resources[path.lower()] = shown
+    with pytest.raises(RouterError) as caught:
+        router.release(Colour.GREEN)
+    assert str(caught.value) == (
+        f"deployment {router.endpoint}/green has no aml-rollout.model/version tags: it was not "
+        "deployed by aml-rollout (to adopt it, tag it with the registered model and version it "
+        "serves, aml-rollout.model and aml-rollout.version; or name other deployments in "
+        "router.deployments)"
+    )
+
+
 def test_from_config_through_the_factory() -> None:
     cfg = AzureMLRouterConfig(
         subscription_id=SUB, resource_group=RG, workspace=WS, endpoint="diabetes-ep",
