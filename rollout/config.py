@@ -196,6 +196,31 @@ class IstioRouterConfig(KubeApiConfig):
         return f"istio {self.namespace}/{self.app}"
 
 
+#: Azure ML's rule for an endpoint's or a deployment's name (azure-ai-ml checks it only when it
+#: writes one: a rollout would fail at its first deploy, after `validate` said ok).
+_AZURE_ML_NAME = re.compile(r"[a-zA-Z]([-a-zA-Z0-9]{1,30})[a-zA-Z0-9]")
+_GUID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
+def azure_ml_name(name: str) -> str:
+    """`name`; ValueError unless Azure ML takes it for an endpoint or a deployment."""
+    if not _AZURE_ML_NAME.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is not an Azure ML endpoint or deployment name: 3 to 32 letters, digits "
+            "and hyphens, starting with a letter, ending with a letter or digit"
+        )
+    return name
+
+
+def guid(text: str, what: str) -> str:
+    """`text`; ValueError unless it is a GUID (`what` says which ID is asked for)."""
+    if not _GUID.fullmatch(text):
+        raise ValueError(
+            f"{text!r} is not {what}, a GUID such as 00000000-0000-0000-0000-000000000000"
+        )
+    return text
+
+
 class AzureMLRouterConfig(_Model):
     """Azure ML managed online endpoint: `traffic` (and `mirror_traffic`) per deployment.
 
@@ -206,9 +231,9 @@ class AzureMLRouterConfig(_Model):
 
     kind: Literal["azureml"] = "azureml"
     subscription_id: str
-    resource_group: str
-    workspace: str
-    endpoint: str
+    resource_group: str = Field(min_length=1)
+    workspace: str = Field(min_length=1)
+    endpoint: Annotated[str, AfterValidator(azure_ml_name)]
     deployments: ColourNames = Field(default_factory=ColourNames)
     instance_type: str = "Standard_DS3_v2"
     instance_count: int = Field(default=1, ge=1)
@@ -221,6 +246,20 @@ class AzureMLRouterConfig(_Model):
     #: How long a change of the endpoint's traffic (or mirror) may take before failing. No VMs
     #: move, Azure applies it in seconds to a couple of minutes; a rollback waits on it.
     traffic_timeout_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
+
+    @field_validator("subscription_id")
+    @classmethod
+    def _subscription(cls, text: str) -> str:
+        return guid(text, "an Azure subscription ID")
+
+    @field_validator("deployments")
+    @classmethod
+    def _deployment_names(cls, names: ColourNames) -> ColourNames:
+        for colour in Colour:
+            azure_ml_name(names.of(colour))
+        if names.blue == names.green:
+            raise ValueError(f"blue and green need two deployments, both are {names.blue!r}")
+        return names
 
     @model_validator(mode="before")
     @classmethod
@@ -453,15 +492,26 @@ class AzureMonitorMetricsConfig(_Model):
 
     kind: Literal["azuremonitor"] = "azuremonitor"
     #: The Log Analytics workspace ID (a GUID: the workspace's Overview page, "Workspace ID").
-    workspace_id: str = Field(
-        pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-    )
+    workspace_id: Annotated[
+        str, AfterValidator(lambda text: guid(text, "a Log Analytics workspace ID"))
+    ]
     endpoint: str = Field(min_length=1)
     deployments: ColourNames = Field(default_factory=ColourNames)
     buckets_ms: tuple[float, ...] = AZURE_LOG_BUCKETS_MS
     #: The Logs query API (sovereign clouds have their own, e.g. https://api.loganalytics.azure.cn).
     logs_url: str = "https://api.loganalytics.io"
     timeout_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+
+    @field_validator("logs_url")
+    @classmethod
+    def _https(cls, url: str) -> str:
+        # The query carries an Entra ID token, which azure-core sends over https only: any
+        # other url fails every tick, after blue was deployed (azure-monitor-query adds
+        # https:// to a bare host itself).
+        parts = urlsplit(url if "://" in url else f"https://{url}")
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError(f"needs an https url (the query carries a token), got {url!r}")
+        return url
 
     @field_validator("buckets_ms")
     @classmethod

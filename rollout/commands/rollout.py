@@ -64,6 +64,15 @@ def _fail(exc: Exception) -> NoReturn:
     raise typer.Exit(EXIT_ERROR)
 
 
+def _one_line_credential_errors() -> None:
+    """DefaultAzureCredential logs at WARNING what each credential it tried said (a dozen
+    lines), then raises with the same text, which the router's or the metrics' error line
+    carries: keep that one line (as `pipeline submit` and `trigger` do)."""
+    import logging
+
+    logging.getLogger("azure.identity").setLevel(logging.ERROR)
+
+
 def _exit_code(phase: str) -> int:
     return {
         "Succeeded": EXIT_PROMOTED,
@@ -140,6 +149,7 @@ def run(
 
     parsed = _load(spec)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _one_line_credential_errors()
 
     def show(status: Status, record: dict[str, Any]) -> None:
         if quiet:
@@ -231,6 +241,7 @@ def bootstrap(
     from rollout.errors import ConfigError, RolloutError
 
     parsed = _load(spec)
+    _one_line_credential_errors()
     first = _release(release, "--release")
     if first is None:
         named = parsed.stable or parsed.candidate

@@ -241,9 +241,9 @@ class AzureMonitorMetrics:
             if _no_token(exc):
                 problem = f"no usable Azure credentials ({_line(exc)})"
             elif exc.status_code == 401:
-                problem = f"Azure rejected the credentials (HTTP 401: {_line(exc)})"
+                problem = f"Azure rejected the credentials ({_http(exc)})"
             else:
-                problem = f"HTTP {exc.status_code}: {_line(exc)}"
+                problem = _http(exc)
             raise MetricsError(self._where(problem)) from exc
         except AzureError as exc:
             raise MetricsError(self._where(f"unreachable ({_line(exc)})")) from exc
@@ -268,6 +268,15 @@ def _no_token(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _http(exc: Any) -> str:
+    """An HTTP error as `HTTP 404 WorkspaceNotFoundError: <message>`: the API's error code and
+    message once (the SDK's own text repeats them, as "(code) message Code: ... Message: ...")."""
+    error = getattr(exc, "error", None)
+    code, message = getattr(error, "code", None), getattr(error, "message", None)
+    detail = f"{code}: {_line(message)}" if code and message else _line(exc)
+    return f"HTTP {exc.status_code} {detail}"
 
 
 def _line(error: Any) -> str:

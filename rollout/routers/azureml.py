@@ -44,12 +44,14 @@ loudly in minutes, not after the deploy bound. On expiry the call raises RouterE
 operation and the setting; Azure carries on, and the next call reads the state it reached.
 
 Azure gives no optimistic concurrency on the endpoint through the SDK: two writers of `traffic`
-race with last-writer-wins, so run one controller per endpoint (the state store's lease does).
+race with last-writer-wins, so run one controller per endpoint (the state store's lease does,
+among controllers sharing that store).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -89,7 +91,7 @@ def plan_traffic(
     foreign = {name: pct for name, pct in current.items() if name not in ours and pct}
     if foreign:
         raise RouterError(
-            f"endpoint sends live traffic to deployments aml-rollout does not manage: {foreign}; "
+            f"deployments aml-rollout does not manage take live traffic: {foreign}; "
             "set them to 0 first"
         )
     traffic = {name: weights.of(colour) for colour, name in names.items() if weights.of(colour)}
@@ -245,6 +247,7 @@ class AzureMLRouter:
         self._sleep = sleep
         #: Checked before every write (see routers.base.Fence): the controller's lease check.
         self.fence: Fence = no_fence
+        self._workspace_found = False  # see _check_workspace
 
     @classmethod
     def from_config(cls, cfg: AzureMLRouterConfig, **client_kwargs: Any) -> AzureMLRouter:
@@ -372,7 +375,9 @@ class AzureMLRouter:
         if not model or version is None:
             raise RouterError(
                 f"deployment {self.endpoint}/{name} has no {TAG_PREFIX}model/version tags: "
-                "it was not deployed by aml-rollout"
+                "it was not deployed by aml-rollout (to adopt it, tag it with the registered "
+                f"model and version it serves, {TAG_PREFIX}model and {TAG_PREFIX}version; or "
+                "name other deployments in router.deployments)"
             )
         return Release(
             model=model,
@@ -412,7 +417,10 @@ class AzureMLRouter:
             "traffic_timeout_s",
         )
         current, mirror = nonzero(endpoint.traffic or {}), nonzero(endpoint.mirror_traffic or {})
-        traffic, new_mirror = plan_traffic(current, mirror, self.names, weights)
+        try:
+            traffic, new_mirror = plan_traffic(current, mirror, self.names, weights)
+        except RouterError as exc:  # a plan Azure would refuse: say which endpoint's
+            raise RouterError(f"update endpoint {self.endpoint} traffic: {exc}") from exc
         # After a change that Failed (or was Canceled) the `traffic` read may be what was asked
         # for, not what serves: write it again rather than take it for applied.
         if (traffic, new_mirror) == (current, mirror) and not _failed(endpoint):
@@ -572,7 +580,30 @@ class AzureMLRouter:
         try:
             return self._call(what, call)
         except _NotFound:
+            self._check_workspace()
             return None
+
+    def _check_workspace(self) -> None:
+        """RouterError when the workspace itself is not found (a wrong subscription, resource
+        group or workspace): every read under it is a 404 too, which would otherwise read as an
+        endpoint or deployment that is merely absent ("green serves nothing: bootstrap it").
+        Checked once, on the first 404; the SDK reads the workspace on every write anyway."""
+        if self._workspace_found:
+            return
+        ws = self._ml.workspace_name
+        where = (
+            f"workspace {ws} (resource group {self._ml.resource_group_name}, "
+            f"subscription {self._ml.subscription_id})"
+        )
+        try:
+            self._call(where, lambda: self._ml.workspaces.get(ws))
+        except _NotFound as exc:
+            raise RouterError(
+                f"{exc}: check router.subscription_id, router.resource_group and router.workspace"
+            ) from exc
+        except RouterError:
+            return  # no answer either way (no read permission, say): take the 404 as it came
+        self._workspace_found = True
 
     def _call(self, what: str, call: Callable[[], T]) -> T:
         """Run one SDK call, turning Azure's errors into RouterError naming the resource."""
@@ -630,8 +661,14 @@ def _describe(exc: Any) -> str:
     return f"HTTP {exc.status_code} {detail}"
 
 
+#: A terminal colour code: azure-ai-ml colours its validation and asset errors (its first line in
+#: black, unreadable on a dark terminal; escape codes in a log, the ledger, a job's std_log).
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def _one_line(message: str) -> str:
     """azure-ai-ml's (or azure-identity's) multi-paragraph text, cut to its substance, one line."""
+    message = _ANSI.sub("", message)
     for boilerplate in ("Resolutions:", "Additional Resources:", "To mitigate this issue"):
         message = message.split(boilerplate, 1)[0]
     return " ".join(message.split())

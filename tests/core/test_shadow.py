@@ -121,10 +121,10 @@ def test_the_default_plan_starts_with_a_shadow_step() -> None:
                 "mirror_percent": 60,
                 "router": {
                     "kind": "azureml",
-                    "subscription_id": "s",
+                    "subscription_id": "00000000-0000-0000-0000-000000000000",
                     "resource_group": "g",
                     "workspace": "w",
-                    "endpoint": "e",
+                    "endpoint": "diabetes-ep",
                 },
             },
             "mirror_percent: Azure ML mirrors at most 50 %",

@@ -136,7 +136,11 @@ def test_a_workspace_that_does_not_exist_is_an_error(logs: FakeLogAnalytics) -> 
     client = LogsQueryClient(StaticCredential(), transport=logs.transport())
     other = "99999999-2222-3333-4444-555555555555"
     obs = AzureMonitorMetrics(client, other, "ep").observe(T0, T0 + 60)
-    assert obs.error is not None and f"workspace {other}" in obs.error and "404" in obs.error
+    # Azure's code and message once, not the SDK's "(code) message Code: code Message: message"
+    assert obs.error == (
+        f"Log Analytics workspace {other} (AmlOnlineEndpointTrafficLog): "
+        f"HTTP 404 WorkspaceNotFoundError: workspace {other}"
+    )
 
 
 def test_an_unreachable_api_is_an_error(logs: FakeLogAnalytics) -> None:
@@ -180,7 +184,7 @@ def test_credentials_the_api_rejects_are_one_line(logs: FakeLogAnalytics) -> Non
     logs.fail(401, "InvalidAuthenticationToken")
     obs = provider(logs).observe(T0, T0 + 60)
     assert obs.error is not None
-    assert "Azure rejected the credentials (HTTP 401: " in obs.error
+    assert "Azure rejected the credentials (HTTP 401 InvalidAuthenticationToken: " in obs.error
     assert "\n" not in obs.error
 
 
@@ -244,11 +248,31 @@ def test_with_the_azureml_router_the_endpoint_and_deployments_are_the_routers() 
             {"workspace_id": WORKSPACE, "endpoint": "ep", "buckets_ms": []},
             "metrics.azuremonitor.buckets_ms",
         ),
+        (  # azure-core sends the token over https only: every tick would fail
+            {"workspace_id": WORKSPACE, "endpoint": "ep", "logs_url": "http://api.loganalytics.io"},
+            "metrics.azuremonitor.logs_url",
+        ),
+        (
+            {"workspace_id": WORKSPACE, "endpoint": "ep", "logs_url": "ftp://logs.example"},
+            "metrics.azuremonitor.logs_url",
+        ),
     ],
 )
 def test_the_spec_names_the_bad_field(metrics: dict[str, Any], field: str) -> None:
     with pytest.raises((ConfigError, ValidationError), match=field.replace(".", r"\.")):
         spec_from_dict({"metrics": {"kind": "azuremonitor", **metrics}})
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://api.loganalytics.azure.cn", "api.loganalytics.us", "https://api.loganalytics.io/v1"],
+)
+def test_the_logs_url_takes_what_the_sdk_takes(url: str) -> None:
+    """A bare host (the SDK adds https://) and a url ending in /v1 (it strips it) work."""
+    metrics = {"kind": "azuremonitor", "workspace_id": WORKSPACE, "endpoint": "ep", "logs_url": url}
+    assert spec_from_dict({"metrics": metrics}).metrics == AzureMonitorMetricsConfig(
+        workspace_id=WORKSPACE, endpoint="ep", logs_url=url
+    )
 
 
 def test_the_factory_builds_it_on_the_default_credential(monkeypatch: pytest.MonkeyPatch) -> None:

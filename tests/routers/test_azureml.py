@@ -5,6 +5,7 @@ through the real azure-ai-ml SDK against the fake ARM server (real serialisation
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -377,6 +378,41 @@ def test_azure_errors_are_router_errors_naming_the_resource(arm: FakeArm, ml_cli
 
 
 @pytest.mark.parametrize(
+    ("traffic", "mirror", "weights", "message"),
+    [
+        pytest.param(
+            {"green": 90, "old": 10}, {}, Weights.blue_at(10),
+            "deployments aml-rollout does not manage take live traffic: {'old': 10}; set them "
+            "to 0 first",
+            id="foreign-live-traffic",
+        ),
+        pytest.param(
+            {"green": 100}, {"old": 10}, Weights.blue_at(0, mirror=5),
+            "mirror traffic may go to one deployment only, got {'old': 10, 'blue': 5}",
+            id="foreign-shadow-and-ours",
+        ),
+    ],
+)  # fmt: skip
+def test_a_plan_azure_would_refuse_names_the_endpoint(
+    arm: FakeArm,
+    ml_client: Any,
+    traffic: dict[str, int],
+    mirror: dict[str, int],
+    weights: Weights,
+    message: str,
+) -> None:
+    router = make_router(ml_client)
+    RouterContract.live(router)
+    router.deploy(Colour.BLUE, V2)
+    found = endpoint(arm, router)
+    found["properties"].update(traffic=traffic, mirrorTraffic=mirror)
+    arm.resources[f"{WORKSPACE}/onlineEndpoints/{router.endpoint}".lower()] = found
+    with pytest.raises(RouterError) as caught:
+        router.set_weights(weights)
+    assert str(caught.value) == f"update endpoint {router.endpoint} traffic: {message}"
+
+
+@pytest.mark.parametrize(
     ("resource", "call", "message"),
     [
         pytest.param(
@@ -434,6 +470,36 @@ def test_arm_throttling_and_5xx_are_retried_then_one_line(
     assert len(list(iter_calls(arm, "GET", endpoint_path))) - before == 4  # 1 + 3 retries
 
 
+@pytest.mark.parametrize(
+    ("where", "call"),
+    [
+        pytest.param((SUB, RG, "no-ws"), lambda r: r.release(Colour.GREEN), id="release"),
+        pytest.param((SUB, "no-rg", WS), lambda r: r.get_weights(), id="get-weights"),
+        pytest.param(
+            ("99999999-0000-0000-0000-000000000000", RG, WS), lambda r: r.deploy(Colour.GREEN, V1),
+            id="deploy",
+        ),
+    ],
+)  # fmt: skip
+def test_a_workspace_not_found_is_not_an_absent_endpoint(
+    arm: FakeArm, where: tuple[str, str, str], call: Any
+) -> None:
+    """Under a wrong subscription, resource group or workspace every read is a 404: said so,
+    naming the fields, not read as "green serves nothing" (advice to bootstrap the endpoint)."""
+    from azure.ai.ml import MLClient
+
+    client = MLClient(StaticCredential(), *where, transport=arm.transport())
+    with pytest.raises(RouterError) as caught:
+        call(AzureMLRouter(client, "diabetes-ep"))
+    sub, rg, ws = where
+    assert str(caught.value).startswith(
+        f"workspace {ws} (resource group {rg}, subscription {sub}): HTTP 404 ResourceNotFound: "
+    )
+    assert str(caught.value).endswith(
+        "check router.subscription_id, router.resource_group and router.workspace"
+    )
+
+
 def test_get_weights_without_an_endpoint_says_so(ml_client: Any) -> None:
     with pytest.raises(RouterError, match=r"endpoint ep-\d+ does not exist"):
         make_router(ml_client).get_weights()
@@ -445,6 +511,39 @@ def test_sdk_validation_errors_are_one_line(ml_client: Any) -> None:
         router.deploy(Colour.GREEN, V1)
     assert "\n" not in str(caught.value)
     assert "at least 3 and at most 32 characters" in str(caught.value)
+
+
+def test_an_asset_the_workspace_lacks_is_one_plain_line(ml_client: Any) -> None:
+    """azure-ai-ml colours this text with terminal escapes (its first line black): none of them
+    reaches the error line, which a terminal, a log and the ledger show."""
+    router = make_router(ml_client, environment="azureml:no-such-env@latest")
+    with pytest.raises(RouterError) as caught:
+        router.deploy(Colour.GREEN, V1)
+    assert str(caught.value) == (
+        f"deploy {router.endpoint}/green: 1) Resource was not found. Details: "
+        "(x) Asset azureml:no-such-env does not exist in workspace ml-ws."
+    )
+
+
+def test_a_deployment_aml_rollout_did_not_make_says_how_to_adopt_it(
+    arm: FakeArm, ml_client: Any
+) -> None:
+    """An endpoint made by hand: its deployment is refused as green, saying what would adopt it."""
+    router = make_router(ml_client)
+    router.deploy(Colour.GREEN, V1)
+    path = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments/green"
+    shown = arm.get(path)
+    assert shown is not None
+    shown["tags"] = {"owner": "ops"}
+    arm.resources[path.lower()] = shown
+    with pytest.raises(RouterError) as caught:
+        router.release(Colour.GREEN)
+    assert str(caught.value) == (
+        f"deployment {router.endpoint}/green has no aml-rollout.model/version tags: it was not "
+        "deployed by aml-rollout (to adopt it, tag it with the registered model and version it "
+        "serves, aml-rollout.model and aml-rollout.version; or name other deployments in "
+        "router.deployments)"
+    )
 
 
 def test_from_config_through_the_factory() -> None:
@@ -489,6 +588,68 @@ def test_the_spec_refuses_a_mirror_azure_cannot_take(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         load_spec(azure_spec_file(tmp_path, router, top))
+
+
+@pytest.mark.parametrize(
+    ("router", "message"),
+    [
+        pytest.param(
+            {"subscription_id": "my-subscription"},
+            r"router\.azureml\.subscription_id: .*'my-subscription' is not an Azure subscription "
+            r"ID, a GUID",
+            id="subscription-not-a-guid",
+        ),
+        pytest.param(
+            {"endpoint": "ep"},
+            r"router\.azureml\.endpoint: .*'ep' is not an Azure ML endpoint or deployment name: "
+            r"3 to 32 letters",
+            id="endpoint-too-short",
+        ),
+        pytest.param(
+            {"endpoint": "diabetes_ep"},
+            r"router\.azureml\.endpoint: .*'diabetes_ep' is not an Azure ML endpoint",
+            id="endpoint-underscore",
+        ),
+        pytest.param(
+            {"endpoint": "e" * 33}, r"router\.azureml\.endpoint: ", id="endpoint-too-long"
+        ),
+        pytest.param(
+            {"deployments": {"blue": "blue-", "green": "green"}},
+            r"router\.azureml\.deployments: .*'blue-' is not an Azure ML endpoint or deployment",
+            id="deployment-ends-with-a-hyphen",
+        ),
+        pytest.param(
+            {"deployments": {"blue": "pr"}},
+            r"router\.azureml\.deployments: .*'pr' is not an Azure ML",
+            id="deployment-too-short",
+        ),
+        pytest.param(
+            {"deployments": {"blue": "green"}},
+            r"router\.azureml\.deployments: .*blue and green need two deployments, both are "
+            r"'green'",
+            id="one-deployment-for-both-colours",
+        ),
+        pytest.param(
+            {"workspace": ""}, r"router\.azureml\.workspace: ", id="empty-workspace"
+        ),
+    ],
+)  # fmt: skip
+def test_the_spec_refuses_names_azure_would_refuse(
+    tmp_path: Path, router: dict[str, Any], message: str
+) -> None:
+    """What azure-ai-ml checks only when it writes (or Azure when it answers) is refused by
+    `rollout validate`, at the field: not at the rollout's first deploy."""
+    with pytest.raises(ConfigError, match=message):
+        load_spec(azure_spec_file(tmp_path, router, {}))
+
+
+@pytest.mark.parametrize("name", ["diabetes-ep", "abc", "Ep-2", "a" + "b" * 30 + "9"])
+def test_the_spec_takes_the_names_azure_takes(tmp_path: Path, name: str) -> None:
+    spec = load_spec(
+        azure_spec_file(tmp_path, {"endpoint": name, "deployments": {"blue": name}}, {})
+    )
+    assert isinstance(spec.router, AzureMLRouterConfig)
+    assert (spec.router.endpoint, spec.router.deployments.blue) == (name, name)
 
 
 @pytest.mark.parametrize(
@@ -591,6 +752,37 @@ def test_no_usable_credentials_is_one_line_naming_the_endpoint(
     assert text.startswith("endpoint ep-nobody: no usable Azure credentials (")
     assert "AzureCliCredential" in text  # what each credential said is kept
     assert "\n" not in text and "To mitigate" not in text
+
+
+@pytest.mark.parametrize("command", ["bootstrap", "run"])
+def test_no_usable_credentials_is_one_line_at_the_cli_too(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    command: str,
+) -> None:
+    """DefaultAzureCredential also logs what each credential said, a dozen WARNING lines before
+    the error line that already carries it: the command prints the one line only."""
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    for name in AZURE_CREDENTIAL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "dev")
+    spec = azure_spec_file(tmp_path, {}, {"state": {"dir": str(tmp_path / "state")}})
+    identity_log = logging.getLogger("azure.identity")
+    level = identity_log.level
+    option = "--release" if command == "bootstrap" else "--candidate"
+    try:
+        result = CliRunner().invoke(app, ["rollout", command, str(spec), option, "diabetes:2"])
+    finally:
+        identity_log.setLevel(level)
+    assert result.exit_code == 2, result.output
+    assert "diabetes-ep/green: no usable Azure credentials (" in result.output
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("azure.identity")] == []
 
 
 def test_credentials_azure_rejects_are_one_line(arm: FakeArm, ml_client: Any) -> None:
@@ -1164,6 +1356,6 @@ def test_a_timeout_must_be_a_finite_positive_number(field: str, value: float) ->
     """An infinite wait is what the bounds are for (and `.inf` crashed the poller's join)."""
     from pydantic import ValidationError
 
-    base = {"subscription_id": SUB, "resource_group": RG, "workspace": WS, "endpoint": "ep"}
+    base = {"subscription_id": SUB, "resource_group": RG, "workspace": WS, "endpoint": "ep-1"}
     with pytest.raises(ValidationError, match=field):
         AzureMLRouterConfig.model_validate({"kind": "azureml", **base, field: value})
