@@ -540,7 +540,24 @@ class Controller:
 
     def _finish_pending(self, status: Status) -> Status:
         for index in range(status.applied, len(status.pending)):
-            if (failed := self._apply_or_fail(status.pending[index], status)) is not None:
+            action = status.pending[index]
+            try:
+                failed = self._apply_or_fail(action, status)
+            except RouterError as exc:
+                # The controller stops here (exit 2), the action pending for the next run: the
+                # ledger says why, or `explain` would only tell the phase the rollout was in.
+                if self.ledger is not None:
+                    self.ledger.append(
+                        {
+                            "event": "not-applied",
+                            "at": self.clock.now(),
+                            "rollout_id": status.id,
+                            "describe": [describe(action)],
+                            "error": str(exc),
+                        }
+                    )
+                raise
+            if failed is not None:
                 return failed
             status = replace(status, applied=index + 1)
             self.store.save(status)

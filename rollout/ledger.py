@@ -124,6 +124,12 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
                 + "; ".join(rec.get("describe") or [])
             )
             continue
+        if rec.get("event") == "not-applied":
+            t = span(rec.get("at", start) - start)
+            action, error = "; ".join(rec.get("describe") or []), str(rec.get("error"))
+            why = error if error.startswith(action) else f"could not {action}: {error}"
+            lines.append(f"[{t}] controller stopped: {why} (the next `run` applies it first)")
+            continue
         if rec.get("event") == "skipped":
             t = span(rec.get("at", start) - start)
             lines.append(

@@ -464,7 +464,7 @@ def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | N
         table.add_row("candidate", f"{status.candidate.ref} ({where})")
     if status.stable:
         table.add_row("stable", f"{status.stable.ref} ({'replaced' if promoted else 'green'})")
-    table.add_row("verdict", status.verdict.value if status.verdict else "-")
+    table.add_row("last verdict", status.verdict.value if status.verdict else "-")
     table.add_row("reason", escape(status.reason))
     for label, ev in (("errors", status.errors), ("slow requests", status.slow)):
         if ev.canary_requests:

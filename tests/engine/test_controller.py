@@ -309,6 +309,10 @@ def test_a_router_that_never_answered_fails_at_once(tmp_path: Path) -> None:
         ctl.run(max_ticks=5)
     assert router.attempts == 1
     assert clock.now() == 1000.0  # no pause
+    assert explain(read_ledger(tmp_path / "t.ledger.jsonl"))[-1] == (
+        f"[0 s] controller stopped: could not deploy {V2.ref} to blue: admin at "
+        "http://127.0.0.1:9 is not reachable (the next `run` applies it first)"
+    )
 
 
 def test_a_router_that_answered_before_is_retried_when_unreachable(tmp_path: Path) -> None:
@@ -450,6 +454,13 @@ def test_a_dead_router_stops_the_controller_and_a_restart_finishes_the_job(
         ctl.run(max_ticks=5)
     saved = FileStateStore(tmp_path, "t").load()
     assert saved is not None and saved.pending[saved.applied :] == (SetWeights(10),)
+    # Was: the ledger's story ended "still Initializing", with no word of why the run stopped.
+    records = read_ledger(tmp_path / "t.ledger.jsonl")
+    assert records[-1]["event"] == "not-applied" and records[-1]["rollout_id"] == saved.id
+    assert explain(records)[-1] == (
+        "[7 s] controller stopped: set weights blue 10 % / green 90 % failed 4 times: apiserver "
+        "said 503 (the next `run` applies it first)"
+    )
     healthy = MemoryRouter(releases={Colour.GREEN: V1, Colour.BLUE: V2})
     ctl2, _ = controller(tmp_path, healthy, StaticMetrics([]))
     resumed = ctl2.start()
