@@ -752,6 +752,24 @@ class RolloutSpec(_Model):
             )
         return {**data, "metrics": merged}
 
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _plan_shape(cls, steps: Any) -> Any:
+        """One line for a plan of the wrong shape (`steps: sed`, `steps: 5, 25, 100`), not the
+        union's two ("steps.list[int]: ...; steps.literal['seed']: ...")."""
+        if steps is None or steps == "seed":
+            return steps
+        if isinstance(steps, list | tuple) and all(
+            isinstance(w, int) and not isinstance(w, bool) for w in steps
+        ):
+            return list(steps)
+        raise PydanticCustomError(
+            "spec",
+            "expected a list of whole-number weights ending at 100 (e.g. [0, 5, 25, 50, 100]), "
+            "or seed; got {steps}",
+            {"steps": repr(steps)},
+        )
+
     @field_validator("steps")
     @classmethod
     def _plan(cls, steps: list[int] | str | None) -> list[int] | str | None:

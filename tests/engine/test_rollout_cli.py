@@ -45,6 +45,15 @@ def test_validate_accepts_a_good_spec(tmp_path: Path) -> None:
             {"steps": [0, 100]}, "must send the candidate traffic", id="unjudged-promotion"
         ),
         pytest.param({"steps": [100]}, "must send the candidate traffic", id="big-bang"),
+        # Was two lines of pydantic's union: "steps.list[int]: ...; steps.literal['seed']: ...".
+        pytest.param(
+            {"steps": "sed"},
+            "steps: expected a list of whole-number weights ending at 100 (e.g. [0, 5, 25, 50, "
+            "100]), or seed; got 'sed'",
+            id="plan-misspelt",
+        ),
+        pytest.param({"steps": "5, 25, 100"}, "or seed; got '5, 25, 100'", id="plan-unbracketed"),
+        pytest.param({"steps": [5, "x", 100]}, "or seed; got [5, 'x', 100]", id="plan-not-numbers"),
         pytest.param({"router": {"kind": "nginx"}}, "router", id="unknown-router-kind"),
         pytest.param(
             {"metrics": {"kind": "prometheus", "preset": "custom"}},
