@@ -554,7 +554,18 @@ def explain(
                 f"{ledger} is not a rollout ledger (no ledger lines): give the rollout's "
                 "<name>.ledger.jsonl, or its spec"
             )
+        told = story(records)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        # A line of another shape (edited by hand, another tool's JSON lines): one line, not a
+        # traceback.
+        what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+        _fail(
+            StateError(
+                f"{ledger}: a line is not a ledger record this version can tell ({what}); give "
+                "the rollout's <name>.ledger.jsonl, or its spec"
+            )
+        )
     except RolloutError as exc:
         _fail(exc)
-    for line in story(records):
+    for line in told:
         _out.print(escape(line))

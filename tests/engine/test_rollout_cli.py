@@ -411,6 +411,33 @@ def test_explain_of_a_missing_ledger_is_a_clear_error(tmp_path: Path) -> None:
     assert code == EXIT_ERROR and "cannot read ledger" in out
 
 
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        pytest.param(
+            {"phase": "Progressing", "checks": {"errors": {"canary_requests": 3}}},
+            "no 'log_e_worse'",
+            id="a-check-without-its-e-values",
+        ),
+        pytest.param({"phase": "Progressing", "tick": 1, "at": "noon"}, "str", id="a-text-time"),
+        pytest.param({"phase": "Paused", "checks": ["errors"]}, "list", id="checks-not-a-map"),
+    ],
+)
+def test_explain_of_a_ledger_line_of_another_shape_is_one_line(
+    tmp_path: Path, line: dict[str, object], problem: str
+) -> None:
+    # Was a traceback (KeyError, TypeError): a line edited by hand, or another tool's JSON lines.
+    ledger = tmp_path / "r.ledger.jsonl"
+    ledger.write_text(json.dumps({"event": "start", "at": 1.0, "name": "r"}) + "\n")
+    with ledger.open("a") as fh:
+        fh.write(json.dumps(line) + "\n")
+    code, out = invoke("explain", str(ledger))
+    text = " ".join(out.split())
+    assert code == EXIT_ERROR and "Traceback" not in out and len(out.splitlines()) == 1, out
+    assert f"{ledger}: a line is not a ledger record this version can tell" in text
+    assert problem in text
+
+
 def test_the_documented_dry_run_runs_as_documented(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
