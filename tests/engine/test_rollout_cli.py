@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -531,3 +534,31 @@ def test_the_readme_spec_validates(tmp_path: Path) -> None:
     (tmp_path / "rollout.yaml").write_text(block.split("```yaml\n")[1].split("```")[0])
     code, out = invoke("validate", str(tmp_path / "rollout.yaml"))
     assert code == 0, out
+
+
+def test_a_simulated_rollout_waiting_for_a_human_ticks_in_wall_time(tmp_path: Path) -> None:
+    """`run --simulated-time --no-stop-when-paused` on a held rollout (or one an operator
+    paused): the fake clock spun through ticks while it waited, a ledger line each, until the
+    disk filled; now a tick a second, which still hears `resume` from another terminal."""
+    analysis = {"min_requests": 10**6, "max_step_duration_s": 30, "latency": {"enabled": False}}
+    spec = write_spec(tmp_path, 0.0, analysis=analysis)
+    ledger = tmp_path / "state" / "cli.ledger.jsonl"
+
+    def paused_lines() -> int:
+        text = ledger.read_text() if ledger.exists() else ""
+        return sum('"phase": "Paused"' in line for line in text.splitlines())
+
+    command = ["rollout", "run", str(spec), "--simulated-time", "--no-stop-when-paused", "-q"]
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "rollout.cli", *command], cwd=root)
+    try:
+        deadline = time.monotonic() + 30
+        while paused_lines() == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        held = paused_lines()
+        time.sleep(2.0)  # wall time is what is measured here
+        grown = paused_lines() - held
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert held > 0 and grown <= 4, grown
