@@ -906,3 +906,16 @@ def test_a_ledger_ending_with_an_event_tells_no_phase_it_is_still_in(
     story = explain([record])
     assert len(story) == 1  # was a second line: "[0 s] still None: "
     assert "still" not in story[0]
+
+
+def test_the_story_names_a_weight_set_by_the_command_the_operator_typed(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    ctl.run(max_ticks=1)
+    ctl.store.push_command(Command(id="w", kind="set_weight", weight=50, by="ann"))
+    ctl.run(max_ticks=1)
+    story = explain(read_ledger(tmp_path / "t.ledger.jsonl"))
+    assert any(
+        line.endswith("operator set-weight: weight set to 50 % by ann → Progressing")
+        for line in story
+    ), story
