@@ -794,6 +794,9 @@ class RolloutSpec(_Model):
     def _mirror_needs_a_shadow_step(self) -> RolloutSpec:
         """An explicit `mirror_percent` needs a 0 % step; the data plane must be able to mirror."""
         loc, value = ("mirror_percent",), self.shadow_percent
+        if self.mirror_percent and self._istio_preset:
+            # First: "start `steps` with 0" would only lead to this refusal.
+            value = self.mirror_percent
         if not value:
             if self.mirror_percent and 0 not in self.plan:  # asked for, with nowhere to go
                 _field_error(
