@@ -562,6 +562,19 @@ class ReleaseConfig(_Model):
     model_dir: str | None = None
     deployment: str | None = None
 
+    @field_validator("version", mode="before")
+    @classmethod
+    def _quoted(cls, version: Any) -> Any:
+        """Not read as a number: YAML reads `version: 1.10` as 1.1."""
+        if isinstance(version, int | float) and not isinstance(version, bool):
+            raise PydanticCustomError(
+                "spec",
+                'read as the number {version}: quote the version (e.g. "2"; unquoted, YAML reads '
+                "1.10 as 1.1)",
+                {"version": str(version)},
+            )
+        return version
+
     def to_release(self) -> Release:
         """The core value type."""
         return Release(**self.model_dump())

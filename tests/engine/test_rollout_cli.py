@@ -56,6 +56,11 @@ def test_validate_accepts_a_good_spec(tmp_path: Path) -> None:
             id="plan-misspelt",
         ),
         pytest.param({"steps": "5, 25, 100"}, "or seed; got '5, 25, 100'", id="plan-unbracketed"),
+        pytest.param(  # was "Input should be a valid string"
+            {"candidate": {"model": "m", "version": 2}},
+            "candidate.version: read as the number 2: quote the version",
+            id="version-a-number",
+        ),
         pytest.param({"steps": [5, "x", 100]}, "or seed; got [5, 'x', 100]", id="plan-not-numbers"),
         pytest.param({"router": {"kind": "nginx"}}, "router", id="unknown-router-kind"),
         pytest.param(
