@@ -705,10 +705,14 @@ def _raw_sections(
     return router, metrics
 
 
+#: A rollout's name: it names its files, and the kubernetes store's objects (kubenames).
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9_.]*[a-z0-9])?")
+
+
 class RolloutSpec(_Model):
     """A whole rollout: where traffic goes, where metrics come from, and how to judge."""
 
-    name: str = Field(default="rollout", pattern=r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
+    name: str = "rollout"
     router: RouterConfig = Field(default_factory=MemoryRouterConfig)
     metrics: MetricsConfig = Field(default_factory=StaticMetricsConfig)
     #: None: DEFAULT_STEPS, or LIVE_STEPS with the istio metrics preset (see `plan`).
@@ -764,6 +768,19 @@ class RolloutSpec(_Model):
                 {**names, **given} if isinstance(given, dict) else given or names
             )
         return {**data, "metrics": merged}
+
+    @field_validator("name")
+    @classmethod
+    def _file_name(cls, name: str) -> str:
+        """It names the rollout's files (`<name>.status.json`, ...): said in words, not a regex."""
+        if not _NAME.fullmatch(name):
+            raise PydanticCustomError(
+                "spec",
+                "use lower-case letters, digits, '-', '_' and '.', beginning and ending with a "
+                "letter or digit; got {name}",
+                {"name": repr(name)},
+            )
+        return name
 
     @field_validator("steps", mode="before")
     @classmethod
