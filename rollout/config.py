@@ -629,6 +629,19 @@ class ReleaseConfig(_Model):
     model_dir: str | None = None
     deployment: str | None = None
 
+    @field_validator("version", mode="before")
+    @classmethod
+    def _quoted(cls, version: Any) -> Any:
+        """Not read as a number: YAML reads `version: 1.10` as 1.1."""
+        if isinstance(version, int | float) and not isinstance(version, bool):
+            raise PydanticCustomError(
+                "spec",
+                'read as the number {version}: quote the version (e.g. "2"; unquoted, YAML reads '
+                "1.10 as 1.1)",
+                {"version": str(version)},
+            )
+        return version
+
     def to_release(self) -> Release:
         """The core value type."""
         return Release(**self.model_dump())
@@ -759,10 +772,14 @@ def _raw_sections(
     return router, metrics
 
 
+#: A rollout's name: it names its files, and the kubernetes store's objects (kubenames).
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9_.]*[a-z0-9])?")
+
+
 class RolloutSpec(_Model):
     """A whole rollout: where traffic goes, where metrics come from, and how to judge."""
 
-    name: str = Field(default="rollout", pattern=r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
+    name: str = "rollout"
     router: RouterConfig = Field(default_factory=MemoryRouterConfig)
     metrics: MetricsConfig = Field(default_factory=StaticMetricsConfig)
     #: None: DEFAULT_STEPS, or LIVE_STEPS with the istio metrics preset (see `plan`).
@@ -819,6 +836,37 @@ class RolloutSpec(_Model):
             )
         return {**data, "metrics": merged}
 
+    @field_validator("name")
+    @classmethod
+    def _file_name(cls, name: str) -> str:
+        """It names the rollout's files (`<name>.status.json`, ...): said in words, not a regex."""
+        if not _NAME.fullmatch(name):
+            raise PydanticCustomError(
+                "spec",
+                "use lower-case letters, digits, '-', '_' and '.', beginning and ending with a "
+                "letter or digit; got {name}",
+                {"name": repr(name)},
+            )
+        return name
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _plan_shape(cls, steps: Any) -> Any:
+        """One line for a plan of the wrong shape (`steps: sed`, `steps: 5, 25, 100`), not the
+        union's two ("steps.list[int]: ...; steps.literal['seed']: ...")."""
+        if steps is None or steps == "seed":
+            return steps
+        if isinstance(steps, list | tuple) and all(
+            isinstance(w, int) and not isinstance(w, bool) for w in steps
+        ):
+            return list(steps)
+        raise PydanticCustomError(
+            "spec",
+            "expected a list of whole-number weights ending at 100 (e.g. [0, 5, 25, 50, 100]), "
+            "or seed; got {steps}",
+            {"steps": repr(steps)},
+        )
+
     @field_validator("steps")
     @classmethod
     def _plan(cls, steps: list[int] | str | None) -> list[int] | str | None:
@@ -843,6 +891,9 @@ class RolloutSpec(_Model):
     def _mirror_needs_a_shadow_step(self) -> RolloutSpec:
         """An explicit `mirror_percent` needs a 0 % step; the data plane must be able to mirror."""
         loc, value = ("mirror_percent",), self.shadow_percent
+        if self.mirror_percent and self._istio_preset:
+            # First: "start `steps` with 0" would only lead to this refusal.
+            value = self.mirror_percent
         if not value:
             if self.mirror_percent and 0 not in self.plan:  # asked for, with nowhere to go
                 _field_error(

@@ -316,8 +316,10 @@ class Controller:
             log.info("resuming rollout %s in phase %s", status.name, status.phase.value)
             if self._abort_queued(status):
                 return self._restore_data_plane(self._skip_pending(status), aborting=True)
-            status = self._finish_pending(status)
-            return self._restore_data_plane(status)
+            # Restored first: a data plane that lost a colour's release refuses the pending
+            # weights for good, and every later `run` would stop at them again.
+            status = self._restore_data_plane(status)
+            return self._finish_pending(status)
         candidate = self._asked_candidate() or self.router.release(Colour.BLUE)
         if candidate is None:
             raise RolloutError(
@@ -415,18 +417,27 @@ class Controller:
         traffic and the step would wait for evidence until held. A colour that serves nothing
         gets its release again; a colour serving another release is left to the operator. The
         candidate failing that deploy for good fails the rollout, as at its first deploy.
-        `aborting` (an abort queued): green only, as the abort's weights come next.
+        `aborting` (an abort queued): green only, as the abort's weights come next. Before its
+        first tick (Initializing) a rollout has deployed green only. What the pending actions
+        still do (a deploy, the weights) is theirs: they are finished after this.
         """
-        if status.phase not in (Phase.PROGRESSING, Phase.PAUSED):
+        if status.phase not in (Phase.INITIALIZING, Phase.PROGRESSING, Phase.PAUSED):
             return status
+        first = status.phase is Phase.INITIALIZING
+        left = status.pending[status.applied :]
         colours = ((Colour.GREEN, status.stable), (Colour.BLUE, status.candidate))
         repairs: list[Action] = [
             Deploy(colour, release)
-            for colour, release in (colours[:1] if aborting else colours)
-            if release is not None and self.router.release(colour) is None
+            for colour, release in (colours[:1] if aborting or first else colours)
+            if release is not None
+            and self.router.release(colour) is None
+            and not any(isinstance(a, Deploy) and a.colour is colour for a in left)
         ]
+        if first and not repairs:
+            return status  # its first tick sets the weights (a new endpoint has none to read)
         served = self.router.get_weights()
-        if not aborting and (repairs or served != status.weights):
+        weights_left = any(isinstance(a, SetWeights) for a in left)
+        if not (aborting or weights_left) and (repairs or served != status.weights):
             repairs.append(SetWeights(status.blue_weight, status.mirror))
         if not repairs:
             return status

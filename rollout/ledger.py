@@ -145,7 +145,8 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
         reason = rec.get("reason", "")
         notes = rec.get("commands") or []
         for note in notes:
-            lines.append(f"[{t}] operator {note}")
+            # In the words of the command the operator typed (`set-weight`), not the log's kind.
+            lines.append(f"[{t}] operator {note.replace('set_weight', 'set-weight', 1)}")
         if notes and notes[-1].endswith(f": {reason}"):
             lines[-1] += f" → {rec.get('phase')}"  # the command's effect is the new phase
         elif reason == previous:  # e.g. RollingBack → RolledBack: same cause, say it once

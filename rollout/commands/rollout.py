@@ -152,6 +152,11 @@ def run(
     _one_line_credential_errors()
 
     def show(status: Status, record: dict[str, Any]) -> None:
+        waits = status.phase.value == "Paused" and not (status.held and stop_when_paused)
+        if simulated_time and waits:
+            # Waiting for a human, who answers in wall time: on the fake clock alone the
+            # controller spun through its ticks, a ledger line each (77 MB in 10 minutes).
+            time.sleep(1.0)
         if quiet:
             return
         stamp = time.strftime("%H:%M:%S", time.localtime(record.get("at", time.time())))
@@ -661,7 +666,18 @@ def explain(
                 f"{ledger} is not a rollout ledger (no ledger lines): give the rollout's "
                 "<name>.ledger.jsonl, or its spec"
             )
+        told = story(records)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        # A line of another shape (edited by hand, another tool's JSON lines): one line, not a
+        # traceback.
+        what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+        _fail(
+            StateError(
+                f"{ledger}: a line is not a ledger record this version can tell ({what}); give "
+                "the rollout's <name>.ledger.jsonl, or its spec"
+            )
+        )
     except RolloutError as exc:
         _fail(exc)
-    for line in story(records):
+    for line in told:
         _out.print(escape(line))

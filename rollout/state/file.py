@@ -71,6 +71,9 @@ class FileStateStore:
                 os.close(dir_fd)
         except OSError as exc:
             raise StateError(f"cannot write {self.status_path}: {exc.strerror}") from exc
+        finally:
+            # Gone once renamed; left by a failed write (a full disk, Ctrl-C), it is litter.
+            tmp.unlink(missing_ok=True)
 
     def push_command(self, command: Command) -> None:
         """Append one command line (a single write, so concurrent writers do not interleave)."""

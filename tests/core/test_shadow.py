@@ -139,6 +139,11 @@ def test_the_default_plan_starts_with_a_shadow_step() -> None:
             "mirror_percent: the istio metrics preset cannot see a shadow step",
             id="istio-preset-cannot-count-mirrored-requests",
         ),
+        pytest.param(  # was "start `steps` with 0", which only led to the refusal above
+            {"mirror_percent": 5, "metrics": {"kind": "prometheus", "preset": "istio"}},
+            "mirror_percent: the istio metrics preset cannot see a shadow step",
+            id="istio-preset-and-a-mirror-without-a-zero-step",
+        ),
         pytest.param({"mirror_percent": 101}, "mirror_percent", id="more-than-everything"),
     ],
 )

@@ -779,6 +779,38 @@ def test_a_resumed_rollout_restores_a_data_plane_that_lost_its_routes(tmp_path: 
     assert "resumed with a data plane serving blue 0 %: deploy diabetes:1 to green" in story
 
 
+def _stopped_before_its_first_tick(ctl: Controller) -> None:
+    ctl.start()  # the Initializing status saved: a first tick's ledger line failed, say
+
+
+def _stopped_before_its_first_weights(ctl: Controller) -> None:
+    status = ctl.run(max_ticks=1)  # its first tick: deploy blue, then its first weights
+    assert status.pending[-1] == SetWeights(10) and status.applied == len(status.pending)
+    ctl.store.save(replace(status, applied=len(status.pending) - 1))
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [
+        pytest.param(_stopped_before_its_first_tick, id="initializing"),
+        pytest.param(_stopped_before_its_first_weights, id="weights-pending"),
+    ],
+)
+def test_a_rollout_resumed_on_a_data_plane_that_lost_its_releases_goes_on(
+    tmp_path: Path, stop: Callable[[Controller], None]
+) -> None:
+    """Was: the pending (or first) weights refused for good, "cannot send 100 % to green:
+    nothing is deployed there", at every `run` of a dry run resumed in a new process."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    stop(ctl)
+    reset = MemoryRouter()  # a new process: nothing deployed, no weights
+    again, _ = controller(tmp_path, reset, simulated(reset, 0.01))
+    assert again.run(max_ticks=500).phase is Phase.SUCCEEDED
+    story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
+    assert "resumed with a data plane serving blue 0 %: deploy diabetes:1 to green" in story
+
+
 def test_a_data_plane_that_lost_its_routes_is_not_given_blue_again_for_an_abort(
     tmp_path: Path,
 ) -> None:
@@ -967,3 +999,16 @@ def test_a_ledger_ending_with_an_event_tells_no_phase_it_is_still_in(
     story = explain([record])
     assert len(story) == 1  # was a second line: "[0 s] still None: "
     assert "still" not in story[0]
+
+
+def test_the_story_names_a_weight_set_by_the_command_the_operator_typed(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    ctl.run(max_ticks=1)
+    ctl.store.push_command(Command(id="w", kind="set_weight", weight=50, by="ann"))
+    ctl.run(max_ticks=1)
+    story = explain(read_ledger(tmp_path / "t.ledger.jsonl"))
+    assert any(
+        line.endswith("operator set-weight: weight set to 50 % by ann → Progressing")
+        for line in story
+    ), story
