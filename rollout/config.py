@@ -48,7 +48,12 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from rollout.core.types import Colour, Phase, Release
 from rollout.errors import ConfigError
-from rollout.kubenames import namespace_problem, rollout_name_problem
+from rollout.kubenames import (
+    app_problem,
+    label_value_problem,
+    namespace_problem,
+    rollout_name_problem,
+)
 
 #: The seed's rollout (MLOpsPython): Blue_0, Blue_50, Blue_100, then Blue_Green and Green_100.
 SEED_STEPS: tuple[int, ...] = (0, 50, 100)
@@ -185,9 +190,29 @@ class IstioRouterConfig(KubeApiConfig):
     #: The `istio:` label of the ingress gateway pods the Gateway binds to: `ingressgateway`
     #: for Istio's own install; AKS's Istio add-on labels its gateways
     #: `aks-istio-ingressgateway-external` / `-internal`.
-    ingress_gateway: str = Field(
-        default="ingressgateway", pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-    )
+    ingress_gateway: str = "ingressgateway"
+
+    # What the API server would refuse at the first deploy, said by `rollout validate`.
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, namespace: str) -> str:
+        if (problem := namespace_problem(namespace)) is not None:
+            raise ValueError(problem)
+        return namespace
+
+    @field_validator("app")
+    @classmethod
+    def _app(cls, app: str) -> str:
+        if (problem := app_problem(app)) is not None:
+            raise ValueError(problem)
+        return app
+
+    @field_validator("ingress_gateway")
+    @classmethod
+    def _ingress_gateway(cls, value: str) -> str:
+        if (problem := label_value_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
 
     @property
     def identity(self) -> str:

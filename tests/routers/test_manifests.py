@@ -440,6 +440,39 @@ def test_a_non_istio_spec_is_refused(tmp_path: Path) -> None:
     assert "router.kind is 'memory'" in str(result.exception)
 
 
+@pytest.mark.parametrize(
+    ("router", "message"),
+    [
+        pytest.param(
+            "namespace: Prod", "router.istio.namespace: Value error, 'Prod' is not a Kubernetes",
+            id="bad-namespace",
+        ),
+        pytest.param(
+            "app: churn_model", "router.istio.app: Value error, 'churn_model' is not a DNS-1035",
+            id="bad-app",
+        ),
+        pytest.param(
+            "app: 3d-scorer", "router.istio.app: Value error, '3d-scorer' must start with a letter",
+            id="app-starting-with-a-digit",
+        ),
+        pytest.param(
+            "ingress_gateway: 'aks gw'",
+            "router.istio.ingress_gateway: Value error, 'aks gw' is not a label value",
+            id="gateway-label-with-a-space",
+        ),
+    ],
+)  # fmt: skip
+def test_rollout_validate_refuses_what_the_router_would(
+    tmp_path: Path, router: str, message: str
+) -> None:
+    # `validate` said ok to these; `run` then failed at its first step, `manifests --spec` too.
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(f"name: diabetes\nrouter: {{kind: istio, {router}}}\n")
+    result = CliRunner().invoke(app, ["rollout", "validate", str(spec)])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
 # ---- the Helm chart ---------------------------------------------------------------------------
 # helm is not installable here, so the chart keeps to a small subset of Go templates (values,
 # `quote`, `required`, `if`, `not`, `contains`, `range`) that this renderer implements, and must
