@@ -31,6 +31,7 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from rollout.config import RolloutSpec
     from rollout.core.status import Status
+    from rollout.core.types import Release
     from rollout.state.base import StateStore
 
 rollout_app = typer.Typer(no_args_is_help=True)
@@ -95,7 +96,9 @@ def validate(spec: SpecArg) -> None:
     )
 
 
-def _release(text: str | None, option: str = "--candidate") -> Any:
+def _release(text: str | None, parsed: RolloutSpec, option: str = "--candidate") -> Release | None:
+    """The release MODEL:VERSION names: the spec's `candidate:` or `stable:` of that ref when it
+    has one (a command line carries no image, sha256 or package folder; the spec's does)."""
     from rollout.core.types import Release
     from rollout.errors import ConfigError
 
@@ -104,7 +107,29 @@ def _release(text: str | None, option: str = "--candidate") -> Any:
     model, sep, version = text.partition(":")
     if not sep or not model or not version:
         _fail(ConfigError(f"{option}: expected MODEL:VERSION, got {text!r}"))
-    return Release(model=model, version=version)
+    named = Release(model=model, version=version)
+    for cfg in (parsed.candidate, parsed.stable):
+        if cfg is not None and cfg.to_release().ref == named.ref:
+            return cfg.to_release()
+    return named
+
+
+def _check_image(parsed: RolloutSpec, release: Release | None, where: str) -> None:
+    """Refuse, before anything is deployed or stored, a release the istio router cannot deploy:
+    one without a container image (a started rollout would keep it, failing every resume)."""
+    from rollout.config import IstioRouterConfig
+    from rollout.errors import ConfigError
+
+    if release is None or release.image or not isinstance(parsed.router, IstioRouterConfig):
+        return
+    _fail(
+        ConfigError(
+            f"{where}: {release.ref} names no container image, and the istio router deploys "
+            f"images: give the spec's `candidate:` {{model: {release.model}, version: "
+            f"'{release.version}', image: <registry>/{release.model}:{release.version}}} "
+            "(package.json's `image`)"
+        )
+    )
 
 
 @rollout_app.command()
@@ -150,7 +175,10 @@ def run(
         )
 
     previous = _load_status(_store(parsed, state_dir))
-    asked = _release(candidate)
+    asked = _release(candidate, parsed)
+    if previous is None or (previous.terminal and restart):  # a new rollout, not a resume
+        spec_candidate = parsed.candidate.to_release() if parsed.candidate else None
+        _check_image(parsed, asked or spec_candidate, "--candidate" if asked else "candidate")
     stored = previous.candidate if previous is not None else None
     same = asked is None or (stored is not None and stored.ref == asked.ref)
     # Another candidate than the ended rollout's is refused below, saying to --restart.
@@ -213,7 +241,7 @@ def bootstrap(
     from rollout.errors import ConfigError, RolloutError
 
     parsed = _load(spec)
-    first = _release(release, "--release")
+    first = _release(release, parsed, "--release")
     if first is None:
         named = parsed.stable or parsed.candidate
         if named is None:

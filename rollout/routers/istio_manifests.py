@@ -134,8 +134,9 @@ def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
     """The Deployment `<app>-<colour>` serving `release` (its identity kept in annotations)."""
     if not release.image:
         raise RouterError(
-            f"release {release.ref} has no container image; "
-            "the istio router deploys images (set Release.image, e.g. from package.json)"
+            f"release {release.ref} has no container image, and the istio router deploys "
+            "images: give it in the spec (`candidate:` / `stable:` `image: "
+            "<registry>/<model>:<version>`, package.json's `image`)"
         )
     pod_labels = {"app": layout.app, "version": colour.value}
     probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5}

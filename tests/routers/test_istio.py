@@ -873,6 +873,66 @@ def test_the_engine_drives_istio_end_to_end(
     assert len(weights_written) >= 2  # it really moved traffic through the VirtualService
 
 
+def _cli_spec(api: FakeKubeApiServer, tmp_path: Path, candidate: dict[str, Any]) -> Path:
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(json.dumps({
+        "name": "diabetes",
+        "router": {"kind": "istio", "namespace": "ml", "app": "diabetes", "api_url": api.url},
+        "metrics": {"kind": "simulated", "seed": 3, "rps": 500,
+                    "baseline": {"error_rate": 0.01}, "canary": {"error_rate": 0.01}},
+        "steps": [10, 100],
+        "analysis": {"interval_s": 10, "min_requests": 50, "latency": {"enabled": False}},
+        "state": {"dir": str(tmp_path / "state")},
+        "candidate": candidate,
+    }))  # fmt: skip
+    return spec
+
+
+def test_run_candidate_takes_the_image_of_the_spec_candidate_it_names(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    """docs/kubernetes.md's Job runs `rollout run SPEC --candidate diabetes:2`: was, the option
+    replaced the spec's candidate by one without its image, which the router cannot deploy."""
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    make(api).deploy(Colour.GREEN, V1)
+    spec = _cli_spec(api, tmp_path, dataclasses.asdict(V2))
+    args = ["rollout", "run", str(spec), "--candidate", V2.ref, "--simulated-time", "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    green = api.get("deployments", "diabetes-green", "ml", "apps")
+    assert m.scoring_container(green)["image"] == V2.image  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("candidate", "option", "where"),
+    [
+        pytest.param({"model": "diabetes", "version": "2"}, [], "candidate", id="spec"),
+        pytest.param(dataclasses.asdict(V2), ["--candidate", "diabetes:3"], "--candidate",
+                     id="option-naming-another-release"),
+    ],
+)  # fmt: skip
+def test_run_refuses_a_candidate_without_image_before_starting(
+    api: FakeKubeApiServer, tmp_path: Path, candidate: dict[str, Any], option: list[str], where: str
+) -> None:
+    """Was: retried 4 times, then stored the rollout with that candidate, so that every later
+    `run` (the spec fixed) resumed it and failed the same way."""
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    make(api).deploy(Colour.GREEN, V1)
+    spec = _cli_spec(api, tmp_path, candidate)
+    result = CliRunner().invoke(app, ["rollout", "run", str(spec), *option, "--simulated-time"])
+    assert result.exit_code == 2
+    assert f"{where}: diabetes:" in result.output
+    assert "names no container image, and the istio router deploys images" in result.output
+    assert not (tmp_path / "state" / "diabetes.status.json").exists()
+    assert not api.exists("deployments", "diabetes-blue", "ml", "apps")
+
+
 def _user(name: str, *match: dict[str, Any]) -> dict[str, Any]:
     route: dict[str, Any] = {"name": name, "route": [{"destination": {"host": "legacy"}}]}
     if match:
