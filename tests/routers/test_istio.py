@@ -768,6 +768,50 @@ def test_a_spec_without_in_cluster_in_a_pod_is_told_to_set_it(
         KubernetesStateStore.from_config(KubernetesStateConfig(namespace="ml"), "diabetes")
 
 
+@pytest.mark.parametrize(
+    ("fields", "environ", "message"),
+    [
+        pytest.param(
+            {"kubeconfig": "{tmp}/kc.yaml"}, {},
+            "router: cannot load Kubernetes credentials: `router.kubeconfig`: no file "
+            "{tmp}/kc.yaml",
+            id="kubeconfig-not-there",
+        ),
+        pytest.param(
+            {}, {},
+            "no kubeconfig (~/.kube/config does not exist): set `router.kubeconfig`, "
+            "`router.api_url` or `router.in_cluster`",
+            id="no-default-kubeconfig",
+        ),
+        pytest.param(
+            {}, {"KUBECONFIG": "{tmp}/a"},
+            "no kubeconfig ({tmp}/a does not exist)",
+            id="KUBECONFIG-not-there",
+        ),
+        pytest.param(
+            {"in_cluster": True}, {},
+            "`router.in_cluster: true`, but this does not run in a pod "
+            "(no KUBERNETES_SERVICE_HOST)",
+            id="in-cluster-on-a-laptop",
+        ),
+    ],
+)  # fmt: skip
+def test_unloadable_credentials_say_what_is_missing(
+    monkeypatch: Any, tmp_path: Path, fields: dict[str, Any], environ: dict[str, str], message: str
+) -> None:
+    """Was: "Invalid kube-config file. No configuration found." for a kubeconfig path with a
+    typo, or none at all, and "Service host/port is not set." for in_cluster off a cluster."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value.format(tmp=tmp_path))
+    cfg = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in fields.items()}
+    with pytest.raises(ConfigError) as refused:
+        make_router(IstioRouterConfig(namespace="ml", **cfg))
+    assert message.format(tmp=tmp_path) in str(refused.value)
+
+
 def test_an_unreachable_api_server_is_a_router_error_with_its_url() -> None:
     with FakeKubeApiServer() as api:
         url = api.url
