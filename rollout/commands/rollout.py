@@ -335,9 +335,17 @@ def _bootstrapped(parsed: RolloutSpec, state_dir: Path | None) -> str | None:
 
 def _no_status(store: StateStore) -> str:
     """Where no status was found, and what that directory holds instead: `.rollout` under
-    another working directory, or the state dir of another spec, look like "not started"."""
+    another working directory, or the state dir of another spec, look like "not started" (and
+    so does a kubernetes store in another namespace or cluster: its ConfigMap is named)."""
     from rollout.state.file import FileStateStore
+    from rollout.state.kubernetes_objects import StateObjects
 
+    # The kubernetes store's names, without importing it (and the kubernetes client) here.
+    if isinstance(objects := getattr(store, "objects", None), StateObjects):
+        return (
+            f"no ConfigMap {objects.namespace}/{objects.status}: another state.namespace, or "
+            "another cluster (kubeconfig context), than the controller's?"
+        )
     if not isinstance(store, FileStateStore):
         return "no status found"
     text = f"no {store.status_path}"
