@@ -741,6 +741,26 @@ class RolloutSpec(_Model):
 
     @model_validator(mode="before")
     @classmethod
+    def _header_goes_to_the_router(cls, data: Any) -> Any:
+        """The top-level `header` is the pinning header of the routers that match on one (istio,
+        envoy): their section takes it unless it names its own. Else it changed nothing: the
+        routes kept matching x-api-version. Two different ones are refused."""
+        if not isinstance(data, dict) or "header" not in data:
+            return data
+        router = data.get("router")
+        if not isinstance(router, dict) or router.get("kind") not in ("istio", "envoy"):
+            return data
+        if "header" not in router:
+            return {**data, "router": {**router, "header": data["header"]}}
+        if str(router["header"]).lower() != str(data["header"]).lower():
+            raise ValueError(
+                f"header {data['header']!r} and router.header {router['header']!r} differ: the "
+                "router pins by one header, set it in one place"
+            )
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def _istio_metrics_follow_the_router(cls, data: Any) -> Any:
         """With Istio on both sides, the preset counts the router's weighted Services by default.
 

@@ -440,6 +440,21 @@ def test_a_non_istio_spec_is_refused(tmp_path: Path) -> None:
     assert "router.kind is 'memory'" in str(result.exception)
 
 
+def test_the_spec_top_level_header_is_the_one_the_routes_match(tmp_path: Path) -> None:
+    """docs/engine.md documents `header:` at the top level (README's spec sets it): it was read
+    by nothing, and the VirtualService kept matching x-api-version."""
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text("name: d\nheader: X-Colour\nrouter: {kind: istio, namespace: ml, app: d}\n")
+    rendered = {d["kind"]: d for d in render("--spec", str(spec))}
+    pin = rendered["VirtualService"]["spec"]["http"][0]
+    assert pin["match"] == [{"headers": {"x-colour": {"exact": "blue"}}}]
+
+    spec.write_text("name: d\nheader: x-colour\nrouter: {kind: istio, header: x-api-version}\n")
+    result = CliRunner().invoke(app, ["rollout", "validate", str(spec)])
+    assert result.exit_code == 2
+    assert "header 'x-colour' and router.header 'x-api-version' differ" in result.output
+
+
 @pytest.mark.parametrize(
     ("router", "message"),
     [
