@@ -50,6 +50,7 @@ from rollout.core.types import Colour, Phase, Release
 from rollout.errors import ConfigError
 from rollout.kubenames import (
     app_problem,
+    host_problem,
     label_value_problem,
     namespace_problem,
     rollout_name_problem,
@@ -199,6 +200,16 @@ class IstioRouterConfig(KubeApiConfig):
         if (problem := namespace_problem(namespace)) is not None:
             raise ValueError(problem)
         return namespace
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        if not hosts:
+            raise ValueError("needs at least one host (`*`: any)")
+        for host in hosts:
+            if (problem := host_problem(host)) is not None:
+                raise ValueError(problem)
+        return hosts
 
     @field_validator("app")
     @classmethod

@@ -65,6 +65,21 @@ def label_value_problem(value: str) -> str | None:
     )
 
 
+#: What a Gateway server's or VirtualService's host may hold: DNS names, `*` first (`*`,
+#: `*.example.com`). No scheme, port or path: Istio's validation refuses those.
+_HOST = re.compile(r"\*?[A-Za-z0-9.-]*")
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` cannot be a host of the Gateway and the VirtualService, or None."""
+    if host and len(host) <= 255 and _HOST.fullmatch(host) and ".." not in host:
+        return None
+    return (
+        f"{host!r} is not a host name (e.g. diabetes.example.com, *.example.com or *: no "
+        "scheme, port or path)"
+    )
+
+
 def rollout_name_problem(name: str) -> str | None:
     """Why rollout `name` cannot name the state store's objects, or None when it can."""
     longest = f"{PREFIX}{name}{COMMANDS_SUFFIX}"

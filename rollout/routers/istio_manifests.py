@@ -36,7 +36,7 @@ from typing import Any
 
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import ConfigError, DeployFailed, RouterError
-from rollout.kubenames import DNS_1123_LABEL, app_problem, label_value_problem
+from rollout.kubenames import DNS_1123_LABEL, app_problem, host_problem, label_value_problem
 from rollout.state.kubernetes_objects import ROLE_RULES as STATE_ROLE_RULES
 
 Obj = dict[str, Any]
@@ -97,6 +97,11 @@ class IstioLayout:
             )
         if (problem := app_problem(self.app)) is not None:
             raise ConfigError(f"router.app: {problem}")
+        if not self.hosts:
+            raise ConfigError("router.hosts: needs at least one host (`*`: any)")
+        for host in self.hosts:
+            if (problem := host_problem(host)) is not None:
+                raise ConfigError(f"router.hosts: {problem}")
         for name, port in (("port", self.port), ("container_port", self.container_port)):
             if not 0 < port < 65536:
                 raise ConfigError(f"router.{name}: {port} is not a TCP port")

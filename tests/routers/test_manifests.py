@@ -419,6 +419,15 @@ def test_aks_istio_add_on_gateway_and_revision(tmp_path: Path) -> None:
             id="output-in-a-missing-folder",
         ),
         pytest.param(
+            # Was rendered: Istio's validation refuses the Gateway and the VirtualService.
+            ["--host", "https://diabetes.example.com/"],
+            "router.hosts: 'https://diabetes.example.com/' is not a host name",
+            id="host-as-a-url",
+        ),
+        pytest.param(
+            ["--host", "diabetes.example.com:443"], "is not a host name", id="host-with-a-port"
+        ),
+        pytest.param(
             # Was rendered: a VirtualService match no request can carry.
             ["--header", "bad header"],
             "--header: not a valid HTTP header name: 'bad header'",
@@ -470,6 +479,12 @@ def test_the_spec_top_level_header_is_the_one_the_routes_match(tmp_path: Path) -
             "app: 3d-scorer", "router.istio.app: Value error, '3d-scorer' must start with a letter",
             id="app-starting-with-a-digit",
         ),
+        pytest.param(
+            "hosts: ['http://diabetes.example.com']",
+            "router.istio.hosts: Value error, 'http://diabetes.example.com' is not a host name",
+            id="host-as-a-url",
+        ),
+        pytest.param("hosts: []", "needs at least one host", id="no-host"),
         pytest.param(
             "ingress_gateway: 'aks gw'",
             "router.istio.ingress_gateway: Value error, 'aks gw' is not a label value",
