@@ -950,6 +950,21 @@ def test_run_candidate_takes_the_image_of_the_spec_candidate_it_names(
     assert m.scoring_container(green)["image"] == V2.image  # type: ignore[index]
 
 
+def test_an_empty_green_names_the_namespace_it_looked_in(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    """A spec with a namespace typo read only "green serves nothing"."""
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    spec = _cli_spec(api, tmp_path, dataclasses.asdict(V2))
+    spec.write_text(spec.read_text().replace('"namespace": "ml"', '"namespace": "ml-prod"'))
+    result = CliRunner().invoke(app, ["rollout", "run", str(spec), "--simulated-time"])
+    assert result.exit_code == 2
+    assert "green serves nothing on istio ml-prod/diabetes:" in " ".join(result.output.split())
+
+
 @pytest.mark.parametrize(
     ("candidate", "option", "where"),
     [
