@@ -441,6 +441,16 @@ def test_bad_input_is_one_config_error(args: list[str], message: str) -> None:
     assert message in str(result.exception)
 
 
+def test_a_package_json_without_its_image_names_the_key(tmp_path: Path) -> None:
+    (tmp_path / "package.json").write_text('{"model": "diabetes", "version": "3"}')
+    result = CliRunner().invoke(app, ["manifests", "--green-package", str(tmp_path)])
+    assert isinstance(result.exception, ConfigError)
+    # Was: "unreadable package manifest (KeyError('image'))".
+    assert f"{tmp_path}/package.json: no 'image' (a package's package.json names" in str(
+        result.exception
+    )
+
+
 def test_a_non_istio_spec_is_refused(tmp_path: Path) -> None:
     spec = tmp_path / "rollout.yaml"
     spec.write_text("router: {kind: memory}\n")
