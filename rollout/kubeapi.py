@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -145,6 +146,16 @@ class Credentials:
                 "kubeconfig": f"forbidden: the user of {self.detail} needs {_ROLE}",
             }[self.source]
         return ""
+
+
+_CONNECTION = re.compile(r"^HTTPS?Connection(Pool)?\(host=[^)]*\): ")
+
+
+def unreachable(exc: Exception) -> str:
+    """Why no answer came, in a few words: urllib3's innermost reason without its repetition
+    of the host and the path ("Max retries exceeded with url: ... (Caused by ...)")."""
+    reason = getattr(exc, "reason", None) or exc  # MaxRetryError carries the last failure
+    return _CONNECTION.sub("", str(reason)) or type(reason).__name__
 
 
 def not_served(exc: ApiException) -> bool:

@@ -164,6 +164,9 @@ def run(
 
     parsed = _load(spec)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # urllib3 warns of each retry it makes ("Retrying (Retry(total=1, ...)) after connection
+    # broken by ..."): noise before the one line that says which API server did not answer.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
     def show(status: Status, record: dict[str, Any]) -> None:
         if quiet:

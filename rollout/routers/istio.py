@@ -444,4 +444,6 @@ def _router_error(
 
 
 def _unreachable(what: str, exc: Exception, host: str) -> RouterError:
-    return RouterUnavailable(f"{what}: cannot reach the Kubernetes API at {host}: {exc}")
+    return RouterUnavailable(
+        f"{what}: cannot reach the Kubernetes API at {host}: {kubeapi.unreachable(exc)}"
+    )

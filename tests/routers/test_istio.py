@@ -823,8 +823,36 @@ def test_an_unreachable_api_server_is_a_router_error_with_its_url() -> None:
     # router: the controller fails a first deploy at once instead of retrying a dead URL.
     with pytest.raises(RouterUnavailable, match="cannot reach the Kubernetes API at " + url):
         router.get_weights()
-    with pytest.raises(RouterUnavailable, match="cannot reach the Kubernetes API at " + url):
+    with pytest.raises(RouterUnavailable, match="cannot reach the Kubernetes API at " + url) as e:
         router.deploy(Colour.GREEN, V1)
+    # urllib3's reason, without its "Max retries exceeded with url: ... (Caused by ...)".
+    assert str(e.value).endswith(f"{url}: Failed to establish a new connection: [Errno 111] "
+                                 "Connection refused")  # fmt: skip
+
+
+def test_run_against_a_dead_api_server_says_so_in_one_line(tmp_path: Path) -> None:
+    """Was: two urllib3 warnings of its retries before the error line."""
+    import subprocess
+    import sys
+
+    with FakeKubeApiServer() as gone:
+        url = gone.url
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(json.dumps({
+        "name": "diabetes",
+        "router": {"kind": "istio", "namespace": "ml", "app": "diabetes", "api_url": url},
+        "state": {"dir": str(tmp_path / "state")},
+        "candidate": dataclasses.asdict(V2),
+    }))  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "rollout.cli", "rollout", "run", str(spec)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: Deployment ml/diabetes-green: cannot reach the Kubernetes API at {url}: Failed "
+        "to establish a new connection: [Errno 111] Connection refused"
+    ]
 
 
 class LeaseLost:

@@ -408,8 +408,10 @@ def test_an_unreachable_api_server_is_a_state_error_with_its_url() -> None:
         url = gone.url
     cfg = KubernetesStateConfig(namespace=NAMESPACE, api_url=url)
     store = make_store(cfg, "r")
-    with pytest.raises(StateError, match=f"cannot reach the Kubernetes API at {url}"):
+    with pytest.raises(StateError, match=f"cannot reach the Kubernetes API at {url}") as e:
         store.load()
+    assert str(e.value).endswith(f"{url}: Failed to establish a new connection: [Errno 111] "
+                                 "Connection refused")  # fmt: skip
 
 
 def _edited_status(**fields: Any) -> str:
