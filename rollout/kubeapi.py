@@ -76,6 +76,13 @@ def _unloadable(cfg: KubeApiConfig, where: str, exc: Exception) -> str:
         files = (os.environ.get("KUBECONFIG") or "~/.kube/config").split(os.pathsep)
     if any(Path(f).expanduser().is_file() for f in files if f):
         why = str(exc)
+        if cfg.context and f"name {cfg.context} in" in why:  # "Expected object with name ..."
+            why = f"`{where}.context`: no context {cfg.context!r} in {', '.join(files)}"
+            with contextlib.suppress(k8s_config.ConfigException, OSError, KeyError, TypeError):
+                contexts, _ = k8s_config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
+                    config_file=str(cfg.kubeconfig) if cfg.kubeconfig else None
+                )
+                why += f" (it has {', '.join(str(c['name']) for c in contexts) or 'none'})"
     elif cfg.kubeconfig:
         why = f"`{where}.kubeconfig`: no file {cfg.kubeconfig}"
     else:

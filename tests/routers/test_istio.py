@@ -789,6 +789,11 @@ def test_a_spec_without_in_cluster_in_a_pod_is_told_to_set_it(
             id="KUBECONFIG-not-there",
         ),
         pytest.param(
+            {"kubeconfig": "{tmp}/config", "context": "aks-prod"}, {},
+            "`router.context`: no context 'aks-prod' in {tmp}/config (it has aks-dev)",
+            id="context-not-in-the-kubeconfig",
+        ),
+        pytest.param(
             {"in_cluster": True}, {},
             "`router.in_cluster: true`, but this does not run in a pod "
             "(no KUBERNETES_SERVICE_HOST)",
@@ -806,6 +811,12 @@ def test_unloadable_credentials_say_what_is_missing(
     monkeypatch.setenv("HOME", str(tmp_path))
     for key, value in environ.items():
         monkeypatch.setenv(key, value.format(tmp=tmp_path))
+    (tmp_path / "config").write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: aks-dev\n"
+        "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]\n"
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: aks-dev, context: {cluster: c, user: u}}]\n"
+    )
     cfg = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in fields.items()}
     with pytest.raises(ConfigError) as refused:
         make_router(IstioRouterConfig(namespace="ml", **cfg))
