@@ -629,6 +629,12 @@ def test_errors_name_the_object(
 def test_a_missing_namespace_is_a_clear_router_error() -> None:
     with FakeKubeApiServer() as api, pytest.raises(RouterError, match=r'HTTP 404 namespaces "ml"'):
         make(api).deploy(Colour.GREEN, V1)
+    with FakeKubeApiServer() as api, pytest.raises(RouterError) as refused:
+        make(api).deploy(Colour.GREEN, V1)
+    # What to do about it, as the state store says for state.namespace.
+    assert "(namespace 'ml' does not exist: create it, e.g. with `aml-rollout manifests`, or " in (
+        str(refused.value)
+    )
 
 
 @pytest.mark.parametrize(
