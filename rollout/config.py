@@ -48,7 +48,13 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from rollout.core.types import Colour, Phase, Release
 from rollout.errors import ConfigError
-from rollout.kubenames import namespace_problem, rollout_name_problem
+from rollout.kubenames import (
+    app_problem,
+    host_problem,
+    label_value_problem,
+    namespace_problem,
+    rollout_name_problem,
+)
 
 #: The seed's rollout (MLOpsPython): Blue_0, Blue_50, Blue_100, then Blue_Green and Green_100.
 SEED_STEPS: tuple[int, ...] = (0, 50, 100)
@@ -185,9 +191,39 @@ class IstioRouterConfig(KubeApiConfig):
     #: The `istio:` label of the ingress gateway pods the Gateway binds to: `ingressgateway`
     #: for Istio's own install; AKS's Istio add-on labels its gateways
     #: `aks-istio-ingressgateway-external` / `-internal`.
-    ingress_gateway: str = Field(
-        default="ingressgateway", pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-    )
+    ingress_gateway: str = "ingressgateway"
+
+    # What the API server would refuse at the first deploy, said by `rollout validate`.
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, namespace: str) -> str:
+        if (problem := namespace_problem(namespace)) is not None:
+            raise ValueError(problem)
+        return namespace
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        if not hosts:
+            raise ValueError("needs at least one host (`*`: any)")
+        for host in hosts:
+            if (problem := host_problem(host)) is not None:
+                raise ValueError(problem)
+        return hosts
+
+    @field_validator("app")
+    @classmethod
+    def _app(cls, app: str) -> str:
+        if (problem := app_problem(app)) is not None:
+            raise ValueError(problem)
+        return app
+
+    @field_validator("ingress_gateway")
+    @classmethod
+    def _ingress_gateway(cls, value: str) -> str:
+        if (problem := label_value_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
 
     @property
     def identity(self) -> str:
@@ -797,6 +833,26 @@ class RolloutSpec(_Model):
     state: StateConfig = Field(default_factory=FileStateConfig)
     #: Tell a webhook when the rollout is promoted, rolled back, failed or held for a human.
     notify: NotifyConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _header_goes_to_the_router(cls, data: Any) -> Any:
+        """The top-level `header` is the pinning header of the routers that match on one (istio,
+        envoy): their section takes it unless it names its own. Else it changed nothing: the
+        routes kept matching x-api-version. Two different ones are refused."""
+        if not isinstance(data, dict) or "header" not in data:
+            return data
+        router = data.get("router")
+        if not isinstance(router, dict) or router.get("kind") not in ("istio", "envoy"):
+            return data
+        if "header" not in router:
+            return {**data, "router": {**router, "header": data["header"]}}
+        if str(router["header"]).lower() != str(data["header"]).lower():
+            raise ValueError(
+                f"header {data['header']!r} and router.header {router['header']!r} differ: the "
+                "router pins by one header, set it in one place"
+            )
+        return data
 
     @model_validator(mode="before")
     @classmethod

@@ -329,8 +329,10 @@ class Controller:
         stable = serving or (self.spec.stable.to_release() if self.spec.stable else None)
         if stable is None:
             raise RolloutError(
-                "green serves nothing: name the stable release in the spec (`stable:`) and the "
-                "controller deploys it first; for a service's first release, "
+                # The data plane named: a namespace or endpoint with a typo reads as empty.
+                f"green serves nothing on {self.spec.router.identity}: name the stable release "
+                "in the spec (`stable:`) and the controller deploys it first; for a service's "
+                "first release, "
                 f"`aml-rollout rollout bootstrap SPEC --release {candidate.ref}`"
             )
         if same_bits(candidate, stable) and serving is None:

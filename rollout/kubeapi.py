@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from kubernetes import client as k8s
@@ -47,14 +49,51 @@ def api_client(cfg: KubeApiConfig, where: str) -> k8s.ApiClient:
                 client_configuration=configuration,
             )
     except (k8s_config.ConfigException, OSError) as exc:
-        hint = ""
-        if not cfg.in_cluster and os.environ.get("KUBERNETES_SERVICE_HOST"):
-            # A pod has no kubeconfig: its ServiceAccount is what the spec forgot to ask for.
-            hint = f" (this runs in a pod: `{where}.in_cluster: true` uses its ServiceAccount)"
-        raise ConfigError(f"{where}: cannot load Kubernetes credentials: {exc}{hint}") from exc
+        raise ConfigError(
+            f"{where}: cannot load Kubernetes credentials: {_unloadable(cfg, where, exc)}"
+        ) from exc
     # Fail fast and let the caller's next attempt retry, rather than hang on a dead API server.
     configuration.retries = 2
     return k8s.ApiClient(configuration)
+
+
+def _unloadable(cfg: KubeApiConfig, where: str, exc: Exception) -> str:
+    """Why `api_client` could not load credentials, said for what the spec chose. The client
+    says "Invalid kube-config file. No configuration found." for a kubeconfig that does not
+    exist, and "Service host/port is not set." for in_cluster outside a pod."""
+    in_pod = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    if cfg.in_cluster:
+        if in_pod:
+            return str(exc)
+        return (
+            f"`{where}.in_cluster: true`, but this does not run in a pod (no "
+            f"KUBERNETES_SERVICE_HOST): outside the cluster use `{where}.kubeconfig` / "
+            f"`{where}.context`, or `{where}.api_url` (e.g. `kubectl proxy`)"
+        )
+    if cfg.kubeconfig:
+        files = [str(cfg.kubeconfig)]
+    else:  # load_kube_config's own default: $KUBECONFIG (a list), else ~/.kube/config
+        files = (os.environ.get("KUBECONFIG") or "~/.kube/config").split(os.pathsep)
+    if any(Path(f).expanduser().is_file() for f in files if f):
+        why = str(exc)
+        if cfg.context and f"name {cfg.context} in" in why:  # "Expected object with name ..."
+            why = f"`{where}.context`: no context {cfg.context!r} in {', '.join(files)}"
+            with contextlib.suppress(k8s_config.ConfigException, OSError, KeyError, TypeError):
+                contexts, _ = k8s_config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
+                    config_file=str(cfg.kubeconfig) if cfg.kubeconfig else None
+                )
+                why += f" (it has {', '.join(str(c['name']) for c in contexts) or 'none'})"
+    elif cfg.kubeconfig:
+        why = f"`{where}.kubeconfig`: no file {cfg.kubeconfig}"
+    else:
+        why = (
+            f"no kubeconfig ({', '.join(files)} does not exist): set `{where}.kubeconfig`, "
+            f"`{where}.api_url` or `{where}.in_cluster`"
+        )
+    if in_pod:
+        # A pod has no kubeconfig: its ServiceAccount is what the spec forgot to ask for.
+        why += f" (this runs in a pod: `{where}.in_cluster: true` uses its ServiceAccount)"
+    return why
 
 
 _ROLE = "the Role from `aml-rollout manifests` bound in that namespace"
@@ -114,6 +153,16 @@ class Credentials:
                 "kubeconfig": f"forbidden: the user of {self.detail} needs {_ROLE}",
             }[self.source]
         return ""
+
+
+_CONNECTION = re.compile(r"^HTTPS?Connection(Pool)?\(host=[^)]*\): ")
+
+
+def unreachable(exc: Exception) -> str:
+    """Why no answer came, in a few words: urllib3's innermost reason without its repetition
+    of the host and the path ("Max retries exceeded with url: ... (Caused by ...)")."""
+    reason = getattr(exc, "reason", None) or exc  # MaxRetryError carries the last failure
+    return _CONNECTION.sub("", str(reason)) or type(reason).__name__
 
 
 def not_served(exc: ApiException) -> bool:

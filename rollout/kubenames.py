@@ -15,6 +15,10 @@ DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 DNS_1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 SUBDOMAIN_MAX = 253
 
+#: An app name: it names Services (`<app>-green-pinned`), which are DNS-1035 labels (a letter
+#: first), so at most 50 characters, as "-green-pinned" is appended.
+APP_NAME = re.compile(r"[a-z]([-a-z0-9]{0,48}[a-z0-9])?")
+
 #: A label value: at most 63 letters, digits, '-', '_' and '.', starting and ending with a
 #: letter or digit (the empty value aside, which nothing here wants).
 LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
@@ -33,6 +37,46 @@ def namespace_problem(namespace: str) -> str | None:
     return (
         f"{namespace!r} is not a Kubernetes namespace name (a DNS-1123 label: at most 63 "
         "lower-case letters, digits and '-', starting and ending with a letter or digit)"
+    )
+
+
+def app_problem(app: str) -> str | None:
+    """Why `app` cannot name the istio router's Services (`<app>-blue`, ...), or None."""
+    if APP_NAME.fullmatch(app):
+        return None
+    if not app[:1].isalpha():
+        return (
+            f"{app!r} must start with a letter (Services are named after it, e.g. {app}-blue, "
+            "and Service names are DNS-1035 labels)"
+        )
+    return (
+        f"{app!r} is not a DNS-1035 label (a lower-case letter, then lower-case letters, digits "
+        "and '-', not ending in '-', at most 50 characters)"
+    )
+
+
+def label_value_problem(value: str) -> str | None:
+    """Why `value` is no label value (e.g. the ingress gateway's `istio:` label), or None."""
+    if LABEL_VALUE.fullmatch(value):
+        return None
+    return (
+        f"{value!r} is not a label value (at most 63 letters, digits, '-', '_' and '.', "
+        "starting and ending with a letter or digit)"
+    )
+
+
+#: What a Gateway server's or VirtualService's host may hold: DNS names, `*` first (`*`,
+#: `*.example.com`). No scheme, port or path: Istio's validation refuses those.
+_HOST = re.compile(r"\*?[A-Za-z0-9.-]*")
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` cannot be a host of the Gateway and the VirtualService, or None."""
+    if host and len(host) <= 255 and _HOST.fullmatch(host) and ".." not in host:
+        return None
+    return (
+        f"{host!r} is not a host name (e.g. diabetes.example.com, *.example.com or *: no "
+        "scheme, port or path)"
     )
 
 

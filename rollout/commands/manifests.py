@@ -193,5 +193,10 @@ def release_from_package(folder: Path) -> Release:
         )
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: not found (is {folder} a package folder?)") from exc
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except KeyError as exc:
+        raise ConfigError(
+            f"{path}: no {exc.args[0]!r} (a package's package.json names model, version and "
+            "image: written by `package`)"
+        ) from exc
+    except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"{path}: unreadable package manifest ({exc!r})") from exc

@@ -105,7 +105,9 @@ def validate(spec: SpecArg) -> None:
     )
 
 
-def _release(text: str | None, option: str = "--candidate") -> Any:
+def _release(text: str | None, parsed: RolloutSpec, option: str = "--candidate") -> Release | None:
+    """The release MODEL:VERSION names: the spec's `candidate:` or `stable:` of that ref when it
+    has one (a command line carries no image, sha256 or package folder; the spec's does)."""
     from rollout.core.types import Release
     from rollout.errors import ConfigError
 
@@ -114,7 +116,29 @@ def _release(text: str | None, option: str = "--candidate") -> Any:
     model, sep, version = text.partition(":")
     if not sep or not model or not version:
         _fail(ConfigError(f"{option}: expected MODEL:VERSION, got {text!r}"))
-    return Release(model=model, version=version)
+    named = Release(model=model, version=version)
+    for cfg in (parsed.candidate, parsed.stable):
+        if cfg is not None and cfg.to_release().ref == named.ref:
+            return cfg.to_release()
+    return named
+
+
+def _check_image(parsed: RolloutSpec, release: Release | None, where: str) -> None:
+    """Refuse, before anything is deployed or stored, a release the istio router cannot deploy:
+    one without a container image (a started rollout would keep it, failing every resume)."""
+    from rollout.config import IstioRouterConfig
+    from rollout.errors import ConfigError
+
+    if release is None or release.image or not isinstance(parsed.router, IstioRouterConfig):
+        return
+    _fail(
+        ConfigError(
+            f"{where}: {release.ref} names no container image, and the istio router deploys "
+            f"images: give the spec's `candidate:` {{model: {release.model}, version: "
+            f"'{release.version}', image: <registry>/{release.model}:{release.version}}} "
+            "(package.json's `image`)"
+        )
+    )
 
 
 @rollout_app.command()
@@ -150,6 +174,9 @@ def run(
     parsed = _load(spec)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _one_line_credential_errors()
+    # urllib3 warns of each retry it makes ("Retrying (Retry(total=1, ...)) after connection
+    # broken by ..."): noise before the one line that says which API server did not answer.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
     def show(status: Status, record: dict[str, Any]) -> None:
         waits = status.phase.value == "Paused" and not (status.held and stop_when_paused)
@@ -166,7 +193,10 @@ def run(
         )
 
     previous = _load_status(_store(parsed, state_dir))
-    asked = _release(candidate)
+    asked = _release(candidate, parsed)
+    if previous is None or (previous.terminal and restart):  # a new rollout, not a resume
+        spec_candidate = parsed.candidate.to_release() if parsed.candidate else None
+        _check_image(parsed, asked or spec_candidate, "--candidate" if asked else "candidate")
     stored = previous.candidate if previous is not None else None
     same = asked is None or (stored is not None and stored.ref == asked.ref)
     # Another candidate than the ended rollout's is refused below, saying to --restart.
@@ -247,7 +277,7 @@ def bootstrap(
 
     parsed = _load(spec)
     _one_line_credential_errors()
-    first = _release(release, "--release")
+    first = _release(release, parsed, "--release")
     if first is None:
         named = parsed.stable or parsed.candidate
         if named is None:
@@ -419,9 +449,17 @@ def _bootstrapped(parsed: RolloutSpec, state_dir: Path | None) -> str | None:
 
 def _no_status(store: StateStore) -> str:
     """Where no status was found, and what that directory holds instead: `.rollout` under
-    another working directory, or the state dir of another spec, look like "not started"."""
+    another working directory, or the state dir of another spec, look like "not started" (and
+    so does a kubernetes store in another namespace or cluster: its ConfigMap is named)."""
     from rollout.state.file import FileStateStore
+    from rollout.state.kubernetes_objects import StateObjects
 
+    # The kubernetes store's names, without importing it (and the kubernetes client) here.
+    if isinstance(objects := getattr(store, "objects", None), StateObjects):
+        return (
+            f"no ConfigMap {objects.namespace}/{objects.status}: another state.namespace, or "
+            "another cluster (kubeconfig context), than the controller's?"
+        )
     if not isinstance(store, FileStateStore):
         return "no status found"
     text = f"no {store.status_path}"

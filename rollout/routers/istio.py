@@ -249,6 +249,12 @@ class IstioRouter:
             create()
             log.info("created %s", what)
         except ApiException as exc:
+            if exc.status == _NOT_FOUND and not kubeapi.not_served(exc):  # a POST's 404
+                raise RouterError(
+                    f"create {what}: {kubeapi.describe(exc)} (namespace {self._ns!r} does not "
+                    "exist: create it, e.g. with `aml-rollout manifests`, or fix "
+                    f"router.namespace) [{self._host}]"
+                ) from exc
             if exc.status != _CONFLICT:  # 409 AlreadyExists: someone created it meanwhile
                 raise _router_error(f"create {what}", exc, self._host, self._credentials) from exc
         except HTTPError as exc:
@@ -444,4 +450,6 @@ def _router_error(
 
 
 def _unreachable(what: str, exc: Exception, host: str) -> RouterError:
-    return RouterUnavailable(f"{what}: cannot reach the Kubernetes API at {host}: {exc}")
+    return RouterUnavailable(
+        f"{what}: cannot reach the Kubernetes API at {host}: {kubeapi.unreachable(exc)}"
+    )

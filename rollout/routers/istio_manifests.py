@@ -31,21 +31,15 @@ which is ours whole (`foreign_mirrors` names it, so the router can say so).
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import ConfigError, DeployFailed, RouterError
-from rollout.kubenames import DNS_1123_LABEL, LABEL_VALUE
+from rollout.kubenames import DNS_1123_LABEL, app_problem, host_problem, label_value_problem
 from rollout.state.kubernetes_objects import ROLE_RULES as STATE_ROLE_RULES
 
 Obj = dict[str, Any]
-
-# Namespaces are DNS-1123 labels (kubenames.DNS_1123_LABEL). The app name becomes Service names
-# (`<app>-green-pinned`), and Service names are DNS-1035 labels (they start with a letter): at
-# most 50 characters, not 63, as "-green-pinned" is appended.
-_APP_NAME = re.compile(r"[a-z]([-a-z0-9]{0,48}[a-z0-9])?")
 
 ISTIO_GROUP = "networking.istio.io"
 ISTIO_VERSION = "v1"
@@ -101,17 +95,13 @@ class IstioLayout:
                 f"router.namespace: {self.namespace!r} is not a DNS-1123 label "
                 "(lower-case letters, digits and '-', at most 63 characters)"
             )
-        if not self.app[:1].isalpha():
-            raise ConfigError(
-                f"router.app: {self.app!r} must start with a letter "
-                f"(Services are named after it, e.g. {self.app}-blue, and Service names are "
-                "DNS-1035 labels)"
-            )
-        if not _APP_NAME.fullmatch(self.app):
-            raise ConfigError(
-                f"router.app: {self.app!r} is not a DNS-1035 label (a lower-case letter, then "
-                "lower-case letters, digits and '-', not ending in '-', at most 50 characters)"
-            )
+        if (problem := app_problem(self.app)) is not None:
+            raise ConfigError(f"router.app: {problem}")
+        if not self.hosts:
+            raise ConfigError("router.hosts: needs at least one host (`*`: any)")
+        for host in self.hosts:
+            if (problem := host_problem(host)) is not None:
+                raise ConfigError(f"router.hosts: {problem}")
         for name, port in (("port", self.port), ("container_port", self.container_port)):
             if not 0 < port < 65536:
                 raise ConfigError(f"router.{name}: {port} is not a TCP port")
@@ -119,11 +109,8 @@ class IstioLayout:
             raise ConfigError(f"router.replicas: {self.replicas} must be >= 0")
         gateway = [("ingress_gateway", value) for _, value in self.ingress_selector]
         for name, value in [*gateway, ("istio_revision", self.istio_revision)]:
-            if value and not LABEL_VALUE.fullmatch(value):
-                raise ConfigError(
-                    f"{name}: {value!r} is not a label value (at most 63 letters, digits, '-', "
-                    "'_' and '.', starting and ending with a letter or digit)"
-                )
+            if value and (problem := label_value_problem(value)) is not None:
+                raise ConfigError(f"{name}: {problem}")
 
     @property
     def gateway(self) -> str:
@@ -152,8 +139,9 @@ def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
     """The Deployment `<app>-<colour>` serving `release` (its identity kept in annotations)."""
     if not release.image:
         raise RouterError(
-            f"release {release.ref} has no container image; "
-            "the istio router deploys images (set Release.image, e.g. from package.json)"
+            f"release {release.ref} has no container image, and the istio router deploys "
+            "images: give it in the spec (`candidate:` / `stable:` `image: "
+            "<registry>/<model>:<version>`, package.json's `image`)"
         )
     pod_labels = {"app": layout.app, "version": colour.value}
     probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5}

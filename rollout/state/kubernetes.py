@@ -613,7 +613,8 @@ class KubernetesStateStore:
             ) from exc
         except HTTPError as exc:
             raise StateError(
-                f"{what}: cannot reach the Kubernetes API at {self._host}: {exc}"
+                f"{what}: cannot reach the Kubernetes API at {self._host}: "
+                f"{kubeapi.unreachable(exc)}"
             ) from exc
         try:
             return cast(Obj, json.loads(response.data))

@@ -629,6 +629,12 @@ def test_errors_name_the_object(
 def test_a_missing_namespace_is_a_clear_router_error() -> None:
     with FakeKubeApiServer() as api, pytest.raises(RouterError, match=r'HTTP 404 namespaces "ml"'):
         make(api).deploy(Colour.GREEN, V1)
+    with FakeKubeApiServer() as api, pytest.raises(RouterError) as refused:
+        make(api).deploy(Colour.GREEN, V1)
+    # What to do about it, as the state store says for state.namespace.
+    assert "(namespace 'ml' does not exist: create it, e.g. with `aml-rollout manifests`, or " in (
+        str(refused.value)
+    )
 
 
 @pytest.mark.parametrize(
@@ -768,6 +774,61 @@ def test_a_spec_without_in_cluster_in_a_pod_is_told_to_set_it(
         KubernetesStateStore.from_config(KubernetesStateConfig(namespace="ml"), "diabetes")
 
 
+@pytest.mark.parametrize(
+    ("fields", "environ", "message"),
+    [
+        pytest.param(
+            {"kubeconfig": "{tmp}/kc.yaml"}, {},
+            "router: cannot load Kubernetes credentials: `router.kubeconfig`: no file "
+            "{tmp}/kc.yaml",
+            id="kubeconfig-not-there",
+        ),
+        pytest.param(
+            {}, {},
+            "no kubeconfig (~/.kube/config does not exist): set `router.kubeconfig`, "
+            "`router.api_url` or `router.in_cluster`",
+            id="no-default-kubeconfig",
+        ),
+        pytest.param(
+            {}, {"KUBECONFIG": "{tmp}/a"},
+            "no kubeconfig ({tmp}/a does not exist)",
+            id="KUBECONFIG-not-there",
+        ),
+        pytest.param(
+            {"kubeconfig": "{tmp}/config", "context": "aks-prod"}, {},
+            "`router.context`: no context 'aks-prod' in {tmp}/config (it has aks-dev)",
+            id="context-not-in-the-kubeconfig",
+        ),
+        pytest.param(
+            {"in_cluster": True}, {},
+            "`router.in_cluster: true`, but this does not run in a pod "
+            "(no KUBERNETES_SERVICE_HOST)",
+            id="in-cluster-on-a-laptop",
+        ),
+    ],
+)  # fmt: skip
+def test_unloadable_credentials_say_what_is_missing(
+    monkeypatch: Any, tmp_path: Path, fields: dict[str, Any], environ: dict[str, str], message: str
+) -> None:
+    """Was: "Invalid kube-config file. No configuration found." for a kubeconfig path with a
+    typo, or none at all, and "Service host/port is not set." for in_cluster off a cluster."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value.format(tmp=tmp_path))
+    (tmp_path / "config").write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: aks-dev\n"
+        "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]\n"
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: aks-dev, context: {cluster: c, user: u}}]\n"
+    )
+    cfg = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in fields.items()}
+    with pytest.raises(ConfigError) as refused:
+        make_router(IstioRouterConfig(namespace="ml", **cfg))
+    assert message.format(tmp=tmp_path) in str(refused.value)
+
+
 def test_an_unreachable_api_server_is_a_router_error_with_its_url() -> None:
     with FakeKubeApiServer() as api:
         url = api.url
@@ -779,8 +840,36 @@ def test_an_unreachable_api_server_is_a_router_error_with_its_url() -> None:
     # router: the controller fails a first deploy at once instead of retrying a dead URL.
     with pytest.raises(RouterUnavailable, match="cannot reach the Kubernetes API at " + url):
         router.get_weights()
-    with pytest.raises(RouterUnavailable, match="cannot reach the Kubernetes API at " + url):
+    with pytest.raises(RouterUnavailable, match="cannot reach the Kubernetes API at " + url) as e:
         router.deploy(Colour.GREEN, V1)
+    # urllib3's reason, without its "Max retries exceeded with url: ... (Caused by ...)".
+    assert str(e.value).endswith(f"{url}: Failed to establish a new connection: [Errno 111] "
+                                 "Connection refused")  # fmt: skip
+
+
+def test_run_against_a_dead_api_server_says_so_in_one_line(tmp_path: Path) -> None:
+    """Was: two urllib3 warnings of its retries before the error line."""
+    import subprocess
+    import sys
+
+    with FakeKubeApiServer() as gone:
+        url = gone.url
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(json.dumps({
+        "name": "diabetes",
+        "router": {"kind": "istio", "namespace": "ml", "app": "diabetes", "api_url": url},
+        "state": {"dir": str(tmp_path / "state")},
+        "candidate": dataclasses.asdict(V2),
+    }))  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "rollout.cli", "rollout", "run", str(spec)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: Deployment ml/diabetes-green: cannot reach the Kubernetes API at {url}: Failed "
+        "to establish a new connection: [Errno 111] Connection refused"
+    ]
 
 
 class LeaseLost:
@@ -871,6 +960,81 @@ def test_the_engine_drives_istio_end_to_end(
     assert identity(router.release(Colour.BLUE)) == identity(blue)
     weights_written = [r for r in api.requests if r.verb == "patch" and r.status == 200]
     assert len(weights_written) >= 2  # it really moved traffic through the VirtualService
+
+
+def _cli_spec(api: FakeKubeApiServer, tmp_path: Path, candidate: dict[str, Any]) -> Path:
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(json.dumps({
+        "name": "diabetes",
+        "router": {"kind": "istio", "namespace": "ml", "app": "diabetes", "api_url": api.url},
+        "metrics": {"kind": "simulated", "seed": 3, "rps": 500,
+                    "baseline": {"error_rate": 0.01}, "canary": {"error_rate": 0.01}},
+        "steps": [10, 100],
+        "analysis": {"interval_s": 10, "min_requests": 50, "latency": {"enabled": False}},
+        "state": {"dir": str(tmp_path / "state")},
+        "candidate": candidate,
+    }))  # fmt: skip
+    return spec
+
+
+def test_run_candidate_takes_the_image_of_the_spec_candidate_it_names(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    """docs/kubernetes.md's Job runs `rollout run SPEC --candidate diabetes:2`: was, the option
+    replaced the spec's candidate by one without its image, which the router cannot deploy."""
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    make(api).deploy(Colour.GREEN, V1)
+    spec = _cli_spec(api, tmp_path, dataclasses.asdict(V2))
+    args = ["rollout", "run", str(spec), "--candidate", V2.ref, "--simulated-time", "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    green = api.get("deployments", "diabetes-green", "ml", "apps")
+    assert m.scoring_container(green)["image"] == V2.image  # type: ignore[index]
+
+
+def test_an_empty_green_names_the_namespace_it_looked_in(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    """A spec with a namespace typo read only "green serves nothing"."""
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    spec = _cli_spec(api, tmp_path, dataclasses.asdict(V2))
+    spec.write_text(spec.read_text().replace('"namespace": "ml"', '"namespace": "ml-prod"'))
+    result = CliRunner().invoke(app, ["rollout", "run", str(spec), "--simulated-time"])
+    assert result.exit_code == 2
+    assert "green serves nothing on istio ml-prod/diabetes:" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("candidate", "option", "where"),
+    [
+        pytest.param({"model": "diabetes", "version": "2"}, [], "candidate", id="spec"),
+        pytest.param(dataclasses.asdict(V2), ["--candidate", "diabetes:3"], "--candidate",
+                     id="option-naming-another-release"),
+    ],
+)  # fmt: skip
+def test_run_refuses_a_candidate_without_image_before_starting(
+    api: FakeKubeApiServer, tmp_path: Path, candidate: dict[str, Any], option: list[str], where: str
+) -> None:
+    """Was: retried 4 times, then stored the rollout with that candidate, so that every later
+    `run` (the spec fixed) resumed it and failed the same way."""
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    make(api).deploy(Colour.GREEN, V1)
+    spec = _cli_spec(api, tmp_path, candidate)
+    result = CliRunner().invoke(app, ["rollout", "run", str(spec), *option, "--simulated-time"])
+    assert result.exit_code == 2
+    assert f"{where}: diabetes:" in result.output
+    assert "names no container image, and the istio router deploys images" in result.output
+    assert not (tmp_path / "state" / "diabetes.status.json").exists()
+    assert not api.exists("deployments", "diabetes-blue", "ml", "apps")
 
 
 def _user(name: str, *match: dict[str, Any]) -> dict[str, Any]:

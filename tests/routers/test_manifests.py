@@ -419,6 +419,15 @@ def test_aks_istio_add_on_gateway_and_revision(tmp_path: Path) -> None:
             id="output-in-a-missing-folder",
         ),
         pytest.param(
+            # Was rendered: Istio's validation refuses the Gateway and the VirtualService.
+            ["--host", "https://diabetes.example.com/"],
+            "router.hosts: 'https://diabetes.example.com/' is not a host name",
+            id="host-as-a-url",
+        ),
+        pytest.param(
+            ["--host", "diabetes.example.com:443"], "is not a host name", id="host-with-a-port"
+        ),
+        pytest.param(
             # Was rendered: a VirtualService match no request can carry.
             ["--header", "bad header"],
             "--header: not a valid HTTP header name: 'bad header'",
@@ -432,12 +441,76 @@ def test_bad_input_is_one_config_error(args: list[str], message: str) -> None:
     assert message in str(result.exception)
 
 
+def test_a_package_json_without_its_image_names_the_key(tmp_path: Path) -> None:
+    (tmp_path / "package.json").write_text('{"model": "diabetes", "version": "3"}')
+    result = CliRunner().invoke(app, ["manifests", "--green-package", str(tmp_path)])
+    assert isinstance(result.exception, ConfigError)
+    # Was: "unreadable package manifest (KeyError('image'))".
+    assert f"{tmp_path}/package.json: no 'image' (a package's package.json names" in str(
+        result.exception
+    )
+
+
 def test_a_non_istio_spec_is_refused(tmp_path: Path) -> None:
     spec = tmp_path / "rollout.yaml"
     spec.write_text("router: {kind: memory}\n")
     result = CliRunner().invoke(app, ["manifests", "--spec", str(spec)])
     assert isinstance(result.exception, ConfigError)
     assert "router.kind is 'memory'" in str(result.exception)
+
+
+def test_the_spec_top_level_header_is_the_one_the_routes_match(tmp_path: Path) -> None:
+    """docs/engine.md documents `header:` at the top level (README's spec sets it): it was read
+    by nothing, and the VirtualService kept matching x-api-version."""
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text("name: d\nheader: X-Colour\nrouter: {kind: istio, namespace: ml, app: d}\n")
+    rendered = {d["kind"]: d for d in render("--spec", str(spec))}
+    pin = rendered["VirtualService"]["spec"]["http"][0]
+    assert pin["match"] == [{"headers": {"x-colour": {"exact": "blue"}}}]
+
+    spec.write_text("name: d\nheader: x-colour\nrouter: {kind: istio, header: x-api-version}\n")
+    result = CliRunner().invoke(app, ["rollout", "validate", str(spec)])
+    assert result.exit_code == 2
+    assert "header 'x-colour' and router.header 'x-api-version' differ" in result.output
+
+
+@pytest.mark.parametrize(
+    ("router", "message"),
+    [
+        pytest.param(
+            "namespace: Prod", "router.istio.namespace: Value error, 'Prod' is not a Kubernetes",
+            id="bad-namespace",
+        ),
+        pytest.param(
+            "app: churn_model", "router.istio.app: Value error, 'churn_model' is not a DNS-1035",
+            id="bad-app",
+        ),
+        pytest.param(
+            "app: 3d-scorer", "router.istio.app: Value error, '3d-scorer' must start with a letter",
+            id="app-starting-with-a-digit",
+        ),
+        pytest.param(
+            "hosts: ['http://diabetes.example.com']",
+            "router.istio.hosts: Value error, 'http://diabetes.example.com' is not a host name",
+            id="host-as-a-url",
+        ),
+        pytest.param("hosts: []", "needs at least one host", id="no-host"),
+        pytest.param(
+            "ingress_gateway: 'aks gw'",
+            "router.istio.ingress_gateway: Value error, 'aks gw' is not a label value",
+            id="gateway-label-with-a-space",
+        ),
+    ],
+)  # fmt: skip
+def test_rollout_validate_refuses_what_the_router_would(
+    tmp_path: Path, router: str, message: str
+) -> None:
+    # `validate` said ok to these; `run` then failed at its first step, `manifests --spec` too.
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(f"name: diabetes\nrouter: {{kind: istio, {router}}}\n")
+    result = CliRunner().invoke(app, ["rollout", "validate", str(spec)])
+    assert result.exit_code == 2
+    assert message in result.output
 
 
 # ---- the Helm chart ---------------------------------------------------------------------------

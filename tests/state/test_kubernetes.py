@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -407,8 +408,10 @@ def test_an_unreachable_api_server_is_a_state_error_with_its_url() -> None:
         url = gone.url
     cfg = KubernetesStateConfig(namespace=NAMESPACE, api_url=url)
     store = make_store(cfg, "r")
-    with pytest.raises(StateError, match=f"cannot reach the Kubernetes API at {url}"):
+    with pytest.raises(StateError, match=f"cannot reach the Kubernetes API at {url}") as e:
         store.load()
+    assert str(e.value).endswith(f"{url}: Failed to establish a new connection: [Errno 111] "
+                                 "Connection refused")  # fmt: skip
 
 
 def _edited_status(**fields: Any) -> str:
@@ -454,6 +457,29 @@ def test_built_from_a_spec_through_the_factory(api: FakeKubeApiServer) -> None:
     assert isinstance(store, KubernetesStateStore) and store.lease_ttl_s == 9
     store.push_command(Command(id="1", kind="pause"))
     assert [c.id for c in kube_store(api).commands()] == ["1"]
+
+
+def test_status_and_steering_name_the_configmap_they_found_missing(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    """A laptop whose spec has another state.namespace (or whose kubeconfig context is another
+    cluster) than the controller's read only "not started (no status found)"."""
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(json.dumps({
+        "name": "diabetes",
+        "router": {"kind": "memory"},
+        "state": {"kind": "kubernetes", "namespace": "ml-dev", "api_url": api.url},
+    }))  # fmt: skip
+    missing = "no ConfigMap ml-dev/aml-rollout-diabetes-status: another state.namespace"
+    status = CliRunner().invoke(app, ["rollout", "status", str(spec)])
+    assert "not started" in status.output
+    assert missing in " ".join(status.output.split())
+    pause = CliRunner().invoke(app, ["rollout", "pause", str(spec)])
+    assert pause.exit_code == 2 and missing in pause.output
 
 
 def test_the_store_uses_exactly_the_verbs_of_its_role_rules(api: FakeKubeApiServer) -> None:
