@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
 from urllib.parse import urlsplit
@@ -92,6 +93,23 @@ def header_name(header: str) -> str:
 
 
 HeaderName = Annotated[str, AfterValidator(header_name)]
+
+
+def _refusing(problem: Callable[[str], str | None]) -> AfterValidator:
+    """A validator refusing what `problem` finds wrong with a value (None: nothing)."""
+
+    def check(value: str) -> str:
+        if (found := problem(value)) is not None:
+            raise ValueError(found)
+        return value
+
+    return AfterValidator(check)
+
+
+# What the API server would refuse at the first deploy, said by `rollout validate` instead.
+KubeNamespace = Annotated[str, _refusing(namespace_problem)]
+KubeApp = Annotated[str, _refusing(app_problem)]
+KubeLabelValue = Annotated[str, _refusing(label_value_problem)]
 
 
 class ColourNames(_Model):
@@ -178,8 +196,8 @@ class IstioRouterConfig(KubeApiConfig):
     """
 
     kind: Literal["istio"] = "istio"
-    namespace: str = "default"
-    app: str = "model"
+    namespace: KubeNamespace = "default"
+    app: KubeApp = "model"
     hosts: list[str] = Field(default_factory=lambda: ["*"])
     #: Requests carrying `<header>: blue|green` go to that colour's pinned Service.
     header: HeaderName = "x-api-version"
@@ -191,15 +209,7 @@ class IstioRouterConfig(KubeApiConfig):
     #: The `istio:` label of the ingress gateway pods the Gateway binds to: `ingressgateway`
     #: for Istio's own install; AKS's Istio add-on labels its gateways
     #: `aks-istio-ingressgateway-external` / `-internal`.
-    ingress_gateway: str = "ingressgateway"
-
-    # What the API server would refuse at the first deploy, said by `rollout validate`.
-    @field_validator("namespace")
-    @classmethod
-    def _namespace(cls, namespace: str) -> str:
-        if (problem := namespace_problem(namespace)) is not None:
-            raise ValueError(problem)
-        return namespace
+    ingress_gateway: KubeLabelValue = "ingressgateway"
 
     @field_validator("hosts")
     @classmethod
@@ -210,20 +220,6 @@ class IstioRouterConfig(KubeApiConfig):
             if (problem := host_problem(host)) is not None:
                 raise ValueError(problem)
         return hosts
-
-    @field_validator("app")
-    @classmethod
-    def _app(cls, app: str) -> str:
-        if (problem := app_problem(app)) is not None:
-            raise ValueError(problem)
-        return app
-
-    @field_validator("ingress_gateway")
-    @classmethod
-    def _ingress_gateway(cls, value: str) -> str:
-        if (problem := label_value_problem(value)) is not None:
-            raise ValueError(problem)
-        return value
 
     @property
     def identity(self) -> str:
@@ -713,7 +709,7 @@ class KubernetesStateConfig(KubeApiConfig):
     """
 
     kind: Literal["kubernetes"] = "kubernetes"
-    namespace: str
+    namespace: KubeNamespace
     #: The ledger only (`<name>.ledger.jsonl`, a line per tick: it would outgrow a ConfigMap). In
     #: a pod, mount a volume here or the ledger goes with the pod (status and commands do not).
     dir: Path = Path(".rollout")
@@ -721,13 +717,6 @@ class KubernetesStateConfig(KubeApiConfig):
     #: third of it). A controller that died is replaced once it has expired and a newcomer has
     #: watched it unchanged for this long again: at least twice this long after its last renewal.
     lease_ttl_s: int = Field(default=15, ge=1, le=3600)
-
-    @field_validator("namespace")
-    @classmethod
-    def _namespace(cls, namespace: str) -> str:
-        if (problem := namespace_problem(namespace)) is not None:
-            raise ValueError(problem)
-        return namespace
 
 
 def _file_by_default(data: Any) -> Any:
