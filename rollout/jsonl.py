@@ -39,12 +39,14 @@ def read(path: Path) -> list[dict[str, Any]]:
     return [record for record in read_slots(path) if record is not None]
 
 
-def read_slots(path: Path) -> list[dict[str, Any] | None]:
-    """One entry per complete non-blank line: its record, or None (with a warning) when it is
-    not a JSON object. A line keeps its position whether or not it parses, so positions into
-    the file never shift (a fragment ended by the next append becomes a None slot in place)."""
+def read_slots(path: Path, *, warn: bool = True) -> list[dict[str, Any] | None]:
+    """One entry per complete non-blank line: its record, or None (with a warning, unless not
+    `warn`) when it is not a JSON object. A line keeps its position whether or not it parses, so
+    positions into the file never shift (a fragment ended by the next append becomes a None
+    slot in place)."""
     data = Path(path).read_bytes()
-    return parse_lines(data.split(b"\n")[:-1], where=path)  # the last piece is incomplete
+    lines = data.split(b"\n")[:-1]  # the last piece is incomplete
+    return parse_lines(lines, where=path if warn else None)
 
 
 def parse_lines(
