@@ -2,7 +2,9 @@
 
 A writer killed mid-line leaves a fragment without its newline. Readers only take complete
 lines, and skip (with a warning) the ones that do not parse; a writer that finds a fragment at
-the end terminates it first, so the fragment never swallows the next record.
+the end terminates it first, so the fragment never swallows the next record. The command log is
+read without the warning (`read_slots(warn=False)`): the controller warns once, as it reads past
+such a line.
 """
 
 from __future__ import annotations
