@@ -300,11 +300,17 @@ def _first_line(exc: Exception) -> str:
     """The substance of an Azure error in one line.
 
     azure-ai-ml reports a job that fails its own validation as a JSON document
-    (`{"result": "Failed", "errors": [{"message", "path"}, ...]}`), whose first line is "{".
+    (`{"result": "Failed", "errors": [{"message", "path"}, ...]}`), whose first line is "{", and
+    one whose dependencies it cannot resolve as coloured paragraphs (a summary, "Details:" with
+    the cause, then "Resolutions:" and links) whose first line is a colour code alone.
     """
-    text = str(exc).strip()
+    from rollout.azure_text import one_line, strip_ansi
+
+    text = strip_ansi(str(exc)).strip()
     try:
         errors = json.loads(text)["errors"]
         return "; ".join(f"{e.get('path', '?')}: {e.get('message', '?')}" for e in errors)
     except (ValueError, KeyError, TypeError, AttributeError):
+        if "\nResolutions:" in text:
+            return one_line(text)
         return text.splitlines()[0] if text else type(exc).__name__

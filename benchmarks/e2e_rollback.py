@@ -17,8 +17,10 @@ Envoy's admin `/config_dump` every 5 ms for the first moment it serves blue at 0
 - `set_weights_to_served_s`: `EnvoyRouter.set_weights` from the route-file rename to Envoy
   serving the new split (confirmed in `/config_dump`), median of 20 changes per run.
 
-A run that never reaches 10 %, or still serves blue 120 s after the fault, ends the benchmark
-with one error line and exit code 1. Medians over `--runs` (≥ 3). With `--json` the last line is
+A run that never reaches 10 %, still serves blue 120 s after the fault (or when its controller
+ended), or whose controller crashed, ends the benchmark with one error line naming how the
+controller ended, and exit code 1. Ctrl-C or SIGTERM stops the stack, removes the temp dir and
+exits with 130. Medians over `--runs` (≥ 3). With `--json` the last line is
 `{"onset_to_zero_s": float, "bad_canary_requests": int, "set_weights_to_served_s": float,
 "runs": int}`. Target: onset_to_zero_s ≤ 5.
 """
@@ -50,6 +52,9 @@ PATIENCE_S = 120.0
 #: Ticks (1 s apart) a run's controller may take in all, so that a rollout that is never rolled
 #: back ends on its own instead of holding blue at 10 % until `max_step_duration_s`.
 MAX_TICKS = int(3 * PATIENCE_S)
+#: Seconds a run waits for its controller to stop at its next tick (1 s apart) before the
+#: stack it drives is stopped.
+STOP_S = 10.0
 
 
 class RunFailed(RuntimeError):
@@ -100,44 +105,78 @@ def one_run(stack: LocalStack, candidate: Release, index: int) -> dict[str, Any]
     )
     set_weights_s = measure_set_weights(stack)  # before the controller owns the weights
     at_ten = threading.Event()
+    woken = threading.Event()  # at 10 %, or the controller ended (returned or crashed)
+    stopping = threading.Event()
     outcome: list[Any] = []
+    crash: list[BaseException] = []
 
     def on_tick(status: Any, record: dict[str, Any]) -> None:
+        if stopping.is_set():
+            raise _Stopped
         if status.phase is Phase.PROGRESSING and status.blue_weight == 10:
             at_ten.set()
+            woken.set()
 
     def drive() -> None:
-        outcome.append(
-            run_rollout(
-                spec,
-                candidate=candidate,
-                router=stack.router,
-                metrics=stack.metrics,
-                on_tick=on_tick,
-                restart=True,
-                max_ticks=MAX_TICKS,
+        try:
+            outcome.append(
+                run_rollout(
+                    spec,
+                    candidate=candidate,
+                    router=stack.router,
+                    metrics=stack.metrics,
+                    on_tick=on_tick,
+                    restart=True,
+                    max_ticks=MAX_TICKS,
+                )
             )
-        )
+        except _Stopped:
+            pass
+        except Exception as exc:  # reported by the main thread as the run's failure
+            crash.append(exc)
+        finally:
+            woken.set()
 
-    # A daemon: when a run fails, the benchmark reports it and exits without waiting for it.
+    def how() -> str:
+        """How the controller ended, for a failed run's error line."""
+        if crash:
+            return f"the controller crashed: {type(crash[0]).__name__}: {crash[0]}"
+        if outcome:
+            return f"{outcome[0].phase.value}: {outcome[0].reason}"
+        return "still running"
+
+    # A daemon, and stopped (at its next tick) before the stack goes, whatever ends the run.
     controller = threading.Thread(target=drive, name="controller", daemon=True)
     controller.start()
-    if not at_ten.wait(PATIENCE_S):
-        raise RunFailed(f"run {index}: the rollout never reached 10 % in {PATIENCE_S:.0f} s")
-    time.sleep(HEALTHY_S)
-    watcher = _ZeroWatcher(stack)
-    errors_before = blue_5xx(stack)
-    onset = time.monotonic()
-    stack.set_fault(Colour.BLUE, BASE_ERROR_RATE * FAULT_MULTIPLIER)
-    watcher.start()
-    controller.join(PATIENCE_S)
-    zero_at = watcher.stop()
-    if zero_at is None:
-        result = outcome[0] if outcome else None
-        how = f"{result.phase.value}: {result.reason}" if result else "still running"
-        raise RunFailed(
-            f"run {index}: Envoy still served blue {PATIENCE_S:.0f} s after the fault ({how})"
-        )
+    watcher: _ZeroWatcher | None = None
+    try:
+        woken.wait(PATIENCE_S)
+        if not at_ten.is_set():
+            raise RunFailed(
+                f"run {index}: the rollout never reached 10 % in {PATIENCE_S:.0f} s ({how()})"
+            )
+        time.sleep(HEALTHY_S)
+        watcher = _ZeroWatcher(stack)
+        errors_before = blue_5xx(stack)
+        onset = time.monotonic()
+        stack.set_fault(Colour.BLUE, BASE_ERROR_RATE * FAULT_MULTIPLIER)
+        watcher.start()
+        controller.join(PATIENCE_S)
+        zero_at = watcher.stop()
+        if zero_at is None:
+            when = (
+                f"{PATIENCE_S:.0f} s after the fault"
+                if controller.is_alive()
+                else f"when the controller ended, {time.monotonic() - onset:.1f} s after the fault"
+            )
+            raise RunFailed(f"run {index}: Envoy still served blue {when} ({how()})")
+        if crash:  # blue went to 0 %, but not by a rollout that ended well
+            raise RunFailed(f"run {index}: {how()}")
+    finally:
+        stopping.set()
+        if watcher is not None:
+            watcher.stop()
+        controller.join(STOP_S)
     errors_after = watcher.errors_at_zero if watcher.errors_at_zero is not None else blue_5xx(stack)
     stack.set_fault(Colour.BLUE, BASE_ERROR_RATE)  # healthy again for the next run
     result = outcome[0] if outcome else None
@@ -149,6 +188,10 @@ def one_run(stack: LocalStack, candidate: Release, index: int) -> dict[str, Any]
         "bad_canary_requests": errors_after - errors_before,
         "set_weights_to_served_s": set_weights_s,
     }
+
+
+class _Stopped(Exception):
+    """Raised in the controller's tick hook once the run is over: the stack is about to go."""
 
 
 class _ZeroWatcher:
@@ -172,17 +215,24 @@ class _ZeroWatcher:
         self._thread.start()
 
     def _watch(self) -> None:
-        while not self._stop.is_set():
+        while True:
+            # One more look once stopped: the controller can end right after Envoy serves its
+            # rollback, between two polls, and that rollback is what this run measures.
+            last = self._stop.is_set()
             if self.router.get_weights().blue == 0:
                 self.zero_at = time.monotonic()
                 self.errors_at_zero = blue_5xx(self.stack)
                 return
-            time.sleep(POLL_S)
+            if last:
+                return
+            self._stop.wait(POLL_S)
 
     def stop(self) -> float | None:
-        self._stop.set()
-        self._thread.join(10)
-        self.router.close()
+        """Stop watching (safe to call twice); when Envoy was first seen serving blue at 0 %."""
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join(10)
+            self.router.close()
         return self.zero_at
 
 
@@ -220,11 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.rps > 0:
         parser.error(f"--rps must be above 0, not {args.rps:g} (the judge needs traffic)")
     logging.basicConfig(level=logging.ERROR)
+    from rollout.commands.stack import EXIT_INTERRUPTED, sigterm_as_interrupt
+
     try:
-        runs = measure_runs(args.runs, args.rps)
+        with sigterm_as_interrupt():  # SIGTERM stops the stack and removes its temp dir too
+            runs = measure_runs(args.runs, args.rps)
     except RunFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: the stack is stopped and its temp dir removed", file=sys.stderr)
+        return EXIT_INTERRUPTED
     summary = {
         "onset_to_zero_s": round(statistics.median(r["onset_to_zero_s"] for r in runs), 3),
         "bad_canary_requests": int(statistics.median(r["bad_canary_requests"] for r in runs)),

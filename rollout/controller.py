@@ -44,6 +44,7 @@ from rollout.core.machine import (
     judge_first,
     new_status,
     step,
+    unread_from,
     with_commands,
 )
 from rollout.core.status import TRANSITIONAL, Action, Deploy, Remove, SetWeights, Status, describe
@@ -493,12 +494,32 @@ class Controller:
             f"first (`aml-rollout rollout abort`, applied by `run --candidate {stored.ref}`)"
         )
 
+    def _read_commands(self, status: Status) -> Status:
+        """`status` with the commands queued since it last read the log, and a warning for each
+        entry of them that is not a command (a torn write, an edit by hand, a newer version's
+        kind). The status saved after this tick records how far the log was read, so the entry
+        is reported once: not at every read, nor by a restarted controller or `status`."""
+        commands = self.store.commands()
+        read = with_commands(status, commands)
+        if read is not status:
+            start = 0 if status.commands_read < 0 else unread_from(status, commands)
+            unreadable = [str(i + 1) for i in range(start, len(commands)) if commands[i] is None]
+            if unreadable:
+                log.warning(
+                    "rollout %r: skipped entry %s of the command log: not a command this "
+                    "version can read (a torn write, an edit by hand or a newer version's "
+                    "command); it is not read again",
+                    status.name,
+                    ", ".join(unreadable),
+                )
+        return read
+
     def tick(self, status: Status) -> Status:
         """One observe → decide → persist → apply round."""
         status = self._finish_pending(status)
         if status.terminal:
             return status  # the pending actions ended it (a candidate that could not be deployed)
-        status = with_commands(status, self.store.commands())
+        status = self._read_commands(status)
         now = self.clock.now()
         observation: Observation | None = None
         if status.phase in (Phase.PROGRESSING, Phase.PAUSED):

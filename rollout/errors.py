@@ -2,6 +2,7 @@
 
     RolloutError
     ├── ConfigError            invalid spec or unknown backend kind (names the field)
+    │   └── SettingError       one setting is invalid (`setting`, `problem`: a CLI names its option)
     ├── RouterError            the traffic router could not read or apply weights
     │   ├── ConflictError      optimistic concurrency lost (e.g. HTTP 409); retry after re-read
     │   ├── RouterUnavailable  nothing answers at the router's control plane (message has the URL)
@@ -25,6 +26,19 @@ class RolloutError(Exception):
 
 class ConfigError(RolloutError):
     """A spec or backend configuration is invalid; the message names the field."""
+
+
+class SettingError(ConfigError):
+    """One setting is invalid: `setting` is its spec field (`router.app`), `problem` says why.
+
+    The message names the spec field; a command that took the value from an option of its own
+    names the option instead (`--app: ...`), so the user reads what they typed.
+    """
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.problem = problem
 
 
 class RouterError(RolloutError):

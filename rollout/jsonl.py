@@ -2,7 +2,9 @@
 
 A writer killed mid-line leaves a fragment without its newline. Readers only take complete
 lines, and skip (with a warning) the ones that do not parse; a writer that finds a fragment at
-the end terminates it first, so the fragment never swallows the next record.
+the end terminates it first, so the fragment never swallows the next record. The command log is
+read without the warning (`read_slots(warn=False)`): the controller warns once, as it reads past
+such a line.
 """
 
 from __future__ import annotations
@@ -39,12 +41,14 @@ def read(path: Path) -> list[dict[str, Any]]:
     return [record for record in read_slots(path) if record is not None]
 
 
-def read_slots(path: Path) -> list[dict[str, Any] | None]:
-    """One entry per complete non-blank line: its record, or None (with a warning) when it is
-    not a JSON object. A line keeps its position whether or not it parses, so positions into
-    the file never shift (a fragment ended by the next append becomes a None slot in place)."""
+def read_slots(path: Path, *, warn: bool = True) -> list[dict[str, Any] | None]:
+    """One entry per complete non-blank line: its record, or None (with a warning, unless not
+    `warn`) when it is not a JSON object. A line keeps its position whether or not it parses, so
+    positions into the file never shift (a fragment ended by the next append becomes a None
+    slot in place)."""
     data = Path(path).read_bytes()
-    return parse_lines(data.split(b"\n")[:-1], where=path)  # the last piece is incomplete
+    lines = data.split(b"\n")[:-1]  # the last piece is incomplete
+    return parse_lines(lines, where=path if warn else None)
 
 
 def parse_lines(

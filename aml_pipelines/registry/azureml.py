@@ -219,6 +219,8 @@ class AzureMLRegistry:
             ResourceNotFoundError,
         )
 
+        from rollout.azure_text import one_line
+
         try:
             return fn(*args)
         except ResourceNotFoundError as exc:
@@ -231,7 +233,7 @@ class AzureMLRegistry:
             ) from exc
         except HttpResponseError as exc:
             raise RegistryError(
-                f"{what}: Azure ML answered {exc.status_code}: {exc.message}"
+                f"{what}: Azure ML answered {exc.status_code}: {one_line(exc.message)}"
             ) from exc
 
 

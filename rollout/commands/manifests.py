@@ -78,7 +78,7 @@ def manifests(
     import yaml
 
     from rollout.core.types import Colour
-    from rollout.errors import ConfigError
+    from rollout.errors import ConfigError, SettingError
     from rollout.routers import istio_manifests as m
 
     settings: dict[str, Any] = {}
@@ -119,7 +119,14 @@ def manifests(
     settings.update({k: v for k, v in options.items() if v is not None})
     settings.setdefault("namespace", "default")
     settings.setdefault("app", "model")
-    layout = m.IstioLayout(**settings)
+    try:
+        layout = m.IstioLayout(**settings)
+    except SettingError as exc:
+        # The layout names spec fields; a value typed as an option is named by its option.
+        key, flag = OPTION_OF.get(exc.setting, ("", ""))
+        if options.get(key) is not None:
+            raise ConfigError(f"{flag}: {exc.problem}") from None
+        raise
 
     releases: dict[Colour, Release] = {}
     for colour, package, image in (
@@ -152,6 +159,19 @@ def manifests(
         except OSError as exc:
             raise ConfigError(f"-o {output}: cannot write it: {exc.strerror or exc}") from exc
         typer.echo(f"wrote {output}", err=True)
+
+
+#: A layout setting (as `IstioLayout` names it) → its key in the options and the option itself.
+OPTION_OF = {
+    "router.namespace": ("namespace", "--namespace"),
+    "router.app": ("app", "--app"),
+    "router.hosts": ("hosts", "--host"),
+    "router.port": ("port", "--port"),
+    "router.container_port": ("container_port", "--container-port"),
+    "router.replicas": ("replicas", "--replicas"),
+    "router.ingress_gateway": ("ingress_selector", "--ingress-gateway"),
+    "istio_revision": ("istio_revision", "--istio-revision"),
+}
 
 
 def release_from_image(image: str) -> Release:

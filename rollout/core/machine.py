@@ -139,7 +139,7 @@ def with_commands(status: Status, commands: Sequence[Command | None]) -> Status:
             commands_tail=command_tail((), commands),
             handled=(),
         )
-    unread = commands[_unread_from(status, commands) :]
+    unread = commands[unread_from(status, commands) :]
     seen = set(status.commands_tail or ())
     fresh = _once_each(c for c in unread if c is not None and c.id not in seen)
     if not fresh:
@@ -157,7 +157,7 @@ def command_tail(tail: tuple[str, ...], read: Sequence[Command | None]) -> tuple
     return (*tail, *(c.id for c in read if c is not None))[-COMMANDS_TAIL:]
 
 
-def _unread_from(status: Status, commands: Sequence[Command | None]) -> int:
+def unread_from(status: Status, commands: Sequence[Command | None]) -> int:
     """Where the commands `status` has not read begin in the log."""
     tail, position = status.commands_tail, status.commands_read
     if tail:

@@ -51,12 +51,12 @@ among controllers sharing that store).
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from rollout.azure_credential import default_credential
+from rollout.azure_text import one_line
 from rollout.config import AZURE_MAX_MIRROR_PERCENT as MAX_MIRROR_PERCENT
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import ConfigError, DeployFailed, RouterError
@@ -622,17 +622,17 @@ class AzureMLRouter:
         except ClientAuthenticationError as exc:
             if exc.response is None:  # no token at all: the credential chain found no identity
                 raise RouterError(
-                    f"{what}: no usable Azure credentials ({_one_line(exc.message)})"
+                    f"{what}: no usable Azure credentials ({one_line(exc.message)})"
                 ) from exc
             raise RouterError(f"{what}: Azure rejected the credentials ({_describe(exc)})") from exc
         except HttpResponseError as exc:
             raise RouterError(f"{what}: {_describe(exc)}") from exc
         except AzureError as exc:
-            raise RouterError(f"{what}: {_one_line(exc.message)}") from exc
+            raise RouterError(f"{what}: {one_line(exc.message)}") from exc
         except Exception as exc:
             # azure-ai-ml raises its own MlException tree (validation, asset resolution).
             if type(exc).__module__.startswith("azure."):
-                raise RouterError(f"{what}: {_one_line(str(exc))}") from exc
+                raise RouterError(f"{what}: {one_line(str(exc))}") from exc
             raise
 
 
@@ -654,24 +654,11 @@ def _describe(exc: Any) -> str:
     """One line for an HttpResponseError: the status (or 'operation failed') and ARM's error."""
     error = getattr(exc, "error", None)
     code, message = getattr(error, "code", None), getattr(error, "message", None)
-    detail = f"{code}: {_one_line(message)}" if code and message else _one_line(exc.message)
+    detail = f"{code}: {one_line(message)}" if code and message else one_line(exc.message)
     if exc.status_code is not None and exc.status_code < 400:
         # A long-running operation that ended Failed/Canceled: the poll itself was an HTTP 200.
         return f"the operation failed: {detail}"
     return f"HTTP {exc.status_code} {detail}"
-
-
-#: A terminal colour code: azure-ai-ml colours its validation and asset errors (its first line in
-#: black, unreadable on a dark terminal; escape codes in a log, the ledger, a job's std_log).
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def _one_line(message: str) -> str:
-    """azure-ai-ml's (or azure-identity's) multi-paragraph text, cut to its substance, one line."""
-    message = _ANSI.sub("", message)
-    for boilerplate in ("Resolutions:", "Additional Resources:", "To mitigate this issue"):
-        message = message.split(boilerplate, 1)[0]
-    return " ".join(message.split())
 
 
 class _NotFound(RouterError):

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollout.core.types import Colour, Release, Weights
-from rollout.errors import ConfigError, DeployFailed, RouterError
+from rollout.errors import DeployFailed, RouterError, SettingError
 from rollout.kubenames import DNS_1123_LABEL, app_problem, host_problem, label_value_problem
 from rollout.state.kubernetes_objects import ROLE_RULES as STATE_ROLE_RULES
 
@@ -90,27 +90,30 @@ class IstioLayout:
     istio_revision: str = ""
 
     def __post_init__(self) -> None:
+        # SettingError names the spec field; `manifests` names its option for a value it gave.
         if not DNS_1123_LABEL.fullmatch(self.namespace):
-            raise ConfigError(
-                f"router.namespace: {self.namespace!r} is not a DNS-1123 label "
-                "(lower-case letters, digits and '-', at most 63 characters)"
+            raise SettingError(
+                "router.namespace",
+                f"{self.namespace!r} is not a DNS-1123 label "
+                "(lower-case letters, digits and '-', at most 63 characters)",
             )
         if (problem := app_problem(self.app)) is not None:
-            raise ConfigError(f"router.app: {problem}")
+            raise SettingError("router.app", problem)
         if not self.hosts:
-            raise ConfigError("router.hosts: needs at least one host (`*`: any)")
+            raise SettingError("router.hosts", "needs at least one host (`*`: any)")
         for host in self.hosts:
             if (problem := host_problem(host)) is not None:
-                raise ConfigError(f"router.hosts: {problem}")
+                raise SettingError("router.hosts", problem)
         for name, port in (("port", self.port), ("container_port", self.container_port)):
             if not 0 < port < 65536:
-                raise ConfigError(f"router.{name}: {port} is not a TCP port")
+                raise SettingError(f"router.{name}", f"{port} is not a TCP port")
         if self.replicas < 0:
-            raise ConfigError(f"router.replicas: {self.replicas} must be >= 0")
-        gateway = [("ingress_gateway", value) for _, value in self.ingress_selector]
+            raise SettingError("router.replicas", f"{self.replicas} must be >= 0")
+        gateway = [("router.ingress_gateway", value) for _, value in self.ingress_selector]
+        # istio_revision is no spec field: only `manifests --istio-revision` sets it.
         for name, value in [*gateway, ("istio_revision", self.istio_revision)]:
             if value and (problem := label_value_problem(value)) is not None:
-                raise ConfigError(f"{name}: {problem}")
+                raise SettingError(name, problem)
 
     @property
     def gateway(self) -> str:

@@ -90,10 +90,11 @@ class FileStateStore:
 
         Positions are stable: the log only grows, a line counts once it is complete (whether
         it parses or not), and a torn fragment is ended by the next append, never merged into
-        it.
+        it. Such a line is not warned about here, at every read by every command: the controller
+        warns once, when it reads past it.
         """
         try:
-            slots = jsonl.read_slots(self.commands_path)
+            slots = jsonl.read_slots(self.commands_path, warn=False)
         except FileNotFoundError:
             return []
         except OSError as exc:

@@ -559,19 +559,29 @@ def test_a_torn_command_line_is_skipped_and_never_swallows_the_next(tmp_path: Pa
     assert [c and c.id for c in store.commands()] == ["1", None, "3"]
 
 
-def test_a_torn_command_line_is_reported_once_not_at_every_read(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_a_torn_command_line_is_reported_once_by_the_controller_that_reads_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The controller reads the log every second while it waits: one warning, not one a second.
-    store = FileStateStore(tmp_path, "t")
+    # The log only grows, so the line stays: reported at each read (the controller's every
+    # second, every `status` run) it would warn forever with no way to clear it.
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    ctl.run(max_ticks=1)
+    store = FileStateStore(tmp_path, SPEC.name)
     with store.commands_path.open("ab") as fh:
         fh.write(b'{"id": "1", "ki')
     store.push_command(Command(id="2", kind="pause"))
-    for _ in range(3):
+    assert ctl.run(max_ticks=3).phase is Phase.PAUSED
+    again, _ = controller(tmp_path, router, simulated(router, 0.01))
+    assert again.run(max_ticks=2).phase is Phase.PAUSED  # a restarted controller
+    monkeypatch.setattr(jsonl, "_reported", {})  # `status`, `pause`: each a process of its own
+    for _ in range(2):
         assert [c and c.id for c in store.commands()] == [None, "2"]
-    warnings = [r.getMessage() for r in caplog.records if r.name == "rollout.jsonl"]
-    assert len(warnings) == 1 and f"{store.commands_path}: skipped 1 line" in warnings[0]
-    assert warnings[0].endswith("line 1")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "rollout 't': skipped entry 1 of the command log: not a command this version can read "
+        "(a torn write, an edit by hand or a newer version's command); it is not read again"
+    ]
 
 
 def test_a_torn_ledger_line_does_not_make_the_ledger_unreadable(tmp_path: Path) -> None:

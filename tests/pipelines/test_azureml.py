@@ -380,3 +380,54 @@ def test_the_steps_ask_azure_ml_for_the_user_assigned_identity(
         client = workspace_client(SUB, RG, WS)
         client._credential.get_token("https://management.azure.com/.default")
     assert identity.client_ids() == [CLIENT_ID]
+
+
+def test_an_azure_ml_error_answer_is_one_line(arm: FakeArm, registry: AzureMLRegistry) -> None:
+    # azure-core's message for an ARM error is "(Code) message\nCode: ...\nMessage: ...".
+    arm.fail("GET", r"/models/m/versions/3$", 400, "UserError")
+    with pytest.raises(RegistryError) as caught:
+        registry.get("m", 3)
+    message = str(caught.value)
+    assert message.startswith("get m:3: Azure ML answered 400: (UserError) injected failure")
+    assert "\n" not in message
+
+
+class _JobsRefusing:
+    """`ml_client.jobs` whose create_or_update fails as azure-ai-ml fails a job it cannot resolve:
+    its own formatter colours the text (a ValidationException becomes an MlException)."""
+
+    def create_or_update(self, job: Any, **kwargs: Any) -> Any:
+        from azure.ai.ml._exception_helper import log_and_raise_error
+        from azure.ai.ml.exceptions import (
+            ErrorCategory,
+            ErrorTarget,
+            ValidationErrorType,
+            ValidationException,
+        )
+
+        log_and_raise_error(
+            ValidationException(
+                message="the compute 'gpu-cluster' does not exist",
+                no_personal_data_message="compute not found",
+                target=ErrorTarget.JOB,
+                error_category=ErrorCategory.USER_ERROR,
+                error_type=ValidationErrorType.RESOURCE_NOT_FOUND,
+            )
+        )
+
+
+def test_a_coloured_sdk_error_is_one_plain_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its first line is a colour code alone: the error was 'failed: ' and a coloured terminal."""
+    from types import SimpleNamespace
+
+    from aml_pipelines import build
+    from aml_pipelines.pipeline import PipelineParams, build_pipeline
+
+    monkeypatch.setattr(build, "stage_code", lambda job, folder: None)
+    job = build_pipeline(PipelineParams(rollout_spec="azureml://datastores/d/paths/s.yaml"))
+    with pytest.raises(PipelineError) as caught:
+        build.submit_pipeline(job, SimpleNamespace(jobs=_JobsRefusing()))
+    assert str(caught.value) == (
+        "submitting the pipeline failed: 1) Resource was not found. "
+        "Details: (x) the compute 'gpu-cluster' does not exist"
+    )

@@ -367,12 +367,12 @@ def test_aks_istio_add_on_gateway_and_revision(tmp_path: Path) -> None:
     [
         pytest.param(
             ["--ingress-gateway", "aks istio"],
-            "ingress_gateway: 'aks istio' is not a label value",
+            "--ingress-gateway: 'aks istio' is not a label value",
             id="gateway-label-with-a-space",
         ),
         pytest.param(
             ["--istio-revision", "asm-1-23-"],
-            "istio_revision: 'asm-1-23-' is not a label value",
+            "--istio-revision: 'asm-1-23-' is not a label value",
             id="revision-ending-in-a-dash",
         ),
         pytest.param(
@@ -395,19 +395,26 @@ def test_aks_istio_add_on_gateway_and_revision(tmp_path: Path) -> None:
         ),
         pytest.param(
             ["--app", "bad_name"],
-            "router.app: 'bad_name' is not a DNS-1035 label",
+            "--app: 'bad_name' is not a DNS-1035 label",
             id="bad-app-name",
         ),
         pytest.param(
             # Service 3d-scorer-blue would be refused by the API server (RFC 1035).
             ["--app", "3d-scorer"],
-            "router.app: '3d-scorer' must start with a letter",
+            "--app: '3d-scorer' must start with a letter",
             id="app-name-starting-with-a-digit",
         ),
         pytest.param(
             ["--app", "a" * 51], "at most 50 characters", id="app-name-too-long-for-its-services"
         ),
-        pytest.param(["-n", "Prod"], "router.namespace: 'Prod' is not a DNS-1123", id="bad-ns"),
+        pytest.param(["-n", "Prod"], "--namespace: 'Prod' is not a DNS-1123", id="bad-ns"),
+        pytest.param(["--port", "0"], "--port: 0 is not a TCP port", id="port-0"),
+        pytest.param(
+            ["--container-port", "70000"],
+            "--container-port: 70000 is not a TCP port",
+            id="container-port-too-high",
+        ),
+        pytest.param(["--replicas", "-1"], "--replicas: -1 must be >= 0", id="negative-replicas"),
         pytest.param(
             ["--green-image", "r/d:1", "--green-package", "."],
             "exclude each other",
@@ -421,7 +428,7 @@ def test_aks_istio_add_on_gateway_and_revision(tmp_path: Path) -> None:
         pytest.param(
             # Was rendered: Istio's validation refuses the Gateway and the VirtualService.
             ["--host", "https://diabetes.example.com/"],
-            "router.hosts: 'https://diabetes.example.com/' is not a host name",
+            "--host: 'https://diabetes.example.com/' is not a host name",
             id="host-as-a-url",
         ),
         pytest.param(
@@ -437,6 +444,34 @@ def test_aks_istio_add_on_gateway_and_revision(tmp_path: Path) -> None:
 )
 def test_bad_input_is_one_config_error(args: list[str], message: str) -> None:
     result = CliRunner().invoke(app, ["manifests", *args])
+    assert isinstance(result.exception, ConfigError)
+    assert message in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    ("router", "args", "message"),
+    [
+        pytest.param(
+            "{kind: istio, app: diabetes}",
+            ["--host", "diabetes.example.com:443"],
+            "--host: 'diabetes.example.com:443' is not a host name",
+            id="bad-option-next-to-a-good-spec",
+        ),
+        pytest.param(
+            "{kind: istio, app: diabetes_v2}",
+            [],
+            "router.istio.app: Value error, 'diabetes_v2' is not a DNS-1035 label",
+            id="bad-spec-field",
+        ),
+    ],
+)
+def test_an_error_names_what_the_user_typed_option_or_spec_field(
+    tmp_path: Path, router: str, args: list[str], message: str
+) -> None:
+    # Was: `router.hosts: ...` for a value given with --host, a spec field the user never wrote.
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(f"name: d\nrouter: {router}\n")
+    result = CliRunner().invoke(app, ["manifests", "--spec", str(spec), *args])
     assert isinstance(result.exception, ConfigError)
     assert message in str(result.exception)
 

@@ -1,0 +1,28 @@
+"""One line out of an Azure SDK's error text, for our one-line errors.
+
+azure-ai-ml colours its validation and asset errors with terminal escape codes (its first line
+in black, unreadable on a dark terminal; escape codes in a log, the ledger, a job's std_log) and
+wraps them in paragraphs of advice; azure-identity's credential errors run to a page. Used by the
+`azureml` router and by aml_pipelines' submission and registry, so both say the same thing the
+same way. Only `re` here: no SDK is imported.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: A terminal colour code (colorama's `Fore.RED`, `Style.RESET_ALL`, ...).
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    """`text` without terminal colour codes."""
+    return _ANSI.sub("", text)
+
+
+def one_line(message: str) -> str:
+    """azure-ai-ml's (or azure-identity's) multi-paragraph text, cut to its substance, one line."""
+    message = strip_ansi(message)
+    for boilerplate in ("Resolutions:", "Additional Resources:", "To mitigate this issue"):
+        message = message.split(boilerplate, 1)[0]
+    return " ".join(message.split())
