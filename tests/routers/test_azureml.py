@@ -23,7 +23,7 @@ from rollout.azure_credential import managed_identity
 from rollout.config import AzureMLRouterConfig, load_spec, spec_from_dict
 from rollout.controller import FakeClock
 from rollout.core.types import Colour, Phase, Release, Weights
-from rollout.errors import ConfigError, DeployFailed, RouterError, StateError
+from rollout.errors import ConfigError, DeployFailed, RouterError, RouterRefused, StateError
 from rollout.routers.azureml import (
     AzureMLRouter,
     check_mirror,
@@ -105,7 +105,7 @@ def test_plan_traffic(
 def test_plan_traffic_refuses_what_azure_would(
     current: dict[str, int], mirror: dict[str, int], blue: int, shadow: int, message: str
 ) -> None:
-    with pytest.raises(RouterError, match=message):
+    with pytest.raises(RouterRefused, match=message):
         plan_traffic(current, mirror, NAMES, Weights.blue_at(blue, mirror=shadow))
 
 
@@ -118,7 +118,7 @@ def test_plan_traffic_refuses_what_azure_would(
     ],
 )
 def test_check_mirror(mirror: dict[str, int], traffic: dict[str, int], message: str) -> None:
-    with pytest.raises(RouterError, match=message):
+    with pytest.raises(RouterRefused, match=message):
         check_mirror(mirror, traffic)
 
 
@@ -407,9 +407,36 @@ def test_a_plan_azure_would_refuse_names_the_endpoint(
     found = endpoint(arm, router)
     found["properties"].update(traffic=traffic, mirrorTraffic=mirror)
     arm.resources[f"{WORKSPACE}/onlineEndpoints/{router.endpoint}".lower()] = found
-    with pytest.raises(RouterError) as caught:
+    with pytest.raises(RouterRefused) as caught:  # not ours to move: the controller won't retry
         router.set_weights(weights)
     assert str(caught.value) == f"update endpoint {router.endpoint} traffic: {message}"
+
+
+def test_traffic_held_by_a_deployment_not_ours_stops_the_rollout_at_once(
+    arm: FakeArm, ml_client: Any, tmp_path: Path
+) -> None:
+    """Was: retried 4 times, 1 + 2 + 4 s apart, then "failed 4 times: ...": another deployment's
+    live traffic is an operator's to move, not a blip."""
+    router = make_router(ml_client)
+    router.deploy(Colour.GREEN, V1)
+    found = endpoint(arm, router)
+    found["properties"].update(traffic={"green": 90, "old": 10})
+    arm.resources[f"{WORKSPACE}/onlineEndpoints/{router.endpoint}".lower()] = found
+    spec = spec_from_dict({
+        "name": "diabetes",
+        "router": {"kind": "azureml", "subscription_id": SUB, "resource_group": RG,
+                   "workspace": WS, "endpoint": router.endpoint},
+        "metrics": {"kind": "static"},
+        "steps": [10, 100],
+        "state": {"dir": str(tmp_path / "state")},
+    })  # fmt: skip
+    endpoint_puts = f"/onlineEndpoints/{router.endpoint}$"
+    before = len(list(iter_calls(arm, "PUT", endpoint_puts)))
+    clock = FakeClock(1_000.0)
+    with pytest.raises(RouterRefused, match=r"take live traffic: \{'old': 10\}; set them to 0"):
+        run_rollout(spec, candidate=V2, router=router, clock=clock)
+    assert clock.now() == 1_000.0  # no pause
+    assert len(list(iter_calls(arm, "PUT", endpoint_puts))) == before  # the traffic untouched
 
 
 @pytest.mark.parametrize(
@@ -536,7 +563,7 @@ def test_a_deployment_aml_rollout_did_not_make_says_how_to_adopt_it(
     assert shown is not None
     shown["tags"] = {"owner": "ops"}
     arm.resources[path.lower()] = shown
-    with pytest.raises(RouterError) as caught:
+    with pytest.raises(RouterRefused) as caught:
         router.release(Colour.GREEN)
     assert str(caught.value) == (
         f"deployment {router.endpoint}/green has no aml-rollout.model/version tags: it was not "
