@@ -670,6 +670,101 @@ def test_the_spec_refuses_names_azure_would_refuse(
         load_spec(azure_spec_file(tmp_path, router, {}))
 
 
+ARM = "/subscriptions/s/resourceGroups/r/providers/Microsoft.MachineLearningServices/workspaces/w"
+REGISTRY = "azureml://registries/azureml"
+
+#: (kind, reference, azure-ai-ml takes it): the table both `azure_ml_asset` and azure-ai-ml's
+#: own resolution of a deployment's dependencies are held to.
+ASSET_REFERENCES = [
+    ("environments", "azureml:diabetes-env:1", True),
+    ("environments", "diabetes-env:1", True),
+    ("environments", "diabetes-env@latest", True),
+    ("environments", "azureml:diabetes-env@latest", True),
+    ("environments", "azureml:AzureML-sklearn-1.0-ubuntu20.04-py38-cpu", True),
+    ("environments", "AzureML-sklearn-1.0-ubuntu20.04-py38-cpu@latest", True),
+    ("environments", f"{ARM}/environments/diabetes-env/versions/1", True),
+    ("environments", f"{REGISTRY}/environments/sklearn/versions/3", True),
+    ("environments", f"{REGISTRY}/environments/sklearn/labels/latest", True),
+    ("environments", "azureml:diabetes-env", False),
+    ("environments", "diabetes-env", False),
+    ("environments", "azureml:diabetes-env:", False),
+    ("environments", "diabetes-env@", False),
+    ("environments", "diabetes-env@prod", False),
+    ("environments", "mcr.microsoft.com/azureml/minimal-py39-inference:latest", False),
+    ("environments", f"azureml:{ARM}/environments/diabetes-env/versions/1", False),
+    ("codes", "azureml:diabetes-score:1", True),
+    ("codes", f"azureml:{ARM}/codes/diabetes-score/versions/1", True),
+    ("codes", f"{ARM}/codes/diabetes-score/versions/1", True),
+    ("codes", f"{REGISTRY}/codes/score/versions/1", True),
+    ("codes", "./score", True),
+    ("codes", "score", True),
+    ("codes", "azureml:diabetes-score", False),
+    ("codes", "azureml:diabetes-score@latest", False),
+    ("codes", "azureml:diabetes/score:1", False),
+    ("codes", f"azureml:{ARM}/codes/diabetes-score", True),  # an ARM id: Azure's to answer
+    ("codes", "azureml:/diabetes-score", False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "ref", "taken"), ASSET_REFERENCES)
+def test_the_asset_references_the_spec_takes_are_those_azure_ai_ml_takes(
+    kind: str, ref: str, taken: bool, tmp_path: Path
+) -> None:
+    """azure-ai-ml's `upload_dependencies` (what `begin_create_or_update` runs before it sends
+    the deployment) against a workspace of fakes: a label resolves to version 7, a local
+    folder is "uploaded". What it refuses, the spec refuses; what it takes, the spec takes."""
+    from types import SimpleNamespace
+
+    from azure.ai.ml._scope_dependent_operations import OperationConfig, OperationScope
+    from azure.ai.ml._utils._endpoint_utils import upload_dependencies
+    from azure.ai.ml.exceptions import AssetException, ValidationException
+    from azure.ai.ml.operations._operation_orchestrator import OperationOrchestrator
+
+    class Uploaded(Exception):
+        pass
+
+    def upload(*_: Any, **__: Any) -> None:
+        raise Uploaded
+
+    latest = {"latest": lambda name: SimpleNamespace(version="7")}
+    operations = {
+        "environments": SimpleNamespace(_registry_name=None, _managed_label_resolver=latest),
+        "codes": SimpleNamespace(create_or_update=upload, _registry_name=None),
+    }
+    orchestrator = OperationOrchestrator(
+        SimpleNamespace(all_operations=operations),
+        OperationScope(SUB, RG, WS),
+        OperationConfig(show_progress=False, enable_telemetry=False),
+    )
+    (tmp_path / "score").mkdir()
+    environment, code = (ref, None) if kind == "environments" else (None, ref)
+    deployment = SimpleNamespace(
+        name="blue",
+        environment=environment,
+        model=None,
+        code_configuration=code and SimpleNamespace(code=code, scoring_script="score.py"),
+        _base_path=str(tmp_path),
+    )
+    try:
+        upload_dependencies(deployment, orchestrator)  # type: ignore[arg-type]
+        sdk_takes = True
+    except ValidationException:
+        sdk_takes = False
+    except AssetException as exc:  # azure-ai-ml wraps what the upload raised
+        assert isinstance(exc.__cause__ or exc.__context__, Uploaded), exc
+        sdk_takes = True
+    assert sdk_takes is taken
+    field = "environment" if kind == "environments" else "code"
+    spec = azure_spec_file(tmp_path, {field: ref}, {})
+    if taken:
+        assert getattr(load_spec(spec).router, field) == ref
+    else:
+        with pytest.raises(ConfigError) as refused:  # one line, naming the field
+            load_spec(spec)
+        assert str(refused.value).startswith(f"{spec}: router.azureml.{field}: ")
+        assert f"{ref!r}: " in str(refused.value) and "\n" not in str(refused.value)
+
+
 @pytest.mark.parametrize("name", ["diabetes-ep", "abc", "Ep-2", "a" + "b" * 30 + "9"])
 def test_the_spec_takes_the_names_azure_takes(tmp_path: Path, name: str) -> None:
     spec = load_spec(
