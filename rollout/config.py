@@ -253,12 +253,59 @@ def guid(text: str, what: str) -> str:
     return text
 
 
+#: An ARM id of a workspace asset, as azure-ai-ml matches one (`is_ARM_id_for_resource`).
+_ARM_ASSET = (
+    r"/subscriptions/.*/resourceGroups/.*/providers/Microsoft\.MachineLearningServices/"
+    r"workspaces/.*/{kind}/"
+)
+_ASSET_FORMS = {
+    "environments": "`azureml:<name>:<version>`, `<name>@latest`, a curated "
+    "`azureml:AzureML-...`, or an ARM or `azureml://registries/...` id; a container image is "
+    "registered as an environment first",
+    "codes": "`azureml:<name>:<version>` (no `@latest` for code), an ARM or "
+    "`azureml://registries/...` id, or a local folder (uploaded)",
+}
+
+
+def azure_ml_asset(ref: str, kind: Literal["environments", "codes"]) -> str:
+    """`ref`; ValueError when azure-ai-ml would refuse it as a deployment's environment or code
+    (`upload_dependencies`, `OperationOrchestrator.get_asset_arm_id`), which it checks only when
+    it writes the deployment: a rollout would fail at blue's turn, after `validate` said ok.
+    What it passes on is taken (whether the asset exists is Azure's answer)."""
+    if re.match(_ARM_ASSET.format(kind=kind), ref, re.IGNORECASE) or re.match(
+        "azureml://registries/", ref, re.IGNORECASE
+    ):
+        return ref
+    if kind == "codes":
+        if not ref.startswith("azureml:"):
+            return ref  # a local folder, uploaded as a code asset
+        parsed = ref.removeprefix("azureml:")  # what azure-ai-ml parses for code
+        if re.match(_ARM_ASSET.format(kind=kind), parsed, re.IGNORECASE):
+            return ref  # `azureml:` + an ARM id
+    else:
+        if ref.removeprefix("azureml:").startswith("AzureML-"):
+            return ref  # a curated environment, whose short form Azure resolves
+        parsed = ref  # azure-ai-ml parses an environment with its `azureml:`
+    if "/" in parsed and not parsed.startswith("/"):
+        why = "not an asset reference (a container image? a path?)"
+    elif kind == "environments" and (label := parsed.rpartition("@")[2]) and "@" in parsed:
+        if label == "latest":  # the one label azure-ai-ml resolves (`name@` has no label)
+            return ref
+        why = f"label {label!r}: azure-ai-ml resolves only @latest"
+    elif parsed.removeprefix("azureml:").partition(":")[2]:
+        return ref  # `name:version`, `azureml:` or not
+    else:
+        why = "no version" + (" (code takes no @label)" if "@" in parsed else "")
+    raise ValueError(f"{ref!r}: {why}; give {_ASSET_FORMS[kind]}")
+
+
 class AzureMLRouterConfig(_Model):
     """Azure ML managed online endpoint: `traffic` (and `mirror_traffic`) per deployment.
 
     Each colour is a ManagedOnlineDeployment serving the release's registered model
     `azureml:<model>:<version>`; `environment` (an asset id such as `azureml:sklearn-env:1`) and
-    `code` + `scoring_script` are what a non-MLflow model needs (docs/azureml-endpoint.md).
+    `code` + `scoring_script` are what a non-MLflow model needs (docs/azureml-endpoint.md);
+    both are checked as azure-ai-ml will check them (`azure_ml_asset`).
     """
 
     kind: Literal["azureml"] = "azureml"
@@ -283,6 +330,16 @@ class AzureMLRouterConfig(_Model):
     @classmethod
     def _subscription(cls, text: str) -> str:
         return guid(text, "an Azure subscription ID")
+
+    @field_validator("environment")
+    @classmethod
+    def _environment(cls, ref: str | None) -> str | None:
+        return None if ref is None else azure_ml_asset(ref, "environments")
+
+    @field_validator("code")
+    @classmethod
+    def _code(cls, ref: str | None) -> str | None:
+        return None if ref is None else azure_ml_asset(ref, "codes")
 
     @field_validator("deployments")
     @classmethod

@@ -55,6 +55,7 @@ from rollout.errors import (
     MetricsError,
     RolloutError,
     RouterError,
+    RouterRefused,
     RouterUnavailable,
 )
 from rollout.ledger import Ledger, span
@@ -67,8 +68,10 @@ log = logging.getLogger(__name__)
 #: Router calls are retried this many times (with doubling pauses from 1 s) before giving up;
 #: except a deploy that meets `RouterUnavailable` before the router ever answered this controller
 #: (a spec pointing at a router nobody runs: fail at once, with that one line), and
-#: `DeployFailed` (pods that never became ready: retrying would wait for them again, for as
-#: long). Weight changes, a rollback above all, are always retried.
+#: `RouterRefused`, an answer no retry changes: a namespace that does not exist, a release
+#: without an image, live traffic held by a deployment not ours, and `DeployFailed` (pods that
+#: never became ready: retrying would wait for them again, for as long). Weight changes, a
+#: rollback above all, are retried through anything else (a 503, a 409, a timeout).
 ROUTER_ATTEMPTS = 4
 
 
@@ -636,8 +639,10 @@ class Controller:
                 self._router_answered = True
                 return
             except RouterError as exc:
-                if isinstance(exc, DeployFailed):
-                    raise  # an answer (e.g. pods never ready after the wait), not a blip
+                if isinstance(exc, RouterRefused):
+                    # An answer, not a blip (no such namespace, pods never ready after the
+                    # wait, traffic held by a deployment not ours): asking again changes nothing.
+                    raise
                 if (
                     isinstance(exc, RouterUnavailable)
                     and isinstance(action, Deploy)

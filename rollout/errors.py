@@ -6,7 +6,8 @@
     ├── RouterError            the traffic router could not read or apply weights
     │   ├── ConflictError      optimistic concurrency lost (e.g. HTTP 409); retry after re-read
     │   ├── RouterUnavailable  nothing answers at the router's control plane (message has the URL)
-    │   └── DeployFailed       the workload was written but does not become ready: an answer
+    │   └── RouterRefused      an answer no retry changes (no such namespace, not ours to move)
+    │       └── DeployFailed   the workload was written but does not become ready
     ├── MetricsError           the metrics backend failed
     │   ├── NoValuesFound      the query answered, but with no series (no traffic yet)
     │   └── ProviderUnavailable the backend is unreachable (message carries the URL)
@@ -53,7 +54,14 @@ class RouterUnavailable(RouterError):
     """Nothing answers at the router's control plane (e.g. no Envoy at the admin URL)."""
 
 
-class DeployFailed(RouterError):
+class RouterRefused(RouterError):
+    """The router answered, and refuses the action for a reason that asking again will not
+    change: a namespace that does not exist, a release without what the router deploys, traffic
+    held by a deployment that is not ours to move. The controller does not retry it (a blip,
+    a 409, a timeout stay plain RouterError, and are retried); the message says what to fix."""
+
+
+class DeployFailed(RouterRefused):
     """A deploy was written but its workload does not become ready (pods never ready, a progress
     deadline passed). An answer, not a blip: deploying again would only wait for it again."""
 

@@ -43,6 +43,11 @@ minutes: `traffic_timeout_s` (five minutes by default), so that a rollback stuck
 loudly in minutes, not after the deploy bound. On expiry the call raises RouterError naming the
 operation and the setting; Azure carries on, and the next call reads the state it reached.
 
+What Azure (or this module for it) refuses, and will refuse again however often asked, is
+RouterRefused, which the controller does not retry: live traffic held by a deployment we do not
+manage, a deployment not deployed by aml-rollout, or one whose provisioning Failed, a mirror Azure
+would refuse. A change still in progress, a timeout, an HTTP error stay RouterError, retried.
+
 Azure gives no optimistic concurrency on the endpoint through the SDK: two writers of `traffic`
 race with last-writer-wins, so run one controller per endpoint (the state store's lease does,
 among controllers sharing that store).
@@ -59,7 +64,7 @@ from rollout.azure_credential import default_credential
 from rollout.azure_text import one_line
 from rollout.config import AZURE_MAX_MIRROR_PERCENT as MAX_MIRROR_PERCENT
 from rollout.core.types import Colour, Release, Weights
-from rollout.errors import ConfigError, DeployFailed, RouterError
+from rollout.errors import ConfigError, DeployFailed, RouterError, RouterRefused
 from rollout.routers.base import Fence, no_fence
 
 if TYPE_CHECKING:
@@ -90,7 +95,7 @@ def plan_traffic(
     ours = set(names.values())
     foreign = {name: pct for name, pct in current.items() if name not in ours and pct}
     if foreign:
-        raise RouterError(
+        raise RouterRefused(
             f"deployments aml-rollout does not manage take live traffic: {foreign}; "
             "set them to 0 first"
         )
@@ -108,17 +113,19 @@ def nonzero(shares: Mapping[str, int]) -> dict[str, int]:
 
 
 def check_mirror(mirror: Mapping[str, int], traffic: Mapping[str, int]) -> None:
-    """Raise RouterError when `mirror_traffic` breaks Azure's rules."""
+    """Raise RouterRefused when `mirror_traffic` breaks Azure's rules."""
     shadowed = {name: pct for name, pct in mirror.items() if pct}
     if len(shadowed) > 1:
-        raise RouterError(f"mirror traffic may go to one deployment only, got {shadowed}")
+        raise RouterRefused(f"mirror traffic may go to one deployment only, got {shadowed}")
     for name, pct in shadowed.items():
         if not 0 < pct <= MAX_MIRROR_PERCENT:
-            raise RouterError(
+            raise RouterRefused(
                 f"mirror traffic to {name!r} must be 1..{MAX_MIRROR_PERCENT} %, got {pct}"
             )
         if traffic.get(name):
-            raise RouterError(f"deployment {name!r} takes live traffic; it cannot also be mirrored")
+            raise RouterRefused(
+                f"deployment {name!r} takes live traffic; it cannot also be mirrored"
+            )
 
 
 def weights_from_traffic(
@@ -367,13 +374,16 @@ class AzureMLRouter:
                 if _failed(found)
                 else "Azure has not finished that change; try again when it has"
             )
-            raise RouterError(
+            # Failed or Canceled stays so until someone deploys again (RouterRefused); a change
+            # in progress ends by itself (RouterError: the controller retries).
+            error = RouterRefused if _failed(found) else RouterError
+            raise error(
                 f"deployment {self.endpoint}/{name} is in provisioning state {state}: {what}"
             )
         tags = found.tags or {}
         model, version = tags.get(f"{TAG_PREFIX}model"), tags.get(f"{TAG_PREFIX}version")
         if not model or version is None:
-            raise RouterError(
+            raise RouterRefused(
                 f"deployment {self.endpoint}/{name} has no {TAG_PREFIX}model/version tags: "
                 "it was not deployed by aml-rollout (to adopt it, tag it with the registered "
                 f"model and version it serves, {TAG_PREFIX}model and {TAG_PREFIX}version; or "
@@ -419,8 +429,8 @@ class AzureMLRouter:
         current, mirror = nonzero(endpoint.traffic or {}), nonzero(endpoint.mirror_traffic or {})
         try:
             traffic, new_mirror = plan_traffic(current, mirror, self.names, weights)
-        except RouterError as exc:  # a plan Azure would refuse: say which endpoint's
-            raise RouterError(f"update endpoint {self.endpoint} traffic: {exc}") from exc
+        except RouterRefused as exc:  # a plan Azure would refuse: say which endpoint's
+            raise RouterRefused(f"update endpoint {self.endpoint} traffic: {exc}") from exc
         # After a change that Failed (or was Canceled) the `traffic` read may be what was asked
         # for, not what serves: write it again rather than take it for applied.
         if (traffic, new_mirror) == (current, mirror) and not _failed(endpoint):

@@ -35,7 +35,8 @@ generateVirtualServicePatches vs reconcileVirtualService).
 
 API failures become RouterError naming the object and the HTTP status; a 409 that outlives the
 retries is ConflictError; no answer at all from the API server is RouterUnavailable; pods
-that do not become ready are DeployFailed. Only the
+that do not become ready are DeployFailed. A refusal that no retry changes is RouterRefused
+(DeployFailed is one): a namespace that does not exist, a release without an image. Only the
 verbs in `istio_manifests.ROLE_RULES` are used (checked by a test against a recorded run), so
 the rendered RBAC Role is enough.
 """
@@ -54,7 +55,13 @@ from urllib3.exceptions import HTTPError
 
 from rollout import kubeapi
 from rollout.core.types import Colour, Release, Weights
-from rollout.errors import ConflictError, DeployFailed, RouterError, RouterUnavailable
+from rollout.errors import (
+    ConflictError,
+    DeployFailed,
+    RouterError,
+    RouterRefused,
+    RouterUnavailable,
+)
 from rollout.routers import istio_manifests as m
 from rollout.routers.base import Fence, no_fence
 
@@ -250,7 +257,7 @@ class IstioRouter:
             log.info("created %s", what)
         except ApiException as exc:
             if exc.status == _NOT_FOUND and not kubeapi.not_served(exc):  # a POST's 404
-                raise RouterError(
+                raise RouterRefused(
                     f"create {what}: {kubeapi.describe(exc)} (namespace {self._ns!r} does not "
                     "exist: create it, e.g. with `aml-rollout manifests`, or fix "
                     f"router.namespace) [{self._host}]"

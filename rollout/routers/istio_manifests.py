@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollout.core.types import Colour, Release, Weights
-from rollout.errors import DeployFailed, RouterError, SettingError
+from rollout.errors import DeployFailed, RouterError, RouterRefused, SettingError
 from rollout.kubenames import DNS_1123_LABEL, app_problem, host_problem, label_value_problem
 from rollout.state.kubernetes_objects import ROLE_RULES as STATE_ROLE_RULES
 
@@ -141,7 +141,7 @@ def _meta(layout: IstioLayout, name: str, **labels: str) -> Obj:
 def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
     """The Deployment `<app>-<colour>` serving `release` (its identity kept in annotations)."""
     if not release.image:
-        raise RouterError(
+        raise RouterRefused(
             f"release {release.ref} has no container image, and the istio router deploys "
             "images: give it in the spec (`candidate:` / `stable:` `image: "
             "<registry>/<model>:<version>`, package.json's `image`)"
@@ -221,7 +221,7 @@ def updated_deployment(current: Obj, colour: Colour, release: Release) -> Obj:
     meta["annotations"] = {**(meta.get("annotations") or {}), **release_annotations(release)}
     container = scoring_container(new)
     if container is None:
-        raise RouterError(
+        raise RouterRefused(
             f"Deployment {meta.get('namespace')}/{meta.get('name')} has no containers"
         )
     container["image"] = release.image
@@ -409,7 +409,7 @@ def release_from_annotations(annotations: dict[str, str] | None, image: str | No
     model = annotations.get(f"{ANNOTATION_PREFIX}model")
     version = annotations.get(f"{ANNOTATION_PREFIX}version")
     if not model or version is None:
-        raise RouterError(
+        raise RouterRefused(
             f"Deployment has no {ANNOTATION_PREFIX}model/version annotations: "
             "it was not deployed by aml-rollout"
         )
@@ -555,7 +555,8 @@ def matches_everything(route: Obj) -> bool:
 
 
 def check_reachable(http: list[Obj], layout: IstioLayout) -> None:
-    """Raise RouterError when a user route that takes every request shadows one of ours."""
+    """Raise RouterRefused when a user route that takes every request shadows one of ours
+    (the user's route to change: no retry helps)."""
     ours = {pin_route(c) for c in Colour} | {DEFAULT_ROUTE}
     for index, route in enumerate(http):
         if route.get("name") in ours or not matches_everything(route):
@@ -563,7 +564,7 @@ def check_reachable(http: list[Obj], layout: IstioLayout) -> None:
         shadowed = [r["name"] for r in http[index + 1 :] if r.get("name") in ours]
         if shadowed:
             name = route.get("name") or f"#{index} (unnamed)"
-            raise RouterError(
+            raise RouterRefused(
                 f"VirtualService {layout.namespace}/{layout.virtual_service}: route {name!r} "
                 f"matches every request, so {', '.join(map(repr, shadowed))} after it would "
                 f"never be reached; give {name!r} a narrower match, move it after "

@@ -16,10 +16,12 @@ from rollout.core.status import Command, Deploy, SetWeights, Status
 from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.errors import (
     ConfigError,
+    ConflictError,
     DeployFailed,
     LeaseHeldError,
     RolloutError,
     RouterError,
+    RouterRefused,
     RouterUnavailable,
     StateError,
 )
@@ -322,6 +324,71 @@ def test_a_router_that_answered_before_is_retried_when_unreachable(tmp_path: Pat
         ctl.run(max_ticks=500)
     assert router.attempts == 4
     assert clock.now() >= 1000.0 + 1 + 2 + 4
+
+
+class FailsAfter(MemoryRouter):
+    """Answers `answers` actions, then fails every action after with `error`."""
+
+    def __init__(self, answers: int, error: RouterError, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.answers, self.error, self.attempts = answers, error, 0
+
+    def deploy(self, colour: Colour, release: Release) -> None:
+        self._call()
+        super().deploy(colour, release)
+
+    def set_weights(self, weights: Weights) -> None:
+        self._call()
+        super().set_weights(weights)
+
+    def _call(self) -> None:
+        if self.answers == 0:
+            self.attempts += 1
+            raise self.error
+        self.answers -= 1
+
+
+NOT_OURS = RouterRefused("deployments aml-rollout does not manage take live traffic: {'old': 10}")
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [
+        pytest.param(0, id="the-first-deploy"),
+        pytest.param(1, id="a-weight-change-after-an-answer"),
+    ],
+)
+def test_a_refusal_for_good_is_not_retried(
+    tmp_path: Path, answers: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Was: 3 "retrying" warnings and 1 + 2 + 4 s of pauses, then "failed 4 times: <it>", for a
+    refusal no retry changes (a namespace that does not exist, traffic not ours to move)."""
+    router = FailsAfter(answers, NOT_OURS, releases={Colour.GREEN: V1})
+    ctl, clock = controller(tmp_path, router, StaticMetrics([]))
+    with pytest.raises(RouterRefused) as refused:
+        ctl.run(max_ticks=5)
+    assert refused.value is NOT_OURS  # the router's one line, not "failed 4 times: ..."
+    assert router.attempts == 1
+    assert clock.now() == 1000.0  # no pause
+    assert "retrying" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(RouterError("HTTP 503 ServiceUnavailable"), id="503"),
+        pytest.param(ConflictError("still conflicting after 5 attempts"), id="409"),
+        pytest.param(RouterError("Azure has not finished after 300 s"), id="timeout"),
+        pytest.param(RouterUnavailable("cannot reach the Kubernetes API"), id="unreachable"),
+    ],
+)
+def test_a_transient_failure_is_still_retried(tmp_path: Path, error: RouterError) -> None:
+    router = FailsAfter(1, error, releases={Colour.GREEN: V1})  # deploys blue, then fails
+    ctl, clock = controller(tmp_path, router, StaticMetrics([]))
+    with pytest.raises(RouterError, match="failed 4 times"):
+        ctl.run(max_ticks=5)
+    assert router.attempts == 4
+    assert clock.now() == 1000.0 + 1 + 2 + 4
 
 
 class NeverReadyBlue(MemoryRouter):

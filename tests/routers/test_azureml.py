@@ -23,7 +23,7 @@ from rollout.azure_credential import managed_identity
 from rollout.config import AzureMLRouterConfig, load_spec, spec_from_dict
 from rollout.controller import FakeClock
 from rollout.core.types import Colour, Phase, Release, Weights
-from rollout.errors import ConfigError, DeployFailed, RouterError, StateError
+from rollout.errors import ConfigError, DeployFailed, RouterError, RouterRefused, StateError
 from rollout.routers.azureml import (
     AzureMLRouter,
     check_mirror,
@@ -105,7 +105,7 @@ def test_plan_traffic(
 def test_plan_traffic_refuses_what_azure_would(
     current: dict[str, int], mirror: dict[str, int], blue: int, shadow: int, message: str
 ) -> None:
-    with pytest.raises(RouterError, match=message):
+    with pytest.raises(RouterRefused, match=message):
         plan_traffic(current, mirror, NAMES, Weights.blue_at(blue, mirror=shadow))
 
 
@@ -118,7 +118,7 @@ def test_plan_traffic_refuses_what_azure_would(
     ],
 )
 def test_check_mirror(mirror: dict[str, int], traffic: dict[str, int], message: str) -> None:
-    with pytest.raises(RouterError, match=message):
+    with pytest.raises(RouterRefused, match=message):
         check_mirror(mirror, traffic)
 
 
@@ -407,9 +407,36 @@ def test_a_plan_azure_would_refuse_names_the_endpoint(
     found = endpoint(arm, router)
     found["properties"].update(traffic=traffic, mirrorTraffic=mirror)
     arm.resources[f"{WORKSPACE}/onlineEndpoints/{router.endpoint}".lower()] = found
-    with pytest.raises(RouterError) as caught:
+    with pytest.raises(RouterRefused) as caught:  # not ours to move: the controller won't retry
         router.set_weights(weights)
     assert str(caught.value) == f"update endpoint {router.endpoint} traffic: {message}"
+
+
+def test_traffic_held_by_a_deployment_not_ours_stops_the_rollout_at_once(
+    arm: FakeArm, ml_client: Any, tmp_path: Path
+) -> None:
+    """Was: retried 4 times, 1 + 2 + 4 s apart, then "failed 4 times: ...": another deployment's
+    live traffic is an operator's to move, not a blip."""
+    router = make_router(ml_client)
+    router.deploy(Colour.GREEN, V1)
+    found = endpoint(arm, router)
+    found["properties"].update(traffic={"green": 90, "old": 10})
+    arm.resources[f"{WORKSPACE}/onlineEndpoints/{router.endpoint}".lower()] = found
+    spec = spec_from_dict({
+        "name": "diabetes",
+        "router": {"kind": "azureml", "subscription_id": SUB, "resource_group": RG,
+                   "workspace": WS, "endpoint": router.endpoint},
+        "metrics": {"kind": "static"},
+        "steps": [10, 100],
+        "state": {"dir": str(tmp_path / "state")},
+    })  # fmt: skip
+    endpoint_puts = f"/onlineEndpoints/{router.endpoint}$"
+    before = len(list(iter_calls(arm, "PUT", endpoint_puts)))
+    clock = FakeClock(1_000.0)
+    with pytest.raises(RouterRefused, match=r"take live traffic: \{'old': 10\}; set them to 0"):
+        run_rollout(spec, candidate=V2, router=router, clock=clock)
+    assert clock.now() == 1_000.0  # no pause
+    assert len(list(iter_calls(arm, "PUT", endpoint_puts))) == before  # the traffic untouched
 
 
 @pytest.mark.parametrize(
@@ -536,7 +563,7 @@ def test_a_deployment_aml_rollout_did_not_make_says_how_to_adopt_it(
     assert shown is not None
     shown["tags"] = {"owner": "ops"}
     arm.resources[path.lower()] = shown
-    with pytest.raises(RouterError) as caught:
+    with pytest.raises(RouterRefused) as caught:
         router.release(Colour.GREEN)
     assert str(caught.value) == (
         f"deployment {router.endpoint}/green has no aml-rollout.model/version tags: it was not "
@@ -641,6 +668,101 @@ def test_the_spec_refuses_names_azure_would_refuse(
     `rollout validate`, at the field: not at the rollout's first deploy."""
     with pytest.raises(ConfigError, match=message):
         load_spec(azure_spec_file(tmp_path, router, {}))
+
+
+ARM = "/subscriptions/s/resourceGroups/r/providers/Microsoft.MachineLearningServices/workspaces/w"
+REGISTRY = "azureml://registries/azureml"
+
+#: (kind, reference, azure-ai-ml takes it): the table both `azure_ml_asset` and azure-ai-ml's
+#: own resolution of a deployment's dependencies are held to.
+ASSET_REFERENCES = [
+    ("environments", "azureml:diabetes-env:1", True),
+    ("environments", "diabetes-env:1", True),
+    ("environments", "diabetes-env@latest", True),
+    ("environments", "azureml:diabetes-env@latest", True),
+    ("environments", "azureml:AzureML-sklearn-1.0-ubuntu20.04-py38-cpu", True),
+    ("environments", "AzureML-sklearn-1.0-ubuntu20.04-py38-cpu@latest", True),
+    ("environments", f"{ARM}/environments/diabetes-env/versions/1", True),
+    ("environments", f"{REGISTRY}/environments/sklearn/versions/3", True),
+    ("environments", f"{REGISTRY}/environments/sklearn/labels/latest", True),
+    ("environments", "azureml:diabetes-env", False),
+    ("environments", "diabetes-env", False),
+    ("environments", "azureml:diabetes-env:", False),
+    ("environments", "diabetes-env@", False),
+    ("environments", "diabetes-env@prod", False),
+    ("environments", "mcr.microsoft.com/azureml/minimal-py39-inference:latest", False),
+    ("environments", f"azureml:{ARM}/environments/diabetes-env/versions/1", False),
+    ("codes", "azureml:diabetes-score:1", True),
+    ("codes", f"azureml:{ARM}/codes/diabetes-score/versions/1", True),
+    ("codes", f"{ARM}/codes/diabetes-score/versions/1", True),
+    ("codes", f"{REGISTRY}/codes/score/versions/1", True),
+    ("codes", "./score", True),
+    ("codes", "score", True),
+    ("codes", "azureml:diabetes-score", False),
+    ("codes", "azureml:diabetes-score@latest", False),
+    ("codes", "azureml:diabetes/score:1", False),
+    ("codes", f"azureml:{ARM}/codes/diabetes-score", True),  # an ARM id: Azure's to answer
+    ("codes", "azureml:/diabetes-score", False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "ref", "taken"), ASSET_REFERENCES)
+def test_the_asset_references_the_spec_takes_are_those_azure_ai_ml_takes(
+    kind: str, ref: str, taken: bool, tmp_path: Path
+) -> None:
+    """azure-ai-ml's `upload_dependencies` (what `begin_create_or_update` runs before it sends
+    the deployment) against a workspace of fakes: a label resolves to version 7, a local
+    folder is "uploaded". What it refuses, the spec refuses; what it takes, the spec takes."""
+    from types import SimpleNamespace
+
+    from azure.ai.ml._scope_dependent_operations import OperationConfig, OperationScope
+    from azure.ai.ml._utils._endpoint_utils import upload_dependencies
+    from azure.ai.ml.exceptions import AssetException, ValidationException
+    from azure.ai.ml.operations._operation_orchestrator import OperationOrchestrator
+
+    class Uploaded(Exception):
+        pass
+
+    def upload(*_: Any, **__: Any) -> None:
+        raise Uploaded
+
+    latest = {"latest": lambda name: SimpleNamespace(version="7")}
+    operations = {
+        "environments": SimpleNamespace(_registry_name=None, _managed_label_resolver=latest),
+        "codes": SimpleNamespace(create_or_update=upload, _registry_name=None),
+    }
+    orchestrator = OperationOrchestrator(
+        SimpleNamespace(all_operations=operations),
+        OperationScope(SUB, RG, WS),
+        OperationConfig(show_progress=False, enable_telemetry=False),
+    )
+    (tmp_path / "score").mkdir()
+    environment, code = (ref, None) if kind == "environments" else (None, ref)
+    deployment = SimpleNamespace(
+        name="blue",
+        environment=environment,
+        model=None,
+        code_configuration=code and SimpleNamespace(code=code, scoring_script="score.py"),
+        _base_path=str(tmp_path),
+    )
+    try:
+        upload_dependencies(deployment, orchestrator)  # type: ignore[arg-type]
+        sdk_takes = True
+    except ValidationException:
+        sdk_takes = False
+    except AssetException as exc:  # azure-ai-ml wraps what the upload raised
+        assert isinstance(exc.__cause__ or exc.__context__, Uploaded), exc
+        sdk_takes = True
+    assert sdk_takes is taken
+    field = "environment" if kind == "environments" else "code"
+    spec = azure_spec_file(tmp_path, {field: ref}, {})
+    if taken:
+        assert getattr(load_spec(spec).router, field) == ref
+    else:
+        with pytest.raises(ConfigError) as refused:  # one line, naming the field
+            load_spec(spec)
+        assert str(refused.value).startswith(f"{spec}: router.azureml.{field}: ")
+        assert f"{ref!r}: " in str(refused.value) and "\n" not in str(refused.value)
 
 
 @pytest.mark.parametrize("name", ["diabetes-ep", "abc", "Ep-2", "a" + "b" * 30 + "9"])

@@ -27,6 +27,7 @@ from rollout.errors import (
     ConflictError,
     DeployFailed,
     RouterError,
+    RouterRefused,
     RouterUnavailable,
     StateError,
 )
@@ -626,8 +627,59 @@ def test_errors_name_the_object(
         call(make(api))
 
 
+@pytest.mark.parametrize(
+    ("namespace", "stable", "message"),
+    [
+        pytest.param(
+            False, {"model": "diabetes", "version": "1", "image": "acr.io/diabetes:1"},
+            "create Service ml/diabetes-green: HTTP 404 namespaces \"ml\" not found (namespace "
+            "'ml' does not exist",
+            id="no-namespace",
+        ),
+        pytest.param(
+            True, None,
+            "release diabetes:1 has no container image, and the istio router deploys images",
+            id="release-without-image",
+        ),
+    ],
+)  # fmt: skip
+def test_bootstrap_refused_for_good_says_so_at_once(
+    tmp_path: Path, namespace: bool, stable: dict[str, Any] | None, message: str
+) -> None:
+    """Was: three "retrying in 1/2/4 s" warnings, then "failed 4 times: ...", 7 s later: no
+    retry creates the namespace or gives the release an image (RouterRefused)."""
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    with FakeKubeApiServer() as api:
+        if namespace:
+            api.seed(m.namespace(LAYOUT), "namespaces")
+        spec = tmp_path / "rollout.yaml"
+        spec.write_text(json.dumps({
+            "name": "diabetes",
+            "router": {"kind": "istio", "namespace": "ml", "app": "diabetes", "api_url": api.url},
+            "metrics": {"kind": "static"},
+            "steps": [10, 100],
+            "state": {"dir": str(tmp_path / "state")},
+            **({"stable": stable} if stable else {}),
+        }))  # fmt: skip
+        result = CliRunner().invoke(
+            app, ["rollout", "bootstrap", str(spec), "--release", "diabetes:1"]
+        )
+        assert result.exit_code == 2
+        assert "retrying" not in result.output
+        assert result.output.startswith(f"error: {message}")
+        assert len(result.output.strip().splitlines()) == 1
+        assert not api.exists(*DEPLOYMENT_GREEN)
+
+
 def test_a_missing_namespace_is_a_clear_router_error() -> None:
-    with FakeKubeApiServer() as api, pytest.raises(RouterError, match=r'HTTP 404 namespaces "ml"'):
+    # RouterRefused: no retry creates the namespace (the controller does not retry it).
+    with (
+        FakeKubeApiServer() as api,
+        pytest.raises(RouterRefused, match=r'HTTP 404 namespaces "ml"'),
+    ):
         make(api).deploy(Colour.GREEN, V1)
     with FakeKubeApiServer() as api, pytest.raises(RouterError) as refused:
         make(api).deploy(Colour.GREEN, V1)
