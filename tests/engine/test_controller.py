@@ -279,53 +279,6 @@ def test_router_errors_are_retried(tmp_path: Path) -> None:
     assert clock.now() > 1000.0
 
 
-class UnreachableRouter(MemoryRouter):
-    """Answers `answers` actions, then nothing answers at its control plane any more."""
-
-    def __init__(self, answers: int, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.answers = answers
-        self.attempts = 0
-
-    def deploy(self, colour: Colour, release: Release) -> None:
-        self._call()
-        super().deploy(colour, release)
-
-    def set_weights(self, weights: Weights) -> None:
-        self._call()
-        super().set_weights(weights)
-
-    def _call(self) -> None:
-        if self.answers == 0:
-            self.attempts += 1
-            raise RouterUnavailable("admin at http://127.0.0.1:9 is not reachable")
-        self.answers -= 1
-
-
-def test_a_router_that_never_answered_fails_at_once(tmp_path: Path) -> None:
-    # Was: 4 attempts and 7 s of pauses (and, with Envoy, a scoring server started and stopped
-    # each time) before the same error, for a spec pointing at an Envoy nobody started.
-    router = UnreachableRouter(0, releases={Colour.GREEN: V1})
-    ctl, clock = controller(tmp_path, router, StaticMetrics([]))
-    with pytest.raises(RouterUnavailable, match="not reachable"):
-        ctl.run(max_ticks=5)
-    assert router.attempts == 1
-    assert clock.now() == 1000.0  # no pause
-    assert explain(read_ledger(tmp_path / "t.ledger.jsonl"))[-1] == (
-        f"[0 s] controller stopped: could not deploy {V2.ref} to blue: admin at "
-        "http://127.0.0.1:9 is not reachable (the next `run` applies it first)"
-    )
-
-
-def test_a_router_that_answered_before_is_retried_when_unreachable(tmp_path: Path) -> None:
-    router = UnreachableRouter(2, releases={Colour.GREEN: V1})  # deploy blue, first weight
-    ctl, clock = controller(tmp_path, router, simulated(router, 0.01))
-    with pytest.raises(RouterError, match="failed 4 times"):
-        ctl.run(max_ticks=500)
-    assert router.attempts == 4
-    assert clock.now() >= 1000.0 + 1 + 2 + 4
-
-
 class FailsAfter(MemoryRouter):
     """Answers `answers` actions, then fails every action after with `error`."""
 
@@ -346,6 +299,37 @@ class FailsAfter(MemoryRouter):
             self.attempts += 1
             raise self.error
         self.answers -= 1
+
+
+def unreachable(answers: int, **kw: Any) -> FailsAfter:
+    """Answers `answers` actions, then nothing answers at its control plane any more."""
+    return FailsAfter(
+        answers, RouterUnavailable("admin at http://127.0.0.1:9 is not reachable"), **kw
+    )
+
+
+def test_a_router_that_never_answered_fails_at_once(tmp_path: Path) -> None:
+    # Was: 4 attempts and 7 s of pauses (and, with Envoy, a scoring server started and stopped
+    # each time) before the same error, for a spec pointing at an Envoy nobody started.
+    router = unreachable(0, releases={Colour.GREEN: V1})
+    ctl, clock = controller(tmp_path, router, StaticMetrics([]))
+    with pytest.raises(RouterUnavailable, match="not reachable"):
+        ctl.run(max_ticks=5)
+    assert router.attempts == 1
+    assert clock.now() == 1000.0  # no pause
+    assert explain(read_ledger(tmp_path / "t.ledger.jsonl"))[-1] == (
+        f"[0 s] controller stopped: could not deploy {V2.ref} to blue: admin at "
+        "http://127.0.0.1:9 is not reachable (the next `run` applies it first)"
+    )
+
+
+def test_a_router_that_answered_before_is_retried_when_unreachable(tmp_path: Path) -> None:
+    router = unreachable(2, releases={Colour.GREEN: V1})  # deploy blue, first weight
+    ctl, clock = controller(tmp_path, router, simulated(router, 0.01))
+    with pytest.raises(RouterError, match="failed 4 times"):
+        ctl.run(max_ticks=500)
+    assert router.attempts == 4
+    assert clock.now() >= 1000.0 + 1 + 2 + 4
 
 
 NOT_OURS = RouterRefused("deployments aml-rollout does not manage take live traffic: {'old': 10}")
