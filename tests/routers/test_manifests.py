@@ -550,7 +550,8 @@ def test_rollout_validate_refuses_what_the_router_would(
 
 # ---- the Helm chart ---------------------------------------------------------------------------
 # helm is not installable here, so the chart keeps to a small subset of Go templates (values,
-# `quote`, `required`, `if`, `not`, `contains`, `range`) that this renderer implements, and must
+# integers, `quote`, `required`, `fail`, `if`, `not`, `ne`, `add`, `contains`, `range`) that this
+# renderer implements, and must
 # render to exactly the objects the Python builders make: chart, `manifests` and router cannot
 # drift apart.
 CHART = Path(__file__).parents[2] / "charts" / "aml-rollout"
@@ -559,6 +560,25 @@ _ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
 
 class RequiredValueError(Exception):
     """What `helm template` reports (and exits on) when a `required` value is missing."""
+
+
+class ChartFailError(Exception):
+    """What `helm template` reports (and exits on) when a template calls `fail`."""
+
+
+def _words(expr: str) -> list[str]:
+    """A template call's words: `ne (add .a .b) 100` -> ["ne", "(add .a .b)", "100"]."""
+    words, depth, quoted, start = [], 0, False, 0
+    for i, char in enumerate(expr + " "):
+        if char == '"':
+            quoted = not quoted
+        elif not quoted and char in "()":
+            depth += 1 if char == "(" else -1
+        elif char == " " and not quoted and depth == 0:
+            if expr[start:i]:
+                words.append(expr[start:i])
+            start = i + 1
+    return words
 
 
 def render_template(text: str, root: dict[str, Any]) -> str:
@@ -581,6 +601,14 @@ def render_template(text: str, root: dict[str, Any]) -> str:
         if expr.startswith("contains "):  # contains "substring" .Values.x (sprig's order)
             quoted, _, subject = expr.removeprefix("contains ").partition(" ")
             return json.loads(quoted) in str(value(subject.strip(), dot))
+        if re.fullmatch(r"-?\d+", expr):
+            return int(expr)
+        words = _words(expr)
+        if words[0] == "fail":  # fail "message"
+            raise ChartFailError(json.loads(words[1]))
+        if words[0] in ("ne", "add") and len(words) == 3:  # Go's integer rules: any int type
+            left, right = (value(word, dot) for word in words[1:])
+            return left != right if words[0] == "ne" else int(left) + int(right)
         head, *filters = (part.strip() for part in expr.split("|"))
         message = None
         if head.startswith("required "):  # required "message" .Values.x
@@ -689,6 +717,18 @@ def test_the_chart_renderer_is_not_vacuous() -> None:
     )
     root = {"Values": {"x": 3, "on": False, "l": [1, 2], "i": "r/m@sha256:0"}}
     assert yaml.safe_load(render_template(text, root)) == {"a": "3", "l": [1, 2], "d": 1}
+    sums = '{{- if ne (add .Values.a .Values.b) 100 }}{{ fail "not 100" }}{{- end }}ok'
+    assert render_template(sums, {"Values": {"a": 60, "b": 40}}) == "ok"
+    with pytest.raises(ChartFailError, match="not 100"):
+        render_template(sums, {"Values": {"a": 60, "b": 60}})
+
+
+@pytest.mark.parametrize(("green", "blue"), [(60, 60), (100, 10), (50, 0)])
+def test_the_chart_refuses_weights_that_do_not_sum_to_100(green: int, blue: int) -> None:
+    # Was rendered, and the router refused the route at `run` ("invalid weights").
+    with pytest.raises(ChartFailError, match=r"weights.green \+ weights.blue must be 100"):
+        render_chart({"weights": {"green": green, "blue": blue}}, "ml")
+    assert render_chart({"weights": {"green": 90, "blue": 10}}, "ml")
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
