@@ -486,7 +486,7 @@ def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | N
     from rich.table import Table
 
     from rollout.core.status import describe
-    from rollout.core.types import Phase
+    from rollout.core.types import Phase, Verdict
 
     table = Table(title=f"rollout {parsed.name}", show_header=False, box=None)
     table.add_column()
@@ -517,6 +517,12 @@ def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | N
                 f"{ev.baseline_bad}/{ev.baseline_requests}; e-value worse "
                 f"{_exp(ev.log_e_worse())}, not-worse {_exp(ev.log_e_ok())}",
             )
+    if status.held and status.phase is Phase.PAUSED and status.verdict is Verdict.SUCCESSFUL:
+        # The judge keeps counting while a human is awaited; the reason above is why it held.
+        table.add_row(
+            "since held",
+            "the evidence now passes this step: `resume` lets it advance on the next tick",
+        )
     if status.applied < len(status.pending):
         todo = status.pending[status.applied :]
         table.add_row("not applied", escape("; ".join(describe(a) for a in todo)))

@@ -645,3 +645,35 @@ def test_a_simulated_rollout_waiting_for_a_human_ticks_in_wall_time(tmp_path: Pa
         proc.terminate()
         proc.wait(timeout=30)
     assert held > 0 and grown <= 4, grown
+
+
+@pytest.mark.parametrize(("verdict", "shown"), [("Successful", True), ("Inconclusive", False)])
+def test_status_of_a_held_rollout_says_when_the_evidence_now_passes(
+    tmp_path: Path, verdict: str, shown: bool
+) -> None:
+    """Held, the judge keeps counting, but the reason stays why it held ("15 of 200 canary
+    requests needed" under a not-worse e-value of 6e19): the view says the step now passes."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from rollout.commands.rollout import _status_view
+    from rollout.config import load_spec
+    from rollout.core.machine import new_status
+    from rollout.core.types import Phase, Release, Verdict
+
+    spec = load_spec(write_spec(tmp_path))
+    status = new_status(
+        spec, now=0.0, candidate=Release("m", "2"), stable=Release("m", "1"), rollout_id="r"
+    )
+    status = replace(
+        status,
+        phase=Phase.PAUSED,
+        held=True,
+        verdict=Verdict(verdict),
+        reason="held for a human: step 10 % inconclusive after 600 s: 15 of 100 canary requests",
+    )
+    console = Console(record=True, width=200)
+    console.print(_status_view(spec, status, None))
+    text = console.export_text()
+    assert ("the evidence now passes this step: `resume` lets it advance" in text) is shown
