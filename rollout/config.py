@@ -51,7 +51,7 @@ from rollout.core.types import Colour, Phase, Release
 from rollout.errors import ConfigError
 from rollout.kubenames import (
     app_problem,
-    host_problem,
+    hosts_problem,
     label_value_problem,
     namespace_problem,
     rollout_name_problem,
@@ -95,10 +95,10 @@ def header_name(header: str) -> str:
 HeaderName = Annotated[str, AfterValidator(header_name)]
 
 
-def _refusing(problem: Callable[[str], str | None]) -> AfterValidator:
+def _refusing(problem: Callable[[Any], str | None]) -> AfterValidator:
     """A validator refusing what `problem` finds wrong with a value (None: nothing)."""
 
-    def check(value: str) -> str:
+    def check(value: Any) -> Any:
         if (found := problem(value)) is not None:
             raise ValueError(found)
         return value
@@ -110,6 +110,7 @@ def _refusing(problem: Callable[[str], str | None]) -> AfterValidator:
 KubeNamespace = Annotated[str, _refusing(namespace_problem)]
 KubeApp = Annotated[str, _refusing(app_problem)]
 KubeLabelValue = Annotated[str, _refusing(label_value_problem)]
+KubeHosts = Annotated[list[str], _refusing(hosts_problem)]
 
 
 class ColourNames(_Model):
@@ -198,7 +199,7 @@ class IstioRouterConfig(KubeApiConfig):
     kind: Literal["istio"] = "istio"
     namespace: KubeNamespace = "default"
     app: KubeApp = "model"
-    hosts: list[str] = Field(default_factory=lambda: ["*"])
+    hosts: KubeHosts = Field(default_factory=lambda: ["*"])
     #: Requests carrying `<header>: blue|green` go to that colour's pinned Service.
     header: HeaderName = "x-api-version"
     port: int = Field(default=80, gt=0, lt=65536)
@@ -210,16 +211,6 @@ class IstioRouterConfig(KubeApiConfig):
     #: for Istio's own install; AKS's Istio add-on labels its gateways
     #: `aks-istio-ingressgateway-external` / `-internal`.
     ingress_gateway: KubeLabelValue = "ingressgateway"
-
-    @field_validator("hosts")
-    @classmethod
-    def _hosts(cls, hosts: list[str]) -> list[str]:
-        if not hosts:
-            raise ValueError("needs at least one host (`*`: any)")
-        for host in hosts:
-            if (problem := host_problem(host)) is not None:
-                raise ValueError(problem)
-        return hosts
 
     @property
     def identity(self) -> str:

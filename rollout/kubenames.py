@@ -8,6 +8,7 @@ on the state store package.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 #: Namespaces (and each dot-separated part of an object name) are DNS-1123 labels.
 DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -78,6 +79,13 @@ def host_problem(host: str) -> str | None:
         f"{host!r} is not a host name (e.g. diabetes.example.com, *.example.com or *: no "
         "scheme, port or path)"
     )
+
+
+def hosts_problem(hosts: Sequence[str]) -> str | None:
+    """Why `hosts` cannot be the Gateway's and the VirtualService's hosts, or None."""
+    if not hosts:
+        return "needs at least one host (`*`: any)"
+    return next((p for host in hosts if (p := host_problem(host)) is not None), None)
 
 
 def rollout_name_problem(name: str) -> str | None:

@@ -36,7 +36,7 @@ from typing import Any
 
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import DeployFailed, RouterError, RouterRefused, SettingError
-from rollout.kubenames import DNS_1123_LABEL, app_problem, host_problem, label_value_problem
+from rollout.kubenames import DNS_1123_LABEL, app_problem, hosts_problem, label_value_problem
 from rollout.state.kubernetes_objects import ROLE_RULES as STATE_ROLE_RULES
 
 Obj = dict[str, Any]
@@ -97,13 +97,12 @@ class IstioLayout:
                 f"{self.namespace!r} is not a DNS-1123 label "
                 "(lower-case letters, digits and '-', at most 63 characters)",
             )
-        if (problem := app_problem(self.app)) is not None:
-            raise SettingError("router.app", problem)
-        if not self.hosts:
-            raise SettingError("router.hosts", "needs at least one host (`*`: any)")
-        for host in self.hosts:
-            if (problem := host_problem(host)) is not None:
-                raise SettingError("router.hosts", problem)
+        for name, problem in (
+            ("router.app", app_problem(self.app)),
+            ("router.hosts", hosts_problem(self.hosts)),
+        ):
+            if problem is not None:
+                raise SettingError(name, problem)
         for name, port in (("port", self.port), ("container_port", self.container_port)):
             if not 0 < port < 65536:
                 raise SettingError(f"router.{name}", f"{port} is not a TCP port")
