@@ -10,6 +10,7 @@ same way. Only `re` here: no SDK is imported.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 #: A terminal colour code (colorama's `Fore.RED`, `Style.RESET_ALL`, ...).
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -26,3 +27,17 @@ def one_line(message: str) -> str:
     for boilerplate in ("Resolutions:", "Additional Resources:", "To mitigate this issue"):
         message = message.split(boilerplate, 1)[0]
     return " ".join(message.split())
+
+
+def error_line(error: Any) -> str:
+    """An Azure error (an exception, or the `error` it carries) as one line of its message."""
+    return one_line(str(getattr(error, "message", None) or error))
+
+
+def http_detail(exc: Any) -> str:
+    """An azure-core HttpResponseError's substance, said once: `Code: message` from the
+    service's error (the exception's own text repeats them, "(code) message Code: ... Message:
+    ..."), else its message."""
+    error = getattr(exc, "error", None)
+    code, message = getattr(error, "code", None), getattr(error, "message", None)
+    return f"{code}: {one_line(message)}" if code and message else error_line(exc)

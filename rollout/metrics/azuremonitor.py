@@ -70,6 +70,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from rollout.azure_credential import default_credential
+from rollout.azure_text import error_line, http_detail
 from rollout.core.types import Colour, ColourCounts, Observation
 from rollout.errors import MetricsError
 
@@ -239,18 +240,22 @@ class AzureMonitorMetrics:
             # azure-monitor-query re-raises every error of its request as a bare
             # HttpResponseError, the credential's own included (no response: no token at all).
             if _no_token(exc):
-                problem = f"no usable Azure credentials ({_line(exc)})"
+                problem = f"no usable Azure credentials ({error_line(exc)})"
             elif exc.status_code == 401:
-                problem = f"Azure rejected the credentials ({_http(exc)})"
+                problem = (
+                    f"Azure rejected the credentials (HTTP {exc.status_code} {http_detail(exc)})"
+                )
             else:
-                problem = _http(exc)
+                problem = f"HTTP {exc.status_code} {http_detail(exc)}"
             raise MetricsError(self._where(problem)) from exc
         except AzureError as exc:
-            raise MetricsError(self._where(f"unreachable ({_line(exc)})")) from exc
+            raise MetricsError(self._where(f"unreachable ({error_line(exc)})")) from exc
         if result.status != LogsQueryStatus.SUCCESS:
             # A partial result may miss records: counting it would undercount the step.
             error = getattr(result, "partial_error", None)
-            raise MetricsError(self._where(f"partial result ({_line(error) if error else '?'})"))
+            raise MetricsError(
+                self._where(f"partial result ({error_line(error) if error else '?'})")
+            )
         return list(result.tables)
 
     def _where(self, problem: str) -> str:
@@ -268,18 +273,3 @@ def _no_token(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
-
-
-def _http(exc: Any) -> str:
-    """An HTTP error as `HTTP 404 WorkspaceNotFoundError: <message>`: the API's error code and
-    message once (the SDK's own text repeats them, as "(code) message Code: ... Message: ...")."""
-    error = getattr(exc, "error", None)
-    code, message = getattr(error, "code", None), getattr(error, "message", None)
-    detail = f"{code}: {_line(message)}" if code and message else _line(exc)
-    return f"HTTP {exc.status_code} {detail}"
-
-
-def _line(error: Any) -> str:
-    """An Azure error's message on one line (azure-identity's closing pointer cut off)."""
-    message = str(getattr(error, "message", None) or error)
-    return " ".join(message.split("To mitigate this issue", 1)[0].split())

@@ -61,7 +61,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from rollout.azure_credential import default_credential
-from rollout.azure_text import one_line
+from rollout.azure_text import http_detail, one_line
 from rollout.config import AZURE_MAX_MIRROR_PERCENT as MAX_MIRROR_PERCENT
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import ConfigError, DeployFailed, RouterError, RouterRefused
@@ -662,13 +662,10 @@ def _finish(what: str, poller: Any, timeout_s: float, setting: str) -> Any:
 
 def _describe(exc: Any) -> str:
     """One line for an HttpResponseError: the status (or 'operation failed') and ARM's error."""
-    error = getattr(exc, "error", None)
-    code, message = getattr(error, "code", None), getattr(error, "message", None)
-    detail = f"{code}: {one_line(message)}" if code and message else one_line(exc.message)
     if exc.status_code is not None and exc.status_code < 400:
         # A long-running operation that ended Failed/Canceled: the poll itself was an HTTP 200.
-        return f"the operation failed: {detail}"
-    return f"HTTP {exc.status_code} {detail}"
+        return f"the operation failed: {http_detail(exc)}"
+    return f"HTTP {exc.status_code} {http_detail(exc)}"
 
 
 class _NotFound(RouterError):
