@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from rollout.config import SimulatedMetricsConfig
-from rollout.metrics.static import TrafficBehaviour
+from rollout.metrics.static import TrafficBehaviour, rate_at, rate_profile
 
 
 @dataclass(frozen=True)
@@ -39,22 +39,11 @@ class Outcome:
     mirrored_bad: int = 0  # canary errors answered to mirrored copies, never served
 
 
-def rate_at(rps: float | list[tuple[float, float]], t: float) -> float:
-    """The total rate at `t` of a constant `rps` or a [t_seconds, rps] step profile (before
-    its first point: the first point's rate, as `SimulatedMetrics` draws it)."""
-    if isinstance(rps, int | float):
-        return float(rps)
-    points = sorted(rps)
-    return float(next((r for t0, r in reversed(points) if t0 <= t), points[0][1]))
-
-
 def expected_requests(rps: float | list[tuple[float, float]], t0: float, t1: float) -> float:
     """Requests expected between `t0` and `t1` (the integral of the rate)."""
-    if isinstance(rps, int | float):
-        return float(rps) * max(t1 - t0, 0.0)
-    points = sorted(rps)
-    edges = [t0, *(t for t, _ in points if t0 < t < t1), t1]
-    return sum(rate_at(points, a) * (b - a) for a, b in itertools.pairwise(edges))
+    profile = rate_profile(rps)
+    edges = [t0, *(t for t, _ in profile if t0 < t < t1), t1]
+    return sum(rate_at(profile, a) * max(b - a, 0.0) for a, b in itertools.pairwise(edges))
 
 
 def _p99_ms(bounds_ms: NDArray[np.float64], per_bucket: NDArray[np.int64]) -> float:
@@ -85,12 +74,13 @@ def simulate(
     base = TrafficBehaviour(cfg.baseline, bounds_s)
     canary_model = cfg.canary or cfg.baseline
     canary = TrafficBehaviour(canary_model, bounds_s)
+    profile = rate_profile(cfg.rps)
     weight, failed, t = policy.step, 0, 0.0
     served, bad = 0, 0
     while t + policy.interval_s <= duration_s:
         behaviour = canary if t >= canary_model.from_s else base
         # The rate at the interval's start, as SimulatedMetrics draws the engine's ticks.
-        n = int(rng.poisson(rate_at(cfg.rps, t) * policy.interval_s * weight / 100.0))
+        n = int(rng.poisson(rate_at(profile, t) * policy.interval_s * weight / 100.0))
         errors = int(rng.binomial(n, behaviour.error_rate)) if n else 0
         served += n
         bad += errors

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -98,6 +99,17 @@ class TrafficBehaviour:
         self.masses /= self.masses.sum()
 
 
+def rate_profile(rps: float | Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """A constant rate, or [t_seconds, rps] points, as a sorted step profile."""
+    return [(0.0, float(rps))] if isinstance(rps, int | float) else sorted(rps)
+
+
+def rate_at(profile: Sequence[tuple[float, float]], t: float) -> float:
+    """The rate of a sorted step profile at `t` (before its first point: the first point's)."""
+    i = bisect.bisect_right([point[0] for point in profile], t) - 1
+    return float(profile[max(i, 0)][1])
+
+
 class SimulatedMetrics:
     """Synthetic traffic generated lazily up to each `observe(since, now)`."""
 
@@ -112,9 +124,7 @@ class SimulatedMetrics:
         self._router = router
         self._seed = cfg.seed if seed is None else seed
         self._rng = np.random.default_rng(self._seed)
-        self._profile = (
-            [(0.0, float(cfg.rps))] if isinstance(cfg.rps, int | float) else sorted(cfg.rps)
-        )
+        self._profile = rate_profile(cfg.rps)
         self.bounds_s = np.asarray(cfg.buckets_ms or ENVOY_BUCKETS_MS, dtype=float) / 1000.0
         self._baseline = TrafficBehaviour(cfg.baseline, self.bounds_s)
         canary = cfg.canary or cfg.baseline
@@ -146,9 +156,7 @@ class SimulatedMetrics:
 
     def rps_at(self, t: float) -> float:
         """Total request rate at simulated time `t` (seconds since start)."""
-        times = [p[0] for p in self._profile]
-        i = bisect.bisect_right(times, t) - 1
-        return self._profile[max(i, 0)][1]
+        return rate_at(self._profile, t)
 
     def _draw(self, n: int, behaviour: TrafficBehaviour) -> NDArray[np.int64]:
         out = np.zeros(2 + len(self.bounds_s), dtype=np.int64)
