@@ -57,7 +57,13 @@ from benchmarks.flagger import Outcome, expected_requests
 from benchmarks.flagger import simulate as simulate_flagger
 from benchmarks.oracle import simulate as simulate_oracle
 from benchmarks.oracle import sprt_expected_n
-from rollout.config import RolloutSpec, SimulatedMetricsConfig, TrafficModel, load_spec
+from rollout.config import (
+    RolloutSpec,
+    SimulatedMetricsConfig,
+    TrafficModel,
+    load_spec,
+    yaml_problem,
+)
 from rollout.controller import Controller, FakeClock
 from rollout.core.machine import p99_bucket
 from rollout.core.stats import wald_expected_n
@@ -119,9 +125,7 @@ class Scenario:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read scenario: {_reason(exc)}") from None
         except yaml.YAMLError as exc:
-            mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else exc
-            raise ConfigError(f"{path}: not valid YAML: {where}") from None
+            raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping (name, rps, baseline, ...)")
         try:

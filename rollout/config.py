@@ -1088,7 +1088,7 @@ def load_spec(path: str | Path) -> RolloutSpec:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
     where = _boolean_key(data)
     if where is None:
         return spec_from_dict(data, source=str(path))
@@ -1103,7 +1103,7 @@ def load_spec(path: str | Path) -> RolloutSpec:
     raise ConfigError(problem)
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+def yaml_problem(exc: yaml.YAMLError) -> str:
     """One line for a YAML error: PyYAML's own text spans five, with a caret under a quoted line."""
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None)
