@@ -27,6 +27,7 @@ loses tightness, never validity).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -137,24 +138,15 @@ def _thetas(text: str) -> list[float]:
     return thetas
 
 
-def _probability(text: str) -> float:
-    """argparse type: a probability above 0, at most 1."""
+def _unit(text: str, *, one: bool) -> float:
+    """argparse type: a number above 0 and below 1 (with `one`: at most 1)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:
+    if one and not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, not {value:g}")
-    return value
-
-
-def _level(text: str) -> float:
-    """argparse type: a test level α, 0 < α < 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < 1:
+    if not one and not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), not {value:g}")
     return value
 
@@ -165,9 +157,17 @@ def main(argv: list[str] | None = None) -> None:
         "--thetas", type=_thetas, default="5,10,50", help="regressions θ (comma-separated)"
     )
     parser.add_argument(
-        "--power", type=_probability, default=0.95, help="P(rollback) each θ must reach"
+        "--power",
+        type=functools.partial(_unit, one=True),
+        default=0.95,
+        help="P(rollback) each θ must reach",
     )
-    parser.add_argument("--alpha", type=_level, default=0.05, help="P(rollback) allowed when θ = 1")
+    parser.add_argument(
+        "--alpha",
+        type=functools.partial(_unit, one=False),
+        default=0.05,
+        help="P(rollback) allowed when θ = 1",
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args(argv)
     thetas = args.thetas
