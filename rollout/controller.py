@@ -229,7 +229,7 @@ class Controller:
         with self.store.lease(self.owner):
             deployed = self._bootstrap(release)
             started = self.clock.now()
-            verdict, reason, requests, unread = Verdict.INCONCLUSIVE, "no look yet", 0, 0
+            requests, unread = 0, 0
             while True:
                 self.clock.sleep(analysis.interval_s)
                 self.store.check_lease()

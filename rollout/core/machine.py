@@ -592,16 +592,24 @@ def _check_record(spec: RolloutSpec, status: Status) -> dict[str, Any]:
     return out
 
 
-def _guard(bad: int, requests: int, limit: float) -> str:
-    """How a canary rate breaches a hard limit ("" while it does not, on the guard's e-value)."""
+def _guard(
+    bad: int,
+    requests: int,
+    limit: float,
+    *,
+    log_needed: float = GUARD_LOG_THRESHOLD,
+    unit: str = "canary requests",
+) -> str:
+    """How a rate breaches a hard limit ("" while it does not): its e-value against "at most
+    the limit" reached exp(`log_needed`), by default the rollout guards' 1/GUARD_ALPHA."""
     if requests <= 0 or bad / requests <= limit:
-        return ""  # at or below the limit the e-value cannot reach 1/GUARD_ALPHA: skip it
+        return ""  # at or below the limit the e-value cannot reach the threshold: skip it
     log_e = log_e_above(bad, requests, limit)
-    if log_e < GUARD_LOG_THRESHOLD:
+    if log_e < log_needed:
         return ""
     return (
         f"{_pct(bad / requests)} is above the limit {_pct(limit)} (e-value {_e(log_e)} ≥ "
-        f"{1 / GUARD_ALPHA:g}) after {requests} canary requests"
+        f"{_e(log_needed)}) after {requests} {unit}"
     )
 
 
@@ -640,17 +648,14 @@ def judge_first(analysis: AnalysisConfig, green: ColourCounts) -> tuple[Verdict,
     kept: list[tuple[float, str, float]] = []
     for name, what, limit in limits:
         bad = min(bad_of[name], n)
+        if breach := _guard(bad, n, limit, log_needed=log_needed, unit="requests"):
+            return Verdict.FAILED, f"{what} {breach}"
         measured = f"{what} {_pct(bad / n)}"
-        above = log_e_above(bad, n, limit)
-        if above >= log_needed:
-            return Verdict.FAILED, (
-                f"{measured} is above the limit {_pct(limit)} (e-value {_e(above)} ≥ {needed}) "
-                f"after {n} requests"
-            )
         below = log_e_below(bad, n, limit)
         if below < log_needed:
             # Undecided: say which way the counts lean, and how far that evidence has come.
-            side, log_e = ("above", above) if bad / n > limit else ("below", below)
+            above = bad / n > limit
+            side, log_e = ("above", log_e_above(bad, n, limit)) if above else ("below", below)
             return Verdict.INCONCLUSIVE, (
                 f"{measured} after {n} requests, not yet shown {side} the limit {_pct(limit)} "
                 f"(e-value {_e(log_e)} of {needed})"
