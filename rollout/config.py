@@ -300,7 +300,9 @@ class AzureMLRouterConfig(_Model):
     """
 
     kind: Literal["azureml"] = "azureml"
-    subscription_id: str
+    subscription_id: Annotated[
+        str, AfterValidator(lambda text: guid(text, "an Azure subscription ID"))
+    ]
     resource_group: str = Field(min_length=1)
     workspace: str = Field(min_length=1)
     endpoint: Annotated[str, AfterValidator(azure_ml_name)]
@@ -316,11 +318,6 @@ class AzureMLRouterConfig(_Model):
     #: How long a change of the endpoint's traffic (or mirror) may take before failing. No VMs
     #: move, Azure applies it in seconds to a couple of minutes; a rollback waits on it.
     traffic_timeout_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
-
-    @field_validator("subscription_id")
-    @classmethod
-    def _subscription(cls, text: str) -> str:
-        return guid(text, "an Azure subscription ID")
 
     @field_validator("environment")
     @classmethod
