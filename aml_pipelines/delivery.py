@@ -12,6 +12,14 @@ nothing else starts a rollout on their behalf. A delivery:
    previous production version `stage=archived`; rolled back (or failed) → the candidate is
    `stage=rolled-back` with `rollback_reason` from the ledger.
 
+A model's first release has nothing to be compared with, so no rollout can judge it: it is
+deployed to green with all traffic and judged on the spec's absolute limits alone (the engine's
+`bootstrap_checked`). It serves all traffic whatever the verdict — there is nothing to fall back
+to — so it is tagged `stage=production`, with `first_check` saying how the check went (and
+`first_check_reason` unless Successful); a failed or unreadable check makes the delivery's
+outcome Failed, an undecided one Inconclusive. A spec with no absolute limit deploys it unjudged
+(`first_check=unjudged`).
+
 Step 3 can be cut short by a crash after traffic moved. `reconcile` repairs that: it reads the last
 rollout's status from the state store and writes whatever tags are missing. Tag planning is a pure
 function of (versions, candidate, phase), so reconcile is idempotent — a second call plans nothing.
@@ -23,6 +31,7 @@ the same status (green = production; blue = the candidate while a rollout runs).
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -42,11 +51,29 @@ log = logging.getLogger(__name__)
 REASON_TAG = "rollback_reason"
 #: Azure ML tag values are free text but long ones clutter every listing.
 MAX_REASON_CHARS = 256
+#: Tag saying how the check of a model's first release went: a verdict (Successful, Failed,
+#: Inconclusive, Error) or UNJUDGED; FIRST_CHECK_REASON_TAG says why, unless Successful.
+FIRST_CHECK_TAG = "first_check"
+FIRST_CHECK_REASON_TAG = "first_check_reason"
+#: `first_check` of a first release the spec gives no absolute limit to be judged on.
+UNJUDGED = "unjudged"
+SUCCESSFUL = "Successful"  # rollout.core.types.Verdict.SUCCESSFUL, without importing the engine
 
 SUCCEEDED = "Succeeded"
 ROLLED_BACK = "RolledBack"
 FAILED = "Failed"
 TERMINAL = frozenset({SUCCEEDED, ROLLED_BACK, FAILED})
+#: The outcome of a first release whose check stayed undecided: neither a pass nor a failure.
+INCONCLUSIVE = "Inconclusive"
+#: A first release's delivery outcome by how its check went. A breached limit or metrics that
+#: could not be read is a failed delivery, though the release keeps serving all traffic.
+FIRST_CHECK_OUTCOMES = {
+    SUCCESSFUL: SUCCEEDED,
+    "Failed": FAILED,
+    "Error": FAILED,
+    "Inconclusive": INCONCLUSIVE,
+    UNJUDGED: SUCCEEDED,
+}
 
 
 @dataclass(frozen=True)
@@ -79,7 +106,11 @@ class TagChange:
 
 @dataclass(frozen=True)
 class DeliveryOutcome:
-    """How a delivery ended: the rollout's terminal phase and why."""
+    """How a delivery ended: the rollout's terminal phase and why.
+
+    For a model's first release, `phase` follows its check (FIRST_CHECK_OUTCOMES), `first_check`
+    is the check's verdict or UNJUDGED, and `reason` says both in words; empty for a rollout.
+    """
 
     model: str
     version: int
@@ -87,6 +118,7 @@ class DeliveryOutcome:
     reason: str = ""
     ledger_path: Path | None = None
     tag_changes: tuple[TagChange, ...] = field(default=())
+    first_check: str = ""
 
 
 class Delivery(Protocol):
@@ -133,9 +165,69 @@ def plan_tags(
             if other.version != candidate and other.stage == Stage.PRODUCTION:
                 want(other, {STAGE_TAG: Stage.ARCHIVED})
     else:
-        short = (reason or phase)[:MAX_REASON_CHARS]
+        short = short_reason(reason, phase)
         want(by_version[candidate], {STAGE_TAG: Stage.ROLLED_BACK, REASON_TAG: short})
     return changes
+
+
+def short_reason(reason: str, fallback: str) -> str:
+    """A reason as a tag value: `fallback` when empty, cut to MAX_REASON_CHARS."""
+    return (reason or fallback)[:MAX_REASON_CHARS]
+
+
+def plan_first_release_tags(
+    versions: Sequence[ModelVersion], candidate: int, check: str, reason: str = ""
+) -> list[TagChange]:
+    """The tag changes for a model's first release `candidate` whose check ended `check` (a
+    verdict value or UNJUDGED) because of `reason`.
+
+    It serves all traffic whatever the verdict (there is nothing to fall back to), so it is
+    `stage=production` in every case, and `first_check` says how the check went, with a short
+    `first_check_reason` unless Successful (a Successful check removes an older one: an empty
+    value removes a tag). Stage and check go in one write, so no crash leaves a production
+    version whose check is not told. Like `plan_tags`, only differences are planned.
+    """
+    by_version = {v.version: v for v in versions}
+    if candidate not in by_version:
+        return []
+    wanted = {
+        STAGE_TAG: Stage.PRODUCTION,
+        FIRST_CHECK_TAG: check,
+        FIRST_CHECK_REASON_TAG: "" if check == SUCCESSFUL else short_reason(reason, check),
+    }
+    tags = by_version[candidate].tags
+    changes = (
+        [TagChange(candidate, wanted)]
+        if any(tags.get(k, "") != v for k, v in wanted.items())
+        else []
+    )
+    # Any other production version is archived after, as on a promotion.
+    promoted = plan_tags(versions, candidate, SUCCEEDED)
+    return changes + [c for c in promoted if c.version != candidate]
+
+
+def first_release_reason(version: ModelVersion, check: str, reason: str) -> str:
+    """A first release's outcome in words: where it serves, how its check went, what next."""
+    ref = f"{version.name}:{version.version}"
+    head = f"first release of {version.name}: deployed to green with all traffic"
+    again = f"`aml-rollout rollout bootstrap SPEC --release {ref} --check` judges it again"
+    said = {
+        UNJUDGED: f"{head}, unjudged: {reason}",
+        SUCCESSFUL: f"{head}; its check on the absolute limits was Successful: {reason}",
+        "Failed": (
+            f"{head}; its check on the absolute limits Failed: {reason}. It still serves all "
+            "traffic (there is nothing to fall back to): roll a fixed version out against it"
+        ),
+        "Inconclusive": (
+            f"{head}; its check on the absolute limits was Inconclusive: {reason}. A human's "
+            f"call: look at its traffic; {again}"
+        ),
+        "Error": (
+            f"{head}; its check on the absolute limits ended in Error: {reason}. It still "
+            f"serves all traffic, unjudged; once the metrics can be read, {again}"
+        ),
+    }
+    return said.get(check, f"{head}; its check on the absolute limits: {check}: {reason}")
 
 
 def plan_manual_tags(
@@ -266,10 +358,11 @@ class EngineDelivery:
     def deliver(self, version: ModelVersion) -> DeliveryOutcome:
         """Package + roll out `version`; resume or just re-tag if the store already has it.
 
-        A model's first release (no production version, green serving nothing) is deployed to
-        green unjudged (`rollout bootstrap`): there is nothing to compare it with.
+        A model's first release (no production version, green serving nothing or, after a
+        crash, already serving it) is deployed to green with all traffic and judged on the
+        spec's absolute limits (`_deliver_first`): there is nothing to compare it with.
         """
-        from rollout.api import ledger_path_of, run_rollout
+        from rollout.api import run_rollout
         from rollout.core.types import Release
 
         view = self.current()
@@ -288,13 +381,12 @@ class EngineDelivery:
         if not ours:
             release = self._package(version)
             spec = self._with_stable(spec, version.name)
-            if spec.stable is None and self._first_release(spec, release):
-                reason = (
-                    f"first release of {version.name}: deployed to green unjudged, with all "
-                    "traffic (no production version to compare it with)"
-                )
-                ledger = ledger_path_of(spec, self.state_dir)
-                return self._finish(version, SUCCEEDED, reason, ledger)
+            if spec.stable is None:
+                from rollout.routers.factory import make_router
+
+                router = make_router(spec.router)  # one client for all calls (azureml: MLClient)
+                if self._green_is_free(spec, release, router):
+                    return self._deliver_first(version, spec, release, router)
         else:
             # Resumed: the stored status carries the candidate; naming it keeps a spec that
             # names another `candidate:` from being taken for a different rollout.
@@ -322,21 +414,70 @@ class EngineDelivery:
             return Release(model=version.name, version=str(version.version), sha256=version.sha256)
         return package_release(version, self.state_dir, image_registry=self.image_registry)
 
-    def _first_release(self, spec: Any, release: Any) -> bool:
-        """Bootstrap `release` to green when green serves nothing (or, after a crash, already
-        serves it): the model's first release. False when green serves another release, which
-        the rollout then compares the candidate with."""
-        from rollout.api import bootstrap, green_release
+    def _green_is_free(self, spec: Any, release: Any, router: Any) -> bool:
+        """True when green serves nothing, or (after a crash) already serves `release`: the
+        model's first release. False when green serves another release, which the rollout then
+        compares the candidate with."""
+        from rollout.api import green_release
         from rollout.controller import same_bits
-        from rollout.routers.factory import make_router
 
-        router = make_router(spec.router)  # one client for both calls (azureml: an MLClient)
         serving = green_release(spec, router=router)
-        if serving is not None and not same_bits(serving, release):
-            return False
-        bootstrap(spec, release, state_dir=self.state_dir, router=router)
-        log.info("%s: first release, deployed to green unjudged", release.ref)
-        return True
+        return serving is None or same_bits(serving, release)
+
+    def _deliver_first(
+        self, version: ModelVersion, spec: Any, release: Any, router: Any
+    ) -> DeliveryOutcome:
+        """Deploy a model's first release to green with all traffic, judge it on the spec's
+        absolute limits, then tag it (`plan_first_release_tags`).
+
+        Green already serving it (a redelivery after a crash before the tags), it is only
+        judged, afresh. The check holds the rollout's lease for up to `max_step_duration_s`;
+        whatever its verdict the release keeps serving, and the outcome closes the delivery —
+        a Failed or Error check is not retried (it would judge the same release again and
+        again). A spec with no absolute limit cannot judge it: deployed unjudged, as told.
+        """
+        from rollout.api import bootstrap, bootstrap_checked, ledger_path_of
+        from rollout.core.machine import first_release_limits
+        from rollout.ledger import span
+
+        analysis = spec.analysis
+        ledger = ledger_path_of(spec, self.state_dir)
+        if not first_release_limits(analysis):
+            bootstrap(spec, release, state_dir=self.state_dir, router=router)
+            reason = (
+                "the spec's analysis sets no absolute limit to judge it on (errors.max_rate, "
+                "or latency.max_slow_rate with slo_ms)"
+            )
+            return self._finish_first(version, UNJUDGED, reason, ledger)
+        log.info(
+            "%s: first release, to green with all traffic; judging it on the absolute limits "
+            "every %g s, for at most %s",
+            release.ref,
+            analysis.interval_s,
+            span(analysis.max_step_duration_s),
+        )
+        check = bootstrap_checked(
+            spec,
+            release,
+            state_dir=self.state_dir,
+            router=router,
+            clock=self.clock,
+            on_look=_LookLog(release.ref, analysis.interval_s),
+        )
+        return self._finish_first(version, check.verdict.value, check.reason, ledger)
+
+    def _finish_first(
+        self, version: ModelVersion, check: str, reason: str, ledger: Path
+    ) -> DeliveryOutcome:
+        versions = self.registry.list_versions(version.name)
+        changes = plan_first_release_tags(versions, version.version, check, reason)
+        apply_tags(self.registry, version.name, changes)
+        phase = FIRST_CHECK_OUTCOMES.get(check, FAILED)
+        said = first_release_reason(version, check, reason)
+        log.log(logging.WARNING if phase == FAILED else logging.INFO, "%s", said)
+        return DeliveryOutcome(
+            version.name, version.version, phase, said, ledger, tuple(changes), check
+        )
 
     def _with_stable(self, spec: Any, model: str) -> Any:
         """The spec, with the production version as `stable` when the spec names none.
@@ -375,6 +516,29 @@ class EngineDelivery:
     def reconcile(self) -> list[TagChange]:
         """Repair registry tags from the engine's last status."""
         return reconcile(self.registry, self.current())
+
+
+class _LookLog:
+    """Logs the looks of a first release's check: each change of verdict, and otherwise about
+    once a minute (a release without traffic is looked at for hours, every few seconds)."""
+
+    def __init__(self, ref: str, interval_s: float) -> None:
+        self.ref = ref
+        self.every = max(1, math.ceil(60.0 / interval_s))
+        self.looks = 0
+        self.last = ""
+
+    def __call__(self, verdict: Any, reason: str) -> None:
+        self.looks += 1
+        if verdict.value != self.last or self.looks % self.every == 0:
+            log.info(
+                "%s: first-release check, look %d: %s: %s",
+                self.ref,
+                self.looks,
+                verdict.value,
+                reason,
+            )
+            self.last = verdict.value
 
 
 def rollout_view(spec: Any, state_dir: Path | None = None) -> RolloutView | None:

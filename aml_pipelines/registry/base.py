@@ -60,7 +60,8 @@ class ModelRegistry(Protocol):
         """Every version of `name`, oldest first."""
 
     def set_tags(self, name: str, version: int, tags: Mapping[str, str]) -> ModelVersion:
-        """Merge `tags` into a version's tags (tags are mutable; model files are not)."""
+        """Merge `tags` into a version's tags; an empty value removes the tag (tags are
+        mutable; model files are not)."""
 
     def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersion]:
         """Versions of `name` whose tag `key` equals `value`, oldest first."""

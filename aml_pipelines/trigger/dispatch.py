@@ -37,6 +37,9 @@ from dataclasses import replace
 
 from aml_pipelines.delivery import (
     FAILED,
+    FIRST_CHECK_OUTCOMES,
+    FIRST_CHECK_REASON_TAG,
+    FIRST_CHECK_TAG,
     REASON_TAG,
     ROLLED_BACK,
     SUCCEEDED,
@@ -188,7 +191,8 @@ class Dispatcher:
 
         - Its stage records a delivery. For a version we had started, that is our rollout's
           outcome (the tags are written after it ended; a restart's reconcile may have just
-          written them), so no second rollout is run. For a pending one, someone else delivered
+          written them), so no second rollout is run — nor a second check of a first release,
+          whose `first_check` tag gives the outcome. For a pending one, someone else delivered
           it (e.g. Event Grid redelivers an old event after the state folder was lost): skipped.
         - A newer version is in production (a crash left it open while another trigger moved
           on, or events arrived out of order): rolling it out would downgrade production.
@@ -200,6 +204,12 @@ class Dispatcher:
         if stage in DELIVERED and entry.step is Step.STARTED:
             if stage == Stage.ROLLED_BACK:
                 return ROLLED_BACK, version.tags.get(REASON_TAG, "")
+            check = version.tags.get(FIRST_CHECK_TAG) if stage == Stage.PRODUCTION else None
+            if check is not None:  # a first release, tagged after its check
+                recorded = f"registry records stage={stage}, {FIRST_CHECK_TAG}={check}"
+                if why := version.tags.get(FIRST_CHECK_REASON_TAG, ""):
+                    recorded += f": {why}"
+                return FIRST_CHECK_OUTCOMES.get(check, FAILED), recorded
             return SUCCEEDED, f"registry records stage={stage}"
         if stage in DELIVERED:
             return SKIPPED, f"already delivered (stage={stage})"

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SECRET = "cli-secret-0123456789"
 
 
-def _spec(tmp: Path, canary_error_rate: float = 0.02) -> Path:
+def _spec(tmp: Path, canary_error_rate: float = 0.02, baseline_error_rate: float = 0.05) -> Path:
     # A high base error rate and request rate make "not worse" quick to show, and a healthy
     # canary better than the baseline keeps the chance of a (legitimate, alpha-bounded) false
     # rollback negligible, so the test cannot flake on it. Latency is off: simulated latency
@@ -45,7 +45,7 @@ def _spec(tmp: Path, canary_error_rate: float = 0.02) -> Path:
             "kind": "simulated",
             "seed": 3,
             "rps": 4000,
-            "baseline": {"error_rate": 0.05},
+            "baseline": {"error_rate": baseline_error_rate},
             "canary": {"error_rate": canary_error_rate},
         },
         "steps": [10, 50, 100],
@@ -157,6 +157,30 @@ def test_watch_rolls_back_a_bad_candidate_with_the_ledger_reason(
     assert (v1.stage, v2.stage) == ("production", "rolled-back")
     assert v2.tags["rollback_reason"] == _status(tmp_path)["reason"]
     assert "canary error rate" in v2.tags["rollback_reason"]
+
+
+def test_watch_says_a_first_release_failed_its_check_and_tags_it(tmp_path: Path) -> None:
+    """A model's first version over errors.max_rate: it serves all traffic (nothing to fall
+    back to), so it is production — but the delivery is reported Failed, not Succeeded."""
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="candidate")
+    _spec(tmp_path, baseline_error_rate=0.3)  # green's traffic: the first release's
+    done = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once"))
+    assert done.returncode == 0, done.stderr  # as for a rollback: the outcome line tells
+    assert done.stdout.startswith(
+        "diabetes v1: Failed first release of diabetes: deployed to green with all traffic; "
+        "its check on the absolute limits Failed: error rate "
+    )
+    assert "It still serves all traffic" in done.stdout
+    assert "diabetes:1: first-release check, look 1: Failed: error rate" in done.stderr
+    assert "WARNING" in done.stderr and "Traceback" not in done.stderr
+    v1 = registry.get("diabetes", 1)
+    assert (v1.stage, v1.tags["first_check"]) == ("production", "Failed")
+    assert "is above the limit 10 %" in v1.tags["first_check_reason"]
+    entry = TriggerStore(tmp_path / "trigger").load("diabetes").entries[1]
+    assert (entry.step, entry.outcome) == (Step.DONE, "Failed")
+    again = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once"))
+    assert again.stdout == "diabetes: no new version to deliver\n"
 
 
 def test_sigkilled_watcher_resumes_the_rollout_from_the_state_store(

@@ -5,10 +5,12 @@ and EngineDelivery on the real rollout engine (memory router, simulated traffic,
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -18,6 +20,7 @@ from aml_pipelines.delivery import (
     EngineDelivery,
     RolloutView,
     TagChange,
+    plan_first_release_tags,
     plan_manual_tags,
     plan_tags,
     reconcile,
@@ -26,6 +29,8 @@ from aml_pipelines.delivery import (
 from aml_pipelines.errors import ConfigError
 from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
+from aml_pipelines.trigger.dispatch import Dispatcher
+from aml_pipelines.trigger.store import Step, TriggerStore
 from rollout.config import spec_from_dict
 from rollout.controller import FakeClock
 from rollout.core.types import Colour, Release
@@ -168,6 +173,88 @@ def test_reason_is_bounded() -> None:
     assert len(change.tags["rollback_reason"]) == 256
 
 
+FIRST = [_mv(1, stage="candidate")]
+CHECKED = {"stage": "production", "first_check": "Successful", "first_check_reason": ""}
+
+
+@pytest.mark.parametrize(
+    ("versions", "candidate", "check", "reason", "expected"),
+    [
+        pytest.param(FIRST, 1, "Successful", "error rate 0 %", [TagChange(1, CHECKED)], id="clean"),
+        pytest.param(
+            FIRST,
+            1,
+            "Failed",
+            "error rate 31 % is above the limit 10 %",
+            [
+                TagChange(
+                    1,
+                    {
+                        "stage": "production",
+                        "first_check": "Failed",
+                        "first_check_reason": "error rate 31 % is above the limit 10 %",
+                    },
+                )
+            ],
+            id="failed-still-production-with-the-reason",
+        ),
+        pytest.param(
+            FIRST,
+            1,
+            "Error",
+            "",
+            [
+                TagChange(
+                    1,
+                    {"stage": "production", "first_check": "Error", "first_check_reason": "Error"},
+                )
+            ],
+            id="no-reason-says-the-verdict",
+        ),
+        pytest.param(
+            [_mv(1, stage="production", first_check="Successful")],
+            1,
+            "Successful",
+            "error rate 0 %",
+            [],
+            id="already-true-plans-nothing",
+        ),
+        pytest.param(
+            [_mv(1, stage="production", first_check="Failed", first_check_reason="31 %")],
+            1,
+            "Successful",
+            "error rate 0 %",
+            [TagChange(1, CHECKED)],
+            id="a-later-success-replaces-a-failure",
+        ),
+        pytest.param(
+            [_mv(1, stage="production", first_check="Error", first_check_reason="down")],
+            1,
+            "Error",
+            "down",
+            [],
+            id="same-failure-plans-nothing",
+        ),
+        pytest.param(
+            [_mv(1, stage="production"), _mv(2, stage="candidate")],
+            2,
+            "Successful",
+            "",
+            [TagChange(2, CHECKED), TagChange(1, {"stage": "archived"})],
+            id="another-production-archived-after",
+        ),
+        pytest.param(FIRST, 2, "Successful", "", [], id="unknown-candidate"),
+    ],
+)
+def test_plan_first_release_tags(versions, candidate, check, reason, expected) -> None:
+    assert plan_first_release_tags(versions, candidate, check, reason) == expected
+
+
+def test_first_check_reason_is_bounded() -> None:
+    (change,) = plan_first_release_tags(FIRST, 1, "Failed", "x" * 1000)
+    assert len(change.tags["first_check_reason"]) == 256
+
+
 @pytest.mark.parametrize(
     ("view", "expected"),
     [
@@ -193,23 +280,34 @@ def test_serving_colours(view: RolloutView | None, expected: dict[int, str]) -> 
 # ------------------------------------------------------------------ on the real engine
 
 
-def _spec(tmp: Path, canary_error_rate: float, interval_s: float = 10.0):
+def _spec(
+    tmp: Path,
+    canary_error_rate: float,
+    interval_s: float = 10.0,
+    *,
+    baseline_error_rate: float = 0.01,
+    metrics: dict[str, Any] | None = None,
+    analysis: dict[str, Any] | None = None,
+):
+    simulated = {
+        "kind": "simulated",
+        "seed": 1,
+        "rps": 500,
+        "baseline": {"error_rate": baseline_error_rate},
+        "canary": {"error_rate": canary_error_rate},
+    }
     return spec_from_dict(
         {
             "name": "diabetes",
             "router": {"kind": "memory", "state_file": str(tmp / "routes.json")},
-            "metrics": {
-                "kind": "simulated",
-                "seed": 1,
-                "rps": 500,
-                "baseline": {"error_rate": 0.01},
-                "canary": {"error_rate": canary_error_rate},
-            },
+            "metrics": metrics or simulated,
             "steps": [10, 50, 100],
             "analysis": {
                 "interval_s": interval_s,
                 "min_requests": 50,
+                "max_step_duration_s": 600,
                 "latency": {"enabled": False},
+                **(analysis or {}),
             },
             "state": {"dir": str(tmp / "rollout")},
         }
@@ -258,38 +356,200 @@ def killed_before_the_tags(monkeypatch: pytest.MonkeyPatch, deliver: Callable[[]
     def crash(*_args: object, **_kw: object) -> None:
         raise SystemExit("killed after the traffic moved, before the tags were written")
 
-    monkeypatch.setattr("aml_pipelines.delivery.follow_traffic", crash)
+    monkeypatch.setattr("aml_pipelines.delivery.apply_tags", crash)
     with pytest.raises(SystemExit):
         deliver()
     monkeypatch.undo()
 
 
-def test_a_models_first_release_is_deployed_unjudged_then_the_next_is_rolled_out_against_it(
+def _events(ledger: Path | None) -> list[str]:
+    assert ledger is not None
+    return [r.get("event", "tick") for r in read_ledger(ledger)]
+
+
+def _green(tmp: Path) -> tuple[str, dict[str, int]]:
+    routes = json.loads((tmp / "routes.json").read_text())
+    return routes["releases"]["green"]["version"], routes["weights"]
+
+
+def test_a_models_first_release_is_checked_then_the_next_is_rolled_out_against_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Was: "green serves nothing" for ever, retried every interval: the trigger could deliver
-    # no model that had never been in production.
+    # no model that had never been in production. Then: deployed unjudged.
     registry = LocalRegistry(tmp_path / "registry")
     register(registry, tmp_path, stage="candidate")
     delivery = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=FakeClock(1_000.0))
     killed_before_the_tags(monkeypatch, lambda: delivery.deliver(registry.get("diabetes", 1)))
     first = delivery.deliver(registry.get("diabetes", 1))  # the retry finds v1 on green
 
-    assert first.phase == "Succeeded"
-    assert first.reason.startswith("first release of diabetes: deployed to green unjudged")
-    assert [v.stage for v in registry.list_versions("diabetes")] == ["production"]
-    routes = json.loads((tmp_path / "routes.json").read_text())
-    assert routes["weights"] == {"blue": 0, "green": 100}
-    assert routes["releases"]["green"]["version"] == "1"
+    assert (first.phase, first.first_check) == ("Succeeded", "Successful")
+    assert first.reason.startswith(
+        "first release of diabetes: deployed to green with all traffic; its check on the "
+        "absolute limits was Successful: error rate"
+    )
+    (v1,) = registry.list_versions("diabetes")
+    assert dict(v1.tags, stage="production") == v1.tags
+    assert (v1.tags["first_check"], "first_check_reason" in v1.tags) == ("Successful", False)
+    assert _green(tmp_path) == ("1", {"blue": 0, "green": 100})
+    # Deployed once; judged by the killed delivery, and afresh by the retry (only judged).
+    assert _events(first.ledger_path) == ["bootstrap", "first-check", "first-check"]
 
     register(registry, tmp_path, stage="candidate")
     second = delivery.deliver(registry.get("diabetes", 2))
-    assert second.phase == "Succeeded", second.reason
+    assert (second.phase, second.first_check) == ("Succeeded", ""), second.reason
     assert [v.stage for v in registry.list_versions("diabetes")] == ["archived", "production"]
     view = delivery.current()
     assert view is not None and (view.candidate, view.stable) == (2, 1)  # judged against v1
     story = "\n".join(explain(read_ledger(first.ledger_path)))
-    assert "bootstrapped green with diabetes:1 (a first release, unjudged" in story
+    assert "bootstrapped green with diabetes:1 (a first release, judged on" in story
+
+
+@pytest.mark.parametrize(
+    ("spec_kw", "phase", "check", "says"),
+    [
+        pytest.param(
+            {"baseline_error_rate": 0.3},
+            "Failed",
+            "Failed",
+            "is above the limit 10 %",
+            id="over-errors-max-rate-fails",
+        ),
+        pytest.param(
+            {"metrics": {"kind": "static"}},
+            "Inconclusive",
+            "Inconclusive",
+            "undecided after 10.0 min: no requests yet",
+            id="no-traffic-is-undecided",
+        ),
+        pytest.param(
+            {"metrics": {"kind": "static", "ticks": [{"error": "connection refused"}]}},
+            "Failed",
+            "Error",
+            "metrics unreadable: connection refused",
+            id="unreadable-metrics-is-an-error",
+        ),
+    ],
+)
+def test_a_first_release_that_is_not_shown_good_still_serves_and_says_so(
+    tmp_path: Path, spec_kw: dict[str, Any], phase: str, check: str, says: str
+) -> None:
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="candidate")
+    delivery = EngineDelivery(registry, _spec(tmp_path, 0.01, **spec_kw), clock=FakeClock(1e3))
+    outcome = delivery.deliver(registry.get("diabetes", 1))
+
+    assert (outcome.phase, outcome.first_check) == (phase, check)
+    assert f"its check on the absolute limits {'ended in ' * (check == 'Error')}" in outcome.reason
+    assert says in outcome.reason
+    # Nothing to fall back to: it serves all traffic, so production is the truth.
+    assert _green(tmp_path) == ("1", {"blue": 0, "green": 100})
+    v1 = registry.get("diabetes", 1)
+    assert (v1.stage, v1.tags["first_check"]) == ("production", check)
+    assert says in v1.tags["first_check_reason"]
+    assert _events(outcome.ledger_path) == ["bootstrap", "first-check"]
+
+
+def test_a_long_first_check_logs_its_progress_about_once_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No traffic: looked at every 10 s for max_step_duration_s (600 s), 60 looks.
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="candidate")
+    spec = _spec(tmp_path, 0.01, metrics={"kind": "static"})
+    delivery = EngineDelivery(registry, spec, clock=FakeClock(1_000.0))
+    with caplog.at_level(logging.INFO, logger="aml_pipelines.delivery"):
+        delivery.deliver(registry.get("diabetes", 1))
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0].startswith("diabetes:1: first release, to green with all traffic; judging")
+    assert "every 10 s, for at most 10.0 min" in said[0]
+    looks = [m for m in said if "first-release check, look" in m]
+    assert [m.split(",")[1].split(":")[0] for m in looks] == [
+        f" look {n}" for n in (1, *range(6, 61, 6))
+    ]
+    assert looks[0].endswith("look 1: Inconclusive: no requests yet")
+
+
+@pytest.mark.parametrize(
+    "analysis",
+    [
+        pytest.param({"errors": {"max_rate": None}}, id="no-max-rate"),
+        pytest.param(
+            {"errors": {"enabled": False}, "latency": {"enabled": True}},
+            id="latency-relative-to-the-baseline-only",
+        ),
+    ],
+)
+def test_a_first_release_with_no_limit_to_judge_on_is_deployed_unjudged(
+    tmp_path: Path, analysis: dict[str, Any]
+) -> None:
+    # The engine refuses to check without a limit (a ConfigError: the version would have been
+    # closed Failed with nothing deployed); the delivery deploys it as before, and says why.
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="candidate")
+    delivery = EngineDelivery(
+        registry, _spec(tmp_path, 0.01, analysis=analysis), clock=FakeClock(1e3)
+    )
+    outcome = delivery.deliver(registry.get("diabetes", 1))
+
+    assert (outcome.phase, outcome.first_check) == ("Succeeded", "unjudged")
+    assert outcome.reason.startswith(
+        "first release of diabetes: deployed to green with all traffic, unjudged: the spec's "
+        "analysis sets no absolute limit"
+    )
+    v1 = registry.get("diabetes", 1)
+    assert (v1.stage, v1.tags["first_check"]) == ("production", "unjudged")
+    assert "errors.max_rate" in v1.tags["first_check_reason"]
+    assert _green(tmp_path) == ("1", {"blue": 0, "green": 100})
+    assert _events(outcome.ledger_path) == ["bootstrap"]
+
+
+def _first_release_dispatcher(tmp: Path, registry: LocalRegistry) -> Dispatcher:
+    spec = _spec(tmp, 0.01, baseline_error_rate=0.3)  # v1 breaches errors.max_rate (10 %)
+    delivery = EngineDelivery(registry, spec, clock=FakeClock(1_000.0))
+    return Dispatcher(TriggerStore(tmp / "trigger"), registry, delivery, wait_interval_s=0)
+
+
+def test_a_failed_first_check_closes_the_version_failed_not_retried(tmp_path: Path) -> None:
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="candidate")
+    dispatcher = _first_release_dispatcher(tmp_path, registry)
+    dispatcher.accept("diabetes", 1, "test")
+    (outcome,) = dispatcher.drain("diabetes")
+
+    assert (outcome.phase, outcome.first_check) == ("Failed", "Failed")
+    entry = dispatcher.store.load("diabetes").entries[1]
+    assert (entry.step, entry.outcome, entry.reason) == (Step.DONE, "Failed", outcome.reason)
+    assert dispatcher.drain("diabetes") == []  # closed: not judged again
+    assert _events(outcome.ledger_path) == ["bootstrap", "first-check"]
+
+
+def test_killed_after_the_first_release_tags_the_restart_settles_it_without_judging_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="candidate")
+    dispatcher = _first_release_dispatcher(tmp_path, registry)
+    dispatcher.accept("diabetes", 1, "test")
+
+    def killed(*_args: object, **_kw: object) -> None:
+        raise SystemExit("killed after the tags, before the cursor said done")
+
+    monkeypatch.setattr(Dispatcher, "_close", killed)
+    with pytest.raises(SystemExit):
+        dispatcher.drain("diabetes")
+    monkeypatch.undo()
+    assert dispatcher.store.load("diabetes").entries[1].step is Step.STARTED
+    assert registry.get("diabetes", 1).tags["first_check"] == "Failed"
+
+    restarted = _first_release_dispatcher(tmp_path, registry)
+    assert restarted.drain("diabetes") == []  # settled from the registry: nothing delivered
+    entry = restarted.store.load("diabetes").entries[1]
+    # Was: Succeeded ("registry records stage=production"), for a release that failed its check.
+    assert (entry.step, entry.outcome) == (Step.DONE, "Failed")
+    assert entry.reason.startswith("registry records stage=production, first_check=Failed: ")
+    assert "is above the limit 10 %" in entry.reason
+    assert _events(tmp_path / "rollout" / "diabetes.ledger.jsonl") == ["bootstrap", "first-check"]
 
 
 def test_a_first_version_is_rolled_out_against_what_green_already_serves(tmp_path: Path) -> None:
