@@ -206,10 +206,10 @@ def plan_first_release_tags(
     return changes + [c for c in promoted if c.version != candidate]
 
 
-def first_release_reason(version: ModelVersion, check: str, reason: str) -> str:
+def first_release_reason(model: str, version: int, check: str, reason: str) -> str:
     """A first release's outcome in words: where it serves, how its check went, what next."""
-    ref = f"{version.name}:{version.version}"
-    head = f"first release of {version.name}: deployed to green with all traffic"
+    ref = f"{model}:{version}"
+    head = f"first release of {model}: deployed to green with all traffic"
     again = f"`aml-rollout rollout bootstrap SPEC --release {ref} --check` judges it again"
     said = {
         UNJUDGED: f"{head}, unjudged: {reason}",
@@ -360,7 +360,7 @@ class EngineDelivery:
 
         A model's first release (no production version, green serving nothing or, after a
         crash, already serving it) is deployed to green with all traffic and judged on the
-        spec's absolute limits (`_deliver_first`): there is nothing to compare it with.
+        spec's absolute limits (`check_first_release`): there is nothing to compare it with.
         """
         from rollout.api import run_rollout
         from rollout.core.types import Release
@@ -385,7 +385,7 @@ class EngineDelivery:
                 from rollout.routers.factory import make_router
 
                 router = make_router(spec.router)  # one client for all calls (azureml: MLClient)
-                if self._green_is_free(spec, release, router):
+                if green_is_free(spec, release, router):
                     return self._deliver_first(version, spec, release, router)
         else:
             # Resumed: the stored status carries the candidate; naming it keeps a spec that
@@ -414,66 +414,20 @@ class EngineDelivery:
             return Release(model=version.name, version=str(version.version), sha256=version.sha256)
         return package_release(version, self.state_dir, image_registry=self.image_registry)
 
-    def _green_is_free(self, spec: Any, release: Any, router: Any) -> bool:
-        """True when green serves nothing, or (after a crash) already serves `release`: the
-        model's first release. False when green serves another release, which the rollout then
-        compares the candidate with."""
-        from rollout.api import green_release
-        from rollout.controller import same_bits
-
-        serving = green_release(spec, router=router)
-        return serving is None or same_bits(serving, release)
-
     def _deliver_first(
         self, version: ModelVersion, spec: Any, release: Any, router: Any
     ) -> DeliveryOutcome:
-        """Deploy a model's first release to green with all traffic, judge it on the spec's
-        absolute limits, then tag it (`plan_first_release_tags`).
+        """Deploy and judge a model's first release (`check_first_release`), then tag it.
 
-        Green already serving it (a redelivery after a crash before the tags), it is only
-        judged, afresh. The check holds the rollout's lease for up to `max_step_duration_s`;
-        whatever its verdict the release keeps serving, and the outcome closes the delivery —
-        a Failed or Error check is not retried (it would judge the same release again and
-        again). A spec with no absolute limit cannot judge it: deployed unjudged, as told.
+        A Failed or Error check closes the delivery like any other outcome: it is not retried
+        (it would judge the same release again and again).
         """
-        from rollout.api import bootstrap, bootstrap_checked, ledger_path_of
-        from rollout.core.machine import first_release_limits
-        from rollout.ledger import span
-
-        analysis = spec.analysis
-        ledger = ledger_path_of(spec, self.state_dir)
-        if not first_release_limits(analysis):
-            bootstrap(spec, release, state_dir=self.state_dir, router=router)
-            reason = (
-                "the spec's analysis sets no absolute limit to judge it on (errors.max_rate, "
-                "or latency.max_slow_rate with slo_ms)"
-            )
-            return self._finish_first(version, UNJUDGED, reason, ledger)
-        log.info(
-            "%s: first release, to green with all traffic; judging it on the absolute limits "
-            "every %g s, for at most %s",
-            release.ref,
-            analysis.interval_s,
-            span(analysis.max_step_duration_s),
+        check, reason, ledger = check_first_release(
+            spec, release, state_dir=self.state_dir, router=router, clock=self.clock
         )
-        check = bootstrap_checked(
-            spec,
-            release,
-            state_dir=self.state_dir,
-            router=router,
-            clock=self.clock,
-            on_look=_LookLog(release.ref, analysis.interval_s),
-        )
-        return self._finish_first(version, check.verdict.value, check.reason, ledger)
-
-    def _finish_first(
-        self, version: ModelVersion, check: str, reason: str, ledger: Path
-    ) -> DeliveryOutcome:
-        versions = self.registry.list_versions(version.name)
-        changes = plan_first_release_tags(versions, version.version, check, reason)
-        apply_tags(self.registry, version.name, changes)
+        changes = tag_first_release(self.registry, version.name, version.version, check, reason)
         phase = FIRST_CHECK_OUTCOMES.get(check, FAILED)
-        said = first_release_reason(version, check, reason)
+        said = first_release_reason(version.name, version.version, check, reason)
         log.log(logging.WARNING if phase == FAILED else logging.INFO, "%s", said)
         return DeliveryOutcome(
             version.name, version.version, phase, said, ledger, tuple(changes), check
@@ -516,6 +470,68 @@ class EngineDelivery:
     def reconcile(self) -> list[TagChange]:
         """Repair registry tags from the engine's last status."""
         return reconcile(self.registry, self.current())
+
+
+def green_is_free(spec: Any, release: Any, router: Any) -> bool:
+    """True when green serves nothing, or (after a crash) already serves `release`: the model's
+    first release. False when green serves another release, which a rollout then compares the
+    candidate with."""
+    from rollout.api import green_release
+    from rollout.controller import same_bits
+
+    serving = green_release(spec, router=router)
+    return serving is None or same_bits(serving, release)
+
+
+def check_first_release(
+    spec: Any, release: Any, *, state_dir: Path, router: Any, clock: Any = None
+) -> tuple[str, str, Path]:
+    """Deploy a model's first release to green with all traffic and judge it on the spec's
+    absolute limits: (how the check went — a verdict value or UNJUDGED —, why, the ledger).
+
+    Green already serving it (a redelivery after a crash before the tags), it is only judged,
+    afresh. The check holds the rollout's lease for up to `max_step_duration_s`; whatever its
+    verdict the release keeps serving. A spec with no absolute limit cannot judge it: deployed
+    unjudged, as told.
+    """
+    from rollout.api import bootstrap, bootstrap_checked, ledger_path_of
+    from rollout.core.machine import first_release_limits
+    from rollout.ledger import span
+
+    analysis = spec.analysis
+    ledger = ledger_path_of(spec, state_dir)
+    if not first_release_limits(analysis):
+        bootstrap(spec, release, state_dir=state_dir, router=router)
+        reason = (
+            "the spec's analysis sets no absolute limit to judge it on (errors.max_rate, "
+            "or latency.max_slow_rate with slo_ms)"
+        )
+        return UNJUDGED, reason, ledger
+    log.info(
+        "%s: first release, to green with all traffic; judging it on the absolute limits "
+        "every %g s, for at most %s",
+        release.ref,
+        analysis.interval_s,
+        span(analysis.max_step_duration_s),
+    )
+    check = bootstrap_checked(
+        spec,
+        release,
+        state_dir=state_dir,
+        router=router,
+        clock=clock,
+        on_look=_LookLog(release.ref, analysis.interval_s),
+    )
+    return check.verdict.value, check.reason, ledger
+
+
+def tag_first_release(
+    registry: ModelRegistry, model: str, version: int, check: str, reason: str
+) -> list[TagChange]:
+    """Plan and apply the tags of a first release whose check ended `check`."""
+    changes = plan_first_release_tags(registry.list_versions(model), version, check, reason)
+    apply_tags(registry, model, changes)
+    return changes
 
 
 class _LookLog:

@@ -13,8 +13,16 @@ the rollout runs inside an Azure ML job (the deploy pipeline), where no trigger 
 outcome. A paused rollout changes no tag. Tags that cannot be written fail the step (exit 1): the
 traffic moved, and a registry that says otherwise must not look like success.
 
-Exit codes: 0 promoted (Succeeded), 3 rolled back, 4 engine not available, 5 paused for a human,
-1 failed or invalid input.
+A model's first release (green serving nothing, no `stable:` in the spec, and no production
+version in `--registry`) has nothing to be compared with: as in the trigger's delivery
+(`aml_pipelines.delivery.check_first_release`), it is deployed to green with all traffic and
+judged on the spec's absolute limits; with `--registry` it is tagged `stage=production` and
+`first_check=<verdict>` (it serves all traffic whatever the verdict). `result.json` then carries
+`first_check` too.
+
+Exit codes: 0 promoted (Succeeded; a first release's check Successful, or unjudged), 3 rolled
+back, 4 engine not available, 5 paused for a human (a first release's check Inconclusive), 1
+failed (a first release's check Failed or Error) or invalid input.
 """
 
 from __future__ import annotations
@@ -35,7 +43,12 @@ log = logging.getLogger("components.rollout")
 EXIT_ROLLED_BACK = 3
 EXIT_ENGINE_UNAVAILABLE = 4
 EXIT_PAUSED = 5
-_EXIT_BY_PHASE = {"Succeeded": 0, "RolledBack": EXIT_ROLLED_BACK, "Paused": EXIT_PAUSED}
+_EXIT_BY_PHASE = {
+    "Succeeded": 0,
+    "RolledBack": EXIT_ROLLED_BACK,
+    "Paused": EXIT_PAUSED,
+    "Inconclusive": EXIT_PAUSED,  # a first release's check: a human's call
+}
 _PACKAGE_KEYS = ("model", "version", "sha256", "image")
 
 
@@ -95,12 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         spec = load_spec(args.spec)
+        first = _first_release(spec, candidate, args.registry)
+        if first is not None:
+            return _check_first(spec, candidate, first, args)
         log.info("rolling out %s:%s (%s)", candidate.model, candidate.version, candidate.image)
         # A pipeline step must end: a rollout held for a human stops here (exit 5, resumable).
         result = run_rollout(
             spec, candidate=candidate, state_dir=args.result, stop_when_paused=True
         )
-    except RolloutError as exc:
+    except (RolloutError, _RegistryUnreadable) as exc:
         log.error("rollout failed: %s", exc)
         return 1
     write_json(
@@ -117,6 +133,87 @@ def main(argv: list[str] | None = None) -> int:
     if args.registry and not _follow_traffic(args.registry, candidate, result):
         return 1
     return _EXIT_BY_PHASE.get(str(result.phase), 1)
+
+
+class _RegistryUnreadable(Exception):
+    """The registry could not say whether the model has a production version."""
+
+
+def _first_release(spec: Any, candidate: Any, registry_spec: str | None) -> Any:
+    """The router to deploy `candidate` to as the model's first release, or None when it is a
+    rollout: the spec names `stable`, the registry holds a production version of the model
+    (other than the candidate, which a run cut short after tagging made one), or green serves
+    another release."""
+    from aml_pipelines.delivery import green_is_free
+    from aml_pipelines.registry.base import STAGE_TAG, Stage
+    from rollout.routers.factory import make_router
+
+    if spec.stable is not None:
+        return None
+    if registry_spec:
+        from aml_pipelines.errors import PipelineError
+        from aml_pipelines.registry.factory import open_registry
+
+        try:
+            production = open_registry(registry_spec).find_by_tag(
+                candidate.model, STAGE_TAG, Stage.PRODUCTION
+            )
+        except PipelineError as exc:
+            raise _RegistryUnreadable(f"reading the production version failed: {exc}") from None
+        if any(str(v.version) != candidate.version for v in production):
+            return None
+    router = make_router(spec.router)  # one client for all calls (azureml: an MLClient)
+    return router if green_is_free(spec, candidate, router) else None
+
+
+def _check_first(spec: Any, candidate: Any, router: Any, args: argparse.Namespace) -> int:
+    """Deploy and judge a first release; write result.json and (with --registry) its tags."""
+    from aml_pipelines.delivery import (
+        FAILED,
+        FIRST_CHECK_OUTCOMES,
+        check_first_release,
+        first_release_reason,
+    )
+
+    check, reason, ledger = check_first_release(
+        spec, candidate, state_dir=args.result, router=router
+    )
+    phase = FIRST_CHECK_OUTCOMES.get(check, FAILED)
+    said = first_release_reason(candidate.model, int(candidate.version), check, reason)
+    write_json(
+        args.result / "result.json",
+        {
+            "phase": phase,
+            "reason": said,
+            "ledger": str(ledger),
+            "candidate": asdict(candidate),
+            "stable": None,
+            "first_check": check,
+        },
+    )
+    log.log(logging.ERROR if phase == FAILED else logging.INFO, "%s", said)
+    if args.registry and not _tag_first(args.registry, candidate, check, reason):
+        return 1
+    return _EXIT_BY_PHASE.get(phase, 1)
+
+
+def _tag_first(registry_spec: str, candidate: Any, check: str, reason: str) -> bool:
+    """Tag a first release after its check; False (logged) when that failed."""
+    from aml_pipelines.delivery import tag_first_release
+    from aml_pipelines.errors import PipelineError
+    from aml_pipelines.registry.factory import open_registry
+
+    try:
+        registry = open_registry(registry_spec)
+        version = int(candidate.version)
+        registry.get(candidate.model, version)
+        tag_first_release(registry, candidate.model, version, check, reason)  # logs each tag
+    except (PipelineError, ValueError) as exc:
+        log.error(
+            "the first release was checked (%s) but its tags were not written: %s", check, exc
+        )
+        return False
+    return True
 
 
 def _follow_traffic(registry_spec: str, candidate: Any, result: Any) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -164,3 +165,124 @@ def test_a_version_the_registry_does_not_hold_fails_the_step(
     assert main(argv) == 1
     assert "the rollout ended Succeeded but the registry tags were not written" in caplog.text
     assert "model 'm' version 1 not found" in caplog.text
+
+
+FIRST_SPEC = """
+name: component-first
+router: {{kind: memory, state_file: {routes}}}
+metrics: {{kind: simulated, seed: 3, rps: {rps}, baseline: {{error_rate: {error_rate}}}}}
+steps: [50, 100]
+analysis: {{interval_s: 0.02, max_step_duration_s: {max_step}, latency: {{enabled: false}}{errors}}}
+"""
+
+
+def _first(
+    tmp_path: Path,
+    *,
+    error_rate: float = 0.001,
+    rps: float = 2e4,
+    max_step: float = 10,
+    errors: str = "",
+) -> Path:
+    """A spec with no `stable:` over an empty memory router: the model's first release."""
+    path = tmp_path / "first.yaml"
+    path.write_text(
+        FIRST_SPEC.format(
+            routes=tmp_path / "routes.json",
+            rps=rps,
+            error_rate=error_rate,
+            max_step=max_step,
+            errors=errors,
+        )
+    )
+    return path
+
+
+def _registry_holding_m1(tmp_path: Path, stage: str = "candidate") -> Any:
+    from aml_pipelines.registry.local import LocalRegistry
+    from tests.pipelines.conftest import write_model_folder
+
+    registry = LocalRegistry(tmp_path / "registry")
+    registry.register("m", write_model_folder(tmp_path / "v1", name="m"), {"stage": stage})
+    return registry
+
+
+def _green(tmp_path: Path) -> tuple[str | None, int]:
+    from rollout.config import MemoryRouterConfig
+    from rollout.core.types import Colour
+    from rollout.routers.memory import MemoryRouter
+
+    router = MemoryRouter.from_config(MemoryRouterConfig(state_file=tmp_path / "routes.json"))
+    green = router.release(Colour.GREEN)
+    return (green.version if green else None), router.get_weights().green
+
+
+@pytest.mark.parametrize(
+    ("spec_kw", "exit_code", "check", "says"),
+    [
+        pytest.param({}, 0, "Successful", "is below the limit 10 %", id="clean-passes"),
+        pytest.param({"error_rate": 0.3}, 1, "Failed", "is above the limit 10 %",
+                     id="over-max-rate-fails"),
+        pytest.param({"rps": 20, "max_step": 0.3}, EXIT_PAUSED, "Inconclusive", "undecided",
+                     id="too-little-traffic-is-a-humans-call"),
+        pytest.param({"errors": ", errors: {max_rate: null}"}, 0, "unjudged",
+                     "sets no absolute limit", id="no-limit-deploys-unjudged"),
+    ],
+)  # fmt: skip
+def test_a_models_first_release_is_deployed_and_checked_on_the_absolute_limits(
+    tmp_path: Path,
+    package: Path,
+    spec_kw: dict[str, Any],
+    exit_code: int,
+    check: str,
+    says: str,
+) -> None:
+    """The deploy pipeline's first run on an empty endpoint: nothing to compare the candidate
+    with, so it is judged on the spec's limits, as the trigger's delivery does, and tagged."""
+    registry = _registry_holding_m1(tmp_path)
+    result = tmp_path / "result"
+    argv = ["--package", str(package), "--spec", str(_first(tmp_path, **spec_kw)),
+            "--registry", f"local:{registry.root}", "--result", str(result)]  # fmt: skip
+    assert main(argv) == exit_code
+    # It serves all traffic whatever the verdict: there is nothing to fall back to.
+    assert _green(tmp_path) == ("1", 100)
+    summary = json.loads((result / "result.json").read_text())
+    assert summary["first_check"] == check
+    assert summary["reason"].startswith("first release of m: deployed to green with all traffic")
+    assert says in summary["reason"]
+    tags = registry.get("m", 1).tags
+    assert (tags["stage"], tags["first_check"]) == ("production", check)
+    assert (says in tags.get("first_check_reason", "")) == (check != "Successful")
+
+
+def test_without_a_registry_a_first_release_is_checked_and_not_tagged(
+    tmp_path: Path, package: Path
+) -> None:
+    result = tmp_path / "result"
+    argv = ["--package", str(package), "--spec", str(_first(tmp_path, error_rate=0.3)),
+            "--result", str(result)]  # fmt: skip
+    assert main(argv) == 1
+    assert json.loads((result / "result.json").read_text())["first_check"] == "Failed"
+    assert _green(tmp_path) == ("1", 100)
+
+
+def test_a_production_version_elsewhere_is_no_first_release(
+    tmp_path: Path, package: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Green serving nothing while the registry holds a production version is an emptied data
+    plane, not a first release: the candidate is not made production unjudged; the engine says
+    what to do."""
+    from tests.pipelines.conftest import write_model_folder
+
+    registry = _registry_holding_m1(tmp_path, stage="production")
+    registry.register("m", write_model_folder(tmp_path / "v2", name="m", salt="2"))
+    (package / "package.json").write_text(
+        json.dumps({"model": "m", "version": "2", "sha256": "ab" * 32, "image": "r/m:2"})
+    )
+    argv = ["--package", str(package), "--spec", str(_first(tmp_path)),
+            "--registry", f"local:{registry.root}",
+            "--result", str(tmp_path / "result")]  # fmt: skip
+    assert main(argv) == 1
+    assert "green serves nothing" in caplog.text
+    assert _green(tmp_path) == (None, 100)
+    assert registry.get("m", 2).stage != "production"
