@@ -1226,6 +1226,22 @@ def test_which_provisioning_states_hold_a_release_and_which_take_traffic(
     router.set_weights(Weights.blue_at(0))  # a rollback: never refused
 
 
+def test_a_green_left_failed_by_an_update_refuses_the_rollback_toward_it(
+    arm: FakeArm, ml_client: Any
+) -> None:
+    """As docs/azureml-endpoint.md says (a known limit, not a choice): whether Azure serves
+    from a deployment whose update Failed is not known here, so traffic to it is refused, a
+    rollback's included, and the candidate keeps its share until green reads Succeeded."""
+    router = _deployed(ml_client)
+    router.set_weights(Weights.blue_at(10))
+    _show_state(arm, router, Colour.GREEN, "Failed")  # e.g. an operator's scale-out failed
+    with pytest.raises(
+        RouterRefused, match=r"green is in provisioning state Failed: deploy it again, or delete"
+    ):
+        router.set_weights(Weights.blue_at(0))
+    assert router.get_weights() == Weights.blue_at(10)
+
+
 def test_a_redeploy_azure_is_still_rolling_out_is_not_yet_its_release() -> None:
     """A redeploy of blue (V1 -> V2) that timed out: Azure shows Updating with V2's tags while
     V1 still serves. release() refuses it (was: V2, which a resumed controller took for the
