@@ -1033,6 +1033,28 @@ def test_the_controller_sends_a_traffic_change_arm_refused_once(
     assert isinstance(caught.value, RouterRefused) is (puts == 1)
 
 
+def test_the_controller_does_not_retry_traffic_to_a_deployment_that_is_gone(
+    arm: FakeArm, ml_client: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    router = make_router(ml_client)
+    RouterContract.live(router)
+    green = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments/green"
+    deploy, reads = router.deploy, []
+
+    def deploy_then_lose_green(colour: Colour, release: Release) -> None:
+        deploy(colour, release)
+        arm.delete(green)  # as another client would, once blue is up
+        reads.append(len(list(iter_calls(arm, "GET", f"{green}$"))))
+
+    router.deploy = deploy_then_lose_green  # type: ignore[method-assign]
+    clock = FakeClock(1_000.0)
+    with pytest.raises(RouterRefused, match=f"deployment {router.endpoint}/green does not exist"):
+        run_rollout(_endpoint_spec(router, tmp_path), candidate=V2, router=router, clock=clock)
+    assert clock.now() == 1_000.0  # no pause
+    assert len(list(iter_calls(arm, "GET", f"{green}$"))) - reads[0] == 1  # asked once, not 4
+    assert "retrying" not in caplog.text
+
+
 def test_the_controller_does_not_retry_a_deploy_azure_ai_ml_refuses(
     ml_client: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
