@@ -57,8 +57,10 @@ class RouterUnavailable(RouterError):
 class RouterRefused(RouterError):
     """The router answered, and refuses the action for a reason that asking again will not
     change: a namespace that does not exist, a release without what the router deploys, traffic
-    held by a deployment that is not ours to move. The controller does not retry it (a blip,
-    a 409, a timeout stay plain RouterError, and are retried); the message says what to fix."""
+    held by a deployment that is not ours to move, traffic to a colour with nothing deployed,
+    credentials or permissions the control plane refuses (401, 403), an object it refuses as
+    invalid. The controller does not retry it (a blip, a 409, a 429, a 5xx, a timeout stay
+    plain RouterError, and are retried); the message says what to fix."""
 
 
 class DeployFailed(RouterRefused):

@@ -7,6 +7,14 @@ Errors are read the same way too: one line with the HTTP status, the API server'
 and for 401/403 what to fix, said for the credentials actually used (`Credentials`): api_url
 sends none of its own, in_cluster is the pod's ServiceAccount, a kubeconfig is a file and a
 context.
+
+Some answers are final (`REFUSED`): no retry a few seconds later changes them. A 401 is not a
+stale token that asking again would renew: the client itself renews a kubeconfig's expiring
+token (exec plugin, OIDC) before each request, and re-reads an in-cluster ServiceAccount token
+every minute. A 403 is RBAC (or an admission policy) saying no; RBAC changes when someone binds
+the Role. A 400 or 422 is the object refused as invalid (by the API server's validation or an
+admission webhook's denial): sent again, it is refused again. 409s, 429s, 5xx (a webhook that
+cannot be reached is a 500) and timeouts are not final.
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ if TYPE_CHECKING:
 
 NOT_FOUND = 404
 CONFLICT = 409
+#: Answers a retry does not change (see the module docstring): credentials refused, forbidden,
+#: the object refused as invalid.
+REFUSED = frozenset({400, 401, 403, 422})
 
 
 def api_client(cfg: KubeApiConfig, where: str) -> k8s.ApiClient:

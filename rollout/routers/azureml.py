@@ -45,8 +45,11 @@ operation and the setting; Azure carries on, and the next call reads the state i
 
 What Azure (or this module for it) refuses, and will refuse again however often asked, is
 RouterRefused, which the controller does not retry: live traffic held by a deployment we do not
-manage, a deployment not deployed by aml-rollout, or one whose provisioning Failed, a mirror Azure
-would refuse. A change still in progress, a timeout, an HTTP error stay RouterError, retried.
+manage, a deployment not deployed by aml-rollout, or one whose provisioning Failed, traffic to a
+deployment that does not exist, a mirror Azure would refuse, a 401 or 403 (`_REFUSED`: the
+identity or its roles), what azure-ai-ml's validation refuses before sending (`_invalid`). A
+change still in progress, a timeout, other HTTP errors (400 included, see `_REFUSED`) and no
+credential found at all stay RouterError, retried.
 
 Azure gives no optimistic concurrency on the endpoint through the SDK: two writers of `traffic`
 race with last-writer-wins, so run one controller per endpoint (the state store's lease does,
@@ -413,9 +416,12 @@ class AzureMLRouter:
                 continue
             found = self._get_deployment(self.names[colour])
             if found is None:
-                raise RouterError(
+                # (`_get` found the workspace, so this is the deployment's own 404.)
+                raise RouterRefused(
                     f"cannot {verb} {share} % to {colour.value}: deployment "
-                    f"{self.endpoint}/{self.names[colour]} does not exist"
+                    f"{self.endpoint}/{self.names[colour]} does not exist (deleted, or never "
+                    "deployed: no retry brings it back; a resumed `run` deploys the release "
+                    "its status gives that colour again)"
                 )
             # Updating is not refused here (unlike in release()): the deployment serves through
             # it, and an operator scaling green, or blue out of 429s, must not stop the rollout.
@@ -631,19 +637,59 @@ class AzureMLRouter:
             raise _NotFound(f"{what}: {_describe(exc)}") from exc
         except ClientAuthenticationError as exc:
             if exc.response is None:  # no token at all: the credential chain found no identity
+                # Retried: the chain's failures include blips (`az` timing out, IMDS busy).
                 raise RouterError(
                     f"{what}: no usable Azure credentials ({one_line(exc.message)})"
                 ) from exc
-            raise RouterError(f"{what}: Azure rejected the credentials ({_describe(exc)})") from exc
+            rejected = f"{what}: Azure rejected the credentials ({_describe(exc)})"
+            if exc.status_code in _REFUSED:
+                raise RouterRefused(f"{rejected}: {_REFUSED[exc.status_code]}") from exc
+            raise RouterError(rejected) from exc  # a token service's 5xx, say
         except HttpResponseError as exc:
+            if exc.status_code in _REFUSED:
+                raise RouterRefused(
+                    f"{what}: {_describe(exc)}: {_REFUSED[exc.status_code]}"
+                ) from exc
             raise RouterError(f"{what}: {_describe(exc)}") from exc
         except AzureError as exc:
+            if _invalid(exc):
+                raise RouterRefused(f"{what}: {one_line(exc.message)}") from exc
             raise RouterError(f"{what}: {one_line(exc.message)}") from exc
         except Exception as exc:
             # azure-ai-ml raises its own MlException tree (validation, asset resolution).
             if type(exc).__module__.startswith("azure."):
                 raise RouterError(f"{what}: {one_line(str(exc))}") from exc
             raise
+
+
+#: Answers no retry within the controller's few seconds changes, and what to do about them.
+#: azure-core's bearer policy renews a token minutes before it expires and answers a claims
+#: challenge itself, so a 401 that reaches us is a token of the wrong tenant or identity, not a
+#: stale one; a 403 is Azure RBAC (whose new assignments take minutes to apply) or a policy.
+#: 400s stay retried: Azure ML's answer to a write while the endpoint or the deployment is
+#: mid-change could not be checked here, and that one goes away by itself.
+_REFUSED = {
+    401: (
+        "sign in as an identity of the subscription's tenant (`az login --tenant ...`, or the "
+        "service principal / managed identity DefaultAzureCredential finds)"
+    ),
+    403: (
+        "the identity needs a role on the workspace that may read and write its online "
+        "endpoints and deployments (e.g. AzureML Data Scientist), or on a resource they link "
+        "(LinkedAuthorizationFailed), or a policy denies the request (the code says which); a "
+        "new role assignment takes minutes to apply"
+    ),
+}
+
+
+def _invalid(exc: Exception) -> bool:
+    """Whether azure-ai-ml refused what we asked for before sending it (a name Azure refuses,
+    an asset the workspace lacks): its ValidationException, raised as it is or, by the endpoint
+    and deployment writes, again as a bare MlException carrying the formatted text (the
+    ValidationException then is its `__context__`). Nothing a retry changes."""
+    from azure.ai.ml.exceptions import ValidationException
+
+    return isinstance(exc, ValidationException) or isinstance(exc.__context__, ValidationException)
 
 
 def _finish(what: str, poller: Any, timeout_s: float, setting: str) -> Any:

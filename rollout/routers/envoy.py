@@ -47,7 +47,7 @@ import httpx
 
 from rollout.config import ColourNames, EnvoyRouterConfig
 from rollout.core.types import Colour, Release, Weights
-from rollout.errors import RouterError, RouterUnavailable
+from rollout.errors import RouterError, RouterRefused, RouterUnavailable
 
 _API = "type.googleapis.com/envoy"
 ROUTE_TYPE = f"{_API}.config.route.v3.RouteConfiguration"
@@ -463,12 +463,12 @@ class EnvoyRouter:
         slots = self._slots()
         for colour in Colour:
             if weights.of(colour) > 0 and colour.value not in slots:
-                raise RouterError(
+                raise RouterRefused(  # no retry deploys it
                     f"cannot send {weights.of(colour)} % to {colour.value}: "
                     "nothing is deployed there"
                 )
         if weights.mirror > 0 and Colour.BLUE.value not in slots:
-            raise RouterError(
+            raise RouterRefused(
                 f"cannot mirror {weights.mirror} % to blue: nothing is deployed there"
             )
         shadow = f"-m{weights.mirror}" if weights.mirror else ""

@@ -26,8 +26,8 @@ generateVirtualServicePatches vs reconcileVirtualService).
   the routes already match (idempotent, and no resourceVersion churn for watchers). A shadow
   step (`weights.mirror`) adds `mirror` / `mirrorPercentage` to our default route; as a merge
   patch replaces a list whole, the next `spec.http` without them removes them (no nulls needed).
-  Traffic, live or mirrored, is refused to a colour whose Deployment is missing or past its
-  progress deadline with no pod available.
+  Traffic, live or mirrored, is refused to a colour whose Deployment is missing (for good:
+  RouterRefused) or past its progress deadline with no pod available (a pod may yet come up).
 - `get_weights` reads the VirtualService back: what the control plane holds, the mirror to
   blue's weighted Service included (`istio_manifests.mirror_from_route`).
 - `remove` deletes the Deployment (its Services stay: empty Services are free and keep the pinned
@@ -36,7 +36,9 @@ generateVirtualServicePatches vs reconcileVirtualService).
 API failures become RouterError naming the object and the HTTP status; a 409 that outlives the
 retries is ConflictError; no answer at all from the API server is RouterUnavailable; pods
 that do not become ready are DeployFailed. A refusal that no retry changes is RouterRefused
-(DeployFailed is one): a namespace that does not exist, a release without an image. Only the
+(DeployFailed is one): a namespace that does not exist, a release without an image, a 401 or
+403 (credentials or RBAC), a 400 or 422 (an object refused as invalid: `kubeapi.REFUSED`),
+traffic to a colour with no Deployment. Only the
 verbs in `istio_manifests.ROLE_RULES` are used (checked by a test against a recorded run), so
 the rendered RBAC Role is enough.
 """
@@ -161,7 +163,8 @@ class IstioRouter:
             name = f"{self._ns}/{self.layout.deployment(colour)}"
             found = self._read_deployment(self.layout.deployment(colour))
             if found is None:
-                raise RouterError(f"cannot {sending}: Deployment {name} does not exist")
+                # The API server reads what it stores: absent now is absent on the next ask.
+                raise RouterRefused(f"cannot {sending}: Deployment {name} does not exist{_LOST}")
             # Past its progress deadline with no pod available, it would answer nothing. (With
             # pods available, e.g. a stalled scale-up, it still serves and may take traffic.)
             if m.past_deadline(found) and not (found.get("status") or {}).get("availableReplicas"):
@@ -452,8 +455,22 @@ def _router_error(
             f"no object); the router needs {m.ISTIO_GROUP}/{m.ISTIO_VERSION}, served by Istio "
             "1.22 or later: is Istio installed, and recent enough?"
         )
+    said = f"{what}: {kubeapi.describe(exc, credentials)}"
+    if exc.status in kubeapi.REFUSED:  # credentials, RBAC, an invalid object: final answers
+        invalid = exc.status not in (401, 403)
+        return RouterRefused(f"{said}{_INVALID if invalid else ''} [{host}]")
     cls = ConflictError if exc.status == _CONFLICT else RouterError
-    return cls(f"{what}: {kubeapi.describe(exc, credentials)} [{host}]")
+    return cls(f"{said} [{host}]")
+
+
+_INVALID = (
+    " (refused as invalid, and sent again it would be again: fix what the API server names, in "
+    "the spec's router settings or the release's image, or an admission policy that denies it)"
+)
+_LOST = (
+    " (deleted, or never deployed: no retry brings it back; a resumed `run` deploys the "
+    "release its status gives that colour again)"
+)
 
 
 def _unreachable(what: str, exc: Exception, host: str) -> RouterError:

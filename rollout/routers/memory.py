@@ -21,7 +21,7 @@ from typing import Any
 
 from rollout.config import MemoryRouterConfig
 from rollout.core.types import Colour, Release, Weights
-from rollout.errors import RouterError
+from rollout.errors import RouterError, RouterRefused
 
 
 class MemoryRouter:
@@ -60,12 +60,15 @@ class MemoryRouter:
 
     def set_weights(self, weights: Weights) -> None:
         """Route default traffic by `weights`."""
+        # RouterRefused, as every router says it: no retry deploys the colour.
         if weights.blue > 0 and Colour.BLUE not in self._releases:
-            raise RouterError(f"cannot send {weights.blue} % to blue: nothing is deployed there")
+            raise RouterRefused(f"cannot send {weights.blue} % to blue: nothing is deployed there")
         if weights.green > 0 and Colour.GREEN not in self._releases:
-            raise RouterError(f"cannot send {weights.green} % to green: nothing is deployed there")
+            raise RouterRefused(
+                f"cannot send {weights.green} % to green: nothing is deployed there"
+            )
         if weights.mirror > 0 and Colour.BLUE not in self._releases:
-            raise RouterError(f"cannot mirror {weights.mirror} % to blue: nothing is deployed")
+            raise RouterRefused(f"cannot mirror {weights.mirror} % to blue: nothing is deployed")
         self._weights = weights
         self._commit("set_weights", **self._weights_dict())
 

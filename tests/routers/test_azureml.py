@@ -534,7 +534,7 @@ def test_get_weights_without_an_endpoint_says_so(ml_client: Any) -> None:
 
 def test_sdk_validation_errors_are_one_line(ml_client: Any) -> None:
     router = AzureMLRouter(ml_client, "ep")  # Azure wants 3..32 characters
-    with pytest.raises(RouterError) as caught:
+    with pytest.raises(RouterRefused) as caught:  # nothing a retry changes
         router.deploy(Colour.GREEN, V1)
     assert "\n" not in str(caught.value)
     assert "at least 3 and at most 32 characters" in str(caught.value)
@@ -544,7 +544,7 @@ def test_an_asset_the_workspace_lacks_is_one_plain_line(ml_client: Any) -> None:
     """azure-ai-ml colours this text with terminal escapes (its first line black): none of them
     reaches the error line, which a terminal, a log and the ledger show."""
     router = make_router(ml_client, environment="azureml:no-such-env@latest")
-    with pytest.raises(RouterError) as caught:
+    with pytest.raises(RouterRefused) as caught:
         router.deploy(Colour.GREEN, V1)
     assert str(caught.value) == (
         f"deploy {router.endpoint}/green: 1) Resource was not found. Details: "
@@ -921,6 +921,155 @@ def test_credentials_azure_rejects_are_one_line(arm: FakeArm, ml_client: Any) ->
 
 
 @pytest.mark.parametrize(
+    ("status", "code", "refused", "said"),
+    [
+        pytest.param(
+            401, "InvalidAuthenticationTokenTenant", True,
+            "Azure rejected the credentials (HTTP 401 InvalidAuthenticationTokenTenant: injected "
+            "failure on PUT {path}): sign in as an identity of the subscription's tenant",
+            id="401-refused",
+        ),
+        pytest.param(
+            403, "AuthorizationFailed", True,
+            "HTTP 403 AuthorizationFailed: injected failure on PUT {path}: the identity needs a "
+            "role on the workspace that may read and write its online endpoints",
+            id="403-refused",
+        ),
+        pytest.param(
+            400, "BadArgument", False, "HTTP 400 BadArgument: injected failure on PUT {path}",
+            id="400-retried",
+        ),
+        pytest.param(
+            409, "Conflict", False, "HTTP 409 Conflict: injected failure on PUT {path}",
+            id="409-retried",
+        ),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    ("resource", "call"),
+    [
+        pytest.param("", lambda r: r.set_weights(Weights.blue_at(10)), id="traffic"),
+        pytest.param("/deployments/blue", lambda r: r.deploy(Colour.BLUE, V2), id="deploy"),
+    ],
+)
+def test_what_arm_refuses_for_good_is_a_refusal(
+    arm: FakeArm,
+    ml_client: Any,
+    status: int,
+    code: str,
+    refused: bool,
+    said: str,
+    resource: str,
+    call: Any,
+) -> None:
+    """Was: a 401 or a 403 was a plain RouterError, so the controller sent again 3 times over
+    7 s a write ARM had refused to this identity (azure-core renews tokens before they expire
+    and answers claims challenges itself: a 401 that reaches us is no stale token)."""
+    router = make_router(ml_client)
+    RouterContract.live(router)
+    router.deploy(Colour.BLUE, V1)
+    path = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}{resource}"
+    arm.fail("PUT", f"{path}$", status, code, times=100)  # this endpoint's only
+    with pytest.raises(RouterError) as caught:
+        call(router)
+    assert isinstance(caught.value, RouterRefused) is refused
+    assert said.format(path=path) in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("weights", "said"),
+    [
+        pytest.param(Weights.blue_at(10), "cannot send 10 % to blue", id="live"),
+        pytest.param(Weights.blue_at(0, mirror=5), "cannot mirror 5 % to blue", id="mirror"),
+    ],
+)
+def test_traffic_to_a_deployment_that_does_not_exist_is_refused(
+    ml_client: Any, weights: Weights, said: str
+) -> None:
+    router = make_router(ml_client)
+    RouterContract.live(router)  # green only
+    with pytest.raises(RouterRefused) as caught:  # no retry deploys it
+        router.set_weights(weights)
+    assert str(caught.value).startswith(
+        f"{said}: deployment {router.endpoint}/blue does not exist (deleted, or never deployed: "
+        "no retry brings it back; "
+    )
+
+
+def _endpoint_spec(router: AzureMLRouter, tmp_path: Path) -> Any:
+    return spec_from_dict({
+        "name": "diabetes",
+        "router": {"kind": "azureml", "subscription_id": SUB, "resource_group": RG,
+                   "workspace": WS, "endpoint": router.endpoint},
+        "metrics": {"kind": "static"},
+        "steps": [10, 100],
+        "state": {"dir": str(tmp_path / "state")},
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "puts", "paused"),
+    [
+        pytest.param(403, "AuthorizationFailed", 1, 0, id="403-once"),
+        pytest.param(401, "InvalidAuthenticationToken", 1, 0, id="401-once"),
+        pytest.param(400, "BadArgument", 4, 1 + 2 + 4, id="400-four-times"),
+    ],
+)
+def test_the_controller_sends_a_traffic_change_arm_refused_once(
+    arm: FakeArm, ml_client: Any, tmp_path: Path, status: int, code: str, puts: int, paused: int
+) -> None:
+    """At the wire: the fake ARM sees one PUT of the endpoint, not four, and no pause."""
+    router = make_router(ml_client)
+    RouterContract.live(router)
+    endpoint_puts = f"/onlineEndpoints/{router.endpoint}$"
+    arm.fail("PUT", endpoint_puts, status, code, times=100)
+    before = len(list(iter_calls(arm, "PUT", endpoint_puts)))
+    clock = FakeClock(1_000.0)
+    with pytest.raises(RouterError) as caught:
+        run_rollout(_endpoint_spec(router, tmp_path), candidate=V2, router=router, clock=clock)
+    assert len(list(iter_calls(arm, "PUT", endpoint_puts))) - before == puts
+    assert clock.now() == 1_000.0 + paused
+    assert isinstance(caught.value, RouterRefused) is (puts == 1)
+
+
+def test_the_controller_does_not_retry_traffic_to_a_deployment_that_is_gone(
+    arm: FakeArm, ml_client: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    router = make_router(ml_client)
+    RouterContract.live(router)
+    green = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments/green"
+    deploy, reads = router.deploy, []
+
+    def deploy_then_lose_green(colour: Colour, release: Release) -> None:
+        deploy(colour, release)
+        arm.delete(green)  # as another client would, once blue is up
+        reads.append(len(list(iter_calls(arm, "GET", f"{green}$"))))
+
+    router.deploy = deploy_then_lose_green  # type: ignore[method-assign]
+    clock = FakeClock(1_000.0)
+    with pytest.raises(RouterRefused, match=f"deployment {router.endpoint}/green does not exist"):
+        run_rollout(_endpoint_spec(router, tmp_path), candidate=V2, router=router, clock=clock)
+    assert clock.now() == 1_000.0  # no pause
+    assert len(list(iter_calls(arm, "GET", f"{green}$"))) - reads[0] == 1  # asked once, not 4
+    assert "retrying" not in caplog.text
+
+
+def test_the_controller_does_not_retry_a_deploy_azure_ai_ml_refuses(
+    ml_client: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """azure-ai-ml's validation (here: an asset the workspace lacks) refuses before sending."""
+    router = make_router(ml_client)
+    RouterContract.live(router)
+    refusing = AzureMLRouter(ml_client, router.endpoint, environment="azureml:no-such-env@latest")
+    clock = FakeClock(1_000.0)
+    with pytest.raises(RouterRefused, match="Asset azureml:no-such-env does not exist"):
+        run_rollout(_endpoint_spec(router, tmp_path), candidate=V2, router=refusing, clock=clock)
+    assert clock.now() == 1_000.0
+    assert "retrying" not in caplog.text
+
+
+@pytest.mark.parametrize(
     ("canary_error_rate", "phase", "green", "after_shadow"),
     [
         pytest.param(
@@ -1097,6 +1246,22 @@ def test_which_provisioning_states_hold_a_release_and_which_take_traffic(
         with pytest.raises(RouterError, match=f"provisioning state {state}"):
             router.set_weights(Weights.blue_at(10))
     router.set_weights(Weights.blue_at(0))  # a rollback: never refused
+
+
+def test_a_green_left_failed_by_an_update_refuses_the_rollback_toward_it(
+    arm: FakeArm, ml_client: Any
+) -> None:
+    """As docs/azureml-endpoint.md says (a known limit, not a choice): whether Azure serves
+    from a deployment whose update Failed is not known here, so traffic to it is refused, a
+    rollback's included, and the candidate keeps its share until green reads Succeeded."""
+    router = _deployed(ml_client)
+    router.set_weights(Weights.blue_at(10))
+    _show_state(arm, router, Colour.GREEN, "Failed")  # e.g. an operator's scale-out failed
+    with pytest.raises(
+        RouterRefused, match=r"green is in provisioning state Failed: deploy it again, or delete"
+    ):
+        router.set_weights(Weights.blue_at(0))
+    assert router.get_weights() == Weights.blue_at(10)
 
 
 def test_a_redeploy_azure_is_still_rolling_out_is_not_yet_its_release() -> None:

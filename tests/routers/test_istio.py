@@ -881,6 +881,145 @@ def test_unloadable_credentials_say_what_is_missing(
     assert message.format(tmp=tmp_path) in str(refused.value)
 
 
+_REASONS = {
+    400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 409: "Conflict", 422: "Invalid",
+    429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable",
+}  # fmt: skip
+
+
+def answer_writes_of(api: FakeKubeApiServer, resource: str, code: int) -> list[str]:
+    """Every later write (POST, PUT, PATCH) to `resource` is answered `code`; the returned list
+    records each such request (the fake's own log sees none of them)."""
+    handle, seen = api.handle, []
+
+    def answer(method: str, path: str, *args: Any) -> tuple[int, dict[str, Any]]:
+        if method in ("POST", "PUT", "PATCH") and f"/{resource}" in path:
+            seen.append(method)
+            raise ApiError(code, _REASONS[code], f"injected {code} on {method} {path}")
+        return handle(method, path, *args)
+
+    api.handle = answer  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("code", "refused", "hint"),
+    [
+        pytest.param(401, True, "credentials rejected", id="401-credentials"),
+        pytest.param(403, True, "forbidden: the identity this runs as needs the Role", id="403"),
+        pytest.param(400, True, "refused as invalid, and sent again it would be again", id="400"),
+        pytest.param(422, True, "refused as invalid, and sent again it would be again", id="422"),
+        pytest.param(409, False, "still conflicting after 5 attempts", id="409-retried"),
+        pytest.param(429, False, "HTTP 429", id="429-retried"),
+        pytest.param(500, False, "HTTP 500", id="500-retried"),
+        pytest.param(503, False, "HTTP 503", id="503-retried"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("resource", "call"),
+    [
+        pytest.param("virtualservices", lambda r: r.set_weights(Weights.blue_at(10)), id="weights"),
+        pytest.param("deployments", lambda r: r.deploy(Colour.BLUE, V1), id="deploy"),
+    ],
+)
+def test_answers_no_retry_changes_are_refusals(
+    api: FakeKubeApiServer, code: int, refused: bool, hint: str, resource: str, call: Any
+) -> None:
+    """Was: every answer but a 404 from a POST was a plain RouterError, so the controller sent a
+    write the API server had refused for credentials, RBAC or validity 3 more times, 7 s."""
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(0))
+    answer_writes_of(api, resource, code)
+    with pytest.raises(RouterError, match=re.escape(hint)) as caught:
+        call(router)
+    assert isinstance(caught.value, RouterRefused) is refused
+    assert "\n" not in str(caught.value)
+
+
+def test_traffic_to_a_deployment_that_is_gone_is_refused(api: FakeKubeApiServer) -> None:
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(10))
+    api.delete(*DEPLOYMENT_GREEN)
+    with pytest.raises(RouterRefused) as caught:  # a rollback toward a green that is gone
+        router.set_weights(Weights.blue_at(0))
+    assert str(caught.value).startswith(
+        "cannot send 100 % to green: Deployment ml/diabetes-green does not exist (deleted, or "
+        "never deployed: no retry brings it back; "
+    )
+    assert router.get_weights() == Weights.blue_at(10)
+
+
+def _controller(api: FakeKubeApiServer) -> tuple[Any, Any]:
+    """A controller rolling V2 out over green V1 on `api`, with a fake clock at 1000 s."""
+    from rollout.config import spec_from_dict
+    from rollout.controller import Controller, FakeClock
+    from rollout.metrics.static import StaticMetrics
+    from rollout.state.memory import MemoryStateStore
+
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.set_weights(Weights.blue_at(0))
+    spec = spec_from_dict({
+        "name": "diabetes",
+        "router": {"kind": "istio", "namespace": "ml", "app": "diabetes", "api_url": api.url},
+        "metrics": {"kind": "static"},
+        "steps": [10, 100],
+    })  # fmt: skip
+    clock = FakeClock(1_000.0)
+    store = MemoryStateStore()
+    return Controller(spec, router, StaticMetrics([]), store, clock=clock, candidate=V2), clock
+
+
+@pytest.mark.parametrize(
+    ("code", "writes", "paused"),
+    [
+        pytest.param(403, 1, 0, id="403-once"),
+        pytest.param(401, 1, 0, id="401-once"),
+        pytest.param(422, 1, 0, id="422-once"),
+        pytest.param(503, 4, 1 + 2 + 4, id="503-four-times"),
+    ],
+)
+def test_the_controller_sends_a_refused_weight_change_once(
+    api: FakeKubeApiServer, code: int, writes: int, paused: float, caplog: Any
+) -> None:
+    """At the wire: the fake API server sees one PATCH of the VirtualService, not four, and the
+    controller pauses 0 s, not 1 + 2 + 4."""
+    ctl, clock = _controller(api)
+    seen = answer_writes_of(api, "virtualservices", code)
+    with pytest.raises(RouterError) as caught:
+        ctl.run(max_ticks=5)
+    assert seen == ["PATCH"] * writes
+    assert clock.now() == 1_000.0 + paused
+    assert isinstance(caught.value, RouterRefused) is (writes == 1)
+    assert ("retrying" in caplog.text) is (writes > 1)
+
+
+def test_the_controller_does_not_retry_traffic_to_a_deployment_that_is_gone(
+    api: FakeKubeApiServer,
+) -> None:
+    ctl, clock = _controller(api)
+    handle, before = api.handle, len(api.requests)
+
+    def green_deleted_with_blue_created(method: str, path: str, *args: Any) -> Any:
+        answered = handle(method, path, *args)
+        if method == "POST" and path.endswith("/deployments"):  # blue, by the controller
+            api.delete(*DEPLOYMENT_GREEN)
+        return answered
+
+    api.handle = green_deleted_with_blue_created  # type: ignore[method-assign]
+    with pytest.raises(RouterRefused, match="Deployment ml/diabetes-green does not exist"):
+        ctl.run(max_ticks=5)
+    assert clock.now() == 1_000.0  # no pause
+    after = api.requests[before:]
+    green = [r.status for r in after if r.resource == "deployments" and r.name == "diabetes-green"]
+    assert green.count(404) == 1  # asked once, not four times
+    assert not [r for r in after if r.resource == "virtualservices" and r.verb == "patch"]
+
+
 def test_an_unreachable_api_server_is_a_router_error_with_its_url() -> None:
     with FakeKubeApiServer() as api:
         url = api.url
