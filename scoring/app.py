@@ -78,8 +78,10 @@ _FAULT_HEADERS = [*_JSON_HEADERS, (b"x-fault-injected", b"1")]
 class FaultSetting(BaseModel):
     """The fault knob's setting (PUT /admin/fault body and GET answer)."""
 
-    # NaN passes neither bound check nor JSON serialisation: refuse it as bad input (422).
-    model_config = ConfigDict(allow_inf_nan=False)
+    # NaN passes neither bound check nor JSON serialisation: refuse it as bad input (422). So
+    # are a numeric string or a boolean (strict), and an unknown field such as "latency": it was
+    # dropped, the answer 200, and the knob set to something other than what was asked.
+    model_config = ConfigDict(allow_inf_nan=False, strict=True, extra="forbid")
 
     error_rate: float = Field(0.0, ge=0.0, le=1.0, description="probability of an injected 500")
     latency_ms: float = Field(0.0, ge=0.0, le=60_000, description="latency added to each request")

@@ -422,6 +422,11 @@ def test_admin_route_rejects_out_of_range_settings(
         pytest.param(b'{"error_rate": "nan"}', id="nan-string"),
         pytest.param(b'{"error_rate": [NaN]}', id="nan-in-a-list"),
         pytest.param(b"not json", id="not-json"),
+        # Were 200: "0.3" and true were taken as numbers, and an unknown field was dropped
+        # (the knob set to 0 ms when the user meant 100).
+        pytest.param(b'{"error_rate": "0.3"}', id="numeric-string"),
+        pytest.param(b'{"error_rate": true}', id="boolean"),
+        pytest.param(b'{"error_rate": 0.3, "latency": 100}', id="unknown-field"),
     ],
 )
 def test_admin_route_answers_bad_numbers_422_not_500(blue: AppClient, body: bytes) -> None:
