@@ -7,6 +7,7 @@ into the same clean stop as Ctrl-C: every process of the stack is stopped and re
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -109,14 +110,16 @@ def up(
                 "or leave --port out for a free one"
             )
     # Read before anything starts: a mistyped folder is one line, not seconds of training first.
-    green = None if model_dir is None else _release(model_dir, "1")
-    candidate = None if candidate_dir is None else _release(candidate_dir, "2")
+    green = None if model_dir is None else _release(model_dir, "1", "--model-dir")
+    candidate = None if candidate_dir is None else _release(candidate_dir, "2", "--candidate-dir")
     stack = LocalStack(workdir, envoy_port=port)
     try:
         with sigterm_as_interrupt():
             stack.start()
             if green is None:
-                green = _release(_train_example(stack.workdir / "models" / "green", console), "1")
+                green = _release(
+                    _train_example(stack.workdir / "models" / "green", console), "1", "--model-dir"
+                )
             stack.router.deploy(Colour.GREEN, green)
             if candidate is not None:
                 stack.router.deploy(Colour.BLUE, candidate)
@@ -165,29 +168,29 @@ def _train_example(folder: Path, console: Console) -> Path:
     return folder
 
 
-def _release(folder: Path, default_version: str) -> Any:
-    """The release a package folder (package.json) or a bare model folder (model.json) holds."""
-    import json
-
+def _release(folder: Path, default_version: str, option: str) -> Any:
+    """The release a folder `aml-rollout serve --model-dir` accepts holds: a package folder
+    (package.json), a bare model folder (model.json) or a folder holding exactly one of those."""
     from rollout.core.types import Release
     from rollout.errors import LocalStackError
+    from scoring.errors import ModelLoadError
+    from scoring.model import MODEL_JSON, resolve_model_dir
 
-    package, model = folder / "package.json", folder / "model.json"
     try:
-        if package.is_file():
-            data = json.loads(package.read_text(encoding="utf-8"))
-            name, version = str(data["model"]), str(data["version"])
-        elif model.is_file():
-            data = json.loads(model.read_text(encoding="utf-8"))
-            name, version = str(data["name"]), default_version
+        model_folder, package = resolve_model_dir(folder)
+        if package is not None:
+            name, version, sha256 = package["model"], package["version"], package.get("sha256")
         else:
-            raise LocalStackError(f"{folder} holds no package.json or model.json")
-    except (OSError, ValueError, KeyError) as exc:
-        raise LocalStackError(f"{folder}: unreadable manifest ({exc})") from exc
+            meta = json.loads((model_folder / MODEL_JSON).read_text(encoding="utf-8"))
+            name, version, sha256 = meta["name"], default_version, meta.get("sha256")
+    except ModelLoadError as exc:
+        raise LocalStackError(f"{option}: {exc}") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LocalStackError(f"{option} {folder}: unreadable manifest ({exc})") from exc
     return Release(
-        model=name,
-        version=version,
-        sha256=str(data.get("sha256", "")),
+        model=str(name),
+        version=str(version),
+        sha256=str(sha256 or ""),
         model_dir=str(folder.resolve()),
     )
 

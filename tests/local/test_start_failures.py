@@ -6,6 +6,7 @@ Was: `aml-rollout up --port <busy>` failed with "envoy: exited before ... answer
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rollout.cli import app as cli_app
+from rollout.commands.stack import _release
 from rollout.errors import LocalStackError
 from rollout.local.envoy import EnvoyProcess
 from rollout.local.stack import LocalStack
@@ -93,10 +95,32 @@ def test_up_with_a_folder_holding_no_model_says_so_before_anything(
     option: str, tmp_path: Path
 ) -> None:
     # Was: Envoy and Prometheus started, the example model trained (~5 s), then the error.
-    done = run_cli("up", option, str(tmp_path / "typo"), "--workdir", str(tmp_path / "stack"))
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert done.stderr.strip() == f"error: {tmp_path / 'typo'} holds no package.json or model.json"
+    # Then: "<path> holds no package.json or model.json", for a folder that did not exist, and
+    # without saying which of the two options it was about.
+    (tmp_path / "empty").mkdir()
+    for given, why in (
+        (tmp_path / "typo", "does not exist or is not a folder"),
+        (tmp_path / "empty", "holds neither package.json (package folder) nor model.json"),
+    ):
+        done = run_cli("up", option, str(given), "--workdir", str(tmp_path / "stack"))
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.stderr.strip().startswith(f"error: {option}: "), done.stderr
+        assert str(given) in done.stderr and why in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "stack").exists()  # refused before anything was made
+
+
+def test_up_takes_a_folder_holding_one_package_as_serve_does(tmp_path: Path) -> None:
+    # Was refused ("holds no package.json or model.json"), while `aml-rollout serve --model-dir`
+    # serves it: `pipeline run-local` writes its package to runs/<ts>-<id>/package/package.
+    package = tmp_path / "package" / "package"
+    package.mkdir(parents=True)
+    (package / "package.json").write_text(
+        json.dumps({"model": "diabetes", "version": "7", "sha256": "ab" * 32})
+    )
+    release = _release(tmp_path / "package", "1", "--model-dir")
+    assert (release.model, release.version, release.sha256) == ("diabetes", "7", "ab" * 32)
+    assert release.model_dir == str((tmp_path / "package").resolve())
 
 
 @pytest.mark.parametrize("port", ["70000", "-1"])
