@@ -64,6 +64,11 @@ ADMIN_MAX_BODY_BYTES = 4096
 #: A request to /admin carrying one came through a proxy on this host, from anywhere.
 PROXY_HEADERS = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-real-ip"})
 PROXY_HEADER_PREFIX = "x-envoy-"
+#: What a 404 answers with: the routes a client most likely wanted.
+ROUTES_HINT = (
+    'score with POST /score {"data": [[...], ...]}; GET /score (identity), /healthz, /readyz, '
+    "/metrics, /docs"
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -392,14 +397,19 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = exc.headers
-        if exc.status_code == 405:
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            # Starlette says "Not Found": say where scoring is (a client of another server
+            # posts to /predict or /invocations).
+            message = f"no such route: {ROUTES_HINT}"
+        elif exc.status_code == 405:
             # Starlette's Allow names the first route on the path only; /score and /admin/fault
             # have two (POST and GET, PUT and GET).
+            allowed = ", ".join(_allowed_methods(app, request))
             others = {k: v for k, v in (headers or {}).items() if k.lower() != "allow"}
-            headers = {**others, "allow": ", ".join(_allowed_methods(app, request))}
-        return JSONResponse(
-            {"error": str(exc.detail)}, status_code=exc.status_code, headers=headers
-        )
+            headers = {**others, "allow": allowed}
+            message = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})"
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=headers)
 
     app.router.routes.insert(0, Route("/score", ScoreEndpoint(state), methods=["POST"]))
 

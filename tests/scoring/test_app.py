@@ -454,6 +454,13 @@ def test_every_error_answer_is_an_error_object(
     assert set(response.json()) == {"error"}
     # A 405 names every method the path answers (was: only the first route's, "POST" on /score).
     assert response.headers.get("allow") == allow
+    # The message says what to do instead (was: Starlette's bare "Not Found" and "Method Not
+    # Allowed").
+    error = response.json()["error"]
+    if status == 405:
+        assert error == f"{method} is not allowed on {path} (allowed: {allow})"
+    else:
+        assert error.startswith("no such route: score with POST /score")
 
 
 class Exploding:
