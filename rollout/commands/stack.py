@@ -134,8 +134,31 @@ def up(
     except KeyboardInterrupt:
         console.print("stopping ...")
     finally:
+        ledgers = _keep_history(stack)
         stack.stop()
     console.print("stack stopped: no process left, ports released")
+    if ledgers:
+        console.print(
+            f"kept {stack.workdir}: it holds the ledger of a rollout run against this stack "
+            f"({', '.join(p.name for p in ledgers)}); remove the folder when done, or give "
+            "--workdir next time",
+            markup=False,
+            highlight=False,
+        )
+
+
+def _keep_history(stack: Any) -> list[Path]:
+    """Ledgers of rollouts run against a stack in a temporary folder, which is then kept.
+
+    `up` writes a spec whose state lives in the stack's folder; a temporary one is removed at
+    stop, and took the ledger of a rollout a user had just run (`rollout explain`) with it.
+    """
+    if stack.keep:
+        return []
+    ledgers = sorted((Path(stack.workdir) / "state").glob("*.ledger.jsonl"))
+    if ledgers:
+        stack.keep = True
+    return ledgers
 
 
 def _write_spec(stack: Any, candidate: Any) -> Path:
