@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,17 +25,27 @@ EXIT_INTERRUPTED = 130
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C for the block, so `finally` clauses stop the stack."""
+def sigterm_as_interrupt() -> Iterator[threading.Event]:
+    """Treat SIGTERM like Ctrl-C for the block, so `finally` clauses stop the stack.
+
+    Yields an event set by either signal. The KeyboardInterrupt a handler raises lands wherever
+    the main thread is, and one that lands in a finalizer (`__del__`, a weakref callback) is
+    printed as "Exception ignored" and lost: a loop that waits for a stop must check the event.
+    """
+    stopping = threading.Event()
 
     def handler(signum: int, frame: Any) -> None:
+        stopping.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
     try:
-        yield
+        yield stopping
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
 
 
 def demo(
@@ -114,7 +125,7 @@ def up(
     candidate = None if candidate_dir is None else _release(candidate_dir, "2", "--candidate-dir")
     stack = LocalStack(workdir, envoy_port=port)
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt() as stopping:
             stack.start()
             if green is None:
                 green = _release(
@@ -130,6 +141,8 @@ def up(
             _print_spec_hint(console, _write_spec(stack, candidate), blue=candidate is not None)
             deadline = None if duration is None else time.monotonic() + duration
             while deadline is None or time.monotonic() < deadline:
+                if stopping.is_set():  # its KeyboardInterrupt was lost (see sigterm_as_interrupt)
+                    raise KeyboardInterrupt
                 time.sleep(0.2 if deadline is None else min(0.2, deadline - time.monotonic()))
     except KeyboardInterrupt:
         console.print("stopping ...")
