@@ -198,8 +198,16 @@ def read_sample(path: Path | str) -> list[list[float]]:
             raise ValueError(f"{path} holds no sample-input.json")
         path = found
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))["data"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file or folder") from None
+    except (OSError, ValueError) as exc:  # a folder's permissions, not UTF-8
+        raise ValueError(
+            f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc})"
+        ) from exc
+    try:
+        rows = json.loads(text)["data"]
+    except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: expected a JSON object with a 'data' list ({exc})") from exc
     if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
         raise ValueError(f"{path}: 'data' must be a non-empty list of rows")

@@ -241,6 +241,15 @@ def test_load_command_refuses_a_bad_sample(tmp_path: Path) -> None:
     assert "expected a JSON object" in result.output
 
 
+def test_load_command_says_a_sample_is_missing(tmp_path: Path) -> None:
+    # Was: "expected a JSON object with a 'data' list ([Errno 2] No such file or directory...)".
+    result = CliRunner().invoke(
+        cli_app, ["load", "--url", "127.0.0.1:9", "--sample", str(tmp_path / "typo.json")]
+    )
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {tmp_path / 'typo.json'}: no such file or folder"
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [
