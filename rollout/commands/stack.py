@@ -108,11 +108,11 @@ def up(
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from rollout.core.types import Colour, Weights
+    from rollout.errors import LocalStackError, RolloutError
     from rollout.local.stack import LocalStack
 
     console = Console(soft_wrap=True)
     if port is not None:
-        from rollout.errors import LocalStackError
         from rollout.local.process import port_is_free
 
         if not port_is_free(port):
@@ -127,14 +127,26 @@ def up(
     try:
         with sigterm_as_interrupt() as stopping:
             stack.start()
-            if green is None:
-                green = _release(
-                    _train_example(stack.workdir / "models" / "green", console), "1", "--model-dir"
-                )
-            stack.router.deploy(Colour.GREEN, green)
-            if candidate is not None:
-                stack.router.deploy(Colour.BLUE, candidate)
-            stack.router.set_weights(Weights.blue_at(0))
+            try:
+                if green is None:
+                    green = _release(
+                        _train_example(stack.workdir / "models" / "green", console),
+                        "1",
+                        "--model-dir",
+                    )
+                stack.router.deploy(Colour.GREEN, green)
+                if candidate is not None:
+                    stack.router.deploy(Colour.BLUE, candidate)
+                stack.router.set_weights(Weights.blue_at(0))
+            except RolloutError as exc:
+                if stack.keep:
+                    raise
+                # The error names a server's log in the folder: removing it would leave the
+                # user a dead path (a model that fails to load says why only there).
+                stack.keep = True
+                raise LocalStackError(
+                    f"{exc}\n(the stack stopped; its files and logs are kept in {stack.workdir})"
+                ) from exc
             if load_rps:
                 stack.start_load(rps=load_rps)
             _print_urls(console, stack, blue=candidate is not None)

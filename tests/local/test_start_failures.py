@@ -7,6 +7,7 @@ Was: `aml-rollout up --port <busy>` failed with "envoy: exited before ... answer
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 from collections.abc import Iterator
@@ -19,8 +20,16 @@ from rollout.cli import app as cli_app
 from rollout.commands.stack import _release
 from rollout.errors import LocalStackError
 from rollout.local.envoy import EnvoyProcess
+from rollout.local.process import pid_alive
 from rollout.local.stack import LocalStack
 from tests.cli import run_cli
+from tests.local.conftest import MakeRelease
+
+
+def recorded_pids(workdir: Path) -> list[int]:
+    return [
+        int(json.loads(p.read_text())["pid"]) for p in (workdir / "workloads").glob("*.proc.json")
+    ]
 
 
 @pytest.fixture
@@ -161,3 +170,26 @@ def test_a_stack_that_could_not_make_its_folder_stops_quietly(tmp_path: Path) ->
         stack.start()
     stack.stop()  # what `up`'s finally does: nothing to stop, and no new error
     assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_up_keeps_the_temporary_folder_when_a_server_fails_to_load(
+    make_release: MakeRelease, tmp_path: Path
+) -> None:
+    # Was: "scoring server for blue did not start ... --- last lines of
+    # /tmp/aml-rollout-stack-.../workloads/blue-N.log ---", a folder already removed.
+    good = Path(str(make_release("1").model_dir))
+    tampered = tmp_path / "tampered"
+    shutil.copytree(good, tampered)
+    with (tampered / "model.skops").open("ab") as handle:
+        handle.write(b"x")
+    done = run_cli("up", "--model-dir", str(good), "--candidate-dir", str(tampered), timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    named = re.search(r"(\S*aml-rollout-stack-\w+)/workloads/blue-\d+\.log", done.stderr)
+    assert named, done.stderr
+    try:
+        assert "refusing to load" in done.stderr  # the log's tail says why
+        assert f"kept in {named.group(1)}" in done.stderr
+        assert Path(named.group(0)).is_file()  # and the named log exists
+        assert not any(pid_alive(pid) for pid in recorded_pids(Path(named.group(1))))
+    finally:
+        shutil.rmtree(named.group(1), ignore_errors=True)
