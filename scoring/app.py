@@ -384,6 +384,10 @@ def create_app(
         summary=f"{colour} scoring server",
         version="1",
         lifespan=lifespan,
+        # Not a 307 to /score with an empty body for POST /score/: curl printed nothing at all
+        # (and a client that does not follow redirects got no error to read). A 404 that says
+        # where to score instead.
+        redirect_slashes=False,
     )
     app.state.scoring = state
 

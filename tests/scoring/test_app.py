@@ -444,6 +444,8 @@ def test_admin_route_answers_bad_numbers_422_not_500(blue: AppClient, body: byte
         pytest.param("DELETE", "/admin/fault", 405, "GET, PUT", id="wrong-admin-method"),
         pytest.param("POST", "/readyz", 405, "GET", id="wrong-probe-method"),
         pytest.param("GET", "/nowhere", 404, None, id="unknown-path"),
+        # Was a 307 to /score with an empty body.
+        pytest.param("POST", "/score/", 404, None, id="trailing-slash"),
     ],
 )
 def test_every_error_answer_is_an_error_object(
