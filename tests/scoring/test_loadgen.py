@@ -308,6 +308,28 @@ def test_load_command_fails_when_every_request_is_refused_401(servers: dict[str,
     assert keyed.exit_code == 0, keyed.output
 
 
+def test_load_command_quotes_the_server_when_every_request_is_refused(
+    servers: dict[str, str], tmp_path: Path
+) -> None:
+    # Was: "no request to ... got a 2xx answer (422 x5)", and nothing said why.
+    sample = tmp_path / "sample-input.json"
+    sample.write_text(json.dumps({"data": [[0.1, 0.2, 0.3]]}))
+    url = servers["green"] + "/score"
+    result = CliRunner().invoke(
+        cli_app, ["load", "--url", url, "--requests", "5", "--sample", str(sample)]
+    )
+    assert result.exit_code == 1, result.output
+    assert (
+        f"no request to {url} got a 2xx answer (422 x5); the first said 422: data[0] has 3 "
+        "values, the model expects 10" in " ".join(result.output.split())
+    )
+    as_json = CliRunner().invoke(
+        cli_app, ["load", "--url", url, "--requests", "5", "--sample", str(sample), "--json"]
+    )
+    report = json.loads(as_json.stdout.splitlines()[0])
+    assert report["first_error"] == "422: data[0] has 3 values, the model expects 10"
+
+
 def test_load_command_fails_when_nothing_listens_and_times_nothing() -> None:
     # Was: exit 0, and p50/p99 "latencies" of refused connections.
     url = "http://127.0.0.1:9/score"
