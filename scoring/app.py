@@ -64,6 +64,11 @@ ADMIN_MAX_BODY_BYTES = 4096
 #: A request to /admin carrying one came through a proxy on this host, from anywhere.
 PROXY_HEADERS = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-real-ip"})
 PROXY_HEADER_PREFIX = "x-envoy-"
+#: What a 404 answers with: the routes a client most likely wanted.
+ROUTES_HINT = (
+    'score with POST /score {"data": [[...], ...]}; GET /score (identity), /healthz, /readyz, '
+    "/metrics, /docs"
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -78,8 +83,10 @@ _FAULT_HEADERS = [*_JSON_HEADERS, (b"x-fault-injected", b"1")]
 class FaultSetting(BaseModel):
     """The fault knob's setting (PUT /admin/fault body and GET answer)."""
 
-    # NaN passes neither bound check nor JSON serialisation: refuse it as bad input (422).
-    model_config = ConfigDict(allow_inf_nan=False)
+    # NaN passes neither bound check nor JSON serialisation: refuse it as bad input (422). So
+    # are a numeric string or a boolean (strict), and an unknown field such as "latency": it was
+    # dropped, the answer 200, and the knob set to something other than what was asked.
+    model_config = ConfigDict(allow_inf_nan=False, strict=True, extra="forbid")
 
     error_rate: float = Field(0.0, ge=0.0, le=1.0, description="probability of an injected 500")
     latency_ms: float = Field(0.0, ge=0.0, le=60_000, description="latency added to each request")
@@ -377,6 +384,10 @@ def create_app(
         summary=f"{colour} scoring server",
         version="1",
         lifespan=lifespan,
+        # Not a 307 to /score with an empty body for POST /score/: curl printed nothing at all
+        # (and a client that does not follow redirects got no error to read). A 404 that says
+        # where to score instead.
+        redirect_slashes=False,
     )
     app.state.scoring = state
 
@@ -390,14 +401,19 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = exc.headers
-        if exc.status_code == 405:
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            # Starlette says "Not Found": say where scoring is (a client of another server
+            # posts to /predict or /invocations).
+            message = f"no such route: {ROUTES_HINT}"
+        elif exc.status_code == 405:
             # Starlette's Allow names the first route on the path only; /score and /admin/fault
             # have two (POST and GET, PUT and GET).
+            allowed = ", ".join(_allowed_methods(app, request))
             others = {k: v for k, v in (headers or {}).items() if k.lower() != "allow"}
-            headers = {**others, "allow": ", ".join(_allowed_methods(app, request))}
-        return JSONResponse(
-            {"error": str(exc.detail)}, status_code=exc.status_code, headers=headers
-        )
+            headers = {**others, "allow": allowed}
+            message = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})"
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=headers)
 
     app.router.routes.insert(0, Route("/score", ScoreEndpoint(state), methods=["POST"]))
 

@@ -95,6 +95,8 @@ class LoadReport:
     mean_ms: float
     #: Requests that got an HTTP answer (any status), as opposed to a transport error.
     answered: int = 0
+    #: The first error answer (4xx/5xx): its status and what the server said, on one line.
+    first_error: str | None = None
 
     @property
     def ok(self) -> int:
@@ -125,6 +127,7 @@ class LoadReport:
             "p99_ms": round(self.p99_ms, 3),
             "max_ms": round(self.max_ms, 3),
             "mean_ms": round(self.mean_ms, 3),
+            "first_error": self.first_error,
         }
 
 
@@ -138,6 +141,7 @@ class LoadStats:
         self._latency = LatencyHistogram()
         self._started = time.monotonic()
         self._ended: float | None = None
+        self.first_error: str | None = None
 
     def record(self, status: str, version: str | None, seconds: float | None) -> None:
         """Count one request; `seconds` None for a transport error (no answer to time)."""
@@ -174,6 +178,7 @@ class LoadStats:
             p99_ms=latency.quantile(0.99) * 1000,
             max_ms=latency.max * 1000,
             mean_ms=latency.total / latency.count * 1000 if latency.count else 0.0,
+            first_error=self.first_error,
         )
 
 
@@ -198,8 +203,16 @@ def read_sample(path: Path | str) -> list[list[float]]:
             raise ValueError(f"{path} holds no sample-input.json")
         path = found
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))["data"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file or folder") from None
+    except (OSError, ValueError) as exc:  # a folder's permissions, not UTF-8
+        raise ValueError(
+            f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc})"
+        ) from exc
+    try:
+        rows = json.loads(text)["data"]
+    except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: expected a JSON object with a 'data' list ({exc})") from exc
     if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
         raise ValueError(f"{path}: 'data' must be a non-empty list of rows")
@@ -242,7 +255,20 @@ def failure_hint(report: LoadReport, url: str) -> str | None:
         return f"no request succeeded ({seen}): nothing is listening at {url}"
     if any(status.endswith("Timeout") for status in statuses) and not report.answered:
         return f"no request succeeded ({seen}): {url} did not answer within --timeout"
-    return f"no request to {url} got a 2xx answer ({seen})"
+    said = f"; the first said {report.first_error}" if report.first_error else ""
+    return f"no request to {url} got a 2xx answer ({seen}){said}"
+
+
+def _error_of(response: httpx.Response) -> str:
+    """`STATUS: message` of an error answer: its `error` field, else its text, on one line."""
+    try:
+        message = str(orjson.loads(response.content)["error"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        message = response.text
+    message = " ".join(message.split()) or "(no body)"
+    if len(message) > 200:
+        message = message[:200] + "..."
+    return f"{response.status_code}: {message}"
 
 
 def _version_of(body: bytes) -> str | None:
@@ -334,6 +360,8 @@ async def run_load(
                 continue
             elapsed = time.monotonic() - sent
             version = _version_of(response.content) if response.status_code == 200 else None
+            if response.status_code >= 400 and stats.first_error is None:
+                stats.first_error = _error_of(response)  # why a failed run failed, in its words
             stats.record(str(response.status_code), version, elapsed)
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)

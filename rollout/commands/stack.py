@@ -7,7 +7,9 @@ into the same clean stop as Ctrl-C: every process of the stack is stopped and re
 
 from __future__ import annotations
 
+import json
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,17 +25,27 @@ EXIT_INTERRUPTED = 130
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C for the block, so `finally` clauses stop the stack."""
+def sigterm_as_interrupt() -> Iterator[threading.Event]:
+    """Treat SIGTERM like Ctrl-C for the block, so `finally` clauses stop the stack.
+
+    Yields an event set by either signal. The KeyboardInterrupt a handler raises lands wherever
+    the main thread is, and one that lands in a finalizer (`__del__`, a weakref callback) is
+    printed as "Exception ignored" and lost: a loop that waits for a stop must check the event.
+    """
+    stopping = threading.Event()
 
     def handler(signum: int, frame: Any) -> None:
+        stopping.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
     try:
-        yield
+        yield stopping
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
 
 
 def demo(
@@ -96,11 +108,11 @@ def up(
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from rollout.core.types import Colour, Weights
+    from rollout.errors import LocalStackError, RolloutError
     from rollout.local.stack import LocalStack
 
     console = Console(soft_wrap=True)
     if port is not None:
-        from rollout.errors import LocalStackError
         from rollout.local.process import port_is_free
 
         if not port_is_free(port):
@@ -109,30 +121,69 @@ def up(
                 "or leave --port out for a free one"
             )
     # Read before anything starts: a mistyped folder is one line, not seconds of training first.
-    green = None if model_dir is None else _release(model_dir, "1")
-    candidate = None if candidate_dir is None else _release(candidate_dir, "2")
+    green = None if model_dir is None else _release(model_dir, "1", "--model-dir")
+    candidate = None if candidate_dir is None else _release(candidate_dir, "2", "--candidate-dir")
     stack = LocalStack(workdir, envoy_port=port)
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt() as stopping:
             stack.start()
-            if green is None:
-                green = _release(_train_example(stack.workdir / "models" / "green", console), "1")
-            stack.router.deploy(Colour.GREEN, green)
-            if candidate is not None:
-                stack.router.deploy(Colour.BLUE, candidate)
-            stack.router.set_weights(Weights.blue_at(0))
+            try:
+                if green is None:
+                    green = _release(
+                        _train_example(stack.workdir / "models" / "green", console),
+                        "1",
+                        "--model-dir",
+                    )
+                stack.router.deploy(Colour.GREEN, green)
+                if candidate is not None:
+                    stack.router.deploy(Colour.BLUE, candidate)
+                stack.router.set_weights(Weights.blue_at(0))
+            except RolloutError as exc:
+                if stack.keep:
+                    raise
+                # The error names a server's log in the folder: removing it would leave the
+                # user a dead path (a model that fails to load says why only there).
+                stack.keep = True
+                raise LocalStackError(
+                    f"{exc}\n(the stack stopped; its files and logs are kept in {stack.workdir})"
+                ) from exc
             if load_rps:
                 stack.start_load(rps=load_rps)
             _print_urls(console, stack, blue=candidate is not None)
             _print_spec_hint(console, _write_spec(stack, candidate), blue=candidate is not None)
             deadline = None if duration is None else time.monotonic() + duration
             while deadline is None or time.monotonic() < deadline:
+                if stopping.is_set():  # its KeyboardInterrupt was lost (see sigterm_as_interrupt)
+                    raise KeyboardInterrupt
                 time.sleep(0.2 if deadline is None else min(0.2, deadline - time.monotonic()))
     except KeyboardInterrupt:
         console.print("stopping ...")
     finally:
+        ledgers = _keep_history(stack)
         stack.stop()
     console.print("stack stopped: no process left, ports released")
+    if ledgers:
+        console.print(
+            f"kept {stack.workdir}: it holds the ledger of a rollout run against this stack "
+            f"({', '.join(p.name for p in ledgers)}); remove the folder when done, or give "
+            "--workdir next time",
+            markup=False,
+            highlight=False,
+        )
+
+
+def _keep_history(stack: Any) -> list[Path]:
+    """Ledgers of rollouts run against a stack in a temporary folder, which is then kept.
+
+    `up` writes a spec whose state lives in the stack's folder; a temporary one is removed at
+    stop, and took the ledger of a rollout a user had just run (`rollout explain`) with it.
+    """
+    if stack.keep:
+        return []
+    ledgers = sorted((Path(stack.workdir) / "state").glob("*.ledger.jsonl"))
+    if ledgers:
+        stack.keep = True
+    return ledgers
 
 
 def _write_spec(stack: Any, candidate: Any) -> Path:
@@ -165,29 +216,29 @@ def _train_example(folder: Path, console: Console) -> Path:
     return folder
 
 
-def _release(folder: Path, default_version: str) -> Any:
-    """The release a package folder (package.json) or a bare model folder (model.json) holds."""
-    import json
-
+def _release(folder: Path, default_version: str, option: str) -> Any:
+    """The release a folder `aml-rollout serve --model-dir` accepts holds: a package folder
+    (package.json), a bare model folder (model.json) or a folder holding exactly one of those."""
     from rollout.core.types import Release
     from rollout.errors import LocalStackError
+    from scoring.errors import ModelLoadError
+    from scoring.model import MODEL_JSON, resolve_model_dir
 
-    package, model = folder / "package.json", folder / "model.json"
     try:
-        if package.is_file():
-            data = json.loads(package.read_text(encoding="utf-8"))
-            name, version = str(data["model"]), str(data["version"])
-        elif model.is_file():
-            data = json.loads(model.read_text(encoding="utf-8"))
-            name, version = str(data["name"]), default_version
+        model_folder, package = resolve_model_dir(folder)
+        if package is not None:
+            name, version, sha256 = package["model"], package["version"], package.get("sha256")
         else:
-            raise LocalStackError(f"{folder} holds no package.json or model.json")
-    except (OSError, ValueError, KeyError) as exc:
-        raise LocalStackError(f"{folder}: unreadable manifest ({exc})") from exc
+            meta = json.loads((model_folder / MODEL_JSON).read_text(encoding="utf-8"))
+            name, version, sha256 = meta["name"], default_version, meta.get("sha256")
+    except ModelLoadError as exc:
+        raise LocalStackError(f"{option}: {exc}") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LocalStackError(f"{option} {folder}: unreadable manifest ({exc})") from exc
     return Release(
-        model=name,
-        version=version,
-        sha256=str(data.get("sha256", "")),
+        model=str(name),
+        version=str(version),
+        sha256=str(sha256 or ""),
         model_dir=str(folder.resolve()),
     )
 

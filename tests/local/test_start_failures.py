@@ -6,6 +6,8 @@ Was: `aml-rollout up --port <busy>` failed with "envoy: exited before ... answer
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import socket
 from collections.abc import Iterator
@@ -15,10 +17,19 @@ import pytest
 from typer.testing import CliRunner
 
 from rollout.cli import app as cli_app
+from rollout.commands.stack import _release
 from rollout.errors import LocalStackError
 from rollout.local.envoy import EnvoyProcess
+from rollout.local.process import pid_alive
 from rollout.local.stack import LocalStack
 from tests.cli import run_cli
+from tests.local.conftest import MakeRelease
+
+
+def recorded_pids(workdir: Path) -> list[int]:
+    return [
+        int(json.loads(p.read_text())["pid"]) for p in (workdir / "workloads").glob("*.proc.json")
+    ]
 
 
 @pytest.fixture
@@ -93,10 +104,32 @@ def test_up_with_a_folder_holding_no_model_says_so_before_anything(
     option: str, tmp_path: Path
 ) -> None:
     # Was: Envoy and Prometheus started, the example model trained (~5 s), then the error.
-    done = run_cli("up", option, str(tmp_path / "typo"), "--workdir", str(tmp_path / "stack"))
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert done.stderr.strip() == f"error: {tmp_path / 'typo'} holds no package.json or model.json"
+    # Then: "<path> holds no package.json or model.json", for a folder that did not exist, and
+    # without saying which of the two options it was about.
+    (tmp_path / "empty").mkdir()
+    for given, why in (
+        (tmp_path / "typo", "does not exist or is not a folder"),
+        (tmp_path / "empty", "holds neither package.json (package folder) nor model.json"),
+    ):
+        done = run_cli("up", option, str(given), "--workdir", str(tmp_path / "stack"))
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.stderr.strip().startswith(f"error: {option}: "), done.stderr
+        assert str(given) in done.stderr and why in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "stack").exists()  # refused before anything was made
+
+
+def test_up_takes_a_folder_holding_one_package_as_serve_does(tmp_path: Path) -> None:
+    # Was refused ("holds no package.json or model.json"), while `aml-rollout serve --model-dir`
+    # serves it: `pipeline run-local` writes its package to runs/<ts>-<id>/package/package.
+    package = tmp_path / "package" / "package"
+    package.mkdir(parents=True)
+    (package / "package.json").write_text(
+        json.dumps({"model": "diabetes", "version": "7", "sha256": "ab" * 32})
+    )
+    release = _release(tmp_path / "package", "1", "--model-dir")
+    assert (release.model, release.version, release.sha256) == ("diabetes", "7", "ab" * 32)
+    assert release.model_dir == str((tmp_path / "package").resolve())
 
 
 @pytest.mark.parametrize("port", ["70000", "-1"])
@@ -137,3 +170,26 @@ def test_a_stack_that_could_not_make_its_folder_stops_quietly(tmp_path: Path) ->
         stack.start()
     stack.stop()  # what `up`'s finally does: nothing to stop, and no new error
     assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_up_keeps_the_temporary_folder_when_a_server_fails_to_load(
+    make_release: MakeRelease, tmp_path: Path
+) -> None:
+    # Was: "scoring server for blue did not start ... --- last lines of
+    # /tmp/aml-rollout-stack-.../workloads/blue-N.log ---", a folder already removed.
+    good = Path(str(make_release("1").model_dir))
+    tampered = tmp_path / "tampered"
+    shutil.copytree(good, tampered)
+    with (tampered / "model.skops").open("ab") as handle:
+        handle.write(b"x")
+    done = run_cli("up", "--model-dir", str(good), "--candidate-dir", str(tampered), timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    named = re.search(r"(\S*aml-rollout-stack-\w+)/workloads/blue-\d+\.log", done.stderr)
+    assert named, done.stderr
+    try:
+        assert "refusing to load" in done.stderr  # the log's tail says why
+        assert f"kept in {named.group(1)}" in done.stderr
+        assert Path(named.group(0)).is_file()  # and the named log exists
+        assert not any(pid_alive(pid) for pid in recorded_pids(Path(named.group(1))))
+    finally:
+        shutil.rmtree(named.group(1), ignore_errors=True)

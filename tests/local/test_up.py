@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -34,10 +35,10 @@ def scoring_pids(workdir: Path) -> list[int]:
     ]
 
 
-def start_up(workdir: Path) -> tuple[subprocess.Popen[str], str]:
+def start_up(workdir: Path | None) -> tuple[subprocess.Popen[str], str]:
     """Start `aml-rollout up` and read its output until it has printed the URLs (90 s at most)."""
     process = subprocess.Popen(
-        [*CLI, "up", "--workdir", str(workdir)],
+        [*CLI, "up", *(["--workdir", str(workdir)] if workdir else [])],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -81,6 +82,30 @@ def test_up_serves_until_sigterm_then_stops_clean(tmp_path: Path) -> None:
     assert "stack stopped" in rest
     assert not any(pid_alive(p) for p in pids)
     assert all(port_is_free(p) for p in ports_in(output))
+
+
+def test_up_in_a_temporary_folder_keeps_it_when_a_rollout_left_its_ledger() -> None:
+    # Was: the temporary folder was removed at stop, with the ledger of the rollout the user had
+    # just run against the stack (the spec `up` writes keeps its state there).
+    process, output = start_up(None)
+    found = re.search(r"(\S*aml-rollout-stack-\w+)", output)
+    assert found, output
+    workdir = Path(found.group(1))
+    try:
+        (workdir / "state").mkdir(exist_ok=True)
+        (workdir / "state" / "local.ledger.jsonl").write_text("{}\n")
+        process.send_signal(signal.SIGTERM)
+        rest, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, output + rest
+        assert "stack stopped" in rest
+        assert f"kept {workdir}" in rest and "local.ledger.jsonl" in rest
+        assert (workdir / "state" / "local.ledger.jsonl").read_text() == "{}\n"
+        assert scoring_pids(workdir) == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=30)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_up_killed_hard_takes_its_children_along(tmp_path: Path) -> None:

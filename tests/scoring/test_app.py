@@ -422,6 +422,11 @@ def test_admin_route_rejects_out_of_range_settings(
         pytest.param(b'{"error_rate": "nan"}', id="nan-string"),
         pytest.param(b'{"error_rate": [NaN]}', id="nan-in-a-list"),
         pytest.param(b"not json", id="not-json"),
+        # Were 200: "0.3" and true were taken as numbers, and an unknown field was dropped
+        # (the knob set to 0 ms when the user meant 100).
+        pytest.param(b'{"error_rate": "0.3"}', id="numeric-string"),
+        pytest.param(b'{"error_rate": true}', id="boolean"),
+        pytest.param(b'{"error_rate": 0.3, "latency": 100}', id="unknown-field"),
     ],
 )
 def test_admin_route_answers_bad_numbers_422_not_500(blue: AppClient, body: bytes) -> None:
@@ -439,6 +444,8 @@ def test_admin_route_answers_bad_numbers_422_not_500(blue: AppClient, body: byte
         pytest.param("DELETE", "/admin/fault", 405, "GET, PUT", id="wrong-admin-method"),
         pytest.param("POST", "/readyz", 405, "GET", id="wrong-probe-method"),
         pytest.param("GET", "/nowhere", 404, None, id="unknown-path"),
+        # Was a 307 to /score with an empty body.
+        pytest.param("POST", "/score/", 404, None, id="trailing-slash"),
     ],
 )
 def test_every_error_answer_is_an_error_object(
@@ -449,6 +456,13 @@ def test_every_error_answer_is_an_error_object(
     assert set(response.json()) == {"error"}
     # A 405 names every method the path answers (was: only the first route's, "POST" on /score).
     assert response.headers.get("allow") == allow
+    # The message says what to do instead (was: Starlette's bare "Not Found" and "Method Not
+    # Allowed").
+    error = response.json()["error"]
+    if status == 405:
+        assert error == f"{method} is not allowed on {path} (allowed: {allow})"
+    else:
+        assert error.startswith("no such route: score with POST /score")
 
 
 class Exploding:

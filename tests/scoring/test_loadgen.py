@@ -241,6 +241,15 @@ def test_load_command_refuses_a_bad_sample(tmp_path: Path) -> None:
     assert "expected a JSON object" in result.output
 
 
+def test_load_command_says_a_sample_is_missing(tmp_path: Path) -> None:
+    # Was: "expected a JSON object with a 'data' list ([Errno 2] No such file or directory...)".
+    result = CliRunner().invoke(
+        cli_app, ["load", "--url", "127.0.0.1:9", "--sample", str(tmp_path / "typo.json")]
+    )
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {tmp_path / 'typo.json'}: no such file or folder"
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [
@@ -297,6 +306,28 @@ def test_load_command_fails_when_every_request_is_refused_401(servers: dict[str,
         cli_app, ["load", "--url", url, "--requests", "5", "--api-key", "k1"]
     )
     assert keyed.exit_code == 0, keyed.output
+
+
+def test_load_command_quotes_the_server_when_every_request_is_refused(
+    servers: dict[str, str], tmp_path: Path
+) -> None:
+    # Was: "no request to ... got a 2xx answer (422 x5)", and nothing said why.
+    sample = tmp_path / "sample-input.json"
+    sample.write_text(json.dumps({"data": [[0.1, 0.2, 0.3]]}))
+    url = servers["green"] + "/score"
+    result = CliRunner().invoke(
+        cli_app, ["load", "--url", url, "--requests", "5", "--sample", str(sample)]
+    )
+    assert result.exit_code == 1, result.output
+    assert (
+        f"no request to {url} got a 2xx answer (422 x5); the first said 422: data[0] has 3 "
+        "values, the model expects 10" in " ".join(result.output.split())
+    )
+    as_json = CliRunner().invoke(
+        cli_app, ["load", "--url", url, "--requests", "5", "--sample", str(sample), "--json"]
+    )
+    report = json.loads(as_json.stdout.splitlines()[0])
+    assert report["first_error"] == "422: data[0] has 3 values, the model expects 10"
 
 
 def test_load_command_fails_when_nothing_listens_and_times_nothing() -> None:
