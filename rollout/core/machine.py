@@ -62,6 +62,10 @@ P99_TAIL = 0.01
 #: the rollout, for each guard (both count the canary's requests over the whole rollout).
 GUARD_ALPHA = 0.001
 GUARD_LOG_THRESHOLD = math.log(1.0 / GUARD_ALPHA)
+#: Mirrored copies green's counted live traffic should have brought before a shadow step with
+#: none counted asks whether the metrics source counts them at all (with 10 expected, none by
+#: chance is ~e^-10); before that, it only says none is counted yet.
+UNCOUNTED_COPIES_ASK = 10
 #: The errors check's weight in the "worse" e-value when latency is judged too (latency gets the
 #: rest). A check with weight w_i crosses 1/α after about ln(1/(α w_i)) / I_i requests, I_i being
 #: its evidence per request, so the total is least with w_i ∝ 1/I_i: w ≈ 0.9 at a 0.1 % error
@@ -718,9 +722,16 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
         return Verdict.INCONCLUSIVE, "step 0 %: waiting one interval"
     if obs.blue.requests == 0 and status.step_canary_requests == 0:
         if status.mirror:
+            said = f"no mirrored copies counted yet in {name}"
+            # A question only once green's live traffic should have brought copies: a scrape
+            # or two after the step began, none is counted on any source.
+            expected = obs.green.requests * status.mirror / 100.0
+            if expected < UNCOUNTED_COPIES_ASK:
+                return Verdict.INCONCLUSIVE, said
             return Verdict.INCONCLUSIVE, (
-                f"no mirrored copies counted yet in {name}: does the metrics source count "
-                "mirrored requests?"
+                f"{said}, while green counted {obs.green.requests} live requests "
+                f"(~{expected:.0f} copies expected): does the metrics source count mirrored "
+                "requests?"
             )
         return Verdict.INCONCLUSIVE, f"no canary traffic yet at {weight} %"
     if elapsed < analysis.min_step_s:

@@ -213,3 +213,25 @@ def test_leaving_the_shadow_step_by_command_ends_the_mirror(
     command = Command(kind=kind, id="c", weight=weight)  # type: ignore[arg-type]
     decision = step(SHADOW, with_commands(paused_in_the_shadow_step(), [command]), obs(), 10.0)
     assert (decision.status.phase, decision.actions, decision.status.mirror) == (phase, actions, 0)
+
+
+@pytest.mark.parametrize(
+    ("green", "says"),
+    [
+        pytest.param(0, "no mirrored copies counted yet in the shadow step (20 % mirrored)",
+                     id="no-traffic-yet"),
+        pytest.param(45, "no mirrored copies counted yet in the shadow step (20 % mirrored)",
+                     id="too-few-live-requests-to-ask"),
+        pytest.param(50, "while green counted 50 live requests (~10 copies expected): does the "
+                     "metrics source count mirrored requests?", id="asks-once-copies-are-due"),
+    ],
+)  # fmt: skip
+def test_uncounted_copies_are_questioned_only_once_green_traffic_should_have_brought_some(
+    green: int, says: str
+) -> None:
+    """At the first look (a scrape after the step began) no source has counted a copy yet: the
+    question about the metrics source would alarm a user for nothing."""
+    decision = step(SHADOW, started(), obs(green=(green, 0), at=10.0), 10.0)
+    assert decision.actions == ()
+    assert decision.status.reason.endswith(says), decision.status.reason
+    assert ("?" in decision.status.reason) == (green >= 50)
