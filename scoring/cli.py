@@ -64,7 +64,7 @@ def serve(
         ColourOption,
         typer.Option(envvar="AML_ROLLOUT_COLOUR", help="The colour this server runs as."),
     ] = ColourOption.GREEN,
-    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port to listen on.")] = 8000,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     version: Annotated[
         str | None, typer.Option(help="Model version label (default: package.json, else 0).")
