@@ -287,6 +287,11 @@ def make_server(
 
     from aml_pipelines.errors import ConfigError
 
+    if ssl_keyfile and not ssl_certfile:
+        # uvicorn asserts on it (a traceback); ignored, it would serve plain HTTP.
+        raise ConfigError(
+            f"--ssl-keyfile {ssl_keyfile}: give the certificate too (--ssl-certfile cert.pem)"
+        )
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactKey) for f in access.filters):
         access.addFilter(RedactKey())
@@ -302,9 +307,12 @@ def make_server(
         # traceback after "listening on" was printed.
         config.load()
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"--ssl-certfile/--ssl-keyfile: cannot load {ssl_certfile} / {ssl_keyfile}: {exc}"
-        ) from exc
+        files = (
+            f"{ssl_certfile} / {ssl_keyfile}"
+            if ssl_keyfile
+            else f"{ssl_certfile} (no --ssl-keyfile: the key must be in that file)"
+        )
+        raise ConfigError(f"--ssl-certfile/--ssl-keyfile: cannot load {files}: {exc}") from exc
     try:
         sock = socket.create_server((host, port))
     except OSError as exc:

@@ -262,6 +262,16 @@ def test_serve_refuses_to_start_without_a_secret(tmp_path: Path, registry: Local
             "--ssl-certfile/--ssl-keyfile: cannot load",
             id="missing-certificate",
         ),
+        pytest.param(
+            ["--port", "0", "--ssl-certfile", "{tmp}/no.pem"],
+            "cannot load {tmp}/no.pem (no --ssl-keyfile: the key must be in that file)",
+            id="certificate-without-key",
+        ),
+        pytest.param(  # was a traceback (uvicorn asserts on it)
+            ["--port", "0", "--ssl-keyfile", "{tmp}/key.pem"],
+            "--ssl-keyfile {tmp}/key.pem: give the certificate too (--ssl-certfile cert.pem)",
+            id="key-without-certificate",
+        ),
     ],
 )
 def test_serve_that_cannot_listen_is_one_clear_line(
@@ -273,7 +283,7 @@ def test_serve_that_cannot_listen_is_one_clear_line(
         filled = [a.format(busy=busy, tmp=tmp_path) for a in args]
         result = _run(_cli(tmp_path, "serve", *filled), env=env)
     assert result.returncode == 2, result.stderr
-    assert said in result.stderr
+    assert said.format(tmp=tmp_path) in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""  # never "listening on"
 
 
