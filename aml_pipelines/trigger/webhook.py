@@ -152,7 +152,10 @@ class WebhookApp:
             raise _Reject(404, f"no route {path}; Event Grid posts to /events")
         headers = {k.lower(): v for k, v in scope["headers"]}
         if not self._authorised(scope, headers):
-            raise _Reject(401, "missing or wrong key (query ?key= or header aeg-sas-key)")
+            raise _Reject(
+                401,
+                "missing or wrong key (query ?key=, or header aeg-sas-key or x-aml-rollout-key)",
+            )
         if method == "OPTIONS":
             origin = headers.get(b"webhook-request-origin", b"").decode(errors="replace")
             if not origin:
