@@ -18,7 +18,7 @@ Every `/events` request must carry the shared secret: query `?key=` (what an Eve
 URL carries), or header `aeg-sas-key` / `x-aml-rollout-key` (e.g. set through Event Grid's
 delivery attribute mapping). Compared with `hmac.compare_digest`; 401 otherwise, before the body is
 read. Our own log lines never carry the query string or headers; uvicorn's access log (kept: it is
-what operators grep) gets `key=***` through the `RedactKey` filter.
+what operators grep) gets every query value blanked (`key=***`) by the `RedactKey` filter.
 
 Answers: 200 with a JSON summary for accepted deliveries (Event Grid treats 2xx as delivered),
 `{"validationResponse": code}` for the handshake, 400 malformed (the body, or every event in it;
@@ -68,20 +68,31 @@ JSON_TYPES = (
     "application/cloudevents-batch+json",
 )
 
-_QUERY_KEY = re.compile(r"([?&]key=)[^&\s]*")
+#: A query string in a log argument (a request path; paths carry no spaces).
+_QUERY = re.compile(r"\?(\S*)")
 
 Scope = Mapping[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+def _redact_query(match: re.Match[str]) -> str:
+    """`?key=s3cret&x` → `?key=***&***`: every value, and every part without a name."""
+    parts = (p.partition("=") for p in match.group(1).split("&"))
+    return "?" + "&".join(f"{name}=***" if eq else "***" for name, eq, _ in parts)
+
+
 class RedactKey(logging.Filter):
-    """Blank `key=` query values in log records (uvicorn's access log prints the request path)."""
+    """Blank every query value in log records (uvicorn's access log prints the request path).
+
+    Every value, not only `key=`'s: the key is read from the query as `parse_qs` decodes it, so
+    `?%6Bey=...` is a key too, and a mistyped `?KEY=...` (refused) still carries the secret.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(
-                _QUERY_KEY.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
+                _QUERY.sub(_redact_query, a) if isinstance(a, str) else a for a in record.args
             )
         return True
 

@@ -344,10 +344,15 @@ def test_rejections_are_logged_without_secrets(
     with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="uvicorn.access"):
         hook.post([validation_event()], key="guessed-key-123")
         hook.client.post(hook.url, content=b"oops", headers={**JSON, "aeg-sas-key": SECRET})
+        # The secret in a query the filter used to miss: percent-encoded (accepted: parse_qs
+        # decodes the name), mistyped (refused), or without a name.
+        for query in (f"%6Bey={SECRET}", f"KEY={SECRET}", f"a=1&key={SECRET}&{SECRET}"):
+            hook.client.post(f"{hook.url}?{query}", content=b"[]", headers=JSON)
     text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith(("aml", "uvi")))
     assert "401" in text and "400" in text
     assert SECRET not in text and "guessed-key-123" not in text
     assert "/events?key=*** " in text  # the access log keeps the line, without the key
+    assert "/events?%6Bey=*** " in text and "/events?a=***&key=***&*** " in text
 
 
 def test_a_malformed_event_does_not_drop_the_valid_ones_of_its_batch(
