@@ -182,8 +182,12 @@ class TriggerStore:
         names = []
         for path in sorted(self.root.glob("cursor-*.json")):
             raw = _read_json(path)
-            if isinstance(raw, dict) and isinstance(raw.get("model"), str):
-                names.append(raw["model"])
+            if raw is None:
+                continue  # removed since the listing
+            if not (isinstance(raw, dict) and isinstance(raw.get("model"), str)):
+                # Not skipped: its versions would be neither shown nor delivered, unsaid.
+                raise TriggerError(f"trigger cursor {path} is unreadable: no model name in it")
+            names.append(raw["model"])
         return names
 
     # ------------------------------------------------------------------ seen events

@@ -386,6 +386,19 @@ def test_status_of_a_model_the_state_folder_lacks(
     assert expected.format(dir=state_dir) in shown.output
 
 
+@pytest.mark.parametrize("content", ["[1, 2]", '{"versions": {}}'])
+def test_status_of_a_cursor_without_a_model_is_one_clear_line(tmp_path: Path, content: str) -> None:
+    """Such a cursor was skipped: `no trigger state`, and its versions never delivered."""
+    cursor = tmp_path / "trigger" / "cursor-diabetes.json"
+    cursor.parent.mkdir()
+    cursor.write_text(content)
+    cmd = [sys.executable, "-c", "from rollout.cli import main; main()", "trigger", "status"]
+    shown = _run([*cmd, "--state-dir", str(cursor.parent)])
+    assert shown.returncode == 2, shown.stderr
+    assert f"trigger cursor {cursor} is unreadable: no model name in it" in shown.stderr
+    assert "Traceback" not in shown.stderr
+
+
 def test_status_shows_a_reason_as_written_brackets_included(tmp_path: Path) -> None:
     store = TriggerStore(tmp_path / "trigger")
     store.accept("diabetes", 2, "watch")
