@@ -173,15 +173,26 @@ def test_dedupe_by_event_id_and_by_version_survives_a_restart(
     assert (tmp_path / "trigger" / "events.json").exists()
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param("{not json", id="not-json"),
+        # JSON of another shape was a TypeError: uvicorn's bare 500 after a traceback (or, for
+        # a falsy value like [], silently overwritten).
+        pytest.param('{"ids": 5}', id="ids-not-a-list"),
+        pytest.param('"x"', id="not-an-object"),
+        pytest.param("[]", id="empty-list"),
+    ],
+)
 def test_events_that_cannot_be_recorded_get_a_500_and_are_accepted_on_the_retry(
-    tmp_path: Path, registry: LocalRegistry, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, registry: LocalRegistry, caplog: pytest.LogCaptureFixture, content: str
 ) -> None:
     # A 5xx is what makes Event Grid retry; the answer names the broken file in JSON, not
     # uvicorn's "Internal Server Error" after a traceback.
     register(registry, tmp_path, stage="candidate")
     seen = tmp_path / "trigger" / "events.json"
     seen.parent.mkdir(parents=True)
-    seen.write_text("{not json")
+    seen.write_text(content)
     with running(tmp_path, registry) as hook:
         with caplog.at_level(logging.ERROR, logger="aml_pipelines.trigger.webhook"):
             response = hook.post([eg_event("e1", version="1")])
