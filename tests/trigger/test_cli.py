@@ -245,6 +245,30 @@ def test_serve_delivers_a_registered_event(tmp_path: Path, registry: LocalRegist
         proc.communicate()
 
 
+@pytest.mark.parametrize("models", [[], ["--model", "diabetes"]])
+def test_serve_without_a_model_warns_that_any_model_is_rolled_out_on_the_endpoint(
+    tmp_path: Path, registry: LocalRegistry, models: list[str]
+) -> None:
+    # Without --model an event of another model of the workspace was rolled out on this spec's
+    # endpoint, replacing its model, and nothing said so.
+    env = {**os.environ, "AML_ROLLOUT_TRIGGER_SECRET": SECRET}
+    cmd = _cli(tmp_path, "serve", "--port", "0", *models)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("listening on ")
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    warned = "no --model: a version of any model registered in " in stderr
+    assert warned == (not models), stderr
+    if warned:
+        assert f"is rolled out on the endpoint of {tmp_path / 'rollout.yaml'}, in place" in stderr
+
+
 def test_serve_refuses_to_start_without_a_secret(tmp_path: Path, registry: LocalRegistry) -> None:
     env = {k: v for k, v in os.environ.items() if k != "AML_ROLLOUT_TRIGGER_SECRET"}
     result = _run(_cli(tmp_path, "serve", "--port", "0"), env=env)
