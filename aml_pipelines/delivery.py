@@ -585,7 +585,8 @@ class _TickLog:
             return
         self.said_at = at
         where = "shadow step" if status.mirror else f"blue at {status.blue_weight} %"
-        log.info(
+        log.log(
+            logging.WARNING if status.held else logging.INFO,  # it waits for a person
             "%s: %s, %s for %s (%d canary requests in the step): %s%s",
             self.ref,
             status.phase.value,

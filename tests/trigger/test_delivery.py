@@ -515,6 +515,8 @@ def test_a_long_rollout_step_logs_its_progress_about_once_a_minute(
     assert spans[:9] == [f"{s} s" if s < 120 else f"{s / 60:.1f} min" for s in range(60, 600, 60)]
     held = [m for m in said if m.startswith("diabetes:2: Paused")]
     assert len(held) == (4 if on_inconclusive == "hold" else 0), said
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [m for m in warned if "canary requests in the step" in m] == held  # a person's turn
     assert all(m.endswith("; answer with `aml-rollout rollout resume|promote|abort`") for m in held)
 
 
