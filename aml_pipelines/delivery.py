@@ -397,6 +397,7 @@ class EngineDelivery:
             candidate=release,
             state_dir=self.state_dir,
             clock=self.clock,
+            on_tick=_TickLog(f"{version.name}:{version.version}"),
             restart=not ours,
         )
         return self._finish(version, result.phase.value, result.reason, result.ledger_path)
@@ -555,6 +556,46 @@ class _LookLog:
                 reason,
             )
             self.last = verdict.value
+
+
+class _TickLog:
+    """Logs a rollout's progress about once a minute while the controller says nothing.
+
+    The controller logs each change (a step passed, a rollback, a hold), but a step waiting for
+    traffic, or a rollout held for a human, can last hours between two of them: without this the
+    trigger's log would not tell an operator whether it is still at work, and where.
+    """
+
+    EVERY_S = 60.0
+
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+        self.said_at: float | None = None
+
+    def __call__(self, status: Any, record: Mapping[str, Any]) -> None:
+        from rollout.ledger import span
+
+        at = float(record.get("at", status.updated_at))
+        if record.get("describe") or record.get("phase") != record.get("phase_before"):
+            self.said_at = at  # the controller logged this tick
+            return
+        if self.said_at is None:
+            self.said_at = at
+        if at - self.said_at < self.EVERY_S:
+            return
+        self.said_at = at
+        where = "shadow step" if status.mirror else f"blue at {status.blue_weight} %"
+        log.log(
+            logging.WARNING if status.held else logging.INFO,  # it waits for a person
+            "%s: %s, %s for %s (%d canary requests in the step): %s%s",
+            self.ref,
+            status.phase.value,
+            where,
+            span(at - status.step_started_at),
+            status.step_canary_requests,
+            status.reason,
+            "; answer with `aml-rollout rollout resume|promote|abort`" if status.held else "",
+        )
 
 
 def rollout_view(spec: Any, state_dir: Path | None = None) -> RolloutView | None:

@@ -349,6 +349,16 @@ def serve(
         registry, spec, state_dir, rollout_state_dir, image_registry, supersede, choice
     )
     _warn_unknown_models(dispatcher.registry, model or [])
+    if not model:
+        # One spec is one endpoint: a version of any other model would be rolled out on it,
+        # replacing what it serves (the judge compares error rates, not what the model is).
+        logging.getLogger(__name__).warning(
+            "no --model: a version of any model registered in %r is rolled out on the endpoint "
+            "of %s, in place of what it serves; name its model with --model (or filter the "
+            "Event Grid subscription by subject)",
+            dispatcher.registry,
+            spec,
+        )
     store = dispatcher.store
     with store.lock("serve", f"a webhook server on {state_dir}").held(blocking=False):
         dispatcher.delivery.reconcile()

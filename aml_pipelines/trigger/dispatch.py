@@ -305,21 +305,30 @@ class DeliveryWorker:
         while not stop.is_set():
             self._wake.wait()
             self._wake.clear()
-            for model in self.dispatcher.resume_order(self.models()):
+            try:
+                # Reads every cursor: one that cannot be read must not end the thread (the
+                # webhook would go on accepting versions nobody delivers); mended, it is read.
+                models = self.dispatcher.resume_order(self.models())
+            except Exception as exc:
+                self._failed("deliveries", exc)
+                continue
+            for model in models:
                 if stop.is_set():
                     break
                 try:
                     self.dispatcher.drain(model)
                 except Exception as exc:
                     # The entry stays `started`/`pending`: retried (as a resume) on the next wake.
-                    self.failures += 1
-                    self.last_error = exc
-                    retry = self.dispatcher.wait_interval_s
-                    if isinstance(exc, PipelineError | RolloutError):  # known: one line is enough
-                        log.warning(
-                            "delivery of %s stopped: %s; retrying in %.0f s", model, exc, retry
-                        )
-                    else:
-                        log.exception("delivery of %s failed; retrying in %.0f s", model, retry)
-                    stop.wait(retry)
-                    self._wake.set()
+                    self._failed(f"delivery of {model}", exc)
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        """Log an interrupted pass (one line for a known error), wait, and wake up to retry."""
+        self.failures += 1
+        self.last_error = exc
+        retry = self.dispatcher.wait_interval_s
+        if isinstance(exc, PipelineError | RolloutError):  # known: one line is enough
+            log.warning("%s stopped: %s; retrying in %.0f s", what, exc, retry)
+        else:
+            log.exception("%s failed; retrying in %.0f s", what, retry)
+        self.dispatcher.stop.wait(retry)
+        self._wake.set()

@@ -23,7 +23,8 @@ Events are read through the azure-eventgrid package's `EventGridEvent.from_dict`
 when none is given, which would defeat de-duplication), so required fields are checked here first.
 
 `Microsoft.MachineLearningServices.ModelRegistered` carries `data.ModelName`, `data.ModelVersion`
-(a string), `data.ModelTags` and `data.ModelProperties`; its subject is `models/{name}:{version}`.
+(a string, or a number), `data.ModelTags` and `data.ModelProperties`; its subject is
+`models/{name}:{version}`.
 The data is authoritative; the subject fills in a missing name or version and must not contradict.
 """
 

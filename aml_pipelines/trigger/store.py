@@ -182,8 +182,12 @@ class TriggerStore:
         names = []
         for path in sorted(self.root.glob("cursor-*.json")):
             raw = _read_json(path)
-            if isinstance(raw, dict) and isinstance(raw.get("model"), str):
-                names.append(raw["model"])
+            if raw is None:
+                continue  # removed since the listing
+            if not (isinstance(raw, dict) and isinstance(raw.get("model"), str)):
+                # Not skipped: its versions would be neither shown nor delivered, unsaid.
+                raise TriggerError(f"trigger cursor {path} is unreadable: no model name in it")
+            names.append(raw["model"])
         return names
 
     # ------------------------------------------------------------------ seen events
@@ -191,17 +195,27 @@ class TriggerStore:
     def _events_path(self) -> Path:
         return self.root / "events.json"
 
+    def _event_ids(self) -> list[str]:
+        """The remembered event ids ([] before the first); TriggerError naming the file when it
+        holds anything else (never overwritten: it is what makes redeliveries duplicates)."""
+        path = self._events_path()
+        raw = _read_json(path)
+        if raw is None:
+            return []
+        ids = raw.get("ids") if isinstance(raw, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise TriggerError(f'cannot read trigger state {path}: expected {{"ids": [event ids]}}')
+        return ids
+
     def event_seen(self, event_id: str) -> bool:
         """True when `event_id` was remembered before (a redelivery)."""
-        raw = _read_json(self._events_path()) or {"ids": []}
-        return event_id in raw["ids"]
+        return event_id in self._event_ids()
 
     def remember_event(self, event_id: str) -> None:
         """Record an accepted event id (the last SEEN_EVENTS_KEPT are kept)."""
         path = self._events_path()
         with self.lock("events", "event id store").held():
-            raw = _read_json(path) or {"ids": []}
-            ids: list[str] = raw["ids"]
+            ids = self._event_ids()
             if event_id not in ids:
                 ids.append(event_id)
                 write_json(path, {"ids": ids[-SEEN_EVENTS_KEPT:]})

@@ -18,7 +18,7 @@ Every `/events` request must carry the shared secret: query `?key=` (what an Eve
 URL carries), or header `aeg-sas-key` / `x-aml-rollout-key` (e.g. set through Event Grid's
 delivery attribute mapping). Compared with `hmac.compare_digest`; 401 otherwise, before the body is
 read. Our own log lines never carry the query string or headers; uvicorn's access log (kept: it is
-what operators grep) gets `key=***` through the `RedactKey` filter.
+what operators grep) gets every query value blanked (`key=***`) by the `RedactKey` filter.
 
 Answers: 200 with a JSON summary for accepted deliveries (Event Grid treats 2xx as delivered),
 `{"validationResponse": code}` for the handshake, 400 malformed (the body, or every event in it;
@@ -68,20 +68,31 @@ JSON_TYPES = (
     "application/cloudevents-batch+json",
 )
 
-_QUERY_KEY = re.compile(r"([?&]key=)[^&\s]*")
+#: A query string in a log argument (a request path; paths carry no spaces).
+_QUERY = re.compile(r"\?(\S*)")
 
 Scope = Mapping[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+def _redact_query(match: re.Match[str]) -> str:
+    """`?key=s3cret&x` → `?key=***&***`: every value, and every part without a name."""
+    parts = (p.partition("=") for p in match.group(1).split("&"))
+    return "?" + "&".join(f"{name}=***" if eq else "***" for name, eq, _ in parts)
+
+
 class RedactKey(logging.Filter):
-    """Blank `key=` query values in log records (uvicorn's access log prints the request path)."""
+    """Blank every query value in log records (uvicorn's access log prints the request path).
+
+    Every value, not only `key=`'s: the key is read from the query as `parse_qs` decodes it, so
+    `?%6Bey=...` is a key too, and a mistyped `?KEY=...` (refused) still carries the secret.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(
-                _QUERY_KEY.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
+                _QUERY.sub(_redact_query, a) if isinstance(a, str) else a for a in record.args
             )
         return True
 
@@ -152,7 +163,10 @@ class WebhookApp:
             raise _Reject(404, f"no route {path}; Event Grid posts to /events")
         headers = {k.lower(): v for k, v in scope["headers"]}
         if not self._authorised(scope, headers):
-            raise _Reject(401, "missing or wrong key (query ?key= or header aeg-sas-key)")
+            raise _Reject(
+                401,
+                "missing or wrong key (query ?key=, or header aeg-sas-key or x-aml-rollout-key)",
+            )
         if method == "OPTIONS":
             origin = headers.get(b"webhook-request-origin", b"").decode(errors="replace")
             if not origin:
@@ -287,6 +301,11 @@ def make_server(
 
     from aml_pipelines.errors import ConfigError
 
+    if ssl_keyfile and not ssl_certfile:
+        # uvicorn asserts on it (a traceback); ignored, it would serve plain HTTP.
+        raise ConfigError(
+            f"--ssl-keyfile {ssl_keyfile}: give the certificate too (--ssl-certfile cert.pem)"
+        )
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactKey) for f in access.filters):
         access.addFilter(RedactKey())
@@ -302,9 +321,12 @@ def make_server(
         # traceback after "listening on" was printed.
         config.load()
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"--ssl-certfile/--ssl-keyfile: cannot load {ssl_certfile} / {ssl_keyfile}: {exc}"
-        ) from exc
+        files = (
+            f"{ssl_certfile} / {ssl_keyfile}"
+            if ssl_keyfile
+            else f"{ssl_certfile} (no --ssl-keyfile: the key must be in that file)"
+        )
+        raise ConfigError(f"--ssl-certfile/--ssl-keyfile: cannot load {files}: {exc}") from exc
     try:
         sock = socket.create_server((host, port))
     except OSError as exc:

@@ -245,6 +245,30 @@ def test_serve_delivers_a_registered_event(tmp_path: Path, registry: LocalRegist
         proc.communicate()
 
 
+@pytest.mark.parametrize("models", [[], ["--model", "diabetes"]])
+def test_serve_without_a_model_warns_that_any_model_is_rolled_out_on_the_endpoint(
+    tmp_path: Path, registry: LocalRegistry, models: list[str]
+) -> None:
+    # Without --model an event of another model of the workspace was rolled out on this spec's
+    # endpoint, replacing its model, and nothing said so.
+    env = {**os.environ, "AML_ROLLOUT_TRIGGER_SECRET": SECRET}
+    cmd = _cli(tmp_path, "serve", "--port", "0", *models)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("listening on ")
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    warned = "no --model: a version of any model registered in " in stderr
+    assert warned == (not models), stderr
+    if warned:
+        assert f"is rolled out on the endpoint of {tmp_path / 'rollout.yaml'}, in place" in stderr
+
+
 def test_serve_refuses_to_start_without_a_secret(tmp_path: Path, registry: LocalRegistry) -> None:
     env = {k: v for k, v in os.environ.items() if k != "AML_ROLLOUT_TRIGGER_SECRET"}
     result = _run(_cli(tmp_path, "serve", "--port", "0"), env=env)
@@ -262,6 +286,16 @@ def test_serve_refuses_to_start_without_a_secret(tmp_path: Path, registry: Local
             "--ssl-certfile/--ssl-keyfile: cannot load",
             id="missing-certificate",
         ),
+        pytest.param(
+            ["--port", "0", "--ssl-certfile", "{tmp}/no.pem"],
+            "cannot load {tmp}/no.pem (no --ssl-keyfile: the key must be in that file)",
+            id="certificate-without-key",
+        ),
+        pytest.param(  # was a traceback (uvicorn asserts on it)
+            ["--port", "0", "--ssl-keyfile", "{tmp}/key.pem"],
+            "--ssl-keyfile {tmp}/key.pem: give the certificate too (--ssl-certfile cert.pem)",
+            id="key-without-certificate",
+        ),
     ],
 )
 def test_serve_that_cannot_listen_is_one_clear_line(
@@ -273,7 +307,7 @@ def test_serve_that_cannot_listen_is_one_clear_line(
         filled = [a.format(busy=busy, tmp=tmp_path) for a in args]
         result = _run(_cli(tmp_path, "serve", *filled), env=env)
     assert result.returncode == 2, result.stderr
-    assert said in result.stderr
+    assert said.format(tmp=tmp_path) in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""  # never "listening on"
 
 
@@ -374,6 +408,19 @@ def test_status_of_a_model_the_state_folder_lacks(
     )
     assert shown.exit_code == 0, shown.output
     assert expected.format(dir=state_dir) in shown.output
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"versions": {}}'])
+def test_status_of_a_cursor_without_a_model_is_one_clear_line(tmp_path: Path, content: str) -> None:
+    """Such a cursor was skipped: `no trigger state`, and its versions never delivered."""
+    cursor = tmp_path / "trigger" / "cursor-diabetes.json"
+    cursor.parent.mkdir()
+    cursor.write_text(content)
+    cmd = [sys.executable, "-c", "from rollout.cli import main; main()", "trigger", "status"]
+    shown = _run([*cmd, "--state-dir", str(cursor.parent)])
+    assert shown.returncode == 2, shown.stderr
+    assert f"trigger cursor {cursor} is unreadable: no model name in it" in shown.stderr
+    assert "Traceback" not in shown.stderr
 
 
 def test_status_shows_a_reason_as_written_brackets_included(tmp_path: Path) -> None:

@@ -470,6 +470,56 @@ def test_a_long_first_check_logs_its_progress_about_once_a_minute(
     assert looks[0].endswith("look 1: Inconclusive: no requests yet")
 
 
+class _AbortAt(FakeClock):
+    """A fake clock that has `delivery` abort its rollout once it reads `at` (a person
+    answering a held rollout from another terminal)."""
+
+    def __init__(self, start: float, at: float) -> None:
+        super().__init__(start)
+        self.at = at
+        self.delivery: EngineDelivery | None = None
+
+    def sleep(self, seconds: float) -> None:
+        super().sleep(seconds)
+        if self.delivery is not None and self.t >= self.at:
+            self.delivery.abort("answered by a person")
+            self.delivery = None
+
+
+@pytest.mark.parametrize("on_inconclusive", ["rollback", "hold"])
+def test_a_long_rollout_step_logs_its_progress_about_once_a_minute(
+    tmp_path: Path,
+    two_versions: LocalRegistry,
+    caplog: pytest.LogCaptureFixture,
+    on_inconclusive: str,
+) -> None:
+    # Was: nothing between the controller's "started" and the step's end, up to
+    # max_step_duration_s (3 h by default) on an endpoint without traffic, then nothing while
+    # held for a human: the trigger's log did not say whether it was still at work.
+    spec = _spec(
+        tmp_path, 0.01, metrics={"kind": "static"}, analysis={"on_inconclusive": on_inconclusive}
+    )
+    clock = _AbortAt(1_000.0, at=1_000.0 + 600 + 300)  # held for 5 min, then aborted
+    delivery = EngineDelivery(two_versions, spec, clock=clock)
+    clock.delivery = delivery
+    with caplog.at_level(logging.INFO, logger="aml_pipelines.delivery"):
+        outcome = delivery.deliver(two_versions.get("diabetes", 2))
+    assert outcome.phase == "RolledBack"
+    said = [
+        r.getMessage() for r in caplog.records if "canary requests in the step" in r.getMessage()
+    ]
+    assert said[0].startswith(
+        "diabetes:2: Progressing, blue at 10 % for 60 s (0 canary requests in the step): "
+    )
+    spans = [m.split(" for ")[1].split(" (")[0] for m in said]
+    assert spans[:9] == [f"{s} s" if s < 120 else f"{s / 60:.1f} min" for s in range(60, 600, 60)]
+    held = [m for m in said if m.startswith("diabetes:2: Paused")]
+    assert len(held) == (4 if on_inconclusive == "hold" else 0), said
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [m for m in warned if "canary requests in the step" in m] == held  # a person's turn
+    assert all(m.endswith("; answer with `aml-rollout rollout resume|promote|abort`") for m in held)
+
+
 @pytest.mark.parametrize(
     "analysis",
     [

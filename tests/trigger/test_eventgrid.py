@@ -127,6 +127,11 @@ def _body(payload: Any) -> bytes:
             [ModelRegistered("e1", "diabetes", 3, {}, {"mse": "2900.1"}, "eventgrid")],
             id="name-and-version-from-subject",
         ),
+        pytest.param(  # Azure's own CloudEvents example sends the version as a number
+            cloud_event(ModelVersion=3),
+            [ModelRegistered("c1", "diabetes", 3, {"stage": "candidate"}, {}, "cloudevents")],
+            id="version-as-a-number",
+        ),
     ],
 )
 def test_parses(payload: Any, expected: list[Any]) -> None:

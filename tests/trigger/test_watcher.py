@@ -6,6 +6,7 @@ ResumableDelivery; the crash and two-watcher tests run real processes (tests/tri
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -318,6 +319,45 @@ def test_worker_retries_a_transient_failure_as_a_resume(
     entry = dispatcher.store.load("diabetes").entries[1]
     assert (entry.step, entry.outcome, entry.attempts) == (Step.DONE, "Succeeded", 2)
     assert (worker.failures, str(worker.last_error)) == (1, "endpoint unreachable")
+
+
+def test_worker_survives_an_unreadable_cursor_and_delivers_once_it_is_mended(
+    tmp_path: Path, registry: LocalRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was: a cursor file that could not be read (of any model) ended the worker thread with a
+    # traceback, and `serve` went on answering 200 to events nobody would ever deliver.
+    dispatcher = Dispatcher(
+        TriggerStore(tmp_path / "trigger"),
+        registry,
+        ResumableDelivery(tmp_path / "engine", registry),
+        wait_interval_s=0.01,
+    )
+    register(registry, tmp_path, stage="candidate")
+    assert dispatcher.accept("diabetes", 1, "event:e1")
+    bad = tmp_path / "trigger" / "cursor-other.json"
+    bad.write_text("{")
+    worker = DeliveryWorker(dispatcher, dispatcher.store.models)
+    with caplog.at_level(logging.WARNING, logger="aml_pipelines.trigger.dispatch"):
+        worker.start()
+        try:
+            for _ in range(1000):
+                if worker.failures >= 2:
+                    break
+                dispatcher.stop.wait(0.01)
+            assert dispatcher.store.load("diabetes").entries[1].step is Step.PENDING
+            bad.unlink()  # mended
+            for _ in range(1000):
+                if dispatcher.store.load("diabetes").entries[1].step is Step.DONE:
+                    break
+                dispatcher.stop.wait(0.01)
+        finally:
+            dispatcher.stop.set()
+            worker.join(10)
+    assert dispatcher.store.load("diabetes").entries[1].outcome == "Succeeded"
+    assert f"cannot read trigger state {bad}" in str(worker.last_error)
+    said = caplog.records[0]
+    assert said.getMessage().startswith(f"deliveries stopped: cannot read trigger state {bad}: ")
+    assert said.exc_info is None  # a known error: one line, no traceback
 
 
 def test_a_version_older_than_production_is_skipped(

@@ -173,15 +173,26 @@ def test_dedupe_by_event_id_and_by_version_survives_a_restart(
     assert (tmp_path / "trigger" / "events.json").exists()
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param("{not json", id="not-json"),
+        # JSON of another shape was a TypeError: uvicorn's bare 500 after a traceback (or, for
+        # a falsy value like [], silently overwritten).
+        pytest.param('{"ids": 5}', id="ids-not-a-list"),
+        pytest.param('"x"', id="not-an-object"),
+        pytest.param("[]", id="empty-list"),
+    ],
+)
 def test_events_that_cannot_be_recorded_get_a_500_and_are_accepted_on_the_retry(
-    tmp_path: Path, registry: LocalRegistry, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, registry: LocalRegistry, caplog: pytest.LogCaptureFixture, content: str
 ) -> None:
     # A 5xx is what makes Event Grid retry; the answer names the broken file in JSON, not
     # uvicorn's "Internal Server Error" after a traceback.
     register(registry, tmp_path, stage="candidate")
     seen = tmp_path / "trigger" / "events.json"
     seen.parent.mkdir(parents=True)
-    seen.write_text("{not json")
+    seen.write_text(content)
     with running(tmp_path, registry) as hook:
         with caplog.at_level(logging.ERROR, logger="aml_pipelines.trigger.webhook"):
             response = hook.post([eg_event("e1", version="1")])
@@ -288,8 +299,10 @@ def test_shared_secret(
         headers={**JSON, **headers},
     )
     assert response.status_code == status
-    if status == 401:
-        assert "key" in response.json()["error"]
+    if status == 401:  # every place a key is read from (it named only two of the three)
+        assert response.json()["error"] == (
+            "missing or wrong key (query ?key=, or header aeg-sas-key or x-aml-rollout-key)"
+        )
 
 
 def test_health_needs_no_key_and_other_paths_are_404(hook: Hook) -> None:
@@ -342,10 +355,15 @@ def test_rejections_are_logged_without_secrets(
     with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="uvicorn.access"):
         hook.post([validation_event()], key="guessed-key-123")
         hook.client.post(hook.url, content=b"oops", headers={**JSON, "aeg-sas-key": SECRET})
+        # The secret in a query the filter used to miss: percent-encoded (accepted: parse_qs
+        # decodes the name), mistyped (refused), or without a name.
+        for query in (f"%6Bey={SECRET}", f"KEY={SECRET}", f"a=1&key={SECRET}&{SECRET}"):
+            hook.client.post(f"{hook.url}?{query}", content=b"[]", headers=JSON)
     text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith(("aml", "uvi")))
     assert "401" in text and "400" in text
     assert SECRET not in text and "guessed-key-123" not in text
     assert "/events?key=*** " in text  # the access log keeps the line, without the key
+    assert "/events?%6Bey=*** " in text and "/events?a=***&key=***&*** " in text
 
 
 def test_a_malformed_event_does_not_drop_the_valid_ones_of_its_batch(
