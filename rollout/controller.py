@@ -205,7 +205,7 @@ class Controller:
         traffic; run again after a stop between the deploy and the weights, it sets the weights.
         """
         with self.store.lease(self.owner):
-            return self._bootstrap(release)
+            return self._bootstrap(self._as_served(release))
 
     def bootstrap_checked(
         self, release: Release, *, on_look: Callable[[Verdict, str], None] | None = None
@@ -227,6 +227,7 @@ class Controller:
                 "(`errors.max_rate`, or `latency.max_slow_rate` with `slo_ms`)"
             )
         with self.store.lease(self.owner):
+            release = self._as_served(release)
             deployed = self._bootstrap(release)
             started = self.clock.now()
             requests, unread = 0, 0
@@ -265,6 +266,15 @@ class Controller:
                     }
                 )
             return FirstCheck(deployed=deployed, verdict=verdict, reason=reason)
+
+    def _as_served(self, release: Release) -> Release:
+        """`release`, or the release green serves when `release` names it by MODEL:VERSION alone
+        (a command line's `--release`, which carries no sha256, image or folder): the one green
+        serves is the only one it can mean, and judging it again must not read as another."""
+        if release != Release(model=release.model, version=release.version):
+            return release
+        serving = self.router.release(Colour.GREEN)
+        return serving if serving is not None and serving.ref == release.ref else release
 
     def _bootstrap(self, release: Release) -> bool:
         """`bootstrap`, the lease held."""

@@ -549,6 +549,29 @@ def test_bootstrap_check_judges_the_first_release_on_absolute_limits(
     assert got == code and "judging it" in out
 
 
+def test_bootstrap_check_of_the_release_green_serves_named_by_its_ref_judges_it(
+    tmp_path: Path,
+) -> None:
+    # Was: "green already serves m:1: roll m:1 out instead": the release was deployed with its
+    # sha256 and image (by the spec's `stable:`, or the trigger's delivery), and `--release m:1`
+    # carries neither, so it did not match green's copy. The command the trigger and the docs
+    # give for judging a first release again.
+    routes = tmp_path / "routes.json"
+    spec = write_spec(tmp_path, router={"kind": "memory", "state_file": str(routes)})
+    data = yaml.safe_load(spec.read_text())
+    data["stable"] = {"model": "m", "version": "1", "sha256": "ab" * 32, "image": "r/m:1"}
+    spec.write_text(yaml.safe_dump(data))
+    assert invoke("bootstrap", str(spec))[0] == 0
+    del data["stable"]
+    spec.write_text(yaml.safe_dump(data))
+    got, out = invoke("bootstrap", str(spec), "--release", "m:1", "--check", "--simulated-time")
+    assert got == EXIT_PROMOTED, out
+    assert "judging it on the absolute limits" in " ".join(out.split())
+    assert json.loads(routes.read_text())["releases"]["green"]["sha256"] == "ab" * 32
+    got, story = invoke("explain", str(spec))
+    assert "first release m:1 judged on the absolute limits: Successful" in " ".join(story.split())
+
+
 def test_bootstrap_check_errors_are_one_line(tmp_path: Path) -> None:
     spec = write_spec(
         tmp_path, analysis={"errors": {"max_rate": None}, "latency": {"enabled": False}}
