@@ -62,7 +62,7 @@ from aml_pipelines.registry.base import (
     ModelVersion,
     Stage,
 )
-from aml_pipelines.trigger.store import SKIPPED, SUPERSEDED, Entry, Step, TriggerStore
+from aml_pipelines.trigger.store import MISSING, SKIPPED, SUPERSEDED, Entry, Step, TriggerStore
 from rollout.errors import ConfigError as SpecError
 from rollout.errors import RolloutError
 
@@ -158,6 +158,8 @@ class Dispatcher:
                     return None
             try:
                 model_version = self.registry.get(model, version)
+            except ModelNotFound as exc:
+                return self._fail(model, version, exc, MISSING)
             except PERMANENT as exc:
                 return self._fail(model, version, exc)
             try:
@@ -225,10 +227,17 @@ class Dispatcher:
             return SKIPPED, f"older than the production version {newest}"
         return None
 
-    def _fail(self, model: str, version: int, exc: Exception) -> DeliveryOutcome:
-        log.error("cannot deliver %s v%d: %s", model, version, exc)
-        self._close(model, version, FAILED, str(exc))
-        return DeliveryOutcome(model, version, FAILED, str(exc))
+    def _fail(
+        self, model: str, version: int, exc: Exception, outcome: str = FAILED
+    ) -> DeliveryOutcome:
+        reason = str(exc)
+        if outcome == MISSING:
+            reason += (
+                " (accepted again once registered: the watcher lists it, or an event names it)"
+            )
+        log.error("cannot deliver %s v%d: %s", model, version, reason)
+        self._close(model, version, outcome, reason)
+        return DeliveryOutcome(model, version, outcome, reason)
 
     def _close(self, model: str, version: int, outcome: str, reason: str) -> Entry:
         return self.store.update(

@@ -56,6 +56,10 @@ class Step(StrEnum):
 SUPERSEDED = "superseded"
 #: Outcome recorded for a pending version the registry already shows as delivered.
 SKIPPED = "skipped"
+#: Outcome recorded for a pending version the registry did not hold when its turn came (an event
+#: ahead of a registry read, or naming a version that was never registered): the one closed
+#: entry a trigger accepts again, once the watcher lists the version or a new event names it.
+MISSING = "missing"
 
 
 @dataclass(frozen=True)
@@ -161,9 +165,13 @@ class TriggerStore:
             )
 
     def accept(self, model: str, version: int, source: str) -> bool:
-        """Record `version` as pending unless the cursor already knows it; True when new."""
+        """Record `version` as pending unless the cursor already knows it; True when new.
+
+        A version closed as MISSING is known only as "not there yet": it is pending again.
+        """
         with self._editing(model) as cursor:
-            if version in cursor.entries:
+            known = cursor.entries.get(version)
+            if known is not None and known.outcome != MISSING:
                 return False
             cursor.entries[version] = Entry(version, Step.PENDING, source, updated_at=_now())
             return True

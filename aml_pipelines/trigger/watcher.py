@@ -29,6 +29,7 @@ from aml_pipelines.delivery import DeliveryOutcome
 from aml_pipelines.errors import PipelineError
 from aml_pipelines.registry.base import ModelRegistry, ModelVersion, Stage
 from aml_pipelines.trigger.dispatch import DELIVERED, DeliveryWorker, Dispatcher
+from aml_pipelines.trigger.store import MISSING
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ class Watcher:
         ):
             return []
         versions = self.registry.list_versions(self.model)
-        known = set(self.dispatcher.store.load(self.model).entries)
+        entries = self.dispatcher.store.load(self.model).entries.values()
+        known = {e.version for e in entries if e.outcome != MISSING}  # MISSING: listed now
         fresh = new_versions(versions, self.required_tags, known)
         accepted = [
             v.version for v in fresh if self.dispatcher.accept(self.model, v.version, "watch")

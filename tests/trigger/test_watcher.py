@@ -18,7 +18,7 @@ from aml_pipelines.registry import local as local_registry
 from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger.dispatch import DeliveryWorker, Dispatcher
-from aml_pipelines.trigger.store import Step, TriggerStore
+from aml_pipelines.trigger.store import MISSING, Step, TriggerStore
 from aml_pipelines.trigger.watcher import Watcher, new_versions
 from tests.trigger.fakes import ResumableDelivery, journal, register
 
@@ -281,6 +281,31 @@ def test_a_corrupted_model_is_closed_as_failed_not_retried(
     assert "corrupted" in outcome.reason
     assert dispatcher.store.load("diabetes").entries[1].step is Step.DONE
     assert journal(tmp_path / "engine") == []
+
+
+@pytest.mark.parametrize("again", ["event", "watch"])
+def test_a_version_missing_when_its_turn_came_is_delivered_once_registered(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher, again: str
+) -> None:
+    """An event ahead of the registry (or naming a version never registered) closes the version
+    as missing, not Failed for good: was, the version registered after it never delivered."""
+    assert dispatcher.accept("diabetes", 1, "event:a")
+    (outcome,) = dispatcher.drain("diabetes")
+    assert outcome.phase == MISSING
+    assert "accepted again once registered" in outcome.reason
+    assert dispatcher.store.load("diabetes").entries[1].outcome == MISSING
+
+    register(registry, tmp_path, stage="candidate")
+    if again == "event":
+        assert dispatcher.accept("diabetes", 1, "event:c")
+        dispatcher.drain("diabetes")
+    else:
+        _watch(registry, dispatcher)
+    entry = dispatcher.store.load("diabetes").entries[1]
+    assert (entry.step, entry.outcome) == (Step.DONE, "Succeeded")
+    assert registry.get("diabetes", 1).stage == "production"
+    # Delivered, it is known for good: the same event again is a duplicate.
+    assert not dispatcher.accept("diabetes", 1, "event:c")
 
 
 class _FlakyDelivery(ResumableDelivery):
