@@ -49,7 +49,7 @@ ParamOption = Annotated[
         "--param",
         "-p",
         help=f"Pipeline input KEY=VALUE (repeatable): {_TRAINING_INPUTS}; with "
-        "--deploy: model_name, model_version, image_registry, package_mode.",
+        "--deploy: model_version (required), model_name, image_registry, package_mode.",
         show_default=False,
     ),
 ]
@@ -138,6 +138,7 @@ def _parse_into(
             raise ConfigError(f"--param {pair!r}: expected KEY=VALUE with KEY one of {settable}")
         annotation = fields[key].type
         kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "str")
+        kind = kind.removesuffix(" | None")  # optional (model_version): typed all the same
         try:
             if kind == "bool":
                 if raw.lower() not in {"true", "false"}:

@@ -70,7 +70,9 @@ class DeployParams:
     """The deploy pipeline's inputs: a registered version, where to package and how to roll out."""
 
     model_name: str = "diabetes-ridge"
-    model_version: int = 1
+    # No default: a deploy pipeline of a version nobody named would package and roll out
+    # whatever version 1 is. None is refused by check_params with how to name one.
+    model_version: int | None = None
     registry: str = "azureml"
     image_registry: str = "amlrollout.azurecr.io"
     package_mode: str = "local"
@@ -101,6 +103,12 @@ def check_params(params: PipelineParams | DeployParams) -> None:
     if params.package_mode not in MODES:
         raise ConfigError(f"package_mode: {params.package_mode!r} is not one of {list(MODES)}")
     if isinstance(params, DeployParams):
+        if params.model_version is None:
+            raise ConfigError(
+                "model_version: not given; the deploy pipeline rolls out one registered version "
+                "and does not guess which: name it with -p model_version=V (`aml-rollout "
+                f"registry list {params.model_name}` lists the versions)"
+            )
         if params.model_version < 1:
             raise ConfigError(f"model_version: {params.model_version} is not a registry version")
         return

@@ -74,6 +74,17 @@ def invoke(*args: str, env: dict[str, str] | None = None):
             "model_version: 0 is not a registry version",
             id="deploy-version-zero",
         ),
+        # it built (and validated) a deploy of version 1 when no version was named
+        pytest.param(
+            ["pipeline", "build", "--deploy", "-o", "x.yml", "-p", "model_name=d", *SPEC],
+            "model_version: not given; the deploy pipeline rolls out one registered version",
+            id="deploy-build-without-version",
+        ),
+        pytest.param(
+            ["pipeline", "validate", "--deploy"],
+            "name it with -p model_version=V (`aml-rollout registry list diabetes-ridge`",
+            id="deploy-validate-without-version",
+        ),
         # the job ends with the rollout step: the bundled example's placeholder subscription
         # would train and register, then fail at the rollout
         pytest.param(
@@ -209,7 +220,11 @@ def test_build_to_an_unwritable_output_is_one_line(
 
 
 @pytest.mark.parametrize(
-    "deploy", [pytest.param([], id="training"), pytest.param(["--deploy"], id="deploy")]
+    "deploy",
+    [
+        pytest.param([], id="training"),
+        pytest.param(["--deploy", "-p", "model_version=2"], id="deploy"),
+    ],
 )
 def test_a_built_yaml_without_compute_is_accepted_by_job_create(
     tmp_path: Path, deploy: list[str]

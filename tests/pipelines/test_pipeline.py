@@ -305,6 +305,12 @@ def test_deploy_pipeline_refuses_a_version_below_one(components) -> None:
         build_deploy_pipeline(DeployParams(model_version=0), loaded=components)
 
 
+def test_deploy_pipeline_never_guesses_the_version(components) -> None:
+    # It built a pipeline deploying version 1 when no version was named.
+    with pytest.raises(ConfigError, match=r"^model_version: not given.*-p model_version=V"):
+        build_deploy_pipeline(DeployParams(model_name="diabetes"), loaded=components)
+
+
 def test_the_dumped_yaml_loads_back_as_a_valid_job(tmp_path: Path, components) -> None:
     from azure.ai.ml import load_job
 
