@@ -160,6 +160,8 @@ def _read_csv(file: Path, header: list[str] | None, rows: list[list[float]]) -> 
     with file.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         file_header = [name.strip() for name in next(reader, [])]
+        if not file_header:  # was "target: column 'y' not in the CSV header []"
+            raise ConfigError(f"data: {file.name} is empty (no header row)")
         if header is not None and file_header != header:
             raise ConfigError(f"data: {file.name} has header {file_header}, expected {header}")
         for line_no, row in enumerate(reader, start=2):

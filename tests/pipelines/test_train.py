@@ -158,6 +158,8 @@ def test_non_numeric_csv_names_the_line(tmp_path: Path) -> None:
         # finite, but they overflow inside the solver
         pytest.param(b"a,y\n1e308,1e308\n-1e308,-1e308\n1e308,1\n1,1e308\n2,2\n-1e308,3\n",
                      "^data: Ridge cannot be fitted", id="overflow"),
+        pytest.param(b"", r"^data: d\.csv is empty \(no header row\)", id="empty"),
+        pytest.param(b"\n\n", r"^data: d\.csv is empty", id="blank-lines"),
     ],
 )  # fmt: skip
 def test_a_bad_csv_is_one_error_naming_it(tmp_path: Path, content: bytes, message: str) -> None:
