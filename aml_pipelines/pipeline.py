@@ -121,6 +121,12 @@ def check_params(params: PipelineParams | DeployParams) -> None:
             f"target: {params.target!r} is given without data; target names a column of the CSV "
             "data (-p data=FOLDER), the bundled diabetes data has its own target"
         )
+    if params.data is not None and params.target is None:
+        # The train step refuses it (a CSV has no default target), after the job was submitted.
+        raise ConfigError(
+            f"data: {params.data!r} is given without target; name the CSV's target column "
+            "with -p target=COLUMN"
+        )
     if params.metric not in LOWER_IS_BETTER:
         raise ConfigError(f"metric: {params.metric!r} is not one of {sorted(LOWER_IS_BETTER)}")
     if not (math.isfinite(params.max_regression) and params.max_regression >= 0):

@@ -121,6 +121,12 @@ def invoke(*args: str, env: dict[str, str] | None = None):
             "(-p data=FOLDER)",
             id="build-target-without-data",
         ),
+        # the train step refused it, after the job was built and submitted
+        pytest.param(
+            ["pipeline", "run-local", "-p", "data=tests"],
+            "tests' is given without target; name the CSV's target column with -p target=",
+            id="data-without-target",
+        ),
         pytest.param(
             ["registry", "list", "--registry", "s3:x"], "unknown kind 's3'", id="bad-registry-kind"
         ),

@@ -274,6 +274,8 @@ def test_deploy_pipeline_starts_from_a_registered_reference(tmp_path: Path, comp
     [
         # each would fail its step only after train (and register) ran in Azure ML
         pytest.param(PipelineParams(metric="auc"), "^metric: 'auc' is not one of", id="metric"),
+        pytest.param(PipelineParams(data="https://x/d"), "^data: 'https://x/d' is given without "
+                     "target; name the CSV's target column", id="data-without-target"),
         pytest.param(PipelineParams(package_mode="cloud"), "^package_mode: 'cloud'",
                      id="package-mode"),
         pytest.param(PipelineParams(model_name="my model"), "^model name 'my model' is invalid",
