@@ -296,6 +296,14 @@ def build_deploy_pipeline(
 
 
 def _set_compute(job: Any, compute: str | None) -> None:
+    if compute is not None and not compute.strip():
+        from aml_pipelines.errors import ConfigError
+
+        # An empty name set no default_compute: a YAML Azure ML refuses ("Compute not set").
+        raise ConfigError(
+            f"compute: {compute!r} names no compute cluster; pass --compute NAME "
+            "(Azure ML refuses a job without one)"
+        )
     if compute is not None:
         from azure.ai.ml.entities import PipelineJobSettings
 

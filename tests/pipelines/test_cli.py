@@ -85,6 +85,28 @@ def invoke(*args: str, env: dict[str, str] | None = None):
             "name it with -p model_version=V (`aml-rollout registry list diabetes-ridge`",
             id="deploy-validate-without-version",
         ),
+        # an empty name wrote a YAML without default_compute, which Azure ML refuses
+        pytest.param(
+            ["pipeline", "build", "-o", "x.yml", "--compute", " ", *SPEC],
+            "compute: ' ' names no compute cluster; pass --compute NAME",
+            id="build-empty-compute",
+        ),
+        pytest.param(
+            [
+                "pipeline",
+                "build",
+                "--deploy",
+                "-o",
+                "x.yml",
+                "-p",
+                "model_version=2",
+                "--compute",
+                "",
+                *SPEC,
+            ],
+            "compute: '' names no compute cluster",
+            id="deploy-build-empty-compute",
+        ),
         # the job ends with the rollout step: the bundled example's placeholder subscription
         # would train and register, then fail at the rollout
         pytest.param(
