@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shlex
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -240,8 +241,10 @@ def build(
             job = build_pipeline(parse_params(params, rollout_spec=rollout_spec), compute=compute)
         stamp_source(job)
         dump_pipeline(job, output)
+    # Quoted: the line is meant to be pasted into a shell, and paths hold spaces
     out.print(
-        f"wrote {output} ({', '.join(job.jobs)}); submit with: az ml job create -f {output}",
+        f"wrote {output} ({', '.join(job.jobs)}); "
+        f"submit with: az ml job create -f {shlex.quote(str(output))}",
         markup=False,
     )
 

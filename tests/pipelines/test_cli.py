@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -272,6 +273,14 @@ def test_a_built_yaml_without_compute_is_accepted_by_job_create(
     # the SDK's own checks ("Compute not set", bindings) passed and it was about to send the job.
     with pytest.raises(AzureNotConfigured):
         offline_client().jobs.create_or_update(job)
+
+
+def test_build_prints_a_submit_command_a_shell_can_run(tmp_path: Path) -> None:
+    out = tmp_path / "my jobs" / "pipeline.yml"
+    result = invoke("pipeline", "build", "-o", str(out), *SPEC)
+    assert result.exit_code == 0, result.output
+    command = result.output.split("submit with: ", 1)[1].strip()
+    assert shlex.split(command) == ["az", "ml", "job", "create", "-f", str(out)]
 
 
 def test_a_built_job_carries_the_source_commit(tmp_path: Path) -> None:
