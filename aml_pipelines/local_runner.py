@@ -229,13 +229,13 @@ def render_command(
         if kind == "outputs":
             if name not in outputs:
                 raise ComponentError(f"command refers to unknown output {name!r}")
-            return str(outputs[name])
+            return _unquoted(f"output {name}", str(outputs[name]))
         if name not in inputs:
             raise ComponentError(f"command refers to unknown input {name!r}")
         value = inputs[name]
         if value is None:
             raise ComponentError(f"command needs input {name!r}, which is not bound")
-        return _render_value(value)
+        return _unquoted(name, _render_value(value))
 
     text = _PLACEHOLDER.sub(substitute, template)
     try:
@@ -245,6 +245,20 @@ def render_command(
     if argv and argv[0] == "python":
         argv[0] = sys.executable
     return argv
+
+
+def _unquoted(name: str, text: str) -> str:
+    """`text`, which must hold no `'`: the commands single-quote values, as Azure ML runs them.
+
+    One quote breaks the shell line; two pass, silently dropped (`a'b'c` becomes `abc`), so the
+    step would get another value than the one given, here and in Azure ML alike.
+    """
+    if "'" in text:
+        raise ConfigError(
+            f"{name}: {text!r} holds a single quote ('), which the step's shell command line "
+            "cannot carry (values are single-quoted in it); rename it"
+        )
+    return text
 
 
 def _render_value(value: Any) -> str:

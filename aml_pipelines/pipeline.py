@@ -127,6 +127,12 @@ def check_params(params: PipelineParams | DeployParams) -> None:
             f"data: {params.data!r} is given without target; name the CSV's target column "
             "with -p target=COLUMN"
         )
+    if params.target is not None and "'" in params.target:
+        # The train command single-quotes it ('${{inputs.target}}'): the step's shell line breaks.
+        raise ConfigError(
+            f"target: {params.target!r} holds a single quote ('), which the train step's shell "
+            "command line cannot carry; rename the column"
+        )
     if params.metric not in LOWER_IS_BETTER:
         raise ConfigError(f"metric: {params.metric!r} is not one of {sorted(LOWER_IS_BETTER)}")
     if not (math.isfinite(params.max_regression) and params.max_regression >= 0):

@@ -52,9 +52,19 @@ def test_render_command(inputs: dict[str, object], expected: list[str]) -> None:
     assert argv[-2:] == ["--out", "/out dir"]
 
 
-def test_a_value_that_breaks_the_quoting_is_one_clear_error() -> None:
-    with pytest.raises(ConfigError, match="does not parse as a shell line"):
-        render_command(COMMAND, {"a": 1, "b": "it's", "f": True}, {"o": Path("/o")})
+@pytest.mark.parametrize(
+    ("b", "out", "message"),
+    [
+        pytest.param("it's", "/o", "^b: \"it's\" holds a single quote", id="one-quote"),
+        # two quotes parsed: the step got `abc` for `a'b'c`, silently
+        pytest.param("a'b'c", "/o", "^b: \"a'b'c\" holds a single quote", id="two-quotes"),
+        pytest.param("x", "/bob's run/o", "^output o: \"/bob's run/o\" holds a single quote",
+                     id="output-folder"),
+    ],
+)  # fmt: skip
+def test_a_value_that_breaks_the_quoting_is_one_clear_error(b: str, out: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        render_command(COMMAND, {"a": 1, "b": b, "f": True}, {"o": Path(out)})
 
 
 def _azure_rendered(command: str, values: dict[str, object]) -> str:

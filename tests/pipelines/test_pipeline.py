@@ -276,6 +276,8 @@ def test_deploy_pipeline_starts_from_a_registered_reference(tmp_path: Path, comp
         pytest.param(PipelineParams(metric="auc"), "^metric: 'auc' is not one of", id="metric"),
         pytest.param(PipelineParams(data="https://x/d"), "^data: 'https://x/d' is given without "
                      "target; name the CSV's target column", id="data-without-target"),
+        pytest.param(PipelineParams(data="https://x/d", target="it's"),
+                     "^target: \"it's\" holds a single quote", id="target-with-a-quote"),
         pytest.param(PipelineParams(package_mode="cloud"), "^package_mode: 'cloud'",
                      id="package-mode"),
         pytest.param(PipelineParams(model_name="my model"), "^model name 'my model' is invalid",
