@@ -273,6 +273,8 @@ def _absolute(params: PipelineParams) -> PipelineParams:
     for key in ("data", "rollout_spec"):
         value = getattr(params, key)
         if value is not None and "://" not in value and not value.startswith("azureml:"):
+            if not Path(value).exists():  # as `pipeline build` says it, not train's exit 1 later
+                raise ConfigError(f"{key}: local path {value} does not exist")
             changes[key] = str(Path(value).resolve())
     kind, _, path = params.registry.partition(":")
     if kind == "local":

@@ -166,6 +166,15 @@ def test_v1_registered_worse_v2_refused_better_v2_registered(tmp_path: Path) -> 
     assert v2.tags["git_commit"] == source_commit()  # the checkout's, "-dirty" when it has changes
 
 
+def test_a_missing_data_folder_is_refused_before_any_step(tmp_path: Path) -> None:
+    # It ran the train step, which failed with exit code 1 ("no CSV file found").
+    with pytest.raises(ConfigError, match=r"^data: local path .*nope does not exist"):
+        run_local(
+            _params(tmp_path, data=str(tmp_path / "nope"), target="y"), run_dir=tmp_path / "r"
+        )
+    assert not (tmp_path / "r").exists()
+
+
 def test_until_train_runs_one_step_and_a_failure_stops_the_run(tmp_path: Path) -> None:
     only = run_local(_params(tmp_path, seed=3), run_dir=tmp_path / "r1", until="train")
     assert list(only.steps) == ["train"]
