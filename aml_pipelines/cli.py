@@ -137,6 +137,13 @@ def _parse_into(
         key = key.strip().replace("-", "_")
         if not sep or key not in settable:
             raise ConfigError(f"--param {pair!r}: expected KEY=VALUE with KEY one of {settable}")
+        if not raw.strip() and fields[key].default is not None:
+            # Only the optional inputs (data, target) are unset by an empty value: the others
+            # became None, which every step and check took for a value (a traceback).
+            raise ConfigError(
+                f"--param {key}: empty value; give one, or leave -p {key} out for the default "
+                f"{fields[key].default!r}"
+            )
         annotation = fields[key].type
         kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "str")
         kind = kind.removesuffix(" | None")  # optional (model_version): typed all the same

@@ -45,6 +45,21 @@ def invoke(*args: str, env: dict[str, str] | None = None):
         pytest.param(
             ["pipeline", "validate", "-p", "force=maybe"], "expected true or false", id="bad-bool"
         ),
+        # an empty value became None: a traceback from the first check that read it
+        pytest.param(
+            ["pipeline", "validate", "-p", "image_registry="],
+            "--param image_registry: empty value; give one, or leave -p image_registry out for "
+            "the default 'amlrollout.azurecr.io'",
+            id="empty-image-registry",
+        ),
+        pytest.param(
+            ["pipeline", "run-local", "-p", "model_name= "],
+            "--param model_name: empty value",
+            id="empty-model-name",
+        ),
+        pytest.param(
+            ["pipeline", "validate", "-p", "alpha="], "--param alpha: empty value", id="empty-alpha"
+        ),
         pytest.param(
             ["pipeline", "validate", "--rollout-spec", "nope.yaml"],
             "--rollout-spec: nope.yaml not found",
