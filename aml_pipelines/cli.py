@@ -161,6 +161,8 @@ def _parse_into(
         except ValueError as exc:
             raise ConfigError(f"--param {key}: {raw!r} is not a valid {kind} ({exc})") from None
     if rollout_spec is not None:
+        if rollout_spec.is_dir():  # it said "not found" of a folder that is there
+            raise ConfigError(f"--rollout-spec: {rollout_spec} is a folder; name the spec file")
         if not rollout_spec.is_file():
             raise ConfigError(f"--rollout-spec: {rollout_spec} not found")
         # Checked here, not first at the job's last step: a bad spec would fail the rollout

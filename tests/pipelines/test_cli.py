@@ -66,6 +66,11 @@ def invoke(*args: str, env: dict[str, str] | None = None):
             id="no-spec",
         ),
         pytest.param(
+            ["pipeline", "validate", "--rollout-spec", "components"],
+            "--rollout-spec: components is a folder; name the spec file",
+            id="spec-is-a-folder",
+        ),
+        pytest.param(
             ["pipeline", "run-local", "--registry", "azureml"],
             "run-local needs a local registry",
             id="azure-registry",
