@@ -175,8 +175,25 @@ def _read_csv(file: Path, header: list[str] | None, rows: list[list[float]]) -> 
             try:
                 rows.append([float(value) for value in row])
             except ValueError as exc:
-                raise ConfigError(f"data: {file.name} line {line_no}: {exc}") from exc
+                # The column too: in a wide CSV the line alone leaves the user counting commas
+                column, value = next(
+                    (name, value)
+                    for name, value in zip(file_header, row, strict=True)
+                    if not _is_float(value)
+                )
+                raise ConfigError(
+                    f"data: {file.name} line {line_no}, column {column!r}: "
+                    f"{value!r} is not a number"
+                ) from exc
     return file_header
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load_dataset(data: Path | None, target: str | None) -> Dataset:

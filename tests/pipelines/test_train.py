@@ -138,10 +138,12 @@ def test_a_csv_with_a_byte_order_mark(tmp_path: Path) -> None:
     assert (manifest["target"], manifest["feature_names"]) == ("x1", ["x2", "y"])
 
 
-def test_non_numeric_csv_names_the_line(tmp_path: Path) -> None:
+def test_non_numeric_csv_names_the_line_and_column(tmp_path: Path) -> None:
     data = tmp_path / "d.csv"
-    data.write_text("a,y\n1,2\nx,3\n")
-    with pytest.raises(ConfigError, match="line 3"):
+    data.write_text("a,b,y\n1,2,3\n4,five,6\n")
+    with pytest.raises(
+        ConfigError, match=r"^data: d\.csv line 3, column 'b': 'five' is not a number"
+    ):
         train(tmp_path / "m", name="m", params=TrainParams(), data=data, target="y")
 
 
