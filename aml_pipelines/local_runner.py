@@ -121,6 +121,12 @@ def run_local(
     if until not in STEPS:
         raise ConfigError(f"until: {until!r} is not one of {list(STEPS)}")
     params = _absolute(params or PipelineParams(registry="local"))
+    if params.package_mode == "azureml" and params.registry.startswith("local:"):
+        # The package step would refuse it, after train and register left a version behind.
+        raise ConfigError(
+            "package_mode: azureml has Azure ML build the image, which needs the workspace "
+            "registry (registry=azureml); a local registry packages with package_mode=local"
+        )
     run_dir = (run_dir or default_run_dir()).resolve()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

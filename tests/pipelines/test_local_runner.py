@@ -175,6 +175,15 @@ def test_a_missing_data_folder_is_refused_before_any_step(tmp_path: Path) -> Non
     assert not (tmp_path / "r").exists()
 
 
+def test_package_mode_azureml_with_a_local_registry_is_refused_before_any_step(
+    tmp_path: Path,
+) -> None:
+    # The package step refused it, after train ran and register left a version behind.
+    with pytest.raises(ConfigError, match=r"^package_mode: azureml has Azure ML build the image"):
+        run_local(_params(tmp_path, package_mode="azureml"), run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "registry").exists()
+
+
 def test_until_train_runs_one_step_and_a_failure_stops_the_run(tmp_path: Path) -> None:
     only = run_local(_params(tmp_path, seed=3), run_dir=tmp_path / "r1", until="train")
     assert list(only.steps) == ["train"]
