@@ -18,6 +18,7 @@ rollout step gets the registry, so the registry tags follow traffic from inside 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -146,11 +147,35 @@ def quiet_sdk() -> None:
 
 
 def load_components() -> dict[str, Any]:
-    """Every step's component, loaded (and schema-checked) from its YAML."""
+    """Every step's component, loaded (and schema-checked) from its YAML.
+
+    ComponentError names the file that does not load: `run-local`, `build` and `submit` load
+    them too, and a user edits these files (train is the step a user replaces).
+    """
     quiet_sdk()
     from azure.ai.ml import load_component
 
-    return {step: load_component(source=component_path(step)) for step in STEPS}
+    from aml_pipelines.errors import ComponentError
+
+    loaded: dict[str, Any] = {}
+    for step in STEPS:
+        path = component_path(step)
+        try:
+            loaded[step] = load_component(source=path)
+        except Exception as exc:  # the SDK raises marshmallow / its own / YAML errors
+            raise ComponentError(f"{path}: does not load: {sdk_errors(exc)}") from exc
+    return loaded
+
+
+def sdk_errors(exc: Exception) -> str:
+    """The SDK's validation errors as `field: message` pairs instead of its JSON report."""
+    text = str(exc)
+    start, end = text.find("{"), text.rfind("}")
+    try:
+        report = json.loads(text[start : end + 1])
+        return "; ".join(f"{e.get('path')}: {e.get('message')}" for e in report["errors"])
+    except (ValueError, KeyError, TypeError):
+        return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
 def build_pipeline(

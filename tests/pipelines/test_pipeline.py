@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from aml_pipelines import build as build_module
+from aml_pipelines import pipeline as pipeline_module
 from aml_pipelines.build import (
     dump_pipeline,
     load_validated_components,
@@ -21,6 +22,7 @@ from aml_pipelines.build import (
 )
 from aml_pipelines.errors import ComponentError, ConfigError
 from aml_pipelines.pipeline import (
+    EXAMPLE_SPEC,
     STEPS,
     DeployParams,
     PipelineParams,
@@ -99,9 +101,36 @@ def test_a_broken_binding_is_reported_with_its_file(tmp_path: Path, monkeypatch)
     shutil.copy(REPO / "environment.yml", tmp_path / "environment.yml")
     paths = {step: component_path(step) for step in STEPS} | {"train": broken}
     monkeypatch.setattr(build_module, "component_path", paths.__getitem__)
+    monkeypatch.setattr(pipeline_module, "component_path", paths.__getitem__)
     with pytest.raises(ComponentError, match=r"train/component\.yml: .*sead") as caught:
         load_validated_components()
     assert "\n" not in str(caught.value)  # one line for the CLI, not the SDK's JSON report
+
+
+def test_a_component_that_does_not_load_is_one_line_naming_it_for_every_command(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # run-local, build and submit load the components without validate's wrapper: a YAML
+    # error was a traceback (exit 1) through them.
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    broken = tmp_path / "components" / "train" / "component.yml"
+    broken.parent.mkdir(parents=True)
+    broken.write_text(component_path("train").read_text() + "a: [\n")
+    paths = {step: component_path(step) for step in STEPS} | {"train": broken}
+    monkeypatch.setattr(build_module, "component_path", paths.__getitem__)
+    monkeypatch.setattr(pipeline_module, "component_path", paths.__getitem__)
+    for command in (
+        ["pipeline", "run-local", "--registry", f"local:{tmp_path / 'reg'}"],
+        ["pipeline", "build", "-o", str(tmp_path / "p.yml"), "--rollout-spec", str(EXAMPLE_SPEC)],
+        ["pipeline", "validate"],
+    ):
+        result = CliRunner().invoke(app, command, terminal_width=400)
+        assert result.exit_code == 2, (command, result.output)
+        assert result.output.startswith(f"error: {broken}: does not load: "), result.output
+        assert result.output.count("\n") == 1, result.output
 
 
 def test_pipeline_validates_offline() -> None:
