@@ -46,7 +46,7 @@ from aml_pipelines.errors import (
     StepFailed,
 )
 from aml_pipelines.fileio import read_json
-from aml_pipelines.pipeline import STEPS, PipelineParams, build_pipeline
+from aml_pipelines.pipeline import STEPS, PipelineParams, build_pipeline, is_local_path
 from components.common import source_commit
 from components.register.main import EXIT_GATE_REFUSED
 from components.rollout.main import EXIT_PAUSED, EXIT_ROLLED_BACK
@@ -278,7 +278,7 @@ def _absolute(params: PipelineParams) -> PipelineParams:
     changes: dict[str, Any] = {}
     for key in ("data", "rollout_spec"):
         value = getattr(params, key)
-        if value is not None and "://" not in value and not value.startswith("azureml:"):
+        if value is not None and is_local_path(value):
             if not Path(value).exists():  # as `pipeline build` says it, not train's exit 1 later
                 raise ConfigError(f"{key}: local path {value} does not exist")
             changes[key] = str(Path(value).resolve())

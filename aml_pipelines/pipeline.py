@@ -122,6 +122,9 @@ def check_params(params: PipelineParams | DeployParams) -> None:
             f"target: {params.target!r} is given without data; target names a column of the CSV "
             "data (-p data=FOLDER), the bundled diabetes data has its own target"
         )
+    if params.data is not None and is_local_path(params.data) and not Path(params.data).exists():
+        # validate said "valid" of it; build refused it only when writing the YAML
+        raise ConfigError(f"data: local path {params.data} does not exist")
     if params.data is not None and params.target is None:
         # The train step refuses it (a CSV has no default target), after the job was submitted.
         raise ConfigError(
@@ -139,6 +142,11 @@ def check_params(params: PipelineParams | DeployParams) -> None:
     if not (math.isfinite(params.max_regression) and params.max_regression >= 0):
         raise ConfigError(f"max_regression: must be >= 0, got {params.max_regression}")
     TrainParams(alpha=params.alpha, test_fraction=params.test_fraction, seed=params.seed)
+
+
+def is_local_path(value: str) -> bool:
+    """Whether an input value is a local path (not a URI or an `azureml:` asset reference)."""
+    return "://" not in value and not value.startswith("azureml:")
 
 
 def quiet_sdk() -> None:

@@ -164,6 +164,12 @@ def invoke(*args: str, env: dict[str, str] | None = None):
             "(-p data=FOLDER)",
             id="build-target-without-data",
         ),
+        # validate called the pipeline valid; build refused it
+        pytest.param(
+            ["pipeline", "validate", "-p", "data=no/such/folder", "-p", "target=y"],
+            "data: local path no/such/folder does not exist",
+            id="validate-missing-data",
+        ),
         # the train step refused it, after the job was built and submitted
         pytest.param(
             ["pipeline", "run-local", "-p", "data=tests"],

@@ -208,11 +208,11 @@ def test_local_data_is_dumped_relative(tmp_path: Path, components) -> None:
 
 
 def test_a_missing_local_data_folder_is_named(tmp_path: Path, components) -> None:
-    job = build_pipeline(
-        PipelineParams(data=str(tmp_path / "nope"), target="y"), compute="c", loaded=components
-    )
+    # Refused when the job is built (validate, build, submit, run-local), not first when dumped
     with pytest.raises(ConfigError, match=r"^data: local path .*nope does not exist"):
-        dump_pipeline(job, tmp_path / "p.yml")
+        build_pipeline(
+            PipelineParams(data=str(tmp_path / "nope"), target="y"), compute="c", loaded=components
+        )
 
 
 def _git(repo: Path, *args: str) -> str:
