@@ -313,6 +313,10 @@ def run_local(
             # The gate or the rollout did its job (production is protected): say what it decided.
             out.print(f"[bold yellow]{escape(str(verdict))}[/]")
             raise typer.Exit(verdict.exit_code) from None
+        except KeyboardInterrupt:
+            # The runner said which step stopped and where its log is: one line, no traceback
+            err.print("[bold red]error:[/] interrupted (Ctrl-C)")
+            raise typer.Exit(130) from None
     total = sum(step.seconds for step in result.steps.values())
     out.print(f"[green]local run complete[/] in {total:.1f} s: {escape(str(result.run_dir))}")
     registration = result.run_dir / "register" / "registration" / "registration.json"

@@ -171,9 +171,22 @@ def run_local(
         }
         emit(f"[{node.name}] $ {shlex.join(argv)}")
         started = time.monotonic()
-        code = _execute(
-            argv, code_dir, step_env, run_dir / node.name / "std_log.txt", node.name, emit
-        )
+        try:
+            code = _execute(
+                argv, code_dir, step_env, run_dir / node.name / "std_log.txt", node.name, emit
+            )
+        except KeyboardInterrupt:
+            emit(
+                f"[{node.name}] interrupted after {time.monotonic() - started:.1f} s; "
+                f"its log: {run_dir / node.name / 'std_log.txt'}"
+            )
+            if node.name == "rollout":  # traffic may be split: say where its state is
+                emit(
+                    f"[{node.name}] the rollout's state: aml-rollout rollout status "
+                    f"{shlex.quote(params.rollout_spec)} --state-dir "
+                    f"{shlex.quote(str(outputs['result']))}"
+                )
+            raise
         step = StepRun(node.name, argv, code, outputs, time.monotonic() - started)
         result.steps[node.name] = step
         if node.name == "rollout" and code in ROLLOUT_VERDICTS:
@@ -340,7 +353,16 @@ def _execute(
         ) as proc,
     ):
         assert proc.stdout is not None
-        for line in proc.stdout:
-            fh.write(line)
-            emit(f"[{name}] {line.rstrip()}")
+        try:
+            for line in proc.stdout:
+                fh.write(line)
+                emit(f"[{name}] {line.rstrip()}")
+        except KeyboardInterrupt:
+            # Ctrl-C reached the step too (one process group): keep its last lines — how it
+            # stopped — in its log and on screen, then stop the run. A second Ctrl-C cuts this.
+            for line in proc.stdout:
+                fh.write(line)
+                emit(f"[{name}] {line.rstrip()}")
+            proc.wait()
+            raise
         return proc.wait()

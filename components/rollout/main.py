@@ -14,7 +14,7 @@ outcome. A paused rollout changes no tag. Tags that cannot be written fail the s
 traffic moved, and a registry that says otherwise must not look like success.
 
 Exit codes: 0 promoted (Succeeded), 3 rolled back, 4 engine not available, 5 paused for a human,
-1 failed or invalid input.
+1 failed or invalid input, 130 interrupted (SIGINT).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ log = logging.getLogger("components.rollout")
 EXIT_ROLLED_BACK = 3
 EXIT_ENGINE_UNAVAILABLE = 4
 EXIT_PAUSED = 5
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 _EXIT_BY_PHASE = {"Succeeded": 0, "RolledBack": EXIT_ROLLED_BACK, "Paused": EXIT_PAUSED}
 _PACKAGE_KEYS = ("model", "version", "sha256", "image")
 
@@ -103,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     except RolloutError as exc:
         log.error("rollout failed: %s", exc)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C in run-local: a traceback told nothing of the rollout
+        log.error(
+            "interrupted: the rollout stopped without a verdict; its status and ledger are in %s",
+            args.result,
+        )
+        return EXIT_INTERRUPTED
     write_json(
         args.result / "result.json",
         {

@@ -286,6 +286,48 @@ def test_run_local_reports_a_rollback_as_an_outcome_not_a_crash(tmp_path: Path) 
     assert registry.get("diabetes-ridge", 1).stage == Stage.ROLLED_BACK
 
 
+@pytest.mark.slow
+def test_ctrl_c_mid_rollout_says_where_the_rollout_stands(tmp_path: Path) -> None:
+    # Ctrl-C printed nothing and exited 130, or the rollout step's traceback: nothing said that
+    # traffic may be split or where the rollout's state is.
+    import os
+    import signal
+    import time
+
+    spec = tmp_path / "slow.yaml"  # never decides: too few requests for any verdict
+    spec.write_text(
+        DRY_RUN_SPEC.replace("rps: 200000", "rps: 1").replace(
+            "min_requests: 50", "min_requests: 100000"
+        )
+    )
+    out = tmp_path / "out.txt"
+    with out.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rollout.cli", "pipeline", "run-local", "--until", "rollout",
+             "--rollout-spec", str(spec), "--registry", f"local:{tmp_path / 'registry'}",
+             "--run-dir", str(tmp_path / "run")],
+            stdout=sink, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+            # a background runner may start us with SIGINT ignored, which children inherit
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while "Progressing" not in out.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, out.read_text()
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        code = proc.wait(timeout=60)
+    text = out.read_text()
+    result = tmp_path / "run" / "rollout" / "result"
+    assert code == 130, text
+    assert "[rollout] interrupted after" in text
+    hint = f"[rollout] the rollout's state: aml-rollout rollout status {spec} --state-dir {result}"
+    assert hint in text
+    assert "interrupted: the rollout stopped without a verdict" in text
+    assert text.rstrip().endswith("error: interrupted (Ctrl-C)")
+    assert "Traceback" not in text
+
+
 def test_run_local_still_reports_a_failed_step_as_an_error(tmp_path: Path) -> None:
     from rollout.cli import app
 
