@@ -122,9 +122,17 @@ def check_params(params: PipelineParams | DeployParams) -> None:
             f"target: {params.target!r} is given without data; target names a column of the CSV "
             "data (-p data=FOLDER), the bundled diabetes data has its own target"
         )
-    if params.data is not None and is_local_path(params.data) and not Path(params.data).exists():
-        # validate said "valid" of it; build refused it only when writing the YAML
-        raise ConfigError(f"data: local path {params.data} does not exist")
+    if params.data is not None and is_local_path(params.data):
+        if not Path(params.data).exists():
+            # validate said "valid" of it; build refused it only when writing the YAML
+            raise ConfigError(f"data: local path {params.data} does not exist")
+        if not Path(params.data).is_dir():
+            # A uri_folder input: azure-ai-ml refuses to upload a file for it ("There is no dir
+            # on target path"), at submit or `az ml job create`, after build wrote the YAML.
+            raise ConfigError(
+                f"data: {params.data} is a file; data is a folder of CSV files (a uri_folder "
+                "input): pass the folder holding it"
+            )
     if params.data is not None and params.target is None:
         # The train step refuses it (a CSV has no default target), after the job was submitted.
         raise ConfigError(

@@ -215,6 +215,17 @@ def test_a_missing_local_data_folder_is_named(tmp_path: Path, components) -> Non
         )
 
 
+def test_a_local_data_file_is_refused_naming_the_folder_it_needs(
+    tmp_path: Path, components
+) -> None:
+    # build wrote it; azure-ai-ml refuses a file for a uri_folder input when it uploads it
+    (tmp_path / "d.csv").write_text("a,y\n1,2\n")
+    with pytest.raises(ConfigError, match=r"^data: .*d\.csv is a file; data is a folder"):
+        build_pipeline(
+            PipelineParams(data=str(tmp_path / "d.csv"), target="y"), compute="c", loaded=components
+        )
+
+
 def _git(repo: Path, *args: str) -> str:
     import subprocess
 
