@@ -411,6 +411,14 @@ def tag(
             if not sep or not key:
                 raise ConfigError(f"tag {pair!r}: expected KEY=VALUE")
             pairs[key] = value
+        stages = sorted((Stage.CANDIDATE, Stage.PRODUCTION, Stage.ARCHIVED, Stage.ROLLED_BACK))
+        if pairs.get(STAGE_TAG) and pairs[STAGE_TAG] not in stages:
+            # `stage=prod` was written as given: the gate, the triggers and `registry list` read
+            # only these values, so the version silently stayed out of every decision.
+            raise ConfigError(
+                f"tag {STAGE_TAG}={pairs[STAGE_TAG]!r}: not a stage; one of {stages} "
+                f"({STAGE_TAG}= removes it)"
+            )
         reg = _open(registry)
         reg.get(name, version)  # an unknown or damaged version is named before anything else
         # Listed only to move production: other tags must stay writable beside a damaged version.

@@ -358,6 +358,15 @@ def test_registry_list_show_tag(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "version 7 not found" in missing.output
     bad = invoke("registry", "tag", "m", "1", "stage", "--registry", spec)
     assert bad.exit_code == 2 and "expected KEY=VALUE" in bad.output
+    # a typo'd stage was written: every reader of `stage` then ignored the version
+    typo_stage = invoke("registry", "tag", "m", "1", "stage=prod", "--registry", spec)
+    assert typo_stage.exit_code == 2, typo_stage.output
+    assert (
+        "tag stage='prod': not a stage; one of ['archived', 'candidate', 'production', "
+        "'rolled-back']" in " ".join(typo_stage.output.split())
+    )
+    kept = invoke("registry", "show", "m", "1", "--registry", spec).output
+    assert '"stage": "production"' in kept  # nothing written
     # a value in brackets is printed as written, not taken for rich markup
     noted = invoke("registry", "tag", "m", "1", "note=[red]retrained", "--registry", spec)
     assert noted.exit_code == 0 and '"note": "[red]retrained"' in noted.output
