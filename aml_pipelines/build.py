@@ -32,13 +32,12 @@ from aml_pipelines.errors import (
 )
 from aml_pipelines.pipeline import (
     COMPONENTS_DIR,
-    STEPS,
     DeployParams,
     PipelineParams,
     build_deploy_pipeline,
     build_pipeline,
     component_path,
-    quiet_sdk,
+    load_components,
 )
 from components.common import CODE_PACKAGES, source_commit
 from rollout.azure_credential import default_credential
@@ -77,32 +76,12 @@ def offline_client() -> Any:
 
 def load_validated_components() -> dict[str, Any]:
     """Load every component YAML and run its validation; ComponentError names the failing file."""
-    quiet_sdk()
-    from azure.ai.ml import load_component
-
-    loaded: dict[str, Any] = {}
-    for step in STEPS:
-        path = component_path(step)
-        try:
-            component = load_component(source=path)
-        except Exception as exc:  # the SDK raises marshmallow / its own errors with details
-            raise ComponentError(f"{path}: does not load: {_sdk_errors(exc)}") from exc
+    loaded = load_components()
+    for step, component in loaded.items():
         result = component._validate()
         if not result.passed:
-            raise ComponentError(f"{path}: invalid: {result.error_messages}")
-        loaded[step] = component
+            raise ComponentError(f"{component_path(step)}: invalid: {result.error_messages}")
     return loaded
-
-
-def _sdk_errors(exc: Exception) -> str:
-    """The SDK's validation errors as `field: message` pairs instead of its JSON report."""
-    text = str(exc)
-    start, end = text.find("{"), text.rfind("}")
-    try:
-        report = json.loads(text[start : end + 1])
-        return "; ".join(f"{e.get('path')}: {e.get('message')}" for e in report["errors"])
-    except (ValueError, KeyError, TypeError):
-        return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
 def validate_offline(

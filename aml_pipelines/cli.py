@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shlex
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,7 +50,7 @@ ParamOption = Annotated[
         "--param",
         "-p",
         help=f"Pipeline input KEY=VALUE (repeatable): {_TRAINING_INPUTS}; with "
-        "--deploy: model_name, model_version, image_registry, package_mode.",
+        "--deploy: model_version (required), model_name, image_registry, package_mode.",
         show_default=False,
     ),
 ]
@@ -136,8 +137,16 @@ def _parse_into(
         key = key.strip().replace("-", "_")
         if not sep or key not in settable:
             raise ConfigError(f"--param {pair!r}: expected KEY=VALUE with KEY one of {settable}")
+        if not raw.strip() and fields[key].default is not None:
+            # Only the optional inputs (data, target) are unset by an empty value: the others
+            # became None, which every step and check took for a value (a traceback).
+            raise ConfigError(
+                f"--param {key}: empty value; give one, or leave -p {key} out for the default "
+                f"{fields[key].default!r}"
+            )
         annotation = fields[key].type
         kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "str")
+        kind = kind.removesuffix(" | None")  # optional (model_version): typed all the same
         try:
             if kind == "bool":
                 if raw.lower() not in {"true", "false"}:
@@ -152,6 +161,8 @@ def _parse_into(
         except ValueError as exc:
             raise ConfigError(f"--param {key}: {raw!r} is not a valid {kind} ({exc})") from None
     if rollout_spec is not None:
+        if rollout_spec.is_dir():  # it said "not found" of a folder that is there
+            raise ConfigError(f"--rollout-spec: {rollout_spec} is a folder; name the spec file")
         if not rollout_spec.is_file():
             raise ConfigError(f"--rollout-spec: {rollout_spec} not found")
         # Checked here, not first at the job's last step: a bad spec would fail the rollout
@@ -239,8 +250,10 @@ def build(
             job = build_pipeline(parse_params(params, rollout_spec=rollout_spec), compute=compute)
         stamp_source(job)
         dump_pipeline(job, output)
+    # Quoted: the line is meant to be pasted into a shell, and paths hold spaces
     out.print(
-        f"wrote {output} ({', '.join(job.jobs)}); submit with: az ml job create -f {output}",
+        f"wrote {output} ({', '.join(job.jobs)}); "
+        f"submit with: az ml job create -f {shlex.quote(str(output))}",
         markup=False,
     )
 
@@ -300,6 +313,10 @@ def run_local(
             # The gate or the rollout did its job (production is protected): say what it decided.
             out.print(f"[bold yellow]{escape(str(verdict))}[/]")
             raise typer.Exit(verdict.exit_code) from None
+        except KeyboardInterrupt:
+            # The runner said which step stopped and where its log is: one line, no traceback
+            err.print("[bold red]error:[/] interrupted (Ctrl-C)")
+            raise typer.Exit(130) from None
     total = sum(step.seconds for step in result.steps.values())
     out.print(f"[green]local run complete[/] in {total:.1f} s: {escape(str(result.run_dir))}")
     registration = result.run_dir / "register" / "registration" / "registration.json"
@@ -394,6 +411,14 @@ def tag(
             if not sep or not key:
                 raise ConfigError(f"tag {pair!r}: expected KEY=VALUE")
             pairs[key] = value
+        stages = sorted((Stage.CANDIDATE, Stage.PRODUCTION, Stage.ARCHIVED, Stage.ROLLED_BACK))
+        if pairs.get(STAGE_TAG) and pairs[STAGE_TAG] not in stages:
+            # `stage=prod` was written as given: the gate, the triggers and `registry list` read
+            # only these values, so the version silently stayed out of every decision.
+            raise ConfigError(
+                f"tag {STAGE_TAG}={pairs[STAGE_TAG]!r}: not a stage; one of {stages} "
+                f"({STAGE_TAG}= removes it)"
+            )
         reg = _open(registry)
         reg.get(name, version)  # an unknown or damaged version is named before anything else
         # Listed only to move production: other tags must stay writable beside a damaged version.

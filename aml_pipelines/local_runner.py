@@ -46,7 +46,7 @@ from aml_pipelines.errors import (
     StepFailed,
 )
 from aml_pipelines.fileio import read_json
-from aml_pipelines.pipeline import STEPS, PipelineParams, build_pipeline
+from aml_pipelines.pipeline import STEPS, PipelineParams, build_pipeline, is_local_path
 from components.common import source_commit
 from components.register.main import EXIT_GATE_REFUSED
 from components.rollout.main import EXIT_PAUSED, EXIT_ROLLED_BACK
@@ -121,6 +121,12 @@ def run_local(
     if until not in STEPS:
         raise ConfigError(f"until: {until!r} is not one of {list(STEPS)}")
     params = _absolute(params or PipelineParams(registry="local"))
+    if params.package_mode == "azureml" and params.registry.startswith("local:"):
+        # The package step would refuse it, after train and register left a version behind.
+        raise ConfigError(
+            "package_mode: azureml has Azure ML build the image, which needs the workspace "
+            "registry (registry=azureml); a local registry packages with package_mode=local"
+        )
     run_dir = (run_dir or default_run_dir()).resolve()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,9 +171,22 @@ def run_local(
         }
         emit(f"[{node.name}] $ {shlex.join(argv)}")
         started = time.monotonic()
-        code = _execute(
-            argv, code_dir, step_env, run_dir / node.name / "std_log.txt", node.name, emit
-        )
+        try:
+            code = _execute(
+                argv, code_dir, step_env, run_dir / node.name / "std_log.txt", node.name, emit
+            )
+        except KeyboardInterrupt:
+            emit(
+                f"[{node.name}] interrupted after {time.monotonic() - started:.1f} s; "
+                f"its log: {run_dir / node.name / 'std_log.txt'}"
+            )
+            if node.name == "rollout":  # traffic may be split: say where its state is
+                emit(
+                    f"[{node.name}] the rollout's state: aml-rollout rollout status "
+                    f"{shlex.quote(params.rollout_spec)} --state-dir "
+                    f"{shlex.quote(str(outputs['result']))}"
+                )
+            raise
         step = StepRun(node.name, argv, code, outputs, time.monotonic() - started)
         result.steps[node.name] = step
         if node.name == "rollout" and code in ROLLOUT_VERDICTS:
@@ -229,13 +248,13 @@ def render_command(
         if kind == "outputs":
             if name not in outputs:
                 raise ComponentError(f"command refers to unknown output {name!r}")
-            return str(outputs[name])
+            return _unquoted(f"output {name}", str(outputs[name]))
         if name not in inputs:
             raise ComponentError(f"command refers to unknown input {name!r}")
         value = inputs[name]
         if value is None:
             raise ComponentError(f"command needs input {name!r}, which is not bound")
-        return _render_value(value)
+        return _unquoted(name, _render_value(value))
 
     text = _PLACEHOLDER.sub(substitute, template)
     try:
@@ -245,6 +264,20 @@ def render_command(
     if argv and argv[0] == "python":
         argv[0] = sys.executable
     return argv
+
+
+def _unquoted(name: str, text: str) -> str:
+    """`text`, which must hold no `'`: the commands single-quote values, as Azure ML runs them.
+
+    One quote breaks the shell line; two pass, silently dropped (`a'b'c` becomes `abc`), so the
+    step would get another value than the one given, here and in Azure ML alike.
+    """
+    if "'" in text:
+        raise ConfigError(
+            f"{name}: {text!r} holds a single quote ('), which the step's shell command line "
+            "cannot carry (values are single-quoted in it); rename it"
+        )
+    return text
 
 
 def _render_value(value: Any) -> str:
@@ -258,7 +291,9 @@ def _absolute(params: PipelineParams) -> PipelineParams:
     changes: dict[str, Any] = {}
     for key in ("data", "rollout_spec"):
         value = getattr(params, key)
-        if value is not None and "://" not in value and not value.startswith("azureml:"):
+        if value is not None and is_local_path(value):
+            if not Path(value).exists():  # as `pipeline build` says it, not train's exit 1 later
+                raise ConfigError(f"{key}: local path {value} does not exist")
             changes[key] = str(Path(value).resolve())
     kind, _, path = params.registry.partition(":")
     if kind == "local":
@@ -318,7 +353,16 @@ def _execute(
         ) as proc,
     ):
         assert proc.stdout is not None
-        for line in proc.stdout:
-            fh.write(line)
-            emit(f"[{name}] {line.rstrip()}")
+        try:
+            for line in proc.stdout:
+                fh.write(line)
+                emit(f"[{name}] {line.rstrip()}")
+        except KeyboardInterrupt:
+            # Ctrl-C reached the step too (one process group): keep its last lines — how it
+            # stopped — in its log and on screen, then stop the run. A second Ctrl-C cuts this.
+            for line in proc.stdout:
+                fh.write(line)
+                emit(f"[{name}] {line.rstrip()}")
+            proc.wait()
+            raise
         return proc.wait()

@@ -18,6 +18,7 @@ rollout step gets the registry, so the registry tags follow traffic from inside 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -70,7 +71,9 @@ class DeployParams:
     """The deploy pipeline's inputs: a registered version, where to package and how to roll out."""
 
     model_name: str = "diabetes-ridge"
-    model_version: int = 1
+    # No default: a deploy pipeline of a version nobody named would package and roll out
+    # whatever version 1 is. None is refused by check_params with how to name one.
+    model_version: int | None = None
     registry: str = "azureml"
     image_registry: str = "amlrollout.azurecr.io"
     package_mode: str = "local"
@@ -101,6 +104,12 @@ def check_params(params: PipelineParams | DeployParams) -> None:
     if params.package_mode not in MODES:
         raise ConfigError(f"package_mode: {params.package_mode!r} is not one of {list(MODES)}")
     if isinstance(params, DeployParams):
+        if params.model_version is None:
+            raise ConfigError(
+                "model_version: not given; the deploy pipeline rolls out one registered version "
+                "and does not guess which: name it with -p model_version=V (`aml-rollout "
+                f"registry list {params.model_name}` lists the versions)"
+            )
         if params.model_version < 1:
             raise ConfigError(f"model_version: {params.model_version} is not a registry version")
         return
@@ -113,11 +122,39 @@ def check_params(params: PipelineParams | DeployParams) -> None:
             f"target: {params.target!r} is given without data; target names a column of the CSV "
             "data (-p data=FOLDER), the bundled diabetes data has its own target"
         )
+    if params.data is not None and is_local_path(params.data):
+        if not Path(params.data).exists():
+            # validate said "valid" of it; build refused it only when writing the YAML
+            raise ConfigError(f"data: local path {params.data} does not exist")
+        if not Path(params.data).is_dir():
+            # A uri_folder input: azure-ai-ml refuses to upload a file for it ("There is no dir
+            # on target path"), at submit or `az ml job create`, after build wrote the YAML.
+            raise ConfigError(
+                f"data: {params.data} is a file; data is a folder of CSV files (a uri_folder "
+                "input): pass the folder holding it"
+            )
+    if params.data is not None and params.target is None:
+        # The train step refuses it (a CSV has no default target), after the job was submitted.
+        raise ConfigError(
+            f"data: {params.data!r} is given without target; name the CSV's target column "
+            "with -p target=COLUMN"
+        )
+    if params.target is not None and "'" in params.target:
+        # The train command single-quotes it ('${{inputs.target}}'): the step's shell line breaks.
+        raise ConfigError(
+            f"target: {params.target!r} holds a single quote ('), which the train step's shell "
+            "command line cannot carry; rename the column"
+        )
     if params.metric not in LOWER_IS_BETTER:
         raise ConfigError(f"metric: {params.metric!r} is not one of {sorted(LOWER_IS_BETTER)}")
     if not (math.isfinite(params.max_regression) and params.max_regression >= 0):
         raise ConfigError(f"max_regression: must be >= 0, got {params.max_regression}")
     TrainParams(alpha=params.alpha, test_fraction=params.test_fraction, seed=params.seed)
+
+
+def is_local_path(value: str) -> bool:
+    """Whether an input value is a local path (not a URI or an `azureml:` asset reference)."""
+    return "://" not in value and not value.startswith("azureml:")
 
 
 def quiet_sdk() -> None:
@@ -126,11 +163,35 @@ def quiet_sdk() -> None:
 
 
 def load_components() -> dict[str, Any]:
-    """Every step's component, loaded (and schema-checked) from its YAML."""
+    """Every step's component, loaded (and schema-checked) from its YAML.
+
+    ComponentError names the file that does not load: `run-local`, `build` and `submit` load
+    them too, and a user edits these files (train is the step a user replaces).
+    """
     quiet_sdk()
     from azure.ai.ml import load_component
 
-    return {step: load_component(source=component_path(step)) for step in STEPS}
+    from aml_pipelines.errors import ComponentError
+
+    loaded: dict[str, Any] = {}
+    for step in STEPS:
+        path = component_path(step)
+        try:
+            loaded[step] = load_component(source=path)
+        except Exception as exc:  # the SDK raises marshmallow / its own / YAML errors
+            raise ComponentError(f"{path}: does not load: {sdk_errors(exc)}") from exc
+    return loaded
+
+
+def sdk_errors(exc: Exception) -> str:
+    """The SDK's validation errors as `field: message` pairs instead of its JSON report."""
+    text = str(exc)
+    start, end = text.find("{"), text.rfind("}")
+    try:
+        report = json.loads(text[start : end + 1])
+        return "; ".join(f"{e.get('path')}: {e.get('message')}" for e in report["errors"])
+    except (ValueError, KeyError, TypeError):
+        return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
 def build_pipeline(
@@ -282,6 +343,14 @@ def build_deploy_pipeline(
 
 
 def _set_compute(job: Any, compute: str | None) -> None:
+    if compute is not None and not compute.strip():
+        from aml_pipelines.errors import ConfigError
+
+        # An empty name set no default_compute: a YAML Azure ML refuses ("Compute not set").
+        raise ConfigError(
+            f"compute: {compute!r} names no compute cluster; pass --compute NAME "
+            "(Azure ML refuses a job without one)"
+        )
     if compute is not None:
         from azure.ai.ml.entities import PipelineJobSettings
 

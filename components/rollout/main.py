@@ -22,7 +22,7 @@ judged on the spec's absolute limits; with `--registry` it is tagged `stage=prod
 
 Exit codes: 0 promoted (Succeeded; a first release's check Successful, or unjudged), 3 rolled
 back, 4 engine not available, 5 paused for a human (a first release's check Inconclusive), 1
-failed (a first release's check Failed or Error) or invalid input.
+failed (a first release's check Failed or Error) or invalid input, 130 interrupted (SIGINT).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ log = logging.getLogger("components.rollout")
 EXIT_ROLLED_BACK = 3
 EXIT_ENGINE_UNAVAILABLE = 4
 EXIT_PAUSED = 5
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 _EXIT_BY_PHASE = {
     "Succeeded": 0,
     "RolledBack": EXIT_ROLLED_BACK,
@@ -119,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     except (RolloutError, _RegistryUnreadable) as exc:
         log.error("rollout failed: %s", exc)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C in run-local: a traceback told nothing of the rollout
+        log.error(
+            "interrupted: the rollout stopped without a verdict; its status and ledger are in %s",
+            args.result,
+        )
+        return EXIT_INTERRUPTED
     write_json(
         args.result / "result.json",
         {

@@ -143,8 +143,6 @@ def load_csv_dataset(data: Path, target: str) -> Dataset:
     values = np.asarray(rows, dtype=np.float64)
     target_index = header.index(target)
     feature_index = [i for i in range(len(header)) if i != target_index]
-    if not np.isfinite(values).all():
-        raise ConfigError("data: the CSV holds NaN or infinite values")
     return Dataset(
         features=values[:, feature_index],
         target=values[:, target_index],
@@ -160,6 +158,8 @@ def _read_csv(file: Path, header: list[str] | None, rows: list[list[float]]) -> 
     with file.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         file_header = [name.strip() for name in next(reader, [])]
+        if not file_header:  # was "target: column 'y' not in the CSV header []"
+            raise ConfigError(f"data: {file.name} is empty (no header row)")
         if header is not None and file_header != header:
             raise ConfigError(f"data: {file.name} has header {file_header}, expected {header}")
         for line_no, row in enumerate(reader, start=2):
@@ -170,11 +170,30 @@ def _read_csv(file: Path, header: list[str] | None, rows: list[list[float]]) -> 
                     f"data: {file.name} line {line_no} has {len(row)} fields, "
                     f"expected {len(file_header)}"
                 )
-            try:
-                rows.append([float(value) for value in row])
-            except ValueError as exc:
-                raise ConfigError(f"data: {file.name} line {line_no}: {exc}") from exc
+            # A bad value is named by line and column: in a wide CSV the line alone leaves the
+            # user counting commas. NaN and inf parse as floats, and Ridge cannot use them.
+            bad = next(
+                (
+                    (name, value)
+                    for name, value in zip(file_header, row, strict=True)
+                    if not _is_finite(value)
+                ),
+                None,
+            )
+            if bad is not None:
+                raise ConfigError(
+                    f"data: {file.name} line {line_no}, column {bad[0]!r}: "
+                    f"{bad[1]!r} is not a finite number"
+                )
+            rows.append([float(value) for value in row])
     return file_header
+
+
+def _is_finite(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def load_dataset(data: Path | None, target: str | None) -> Dataset:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -44,10 +45,30 @@ def invoke(*args: str, env: dict[str, str] | None = None):
         pytest.param(
             ["pipeline", "validate", "-p", "force=maybe"], "expected true or false", id="bad-bool"
         ),
+        # an empty value became None: a traceback from the first check that read it
+        pytest.param(
+            ["pipeline", "validate", "-p", "image_registry="],
+            "--param image_registry: empty value; give one, or leave -p image_registry out for "
+            "the default 'amlrollout.azurecr.io'",
+            id="empty-image-registry",
+        ),
+        pytest.param(
+            ["pipeline", "run-local", "-p", "model_name= "],
+            "--param model_name: empty value",
+            id="empty-model-name",
+        ),
+        pytest.param(
+            ["pipeline", "validate", "-p", "alpha="], "--param alpha: empty value", id="empty-alpha"
+        ),
         pytest.param(
             ["pipeline", "validate", "--rollout-spec", "nope.yaml"],
             "--rollout-spec: nope.yaml not found",
             id="no-spec",
+        ),
+        pytest.param(
+            ["pipeline", "validate", "--rollout-spec", "components"],
+            "--rollout-spec: components is a folder; name the spec file",
+            id="spec-is-a-folder",
         ),
         pytest.param(
             ["pipeline", "run-local", "--registry", "azureml"],
@@ -73,6 +94,39 @@ def invoke(*args: str, env: dict[str, str] | None = None):
             ["pipeline", "build", "--deploy", "-o", "x.yml", "-p", "model_version=0", *SPEC],
             "model_version: 0 is not a registry version",
             id="deploy-version-zero",
+        ),
+        # it built (and validated) a deploy of version 1 when no version was named
+        pytest.param(
+            ["pipeline", "build", "--deploy", "-o", "x.yml", "-p", "model_name=d", *SPEC],
+            "model_version: not given; the deploy pipeline rolls out one registered version",
+            id="deploy-build-without-version",
+        ),
+        pytest.param(
+            ["pipeline", "validate", "--deploy"],
+            "name it with -p model_version=V (`aml-rollout registry list diabetes-ridge`",
+            id="deploy-validate-without-version",
+        ),
+        # an empty name wrote a YAML without default_compute, which Azure ML refuses
+        pytest.param(
+            ["pipeline", "build", "-o", "x.yml", "--compute", " ", *SPEC],
+            "compute: ' ' names no compute cluster; pass --compute NAME",
+            id="build-empty-compute",
+        ),
+        pytest.param(
+            [
+                "pipeline",
+                "build",
+                "--deploy",
+                "-o",
+                "x.yml",
+                "-p",
+                "model_version=2",
+                "--compute",
+                "",
+                *SPEC,
+            ],
+            "compute: '' names no compute cluster",
+            id="deploy-build-empty-compute",
         ),
         # the job ends with the rollout step: the bundled example's placeholder subscription
         # would train and register, then fail at the rollout
@@ -109,6 +163,18 @@ def invoke(*args: str, env: dict[str, str] | None = None):
             ["pipeline", "build", "-o", "x.yml", "-p", "target=y", *SPEC],
             "(-p data=FOLDER)",
             id="build-target-without-data",
+        ),
+        # validate called the pipeline valid; build refused it
+        pytest.param(
+            ["pipeline", "validate", "-p", "data=no/such/folder", "-p", "target=y"],
+            "data: local path no/such/folder does not exist",
+            id="validate-missing-data",
+        ),
+        # the train step refused it, after the job was built and submitted
+        pytest.param(
+            ["pipeline", "run-local", "-p", "data=tests"],
+            "tests' is given without target; name the CSV's target column with -p target=",
+            id="data-without-target",
         ),
         pytest.param(
             ["registry", "list", "--registry", "s3:x"], "unknown kind 's3'", id="bad-registry-kind"
@@ -209,7 +275,11 @@ def test_build_to_an_unwritable_output_is_one_line(
 
 
 @pytest.mark.parametrize(
-    "deploy", [pytest.param([], id="training"), pytest.param(["--deploy"], id="deploy")]
+    "deploy",
+    [
+        pytest.param([], id="training"),
+        pytest.param(["--deploy", "-p", "model_version=2"], id="deploy"),
+    ],
 )
 def test_a_built_yaml_without_compute_is_accepted_by_job_create(
     tmp_path: Path, deploy: list[str]
@@ -229,6 +299,14 @@ def test_a_built_yaml_without_compute_is_accepted_by_job_create(
     # the SDK's own checks ("Compute not set", bindings) passed and it was about to send the job.
     with pytest.raises(AzureNotConfigured):
         offline_client().jobs.create_or_update(job)
+
+
+def test_build_prints_a_submit_command_a_shell_can_run(tmp_path: Path) -> None:
+    out = tmp_path / "my jobs" / "pipeline.yml"
+    result = invoke("pipeline", "build", "-o", str(out), *SPEC)
+    assert result.exit_code == 0, result.output
+    command = result.output.split("submit with: ", 1)[1].strip()
+    assert shlex.split(command) == ["az", "ml", "job", "create", "-f", str(out)]
 
 
 def test_a_built_job_carries_the_source_commit(tmp_path: Path) -> None:
@@ -280,6 +358,15 @@ def test_registry_list_show_tag(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "version 7 not found" in missing.output
     bad = invoke("registry", "tag", "m", "1", "stage", "--registry", spec)
     assert bad.exit_code == 2 and "expected KEY=VALUE" in bad.output
+    # a typo'd stage was written: every reader of `stage` then ignored the version
+    typo_stage = invoke("registry", "tag", "m", "1", "stage=prod", "--registry", spec)
+    assert typo_stage.exit_code == 2, typo_stage.output
+    assert (
+        "tag stage='prod': not a stage; one of ['archived', 'candidate', 'production', "
+        "'rolled-back']" in " ".join(typo_stage.output.split())
+    )
+    kept = invoke("registry", "show", "m", "1", "--registry", spec).output
+    assert '"stage": "production"' in kept  # nothing written
     # a value in brackets is printed as written, not taken for rich markup
     noted = invoke("registry", "tag", "m", "1", "note=[red]retrained", "--registry", spec)
     assert noted.exit_code == 0 and '"note": "[red]retrained"' in noted.output

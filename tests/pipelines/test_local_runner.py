@@ -52,9 +52,19 @@ def test_render_command(inputs: dict[str, object], expected: list[str]) -> None:
     assert argv[-2:] == ["--out", "/out dir"]
 
 
-def test_a_value_that_breaks_the_quoting_is_one_clear_error() -> None:
-    with pytest.raises(ConfigError, match="does not parse as a shell line"):
-        render_command(COMMAND, {"a": 1, "b": "it's", "f": True}, {"o": Path("/o")})
+@pytest.mark.parametrize(
+    ("b", "out", "message"),
+    [
+        pytest.param("it's", "/o", "^b: \"it's\" holds a single quote", id="one-quote"),
+        # two quotes parsed: the step got `abc` for `a'b'c`, silently
+        pytest.param("a'b'c", "/o", "^b: \"a'b'c\" holds a single quote", id="two-quotes"),
+        pytest.param("x", "/bob's run/o", "^output o: \"/bob's run/o\" holds a single quote",
+                     id="output-folder"),
+    ],
+)  # fmt: skip
+def test_a_value_that_breaks_the_quoting_is_one_clear_error(b: str, out: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        render_command(COMMAND, {"a": 1, "b": b, "f": True}, {"o": Path(out)})
 
 
 def _azure_rendered(command: str, values: dict[str, object]) -> str:
@@ -154,6 +164,24 @@ def test_v1_registered_worse_v2_refused_better_v2_registered(tmp_path: Path) -> 
     )
     assert v2.tags["source_run"] == "run3/register"
     assert v2.tags["git_commit"] == source_commit()  # the checkout's, "-dirty" when it has changes
+
+
+def test_a_missing_data_folder_is_refused_before_any_step(tmp_path: Path) -> None:
+    # It ran the train step, which failed with exit code 1 ("no CSV file found").
+    with pytest.raises(ConfigError, match=r"^data: local path .*nope does not exist"):
+        run_local(
+            _params(tmp_path, data=str(tmp_path / "nope"), target="y"), run_dir=tmp_path / "r"
+        )
+    assert not (tmp_path / "r").exists()
+
+
+def test_package_mode_azureml_with_a_local_registry_is_refused_before_any_step(
+    tmp_path: Path,
+) -> None:
+    # The package step refused it, after train ran and register left a version behind.
+    with pytest.raises(ConfigError, match=r"^package_mode: azureml has Azure ML build the image"):
+        run_local(_params(tmp_path, package_mode="azureml"), run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "registry").exists()
 
 
 def test_until_train_runs_one_step_and_a_failure_stops_the_run(tmp_path: Path) -> None:
@@ -256,6 +284,48 @@ def test_run_local_reports_a_rollback_as_an_outcome_not_a_crash(tmp_path: Path) 
     assert "error:" not in result.output and "failed with exit code" not in result.output
     registry = LocalRegistry(tmp_path / "registry")
     assert registry.get("diabetes-ridge", 1).stage == Stage.ROLLED_BACK
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_rollout_says_where_the_rollout_stands(tmp_path: Path) -> None:
+    # Ctrl-C printed nothing and exited 130, or the rollout step's traceback: nothing said that
+    # traffic may be split or where the rollout's state is.
+    import os
+    import signal
+    import time
+
+    spec = tmp_path / "slow.yaml"  # never decides: too few requests for any verdict
+    spec.write_text(
+        DRY_RUN_SPEC.replace("rps: 200000", "rps: 1").replace(
+            "min_requests: 50", "min_requests: 100000"
+        )
+    )
+    out = tmp_path / "out.txt"
+    with out.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rollout.cli", "pipeline", "run-local", "--until", "rollout",
+             "--rollout-spec", str(spec), "--registry", f"local:{tmp_path / 'registry'}",
+             "--run-dir", str(tmp_path / "run")],
+            stdout=sink, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+            # a background runner may start us with SIGINT ignored, which children inherit
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while "Progressing" not in out.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, out.read_text()
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        code = proc.wait(timeout=60)
+    text = out.read_text()
+    result = tmp_path / "run" / "rollout" / "result"
+    assert code == 130, text
+    assert "[rollout] interrupted after" in text
+    hint = f"[rollout] the rollout's state: aml-rollout rollout status {spec} --state-dir {result}"
+    assert hint in text
+    assert "interrupted: the rollout stopped without a verdict" in text
+    assert text.rstrip().endswith("error: interrupted (Ctrl-C)")
+    assert "Traceback" not in text
 
 
 def test_run_local_still_reports_a_failed_step_as_an_error(tmp_path: Path) -> None:

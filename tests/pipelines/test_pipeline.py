@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from aml_pipelines import build as build_module
+from aml_pipelines import pipeline as pipeline_module
 from aml_pipelines.build import (
     dump_pipeline,
     load_validated_components,
@@ -21,6 +22,7 @@ from aml_pipelines.build import (
 )
 from aml_pipelines.errors import ComponentError, ConfigError
 from aml_pipelines.pipeline import (
+    EXAMPLE_SPEC,
     STEPS,
     DeployParams,
     PipelineParams,
@@ -99,9 +101,36 @@ def test_a_broken_binding_is_reported_with_its_file(tmp_path: Path, monkeypatch)
     shutil.copy(REPO / "environment.yml", tmp_path / "environment.yml")
     paths = {step: component_path(step) for step in STEPS} | {"train": broken}
     monkeypatch.setattr(build_module, "component_path", paths.__getitem__)
+    monkeypatch.setattr(pipeline_module, "component_path", paths.__getitem__)
     with pytest.raises(ComponentError, match=r"train/component\.yml: .*sead") as caught:
         load_validated_components()
     assert "\n" not in str(caught.value)  # one line for the CLI, not the SDK's JSON report
+
+
+def test_a_component_that_does_not_load_is_one_line_naming_it_for_every_command(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # run-local, build and submit load the components without validate's wrapper: a YAML
+    # error was a traceback (exit 1) through them.
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    broken = tmp_path / "components" / "train" / "component.yml"
+    broken.parent.mkdir(parents=True)
+    broken.write_text(component_path("train").read_text() + "a: [\n")
+    paths = {step: component_path(step) for step in STEPS} | {"train": broken}
+    monkeypatch.setattr(build_module, "component_path", paths.__getitem__)
+    monkeypatch.setattr(pipeline_module, "component_path", paths.__getitem__)
+    for command in (
+        ["pipeline", "run-local", "--registry", f"local:{tmp_path / 'reg'}"],
+        ["pipeline", "build", "-o", str(tmp_path / "p.yml"), "--rollout-spec", str(EXAMPLE_SPEC)],
+        ["pipeline", "validate"],
+    ):
+        result = CliRunner().invoke(app, command, terminal_width=400)
+        assert result.exit_code == 2, (command, result.output)
+        assert result.output.startswith(f"error: {broken}: does not load: "), result.output
+        assert result.output.count("\n") == 1, result.output
 
 
 def test_pipeline_validates_offline() -> None:
@@ -179,11 +208,22 @@ def test_local_data_is_dumped_relative(tmp_path: Path, components) -> None:
 
 
 def test_a_missing_local_data_folder_is_named(tmp_path: Path, components) -> None:
-    job = build_pipeline(
-        PipelineParams(data=str(tmp_path / "nope"), target="y"), compute="c", loaded=components
-    )
+    # Refused when the job is built (validate, build, submit, run-local), not first when dumped
     with pytest.raises(ConfigError, match=r"^data: local path .*nope does not exist"):
-        dump_pipeline(job, tmp_path / "p.yml")
+        build_pipeline(
+            PipelineParams(data=str(tmp_path / "nope"), target="y"), compute="c", loaded=components
+        )
+
+
+def test_a_local_data_file_is_refused_naming_the_folder_it_needs(
+    tmp_path: Path, components
+) -> None:
+    # build wrote it; azure-ai-ml refuses a file for a uri_folder input when it uploads it
+    (tmp_path / "d.csv").write_text("a,y\n1,2\n")
+    with pytest.raises(ConfigError, match=r"^data: .*d\.csv is a file; data is a folder"):
+        build_pipeline(
+            PipelineParams(data=str(tmp_path / "d.csv"), target="y"), compute="c", loaded=components
+        )
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -274,6 +314,10 @@ def test_deploy_pipeline_starts_from_a_registered_reference(tmp_path: Path, comp
     [
         # each would fail its step only after train (and register) ran in Azure ML
         pytest.param(PipelineParams(metric="auc"), "^metric: 'auc' is not one of", id="metric"),
+        pytest.param(PipelineParams(data="https://x/d"), "^data: 'https://x/d' is given without "
+                     "target; name the CSV's target column", id="data-without-target"),
+        pytest.param(PipelineParams(data="https://x/d", target="it's"),
+                     "^target: \"it's\" holds a single quote", id="target-with-a-quote"),
         pytest.param(PipelineParams(package_mode="cloud"), "^package_mode: 'cloud'",
                      id="package-mode"),
         pytest.param(PipelineParams(model_name="my model"), "^model name 'my model' is invalid",
@@ -303,6 +347,12 @@ def test_inputs_a_step_would_refuse_are_refused_before_building(
 def test_deploy_pipeline_refuses_a_version_below_one(components) -> None:
     with pytest.raises(ConfigError, match="model_version: 0"):
         build_deploy_pipeline(DeployParams(model_version=0), loaded=components)
+
+
+def test_deploy_pipeline_never_guesses_the_version(components) -> None:
+    # It built a pipeline deploying version 1 when no version was named.
+    with pytest.raises(ConfigError, match=r"^model_version: not given.*-p model_version=V"):
+        build_deploy_pipeline(DeployParams(model_name="diabetes"), loaded=components)
 
 
 def test_the_dumped_yaml_loads_back_as_a_valid_job(tmp_path: Path, components) -> None:

@@ -138,10 +138,12 @@ def test_a_csv_with_a_byte_order_mark(tmp_path: Path) -> None:
     assert (manifest["target"], manifest["feature_names"]) == ("x1", ["x2", "y"])
 
 
-def test_non_numeric_csv_names_the_line(tmp_path: Path) -> None:
+def test_non_numeric_csv_names_the_line_and_column(tmp_path: Path) -> None:
     data = tmp_path / "d.csv"
-    data.write_text("a,y\n1,2\nx,3\n")
-    with pytest.raises(ConfigError, match="line 3"):
+    data.write_text("a,b,y\n1,2,3\n4,five,6\n")
+    with pytest.raises(
+        ConfigError, match=r"^data: d\.csv line 3, column 'b': 'five' is not a finite number"
+    ):
         train(tmp_path / "m", name="m", params=TrainParams(), data=data, target="y")
 
 
@@ -158,6 +160,13 @@ def test_non_numeric_csv_names_the_line(tmp_path: Path) -> None:
         # finite, but they overflow inside the solver
         pytest.param(b"a,y\n1e308,1e308\n-1e308,-1e308\n1e308,1\n1,1e308\n2,2\n-1e308,3\n",
                      "^data: Ridge cannot be fitted", id="overflow"),
+        pytest.param(b"", r"^data: d\.csv is empty \(no header row\)", id="empty"),
+        # it said "the CSV holds NaN or infinite values", not where
+        pytest.param(b"a,y\n1,2\n3,4\n5,NaN\n7,8\n", r"^data: d\.csv line 4, column 'y': 'NaN' is "
+                     "not a finite number", id="nan"),
+        pytest.param(b"a,y\n1,2\n-inf,4\n5,6\n7,8\n", r"^data: d\.csv line 3, column 'a': '-inf'",
+                     id="infinite"),
+        pytest.param(b"\n\n", r"^data: d\.csv is empty", id="blank-lines"),
     ],
 )  # fmt: skip
 def test_a_bad_csv_is_one_error_naming_it(tmp_path: Path, content: bytes, message: str) -> None:
