@@ -70,9 +70,10 @@ class PipelineParams:
 class DeployParams:
     """The deploy pipeline's inputs: a registered version, where to package and how to roll out."""
 
-    model_name: str = "diabetes-ridge"
-    # No default: a deploy pipeline of a version nobody named would package and roll out
-    # whatever version 1 is. None is refused by check_params with how to name one.
+    # No defaults: a deploy pipeline of a model or version nobody named would package and roll
+    # out whatever `diabetes-ridge` (the demo's model) or version 1 is. None is refused by
+    # check_params with how to name one.
+    model_name: str | None = None
     model_version: int | None = None
     registry: str = "azureml"
     image_registry: str = "amlrollout.azurecr.io"
@@ -96,6 +97,12 @@ def check_params(params: PipelineParams | DeployParams) -> None:
     from aml_pipelines.registry.local import check_name
     from components.package.package import MODES, image_name
 
+    if params.model_name is None:
+        raise ConfigError(
+            "model_name: not given; the deploy pipeline rolls out one registered model and does "
+            "not guess which: name it with -p model_name=N (`aml-rollout registry list` lists "
+            "the models)"
+        )
     check_name(params.model_name)
     # The package step names the image `<image_registry>/<model_name>:<version>`: a registry, or
     # a model name that makes no repository once lower-cased (`m.`), fails it after train and

@@ -91,7 +91,18 @@ def invoke(*args: str, env: dict[str, str] | None = None):
             id="deploy-unknown-param",
         ),
         pytest.param(
-            ["pipeline", "build", "--deploy", "-o", "x.yml", "-p", "model_version=0", *SPEC],
+            [
+                "pipeline",
+                "build",
+                "--deploy",
+                "-o",
+                "x.yml",
+                "-p",
+                "model_name=d",
+                "-p",
+                "model_version=0",
+                *SPEC,
+            ],
             "model_version: 0 is not a registry version",
             id="deploy-version-zero",
         ),
@@ -102,9 +113,15 @@ def invoke(*args: str, env: dict[str, str] | None = None):
             id="deploy-build-without-version",
         ),
         pytest.param(
-            ["pipeline", "validate", "--deploy"],
-            "name it with -p model_version=V (`aml-rollout registry list diabetes-ridge`",
+            ["pipeline", "validate", "--deploy", "-p", "model_name=diabetes"],
+            "name it with -p model_version=V (`aml-rollout registry list diabetes`",
             id="deploy-validate-without-version",
+        ),
+        # it deployed the demo's `diabetes-ridge` when no model was named
+        pytest.param(
+            ["pipeline", "build", "--deploy", "-o", "x.yml", "-p", "model_version=4", *SPEC],
+            "model_name: not given; the deploy pipeline rolls out one registered model",
+            id="deploy-build-without-model",
         ),
         # an empty name wrote a YAML without default_compute, which Azure ML refuses
         pytest.param(
@@ -119,6 +136,8 @@ def invoke(*args: str, env: dict[str, str] | None = None):
                 "--deploy",
                 "-o",
                 "x.yml",
+                "-p",
+                "model_name=d",
                 "-p",
                 "model_version=2",
                 "--compute",
@@ -278,7 +297,7 @@ def test_build_to_an_unwritable_output_is_one_line(
     "deploy",
     [
         pytest.param([], id="training"),
-        pytest.param(["--deploy", "-p", "model_version=2"], id="deploy"),
+        pytest.param(["--deploy", "-p", "model_name=d", "-p", "model_version=2"], id="deploy"),
     ],
 )
 def test_a_built_yaml_without_compute_is_accepted_by_job_create(
@@ -329,7 +348,9 @@ def test_a_built_job_carries_the_source_commit(tmp_path: Path) -> None:
 
 
 def test_deploy_pipeline_validates_and_builds(tmp_path: Path) -> None:
-    validated = invoke("pipeline", "validate", "--deploy", "-p", "model_version=2")
+    validated = invoke(
+        "pipeline", "validate", "--deploy", "-p", "model_name=diabetes", "-p", "model_version=2"
+    )
     assert validated.exit_code == 0, validated.output
     assert "pipeline valid (offline): package → rollout" in validated.output
     out = tmp_path / "deploy.yml"

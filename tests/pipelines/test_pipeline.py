@@ -325,14 +325,15 @@ def test_deploy_pipeline_starts_from_a_registered_reference(tmp_path: Path, comp
         pytest.param(PipelineParams(test_fraction=2.0), "^test_fraction", id="test-fraction"),
         pytest.param(PipelineParams(alpha=-1.0), "^alpha", id="alpha"),
         pytest.param(PipelineParams(max_regression=-0.1), "^max_regression", id="max-regression"),
-        pytest.param(DeployParams(package_mode="cloud"), "^package_mode", id="deploy-package-mode"),
-        pytest.param(DeployParams(model_name="a/b"), "^model name 'a/b'", id="deploy-model-name"),
+        pytest.param(DeployParams("m", 1, package_mode="cloud"), "^package_mode",
+                     id="deploy-package-mode"),
+        pytest.param(DeployParams("a/b", 1), "^model name 'a/b'", id="deploy-model-name"),
         # the package step's image reference: it failed only after train and register ran
         pytest.param(PipelineParams(image_registry="acr.io/Team"), "^image_registry: 'Team'",
                      id="image-registry"),
         pytest.param(PipelineParams(model_name="m."), "^model name 'm.' does not make an image",
                      id="model-name-no-image"),
-        pytest.param(DeployParams(image_registry="acr io"), "^image_registry: 'acr io'",
+        pytest.param(DeployParams("m", 1, image_registry="acr io"), "^image_registry: 'acr io'",
                      id="deploy-image-registry"),
     ],
 )  # fmt: skip
@@ -346,13 +347,19 @@ def test_inputs_a_step_would_refuse_are_refused_before_building(
 
 def test_deploy_pipeline_refuses_a_version_below_one(components) -> None:
     with pytest.raises(ConfigError, match="model_version: 0"):
-        build_deploy_pipeline(DeployParams(model_version=0), loaded=components)
+        build_deploy_pipeline(DeployParams("m", model_version=0), loaded=components)
 
 
 def test_deploy_pipeline_never_guesses_the_version(components) -> None:
     # It built a pipeline deploying version 1 when no version was named.
     with pytest.raises(ConfigError, match=r"^model_version: not given.*-p model_version=V"):
         build_deploy_pipeline(DeployParams(model_name="diabetes"), loaded=components)
+
+
+def test_deploy_pipeline_never_guesses_the_model(components) -> None:
+    # It built a pipeline deploying the demo's `diabetes-ridge` when no model was named.
+    with pytest.raises(ConfigError, match=r"^model_name: not given.*-p model_name=N"):
+        build_deploy_pipeline(DeployParams(model_version=4), loaded=components)
 
 
 def test_the_dumped_yaml_loads_back_as_a_valid_job(tmp_path: Path, components) -> None:
