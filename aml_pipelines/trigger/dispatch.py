@@ -154,8 +154,9 @@ class Dispatcher:
             if self.supersede and entry.step is Step.PENDING:
                 newer = [e.version for e in cursor.open_entries() if e.version > version]
                 if newer:
-                    self._close(model, version, SUPERSEDED, f"superseded by version {max(newer)}")
-                    return None
+                    reason = f"superseded by version {max(newer)}"
+                    self._close(model, version, SUPERSEDED, reason)
+                    return DeliveryOutcome(model, version, SUPERSEDED, reason)
             try:
                 model_version = self.registry.get(model, version)
             except ModelNotFound as exc:
@@ -170,7 +171,7 @@ class Dispatcher:
                 outcome_name, reason = settled
                 log.info("%s v%d: %s (%s)", model, version, outcome_name, reason)
                 self._close(model, version, outcome_name, reason)
-                return None
+                return DeliveryOutcome(model, version, outcome_name, reason)
             if not self._wait_for_endpoint(model, version):
                 return None
             started = self.store.update(

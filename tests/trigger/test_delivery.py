@@ -593,7 +593,8 @@ def test_killed_after_the_first_release_tags_the_restart_settles_it_without_judg
     assert registry.get("diabetes", 1).tags["first_check"] == "Failed"
 
     restarted = _first_release_dispatcher(tmp_path, registry)
-    assert restarted.drain("diabetes") == []  # settled from the registry: nothing delivered
+    # Settled from the registry, not judged again (the ledger below); told as an outcome.
+    assert [o.phase for o in restarted.drain("diabetes")] == ["Failed"]
     entry = restarted.store.load("diabetes").entries[1]
     # Was: Succeeded ("registry records stage=production"), for a release that failed its check.
     assert (entry.step, entry.outcome) == (Step.DONE, "Failed")

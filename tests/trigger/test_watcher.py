@@ -259,7 +259,10 @@ def test_a_version_the_registry_shows_delivered_is_skipped(
     # E.g. Event Grid redelivers an old event after the trigger's state folder was lost.
     register(registry, tmp_path, stage="production")
     assert dispatcher.accept("diabetes", 1, "event:old")
-    assert dispatcher.drain("diabetes") == []
+    # An outcome, so `watch --once` says what became of it (was: "no new version to deliver").
+    assert [(o.phase, o.reason) for o in dispatcher.drain("diabetes")] == [
+        ("skipped", "already delivered (stage=production)")
+    ]
     entry = dispatcher.store.load("diabetes").entries[1]
     assert (entry.step, entry.outcome, entry.reason) == (
         Step.DONE,
@@ -392,7 +395,7 @@ def test_a_version_older_than_production_is_skipped(
     register(registry, tmp_path, stage="candidate")
     register(registry, tmp_path, stage="production")
     assert dispatcher.accept("diabetes", 1, "event:late")
-    assert dispatcher.drain("diabetes") == []
+    assert [o.phase for o in dispatcher.drain("diabetes")] == ["skipped"]
     entry = dispatcher.store.load("diabetes").entries[1]
     assert (entry.outcome, entry.reason) == ("skipped", "older than the production version 2")
     assert journal(tmp_path / "engine") == []
@@ -407,7 +410,7 @@ def test_a_started_version_overtaken_by_a_newer_production_is_not_rolled_out(
     assert dispatcher.accept("diabetes", 1, "watch")
     dispatcher.store.update("diabetes", 1, lambda e: replace(e, step=Step.STARTED, attempts=1))
     register(registry, tmp_path, stage="production")
-    assert dispatcher.drain("diabetes") == []
+    assert [o.phase for o in dispatcher.drain("diabetes")] == ["skipped"]
     entry = dispatcher.store.load("diabetes").entries[1]
     assert (entry.outcome, entry.reason) == ("skipped", "older than the production version 2")
     assert journal(tmp_path / "engine") == []
