@@ -146,6 +146,12 @@ def check_params(params: PipelineParams | DeployParams) -> None:
             f"data: {params.data!r} is given without target; name the CSV's target column "
             "with -p target=COLUMN"
         )
+    if params.data is not None and params.target is not None and is_local_path(params.data):
+        from components.train.train import check_csv_target
+
+        # A typo'd target, or a folder without CSV files, failed the train step in Azure ML
+        # minutes after submission (compute started); the first header line tells now.
+        check_csv_target(Path(params.data), params.target)
     if params.target is not None and "'" in params.target:
         # The train command single-quotes it ('${{inputs.target}}'): the step's shell line breaks.
         raise ConfigError(

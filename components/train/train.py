@@ -118,11 +118,37 @@ def load_diabetes_dataset() -> Dataset:
     )
 
 
-def load_csv_dataset(data: Path, target: str) -> Dataset:
-    """Numeric CSV data: a file, or a folder (uri_folder) whose *.csv files share one header."""
+def _csv_files(data: Path) -> list[Path]:
+    """The CSV files of `data`: the file itself, or a folder's *.csv files."""
     files = sorted(data.glob("*.csv")) if data.is_dir() else [data]
     if not files or not files[0].is_file():
         raise ConfigError(f"data: no CSV file found at {data}")
+    return files
+
+
+def _check_target(target: str, header: list[str]) -> None:
+    if target not in header:
+        raise ConfigError(f"target: column {target!r} not in the CSV header {header}")
+
+
+def check_csv_target(data: Path, target: str) -> None:
+    """What the train step would refuse of local CSV data by its first header alone: no CSV
+    file, or no `target` column. Cheap (one line read), so a pipeline is checked before Azure ML
+    runs its train step minutes after submission."""
+    file = _csv_files(data)[0]
+    try:
+        with file.open(newline="", encoding="utf-8-sig") as fh:
+            header = [name.strip() for name in next(csv.reader(fh), [])]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"data: {file.name} is not a UTF-8 CSV file ({exc})") from exc
+    if not header:
+        raise ConfigError(f"data: {file.name} is empty (no header row)")
+    _check_target(target, header)
+
+
+def load_csv_dataset(data: Path, target: str) -> Dataset:
+    """Numeric CSV data: a file, or a folder (uri_folder) whose *.csv files share one header."""
+    files = _csv_files(data)
     header: list[str] | None = None
     rows: list[list[float]] = []
     for file in files:
@@ -131,8 +157,7 @@ def load_csv_dataset(data: Path, target: str) -> Dataset:
         except (UnicodeDecodeError, csv.Error) as exc:
             raise ConfigError(f"data: {file.name} is not a UTF-8 CSV file ({exc})") from exc
     assert header is not None
-    if target not in header:
-        raise ConfigError(f"target: column {target!r} not in the CSV header {header}")
+    _check_target(target, header)
     if repeated := sorted({name for name in header if header.count(name) > 1}):
         # header.index() would pick the first copy: a repeated target would train on itself
         raise ConfigError(f"data: the CSV header repeats the column(s) {repeated}")

@@ -200,11 +200,34 @@ def test_remote_data_is_dumped_as_submit_sends_it(tmp_path: Path, components, da
 
 def test_local_data_is_dumped_relative(tmp_path: Path, components) -> None:
     (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "d.csv").write_text("x,y\n1,2\n")
     job = build_pipeline(
         PipelineParams(data=str(tmp_path / "csv"), target="y"), compute="c", loaded=components
     )
     out = dump_pipeline(job, tmp_path / "out" / "p.yml")
     assert yaml.safe_load(out.read_text())["inputs"]["data"]["path"] == "../csv"
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        pytest.param({"d.csv": "a,b,yy\n1,2,3\n"}, r"^target: column 'y' not in the CSV header "
+                     r"\['a', 'b', 'yy'\]", id="typo-target"),
+        pytest.param({"notes.txt": "x"}, r"^data: no CSV file found at ", id="no-csv"),
+        pytest.param({"d.csv": ""}, r"^data: d.csv is empty", id="empty-csv"),
+    ],
+)  # fmt: skip
+def test_local_csv_data_the_train_step_would_refuse_is_refused_before_building(
+    tmp_path: Path, components, files: dict[str, str], message: str
+) -> None:
+    # Was: built and submitted; the train step refused it in Azure ML minutes later.
+    (tmp_path / "csv").mkdir()
+    for name, text in files.items():
+        (tmp_path / "csv" / name).write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        build_pipeline(
+            PipelineParams(data=str(tmp_path / "csv"), target="y"), compute="c", loaded=components
+        )
 
 
 def test_a_missing_local_data_folder_is_named(tmp_path: Path, components) -> None:
