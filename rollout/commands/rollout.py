@@ -198,7 +198,10 @@ def run(
         spec_candidate = parsed.candidate.to_release() if parsed.candidate else None
         _check_image(parsed, asked or spec_candidate, "--candidate" if asked else "candidate")
     stored = previous.candidate if previous is not None else None
-    same = asked is None or (stored is not None and stored.ref == asked.ref)
+    # The spec's candidate counts as asked for too: a spec edited to name the next release
+    # was told both "already ended" and, by the error below, that it needs --restart.
+    wanted = asked or (parsed.candidate.to_release() if parsed.candidate else None)
+    same = wanted is None or (stored is not None and stored.ref == wanted.ref)
     # Another candidate than the ended rollout's is refused below, saying to --restart.
     if previous is not None and previous.terminal and not restart and same:
         _out.print(

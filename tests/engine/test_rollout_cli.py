@@ -309,6 +309,21 @@ def test_run_refuses_to_report_another_candidates_outcome(tmp_path: Path) -> Non
     assert code == EXIT_PROMOTED, out
 
 
+def test_a_spec_edited_to_name_the_next_candidate_gets_one_message(tmp_path: Path) -> None:
+    # The operator's way: after a promotion, the spec's `candidate:` is edited to the next
+    # release. `run` printed "already ended (Succeeded); `--restart` starts a new one" and then
+    # the error below, as if the old rollout's outcome were this one's.
+    spec = write_spec(tmp_path)
+    assert invoke("run", str(spec), "--simulated-time", "-q")[0] == EXIT_PROMOTED
+    edited = yaml.safe_load(spec.read_text())
+    edited["candidate"]["version"] = "3"
+    spec.write_text(yaml.safe_dump(edited))
+    code, out = invoke("run", str(spec), "--simulated-time")
+    assert code == EXIT_ERROR
+    assert "of m:2 has ended (Succeeded), and m:3 was asked for" in " ".join(out.split())
+    assert "already ended" not in out
+
+
 def test_a_spec_of_the_same_name_on_another_data_plane_cannot_resume_or_steer_it(
     tmp_path: Path,
 ) -> None:
