@@ -88,10 +88,42 @@ class RolloutStory:
 
 
 def story_from_ledger(path: Path) -> RolloutStory:
-    """Weights, decisions and the per-tick table of one ledger."""
+    """The latest rollout of a ledger: its weights, decisions and per-tick table."""
+    return stories_from_ledger(path)[-1]
+
+
+def stories_from_ledger(path: Path) -> list[RolloutStory]:
+    """One story per rollout the ledger holds, oldest first.
+
+    A rollout run again with `--restart` appends to the same ledger; drawn as one story, a
+    rollback and the promotion after it read as one rollout whose outcome was the last one's.
+    """
     records = [r for r in read_ledger(path) if "at" in r]
     if not records:
         raise ValueError(f"{path}: no ticks in this ledger")
+    name = path.name.removesuffix(".ledger.jsonl")
+    pieces = _rollouts(records)
+    # A bootstrap's lines (no phase: no rollout) before the first rollout are not one.
+    rollouts = [piece for piece in pieces if any("phase" in r for r in piece)] or pieces
+    return [_story(name, rollout) for rollout in rollouts]
+
+
+def _rollouts(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """`records` cut where a rollout begins: its `start` line, or a line of another rollout_id
+    (as `ledger.latest_ticks` cuts them)."""
+    rollouts: list[list[dict[str, Any]]] = []
+    current = None
+    for record in records:
+        new_id = record.get("rollout_id")
+        begins = record.get("event") == "start" or (new_id and current and new_id != current)
+        if not rollouts or begins:
+            rollouts.append([])
+        current = new_id or current
+        rollouts[-1].append(record)
+    return rollouts
+
+
+def _story(name: str, records: list[dict[str, Any]]) -> RolloutStory:
     weights = Series("blue")
     mirror = Series(MIRRORED)
     decisions: list[Decision] = []
@@ -120,7 +152,7 @@ def story_from_ledger(path: Path) -> RolloutStory:
         )
     last = records[-1]
     return RolloutStory(
-        name=path.name.removesuffix(".ledger.jsonl"),
+        name=name,
         start=float(records[0]["at"]),
         end=float(last["at"]),
         outcome=str(last.get("phase", "")),
@@ -342,10 +374,10 @@ def write_report(
     """Render the ledgers (plus Prometheus series when a URL is given) to `path`."""
     stories = []
     for ledger in ledgers:
-        story = story_from_ledger(ledger)
-        if prometheus_url:
-            add_prometheus(story, prometheus_url)
-        stories.append(story)
+        for story in stories_from_ledger(ledger):
+            if prometheus_url:
+                add_prometheus(story, prometheus_url)
+            stories.append(story)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(stories, title=title, notes=notes), encoding="utf-8")
     return path

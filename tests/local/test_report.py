@@ -83,3 +83,28 @@ def test_an_empty_ledger_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "x.ledger.jsonl").write_text("")
     with pytest.raises(ValueError, match="no ticks"):
         story_from_ledger(tmp_path / "x.ledger.jsonl")
+
+
+def test_a_rollout_restarted_on_the_same_ledger_is_its_own_story(tmp_path: Path) -> None:
+    # `run --restart` appends to the rollout's ledger: a rollback then a promotion was drawn
+    # as one "Succeeded" rollout spanning both, the rollback's rows and marker inside it.
+    path = tmp_path / "diabetes.ledger.jsonl"
+    book = Ledger(path, fsync=False)
+    book.append({"event": "bootstrap", "at": T0 - 10, "release": {"model": "diabetes"}})
+    for rollout_id, t0, end, reason in (
+        ("first", T0, "RolledBack", "rolled back at step 10 %: canary error rate 29 %"),
+        ("second", T0 + 60, "Succeeded", "Green_100: promoted diabetes:3; blue removed"),
+    ):
+        book.append({"event": "start", "at": t0, "name": "diabetes", "rollout_id": rollout_id})
+        for record in (
+            tick(t0 + 1, "Progressing", 10, "started: blue at 10 %", blue=10),
+            tick(t0 + 2, end, 0 if end == "RolledBack" else 100, reason, blue=0),
+        ):
+            book.append({**record, "tick": int(record["at"] - t0), "rollout_id": rollout_id})
+    page = write_report(tmp_path / "r.html", [path]).read_text(encoding="utf-8")
+    assert page.count("diabetes: ") == 2
+    assert page.index("RolledBack") < page.index("Succeeded")
+    latest = story_from_ledger(path)
+    assert latest.outcome == "Succeeded"
+    assert latest.end - latest.start == pytest.approx(2.0)
+    assert [d.kind for d in latest.decisions] == ["passed", "promoted"]
