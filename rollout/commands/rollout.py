@@ -488,7 +488,7 @@ def _status_code(status: Status | None) -> int:
 def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | None) -> Any:
     from rich.table import Table
 
-    from rollout.core.status import describe
+    from rollout.core.status import SetWeights, describe
     from rollout.core.types import Phase, Verdict
 
     table = Table(title=f"rollout {parsed.name}", show_header=False, box=None)
@@ -502,7 +502,14 @@ def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | N
         for i, w in enumerate(parsed.plan)
     )
     table.add_row("phase", f"[bold]{status.phase.value}[/]")
-    table.add_row("weights", f"{status.weights}   plan {plan}")
+    # Weights decided but not applied (a controller stopped before its router call) are not
+    # what the data plane serves: said so, or they read as the split users get.
+    todo = status.pending[status.applied :]
+    unserved = any(isinstance(a, SetWeights) for a in todo)
+    table.add_row(
+        "weights",
+        f"{status.weights}{' (decided, not applied yet)' if unserved else ''}   plan {plan}",
+    )
     # Promoted, the candidate is what green serves; the stable release it replaced is gone.
     promoted = status.phase is Phase.SUCCEEDED
     if status.candidate:
@@ -526,8 +533,7 @@ def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | N
             "since held",
             "the evidence now passes this step: `resume` lets it advance on the next tick",
         )
-    if status.applied < len(status.pending):
-        todo = status.pending[status.applied :]
+    if todo:
         table.add_row("not applied", escape("; ".join(describe(a) for a in todo)))
     if status.commands:
         table.add_row("queued", ", ".join(c.kind for c in status.commands))

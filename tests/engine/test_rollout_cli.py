@@ -435,6 +435,27 @@ def test_status_shows_actions_decided_but_not_applied(tmp_path: Path) -> None:
     assert "not applied" in out and "set weights blue 10 % / green 90 %" in out, out
 
 
+def test_status_does_not_show_weights_not_applied_as_served(tmp_path: Path) -> None:
+    # A controller interrupted while deploying blue left the shadow step's weights decided:
+    # status showed "20 % mirrored to blue" while Envoy mirrored nothing.
+    spec = write_spec(tmp_path)
+    from dataclasses import replace
+
+    from rollout.api import open_store
+    from rollout.core.status import Deploy, SetWeights
+    from rollout.core.types import Colour, Phase, Release
+
+    store = open_store(spec)
+    progressing = Status(name="cli", phase=Phase.PROGRESSING, mirror=20)
+    deploy = Deploy(Colour.BLUE, Release("m", "2"))
+    store.save(replace(progressing, pending=(deploy, SetWeights(0, mirror=20))))
+    out = " ".join(invoke("status", str(spec))[1].split())
+    assert "20 % mirrored to blue (decided, not applied yet)" in out, out
+    store.save(replace(progressing, pending=(SetWeights(0, mirror=20),), applied=1))
+    out = " ".join(invoke("status", str(spec))[1].split())
+    assert "20 % mirrored to blue plan" in out and "not applied" not in out, out
+
+
 def test_explain_of_a_missing_ledger_is_a_clear_error(tmp_path: Path) -> None:
     code, out = invoke("explain", str(tmp_path / "none.jsonl"))
     assert code == EXIT_ERROR and "cannot read ledger" in out
