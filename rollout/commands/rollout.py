@@ -593,14 +593,24 @@ def status(
 
 def _follow(store: StateStore, current: Status | None, timeout: float) -> Status | None:
     """`status --watch` into a pipe or a file: one plain line per change, not a live panel."""
+    from rollout.errors import RolloutError
+
     deadline = time.monotonic() + timeout
     shown: tuple[object, ...] | None = None
     while True:
         if current is not None:
-            line = (current.phase.value, current.blue_weight, current.reason)
+            # A controller that stopped (Ctrl-C, a crash) changes nothing in the status: said
+            # once, or the watch went silent as if a step were merely waiting.
+            try:
+                driven = current.terminal or store.controller() is not None
+            except RolloutError:
+                driven = True  # the live view says it; a pipe keeps following
+            line = (current.phase.value, current.blue_weight, current.reason, driven)
             if line != shown:
                 stamp = time.strftime("%H:%M:%S")
                 text = f"{stamp} {line[0]:<11} blue {line[1]:>3} %  {line[2]}"
+                if not driven:
+                    text += "  (no controller running: `aml-rollout rollout run SPEC` resumes it)"
                 _out.print(text, markup=False)
                 shown = line
         if _settled(current) or time.monotonic() >= deadline:

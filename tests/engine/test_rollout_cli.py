@@ -435,6 +435,25 @@ def test_status_shows_actions_decided_but_not_applied(tmp_path: Path) -> None:
     assert "not applied" in out and "set weights blue 10 % / green 90 %" in out, out
 
 
+def test_status_watch_into_a_pipe_says_when_no_controller_drives_the_rollout(
+    tmp_path: Path,
+) -> None:
+    # The controller Ctrl-C'd mid-step: its last status stays, and the watch went silent as if
+    # the step were waiting for requests.
+    spec = write_spec(tmp_path)
+    from rollout.api import open_store
+    from rollout.core.types import Phase
+
+    store = open_store(spec)
+    store.save(Status(name="cli", phase=Phase.PROGRESSING, reason="step 10 %"))
+    code, out = invoke("status", str(spec), "--watch", "--timeout", "1")
+    assert code == EXIT_RUNNING
+    assert "no controller running" in " ".join(out.split()), out
+    with store.lease("ann's controller"):
+        out = invoke("status", str(spec), "--watch", "--timeout", "1")[1]
+    assert "step 10 %" in out and "no controller" not in out, out
+
+
 def test_status_does_not_show_weights_not_applied_as_served(tmp_path: Path) -> None:
     # A controller interrupted while deploying blue left the shadow step's weights decided:
     # status showed "20 % mirrored to blue" while Envoy mirrored nothing.
