@@ -397,6 +397,13 @@ class PrometheusMetrics:
             problem = _tls_problem(exc, client_cert=self._client_cert)
             raise ProviderUnavailable(f"Prometheus at {self.url}: {problem}") from exc
         except requests.RequestException as exc:
+            if _timed_out(exc):
+                # A hung Prometheus (overloaded, stopped) accepts the connection and never
+                # answers: "unreachable: ConnectionError" sent the operator to a port that is open.
+                raise ProviderUnavailable(
+                    f"Prometheus at {self.url} did not answer within {self.timeout_s:g} s "
+                    "(metrics.timeout_s)"
+                ) from exc
             raise ProviderUnavailable(
                 f"Prometheus at {self.url} is unreachable: {type(exc).__name__}"
             ) from exc
@@ -441,6 +448,20 @@ class PrometheusMetrics:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a requests error was a timeout: with retries off, urllib3 wraps a read timeout in
+    a MaxRetryError that requests raises as a plain ConnectionError."""
+    import requests
+    from urllib3.exceptions import NewConnectionError
+    from urllib3.exceptions import TimeoutError as Urllib3Timeout
+
+    if isinstance(exc, requests.Timeout):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    # A refused connection is a NewConnectionError, which urllib3 derives from its timeout.
+    return isinstance(reason, Urllib3Timeout) and not isinstance(reason, NewConnectionError)
 
 
 def _tls_problem(exc: BaseException, *, client_cert: bool) -> str:
