@@ -88,9 +88,11 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     start = records[0].get("at", 0.0)
     previous = None
+    unreadable_since: float | None = None  # the first tick of a metrics outage
     for index, rec in enumerate(records):
         if rec.get("event") == "start":
             start = rec.get("at", start)
+            unreadable_since = None
             cand, stable = rec.get("candidate") or {}, rec.get("stable") or {}
             lines.append(
                 f"started rollout {rec.get('name', '')}: candidate "
@@ -139,6 +141,18 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
         changed = (
             rec.get("actions") or rec.get("phase") != rec.get("phase_before") or rec.get("commands")
         )
+        # A metrics outage changes nothing until it holds the rollout, yet the story needs it:
+        # weights held for a minute with no line said nothing of why.
+        if rec.get("verdict") == "Error" and unreadable_since is None and "event" not in rec:
+            unreadable_since = rec.get("at", start)
+            if not changed:
+                lines.append(f"[{span(rec.get('at', start) - start)}] {rec.get('reason', '')}")
+        elif rec.get("counts") and unreadable_since is not None:  # observed again
+            lines.append(
+                f"[{span(rec.get('at', start) - start)}] metrics readable again after "
+                f"{span(rec.get('at', start) - unreadable_since)}"
+            )
+            unreadable_since = None
         if not changed:
             continue
         t = span(rec.get("at", start) - start)

@@ -1,0 +1,59 @@
+"""`explain` tells a metrics outage that changed nothing, and when the metrics came back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rollout.ledger import explain
+
+T0 = 1_700_000_000.0
+DOWN = "metrics unreadable (Prometheus at http://127.0.0.1:9090 is unreachable); holding"
+COUNTS = {"blue": {"requests": 10, "errors": 0}, "green": {"requests": 190, "errors": 0}}
+
+
+def tick(n: int, reason: str, *, verdict: str, counts: bool = True, **extra: Any) -> dict:
+    record = {
+        "tick": n,
+        "at": T0 + n,
+        "phase": extra.pop("phase", "Progressing"),
+        "phase_before": extra.pop("phase_before", "Progressing"),
+        "weight": 5,
+        "verdict": verdict,
+        "reason": reason,
+        "actions": [],
+        **extra,
+    }
+    if counts:
+        record["counts"] = COUNTS
+    return record
+
+
+def test_an_outage_that_changed_nothing_is_told_with_its_end() -> None:
+    # Measured on the live stack: Prometheus down 12 s mid-step, the weights held, and explain
+    # went from "blue to 5 %" straight to the promotion, the outage nowhere.
+    records = [
+        {"event": "start", "at": T0, "name": "d", "plan": [5, 100]},
+        tick(1, "step 5 % has 10 of 100 canary requests needed", verdict="Inconclusive"),
+        *(tick(n, DOWN, verdict="Error", counts=False) for n in (2, 3, 4)),
+        tick(5, "step 5 % has 40 of 100 canary requests needed", verdict="Inconclusive"),
+        tick(6, "step 5 % has 80 of 100 canary requests needed", verdict="Inconclusive"),
+        {"event": "start", "at": T0 + 10, "name": "d", "plan": [5, 100]},
+        tick(1, DOWN, verdict="Error", counts=False, at=T0 + 11),
+        tick(
+            2,
+            "held for a human: metrics unreadable 4 times in a row",
+            verdict="Inconclusive",
+            counts=False,
+            phase="Paused",
+            at=T0 + 12,
+        ),
+    ]
+    story = explain(records)
+    assert story[1:3] == [f"[2 s] {DOWN}", "[5 s] metrics readable again after 3 s"]
+    # The second rollout: its outage, then its hold (no "readable again": it never was).
+    assert story[3].startswith("started rollout d")
+    assert story[4:6] == [
+        f"[1 s] {DOWN}",
+        "[2 s] Paused: held for a human: metrics unreadable 4 times in a row",
+    ]
+    assert "readable again" not in " ".join(story[3:])
