@@ -30,7 +30,12 @@ log = logging.getLogger(__name__)
 #: The report's name for blue's mirrored share (the shadow step).
 MIRRORED = "blue mirrored (shadow)"
 COLOURS = {"blue": "#1f6feb", "green": "#2da44e", MIRRORED: "#54aeff"}
-DECISION_COLOURS = {"passed": "#6e7781", "promoted": "#2da44e", "rolled back": "#cf222e"}
+DECISION_COLOURS = {
+    "passed": "#6e7781",
+    "promoted": "#2da44e",
+    "rolled back": "#cf222e",
+    "operator": "#8250df",
+}
 WIDTH, HEIGHT, PAD_L, PAD_R, PAD_T, PAD_B = 860, 170, 60, 20, 16, 28
 #: Seconds shown before the first and after the last tick.
 PAD_S = 2.0
@@ -170,6 +175,8 @@ def _kind(reason: str, record: dict[str, Any]) -> str:
         return "rolled back"
     if record.get("phase") in ("Promoting", "Finalising", "Succeeded"):
         return "promoted"
+    if record.get("commands"):  # an operator's `set-weight`: no step passed there
+        return "operator"
     return "passed"
 
 
@@ -322,7 +329,10 @@ def render_html(stories: Sequence[RolloutStory], *, title: str, notes: Sequence[
         out.append(f"<p>{html.escape(story.reason)}</p>")
         started = datetime.fromtimestamp(story.start, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         out.append(f"<p>started {started}, {story.end - story.start:.1f} s. Dashed lines: ")
-        out.append("decisions (grey: step passed, green: promotion, red: rollback).</p>")
+        out.append(
+            "decisions (grey: step passed, green: promotion, red: rollback, purple: weight set "
+            "by an operator).</p>"
+        )
         out.append(
             _chart(
                 "blue weight (served; mirrored: copies whose answers nobody gets)", " %",

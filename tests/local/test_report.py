@@ -108,3 +108,15 @@ def test_a_rollout_restarted_on_the_same_ledger_is_its_own_story(tmp_path: Path)
     assert latest.outcome == "Succeeded"
     assert latest.end - latest.start == pytest.approx(2.0)
     assert [d.kind for d in latest.decisions] == ["passed", "promoted"]
+
+
+def test_an_operators_set_weight_is_not_drawn_as_a_step_passed(tmp_path: Path) -> None:
+    # `set-weight 50` mid-step was a grey "step passed" line on the charts.
+    path = tmp_path / "d.ledger.jsonl"
+    book = Ledger(path, fsync=False)
+    book.append(tick(T0 + 1, "Progressing", 5, "started: blue at 5 %", blue=5))
+    jump = tick(T0 + 2, "Paused", 50, "weight set to 50 % by ann", blue=50)
+    book.append({**jump, "commands": ["set_weight: weight set to 50 % by ann"]})
+    story = story_from_ledger(path)
+    assert [d.kind for d in story.decisions] == ["passed", "operator"]
+    assert "purple: weight set by an operator" in render_html([story], title="t")
