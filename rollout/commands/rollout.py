@@ -637,6 +637,13 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
         check_same_router(parsed, current)
         if current.terminal:
             _fail(RolloutError(f"rollout {parsed.name!r} has ended ({current.phase.value})"))
+        if kind == "resume" and not _pausing(current, store):
+            # The controller would ignore it ("resume: ignored, not paused"), after this said
+            # it acts on it.
+            _out.print(
+                f"rollout {parsed.name} is {current.phase.value}, not paused: nothing to resume"
+            )
+            return
         store.push_command(
             Command(
                 id=uuid.uuid4().hex,
@@ -663,6 +670,19 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
         f"`aml-rollout rollout run {spec}{which}` acts on it",
         markup=False,
     )
+
+
+def _pausing(status: Status, store: StateStore) -> bool:
+    """Paused, or to be when the controller reads the commands queued since (the last pause or
+    resume among them decides)."""
+    from rollout.core.machine import with_commands
+    from rollout.core.types import Phase
+
+    paused = status.phase is Phase.PAUSED
+    for command in with_commands(status, store.commands()).commands:
+        if command.kind in ("pause", "resume") and command.rollout in (None, "", status.id):
+            paused = command.kind == "pause"
+    return paused
 
 
 @rollout_app.command()

@@ -265,6 +265,33 @@ def test_steering_commands_are_queued_for_the_controller(tmp_path: Path) -> None
     assert code == EXIT_RUNNING and "Paused" in out and "queued" not in out
 
 
+def test_resume_of_a_rollout_that_is_not_paused_says_so_and_queues_nothing(
+    tmp_path: Path,
+) -> None:
+    # Was: "queued resume ...; the controller acts at its next tick", then ignored by it.
+    spec = write_spec(
+        tmp_path,
+        metrics={"kind": "static", "ticks": []},
+        router={"kind": "memory", "state_file": str(tmp_path / "routes.json")},
+    )
+    from rollout.api import run_rollout
+    from rollout.controller import FakeClock
+
+    run_rollout(spec, clock=FakeClock(0.0), max_ticks=1)
+    code, out = invoke("resume", str(spec))
+    assert code == 0 and " ".join(out.split()) == (
+        "rollout cli is Progressing, not paused: nothing to resume"
+    )
+    commands = tmp_path / "state" / "cli.commands.jsonl"
+    assert not commands.exists() or not commands.read_text().strip()
+    # A pause queued and not read yet: the resume answers it.
+    assert invoke("pause", str(spec))[0] == 0
+    code, out = invoke("resume", str(spec))
+    assert code == 0 and out.startswith("queued resume"), out
+    kinds = [json.loads(line)["kind"] for line in commands.read_text().splitlines()]
+    assert kinds == ["pause", "resume"]
+
+
 def test_a_held_rollout_resumes_when_run_again_after_resume(tmp_path: Path) -> None:
     spec = write_spec(
         tmp_path,
