@@ -77,7 +77,9 @@ ENVOY_BUCKETS_MS: tuple[float, ...] = (
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No field means anything by .inf or .nan: a timeout or an interval of .inf would reach
+    # time.sleep and httpx, a NaN compares false with every bound a validator checks.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 #: An HTTP header name: a token of RFC 9110 (letters, digits and !#$%&'*+-.^_`|~).
@@ -385,12 +387,52 @@ class TrafficModel(_Model):
     from_s: float = Field(default=0.0, ge=0)
 
 
+class TickCounts(_Model):
+    """One colour's cumulative counts in a scripted observation (`StaticTick`)."""
+
+    requests: int = Field(default=0, ge=0)
+    errors: int = Field(default=0, ge=0)
+    #: [upper bound in seconds, cumulative count] per histogram bucket; `.inf` is Prometheus' +Inf.
+    latency_buckets: list[
+        tuple[Annotated[float, Field(gt=0, allow_inf_nan=True)], Annotated[int, Field(ge=0)]]
+    ] = Field(default_factory=list)
+
+
 class StaticTick(_Model):
-    """One scripted observation: cumulative counts per colour (or an outage)."""
+    """One scripted observation: cumulative counts per colour (or an outage).
+
+    The counts stay mappings (`rollout.metrics.static` reads them so), checked as `TickCounts`:
+    a typo or a count that is no number is an error naming it, not a tick counted as 0 or a
+    crash at the first observation.
+    """
 
     blue: dict[str, Any] = Field(default_factory=dict)
     green: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _counts(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        checked, problems = dict(data), []
+        for colour in ("blue", "green"):
+            if not isinstance(counts := data.get(colour), dict):
+                continue  # pydantic says what it expects
+            try:
+                checked[colour] = TickCounts.model_validate(counts).model_dump(exclude_unset=True)
+            except ValidationError as exc:
+                problems += [
+                    InitErrorDetails(
+                        type=PydanticCustomError("spec", "{problem}", {"problem": err["msg"]}),
+                        loc=(colour, *err["loc"]),
+                        input=err["input"],
+                    )
+                    for err in exc.errors()
+                ]
+        if problems:
+            raise ValidationError.from_exception_data(cls.__name__, problems)
+        return checked
 
 
 class StaticMetricsConfig(_Model):
@@ -418,7 +460,12 @@ class SimulatedMetricsConfig(_Model):
     def _rates(cls, rps: Any) -> Any:
         # Before pydantic's own checks, whose union of two types would say everything twice.
         def rate(x: Any) -> bool:
-            return isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x < math.inf
+            if not isinstance(x, int | float) or isinstance(x, bool):
+                return False
+            try:
+                return 0 <= float(x) < math.inf
+            except OverflowError:  # a whole number no float holds (10**400)
+                return False
 
         def point(p: Any) -> bool:
             return isinstance(p, list | tuple) and len(p) == 2 and all(map(rate, p))

@@ -1,0 +1,319 @@
+"""No spec, however malformed, gets past `load_spec` as anything but a `ConfigError` naming a field.
+
+A property test (hypothesis) mutates valid specs at random — any value replaced by one of another
+type, a required key deleted, an unknown key added at any depth, a mapping wrapped in a list —
+and checks that loading either succeeds with nothing non-finite in it, or raises ConfigError whose
+every problem starts with a field path. Then YAML's own oddities through the real CLI.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import re
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from rollout.config import RolloutSpec, spec_from_dict
+from rollout.errors import ConfigError
+
+#: Valid specs covering every backend kind and most optional sections.
+BASES: list[dict[str, Any]] = [
+    {
+        "name": "t",
+        "steps": [10, 50, 100],
+        "analysis": {
+            "interval_s": 10,
+            "min_requests": 100,
+            "max_step_duration_s": 600,
+            "latency": {"enabled": False},
+        },
+        "candidate": {"model": "diabetes", "version": "2", "sha256": "2" * 64},
+        "stable": {"model": "diabetes", "version": "1", "sha256": "1" * 64},
+        "state": {"kind": "memory"},
+        "metrics": {
+            "kind": "static",
+            "ticks": [{"blue": {"requests": 10, "errors": 1}, "green": {"requests": 90}}],
+            "history": {"green": {"requests": 900, "latency_buckets": [[5, 800], [50, 900]]}},
+        },
+    },
+    {
+        "name": "diabetes",
+        "router": {
+            "kind": "envoy",
+            "admin_url": "http://127.0.0.1:9901",
+            "routes_file": ".rollout/routes.yaml",
+        },
+        "metrics": {"kind": "prometheus", "url": "http://127.0.0.1:9090", "preset": "envoy"},
+        "steps": [0, 5, 25, 50, 100],
+        "mirror_percent": 5,
+        "analysis": {
+            "interval_s": 10,
+            "alpha": 0.05,
+            "errors": {"max_ratio": 2.0, "max_rate": 0.1, "negligible_rate": 0.001},
+            "latency": {"threshold": "slo", "slo_ms": 250, "max_slow_rate": 0.05},
+            "on_inconclusive": "hold",
+        },
+        "header": "x-api-version",
+        "candidate": {"model": "diabetes", "version": "2"},
+        "notify": {"url": "https://hooks.example.com/r", "phases": ["Paused", "Failed"]},
+    },
+    {
+        "name": "diabetes",
+        "router": {
+            "kind": "istio",
+            "namespace": "ml",
+            "app": "diabetes",
+            "hosts": ["diabetes.example.com"],
+        },
+        "metrics": {"kind": "prometheus", "preset": "istio"},
+        "candidate": {"model": "diabetes", "version": "2", "image": "registry/diabetes:2"},
+        "state": {"kind": "kubernetes", "namespace": "ml", "lease_ttl_s": 15},
+    },
+    {
+        "name": "diabetes-ridge",
+        "router": {
+            "kind": "azureml",
+            "subscription_id": "00000000-0000-0000-0000-000000000000",
+            "resource_group": "rg",
+            "workspace": "ws",
+            "endpoint": "diabetes-ridge",
+            "environment": "azureml:sklearn-env:1",
+        },
+        "metrics": {
+            "kind": "azuremonitor",
+            "workspace_id": "00000000-0000-0000-0000-000000000000",
+        },
+        "steps": [0, 10, 50, 100],
+        "mirror_percent": 10,
+    },
+    {
+        "name": "dry",
+        "router": {"kind": "memory"},
+        "metrics": {
+            "kind": "simulated",
+            "seed": 2,
+            "rps": [[0, 100], [60, 200]],
+            "baseline": {"error_rate": 0.001, "latency_ms": {"median": 20, "sigma": 0.4}},
+            "canary": {"error_rate": 0.01, "from_s": 30},
+        },
+        "steps": "seed",
+        "state": {"dir": "/tmp/x"},
+    },
+    {
+        "metrics": {
+            "kind": "prometheus",
+            "url": "https://prom.example.com",
+            "preset": "custom",
+            "queries": {"requests": "sum(r{c='{colour}'})", "errors": "sum(e{c='{colour}'})"},
+            "basic_auth": {"username": "u", "password_env": "P"},
+        },
+    },
+]
+
+#: Values of every type YAML can produce, and the edges of each.
+ODD_VALUES: list[Any] = [
+    None,
+    True,
+    False,
+    10**400,
+    -(10**400),
+    -1,
+    0,
+    1.5,
+    math.nan,
+    math.inf,
+    -math.inf,
+    "",
+    "x" * 5000,
+    "seed",
+    [],
+    [1, "a"],
+    {},
+    {"a": 1},
+    datetime.date(2024, 1, 1),
+    b"\xff",
+]
+
+#: A field path: dotted names, list indexes and union tags (`metrics.prometheus.url`).
+FIELD_PATH = re.compile(r"[\w-]+(\.[\w-]+)*|\(top level\)")
+
+
+def _paths(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every position in a parsed document (the root as ())."""
+    found = [path]
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found += _paths(value, (*path, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += _paths(value, (*path, index))
+    return found
+
+
+def _at(doc: Any, path: tuple[Any, ...]) -> Any:
+    for part in path:
+        doc = doc[part]
+    return doc
+
+
+@st.composite
+def mutated_specs(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid spec with one to three random mutations."""
+    doc: dict[str, Any] = copy.deepcopy(draw(st.sampled_from(BASES)))
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(_paths(doc)))
+        how = draw(st.sampled_from(["replace", "delete", "unknown-key", "wrap"]))
+        target = _at(doc, path)
+        if how == "replace" and path:
+            _at(doc, path[:-1])[path[-1]] = copy.deepcopy(draw(st.sampled_from(ODD_VALUES)))
+        elif how == "delete" and path and isinstance(_at(doc, path[:-1]), dict):
+            del _at(doc, path[:-1])[path[-1]]
+        elif how == "unknown-key" and isinstance(target, dict):
+            target[draw(st.sampled_from(["bogus", "Kind", "1"]))] = copy.deepcopy(
+                draw(st.sampled_from(ODD_VALUES))
+            )
+        elif how == "wrap" and path and isinstance(target, dict):
+            _at(doc, path[:-1])[path[-1]] = [target]
+    return doc
+
+
+def _finite(node: Any) -> bool:
+    if isinstance(node, float):
+        return math.isfinite(node)
+    if isinstance(node, dict):
+        return all(map(_finite, node.values()))
+    if isinstance(node, list | tuple):
+        return all(map(_finite, node))
+    return True
+
+
+@pytest.mark.parametrize("base", BASES, ids=lambda base: str(base.get("name", "no-name")))
+def test_the_bases_are_valid(base: dict[str, Any]) -> None:
+    assert isinstance(spec_from_dict(copy.deepcopy(base)), RolloutSpec)
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(mutated_specs())
+def test_a_mutated_spec_loads_or_names_its_fields(doc: dict[str, Any]) -> None:
+    try:
+        spec = spec_from_dict(copy.deepcopy(doc))
+    except ConfigError as exc:
+        message = str(exc)
+        assert "\n" not in message
+        assert FIELD_PATH.fullmatch(message.removeprefix("spec: ").partition(": ")[0]), message
+        try:
+            RolloutSpec.model_validate(doc)
+        except ValidationError as invalid:  # each problem at a field, not at a pydantic type
+            for err in invalid.errors():
+                where = ".".join(map(str, err["loc"])) or "(top level)"
+                assert FIELD_PATH.fullmatch(where), (where, message)
+        return
+    # What loads holds nothing that cannot be meant, and dumps to a spec that loads again.
+    dumped = spec.model_dump(mode="python")
+    assert _finite(dumped), dumped
+    written = spec.model_dump(mode="json")
+    assert spec_from_dict(copy.deepcopy(written)).model_dump(mode="json") == written
+
+
+def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(base)
+    *parents, last = path.split(".")
+    target = doc
+    for part in parents:
+        target = target.setdefault(part, {})
+    target[last] = value
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("base", "path", "value", "message"),
+    [
+        pytest.param(
+            BASES[0],
+            "analysis.interval_s",
+            math.inf,
+            "analysis.interval_s: Input should be a finite number",
+            id="interval-inf",  # reached time.sleep(inf) in the controller
+        ),
+        pytest.param(
+            BASES[1],
+            "router.timeout_s",
+            math.inf,
+            "router.envoy.timeout_s: Input should be a finite number",
+            id="timeout-inf",
+        ),
+        pytest.param(
+            BASES[0],
+            "analysis.latency",
+            {"history_s": math.nan},
+            "analysis.latency.history_s: Input should be a finite number",
+            id="history-nan",
+        ),
+        pytest.param(
+            BASES[4],
+            "metrics.buckets_ms",
+            [1, math.inf],
+            "metrics.simulated.buckets_ms.1: Input should be a finite number",
+            id="simulated-bucket-inf",
+        ),
+        pytest.param(
+            BASES[4],
+            "metrics.rps",
+            10**400,
+            "metrics.simulated.rps: Value error, expected requests per second",
+            id="rps-beyond-float",  # was two lines of pydantic's union
+        ),
+        pytest.param(
+            BASES[0],
+            "metrics.ticks",
+            [{"blue": {"requests": math.nan}}],
+            "metrics.static.ticks.0.blue.requests: Input should be a finite number",
+            id="tick-count-nan",  # was taken, and crashed the first observation (int(nan))
+        ),
+        pytest.param(
+            BASES[0],
+            "metrics.ticks",
+            [{"green": {"reqests": 5}}],
+            "metrics.static.ticks.0.green.reqests: Extra inputs are not permitted",
+            id="tick-count-typo",  # was a tick of 0 requests
+        ),
+        pytest.param(
+            BASES[0],
+            "metrics.history",
+            {"green": {"requests": 10, "latency_buckets": [[5, -1]]}},
+            "metrics.static.history.green.latency_buckets.0.1: Input should be greater than or "
+            "equal to 0",
+            id="history-bucket-negative",
+        ),
+    ],
+)
+def test_a_value_that_cannot_be_meant_is_named(
+    base: dict[str, Any], path: str, value: Any, message: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        spec_from_dict(_with(base, path, value))
+    assert str(raised.value).startswith(f"spec: {message}"), str(raised.value)
+
+
+def test_a_scripted_histogram_may_end_at_inf() -> None:
+    """Prometheus' last bucket is +Inf: a static tick may copy it (NaN stays refused)."""
+    buckets = [[0.05, 90], [math.inf, 100]]
+    spec = spec_from_dict(
+        _with(BASES[0], "metrics.history", {"green": {"latency_buckets": buckets}})
+    )
+    assert spec.metrics.history.green["latency_buckets"][-1] == (math.inf, 100)  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match=r"history\.green\.latency_buckets\.0\.0: Input should"):
+        spec_from_dict(
+            _with(BASES[0], "metrics.history", {"green": {"latency_buckets": [[math.nan, 1]]}})
+        )
