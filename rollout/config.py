@@ -25,6 +25,7 @@ and without, it is not analysed.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import math
 import re
@@ -756,13 +757,19 @@ class ReleaseConfig(_Model):
     @field_validator("version", mode="before")
     @classmethod
     def _quoted(cls, version: Any) -> Any:
-        """Not read as a number: YAML reads `version: 1.10` as 1.1."""
+        """Not read as a number: YAML reads `version: 1.10` as 1.1 (and 2024-01-01 as a date)."""
         if isinstance(version, int | float) and not isinstance(version, bool):
             raise PydanticCustomError(
                 "spec",
                 'read as the number {version}: quote the version (e.g. "2"; unquoted, YAML reads '
                 "1.10 as 1.1)",
                 {"version": str(version)},
+            )
+        if isinstance(version, datetime.date):
+            raise PydanticCustomError(
+                "spec",
+                'read as the date {version}: quote the version (e.g. "{version}")',
+                {"version": version.isoformat()},
             )
         return version
 
@@ -1130,9 +1137,11 @@ def load_spec(path: str | Path) -> RolloutSpec:
             f"offset {exc.start}); save it as UTF-8"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{path}: not a spec: collections nested too deeply") from None
     where = _boolean_key(data)
     if where is None:
         return spec_from_dict(data, source=str(path))
@@ -1145,6 +1154,87 @@ def load_spec(path: str | Path) -> RolloutSpec:
     except ConfigError as exc:
         raise ConfigError(f"{problem}\n{exc}") from None
     raise ConfigError(problem)
+
+
+#: Values aliases (`*name`) may add to a spec beyond those written: a spec repeats a section or
+#: two, a YAML bomb ("billion laughs": nine aliases of nine aliases ...) hundreds of millions.
+MAX_ALIASED_VALUES = 100_000
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing what it would take silently or choke on: a key given twice
+    in a mapping (the last would win unseen), an alias inside the value it names (a recursive
+    document), aliases expanding a small file into a huge document (billion laughs)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        """The document, once its aliases are known to expand to a spec-sized one."""
+        written, expanded = _node_counts(node)
+        if expanded - written > MAX_ALIASED_VALUES:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"aliases (*name) expand {written:,} values to {expanded:,}: refused, a spec "
+                f"repeats at most {MAX_ALIASED_VALUES:,}",
+                node.start_mark,
+            )
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """The mapping; ConstructorError at the second occurrence of a key."""
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: the keys given next to it override, on purpose
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, bool):
+                continue  # load_spec says which key YAML read as a boolean, in words
+            try:
+                seen = first.setdefault(key, key_node)
+            except TypeError:
+                continue  # unhashable: the base class says so
+            if seen is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first on line {seen.start_mark.line + 1}): "
+                    "give it once",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep)
+
+
+def _node_counts(root: yaml.Node) -> tuple[int, int]:
+    """The values of a composed document: as written, and with every alias expanded.
+
+    Iterative (a bomb's expansion is never walked, each node is counted once); ConstructorError
+    for a collection holding itself through an alias, which no spec field can take.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # the collections being counted: the current node's ancestors
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, counted = stack.pop()
+        children = _children(node)
+        if counted:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+        elif id(node) in open_nodes:
+            raise yaml.constructor.ConstructorError(
+                None, None, "an alias (*name) inside the value it names", node.start_mark
+            )
+        elif id(node) not in sizes:
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in children)
+    return len(sizes), sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:

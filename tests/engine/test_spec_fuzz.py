@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import copy
 import datetime
+import itertools
 import math
 import re
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
+from rollout.cli import app
+from rollout.commands.rollout import EXIT_ERROR
 from rollout.config import RolloutSpec, spec_from_dict
 from rollout.errors import ConfigError
 
@@ -317,3 +323,131 @@ def test_a_scripted_histogram_may_end_at_inf() -> None:
         spec_from_dict(
             _with(BASES[0], "metrics.history", {"green": {"latency_buckets": [[math.nan, 1]]}})
         )
+
+
+# ------------------------------------------------------------------------------ YAML, via the CLI
+
+runner = CliRunner()
+
+#: Nine lists of nine aliases of the one before: 28 values written, 490 million once expanded.
+BILLION_LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{name}: &{name} [{', '.join([f'*{before}'] * 9)}]\n"
+    for before, name in itertools.pairwise("abcdefghi")
+)
+
+
+def validate(path: Path) -> tuple[int, str]:
+    result = runner.invoke(app, ["rollout", "validate", str(path)])
+    return result.exit_code, " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            "name: a\nsteps: seed\nname: b\n",
+            "line 3, column 1: duplicate key 'name' (first on line 1): give it once",
+            id="duplicate-key",  # was: rollout b, silently
+        ),
+        pytest.param(
+            "analysis:\n  interval_s: 5\n  errors: {max_ratio: 3}\n  interval_s: 50\n",
+            "line 4, column 3: duplicate key 'interval_s' (first on line 2)",
+            id="duplicate-nested-key",
+        ),
+        pytest.param(
+            BILLION_LAUGHS,
+            "aliases (*name) expand 28 values to 490,329,064: refused",
+            id="billion-laughs",  # was: minutes of CPU, then all memory
+        ),
+        pytest.param(
+            "name: &a [*a]\n",
+            "line 1, column 7: an alias (*name) inside the value it names",
+            id="recursive-alias",  # was: RecursionError, a traceback
+        ),
+        pytest.param(
+            "name: " + "[" * 5000 + "]" * 5000 + "\n",
+            "not a spec: collections nested too deeply",
+            id="nested-too-deeply",  # was: RecursionError, a traceback
+        ),
+        pytest.param(
+            "candidate: {model: m, version: 2024-01-01}\n",
+            'candidate.version: read as the date 2024-01-01: quote the version (e.g. "2024-01-01")',
+            id="version-read-as-a-date",  # was: "Input should be a valid string"
+        ),
+        pytest.param(
+            "name: a\nanalysis:\n\tinterval_s: 5\n",
+            "line 3, column 1: found character '\\t' that cannot start any token",
+            id="tab-indent",
+        ),
+        pytest.param("- name: a\n", "expected a mapping at the top level", id="top-level-list"),
+        pytest.param("rollout\n", "expected a mapping at the top level", id="top-level-scalar"),
+        pytest.param("", "expected a mapping at the top level", id="empty-file"),
+        pytest.param(
+            "analysis: {interval_s: .inf}\n",
+            "analysis.interval_s: Input should be a finite number",
+            id="inf-interval",
+        ),
+        pytest.param(
+            "analysis: {alpha: .nan}\n",
+            "analysis.alpha: Input should be a finite number",
+            id="nan-alpha",
+        ),
+        pytest.param(
+            "candidate: {model: m, version: 1.10}\n",
+            "candidate.version: read as the number 1.1: quote the version",
+            id="version-read-as-a-number",
+        ),
+        pytest.param(
+            "on: [Failed]\n",
+            "top level: a key YAML reads as a boolean (an unquoted on, off, yes or no)",
+            id="on-key",
+        ),
+        pytest.param(
+            "analysis: {on_inconclusive: no}\n",
+            "analysis.on_inconclusive: Input should be 'hold' or 'rollback'",
+            id="no-value",
+        ),
+    ],
+)
+def test_validate_names_what_is_wrong_with_the_yaml(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text, "utf-8")
+    started = time.monotonic()
+    code, out = validate(spec)
+    assert time.monotonic() - started < 5
+    assert code == EXIT_ERROR, out
+    assert message in out
+    assert out.startswith(f"error: {spec}: ") and "Traceback" not in out
+
+
+def test_validate_refuses_a_file_not_in_utf8(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_bytes("name: diabète\n".encode("latin-1"))
+    code, out = validate(spec)
+    assert code == EXIT_ERROR
+    assert "not UTF-8 text (byte 0xe8 at offset 10); save it as UTF-8" in out
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(
+            "stable: &s {model: m, version: '1'}\ncandidate: {<<: *s, version: '2'}\n",
+            id="merge-key-overridden",  # not a duplicate: a key next to `<<` overrides on purpose
+        ),
+        pytest.param(
+            "metrics: {kind: static, ticks: [&t {blue: {requests: 5}, green: {requests: 50}}, "
+            + ", ".join(["*t"] * 2000)
+            + "]}\n",
+            id="aliases-within-the-limit",  # 14,000 values more: the limit is for bombs only
+        ),
+        pytest.param("analysis: {errors: {enabled: yes}, latency: {enabled: no}}\n", id="yes-no"),
+    ],
+)
+def test_validate_takes_yaml_a_spec_may_use(tmp_path: Path, text: str) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text, "utf-8")
+    code, out = validate(spec)
+    assert code == 0, out
