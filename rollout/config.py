@@ -98,6 +98,27 @@ def header_name(header: str) -> str:
 HeaderName = Annotated[str, AfterValidator(header_name)]
 
 
+def http_url(url: str) -> str:
+    """`url`; ValueError unless it is an http:// or https:// URL with a host (and a valid port)."""
+    if not url.startswith(("http://", "https://")) or any(
+        c.isspace() or not c.isprintable() for c in url
+    ):
+        raise ValueError(f"must be an http:// or https:// URL, got {url!r}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ValueError(f"not a usable URL ({exc}): {url!r}") from None
+    if not parts.hostname:
+        raise ValueError(f"has no host: {url!r}")
+    return url
+
+
+#: What the spec's clients (httpx, the kubernetes client) are pointed at: `prometheus:9090` or
+#: `127.0.0.1:9901` without a scheme loaded, then failed at the first request.
+HttpUrl = Annotated[str, AfterValidator(http_url)]
+
+
 def _refusing(problem: Callable[[Any], str | None]) -> AfterValidator:
     """A validator refusing what `problem` finds wrong with a value (None: nothing)."""
 
@@ -152,7 +173,7 @@ class EnvoyRouterConfig(_Model):
     """Local Envoy: route table from an RDS file replaced atomically; admin API to verify."""
 
     kind: Literal["envoy"] = "envoy"
-    admin_url: str = "http://127.0.0.1:9901"
+    admin_url: HttpUrl = "http://127.0.0.1:9901"
     routes_file: Path
     route_name: str = "aml_route"
     virtual_host: str = "aml"
@@ -185,7 +206,7 @@ class KubeApiConfig(_Model):
     `context`). One rule, in `rollout.kubeapi.api_client`.
     """
 
-    api_url: str | None = None
+    api_url: HttpUrl | None = None
     kubeconfig: Path | None = None
     context: str | None = None
     in_cluster: bool = False
@@ -372,6 +393,18 @@ RouterConfig = Annotated[
 # --------------------------------------------------------------------------------------- metrics
 
 
+def bucket_bounds(bounds: tuple[float, ...]) -> tuple[float, ...]:
+    """`bounds`; ValueError unless they can bound a latency histogram's buckets."""
+    if not bounds or any(not 0 < b < math.inf for b in bounds):
+        raise ValueError(f"needs positive, finite bounds, got {list(bounds)}")
+    if any(b <= a for a, b in itertools.pairwise(bounds)):
+        raise ValueError(f"bounds must increase strictly, got {list(bounds)}")
+    return bounds
+
+
+BucketBounds = Annotated[tuple[float, ...], AfterValidator(bucket_bounds)]
+
+
 class LatencyModel(_Model):
     """Lognormal latency: median in milliseconds and sigma of the underlying normal."""
 
@@ -454,7 +487,7 @@ class SimulatedMetricsConfig(_Model):
     rps: float | list[tuple[float, float]] = 10.0
     baseline: TrafficModel = Field(default_factory=TrafficModel)
     canary: TrafficModel | None = None
-    buckets_ms: tuple[float, ...] = ENVOY_BUCKETS_MS
+    buckets_ms: BucketBounds = ENVOY_BUCKETS_MS
 
     @field_validator("rps", mode="before")
     @classmethod
@@ -487,9 +520,9 @@ class PromQueries(_Model):
     the cumulative histogram series with an `le` label (one sample per bucket).
     """
 
-    requests: str
-    errors: str
-    latency_bucket: str | None = None
+    requests: str = Field(min_length=1)
+    errors: str = Field(min_length=1)
+    latency_bucket: str | None = Field(default=None, min_length=1)
 
 
 class PromBasicAuth(_Model):
@@ -522,7 +555,7 @@ class PrometheusMetricsConfig(_Model):
     """
 
     kind: Literal["prometheus"] = "prometheus"
-    url: str = "http://127.0.0.1:9090"
+    url: HttpUrl = "http://127.0.0.1:9090"
     preset: Literal["envoy", "istio", "custom"] = "envoy"
     queries: PromQueries | None = None
     #: Label values that identify each colour (Envoy cluster name, Istio destination workload...).
@@ -622,7 +655,7 @@ class AzureMonitorMetricsConfig(_Model):
     ]
     endpoint: str = Field(min_length=1)
     deployments: ColourNames = Field(default_factory=ColourNames)
-    buckets_ms: tuple[float, ...] = AZURE_LOG_BUCKETS_MS
+    buckets_ms: BucketBounds = AZURE_LOG_BUCKETS_MS
     #: The Logs query API (sovereign clouds have their own, e.g. https://api.loganalytics.azure.cn).
     logs_url: str = "https://api.loganalytics.io"
     timeout_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
@@ -637,15 +670,6 @@ class AzureMonitorMetricsConfig(_Model):
         if parts.scheme != "https" or not parts.hostname:
             raise ValueError(f"needs an https url (the query carries a token), got {url!r}")
         return url
-
-    @field_validator("buckets_ms")
-    @classmethod
-    def _increasing(cls, bounds: tuple[float, ...]) -> tuple[float, ...]:
-        if not bounds or any(not 0 < b < math.inf for b in bounds):
-            raise ValueError(f"needs positive, finite bounds, got {list(bounds)}")
-        if any(b <= a for a, b in itertools.pairwise(bounds)):
-            raise ValueError(f"bounds must increase strictly, got {list(bounds)}")
-        return bounds
 
 
 MetricsConfig = Annotated[
@@ -747,10 +771,10 @@ class AnalysisConfig(_Model):
 class ReleaseConfig(_Model):
     """A release as written in a spec (see `rollout.core.types.Release`)."""
 
-    model: str
-    version: str
+    model: str = Field(min_length=1)
+    version: str = Field(min_length=1)
     sha256: str = ""
-    image: str | None = None
+    image: str | None = Field(default=None, min_length=1)
     model_dir: str | None = None
     deployment: str | None = None
 
@@ -837,7 +861,7 @@ class NotifyConfig(_Model):
 
     #: Gets a JSON POST: `text` (one line, what Slack-style incoming webhooks show), `rollout`,
     #: `phase`, `reason`, `blue_weight`, `mirror_percent`, `candidate`, `stable`, `at`.
-    url: str
+    url: HttpUrl
     #: Phases to tell (any but Initializing). By default: the rollout ended, or it waits for a
     #: human.
     #: (Not `on`: YAML 1.1 reads a bare `on:` key as the boolean true.)
@@ -848,22 +872,6 @@ class NotifyConfig(_Model):
     #: Per attempt; a failed or slow webhook never holds up the rollout (two attempts, then a
     #: warning in the log).
     timeout_s: float = Field(default=5.0, gt=0, le=60)
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")) or any(
-            c.isspace() or not c.isprintable() for c in url
-        ):
-            raise ValueError(f"must be an http:// or https:// URL, got {url!r}")
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError as exc:
-            raise ValueError(f"not a usable URL ({exc}): {url!r}") from None
-        if not parts.hostname:
-            raise ValueError(f"has no host: {url!r}")
-        return url
 
     @field_validator("phases")
     @classmethod

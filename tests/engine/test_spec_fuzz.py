@@ -302,6 +302,65 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             "equal to 0",
             id="history-bucket-negative",
         ),
+        # Loaded, leaving the first request or deploy to fail on them:
+        pytest.param(
+            BASES[1],
+            "router.admin_url",
+            "127.0.0.1:9901",
+            "router.envoy.admin_url: Value error, must be an http:// or https:// URL, got "
+            "'127.0.0.1:9901'",
+            id="admin-url-without-scheme",
+        ),
+        pytest.param(
+            BASES[1],
+            "metrics.url",
+            "prometheus:9090",
+            "metrics.prometheus.url: Value error, must be an http:// or https:// URL",
+            id="prometheus-url-without-scheme",
+        ),
+        pytest.param(
+            BASES[2],
+            "router.api_url",
+            "localhost:8001",
+            "router.istio.api_url: Value error, must be an http:// or https:// URL",
+            id="api-url-without-scheme",
+        ),
+        pytest.param(
+            BASES[0],
+            "candidate.model",
+            "",
+            "candidate.model: String should have at least 1 character",
+            id="empty-model",  # was the release ":2"
+        ),
+        pytest.param(
+            BASES[0],
+            "stable.version",
+            "",
+            "stable.version: String should have at least 1 character",
+            id="empty-version",
+        ),
+        pytest.param(
+            BASES[2],
+            "candidate.image",
+            "",
+            "candidate.image: String should have at least 1 character",
+            id="empty-image",
+        ),
+        pytest.param(
+            BASES[5],
+            "metrics.queries.errors",
+            "",
+            "metrics.prometheus.queries.errors: String should have at least 1 character",
+            id="empty-query",
+        ),
+        pytest.param(
+            BASES[4],
+            "metrics.buckets_ms",
+            [50, 10],
+            "metrics.simulated.buckets_ms: Value error, bounds must increase strictly, got "
+            "[50.0, 10.0]",
+            id="simulated-buckets-decreasing",  # as azuremonitor's already were
+        ),
     ],
 )
 def test_a_value_that_cannot_be_meant_is_named(
