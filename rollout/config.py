@@ -482,7 +482,8 @@ class SimulatedMetricsConfig(_Model):
     """Seeded synthetic traffic split by the router's current weights (dry runs, benchmarks)."""
 
     kind: Literal["simulated"] = "simulated"
-    seed: int = 0
+    #: numpy's generators take no negative seed (`seed: -1` loaded, then crashed `run`).
+    seed: int = Field(default=0, ge=0)
     #: Total requests per second, or a step profile of [t_seconds, rps] points.
     rps: float | list[tuple[float, float]] = 10.0
     baseline: TrafficModel = Field(default_factory=TrafficModel)

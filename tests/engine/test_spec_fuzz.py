@@ -275,6 +275,13 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         ),
         pytest.param(
             BASES[4],
+            "metrics.seed",
+            -1,
+            "metrics.simulated.seed: Input should be greater than or equal to 0",
+            id="negative-seed",  # was a traceback from numpy at `rollout run`
+        ),
+        pytest.param(
+            BASES[4],
             "metrics.rps",
             10**400,
             "metrics.simulated.rps: Value error, expected requests per second",
