@@ -478,6 +478,11 @@ class StaticMetricsConfig(_Model):
     history: StaticTick | None = None
 
 
+#: Most requests per second a simulation draws (and latest t of a profile): numpy's Poisson
+#: draw of an interval's requests fails above ~1e19 (`rps: 1e18` loaded, then crashed `run`).
+MAX_SIMULATED_RATE = 1e9
+
+
 class SimulatedMetricsConfig(_Model):
     """Seeded synthetic traffic split by the router's current weights (dry runs, benchmarks)."""
 
@@ -498,7 +503,7 @@ class SimulatedMetricsConfig(_Model):
             if not isinstance(x, int | float) or isinstance(x, bool):
                 return False
             try:
-                return 0 <= float(x) < math.inf
+                return 0 <= float(x) <= MAX_SIMULATED_RATE
             except OverflowError:  # a whole number no float holds (10**400)
                 return False
 
@@ -508,8 +513,8 @@ class SimulatedMetricsConfig(_Model):
         if rate(rps) or (isinstance(rps, list) and rps and all(map(point, rps))):
             return rps
         raise ValueError(
-            f"expected requests per second (a number >= 0) or a profile of [t_seconds, rps] "
-            f"points (numbers >= 0), got {rps!r}"
+            f"expected requests per second (a number from 0 to {MAX_SIMULATED_RATE:.0e}) or a "
+            f"profile of [t_seconds, rps] points (numbers in the same range), got {rps!r}"
         )
 
 
@@ -685,13 +690,18 @@ MetricsConfig = Annotated[
 # -------------------------------------------------------------------------------------- analysis
 
 
+#: Largest relative margin: a canary this many times worse is no longer "not worse" in any
+#: sense, and far beyond it (1e16) the judge's shares round to 1 and its e-values to NaN.
+MAX_RATIO = 1000.0
+
+
 class ErrorCheck(_Model):
     """5xx responses of the canary against the baseline."""
 
     enabled: bool = True
     #: Relative margin: promotion needs evidence that canary rate < max_ratio × baseline rate,
     #: and the sequential test hunts for any ratio > 1.
-    max_ratio: float = Field(default=2.0, gt=1)
+    max_ratio: float = Field(default=2.0, gt=1, le=MAX_RATIO)
     #: Absolute guard: roll back at once when the canary's error rate is confidently above this.
     max_rate: float | None = Field(default=0.1, gt=0, le=1)
     #: An error rate this low is fine whatever the baseline does: promotion needs evidence that
@@ -712,7 +722,7 @@ class LatencyCheck(_Model):
     #: 500 green requests in the window; otherwise, or with 0, the first step's are used).
     history_s: float = Field(default=600.0, ge=0)
     slo_ms: float | None = Field(default=None, gt=0)
-    max_ratio: float = Field(default=2.0, gt=1)
+    max_ratio: float = Field(default=2.0, gt=1, le=MAX_RATIO)
     #: Absolute guard on the canary's share of requests above the SLO bucket (needs `slo_ms`).
     max_slow_rate: float | None = Field(default=None, gt=0, le=1)
     #: A share of slow requests this low is fine whatever the baseline does (as for errors; it

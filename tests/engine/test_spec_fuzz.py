@@ -309,6 +309,28 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             "equal to 0",
             id="history-bucket-negative",
         ),
+        pytest.param(
+            BASES[4],
+            "metrics.rps",
+            1e18,
+            "metrics.simulated.rps: Value error, expected requests per second (a number from 0 "
+            "to 1e+09)",
+            id="rps-beyond-numpy",  # was a traceback from numpy's Poisson draw at `rollout run`
+        ),
+        pytest.param(
+            BASES[0],
+            "analysis.errors",
+            {"max_ratio": 1e300},
+            "analysis.errors.max_ratio: Input should be less than or equal to 1000",
+            id="error-margin-absurd",  # was NaN in the judge's e-values
+        ),
+        pytest.param(
+            BASES[1],
+            "analysis.latency.max_ratio",
+            1e17,
+            "analysis.latency.max_ratio: Input should be less than or equal to 1000",
+            id="latency-margin-absurd",
+        ),
         # Loaded, leaving the first request or deploy to fail on them:
         pytest.param(
             BASES[1],
