@@ -79,8 +79,12 @@ ENVOY_BUCKETS_MS: tuple[float, ...] = (
 
 class _Model(BaseModel):
     # No field means anything by .inf or .nan: a timeout or an interval of .inf would reach
-    # time.sleep and httpx, a NaN compares false with every bound a validator checks.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # time.sleep and httpx, a NaN compares false with every bound a validator checks. The one
+    # exception, a static tick's +Inf bucket, dumps as .inf (pydantic's default, null, would
+    # not load again).
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, ser_json_inf_nan="constants"
+    )
 
 
 #: An HTTP header name: a token of RFC 9110 (letters, digits and !#$%&'*+-.^_`|~).
@@ -430,6 +434,18 @@ class TickCounts(_Model):
     latency_buckets: list[
         tuple[Annotated[float, Field(gt=0, allow_inf_nan=True)], Annotated[int, Field(ge=0)]]
     ] = Field(default_factory=list)
+
+    @field_validator("latency_buckets")
+    @classmethod
+    def _cumulative(cls, buckets: list[tuple[float, int]]) -> list[tuple[float, int]]:
+        """A cumulative histogram: bounds increase, counts never decrease."""
+        for (bound, count), (next_bound, next_count) in itertools.pairwise(buckets):
+            if next_bound <= bound or next_count < count:
+                raise ValueError(
+                    "a cumulative histogram's bounds increase and its counts never decrease, "
+                    f"got {[bound, count]} then {[next_bound, next_count]}"
+                )
+        return buckets
 
 
 class StaticTick(_Model):

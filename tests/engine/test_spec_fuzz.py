@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -190,10 +191,15 @@ def mutated_specs(draw: st.DrawFn) -> dict[str, Any]:
 
 
 def _finite(node: Any) -> bool:
+    """No inf or NaN in a dumped spec (but a histogram's last bound: Prometheus' +Inf)."""
     if isinstance(node, float):
         return math.isfinite(node)
     if isinstance(node, dict):
-        return all(map(_finite, node.values()))
+        buckets = node.get("latency_buckets", [])
+        return all(map(_finite, [v for k, v in node.items() if k != "latency_buckets"])) and all(
+            _finite(count) and (_finite(bound) or (i == len(buckets) - 1 and bound == math.inf))
+            for i, (bound, count) in enumerate(buckets)
+        )
     if isinstance(node, list | tuple):
         return all(map(_finite, node))
     return True
@@ -331,6 +337,14 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             "analysis.latency.max_ratio: Input should be less than or equal to 1000",
             id="latency-margin-absurd",
         ),
+        pytest.param(
+            BASES[0],
+            "metrics.history",
+            {"green": {"latency_buckets": [[math.inf, 800], [0.05, 900]]}},
+            "metrics.static.history.green.latency_buckets: Value error, a cumulative histogram's "
+            "bounds increase and its counts never decrease, got [inf, 800] then [0.05, 900]",
+            id="history-buckets-out-of-order",
+        ),
         # Loaded, leaving the first request or deploy to fail on them:
         pytest.param(
             BASES[1],
@@ -407,6 +421,9 @@ def test_a_scripted_histogram_may_end_at_inf() -> None:
         _with(BASES[0], "metrics.history", {"green": {"latency_buckets": buckets}})
     )
     assert spec.metrics.history.green["latency_buckets"][-1] == (math.inf, 100)  # type: ignore[union-attr]
+    written = yaml.safe_dump(spec.model_dump(mode="json"))  # as `aml-rollout up` writes a spec
+    again = spec_from_dict(yaml.safe_load(written)).metrics
+    assert again == spec.metrics  # was null for .inf: not a bound
     with pytest.raises(ConfigError, match=r"history\.green\.latency_buckets\.0\.0: Input should"):
         spec_from_dict(
             _with(BASES[0], "metrics.history", {"green": {"latency_buckets": [[math.nan, 1]]}})
