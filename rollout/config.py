@@ -1144,9 +1144,18 @@ class RolloutSpec(_Model):
 def _format(exc: ValidationError) -> str:
     problems = []
     for err in exc.errors():
-        where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        where = ".".join(map(_loc_part, err["loc"])) or "(top level)"
         problems.append(f"{where}: {err['msg']}")
     return "; ".join(problems)
+
+
+def _loc_part(part: str | int) -> str:
+    """A part of a field path; an unknown key that is no plain word quoted (a key YAML read
+    from `? |` holds a newline, which would break the one-line message)."""
+    text = str(part)
+    return (
+        text if text and text.isprintable() and not any(c.isspace() for c in text) else repr(text)
+    )
 
 
 def spec_from_dict(data: Any, *, source: str = "spec") -> RolloutSpec:
@@ -1196,6 +1205,15 @@ def load_spec(path: str | Path) -> RolloutSpec:
 MAX_ALIASED_VALUES = 100_000
 
 
+#: What a YAML tag a plain value may resolve to reads as, in words.
+_TAG_KINDS = {
+    "tag:yaml.org,2002:timestamp": "a date",
+    "tag:yaml.org,2002:int": "a whole number",
+    "tag:yaml.org,2002:float": "a number",
+    "tag:yaml.org,2002:bool": "a boolean",
+}
+
+
 class _SpecLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing what it would take silently or choke on: a key given twice
     in a mapping (the last would win unseen), an alias inside the value it names (a recursive
@@ -1214,8 +1232,25 @@ class _SpecLoader(yaml.SafeLoader):
             )
         return super().construct_document(node)
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """The node's value; ConstructorError where PyYAML's constructors fail on its text with
+        a bare exception (`2024-13-45` looks like a date and is none, `!!int abc`, `0x_`)."""
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, AttributeError, LookupError, ArithmeticError) as exc:
+            kind = _TAG_KINDS.get(node.tag, node.tag.rpartition(":")[2])
+            text = repr(node.value) if isinstance(node, yaml.ScalarNode) else "this value"
+            # Only the date's reason is worth reading ("month must be in 1..12"); the others
+            # are PyYAML's internals ("'NoneType' object has no attribute 'groupdict'").
+            why = f" ({exc})" if kind == "a date" and isinstance(exc, ValueError) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{text} is not {kind}{why}; quote it if it is text", node.start_mark
+            ) from None
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         """The mapping; ConstructorError at the second occurrence of a key."""
+        if not isinstance(node, yaml.MappingNode):  # e.g. `!!set [a]`: the base class says so
+            return super().construct_mapping(node, deep)
         first: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":

@@ -13,6 +13,7 @@ import datetime
 import itertools
 import math
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from typer.testing import CliRunner
 
 from rollout.cli import app
 from rollout.commands.rollout import EXIT_ERROR
-from rollout.config import RolloutSpec, spec_from_dict
+from rollout.config import RolloutSpec, load_spec, spec_from_dict
 from rollout.errors import ConfigError
 
 #: Valid specs covering every backend kind and most optional sections.
@@ -480,6 +481,32 @@ def validate(path: Path) -> tuple[int, str]:
             id="version-read-as-a-date",  # was: "Input should be a valid string"
         ),
         pytest.param(
+            "name: 2024-13-45\n",
+            "line 1, column 7: '2024-13-45' is not a date (month must be in 1..12); quote it if "
+            "it is text",
+            id="no-such-date",  # was a ValueError traceback from PyYAML's date constructor
+        ),
+        pytest.param(
+            "name: 0x_\n",
+            "line 1, column 7: '0x_' is not a whole number; quote it if it is text",
+            id="hex-without-digits",  # was a ValueError traceback
+        ),
+        pytest.param(
+            "name: !!int\n",
+            "line 1, column 7: '' is not a whole number",
+            id="empty-int-tag",  # was an IndexError traceback
+        ),
+        pytest.param(
+            "name: !!set [a]\n",
+            "line 1, column 7: expected a mapping node, but found sequence",
+            id="set-of-a-list",
+        ),
+        pytest.param(
+            "? |\n  two\n  lines\n: 1\n",
+            "'two\\nlines\\n': Extra inputs are not permitted",
+            id="key-with-a-newline",  # was a message of three lines
+        ),
+        pytest.param(
             "name: a\nanalysis:\n\tinterval_s: 5\n",
             "line 3, column 1: found character '\\t' that cannot start any token",
             id="tab-indent",
@@ -556,3 +583,26 @@ def test_validate_takes_yaml_a_spec_may_use(tmp_path: Path, text: str) -> None:
     spec.write_text(text, "utf-8")
     code, out = validate(spec)
     assert code == 0, out
+
+
+#: Pieces of YAML that reach PyYAML's less travelled paths: tags, anchors, odd scalars.
+YAML_PIECES = [
+    *["name: ", "steps: ", "analysis:\n  ", "metrics: {kind: static, ticks: [", "candidate: "],
+    *["!!int ", "!!float ", "!!timestamp ", "!!bool ", "!!set ", "!!binary ", "!!str ", "!foo "],
+    *["&a ", "*a", "<<: ", "? ", "- ", "|\n  ", ">-\n  ", "---\n", "%YAML 1.1\n"],
+    *["2024-01-01", "2024-13-45", "1.10", ".inf", ".nan", "0x", "0x_", "1_0", "1e400", "190:20:30"],
+    *["yes", "on", "~", "'", '"', "\t", "\n", "  ", ": ", ", ", "[", "]", "{", "}", "#", "\ufeff"],
+]
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(st.lists(st.one_of(st.sampled_from(YAML_PIECES), st.text(max_size=4)), max_size=25))
+def test_any_text_loads_or_is_one_config_error(pieces: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        spec = Path(folder) / "spec.yaml"
+        spec.write_bytes("".join(pieces).encode("utf-8", "surrogatepass"))
+        try:
+            load_spec(spec)
+        except ConfigError as exc:
+            # One line, but for a key YAML read as a boolean: that line, then the other problems.
+            assert "\n" not in str(exc) or "reads as a boolean" in str(exc), str(exc)
