@@ -933,6 +933,9 @@ def _raw_sections(
 
 #: A rollout's name: it names its files, and the kubernetes store's objects (kubenames).
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9_.]*[a-z0-9])?")
+#: Longest name: `.<name>.status.<pid>.tmp` (state/file.py) must fit a file name's 255 bytes
+#: (`run` failed at the lease with "File name too long" after `validate` said ok).
+MAX_NAME = 200
 
 
 class RolloutSpec(_Model):
@@ -1025,6 +1028,13 @@ class RolloutSpec(_Model):
                 "use lower-case letters, digits, '-', '_' and '.', beginning and ending with a "
                 "letter or digit; got {name}",
                 {"name": repr(name)},
+            )
+        if len(name) > MAX_NAME:
+            raise PydanticCustomError(
+                "spec",
+                "at most {most} characters, got {length}: it names the rollout's files "
+                "(`.<name>.status.<pid>.tmp` the longest), and a file name holds 255 bytes",
+                {"most": MAX_NAME, "length": len(name)},
             )
         return name
 

@@ -348,6 +348,13 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             "bounds increase and its counts never decrease, got [inf, 800] then [0.05, 900]",
             id="history-buckets-out-of-order",
         ),
+        pytest.param(
+            BASES[0],
+            "name",
+            "x" * 201,
+            "name: at most 200 characters, got 201: it names the rollout's files",
+            id="name-too-long-for-a-file",  # was "File name too long" at `rollout run`
+        ),
         # Loaded, leaving the first request or deploy to fail on them:
         pytest.param(
             BASES[1],
