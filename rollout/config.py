@@ -144,8 +144,8 @@ KubeHosts = Annotated[list[str], _refusing(hosts_problem)]
 class ColourNames(_Model):
     """A name per colour (a cluster, a Service, a deployment, a label value)."""
 
-    blue: str = Colour.BLUE.value
-    green: str = Colour.GREEN.value
+    blue: str = Field(default=Colour.BLUE.value, min_length=1)
+    green: str = Field(default=Colour.GREEN.value, min_length=1)
 
     def of(self, colour: Colour) -> str:
         """The name of one colour."""
@@ -179,9 +179,12 @@ class EnvoyRouterConfig(_Model):
     kind: Literal["envoy"] = "envoy"
     admin_url: HttpUrl = "http://127.0.0.1:9901"
     routes_file: Path
-    route_name: str = "aml_route"
-    virtual_host: str = "aml"
-    domains: list[str] = Field(default_factory=lambda: ["*"])
+    # Envoy requires a virtual host's name and a domain; a nameless route table is no RDS name.
+    route_name: str = Field(default="aml_route", min_length=1)
+    virtual_host: str = Field(default="aml", min_length=1)
+    domains: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["*"], min_length=1
+    )
     clusters: ColourNames = Field(default_factory=ColourNames)
     pinned_clusters: ColourNames = Field(
         default_factory=lambda: ColourNames(blue="blue-pinned", green="green-pinned")

@@ -358,6 +358,27 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         # Loaded, leaving the first request or deploy to fail on them:
         pytest.param(
             BASES[1],
+            "router.domains",
+            [],
+            "router.envoy.domains: List should have at least 1 item",
+            id="envoy-without-domains",
+        ),
+        pytest.param(
+            BASES[1],
+            "router.clusters",
+            {"blue": ""},
+            "router.envoy.clusters.blue: String should have at least 1 character",
+            id="envoy-cluster-unnamed",
+        ),
+        pytest.param(
+            BASES[1],
+            "metrics.labels",
+            {"green": ""},
+            "metrics.prometheus.labels.green: String should have at least 1 character",
+            id="prometheus-label-empty",
+        ),
+        pytest.param(
+            BASES[1],
             "router.admin_url",
             "127.0.0.1:9901",
             "router.envoy.admin_url: Value error, must be an http:// or https:// URL, got "
