@@ -25,6 +25,7 @@ and without, it is not analysed.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import math
 import re
@@ -77,7 +78,13 @@ ENVOY_BUCKETS_MS: tuple[float, ...] = (
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No field means anything by .inf or .nan: a timeout or an interval of .inf would reach
+    # time.sleep and httpx, a NaN compares false with every bound a validator checks. The one
+    # exception, a static tick's +Inf bucket, dumps as .inf (pydantic's default, null, would
+    # not load again).
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, ser_json_inf_nan="constants"
+    )
 
 
 #: An HTTP header name: a token of RFC 9110 (letters, digits and !#$%&'*+-.^_`|~).
@@ -93,6 +100,27 @@ def header_name(header: str) -> str:
 
 
 HeaderName = Annotated[str, AfterValidator(header_name)]
+
+
+def http_url(url: str) -> str:
+    """`url`; ValueError unless it is an http:// or https:// URL with a host (and a valid port)."""
+    if not url.startswith(("http://", "https://")) or any(
+        c.isspace() or not c.isprintable() for c in url
+    ):
+        raise ValueError(f"must be an http:// or https:// URL, got {url!r}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ValueError(f"not a usable URL ({exc}): {url!r}") from None
+    if not parts.hostname:
+        raise ValueError(f"has no host: {url!r}")
+    return url
+
+
+#: What the spec's clients (httpx, the kubernetes client) are pointed at: `prometheus:9090` or
+#: `127.0.0.1:9901` without a scheme loaded, then failed at the first request.
+HttpUrl = Annotated[str, AfterValidator(http_url)]
 
 
 def _refusing(problem: Callable[[Any], str | None]) -> AfterValidator:
@@ -116,8 +144,8 @@ KubeHosts = Annotated[list[str], _refusing(hosts_problem)]
 class ColourNames(_Model):
     """A name per colour (a cluster, a Service, a deployment, a label value)."""
 
-    blue: str = Colour.BLUE.value
-    green: str = Colour.GREEN.value
+    blue: str = Field(default=Colour.BLUE.value, min_length=1)
+    green: str = Field(default=Colour.GREEN.value, min_length=1)
 
     def of(self, colour: Colour) -> str:
         """The name of one colour."""
@@ -149,11 +177,14 @@ class EnvoyRouterConfig(_Model):
     """Local Envoy: route table from an RDS file replaced atomically; admin API to verify."""
 
     kind: Literal["envoy"] = "envoy"
-    admin_url: str = "http://127.0.0.1:9901"
+    admin_url: HttpUrl = "http://127.0.0.1:9901"
     routes_file: Path
-    route_name: str = "aml_route"
-    virtual_host: str = "aml"
-    domains: list[str] = Field(default_factory=lambda: ["*"])
+    # Envoy requires a virtual host's name and a domain; a nameless route table is no RDS name.
+    route_name: str = Field(default="aml_route", min_length=1)
+    virtual_host: str = Field(default="aml", min_length=1)
+    domains: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["*"], min_length=1
+    )
     clusters: ColourNames = Field(default_factory=ColourNames)
     pinned_clusters: ColourNames = Field(
         default_factory=lambda: ColourNames(blue="blue-pinned", green="green-pinned")
@@ -182,7 +213,7 @@ class KubeApiConfig(_Model):
     `context`). One rule, in `rollout.kubeapi.api_client`.
     """
 
-    api_url: str | None = None
+    api_url: HttpUrl | None = None
     kubeconfig: Path | None = None
     context: str | None = None
     in_cluster: bool = False
@@ -369,6 +400,18 @@ RouterConfig = Annotated[
 # --------------------------------------------------------------------------------------- metrics
 
 
+def bucket_bounds(bounds: tuple[float, ...]) -> tuple[float, ...]:
+    """`bounds`; ValueError unless they can bound a latency histogram's buckets."""
+    if not bounds or any(not 0 < b < math.inf for b in bounds):
+        raise ValueError(f"needs positive, finite bounds, got {list(bounds)}")
+    if any(b <= a for a, b in itertools.pairwise(bounds)):
+        raise ValueError(f"bounds must increase strictly, got {list(bounds)}")
+    return bounds
+
+
+BucketBounds = Annotated[tuple[float, ...], AfterValidator(bucket_bounds)]
+
+
 class LatencyModel(_Model):
     """Lognormal latency: median in milliseconds and sigma of the underlying normal."""
 
@@ -385,12 +428,64 @@ class TrafficModel(_Model):
     from_s: float = Field(default=0.0, ge=0)
 
 
+class TickCounts(_Model):
+    """One colour's cumulative counts in a scripted observation (`StaticTick`)."""
+
+    requests: int = Field(default=0, ge=0)
+    errors: int = Field(default=0, ge=0)
+    #: [upper bound in seconds, cumulative count] per histogram bucket; `.inf` is Prometheus' +Inf.
+    latency_buckets: list[
+        tuple[Annotated[float, Field(gt=0, allow_inf_nan=True)], Annotated[int, Field(ge=0)]]
+    ] = Field(default_factory=list)
+
+    @field_validator("latency_buckets")
+    @classmethod
+    def _cumulative(cls, buckets: list[tuple[float, int]]) -> list[tuple[float, int]]:
+        """A cumulative histogram: bounds increase, counts never decrease."""
+        for (bound, count), (next_bound, next_count) in itertools.pairwise(buckets):
+            if next_bound <= bound or next_count < count:
+                raise ValueError(
+                    "a cumulative histogram's bounds increase and its counts never decrease, "
+                    f"got {[bound, count]} then {[next_bound, next_count]}"
+                )
+        return buckets
+
+
 class StaticTick(_Model):
-    """One scripted observation: cumulative counts per colour (or an outage)."""
+    """One scripted observation: cumulative counts per colour (or an outage).
+
+    The counts stay mappings (`rollout.metrics.static` reads them so), checked as `TickCounts`:
+    a typo or a count that is no number is an error naming it, not a tick counted as 0 or a
+    crash at the first observation.
+    """
 
     blue: dict[str, Any] = Field(default_factory=dict)
     green: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _counts(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        checked, problems = dict(data), []
+        for colour in ("blue", "green"):
+            if not isinstance(counts := data.get(colour), dict):
+                continue  # pydantic says what it expects
+            try:
+                checked[colour] = TickCounts.model_validate(counts).model_dump(exclude_unset=True)
+            except ValidationError as exc:
+                problems += [
+                    InitErrorDetails(
+                        type=PydanticCustomError("spec", "{problem}", {"problem": err["msg"]}),
+                        loc=(colour, *err["loc"]),
+                        input=err["input"],
+                    )
+                    for err in exc.errors()
+                ]
+        if problems:
+            raise ValidationError.from_exception_data(cls.__name__, problems)
+        return checked
 
 
 class StaticMetricsConfig(_Model):
@@ -402,23 +497,34 @@ class StaticMetricsConfig(_Model):
     history: StaticTick | None = None
 
 
+#: Most requests per second a simulation draws (and latest t of a profile): numpy's Poisson
+#: draw of an interval's requests fails above ~1e19 (`rps: 1e18` loaded, then crashed `run`).
+MAX_SIMULATED_RATE = 1e9
+
+
 class SimulatedMetricsConfig(_Model):
     """Seeded synthetic traffic split by the router's current weights (dry runs, benchmarks)."""
 
     kind: Literal["simulated"] = "simulated"
-    seed: int = 0
+    #: numpy's generators take no negative seed (`seed: -1` loaded, then crashed `run`).
+    seed: int = Field(default=0, ge=0)
     #: Total requests per second, or a step profile of [t_seconds, rps] points.
     rps: float | list[tuple[float, float]] = 10.0
     baseline: TrafficModel = Field(default_factory=TrafficModel)
     canary: TrafficModel | None = None
-    buckets_ms: tuple[float, ...] = ENVOY_BUCKETS_MS
+    buckets_ms: BucketBounds = ENVOY_BUCKETS_MS
 
     @field_validator("rps", mode="before")
     @classmethod
     def _rates(cls, rps: Any) -> Any:
         # Before pydantic's own checks, whose union of two types would say everything twice.
         def rate(x: Any) -> bool:
-            return isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x < math.inf
+            if not isinstance(x, int | float) or isinstance(x, bool):
+                return False
+            try:
+                return 0 <= float(x) <= MAX_SIMULATED_RATE
+            except OverflowError:  # a whole number no float holds (10**400)
+                return False
 
         def point(p: Any) -> bool:
             return isinstance(p, list | tuple) and len(p) == 2 and all(map(rate, p))
@@ -426,8 +532,8 @@ class SimulatedMetricsConfig(_Model):
         if rate(rps) or (isinstance(rps, list) and rps and all(map(point, rps))):
             return rps
         raise ValueError(
-            f"expected requests per second (a number >= 0) or a profile of [t_seconds, rps] "
-            f"points (numbers >= 0), got {rps!r}"
+            f"expected requests per second (a number from 0 to {MAX_SIMULATED_RATE:.0e}) or a "
+            f"profile of [t_seconds, rps] points (numbers in the same range), got {rps!r}"
         )
 
 
@@ -439,9 +545,9 @@ class PromQueries(_Model):
     the cumulative histogram series with an `le` label (one sample per bucket).
     """
 
-    requests: str
-    errors: str
-    latency_bucket: str | None = None
+    requests: str = Field(min_length=1)
+    errors: str = Field(min_length=1)
+    latency_bucket: str | None = Field(default=None, min_length=1)
 
 
 class PromBasicAuth(_Model):
@@ -474,7 +580,7 @@ class PrometheusMetricsConfig(_Model):
     """
 
     kind: Literal["prometheus"] = "prometheus"
-    url: str = "http://127.0.0.1:9090"
+    url: HttpUrl = "http://127.0.0.1:9090"
     preset: Literal["envoy", "istio", "custom"] = "envoy"
     queries: PromQueries | None = None
     #: Label values that identify each colour (Envoy cluster name, Istio destination workload...).
@@ -574,7 +680,7 @@ class AzureMonitorMetricsConfig(_Model):
     ]
     endpoint: str = Field(min_length=1)
     deployments: ColourNames = Field(default_factory=ColourNames)
-    buckets_ms: tuple[float, ...] = AZURE_LOG_BUCKETS_MS
+    buckets_ms: BucketBounds = AZURE_LOG_BUCKETS_MS
     #: The Logs query API (sovereign clouds have their own, e.g. https://api.loganalytics.azure.cn).
     logs_url: str = "https://api.loganalytics.io"
     timeout_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
@@ -590,15 +696,6 @@ class AzureMonitorMetricsConfig(_Model):
             raise ValueError(f"needs an https url (the query carries a token), got {url!r}")
         return url
 
-    @field_validator("buckets_ms")
-    @classmethod
-    def _increasing(cls, bounds: tuple[float, ...]) -> tuple[float, ...]:
-        if not bounds or any(not 0 < b < math.inf for b in bounds):
-            raise ValueError(f"needs positive, finite bounds, got {list(bounds)}")
-        if any(b <= a for a, b in itertools.pairwise(bounds)):
-            raise ValueError(f"bounds must increase strictly, got {list(bounds)}")
-        return bounds
-
 
 MetricsConfig = Annotated[
     StaticMetricsConfig
@@ -612,13 +709,18 @@ MetricsConfig = Annotated[
 # -------------------------------------------------------------------------------------- analysis
 
 
+#: Largest relative margin: a canary this many times worse is no longer "not worse" in any
+#: sense, and far beyond it (1e16) the judge's shares round to 1 and its e-values to NaN.
+MAX_RATIO = 1000.0
+
+
 class ErrorCheck(_Model):
     """5xx responses of the canary against the baseline."""
 
     enabled: bool = True
     #: Relative margin: promotion needs evidence that canary rate < max_ratio × baseline rate,
     #: and the sequential test hunts for any ratio > 1.
-    max_ratio: float = Field(default=2.0, gt=1)
+    max_ratio: float = Field(default=2.0, gt=1, le=MAX_RATIO)
     #: Absolute guard: roll back at once when the canary's error rate is confidently above this.
     max_rate: float | None = Field(default=0.1, gt=0, le=1)
     #: An error rate this low is fine whatever the baseline does: promotion needs evidence that
@@ -639,7 +741,7 @@ class LatencyCheck(_Model):
     #: 500 green requests in the window; otherwise, or with 0, the first step's are used).
     history_s: float = Field(default=600.0, ge=0)
     slo_ms: float | None = Field(default=None, gt=0)
-    max_ratio: float = Field(default=2.0, gt=1)
+    max_ratio: float = Field(default=2.0, gt=1, le=MAX_RATIO)
     #: Absolute guard on the canary's share of requests above the SLO bucket (needs `slo_ms`).
     max_slow_rate: float | None = Field(default=None, gt=0, le=1)
     #: A share of slow requests this low is fine whatever the baseline does (as for errors; it
@@ -699,23 +801,29 @@ class AnalysisConfig(_Model):
 class ReleaseConfig(_Model):
     """A release as written in a spec (see `rollout.core.types.Release`)."""
 
-    model: str
-    version: str
+    model: str = Field(min_length=1)
+    version: str = Field(min_length=1)
     sha256: str = ""
-    image: str | None = None
+    image: str | None = Field(default=None, min_length=1)
     model_dir: str | None = None
     deployment: str | None = None
 
     @field_validator("version", mode="before")
     @classmethod
     def _quoted(cls, version: Any) -> Any:
-        """Not read as a number: YAML reads `version: 1.10` as 1.1."""
+        """Not read as a number: YAML reads `version: 1.10` as 1.1 (and 2024-01-01 as a date)."""
         if isinstance(version, int | float) and not isinstance(version, bool):
             raise PydanticCustomError(
                 "spec",
                 'read as the number {version}: quote the version (e.g. "2"; unquoted, YAML reads '
                 "1.10 as 1.1)",
                 {"version": str(version)},
+            )
+        if isinstance(version, datetime.date):
+            raise PydanticCustomError(
+                "spec",
+                'read as the date {version}: quote the version (e.g. "{version}")',
+                {"version": version.isoformat()},
             )
         return version
 
@@ -783,7 +891,7 @@ class NotifyConfig(_Model):
 
     #: Gets a JSON POST: `text` (one line, what Slack-style incoming webhooks show), `rollout`,
     #: `phase`, `reason`, `blue_weight`, `mirror_percent`, `candidate`, `stable`, `at`.
-    url: str
+    url: HttpUrl
     #: Phases to tell (any but Initializing). By default: the rollout ended, or it waits for a
     #: human.
     #: (Not `on`: YAML 1.1 reads a bare `on:` key as the boolean true.)
@@ -794,22 +902,6 @@ class NotifyConfig(_Model):
     #: Per attempt; a failed or slow webhook never holds up the rollout (two attempts, then a
     #: warning in the log).
     timeout_s: float = Field(default=5.0, gt=0, le=60)
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")) or any(
-            c.isspace() or not c.isprintable() for c in url
-        ):
-            raise ValueError(f"must be an http:// or https:// URL, got {url!r}")
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError as exc:
-            raise ValueError(f"not a usable URL ({exc}): {url!r}") from None
-        if not parts.hostname:
-            raise ValueError(f"has no host: {url!r}")
-        return url
 
     @field_validator("phases")
     @classmethod
@@ -844,6 +936,9 @@ def _raw_sections(
 
 #: A rollout's name: it names its files, and the kubernetes store's objects (kubenames).
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9_.]*[a-z0-9])?")
+#: Longest name: `.<name>.status.<pid>.tmp` (state/file.py) must fit a file name's 255 bytes
+#: (`run` failed at the lease with "File name too long" after `validate` said ok).
+MAX_NAME = 200
 
 
 class RolloutSpec(_Model):
@@ -936,6 +1031,13 @@ class RolloutSpec(_Model):
                 "use lower-case letters, digits, '-', '_' and '.', beginning and ending with a "
                 "letter or digit; got {name}",
                 {"name": repr(name)},
+            )
+        if len(name) > MAX_NAME:
+            raise PydanticCustomError(
+                "spec",
+                "at most {most} characters, got {length}: it names the rollout's files "
+                "(`.<name>.status.<pid>.tmp` the longest), and a file name holds 255 bytes",
+                {"most": MAX_NAME, "length": len(name)},
             )
         return name
 
@@ -1055,9 +1157,18 @@ class RolloutSpec(_Model):
 def _format(exc: ValidationError) -> str:
     problems = []
     for err in exc.errors():
-        where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        where = ".".join(map(_loc_part, err["loc"])) or "(top level)"
         problems.append(f"{where}: {err['msg']}")
     return "; ".join(problems)
+
+
+def _loc_part(part: str | int) -> str:
+    """A part of a field path; an unknown key that is no plain word quoted (a key YAML read
+    from `? |` holds a newline, which would break the one-line message)."""
+    text = str(part)
+    return (
+        text if text and text.isprintable() and not any(c.isspace() for c in text) else repr(text)
+    )
 
 
 def spec_from_dict(data: Any, *, source: str = "spec") -> RolloutSpec:
@@ -1083,9 +1194,11 @@ def load_spec(path: str | Path) -> RolloutSpec:
             f"offset {exc.start}); save it as UTF-8"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{path}: not a spec: collections nested too deeply") from None
     where = _boolean_key(data)
     if where is None:
         return spec_from_dict(data, source=str(path))
@@ -1098,6 +1211,113 @@ def load_spec(path: str | Path) -> RolloutSpec:
     except ConfigError as exc:
         raise ConfigError(f"{problem}\n{exc}") from None
     raise ConfigError(problem)
+
+
+#: Values aliases (`*name`) may add to a spec beyond those written: a spec repeats a section or
+#: two, a YAML bomb ("billion laughs": nine aliases of nine aliases ...) hundreds of millions.
+MAX_ALIASED_VALUES = 100_000
+
+
+#: What a YAML tag a plain value may resolve to reads as, in words.
+_TAG_KINDS = {
+    "tag:yaml.org,2002:timestamp": "a date",
+    "tag:yaml.org,2002:int": "a whole number",
+    "tag:yaml.org,2002:float": "a number",
+    "tag:yaml.org,2002:bool": "a boolean",
+}
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing what it would take silently or choke on: a key given twice
+    in a mapping (the last would win unseen), an alias inside the value it names (a recursive
+    document), aliases expanding a small file into a huge document (billion laughs)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        """The document, once its aliases are known to expand to a spec-sized one."""
+        written, expanded = _node_counts(node)
+        if expanded - written > MAX_ALIASED_VALUES:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"aliases (*name) expand {written:,} values to {expanded:,}: refused, a spec "
+                f"repeats at most {MAX_ALIASED_VALUES:,}",
+                node.start_mark,
+            )
+        return super().construct_document(node)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """The node's value; ConstructorError where PyYAML's constructors fail on its text with
+        a bare exception (`2024-13-45` looks like a date and is none, `!!int abc`, `0x_`)."""
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, AttributeError, LookupError, ArithmeticError) as exc:
+            kind = _TAG_KINDS.get(node.tag, node.tag.rpartition(":")[2])
+            text = repr(node.value) if isinstance(node, yaml.ScalarNode) else "this value"
+            # Only the date's reason is worth reading ("month must be in 1..12"); the others
+            # are PyYAML's internals ("'NoneType' object has no attribute 'groupdict'").
+            why = f" ({exc})" if kind == "a date" and isinstance(exc, ValueError) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{text} is not {kind}{why}; quote it if it is text", node.start_mark
+            ) from None
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """The mapping; ConstructorError at the second occurrence of a key."""
+        if not isinstance(node, yaml.MappingNode):  # e.g. `!!set [a]`: the base class says so
+            return super().construct_mapping(node, deep)
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: the keys given next to it override, on purpose
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, bool):
+                continue  # load_spec says which key YAML read as a boolean, in words
+            try:
+                seen = first.setdefault(key, key_node)
+            except TypeError:
+                continue  # unhashable: the base class says so
+            if seen is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first on line {seen.start_mark.line + 1}): "
+                    "give it once",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep)
+
+
+def _node_counts(root: yaml.Node) -> tuple[int, int]:
+    """The values of a composed document: as written, and with every alias expanded.
+
+    Iterative (a bomb's expansion is never walked, each node is counted once); ConstructorError
+    for a collection holding itself through an alias, which no spec field can take.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # the collections being counted: the current node's ancestors
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, counted = stack.pop()
+        children = _children(node)
+        if counted:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+        elif id(node) in open_nodes:
+            raise yaml.constructor.ConstructorError(
+                None, None, "an alias (*name) inside the value it names", node.start_mark
+            )
+        elif id(node) not in sizes:
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in children)
+    return len(sizes), sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:
