@@ -82,7 +82,7 @@ class ScenarioFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)  # numpy refuses a negative seed (a traceback)
     #: Total requests per second, or a step profile of [t_seconds, rps] points.
     rps: float | list[tuple[float, float]]
     duration_s: PositiveFloat = 3600.0

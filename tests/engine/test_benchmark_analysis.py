@@ -135,6 +135,11 @@ GOOD = "name: s\nrps: 10\nbaseline: {error_rate: 0.001}\n"
         pytest.param(GOOD.replace("10", "[]"), "rps: Value error", id="empty-profile"),
         pytest.param(GOOD + "duration_s: 0\n", "duration_s: Input should be greater", id="dur-0"),
         pytest.param(
+            GOOD + "seed: -1\n",
+            "seed: Input should be greater than or equal to 0",
+            id="negative-seed",
+        ),
+        pytest.param(
             GOOD + "canary: {error_rate: 2}\n", "canary.error_rate: Input should be", id="rate>1"
         ),
     ],
