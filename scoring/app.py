@@ -4,7 +4,7 @@ Routes:
 
 - `POST /score` `{"data": [[...], ...]}` -> `{"predictions": [...], "model", "version", "colour"}`
 - `GET /score` -> the model identity (what the seed's `curl $GATEWAY_IP/score` showed)
-- `GET`/`HEAD /healthz` (process alive), `GET`/`HEAD /readyz` (200 only once the model is loaded)
+- `GET /healthz` (process alive), `GET /readyz` (200 only once the model is loaded)
 - `GET /metrics` (Prometheus text from the injected registry, see scoring.metrics)
 - `GET|PUT /admin/fault` (the fault knob; loopback clients only, not relayed by a proxy,
   key-protected when keys are set)
@@ -440,13 +440,12 @@ def create_app(
             return not_ready()
         return Response(orjson.dumps(state.scorer.identity()), media_type="application/json")
 
-    # HEAD too: some load balancers and uptime checks probe with it (a 405 read as "down").
-    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         """The process is alive (says nothing about the model)."""
         return {"status": "ok"}
 
-    @app.api_route("/readyz", methods=["GET", "HEAD"], responses={503: {"model": ErrorResponse}})
+    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
     async def readyz() -> Response:
         """200 once the model is loaded and the server can score; 503 before (or if it failed)."""
         if state.scorer is None:
