@@ -4,7 +4,7 @@ Routes:
 
 - `POST /score` `{"data": [[...], ...]}` -> `{"predictions": [...], "model", "version", "colour"}`
 - `GET /score` -> the model identity (what the seed's `curl $GATEWAY_IP/score` showed)
-- `GET /healthz` (process alive), `GET /readyz` (200 only once the model is loaded)
+- `GET`/`HEAD /healthz` (process alive), `GET`/`HEAD /readyz` (200 only once the model is loaded)
 - `GET /metrics` (Prometheus text from the injected registry, see scoring.metrics)
 - `GET|PUT /admin/fault` (the fault knob; loopback clients only, not relayed by a proxy,
   key-protected when keys are set)
@@ -452,6 +452,11 @@ def create_app(
             return not_ready()
         ident = state.scorer.model.identity
         return JSONResponse({"status": "ready", "model": ident.name, "version": ident.version})
+
+    # HEAD too: some load balancers and uptime checks probe with it, and read a 405 as "down".
+    # Outside the schema: one function under two methods would repeat its OpenAPI operation id.
+    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -166,6 +166,9 @@ def test_latency_buckets_are_fine_enough_for_a_p99_judge(
 def test_health_and_readiness(blue: AppClient) -> None:
     assert blue.get("/healthz").json() == {"status": "ok"}
     assert blue.get("/readyz").json() == {"status": "ready", "model": "diabetes", "version": "1"}
+    # Was 405: a load balancer probing with HEAD took the server for down.
+    assert blue.request("HEAD", "/healthz").status_code == 200
+    assert blue.request("HEAD", "/readyz").status_code == 200
 
 
 def test_readyz_is_503_until_the_model_is_loaded(
@@ -442,7 +445,7 @@ def test_admin_route_answers_bad_numbers_422_not_500(blue: AppClient, body: byte
     [
         pytest.param("PUT", "/score", 405, "GET, POST", id="wrong-method"),
         pytest.param("DELETE", "/admin/fault", 405, "GET, PUT", id="wrong-admin-method"),
-        pytest.param("POST", "/readyz", 405, "GET", id="wrong-probe-method"),
+        pytest.param("POST", "/readyz", 405, "GET, HEAD", id="wrong-probe-method"),
         pytest.param("GET", "/nowhere", 404, None, id="unknown-path"),
         # Was a 307 to /score with an empty body.
         pytest.param("POST", "/score/", 404, None, id="trailing-slash"),
