@@ -13,6 +13,11 @@ V2 = Release(model="diabetes", version="2", sha256="2" * 64)
 
 def make_spec(**overrides: Any) -> RolloutSpec:
     """A small spec: plan 10 → 50 → 100, 10 s interval, 100 canary requests per step."""
+    return spec_from_dict(spec_data(**overrides))
+
+
+def spec_data(**overrides: Any) -> dict[str, Any]:
+    """make_spec's spec as the dict a YAML file holds (mappings in `overrides` merged one level)."""
     data: dict[str, Any] = {
         "name": "t",
         "steps": [10, 50, 100],
@@ -31,7 +36,7 @@ def make_spec(**overrides: Any) -> RolloutSpec:
             data[key] = {**data[key], **value}
         else:
             data[key] = value
-    return spec_from_dict(data)
+    return data
 
 
 def obs(

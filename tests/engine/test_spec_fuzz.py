@@ -31,27 +31,17 @@ from rollout.cli import app
 from rollout.commands.rollout import EXIT_ERROR
 from rollout.config import RolloutSpec, load_spec, spec_from_dict
 from rollout.errors import ConfigError
+from tests.core.helpers import spec_data
 
 #: Valid specs covering every backend kind and most optional sections.
 BASES: list[dict[str, Any]] = [
-    {
-        "name": "t",
-        "steps": [10, 50, 100],
-        "analysis": {
-            "interval_s": 10,
-            "min_requests": 100,
-            "max_step_duration_s": 600,
-            "latency": {"enabled": False},
-        },
-        "candidate": {"model": "diabetes", "version": "2", "sha256": "2" * 64},
-        "stable": {"model": "diabetes", "version": "1", "sha256": "1" * 64},
-        "state": {"kind": "memory"},
-        "metrics": {
+    spec_data(
+        metrics={
             "kind": "static",
             "ticks": [{"blue": {"requests": 10, "errors": 1}, "green": {"requests": 90}}],
             "history": {"green": {"requests": 900, "latency_buckets": [[5, 800], [50, 900]]}},
-        },
-    },
+        }
+    ),
     {
         "name": "diabetes",
         "router": {
