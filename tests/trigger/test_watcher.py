@@ -7,6 +7,7 @@ ResumableDelivery; the crash and two-watcher tests run real processes (tests/tri
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -325,6 +326,18 @@ class _FlakyDelivery(ResumableDelivery):
         return super().deliver(version)
 
 
+def _step(dispatcher: Dispatcher) -> Step:
+    return dispatcher.store.load("diabetes").entries[1].step
+
+
+def _wait_until(done: Callable[[], bool], dispatcher: Dispatcher) -> None:
+    """Until `done()`, for up to ~10 s (the worker runs on its own thread)."""
+    for _ in range(1000):
+        if done():
+            return
+        dispatcher.stop.wait(0.01)
+
+
 def test_worker_retries_a_transient_failure_as_a_resume(
     tmp_path: Path, registry: LocalRegistry
 ) -> None:
@@ -337,10 +350,7 @@ def test_worker_retries_a_transient_failure_as_a_resume(
     assert dispatcher.accept("diabetes", 1, "watch")
     worker.start()
     try:
-        for _ in range(1000):
-            if dispatcher.store.load("diabetes").entries[1].step is Step.DONE:
-                break
-            dispatcher.stop.wait(0.01)
+        _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
     finally:
         dispatcher.stop.set()
         worker.join(10)
@@ -368,16 +378,10 @@ def test_worker_survives_an_unreadable_cursor_and_delivers_once_it_is_mended(
     with caplog.at_level(logging.WARNING, logger="aml_pipelines.trigger.dispatch"):
         worker.start()
         try:
-            for _ in range(1000):
-                if worker.failures >= 2:
-                    break
-                dispatcher.stop.wait(0.01)
+            _wait_until(lambda: worker.failures >= 2, dispatcher)
             assert dispatcher.store.load("diabetes").entries[1].step is Step.PENDING
             bad.unlink()  # mended
-            for _ in range(1000):
-                if dispatcher.store.load("diabetes").entries[1].step is Step.DONE:
-                    break
-                dispatcher.stop.wait(0.01)
+            _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
         finally:
             dispatcher.stop.set()
             worker.join(10)
