@@ -452,40 +452,11 @@ class TickCounts(_Model):
 
 
 class StaticTick(_Model):
-    """One scripted observation: cumulative counts per colour (or an outage).
+    """One scripted observation: cumulative counts per colour (or an outage)."""
 
-    The counts stay mappings (`rollout.metrics.static` reads them so), checked as `TickCounts`:
-    a typo or a count that is no number is an error naming it, not a tick counted as 0 or a
-    crash at the first observation.
-    """
-
-    blue: dict[str, Any] = Field(default_factory=dict)
-    green: dict[str, Any] = Field(default_factory=dict)
+    blue: TickCounts = Field(default_factory=TickCounts)
+    green: TickCounts = Field(default_factory=TickCounts)
     error: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _counts(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        checked, problems = dict(data), []
-        for colour in ("blue", "green"):
-            if not isinstance(counts := data.get(colour), dict):
-                continue  # pydantic says what it expects
-            try:
-                checked[colour] = TickCounts.model_validate(counts).model_dump(exclude_unset=True)
-            except ValidationError as exc:
-                problems += [
-                    InitErrorDetails(
-                        type=PydanticCustomError("spec", "{problem}", {"problem": err["msg"]}),
-                        loc=(colour, *err["loc"]),
-                        input=err["input"],
-                    )
-                    for err in exc.errors()
-                ]
-        if problems:
-            raise ValidationError.from_exception_data(cls.__name__, problems)
-        return checked
 
 
 class StaticMetricsConfig(_Model):

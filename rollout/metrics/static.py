@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -24,18 +23,18 @@ from rollout.config import (
     SimulatedMetricsConfig,
     StaticMetricsConfig,
     StaticTick,
+    TickCounts,
     TrafficModel,
 )
 from rollout.core.types import ColourCounts, Observation
 from rollout.routers.base import TrafficRouter
 
 
-def _counts(data: dict[str, Any]) -> ColourCounts:
-    buckets = tuple((float(b), int(c)) for b, c in data.get("latency_buckets", ()))
+def _counts(counts: TickCounts) -> ColourCounts:
     return ColourCounts(
-        requests=int(data.get("requests", 0)),
-        errors=int(data.get("errors", 0)),
-        latency_buckets=buckets,
+        requests=counts.requests,
+        errors=counts.errors,
+        latency_buckets=tuple(counts.latency_buckets),
     )
 
 

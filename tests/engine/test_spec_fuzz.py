@@ -441,7 +441,7 @@ def test_a_scripted_histogram_may_end_at_inf() -> None:
     spec = spec_from_dict(
         _with(BASES[0], "metrics.history", {"green": {"latency_buckets": buckets}})
     )
-    assert spec.metrics.history.green["latency_buckets"][-1] == (math.inf, 100)  # type: ignore[union-attr]
+    assert spec.metrics.history.green.latency_buckets[-1] == (math.inf, 100)  # type: ignore[union-attr]
     written = yaml.safe_dump(spec.model_dump(mode="json"))  # as `aml-rollout up` writes a spec
     again = spec_from_dict(yaml.safe_load(written)).metrics
     assert again == spec.metrics  # was null for .inf: not a bound
