@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -207,38 +208,42 @@ def _check_first(spec: Any, candidate: Any, router: Any, args: argparse.Namespac
 def _tag_first(registry_spec: str, candidate: Any, check: str, reason: str) -> bool:
     """Tag a first release after its check; False (logged) when that failed."""
     from aml_pipelines.delivery import tag_first_release
-    from aml_pipelines.errors import PipelineError
-    from aml_pipelines.registry.factory import open_registry
 
-    try:
-        registry = open_registry(registry_spec)
-        version = int(candidate.version)
-        registry.get(candidate.model, version)
-        tag_first_release(registry, candidate.model, version, check, reason)  # logs each tag
-    except (PipelineError, ValueError) as exc:
-        log.error(
-            "the first release was checked (%s) but its tags were not written: %s", check, exc
-        )
-        return False
-    return True
+    def tag(registry: Any, model: str, version: int) -> None:
+        tag_first_release(registry, model, version, check, reason)
+
+    return _write_tags(registry_spec, candidate, f"the first release was checked ({check})", tag)
 
 
 def _follow_traffic(registry_spec: str, candidate: Any, result: Any) -> bool:
     """Tag the registry after the rollout's outcome; False (logged) when that failed."""
     from aml_pipelines.delivery import follow_traffic
+
+    phase = getattr(result.phase, "value", str(result.phase))
+
+    def tag(registry: Any, model: str, version: int) -> None:
+        follow_traffic(registry, model, version, phase, result.reason)
+
+    return _write_tags(registry_spec, candidate, f"the rollout ended {phase}", tag)
+
+
+def _write_tags(
+    registry_spec: str, candidate: Any, done: str, tag: Callable[[Any, str, int], None]
+) -> bool:
+    """`tag(registry, model, version)` on the candidate's version (which logs each tag); False,
+    logged as "`done` but the registry tags were not written", when that failed."""
     from aml_pipelines.errors import PipelineError
     from aml_pipelines.registry.factory import open_registry
 
-    phase = getattr(result.phase, "value", str(result.phase))
     try:
         registry = open_registry(registry_spec)
         version = int(candidate.version)
         # A version the registry does not hold (another registry, a damaged version left out of
         # listings) would get no tags and no error: the registry would not follow traffic.
         registry.get(candidate.model, version)
-        follow_traffic(registry, candidate.model, version, phase, result.reason)  # logs each tag
+        tag(registry, candidate.model, version)
     except (PipelineError, ValueError) as exc:
-        log.error("the rollout ended %s but the registry tags were not written: %s", phase, exc)
+        log.error("%s but the registry tags were not written: %s", done, exc)
         return False
     return True
 
