@@ -43,24 +43,41 @@ def read_ledger(path: Path) -> list[dict[str, Any]]:
         raise StateError(f"cannot read ledger {path}: {exc.strerror}") from exc
 
 
+def rollouts(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """`records` cut where a rollout begins: at its `start` line, or at a line of another
+    `rollout_id` (its start line lost: stopped between the status save and the line)."""
+    pieces: list[list[dict[str, Any]]] = []
+    rollout = None  # the rollout_id of the lines read last (older ledgers have none)
+    for record in records:
+        new_id = record.get("rollout_id")
+        if (
+            not pieces
+            or record.get("event") == "start"
+            or (new_id and rollout and new_id != rollout)
+        ):
+            pieces.append([])
+        rollout = new_id or rollout
+        pieces[-1].append(record)
+    return pieces
+
+
 def latest_ticks(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`records` without the lines of ticks a later line of the same rollout did again.
 
     The controller appends a tick's line before it saves the status. Stopped in between (a
     Ctrl-C, a SIGKILL), its decision was never the rollout's: the resumed controller does that
-    tick again, on newer counts, and its line is the one that counts. A rollout begins at its
-    `start` line, or at a tick of another `rollout_id` (its start line lost: stopped between
-    the status save and the line); tick numbers count from 1 again after it.
+    tick again, on newer counts, and its line is the one that counts. Tick numbers count from 1
+    again in each of the `rollouts`.
     """
+    return [record for piece in rollouts(records) for record in _latest_of_one(piece)]
+
+
+def _latest_of_one(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`latest_ticks` within one rollout's lines."""
     kept: list[dict[str, Any] | None] = []
-    where: dict[int, int] = {}  # tick -> its line's index in `kept`, for this rollout
+    where: dict[int, int] = {}  # tick -> its line's index in `kept`
     last = 0
-    rollout = None  # the rollout_id of the lines read last (older ledgers have none)
     for record in records:
-        new_id = record.get("rollout_id")
-        if record.get("event") == "start" or (new_id and rollout and new_id != rollout):
-            where, last = {}, 0
-        rollout = new_id or rollout
         tick = record.get("tick")
         if isinstance(tick, int) and not isinstance(tick, bool):
             if tick <= last:  # rare: a redone tick (ticks only go up otherwise)

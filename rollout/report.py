@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rollout.ledger import read_ledger
+from rollout.ledger import read_ledger, rollouts
 
 log = logging.getLogger(__name__)
 
@@ -107,25 +107,10 @@ def stories_from_ledger(path: Path) -> list[RolloutStory]:
     if not records:
         raise ValueError(f"{path}: no ticks in this ledger")
     name = path.name.removesuffix(".ledger.jsonl")
-    pieces = _rollouts(records)
+    pieces = rollouts(records)
     # A bootstrap's lines (no phase: no rollout) before the first rollout are not one.
-    rollouts = [piece for piece in pieces if any("phase" in r for r in piece)] or pieces
-    return [_story(name, rollout) for rollout in rollouts]
-
-
-def _rollouts(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """`records` cut where a rollout begins: its `start` line, or a line of another rollout_id
-    (as `ledger.latest_ticks` cuts them)."""
-    rollouts: list[list[dict[str, Any]]] = []
-    current = None
-    for record in records:
-        new_id = record.get("rollout_id")
-        begins = record.get("event") == "start" or (new_id and current and new_id != current)
-        if not rollouts or begins:
-            rollouts.append([])
-        current = new_id or current
-        rollouts[-1].append(record)
-    return rollouts
+    ticked = [piece for piece in pieces if any("phase" in r for r in piece)] or pieces
+    return [_story(name, piece) for piece in ticked]
 
 
 def _story(name: str, records: list[dict[str, Any]]) -> RolloutStory:
