@@ -63,6 +63,14 @@ class RouterRefused(RouterError):
     plain RouterError, and are retried); the message says what to fix."""
 
 
+#: Why a colour's deployment that is gone refuses traffic for good, and what brings it back
+#: (a RouterRefused of every router that deploys).
+GONE = (
+    " (deleted, or never deployed: no retry brings it back; a resumed `run` deploys the "
+    "release its status gives that colour again)"
+)
+
+
 class DeployFailed(RouterRefused):
     """A deploy was written but its workload does not become ready (pods never ready, a progress
     deadline passed). An answer, not a blip: deploying again would only wait for it again."""

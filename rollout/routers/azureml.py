@@ -67,7 +67,7 @@ from rollout.azure_credential import default_credential
 from rollout.azure_text import http_detail, one_line
 from rollout.config import AZURE_MAX_MIRROR_PERCENT as MAX_MIRROR_PERCENT
 from rollout.core.types import Colour, Release, Weights
-from rollout.errors import ConfigError, DeployFailed, RouterError, RouterRefused
+from rollout.errors import GONE, ConfigError, DeployFailed, RouterError, RouterRefused
 from rollout.routers.base import Fence, no_fence
 
 if TYPE_CHECKING:
@@ -419,9 +419,7 @@ class AzureMLRouter:
                 # (`_get` found the workspace, so this is the deployment's own 404.)
                 raise RouterRefused(
                     f"cannot {verb} {share} % to {colour.value}: deployment "
-                    f"{self.endpoint}/{self.names[colour]} does not exist (deleted, or never "
-                    "deployed: no retry brings it back; a resumed `run` deploys the release "
-                    "its status gives that colour again)"
+                    f"{self.endpoint}/{self.names[colour]} does not exist{GONE}"
                 )
             # Updating is not refused here (unlike in release()): the deployment serves through
             # it, and an operator scaling green, or blue out of 429s, must not stop the rollout.

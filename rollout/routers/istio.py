@@ -58,6 +58,7 @@ from urllib3.exceptions import HTTPError
 from rollout import kubeapi
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import (
+    GONE,
     ConflictError,
     DeployFailed,
     RouterError,
@@ -164,7 +165,7 @@ class IstioRouter:
             found = self._read_deployment(self.layout.deployment(colour))
             if found is None:
                 # The API server reads what it stores: absent now is absent on the next ask.
-                raise RouterRefused(f"cannot {sending}: Deployment {name} does not exist{_LOST}")
+                raise RouterRefused(f"cannot {sending}: Deployment {name} does not exist{GONE}")
             # Past its progress deadline with no pod available, it would answer nothing. (With
             # pods available, e.g. a stalled scale-up, it still serves and may take traffic.)
             if m.past_deadline(found) and not (found.get("status") or {}).get("availableReplicas"):
@@ -466,10 +467,6 @@ def _router_error(
 _INVALID = (
     " (refused as invalid, and sent again it would be again: fix what the API server names, in "
     "the spec's router settings or the release's image, or an admission policy that denies it)"
-)
-_LOST = (
-    " (deleted, or never deployed: no retry brings it back; a resumed `run` deploys the "
-    "release its status gives that colour again)"
 )
 
 
