@@ -48,7 +48,7 @@ from rollout.core.machine import (
     with_commands,
 )
 from rollout.core.status import TRANSITIONAL, Action, Deploy, Remove, SetWeights, Status, describe
-from rollout.core.types import Colour, Observation, Phase, Release, Verdict, Weights
+from rollout.core.types import Colour, Observation, Phase, Release, Served, Verdict, Weights
 from rollout.errors import (
     ConfigError,
     DeployFailed,
@@ -324,6 +324,16 @@ class Controller:
     def start(self, *, restart: bool = False) -> Status:
         """Resume the stored status (finishing its pending actions) or begin a new rollout."""
         status = self.store.load()
+        if (
+            status is not None
+            and status.terminal
+            and restart
+            and status.applied < len(status.pending)
+        ):
+            # The last rollout's ending (blue back to 0 %, say) was decided but not applied:
+            # it is finished first, or the new rollout would begin on its leftovers.
+            check_same_router(self.spec, status)
+            self._finish_pending(status)
         if status is not None and not (restart and status.terminal):
             check_same_router(self.spec, status)
             self._check_same_candidate(status)
@@ -360,6 +370,8 @@ class Controller:
                 f"green already serves {candidate.ref}: nothing to roll out (name another "
                 "candidate with --candidate or the spec's `candidate:`)"
             )
+        if serving is not None:
+            self._check_no_rollout_drives(candidate)
         if serving is None:
             # A fresh data plane (dry run, first install): bring up the stable release first.
             log.info("green serves nothing: deploying %s:%s", stable.model, stable.version)
@@ -389,6 +401,26 @@ class Controller:
                 }
             )
         return status
+
+    def _check_no_rollout_drives(self, candidate: Release) -> None:
+        """Refuse to begin a rollout on a data plane that sends blue traffic already: another
+        rollout drives it (one of another `name:` or state store, which this controller's
+        lease does not exclude), or a hand edit. Begun, the two would reset each other's
+        weights, each judging traffic the other split."""
+        try:
+            weights = self.router.get_weights()
+        except RouterError:
+            return  # no traffic split to read yet (a new Azure endpoint): nothing drives it
+        if not (weights.blue or weights.mirror):
+            return
+        blue = self.router.release(Colour.BLUE)
+        serving = f" ({blue.ref})" if blue is not None else ""
+        raise RolloutError(
+            f"{self.spec.router.identity} already sends {weights.blue_share} to blue{serving}: "
+            f"another rollout drives it (one with another `name:` or state directory), or a "
+            f"hand edit. Let that rollout end, or abort it, before rolling {candidate.ref} out; "
+            "if none is running, send all traffic back to green first"
+        )
 
     def _abort_queued(self, status: Status) -> bool:
         """An operator's abort of this rollout was queued while no controller ran (and no
@@ -431,7 +463,8 @@ class Controller:
         ran: an Envoy restarted from its bootstrap, a memory router without a state file (a dry
         run resumed), a VirtualService edited by hand. Left alone, blue would get no canary
         traffic and the step would wait for evidence until held. A colour that serves nothing
-        gets its release again; a colour serving another release is left to the operator. The
+        gets its release again; a colour serving another release is left to the operator, and
+        so are the weights then (another rollout drives them: the tick holds for a human). The
         candidate failing that deploy for good fails the rollout, as at its first deploy.
         `aborting` (an abort queued): green only, as the abort's weights come next. Before its
         first tick (Initializing) a rollout has deployed green only. What the pending actions
@@ -442,12 +475,18 @@ class Controller:
         first = status.phase is Phase.INITIALIZING
         left = status.pending[status.applied :]
         colours = ((Colour.GREEN, status.stable), (Colour.BLUE, status.candidate))
+        serving = {colour: self.router.release(colour) for colour, _ in colours}
+        redeploying = {a.colour for a in left if isinstance(a, Deploy)}
+        if not aborting and any(
+            release is not None and (there := serving[colour]) is not None and release.unlike(there)
+            for colour, release in (colours[:1] if first else colours)
+            if colour not in redeploying
+        ):
+            return status
         repairs: list[Action] = [
             Deploy(colour, release)
             for colour, release in (colours[:1] if aborting or first else colours)
-            if release is not None
-            and self.router.release(colour) is None
-            and not any(isinstance(a, Deploy) and a.colour is colour for a in left)
+            if release is not None and serving[colour] is None and colour not in redeploying
         ]
         if first and not repairs:
             return status  # its first tick sets the weights (a new endpoint has none to read)
@@ -535,11 +574,13 @@ class Controller:
         status = self._read_commands(status)
         now = self.clock.now()
         observation: Observation | None = None
+        served: Served | None = None
         if status.phase in (Phase.PROGRESSING, Phase.PAUSED):
             observation = self._observe(status.step_started_at, now)
+            served = self._served()
         elif status.phase is Phase.INITIALIZING:
             observation = self._history(now)
-        decision: Decision = step(self.spec, status, observation, now)
+        decision: Decision = step(self.spec, status, observation, now, served)
         record, status = self._persist(decision)
         status = self._finish_pending(status)
         # After the actions: a slow webhook never delays a rollback. (A phase the actions
@@ -570,6 +611,21 @@ class Controller:
         return record, status
 
     # ----------------------------------------------------------------------------- helpers
+
+    def _served(self) -> Served | None:
+        """What the data plane serves now, for the machine to hold the rollout when it is no
+        longer what the rollout set; None when the router cannot tell (a blip, an Azure
+        deployment mid-update): that tick goes on without the check, which is no reason to
+        stop guarding."""
+        try:
+            return Served(
+                weights=self.router.get_weights(),
+                blue=self.router.release(Colour.BLUE),
+                green=self.router.release(Colour.GREEN),
+            )
+        except RouterError as exc:
+            log.debug("could not read what the data plane serves: %s", exc)
+            return None
 
     def _observe(self, since: float, now: float, *, history: bool = False) -> Observation:
         read = self.metrics.history if history else self.metrics.observe

@@ -47,7 +47,15 @@ from rollout.core.status import (
     Status,
     action_to_dict,
 )
-from rollout.core.types import Colour, ColourCounts, Observation, Phase, Release, Verdict
+from rollout.core.types import (
+    Colour,
+    ColourCounts,
+    Observation,
+    Phase,
+    Release,
+    Served,
+    Verdict,
+)
 
 if TYPE_CHECKING:
     from rollout.config import AnalysisConfig, RolloutSpec
@@ -193,9 +201,15 @@ def _once_each(commands: Iterable[Command]) -> tuple[Command, ...]:
 
 
 def step(
-    spec: RolloutSpec, status: Status, observation: Observation | None, now: float
+    spec: RolloutSpec,
+    status: Status,
+    observation: Observation | None,
+    now: float,
+    served: Served | None = None,
 ) -> Decision:
-    """Decide one tick. `observation` may be None in phases that do not analyse."""
+    """Decide one tick. `observation` may be None in phases that do not analyse; `served` is
+    what the data plane serves (None when it was not read): one that no longer serves what
+    the rollout set holds it for a human (`_drift`)."""
     before = status
     status = replace(status, tick=status.tick + 1, updated_at=now)
     record: dict[str, Any] = {"tick": status.tick, "at": now, "phase_before": before.phase.value}
@@ -229,7 +243,7 @@ def step(
     if status.phase is Phase.ROLLING_BACK:
         status = replace(status, phase=Phase.ROLLED_BACK)
         return _decide(status, (), record)
-    return _analyse(spec, status, observation, now, record)
+    return _analyse(spec, status, observation, now, record, served)
 
 
 def candidate_failed(status: Status, problem: str, now: float) -> Decision:
@@ -380,9 +394,11 @@ def _drop_commands(status: Status, why: str) -> tuple[Status, list[str]]:
 
 
 def _handle_commands(
-    spec: RolloutSpec, status: Status, now: float
+    spec: RolloutSpec, status: Status, now: float, served: Served | None = None
 ) -> tuple[Status, tuple[Action, ...], list[str]]:
-    """Apply queued operator commands in order; later ones see the effect of earlier ones."""
+    """Apply queued operator commands in order; later ones see the effect of earlier ones.
+
+    A resume while the data plane has drifted (`served`, see `_drift`) also sets it back."""
     actions: list[Action] = []
     notes: list[str] = []
     plan = spec.plan
@@ -405,14 +421,19 @@ def _handle_commands(
         elif cmd.kind == "pause":
             status = replace(status, phase=Phase.PAUSED, reason=f"paused{who}")
         elif cmd.kind == "resume":
-            if status.phase is Phase.PAUSED:
-                status = _enter_step(
-                    status, status.step_index, status.blue_weight, now, status.mirror
-                )
-                status = replace(status, phase=Phase.PROGRESSING, reason=f"resumed{who}")
-            else:
+            if status.phase is not Phase.PAUSED:
                 notes.append("resume: ignored, not paused")
                 continue
+            drift = _drift(status, served)
+            restore, refused = _restoring(status, served) if served and drift else ((), "")
+            if refused:
+                notes.append(f"resume: ignored, {refused}")
+                continue
+            status = _enter_step(status, status.step_index, status.blue_weight, now, status.mirror)
+            back = f"; the data plane set back ({drift})" if drift else ""
+            status = replace(status, phase=Phase.PROGRESSING, reason=f"resumed{who}{back}")
+            actions.extend(restore)
+            served = None  # as the status says, once the restore is applied
         elif cmd.kind == "set_weight":
             if cmd.weight not in plan:
                 notes.append(f"set_weight {cmd.weight}: ignored, not in the plan {list(plan)}")
@@ -786,12 +807,52 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
     return Verdict.SUCCESSFUL, "canary not worse: " + "; ".join(proven)
 
 
+def _drift(status: Status, served: Served | None) -> str:
+    """How the data plane differs from what the rollout set ("" when it does not, or was not
+    read): another rollout driving it (one of another name or state store), a hand edit, a
+    data plane that lost its state. Then the evidence is not this step's, and acting on it
+    would fight whoever changed it."""
+    if served is None:
+        return ""
+    off = []
+    for colour, release in ((Colour.BLUE, status.candidate), (Colour.GREEN, status.stable)):
+        there = served.of(colour)
+        if release is None:
+            continue
+        if there is None:
+            off.append(f"{colour.value} serves nothing, not {release.ref}")
+        elif release.unlike(there):
+            off.append(f"{colour.value} serves {there.ref}, not {release.ref}")
+    if served.weights != status.weights:
+        off.append(f"it sends {served.weights.blue_share}, not {status.weights.blue_share}")
+    return "; ".join(off)
+
+
+def _restoring(status: Status, served: Served) -> tuple[tuple[Action, ...], str]:
+    """The actions that make a drifted data plane serve what the status says again, or why
+    none may: green serving another release is production moved on (another rollout promoted
+    it), not this rollout's to undo."""
+    green = served.green
+    if green is not None and status.stable is not None and status.stable.unlike(green):
+        return (), (
+            f"green now serves {green.ref}, not {status.stable.ref} (promoted by another "
+            "rollout, or by hand?): this rollout's baseline serves no more; abort it"
+        )
+    redeploy: list[Action] = [
+        Deploy(colour, release)
+        for colour, release in ((Colour.GREEN, status.stable), (Colour.BLUE, status.candidate))
+        if release is not None and ((there := served.of(colour)) is None or release.unlike(there))
+    ]
+    return (*redeploy, SetWeights(status.blue_weight, status.mirror)), ""
+
+
 def _analyse(
     spec: RolloutSpec,
     status: Status,
     obs: Observation | None,
     now: float,
     record: dict[str, Any],
+    served: Served | None = None,
 ) -> Decision:
     analysis = spec.analysis
     record["since"] = status.step_started_at
@@ -810,12 +871,24 @@ def _analyse(
 
     if status.commands:
         before = (status.phase, status.step_index)
-        status, actions, notes = _handle_commands(spec, status, now)
+        status, actions, notes = _handle_commands(spec, status, now, served)
         if actions or (status.phase, status.step_index) != before:
             record["checks"] = _check_record(spec, status)
             return _decide(status, actions, record, notes)
     else:
         notes = []
+
+    if served is not None and (drift := _drift(status, served)):
+        # Before the judge: whatever these counts say, they are not this step's evidence.
+        record["drift"] = drift
+        _, refused = _restoring(status, served)
+        then = refused or "resume sets it back, abort rolls back"
+        reason = (
+            f"held for a human: the data plane changed under this rollout ({drift}): another "
+            f"rollout drives it, or a hand edit; {then}"
+        )
+        status = replace(status, phase=Phase.PAUSED, held=True, reason=reason)
+        return _decide(status, (), record, notes)
 
     if obs is None or obs.error is not None:
         limit = analysis.max_consecutive_errors

@@ -151,3 +151,26 @@ class Release:
     def ref(self) -> str:
         """`model:version`, how people and the Azure ML registry name a release."""
         return f"{self.model}:{self.version}"
+
+    def unlike(self, other: Release) -> bool:
+        """Whether `other` is another release: another model:version, or another sha256 or
+        image where both name one (a router reads back only what it records: Azure ML's
+        deployment tags carry no image)."""
+        if self.ref != other.ref:
+            return True
+        pairs = ((self.sha256, other.sha256), (self.image, other.image))
+        return any(a and b and a != b for a, b in pairs)
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What the data plane serves, as the controller read it before a tick: the default
+    route's weights (and mirror) and each colour's release (None: nothing deployed there)."""
+
+    weights: Weights
+    blue: Release | None
+    green: Release | None
+
+    def of(self, colour: Colour) -> Release | None:
+        """The release one colour serves."""
+        return self.blue if colour is Colour.BLUE else self.green

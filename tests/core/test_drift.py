@@ -1,0 +1,112 @@
+"""A data plane that no longer serves what the rollout set: held for a human, never fought."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from rollout.core.machine import new_status, step, with_commands
+from rollout.core.status import Command, Deploy, SetWeights, Status
+from rollout.core.types import Colour, Phase, Release, Served, Weights
+from tests.core.helpers import V1, V2, make_spec, obs
+
+SPEC = make_spec()
+V3 = Release(model="diabetes", version="3", sha256="3" * 64)
+#: A canary at 50 % errors: any tick the judge saw would roll it back.
+REGRESSION = obs(blue=(400, 200), green=(3600, 4), at=60.0)
+
+
+def at_10() -> Status:
+    status = new_status(SPEC, now=0.0, rollout_id="r1")
+    return replace(status, phase=Phase.PROGRESSING, step_index=0, blue_weight=10)
+
+
+def served(blue: int = 10, mirror: int = 0, *, b: Release | None = V2, g: Release | None = V1):
+    return Served(weights=Weights.blue_at(blue, mirror), blue=b, green=g)
+
+
+def resume(status: Status) -> Status:
+    return with_commands(status, [Command(id="c1", kind="resume", by="ann")])
+
+
+def test_a_data_plane_serving_what_the_rollout_set_is_judged_as_before() -> None:
+    decision = step(SPEC, at_10(), REGRESSION, 60.0, served())
+    assert decision.status.phase is Phase.ROLLING_BACK
+    assert decision.actions == (SetWeights(0),)
+    assert "drift" not in decision.record
+
+
+@pytest.mark.parametrize(
+    ("now_serving", "said"),
+    [
+        pytest.param(served(0, 5), "it sends blue 0 % + 5 % mirrored, not blue 10 %", id="weights"),
+        pytest.param(served(b=V3), "blue serves diabetes:3, not diabetes:2", id="another-blue"),
+        pytest.param(served(b=None), "blue serves nothing, not diabetes:2", id="blue-gone"),
+        pytest.param(
+            served(b=replace(V2, sha256="f" * 64)),
+            "blue serves diabetes:2, not diabetes:2",
+            id="same-version-other-bits",
+        ),
+    ],
+)
+def test_a_drifted_data_plane_holds_before_the_judge_acts_on_counts_not_this_steps(
+    now_serving: Served, said: str
+) -> None:
+    decision = step(SPEC, at_10(), REGRESSION, 60.0, now_serving)
+    assert decision.status.phase is Phase.PAUSED and decision.status.held
+    assert decision.actions == ()  # neither a rollback nor a fight over the weights
+    assert said in decision.status.reason
+    assert "another rollout drives it, or a hand edit" in decision.status.reason
+    assert "resume sets it back" in decision.status.reason
+    assert decision.record["drift"] in decision.status.reason
+
+
+def test_a_release_read_back_without_what_the_router_does_not_record_is_no_drift() -> None:
+    """Azure ML's tags carry no image, nor the package folder: the same release all the same."""
+    status = replace(at_10(), candidate=replace(V2, image="acr.io/d:2", model_dir="/pkg/2"))
+    decision = step(SPEC, status, REGRESSION, 60.0, served(b=V2))
+    assert decision.status.phase is Phase.ROLLING_BACK
+
+
+def test_nothing_read_is_no_drift() -> None:
+    assert step(SPEC, at_10(), REGRESSION, 60.0, None).status.phase is Phase.ROLLING_BACK
+
+
+def test_the_shadow_step_s_mirror_is_part_of_what_is_served() -> None:
+    shadow = replace(at_10(), blue_weight=0, mirror=5)
+    assert "drift" not in step(SPEC, shadow, obs(at=10.0), 10.0, served(0, 5)).record
+    decision = step(SPEC, shadow, obs(at=10.0), 10.0, served(0))
+    assert decision.status.held
+    assert "it sends blue 0 %, not blue 0 % + 5 % mirrored" in decision.status.reason
+
+
+def test_resume_sets_a_drifted_data_plane_back_and_restarts_the_step() -> None:
+    held = step(SPEC, at_10(), REGRESSION, 60.0, served(0, b=V3)).status
+    decision = step(SPEC, resume(held), obs(at=70.0), 70.0, served(0, b=V3))
+    assert decision.status.phase is Phase.PROGRESSING
+    assert decision.actions == (Deploy(Colour.BLUE, V2), SetWeights(10))
+    assert decision.status.step_started_at == 70.0  # the drifted counts are not its evidence
+    assert decision.status.reason.startswith("resumed by ann; the data plane set back (")
+
+
+def test_resume_without_drift_changes_nothing_on_the_data_plane() -> None:
+    paused = replace(at_10(), phase=Phase.PAUSED)
+    decision = step(SPEC, resume(paused), obs(at=70.0), 70.0, served())
+    assert decision.status.phase is Phase.PROGRESSING
+    assert decision.actions == ()
+    assert decision.status.reason == "resumed by ann"
+
+
+def test_green_moved_on_is_not_undone_by_resume_only_aborted() -> None:
+    held = step(SPEC, at_10(), REGRESSION, 60.0, served(0, g=V3)).status
+    assert "green now serves diabetes:3, not diabetes:1" in held.reason
+    assert "abort it" in held.reason and "resume sets it back" not in held.reason
+    decision = step(SPEC, resume(held), obs(at=70.0), 70.0, served(0, g=V3))
+    assert decision.status.phase is Phase.PAUSED and decision.actions == ()
+    assert any(
+        "resume: ignored, green now serves diabetes:3" in n for n in decision.record["commands"]
+    )
+    aborted = with_commands(held, [Command(id="c2", kind="abort")])
+    decision = step(SPEC, aborted, obs(at=80.0), 80.0, served(0, g=V3))
+    assert decision.status.phase is Phase.ROLLING_BACK and decision.actions == (SetWeights(0),)

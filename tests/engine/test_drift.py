@@ -1,0 +1,122 @@
+"""The controller and a data plane changed under it: two rollouts on one data plane, hand edits."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from rollout.controller import Controller, FakeClock
+from rollout.core.status import Command, SetWeights
+from rollout.core.types import Colour, Phase, Release, Weights
+from rollout.errors import RolloutError
+from rollout.ledger import Ledger, explain, read_ledger
+from rollout.metrics.static import SimulatedMetrics
+from rollout.routers.memory import MemoryRouter
+from rollout.state.file import FileStateStore
+from tests.core.helpers import V1, V2, make_spec
+from tests.engine.test_controller import simulated
+
+V3 = Release(model="diabetes", version="3", sha256="3" * 64)
+
+
+def controller(tmp_path: Path, router: MemoryRouter, name: str = "t", **spec: object) -> Controller:
+    parsed = make_spec(name=name, **spec)
+    return Controller(
+        parsed,
+        router,
+        simulated(router, 0.01),
+        FileStateStore(tmp_path, name),
+        ledger=Ledger(tmp_path / f"{name}.ledger.jsonl", fsync=False),
+        clock=FakeClock(1000.0),
+    )
+
+
+def test_a_second_rollout_of_another_name_is_refused_while_the_first_drives_the_data_plane(
+    tmp_path: Path,
+) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    first = controller(tmp_path, router, "a").run(max_ticks=1)
+    assert first.phase is Phase.PROGRESSING and first.blue_weight == 10
+    second = controller(tmp_path, router, "b", candidate={"model": "diabetes", "version": "3"})
+    with pytest.raises(RolloutError) as refused:
+        second.run(max_ticks=5)
+    assert str(refused.value) == (
+        "memory already sends blue 10 % to blue (diabetes:2): another rollout drives it (one "
+        "with another `name:` or state directory), or a hand edit. Let that rollout end, or "
+        "abort it, before rolling diabetes:3 out; if none is running, send all traffic back "
+        "to green first"
+    )
+    assert router.get_weights() == Weights.blue_at(10)  # nothing of the first was touched
+    assert router.release(Colour.BLUE) == V2
+    assert not (tmp_path / "b.ledger.jsonl").exists()
+
+
+def test_a_rollout_whose_blue_was_taken_over_holds_and_resume_takes_it_back(
+    tmp_path: Path,
+) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl = controller(tmp_path, router)
+    assert ctl.run(max_ticks=1).blue_weight == 10
+    # Another rollout (or a hand) deploys its own candidate to blue and mirrors to it.
+    router.deploy(Colour.BLUE, V3)
+    router.set_weights(Weights.blue_at(0, 5))
+    held = ctl.run(max_ticks=5, stop_when_paused=True)
+    assert held.phase is Phase.PAUSED and held.held
+    assert router.release(Colour.BLUE) == V3  # not fought over
+    assert router.get_weights() == Weights.blue_at(0, 5)
+    assert (
+        "the data plane changed under this rollout (blue serves diabetes:3, not diabetes:2; "
+        "it sends blue 0 % + 5 % mirrored, not blue 10 %)" in held.reason
+    )
+    story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
+    assert "blue serves diabetes:3, not diabetes:2" in story
+
+    ctl.store.push_command(Command(id="r", kind="resume", by="ann", rollout=held.id))
+    resumed = ctl.run(max_ticks=1)
+    assert resumed.phase is Phase.PROGRESSING
+    assert router.release(Colour.BLUE) == V2 and router.get_weights() == Weights.blue_at(10)
+    final = ctl.run(max_ticks=500)
+    assert final.phase is Phase.SUCCEEDED and router.release(Colour.GREEN) == V2
+
+
+def test_weights_edited_by_hand_under_a_running_controller_hold_it(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl = controller(tmp_path, router)
+    status = ctl.run(max_ticks=1)
+    router.set_weights(Weights.blue_at(50))  # someone "helps" by hand
+    status = ctl.tick(status)
+    assert status.phase is Phase.PAUSED and status.held
+    assert "it sends blue 50 %, not blue 10 %" in status.reason
+    assert router.get_weights() == Weights.blue_at(50)
+
+
+def test_a_restart_finishes_the_ended_rollout_s_unapplied_actions_first(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl = controller(tmp_path, router)
+    status = ctl.run(max_ticks=1)
+    # Stopped right after deciding its rollback: blue still at 10 %, the ending not applied.
+    ended = replace(
+        status, phase=Phase.ROLLED_BACK, blue_weight=0, pending=(SetWeights(0),), applied=0
+    )
+    ctl.store.save(ended)
+    again = controller(tmp_path, router).run(max_ticks=1, restart=True)
+    assert again.id != status.id and again.phase is Phase.PROGRESSING
+    assert router.get_weights() == Weights.blue_at(10)  # the new rollout's first step
+
+
+def test_a_rollout_of_an_ended_one_s_leftover_blue_at_0_begins(tmp_path: Path) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1, Colour.BLUE: V3})
+    assert controller(tmp_path, router).run(max_ticks=1).blue_weight == 10
+    assert router.release(Colour.BLUE) == V2
+
+
+def test_simulated_metrics_are_unchanged_by_the_reads(tmp_path: Path) -> None:
+    """The reads of what the data plane serves are not observations: a simulated run's ticks
+    stay where they were (the analysis benchmark drives this controller)."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl = controller(tmp_path, router)
+    assert isinstance(ctl.metrics, SimulatedMetrics)
+    final = ctl.run(max_ticks=500)
+    assert final.phase is Phase.SUCCEEDED
