@@ -10,6 +10,12 @@ receives Azure Event Grid's ModelRegistered events. `--delivery` picks the deliv
   to the Azure ML workspace named by --subscription/--resource-group/--workspace, whose registry
   is the one watched; the job rolls out and writes the registry tags.
 
+`watch --once` exits with the code of the worst outcome of its pass, as `aml-rollout rollout
+run` would for that outcome (`once_exit_code`): 0 when every version was promoted (or superseded,
+skipped, submitted — or nothing was new), 3 rolled back, 4 a first release's check undecided, 5
+failed (a rollout, a first release's check, a version that could not be delivered); 2 is an error
+to fix (bad options, the lock held, a router or registry unreachable), as for every command.
+
 Only typer and the stdlib are imported at module level; the rest is imported inside the commands
 so that `aml-rollout --help` stays fast.
 """
@@ -240,6 +246,26 @@ def _warn_unknown_models(registry: ModelRegistry, models: Sequence[str]) -> list
     return missing
 
 
+def once_exit_code(phases: Sequence[str]) -> int:
+    """`watch --once`'s exit code for the outcomes (`DeliveryOutcome.phase`) of its pass: the
+    highest of their codes, which is the worst outcome — failed 5, undecided 4, rolled back 3 —
+    and 0 for none (nothing new). Each is `aml-rollout rollout run`'s code for that phase; a
+    first release's undecided check is its `bootstrap --check` code; a version closed `missing`
+    (not in the registry when its turn came) was not delivered: failed. Superseded, skipped and
+    submitted versions (`--delivery pipeline`: the job holds the verdict) are 0."""
+    from aml_pipelines.delivery import FAILED, INCONCLUSIVE, ROLLED_BACK
+    from aml_pipelines.trigger.store import MISSING
+    from rollout.commands.rollout import EXIT_FAILED, EXIT_PAUSED, EXIT_ROLLED_BACK
+
+    codes = {
+        ROLLED_BACK: EXIT_ROLLED_BACK,
+        INCONCLUSIVE: EXIT_PAUSED,
+        FAILED: EXIT_FAILED,
+        MISSING: EXIT_FAILED,
+    }
+    return max((codes.get(phase, 0) for phase in phases), default=0)
+
+
 def _stop_on_signals(stop: Any) -> None:
     def handler(signum: int, _frame: Any) -> None:
         logging.getLogger(__name__).info(
@@ -262,7 +288,12 @@ def watch(
         float, typer.Option("--interval", min=0.1, help="Seconds between registry polls.")
     ] = 10.0,
     once: Annotated[
-        bool, typer.Option("--once", help="Poll once, deliver what is new, then exit.")
+        bool,
+        typer.Option(
+            "--once",
+            help="Poll once, deliver what is new, then exit with the worst outcome: 0 promoted "
+            "(or nothing new), 3 rolled back, 4 a first release undecided, 5 failed, 2 error.",
+        ),
     ] = False,
     supersede: SupersedeOpt = False,
     state_dir: StateOpt = DEFAULT_STATE,
@@ -298,6 +329,7 @@ def watch(
             typer.echo(
                 f"{model}: " + ("not in the registry" if unknown else "no new version to deliver")
             )
+        raise typer.Exit(once_exit_code([outcome.phase for outcome in outcomes]))
 
 
 @trigger_app.command("serve")

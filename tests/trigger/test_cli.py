@@ -152,7 +152,8 @@ def test_watch_rolls_back_a_bad_candidate_with_the_ledger_reason(
 ) -> None:
     _spec(tmp_path, canary_error_rate=0.3)
     done = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once"))
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 3, done.stderr  # as `rollout run`'s: a CI step can tell
+    assert done.stdout.startswith("diabetes v2: RolledBack ")
     v1, v2 = registry.list_versions("diabetes")
     assert (v1.stage, v2.stage) == ("production", "rolled-back")
     assert v2.tags["rollback_reason"] == _status(tmp_path)["reason"]
@@ -166,7 +167,7 @@ def test_watch_says_a_first_release_failed_its_check_and_tags_it(tmp_path: Path)
     register(registry, tmp_path, stage="candidate")
     _spec(tmp_path, baseline_error_rate=0.3)  # green's traffic: the first release's
     done = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once"))
-    assert done.returncode == 0, done.stderr  # as for a rollback: the outcome line tells
+    assert done.returncode == 5, done.stderr  # failed, as `rollout bootstrap --check` says
     assert done.stdout.startswith(
         "diabetes v1: Failed first release of diabetes: deployed to green with all traffic; "
         "its check on the absolute limits Failed: error rate "
@@ -181,6 +182,28 @@ def test_watch_says_a_first_release_failed_its_check_and_tags_it(tmp_path: Path)
     assert (entry.step, entry.outcome) == (Step.DONE, "Failed")
     again = _run(_cli(tmp_path, "watch", "--model", "diabetes", "--once"))
     assert again.stdout == "diabetes: no new version to deliver\n"
+    assert again.returncode == 0, again.stderr  # nothing new: the failure was told once
+
+
+@pytest.mark.parametrize(
+    ("phases", "code"),
+    [
+        pytest.param([], 0, id="nothing-new"),
+        pytest.param(["Succeeded"], 0, id="promoted"),
+        pytest.param(["superseded", "skipped", "Submitted", "Succeeded"], 0, id="none-failed"),
+        pytest.param(["RolledBack"], 3, id="rolled-back"),
+        pytest.param(["Inconclusive"], 4, id="first-release-undecided"),
+        pytest.param(["Failed"], 5, id="failed"),
+        pytest.param(["missing"], 5, id="missing-not-delivered"),
+        pytest.param(["RolledBack", "Succeeded"], 3, id="a-rollback-then-a-promotion"),
+        pytest.param(["Inconclusive", "RolledBack"], 4, id="undecided-over-rolled-back"),
+        pytest.param(["RolledBack", "Failed", "Succeeded"], 5, id="failed-is-the-worst"),
+    ],
+)
+def test_watch_once_exits_with_the_worst_outcome(phases: list[str], code: int) -> None:
+    from aml_pipelines.trigger.cli import once_exit_code
+
+    assert once_exit_code(phases) == code
 
 
 def test_sigkilled_watcher_resumes_the_rollout_from_the_state_store(
