@@ -91,14 +91,22 @@ class MemoryRouter:
         # Data plane first, journal second: a kill in between leaves an applied-but-unjournalled
         # action, which the idempotent re-apply after restart journals. The reverse order could
         # journal something the data plane never served.
-        if self._state_file is not None:
-            _atomic_write_json(self._state_file, self._snapshot())
-        if self._journal is not None:
-            line = json.dumps({"action": action, **fields}, sort_keys=True) + "\n"
-            with self._journal.open("a", encoding="utf-8") as fh:
-                fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
+        path = self._state_file
+        try:
+            if path is not None:
+                _atomic_write_json(path, self._snapshot())
+            if (path := self._journal) is not None:
+                line = json.dumps({"action": action, **fields}, sort_keys=True) + "\n"
+                with path.open("a", encoding="utf-8") as fh:
+                    fh.write(line)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        except OSError as exc:
+            # A folder that does not exist, a read-only one: no retry writes it (one line, not
+            # a traceback). The spec names the file (`router.state_file` or `router.journal`).
+            raise RouterRefused(
+                f"memory router: cannot write {path}: {exc.strerror or exc}"
+            ) from exc
 
     def _snapshot(self) -> dict[str, Any]:
         return {

@@ -150,6 +150,18 @@ def test_run_promotes_with_exit_0_then_explain_tells_the_story(tmp_path: Path) -
     assert code == EXIT_PROMOTED and "already ended (Succeeded)" in out
 
 
+@pytest.mark.parametrize("field", ["state_file", "journal"])
+def test_a_memory_router_file_in_a_missing_folder_is_one_line_not_a_traceback(
+    tmp_path: Path, field: str
+) -> None:
+    missing = tmp_path / "no-such-dir" / "routes.json"
+    spec = write_spec(tmp_path, router={"kind": "memory", field: str(missing)})
+    code, out = invoke("run", str(spec), "--simulated-time", "-q")
+    assert code == EXIT_ERROR, out
+    assert f"memory router: cannot write {missing}: No such file or directory" in out
+    assert "Traceback" not in out
+
+
 def test_run_rolls_back_with_exit_3(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, canary_error=0.08)
     code, out = invoke("run", str(spec), "--simulated-time")
