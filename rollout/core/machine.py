@@ -21,6 +21,9 @@ its actions through the router. Phases (terminal in brackets):
 - Paused: no step advances, but the judge keeps watching: a clear regression still rolls back.
 - Operator commands (pause, resume, promote, abort, set_weight) arrive queued in the status and
   are handled here, in order, at the start of a tick — never racing an analysis.
+- A data plane that no longer serves what the rollout set (another rollout on it, a hand edit;
+  `served`, read by the controller) holds for a human before the judge looks: those counts are
+  not the step's evidence. A resume sets it back.
 - A plan edited mid-rollout (`steps` changed, then the controller restarted): the step goes on
   as blue's weight's step in the new plan; a weight the new plan lacks holds for a human.
 
