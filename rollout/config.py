@@ -733,10 +733,20 @@ class LatencyCheck(_Model):
         return self
 
 
+#: The shortest tick: each one saves the status and a ledger line, so faster is a busy loop
+#: (0.001 wrote a thousand ledger lines a second), whatever the backends.
+MIN_INTERVAL_S = 0.01
+#: The shortest tick when a tick reaches a service over the network (`RolloutSpec._tick_floor`):
+#: Prometheus has nothing new before its next scrape (the local stack's is 1 s, a cluster's
+#: commonly 15 s or more), Log Analytics throttles a user at about 200 queries a minute, and the
+#: kubernetes store writes a ConfigMap every tick.
+MIN_REMOTE_INTERVAL_S = 1.0
+
+
 class AnalysisConfig(_Model):
     """How each step is judged."""
 
-    interval_s: float = Field(default=10.0, gt=0)
+    interval_s: float = Field(default=10.0, ge=MIN_INTERVAL_S)
     alpha: float = Field(default=0.05, gt=0, lt=0.5)
     #: Canary requests a step needs before it may advance (evidence, not mere absence of alarm).
     min_requests: int = Field(default=200, ge=0)
@@ -1082,6 +1092,30 @@ class RolloutSpec(_Model):
                 "the istio metrics preset cannot see a shadow step: Istio's source reporter does "
                 "not count mirrored requests (istio/istio#23496). Set mirror_percent to 0 (the "
                 "0 % step then only deploys blue) or read blue with `preset: custom` queries",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tick_floor(self) -> RolloutSpec:
+        """A tick that queries a metrics service or writes to the API server is not sent faster
+        than MIN_REMOTE_INTERVAL_S: `interval_s: 0.05` would hammer it for nothing new."""
+        remote = [
+            f"{section} kind {config.kind}"
+            for section, config in (("metrics", self.metrics), ("state", self.state))
+            if isinstance(
+                config,
+                PrometheusMetricsConfig | AzureMonitorMetricsConfig | KubernetesStateConfig,
+            )
+        ]
+        interval = self.analysis.interval_s
+        if remote and interval < MIN_REMOTE_INTERVAL_S:
+            _field_error(
+                self,
+                ("analysis", "interval_s"),
+                interval,
+                f"{interval:g} s is below {MIN_REMOTE_INTERVAL_S:g} s, the shortest tick with "
+                f"{' and '.join(remote)}: each tick reaches {'them' if len(remote) > 1 else 'it'} "
+                "over the network (the value is in seconds)",
             )
         return self
 

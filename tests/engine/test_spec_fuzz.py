@@ -252,6 +252,37 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             id="interval-inf",  # reached time.sleep(inf) in the controller
         ),
         pytest.param(
+            BASES[4],
+            "analysis.interval_s",
+            0.001,
+            "analysis.interval_s: Input should be greater than or equal to 0.01",
+            id="interval-busy-loop",  # ticked a thousand times a second, a ledger line each
+        ),
+        pytest.param(
+            BASES[1],
+            "analysis.interval_s",
+            0.5,
+            "analysis.interval_s: 0.5 s is below 1 s, the shortest tick with metrics kind "
+            "prometheus: each tick reaches it over the network (the value is in seconds)",
+            id="interval-hammers-prometheus",  # queried Prometheus between its scrapes
+        ),
+        pytest.param(
+            BASES[2],
+            "analysis.interval_s",
+            0.2,
+            "analysis.interval_s: 0.2 s is below 1 s, the shortest tick with metrics kind "
+            "prometheus and state kind kubernetes: each tick reaches them over the network",
+            id="interval-hammers-the-api-server",  # a ConfigMap written five times a second
+        ),
+        pytest.param(
+            BASES[3],
+            "analysis.interval_s",
+            0.9,
+            "analysis.interval_s: 0.9 s is below 1 s, the shortest tick with metrics kind "
+            "azuremonitor",
+            id="interval-hammers-log-analytics",
+        ),
+        pytest.param(
             BASES[1],
             "router.timeout_s",
             math.inf,
@@ -626,3 +657,17 @@ def test_any_text_loads_or_is_one_config_error(pieces: list[str]) -> None:
         except ConfigError as exc:
             # One line, but for a key YAML read as a boolean: that line, then the other problems.
             assert "\n" not in str(exc) or "reads as a boolean" in str(exc), str(exc)
+
+
+@pytest.mark.parametrize(
+    ("base", "interval"),
+    [
+        pytest.param(BASES[4], 0.01, id="simulated-at-the-floor"),  # fast demos and tests
+        pytest.param(BASES[0], 0.02, id="static"),
+        pytest.param(BASES[1], 1, id="prometheus-at-1-s"),  # the local stack scrapes every 1 s
+        pytest.param(BASES[2], 1.0, id="kubernetes-store-at-1-s"),
+    ],
+)
+def test_the_shortest_ticks_each_backend_allows_load(base: dict[str, Any], interval: float) -> None:
+    spec = spec_from_dict(_with(base, "analysis.interval_s", interval))
+    assert spec.analysis.interval_s == interval
