@@ -41,6 +41,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     field_serializer,
     field_validator,
@@ -85,6 +86,14 @@ class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid", frozen=True, allow_inf_nan=False, ser_json_inf_nan="constants"
     )
+
+
+#: A number of the spec: an int or a float as YAML read it. pydantic's lax mode took `"5"` as 5
+#: and `yes` as 1 (while `"5s"` was refused): a number a template quoted, or a value misplaced,
+#: loaded as if meant. Strict, it takes neither (an int is still a float); `_format` says why.
+Number = Annotated[float, Strict()]
+#: A whole number of the spec: an int as YAML read it (not `15.0`, nor text, nor a boolean).
+WholeNumber = Annotated[int, Strict()]
 
 
 #: An HTTP header name: a token of RFC 9110 (letters, digits and !#$%&'*+-.^_`|~).
@@ -197,7 +206,7 @@ class EnvoyRouterConfig(_Model):
     #: Where the scoring processes started by `deploy` are recorded (default `workloads/` next to
     #: `routes_file`); the local stack stops every process recorded there.
     workloads_dir: Path | None = None
-    timeout_s: float = Field(default=5.0, gt=0)
+    timeout_s: Number = Field(default=5.0, gt=0)
 
     @property
     def identity(self) -> str:
@@ -233,11 +242,11 @@ class IstioRouterConfig(KubeApiConfig):
     hosts: KubeHosts = Field(default_factory=lambda: ["*"])
     #: Requests carrying `<header>: blue|green` go to that colour's pinned Service.
     header: HeaderName = "x-api-version"
-    port: int = Field(default=80, gt=0, lt=65536)
-    container_port: int = Field(default=8000, gt=0, lt=65536)
-    replicas: int = Field(default=1, ge=0)
+    port: WholeNumber = Field(default=80, gt=0, lt=65536)
+    container_port: WholeNumber = Field(default=8000, gt=0, lt=65536)
+    replicas: WholeNumber = Field(default=1, ge=0)
     #: How long `deploy` waits for the new pods to be available before failing.
-    ready_timeout_s: float = Field(default=300.0, gt=0)
+    ready_timeout_s: Number = Field(default=300.0, gt=0)
     #: The `istio:` label of the ingress gateway pods the Gateway binds to: `ingressgateway`
     #: for Istio's own install; AKS's Istio add-on labels its gateways
     #: `aks-istio-ingressgateway-external` / `-internal`.
@@ -339,16 +348,16 @@ class AzureMLRouterConfig(_Model):
     endpoint: Annotated[str, AfterValidator(azure_ml_name)]
     deployments: ColourNames = Field(default_factory=ColourNames)
     instance_type: str = "Standard_DS3_v2"
-    instance_count: int = Field(default=1, ge=1)
+    instance_count: WholeNumber = Field(default=1, ge=1)
     environment: str | None = None
     code: str | None = None
     scoring_script: str = "score.py"
     #: How long `deploy` and `remove` wait for Azure to create, update or delete a deployment
     #: (image build, VMs) or the endpoint before failing; Azure carries on.
-    deploy_timeout_s: float = Field(default=3600.0, gt=0, allow_inf_nan=False)
+    deploy_timeout_s: Number = Field(default=3600.0, gt=0, allow_inf_nan=False)
     #: How long a change of the endpoint's traffic (or mirror) may take before failing. No VMs
     #: move, Azure applies it in seconds to a couple of minutes; a rollback waits on it.
-    traffic_timeout_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
+    traffic_timeout_s: Number = Field(default=300.0, gt=0, allow_inf_nan=False)
 
     @field_validator("environment")
     @classmethod
@@ -409,33 +418,35 @@ def bucket_bounds(bounds: tuple[float, ...]) -> tuple[float, ...]:
     return bounds
 
 
-BucketBounds = Annotated[tuple[float, ...], AfterValidator(bucket_bounds)]
+BucketBounds = Annotated[tuple[Number, ...], AfterValidator(bucket_bounds)]
 
 
 class LatencyModel(_Model):
     """Lognormal latency: median in milliseconds and sigma of the underlying normal."""
 
-    median: float = Field(default=20.0, gt=0)
-    sigma: float = Field(default=0.4, ge=0)
+    median: Number = Field(default=20.0, gt=0)
+    sigma: Number = Field(default=0.4, ge=0)
 
 
 class TrafficModel(_Model):
     """How one colour behaves in simulation."""
 
-    error_rate: float = Field(default=0.001, ge=0, le=1)
+    error_rate: Number = Field(default=0.001, ge=0, le=1)
     latency_ms: LatencyModel = Field(default_factory=LatencyModel)
     #: The canary behaves like this from this simulated second on (before: like the baseline).
-    from_s: float = Field(default=0.0, ge=0)
+    from_s: Number = Field(default=0.0, ge=0)
 
 
 class TickCounts(_Model):
     """One colour's cumulative counts in a scripted observation (`StaticTick`)."""
 
-    requests: int = Field(default=0, ge=0)
-    errors: int = Field(default=0, ge=0)
+    requests: WholeNumber = Field(default=0, ge=0)
+    errors: WholeNumber = Field(default=0, ge=0)
     #: [upper bound in seconds, cumulative count] per histogram bucket; `.inf` is Prometheus' +Inf.
     latency_buckets: list[
-        tuple[Annotated[float, Field(gt=0, allow_inf_nan=True)], Annotated[int, Field(ge=0)]]
+        tuple[
+            Annotated[Number, Field(gt=0, allow_inf_nan=True)], Annotated[WholeNumber, Field(ge=0)]
+        ]
     ] = Field(default_factory=list)
 
     @field_validator("latency_buckets")
@@ -478,7 +489,7 @@ class SimulatedMetricsConfig(_Model):
 
     kind: Literal["simulated"] = "simulated"
     #: numpy's generators take no negative seed (`seed: -1` loaded, then crashed `run`).
-    seed: int = Field(default=0, ge=0)
+    seed: WholeNumber = Field(default=0, ge=0)
     #: Total requests per second, or a step profile of [t_seconds, rps] points.
     rps: float | list[tuple[float, float]] = 10.0
     baseline: TrafficModel = Field(default_factory=TrafficModel)
@@ -559,7 +570,7 @@ class PrometheusMetricsConfig(_Model):
     #: For Istio: the namespace of the destination workloads.
     namespace: str | None = None
     latency_unit: Literal["ms", "s"] = "ms"
-    timeout_s: float = Field(default=5.0, gt=0)
+    timeout_s: Number = Field(default=5.0, gt=0)
     #: A bearer token in this environment variable (read once, at start).
     bearer_token_env: str | None = Field(default=None, min_length=1)
     #: A bearer token in this file, read again for every request (a rotated Secret is picked up).
@@ -654,7 +665,7 @@ class AzureMonitorMetricsConfig(_Model):
     buckets_ms: BucketBounds = AZURE_LOG_BUCKETS_MS
     #: The Logs query API (sovereign clouds have their own, e.g. https://api.loganalytics.azure.cn).
     logs_url: str = "https://api.loganalytics.io"
-    timeout_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    timeout_s: Number = Field(default=30.0, gt=0, allow_inf_nan=False)
 
     @field_validator("logs_url")
     @classmethod
@@ -691,13 +702,13 @@ class ErrorCheck(_Model):
     enabled: bool = True
     #: Relative margin: promotion needs evidence that canary rate < max_ratio × baseline rate,
     #: and the sequential test hunts for any ratio > 1.
-    max_ratio: float = Field(default=2.0, gt=1, le=MAX_RATIO)
+    max_ratio: Number = Field(default=2.0, gt=1, le=MAX_RATIO)
     #: Absolute guard: roll back at once when the canary's error rate is confidently above this.
-    max_rate: float | None = Field(default=0.1, gt=0, le=1)
+    max_rate: Number | None = Field(default=0.1, gt=0, le=1)
     #: An error rate this low is fine whatever the baseline does: promotion needs evidence that
     #: the canary is < max_ratio × baseline OR below this rate (0 turns the second part off).
     #: Without it a service with no errors at all could never show it is not worse.
-    negligible_rate: float = Field(default=0.001, ge=0, lt=1)
+    negligible_rate: Number = Field(default=0.001, ge=0, lt=1)
 
 
 class LatencyCheck(_Model):
@@ -710,14 +721,14 @@ class LatencyCheck(_Model):
     #: With `baseline_p99`: look this far back before the rollout for green's histogram, so the
     #: bucket is chosen before the first step and the check judges from the first tick (it needs
     #: 500 green requests in the window; otherwise, or with 0, the first step's are used).
-    history_s: float = Field(default=600.0, ge=0)
-    slo_ms: float | None = Field(default=None, gt=0)
-    max_ratio: float = Field(default=2.0, gt=1, le=MAX_RATIO)
+    history_s: Number = Field(default=600.0, ge=0)
+    slo_ms: Number | None = Field(default=None, gt=0)
+    max_ratio: Number = Field(default=2.0, gt=1, le=MAX_RATIO)
     #: Absolute guard on the canary's share of requests above the SLO bucket (needs `slo_ms`).
-    max_slow_rate: float | None = Field(default=None, gt=0, le=1)
+    max_slow_rate: Number | None = Field(default=None, gt=0, le=1)
     #: A share of slow requests this low is fine whatever the baseline does (as for errors; it
     #: matters with `threshold: slo`, where a fast service has no slow requests at all). 0: off.
-    negligible_rate: float = Field(default=0.001, ge=0, lt=1)
+    negligible_rate: Number = Field(default=0.001, ge=0, lt=1)
 
     @property
     def uses_baseline_p99(self) -> bool:
@@ -733,24 +744,34 @@ class LatencyCheck(_Model):
         return self
 
 
+#: The shortest tick: each one saves the status and a ledger line, so faster is a busy loop
+#: (0.001 wrote a thousand ledger lines a second), whatever the backends.
+MIN_INTERVAL_S = 0.01
+#: The shortest tick when a tick reaches a service over the network (`RolloutSpec._tick_floor`):
+#: Prometheus has nothing new before its next scrape (the local stack's is 1 s, a cluster's
+#: commonly 15 s or more), Log Analytics throttles a user at about 200 queries a minute, and the
+#: kubernetes store writes a ConfigMap every tick.
+MIN_REMOTE_INTERVAL_S = 1.0
+
+
 class AnalysisConfig(_Model):
     """How each step is judged."""
 
-    interval_s: float = Field(default=10.0, gt=0)
-    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    interval_s: Number = Field(default=10.0, ge=MIN_INTERVAL_S)
+    alpha: Number = Field(default=0.05, gt=0, lt=0.5)
     #: Canary requests a step needs before it may advance (evidence, not mere absence of alarm).
-    min_requests: int = Field(default=200, ge=0)
+    min_requests: WholeNumber = Field(default=200, ge=0)
     #: A step never advances sooner than this (defaults to one interval).
-    min_step_duration_s: float | None = Field(default=None, ge=0)
+    min_step_duration_s: Number | None = Field(default=None, ge=0)
     #: A step does not advance while the "worse" e-value is above this: the data favour a
     #: regression, so its exposure does not grow while the evidence builds up (1: any lean
     #: toward "worse"; null: advance regardless). Costs a healthy canary almost nothing (its
     #: e-value drifts below 1) and cuts the bad requests a moderate regression serves.
-    hold_above_e: float | None = Field(default=1.0, ge=1)
+    hold_above_e: Number | None = Field(default=1.0, ge=1)
     #: A step still inconclusive after this long follows `on_inconclusive`.
-    max_step_duration_s: float = Field(default=10800.0, gt=0)
+    max_step_duration_s: Number = Field(default=10800.0, gt=0)
     #: Consecutive ticks with unreadable metrics before the step counts as inconclusive.
-    max_consecutive_errors: int = Field(default=4, ge=1)
+    max_consecutive_errors: WholeNumber = Field(default=4, ge=1)
     errors: ErrorCheck = Field(default_factory=ErrorCheck)
     latency: LatencyCheck = Field(default_factory=LatencyCheck)
     on_inconclusive: Literal["hold", "rollback"] = "hold"
@@ -812,7 +833,7 @@ class FileStateConfig(_Model):
     dir: Path = Path(".rollout")
     #: Ignored, kept so that older specs load: the lease is a lock the kernel releases when its
     #: controller dies, so it never needs to expire.
-    lease_ttl_s: float | None = Field(default=None, gt=0)
+    lease_ttl_s: Number | None = Field(default=None, gt=0)
 
 
 class MemoryStateConfig(_Model):
@@ -821,7 +842,7 @@ class MemoryStateConfig(_Model):
     kind: Literal["memory"] = "memory"
     dir: Path = Path(".rollout")
     #: Ignored, as for `file`.
-    lease_ttl_s: float | None = Field(default=None, gt=0)
+    lease_ttl_s: Number | None = Field(default=None, gt=0)
 
 
 class KubernetesStateConfig(KubeApiConfig):
@@ -840,7 +861,7 @@ class KubernetesStateConfig(KubeApiConfig):
     #: Seconds the lease lasts without renewal (the Lease's `leaseDurationSeconds`; renewed every
     #: third of it). A controller that died is replaced once it has expired and a newcomer has
     #: watched it unchanged for this long again: at least twice this long after its last renewal.
-    lease_ttl_s: int = Field(default=15, ge=1, le=3600)
+    lease_ttl_s: WholeNumber = Field(default=15, ge=1, le=3600)
 
 
 def _file_by_default(data: Any) -> Any:
@@ -872,7 +893,7 @@ class NotifyConfig(_Model):
     )
     #: Per attempt; a failed or slow webhook never holds up the rollout (two attempts, then a
     #: warning in the log).
-    timeout_s: float = Field(default=5.0, gt=0, le=60)
+    timeout_s: Number = Field(default=5.0, gt=0, le=60)
 
     @field_validator("phases")
     @classmethod
@@ -924,7 +945,7 @@ class RolloutSpec(_Model):
     #: judged like any other on blue's answers to the copies, which no user ever sees. 0: the
     #: 0 % step only deploys blue, reachable by header. None: DEFAULT_MIRROR_PERCENT, or 0 with
     #: the istio metrics preset, which cannot count mirrored requests (see `shadow_percent`).
-    mirror_percent: int | None = Field(default=None, ge=0, le=100)
+    mirror_percent: WholeNumber | None = Field(default=None, ge=0, le=100)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     #: Requests carrying `<header>: blue|green` are pinned to that colour and not analysed.
     header: HeaderName = "x-api-version"
@@ -1086,6 +1107,30 @@ class RolloutSpec(_Model):
         return self
 
     @model_validator(mode="after")
+    def _tick_floor(self) -> RolloutSpec:
+        """A tick that queries a metrics service or writes to the API server is not sent faster
+        than MIN_REMOTE_INTERVAL_S: `interval_s: 0.05` would hammer it for nothing new."""
+        remote = [
+            f"{section} kind {config.kind}"
+            for section, config in (("metrics", self.metrics), ("state", self.state))
+            if isinstance(
+                config,
+                PrometheusMetricsConfig | AzureMonitorMetricsConfig | KubernetesStateConfig,
+            )
+        ]
+        interval = self.analysis.interval_s
+        if remote and interval < MIN_REMOTE_INTERVAL_S:
+            _field_error(
+                self,
+                ("analysis", "interval_s"),
+                interval,
+                f"{interval:g} s is below {MIN_REMOTE_INTERVAL_S:g} s, the shortest tick with "
+                f"{' and '.join(remote)}: each tick reaches {'them' if len(remote) > 1 else 'it'} "
+                "over the network (the value is in seconds)",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _kubernetes_names(self) -> RolloutSpec:
         """With the kubernetes store, the name names ConfigMaps and a Lease: say so at `name`."""
         if isinstance(self.state, KubernetesStateConfig):
@@ -1129,8 +1174,28 @@ def _format(exc: ValidationError) -> str:
     problems = []
     for err in exc.errors():
         where = ".".join(map(_loc_part, err["loc"])) or "(top level)"
-        problems.append(f"{where}: {err['msg']}")
+        problems.append(f"{where}: {_not_a_number(err) or err['msg']}")
     return "; ".join(problems)
+
+
+def _not_a_number(err: Any) -> str | None:
+    """What a Number or WholeNumber refused, said for YAML (pydantic says "Input should be a
+    valid number" of `"5"`, which reads as one); None for any other error."""
+    if err["type"] not in ("float_type", "int_type"):
+        return None
+    wanted = "a whole number" if err["type"] == "int_type" else "a number"
+    value = err["input"]
+    if isinstance(value, bool):  # YAML's true/false/yes/no/on/off
+        return f"expected {wanted}, got the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:  # "5s", "ten"
+            return f"expected {wanted}, got the text {value!r}"
+        return f"expected {wanted}, got the text {value!r}: write it without quotes"
+    if isinstance(value, float):
+        return f"expected {wanted}, got {value!r}"
+    return None
 
 
 def _loc_part(part: str | int) -> str:

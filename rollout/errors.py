@@ -59,8 +59,9 @@ class RouterRefused(RouterError):
     change: a namespace that does not exist, a release without what the router deploys, traffic
     held by a deployment that is not ours to move, traffic to a colour with nothing deployed,
     credentials or permissions the control plane refuses (401, 403), an object it refuses as
-    invalid. The controller does not retry it (a blip, a 409, a 429, a 5xx, a timeout stay
-    plain RouterError, and are retried); the message says what to fix."""
+    invalid, an API it does not serve (no Istio). The controller does not retry it (a blip, a
+    409, a 429, a 5xx, a timeout stay plain RouterError, and are retried); the message says what
+    to fix."""
 
 
 #: Why a colour's deployment that is gone refuses traffic for good, and what brings it back

@@ -38,7 +38,8 @@ retries is ConflictError; no answer at all from the API server is RouterUnavaila
 that do not become ready are DeployFailed. A refusal that no retry changes is RouterRefused
 (DeployFailed is one): a namespace that does not exist, a release without an image, a 401 or
 403 (credentials or RBAC), a 400 or 422 (an object refused as invalid: `kubeapi.REFUSED`),
-traffic to a colour with no Deployment. Only the
+traffic to a colour with no Deployment, a 404 for a resource type the API server does not serve
+(`kubeapi.not_served`: no Istio, or one before 1.22). Only the
 verbs in `istio_manifests.ROLE_RULES` are used (checked by a test against a recorded run), so
 the rendered RBAC Role is enough.
 """
@@ -450,11 +451,20 @@ def _model(cls: Any, body: dict[str, Any]) -> Any:
 def _router_error(
     what: str, exc: ApiException, host: str, credentials: kubeapi.Credentials | None
 ) -> RouterError:
-    if kubeapi.not_served(exc):  # not a missing object: the API itself is not there
-        return RouterError(
-            f"{what}: the API server at {host} does not serve this resource type (HTTP 404 naming "
-            f"no object); the router needs {m.ISTIO_GROUP}/{m.ISTIO_VERSION}, served by Istio "
-            "1.22 or later: is Istio installed, and recent enough?"
+    if kubeapi.not_served(exc):
+        # Not a missing object: the API itself is not there, and asking again will not install
+        # it (retried, it was 4 attempts over 7 s, then "failed 4 times").
+        if _ISTIO_KINDS & set(what.split()):  # "create VirtualService ml/diabetes", say
+            fix = (
+                f"the router needs {m.ISTIO_GROUP}/{m.ISTIO_VERSION}, served by Istio 1.22 or "
+                f"later: is Istio installed, and recent enough? (`kubectl api-versions | grep "
+                f"{m.ISTIO_GROUP}`)"
+            )
+        else:  # apps/v1 and v1 are served by every API server: this is not one
+            fix = "is it a Kubernetes API server? (check router.api_url or the kubeconfig)"
+        return RouterRefused(
+            f"{what}: the API server at {host} does not serve this resource type (HTTP 404 "
+            f"naming no object); {fix}"
         )
     said = f"{what}: {kubeapi.describe(exc, credentials)}"
     if exc.status in kubeapi.REFUSED:  # credentials, RBAC, an invalid object: final answers
@@ -463,6 +473,9 @@ def _router_error(
     cls = ConflictError if exc.status == _CONFLICT else RouterError
     return cls(f"{said} [{host}]")
 
+
+#: The kinds of networking.istio.io the router reads and writes, as its error messages name them.
+_ISTIO_KINDS = frozenset({"Gateway", "VirtualService"})
 
 _INVALID = (
     " (refused as invalid, and sent again it would be again: fix what the API server names, in "

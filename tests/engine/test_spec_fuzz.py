@@ -252,6 +252,37 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             id="interval-inf",  # reached time.sleep(inf) in the controller
         ),
         pytest.param(
+            BASES[4],
+            "analysis.interval_s",
+            0.001,
+            "analysis.interval_s: Input should be greater than or equal to 0.01",
+            id="interval-busy-loop",  # ticked a thousand times a second, a ledger line each
+        ),
+        pytest.param(
+            BASES[1],
+            "analysis.interval_s",
+            0.5,
+            "analysis.interval_s: 0.5 s is below 1 s, the shortest tick with metrics kind "
+            "prometheus: each tick reaches it over the network (the value is in seconds)",
+            id="interval-hammers-prometheus",  # queried Prometheus between its scrapes
+        ),
+        pytest.param(
+            BASES[2],
+            "analysis.interval_s",
+            0.2,
+            "analysis.interval_s: 0.2 s is below 1 s, the shortest tick with metrics kind "
+            "prometheus and state kind kubernetes: each tick reaches them over the network",
+            id="interval-hammers-the-api-server",  # a ConfigMap written five times a second
+        ),
+        pytest.param(
+            BASES[3],
+            "analysis.interval_s",
+            0.9,
+            "analysis.interval_s: 0.9 s is below 1 s, the shortest tick with metrics kind "
+            "azuremonitor",
+            id="interval-hammers-log-analytics",
+        ),
+        pytest.param(
             BASES[1],
             "router.timeout_s",
             math.inf,
@@ -290,7 +321,7 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             BASES[0],
             "metrics.ticks",
             [{"blue": {"requests": math.nan}}],
-            "metrics.static.ticks.0.blue.requests: Input should be a finite number",
+            "metrics.static.ticks.0.blue.requests: expected a whole number, got nan",
             id="tick-count-nan",  # was taken, and crashed the first observation (int(nan))
         ),
         pytest.param(
@@ -626,3 +657,86 @@ def test_any_text_loads_or_is_one_config_error(pieces: list[str]) -> None:
         except ConfigError as exc:
             # One line, but for a key YAML read as a boolean: that line, then the other problems.
             assert "\n" not in str(exc) or "reads as a boolean" in str(exc), str(exc)
+
+
+@pytest.mark.parametrize(
+    ("base", "interval"),
+    [
+        pytest.param(BASES[4], 0.01, id="simulated-at-the-floor"),  # fast demos and tests
+        pytest.param(BASES[0], 0.02, id="static"),
+        pytest.param(BASES[1], 1, id="prometheus-at-1-s"),  # the local stack scrapes every 1 s
+        pytest.param(BASES[2], 1.0, id="kubernetes-store-at-1-s"),
+    ],
+)
+def test_the_shortest_ticks_each_backend_allows_load(base: dict[str, Any], interval: float) -> None:
+    spec = spec_from_dict(_with(base, "analysis.interval_s", interval))
+    assert spec.analysis.interval_s == interval
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            'analysis: {interval_s: "5"}\n',
+            "analysis.interval_s: expected a number, got the text '5': write it without quotes",
+            id="quoted-interval",  # was 5.0, while "5s" was refused: a template's quotes
+        ),
+        pytest.param(
+            "analysis: {interval_s: '5s'}\n",
+            "analysis.interval_s: expected a number, got the text '5s'",
+            id="interval-with-a-unit",
+        ),
+        pytest.param(
+            "analysis: {min_requests: '200'}\n",
+            "analysis.min_requests: expected a whole number, got the text '200': write it",
+            id="quoted-count",
+        ),
+        pytest.param(
+            "analysis: {errors: {max_rate: yes}}\n",
+            "analysis.errors.max_rate: expected a number, got the boolean true",
+            id="boolean-rate",  # was 1.0: 100 % errors allowed
+        ),
+        pytest.param(
+            "analysis: {min_requests: 200.5}\n",
+            "analysis.min_requests: expected a whole number, got 200.5",
+            id="fractional-count",
+        ),
+        pytest.param(
+            "analysis: {min_requests: 200.0}\n",
+            "analysis.min_requests: expected a whole number, got 200.0",
+            id="count-written-as-a-float",  # as strict as the text: what YAML read is what counts
+        ),
+        pytest.param(
+            "metrics: {kind: static, history: {green: {latency_buckets: [[5, '800']]}}}\n",
+            "metrics.static.history.green.latency_buckets.0.1: expected a whole number, got the "
+            "text '800'",
+            id="quoted-bucket-count",  # inside a list of pairs too
+        ),
+        pytest.param(
+            "router: {kind: istio, namespace: ml, app: a, port: '80'}\n",
+            "router.istio.port: expected a whole number, got the text '80'",
+            id="quoted-port",
+        ),
+        pytest.param(
+            "mirror_percent: '5'\nsteps: [0, 50, 100]\n",
+            "mirror_percent: expected a whole number, got the text '5'",
+            id="quoted-percent",
+        ),
+    ],
+)
+def test_a_number_is_a_number_not_text(text: str, message: str, tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        load_spec(spec)
+    assert str(refused.value).startswith(f"{spec}: {message}"), str(refused.value)
+
+
+def test_a_whole_number_is_a_number() -> None:
+    """Strict, not pedantic: an int is taken wherever a float is (`interval_s: 5`)."""
+    spec = spec_from_dict(
+        {"analysis": {"interval_s": 5, "max_step_duration_s": 60, "errors": {"max_rate": 1}}}
+    )
+    assert spec.analysis.interval_s == 5.0
+    assert spec.analysis.max_step_duration_s == 60.0
+    assert spec.analysis.errors.max_rate == 1.0

@@ -13,6 +13,7 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from rollout.routers.factory import make_router
 from rollout.routers.istio import IstioRouter
 from rollout.state.kubernetes import KubernetesStateStore
 from tests.fakes.kube_apiserver import ApiError, FakeKubeApiServer
+from tests.fakes.server import LocalServer
 from tests.routers.contract import V1, V2, RouterContract, identity
 
 LAYOUT = m.IstioLayout(namespace="ml", app="diabetes")
@@ -709,11 +711,71 @@ def test_an_api_server_without_istio_v1_says_so(versions: tuple[str, ...], call:
     with FakeKubeApiServer(istio_versions=versions) as api:
         api.seed(m.namespace(LAYOUT), "namespaces")
         api.seed(m.deployment(LAYOUT, Colour.BLUE, V1), "deployments", "apps")
-        with pytest.raises(
-            RouterError, match=r"does not serve this resource type.*networking.istio.io/v1.*1\.22"
-        ):
+        # RouterRefused: installing Istio is what changes the answer, not asking again.
+        with pytest.raises(RouterRefused) as refused:
             call(make(api))
         assert api.exists(*DEPLOYMENT_BLUE[:3], group="apps")
+    assert re.fullmatch(
+        r"(create |write )?(VirtualService ml/diabetes|Gateway ml/diabetes-gateway): the API "
+        r"server at http://\S+ does not serve this resource type \(HTTP 404 naming no object\); "
+        r"the router needs networking\.istio\.io/v1, served by Istio 1\.22 or later: is Istio "
+        r"installed, and recent enough\? \(`kubectl api-versions \| grep networking\.istio\.io`\)",
+        str(refused.value),
+    )
+
+
+def test_the_controller_does_not_retry_an_api_server_without_istio(
+    api: FakeKubeApiServer, caplog: Any
+) -> None:
+    """Istio uninstalled (or never there): one GET of the VirtualService, no pause, and the
+    line that says so, not 'failed 4 times' after 1 + 2 + 4 s of asking again."""
+    ctl, clock = _controller(api)
+    api.istio_versions = ("",)
+    handle, asked = api.handle, []
+
+    def recorded(method: str, path: str, *args: Any) -> Any:
+        if m.ISTIO_GROUP in path:  # not in api.requests: a path no API serves is not recorded
+            asked.append(method)
+        return handle(method, path, *args)
+
+    api.handle = recorded  # type: ignore[method-assign]
+    with pytest.raises(RouterRefused, match="is Istio installed"):
+        ctl.run(max_ticks=5)
+    assert clock.now() == 1_000.0
+    assert asked == ["GET"]
+    assert "retrying" not in caplog.text
+
+
+class _NotKubernetes(BaseHTTPRequestHandler):
+    """Any HTTP server that is not an API server: `404 page not found` for every path."""
+
+    def do_GET(self) -> None:
+        body = b"404 page not found\n"
+        self.send_response(404)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+def test_an_api_url_that_is_no_api_server_is_not_taken_for_istio_missing() -> None:
+    server = LocalServer(_NotKubernetes)
+    server.start()
+    try:
+        configuration = k8s.Configuration()
+        configuration.host = server.url
+        with pytest.raises(RouterRefused) as refused:
+            IstioRouter(LAYOUT, k8s.ApiClient(configuration)).deploy(Colour.GREEN, V1)
+    finally:
+        server.stop()
+    assert str(refused.value) == (
+        f"Service ml/diabetes-green: the API server at {server.url} does not serve this resource "
+        "type (HTTP 404 naming no object); is it a Kubernetes API server? (check router.api_url "
+        "or the kubeconfig)"
+    )
 
 
 def refuse_everything(api: FakeKubeApiServer, code: int) -> None:

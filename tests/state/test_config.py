@@ -77,7 +77,7 @@ def test_file_still_accepts_and_ignores_lease_ttl_s() -> None:
         ),
         pytest.param(
             {"kind": "kubernetes", "namespace": "ml", "lease_ttl_s": 2.5}, "diabetes",
-            "state.kubernetes.lease_ttl_s: Input should be a valid integer",
+            "state.kubernetes.lease_ttl_s: expected a whole number, got 2.5",
             id="fractional-ttl",
         ),
         pytest.param(
