@@ -409,6 +409,8 @@ class Controller:
         weights, each judging traffic the other split."""
         try:
             weights = self.router.get_weights()
+        except RouterRefused:
+            raise  # an answer (no Istio on the API server, no access): the deploy would meet it
         except RouterError:
             return  # no traffic split to read yet (a new Azure endpoint): nothing drives it
         if not (weights.blue or weights.mirror):

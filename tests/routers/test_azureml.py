@@ -1646,3 +1646,52 @@ def test_a_timeout_must_be_a_finite_positive_number(field: str, value: float) ->
     base = {"subscription_id": SUB, "resource_group": RG, "workspace": WS, "endpoint": "ep-1"}
     with pytest.raises(ValidationError, match=field):
         AzureMLRouterConfig.model_validate({"kind": "azureml", **base, field: value})
+
+
+def azure_spec(router: AzureMLRouter, tmp_path: Path) -> Any:
+    return spec_from_dict({
+        "name": "diabetes",
+        "router": {"kind": "azureml", "subscription_id": SUB, "resource_group": RG,
+                   "workspace": WS, "endpoint": router.endpoint},
+        "metrics": {"kind": "simulated", "seed": 5, "rps": 500,
+                    "baseline": {"error_rate": 0.01}, "canary": {"error_rate": 0.01}},
+        "steps": [0, 10, 100],
+        "mirror_percent": 5,
+        "analysis": {"interval_s": 10, "min_requests": 50, "latency": {"enabled": False}},
+        "state": {"dir": str(tmp_path / "state")},
+    })  # fmt: skip
+
+
+def test_a_rollout_through_the_endpoint_reads_back_what_it_set_at_every_tick(
+    arm: FakeArm, ml_client: Any, tmp_path: Path
+) -> None:
+    """The controller compares what the endpoint serves with its status at every tick (tags,
+    traffic, mirror traffic read back through the SDK): the same, or every rollout would hold."""
+    router = make_router(ml_client)
+    router.deploy(Colour.GREEN, V1)
+    router.set_weights(Weights.blue_at(0))
+    result = run_rollout(azure_spec(router, tmp_path), candidate=V2, router=router,
+                         clock=FakeClock(1_000.0))  # fmt: skip
+    assert result.phase is Phase.SUCCEEDED, result.reason
+    assert "drift" not in result.ledger_path.read_text()
+
+
+def test_traffic_moved_in_the_portal_mid_rollout_holds_it(
+    arm: FakeArm, ml_client: Any, tmp_path: Path
+) -> None:
+    router = make_router(ml_client)
+    router.deploy(Colour.GREEN, V1)
+    router.set_weights(Weights.blue_at(0))
+
+    def portal(status: Any, record: dict[str, Any]) -> None:
+        if status.blue_weight == 10 and status.phase is Phase.PROGRESSING:
+            found = endpoint(arm, router)
+            found["properties"].update(traffic={"green": 50, "blue": 50})
+            arm.resources[f"{WORKSPACE}/onlineEndpoints/{router.endpoint}".lower()] = found
+
+    result = run_rollout(azure_spec(router, tmp_path), candidate=V2, router=router,
+                         clock=FakeClock(1_000.0), on_tick=portal,
+                         stop_when_paused=True)  # fmt: skip
+    assert result.phase is Phase.PAUSED
+    assert "it sends blue 50 %, not blue 10 %" in result.reason
+    assert router.get_weights() == Weights.blue_at(50)  # not fought over
