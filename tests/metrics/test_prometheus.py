@@ -11,6 +11,7 @@ the URL (the judge's Error); the Istio and custom presets; the factory.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 
@@ -188,6 +189,106 @@ def test_failing_prometheus_is_an_error(prom: FakePrometheus) -> None:
     prom.status = 503
     observation = envoy(prom).observe(T0 - 10, T0)
     assert observation.error is not None and prom.url in observation.error
+
+
+def closed_port_url() -> str:
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        return f"http://127.0.0.1:{bound.getsockname()[1]}"
+
+
+class Answering:
+    """A server that is not Prometheus: every GET gets `status` and `body`."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(status)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = LocalServer(Handler)
+
+    def __enter__(self) -> str:
+        self._server.start()
+        return self._server.url
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.stop()
+
+
+PAGE = b"<html><body>" + b"<p>a page that is long</p>" * 40 + b"</body></html>"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "says"),
+    [
+        pytest.param(
+            404,
+            PAGE,
+            "{url} answered HTTP 404: no Prometheus query API at {url}/api/v1/query "
+            "(metrics.url names the server's root)",
+            id="404-html-page",
+        ),
+        pytest.param(
+            404,
+            b"404 page not found\n",
+            "{url} answered HTTP 404 (404 page not found): no Prometheus query API at "
+            "{url}/api/v1/query (metrics.url names the server's root)",
+            id="404-text",
+        ),
+        pytest.param(
+            200, PAGE, "{url}: not a Prometheus API answer to 'up' (not JSON)", id="200-html"
+        ),
+        pytest.param(
+            503,
+            b'{"status": "error", "errorType": "unavailable", "error": "overloaded"}',
+            "{url} answered HTTP 503 to 'up' (overloaded)",
+            id="503-prometheus-error",
+        ),
+        pytest.param(502, PAGE, "{url} answered HTTP 502 to 'up'", id="502-html-page"),
+    ],
+)
+def test_an_answer_that_is_not_prometheus_is_one_line_saying_what_came(
+    status: int, body: bytes, says: str
+) -> None:
+    # Was the answer's whole body (an HTML page on one line), or "unreachable: JSONDecodeError"
+    # for a 200 that is not JSON.
+    queries = PromQueries(requests="up", errors="up")  # the first query sent: `up`
+    with Answering(status, body) as url:
+        observation = PrometheusMetrics(url, queries=queries).observe(T0 - 10, T0)
+    assert observation.error == "Prometheus at " + says.format(url=url)
+
+
+def test_a_wrong_path_under_prometheus_is_a_404_naming_the_api_url(prom: FakePrometheus) -> None:
+    url = f"{prom.url}/prometheus"
+    observation = PrometheusMetrics(url, preset=envoy_preset()).observe(T0 - 10, T0)
+    assert observation.error == (
+        f"Prometheus at {url} answered HTTP 404 (not found): no Prometheus query API at "
+        f"{url}/api/v1/query (metrics.url names the server's root)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        pytest.param(closed_port_url(), "is unreachable: connection refused", id="closed-port"),
+        pytest.param(
+            "http://prometheus.invalid:9090",
+            "is unreachable: host name not found (",
+            id="unknown-host",
+        ),
+    ],
+)
+def test_no_connection_says_why(url: str, says: str) -> None:
+    # Was "is unreachable: ConnectionError" for both.
+    observation = PrometheusMetrics(url, preset=envoy_preset(), timeout_s=1).observe(T0 - 10, T0)
+    assert observation.error is not None
+    assert observation.error.startswith(f"Prometheus at {url} {says}")
 
 
 @pytest.mark.parametrize(

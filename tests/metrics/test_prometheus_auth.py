@@ -519,7 +519,7 @@ def test_secrets_stay_out_of_reprs_logs_errors_and_details(
     assert served.error is None
     assert refused.error is not None and "HTTP 401" in refused.error
     assert "PROM_PASSWORD" in refused.error  # says which secret was refused, not what it is
-    assert failed.error is not None and "HTTP Status Code 500" in failed.error
+    assert failed.error is not None and "HTTP 500" in failed.error
     assert "<redacted>" in failed.error
     seen = [repr(cfg), repr(metrics), refused.error, failed.error, str(served.detail), caplog.text]
     assert all(secret not in text for secret in secrets for text in seen)
