@@ -232,13 +232,13 @@ class PrometheusMetrics:
         """Counts before the rollout: the same exact counter deltas, further back in time."""
         return self.observe(since, now)
 
-    def is_online(self) -> bool:
-        """True when Prometheus answers a trivial query."""
-        try:
-            self._query("vector(1)", None)
-        except MetricsError:
-            return False
-        return True
+    def probe(self) -> None:
+        """Ask `vector(1)`, with the spec's credentials, TLS and timeout: a Prometheus query API
+        answers one sample of 1; a MetricsError says what came instead."""
+        result = self._query("vector(1)", None)
+        values = [item.get("value") for item in result]
+        if not (len(values) == 1 and isinstance(values[0], list) and values[0][1:] == ["1"]):
+            raise MetricsError(self._not_the_api("vector(1)", "not one sample of 1"))
 
     def close(self) -> None:
         """Close the HTTP session (and an Azure credential's)."""

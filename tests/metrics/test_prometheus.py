@@ -11,6 +11,7 @@ the URL (the judge's Error); the Istio and custom presets; the factory.
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 
 from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries, spec_from_dict
 from rollout.core.types import ColourCounts
+from rollout.errors import MetricsError
 from rollout.metrics.factory import make_metrics
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset, istio_preset
 from tests.fakes.server import LocalServer
@@ -182,7 +184,8 @@ def test_unreachable_prometheus_is_an_error_naming_the_url() -> None:
     provider = PrometheusMetrics("http://127.0.0.1:9", preset=envoy_preset(), timeout_s=1)
     observation = provider.observe(T0 - 10, T0)
     assert observation.error is not None and "http://127.0.0.1:9" in observation.error
-    assert not provider.is_online()
+    with pytest.raises(MetricsError, match=r"^Prometheus at http://127\.0\.0\.1:9 is unreachable"):
+        provider.probe()
 
 
 def test_failing_prometheus_is_an_error(prom: FakePrometheus) -> None:
@@ -316,16 +319,53 @@ def test_something_else_answering_200_is_an_error_naming_the_url(body: bytes) ->
     try:
         provider = PrometheusMetrics(server.url, preset=envoy_preset())
         observation = provider.observe(T0 - 10, T0)
-        online = provider.is_online()
+        with pytest.raises(MetricsError) as probed:
+            provider.probe()
         provider.close()
     finally:
         server.stop()
     assert observation.error is not None and server.url in observation.error
-    assert not online
+    assert str(probed.value).startswith(f"Prometheus at {server.url}: not a Prometheus API answer")
 
 
-def test_is_online(prom: FakePrometheus) -> None:
-    assert envoy(prom).is_online()
+def test_the_probe_asks_one_trivial_query_and_reads_no_traffic(prom: FakePrometheus) -> None:
+    counter(prom, "envoy_cluster_upstream_rq_completed", "blue", [1, 2, 3])
+    envoy(prom).probe()
+    assert [query for query, _ in prom.queries] == ["vector(1)"]
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        pytest.param([], id="no-sample"),
+        pytest.param([{"metric": {}, "value": [T0, "0"]}], id="another-value"),
+        pytest.param([{"metric": {}, "value": "1"}], id="no-sample-pair"),
+    ],
+)
+def test_a_json_answer_that_is_not_vector_1_fails_the_probe(result: list[object]) -> None:
+    body = {"status": "success", "data": {"resultType": "vector", "result": result}}
+    with Answering(200, json.dumps(body).encode()) as url:
+        provider = PrometheusMetrics(url, preset=envoy_preset())
+        with pytest.raises(MetricsError) as probed:
+            provider.probe()
+    assert str(probed.value) == (
+        f"Prometheus at {url}: not a Prometheus API answer to 'vector(1)' (not one sample of 1)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "says"),
+    [
+        pytest.param(404, "answered HTTP 404", id="404"),
+        pytest.param(503, "answered HTTP 503 to 'vector(1)'", id="503"),
+    ],
+)
+def test_the_probe_says_what_the_server_answered(status: int, says: str) -> None:
+    with Answering(status, PAGE) as url:
+        provider = PrometheusMetrics(url, preset=envoy_preset())
+        with pytest.raises(MetricsError) as probed:
+            provider.probe()
+    assert str(probed.value).startswith(f"Prometheus at {url} {says}")
 
 
 def test_istio_preset_counts_the_weighted_services_only(prom: FakePrometheus) -> None:
