@@ -227,6 +227,7 @@ class Controller:
                 "(`errors.max_rate`, or `latency.max_slow_rate` with `slo_ms`)"
             )
         with self.store.lease(self.owner):
+            self._probe_metrics()
             release = self._as_served(release)
             deployed = self._bootstrap(release)
             started = self.clock.now()
@@ -266,6 +267,19 @@ class Controller:
                     }
                 )
             return FirstCheck(deployed=deployed, verdict=verdict, reason=reason)
+
+    def _probe_metrics(self) -> None:
+        """Refuse to begin (a rollout, a first release's check) when the metrics cannot be read:
+        a wrong `metrics:` would otherwise deploy, send traffic, and only then hold for a human
+        after `max_consecutive_errors` looks. Never on resume: a running rollout keeps guarding,
+        and rolls back, with its metrics down."""
+        try:
+            self.metrics.probe()
+        except MetricsError as exc:
+            raise MetricsError(
+                f"metrics unreadable, nothing deployed: {exc} (check the spec's `metrics:`, "
+                "or bring the backend up, and run again)"
+            ) from exc
 
     def _as_served(self, release: Release) -> Release:
         """`release`, or the release green serves when `release` names it by MODEL:VERSION alone
@@ -372,6 +386,7 @@ class Controller:
             )
         if serving is not None:
             self._check_no_rollout_drives(candidate)
+        self._probe_metrics()
         if serving is None:
             # A fresh data plane (dry run, first install): bring up the stable release first.
             log.info("green serves nothing: deploying %s:%s", stable.model, stable.version)

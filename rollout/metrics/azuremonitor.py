@@ -183,13 +183,10 @@ class AzureMonitorMetrics:
         """The same counts for a window before the rollout (the log keeps its retention)."""
         return self.observe(since, now)
 
-    def is_online(self) -> bool:
-        """True when the workspace answers a trivial query."""
-        try:
-            self._run("print ok = 1", None)
-        except MetricsError:
-            return False
-        return True
+    def probe(self) -> None:
+        """Run `print ok = 1` in the workspace, through the same client and credential as every
+        tick: a MetricsError names the workspace and what failed."""
+        self._run("print ok = 1", None)
 
     # ------------------------------------------------------------------------------ internals
 

@@ -24,5 +24,7 @@ class MetricsProvider(Protocol):
         Observation (or one with `error` set); the judge then picks it from the first step.
         """
 
-    def is_online(self) -> bool:
-        """True when the backend answers a trivial query."""
+    def probe(self) -> None:
+        """Raise MetricsError, one line naming the backend and what is wrong, unless it answers a
+        trivial query as the backend it should be. Cheap, and reads no traffic: the controller
+        asks it before a new rollout deploys anything (a scripted source hands out no tick)."""

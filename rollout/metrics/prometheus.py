@@ -58,11 +58,14 @@ out of every message this module makes.
 
 from __future__ import annotations
 
+import ast
+import json
 import math
 import re
+import socket
 import ssl
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -229,13 +232,13 @@ class PrometheusMetrics:
         """Counts before the rollout: the same exact counter deltas, further back in time."""
         return self.observe(since, now)
 
-    def is_online(self) -> bool:
-        """True when Prometheus answers a trivial query."""
-        try:
-            self._query("vector(1)", None)
-        except MetricsError:
-            return False
-        return True
+    def probe(self) -> None:
+        """Ask `vector(1)`, with the spec's credentials, TLS and timeout: a Prometheus query API
+        answers one sample of 1; a MetricsError says what came instead."""
+        result = self._query("vector(1)", None)
+        values = [item.get("value") for item in result]
+        if not (len(values) == 1 and isinstance(values[0], list) and values[0][1:] == ["1"]):
+            raise MetricsError(self._not_the_api("vector(1)", "not one sample of 1"))
 
     def close(self) -> None:
         """Close the HTTP session (and an Azure credential's)."""
@@ -396,6 +399,10 @@ class PrometheusMetrics:
         except requests.exceptions.SSLError as exc:
             problem = _tls_problem(exc, client_cert=self._client_cert)
             raise ProviderUnavailable(f"Prometheus at {self.url}: {problem}") from exc
+        except requests.exceptions.JSONDecodeError as exc:
+            # A 200 that is not JSON (a login page, another service on the port): requests
+            # raises it as a RequestException, which read as "unreachable: JSONDecodeError".
+            raise MetricsError(self._not_the_api(query, "not JSON")) from exc
         except requests.RequestException as exc:
             if _timed_out(exc):
                 # A hung Prometheus (overloaded, stopped) accepts the connection and never
@@ -405,24 +412,40 @@ class PrometheusMetrics:
                     "(metrics.timeout_s)"
                 ) from exc
             raise ProviderUnavailable(
-                f"Prometheus at {self.url} is unreachable: {type(exc).__name__}"
+                f"Prometheus at {self.url} is unreachable: {_connection_problem(exc)}"
             ) from exc
         except PrometheusApiClientException as exc:
-            status = re.match(r"HTTP Status Code (40[13])\b", str(exc))
-            if status:
-                sent = f"with {self.auth!r}" if self.auth is not None else "without credentials"
-                problem = f"refused the request {sent} (HTTP {status.group(1)})"
-            else:
-                problem = f"rejected {query!r}: {exc}"
-            raise MetricsError(self._redact(f"Prometheus at {self.url} {problem}")) from exc
+            raise MetricsError(self._redact(self._http_problem(query, str(exc)))) from exc
         except MetricsError as exc:  # a secret that cannot be read now, no Entra ID token
             raise MetricsError(f"Prometheus at {self.url}: {exc}") from exc
         except (ValueError, KeyError, TypeError) as exc:
-            # Not JSON, or JSON without `data.result`: something else listens there.
-            raise MetricsError(f"Prometheus at {self.url} answered garbage for {query!r}") from exc
+            # JSON without `data.result`: something else listens there.
+            raise MetricsError(self._not_the_api(query, "no data.result")) from exc
         if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
-            raise MetricsError(f"Prometheus at {self.url} answered garbage for {query!r}")
+            raise MetricsError(self._not_the_api(query, "data.result is no list of series"))
         return result
+
+    def _http_problem(self, query: str, error: str) -> str:
+        """The line for an answer other than 200 (prometheus-api-client's exception text is
+        `HTTP Status Code 404 (b'<body>')`): the status, and the error Prometheus gives, if any."""
+        found = re.match(r"HTTP Status Code (\d+) \((.*)\)$", error, re.DOTALL)
+        if found is None:
+            return f"Prometheus at {self.url} rejected {query!r}: {error}"
+        status, body = int(found.group(1)), _body_text(found.group(2))
+        if status in (401, 403):
+            sent = f"with {self.auth!r}" if self.auth is not None else "without credentials"
+            return f"Prometheus at {self.url} refused the request {sent} (HTTP {status})"
+        said = f" ({body})" if body else ""
+        if status == 404:
+            # A path under the server's root, a typo'd one, or a server that is not Prometheus.
+            return (
+                f"Prometheus at {self.url} answered HTTP 404{said}: no Prometheus query API at "
+                f"{self.url}/api/v1/query (metrics.url names the server's root)"
+            )
+        return f"Prometheus at {self.url} answered HTTP {status} to {query!r}{said}"
+
+    def _not_the_api(self, query: str, why: str) -> str:
+        return f"Prometheus at {self.url}: not a Prometheus API answer to {query!r} ({why})"
 
     def _redact(self, text: str) -> str:
         return self.auth.redact(text) if self.auth is not None else text
@@ -464,8 +487,8 @@ def _timed_out(exc: BaseException) -> bool:
     return isinstance(reason, Urllib3Timeout) and not isinstance(reason, NewConnectionError)
 
 
-def _tls_problem(exc: BaseException, *, client_cert: bool) -> str:
-    """What went wrong in a TLS handshake, found in urllib3's chain of wrapped errors."""
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and every error urllib3 and requests wrapped in it (in args, `reason`, causes)."""
     pending: list[object] = [exc]
     seen: set[int] = set()
     while pending:
@@ -473,12 +496,51 @@ def _tls_problem(exc: BaseException, *, client_cert: bool) -> str:
         if not isinstance(error, BaseException) or id(error) in seen:
             continue
         seen.add(id(error))
+        yield error
+        pending.extend([*error.args, getattr(error, "reason", None), error.__cause__])
+
+
+def _connection_problem(exc: BaseException) -> str:
+    """Why no connection was made: "connection refused", "host name not found (...)", ... (the
+    error's class name when the chain says nothing more)."""
+    for error in _causes(exc):
+        if isinstance(error, socket.gaierror):
+            return f"host name not found ({error.strerror})"
+        if isinstance(error, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror[:1].lower() + error.strerror[1:]
+    return type(exc).__name__
+
+
+def _body_text(raw: str) -> str:
+    """The error an answer's body gives, short: Prometheus' JSON `error`, else the first line of
+    a text body ("404 page not found"); "" for an HTML page or anything unreadable."""
+    try:
+        body = ast.literal_eval(raw)
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else ""
+    except (ValueError, SyntaxError):
+        return ""
+    try:
+        said = json.loads(text)
+    except ValueError:
+        said = None
+    if isinstance(said, dict):
+        text = str(said.get("error", ""))
+    elif said is not None or text.lstrip().startswith("<"):
+        return ""
+    line = text.strip().split("\n", 1)[0].strip()
+    return line if len(line) <= 120 else line[:117] + "..."
+
+
+def _tls_problem(exc: BaseException, *, client_cert: bool) -> str:
+    """What went wrong in a TLS handshake, found in urllib3's chain of wrapped errors."""
+    for error in _causes(exc):
         if isinstance(error, ssl.SSLCertVerificationError):
             return (
                 f"TLS certificate not trusted ({error.verify_message}); "
                 "metrics.ca_file names the CA that signed it"
             )
-        pending.extend([*error.args, getattr(error, "reason", None), error.__cause__])
     # A server that wants a client certificate says so in an alert, but in TLS 1.3 it checks
     # the certificate after the client's handshake is done, so the client mostly sees the
     # connection closed under its request (SSLEOFError), not the alert.

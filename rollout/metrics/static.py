@@ -69,9 +69,8 @@ class StaticMetrics:
             return Observation(since=since, at=now)
         return _observation(self._history, since, now)
 
-    def is_online(self) -> bool:
-        """Always."""
-        return True
+    def probe(self) -> None:
+        """Nothing to reach: no tick is handed out (a scripted outage is one of the ticks)."""
 
 
 def _observation(tick: StaticTick, since: float, now: float) -> Observation:
@@ -237,6 +236,5 @@ class SimulatedMetrics:
             since=since, at=now, green=self._colour(self._draw(total, self._baseline))
         )
 
-    def is_online(self) -> bool:
-        """Always."""
-        return True
+    def probe(self) -> None:
+        """Nothing to reach; draws nothing, so a seeded run's traffic stays the same."""

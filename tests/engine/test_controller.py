@@ -421,7 +421,9 @@ def test_a_candidate_deploy_failing_after_a_restart_fails_the_rollout_too(tmp_pa
     # Killed with the deploy pending; the restarted controller meets the failure on resume.
     router = NeverReadyBlue(releases={Colour.GREEN: V1})
     store = FileStateStore(tmp_path, SPEC.name)
-    first, _ = controller(tmp_path, MemoryRouter(releases={Colour.GREEN: V1}), None, store=store)
+    first, _ = controller(
+        tmp_path, MemoryRouter(releases={Colour.GREEN: V1}), StaticMetrics([]), store=store
+    )
     begun = first.start()
     store.save(begun)  # INITIALIZING; its tick decides Deploy(blue), SetWeights(10)
     decided = replace(
@@ -531,7 +533,9 @@ class RefusesMoreBlue(MemoryRouter):
 def stopped_before_step_up(tmp_path: Path) -> tuple[FileStateStore, Status]:
     """A rollout at 10 % whose step up to 50 % was decided, and never applied (router down)."""
     store = FileStateStore(tmp_path, SPEC.name)
-    first, _ = controller(tmp_path, MemoryRouter(releases={Colour.GREEN: V1}), None, store=store)
+    first, _ = controller(
+        tmp_path, MemoryRouter(releases={Colour.GREEN: V1}), StaticMetrics([]), store=store
+    )
     at_10 = first.start()
     decided = replace(
         at_10, phase=Phase.PROGRESSING, step_index=1, blue_weight=50, pending=(SetWeights(50),)

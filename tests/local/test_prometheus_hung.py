@@ -41,4 +41,4 @@ def test_a_closed_port_is_still_unreachable() -> None:
         obs = PrometheusMetrics(url, preset=envoy_preset(), timeout_s=0.3).observe(
             time.time() - 10, time.time()
         )
-    assert obs.error == f"Prometheus at {url} is unreachable: ConnectionError"
+    assert obs.error == f"Prometheus at {url} is unreachable: connection refused"

@@ -22,8 +22,13 @@ from pydantic import ValidationError
 from rollout.config import AzureMonitorMetricsConfig, ColourNames, spec_from_dict
 from rollout.controller import Controller, FakeClock
 from rollout.core.types import Colour, Phase, Weights
-from rollout.errors import ConfigError
-from rollout.metrics.azuremonitor import AzureMonitorMetrics, kql_string, traffic_query
+from rollout.errors import ConfigError, MetricsError
+from rollout.metrics.azuremonitor import (
+    TABLE,
+    AzureMonitorMetrics,
+    kql_string,
+    traffic_query,
+)
 from rollout.metrics.factory import make_metrics
 from rollout.routers.memory import MemoryRouter
 from rollout.state.memory import MemoryStateStore
@@ -188,10 +193,15 @@ def test_credentials_the_api_rejects_are_one_line(logs: FakeLogAnalytics) -> Non
     assert "\n" not in obs.error
 
 
-def test_is_online(logs: FakeLogAnalytics) -> None:
-    assert provider(logs).is_online()
+def test_the_probe_runs_a_trivial_query_and_says_why_it_failed(logs: FakeLogAnalytics) -> None:
+    provider(logs).probe()
+    assert logs.queries == ["print ok = 1"]
     logs.fail(403, "InsufficientAccessError", times=5)
-    assert not provider(logs).is_online()
+    with pytest.raises(MetricsError) as probed:
+        provider(logs).probe()
+    said = str(probed.value)
+    assert said.startswith(f"Log Analytics workspace {WORKSPACE} ({TABLE}): HTTP 403 ")
+    assert "\n" not in said
 
 
 # ---- the spec --------------------------------------------------------------------------------

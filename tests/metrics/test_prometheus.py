@@ -11,6 +11,8 @@ the URL (the judge's Error); the Istio and custom presets; the factory.
 
 from __future__ import annotations
 
+import json
+import socket
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 
 from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries, spec_from_dict
 from rollout.core.types import ColourCounts
+from rollout.errors import MetricsError
 from rollout.metrics.factory import make_metrics
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset, istio_preset
 from tests.fakes.server import LocalServer
@@ -181,13 +184,114 @@ def test_unreachable_prometheus_is_an_error_naming_the_url() -> None:
     provider = PrometheusMetrics("http://127.0.0.1:9", preset=envoy_preset(), timeout_s=1)
     observation = provider.observe(T0 - 10, T0)
     assert observation.error is not None and "http://127.0.0.1:9" in observation.error
-    assert not provider.is_online()
+    with pytest.raises(MetricsError, match=r"^Prometheus at http://127\.0\.0\.1:9 is unreachable"):
+        provider.probe()
 
 
 def test_failing_prometheus_is_an_error(prom: FakePrometheus) -> None:
     prom.status = 503
     observation = envoy(prom).observe(T0 - 10, T0)
     assert observation.error is not None and prom.url in observation.error
+
+
+def closed_port_url() -> str:
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        return f"http://127.0.0.1:{bound.getsockname()[1]}"
+
+
+class Answering:
+    """A server that is not Prometheus: every GET gets `status` and `body`."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(status)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = LocalServer(Handler)
+
+    def __enter__(self) -> str:
+        self._server.start()
+        return self._server.url
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.stop()
+
+
+PAGE = b"<html><body>" + b"<p>a page that is long</p>" * 40 + b"</body></html>"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "says"),
+    [
+        pytest.param(
+            404,
+            PAGE,
+            "{url} answered HTTP 404: no Prometheus query API at {url}/api/v1/query "
+            "(metrics.url names the server's root)",
+            id="404-html-page",
+        ),
+        pytest.param(
+            404,
+            b"404 page not found\n",
+            "{url} answered HTTP 404 (404 page not found): no Prometheus query API at "
+            "{url}/api/v1/query (metrics.url names the server's root)",
+            id="404-text",
+        ),
+        pytest.param(
+            200, PAGE, "{url}: not a Prometheus API answer to 'up' (not JSON)", id="200-html"
+        ),
+        pytest.param(
+            503,
+            b'{"status": "error", "errorType": "unavailable", "error": "overloaded"}',
+            "{url} answered HTTP 503 to 'up' (overloaded)",
+            id="503-prometheus-error",
+        ),
+        pytest.param(502, PAGE, "{url} answered HTTP 502 to 'up'", id="502-html-page"),
+    ],
+)
+def test_an_answer_that_is_not_prometheus_is_one_line_saying_what_came(
+    status: int, body: bytes, says: str
+) -> None:
+    # Was the answer's whole body (an HTML page on one line), or "unreachable: JSONDecodeError"
+    # for a 200 that is not JSON.
+    queries = PromQueries(requests="up", errors="up")  # the first query sent: `up`
+    with Answering(status, body) as url:
+        observation = PrometheusMetrics(url, queries=queries).observe(T0 - 10, T0)
+    assert observation.error == "Prometheus at " + says.format(url=url)
+
+
+def test_a_wrong_path_under_prometheus_is_a_404_naming_the_api_url(prom: FakePrometheus) -> None:
+    url = f"{prom.url}/prometheus"
+    observation = PrometheusMetrics(url, preset=envoy_preset()).observe(T0 - 10, T0)
+    assert observation.error == (
+        f"Prometheus at {url} answered HTTP 404 (not found): no Prometheus query API at "
+        f"{url}/api/v1/query (metrics.url names the server's root)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        pytest.param(closed_port_url(), "is unreachable: connection refused", id="closed-port"),
+        pytest.param(
+            "http://prometheus.invalid:9090",
+            "is unreachable: host name not found (",
+            id="unknown-host",
+        ),
+    ],
+)
+def test_no_connection_says_why(url: str, says: str) -> None:
+    # Was "is unreachable: ConnectionError" for both.
+    observation = PrometheusMetrics(url, preset=envoy_preset(), timeout_s=1).observe(T0 - 10, T0)
+    assert observation.error is not None
+    assert observation.error.startswith(f"Prometheus at {url} {says}")
 
 
 @pytest.mark.parametrize(
@@ -215,16 +319,53 @@ def test_something_else_answering_200_is_an_error_naming_the_url(body: bytes) ->
     try:
         provider = PrometheusMetrics(server.url, preset=envoy_preset())
         observation = provider.observe(T0 - 10, T0)
-        online = provider.is_online()
+        with pytest.raises(MetricsError) as probed:
+            provider.probe()
         provider.close()
     finally:
         server.stop()
     assert observation.error is not None and server.url in observation.error
-    assert not online
+    assert str(probed.value).startswith(f"Prometheus at {server.url}: not a Prometheus API answer")
 
 
-def test_is_online(prom: FakePrometheus) -> None:
-    assert envoy(prom).is_online()
+def test_the_probe_asks_one_trivial_query_and_reads_no_traffic(prom: FakePrometheus) -> None:
+    counter(prom, "envoy_cluster_upstream_rq_completed", "blue", [1, 2, 3])
+    envoy(prom).probe()
+    assert [query for query, _ in prom.queries] == ["vector(1)"]
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        pytest.param([], id="no-sample"),
+        pytest.param([{"metric": {}, "value": [T0, "0"]}], id="another-value"),
+        pytest.param([{"metric": {}, "value": "1"}], id="no-sample-pair"),
+    ],
+)
+def test_a_json_answer_that_is_not_vector_1_fails_the_probe(result: list[object]) -> None:
+    body = {"status": "success", "data": {"resultType": "vector", "result": result}}
+    with Answering(200, json.dumps(body).encode()) as url:
+        provider = PrometheusMetrics(url, preset=envoy_preset())
+        with pytest.raises(MetricsError) as probed:
+            provider.probe()
+    assert str(probed.value) == (
+        f"Prometheus at {url}: not a Prometheus API answer to 'vector(1)' (not one sample of 1)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "says"),
+    [
+        pytest.param(404, "answered HTTP 404", id="404"),
+        pytest.param(503, "answered HTTP 503 to 'vector(1)'", id="503"),
+    ],
+)
+def test_the_probe_says_what_the_server_answered(status: int, says: str) -> None:
+    with Answering(status, PAGE) as url:
+        provider = PrometheusMetrics(url, preset=envoy_preset())
+        with pytest.raises(MetricsError) as probed:
+            provider.probe()
+    assert str(probed.value).startswith(f"Prometheus at {url} {says}")
 
 
 def test_istio_preset_counts_the_weighted_services_only(prom: FakePrometheus) -> None:

@@ -24,7 +24,7 @@ from azure.core.credentials import AccessToken
 from azure.core.exceptions import ClientAuthenticationError
 
 from rollout.config import PrometheusMetricsConfig, spec_from_dict
-from rollout.errors import ConfigError
+from rollout.errors import ConfigError, MetricsError
 from rollout.metrics import prometheus_auth
 from rollout.metrics.factory import make_metrics
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset
@@ -102,7 +102,7 @@ def test_each_method_sends_its_header(
     metrics = provider(prom.url, **fields)
     observation = metrics.observe(T0 - 10, T0)
     assert observation.error is None
-    assert metrics.is_online()
+    metrics.probe()
     assert prom.authorizations and set(prom.authorizations) == {header}
 
 
@@ -286,8 +286,9 @@ def test_an_unknown_ca_is_an_error_naming_the_url(
     assert observation.error is not None
     assert tls_prom.url in observation.error
     assert "TLS certificate not trusted" in observation.error
+    with pytest.raises(MetricsError, match="TLS certificate not trusted"):
+        metrics.probe()
     assert not tls_prom.queries
-    assert not metrics.is_online()
 
 
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
@@ -519,7 +520,7 @@ def test_secrets_stay_out_of_reprs_logs_errors_and_details(
     assert served.error is None
     assert refused.error is not None and "HTTP 401" in refused.error
     assert "PROM_PASSWORD" in refused.error  # says which secret was refused, not what it is
-    assert failed.error is not None and "HTTP Status Code 500" in failed.error
+    assert failed.error is not None and "HTTP 500" in failed.error
     assert "<redacted>" in failed.error
     seen = [repr(cfg), repr(metrics), refused.error, failed.error, str(served.detail), caplog.text]
     assert all(secret not in text for secret in secrets for text in seen)

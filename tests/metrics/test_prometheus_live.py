@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from rollout.core.types import Colour, Weights
+from rollout.errors import MetricsError
 from rollout.local.envoy import EnvoyProcess
 from rollout.local.prometheus import PrometheusProcess
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset
@@ -137,10 +138,11 @@ def test_stopped_prometheus_is_an_error_then_recovers(rig: Rig) -> None:
     try:
         observation = rig.provider.observe(time.time() - 5, time.time())
         assert observation.error is not None and rig.prometheus.url in observation.error
-        assert not rig.provider.is_online()
+        with pytest.raises(MetricsError, match="is unreachable: connection refused"):
+            rig.provider.probe()
     finally:
         rig.prometheus.start()
-    assert rig.provider.is_online()
+    rig.provider.probe()
 
 
 class ScrapeTarget:

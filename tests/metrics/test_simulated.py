@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from rollout.config import SimulatedMetricsConfig, TrafficModel
+from rollout.config import SimulatedMetricsConfig, StaticTick, TrafficModel
 from rollout.core.types import Colour, Observation, Release, Weights
-from rollout.metrics.static import SimulatedMetrics
+from rollout.metrics.static import SimulatedMetrics, StaticMetrics
 from rollout.routers.memory import MemoryRouter
 
 V1, V2 = Release(model="m", version="1"), Release(model="m", version="2")
@@ -75,3 +75,25 @@ def test_a_bad_simulated_rate_is_refused_naming_the_field(rps: object) -> None:
 def test_simulated_rates_and_profiles_are_accepted(rps: object, at_90: float) -> None:
     cfg = SimulatedMetricsConfig(rps=rps)  # type: ignore[arg-type]
     assert SimulatedMetrics(cfg, MemoryRouter()).rps_at(90.0) == at_90
+
+
+def test_the_probe_draws_nothing() -> None:
+    # The controller probes before a new rollout; the analysis benchmark drives the controller
+    # on seeded simulations, whose outcomes must not depend on it.
+    router = MemoryRouter(releases={Colour.GREEN: V1, Colour.BLUE: V2})
+    router.set_weights(Weights.blue_at(20))
+    cfg = SimulatedMetricsConfig(seed=3, rps=100, canary=TrafficModel(error_rate=0.1))
+    probed, plain = SimulatedMetrics(cfg, router), SimulatedMetrics(cfg, router)
+    probed.probe()
+    assert [probed.observe(t, t + 10) for t in (0.0, 10.0)] == [
+        plain.observe(t, t + 10) for t in (0.0, 10.0)
+    ]
+    assert probed.history(-60, 0) == plain.history(-60, 0)
+
+
+def test_the_probe_hands_out_no_scripted_tick() -> None:
+    ticks = [StaticTick(error="down"), StaticTick()]
+    metrics = StaticMetrics(ticks)
+    metrics.probe()  # a scripted outage is a tick's, not the probe's
+    assert metrics.observe(0.0, 1.0).error == "down"
+    assert metrics.observe(1.0, 2.0).error is None
