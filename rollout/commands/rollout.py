@@ -322,8 +322,9 @@ def _check_first(
             _out.print(f"{stamp} [bold]{verdict.value:<12}[/] {escape(reason)}")
 
     if not quiet:
+        # Said as what comes, not as done: a probe or a deploy refused next deploys nothing.
         _out.print(
-            f"green: {escape(first.ref)} with all traffic; judging it on the absolute limits "
+            f"{escape(first.ref)} to green with all traffic, then judged on the absolute limits "
             f"every {parsed.analysis.interval_s:g} s"
         )
     try:

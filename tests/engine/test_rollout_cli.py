@@ -624,7 +624,7 @@ def test_bootstrap_check_judges_the_first_release_on_absolute_limits(
     got, out = invoke("bootstrap", str(spec), "--release", "m:1", "--check", "--simulated-time")
     flat = " ".join(out.split())
     assert got == code, out
-    assert "green: m:1 with all traffic; judging it on the absolute limits every 10 s" in flat
+    assert "m:1 to green with all traffic, then judged on the absolute limits every 10 s" in flat
     assert f"{verdict} (" in flat and said in flat
     if verdict == "Failed":  # nothing to roll back to: it serves on, and a fix is the way out
         assert "m:1 still serves all traffic (there is nothing to roll back to)" in flat
@@ -640,7 +640,7 @@ def test_bootstrap_check_judges_the_first_release_on_absolute_limits(
     )
     # Run again: green serves it already, so it is only judged afresh.
     got, out = invoke("bootstrap", str(spec), "--release", "m:1", "--check", "--simulated-time")
-    assert got == code and "judging it" in out
+    assert got == code and "then judged on the absolute limits" in out
 
 
 def test_bootstrap_check_of_the_release_green_serves_named_by_its_ref_judges_it(
@@ -660,7 +660,7 @@ def test_bootstrap_check_of_the_release_green_serves_named_by_its_ref_judges_it(
     spec.write_text(yaml.safe_dump(data))
     got, out = invoke("bootstrap", str(spec), "--release", "m:1", "--check", "--simulated-time")
     assert got == EXIT_PROMOTED, out
-    assert "judging it on the absolute limits" in " ".join(out.split())
+    assert "then judged on the absolute limits" in " ".join(out.split())
     assert json.loads(routes.read_text())["releases"]["green"]["sha256"] == "ab" * 32
     got, story = invoke("explain", str(spec))
     assert "first release m:1 judged on the absolute limits: Successful" in " ".join(story.split())
