@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from rollout.state.memory import MemoryStateStore
 from tests.cli import run_cli
 from tests.core.helpers import V1, V2, make_spec
 from tests.engine.specs import write_spec
-from tests.fakes.server import LocalServer
+from tests.fakes.server import Answering
 from tests.metrics.fake_prometheus import FakePrometheus
 
 STILL = " (check the spec's `metrics:`, or bring the backend up, and run again)"
@@ -48,24 +47,8 @@ def prom() -> Iterator[FakePrometheus]:
 @pytest.fixture
 def html_server() -> Iterator[str]:
     """A web server that is not Prometheus: a page for every GET."""
-    page = b"<html><body>welcome</body></html>"
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("content-length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = LocalServer(Handler)
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
+    with Answering(200, b"<html><body>welcome</body></html>") as url:
+        yield url
 
 
 #: Each case: the metrics URL (from the fixtures), and what the line says after "Prometheus at URL".

@@ -54,3 +54,30 @@ class LocalServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+class Answering:
+    """A server that is not the one a test's client wants (a web page, a bare 404, a login
+    page): every GET gets `status` and `body`. `with Answering(404, b"...") as url:`."""
+
+    def __init__(self, status: int, body: bytes, content_type: str | None = None) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(status)
+                if content_type is not None:
+                    self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = LocalServer(Handler)
+
+    def __enter__(self) -> str:
+        self._server.start()
+        return self._server.url
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.stop()

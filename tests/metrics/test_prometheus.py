@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 
 import pytest
 from hypothesis import given, settings
@@ -25,7 +24,7 @@ from rollout.core.types import ColourCounts
 from rollout.errors import MetricsError
 from rollout.metrics.factory import make_metrics
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset, istio_preset
-from tests.fakes.server import LocalServer
+from tests.fakes.server import Answering
 from tests.metrics.fake_prometheus import STALE, FakePrometheus
 
 T0 = 1_700_000_000.0
@@ -200,30 +199,6 @@ def closed_port_url() -> str:
         return f"http://127.0.0.1:{bound.getsockname()[1]}"
 
 
-class Answering:
-    """A server that is not Prometheus: every GET gets `status` and `body`."""
-
-    def __init__(self, status: int, body: bytes) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                self.send_response(status)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = LocalServer(Handler)
-
-    def __enter__(self) -> str:
-        self._server.start()
-        return self._server.url
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.stop()
-
-
 PAGE = b"<html><body>" + b"<p>a page that is long</p>" * 40 + b"</body></html>"
 
 
@@ -304,28 +279,14 @@ def test_no_connection_says_why(url: str, says: str) -> None:
     ],
 )
 def test_something_else_answering_200_is_an_error_naming_the_url(body: bytes) -> None:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = LocalServer(Handler)
-    server.start()
-    try:
-        provider = PrometheusMetrics(server.url, preset=envoy_preset())
+    with Answering(200, body) as url:
+        provider = PrometheusMetrics(url, preset=envoy_preset())
         observation = provider.observe(T0 - 10, T0)
         with pytest.raises(MetricsError) as probed:
             provider.probe()
         provider.close()
-    finally:
-        server.stop()
-    assert observation.error is not None and server.url in observation.error
-    assert str(probed.value).startswith(f"Prometheus at {server.url}: not a Prometheus API answer")
+    assert observation.error is not None and url in observation.error
+    assert str(probed.value).startswith(f"Prometheus at {url}: not a Prometheus API answer")
 
 
 def test_the_probe_asks_one_trivial_query_and_reads_no_traffic(prom: FakePrometheus) -> None:

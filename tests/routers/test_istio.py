@@ -13,7 +13,6 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from rollout.routers.factory import make_router
 from rollout.routers.istio import IstioRouter
 from rollout.state.kubernetes import KubernetesStateStore
 from tests.fakes.kube_apiserver import ApiError, FakeKubeApiServer
-from tests.fakes.server import LocalServer
+from tests.fakes.server import Answering
 from tests.routers.contract import V1, V2, RouterContract, identity
 
 LAYOUT = m.IstioLayout(namespace="ml", app="diabetes")
@@ -746,33 +745,15 @@ def test_the_controller_does_not_retry_an_api_server_without_istio(
     assert "retrying" not in caplog.text
 
 
-class _NotKubernetes(BaseHTTPRequestHandler):
-    """Any HTTP server that is not an API server: `404 page not found` for every path."""
-
-    def do_GET(self) -> None:
-        body = b"404 page not found\n"
-        self.send_response(404)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_args: Any) -> None:
-        pass
-
-
 def test_an_api_url_that_is_no_api_server_is_not_taken_for_istio_missing() -> None:
-    server = LocalServer(_NotKubernetes)
-    server.start()
-    try:
+    """Any HTTP server that is not an API server: `404 page not found` for every path."""
+    with Answering(404, b"404 page not found\n", "text/plain") as url:
         configuration = k8s.Configuration()
-        configuration.host = server.url
+        configuration.host = url
         with pytest.raises(RouterRefused) as refused:
             IstioRouter(LAYOUT, k8s.ApiClient(configuration)).deploy(Colour.GREEN, V1)
-    finally:
-        server.stop()
     assert str(refused.value) == (
-        f"Service ml/diabetes-green: the API server at {server.url} does not serve this resource "
+        f"Service ml/diabetes-green: the API server at {url} does not serve this resource "
         "type (HTTP 404 naming no object); is it a Kubernetes API server? (check router.api_url "
         "or the kubeconfig)"
     )
