@@ -475,9 +475,12 @@ def _baseline_bucket(green: ColourCounts) -> float | None:
 
 
 def _ingest(
-    analysis: AnalysisConfig, status: Status, obs: Observation
+    analysis: AnalysisConfig, status: Status, obs: Observation, *, fold: bool = True
 ) -> tuple[Status, dict[str, Any]]:
-    """Fold one observation's new counts into the evidence; returns the tick's deltas."""
+    """Fold one observation's new counts into the evidence; returns the tick's deltas.
+
+    `fold=False`: the counts only become the base the next tick's increase is measured from
+    (counts of a data plane that no longer serves what the rollout set, `_drift`)."""
     threshold = status.slow_threshold_s
     fresh_threshold = False
     lat = analysis.latency
@@ -508,6 +511,12 @@ def _ingest(
         # series' requests with the other's errors. They become the base; nothing is folded.
         last_b, last_g = now_b, now_g
     db, dg = _delta(now_b, last_b), _delta(now_g, last_g)
+    tick = {
+        "blue": {"requests": db.requests, "errors": db.errors, "slow": db.slow},
+        "green": {"requests": dg.requests, "errors": dg.errors, "slow": dg.slow},
+    }
+    if not fold:
+        return replace(status, last_blue=now_b, last_green=now_g, consecutive_errors=0), tick
     errors = status.errors.update(
         kc=db.errors,
         kb=dg.errors,
@@ -537,10 +546,6 @@ def _ingest(
         canary_over_slo=status.canary_over_slo + db.over_slo,
         consecutive_errors=0,
     )
-    tick = {
-        "blue": {"requests": db.requests, "errors": db.errors, "slow": db.slow},
-        "green": {"requests": dg.requests, "errors": dg.errors, "slow": dg.slow},
-    }
     return status, tick
 
 
@@ -856,13 +861,19 @@ def _analyse(
 ) -> Decision:
     analysis = spec.analysis
     record["since"] = status.step_started_at
+    drift = _drift(status, served)
     if obs is not None and obs.error is None:
-        status, tick = _ingest(analysis, status, obs)
+        # Counts of a drifted data plane are another release's or another split's (another
+        # rollout's canary at its weight): never this candidate's evidence, whether the tick
+        # holds, stays held or resumes (a resume restarts the step).
+        status, tick = _ingest(analysis, status, obs, fold=not drift)
         record["counts"] = {
             "blue": {"requests": obs.blue.requests, "errors": obs.blue.errors},
             "green": {"requests": obs.green.requests, "errors": obs.green.errors},
         }
         record["tick_counts"] = tick
+        if drift:
+            record["not_counted"] = "the data plane changed under this rollout"
         if obs.detail:
             record["detail"] = obs.detail  # raw queries and values, for "why did it decide that?"
     elif obs is not None:
