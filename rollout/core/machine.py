@@ -848,6 +848,17 @@ def _restoring(status: Status, served: Served) -> tuple[tuple[Action, ...], str]
         for colour, release in ((Colour.GREEN, status.stable), (Colour.BLUE, status.candidate))
         if release is not None and ((there := served.of(colour)) is None or release.unlike(there))
     ]
+    last = redeploy[-1] if redeploy else None
+    if (
+        isinstance(last, Deploy)
+        and last.colour is Colour.BLUE
+        and (served.weights.blue or served.weights.mirror)
+    ):
+        # Blue's traffic off the release it serves (another rollout's canary) before this
+        # candidate replaces it: else, while it deploys (minutes on Kubernetes), that canary's
+        # requests count in the step just restarted as this candidate's, and this candidate
+        # then takes that canary's weight, judged at none of it, until the last action.
+        redeploy.insert(-1, SetWeights(0))
     return (*redeploy, SetWeights(status.blue_weight, status.mirror)), ""
 
 

@@ -130,3 +130,21 @@ def test_counts_of_a_drifted_data_plane_are_never_the_candidate_s_evidence() -> 
     for status in (held.status, still.status, resumed.status):
         assert status.errors == before.errors and status.slow == before.slow
         assert status.step_canary_requests == 0
+
+
+def test_resume_takes_blue_s_traffic_off_another_release_before_deploying_over_it() -> None:
+    """The other rollout's canary at 50 %: its requests, until the candidate is deployed again,
+    would count in the restarted step, and the candidate would take its 50 %, unjudged."""
+    held = step(SPEC, at_10(), REGRESSION, 60.0, served(50, b=V3)).status
+    decision = step(SPEC, resume(held), obs(at=70.0), 70.0, served(50, b=V3))
+    assert decision.actions == (SetWeights(0), Deploy(Colour.BLUE, V2), SetWeights(10))
+    mirrored = step(SPEC, resume(held), obs(at=70.0), 70.0, served(0, 5, b=V3))
+    assert mirrored.actions == (SetWeights(0), Deploy(Colour.BLUE, V2), SetWeights(10))
+    gone = served(50, b=V3, g=None)
+    both = step(SPEC, resume(held), obs(at=70.0), 70.0, gone).actions
+    assert both == (
+        Deploy(Colour.GREEN, V1),
+        SetWeights(0),
+        Deploy(Colour.BLUE, V2),
+        SetWeights(10),
+    )
