@@ -745,7 +745,7 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
     if weight == 0 and not status.mirror:
         if elapsed >= analysis.min_step_s:
             return Verdict.SUCCESSFUL, "step 0 %: blue deployed, reachable by header only"
-        return Verdict.INCONCLUSIVE, "step 0 %: waiting one interval"
+        return Verdict.INCONCLUSIVE, f"step 0 %: waiting {analysis.min_step_s:g} s"
     if obs.blue.requests == 0 and status.step_canary_requests == 0:
         if status.mirror:
             said = f"no mirrored copies counted yet in {name}"
