@@ -478,9 +478,12 @@ def _baseline_bucket(green: ColourCounts) -> float | None:
 
 
 def _ingest(
-    analysis: AnalysisConfig, status: Status, obs: Observation
+    analysis: AnalysisConfig, status: Status, obs: Observation, *, fold: bool = True
 ) -> tuple[Status, dict[str, Any]]:
-    """Fold one observation's new counts into the evidence; returns the tick's deltas."""
+    """Fold one observation's new counts into the evidence; returns the tick's deltas.
+
+    `fold=False`: the counts only become the base the next tick's increase is measured from
+    (counts of a data plane that no longer serves what the rollout set, `_drift`)."""
     threshold = status.slow_threshold_s
     fresh_threshold = False
     lat = analysis.latency
@@ -511,6 +514,12 @@ def _ingest(
         # series' requests with the other's errors. They become the base; nothing is folded.
         last_b, last_g = now_b, now_g
     db, dg = _delta(now_b, last_b), _delta(now_g, last_g)
+    tick = {
+        "blue": {"requests": db.requests, "errors": db.errors, "slow": db.slow},
+        "green": {"requests": dg.requests, "errors": dg.errors, "slow": dg.slow},
+    }
+    if not fold:
+        return replace(status, last_blue=now_b, last_green=now_g, consecutive_errors=0), tick
     errors = status.errors.update(
         kc=db.errors,
         kb=dg.errors,
@@ -540,10 +549,6 @@ def _ingest(
         canary_over_slo=status.canary_over_slo + db.over_slo,
         consecutive_errors=0,
     )
-    tick = {
-        "blue": {"requests": db.requests, "errors": db.errors, "slow": db.slow},
-        "green": {"requests": dg.requests, "errors": dg.errors, "slow": dg.slow},
-    }
     return status, tick
 
 
@@ -743,7 +748,7 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
     if weight == 0 and not status.mirror:
         if elapsed >= analysis.min_step_s:
             return Verdict.SUCCESSFUL, "step 0 %: blue deployed, reachable by header only"
-        return Verdict.INCONCLUSIVE, "step 0 %: waiting one interval"
+        return Verdict.INCONCLUSIVE, f"step 0 %: waiting {analysis.min_step_s:g} s"
     if obs.blue.requests == 0 and status.step_canary_requests == 0:
         if status.mirror:
             said = f"no mirrored copies counted yet in {name}"
@@ -846,6 +851,17 @@ def _restoring(status: Status, served: Served) -> tuple[tuple[Action, ...], str]
         for colour, release in ((Colour.GREEN, status.stable), (Colour.BLUE, status.candidate))
         if release is not None and ((there := served.of(colour)) is None or release.unlike(there))
     ]
+    last = redeploy[-1] if redeploy else None
+    if (
+        isinstance(last, Deploy)
+        and last.colour is Colour.BLUE
+        and (served.weights.blue or served.weights.mirror)
+    ):
+        # Blue's traffic off the release it serves (another rollout's canary) before this
+        # candidate replaces it: else, while it deploys (minutes on Kubernetes), that canary's
+        # requests count in the step just restarted as this candidate's, and this candidate
+        # then takes that canary's weight, judged at none of it, until the last action.
+        redeploy.insert(-1, SetWeights(0))
     return (*redeploy, SetWeights(status.blue_weight, status.mirror)), ""
 
 
@@ -859,13 +875,19 @@ def _analyse(
 ) -> Decision:
     analysis = spec.analysis
     record["since"] = status.step_started_at
+    drift = _drift(status, served)
     if obs is not None and obs.error is None:
-        status, tick = _ingest(analysis, status, obs)
+        # Counts of a drifted data plane are another release's or another split's (another
+        # rollout's canary at its weight): never this candidate's evidence, whether the tick
+        # holds, stays held or resumes (a resume restarts the step).
+        status, tick = _ingest(analysis, status, obs, fold=not drift)
         record["counts"] = {
             "blue": {"requests": obs.blue.requests, "errors": obs.blue.errors},
             "green": {"requests": obs.green.requests, "errors": obs.green.errors},
         }
         record["tick_counts"] = tick
+        if drift:
+            record["not_counted"] = "the data plane changed under this rollout"
         if obs.detail:
             record["detail"] = obs.detail  # raw queries and values, for "why did it decide that?"
     elif obs is not None:

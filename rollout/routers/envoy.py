@@ -445,12 +445,15 @@ class EnvoyRouter:
         except RouterError:
             self.workloads.stop(endpoint)
             raise
+        # Read again: another controller on this Envoy (a rollout of another name, begun a few
+        # seconds apart) may have deployed this colour while this server started. Its server,
+        # swapped out by the `_point` above, is stopped too instead of running on unrecorded.
+        slots = self._slots()
+        replaced = [slot for slot in (current, slots.get(colour.value)) if slot is not None]
         slots[colour.value] = {"release": asdict(release), "endpoint": asdict(endpoint)}
         self._save_slots(slots)
-        if current is not None:
-            old = Endpoint(**current["endpoint"])
-            if old != endpoint:
-                self.workloads.stop(old)
+        for old in {Endpoint(**slot["endpoint"]) for slot in replaced} - {endpoint}:
+            self.workloads.stop(old)
 
     def release(self, colour: Colour) -> Release | None:
         """The release `colour` serves now, or None when nothing is deployed there."""

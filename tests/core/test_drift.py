@@ -110,3 +110,41 @@ def test_green_moved_on_is_not_undone_by_resume_only_aborted() -> None:
     aborted = with_commands(held, [Command(id="c2", kind="abort")])
     decision = step(SPEC, aborted, obs(at=80.0), 80.0, served(0, g=V3))
     assert decision.status.phase is Phase.ROLLING_BACK and decision.actions == (SetWeights(0),)
+
+
+def test_counts_of_a_drifted_data_plane_are_never_the_candidate_s_evidence() -> None:
+    """Measured live: a rollout held while another one's canary took blue 50 % folded that
+    canary's requests into its own evidence, at the held tick and at the resume's (whose
+    observation spans the whole hold): 706 of diabetes:3's requests judged as diabetes:1's."""
+    before = at_10()
+    other = served(50, b=V3)
+    held = step(SPEC, before, REGRESSION, 60.0, other)
+    assert held.status.held
+    assert held.record["tick_counts"]["blue"] == {"requests": 400, "errors": 200, "slow": 0}
+    assert "not_counted" in held.record
+    still = step(SPEC, held.status, obs(blue=(900, 450), green=(8000, 8), at=90.0), 90.0, other)
+    assert still.status.held and still.status.last_blue.requests == 900  # the base moves on
+    later = obs(blue=(1400, 700), green=(12000, 12), at=120.0)
+    resumed = step(SPEC, resume(still.status), later, 120.0, other)
+    assert resumed.status.phase is Phase.PROGRESSING
+    for status in (held.status, still.status, resumed.status):
+        assert status.errors == before.errors and status.slow == before.slow
+        assert status.step_canary_requests == 0
+
+
+def test_resume_takes_blue_s_traffic_off_another_release_before_deploying_over_it() -> None:
+    """The other rollout's canary at 50 %: its requests, until the candidate is deployed again,
+    would count in the restarted step, and the candidate would take its 50 %, unjudged."""
+    held = step(SPEC, at_10(), REGRESSION, 60.0, served(50, b=V3)).status
+    decision = step(SPEC, resume(held), obs(at=70.0), 70.0, served(50, b=V3))
+    assert decision.actions == (SetWeights(0), Deploy(Colour.BLUE, V2), SetWeights(10))
+    mirrored = step(SPEC, resume(held), obs(at=70.0), 70.0, served(0, 5, b=V3))
+    assert mirrored.actions == (SetWeights(0), Deploy(Colour.BLUE, V2), SetWeights(10))
+    gone = served(50, b=V3, g=None)
+    both = step(SPEC, resume(held), obs(at=70.0), 70.0, gone).actions
+    assert both == (
+        Deploy(Colour.GREEN, V1),
+        SetWeights(0),
+        Deploy(Colour.BLUE, V2),
+        SetWeights(10),
+    )

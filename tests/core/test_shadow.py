@@ -81,6 +81,15 @@ def test_without_mirror_percent_the_zero_step_only_deploys_blue() -> None:
     assert "reachable by header only" in nxt.status.reason
 
 
+def test_the_zero_step_without_mirror_says_how_long_it_waits() -> None:
+    """It said "waiting one interval" for the whole of a 30 s `min_step_duration_s`."""
+    spec = make_spec(steps=[0, 10, 50, 100], mirror_percent=0, analysis={"min_step_duration_s": 30})
+    begun = step(spec, new_status(spec, now=0.0), None, 0.0).status
+    decision = step(spec, begun, obs(green=(100, 0), at=10.0), 10.0)
+    assert decision.actions == ()
+    assert decision.status.reason == "step 0 %: waiting 30 s"
+
+
 def test_status_and_actions_keep_the_mirror_and_read_older_files() -> None:
     status = started()
     assert Status.from_dict(status.to_dict()) == status

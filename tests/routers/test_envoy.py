@@ -32,6 +32,7 @@ from rollout.errors import RouterError, RouterUnavailable
 from rollout.local.envoy import EnvoyProcess, envoy_binary
 from rollout.routers.envoy import (
     UPSTREAM_IDLE_S,
+    Endpoint,
     EnvoyFiles,
     EnvoyRouter,
     initial_files,
@@ -538,3 +539,33 @@ def test_blue_answers_mirrored_copies_that_no_client_ever_sees(
     colours_answering(envoy.url, 100)
     time.sleep(0.2)
     assert blue.server.served == copies, "blue still gets copies after the shadow step"
+
+
+def test_a_colour_deployed_by_another_controller_meanwhile_is_swapped_out_and_stopped(
+    router: EnvoyRouter, envoy: EnvoyProcess, upstreams: ThreadUpstreams, tmp_path: Path
+) -> None:
+    """Two rollouts of different names begun seconds apart on the local stack: the second's
+    deploy of blue started before the first recorded its own, and the first's server ran on,
+    recorded nowhere (measured: an orphan diabetes:2 server until `up` stopped)."""
+    RouterContract.live(router, Weights.blue_at(0))
+    other = EnvoyRouter(
+        admin_url=envoy.admin_url,
+        files=envoy.files,
+        releases_file=router.releases_file,
+        workloads=upstreams,
+    )
+    start = upstreams.start
+
+    def start_while_the_other_deploys(colour: Colour, release: Release) -> Endpoint:
+        if release.version == "3":
+            other.deploy(Colour.BLUE, V2)  # the first rollout's deploy lands meanwhile
+        return start(colour, release)
+
+    upstreams.start = start_while_the_other_deploys  # type: ignore[method-assign]
+    try:
+        router.deploy(Colour.BLUE, Release(model="diabetes", version="3"))
+    finally:
+        other.close()
+    blue = [u.server.version for ref, u in upstreams.servers.items() if ref.startswith("blue")]
+    assert blue == ["3"]
+    assert identity(router.release(Colour.BLUE)) == ("diabetes", "3", "")
