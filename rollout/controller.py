@@ -159,6 +159,8 @@ class Controller:
         self.notifier = notifier
         #: Whether a router action has succeeded since this controller started (see `_apply`).
         self._router_answered = False
+        #: Why what the data plane serves could not be read last tick ("" when it was; `_served`).
+        self._served_unread = ""
         if isinstance(router, Fenced):
             # Checked before each write inside an action too, not only before the action: on a
             # slow control plane one action outlasts the lease (routers.base.Fence).
@@ -635,14 +637,26 @@ class Controller:
         deployment mid-update): that tick goes on without the check, which is no reason to
         stop guarding."""
         try:
-            return Served(
+            served = Served(
                 weights=self.router.get_weights(),
                 blue=self.router.release(Colour.BLUE),
                 green=self.router.release(Colour.GREEN),
             )
         except RouterError as exc:
-            log.debug("could not read what the data plane serves: %s", exc)
+            if not self._served_unread:
+                # Once, not every tick: a route the router cannot read (edited by hand into a
+                # shape it does not know) would otherwise go unchecked without a word.
+                log.warning(
+                    "cannot read what the data plane serves (%s): changes made to it under "
+                    "this rollout go unnoticed until it can be read",
+                    exc,
+                )
+            self._served_unread = str(exc)
             return None
+        if self._served_unread:
+            log.warning("the data plane can be read again: checking it for changes")
+            self._served_unread = ""
+        return served
 
     def _observe(self, since: float, now: float, *, history: bool = False) -> Observation:
         read = self.metrics.history if history else self.metrics.observe

@@ -10,7 +10,7 @@ import pytest
 from rollout.controller import Controller, FakeClock
 from rollout.core.status import Command, SetWeights
 from rollout.core.types import Colour, Phase, Release, Weights
-from rollout.errors import RolloutError
+from rollout.errors import RolloutError, RouterError
 from rollout.ledger import Ledger, explain, read_ledger
 from rollout.metrics.static import SimulatedMetrics
 from rollout.routers.memory import MemoryRouter
@@ -120,3 +120,37 @@ def test_simulated_metrics_are_unchanged_by_the_reads(tmp_path: Path) -> None:
     assert isinstance(ctl.metrics, SimulatedMetrics)
     final = ctl.run(max_ticks=500)
     assert final.phase is Phase.SUCCEEDED
+
+
+class Unreadable(MemoryRouter):
+    """Deployments the router cannot read for a while (edited by hand into a shape it does not
+    know); the simulated traffic still reads the weights."""
+
+    unreadable = False
+
+    def release(self, colour: Colour) -> Release | None:
+        if self.unreadable:
+            raise RouterError("deployment diabetes-blue has 2 containers")
+        return super().release(colour)
+
+
+def test_a_data_plane_that_cannot_be_read_is_said_once_and_the_rollout_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    router = Unreadable(releases={Colour.GREEN: V1})
+    ctl = controller(tmp_path, router)
+    status = ctl.run(max_ticks=1)
+    router.unreadable = True
+    for _ in range(3):
+        status = ctl.tick(status)
+    assert status.phase is Phase.PROGRESSING  # guarding goes on
+    said = [r.getMessage() for r in caplog.records if "data plane" in r.getMessage()]
+    assert said == [
+        "cannot read what the data plane serves (deployment diabetes-blue has 2 containers): "
+        "changes made to it under this rollout go unnoticed until it can be read"
+    ]
+    router.unreadable = False
+    ctl.tick(status)
+    assert caplog.records[-1].getMessage() == (
+        "the data plane can be read again: checking it for changes"
+    )
