@@ -491,6 +491,11 @@ class Controller:
         """
         if status.phase not in (Phase.INITIALIZING, Phase.PROGRESSING, Phase.PAUSED):
             return status
+        if status.held and not aborting:
+            # Held for a human, who has not answered: the data plane stays as it is (a hold for
+            # a change made under the rollout would be undone, its reason then false). The
+            # tick says what differs; `resume` sets it back.
+            return status
         first = status.phase is Phase.INITIALIZING
         left = status.pending[status.applied :]
         colours = ((Colour.GREEN, status.stable), (Colour.BLUE, status.candidate))

@@ -154,3 +154,21 @@ def test_a_data_plane_that_cannot_be_read_is_said_once_and_the_rollout_goes_on(
     assert caplog.records[-1].getMessage() == (
         "the data plane can be read again: checking it for changes"
     )
+
+
+def test_run_again_without_resume_leaves_a_held_rollout_s_data_plane_as_the_hold_says(
+    tmp_path: Path,
+) -> None:
+    """Was: `run` restored the weights while the rollout stayed held, its reason then false."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl = controller(tmp_path, router)
+    status = ctl.run(max_ticks=1)
+    router.set_weights(Weights.blue_at(50))
+    held = ctl.tick(status)
+    again = controller(tmp_path, router).run(max_ticks=3, stop_when_paused=True)
+    assert again.held and again.reason == held.reason
+    assert router.get_weights() == Weights.blue_at(50)  # the human has not said so yet
+    ctl.store.push_command(Command(id="r", kind="resume", by="ann", rollout=held.id))
+    resumed = controller(tmp_path, router).run(max_ticks=1)
+    assert resumed.phase is Phase.PROGRESSING
+    assert router.get_weights() == Weights.blue_at(10)
