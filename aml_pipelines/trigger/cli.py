@@ -34,6 +34,7 @@ import typer
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from aml_pipelines.delivery import DeliveryOutcome
     from aml_pipelines.registry.base import ModelRegistry
     from aml_pipelines.trigger.dispatch import Dispatcher
 
@@ -321,10 +322,14 @@ def watch(
     )
     if not once:
         _stop_on_signals(watcher.stop)
-    outcomes = watcher.run(once=once)
+
+    def said(outcome: DeliveryOutcome) -> None:
+        # Printed as each version closes: an error on a later one (exit 2) must not hide from a
+        # CI log what this pass already delivered.
+        typer.echo(f"{outcome.model} v{outcome.version}: {outcome.phase} {outcome.reason}")
+
+    outcomes = watcher.run(once=once, on_outcome=said if once else None)
     if once:
-        for outcome in outcomes:
-            typer.echo(f"{outcome.model} v{outcome.version}: {outcome.phase} {outcome.reason}")
         if not outcomes:
             typer.echo(
                 f"{model}: " + ("not in the registry" if unknown else "no new version to deliver")

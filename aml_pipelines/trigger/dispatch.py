@@ -116,8 +116,14 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ delivering
 
-    def drain(self, model: str) -> list[DeliveryOutcome]:
-        """Deliver every open version of `model` (started ones first); returns the outcomes."""
+    def drain(
+        self, model: str, on_outcome: Callable[[DeliveryOutcome], None] | None = None
+    ) -> list[DeliveryOutcome]:
+        """Deliver every open version of `model` (started ones first); returns the outcomes.
+
+        `on_outcome` hears each as it closes: an error on a later version ends the drain with
+        the exception, and the outcomes before it must not be lost with the return value.
+        """
         outcomes = []
         while not self.stop.is_set():
             open_entries = self.store.load(model).open_entries()
@@ -126,6 +132,8 @@ class Dispatcher:
             outcome = self._deliver_one(model, open_entries[0].version)
             if outcome is not None:
                 outcomes.append(outcome)
+                if on_outcome is not None:
+                    on_outcome(outcome)
         return outcomes
 
     def resume_order(self, models: list[str]) -> list[str]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from aml_pipelines.delivery import DeliveryOutcome
 from aml_pipelines.errors import PipelineError
@@ -104,10 +104,16 @@ class Watcher:
         self._listed_up_to = max(v.version for v in versions)
         return accepted
 
-    def run(self, *, once: bool = False) -> list[DeliveryOutcome]:
+    def run(
+        self,
+        *,
+        once: bool = False,
+        on_outcome: Callable[[DeliveryOutcome], None] | None = None,
+    ) -> list[DeliveryOutcome]:
         """Lock, reconcile, then poll and deliver until stopped (or one round with `once`).
 
-        Returns the outcomes of a `once` round (a long-running watcher logs them instead).
+        Returns the outcomes of a `once` round (a long-running watcher logs them instead);
+        `on_outcome` hears each as it closes, before an error on a later version ends the round.
         """
         store = self.dispatcher.store
         lock = store.lock(f"watch-{self.model}", f"a watcher of model {self.model!r}")
@@ -115,7 +121,7 @@ class Watcher:
             self.dispatcher.delivery.reconcile()
             if once:
                 self.poll()
-                return self.dispatcher.drain(self.model)
+                return self.dispatcher.drain(self.model, on_outcome)
             worker = DeliveryWorker(self.dispatcher, lambda: [self.model])
             worker.start()
             log.info(

@@ -147,6 +147,31 @@ def test_watch_once_promotes_and_the_registry_follows(
     assert _ledger_starts(tmp_path) == 1  # exactly one rollout for v2
 
 
+def test_watch_once_prints_what_it_delivered_before_an_error_stops_the_pass(
+    tmp_path: Path, registry: LocalRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: the pass's outcome lines were printed only after it ended, so a router down for v3
+    # (exit 2) left stdout empty although v2 had been promoted: a CI log lost what was delivered.
+    from aml_pipelines.delivery import EngineDelivery
+    from aml_pipelines.errors import TriggerError
+
+    register(registry, tmp_path, stage="candidate")  # v3
+    real = EngineDelivery.deliver
+
+    def deliver(self: EngineDelivery, version: Any) -> Any:
+        if version.version == 3:
+            raise TriggerError("router unreachable: connection refused")
+        return real(self, version)
+
+    monkeypatch.setattr(EngineDelivery, "deliver", deliver)
+    monkeypatch.chdir(tmp_path)
+    done = CliRunner().invoke(app, _cli(tmp_path, "watch", "--model", "diabetes", "--once")[3:])
+    assert isinstance(done.exception, TriggerError)  # main() prints it as one line, exit 2
+    assert done.stdout.startswith("diabetes v2: Succeeded ")
+    entries = TriggerStore(tmp_path / "trigger").load("diabetes").entries
+    assert (entries[2].outcome, entries[3].step) == ("Succeeded", Step.STARTED)
+
+
 def test_watch_rolls_back_a_bad_candidate_with_the_ledger_reason(
     tmp_path: Path, registry: LocalRegistry
 ) -> None:
