@@ -379,14 +379,14 @@ class EngineDelivery:
             )
         spec = self.spec
         if not ours:
+            from rollout.routers.factory import make_router
+
+            router = make_router(spec.router)  # one client for all calls (azureml: MLClient)
+            probe_metrics(spec, router)
             release = self._package(version)
             spec = self._with_stable(spec, version.name)
-            if spec.stable is None:
-                from rollout.routers.factory import make_router
-
-                router = make_router(spec.router)  # one client for all calls (azureml: MLClient)
-                if green_is_free(spec, release, router):
-                    return self._deliver_first(version, spec, release, router)
+            if spec.stable is None and green_is_free(spec, release, router):
+                return self._deliver_first(version, spec, release, router)
         else:
             # Resumed: the stored status carries the candidate; naming it keeps a spec that
             # names another `candidate:` from being taken for a different rollout.
@@ -471,6 +471,29 @@ class EngineDelivery:
     def reconcile(self) -> list[TagChange]:
         """Repair registry tags from the engine's last status."""
         return reconcile(self.registry, self.current())
+
+
+def probe_metrics(spec: Any, router: Any) -> None:
+    """Raise MetricsError, before anything is packaged or deployed, when the spec's metrics
+    cannot be read (the probe the controller runs as a rollout or a first release's check
+    begins). Asked first, a delivery the trigger retries every interval until they can be read
+    costs one trivial query per retry: no packaging of the model again, and no log line saying
+    it goes to green when nothing will."""
+    from rollout.errors import MetricsError
+    from rollout.metrics.factory import make_metrics
+
+    metrics = make_metrics(spec.metrics, router=router)
+    try:
+        metrics.probe()
+    except MetricsError as exc:
+        raise MetricsError(
+            f"metrics unreadable, nothing deployed: {exc} (check the spec's `metrics:`, or bring "
+            "the backend up: the trigger retries it)"
+        ) from exc
+    finally:
+        close = getattr(metrics, "close", None)  # an HTTP session (Prometheus)
+        if close is not None:
+            close()
 
 
 def green_is_free(spec: Any, release: Any, router: Any) -> bool:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -96,6 +97,8 @@ class Dispatcher:
         self.wait_interval_s = wait_interval_s
         self.stop = stop or threading.Event()
         self._deliver_lock = store.lock("deliver", "a delivery on this endpoint")
+        #: Versions whose last delivery in this process ended in an error, to be retried.
+        self._failing: set[tuple[str, int]] = set()
 
     # ------------------------------------------------------------------ accepting
 
@@ -183,16 +186,28 @@ class Dispatcher:
             if not self._wait_for_endpoint(model, version):
                 return None
             started = self.store.update(
-                model, version, lambda e: replace(e, step=Step.STARTED, attempts=e.attempts + 1)
+                model,
+                version,
+                lambda e: replace(e, step=Step.STARTED, attempts=e.attempts + 1, reason=""),
             )
             if entry.step is Step.STARTED:  # after a crash, or an error in this process
-                log.warning(
+                # Said once: a retry after an error the worker already told of (every interval,
+                # for as long as the metrics are unreadable, say) is no news.
+                said = log.debug if (model, version) in self._failing else log.warning
+                said(
                     "resuming the delivery of %s v%d (attempt %d)", model, version, started.attempts
                 )
             try:
                 outcome = self.delivery.deliver(model_version)
             except PERMANENT as exc:
                 return self._fail(model, version, exc)
+            except (PipelineError, RolloutError) as exc:
+                # Left open, to be retried: `trigger status` tells why it waits.
+                self._failing.add((model, version))
+                why = f"waits, to be retried: {exc}"
+                self.store.update(model, version, lambda e: replace(e, reason=why))
+                raise
+            self._failing.discard((model, version))
             self._close(model, version, outcome.phase, outcome.reason)
             log.info("delivered %s v%d: %s %s", model, version, outcome.phase, outcome.reason)
             return outcome
@@ -294,7 +309,12 @@ class DeliveryWorker:
     """The single thread that drains cursors: the webhook's queue → one delivery at a time.
 
     Models with a `started` entry are drained first on every pass (see Dispatcher.resume_order).
+    An interrupted pass is retried every `wait_interval_s`; a known error is logged once, and
+    again only every REMIND_S while it repeats (metrics down for a night: a few dozen lines, not
+    thousands), an unexpected one with its traceback every time.
     """
+
+    REMIND_S = 600.0
 
     def __init__(self, dispatcher: Dispatcher, models: Callable[[], list[str]]) -> None:
         self.dispatcher = dispatcher
@@ -303,6 +323,10 @@ class DeliveryWorker:
         self._thread = threading.Thread(target=self._run, name="delivery-worker", daemon=True)
         self.failures = 0  # deliveries interrupted by an error (each is retried)
         self.last_error: BaseException | None = None
+        #: What failed → (the error, when it was last said): a known error repeating at every
+        #: retry is said again only every REMIND_S seconds.
+        self._said: dict[str, tuple[str, float]] = {}
+        self.clock: Callable[[], float] = time.monotonic
 
     def start(self) -> None:
         """Start the thread; it first drains what a previous process left open."""
@@ -330,6 +354,7 @@ class DeliveryWorker:
             except Exception as exc:
                 self._failed("deliveries", exc)
                 continue
+            self._said.pop("deliveries", None)
             for model in models:
                 if stop.is_set():
                     break
@@ -338,14 +363,31 @@ class DeliveryWorker:
                 except Exception as exc:
                     # The entry stays `started`/`pending`: retried (as a resume) on the next wake.
                     self._failed(f"delivery of {model}", exc)
+                else:
+                    self._said.pop(f"delivery of {model}", None)
 
     def _failed(self, what: str, exc: Exception) -> None:
-        """Log an interrupted pass (one line for a known error), wait, and wake up to retry."""
+        """Log an interrupted pass (one line for a known error, said once while it repeats),
+        wait, and wake up to retry."""
         self.failures += 1
         self.last_error = exc
         retry = self.dispatcher.wait_interval_s
         if isinstance(exc, PipelineError | RolloutError):  # known: one line is enough
-            log.warning("%s stopped: %s; retrying in %.0f s", what, exc, retry)
+            now, said = self.clock(), self._said.get(what)
+            again = said is not None and said[0] == str(exc)
+            if said is not None and again and now - said[1] < self.REMIND_S:
+                log.debug("%s stopped again: %s", what, exc)
+            else:
+                log.warning(
+                    "%s %s: %s; retrying every %g s, quietly (said again every %g min while it "
+                    "lasts)",
+                    what,
+                    "still stopped" if again else "stopped",
+                    exc,
+                    retry,
+                    self.REMIND_S / 60,
+                )
+                self._said[what] = (str(exc), now)
         else:
             log.exception("%s failed; retrying in %.0f s", what, retry)
         self.dispatcher.stop.wait(retry)

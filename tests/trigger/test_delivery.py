@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -34,6 +35,7 @@ from aml_pipelines.trigger.store import Step, TriggerStore
 from rollout.config import spec_from_dict
 from rollout.controller import FakeClock
 from rollout.core.types import Colour, Release
+from rollout.errors import MetricsError
 from rollout.ledger import explain, read_ledger
 from rollout.routers.memory import MemoryRouter
 from tests.trigger.fakes import register
@@ -601,6 +603,31 @@ def test_killed_after_the_first_release_tags_the_restart_settles_it_without_judg
     assert entry.reason.startswith("registry records stage=production, first_check=Failed: ")
     assert "is above the limit 10 %" in entry.reason
     assert _events(tmp_path / "rollout" / "diabetes.ledger.jsonl") == ["bootstrap", "first-check"]
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-release", "rollout"])
+def test_unreadable_metrics_stop_a_delivery_before_it_packages_anything(
+    tmp_path: Path, first: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was: the engine's own probe refused only after the version was packaged again and
+    # "first release, to green with all traffic" was logged — at every retry of the trigger.
+    registry = LocalRegistry(tmp_path / "registry")
+    if not first:
+        register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        url = f"http://127.0.0.1:{bound.getsockname()[1]}"
+        spec = _spec(tmp_path, 0.01, metrics={"kind": "prometheus", "url": url})
+        delivery = EngineDelivery(registry, spec, clock=FakeClock(1_000.0))
+        with caplog.at_level(logging.INFO), pytest.raises(MetricsError) as raised:
+            delivery.deliver(registry.latest("diabetes"))
+    assert str(raised.value).startswith(
+        f"metrics unreadable, nothing deployed: Prometheus at {url} is unreachable"
+    )
+    assert not (tmp_path / "rollout").exists()  # no package, no status, no ledger
+    assert not (tmp_path / "routes.json").exists()  # nothing deployed
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("aml_pipelines")] == []
 
 
 def test_a_first_version_is_rolled_out_against_what_green_already_serves(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger.dispatch import DeliveryWorker, Dispatcher
 from aml_pipelines.trigger.store import MISSING, Step, TriggerStore
 from aml_pipelines.trigger.watcher import Watcher, new_versions
+from rollout.errors import MetricsError
 from tests.trigger.fakes import ResumableDelivery, journal, register
 
 CANDIDATE = {"stage": "candidate"}
@@ -357,6 +358,62 @@ def test_worker_retries_a_transient_failure_as_a_resume(
     entry = dispatcher.store.load("diabetes").entries[1]
     assert (entry.step, entry.outcome, entry.attempts) == (Step.DONE, "Succeeded", 2)
     assert (worker.failures, str(worker.last_error)) == (1, "endpoint unreachable")
+
+
+class _FailingDelivery(ResumableDelivery):
+    """Fails its deliveries with `errors`, one each, then works (metrics down for a while)."""
+
+    def __init__(self, *args: Any, errors: list[Exception], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.errors = errors
+
+    def deliver(self, version: ModelVersion):
+        if self.errors:
+            raise self.errors.pop(0)
+        return super().deliver(version)
+
+
+def test_a_delivery_retried_after_the_same_error_says_it_once_and_status_tells_why(
+    tmp_path: Path, registry: LocalRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was: metrics nobody could read (a new rollout probes them before deploying anything) cost
+    # four log lines per retry, forever — "resuming the delivery", "packaged", "first release,
+    # to green with all traffic" (nothing went there) and "stopped" — 1,440 lines an hour at the
+    # default 10 s, and `trigger status` showed the version `started` with no reason.
+    down = "metrics unreadable, nothing deployed: Prometheus at http://p:9090 is unreachable"
+    errors = [MetricsError(down) for _ in range(5)] + [MetricsError(f"{down} (timeout)")] * 2
+    failing = _FailingDelivery(tmp_path / "engine", registry, errors=errors)
+    dispatcher = Dispatcher(
+        TriggerStore(tmp_path / "trigger"), registry, failing, wait_interval_s=0.01
+    )
+    register(registry, tmp_path, stage="candidate")
+    worker = DeliveryWorker(dispatcher, lambda: ["diabetes"])
+    ticks = iter([0.0, 1.0, 2.0, 700.0, 701.0, 702.0, 703.0])  # a reminder after 10 min
+    worker.clock = lambda: next(ticks)
+    reasons: list[str] = []
+    assert dispatcher.accept("diabetes", 1, "watch")
+    with caplog.at_level(logging.DEBUG, logger="aml_pipelines.trigger.dispatch"):
+        worker.start()
+        try:
+            _wait_until(lambda: worker.failures >= 1, dispatcher)
+            reasons.append(dispatcher.store.load("diabetes").entries[1].reason)
+            _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
+        finally:
+            dispatcher.stop.set()
+            worker.join(10)
+    entry = dispatcher.store.load("diabetes").entries[1]
+    assert (entry.step, entry.outcome, entry.attempts) == (Step.DONE, "Succeeded", 8)
+    assert worker.failures == 7
+    assert reasons == [f"waits, to be retried: {down}"]
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [line.split(": metrics")[0] for line in said] == [
+        "delivery of diabetes stopped",  # the first time
+        "delivery of diabetes still stopped",  # 10 min on, the same
+        "delivery of diabetes stopped",  # another error
+    ]
+    assert said[0].endswith(
+        "retrying every 0.01 s, quietly (said again every 10 min while it lasts)"
+    )
 
 
 def test_worker_survives_an_unreadable_cursor_and_delivers_once_it_is_mended(
