@@ -97,6 +97,8 @@ class Dispatcher:
         self.wait_interval_s = wait_interval_s
         self.stop = stop or threading.Event()
         self._deliver_lock = store.lock("deliver", "a delivery on this endpoint")
+        #: The version `delivery.deliver` is at in this process (read by `accept`'s thread).
+        self._delivering: tuple[str, int] | None = None
         #: Versions whose last delivery in this process ended in an error, to be retried.
         self._failing: set[tuple[str, int]] = set()
 
@@ -116,6 +118,22 @@ class Dispatcher:
         if view is not None and view.active and view.model == model and view.candidate < newest:
             log.warning("superseding the rollout of %s v%d by v%d", model, view.candidate, newest)
             self.delivery.abort(f"superseded by version {newest}")
+            return
+        delivering = self._delivering
+        if delivering is None or delivering[0] != model or delivering[1] >= newest:
+            return
+        if not self.registry.find_by_tag(model, STAGE_TAG, Stage.PRODUCTION):
+            # The model's first release, being checked: no rollout, so nothing to abort. Said
+            # here, once per accepted version, or the newer one would wait without a word.
+            log.info(
+                "%s v%d waits for the first-release check of v%d to end: --supersede cannot cut "
+                "it short (v%d serves all traffic, with no rollout to abort and nothing to fall "
+                "back to); the check ends with a verdict, or after analysis.max_step_duration_s",
+                model,
+                newest,
+                delivering[1],
+                delivering[1],
+            )
 
     # ------------------------------------------------------------------ delivering
 
@@ -197,6 +215,7 @@ class Dispatcher:
                 said(
                     "resuming the delivery of %s v%d (attempt %d)", model, version, started.attempts
                 )
+            self._delivering = (model, version)
             try:
                 outcome = self.delivery.deliver(model_version)
             except PERMANENT as exc:
@@ -207,6 +226,8 @@ class Dispatcher:
                 why = f"waits, to be retried: {exc}"
                 self.store.update(model, version, lambda e: replace(e, reason=why))
                 raise
+            finally:
+                self._delivering = None
             self._failing.discard((model, version))
             self._close(model, version, outcome.phase, outcome.reason)
             log.info("delivered %s v%d: %s %s", model, version, outcome.phase, outcome.reason)

@@ -184,6 +184,53 @@ def test_a_version_waits_for_the_active_rollout(
     assert busy.aborts == (["superseded by diabetes version 1"] if supersede else [])
 
 
+class _CheckingFirstRelease(ResumableDelivery):
+    """While delivering v1 (a first release: no rollout in its state store yet), the watcher's
+    thread accepts v2 — twice, as two polls would list it."""
+
+    def __init__(self, *args: Any, dispatcher: list[Dispatcher], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dispatcher = dispatcher
+        self.aborts: list[str] = []
+
+    def deliver(self, version: ModelVersion):
+        if version.version == 1:
+            assert self.current() is None  # what supersede sees: nothing to abort
+            (dispatcher,) = self.dispatcher
+            assert dispatcher.accept("diabetes", 2, "watch")
+            assert not dispatcher.accept("diabetes", 2, "watch")
+        return super().deliver(version)
+
+    def abort(self, reason: str) -> None:
+        self.aborts.append(reason)
+
+
+def test_supersede_during_a_first_release_check_says_the_newer_version_waits(
+    tmp_path: Path, registry: LocalRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was: v2, registered while v1 (the model's first release) was being checked, was accepted
+    # and waited for the check — up to max_step_duration_s, 3 h — without a word in the log.
+    holder: list[Dispatcher] = []
+    delivery = _CheckingFirstRelease(tmp_path / "engine", registry, dispatcher=holder)
+    dispatcher = Dispatcher(
+        TriggerStore(tmp_path / "trigger"), registry, delivery, supersede=True, wait_interval_s=0
+    )
+    holder.append(dispatcher)
+    register(registry, tmp_path, stage="candidate")
+    register(registry, tmp_path, stage="candidate")
+    assert dispatcher.accept("diabetes", 1, "watch")
+    with caplog.at_level(logging.INFO, logger="aml_pipelines.trigger.dispatch"):
+        outcomes = dispatcher.drain("diabetes")
+    waits = [r.getMessage() for r in caplog.records if " waits for " in r.getMessage()]
+    assert waits == [
+        "diabetes v2 waits for the first-release check of v1 to end: --supersede cannot cut it "
+        "short (v1 serves all traffic, with no rollout to abort and nothing to fall back to); "
+        "the check ends with a verdict, or after analysis.max_step_duration_s"
+    ]
+    assert delivery.aborts == []
+    assert [(o.version, o.phase) for o in outcomes] == [(1, "Succeeded"), (2, "Succeeded")]
+
+
 def test_supersede_closes_older_pending_versions(
     tmp_path: Path, registry: LocalRegistry, delivery: ResumableDelivery
 ) -> None:
