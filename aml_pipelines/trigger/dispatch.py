@@ -122,7 +122,11 @@ class Dispatcher:
         delivering = self._delivering
         if delivering is None or delivering[0] != model or delivering[1] >= newest:
             return
-        if not self.registry.find_by_tag(model, STAGE_TAG, Stage.PRODUCTION):
+        try:
+            first = not self.registry.find_by_tag(model, STAGE_TAG, Stage.PRODUCTION)
+        except PipelineError:  # a log line is not worth failing the accept (a webhook's 500)
+            return
+        if first:
             # The model's first release, being checked: no rollout, so nothing to abort. Said
             # here, once per accepted version, or the newer one would wait without a word.
             log.info(

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from aml_pipelines.delivery import RolloutView
+from aml_pipelines.errors import TriggerError
 from aml_pipelines.registry import local as local_registry
 from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
@@ -228,6 +229,32 @@ def test_supersede_during_a_first_release_check_says_the_newer_version_waits(
         "the check ends with a verdict, or after analysis.max_step_duration_s"
     ]
     assert delivery.aborts == []
+    assert [(o.version, o.phase) for o in outcomes] == [(1, "Succeeded"), (2, "Succeeded")]
+
+
+def test_a_registry_that_cannot_say_what_is_in_production_does_not_fail_the_accept(
+    tmp_path: Path, registry: LocalRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The "waits for the first-release check" line asks the registry; failing, it is left out:
+    # the version is still accepted (a webhook would otherwise answer 500 to a recorded event).
+    holder: list[Dispatcher] = []
+    delivery = _CheckingFirstRelease(tmp_path / "engine", registry, dispatcher=holder)
+    dispatcher = Dispatcher(
+        TriggerStore(tmp_path / "trigger"), registry, delivery, supersede=True, wait_interval_s=0
+    )
+    holder.append(dispatcher)
+    register(registry, tmp_path, stage="candidate")
+    register(registry, tmp_path, stage="candidate")
+    assert dispatcher.accept("diabetes", 1, "watch")
+    real, down = registry.find_by_tag, [TriggerError("registry unreachable")]
+
+    def find_by_tag(*args: Any) -> Any:
+        if dispatcher._delivering is not None and down:  # once: as v2 is accepted
+            raise down.pop()
+        return real(*args)
+
+    monkeypatch.setattr(registry, "find_by_tag", find_by_tag)
+    outcomes = dispatcher.drain("diabetes")
     assert [(o.version, o.phase) for o in outcomes] == [(1, "Succeeded"), (2, "Succeeded")]
 
 
