@@ -94,6 +94,9 @@ class _Model(BaseModel):
 Number = Annotated[float, Strict()]
 #: A whole number of the spec: an int as YAML read it (not `15.0`, nor text, nor a boolean).
 WholeNumber = Annotated[int, Strict()]
+#: A switch of the spec: true or false as YAML read it. Lax, pydantic took `"no"` as false and
+#: `1` as true: `enabled: "no"` from a template, or a count misplaced, loaded as if meant.
+Flag = Annotated[bool, Strict()]
 
 
 #: An HTTP header name: a token of RFC 9110 (letters, digits and !#$%&'*+-.^_`|~).
@@ -225,7 +228,7 @@ class KubeApiConfig(_Model):
     api_url: HttpUrl | None = None
     kubeconfig: Path | None = None
     context: str | None = None
-    in_cluster: bool = False
+    in_cluster: Flag = False
 
 
 class IstioRouterConfig(KubeApiConfig):
@@ -578,14 +581,14 @@ class PrometheusMetricsConfig(_Model):
     basic_auth: PromBasicAuth | None = None
     #: An Entra ID token for Azure Monitor managed Prometheus from `default_credential()` (for
     #: the cloud of the url: prometheus.monitor.azure.com, .azure.us or .azure.cn).
-    azure_auth: bool = False
+    azure_auth: Flag = False
     #: PEM CA bundle that signed the server's certificate (a private CA).
     ca_file: Path | None = None
     #: Mutual TLS: the client certificate (PEM; may hold the key too) and its private key.
     cert_file: Path | None = None
     key_file: Path | None = None
     #: Accept any certificate: anyone on the path can read and answer the queries. Warned about.
-    insecure_skip_verify: bool = False
+    insecure_skip_verify: Flag = False
 
     @model_validator(mode="after")
     def _custom_needs_queries(self) -> PrometheusMetricsConfig:
@@ -699,7 +702,7 @@ MAX_RATIO = 1000.0
 class ErrorCheck(_Model):
     """5xx responses of the canary against the baseline."""
 
-    enabled: bool = True
+    enabled: Flag = True
     #: Relative margin: promotion needs evidence that canary rate < max_ratio × baseline rate,
     #: and the sequential test hunts for any ratio > 1.
     max_ratio: Number = Field(default=2.0, gt=1, le=MAX_RATIO)
@@ -714,7 +717,7 @@ class ErrorCheck(_Model):
 class LatencyCheck(_Model):
     """Slow requests (above a histogram bucket) of the canary against the baseline."""
 
-    enabled: bool = True
+    enabled: Flag = True
     #: `baseline_p99`: slow = above the bucket holding the baseline's p99 (about 1 % of requests);
     #: `slo`: slow = above the bucket bound at `slo_ms`.
     threshold: Literal["baseline_p99", "slo"] = "baseline_p99"
@@ -1174,7 +1177,7 @@ def _format(exc: ValidationError) -> str:
     problems = []
     for err in exc.errors():
         where = ".".join(map(_loc_part, err["loc"])) or "(top level)"
-        problems.append(f"{where}: {_not_a_number(err) or err['msg']}")
+        problems.append(f"{where}: {_not_a_number(err) or _not_a_flag(err) or err['msg']}")
     return "; ".join(problems)
 
 
@@ -1195,6 +1198,30 @@ def _not_a_number(err: Any) -> str | None:
         return f"expected {wanted}, got the text {value!r}: write it without quotes"
     if isinstance(value, float):
         return f"expected {wanted}, got {value!r}"
+    return None
+
+
+#: What YAML 1.1 reads as a boolean when written without quotes (PyYAML's resolver).
+_YAML_BOOLEANS = {
+    **dict.fromkeys(("true", "yes", "on"), "true"),
+    **dict.fromkeys(("false", "no", "off"), "false"),
+}
+
+
+def _not_a_flag(err: Any) -> str | None:
+    """What a Flag refused, said for YAML (pydantic says "Input should be a valid boolean" of
+    `"no"`, which reads as one); None for any other error."""
+    if err["type"] != "bool_type":
+        return None
+    wanted = "expected true or false"
+    value = err["input"]
+    if isinstance(value, str):
+        meant = _YAML_BOOLEANS.get(value.lower())
+        if meant is None:  # "maybe", "1"
+            return f"{wanted}, got the text {value!r}"
+        return f"{wanted}, got the text {value!r}: write {meant} without quotes"
+    if isinstance(value, int | float):
+        return f"{wanted}, got the number {value!r}"
     return None
 
 

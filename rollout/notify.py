@@ -101,6 +101,9 @@ class WebhookNotifier:
             for _ in range(ATTEMPTS):
                 try:
                     response = client.post(self.config.url, json=body)
+                except httpx.TimeoutException:  # a slow webhook, or a timeout_s too short
+                    problem = f"no answer within {self.config.timeout_s:g} s (notify.timeout_s)"
+                    continue
                 except httpx.HTTPError as exc:
                     problem = f"{type(exc).__name__}: {exc}"
                     continue

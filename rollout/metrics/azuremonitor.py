@@ -246,6 +246,9 @@ class AzureMonitorMetrics:
                 problem = f"HTTP {exc.status_code} {http_detail(exc)}"
             raise MetricsError(self._where(problem)) from exc
         except AzureError as exc:
+            if _timed_out(exc):  # a hung API (or a timeout_s too short), not "unreachable"
+                problem = f"no answer within {self.timeout_s:g} s (metrics.timeout_s)"
+                raise MetricsError(self._where(problem)) from exc
             raise MetricsError(self._where(f"unreachable ({error_line(exc)})")) from exc
         if result.status != LogsQueryStatus.SUCCESS:
             # A partial result may miss records: counting it would undercount the step.
@@ -257,6 +260,18 @@ class AzureMonitorMetrics:
 
     def _where(self, problem: str) -> str:
         return f"Log Analytics workspace {self.workspace_id} ({TABLE}): {problem}"
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether azure-core gave up waiting for the connection or the answer (`timeout_s`)."""
+    from azure.core.exceptions import ServiceRequestTimeoutError, ServiceResponseTimeoutError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ServiceRequestTimeoutError | ServiceResponseTimeoutError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _no_token(exc: BaseException) -> bool:

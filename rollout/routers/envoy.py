@@ -598,6 +598,11 @@ class EnvoyRouter:
         """
         try:
             self._http.get(f"{self.admin_url}/ready")
+        except httpx.TimeoutException as exc:  # a hung Envoy, not "start one"
+            raise RouterUnavailable(
+                f"Envoy admin at {self.admin_url} did not answer within {self.timeout_s:g} s "
+                "(router.timeout_s)"
+            ) from exc
         except httpx.TransportError as exc:
             raise RouterUnavailable(
                 f"Envoy admin at {self.admin_url} is not reachable: {exc or type(exc).__name__} "
@@ -623,7 +628,8 @@ class EnvoyRouter:
             if self._clock() >= deadline:
                 raise RouterError(
                     f"Envoy at {self.admin_url} did not serve {what} within {self.timeout_s:g} s "
-                    "(a rejected config? see its log and /stats rds/cluster update_rejected)"
+                    "(router.timeout_s; a rejected config? see its log and /stats rds/cluster "
+                    "update_rejected)"
                 )
             self._sleep(POLL_S)
 
@@ -637,6 +643,11 @@ class EnvoyRouter:
             response = self._http.get(f"{self.admin_url}/config_dump", params=params)
             response.raise_for_status()
             configs: list[dict[str, Any]] = response.json().get("configs", [])
+        except httpx.TimeoutException as exc:
+            raise RouterError(
+                f"cannot read Envoy's config at {self.admin_url}: no answer within "
+                f"{self.timeout_s:g} s (router.timeout_s)"
+            ) from exc
         except (httpx.HTTPError, ValueError) as exc:
             raise RouterError(f"cannot read Envoy's config at {self.admin_url}: {exc}") from exc
         return configs

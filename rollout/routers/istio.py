@@ -330,7 +330,7 @@ class IstioRouter:
             if self._monotonic() >= deadline:
                 headline = (
                     f"{what} not available after {self._ready_timeout_s:g} s "
-                    f"(waiting for {waiting_for})"
+                    f"(router.ready_timeout_s), waiting for {waiting_for}"
                 )
                 raise DeployFailed(m.not_ready(headline, dep, self._pods(dep)))
             self._sleep(self._poll_s)

@@ -458,7 +458,10 @@ class KubernetesStateStore:
             except (StateError, _Conflict) as exc:
                 log.warning("could not renew Lease %s/%s: %s", self._ns, self.objects.lease, exc)
                 if self._monotonic() - held.renewed_at > self.renew_deadline_s:
-                    held.lost = f"it could not be renewed for {self.renew_deadline_s:g} s ({exc})"
+                    held.lost = (
+                        f"it could not be renewed for {self.renew_deadline_s:g} s, two thirds "
+                        f"of state.lease_ttl_s ({exc})"
+                    )
                 pause = min(1.0, self.lease_ttl_s / 10)  # a blip: try again soon
             except Exception as exc:  # a dead thread would be a lost lease nobody notices
                 held.lost = f"renewing it failed: {exc!r}"
@@ -493,7 +496,10 @@ class KubernetesStateStore:
         if held is None:
             return
         if held.lost is None and self._monotonic() - held.renewed_at > self.renew_deadline_s:
-            held.lost = f"it was not renewed for more than {self.renew_deadline_s:g} s"
+            held.lost = (
+                f"it was not renewed for more than {self.renew_deadline_s:g} s, two thirds of "
+                "state.lease_ttl_s"
+            )
         if held.lost is not None:
             raise StateError(
                 f"lost the lease of rollout {self.name!r}: {held.lost}; another controller may "

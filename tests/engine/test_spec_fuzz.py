@@ -740,3 +740,49 @@ def test_a_whole_number_is_a_number() -> None:
     assert spec.analysis.interval_s == 5.0
     assert spec.analysis.max_step_duration_s == 60.0
     assert spec.analysis.errors.max_rate == 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            "analysis: {latency: {enabled: 'no'}}\n",
+            "analysis.latency.enabled: expected true or false, got the text 'no': write false "
+            "without quotes",
+            id="quoted-no",  # was false, silently: a template's quotes
+        ),
+        pytest.param(
+            "analysis: {errors: {enabled: 1}}\n",
+            "analysis.errors.enabled: expected true or false, got the number 1",
+            id="number-for-a-switch",  # was true: a count in the wrong place
+        ),
+        pytest.param(
+            "router: {kind: istio, namespace: ml, app: a, in_cluster: 'true'}\n",
+            "router.istio.in_cluster: expected true or false, got the text 'true': write true "
+            "without quotes",
+            id="quoted-in-cluster",
+        ),
+        pytest.param(
+            "state: {kind: kubernetes, namespace: ml, in_cluster: 'Off'}\n",
+            "state.kubernetes.in_cluster: expected true or false, got the text 'Off': write "
+            "false without quotes",
+            id="quoted-off",
+        ),
+        pytest.param(
+            "metrics: {kind: prometheus, url: 'http://p:9090', azure_auth: 'maybe'}\n",
+            "metrics.prometheus.azure_auth: expected true or false, got the text 'maybe'",
+            id="text-for-a-switch",
+        ),
+        pytest.param(
+            "metrics: {kind: prometheus, url: 'https://p', insecure_skip_verify: 0.0}\n",
+            "metrics.prometheus.insecure_skip_verify: expected true or false, got the number 0.0",
+            id="float-for-a-switch",
+        ),
+    ],
+)
+def test_a_switch_is_true_or_false_not_text(text: str, message: str, tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        load_spec(spec)
+    assert str(refused.value).startswith(f"{spec}: {message}"), str(refused.value)

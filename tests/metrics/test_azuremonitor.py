@@ -156,6 +156,25 @@ def test_an_unreachable_api_is_an_error(logs: FakeLogAnalytics) -> None:
     assert obs.error is not None and "unreachable" in obs.error
 
 
+def test_a_hung_api_is_a_timeout_that_names_its_setting() -> None:
+    """Was "unreachable (HTTPSConnectionPool(...): Read timed out. (read timeout=0.3))": an API
+    that is there but slow (or a timeout_s too short) read as a network fault."""
+    import socket
+
+    from azure.monitor.query import LogsQueryClient
+
+    with socket.socket() as listener:  # listening, never accepting: connects, never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"https://127.0.0.1:{listener.getsockname()[1]}"
+        client = LogsQueryClient(StaticCredential(), endpoint=url, retry_total=0)
+        obs = AzureMonitorMetrics(client, WORKSPACE, "ep", timeout_s=0.3).observe(T0, T0 + 60)
+    assert obs.error == (
+        f"Log Analytics workspace {WORKSPACE} (AmlOnlineEndpointTrafficLog): no answer within "
+        "0.3 s (metrics.timeout_s)"
+    )
+
+
 def test_a_result_of_another_shape_is_an_error(logs: FakeLogAnalytics) -> None:
     logs.answer_table(["DeploymentName", "requests"], [["blue", 3]])
     obs = provider(logs).observe(T0, T0 + 60)

@@ -211,7 +211,9 @@ def test_a_set_weights_envoy_never_serves_is_an_error(
         timeout_s=0.3,
     )
     router.deploy(Colour.GREEN, V1)
-    with pytest.raises(RouterError, match="did not serve routes with blue 0 %"):
+    with pytest.raises(
+        RouterError, match=r"did not serve routes with blue 0 % .* within 0.3 s \(router.timeout_s;"
+    ):
         router.set_weights(Weights.blue_at(0))
     router.close()
 
@@ -225,6 +227,37 @@ def test_unreachable_admin_is_a_router_error(tmp_path: Path) -> None:
     with pytest.raises(RouterError, match=r"127\.0\.0\.1:9"):
         router.get_weights()
     router.close()
+
+
+def test_a_hung_admin_is_a_timeout_that_names_its_setting(tmp_path: Path) -> None:
+    """Was "Envoy admin at URL is not reachable: timed out (start one with `aml-rollout up`...)"
+    and "cannot read Envoy's config at URL: timed out": an Envoy that is there but slow (or a
+    `timeout_s` too short) read as none at all, and nothing said the wait is a setting."""
+    import socket
+
+    with socket.socket() as listener:  # listening, never accepting: connects, never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        router = EnvoyRouter(
+            admin_url=url,
+            files=EnvoyFiles(tmp_path / "routes.json"),
+            releases_file=tmp_path / "releases.json",
+            timeout_s=0.3,
+        )
+        try:
+            with pytest.raises(RouterUnavailable) as unavailable:
+                router.set_weights(Weights.blue_at(0))
+            assert str(unavailable.value) == (
+                f"Envoy admin at {url} did not answer within 0.3 s (router.timeout_s)"
+            )
+            with pytest.raises(RouterError) as unread:
+                router.get_weights()
+            assert str(unread.value) == (
+                f"cannot read Envoy's config at {url}: no answer within 0.3 s (router.timeout_s)"
+            )
+        finally:
+            router.close()
 
 
 def test_deploy_swaps_the_server_and_stops_the_old_one(

@@ -394,7 +394,10 @@ def test_deploy_waits_for_available_pods_and_gives_up_at_the_deadline() -> None:
             monotonic=lambda: clock[0],
             sleep=lambda s: clock.__setitem__(0, clock[0] + s),
         )
-        with pytest.raises(RouterError, match=r"not available after 30 s \(waiting for the dep"):
+        with pytest.raises(
+            RouterError,
+            match=r"not available after 30 s \(router.ready_timeout_s\), waiting for the dep",
+        ):
             router.deploy(Colour.GREEN, V1)
         assert clock[0] == 30
 
@@ -507,7 +510,9 @@ NOT_READY_STATUS = {
 }  # fmt: skip
 
 
-def never_ready(api: FakeKubeApiServer, clock: list[float]) -> IstioRouter:
+def never_ready(
+    api: FakeKubeApiServer, clock: list[float], ready_timeout_s: float = 300
+) -> IstioRouter:
     """A router on an API server whose blue pods never become ready, with a fake clock."""
     api.ready_deployments = False
     for pod in NOT_READY_PODS:
@@ -517,7 +522,9 @@ def never_ready(api: FakeKubeApiServer, clock: list[float]) -> IstioRouter:
         clock[0] += seconds
         api.set_status(*DEPLOYMENT_BLUE, NOT_READY_STATUS)
 
-    return make(api, ready_timeout_s=300, poll_s=5, monotonic=lambda: clock[0], sleep=poll)
+    return make(
+        api, ready_timeout_s=ready_timeout_s, poll_s=5, monotonic=lambda: clock[0], sleep=poll
+    )
 
 
 def test_a_deployment_that_never_becomes_ready_says_why(api: FakeKubeApiServer) -> None:
@@ -528,8 +535,9 @@ def test_a_deployment_that_never_becomes_ready_says_why(api: FakeKubeApiServer) 
         never_ready(api, clock).deploy(Colour.BLUE, V2)
     assert clock[0] == 300
     assert str(failed.value) == (
-        "Deployment ml/diabetes-blue not available after 300 s (waiting for 0 of 5 updated "
-        "replicas available); Available=False MinimumReplicasUnavailable: Deployment does not "
+        "Deployment ml/diabetes-blue not available after 300 s (router.ready_timeout_s), "
+        "waiting for 0 of 5 updated replicas available; Available=False "
+        "MinimumReplicasUnavailable: Deployment does not "
         'have minimum availability.; ReplicaFailure=True FailedCreate: pods "diabetes-blue-6" is '
         "forbidden: exceeded quota: ml-quota; pods: container scoring ImagePullBackOff: Back-off "
         'pulling image "r/d:2" (2 pods); container scoring CrashLoopBackOff: '
@@ -588,6 +596,37 @@ def test_a_candidate_that_never_becomes_ready_fails_the_rollout_once(
     assert "diabetes-blue not available after 300 s" in final.reason
     assert clock[0] == 300  # one wait, not four
     assert router.get_weights() == Weights.blue_at(0)
+
+
+def test_a_ready_timeout_too_short_is_named_where_the_rollout_fails(
+    api: FakeKubeApiServer,
+) -> None:
+    """Was: 'Deployment ml/diabetes-blue not available after 0.5 s (waiting for ...)': the
+    rollout Failed as if the model were at fault, and nothing said the wait is a setting."""
+    from rollout.config import spec_from_dict
+    from rollout.controller import Controller, FakeClock
+    from rollout.metrics.static import StaticMetrics
+    from rollout.state.memory import MemoryStateStore
+
+    make(api).deploy(Colour.GREEN, V1)
+    clock = [0.0]
+    spec = spec_from_dict({
+        "name": "diabetes",
+        "router": {"kind": "istio", "namespace": "ml", "app": "diabetes", "api_url": api.url,
+                   "ready_timeout_s": 0.5},
+        "metrics": {"kind": "static"},
+        "steps": [10, 100],
+    })  # fmt: skip
+    assert isinstance(spec.router, IstioRouterConfig)
+    router = never_ready(api, clock, ready_timeout_s=spec.router.ready_timeout_s)
+    ctl = Controller(
+        spec, router, StaticMetrics([]), MemoryStateStore(), clock=FakeClock(1_000.0), candidate=V2
+    )
+    final = ctl.run(max_ticks=3)
+    assert final.phase is Phase.FAILED
+    assert "diabetes-blue not available after 0.5 s (router.ready_timeout_s), waiting" in (
+        final.reason
+    )
 
 
 @pytest.mark.parametrize(
