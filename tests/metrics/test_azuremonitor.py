@@ -149,11 +149,20 @@ def test_a_workspace_that_does_not_exist_is_an_error(logs: FakeLogAnalytics) -> 
 
 
 def test_an_unreachable_api_is_an_error(logs: FakeLogAnalytics) -> None:
+    """A closed https port (an http URL would fail earlier, on azure-core refusing to send a
+    token in clear, which the spec refuses anyway: `logs_url` must be https)."""
+    import socket
+
     from azure.monitor.query import LogsQueryClient
 
-    client = LogsQueryClient(StaticCredential(), endpoint="http://127.0.0.1:9", retry_total=0)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"https://127.0.0.1:{probe.getsockname()[1]}"
+    client = LogsQueryClient(StaticCredential(), endpoint=url, retry_total=0)
     obs = AzureMonitorMetrics(client, WORKSPACE, "ep", timeout_s=2).observe(T0, T0 + 60)
-    assert obs.error is not None and "unreachable" in obs.error
+    assert (
+        obs.error is not None and "unreachable" in obs.error and "Connection refused" in obs.error
+    )
 
 
 def test_a_hung_api_is_a_timeout_that_names_its_setting() -> None:
