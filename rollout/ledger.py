@@ -186,6 +186,9 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
             lines.append(f"[{t}] operator {note.replace('set_weight', 'set-weight', 1)}")
         if notes and notes[-1].endswith(f": {reason}"):
             lines[-1] += f" → {rec.get('phase')}"  # the command's effect is the new phase
+        elif notes and reason == previous and rec.get("phase") == rec.get("phase_before"):
+            # A command that changed nothing (a resume refused): not a phase entered anew.
+            lines[-1] += f" → still {rec.get('phase')}"
         elif reason == previous:  # e.g. RollingBack → RolledBack: same cause, say it once
             lines.append(f"[{t}] {rec.get('phase')}")
         else:

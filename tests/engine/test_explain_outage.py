@@ -84,3 +84,17 @@ def test_the_ticks_a_drifted_data_plane_served_are_told_as_not_counted() -> None
     ]
     assert story[5] == f"[6 s] tick 6 not counted as the candidate's evidence: {drift}"
     assert story[6].startswith("[6 s] still Paused")
+
+
+def test_a_refused_resume_is_told_as_changing_nothing_not_as_a_phase_entered_again() -> None:
+    # Was "operator resume: ignored, ..." then a bare "Paused", read as held once more.
+    held = "held for a human: the data plane changed under this rollout"
+    records = [
+        {"event": "start", "at": T0, "name": "d", "plan": [5, 100]},
+        tick(1, held, verdict="Inconclusive", phase="Paused"),
+        tick(2, held, verdict="Inconclusive", phase="Paused", phase_before="Paused",
+             commands=["resume: ignored, green now serves m:5, not m:1: abort it"]),
+    ]  # fmt: skip
+    assert explain(records)[2] == (
+        "[2 s] operator resume: ignored, green now serves m:5, not m:1: abort it → still Paused"
+    )
