@@ -547,7 +547,10 @@ def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | N
 
 def _undriven(status: Status) -> str:
     """What to do about a rollout no controller drives: a held one waits for a human's answer
-    first (`run` alone changes nothing there)."""
+    first (`run` alone changes nothing there), unless one is queued already."""
+    if status.commands:  # answered: told again to answer, an operator answers twice
+        queued = ", ".join(c.kind.replace("_", "-") for c in status.commands)
+        return f"`aml-rollout rollout run SPEC` acts on the queued {queued}"
     what = "answer with resume, promote or abort, then" if status.held else "resume it with"
     return f"{what} `aml-rollout rollout run SPEC`"
 
