@@ -106,7 +106,11 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
     start = records[0].get("at", 0.0)
     previous = None
     unreadable_since: float | None = None  # the first tick of a metrics outage
+    uncounted: list[int] = []  # the ticks of a run whose counts were not the candidate's
     for index, rec in enumerate(records):
+        if uncounted and ("event" in rec or not rec.get("not_counted")):
+            lines.append(_not_counted(uncounted, records[index - 1], start))
+            uncounted = []
         if rec.get("event") == "start":
             start = rec.get("at", start)
             unreadable_since = None
@@ -155,6 +159,8 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
                 f"[{t}] not applied, an abort being queued: " + "; ".join(rec.get("describe") or [])
             )
             continue
+        if rec.get("not_counted") and isinstance(rec.get("tick"), int):
+            uncounted.append(rec["tick"])
         changed = (
             rec.get("actions") or rec.get("phase") != rec.get("phase_before") or rec.get("commands")
         )
@@ -180,11 +186,16 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
             lines.append(f"[{t}] operator {note.replace('set_weight', 'set-weight', 1)}")
         if notes and notes[-1].endswith(f": {reason}"):
             lines[-1] += f" → {rec.get('phase')}"  # the command's effect is the new phase
+        elif notes and reason == previous and rec.get("phase") == rec.get("phase_before"):
+            # A command that changed nothing (a resume refused): not a phase entered anew.
+            lines[-1] += f" → still {rec.get('phase')}"
         elif reason == previous:  # e.g. RollingBack → RolledBack: same cause, say it once
             lines.append(f"[{t}] {rec.get('phase')}")
         else:
             lines.append(f"[{t}] {rec.get('phase')}: {reason}")
         previous = reason
+    if uncounted:
+        lines.append(_not_counted(uncounted, records[-1], start))
     last = records[-1]
     # After an event (a bootstrap, a start not ticked yet) there is no phase to say it is still in.
     if "event" not in last and last.get("phase") not in ("Succeeded", "RolledBack", "Failed"):
@@ -203,3 +214,14 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
         if parts:
             lines.append("    " + "; ".join(parts))
     return lines
+
+
+def _not_counted(ticks: list[int], last: dict[str, Any], start: float) -> str:
+    """The line for a run of ticks whose counts the judge left out (`not_counted`: a data plane
+    changed under the rollout served them, another release or another split): what the
+    metrics said then is in the ledger, and is no evidence for or against the candidate."""
+    which = f"tick {ticks[0]}" if len(ticks) == 1 else f"ticks {ticks[0]}–{ticks[-1]}"
+    return (
+        f"[{span(last.get('at', start) - start)}] {which} not counted as the candidate's "
+        f"evidence: {last.get('not_counted')}"
+    )

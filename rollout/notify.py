@@ -8,12 +8,13 @@ The body carries a one-line `text` (what Slack-style incoming webhooks display) 
 a script would want:
 
     {"text": "aml-rollout diabetes: RolledBack (blue 0 %) - rolled back at step 5 %: ...",
-     "rollout": "diabetes", "phase": "RolledBack", "reason": "...", "blue_weight": 0,
-     "mirror_percent": 0, "candidate": "diabetes:2", "stable": "diabetes:1",
+     "rollout": "diabetes", "phase": "RolledBack", "reason": "...", "held": false,
+     "blue_weight": 0, "mirror_percent": 0, "candidate": "diabetes:2", "stable": "diabetes:1",
      "at": 1764400000.0}
 
 (`mirror_percent`: what blue is mirrored in the shadow step, held there for a human say; the
-text then reads `(blue 0 % + 5 % mirrored)`.)
+text then reads `(blue 0 % + 5 % mirrored)`. `held`: Paused waiting for a human's answer — a
+drift, an outage, a weight off the plan — rather than an operator's own `pause`.)
 
 Best effort, and never in the way: the controller calls it after a tick's actions are applied
 (a rollback is never delayed by a slow webhook), two attempts of `timeout_s` each, and a failure
@@ -66,6 +67,8 @@ class WebhookNotifier:
             "rollout": status.name,
             "phase": status.phase.value,
             "reason": status.reason,
+            # A script pages on a hold, not on the pause an operator just typed.
+            "held": status.held,
             "blue_weight": status.blue_weight,
             "mirror_percent": status.mirror,
             "candidate": release(status.candidate),

@@ -6,7 +6,10 @@ For each rollout (a ledger) it draws, on one time axis:
 - the per-colour 5xx error rate and p99 latency over time, from Prometheus (`query_range` over
   Envoy's weighted clusters: what the judge was fed), when a Prometheus URL is given;
 - every decision as a marked vertical line (step passed, promoted, rolled back), its reason in
-  the table below and in the marker's tooltip.
+  the table below and in the marker's tooltip;
+- the ticks whose counts were not counted (ledger `not_counted`: the data plane changed under
+  the rollout) as a shaded span, and so marked in the table: the weights drawn there are the
+  rollout's, not what the data plane served, and the counts are not the candidate's evidence.
 
 The charts are inline SVG written here (no JavaScript, no CDN, no plotting library), so the file
 opens anywhere, offline, and diffs as text. `write_report` is what `aml-rollout demo` calls.
@@ -75,6 +78,16 @@ class Decision:
 
 
 @dataclass
+class Span:
+    """A stretch of time shaded on every chart: from the tick before the first of a run of
+    ticks to the last of them (what those ticks counted), and why."""
+
+    start: float
+    end: float
+    text: str
+
+
+@dataclass
 class RolloutStory:
     """What one rollout's section shows."""
 
@@ -90,6 +103,8 @@ class RolloutStory:
     rows: list[dict[str, Any]] = field(default_factory=list)
     #: Percent of live traffic mirrored to blue (the shadow step); no points when never mirrored.
     mirror: Series = field(default_factory=lambda: Series(MIRRORED))
+    #: Where the ticks' counts were not counted (a data plane changed under the rollout).
+    not_counted: list[Span] = field(default_factory=list)
 
 
 def story_from_ledger(path: Path) -> RolloutStory:
@@ -118,8 +133,17 @@ def _story(name: str, records: list[dict[str, Any]]) -> RolloutStory:
     mirror = Series(MIRRORED)
     decisions: list[Decision] = []
     rows = []
+    spans: list[Span] = []
+    previous: dict[str, Any] = {}
     for record in records:
         at = float(record["at"])
+        uncounted = record.get("not_counted")
+        if uncounted:
+            if previous.get("not_counted") and spans:
+                spans[-1].end = at  # the same run of ticks
+            else:
+                why = f"{uncounted} ({record['drift']})" if record.get("drift") else uncounted
+                spans.append(Span(float(previous.get("at", at)), at, f"not counted: {why}"))
         if "weight" in record:
             weights.points.append((at, float(record["weight"])))
             mirror.points.append((at, float(record.get("mirror", 0))))
@@ -138,8 +162,10 @@ def _story(name: str, records: list[dict[str, Any]]) -> RolloutStory:
                 "green": counts.get("green", {}),
                 "reason": reason,
                 "decided": bool(actions),
+                "not_counted": bool(uncounted),
             }
         )
+        previous = record
     last = records[-1]
     return RolloutStory(
         name=name,
@@ -151,6 +177,7 @@ def _story(name: str, records: list[dict[str, Any]]) -> RolloutStory:
         mirror=mirror if any(v for _, v in mirror.points) else Series(mirror.name),
         decisions=decisions,
         rows=rows,
+        not_counted=spans,
     )
 
 
@@ -215,6 +242,7 @@ def _chart(
     *,
     y_max: float | None = None,
     step: bool = False,
+    spans: Sequence[Span] = (),
 ) -> str:
     origin = start  # "+N s" labels count from the rollout's first tick
     start, end = start - PAD_S, end + PAD_S
@@ -247,6 +275,12 @@ def _chart(
         parts.append(
             f'<text x="{x(t):.1f}" y="{HEIGHT - 8}" class="a" text-anchor="middle">'
             f"{t - origin:+.0f} s</text>"
+        )
+    for sp in spans:
+        left, right = x(max(sp.start, start)), x(min(sp.end, end))
+        parts.append(
+            f'<rect x="{left:.1f}" y="{PAD_T}" width="{max(right - left, 2.0):.1f}" '
+            f'height="{inner_h}" class="n"><title>{html.escape(sp.text)}</title></rect>'
         )
     for d in decisions:
         colour = DECISION_COLOURS.get(d.kind, "#6e7781")
@@ -293,6 +327,7 @@ h1{font-size:1.5em} h2{font-size:1.2em;margin-top:2em} svg{width:100%;height:aut
 .t{font-size:12px;font-weight:600} .a{font-size:10px;fill:#57606a} .g{stroke:#d0d7de}
 table{border-collapse:collapse;font-size:12px;width:100%} td,th{border-bottom:1px solid #d0d7de;
 padding:2px 6px;text-align:left;vertical-align:top} tr.d{background:#fff8c5}
+.n{fill:#eaeef2} td.n{color:#57606a}
 .ok{color:#2da44e;font-weight:600} .bad{color:#cf222e;font-weight:600}
 """
 
@@ -318,25 +353,32 @@ def render_html(stories: Sequence[RolloutStory], *, title: str, notes: Sequence[
             "decisions (grey: step passed, green: promotion, red: rollback, purple: weight set "
             "by an operator).</p>"
         )
+        if story.not_counted:
+            out.append(
+                "<p>Shaded: ticks whose counts were not counted as the candidate's evidence — "
+                "the data plane changed under this rollout (another rollout, or a hand edit). "
+                "The weights drawn there are the rollout's, not what the data plane served; "
+                "the table marks those ticks.</p>"
+            )
         out.append(
             _chart(
                 "blue weight (served; mirrored: copies whose answers nobody gets)", " %",
                 [story.weights, story.mirror], story.start, story.end,
-                story.decisions, y_max=100.0, step=True,
+                story.decisions, y_max=100.0, step=True, spans=story.not_counted,
             )
         )  # fmt: skip
         if story.error_rate:
             out.append(
                 _chart(
                     "5xx error rate per colour (Envoy, 5 s window)", " %", story.error_rate,
-                    story.start, story.end, story.decisions,
+                    story.start, story.end, story.decisions, spans=story.not_counted,
                 )
             )  # fmt: skip
         if story.p99_ms:
             out.append(
                 _chart(
                     "p99 latency per colour (Envoy, 5 s window)", " ms", story.p99_ms,
-                    story.start, story.end, story.decisions,
+                    story.start, story.end, story.decisions, spans=story.not_counted,
                 )
             )  # fmt: skip
         out.append(
@@ -345,12 +387,14 @@ def render_html(stories: Sequence[RolloutStory], *, title: str, notes: Sequence[
         )
         for row in story.rows:
             blue, green = row["blue"], row["green"]
+            # A tick's counts left out of the evidence read as evidence in a column of counts.
+            cell, mark = ("<td class='n'>", " not counted") if row["not_counted"] else ("<td>", "")
             out.append(
                 f"<tr class='{'d' if row['decided'] else ''}'>"
                 f"<td>{row['at'] - story.start:.1f}</td><td>{html.escape(str(row['phase']))}</td>"
                 f"<td>{row['weight']}</td><td>{html.escape(str(row['verdict']))}</td>"
-                f"<td>{blue.get('requests', '')}/{blue.get('errors', '')}</td>"
-                f"<td>{green.get('requests', '')}/{green.get('errors', '')}</td>"
+                f"{cell}{blue.get('requests', '')}/{blue.get('errors', '')}{mark}</td>"
+                f"{cell}{green.get('requests', '')}/{green.get('errors', '')}{mark}</td>"
                 f"<td>{html.escape(str(row['reason']))}</td></tr>"
             )
         out.append("</table>")

@@ -541,9 +541,18 @@ def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | N
     if controller:
         table.add_row("controller", escape(controller))
     elif not status.terminal:
-        what = "answer with resume, promote or abort, then" if status.held else "resume it with"
-        table.add_row("controller", f"none running: {what} `aml-rollout rollout run SPEC`")
+        table.add_row("controller", f"none running: {_undriven(status)}")
     return table
+
+
+def _undriven(status: Status) -> str:
+    """What to do about a rollout no controller drives: a held one waits for a human's answer
+    first (`run` alone changes nothing there), unless one is queued already."""
+    if status.commands:  # answered: told again to answer, an operator answers twice
+        queued = ", ".join(c.kind.replace("_", "-") for c in status.commands)
+        return f"`aml-rollout rollout run SPEC` acts on the queued {queued}"
+    what = "answer with resume, promote or abort, then" if status.held else "resume it with"
+    return f"{what} `aml-rollout rollout run SPEC`"
 
 
 def _exp(log_value: float) -> str:
@@ -611,7 +620,7 @@ def _follow(store: StateStore, current: Status | None, timeout: float) -> Status
                 stamp = time.strftime("%H:%M:%S")
                 text = f"{stamp} {line[0]:<11} blue {line[1]:>3} %  {line[2]}"
                 if not driven:
-                    text += "  (no controller running: `aml-rollout rollout run SPEC` resumes it)"
+                    text += f"  (no controller running: {_undriven(current)})"
                 _out.print(text, markup=False)
                 shown = line
         if _settled(current) or time.monotonic() >= deadline:

@@ -57,3 +57,44 @@ def test_an_outage_that_changed_nothing_is_told_with_its_end() -> None:
         "[2 s] Paused: held for a human: metrics unreadable 4 times in a row",
     ]
     assert "readable again" not in " ".join(story[3:])
+
+
+def test_the_ticks_a_drifted_data_plane_served_are_told_as_not_counted() -> None:
+    # Measured on a memory router edited by hand: the story said the hold and the resume, not
+    # that the metrics of the held tick and of the resume's (spanning the hold) were left out.
+    drift = "the data plane changed under this rollout"
+    records = [
+        {"event": "start", "at": T0, "name": "d", "plan": [5, 100]},
+        tick(1, "step 5 % has 10 of 100 canary requests needed", verdict="Inconclusive"),
+        tick(2, f"held for a human: {drift}", verdict="Inconclusive", phase="Paused",
+             not_counted=drift),
+        tick(3, f"held for a human: {drift}", verdict="Inconclusive", phase="Paused",
+             phase_before="Paused", not_counted=drift),
+        tick(4, "resumed by ann", verdict="Inconclusive", phase_before="Paused",
+             commands=["resume: resumed by ann"], not_counted=drift),
+        tick(5, "step 5 % has 10 of 100 canary requests needed", verdict="Inconclusive"),
+        tick(6, f"held for a human: {drift}", verdict="Inconclusive", phase="Paused",
+             not_counted=drift),
+    ]  # fmt: skip
+    story = explain(records)
+    assert story[1:4] == [
+        f"[2 s] Paused: held for a human: {drift}",
+        "[4 s] operator resume: resumed by ann → Progressing",
+        f"[4 s] ticks 2–4 not counted as the candidate's evidence: {drift}",
+    ]
+    assert story[5] == f"[6 s] tick 6 not counted as the candidate's evidence: {drift}"
+    assert story[6].startswith("[6 s] still Paused")
+
+
+def test_a_refused_resume_is_told_as_changing_nothing_not_as_a_phase_entered_again() -> None:
+    # Was "operator resume: ignored, ..." then a bare "Paused", read as held once more.
+    held = "held for a human: the data plane changed under this rollout"
+    records = [
+        {"event": "start", "at": T0, "name": "d", "plan": [5, 100]},
+        tick(1, held, verdict="Inconclusive", phase="Paused"),
+        tick(2, held, verdict="Inconclusive", phase="Paused", phase_before="Paused",
+             commands=["resume: ignored, green now serves m:5, not m:1: abort it"]),
+    ]  # fmt: skip
+    assert explain(records)[2] == (
+        "[2 s] operator resume: ignored, green now serves m:5, not m:1: abort it → still Paused"
+    )

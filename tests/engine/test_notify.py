@@ -230,3 +230,19 @@ def test_a_first_release_check_is_posted_as_its_outcome(
         message["text"]
         == f"aml-rollout cli: first release m:1 {check.verdict.value} - {check.reason}"
     )
+
+
+@pytest.mark.parametrize(
+    ("held", "reason"),
+    [
+        pytest.param(
+            True, "held for a human: the data plane changed under this rollout", id="hold"
+        ),
+        pytest.param(False, "paused by ann", id="operator-pause"),
+    ],
+)
+def test_a_pause_says_whether_it_waits_for_a_human(held: bool, reason: str) -> None:
+    # Both were {"phase": "Paused"}: a script paging on holds paged on every typed `pause`.
+    paused = Status(name="d", phase=Phase.PAUSED, blue_weight=10, held=held, reason=reason)
+    message = WebhookNotifier(NotifyConfig(url="http://127.0.0.1:9/")).message(paused)
+    assert message["held"] is held and message["reason"] == reason

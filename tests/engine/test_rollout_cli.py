@@ -794,3 +794,41 @@ def test_status_of_a_held_rollout_says_when_the_evidence_now_passes(
     console.print(_status_view(spec, status, None))
     text = console.export_text()
     assert ("the evidence now passes this step: `resume` lets it advance" in text) is shown
+
+
+def test_status_watch_into_a_pipe_says_a_held_rollout_waits_for_an_answer_not_a_run(
+    tmp_path: Path,
+) -> None:
+    # Was "(no controller running: `aml-rollout rollout run SPEC` resumes it)": run again, a
+    # held rollout stays held (exit 4) until someone answers it.
+    spec = write_spec(tmp_path)
+    from rollout.api import open_store
+    from rollout.core.types import Phase
+
+    open_store(spec).save(
+        Status(name="cli", phase=Phase.PAUSED, held=True, reason="held for a human: drift")
+    )
+    code, out = invoke("status", str(spec), "--watch", "--timeout", "1")
+    assert code == EXIT_PAUSED
+    assert (
+        "(no controller running: answer with resume, promote or abort, then `aml-rollout "
+        "rollout run SPEC`)"
+    ) in " ".join(out.split()), out
+
+
+def test_status_of_a_held_rollout_answered_says_run_acts_on_the_answer(tmp_path: Path) -> None:
+    # Was "none running: answer with resume, promote or abort, then ..." under "queued resume".
+    spec = write_spec(tmp_path)
+    from rollout.api import open_store
+    from rollout.core.types import Phase
+
+    open_store(spec).save(
+        Status(name="cli", phase=Phase.PAUSED, held=True, reason="held for a human: drift")
+    )
+    assert invoke("resume", str(spec))[0] == 0
+    code, out = invoke("status", str(spec))
+    assert code == EXIT_PAUSED
+    assert "none running: `aml-rollout rollout run SPEC` acts on the queued resume" in " ".join(
+        out.split()
+    ), out
+    assert "answer with" not in out

@@ -120,3 +120,28 @@ def test_an_operators_set_weight_is_not_drawn_as_a_step_passed(tmp_path: Path) -
     story = story_from_ledger(path)
     assert [d.kind for d in story.decisions] == ["passed", "operator"]
     assert "purple: weight set by an operator" in render_html([story], title="t")
+
+
+def test_ticks_a_drifted_data_plane_served_are_shaded_and_marked_not_counted(
+    tmp_path: Path,
+) -> None:
+    # A data plane changed under the rollout: its held tick and its resume's counted another
+    # release's requests, which the judge left out. The report drew blue at 10 % "served" and
+    # listed those counts as any tick's, evidence that was never the candidate's.
+    drift = "the data plane changed under this rollout"
+    path = tmp_path / "d.ledger.jsonl"
+    book = Ledger(path, fsync=False)
+    book.append(tick(T0 + 1, "Progressing", 10, "started: blue at 10 %", blue=10))
+    book.append(tick(T0 + 2, "Progressing", 10, "step 10 % has 10 of 100"))
+    held = tick(T0 + 3, "Paused", 10, f"held for a human: {drift}")
+    book.append({**held, "not_counted": drift, "drift": "blue serves m:3, not m:2"})
+    book.append({**tick(T0 + 9, "Progressing", 10, "resumed", blue=10), "not_counted": drift})
+    book.append(tick(T0 + 10, "Progressing", 10, "step 10 % has 10 of 100"))
+    story = story_from_ledger(path)
+    [span] = story.not_counted
+    assert (span.start, span.end) == (T0 + 2, T0 + 9)  # what the held and resume ticks counted
+    assert span.text == f"not counted: {drift} (blue serves m:3, not m:2)"
+    page = render_html([story], title="t")
+    assert page.count("<rect") == 1 and f"<title>{span.text}</title>" in page
+    assert page.count("10/1 not counted") == 2  # blue's cells of the two ticks, and no other
+    assert page.count("90/0 not counted") == 2
