@@ -604,12 +604,17 @@ class Controller:
             served = self._served()
         elif status.phase is Phase.INITIALIZING:
             observation = self._history(now)
+        was_held = status.held
         decision: Decision = step(self.spec, status, observation, now, served)
         record, status = self._persist(decision)
         status = self._finish_pending(status)
         # After the actions: a slow webhook never delays a rollback. (A phase the actions
-        # themselves led to, a candidate that could not be deployed, was told already.)
-        entered = decision.status.phase.value != record.get("phase_before")
+        # themselves led to, a candidate that could not be deployed, was told already.) A
+        # rollout an operator paused, then held (the data plane changed under it), is told too:
+        # now it waits for a human's answer, not for the operator's resume alone.
+        entered = decision.status.phase.value != record.get("phase_before") or (
+            decision.status.held and not was_held
+        )
         if self.notifier is not None and entered and status.phase is decision.status.phase:
             self.notifier.entered(status)
         if self.on_tick is not None:

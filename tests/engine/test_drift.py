@@ -16,7 +16,7 @@ from rollout.metrics.static import SimulatedMetrics
 from rollout.routers.memory import MemoryRouter
 from rollout.state.file import FileStateStore
 from tests.core.helpers import V1, V2, make_spec
-from tests.engine.test_controller import simulated
+from tests.engine.test_controller import Told, simulated
 
 V3 = Release(model="diabetes", version="3", sha256="3" * 64)
 
@@ -172,3 +172,24 @@ def test_run_again_without_resume_leaves_a_held_rollout_s_data_plane_as_the_hold
     resumed = controller(tmp_path, router).run(max_ticks=1)
     assert resumed.phase is Phase.PROGRESSING
     assert router.get_weights() == Weights.blue_at(10)
+
+
+def test_a_rollout_paused_by_an_operator_then_held_for_a_changed_data_plane_is_told(
+    tmp_path: Path,
+) -> None:
+    """Paused stays the phase, so no phase change told it: the webhook said nothing while the
+    rollout came to wait for a human's answer."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    told = Told()
+    ctl = controller(tmp_path, router)
+    ctl.notifier = told
+    status = ctl.run(max_ticks=1)
+    ctl.store.push_command(Command(id="p", kind="pause", by="ann", rollout=status.id))
+    status = ctl.tick(status)
+    assert status.phase is Phase.PAUSED and not status.held
+    router.set_weights(Weights.blue_at(50))
+    status = ctl.tick(status)
+    assert status.held
+    assert told.phases == [Phase.PROGRESSING, Phase.PAUSED, Phase.PAUSED]
+    ctl.tick(status)
+    assert len(told.phases) == 3  # once, not at every held tick
