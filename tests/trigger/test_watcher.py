@@ -206,11 +206,11 @@ class _CheckingFirstRelease(ResumableDelivery):
         self.aborts.append(reason)
 
 
-def test_supersede_during_a_first_release_check_says_the_newer_version_waits(
-    tmp_path: Path, registry: LocalRegistry, caplog: pytest.LogCaptureFixture
-) -> None:
-    # Was: v2, registered while v1 (the model's first release) was being checked, was accepted
-    # and waited for the check — up to max_step_duration_s, 3 h — without a word in the log.
+def _v1_checked_while_v2_comes(
+    tmp_path: Path, registry: LocalRegistry
+) -> tuple[Dispatcher, _CheckingFirstRelease]:
+    """A --supersede dispatcher with v1, the model's first release, accepted: its check
+    accepts v2 (registered too) while it runs."""
     holder: list[Dispatcher] = []
     delivery = _CheckingFirstRelease(tmp_path / "engine", registry, dispatcher=holder)
     dispatcher = Dispatcher(
@@ -220,6 +220,15 @@ def test_supersede_during_a_first_release_check_says_the_newer_version_waits(
     register(registry, tmp_path, stage="candidate")
     register(registry, tmp_path, stage="candidate")
     assert dispatcher.accept("diabetes", 1, "watch")
+    return dispatcher, delivery
+
+
+def test_supersede_during_a_first_release_check_says_the_newer_version_waits(
+    tmp_path: Path, registry: LocalRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was: v2, registered while v1 (the model's first release) was being checked, was accepted
+    # and waited for the check — up to max_step_duration_s, 3 h — without a word in the log.
+    dispatcher, delivery = _v1_checked_while_v2_comes(tmp_path, registry)
     with caplog.at_level(logging.INFO, logger="aml_pipelines.trigger.dispatch"):
         outcomes = dispatcher.drain("diabetes")
     waits = [r.getMessage() for r in caplog.records if " waits for " in r.getMessage()]
@@ -237,15 +246,7 @@ def test_a_registry_that_cannot_say_what_is_in_production_does_not_fail_the_acce
 ) -> None:
     # The "waits for the first-release check" line asks the registry; failing, it is left out:
     # the version is still accepted (a webhook would otherwise answer 500 to a recorded event).
-    holder: list[Dispatcher] = []
-    delivery = _CheckingFirstRelease(tmp_path / "engine", registry, dispatcher=holder)
-    dispatcher = Dispatcher(
-        TriggerStore(tmp_path / "trigger"), registry, delivery, supersede=True, wait_interval_s=0
-    )
-    holder.append(dispatcher)
-    register(registry, tmp_path, stage="candidate")
-    register(registry, tmp_path, stage="candidate")
-    assert dispatcher.accept("diabetes", 1, "watch")
+    dispatcher, _ = _v1_checked_while_v2_comes(tmp_path, registry)
     real, down = registry.find_by_tag, [TriggerError("registry unreachable")]
 
     def find_by_tag(*args: Any) -> Any:
