@@ -46,29 +46,32 @@ EXIT_FAILED = 5
 EXIT_RUNNING = 6
 
 
-class _Stdout(Console):
-    """stdout, which a controller outlives: rich exits the program (status 1, silently) when
-    its reader has gone (`run | head`), and a controller stopped so leaves the canary at its
-    weight with nothing guarding it. With `outlive_reader` set (by `run`) it says so once on
-    stderr and prints nothing more; the rollout goes on (its ledger and `status` tell it)."""
+class _Output(Console):
+    """stdout or stderr, which a controller outlives: rich exits the program (status 1,
+    silently) when its reader has gone (`run | head`, `run 2>&1 | head`), and a controller
+    stopped so leaves the canary at its weight with nothing guarding it. With `outlive_reader`
+    set (by `run`) it prints nothing more, says so once on stderr if that still has a reader,
+    and the rollout goes on (its ledger and `status` tell it)."""
 
     outlive_reader = False
 
     def on_broken_pipe(self) -> None:
-        if not self.outlive_reader:
+        if not type(self).outlive_reader:
             super().on_broken_pipe()  # a viewer (`status --watch | head`): done, exit
         self.quiet = True
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        _err.print(
-            "stdout closed: the rollout goes on, printing nothing more "
-            "(`aml-rollout rollout status` and its ledger tell it)"
-        )
+        gone = sys.stderr if self.stderr else sys.stdout
+        os.dup2(os.open(os.devnull, os.O_WRONLY), gone.fileno())
+        if not self.stderr:
+            _err.print(
+                "stdout closed: the rollout goes on, printing nothing more "
+                "(`aml-rollout rollout status` and its ledger tell it)"
+            )
 
 
 # soft_wrap: long lines are printed whole (the terminal wraps them), never broken at 80 columns
 # in a pipe or a CI log.
-_out = _Stdout(highlight=False, soft_wrap=True)
-_err = Console(stderr=True, highlight=False, soft_wrap=True)
+_out = _Output(highlight=False, soft_wrap=True)
+_err = _Output(stderr=True, highlight=False, soft_wrap=True)
 
 SpecArg = Annotated[Path, typer.Argument(help="Rollout spec (YAML).", show_default=False)]
 StateDirOpt = Annotated[
@@ -194,7 +197,7 @@ def run(
     from rollout.errors import RolloutError
 
     parsed = _load(spec)
-    _out.outlive_reader = True
+    _Output.outlive_reader = True
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _one_line_credential_errors()
     # urllib3 warns of each retry it makes ("Retrying (Retry(total=1, ...)) after connection

@@ -834,20 +834,23 @@ def test_status_of_a_held_rollout_answered_says_run_acts_on_the_answer(tmp_path:
     assert "answer with" not in out
 
 
-def test_run_outlives_a_reader_that_went_away(tmp_path: Path) -> None:
-    """`run | head -1`: rich exited the controller (status 1, no word) at its next line, leaving
-    the canary at its weight with nothing guarding it. It now goes on to the end."""
+@pytest.mark.parametrize("merged", [False, True], ids=["stdout", "stdout-and-stderr"])
+def test_run_outlives_a_reader_that_went_away(tmp_path: Path, merged: bool) -> None:
+    """`run | head -1` (or `2>&1 | head -1`): rich exited the controller (status 1, no word) at
+    its next line, leaving the canary at its weight with nothing guarding it. It now goes on to
+    the end."""
     routes = tmp_path / "routes.json"
     spec = write_spec(tmp_path, router={"kind": "memory", "state_file": str(routes)})
     with subprocess.Popen(
         [sys.executable, "-m", "rollout.cli", "rollout", "run", str(spec), "--simulated-time"],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merged else subprocess.PIPE,
         text=True,
     ) as proc:
-        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout is not None
         assert "started: blue at 10 %" in proc.stdout.readline()
         proc.stdout.close()  # the reader goes away, as `head -1` does
         assert proc.wait(timeout=120) == EXIT_PROMOTED
-        assert "stdout closed: the rollout goes on" in proc.stderr.read()
+        if proc.stderr is not None:
+            assert "stdout closed: the rollout goes on" in proc.stderr.read()
     assert json.loads(routes.read_text())["releases"]["green"]["version"] == "2"
