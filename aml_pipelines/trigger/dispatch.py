@@ -25,7 +25,14 @@ Crash semantics (SIGKILL anywhere):
 Supersede: when a newer version of the same model is accepted while an older one is being
 delivered, the active rollout is aborted (it rolls back cleanly and ends RolledBack with the
 reason "superseded by version N"), and older pending versions are closed as `superseded` instead
-of being rolled out only to be replaced. Without supersede a newer version waits its turn.
+of being rolled out only to be replaced. The check is made again before each delivery, so an
+older version already `started` whose rollout has not begun (retried after an error, or killed
+while being packaged) is closed as `superseded` too, and one whose rollout is in the state store
+(killed mid-rollout, the newer version accepted while it was packaged) is resumed only to be
+aborted. Kept: a started version of a model with no production version — a first release, which
+may already serve all traffic (deployed to green before its check, no rollout in the state
+store, killed before its tags) — and one whose rollout ended (settled with its outcome). Without
+supersede a newer version waits its turn.
 """
 
 from __future__ import annotations
@@ -101,6 +108,8 @@ class Dispatcher:
         self._delivering: tuple[str, int] | None = None
         #: Versions whose last delivery in this process ended in an error, to be retried.
         self._failing: set[tuple[str, int]] = set()
+        #: (model, version, newer) already said or done by `_supersede_started`: once each.
+        self._kept: set[tuple[str, int, int]] = set()
 
     # ------------------------------------------------------------------ accepting
 
@@ -205,6 +214,10 @@ class Dispatcher:
                 log.info("%s v%d: %s (%s)", model, version, outcome_name, reason)
                 self._close(model, version, outcome_name, reason)
                 return DeliveryOutcome(model, version, outcome_name, reason)
+            if self.supersede and entry.step is Step.STARTED:
+                newer = [e.version for e in cursor.open_entries() if e.version > version]
+                if newer and (closed := self._supersede_started(model, version, max(newer))):
+                    return closed
             if not self._wait_for_endpoint(model, version):
                 return None
             started = self.store.update(
@@ -236,6 +249,48 @@ class Dispatcher:
             self._close(model, version, outcome.phase, outcome.reason)
             log.info("delivered %s v%d: %s %s", model, version, outcome.phase, outcome.reason)
             return outcome
+
+    def _supersede_started(self, model: str, version: int, newest: int) -> DeliveryOutcome | None:
+        """Close `started` `version` as superseded by `newest` when nothing of it is live; else
+        None, and it is delivered (resumed, settled or checked) as without supersede.
+
+        The accept of `newest` only aborted a rollout already active: one retried after an error
+        (metrics unreadable: nothing deployed), or killed while being packaged, had none yet.
+        - Its rollout in the state store (the engine saves it before deploying anything): it
+          was killed mid-rollout, `newest` accepted while it was packaged. An active one is
+          aborted here, and the delivery resumes it to roll it back (RolledBack, "superseded by
+          version N"); an ended one is settled with its outcome, which is what serves.
+        - No production version: a first release, deployed to green with all traffic before its
+          check, and tagged only after it (tag_first_release) — with no rollout in the state
+          store. Killed in between, it serves all traffic untagged, which only the router could
+          tell: not closed as superseded (nothing to fall back to); it is checked, then `newest`
+          is rolled out against it.
+        """
+        view = self.delivery.current()
+        if view is not None and (view.model, view.candidate) == (model, version):
+            if view.active and (model, version, newest) not in self._kept:
+                log.warning("superseding the rollout of %s v%d by v%d", model, version, newest)
+                self.delivery.abort(f"superseded by version {newest}")
+                self._kept.add((model, version, newest))
+            return None
+        if not self.registry.find_by_tag(model, STAGE_TAG, Stage.PRODUCTION):
+            if (model, version, newest) not in self._kept:
+                log.info(
+                    "%s v%d is not superseded by v%d: the model's first release, it may already "
+                    "serve all traffic (nothing to fall back to); it is checked, then v%d is "
+                    "rolled out against it",
+                    model,
+                    version,
+                    newest,
+                    newest,
+                )
+                self._kept.add((model, version, newest))
+            return None
+        reason = f"superseded by version {newest} before its rollout started"
+        log.info("%s v%d: %s", model, version, reason)
+        self._failing.discard((model, version))
+        self._close(model, version, SUPERSEDED, reason)
+        return DeliveryOutcome(model, version, SUPERSEDED, reason)
 
     def _settled(self, entry: Entry, version: ModelVersion) -> tuple[str, str] | None:
         """(outcome, reason) when the registry already settles this version, else None.

@@ -277,6 +277,123 @@ def test_supersede_closes_older_pending_versions(
     ]
 
 
+def _supersede_dispatcher(tmp_path: Path, registry: LocalRegistry, delivery: Any) -> Dispatcher:
+    return Dispatcher(
+        TriggerStore(tmp_path / "trigger"), registry, delivery, supersede=True, wait_interval_s=0
+    )
+
+
+def _outcomes(dispatcher: Dispatcher) -> dict[int, tuple[str, str]]:
+    entries = dispatcher.store.load("diabetes").entries
+    return {v: (e.outcome, e.reason) for v, e in entries.items()}
+
+
+@pytest.mark.parametrize("left", ["retried-after-an-error", "killed-while-packaged"])
+def test_supersede_closes_a_started_version_whose_rollout_had_not_begun(
+    tmp_path: Path, registry: LocalRegistry, left: str
+) -> None:
+    # Was: only pending versions were superseded, so v2 — started, its rollout not begun (the
+    # metrics unreadable, nothing deployed; or a kill while it was packaged) — rolled out in
+    # full once it could, then v3 after it.
+    down = MetricsError("metrics unreadable, nothing deployed: Prometheus is unreachable")
+    engine = _FailingDelivery(tmp_path / "engine", registry, errors=[down])
+    dispatcher = _supersede_dispatcher(tmp_path, registry, engine)
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    register(registry, tmp_path, stage="candidate")
+    assert dispatcher.accept("diabetes", 2, "watch")
+    if left == "retried-after-an-error":
+        with pytest.raises(MetricsError):
+            dispatcher.drain("diabetes")
+    else:
+        engine.errors.clear()
+        dispatcher.store.update("diabetes", 2, lambda e: replace(e, step=Step.STARTED, attempts=1))
+    assert dispatcher.store.load("diabetes").entries[2].step is Step.STARTED
+    assert dispatcher.accept("diabetes", 3, "watch")
+    phases = [(o.version, o.phase) for o in dispatcher.drain("diabetes")]
+    assert phases == [(2, "superseded"), (3, "Succeeded")]
+    assert _events(tmp_path / "engine", "start", "resume") == [("start", 3)]
+    assert _outcomes(dispatcher)[2] == (
+        "superseded",
+        "superseded by version 3 before its rollout started",
+    )
+    assert [v.stage for v in registry.list_versions("diabetes")] == [
+        "archived",
+        "candidate",
+        "production",
+    ]
+
+
+def test_supersede_aborts_a_started_rollout_found_in_the_state_store(
+    tmp_path: Path, registry: LocalRegistry, delivery: ResumableDelivery
+) -> None:
+    # v3 was accepted while v2 was packaged (no rollout to abort yet), then the process was
+    # killed mid-rollout of v2. Was: the restart resumed v2's rollout to its end, then v3's.
+    dispatcher = _supersede_dispatcher(tmp_path, registry, delivery)
+    register(registry, tmp_path, stage="production")
+    v2 = register(registry, tmp_path, stage="candidate")
+    register(registry, tmp_path, stage="candidate")
+    assert dispatcher.accept("diabetes", 2, "watch")
+    assert dispatcher.accept("diabetes", 3, "watch")
+    dispatcher.store.update("diabetes", 2, lambda e: replace(e, step=Step.STARTED, attempts=1))
+    delivery._progress(v2, 1, 1, 3)  # what the killed process left in the state store: active
+    phases = [(o.version, o.phase) for o in dispatcher.drain("diabetes")]
+    assert phases == [(2, "RolledBack"), (3, "Succeeded")]
+    assert _events(tmp_path / "engine", "start", "resume") == [("resume", 2), ("start", 3)]
+    assert _outcomes(dispatcher)[2] == ("RolledBack", "superseded by version 3")
+    assert registry.get("diabetes", 2).tags["rollback_reason"] == "superseded by version 3"
+
+
+def test_supersede_settles_a_started_version_whose_rollout_ended(
+    tmp_path: Path, registry: LocalRegistry, delivery: ResumableDelivery
+) -> None:
+    # Killed after v2's rollout ended, before its tags: v2 serves. Superseded, the cursor would
+    # say "nothing of it ran"; it is settled with its rollout's outcome instead.
+    dispatcher = _supersede_dispatcher(tmp_path, registry, delivery)
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    register(registry, tmp_path, stage="candidate")
+    assert dispatcher.accept("diabetes", 2, "watch")
+    dispatcher.store.update("diabetes", 2, lambda e: replace(e, step=Step.STARTED, attempts=1))
+    delivery._save(
+        model="diabetes", candidate=2, phase="Succeeded", reason="all steps passed",
+        stable=1, weight=0, step=3,
+    )  # fmt: skip
+    assert dispatcher.accept("diabetes", 3, "watch")
+    phases = [(o.version, o.phase) for o in dispatcher.drain("diabetes")]
+    assert phases == [(2, "Succeeded"), (3, "Succeeded")]
+    assert _events(tmp_path / "engine", "ended-before", "start") == [
+        ("ended-before", 2),
+        ("start", 3),
+    ]
+
+
+def test_supersede_keeps_a_started_first_release_which_may_already_serve(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    delivery: ResumableDelivery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # No production version: v1 is the model's first release, deployed to green with all
+    # traffic before its check and tagged after it, with no rollout in the state store. Killed
+    # in between it may serve all traffic: closing it as superseded would hide that. It is
+    # delivered (checked), then v2; the log says why, once.
+    dispatcher = _supersede_dispatcher(tmp_path, registry, delivery)
+    register(registry, tmp_path, stage="candidate")
+    register(registry, tmp_path, stage="candidate")
+    assert dispatcher.accept("diabetes", 1, "watch")
+    dispatcher.store.update("diabetes", 1, lambda e: replace(e, step=Step.STARTED, attempts=1))
+    assert dispatcher.accept("diabetes", 2, "watch")
+    with caplog.at_level(logging.INFO, logger="aml_pipelines.trigger.dispatch"):
+        phases = [(o.version, o.phase) for o in dispatcher.drain("diabetes")]
+    assert phases == [(1, "Succeeded"), (2, "Succeeded")]
+    said = [r.getMessage() for r in caplog.records if "not superseded" in r.getMessage()]
+    assert said == [
+        "diabetes v1 is not superseded by v2: the model's first release, it may already serve "
+        "all traffic (nothing to fall back to); it is checked, then v2 is rolled out against it"
+    ]
+
+
 class _CountingRegistry:
     """The real local registry, counting full listings (each re-hashes every version)."""
 
