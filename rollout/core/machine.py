@@ -846,23 +846,19 @@ def _restoring(status: Status, served: Served) -> tuple[tuple[Action, ...], str]
             f"green now serves {green.ref}, not {status.stable.ref} (promoted by another "
             "rollout, or by hand?): this rollout's baseline serves no more; abort it"
         )
-    redeploy: list[Action] = [
-        Deploy(colour, release)
-        for colour, release in ((Colour.GREEN, status.stable), (Colour.BLUE, status.candidate))
-        if release is not None and ((there := served.of(colour)) is None or release.unlike(there))
-    ]
-    last = redeploy[-1] if redeploy else None
-    if (
-        isinstance(last, Deploy)
-        and last.colour is Colour.BLUE
-        and (served.weights.blue or served.weights.mirror)
-    ):
-        # Blue's traffic off the release it serves (another rollout's canary) before this
-        # candidate replaces it: else, while it deploys (minutes on Kubernetes), that canary's
-        # requests count in the step just restarted as this candidate's, and this candidate
-        # then takes that canary's weight, judged at none of it, until the last action.
-        redeploy.insert(-1, SetWeights(0))
-    return (*redeploy, SetWeights(status.blue_weight, status.mirror)), ""
+    actions: list[Action] = []
+    for colour, release in ((Colour.GREEN, status.stable), (Colour.BLUE, status.candidate)):
+        there = served.of(colour)
+        if release is None or (there is not None and not release.unlike(there)):
+            continue
+        if colour is Colour.BLUE and (served.weights.blue or served.weights.mirror):
+            # Blue's traffic off the release it serves (another rollout's canary) before this
+            # candidate replaces it: else, while it deploys (minutes on Kubernetes), that
+            # canary's requests count in the step just restarted as this candidate's, and this
+            # candidate then takes that canary's weight, judged at none of it, until the end.
+            actions.append(SetWeights(0))
+        actions.append(Deploy(colour, release))
+    return (*actions, SetWeights(status.blue_weight, status.mirror)), ""
 
 
 def _analyse(
@@ -903,7 +899,7 @@ def _analyse(
     else:
         notes = []
 
-    if served is not None and (drift := _drift(status, served)):
+    if drift and served is not None:  # (commands that changed nothing leave it as it was)
         # Before the judge: whatever these counts say, they are not this step's evidence.
         record["drift"] = drift
         _, refused = _restoring(status, served)
