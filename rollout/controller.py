@@ -340,17 +340,13 @@ class Controller:
     def start(self, *, restart: bool = False) -> Status:
         """Resume the stored status (finishing its pending actions) or begin a new rollout."""
         status = self.store.load()
-        if (
-            status is not None
-            and status.terminal
-            and restart
-            and status.applied < len(status.pending)
-        ):
-            # The last rollout's ending (blue back to 0 %, say) was decided but not applied:
-            # it is finished first, or the new rollout would begin on its leftovers.
-            check_same_router(self.spec, status)
-            self._finish_pending(status)
-        if status is not None and not (restart and status.terminal):
+        if status is not None and status.terminal and restart:
+            if status.applied < len(status.pending):
+                # The last rollout's ending (blue back to 0 %, say) was decided but not applied:
+                # it is finished first, or the new rollout would begin on its leftovers.
+                check_same_router(self.spec, status)
+                self._finish_pending(status)
+        elif status is not None:
             check_same_router(self.spec, status)
             self._check_same_candidate(status)
             log.info("resuming rollout %s in phase %s", status.name, status.phase.value)
@@ -499,17 +495,18 @@ class Controller:
         first = status.phase is Phase.INITIALIZING
         left = status.pending[status.applied :]
         colours = ((Colour.GREEN, status.stable), (Colour.BLUE, status.candidate))
+        deployed = colours[:1] if first else colours  # what the rollout has deployed so far
         serving = {colour: self.router.release(colour) for colour, _ in colours}
         redeploying = {a.colour for a in left if isinstance(a, Deploy)}
         if not aborting and any(
             release is not None and (there := serving[colour]) is not None and release.unlike(there)
-            for colour, release in (colours[:1] if first else colours)
+            for colour, release in deployed
             if colour not in redeploying
         ):
             return status
         repairs: list[Action] = [
             Deploy(colour, release)
-            for colour, release in (colours[:1] if aborting or first else colours)
+            for colour, release in (colours[:1] if aborting else deployed)
             if release is not None and serving[colour] is None and colour not in redeploying
         ]
         if first and not repairs:
