@@ -159,8 +159,8 @@ class Controller:
         self.notifier = notifier
         #: Whether a router action has succeeded since this controller started (see `_apply`).
         self._router_answered = False
-        #: Why what the data plane serves could not be read last tick ("" when it was; `_served`).
-        self._served_unread = ""
+        #: Whether what the data plane serves could not be read last tick (`_served`).
+        self._served_unread = False
         if isinstance(router, Fenced):
             # Checked before each write inside an action too, not only before the action: on a
             # slow control plane one action outlasts the lease (routers.base.Fence).
@@ -658,11 +658,11 @@ class Controller:
                     "this rollout go unnoticed until it can be read",
                     exc,
                 )
-            self._served_unread = str(exc)
+            self._served_unread = True
             return None
         if self._served_unread:
             log.warning("the data plane can be read again: checking it for changes")
-            self._served_unread = ""
+            self._served_unread = False
         return served
 
     def _observe(self, since: float, now: float, *, history: bool = False) -> Observation:
