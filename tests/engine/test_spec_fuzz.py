@@ -290,6 +290,27 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             id="timeout-inf",
         ),
         pytest.param(
+            BASES[3],
+            "router.deploy_timeout_s",
+            math.inf,
+            "router.azureml.deploy_timeout_s: Input should be a finite number",
+            id="deploy-timeout-inf",
+        ),
+        pytest.param(
+            BASES[3],
+            "router.traffic_timeout_s",
+            math.nan,
+            "router.azureml.traffic_timeout_s: Input should be a finite number",
+            id="traffic-timeout-nan",
+        ),
+        pytest.param(
+            BASES[3],
+            "metrics.timeout_s",
+            math.inf,
+            "metrics.azuremonitor.timeout_s: Input should be a finite number",
+            id="log-analytics-timeout-inf",
+        ),
+        pytest.param(
             BASES[0],
             "analysis.latency",
             {"history_s": math.nan},
