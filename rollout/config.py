@@ -357,10 +357,10 @@ class AzureMLRouterConfig(_Model):
     scoring_script: str = "score.py"
     #: How long `deploy` and `remove` wait for Azure to create, update or delete a deployment
     #: (image build, VMs) or the endpoint before failing; Azure carries on.
-    deploy_timeout_s: Number = Field(default=3600.0, gt=0, allow_inf_nan=False)
+    deploy_timeout_s: Number = Field(default=3600.0, gt=0)
     #: How long a change of the endpoint's traffic (or mirror) may take before failing. No VMs
     #: move, Azure applies it in seconds to a couple of minutes; a rollback waits on it.
-    traffic_timeout_s: Number = Field(default=300.0, gt=0, allow_inf_nan=False)
+    traffic_timeout_s: Number = Field(default=300.0, gt=0)
 
     @field_validator("environment")
     @classmethod
@@ -668,7 +668,7 @@ class AzureMonitorMetricsConfig(_Model):
     buckets_ms: BucketBounds = AZURE_LOG_BUCKETS_MS
     #: The Logs query API (sovereign clouds have their own, e.g. https://api.loganalytics.azure.cn).
     logs_url: str = "https://api.loganalytics.io"
-    timeout_s: Number = Field(default=30.0, gt=0, allow_inf_nan=False)
+    timeout_s: Number = Field(default=30.0, gt=0)
 
     @field_validator("logs_url")
     @classmethod

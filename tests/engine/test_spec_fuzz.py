@@ -290,6 +290,27 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             id="timeout-inf",
         ),
         pytest.param(
+            BASES[3],
+            "router.deploy_timeout_s",
+            math.inf,
+            "router.azureml.deploy_timeout_s: Input should be a finite number",
+            id="deploy-timeout-inf",
+        ),
+        pytest.param(
+            BASES[3],
+            "router.traffic_timeout_s",
+            math.nan,
+            "router.azureml.traffic_timeout_s: Input should be a finite number",
+            id="traffic-timeout-nan",
+        ),
+        pytest.param(
+            BASES[3],
+            "metrics.timeout_s",
+            math.inf,
+            "metrics.azuremonitor.timeout_s: Input should be a finite number",
+            id="log-analytics-timeout-inf",
+        ),
+        pytest.param(
             BASES[0],
             "analysis.latency",
             {"history_s": math.nan},
@@ -673,6 +694,15 @@ def test_the_shortest_ticks_each_backend_allows_load(base: dict[str, Any], inter
     assert spec.analysis.interval_s == interval
 
 
+def _assert_load_refuses(tmp_path: Path, text: str, message: str) -> None:
+    """`load_spec` of `text` raises a ConfigError starting with the file and `message`."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        load_spec(spec)
+    assert str(refused.value).startswith(f"{spec}: {message}"), str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -725,11 +755,7 @@ def test_the_shortest_ticks_each_backend_allows_load(base: dict[str, Any], inter
     ],
 )
 def test_a_number_is_a_number_not_text(text: str, message: str, tmp_path: Path) -> None:
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(text)
-    with pytest.raises(ConfigError) as refused:
-        load_spec(spec)
-    assert str(refused.value).startswith(f"{spec}: {message}"), str(refused.value)
+    _assert_load_refuses(tmp_path, text, message)
 
 
 def test_a_whole_number_is_a_number() -> None:
@@ -781,8 +807,4 @@ def test_a_whole_number_is_a_number() -> None:
     ],
 )
 def test_a_switch_is_true_or_false_not_text(text: str, message: str, tmp_path: Path) -> None:
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(text)
-    with pytest.raises(ConfigError) as refused:
-        load_spec(spec)
-    assert str(refused.value).startswith(f"{spec}: {message}"), str(refused.value)
+    _assert_load_refuses(tmp_path, text, message)
