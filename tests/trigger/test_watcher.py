@@ -679,13 +679,13 @@ def test_worker_resumes_a_crashed_rollout_of_any_model_before_pending_ones(
     engine._progress(zeta, None, 1, 3)  # the rollout state the killed process left: active
     assert dispatcher.accept("alpha", 1, "event:a1")
     worker = DeliveryWorker(dispatcher, dispatcher.store.models)
+
+    def steps() -> dict[str, Step]:
+        return {m: dispatcher.store.load(m).entries[1].step for m in ("alpha", "zeta")}
+
     with _running(worker):
-        for _ in range(1000):
-            steps = {m: dispatcher.store.load(m).entries[1].step for m in ("alpha", "zeta")}
-            if set(steps.values()) == {Step.DONE}:
-                break
-            dispatcher.stop.wait(0.01)
-    assert steps == {"alpha": Step.DONE, "zeta": Step.DONE}
+        _wait_until(lambda: set(steps().values()) == {Step.DONE}, dispatcher)
+    assert steps() == {"alpha": Step.DONE, "zeta": Step.DONE}
     events = [(e["event"], e["version"]) for e in journal(tmp_path / "engine")]
     assert events[0] == ("resume", 1) and ("start", 1) in events
 
