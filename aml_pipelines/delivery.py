@@ -377,7 +377,7 @@ class EngineDelivery:
                 f"cannot deliver {version.name} v{version.version}: the rollout of "
                 f"{view.model} v{view.candidate} is {view.phase}"
             )
-        spec = self.spec
+        spec, router = self.spec, None
         if not ours:
             from rollout.routers.factory import make_router
 
@@ -396,6 +396,7 @@ class EngineDelivery:
             spec,
             candidate=release,
             state_dir=self.state_dir,
+            router=router,  # None when resumed: the spec's
             clock=self.clock,
             on_tick=_TickLog(f"{version.name}:{version.version}"),
             restart=not ours,

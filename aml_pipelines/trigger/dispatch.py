@@ -193,12 +193,16 @@ class Dispatcher:
             entry = cursor.entries[version]
             if entry.step is Step.DONE:  # another process finished it while we waited
                 return None
-            if self.supersede and entry.step is Step.PENDING:
-                newer = [e.version for e in cursor.open_entries() if e.version > version]
-                if newer:
-                    reason = f"superseded by version {max(newer)}"
-                    self._close(model, version, SUPERSEDED, reason)
-                    return DeliveryOutcome(model, version, SUPERSEDED, reason)
+            # With supersede, the newest open version above this one (0: none).
+            newer = (
+                max((e.version for e in cursor.open_entries() if e.version > version), default=0)
+                if self.supersede
+                else 0
+            )
+            if newer and entry.step is Step.PENDING:
+                reason = f"superseded by version {newer}"
+                self._close(model, version, SUPERSEDED, reason)
+                return DeliveryOutcome(model, version, SUPERSEDED, reason)
             try:
                 model_version = self.registry.get(model, version)
             except ModelNotFound as exc:
@@ -214,10 +218,12 @@ class Dispatcher:
                 log.info("%s v%d: %s (%s)", model, version, outcome_name, reason)
                 self._close(model, version, outcome_name, reason)
                 return DeliveryOutcome(model, version, outcome_name, reason)
-            if self.supersede and entry.step is Step.STARTED:
-                newer = [e.version for e in cursor.open_entries() if e.version > version]
-                if newer and (closed := self._supersede_started(model, version, max(newer))):
-                    return closed
+            if (
+                newer
+                and entry.step is Step.STARTED
+                and (closed := self._supersede_started(model, version, newer))
+            ):
+                return closed
             if not self._wait_for_endpoint(model, version):
                 return None
             started = self.store.update(

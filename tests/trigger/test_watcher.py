@@ -6,8 +6,9 @@ ResumableDelivery; the crash and two-watcher tests run real processes (tests/tri
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -505,22 +506,32 @@ def test_a_version_missing_when_its_turn_came_is_delivered_once_registered(
     assert not dispatcher.accept("diabetes", 1, "event:c")
 
 
-class _FlakyDelivery(ResumableDelivery):
-    """Fails its first delivery with a transient error (a network blip), then works."""
+class _FailingDelivery(ResumableDelivery):
+    """Fails its deliveries with `errors`, one each, then works (metrics down for a while)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, errors: list[Exception], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.blips = 1
+        self.errors = errors
 
     def deliver(self, version: ModelVersion):
-        if self.blips:
-            self.blips -= 1
-            raise ConnectionError("endpoint unreachable")
+        if self.errors:
+            raise self.errors.pop(0)
         return super().deliver(version)
 
 
 def _step(dispatcher: Dispatcher) -> Step:
     return dispatcher.store.load("diabetes").entries[1].step
+
+
+@contextlib.contextmanager
+def _running(worker: DeliveryWorker) -> Iterator[None]:
+    """The worker's thread started, then stopped and joined (up to 10 s) whatever happens."""
+    worker.start()
+    try:
+        yield
+    finally:
+        worker.dispatcher.stop.set()
+        worker.join(10)
 
 
 def _wait_until(done: Callable[[], bool], dispatcher: Dispatcher) -> None:
@@ -534,35 +545,21 @@ def _wait_until(done: Callable[[], bool], dispatcher: Dispatcher) -> None:
 def test_worker_retries_a_transient_failure_as_a_resume(
     tmp_path: Path, registry: LocalRegistry
 ) -> None:
-    flaky = _FlakyDelivery(tmp_path / "engine", registry)
+    # A transient error (a network blip), then it works.
+    flaky = _FailingDelivery(
+        tmp_path / "engine", registry, errors=[ConnectionError("endpoint unreachable")]
+    )
     dispatcher = Dispatcher(
         TriggerStore(tmp_path / "trigger"), registry, flaky, wait_interval_s=0.01
     )
     register(registry, tmp_path, stage="candidate")
     worker = DeliveryWorker(dispatcher, lambda: ["diabetes"])
     assert dispatcher.accept("diabetes", 1, "watch")
-    worker.start()
-    try:
+    with _running(worker):
         _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
-    finally:
-        dispatcher.stop.set()
-        worker.join(10)
     entry = dispatcher.store.load("diabetes").entries[1]
     assert (entry.step, entry.outcome, entry.attempts) == (Step.DONE, "Succeeded", 2)
     assert (worker.failures, str(worker.last_error)) == (1, "endpoint unreachable")
-
-
-class _FailingDelivery(ResumableDelivery):
-    """Fails its deliveries with `errors`, one each, then works (metrics down for a while)."""
-
-    def __init__(self, *args: Any, errors: list[Exception], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.errors = errors
-
-    def deliver(self, version: ModelVersion):
-        if self.errors:
-            raise self.errors.pop(0)
-        return super().deliver(version)
 
 
 def test_a_delivery_retried_after_the_same_error_says_it_once_and_status_tells_why(
@@ -584,15 +581,13 @@ def test_a_delivery_retried_after_the_same_error_says_it_once_and_status_tells_w
     worker.clock = lambda: next(ticks)
     reasons: list[str] = []
     assert dispatcher.accept("diabetes", 1, "watch")
-    with caplog.at_level(logging.DEBUG, logger="aml_pipelines.trigger.dispatch"):
-        worker.start()
-        try:
-            _wait_until(lambda: worker.failures >= 1, dispatcher)
-            reasons.append(dispatcher.store.load("diabetes").entries[1].reason)
-            _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
-        finally:
-            dispatcher.stop.set()
-            worker.join(10)
+    with (
+        caplog.at_level(logging.DEBUG, logger="aml_pipelines.trigger.dispatch"),
+        _running(worker),
+    ):
+        _wait_until(lambda: worker.failures >= 1, dispatcher)
+        reasons.append(dispatcher.store.load("diabetes").entries[1].reason)
+        _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
     entry = dispatcher.store.load("diabetes").entries[1]
     assert (entry.step, entry.outcome, entry.attempts) == (Step.DONE, "Succeeded", 8)
     assert worker.failures == 7
@@ -624,16 +619,14 @@ def test_worker_survives_an_unreadable_cursor_and_delivers_once_it_is_mended(
     bad = tmp_path / "trigger" / "cursor-other.json"
     bad.write_text("{")
     worker = DeliveryWorker(dispatcher, dispatcher.store.models)
-    with caplog.at_level(logging.WARNING, logger="aml_pipelines.trigger.dispatch"):
-        worker.start()
-        try:
-            _wait_until(lambda: worker.failures >= 2, dispatcher)
-            assert dispatcher.store.load("diabetes").entries[1].step is Step.PENDING
-            bad.unlink()  # mended
-            _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
-        finally:
-            dispatcher.stop.set()
-            worker.join(10)
+    with (
+        caplog.at_level(logging.WARNING, logger="aml_pipelines.trigger.dispatch"),
+        _running(worker),
+    ):
+        _wait_until(lambda: worker.failures >= 2, dispatcher)
+        assert dispatcher.store.load("diabetes").entries[1].step is Step.PENDING
+        bad.unlink()  # mended
+        _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
     assert dispatcher.store.load("diabetes").entries[1].outcome == "Succeeded"
     assert f"cannot read trigger state {bad}" in str(worker.last_error)
     said = caplog.records[0]
@@ -686,17 +679,13 @@ def test_worker_resumes_a_crashed_rollout_of_any_model_before_pending_ones(
     engine._progress(zeta, None, 1, 3)  # the rollout state the killed process left: active
     assert dispatcher.accept("alpha", 1, "event:a1")
     worker = DeliveryWorker(dispatcher, dispatcher.store.models)
-    worker.start()
-    try:
-        for _ in range(1000):
-            steps = {m: dispatcher.store.load(m).entries[1].step for m in ("alpha", "zeta")}
-            if set(steps.values()) == {Step.DONE}:
-                break
-            dispatcher.stop.wait(0.01)
-    finally:
-        dispatcher.stop.set()
-        worker.join(10)
-    assert steps == {"alpha": Step.DONE, "zeta": Step.DONE}
+
+    def steps() -> dict[str, Step]:
+        return {m: dispatcher.store.load(m).entries[1].step for m in ("alpha", "zeta")}
+
+    with _running(worker):
+        _wait_until(lambda: set(steps().values()) == {Step.DONE}, dispatcher)
+    assert steps() == {"alpha": Step.DONE, "zeta": Step.DONE}
     events = [(e["event"], e["version"]) for e in journal(tmp_path / "engine")]
     assert events[0] == ("resume", 1) and ("start", 1) in events
 
