@@ -7,6 +7,7 @@ With an `ssl_context` (tests.fakes.tls makes one from a CA of the test's own) it
 
 from __future__ import annotations
 
+import socket
 import ssl
 import sys
 import threading
@@ -81,3 +82,11 @@ class Answering:
 
     def __exit__(self, *exc: object) -> None:
         self._server.stop()
+
+
+def closed_port_url() -> str:
+    """An http URL on 127.0.0.1 that refuses connections: its port was bound, never listened
+    on, and is released again."""
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        return f"http://127.0.0.1:{bound.getsockname()[1]}"
