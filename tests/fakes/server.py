@@ -11,6 +11,8 @@ import socket
 import ssl
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -90,3 +92,13 @@ def closed_port_url() -> str:
     with socket.socket() as bound:
         bound.bind(("127.0.0.1", 0))  # bound, not listening: refused
         return f"http://127.0.0.1:{bound.getsockname()[1]}"
+
+
+@contextmanager
+def hung_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that connects and never answers, as a SIGSTOPped or overloaded server:
+    listening, never accepting (the kernel completes the handshake from the backlog)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield listener.getsockname()[1]
