@@ -220,13 +220,12 @@ def run(
 
     previous = _load_status(_store(parsed, state_dir))
     asked = _release(candidate, parsed)
-    if previous is None or (previous.terminal and restart):  # a new rollout, not a resume
-        spec_candidate = parsed.candidate.to_release() if parsed.candidate else None
-        _check_image(parsed, asked or spec_candidate, "--candidate" if asked else "candidate")
-    stored = previous.candidate if previous is not None else None
     # The spec's candidate counts as asked for too: a spec edited to name the next release
     # was told both "already ended" and, by the error below, that it needs --restart.
     wanted = asked or (parsed.candidate.to_release() if parsed.candidate else None)
+    if previous is None or (previous.terminal and restart):  # a new rollout, not a resume
+        _check_image(parsed, wanted, "--candidate" if asked else "candidate")
+    stored = previous.candidate if previous is not None else None
     same = wanted is None or (stored is not None and stored.ref == wanted.ref)
     # Another candidate than the ended rollout's is refused below, saying to --restart.
     if previous is not None and previous.terminal and not restart and same:

@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rollout.azure_credential import default_credential
@@ -262,16 +262,20 @@ class AzureMonitorMetrics:
         return f"Log Analytics workspace {self.workspace_id} ({TABLE}): {problem}"
 
 
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and the errors it was raised from or while handling (the SDK re-raises)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
 def _timed_out(exc: BaseException) -> bool:
     """Whether azure-core gave up waiting for the connection or the answer (`timeout_s`)."""
     from azure.core.exceptions import ServiceRequestTimeoutError, ServiceResponseTimeoutError
 
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ServiceRequestTimeoutError | ServiceResponseTimeoutError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    timeouts = (ServiceRequestTimeoutError, ServiceResponseTimeoutError)
+    return any(isinstance(seen, timeouts) for seen in _chain(exc))
 
 
 def _no_token(exc: BaseException) -> bool:
@@ -279,9 +283,7 @@ def _no_token(exc: BaseException) -> bool:
     re-raised by the SDK as the context of another error): no identity to sign in as."""
     from azure.core.exceptions import ClientAuthenticationError
 
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ClientAuthenticationError) and seen.response is None:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return any(
+        isinstance(seen, ClientAuthenticationError) and seen.response is None
+        for seen in _chain(exc)
+    )

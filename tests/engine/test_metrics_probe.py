@@ -8,7 +8,6 @@ router nobody runs. A resumed rollout is not probed: it keeps guarding with its 
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,16 +25,10 @@ from rollout.state.memory import MemoryStateStore
 from tests.cli import run_cli
 from tests.core.helpers import V1, V2, make_spec
 from tests.engine.specs import write_spec
-from tests.fakes.server import Answering
+from tests.fakes.server import Answering, closed_port_url
 from tests.metrics.fake_prometheus import FakePrometheus
 
 STILL = " (check the spec's `metrics:`, or bring the backend up, and run again)"
-
-
-def closed_port_url() -> str:
-    with socket.socket() as bound:
-        bound.bind(("127.0.0.1", 0))  # bound, not listening: refused
-        return f"http://127.0.0.1:{bound.getsockname()[1]}"
 
 
 @pytest.fixture

@@ -250,17 +250,26 @@ def test_a_rollout_not_found_says_where_it_was_looked_for(tmp_path: Path, comman
     assert f"no{tmp_path / 'state' / 'other.status.json'};thatdirectoryholdsrolloutcli:" in said
 
 
-def test_steering_commands_are_queued_for_the_controller(tmp_path: Path) -> None:
+def _ticked_once(tmp_path: Path) -> Path:
+    """The spec of a rollout run for one tick only: it is left running, Progressing (the
+    routes outlive the run, in their file)."""
     spec = write_spec(
         tmp_path,
         metrics={"kind": "static", "ticks": []},
         router={"kind": "memory", "state_file": str(tmp_path / "routes.json")},
     )
-    # One tick only leaves a running rollout behind (the routes outlive it, in their file).
     from rollout.api import run_rollout
     from rollout.controller import FakeClock
 
     run_rollout(spec, clock=FakeClock(0.0), max_ticks=1)
+    return spec
+
+
+def test_steering_commands_are_queued_for_the_controller(tmp_path: Path) -> None:
+    spec = _ticked_once(tmp_path)
+    from rollout.api import run_rollout
+    from rollout.controller import FakeClock
+
     code, out = invoke("status", str(spec))
     assert code == EXIT_RUNNING and "Progressing" in out
     assert invoke("pause", str(spec))[0] == 0
@@ -281,15 +290,7 @@ def test_resume_of_a_rollout_that_is_not_paused_says_so_and_queues_nothing(
     tmp_path: Path,
 ) -> None:
     # Was: "queued resume ...; the controller acts at its next tick", then ignored by it.
-    spec = write_spec(
-        tmp_path,
-        metrics={"kind": "static", "ticks": []},
-        router={"kind": "memory", "state_file": str(tmp_path / "routes.json")},
-    )
-    from rollout.api import run_rollout
-    from rollout.controller import FakeClock
-
-    run_rollout(spec, clock=FakeClock(0.0), max_ticks=1)
+    spec = _ticked_once(tmp_path)
     code, out = invoke("resume", str(spec))
     assert code == 0 and " ".join(out.split()) == (
         "rollout cli is Progressing, not paused: nothing to resume"

@@ -7,9 +7,12 @@ With an `ssl_context` (tests.fakes.tls makes one from a CA of the test's own) it
 
 from __future__ import annotations
 
+import socket
 import ssl
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -81,3 +84,21 @@ class Answering:
 
     def __exit__(self, *exc: object) -> None:
         self._server.stop()
+
+
+def closed_port_url() -> str:
+    """An http URL on 127.0.0.1 that refuses connections: its port was bound, never listened
+    on, and is released again."""
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        return f"http://127.0.0.1:{bound.getsockname()[1]}"
+
+
+@contextmanager
+def hung_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that connects and never answers, as a SIGSTOPped or overloaded server:
+    listening, never accepting (the kernel completes the handshake from the backlog)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield listener.getsockname()[1]

@@ -9,20 +9,15 @@ from collections.abc import Iterator
 import pytest
 
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset
+from tests.fakes.server import hung_port
 
 
 @pytest.fixture
 def hung_url() -> Iterator[str]:
-    # Listening, never accepting: the kernel completes the handshake from the backlog, so the
-    # client connects and then waits for an answer that never comes — as with a SIGSTOPped
+    # The client connects, then waits for an answer that never comes — as with a SIGSTOPped
     # Prometheus on the live stack.
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        listener.close()
+    with hung_port() as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_a_hung_prometheus_is_a_timeout_not_unreachable(hung_url: str) -> None:

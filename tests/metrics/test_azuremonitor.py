@@ -36,6 +36,7 @@ from tests.core.helpers import V1, make_spec
 from tests.fakes.arm import StaticCredential
 from tests.fakes.identity import AZURE_CREDENTIAL_ENV
 from tests.fakes.loganalytics import WORKSPACE, FakeLogAnalytics
+from tests.fakes.server import hung_port
 
 T0 = 1_700_000_000.0
 
@@ -168,14 +169,10 @@ def test_an_unreachable_api_is_an_error(logs: FakeLogAnalytics) -> None:
 def test_a_hung_api_is_a_timeout_that_names_its_setting() -> None:
     """Was "unreachable (HTTPSConnectionPool(...): Read timed out. (read timeout=0.3))": an API
     that is there but slow (or a timeout_s too short) read as a network fault."""
-    import socket
-
     from azure.monitor.query import LogsQueryClient
 
-    with socket.socket() as listener:  # listening, never accepting: connects, never answers
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        url = f"https://127.0.0.1:{listener.getsockname()[1]}"
+    with hung_port() as port:
+        url = f"https://127.0.0.1:{port}"
         client = LogsQueryClient(StaticCredential(), endpoint=url, retry_total=0)
         obs = AzureMonitorMetrics(client, WORKSPACE, "ep", timeout_s=0.3).observe(T0, T0 + 60)
     assert obs.error == (

@@ -12,7 +12,6 @@ the URL (the judge's Error); the Istio and custom presets; the factory.
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -24,7 +23,7 @@ from rollout.core.types import ColourCounts
 from rollout.errors import MetricsError
 from rollout.metrics.factory import make_metrics
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset, istio_preset
-from tests.fakes.server import Answering
+from tests.fakes.server import Answering, closed_port_url
 from tests.metrics.fake_prometheus import STALE, FakePrometheus
 
 T0 = 1_700_000_000.0
@@ -191,12 +190,6 @@ def test_failing_prometheus_is_an_error(prom: FakePrometheus) -> None:
     prom.status = 503
     observation = envoy(prom).observe(T0 - 10, T0)
     assert observation.error is not None and prom.url in observation.error
-
-
-def closed_port_url() -> str:
-    with socket.socket() as bound:
-        bound.bind(("127.0.0.1", 0))  # bound, not listening: refused
-        return f"http://127.0.0.1:{bound.getsockname()[1]}"
 
 
 PAGE = b"<html><body>" + b"<p>a page that is long</p>" * 40 + b"</body></html>"

@@ -42,6 +42,7 @@ from rollout.routers.envoy import (
 )
 from rollout.routers.factory import make_router
 from scoring.cli import KEEP_ALIVE_S
+from tests.fakes.server import hung_port
 from tests.local.upstream import ThreadUpstreams
 from tests.routers.contract import V1, V2, RouterContract, identity
 
@@ -233,12 +234,8 @@ def test_a_hung_admin_is_a_timeout_that_names_its_setting(tmp_path: Path) -> Non
     """Was "Envoy admin at URL is not reachable: timed out (start one with `aml-rollout up`...)"
     and "cannot read Envoy's config at URL: timed out": an Envoy that is there but slow (or a
     `timeout_s` too short) read as none at all, and nothing said the wait is a setting."""
-    import socket
-
-    with socket.socket() as listener:  # listening, never accepting: connects, never answers
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    with hung_port() as port:
+        url = f"http://127.0.0.1:{port}"
         router = EnvoyRouter(
             admin_url=url,
             files=EnvoyFiles(tmp_path / "routes.json"),
