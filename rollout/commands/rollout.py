@@ -740,7 +740,8 @@ def promote(spec: SpecArg, state_dir: StateDirOpt = None) -> None:
 
 @rollout_app.command()
 def abort(spec: SpecArg, state_dir: StateDirOpt = None) -> None:
-    """Roll back at once: blue to 0 %, green keeps serving."""
+    """Roll back at once: blue to 0 %, green keeps serving (blue serving another release than
+    the candidate, another rollout's canary, is left as it is)."""
     _queue(spec, state_dir, "abort")
 
 

@@ -23,7 +23,8 @@ its actions through the router. Phases (terminal in brackets):
   are handled here, in order, at the start of a tick — never racing an analysis.
 - A data plane that no longer serves what the rollout set (another rollout on it, a hand edit;
   `served`, read by the controller) holds for a human before the judge looks: those counts are
-  not the step's evidence. A resume sets it back.
+  not the step's evidence. A resume sets it back; an abort sets blue to 0 % only while blue
+  serves the candidate (else it is another rollout's canary: the rollout ends, acting on nothing).
 - A plan edited mid-rollout (`steps` changed, then the controller restarted): the step goes on
   as blue's weight's step in the new plan; a weight the new plan lacks holds for a human.
 
@@ -416,6 +417,18 @@ def _handle_commands(
             notes.append(f"{cmd.kind}: ignored in phase {status.phase.value}")
             continue
         if cmd.kind == "abort":
+            if not_ours := _blue_not_ours(status, served):
+                # Blue's weight is whoever deployed there's (another rollout's canary): set to
+                # 0 %, that rollout would lose its traffic and hold in turn. Ended, not undone.
+                status = replace(
+                    status,
+                    phase=Phase.ROLLED_BACK,
+                    blue_weight=0,
+                    mirror=0,
+                    reason=f"aborted{who}: the data plane is left as it is ({not_ours})",
+                )
+                notes.append(f"{cmd.kind}: {status.reason}")
+                continue
             status, acts = _rollback(status, f"aborted{who}: blue back to 0 %", None)
             actions.extend(acts)
         elif cmd.kind == "promote":
@@ -836,6 +849,19 @@ def _drift(status: Status, served: Served | None) -> str:
     return "; ".join(off)
 
 
+def _blue_not_ours(status: Status, served: Served | None) -> str:
+    """Why blue is not this rollout's to set to 0 % ("" when it is, or was not read): it
+    serves another release than the candidate, another rollout's canary. A blue serving
+    nothing is no one's canary: 0 % sends the requests routed to nothing back to green (and
+    writes the routes of a data plane that lost them)."""
+    candidate = status.candidate
+    if served is None or candidate is None or served.blue is None:
+        return ""
+    if candidate.unlike(served.blue):
+        return f"blue serves {served.blue.ref}, not {candidate.ref}: another rollout's?"
+    return ""
+
+
 def _restoring(status: Status, served: Served) -> tuple[tuple[Action, ...], str]:
     """The actions that make a drifted data plane serve what the status says again, or why
     none may: green serving another release is production moved on (another rollout promoted
@@ -903,7 +929,12 @@ def _analyse(
         # Before the judge: whatever these counts say, they are not this step's evidence.
         record["drift"] = drift
         _, refused = _restoring(status, served)
-        then = refused or "resume sets it back, abort rolls back"
+        aborts = (
+            "leaves the data plane as it is"
+            if _blue_not_ours(status, served)
+            else "sets blue to 0 %"
+        )
+        then = f"{refused}, which {aborts}" if refused else f"resume sets it back, abort {aborts}"
         reason = (
             f"held for a human: the data plane changed under this rollout ({drift}): another "
             f"rollout drives it, or a hand edit; {then}"

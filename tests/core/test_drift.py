@@ -148,3 +148,60 @@ def test_resume_takes_blue_s_traffic_off_another_release_before_deploying_over_i
         Deploy(Colour.BLUE, V2),
         SetWeights(10),
     )
+
+
+def abort(status: Status) -> Status:
+    return with_commands(status, [Command(id="c9", kind="abort", by="ann")])
+
+
+@pytest.mark.parametrize(
+    ("now_serving", "why"),
+    [
+        pytest.param(
+            served(50, b=V3),
+            "blue serves diabetes:3, not diabetes:2: another rollout's?",
+            id="another-rollout-s-canary",
+        ),
+        pytest.param(served(0, 5, b=V3), "blue serves diabetes:3", id="another-s-shadow"),
+        pytest.param(served(50, b=V3, g=V3), "blue serves diabetes:3", id="green-moved-too"),
+    ],
+)
+def test_abort_leaves_a_blue_that_serves_another_release_as_it_is(
+    now_serving: Served, why: str
+) -> None:
+    """Was: abort set blue to 0 %, taking its traffic off another rollout's canary (which then
+    held in turn)."""
+    held = step(SPEC, at_10(), REGRESSION, 60.0, now_serving).status
+    assert "leaves the data plane as it is" in held.reason  # the advice says what abort does
+    assert "sets blue to 0 %" not in held.reason
+    decision = step(SPEC, abort(held), obs(at=70.0), 70.0, now_serving)
+    assert decision.actions == ()
+    assert decision.status.phase is Phase.ROLLED_BACK and not decision.status.held
+    assert decision.status.reason.startswith("aborted by ann: the data plane is left as it is (")
+    assert why in decision.status.reason
+    again = step(SPEC, decision.status, obs(at=80.0), 80.0, now_serving)
+    assert again.actions == () and again.status.phase is Phase.ROLLED_BACK
+
+
+@pytest.mark.parametrize(
+    "now_serving",
+    [
+        pytest.param(served(50), id="weights-edited-by-hand"),
+        pytest.param(served(0, 5), id="mirror-edited-by-hand"),
+        pytest.param(served(50, g=V3), id="green-moved-on"),
+        pytest.param(served(10, b=None), id="blue-serves-nothing"),  # (no one's canary)
+    ],
+)
+def test_abort_sets_blue_to_0_when_blue_serves_this_candidate(now_serving: Served) -> None:
+    held = step(SPEC, at_10(), REGRESSION, 60.0, now_serving).status
+    assert "sets blue to 0 %" in held.reason
+    assert "left as it is" not in held.reason
+    decision = step(SPEC, abort(held), obs(at=70.0), 70.0, now_serving)
+    assert decision.status.phase is Phase.ROLLING_BACK and decision.actions == (SetWeights(0),)
+
+
+def test_abort_with_the_data_plane_unread_sets_blue_to_0_as_ever() -> None:
+    held = step(SPEC, at_10(), REGRESSION, 60.0, served(50, b=V3)).status
+    decision = step(SPEC, abort(held), obs(at=70.0), 70.0, None)
+    assert decision.status.phase is Phase.ROLLING_BACK and decision.actions == (SetWeights(0),)
+    assert decision.status.reason == "aborted by ann: blue back to 0 %"

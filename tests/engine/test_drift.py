@@ -201,3 +201,45 @@ def test_a_rollout_paused_by_an_operator_then_held_for_a_changed_data_plane_is_t
     assert told.phases == [Phase.PROGRESSING, Phase.PAUSED, Phase.PAUSED]
     ctl.tick(status)
     assert len(told.phases) == 3  # once, not at every held tick
+
+
+@pytest.mark.parametrize("driven", [True, False], ids=["controller-running", "run-after-abort"])
+def test_an_abort_leaves_another_rollout_s_canary_on_blue_as_it_is(
+    tmp_path: Path, driven: bool
+) -> None:
+    """Was: the abort set blue to 0 %, taking its traffic off the other rollout's canary."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl = controller(tmp_path, router)
+    status = ctl.run(max_ticks=1)
+    router.deploy(Colour.BLUE, V3)  # another rollout's canary, at its 50 %
+    router.set_weights(Weights.blue_at(50))
+    held = ctl.tick(status)
+    assert held.held and "abort leaves the data plane as it is" in held.reason
+    ctl.store.push_command(Command(id="a", kind="abort", by="ann", rollout=held.id))
+    # Driven: the running controller's next tick; else queued while none ran, `run` applies it.
+    ended = ctl.tick(held) if driven else controller(tmp_path, router).run(max_ticks=3)
+    assert ended.phase is Phase.ROLLED_BACK and ended.pending == ()
+    assert ended.reason == (
+        "aborted by ann: the data plane is left as it is (blue serves diabetes:3, not "
+        "diabetes:2: another rollout's?)"
+    )
+    assert router.get_weights() == Weights.blue_at(50) and router.release(Colour.BLUE) == V3
+    # Nor does a restart apply anything of it before refusing to begin on the other's canary.
+    with pytest.raises(RolloutError, match="already sends blue 50 %"):
+        controller(tmp_path, router).run(max_ticks=1, restart=True)
+    assert router.get_weights() == Weights.blue_at(50)
+
+
+def test_an_abort_of_a_rollout_whose_weights_were_edited_by_hand_sets_blue_to_0(
+    tmp_path: Path,
+) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl = controller(tmp_path, router)
+    status = ctl.run(max_ticks=1)
+    router.set_weights(Weights.blue_at(50))
+    held = ctl.tick(status)
+    assert "abort sets blue to 0 %" in held.reason
+    ctl.store.push_command(Command(id="a", kind="abort", by="ann", rollout=held.id))
+    ended = ctl.run(max_ticks=3)
+    assert ended.phase is Phase.ROLLED_BACK
+    assert router.get_weights() == Weights.blue_at(0)
