@@ -514,6 +514,7 @@ def _status_code(status: Status | None) -> int:
 def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | None) -> Any:
     from rich.table import Table
 
+    from rollout.core.machine import resume_refused
     from rollout.core.status import SetWeights, describe
     from rollout.core.types import Phase, Verdict
 
@@ -543,6 +544,14 @@ def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | N
         table.add_row("candidate", f"{status.candidate.ref} ({where})")
     if status.stable:
         table.add_row("stable", f"{status.stable.ref} ({'replaced' if promoted else 'green'})")
+    if status.served is not None:
+        # What the data plane served, not what the rollout set (the weights above): another
+        # rollout on it, or a hand edit.
+        served = status.served
+        blue, green = (r.ref if r else "nothing" for r in (served.blue, served.green))
+        table.add_row("data plane", f"blue {blue}, green {green}: {served.weights} (last read)")
+    if refused := resume_refused(status):
+        table.add_row("resume", f"refused: {escape(refused)}")
     table.add_row("last verdict", status.verdict.value if status.verdict else "-")
     table.add_row("reason", escape(status.reason))
     for label, ev in (("errors", status.errors), ("slow requests", status.slow)):
@@ -576,7 +585,12 @@ def _undriven(status: Status) -> str:
     if status.commands:  # answered: told again to answer, an operator answers twice
         queued = ", ".join(c.kind.replace("_", "-") for c in status.commands)
         return f"`aml-rollout rollout run SPEC` acts on the queued {queued}"
+    from rollout.core.machine import resume_refused
+
     what = "answer with resume, promote or abort, then" if status.held else "resume it with"
+    if status.held and resume_refused(status):
+        # Production moved on under it: resume is refused, and promote would undo that move.
+        what = "answer with abort (the data plane's green serves another release), then"
     return f"{what} `aml-rollout rollout run SPEC`"
 
 
@@ -658,6 +672,7 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
     import getpass
 
     from rollout.controller import check_same_router
+    from rollout.core.machine import resume_refused
     from rollout.core.status import Command
     from rollout.errors import RolloutError
 
@@ -679,6 +694,9 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
                 f"rollout {parsed.name} is {current.phase.value}, not paused: nothing to resume"
             )
             return
+        if kind == "resume" and (refused := resume_refused(current)):
+            # The controller would ignore it too ("resume: ignored, green now serves ...").
+            _fail(RolloutError(f"rollout {parsed.name} cannot be resumed: {refused}"))
         store.push_command(
             Command(
                 id=uuid.uuid4().hex,

@@ -426,6 +426,7 @@ def _handle_commands(
                     blue_weight=0,
                     mirror=0,
                     reason=f"aborted{who}: the data plane is left as it is ({not_ours})",
+                    served=served,
                 )
                 notes.append(f"{cmd.kind}: {status.reason}")
                 continue
@@ -447,7 +448,9 @@ def _handle_commands(
                 continue
             status = _enter_step(status, status.step_index, status.blue_weight, now, status.mirror)
             back = f"; the data plane set back ({drift})" if drift else ""
-            status = replace(status, phase=Phase.PROGRESSING, reason=f"resumed{who}{back}")
+            status = replace(
+                status, phase=Phase.PROGRESSING, reason=f"resumed{who}{back}", served=None
+            )
             actions.extend(restore)
             served = None  # as the status says, once the restore is applied
         elif cmd.kind == "set_weight":
@@ -862,6 +865,15 @@ def _blue_not_ours(status: Status, served: Served | None) -> str:
     return ""
 
 
+def resume_refused(status: Status) -> str:
+    """Why a resume of this held rollout would be refused ("" when it would not), from what
+    the data plane served at its last tick (`Status.served`): a steering command says so up
+    front instead of queuing one the controller ignores."""
+    if status.phase is not Phase.PAUSED or status.served is None:
+        return ""
+    return _restoring(status, status.served)[1]
+
+
 def _restoring(status: Status, served: Served) -> tuple[tuple[Action, ...], str]:
     """The actions that make a drifted data plane serve what the status says again, or why
     none may: green serving another release is production moved on (another rollout promoted
@@ -939,8 +951,10 @@ def _analyse(
             f"held for a human: the data plane changed under this rollout ({drift}): another "
             f"rollout drives it, or a hand edit; {then}"
         )
-        status = replace(status, phase=Phase.PAUSED, held=True, reason=reason)
+        status = replace(status, phase=Phase.PAUSED, held=True, reason=reason, served=served)
         return _decide(status, (), record, notes)
+    if served is not None and status.served is not None:
+        status = replace(status, served=None)  # serves what the rollout set again
 
     if obs is None or obs.error is not None:
         limit = analysis.max_consecutive_errors

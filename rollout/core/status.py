@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from rollout.core.stats import Evidence
-from rollout.core.types import Colour, Phase, Release, Verdict, Weights
+from rollout.core.types import Colour, Phase, Release, Served, Verdict, Weights
 
 TERMINAL: frozenset[Phase] = frozenset({Phase.SUCCEEDED, Phase.ROLLED_BACK, Phase.FAILED})
 #: Phases the controller steps through at once, without waiting for an analysis interval.
@@ -214,6 +214,10 @@ class Status:
     reason: str = ""
     #: Paused by the inconclusive policy (waiting for a human), not by an operator's `pause`.
     held: bool = False
+    #: What the data plane served when last read while it differed from what the rollout set
+    #: (held for a human: another rollout on it, a hand edit; or left so by an abort); None
+    #: while it serves what the rollout set, and in status files written before this field.
+    served: Served | None = None
     #: Commands read from the store's log but not yet handled.
     commands: tuple[Command, ...] = ()
     #: How many lines of the store's command log this status has read (-1: a status file
@@ -265,6 +269,7 @@ class Status:
             "verdict": self.verdict.value if self.verdict else None,
             "reason": self.reason,
             "held": self.held,
+            "served": _served_to_dict(self.served) if self.served else None,
             "commands": [c.to_dict() for c in self.commands],
             "commands_read": self.commands_read,
             "commands_tail": None if self.commands_tail is None else list(self.commands_tail),
@@ -301,6 +306,7 @@ class Status:
             verdict=Verdict(data["verdict"]) if data.get("verdict") else None,
             reason=data.get("reason", ""),
             held=bool(data.get("held", False)),
+            served=_served_from_dict(data["served"]) if data.get("served") else None,
             commands=tuple(Command.from_dict(c) for c in data.get("commands", [])),
             commands_read=int(data.get("commands_read", -1)),
             commands_tail=None
@@ -310,6 +316,28 @@ class Status:
             pending=tuple(action_from_dict(a) for a in data.get("pending", [])),
             applied=int(data.get("applied", 0)),
         )
+
+
+def _served_to_dict(served: Served) -> dict[str, Any]:
+    weights = served.weights
+    return {
+        "weights": {"blue": weights.blue, "green": weights.green, "mirror": weights.mirror},
+        "blue": asdict(served.blue) if served.blue else None,
+        "green": asdict(served.green) if served.green else None,
+    }
+
+
+def _served_from_dict(data: dict[str, Any]) -> Served:
+    weights = data["weights"]
+    return Served(
+        weights=Weights(
+            blue=int(weights["blue"]),
+            green=int(weights["green"]),
+            mirror=int(weights.get("mirror", 0)),
+        ),
+        blue=Release(**data["blue"]) if data.get("blue") else None,
+        green=Release(**data["green"]) if data.get("green") else None,
+    )
 
 
 def _counts_from_dict(data: dict[str, Any]) -> Counts:

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from rollout.core.machine import new_status, step, with_commands
+from rollout.core.machine import new_status, resume_refused, step, with_commands
 from rollout.core.status import Command, Deploy, SetWeights, Status
 from rollout.core.types import Colour, Phase, Release, Served, Weights
 from tests.core.helpers import V1, V2, make_spec, obs
@@ -205,3 +205,62 @@ def test_abort_with_the_data_plane_unread_sets_blue_to_0_as_ever() -> None:
     decision = step(SPEC, abort(held), obs(at=70.0), 70.0, None)
     assert decision.status.phase is Phase.ROLLING_BACK and decision.actions == (SetWeights(0),)
     assert decision.status.reason == "aborted by ann: blue back to 0 %"
+
+
+def test_a_hold_records_what_the_data_plane_served_and_a_resume_forgets_it() -> None:
+    other = served(50, b=V3)
+    held = step(SPEC, at_10(), REGRESSION, 60.0, other).status
+    assert held.served == other
+    assert Status.from_dict(held.to_dict()) == held
+    assert held.to_dict()["served"] == {
+        "weights": {"blue": 50, "green": 50, "mirror": 0},
+        "blue": {
+            "model": "diabetes",
+            "version": "3",
+            "sha256": "3" * 64,
+            "image": None,
+            "model_dir": None,
+            "deployment": None,
+        },
+        "green": {
+            "model": "diabetes",
+            "version": "1",
+            "sha256": "1" * 64,
+            "image": None,
+            "model_dir": None,
+            "deployment": None,
+        },
+    }
+    later = step(SPEC, held, obs(at=70.0), 70.0, served(0, 5, b=V3)).status
+    assert later.served == served(0, 5, b=V3)  # the latest read while held
+    assert step(SPEC, later, obs(at=80.0), 80.0, None).status.served == later.served  # unread
+    resumed = step(SPEC, resume(later), obs(at=90.0), 90.0, served(0, 5, b=V3)).status
+    assert resumed.phase is Phase.PROGRESSING and resumed.served is None
+    set_back = step(SPEC, later, obs(at=80.0), 80.0, served()).status  # undone by hand
+    assert set_back.held and set_back.served is None
+
+
+def test_a_status_file_from_before_served_was_recorded_still_loads() -> None:
+    held = step(SPEC, at_10(), REGRESSION, 60.0, served(50, b=V3)).status
+    old = held.to_dict()
+    del old["served"]
+    assert Status.from_dict(old) == replace(held, served=None)
+
+
+@pytest.mark.parametrize(
+    ("now_serving", "refused"),
+    [
+        pytest.param(served(50, b=V3), "", id="blue-taken-over"),
+        pytest.param(served(50), "", id="weights-edited"),
+        pytest.param(
+            served(0, g=V3), "green now serves diabetes:3, not diabetes:1", id="green-moved-on"
+        ),
+    ],
+)
+def test_whether_a_resume_would_be_refused_is_read_from_the_status(
+    now_serving: Served, refused: str
+) -> None:
+    held = step(SPEC, at_10(), REGRESSION, 60.0, now_serving).status
+    said = resume_refused(Status.from_dict(held.to_dict()))
+    assert (refused in said and said.endswith("abort it")) if refused else said == ""
+    assert resume_refused(at_10()) == ""

@@ -855,3 +855,60 @@ def test_run_outlives_a_reader_that_went_away(tmp_path: Path, merged: bool) -> N
         if proc.stderr is not None:
             assert "stdout closed: the rollout goes on" in proc.stderr.read()
     assert json.loads(routes.read_text())["releases"]["green"]["version"] == "2"
+
+
+def _held_by_drift(tmp_path: Path, green: str) -> Path:
+    """A rollout of m:2 held: blue taken over by m:3 at 50 %, green serving m:`green`."""
+    from dataclasses import replace
+
+    from rollout.api import open_store
+    from rollout.config import load_spec
+    from rollout.core.machine import new_status, step
+    from rollout.core.types import Phase, Release, Served, Weights
+
+    path = write_spec(tmp_path)
+    spec = load_spec(path)
+    v1, v2, v3 = (Release("m", v) for v in "123")
+    status = new_status(spec, now=0.0, candidate=v2, stable=v1, rollout_id="r")
+    status = replace(status, phase=Phase.PROGRESSING, blue_weight=10)
+    served = Served(weights=Weights.blue_at(50), blue=v3, green=Release("m", green))
+    held = step(spec, status, None, 10.0, served).status
+    assert held.held
+    open_store(spec).save(held)
+    return path
+
+
+def test_status_of_a_rollout_held_by_drift_shows_what_the_data_plane_served(
+    tmp_path: Path,
+) -> None:
+    spec = _held_by_drift(tmp_path, green="1")
+    code, out = invoke("status", str(spec))
+    text = " ".join(out.split())
+    assert code == EXIT_PAUSED
+    assert "data plane blue m:3, green m:1: blue 50 % / green 50 %" in text, text
+    assert "answer with resume, promote or abort" in text and "refused" not in text
+    data = json.loads(invoke("status", str(spec), "--json")[1])
+    assert data["served"]["weights"] == {"blue": 50, "green": 50, "mirror": 0}
+    assert data["served"]["blue"]["version"] == "3"
+    code, out = invoke("resume", str(spec))
+    assert code == 0 and out.startswith("queued resume"), out
+
+
+def test_a_rollout_held_after_green_moved_on_is_not_offered_resume(tmp_path: Path) -> None:
+    """Was: "answer with resume, promote or abort", and `resume` queued a command the
+    controller then ignored ("resume: ignored, green now serves ...")."""
+    spec = _held_by_drift(tmp_path, green="3")
+    code, out = invoke("status", str(spec))
+    text = " ".join(out.split())
+    assert code == EXIT_PAUSED
+    assert "data plane blue m:3, green m:3: blue 50 % / green 50 %" in text, text
+    assert "resume refused: green now serves m:3, not m:1" in text, text
+    assert "none running: answer with abort" in text and "resume, promote" not in text, text
+    code, out = invoke("resume", str(spec))
+    text = " ".join(out.split())
+    assert code == EXIT_ERROR
+    assert "rollout cli cannot be resumed: green now serves m:3, not m:1" in text, text
+    assert text.endswith("abort it"), text
+    commands = tmp_path / "state" / "cli.commands.jsonl"
+    assert not commands.exists() or not commands.read_text().strip()
+    assert invoke("abort", str(spec))[0] == 0
