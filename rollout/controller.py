@@ -73,6 +73,8 @@ log = logging.getLogger(__name__)
 #: never became ready: retrying would wait for them again, for as long). Weight changes, a
 #: rollback above all, are retried through anything else (a 503, a 409, a timeout).
 ROUTER_ATTEMPTS = 4
+#: At most this much of why the data plane could not be read goes into each tick's ledger line.
+UNREAD_CHARS = 200
 
 
 class Clock(Protocol):
@@ -159,8 +161,8 @@ class Controller:
         self.notifier = notifier
         #: Whether a router action has succeeded since this controller started (see `_apply`).
         self._router_answered = False
-        #: Whether what the data plane serves could not be read last tick (`_served`).
-        self._served_unread = False
+        #: Why what the data plane serves could not be read last tick (`_served`), else None.
+        self._served_unread: str | None = None
         if isinstance(router, Fenced):
             # Checked before each write inside an action too, not only before the action: on a
             # slow control plane one action outlasts the lease (routers.base.Fence).
@@ -603,6 +605,11 @@ class Controller:
             observation = self._history(now)
         was_held = status.held
         decision: Decision = step(self.spec, status, observation, now, served)
+        if served is None and self._served_unread is not None:
+            # In the ledger too, not only in a log gone with the controller's terminal:
+            # `explain` tells the ticks whose changes to the data plane went unnoticed.
+            unread = self._served_unread[:UNREAD_CHARS]
+            decision = replace(decision, record={**decision.record, "data_plane_unread": unread})
         record, status = self._persist(decision)
         status = self._finish_pending(status)
         # After the actions: a slow webhook never delays a rollback. (A phase the actions
@@ -650,7 +657,7 @@ class Controller:
                 green=self.router.release(Colour.GREEN),
             )
         except RouterError as exc:
-            if not self._served_unread:
+            if self._served_unread is None:
                 # Once, not every tick: a route the router cannot read (edited by hand into a
                 # shape it does not know) would otherwise go unchecked without a word.
                 log.warning(
@@ -658,11 +665,11 @@ class Controller:
                     "this rollout go unnoticed until it can be read",
                     exc,
                 )
-            self._served_unread = True
+            self._served_unread = str(exc)
             return None
-        if self._served_unread:
+        if self._served_unread is not None:
             log.warning("the data plane can be read again: checking it for changes")
-            self._served_unread = False
+            self._served_unread = None
         return served
 
     def _observe(self, since: float, now: float, *, history: bool = False) -> Observation:

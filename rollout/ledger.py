@@ -107,10 +107,15 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
     previous = None
     unreadable_since: float | None = None  # the first tick of a metrics outage
     uncounted: list[int] = []  # the ticks of a run whose counts were not the candidate's
+    unread: list[int] = []  # the ticks of a run that could not read what the data plane served
+    unread_why = ""  # why, as its first tick said
     for index, rec in enumerate(records):
         if uncounted and ("event" in rec or not rec.get("not_counted")):
             lines.append(_not_counted(uncounted, records[index - 1], start))
             uncounted = []
+        if unread and ("event" in rec or not rec.get("data_plane_unread")):
+            lines.append(_unread(unread, unread_why, records[index - 1], start))
+            unread = []
         if rec.get("event") == "start":
             start = rec.get("at", start)
             unreadable_since = None
@@ -161,6 +166,9 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
             continue
         if rec.get("not_counted") and isinstance(rec.get("tick"), int):
             uncounted.append(rec["tick"])
+        if rec.get("data_plane_unread") and isinstance(rec.get("tick"), int):
+            unread_why = unread_why if unread else str(rec["data_plane_unread"])
+            unread.append(rec["tick"])
         changed = (
             rec.get("actions") or rec.get("phase") != rec.get("phase_before") or rec.get("commands")
         )
@@ -196,6 +204,8 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
         previous = reason
     if uncounted:
         lines.append(_not_counted(uncounted, records[-1], start))
+    if unread:
+        lines.append(_unread(unread, unread_why, records[-1], start))
     last = records[-1]
     # After an event (a bootstrap, a start not ticked yet) there is no phase to say it is still in.
     if "event" not in last and last.get("phase") not in ("Succeeded", "RolledBack", "Failed"):
@@ -216,12 +226,24 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _ticks(ticks: list[int]) -> str:
+    return f"tick {ticks[0]}" if len(ticks) == 1 else f"ticks {ticks[0]}–{ticks[-1]}"
+
+
+def _unread(ticks: list[int], why: str, last: dict[str, Any], start: float) -> str:
+    """The line for a run of ticks that could not read what the data plane served
+    (`data_plane_unread`): a change made to it under the rollout then held nothing."""
+    return (
+        f"[{span(last.get('at', start) - start)}] {_ticks(ticks)}: what the data plane serves "
+        f"could not be read ({why}); changes to it went unnoticed"
+    )
+
+
 def _not_counted(ticks: list[int], last: dict[str, Any], start: float) -> str:
     """The line for a run of ticks whose counts the judge left out (`not_counted`: a data plane
     changed under the rollout served them, another release or another split): what the
     metrics said then is in the ledger, and is no evidence for or against the candidate."""
-    which = f"tick {ticks[0]}" if len(ticks) == 1 else f"ticks {ticks[0]}–{ticks[-1]}"
     return (
-        f"[{span(last.get('at', start) - start)}] {which} not counted as the candidate's "
+        f"[{span(last.get('at', start) - start)}] {_ticks(ticks)} not counted as the candidate's "
         f"evidence: {last.get('not_counted')}"
     )

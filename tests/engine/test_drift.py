@@ -135,10 +135,11 @@ class Unreadable(MemoryRouter):
     know); the simulated traffic still reads the weights."""
 
     unreadable = False
+    why = "deployment diabetes-blue has 2 containers"
 
     def release(self, colour: Colour) -> Release | None:
         if self.unreadable:
-            raise RouterError("deployment diabetes-blue has 2 containers")
+            raise RouterError(self.why)
         return super().release(colour)
 
 
@@ -162,6 +163,19 @@ def test_a_data_plane_that_cannot_be_read_is_said_once_and_the_rollout_goes_on(
     assert caplog.records[-1].getMessage() == (
         "the data plane can be read again: checking it for changes"
     )
+    # The ledger says it too (was: only the log, gone with the controller's terminal).
+    ticks = [r for r in read_ledger(tmp_path / "t.ledger.jsonl") if "tick" in r]
+    assert [r.get("data_plane_unread") for r in ticks] == [
+        None,
+        *["deployment diabetes-blue has 2 containers"] * 3,
+        None,
+    ]
+    story = explain(read_ledger(tmp_path / "t.ledger.jsonl"))
+    said = [line for line in story if "could not be read" in line]
+    assert len(said) == 1 and said[0].endswith(
+        "ticks 2–4: what the data plane serves could not be read (deployment diabetes-blue "
+        "has 2 containers); changes to it went unnoticed"
+    ), story
 
 
 def test_run_again_without_resume_leaves_a_held_rollout_s_data_plane_as_the_hold_says(
@@ -243,3 +257,16 @@ def test_an_abort_of_a_rollout_whose_weights_were_edited_by_hand_sets_blue_to_0(
     ended = ctl.run(max_ticks=3)
     assert ended.phase is Phase.ROLLED_BACK
     assert router.get_weights() == Weights.blue_at(0)
+
+
+def test_a_long_reason_the_data_plane_could_not_be_read_is_cut_in_the_ledger(
+    tmp_path: Path,
+) -> None:
+    router = Unreadable(releases={Colour.GREEN: V1})
+    router.why = "deployment diabetes-blue: " + "x" * 5000
+    ctl = controller(tmp_path, router)
+    status = ctl.run(max_ticks=1)
+    router.unreadable = True
+    ctl.tick(status)
+    last = read_ledger(tmp_path / "t.ledger.jsonl")[-1]
+    assert last["data_plane_unread"] == router.why[:200]

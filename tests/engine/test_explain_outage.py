@@ -98,3 +98,23 @@ def test_a_refused_resume_is_told_as_changing_nothing_not_as_a_phase_entered_aga
     assert explain(records)[2] == (
         "[2 s] operator resume: ignored, green now serves m:5, not m:1: abort it → still Paused"
     )
+
+
+def test_a_data_plane_that_could_not_be_read_is_told_once_per_span() -> None:
+    down = "deployment diabetes-blue has 2 containers"
+    waiting = "step 5 % has 10 of 100 canary requests needed"
+    records = [
+        {"event": "start", "at": T0, "name": "d", "plan": [5, 100]},
+        tick(1, waiting, verdict="Inconclusive"),
+        *(tick(n, waiting, verdict="Inconclusive", data_plane_unread=down) for n in (2, 3, 4)),
+        tick(5, waiting, verdict="Inconclusive"),
+        tick(6, waiting, verdict="Inconclusive", data_plane_unread="HTTP 503"),
+    ]
+    story = explain(records)
+    assert story[1:3] == [
+        f"[4 s] ticks 2–4: what the data plane serves could not be read ({down}); changes to "
+        "it went unnoticed",
+        "[6 s] tick 6: what the data plane serves could not be read (HTTP 503); changes to it "
+        "went unnoticed",
+    ]
+    assert story[3].startswith("[6 s] still Progressing")
