@@ -52,8 +52,9 @@ change still in progress, a timeout, other HTTP errors (400 included, see `_REFU
 credential found at all stay RouterError, retried.
 
 Azure gives no optimistic concurrency on the endpoint through the SDK: two writers of `traffic`
-race with last-writer-wins, so run one controller per endpoint (the state store's lease does,
-among controllers sharing that store).
+race with last-writer-wins (and `deploy`'s read-modify-write of a deployment loses a change made
+between its read and its PUT: no etag, no If-Match), so run one controller per endpoint (the
+state store's lease does, among controllers sharing that store).
 """
 
 from __future__ import annotations
