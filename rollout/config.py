@@ -231,6 +231,14 @@ class KubeApiConfig(_Model):
     in_cluster: Flag = False
 
 
+#: The shortest `ready_timeout_s`: a new pod is scheduled, starts its container and the scoring
+#: server (which loads its model), then passes a readiness probe sent every 5 s
+#: (`istio_manifests.deployment`), and the router looks every 2 s; a rolling update of several
+#: replicas does this batch by batch. Below this, every candidate's deploy fails as if the model
+#: were at fault (0.5 s was accepted).
+MIN_READY_TIMEOUT_S = 30.0
+
+
 class IstioRouterConfig(KubeApiConfig):
     """Istio on Kubernetes: a VirtualService with header routes first, then the weighted route.
 
@@ -254,6 +262,19 @@ class IstioRouterConfig(KubeApiConfig):
     #: for Istio's own install; AKS's Istio add-on labels its gateways
     #: `aks-istio-ingressgateway-external` / `-internal`.
     ingress_gateway: KubeLabelValue = "ingressgateway"
+
+    @field_validator("ready_timeout_s")
+    @classmethod
+    def _ready_floor(cls, seconds: float) -> float:
+        if seconds < MIN_READY_TIMEOUT_S:
+            raise PydanticCustomError(
+                "spec",
+                "{seconds} s is below {least} s, the shortest wait for new pods to be scheduled, "
+                "start the scoring server and pass its readiness probe (every 5 s) (the value is "
+                "in seconds)",
+                {"seconds": f"{seconds:g}", "least": f"{MIN_READY_TIMEOUT_S:g}"},
+            )
+        return seconds
 
     @property
     def identity(self) -> str:

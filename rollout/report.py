@@ -151,6 +151,10 @@ def _story(name: str, records: list[dict[str, Any]]) -> RolloutStory:
         reason = str(record.get("reason", ""))
         if any(a.get("type") == "set_weights" for a in actions) and record.get("tick", 1) != 0:
             decisions.append(Decision(at, _kind(reason, record), reason))
+        if "event" in record:  # no tick: a row of empty cells said nothing of what happened
+            rows.append({"at": at, "event": _event_text(record)})
+            previous = record
+            continue
         counts = record.get("counts") or {}
         rows.append(
             {
@@ -179,6 +183,42 @@ def _story(name: str, records: list[dict[str, Any]]) -> RolloutStory:
         rows=rows,
         not_counted=spans,
     )
+
+
+def _ref(release: Any) -> str:
+    """A ledger's release (`_release_dict`) as `model:version`."""
+    release = release if isinstance(release, dict) else {}
+    return f"{release.get('model', '?')}:{release.get('version', '?')}"
+
+
+def _event_text(record: dict[str, Any]) -> str:
+    """A ledger line that is no tick (an `event`) in words, as `rollout.ledger.explain` says it."""
+    event, described = record["event"], "; ".join(record.get("describe") or [])
+    if event == "start":
+        parts = ["rollout began"]
+        if record.get("candidate"):
+            parts.append(f": candidate {_ref(record['candidate'])} (blue)")
+        if record.get("stable"):
+            parts.append(f" against {_ref(record['stable'])} (green)")
+        if record.get("plan"):
+            parts.append(f", plan {' → '.join(map(str, record['plan']))} %")
+        return "".join(parts)
+    if event == "restore":
+        return f"resumed with a data plane serving {record.get('served')}: {described}"
+    if event == "not-applied":
+        error = str(record.get("error"))
+        why = error if error.startswith(described) else f"could not {described}: {error}"
+        return f"controller stopped: {why} (the next `run` applies it first)"
+    if event == "skipped":
+        return f"not applied, an abort being queued: {described}"
+    if event == "bootstrap":
+        return f"bootstrapped green with {_ref(record.get('release'))} (a first release)"
+    if event == "first-check":
+        return (
+            f"first release {_ref(record.get('release'))} judged on the absolute limits: "
+            f"{record.get('verdict', '?')}: {record.get('reason', '')}"
+        )
+    return f"{event}: {described or record.get('reason', '')}"
 
 
 def _kind(reason: str, record: dict[str, Any]) -> str:
@@ -327,6 +367,7 @@ h1{font-size:1.5em} h2{font-size:1.2em;margin-top:2em} svg{width:100%;height:aut
 .t{font-size:12px;font-weight:600} .a{font-size:10px;fill:#57606a} .g{stroke:#d0d7de}
 table{border-collapse:collapse;font-size:12px;width:100%} td,th{border-bottom:1px solid #d0d7de;
 padding:2px 6px;text-align:left;vertical-align:top} tr.d{background:#fff8c5}
+tr.e td{color:#57606a;font-style:italic}
 .n{fill:#eaeef2} td.n{color:#57606a}
 .ok{color:#2da44e;font-weight:600} .bad{color:#cf222e;font-weight:600}
 """
@@ -386,6 +427,12 @@ def render_html(stories: Sequence[RolloutStory], *, title: str, notes: Sequence[
             "<th>blue req/err</th><th>green req/err</th><th>reason</th></tr>"
         )
         for row in story.rows:
+            if "event" in row:
+                out.append(
+                    f"<tr class='e'><td>{row['at'] - story.start:.1f}</td>"
+                    f"<td colspan='6'>{html.escape(row['event'])}</td></tr>"
+                )
+                continue
             blue, green = row["blue"], row["green"]
             # A tick's counts left out of the evidence read as evidence in a column of counts.
             cell, mark = ("<td class='n'>", " not counted") if row["not_counted"] else ("<td>", "")

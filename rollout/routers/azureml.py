@@ -52,8 +52,9 @@ change still in progress, a timeout, other HTTP errors (400 included, see `_REFU
 credential found at all stay RouterError, retried.
 
 Azure gives no optimistic concurrency on the endpoint through the SDK: two writers of `traffic`
-race with last-writer-wins, so run one controller per endpoint (the state store's lease does,
-among controllers sharing that store).
+race with last-writer-wins (and `deploy`'s read-modify-write of a deployment loses a change made
+between its read and its PUT: no etag, no If-Match), so run one controller per endpoint (the
+state store's lease does, among controllers sharing that store).
 """
 
 from __future__ import annotations
@@ -405,6 +406,14 @@ class AzureMLRouter:
         Header-pinned requests are unaffected (Azure's rule). Blue's shadow is exactly
         `weights.mirror`: 0 (a live step, a rollback) ends it.
         """
+        # The endpoint first: its wait may last minutes, in which a deployment's update may
+        # end Failed; the deployments are read after it, right before the write.
+        endpoint = self._settled(
+            f"endpoint {self.endpoint}",
+            self._endpoint,
+            self._traffic_timeout_s,
+            "traffic_timeout_s",
+        )
         # Only colours that take traffic, live or mirrored, are checked: a rollback (blue 0 %,
         # no mirror) must work whatever state blue is in, a failed image build included; a
         # failed blue takes no traffic, so it is mirrored no more than served.
@@ -424,12 +433,6 @@ class AzureMLRouter:
             # Updating is not refused here (unlike in release()): the deployment serves through
             # it, and an operator scaling green, or blue out of 429s, must not stop the rollout.
             self._release_of(self.names[colour], found, _unserved)
-        endpoint = self._settled(
-            f"endpoint {self.endpoint}",
-            self._endpoint,
-            self._traffic_timeout_s,
-            "traffic_timeout_s",
-        )
         current, mirror = nonzero(endpoint.traffic or {}), nonzero(endpoint.mirror_traffic or {})
         try:
             traffic, new_mirror = plan_traffic(current, mirror, self.names, weights)

@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 
 from rollout.cli import app
 from rollout.commands.rollout import EXIT_ERROR
-from rollout.config import RolloutSpec, load_spec, spec_from_dict
+from rollout.config import IstioRouterConfig, RolloutSpec, load_spec, spec_from_dict
 from rollout.errors import ConfigError
 from tests.core.helpers import spec_data
 
@@ -399,6 +399,15 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         ),
         # Loaded, leaving the first request or deploy to fail on them:
         pytest.param(
+            BASES[2],
+            "router.ready_timeout_s",
+            0.5,
+            "router.istio.ready_timeout_s: 0.5 s is below 30 s, the shortest wait for new pods "
+            "to be scheduled, start the scoring server and pass its readiness probe (every 5 s) "
+            "(the value is in seconds)",
+            id="ready-timeout-fails-every-deploy",  # was accepted: each candidate's deploy failed
+        ),
+        pytest.param(
             BASES[1],
             "router.domains",
             [],
@@ -692,6 +701,12 @@ def test_any_text_loads_or_is_one_config_error(pieces: list[str]) -> None:
 def test_the_shortest_ticks_each_backend_allows_load(base: dict[str, Any], interval: float) -> None:
     spec = spec_from_dict(_with(base, "analysis.interval_s", interval))
     assert spec.analysis.interval_s == interval
+
+
+def test_the_shortest_ready_timeout_loads() -> None:
+    spec = spec_from_dict(_with(BASES[2], "router.ready_timeout_s", 30))
+    assert isinstance(spec.router, IstioRouterConfig)
+    assert spec.router.ready_timeout_s == 30
 
 
 def _assert_load_refuses(tmp_path: Path, text: str, message: str) -> None:

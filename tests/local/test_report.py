@@ -145,3 +145,61 @@ def test_ticks_a_drifted_data_plane_served_are_shaded_and_marked_not_counted(
     assert page.count("<rect") == 1 and f"<title>{span.text}</title>" in page
     assert page.count("10/1 not counted") == 2  # blue's cells of the two ticks, and no other
     assert page.count("90/0 not counted") == 2
+
+
+def table_rows(page: str) -> list[list[str]]:
+    """The report table's rows below its header, each as its cells' text."""
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", page.partition("<table>")[2])
+    return [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in rows[1:]]
+
+
+CANDIDATE = {"model": "diabetes", "version": "3", "sha256": None, "image": None}
+STABLE = {"model": "diabetes", "version": "2", "sha256": None, "image": None}
+
+
+@pytest.mark.parametrize(
+    ("event", "row"),
+    [
+        pytest.param(
+            {"event": "start", "name": "diabetes", "rollout_id": "r1", "plan": [0, 10, 100],
+             "candidate": CANDIDATE, "stable": STABLE},
+            "rollout began: candidate diabetes:3 (blue) against diabetes:2 (green), plan "
+            "0 → 10 → 100 %",
+            id="start",  # was a row of empty cells above the first tick
+        ),
+        pytest.param(
+            {"event": "restore", "served": "blue 0 %",
+             "describe": ["set weights blue 10 % / green 90 %"]},
+            "resumed with a data plane serving blue 0 %: set weights blue 10 % / green 90 %",
+            id="restore",
+        ),
+        pytest.param(
+            {"event": "not-applied", "rollout_id": "r1",
+             "describe": ["set weights blue 50 % / green 50 %"], "error": "HTTP 503 busy"},
+            "controller stopped: could not set weights blue 50 % / green 50 %: HTTP 503 busy "
+            "(the next `run` applies it first)",
+            id="not-applied",
+        ),
+        pytest.param(
+            {"event": "skipped", "describe": ["set weights blue 50 % / green 50 %"]},
+            "not applied, an abort being queued: set weights blue 50 % / green 50 %",
+            id="skipped",
+        ),
+    ],
+)  # fmt: skip
+def test_a_ledger_event_reads_as_what_happened_in_the_table(
+    tmp_path: Path, event: dict, row: str
+) -> None:
+    path = tmp_path / "diabetes.ledger.jsonl"
+    book = Ledger(path, fsync=False)
+    if event["event"] != "start":  # an event inside a rollout: after its start
+        book.append({"event": "start", "at": T0 - 1, "name": "diabetes", "plan": [10, 100]})
+    book.append({**event, "at": T0})
+    book.append(tick(T0 + 1, "Progressing", 10, "started: blue at 10 %", blue=10))
+    rows = table_rows(render_html([story_from_ledger(path)], title="t"))
+    at = "0.0" if event["event"] == "start" else "1.0"
+    assert rows[-2] == [at, row]
+    assert rows[-1] == [
+        "1.0" if event["event"] == "start" else "2.0",
+        "Progressing", "10", "Inconclusive", "10/1", "90/0", "started: blue at 10 %",
+    ]  # fmt: skip

@@ -1264,6 +1264,30 @@ def test_a_green_left_failed_by_an_update_refuses_the_rollback_toward_it(
     assert router.get_weights() == Weights.blue_at(10)
 
 
+def test_a_blue_whose_update_fails_while_the_endpoint_settles_takes_no_traffic(
+    arm: FakeArm, ml_client: Any
+) -> None:
+    """set_weights waits for the endpoint's change in progress (up to traffic_timeout_s) before
+    it writes. Was: blue checked before that wait, so an update of blue that Failed meanwhile
+    (an older model still running there) was sent 10 % of live traffic."""
+    failed: list[bool] = []
+
+    def blue_fails_meanwhile(seconds: float) -> None:
+        if not failed:  # Azure ends the endpoint's change; blue's update has Failed
+            _show_state(arm, router, Colour.BLUE, "Failed")
+            _endpoint_showing(arm, router, "Succeeded", {"green": 100})
+            failed.append(True)
+
+    router = _deployed(ml_client, sleep=blue_fails_meanwhile)
+    _endpoint_showing(arm, router, "Updating", {"green": 100})
+    with pytest.raises(
+        RouterRefused, match=r"blue is in provisioning state Failed: deploy it again, or delete"
+    ):
+        router.set_weights(Weights.blue_at(10))
+    assert failed
+    assert router.get_weights() == Weights.blue_at(0)
+
+
 def test_a_redeploy_azure_is_still_rolling_out_is_not_yet_its_release() -> None:
     """A redeploy of blue (V1 -> V2) that timed out: Azure shows Updating with V2's tags while
     V1 still serves. release() refuses it (was: V2, which a resumed controller took for the

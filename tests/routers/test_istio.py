@@ -601,7 +601,7 @@ def test_a_candidate_that_never_becomes_ready_fails_the_rollout_once(
 def test_a_ready_timeout_too_short_is_named_where_the_rollout_fails(
     api: FakeKubeApiServer,
 ) -> None:
-    """Was: 'Deployment ml/diabetes-blue not available after 0.5 s (waiting for ...)': the
+    """Was: 'Deployment ml/diabetes-blue not available after 30 s (waiting for ...)': the
     rollout Failed as if the model were at fault, and nothing said the wait is a setting."""
     from rollout.config import spec_from_dict
     from rollout.controller import Controller, FakeClock
@@ -613,7 +613,7 @@ def test_a_ready_timeout_too_short_is_named_where_the_rollout_fails(
     spec = spec_from_dict({
         "name": "diabetes",
         "router": {"kind": "istio", "namespace": "ml", "app": "diabetes", "api_url": api.url,
-                   "ready_timeout_s": 0.5},
+                   "ready_timeout_s": 30},
         "metrics": {"kind": "static"},
         "steps": [10, 100],
     })  # fmt: skip
@@ -624,7 +624,7 @@ def test_a_ready_timeout_too_short_is_named_where_the_rollout_fails(
     )
     final = ctl.run(max_ticks=3)
     assert final.phase is Phase.FAILED
-    assert "diabetes-blue not available after 0.5 s (router.ready_timeout_s), waiting" in (
+    assert "diabetes-blue not available after 30 s (router.ready_timeout_s), waiting" in (
         final.reason
     )
 
