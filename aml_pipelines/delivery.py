@@ -34,7 +34,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -127,9 +127,17 @@ class Delivery(Protocol):
     def current(self) -> RolloutView | None:
         """The last rollout on the endpoint from the state store (active or finished), or None."""
 
-    def deliver(self, version: ModelVersion) -> DeliveryOutcome:
+    def deliver(
+        self,
+        version: ModelVersion,
+        *,
+        before_rollout: Callable[[], DeliveryOutcome | None] | None = None,
+    ) -> DeliveryOutcome:
         """Deliver `version` and block until its rollout ends; resumes a rollout of the same
-        candidate found in the state store instead of starting it again."""
+        candidate found in the state store instead of starting it again. `before_rollout`, when
+        given, is asked once the version is packaged, just before a new rollout of it begins
+        (not on a resume, nor for a first release): an outcome it returns ends the delivery
+        there, with nothing of the version deployed."""
 
     def abort(self, reason: str) -> None:
         """Ask the active rollout to roll back now; it ends RolledBack with `reason`."""
@@ -355,12 +363,19 @@ class EngineDelivery:
         """The last rollout in the engine's state store."""
         return rollout_view(self.spec, self.state_dir)
 
-    def deliver(self, version: ModelVersion) -> DeliveryOutcome:
+    def deliver(
+        self,
+        version: ModelVersion,
+        *,
+        before_rollout: Callable[[], DeliveryOutcome | None] | None = None,
+    ) -> DeliveryOutcome:
         """Package + roll out `version`; resume or just re-tag if the store already has it.
 
         A model's first release (no production version, green serving nothing or, after a
         crash, already serving it) is deployed to green with all traffic and judged on the
         spec's absolute limits (`check_first_release`): there is nothing to compare it with.
+        Otherwise `before_rollout` is asked, once packaged, whether the rollout should still
+        begin (see Delivery.deliver).
         """
         from rollout.api import run_rollout
         from rollout.core.types import Release
@@ -387,6 +402,10 @@ class EngineDelivery:
             spec = self._with_stable(spec, version.name)
             if spec.stable is None and green_is_free(spec, release, router):
                 return self._deliver_first(version, spec, release, router)
+            # Packaging takes a while, and a newer version accepted meanwhile had no rollout of
+            # this one to abort (the trigger's --supersede): asked now, before anything deploys.
+            if before_rollout is not None and (ended := before_rollout()) is not None:
+                return ended
         else:
             # Resumed: the stored status carries the candidate; naming it keeps a spec that
             # names another `candidate:` from being taken for a different rollout.
