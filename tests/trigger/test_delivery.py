@@ -695,6 +695,48 @@ def test_unreadable_metrics_stop_a_delivery_before_it_packages_anything(
     assert [r.getMessage() for r in caplog.records if r.name.startswith("aml_pipelines")] == []
 
 
+@pytest.mark.parametrize("first", [False, True], ids=["rollout", "first-release"])
+def test_a_delivery_builds_one_router_and_one_metrics_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: bool
+) -> None:
+    # Was: besides the probe's, the rollout or the first release's check built a metrics client
+    # of its own (a Prometheus session; on azuremonitor a credential and its token), left
+    # unclosed — and, until 2d49adf, run_rollout a router of its own (on azureml an MLClient).
+    import rollout.api
+    import rollout.metrics.factory
+    import rollout.routers.factory
+
+    registry = LocalRegistry(tmp_path / "registry")
+    if not first:
+        register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    built = {"router": 0, "metrics": 0}
+    closed: list[object] = []
+
+    def counting(real: Callable[..., Any], what: str) -> Callable[..., Any]:
+        def build(*args: Any, **kw: Any) -> Any:
+            built[what] += 1
+            made = real(*args, **kw)
+            if what == "metrics":
+                made.close = lambda: closed.append(made)
+            return made
+
+        return build
+
+    for module, name, what in [
+        (rollout.routers.factory, "make_router", "router"),
+        (rollout.api, "make_router", "router"),
+        (rollout.metrics.factory, "make_metrics", "metrics"),
+        (rollout.api, "make_metrics", "metrics"),
+    ]:
+        monkeypatch.setattr(module, name, counting(getattr(module, name), what))
+    delivery = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=FakeClock(1_000.0))
+    outcome = delivery.deliver(registry.latest("diabetes"))
+    assert outcome.phase == "Succeeded", outcome.reason
+    assert built == {"router": 1, "metrics": 1}
+    assert len(closed) == 1  # once the delivery is done with it
+
+
 def test_a_first_version_is_rolled_out_against_what_green_already_serves(tmp_path: Path) -> None:
     """No production version in the registry, but green serves a release (deployed before the
     registry was used): the candidate is judged against it, not deployed unjudged."""
