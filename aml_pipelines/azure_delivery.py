@@ -34,6 +34,7 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -137,8 +138,16 @@ class PipelineDelivery:
             reason=f"pipeline job {record.job} is {record.status or record.state}",
         )
 
-    def deliver(self, version: ModelVersion) -> DeliveryOutcome:
-        """Submit the deploy pipeline for `version` once; return as soon as Azure ML took it."""
+    def deliver(
+        self,
+        version: ModelVersion,
+        *,
+        before_rollout: Callable[[], DeliveryOutcome | None] | None = None,
+    ) -> DeliveryOutcome:
+        """Submit the deploy pipeline for `version` once; return as soon as Azure ML took it.
+
+        `before_rollout` is not asked: the job packages and rolls out, and the triggers refuse
+        --supersede with this delivery (cancelling a job kills its controller mid-step)."""
         record = self._load().get(_key(version.name, version.version))
         if record is not None:
             existing = self._get_job(record.job)

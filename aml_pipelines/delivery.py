@@ -34,7 +34,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -127,9 +127,17 @@ class Delivery(Protocol):
     def current(self) -> RolloutView | None:
         """The last rollout on the endpoint from the state store (active or finished), or None."""
 
-    def deliver(self, version: ModelVersion) -> DeliveryOutcome:
+    def deliver(
+        self,
+        version: ModelVersion,
+        *,
+        before_rollout: Callable[[], DeliveryOutcome | None] | None = None,
+    ) -> DeliveryOutcome:
         """Deliver `version` and block until its rollout ends; resumes a rollout of the same
-        candidate found in the state store instead of starting it again."""
+        candidate found in the state store instead of starting it again. `before_rollout`, when
+        given, is asked once the version is packaged, just before a new rollout of it begins
+        (not on a resume, nor for a first release): an outcome it returns ends the delivery
+        there, with nothing of the version deployed."""
 
     def abort(self, reason: str) -> None:
         """Ask the active rollout to roll back now; it ends RolledBack with `reason`."""
@@ -355,14 +363,20 @@ class EngineDelivery:
         """The last rollout in the engine's state store."""
         return rollout_view(self.spec, self.state_dir)
 
-    def deliver(self, version: ModelVersion) -> DeliveryOutcome:
+    def deliver(
+        self,
+        version: ModelVersion,
+        *,
+        before_rollout: Callable[[], DeliveryOutcome | None] | None = None,
+    ) -> DeliveryOutcome:
         """Package + roll out `version`; resume or just re-tag if the store already has it.
 
         A model's first release (no production version, green serving nothing or, after a
         crash, already serving it) is deployed to green with all traffic and judged on the
         spec's absolute limits (`check_first_release`): there is nothing to compare it with.
+        Otherwise `before_rollout` is asked, once packaged, whether the rollout should still
+        begin (see Delivery.deliver).
         """
-        from rollout.api import run_rollout
         from rollout.core.types import Release
 
         view = self.current()
@@ -377,29 +391,54 @@ class EngineDelivery:
                 f"cannot deliver {version.name} v{version.version}: the rollout of "
                 f"{view.model} v{view.candidate} is {view.phase}"
             )
-        spec, router = self.spec, None
-        if not ours:
-            from rollout.routers.factory import make_router
-
-            router = make_router(spec.router)  # one client for all calls (azureml: MLClient)
-            probe_metrics(spec, router)
-            release = self._package(version)
-            spec = self._with_stable(spec, version.name)
-            if spec.stable is None and green_is_free(spec, release, router):
-                return self._deliver_first(version, spec, release, router)
-        else:
+        if ours:
             # Resumed: the stored status carries the candidate; naming it keeps a spec that
             # names another `candidate:` from being taken for a different rollout.
-            release = Release(model=version.name, version=str(version.version))
             log.info("%s v%d: resuming its rollout", version.name, version.version)
+            release = Release(model=version.name, version=str(version.version))
+            return self._roll_out(version, self.spec, release, resumed=True)
+        from rollout.routers.factory import make_router
+
+        # One router client and one metrics client for all the delivery's calls (azureml: an
+        # MLClient; azuremonitor: a credential and its token), the metrics probed first.
+        router = make_router(self.spec.router)
+        metrics = probe_metrics(self.spec, router)
+        try:
+            release = self._package(version)
+            spec = self._with_stable(self.spec, version.name)
+            if spec.stable is None and green_is_free(spec, release, router):
+                return self._deliver_first(version, spec, release, router, metrics)
+            # Packaging takes a while, and a newer version accepted meanwhile had no rollout of
+            # this one to abort (the trigger's --supersede): asked now, before anything deploys.
+            if before_rollout is not None and (ended := before_rollout()) is not None:
+                return ended
+            return self._roll_out(version, spec, release, router=router, metrics=metrics)
+        finally:
+            _close(metrics)
+
+    def _roll_out(
+        self,
+        version: ModelVersion,
+        spec: Any,
+        release: Any,
+        *,
+        resumed: bool = False,
+        router: Any = None,
+        metrics: Any = None,
+    ) -> DeliveryOutcome:
+        """Run (or resume) the rollout of `release` to its end, then tag the registry. Resumed,
+        the spec's router and metrics are built by the engine (a simulated source reseeded)."""
+        from rollout.api import run_rollout
+
         result = run_rollout(
             spec,
             candidate=release,
             state_dir=self.state_dir,
-            router=router,  # None when resumed: the spec's
+            router=router,
+            metrics=metrics,
             clock=self.clock,
             on_tick=_TickLog(f"{version.name}:{version.version}"),
-            restart=not ours,
+            restart=not resumed,
         )
         return self._finish(version, result.phase.value, result.reason, result.ledger_path)
 
@@ -417,7 +456,7 @@ class EngineDelivery:
         return package_release(version, self.state_dir, image_registry=self.image_registry)
 
     def _deliver_first(
-        self, version: ModelVersion, spec: Any, release: Any, router: Any
+        self, version: ModelVersion, spec: Any, release: Any, router: Any, metrics: Any
     ) -> DeliveryOutcome:
         """Deploy and judge a model's first release (`check_first_release`), then tag it.
 
@@ -425,7 +464,12 @@ class EngineDelivery:
         (it would judge the same release again and again).
         """
         check, reason, ledger = check_first_release(
-            spec, release, state_dir=self.state_dir, router=router, clock=self.clock
+            spec,
+            release,
+            state_dir=self.state_dir,
+            router=router,
+            metrics=metrics,
+            clock=self.clock,
         )
         changes = tag_first_release(self.registry, version.name, version.version, check, reason)
         phase = FIRST_CHECK_OUTCOMES.get(check, FAILED)
@@ -474,12 +518,13 @@ class EngineDelivery:
         return reconcile(self.registry, self.current())
 
 
-def probe_metrics(spec: Any, router: Any) -> None:
-    """Raise MetricsError, before anything is packaged or deployed, when the spec's metrics
-    cannot be read (the probe the controller runs as a rollout or a first release's check
-    begins). Asked first, a delivery the trigger retries every interval until they can be read
-    costs one trivial query per retry: no packaging of the model again, and no log line saying
-    it goes to green when nothing will."""
+def probe_metrics(spec: Any, router: Any) -> Any:
+    """The spec's metrics provider, probed: raise MetricsError, before anything is packaged or
+    deployed, when the metrics cannot be read (the probe the controller runs as a rollout or a
+    first release's check begins). Asked first, a delivery the trigger retries every interval
+    until they can be read costs one trivial query per retry: no packaging of the model again,
+    and no log line saying it goes to green when nothing will. The caller closes the provider
+    it gets (`_close`)."""
     from rollout.errors import MetricsError
     from rollout.metrics.factory import make_metrics
 
@@ -487,14 +532,19 @@ def probe_metrics(spec: Any, router: Any) -> None:
     try:
         metrics.probe()
     except MetricsError as exc:
+        _close(metrics)
         raise MetricsError(
             f"metrics unreadable, nothing deployed: {exc} (check the spec's `metrics:`, or bring "
             "the backend up: the trigger retries it)"
         ) from exc
-    finally:
-        close = getattr(metrics, "close", None)  # an HTTP session (Prometheus)
-        if close is not None:
-            close()
+    return metrics
+
+
+def _close(metrics: Any) -> None:
+    """Close a metrics provider's HTTP session (Prometheus) or credential, if it has one."""
+    close = getattr(metrics, "close", None)
+    if close is not None:
+        close()
 
 
 def green_is_free(spec: Any, release: Any, router: Any) -> bool:
@@ -509,7 +559,13 @@ def green_is_free(spec: Any, release: Any, router: Any) -> bool:
 
 
 def check_first_release(
-    spec: Any, release: Any, *, state_dir: Path, router: Any, clock: Any = None
+    spec: Any,
+    release: Any,
+    *,
+    state_dir: Path,
+    router: Any,
+    metrics: Any = None,
+    clock: Any = None,
 ) -> tuple[str, str, Path]:
     """Deploy a model's first release to green with all traffic and judge it on the spec's
     absolute limits: (how the check went — a verdict value or UNJUDGED —, why, the ledger).
@@ -517,7 +573,7 @@ def check_first_release(
     Green already serving it (a redelivery after a crash before the tags), it is only judged,
     afresh. The check holds the rollout's lease for up to `max_step_duration_s`; whatever its
     verdict the release keeps serving. A spec with no absolute limit cannot judge it: deployed
-    unjudged, as told.
+    unjudged, as told. `metrics` judges it (None: the spec's, built for the check).
     """
     from rollout.api import bootstrap, bootstrap_checked, ledger_path_of
     from rollout.core.machine import first_release_limits
@@ -544,6 +600,7 @@ def check_first_release(
         release,
         state_dir=state_dir,
         router=router,
+        metrics=metrics,  # None: the spec's
         clock=clock,
         on_look=_LookLog(release.ref, analysis.interval_s),
     )

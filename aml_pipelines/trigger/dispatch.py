@@ -28,11 +28,13 @@ reason "superseded by version N"), and older pending versions are closed as `sup
 of being rolled out only to be replaced. The check is made again before each delivery, so an
 older version already `started` whose rollout has not begun (retried after an error, or killed
 while being packaged) is closed as `superseded` too, and one whose rollout is in the state store
-(killed mid-rollout, the newer version accepted while it was packaged) is resumed only to be
-aborted. Kept: a started version of a model with no production version — a first release, which
-may already serve all traffic (deployed to green before its check, no rollout in the state
-store, killed before its tags) — and one whose rollout ended (settled with its outcome). Without
-supersede a newer version waits its turn.
+(killed mid-rollout, the newer version accepted just as it began) is resumed only to be
+aborted. A version being packaged when a newer one is accepted (nothing to abort yet) is asked
+about once packaged, just before its rollout begins (`_superseded_meanwhile`), and closed as
+`superseded` there. Kept: a started version of a model with no production version — a first
+release, which may already serve all traffic (deployed to green before its check, no rollout in
+the state store, killed before its tags) — and one whose rollout ended (settled with its
+outcome). Without supersede a newer version waits its turn.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 
 from aml_pipelines.delivery import (
     FAILED,
@@ -240,7 +243,14 @@ class Dispatcher:
                 )
             self._delivering = (model, version)
             try:
-                outcome = self.delivery.deliver(model_version)
+                outcome = self.delivery.deliver(
+                    model_version,
+                    before_rollout=(
+                        partial(self._superseded_meanwhile, model, version)
+                        if self.supersede
+                        else None
+                    ),
+                )
             except PERMANENT as exc:
                 return self._fail(model, version, exc)
             except (PipelineError, RolloutError) as exc:
@@ -253,8 +263,22 @@ class Dispatcher:
                 self._delivering = None
             self._failing.discard((model, version))
             self._close(model, version, outcome.phase, outcome.reason)
-            log.info("delivered %s v%d: %s %s", model, version, outcome.phase, outcome.reason)
+            if outcome.phase != SUPERSEDED:  # _superseded_meanwhile said it
+                log.info("delivered %s v%d: %s %s", model, version, outcome.phase, outcome.reason)
             return outcome
+
+    def _superseded_meanwhile(self, model: str, version: int) -> DeliveryOutcome | None:
+        """With supersede, asked by the delivery once `version` is packaged, just before its
+        rollout begins: a newer version accepted meanwhile (by this process, whose accept found
+        no rollout to abort yet, or by another sharing the state folder) closes it as
+        superseded, nothing of it deployed; None: roll it out."""
+        open_entries = self.store.load(model).open_entries()
+        newest = max((e.version for e in open_entries if e.version > version), default=0)
+        if not newest:
+            return None
+        reason = f"superseded by version {newest} before its rollout started"
+        log.info("%s v%d: %s", model, version, reason)
+        return DeliveryOutcome(model, version, SUPERSEDED, reason)
 
     def _supersede_started(self, model: str, version: int, newest: int) -> DeliveryOutcome | None:
         """Close `started` `version` as superseded by `newest` when nothing of it is live; else
@@ -263,7 +287,7 @@ class Dispatcher:
         The accept of `newest` only aborted a rollout already active: one retried after an error
         (metrics unreadable: nothing deployed), or killed while being packaged, had none yet.
         - Its rollout in the state store (the engine saves it before deploying anything): it
-          was killed mid-rollout, `newest` accepted while it was packaged. An active one is
+          was killed mid-rollout, `newest` accepted just as it began. An active one is
           aborted here, and the delivery resumes it to roll it back (RolledBack, "superseded by
           version N"); an ended one is settled with its outcome, which is what serves.
         - No production version: a first release, deployed to green with all traffic before its

@@ -72,7 +72,9 @@ class Entry:
     outcome: str = ""  # rollout phase (Succeeded, RolledBack, Failed, ...), SUPERSEDED or SKIPPED
     reason: str = ""
     updated_at: str = ""
-    attempts: int = 0  # how many times the delivery was entered (2 = resumed once after a crash)
+    #: How many times the delivery was entered (2 = resumed once, after a crash or an error,
+    #: a refused retry included); shown by `trigger status`, never a limit.
+    attempts: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form (the version is the key, not repeated)."""

@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,12 @@ class ResumableDelivery:
             st["model"], st["candidate"], st["phase"], st["reason"], st["stable"], st["weight"]
         )
 
-    def deliver(self, version: ModelVersion) -> DeliveryOutcome:
+    def deliver(
+        self,
+        version: ModelVersion,
+        *,
+        before_rollout: Callable[[], DeliveryOutcome | None] | None = None,
+    ) -> DeliveryOutcome:
         st = self._status()
         same = st is not None and (st["model"], st["candidate"]) == (version.name, version.version)
         if same and st is not None and st["phase"] in (SUCCEEDED, ROLLED_BACK):
@@ -128,6 +134,11 @@ class ResumableDelivery:
             step = 0
             production = self.registry.find_by_tag(version.name, "stage", Stage.PRODUCTION)
             stable = production[-1].version if production else None
+            # As the engine: asked before a new rollout (not a resume, nor a first release).
+            ended = before_rollout() if stable is not None and before_rollout else None
+            if ended is not None:
+                self._log("not-started", version.version)
+                return ended
             self._log("start", version.version)
         phase, reason = SUCCEEDED, "all steps passed"
         steps = int(version.tags.get("steps", self.steps))

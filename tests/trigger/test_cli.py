@@ -158,10 +158,10 @@ def test_watch_once_prints_what_it_delivered_before_an_error_stops_the_pass(
     register(registry, tmp_path, stage="candidate")  # v3
     real = EngineDelivery.deliver
 
-    def deliver(self: EngineDelivery, version: Any) -> Any:
+    def deliver(self: EngineDelivery, version: Any, **kw: Any) -> Any:
         if version.version == 3:
             raise TriggerError("router unreachable: connection refused")
-        return real(self, version)
+        return real(self, version, **kw)
 
     monkeypatch.setattr(EngineDelivery, "deliver", deliver)
     monkeypatch.chdir(tmp_path)

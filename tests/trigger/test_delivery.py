@@ -605,6 +605,71 @@ def test_killed_after_the_first_release_tags_the_restart_settles_it_without_judg
     assert _events(tmp_path / "rollout" / "diabetes.ledger.jsonl") == ["bootstrap", "first-check"]
 
 
+def _started(ledger: Path) -> list[str]:
+    """The candidate versions the ledger's rollouts started with."""
+    return [r["candidate"]["version"] for r in read_ledger(ledger) if r.get("event") == "start"]
+
+
+@pytest.mark.parametrize(
+    ("supersede", "expected"),
+    [
+        pytest.param(
+            True,
+            [
+                (2, "superseded", "superseded by version 3 before its rollout started"),
+                (3, "Succeeded"),
+            ],
+            id="supersede-closes-it-before-its-rollout",
+        ),
+        pytest.param(False, [(2, "Succeeded"), (3, "Succeeded")], id="without-it-waits-its-turn"),
+    ],
+)
+def test_a_version_accepted_while_an_older_one_is_packaged(
+    tmp_path: Path,
+    two_versions: LocalRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    supersede: bool,
+    expected: list[tuple[object, ...]],
+) -> None:
+    # Was: with --supersede, v3 accepted while v2 was being packaged (in this process: nothing
+    # to abort yet) let v2 be rolled out all the same, to its end, before v3 replaced it.
+    import aml_pipelines.delivery
+
+    register(two_versions, tmp_path, stage="candidate")  # v3
+    delivery = EngineDelivery(two_versions, _spec(tmp_path, 0.01), clock=FakeClock(1_000.0))
+    dispatcher = Dispatcher(
+        TriggerStore(tmp_path / "trigger"),
+        two_versions,
+        delivery,
+        supersede=supersede,
+        wait_interval_s=0,
+    )
+    package, arriving = aml_pipelines.delivery.package_release, [3]
+
+    def slow_package(version: ModelVersion, out_dir: Path, **kw: Any) -> Release:
+        if version.version == 2 and arriving:  # the watcher's thread accepts v3 meanwhile
+            assert dispatcher.accept("diabetes", arriving.pop(), "watch")
+        return package(version, out_dir, **kw)
+
+    monkeypatch.setattr(aml_pipelines.delivery, "package_release", slow_package)
+    assert dispatcher.accept("diabetes", 2, "watch")
+    outcomes = dispatcher.drain("diabetes")
+
+    said = [
+        (o.version, o.phase, o.reason) if o.phase == "superseded" else (o.version, o.phase)
+        for o in outcomes
+    ]
+    assert said == expected
+    entries = dispatcher.store.load("diabetes").entries
+    assert [(v, e.step, e.outcome) for v, e in entries.items()] == [
+        (v, Step.DONE, phase) for v, phase, *_ in expected
+    ]
+    ledger = tmp_path / "rollout" / "diabetes.ledger.jsonl"
+    assert _started(ledger) == ["3"] if supersede else ["2", "3"]
+    stages = [v.stage for v in two_versions.list_versions("diabetes")]
+    assert stages == ["archived", "candidate" if supersede else "archived", "production"]
+
+
 @pytest.mark.parametrize("first", [True, False], ids=["first-release", "rollout"])
 def test_unreadable_metrics_stop_a_delivery_before_it_packages_anything(
     tmp_path: Path, first: bool, caplog: pytest.LogCaptureFixture
@@ -628,6 +693,48 @@ def test_unreadable_metrics_stop_a_delivery_before_it_packages_anything(
     assert not (tmp_path / "rollout").exists()  # no package, no status, no ledger
     assert not (tmp_path / "routes.json").exists()  # nothing deployed
     assert [r.getMessage() for r in caplog.records if r.name.startswith("aml_pipelines")] == []
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["rollout", "first-release"])
+def test_a_delivery_builds_one_router_and_one_metrics_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: bool
+) -> None:
+    # Was: besides the probe's, the rollout or the first release's check built a metrics client
+    # of its own (a Prometheus session; on azuremonitor a credential and its token), left
+    # unclosed — and, until 2d49adf, run_rollout a router of its own (on azureml an MLClient).
+    import rollout.api
+    import rollout.metrics.factory
+    import rollout.routers.factory
+
+    registry = LocalRegistry(tmp_path / "registry")
+    if not first:
+        register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    built = {"router": 0, "metrics": 0}
+    closed: list[object] = []
+
+    def counting(real: Callable[..., Any], what: str) -> Callable[..., Any]:
+        def build(*args: Any, **kw: Any) -> Any:
+            built[what] += 1
+            made = real(*args, **kw)
+            if what == "metrics":
+                made.close = lambda: closed.append(made)
+            return made
+
+        return build
+
+    for module, name, what in [
+        (rollout.routers.factory, "make_router", "router"),
+        (rollout.api, "make_router", "router"),
+        (rollout.metrics.factory, "make_metrics", "metrics"),
+        (rollout.api, "make_metrics", "metrics"),
+    ]:
+        monkeypatch.setattr(module, name, counting(getattr(module, name), what))
+    delivery = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=FakeClock(1_000.0))
+    outcome = delivery.deliver(registry.latest("diabetes"))
+    assert outcome.phase == "Succeeded", outcome.reason
+    assert built == {"router": 1, "metrics": 1}
+    assert len(closed) == 1  # once the delivery is done with it
 
 
 def test_a_first_version_is_rolled_out_against_what_green_already_serves(tmp_path: Path) -> None:

@@ -195,13 +195,13 @@ class _CheckingFirstRelease(ResumableDelivery):
         self.dispatcher = dispatcher
         self.aborts: list[str] = []
 
-    def deliver(self, version: ModelVersion):
+    def deliver(self, version: ModelVersion, **kw: Any):
         if version.version == 1:
             assert self.current() is None  # what supersede sees: nothing to abort
             (dispatcher,) = self.dispatcher
             assert dispatcher.accept("diabetes", 2, "watch")
             assert not dispatcher.accept("diabetes", 2, "watch")
-        return super().deliver(version)
+        return super().deliver(version, **kw)
 
     def abort(self, reason: str) -> None:
         self.aborts.append(reason)
@@ -513,10 +513,10 @@ class _FailingDelivery(ResumableDelivery):
         super().__init__(*args, **kwargs)
         self.errors = errors
 
-    def deliver(self, version: ModelVersion):
+    def deliver(self, version: ModelVersion, **kw: Any):
         if self.errors:
             raise self.errors.pop(0)
-        return super().deliver(version)
+        return super().deliver(version, **kw)
 
 
 def _step(dispatcher: Dispatcher) -> Step:
