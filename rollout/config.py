@@ -231,6 +231,18 @@ class KubeApiConfig(_Model):
     in_cluster: Flag = False
 
 
+def _wait_at_least(seconds: float, least: float, wait: str) -> float:
+    """`seconds`; a spec error unless it is at least `least`, the shortest `wait` (in words)."""
+    if seconds < least:
+        raise PydanticCustomError(
+            "spec",
+            "{seconds} s is below {least} s, the shortest wait for {wait} (the value is in "
+            "seconds)",
+            {"seconds": f"{seconds:g}", "least": f"{least:g}", "wait": wait},
+        )
+    return seconds
+
+
 #: The shortest `ready_timeout_s`: a new pod is scheduled, starts its container and the scoring
 #: server (which loads its model), then passes a readiness probe sent every 5 s
 #: (`istio_manifests.deployment`), and the router looks every 2 s; a rolling update of several
@@ -266,15 +278,12 @@ class IstioRouterConfig(KubeApiConfig):
     @field_validator("ready_timeout_s")
     @classmethod
     def _ready_floor(cls, seconds: float) -> float:
-        if seconds < MIN_READY_TIMEOUT_S:
-            raise PydanticCustomError(
-                "spec",
-                "{seconds} s is below {least} s, the shortest wait for new pods to be scheduled, "
-                "start the scoring server and pass its readiness probe (every 5 s) (the value is "
-                "in seconds)",
-                {"seconds": f"{seconds:g}", "least": f"{MIN_READY_TIMEOUT_S:g}"},
-            )
-        return seconds
+        return _wait_at_least(
+            seconds,
+            MIN_READY_TIMEOUT_S,
+            "new pods to be scheduled, start the scoring server and pass its readiness probe "
+            "(every 5 s)",
+        )
 
     @property
     def identity(self) -> str:
@@ -354,6 +363,19 @@ def azure_ml_asset(ref: str, kind: Literal["environments", "codes"]) -> str:
     raise ValueError(f"{ref!r}: {why}; give {_ASSET_FORMS[kind]}")
 
 
+#: The shortest `deploy_timeout_s`. Creating or updating a managed online deployment allocates
+#: VMs (an update rolls its instances over), pulls the environment's image (or builds it
+#: first), starts the scoring server and waits for Azure's readiness probe: minutes even with
+#: the image cached; deleting one releases its VMs, creating the endpoint takes a minute or two.
+#: azure-ai-ml polls each operation every 5 s. Below this, every deploy timed out (0.05 s was
+#: accepted) and the rollout failed as if Azure had.
+MIN_DEPLOY_TIMEOUT_S = 300.0
+#: The shortest `traffic_timeout_s`. A change of the endpoint's `traffic` moves no VMs, yet Azure
+#: applies it in tens of seconds (up to a couple of minutes), polled every 5 s; below this, the
+#: common change times out, a rollback's included.
+MIN_TRAFFIC_TIMEOUT_S = 60.0
+
+
 class AzureMLRouterConfig(_Model):
     """Azure ML managed online endpoint: `traffic` (and `mirror_traffic`) per deployment.
 
@@ -377,11 +399,32 @@ class AzureMLRouterConfig(_Model):
     code: str | None = None
     scoring_script: str = "score.py"
     #: How long `deploy` and `remove` wait for Azure to create, update or delete a deployment
-    #: (image build, VMs) or the endpoint before failing; Azure carries on.
+    #: (image build, VMs) or the endpoint before failing; Azure carries on. At least
+    #: MIN_DEPLOY_TIMEOUT_S.
     deploy_timeout_s: Number = Field(default=3600.0, gt=0)
     #: How long a change of the endpoint's traffic (or mirror) may take before failing. No VMs
-    #: move, Azure applies it in seconds to a couple of minutes; a rollback waits on it.
+    #: move, Azure applies it in seconds to a couple of minutes; a rollback waits on it. At least
+    #: MIN_TRAFFIC_TIMEOUT_S.
     traffic_timeout_s: Number = Field(default=300.0, gt=0)
+
+    @field_validator("deploy_timeout_s")
+    @classmethod
+    def _deploy_floor(cls, seconds: float) -> float:
+        return _wait_at_least(
+            seconds,
+            MIN_DEPLOY_TIMEOUT_S,
+            "Azure to create, update or delete a deployment (VMs allocated, the image pulled or "
+            "built, the scoring server started and ready: minutes)",
+        )
+
+    @field_validator("traffic_timeout_s")
+    @classmethod
+    def _traffic_floor(cls, seconds: float) -> float:
+        return _wait_at_least(
+            seconds,
+            MIN_TRAFFIC_TIMEOUT_S,
+            "Azure to apply a change of the endpoint's traffic (tens of seconds, polled every 5 s)",
+        )
 
     @field_validator("environment")
     @classmethod

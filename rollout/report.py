@@ -161,9 +161,11 @@ def _story(name: str, records: list[dict[str, Any]]) -> RolloutStory:
                 "at": at,
                 "phase": record.get("phase", ""),
                 "weight": record.get("weight", ""),
-                "verdict": record.get("verdict") or "",
-                "blue": counts.get("blue", {}),
-                "green": counts.get("green", {}),
+                # Before its first judgement (the first tick), what the tick did.
+                "verdict": record.get("verdict") or _did(actions),
+                # None: the tick read no metrics (the first, the promotion's last, an error).
+                "blue": counts.get("blue") if counts else None,
+                "green": counts.get("green") if counts else None,
                 "reason": reason,
                 "decided": bool(actions),
                 "not_counted": bool(uncounted),
@@ -183,6 +185,16 @@ def _story(name: str, records: list[dict[str, Any]]) -> RolloutStory:
         rows=rows,
         not_counted=spans,
     )
+
+
+def _did(actions: list[dict[str, Any]]) -> str:
+    """What a tick's deploys and removals did (`deployed blue`), else that it judged nothing."""
+    done = [
+        f"{'deployed' if a['type'] == 'deploy' else 'removed'} {a.get('colour', '?')}"
+        for a in actions
+        if a.get("type") in ("deploy", "remove")
+    ]
+    return ", ".join(done) or "not judged yet"
 
 
 def _ref(release: Any) -> str:
@@ -433,20 +445,26 @@ def render_html(stories: Sequence[RolloutStory], *, title: str, notes: Sequence[
                     f"<td colspan='6'>{html.escape(row['event'])}</td></tr>"
                 )
                 continue
-            blue, green = row["blue"], row["green"]
             # A tick's counts left out of the evidence read as evidence in a column of counts.
             cell, mark = ("<td class='n'>", " not counted") if row["not_counted"] else ("<td>", "")
+            blue, green = (_counts(row[colour], mark) for colour in ("blue", "green"))
             out.append(
                 f"<tr class='{'d' if row['decided'] else ''}'>"
                 f"<td>{row['at'] - story.start:.1f}</td><td>{html.escape(str(row['phase']))}</td>"
                 f"<td>{row['weight']}</td><td>{html.escape(str(row['verdict']))}</td>"
-                f"{cell}{blue.get('requests', '')}/{blue.get('errors', '')}{mark}</td>"
-                f"{cell}{green.get('requests', '')}/{green.get('errors', '')}{mark}</td>"
+                f"{cell}{blue}</td>{cell}{green}</td>"
                 f"<td>{html.escape(str(row['reason']))}</td></tr>"
             )
         out.append("</table>")
     out.append("</body></html>")
     return "".join(out)
+
+
+def _counts(counts: dict[str, Any] | None, mark: str) -> str:
+    """A count cell: `requests/errors`, or a dash for a tick that read no metrics."""
+    if counts is None:
+        return "—"
+    return f"{counts.get('requests', '')}/{counts.get('errors', '')}{mark}"
 
 
 def write_report(

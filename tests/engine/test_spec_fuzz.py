@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 
 from rollout.cli import app
 from rollout.commands.rollout import EXIT_ERROR
-from rollout.config import IstioRouterConfig, RolloutSpec, load_spec, spec_from_dict
+from rollout.config import RolloutSpec, load_spec, spec_from_dict
 from rollout.errors import ConfigError
 from tests.core.helpers import spec_data
 
@@ -408,6 +408,24 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             id="ready-timeout-fails-every-deploy",  # was accepted: each candidate's deploy failed
         ),
         pytest.param(
+            BASES[3],
+            "router.deploy_timeout_s",
+            0.05,
+            "router.azureml.deploy_timeout_s: 0.05 s is below 300 s, the shortest wait for Azure "
+            "to create, update or delete a deployment (VMs allocated, the image pulled or built, "
+            "the scoring server started and ready: minutes) (the value is in seconds)",
+            id="deploy-timeout-fails-every-deploy",  # was accepted: every deploy timed out
+        ),
+        pytest.param(
+            BASES[3],
+            "router.traffic_timeout_s",
+            0.05,
+            "router.azureml.traffic_timeout_s: 0.05 s is below 60 s, the shortest wait for Azure "
+            "to apply a change of the endpoint's traffic (tens of seconds, polled every 5 s) "
+            "(the value is in seconds)",
+            id="traffic-timeout-fails-every-step",  # was accepted: every traffic change timed out
+        ),
+        pytest.param(
             BASES[1],
             "router.domains",
             [],
@@ -703,10 +721,17 @@ def test_the_shortest_ticks_each_backend_allows_load(base: dict[str, Any], inter
     assert spec.analysis.interval_s == interval
 
 
-def test_the_shortest_ready_timeout_loads() -> None:
-    spec = spec_from_dict(_with(BASES[2], "router.ready_timeout_s", 30))
-    assert isinstance(spec.router, IstioRouterConfig)
-    assert spec.router.ready_timeout_s == 30
+@pytest.mark.parametrize(
+    ("base", "field", "seconds"),
+    [
+        pytest.param(BASES[2], "ready_timeout_s", 30, id="istio-ready"),
+        pytest.param(BASES[3], "deploy_timeout_s", 300, id="azureml-deploy"),
+        pytest.param(BASES[3], "traffic_timeout_s", 60, id="azureml-traffic"),
+    ],
+)
+def test_the_shortest_router_waits_load(base: dict[str, Any], field: str, seconds: float) -> None:
+    spec = spec_from_dict(_with(base, f"router.{field}", seconds))
+    assert getattr(spec.router, field) == seconds
 
 
 def _assert_load_refuses(tmp_path: Path, text: str, message: str) -> None:

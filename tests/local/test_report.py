@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from rollout.api import bootstrap, run_rollout
+from rollout.config import spec_from_dict
+from rollout.controller import FakeClock
+from rollout.core.types import Phase, Release
 from rollout.ledger import Ledger
 from rollout.report import render_html, story_from_ledger, write_report
 from tests.metrics.fake_prometheus import FakePrometheus
@@ -203,3 +207,27 @@ def test_a_ledger_event_reads_as_what_happened_in_the_table(
         "1.0" if event["event"] == "start" else "2.0",
         "Progressing", "10", "Inconclusive", "10/1", "90/0", "started: blue at 10 %",
     ]  # fmt: skip
+
+
+def test_ticks_that_judged_or_counted_nothing_say_so(tmp_path: Path) -> None:
+    """A rollout the controller drove: its first tick deploys blue and reads no metrics, the
+    promotion's last ticks count nothing. They showed an empty verdict and "/" for counts."""
+    spec = spec_from_dict({
+        "name": "d",
+        "router": {"kind": "memory", "state_file": str(tmp_path / "routes.json")},
+        "metrics": {"kind": "simulated", "seed": 1, "rps": 100,
+                    "baseline": {"error_rate": 0.01}, "canary": {"error_rate": 0.01}},
+        "steps": [0, 50, 100],
+        "mirror_percent": 5,
+        "analysis": {"interval_s": 10, "min_requests": 50, "latency": {"enabled": False}},
+        "state": {"dir": str(tmp_path / "state")},
+    })  # fmt: skip
+    bootstrap(spec, Release("d", "1"))
+    result = run_rollout(spec, candidate=Release("d", "2"), clock=FakeClock(T0))
+    assert result.phase is Phase.SUCCEEDED, result.reason
+    rows = table_rows(render_html([story_from_ledger(result.ledger_path)], title="t"))
+    assert rows[1][:6] == ["0.0", "Progressing", "0", "deployed blue", "—", "—"]
+    assert rows[1][6].startswith("started: blue at 0 %")
+    finalising = [row for row in rows if row[1:2] == ["Finalising"]]
+    assert finalising and all(row[4:6] == ["—", "—"] for row in finalising)
+    assert not [row for row in rows if "/" in row[4:6]]  # no count cell of a tick reads "/"
