@@ -187,8 +187,10 @@ def run(
         ),
     ] = False,
 ) -> None:
-    """Drive a rollout to its end: promoted (exit 0), rolled back (3), held (4), failed (5),
-    error (2)."""
+    """Drive a rollout to its end; the exit code says how it ended.
+
+    Promoted (exit 0), rolled back (3), held for a human (4), failed (5), error (2), interrupted
+    (130: `run` again resumes it)."""
     import logging
 
     from rollout.api import run_rollout
@@ -297,9 +299,10 @@ def bootstrap(
         ),
     ] = False,
 ) -> None:
-    """Deploy a service's first release to an empty green, all traffic to it. There is nothing
-    to compare it with yet: unjudged, or with --check judged on absolute limits alone. Every
-    later release is rolled out against it."""
+    """Deploy a service's first release to an empty green, all traffic to it.
+
+    There is nothing to compare it with yet: unjudged, or with --check judged on absolute limits
+    alone. Every later release is rolled out against it."""
     from rollout.api import bootstrap as bootstrap_green
     from rollout.errors import ConfigError, RolloutError
 
@@ -758,8 +761,10 @@ def promote(spec: SpecArg, state_dir: StateDirOpt = None) -> None:
 
 @rollout_app.command()
 def abort(spec: SpecArg, state_dir: StateDirOpt = None) -> None:
-    """Roll back at once: blue to 0 %, green keeps serving (blue serving another release than
-    the candidate, another rollout's canary, is left as it is)."""
+    """Roll back at once: blue to 0 %, green keeps serving.
+
+    Blue serving another release than the candidate (another rollout's canary) is left as it
+    is."""
     _queue(spec, state_dir, "abort")
 
 
