@@ -195,7 +195,7 @@ def run(
 
     from rollout.api import run_rollout
     from rollout.commands.stack import EXIT_INTERRUPTED, sigterm_as_interrupt
-    from rollout.controller import FakeClock
+    from rollout.controller import FakeClock, check_same_router
     from rollout.errors import RolloutError
 
     parsed = _load(spec)
@@ -231,6 +231,12 @@ def run(
     same = wanted is None or (stored is not None and stored.ref == wanted.ref)
     # Another candidate than the ended rollout's is refused below, saying to --restart.
     if previous is not None and previous.terminal and not restart and same:
+        try:
+            # Another data plane's rollout of this name is refused below: not "already ended"
+            # first, as if its outcome were this spec's.
+            check_same_router(parsed, previous)
+        except RolloutError as exc:
+            _fail(exc)
         _out.print(
             f"rollout {parsed.name} already ended ({previous.phase.value}); "
             "`--restart` starts a new one"

@@ -392,6 +392,21 @@ def test_a_spec_of_the_same_name_on_another_data_plane_cannot_resume_or_steer_it
     assert invoke("status", str(prod))[0] == EXIT_PAUSED
 
 
+def test_a_spec_of_the_same_name_after_the_other_ended_gets_one_message(tmp_path: Path) -> None:
+    # `run` printed "rollout cli already ended (Succeeded); `--restart` starts a new one" (the
+    # other data plane's rollout, as if this spec's), then the error saying it is not its own.
+    dev = write_spec(tmp_path)
+    assert invoke("run", str(dev), "--simulated-time", "-q")[0] == EXIT_PROMOTED
+    prod = tmp_path / "prod.yaml"
+    data = yaml.safe_load(dev.read_text())
+    data["router"] = {"kind": "memory", "state_file": str(tmp_path / "prod-routes.json")}
+    prod.write_text(yaml.safe_dump(data))
+    code, out = invoke("run", str(prod), "--simulated-time", "-q")
+    assert code == EXIT_ERROR, out
+    assert "another spec of the same name shares its state" in " ".join(out.split())
+    assert "already ended" not in out
+
+
 def test_aborting_a_rollout_to_roll_out_another_candidate_says_how_at_each_step(
     tmp_path: Path,
 ) -> None:
