@@ -32,7 +32,7 @@ from rich.markup import escape
 
 if TYPE_CHECKING:
     from rollout.config import RolloutSpec
-    from rollout.core.status import Status
+    from rollout.core.status import Command, Status
     from rollout.core.types import Release
     from rollout.state.base import StateStore
 
@@ -580,7 +580,7 @@ def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | N
     if todo:
         table.add_row("not applied", escape("; ".join(describe(a) for a in todo)))
     if status.commands:
-        table.add_row("queued", ", ".join(c.kind for c in status.commands))
+        table.add_row("queued", ", ".join(_typed(c) for c in status.commands))
     if controller:
         table.add_row("controller", escape(controller))
     elif not status.terminal:
@@ -592,7 +592,7 @@ def _undriven(status: Status) -> str:
     """What to do about a rollout no controller drives: a held one waits for a human's answer
     first (`run` alone changes nothing there), unless one is queued already."""
     if status.commands:  # answered: told again to answer, an operator answers twice
-        queued = ", ".join(c.kind.replace("_", "-") for c in status.commands)
+        queued = ", ".join(_typed(c) for c in status.commands)
         return f"`aml-rollout rollout run SPEC` acts on the queued {queued}"
     from rollout.core.machine import resume_refused
 
@@ -601,6 +601,12 @@ def _undriven(status: Status) -> str:
         # Production moved on under it: resume is refused, and promote would undo that move.
         what = "answer with abort (the data plane's green serves another release), then"
     return f"{what} `aml-rollout rollout run SPEC`"
+
+
+def _typed(command: Command) -> str:
+    """A queued command as an operator types it: `set-weight 50`, not its kind `set_weight`."""
+    said = command.kind.replace("_", "-")
+    return said if command.weight is None else f"{said} {command.weight}"
 
 
 def _exp(log_value: float) -> str:
@@ -706,21 +712,21 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
         if kind == "resume" and (refused := resume_refused(current)):
             # The controller would ignore it too ("resume: ignored, green now serves ...").
             _fail(RolloutError(f"rollout {parsed.name} cannot be resumed: {refused}"))
-        store.push_command(
-            Command(
-                id=uuid.uuid4().hex,
-                kind=kind,  # type: ignore[arg-type]
-                weight=weight,
-                at=time.time(),
-                by=getpass.getuser(),
-                rollout=current.id,
-            )
+        command = Command(
+            id=uuid.uuid4().hex,
+            kind=kind,  # type: ignore[arg-type]
+            weight=weight,
+            at=time.time(),
+            by=getpass.getuser(),
+            rollout=current.id,
         )
+        store.push_command(command)
         running = store.controller()
     except RolloutError as exc:
         _fail(exc)
+    said = _typed(command)
     if running:
-        _out.print(f"queued {kind} for rollout {parsed.name}; the controller acts at its next tick")
+        _out.print(f"queued {said} for rollout {parsed.name}; the controller acts at its next tick")
         return
     # `run` resumes only the stored rollout's candidate: a spec that now names another one
     # would be refused (the operator may be aborting to roll that one out).
@@ -728,7 +734,7 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
     named = parsed.candidate.to_release() if parsed.candidate else None
     which = f" --candidate {stored.ref}" if stored and named and named.ref != stored.ref else ""
     _out.print(
-        f"queued {kind} for rollout {parsed.name}; no controller is running: "
+        f"queued {said} for rollout {parsed.name}; no controller is running: "
         f"`aml-rollout rollout run {spec}{which}` acts on it",
         markup=False,
     )

@@ -273,13 +273,15 @@ def test_steering_commands_are_queued_for_the_controller(tmp_path: Path) -> None
     code, out = invoke("status", str(spec))
     assert code == EXIT_RUNNING and "Progressing" in out
     assert invoke("pause", str(spec))[0] == 0
-    assert invoke("set-weight", str(spec), "50")[0] == 0
+    # Said as typed (was "queued set_weight for rollout cli"), with the weight asked for.
+    code, out = invoke("set-weight", str(spec), "50")
+    assert code == 0 and out.startswith("queued set-weight 50 for rollout cli"), out
     code, out = invoke("set-weight", str(spec), "30")
     assert code == EXIT_ERROR and "not in the plan" in out
     lines = (tmp_path / "state" / "cli.commands.jsonl").read_text().splitlines()
     assert [json.loads(line)["kind"] for line in lines] == ["pause", "set_weight"]
     code, out = invoke("status", str(spec))
-    assert "queued" in out and "pause, set_weight" in out
+    assert "queued" in out and "pause, set-weight 50" in out
     result = run_rollout(spec, clock=FakeClock(100.0), max_ticks=1)
     assert result.phase.value == "Paused" and result.status.blue_weight == 50
     code, out = invoke("status", str(spec))  # an operator's pause: the controller still guards
