@@ -166,6 +166,27 @@ def _check_image(parsed: RolloutSpec, release: Release | None, where: str) -> No
     )
 
 
+def _check_model_dir(parsed: RolloutSpec, release: Release | None, where: str) -> None:
+    """Refuse, before anything is deployed or stored, a release whose model folder the envoy
+    router would start its scoring server from and that is not there: begun, the rollout would
+    Fail at that deploy and stay Failed (`run` again: "already ended") with the spec fixed."""
+    from rollout.config import EnvoyRouterConfig
+    from rollout.errors import ConfigError
+
+    if release is None or not release.model_dir or not isinstance(parsed.router, EnvoyRouterConfig):
+        return
+    folder = Path(release.model_dir)
+    if folder.is_dir():
+        return
+    read = "" if folder.is_absolute() else f", read from the current directory {Path.cwd()}"
+    _fail(
+        ConfigError(
+            f"{where}: {release.ref} has no model folder {release.model_dir} (its `model_dir:`"
+            f"{read}); the envoy router serves a release from its package or model folder"
+        )
+    )
+
+
 @rollout_app.command()
 def run(
     spec: SpecArg,
@@ -227,6 +248,7 @@ def run(
     wanted = asked or (parsed.candidate.to_release() if parsed.candidate else None)
     if previous is None or (previous.terminal and restart):  # a new rollout, not a resume
         _check_image(parsed, wanted, "--candidate" if asked else "candidate")
+        _check_model_dir(parsed, wanted, "--candidate" if asked else "candidate")
     stored = previous.candidate if previous is not None else None
     same = wanted is None or (stored is not None and stored.ref == wanted.ref)
     # Another candidate than the ended rollout's is refused below, saying to --restart.
@@ -320,6 +342,7 @@ def bootstrap(
         if named is None:
             _fail(ConfigError("--release: name the first release (the spec names none)"))
         first = named.to_release()
+    _check_model_dir(parsed, first, "--release" if release else "the first release")
     if check:
         raise typer.Exit(_check_first(parsed, first, state_dir, quiet, simulated_time))
     if simulated_time:

@@ -219,6 +219,28 @@ def test_a_candidate_that_cannot_be_deployed_exits_5_and_stays_failed(
     assert "could not be deployed to blue" in out
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(["run", "--simulated-time"], id="run"),
+        pytest.param(["bootstrap", "--release", "m:2"], id="bootstrap"),
+    ],
+)
+def test_a_model_folder_that_is_not_there_is_refused_before_anything_is_stored(
+    tmp_path: Path, command: list[str]
+) -> None:
+    # Was: the rollout began, Failed at blue's deploy ("cannot deploy to blue: ./pkg is not a
+    # folder"), exit 5, and stayed Failed: the spec fixed, `run` said "already ended (Failed)".
+    router = {"kind": "envoy", "admin_url": "http://127.0.0.1:9", "routes_file": "routes.json"}
+    candidate = {"model": "m", "version": "2", "model_dir": str(tmp_path / "pkg")}
+    spec = write_spec(tmp_path, router=router, candidate=candidate, metrics={"kind": "static"})
+    code, out = invoke(command[0], str(spec), *command[1:])
+    said = " ".join(out.split())
+    assert code == EXIT_ERROR, out
+    assert f"m:2 has no model folder {tmp_path / 'pkg'} (its `model_dir:`" in said, out
+    assert not (tmp_path / "state" / "cli.status.json").exists()
+
+
 def test_run_without_a_usable_lock_file_is_a_clear_error(tmp_path: Path) -> None:
     # As a state dir another user created would be (a directory: root ignores permissions).
     (tmp_path / "state" / "cli.lock").mkdir(parents=True)
