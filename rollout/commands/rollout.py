@@ -832,7 +832,16 @@ def explain(
 
     ledger = path
     if path.suffix in (".yaml", ".yml"):
-        ledger = ledger_path_of(_load(path), state_dir)
+        parsed = _load(path)
+        ledger = ledger_path_of(parsed, state_dir)
+        if not ledger.exists():
+            # As `status` says it: `.rollout` is under the working directory.
+            _fail(
+                StateError(
+                    f"rollout {parsed.name!r} has no ledger {ledger}: not run yet, or run from "
+                    "another directory (run this from where `run` ran, or give --state-dir)"
+                )
+            )
     elif path.name.endswith(".status.json"):
         ledger = path.with_name(path.name.removesuffix(".status.json") + ".ledger.jsonl")
     try:

@@ -559,6 +559,20 @@ def test_explain_of_a_missing_ledger_is_a_clear_error(tmp_path: Path) -> None:
     assert code == EXIT_ERROR and "cannot read ledger" in out
 
 
+def test_explain_of_a_spec_not_run_yet_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was "cannot read ledger .rollout/cli.ledger.jsonl: No such file or directory".
+    spec = write_spec(tmp_path, state={"dir": ".rollout"})
+    monkeypatch.chdir(tmp_path / "..")
+    code, out = invoke("explain", str(spec))
+    assert code == EXIT_ERROR
+    assert " ".join(out.split()) == (
+        "error: rollout 'cli' has no ledger .rollout/cli.ledger.jsonl: not run yet, or run "
+        "from another directory (run this from where `run` ran, or give --state-dir)"
+    ), out
+
+
 @pytest.mark.parametrize(
     ("line", "problem"),
     [
