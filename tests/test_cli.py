@@ -92,3 +92,17 @@ def test_no_help_text_is_swallowed_as_markup() -> None:
         f"{where}: {text!r}" for where, text in _helps() if Text.from_markup(text).plain != text
     ]
     assert not swallowed
+
+
+def test_command_summaries_are_one_line() -> None:
+    """A group's command list shows each command's first paragraph with its line breaks kept
+    (rich markup mode), so a docstring wrapped at 100 columns read `held (4), failed (5),` then
+    `error (2).` on a line of its own in `aml-rollout rollout --help`."""
+    import inspect
+
+    broken = [
+        f"{where}: {text!r}"
+        for where, text in _helps()
+        if "\n" in inspect.cleandoc(text).split("\n\n")[0]
+    ]
+    assert not broken

@@ -32,7 +32,7 @@ from rich.markup import escape
 
 if TYPE_CHECKING:
     from rollout.config import RolloutSpec
-    from rollout.core.status import Status
+    from rollout.core.status import Command, Status
     from rollout.core.types import Release
     from rollout.state.base import StateStore
 
@@ -166,6 +166,27 @@ def _check_image(parsed: RolloutSpec, release: Release | None, where: str) -> No
     )
 
 
+def _check_model_dir(parsed: RolloutSpec, release: Release | None, where: str) -> None:
+    """Refuse, before anything is deployed or stored, a release whose model folder the envoy
+    router would start its scoring server from and that is not there: begun, the rollout would
+    Fail at that deploy and stay Failed (`run` again: "already ended") with the spec fixed."""
+    from rollout.config import EnvoyRouterConfig
+    from rollout.errors import ConfigError
+
+    if release is None or not release.model_dir or not isinstance(parsed.router, EnvoyRouterConfig):
+        return
+    folder = Path(release.model_dir)
+    if folder.is_dir():
+        return
+    read = "" if folder.is_absolute() else f", read from the current directory {Path.cwd()}"
+    _fail(
+        ConfigError(
+            f"{where}: {release.ref} has no model folder {release.model_dir} (its `model_dir:`"
+            f"{read}); the envoy router serves a release from its package or model folder"
+        )
+    )
+
+
 @rollout_app.command()
 def run(
     spec: SpecArg,
@@ -187,13 +208,15 @@ def run(
         ),
     ] = False,
 ) -> None:
-    """Drive a rollout to its end: promoted (exit 0), rolled back (3), held (4), failed (5),
-    error (2)."""
+    """Drive a rollout to its end; the exit code says how it ended.
+
+    Promoted (exit 0), rolled back (3), held for a human (4), failed (5), error (2), interrupted
+    (130: `run` again resumes it)."""
     import logging
 
     from rollout.api import run_rollout
     from rollout.commands.stack import EXIT_INTERRUPTED, sigterm_as_interrupt
-    from rollout.controller import FakeClock
+    from rollout.controller import FakeClock, check_same_router
     from rollout.errors import RolloutError
 
     parsed = _load(spec)
@@ -225,10 +248,17 @@ def run(
     wanted = asked or (parsed.candidate.to_release() if parsed.candidate else None)
     if previous is None or (previous.terminal and restart):  # a new rollout, not a resume
         _check_image(parsed, wanted, "--candidate" if asked else "candidate")
+        _check_model_dir(parsed, wanted, "--candidate" if asked else "candidate")
     stored = previous.candidate if previous is not None else None
     same = wanted is None or (stored is not None and stored.ref == wanted.ref)
     # Another candidate than the ended rollout's is refused below, saying to --restart.
     if previous is not None and previous.terminal and not restart and same:
+        try:
+            # Another data plane's rollout of this name is refused below: not "already ended"
+            # first, as if its outcome were this spec's.
+            check_same_router(parsed, previous)
+        except RolloutError as exc:
+            _fail(exc)
         _out.print(
             f"rollout {parsed.name} already ended ({previous.phase.value}); "
             "`--restart` starts a new one"
@@ -297,9 +327,10 @@ def bootstrap(
         ),
     ] = False,
 ) -> None:
-    """Deploy a service's first release to an empty green, all traffic to it. There is nothing
-    to compare it with yet: unjudged, or with --check judged on absolute limits alone. Every
-    later release is rolled out against it."""
+    """Deploy a service's first release to an empty green, all traffic to it.
+
+    There is nothing to compare it with yet: unjudged, or with --check judged on absolute limits
+    alone. Every later release is rolled out against it."""
     from rollout.api import bootstrap as bootstrap_green
     from rollout.errors import ConfigError, RolloutError
 
@@ -311,6 +342,7 @@ def bootstrap(
         if named is None:
             _fail(ConfigError("--release: name the first release (the spec names none)"))
         first = named.to_release()
+    _check_model_dir(parsed, first, "--release" if release else "the first release")
     if check:
         raise typer.Exit(_check_first(parsed, first, state_dir, quiet, simulated_time))
     if simulated_time:
@@ -571,7 +603,7 @@ def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | N
     if todo:
         table.add_row("not applied", escape("; ".join(describe(a) for a in todo)))
     if status.commands:
-        table.add_row("queued", ", ".join(c.kind for c in status.commands))
+        table.add_row("queued", ", ".join(_typed(c) for c in status.commands))
     if controller:
         table.add_row("controller", escape(controller))
     elif not status.terminal:
@@ -583,7 +615,7 @@ def _undriven(status: Status) -> str:
     """What to do about a rollout no controller drives: a held one waits for a human's answer
     first (`run` alone changes nothing there), unless one is queued already."""
     if status.commands:  # answered: told again to answer, an operator answers twice
-        queued = ", ".join(c.kind.replace("_", "-") for c in status.commands)
+        queued = ", ".join(_typed(c) for c in status.commands)
         return f"`aml-rollout rollout run SPEC` acts on the queued {queued}"
     from rollout.core.machine import resume_refused
 
@@ -592,6 +624,12 @@ def _undriven(status: Status) -> str:
         # Production moved on under it: resume is refused, and promote would undo that move.
         what = "answer with abort (the data plane's green serves another release), then"
     return f"{what} `aml-rollout rollout run SPEC`"
+
+
+def _typed(command: Command) -> str:
+    """A queued command as an operator types it: `set-weight 50`, not its kind `set_weight`."""
+    said = command.kind.replace("_", "-")
+    return said if command.weight is None else f"{said} {command.weight}"
 
 
 def _exp(log_value: float) -> str:
@@ -697,21 +735,21 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
         if kind == "resume" and (refused := resume_refused(current)):
             # The controller would ignore it too ("resume: ignored, green now serves ...").
             _fail(RolloutError(f"rollout {parsed.name} cannot be resumed: {refused}"))
-        store.push_command(
-            Command(
-                id=uuid.uuid4().hex,
-                kind=kind,  # type: ignore[arg-type]
-                weight=weight,
-                at=time.time(),
-                by=getpass.getuser(),
-                rollout=current.id,
-            )
+        command = Command(
+            id=uuid.uuid4().hex,
+            kind=kind,  # type: ignore[arg-type]
+            weight=weight,
+            at=time.time(),
+            by=getpass.getuser(),
+            rollout=current.id,
         )
+        store.push_command(command)
         running = store.controller()
     except RolloutError as exc:
         _fail(exc)
+    said = _typed(command)
     if running:
-        _out.print(f"queued {kind} for rollout {parsed.name}; the controller acts at its next tick")
+        _out.print(f"queued {said} for rollout {parsed.name}; the controller acts at its next tick")
         return
     # `run` resumes only the stored rollout's candidate: a spec that now names another one
     # would be refused (the operator may be aborting to roll that one out).
@@ -719,7 +757,7 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
     named = parsed.candidate.to_release() if parsed.candidate else None
     which = f" --candidate {stored.ref}" if stored and named and named.ref != stored.ref else ""
     _out.print(
-        f"queued {kind} for rollout {parsed.name}; no controller is running: "
+        f"queued {said} for rollout {parsed.name}; no controller is running: "
         f"`aml-rollout rollout run {spec}{which}` acts on it",
         markup=False,
     )
@@ -758,8 +796,10 @@ def promote(spec: SpecArg, state_dir: StateDirOpt = None) -> None:
 
 @rollout_app.command()
 def abort(spec: SpecArg, state_dir: StateDirOpt = None) -> None:
-    """Roll back at once: blue to 0 %, green keeps serving (blue serving another release than
-    the candidate, another rollout's canary, is left as it is)."""
+    """Roll back at once: blue to 0 %, green keeps serving.
+
+    Blue serving another release than the candidate (another rollout's canary) is left as it
+    is."""
     _queue(spec, state_dir, "abort")
 
 
@@ -792,7 +832,16 @@ def explain(
 
     ledger = path
     if path.suffix in (".yaml", ".yml"):
-        ledger = ledger_path_of(_load(path), state_dir)
+        parsed = _load(path)
+        ledger = ledger_path_of(parsed, state_dir)
+        if not ledger.exists():
+            # As `status` says it: `.rollout` is under the working directory.
+            _fail(
+                StateError(
+                    f"rollout {parsed.name!r} has no ledger {ledger}: not run yet, or run from "
+                    "another directory (run this from where `run` ran, or give --state-dir)"
+                )
+            )
     elif path.name.endswith(".status.json"):
         ledger = path.with_name(path.name.removesuffix(".status.json") + ".ledger.jsonl")
     try:

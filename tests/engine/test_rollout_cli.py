@@ -219,6 +219,28 @@ def test_a_candidate_that_cannot_be_deployed_exits_5_and_stays_failed(
     assert "could not be deployed to blue" in out
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(["run", "--simulated-time"], id="run"),
+        pytest.param(["bootstrap", "--release", "m:2"], id="bootstrap"),
+    ],
+)
+def test_a_model_folder_that_is_not_there_is_refused_before_anything_is_stored(
+    tmp_path: Path, command: list[str]
+) -> None:
+    # Was: the rollout began, Failed at blue's deploy ("cannot deploy to blue: ./pkg is not a
+    # folder"), exit 5, and stayed Failed: the spec fixed, `run` said "already ended (Failed)".
+    router = {"kind": "envoy", "admin_url": "http://127.0.0.1:9", "routes_file": "routes.json"}
+    candidate = {"model": "m", "version": "2", "model_dir": str(tmp_path / "pkg")}
+    spec = write_spec(tmp_path, router=router, candidate=candidate, metrics={"kind": "static"})
+    code, out = invoke(command[0], str(spec), *command[1:])
+    said = " ".join(out.split())
+    assert code == EXIT_ERROR, out
+    assert f"m:2 has no model folder {tmp_path / 'pkg'} (its `model_dir:`" in said, out
+    assert not (tmp_path / "state" / "cli.status.json").exists()
+
+
 def test_run_without_a_usable_lock_file_is_a_clear_error(tmp_path: Path) -> None:
     # As a state dir another user created would be (a directory: root ignores permissions).
     (tmp_path / "state" / "cli.lock").mkdir(parents=True)
@@ -273,13 +295,15 @@ def test_steering_commands_are_queued_for_the_controller(tmp_path: Path) -> None
     code, out = invoke("status", str(spec))
     assert code == EXIT_RUNNING and "Progressing" in out
     assert invoke("pause", str(spec))[0] == 0
-    assert invoke("set-weight", str(spec), "50")[0] == 0
+    # Said as typed (was "queued set_weight for rollout cli"), with the weight asked for.
+    code, out = invoke("set-weight", str(spec), "50")
+    assert code == 0 and out.startswith("queued set-weight 50 for rollout cli"), out
     code, out = invoke("set-weight", str(spec), "30")
     assert code == EXIT_ERROR and "not in the plan" in out
     lines = (tmp_path / "state" / "cli.commands.jsonl").read_text().splitlines()
     assert [json.loads(line)["kind"] for line in lines] == ["pause", "set_weight"]
     code, out = invoke("status", str(spec))
-    assert "queued" in out and "pause, set_weight" in out
+    assert "queued" in out and "pause, set-weight 50" in out
     result = run_rollout(spec, clock=FakeClock(100.0), max_ticks=1)
     assert result.phase.value == "Paused" and result.status.blue_weight == 50
     code, out = invoke("status", str(spec))  # an operator's pause: the controller still guards
@@ -390,6 +414,21 @@ def test_a_spec_of_the_same_name_on_another_data_plane_cannot_resume_or_steer_it
     del stored["router"]
     status_file.write_text(json.dumps(stored))
     assert invoke("status", str(prod))[0] == EXIT_PAUSED
+
+
+def test_a_spec_of_the_same_name_after_the_other_ended_gets_one_message(tmp_path: Path) -> None:
+    # `run` printed "rollout cli already ended (Succeeded); `--restart` starts a new one" (the
+    # other data plane's rollout, as if this spec's), then the error saying it is not its own.
+    dev = write_spec(tmp_path)
+    assert invoke("run", str(dev), "--simulated-time", "-q")[0] == EXIT_PROMOTED
+    prod = tmp_path / "prod.yaml"
+    data = yaml.safe_load(dev.read_text())
+    data["router"] = {"kind": "memory", "state_file": str(tmp_path / "prod-routes.json")}
+    prod.write_text(yaml.safe_dump(data))
+    code, out = invoke("run", str(prod), "--simulated-time", "-q")
+    assert code == EXIT_ERROR, out
+    assert "another spec of the same name shares its state" in " ".join(out.split())
+    assert "already ended" not in out
 
 
 def test_aborting_a_rollout_to_roll_out_another_candidate_says_how_at_each_step(
@@ -518,6 +557,20 @@ def test_status_does_not_show_weights_not_applied_as_served(tmp_path: Path) -> N
 def test_explain_of_a_missing_ledger_is_a_clear_error(tmp_path: Path) -> None:
     code, out = invoke("explain", str(tmp_path / "none.jsonl"))
     assert code == EXIT_ERROR and "cannot read ledger" in out
+
+
+def test_explain_of_a_spec_not_run_yet_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was "cannot read ledger .rollout/cli.ledger.jsonl: No such file or directory".
+    spec = write_spec(tmp_path, state={"dir": ".rollout"})
+    monkeypatch.chdir(tmp_path / "..")
+    code, out = invoke("explain", str(spec))
+    assert code == EXIT_ERROR
+    assert " ".join(out.split()) == (
+        "error: rollout 'cli' has no ledger .rollout/cli.ledger.jsonl: not run yet, or run "
+        "from another directory (run this from where `run` ran, or give --state-dir)"
+    ), out
 
 
 @pytest.mark.parametrize(
