@@ -26,9 +26,11 @@ and without, it is not analysed.
 from __future__ import annotations
 
 import datetime
+import difflib
 import itertools
 import math
 import re
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
@@ -1237,12 +1239,80 @@ class RolloutSpec(_Model):
         return self.shadow_percent
 
 
-def _format(exc: ValidationError) -> str:
+def _format(exc: ValidationError, root: type[BaseModel]) -> str:
     problems = []
     for err in exc.errors():
         where = ".".join(map(_loc_part, err["loc"])) or "(top level)"
-        problems.append(f"{where}: {_not_a_number(err) or _not_a_flag(err) or err['msg']}")
+        said = (
+            _not_a_number(err)
+            or _not_a_flag(err)
+            or _unknown_field(err, root)
+            or _value_error(err)
+            or err["msg"]
+        )
+        problems.append(f"{where}: {said}")
     return "; ".join(problems)
+
+
+def _value_error(err: Any) -> str | None:
+    """A validator's own words, without pydantic's "Value error, " in front of them."""
+    if err["type"] != "value_error":
+        return None
+    return str(err["msg"]).removeprefix("Value error, ")
+
+
+def _unknown_field(err: Any, root: type[BaseModel]) -> str | None:
+    """A key no model here has, with the nearest one the section does have (a typo:
+    `intervall_s` → `interval_s`); None for any other error."""
+    if err["type"] != "extra_forbidden":
+        return None
+    known = _fields_at(root, err["loc"][:-1])
+    near = difflib.get_close_matches(str(err["loc"][-1]), known, n=1, cutoff=0.6)
+    return f"unknown field: did you mean {near[0]}?" if near else "unknown field"
+
+
+def _fields_at(root: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
+    """The field names of the model at `path` in a validation error's location (a
+    discriminated union's tag, `router.istio`, picks its member); [] where none is found."""
+    node: Any = root
+    parts = list(path)
+    while True:
+        args = [a for a in typing.get_args(node) if a is not type(None)]
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            if not parts:
+                return [name for name, field in node.model_fields.items() if not field.exclude]
+            field = node.model_fields.get(str(parts.pop(0)))
+            if field is None:
+                return []
+            node = field.annotation
+        elif typing.get_origin(node) in (list, tuple, dict) and args:
+            if not parts:
+                return []
+            parts.pop(0)  # an index or a key
+            node = args[-1] if typing.get_origin(node) is dict else args[0]
+        elif len(args) == 1 or typing.get_origin(node) is Annotated:
+            node = args[0]  # Optional[X], Annotated[X, ...]
+        elif args and parts:
+            # A union: a tagged member by its `kind`, else the one model among plain values.
+            tagged = [a for a in args if _kind(a) == parts[0]]
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            if tagged:
+                parts.pop(0)
+                node = tagged[0]
+            elif len(models) == 1:
+                node = models[0]
+            else:
+                return []
+        else:
+            return []
+
+
+def _kind(member: Any) -> str | None:
+    """A discriminated union member's tag (its `kind` field's default), else None."""
+    if not (isinstance(member, type) and issubclass(member, BaseModel)):
+        return None
+    field = member.model_fields.get("kind")
+    return field.default if field is not None and isinstance(field.default, str) else None
 
 
 def _not_a_number(err: Any) -> str | None:
@@ -1305,7 +1375,7 @@ def spec_from_dict(data: Any, *, source: str = "spec") -> RolloutSpec:
     try:
         return RolloutSpec.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_format(exc)}") from None
+        raise ConfigError(f"{source}: {_format(exc, RolloutSpec)}") from None
 
 
 def load_spec(path: str | Path) -> RolloutSpec:

@@ -224,7 +224,7 @@ def test_a_secret_or_ca_that_is_not_there_fails_at_start_naming_the_field(
         ),
         pytest.param(
             {"basic_auth": {"username": "u", "password": "inline"}},
-            "metrics.prometheus.basic_auth.password: Extra inputs are not permitted",
+            "metrics.prometheus.basic_auth.password: unknown field",
             id="no-inline-password",
         ),
         pytest.param(

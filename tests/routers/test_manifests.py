@@ -460,7 +460,7 @@ def test_bad_input_is_one_config_error(args: list[str], message: str) -> None:
         pytest.param(
             "{kind: istio, app: diabetes_v2}",
             [],
-            "router.istio.app: Value error, 'diabetes_v2' is not a DNS-1035 label",
+            "router.istio.app: 'diabetes_v2' is not a DNS-1035 label",
             id="bad-spec-field",
         ),
     ],
@@ -513,26 +513,26 @@ def test_the_spec_top_level_header_is_the_one_the_routes_match(tmp_path: Path) -
     ("router", "message"),
     [
         pytest.param(
-            "namespace: Prod", "router.istio.namespace: Value error, 'Prod' is not a Kubernetes",
+            "namespace: Prod", "router.istio.namespace: 'Prod' is not a Kubernetes",
             id="bad-namespace",
         ),
         pytest.param(
-            "app: churn_model", "router.istio.app: Value error, 'churn_model' is not a DNS-1035",
+            "app: churn_model", "router.istio.app: 'churn_model' is not a DNS-1035",
             id="bad-app",
         ),
         pytest.param(
-            "app: 3d-scorer", "router.istio.app: Value error, '3d-scorer' must start with a letter",
+            "app: 3d-scorer", "router.istio.app: '3d-scorer' must start with a letter",
             id="app-starting-with-a-digit",
         ),
         pytest.param(
             "hosts: ['http://diabetes.example.com']",
-            "router.istio.hosts: Value error, 'http://diabetes.example.com' is not a host name",
+            "router.istio.hosts: 'http://diabetes.example.com' is not a host name",
             id="host-as-a-url",
         ),
         pytest.param("hosts: []", "needs at least one host", id="no-host"),
         pytest.param(
             "ingress_gateway: 'aks gw'",
-            "router.istio.ingress_gateway: Value error, 'aks gw' is not a label value",
+            "router.istio.ingress_gateway: 'aks gw' is not a label value",
             id="gateway-label-with-a-space",
         ),
     ],
