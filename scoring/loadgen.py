@@ -95,7 +95,8 @@ class LoadReport:
     mean_ms: float
     #: Requests that got an HTTP answer (any status), as opposed to a transport error.
     answered: int = 0
-    #: The first error answer (4xx/5xx): its status and what the server said, on one line.
+    #: The first error answer (4xx/5xx): its status and what the server said, on one line;
+    #: without one, the first transport error (`ConnectError: ...`).
     first_error: str | None = None
 
     @property
@@ -142,6 +143,8 @@ class LoadStats:
         self._started = time.monotonic()
         self._ended: float | None = None
         self.first_error: str | None = None
+        #: The first transport error (no answer): reported only when no answer was an error.
+        self.first_failure: str | None = None
 
     def record(self, status: str, version: str | None, seconds: float | None) -> None:
         """Count one request; `seconds` None for a transport error (no answer to time)."""
@@ -178,7 +181,7 @@ class LoadStats:
             p99_ms=latency.quantile(0.99) * 1000,
             max_ms=latency.max * 1000,
             mean_ms=latency.total / latency.count * 1000 if latency.count else 0.0,
-            first_error=self.first_error,
+            first_error=self.first_error or self.first_failure,
         )
 
 
@@ -356,6 +359,8 @@ async def run_load(
             try:
                 response = await client.post(target, content=bodies[ticket % len(bodies)])
             except httpx.HTTPError as exc:
+                if stats.first_failure is None:  # `--json` says why, not only how many
+                    stats.first_failure = f"{type(exc).__name__}: {exc}"[:200]
                 stats.record(type(exc).__name__, None, None)
                 continue
             elapsed = time.monotonic() - sent

@@ -118,6 +118,7 @@ def test_unreachable_url_counts_transport_errors() -> None:
     )
     assert report.by_status == {"ConnectError": 3}
     assert report.by_version == {}
+    assert report.first_error is not None and report.first_error.startswith("ConnectError: ")
     # a refused connection is not a server's latency: nothing timed, no percentiles
     assert report.sent == 3 and report.answered == 0 and report.succeeded == 0
     assert report.p50_ms == report.p99_ms == report.max_ms == 0.0
@@ -341,3 +342,26 @@ def test_load_command_fails_when_nothing_listens_and_times_nothing() -> None:
     as_json = CliRunner().invoke(cli_app, ["load", "--url", url, "--requests", "3", "--json"])
     assert as_json.exit_code == 1
     assert json.loads(as_json.stdout.strip().splitlines()[-1])["succeeded"] == 0
+
+
+def test_an_error_answer_is_reported_before_a_transport_error() -> None:
+    """`first_error` says what a server said when one answered with an error; a transport
+    error (no answer) is reported only when none did."""
+    calls = iter(range(10))
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if next(calls) == 0:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(422, json={"error": "data[0] has 3 values"})
+
+    report = asyncio.run(
+        run_load(
+            "http://127.0.0.1:9/score",
+            requests=3,
+            concurrency=1,
+            rows=[[0.0] * 10],
+            transport=httpx.MockTransport(answer),
+        )
+    )
+    assert report.by_status == {"ConnectError": 1, "422": 2}
+    assert report.first_error == "422: data[0] has 3 values"
