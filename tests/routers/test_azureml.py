@@ -1293,13 +1293,16 @@ def test_a_redeploy_azure_is_still_rolling_out_is_not_yet_its_release() -> None:
     V1 still serves. release() refuses it (was: V2, which a resumed controller took for the
     candidate serving); once Azure finishes, V2 is the release."""
     with running_arm() as arm:
+        # Set up with the default bounds: 0.05 s is for the redeploy Azure never finishes, not
+        # for ones it does (a loaded machine takes longer than that to finish them).
+        ready = AzureMLRouter(client_of(arm), "ep-rolling", environment="azureml:env:1")
+        ready.deploy(Colour.GREEN, V1)
+        ready.deploy(Colour.BLUE, V1)
+        ready.set_weights(Weights.blue_at(10))
         router = AzureMLRouter(
             client_of(arm), "ep-rolling", environment="azureml:env:1",
             deploy_timeout_s=0.05, poll_s=0.01,
         )  # fmt: skip
-        router.deploy(Colour.GREEN, V1)
-        router.deploy(Colour.BLUE, V1)
-        router.set_weights(Weights.blue_at(10))
         with operations_stuck_in_progress(arm) as azure_finishes:
             with pytest.raises(RouterError, match=r"deploy ep-rolling/blue: .*deploy_timeout_s"):
                 router.deploy(Colour.BLUE, V2)
@@ -1498,12 +1501,13 @@ def test_a_deploy_azure_is_still_carrying_out_is_waited_for_not_written_over() -
     `deploy_timeout_s`; meanwhile it is no release (no traffic, not a candidate)."""
     with running_arm() as arm:
         path = f"{WORKSPACE}/onlineEndpoints/ep-slow-blue/deployments/blue"
+        ready = AzureMLRouter(client_of(arm), "ep-slow-blue", environment="azureml:env:1")
+        ready.deploy(Colour.GREEN, V1)  # default bounds: a loaded machine takes > 0.05 s
+        ready.set_weights(Weights.blue_at(0))
         hasty = AzureMLRouter(
             client_of(arm), "ep-slow-blue", environment="azureml:env:1",
             deploy_timeout_s=0.05, poll_s=0.01,
         )  # fmt: skip
-        hasty.deploy(Colour.GREEN, V1)
-        hasty.set_weights(Weights.blue_at(0))
         with operations_stuck_in_progress(arm) as azure_finishes:
             with pytest.raises(RouterError, match=r"deploy ep-slow-blue/blue: .*deploy_timeout_s"):
                 hasty.deploy(Colour.BLUE, V2)
