@@ -651,11 +651,7 @@ class Controller:
         deployment mid-update): that tick goes on without the check, which is no reason to
         stop guarding."""
         try:
-            served = Served(
-                weights=self.router.get_weights(),
-                blue=self.router.release(Colour.BLUE),
-                green=self.router.release(Colour.GREEN),
-            )
+            served = served_now(self.router)
         except RouterError as exc:
             if self._served_unread is None:
                 # Once, not every tick: a route the router cannot read (edited by hand into a
@@ -780,6 +776,16 @@ class Controller:
             remaining -= nap
             if remaining > 0 and with_commands(status, self.store.commands()) is not status:
                 return
+
+
+def served_now(router: TrafficRouter) -> Served:
+    """What the data plane serves now: its weights and each colour's release (RouterError when
+    the router cannot tell)."""
+    return Served(
+        weights=router.get_weights(),
+        blue=router.release(Colour.BLUE),
+        green=router.release(Colour.GREEN),
+    )
 
 
 def check_same_router(spec: RolloutSpec, status: Status) -> None:
