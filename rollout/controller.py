@@ -47,7 +47,16 @@ from rollout.core.machine import (
     unread_from,
     with_commands,
 )
-from rollout.core.status import TRANSITIONAL, Action, Deploy, Remove, SetWeights, Status, describe
+from rollout.core.status import (
+    TRANSITIONAL,
+    Action,
+    Counts,
+    Deploy,
+    Remove,
+    SetWeights,
+    Status,
+    describe,
+)
 from rollout.core.types import Colour, Observation, Phase, Release, Served, Verdict, Weights
 from rollout.errors import (
     ConfigError,
@@ -683,6 +692,12 @@ class Controller:
         return self._observe(now - lat.history_s, now, history=True)
 
     def _finish_pending(self, status: Status) -> Status:
+        """Apply the status's actions left to apply, saving the count of those applied after
+        each. A step begun with a deploy to blue counts from when its actions are served, not
+        from the decision: while the deploy ran (7 s of a local scoring server starting), blue
+        answered with whatever served there before — another rollout's candidate, measured on
+        the local stack, whose mirrored copies the step would have judged as its own."""
+        deployed = False
         for index in range(status.applied, len(status.pending)):
             action = status.pending[index]
             try:
@@ -703,7 +718,16 @@ class Controller:
                 raise
             if failed is not None:
                 return failed
+            deployed = deployed or (isinstance(action, Deploy) and action.colour is Colour.BLUE)
             status = replace(status, applied=index + 1)
+            if (
+                deployed
+                and status.applied == len(status.pending)
+                and status.phase is Phase.PROGRESSING
+                and status.last_blue == status.last_green == Counts()
+            ):
+                # Nothing observed yet (the step's counts are cumulative since it began).
+                status = replace(status, step_started_at=self.clock.now())
             self.store.save(status)
         return status
 
