@@ -47,7 +47,16 @@ from rollout.core.machine import (
     unread_from,
     with_commands,
 )
-from rollout.core.status import TRANSITIONAL, Action, Deploy, Remove, SetWeights, Status, describe
+from rollout.core.status import (
+    TRANSITIONAL,
+    Action,
+    Counts,
+    Deploy,
+    Remove,
+    SetWeights,
+    Status,
+    describe,
+)
 from rollout.core.types import Colour, Observation, Phase, Release, Served, Verdict, Weights
 from rollout.errors import (
     ConfigError,
@@ -651,11 +660,7 @@ class Controller:
         deployment mid-update): that tick goes on without the check, which is no reason to
         stop guarding."""
         try:
-            served = Served(
-                weights=self.router.get_weights(),
-                blue=self.router.release(Colour.BLUE),
-                green=self.router.release(Colour.GREEN),
-            )
+            served = served_now(self.router)
         except RouterError as exc:
             if self._served_unread is None:
                 # Once, not every tick: a route the router cannot read (edited by hand into a
@@ -687,6 +692,12 @@ class Controller:
         return self._observe(now - lat.history_s, now, history=True)
 
     def _finish_pending(self, status: Status) -> Status:
+        """Apply the status's actions left to apply, saving the count of those applied after
+        each. A step begun with a deploy to blue counts from when its actions are served, not
+        from the decision: while the deploy ran (7 s of a local scoring server starting), blue
+        answered with whatever served there before — another rollout's candidate, measured on
+        the local stack, whose mirrored copies the step would have judged as its own."""
+        deployed = False
         for index in range(status.applied, len(status.pending)):
             action = status.pending[index]
             try:
@@ -707,7 +718,16 @@ class Controller:
                 raise
             if failed is not None:
                 return failed
+            deployed = deployed or (isinstance(action, Deploy) and action.colour is Colour.BLUE)
             status = replace(status, applied=index + 1)
+            if (
+                deployed
+                and status.applied == len(status.pending)
+                and status.phase is Phase.PROGRESSING
+                and status.last_blue == status.last_green == Counts()
+            ):
+                # Nothing observed yet (the step's counts are cumulative since it began).
+                status = replace(status, step_started_at=self.clock.now())
             self.store.save(status)
         return status
 
@@ -780,6 +800,16 @@ class Controller:
             remaining -= nap
             if remaining > 0 and with_commands(status, self.store.commands()) is not status:
                 return
+
+
+def served_now(router: TrafficRouter) -> Served:
+    """What the data plane serves now: its weights and each colour's release (RouterError when
+    the router cannot tell)."""
+    return Served(
+        weights=router.get_weights(),
+        blue=router.release(Colour.BLUE),
+        green=router.release(Colour.GREEN),
+    )
 
 
 def check_same_router(spec: RolloutSpec, status: Status) -> None:

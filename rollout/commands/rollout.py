@@ -706,6 +706,27 @@ def _follow(store: StateStore, current: Status | None, timeout: float) -> Status
         current = _read_status(store)
 
 
+def _refused_now(parsed: RolloutSpec, status: Status) -> str:
+    """Why a resume of this held rollout would be refused by what the data plane serves now
+    ("" when not, or when the router cannot tell). `Status.served` is from its last tick:
+    measured on the local stack, the other rollout promoted while no controller ran the held
+    one, and a resume was queued that the next `run` ignored ("green now serves ...")."""
+    from dataclasses import replace
+
+    from rollout.controller import served_now
+    from rollout.core.machine import resume_refused
+    from rollout.errors import RolloutError
+    from rollout.routers.factory import make_router
+
+    if not status.held:
+        return ""
+    try:
+        served = served_now(make_router(parsed.router))
+    except RolloutError:
+        return ""  # unreadable: the last tick's record alone decides
+    return resume_refused(replace(status, served=served))
+
+
 def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = None) -> None:
     import getpass
 
@@ -732,7 +753,9 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
                 f"rollout {parsed.name} is {current.phase.value}, not paused: nothing to resume"
             )
             return
-        if kind == "resume" and (refused := resume_refused(current)):
+        if kind == "resume" and (
+            refused := resume_refused(current) or _refused_now(parsed, current)
+        ):
             # The controller would ignore it too ("resume: ignored, green now serves ...").
             _fail(RolloutError(f"rollout {parsed.name} cannot be resumed: {refused}"))
         command = Command(

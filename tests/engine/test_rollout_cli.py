@@ -910,7 +910,7 @@ def test_run_outlives_a_reader_that_went_away(tmp_path: Path, merged: bool) -> N
     assert json.loads(routes.read_text())["releases"]["green"]["version"] == "2"
 
 
-def _held_by_drift(tmp_path: Path, green: str) -> Path:
+def _held_by_drift(tmp_path: Path, green: str, **extra: object) -> Path:
     """A rollout of m:2 held: blue taken over by m:3 at 50 %, green serving m:`green`."""
     from dataclasses import replace
 
@@ -919,7 +919,7 @@ def _held_by_drift(tmp_path: Path, green: str) -> Path:
     from rollout.core.machine import new_status, step
     from rollout.core.types import Phase, Release, Served, Weights
 
-    path = write_spec(tmp_path)
+    path = write_spec(tmp_path, **extra)
     spec = load_spec(path)
     v1, v2, v3 = (Release("m", v) for v in "123")
     status = new_status(spec, now=0.0, candidate=v2, stable=v1, rollout_id="r")
@@ -965,3 +965,23 @@ def test_a_rollout_held_after_green_moved_on_is_not_offered_resume(tmp_path: Pat
     commands = tmp_path / "state" / "cli.commands.jsonl"
     assert not commands.exists() or not commands.read_text().strip()
     assert invoke("abort", str(spec))[0] == 0
+
+
+def test_resume_is_refused_when_green_moved_on_after_the_hold(tmp_path: Path) -> None:
+    """Measured live: the winner of two rollouts on one Envoy promoted while the loser sat held
+    with no controller; its status still said green served its stable release, and `resume`
+    queued a command the next `run` ignored ("resume: ignored, green now serves ...")."""
+    from rollout.config import load_spec
+    from rollout.core.types import Colour, Release
+    from rollout.routers.memory import MemoryRouter
+
+    routes = {"kind": "memory", "state_file": str(tmp_path / "routes.json")}
+    spec = _held_by_drift(tmp_path, green="1", router=routes)
+    router = MemoryRouter.from_config(load_spec(spec).router)  # type: ignore[arg-type]
+    router.deploy(Colour.GREEN, Release("m", "3"))  # the other rollout promoted m:3
+    code, out = invoke("resume", str(spec))
+    text = " ".join(out.split())
+    assert code == EXIT_ERROR, text
+    assert "rollout cli cannot be resumed: green now serves m:3, not m:1" in text, text
+    commands = tmp_path / "state" / "cli.commands.jsonl"
+    assert not commands.exists() or not commands.read_text().strip()
