@@ -460,16 +460,27 @@ def _load_status(store: StateStore) -> Status | None:
         _fail(exc)
 
 
-def _view(parsed: RolloutSpec, store: StateStore, status: Status | None, first: str | None) -> Any:
+def _view(
+    parsed: RolloutSpec,
+    store: StateStore,
+    status: Status | None,
+    first: str | None,
+    *,
+    read_now: bool = False,
+) -> Any:
     """The status table, with who drives the rollout now (the lease holder); `first` is the
-    release a bootstrap left on green, as `_bootstrapped` says it, shown until a rollout begins."""
+    release a bootstrap left on green, as `_bootstrapped` says it, shown until a rollout begins.
+    `read_now`: a held rollout no controller drives shows what its data plane serves now."""
     from rollout.errors import RolloutError
 
     try:
         holder = store.controller()
     except RolloutError as exc:
         _fail(exc)
-    table = _status_view(parsed, status, holder)
+    fresh = False
+    if read_now and status is not None and status.held and holder is None:
+        status, fresh = _served_read_now(parsed, status)
+    table = _status_view(parsed, status, holder, fresh=fresh)
     if status is None:
         table.add_row("state", escape(_no_status(store)))
     if status is None and first is not None:
@@ -543,7 +554,28 @@ def _status_code(status: Status | None) -> int:
     return _exit_code(status.phase.value)
 
 
-def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | None) -> Any:
+def _served_read_now(parsed: RolloutSpec, status: Status) -> tuple[Status, bool]:
+    """The status with what the data plane serves now (and True), else as stored (and False,
+    the router unreadable). A held rollout's `served` is from its last tick; while no
+    controller runs it, another rollout may have promoted since (resume then refused)."""
+    from dataclasses import replace
+
+    from rollout.config import MemoryRouterConfig
+    from rollout.controller import served_now
+    from rollout.errors import RolloutError
+    from rollout.routers.factory import make_router
+
+    if isinstance(parsed.router, MemoryRouterConfig) and parsed.router.state_file is None:
+        return status, False  # the controller's process alone held that data plane
+    try:
+        return replace(status, served=served_now(make_router(parsed.router))), True
+    except RolloutError:
+        return status, False
+
+
+def _status_view(
+    parsed: RolloutSpec, status: Status | None, controller: str | None, *, fresh: bool = False
+) -> Any:
     from rich.table import Table
 
     from rollout.core.machine import resume_refused
@@ -581,7 +613,8 @@ def _status_view(parsed: RolloutSpec, status: Status | None, controller: str | N
         # rollout on it, or a hand edit.
         served = status.served
         blue, green = (r.ref if r else "nothing" for r in (served.blue, served.green))
-        table.add_row("data plane", f"blue {blue}, green {green}: {served.weights} (last read)")
+        when = "read now" if fresh else "last read"
+        table.add_row("data plane", f"blue {blue}, green {green}: {served.weights} ({when})")
     if refused := resume_refused(status):
         table.add_row("resume", f"refused: {escape(refused)}")
     table.add_row("last verdict", status.verdict.value if status.verdict else "-")
@@ -674,7 +707,7 @@ def status(
                 current = _read_status(store)
                 live.update(_view(parsed, store, current, first))
     else:
-        _out.print(_view(parsed, store, current, first))
+        _out.print(_view(parsed, store, current, first, read_now=True))
     raise typer.Exit(_status_code(current))
 
 
@@ -711,20 +744,12 @@ def _refused_now(parsed: RolloutSpec, status: Status) -> str:
     ("" when not, or when the router cannot tell). `Status.served` is from its last tick:
     measured on the local stack, the other rollout promoted while no controller ran the held
     one, and a resume was queued that the next `run` ignored ("green now serves ...")."""
-    from dataclasses import replace
-
-    from rollout.controller import served_now
     from rollout.core.machine import resume_refused
-    from rollout.errors import RolloutError
-    from rollout.routers.factory import make_router
 
     if not status.held:
         return ""
-    try:
-        served = served_now(make_router(parsed.router))
-    except RolloutError:
-        return ""  # unreadable: the last tick's record alone decides
-    return resume_refused(replace(status, served=served))
+    now, fresh = _served_read_now(parsed, status)
+    return resume_refused(now) if fresh else ""  # unreadable: the last tick's record decides
 
 
 def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = None) -> None:

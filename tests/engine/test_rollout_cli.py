@@ -985,3 +985,23 @@ def test_resume_is_refused_when_green_moved_on_after_the_hold(tmp_path: Path) ->
     assert "rollout cli cannot be resumed: green now serves m:3, not m:1" in text, text
     commands = tmp_path / "state" / "cli.commands.jsonl"
     assert not commands.exists() or not commands.read_text().strip()
+
+
+def test_status_of_a_held_rollout_no_controller_drives_reads_the_data_plane_now(
+    tmp_path: Path,
+) -> None:
+    """Measured live: after the other rollout promoted, `status` still showed the data plane of
+    the hold's last tick and offered resume (which is refused)."""
+    from rollout.config import load_spec
+    from rollout.core.types import Colour, Release
+    from rollout.routers.memory import MemoryRouter
+
+    routes = {"kind": "memory", "state_file": str(tmp_path / "routes.json")}
+    spec = _held_by_drift(tmp_path, green="1", router=routes)
+    router = MemoryRouter.from_config(load_spec(spec).router)  # type: ignore[arg-type]
+    router.deploy(Colour.GREEN, Release("m", "3"))  # the other rollout promoted m:3
+    _, out = invoke("status", str(spec))
+    text = " ".join(out.split())
+    assert "data plane blue nothing, green m:3: blue 0 % / green 100 % (read now)" in text, text
+    assert "resume refused: green now serves m:3, not m:1" in text, text
+    assert "answer with abort" in text, text
