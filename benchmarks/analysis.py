@@ -61,6 +61,7 @@ from rollout.config import (
     RolloutSpec,
     SimulatedMetricsConfig,
     TrafficModel,
+    describe_errors,
     load_spec,
     yaml_problem,
 )
@@ -131,11 +132,7 @@ class Scenario:
         try:
             file = ScenarioFile.model_validate(data)
         except ValidationError as exc:
-            problems = (
-                f"{'.'.join(str(part) for part in err['loc'])}: {err['msg']}"
-                for err in exc.errors()
-            )
-            raise ConfigError(f"{path}: {'; '.join(problems)}") from None
+            raise ConfigError(f"{path}: {describe_errors(exc, ScenarioFile)}") from None
         return cls(
             name=file.name,
             seed=file.seed,

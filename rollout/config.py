@@ -92,7 +92,8 @@ class _Model(BaseModel):
 
 #: A number of the spec: an int or a float as YAML read it. pydantic's lax mode took `"5"` as 5
 #: and `yes` as 1 (while `"5s"` was refused): a number a template quoted, or a value misplaced,
-#: loaded as if meant. Strict, it takes neither (an int is still a float); `_format` says why.
+#: loaded as if meant. Strict, it takes neither (an int is still a float); `describe_errors`
+#: says why.
 Number = Annotated[float, Strict()]
 #: A whole number of the spec: an int as YAML read it (not `15.0`, nor text, nor a boolean).
 WholeNumber = Annotated[int, Strict()]
@@ -1239,7 +1240,9 @@ class RolloutSpec(_Model):
         return self.shadow_percent
 
 
-def _format(exc: ValidationError, root: type[BaseModel]) -> str:
+def describe_errors(exc: ValidationError, root: type[BaseModel]) -> str:
+    """A validation error of `root` in one line: each problem at its field's path, in words a
+    YAML author reads (a typo'd key with the nearest known one, `expected a number`)."""
     problems = []
     for err in exc.errors():
         where = ".".join(map(_loc_part, err["loc"])) or "(top level)"
@@ -1375,7 +1378,7 @@ def spec_from_dict(data: Any, *, source: str = "spec") -> RolloutSpec:
     try:
         return RolloutSpec.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_format(exc, RolloutSpec)}") from None
+        raise ConfigError(f"{source}: {describe_errors(exc, RolloutSpec)}") from None
 
 
 def load_spec(path: str | Path) -> RolloutSpec:
