@@ -116,53 +116,14 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
         if unread and ("event" in rec or not rec.get("data_plane_unread")):
             lines.append(_unread(unread, unread_why, records[index - 1], start))
             unread = []
-        if rec.get("event") == "start":
-            start = rec.get("at", start)
-            unreadable_since = None
-            cand, stable = rec.get("candidate") or {}, rec.get("stable") or {}
-            lines.append(
-                f"started rollout {rec.get('name', '')}: candidate "
-                f"{cand.get('model', '?')}:{cand.get('version', '?')} (blue) against "
-                f"{stable.get('model', '?')}:{stable.get('version', '?')} (green), plan "
-                f"{rec.get('plan')}"
-            )
-            continue
-        if rec.get("event") == "bootstrap":
-            first = rec.get("release") or {}
-            checked = index + 1 < len(records) and records[index + 1].get("event") == "first-check"
-            judged = "judged on absolute limits alone" if checked else "unjudged"
-            lines.append(
-                f"bootstrapped green with {first.get('model', '?')}:{first.get('version', '?')} "
-                f"(a first release, {judged}: nothing to compare it with), by "
-                f"{rec.get('by', '?')}"
-            )
-            continue
-        if rec.get("event") == "first-check":
-            first = rec.get("release") or {}
-            lines.append(
-                f"[{span(rec.get('at', start) - start)}] first release "
-                f"{first.get('model', '?')}:{first.get('version', '?')} judged on the absolute "
-                f"limits: {rec.get('verdict', '?')}: {rec.get('reason', '')}"
-            )
-            continue
-        if rec.get("event") == "restore":
-            t = span(rec.get("at", start) - start)
-            lines.append(
-                f"[{t}] resumed with a data plane serving {rec.get('served')}: "
-                + "; ".join(rec.get("describe") or [])
-            )
-            continue
-        if rec.get("event") == "not-applied":
-            t = span(rec.get("at", start) - start)
-            action, error = "; ".join(rec.get("describe") or []), str(rec.get("error"))
-            why = error if error.startswith(action) else f"could not {action}: {error}"
-            lines.append(f"[{t}] controller stopped: {why} (the next `run` applies it first)")
-            continue
-        if rec.get("event") == "skipped":
-            t = span(rec.get("at", start) - start)
-            lines.append(
-                f"[{t}] not applied, an abort being queued: " + "; ".join(rec.get("describe") or [])
-            )
+        if "event" in rec:
+            if rec["event"] == "start":
+                start = rec.get("at", start)
+                unreadable_since = None
+            following = records[index + 1] if index + 1 < len(records) else {}
+            said = event_sentence(rec, checked=following.get("event") == "first-check")
+            untimed = rec["event"] in ("start", "bootstrap")
+            lines.append(said if untimed else f"[{span(rec.get('at', start) - start)}] {said}")
             continue
         if rec.get("not_counted") and isinstance(rec.get("tick"), int):
             uncounted.append(rec["tick"])
@@ -174,7 +135,7 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
         )
         # A metrics outage changes nothing until it holds the rollout, yet the story needs it:
         # weights held for a minute with no line said nothing of why.
-        if rec.get("verdict") == "Error" and unreadable_since is None and "event" not in rec:
+        if rec.get("verdict") == "Error" and unreadable_since is None:
             unreadable_since = rec.get("at", start)
             if not changed:
                 lines.append(f"[{span(rec.get('at', start) - start)}] {rec.get('reason', '')}")
@@ -224,6 +185,43 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
         if parts:
             lines.append("    " + "; ".join(parts))
     return lines
+
+
+def _ref(release: Any) -> str:
+    """A ledger's release (`_release_dict`) as `model:version`."""
+    release = release if isinstance(release, dict) else {}
+    return f"{release.get('model', '?')}:{release.get('version', '?')}"
+
+
+def event_sentence(rec: dict[str, Any], *, checked: bool = False) -> str:
+    """A ledger line that is no tick (an `event`) in words, without its time: what `explain`
+    and the report say of it. `checked`: a bootstrap whose first-check follows it."""
+    event, described = rec["event"], "; ".join(rec.get("describe") or [])
+    if event == "start":
+        return (
+            f"started rollout {rec.get('name', '')}: candidate {_ref(rec.get('candidate'))} "
+            f"(blue) against {_ref(rec.get('stable'))} (green), plan {rec.get('plan')}"
+        )
+    if event == "bootstrap":
+        judged = "judged on absolute limits alone" if checked else "unjudged"
+        return (
+            f"bootstrapped green with {_ref(rec.get('release'))} (a first release, {judged}: "
+            f"nothing to compare it with), by {rec.get('by', '?')}"
+        )
+    if event == "first-check":
+        return (
+            f"first release {_ref(rec.get('release'))} judged on the absolute limits: "
+            f"{rec.get('verdict', '?')}: {rec.get('reason', '')}"
+        )
+    if event == "restore":
+        return f"resumed with a data plane serving {rec.get('served')}: {described}"
+    if event == "not-applied":
+        error = str(rec.get("error"))
+        why = error if error.startswith(described) else f"could not {described}: {error}"
+        return f"controller stopped: {why} (the next `run` applies it first)"
+    if event == "skipped":
+        return f"not applied, an abort being queued: {described}"
+    return f"{event}: {described or rec.get('reason', '')}"
 
 
 def _ticks(ticks: list[int]) -> str:

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rollout.ledger import read_ledger, rollouts
+from rollout.ledger import event_sentence, read_ledger, rollouts
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def _story(name: str, records: list[dict[str, Any]]) -> RolloutStory:
     rows = []
     spans: list[Span] = []
     previous: dict[str, Any] = {}
-    for record in records:
+    for index, record in enumerate(records):
         at = float(record["at"])
         uncounted = record.get("not_counted")
         if uncounted:
@@ -152,7 +152,9 @@ def _story(name: str, records: list[dict[str, Any]]) -> RolloutStory:
         if any(a.get("type") == "set_weights" for a in actions) and record.get("tick", 1) != 0:
             decisions.append(Decision(at, _kind(reason, record), reason))
         if "event" in record:  # no tick: a row of empty cells said nothing of what happened
-            rows.append({"at": at, "event": _event_text(record)})
+            following = records[index + 1] if index + 1 < len(records) else {}
+            said = event_sentence(record, checked=following.get("event") == "first-check")
+            rows.append({"at": at, "event": said})
             previous = record
             continue
         counts = record.get("counts") or {}
@@ -195,42 +197,6 @@ def _did(actions: list[dict[str, Any]]) -> str:
         if a.get("type") in ("deploy", "remove")
     ]
     return ", ".join(done) or "not judged yet"
-
-
-def _ref(release: Any) -> str:
-    """A ledger's release (`_release_dict`) as `model:version`."""
-    release = release if isinstance(release, dict) else {}
-    return f"{release.get('model', '?')}:{release.get('version', '?')}"
-
-
-def _event_text(record: dict[str, Any]) -> str:
-    """A ledger line that is no tick (an `event`) in words, as `rollout.ledger.explain` says it."""
-    event, described = record["event"], "; ".join(record.get("describe") or [])
-    if event == "start":
-        parts = ["rollout began"]
-        if record.get("candidate"):
-            parts.append(f": candidate {_ref(record['candidate'])} (blue)")
-        if record.get("stable"):
-            parts.append(f" against {_ref(record['stable'])} (green)")
-        if record.get("plan"):
-            parts.append(f", plan {' → '.join(map(str, record['plan']))} %")
-        return "".join(parts)
-    if event == "restore":
-        return f"resumed with a data plane serving {record.get('served')}: {described}"
-    if event == "not-applied":
-        error = str(record.get("error"))
-        why = error if error.startswith(described) else f"could not {described}: {error}"
-        return f"controller stopped: {why} (the next `run` applies it first)"
-    if event == "skipped":
-        return f"not applied, an abort being queued: {described}"
-    if event == "bootstrap":
-        return f"bootstrapped green with {_ref(record.get('release'))} (a first release)"
-    if event == "first-check":
-        return (
-            f"first release {_ref(record.get('release'))} judged on the absolute limits: "
-            f"{record.get('verdict', '?')}: {record.get('reason', '')}"
-        )
-    return f"{event}: {described or record.get('reason', '')}"
 
 
 def _kind(reason: str, record: dict[str, Any]) -> str:

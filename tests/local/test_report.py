@@ -106,7 +106,7 @@ def test_a_rollout_restarted_on_the_same_ledger_is_its_own_story(tmp_path: Path)
         ):
             book.append({**record, "tick": int(record["at"] - t0), "rollout_id": rollout_id})
     page = write_report(tmp_path / "r.html", [path]).read_text(encoding="utf-8")
-    assert page.count("diabetes: ") == 2
+    assert page.count("<h2>diabetes: ") == 2  # one story each
     assert page.index("RolledBack") < page.index("Succeeded")
     latest = story_from_ledger(path)
     assert latest.outcome == "Succeeded"
@@ -167,8 +167,8 @@ STABLE = {"model": "diabetes", "version": "2", "sha256": None, "image": None}
         pytest.param(
             {"event": "start", "name": "diabetes", "rollout_id": "r1", "plan": [0, 10, 100],
              "candidate": CANDIDATE, "stable": STABLE},
-            "rollout began: candidate diabetes:3 (blue) against diabetes:2 (green), plan "
-            "0 → 10 → 100 %",
+            "started rollout diabetes: candidate diabetes:3 (blue) against diabetes:2 (green), "
+            "plan [0, 10, 100]",
             id="start",  # was a row of empty cells above the first tick
         ),
         pytest.param(
