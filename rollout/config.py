@@ -234,16 +234,20 @@ class KubeApiConfig(_Model):
     in_cluster: Flag = False
 
 
-def _wait_at_least(seconds: float, least: float, wait: str) -> float:
-    """`seconds`; a spec error unless it is at least `least`, the shortest `wait` (in words)."""
-    if seconds < least:
-        raise PydanticCustomError(
-            "spec",
-            "{seconds} s is below {least} s, the shortest wait for {wait} (the value is in "
-            "seconds)",
-            {"seconds": f"{seconds:g}", "least": f"{least:g}", "wait": wait},
-        )
-    return seconds
+def _wait_at_least(least: float, wait: str) -> AfterValidator:
+    """A wait's floor: a spec error below `least` seconds, the shortest `wait` (in words)."""
+
+    def check(seconds: float) -> float:
+        if seconds < least:
+            raise PydanticCustomError(
+                "spec",
+                "{seconds} s is below {least} s, the shortest wait for {wait} (the value is in "
+                "seconds)",
+                {"seconds": f"{seconds:g}", "least": f"{least:g}", "wait": wait},
+            )
+        return seconds
+
+    return AfterValidator(check)
 
 
 #: The shortest `ready_timeout_s`: a new pod is scheduled, starts its container and the scoring
@@ -272,21 +276,18 @@ class IstioRouterConfig(KubeApiConfig):
     container_port: WholeNumber = Field(default=8000, gt=0, lt=65536)
     replicas: WholeNumber = Field(default=1, ge=0)
     #: How long `deploy` waits for the new pods to be available before failing.
-    ready_timeout_s: Number = Field(default=300.0, gt=0)
+    ready_timeout_s: Annotated[
+        Number,
+        _wait_at_least(
+            MIN_READY_TIMEOUT_S,
+            "new pods to be scheduled, start the scoring server and pass its readiness probe "
+            "(every 5 s)",
+        ),
+    ] = 300.0
     #: The `istio:` label of the ingress gateway pods the Gateway binds to: `ingressgateway`
     #: for Istio's own install; AKS's Istio add-on labels its gateways
     #: `aks-istio-ingressgateway-external` / `-internal`.
     ingress_gateway: KubeLabelValue = "ingressgateway"
-
-    @field_validator("ready_timeout_s")
-    @classmethod
-    def _ready_floor(cls, seconds: float) -> float:
-        return _wait_at_least(
-            seconds,
-            MIN_READY_TIMEOUT_S,
-            "new pods to be scheduled, start the scoring server and pass its readiness probe "
-            "(every 5 s)",
-        )
 
     @property
     def identity(self) -> str:
@@ -404,30 +405,24 @@ class AzureMLRouterConfig(_Model):
     #: How long `deploy` and `remove` wait for Azure to create, update or delete a deployment
     #: (image build, VMs) or the endpoint before failing; Azure carries on. At least
     #: MIN_DEPLOY_TIMEOUT_S.
-    deploy_timeout_s: Number = Field(default=3600.0, gt=0)
-    #: How long a change of the endpoint's traffic (or mirror) may take before failing. No VMs
-    #: move, Azure applies it in seconds to a couple of minutes; a rollback waits on it. At least
-    #: MIN_TRAFFIC_TIMEOUT_S.
-    traffic_timeout_s: Number = Field(default=300.0, gt=0)
-
-    @field_validator("deploy_timeout_s")
-    @classmethod
-    def _deploy_floor(cls, seconds: float) -> float:
-        return _wait_at_least(
-            seconds,
+    deploy_timeout_s: Annotated[
+        Number,
+        _wait_at_least(
             MIN_DEPLOY_TIMEOUT_S,
             "Azure to create, update or delete a deployment (VMs allocated, the image pulled or "
             "built, the scoring server started and ready: minutes)",
-        )
-
-    @field_validator("traffic_timeout_s")
-    @classmethod
-    def _traffic_floor(cls, seconds: float) -> float:
-        return _wait_at_least(
-            seconds,
+        ),
+    ] = 3600.0
+    #: How long a change of the endpoint's traffic (or mirror) may take before failing. No VMs
+    #: move, Azure applies it in seconds to a couple of minutes; a rollback waits on it. At least
+    #: MIN_TRAFFIC_TIMEOUT_S.
+    traffic_timeout_s: Annotated[
+        Number,
+        _wait_at_least(
             MIN_TRAFFIC_TIMEOUT_S,
             "Azure to apply a change of the endpoint's traffic (tens of seconds, polled every 5 s)",
-        )
+        ),
+    ] = 300.0
 
     @field_validator("environment")
     @classmethod
