@@ -967,10 +967,9 @@ def test_a_rollout_held_after_green_moved_on_is_not_offered_resume(tmp_path: Pat
     assert invoke("abort", str(spec))[0] == 0
 
 
-def test_resume_is_refused_when_green_moved_on_after_the_hold(tmp_path: Path) -> None:
-    """Measured live: the winner of two rollouts on one Envoy promoted while the loser sat held
-    with no controller; its status still said green served its stable release, and `resume`
-    queued a command the next `run` ignored ("resume: ignored, green now serves ...")."""
+def _held_then_green_moved_on(tmp_path: Path) -> Path:
+    """A rollout of m:2 held (as `_held_by_drift`, green m:1), its data plane a file that
+    outlives the controller; since the hold, another rollout promoted m:3 to green."""
     from rollout.config import load_spec
     from rollout.core.types import Colour, Release
     from rollout.routers.memory import MemoryRouter
@@ -978,7 +977,15 @@ def test_resume_is_refused_when_green_moved_on_after_the_hold(tmp_path: Path) ->
     routes = {"kind": "memory", "state_file": str(tmp_path / "routes.json")}
     spec = _held_by_drift(tmp_path, green="1", router=routes)
     router = MemoryRouter.from_config(load_spec(spec).router)  # type: ignore[arg-type]
-    router.deploy(Colour.GREEN, Release("m", "3"))  # the other rollout promoted m:3
+    router.deploy(Colour.GREEN, Release("m", "3"))
+    return spec
+
+
+def test_resume_is_refused_when_green_moved_on_after_the_hold(tmp_path: Path) -> None:
+    """Measured live: the winner of two rollouts on one Envoy promoted while the loser sat held
+    with no controller; its status still said green served its stable release, and `resume`
+    queued a command the next `run` ignored ("resume: ignored, green now serves ...")."""
+    spec = _held_then_green_moved_on(tmp_path)
     code, out = invoke("resume", str(spec))
     text = " ".join(out.split())
     assert code == EXIT_ERROR, text
@@ -992,14 +999,7 @@ def test_status_of_a_held_rollout_no_controller_drives_reads_the_data_plane_now(
 ) -> None:
     """Measured live: after the other rollout promoted, `status` still showed the data plane of
     the hold's last tick and offered resume (which is refused)."""
-    from rollout.config import load_spec
-    from rollout.core.types import Colour, Release
-    from rollout.routers.memory import MemoryRouter
-
-    routes = {"kind": "memory", "state_file": str(tmp_path / "routes.json")}
-    spec = _held_by_drift(tmp_path, green="1", router=routes)
-    router = MemoryRouter.from_config(load_spec(spec).router)  # type: ignore[arg-type]
-    router.deploy(Colour.GREEN, Release("m", "3"))  # the other rollout promoted m:3
+    spec = _held_then_green_moved_on(tmp_path)
     _, out = invoke("status", str(spec))
     text = " ".join(out.split())
     assert "data plane blue nothing, green m:3: blue 0 % / green 100 % (read now)" in text, text
