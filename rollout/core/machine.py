@@ -588,7 +588,9 @@ def _guard_slo_s(analysis: AnalysisConfig) -> float | None:
 def _pct(x: float) -> str:
     if math.isnan(x):
         return "n/a"
-    return f"{x * 100:.2g} %"
+    percent = x * 100
+    # Two significant digits (0.13 %, 4.1 %), whole percents from 10 on: `.2g` says 1e+02.
+    return f"{percent:.2g} %" if percent < 9.95 else f"{percent:.0f} %"
 
 
 def _e(log_e: float) -> str:

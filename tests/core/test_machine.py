@@ -931,6 +931,13 @@ def green_counts(requests: int, errors: int = 0, slow: int = 0) -> ColourCounts:
         ),
         pytest.param(
             {},
+            green_counts(30, errors=30),
+            Verdict.FAILED,
+            "error rate 100 % is above the limit 10 %",
+            id="every-request-failed",  # was "1e+02 %" (the demo's v3, measured)
+        ),
+        pytest.param(
+            {},
             green_counts(100, errors=15),
             Verdict.INCONCLUSIVE,
             "error rate 15 % after 100 requests, not yet shown above the limit 10 %",
