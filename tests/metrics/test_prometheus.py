@@ -120,7 +120,7 @@ def shared_prom() -> Iterator[FakePrometheus]:
         yield fake
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(
     start=st.integers(0, 10_000),
     steps=st.lists(st.tuples(st.integers(0, 500), st.booleans()), min_size=1, max_size=30),

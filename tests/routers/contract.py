@@ -82,7 +82,6 @@ class RouterContract:
     # ---------------------------------------------------------------------------- differential
     @settings(
         max_examples=20,
-        deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
     )
     @given(ops=st.lists(OPS, max_size=8))
