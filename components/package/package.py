@@ -285,11 +285,22 @@ def build_package(
             environment = _package_in_azureml(ml_client, model, staging)
             manifest["azureml_environment"] = f"{environment.name}:{environment.version}"
         write_json(staging / PACKAGE_JSON, manifest)
+        _make_readable(staging)
         _move_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("packaged %s:%s as %s in %s", model.name, model.version, image, out_dir)
     return PackageResult(out_dir, manifest)
+
+
+def _make_readable(folder: Path) -> None:
+    """Make everything in `folder` readable by anyone, whatever the umask and mkstemp chose.
+
+    The image copies the package as root and runs the server as uid 10001: a file only its owner
+    may read (package.json was 0600, written through mkstemp) kept the model from loading there.
+    """
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:

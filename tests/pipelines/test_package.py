@@ -112,6 +112,27 @@ def test_packaged_score_py_serves_with_only_the_package(registered, tmp_path: Pa
     assert answer["model"] == "Diabetes-Ridge" and answer["version"] == "1", answer
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["usual-umask", "private-umask"])
+def test_the_images_non_root_user_can_read_every_packaged_file(
+    registered, tmp_path: Path, umask: int
+) -> None:
+    # The Dockerfile copies the folder as root and runs the server as uid 10001: a file only its
+    # owner may read (package.json was 0600, from write_json's mkstemp) left the model unloadable
+    # in the container, /readyz 503 forever.
+    registry, _ = registered
+    previous = os.umask(umask)
+    try:
+        pkg = build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "p", image_registry="r")
+    finally:
+        os.umask(previous)
+    for path in pkg.path.rglob("*"):  # the folder itself is not copied (`COPY . .`)
+        others = path.stat().st_mode & 0o007
+        wanted = 0o005 if path.is_dir() else 0o004
+        assert others & wanted == wanted, (
+            f"{path.relative_to(pkg.path)}: {oct(path.stat().st_mode)}"
+        )
+
+
 def test_a_swapped_model_file_is_not_packaged(registered, tmp_path: Path) -> None:
     registry, _ = registered
     version = registry.get("Diabetes-Ridge", 1)
