@@ -45,6 +45,7 @@ import yaml
 from aml_pipelines.errors import ComponentError, ConfigError, IntegrityError
 from aml_pipelines.fileio import fsync_dir, read_json_object, sha256_file, write_json
 from aml_pipelines.registry.base import ModelVersion
+from scoring.cli import KEEP_ALIVE_S
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ def build():
     return create_app(Path(__file__).parent, colour=os.environ.get("AML_ROLLOUT_COLOUR", "green"))
 '''
 
+# The image's uvicorn runs as `aml-rollout serve` does: idle connections kept KEEP_ALIVE_S (the
+# proxy in front must close them first, or it answers a racing request 503 itself), no access log.
 DOCKERFILE = """\
 # Image for {model} version {version} (sha256 {sha256}).
 # Build: docker build -t {image} .
@@ -87,7 +90,8 @@ RUN useradd --uid 10001 --no-create-home scorer
 USER 10001
 EXPOSE {port}
 HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/healthz')"
-CMD ["uvicorn", "asgi:build", "--factory", "--host", "0.0.0.0", "--port", "{port}"]
+CMD ["uvicorn", "asgi:build", "--factory", "--host", "0.0.0.0", "--port", "{port}", \\
+     "--timeout-keep-alive", "{keep_alive}", "--no-access-log"]
 """
 
 
@@ -252,6 +256,7 @@ def build_package(
                 sha256=actual,
                 image=image,
                 port=SERVER_PORT,
+                keep_alive=KEEP_ALIVE_S,
             ),
             encoding="utf-8",
         )

@@ -133,6 +133,29 @@ def test_the_images_non_root_user_can_read_every_packaged_file(
         )
 
 
+def test_the_image_serves_like_aml_rollout_serve(registered, tmp_path: Path) -> None:
+    # Behind a proxy (the Istio sidecar keeps idle upstream connections for an hour) uvicorn's
+    # default 5 s keep-alive let a request race the server's close: a 503 made up by the proxy,
+    # counted against the model. The image's uvicorn keeps them as long as `serve` does.
+    from uvicorn.main import main as uvicorn_command
+
+    from scoring.cli import KEEP_ALIVE_S
+
+    registry, _ = registered
+    pkg = build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "p", image_registry="r").path
+    (cmd,) = [
+        line
+        for line in (pkg / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
+        if line.startswith("CMD ")
+    ]
+    program, *args = json.loads(cmd.removeprefix("CMD "))
+    assert program == "uvicorn"
+    options = uvicorn_command.make_context("uvicorn", args).params
+    assert options["app"] == "asgi:build" and options["factory"]
+    assert options["timeout_keep_alive"] == KEEP_ALIVE_S
+    assert options["access_log"] is False  # a log line per request, as `serve` does not
+
+
 def test_a_swapped_model_file_is_not_packaged(registered, tmp_path: Path) -> None:
     registry, _ = registered
     version = registry.get("Diabetes-Ridge", 1)
