@@ -156,6 +156,11 @@ def resolve_model_dir(path: Path) -> tuple[Path, dict[str, Any] | None]:
     candidates = [c for c in children if (c / PACKAGE_JSON).is_file() or (c / MODEL_JSON).is_file()]
     if len(candidates) == 1:
         return resolve_model_dir(candidates[0])
+    if candidates:  # e.g. a demo's packages/<model>/, one package per version
+        names = ", ".join(c.name for c in candidates)
+        raise ModelLoadError(
+            f"{path} holds {len(candidates)} model or package folders ({names}): give one of them"
+        )
     raise ModelLoadError(
         f"{path} holds neither {PACKAGE_JSON} (package folder) nor {MODEL_JSON} (model folder)"
     )

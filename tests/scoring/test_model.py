@@ -50,6 +50,15 @@ def test_folder_holding_one_model_folder_is_found(model_dir: Path, tmp_path: Pat
     assert load_model(tmp_path).identity.name == "diabetes"
 
 
+def test_folder_holding_several_model_folders_names_them(model_dir: Path, tmp_path: Path) -> None:
+    # A demo's packages/<model>/ holds one package per version: "holds neither package.json nor
+    # model.json" sent the user looking for a broken file rather than at the version to pick.
+    for version in ("1", "2"):
+        shutil.copytree(model_dir, tmp_path / version)
+    with pytest.raises(ModelLoadError, match=r"holds 2 model or package folders \(1, 2\)"):
+        load_model(tmp_path)
+
+
 def test_sha256_mismatch_refuses_to_load(model_dir: Path, tmp_path: Path) -> None:
     copy = _copy(model_dir, tmp_path)
     with (copy / "model.skops").open("ab") as handle:
