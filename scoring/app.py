@@ -78,6 +78,13 @@ Send = Callable[[Message], Awaitable[None]]
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _AUTH_HEADERS = [*_JSON_HEADERS, (b"www-authenticate", b"Bearer")]
 _FAULT_HEADERS = [*_JSON_HEADERS, (b"x-fault-injected", b"1")]
+_UPGRADE_LOST_BODY = orjson.dumps(
+    {
+        "error": "no request body arrived: this server speaks HTTP/1.1 only, and a request "
+        "offering another protocol (Upgrade: h2c) loses its body on the way in; send it "
+        "without the Upgrade header (Java HttpClient: version HTTP_1_1)"
+    }
+)
 
 
 class FaultSetting(BaseModel):
@@ -213,6 +220,11 @@ class ScoreEndpoint:
         body = await _read_body(headers, receive, state.max_body_bytes)
         if isinstance(body, InputError):
             return body.status, _error(body.message), _JSON_HEADERS
+        if not body and any(name == b"upgrade" for name, _ in headers):
+            # uvicorn's httptools parser drops the body of a request offering an upgrade it
+            # does not take (uvicorn #2722), and Java's HttpClient offers h2c on every request:
+            # "empty request body" sent the client looking for a bug in its payload.
+            return 400, _UPGRADE_LOST_BODY, _JSON_HEADERS
         if state.fault.active:
             draw = state.fault.draw()
             if draw.delay_s > 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import logging
@@ -20,7 +21,7 @@ from sklearn.tree import DecisionTreeRegressor
 from scoring.app import create_app
 from scoring.faults import FaultKnob
 from scoring.model import LoadedModel, load_model
-from tests.scoring.conftest import AppClient, make_model_dir
+from tests.scoring.conftest import AppClient, make_model_dir, running_server
 
 LOOPBACK = ("127.0.0.1", 40000)
 ROW = [0.03, 0.05, 0.06, 0.02, -0.04, -0.03, -0.04, -0.002, 0.02, -0.017]
@@ -527,3 +528,24 @@ def test_create_app_refuses_a_key_that_would_mean_no_auth(
     # Was: empty keys were dropped, so `--api-key ""` served /score to anyone.
     with pytest.raises(ValueError, match="API key"):
         create_app(loaded, registry=registry, api_keys=keys)
+
+
+def test_a_body_dropped_by_an_h2c_upgrade_offer_is_said_so(
+    loaded: LoadedModel, registry: CollectorRegistry
+) -> None:
+    # Java's HttpClient (Spring's RestClient) offers `Upgrade: h2c` on every request; uvicorn's
+    # httptools parser then hands the app an empty body (uvicorn #2722). The answer said "empty
+    # request body" to a client that had sent one; it names the header to drop.
+    offer = {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c", "HTTP2-Settings": "AAMA"}
+    with running_server(create_app(loaded, registry=registry, colour="blue")) as url:
+        host, port = url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            conn.request("POST", "/score", json.dumps({"data": [ROW]}), headers=offer)
+            response = conn.getresponse()
+            status, error = response.status, json.loads(response.read())["error"]
+        finally:
+            conn.close()
+    assert status == 400
+    assert "Upgrade: h2c" in error and "HTTP/1.1" in error, error
+    assert sample(registry, "scoring_requests_total", "400") == 1
