@@ -78,6 +78,7 @@ Send = Callable[[Message], Awaitable[None]]
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _AUTH_HEADERS = [*_JSON_HEADERS, (b"www-authenticate", b"Bearer")]
 _FAULT_HEADERS = [*_JSON_HEADERS, (b"x-fault-injected", b"1")]
+_ENCODING_HEADERS = [*_JSON_HEADERS, (b"accept-encoding", b"identity")]
 _UPGRADE_LOST_BODY = orjson.dumps(
     {
         "error": "no request body arrived: this server speaks HTTP/1.1 only, and a request "
@@ -217,6 +218,14 @@ class ScoreEndpoint:
                 _error("missing or invalid API key (Authorization: Bearer <key>)"),
                 _AUTH_HEADERS,
             )
+        for name, value in headers:
+            if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+                # Decoded as is, a gzip body was a 400 "malformed JSON: not valid UTF-8".
+                encoding = value.strip()[:64].decode("latin-1")
+                message = (
+                    f"Content-Encoding {encoding} is not supported: send the body uncompressed"
+                )
+                return 415, _error(message), _ENCODING_HEADERS
         body = await _read_body(headers, receive, state.max_body_bytes)
         if isinstance(body, InputError):
             return body.status, _error(body.message), _JSON_HEADERS
@@ -333,6 +342,7 @@ def _score_openapi(
             "400": answer("malformed JSON or unreadable body", error),
             "401": answer("missing or invalid API key", error),
             "413": answer("body or batch too large", error),
+            "415": answer("compressed body (Content-Encoding other than identity)", error),
             "422": answer("well-formed JSON the model cannot score", error),
             "500": answer("injected fault or internal error", error),
             "503": answer("model not loaded yet", error),

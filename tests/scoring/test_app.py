@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import itertools
 import json
@@ -93,6 +94,25 @@ def test_bad_input_is_a_4xx_json_error_and_counted(
     assert response.headers["content-type"] == "application/json"
     assert isinstance(response.json()["error"], str)
     assert sample(registry, "scoring_requests_total", str(status)) == 1
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate", "GZIP"])
+def test_a_compressed_body_is_a_415_that_says_so(
+    blue: AppClient, registry: CollectorRegistry, encoding: str
+) -> None:
+    # Was: 400 "malformed JSON: str is not valid UTF-8", as if the payload were wrong.
+    body = gzip.compress(json.dumps({"data": [ROW]}).encode())
+    response = blue.post("/score", content=body, headers={"content-encoding": encoding})
+    assert response.status_code == 415
+    assert response.json()["error"].startswith(f"Content-Encoding {encoding} is not supported")
+    assert response.headers["accept-encoding"] == "identity"
+    assert sample(registry, "scoring_requests_total", "415") == 1
+
+
+def test_an_identity_encoded_body_is_scored(blue: AppClient) -> None:
+    body = json.dumps({"data": [ROW]}).encode()
+    response = blue.post("/score", content=body, headers={"content-encoding": "identity"})
+    assert response.status_code == 200
 
 
 def test_too_many_rows_is_413(loaded: LoadedModel, registry: CollectorRegistry) -> None:
