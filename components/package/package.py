@@ -71,8 +71,17 @@ from scoring.app import create_app
 
 
 def build():
-    """uvicorn asgi:build --factory (colour from AML_ROLLOUT_COLOUR, default green)."""
-    return create_app(Path(__file__).parent, colour=os.environ.get("AML_ROLLOUT_COLOUR", "green"))
+    """uvicorn asgi:build --factory (colour from AML_ROLLOUT_COLOUR, default green).
+
+    AML_ROLLOUT_API_KEY, as for `aml-rollout serve`: when set, /score needs
+    `Authorization: Bearer <key>`; set but blank refuses to start (a secret not injected).
+    """
+    key = os.environ.get("AML_ROLLOUT_API_KEY")
+    return create_app(
+        Path(__file__).parent,
+        colour=os.environ.get("AML_ROLLOUT_COLOUR", "green"),
+        api_keys=() if key is None else (key,),
+    )
 '''
 
 # The image's uvicorn runs as `aml-rollout serve` does: idle connections kept KEEP_ALIVE_S (the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.util
 import json
 import os
 import re
@@ -154,6 +155,36 @@ def test_the_image_serves_like_aml_rollout_serve(registered, tmp_path: Path) -> 
     assert options["app"] == "asgi:build" and options["factory"]
     assert options["timeout_keep_alive"] == KEEP_ALIVE_S
     assert options["access_log"] is False  # a log line per request, as `serve` does not
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        pytest.param(None, (), id="unset-no-auth"),
+        pytest.param("s3cret", (b"s3cret",), id="set"),
+        pytest.param(" ", ValueError, id="blank-fails-closed"),
+    ],
+)
+def test_the_image_takes_its_api_key_from_the_environment_as_serve_does(
+    registered, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str | None, expected: Any
+) -> None:
+    # Was: asgi.py never read AML_ROLLOUT_API_KEY, so a Deployment given the key, as the serve
+    # docs say, served /score to anyone.
+    registry, _ = registered
+    pkg = build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "p", image_registry="r").path
+    spec = importlib.util.spec_from_file_location("packaged_asgi", pkg / "asgi.py")
+    assert spec is not None and spec.loader is not None
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    if key is None:
+        monkeypatch.delenv("AML_ROLLOUT_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("AML_ROLLOUT_API_KEY", key)
+    if expected is ValueError:
+        with pytest.raises(ValueError, match="API key"):
+            entry.build()
+    else:
+        assert entry.build().state.scoring.api_keys == expected
 
 
 def test_a_swapped_model_file_is_not_packaged(registered, tmp_path: Path) -> None:
