@@ -477,7 +477,7 @@ def create_app(
 
     # HEAD too: some load balancers and uptime checks probe with it, and read a 405 as "down".
     # Outside the schema: one function under two methods would repeat its OpenAPI operation id.
-    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):
+    for path, probe in (("/healthz", healthz), ("/readyz", readyz), ("/score", identity)):
         app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/metrics")

@@ -192,6 +192,16 @@ def test_health_and_readiness(blue: AppClient) -> None:
     assert blue.request("HEAD", "/readyz").status_code == 200
 
 
+def test_head_score_answers_like_get(blue: AppClient, loaded: LoadedModel) -> None:
+    # Was 405 with `Allow: GET, POST`: GET allowed, HEAD refused (HTTP wants both), and an
+    # uptime check on the scoring URL took the server for down.
+    response = blue.request("HEAD", "/score")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    with client(loaded, CollectorRegistry(), api_keys=[KEY]) as keyed:
+        assert keyed.request("HEAD", "/score").status_code == 401
+
+
 def test_readyz_is_503_until_the_model_is_loaded(
     model_dir: Path, registry: CollectorRegistry
 ) -> None:
@@ -464,7 +474,7 @@ def test_admin_route_answers_bad_numbers_422_not_500(blue: AppClient, body: byte
 @pytest.mark.parametrize(
     ("method", "path", "status", "allow"),
     [
-        pytest.param("PUT", "/score", 405, "GET, POST", id="wrong-method"),
+        pytest.param("PUT", "/score", 405, "GET, HEAD, POST", id="wrong-method"),
         pytest.param("DELETE", "/admin/fault", 405, "GET, PUT", id="wrong-admin-method"),
         pytest.param("POST", "/readyz", 405, "GET, HEAD", id="wrong-probe-method"),
         pytest.param("GET", "/nowhere", 404, None, id="unknown-path"),
