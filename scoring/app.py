@@ -191,7 +191,9 @@ class ScoreEndpoint:
         metrics = state.metrics
         scorer = state.scorer
         if metrics is None or scorer is None:
-            await _send(send, 503, _error("model not loaded yet"), _JSON_HEADERS)
+            failed = state.load_error
+            message = f"model failed to load: {failed}" if failed else "model not loaded yet"
+            await _send(send, 503, _error(message), _JSON_HEADERS)
             return
         started = time.perf_counter()
         metrics.in_flight.inc()

@@ -228,8 +228,12 @@ def test_readyz_reports_a_failed_load(model_dir: Path, tmp_path: Path) -> None:
         while (r := c.get("/readyz")).json()["status"] == "loading":
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        scored = c.post("/score", json={"data": [ROW]})
     assert r.status_code == 503
     assert "sha256" in r.json()["error"]
+    # Was "model not loaded yet": a client kept waiting for a load that had failed.
+    assert scored.status_code == 503
+    assert scored.json()["error"] == f"model failed to load: {r.json()['error']}"
 
 
 def test_readyz_reports_a_load_that_failed_unexpectedly(
