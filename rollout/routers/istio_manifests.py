@@ -49,6 +49,8 @@ DEFAULT_ROUTE = "aml-rollout-default"
 ANNOTATION_PREFIX = "aml-rollout.io/"
 SCORING_CONTAINER = "scoring"
 COLOUR_ENV = "AML_ROLLOUT_COLOUR"
+#: The one port our Gateway listens on (HTTP).
+GATEWAY_PORT = 80
 
 # What the Istio router does through the API, and nothing else.
 ROUTER_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -451,7 +453,7 @@ def gateway(layout: IstioLayout) -> Obj:
             "selector": dict(layout.ingress_selector),
             "servers": [
                 {
-                    "port": {"number": 80, "name": "http", "protocol": "HTTP"},
+                    "port": {"number": GATEWAY_PORT, "name": "http", "protocol": "HTTP"},
                     "hosts": list(layout.hosts),
                 }
             ],
@@ -535,21 +537,32 @@ def merge_routes(current: list[Obj], layout: IstioLayout, weights: Weights) -> l
     return result
 
 
-# A match entry with only these keys, and a `uri` (if any) among _EVERY_URI, matches everything.
+# A match entry with only these keys, and a `uri` (if any) among _EVERY_URI, matches everything
+# that comes through our Gateway; so do `gateways` naming it and `port` its port (`_narrows`).
 _NON_MATCHING_KEYS = {"name", "ignoreUriCase", "statPrefix"}
 _EVERY_URI = ({"prefix": "/"}, {"regex": ".*"}, {"regex": "^.*$"}, {"regex": "/.*"})
 
 
-def matches_everything(route: Obj) -> bool:
-    """Whether an http route takes every request (no `match`, or a match-all entry in it)."""
+def matches_everything(route: Obj, layout: IstioLayout) -> bool:
+    """Whether an http route takes every request that comes through our Gateway (no `match`, or
+    a match-all entry in it)."""
     entries = route.get("match")
     if not entries:
         return True
-    return any(
-        isinstance(entry, dict)
-        and set(entry) <= {*_NON_MATCHING_KEYS, "uri"}
-        and entry.get("uri", _EVERY_URI[0]) in _EVERY_URI
-        for entry in entries
+    return any(isinstance(entry, dict) and not _narrows(entry, layout) for entry in entries)
+
+
+def _narrows(entry: Obj, layout: IstioLayout) -> bool:
+    """Whether a match entry leaves out some request through our Gateway. Its `gateways`
+    (which replace the VirtualService's for that route) leave out none when they name ours
+    (`<name>` in the VirtualService's namespace, or `<namespace>/<name>`), its `port` none when
+    it is the Gateway's one port."""
+    ours = {layout.gateway, f"{layout.namespace}/{layout.gateway}"}
+    return (
+        not set(entry) <= {*_NON_MATCHING_KEYS, "uri", "gateways", "port"}
+        or entry.get("uri", _EVERY_URI[0]) not in _EVERY_URI
+        or ("gateways" in entry and not ours & set(entry["gateways"] or ()))
+        or entry.get("port", GATEWAY_PORT) != GATEWAY_PORT
     )
 
 
@@ -558,7 +571,7 @@ def check_reachable(http: list[Obj], layout: IstioLayout) -> None:
     (the user's route to change: no retry helps)."""
     ours = {pin_route(c) for c in Colour} | {DEFAULT_ROUTE}
     for index, route in enumerate(http):
-        if route.get("name") in ours or not matches_everything(route):
+        if route.get("name") in ours or not matches_everything(route, layout):
             continue
         shadowed = [r["name"] for r in http[index + 1 :] if r.get("name") in ours]
         if shadowed:

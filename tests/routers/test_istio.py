@@ -1337,6 +1337,22 @@ def _user(name: str, *match: dict[str, Any]) -> dict[str, Any]:
             _user("legacy", {"uri": {"prefix": "/"}, "gateways": ["mesh"]}), False,
             id="only-from-the-mesh",
         ),
+        # Our routes serve what comes through our Gateway, on its one port (80): a match on
+        # that Gateway or that port narrows nothing there (a VirtualService bound to the mesh
+        # and the Gateway splits its routes so).
+        pytest.param(
+            _user("legacy", {"gateways": ["diabetes-gateway"]}), True, id="our-gateway",
+        ),
+        pytest.param(
+            _user("legacy", {"uri": {"prefix": "/"}, "gateways": ["mesh", "ml/diabetes-gateway"]}),
+            True, id="the-mesh-and-our-gateway-by-namespace",
+        ),
+        pytest.param(_user("legacy", {"port": 80}), True, id="our-gateway-port"),
+        pytest.param(
+            _user("legacy", {"gateways": ["other/diabetes-gateway"]}), False,
+            id="a-gateway-of-that-name-in-another-namespace",
+        ),
+        pytest.param(_user("legacy", {"port": 8080}), False, id="another-port"),
     ],
 )  # fmt: skip
 def test_a_user_catch_all_before_our_default_route_is_refused(
