@@ -589,8 +589,12 @@ def check_reachable(http: list[Obj], layout: IstioLayout) -> None:
 def weights_from_routes(http: list[Obj], layout: IstioLayout) -> Weights:
     """The weights of our default route, read from a VirtualService's `spec.http`.
 
+    The weights are read as Istio serves them (pilot's route translation): a lone destination
+    takes everything, whatever its weight; among several, an absent weight is 0 (Go clients
+    omit zero values) and each destination gets weight / sum (relative weights).
+
     RouterError when a user route shadows it (`check_reachable`): its weights would not be
-    what the data plane serves.
+    what the data plane serves; and for a split Weights cannot hold (not whole percents).
     """
     check_reachable(http, layout)
     route = next((r for r in http if r.get("name") == DEFAULT_ROUTE), None)
@@ -599,16 +603,26 @@ def weights_from_routes(http: list[Obj], layout: IstioLayout) -> Weights:
         raise RouterError(f"{where} has no {DEFAULT_ROUTE!r} route (not bootstrapped?)")
     by_host = {layout.service(c): c for c in Colour}
     found = {Colour.BLUE: 0, Colour.GREEN: 0}
-    for destination in route.get("route", []):
+    destinations = route.get("route") or []
+    for destination in destinations:
         host = (destination.get("destination") or {}).get("host", "")
         name = _service_named(host, layout)
         if name not in by_host:
             raise RouterError(f"{where}: route {DEFAULT_ROUTE!r} sends traffic to unknown {host!r}")
-        # A single destination without weight takes everything (Istio's rule).
-        found[by_host[name]] += int(destination.get("weight", 100))
+        lone = len(destinations) == 1
+        found[by_host[name]] += 1 if lone else int(destination.get("weight") or 0)
+    total = sum(found.values())
+    if total == 0:
+        raise RouterError(f"{where}: route {DEFAULT_ROUTE!r} has no destination with a weight")
+    if found[Colour.BLUE] * 100 % total:
+        raise RouterError(
+            f"{where}: route {DEFAULT_ROUTE!r} sends {found[Colour.BLUE]}/{total} of its traffic "
+            "to blue, not a whole percent"
+        )
+    blue = found[Colour.BLUE] * 100 // total
     mirror = mirror_from_route(route, layout)
     try:
-        return Weights(blue=found[Colour.BLUE], green=found[Colour.GREEN], mirror=mirror)
+        return Weights(blue=blue, green=100 - blue, mirror=mirror)
     except ValueError as exc:
         raise RouterError(f"{where}: route {DEFAULT_ROUTE!r} has invalid weights: {exc}") from exc
 

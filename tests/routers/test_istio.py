@@ -1613,6 +1613,61 @@ def test_a_mirror_weights_cannot_hold_is_a_router_error(
         m.weights_from_routes(_default_with(blue, **fields), LAYOUT)
 
 
+def _weighted(*destinations: tuple[str, int | None]) -> list[dict[str, Any]]:
+    """Our routes, the default one sending to `(host, weight)`s (None: no `weight` field)."""
+    http = m.managed_routes(LAYOUT, Weights.blue_at(0))
+    http[-1]["route"] = [
+        {"destination": {"host": host}} | ({} if weight is None else {"weight": weight})
+        for host, weight in destinations
+    ]
+    return http
+
+
+@pytest.mark.parametrize(
+    ("destinations", "served"),
+    [
+        # Istio (pilot's route translation): with several destinations, one whose weight is 0
+        # or absent gets nothing; a lone destination gets everything, whatever its weight.
+        # Go clients that omit zero values (`weight,omitempty`) write blue at 0 % so.
+        pytest.param(
+            [("diabetes-green", 100), ("diabetes-blue", None)], 0, id="absent-weight-is-zero"
+        ),
+        pytest.param([("diabetes-blue", None)], 100, id="lone-destination-without-weight"),
+        pytest.param([("diabetes-blue", 0)], 100, id="lone-destination-at-zero-takes-all"),
+        pytest.param([("diabetes-green", 30)], 0, id="lone-destination-at-30-takes-all"),
+        # Weights are relative: each destination gets weight / sum.
+        pytest.param([("diabetes-green", 1), ("diabetes-blue", 1)], 50, id="relative-one-one"),
+        pytest.param([("diabetes-green", 30), ("diabetes-blue", 10)], 25, id="relative-thirty-ten"),
+    ],
+)
+def test_weights_are_read_as_istio_serves_them(
+    destinations: list[tuple[str, int | None]], served: int
+) -> None:
+    assert m.weights_from_routes(_weighted(*destinations), LAYOUT) == Weights.blue_at(served)
+
+
+@pytest.mark.parametrize(
+    ("destinations", "message"),
+    [
+        pytest.param(
+            [("diabetes-green", 2), ("diabetes-blue", 1)],
+            "sends 1/3 of its traffic to blue, not a whole percent",
+            id="not-a-whole-percent",
+        ),
+        pytest.param(
+            [("diabetes-green", 0), ("diabetes-blue", None)],
+            "no destination with a weight",
+            id="all-at-zero",
+        ),
+    ],
+)
+def test_weights_istio_serves_but_weights_cannot_hold_are_a_router_error(
+    destinations: list[tuple[str, int | None]], message: str
+) -> None:
+    with pytest.raises(RouterError, match=re.escape(message)):
+        m.weights_from_routes(_weighted(*destinations), LAYOUT)
+
+
 def test_a_destination_in_another_namespace_is_not_ours() -> None:
     http = m.managed_routes(LAYOUT, Weights.blue_at(30))
     http[-1]["route"][1]["destination"]["host"] = "diabetes-blue.staging.svc.cluster.local"
