@@ -514,6 +514,33 @@ def test_an_expired_lease_is_watched_a_ttl_before_it_is_taken(api: FakeKubeApiSe
         assert "bob" in (later.controller() or "")
 
 
+def test_the_watch_lasts_the_lease_s_own_duration_when_it_is_longer(
+    api: FakeKubeApiServer,
+) -> None:
+    """A holder with a 60 s ttl renews every 20 s. A newcomer with a 15 s ttl (a spec changed
+    since) whose clock runs ahead sees the Lease expired; watching it only its own 15 s, it
+    could miss the next renewal and take a live lease. It watches the Lease's own duration."""
+    holder = kube_store(api, ttl=60)
+    instant = InstantTime()
+
+    def sleep_through_a_renewal(seconds: float) -> None:
+        before = instant.now
+        instant.sleep(seconds)
+        if before < 20 <= instant.now:  # the holder's renewal, 20 s into the watch
+            lease = lease_of(api)
+            lease["spec"]["renewTime"] = o.micro_time(time.time())
+            api.seed(lease, "leases", "coordination.k8s.io")
+
+    newcomer = kube_store(
+        api, ttl=15, clock=ahead(120), monotonic=instant.monotonic, sleep=sleep_through_a_renewal
+    )
+    with holder.lease("ann"):
+        with pytest.raises(LeaseHeldError, match="ann pid"):
+            newcomer.lease("bob").__enter__()
+        holder.save(a_status(1))  # still the holder
+    assert lease_of(api)["spec"].get("leaseTransitions", 0) == 0
+
+
 def test_an_edit_of_the_status_configmap_by_someone_else_does_not_stop_the_holder(
     api: FakeKubeApiServer,
 ) -> None:
