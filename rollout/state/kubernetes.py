@@ -616,11 +616,18 @@ class KubernetesStateStore:
         """Run one request made with `_preload_content=False`; the object the server answered.
 
         404 → _Missing, 409 → _Conflict (the callers decide what they mean), anything else that
-        fails → StateError naming the object and the API server.
+        fails → StateError naming the object and the API server. A 404 naming no object is no
+        missing object (a rollout not started) but a URL that serves no such API.
         """
         try:
             response = call()
         except ApiException as exc:
+            if kubeapi.not_served(exc):
+                raise StateError(
+                    f"{what}: the API server at {self._host} does not serve this resource type "
+                    "(HTTP 404 naming no object); is it a Kubernetes API server? (check "
+                    "state.api_url or the kubeconfig)"
+                ) from exc
             if exc.status == kubeapi.NOT_FOUND:
                 raise _Missing(kubeapi.describe(exc, self._credentials)) from exc
             if exc.status == kubeapi.CONFLICT:

@@ -30,6 +30,7 @@ from rollout.state.factory import make_store
 from rollout.state.kubernetes import KubernetesStateStore
 from rollout.state.kubernetes_objects import StateObjects
 from tests.fakes.kube_apiserver import DELETED, FakeKubeApiServer
+from tests.fakes.server import Answering
 from tests.state.contract import a_status
 from tests.state.helpers import NAMESPACE, exercise, kube_store, lease_of, status
 
@@ -414,6 +415,28 @@ def test_an_unreachable_api_server_is_a_state_error_with_its_url() -> None:
         store.load()
     assert str(e.value).endswith(f"{url}: Failed to establish a new connection: [Errno 111] "
                                  "Connection refused")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda store: store.load(), id="status"),
+        pytest.param(lambda store: store.commands(), id="commands"),
+        pytest.param(lambda store: store.controller(), id="controller"),
+    ],
+)
+def test_an_api_url_that_is_no_api_server_is_not_taken_for_a_rollout_not_started(
+    call: Callable[[KubernetesStateStore], object],
+) -> None:
+    """Any HTTP server that is not an API server answers `404 page not found` for every path:
+    read as a missing ConfigMap, `status` said "not started" and steering refused so."""
+    with Answering(404, b"404 page not found\n", "text/plain") as url:
+        store = make_store(KubernetesStateConfig(namespace=NAMESPACE, api_url=url), "r")
+        with pytest.raises(StateError) as refused:
+            call(store)
+    assert f"the API server at {url} does not serve this resource type (HTTP 404 naming no " \
+        "object); is it a Kubernetes API server? (check state.api_url or the kubeconfig)" \
+        in str(refused.value)  # fmt: skip
 
 
 def _edited_status(**fields: Any) -> str:
