@@ -484,6 +484,4 @@ _INVALID = (
 
 
 def _unreachable(what: str, exc: Exception, host: str) -> RouterError:
-    return RouterUnavailable(
-        f"{what}: cannot reach the Kubernetes API at {host}: {kubeapi.unreachable(exc)}"
-    )
+    return RouterUnavailable(f"{what}: {kubeapi.no_answer(exc, host)}")

@@ -636,10 +636,7 @@ class KubernetesStateStore:
                 f"{what}: {kubeapi.describe(exc, self._credentials)} [{self._host}]"
             ) from exc
         except HTTPError as exc:
-            raise StateError(
-                f"{what}: cannot reach the Kubernetes API at {self._host}: "
-                f"{kubeapi.unreachable(exc)}"
-            ) from exc
+            raise StateError(f"{what}: {kubeapi.no_answer(exc, self._host)}") from exc
         try:
             return cast(Obj, json.loads(response.data))
         except ValueError as exc:

@@ -21,6 +21,7 @@ from kubernetes import client as k8s
 
 from rollout import kubeapi
 from rollout.config import IstioRouterConfig, KubeApiConfig, KubernetesStateConfig
+from rollout.core.status import Status
 from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.errors import (
     ConfigError,
@@ -35,6 +36,7 @@ from rollout.routers import istio_manifests as m
 from rollout.routers.factory import make_router
 from rollout.routers.istio import IstioRouter
 from rollout.state.kubernetes import KubernetesStateStore
+from rollout.state.kubernetes_objects import StateObjects
 from tests.fakes.kube_apiserver import ApiError, FakeKubeApiServer
 from tests.fakes.server import Answering
 from tests.routers.contract import V1, V2, RouterContract, identity
@@ -1118,6 +1120,38 @@ def test_an_unreachable_api_server_is_a_router_error_with_its_url() -> None:
     # urllib3's reason, without its "Max retries exceeded with url: ... (Caused by ...)".
     assert str(e.value).endswith(f"{url}: Failed to establish a new connection: [Errno 111] "
                                  "Connection refused")  # fmt: skip
+
+
+def _weights_too_late(api: FakeKubeApiServer) -> None:
+    both_deployed(api)
+    make(api, request_timeout_s=0.1).set_weights(Weights.blue_at(10))
+
+
+def _status_too_late(api: FakeKubeApiServer) -> None:
+    cfg = KubernetesStateConfig(namespace="ml", api_url=api.url)
+    objects = StateObjects(namespace="ml", rollout="diabetes")
+    store = KubernetesStateStore(objects, kubeapi.api_client(cfg, "state"), request_timeout_s=0.1)
+    store.save(Status(name="diabetes", phase=Phase.PROGRESSING))
+
+
+@pytest.mark.parametrize(
+    ("resource", "verb", "call", "error"),
+    [
+        pytest.param("virtualservices", "patch", _weights_too_late, RouterUnavailable, id="router"),
+        pytest.param("configmaps", "create", _status_too_late, StateError, id="state-store"),
+    ],
+)
+def test_an_api_server_that_answers_too_late_is_not_said_unreachable(
+    api: FakeKubeApiServer, resource: str, verb: str, call: Any, error: type[Exception]
+) -> None:
+    """Was: "cannot reach the Kubernetes API at ...: Read timed out. (read timeout=0.0999...)"
+    for an API server that was reached and is slow (overloaded, or waiting on an admission
+    webhook: Istio's validation is one)."""
+    api.delay(resource, verb, 0.5)
+    with pytest.raises(error) as late:
+        call(api)
+    assert f"no answer from the Kubernetes API at {api.url} within 0.1 s" in str(late.value)
+    assert "cannot reach" not in str(late.value)
 
 
 def test_run_against_a_dead_api_server_says_so_in_one_line(tmp_path: Path) -> None:
