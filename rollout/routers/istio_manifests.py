@@ -501,6 +501,17 @@ def managed_routes(layout: IstioLayout, weights: Weights) -> list[Obj]:
     return [*pins, default]
 
 
+def route_ports(http: list[Obj]) -> set[object]:
+    """The destination ports of our routes in a VirtualService's `spec.http`."""
+    ours = {pin_route(c) for c in Colour} | {DEFAULT_ROUTE}
+    return {
+        ((destination.get("destination") or {}).get("port") or {}).get("number")
+        for route in http
+        if route.get("name") in ours
+        for destination in route.get("route") or []
+    }
+
+
 def virtual_service(layout: IstioLayout, weights: Weights) -> Obj:
     """The VirtualService bound to the Gateway, holding only our routes."""
     return {

@@ -130,6 +130,32 @@ def test_deploy_creates_the_objects_the_manifests_describe(api: FakeKubeApiServe
     ]
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda r: r.deploy(Colour.BLUE, V2), id="deploy"),
+        # A resumed controller's first call may be a weights change, with no deploy before it.
+        pytest.param(lambda r: r.set_weights(Weights.blue_at(0)), id="set-weights"),
+    ],
+)
+def test_a_service_port_other_than_the_spec_s_is_refused_before_any_route_uses_it(
+    api: FakeKubeApiServer, call: Any
+) -> None:
+    """Installed with the chart's port 80, run with `router.port: 8000` (the scoring server's
+    port, typed as the Service's): the routes would send every request, green's too, to a port
+    no Service has (Envoy answers 503), from the first weights change on."""
+    make(api).deploy(Colour.GREEN, V1)
+    routes = http_routes(api)
+    router = make(api, dataclasses.replace(LAYOUT, port=8000))
+    with pytest.raises(RouterRefused, match=(
+        r"Service ml/diabetes-green exposes port 80, not router.port 8000: routes to it "
+        r"would fail every request; set router.port: 80"
+    )):  # fmt: skip
+        call(router)
+    assert http_routes(api) == routes
+    assert not api.exists("deployments", "diabetes-blue", "ml", "apps")
+
+
 def test_header_routes_come_first_and_pin_to_their_colour(api: FakeKubeApiServer) -> None:
     router = make(api)
     router.deploy(Colour.GREEN, V1)
