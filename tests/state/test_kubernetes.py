@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client import exceptions as k8s_exceptions
 
 from rollout.config import KubernetesStateConfig
 from rollout.core.machine import with_commands
@@ -201,6 +202,41 @@ def test_the_fake_refuses_an_oversized_configmap_as_the_api_server_does(
                 _preload_content=False,
             ),
         )
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status"),
+    [
+        # A patch its content type cannot hold (a list as merge patch): the real API server
+        # answers 400, not a dropped connection the client reports as an unreachable server.
+        pytest.param("application/merge-patch+json", [{"op": "add"}], 400, id="merge-patch-list"),
+        pytest.param(
+            "application/json-patch+json", [{"op": "replace", "path": "/data/a", "value": "2"}],
+            200, id="json-patch-list",
+        ),
+        # The client (kubernetes 37) sends a dict on a typed API as strategic merge patch,
+        # by default and even when told JSON Patch; the fake refuses it rather than
+        # approximate it (merge patch would differ on lists: containers, env).
+        pytest.param(None, {"data": {"a": "2"}}, 415, id="client-default-for-a-dict"),
+        pytest.param(
+            "application/json-patch+json", {"data": {"a": "2"}}, 415,
+            id="a-dict-told-json-patch-goes-as-strategic",
+        ),
+    ],
+)  # fmt: skip
+def test_the_fake_answers_a_malformed_patch_as_the_api_server_does(
+    api: FakeKubeApiServer, content_type: str | None, body: Any, status: int
+) -> None:
+    store = kube_store(api)
+    store.push_command(Command(id="1", kind="pause"))
+    api.seed(o.configmap(store.objects, "cm", {"a": "1"}), "configmaps")
+    kwargs = {} if content_type is None else {"_content_type": content_type}
+    try:
+        store._core.patch_namespaced_config_map("cm", NAMESPACE, body, **kwargs)
+        answered = 200
+    except k8s_exceptions.ApiException as exc:
+        answered = exc.status
+    assert answered == status
 
 
 # ----------------------------------------------------------------------- two nodes, one lease
