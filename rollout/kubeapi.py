@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Literal
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
-from urllib3.exceptions import ReadTimeoutError
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
 
 from rollout.errors import ConfigError
 
@@ -169,6 +169,7 @@ class Credentials:
 
 _CONNECTION = re.compile(r"^HTTPS?Connection(Pool)?\(host=[^)]*\): ")
 _READ_TIMEOUT = re.compile(r"read timeout=([0-9.]+)")
+_TIMEOUT = re.compile(r"timeout=([0-9]+\.[0-9]+)")
 
 
 def no_answer(exc: Exception, host: str) -> str:
@@ -184,7 +185,13 @@ def no_answer(exc: Exception, host: str) -> str:
             f"no answer from the Kubernetes API at {host}{within} (reached, but slow: "
             "overloaded, or waiting on an admission webhook)"
         )
-    why = _CONNECTION.sub("", str(reason)) or type(reason).__name__
+    if isinstance(reason, ConnectTimeoutError) and not isinstance(reason, NewConnectionError):
+        # Raised as ConnectTimeoutError(conn, message): its str is the tuple's repr.
+        why = str(reason.args[-1]) if reason.args else type(reason).__name__
+    else:
+        why = _CONNECTION.sub("", str(reason)) or type(reason).__name__
+    # The timeout left of the request's total, e.g. 9.999871: said as what was asked (10).
+    why = _TIMEOUT.sub(lambda m: f"timeout={round(float(m.group(1)), 1):g}", why)
     return f"cannot reach the Kubernetes API at {host}: {why}"
 
 

@@ -18,6 +18,13 @@ from typing import Any
 
 import pytest
 from kubernetes import client as k8s
+from urllib3.connection import HTTPConnection
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    MaxRetryError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
 
 from rollout import kubeapi
 from rollout.config import IstioRouterConfig, KubeApiConfig, KubernetesStateConfig
@@ -1178,6 +1185,47 @@ def test_an_api_server_that_answers_too_late_is_not_said_unreachable(
         call(api)
     assert f"no answer from the Kubernetes API at {api.url} within 0.1 s" in str(late.value)
     assert "cannot reach" not in str(late.value)
+
+
+def _as_urllib3_raises(reason: Exception) -> Exception:
+    """What the client raises after its retries (configuration.retries): the last failure."""
+    return MaxRetryError(None, "/api/v1/namespaces/ml/configmaps/x", reason)  # type: ignore[arg-type]
+
+
+_CONN = HTTPConnection("10.0.0.1", 443)
+
+
+@pytest.mark.parametrize(
+    ("exc", "said"),
+    [
+        # A private cluster's API server from outside its network: packets dropped, not refused
+        # (urllib3 raises ConnectTimeoutError(conn, message), whose str is a tuple's repr).
+        pytest.param(
+            _as_urllib3_raises(ConnectTimeoutError(
+                _CONN, "Connection to 10.0.0.1 timed out. (connect timeout=9.999871)"
+            )),
+            "cannot reach the Kubernetes API at https://10.0.0.1: Connection to 10.0.0.1 timed "
+            "out. (connect timeout=10)",
+            id="connect-timeout",
+        ),
+        pytest.param(
+            _as_urllib3_raises(NewConnectionError(
+                _CONN, "Failed to establish a new connection: [Errno 111] Connection refused"
+            )),
+            "cannot reach the Kubernetes API at https://10.0.0.1: Failed to establish a new "
+            "connection: [Errno 111] Connection refused",
+            id="refused",
+        ),
+        pytest.param(
+            ReadTimeoutError(None, "/x", "Read timed out. (read timeout=9.99967)"),  # type: ignore[arg-type]
+            "no answer from the Kubernetes API at https://10.0.0.1 within 10 s (reached, but "
+            "slow: overloaded, or waiting on an admission webhook)",
+            id="read-timeout",
+        ),
+    ],
+)  # fmt: skip
+def test_no_answer_says_why_in_words(exc: Exception, said: str) -> None:
+    assert kubeapi.no_answer(exc, "https://10.0.0.1") == said
 
 
 def test_run_against_a_dead_api_server_says_so_in_one_line(tmp_path: Path) -> None:
