@@ -397,7 +397,7 @@ class IstioRouter:
             self._check_service_ports()  # our routes move to router.port: the Services need it
         if foreign := m.foreign_mirrors(current, self.layout):
             log.warning(
-                "VirtualService %s/%s: route %r is aml-rollout's, written whole: its mirror "
+                "VirtualService %s/%s: the mirror of route %r is aml-rollout's: its mirror "
                 "to %s (not blue's weighted Service) is dropped by this write",
                 self._ns,
                 self.layout.virtual_service,

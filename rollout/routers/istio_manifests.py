@@ -25,7 +25,7 @@ route only: `mirror: {host: <app>-blue, port: {number: <port>}}` and `mirrorPerc
 and discards blue's answers; pinned routes are never mirrored. `mirror_from_route` reads it back:
 only a mirror to blue's weighted Service counts (that is where the judge reads blue); a mirror
 elsewhere copies nothing to blue, reads as 0 and is dropped by the next write of the route,
-which is ours whole (`foreign_mirrors` names it, so the router can say so).
+whose mirror is ours (`foreign_mirrors` names it, so the router can say so).
 """
 
 from __future__ import annotations
@@ -529,9 +529,10 @@ def virtual_service(layout: IstioLayout, weights: Weights) -> Obj:
 def merge_routes(current: list[Obj], layout: IstioLayout, weights: Weights) -> list[Obj]:
     """`spec.http` with our routes set to `weights` and every other route kept where it was.
 
-    Our routes already present are replaced in place. Missing pin routes go first (header
-    matches must win over anything broader), a missing default route goes last (it matches
-    everything). Pure: the router applies the result as a merge patch.
+    Our routes already present are rewritten in place: their match, destinations and mirror
+    are ours; any other field on them (a timeout, retries) is kept. Missing pin routes go
+    first (header matches must win over anything broader), a missing default route goes last
+    (it matches everything). Pure: the router applies the result as a merge patch.
 
     A user route that matches every request (see `check_reachable`) placed before any of ours
     is refused with RouterError rather than written: Istio takes the first match, so our route
@@ -540,12 +541,25 @@ def merge_routes(current: list[Obj], layout: IstioLayout, weights: Weights) -> l
     """
     ours = {route["name"]: route for route in managed_routes(layout, weights)}
     present = {route.get("name") for route in current}
-    merged = [ours[route["name"]] if route.get("name") in ours else route for route in current]
+    merged = [
+        _ours_over(route, ours[route["name"]]) if route.get("name") in ours else route
+        for route in current
+    ]
     missing_pins = [r for name, r in ours.items() if name != DEFAULT_ROUTE and name not in present]
     tail = [] if DEFAULT_ROUTE in present else [ours[DEFAULT_ROUTE]]
     result = [*missing_pins, *merged, *tail]
     check_reachable(result, layout)
     return result
+
+
+#: The fields of our routes that are ours: written as we want them at every change (a mirror
+#: we do not want is dropped). Any other field set on them (timeout, retries, headers...) stays.
+_OWNED_FIELDS = ("match", "route", "mirror", "mirrorPercentage", "mirrorPercent", "mirrors")
+
+
+def _ours_over(found: Obj, ours: Obj) -> Obj:
+    """Our route `ours` over the one found under its name, keeping the fields not ours."""
+    return {**{k: v for k, v in found.items() if k not in _OWNED_FIELDS}, **ours}
 
 
 # A match entry with only these keys, and a `uri` (if any) among _EVERY_URI, matches everything
@@ -691,7 +705,7 @@ def mirror_from_route(route: Obj, layout: IstioLayout) -> int:
 def foreign_mirrors(http: list[Obj], layout: IstioLayout) -> list[str]:
     """Hosts our default route mirrors to other than blue's weighted Service (someone's edit).
 
-    The route is ours and the next write replaces it whole, so these disappear with it.
+    Its mirrors are ours and the next write sets them as we want, so these disappear.
     """
     route = next((r for r in http if r.get("name") == DEFAULT_ROUTE), None)
     if route is None:

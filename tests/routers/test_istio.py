@@ -382,6 +382,26 @@ def test_user_routes_survive_every_write_in_place(api: FakeKubeApiServer) -> Non
     ]
 
 
+def test_settings_of_yours_on_our_routes_survive_every_write(api: FakeKubeApiServer) -> None:
+    """A timeout or retries set on our routes (a slow model) are not ours to drop: each weights
+    change used to write the route whole, silently back to Istio's defaults. What is ours (the
+    match, the destinations and their weights, the mirror) is still written as we want it."""
+    vs = m.virtual_service(LAYOUT, Weights.blue_at(0))
+    yours = {"timeout": "30s", "retries": {"attempts": 3, "perTryTimeout": "10s"}}
+    for route in vs["spec"]["http"]:
+        route.update(yours)
+    vs["spec"]["http"][-1]["match"] = [{"uri": {"prefix": "/v1"}}]  # ours: it takes everything
+    api.seed(vs, "virtualservices", m.ISTIO_GROUP)
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    for weights in (Weights.blue_at(0, mirror=5), Weights.blue_at(10), Weights.blue_at(0)):
+        router.set_weights(weights)
+        assert router.get_weights() == weights
+        for route, wanted in zip(http_routes(api), m.managed_routes(LAYOUT, weights), strict=True):
+            assert route == {**yours, **wanted}
+
+
 def test_a_user_made_virtual_service_gets_our_routes_around_theirs(
     api: FakeKubeApiServer,
 ) -> None:
