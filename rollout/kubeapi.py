@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Literal
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
 
 from rollout.errors import ConfigError
 
@@ -167,13 +168,31 @@ class Credentials:
 
 
 _CONNECTION = re.compile(r"^HTTPS?Connection(Pool)?\(host=[^)]*\): ")
+_READ_TIMEOUT = re.compile(r"read timeout=([0-9.]+)")
+_TIMEOUT = re.compile(r"timeout=([0-9]+\.[0-9]+)")
 
 
-def unreachable(exc: Exception) -> str:
-    """Why no answer came, in a few words: urllib3's innermost reason without its repetition
-    of the host and the path ("Max retries exceeded with url: ... (Caused by ...)")."""
+def no_answer(exc: Exception, host: str) -> str:
+    """Why no answer came from the API server at `host`, in a few words: urllib3's innermost
+    reason without its repetition of the host and the path ("Max retries exceeded with url:
+    ... (Caused by ...)"). A read timeout is not "cannot reach": the API server took the
+    request and did not answer in time (overloaded, or waiting on an admission webhook)."""
     reason = getattr(exc, "reason", None) or exc  # MaxRetryError carries the last failure
-    return _CONNECTION.sub("", str(reason)) or type(reason).__name__
+    if isinstance(reason, ReadTimeoutError):
+        found = _READ_TIMEOUT.search(str(reason))
+        within = f" within {round(float(found.group(1)), 1):g} s" if found else " in time"
+        return (
+            f"no answer from the Kubernetes API at {host}{within} (reached, but slow: "
+            "overloaded, or waiting on an admission webhook)"
+        )
+    if isinstance(reason, ConnectTimeoutError) and not isinstance(reason, NewConnectionError):
+        # Raised as ConnectTimeoutError(conn, message): its str is the tuple's repr.
+        why = str(reason.args[-1]) if reason.args else type(reason).__name__
+    else:
+        why = _CONNECTION.sub("", str(reason)) or type(reason).__name__
+    # The timeout left of the request's total, e.g. 9.999871: said as what was asked (10).
+    why = _TIMEOUT.sub(lambda m: f"timeout={round(float(m.group(1)), 1):g}", why)
+    return f"cannot reach the Kubernetes API at {host}: {why}"
 
 
 def not_served(exc: ApiException) -> bool:

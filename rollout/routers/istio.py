@@ -46,6 +46,7 @@ the rendered RBAC Role is enough.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -212,7 +213,8 @@ class IstioRouter:
         return self.layout.namespace
 
     def _ensure_routing(self) -> None:
-        """Create the Services, Gateway and VirtualService that are missing; never overwrite."""
+        """Create the Services, Gateway and VirtualService that are missing; never overwrite.
+        A Service that exists must expose `router.port` (RouterRefused): our routes send to it."""
         for svc in m.services(self.layout):
             self._ensure_service(svc)
         self._ensure_istio("gateways", m.gateway(self.layout))
@@ -222,9 +224,7 @@ class IstioRouter:
         name = svc["metadata"]["name"]
 
         def read() -> object:
-            return self._core.read_namespaced_service(
-                name, self._ns, _request_timeout=self._timeout
-            )
+            return self._read_service(name)
 
         def create() -> object:
             self.fence()
@@ -233,6 +233,26 @@ class IstioRouter:
             )
 
         self._create_if_missing(f"Service {self._ns}/{name}", read, create)
+
+    def _read_service(self, name: str) -> object:
+        """Service `name` as read; RouterRefused when it lacks `router.port`: a route to a port
+        the Service does not expose fails every request (Envoy answers 503)."""
+        found = self._core.read_namespaced_service(name, self._ns, _request_timeout=self._timeout)
+        ports = [p.port for p in (found.spec.ports if found.spec else None) or []]
+        if self.layout.port not in ports:
+            raise RouterRefused(
+                f"Service {self._ns}/{name} exposes port {', '.join(map(str, ports)) or 'none'}, "
+                f"not router.port {self.layout.port}: routes to it would fail every request; set "
+                f"router.port: {ports[0] if ports else '<its port>'} (the Service's port, not "
+                "the scoring server's: that is router.container_port), or change the Services"
+            )
+        return found
+
+    def _check_service_ports(self) -> None:
+        """RouterRefused when an existing Service lacks `router.port` (see `_read_service`)."""
+        for svc in m.services(self.layout):
+            name = svc["metadata"]["name"]
+            self._read(f"Service {self._ns}/{name}", functools.partial(self._read_service, name))
 
     def _ensure_istio(self, plural: str, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
@@ -373,9 +393,11 @@ class IstioRouter:
         wanted = m.merge_routes(current, self.layout, weights)
         if wanted == current:
             return
+        if m.route_ports(current) - {self.layout.port}:
+            self._check_service_ports()  # our routes move to router.port: the Services need it
         if foreign := m.foreign_mirrors(current, self.layout):
             log.warning(
-                "VirtualService %s/%s: route %r is aml-rollout's, written whole: its mirror "
+                "VirtualService %s/%s: the mirror of route %r is aml-rollout's: its mirror "
                 "to %s (not blue's weighted Service) is dropped by this write",
                 self._ns,
                 self.layout.virtual_service,
@@ -484,6 +506,4 @@ _INVALID = (
 
 
 def _unreachable(what: str, exc: Exception, host: str) -> RouterError:
-    return RouterUnavailable(
-        f"{what}: cannot reach the Kubernetes API at {host}: {kubeapi.unreachable(exc)}"
-    )
+    return RouterUnavailable(f"{what}: {kubeapi.no_answer(exc, host)}")

@@ -25,7 +25,7 @@ route only: `mirror: {host: <app>-blue, port: {number: <port>}}` and `mirrorPerc
 and discards blue's answers; pinned routes are never mirrored. `mirror_from_route` reads it back:
 only a mirror to blue's weighted Service counts (that is where the judge reads blue); a mirror
 elsewhere copies nothing to blue, reads as 0 and is dropped by the next write of the route,
-which is ours whole (`foreign_mirrors` names it, so the router can say so).
+whose mirror is ours (`foreign_mirrors` names it, so the router can say so).
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ DEFAULT_ROUTE = "aml-rollout-default"
 ANNOTATION_PREFIX = "aml-rollout.io/"
 SCORING_CONTAINER = "scoring"
 COLOUR_ENV = "AML_ROLLOUT_COLOUR"
+#: The one port our Gateway listens on (HTTP).
+GATEWAY_PORT = 80
 
 # What the Istio router does through the API, and nothing else.
 ROUTER_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -451,7 +453,7 @@ def gateway(layout: IstioLayout) -> Obj:
             "selector": dict(layout.ingress_selector),
             "servers": [
                 {
-                    "port": {"number": 80, "name": "http", "protocol": "HTTP"},
+                    "port": {"number": GATEWAY_PORT, "name": "http", "protocol": "HTTP"},
                     "hosts": list(layout.hosts),
                 }
             ],
@@ -499,6 +501,17 @@ def managed_routes(layout: IstioLayout, weights: Weights) -> list[Obj]:
     return [*pins, default]
 
 
+def route_ports(http: list[Obj]) -> set[object]:
+    """The destination ports of our routes in a VirtualService's `spec.http`."""
+    ours = {pin_route(c) for c in Colour} | {DEFAULT_ROUTE}
+    return {
+        ((destination.get("destination") or {}).get("port") or {}).get("number")
+        for route in http
+        if route.get("name") in ours
+        for destination in route.get("route") or []
+    }
+
+
 def virtual_service(layout: IstioLayout, weights: Weights) -> Obj:
     """The VirtualService bound to the Gateway, holding only our routes."""
     return {
@@ -516,9 +529,10 @@ def virtual_service(layout: IstioLayout, weights: Weights) -> Obj:
 def merge_routes(current: list[Obj], layout: IstioLayout, weights: Weights) -> list[Obj]:
     """`spec.http` with our routes set to `weights` and every other route kept where it was.
 
-    Our routes already present are replaced in place. Missing pin routes go first (header
-    matches must win over anything broader), a missing default route goes last (it matches
-    everything). Pure: the router applies the result as a merge patch.
+    Our routes already present are rewritten in place: their match, destinations and mirror
+    are ours; any other field on them (a timeout, retries) is kept. Missing pin routes go
+    first (header matches must win over anything broader), a missing default route goes last
+    (it matches everything). Pure: the router applies the result as a merge patch.
 
     A user route that matches every request (see `check_reachable`) placed before any of ours
     is refused with RouterError rather than written: Istio takes the first match, so our route
@@ -527,7 +541,10 @@ def merge_routes(current: list[Obj], layout: IstioLayout, weights: Weights) -> l
     """
     ours = {route["name"]: route for route in managed_routes(layout, weights)}
     present = {route.get("name") for route in current}
-    merged = [ours[route["name"]] if route.get("name") in ours else route for route in current]
+    merged = [
+        _ours_over(route, ours[route["name"]]) if route.get("name") in ours else route
+        for route in current
+    ]
     missing_pins = [r for name, r in ours.items() if name != DEFAULT_ROUTE and name not in present]
     tail = [] if DEFAULT_ROUTE in present else [ours[DEFAULT_ROUTE]]
     result = [*missing_pins, *merged, *tail]
@@ -535,21 +552,42 @@ def merge_routes(current: list[Obj], layout: IstioLayout, weights: Weights) -> l
     return result
 
 
-# A match entry with only these keys, and a `uri` (if any) among _EVERY_URI, matches everything.
+#: The fields of our routes that are ours: written as we want them at every change (a mirror
+#: we do not want is dropped). Any other field set on them (timeout, retries, headers...) stays.
+_OWNED_FIELDS = ("match", "route", "mirror", "mirrorPercentage", "mirrorPercent", "mirrors")
+
+
+def _ours_over(found: Obj, ours: Obj) -> Obj:
+    """Our route `ours` over the one found under its name, keeping the fields not ours."""
+    return {**{k: v for k, v in found.items() if k not in _OWNED_FIELDS}, **ours}
+
+
+# A match entry with only these keys, and a `uri` (if any) among _EVERY_URI, matches everything
+# that comes through our Gateway; so do `gateways` naming it and `port` its port (`_narrows`).
 _NON_MATCHING_KEYS = {"name", "ignoreUriCase", "statPrefix"}
 _EVERY_URI = ({"prefix": "/"}, {"regex": ".*"}, {"regex": "^.*$"}, {"regex": "/.*"})
 
 
-def matches_everything(route: Obj) -> bool:
-    """Whether an http route takes every request (no `match`, or a match-all entry in it)."""
+def matches_everything(route: Obj, layout: IstioLayout) -> bool:
+    """Whether an http route takes every request that comes through our Gateway (no `match`, or
+    a match-all entry in it)."""
     entries = route.get("match")
     if not entries:
         return True
-    return any(
-        isinstance(entry, dict)
-        and set(entry) <= {*_NON_MATCHING_KEYS, "uri"}
-        and entry.get("uri", _EVERY_URI[0]) in _EVERY_URI
-        for entry in entries
+    return any(isinstance(entry, dict) and not _narrows(entry, layout) for entry in entries)
+
+
+def _narrows(entry: Obj, layout: IstioLayout) -> bool:
+    """Whether a match entry leaves out some request through our Gateway. Its `gateways`
+    (which replace the VirtualService's for that route) leave out none when they name ours
+    (`<name>` in the VirtualService's namespace, or `<namespace>/<name>`), its `port` none when
+    it is the Gateway's one port."""
+    ours = {layout.gateway, f"{layout.namespace}/{layout.gateway}"}
+    return (
+        not set(entry) <= {*_NON_MATCHING_KEYS, "uri", "gateways", "port"}
+        or entry.get("uri", _EVERY_URI[0]) not in _EVERY_URI
+        or ("gateways" in entry and not ours & set(entry["gateways"] or ()))
+        or entry.get("port", GATEWAY_PORT) != GATEWAY_PORT
     )
 
 
@@ -558,7 +596,7 @@ def check_reachable(http: list[Obj], layout: IstioLayout) -> None:
     (the user's route to change: no retry helps)."""
     ours = {pin_route(c) for c in Colour} | {DEFAULT_ROUTE}
     for index, route in enumerate(http):
-        if route.get("name") in ours or not matches_everything(route):
+        if route.get("name") in ours or not matches_everything(route, layout):
             continue
         shadowed = [r["name"] for r in http[index + 1 :] if r.get("name") in ours]
         if shadowed:
@@ -576,8 +614,12 @@ def check_reachable(http: list[Obj], layout: IstioLayout) -> None:
 def weights_from_routes(http: list[Obj], layout: IstioLayout) -> Weights:
     """The weights of our default route, read from a VirtualService's `spec.http`.
 
+    The weights are read as Istio serves them (pilot's route translation): a lone destination
+    takes everything, whatever its weight; among several, an absent weight is 0 (Go clients
+    omit zero values) and each destination gets weight / sum (relative weights).
+
     RouterError when a user route shadows it (`check_reachable`): its weights would not be
-    what the data plane serves.
+    what the data plane serves; and for a split Weights cannot hold (not whole percents).
     """
     check_reachable(http, layout)
     route = next((r for r in http if r.get("name") == DEFAULT_ROUTE), None)
@@ -586,16 +628,26 @@ def weights_from_routes(http: list[Obj], layout: IstioLayout) -> Weights:
         raise RouterError(f"{where} has no {DEFAULT_ROUTE!r} route (not bootstrapped?)")
     by_host = {layout.service(c): c for c in Colour}
     found = {Colour.BLUE: 0, Colour.GREEN: 0}
-    for destination in route.get("route", []):
+    destinations = route.get("route") or []
+    for destination in destinations:
         host = (destination.get("destination") or {}).get("host", "")
         name = _service_named(host, layout)
         if name not in by_host:
             raise RouterError(f"{where}: route {DEFAULT_ROUTE!r} sends traffic to unknown {host!r}")
-        # A single destination without weight takes everything (Istio's rule).
-        found[by_host[name]] += int(destination.get("weight", 100))
+        lone = len(destinations) == 1
+        found[by_host[name]] += 1 if lone else int(destination.get("weight") or 0)
+    total = sum(found.values())
+    if total == 0:
+        raise RouterError(f"{where}: route {DEFAULT_ROUTE!r} has no destination with a weight")
+    if found[Colour.BLUE] * 100 % total:
+        raise RouterError(
+            f"{where}: route {DEFAULT_ROUTE!r} sends {found[Colour.BLUE]}/{total} of its traffic "
+            "to blue, not a whole percent"
+        )
+    blue = found[Colour.BLUE] * 100 // total
     mirror = mirror_from_route(route, layout)
     try:
-        return Weights(blue=found[Colour.BLUE], green=found[Colour.GREEN], mirror=mirror)
+        return Weights(blue=blue, green=100 - blue, mirror=mirror)
     except ValueError as exc:
         raise RouterError(f"{where}: route {DEFAULT_ROUTE!r} has invalid weights: {exc}") from exc
 
@@ -653,7 +705,7 @@ def mirror_from_route(route: Obj, layout: IstioLayout) -> int:
 def foreign_mirrors(http: list[Obj], layout: IstioLayout) -> list[str]:
     """Hosts our default route mirrors to other than blue's weighted Service (someone's edit).
 
-    The route is ours and the next write replaces it whole, so these disappear with it.
+    Its mirrors are ours and the next write sets them as we want, so these disappear.
     """
     route = next((r for r in http if r.get("name") == DEFAULT_ROUTE), None)
     if route is None:

@@ -8,19 +8,20 @@ resourceVersion they were computed from (compare-and-swap): other fields survive
 goes through the client's typed models, which would rewrite a Lease's MicroTimes and refuse
 fields they do not know.
 
-- **Lease** `aml-rollout-<name>`: `lease(owner)` creates it, or takes it when it has no
-  holder, or takes it over when its holder stopped renewing: renewTime + leaseDurationSeconds
-  is past by this machine's clock AND the Lease stays unchanged while this process watches it
-  for another ttl by its monotonic clock (client-go's rule: a clock running ahead of the
-  holder's must not take a live lease). The take is a patch carrying the resourceVersion read —
-  of two controllers racing for it, the API server lets one write and answers the other 409,
-  which then re-reads and reports the winner (LeaseHeldError: the CLI's contract). A live holder
-  is reported at once. While held, a daemon thread renews it every `lease_ttl_s / 3` (every
-  second after a failure); a renewal refused (someone took it over or deleted it), or none
-  going through for `renew_deadline_s` (two thirds of the ttl), marks the lease lost:
-  `check_lease()`, which the controller calls before every router action, and `save()` raise
-  StateError, and this controller stops, a third of the ttl before anyone may take over. On
-  exit the holder is cleared (CAS; a failure is logged, the lease then expires on its own).
+- **Lease** `aml-rollout-<name>`: `lease(owner)` creates it, or takes it when it has no holder,
+  or takes it over when its holder stopped renewing: renewTime + leaseDurationSeconds is past by
+  this machine's clock AND the Lease stays unchanged while this process watches it for another
+  ttl (or the Lease's own, if longer) by its monotonic clock (client-go's rule: a clock running
+  ahead of the holder's must not take a live lease). The take is a patch carrying the
+  resourceVersion read — of two controllers racing for it, the API server lets one write and
+  answers the other 409, which then re-reads and reports the winner (LeaseHeldError: the CLI's
+  contract). A live holder is reported at once. While held, a daemon thread renews it every
+  `lease_ttl_s / 3` (every second after a failure); a renewal refused (someone took it over or
+  deleted it), or none going through for `renew_deadline_s` (two thirds of the ttl), marks the
+  lease lost: `check_lease()`, which the controller calls before every router action, and
+  `save()` raise StateError, and this controller stops, a third of the ttl before anyone may
+  take over. On exit the holder is cleared (CAS; a failure is logged, the lease then expires on
+  its own).
 - **Fencing** — a lease alone cannot stop a controller that froze (a long GC pause) from writing
   when it wakes. So status writes are compare-and-swap: `save()` patches the status ConfigMap
   carrying the resourceVersion this store last read or wrote. On a 409 it re-reads: if the
@@ -121,6 +122,12 @@ class _Held:
 def _tenure(lease: Obj) -> tuple[Any, ...]:
     """What changes when a Lease is renewed or taken (its metadata may change otherwise)."""
     return (o.holder_of(lease), _acquire_time(lease), (lease.get("spec") or {}).get("renewTime"))
+
+
+def _duration(lease: Obj) -> float | None:
+    """The Lease's leaseDurationSeconds, as its holder wrote it (None when unreadable)."""
+    value = (lease.get("spec") or {}).get("leaseDurationSeconds")
+    return value if isinstance(value, int | float) and value > 0 else None
 
 
 def _acquire_time(lease: Obj) -> str | None:
@@ -387,18 +394,21 @@ class KubernetesStateStore:
     def _watch_expired(self, found: Obj) -> Obj | None:
         """The Lease `found`, expired by this machine's clock, once it stayed unchanged for a
         whole ttl by this process's monotonic clock (client-go's rule): a clock running ahead of
-        the holder's must not take a live lease. LeaseHeldError when it is renewed or taken
-        meanwhile; the Lease as it now stands when it is released or deleted meanwhile, or
-        when the watch ends (an edit of its labels or annotations only is no sign of life)."""
+        the holder's must not take a live lease. The ttl is the longer of ours and the Lease's
+        own leaseDurationSeconds: a holder with a longer one renews less often than ours would.
+        LeaseHeldError when it is renewed or taken meanwhile; the Lease as it now stands when
+        it is released or deleted meanwhile, or when the watch ends (an edit of its labels or
+        annotations only is no sign of life)."""
         tenure = _tenure(found)
+        watch_s = max(self.lease_ttl_s, _duration(found) or 0)
         log.info(
-            "Lease %s/%s of %s looks expired; watching it %d s before taking it over",
+            "Lease %s/%s of %s looks expired; watching it %g s before taking it over",
             self._ns,
             self.objects.lease,
             o.describe_holder(found),
-            self.lease_ttl_s,
+            watch_s,
         )
-        deadline = self._monotonic() + self.lease_ttl_s
+        deadline = self._monotonic() + watch_s
         while self._monotonic() < deadline:
             self._sleep(min(1.0, self.lease_ttl_s / 5))
             seen = self._read_lease()
@@ -410,12 +420,13 @@ class KubernetesStateStore:
         return found
 
     def _held_by(self, found: Obj) -> LeaseHeldError:
+        ttl = _duration(found) or self.lease_ttl_s
         return LeaseHeldError(
             f"rollout {self.name!r} is already driven by another controller "
             f"({o.describe_holder(found)}); stop it, or steer it with `aml-rollout rollout "
             f"pause|resume|promote|abort` (Lease {self._ns}/{self.objects.lease}: if that "
-            f"controller died, its lease expires {self.lease_ttl_s} s after its last renewal, "
-            f"and a new controller takes it over after watching it another {self.lease_ttl_s} s)"
+            f"controller died, its lease expires {ttl:g} s after its last renewal, and a new "
+            f"controller takes it over after watching it another {max(ttl, self.lease_ttl_s):g} s)"
         )
 
     def _claim_status(self, claim: str) -> None:
@@ -605,11 +616,18 @@ class KubernetesStateStore:
         """Run one request made with `_preload_content=False`; the object the server answered.
 
         404 → _Missing, 409 → _Conflict (the callers decide what they mean), anything else that
-        fails → StateError naming the object and the API server.
+        fails → StateError naming the object and the API server. A 404 naming no object is no
+        missing object (a rollout not started) but a URL that serves no such API.
         """
         try:
             response = call()
         except ApiException as exc:
+            if kubeapi.not_served(exc):
+                raise StateError(
+                    f"{what}: the API server at {self._host} does not serve this resource type "
+                    "(HTTP 404 naming no object); is it a Kubernetes API server? (check "
+                    "state.api_url or the kubeconfig)"
+                ) from exc
             if exc.status == kubeapi.NOT_FOUND:
                 raise _Missing(kubeapi.describe(exc, self._credentials)) from exc
             if exc.status == kubeapi.CONFLICT:
@@ -618,10 +636,7 @@ class KubernetesStateStore:
                 f"{what}: {kubeapi.describe(exc, self._credentials)} [{self._host}]"
             ) from exc
         except HTTPError as exc:
-            raise StateError(
-                f"{what}: cannot reach the Kubernetes API at {self._host}: "
-                f"{kubeapi.unreachable(exc)}"
-            ) from exc
+            raise StateError(f"{what}: {kubeapi.no_answer(exc, self._host)}") from exc
         try:
             return cast(Obj, json.loads(response.data))
         except ValueError as exc:

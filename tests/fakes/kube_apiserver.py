@@ -16,7 +16,11 @@ real apiserver. What it implements is what clients rely on for correctness:
   name answers 409 AlreadyExists; anything missing answers 404 NotFound; a POST into a missing
   namespace answers 404.
 - PATCH as JSON merge patch (RFC 7386) or JSON Patch (RFC 6902, with `test`); strategic merge
-  patch is refused with 415 rather than approximated.
+  patch is refused with 415 rather than approximated (kubernetes client 37 sends a dict to a
+  typed API as one, even when told JSON Patch: say `_content_type` merge patch); a patch its
+  content type cannot hold (a list as merge patch) is a 400. An error of the fake itself is
+  a 500 naming it, never a dropped connection (which a client reports as an unreachable
+  server).
 - 404 bodies shaped as the real ones: a missing object's Status names it in `details`, a path
   no API serves (a group or version not installed: `istio_versions=("v1beta1",)` plays Istio
   before 1.22, which had no networking.istio.io/v1) names nothing.
@@ -440,10 +444,18 @@ def discovery(path: str) -> dict[str, Any] | None:
 
 def _apply_patch(current: dict[str, Any], patch: Any, content_type: str) -> dict[str, Any]:
     if content_type == "application/merge-patch+json":
+        if not isinstance(patch, dict):  # it would replace the object with a non-object
+            raise ApiError(
+                400, "BadRequest", f"json: cannot unmarshal {type(patch).__name__} into an object"
+            )
         merged = merge_patch(copy.deepcopy(current), patch)
         assert isinstance(merged, dict)
         return merged
     if content_type == "application/json-patch+json":
+        if not (isinstance(patch, list) and all(isinstance(op, dict) for op in patch)):
+            raise ApiError(
+                400, "BadRequest", "json: cannot unmarshal into Go value of type jsonpatch.Patch"
+            )
         return json_patch(copy.deepcopy(current), patch)
     raise ApiError(
         415, "UnsupportedMediaType", f"patch content type {content_type!r} not supported"
@@ -537,6 +549,19 @@ def _handler_for(api: FakeKubeApiServer) -> type[BaseHTTPRequestHandler]:
                         "message": str(exc),
                         "reason": "BadRequest",
                         "code": 400,
+                    },
+                )
+            except Exception as exc:
+                # A bug of the fake: say so, do not hang up (a dropped connection reads to the
+                # client as an unreachable API server).
+                code, payload = (
+                    500,
+                    {
+                        "kind": "Status",
+                        "status": "Failure",
+                        "message": f"fake kube-apiserver: {exc!r}",
+                        "reason": "InternalError",
+                        "code": 500,
                     },
                 )
             data = json.dumps(payload).encode()

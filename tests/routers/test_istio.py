@@ -18,9 +18,17 @@ from typing import Any
 
 import pytest
 from kubernetes import client as k8s
+from urllib3.connection import HTTPConnection
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    MaxRetryError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
 
 from rollout import kubeapi
 from rollout.config import IstioRouterConfig, KubeApiConfig, KubernetesStateConfig
+from rollout.core.status import Status
 from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.errors import (
     ConfigError,
@@ -35,6 +43,7 @@ from rollout.routers import istio_manifests as m
 from rollout.routers.factory import make_router
 from rollout.routers.istio import IstioRouter
 from rollout.state.kubernetes import KubernetesStateStore
+from rollout.state.kubernetes_objects import StateObjects
 from tests.fakes.kube_apiserver import ApiError, FakeKubeApiServer
 from tests.fakes.server import Answering
 from tests.routers.contract import V1, V2, RouterContract, identity
@@ -126,6 +135,32 @@ def test_deploy_creates_the_objects_the_manifests_describe(api: FakeKubeApiServe
         "aml-rollout-pin-green",
         "aml-rollout-default",
     ]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda r: r.deploy(Colour.BLUE, V2), id="deploy"),
+        # A resumed controller's first call may be a weights change, with no deploy before it.
+        pytest.param(lambda r: r.set_weights(Weights.blue_at(0)), id="set-weights"),
+    ],
+)
+def test_a_service_port_other_than_the_spec_s_is_refused_before_any_route_uses_it(
+    api: FakeKubeApiServer, call: Any
+) -> None:
+    """Installed with the chart's port 80, run with `router.port: 8000` (the scoring server's
+    port, typed as the Service's): the routes would send every request, green's too, to a port
+    no Service has (Envoy answers 503), from the first weights change on."""
+    make(api).deploy(Colour.GREEN, V1)
+    routes = http_routes(api)
+    router = make(api, dataclasses.replace(LAYOUT, port=8000))
+    with pytest.raises(RouterRefused, match=(
+        r"Service ml/diabetes-green exposes port 80, not router.port 8000: routes to it "
+        r"would fail every request; set router.port: 80"
+    )):  # fmt: skip
+        call(router)
+    assert http_routes(api) == routes
+    assert not api.exists("deployments", "diabetes-blue", "ml", "apps")
 
 
 def test_header_routes_come_first_and_pin_to_their_colour(api: FakeKubeApiServer) -> None:
@@ -345,6 +380,26 @@ def test_user_routes_survive_every_write_in_place(api: FakeKubeApiServer) -> Non
         "team-debug",
         "aml-rollout-default",
     ]
+
+
+def test_settings_of_yours_on_our_routes_survive_every_write(api: FakeKubeApiServer) -> None:
+    """A timeout or retries set on our routes (a slow model) are not ours to drop: each weights
+    change used to write the route whole, silently back to Istio's defaults. What is ours (the
+    match, the destinations and their weights, the mirror) is still written as we want it."""
+    vs = m.virtual_service(LAYOUT, Weights.blue_at(0))
+    yours = {"timeout": "30s", "retries": {"attempts": 3, "perTryTimeout": "10s"}}
+    for route in vs["spec"]["http"]:
+        route.update(yours)
+    vs["spec"]["http"][-1]["match"] = [{"uri": {"prefix": "/v1"}}]  # ours: it takes everything
+    api.seed(vs, "virtualservices", m.ISTIO_GROUP)
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    for weights in (Weights.blue_at(0, mirror=5), Weights.blue_at(10), Weights.blue_at(0)):
+        router.set_weights(weights)
+        assert router.get_weights() == weights
+        for route, wanted in zip(http_routes(api), m.managed_routes(LAYOUT, weights), strict=True):
+            assert route == {**yours, **wanted}
 
 
 def test_a_user_made_virtual_service_gets_our_routes_around_theirs(
@@ -1120,6 +1175,79 @@ def test_an_unreachable_api_server_is_a_router_error_with_its_url() -> None:
                                  "Connection refused")  # fmt: skip
 
 
+def _weights_too_late(api: FakeKubeApiServer) -> None:
+    both_deployed(api)
+    make(api, request_timeout_s=0.1).set_weights(Weights.blue_at(10))
+
+
+def _status_too_late(api: FakeKubeApiServer) -> None:
+    cfg = KubernetesStateConfig(namespace="ml", api_url=api.url)
+    objects = StateObjects(namespace="ml", rollout="diabetes")
+    store = KubernetesStateStore(objects, kubeapi.api_client(cfg, "state"), request_timeout_s=0.1)
+    store.save(Status(name="diabetes", phase=Phase.PROGRESSING))
+
+
+@pytest.mark.parametrize(
+    ("resource", "verb", "call", "error"),
+    [
+        pytest.param("virtualservices", "patch", _weights_too_late, RouterUnavailable, id="router"),
+        pytest.param("configmaps", "create", _status_too_late, StateError, id="state-store"),
+    ],
+)
+def test_an_api_server_that_answers_too_late_is_not_said_unreachable(
+    api: FakeKubeApiServer, resource: str, verb: str, call: Any, error: type[Exception]
+) -> None:
+    """Was: "cannot reach the Kubernetes API at ...: Read timed out. (read timeout=0.0999...)"
+    for an API server that was reached and is slow (overloaded, or waiting on an admission
+    webhook: Istio's validation is one)."""
+    api.delay(resource, verb, 0.5)
+    with pytest.raises(error) as late:
+        call(api)
+    assert f"no answer from the Kubernetes API at {api.url} within 0.1 s" in str(late.value)
+    assert "cannot reach" not in str(late.value)
+
+
+def _as_urllib3_raises(reason: Exception) -> Exception:
+    """What the client raises after its retries (configuration.retries): the last failure."""
+    return MaxRetryError(None, "/api/v1/namespaces/ml/configmaps/x", reason)  # type: ignore[arg-type]
+
+
+_CONN = HTTPConnection("10.0.0.1", 443)
+
+
+@pytest.mark.parametrize(
+    ("exc", "said"),
+    [
+        # A private cluster's API server from outside its network: packets dropped, not refused
+        # (urllib3 raises ConnectTimeoutError(conn, message), whose str is a tuple's repr).
+        pytest.param(
+            _as_urllib3_raises(ConnectTimeoutError(
+                _CONN, "Connection to 10.0.0.1 timed out. (connect timeout=9.999871)"
+            )),
+            "cannot reach the Kubernetes API at https://10.0.0.1: Connection to 10.0.0.1 timed "
+            "out. (connect timeout=10)",
+            id="connect-timeout",
+        ),
+        pytest.param(
+            _as_urllib3_raises(NewConnectionError(
+                _CONN, "Failed to establish a new connection: [Errno 111] Connection refused"
+            )),
+            "cannot reach the Kubernetes API at https://10.0.0.1: Failed to establish a new "
+            "connection: [Errno 111] Connection refused",
+            id="refused",
+        ),
+        pytest.param(
+            ReadTimeoutError(None, "/x", "Read timed out. (read timeout=9.99967)"),  # type: ignore[arg-type]
+            "no answer from the Kubernetes API at https://10.0.0.1 within 10 s (reached, but "
+            "slow: overloaded, or waiting on an admission webhook)",
+            id="read-timeout",
+        ),
+    ],
+)  # fmt: skip
+def test_no_answer_says_why_in_words(exc: Exception, said: str) -> None:
+    assert kubeapi.no_answer(exc, "https://10.0.0.1") == said
+
+
 def test_run_against_a_dead_api_server_says_so_in_one_line(tmp_path: Path) -> None:
     """Was: two urllib3 warnings of its retries before the error line."""
     import subprocess
@@ -1337,6 +1465,22 @@ def _user(name: str, *match: dict[str, Any]) -> dict[str, Any]:
             _user("legacy", {"uri": {"prefix": "/"}, "gateways": ["mesh"]}), False,
             id="only-from-the-mesh",
         ),
+        # Our routes serve what comes through our Gateway, on its one port (80): a match on
+        # that Gateway or that port narrows nothing there (a VirtualService bound to the mesh
+        # and the Gateway splits its routes so).
+        pytest.param(
+            _user("legacy", {"gateways": ["diabetes-gateway"]}), True, id="our-gateway",
+        ),
+        pytest.param(
+            _user("legacy", {"uri": {"prefix": "/"}, "gateways": ["mesh", "ml/diabetes-gateway"]}),
+            True, id="the-mesh-and-our-gateway-by-namespace",
+        ),
+        pytest.param(_user("legacy", {"port": 80}), True, id="our-gateway-port"),
+        pytest.param(
+            _user("legacy", {"gateways": ["other/diabetes-gateway"]}), False,
+            id="a-gateway-of-that-name-in-another-namespace",
+        ),
+        pytest.param(_user("legacy", {"port": 8080}), False, id="another-port"),
     ],
 )  # fmt: skip
 def test_a_user_catch_all_before_our_default_route_is_refused(
@@ -1595,6 +1739,61 @@ def test_a_mirror_weights_cannot_hold_is_a_router_error(
 ) -> None:
     with pytest.raises(RouterError, match=re.escape(message)):
         m.weights_from_routes(_default_with(blue, **fields), LAYOUT)
+
+
+def _weighted(*destinations: tuple[str, int | None]) -> list[dict[str, Any]]:
+    """Our routes, the default one sending to `(host, weight)`s (None: no `weight` field)."""
+    http = m.managed_routes(LAYOUT, Weights.blue_at(0))
+    http[-1]["route"] = [
+        {"destination": {"host": host}} | ({} if weight is None else {"weight": weight})
+        for host, weight in destinations
+    ]
+    return http
+
+
+@pytest.mark.parametrize(
+    ("destinations", "served"),
+    [
+        # Istio (pilot's route translation): with several destinations, one whose weight is 0
+        # or absent gets nothing; a lone destination gets everything, whatever its weight.
+        # Go clients that omit zero values (`weight,omitempty`) write blue at 0 % so.
+        pytest.param(
+            [("diabetes-green", 100), ("diabetes-blue", None)], 0, id="absent-weight-is-zero"
+        ),
+        pytest.param([("diabetes-blue", None)], 100, id="lone-destination-without-weight"),
+        pytest.param([("diabetes-blue", 0)], 100, id="lone-destination-at-zero-takes-all"),
+        pytest.param([("diabetes-green", 30)], 0, id="lone-destination-at-30-takes-all"),
+        # Weights are relative: each destination gets weight / sum.
+        pytest.param([("diabetes-green", 1), ("diabetes-blue", 1)], 50, id="relative-one-one"),
+        pytest.param([("diabetes-green", 30), ("diabetes-blue", 10)], 25, id="relative-thirty-ten"),
+    ],
+)
+def test_weights_are_read_as_istio_serves_them(
+    destinations: list[tuple[str, int | None]], served: int
+) -> None:
+    assert m.weights_from_routes(_weighted(*destinations), LAYOUT) == Weights.blue_at(served)
+
+
+@pytest.mark.parametrize(
+    ("destinations", "message"),
+    [
+        pytest.param(
+            [("diabetes-green", 2), ("diabetes-blue", 1)],
+            "sends 1/3 of its traffic to blue, not a whole percent",
+            id="not-a-whole-percent",
+        ),
+        pytest.param(
+            [("diabetes-green", 0), ("diabetes-blue", None)],
+            "no destination with a weight",
+            id="all-at-zero",
+        ),
+    ],
+)
+def test_weights_istio_serves_but_weights_cannot_hold_are_a_router_error(
+    destinations: list[tuple[str, int | None]], message: str
+) -> None:
+    with pytest.raises(RouterError, match=re.escape(message)):
+        m.weights_from_routes(_weighted(*destinations), LAYOUT)
 
 
 def test_a_destination_in_another_namespace_is_not_ours() -> None:

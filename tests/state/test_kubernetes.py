@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client import exceptions as k8s_exceptions
 
 from rollout.config import KubernetesStateConfig
 from rollout.core.machine import with_commands
@@ -30,6 +31,7 @@ from rollout.state.factory import make_store
 from rollout.state.kubernetes import KubernetesStateStore
 from rollout.state.kubernetes_objects import StateObjects
 from tests.fakes.kube_apiserver import DELETED, FakeKubeApiServer
+from tests.fakes.server import Answering
 from tests.state.contract import a_status
 from tests.state.helpers import NAMESPACE, exercise, kube_store, lease_of, status
 
@@ -200,6 +202,41 @@ def test_the_fake_refuses_an_oversized_configmap_as_the_api_server_does(
                 _preload_content=False,
             ),
         )
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status"),
+    [
+        # A patch its content type cannot hold (a list as merge patch): the real API server
+        # answers 400, not a dropped connection the client reports as an unreachable server.
+        pytest.param("application/merge-patch+json", [{"op": "add"}], 400, id="merge-patch-list"),
+        pytest.param(
+            "application/json-patch+json", [{"op": "replace", "path": "/data/a", "value": "2"}],
+            200, id="json-patch-list",
+        ),
+        # The client (kubernetes 37) sends a dict on a typed API as strategic merge patch,
+        # by default and even when told JSON Patch; the fake refuses it rather than
+        # approximate it (merge patch would differ on lists: containers, env).
+        pytest.param(None, {"data": {"a": "2"}}, 415, id="client-default-for-a-dict"),
+        pytest.param(
+            "application/json-patch+json", {"data": {"a": "2"}}, 415,
+            id="a-dict-told-json-patch-goes-as-strategic",
+        ),
+    ],
+)  # fmt: skip
+def test_the_fake_answers_a_malformed_patch_as_the_api_server_does(
+    api: FakeKubeApiServer, content_type: str | None, body: Any, status: int
+) -> None:
+    store = kube_store(api)
+    store.push_command(Command(id="1", kind="pause"))
+    api.seed(o.configmap(store.objects, "cm", {"a": "1"}), "configmaps")
+    kwargs = {} if content_type is None else {"_content_type": content_type}
+    try:
+        store._core.patch_namespaced_config_map("cm", NAMESPACE, body, **kwargs)
+        answered = 200
+    except k8s_exceptions.ApiException as exc:
+        answered = exc.status
+    assert answered == status
 
 
 # ----------------------------------------------------------------------- two nodes, one lease
@@ -416,6 +453,28 @@ def test_an_unreachable_api_server_is_a_state_error_with_its_url() -> None:
                                  "Connection refused")  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda store: store.load(), id="status"),
+        pytest.param(lambda store: store.commands(), id="commands"),
+        pytest.param(lambda store: store.controller(), id="controller"),
+    ],
+)
+def test_an_api_url_that_is_no_api_server_is_not_taken_for_a_rollout_not_started(
+    call: Callable[[KubernetesStateStore], object],
+) -> None:
+    """Any HTTP server that is not an API server answers `404 page not found` for every path:
+    read as a missing ConfigMap, `status` said "not started" and steering refused so."""
+    with Answering(404, b"404 page not found\n", "text/plain") as url:
+        store = make_store(KubernetesStateConfig(namespace=NAMESPACE, api_url=url), "r")
+        with pytest.raises(StateError) as refused:
+            call(store)
+    assert f"the API server at {url} does not serve this resource type (HTTP 404 naming no " \
+        "object); is it a Kubernetes API server? (check state.api_url or the kubeconfig)" \
+        in str(refused.value)  # fmt: skip
+
+
 def _edited_status(**fields: Any) -> str:
     return json.dumps({**status().to_dict(), **fields})
 
@@ -512,6 +571,33 @@ def test_an_expired_lease_is_watched_a_ttl_before_it_is_taken(api: FakeKubeApiSe
     with stale.lease("ann"), later.lease("bob"):
         assert instant.now >= 30  # a whole ttl with no renewal seen, then the take-over
         assert "bob" in (later.controller() or "")
+
+
+def test_the_watch_lasts_the_lease_s_own_duration_when_it_is_longer(
+    api: FakeKubeApiServer,
+) -> None:
+    """A holder with a 60 s ttl renews every 20 s. A newcomer with a 15 s ttl (a spec changed
+    since) whose clock runs ahead sees the Lease expired; watching it only its own 15 s, it
+    could miss the next renewal and take a live lease. It watches the Lease's own duration."""
+    holder = kube_store(api, ttl=60)
+    instant = InstantTime()
+
+    def sleep_through_a_renewal(seconds: float) -> None:
+        before = instant.now
+        instant.sleep(seconds)
+        if before < 20 <= instant.now:  # the holder's renewal, 20 s into the watch
+            lease = lease_of(api)
+            lease["spec"]["renewTime"] = o.micro_time(time.time())
+            api.seed(lease, "leases", "coordination.k8s.io")
+
+    newcomer = kube_store(
+        api, ttl=15, clock=ahead(120), monotonic=instant.monotonic, sleep=sleep_through_a_renewal
+    )
+    with holder.lease("ann"):
+        with pytest.raises(LeaseHeldError, match="ann pid"):
+            newcomer.lease("bob").__enter__()
+        holder.save(a_status(1))  # still the holder
+    assert lease_of(api)["spec"].get("leaseTransitions", 0) == 0
 
 
 def test_an_edit_of_the_status_configmap_by_someone_else_does_not_stop_the_holder(
