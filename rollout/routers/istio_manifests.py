@@ -139,6 +139,13 @@ def _meta(layout: IstioLayout, name: str, **labels: str) -> Obj:
 
 
 # ---- workloads ------------------------------------------------------------------------------
+#: With the scoring container's `securityContext`, what Kubernetes' "restricted" Pod Security
+#: Standard asks of a pod (a namespace enforcing it creates no pod without them). The package's
+#: image runs as uid 10001, so it meets it; an image of one's own that runs as root is refused
+#: by the kubelet (`CreateContainerConfigError`, which the deploy's wait reports).
+RESTRICTED_POD: Obj = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
 def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
     """The Deployment `<app>-<colour>` serving `release` (its identity kept in annotations)."""
     if not release.image:
@@ -158,6 +165,7 @@ def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
         "ports": [{"name": "http", "containerPort": layout.container_port}],
         "readinessProbe": probe,
         "livenessProbe": {**probe, "httpGet": {"path": "/healthz", "port": "http"}},
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
     if not pinned(release.image):
         scoring["imagePullPolicy"] = "Always"  # see `pinned`
@@ -175,7 +183,7 @@ def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
                 # The release on the pods too: a new release is a new pod template, so the pods
                 # roll even when its image keeps its tag (see `pinned`).
                 "metadata": {"labels": pod_labels, "annotations": release_annotations(release)},
-                "spec": {"containers": [scoring]},
+                "spec": {"securityContext": copy.deepcopy(RESTRICTED_POD), "containers": [scoring]},
             },
         },
     }

@@ -614,12 +614,20 @@ def render_template(text: str, root: dict[str, Any]) -> str:
         if head.startswith("required "):  # required "message" .Values.x
             quoted, _, head = head.removeprefix("required ").rpartition(" ")
             message = json.loads(quoted)
-        node = root if head.startswith("$") else dot
-        for key in head.lstrip("$").split(".")[1:]:
-            node = node[key] if key else node
+        if head.startswith("toYaml "):  # toYaml .Values.x: block YAML, no trailing new line
+            subject = value(head.removeprefix("toYaml ").strip(), dot)
+            node = yaml.safe_dump(subject, default_flow_style=False, sort_keys=False).rstrip()
+        else:
+            node = root if head.startswith("$") else dot
+            for key in head.lstrip("$").split(".")[1:]:
+                node = node[key] if key else node
         if message is not None and node in (None, ""):  # Helm's rule: nil or empty fails
             raise RequiredValueError(message)
         for name in filters:
+            if name.startswith("nindent "):  # a new line, then every line indented
+                pad = " " * int(name.removeprefix("nindent "))
+                node = "".join(f"\n{pad}{line}" for line in str(node).splitlines())
+                continue
             assert name == "quote", f"template function {name!r} not supported by this renderer"
             node = json.dumps(str(node))
         return node
@@ -632,12 +640,18 @@ def render_template(text: str, root: dict[str, Any]) -> str:
                 out.append(body)
             elif body == "end":
                 return i
-            elif body.startswith(("if ", "range ")):
+            elif body.startswith(("if ", "range ", "with ")):
                 keyword, expr = body.split(" ", 1)
                 end = run(i + 1, dot, [], live=False)  # find the matching end
                 if live:
                     subject = value(expr, dot)
-                    items = ([dot] if subject else []) if keyword == "if" else list(subject)
+                    items = (
+                        list(subject)
+                        if keyword == "range"
+                        else [(dot if keyword == "if" else subject)]
+                        if subject
+                        else []
+                    )
                     for item in items:
                         run(i + 1, item, out)
                 i = end
@@ -786,3 +800,50 @@ def test_the_chart_refuses_an_image_without_its_release_identity(colour: str, mi
     block = {"image": V1.image, "model": V1.model, "version": V1.version, "sha256": V1.sha256}
     with pytest.raises(RequiredValueError, match=rf"{colour}\.{missing} is required"):
         render_chart({colour: {**block, missing: ""}}, "ml")
+
+
+def restricted_violations(deployment: dict[str, Any]) -> list[str]:
+    """What Kubernetes' "restricted" Pod Security Standard refuses in `deployment`'s pods
+    (the checks a pod of a plain image can fail: kubernetes.io/docs/concepts/security/
+    pod-security-standards)."""
+    pod = deployment["spec"]["template"]["spec"]
+    pod_ctx = pod.get("securityContext") or {}
+    found = []
+    for c in pod["containers"]:
+        ctx = c.get("securityContext") or {}
+        if not (ctx.get("runAsNonRoot") or pod_ctx.get("runAsNonRoot")):
+            found.append(f"{c['name']}: runAsNonRoot")
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{c['name']}: allowPrivilegeEscalation")
+        if (ctx.get("capabilities") or {}).get("drop") != ["ALL"]:
+            found.append(f"{c['name']}: capabilities.drop")
+        seccomp = ctx.get("seccompProfile") or pod_ctx.get("seccompProfile") or {}
+        if seccomp.get("type") not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{c['name']}: seccompProfile")
+    return found
+
+
+def test_the_pods_pass_the_restricted_pod_security_standard() -> None:
+    # Were refused in a namespace labelled pod-security.kubernetes.io/enforce=restricted (AKS
+    # and most hardened clusters): the Deployment existed, no pod was ever created. The
+    # package's image runs as uid 10001, so it meets the standard as it is.
+    deployment = m.deployment(m.IstioLayout(namespace="ml", app="d"), Colour.BLUE, V1)
+    assert restricted_violations(deployment) == []
+    values = {"green": {"image": V1.image, "model": V1.model, "version": V1.version, "sha256": ""}}
+    chart = by_name(render_chart(values, "ml"))
+    assert restricted_violations(chart[("Deployment", "model-green")]) == []
+    bare = copy.deepcopy(deployment)
+    bare["spec"]["template"]["spec"].pop("securityContext", None)
+    bare["spec"]["template"]["spec"]["containers"][0].pop("securityContext", None)
+    assert len(restricted_violations(bare)) == 4  # the check is not vacuous
+
+
+def test_the_chart_takes_the_scoring_container_s_resources() -> None:
+    # An HPA on CPU needs requests, and pods without any are evicted first under memory
+    # pressure: there was no way to give them but to edit the chart.
+    resources = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}}
+    values = {"green": {"image": V1.image, "model": V1.model, "version": V1.version, "sha256": ""}}
+    for given in ({"resources": resources}, {}):
+        chart = by_name(render_chart({**values, **given}, "ml"))
+        container = chart[("Deployment", "model-green")]["spec"]["template"]["spec"]
+        assert container["containers"][0].get("resources") == given.get("resources")
