@@ -64,10 +64,15 @@ _MODEL_LIBRARIES = ("scikit-learn", "skops", "numpy", "scipy")
 
 ASGI_ENTRY = '''"""Container entry: the scoring package's app serving this package folder."""
 
+import logging
 import os
 from pathlib import Path
 
 from scoring.app import create_app
+
+# uvicorn configures only its own loggers: without this, the line saying which model (and
+# sha256) this pod loaded, the one `kubectl logs` is read for, would be dropped.
+logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def build():

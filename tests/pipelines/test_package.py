@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import importlib.util
 import json
@@ -11,9 +12,11 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -26,6 +29,7 @@ from components.register.register import register_model
 from components.rollout.main import InvalidInput, read_package
 from components.train.train import TrainParams, train
 from rollout.core.types import Colour, Release
+from rollout.local.process import free_port
 from rollout.routers import istio_manifests as m
 from tests.routers.test_manifests import by_name, render_chart
 
@@ -185,6 +189,30 @@ def test_the_image_takes_its_api_key_from_the_environment_as_serve_does(
             entry.build()
     else:
         assert entry.build().state.scoring.api_keys == expected
+
+
+@pytest.mark.slow
+def test_the_image_s_command_logs_the_model_it_loaded(registered, tmp_path: Path) -> None:
+    # Was silent: under `uvicorn asgi:build` nothing configured logging, so the line saying which
+    # model and sha256 a pod loaded (what `kubectl logs` is read for) was dropped. Run as the
+    # Dockerfile's CMD does, from the package folder, on this machine.
+    registry, _ = registered
+    pkg = build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "p", image_registry="r").path
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "asgi:build", "--factory", "--port", str(port)]
+    env = {**os.environ, "PYTHONPATH": str(pkg)}
+    with subprocess.Popen(cmd, cwd=pkg, env=env, stderr=subprocess.PIPE, text=True) as server:
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                        break
+                time.sleep(0.1)
+        finally:
+            server.terminate()
+        _, err = server.communicate(timeout=30)
+    assert "loaded model Diabetes-Ridge version 1 (Ridge, sha256 " in err
 
 
 def test_a_swapped_model_file_is_not_packaged(registered, tmp_path: Path) -> None:
