@@ -9,7 +9,11 @@ reads the raw cumulative counters instead, with prometheus-api-client:
    `since` (so no traffic from before the step counts — not the previous step's, not the
    previous rollout's canary's); a series with no sample in the 5 minutes before `since`
    appeared during the step and counts from 0 (Envoy's 5xx series, for one, appears only with
-   the first 5xx) — one merely marked stale there by a failed scrape did not;
+   the first 5xx) — one merely marked stale there by a failed scrape did not. When Prometheus
+   holds none of the colours' requests series there (its storage lost on a restart, or down
+   for all of those 5 minutes), absence says nothing: a series counts from 0 only if it
+   appeared after Prometheus' first scrape of its target in the step (its `job` and
+   `instance`), else from its first sample;
 2. `resets(series[window])` at `now`; for the rare series that restarted inside the window, the
    raw samples of the window are fetched and the increase is summed piece by piece (a drop means
    the counter restarted from 0), which is exact where `increase()` is not.
@@ -67,7 +71,7 @@ import ssl
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries
 from rollout.core.types import Colour, ColourCounts, Observation
@@ -87,6 +91,8 @@ LOOKBACK_S = 300
 BASELINE_SEARCH_S = 60
 
 Series = tuple[tuple[str, str], ...]
+#: A scrape target, as its series name it: their `job` and `instance` labels.
+Target = tuple[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,10 +262,12 @@ class PrometheusMetrics:
         self, preset: Preset, since: float, now: float
     ) -> tuple[dict[Colour, ColourCounts], dict[str, Any]]:
         values = [self.labels.blue, self.labels.green]
-        requests = self._deltas(preset.requests, values, since, now)
-        errors = self._deltas(preset.errors, values, since, now)
+        requests, starts = self._deltas(preset.requests, values, since, now)
+        # The requests series say whether Prometheus holds the data plane from before the step
+        # (and, when not, when it first scraped each target): that decides for every series.
+        errors, _ = self._deltas(preset.errors, values, since, now, given=starts)
         buckets = (
-            self._deltas(preset.latency_bucket, values, since, now)
+            self._deltas(preset.latency_bucket, values, since, now, given=starts)[0]
             if preset.latency_bucket is not None
             else {}
         )
@@ -294,9 +302,16 @@ class PrometheusMetrics:
         return counts, detail
 
     def _deltas(
-        self, series_set: SeriesSet, values: list[str], since: float, now: float
-    ) -> dict[Series, int]:
-        """Exact counter increase per series from the step's first sample to `now`.
+        self,
+        series_set: SeriesSet,
+        values: list[str],
+        since: float,
+        now: float,
+        *,
+        given: dict[Target, float] | Literal["ask"] | None = "ask",
+    ) -> tuple[dict[Series, int], dict[Target, float] | None]:
+        """Exact counter increase per series from the step's first sample to `now`, and `starts`
+        (below) as these series give it.
 
         The baseline of a series is its first sample at or after `since`, so traffic from before
         the step — the tail of the previous step, or of the previous rollout's canary — never
@@ -305,6 +320,13 @@ class PrometheusMetrics:
         target was down when the step began) is looked for over the whole step. A series with
         no sample in the LOOKBACK_S before `since` appeared during the step and counts from 0;
         one merely marked stale at `since` (by a failed scrape) did not.
+
+        That holds while Prometheus holds the history: `starts` None, as `given` by the
+        requests' series set, or (the default, "ask") whether any of these series has a sample
+        there. One that lost its storage, or was down for all of LOOKBACK_S, holds none, and
+        counting every series from 0 charged the step with the counters' whole history. Then
+        `starts` gives, per target, the time of its first sample in the step: a series first
+        seen later appeared during the step and counts from 0, any other from its first sample.
         """
         selector = series_set.selector(values)
         # Range selectors are open on the left: one extra millisecond takes in a sample that
@@ -332,13 +354,23 @@ class PrometheusMetrics:
             if n > 0
         }
         raw = self._matrix(whole_step, now) if restarted else {}
-        unscraped = [s for s in at_now if s in existed and s not in first]
+        # None: Prometheus holds the history; {} (filled below): these series say it does not.
+        fresh: dict[Target, float] | None = {} if at_now and not existed else None
+        starts = fresh if given == "ask" else given
+        unscraped = [s for s in at_now if (s in existed or starts is not None) and s not in first]
         if unscraped and search_ms < span_ms:
             raw = raw or self._matrix(whole_step, now)
             first.update((s, raw[s][0]) for s in unscraped if raw.get(s))
+        if given == "ask" and starts is not None:  # these series give `starts`
+            for series, (t, _) in first.items():
+                target = _target(series)
+                starts[target] = min(t, starts.get(target, t))
         deltas: dict[Series, int] = {}
         for series, value in at_now.items():
-            if series not in existed:
+            if series not in existed and (
+                starts is None
+                or (series in first and first[series][0] > starts.get(_target(series), math.inf))
+            ):
                 base_t, base = since, 0
             elif series in first:
                 base_t, base = first[series]
@@ -350,7 +382,7 @@ class PrometheusMetrics:
                 deltas[series] = _increase(base, later)
             else:
                 deltas[series] = max(value - base, 0)
-        return deltas
+        return deltas, starts
 
     # ------------------------------------------------------------------------------ custom PromQL
 
@@ -574,6 +606,11 @@ def _increase(baseline: int, samples: list[int]) -> int:
         total += value - previous if value >= previous else value
         previous = value
     return total
+
+
+def _target(series: Series) -> Target:
+    labels = dict(series)
+    return labels.get("job", ""), labels.get("instance", "")
 
 
 def _total(deltas: dict[Series, int], label: str, value: str) -> int:

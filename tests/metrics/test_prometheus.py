@@ -539,3 +539,42 @@ def test_a_failed_scrape_at_the_tick_keeps_the_steps_counts(prom: FakePrometheus
     )
     observation = envoy(prom).observe(T0, T0 + 4)
     assert (observation.blue.requests, observation.blue.errors) == (20, 2)
+
+
+def test_a_prometheus_that_lost_its_storage_mid_step_counts_from_its_first_scrape(
+    prom: FakePrometheus,
+) -> None:
+    # Prometheus restarted at T0 + 4 on empty storage (an emptyDir, the Prometheus Operator's
+    # default): it holds nothing from before the step, and a series absent before `since` no
+    # longer says it is new. Envoy's counters went on and hold every earlier rollout's traffic;
+    # green's first 5xx comes after Prometheus' first scrape: that series is new.
+    def scraped(start: float, per_s: float) -> list[tuple[float, float | None]]:
+        return [(T0 + 5 + i, start + per_s * i) for i in range(6)]
+
+    prom.add(
+        "envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "blue"}, scraped(5e4, 10)
+    )
+    prom.add(
+        "envoy_cluster_upstream_rq_xx",
+        {"envoy_cluster_name": "blue", "envoy_response_code_class": "5"},
+        scraped(9000, 1),
+    )
+    prom.add(
+        "envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "green"}, scraped(1e6, 100)
+    )
+    for le, share in [("25", 0.9), ("+Inf", 1.0)]:
+        prom.add(
+            "envoy_cluster_upstream_rq_time_bucket",
+            {"envoy_cluster_name": "green", "le": le},
+            scraped(1e6 * share, 100 * share),
+        )
+    prom.add(
+        "envoy_cluster_upstream_rq_xx",
+        {"envoy_cluster_name": "green", "envoy_response_code_class": "5"},
+        [(T0 + 7.5, 1), (T0 + 8.5, 2), (T0 + 9.5, 4)],
+    )
+    observation = envoy(prom).observe(T0, T0 + 10)
+    assert observation.error is None
+    assert (observation.blue.requests, observation.blue.errors) == (50, 5)
+    assert (observation.green.requests, observation.green.errors) == (500, 4)
+    assert observation.green.latency_buckets == ((0.025, 450),)

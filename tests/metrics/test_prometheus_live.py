@@ -4,7 +4,8 @@ Tiny upstreams answer behind Envoy (blue fails every 10th request); the provider
 window must equal, exactly, what Envoy itself counted on the weighted clusters over that window —
 and the header-pinned requests sent meanwhile must not appear in them. Stopping Prometheus turns
 the next observation into an error naming its URL. A step that begins while a failed scrape has
-marked Envoy's series stale counts only its own traffic, not the counters' whole history.
+marked Envoy's series stale counts only its own traffic, not the counters' whole history; so
+does one during which Prometheus started on empty storage.
 """
 
 from __future__ import annotations
@@ -248,3 +249,18 @@ def test_a_failed_scrape_at_the_tick_keeps_the_steps_counts(tmp_path: Path) -> N
 
     assert observation.error is None
     assert observation.blue.requests == 10
+
+
+def test_a_prometheus_started_empty_during_the_step_counts_only_the_steps_traffic(
+    tmp_path: Path,
+) -> None:
+    # Prometheus restarted on empty storage after the step began (an emptyDir): it holds nothing
+    # from before `since`, while Envoy's counters hold the previous rollout's failed canary.
+    since = time.time()
+    with scraping(tmp_path, {REQUESTS: 50_000, ERRORS: 9_000}) as (target, provider):
+        target.counters[REQUESTS] += 10  # after the first scrape: the step's own traffic
+        scraped_after(time.time(), provider)
+        observation = provider.observe(since, time.time())
+
+    assert observation.error is None
+    assert (observation.blue.requests, observation.blue.errors) == (10, 0)
