@@ -42,7 +42,12 @@ Presets (label values per colour come from `labels`):
   the weighted Services `<app>-blue` / `<app>-green` keeps A/B traffic out of the canary counts; the
   destination proxy cannot tell the two apart, hence the source reporter.
 - `custom`: PromQL templates (`{colour}` → label value, `{window}` → e.g. `42s`), each evaluated at
-  `since` and at `now`; a value that went down is taken as a restart from 0.
+  `since` and at `now`, series by series (matched by their labels: a query that keeps one
+  series per pod or target counts a pod that goes or comes as what it served in the step); a
+  series a failed scrape marked stale there keeps its last value of the 5 minutes before
+  (within the step, at `now`), a series absent at `since` counts from 0, and one whose value
+  went down is taken as restarted from 0. A `sum(...)` is one series: a pod of it that stops
+  being scraped lowers it, which reads as a restart.
 
 Errors are never clamped to the request count. Every error is a request, so when a window
 counts more errors than requests (a scrape caught one counter and not yet the other, or a
@@ -398,26 +403,32 @@ class PrometheusMetrics:
             def render(template: str) -> str:
                 return template.replace("{colour}", value).replace("{window}", window)  # noqa: B023
 
-            def delta(expr: str) -> int:
-                before = sum(self._vector(expr, since).values())
-                after = sum(self._vector(expr, now).values())
-                return after - before if after >= before else after
+            def delta(expr: str) -> dict[Series, int]:
+                before = self._held(expr, since, LOOKBACK_S)
+                after = self._held(expr, now, min(now - since, LOOKBACK_S))
+                return {
+                    series: c - before.get(series, 0) if c >= before.get(series, 0) else c
+                    for series, c in after.items()
+                }
 
-            n = delta(render(queries.requests))
-            e = delta(render(queries.errors))
+            n = sum(delta(render(queries.requests)).values())
+            e = sum(delta(render(queries.errors)).values())
             histogram: dict[float, int] = {}
             if queries.latency_bucket is not None:
-                expr = render(queries.latency_bucket)
-                before = _by_le(self._vector(expr, since), self.latency_unit_s)
-                after = _by_le(self._vector(expr, now), self.latency_unit_s)
-                histogram = {
-                    le: (c - before.get(le, 0) if c >= before.get(le, 0) else c)
-                    for le, c in after.items()
-                }
+                histogram = _by_le(delta(render(queries.latency_bucket)), self.latency_unit_s)
             detail["queries"][colour.value] = [render(queries.requests), render(queries.errors)]
             detail[colour.value] = {"requests": n, "errors": e}
             counts[colour] = _counts(n, e, histogram, detail[colour.value])
         return counts, detail
+
+    def _held(self, expr: str, at: float, lookback_s: float) -> dict[Series, int]:
+        """`expr`'s series at `at`; one that a failed scrape marked stale there (or one whose
+        target was not scraped since) keeps its last value of the `lookback_s` before, as
+        `expr` evaluated at each whole second gives it."""
+        exact = self._vector(expr, at)  # first: an error names the query as written
+        lookback_ms = max(round(lookback_s * 1000), 1000)
+        held = self._vector(f"last_over_time(({expr})[{lookback_ms}ms:1s])", at)
+        return {**held, **exact}
 
     # ---------------------------------------------------------------------------------- HTTP API
 

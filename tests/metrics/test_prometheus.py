@@ -401,6 +401,48 @@ def test_custom_queries(prom: FakePrometheus) -> None:
     assert (observation.green.requests, observation.green.errors) == (20, 0)
 
 
+@pytest.mark.parametrize(
+    ("samples", "expected"),
+    [
+        pytest.param(
+            {"a": [(T0 - 2, 50_000), (T0 - 1, STALE), (T0 + 1, 50_005), (T0 + 3, 50_010)]},
+            10,
+            id="failed-scrape-as-the-step-begins",
+        ),
+        pytest.param(
+            {"a": [(T0 - 1, 100), (T0 + 1, 110), (T0 + 2, 120), (T0 + 2.5, STALE)]},
+            20,
+            id="failed-scrape-at-the-tick",
+        ),
+        pytest.param(
+            {
+                "a": [(T0 - 1, 1000), (T0 + 1, 1010), (T0 + 1.5, STALE)],
+                "b": [(T0 - 1, 5000), (T0 + 1, 5020), (T0 + 2, 5050)],
+                "c": [(T0 + 1, 3), (T0 + 2, 7)],
+            },
+            10 + 50 + 7,
+            id="a-pod-gone-one-new",
+        ),
+        pytest.param(
+            {"a": [(T0 - 1, 1000), (T0 + 1, 1010), (T0 + 2, 4)], "b": [(T0 - 1, 10), (T0 + 2, 30)]},
+            4 + 20,  # a's 10 before its restart: not seen by two evaluations
+            id="one-pod-restarted",
+        ),
+    ],
+)
+def test_custom_queries_count_each_series_through_failed_scrapes(
+    prom: FakePrometheus, samples: dict[str, list[tuple[float, float | None]]], expected: int
+) -> None:
+    # A query that keeps one series per pod, as Prometheus scrapes them: a failed scrape marks
+    # a pod's series stale, and a pod may go or come mid-step. Counting the sum from `since` to
+    # `now` took every drop for a restart and charged the step with the other pods' history.
+    for pod, values in samples.items():
+        prom.add("my_requests_total", {"svc": "blue", "pod": pod}, values)
+    observation = make_metrics(custom_preset(prom)).observe(T0, T0 + 3)
+    assert observation.error is None
+    assert observation.blue.requests == expected
+
+
 def test_factory_builds_the_envoy_preset(prom: FakePrometheus) -> None:
     provider = make_metrics(PrometheusMetricsConfig(url=prom.url))
     assert isinstance(provider, PrometheusMetrics)

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from rollout.config import PromQueries
 from rollout.core.types import Colour, Weights
 from rollout.errors import MetricsError
 from rollout.local.envoy import EnvoyProcess
@@ -219,8 +220,21 @@ def scraped_after(moment: float, provider: PrometheusMetrics) -> None:
     wait_until(f"timestamp({REQUESTS})", lambda t: t > moment, provider)
 
 
+#: The same counters through the custom preset, as a spec would write them.
+CUSTOM = PromQueries(
+    requests='envoy_cluster_upstream_rq_completed{envoy_cluster_name="{colour}"}',
+    errors='envoy_cluster_upstream_rq_xx{envoy_cluster_name="{colour}",envoy_response_code_class="5"}',
+)
+
+
+def reading(provider: PrometheusMetrics, preset: str) -> PrometheusMetrics:
+    """`provider`, or one reading its Prometheus through the custom preset's CUSTOM queries."""
+    return provider if preset == "envoy" else PrometheusMetrics(provider.url, queries=CUSTOM)
+
+
+@pytest.mark.parametrize("preset", ["envoy", "custom"])
 def test_a_failed_scrape_as_the_step_begins_counts_only_the_steps_traffic(
-    tmp_path: Path,
+    tmp_path: Path, preset: str
 ) -> None:
     # Envoy's counters after a previous rollout whose canary failed.
     with scraping(tmp_path, {REQUESTS: 50_000, ERRORS: 9_000}) as (target, provider):
@@ -231,13 +245,14 @@ def test_a_failed_scrape_as_the_step_begins_counts_only_the_steps_traffic(
         scraped_after(since, provider)
         target.counters[REQUESTS] += 10  # the step's own traffic, after its first scrape
         scraped_after(time.time(), provider)
-        observation = provider.observe(since, time.time())
+        observation = reading(provider, preset).observe(since, time.time())
 
     assert observation.error is None
     assert (observation.blue.requests, observation.blue.errors) == (10, 0)
 
 
-def test_a_failed_scrape_at_the_tick_keeps_the_steps_counts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("preset", ["envoy", "custom"])
+def test_a_failed_scrape_at_the_tick_keeps_the_steps_counts(tmp_path: Path, preset: str) -> None:
     with scraping(tmp_path, {REQUESTS: 50_000}) as (target, provider):
         since = time.time()
         scraped_after(since, provider)
@@ -245,7 +260,7 @@ def test_a_failed_scrape_at_the_tick_keeps_the_steps_counts(tmp_path: Path) -> N
         scraped_after(time.time(), provider)
         target.failing.set()
         wait_until('up{job="envoy"}', lambda up: up == 0, provider)  # series marked stale
-        observation = provider.observe(since, time.time())
+        observation = reading(provider, preset).observe(since, time.time())
 
     assert observation.error is None
     assert observation.blue.requests == 10
