@@ -58,6 +58,9 @@ outage it must see.
 
 No data (no series, NaN) gives zero counts, so the judge says Inconclusive; an unreachable
 Prometheus or a failing query gives `Observation(error=...)` naming the URL, so it says Error —
+and so does an answer with warnings, which the API gives when it answers in part (a Thanos
+querier that could not reach a store: a series missing at the step's start would count from 0,
+one missing at the tick would drop out; "PromQL info:" annotations are no such warning) —
 and so do refused credentials (401/403, said as such), a certificate no trusted CA signed, and a
 secret that cannot be read. Authentication (bearer token, basic auth, Azure Monitor managed
 Prometheus' Entra ID token) and TLS (`ca_file`, `insecure_skip_verify`, `cert_file`/`key_file` for
@@ -186,6 +189,8 @@ class PrometheusMetrics:
         session = requests.Session()
         session.verify = verify
         session.cert = cert
+        # prometheus-api-client hands back `data.result` alone: the warnings are read here.
+        session.hooks["response"].append(_refuse_partial_answer)
         self._client_cert = cert is not None
         # No retries: the controller asks again next tick, and "down" must show quickly.
         self._client = PrometheusConnect(
@@ -442,6 +447,13 @@ class PrometheusMetrics:
         except requests.exceptions.SSLError as exc:
             problem = _tls_problem(exc, client_cert=self._client_cert)
             raise ProviderUnavailable(f"Prometheus at {self.url}: {problem}") from exc
+        except _PartialAnswer as exc:
+            raise MetricsError(
+                self._redact(
+                    f"Prometheus at {self.url} answered only in part ({exc}): counts read from "
+                    "it would be wrong"
+                )
+            ) from exc
         except requests.exceptions.JSONDecodeError as exc:
             # A 200 that is not JSON (a login page, another service on the port): requests
             # raises it as a RequestException, which read as "unreachable: JSONDecodeError".
@@ -514,6 +526,27 @@ class PrometheusMetrics:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+class _PartialAnswer(Exception):
+    """A 200 whose `warnings` say the data may be partial (the first warning is the message)."""
+
+
+def _refuse_partial_answer(response: Any, **kwargs: Any) -> Any:
+    """requests response hook: raise _PartialAnswer for a query answer with warnings."""
+    if response.status_code != 200 or b'"warnings"' not in response.content:
+        return response
+    try:
+        body = response.json()
+    except ValueError:
+        return response  # not JSON: said by the caller
+    warnings = body.get("warnings") if isinstance(body, dict) else None
+    real = [
+        " ".join(str(w).split()) for w in warnings or [] if not str(w).startswith("PromQL info:")
+    ]
+    if real:
+        raise _PartialAnswer(real[0] if len(real[0]) <= 200 else real[0][:197] + "...")
+    return response
 
 
 def _timed_out(exc: BaseException) -> bool:

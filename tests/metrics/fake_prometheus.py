@@ -50,6 +50,8 @@ class FakePrometheus:
         self.series: list[tuple[dict[str, str], list[tuple[float, float | None]]]] = []
         self.queries: list[tuple[str, float]] = []
         self.status = 200  # set to 500/503 to simulate a sick Prometheus
+        #: Sent with every successful answer (a Thanos querier's partial response carries one).
+        self.warnings: list[str] = []
         self.require_authorization: str | None = None
         self.echo_authorization = False
         self.authorizations: list[str | None] = []
@@ -83,10 +85,13 @@ class FakePrometheus:
                 except ValueError as exc:
                     self._send(400, {"status": "error", "errorType": "bad_data", "error": str(exc)})
                     return
-                self._send(
-                    200,
-                    {"status": "success", "data": {"resultType": result_type, "result": result}},
-                )
+                answer: dict[str, Any] = {
+                    "status": "success",
+                    "data": {"resultType": result_type, "result": result},
+                }
+                if fake.warnings:
+                    answer["warnings"] = fake.warnings
+                self._send(200, answer)
 
             def _send(self, status: int, body: dict[str, Any]) -> None:
                 data = json.dumps(body).encode()

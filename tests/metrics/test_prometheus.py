@@ -235,6 +235,27 @@ def test_an_answer_that_is_not_prometheus_is_one_line_saying_what_came(
     assert observation.error == "Prometheus at " + says.format(url=url)
 
 
+@pytest.mark.parametrize("preset", ["envoy", "custom"])
+def test_a_partial_answer_is_an_error_not_a_miscount(prom: FakePrometheus, preset: str) -> None:
+    # A Thanos querier answers 200 with what the stores it reached hold, and a warning, when one
+    # is down (its default, partial_response): a series missing from the step's start would
+    # count from 0, one missing at the tick would drop out of the counts.
+    counter(prom, "envoy_cluster_upstream_rq_completed", "blue", [100, 110, 120])
+    prom.warnings = ["receive series from Addr: 10.0.0.7:10901: rpc error: code = Unavailable"]
+    provider = envoy(prom) if preset == "envoy" else make_metrics(custom_preset(prom))
+    observation = provider.observe(T0 - 9, T0 - 8)
+    assert observation.error is not None
+    assert observation.error.startswith(f"Prometheus at {prom.url} answered only in part (")
+    assert "10.0.0.7:10901" in observation.error and "\n" not in observation.error
+
+
+def test_an_info_annotation_is_no_partial_answer(prom: FakePrometheus) -> None:
+    counter(prom, "envoy_cluster_upstream_rq_completed", "blue", [100, 110, 120])
+    prom.warnings = ["PromQL info: metric might not be a counter, name does not end in _total"]
+    observation = envoy(prom).observe(T0 - 9, T0 - 8)
+    assert observation.error is None and observation.blue.requests == 10
+
+
 def test_a_wrong_path_under_prometheus_is_a_404_naming_the_api_url(prom: FakePrometheus) -> None:
     url = f"{prom.url}/prometheus"
     observation = PrometheusMetrics(url, preset=envoy_preset()).observe(T0 - 10, T0)
