@@ -488,8 +488,17 @@ class PrometheusMetrics:
             return f"Prometheus at {self.url} rejected {query!r}: {error}"
         status, body = int(found.group(1)), _body_text(found.group(2))
         if status in (401, 403):
+            from rollout.metrics.prometheus_auth import AzureBearerAuth
+
             sent = f"with {self.auth!r}" if self.auth is not None else "without credentials"
-            return f"Prometheus at {self.url} refused the request {sent} (HTTP {status})"
+            refused = f"Prometheus at {self.url} refused the request {sent} (HTTP {status})"
+            if status == 403 and isinstance(self.auth, AzureBearerAuth):
+                # A valid token of an identity with no data role on the workspace.
+                refused += (
+                    ": the identity needs the Monitoring Data Reader role on the Azure Monitor "
+                    "workspace (a new role assignment takes minutes to apply)"
+                )
+            return refused
         said = f" ({body})" if body else ""
         if status == 404:
             # A path under the server's root, a typo'd one, or a server that is not Prometheus.
