@@ -113,8 +113,8 @@ class SeriesSet:
 
     def selector(self, values: Iterable[str]) -> str:
         """PromQL selector for every colour at once (`label=~"blue|green"`)."""
-        # re.escape for the regex, then doubled backslashes for PromQL's string literal.
-        alternatives = "|".join(re.escape(v).replace("\\", "\\\\") for v in values)
+        # re.escape for the regex, then PromQL's string literal (re.escape leaves `"` alone).
+        alternatives = "|".join(_promql_string(re.escape(v)) for v in values)
         matchers = [*self.matchers, f'{self.colour_label}=~"{alternatives}"']
         return f"{self.metric}{{{','.join(matchers)}}}"
 
@@ -406,7 +406,9 @@ class PrometheusMetrics:
             value = self.labels.of(colour)
 
             def render(template: str) -> str:
-                return template.replace("{colour}", value).replace("{window}", window)  # noqa: B023
+                # The value goes inside the template's PromQL string ("{colour}").
+                quoted = _promql_string(value)  # noqa: B023
+                return template.replace("{colour}", quoted).replace("{window}", window)
 
             def delta(expr: str) -> dict[Series, int]:
                 before = self._held(expr, since, LOOKBACK_S)
@@ -659,6 +661,11 @@ def _increase(baseline: int, samples: list[int]) -> int:
         total += value - previous if value >= previous else value
         previous = value
     return total
+
+
+def _promql_string(text: str) -> str:
+    """`text` as the inside of a double-quoted PromQL string."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _target(series: Series) -> Target:

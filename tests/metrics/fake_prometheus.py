@@ -36,7 +36,9 @@ from tests.fakes.server import LocalServer
 LOOKBACK_S = 300.0
 #: A staleness marker, as a sample value (Prometheus never returns it from a query).
 STALE = None
-_SELECTOR = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<matchers>[^}]*)\})?$")
+_SELECTOR = re.compile(
+    r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<matchers>(?:[^}"]|"(?:[^"\\]|\\.)*")*)\})?$'
+)
 _SUBQUERY = re.compile(
     r"last_over_time\(\((?P<expr>.*)\)\[(?P<range>\d+)(?P<unit>ms|s):(?P<step>\d+)s\]\)"
 )
@@ -199,7 +201,9 @@ class FakePrometheus:
             m = _MATCHER.fullmatch(part)
             if m is None:
                 raise ValueError(f"fake Prometheus cannot parse matcher {part!r}")
-            matchers.append((m.group(1), m.group(2), m.group(3).replace("\\\\", "\\")))
+            # PromQL's string escapes first (`\\` and `\"`), then the regex, as Prometheus does.
+            value = re.sub(r'\\(["\\])', r"\1", m.group(3))
+            matchers.append((m.group(1), m.group(2), value))
         chosen = []
         for labels, samples in self.series:
             if labels["__name__"] != match.group("name"):
@@ -210,9 +214,11 @@ class FakePrometheus:
 
 
 def _split(raw: str) -> list[str]:
-    parts, current, quoted = [], "", False
+    parts, current, quoted, escaped = [], "", False, False
     for ch in raw:
-        if ch == '"':
+        if quoted and (escaped or ch == "\\"):
+            escaped = not escaped  # a backslash escapes the next character
+        elif ch == '"':
             quoted = not quoted
         if ch == "," and not quoted:
             parts.append(current)

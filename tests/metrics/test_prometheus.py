@@ -343,6 +343,43 @@ def test_the_probe_says_what_the_server_answered(status: int, says: str) -> None
     assert str(probed.value).startswith(f"Prometheus at {url} {says}")
 
 
+NAMED = ColourNames(blue='ml/blue-v2.1+(canary)|a*b?[x]{2}^$ "quoted"', green="a\\b")
+
+
+@pytest.mark.parametrize(
+    "queries",
+    [
+        pytest.param(None, id="preset"),
+        pytest.param(
+            PromQueries(
+                requests='envoy_cluster_upstream_rq_completed{envoy_cluster_name="{colour}"}',
+                errors='envoy_cluster_upstream_rq_xx{envoy_cluster_name="{colour}"}',
+            ),
+            id="custom",
+        ),
+    ],
+)
+def test_label_values_are_matched_as_they_are(
+    prom: FakePrometheus, queries: PromQueries | None
+) -> None:
+    # Regex characters are escaped (checked on the real Prometheus too); a double quote ended
+    # the PromQL string (a parse error at every tick) and a backslash began an escape.
+    for value in (NAMED.blue, NAMED.green, NAMED.blue + "X"):
+        prom.add(
+            "envoy_cluster_upstream_rq_completed",
+            {"envoy_cluster_name": value},
+            [(T0 - 10, 100), (T0 - 5, 110 if value != NAMED.blue + "X" else 999)],
+        )
+    provider = (
+        PrometheusMetrics(prom.url, preset=envoy_preset(), labels=NAMED)
+        if queries is None
+        else PrometheusMetrics(prom.url, queries=queries, labels=NAMED)
+    )
+    observation = provider.observe(T0 - 10, T0)
+    assert observation.error is None
+    assert (observation.blue.requests, observation.green.requests) == (10, 10)
+
+
 def test_istio_preset_counts_the_weighted_services_only(prom: FakePrometheus) -> None:
     def istio(
         service: str,
