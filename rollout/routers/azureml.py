@@ -158,9 +158,15 @@ def weights_from_traffic(
     try:
         return Weights(blue=blue, green=green, mirror=shadow)  # Azure caps the mirror at 50
     except ValueError as exc:
+        foreign = {n: pct for n, pct in traffic.items() if n not in names.values() and pct}
+        why = (
+            f"deployments aml-rollout does not manage take live traffic: {foreign}"
+            if foreign
+            else "no traffic set yet?"
+        )
         raise RouterError(
             f"endpoint traffic {dict(traffic)} does not split 100 % between "
-            f"{blue_name!r} and {green_name!r} (no traffic set yet?)"
+            f"{blue_name!r} and {green_name!r} ({why})"
         ) from exc
 
 

@@ -148,6 +148,27 @@ def test_weights_from_traffic_refuses_a_split_that_is_not_ours(traffic: dict[str
 
 
 @pytest.mark.parametrize(
+    ("traffic", "says"),
+    [
+        pytest.param({}, "(no traffic set yet?)", id="no-traffic-yet"),
+        pytest.param(
+            {"green": 50, "x": 50},
+            "(deployments aml-rollout does not manage take live traffic: {'x': 50})",
+            id="foreign",
+        ),
+    ],
+)
+def test_a_split_that_is_not_ours_says_why(traffic: dict[str, int], says: str) -> None:
+    """Traffic moved to another deployment (in the portal, say) was asked "no traffic set
+    yet?", which sent the operator looking for a rollout that never started."""
+    with pytest.raises(RouterError) as caught:
+        weights_from_traffic(traffic, NAMES)
+    assert str(caught.value) == (
+        f"endpoint traffic {traffic} does not split 100 % between 'blue' and 'green' {says}"
+    )
+
+
+@pytest.mark.parametrize(
     ("traffic", "mirror", "weights"),
     [
         pytest.param({"green": 100}, {"blue": 5}, Weights.blue_at(0, mirror=5), id="shadow"),
