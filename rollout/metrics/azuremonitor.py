@@ -9,7 +9,8 @@ code (`ResponseCode`), the model container's own code (`ModelStatusCode`) and th
 (`TotalDurationMs`). One KQL query per tick, with azure-monitor-query's `LogsQueryClient`, counts
 per deployment the requests whose `TimeGenerated` falls in the window, the failed ones among them,
 and the requests at or under each latency bound (`buckets_ms`): exact integers, and a cumulative
-histogram.
+histogram. Names compare regardless of case (`=~`, `in~`), as Azure matches endpoint and
+deployment names (azure-ai-ml lower-cases the deployments in an endpoint's traffic).
 
 A failed request is what a 5xx is behind Envoy or Istio, in Azure's codes: a 5xx from the
 endpoint; a 424, which Azure answers whenever the model container does not answer 200 (the model's
@@ -27,13 +28,14 @@ deployment's doing, and falls on both colours by their share of the requests. Co
     AmlOnlineEndpointTrafficLog
     | where TimeGenerated >= datetime(2026-11-29T16:00:00.000000Z)
         and TimeGenerated < datetime(2026-11-29T16:05:00.000000Z)
-    | where EndpointName == "diabetes-ep" and DeploymentName in ("blue", "green")
+    | where EndpointName =~ "diabetes-ep" and DeploymentName in~ ("blue", "green")
     | extend code = toint(ResponseCode), model = coalesce(toint(ModelStatusCode), 0),
         reason = tostring(ResponseCodeReason), ms = todouble(TotalDurationMs)
     | summarize requests = count(), errors = countif(code >= 500 or code == 408
         or (code == 429 and reason !has "rate") or model >= 500
         or (code == 424 and model < 400)),
-        le_0 = countif(ms <= 5), le_1 = countif(ms <= 10), ... by DeploymentName
+        le_0 = countif(ms <= 5), le_1 = countif(ms <= 10), ...
+        by DeploymentName = tolower(DeploymentName)
 
 Records reach the workspace minutes after the request (Azure's ingestion latency). The counts of
 a step grow as they arrive, and every request counts once, in the step its `TimeGenerated` falls
@@ -110,11 +112,11 @@ def traffic_query(
     return (
         f"{TABLE}\n"
         f"| where TimeGenerated >= {_kql_time(since)} and TimeGenerated < {_kql_time(now)}\n"
-        f"| where EndpointName == {kql_string(endpoint)} and DeploymentName in ({deployments})\n"
+        f"| where EndpointName =~ {kql_string(endpoint)} and DeploymentName in~ ({deployments})\n"
         "| extend code = toint(ResponseCode), model = coalesce(toint(ModelStatusCode), 0),"
         " reason = tostring(ResponseCodeReason), ms = todouble(TotalDurationMs)\n"
         f"| summarize requests = count(), errors = countif({FAILED}), {bounds}"
-        " by DeploymentName"
+        " by DeploymentName = tolower(DeploymentName)"
     )
 
 
@@ -173,7 +175,7 @@ class AzureMonitorMetrics:
             rows = self._query(query, since, now)
         except MetricsError as exc:
             return Observation(since=since, at=now, error=str(exc))
-        counts = {c: self._counts(rows.get(self.names.of(c))) for c in Colour}
+        counts = {c: self._counts(rows.get(self.names.of(c).lower())) for c in Colour}
         detail = {"workspace": self.workspace_id, "query": query, "rows": rows}
         return Observation(
             since=since, at=now, blue=counts[Colour.BLUE], green=counts[Colour.GREEN], detail=detail

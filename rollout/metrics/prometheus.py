@@ -9,7 +9,11 @@ reads the raw cumulative counters instead, with prometheus-api-client:
    `since` (so no traffic from before the step counts — not the previous step's, not the
    previous rollout's canary's); a series with no sample in the 5 minutes before `since`
    appeared during the step and counts from 0 (Envoy's 5xx series, for one, appears only with
-   the first 5xx) — one merely marked stale there by a failed scrape did not;
+   the first 5xx) — one merely marked stale there by a failed scrape did not. When Prometheus
+   holds none of the colours' requests series there (its storage lost on a restart, or down
+   for all of those 5 minutes), absence says nothing: a series counts from 0 only if it
+   appeared after Prometheus' first scrape of its target in the step (its `job` and
+   `instance`), else from its first sample;
 2. `resets(series[window])` at `now`; for the rare series that restarted inside the window, the
    raw samples of the window are fetched and the increase is summed piece by piece (a drop means
    the counter restarted from 0), which is exact where `increase()` is not.
@@ -38,7 +42,12 @@ Presets (label values per colour come from `labels`):
   the weighted Services `<app>-blue` / `<app>-green` keeps A/B traffic out of the canary counts; the
   destination proxy cannot tell the two apart, hence the source reporter.
 - `custom`: PromQL templates (`{colour}` → label value, `{window}` → e.g. `42s`), each evaluated at
-  `since` and at `now`; a value that went down is taken as a restart from 0.
+  `since` and at `now`, series by series (matched by their labels: a query that keeps one
+  series per pod or target counts a pod that goes or comes as what it served in the step); a
+  series a failed scrape marked stale there keeps its last value of the 5 minutes before
+  (within the step, at `now`), a series absent at `since` counts from 0, and one whose value
+  went down is taken as restarted from 0. A `sum(...)` is one series: a pod of it that stops
+  being scraped lowers it, which reads as a restart.
 
 Errors are never clamped to the request count. Every error is a request, so when a window
 counts more errors than requests (a scrape caught one counter and not yet the other, or a
@@ -49,6 +58,9 @@ outage it must see.
 
 No data (no series, NaN) gives zero counts, so the judge says Inconclusive; an unreachable
 Prometheus or a failing query gives `Observation(error=...)` naming the URL, so it says Error —
+and so does an answer with warnings, which the API gives when it answers in part (a Thanos
+querier that could not reach a store: a series missing at the step's start would count from 0,
+one missing at the tick would drop out; "PromQL info:" annotations are no such warning) —
 and so do refused credentials (401/403, said as such), a certificate no trusted CA signed, and a
 secret that cannot be read. Authentication (bearer token, basic auth, Azure Monitor managed
 Prometheus' Entra ID token) and TLS (`ca_file`, `insecure_skip_verify`, `cert_file`/`key_file` for
@@ -67,7 +79,7 @@ import ssl
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries
 from rollout.core.types import Colour, ColourCounts, Observation
@@ -87,6 +99,8 @@ LOOKBACK_S = 300
 BASELINE_SEARCH_S = 60
 
 Series = tuple[tuple[str, str], ...]
+#: A scrape target, as its series name it: their `job` and `instance` labels.
+Target = tuple[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +113,8 @@ class SeriesSet:
 
     def selector(self, values: Iterable[str]) -> str:
         """PromQL selector for every colour at once (`label=~"blue|green"`)."""
-        # re.escape for the regex, then doubled backslashes for PromQL's string literal.
-        alternatives = "|".join(re.escape(v).replace("\\", "\\\\") for v in values)
+        # re.escape for the regex, then PromQL's string literal (re.escape leaves `"` alone).
+        alternatives = "|".join(_promql_string(re.escape(v)) for v in values)
         matchers = [*self.matchers, f'{self.colour_label}=~"{alternatives}"']
         return f"{self.metric}{{{','.join(matchers)}}}"
 
@@ -175,6 +189,8 @@ class PrometheusMetrics:
         session = requests.Session()
         session.verify = verify
         session.cert = cert
+        # prometheus-api-client hands back `data.result` alone: the warnings are read here.
+        session.hooks["response"].append(_refuse_partial_answer)
         self._client_cert = cert is not None
         # No retries: the controller asks again next tick, and "down" must show quickly.
         self._client = PrometheusConnect(
@@ -256,10 +272,12 @@ class PrometheusMetrics:
         self, preset: Preset, since: float, now: float
     ) -> tuple[dict[Colour, ColourCounts], dict[str, Any]]:
         values = [self.labels.blue, self.labels.green]
-        requests = self._deltas(preset.requests, values, since, now)
-        errors = self._deltas(preset.errors, values, since, now)
+        requests, starts = self._deltas(preset.requests, values, since, now)
+        # The requests series say whether Prometheus holds the data plane from before the step
+        # (and, when not, when it first scraped each target): that decides for every series.
+        errors, _ = self._deltas(preset.errors, values, since, now, given=starts)
         buckets = (
-            self._deltas(preset.latency_bucket, values, since, now)
+            self._deltas(preset.latency_bucket, values, since, now, given=starts)[0]
             if preset.latency_bucket is not None
             else {}
         )
@@ -294,9 +312,16 @@ class PrometheusMetrics:
         return counts, detail
 
     def _deltas(
-        self, series_set: SeriesSet, values: list[str], since: float, now: float
-    ) -> dict[Series, int]:
-        """Exact counter increase per series from the step's first sample to `now`.
+        self,
+        series_set: SeriesSet,
+        values: list[str],
+        since: float,
+        now: float,
+        *,
+        given: dict[Target, float] | Literal["ask"] | None = "ask",
+    ) -> tuple[dict[Series, int], dict[Target, float] | None]:
+        """Exact counter increase per series from the step's first sample to `now`, and `starts`
+        (below) as these series give it.
 
         The baseline of a series is its first sample at or after `since`, so traffic from before
         the step — the tail of the previous step, or of the previous rollout's canary — never
@@ -305,6 +330,13 @@ class PrometheusMetrics:
         target was down when the step began) is looked for over the whole step. A series with
         no sample in the LOOKBACK_S before `since` appeared during the step and counts from 0;
         one merely marked stale at `since` (by a failed scrape) did not.
+
+        That holds while Prometheus holds the history: `starts` None, as `given` by the
+        requests' series set, or (the default, "ask") whether any of these series has a sample
+        there. One that lost its storage, or was down for all of LOOKBACK_S, holds none, and
+        counting every series from 0 charged the step with the counters' whole history. Then
+        `starts` gives, per target, the time of its first sample in the step: a series first
+        seen later appeared during the step and counts from 0, any other from its first sample.
         """
         selector = series_set.selector(values)
         # Range selectors are open on the left: one extra millisecond takes in a sample that
@@ -332,13 +364,23 @@ class PrometheusMetrics:
             if n > 0
         }
         raw = self._matrix(whole_step, now) if restarted else {}
-        unscraped = [s for s in at_now if s in existed and s not in first]
+        # None: Prometheus holds the history; {} (filled below): these series say it does not.
+        fresh: dict[Target, float] | None = {} if at_now and not existed else None
+        starts = fresh if given == "ask" else given
+        unscraped = [s for s in at_now if (s in existed or starts is not None) and s not in first]
         if unscraped and search_ms < span_ms:
             raw = raw or self._matrix(whole_step, now)
             first.update((s, raw[s][0]) for s in unscraped if raw.get(s))
+        if given == "ask" and starts is not None:  # these series give `starts`
+            for series, (t, _) in first.items():
+                target = _target(series)
+                starts[target] = min(t, starts.get(target, t))
         deltas: dict[Series, int] = {}
         for series, value in at_now.items():
-            if series not in existed:
+            if series not in existed and (
+                starts is None
+                or (series in first and first[series][0] > starts.get(_target(series), math.inf))
+            ):
                 base_t, base = since, 0
             elif series in first:
                 base_t, base = first[series]
@@ -350,7 +392,7 @@ class PrometheusMetrics:
                 deltas[series] = _increase(base, later)
             else:
                 deltas[series] = max(value - base, 0)
-        return deltas
+        return deltas, starts
 
     # ------------------------------------------------------------------------------ custom PromQL
 
@@ -364,28 +406,36 @@ class PrometheusMetrics:
             value = self.labels.of(colour)
 
             def render(template: str) -> str:
-                return template.replace("{colour}", value).replace("{window}", window)  # noqa: B023
+                # The value goes inside the template's PromQL string ("{colour}").
+                quoted = _promql_string(value)  # noqa: B023
+                return template.replace("{colour}", quoted).replace("{window}", window)
 
-            def delta(expr: str) -> int:
-                before = sum(self._vector(expr, since).values())
-                after = sum(self._vector(expr, now).values())
-                return after - before if after >= before else after
+            def delta(expr: str) -> dict[Series, int]:
+                before = self._held(expr, since, LOOKBACK_S)
+                after = self._held(expr, now, min(now - since, LOOKBACK_S))
+                return {
+                    series: c - before.get(series, 0) if c >= before.get(series, 0) else c
+                    for series, c in after.items()
+                }
 
-            n = delta(render(queries.requests))
-            e = delta(render(queries.errors))
+            n = sum(delta(render(queries.requests)).values())
+            e = sum(delta(render(queries.errors)).values())
             histogram: dict[float, int] = {}
             if queries.latency_bucket is not None:
-                expr = render(queries.latency_bucket)
-                before = _by_le(self._vector(expr, since), self.latency_unit_s)
-                after = _by_le(self._vector(expr, now), self.latency_unit_s)
-                histogram = {
-                    le: (c - before.get(le, 0) if c >= before.get(le, 0) else c)
-                    for le, c in after.items()
-                }
+                histogram = _by_le(delta(render(queries.latency_bucket)), self.latency_unit_s)
             detail["queries"][colour.value] = [render(queries.requests), render(queries.errors)]
             detail[colour.value] = {"requests": n, "errors": e}
             counts[colour] = _counts(n, e, histogram, detail[colour.value])
         return counts, detail
+
+    def _held(self, expr: str, at: float, lookback_s: float) -> dict[Series, int]:
+        """`expr`'s series at `at`; one that a failed scrape marked stale there (or one whose
+        target was not scraped since) keeps its last value of the `lookback_s` before, as
+        `expr` evaluated at each whole second gives it."""
+        exact = self._vector(expr, at)  # first: an error names the query as written
+        lookback_ms = max(round(lookback_s * 1000), 1000)
+        held = self._vector(f"last_over_time(({expr})[{lookback_ms}ms:1s])", at)
+        return {**held, **exact}
 
     # ---------------------------------------------------------------------------------- HTTP API
 
@@ -399,6 +449,13 @@ class PrometheusMetrics:
         except requests.exceptions.SSLError as exc:
             problem = _tls_problem(exc, client_cert=self._client_cert)
             raise ProviderUnavailable(f"Prometheus at {self.url}: {problem}") from exc
+        except _PartialAnswer as exc:
+            raise MetricsError(
+                self._redact(
+                    f"Prometheus at {self.url} answered only in part ({exc}): counts read from "
+                    "it would be wrong"
+                )
+            ) from exc
         except requests.exceptions.JSONDecodeError as exc:
             # A 200 that is not JSON (a login page, another service on the port): requests
             # raises it as a RequestException, which read as "unreachable: JSONDecodeError".
@@ -433,8 +490,17 @@ class PrometheusMetrics:
             return f"Prometheus at {self.url} rejected {query!r}: {error}"
         status, body = int(found.group(1)), _body_text(found.group(2))
         if status in (401, 403):
+            from rollout.metrics.prometheus_auth import AzureBearerAuth
+
             sent = f"with {self.auth!r}" if self.auth is not None else "without credentials"
-            return f"Prometheus at {self.url} refused the request {sent} (HTTP {status})"
+            refused = f"Prometheus at {self.url} refused the request {sent} (HTTP {status})"
+            if status == 403 and isinstance(self.auth, AzureBearerAuth):
+                # A valid token of an identity with no data role on the workspace.
+                refused += (
+                    ": the identity needs the Monitoring Data Reader role on the Azure Monitor "
+                    "workspace (a new role assignment takes minutes to apply)"
+                )
+            return refused
         said = f" ({body})" if body else ""
         if status == 404:
             # A path under the server's root, a typo'd one, or a server that is not Prometheus.
@@ -471,6 +537,27 @@ class PrometheusMetrics:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+class _PartialAnswer(Exception):
+    """A 200 whose `warnings` say the data may be partial (the first warning is the message)."""
+
+
+def _refuse_partial_answer(response: Any, **kwargs: Any) -> Any:
+    """requests response hook: raise _PartialAnswer for a query answer with warnings."""
+    if response.status_code != 200 or b'"warnings"' not in response.content:
+        return response
+    try:
+        body = response.json()
+    except ValueError:
+        return response  # not JSON: said by the caller
+    warnings = body.get("warnings") if isinstance(body, dict) else None
+    real = [
+        " ".join(str(w).split()) for w in warnings or [] if not str(w).startswith("PromQL info:")
+    ]
+    if real:
+        raise _PartialAnswer(real[0] if len(real[0]) <= 200 else real[0][:197] + "...")
+    return response
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -574,6 +661,16 @@ def _increase(baseline: int, samples: list[int]) -> int:
         total += value - previous if value >= previous else value
         previous = value
     return total
+
+
+def _promql_string(text: str) -> str:
+    """`text` as the inside of a double-quoted PromQL string."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _target(series: Series) -> Target:
+    labels = dict(series)
+    return labels.get("job", ""), labels.get("instance", "")
 
 
 def _total(deltas: dict[Series, int], label: str, value: str) -> int:

@@ -16,6 +16,9 @@ seconds) and keeps Azure's rules in pure functions (`plan_traffic`, `check_mirro
   Shadows of deployments we do not manage are left as they are.
 - A request with header `azureml-model-deployment: <deployment>` is pinned to that deployment
   (Azure's equivalent of our `x-api-version`; it bypasses `traffic`).
+- Both maps are keyed by deployment names in lower case: azure-ai-ml lower-cases the keys it
+  sends (Azure matches deployment names regardless of case), so a deployment the spec names
+  `Cand-V2` is `cand-v2` there, and the maps are read and planned in lower case.
 
 `deploy` creates the endpoint when missing (key auth, no traffic), then creates the
 ManagedOnlineDeployment with the release's registered model `azureml:<model>:<version>`, the
@@ -112,8 +115,9 @@ def plan_traffic(
 
 
 def nonzero(shares: Mapping[str, int]) -> dict[str, int]:
-    """A traffic map as Azure keeps it: without zero entries."""
-    return {name: int(pct) for name, pct in shares.items() if pct}
+    """A traffic map as Azure keeps it: without zero entries, names in lower case (as
+    azure-ai-ml sends them)."""
+    return {name.lower(): int(pct) for name, pct in shares.items() if pct}
 
 
 def check_mirror(mirror: Mapping[str, int], traffic: Mapping[str, int]) -> None:
@@ -154,9 +158,15 @@ def weights_from_traffic(
     try:
         return Weights(blue=blue, green=green, mirror=shadow)  # Azure caps the mirror at 50
     except ValueError as exc:
+        foreign = {n: pct for n, pct in traffic.items() if n not in names.values() and pct}
+        why = (
+            f"deployments aml-rollout does not manage take live traffic: {foreign}"
+            if foreign
+            else "no traffic set yet?"
+        )
         raise RouterError(
             f"endpoint traffic {dict(traffic)} does not split 100 % between "
-            f"{blue_name!r} and {green_name!r} (no traffic set yet?)"
+            f"{blue_name!r} and {green_name!r} ({why})"
         ) from exc
 
 
@@ -243,7 +253,9 @@ class AzureMLRouter:
         self._ml = ml_client
         self.endpoint = endpoint
         self.names: dict[Colour, str] = dict(deployments or {c: c.value for c in Colour})
-        if len(set(self.names.values())) != 2:
+        #: The colours' keys in the endpoint's traffic maps (see `nonzero`).
+        self._keys = {colour: name.lower() for colour, name in self.names.items()}
+        if len(set(self._keys.values())) != 2:
             raise ConfigError(
                 f"router.deployments: blue and green need two names, got {self.names}"
             )
@@ -435,7 +447,7 @@ class AzureMLRouter:
             self._release_of(self.names[colour], found, _unserved)
         current, mirror = nonzero(endpoint.traffic or {}), nonzero(endpoint.mirror_traffic or {})
         try:
-            traffic, new_mirror = plan_traffic(current, mirror, self.names, weights)
+            traffic, new_mirror = plan_traffic(current, mirror, self._keys, weights)
         except RouterRefused as exc:  # a plan Azure would refuse: say which endpoint's
             raise RouterRefused(f"update endpoint {self.endpoint} traffic: {exc}") from exc
         # After a change that Failed (or was Canceled) the `traffic` read may be what was asked
@@ -490,7 +502,7 @@ class AzureMLRouter:
         """The weights the endpoint's `traffic` holds now, with its `mirror_traffic` to blue."""
         endpoint = self._endpoint()
         return weights_from_traffic(
-            endpoint.traffic or {}, self.names, nonzero(endpoint.mirror_traffic or {})
+            nonzero(endpoint.traffic or {}), self._keys, nonzero(endpoint.mirror_traffic or {})
         )
 
     def remove(self, colour: Colour) -> None:
@@ -503,10 +515,10 @@ class AzureMLRouter:
         if endpoint is None:
             return
         traffic, mirror = nonzero(endpoint.traffic or {}), nonzero(endpoint.mirror_traffic or {})
-        if traffic.get(name):
+        if traffic.get(self._keys[colour]):
             raise RouterError(f"cannot remove {colour.value}: it still serves default traffic")
-        if name in mirror:  # Azure refuses to delete a deployment that is still mirrored to
-            mirror.pop(name)
+        if self._keys[colour] in mirror:  # Azure refuses to delete a deployment still mirrored to
+            mirror.pop(self._keys[colour])
             self._update_endpoint(endpoint, traffic, mirror)
         what = f"delete deployment {self.endpoint}/{name}"
         if self._settled_deployment(name) is None:  # gone, or its deletion has now finished

@@ -38,12 +38,13 @@ _QUERY = re.compile(
     r"^AmlOnlineEndpointTrafficLog\n"
     rf"\| where TimeGenerated >= {_TIME.format(name='start')} and TimeGenerated < "
     rf"{_TIME.format(name='end')}\n"
-    r'\| where EndpointName == "(?P<endpoint>(?:[^"\\]|\\.)*)" and DeploymentName in '
-    r"\((?P<deployments>[^)]*)\)\n"
+    r'\| where EndpointName (?P<eq>==|=~) "(?P<endpoint>(?:[^"\\]|\\.)*)" and DeploymentName '
+    r"(?P<in>in|in~) \((?P<deployments>[^)]*)\)\n"
     r"\| extend code = toint\(ResponseCode\), model = coalesce\(toint\(ModelStatusCode\), 0\), "
     r"reason = tostring\(ResponseCodeReason\), ms = todouble\(TotalDurationMs\)\n"
     rf"\| summarize requests = count\(\), errors = countif\({re.escape(_FAILED)}\), "
-    r"(?P<bounds>(?:le_\d+ = countif\(ms <= [0-9.e+]+\)(?:, )?)+) by DeploymentName$"
+    r"(?P<bounds>(?:le_\d+ = countif\(ms <= [0-9.e+]+\)(?:, )?)+) by "
+    r"DeploymentName(?P<lower> = tolower\(DeploymentName\))?$"
 )
 _BOUND = re.compile(r"le_(\d+) = countif\(ms <= ([0-9.e+]+)\)")
 _STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
@@ -160,16 +161,24 @@ class FakeLogAnalytics:
             error = {"code": "BadArgumentError", "message": "Syntax error: unexpected query"}
             return 400, {"error": error}, {}
         start, end = _epoch(parsed["start"]), _epoch(parsed["end"])
-        endpoint = _unquote(parsed["endpoint"])
-        deployments = [_unquote(d) for d in _STRING.findall(parsed["deployments"])]
+
+        # Kusto's `==` and `in` compare case-sensitively, `=~` and `in~` do not.
+        def fold(text: str, operator: str) -> str:
+            return text.lower() if operator.endswith("~") else text
+
+        endpoint = fold(_unquote(parsed["endpoint"]), parsed["eq"])
+        deployments = [
+            fold(_unquote(d), parsed["in"]) for d in _STRING.findall(parsed["deployments"])
+        ]
         bounds = [(int(i), float(b)) for i, b in _BOUND.findall(parsed["bounds"])]
         rows: dict[str, list[int]] = {}
         for record in self.records:
-            if not (start <= record.at < end and record.endpoint == endpoint):
+            if not (start <= record.at < end and fold(record.endpoint, parsed["eq"]) == endpoint):
                 continue
-            if record.deployment not in deployments:
+            if fold(record.deployment, parsed["in"]) not in deployments:
                 continue
-            row = rows.setdefault(record.deployment, [0, 0] + [0] * len(bounds))
+            name = record.deployment.lower() if parsed["lower"] else record.deployment
+            row = rows.setdefault(name, [0, 0] + [0] * len(bounds))
             row[0] += 1
             row[1] += record.failed()
             for i, bound in bounds:

@@ -1,10 +1,12 @@
 """A Prometheus HTTP API fake: real `/api/v1/query` JSON over a real socket, from stored samples.
 
 It evaluates just the PromQL the provider sends — a selector (`name{a="x",b=~"y|z"}`), a range
-selector (`sel[30s]`, answered as a matrix), `resets(sel[30s])`, `last_over_time(sel[30s])` and
-`vector(1)` — against series a test writes with `add(name, labels, [(t, value), ...])`, with
-Prometheus' semantics: an instant selector takes the newest sample at or before `time` within 5
-minutes (stale after), a range takes samples in `(time - range, time]`. A value of `STALE` is a
+selector (`sel[30s]`, answered as a matrix), `resets(sel[30s])`, `last_over_time(sel[30s])`,
+the subquery `last_over_time((sel)[300s:1s])` and `vector(1)` — against series a test writes
+with `add(name, labels, [(t, value), ...])`, with Prometheus' semantics: an instant selector
+takes the newest sample at or before `time` within 5 minutes (stale after), a range takes
+samples in `(time - range, time]`, a subquery evaluates at each multiple of its step in that
+range and keeps each series' last value. A value of `STALE` is a
 staleness marker (what Prometheus writes for every series of a target when a scrape fails): an
 instant selector whose newest sample is one finds nothing, and ranges skip it. Anything else
 answers 400 with Prometheus' error JSON, so a query the fake does not understand fails the test
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import ssl
 from http.server import BaseHTTPRequestHandler
@@ -33,7 +36,12 @@ from tests.fakes.server import LocalServer
 LOOKBACK_S = 300.0
 #: A staleness marker, as a sample value (Prometheus never returns it from a query).
 STALE = None
-_SELECTOR = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<matchers>[^}]*)\})?$")
+_SELECTOR = re.compile(
+    r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<matchers>(?:[^}"]|"(?:[^"\\]|\\.)*")*)\})?$'
+)
+_SUBQUERY = re.compile(
+    r"last_over_time\(\((?P<expr>.*)\)\[(?P<range>\d+)(?P<unit>ms|s):(?P<step>\d+)s\]\)"
+)
 _MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*')
 
 
@@ -44,6 +52,8 @@ class FakePrometheus:
         self.series: list[tuple[dict[str, str], list[tuple[float, float | None]]]] = []
         self.queries: list[tuple[str, float]] = []
         self.status = 200  # set to 500/503 to simulate a sick Prometheus
+        #: Sent with every successful answer (a Thanos querier's partial response carries one).
+        self.warnings: list[str] = []
         self.require_authorization: str | None = None
         self.echo_authorization = False
         self.authorizations: list[str | None] = []
@@ -77,10 +87,13 @@ class FakePrometheus:
                 except ValueError as exc:
                     self._send(400, {"status": "error", "errorType": "bad_data", "error": str(exc)})
                     return
-                self._send(
-                    200,
-                    {"status": "success", "data": {"resultType": result_type, "result": result}},
-                )
+                answer: dict[str, Any] = {
+                    "status": "success",
+                    "data": {"resultType": result_type, "result": result},
+                }
+                if fake.warnings:
+                    answer["warnings"] = fake.warnings
+                self._send(200, answer)
 
             def _send(self, status: int, body: dict[str, Any]) -> None:
                 data = json.dumps(body).encode()
@@ -125,6 +138,25 @@ class FakePrometheus:
                 resets = sum(1 for (_, a), (_, b) in itertools.pairwise(inside) if b < a)
                 result.append({"metric": _without_name(labels), "value": [at, str(resets)]})
             return "vector", result
+        subquery = _SUBQUERY.fullmatch(query)
+        if subquery is not None:
+            # Evaluated at every multiple of the step in (at - range, at], as Prometheus does;
+            # each series takes its last value there.
+            scale = 1000.0 if subquery.group("unit") == "ms" else 1.0
+            window, step = float(subquery.group("range")) / scale, float(subquery.group("step"))
+            times = []
+            t = math.floor(at / step) * step
+            while t > at - window:
+                times.append(t)
+                t -= step
+            last: dict[str, dict[str, str]] = {}
+            for t in reversed(times):
+                for item in self.evaluate(subquery.group("expr"), t)[1]:
+                    last[json.dumps(_without_name(item["metric"]), sort_keys=True)] = item
+            return "vector", [
+                {"metric": _without_name(item["metric"]), "value": [at, item["value"][1]]}
+                for item in last.values()
+            ]
         if query.startswith("last_over_time(") and query.endswith(")"):
             selector, window = _range(query[len("last_over_time(") : -1])
             result = [
@@ -169,7 +201,9 @@ class FakePrometheus:
             m = _MATCHER.fullmatch(part)
             if m is None:
                 raise ValueError(f"fake Prometheus cannot parse matcher {part!r}")
-            matchers.append((m.group(1), m.group(2), m.group(3).replace("\\\\", "\\")))
+            # PromQL's string escapes first (`\\` and `\"`), then the regex, as Prometheus does.
+            value = re.sub(r'\\(["\\])', r"\1", m.group(3))
+            matchers.append((m.group(1), m.group(2), value))
         chosen = []
         for labels, samples in self.series:
             if labels["__name__"] != match.group("name"):
@@ -180,9 +214,11 @@ class FakePrometheus:
 
 
 def _split(raw: str) -> list[str]:
-    parts, current, quoted = [], "", False
+    parts, current, quoted, escaped = [], "", False, False
     for ch in raw:
-        if ch == '"':
+        if quoted and (escaped or ch == "\\"):
+            escaped = not escaped  # a backslash escapes the next character
+        elif ch == '"':
             quoted = not quoted
         if ch == "," and not quoted:
             parts.append(current)

@@ -94,11 +94,24 @@ def test_the_deployments_are_the_routers_names(logs: FakeLogAnalytics) -> None:
     assert (obs.blue.requests, obs.blue.errors, obs.green.requests) == (1, 1, 1)
 
 
+def test_names_are_matched_in_any_case(logs: FakeLogAnalytics) -> None:
+    # Azure matches endpoint and deployment names regardless of case (azure-ai-ml lower-cases
+    # them in the endpoint's traffic): a log naming `cand-7` for the spec's `Cand-7` counted
+    # nothing, and the judge waited on a canary it could not see.
+    logs.log(T0, "ep-2", "cand-7", code=500)
+    logs.log(T0, "ep-2", "Cand-7")
+    logs.log(T0, "EP-2", "prod-6")
+    names = ColourNames(blue="Cand-7", green="Prod-6")
+    obs = provider(logs, endpoint="Ep-2", deployments=names).observe(T0, T0 + 1)
+    assert obs.error is None
+    assert (obs.blue.requests, obs.blue.errors, obs.green.requests) == (2, 1, 1)
+
+
 def test_a_name_cannot_break_out_of_its_kql_string() -> None:
     assert kql_string('ep" or 1 == 1 //') == '"ep\\" or 1 == 1 //"'
     assert kql_string("a\\") == '"a\\\\"'
     query = traffic_query('x" | take 1 //', ["blue"], [10.0], T0, T0 + 1)
-    assert 'EndpointName == "x\\" | take 1 //"' in query
+    assert 'EndpointName =~ "x\\" | take 1 //"' in query
 
 
 def test_an_odd_endpoint_name_is_matched_as_it_is(logs: FakeLogAnalytics) -> None:

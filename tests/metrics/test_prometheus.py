@@ -235,6 +235,27 @@ def test_an_answer_that_is_not_prometheus_is_one_line_saying_what_came(
     assert observation.error == "Prometheus at " + says.format(url=url)
 
 
+@pytest.mark.parametrize("preset", ["envoy", "custom"])
+def test_a_partial_answer_is_an_error_not_a_miscount(prom: FakePrometheus, preset: str) -> None:
+    # A Thanos querier answers 200 with what the stores it reached hold, and a warning, when one
+    # is down (its default, partial_response): a series missing from the step's start would
+    # count from 0, one missing at the tick would drop out of the counts.
+    counter(prom, "envoy_cluster_upstream_rq_completed", "blue", [100, 110, 120])
+    prom.warnings = ["receive series from Addr: 10.0.0.7:10901: rpc error: code = Unavailable"]
+    provider = envoy(prom) if preset == "envoy" else make_metrics(custom_preset(prom))
+    observation = provider.observe(T0 - 9, T0 - 8)
+    assert observation.error is not None
+    assert observation.error.startswith(f"Prometheus at {prom.url} answered only in part (")
+    assert "10.0.0.7:10901" in observation.error and "\n" not in observation.error
+
+
+def test_an_info_annotation_is_no_partial_answer(prom: FakePrometheus) -> None:
+    counter(prom, "envoy_cluster_upstream_rq_completed", "blue", [100, 110, 120])
+    prom.warnings = ["PromQL info: metric might not be a counter, name does not end in _total"]
+    observation = envoy(prom).observe(T0 - 9, T0 - 8)
+    assert observation.error is None and observation.blue.requests == 10
+
+
 def test_a_wrong_path_under_prometheus_is_a_404_naming_the_api_url(prom: FakePrometheus) -> None:
     url = f"{prom.url}/prometheus"
     observation = PrometheusMetrics(url, preset=envoy_preset()).observe(T0 - 10, T0)
@@ -322,6 +343,43 @@ def test_the_probe_says_what_the_server_answered(status: int, says: str) -> None
     assert str(probed.value).startswith(f"Prometheus at {url} {says}")
 
 
+NAMED = ColourNames(blue='ml/blue-v2.1+(canary)|a*b?[x]{2}^$ "quoted"', green="a\\b")
+
+
+@pytest.mark.parametrize(
+    "queries",
+    [
+        pytest.param(None, id="preset"),
+        pytest.param(
+            PromQueries(
+                requests='envoy_cluster_upstream_rq_completed{envoy_cluster_name="{colour}"}',
+                errors='envoy_cluster_upstream_rq_xx{envoy_cluster_name="{colour}"}',
+            ),
+            id="custom",
+        ),
+    ],
+)
+def test_label_values_are_matched_as_they_are(
+    prom: FakePrometheus, queries: PromQueries | None
+) -> None:
+    # Regex characters are escaped (checked on the real Prometheus too); a double quote ended
+    # the PromQL string (a parse error at every tick) and a backslash began an escape.
+    for value in (NAMED.blue, NAMED.green, NAMED.blue + "X"):
+        prom.add(
+            "envoy_cluster_upstream_rq_completed",
+            {"envoy_cluster_name": value},
+            [(T0 - 10, 100), (T0 - 5, 110 if value != NAMED.blue + "X" else 999)],
+        )
+    provider = (
+        PrometheusMetrics(prom.url, preset=envoy_preset(), labels=NAMED)
+        if queries is None
+        else PrometheusMetrics(prom.url, queries=queries, labels=NAMED)
+    )
+    observation = provider.observe(T0 - 10, T0)
+    assert observation.error is None
+    assert (observation.blue.requests, observation.green.requests) == (10, 10)
+
+
 def test_istio_preset_counts_the_weighted_services_only(prom: FakePrometheus) -> None:
     def istio(
         service: str,
@@ -399,6 +457,48 @@ def test_custom_queries(prom: FakePrometheus) -> None:
     observation = make_metrics(custom_preset(prom)).observe(T0, T0 + 5)
     assert (observation.blue.requests, observation.blue.errors) == (60, 6)
     assert (observation.green.requests, observation.green.errors) == (20, 0)
+
+
+@pytest.mark.parametrize(
+    ("samples", "expected"),
+    [
+        pytest.param(
+            {"a": [(T0 - 2, 50_000), (T0 - 1, STALE), (T0 + 1, 50_005), (T0 + 3, 50_010)]},
+            10,
+            id="failed-scrape-as-the-step-begins",
+        ),
+        pytest.param(
+            {"a": [(T0 - 1, 100), (T0 + 1, 110), (T0 + 2, 120), (T0 + 2.5, STALE)]},
+            20,
+            id="failed-scrape-at-the-tick",
+        ),
+        pytest.param(
+            {
+                "a": [(T0 - 1, 1000), (T0 + 1, 1010), (T0 + 1.5, STALE)],
+                "b": [(T0 - 1, 5000), (T0 + 1, 5020), (T0 + 2, 5050)],
+                "c": [(T0 + 1, 3), (T0 + 2, 7)],
+            },
+            10 + 50 + 7,
+            id="a-pod-gone-one-new",
+        ),
+        pytest.param(
+            {"a": [(T0 - 1, 1000), (T0 + 1, 1010), (T0 + 2, 4)], "b": [(T0 - 1, 10), (T0 + 2, 30)]},
+            4 + 20,  # a's 10 before its restart: not seen by two evaluations
+            id="one-pod-restarted",
+        ),
+    ],
+)
+def test_custom_queries_count_each_series_through_failed_scrapes(
+    prom: FakePrometheus, samples: dict[str, list[tuple[float, float | None]]], expected: int
+) -> None:
+    # A query that keeps one series per pod, as Prometheus scrapes them: a failed scrape marks
+    # a pod's series stale, and a pod may go or come mid-step. Counting the sum from `since` to
+    # `now` took every drop for a restart and charged the step with the other pods' history.
+    for pod, values in samples.items():
+        prom.add("my_requests_total", {"svc": "blue", "pod": pod}, values)
+    observation = make_metrics(custom_preset(prom)).observe(T0, T0 + 3)
+    assert observation.error is None
+    assert observation.blue.requests == expected
 
 
 def test_factory_builds_the_envoy_preset(prom: FakePrometheus) -> None:
@@ -539,3 +639,42 @@ def test_a_failed_scrape_at_the_tick_keeps_the_steps_counts(prom: FakePrometheus
     )
     observation = envoy(prom).observe(T0, T0 + 4)
     assert (observation.blue.requests, observation.blue.errors) == (20, 2)
+
+
+def test_a_prometheus_that_lost_its_storage_mid_step_counts_from_its_first_scrape(
+    prom: FakePrometheus,
+) -> None:
+    # Prometheus restarted at T0 + 4 on empty storage (an emptyDir, the Prometheus Operator's
+    # default): it holds nothing from before the step, and a series absent before `since` no
+    # longer says it is new. Envoy's counters went on and hold every earlier rollout's traffic;
+    # green's first 5xx comes after Prometheus' first scrape: that series is new.
+    def scraped(start: float, per_s: float) -> list[tuple[float, float | None]]:
+        return [(T0 + 5 + i, start + per_s * i) for i in range(6)]
+
+    prom.add(
+        "envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "blue"}, scraped(5e4, 10)
+    )
+    prom.add(
+        "envoy_cluster_upstream_rq_xx",
+        {"envoy_cluster_name": "blue", "envoy_response_code_class": "5"},
+        scraped(9000, 1),
+    )
+    prom.add(
+        "envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "green"}, scraped(1e6, 100)
+    )
+    for le, share in [("25", 0.9), ("+Inf", 1.0)]:
+        prom.add(
+            "envoy_cluster_upstream_rq_time_bucket",
+            {"envoy_cluster_name": "green", "le": le},
+            scraped(1e6 * share, 100 * share),
+        )
+    prom.add(
+        "envoy_cluster_upstream_rq_xx",
+        {"envoy_cluster_name": "green", "envoy_response_code_class": "5"},
+        [(T0 + 7.5, 1), (T0 + 8.5, 2), (T0 + 9.5, 4)],
+    )
+    observation = envoy(prom).observe(T0, T0 + 10)
+    assert observation.error is None
+    assert (observation.blue.requests, observation.blue.errors) == (50, 5)
+    assert (observation.green.requests, observation.green.errors) == (500, 4)
+    assert observation.green.latency_buckets == ((0.025, 450),)

@@ -482,6 +482,22 @@ def test_a_refused_azure_token_is_replaced_on_the_next_query(
     assert credential.issued == 2
 
 
+def test_a_forbidden_azure_identity_is_told_the_role_it_lacks(
+    tls_prom: FakePrometheus, pki: Pki, clock: list[float]
+) -> None:
+    # Azure Monitor answers 403 to a valid token of an identity with no data role on the
+    # workspace: "refused (HTTP 403)" alone did not say what to fix.
+    tls_prom.status = 403
+    metrics = azure_provider(tls_prom.url, ExpiringCredential(clock), pki.ca_file)
+    observation = metrics.observe(T0 - 10, T0)
+    assert observation.error == (
+        f"Prometheus at {tls_prom.url} refused the request with "
+        f"AzureBearerAuth('{PROMETHEUS_SCOPE}') (HTTP 403): the identity needs the Monitoring "
+        "Data Reader role on the Azure Monitor workspace (a new role assignment takes minutes "
+        "to apply)"
+    )
+
+
 def test_no_azure_token_is_an_error_naming_the_url(
     tls_prom: FakePrometheus, pki: Pki, clock: list[float]
 ) -> None:

@@ -4,7 +4,8 @@ Tiny upstreams answer behind Envoy (blue fails every 10th request); the provider
 window must equal, exactly, what Envoy itself counted on the weighted clusters over that window —
 and the header-pinned requests sent meanwhile must not appear in them. Stopping Prometheus turns
 the next observation into an error naming its URL. A step that begins while a failed scrape has
-marked Envoy's series stale counts only its own traffic, not the counters' whole history.
+marked Envoy's series stale counts only its own traffic, not the counters' whole history; so
+does one during which Prometheus started on empty storage.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from rollout.config import PromQueries
 from rollout.core.types import Colour, Weights
 from rollout.errors import MetricsError
 from rollout.local.envoy import EnvoyProcess
@@ -218,8 +220,21 @@ def scraped_after(moment: float, provider: PrometheusMetrics) -> None:
     wait_until(f"timestamp({REQUESTS})", lambda t: t > moment, provider)
 
 
+#: The same counters through the custom preset, as a spec would write them.
+CUSTOM = PromQueries(
+    requests='envoy_cluster_upstream_rq_completed{envoy_cluster_name="{colour}"}',
+    errors='envoy_cluster_upstream_rq_xx{envoy_cluster_name="{colour}",envoy_response_code_class="5"}',
+)
+
+
+def reading(provider: PrometheusMetrics, preset: str) -> PrometheusMetrics:
+    """`provider`, or one reading its Prometheus through the custom preset's CUSTOM queries."""
+    return provider if preset == "envoy" else PrometheusMetrics(provider.url, queries=CUSTOM)
+
+
+@pytest.mark.parametrize("preset", ["envoy", "custom"])
 def test_a_failed_scrape_as_the_step_begins_counts_only_the_steps_traffic(
-    tmp_path: Path,
+    tmp_path: Path, preset: str
 ) -> None:
     # Envoy's counters after a previous rollout whose canary failed.
     with scraping(tmp_path, {REQUESTS: 50_000, ERRORS: 9_000}) as (target, provider):
@@ -230,13 +245,14 @@ def test_a_failed_scrape_as_the_step_begins_counts_only_the_steps_traffic(
         scraped_after(since, provider)
         target.counters[REQUESTS] += 10  # the step's own traffic, after its first scrape
         scraped_after(time.time(), provider)
-        observation = provider.observe(since, time.time())
+        observation = reading(provider, preset).observe(since, time.time())
 
     assert observation.error is None
     assert (observation.blue.requests, observation.blue.errors) == (10, 0)
 
 
-def test_a_failed_scrape_at_the_tick_keeps_the_steps_counts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("preset", ["envoy", "custom"])
+def test_a_failed_scrape_at_the_tick_keeps_the_steps_counts(tmp_path: Path, preset: str) -> None:
     with scraping(tmp_path, {REQUESTS: 50_000}) as (target, provider):
         since = time.time()
         scraped_after(since, provider)
@@ -244,7 +260,22 @@ def test_a_failed_scrape_at_the_tick_keeps_the_steps_counts(tmp_path: Path) -> N
         scraped_after(time.time(), provider)
         target.failing.set()
         wait_until('up{job="envoy"}', lambda up: up == 0, provider)  # series marked stale
-        observation = provider.observe(since, time.time())
+        observation = reading(provider, preset).observe(since, time.time())
 
     assert observation.error is None
     assert observation.blue.requests == 10
+
+
+def test_a_prometheus_started_empty_during_the_step_counts_only_the_steps_traffic(
+    tmp_path: Path,
+) -> None:
+    # Prometheus restarted on empty storage after the step began (an emptyDir): it holds nothing
+    # from before `since`, while Envoy's counters hold the previous rollout's failed canary.
+    since = time.time()
+    with scraping(tmp_path, {REQUESTS: 50_000, ERRORS: 9_000}) as (target, provider):
+        target.counters[REQUESTS] += 10  # after the first scrape: the step's own traffic
+        scraped_after(time.time(), provider)
+        observation = provider.observe(since, time.time())
+
+    assert observation.error is None
+    assert (observation.blue.requests, observation.blue.errors) == (10, 0)

@@ -148,6 +148,27 @@ def test_weights_from_traffic_refuses_a_split_that_is_not_ours(traffic: dict[str
 
 
 @pytest.mark.parametrize(
+    ("traffic", "says"),
+    [
+        pytest.param({}, "(no traffic set yet?)", id="no-traffic-yet"),
+        pytest.param(
+            {"green": 50, "x": 50},
+            "(deployments aml-rollout does not manage take live traffic: {'x': 50})",
+            id="foreign",
+        ),
+    ],
+)
+def test_a_split_that_is_not_ours_says_why(traffic: dict[str, int], says: str) -> None:
+    """Traffic moved to another deployment (in the portal, say) was asked "no traffic set
+    yet?", which sent the operator looking for a rollout that never started."""
+    with pytest.raises(RouterError) as caught:
+        weights_from_traffic(traffic, NAMES)
+    assert str(caught.value) == (
+        f"endpoint traffic {traffic} does not split 100 % between 'blue' and 'green' {says}"
+    )
+
+
+@pytest.mark.parametrize(
     ("traffic", "mirror", "weights"),
     [
         pytest.param({"green": 100}, {"blue": 5}, Weights.blue_at(0, mirror=5), id="shadow"),
@@ -365,6 +386,27 @@ def test_setting_the_served_weights_writes_nothing(arm: FakeArm, ml_client: Any)
     before = len(arm.calls)
     router.set_weights(Weights.blue_at(10))
     assert [c[0] for c in arm.calls[before:]] == ["GET"] * (len(arm.calls) - before)
+
+
+def test_deployment_names_with_capitals_read_back_the_traffic_azure_ai_ml_lower_cased(
+    arm: FakeArm, ml_client: Any
+) -> None:
+    """The spec takes `Ep-2` as a deployment name, as Azure does; azure-ai-ml lower-cases the
+    keys of `traffic` and `mirror_traffic` it sends, so the endpoint keeps `ep-2`. Reading that
+    back as no traffic of ours stalled the rollout at its first step."""
+    names = {Colour.BLUE: "Cand-V2", Colour.GREEN: "Prod"}
+    router = make_router(ml_client, deployments=names)
+    RouterContract.live(router, Weights.blue_at(0))
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(0, mirror=5))
+    assert _served(arm, router) == ({"prod": 100}, {"cand-v2": 5})
+    assert router.get_weights() == Weights.blue_at(0, mirror=5)
+    for weights in (Weights.blue_at(25), Weights.blue_at(25), Weights.blue_at(0)):
+        router.set_weights(weights)
+        assert router.get_weights() == weights
+    router.remove(Colour.BLUE)
+    assert router.release(Colour.BLUE) is None
+    assert identity(router.release(Colour.GREEN)) == identity(V1)
 
 
 def test_azure_errors_are_router_errors_naming_the_resource(arm: FakeArm, ml_client: Any) -> None:
