@@ -441,6 +441,11 @@ class AzureMLRouterConfig(_Model):
             azure_ml_name(names.of(colour))
         if names.blue == names.green:
             raise ValueError(f"blue and green need two deployments, both are {names.blue!r}")
+        if names.blue.lower() == names.green.lower():
+            raise ValueError(
+                f"blue and green need two deployments, and {names.blue!r} and {names.green!r} "
+                "are one: Azure ML names ignore case"
+            )
         return names
 
     @model_validator(mode="before")

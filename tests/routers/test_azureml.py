@@ -699,6 +699,12 @@ def test_the_spec_refuses_a_mirror_azure_cannot_take(
             id="one-deployment-for-both-colours",
         ),
         pytest.param(
+            {"deployments": {"blue": "Prod", "green": "prod"}},
+            r"router\.azureml\.deployments: .*blue and green need two deployments, and 'Prod' "
+            r"and 'prod' are one: Azure ML names ignore case",
+            id="one-deployment-in-two-cases",
+        ),
+        pytest.param(
             {"workspace": ""}, r"router\.azureml\.workspace: ", id="empty-workspace"
         ),
     ],
