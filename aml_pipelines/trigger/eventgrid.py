@@ -24,7 +24,10 @@ when none is given, which would defeat de-duplication), so required fields are c
 
 `Microsoft.MachineLearningServices.ModelRegistered` carries `data.ModelName`, `data.ModelVersion`
 (a string, or a number), `data.ModelTags` and `data.ModelProperties`; its subject is
-`models/{name}:{version}`.
+`models/{name}:{version}`. Those are the keys of Microsoft's event schema page; Azure's Event Grid
+SDKs (generated from the REST spec) read them camel-cased, `modelName` ..., so either is read —
+reading only one would lose the tags of the other, and `serve`'s tag filter would then answer
+every event 200 as filtered: acknowledged, and never sent again.
 The data is authoritative; the subject fills in a missing name or version and must not contradict.
 """
 
@@ -213,8 +216,8 @@ def _model_registered(
     if not isinstance(data, dict):
         raise BadEvent(f"{where}: ModelRegistered data must be a JSON object")
     from_subject = _SUBJECT.match(subject or "")
-    name = data.get("ModelName") or (from_subject and from_subject["name"])
-    raw_version = data.get("ModelVersion") or (from_subject and from_subject["version"])
+    name = _data(data, "ModelName") or (from_subject and from_subject["name"])
+    raw_version = _data(data, "ModelVersion") or (from_subject and from_subject["version"])
     if not isinstance(name, str) or not name:
         raise BadEvent(f"{where}: no model name (data.ModelName or subject models/NAME:VERSION)")
     try:
@@ -234,10 +237,16 @@ def _model_registered(
         event_id=event_id,
         model=name,
         version=version,
-        tags=_str_map(data.get("ModelTags"), "ModelTags", where),
-        properties=_str_map(data.get("ModelProperties"), "ModelProperties", where),
+        tags=_str_map(_data(data, "ModelTags"), "ModelTags", where),
+        properties=_str_map(_data(data, "ModelProperties"), "ModelProperties", where),
         schema=schema,
     )
+
+
+def _data(data: dict[str, Any], key: str) -> Any:
+    """`data[key]` as the docs spell it (`ModelTags`), else camel-cased (`modelTags`)."""
+    value = data.get(key)
+    return value if value is not None else data.get(key[0].lower() + key[1:])
 
 
 def _str_map(value: Any, name: str, where: str) -> dict[str, str]:

@@ -83,6 +83,13 @@ def validation_event(code: str = "512d38b6-c7b8-40c8-89fe-f46f9e9622b6") -> dict
     }
 
 
+def _camel(event: dict[str, Any]) -> dict[str, Any]:
+    """The event with its data keys as Azure's Event Grid SDKs read them (`modelName`, ...):
+    the REST spec's casing, where the docs' examples write `ModelName`."""
+    data = {key[0].lower() + key[1:]: value for key, value in event["data"].items()}
+    return {**event, "data": data}
+
+
 def _body(payload: Any) -> bytes:
     return json.dumps(payload).encode()
 
@@ -131,6 +138,20 @@ def _body(payload: Any) -> bytes:
             cloud_event(ModelVersion=3),
             [ModelRegistered("c1", "diabetes", 3, {"stage": "candidate"}, {}, "cloudevents")],
             id="version-as-a-number",
+        ),
+        pytest.param(
+            [_camel(eg_event())],
+            [
+                ModelRegistered(
+                    "e1", "diabetes", 3, {"stage": "candidate"}, {"mse": "2900.1"}, "eventgrid"
+                )
+            ],
+            id="eventgrid-camel-case-data",
+        ),
+        pytest.param(
+            _camel(cloud_event(ModelVersion=3)),
+            [ModelRegistered("c1", "diabetes", 3, {"stage": "candidate"}, {}, "cloudevents")],
+            id="cloudevents-camel-case-data",
         ),
     ],
 )

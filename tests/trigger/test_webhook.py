@@ -24,7 +24,7 @@ from aml_pipelines.trigger.dispatch import DeliveryWorker, Dispatcher
 from aml_pipelines.trigger.store import Step, TriggerStore
 from aml_pipelines.trigger.webhook import Filter, WebhookApp, make_server
 from tests.trigger.fakes import ResumableDelivery, journal, register
-from tests.trigger.test_eventgrid import cloud_event, eg_event, validation_event
+from tests.trigger.test_eventgrid import _camel, cloud_event, eg_event, validation_event
 
 SECRET = "s3cret-0123456789abcdef"
 JSON = {"content-type": "application/json"}
@@ -275,6 +275,20 @@ def test_events_are_filtered_by_model_and_tags(tmp_path: Path, registry: LocalRe
             "tag stage=candidate not set",
         ]
     assert hook.starts() == []
+
+
+def test_an_event_with_camel_case_data_passes_the_tag_filter(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    # `modelName`, `modelTags`, ... as Azure's Event Grid SDKs read ModelRegistered. Its tags
+    # were not read: `serve`'s default filter (stage=candidate) answered it 200 as filtered,
+    # and Event Grid never sent it again.
+    register(registry, tmp_path, stage="candidate")
+    serve_default = Filter(models=["diabetes"], tags={"stage": "candidate"})
+    with running(tmp_path, registry, event_filter=serve_default) as hook:
+        response = hook.post([_camel(eg_event("e1", version="1"))])
+        assert response.json()["accepted"] == [{"model": "diabetes", "version": 1}], response.text
+        _until(lambda: hook.done() == [1], "the delivery of v1")
 
 
 @pytest.mark.parametrize(
