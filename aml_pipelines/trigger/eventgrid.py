@@ -100,6 +100,8 @@ def parse(body: bytes) -> list[Record]:
         payload = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadEvent(f"body is not JSON: {exc}") from None
+    except RecursionError:  # not a ValueError: it escaped as a 500, which Event Grid retries
+        raise BadEvent("body is not JSON: arrays or objects nested too deeply") from None
     if isinstance(payload, dict):
         if "specversion" not in payload:
             raise BadEvent(

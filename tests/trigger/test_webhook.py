@@ -331,6 +331,7 @@ def test_health_needs_no_key_and_other_paths_are_404(hook: Hook) -> None:
     [
         pytest.param(b"{oops", "application/json", 400, "not JSON", id="malformed"),
         pytest.param(b"[]", "application/json", 400, "no events", id="empty-array"),
+        pytest.param(b"[" * 4000, "application/json", 400, "not JSON", id="nested-too-deep"),
         pytest.param(
             json.dumps([{"id": "x"}]).encode(), "application/json", 400, "lacks", id="fields"
         ),
