@@ -399,7 +399,15 @@ def serve(
     store = dispatcher.store
     with store.lock("serve", f"a webhook server on {state_dir}").held(blocking=False):
         dispatcher.delivery.reconcile()
-        worker = DeliveryWorker(dispatcher, store.models)
+        served = set(model or ())
+        # Only the models this endpoint serves: the state folder (by default one per working
+        # directory) may hold a cursor another trigger accepted for its own spec's endpoint.
+        worker = DeliveryWorker(
+            dispatcher,
+            (lambda: [name for name in store.models() if name in served])
+            if served
+            else store.models,
+        )
         app = WebhookApp(
             secret=secret,
             dispatcher=dispatcher,
