@@ -39,7 +39,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aml_pipelines.errors import TriggerError
+from aml_pipelines.errors import ConfigError, TriggerError
+from aml_pipelines.registry.local import check_name
 
 MODEL_REGISTERED = "Microsoft.MachineLearningServices.ModelRegistered"
 SUBSCRIPTION_VALIDATION = "Microsoft.EventGrid.SubscriptionValidationEvent"
@@ -222,6 +223,12 @@ def _model_registered(
     raw_version = _data(data, "ModelVersion") or (from_subject and from_subject["version"])
     if not isinstance(name, str) or not name:
         raise BadEvent(f"{where}: no model name (data.ModelName or subject models/NAME:VERSION)")
+    try:
+        # A name no registry holds would still get a cursor, whose file name (characters
+        # outside [A-Za-z0-9._-] replaced) could be another model's.
+        check_name(name)
+    except ConfigError as exc:
+        raise BadEvent(f"{where}: {exc}") from None
     try:
         version = int(str(raw_version))
         if version < 1:

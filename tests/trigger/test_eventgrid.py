@@ -191,6 +191,13 @@ def test_parses(payload: Any, expected: list[Any]) -> None:
             _body([{**eg_event(), "subject": "models/other:3"}]), "contradicts", id="contradict"
         ),
         pytest.param(_body([{**eg_event(), "data": "x"}]), "must be a JSON object", id="data-str"),
+        # Accepted, "a/b" shared the cursor file of model "a_b" (cursor-a_b.json), renamed it
+        # and closed its open versions as Failed (the registry refuses the name).
+        pytest.param(
+            _body([eg_event(name="a/b")]),
+            "model name 'a/b' is invalid",
+            id="name-the-registry-refuses",
+        ),
         pytest.param(
             _body([eg_event(ModelTags=["a"])]), "ModelTags must be a JSON object", id="tags-list"
         ),
