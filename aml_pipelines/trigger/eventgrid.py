@@ -163,9 +163,15 @@ def _eventgrid_event(item: dict[str, Any], where: str) -> Record:
 
     _require(item, _EVENTGRID_REQUIRED, where)
     _optional_string(item, "subject", where)
+    _optional_string(item, "eventTime", where)
     try:
         event = EventGridEvent.from_dict(item)
     except Exception as exc:  # azure-core's DeserializationError and friends
+        if _parses_with(item, "eventTime", "2000-01-01T00:00:00Z"):
+            raise BadEvent(
+                f"{where}: 'eventTime' {item['eventTime']!r} is not an RFC 3339 timestamp "
+                "(e.g. 2024-05-01T10:00:00Z)"
+            ) from None
         raise BadEvent(f"{where} is not an Event Grid event: {exc}") from None
     event_type = str(event.event_type)
     where = f"{where} ({event.id})"
@@ -200,6 +206,18 @@ def _cloud_event(item: dict[str, Any], where: str) -> Record:
     if event.type == MODEL_REGISTERED:
         return _model_registered(event.id, event.subject, event.data, "cloudevents", where)
     return Other(event.id, event.type)
+
+
+def _parses_with(item: dict[str, Any], key: str, value: str) -> bool:
+    """True when `item` is a valid Event Grid event once `key` is `value` (so `key` is the
+    problem)."""
+    from azure.eventgrid import EventGridEvent
+
+    try:
+        EventGridEvent.from_dict({**item, key: value})
+    except Exception:
+        return False
+    return True
 
 
 def _parses_without(item: dict[str, Any], key: str) -> bool:

@@ -222,6 +222,16 @@ def test_parses(payload: Any, expected: list[Any]) -> None:
         pytest.param(
             _body({**cloud_event(), "time": 123}), "'time' must be a string", id="time-number"
         ),
+        pytest.param(  # was azure-core's nested DeserializationError repr, quotes and all
+            _body([{**eg_event(), "eventTime": "yesterday"}]),
+            "event [0]: 'eventTime' 'yesterday' is not an RFC 3339 timestamp",
+            id="eventgrid-time-garbage",
+        ),
+        pytest.param(
+            _body([{**eg_event(), "eventTime": 5}]),
+            "event [0]: 'eventTime' must be a string, not int",
+            id="eventgrid-time-number",
+        ),
         pytest.param(
             _body({**cloud_event(), "time": "not-a-time"}),
             "'time' 'not-a-time' is not an RFC 3339 timestamp",
