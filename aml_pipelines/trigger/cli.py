@@ -247,6 +247,27 @@ def _warn_unknown_models(registry: ModelRegistry, models: Sequence[str]) -> list
     return missing
 
 
+def secret_warning(secret: str, env: str) -> str | None:
+    """Why `secret` may not survive the Event Grid endpoint URL's `?key=`, or None.
+
+    A character a URL carries only percent-encoded changes on the way (`parse_qs` reads a `+`
+    as a space; a trailing newline, as a Kubernetes secret made with `echo` has, is dropped or
+    mangled), so every request, the subscription handshake first, is a 401 — which Event Grid
+    never retries. Names the characters, never the secret.
+    """
+    from urllib.parse import quote
+
+    unsafe = sorted({c for c in secret if quote(c, safe="-._~") != c})
+    if not unsafe:
+        return None
+    return (
+        f"${env} holds {', '.join(map(repr, unsafe))}: characters a URL carries only "
+        "percent-encoded (a '+' in ?key= arrives as a space, and the key is refused with a 401, "
+        "which Event Grid never retries); percent-encode it in the Event Grid endpoint URL, or "
+        "use a secret of letters, digits, '-' and '_' (secrets.token_urlsafe)"
+    )
+
+
 def once_exit_code(phases: Sequence[str]) -> int:
     """`watch --once`'s exit code for the outcomes (`DeliveryOutcome.phase`) of its pass: the
     highest of their codes, which is the worst outcome — failed 5, undecided 4, rolled back 3 —
@@ -380,6 +401,8 @@ def serve(
             f"--secret-env: set ${secret_env} to the shared secret "
             f"(at least {MIN_SECRET_CHARS} characters; it is the ?key= of the Event Grid URL)"
         )
+    if warning := secret_warning(secret, secret_env):
+        logging.getLogger(__name__).warning("%s", warning)
     event_filter = Filter(models=tuple(model or ()), tags=_parse_tags(tag))
     choice = DeliveryChoice(delivery, subscription, resource_group, workspace, compute)
     dispatcher = _dispatcher(
@@ -399,7 +422,15 @@ def serve(
     store = dispatcher.store
     with store.lock("serve", f"a webhook server on {state_dir}").held(blocking=False):
         dispatcher.delivery.reconcile()
-        worker = DeliveryWorker(dispatcher, store.models)
+        served = set(model or ())
+        # Only the models this endpoint serves: the state folder (by default one per working
+        # directory) may hold a cursor another trigger accepted for its own spec's endpoint.
+        worker = DeliveryWorker(
+            dispatcher,
+            (lambda: [name for name in store.models() if name in served])
+            if served
+            else store.models,
+        )
         app = WebhookApp(
             secret=secret,
             dispatcher=dispatcher,

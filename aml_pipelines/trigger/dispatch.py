@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 
@@ -124,6 +124,19 @@ class Dispatcher:
         if self.supersede:
             self._abort_older(model, version)
         return True
+
+    def accept_many(self, model: str, versions: Sequence[tuple[int, str]]) -> list[int]:
+        """`accept` each (version, source) of one model in one cursor write; returns the new
+        versions (the others were duplicates)."""
+        new = self.store.accept_many(model, versions)
+        sources: dict[int, str] = {}
+        for version, source in versions:
+            sources.setdefault(version, source)  # the first is the one recorded
+        for version in new:
+            log.info("accepted %s v%d (%s)", model, version, sources[version])
+        if new and self.supersede:
+            self._abort_older(model, max(new))
+        return new
 
     def _abort_older(self, model: str, newest: int) -> None:
         view = self.delivery.current()

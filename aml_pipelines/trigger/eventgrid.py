@@ -24,7 +24,10 @@ when none is given, which would defeat de-duplication), so required fields are c
 
 `Microsoft.MachineLearningServices.ModelRegistered` carries `data.ModelName`, `data.ModelVersion`
 (a string, or a number), `data.ModelTags` and `data.ModelProperties`; its subject is
-`models/{name}:{version}`.
+`models/{name}:{version}`. Those are the keys of Microsoft's event schema page; Azure's Event Grid
+SDKs (generated from the REST spec) read them camel-cased, `modelName` ..., so either is read —
+reading only one would lose the tags of the other, and `serve`'s tag filter would then answer
+every event 200 as filtered: acknowledged, and never sent again.
 The data is authoritative; the subject fills in a missing name or version and must not contradict.
 """
 
@@ -36,7 +39,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aml_pipelines.errors import TriggerError
+from aml_pipelines.errors import ConfigError, TriggerError
+from aml_pipelines.registry.local import check_name
 
 MODEL_REGISTERED = "Microsoft.MachineLearningServices.ModelRegistered"
 SUBSCRIPTION_VALIDATION = "Microsoft.EventGrid.SubscriptionValidationEvent"
@@ -97,6 +101,8 @@ def parse(body: bytes) -> list[Record]:
         payload = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadEvent(f"body is not JSON: {exc}") from None
+    except RecursionError:  # not a ValueError: it escaped as a 500, which Event Grid retries
+        raise BadEvent("body is not JSON: arrays or objects nested too deeply") from None
     if isinstance(payload, dict):
         if "specversion" not in payload:
             raise BadEvent(
@@ -157,9 +163,15 @@ def _eventgrid_event(item: dict[str, Any], where: str) -> Record:
 
     _require(item, _EVENTGRID_REQUIRED, where)
     _optional_string(item, "subject", where)
+    _optional_string(item, "eventTime", where)
     try:
         event = EventGridEvent.from_dict(item)
     except Exception as exc:  # azure-core's DeserializationError and friends
+        if _parses_with(item, "eventTime", "2000-01-01T00:00:00Z"):
+            raise BadEvent(
+                f"{where}: 'eventTime' {item['eventTime']!r} is not an RFC 3339 timestamp "
+                "(e.g. 2024-05-01T10:00:00Z)"
+            ) from None
         raise BadEvent(f"{where} is not an Event Grid event: {exc}") from None
     event_type = str(event.event_type)
     where = f"{where} ({event.id})"
@@ -196,6 +208,18 @@ def _cloud_event(item: dict[str, Any], where: str) -> Record:
     return Other(event.id, event.type)
 
 
+def _parses_with(item: dict[str, Any], key: str, value: str) -> bool:
+    """True when `item` is a valid Event Grid event once `key` is `value` (so `key` is the
+    problem)."""
+    from azure.eventgrid import EventGridEvent
+
+    try:
+        EventGridEvent.from_dict({**item, key: value})
+    except Exception:
+        return False
+    return True
+
+
 def _parses_without(item: dict[str, Any], key: str) -> bool:
     """True when `item` is a valid CloudEvent once `key` is left out (so `key` is the problem)."""
     from azure.core.messaging import CloudEvent
@@ -213,10 +237,16 @@ def _model_registered(
     if not isinstance(data, dict):
         raise BadEvent(f"{where}: ModelRegistered data must be a JSON object")
     from_subject = _SUBJECT.match(subject or "")
-    name = data.get("ModelName") or (from_subject and from_subject["name"])
-    raw_version = data.get("ModelVersion") or (from_subject and from_subject["version"])
+    name = _data(data, "ModelName") or (from_subject and from_subject["name"])
+    raw_version = _data(data, "ModelVersion") or (from_subject and from_subject["version"])
     if not isinstance(name, str) or not name:
         raise BadEvent(f"{where}: no model name (data.ModelName or subject models/NAME:VERSION)")
+    try:
+        # A name no registry holds would still get a cursor, whose file name (characters
+        # outside [A-Za-z0-9._-] replaced) could be another model's.
+        check_name(name)
+    except ConfigError as exc:
+        raise BadEvent(f"{where}: {exc}") from None
     try:
         version = int(str(raw_version))
         if version < 1:
@@ -234,10 +264,16 @@ def _model_registered(
         event_id=event_id,
         model=name,
         version=version,
-        tags=_str_map(data.get("ModelTags"), "ModelTags", where),
-        properties=_str_map(data.get("ModelProperties"), "ModelProperties", where),
+        tags=_str_map(_data(data, "ModelTags"), "ModelTags", where),
+        properties=_str_map(_data(data, "ModelProperties"), "ModelProperties", where),
         schema=schema,
     )
+
+
+def _data(data: dict[str, Any], key: str) -> Any:
+    """`data[key]` as the docs spell it (`ModelTags`), else camel-cased (`modelTags`)."""
+    value = data.get(key)
+    return value if value is not None else data.get(key[0].lower() + key[1:])
 
 
 def _str_map(value: Any, name: str, where: str) -> dict[str, str]:

@@ -27,7 +27,7 @@ import datetime as dt
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -155,9 +155,13 @@ class TriggerStore:
 
     @contextlib.contextmanager
     def _editing(self, model: str) -> Iterator[Cursor]:
+        """The cursor to change under the lock; written after, unless left as it was."""
         with self.lock(f"cursor-{model}", f"cursor of {model}").held():
             cursor = self.load(model)
+            before = dict(cursor.entries)
             yield cursor
+            if cursor.entries == before and self.cursor_path(model).exists():
+                return  # nothing new (a redelivered event): no write, no fsync
             write_json(
                 self.cursor_path(model),
                 {
@@ -171,12 +175,20 @@ class TriggerStore:
 
         A version closed as MISSING is known only as "not there yet": it is pending again.
         """
+        return bool(self.accept_many(model, [(version, source)]))
+
+    def accept_many(self, model: str, versions: Sequence[tuple[int, str]]) -> list[int]:
+        """`accept` each (version, source) in one cursor write; returns the new versions (one
+        given twice is new once). An Event Grid batch is recorded in one write, not one each."""
+        new = []
         with self._editing(model) as cursor:
-            known = cursor.entries.get(version)
-            if known is not None and known.outcome != MISSING:
-                return False
-            cursor.entries[version] = Entry(version, Step.PENDING, source, updated_at=_now())
-            return True
+            for version, source in versions:
+                known = cursor.entries.get(version)
+                if known is not None and known.outcome != MISSING:
+                    continue
+                cursor.entries[version] = Entry(version, Step.PENDING, source, updated_at=_now())
+                new.append(version)
+        return new
 
     def update(self, model: str, version: int, change: Callable[[Entry], Entry]) -> Entry:
         """Apply `change` to one entry atomically and return the new entry."""
@@ -217,15 +229,17 @@ class TriggerStore:
             raise TriggerError(f'cannot read trigger state {path}: expected {{"ids": [event ids]}}')
         return ids
 
-    def event_seen(self, event_id: str) -> bool:
-        """True when `event_id` was remembered before (a redelivery)."""
-        return event_id in self._event_ids()
+    def events_seen(self, event_ids: Iterable[str]) -> set[str]:
+        """Those of `event_ids` remembered before (redeliveries)."""
+        known = set(self._event_ids())
+        return {event_id for event_id in event_ids if event_id in known}
 
-    def remember_event(self, event_id: str) -> None:
-        """Record an accepted event id (the last SEEN_EVENTS_KEPT are kept)."""
+    def remember_events(self, event_ids: Iterable[str]) -> None:
+        """Record accepted event ids, in one write (the last SEEN_EVENTS_KEPT are kept)."""
         path = self._events_path()
         with self.lock("events", "event id store").held():
             ids = self._event_ids()
-            if event_id not in ids:
-                ids.append(event_id)
-                write_json(path, {"ids": ids[-SEEN_EVENTS_KEPT:]})
+            known = set(ids)
+            fresh = [i for i in dict.fromkeys(event_ids) if i not in known]
+            if fresh:
+                write_json(path, {"ids": (ids + fresh)[-SEEN_EVENTS_KEPT:]})

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 
 from aml_pipelines.delivery import DeliveryOutcome
@@ -75,6 +76,9 @@ class Watcher:
         self.required_tags = dict(required_tags or {})
         self.interval_s = interval_s
         self._listed_up_to: int | None = None
+        self.clock: Callable[[], float] = time.monotonic
+        #: The error the last poll failed with, and when it was last said (see `_poll_failed`).
+        self._said: tuple[str, float] | None = None
 
     @property
     def stop(self) -> threading.Event:
@@ -136,9 +140,32 @@ class Watcher:
                         worker.wake()
                 except PipelineError as exc:
                     # A registry hiccup must not kill a long-running watcher: log, retry next poll.
-                    log.warning("polling the registry for %s failed: %s", self.model, exc)
+                    self._poll_failed(exc)
                 except Exception:
                     log.exception("polling the registry for %s failed", self.model)
+                else:
+                    if self._said is not None:
+                        log.info("polling the registry for %s works again", self.model)
+                        self._said = None
                 self.stop.wait(self.interval_s)
             worker.join(timeout=self.interval_s)
             return []
+
+    def _poll_failed(self, exc: PipelineError) -> None:
+        """Say a failed poll once, and again only every REMIND_S while the same error repeats
+        (a registry down for a night: a few dozen lines, not one per poll), as the worker does."""
+        now, said = self.clock(), self._said
+        again = said is not None and said[0] == str(exc)
+        if said is not None and again and now - said[1] < DeliveryWorker.REMIND_S:
+            log.debug("polling the registry for %s failed again: %s", self.model, exc)
+            return
+        log.warning(
+            "polling the registry for %s %s: %s; polling again every %g s, quietly (said again "
+            "every %g min)",
+            self.model,
+            "still fails" if again else "failed",
+            exc,
+            self.interval_s,
+            DeliveryWorker.REMIND_S / 60,
+        )
+        self._said = (str(exc), now)

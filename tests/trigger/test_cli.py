@@ -231,6 +231,28 @@ def test_watch_once_exits_with_the_worst_outcome(phases: list[str], code: int) -
     assert once_exit_code(phases) == code
 
 
+@pytest.mark.parametrize(
+    ("secret", "said"),
+    [
+        pytest.param("Abc-123_xyz.~0123456789", None, id="url-safe"),
+        # openssl rand -base64 32: in ?key= the '+' arrives as a space, a 401 at the handshake
+        pytest.param("k7+Qz/0aB9=cD4eF5gH6iJ", "'+', '/', '='", id="base64"),
+        # a Kubernetes secret made with `echo` instead of `echo -n`
+        pytest.param("s3cret-0123456789abcdef\n", "'\\n'", id="trailing-newline"),
+    ],
+)
+def test_serve_warns_of_a_secret_a_url_would_change(secret: str, said: str | None) -> None:
+    from aml_pipelines.trigger.cli import secret_warning
+
+    warning = secret_warning(secret, "AML_ROLLOUT_TRIGGER_SECRET")
+    if said is None:
+        assert warning is None
+    else:
+        assert warning is not None
+        assert warning.startswith(f"$AML_ROLLOUT_TRIGGER_SECRET holds {said}: characters")
+        assert secret not in warning
+
+
 def test_sigkilled_watcher_resumes_the_rollout_from_the_state_store(
     tmp_path: Path, registry: LocalRegistry
 ) -> None:
@@ -264,6 +286,11 @@ def test_sigkilled_watcher_resumes_the_rollout_from_the_state_store(
 
 
 def test_serve_delivers_a_registered_event(tmp_path: Path, registry: LocalRegistry) -> None:
+    # Another model's open version in the shared state folder (the default one), accepted by
+    # its own trigger for its own endpoint: `serve --model diabetes` rolled it out on this
+    # spec's endpoint, in place of diabetes (its worker drained every cursor in the folder).
+    register(registry, tmp_path, name="aaa-other", stage="candidate")
+    TriggerStore(tmp_path / "trigger").accept("aaa-other", 1, "watch")
     env = {**os.environ, "AML_ROLLOUT_TRIGGER_SECRET": SECRET}
     cmd = _cli(tmp_path, "serve", "--port", "0", "--model", "diabetes")
     proc = subprocess.Popen(
@@ -285,6 +312,8 @@ def test_serve_delivers_a_registered_event(tmp_path: Path, registry: LocalRegist
         assert response.json()["accepted"] == [{"model": "diabetes", "version": 2}]
         done: Callable[[], bool] = lambda: registry.get("diabetes", 2).stage == "production"  # noqa: E731
         _until(done, "the delivery of v2", timeout=30)
+        other = TriggerStore(tmp_path / "trigger").load("aaa-other").entries[1]
+        assert (other.step, registry.get("aaa-other", 1).stage) == (Step.PENDING, "candidate")
         proc.send_signal(signal.SIGTERM)
         # uvicorn shuts down, then re-raises the signal: the conventional "terminated" status.
         assert proc.wait(timeout=10) == -signal.SIGTERM

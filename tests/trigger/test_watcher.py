@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from aml_pipelines.delivery import RolloutView
-from aml_pipelines.errors import TriggerError
+from aml_pipelines.errors import RegistryError, TriggerError
 from aml_pipelines.registry import local as local_registry
 from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
@@ -601,6 +602,60 @@ def test_a_delivery_retried_after_the_same_error_says_it_once_and_status_tells_w
     assert said[0].endswith(
         "retrying every 0.01 s, quietly (said again every 10 min while it lasts)"
     )
+
+
+class _UnreachableRegistry(_CountingRegistry):
+    """The real local registry behind a network that fails the first polls with `errors`."""
+
+    def __init__(self, inner: LocalRegistry, errors: list[Exception]) -> None:
+        super().__init__(inner)
+        self.errors = errors
+
+    def latest(self, name: str) -> ModelVersion | None:
+        if self.errors:
+            raise self.errors.pop(0)
+        return self.inner.latest(name)
+
+
+def test_a_poll_failing_with_the_same_error_says_it_once(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    dispatcher: Dispatcher,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Was: one warning per poll for as long as the registry was unreachable — 360 lines an
+    # hour at the default 10 s — where the delivery worker says a repeated error once.
+    down = "list diabetes: Azure ML answered 503: Service Unavailable"
+    errors: list[Exception] = [RegistryError(down) for _ in range(5)]
+    errors += [RegistryError(f"{down} (again)")] * 2
+    unreachable = _UnreachableRegistry(registry, errors)
+    register(registry, tmp_path, stage="candidate")
+    watcher = Watcher(
+        unreachable,  # type: ignore[arg-type]
+        "diabetes",
+        dispatcher,
+        required_tags=CANDIDATE,
+        interval_s=0.01,
+    )
+    ticks = iter([0.0, 1.0, 2.0, 700.0, 701.0, 702.0, 703.0])  # a reminder after 10 min
+    watcher.clock = lambda: next(ticks)
+    thread = threading.Thread(target=watcher.run)
+    with caplog.at_level(logging.DEBUG, logger="aml_pipelines.trigger.watcher"):
+        thread.start()
+        try:
+            _wait_until(lambda: 1 in dispatcher.store.load("diabetes").entries, dispatcher)
+            _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
+        finally:
+            watcher.stop.set()
+            thread.join(10)
+    assert registry.get("diabetes", 1).stage == "production"  # delivered once it answered
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [line.split(": list")[0] for line in said] == [
+        "polling the registry for diabetes failed",  # the first time
+        "polling the registry for diabetes still fails",  # 10 min on, the same
+        "polling the registry for diabetes failed",  # another error
+    ]
+    assert said[0].endswith("polling again every 0.01 s, quietly (said again every 10 min)")
 
 
 def test_worker_survives_an_unreadable_cursor_and_delivers_once_it_is_mended(
