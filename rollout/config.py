@@ -593,8 +593,10 @@ class PromQueries(_Model):
     """PromQL templates for the `custom` preset.
 
     `{colour}` is replaced by the colour's label value, `{window}` by the range (e.g. `30s`).
-    Each must return ONE cumulative counter value: requests, 5xx errors, and for `latency_bucket`
-    the cumulative histogram series with an `le` label (one sample per bucket).
+    Each returns cumulative counters: requests, 5xx errors, and for `latency_bucket` the
+    cumulative histogram series with an `le` label. Several series are counted one by one and
+    added up (the buckets by `le`), so a query may, and best does, keep one series per pod:
+    a `sum(...)` drops when a pod stops being scraped, which reads as a counter restart.
     """
 
     requests: str = Field(min_length=1)
