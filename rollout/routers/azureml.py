@@ -82,6 +82,9 @@ T = TypeVar("T")
 
 PIN_HEADER = "azureml-model-deployment"
 TAG_PREFIX = "aml-rollout."
+#: Seconds between two reads while waiting on Azure: of a resource mid-change (`_settled`), and
+#: of an ARM operation's status (the SDK's LRO poller, when ARM sends no Retry-After).
+POLL_S = 5.0
 
 
 # ---- Azure's traffic rules, pure ------------------------------------------------------------
@@ -247,7 +250,7 @@ class AzureMLRouter:
         scoring_script: str = "score.py",
         deploy_timeout_s: float = 3600.0,
         traffic_timeout_s: float = 300.0,
-        poll_s: float = 5.0,
+        poll_s: float = POLL_S,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._ml = ml_client
@@ -279,6 +282,13 @@ class AzureMLRouter:
         The credential follows the pipelines' rule (rollout.azure_credential): inside an Azure
         ML job on a compute with a user-assigned identity, that identity moves the traffic.
         `client_kwargs` go to MLClient (tests pass `transport=`).
+
+        The client's ARM operations are polled every `POLL_S` when ARM sends no Retry-After (a
+        shorter or longer one is honoured as sent). azure-ai-ml polls a deployment's creation
+        every 5 s, but an endpoint update (every traffic change) and a deployment's deletion
+        at its service clients' default, 30 s. Azure applies the change when it does either
+        way; the controller would see it done, and take its next step, up to 30 s later.
+        `polling_interval` is that default (MLClient hands its keywords to those clients).
         """
         from azure.ai.ml import MLClient
 
@@ -287,7 +297,7 @@ class AzureMLRouter:
             cfg.subscription_id,
             cfg.resource_group,
             cfg.workspace,
-            **client_kwargs,
+            **{"polling_interval": POLL_S, **client_kwargs},
         )
         return cls(
             client,

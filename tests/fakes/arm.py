@@ -4,7 +4,8 @@ Why: azure-ai-ml's real serialisation, retries, paging and LRO polling should ru
 no network and no mock of the SDK. `FakeArmTransport` is an azure-core `RequestsTransport` that
 rewrites `https://management.azure.com/...` (and any other host you list) to this server after
 every policy has run, so bearer-token policies still see https. It also compresses the sleeps
-azure-core asks it for (LRO polling intervals, retry back-off) to 10 ms.
+azure-core asks it for (LRO polling intervals, retry back-off) to 10 ms, and records what was
+asked in `transport.sleeps`.
 
     with FakeArm() as arm:
         arm.add_workspace(SUB, RG, WS)                       # location + properties.workspaceId
@@ -34,7 +35,8 @@ Generic resource semantics (any provider, any depth):
   leaves it `Deleting`; the operation's `Succeeded` makes it `Succeeded`, or removes it. (A
   test that answers `/_operations/` itself owns that state too.) For a POST, `result`
   (a dict, or a callable `(arm, path, body) -> dict`) is what the `Location` URL returns once
-  the operation is done: the action's response body.
+  the operation is done: the action's response body. These answers carry `Retry-After:
+  arm.retry_after` ("0" unless set; None: no header).
 - A write to a resource whose provisioning state is not terminal (`Creating`, `Updating`,
   `Deleting`, ...: not `Succeeded`, `Failed` or `Canceled`), or a PUT of a resource under one,
   answers 409 `Conflict`, as ARM does ("... the resource entity provisioning state is not
@@ -123,6 +125,8 @@ class FakeArmTransport(RequestsTransport):
         super().__init__(**kwargs)
         self._base = urlsplit(base_url)
         self._hosts = hosts
+        #: Every wait azure-core asked for, in seconds, before compressing it.
+        self.sleeps: list[float] = []
 
     def sleep(self, duration: float) -> None:
         """Compress the waits azure-core asks for (LRO polling intervals, retry back-off).
@@ -130,6 +134,7 @@ class FakeArmTransport(RequestsTransport):
         azure-core sleeps through the transport; against the fake a 30 s polling interval (what
         azure-ai-ml uses when a response carries no non-zero Retry-After) is pure waiting.
         """
+        self.sleeps.append(duration)
         time.sleep(min(duration, 0.01))
 
     def send(self, request: Any, **kwargs: Any) -> Any:
@@ -206,6 +211,8 @@ class FakeArm:
         self._operations: dict[str, int] = {}
         self._targets: dict[str, tuple[str, str]] = {}  # operation -> (method, resource path)
         self._results: dict[str, Any] = {}
+        #: The Retry-After header of LRO answers (the 201/202 and InProgress polls); None: none.
+        self.retry_after: str | None = "0"
         self._lock = threading.Lock()
         self._server = LocalServer(self._handler_class())
         self.defaults(r"/models/[^/]+/versions/[^/]+$", {"flavors": {}})
@@ -440,7 +447,10 @@ class FakeArm:
         if result is not None:
             self._results[op] = result
             location = f"{url}/result"
-        return {"Azure-AsyncOperation": url, "Location": location, "Retry-After": "0"}
+        return {"Azure-AsyncOperation": url, "Location": location, **self._retry_after()}
+
+    def _retry_after(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": self.retry_after}
 
     def _operation(self, path: str) -> tuple[int, Any, dict[str, str]]:
         if path.endswith("/result"):
@@ -453,7 +463,7 @@ class FakeArm:
             return 404, _error("OperationNotFound", f"no operation {op}"), {}
         if self._operations[op] > 0:
             self._operations[op] -= 1
-            return 200, {"status": "InProgress"}, {"Retry-After": "0"}
+            return 200, {"status": "InProgress"}, self._retry_after()
         self._settle(op)
         return 200, {"status": "Succeeded"}, {}
 

@@ -202,12 +202,13 @@ WORKSPACE = (
 
 
 @contextmanager
-def running_arm() -> Iterator[FakeArm]:
+def running_arm(polls: int = 1) -> Iterator[FakeArm]:
     with FakeArm() as server:
         server.add_workspace(SUB, RG, WS)
         # Endpoint and deployment writes are long-running operations, as in Azure: the SDK's
-        # poller follows Azure-AsyncOperation until it reports Succeeded.
-        server.lro(r"/onlineEndpoints/[^/]+(/deployments/[^/]+)?$", polls=1)
+        # poller follows Azure-AsyncOperation until it reports Succeeded (after `polls` polls
+        # answered InProgress).
+        server.lro(r"/onlineEndpoints/[^/]+(/deployments/[^/]+)?$", polls=polls)
         # What the service fills in on a deployment and azure-ai-ml needs to read it back.
         server.defaults(
             r"/onlineEndpoints/[^/]+/deployments/[^/]+$",
@@ -1470,6 +1471,49 @@ def test_an_operation_azure_leaves_in_progress_fails_at_its_bound(
             with pytest.raises(RouterError, match=message):
                 call(router)
             assert time.monotonic() - started < 10  # at its bound, not when Azure finishes
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "expected_s"),
+    [
+        pytest.param(None, 5, id="no-retry-after-polls-every-5-s"),
+        pytest.param("0", 5, id="retry-after-0-is-none"),
+        pytest.param("2", 2, id="a-shorter-retry-after-is-honoured"),
+    ],
+)
+def test_a_traffic_change_is_polled_every_few_seconds_not_every_30(
+    monkeypatch: pytest.MonkeyPatch, retry_after: str | None, expected_s: float
+) -> None:
+    """How long the router waits between polls of Azure's operation, as the poller asks the
+    transport to sleep. azure-ai-ml gives an endpoint update (and a deployment deletion) its
+    service client's default, 30 s when ARM sends no Retry-After: a rollback would be seen
+    done up to 30 s after Azure finished it. The router's client polls every 5 s."""
+    monkeypatch.setattr("rollout.routers.azureml.default_credential", StaticCredential)
+    with running_arm(polls=2) as arm:
+        arm.retry_after = retry_after
+        cfg = AzureMLRouterConfig(
+            subscription_id=SUB, resource_group=RG, workspace=WS, endpoint="ep-polled",
+            environment="azureml:env:1",
+        )  # fmt: skip
+        transport = arm.transport()
+        router = AzureMLRouter.from_config(cfg, transport=transport)
+        router.deploy(Colour.GREEN, V1)
+        router.deploy(Colour.BLUE, V2)
+        router.set_weights(Weights.blue_at(0, mirror=5))
+        waits: dict[str, list[float]] = {}
+        for what, call in [
+            ("canary step", lambda: router.set_weights(Weights.blue_at(10))),
+            ("rollback", lambda: router.set_weights(Weights.blue_at(0))),
+            ("redeploy", lambda: router.deploy(Colour.BLUE, V1)),
+            ("delete", lambda: router.remove(Colour.BLUE)),
+        ]:
+            transport.sleeps.clear()
+            before = len(arm.calls)
+            call()
+            polls = [c for c in arm.calls[before:] if c[1].startswith("/_operations/")]
+            assert len(polls) == 3, what  # InProgress twice, then Succeeded
+            waits[what] = transport.sleeps[:]
+    assert waits == {what: [expected_s, expected_s] for what in waits}
 
 
 def _endpoint_showing(
