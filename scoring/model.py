@@ -246,7 +246,14 @@ def load_model(
         )
     if not isinstance(expected_sha, str) or len(expected_sha) != 64:
         raise ModelLoadError(f"{model_dir / MODEL_JSON}: field 'sha256' must be a hex sha256")
-    model_file = model_dir / str(meta.get("model_file", "model.skops"))
+    named = str(meta.get("model_file", "model.skops"))
+    model_file = model_dir / named
+    if not model_file.resolve().is_relative_to(model_dir.resolve()):
+        # It would load here and nowhere else: the package copies the folder, not its outside.
+        raise ModelLoadError(
+            f"{model_dir / MODEL_JSON}: field 'model_file' must name a file in the folder, "
+            f"not {named!r}"
+        )
     if not model_file.is_file():
         raise ModelLoadError(f"model file {model_file} not found")
 

@@ -100,6 +100,17 @@ def test_untrusted_types_refuse_to_load(tmp_path: Path) -> None:
             lambda d: _edit(d, feature_names=[]), "'feature_names' must be", id="no-features"
         ),
         pytest.param(lambda d: _edit(d, name=""), "'name' must be", id="no-name"),
+        pytest.param(
+            # Was loaded: `serve` worked, and the package (which copies the folder) did not.
+            lambda d: _edit(d, model_file=str(_moved_out(d))),
+            "'model_file' must name a file in the folder",
+            id="model-file-outside",
+        ),
+        pytest.param(
+            lambda d: _edit(d, model_file="../" + _moved_out(d).name),
+            "'model_file' must name a file in the folder",
+            id="model-file-up",
+        ),
         pytest.param(lambda d: _edit(d, sha256="abc"), "'sha256' must be", id="short-sha"),
         pytest.param(
             lambda d: _edit(d, feature_names=["a", "b"]),
@@ -115,6 +126,11 @@ def test_broken_model_folders_fail_with_a_clear_error(
     mutate(copy)  # type: ignore[operator]
     with pytest.raises(ModelLoadError, match=message):
         load_model(copy)
+
+
+def _moved_out(folder: Path) -> Path:
+    """The folder's model file, moved next to the folder: where it now is."""
+    return (folder / "model.skops").rename(folder.parent / "model.skops")
 
 
 def _edit(folder: Path, **fields: object) -> None:
