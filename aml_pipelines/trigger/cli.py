@@ -275,6 +275,12 @@ def read_secrets(secret_env: str, previous_env: str | None) -> tuple[str, tuple[
         log.warning(
             "$%s holds the same secret as $%s: no rotation is under way", previous_env, secret_env
         )
+    elif previous:
+        log.info(
+            "accepting the previous secret from $%s too: a rotation is under way; restart "
+            "without --previous-secret-env once Event Grid sends the new key",
+            previous_env,
+        )
     return secret, previous
 
 

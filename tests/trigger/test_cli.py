@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -274,6 +275,7 @@ PREVIOUS = "cli-previous-0123456789"
 )
 def test_serve_reads_a_previous_secret_for_a_rotation(
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
     env: dict[str, str],
     previous_env: str | None,
     expected: tuple[str, tuple[str, ...]] | None,
@@ -287,7 +289,10 @@ def test_serve_reads_a_previous_secret_for_a_rotation(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     if error is None:
-        assert read_secrets("NEW", previous_env) == expected
+        with caplog.at_level(logging.INFO):
+            assert read_secrets("NEW", previous_env) == expected
+        said = "accepting the previous secret from $OLD too: a rotation is under way" in caplog.text
+        assert said == bool(previous_env)
     else:
         with pytest.raises(ConfigError, match=re.escape(error)) as raised:
             read_secrets("NEW", previous_env)
