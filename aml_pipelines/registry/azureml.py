@@ -16,7 +16,9 @@
   (IntegrityError); `list_versions`, `latest` and `find_by_tag` leave them out with one warning
   per version, so one foreign version does not stop the gate, the watcher and every delivery
   (one tagged `stage=production` still raises: the gate and the no-downgrade check need it).
-  Version allocation still counts every integer version, foreign ones included.
+  Version allocation still counts every integer version, foreign ones included, and archived
+  ones: Azure ML leaves an archived version (the studio's Archive) out of a listing unless asked
+  (`ListViewType.ALL`), and reusing its number is a 409 at every attempt.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ class AzureMLRegistry:
                 "(it never downloads the files to hash them)"
             )
         for attempt in range(1, self.max_attempts + 1):
-            taken = self._list(name)  # every version, readable or not: none may be reused
+            # Every version, readable or not, archived or not: none may be reused.
+            taken = self._list(name, archived=True)
             version = max((int(m.version) for m in taken if _is_int(m.version)), default=0) + 1
             model = Model(
                 name=name,
@@ -176,9 +179,13 @@ class AzureMLRegistry:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _list(self, name: str) -> list[Any]:
+    def _list(self, name: str, *, archived: bool = False) -> list[Any]:
+        """The versions of `name` Azure ML lists: active ones, or with `archived` every one."""
+        from azure.ai.ml.constants import ListViewType
+
+        view = ListViewType.ALL if archived else ListViewType.ACTIVE_ONLY
         models: list[Any] = self._call(
-            f"list {name}", lambda: list(self.ml_client.models.list(name=name))
+            f"list {name}", lambda: list(self.ml_client.models.list(name=name, list_view_type=view))
         )
         return models
 

@@ -247,6 +247,43 @@ def _warn_unknown_models(registry: ModelRegistry, models: Sequence[str]) -> list
     return missing
 
 
+def read_secrets(secret_env: str, previous_env: str | None) -> tuple[str, tuple[str, ...]]:
+    """`serve`'s secret and, during a rotation, the previous one (read from `previous_env`);
+    ConfigError when one is unset or too short. Warns, never naming a secret, of one a URL would
+    change, and of a previous secret equal to the current one (no rotation under way)."""
+    from aml_pipelines.errors import ConfigError
+
+    log = logging.getLogger(__name__)
+    secrets = []
+    for option, env, what in (
+        ("--secret-env", secret_env, "the shared secret"),
+        ("--previous-secret-env", previous_env, "the secret being rotated out"),
+    ):
+        if env is None:
+            continue
+        value = os.environ.get(env, "")
+        if len(value) < MIN_SECRET_CHARS:
+            raise ConfigError(
+                f"{option}: set ${env} to {what} "
+                f"(at least {MIN_SECRET_CHARS} characters; it is the ?key= of the Event Grid URL)"
+            )
+        if warning := secret_warning(value, env):
+            log.warning("%s", warning)
+        secrets.append(value)
+    secret, previous = secrets[0], tuple(secrets[1:])
+    if secret in previous:
+        log.warning(
+            "$%s holds the same secret as $%s: no rotation is under way", previous_env, secret_env
+        )
+    elif previous:
+        log.info(
+            "accepting the previous secret from $%s too: a rotation is under way; restart "
+            "without --previous-secret-env once Event Grid sends the new key",
+            previous_env,
+        )
+    return secret, previous
+
+
 def secret_warning(secret: str, env: str) -> str | None:
     """Why `secret` may not survive the Event Grid endpoint URL's `?key=`, or None.
 
@@ -366,6 +403,14 @@ def serve(
     secret_env: Annotated[
         str, typer.Option("--secret-env", help="Environment variable holding the shared secret.")
     ] = DEFAULT_SECRET_ENV,
+    previous_secret_env: Annotated[
+        str | None,
+        typer.Option(
+            "--previous-secret-env",
+            help="During a secret rotation: environment variable holding the previous secret, "
+            "accepted too until the Event Grid URL carries the new one (docs/triggers.md).",
+        ),
+    ] = None,
     registry: RegistryOpt = "",
     model: Annotated[
         list[str] | None,
@@ -390,19 +435,11 @@ def serve(
     compute: ComputeOpt = "cpu-cluster",
 ) -> None:
     """Receive Azure Event Grid ModelRegistered events; deliver each new version exactly once."""
-    from aml_pipelines.errors import ConfigError
     from aml_pipelines.trigger.dispatch import DeliveryWorker
     from aml_pipelines.trigger.webhook import Filter, WebhookApp, make_server
 
     _setup_logging()
-    secret = os.environ.get(secret_env, "")
-    if len(secret) < MIN_SECRET_CHARS:
-        raise ConfigError(
-            f"--secret-env: set ${secret_env} to the shared secret "
-            f"(at least {MIN_SECRET_CHARS} characters; it is the ?key= of the Event Grid URL)"
-        )
-    if warning := secret_warning(secret, secret_env):
-        logging.getLogger(__name__).warning("%s", warning)
+    secret, previous_secrets = read_secrets(secret_env, previous_secret_env)
     event_filter = Filter(models=tuple(model or ()), tags=_parse_tags(tag))
     choice = DeliveryChoice(delivery, subscription, resource_group, workspace, compute)
     dispatcher = _dispatcher(
@@ -433,6 +470,7 @@ def serve(
         )
         app = WebhookApp(
             secret=secret,
+            previous_secrets=previous_secrets,
             dispatcher=dispatcher,
             wake=worker.wake,
             event_filter=event_filter,

@@ -5,7 +5,10 @@ single worker then delivers them, oldest first. The worker's loop for one versio
 
     take the deliver lock (one delivery per endpoint, across processes)
     re-read the entry                      → done already (another process)? skip
-    ask the registry                       → stage records a delivery, a newer version is in
+    ask the registry                       → not there: a version an event named is asked for
+                                             again with backoff (MISSING_RETRIES_S), then
+                                             closed as `missing`
+                                           → stage records a delivery, a newer version is in
                                              production, or the job that registered it rolls it
                                              out itself? close it without a rollout
     wait while another rollout is active   → or, with supersede, abort it and wait for it to end
@@ -85,6 +88,11 @@ log = logging.getLogger(__name__)
 PERMANENT = (ModelNotFound, IntegrityError, ConfigError, SpecError)
 #: Stages a version only reaches through a delivery: such a version is never delivered again.
 DELIVERED = frozenset({Stage.PRODUCTION, Stage.ARCHIVED, Stage.ROLLED_BACK})
+#: Seconds between the registry reads of a version an event named that the registry does not
+#: hold (yet): an event can arrive before the registry answers for its version (replication
+#: lag), and with `serve` alone nothing but a new event would accept a version closed as
+#: `missing` again. 8 reads over about 2 min, the worker holding the delivery lock meanwhile.
+MISSING_RETRIES_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
 
 class Dispatcher:
@@ -106,6 +114,9 @@ class Dispatcher:
         self.supersede = supersede
         self.wait_interval_s = wait_interval_s
         self.stop = stop or threading.Event()
+        self.missing_retries_s: Sequence[float] = MISSING_RETRIES_S
+        #: Waits that many seconds; True when stopped meanwhile (a test's clock replaces it).
+        self.pause: Callable[[float], bool] = self.stop.wait
         self._deliver_lock = store.lock("deliver", "a delivery on this endpoint")
         #: The version `delivery.deliver` is at in this process (read by `accept`'s thread).
         self._delivering: tuple[str, int] | None = None
@@ -220,11 +231,13 @@ class Dispatcher:
                 self._close(model, version, SUPERSEDED, reason)
                 return DeliveryOutcome(model, version, SUPERSEDED, reason)
             try:
-                model_version = self.registry.get(model, version)
+                model_version = self._get(entry, model)
             except ModelNotFound as exc:
-                return self._fail(model, version, exc, MISSING)
+                return self._fail(model, version, exc, MISSING, self._missing_retries(entry))
             except PERMANENT as exc:
                 return self._fail(model, version, exc)
+            if model_version is None:  # stopped while waiting for it: still pending
+                return None
             try:
                 settled = self._settled(entry, model_version)
             except PERMANENT as exc:
@@ -279,6 +292,31 @@ class Dispatcher:
             if outcome.phase != SUPERSEDED:  # _superseded_meanwhile said it
                 log.info("delivered %s v%d: %s %s", model, version, outcome.phase, outcome.reason)
             return outcome
+
+    def _missing_retries(self, entry: Entry) -> Sequence[float]:
+        """The pauses before asking again for a version the registry does not hold: only for
+        one an event named. One the watcher listed is not lagging: it was removed since."""
+        return self.missing_retries_s if entry.source.startswith("event:") else ()
+
+    def _get(self, entry: Entry, model: str) -> ModelVersion | None:
+        """The entry's version from the registry, asked again after each of its missing
+        retries while not found (ModelNotFound after the last); None when stopped meanwhile."""
+        retries = self._missing_retries(entry)
+        for attempt, delay in enumerate(retries, 1):
+            try:
+                return self.registry.get(model, entry.version)
+            except ModelNotFound:
+                log.info(
+                    "%s v%d is not in the registry (yet?); asking again in %g s (%d of %d)",
+                    model,
+                    entry.version,
+                    delay,
+                    attempt,
+                    len(retries),
+                )
+            if self.pause(delay):
+                return None
+        return self.registry.get(model, entry.version)
 
     def _superseded_meanwhile(self, model: str, version: int) -> DeliveryOutcome | None:
         """With supersede, asked by the delivery once `version` is packaged, just before its
@@ -375,9 +413,16 @@ class Dispatcher:
         return None
 
     def _fail(
-        self, model: str, version: int, exc: Exception, outcome: str = FAILED
+        self,
+        model: str,
+        version: int,
+        exc: Exception,
+        outcome: str = FAILED,
+        waited: Sequence[float] = (),
     ) -> DeliveryOutcome:
         reason = str(exc)
+        if waited:
+            reason += f" after {len(waited) + 1} reads over {sum(waited):g} s"
         if outcome == MISSING:
             reason += (
                 " (accepted again once registered: the watcher lists it, or an event names it)"

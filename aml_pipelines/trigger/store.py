@@ -57,7 +57,8 @@ SUPERSEDED = "superseded"
 #: Outcome recorded for a pending version the registry already shows as delivered.
 SKIPPED = "skipped"
 #: Outcome recorded for a pending version the registry did not hold when its turn came (an event
-#: ahead of a registry read, or naming a version that was never registered): the one closed
+#: ahead of a registry read, or naming a version that was never registered; one an event named is
+#: asked for a few times first, see dispatch.MISSING_RETRIES_S): the one closed
 #: entry a trigger accepts again, once the watcher lists the version or a new event names it.
 MISSING = "missing"
 

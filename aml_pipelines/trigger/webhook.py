@@ -17,7 +17,10 @@ Routes:
 Every `/events` request must carry the shared secret: query `?key=` (what an Event Grid endpoint
 URL carries), or header `aeg-sas-key` / `x-aml-rollout-key` (e.g. set through Event Grid's
 delivery attribute mapping). Compared with `hmac.compare_digest`; 401 otherwise, before the body is
-read. Our own log lines never carry the query string or headers; uvicorn's access log (kept: it is
+read. During a secret rotation a previous secret is accepted too (`previous_secrets`): Event Grid
+never retries a 401, so an event sent with the old key while its endpoint URL changes would be
+lost; each use of it is logged (never the value), so the operator sees when it stops. Our own
+log lines never carry the query string or headers; uvicorn's access log (kept: it is
 what operators grep) gets every query value blanked (`key=***`) by the `RedactKey` filter.
 
 Answers: 200 with a JSON summary for accepted deliveries (Event Grid treats 2xx as delivered),
@@ -129,11 +132,13 @@ class WebhookApp:
         *,
         secret: str,
         dispatcher: Dispatcher,
+        previous_secrets: Collection[str] = (),
         wake: Callable[[], None],
         event_filter: Filter | None = None,
         max_body: int = DEFAULT_MAX_BODY,
     ) -> None:
         self._secret = secret.encode()
+        self._previous = [previous.encode() for previous in previous_secrets]
         self.dispatcher = dispatcher
         self.wake = wake
         self.filter = event_filter or Filter()
@@ -162,10 +167,19 @@ class WebhookApp:
         if path != "/events":
             raise _Reject(404, f"no route {path}; Event Grid posts to /events")
         headers = {k.lower(): v for k, v in scope["headers"]}
-        if not self._authorised(scope, headers):
+        authorised = self._authorised(scope, headers)
+        if authorised is None:
             raise _Reject(
                 401,
                 "missing or wrong key (query ?key=, or header aeg-sas-key or x-aml-rollout-key)",
+            )
+        if authorised == "previous":
+            log.info(
+                "%s %s from %s authorised by the previous secret (--previous-secret-env): the "
+                "sender still uses the old key; end the rotation once these lines stop",
+                method,
+                path,
+                (scope.get("client") or ("?", 0))[0],
             )
         if method == "OPTIONS":
             origin = headers.get(b"webhook-request-origin", b"").decode(errors="replace")
@@ -204,13 +218,19 @@ class WebhookApp:
         ]
         return 200, summary, {}
 
-    def _authorised(self, scope: Scope, headers: Mapping[bytes, bytes]) -> bool:
+    def _authorised(self, scope: Scope, headers: Mapping[bytes, bytes]) -> str | None:
+        """ "current" or "previous": the secret an offered key matches (the current one first);
+        None when none does."""
         query = parse_qs(scope.get("query_string", b"").decode(errors="replace"))
         offered = [v.encode() for v in query.get("key", [])]
         offered += [headers[h] for h in SECRET_HEADERS if h in headers]
-        # Compare every offered value (constant time each) so timing reveals nothing either way.
-        results = [hmac.compare_digest(value, self._secret) for value in offered]
-        return any(results)
+        # Compare every offered value with every secret (constant time each), so timing reveals
+        # neither which value nor which secret matched.
+        current = [hmac.compare_digest(value, self._secret) for value in offered]
+        previous = [hmac.compare_digest(v, p) for v in offered for p in self._previous]
+        if any(current):
+            return "current"
+        return "previous" if any(previous) else None
 
     async def _read_body(self, headers: Mapping[bytes, bytes], receive: Receive) -> bytes:
         declared = headers.get(b"content-length")

@@ -51,7 +51,10 @@ Azure ML asset versions (`.../workspaces/<ws>/{models,environments,components,co
 versions/<v>`) behave as the service does: a PUT creates or refreshes the container
 `.../<kind>/<name>` with `properties.latestVersion` and `nextVersion` (azure-ai-ml reads it to pick
 the next version), and a version is immutable: re-PUT with a different body apart from `tags`,
-`description`, `properties`, `stage` and `isArchived` answers 409 `Conflict`.
+`description`, `properties`, `stage` and `isArchived` answers 409 `Conflict`. A listing of asset
+versions or containers leaves archived ones (`properties.isArchived`) out unless its
+`listViewType` says `All` or `ArchivedOnly` (the service's default, and azure-ai-ml's, is
+`ActiveOnly`).
 
 Paths compare case-insensitively, as ARM does; `api-version` and other query strings are
 recorded in `calls` and otherwise ignored.
@@ -86,6 +89,10 @@ _WORKSPACE_TYPE = "Microsoft.MachineLearningServices/workspaces"
 _TERMINAL = ("succeeded", "failed", "canceled")
 _ASSET_VERSION = re.compile(
     r"/(?P<kind>models|environments|components|codes|data)/(?P<name>[^/]+)/versions/[^/]+$",
+    re.IGNORECASE,
+)
+_ASSET_COLLECTION = re.compile(
+    r"/workspaces/[^/]+/(models|environments|components|codes|data)(/[^/]+/versions)?$",
     re.IGNORECASE,
 )
 
@@ -152,6 +159,15 @@ class FakeArmTransport(RequestsTransport):
             # LRO pollers re-read the resource at the request's URL and the bearer-token policy
             # refuses plain http: the request leaves the transport as it came in.
             request.url = original
+
+
+def _archived_view(assets: list[dict[str, Any]], query: dict[str, list[str]]) -> list[Any]:
+    """The assets a listing's `listViewType` shows (ActiveOnly when not given)."""
+    view = (query.get("listViewType") or ["ActiveOnly"])[0].lower()
+    if view == "all":
+        return assets
+    archived = view == "archivedonly"
+    return [a for a in assets if bool(a.get("properties", {}).get("isArchived")) == archived]
 
 
 def _now() -> str:
@@ -360,7 +376,10 @@ class FakeArm:
             if found is not None:
                 return 200, found, {}
             if _is_collection(path):
-                return 200, {"value": self.children(path)}, {}
+                children = self.children(path)
+                if _ASSET_COLLECTION.search(path):
+                    children = _archived_view(children, query)
+                return 200, {"value": children}, {}
             return 404, _error("ResourceNotFound", f"{path} was not found"), {}
         if method in ("PUT", "PATCH", "DELETE") and (busy := self._busy(path, method)):
             return 409, _error("Conflict", busy), {}

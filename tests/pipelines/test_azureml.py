@@ -171,6 +171,28 @@ def test_a_version_taken_concurrently_is_skipped(arm: FakeArm, registry: AzureML
     assert registry.get("m", 1).sha256 == "ef" * 32
 
 
+def test_a_version_archived_in_the_studio_is_never_reused(
+    arm: FakeArm, client: Any, registry: AzureMLRegistry
+) -> None:
+    # Azure ML hides archived versions from a listing unless asked (azure-ai-ml's
+    # models.list defaults to ListViewType.ACTIVE_ONLY): allocating from that listing picked
+    # the archived latest version's number again, which Azure ML refuses (409), every time.
+    for run in (1, 2):
+        registry.register("m", f"azureml://jobs/run-{run}/outputs/model", {"sha256": SHA})
+    client.models.archive("m", "2")  # what the studio's Archive does
+    assert [m.version for m in client.models.list(name="m")] == ["1"]  # the fake hides it too
+
+    before = len(arm.calls)
+    third = registry.register("m", "azureml://jobs/run-3/outputs/model", {"sha256": SHA})
+    assert third.version == 3
+    views = [
+        q.get("listViewType")
+        for m, p, q, _ in arm.calls[before:]
+        if m == "GET" and p.endswith("/models/m/versions")
+    ]
+    assert views[0] == ["All"], views
+
+
 def test_concurrent_registrations_get_distinct_versions(client: Any) -> None:
     results: list[int] = []
 

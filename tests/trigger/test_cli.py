@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -251,6 +252,76 @@ def test_serve_warns_of_a_secret_a_url_would_change(secret: str, said: str | Non
         assert warning is not None
         assert warning.startswith(f"$AML_ROLLOUT_TRIGGER_SECRET holds {said}: characters")
         assert secret not in warning
+
+
+PREVIOUS = "cli-previous-0123456789"
+
+
+@pytest.mark.parametrize(
+    ("env", "previous_env", "expected", "error"),
+    [
+        pytest.param({"NEW": SECRET}, None, (SECRET, ()), None, id="no-rotation"),
+        pytest.param(
+            {"NEW": SECRET, "OLD": PREVIOUS}, "OLD", (SECRET, (PREVIOUS,)), None, id="rotation"
+        ),
+        pytest.param(
+            {"NEW": SECRET}, "OLD", None, "--previous-secret-env: set $OLD", id="previous-unset"
+        ),
+        pytest.param(
+            {"NEW": SECRET, "OLD": "short"}, "OLD", None, "at least 16", id="previous-too-short"
+        ),
+        pytest.param({"OLD": PREVIOUS}, "OLD", None, "--secret-env: set $NEW", id="new-unset"),
+    ],
+)
+def test_serve_reads_a_previous_secret_for_a_rotation(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    env: dict[str, str],
+    previous_env: str | None,
+    expected: tuple[str, tuple[str, ...]] | None,
+    error: str | None,
+) -> None:
+    from aml_pipelines.errors import ConfigError
+    from aml_pipelines.trigger.cli import read_secrets
+
+    for name in ("NEW", "OLD"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if error is None:
+        with caplog.at_level(logging.INFO):
+            assert read_secrets("NEW", previous_env) == expected
+        said = "accepting the previous secret from $OLD too: a rotation is under way" in caplog.text
+        assert said == bool(previous_env)
+    else:
+        with pytest.raises(ConfigError, match=re.escape(error)) as raised:
+            read_secrets("NEW", previous_env)
+        assert SECRET not in str(raised.value) and PREVIOUS not in str(raised.value)
+
+
+def test_serve_warns_of_a_previous_secret_equal_to_the_new_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from aml_pipelines.trigger.cli import read_secrets
+
+    monkeypatch.setenv("NEW", SECRET)
+    monkeypatch.setenv("OLD", SECRET)  # the old value copied into both: nothing rotates
+    read_secrets("NEW", "OLD")
+    assert "$OLD holds the same secret as $NEW: no rotation is under way" in caplog.text
+    assert SECRET not in caplog.text
+
+
+def test_serve_refuses_a_previous_secret_env_that_is_unset(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    env = {**os.environ, "AML_ROLLOUT_TRIGGER_SECRET": SECRET}
+    env.pop("AML_OLD_SECRET", None)
+    result = _run(
+        _cli(tmp_path, "serve", "--port", "0", "--previous-secret-env", "AML_OLD_SECRET"), env=env
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--previous-secret-env: set $AML_OLD_SECRET" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_sigkilled_watcher_resumes_the_rollout_from_the_state_store(

@@ -482,12 +482,80 @@ def test_a_corrupted_model_is_closed_as_failed_not_retried(
     assert journal(tmp_path / "engine") == []
 
 
+class _Pauses:
+    """The dispatcher's `pause` without the wait: records each delay; registers the version at
+    the `register_at`-th pause (it shows up in the registry meanwhile), or stops there."""
+
+    def __init__(
+        self, registry: LocalRegistry, tmp: Path, register_at: int = 0, stop_at: int = 0
+    ) -> None:
+        self.registry, self.tmp = registry, tmp
+        self.register_at, self.stop_at = register_at, stop_at
+        self.delays: list[float] = []
+
+    def __call__(self, delay: float) -> bool:
+        self.delays.append(delay)
+        if len(self.delays) == self.register_at:
+            register(self.registry, self.tmp, stage="candidate")
+        return len(self.delays) == self.stop_at
+
+
+@pytest.mark.parametrize(
+    ("source", "register_at", "pauses", "phase", "reason"),
+    [
+        # Replication lag: the event arrived before the registry answered for the version.
+        pytest.param("event:a", 2, [1, 2], "Succeeded", "", id="event-ahead-of-the-registry"),
+        pytest.param(
+            "event:a", 0, [1, 2, 4], MISSING, "after 4 reads over 7 s", id="never-registered"
+        ),
+        # The watcher listed it: not there now is no lag, it was removed. Not waited for.
+        pytest.param("watch", 0, [], MISSING, "accepted again", id="listed-then-removed"),
+    ],
+)
+def test_a_version_an_event_names_is_asked_for_again_before_it_is_closed_as_missing(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    dispatcher: Dispatcher,
+    caplog: pytest.LogCaptureFixture,
+    source: str,
+    register_at: int,
+    pauses: list[float],
+    phase: str,
+    reason: str,
+) -> None:
+    """With `serve` alone nothing else would accept a version closed as missing again but a new
+    event, so a version read just before the registry had it was never delivered."""
+    dispatcher.missing_retries_s = (1, 2, 4)
+    dispatcher.pause = paused = _Pauses(registry, tmp_path, register_at=register_at)
+    assert dispatcher.accept("diabetes", 1, source)
+    with caplog.at_level(logging.INFO):
+        (outcome,) = dispatcher.drain("diabetes")
+    assert paused.delays == pauses
+    assert outcome.phase == phase
+    assert reason in outcome.reason
+    if pauses:
+        assert "diabetes v1 is not in the registry (yet?); asking again in 1 s (1 of 3)" in (
+            caplog.text
+        )
+
+
+def test_a_stop_while_waiting_for_a_missing_version_leaves_it_pending(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    dispatcher.pause = _Pauses(registry, tmp_path, stop_at=1)
+    assert dispatcher.accept("diabetes", 1, "event:a")
+    dispatcher.stop.set()  # as the signal handler does, and the pause then returns True
+    assert dispatcher._deliver_one("diabetes", 1) is None
+    assert dispatcher.store.load("diabetes").entries[1].step is Step.PENDING
+
+
 @pytest.mark.parametrize("again", ["event", "watch"])
 def test_a_version_missing_when_its_turn_came_is_delivered_once_registered(
     tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher, again: str
 ) -> None:
     """An event ahead of the registry (or naming a version never registered) closes the version
     as missing, not Failed for good: was, the version registered after it never delivered."""
+    dispatcher.pause = _Pauses(registry, tmp_path)
     assert dispatcher.accept("diabetes", 1, "event:a")
     (outcome,) = dispatcher.drain("diabetes")
     assert outcome.phase == MISSING

@@ -28,6 +28,7 @@ from tests.trigger.fakes import ResumableDelivery, journal, register
 from tests.trigger.test_eventgrid import _camel, cloud_event, eg_event, validation_event
 
 SECRET = "s3cret-0123456789abcdef"
+PREVIOUS = "old-s3cret-0123456789ab"
 JSON = {"content-type": "application/json"}
 
 
@@ -61,6 +62,7 @@ def running(
     event_filter: Filter | None = None,
     max_body: int = 4096,
     step_s: float = 0.0,
+    previous_secrets: tuple[str, ...] = (),
 ) -> Iterator[Hook]:
     store = TriggerStore(root / "trigger")
     delivery = ResumableDelivery(root / "engine", registry, step_s=step_s)
@@ -68,6 +70,7 @@ def running(
     worker = DeliveryWorker(dispatcher, store.models)
     app = WebhookApp(
         secret=SECRET,
+        previous_secrets=previous_secrets,
         dispatcher=dispatcher,
         wake=worker.wake,
         event_filter=event_filter,
@@ -347,6 +350,43 @@ def test_shared_secret(
         assert response.json()["error"] == (
             "missing or wrong key (query ?key=, or header aeg-sas-key or x-aml-rollout-key)"
         )
+
+
+@pytest.mark.parametrize(
+    ("params", "headers", "status", "previous_said"),
+    [
+        pytest.param({"key": SECRET}, {}, 200, False, id="new-secret"),
+        pytest.param({"key": PREVIOUS}, {}, 200, True, id="previous-secret"),
+        pytest.param({}, {"aeg-sas-key": PREVIOUS}, 200, True, id="previous-in-header"),
+        pytest.param({"key": PREVIOUS + "x"}, {}, 401, False, id="longer-previous"),
+        pytest.param({"key": "wrong-0123456789abc"}, {}, 401, False, id="neither"),
+    ],
+)
+def test_a_previous_secret_is_accepted_during_a_rotation(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    caplog: pytest.LogCaptureFixture,
+    params: dict[str, str],
+    headers: dict[str, str],
+    status: int,
+    previous_said: bool,
+) -> None:
+    # Event Grid never retries a 401: while the endpoint URL changes to the new key, the events
+    # it sends (and retries) with the old one must still be accepted.
+    with (
+        caplog.at_level(logging.INFO),
+        running(tmp_path, registry, previous_secrets=(PREVIOUS,)) as hook,
+    ):
+        response = hook.client.post(
+            hook.url,
+            content=json.dumps([validation_event()]),
+            params=params,
+            headers={**JSON, **headers},
+        )
+    assert response.status_code == status
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("aml"))
+    assert ("authorised by the previous secret" in text) == previous_said, text
+    assert SECRET not in text and PREVIOUS not in text
 
 
 def test_health_needs_no_key_and_other_paths_are_404(hook: Hook) -> None:
