@@ -116,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("rolling out %s:%s (%s)", candidate.model, candidate.version, candidate.image)
         # A pipeline step must end: a rollout held for a human stops here (exit 5, resumable).
         result = run_rollout(
-            spec, candidate=candidate, state_dir=args.result, stop_when_paused=True
+            spec,
+            candidate=candidate,
+            state_dir=args.result,
+            stop_when_paused=True,
+            restart=_ended_elsewhere(spec, candidate, args.result),
         )
     except (RolloutError, _RegistryUnreadable) as exc:
         log.error("rollout failed: %s", exc)
@@ -141,6 +145,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.registry and not _follow_traffic(args.registry, candidate, result):
         return 1
     return _EXIT_BY_PHASE.get(str(result.phase), 1)
+
+
+def _ended_elsewhere(spec: Any, candidate: Any, state_dir: Path) -> bool:
+    """Whether the stored rollout has ended and was of another version: a new one starts.
+
+    A store that outlives the step (`state.kind: kubernetes`, `run-local --run-dir` again) holds
+    the last job's rollout; the engine refuses to start another over an ended one unless told
+    (it would otherwise fail every pipeline run after the first). An ended rollout of the SAME
+    version (a retried step) is reported as it ended, and one still running is resumed or
+    refused by the engine, as before.
+    """
+    from rollout.api import open_store
+
+    stored = open_store(spec, state_dir).load()
+    return (
+        stored is not None
+        and stored.terminal
+        and stored.candidate is not None
+        and stored.candidate.ref != candidate.ref
+    )
 
 
 class _RegistryUnreadable(Exception):
