@@ -156,11 +156,10 @@ def load_csv_dataset(data: Path, target: str) -> Dataset:
     rows = array("d")
     for file in files:
         try:
-            header = _read_csv(file, header, rows)
+            header = _read_csv(file, header, target, rows)
         except (UnicodeDecodeError, csv.Error) as exc:
             raise ConfigError(f"data: {file.name} is not a UTF-8 CSV file ({exc})") from exc
     assert header is not None
-    _check_target(target, header)
     if repeated := sorted({name for name in header if header.count(name) > 1}):
         # header.index() would pick the first copy: a repeated target would train on itself
         raise ConfigError(f"data: the CSV header repeats the column(s) {repeated}")
@@ -180,7 +179,7 @@ def load_csv_dataset(data: Path, target: str) -> Dataset:
     )
 
 
-def _read_csv(file: Path, header: list[str] | None, rows: array[float]) -> list[str]:
+def _read_csv(file: Path, header: list[str] | None, target: str, rows: array[float]) -> list[str]:
     """Append `file`'s rows to `rows` (flat); its header, which must equal `header` when given."""
     # utf-8-sig: a byte-order mark (Excel writes one) would become part of the first column name
     with file.open(newline="", encoding="utf-8-sig") as fh:
@@ -190,6 +189,9 @@ def _read_csv(file: Path, header: list[str] | None, rows: array[float]) -> list[
             raise ConfigError(f"data: {file.name} is empty (no header row)")
         if header is not None and file_header != header:
             raise ConfigError(f"data: {file.name} has header {file_header}, expected {header}")
+        # Before the rows: a typo'd target (or a file not comma-separated) was told only after
+        # parsing the whole file, blamed on line 2's first value.
+        _check_target(target, file_header)
         for line_no, row in enumerate(reader, start=2):
             if not row:
                 continue

@@ -167,6 +167,12 @@ def test_non_numeric_csv_names_the_line_and_column(tmp_path: Path) -> None:
         pytest.param(b"a,y\n1,2\n-inf,4\n5,6\n7,8\n", r"^data: d\.csv line 3, column 'a': '-inf'",
                      id="infinite"),
         pytest.param(b"\n\n", r"^data: d\.csv is empty", id="blank-lines"),
+        pytest.param(b"a,y\n", r"^data: 0 rows is too few", id="header-only"),
+        pytest.param(b"a,y\n1,2\n", r"^data: 1 rows is too few", id="one-row"),
+        # not comma-separated: the header is one column. It blamed line 2's first value, after
+        # parsing the whole file (minutes for a large CSV) to learn that the target is missing.
+        pytest.param(b"a;y\n1;2\n3;4\n5;6\n7;8\n",
+                     r"^target: column 'y' not in the CSV header \['a;y'\]", id="semicolons"),
     ],
 )  # fmt: skip
 def test_a_bad_csv_is_one_error_naming_it(tmp_path: Path, content: bytes, message: str) -> None:
