@@ -169,6 +169,13 @@ def load_csv_dataset(data: Path, target: str) -> Dataset:
         raise ConfigError(f"data: {len(rows) // len(header)} rows is too few to train and evaluate")
     values = np.frombuffer(rows, dtype=np.float64).reshape(-1, len(header))
     target_index = header.index(target)
+    if values[:, target_index].min() == values[:, target_index].max():
+        # Ridge fits it exactly (mse 0, r2 1.0): a "perfect" model of nothing, which the gate
+        # would rank above any real one. Usually the wrong column, or a filter gone wrong.
+        raise ConfigError(
+            f"target: column {target!r} is constant ({values[0, target_index]} in all "
+            f"{len(values)} rows): there is nothing to learn"
+        )
     feature_index = [i for i in range(len(header)) if i != target_index]
     return Dataset(
         features=values[:, feature_index],

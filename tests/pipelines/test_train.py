@@ -169,6 +169,10 @@ def test_non_numeric_csv_names_the_line_and_column(tmp_path: Path) -> None:
         pytest.param(b"\n\n", r"^data: d\.csv is empty", id="blank-lines"),
         pytest.param(b"a,y\n", r"^data: 0 rows is too few", id="header-only"),
         pytest.param(b"a,y\n1,2\n", r"^data: 1 rows is too few", id="one-row"),
+        # it trained, mse=0 and r2=1.0: a perfect model of nothing (the wrong column, a filter)
+        pytest.param(b"a,y\n1,3\n2,3\n3,3\n4,3\n5,3\n6,3\n",
+                     r"^target: column 'y' is constant \(3\.0 in all 6 rows\)",
+                     id="constant-target"),
         # not comma-separated: the header is one column. It blamed line 2's first value, after
         # parsing the whole file (minutes for a large CSV) to learn that the target is missing.
         pytest.param(b"a;y\n1;2\n3;4\n5;6\n7;8\n",
