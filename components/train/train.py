@@ -13,8 +13,9 @@ on is only the model-folder contract it writes:
     sample-input.json   {"data": [[...], ...]}: up to 100 held-out rows (sent by the load generator)
 
 Training is deterministic for a given seed and data: the split uses `seed`, Ridge's solver is
-deterministic, and the skops zip is re-packed with fixed timestamps so the same inputs give the
-same sha256 (skops stamps the current time into the zip otherwise).
+deterministic and runs on one BLAS thread (the sum order, and so the last bits, would otherwise
+depend on the machine's thread count), and the skops zip is re-packed with fixed timestamps so
+the same inputs give the same sha256 (skops stamps the current time into the zip otherwise).
 """
 
 from __future__ import annotations
@@ -318,10 +319,14 @@ def train(
         test_size=params.test_fraction,
         random_state=params.seed,
     )
+    from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
+
     try:
         # Finite values near float64's limit overflow inside the solver: an error, not a
-        # warning followed by a model of NaNs.
-        with np.errstate(over="raise", invalid="raise"):
+        # warning followed by a model of NaNs. One BLAS thread: a multi-threaded BLAS sums in
+        # another order with another thread count (from ~50 000 rows), so the same seed gave
+        # another sha256 on another machine. Ridge's solve is cheap (800 000 rows: 0.09 s).
+        with np.errstate(over="raise", invalid="raise"), threadpool_limits(1, user_api="blas"):
             model = Ridge(alpha=params.alpha).fit(x_train, y_train)
             predicted = model.predict(x_test)
     except (ValueError, FloatingPointError) as exc:
