@@ -10,13 +10,16 @@ and walks its nodes:
 3. render the component's declared `command` as Azure ML does: `$[[...]]` optional blocks are
    kept only when their inputs are bound, `${{inputs.x}}` / `${{outputs.y}}` are substituted into
    the text, which is then split as a shell would (the YAMLs quote string and path values);
-4. run it as a subprocess in the component's code folder (`python` is this interpreter), stream
-   its output line by line with a `[node]` prefix into `<run_dir>/<node>/std_log.txt` and the
-   caller's sink, and stop at the first non-zero exit with StepFailed(node, exit_code) — except
-   the rollout step's verdicts (3 rolled back, 5 paused: components/rollout/main.py), which raise
-   RolloutNotPromoted (a StepFailed) carrying the outcome, the reason and the ledger from
-   result.json, and the register gate's refusal (3), which raises ModelNotRegistered, so that
-   a correct rollback or refusal is reported as an outcome and not as a crash.
+4. run it as a subprocess (`python` is this interpreter) in the caller's folder, with the
+   component's code folder on PYTHONPATH: a relative path inside the rollout spec is then the
+   caller's, as for `aml-rollout rollout ...` (in Azure ML the step runs in the code snapshot,
+   where such a path means nothing); stream its output line by line with a `[node]` prefix
+   into `<run_dir>/<node>/std_log.txt` and the caller's sink, and stop at the first non-zero
+   exit with StepFailed(node, exit_code) — except the rollout step's verdicts (3 rolled back,
+   5 paused: components/rollout/main.py), which raise RolloutNotPromoted (a StepFailed)
+   carrying the outcome, the reason and the ledger from result.json, and the register gate's
+   refusal (3), which raises ModelNotRegistered, so that a correct rollback or refusal is
+   reported as an outcome and not as a crash.
 
 azure.ai.ml is imported once, here, to load the components; the steps themselves never import it
 (unless they talk to Azure), so a local run costs about one SDK import plus the steps.
@@ -169,11 +172,20 @@ def run_local(
             "AML_ROLLOUT_RUN_ID": f"{run_id}/{node.name}",
             "PYTHONUNBUFFERED": "1",
         }
+        # The step runs in the caller's folder (below), its code from the code folder: not from
+        # a `components` or `rollout` package that folder may hold (PYTHONSAFEPATH).
+        step_env["PYTHONPATH"] = os.pathsep.join(
+            [str(code_dir), *filter(None, [step_env.get("PYTHONPATH")])]
+        )
+        step_env["PYTHONSAFEPATH"] = "1"
         emit(f"[{node.name}] $ {shlex.join(argv)}")
         started = time.monotonic()
         try:
+            # In the caller's folder: a relative path inside the rollout spec (a routes or state
+            # file) is then the one `aml-rollout rollout status SPEC` reads there. In the code
+            # folder it was another file, in the checkout (or next to site-packages).
             code = _execute(
-                argv, code_dir, step_env, run_dir / node.name / "std_log.txt", node.name, emit
+                argv, Path.cwd(), step_env, run_dir / node.name / "std_log.txt", node.name, emit
             )
         except KeyboardInterrupt:
             emit(
@@ -287,7 +299,7 @@ def _render_value(value: Any) -> str:
 
 
 def _absolute(params: PipelineParams) -> PipelineParams:
-    """Steps run in the code folder: make every local path absolute first."""
+    """Make every local path absolute first (as in Azure ML, a step gets absolute paths)."""
     changes: dict[str, Any] = {}
     for key in ("data", "rollout_spec"):
         value = getattr(params, key)

@@ -4,6 +4,9 @@ Pure decision logic (no registry, no I/O): the caller finds the production versi
 tagged `stage=production`, never simply the latest registered — and passes its tags. With no
 production model the first candidate passes: there is nothing to be worse than.
 
+The candidate must be another model than production's (another sha256): the same bytes again
+(unchanged data, seed and code) are refused, there being nothing new to roll out.
+
 Lower is better for `mse` and `rmse`, higher for `r2`. `max_regression` allows a relative slack
 (0.02 = up to 2 % worse still passes); the default 0 refuses anything worse.
 
@@ -57,11 +60,13 @@ def evaluate_gate(
     metric: str = "mse",
     max_regression: float = 0.0,
     fingerprints: Mapping[str, str] | None = None,
+    sha256: str | None = None,
 ) -> GateDecision:
     """Compare the candidate's `metric` with the production version's tag of the same name.
 
     `fingerprints` are the candidate's `eval_fingerprint` / `data_fingerprint` (see the module
-    docstring): metrics measured on other data than production's are not compared.
+    docstring): metrics measured on other data than production's are not compared. `sha256`, the
+    candidate model file's: production's own model is refused, there being nothing new.
     """
     if metric not in LOWER_IS_BETTER:
         raise ConfigError(f"metric: {metric!r} is not one of {sorted(LOWER_IS_BETTER)}")
@@ -80,6 +85,19 @@ def evaluate_gate(
             candidate,
         )
     label = f"{production.name}:{production.version}"
+    if sha256 and sha256 == production.sha256:
+        # Same data, seed and code train the same bytes: registering them again would start a
+        # judged rollout of no change.
+        return GateDecision(
+            False,
+            f"the candidate is production {label}'s own model (same sha256 {sha256[:12]}…): "
+            "nothing new to register or roll out",
+            metric,
+            candidate,
+            None,
+            production.version,
+            comparable=True,
+        )
     raw = production.tags.get(metric)
     try:
         baseline = float(raw) if raw is not None else math.nan

@@ -22,15 +22,18 @@ judged on the spec's absolute limits; with `--registry` it is tagged `stage=prod
 
 Exit codes: 0 promoted (Succeeded; a first release's check Successful, or unjudged), 3 rolled
 back, 4 engine not available, 5 paused for a human (a first release's check Inconclusive), 1
-failed (a first release's check Failed or Error) or invalid input, 130 interrupted (SIGINT).
+failed (a first release's check Failed or Error) or invalid input, 130 interrupted (SIGINT, or
+SIGTERM: Azure ML cancelling the job).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -108,25 +111,33 @@ def main(argv: list[str] | None = None) -> int:
         image=str(package["image"]),
         model_dir=str(args.package.resolve()),
     )
-    try:
-        spec = load_spec(args.spec)
-        first = _first_release(spec, candidate, args.registry)
-        if first is not None:
-            return _check_first(spec, candidate, first, args)
-        log.info("rolling out %s:%s (%s)", candidate.model, candidate.version, candidate.image)
-        # A pipeline step must end: a rollout held for a human stops here (exit 5, resumable).
-        result = run_rollout(
-            spec, candidate=candidate, state_dir=args.result, stop_when_paused=True
-        )
-    except (RolloutError, _RegistryUnreadable) as exc:
-        log.error("rollout failed: %s", exc)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C in run-local: a traceback told nothing of the rollout
-        log.error(
-            "interrupted: the rollout stopped without a verdict; its status and ledger are in %s",
-            args.result,
-        )
-        return EXIT_INTERRUPTED
+    # Azure ML stops a cancelled job's step with SIGTERM: stop as on Ctrl-C (the lease released,
+    # the log saying where the rollout stands), not die mid-tick.
+    with _sigterm_as_interrupt():
+        try:
+            spec = load_spec(args.spec)
+            first = _first_release(spec, candidate, args.registry)
+            if first is not None:
+                return _check_first(spec, candidate, first, args)
+            log.info("rolling out %s:%s (%s)", candidate.model, candidate.version, candidate.image)
+            # A pipeline step must end: a rollout held for a human stops here (exit 5, resumable).
+            result = run_rollout(
+                spec,
+                candidate=candidate,
+                state_dir=args.result,
+                stop_when_paused=True,
+                restart=_ended_elsewhere(spec, candidate, args.result),
+            )
+        except (RolloutError, _RegistryUnreadable) as exc:
+            log.error("rollout failed: %s", exc)
+            return 1
+        except KeyboardInterrupt:  # Ctrl-C in run-local: a traceback told nothing of the rollout
+            log.error(
+                "interrupted: the rollout stopped without a verdict; "
+                "its status and ledger are in %s",
+                args.result,
+            )
+            return EXIT_INTERRUPTED
     write_json(
         args.result / "result.json",
         {
@@ -141,6 +152,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.registry and not _follow_traffic(args.registry, candidate, result):
         return 1
     return _EXIT_BY_PHASE.get(str(result.phase), 1)
+
+
+def _ended_elsewhere(spec: Any, candidate: Any, state_dir: Path) -> bool:
+    """Whether the stored rollout has ended and was of another version: a new one starts.
+
+    A store that outlives the step (`state.kind: kubernetes`, `run-local --run-dir` again) holds
+    the last job's rollout; the engine refuses to start another over an ended one unless told
+    (it would otherwise fail every pipeline run after the first). An ended rollout of the SAME
+    version (a retried step) is reported as it ended, and one still running is resumed or
+    refused by the engine, as before.
+    """
+    from rollout.api import open_store
+
+    stored = open_store(spec, state_dir).load()
+    return (
+        stored is not None
+        and stored.terminal
+        and stored.candidate is not None
+        and stored.candidate.ref != candidate.ref
+    )
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt, as SIGINT does."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _RegistryUnreadable(Exception):

@@ -13,8 +13,9 @@ on is only the model-folder contract it writes:
     sample-input.json   {"data": [[...], ...]}: up to 100 held-out rows (sent by the load generator)
 
 Training is deterministic for a given seed and data: the split uses `seed`, Ridge's solver is
-deterministic, and the skops zip is re-packed with fixed timestamps so the same inputs give the
-same sha256 (skops stamps the current time into the zip otherwise).
+deterministic and runs on one BLAS thread (the sum order, and so the last bits, would otherwise
+depend on the machine's thread count), and the skops zip is re-packed with fixed timestamps so
+the same inputs give the same sha256 (skops stamps the current time into the zip otherwise).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import math
 import platform
 import re
 import zipfile
+from array import array
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -150,23 +152,31 @@ def load_csv_dataset(data: Path, target: str) -> Dataset:
     """Numeric CSV data: a file, or a folder (uri_folder) whose *.csv files share one header."""
     files = _csv_files(data)
     header: list[str] | None = None
-    rows: list[list[float]] = []
+    # Packed float64, row after row: a list of Python float lists took ~7x the data's size
+    # (a CSV of a few GB was OOM-killed, with no error line).
+    rows = array("d")
     for file in files:
         try:
-            header = _read_csv(file, header, rows)
+            header = _read_csv(file, header, target, rows)
         except (UnicodeDecodeError, csv.Error) as exc:
             raise ConfigError(f"data: {file.name} is not a UTF-8 CSV file ({exc})") from exc
     assert header is not None
-    _check_target(target, header)
     if repeated := sorted({name for name in header if header.count(name) > 1}):
         # header.index() would pick the first copy: a repeated target would train on itself
         raise ConfigError(f"data: the CSV header repeats the column(s) {repeated}")
     if len(header) < 2:
         raise ConfigError(f"data: the CSV has no feature column besides the target {target!r}")
-    if len(rows) < 4:
-        raise ConfigError(f"data: {len(rows)} rows is too few to train and evaluate")
-    values = np.asarray(rows, dtype=np.float64)
+    if len(rows) < 4 * len(header):
+        raise ConfigError(f"data: {len(rows) // len(header)} rows is too few to train and evaluate")
+    values = np.frombuffer(rows, dtype=np.float64).reshape(-1, len(header))
     target_index = header.index(target)
+    if values[:, target_index].min() == values[:, target_index].max():
+        # Ridge fits it exactly (mse 0, r2 1.0): a "perfect" model of nothing, which the gate
+        # would rank above any real one. Usually the wrong column, or a filter gone wrong.
+        raise ConfigError(
+            f"target: column {target!r} is constant ({values[0, target_index]} in all "
+            f"{len(values)} rows): there is nothing to learn"
+        )
     feature_index = [i for i in range(len(header)) if i != target_index]
     return Dataset(
         features=values[:, feature_index],
@@ -177,8 +187,8 @@ def load_csv_dataset(data: Path, target: str) -> Dataset:
     )
 
 
-def _read_csv(file: Path, header: list[str] | None, rows: list[list[float]]) -> list[str]:
-    """Append `file`'s rows to `rows`; its header, which must equal `header` when given."""
+def _read_csv(file: Path, header: list[str] | None, target: str, rows: array[float]) -> list[str]:
+    """Append `file`'s rows to `rows` (flat); its header, which must equal `header` when given."""
     # utf-8-sig: a byte-order mark (Excel writes one) would become part of the first column name
     with file.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
@@ -187,6 +197,9 @@ def _read_csv(file: Path, header: list[str] | None, rows: list[list[float]]) -> 
             raise ConfigError(f"data: {file.name} is empty (no header row)")
         if header is not None and file_header != header:
             raise ConfigError(f"data: {file.name} has header {file_header}, expected {header}")
+        # Before the rows: a typo'd target (or a file not comma-separated) was told only after
+        # parsing the whole file, blamed on line 2's first value.
+        _check_target(target, file_header)
         for line_no, row in enumerate(reader, start=2):
             if not row:
                 continue
@@ -210,7 +223,7 @@ def _read_csv(file: Path, header: list[str] | None, rows: list[list[float]]) -> 
                     f"data: {file.name} line {line_no}, column {bad[0]!r}: "
                     f"{bad[1]!r} is not a finite number"
                 )
-            rows.append([float(value) for value in row])
+            rows.extend(float(value) for value in row)
     return file_header
 
 
@@ -306,10 +319,14 @@ def train(
         test_size=params.test_fraction,
         random_state=params.seed,
     )
+    from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
+
     try:
         # Finite values near float64's limit overflow inside the solver: an error, not a
-        # warning followed by a model of NaNs.
-        with np.errstate(over="raise", invalid="raise"):
+        # warning followed by a model of NaNs. One BLAS thread: a multi-threaded BLAS sums in
+        # another order with another thread count (from ~50 000 rows), so the same seed gave
+        # another sha256 on another machine. Ridge's solve is cheap (800 000 rows: 0.09 s).
+        with np.errstate(over="raise", invalid="raise"), threadpool_limits(1, user_api="blas"):
             model = Ridge(alpha=params.alpha).fit(x_train, y_train)
             predicted = model.predict(x_test)
     except (ValueError, FloatingPointError) as exc:

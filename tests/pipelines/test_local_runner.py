@@ -246,12 +246,24 @@ stable: {model: diabetes-ridge, version: "0"}
 
 
 @pytest.mark.slow
-def test_all_four_steps_with_a_dry_run_rollout(tmp_path: Path) -> None:
+def test_all_four_steps_with_a_dry_run_rollout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec = tmp_path / "rollout.yaml"
-    spec.write_text(DRY_RUN_SPEC)
+    # A relative path in the spec is the caller's, as for `aml-rollout rollout run|status SPEC`
+    # there: the rollout step ran in the checkout and wrote routes.json into it (an installed
+    # package: next to site-packages), where `rollout status` never looked.
+    spec.write_text(
+        DRY_RUN_SPEC.replace("{kind: memory}", "{kind: memory, state_file: routes.json}")
+    )
+    caller = tmp_path / "caller"
+    (caller / "components").mkdir(parents=True)  # a package of the caller's, not the steps'
+    (caller / "components" / "__init__.py").write_text("raise SystemExit('wrong components')\n")
+    monkeypatch.chdir(caller)
     run = run_local(
         _params(tmp_path, rollout_spec=str(spec)), run_dir=tmp_path / "run", until="rollout"
     )
+    assert (caller / "routes.json").is_file()
     assert list(run.steps) == ["train", "register", "package", "rollout"]
     result = json.loads((run.output("rollout", "result") / "result.json").read_text())
     assert result["phase"] == "Succeeded"

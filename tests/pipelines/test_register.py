@@ -166,6 +166,27 @@ def test_gate_against_production_then_register(tmp_path: Path, make_model: MakeM
     assert better.version.version == 3 and better.version.tags["gate_baseline"] == "m:1"
 
 
+def test_the_model_production_already_serves_is_not_registered_again(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    """Unchanged data, seed and code train the same bytes (train is deterministic, and Azure ML
+    re-uses its output): each resubmission passed the gate on equal numbers, registered a new
+    version of production's own model and rolled it out, a full judged rollout of no change."""
+    registry = LocalRegistry(tmp_path / "reg")
+    folder = make_model(mse=10.0, eval_fingerprint="sha256:a")
+    register_model(folder, registry, source_run="run-1")
+    registry.set_tags("m", 1, {"stage": Stage.PRODUCTION})
+
+    with pytest.raises(GateRefused, match=r"is production m:1's own model \(same sha256 "):
+        register_model(folder, registry, source_run="run-2", out_dir=tmp_path / "o2")
+    assert [v.version for v in registry.list_versions("m")] == [1]
+    assert not (tmp_path / "o2" / "registration.json").exists()
+    forced = register_model(folder, registry, source_run="run-3", force=True)
+    assert (forced.version.version, forced.version.tags["gate"]) == (2, "forced")
+    # A re-run of the step that registered it still names its version (nothing new either).
+    assert register_model(folder, registry, source_run="run-1").version.version == 1
+
+
 def test_a_model_evaluated_on_other_data_is_not_gated_on_its_numbers(
     tmp_path: Path, make_model: MakeModel, caplog: pytest.LogCaptureFixture
 ) -> None:

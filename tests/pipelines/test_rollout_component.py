@@ -286,3 +286,73 @@ def test_a_production_version_elsewhere_is_no_first_release(
     assert "green serves nothing" in caplog.text
     assert _green(tmp_path) == (None, 100)
     assert registry.get("m", 2).stage != "production"
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        pytest.param("2", id="next-version-starts-a-new-rollout"),
+        pytest.param("1", id="same-version-again-reports-its-ended-rollout"),
+    ],
+)
+def test_a_rollout_state_that_outlives_the_job_does_not_block_the_next_one(
+    tmp_path: Path, package: Path, second: str
+) -> None:
+    """With a state store that outlives the step (`state.kind: kubernetes`, or `run-local
+    --run-dir` the same folder), the next job's rollout found the last one's ended status: it
+    refused ("has ended ... --restart starts a new rollout"), so every pipeline run after the
+    first failed at its rollout step. An ended rollout of ANOTHER version is history; one of
+    the same version (a retried step) is reported as it ended, not rolled out twice."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        SPEC.format(canary="", rps=2e5, max_step=10).replace(
+            "{kind: memory}", f"{{kind: memory, state_file: {tmp_path / 'routes.json'}}}"
+        )
+    )
+    result = tmp_path / "result"  # the state store both jobs share
+    argv = ["--package", str(package), "--spec", str(spec), "--result", str(result)]
+    assert main(argv) == 0
+    if second != "1":
+        (package / "package.json").write_text(
+            json.dumps({"model": "m", "version": second, "sha256": "cd" * 32, "image": "r/m:2"})
+        )
+    assert main(argv) == 0
+    written = json.loads((result / "result.json").read_text())
+    assert (written["phase"], written["candidate"]["version"]) == ("Succeeded", second)
+    assert _green(tmp_path)[0] == second
+
+
+def test_sigterm_stops_the_step_like_ctrl_c(
+    tmp_path: Path, package: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Azure ML stops a cancelled job's step with SIGTERM. Python's default action ended the step
+    at once: no line in its log saying what happened to the rollout, and the lease (a
+    Kubernetes Lease with `state.kind: kubernetes`) left to expire before anyone could resume."""
+    import fcntl
+    import os
+    import signal
+    import threading
+
+    class Killed(Exception):
+        """Stands in for the default action (the process dies), without killing pytest."""
+
+    def default(signum: int, frame: Any) -> None:
+        raise Killed
+
+    previous = signal.signal(signal.SIGTERM, default)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    result = tmp_path / "result"
+    # little traffic: the judge keeps looking for seconds, so the signal lands mid-rollout
+    argv = ["--package", str(package), "--spec", str(_spec(tmp_path, rps=50)),
+            "--result", str(result)]  # fmt: skip
+    try:
+        timer.start()
+        code = main(argv)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 130
+    assert "interrupted: the rollout stopped without a verdict" in caplog.text
+    with (result / "component-test.lock").open("a") as fh:  # the lease was released
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert signal.getsignal(signal.SIGTERM) is previous
