@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -83,6 +84,14 @@ def read_package(folder: Path) -> dict[str, Any]:
         raise InvalidInput(f"package: {exc}") from None
     if missing := [key for key in _PACKAGE_KEYS if not package.get(key)]:
         raise InvalidInput(f"package: {path} lacks {missing}")
+    version = package["version"]
+    if isinstance(version, bool) or not re.fullmatch(r"[1-9][0-9]*", str(version)):
+        # The registry's versions are whole numbers; the registry tags and a first release's
+        # check read it as one, after the release is deployed.
+        raise InvalidInput(
+            f"package: {path}: version {version!r} is not a registry version (a whole number "
+            "from 1)"
+        )
     return package
 
 

@@ -375,6 +375,19 @@ def test_the_rollout_step_refuses_a_damaged_package_json(tmp_path: Path) -> None
         read_package(tmp_path)
 
 
+@pytest.mark.parametrize("version", ["1.0", "v2", "0", "-1", "²", "03", True])
+def test_the_rollout_step_refuses_a_version_the_registry_cannot_hold(
+    tmp_path: Path, version: object
+) -> None:
+    # Was a traceback (int('1.0')) on the first-release path, after the release was deployed.
+    package = {"model": "m", "version": version, "sha256": "0" * 64, "image": "r/m:1"}
+    (tmp_path / "package.json").write_text(json.dumps(package))
+    with pytest.raises(InvalidInput, match=r"^package: .*package\.json: version .* is not a "):
+        read_package(tmp_path)
+    (tmp_path / "package.json").write_text(json.dumps({**package, "version": "3"}))
+    assert read_package(tmp_path)["version"] == "3"
+
+
 # ---- the output folder is replaced in place (Azure ML mounts it) ------------------------------
 
 
