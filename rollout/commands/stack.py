@@ -155,6 +155,13 @@ def up(
             while deadline is None or time.monotonic() < deadline:
                 if stopping.is_set():  # its KeyboardInterrupt was lost (see sigterm_as_interrupt)
                     raise KeyboardInterrupt
+                ended = stack.ended()
+                if ended is not None:  # nothing restarts it: say so rather than serve nothing
+                    stack.keep = True  # the error quotes its log there
+                    raise LocalStackError(
+                        f"{ended}\n(while the stack ran; nothing restarts it, so `up` stopped "
+                        f"the stack: its files and logs are kept in {stack.workdir})"
+                    )
                 time.sleep(0.2 if deadline is None else min(0.2, deadline - time.monotonic()))
     except KeyboardInterrupt:
         console.print("stopping ...")

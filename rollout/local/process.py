@@ -213,6 +213,18 @@ class Child:
                 raise LocalStackError(f"{self.name}: {exc}{self._tail()}") from None
         return self
 
+    def ended(self) -> str | None:
+        """How a started process ended by itself (exit code or signal, then its log's last
+        lines); None while it runs, and once `stop()` or `kill()` ended it."""
+        code = None if self.process is None else self.process.poll()
+        if code is None:
+            return None
+        how = f"exited with code {code}"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                how = f"was killed by {signal.Signals(-code).name}"
+        return f"{self.name} {how}{self._tail()}"
+
     def stop(self, *, grace_s: float = 5.0) -> None:
         """Stop the process group and reap it; a no-op when not running."""
         if self.process is None:
@@ -277,6 +289,10 @@ class StackProcess:
     def pid(self) -> int | None:
         """The process id while running."""
         return None if self._child is None else self._child.pid
+
+    def ended(self) -> str | None:
+        """How the process ended by itself, its log quoted; None while it runs or once stopped."""
+        return None if self._child is None else self._child.ended()
 
     def stop(self) -> None:
         """Stop the process and reap it; a no-op when it is not running."""

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 import rollout.commands.stack as stack_commands
 import rollout.local.stack as local_stack
 from rollout.cli import app as cli_app
+from rollout.errors import LocalStackError
 
 
 class SignalsWhenCollected:
@@ -62,6 +63,9 @@ class StandInStack:
     def stop(self) -> None:
         self.stopped = True
 
+    def ended(self) -> str | None:
+        return None
+
 
 # The lost KeyboardInterrupt is reported as unraisable: that is the situation under test.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -84,3 +88,36 @@ def test_up_stops_on_a_sigterm_whose_interrupt_a_finalizer_swallowed(
     assert elapsed < 4
     assert StandInStack.last is not None and StandInStack.last.stopped
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after `up`
+
+
+class EnvoyDiesStack(StandInStack):
+    """A stand-in whose Envoy is found dead once `up` has printed its URLs."""
+
+    def set_weights(self, weights: Any) -> None:
+        pass
+
+    def ended(self) -> str | None:
+        return "envoy was killed by SIGKILL\n--- last lines of envoy.log ---\n(nothing)"
+
+
+def test_up_stops_with_one_error_when_envoy_dies_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: Envoy SIGKILLed under a running `up` left it printing nothing and serving nothing
+    (curl: connection refused) until Ctrl-C, its URLs and spec still on screen."""
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
+    monkeypatch.setattr(local_stack, "LocalStack", EnvoyDiesStack)
+    monkeypatch.setattr(stack_commands, "_write_spec", lambda stack, candidate: tmp_path / "x.yaml")
+    started = time.monotonic()
+    result = CliRunner().invoke(
+        cli_app,
+        ["up", "--model-dir", str(package), "--workdir", str(tmp_path), "--duration", "8"],
+    )
+    assert time.monotonic() - started < 4  # not the --duration
+    assert isinstance(result.exception, LocalStackError), result.output
+    message = str(result.exception)
+    assert message.startswith("envoy was killed by SIGKILL")
+    assert "last lines of envoy.log" in message and "stopped" in message
+    assert StandInStack.last is not None and StandInStack.last.stopped
