@@ -8,6 +8,7 @@ into the same clean stop as Ctrl-C: every process of the stack is stopped and re
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import threading
 import time
@@ -279,7 +280,8 @@ def _print_urls(console: Console, stack: Any, *, blue: bool) -> None:
 def _print_spec_hint(console: Console, spec_file: Path, *, blue: bool) -> None:
     _print_command(console, f"rollout spec for this stack: {spec_file}")
     if blue:
-        _print_command(console, f"  roll blue out live:  aml-rollout rollout run {spec_file}")
+        command = f"aml-rollout rollout run {shlex.quote(str(spec_file))}"  # --workdir "a b"
+        _print_command(console, f"  roll blue out live:  {command}")
 
 
 def _print_command(console: Console, line: str) -> None:
