@@ -49,6 +49,31 @@ def sigterm_as_interrupt() -> Iterator[threading.Event]:
             signal.signal(signum, earlier)
 
 
+@contextmanager
+def interrupts_deferred(console: Console) -> Iterator[None]:
+    """Ctrl-C and SIGTERM while the stack stops: acknowledged, never raised.
+
+    A second Ctrl-C once cut `stop()` short (a second SIGTERM killed `up` outright): the
+    temporary folder stayed, and so did the servers a controller in another process had started.
+    The stop is bounded anyway (every process gets SIGKILL after its grace period); SIGKILL still
+    ends `up` at once. A signal ignored when this begins (SIGINT in a background job) stays so.
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        console.print("still stopping (a few seconds at most) ...")
+
+    previous = {
+        signum: signal.signal(signum, handler)
+        for signum in (signal.SIGINT, signal.SIGTERM)
+        if signal.getsignal(signum) is not signal.SIG_IGN
+    }
+    try:
+        yield
+    finally:
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
+
+
 def demo(
     out: Annotated[
         Path | None,
@@ -167,8 +192,9 @@ def up(
     except KeyboardInterrupt:
         console.print("stopping ...")
     finally:
-        ledgers = _keep_history(stack)
-        stack.stop()
+        with interrupts_deferred(console):
+            ledgers = _keep_history(stack)
+            stack.stop()
     console.print("stack stopped: no process left, ports released")
     if ledgers:
         console.print(

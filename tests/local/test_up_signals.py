@@ -121,3 +121,45 @@ def test_up_stops_with_one_error_when_envoy_dies_under_it(
     assert message.startswith("envoy was killed by SIGKILL")
     assert "last lines of envoy.log" in message and "stopped" in message
     assert StandInStack.last is not None and StandInStack.last.stopped
+
+
+class InterruptedWhileStopping(StandInStack):
+    """A stand-in whose stop takes a second Ctrl-C (or SIGTERM) half-way, as an impatient user."""
+
+    signum = signal.SIGINT
+    finished = False
+
+    def set_weights(self, weights: Any) -> None:
+        pass
+
+    def stop(self) -> None:
+        os.kill(os.getpid(), self.signum)  # handled before the next line runs
+        InterruptedWhileStopping.finished = True
+        super().stop()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_second_interrupt_does_not_cut_the_stop_short(
+    signum: signal.Signals, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: a second Ctrl-C while `up` stopped raised inside `stop()` (a SIGTERM killed it):
+    the temporary folder, and servers a controller in another process started, stayed."""
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
+    monkeypatch.setattr(local_stack, "LocalStack", InterruptedWhileStopping)
+    monkeypatch.setattr(InterruptedWhileStopping, "signum", signum)
+    monkeypatch.setattr(InterruptedWhileStopping, "finished", False)
+    monkeypatch.setattr(stack_commands, "_write_spec", lambda stack, candidate: tmp_path / "x.yaml")
+    runner_got: list[int] = []  # SIGTERM's handler outside `up` (the default one would kill us)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: runner_got.append(signum))
+    try:
+        result = CliRunner().invoke(
+            cli_app,
+            ["up", "--model-dir", str(package), "--workdir", str(tmp_path), "--duration", "0.1"],
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.exit_code == 0, result.output
+    assert InterruptedWhileStopping.finished and runner_got == []
+    assert "stack stopped" in result.output
