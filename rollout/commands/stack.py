@@ -188,7 +188,10 @@ def up(
                         f"{ended}\n(while the stack ran; nothing restarts it, so `up` stopped "
                         f"the stack: its files and logs are kept in {stack.workdir})"
                     )
-                time.sleep(0.2 if deadline is None else min(0.2, deadline - time.monotonic()))
+                # Time may run out since the loop's test: never a negative sleep (ValueError).
+                time.sleep(
+                    0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
+                )
     except KeyboardInterrupt:
         console.print("stopping ...")
     finally:

@@ -163,3 +163,52 @@ def test_a_second_interrupt_does_not_cut_the_stop_short(
     assert result.exit_code == 0, result.output
     assert InterruptedWhileStopping.finished and runner_got == []
     assert "stack stopped" in result.output
+
+
+class SlowToCheckStack(StandInStack):
+    """A stand-in whose health check takes longer than what is left of `--duration`."""
+
+    clock: FakeTime
+
+    def set_weights(self, weights: Any) -> None:
+        pass
+
+    def ended(self) -> str | None:
+        self.clock.now += 0.15  # a loaded machine: the check outlasts the time left
+        return None
+
+
+class FakeTime:
+    """`up`'s clock: as `time`, a negative sleep is a ValueError."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("sleep length must be non-negative")
+        self.now += seconds
+
+
+def test_the_duration_ending_during_a_check_is_a_clean_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: time running out between the loop's test and its sleep slept a negative time: a
+    ValueError traceback at the end of `up --duration` instead of a clean stop."""
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
+    clock = FakeTime()
+    monkeypatch.setattr(SlowToCheckStack, "clock", clock, raising=False)
+    monkeypatch.setattr(local_stack, "LocalStack", SlowToCheckStack)
+    monkeypatch.setattr(stack_commands, "time", clock)
+    monkeypatch.setattr(stack_commands, "_write_spec", lambda stack, candidate: tmp_path / "x.yaml")
+    result = CliRunner().invoke(
+        cli_app,
+        ["up", "--model-dir", str(package), "--workdir", str(tmp_path), "--duration", "0.1"],
+    )
+    assert result.exception is None, result.exception
+    assert "stack stopped" in result.output
