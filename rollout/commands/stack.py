@@ -178,16 +178,11 @@ def up(
             _print_urls(console, stack, blue=candidate is not None)
             _print_spec_hint(console, _write_spec(stack, candidate), blue=candidate is not None)
             deadline = None if duration is None else time.monotonic() + duration
+            said: set[str] = set()
             while deadline is None or time.monotonic() < deadline:
                 if stopping.is_set():  # its KeyboardInterrupt was lost (see sigterm_as_interrupt)
                     raise KeyboardInterrupt
-                ended = stack.ended()
-                if ended is not None:  # nothing restarts it: say so rather than serve nothing
-                    stack.keep = True  # the error quotes its log there
-                    raise LocalStackError(
-                        f"{ended}\n(while the stack ran; nothing restarts it, so `up` stopped "
-                        f"the stack: its files and logs are kept in {stack.workdir})"
-                    )
+                _watch(console, stack, said)
                 # Time may run out since the loop's test: never a negative sleep (ValueError).
                 time.sleep(
                     0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
@@ -204,6 +199,34 @@ def up(
             f"kept {stack.workdir}: it holds the ledger of a rollout run against this stack "
             f"({', '.join(p.name for p in ledgers)}); remove the folder when done, or give "
             "--workdir next time",
+            markup=False,
+            highlight=False,
+        )
+
+
+def _watch(console: Console, stack: Any, said: set[str]) -> None:
+    """Envoy or Prometheus gone by itself (killed, crashed): nothing restarts them.
+
+    Without Envoy nothing is served and no weight can be set: the stack is stopped, with an
+    error naming it and its log (the folder kept for that log). Without Prometheus Envoy still
+    serves; a rollout then reads no metrics (Error ticks, weights held): said once, `up` goes on.
+    """
+    from rollout.errors import LocalStackError
+
+    ended = stack.envoy.ended()
+    if ended is not None:
+        stack.keep = True
+        raise LocalStackError(
+            f"{ended}\n(while the stack ran; nothing restarts it, so `up` stopped the stack: "
+            f"its files and logs are kept in {stack.workdir})"
+        )
+    ended = stack.prometheus.ended()
+    if ended is not None and "prometheus" not in said:
+        said.add("prometheus")
+        console.print(
+            f"warning: {ended}\n(Envoy still serves, but a rollout against this stack now reads "
+            "no metrics: its ticks are Errors and its weights hold; stop `up` and start it "
+            "again to get Prometheus back)",
             markup=False,
             highlight=False,
         )

@@ -205,18 +205,6 @@ class LocalStack:
         if not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def ended(self) -> str | None:
-        """Envoy or Prometheus gone by itself (killed, crashed), with its log; None while both run.
-
-        Nothing restarts them: without Envoy no request is served and no weight can be set,
-        without Prometheus every tick of a rollout is an Error. `up` watches this and stops.
-        """
-        for process in (self.envoy, self.prometheus):
-            ended = process.ended()
-            if ended is not None:
-                return ended
-        return None
-
     def __enter__(self) -> LocalStack:
         return self.start()
 

@@ -219,7 +219,7 @@ def test_envoy_or_prometheus_ending_by_itself_is_reported_with_its_log(tmp_path:
     """What `up` watches: a process of the stack gone on its own (its code or signal, and why,
     from its log); nothing while they run, nor once `stop()` ended them on purpose."""
     stack = LocalStack(tmp_path / "stack")
-    assert stack.ended() is None  # never started
+    assert stack.envoy.ended() is None and stack.prometheus.ended() is None  # never started
     script = "import time; print('listener bind failed', flush=True); time.sleep(30)"
     envoy = Child("envoy", [sys.executable, "-c", script], log_path=tmp_path / "envoy.log")
     prometheus = Child(
@@ -230,16 +230,17 @@ def test_envoy_or_prometheus_ending_by_itself_is_reported_with_its_log(tmp_path:
     stack.envoy._child, stack.prometheus._child = envoy.start(), prometheus.start()
     try:
         assert prometheus.process is not None and prometheus.process.wait(timeout=10) == 3
-        assert stack.ended() == "prometheus exited with code 3"  # an empty log quotes nothing
+        assert stack.prometheus.ended() == "prometheus exited with code 3"  # empty log: no quote
+        assert stack.envoy.ended() is None  # still runs
         prometheus.stop()
-        assert stack.ended() is None  # stopped on purpose, Envoy still runs
+        assert stack.prometheus.ended() is None  # stopped on purpose
         deadline = time.monotonic() + 10
         while "bind failed" not in log_tail(tmp_path / "envoy.log") and time.monotonic() < deadline:
             time.sleep(0.02)
         assert envoy.process is not None
         os.kill(envoy.process.pid, signal.SIGKILL)
         envoy.process.wait(timeout=10)
-        ended = stack.ended()
+        ended = stack.envoy.ended()
         assert ended is not None and ended.startswith("envoy was killed by SIGKILL\n")
         assert ended.endswith("listener bind failed")
     finally:

@@ -42,8 +42,8 @@ class StandInStack:
         self.keep = True
         self.stopped = False
         self.url = "http://127.0.0.1:1"
-        self.envoy = SimpleNamespace(admin_url="http://127.0.0.1:2")
-        self.prometheus = SimpleNamespace(url="http://127.0.0.1:3")
+        self.envoy = SimpleNamespace(admin_url="http://127.0.0.1:2", ended=self.envoy_ended)
+        self.prometheus = SimpleNamespace(url="http://127.0.0.1:3", ended=self.prometheus_ended)
         self.workloads = SimpleNamespace(endpoint_of=lambda colour: None)
         self.router = SimpleNamespace(deploy=self.deploy, set_weights=self.set_weights)
         StandInStack.last = self
@@ -63,7 +63,10 @@ class StandInStack:
     def stop(self) -> None:
         self.stopped = True
 
-    def ended(self) -> str | None:
+    def envoy_ended(self) -> str | None:
+        return None
+
+    def prometheus_ended(self) -> str | None:
         return None
 
 
@@ -96,7 +99,7 @@ class EnvoyDiesStack(StandInStack):
     def set_weights(self, weights: Any) -> None:
         pass
 
-    def ended(self) -> str | None:
+    def envoy_ended(self) -> str | None:
         return "envoy was killed by SIGKILL\n--- last lines of envoy.log ---\n(nothing)"
 
 
@@ -173,7 +176,7 @@ class SlowToCheckStack(StandInStack):
     def set_weights(self, weights: Any) -> None:
         pass
 
-    def ended(self) -> str | None:
+    def envoy_ended(self) -> str | None:
         self.clock.now += 0.15  # a loaded machine: the check outlasts the time left
         return None
 
@@ -212,3 +215,34 @@ def test_the_duration_ending_during_a_check_is_a_clean_stop(
     )
     assert result.exception is None, result.exception
     assert "stack stopped" in result.output
+
+
+class PrometheusDiesStack(StandInStack):
+    """A stand-in whose Prometheus is found dead at every check after the URLs."""
+
+    def set_weights(self, weights: Any) -> None:
+        pass
+
+    def prometheus_ended(self) -> str | None:
+        return "prometheus exited with code 1"
+
+
+def test_a_dead_prometheus_is_said_once_and_envoy_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: not a word. Envoy still serves, so `up` keeps it up (a rehearsed metrics outage:
+    a rollout holds its weights on Error ticks) and says what is lost, once."""
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
+    monkeypatch.setattr(local_stack, "LocalStack", PrometheusDiesStack)
+    monkeypatch.setattr(stack_commands, "time", FakeTime())
+    monkeypatch.setattr(stack_commands, "_write_spec", lambda stack, candidate: tmp_path / "x.yaml")
+    result = CliRunner().invoke(
+        cli_app,
+        ["up", "--model-dir", str(package), "--workdir", str(tmp_path), "--duration", "5"],
+    )
+    assert result.exception is None, result.exception
+    assert result.output.count("prometheus exited with code 1") == 1
+    assert "no metrics" in result.output
+    assert "stack stopped" in result.output  # by --duration, not by the dead Prometheus
