@@ -246,3 +246,23 @@ def test_envoy_or_prometheus_ending_by_itself_is_reported_with_its_log(tmp_path:
     finally:
         envoy.stop()
         prometheus.stop()
+
+
+def test_a_log_kept_from_an_earlier_run_is_not_quoted_for_this_one(tmp_path: Path) -> None:
+    """Was: logs are appended to (a folder used again), and a process that ended writing
+    nothing was explained with the earlier run's last lines."""
+    log = tmp_path / "envoy.log"
+    log.write_text("error: the earlier run's listener failed\n")
+    silent = Child("envoy", [sys.executable, "-c", "raise SystemExit(1)"], log_path=log).start()
+    assert silent.process is not None and silent.process.wait(timeout=10) == 1
+    assert silent.ended() == "envoy exited with code 1"
+    silent.stop()
+    script = "print('this run cannot bind', flush=True); raise SystemExit(1)"
+    failing = Child(
+        "envoy", [sys.executable, "-c", script], log_path=log, ready_url="http://127.0.0.1:1/"
+    )
+    with pytest.raises(LocalStackError) as failed:
+        failing.start(ready_timeout_s=10)
+    assert "this run cannot bind" in str(failed.value)
+    assert "earlier run" not in str(failed.value)
+    assert "earlier run" in log.read_text()  # kept, only not quoted
