@@ -1,12 +1,14 @@
 """Top-level commands about the embedded local stack: `demo` and `up`.
 
 Only typer, rich and the stdlib at module level (the stack, the engine, sklearn and the pipeline
-runner are imported inside the commands), so `aml-rollout --help` stays fast. SIGTERM is turned
-into the same clean stop as Ctrl-C: every process of the stack is stopped and reaped.
+runner are imported inside the commands), so `aml-rollout --help` stays fast. SIGTERM and SIGHUP
+(a closed terminal; not under `nohup`) are turned into the same clean stop as Ctrl-C: every
+process of the stack is stopped and reaped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import signal
@@ -27,7 +29,7 @@ EXIT_INTERRUPTED = 130
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[threading.Event]:
-    """Treat SIGTERM like Ctrl-C for the block, so `finally` clauses stop the stack.
+    """Treat SIGTERM and SIGHUP like Ctrl-C for the block, so `finally` clauses stop the stack.
 
     Yields an event set by either signal. The KeyboardInterrupt a handler raises lands wherever
     the main thread is, and one that lands in a finalizer (`__del__`, a weakref callback) is
@@ -42,6 +44,10 @@ def sigterm_as_interrupt() -> Iterator[threading.Event]:
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
+    # A closed terminal or dropped ssh session: by default it killed us with no stop at all
+    # (the temporary folder stayed). Under `nohup` it is ignored, and stays so.
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, handler)
     try:
         yield stopping
     finally:
@@ -51,7 +57,7 @@ def sigterm_as_interrupt() -> Iterator[threading.Event]:
 
 @contextmanager
 def interrupts_deferred(console: Console) -> Iterator[None]:
-    """Ctrl-C and SIGTERM while the stack stops: acknowledged, never raised.
+    """Ctrl-C, SIGTERM and SIGHUP while the stack stops: acknowledged, never raised.
 
     A second Ctrl-C once cut `stop()` short (a second SIGTERM killed `up` outright): the
     temporary folder stayed, and so did the servers a controller in another process had started.
@@ -60,11 +66,12 @@ def interrupts_deferred(console: Console) -> Iterator[None]:
     """
 
     def handler(signum: int, frame: Any) -> None:
-        console.print("still stopping (a few seconds at most) ...")
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone (EIO)
+            console.print("still stopping (a few seconds at most) ...")
 
     previous = {
         signum: signal.signal(signum, handler)
-        for signum in (signal.SIGINT, signal.SIGTERM)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         if signal.getsignal(signum) is not signal.SIG_IGN
     }
     try:

@@ -246,3 +246,49 @@ def test_a_dead_prometheus_is_said_once_and_envoy_serves_on(
     assert result.output.count("prometheus exited with code 1") == 1
     assert "no metrics" in result.output
     assert "stack stopped" in result.output  # by --duration, not by the dead Prometheus
+
+
+class HangUpStack(StandInStack):
+    """A stand-in whose terminal closes while `up` serves: SIGHUP, once."""
+
+    sent = False
+
+    def set_weights(self, weights: Any) -> None:
+        pass
+
+    def envoy_ended(self) -> str | None:
+        if not HangUpStack.sent:
+            HangUpStack.sent = True
+            os.kill(os.getpid(), signal.SIGHUP)
+        return None
+
+
+@pytest.mark.parametrize("nohup", [False, True], ids=["terminal-closed", "under-nohup"])
+def test_a_closed_terminal_stops_up_cleanly_unless_nohup(
+    nohup: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: SIGHUP (terminal closed, ssh dropped) killed `up` with no stop at all: its temporary
+    folder stayed in /tmp, with whatever a controller in another process had started in it.
+    Under `nohup` (SIGHUP ignored) it serves on."""
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
+    monkeypatch.setattr(local_stack, "LocalStack", HangUpStack)
+    monkeypatch.setattr(HangUpStack, "sent", False)
+    monkeypatch.setattr(stack_commands, "time", FakeTime())
+    monkeypatch.setattr(stack_commands, "_write_spec", lambda stack, candidate: tmp_path / "x.yaml")
+    runner_got: list[int] = []  # SIGHUP's handler outside `up` (the default one would kill us)
+    outside = signal.SIG_IGN if nohup else (lambda signum, frame: runner_got.append(signum))
+    previous = signal.signal(signal.SIGHUP, outside)
+    try:
+        result = CliRunner().invoke(
+            cli_app,
+            ["up", "--model-dir", str(package), "--workdir", str(tmp_path), "--duration", "5"],
+        )
+        assert signal.getsignal(signal.SIGHUP) is outside  # restored after `up`
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert result.exception is None, result.exception
+    assert HangUpStack.sent and runner_got == []
+    assert ("stopping ..." in result.output) is not nohup  # else: --duration's end
+    assert "stack stopped" in result.output
