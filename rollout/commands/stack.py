@@ -1,13 +1,16 @@
 """Top-level commands about the embedded local stack: `demo` and `up`.
 
 Only typer, rich and the stdlib at module level (the stack, the engine, sklearn and the pipeline
-runner are imported inside the commands), so `aml-rollout --help` stays fast. SIGTERM is turned
-into the same clean stop as Ctrl-C: every process of the stack is stopped and reaped.
+runner are imported inside the commands), so `aml-rollout --help` stays fast. SIGTERM and SIGHUP
+(a closed terminal; not under `nohup`) are turned into the same clean stop as Ctrl-C: every
+process of the stack is stopped and reaped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shlex
 import signal
 import threading
 import time
@@ -26,7 +29,7 @@ EXIT_INTERRUPTED = 130
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[threading.Event]:
-    """Treat SIGTERM like Ctrl-C for the block, so `finally` clauses stop the stack.
+    """Treat SIGTERM and SIGHUP like Ctrl-C for the block, so `finally` clauses stop the stack.
 
     Yields an event set by either signal. The KeyboardInterrupt a handler raises lands wherever
     the main thread is, and one that lands in a finalizer (`__del__`, a weakref callback) is
@@ -41,8 +44,38 @@ def sigterm_as_interrupt() -> Iterator[threading.Event]:
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
+    # A closed terminal or dropped ssh session: by default it killed us with no stop at all
+    # (the temporary folder stayed). Under `nohup` it is ignored, and stays so.
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, handler)
     try:
         yield stopping
+    finally:
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
+
+
+@contextmanager
+def interrupts_deferred(console: Console) -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP while the stack stops: acknowledged, never raised.
+
+    A second Ctrl-C once cut `stop()` short (a second SIGTERM killed `up` outright): the
+    temporary folder stayed, and so did the servers a controller in another process had started.
+    The stop is bounded anyway (every process gets SIGKILL after its grace period); SIGKILL still
+    ends `up` at once. A signal ignored when this begins (SIGINT in a background job) stays so.
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone (EIO)
+            console.print("still stopping (a few seconds at most) ...")
+
+    previous = {
+        signum: signal.signal(signum, handler)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        if signal.getsignal(signum) is not signal.SIG_IGN
+    }
+    try:
+        yield
     finally:
         for signum, earlier in previous.items():
             signal.signal(signum, earlier)
@@ -152,21 +185,55 @@ def up(
             _print_urls(console, stack, blue=candidate is not None)
             _print_spec_hint(console, _write_spec(stack, candidate), blue=candidate is not None)
             deadline = None if duration is None else time.monotonic() + duration
+            said: set[str] = set()
             while deadline is None or time.monotonic() < deadline:
                 if stopping.is_set():  # its KeyboardInterrupt was lost (see sigterm_as_interrupt)
                     raise KeyboardInterrupt
-                time.sleep(0.2 if deadline is None else min(0.2, deadline - time.monotonic()))
+                _watch(console, stack, said)
+                # Time may run out since the loop's test: never a negative sleep (ValueError).
+                time.sleep(
+                    0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
+                )
     except KeyboardInterrupt:
         console.print("stopping ...")
     finally:
-        ledgers = _keep_history(stack)
-        stack.stop()
+        with interrupts_deferred(console):
+            ledgers = _keep_history(stack)
+            stack.stop()
     console.print("stack stopped: no process left, ports released")
     if ledgers:
         console.print(
             f"kept {stack.workdir}: it holds the ledger of a rollout run against this stack "
             f"({', '.join(p.name for p in ledgers)}); remove the folder when done, or give "
             "--workdir next time",
+            markup=False,
+            highlight=False,
+        )
+
+
+def _watch(console: Console, stack: Any, said: set[str]) -> None:
+    """Envoy or Prometheus gone by itself (killed, crashed): nothing restarts them.
+
+    Without Envoy nothing is served and no weight can be set: the stack is stopped, with an
+    error naming it and its log (the folder kept for that log). Without Prometheus Envoy still
+    serves; a rollout then reads no metrics (Error ticks, weights held): said once, `up` goes on.
+    """
+    from rollout.errors import LocalStackError
+
+    ended = stack.envoy.ended()
+    if ended is not None:
+        stack.keep = True
+        raise LocalStackError(
+            f"{ended}\n(while the stack ran; nothing restarts it, so `up` stopped the stack: "
+            f"its files and logs are kept in {stack.workdir})"
+        )
+    ended = stack.prometheus.ended()
+    if ended is not None and "prometheus" not in said:
+        said.add("prometheus")
+        console.print(
+            f"warning: {ended}\n(Envoy still serves, but a rollout against this stack now reads "
+            "no metrics: its ticks are Errors and its weights hold; stop `up` and start it "
+            "again to get Prometheus back)",
             markup=False,
             highlight=False,
         )
@@ -272,7 +339,8 @@ def _print_urls(console: Console, stack: Any, *, blue: bool) -> None:
 def _print_spec_hint(console: Console, spec_file: Path, *, blue: bool) -> None:
     _print_command(console, f"rollout spec for this stack: {spec_file}")
     if blue:
-        _print_command(console, f"  roll blue out live:  aml-rollout rollout run {spec_file}")
+        command = f"aml-rollout rollout run {shlex.quote(str(spec_file))}"  # --workdir "a b"
+        _print_command(console, f"  roll blue out live:  {command}")
 
 
 def _print_command(console: Console, line: str) -> None:

@@ -26,6 +26,7 @@ judged against a 250 ms SLO the same way (its share of slower requests shown bel
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -187,7 +188,10 @@ def print_outputs(console: Console, result: DemoResult, seconds: float) -> None:
     `explain` hint, pasted, ran without its ledger), paths printed as they are, not as markup."""
     console.rule("[bold]done[/]")
     lines = [f"report:  {result.report}"]
-    lines += [f"ledger:  {path}   (aml-rollout rollout explain {path})" for path in result.ledgers]
+    lines += [
+        f"ledger:  {path}   (aml-rollout rollout explain {shlex.quote(str(path))})"
+        for path in result.ledgers
+    ]
     lines.append(f"outputs: {result.out_dir}   ({seconds:.0f} s)")
     for line in lines:
         console.print(line, soft_wrap=True, markup=False, highlight=False)

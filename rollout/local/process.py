@@ -56,19 +56,21 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) != 0
 
 
-def quoted_log_tail(path: Path, *, or_else: str | None = None) -> str:
-    """The log's last lines set off for an error message; `or_else` (default: the log's path in
-    parentheses) when there are none."""
-    tail = log_tail(path)
+def quoted_log_tail(path: Path, *, or_else: str | None = None, since: int = 0) -> str:
+    """The log's last lines (written after byte `since`) set off for an error message; `or_else`
+    (default: the log's path in parentheses) when there are none."""
+    tail = log_tail(path, since=since)
     if tail:
         return f"\n--- last lines of {path} ---\n{tail}"
     return f" (log: {path})" if or_else is None else or_else
 
 
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last lines of a log file ('' when there is none)."""
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES, *, since: int = 0) -> str:
+    """The last lines of a log file written after byte `since` ('' when there are none)."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with path.open("rb") as fh:
+            fh.seek(since)
+            text = fh.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
@@ -173,6 +175,8 @@ class Child:
         self.cwd = cwd
         self.die_with_parent = die_with_parent
         self.process: subprocess.Popen[bytes] | None = None
+        #: Where this run's output begins in `log_path` (appended to: a folder used again).
+        self._log_start = 0
 
     @property
     def pid(self) -> int | None:
@@ -191,6 +195,7 @@ class Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         hook = die_with_parent_hook() if self.die_with_parent else None
         with self.log_path.open("ab") as out:
+            self._log_start = out.tell()  # only this run's lines are quoted when it fails
             try:
                 self.process = subprocess.Popen(
                     self.argv,
@@ -213,6 +218,18 @@ class Child:
                 raise LocalStackError(f"{self.name}: {exc}{self._tail()}") from None
         return self
 
+    def ended(self) -> str | None:
+        """How a started process ended by itself (exit code or signal, then its log's last
+        lines); None while it runs, and once `stop()` or `kill()` ended it."""
+        code = None if self.process is None else self.process.poll()
+        if code is None:
+            return None
+        how = f"exited with code {code}"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                how = f"was killed by {signal.Signals(-code).name}"
+        return f"{self.name} {how}{self._tail()}"
+
     def stop(self, *, grace_s: float = 5.0) -> None:
         """Stop the process group and reap it; a no-op when not running."""
         if self.process is None:
@@ -233,7 +250,7 @@ class Child:
         self.process = None
 
     def _tail(self) -> str:
-        return quoted_log_tail(self.log_path, or_else="")
+        return quoted_log_tail(self.log_path, or_else="", since=self._log_start)
 
 
 def wait_ready(url: str, *, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:
@@ -277,6 +294,10 @@ class StackProcess:
     def pid(self) -> int | None:
         """The process id while running."""
         return None if self._child is None else self._child.pid
+
+    def ended(self) -> str | None:
+        """How the process ended by itself, its log quoted; None while it runs or once stopped."""
+        return None if self._child is None else self._child.ended()
 
     def stop(self) -> None:
         """Stop the process and reap it; a no-op when it is not running."""

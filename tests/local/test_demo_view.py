@@ -10,6 +10,7 @@ Succeeded, and into a pipe (`make demo`) the next line was glued to the panel's 
 from __future__ import annotations
 
 import io
+import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -146,13 +147,18 @@ def test_the_outputs_are_one_line_each_at_80_columns(tmp_path: Path) -> None:
     # Was wrapped after "aml-rollout": pasted, the hint ran a command without its ledger.
     from rollout.local.demo import DemoResult, print_outputs
 
-    out = tmp_path / "runs" / "demo-[20260101T120000]"  # brackets: printed, not read as markup
+    # Brackets: printed, not read as markup. A space: the hint, pasted, still names one file
+    # (was unquoted: `explain` got two arguments).
+    out = tmp_path / "my runs" / "demo-[20260101T120000]"
     ledger = out / "stack" / "state" / "diabetes-v2.ledger.jsonl"
     result = DemoResult(out, out / "report.html", ledgers=[ledger])
     buffer = io.StringIO()
     print_outputs(Console(file=buffer, width=80), result, 52.4)
     lines = buffer.getvalue().splitlines()
-    assert f"ledger:  {ledger}   (aml-rollout rollout explain {ledger})" in lines
+    hints = [line for line in lines if line.startswith(f"ledger:  {ledger}   (")]
+    assert len(hints) == 1
+    hint = hints[0].removeprefix(f"ledger:  {ledger}   (").removesuffix(")")
+    assert shlex.split(hint) == ["aml-rollout", "rollout", "explain", str(ledger)]
     assert f"report:  {out / 'report.html'}" in lines
     assert f"outputs: {out}   (52 s)" in lines
 

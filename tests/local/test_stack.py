@@ -6,8 +6,11 @@ Real Envoy, real Prometheus, real `aml-rollout serve` processes for real trained
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +18,7 @@ import pytest
 
 from rollout.core.types import Colour, Weights
 from rollout.errors import LocalStackError
-from rollout.local.process import pid_alive, port_is_free
+from rollout.local.process import Child, log_tail, pid_alive, port_is_free
 from rollout.local.stack import LocalStack
 from rollout.local.workloads import ScoringProcesses
 from tests.local.conftest import MakeRelease
@@ -210,3 +213,56 @@ def test_a_server_interrupted_while_it_starts_is_stopped(
         assert workloads.records() == []
     finally:
         workloads.stop_all()  # a failed check leaves no server behind
+
+
+def test_envoy_or_prometheus_ending_by_itself_is_reported_with_its_log(tmp_path: Path) -> None:
+    """What `up` watches: a process of the stack gone on its own (its code or signal, and why,
+    from its log); nothing while they run, nor once `stop()` ended them on purpose."""
+    stack = LocalStack(tmp_path / "stack")
+    assert stack.envoy.ended() is None and stack.prometheus.ended() is None  # never started
+    script = "import time; print('listener bind failed', flush=True); time.sleep(30)"
+    envoy = Child("envoy", [sys.executable, "-c", script], log_path=tmp_path / "envoy.log")
+    prometheus = Child(
+        "prometheus",
+        [sys.executable, "-c", "raise SystemExit(3)"],
+        log_path=tmp_path / "prometheus.log",
+    )
+    stack.envoy._child, stack.prometheus._child = envoy.start(), prometheus.start()
+    try:
+        assert prometheus.process is not None and prometheus.process.wait(timeout=10) == 3
+        assert stack.prometheus.ended() == "prometheus exited with code 3"  # empty log: no quote
+        assert stack.envoy.ended() is None  # still runs
+        prometheus.stop()
+        assert stack.prometheus.ended() is None  # stopped on purpose
+        deadline = time.monotonic() + 10
+        while "bind failed" not in log_tail(tmp_path / "envoy.log") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert envoy.process is not None
+        os.kill(envoy.process.pid, signal.SIGKILL)
+        envoy.process.wait(timeout=10)
+        ended = stack.envoy.ended()
+        assert ended is not None and ended.startswith("envoy was killed by SIGKILL\n")
+        assert ended.endswith("listener bind failed")
+    finally:
+        envoy.stop()
+        prometheus.stop()
+
+
+def test_a_log_kept_from_an_earlier_run_is_not_quoted_for_this_one(tmp_path: Path) -> None:
+    """Was: logs are appended to (a folder used again), and a process that ended writing
+    nothing was explained with the earlier run's last lines."""
+    log = tmp_path / "envoy.log"
+    log.write_text("error: the earlier run's listener failed\n")
+    silent = Child("envoy", [sys.executable, "-c", "raise SystemExit(1)"], log_path=log).start()
+    assert silent.process is not None and silent.process.wait(timeout=10) == 1
+    assert silent.ended() == "envoy exited with code 1"
+    silent.stop()
+    script = "print('this run cannot bind', flush=True); raise SystemExit(1)"
+    failing = Child(
+        "envoy", [sys.executable, "-c", script], log_path=log, ready_url="http://127.0.0.1:1/"
+    )
+    with pytest.raises(LocalStackError) as failed:
+        failing.start(ready_timeout_s=10)
+    assert "this run cannot bind" in str(failed.value)
+    assert "earlier run" not in str(failed.value)
+    assert "earlier run" in log.read_text()  # kept, only not quoted

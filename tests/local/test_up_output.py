@@ -65,6 +65,17 @@ def test_the_rollout_hint_is_one_line(tmp_path: Path) -> None:
     assert hint[0].endswith("/a-folder-with-a-rather-long-name-to-cross-80-columns/rollout.yaml")
 
 
+def test_the_rollout_hint_pastes_as_one_command_whatever_the_folder(tmp_path: Path) -> None:
+    # Was unquoted: with a space in --workdir, `rollout run` got two arguments, neither a spec.
+    out = io.StringIO()
+    spec = tmp_path / "my stack" / "rollout.yaml"
+    _print_spec_hint(Console(file=out, width=80, color_system=None), spec, blue=True)
+    hints = [line for line in out.getvalue().splitlines() if "aml-rollout rollout run" in line]
+    assert len(hints) == 1
+    command = hints[0].split("roll blue out live:", 1)[1]
+    assert shlex.split(command) == ["aml-rollout", "rollout", "run", str(spec)]
+
+
 def test_the_spec_up_writes_loads(tmp_path: Path) -> None:
     spec = load_spec(_write_spec(LocalStack(tmp_path), None))  # (a stack never started)
     assert (spec.plan, spec.shadow_percent) == ((0, 5, 25, 50, 100), 5)

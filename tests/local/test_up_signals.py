@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 import rollout.commands.stack as stack_commands
 import rollout.local.stack as local_stack
 from rollout.cli import app as cli_app
+from rollout.errors import LocalStackError
 
 
 class SignalsWhenCollected:
@@ -41,8 +42,8 @@ class StandInStack:
         self.keep = True
         self.stopped = False
         self.url = "http://127.0.0.1:1"
-        self.envoy = SimpleNamespace(admin_url="http://127.0.0.1:2")
-        self.prometheus = SimpleNamespace(url="http://127.0.0.1:3")
+        self.envoy = SimpleNamespace(admin_url="http://127.0.0.1:2", ended=self.envoy_ended)
+        self.prometheus = SimpleNamespace(url="http://127.0.0.1:3", ended=self.prometheus_ended)
         self.workloads = SimpleNamespace(endpoint_of=lambda colour: None)
         self.router = SimpleNamespace(deploy=self.deploy, set_weights=self.set_weights)
         StandInStack.last = self
@@ -61,6 +62,12 @@ class StandInStack:
 
     def stop(self) -> None:
         self.stopped = True
+
+    def envoy_ended(self) -> str | None:
+        return None
+
+    def prometheus_ended(self) -> str | None:
+        return None
 
 
 # The lost KeyboardInterrupt is reported as unraisable: that is the situation under test.
@@ -84,3 +91,204 @@ def test_up_stops_on_a_sigterm_whose_interrupt_a_finalizer_swallowed(
     assert elapsed < 4
     assert StandInStack.last is not None and StandInStack.last.stopped
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after `up`
+
+
+class EnvoyDiesStack(StandInStack):
+    """A stand-in whose Envoy is found dead once `up` has printed its URLs."""
+
+    def set_weights(self, weights: Any) -> None:
+        pass
+
+    def envoy_ended(self) -> str | None:
+        return "envoy was killed by SIGKILL\n--- last lines of envoy.log ---\n(nothing)"
+
+
+def test_up_stops_with_one_error_when_envoy_dies_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: Envoy SIGKILLed under a running `up` left it printing nothing and serving nothing
+    (curl: connection refused) until Ctrl-C, its URLs and spec still on screen."""
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
+    monkeypatch.setattr(local_stack, "LocalStack", EnvoyDiesStack)
+    monkeypatch.setattr(stack_commands, "_write_spec", lambda stack, candidate: tmp_path / "x.yaml")
+    started = time.monotonic()
+    result = CliRunner().invoke(
+        cli_app,
+        ["up", "--model-dir", str(package), "--workdir", str(tmp_path), "--duration", "8"],
+    )
+    assert time.monotonic() - started < 4  # not the --duration
+    assert isinstance(result.exception, LocalStackError), result.output
+    message = str(result.exception)
+    assert message.startswith("envoy was killed by SIGKILL")
+    assert "last lines of envoy.log" in message and "stopped" in message
+    assert StandInStack.last is not None and StandInStack.last.stopped
+
+
+class InterruptedWhileStopping(StandInStack):
+    """A stand-in whose stop takes a second Ctrl-C (or SIGTERM) half-way, as an impatient user."""
+
+    signum = signal.SIGINT
+    finished = False
+
+    def set_weights(self, weights: Any) -> None:
+        pass
+
+    def stop(self) -> None:
+        os.kill(os.getpid(), self.signum)  # handled before the next line runs
+        InterruptedWhileStopping.finished = True
+        super().stop()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_second_interrupt_does_not_cut_the_stop_short(
+    signum: signal.Signals, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: a second Ctrl-C while `up` stopped raised inside `stop()` (a SIGTERM killed it):
+    the temporary folder, and servers a controller in another process started, stayed."""
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
+    monkeypatch.setattr(local_stack, "LocalStack", InterruptedWhileStopping)
+    monkeypatch.setattr(InterruptedWhileStopping, "signum", signum)
+    monkeypatch.setattr(InterruptedWhileStopping, "finished", False)
+    monkeypatch.setattr(stack_commands, "_write_spec", lambda stack, candidate: tmp_path / "x.yaml")
+    runner_got: list[int] = []  # SIGTERM's handler outside `up` (the default one would kill us)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: runner_got.append(signum))
+    try:
+        result = CliRunner().invoke(
+            cli_app,
+            ["up", "--model-dir", str(package), "--workdir", str(tmp_path), "--duration", "0.1"],
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.exit_code == 0, result.output
+    assert InterruptedWhileStopping.finished and runner_got == []
+    assert "stack stopped" in result.output
+
+
+class SlowToCheckStack(StandInStack):
+    """A stand-in whose health check takes longer than what is left of `--duration`."""
+
+    clock: FakeTime
+
+    def set_weights(self, weights: Any) -> None:
+        pass
+
+    def envoy_ended(self) -> str | None:
+        self.clock.now += 0.15  # a loaded machine: the check outlasts the time left
+        return None
+
+
+class FakeTime:
+    """`up`'s clock: as `time`, a negative sleep is a ValueError."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("sleep length must be non-negative")
+        self.now += seconds
+
+
+def test_the_duration_ending_during_a_check_is_a_clean_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: time running out between the loop's test and its sleep slept a negative time: a
+    ValueError traceback at the end of `up --duration` instead of a clean stop."""
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
+    clock = FakeTime()
+    monkeypatch.setattr(SlowToCheckStack, "clock", clock, raising=False)
+    monkeypatch.setattr(local_stack, "LocalStack", SlowToCheckStack)
+    monkeypatch.setattr(stack_commands, "time", clock)
+    monkeypatch.setattr(stack_commands, "_write_spec", lambda stack, candidate: tmp_path / "x.yaml")
+    result = CliRunner().invoke(
+        cli_app,
+        ["up", "--model-dir", str(package), "--workdir", str(tmp_path), "--duration", "0.1"],
+    )
+    assert result.exception is None, result.exception
+    assert "stack stopped" in result.output
+
+
+class PrometheusDiesStack(StandInStack):
+    """A stand-in whose Prometheus is found dead at every check after the URLs."""
+
+    def set_weights(self, weights: Any) -> None:
+        pass
+
+    def prometheus_ended(self) -> str | None:
+        return "prometheus exited with code 1"
+
+
+def test_a_dead_prometheus_is_said_once_and_envoy_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: not a word. Envoy still serves, so `up` keeps it up (a rehearsed metrics outage:
+    a rollout holds its weights on Error ticks) and says what is lost, once."""
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
+    monkeypatch.setattr(local_stack, "LocalStack", PrometheusDiesStack)
+    monkeypatch.setattr(stack_commands, "time", FakeTime())
+    monkeypatch.setattr(stack_commands, "_write_spec", lambda stack, candidate: tmp_path / "x.yaml")
+    result = CliRunner().invoke(
+        cli_app,
+        ["up", "--model-dir", str(package), "--workdir", str(tmp_path), "--duration", "5"],
+    )
+    assert result.exception is None, result.exception
+    assert result.output.count("prometheus exited with code 1") == 1
+    assert "no metrics" in result.output
+    assert "stack stopped" in result.output  # by --duration, not by the dead Prometheus
+
+
+class HangUpStack(StandInStack):
+    """A stand-in whose terminal closes while `up` serves: SIGHUP, once."""
+
+    sent = False
+
+    def set_weights(self, weights: Any) -> None:
+        pass
+
+    def envoy_ended(self) -> str | None:
+        if not HangUpStack.sent:
+            HangUpStack.sent = True
+            os.kill(os.getpid(), signal.SIGHUP)
+        return None
+
+
+@pytest.mark.parametrize("nohup", [False, True], ids=["terminal-closed", "under-nohup"])
+def test_a_closed_terminal_stops_up_cleanly_unless_nohup(
+    nohup: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: SIGHUP (terminal closed, ssh dropped) killed `up` with no stop at all: its temporary
+    folder stayed in /tmp, with whatever a controller in another process had started in it.
+    Under `nohup` (SIGHUP ignored) it serves on."""
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
+    monkeypatch.setattr(local_stack, "LocalStack", HangUpStack)
+    monkeypatch.setattr(HangUpStack, "sent", False)
+    monkeypatch.setattr(stack_commands, "time", FakeTime())
+    monkeypatch.setattr(stack_commands, "_write_spec", lambda stack, candidate: tmp_path / "x.yaml")
+    runner_got: list[int] = []  # SIGHUP's handler outside `up` (the default one would kill us)
+    outside = signal.SIG_IGN if nohup else (lambda signum, frame: runner_got.append(signum))
+    previous = signal.signal(signal.SIGHUP, outside)
+    try:
+        result = CliRunner().invoke(
+            cli_app,
+            ["up", "--model-dir", str(package), "--workdir", str(tmp_path), "--duration", "5"],
+        )
+        assert signal.getsignal(signal.SIGHUP) is outside  # restored after `up`
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert result.exception is None, result.exception
+    assert HangUpStack.sent and runner_got == []
+    assert ("stopping ..." in result.output) is not nohup  # else: --duration's end
+    assert "stack stopped" in result.output

@@ -175,6 +175,15 @@ def test_pinned_requests_reach_only_their_colour(
     assert seen == Counter({colour.value: 100})
 
 
+@pytest.mark.parametrize("value", ["Blue", "BLUE", "bleu", "blue,green"])
+def test_only_the_exact_value_pins_anything_else_follows_the_weights(
+    router: EnvoyRouter, envoy: EnvoyProcess, value: str
+) -> None:
+    # As Istio's exact match (docs/local-stack.md): such a request is counted and judged.
+    RouterContract.live(router, Weights.blue_at(0))
+    assert colours_answering(envoy.url, 10, {"x-api-version": value}) == Counter({"green": 10})
+
+
 def test_set_weights_returns_once_envoy_serves_the_split(router: EnvoyRouter) -> None:
     RouterContract.live(router, Weights.blue_at(10))
     router.set_weights(Weights.blue_at(25))
