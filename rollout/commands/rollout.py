@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 import uuid
@@ -293,7 +294,8 @@ def run(
     # One line whatever the width (the consoles soft-wrap): wrapped, a pasted hint ran
     # `explain` without its ledger.
     _out.print(
-        f"ledger: {result.ledger_path}  (aml-rollout rollout explain {result.ledger_path})",
+        f"ledger: {result.ledger_path}  "
+        f"(aml-rollout rollout explain {shlex.quote(str(result.ledger_path))})",
         markup=False,
     )
     raise typer.Exit(_exit_code(result.phase.value))

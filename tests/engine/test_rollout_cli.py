@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -171,13 +172,15 @@ def test_run_rolls_back_with_exit_3(tmp_path: Path) -> None:
 
 
 def test_run_prints_the_explain_hint_on_one_line_however_long(tmp_path: Path) -> None:
-    # Was wrapped at the console's width: pasted, it ran `explain` without its ledger.
-    folder = tmp_path / ("a-long-folder-name-" * 10)
-    folder.mkdir()
+    # Was wrapped at the console's width: pasted, it ran `explain` without its ledger. And in a
+    # folder with a space, the pasted hint gave `explain` two arguments.
+    folder = tmp_path / ("a-long-folder-name-" * 10) / "my rollouts"
+    folder.mkdir(parents=True)
     code, out = invoke("run", str(write_spec(folder, canary_error=0.08)), "--simulated-time")
     assert code == EXIT_ROLLED_BACK, out
     ledger = folder / "state" / "cli.ledger.jsonl"
-    assert f"ledger: {ledger}  (aml-rollout rollout explain {ledger})" in out.splitlines()
+    hint = f"ledger: {ledger}  (aml-rollout rollout explain {shlex.quote(str(ledger))})"
+    assert hint in out.splitlines()
 
 
 def test_run_held_for_a_human_exits_4(tmp_path: Path) -> None:
