@@ -45,6 +45,7 @@ import yaml
 from aml_pipelines.errors import ComponentError, ConfigError, IntegrityError
 from aml_pipelines.fileio import fsync_dir, read_json_object, sha256_file, write_json
 from aml_pipelines.registry.base import ModelVersion
+from components.train.train import HELDOUT_FILE
 from scoring.cli import KEEP_ALIVE_S
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,11 @@ def build_package(
     staging = out_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
     try:
         shutil.copytree(
-            source, staging / MODEL_SUBDIR, ignore=shutil.ignore_patterns(".registry.json")
+            source,
+            staging / MODEL_SUBDIR,
+            # The held-out rows (with their targets) serve the register gate, not the server:
+            # labelled data stays out of the image.
+            ignore=shutil.ignore_patterns(".registry.json", HELDOUT_FILE),
         )
         (staging / "scoring").mkdir()
         for module in sorted(scoring.glob("*.py")):

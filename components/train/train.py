@@ -11,6 +11,10 @@ on is only the model-folder contract it writes:
                         metrics with the same one), library_versions,
                         params {alpha, test_fraction, seed}
     sample-input.json   {"data": [[...], ...]}: up to 100 held-out rows (sent by the load generator)
+    heldout.csv         every held-out row, features and target (header: feature_names + target,
+                        values exact): the register gate re-scores production's model on them
+                        when production was measured on other data. Not part of the sha256
+                        (which covers model.skops alone), and not copied into the package.
 
 Training is deterministic for a given seed and data: the split uses `seed`, Ridge's solver is
 deterministic and runs on one BLAS thread (the sum order, and so the last bits, would otherwise
@@ -46,6 +50,7 @@ MODEL_FILE = "model.skops"
 MODEL_JSON = "model.json"
 SAMPLE_INPUT = "sample-input.json"
 METRICS_FILE = "metrics.json"
+HELDOUT_FILE = "heldout.csv"
 SAMPLE_ROWS = 100
 DIABETES_TARGET = "progression"
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -300,7 +305,6 @@ def train(
 ) -> TrainResult:
     """Fit Ridge on a seeded split, evaluate on the held-out part, write the model folder."""
     from sklearn.linear_model import Ridge
-    from sklearn.metrics import mean_squared_error, r2_score
     from sklearn.model_selection import train_test_split
 
     check_name(name)  # the registry's rule: refused here, before training, not after it
@@ -331,8 +335,7 @@ def train(
             predicted = model.predict(x_test)
     except (ValueError, FloatingPointError) as exc:
         raise ConfigError(f"data: Ridge cannot be fitted on {dataset.source}: {exc}") from exc
-    mse = float(mean_squared_error(y_test, predicted))
-    metrics = {"mse": mse, "rmse": math.sqrt(mse), "r2": float(r2_score(y_test, predicted))}
+    metrics = held_out_metrics(y_test, predicted)
 
     # The metrics hold only for these rows: another split of the same data gives other numbers.
     eval_fingerprint = dataset.fingerprint_of(x_test, y_test)
@@ -363,6 +366,7 @@ def train(
     }
     _write_json(out_dir / MODEL_JSON, manifest)
     _write_json(out_dir / SAMPLE_INPUT, {"data": x_test[:SAMPLE_ROWS].tolist()})
+    _write_held_out(out_dir / HELDOUT_FILE, dataset, x_test, y_test)
     if metrics_dir is not None:
         metrics_dir.mkdir(parents=True, exist_ok=True)
         _write_json(metrics_dir / METRICS_FILE, {"name": name, "sha256": sha256, **metrics})
@@ -378,6 +382,57 @@ def train(
         sha256[:12],
     )
     return TrainResult(out_dir, metrics, sha256, dataset.fingerprint, eval_fingerprint)
+
+
+def held_out_metrics(target: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """mse, rmse and r2 of `predicted` against `target`: what model.json's metrics hold."""
+    from sklearn.metrics import mean_squared_error, r2_score
+
+    mse = float(mean_squared_error(target, predicted))
+    return {"mse": mse, "rmse": math.sqrt(mse), "r2": float(r2_score(target, predicted))}
+
+
+def _write_held_out(path: Path, dataset: Dataset, features: np.ndarray, target: np.ndarray) -> None:
+    # repr() round-trips a float64 exactly: the rows read back have the same eval_fingerprint.
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([*dataset.feature_names, dataset.target_name])
+        for row, value in zip(features.tolist(), target.tolist(), strict=True):
+            writer.writerow([repr(float(v)) for v in (*row, value)])
+
+
+def load_held_out(model_dir: Path) -> Dataset:
+    """The held-out rows of a model folder (heldout.csv), checked against model.json.
+
+    Raises ConfigError when the file is missing or malformed, its header is not model.json's
+    feature_names + target, or its rows do not have model.json's eval_fingerprint (they are not
+    the rows the metrics were measured on).
+    """
+    manifest = json.loads((model_dir / MODEL_JSON).read_text(encoding="utf-8"))
+    features, target = list(manifest.get("feature_names") or []), str(manifest.get("target", ""))
+    path = model_dir / HELDOUT_FILE
+    if not path.is_file():
+        raise ConfigError(f"{model_dir} has no {HELDOUT_FILE} (trained before it was written?)")
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, [])
+            values = [[float(v) for v in row] for row in reader if row]
+    except (UnicodeDecodeError, csv.Error, ValueError) as exc:
+        raise ConfigError(f"{path}: not a CSV of numbers ({exc})") from exc
+    if header != [*features, target]:
+        raise ConfigError(f"{path}: header {header} is not model.json's {[*features, target]}")
+    if not values or any(len(row) != len(header) for row in values):
+        raise ConfigError(f"{path}: no rows, or rows of another width than the header")
+    table = np.asarray(values, dtype=np.float64)
+    dataset = Dataset(table[:, :-1], table[:, -1], features, target, str(path))
+    expected = manifest.get("eval_fingerprint")
+    if expected and dataset.fingerprint != expected:
+        raise ConfigError(
+            f"{path}: its rows are not the ones model.json's metrics were measured on "
+            f"(fingerprint {dataset.fingerprint[:19]}… vs eval_fingerprint {str(expected)[:19]}…)"
+        )
+    return dataset
 
 
 def _write_json(path: Path, payload: Any) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from aml_pipelines.errors import ConfigError
-from components.train.train import TrainParams, train
+from components.train.train import TrainParams, held_out_metrics, load_held_out, train
 
 CONTRACT_KEYS = {
     "name",
@@ -43,6 +43,26 @@ def test_model_folder_follows_the_contract(tmp_path: Path) -> None:
     assert all(len(row) == 10 for row in sample)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["mse"] == manifest["metrics"]["mse"]
+
+
+def test_the_held_out_rows_are_the_ones_the_metrics_were_measured_on(tmp_path: Path) -> None:
+    """register re-scores production on them: they must give back the very fingerprint and
+    metrics, and rows edited afterwards must be refused, not scored."""
+    import skops.io as sio
+
+    train(tmp_path, name="diabetes", params=TrainParams())
+    manifest = json.loads((tmp_path / "model.json").read_text())
+    rows = load_held_out(tmp_path)
+    assert rows.fingerprint == manifest["eval_fingerprint"] and len(rows.target) == 89
+    blob = (tmp_path / "model.skops").read_bytes()
+    model = sio.loads(blob, trusted=sio.get_untrusted_types(data=blob))
+    assert held_out_metrics(rows.target, model.predict(rows.features)) == manifest["metrics"]
+
+    header, first, *rest = (tmp_path / "heldout.csv").read_text().splitlines()
+    edited = "0.5," + first.split(",", 1)[1]  # one value of one row changed
+    (tmp_path / "heldout.csv").write_text("\n".join([header, edited, *rest]) + "\n")
+    with pytest.raises(ConfigError, match=r"not the ones model\.json's metrics were measured on"):
+        load_held_out(tmp_path)
 
 
 def test_model_loads_with_skops_and_predicts_the_sample(tmp_path: Path) -> None:
