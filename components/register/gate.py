@@ -18,18 +18,24 @@ checked against the production version's tags, most precise first:
     eval_fingerprint   the held-out rows the metrics were measured on (data and split)
     data_fingerprint   the whole data set (a different one means different held-out rows)
 
-Known to differ → refused, whatever the numbers say (`comparable=False`; `force` registers it
-anyway, tagged `gate=forced`). Cannot be told (a fingerprint missing on either side — a model
-registered before eval_fingerprint existed, or training code that writes none; or the same data
-set with no eval_fingerprint, so the split may differ) → the numbers decide, and the reason says
-the comparison is unchecked (`comparable=None`; the register step logs it as a warning).
+Known to differ (a data refresh, another seed or split) → the tags' numbers are not compared;
+instead the caller re-scores production's model on the candidate's own held-out rows and passes
+that number (`Rescored`): both models are then judged on the same rows as usual
+(`comparable=True`, the reason says "re-scored on the candidate's N held-out rows"). When
+production could not be re-scored (no held-out rows in the candidate's folder, a production
+model that cannot be loaded) → refused, whatever the numbers say, with why (`comparable=False`;
+`force` registers it anyway, tagged `gate=forced`). Cannot be told (a fingerprint missing on
+either side — a model registered before eval_fingerprint existed, or training code that writes
+none; or the same data set with no eval_fingerprint, so the split may differ) → the numbers
+decide, and the reason says the comparison is unchecked (`comparable=None`; the register step
+logs it as a warning).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aml_pipelines.errors import ConfigError
 from aml_pipelines.registry.base import ModelVersion
@@ -53,6 +59,15 @@ class GateDecision:
     comparable: bool | None = None
 
 
+@dataclass(frozen=True)
+class Rescored:
+    """Production's metric measured on the candidate's held-out rows, or why it could not be."""
+
+    value: float | None
+    rows: int = 0
+    why_not: str = ""
+
+
 def evaluate_gate(
     candidate_metrics: Mapping[str, float],
     production: ModelVersion | None,
@@ -61,12 +76,15 @@ def evaluate_gate(
     max_regression: float = 0.0,
     fingerprints: Mapping[str, str] | None = None,
     sha256: str | None = None,
+    rescored: Rescored | None = None,
 ) -> GateDecision:
     """Compare the candidate's `metric` with the production version's tag of the same name.
 
     `fingerprints` are the candidate's `eval_fingerprint` / `data_fingerprint` (see the module
     docstring): metrics measured on other data than production's are not compared. `sha256`, the
     candidate model file's: production's own model is refused, there being nothing new.
+    `rescored`: production's `metric` on the candidate's held-out rows, used when the
+    fingerprints say the tags' numbers were measured on different data.
     """
     if metric not in LOWER_IS_BETTER:
         raise ConfigError(f"metric: {metric!r} is not one of {sorted(LOWER_IS_BETTER)}")
@@ -114,17 +132,65 @@ def evaluate_gate(
         )
     comparable, why = comparability(fingerprints or {}, production.tags)
     if comparable is False:
-        return GateDecision(
-            False,
-            f"candidate {metric}={candidate:.6g} and production {label} {metric}={baseline:.6g} "
-            f"were measured on different data ({why}): not comparable, so neither better nor "
-            f"worse; evaluate both on the same held-out data",
+        if rescored is None or rescored.value is None or not math.isfinite(rescored.value):
+            not_rescored = (
+                f"; production could not be re-scored on the candidate's held-out rows: "
+                f"{rescored.why_not or f'its {metric} there is {rescored.value}'}"
+                if rescored is not None
+                else ""
+            )
+            return GateDecision(
+                False,
+                f"candidate {metric}={candidate:.6g} and production {label} "
+                f"{metric}={baseline:.6g} were measured on different data ({why}): not "
+                f"comparable, so neither better nor worse{not_rescored}",
+                metric,
+                candidate,
+                baseline,
+                production.version,
+                comparable=False,
+            )
+        decision = _judge(
             metric,
             candidate,
-            baseline,
+            rescored.value,
+            max_regression,
             production.version,
-            comparable=False,
+            True,
+            f"production {label} re-scored on the candidate's {rescored.rows} held-out rows: "
+            f"{metric} {rescored.value:.6g} vs candidate {candidate:.6g}",
         )
+        return replace(
+            decision,
+            reason=f"{decision.reason}; its {metric} tag {baseline:.6g} was measured on other "
+            f"data ({why})",
+        )
+    return _judge(
+        metric,
+        candidate,
+        baseline,
+        max_regression,
+        production.version,
+        comparable,
+        "",
+        label=label,
+        why=why,
+    )
+
+
+def _judge(
+    metric: str,
+    candidate: float,
+    baseline: float,
+    max_regression: float,
+    baseline_version: int,
+    comparable: bool | None,
+    rescored: str,
+    *,
+    label: str = "",
+    why: str = "",
+) -> GateDecision:
+    """Candidate against baseline, lower or higher is better, with the slack."""
     lower = LOWER_IS_BETTER[metric]
     limit = baseline + abs(baseline) * max_regression * (1 if lower else -1)
     passed = candidate <= limit if lower else candidate >= limit
@@ -132,15 +198,14 @@ def evaluate_gate(
     verdict = "not worse than" if passed else "worse than"
     slack = f" (slack {max_regression:.1%}, limit {limit:.6g})" if max_regression else ""
     unchecked = f"; UNCHECKED whether both were measured on the same data: {why}" if why else ""
+    reason = (
+        f"{rescored}: the candidate is {verdict} production ({direction} is better){slack}"
+        if rescored
+        else f"candidate {metric}={candidate:.6g} is {verdict} production {label} "
+        f"{metric}={baseline:.6g} ({direction} is better){slack}{unchecked}"
+    )
     return GateDecision(
-        passed,
-        f"candidate {metric}={candidate:.6g} is {verdict} production {label} "
-        f"{metric}={baseline:.6g} ({direction} is better){slack}{unchecked}",
-        metric,
-        candidate,
-        baseline,
-        production.version,
-        comparable=comparable,
+        passed, reason, metric, candidate, baseline, baseline_version, comparable=comparable
     )
 
 

@@ -1,6 +1,8 @@
 """Register a trained model folder after the gate: the library behind the register component.
 
     model folder ──► check sha256 ──► find production (tag stage=production) ──► gate
+                  (measured on other data: production's model re-scored on the candidate's
+                   heldout.csv, loaded as the scoring server loads it)
                                                           refused: GateRefused (unless force)
                   ──► registry.register(name, source, tags) ──► registration.json
 
@@ -35,6 +37,8 @@ from components.register.gate import (
     EVAL_FINGERPRINT,
     LOWER_IS_BETTER,
     GateDecision,
+    Rescored,
+    comparability,
     evaluate_gate,
 )
 
@@ -100,6 +104,44 @@ def _registered_by(
     return max((v for v in earlier if v.sha256 == sha256), key=lambda v: v.version, default=None)
 
 
+def rescore_production(production: ModelVersion, model_dir: Path, metric: str) -> Rescored:
+    """Production's `metric` on the candidate's held-out rows (heldout.csv), or why not.
+
+    Production's model is loaded as the scoring server loads it (sha256 checked, skops with the
+    trusted-types allow-list), so a file the server would refuse is not run here either.
+    """
+    from components.train.train import held_out_metrics, load_held_out
+    from scoring.errors import ModelLoadError
+    from scoring.model import load_model
+
+    label = f"{production.name}:{production.version}"
+    try:
+        rows = load_held_out(model_dir)
+    except (ConfigError, OSError, ValueError) as exc:
+        return Rescored(None, why_not=f"the candidate's held-out rows: {exc}")
+    if production.path is None:
+        return Rescored(None, why_not=f"{label} has no local folder to load its model from")
+    try:
+        loaded = load_model(production.path, version=str(production.version))
+    except ModelLoadError as exc:
+        return Rescored(None, why_not=f"{label} cannot be loaded: {exc}")
+    if loaded.identity.sha256 != production.sha256:
+        return Rescored(
+            None, why_not=f"{label}'s model file is not the registered sha256 {production.sha256}"
+        )
+    if list(loaded.feature_names) != rows.feature_names:
+        return Rescored(
+            None,
+            why_not=f"{label} takes the features {list(loaded.feature_names)}, the candidate's "
+            f"rows have {rows.feature_names}",
+        )
+    try:
+        value = held_out_metrics(rows.target, loaded.predictor.predict(rows.features))[metric]
+    except Exception as exc:  # whatever the estimator raises, production cannot be scored
+        return Rescored(None, why_not=f"{label} cannot predict the rows ({exc})")
+    return Rescored(value, rows=len(rows.target))
+
+
 def register_model(
     model_dir: Path,
     registry: ModelRegistry,
@@ -155,6 +197,13 @@ def register_model(
         and source_run != "unknown"
         and production.tags.get("source_run") == source_run
     )
+    rescored = None
+    if (
+        production is not None
+        and production.sha256 != actual
+        and comparability(fingerprints, production.tags)[0] is False
+    ):
+        rescored = rescore_production(production, model_dir, metric)
     decision = evaluate_gate(
         metrics,
         production,
@@ -162,6 +211,7 @@ def register_model(
         max_regression=max_regression,
         fingerprints=fingerprints,
         sha256=None if rerun else actual,
+        rescored=rescored,
     )
     if decision.passed and decision.comparable is None and production is not None:
         log.warning("gate passed, comparison UNCHECKED: %s", decision.reason)

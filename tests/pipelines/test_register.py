@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from aml_pipelines.registry.local import LocalRegistry
 from components.register.gate import evaluate_gate
 from components.register.main import EXIT_GATE_REFUSED, main
 from components.register.register import register_model
+from components.train.train import TrainParams, train
 from tests.pipelines.conftest import MakeModel
 
 
@@ -340,3 +343,96 @@ def test_an_unwritable_output_fails_before_anything_is_registered(
     assert main(argv) == 1
     assert "registration failed: [Errno 20] Not a directory" in caplog.text
     assert LocalRegistry(tmp_path / "reg").names() == []
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, float], Path]:
+    """Ridge models of the diabetes data: "old" is 400 of its rows, "refreshed" all 442."""
+    from sklearn.datasets import load_diabetes
+
+    root = tmp_path_factory.mktemp("trained")
+    bunch = load_diabetes()
+    for folder, rows in (("old", 400), ("refreshed", 442)):
+        (root / folder).mkdir()
+        with (root / folder / "data.csv").open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow([*bunch.feature_names, "progression"])
+            for x, y in list(zip(bunch.data.tolist(), bunch.target.tolist(), strict=True))[:rows]:
+                writer.writerow([*x, y])
+
+    def make(data: str, alpha: float) -> Path:
+        out = root / f"model-{data}-{alpha}"
+        if not out.exists():
+            params = TrainParams(alpha=alpha)
+            train(out, name="diabetes", params=params, data=root / data, target="progression")
+        return out
+
+    return make
+
+
+@pytest.mark.parametrize(
+    ("production_data", "candidate", "passed", "reason"),
+    [
+        pytest.param(
+            "old",
+            ("old", 0.1),
+            True,
+            r"candidate mse=3405\.94 is not worse than production diabetes:1 mse=3596\.39",
+            id="same-data-compares-the-tags",
+        ),
+        pytest.param(
+            "old",
+            ("refreshed", 0.1),
+            True,
+            r"production diabetes:1 re-scored on the candidate's 89 held-out rows: mse 3117\.67 "
+            r"vs candidate 2856\.49: the candidate is not worse than production \(lower is "
+            r"better\); its mse tag 3596\.39 was measured on other data \(eval_fingerprint ",
+            id="refreshed-data-better-candidate-passes",
+        ),
+        pytest.param(
+            "old",
+            ("refreshed", 10.0),
+            False,
+            r"production diabetes:1 re-scored on the candidate's 89 held-out rows: mse 3117\.67 "
+            r"vs candidate 4443\.95: the candidate is worse than production",
+            id="refreshed-data-worse-candidate-refused-with-both-numbers",
+        ),
+        pytest.param(
+            "unloadable",
+            ("refreshed", 0.1),
+            False,
+            r"measured on different data .*not comparable.*production could not be re-scored "
+            r"on the candidate's held-out rows: diabetes:1 cannot be loaded: .*not a readable "
+            r"skops file",
+            id="unloadable-production-refused-as-before",
+        ),
+    ],
+)
+def test_after_a_data_refresh_production_is_rescored_on_the_candidates_rows(
+    tmp_path: Path,
+    make_model: MakeModel,
+    trained: Callable[[str, float], Path],
+    production_data: str,
+    candidate: tuple[str, float],
+    passed: bool,
+    reason: str,
+) -> None:
+    registry = LocalRegistry(tmp_path / "reg")
+    production = (
+        make_model(name="diabetes", mse=3000.0, data_fingerprint="sha256:other")
+        if production_data == "unloadable"  # fake bytes: skops refuses them
+        else trained(production_data, 1.0)
+    )
+    register_model(production, registry)
+    registry.set_tags("diabetes", 1, {"stage": Stage.PRODUCTION})
+
+    if not passed:
+        with pytest.raises(GateRefused, match=reason):
+            register_model(trained(*candidate), registry, out_dir=tmp_path / "out")
+        assert [v.version for v in registry.list_versions("diabetes")] == [1]
+        return
+    registered = register_model(trained(*candidate), registry, out_dir=tmp_path / "out")
+    assert re.search(reason, registered.decision.reason), registered.decision.reason
+    assert registered.decision.comparable is True
+    assert registered.version.tags["gate"] == "passed"
+    assert registered.version.tags["gate_baseline"] == "diabetes:1"
