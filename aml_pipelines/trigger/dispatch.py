@@ -129,12 +129,7 @@ class Dispatcher:
 
     def accept(self, model: str, version: int, source: str) -> bool:
         """Record a version to deliver; False when the cursor already knows it (duplicate)."""
-        if not self.store.accept(model, version, source):
-            return False
-        log.info("accepted %s v%d (%s)", model, version, source)
-        if self.supersede:
-            self._abort_older(model, version)
-        return True
+        return bool(self.accept_many(model, [(version, source)]))
 
     def accept_many(self, model: str, versions: Sequence[tuple[int, str]]) -> list[int]:
         """`accept` each (version, source) of one model in one cursor write; returns the new
@@ -473,6 +468,34 @@ class Dispatcher:
                 return False
 
 
+#: Seconds before a known error that keeps repeating is said again (see Reminder).
+REMIND_S = 600.0
+
+
+class Reminder:
+    """Says a repeating error once, and again only every REMIND_S while it repeats (a registry
+    or metrics down for a night: a few dozen lines, not one per retry)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        #: What failed → (the error, when it was last said).
+        self._said: dict[str, tuple[str, float]] = {}
+
+    def due(self, what: str, error: str) -> tuple[bool, bool]:
+        """(say, again): whether to say `error` of `what` now, and whether it is the error
+        said last time (still failing)."""
+        now, said = self.clock(), self._said.get(what)
+        again = said is not None and said[0] == error
+        if said is not None and again and now - said[1] < REMIND_S:
+            return False, True
+        self._said[what] = (error, now)
+        return True, again
+
+    def ended(self, what: str) -> bool:
+        """Forget `what`'s error (it works again); True when one was said."""
+        return self._said.pop(what, None) is not None
+
+
 class DeliveryWorker:
     """The single thread that drains cursors: the webhook's queue → one delivery at a time.
 
@@ -482,8 +505,6 @@ class DeliveryWorker:
     thousands), an unexpected one with its traceback every time.
     """
 
-    REMIND_S = 600.0
-
     def __init__(self, dispatcher: Dispatcher, models: Callable[[], list[str]]) -> None:
         self.dispatcher = dispatcher
         self.models = models
@@ -491,10 +512,8 @@ class DeliveryWorker:
         self._thread = threading.Thread(target=self._run, name="delivery-worker", daemon=True)
         self.failures = 0  # deliveries interrupted by an error (each is retried)
         self.last_error: BaseException | None = None
-        #: What failed → (the error, when it was last said): a known error repeating at every
-        #: retry is said again only every REMIND_S seconds.
-        self._said: dict[str, tuple[str, float]] = {}
         self.clock: Callable[[], float] = time.monotonic
+        self._reminder = Reminder(lambda: self.clock())
 
     def start(self) -> None:
         """Start the thread; it first drains what a previous process left open."""
@@ -522,7 +541,7 @@ class DeliveryWorker:
             except Exception as exc:
                 self._failed("deliveries", exc)
                 continue
-            self._said.pop("deliveries", None)
+            self._reminder.ended("deliveries")
             for model in models:
                 if stop.is_set():
                     break
@@ -532,7 +551,7 @@ class DeliveryWorker:
                     # The entry stays `started`/`pending`: retried (as a resume) on the next wake.
                     self._failed(f"delivery of {model}", exc)
                 else:
-                    self._said.pop(f"delivery of {model}", None)
+                    self._reminder.ended(f"delivery of {model}")
 
     def _failed(self, what: str, exc: Exception) -> None:
         """Log an interrupted pass (one line for a known error, said once while it repeats),
@@ -541,9 +560,8 @@ class DeliveryWorker:
         self.last_error = exc
         retry = self.dispatcher.wait_interval_s
         if isinstance(exc, PipelineError | RolloutError):  # known: one line is enough
-            now, said = self.clock(), self._said.get(what)
-            again = said is not None and said[0] == str(exc)
-            if said is not None and again and now - said[1] < self.REMIND_S:
+            say, again = self._reminder.due(what, str(exc))
+            if not say:
                 log.debug("%s stopped again: %s", what, exc)
             else:
                 log.warning(
@@ -553,9 +571,8 @@ class DeliveryWorker:
                     "still stopped" if again else "stopped",
                     exc,
                     retry,
-                    self.REMIND_S / 60,
+                    REMIND_S / 60,
                 )
-                self._said[what] = (str(exc), now)
         else:
             log.exception("%s failed; retrying in %.0f s", what, retry)
         self.dispatcher.stop.wait(retry)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from aml_pipelines.delivery import DeliveryOutcome
 from aml_pipelines.errors import PipelineError
 from aml_pipelines.registry.base import ModelRegistry, ModelVersion, Stage
-from aml_pipelines.trigger.dispatch import DELIVERED, DeliveryWorker, Dispatcher
+from aml_pipelines.trigger.dispatch import DELIVERED, REMIND_S, DeliveryWorker, Dispatcher, Reminder
 from aml_pipelines.trigger.store import MISSING
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,7 @@ class Watcher:
         self.interval_s = interval_s
         self._listed_up_to: int | None = None
         self.clock: Callable[[], float] = time.monotonic
-        #: The error the last poll failed with, and when it was last said (see `_poll_failed`).
-        self._said: tuple[str, float] | None = None
+        self._reminder = Reminder(lambda: self.clock())
 
     @property
     def stop(self) -> threading.Event:
@@ -144,19 +143,17 @@ class Watcher:
                 except Exception:
                     log.exception("polling the registry for %s failed", self.model)
                 else:
-                    if self._said is not None:
+                    if self._reminder.ended("poll"):
                         log.info("polling the registry for %s works again", self.model)
-                        self._said = None
                 self.stop.wait(self.interval_s)
             worker.join(timeout=self.interval_s)
             return []
 
     def _poll_failed(self, exc: PipelineError) -> None:
-        """Say a failed poll once, and again only every REMIND_S while the same error repeats
-        (a registry down for a night: a few dozen lines, not one per poll), as the worker does."""
-        now, said = self.clock(), self._said
-        again = said is not None and said[0] == str(exc)
-        if said is not None and again and now - said[1] < DeliveryWorker.REMIND_S:
+        """Say a failed poll once, and again only every REMIND_S while the same error repeats,
+        as the worker does (Reminder)."""
+        say, again = self._reminder.due("poll", str(exc))
+        if not say:
             log.debug("polling the registry for %s failed again: %s", self.model, exc)
             return
         log.warning(
@@ -166,6 +163,5 @@ class Watcher:
             "still fails" if again else "failed",
             exc,
             self.interval_s,
-            DeliveryWorker.REMIND_S / 60,
+            REMIND_S / 60,
         )
-        self._said = (str(exc), now)

@@ -437,15 +437,15 @@ def test_a_poll_that_fails_while_accepting_does_not_lose_the_version(
     watcher = Watcher(registry, "diabetes", dispatcher, required_tags=CANDIDATE)
     assert watcher.poll() == []
     register(registry, tmp_path, stage="candidate")
-    real_accept = dispatcher.store.accept
+    real_accept = dispatcher.store.accept_many  # what every accept writes through
 
-    def disk_full(*args: Any) -> bool:
+    def disk_full(*args: Any) -> list[int]:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(dispatcher.store, "accept", disk_full)
+    monkeypatch.setattr(dispatcher.store, "accept_many", disk_full)
     with pytest.raises(OSError, match="No space left"):
         watcher.poll()
-    monkeypatch.setattr(dispatcher.store, "accept", real_accept)
+    monkeypatch.setattr(dispatcher.store, "accept_many", real_accept)
     assert watcher.poll() == [2]
 
 
