@@ -31,10 +31,8 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import signal
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -107,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         from rollout.api import load_spec, run_rollout
+        from rollout.commands.stack import sigterm_as_interrupt
         from rollout.core.types import Release
         from rollout.errors import RolloutError
     except ImportError as exc:
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Azure ML stops a cancelled job's step with SIGTERM: stop as on Ctrl-C (the lease released,
     # the log saying where the rollout stands), not die mid-tick.
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             spec = load_spec(args.spec)
             first = _first_release(spec, candidate, args.registry)
@@ -181,20 +180,6 @@ def _ended_elsewhere(spec: Any, candidate: Any, state_dir: Path) -> bool:
         and stored.candidate is not None
         and stored.candidate.ref != candidate.ref
     )
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises KeyboardInterrupt, as SIGINT does."""
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class _RegistryUnreadable(Exception):
