@@ -72,6 +72,10 @@ def pin_route(colour: Colour) -> str:
     return f"{ROUTE_PREFIX}pin-{colour.value}"
 
 
+#: The names of our routes in a VirtualService's `spec.http`: the pins and the default.
+OUR_ROUTES = frozenset({*(pin_route(c) for c in Colour), DEFAULT_ROUTE})
+
+
 @dataclass(frozen=True, slots=True)
 class IstioLayout:
     """Names and settings of one model service in one namespace."""
@@ -511,11 +515,10 @@ def managed_routes(layout: IstioLayout, weights: Weights) -> list[Obj]:
 
 def route_ports(http: list[Obj]) -> set[object]:
     """The destination ports of our routes in a VirtualService's `spec.http`."""
-    ours = {pin_route(c) for c in Colour} | {DEFAULT_ROUTE}
     return {
         ((destination.get("destination") or {}).get("port") or {}).get("number")
         for route in http
-        if route.get("name") in ours
+        if route.get("name") in OUR_ROUTES
         for destination in route.get("route") or []
     }
 
@@ -602,11 +605,10 @@ def _narrows(entry: Obj, layout: IstioLayout) -> bool:
 def check_reachable(http: list[Obj], layout: IstioLayout) -> None:
     """Raise RouterRefused when a user route that takes every request shadows one of ours
     (the user's route to change: no retry helps)."""
-    ours = {pin_route(c) for c in Colour} | {DEFAULT_ROUTE}
     for index, route in enumerate(http):
-        if route.get("name") in ours or not matches_everything(route, layout):
+        if route.get("name") in OUR_ROUTES or not matches_everything(route, layout):
             continue
-        shadowed = [r["name"] for r in http[index + 1 :] if r.get("name") in ours]
+        shadowed = [r["name"] for r in http[index + 1 :] if r.get("name") in OUR_ROUTES]
         if shadowed:
             name = route.get("name") or f"#{index} (unnamed)"
             raise RouterRefused(
