@@ -639,12 +639,12 @@ def weights_from_routes(http: list[Obj], layout: IstioLayout) -> Weights:
     by_host = {layout.service(c): c for c in Colour}
     found = {Colour.BLUE: 0, Colour.GREEN: 0}
     destinations = route.get("route") or []
+    lone = len(destinations) == 1
     for destination in destinations:
         host = (destination.get("destination") or {}).get("host", "")
         name = _service_named(host, layout)
         if name not in by_host:
             raise RouterError(f"{where}: route {DEFAULT_ROUTE!r} sends traffic to unknown {host!r}")
-        lone = len(destinations) == 1
         found[by_host[name]] += 1 if lone else int(destination.get("weight") or 0)
     total = sum(found.values())
     if total == 0:
