@@ -19,6 +19,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from click.testing import Result
 from typer.testing import CliRunner
 
 import rollout.commands.stack as stack_commands
@@ -35,7 +36,7 @@ class SignalsWhenCollected:
 
 
 class StandInStack:
-    """What `up` asks of a LocalStack, doing nothing; setting the weights loses a SIGTERM."""
+    """What `up` asks of a LocalStack, doing nothing."""
 
     def __init__(self, workdir: Path | None, *, envoy_port: int | None = None) -> None:
         self.workdir = workdir
@@ -57,8 +58,7 @@ class StandInStack:
         pass
 
     def set_weights(self, weights: Any) -> None:
-        SignalsWhenCollected()  # collected at once: SIGTERM, its KeyboardInterrupt dropped
-        gc.collect()
+        pass
 
     def stop(self) -> None:
         self.stopped = True
@@ -70,21 +70,36 @@ class StandInStack:
         return None
 
 
+class SigtermLostStack(StandInStack):
+    """A stand-in whose setting of the weights loses a SIGTERM in a finalizer."""
+
+    def set_weights(self, weights: Any) -> None:
+        SignalsWhenCollected()  # collected at once: SIGTERM, its KeyboardInterrupt dropped
+        gc.collect()
+
+
+def invoke_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stack: type[StandInStack], duration: str
+) -> Result:
+    """`aml-rollout up` of a one-file package with `stack` standing in for the LocalStack."""
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
+    monkeypatch.setattr(local_stack, "LocalStack", stack)
+    monkeypatch.setattr(stack_commands, "_write_spec", lambda stack, candidate: tmp_path / "x.yaml")
+    return CliRunner().invoke(
+        cli_app,
+        ["up", "--model-dir", str(package), "--workdir", str(tmp_path), "--duration", duration],
+    )
+
+
 # The lost KeyboardInterrupt is reported as unraisable: that is the situation under test.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_up_stops_on_a_sigterm_whose_interrupt_a_finalizer_swallowed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    package = tmp_path / "package"
-    package.mkdir()
-    (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
-    monkeypatch.setattr(local_stack, "LocalStack", StandInStack)
-    monkeypatch.setattr(stack_commands, "_write_spec", lambda stack, candidate: tmp_path / "x.yaml")
     started = time.monotonic()
-    result = CliRunner().invoke(
-        cli_app,
-        ["up", "--model-dir", str(package), "--workdir", str(tmp_path), "--duration", "8"],
-    )
+    result = invoke_up(tmp_path, monkeypatch, SigtermLostStack, "8")
     elapsed = time.monotonic() - started
     assert result.exit_code == 0, result.output
     assert "stopping ..." in result.output  # the SIGTERM was heard, not the --duration
@@ -96,9 +111,6 @@ def test_up_stops_on_a_sigterm_whose_interrupt_a_finalizer_swallowed(
 class EnvoyDiesStack(StandInStack):
     """A stand-in whose Envoy is found dead once `up` has printed its URLs."""
 
-    def set_weights(self, weights: Any) -> None:
-        pass
-
     def envoy_ended(self) -> str | None:
         return "envoy was killed by SIGKILL\n--- last lines of envoy.log ---\n(nothing)"
 
@@ -108,16 +120,8 @@ def test_up_stops_with_one_error_when_envoy_dies_under_it(
 ) -> None:
     """Was: Envoy SIGKILLed under a running `up` left it printing nothing and serving nothing
     (curl: connection refused) until Ctrl-C, its URLs and spec still on screen."""
-    package = tmp_path / "package"
-    package.mkdir()
-    (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
-    monkeypatch.setattr(local_stack, "LocalStack", EnvoyDiesStack)
-    monkeypatch.setattr(stack_commands, "_write_spec", lambda stack, candidate: tmp_path / "x.yaml")
     started = time.monotonic()
-    result = CliRunner().invoke(
-        cli_app,
-        ["up", "--model-dir", str(package), "--workdir", str(tmp_path), "--duration", "8"],
-    )
+    result = invoke_up(tmp_path, monkeypatch, EnvoyDiesStack, "8")
     assert time.monotonic() - started < 4  # not the --duration
     assert isinstance(result.exception, LocalStackError), result.output
     message = str(result.exception)
@@ -132,9 +136,6 @@ class InterruptedWhileStopping(StandInStack):
     signum = signal.SIGINT
     finished = False
 
-    def set_weights(self, weights: Any) -> None:
-        pass
-
     def stop(self) -> None:
         os.kill(os.getpid(), self.signum)  # handled before the next line runs
         InterruptedWhileStopping.finished = True
@@ -147,20 +148,12 @@ def test_a_second_interrupt_does_not_cut_the_stop_short(
 ) -> None:
     """Was: a second Ctrl-C while `up` stopped raised inside `stop()` (a SIGTERM killed it):
     the temporary folder, and servers a controller in another process started, stayed."""
-    package = tmp_path / "package"
-    package.mkdir()
-    (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
-    monkeypatch.setattr(local_stack, "LocalStack", InterruptedWhileStopping)
     monkeypatch.setattr(InterruptedWhileStopping, "signum", signum)
     monkeypatch.setattr(InterruptedWhileStopping, "finished", False)
-    monkeypatch.setattr(stack_commands, "_write_spec", lambda stack, candidate: tmp_path / "x.yaml")
     runner_got: list[int] = []  # SIGTERM's handler outside `up` (the default one would kill us)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: runner_got.append(signum))
     try:
-        result = CliRunner().invoke(
-            cli_app,
-            ["up", "--model-dir", str(package), "--workdir", str(tmp_path), "--duration", "0.1"],
-        )
+        result = invoke_up(tmp_path, monkeypatch, InterruptedWhileStopping, "0.1")
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert result.exit_code == 0, result.output
@@ -172,9 +165,6 @@ class SlowToCheckStack(StandInStack):
     """A stand-in whose health check takes longer than what is left of `--duration`."""
 
     clock: FakeTime
-
-    def set_weights(self, weights: Any) -> None:
-        pass
 
     def envoy_ended(self) -> str | None:
         self.clock.now += 0.15  # a loaded machine: the check outlasts the time left
@@ -201,27 +191,16 @@ def test_the_duration_ending_during_a_check_is_a_clean_stop(
 ) -> None:
     """Was: time running out between the loop's test and its sleep slept a negative time: a
     ValueError traceback at the end of `up --duration` instead of a clean stop."""
-    package = tmp_path / "package"
-    package.mkdir()
-    (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
     clock = FakeTime()
     monkeypatch.setattr(SlowToCheckStack, "clock", clock, raising=False)
-    monkeypatch.setattr(local_stack, "LocalStack", SlowToCheckStack)
     monkeypatch.setattr(stack_commands, "time", clock)
-    monkeypatch.setattr(stack_commands, "_write_spec", lambda stack, candidate: tmp_path / "x.yaml")
-    result = CliRunner().invoke(
-        cli_app,
-        ["up", "--model-dir", str(package), "--workdir", str(tmp_path), "--duration", "0.1"],
-    )
+    result = invoke_up(tmp_path, monkeypatch, SlowToCheckStack, "0.1")
     assert result.exception is None, result.exception
     assert "stack stopped" in result.output
 
 
 class PrometheusDiesStack(StandInStack):
     """A stand-in whose Prometheus is found dead at every check after the URLs."""
-
-    def set_weights(self, weights: Any) -> None:
-        pass
 
     def prometheus_ended(self) -> str | None:
         return "prometheus exited with code 1"
@@ -232,16 +211,8 @@ def test_a_dead_prometheus_is_said_once_and_envoy_serves_on(
 ) -> None:
     """Was: not a word. Envoy still serves, so `up` keeps it up (a rehearsed metrics outage:
     a rollout holds its weights on Error ticks) and says what is lost, once."""
-    package = tmp_path / "package"
-    package.mkdir()
-    (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
-    monkeypatch.setattr(local_stack, "LocalStack", PrometheusDiesStack)
     monkeypatch.setattr(stack_commands, "time", FakeTime())
-    monkeypatch.setattr(stack_commands, "_write_spec", lambda stack, candidate: tmp_path / "x.yaml")
-    result = CliRunner().invoke(
-        cli_app,
-        ["up", "--model-dir", str(package), "--workdir", str(tmp_path), "--duration", "5"],
-    )
+    result = invoke_up(tmp_path, monkeypatch, PrometheusDiesStack, "5")
     assert result.exception is None, result.exception
     assert result.output.count("prometheus exited with code 1") == 1
     assert "no metrics" in result.output
@@ -252,9 +223,6 @@ class HangUpStack(StandInStack):
     """A stand-in whose terminal closes while `up` serves: SIGHUP, once."""
 
     sent = False
-
-    def set_weights(self, weights: Any) -> None:
-        pass
 
     def envoy_ended(self) -> str | None:
         if not HangUpStack.sent:
@@ -270,21 +238,13 @@ def test_a_closed_terminal_stops_up_cleanly_unless_nohup(
     """Was: SIGHUP (terminal closed, ssh dropped) killed `up` with no stop at all: its temporary
     folder stayed in /tmp, with whatever a controller in another process had started in it.
     Under `nohup` (SIGHUP ignored) it serves on."""
-    package = tmp_path / "package"
-    package.mkdir()
-    (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
-    monkeypatch.setattr(local_stack, "LocalStack", HangUpStack)
     monkeypatch.setattr(HangUpStack, "sent", False)
     monkeypatch.setattr(stack_commands, "time", FakeTime())
-    monkeypatch.setattr(stack_commands, "_write_spec", lambda stack, candidate: tmp_path / "x.yaml")
     runner_got: list[int] = []  # SIGHUP's handler outside `up` (the default one would kill us)
     outside = signal.SIG_IGN if nohup else (lambda signum, frame: runner_got.append(signum))
     previous = signal.signal(signal.SIGHUP, outside)
     try:
-        result = CliRunner().invoke(
-            cli_app,
-            ["up", "--model-dir", str(package), "--workdir", str(tmp_path), "--duration", "5"],
-        )
+        result = invoke_up(tmp_path, monkeypatch, HangUpStack, "5")
         assert signal.getsignal(signal.SIGHUP) is outside  # restored after `up`
     finally:
         signal.signal(signal.SIGHUP, previous)
