@@ -324,6 +324,16 @@ def test_an_event_with_camel_case_data_passes_the_tag_filter(
         _until(lambda: hook.done() == [1], "the delivery of v1")
 
 
+def post_handshake(hook: Hook, params: dict[str, str], headers: dict[str, str]) -> httpx.Response:
+    """POST Event Grid's subscription validation event with these key params and headers."""
+    return hook.client.post(
+        hook.url,
+        content=json.dumps([validation_event()]),
+        params=params,
+        headers={**JSON, **headers},
+    )
+
+
 @pytest.mark.parametrize(
     ("params", "headers", "status"),
     [
@@ -339,12 +349,7 @@ def test_an_event_with_camel_case_data_passes_the_tag_filter(
 def test_shared_secret(
     hook: Hook, params: dict[str, str], headers: dict[str, str], status: int
 ) -> None:
-    response = hook.client.post(
-        hook.url,
-        content=json.dumps([validation_event()]),
-        params=params,
-        headers={**JSON, **headers},
-    )
+    response = post_handshake(hook, params, headers)
     assert response.status_code == status
     if status == 401:  # every place a key is read from (it named only two of the three)
         assert response.json()["error"] == (
@@ -377,12 +382,7 @@ def test_a_previous_secret_is_accepted_during_a_rotation(
         caplog.at_level(logging.INFO),
         running(tmp_path, registry, previous_secrets=(PREVIOUS,)) as hook,
     ):
-        response = hook.client.post(
-            hook.url,
-            content=json.dumps([validation_event()]),
-            params=params,
-            headers={**JSON, **headers},
-        )
+        response = post_handshake(hook, params, headers)
     assert response.status_code == status
     text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("aml"))
     assert ("authorised by the previous secret" in text) == previous_said, text
