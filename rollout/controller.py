@@ -29,6 +29,7 @@ from __future__ import annotations
 import getpass
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -95,15 +96,23 @@ class Clock(Protocol):
 
 
 class RealClock:
-    """Wall time."""
+    """Wall time. Given the event a signal handler sets (`sigterm_as_interrupt`), a sleep raises
+    KeyboardInterrupt once it is set: the handler's own KeyboardInterrupt is lost when it lands
+    in a finalizer (printed as "Exception ignored"), and the rollout would go on regardless."""
+
+    def __init__(self, stopping: threading.Event | None = None) -> None:
+        self.stopping = stopping
 
     def now(self) -> float:
         """time.time()."""
         return time.time()
 
     def sleep(self, seconds: float) -> None:
-        """time.sleep()."""
-        time.sleep(max(seconds, 0.0))
+        """time.sleep(), cut short by a stop."""
+        if self.stopping is None:
+            time.sleep(max(seconds, 0.0))
+        elif self.stopping.wait(max(seconds, 0.0)):
+            raise KeyboardInterrupt
 
 
 class FakeClock:

@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from rollout.api import load_spec, run_rollout
         from rollout.commands.stack import sigterm_as_interrupt
+        from rollout.controller import RealClock
         from rollout.core.types import Release
         from rollout.errors import RolloutError
     except ImportError as exc:
@@ -121,12 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Azure ML stops a cancelled job's step with SIGTERM: stop as on Ctrl-C (the lease released,
     # the log saying where the rollout stands), not die mid-tick.
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt() as stopping:
+        clock = RealClock(stopping)  # stops at its next wait should the signal's raise be lost
         try:
             spec = load_spec(args.spec)
             first = _first_release(spec, candidate, args.registry)
             if first is not None:
-                return _check_first(spec, candidate, first, args)
+                return _check_first(spec, candidate, first, args, clock)
             log.info("rolling out %s:%s (%s)", candidate.model, candidate.version, candidate.image)
             # A pipeline step must end: a rollout held for a human stops here (exit 5, resumable).
             result = run_rollout(
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 state_dir=args.result,
                 stop_when_paused=True,
                 restart=_ended_elsewhere(spec, candidate, args.result),
+                clock=clock,
             )
         except (RolloutError, _RegistryUnreadable) as exc:
             log.error("rollout failed: %s", exc)
@@ -213,7 +216,9 @@ def _first_release(spec: Any, candidate: Any, registry_spec: str | None) -> Any:
     return router if green_is_free(spec, candidate, router) else None
 
 
-def _check_first(spec: Any, candidate: Any, router: Any, args: argparse.Namespace) -> int:
+def _check_first(
+    spec: Any, candidate: Any, router: Any, args: argparse.Namespace, clock: Any
+) -> int:
     """Deploy and judge a first release; write result.json and (with --registry) its tags."""
     from aml_pipelines.delivery import (
         FAILED,
@@ -223,7 +228,7 @@ def _check_first(spec: Any, candidate: Any, router: Any, args: argparse.Namespac
     )
 
     check, reason, ledger = check_first_release(
-        spec, candidate, state_dir=args.result, router=router
+        spec, candidate, state_dir=args.result, router=router, clock=clock
     )
     phase = FIRST_CHECK_OUTCOMES.get(check, FAILED)
     said = first_release_reason(candidate.model, int(candidate.version), check, reason)

@@ -217,7 +217,7 @@ def run(
 
     from rollout.api import run_rollout
     from rollout.commands.stack import EXIT_INTERRUPTED, sigterm_as_interrupt
-    from rollout.controller import FakeClock, check_same_router
+    from rollout.controller import FakeClock, RealClock, check_same_router
     from rollout.errors import RolloutError
 
     parsed = _load(spec)
@@ -267,7 +267,7 @@ def run(
     try:
         # SIGTERM (a pod deleted, a node drained) stops like Ctrl-C: the lease is released on
         # the way out, so the next controller need not wait for it to expire.
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt() as stopping:
             result = run_rollout(
                 parsed,
                 candidate=asked,
@@ -279,7 +279,7 @@ def run(
                 # the wall clock, and its ledger would step back in time.
                 clock=FakeClock(max(time.time(), previous.updated_at if previous else 0.0))
                 if simulated_time
-                else None,
+                else RealClock(stopping),  # stops even should the signal's raise be lost
             )
     except RolloutError as exc:
         _fail(exc)
@@ -369,7 +369,7 @@ def _check_first(
     verdict, returns the exit code."""
     from rollout.api import bootstrap_checked
     from rollout.commands.stack import EXIT_INTERRUPTED, sigterm_as_interrupt
-    from rollout.controller import FakeClock
+    from rollout.controller import FakeClock, RealClock
     from rollout.core.types import Verdict
     from rollout.errors import RolloutError
 
@@ -387,9 +387,9 @@ def _check_first(
             f"every {parsed.analysis.interval_s:g} s"
         )
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt() as stopping:
             result = bootstrap_checked(
-                parsed, first, state_dir=state_dir, clock=clock, on_look=show
+                parsed, first, state_dir=state_dir, clock=clock or RealClock(stopping), on_look=show
             )
     except RolloutError as exc:
         _fail(exc)

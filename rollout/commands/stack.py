@@ -33,7 +33,8 @@ def sigterm_as_interrupt() -> Iterator[threading.Event]:
 
     Yields an event set by either signal. The KeyboardInterrupt a handler raises lands wherever
     the main thread is, and one that lands in a finalizer (`__del__`, a weakref callback) is
-    printed as "Exception ignored" and lost: a loop that waits for a stop must check the event.
+    printed as "Exception ignored" and lost: a loop that waits for a stop must check the event
+    (a controller given `RealClock(stopping)` does at each wait).
     """
     stopping = threading.Event()
 
