@@ -104,8 +104,8 @@ def demo(
     folder = out or Path("runs") / f"demo-{datetime.now(UTC):%Y%m%dT%H%M%S}"
     console = Console(soft_wrap=True)
     try:
-        with sigterm_as_interrupt():
-            result = run_demo(folder, console=console, rps=rps)
+        with sigterm_as_interrupt() as stopping:
+            result = run_demo(folder, console=console, rps=rps, stopping=stopping)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: the stack is stopped[/]")
         raise typer.Exit(EXIT_INTERRUPTED) from None

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import logging
 import shlex
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -44,6 +45,9 @@ from rollout.core.types import Phase, Release, Verdict, Weights
 from rollout.errors import LocalStackError
 from rollout.ledger import read_ledger
 from rollout.local.stack import LocalStack
+
+if TYPE_CHECKING:
+    from rollout.controller import Clock
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +87,25 @@ class DemoResult:
     outcomes: dict[str, str] = field(default_factory=dict)
 
 
-def run_demo(out_dir: Path, *, console: Console | None = None, rps: float = RPS) -> DemoResult:
-    """Run the story; the stack is always stopped at the end (also on Ctrl-C or an error)."""
+def run_demo(
+    out_dir: Path,
+    *,
+    console: Console | None = None,
+    rps: float = RPS,
+    stopping: threading.Event | None = None,
+) -> DemoResult:
+    """Run the story; the stack is always stopped at the end (also on Ctrl-C or an error).
+
+    `stopping` (set by a signal handler) stops the judge at its next wait, should the handler's
+    KeyboardInterrupt be lost (see `sigterm_as_interrupt`).
+    """
     from aml_pipelines.delivery import package_release
     from aml_pipelines.registry.local import LocalRegistry
     from rollout.api import bootstrap, bootstrap_checked
+    from rollout.controller import RealClock
 
     console = console or Console()
+    clock = RealClock(stopping)
     out_dir = out_dir.resolve()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +149,9 @@ def run_demo(out_dir: Path, *, console: Console | None = None, rps: float = RPS)
         console.print(f"load: {rps:g} requests/s through Envoy (held-out rows)")
         # A first release has nothing to compare it with: judged on the absolute limits alone
         # (what `aml-rollout rollout bootstrap --check` does).
-        check = bootstrap_checked(first, green, router=stack.router, metrics=stack.metrics)
+        check = bootstrap_checked(
+            first, green, router=stack.router, metrics=stack.metrics, clock=clock
+        )
         style = "green" if check.verdict is Verdict.SUCCESSFUL else "red"
         console.print(
             f"first release v1 checked on absolute limits: [{style}]{check.verdict.value}[/]: "
@@ -150,7 +168,7 @@ def run_demo(out_dir: Path, *, console: Console | None = None, rps: float = RPS)
             )
             console.rule(f"rollout of {MODEL} v{number}{label}")
             before = load.snapshot()
-            phase, reason, ledger = _rollout(stack, name, candidate, load, console)
+            phase, reason, ledger = _rollout(stack, name, candidate, load, console, clock)
             seen = exposure(before, load.snapshot(), candidate, read_ledger(ledger))
             _tag(registry, version, phase, reason)
             result.ledgers.append(ledger)
@@ -242,7 +260,7 @@ def _sample_rows(release: Release) -> list[list[float]] | None:
 
 
 def _rollout(
-    stack: LocalStack, name: str, candidate: Release, load: Any, console: Console
+    stack: LocalStack, name: str, candidate: Release, load: Any, console: Console, clock: Clock
 ) -> tuple[str, str, Path]:
     from rollout.api import run_rollout
 
@@ -259,6 +277,7 @@ def _rollout(
             metrics=stack.metrics,
             on_tick=view.tick,
             restart=True,
+            clock=clock,
         )
     end_live(console)
     return outcome.phase.value, outcome.reason, outcome.ledger_path
