@@ -73,13 +73,17 @@ def test_steps_acting_on_live_state_are_never_reused(
 
 
 def test_a_changed_component_gets_a_new_version() -> None:
-    """Azure ML refuses to re-register a changed component under a version it already holds."""
+    """Azure ML refuses to re-register a changed component under a version it already holds.
+
+    The conda file is part of every component (its environment): a changed pin changes them all.
+    """
     current = {}
+    environment = (REPO / "environment.yml").read_bytes()
     for step in STEPS:
         text = component_path(step).read_text()
         current[step] = {
             "version": str(yaml.safe_load(text)["version"]),
-            "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "sha256": hashlib.sha256(text.encode() + environment).hexdigest(),
         }
     recorded = json.loads(VERSIONS.read_text())
     if os.environ.get("UPDATE_GOLDEN"):
@@ -88,7 +92,7 @@ def test_a_changed_component_gets_a_new_version() -> None:
     for step in STEPS:
         if current[step]["sha256"] != recorded[step]["sha256"]:
             assert current[step]["version"] != recorded[step]["version"], (
-                f"components/{step}/component.yml changed: bump its version"
+                f"components/{step}/component.yml or environment.yml changed: bump its version"
             )
     assert current == recorded, "run with UPDATE_GOLDEN=1 after an intended change"
 
