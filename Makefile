@@ -5,11 +5,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test check bench format lint types imports prometheus wrk clean
 
-$(STAMP): pyproject.toml
+# The dependencies at environment.yml's pins (the Azure ML steps' environment), as constraints:
+# `run-local` and the pipeline in Azure ML run the same versions (pip refuses extras there).
+$(STAMP): pyproject.toml environment.yml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing aml-rollout and its dependencies into $(VENV) (first run takes a few minutes)"
 	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@sed -n 's/^ *- \([A-Za-z0-9_.-]*\)\(\[[^]]*\]\)\{0,1\}\(==[^ ]*\)$$/\1\3/p' environment.yml \
+		> $(VENV)/constraints.txt
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' -c $(VENV)/constraints.txt
 	@touch $(STAMP)
 
 prometheus:

@@ -296,6 +296,7 @@ def build_pipeline(
     if params.target is not None:
         kwargs["target"] = params.target
     job = delivery(**kwargs)
+    _declared_modes(job)
     _set_compute(job, compute)
     return job
 
@@ -351,8 +352,22 @@ def build_deploy_pipeline(
         package_mode=params.package_mode,
         rollout_spec=Input(type="uri_file", path=params.rollout_spec),
     )
+    _declared_modes(job)
     _set_compute(job, compute)
     return job
+
+
+def _declared_modes(job: Any) -> None:
+    """Give each node input bound to a value the mode its component declares (register's
+    `model_ref`: `direct`). azure-ai-ml sends a node input's own mode only, none for one bound
+    to another step's output or to a pipeline input (whose mode it never passes down): the job
+    then names no mode, and whether the step gets the `azureml://` URI it registers or a mount
+    (a uri_folder's default) is left to the service."""
+    for node in job.jobs.values():
+        for name, declared in node.component.inputs.items():
+            bound = node.inputs.get(name)
+            if declared.mode and bound is not None and bound._data is not None and not bound.mode:
+                bound.mode = declared.mode
 
 
 def _set_compute(job: Any, compute: str | None) -> None:

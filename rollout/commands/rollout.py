@@ -472,7 +472,8 @@ def _view(
 ) -> Any:
     """The status table, with who drives the rollout now (the lease holder); `first` is the
     release a bootstrap left on green, as `_bootstrapped` says it, shown until a rollout begins.
-    `read_now`: a held rollout no controller drives shows what its data plane serves now."""
+    `read_now`: a held rollout no controller drives, or an ended one whose data plane differed
+    from its status when last read, shows what its data plane serves now."""
     from rollout.errors import RolloutError
 
     try:
@@ -480,7 +481,12 @@ def _view(
     except RolloutError as exc:
         _fail(exc)
     fresh = False
-    if read_now and status is not None and status.held and holder is None:
+    # Also an ended rollout that left the data plane differing from its status (an abort that
+    # moved nothing): its last read is from before it ended.
+    differs = status is not None and (
+        status.held or (status.terminal and status.served is not None)
+    )
+    if read_now and status is not None and differs and holder is None:
         status, fresh = _served_read_now(parsed, status)
     table = _status_view(parsed, status, holder, fresh=fresh)
     if status is None:
@@ -580,7 +586,7 @@ def _status_view(
 ) -> Any:
     from rich.table import Table
 
-    from rollout.core.machine import resume_refused
+    from rollout.core.machine import left_alone, resume_refused
     from rollout.core.status import SetWeights, describe
     from rollout.core.types import Phase, Verdict
 
@@ -599,10 +605,12 @@ def _status_view(
     # what the data plane serves: said so, or they read as the split users get.
     todo = status.pending[status.applied :]
     unserved = any(isinstance(a, SetWeights) for a in todo)
-    table.add_row(
-        "weights",
-        f"{status.weights}{' (decided, not applied yet)' if unserved else ''}   plan {plan}",
-    )
+    weights = f"{status.weights}{' (decided, not applied yet)' if unserved else ''}"
+    if left_alone(status):
+        # Nor are the weights of an abort that moved nothing (another rollout's canary on blue):
+        # its "blue 0 %" read as what users get while blue kept its share.
+        weights = "none set: the abort left the data plane as it is"
+    table.add_row("weights", f"{weights}   plan {plan}")
     # Promoted, the candidate is what green serves; the stable release it replaced is gone.
     promoted = status.phase is Phase.SUCCEEDED
     if status.candidate:

@@ -867,6 +867,15 @@ def _blue_not_ours(status: Status, served: Served | None) -> str:
     return ""
 
 
+def left_alone(status: Status) -> str:
+    """Why this ended rollout's weights were never served ("" when they were, or cannot be
+    told): an abort left the data plane as it is, blue serving another rollout's canary when
+    last read (`Status.served`). Its `blue_weight` 0 is then no weight anyone set."""
+    if status.phase is not Phase.ROLLED_BACK:
+        return ""
+    return _blue_not_ours(status, status.served)
+
+
 def resume_refused(status: Status) -> str:
     """Why a resume of this held rollout would be refused ("" when it would not), from what
     the data plane served at its last tick (`Status.served`): a steering command says so up

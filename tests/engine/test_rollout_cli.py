@@ -1033,3 +1033,34 @@ def test_status_of_a_held_rollout_no_controller_drives_reads_the_data_plane_now(
     assert "data plane blue nothing, green m:3: blue 0 % / green 100 % (read now)" in text, text
     assert "resume refused: green now serves m:3, not m:1" in text, text
     assert "answer with abort" in text, text
+
+
+def test_status_of_an_abort_that_left_the_data_plane_alone_does_not_claim_blue_0(
+    tmp_path: Path,
+) -> None:
+    """Was: "weights blue 0 % / green 100 %" after an abort that moved nothing (blue served
+    another rollout's canary at 50 %): the status's weights, never applied, read as served."""
+    from rollout.config import load_spec
+    from rollout.core.types import Colour, Release, Weights
+    from rollout.routers.memory import MemoryRouter
+
+    routes = {"kind": "memory", "state_file": str(tmp_path / "routes.json")}
+    spec = _held_by_drift(tmp_path, green="1", router=routes)
+    router = MemoryRouter.from_config(load_spec(spec).router)  # type: ignore[arg-type]
+    router.deploy(Colour.GREEN, Release("m", "1"))
+    router.deploy(Colour.BLUE, Release("m", "3"))
+    router.set_weights(Weights.blue_at(50))
+    assert invoke("abort", str(spec))[0] == 0
+    assert invoke("run", str(spec), "--simulated-time")[0] == EXIT_ROLLED_BACK
+    code, out = invoke("status", str(spec))
+    text = " ".join(out.split())
+    assert code == EXIT_ROLLED_BACK
+    assert "weights none set: the abort left the data plane as it is" in text, text
+    assert "blue 0 %" not in text, text
+    assert "data plane blue m:3, green m:1: blue 50 % / green 50 % (read now)" in text, text
+    # the other rollout ended since: what the data plane serves now is what the status says
+    router.set_weights(Weights.blue_at(0))
+    router.remove(Colour.BLUE)
+    text = " ".join(invoke("status", str(spec))[1].split())
+    assert "weights blue 0 % / green 100 % plan" in text, text
+    assert "data plane blue nothing, green m:1: blue 0 % / green 100 % (read now)" in text, text

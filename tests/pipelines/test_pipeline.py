@@ -73,13 +73,17 @@ def test_steps_acting_on_live_state_are_never_reused(
 
 
 def test_a_changed_component_gets_a_new_version() -> None:
-    """Azure ML refuses to re-register a changed component under a version it already holds."""
+    """Azure ML refuses to re-register a changed component under a version it already holds.
+
+    The conda file is part of every component (its environment): a changed pin changes them all.
+    """
     current = {}
+    environment = (REPO / "environment.yml").read_bytes()
     for step in STEPS:
         text = component_path(step).read_text()
         current[step] = {
             "version": str(yaml.safe_load(text)["version"]),
-            "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "sha256": hashlib.sha256(text.encode() + environment).hexdigest(),
         }
     recorded = json.loads(VERSIONS.read_text())
     if os.environ.get("UPDATE_GOLDEN"):
@@ -88,7 +92,7 @@ def test_a_changed_component_gets_a_new_version() -> None:
     for step in STEPS:
         if current[step]["sha256"] != recorded[step]["sha256"]:
             assert current[step]["version"] != recorded[step]["version"], (
-                f"components/{step}/component.yml changed: bump its version"
+                f"components/{step}/component.yml or environment.yml changed: bump its version"
             )
     assert current == recorded, "run with UPDATE_GOLDEN=1 after an intended change"
 
@@ -397,3 +401,38 @@ def test_the_dumped_yaml_loads_back_as_a_valid_job(tmp_path: Path, components) -
         Path(job.jobs["train"].component.base_path, job.jobs["train"].component.code).resolve()
         == REPO
     )
+
+
+def _sent_modes(job: object) -> dict[tuple[str, str], str | None]:
+    """Each data input of each node, with the mode the job's REST body carries for it."""
+    jobs = job._to_rest_object().properties.jobs  # type: ignore[attr-defined]
+    return {
+        (node, name): value.get("mode")
+        for node, body in jobs.items()
+        for name, value in body["inputs"].items()
+    }
+
+
+def test_a_mode_a_component_declares_is_the_mode_the_submitted_job_sends(
+    tmp_path: Path, components
+) -> None:
+    """Was: `mode: direct` on the register component's model_ref only; the node bound to the
+    train output carried no mode (azure-ai-ml passes none down), so the submitted job named
+    none and the `azureml://` URI docs/pipeline.md promises was left to the service."""
+    from azure.ai.ml import load_job
+
+    job = build_pipeline(compute="cpu-cluster", loaded=components)
+    sent = _sent_modes(job)
+    assert sent[("register", "model_ref")] == "Direct"
+    declared = {
+        (step, name): spec.mode
+        for step, component in components.items()
+        for name, spec in component.inputs.items()  # type: ignore[attr-defined]
+        if getattr(spec, "mode", None)
+    }
+    assert declared == {("register", "model_ref"): "direct"}
+    for (step, name), mode in declared.items():
+        assert sent[(step, name)] == mode.capitalize()
+    # the same for the YAML `pipeline build` writes (what `az ml job create -f` sends)
+    loaded = load_job(dump_pipeline(job, tmp_path / "p.yml"))
+    assert _sent_modes(loaded)[("register", "model_ref")] == "Direct"
