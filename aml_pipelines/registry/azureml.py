@@ -81,6 +81,15 @@ class AzureMLRegistry:
     def __repr__(self) -> str:
         return f"AzureMLRegistry({self.ml_client.workspace_name!r})"
 
+    @property
+    def workspace_id(self) -> str:
+        """The workspace's ARM id: the `topic` (`source`) of the Event Grid events it raises."""
+        client = self.ml_client
+        return (
+            f"/subscriptions/{client.subscription_id}/resourceGroups/{client.resource_group_name}"
+            f"/providers/Microsoft.MachineLearningServices/workspaces/{client.workspace_name}"
+        )
+
     def register(
         self, name: str, source: str | Path, tags: Mapping[str, str] | None = None
     ) -> ModelVersion:
