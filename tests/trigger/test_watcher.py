@@ -597,10 +597,17 @@ def test_a_version_awaited_from_the_registry_holds_up_neither_the_endpoint_nor_o
     with _running(worker):
         _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
         assert _step(dispatcher) is Step.DONE
-        # Free between the reads: another process on this state folder can deliver meanwhile.
+        # Free between the reads: another process on this state folder can deliver meanwhile
+        # (once the worker has let go of diabetes v1, closed just before it does).
         other = TriggerStore(tmp_path / "trigger").lock("deliver", "another trigger")
-        with other.held(blocking=False):
-            pass
+
+        def free() -> bool:
+            with contextlib.suppress(TriggerError), other.held(blocking=False):
+                return True
+            return False
+
+        _wait_until(free, dispatcher)
+        assert free()
     fraud = dispatcher.store.load("fraud").entries[1]
     assert (fraud.step, fraud.outcome) == (Step.PENDING, "")  # still awaited, not given up
 
