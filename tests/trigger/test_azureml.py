@@ -84,6 +84,24 @@ def test_watch_an_azureml_registry_and_tag_it_after_promotion(
     assert not (tmp_path / "rollout" / "packages").exists()  # deployed from the registry
 
 
+def test_a_version_older_than_a_production_archived_in_the_studio_is_not_rolled_out(
+    tmp_path: Path, arm: FakeArm, registry: AzureMLRegistry
+) -> None:
+    """Production archived in the studio (it still serves) was hidden from the listings: the
+    watcher saw no production and rolled out an older candidate against it, a downgrade."""
+    registry.register(
+        "diabetes", "azureml://jobs/run-1/outputs/model", {"sha256": "a" * 64, "stage": "candidate"}
+    )
+    registry.register(
+        "diabetes",
+        "azureml://jobs/run-2/outputs/model",
+        {"sha256": "b" * 64, "stage": "production"},
+    )
+    registry.ml_client.models.archive("diabetes", "2")
+    assert _watcher(tmp_path, registry).run(once=True) == []
+    assert _stages(arm) == {"1": "candidate", "2": "production"}
+
+
 def test_serve_accepts_the_events_of_the_registrys_workspace_only(
     registry: AzureMLRegistry,
 ) -> None:
