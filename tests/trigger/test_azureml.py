@@ -102,6 +102,25 @@ def test_a_version_older_than_a_production_archived_in_the_studio_is_not_rolled_
     assert _stages(arm) == {"1": "candidate", "2": "production"}
 
 
+def test_a_production_archived_in_the_studio_is_tagged_archived_after_a_promotion(
+    tmp_path: Path, arm: FakeArm, registry: AzureMLRegistry
+) -> None:
+    # Left out of the listing the tags were planned from, it stayed `stage=production` beside
+    # the promoted version: two production versions, and `registry tag` refused every change.
+    registry.register(
+        "diabetes",
+        "azureml://jobs/run-1/outputs/model",
+        {"sha256": "a" * 64, "stage": "production"},
+    )
+    registry.ml_client.models.archive("diabetes", "1")
+    registry.register(
+        "diabetes", "azureml://jobs/run-2/outputs/model", {"sha256": "b" * 64, "stage": "candidate"}
+    )
+    (outcome,) = _watcher(tmp_path, registry).run(once=True)
+    assert outcome.phase == "Succeeded", outcome.reason
+    assert _stages(arm) == {"1": "archived", "2": "production"}
+
+
 def test_serve_accepts_the_events_of_the_registrys_workspace_only(
     registry: AzureMLRegistry,
 ) -> None:
