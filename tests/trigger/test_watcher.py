@@ -21,6 +21,7 @@ from aml_pipelines.errors import RegistryError, TriggerError
 from aml_pipelines.registry import local as local_registry
 from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
+from aml_pipelines.trigger import store as store_module
 from aml_pipelines.trigger.dispatch import DeliveryWorker, Dispatcher
 from aml_pipelines.trigger.store import MISSING, Step, TriggerStore
 from aml_pipelines.trigger.watcher import Watcher, new_versions
@@ -639,6 +640,24 @@ def test_with_supersede_a_newer_version_does_not_wait_for_an_awaited_one(
     outcomes = dispatcher.drain("diabetes", wait=False)
     assert [(o.version, o.phase) for o in outcomes] == [(1, "superseded"), (2, "Succeeded")]
     assert dispatcher.next_read_in() is None
+
+
+def test_only_the_last_versions_closed_missing_are_kept_in_the_cursor(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    dispatcher: Dispatcher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every other entry stands for a version the registry held (the cursor grows with the
+    registry); one closed missing stands for a version number an event named, any number, and
+    remembers nothing a trigger needs (it is accepted again when named)."""
+    monkeypatch.setattr(store_module, "MISSING_KEPT", 2)
+    register(registry, tmp_path, stage="candidate")
+    assert dispatcher.accept_many("diabetes", [(v, "watch") for v in range(1, 6)])
+    outcomes = dispatcher.drain("diabetes")
+    assert [o.phase for o in outcomes] == ["Succeeded"] + [MISSING] * 4
+    entries = dispatcher.store.load("diabetes").entries
+    assert {v: e.outcome for v, e in entries.items()} == {1: "Succeeded", 4: MISSING, 5: MISSING}
 
 
 class _FailingDelivery(ResumableDelivery):
