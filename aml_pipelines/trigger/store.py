@@ -106,9 +106,10 @@ class Cursor:
 
 def _forget_missing(cursor: Cursor) -> None:
     """Drop all but the MISSING_KEPT most recent entries closed MISSING. Every other entry
-    stands for a version the registry held, so a cursor grows only as the registry does; a
-    MISSING one stands for whatever version number an event named, and remembers nothing a
-    trigger needs (it is accepted again when named): kept only for `trigger status`."""
+    stands for a version the registry held (but for one `--supersede` closed before reading
+    it), so a cursor grows as the registry does; a MISSING one stands for whatever version
+    number an event named, and remembers nothing a trigger needs (it is accepted again when
+    named): kept only for `trigger status`."""
     missing = sorted(
         (e for e in cursor.entries.values() if e.step is Step.DONE and e.outcome == MISSING),
         key=lambda e: (e.updated_at, e.version),
