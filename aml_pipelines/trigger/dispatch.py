@@ -199,6 +199,11 @@ class Dispatcher:
         outcomes = []
         while not self.stop.is_set():
             open_entries = self.store.load(model).open_entries()
+            # One closed by another process is awaited no more (due forever, it would end
+            # every wait of the worker at once).
+            still_open = {e.version for e in open_entries}
+            for closed in [k for k in self._misses if k[0] == model and k[1] not in still_open]:
+                del self._misses[closed]
             if not open_entries:
                 break
             version = open_entries[0].version

@@ -627,6 +627,21 @@ def test_the_worker_reads_an_awaited_version_again_when_due_unwoken(
     assert (fraud.step, fraud.outcome) == (Step.DONE, "Succeeded")
 
 
+def test_an_awaited_version_another_process_delivered_is_no_longer_awaited(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    # Still awaited, it would be due forever: the worker's wait would end at once, every time.
+    assert dispatcher.accept("diabetes", 1, "event:a")
+    assert dispatcher.drain("diabetes", wait=False) == []
+    assert dispatcher.next_read_in() is not None
+    register(registry, tmp_path, stage="candidate")
+    other = Dispatcher(dispatcher.store, registry, dispatcher.delivery, wait_interval_s=0)
+    (delivered,) = other.drain("diabetes")  # another trigger on the state folder
+    assert delivered.phase == "Succeeded"
+    assert dispatcher.drain("diabetes", wait=False) == []
+    assert dispatcher.next_read_in() is None
+
+
 def test_with_supersede_a_newer_version_does_not_wait_for_an_awaited_one(
     tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
 ) -> None:
