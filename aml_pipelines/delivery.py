@@ -273,11 +273,21 @@ def apply_tags(registry: ModelRegistry, model: str, changes: Sequence[TagChange]
         log.info("registry: %s v%d tagged %s", model, change.version, dict(change.tags))
 
 
+def taggable_versions(registry: ModelRegistry, model: str) -> list[ModelVersion]:
+    """The versions tags are planned over, oldest first: the listing, and a production version
+    it leaves out (archived in the Azure ML studio, it still serves, and a promotion must archive
+    it, or two versions stay tagged production)."""
+    versions = {v.version: v for v in registry.list_versions(model)}
+    for held in registry.find_by_tag(model, STAGE_TAG, Stage.PRODUCTION):
+        versions.setdefault(held.version, held)
+    return [versions[v] for v in sorted(versions)]
+
+
 def follow_traffic(
     registry: ModelRegistry, model: str, candidate: int, phase: str, reason: str = ""
 ) -> list[TagChange]:
     """Plan and apply the tags for a rollout of `candidate` that ended in `phase`."""
-    changes = plan_tags(registry.list_versions(model), candidate, phase, reason)
+    changes = plan_tags(taggable_versions(registry, model), candidate, phase, reason)
     apply_tags(registry, model, changes)
     return changes
 
@@ -611,7 +621,7 @@ def tag_first_release(
     registry: ModelRegistry, model: str, version: int, check: str, reason: str
 ) -> list[TagChange]:
     """Plan and apply the tags of a first release whose check ended `check`."""
-    changes = plan_first_release_tags(registry.list_versions(model), version, check, reason)
+    changes = plan_first_release_tags(taggable_versions(registry, model), version, check, reason)
     apply_tags(registry, model, changes)
     return changes
 

@@ -19,6 +19,10 @@
   Version allocation still counts every integer version, foreign ones included, and archived
   ones: Azure ML leaves an archived version (the studio's Archive) out of a listing unless asked
   (`ListViewType.ALL`), and reusing its number is a 409 at every attempt.
+- **Archived in the studio**: `list_versions` and `latest` leave such a version out (withdrawn:
+  the watcher does not pick up a candidate archived before its delivery), `find_by_tag` does
+  not: a production version archived in a clean-up still serves, and hidden it let the gate pass
+  any candidate and the triggers roll out an older version against it (as a first release).
 """
 
 from __future__ import annotations
@@ -80,6 +84,15 @@ class AzureMLRegistry:
 
     def __repr__(self) -> str:
         return f"AzureMLRegistry({self.ml_client.workspace_name!r})"
+
+    @property
+    def workspace_id(self) -> str:
+        """The workspace's ARM id: the `topic` (`source`) of the Event Grid events it raises."""
+        client = self.ml_client
+        return (
+            f"/subscriptions/{client.subscription_id}/resourceGroups/{client.resource_group_name}"
+            f"/providers/Microsoft.MachineLearningServices/workspaces/{client.workspace_name}"
+        )
 
     def register(
         self, name: str, source: str | Path, tags: Mapping[str, str] | None = None
@@ -144,9 +157,13 @@ class AzureMLRegistry:
         return versions[-1] if versions else None
 
     def list_versions(self, name: str) -> list[ModelVersion]:
-        """Every readable version of `name`, oldest first (see the module docstring)."""
+        """Every readable version of `name` not archived in the studio, oldest first (see the
+        module docstring)."""
+        return self._readable(name)
+
+    def _readable(self, name: str, *, archived: bool = False) -> list[ModelVersion]:
         versions = []
-        for model in self._list(name):
+        for model in self._list(name, archived=archived):
             try:
                 versions.append(self._to_version(model))
             except IntegrityError as exc:
@@ -169,7 +186,9 @@ class AzureMLRegistry:
         return self._to_version(updated)
 
     def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersion]:
-        return [v for v in self.list_versions(name) if v.tags.get(key) == value]
+        """Versions whose tag `key` equals `value`, archived ones included (see the module
+        docstring), oldest first."""
+        return [v for v in self._readable(name, archived=True) if v.tags.get(key) == value]
 
     def names(self) -> list[str]:
         """Every model name in the workspace."""

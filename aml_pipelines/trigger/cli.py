@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from aml_pipelines.delivery import DeliveryOutcome
     from aml_pipelines.registry.base import ModelRegistry
     from aml_pipelines.trigger.dispatch import Dispatcher
+    from aml_pipelines.trigger.webhook import Filter
 
 trigger_app = typer.Typer(no_args_is_help=True)
 
@@ -247,6 +248,16 @@ def _warn_unknown_models(registry: ModelRegistry, models: Sequence[str]) -> list
     return missing
 
 
+def event_filter(models: Sequence[str], tags: dict[str, str], registry: ModelRegistry) -> Filter:
+    """`serve`'s filter: the `--model`s, the `--tag`s and, for an Azure ML registry, its
+    workspace (an event's version number names a version in its own workspace only)."""
+    from aml_pipelines.registry.azureml import AzureMLRegistry
+    from aml_pipelines.trigger.webhook import Filter
+
+    workspace = registry.workspace_id if isinstance(registry, AzureMLRegistry) else None
+    return Filter(models=tuple(models), tags=tags, workspace=workspace)
+
+
 def read_secrets(secret_env: str, previous_env: str | None) -> tuple[str, tuple[str, ...]]:
     """`serve`'s secret and, during a rotation, the previous one (read from `previous_env`);
     ConfigError when one is unset or too short. Warns, never naming a secret, of one a URL would
@@ -436,15 +447,16 @@ def serve(
 ) -> None:
     """Receive Azure Event Grid ModelRegistered events; deliver each new version exactly once."""
     from aml_pipelines.trigger.dispatch import DeliveryWorker
-    from aml_pipelines.trigger.webhook import Filter, WebhookApp, make_server
+    from aml_pipelines.trigger.webhook import WebhookApp, make_server
 
     _setup_logging()
     secret, previous_secrets = read_secrets(secret_env, previous_secret_env)
-    event_filter = Filter(models=tuple(model or ()), tags=_parse_tags(tag))
+    tags = _parse_tags(tag)
     choice = DeliveryChoice(delivery, subscription, resource_group, workspace, compute)
     dispatcher = _dispatcher(
         registry, spec, state_dir, rollout_state_dir, image_registry, supersede, choice
     )
+    events = event_filter(model or (), tags, dispatcher.registry)
     _warn_unknown_models(dispatcher.registry, model or [])
     if not model:
         # One spec is one endpoint: a version of any other model would be rolled out on it,
@@ -473,7 +485,7 @@ def serve(
             previous_secrets=previous_secrets,
             dispatcher=dispatcher,
             wake=worker.wake,
-            event_filter=event_filter,
+            event_filter=events,
             max_body=max_body,
         )
         server, sock, url = make_server(

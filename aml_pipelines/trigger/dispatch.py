@@ -7,7 +7,8 @@ single worker then delivers them, oldest first. The worker's loop for one versio
     re-read the entry                      → done already (another process)? skip
     ask the registry                       → not there: a version an event named is asked for
                                              again with backoff (MISSING_RETRIES_S), then
-                                             closed as `missing`
+                                             closed as `missing`; the lock is let go
+                                             between the reads (see below)
                                            → stage records a delivery, a newer version is in
                                              production, or the job that registered it rolls it
                                              out itself? close it without a rollout
@@ -24,6 +25,12 @@ Crash semantics (SIGKILL anywhere):
   is not run again: the start-up reconcile writes its tags, which then settle the entry with the
   rollout's outcome. `attempts` counts the entries into delivery;
 - after `done`: nothing to do. So each version is delivered once, and none is skipped.
+
+A version awaited from the registry: each miss puts off the version's next read (in memory,
+`_misses`) and gives the deliver lock back; the entry stays `pending`, so a crash only starts its
+reads over. Meanwhile the worker delivers other models' versions (and another process on the
+state folder may deliver), while this model's later versions wait behind it, in order, as they
+would behind its delivery. `watch --once` (drain with `wait`) just waits for the next read.
 
 Supersede: when a newer version of the same model is accepted while an older one is being
 delivered, the active rollout is aborted (it rolls back cleanly and ends RolledBack with the
@@ -91,7 +98,7 @@ DELIVERED = frozenset({Stage.PRODUCTION, Stage.ARCHIVED, Stage.ROLLED_BACK})
 #: Seconds between the registry reads of a version an event named that the registry does not
 #: hold (yet): an event can arrive before the registry answers for its version (replication
 #: lag), and with `serve` alone nothing but a new event would accept a version closed as
-#: `missing` again. 8 reads over about 2 min, the worker holding the delivery lock meanwhile.
+#: `missing` again. 8 reads over about 2 min; the delivery lock is free between them.
 MISSING_RETRIES_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
 
@@ -117,6 +124,9 @@ class Dispatcher:
         self.missing_retries_s: Sequence[float] = MISSING_RETRIES_S
         #: Waits that many seconds; True when stopped meanwhile (a test's clock replaces it).
         self.pause: Callable[[float], bool] = self.stop.wait
+        self.clock: Callable[[], float] = time.monotonic
+        #: Versions the registry did not hold when last read: (reads missed, next read at clock).
+        self._misses: dict[tuple[str, int], tuple[int, float]] = {}
         self._deliver_lock = store.lock("deliver", "a delivery on this endpoint")
         #: The version `delivery.deliver` is at in this process (read by `accept`'s thread).
         self._delivering: tuple[str, int] | None = None
@@ -173,24 +183,51 @@ class Dispatcher:
     # ------------------------------------------------------------------ delivering
 
     def drain(
-        self, model: str, on_outcome: Callable[[DeliveryOutcome], None] | None = None
+        self,
+        model: str,
+        on_outcome: Callable[[DeliveryOutcome], None] | None = None,
+        *,
+        wait: bool = True,
     ) -> list[DeliveryOutcome]:
         """Deliver every open version of `model` (started ones first); returns the outcomes.
 
         `on_outcome` hears each as it closes: an error on a later version ends the drain with
         the exception, and the outcomes before it must not be lost with the return value.
+        A version awaited from the registry is waited for (`pause`); without `wait` the drain
+        ends there instead (the worker goes on with other models, see `next_read_in`).
         """
         outcomes = []
         while not self.stop.is_set():
             open_entries = self.store.load(model).open_entries()
+            # One closed by another process is awaited no more (due forever, it would end
+            # every wait of the worker at once).
+            still_open = {e.version for e in open_entries}
+            for closed in [k for k in self._misses if k[0] == model and k[1] not in still_open]:
+                del self._misses[closed]
             if not open_entries:
                 break
-            outcome = self._deliver_one(model, open_entries[0].version)
+            version = open_entries[0].version
+            # With supersede a newer open version closes it at once: no read to wait for.
+            newer = self.supersede and any(e.version > version for e in open_entries)
+            if not newer and (later := self._read_in(model, version)) > 0:
+                if not wait or self.pause(later):
+                    break
+                continue
+            outcome = self._deliver_one(model, version)
             if outcome is not None:
                 outcomes.append(outcome)
                 if on_outcome is not None:
                     on_outcome(outcome)
         return outcomes
+
+    def next_read_in(self) -> float | None:
+        """Seconds until a version awaited from the registry is due to be read again (0: now);
+        None when none is awaited."""
+        return min((self._read_in(*key) for key in self._misses), default=None)
+
+    def _read_in(self, model: str, version: int) -> float:
+        missed = self._misses.get((model, version))
+        return 0.0 if missed is None else max(0.0, missed[1] - self.clock())
 
     def resume_order(self, models: list[str]) -> list[str]:
         """`models` with those holding a `started` entry first (otherwise in the given order).
@@ -214,6 +251,7 @@ class Dispatcher:
             cursor = self.store.load(model)
             entry = cursor.entries[version]
             if entry.step is Step.DONE:  # another process finished it while we waited
+                self._misses.pop((model, version), None)
                 return None
             # With supersede, the newest open version above this one (0: none).
             newer = (
@@ -226,13 +264,14 @@ class Dispatcher:
                 self._close(model, version, SUPERSEDED, reason)
                 return DeliveryOutcome(model, version, SUPERSEDED, reason)
             try:
-                model_version = self._get(entry, model)
+                model_version = self.registry.get(model, version)
             except ModelNotFound as exc:
+                if self._missed(entry, model):
+                    return None  # still pending: read again later, the lock let go meanwhile
                 return self._fail(model, version, exc, MISSING, self._missing_retries(entry))
             except PERMANENT as exc:
                 return self._fail(model, version, exc)
-            if model_version is None:  # stopped while waiting for it: still pending
-                return None
+            self._misses.pop((model, version), None)
             try:
                 settled = self._settled(entry, model_version)
             except PERMANENT as exc:
@@ -293,25 +332,24 @@ class Dispatcher:
         one an event named. One the watcher listed is not lagging: it was removed since."""
         return self.missing_retries_s if entry.source.startswith("event:") else ()
 
-    def _get(self, entry: Entry, model: str) -> ModelVersion | None:
-        """The entry's version from the registry, asked again after each of its missing
-        retries while not found (ModelNotFound after the last); None when stopped meanwhile."""
+    def _missed(self, entry: Entry, model: str) -> bool:
+        """Put off the next read of a version the registry did not hold; False when its
+        retries are spent (it is then closed `missing`)."""
         retries = self._missing_retries(entry)
-        for attempt, delay in enumerate(retries, 1):
-            try:
-                return self.registry.get(model, entry.version)
-            except ModelNotFound:
-                log.info(
-                    "%s v%d is not in the registry (yet?); asking again in %g s (%d of %d)",
-                    model,
-                    entry.version,
-                    delay,
-                    attempt,
-                    len(retries),
-                )
-            if self.pause(delay):
-                return None
-        return self.registry.get(model, entry.version)
+        missed, _ = self._misses.get((model, entry.version), (0, 0.0))
+        if missed >= len(retries):
+            return False  # closed `missing` (which forgets it)
+        delay = retries[missed]
+        self._misses[(model, entry.version)] = (missed + 1, self.clock() + delay)
+        log.info(
+            "%s v%d is not in the registry (yet?); asking again in %g s (%d of %d)",
+            model,
+            entry.version,
+            delay,
+            missed + 1,
+            len(retries),
+        )
+        return True
 
     def _superseded_meanwhile(self, model: str, version: int) -> DeliveryOutcome | None:
         """With supersede, asked by the delivery once `version` is packaged, just before its
@@ -427,6 +465,7 @@ class Dispatcher:
         return DeliveryOutcome(model, version, outcome, reason)
 
     def _close(self, model: str, version: int, outcome: str, reason: str) -> Entry:
+        self._misses.pop((model, version), None)  # superseded while awaited, say
         return self.store.update(
             model,
             version,
@@ -532,7 +571,8 @@ class DeliveryWorker:
     def _run(self) -> None:
         stop = self.dispatcher.stop
         while not stop.is_set():
-            self._wake.wait()
+            # Woken by an accept, or when a version awaited from the registry is due.
+            self._wake.wait(self.dispatcher.next_read_in())
             self._wake.clear()
             try:
                 # Reads every cursor: one that cannot be read must not end the thread (the
@@ -546,7 +586,7 @@ class DeliveryWorker:
                 if stop.is_set():
                     break
                 try:
-                    self.dispatcher.drain(model)
+                    self.dispatcher.drain(model, wait=False)
                 except Exception as exc:
                     # The entry stays `started`/`pending`: retried (as a resume) on the next wake.
                     self._failed(f"delivery of {model}", exc)

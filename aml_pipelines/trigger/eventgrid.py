@@ -29,6 +29,8 @@ SDKs (generated from the REST spec) read them camel-cased, `modelName` ..., so e
 reading only one would lose the tags of the other, and `serve`'s tag filter would then answer
 every event 200 as filtered: acknowledged, and never sent again.
 The data is authoritative; the subject fills in a missing name or version and must not contradict.
+The workspace is in neither: it is the event's `topic` (Event Grid schema) or `source`
+(CloudEvents), the workspace's ARM id, kept in `ModelRegistered.topic` for the webhook's filter.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class ModelRegistered:
     tags: Mapping[str, str] = field(default_factory=dict)
     properties: Mapping[str, str] = field(default_factory=dict)
     schema: str = "eventgrid"  # or "cloudevents"
+    #: The workspace's ARM id: Event Grid's `topic`, CloudEvents' `source` ("" when absent).
+    topic: str = ""
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,7 @@ def _eventgrid_event(item: dict[str, Any], where: str) -> Record:
 
     _require(item, _EVENTGRID_REQUIRED, where)
     _optional_string(item, "subject", where)
+    _optional_string(item, "topic", where)
     _optional_string(item, "eventTime", where)
     try:
         event = EventGridEvent.from_dict(item)
@@ -181,7 +186,9 @@ def _eventgrid_event(item: dict[str, Any], where: str) -> Record:
             raise BadEvent(f"{where}: validation event without data.validationCode")
         return Validation(event.id, code)
     if event_type == MODEL_REGISTERED:
-        return _model_registered(event.id, event.subject, event.data, "eventgrid", where)
+        return _model_registered(
+            event.id, event.subject, event.data, "eventgrid", where, event.topic or ""
+        )
     return Other(event.id, event_type)
 
 
@@ -204,7 +211,9 @@ def _cloud_event(item: dict[str, Any], where: str) -> Record:
         raise BadEvent(f"{where} is not a CloudEvent: {exc}") from None
     where = f"{where} ({event.id})"
     if event.type == MODEL_REGISTERED:
-        return _model_registered(event.id, event.subject, event.data, "cloudevents", where)
+        return _model_registered(
+            event.id, event.subject, event.data, "cloudevents", where, str(event.source or "")
+        )
     return Other(event.id, event.type)
 
 
@@ -232,7 +241,7 @@ def _parses_without(item: dict[str, Any], key: str) -> bool:
 
 
 def _model_registered(
-    event_id: str, subject: str | None, data: Any, schema: str, where: str
+    event_id: str, subject: str | None, data: Any, schema: str, where: str, topic: str
 ) -> ModelRegistered:
     if not isinstance(data, dict):
         raise BadEvent(f"{where}: ModelRegistered data must be a JSON object")
@@ -267,6 +276,7 @@ def _model_registered(
         tags=_str_map(_data(data, "ModelTags"), "ModelTags", where),
         properties=_str_map(_data(data, "ModelProperties"), "ModelProperties", where),
         schema=schema,
+        topic=topic,
     )
 
 

@@ -15,6 +15,10 @@ Every change is a read-modify-write under a short flock and lands with write-tem
 rename + fsync of the folder, so a crash leaves either the old or the new file, never half of one,
 and two processes (a watcher and a webhook server) sharing a state folder cannot lose an update.
 
+A cursor grows with the registry: one entry per version accepted, kept for good (a done entry is
+what keeps a superseded or skipped candidate from being delivered later), but for entries closed
+`missing`, of which the last MISSING_KEPT are kept (`_forget_missing`).
+
 Seen events (`<state>/events.json`): the ids of the last `SEEN_EVENTS_KEPT` accepted Event Grid
 events. Event Grid delivers at least once and retries for up to 24 h; ids older than that window
 are far beyond the bound.
@@ -38,6 +42,8 @@ from aml_pipelines.fileio import write_json
 from aml_pipelines.trigger.lock import FileLock
 
 SEEN_EVENTS_KEPT = 10_000
+#: Entries closed MISSING kept per cursor, the most recent (see `_forget_missing`).
+MISSING_KEPT = 100
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 #: Longest model part of a state file name: a file name is at most 255 bytes, and around it go
 #: "cursor-" + ".json", and write_json's ".<name>.XXXXXXXX.tmp". (Model names reach 255.)
@@ -96,6 +102,20 @@ class Cursor:
         """Versions not yet done: started first (a crash left them), then pending; oldest first."""
         live = [e for e in self.entries.values() if e.step is not Step.DONE]
         return sorted(live, key=lambda e: (e.step is not Step.STARTED, e.version))
+
+
+def _forget_missing(cursor: Cursor) -> None:
+    """Drop all but the MISSING_KEPT most recent entries closed MISSING. Every other entry
+    stands for a version the registry held (but for one `--supersede` closed before reading
+    it), so a cursor grows as the registry does; a MISSING one stands for whatever version
+    number an event named, and remembers nothing a trigger needs (it is accepted again when
+    named): kept only for `trigger status`."""
+    missing = sorted(
+        (e for e in cursor.entries.values() if e.step is Step.DONE and e.outcome == MISSING),
+        key=lambda e: (e.updated_at, e.version),
+    )
+    for entry in missing[: max(0, len(missing) - MISSING_KEPT)]:
+        del cursor.entries[entry.version]
 
 
 def _now() -> str:
@@ -161,6 +181,7 @@ class TriggerStore:
             cursor = self.load(model)
             before = dict(cursor.entries)
             yield cursor
+            _forget_missing(cursor)
             if cursor.entries == before and self.cursor_path(model).exists():
                 return  # nothing new (a redelivered event): no write, no fsync
             write_json(

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 
 from aml_pipelines.delivery import DeliveryOutcome
 from aml_pipelines.errors import PipelineError
-from aml_pipelines.registry.base import ModelRegistry, ModelVersion, Stage
+from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
 from aml_pipelines.trigger.dispatch import DELIVERED, REMIND_S, DeliveryWorker, Dispatcher, Reminder
 from aml_pipelines.trigger.store import MISSING
 
@@ -41,10 +41,17 @@ def matches(version: ModelVersion, required: Mapping[str, str]) -> bool:
 
 
 def new_versions(
-    versions: list[ModelVersion], required: Mapping[str, str], known: set[int]
+    versions: list[ModelVersion],
+    required: Mapping[str, str],
+    known: set[int],
+    production: int = 0,
 ) -> list[ModelVersion]:
-    """The versions a watcher should accept, oldest first (pure; see the module docstring)."""
-    production = max((v.version for v in versions if v.stage == Stage.PRODUCTION), default=0)
+    """The versions a watcher should accept, oldest first (pure; see the module docstring).
+    `production`: the production version as find_by_tag tells it (the listing may leave it out:
+    archived in the Azure ML studio, it still serves)."""
+    production = max(
+        [production, *(v.version for v in versions if v.stage == Stage.PRODUCTION)], default=0
+    )
     return sorted(
         (
             v
@@ -99,7 +106,13 @@ class Watcher:
         versions = self.registry.list_versions(self.model)
         entries = self.dispatcher.store.load(self.model).entries.values()
         known = {e.version for e in entries if e.outcome != MISSING}  # MISSING: listed now
-        fresh = new_versions(versions, self.required_tags, known)
+        production = 0
+        if not any(v.stage == Stage.PRODUCTION for v in versions):
+            # Asked only then (a local registry's find_by_tag re-hashes every version again):
+            # the listing leaves out a production version archived in the Azure ML studio.
+            tagged = self.registry.find_by_tag(self.model, STAGE_TAG, Stage.PRODUCTION)
+            production = max((v.version for v in tagged), default=0)
+        fresh = new_versions(versions, self.required_tags, known, production)
         accepted = [
             v.version for v in fresh if self.dispatcher.accept(self.model, v.version, "watch")
         ]

@@ -107,15 +107,31 @@ class _Reject(Exception):
         self.message = message
 
 
+#: The start of the reason given for an event of another workspace (see Filter.workspace).
+OTHER_WORKSPACE = "other workspace"
+
+
+def same_arm_id(a: str, b: str) -> bool:
+    """ARM resource ids compare case-insensitively (Azure itself varies the casing)."""
+    return a.strip().rstrip("/").lower() == b.strip().rstrip("/").lower()
+
+
 @dataclass(frozen=True)
 class Filter:
-    """Which ModelRegistered events start a delivery: model names (empty = any) and tags."""
+    """Which ModelRegistered events start a delivery: model names (empty = any), tags, and the
+    workspace (the registry's ARM id; None when the registry is not an Azure ML workspace)."""
 
     models: Collection[str] = ()
     tags: Mapping[str, str] | None = None
+    #: An event's version number means something only in the workspace that registered it: an
+    #: event from another workspace (a subscription on dev beside prod) naming a model of the
+    #: same name would deliver this registry's version of that number, or close it `missing`.
+    workspace: str | None = None
 
     def reason_to_skip(self, event: ModelRegistered) -> str | None:
         """Why the event is ignored, or None when it passes."""
+        if self.workspace is not None and not same_arm_id(event.topic, self.workspace):
+            return f"{OTHER_WORKSPACE}: {event.topic or 'no topic'} is not {self.workspace}"
         if self.models and event.model not in self.models:
             return f"model {event.model!r} is not watched"
         for key, value in (self.tags or {}).items():
@@ -264,6 +280,15 @@ class WebhookApp:
                 filtered.append({"id": event.event_id, "reason": skip})
             else:
                 wanted.append(event)
+        if others := [f for f in filtered if f["reason"].startswith(OTHER_WORKSPACE)]:
+            # Acknowledged (a 5xx would be retried for 24 h, to no avail): a subscription
+            # pointed at the wrong workspace must still be seen.
+            log.warning(
+                "filtered %d event(s) from another workspace (%s); check the Event Grid "
+                "subscription's source",
+                len(others),
+                others[0]["reason"],
+            )
         # One read and one write of each state file per batch, not per event: Event Grid waits
         # 30 s for the answer, and a batch holds up to 5,000 events.
         seen = store.events_seen(event.event_id for event in wanted)

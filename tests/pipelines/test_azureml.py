@@ -193,6 +193,23 @@ def test_a_version_archived_in_the_studio_is_never_reused(
     assert views[0] == ["All"], views
 
 
+def test_a_production_version_archived_in_the_studio_is_still_found(
+    client: Any, registry: AzureMLRegistry
+) -> None:
+    # Archived (a studio clean-up) it still serves: hidden from find_by_tag, the gate passed any
+    # candidate and the triggers rolled out versions older than it.
+    registry.register(
+        "m", "azureml://jobs/r1/outputs/model", {"sha256": SHA, "stage": "production"}
+    )
+    registry.register("m", "azureml://jobs/r2/outputs/model", {"sha256": SHA, "stage": "candidate"})
+    client.models.archive("m", "1")
+    assert [v.version for v in registry.find_by_tag("m", "stage", "production")] == [1]
+    # Listings stay active-only: a candidate withdrawn in the studio is not picked up.
+    client.models.archive("m", "2")
+    assert registry.list_versions("m") == []
+    assert registry.latest("m") is None
+
+
 def test_concurrent_registrations_get_distinct_versions(client: Any) -> None:
     results: list[int] = []
 

@@ -5,6 +5,7 @@ clock). The registry tags written back are read from the fake's stored ARM resou
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from aml_pipelines.delivery import EngineDelivery
 from aml_pipelines.registry.azureml import AzureMLRegistry
+from aml_pipelines.registry.memory import MemoryRegistry
 from aml_pipelines.trigger.dispatch import Dispatcher
 from aml_pipelines.trigger.store import TriggerStore
 from aml_pipelines.trigger.watcher import Watcher
@@ -80,3 +82,63 @@ def test_watch_an_azureml_registry_and_tag_it_after_promotion(
     _watcher(tmp_path, registry).run(once=True)  # a restarted watcher: nothing new, nothing written
     assert len(list(iter_calls(arm, "PUT", r"/models/diabetes/versions/"))) == puts
     assert not (tmp_path / "rollout" / "packages").exists()  # deployed from the registry
+
+
+def test_a_version_older_than_a_production_archived_in_the_studio_is_not_rolled_out(
+    tmp_path: Path, arm: FakeArm, registry: AzureMLRegistry
+) -> None:
+    """Production archived in the studio (it still serves) was hidden from the listings: the
+    watcher saw no production and rolled out an older candidate against it, a downgrade."""
+    registry.register(
+        "diabetes", "azureml://jobs/run-1/outputs/model", {"sha256": "a" * 64, "stage": "candidate"}
+    )
+    registry.register(
+        "diabetes",
+        "azureml://jobs/run-2/outputs/model",
+        {"sha256": "b" * 64, "stage": "production"},
+    )
+    registry.ml_client.models.archive("diabetes", "2")
+    assert _watcher(tmp_path, registry).run(once=True) == []
+    assert _stages(arm) == {"1": "candidate", "2": "production"}
+
+
+def test_a_production_archived_in_the_studio_is_tagged_archived_after_a_promotion(
+    tmp_path: Path, arm: FakeArm, registry: AzureMLRegistry
+) -> None:
+    # Left out of the listing the tags were planned from, it stayed `stage=production` beside
+    # the promoted version: two production versions, and `registry tag` refused every change.
+    registry.register(
+        "diabetes",
+        "azureml://jobs/run-1/outputs/model",
+        {"sha256": "a" * 64, "stage": "production"},
+    )
+    registry.ml_client.models.archive("diabetes", "1")
+    registry.register(
+        "diabetes", "azureml://jobs/run-2/outputs/model", {"sha256": "b" * 64, "stage": "candidate"}
+    )
+    (outcome,) = _watcher(tmp_path, registry).run(once=True)
+    assert outcome.phase == "Succeeded", outcome.reason
+    assert _stages(arm) == {"1": "archived", "2": "production"}
+
+
+def test_serve_accepts_the_events_of_the_registrys_workspace_only(
+    registry: AzureMLRegistry,
+) -> None:
+    """`serve` on an Azure ML registry: an event of a model of the same name registered in
+    another workspace named a version of another model (or none), and was delivered."""
+    from aml_pipelines.trigger.cli import event_filter
+    from aml_pipelines.trigger.eventgrid import parse
+    from tests.trigger.test_eventgrid import eg_event
+
+    workspace = VERSIONS.removesuffix("/models/diabetes/versions")
+    only = event_filter(["diabetes"], {"stage": "candidate"}, registry)
+
+    def reason(topic: str) -> str | None:
+        (event,) = parse(json.dumps([{**eg_event(version="1"), "topic": topic}]).encode())
+        return only.reason_to_skip(event)  # type: ignore[arg-type]
+
+    assert reason(workspace) is None
+    assert reason(workspace.upper()) is None
+    assert (reason(workspace + "-dev") or "").startswith("other workspace")
+    # Not an Azure ML workspace: nothing to compare the topic with.
+    assert event_filter([], {}, MemoryRegistry()).workspace is None

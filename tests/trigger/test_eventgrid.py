@@ -101,21 +101,35 @@ def _body(payload: Any) -> bytes:
             [eg_event()],
             [
                 ModelRegistered(
-                    "e1", "diabetes", 3, {"stage": "candidate"}, {"mse": "2900.1"}, "eventgrid"
+                    "e1",
+                    "diabetes",
+                    3,
+                    {"stage": "candidate"},
+                    {"mse": "2900.1"},
+                    "eventgrid",
+                    TOPIC,
                 )
             ],
             id="eventgrid-schema",
         ),
         pytest.param(
             cloud_event(),
-            [ModelRegistered("c1", "diabetes", 3, {"stage": "candidate"}, {}, "cloudevents")],
+            [
+                ModelRegistered(
+                    "c1", "diabetes", 3, {"stage": "candidate"}, {}, "cloudevents", TOPIC
+                )
+            ],
             id="cloudevents-structured",
         ),
         pytest.param(
             [cloud_event("c1"), cloud_event("c2", version="4")],
             [
-                ModelRegistered("c1", "diabetes", 3, {"stage": "candidate"}, {}, "cloudevents"),
-                ModelRegistered("c2", "diabetes", 4, {"stage": "candidate"}, {}, "cloudevents"),
+                ModelRegistered(
+                    "c1", "diabetes", 3, {"stage": "candidate"}, {}, "cloudevents", TOPIC
+                ),
+                ModelRegistered(
+                    "c2", "diabetes", 4, {"stage": "candidate"}, {}, "cloudevents", TOPIC
+                ),
             ],
             id="cloudevents-batch",
         ),
@@ -131,26 +145,40 @@ def _body(payload: Any) -> bytes:
         ),
         pytest.param(
             [eg_event(ModelName=None, ModelVersion=None, ModelTags=None)],
-            [ModelRegistered("e1", "diabetes", 3, {}, {"mse": "2900.1"}, "eventgrid")],
+            [ModelRegistered("e1", "diabetes", 3, {}, {"mse": "2900.1"}, "eventgrid", TOPIC)],
             id="name-and-version-from-subject",
         ),
         pytest.param(  # Azure's own CloudEvents example sends the version as a number
             cloud_event(ModelVersion=3),
-            [ModelRegistered("c1", "diabetes", 3, {"stage": "candidate"}, {}, "cloudevents")],
+            [
+                ModelRegistered(
+                    "c1", "diabetes", 3, {"stage": "candidate"}, {}, "cloudevents", TOPIC
+                )
+            ],
             id="version-as-a-number",
         ),
         pytest.param(
             [_camel(eg_event())],
             [
                 ModelRegistered(
-                    "e1", "diabetes", 3, {"stage": "candidate"}, {"mse": "2900.1"}, "eventgrid"
+                    "e1",
+                    "diabetes",
+                    3,
+                    {"stage": "candidate"},
+                    {"mse": "2900.1"},
+                    "eventgrid",
+                    TOPIC,
                 )
             ],
             id="eventgrid-camel-case-data",
         ),
         pytest.param(
             _camel(cloud_event(ModelVersion=3)),
-            [ModelRegistered("c1", "diabetes", 3, {"stage": "candidate"}, {}, "cloudevents")],
+            [
+                ModelRegistered(
+                    "c1", "diabetes", 3, {"stage": "candidate"}, {}, "cloudevents", TOPIC
+                )
+            ],
             id="cloudevents-camel-case-data",
         ),
     ],
@@ -259,7 +287,7 @@ def test_a_malformed_event_in_a_batch_is_rejected_alone() -> None:
     body = _body([cloud_event("c1"), {**cloud_event("c2"), "subject": 5}, {"id": 7}])
     records = parse(body)
     assert records == [
-        ModelRegistered("c1", "diabetes", 3, {"stage": "candidate"}, {}, "cloudevents"),
+        ModelRegistered("c1", "diabetes", 3, {"stage": "candidate"}, {}, "cloudevents", TOPIC),
         Rejected(1, "c2", "event [1]: 'subject' must be a string, not int"),
         Rejected(2, None, "event [2] lacks required field(s) eventType, subject, data, "
                  "dataVersion, eventTime"),

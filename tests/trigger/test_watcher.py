@@ -21,6 +21,7 @@ from aml_pipelines.errors import RegistryError, TriggerError
 from aml_pipelines.registry import local as local_registry
 from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
+from aml_pipelines.trigger import store as store_module
 from aml_pipelines.trigger.dispatch import DeliveryWorker, Dispatcher
 from aml_pipelines.trigger.store import MISSING, Step, TriggerStore
 from aml_pipelines.trigger.watcher import Watcher, new_versions
@@ -483,18 +484,27 @@ def test_a_corrupted_model_is_closed_as_failed_not_retried(
 
 
 class _Pauses:
-    """The dispatcher's `pause` without the wait: records each delay; registers the version at
-    the `register_at`-th pause (it shows up in the registry meanwhile), or stops there."""
+    """The dispatcher's `pause` and `clock` without the wait: records each delay and moves the
+    clock on by it; registers the version at the `register_at`-th pause (it shows up in the
+    registry meanwhile), or stops there."""
 
     def __init__(
-        self, registry: LocalRegistry, tmp: Path, register_at: int = 0, stop_at: int = 0
+        self,
+        dispatcher: Dispatcher,
+        registry: LocalRegistry,
+        tmp: Path,
+        register_at: int = 0,
+        stop_at: int = 0,
     ) -> None:
         self.registry, self.tmp = registry, tmp
         self.register_at, self.stop_at = register_at, stop_at
         self.delays: list[float] = []
+        self.now = 0.0
+        dispatcher.pause, dispatcher.clock = self, lambda: self.now
 
     def __call__(self, delay: float) -> bool:
         self.delays.append(delay)
+        self.now += delay
         if len(self.delays) == self.register_at:
             register(self.registry, self.tmp, stage="candidate")
         return len(self.delays) == self.stop_at
@@ -526,7 +536,7 @@ def test_a_version_an_event_names_is_asked_for_again_before_it_is_closed_as_miss
     """With `serve` alone nothing else would accept a version closed as missing again but a new
     event, so a version read just before the registry had it was never delivered."""
     dispatcher.missing_retries_s = (1, 2, 4)
-    dispatcher.pause = paused = _Pauses(registry, tmp_path, register_at=register_at)
+    paused = _Pauses(dispatcher, registry, tmp_path, register_at=register_at)
     assert dispatcher.accept("diabetes", 1, source)
     with caplog.at_level(logging.INFO):
         (outcome,) = dispatcher.drain("diabetes")
@@ -542,10 +552,10 @@ def test_a_version_an_event_names_is_asked_for_again_before_it_is_closed_as_miss
 def test_a_stop_while_waiting_for_a_missing_version_leaves_it_pending(
     tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
 ) -> None:
-    dispatcher.pause = _Pauses(registry, tmp_path, stop_at=1)
+    paused = _Pauses(dispatcher, registry, tmp_path, stop_at=1)  # a signal during the wait
     assert dispatcher.accept("diabetes", 1, "event:a")
-    dispatcher.stop.set()  # as the signal handler does, and the pause then returns True
-    assert dispatcher._deliver_one("diabetes", 1) is None
+    assert dispatcher.drain("diabetes") == []
+    assert paused.delays == [1.0]
     assert dispatcher.store.load("diabetes").entries[1].step is Step.PENDING
 
 
@@ -555,7 +565,7 @@ def test_a_version_missing_when_its_turn_came_is_delivered_once_registered(
 ) -> None:
     """An event ahead of the registry (or naming a version never registered) closes the version
     as missing, not Failed for good: was, the version registered after it never delivered."""
-    dispatcher.pause = _Pauses(registry, tmp_path)
+    _Pauses(dispatcher, registry, tmp_path)
     assert dispatcher.accept("diabetes", 1, "event:a")
     (outcome,) = dispatcher.drain("diabetes")
     assert outcome.phase == MISSING
@@ -573,6 +583,96 @@ def test_a_version_missing_when_its_turn_came_is_delivered_once_registered(
     assert registry.get("diabetes", 1).stage == "production"
     # Delivered, it is known for good: the same event again is a duplicate.
     assert not dispatcher.accept("diabetes", 1, "event:c")
+
+
+def test_a_version_awaited_from_the_registry_holds_up_neither_the_endpoint_nor_other_models(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    """Was: the worker held the delivery lock through every read of a version an event named
+    and the registry lacked (8 reads over ~2 min), and delivered nothing else meanwhile."""
+    dispatcher.missing_retries_s = (30.0, 30.0)
+    assert dispatcher.accept("fraud", 1, "event:a")  # not in the registry (yet)
+    register(registry, tmp_path, stage="candidate")
+    assert dispatcher.accept("diabetes", 1, "event:b")
+    worker = DeliveryWorker(dispatcher, lambda: ["fraud", "diabetes"])
+    with _running(worker):
+        _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
+        assert _step(dispatcher) is Step.DONE
+        # Free between the reads: another process on this state folder can deliver meanwhile
+        # (once the worker has let go of diabetes v1, closed just before it does).
+        other = TriggerStore(tmp_path / "trigger").lock("deliver", "another trigger")
+
+        def free() -> bool:
+            with contextlib.suppress(TriggerError), other.held(blocking=False):
+                return True
+            return False
+
+        _wait_until(free, dispatcher)
+        assert free()
+    fraud = dispatcher.store.load("fraud").entries[1]
+    assert (fraud.step, fraud.outcome) == (Step.PENDING, "")  # still awaited, not given up
+
+
+def test_the_worker_reads_an_awaited_version_again_when_due_unwoken(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    dispatcher.missing_retries_s = (0.05,) * 100
+    assert dispatcher.accept("fraud", 1, "event:a")
+    worker = DeliveryWorker(dispatcher, lambda: ["fraud"])
+    with _running(worker):
+        _wait_until(lambda: dispatcher.next_read_in() is not None, dispatcher)
+        register(registry, tmp_path, "fraud", stage="candidate")  # replication caught up
+        _wait_until(lambda: dispatcher.next_read_in() is None, dispatcher)
+    fraud = dispatcher.store.load("fraud").entries[1]
+    assert (fraud.step, fraud.outcome) == (Step.DONE, "Succeeded")
+
+
+def test_an_awaited_version_another_process_delivered_is_no_longer_awaited(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    # Still awaited, it would be due forever: the worker's wait would end at once, every time.
+    assert dispatcher.accept("diabetes", 1, "event:a")
+    assert dispatcher.drain("diabetes", wait=False) == []
+    assert dispatcher.next_read_in() is not None
+    register(registry, tmp_path, stage="candidate")
+    other = Dispatcher(dispatcher.store, registry, dispatcher.delivery, wait_interval_s=0)
+    (delivered,) = other.drain("diabetes")  # another trigger on the state folder
+    assert delivered.phase == "Succeeded"
+    assert dispatcher.drain("diabetes", wait=False) == []
+    assert dispatcher.next_read_in() is None
+
+
+def test_with_supersede_a_newer_version_does_not_wait_for_an_awaited_one(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    dispatcher.supersede = True
+    _Pauses(dispatcher, registry, tmp_path)
+    assert dispatcher.accept("diabetes", 1, "event:a")
+    assert dispatcher.drain("diabetes", wait=False) == []  # not there: read again in 1 s
+    register(registry, tmp_path, stage="candidate")
+    register(registry, tmp_path, stage="candidate")
+    assert dispatcher.accept("diabetes", 2, "event:b")
+    outcomes = dispatcher.drain("diabetes", wait=False)
+    assert [(o.version, o.phase) for o in outcomes] == [(1, "superseded"), (2, "Succeeded")]
+    assert dispatcher.next_read_in() is None
+
+
+def test_only_the_last_versions_closed_missing_are_kept_in_the_cursor(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    dispatcher: Dispatcher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every other entry stands for a version the registry held (the cursor grows with the
+    registry); one closed missing stands for a version number an event named, any number, and
+    remembers nothing a trigger needs (it is accepted again when named)."""
+    monkeypatch.setattr(store_module, "MISSING_KEPT", 2)
+    register(registry, tmp_path, stage="candidate")
+    assert dispatcher.accept_many("diabetes", [(v, "watch") for v in range(1, 6)])
+    outcomes = dispatcher.drain("diabetes")
+    assert [o.phase for o in outcomes] == ["Succeeded"] + [MISSING] * 4
+    entries = dispatcher.store.load("diabetes").entries
+    assert {v: e.outcome for v, e in entries.items()} == {1: "Succeeded", 4: MISSING, 5: MISSING}
 
 
 class _FailingDelivery(ResumableDelivery):

@@ -25,7 +25,7 @@ from aml_pipelines.trigger.dispatch import DeliveryWorker, Dispatcher
 from aml_pipelines.trigger.store import Step, TriggerStore
 from aml_pipelines.trigger.webhook import Filter, WebhookApp, make_server
 from tests.trigger.fakes import ResumableDelivery, journal, register
-from tests.trigger.test_eventgrid import _camel, cloud_event, eg_event, validation_event
+from tests.trigger.test_eventgrid import TOPIC, _camel, cloud_event, eg_event, validation_event
 
 SECRET = "s3cret-0123456789abcdef"
 PREVIOUS = "old-s3cret-0123456789ab"
@@ -308,6 +308,53 @@ def test_events_are_filtered_by_model_and_tags(tmp_path: Path, registry: LocalRe
             "tag stage=candidate not set",
         ]
     assert hook.starts() == []
+
+
+OTHER_WORKSPACE = TOPIC.replace("/workspaces/ws", "/workspaces/ws-dev")
+
+
+@pytest.mark.parametrize(
+    ("topic", "accepted", "reason"),
+    [
+        pytest.param(TOPIC, [1], None, id="this-workspace"),
+        # ARM ids compare case-insensitively (Event Grid upper-cases some segments).
+        pytest.param(TOPIC.upper(), [1], None, id="this-workspace-other-case"),
+        pytest.param(OTHER_WORKSPACE, [], "other workspace", id="other-workspace"),
+        pytest.param(None, [], "other workspace", id="no-topic"),
+    ],
+)
+def test_events_of_another_workspace_are_filtered(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    caplog: pytest.LogCaptureFixture,
+    topic: str | None,
+    accepted: list[int],
+    reason: str | None,
+) -> None:
+    """A subscription on another workspace (dev beside prod) names models of the same name: its
+    version 1 is not this registry's version 1, and was delivered (or closed `missing`)."""
+    register(registry, tmp_path, stage="candidate")
+    only_ws = Filter(models=["diabetes"], workspace=TOPIC.lower())
+    event = {**eg_event("e1", version="1"), "topic": topic}
+    cloud = {**cloud_event("c1", version="1"), "source": topic or ""}
+    with (
+        caplog.at_level(logging.WARNING),
+        running(tmp_path, registry, event_filter=only_ws) as hook,
+    ):
+        versions = []
+        for payload in ([event], cloud):  # both schemas: Event Grid's topic, CloudEvents' source
+            response = hook.post(payload)
+            assert response.status_code == 200, response.text  # 200: Event Grid must not retry
+            body = response.json()
+            versions += [a["version"] for a in body["accepted"]]
+            reasons = [f["reason"].split(":")[0] for f in body["filtered"]]
+            assert reasons == ([reason] if reason else []), body
+        assert versions == accepted  # the second event of this workspace: a version duplicate
+        if accepted:
+            _until(lambda: hook.done() == [1], "the delivery of v1")
+    assert hook.starts() == accepted
+    if reason:
+        assert "from another workspace" in caplog.text
 
 
 def test_an_event_with_camel_case_data_passes_the_tag_filter(
