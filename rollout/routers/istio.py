@@ -26,8 +26,9 @@ generateVirtualServicePatches vs reconcileVirtualService).
   the routes already match (idempotent, and no resourceVersion churn for watchers). A shadow
   step (`weights.mirror`) adds `mirror` / `mirrorPercentage` to our default route; as a merge
   patch replaces a list whole, the next `spec.http` without them removes them (no nulls needed).
-  Traffic, live or mirrored, is refused to a colour whose Deployment is missing (for good:
-  RouterRefused) or past its progress deadline with no pod available (a pod may yet come up).
+  Traffic, live or mirrored, is refused to a colour whose Deployment or weighted Service is
+  missing (for good: RouterRefused; Istio would answer 503 for that share) or whose Deployment
+  is past its progress deadline with no pod available (a pod may yet come up).
 - `get_weights` reads the VirtualService back: what the control plane holds, the mirror to
   blue's weighted Service included (`istio_manifests.mirror_from_route`).
 - `remove` deletes the Deployment (its Services stay: empty Services are free and keep the pinned
@@ -175,6 +176,7 @@ class IstioRouter:
                     f"cannot {sending}: Deployment {name} "
                     "exceeded its progress deadline and has no available pod"
                 )
+            self._require_service(colour, sending)
         what = f"VirtualService {self._ns}/{self.layout.virtual_service}"
         self._retry_conflicts(what, lambda: self._patch_routes(weights))
         log.info("%s: default route set to %s", what, weights)
@@ -247,6 +249,22 @@ class IstioRouter:
                 "the scoring server's: that is router.container_port), or change the Services"
             )
         return found
+
+    def _require_service(self, colour: Colour, sending: str) -> None:
+        """RouterRefused when the colour's weighted Service is gone (or lacks `router.port`).
+
+        Istio answers 503 for the share a route sends to a host no Service backs, and the judge
+        would charge them to the model. Only `deploy` re-creates Services (never overwriting
+        one): here the weights are left as they are and the user is told.
+        """
+        name = self.layout.service(colour)
+        what = f"Service {self._ns}/{name}"
+        if self._read(what, functools.partial(self._read_service, name)) is None:
+            raise RouterRefused(
+                f"cannot {sending}: {what} does not exist: Istio would answer 503 for that "
+                f"share (re-create it: a deploy of {colour.value} does, or `kubectl apply` it "
+                "from `aml-rollout manifests` or the chart; then `run` again to resume)"
+            )
 
     def _check_service_ports(self) -> None:
         """RouterRefused when an existing Service lacks `router.port` (see `_read_service`)."""
