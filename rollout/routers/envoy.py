@@ -48,6 +48,7 @@ import httpx
 from rollout.config import ColourNames, EnvoyRouterConfig
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import RouterError, RouterRefused, RouterUnavailable
+from rollout.routers.base import UPSTREAM_IDLE_S
 
 _API = "type.googleapis.com/envoy"
 ROUTE_TYPE = f"{_API}.config.route.v3.RouteConfiguration"
@@ -56,9 +57,6 @@ ENDPOINTS_TYPE = f"{_API}.config.endpoint.v3.ClusterLoadAssignment"
 MAX_CONNECTIONS = 10_000
 #: Polling pause while waiting for Envoy to serve what we wrote (it takes 3-6 ms).
 POLL_S = 0.002
-#: Envoy closes an upstream connection idle this long (its default is an hour); below the
-#: scoring server's keep-alive (scoring.cli.KEEP_ALIVE_S), so the server never closes first.
-UPSTREAM_IDLE_S = 60
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,8 +30,8 @@ from rollout.config import EnvoyRouterConfig
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import RouterError, RouterUnavailable
 from rollout.local.envoy import EnvoyProcess, envoy_binary
+from rollout.routers.base import UPSTREAM_IDLE_S
 from rollout.routers.envoy import (
-    UPSTREAM_IDLE_S,
     Endpoint,
     EnvoyFiles,
     EnvoyRouter,
