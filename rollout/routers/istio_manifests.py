@@ -12,6 +12,9 @@ applies and what the router later patches cannot drift apart.
     Services <app>-<colour> and <app>-<colour>-pinned both select Deployment <app>-<colour>;
     a DestinationRule of the same name per Service closes idle connections after 60 s.
 
+A request naming both colours (the header twice) matches neither pin (`withoutHeaders`): it
+follows the weights, as on the local Envoy router.
+
 Pinned requests go through their own Service so Istio telemetry (`destination_service_name`)
 tells them apart: A/B and load-test traffic stays out of the canary statistics, as with the
 Envoy router's pinned clusters.
@@ -583,13 +586,21 @@ def _service_named(host: object, layout: IstioLayout) -> str | None:
 
 def managed_routes(layout: IstioLayout, weights: Weights) -> list[Obj]:
     """Our three routes, in order: pin blue, pin green, weighted default."""
+    # A request naming both colours (the header twice) pins neither and follows the weights:
+    # Istio's proxies from Envoy 1.39 on match each value of a repeated header on its own, so
+    # blue's route, first, would take it; before, the joined "blue,green" matched neither.
     pins = [
         {
             "name": pin_route(colour),
-            "match": [{"headers": {layout.header: {"exact": colour.value}}}],
+            "match": [
+                {
+                    "headers": {layout.header: {"exact": colour.value}},
+                    "withoutHeaders": {layout.header: {"exact": other.value}},
+                }
+            ],
             "route": [{"destination": _destination(layout, colour, pinned=True)}],
         }
-        for colour in (Colour.BLUE, Colour.GREEN)
+        for colour, other in ((Colour.BLUE, Colour.GREEN), (Colour.GREEN, Colour.BLUE))
     ]
     default: Obj = {
         "name": DEFAULT_ROUTE,

@@ -274,13 +274,37 @@ def test_header_routes_come_first_and_pin_to_their_colour(api: FakeKubeApiServer
     router.deploy(Colour.BLUE, V2)
     router.set_weights(Weights.blue_at(10))
     pin_blue, pin_green, default = http_routes(api)
-    assert pin_blue["match"] == [{"headers": {"x-api-version": {"exact": "blue"}}}]
+    # A request naming both colours pins neither (it follows the weights), as on the local Envoy.
+    assert pin_blue["match"] == [
+        {
+            "headers": {"x-api-version": {"exact": "blue"}},
+            "withoutHeaders": {"x-api-version": {"exact": "green"}},
+        }
+    ]
+    assert pin_green["match"][0]["withoutHeaders"] == {"x-api-version": {"exact": "blue"}}
     assert pin_blue["route"][0]["destination"]["host"] == "diabetes-blue-pinned"
     assert pin_green["route"][0]["destination"]["host"] == "diabetes-green-pinned"
     assert {d["destination"]["host"]: d["weight"] for d in default["route"]} == {
         "diabetes-green": 90,
         "diabetes-blue": 10,
     }
+
+
+def test_pin_routes_of_before_take_the_both_colours_rule_at_the_next_write(
+    api: FakeKubeApiServer,
+) -> None:
+    vs = m.virtual_service(LAYOUT, Weights.blue_at(10))
+    for route in vs["spec"]["http"][:2]:  # as written before: no withoutHeaders
+        del route["match"][0]["withoutHeaders"]
+    api.seed(vs, "virtualservices", m.ISTIO_GROUP)
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(20))
+    assert [r["match"] for r in http_routes(api)[:2]] == [
+        r["match"] for r in m.managed_routes(LAYOUT, Weights.blue_at(20))[:2]
+    ]
+    assert "withoutHeaders" in http_routes(api)[0]["match"][0]
 
 
 def test_a_concurrent_write_between_read_and_patch_is_retried(api: FakeKubeApiServer) -> None:

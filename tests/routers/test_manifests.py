@@ -559,7 +559,12 @@ def test_the_spec_top_level_header_is_the_one_the_routes_match(tmp_path: Path) -
     spec.write_text("name: d\nheader: X-Colour\nrouter: {kind: istio, namespace: ml, app: d}\n")
     rendered = {d["kind"]: d for d in render("--spec", str(spec))}
     pin = rendered["VirtualService"]["spec"]["http"][0]
-    assert pin["match"] == [{"headers": {"x-colour": {"exact": "blue"}}}]
+    assert pin["match"] == [
+        {
+            "headers": {"x-colour": {"exact": "blue"}},
+            "withoutHeaders": {"x-colour": {"exact": "green"}},
+        }
+    ]
 
     spec.write_text("name: d\nheader: x-colour\nrouter: {kind: istio, header: x-api-version}\n")
     result = CliRunner().invoke(app, ["rollout", "validate", str(spec)])
