@@ -37,7 +37,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 #: front (Envoy, an Istio sidecar, a load balancer) must close idle connections first: a
 #: request it sends on a connection the server is closing at that moment comes back as a 503
 #: the proxy makes up, which the rollout judge would count against the model. Above the 60 s
-#: of the local Envoy (rollout.routers.envoy.UPSTREAM_IDLE_S) and of common load balancers.
+#: aml-rollout gives the local Envoy and Istio's proxies (rollout.routers.base.UPSTREAM_IDLE_S)
+#: and of common load balancers.
 KEEP_ALIVE_S = 75
 
 

@@ -4,7 +4,8 @@
     kubectl apply -f k8s.yaml
 
 The objects (Namespace, ServiceAccount, Role + RoleBinding with only what the Istio router uses,
-the four Services, the Deployments given, the Gateway and the VirtualService with green at 100 %)
+the four Services and a DestinationRule for each, the Deployments given, the Gateway and the
+VirtualService with green at 100 %)
 come from `rollout.routers.istio_manifests`, the module the Istio router itself builds from, so
 what is applied and what the router later patches are the same shapes. Settings come from a
 rollout spec's istio `router` section (`--spec`) or from the options; options win.

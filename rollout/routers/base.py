@@ -11,6 +11,13 @@ from typing import Protocol, runtime_checkable
 
 from rollout.core.types import Colour, Release, Weights
 
+#: Seconds a proxy in front of the scoring server (the local Envoy, an Istio sidecar or gateway)
+#: keeps an idle upstream connection: below the server's keep-alive (scoring.cli.KEEP_ALIVE_S),
+#: so the proxy, not the server, closes it. Else a request the proxy sends on a connection the
+#: server closes at that moment fails (a 503 the proxy makes up, charged to the model); Envoy's
+#: and Istio's default is an hour.
+UPSTREAM_IDLE_S = 60
+
 #: Called right before each write a router sends to a remote control plane. The controller sets
 #: it to its lease check: an action on a slow API server can take longer than the lease, and a
 #: controller that lost its lease meanwhile must not land the writes still to come (raises).

@@ -6,7 +6,8 @@ changes during a rollout comes from files Envoy watches, so nothing ever restart
 
 - the route table via RDS (`path_config_source`): `/admin` answered 403 by Envoy itself (the
   scoring servers trust loopback clients there, and Envoy connects from loopback), header routes
-  next (`x-api-version: blue` → `blue-pinned`, `green` → `green-pinned`), then the default route
+  next (`x-api-version: blue` → `blue-pinned`, `green` → `green-pinned`; a request naming both
+  colours pins neither), then the default route
   weighted between `blue` and `green`. `set_weights` writes a new DiscoveryResponse next to the
   file and renames it onto the path (Envoy reloads on an inotify move, never on an in-place
   edit), then polls the admin `/config_dump` until Envoy serves that exact version: when it
@@ -48,6 +49,7 @@ import httpx
 from rollout.config import ColourNames, EnvoyRouterConfig
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import RouterError, RouterRefused, RouterUnavailable
+from rollout.routers.base import UPSTREAM_IDLE_S
 
 _API = "type.googleapis.com/envoy"
 ROUTE_TYPE = f"{_API}.config.route.v3.RouteConfiguration"
@@ -56,9 +58,6 @@ ENDPOINTS_TYPE = f"{_API}.config.endpoint.v3.ClusterLoadAssignment"
 MAX_CONNECTIONS = 10_000
 #: Polling pause while waiting for Envoy to serve what we wrote (it takes 3-6 ms).
 POLL_S = 0.002
-#: Envoy closes an upstream connection idle this long (its default is an hour); below the
-#: scoring server's keep-alive (scoring.cli.KEEP_ALIVE_S), so the server never closes first.
-UPSTREAM_IDLE_S = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,16 +135,28 @@ def route_table(
     # First of all: the scoring servers' /admin (the fault knob) trusts loopback clients, and
     # Envoy connects from loopback, so /admin must never be relayed — whatever the headers.
     routes: list[dict[str, Any]] = [admin_forbidden_route()]
+    # A request naming both colours (the header twice) pins neither and follows the weights:
+    # Envoy >= 1.39 matches each value of a repeated header on its own (before, their
+    # comma-joined string), so without the second matcher blue's route, first, would take it.
+    # The matchers are Istio's translation of the VirtualService's `headers` + `withoutHeaders`.
     routes += [
         {
             "name": f"pinned-{colour.value}",
             "match": {
                 "prefix": "/",
-                "headers": [{"name": header, "string_match": {"exact": colour.value}}],
+                "headers": [
+                    {"name": header, "string_match": {"exact": colour.value}},
+                    {
+                        "name": header,
+                        "string_match": {"exact": other.value},
+                        "invert_match": True,
+                        "treat_missing_header_as_empty": True,
+                    },
+                ],
             },
             "route": {"cluster": pinned.of(colour)},
         }
-        for colour in (Colour.BLUE, Colour.GREEN)
+        for colour, other in ((Colour.BLUE, Colour.GREEN), (Colour.GREEN, Colour.BLUE))
     ]
     # A zero weight is left out: Envoy then never picks the cluster, and a colour with nothing
     # deployed is not even named in the default route.

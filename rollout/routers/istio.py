@@ -5,7 +5,10 @@ and writes them through the kubernetes client (decide first, apply after — Arg
 generateVirtualServicePatches vs reconcileVirtualService).
 
 - `deploy` makes sure the Services, the Gateway and the VirtualService exist (created when
-  missing, never overwritten), then creates Deployment `<app>-<colour>`, or, when it exists,
+  missing, never overwritten), and a DestinationRule per Service bounding idle upstream
+  connections below the scoring server's keep-alive (created when missing; in one that exists,
+  the user's, only a missing idle timeout is added, see `_bound_idle_connections`), then
+  creates Deployment `<app>-<colour>`, or, when it exists,
   changes only what the router owns in the object it read (the scoring container's image and,
   for a tag, its pull policy; its AML_ROLLOUT_COLOUR variable; the `aml-rollout.io/*`
   annotations of the Deployment and of its pod template, so that a new release rolls the pods
@@ -26,8 +29,9 @@ generateVirtualServicePatches vs reconcileVirtualService).
   the routes already match (idempotent, and no resourceVersion churn for watchers). A shadow
   step (`weights.mirror`) adds `mirror` / `mirrorPercentage` to our default route; as a merge
   patch replaces a list whole, the next `spec.http` without them removes them (no nulls needed).
-  Traffic, live or mirrored, is refused to a colour whose Deployment is missing (for good:
-  RouterRefused) or past its progress deadline with no pod available (a pod may yet come up).
+  Traffic, live or mirrored, is refused to a colour whose Deployment or weighted Service is
+  missing (for good: RouterRefused; Istio would answer 503 for that share) or whose Deployment
+  is past its progress deadline with no pod available (a pod may yet come up).
 - `get_weights` reads the VirtualService back: what the control plane holds, the mirror to
   blue's weighted Service included (`istio_manifests.mirror_from_route`).
 - `remove` deletes the Deployment (its Services stay: empty Services are free and keep the pinned
@@ -175,6 +179,7 @@ class IstioRouter:
                     f"cannot {sending}: Deployment {name} "
                     "exceeded its progress deadline and has no available pod"
                 )
+            self._require_service(colour, sending)
         what = f"VirtualService {self._ns}/{self.layout.virtual_service}"
         self._retry_conflicts(what, lambda: self._patch_routes(weights))
         log.info("%s: default route set to %s", what, weights)
@@ -217,6 +222,9 @@ class IstioRouter:
         A Service that exists must expose `router.port` (RouterRefused): our routes send to it."""
         for svc in m.services(self.layout):
             self._ensure_service(svc)
+        for rule in m.destination_rules(self.layout):
+            what = f"DestinationRule {self._ns}/{rule['metadata']['name']}"
+            self._retry_conflicts(what, functools.partial(self._bound_idle_connections, rule))
         self._ensure_istio("gateways", m.gateway(self.layout))
         self._ensure_istio("virtualservices", m.virtual_service(self.layout, Weights.blue_at(0)))
 
@@ -248,11 +256,82 @@ class IstioRouter:
             )
         return found
 
+    def _require_service(self, colour: Colour, sending: str) -> None:
+        """RouterRefused when the colour's weighted Service is gone (or lacks `router.port`).
+
+        Istio answers 503 for the share a route sends to a host no Service backs, and the judge
+        would charge them to the model. Only `deploy` re-creates Services (never overwriting
+        one): here the weights are left as they are and the user is told.
+        """
+        name = self.layout.service(colour)
+        what = f"Service {self._ns}/{name}"
+        if self._read(what, functools.partial(self._read_service, name)) is None:
+            raise RouterRefused(
+                f"cannot {sending}: {what} does not exist: Istio would answer 503 for that "
+                f"share (re-create it: a deploy of {colour.value} does, or `kubectl apply` it "
+                "from `aml-rollout manifests` or the chart; then `run` again to resume)"
+            )
+
     def _check_service_ports(self) -> None:
         """RouterRefused when an existing Service lacks `router.port` (see `_read_service`)."""
         for svc in m.services(self.layout):
             name = svc["metadata"]["name"]
             self._read(f"Service {self._ns}/{name}", functools.partial(self._read_service, name))
+
+    def _bound_idle_connections(self, wanted: dict[str, Any]) -> None:
+        """Create DestinationRule `wanted` when missing; to one that exists (the user's) add only
+        our idle timeout, when it has none (`m.idle_timeout_patch`), and say when theirs is one
+        the scoring server does not outlast. Run by `_retry_conflicts` (a 409 re-reads).
+
+        A 403 does not stop the deploy: a Role from before the router wrote DestinationRules
+        (an older chart or `manifests`) lacks them, and the rollout works without (Istio's
+        default idle timeout, an hour); the warning says what to re-apply.
+        """
+        name = wanted["metadata"]["name"]
+        what = f"DestinationRule {self._ns}/{name}"
+        try:
+            try:
+                found = self._get_custom("destinationrules", name)
+            except ApiException as exc:
+                if exc.status != _NOT_FOUND or kubeapi.not_served(exc):
+                    raise
+                self.fence()
+                self._custom.create_namespaced_custom_object(
+                    m.ISTIO_GROUP,
+                    m.ISTIO_VERSION,
+                    self._ns,
+                    "destinationrules",
+                    wanted,
+                    _request_timeout=self._timeout,
+                )  # a 409 (created meanwhile) re-reads: theirs, then
+                log.info("created %s", what)
+                return
+            if (problem := m.idle_timeout_problem(found)) is not None:
+                log.warning("%s", problem)
+            if (patch := m.idle_timeout_patch(found)) is None:
+                return
+            self.fence()
+            self._custom.patch_namespaced_custom_object(
+                m.ISTIO_GROUP,
+                m.ISTIO_VERSION,
+                self._ns,
+                "destinationrules",
+                name,
+                patch,
+                _request_timeout=self._timeout,
+            )
+            log.info("%s: idle timeout %s added (the rest is yours)", what, m.IDLE_TIMEOUT)
+        except ApiException as exc:
+            if exc.status != 403:
+                raise
+            log.warning(
+                "%s: %s; idle upstream connections keep Istio's default (1 h), longer than the "
+                "scoring server's keep-alive: a request may meet a connection it just closed "
+                "(503); re-apply the Role (`aml-rollout manifests` or the chart), which grants "
+                "destinationrules create, get, patch",
+                what,
+                kubeapi.describe(exc, self._credentials),
+            )
 
     def _ensure_istio(self, plural: str, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
@@ -497,7 +576,7 @@ def _router_error(
 
 
 #: The kinds of networking.istio.io the router reads and writes, as its error messages name them.
-_ISTIO_KINDS = frozenset({"Gateway", "VirtualService"})
+_ISTIO_KINDS = frozenset({"DestinationRule", "Gateway", "VirtualService"})
 
 _INVALID = (
     " (refused as invalid, and sent again it would be again: fix what the API server names, in "

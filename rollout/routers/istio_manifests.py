@@ -9,7 +9,11 @@ applies and what the router later patches cannot drift apart.
       aml-rollout-pin-green   x-api-version: green  ─► Service <app>-green-pinned
       (routes the user added: kept, in place)
       aml-rollout-default     weighted              ─► Services <app>-blue / <app>-green
-    Services <app>-<colour> and <app>-<colour>-pinned both select Deployment <app>-<colour>.
+    Services <app>-<colour> and <app>-<colour>-pinned both select Deployment <app>-<colour>;
+    a DestinationRule of the same name per Service closes idle connections after 60 s.
+
+A request naming both colours (the header twice) matches neither pin (`withoutHeaders`): it
+follows the weights, as on the local Envoy router.
 
 Pinned requests go through their own Service so Istio telemetry (`destination_service_name`)
 tells them apart: A/B and load-test traffic stays out of the canary statistics, as with the
@@ -31,13 +35,16 @@ whose mirror is ours (`foreign_mirrors` names it, so the router can say so).
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import DeployFailed, RouterError, RouterRefused, SettingError
 from rollout.kubenames import DNS_1123_LABEL, app_problem, hosts_problem, label_value_problem
+from rollout.routers.base import UPSTREAM_IDLE_S
 from rollout.state.kubernetes_objects import ROLE_RULES as STATE_ROLE_RULES
+from scoring.cli import KEEP_ALIVE_S
 
 Obj = dict[str, Any]
 
@@ -57,6 +64,8 @@ ROUTER_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("apps", "deployments", ("create", "delete", "get", "patch")),
     ("", "pods", ("list",)),  # only to say why a Deployment's pods are not ready
     ("", "services", ("create", "get")),
+    # patch: only to add the idle timeout to a DestinationRule of the user's that has none
+    (ISTIO_GROUP, "destinationrules", ("create", "get", "patch")),
     (ISTIO_GROUP, "gateways", ("create", "get")),
     (ISTIO_GROUP, "virtualservices", ("create", "get", "patch")),
 )
@@ -455,6 +464,91 @@ def services(layout: IstioLayout) -> list[Obj]:
 
 
 # ---- Istio ----------------------------------------------------------------------------------
+#: The idle timeout of Istio's upstream connection pools to our Services (an Istio duration).
+IDLE_TIMEOUT = f"{UPSTREAM_IDLE_S}s"
+
+
+def destination_rule(layout: IstioLayout, colour: Colour, *, pinned: bool = False) -> Obj:
+    """DestinationRule `<app>-<colour>[-pinned]`: idle upstream connections to that Service are
+    closed after UPSTREAM_IDLE_S, before the scoring server's keep-alive closes them.
+
+    Istio keeps them an hour by default, the scoring server KEEP_ALIVE_S: a request the proxy
+    sends on a connection the server closes at that moment comes back as a 503 (upstream reset)
+    the judge charges to the model. Istio applies a host's connection pool settings to the
+    gateway's outbound cluster and to the inbound cluster of the pod's sidecar, the proxy that
+    holds the connections to the scoring server (unless a Sidecar's `inboundConnectionPool`
+    says otherwise).
+    """
+    name = layout.service(colour, pinned=pinned)
+    return {
+        "apiVersion": f"{ISTIO_GROUP}/{ISTIO_VERSION}",
+        "kind": "DestinationRule",
+        "metadata": _meta(layout, name),
+        "spec": {
+            "host": name,
+            "trafficPolicy": {"connectionPool": {"http": {"idleTimeout": IDLE_TIMEOUT}}},
+        },
+    }
+
+
+def destination_rules(layout: IstioLayout) -> list[Obj]:
+    """One DestinationRule per Service (`services`), named and ordered as they are."""
+    return [
+        destination_rule(layout, c, pinned=p)
+        for c in (Colour.GREEN, Colour.BLUE)
+        for p in (False, True)
+    ]
+
+
+def idle_timeout_patch(found: Obj) -> Obj | None:
+    """The merge patch adding our idle timeout to a DestinationRule that has none (carrying its
+    resourceVersion), or None when it has one: the router owns that one field, and only while
+    nobody has set it. A merge patch of nested objects leaves every other field as it is."""
+    if idle_timeout_of(found) is not None:
+        return None
+    return {
+        "metadata": {"resourceVersion": found["metadata"]["resourceVersion"]},
+        "spec": {"trafficPolicy": {"connectionPool": {"http": {"idleTimeout": IDLE_TIMEOUT}}}},
+    }
+
+
+def idle_timeout_of(rule: Obj) -> str | None:
+    """A DestinationRule's top-level `connectionPool.http.idleTimeout`, None when unset."""
+    policy = (rule.get("spec") or {}).get("trafficPolicy") or {}
+    value = ((policy.get("connectionPool") or {}).get("http") or {}).get("idleTimeout")
+    return None if value in (None, "") else str(value)
+
+
+def idle_timeout_problem(rule: Obj) -> str | None:
+    """What is wrong with the idle timeout a DestinationRule of the user's sets, if anything:
+    one the scoring server's keep-alive does not outlast (its connections may be closed under
+    a request). None when it is shorter, unset, or not a duration we can read."""
+    value = idle_timeout_of(rule)
+    seconds = duration_s(value) if value is not None else None
+    if seconds is None or seconds < KEEP_ALIVE_S:
+        return None
+    meta = rule.get("metadata") or {}
+    return (
+        f"DestinationRule {meta.get('namespace')}/{meta.get('name')} keeps idle upstream "
+        f"connections {value}, but the scoring server closes idle connections after "
+        f"{KEEP_ALIVE_S} s: a request sent on one it has just closed fails (a 503 charged to "
+        f"the model); kept, as it is yours: set it below {KEEP_ALIVE_S}s (aml-rollout's is "
+        f"{IDLE_TIMEOUT})"
+    )
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_s(text: str) -> float | None:
+    """Seconds in a Go duration as Istio takes them (`60s`, `1h`, `1m30s`, `500ms`), or None."""
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        return None
+    return sum(float(number) * _UNIT_S[unit] for number, unit in parts)
+
+
 def gateway(layout: IstioLayout) -> Obj:
     """An HTTP Gateway on the ingress gateway for the service's hosts."""
     return {
@@ -492,13 +586,21 @@ def _service_named(host: object, layout: IstioLayout) -> str | None:
 
 def managed_routes(layout: IstioLayout, weights: Weights) -> list[Obj]:
     """Our three routes, in order: pin blue, pin green, weighted default."""
+    # A request naming both colours (the header twice) pins neither and follows the weights:
+    # Istio's proxies from Envoy 1.39 on match each value of a repeated header on its own, so
+    # blue's route, first, would take it; before, the joined "blue,green" matched neither.
     pins = [
         {
             "name": pin_route(colour),
-            "match": [{"headers": {layout.header: {"exact": colour.value}}}],
+            "match": [
+                {
+                    "headers": {layout.header: {"exact": colour.value}},
+                    "withoutHeaders": {layout.header: {"exact": other.value}},
+                }
+            ],
             "route": [{"destination": _destination(layout, colour, pinned=True)}],
         }
-        for colour in (Colour.BLUE, Colour.GREEN)
+        for colour, other in ((Colour.BLUE, Colour.GREEN), (Colour.GREEN, Colour.BLUE))
     ]
     default: Obj = {
         "name": DEFAULT_ROUTE,
@@ -789,6 +891,7 @@ def bootstrap(layout: IstioLayout, releases: dict[Colour, Release] | None = None
         namespace(layout),
         *rbac(layout),
         *services(layout),
+        *destination_rules(layout),
         *deployments,
         gateway(layout),
         virtual_service(layout, weights),

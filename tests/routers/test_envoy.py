@@ -30,8 +30,8 @@ from rollout.config import EnvoyRouterConfig
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import RouterError, RouterUnavailable
 from rollout.local.envoy import EnvoyProcess, envoy_binary
+from rollout.routers.base import UPSTREAM_IDLE_S
 from rollout.routers.envoy import (
-    UPSTREAM_IDLE_S,
     Endpoint,
     EnvoyFiles,
     EnvoyRouter,
@@ -182,6 +182,29 @@ def test_only_the_exact_value_pins_anything_else_follows_the_weights(
     # As Istio's exact match (docs/local-stack.md): such a request is counted and judged.
     RouterContract.live(router, Weights.blue_at(0))
     assert colours_answering(envoy.url, 10, {"x-api-version": value}) == Counter({"green": 10})
+
+
+@pytest.mark.parametrize("blue", [0, 100], ids=["blue-at-0", "blue-at-100"])
+@pytest.mark.parametrize(
+    "values", [["blue", "green"], ["green", "blue"]], ids=["blue-then-green", "green-then-blue"]
+)
+def test_a_request_naming_both_colours_is_not_pinned_it_follows_the_weights(
+    router: EnvoyRouter, envoy: EnvoyProcess, values: list[str], blue: int
+) -> None:
+    # Was pinned to blue, whatever the order: Envoy >= 1.39 matches each value of a repeated
+    # header on its own, and blue's route comes first; Envoy before 1.39 (and Istio proxies built
+    # on it) matched the joined "blue,green" and followed the weights. Now an ambiguous pin is no
+    # pin on any of them, as Istio's `withoutHeaders` on the pin routes makes it.
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(blue))
+    headers = [("x-api-version", value) for value in values]
+    seen: Counter[str] = Counter()
+    with httpx.Client(timeout=5) as client:
+        for _ in range(10):
+            answer = client.post(f"{envoy.url}/score", content=b"{}", headers=headers)
+            seen[answer.json()["colour"]] += 1
+    assert seen == Counter({"blue" if blue else "green": 10})
 
 
 def test_set_weights_returns_once_envoy_serves_the_split(router: EnvoyRouter) -> None:

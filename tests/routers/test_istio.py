@@ -7,6 +7,7 @@ readiness waiting, and API errors becoming RouterError with context.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -40,6 +41,7 @@ from rollout.errors import (
     StateError,
 )
 from rollout.routers import istio_manifests as m
+from rollout.routers.base import UPSTREAM_IDLE_S
 from rollout.routers.factory import make_router
 from rollout.routers.istio import IstioRouter
 from rollout.state.kubernetes import KubernetesStateStore
@@ -47,6 +49,7 @@ from rollout.state.kubernetes_objects import StateObjects
 from tests.fakes.kube_apiserver import ApiError, FakeKubeApiServer
 from tests.fakes.server import Answering
 from tests.routers.contract import V1, V2, RouterContract, identity
+from tests.routers.test_manifests import errors as schema_errors
 
 LAYOUT = m.IstioLayout(namespace="ml", app="diabetes")
 VS = ("virtualservices", "diabetes", "ml", m.ISTIO_GROUP)
@@ -137,6 +140,108 @@ def test_deploy_creates_the_objects_the_manifests_describe(api: FakeKubeApiServe
     ]
 
 
+# ---- idle upstream connections: a DestinationRule per Service -------------------------------
+SERVICES = ("diabetes-green", "diabetes-green-pinned", "diabetes-blue", "diabetes-blue-pinned")
+OURS = {"connectionPool": {"http": {"idleTimeout": f"{UPSTREAM_IDLE_S}s"}}}
+
+
+def destination_rule(api: FakeKubeApiServer, name: str) -> dict[str, Any]:
+    return api.get("destinationrules", name, "ml", m.ISTIO_GROUP)
+
+
+def test_deploy_bounds_the_idle_connections_of_every_service(api: FakeKubeApiServer) -> None:
+    make(api).deploy(Colour.GREEN, V1)
+    for name in SERVICES:
+        rule = destination_rule(api, name)
+        assert rule["spec"] == {"host": name, "trafficPolicy": OURS}
+        assert schema_errors(rule) == []
+
+
+#: A DestinationRule of the user's for blue's Service, without an idle timeout.
+USERS_RULE = {
+    "apiVersion": f"{m.ISTIO_GROUP}/{m.ISTIO_VERSION}",
+    "kind": "DestinationRule",
+    "metadata": {"name": "diabetes-blue", "namespace": "ml", "labels": {"team": "ml"}},
+    "spec": {
+        "host": "diabetes-blue",
+        "trafficPolicy": {
+            "connectionPool": {
+                "tcp": {"maxConnections": 100},
+                "http": {"http1MaxPendingRequests": 64},
+            },
+            "outlierDetection": {"consecutive5xxErrors": 7, "interval": "10s"},
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("theirs", "patched", "warned"),
+    [
+        pytest.param(None, True, False, id="none-ours-added"),
+        pytest.param("30s", False, False, id="shorter-kept"),
+        pytest.param("1h", False, True, id="too-long-kept-and-said"),
+        pytest.param("1m15s", False, True, id="the-keep-alive-itself-is-too-long"),
+    ],
+)
+def test_a_destination_rule_of_yours_keeps_every_field_of_yours(
+    api: FakeKubeApiServer, caplog: Any, theirs: str | None, patched: bool, warned: bool
+) -> None:
+    # As with the VirtualService, a field of yours is never overwritten: only a missing idle
+    # timeout is added; one of yours stays, and one the scoring server outlives is said.
+    rule = copy.deepcopy(USERS_RULE)
+    if theirs is not None:
+        rule["spec"]["trafficPolicy"]["connectionPool"]["http"]["idleTimeout"] = theirs
+    api.seed(rule, "destinationrules", m.ISTIO_GROUP)
+    before = len(api.requests)
+    make(api).deploy(Colour.BLUE, V2)
+    found = destination_rule(api, "diabetes-blue")
+    wanted = copy.deepcopy(rule["spec"])
+    wanted["trafficPolicy"]["connectionPool"]["http"]["idleTimeout"] = theirs or "60s"
+    assert found["spec"] == wanted
+    assert found["metadata"]["labels"] == {"team": "ml"}
+    assert schema_errors(found) == []
+    writes = [
+        r.verb
+        for r in api.requests[before:]
+        if r.name == "diabetes-blue" and r.resource == "destinationrules" and r.verb != "get"
+    ]
+    assert writes == (["patch"] if patched else [])
+    assert ("the scoring server closes idle connections after 75 s" in caplog.text) is warned
+
+
+def test_a_concurrent_write_to_your_destination_rule_is_retried(api: FakeKubeApiServer) -> None:
+    api.seed(copy.deepcopy(USERS_RULE), "destinationrules", m.ISTIO_GROUP)
+
+    def their_edit(obj: dict[str, Any]) -> None:
+        obj["spec"]["trafficPolicy"]["outlierDetection"]["interval"] = "5s"
+
+    api.before_next_write("destinationrules", "diabetes-blue", their_edit)
+    make(api).deploy(Colour.BLUE, V2)
+    policy = destination_rule(api, "diabetes-blue")["spec"]["trafficPolicy"]
+    assert policy["outlierDetection"]["interval"] == "5s"
+    assert policy["connectionPool"]["http"]["idleTimeout"] == "60s"
+
+
+def test_a_role_from_before_destination_rules_does_not_stop_a_deploy(
+    api: FakeKubeApiServer, caplog: Any
+) -> None:
+    # An upgrade with the Role of an older chart: say what to re-apply, and carry on.
+    handle = api.handle
+
+    def forbid(method: str, path: str, *args: Any) -> Any:
+        if "/destinationrules" in path:
+            raise ApiError(403, "Forbidden", 'cannot get resource "destinationrules"')
+        return handle(method, path, *args)
+
+    api.handle = forbid  # type: ignore[method-assign]
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    assert router.release(Colour.GREEN) == V1
+    assert "re-apply the Role" in caplog.text
+    assert not api.exists("destinationrules", "diabetes-green", "ml", m.ISTIO_GROUP)
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -169,13 +274,37 @@ def test_header_routes_come_first_and_pin_to_their_colour(api: FakeKubeApiServer
     router.deploy(Colour.BLUE, V2)
     router.set_weights(Weights.blue_at(10))
     pin_blue, pin_green, default = http_routes(api)
-    assert pin_blue["match"] == [{"headers": {"x-api-version": {"exact": "blue"}}}]
+    # A request naming both colours pins neither (it follows the weights), as on the local Envoy.
+    assert pin_blue["match"] == [
+        {
+            "headers": {"x-api-version": {"exact": "blue"}},
+            "withoutHeaders": {"x-api-version": {"exact": "green"}},
+        }
+    ]
+    assert pin_green["match"][0]["withoutHeaders"] == {"x-api-version": {"exact": "blue"}}
     assert pin_blue["route"][0]["destination"]["host"] == "diabetes-blue-pinned"
     assert pin_green["route"][0]["destination"]["host"] == "diabetes-green-pinned"
     assert {d["destination"]["host"]: d["weight"] for d in default["route"]} == {
         "diabetes-green": 90,
         "diabetes-blue": 10,
     }
+
+
+def test_pin_routes_of_before_take_the_both_colours_rule_at_the_next_write(
+    api: FakeKubeApiServer,
+) -> None:
+    vs = m.virtual_service(LAYOUT, Weights.blue_at(10))
+    for route in vs["spec"]["http"][:2]:  # as written before: no withoutHeaders
+        del route["match"][0]["withoutHeaders"]
+    api.seed(vs, "virtualservices", m.ISTIO_GROUP)
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(20))
+    assert [r["match"] for r in http_routes(api)[:2]] == [
+        r["match"] for r in m.managed_routes(LAYOUT, Weights.blue_at(20))[:2]
+    ]
+    assert "withoutHeaders" in http_routes(api)[0]["match"][0]
 
 
 def test_a_concurrent_write_between_read_and_patch_is_retried(api: FakeKubeApiServer) -> None:
@@ -809,7 +938,8 @@ def test_an_api_server_without_istio_v1_says_so(versions: tuple[str, ...], call:
             call(make(api))
         assert api.exists(*DEPLOYMENT_BLUE[:3], group="apps")
     assert re.fullmatch(
-        r"(create |write )?(VirtualService ml/diabetes|Gateway ml/diabetes-gateway): the API "
+        r"(create |write )?(VirtualService ml/diabetes|Gateway ml/diabetes-gateway|"
+        r"DestinationRule ml/diabetes-green): the API "
         r"server at http://\S+ does not serve this resource type \(HTTP 404 naming no object\); "
         r"the router needs networking\.istio\.io/v1, served by Istio 1\.22 or later: is Istio "
         r"installed, and recent enough\? \(`kubectl api-versions \| grep networking\.istio\.io`\)",
@@ -1088,6 +1218,44 @@ def test_traffic_to_a_deployment_that_is_gone_is_refused(api: FakeKubeApiServer)
         "never deployed: no retry brings it back; "
     )
     assert router.get_weights() == Weights.blue_at(10)
+
+
+@pytest.mark.parametrize(
+    ("deleted", "weights", "sending"),
+    [
+        pytest.param("diabetes-blue", Weights.blue_at(50), "send 50 % to blue", id="step-up"),
+        pytest.param("diabetes-green", Weights.blue_at(0), "send 100 % to green", id="rollback"),
+        pytest.param(
+            "diabetes-blue", Weights.blue_at(0, mirror=5), "mirror 5 % to blue", id="shadow"
+        ),
+    ],
+)
+def test_traffic_to_a_service_that_is_gone_is_refused_before_any_write(
+    api: FakeKubeApiServer, deleted: str, weights: Weights, sending: str
+) -> None:
+    # Was written: Istio answers 503 for the share sent to a host no Service backs, and the
+    # judge charged those to the model.
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(10))
+    api.delete("services", deleted, "ml")
+    with pytest.raises(RouterRefused) as caught:
+        router.set_weights(weights)
+    assert str(caught.value).startswith(
+        f"cannot {sending}: Service ml/{deleted} does not exist: Istio would answer 503"
+    )
+    assert router.get_weights() == Weights.blue_at(10)
+
+
+def test_a_colour_that_takes_no_traffic_needs_no_service(api: FakeKubeApiServer) -> None:
+    router = make(api)
+    router.deploy(Colour.GREEN, V1)
+    router.deploy(Colour.BLUE, V2)
+    router.set_weights(Weights.blue_at(10))
+    api.delete("services", "diabetes-blue", "ml")
+    router.set_weights(Weights.blue_at(0))  # the rollback away from it is never refused
+    assert router.get_weights() == Weights.blue_at(0)
 
 
 def _controller(api: FakeKubeApiServer) -> tuple[Any, Any]:

@@ -27,7 +27,9 @@ from rollout.cli import app
 from rollout.core.types import Colour, Weights
 from rollout.errors import ConfigError, DeployFailed
 from rollout.routers import istio_manifests as m
+from rollout.routers.base import UPSTREAM_IDLE_S
 from rollout.routers.istio import IstioRouter
+from scoring.cli import KEEP_ALIVE_S
 from tests.fakes.kube_apiserver import FakeKubeApiServer
 from tests.routers.contract import V1, V2, identity
 from tests.state.helpers import exercise as exercise_state_store
@@ -40,6 +42,7 @@ RESOURCES = {  # kind → (group, plural) for applying rendered objects to the f
     "Role": ("rbac.authorization.k8s.io", "roles"),
     "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings"),
     "Deployment": ("apps", "deployments"),
+    "DestinationRule": (m.ISTIO_GROUP, "destinationrules"),
     "Gateway": (m.ISTIO_GROUP, "gateways"),
     "VirtualService": (m.ISTIO_GROUP, "virtualservices"),
 }
@@ -107,9 +110,56 @@ def errors(doc: dict[str, Any]) -> list[str]:
 def test_every_istio_object_validates_against_the_crd_schema(args: list[str]) -> None:
     docs = render(*args)
     istio = [d for d in docs if d["apiVersion"].startswith(m.ISTIO_GROUP)]
-    assert sorted(d["kind"] for d in istio) == ["Gateway", "VirtualService"]
+    kinds = ["DestinationRule"] * 4 + ["Gateway", "VirtualService"]
+    assert sorted(d["kind"] for d in istio) == kinds
     for doc in istio:
         assert errors(doc) == [], doc
+
+
+def test_the_proxies_close_idle_connections_before_the_scoring_server_does() -> None:
+    # Istio keeps an idle upstream connection 1 h by default (the gateway's, and the sidecar's
+    # in front of the scoring server, which applies the host's DestinationRule too), uvicorn
+    # KEEP_ALIVE_S: a request sent on a connection the server has just closed is a 503.
+    rules = [d for d in render("--app", "diabetes") if d["kind"] == "DestinationRule"]
+    services = [s["metadata"]["name"] for s in m.services(m.IstioLayout("default", "diabetes"))]
+    assert [r["metadata"]["name"] for r in rules] == services
+    assert [r["spec"]["host"] for r in rules] == services
+    for rule in rules:
+        http = {"idleTimeout": f"{UPSTREAM_IDLE_S}s"}  # the local Envoy's, shared
+        assert rule["spec"]["trafficPolicy"] == {"connectionPool": {"http": http}}
+    assert UPSTREAM_IDLE_S < KEEP_ALIVE_S
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        pytest.param("60s", 60.0, id="seconds"),
+        pytest.param("1h", 3600.0, id="hour"),
+        pytest.param("1m15s", 75.0, id="minutes-and-seconds"),
+        pytest.param("500ms", 0.5, id="milliseconds"),
+        pytest.param("1.5h", 5400.0, id="fraction"),
+        pytest.param("60", None, id="no-unit"),
+        pytest.param("1 h", None, id="space"),
+        pytest.param("soon", None, id="words"),
+    ],
+)
+def test_durations_are_read_as_istio_takes_them(text: str, seconds: float | None) -> None:
+    assert m.duration_s(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        pytest.param("idleTimeout", 60, "is not of type 'string'", id="seconds-as-number"),
+        pytest.param("idleTimout", "60s", "'idleTimout' was unexpected", id="typo"),
+    ],
+)
+def test_the_schema_check_catches_broken_destination_rules(
+    field: str, value: Any, expected: str
+) -> None:
+    rule = copy.deepcopy(m.destination_rules(m.IstioLayout("ml", "d"))[0])
+    rule["spec"]["trafficPolicy"]["connectionPool"]["http"] = {field: value}
+    assert any(expected in e for e in errors(rule)), errors(rule)
 
 
 SHADOW = Weights.blue_at(0, mirror=5)
@@ -206,6 +256,10 @@ def test_bootstrap_order_and_contents() -> None:
         "Service",
         "Service",
         "Service",
+        "DestinationRule",
+        "DestinationRule",
+        "DestinationRule",
+        "DestinationRule",
         "Deployment",
         "Gateway",
         "VirtualService",
@@ -275,6 +329,10 @@ def test_the_role_grants_exactly_what_the_router_and_the_state_store_use() -> No
     layout = m.IstioLayout(namespace="ml", app="diabetes")
     with FakeKubeApiServer() as api:
         api.seed(m.namespace(layout), "namespaces")
+        # One of the user's, without an idle timeout: the router adds its own (a patch).
+        user_rule = m.destination_rules(layout)[0]
+        del user_rule["spec"]["trafficPolicy"]
+        api.seed(user_rule, "destinationrules", m.ISTIO_GROUP)
         exercise(router_on(api, layout))
         deploy_that_never_gets_ready(api, router_on(api, layout))
         exercise_state_store(api)  # a controller in the cluster keeps its state there
@@ -501,7 +559,12 @@ def test_the_spec_top_level_header_is_the_one_the_routes_match(tmp_path: Path) -
     spec.write_text("name: d\nheader: X-Colour\nrouter: {kind: istio, namespace: ml, app: d}\n")
     rendered = {d["kind"]: d for d in render("--spec", str(spec))}
     pin = rendered["VirtualService"]["spec"]["http"][0]
-    assert pin["match"] == [{"headers": {"x-colour": {"exact": "blue"}}}]
+    assert pin["match"] == [
+        {
+            "headers": {"x-colour": {"exact": "blue"}},
+            "withoutHeaders": {"x-colour": {"exact": "green"}},
+        }
+    ]
 
     spec.write_text("name: d\nheader: x-colour\nrouter: {kind: istio, header: x-api-version}\n")
     result = CliRunner().invoke(app, ["rollout", "validate", str(spec)])
@@ -765,7 +828,7 @@ def test_real_kubectl_applies_the_manifests_and_the_router_takes_over(tmp_path: 
             return done.stdout
 
         applied = kubectl("apply", "--validate=false", "-f", str(out))
-        assert applied.count(" created") == 11, applied
+        assert applied.count(" created") == 15, applied
         router = router_on(api, layout)
         assert router.get_weights() == Weights.blue_at(0)
         router.deploy(Colour.BLUE, V2)

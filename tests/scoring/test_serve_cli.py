@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rollout.cli import app as cli_app
-from rollout.routers.envoy import UPSTREAM_IDLE_S
+from rollout.routers.base import UPSTREAM_IDLE_S
 from scoring.cli import KEEP_ALIVE_S
 
 
