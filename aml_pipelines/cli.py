@@ -401,7 +401,7 @@ def tag(
 ) -> None:
     """Set (or remove) tags on a version, e.g. `stage=production`."""
     with _user_errors():
-        from aml_pipelines.delivery import plan_manual_tags
+        from aml_pipelines.delivery import plan_manual_tags, taggable_versions
         from aml_pipelines.errors import ConfigError
         from aml_pipelines.registry.base import STAGE_TAG, Stage
 
@@ -423,7 +423,8 @@ def tag(
         reg.get(name, version)  # an unknown or damaged version is named before anything else
         # Listed only to move production: other tags must stay writable beside a damaged version.
         moves = pairs.get(STAGE_TAG) == Stage.PRODUCTION
-        versions = reg.list_versions(name) if moves else []
+        # A production version archived in the studio is left out of the listing, not of this.
+        versions = taggable_versions(reg, name) if moves else []
         changes = plan_manual_tags(versions, version, pairs, replace=replace)
         written = [reg.set_tags(name, change.version, change.tags) for change in changes]
     for mv in written:

@@ -121,6 +121,33 @@ def test_a_production_archived_in_the_studio_is_tagged_archived_after_a_promotio
     assert _stages(arm) == {"1": "archived", "2": "production"}
 
 
+def test_registry_tag_replace_archives_a_production_archived_in_the_studio(
+    arm: FakeArm, registry: AzureMLRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `registry tag --replace` planned over the listing, which leaves that version out: the new
+    # production stood beside the old one, still tagged production.
+    from typer.testing import CliRunner
+
+    import aml_pipelines.cli
+    from rollout.cli import app
+
+    registry.register(
+        "diabetes",
+        "azureml://jobs/run-1/outputs/model",
+        {"sha256": "a" * 64, "stage": "production"},
+    )
+    registry.ml_client.models.archive("diabetes", "1")
+    registry.register(
+        "diabetes", "azureml://jobs/run-2/outputs/model", {"sha256": "b" * 64, "stage": "candidate"}
+    )
+    monkeypatch.setattr(aml_pipelines.cli, "_open", lambda *_, **__: registry)
+    result = CliRunner().invoke(
+        app, ["registry", "tag", "diabetes", "2", "stage=production", "--replace"]
+    )
+    assert result.exit_code == 0, result.output
+    assert _stages(arm) == {"1": "archived", "2": "production"}
+
+
 def test_serve_accepts_the_events_of_the_registrys_workspace_only(
     registry: AzureMLRegistry,
 ) -> None:
