@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 #: Lines of a child's log quoted when it fails.
 LOG_TAIL_LINES = 15
 
+#: Waits up to a timeout (seconds), while `alive()`, until a process is ready; LocalStackError
+#: when it is not.
+ReadyProbe = Callable[[float, Callable[[], bool]], None]
+
 
 def listening_socket(host: str = "127.0.0.1") -> socket.socket:
     """A TCP socket listening on a port the OS picks, to hand to a child (`Child(pass_fds=)`).
@@ -169,7 +173,8 @@ class Child:
 
     `die_with_parent`: the child gets SIGTERM when this process dies, even by SIGKILL (Linux,
     main thread only: see `die_with_parent_hook`). `pass_fds`: descriptors the child inherits
-    (a `listening_socket()` it serves on).
+    (a `listening_socket()` it serves on). `ready`: waits until the process is ready, for when
+    a fixed `ready_url` cannot tell (its address is only known once the process runs).
     """
 
     def __init__(
@@ -183,6 +188,7 @@ class Child:
         cwd: Path | None = None,
         die_with_parent: bool = False,
         pass_fds: Sequence[int] = (),
+        ready: ReadyProbe | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -192,6 +198,7 @@ class Child:
         self.cwd = cwd
         self.die_with_parent = die_with_parent
         self.pass_fds = tuple(pass_fds)
+        self.ready = ready
         self.process: subprocess.Popen[bytes] | None = None
         #: Where this run's output begins in `log_path` (appended to: a folder used again).
         self._log_start = 0
@@ -207,7 +214,8 @@ class Child:
         return self.process is not None and self.process.poll() is None
 
     def start(self, *, ready_timeout_s: float = 30.0) -> Child:
-        """Start the process and wait until `ready_url` answers 200 (LocalStackError otherwise)."""
+        """Start the process and wait until `ready` passes or `ready_url` answers 200
+        (LocalStackError otherwise, the process stopped)."""
         if self.running:
             return self
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,9 +237,16 @@ class Child:
             except OSError as exc:
                 raise LocalStackError(f"cannot start {self.name} ({self.argv[0]}): {exc}") from exc
         log.debug("started %s (pid %d): %s", self.name, self.process.pid, " ".join(self.argv))
-        if self.ready_url is not None:
+        probe = self.ready
+        if probe is None and self.ready_url is not None:
+            url = self.ready_url
+
+            def probe(timeout_s: float, alive: Callable[[], bool]) -> None:
+                wait_ready(url, timeout_s=timeout_s, alive=alive)
+
+        if probe is not None:
             try:
-                wait_ready(self.ready_url, timeout_s=ready_timeout_s, alive=lambda: self.running)
+                probe(ready_timeout_s, lambda: self.running)
             except LocalStackError as exc:
                 self.stop()
                 raise LocalStackError(f"{self.name}: {exc}{self._tail()}") from None

@@ -4,11 +4,12 @@ Was: `free_port()` bound port 0, closed it, and a child bound the port a moment 
 pytest-xdist workers, another worker's server took it in between, and a fresh-clone CI run
 failed its e2e setup with "green not ready after 60 s (HTTP 404)" and an empty log: something
 else answered on the scoring server's port. `Squatter` plays that other server: it binds the
-port a child is about to serve on, if it still can, and answers 404 to everything.
+port a child is about to serve on, if it still can, and answers 404 (or 200) to everything.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -24,37 +25,50 @@ import pytest
 
 from rollout.core.types import Colour
 from rollout.errors import LocalStackError
+from rollout.local import envoy as envoy_module
 from rollout.local import process
+from rollout.local.envoy import EnvoyProcess
 from rollout.local.process import wait_ready
+from rollout.local.prometheus import PrometheusProcess
 from rollout.local.workloads import ScoringProcesses
 from tests.local.conftest import MakeRelease
 
 
-class _NotFound(BaseHTTPRequestHandler):
+class _Answer(BaseHTTPRequestHandler):
+    server: _SquatServer
+
     def do_GET(self) -> None:
-        self.send_response(404)
-        self.send_header("content-length", "0")
+        self.send_response(self.server.status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", "2")
         self.end_headers()
+        self.wfile.write(b"{}")
 
     def log_message(self, *args: Any) -> None:
         pass
 
 
+class _SquatServer(ThreadingHTTPServer):
+    daemon_threads = True
+    status = 404
+
+
 class Squatter:
-    """Another server on the machine: takes a port when it can, answers 404 there."""
+    """Another server on the machine: takes a port when it can, answers `status` there."""
 
     def __init__(self) -> None:
+        self.status = 404
         self.tried: list[int] = []
         self.servers: list[ThreadingHTTPServer] = []
 
     def take(self, port: int) -> bool:
         self.tried.append(port)
         try:
-            server = ThreadingHTTPServer(("127.0.0.1", port), _NotFound)
+            server = _SquatServer(("127.0.0.1", port), _Answer)
         except OSError:
             return False
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server.status = self.status
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         self.servers.append(server)
         return True
 
@@ -69,6 +83,42 @@ def squatter() -> Iterator[Squatter]:
     found = Squatter()
     yield found
     found.close()
+
+
+def ports_to_be_bound(argv: list[str], pass_fds: tuple[int, ...]) -> list[int]:
+    """The ports a child is about to serve on, as its command line (or config) names them."""
+    ports = []
+    for fd in pass_fds:
+        with socket.socket(fileno=os.dup(fd)) as inherited:
+            ports.append(inherited.getsockname()[1])
+    if "--port" in argv:  # aml-rollout serve
+        ports.append(int(argv[argv.index("--port") + 1]))
+    for arg in argv:  # prometheus
+        if arg.startswith("--web.listen-address="):
+            ports.append(int(arg.rsplit(":", 1)[1]))
+    if "-c" in argv and argv[argv.index("-c") + 1].endswith(".json"):  # envoy's bootstrap
+        doc = json.loads(Path(argv[argv.index("-c") + 1]).read_text())
+        ports.append(doc["admin"]["address"]["socket_address"]["port_value"])
+        for listener in doc["static_resources"]["listeners"]:
+            ports.append(listener["address"]["socket_address"]["port_value"])
+    return [port for port in ports if port]  # 0: the child's bind picks one
+
+
+@pytest.fixture
+def squat_at_start(squatter: Squatter, monkeypatch: pytest.MonkeyPatch) -> Squatter:
+    """Between choosing the first child's ports and its start, another server takes what it
+    still can (a second try goes untroubled)."""
+    real_popen = subprocess.Popen
+    first = [True]
+
+    def popen(argv: list[str], **kwargs: Any) -> Any:
+        if first.pop() if first else False:
+            for port in ports_to_be_bound(argv, tuple(kwargs.get("pass_fds", ()))):
+                squatter.take(port)
+        return real_popen(argv, **kwargs)
+
+    monkeypatch.setattr(process.subprocess, "Popen", popen)
+    return squatter
 
 
 def test_a_readiness_probe_answered_404_names_the_other_server_at_once(
@@ -87,28 +137,88 @@ def test_a_readiness_probe_answered_404_names_the_other_server_at_once(
 
 @pytest.mark.slow
 def test_a_scoring_server_keeps_its_port_from_another_server(
-    make_release: MakeRelease,
-    tmp_path: Path,
-    squatter: Squatter,
-    monkeypatch: pytest.MonkeyPatch,
+    make_release: MakeRelease, tmp_path: Path, squat_at_start: Squatter
 ) -> None:
-    real_popen = subprocess.Popen
-
-    def popen(argv: list[str], **kwargs: Any) -> Any:
-        # The moment between choosing the server's port and its start: another server tries it.
-        if "--port" in argv:
-            squatter.take(int(argv[argv.index("--port") + 1]))
-        for fd in kwargs.get("pass_fds", ()):
-            with socket.socket(fileno=os.dup(fd)) as inherited:
-                squatter.take(inherited.getsockname()[1])
-        return real_popen(argv, **kwargs)
-
-    monkeypatch.setattr(process.subprocess, "Popen", popen)
     workloads = ScoringProcesses(tmp_path / "workloads", ready_timeout_s=30)
     try:
         endpoint = workloads.start(Colour.GREEN, make_release("1"))
-        assert len(squatter.tried) == 1 and squatter.servers == []  # it tried, and could not
+        assert len(squat_at_start.tried) == 1 and squat_at_start.servers == []  # tried, failed
         ready = httpx.get(f"http://127.0.0.1:{endpoint.port}/readyz", timeout=5)
         assert ready.status_code == 200 and ready.json()["version"] == "1"
     finally:
         workloads.stop_all()
+
+
+@pytest.mark.slow
+def test_envoy_binds_ports_nobody_could_take_first(
+    tmp_path: Path, squat_at_start: Squatter
+) -> None:
+    with EnvoyProcess(tmp_path / "envoy") as envoy:
+        assert squat_at_start.servers == []
+        assert envoy.port and envoy.admin_port and envoy.port != envoy.admin_port
+        assert httpx.get(f"{envoy.admin_url}/ready", timeout=5).text.strip() == "LIVE"
+        assert "no healthy upstream" in httpx.get(f"{envoy.url}/score", timeout=5).text
+
+
+@pytest.mark.slow
+def test_a_given_envoy_port_another_envoy_holds_fails_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: the second Envoy started too (SO_REUSEPORT), and took part of the first's connections.
+    with EnvoyProcess(tmp_path / "first") as first:
+        # The port is taken after the check that it is free, before Envoy binds it.
+        monkeypatch.setattr(envoy_module, "port_is_free", lambda port: True)
+        second = EnvoyProcess(tmp_path / "second", port=first.port)
+        message = f"listener port 127.0.0.1:{first.port} is already in use"
+        with pytest.raises(LocalStackError, match=message):
+            second.start()
+        assert second.pid is None
+        assert httpx.get(f"{first.admin_url}/ready", timeout=5).status_code == 200
+
+
+def _prometheus(workdir: Path, port: int | None = None) -> PrometheusProcess:
+    return PrometheusProcess(
+        workdir, envoy_admin="127.0.0.1:9", targets_file=workdir / "targets.json", port=port
+    )
+
+
+def _flags(url: str) -> dict[str, str]:
+    data: dict[str, str] = httpx.get(f"{url}/api/v1/status/flags", timeout=5).json()["data"]
+    return data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("status", [404, 200], ids=["answers-404", "answers-ready"])
+def test_prometheus_moves_off_a_port_another_server_took(
+    tmp_path: Path, squat_at_start: Squatter, status: int
+) -> None:
+    # A server answering 200 everywhere stands for another Prometheus: /-/ready alone passes.
+    squat_at_start.status = status
+    prometheus = _prometheus(tmp_path)
+    taken = prometheus.port
+    prometheus.start(ready_timeout_s=10)
+    try:
+        assert squat_at_start.tried[0] == taken and len(squat_at_start.servers) == 1
+        assert prometheus.port != taken
+        assert _flags(prometheus.url)["config.file"] == str(prometheus.config_path)
+    finally:
+        prometheus.stop()
+
+
+@pytest.mark.slow
+def test_prometheus_on_a_given_port_another_server_holds_says_so(
+    tmp_path: Path, squatter: Squatter
+) -> None:
+    squatter.status = 200
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert squatter.take(port)
+    prometheus = _prometheus(tmp_path, port=port)
+    started = time.monotonic()
+    with pytest.raises(
+        LocalStackError, match=f"listen on 127.0.0.1:{port}: the port is held by another"
+    ):
+        prometheus.start(ready_timeout_s=10)
+    assert prometheus.pid is None and prometheus.port == port
+    assert time.monotonic() - started < 5
