@@ -4,21 +4,15 @@ Was: `free_port()` bound port 0, closed it, and a child bound the port a moment 
 pytest-xdist workers, another worker's server took it in between, and a fresh-clone CI run
 failed its e2e setup with "green not ready after 60 s (HTTP 404)" and an empty log: something
 else answered on the scoring server's port. `Squatter` plays that other server: it binds the
-port a child is about to serve on, if it still can, and answers 404 (or 200) to everything.
+port a child is about to serve on, if it still can (`tests.squatter`).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import socket
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -26,56 +20,12 @@ import pytest
 from rollout.core.types import Colour
 from rollout.errors import LocalStackError
 from rollout.local import envoy as envoy_module
-from rollout.local import process
 from rollout.local.envoy import EnvoyProcess
 from rollout.local.process import wait_ready
 from rollout.local.prometheus import PrometheusProcess
 from rollout.local.workloads import ScoringProcesses
 from tests.local.conftest import MakeRelease
-
-
-class _Answer(BaseHTTPRequestHandler):
-    server: _SquatServer
-
-    def do_GET(self) -> None:
-        self.send_response(self.server.status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", "2")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-class _SquatServer(ThreadingHTTPServer):
-    daemon_threads = True
-    status = 404
-
-
-class Squatter:
-    """Another server on the machine: takes a port when it can, answers `status` there."""
-
-    def __init__(self) -> None:
-        self.status = 404
-        self.tried: list[int] = []
-        self.servers: list[ThreadingHTTPServer] = []
-
-    def take(self, port: int) -> bool:
-        self.tried.append(port)
-        try:
-            server = _SquatServer(("127.0.0.1", port), _Answer)
-        except OSError:
-            return False
-        server.status = self.status
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-        self.servers.append(server)
-        return True
-
-    def close(self) -> None:
-        for server in self.servers:
-            server.shutdown()
-            server.server_close()
+from tests.squatter import Squatter, squat_first_start
 
 
 @pytest.fixture
@@ -85,40 +35,9 @@ def squatter() -> Iterator[Squatter]:
     found.close()
 
 
-def ports_to_be_bound(argv: list[str], pass_fds: tuple[int, ...]) -> list[int]:
-    """The ports a child is about to serve on, as its command line (or config) names them."""
-    ports = []
-    for fd in pass_fds:
-        with socket.socket(fileno=os.dup(fd)) as inherited:
-            ports.append(inherited.getsockname()[1])
-    if "--port" in argv:  # aml-rollout serve
-        ports.append(int(argv[argv.index("--port") + 1]))
-    for arg in argv:  # prometheus
-        if arg.startswith("--web.listen-address="):
-            ports.append(int(arg.rsplit(":", 1)[1]))
-    if "-c" in argv and argv[argv.index("-c") + 1].endswith(".json"):  # envoy's bootstrap
-        doc = json.loads(Path(argv[argv.index("-c") + 1]).read_text())
-        ports.append(doc["admin"]["address"]["socket_address"]["port_value"])
-        for listener in doc["static_resources"]["listeners"]:
-            ports.append(listener["address"]["socket_address"]["port_value"])
-    return [port for port in ports if port]  # 0: the child's bind picks one
-
-
 @pytest.fixture
 def squat_at_start(squatter: Squatter, monkeypatch: pytest.MonkeyPatch) -> Squatter:
-    """Between choosing the first child's ports and its start, another server takes what it
-    still can (a second try goes untroubled)."""
-    real_popen = subprocess.Popen
-    first = [True]
-
-    def popen(argv: list[str], **kwargs: Any) -> Any:
-        if first.pop() if first else False:
-            for port in ports_to_be_bound(argv, tuple(kwargs.get("pass_fds", ()))):
-                squatter.take(port)
-        return real_popen(argv, **kwargs)
-
-    monkeypatch.setattr(process.subprocess, "Popen", popen)
-    return squatter
+    return squat_first_start(squatter, monkeypatch)
 
 
 def test_a_readiness_probe_answered_404_names_the_other_server_at_once(

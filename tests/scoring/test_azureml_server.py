@@ -7,6 +7,7 @@ AML images do (`azmlinfsrv --entry_script score.py --model_dir DIR`) and checks 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -75,7 +76,7 @@ def _start_aml_server(
     deadline = time.monotonic() + 90
     while True:
         if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
+            out = proc.communicate()[0].decode()
             assert "Connection in use" in out, out  # any other exit is the test's failure
             return proc, url, f"127.0.0.1:{port} was in use"
         assert time.monotonic() < deadline, "the AML server never answered"
@@ -95,7 +96,9 @@ def _start_aml_server(
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)  # gunicorn master and its worker: our own group
+    # Gone already when it exited on a taken port (its group went with it).
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)  # gunicorn master and its worker: our own group
     proc.communicate(timeout=30)
 
 
