@@ -201,6 +201,8 @@ def test_the_image_s_command_logs_the_model_it_loaded(registered, tmp_path: Path
     pkg = build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "p", image_registry="r").path
     # On a socket bound here and inherited (uvicorn --fd), not a free port uvicorn binds later:
     # another test's server could take that one in between (and answer /readyz 404 for it).
+    # Fine for a log line; not for serving: uvicorn wraps the fd as AF_UNIX, so it sets no
+    # TCP_NODELAY and answers wait ~40 ms on delayed ACKs (`serve --fd` does not).
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
         fd = listener.fileno()
