@@ -24,6 +24,7 @@ With `--json` the last line is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -118,79 +119,142 @@ def run_wrk(
     return result
 
 
+#: Servers that serve on a socket bound here on port 0 and inherited (`serve --fd`): no other
+#: process can take the port first. The others take a port: one taken first is detected and
+#: retried. Not uvicorn's own `--fd`: it wraps the socket as AF_UNIX, so no TCP_NODELAY is set
+#: and each answer waits ~40 ms for a delayed ACK (measured: fastapi c1 23 rps, not 1,000).
+ON_INHERITED_SOCKET = ("ours",)
+#: Ports a server is started on before the run gives up (each taken by another process first).
+PORT_ATTEMPTS = 3
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
+def server_command(
+    name: str, model_dir: Path, azmlinfsrv: Path, listen: int
+) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of one server; `listen` is its socket's file descriptor (the
+    servers in ON_INHERITED_SOCKET) or its port (the others)."""
+    env = dict(os.environ)
+    uvicorn_flags = ["--http", "httptools", "--loop", "uvloop", "--no-access-log",
+                     "--log-level", "warning", "--workers", "1"]  # fmt: skip
+    commands = {
+        "ours": (
+            [sys.executable, "-c", "from rollout.cli import main; main()", "serve",
+             "--model-dir", str(model_dir), "--fd", str(listen), "--log-level", "warning"],
+            env,
+        ),
+        "azureml": (
+            [str(azmlinfsrv), "--entry_script", str(ROOT / "scoring" / "score.py"),
+             "--model_dir", str(model_dir), "--port", str(listen), "--worker_count", "1"],
+            env | {"PYTHONPATH": str(ROOT)},
+        ),
+        "fastapi": (
+            [sys.executable, "-m", "uvicorn", "benchmarks.reference_server:create", "--factory",
+             "--host", "127.0.0.1", "--port", str(listen), *uvicorn_flags],
+            env | {"REFERENCE_MODEL_DIR": str(model_dir)},
+        ),
+    }  # fmt: skip
+    return commands[name]
+
+
 @contextmanager
-def started(argv: list[str], url: str, env: dict[str, str]) -> Iterator[None]:
-    """Run a server process (own session) until the block ends; wait until /score answers 200."""
+def started(name: str, model_dir: Path, azmlinfsrv: Path) -> Iterator[str]:
+    """Run a server (own session) until the block ends; yields its /score URL once it answers
+    200. A port another process took first (the server exits saying so, or another server
+    answers 4xx there) is retried on a new one, up to PORT_ATTEMPTS times."""
     with tempfile.TemporaryFile() as log:
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            proc, url = _start(name, model_dir, azmlinfsrv, log)
+            try:
+                taken = _wait_until_scoring(proc, name, url, log)
+            except BaseException:
+                _stop(proc)
+                raise
+            if taken is None:
+                break
+            _stop(proc)
+            if attempt == PORT_ATTEMPTS:
+                raise RuntimeError(f"{name}: {taken}")
+            print(f"{name}: {taken}; trying another port", file=sys.stderr, flush=True)
+        try:
+            yield url
+        finally:
+            _stop(proc)
+
+
+def _start(
+    name: str, model_dir: Path, azmlinfsrv: Path, log: IO[bytes]
+) -> tuple[subprocess.Popen[bytes], str]:
+    log.seek(0)
+    log.truncate()
+    if name not in ON_INHERITED_SOCKET:
+        port = _free_port()
+        argv, env = server_command(name, model_dir, azmlinfsrv, port)
         proc = subprocess.Popen(
             argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        try:
-            _wait_until_scoring(proc, argv[0], url, log)
-            yield
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)  # our own process group: server and workers
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        return proc, f"http://127.0.0.1:{port}/score"
+    with socket.create_server(("127.0.0.1", 0)) as sock:  # our copy closed once it started
+        argv, env = server_command(name, model_dir, azmlinfsrv, sock.fileno())
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            pass_fds=[sock.fileno()],
+        )
+        return proc, f"http://127.0.0.1:{sock.getsockname()[1]}/score"
 
 
-def _wait_until_scoring(proc: subprocess.Popen[bytes], name: str, url: str, log: IO[bytes]) -> None:
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    # Gone already when it exited on a taken port (its group went with it).
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)  # our own process group: server and workers
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _wait_until_scoring(
+    proc: subprocess.Popen[bytes], name: str, url: str, log: IO[bytes]
+) -> str | None:
+    """None once `url` answers 200; why not, when another process holds the port."""
     headers = {"content-type": "application/json"}
     deadline = time.monotonic() + 120
     while True:
         if proc.poll() is not None:
             log.seek(0)
-            raise RuntimeError(f"{name} exited: {log.read().decode()[-2000:]}")
+            out = log.read().decode(errors="replace")
+            # gunicorn's words (azmlinfsrv), then serve's and uvicorn's
+            if any(w in out for w in ("Connection in use", "already in use")):
+                return f"{url} was in use"
+            raise RuntimeError(f"{name} exited: {out[-2000:]}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"{name} did not answer within 120 s")
         try:
-            if httpx.post(url, content=PAYLOAD, headers=headers, timeout=2).status_code == 200:
-                return
+            status = httpx.post(url, content=PAYLOAD, headers=headers, timeout=2).status_code
         except httpx.TransportError:
-            pass
+            status = 0
+        if status == 200:
+            return None
+        if 400 <= status < 500:  # ours answer 503 while they load, never "not found"
+            return f"something else answers on {url} (HTTP {status})"
         time.sleep(0.2)
 
 
-def server_commands(
-    model_dir: Path, azmlinfsrv: Path
-) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """argv and environment of each server, each on its own free port."""
-    env = dict(os.environ)
-    uvicorn_flags = ["--http", "httptools", "--loop", "uvloop", "--no-access-log",
-                     "--log-level", "warning", "--workers", "1"]  # fmt: skip
-    return {
-        "ours": (
-            [sys.executable, "-c", "from rollout.cli import main; main()", "serve",
-             "--model-dir", str(model_dir), "--port", str(_free_port()), "--log-level", "warning"],
-            env,
-        ),
-        "azureml": (
-            [str(azmlinfsrv), "--entry_script", str(ROOT / "scoring" / "score.py"),
-             "--model_dir", str(model_dir), "--port", str(_free_port()), "--worker_count", "1"],
-            env | {"PYTHONPATH": str(ROOT)},
-        ),
-        "fastapi": (
-            [sys.executable, "-m", "uvicorn", "benchmarks.reference_server:create", "--factory",
-             "--host", "127.0.0.1", "--port", str(_free_port()), *uvicorn_flags],
-            env | {"REFERENCE_MODEL_DIR": str(model_dir)},
-        ),
-    }  # fmt: skip
-
-
 def measure(
-    name: str, argv: list[str], env: dict[str, str], url: str, seconds: float, workdir: Path
+    name: str, model_dir: Path, azmlinfsrv: Path, seconds: float, workdir: Path
 ) -> dict[str, float]:
     """Warm up, then c1, c8 and half-of-max-rate runs against one server."""
-    with started(argv, url, env):
+    with started(name, model_dir, azmlinfsrv) as url:
         run_wrk(url, 8, 1.0, workdir)  # warm-up: JIT-free, but caches, allocator and sockets
         c1 = run_wrk(url, 1, seconds, workdir)
         c8 = run_wrk(url, 8, seconds, workdir)
@@ -247,13 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-scoring-") as tmp:
         workdir = Path(tmp)
         model_dir = build_model(workdir / "model")
-        for name, (cmd, env) in server_commands(model_dir, azmlinfsrv).items():
-            if name not in wanted:
-                continue
-            port = cmd[cmd.index("--port") + 1]
-            servers[name] = measure(
-                name, cmd, env, f"http://127.0.0.1:{port}/score", args.seconds, workdir
-            )
+        for name in SERVERS:
+            if name in wanted:
+                servers[name] = measure(name, model_dir, azmlinfsrv, args.seconds, workdir)
 
     def ratio(other: str) -> float | None:
         if "ours" not in servers or other not in servers:

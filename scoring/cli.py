@@ -4,7 +4,9 @@ Only typer, rich and the stdlib are imported at module level: uvicorn, fastapi, 
 httpx and prometheus_client are imported inside the command bodies so `aml-rollout --help` stays
 fast. A model that cannot be served (sha256 mismatch, untrusted types, missing files) stops
 `serve` before it binds its port, with one red line and exit code 2; so does a port already in
-use or an address it cannot bind (checked before "serving … on …" is logged).
+use or an address it cannot bind (checked before "serving … on …" is logged), or an `--fd` that
+is not a listening TCP socket. `--fd` is how the local stack starts servers without a free-port
+race: it binds port 0 itself and hands the listening socket down (`rollout.local.workloads`).
 """
 
 from __future__ import annotations
@@ -67,6 +69,16 @@ def serve(
     ] = ColourOption.GREEN,
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port to listen on.")] = 8000,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    fd: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Serve on this inherited listening TCP socket (a file descriptor) instead of "
+            "binding --host/--port: the parent binds port 0 and passes it, so no other process "
+            "can take the port in between.",
+            show_default=False,
+        ),
+    ] = None,
     version: Annotated[
         str | None, typer.Option(help="Model version label (default: package.json, else 0).")
     ] = None,
@@ -113,6 +125,8 @@ def serve(
         raise _fail(
             "AML_ROLLOUT_API_KEY is set but holds no key: give a real key or unset it for no auth"
         )
+    # An unusable --fd is refused before the model's 2-4 s load, as other bad options are.
+    inherited = None if fd is None else _inherited_socket(fd)
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -139,14 +153,15 @@ def serve(
     )
     # Bound here, before "serving ... on" is logged: a busy port or a bad --host is one red line
     # and exit 2, not a "serving" line followed by uvicorn's errno and shutdown lines (exit 3).
-    sock = _listen_socket(host, port)
+    sock = _listen_socket(host, port) if inherited is None else inherited
+    bound_host, bound_port = sock.getsockname()[:2]
     logging.getLogger("scoring").info(
         "serving %s version %s as %s on http://%s:%d (auth %s)",
         model.identity.name,
         model.identity.version,
         colour.value,
-        host,
-        sock.getsockname()[1],
+        bound_host,
+        bound_port,
         "on" if api_key else "off",
     )
     config = uvicorn.Config(
@@ -189,6 +204,31 @@ def _listen_socket(host: str, port: int) -> socket.socket:
             ) from None
         raise _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
+    return sock
+
+
+def _inherited_socket(fd: int) -> socket.socket:
+    """The listening TCP socket at file descriptor `fd` (uvicorn serves on it); _fail if it is not.
+
+    Checked before uvicorn gets it: a wrong number would otherwise be a traceback from deep in
+    asyncio, or a server accepting on a socket nobody connects to. Not uvicorn's `fd=`: it wraps
+    the descriptor as AF_UNIX, so the event loop sets no TCP_NODELAY on connections and each
+    answer waits ~40 ms for a delayed ACK (measured with benchmarks.scoring: 23 rps at c1).
+    """
+    try:
+        sock = socket.socket(fileno=fd)  # family and type are read from the descriptor
+    except OSError as exc:
+        raise _fail(f"--fd {fd}: not an open socket ({exc.strerror or exc})") from None
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError:
+        listening = 0
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        sock.detach()  # not ours to close
+        raise _fail(f"--fd {fd}: not a TCP socket")
+    if not listening:
+        sock.detach()
+        raise _fail(f"--fd {fd}: not listening (bind and listen the socket before passing it)")
     return sock
 
 

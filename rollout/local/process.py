@@ -41,9 +41,28 @@ log = logging.getLogger(__name__)
 #: Lines of a child's log quoted when it fails.
 LOG_TAIL_LINES = 15
 
+#: Waits up to a timeout (seconds), while `alive()`, until a process is ready; LocalStackError
+#: when it is not.
+ReadyProbe = Callable[[float, Callable[[], bool]], None]
+
+
+def listening_socket(host: str = "127.0.0.1") -> socket.socket:
+    """A TCP socket listening on a port the OS picks, to hand to a child (`Child(pass_fds=)`).
+
+    The port is ours from the bind on: no other process can take it before the child serves,
+    as it can between `free_port()` and a child's own bind. Close the parent's copy once the
+    child has started.
+    """
+    return socket.create_server((host, 0))
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on now (the OS picks it)."""
+    """A TCP port nobody listens on now (the OS picks it).
+
+    Free *now* only: another process (a parallel test worker's server) may bind it before the
+    caller's child does. Prefer `listening_socket()`; a child that cannot take a socket must
+    check that what answers on the port is itself (see `wait_ready`'s `wrong_server`).
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
@@ -153,7 +172,9 @@ class Child:
     """One child process with a log file, a readiness probe and a clean stop.
 
     `die_with_parent`: the child gets SIGTERM when this process dies, even by SIGKILL (Linux,
-    main thread only: see `die_with_parent_hook`).
+    main thread only: see `die_with_parent_hook`). `pass_fds`: descriptors the child inherits
+    (a `listening_socket()` it serves on). `ready`: waits until the process is ready, for when
+    a fixed `ready_url` cannot tell (its address is only known once the process runs).
     """
 
     def __init__(
@@ -166,6 +187,8 @@ class Child:
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
         die_with_parent: bool = False,
+        pass_fds: Sequence[int] = (),
+        ready: ReadyProbe | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -174,6 +197,8 @@ class Child:
         self.env = env
         self.cwd = cwd
         self.die_with_parent = die_with_parent
+        self.pass_fds = tuple(pass_fds)
+        self.ready = ready
         self.process: subprocess.Popen[bytes] | None = None
         #: Where this run's output begins in `log_path` (appended to: a folder used again).
         self._log_start = 0
@@ -189,7 +214,8 @@ class Child:
         return self.process is not None and self.process.poll() is None
 
     def start(self, *, ready_timeout_s: float = 30.0) -> Child:
-        """Start the process and wait until `ready_url` answers 200 (LocalStackError otherwise)."""
+        """Start the process and wait until `ready` passes or `ready_url` answers 200
+        (LocalStackError otherwise, the process stopped)."""
         if self.running:
             return self
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,13 +232,21 @@ class Child:
                     preexec_fn=hook,  # only prctl: see die_with_parent_hook
                     env=self.env,
                     cwd=self.cwd,
+                    pass_fds=self.pass_fds,
                 )
             except OSError as exc:
                 raise LocalStackError(f"cannot start {self.name} ({self.argv[0]}): {exc}") from exc
         log.debug("started %s (pid %d): %s", self.name, self.process.pid, " ".join(self.argv))
-        if self.ready_url is not None:
+        probe = self.ready
+        if probe is None and self.ready_url is not None:
+            url = self.ready_url
+
+            def probe(timeout_s: float, alive: Callable[[], bool]) -> None:
+                wait_ready(url, timeout_s=timeout_s, alive=alive)
+
+        if probe is not None:
             try:
-                wait_ready(self.ready_url, timeout_s=ready_timeout_s, alive=lambda: self.running)
+                probe(ready_timeout_s, lambda: self.running)
             except LocalStackError as exc:
                 self.stop()
                 raise LocalStackError(f"{self.name}: {exc}{self._tail()}") from None
@@ -254,7 +288,12 @@ class Child:
 
 
 def wait_ready(url: str, *, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:
-    """Poll `url` until it answers 200; LocalStackError on timeout or when `alive()` turns false."""
+    """Poll `url` until it answers 200; LocalStackError on timeout or when `alive()` turns false.
+
+    A 4xx answer fails at once: our servers answer their ready path with 200, or 503 while they
+    start, never "not found". Whoever answers 404 there is another server on the port (one that
+    took it before our child could), and waiting for it to turn ready would be a silent minute.
+    """
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     with httpx.Client(timeout=2.0) as client:
@@ -265,11 +304,22 @@ def wait_ready(url: str, *, timeout_s: float, alive: Callable[[], bool] = lambda
                 response = client.get(url)
                 if response.status_code == 200:
                     return
+                if 400 <= response.status_code < 500:
+                    raise LocalStackError(wrong_server(url, f"HTTP {response.status_code}"))
                 last = f"HTTP {response.status_code}"
             except httpx.HTTPError as exc:
                 last = type(exc).__name__
             time.sleep(0.05)
     raise LocalStackError(f"{url} not ready after {timeout_s:g} s ({last})")
+
+
+def wrong_server(url: str, answer: str) -> str:
+    """The error for a port where a server other than ours answers."""
+    where = httpx.URL(url)
+    return (
+        f"something else answers on {where.host}:{where.port} ({answer} for {where.path}): "
+        "another process took the port"
+    )
 
 
 class StackProcess:

@@ -7,7 +7,10 @@
         run_rollout(spec, candidate=v2)           # the real engine; deploys blue itself
     # every process stopped and reaped, every port released
 
-Everything binds 127.0.0.1 on free ports. Processes run in their own sessions (see
+Everything binds 127.0.0.1. Envoy and the scoring servers get ports the OS picks as they bind
+(none is chosen first and bound later, when another process may have taken it); Prometheus,
+which cannot report such a port, checks that what answers on its port is itself, else moves.
+Processes run in their own sessions (see
 `rollout.local.process`), so Ctrl-C reaches only this Python process, whose `stop()` (also run
 on any error by the context manager) stops, in order: the load, the scoring servers recorded in
 `workloads/` (including ones started by a controller that died), Prometheus, Envoy.
@@ -85,7 +88,7 @@ class LocalStack:
         )
         self.prometheus = PrometheusProcess(
             self.workdir / "prometheus",
-            envoy_admin=f"127.0.0.1:{self.envoy.admin_port}",
+            envoy_admin="",  # Envoy's admin port is known once it started: set in start()
             targets_file=self.workloads.directory / "targets.json",
         )
         self._router: EnvoyRouter | None = None
@@ -114,6 +117,7 @@ class LocalStack:
         try:
             self._clear_leftovers()
             self.envoy.start()
+            self.prometheus.envoy_admin = f"127.0.0.1:{self.envoy.admin_port}"
             self.prometheus.start()
         except LocalStackError as exc:
             if self.keep:

@@ -1,9 +1,12 @@
 """Scoring processes as the Envoy router's workloads: one `aml-rollout serve` per deployed release.
 
 `start(colour, release)` runs `aml-rollout serve --model-dir <release.model_dir> --colour C
---port P --version V` on a free port in its own session and returns once `/readyz` answers; the
-router then points the colour's EDS file at it. Each process is recorded in `directory` as one
-JSON file (pid, kernel start time, port, colour, release) *before* we wait for it, so a process
+--fd N --version V` in its own session and returns once `/readyz` answers; the router then
+points the colour's EDS file at it. N is a socket this process binds on a port the OS picks and
+hands down: the port is the server's from the start, so no other process (a parallel test's
+Envoy or Prometheus) can take it between choosing and binding, as it once did when the port was
+chosen here and bound by the server. Each process is recorded in `directory` as one JSON file
+(pid, kernel start time, port, colour, release) *before* we wait for it, so a process
 started by a controller that is SIGKILLed a moment later is still found and stopped by the stack.
 Processes outlive the controller on purpose: the data plane keeps serving while a controller
 restarts, as pods do on Kubernetes. The one exception is `die_with_parent=True`, which
@@ -41,8 +44,8 @@ from rollout.core.types import Colour, Release
 from rollout.errors import DeployFailed, LocalStackError, RouterError
 from rollout.local.process import (
     Child,
-    free_port,
     kill_group,
+    listening_socket,
     pid_alive,
     pid_start_time,
     quoted_log_tail,
@@ -93,45 +96,47 @@ class ScoringProcesses:
             raise DeployFailed(
                 f"cannot deploy to {colour.value}: {release.model_dir} is not a folder"
             )
-        port = free_port(self.host)
-        ref = f"{colour.value}-{port}"
-        argv = [
-            sys.executable,
-            "-c",
-            _SERVE,
-            "serve",
-            "--model-dir",
-            release.model_dir,
-            "--colour",
-            colour.value,
-            "--port",
-            str(port),
-            "--host",
-            self.host,
-            "--version",
-            release.version,
-            "--log-level",
-            "warning",
-        ]
-        fault = self.faults.get(release.version, self.faults.get("*", 0.0))
-        if fault:
-            log.warning(
-                "demo knob: %s:%s starts with fault injection on (%.0f %% errors)",
-                release.model,
+        # Closed once the child started: it holds its own copy, and ours would keep the port
+        # bound after the server ends.
+        with listening_socket(self.host) as sock:
+            port: int = sock.getsockname()[1]
+            ref = f"{colour.value}-{port}"
+            argv = [
+                sys.executable,
+                "-c",
+                _SERVE,
+                "serve",
+                "--model-dir",
+                release.model_dir,
+                "--colour",
+                colour.value,
+                "--fd",
+                str(sock.fileno()),
+                "--version",
                 release.version,
-                fault * 100,
+                "--log-level",
+                "warning",
+            ]
+            fault = self.faults.get(release.version, self.faults.get("*", 0.0))
+            if fault:
+                log.warning(
+                    "demo knob: %s:%s starts with fault injection on (%.0f %% errors)",
+                    release.model,
+                    release.version,
+                    fault * 100,
+                )
+                argv += ["--fault-error-rate", str(fault)]
+            self.directory.mkdir(parents=True, exist_ok=True)
+            log_path = self.directory / f"{ref}.log"
+            child = Child(
+                f"scoring server {ref}",
+                argv,
+                log_path=log_path,
+                ready_url=None,
+                die_with_parent=self.die_with_parent,
+                pass_fds=(sock.fileno(),),
             )
-            argv += ["--fault-error-rate", str(fault)]
-        self.directory.mkdir(parents=True, exist_ok=True)
-        log_path = self.directory / f"{ref}.log"
-        child = Child(
-            f"scoring server {ref}",
-            argv,
-            log_path=log_path,
-            ready_url=None,
-            die_with_parent=self.die_with_parent,
-        )
-        child.start()
+            child.start()
         assert child.pid is not None
         _OWN[child.pid] = child
         record = {

@@ -334,6 +334,9 @@ def bootstrap(
                 {
                     "name": "ingress",
                     "address": {"socket_address": {"address": host, "port_value": listen_port}},
+                    # Envoy's default SO_REUSEPORT lets a second Envoy bind the same port and
+                    # silently take part of its connections: a port held must fail the start.
+                    "enable_reuse_port": False,
                     "filter_chains": [
                         {
                             "filters": [

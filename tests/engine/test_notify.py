@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -60,12 +61,13 @@ def webhook() -> Iterator[Webhook]:
     thread.join(timeout=5)
 
 
-def closed_port() -> int:
-    """A port nothing listens on (bound, then released)."""
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """A port nothing listens on: held bound (not listening) by the block, so no other process
+    (a parallel test's server) can take it and answer, as it could once released."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+        yield sock.getsockname()[1]
 
 
 def spec(tmp_path: Path, canary_error: float, **notify: Any) -> RolloutSpec:
@@ -143,9 +145,10 @@ def test_an_unreachable_or_slow_webhook_does_not_stop_the_rollout(
     webhook.delay_s = 1.0  # longer than the timeout
     with caplog.at_level(logging.WARNING, logger="rollout.notify"):
         assert run(spec(tmp_path, 0.08, url=webhook.url, timeout_s=0.2)) is Phase.ROLLED_BACK
-        closed = f"http://127.0.0.1:{closed_port()}/hook"
         (tmp_path / "down").mkdir()
-        assert run(spec(tmp_path / "down", 0.08, url=closed)) is Phase.ROLLED_BACK
+        with refused_port() as port:
+            closed = f"http://127.0.0.1:{port}/hook"
+            assert run(spec(tmp_path / "down", 0.08, url=closed)) is Phase.ROLLED_BACK
     # Was "ReadTimeout: timed out": nothing said the wait is notify.timeout_s.
     assert "no answer within 0.2 s (notify.timeout_s)" in caplog.text
     assert "ConnectError" in caplog.text

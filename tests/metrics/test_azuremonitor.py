@@ -170,10 +170,10 @@ def test_an_unreachable_api_is_an_error(logs: FakeLogAnalytics) -> None:
     from azure.monitor.query import LogsQueryClient
 
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind(("127.0.0.1", 0))  # held, not listening: refused, and nobody else's port
         url = f"https://127.0.0.1:{probe.getsockname()[1]}"
-    client = LogsQueryClient(StaticCredential(), endpoint=url, retry_total=0)
-    obs = AzureMonitorMetrics(client, WORKSPACE, "ep", timeout_s=2).observe(T0, T0 + 60)
+        client = LogsQueryClient(StaticCredential(), endpoint=url, retry_total=0)
+        obs = AzureMonitorMetrics(client, WORKSPACE, "ep", timeout_s=2).observe(T0, T0 + 60)
     assert (
         obs.error is not None and "unreachable" in obs.error and "Connection refused" in obs.error
     )

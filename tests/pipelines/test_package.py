@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -29,7 +30,6 @@ from components.register.register import register_model
 from components.rollout.main import InvalidInput, read_package
 from components.train.train import TrainParams, train
 from rollout.core.types import Colour, Release
-from rollout.local.process import free_port
 from rollout.routers import istio_manifests as m
 from tests.routers.test_manifests import by_name, render_chart
 
@@ -199,10 +199,19 @@ def test_the_image_s_command_logs_the_model_it_loaded(registered, tmp_path: Path
     # Dockerfile's CMD does, from the package folder, on this machine.
     registry, _ = registered
     pkg = build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "p", image_registry="r").path
-    port = free_port()
-    cmd = [sys.executable, "-m", "uvicorn", "asgi:build", "--factory", "--port", str(port)]
-    env = {**os.environ, "PYTHONPATH": str(pkg)}
-    with subprocess.Popen(cmd, cwd=pkg, env=env, stderr=subprocess.PIPE, text=True) as server:
+    # On a socket bound here and inherited (uvicorn --fd), not a free port uvicorn binds later:
+    # another test's server could take that one in between (and answer /readyz 404 for it).
+    # Fine for a log line; not for serving: uvicorn wraps the fd as AF_UNIX, so it sets no
+    # TCP_NODELAY and answers wait ~40 ms on delayed ACKs (`serve --fd` does not).
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        fd = listener.fileno()
+        cmd = [sys.executable, "-m", "uvicorn", "asgi:build", "--factory", "--fd", str(fd)]
+        env = {**os.environ, "PYTHONPATH": str(pkg)}
+        server = subprocess.Popen(
+            cmd, cwd=pkg, env=env, stderr=subprocess.PIPE, text=True, pass_fds=[fd]
+        )
+    with server:
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:

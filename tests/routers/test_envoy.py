@@ -369,20 +369,21 @@ def test_no_envoy_at_the_admin_url_is_one_clear_error(tmp_path: Path) -> None:
     import socket
 
     with socket.socket() as probe:
+        # Bound, not listening, for the whole test: refused, and no other server can take it.
         probe.bind(("127.0.0.1", 0))
-        dead = probe.getsockname()[1]  # nothing listens once closed
-    workloads = RecordingWorkloads()
-    router = EnvoyRouter(
-        admin_url=f"http://127.0.0.1:{dead}",
-        files=EnvoyFiles(tmp_path / "routes.json"),
-        releases_file=tmp_path / "releases.json",
-        workloads=workloads,
-    )
-    expected = rf"Envoy admin at http://127.0.0.1:{dead} is not reachable: .*aml-rollout up"
-    with pytest.raises(RouterUnavailable, match=expected):
-        router.deploy(Colour.GREEN, V1)
-    with pytest.raises(RouterUnavailable, match=expected):
-        router.set_weights(Weights.blue_at(0))
+        dead = probe.getsockname()[1]
+        workloads = RecordingWorkloads()
+        router = EnvoyRouter(
+            admin_url=f"http://127.0.0.1:{dead}",
+            files=EnvoyFiles(tmp_path / "routes.json"),
+            releases_file=tmp_path / "releases.json",
+            workloads=workloads,
+        )
+        expected = rf"Envoy admin at http://127.0.0.1:{dead} is not reachable: .*aml-rollout up"
+        with pytest.raises(RouterUnavailable, match=expected):
+            router.deploy(Colour.GREEN, V1)
+        with pytest.raises(RouterUnavailable, match=expected):
+            router.set_weights(Weights.blue_at(0))
     assert workloads.started == []
     router.close()
 

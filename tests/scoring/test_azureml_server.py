@@ -7,6 +7,7 @@ AML images do (`azmlinfsrv --entry_script score.py --model_dir DIR`) and checks 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -31,12 +32,39 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: Ports tried before the fixture gives up (each taken by another process first).
+PORT_ATTEMPTS = 3
+
+
 @pytest.fixture(scope="module")
 def aml_url(package_dir: Path) -> Iterator[str]:
     try:
         azmlinfsrv = ensure_azureml_venv()
     except AzuremlEnvUnavailable as exc:
         pytest.skip(f"azureml-inference-server-http cannot be installed here: {exc}")
+    taken: list[str] = []
+    for _ in range(PORT_ATTEMPTS):
+        proc, url, problem = _start_aml_server(azmlinfsrv, package_dir)
+        if problem is None:
+            break
+        taken.append(problem)
+    else:
+        pytest.fail("no port for the AML server: " + "; ".join(taken))
+    try:
+        yield url
+    finally:
+        _stop(proc)
+
+
+def _start_aml_server(
+    azmlinfsrv: Path, package_dir: Path
+) -> tuple[subprocess.Popen[bytes], str, str | None]:
+    """The AML server on a free port, and None once it answers there; else (stopped) why not.
+
+    azmlinfsrv binds the port it is told, so another process (a parallel test's server) may
+    take it first: then gunicorn retries for 5 s and exits ("Connection in use"), and meanwhile
+    the other server answers. An answer counts only if it is ours (the colour set here).
+    """
     port = _free_port()
     env = os.environ | {"PYTHONPATH": str(ROOT), "AML_ROLLOUT_COLOUR": "blue"}
     proc = subprocess.Popen(
@@ -45,20 +73,33 @@ def aml_url(package_dir: Path) -> Iterator[str]:
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/score"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            assert time.monotonic() < deadline, "the AML server never answered"
-            try:
-                httpx.post(url, json={"data": [[0.0] * 10]}, timeout=2)
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield url
-    finally:
+    deadline = time.monotonic() + 90
+    while True:
+        if proc.poll() is not None:
+            out = proc.communicate()[0].decode()
+            assert "Connection in use" in out, out  # any other exit is the test's failure
+            return proc, url, f"127.0.0.1:{port} was in use"
+        assert time.monotonic() < deadline, "the AML server never answered"
+        try:
+            answer = httpx.post(url, json={"data": [[0.0] * 10]}, timeout=2)
+        except httpx.TransportError:
+            time.sleep(0.2)
+            continue
+        try:
+            ours = answer.status_code == 200 and answer.json()["colour"] == "blue"
+        except (ValueError, KeyError, TypeError):
+            ours = False
+        if ours:
+            return proc, url, None
+        _stop(proc)
+        return proc, url, f"something else answers on 127.0.0.1:{port} (HTTP {answer.status_code})"
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    # Gone already when it exited on a taken port (its group went with it).
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)  # gunicorn master and its worker: our own group
-        proc.communicate(timeout=30)
+    proc.communicate(timeout=30)
 
 
 def test_score_py_serves_predictions_under_the_aml_server(

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import httpx
 import pytest
 
 from benchmarks.scoring import parse_wrk
+from tests.squatter import Squatter, squat_first_start
 
 WRK_OUTPUT = """\
 Running 1s test @ http://127.0.0.1:5995/score
@@ -44,7 +48,6 @@ def test_only_ours_and_fastapi_never_create_the_azureml_venv(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import json
-    from pathlib import Path
 
     import benchmarks.scoring as bench
 
@@ -104,3 +107,30 @@ def test_without_wrk_one_error_line_exit_2(
     assert bench.main(["--json"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err == "error: wrk is not installed: apt-get install -y wrk\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "squatted"),
+    [
+        pytest.param("ours", 0, id="ours-inherits-its-socket"),
+        pytest.param("fastapi", 1, id="fastapi-moves-off-a-taken-port"),
+    ],
+)
+def test_a_benchmarked_server_answers_on_a_port_no_other_server_holds(
+    name: str, squatted: int, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: three free ports chosen up front, each bound by its server minutes later; one taken
+    # meanwhile failed the run ("exited: ... address already in use"), or measured the taker.
+    import benchmarks.scoring as bench
+
+    squatter = Squatter()
+    try:
+        squat_first_start(squatter, monkeypatch)
+        with bench.started(name, model_dir, Path("azmlinfsrv")) as url:
+            assert len(squatter.servers) == squatted
+            assert httpx.URL(url).port not in [s.server_address[1] for s in squatter.servers]
+            body = {"data": [[0.0] * 10]}
+            assert httpx.post(url, json=body, timeout=5).status_code == 200
+    finally:
+        squatter.close()

@@ -67,22 +67,24 @@ def test_serve_refuses_an_unreadable_model_file_in_one_line(
     assert f"cannot read model file {model_file}: Permission denied" in result.output
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_serve_runs_uvicorn_with_the_options(package_dir: Path) -> None:
-    port = _free_port()
+    # The socket is bound here and inherited (--fd): no other process can take the port
+    # between choosing it and the server listening (was: a free port, closed, bound later).
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
     argv = [sys.executable, "-c", "from rollout.cli import main; main()", "serve",
-            "--model-dir", str(package_dir), "--colour", "blue", "--port", str(port),
+            "--model-dir", str(package_dir), "--colour", "blue", "--fd", str(listener.fileno()),
             "--fault-error-rate", "1.0", "--log-level", "warning"]  # fmt: skip
     env_key = {"AML_ROLLOUT_API_KEY": "k1"}
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**_env(), **env_key}
-    )
+    with listener:
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**_env(), **env_key},
+            pass_fds=[listener.fileno()],
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -163,6 +165,27 @@ def test_serve_refuses_unusable_options_in_one_line(
     )
     assert result.exit_code == 2, result.output
     assert message in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        pytest.param(lambda: socket.socket(), "not listening", id="bound-nowhere"),
+        pytest.param(lambda: socket.socket(type=socket.SOCK_DGRAM), "not a TCP socket", id="udp"),
+        pytest.param(lambda: socket.socket(socket.AF_UNIX), "not a TCP socket", id="unix"),
+        pytest.param(lambda: Path(__file__).open("rb"), "not an open socket", id="a-file"),  # noqa: SIM115
+    ],
+)
+def test_serve_refuses_an_unusable_fd_in_one_line(model_dir: Path, make: Any, message: str) -> None:
+    with make() as handle:
+        fd = handle.fileno()
+        result = CliRunner().invoke(
+            cli_app, ["serve", "--model-dir", str(model_dir), "--fd", str(fd)]
+        )
+        assert handle.fileno() == fd  # still open: a descriptor serve refuses is not closed
+    assert result.exit_code == 2, result.output
+    assert f"--fd {fd}: {message}" in result.output
     assert "Traceback" not in result.output
 
 
