@@ -1247,16 +1247,52 @@ def describe_errors(exc: ValidationError, root: type[BaseModel]) -> str:
     YAML author reads (a typo'd key with the nearest known one, `expected a number`)."""
     problems = []
     for err in exc.errors():
-        where = ".".join(map(_loc_part, err["loc"])) or "(top level)"
+        loc = err["loc"]
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc = (*loc, "kind")  # the key at fault, not its section
+        where = ".".join(map(_loc_part, loc)) or "(top level)"
         said = (
             _not_a_number(err)
             or _not_a_flag(err)
             or _unknown_field(err, root)
+            or _unknown_kind(err, root)
             or _value_error(err)
             or err["msg"]
         )
         problems.append(f"{where}: {said}")
     return "; ".join(problems)
+
+
+def _unknown_kind(err: Any, root: type[BaseModel]) -> str | None:
+    """A section's `kind` that names no backend, or none at all, with the kinds there are
+    (pydantic says "Unable to extract tag using discriminator 'kind'"); None otherwise."""
+    if err["type"] not in ("union_tag_invalid", "union_tag_not_found"):
+        return None
+    kinds = _kinds_at(root, err["loc"])
+    listed = f"one of {', '.join(kinds)}" if kinds else "see docs/engine.md"
+    if err["type"] == "union_tag_not_found":
+        return f"missing: {listed}"
+    tag = str(err["ctx"]["tag"])
+    near = difflib.get_close_matches(tag, kinds, n=1, cutoff=0.6)
+    if near:
+        return f"unknown kind {tag!r}: did you mean {near[0]}? ({listed})"
+    return f"unknown kind {tag!r}: {listed}"
+
+
+def _kinds_at(root: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
+    """The `kind`s of the discriminated union at `path` (a top-level section such as
+    `router`), in the order the union lists them; [] where there is none."""
+    node: Any = root
+    for part in path:
+        if not (isinstance(node, type) and issubclass(node, BaseModel)):
+            return []
+        field = node.model_fields.get(str(part))
+        if field is None:
+            return []
+        node = field.annotation
+    while typing.get_origin(node) is Annotated:
+        node = typing.get_args(node)[0]
+    return [kind for member in typing.get_args(node) if (kind := _kind(member)) is not None]
 
 
 def _value_error(err: Any) -> str | None:
