@@ -1256,6 +1256,7 @@ def describe_errors(exc: ValidationError, root: type[BaseModel]) -> str:
             or _not_a_flag(err)
             or _unknown_field(err, root)
             or _unknown_kind(err, root)
+            or _not_a_mapping(err, root)
             or _value_error(err)
             or err["msg"]
         )
@@ -1277,6 +1278,39 @@ def _unknown_kind(err: Any, root: type[BaseModel]) -> str | None:
     if near:
         return f"unknown kind {tag!r}: did you mean {near[0]}? ({listed})"
     return f"unknown kind {tag!r}: {listed}"
+
+
+def _not_a_mapping(err: Any, root: type[BaseModel]) -> str | None:
+    """A section written as a scalar or a list (`candidate: diabetes:2`, as on the command line;
+    `router: istio`): what it takes instead; None for any other error."""
+    if err["type"] not in ("model_type", "model_attributes_type"):
+        return None
+    value, loc = err["input"], err["loc"]
+    if isinstance(value, str) and loc[-1:] in (("candidate",), ("stable",)):
+        model, colon, version = value.partition(":")
+        if colon and model and version:
+            return (
+                f"expected a mapping, got the text {value!r}: write "
+                f'{{model: {model}, version: "{version}"}}'
+            )
+    kinds = _kinds_at(root, loc)
+    if value in kinds:
+        return f"expected a mapping, got the text {value!r}: write {{kind: {value}, ...}}"
+    if isinstance(value, bool):
+        got = f"the boolean {str(value).lower()}"
+    elif value is None:
+        got = "nothing (an empty value)"
+    elif isinstance(value, str):
+        got = f"the text {value!r}"
+    elif isinstance(value, int | float):
+        got = f"the number {value!r}"
+    else:
+        got = "a list" if isinstance(value, list) else f"a {type(value).__name__}"
+    if kinds:
+        return f"expected a mapping with a kind (one of {', '.join(kinds)}), got {got}"
+    fields = _fields_at(root, loc)
+    shown = ", ".join([*fields[:3], "..."] if len(fields) > 3 else fields)
+    return f"expected a mapping ({shown}), got {got}" if shown else f"expected a mapping, got {got}"
 
 
 def _kinds_at(root: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
