@@ -1247,16 +1247,86 @@ def describe_errors(exc: ValidationError, root: type[BaseModel]) -> str:
     YAML author reads (a typo'd key with the nearest known one, `expected a number`)."""
     problems = []
     for err in exc.errors():
-        where = ".".join(map(_loc_part, err["loc"])) or "(top level)"
+        loc = err["loc"]
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc = (*loc, "kind")  # the key at fault, not its section
+        where = ".".join(map(_loc_part, loc)) or "(top level)"
         said = (
             _not_a_number(err)
             or _not_a_flag(err)
             or _unknown_field(err, root)
+            or _unknown_kind(err, root)
+            or _not_a_mapping(err, root)
             or _value_error(err)
             or err["msg"]
         )
         problems.append(f"{where}: {said}")
     return "; ".join(problems)
+
+
+def _unknown_kind(err: Any, root: type[BaseModel]) -> str | None:
+    """A section's `kind` that names no backend, or none at all, with the kinds there are
+    (pydantic says "Unable to extract tag using discriminator 'kind'"); None otherwise."""
+    if err["type"] not in ("union_tag_invalid", "union_tag_not_found"):
+        return None
+    kinds = _kinds_at(root, err["loc"])
+    listed = f"one of {', '.join(kinds)}" if kinds else "see docs/engine.md"
+    if err["type"] == "union_tag_not_found":
+        return f"missing: {listed}"
+    tag = str(err["ctx"]["tag"])
+    near = difflib.get_close_matches(tag, kinds, n=1, cutoff=0.6)
+    if near:
+        return f"unknown kind {tag!r}: did you mean {near[0]}? ({listed})"
+    return f"unknown kind {tag!r}: {listed}"
+
+
+def _not_a_mapping(err: Any, root: type[BaseModel]) -> str | None:
+    """A section written as a scalar or a list (`candidate: diabetes:2`, as on the command line;
+    `router: istio`): what it takes instead; None for any other error."""
+    if err["type"] not in ("model_type", "model_attributes_type"):
+        return None
+    value, loc = err["input"], err["loc"]
+    if isinstance(value, str) and loc[-1:] in (("candidate",), ("stable",)):
+        model, colon, version = value.partition(":")
+        if colon and model and version:
+            return (
+                f"expected a mapping, got the text {value!r}: write "
+                f'{{model: {model}, version: "{version}"}}'
+            )
+    kinds = _kinds_at(root, loc)
+    if value in kinds:
+        return f"expected a mapping, got the text {value!r}: write {{kind: {value}, ...}}"
+    if isinstance(value, bool):
+        got = f"the boolean {str(value).lower()}"
+    elif value is None:
+        got = "nothing (an empty value)"
+    elif isinstance(value, str):
+        got = f"the text {value!r}"
+    elif isinstance(value, int | float):
+        got = f"the number {value!r}"
+    else:
+        got = "a list" if isinstance(value, list) else f"a {type(value).__name__}"
+    if kinds:
+        return f"expected a mapping with a kind (one of {', '.join(kinds)}), got {got}"
+    fields = _fields_at(root, loc)
+    shown = ", ".join([*fields[:3], "..."] if len(fields) > 3 else fields)
+    return f"expected a mapping ({shown}), got {got}" if shown else f"expected a mapping, got {got}"
+
+
+def _kinds_at(root: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
+    """The `kind`s of the discriminated union at `path` (a top-level section such as
+    `router`), in the order the union lists them; [] where there is none."""
+    node: Any = root
+    for part in path:
+        if not (isinstance(node, type) and issubclass(node, BaseModel)):
+            return []
+        field = node.model_fields.get(str(part))
+        if field is None:
+            return []
+        node = field.annotation
+    while typing.get_origin(node) is Annotated:
+        node = typing.get_args(node)[0]
+    return [kind for member in typing.get_args(node) if (kind := _kind(member)) is not None]
 
 
 def _value_error(err: Any) -> str | None:

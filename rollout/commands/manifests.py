@@ -29,10 +29,11 @@ if TYPE_CHECKING:
 
 def manifests(
     namespace: Annotated[
-        str | None, typer.Option("--namespace", "-n", help="Namespace of every object.")
+        str | None, typer.Option("--namespace", "-n", help="Namespace of every object (default).")
     ] = None,
     app: Annotated[
-        str | None, typer.Option(help="Service name; objects are <app>-blue, <app>-gateway...")
+        str | None,
+        typer.Option(help="Service name; objects are <app>-blue, <app>-gateway... (model)."),
     ] = None,
     spec: Annotated[
         Path | None,

@@ -552,6 +552,85 @@ def test_an_unknown_field_is_named_with_the_nearest_known_one(
     assert str(raised.value) == f"spec: {message}"
 
 
+@pytest.mark.parametrize(
+    ("section", "value", "message"),
+    [
+        pytest.param(
+            "router",
+            {"kind": "nginx"},
+            "router.kind: unknown kind 'nginx': one of memory, envoy, istio, azureml",
+            id="unknown",
+        ),
+        pytest.param(
+            "metrics",
+            {"kind": "prometheous", "url": "http://127.0.0.1:9090"},
+            "metrics.kind: unknown kind 'prometheous': did you mean prometheus? (one of static, "
+            "simulated, prometheus, azuremonitor)",
+            id="typo",
+        ),
+        pytest.param(
+            "router",
+            {"namespace": "ml", "app": "diabetes"},
+            "router.kind: missing: one of memory, envoy, istio, azureml",
+            id="missing",  # was: "router: Unable to extract tag using discriminator 'kind'"
+        ),
+        pytest.param(
+            "state",
+            {"kind": "redis"},
+            "state.kind: unknown kind 'redis': one of file, memory, kubernetes",
+            id="state",
+        ),
+    ],
+)
+def test_a_backends_kind_unknown_or_missing_is_named_with_the_kinds_there_are(
+    section: str, value: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        spec_from_dict({**BASES[1], section: value})
+    assert str(raised.value) == f"spec: {message}"
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "message"),
+    [
+        pytest.param(
+            "candidate",
+            "diabetes:2",
+            "candidate: expected a mapping, got the text 'diabetes:2': write "
+            '{model: diabetes, version: "2"}',
+            id="release-as-on-the-command-line",  # was: "Input should be a valid dictionary or
+            # instance of ReleaseConfig"
+        ),
+        pytest.param(
+            "router",
+            "istio",
+            "router: expected a mapping, got the text 'istio': write {kind: istio, ...}",
+            id="a-kind-alone",
+        ),
+        pytest.param(
+            "metrics",
+            ["prometheus"],
+            "metrics: expected a mapping with a kind (one of static, simulated, prometheus, "
+            "azuremonitor), got a list",
+            id="a-list",
+        ),
+        pytest.param(
+            "analysis",
+            None,
+            "analysis: expected a mapping (interval_s, alpha, min_requests, ...), got nothing "
+            "(an empty value)",
+            id="empty",
+        ),
+    ],
+)
+def test_a_section_that_is_no_mapping_says_what_it_takes(
+    section: str, value: Any, message: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        spec_from_dict({**BASES[1], section: value})
+    assert str(raised.value) == f"spec: {message}"
+
+
 def test_a_validators_words_come_without_pydantics_prefix() -> None:
     with pytest.raises(ConfigError) as raised:
         spec_from_dict(_with(BASES[1], "steps", [5, 50]))

@@ -910,3 +910,15 @@ def test_the_chart_takes_the_scoring_container_s_resources() -> None:
         chart = by_name(render_chart({**values, **given}, "ml"))
         container = chart[("Deployment", "model-green")]["spec"]["template"]["spec"]
         assert container["containers"][0].get("resources") == given.get("resources")
+
+
+def test_the_help_names_the_namespace_and_app_used_when_none_is_given() -> None:
+    """Without -n/--app the objects go to namespace `default` as app `model` (a Namespace
+    object labelled for injection included): the help said neither, unlike every other default."""
+    objects = render()
+    assert {o["metadata"].get("namespace", o["metadata"]["name"]) for o in objects} == {"default"}
+    assert any(o["metadata"]["name"] == "model-green" for o in objects)
+    result = CliRunner().invoke(app, ["manifests", "--help"], env={"COLUMNS": "200"})
+    flat = " ".join(result.stdout.split())
+    assert "Namespace of every object (default)." in flat
+    assert "objects are <app>-blue, <app>-gateway... (model)." in flat

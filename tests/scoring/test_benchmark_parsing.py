@@ -134,3 +134,23 @@ def test_a_benchmarked_server_answers_on_a_port_no_other_server_holds(
             assert httpx.post(url, json=body, timeout=5).status_code == 200
     finally:
         squatter.close()
+
+
+def test_without_json_stdout_is_the_json_line_and_the_ratios_go_to_stderr(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/scoring.md: "table on stderr, JSON on stdout". The ratio line went to stdout, and a
+    run with --only printed `ours/azureml rps (c8): Nonex` for the server it did not measure."""
+    import json
+
+    import benchmarks.scoring as bench
+
+    monkeypatch.setattr(bench.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(bench, "build_model", lambda out: out)
+    monkeypatch.setattr(
+        bench, "measure", lambda *_: {"rps_c1": 1.0, "rps_c8": 2.0, "p50_ms": 1.0, "p99_ms": 2.0}
+    )
+    assert bench.main(["--only", "ours", "--only", "fastapi"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["ratio_vs_fastapi"] == 1.0
+    assert err.splitlines()[-1] == "ours/fastapi rps (c8): 1.0x"

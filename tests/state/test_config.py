@@ -92,8 +92,7 @@ def test_file_still_accepts_and_ignores_lease_ttl_s() -> None:
         ),
         pytest.param(
             {"kind": "etcd"}, "diabetes",
-            "state: Input tag 'etcd' found using 'kind' does not match any of the expected tags: "
-            "'file', 'memory', 'kubernetes'",
+            "state.kind: unknown kind 'etcd': one of file, memory, kubernetes",
             id="unknown-kind",
         ),
     ],
