@@ -24,6 +24,18 @@ SERVER_PACKAGE = "azureml-inference-server-http"
 SAME_AS_HERE = ("numpy", "scikit-learn", "scipy", "skops", "orjson")
 
 
+#: azmlinfsrv binds 0.0.0.0, a constant with no option to change it; this starts it on loopback.
+_ON_LOOPBACK = (
+    "import sys; import azureml_inference_server_http.amlserver as server; "
+    "server.DEFAULT_HOST = '127.0.0.1'; sys.argv[0] = 'azmlinfsrv'; sys.exit(server.run())"
+)
+
+
+def loopback_command(azmlinfsrv: Path) -> list[str]:
+    """The command that runs `azmlinfsrv` (its arguments follow) listening on 127.0.0.1 only."""
+    return [str(azmlinfsrv.parent / "python"), "-c", _ON_LOOPBACK]
+
+
 class AzuremlEnvUnavailable(RuntimeError):
     """The AML inference server venv cannot be created (pip failed); the message says why."""
 

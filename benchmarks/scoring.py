@@ -43,7 +43,12 @@ from typing import IO
 
 import httpx
 
-from benchmarks.azureml_env import ROOT, AzuremlEnvUnavailable, ensure_azureml_venv
+from benchmarks.azureml_env import (
+    ROOT,
+    AzuremlEnvUnavailable,
+    ensure_azureml_venv,
+    loopback_command,
+)
 
 SERVERS = ["ours", "azureml", "fastapi"]
 ROW = [0.0381, 0.0507, 0.0617, 0.0219, -0.0442, -0.0348, -0.0434, -0.0026, 0.0199, -0.0176]
@@ -149,7 +154,7 @@ def server_command(
             env,
         ),
         "azureml": (
-            [str(azmlinfsrv), "--entry_script", str(ROOT / "scoring" / "score.py"),
+            [*loopback_command(azmlinfsrv), "--entry_script", str(ROOT / "scoring" / "score.py"),
              "--model_dir", str(model_dir), "--port", str(listen), "--worker_count", "1"],
             env | {"PYTHONPATH": str(ROOT)},
         ),

@@ -20,7 +20,12 @@ import httpx
 import numpy as np
 import pytest
 
-from benchmarks.azureml_env import ROOT, AzuremlEnvUnavailable, ensure_azureml_venv
+from benchmarks.azureml_env import (
+    ROOT,
+    AzuremlEnvUnavailable,
+    ensure_azureml_venv,
+    loopback_command,
+)
 from scoring.model import LoadedModel
 
 pytestmark = pytest.mark.slow
@@ -68,7 +73,7 @@ def _start_aml_server(
     port = _free_port()
     env = os.environ | {"PYTHONPATH": str(ROOT), "AML_ROLLOUT_COLOUR": "blue"}
     proc = subprocess.Popen(
-        [str(azmlinfsrv), "--entry_script", str(ROOT / "scoring" / "score.py"),
+        [*loopback_command(azmlinfsrv), "--entry_script", str(ROOT / "scoring" / "score.py"),
          "--model_dir", str(package_dir), "--port", str(port), "--worker_count", "1"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
@@ -131,3 +136,19 @@ def test_bad_input_is_a_4xx_under_the_aml_server_too(
     response = httpx.post(aml_url, content=content, headers={"content-type": "application/json"})
     assert response.status_code == status
     assert isinstance(response.json()["error"], str)
+
+
+def listening_on(port: int) -> set[str]:
+    """The IPv4 addresses a TCP socket listens on at `port` (from /proc/net/tcp)."""
+    addresses = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            addresses.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return addresses
+
+
+def test_the_aml_server_listens_on_loopback_only(aml_url: str) -> None:
+    # azmlinfsrv binds 0.0.0.0 (a constant, no option): a test server reachable from the network.
+    assert listening_on(httpx.URL(aml_url).port or 0) == {"127.0.0.1"}
