@@ -793,24 +793,10 @@ def test_bootstrap_check_interrupted_says_how_to_go_on(
     assert "interrupted: m:1 not judged; `aml-rollout rollout bootstrap --check` finishes" in out
 
 
-def test_run_stops_on_a_signal_whose_interrupt_was_lost(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("interrupt_lost")
+def test_run_stops_on_a_signal_whose_interrupt_was_lost(tmp_path: Path) -> None:
     """Ctrl-C's or SIGTERM's KeyboardInterrupt is lost when it lands in a finalizer: `run` went
     on as if never stopped. The signal's event is set all the same; the next wait stops on it."""
-    import threading
-    from collections.abc import Iterator
-    from contextlib import contextmanager
-
-    import rollout.commands.stack
-
-    @contextmanager
-    def interrupt_lost() -> Iterator[threading.Event]:
-        stopping = threading.Event()
-        stopping.set()  # as the handler does, before its KeyboardInterrupt went astray
-        yield stopping
-
-    monkeypatch.setattr(rollout.commands.stack, "sigterm_as_interrupt", interrupt_lost)
     analysis = {"interval_s": 0.01, "min_requests": 10**6, "max_step_duration_s": 0.3,
                 "latency": {"enabled": False}}  # fmt: skip
     code, out = invoke("run", str(write_spec(tmp_path, analysis=analysis)))

@@ -358,25 +358,13 @@ def test_sigterm_stops_the_step_like_ctrl_c(
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
+@pytest.mark.usefixtures("interrupt_lost")
 def test_a_stop_whose_interrupt_was_lost_still_stops_the_step(
-    tmp_path: Path, package: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, package: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The KeyboardInterrupt of Ctrl-C or SIGTERM is lost when it lands in a finalizer ("Exception
     ignored"): the step went on judging as if never stopped (run-local's Ctrl-C test, once in a
     parallel suite). The signal's event is still set, and the next wait stops on it."""
-    import threading
-    from collections.abc import Iterator
-    from contextlib import contextmanager
-
-    import rollout.commands.stack
-
-    @contextmanager
-    def interrupt_lost() -> Iterator[threading.Event]:
-        stopping = threading.Event()
-        stopping.set()  # as the handler does, before its KeyboardInterrupt went astray
-        yield stopping
-
-    monkeypatch.setattr(rollout.commands.stack, "sigterm_as_interrupt", interrupt_lost)
     # little traffic: undecided for seconds (held, exit 5, if the stop is not seen)
     argv = ["--package", str(package), "--spec", str(_spec(tmp_path, rps=50, max_step=0.5)),
             "--result", str(tmp_path / "result")]  # fmt: skip

@@ -102,11 +102,8 @@ def test_a_version_older_than_a_production_archived_in_the_studio_is_not_rolled_
     assert _stages(arm) == {"1": "candidate", "2": "production"}
 
 
-def test_a_production_archived_in_the_studio_is_tagged_archived_after_a_promotion(
-    tmp_path: Path, arm: FakeArm, registry: AzureMLRegistry
-) -> None:
-    # Left out of the listing the tags were planned from, it stayed `stage=production` beside
-    # the promoted version: two production versions, and `registry tag` refused every change.
+def _production_archived_in_the_studio_then_a_candidate(registry: AzureMLRegistry) -> None:
+    """v1 tagged production and archived in the studio (out of the listing), v2 a candidate."""
     registry.register(
         "diabetes",
         "azureml://jobs/run-1/outputs/model",
@@ -116,6 +113,14 @@ def test_a_production_archived_in_the_studio_is_tagged_archived_after_a_promotio
     registry.register(
         "diabetes", "azureml://jobs/run-2/outputs/model", {"sha256": "b" * 64, "stage": "candidate"}
     )
+
+
+def test_a_production_archived_in_the_studio_is_tagged_archived_after_a_promotion(
+    tmp_path: Path, arm: FakeArm, registry: AzureMLRegistry
+) -> None:
+    # Left out of the listing the tags were planned from, it stayed `stage=production` beside
+    # the promoted version: two production versions, and `registry tag` refused every change.
+    _production_archived_in_the_studio_then_a_candidate(registry)
     (outcome,) = _watcher(tmp_path, registry).run(once=True)
     assert outcome.phase == "Succeeded", outcome.reason
     assert _stages(arm) == {"1": "archived", "2": "production"}
@@ -131,15 +136,7 @@ def test_registry_tag_replace_archives_a_production_archived_in_the_studio(
     import aml_pipelines.cli
     from rollout.cli import app
 
-    registry.register(
-        "diabetes",
-        "azureml://jobs/run-1/outputs/model",
-        {"sha256": "a" * 64, "stage": "production"},
-    )
-    registry.ml_client.models.archive("diabetes", "1")
-    registry.register(
-        "diabetes", "azureml://jobs/run-2/outputs/model", {"sha256": "b" * 64, "stage": "candidate"}
-    )
+    _production_archived_in_the_studio_then_a_candidate(registry)
     monkeypatch.setattr(aml_pipelines.cli, "_open", lambda *_, **__: registry)
     result = CliRunner().invoke(
         app, ["registry", "tag", "diabetes", "2", "stage=production", "--replace"]

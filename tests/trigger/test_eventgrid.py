@@ -94,22 +94,18 @@ def _body(payload: Any) -> bytes:
     return json.dumps(payload).encode()
 
 
+#: What eg_event() reads as.
+EG_DIABETES_3 = ModelRegistered(
+    "e1", "diabetes", 3, {"stage": "candidate"}, {"mse": "2900.1"}, "eventgrid", TOPIC
+)
+
+
 @pytest.mark.parametrize(
     ("payload", "expected"),
     [
         pytest.param(
             [eg_event()],
-            [
-                ModelRegistered(
-                    "e1",
-                    "diabetes",
-                    3,
-                    {"stage": "candidate"},
-                    {"mse": "2900.1"},
-                    "eventgrid",
-                    TOPIC,
-                )
-            ],
+            [EG_DIABETES_3],
             id="eventgrid-schema",
         ),
         pytest.param(
@@ -159,17 +155,7 @@ def _body(payload: Any) -> bytes:
         ),
         pytest.param(
             [_camel(eg_event())],
-            [
-                ModelRegistered(
-                    "e1",
-                    "diabetes",
-                    3,
-                    {"stage": "candidate"},
-                    {"mse": "2900.1"},
-                    "eventgrid",
-                    TOPIC,
-                )
-            ],
+            [EG_DIABETES_3],
             id="eventgrid-camel-case-data",
         ),
         pytest.param(
