@@ -245,6 +245,48 @@ def stamp_source(job: Any, commit: str | None = None) -> str | None:
     return commit
 
 
+def production_model_uri(registry: str, model_name: str, *, ml_client: Any = None) -> str | None:
+    """The model input Azure ML mounts for the register step: production's version, or None.
+
+    The gate re-scores production after a data refresh and needs its files; the Azure ML
+    registry downloads none, so the job asks Azure ML to mount them (the register step's
+    `production_model` input). `registry` is the pipeline's: `azureml` (the job's workspace,
+    read through `ml_client`, the submission's) → `azureml:<name>:<version>`;
+    `azureml:SUB/RG/WS` (another workspace) → its `azureml://` model URI. None: no version is
+    tagged stage=production (a first release), or a local registry (a job cannot mount a
+    folder of this machine; run-local binds it itself). The step checks the files are still
+    production's when it runs.
+    """
+    from aml_pipelines.registry.azureml import AzureMLRegistry
+    from aml_pipelines.registry.factory import open_registry
+    from components.register.register import production_version
+
+    kind, _, coordinates = registry.partition(":")
+    if kind != "azureml":
+        return None
+    reader = (
+        AzureMLRegistry(ml_client)
+        if not coordinates and ml_client is not None
+        else open_registry(registry)
+    )
+    try:
+        production = production_version(reader, model_name)
+    except AzureNotConfigured as exc:  # the first call to Azure of `pipeline submit`
+        raise AzureNotConfigured(
+            f"{exc}: run `az login`, or set AZURE_CLIENT_ID / AZURE_TENANT_ID / AZURE_CLIENT_SECRET"
+        ) from exc
+    if production is None:
+        return None
+    log.info("binding production_model to %s:%s", production.name, production.version)
+    if not coordinates:
+        return f"azureml:{production.name}:{production.version}"
+    sub, rg, ws = coordinates.split("/")
+    return (
+        f"azureml://subscriptions/{sub}/resourcegroups/{rg}/workspaces/{ws}/models/"
+        f"{production.name}/versions/{production.version}"
+    )
+
+
 def submit_pipeline(job: Any, ml_client: Any, *, experiment: str = "aml-rollout") -> Any:
     """Submit the job (stamped with its GIT_COMMIT, with a staged code snapshot).
 

@@ -256,6 +256,15 @@ def build(
         f"submit with: az ml job create -f {shlex.quote(str(output))}",
         markup=False,
     )
+    if not deploy:
+        # build asks no workspace (the job's registry, `azureml`, is known only where it runs)
+        out.print(
+            "note: the register step's production_model input is unbound: after a data refresh "
+            "its gate cannot re-score production and refuses the model as not comparable; "
+            "`pipeline submit` binds it, or add to the YAML's inputs: production_model: "
+            "{type: custom_model, path: azureml:MODEL:PRODUCTION_VERSION}",
+            markup=False,
+        )
 
 
 @pipeline_app.command("submit")
@@ -270,7 +279,7 @@ def submit(
 ) -> None:
     """Submit the pipeline to an Azure ML workspace (DefaultAzureCredential)."""
     with _user_errors():
-        from aml_pipelines.build import submit_pipeline, workspace_client
+        from aml_pipelines.build import production_model_uri, submit_pipeline, workspace_client
         from aml_pipelines.pipeline import build_pipeline
 
         # DefaultAzureCredential logs every credential it tried; the error line below says it all
@@ -279,7 +288,11 @@ def submit(
         _require_spec(rollout_spec, "submit")
         pipeline_params = parse_params(params, rollout_spec=rollout_spec)
         client = workspace_client(subscription, resource_group, workspace)
-        job = build_pipeline(pipeline_params, compute=compute)
+        # production's files, for the gate to re-score it on the candidate's rows (unbound: none)
+        production = production_model_uri(
+            pipeline_params.registry, pipeline_params.model_name, ml_client=client
+        )
+        job = build_pipeline(pipeline_params, compute=compute, production_model=production)
         submitted = submit_pipeline(job, client, experiment=experiment)
     out.print(
         f"submitted {submitted.name}: {submitted.studio_url or '(no studio URL)'}", markup=False

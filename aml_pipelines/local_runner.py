@@ -140,8 +140,13 @@ def run_local(
     # Stopping before the rollout step, nothing here rolls the version out: the register step
     # must then not tag it as the job's own (`rollout_by`), or no trigger would ever deliver it.
     rolls_out = until == "rollout"
-    nodes = _plan(build_pipeline(params, rolls_out=rolls_out), until)
-    values = {**asdict(params), "rollout_in_job": rolls_out}  # the pipeline's inputs
+    # Production's files for the gate's re-score, bound as `pipeline submit` binds them (the
+    # step gets the folder in its production_model input, as Azure ML mounts the version).
+    production = _production_folder(params)
+    job = build_pipeline(params, rolls_out=rolls_out, production_model=production)
+    nodes = _plan(job, until)
+    # the pipeline's inputs
+    values = {**asdict(params), "rollout_in_job": rolls_out, "production_model": production}
     result = LocalRun(run_dir)
     emit(f"local run {run_id}: {' → '.join(n.name for n in nodes)} in {run_dir}")
     commit = source_commit()  # as in Azure ML (build.stamp_source): "-dirty" included
@@ -313,6 +318,19 @@ def _absolute(params: PipelineParams) -> PipelineParams:
 
         changes["registry"] = f"local:{(Path(path) if path else default_root()).resolve()}"
     return replace(params, **changes)
+
+
+def _production_folder(params: PipelineParams) -> str | None:
+    """The local registry's folder of the version tagged stage=production (None: there is no
+    such version, or the registry is not local)."""
+    kind, _, path = params.registry.partition(":")
+    if kind != "local" or not Path(path).is_dir():
+        return None
+    from aml_pipelines.registry.local import LocalRegistry
+    from components.register.register import production_version
+
+    production = production_version(LocalRegistry(Path(path)), params.model_name)
+    return str(production.path) if production is not None and production.path else None
 
 
 def _plan(job: Any, until: str) -> list[_Node]:

@@ -213,8 +213,15 @@ def build_pipeline(
     compute: str | None = None,
     loaded: dict[str, Any] | None = None,
     rolls_out: bool = True,
+    production_model: str | None = None,
 ) -> Any:
     """The pipeline job for `params` (an azure.ai.ml PipelineJob), ready to validate or submit.
+
+    `production_model`: the files of the version tagged stage=production, bound to the register
+    step's `production_model` input (a custom_model: `azureml:<name>:<version>`, or an
+    `azureml://` model URI, which Azure ML mounts; run-local, the local registry's folder) so
+    that the gate can re-score production after a data refresh. None (a first release): the
+    input stays unbound. `build.production_model_uri` resolves it for a submission.
 
     The job's rollout step rolls out the version its register step registers, so the register
     step tags it `rollout_by=pipeline-job` and the registration triggers leave it alone (two
@@ -252,6 +259,7 @@ def build_pipeline(
         rollout_in_job,
         data=None,
         target=None,
+        production_model=None,
     ):
         train = train_c(
             model_name=model_name,
@@ -269,6 +277,7 @@ def build_pipeline(
             max_regression=max_regression,
             force=force,
             rollout_in_job=rollout_in_job,
+            production_model=production_model,
         )
         package = package_c(
             registration=register.outputs.registration,
@@ -295,6 +304,8 @@ def build_pipeline(
         kwargs["data"] = Input(type="uri_folder", path=params.data)
     if params.target is not None:
         kwargs["target"] = params.target
+    if production_model is not None:
+        kwargs["production_model"] = Input(type="custom_model", path=production_model)
     job = delivery(**kwargs)
     _declared_modes(job)
     _set_compute(job, compute)

@@ -37,6 +37,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=False,
         help="true: this job's rollout step rolls the version out (tag it for the triggers)",
     )
+    parser.add_argument(
+        "--production-model",
+        type=Path,
+        default=None,
+        help="a folder holding production's model files (Azure ML mounts them): production is "
+        "re-scored from it after a data refresh, if it is still production's sha256",
+    )
     parser.add_argument("--registration", type=Path, required=True, help="output folder")
     return parser.parse_args(argv)
 
@@ -60,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             source_run=run_id(),
             git_commit=git_commit(),
             out_dir=args.registration,
+            production_model=args.production_model,
         )
     except GateRefused as exc:
         log.warning("%s", exc)  # an outcome, not a failure of the step: exit 3 says which

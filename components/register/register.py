@@ -104,11 +104,17 @@ def _registered_by(
     return max((v for v in earlier if v.sha256 == sha256), key=lambda v: v.version, default=None)
 
 
-def rescore_production(production: ModelVersion, model_dir: Path, metric: str) -> Rescored:
+def rescore_production(
+    production: ModelVersion, model_dir: Path, metric: str, folder: Path | None = None
+) -> Rescored:
     """Production's `metric` on the candidate's held-out rows (heldout.csv), or why not.
 
     Production's model is loaded as the scoring server loads it (sha256 checked, skops with the
-    trusted-types allow-list), so a file the server would refuse is not run here either.
+    trusted-types allow-list), so a file the server would refuse is not run here either. It is
+    loaded from `folder` (the step's `production_model` input: production's files, which Azure
+    ML mounts, its registry downloading none) when given, else from the registry's own folder.
+    A given folder is trusted only if its model is `production`'s registered sha256: the
+    pipeline bound the version that was production at submission, which may have changed since.
     """
     from components.train.train import held_out_metrics, load_held_out
     from scoring.errors import ModelLoadError
@@ -119,12 +125,26 @@ def rescore_production(production: ModelVersion, model_dir: Path, metric: str) -
         rows = load_held_out(model_dir)
     except (ConfigError, OSError, ValueError) as exc:
         return Rescored(None, why_not=f"the candidate's held-out rows: {exc}")
-    if production.path is None:
-        return Rescored(None, why_not=f"{label} has no local folder to load its model from")
+    where = folder if folder is not None else production.path
+    if where is None:
+        return Rescored(
+            None,
+            why_not=f"{label} has no local folder to load its model from (the registry "
+            "downloads none) and the step's production_model input is not bound",
+        )
+    given = "the production_model folder" if folder is not None else label
     try:
-        loaded = load_model(production.path, version=str(production.version))
+        loaded = load_model(where, version=str(production.version))
     except ModelLoadError as exc:
-        return Rescored(None, why_not=f"{label} cannot be loaded: {exc}")
+        return Rescored(None, why_not=f"{given} cannot be loaded: {exc}")
+    if loaded.identity.sha256 != production.sha256 and folder is not None:
+        return Rescored(
+            None,
+            why_not=f"the production_model folder holds the model with sha256 "
+            f"{loaded.identity.sha256[:12]}…, not {label}'s registered sha256 "
+            f"{production.sha256[:12]}… (production changed since the job was submitted, or "
+            "the folder is another model's)",
+        )
     if loaded.identity.sha256 != production.sha256:
         return Rescored(
             None, why_not=f"{label}'s model file is not the registered sha256 {production.sha256}"
@@ -154,8 +174,13 @@ def register_model(
     source_run: str = "unknown",
     git_commit: str = "unknown",
     out_dir: Path | None = None,
+    production_model: Path | None = None,
 ) -> Registration:
     """Gate the model folder against production, register it, write registration.json.
+
+    `production_model`: a folder holding production's model files (the pipeline binds the
+    version production was at submission; see rescore_production), to re-score production
+    from when the registry has no folder of its own (Azure ML) or as well as it.
 
     `rollout_in_job`: the job running this step rolls the version out itself (the training
     pipeline's rollout step); the version is tagged `rollout_by=pipeline-job` so that a trigger
@@ -203,7 +228,10 @@ def register_model(
         and production.sha256 != actual
         and comparability(fingerprints, production.tags)[0] is False
     ):
-        rescored = rescore_production(production, model_dir, metric)
+        rescored = rescore_production(production, model_dir, metric, production_model)
+        if rescored.value is None and production_model is not None and production.path:
+            log.warning("%s; re-scoring from the registry's folder instead", rescored.why_not)
+            rescored = rescore_production(production, model_dir, metric)
     decision = evaluate_gate(
         metrics,
         production,

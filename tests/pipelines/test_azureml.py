@@ -470,3 +470,71 @@ def test_a_coloured_sdk_error_is_one_plain_line(monkeypatch: pytest.MonkeyPatch)
         "submitting the pipeline failed: 1) Resource was not found. "
         "Details: (x) the compute 'gpu-cluster' does not exist"
     )
+
+
+@pytest.mark.parametrize("production", [2, None], ids=["production-bound", "first-release"])
+def test_the_submitted_job_mounts_productions_files_for_the_gate(
+    arm: FakeArm, client: Any, registry: AzureMLRegistry, production: int | None
+) -> None:
+    """The register step gets production's version as a custom_model input Azure ML mounts:
+    the registry downloads nothing, and the gate needs the files to re-score production."""
+    from aml_pipelines.build import production_model_uri, submit_pipeline
+    from aml_pipelines.pipeline import PipelineParams, build_pipeline
+
+    arm.on("GET", r"^.*/codes/[^/]+/versions$", existing_code_upload)
+    for run in ("run-1", "run-2", "run-3"):
+        registry.register("diabetes", f"azureml://jobs/{run}/outputs/model", {"sha256": SHA})
+    if production is not None:
+        registry.set_tags("diabetes", production, {"stage": Stage.PRODUCTION})
+
+    uri = production_model_uri("azureml", "diabetes", ml_client=client)
+    assert uri == (f"azureml:diabetes:{production}" if production else None)
+    spec = "azureml://datastores/workspaceblobstore/paths/specs/rollout.yaml"
+    params = PipelineParams(model_name="diabetes", rollout_spec=spec)
+    job = build_pipeline(params, compute="cpu-cluster", production_model=uri)
+    submit_pipeline(job, client, experiment="exp")
+
+    [(_, body)] = iter_calls(arm, "PUT", r"/jobs/[^/]+$")
+    properties = body["properties"]
+    register_inputs = properties["jobs"]["register"]["inputs"]
+    # bound to the pipeline input either way, as train's optional data: an input with no value
+    # is left out of the step's command ($[[...]])
+    assert register_inputs["production_model"]["value"] == "${{parent.inputs.production_model}}"
+    assert register_inputs["production_model"]["mode"] == "ReadOnlyMount"
+    if production is None:
+        assert "production_model" not in properties["inputs"]
+        return
+    # azure-ai-ml resolved azureml:diabetes:N to the version's ARM id, read from the workspace
+    assert properties["inputs"]["production_model"] == {
+        "uri": f"{WS_PATH}/models/diabetes/versions/{production}",
+        "jobInputType": "custom_model",
+    }
+
+
+def test_a_registry_in_another_workspace_binds_its_model_uri(
+    arm: FakeArm, client: Any, registry: AzureMLRegistry, monkeypatch
+) -> None:
+    from aml_pipelines.build import production_model_uri
+    from aml_pipelines.registry import factory
+
+    registry.register("diabetes", "azureml://jobs/run-1/outputs/model", {"sha256": SHA})
+    registry.set_tags("diabetes", 1, {"stage": Stage.PRODUCTION})
+    monkeypatch.setattr(
+        factory, "open_registry", lambda spec, **kwargs: registry if spec.endswith(WS) else None
+    )
+    uri = production_model_uri(f"azureml:{SUB}/{RG}/{WS}", "diabetes", ml_client=None)
+    assert uri == (
+        f"azureml://subscriptions/{SUB}/resourcegroups/{RG}/workspaces/{WS}/models/diabetes/"
+        "versions/1"
+    )
+    assert production_model_uri("local:/tmp/reg", "diabetes", ml_client=client) is None
+    # azure-ai-ml takes that URI for a custom_model input: the job it builds validates offline
+    from aml_pipelines.build import offline_client
+    from aml_pipelines.pipeline import PipelineParams, build_pipeline
+
+    job = build_pipeline(
+        PipelineParams(model_name="diabetes"), compute="cpu-cluster", production_model=uri
+    )
+    assert job.inputs["production_model"]._data.path == uri
+    result = offline_client().jobs.validate(job)
+    assert result.passed, result.error_messages

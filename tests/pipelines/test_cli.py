@@ -265,6 +265,8 @@ def test_build_writes_a_relative_pipeline_yaml(tmp_path: Path) -> None:
     text = out.read_text()
     assert "alpha: 0.5" in text and "default_compute: azureml:gpu" in text
     assert "code: /" not in text
+    # it asks no workspace which version is production: it says what that costs the gate
+    assert "production_model input is unbound" in " ".join(result.output.split())
 
 
 def test_run_local_into_a_run_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
@@ -324,7 +326,7 @@ def test_build_prints_a_submit_command_a_shell_can_run(tmp_path: Path) -> None:
     out = tmp_path / "my jobs" / "pipeline.yml"
     result = invoke("pipeline", "build", "-o", str(out), *SPEC)
     assert result.exit_code == 0, result.output
-    command = result.output.split("submit with: ", 1)[1].strip()
+    command = result.output.split("submit with: ", 1)[1].split("\nnote: ")[0].strip()
     assert shlex.split(command) == ["az", "ml", "job", "create", "-f", str(out)]
 
 

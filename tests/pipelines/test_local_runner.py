@@ -85,6 +85,7 @@ SPACED: dict[str, object] = {
     "registration": "/mnt/reg dir", "model_version": 2, "registered_model": "/mnt/rm dir",
     "image_registry": "acr.io", "mode": "local", "package": "/mnt/pkg dir",
     "spec": "/specs/my spec.yaml", "result": "/mnt/result dir",
+    "production_model": "/mnt/production dir",
 }  # fmt: skip
 
 
@@ -152,8 +153,21 @@ def test_v1_registered_worse_v2_refused_better_v2_registered(tmp_path: Path) -> 
     assert any("worse than production diabetes-ridge:1" in line for line in lines)
     assert not (tmp_path / "run2" / "package").exists()  # stopped at the first failure
     assert [v.version for v in registry.list_versions("diabetes-ridge")] == [1]
+    # production's folder is bound to the step's production_model input, as Azure ML mounts it
+    assert any(
+        line.startswith("[register] $ ")
+        and f"--production-model {registry.get('diabetes-ridge', 1).path}" in line
+        for line in lines
+    )
 
-    better = run_local(_params(tmp_path, alpha=0.1), run_dir=tmp_path / "run3", sink=lines.append)
+    # another seed, other held-out rows: production is re-scored from that folder on v2's rows
+    better = run_local(
+        _params(tmp_path, alpha=0.1, seed=7), run_dir=tmp_path / "run3", sink=lines.append
+    )
+    assert any(
+        line.startswith("[register] ") and "production diabetes-ridge:1 re-scored on" in line
+        for line in lines
+    )
     registration = json.loads(
         (better.output("register", "registration") / "registration.json").read_text()
     )

@@ -430,9 +430,54 @@ def test_a_mode_a_component_declares_is_the_mode_the_submitted_job_sends(
         for name, spec in component.inputs.items()  # type: ignore[attr-defined]
         if getattr(spec, "mode", None)
     }
-    assert declared == {("register", "model_ref"): "direct"}
+    assert declared == {
+        ("register", "model_ref"): "direct",
+        ("register", "production_model"): "ro_mount",
+    }
+    rest_names = {"direct": "Direct", "ro_mount": "ReadOnlyMount"}
     for (step, name), mode in declared.items():
-        assert sent[(step, name)] == mode.capitalize()
+        assert sent[(step, name)] == rest_names[mode]
     # the same for the YAML `pipeline build` writes (what `az ml job create -f` sends)
     loaded = load_job(dump_pipeline(job, tmp_path / "p.yml"))
     assert _sent_modes(loaded)[("register", "model_ref")] == "Direct"
+
+
+@pytest.mark.parametrize(
+    "production",
+    [
+        pytest.param("azureml:diabetes-ridge:3", id="this-workspace"),
+        pytest.param(
+            "azureml://subscriptions/s/resourcegroups/rg/workspaces/ws/models/diabetes-ridge/"
+            "versions/3",
+            id="another-workspace",
+        ),
+        pytest.param(None, id="first-release-unbound"),
+    ],
+)
+def test_productions_version_is_the_register_steps_mounted_input(
+    tmp_path: Path, components, production: str | None
+) -> None:
+    from azure.ai.ml import load_job
+
+    job = build_pipeline(compute="cpu-cluster", loaded=components, production_model=production)
+    assert job._validate().passed
+    assert build_module.offline_client().jobs.validate(job).passed
+    data = yaml.safe_load(dump_pipeline(job, tmp_path / "p.yml").read_text())
+    assert data["jobs"]["register"]["inputs"]["production_model"] == {
+        "mode": "ro_mount",
+        "path": "${{parent.inputs.production_model}}",
+    }
+    if production is None:
+        assert "production_model" not in data["inputs"]
+        return
+    assert data["inputs"]["production_model"] == {"type": "custom_model", "path": production}
+    reloaded = load_job(tmp_path / "p.yml")  # what `az ml job create -f` sends
+    # the SDK keeps a short asset reference without its `azureml:` prefix
+    short = "://" not in production
+    assert reloaded.inputs["production_model"].path == (
+        production.removeprefix("azureml:") if short else production
+    )
+    assert reloaded._to_rest_object().properties.inputs["production_model"].job_input_type == (
+        "custom_model"
+    )
+    assert reloaded._validate().passed

@@ -436,3 +436,89 @@ def test_after_a_data_refresh_production_is_rescored_on_the_candidates_rows(
     assert registered.decision.comparable is True
     assert registered.version.tags["gate"] == "passed"
     assert registered.version.tags["gate_baseline"] == "diabetes:1"
+
+
+@pytest.mark.parametrize(
+    ("mounted", "moved", "passed", "reason"),
+    [
+        pytest.param(
+            ("old", 1.0),
+            False,
+            True,
+            r"production diabetes:1 re-scored on the candidate's 89 held-out rows: mse 3117\.67 "
+            r"vs candidate 2856\.49: the candidate is not worse",
+            id="production-folder-given-rescored",
+        ),
+        pytest.param(
+            None,
+            False,
+            False,
+            r"not comparable.*diabetes:1 has no local folder to load its model from",
+            id="no-folder-refused-as-before",
+        ),
+        pytest.param(
+            ("old", 0.5),
+            False,
+            False,
+            r"not comparable.*the production_model folder holds the model with sha256 \w{12}…, "
+            r"not diabetes:1's registered sha256 \w{12}…",
+            id="another-models-folder-not-trusted",
+        ),
+        pytest.param(
+            ("old", 1.0),
+            True,
+            False,
+            r"not comparable.*the production_model folder holds the model with sha256 \w{12}…, "
+            r"not diabetes:2's registered sha256 \w{12}… \(production changed since the job was "
+            r"submitted",
+            id="production-moved-since-submit-not-trusted",
+        ),
+    ],
+)
+def test_a_registry_without_files_rescores_production_from_the_folder_given(
+    tmp_path: Path,
+    trained: Callable[[str, float], Path],
+    mounted: tuple[str, float] | None,
+    moved: bool,
+    passed: bool,
+    reason: str,
+) -> None:
+    """Azure ML's registry downloads nothing (path None, as here): the pipeline mounts
+    production's files as the step's production_model input, trusted only if still production's."""
+    from aml_pipelines.registry.memory import MemoryRegistry
+
+    registry = MemoryRegistry()
+    register_model(trained("old", 1.0), registry, source="azureml://jobs/one/outputs/model")
+    registry.set_tags("diabetes", 1, {"stage": Stage.PRODUCTION})
+    if moved:  # another version became production after the job was submitted with v1's files
+        register_model(trained("old", 0.5), registry, source="azureml://jobs/two/outputs/model")
+        registry.set_tags("diabetes", 1, {"stage": Stage.ARCHIVED})
+        registry.set_tags("diabetes", 2, {"stage": Stage.PRODUCTION})
+    assert registry.get("diabetes", 1).path is None
+    folder = trained(*mounted) if mounted is not None else None
+
+    candidate = trained("refreshed", 0.1)
+    if not passed:
+        with pytest.raises(GateRefused, match=reason):
+            register_model(candidate, registry, production_model=folder)
+        return
+    registered = register_model(candidate, registry, production_model=folder)
+    assert re.search(reason, registered.decision.reason), registered.decision.reason
+    assert registered.decision.comparable is True
+
+
+def test_a_folder_not_productions_falls_back_to_the_registrys_own_folder(
+    tmp_path: Path, trained: Callable[[str, float], Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The local registry has production's files: an untrusted folder is not the last word."""
+    registry = LocalRegistry(tmp_path / "reg")
+    register_model(trained("old", 1.0), registry)
+    registry.set_tags("diabetes", 1, {"stage": Stage.PRODUCTION})
+
+    registered = register_model(
+        trained("refreshed", 0.1), registry, production_model=trained("old", 0.5)
+    )
+    assert "production diabetes:1 re-scored on the candidate's 89 held-out rows: mse 3117.67" in (
+        registered.decision.reason
+    )
+    assert "re-scoring from the registry's folder instead" in caplog.text
