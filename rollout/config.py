@@ -54,6 +54,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from rollout.core.types import Colour, Phase, Release
 from rollout.errors import ConfigError
 from rollout.kubenames import (
+    ROLLOUT_NAME_MAX,
     app_problem,
     hosts_problem,
     label_value_problem,
@@ -1000,9 +1001,8 @@ def _raw_sections(
 
 #: A rollout's name: it names its files, and the kubernetes store's objects (kubenames).
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9_.]*[a-z0-9])?")
-#: Longest name: `.<name>.status.<pid>.tmp` (state/file.py) must fit a file name's 255 bytes
-#: (`run` failed at the lease with "File name too long" after `validate` said ok).
-MAX_NAME = 200
+#: Longest name: `.<name>.status.<pid>.tmp` (state/file.py) must fit a file name's 255 bytes.
+MAX_NAME = ROLLOUT_NAME_MAX
 
 
 class RolloutSpec(_Model):
