@@ -58,6 +58,7 @@ from benchmarks.flagger import simulate as simulate_flagger
 from benchmarks.oracle import simulate as simulate_oracle
 from benchmarks.oracle import sprt_expected_n
 from rollout.config import (
+    EMPTY_YAML,
     RolloutSpec,
     SimulatedMetricsConfig,
     TrafficModel,
@@ -127,6 +128,8 @@ class Scenario:
             raise ConfigError(f"{path}: cannot read scenario: {_reason(exc)}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+        if data is None:
+            raise ConfigError(f"{path}: {EMPTY_YAML}")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping (name, rps, baseline, ...)")
         try:

@@ -125,6 +125,7 @@ GOOD = "name: s\nrps: 10\nbaseline: {error_rate: 0.001}\n"
         pytest.param(None, "cannot read scenario: No such file", id="missing-file"),
         pytest.param("name: s\nrps: [10\n", "not valid YAML: line 3, column 1", id="bad-yaml"),
         pytest.param("- a\n", "expected a mapping", id="not-a-mapping"),
+        pytest.param("", "the file is empty (no settings in it)", id="empty-file"),
         pytest.param(
             GOOD + "canary: {eror_rate: 0.01}\n",
             "canary.eror_rate: unknown field: did you mean error_rate?",

@@ -735,7 +735,12 @@ def validate(path: Path) -> tuple[int, str]:
         ),
         pytest.param("- name: a\n", "expected a mapping at the top level", id="top-level-list"),
         pytest.param("rollout\n", "expected a mapping at the top level", id="top-level-scalar"),
-        pytest.param("", "expected a mapping at the top level", id="empty-file"),
+        pytest.param("", "the file is empty (no settings in it)", id="empty-file"),
+        pytest.param(
+            "# a spec, to be written\n\n",
+            "the file is empty (no settings in it)",
+            id="comments-only",
+        ),
         pytest.param(
             "analysis: {interval_s: .inf}\n",
             "analysis.interval_s: Input should be a finite number",
