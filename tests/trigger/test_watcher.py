@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from aml_pipelines.delivery import RolloutView
-from aml_pipelines.errors import RegistryError, TriggerError
+from aml_pipelines.errors import IntegrityError, RegistryError, TriggerError
 from aml_pipelines.registry import local as local_registry
 from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
@@ -770,6 +770,33 @@ def test_a_delivery_retried_after_the_same_error_says_it_once_and_status_tells_w
     assert said[0].endswith(
         "retrying every 0.01 s, quietly (said again every 10 min while it lasts)"
     )
+
+
+@pytest.mark.parametrize("closed_by", ["a-permanent-error", "another-process"])
+def test_a_version_retried_after_an_error_is_forgotten_once_closed(
+    tmp_path: Path, registry: LocalRegistry, closed_by: str
+) -> None:
+    # Was: the version stayed in the dispatcher's retry memory (`_failing`) for as long as the
+    # process ran, one entry per version that failed once and then for good.
+    errors: list[Exception] = [MetricsError("Prometheus is unreachable")]
+    if closed_by == "a-permanent-error":
+        errors.append(IntegrityError("model.skops does not match its sha256"))
+    failing = _FailingDelivery(tmp_path / "engine", registry, errors=errors)
+    dispatcher = Dispatcher(
+        TriggerStore(tmp_path / "trigger"), registry, failing, wait_interval_s=0
+    )
+    register(registry, tmp_path, stage="candidate")
+    assert dispatcher.accept("diabetes", 1, "watch")
+    with pytest.raises(MetricsError):
+        dispatcher.drain("diabetes")
+    assert dispatcher._failing == {("diabetes", 1)}  # retried quietly while it stays open
+    if closed_by == "another-process":
+        TriggerStore(tmp_path / "trigger").update(
+            "diabetes", 1, lambda e: replace(e, step=Step.DONE, outcome="Succeeded")
+        )
+    dispatcher.drain("diabetes")
+    assert _step(dispatcher) is Step.DONE
+    assert dispatcher._failing == set()
 
 
 class _UnreachableRegistry(_CountingRegistry):
