@@ -349,6 +349,13 @@ class Dispatcher:
             missed + 1,
             len(retries),
         )
+        # In the cursor too: `trigger status` runs in another process, which cannot see
+        # `_misses`, and showed the version pending with no reason while it was awaited.
+        why = (
+            f"not in the registry (yet?) when read; asking again in {delay:g} s "
+            f"({missed + 1} of {len(retries)})"
+        )
+        self.store.update(model, entry.version, lambda e: replace(e, reason=why))
         return True
 
     def _superseded_meanwhile(self, model: str, version: int) -> DeliveryOutcome | None:

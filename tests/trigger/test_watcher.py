@@ -556,7 +556,10 @@ def test_a_stop_while_waiting_for_a_missing_version_leaves_it_pending(
     assert dispatcher.accept("diabetes", 1, "event:a")
     assert dispatcher.drain("diabetes") == []
     assert paused.delays == [1.0]
-    assert dispatcher.store.load("diabetes").entries[1].step is Step.PENDING
+    entry = dispatcher.store.load("diabetes").entries[1]
+    assert entry.step is Step.PENDING
+    # In the cursor, where `trigger status` (another process) reads it: was no reason at all.
+    assert entry.reason == "not in the registry (yet?) when read; asking again in 1 s (1 of 7)"
 
 
 @pytest.mark.parametrize("again", ["event", "watch"])
