@@ -58,6 +58,7 @@ from benchmarks.flagger import simulate as simulate_flagger
 from benchmarks.oracle import simulate as simulate_oracle
 from benchmarks.oracle import sprt_expected_n
 from rollout.config import (
+    EMPTY_YAML,
     RolloutSpec,
     SimulatedMetricsConfig,
     TrafficModel,
@@ -127,6 +128,8 @@ class Scenario:
             raise ConfigError(f"{path}: cannot read scenario: {_reason(exc)}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+        if data is None:
+            raise ConfigError(f"{path}: {EMPTY_YAML}")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping (name, rps, baseline, ...)")
         try:
@@ -379,6 +382,11 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _count(n: int, one: str, many: str | None = None) -> str:
+    """`1 job`, `2 jobs`."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
@@ -473,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{'-':>9}{r['en_over_wald']:>9.2f}"
         )
     print(
-        f"# {len(scenarios)} scenarios x {len(policies)} policies x {args.runs} runs "
-        f"in {elapsed:.1f} s with {args.jobs} jobs"
+        f"# {_count(len(scenarios), 'scenario')} x {_count(len(policies), 'policy', 'policies')} "
+        f"x {_count(args.runs, 'run')} in {elapsed:.1f} s with {_count(args.jobs, 'job')}"
     )
     if args.json:
         print(json.dumps({"results": results, "oracle": oracle, "elapsed_s": round(elapsed, 1)}))

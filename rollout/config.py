@@ -54,6 +54,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from rollout.core.types import Colour, Phase, Release
 from rollout.errors import ConfigError
 from rollout.kubenames import (
+    ROLLOUT_NAME_MAX,
     app_problem,
     hosts_problem,
     label_value_problem,
@@ -1000,9 +1001,8 @@ def _raw_sections(
 
 #: A rollout's name: it names its files, and the kubernetes store's objects (kubenames).
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9_.]*[a-z0-9])?")
-#: Longest name: `.<name>.status.<pid>.tmp` (state/file.py) must fit a file name's 255 bytes
-#: (`run` failed at the lease with "File name too long" after `validate` said ok).
-MAX_NAME = 200
+#: Longest name: `.<name>.status.<pid>.tmp` (state/file.py) must fit a file name's 255 bytes.
+MAX_NAME = ROLLOUT_NAME_MAX
 
 
 class RolloutSpec(_Model):
@@ -1453,6 +1453,11 @@ def spec_from_dict(data: Any, *, source: str = "spec") -> RolloutSpec:
         raise ConfigError(f"{source}: {describe_errors(exc, RolloutSpec)}") from None
 
 
+#: What a YAML file with no document (empty, or blanks and comments only) is said to be; YAML
+#: reads it as null, which "expected a mapping at the top level" left to be worked out.
+EMPTY_YAML = "the file is empty (no settings in it)"
+
+
 def load_spec(path: str | Path) -> RolloutSpec:
     """Read and validate a YAML spec; relative paths in it stay relative to the caller's cwd."""
     path = Path(path)
@@ -1471,6 +1476,8 @@ def load_spec(path: str | Path) -> RolloutSpec:
         raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
     except RecursionError:  # PyYAML composes nested collections recursively
         raise ConfigError(f"{path}: not a spec: collections nested too deeply") from None
+    if data is None:
+        raise ConfigError(f"{path}: {EMPTY_YAML}")
     where = _boolean_key(data)
     if where is None:
         return spec_from_dict(data, source=str(path))

@@ -24,6 +24,11 @@ APP_NAME = re.compile(r"[a-z]([-a-z0-9]{0,48}[a-z0-9])?")
 #: letter or digit (the empty value aside, which nothing here wants).
 LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 
+#: Every rollout's name is at most this long, whatever its store: the file store's longest file
+#: name, `.<name>.status.<pid>.tmp`, must fit 255 bytes (`run` failed at the lease with "File
+#: name too long" after `validate` said ok). The kubernetes store's objects would allow 232.
+ROLLOUT_NAME_MAX = 200
+
 #: The state store's objects: Lease `aml-rollout-<name>`, ConfigMaps `aml-rollout-<name>-status`
 #: and `aml-rollout-<name>-commands`.
 PREFIX = "aml-rollout-"
@@ -91,9 +96,10 @@ def hosts_problem(hosts: Sequence[str]) -> str | None:
 def rollout_name_problem(name: str) -> str | None:
     """Why rollout `name` cannot name the state store's objects, or None when it can."""
     longest = f"{PREFIX}{name}{COMMANDS_SUFFIX}"
-    if DNS_1123_SUBDOMAIN.fullmatch(longest) and len(longest) <= SUBDOMAIN_MAX:
+    if DNS_1123_SUBDOMAIN.fullmatch(longest) and len(name) <= ROLLOUT_NAME_MAX:
         return None
-    room = SUBDOMAIN_MAX - len(PREFIX) - len(COMMANDS_SUFFIX)
+    # The ConfigMap's own limit leaves more room, but no rollout name is longer than this.
+    room = min(SUBDOMAIN_MAX - len(PREFIX) - len(COMMANDS_SUFFIX), ROLLOUT_NAME_MAX)
     return (
         f"{name!r} cannot name Kubernetes objects (with state.kind kubernetes the rollout lives "
         f"in ConfigMap {PREFIX}{name}{STATUS_SUFFIX}): use lower-case letters, digits, '-' and "

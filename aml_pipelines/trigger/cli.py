@@ -511,9 +511,17 @@ def status(
     from rich.table import Column, Table
     from rich.text import Text
 
+    from aml_pipelines.errors import TriggerError
     from aml_pipelines.trigger.store import TriggerStore
 
     store = TriggerStore(state_dir)
+    if model and model not in (held := store.models()):
+        # An error, as `registry show` of an unknown model: "no trigger state in DIR" for a
+        # mistyped --model sent the user looking for another --state-dir.
+        raise TriggerError(
+            f"no trigger state for model {model!r} in {state_dir} "
+            f"({'it holds: ' + ', '.join(held) if held else 'it holds none'})"
+        )
     table = Table(
         *(Column(h, no_wrap=True) for h in ("model", "version", "step", "outcome", "attempts")),
         Column("reason", overflow="fold"),  # the long one folds, the rest stay whole
@@ -531,11 +539,5 @@ def status(
             )
     if table.row_count:
         Console().print(table)
-    elif model and (held := [name for name in store.models() if name != model]):
-        # A mistyped --model is not an empty folder: saying "no trigger state" sent the user
-        # looking for another --state-dir.
-        typer.echo(
-            f"no trigger state for model {model!r} in {state_dir} (it holds: {', '.join(held)})"
-        )
     else:
         typer.echo(f"no trigger state in {state_dir}")

@@ -202,8 +202,9 @@ class Dispatcher:
             # One closed by another process is awaited no more (due forever, it would end
             # every wait of the worker at once).
             still_open = {e.version for e in open_entries}
-            for closed in [k for k in self._misses if k[0] == model and k[1] not in still_open]:
-                del self._misses[closed]
+            for closed in {*self._misses, *self._failing}:
+                if closed[0] == model and closed[1] not in still_open:
+                    self._forget(*closed)
             if not open_entries:
                 break
             version = open_entries[0].version
@@ -251,7 +252,7 @@ class Dispatcher:
             cursor = self.store.load(model)
             entry = cursor.entries[version]
             if entry.step is Step.DONE:  # another process finished it while we waited
-                self._misses.pop((model, version), None)
+                self._forget(model, version)
                 return None
             # With supersede, the newest open version above this one (0: none).
             newer = (
@@ -321,7 +322,6 @@ class Dispatcher:
                 raise
             finally:
                 self._delivering = None
-            self._failing.discard((model, version))
             self._close(model, version, outcome.phase, outcome.reason)
             if outcome.phase != SUPERSEDED:  # _superseded_meanwhile said it
                 log.info("delivered %s v%d: %s %s", model, version, outcome.phase, outcome.reason)
@@ -349,6 +349,13 @@ class Dispatcher:
             missed + 1,
             len(retries),
         )
+        # In the cursor too: `trigger status` runs in another process, which cannot see
+        # `_misses`, and showed the version pending with no reason while it was awaited.
+        why = (
+            f"not in the registry (yet?) when read; asking again in {delay:g} s "
+            f"({missed + 1} of {len(retries)})"
+        )
+        self.store.update(model, entry.version, lambda e: replace(e, reason=why))
         return True
 
     def _superseded_meanwhile(self, model: str, version: int) -> DeliveryOutcome | None:
@@ -402,7 +409,6 @@ class Dispatcher:
             return None
         reason = f"superseded by version {newest} before its rollout started"
         log.info("%s v%d: %s", model, version, reason)
-        self._failing.discard((model, version))
         self._close(model, version, SUPERSEDED, reason)
         return DeliveryOutcome(model, version, SUPERSEDED, reason)
 
@@ -465,12 +471,19 @@ class Dispatcher:
         return DeliveryOutcome(model, version, outcome, reason)
 
     def _close(self, model: str, version: int, outcome: str, reason: str) -> Entry:
-        self._misses.pop((model, version), None)  # superseded while awaited, say
+        self._forget(model, version)  # superseded while awaited, failed for good after errors
         return self.store.update(
             model,
             version,
             lambda e: replace(e, step=Step.DONE, outcome=outcome, reason=reason),
         )
+
+    def _forget(self, model: str, version: int) -> None:
+        """Drop what this process remembers of a closed version: a long-running `serve` would
+        otherwise keep an entry per version that ever missed or failed."""
+        self._misses.pop((model, version), None)
+        self._failing.discard((model, version))
+        self._kept = {k for k in self._kept if k[:2] != (model, version)}
 
     def _wait_for_endpoint(self, model: str, version: int) -> bool:
         """Wait until no other rollout is active on the endpoint; False when stopped meanwhile.

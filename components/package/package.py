@@ -6,7 +6,7 @@
       score.py               Azure ML entry (init()/run()): the scoring package's score.py
       asgi.py                the container's entry: the scoring package's FastAPI app on ./
       requirements.txt       pinned: the model's library versions + the server's libraries
-      Dockerfile             python:3.11-slim, non-root, `uvicorn asgi:build --factory`
+      Dockerfile             python:3.11.7-slim-bookworm, non-root, `uvicorn asgi:build --factory`
       .dockerignore          keeps a killed build's staging folder out of the image
       k8s/values-blue.yaml   values for charts/aml-rollout deploying this version as blue / green
       k8s/values-green.yaml
@@ -90,12 +90,14 @@ def build():
     )
 '''
 
+# The image's Python is environment.yml's (the steps'), on a fixed Debian: `python:3.11-slim`
+# took each patch release and Debian as pushed (tests/pipelines/test_environment.py).
 # The image's uvicorn runs as `aml-rollout serve` does: idle connections kept KEEP_ALIVE_S (the
 # proxy in front must close them first, or it answers a racing request 503 itself), no access log.
 DOCKERFILE = """\
 # Image for {model} version {version} (sha256 {sha256}).
 # Build: docker build -t {image} .
-FROM python:3.11-slim
+FROM python:3.11.7-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 AZUREML_MODEL_DIR=/app
 WORKDIR /app
 COPY requirements.txt .

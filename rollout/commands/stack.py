@@ -334,7 +334,9 @@ def _print_urls(console: Console, stack: Any, *, blue: bool) -> None:
             f"curl -s {stack.url}/score -H 'x-api-version: blue' "
             f"-H 'content-type: application/json' -d '{row}'",
         )
-    _print_command(console, f"curl -s {stack.url}/score   # GET: which model and version answers")
+    _print_command(
+        console, f"curl -s {stack.url}/score   # GET: which colour, model and version answers"
+    )
 
 
 def _print_spec_hint(console: Console, spec_file: Path, *, blue: bool) -> None:

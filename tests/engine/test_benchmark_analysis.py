@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -111,9 +112,12 @@ def test_a_spec_without_a_shadow_step_runs_the_live_plan(
     scenario = SCENARIO_DIR / "err-50x-100rps.yaml"
     args = ["--json", "--runs", "2", "--jobs", "1", "--policy", "ours"]
     assert main([*args, "--scenario", str(scenario), "--spec", str(spec)]) == 0
-    (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    *_, summary, last = capsys.readouterr().out.strip().splitlines()
+    (row,) = json.loads(last)["results"]
     assert row["p_rollback"] == 1.0
     assert row["mean_bad_mirrored_requests"] == 0 and row["mean_bad_canary_requests"] > 0
+    # Counted in words that agree with the count (it said "1 scenarios x 1 policies ... 1 jobs").
+    assert re.fullmatch(r"# 1 scenario x 1 policy x 2 runs in \d+\.\d s with 1 job", summary)
 
 
 GOOD = "name: s\nrps: 10\nbaseline: {error_rate: 0.001}\n"
@@ -125,6 +129,7 @@ GOOD = "name: s\nrps: 10\nbaseline: {error_rate: 0.001}\n"
         pytest.param(None, "cannot read scenario: No such file", id="missing-file"),
         pytest.param("name: s\nrps: [10\n", "not valid YAML: line 3, column 1", id="bad-yaml"),
         pytest.param("- a\n", "expected a mapping", id="not-a-mapping"),
+        pytest.param("", "the file is empty (no settings in it)", id="empty-file"),
         pytest.param(
             GOOD + "canary: {eror_rate: 0.01}\n",
             "canary.eror_rate: unknown field: did you mean error_rate?",

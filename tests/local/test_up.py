@@ -47,7 +47,7 @@ def start_up(workdir: Path | None) -> tuple[subprocess.Popen[str], str]:
     assert process.stdout is not None
     output = ""
     deadline = time.monotonic() + 90
-    while "GET: which model" not in output and time.monotonic() < deadline:
+    while "GET: which colour" not in output and time.monotonic() < deadline:
         line = process.stdout.readline()
         if not line:
             break

@@ -85,3 +85,13 @@ def test_the_spec_up_writes_loads(tmp_path: Path) -> None:
     latency = spec.analysis.latency
     assert (latency.threshold, latency.slo_ms) == ("slo", 250)
     assert spec.analysis.errors == type(spec.analysis.errors)()
+
+
+def test_the_get_hint_says_what_get_score_answers_as_the_docs_do(tmp_path: Path) -> None:
+    """GET /score answers the colour too (scoring.scorer.Scorer.identity); the hint left it out
+    while docs/local-stack.md named it."""
+    (get,) = [line for line in render(tmp_path) if line.startswith("curl ") and " -d " not in line]
+    docs = (Path(__file__).parents[2] / "docs" / "local-stack.md").read_text(encoding="utf-8")
+    (documented,) = [line for line in docs.splitlines() if "# GET:" in line]
+    assert get.partition("#")[2] == documented.partition("#")[2]
+    assert "colour, model and version" in get

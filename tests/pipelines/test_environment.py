@@ -2,7 +2,8 @@
 
 environment.yml (the steps' conda env) lists pyproject's dependencies, each `==` the version
 installed here, and every component.yml names its base image by a dated tag: a pipeline re-run
-months later builds the same environment, and `run-local` runs the code Azure ML runs.
+months later builds the same environment, and `run-local` runs the code Azure ML runs. The
+package step's Dockerfile runs the same Python, by its full version and Debian release.
 """
 
 from __future__ import annotations
@@ -132,3 +133,40 @@ def test_the_makefile_installs_the_venv_at_these_pins(tmp_path: Path) -> None:
         f"{Requirement(line).name}{Requirement(line).specifier}" for line in _environment()[1]
     ]
     assert written == expected
+
+
+#: The package's image: the interpreter's full version and the Debian release, as Docker Hub
+#: tags them (`python:3.11.7-slim-bookworm`); `python:3.11-slim` takes every patch release and a
+#: new Debian as they are pushed.
+PINNED_PYTHON_IMAGE = re.compile(r"python:(\d+\.\d+\.\d+)-slim-[a-z]+(@sha256:[0-9a-f]{64})?")
+
+
+@pytest.mark.parametrize(
+    ("image", "pinned"),
+    [
+        pytest.param("python:3.11.7-slim-bookworm", True, id="version-and-debian"),
+        pytest.param("python:3.11.7-slim-bookworm@sha256:" + "0" * 64, True, id="digest"),
+        pytest.param("python:3.11-slim", False, id="minor-only"),
+        pytest.param("python:3.11.7-slim", False, id="debian-floats"),
+        pytest.param("python:3.11-slim-bookworm", False, id="patch-floats"),
+        pytest.param("python:slim", False, id="bare"),
+    ],
+)
+def test_a_floating_python_image_is_told_from_a_pinned_one(image: str, pinned: bool) -> None:
+    assert (PINNED_PYTHON_IMAGE.fullmatch(image) is not None) is pinned
+
+
+def test_the_package_image_runs_the_python_the_steps_run() -> None:
+    """The package's Dockerfile: the interpreter environment.yml pins, on a fixed Debian; its
+    pip installs are requirements.txt's `==` pins (test_package), the versions pinned here."""
+    from components.package.package import DOCKERFILE, requirements
+
+    (image,) = re.findall(r"^FROM (\S+)$", DOCKERFILE, flags=re.MULTILINE)
+    pinned = PINNED_PYTHON_IMAGE.fullmatch(image)
+    assert pinned, f"components/package: FROM {image} floats; name e.g. python:3.11.7-slim-bookworm"
+    (python,) = [d.partition("=")[2] for d in _environment()[0] if d.startswith("python=")]
+    assert pinned.group(1) == python, f"FROM {image}, but environment.yml pins python={python}"
+    wanted = {Requirement(line).name: _exact_pin(Requirement(line)) for line in _environment()[1]}
+    for line in requirements({}).splitlines():
+        if not line.startswith("#"):
+            assert _exact_pin(Requirement(line)) == wanted[Requirement(line).name], line

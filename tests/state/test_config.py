@@ -71,6 +71,12 @@ def test_file_still_accepts_and_ignores_lease_ttl_s() -> None:
             id="underscore-in-name",
         ),
         pytest.param(
+            # The limit said is every store's, not the ConfigMap's own 232
+            {"kind": "kubernetes", "namespace": "ml"}, "churn_model",
+            "no '.' next to '-' or '.'), at most 200 characters",
+            id="underscore-in-name-says-the-limit",
+        ),
+        pytest.param(
             # Every store's limit (the file store's file names), below the ConfigMap's 232
             {"kind": "kubernetes", "namespace": "ml"}, "a" * 233, "name: at most 200 characters",
             id="name-too-long",

@@ -503,6 +503,7 @@ def test_an_unreadable_status_is_a_state_error(api: FakeKubeApiServer, text: str
         pytest.param("ML", "r", "state.namespace", id="namespace-upper-case"),
         pytest.param("ml", "a_b", "name", id="underscore"),
         pytest.param("ml", "x" * 233, "name", id="too-long"),
+        pytest.param("ml", "x" * 201, "name", id="longer-than-any-rollout-name"),
     ],
 )
 def test_names_the_api_server_would_refuse_are_config_errors(

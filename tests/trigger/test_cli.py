@@ -23,6 +23,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from aml_pipelines.errors import TriggerError
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger.store import Step, TriggerStore
 from rollout.cli import app
@@ -535,27 +536,39 @@ def test_serve_warns_about_a_model_filter_that_names_no_model(
 
 
 @pytest.mark.parametrize(
-    ("args", "expected"),
+    ("held", "args", "refusal", "expected"),
     [
         pytest.param(
-            ["--model", "diabetis"],
-            "no trigger state for model 'diabetis' in {dir} (it holds: diabetes)",
+            ["diabetes"], ["--model", "diabetis"],
+            "no trigger state for model 'diabetis' in {dir} (it holds: diabetes)", "",
             id="model-typo-names-the-models-held",
         ),
-        pytest.param(["--model", "diabetes"], "│ diabetes ", id="model-held"),
+        pytest.param(
+            [], ["--model", "diabetes"], "no trigger state for model 'diabetes' in {dir} "
+            "(it holds none)", "", id="model-in-an-empty-folder",
+        ),
+        pytest.param(["diabetes"], ["--model", "diabetes"], None, "│ diabetes ", id="model-held"),
+        pytest.param([], [], None, "no trigger state in {dir}", id="empty-folder-every-model"),
     ],
-)
+)  # fmt: skip
 def test_status_of_a_model_the_state_folder_lacks(
-    tmp_path: Path, args: list[str], expected: str
+    tmp_path: Path, held: list[str], args: list[str], refusal: str | None, expected: str
 ) -> None:
-    """`no trigger state in DIR` for a mistyped --model sent the user to another state folder."""
-    TriggerStore(tmp_path / "trigger").accept("diabetes", 2, "watch")
+    """`no trigger state in DIR` for a mistyped --model sent the user to another state folder;
+    an unknown model is an error, as for `registry show`."""
+    for model in held:
+        TriggerStore(tmp_path / "trigger").accept(model, 2, "watch")
     state_dir = str(tmp_path / "trigger")
     shown = CliRunner().invoke(
         app, ["trigger", "status", *args, "--state-dir", state_dir], terminal_width=200
     )
-    assert shown.exit_code == 0, shown.output
-    assert expected.format(dir=state_dir) in shown.output
+    if refusal is None:
+        assert shown.exit_code == 0, shown.output
+        assert expected.format(dir=state_dir) in shown.output
+    else:
+        # main() makes it one red line and exit code 2 (as the unreadable-cursor test sees)
+        assert isinstance(shown.exception, TriggerError), shown.output
+        assert str(shown.exception) == refusal.format(dir=state_dir)
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", '{"versions": {}}'])

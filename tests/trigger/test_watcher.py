@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from aml_pipelines.delivery import RolloutView
-from aml_pipelines.errors import RegistryError, TriggerError
+from aml_pipelines.errors import IntegrityError, RegistryError, TriggerError
 from aml_pipelines.registry import local as local_registry
 from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
@@ -556,7 +556,10 @@ def test_a_stop_while_waiting_for_a_missing_version_leaves_it_pending(
     assert dispatcher.accept("diabetes", 1, "event:a")
     assert dispatcher.drain("diabetes") == []
     assert paused.delays == [1.0]
-    assert dispatcher.store.load("diabetes").entries[1].step is Step.PENDING
+    entry = dispatcher.store.load("diabetes").entries[1]
+    assert entry.step is Step.PENDING
+    # In the cursor, where `trigger status` (another process) reads it: was no reason at all.
+    assert entry.reason == "not in the registry (yet?) when read; asking again in 1 s (1 of 7)"
 
 
 @pytest.mark.parametrize("again", ["event", "watch"])
@@ -770,6 +773,33 @@ def test_a_delivery_retried_after_the_same_error_says_it_once_and_status_tells_w
     assert said[0].endswith(
         "retrying every 0.01 s, quietly (said again every 10 min while it lasts)"
     )
+
+
+@pytest.mark.parametrize("closed_by", ["a-permanent-error", "another-process"])
+def test_a_version_retried_after_an_error_is_forgotten_once_closed(
+    tmp_path: Path, registry: LocalRegistry, closed_by: str
+) -> None:
+    # Was: the version stayed in the dispatcher's retry memory (`_failing`) for as long as the
+    # process ran, one entry per version that failed once and then for good.
+    errors: list[Exception] = [MetricsError("Prometheus is unreachable")]
+    if closed_by == "a-permanent-error":
+        errors.append(IntegrityError("model.skops does not match its sha256"))
+    failing = _FailingDelivery(tmp_path / "engine", registry, errors=errors)
+    dispatcher = Dispatcher(
+        TriggerStore(tmp_path / "trigger"), registry, failing, wait_interval_s=0
+    )
+    register(registry, tmp_path, stage="candidate")
+    assert dispatcher.accept("diabetes", 1, "watch")
+    with pytest.raises(MetricsError):
+        dispatcher.drain("diabetes")
+    assert dispatcher._failing == {("diabetes", 1)}  # retried quietly while it stays open
+    if closed_by == "another-process":
+        TriggerStore(tmp_path / "trigger").update(
+            "diabetes", 1, lambda e: replace(e, step=Step.DONE, outcome="Succeeded")
+        )
+    dispatcher.drain("diabetes")
+    assert _step(dispatcher) is Step.DONE
+    assert dispatcher._failing == set()
 
 
 class _UnreachableRegistry(_CountingRegistry):
