@@ -17,6 +17,11 @@ class Colour(StrEnum):
     BLUE = "blue"
     GREEN = "green"
 
+    @property
+    def other(self) -> Colour:
+        """The other slot."""
+        return Colour.GREEN if self is Colour.BLUE else Colour.BLUE
+
 
 class Phase(StrEnum):
     """Where a rollout is in its life; terminal phases are Succeeded, RolledBack and Failed."""

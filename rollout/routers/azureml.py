@@ -337,8 +337,7 @@ class AzureMLRouter:
             # A new colour answers under the other colour's request settings (timeout, requests
             # per instance): under Azure's defaults instead it would time out (408) and refuse
             # (429) where the other does not, failures the judge counts against its release.
-            sibling = Colour.GREEN if colour is Colour.BLUE else Colour.BLUE
-            other = self._get_deployment(self.names[sibling])
+            other = self._get_deployment(self.names[colour.other])
             deployment = ManagedOnlineDeployment(
                 name=name,
                 endpoint_name=self.endpoint,

@@ -148,7 +148,7 @@ def route_table(
                     {"name": header, "string_match": {"exact": colour.value}},
                     {
                         "name": header,
-                        "string_match": {"exact": other.value},
+                        "string_match": {"exact": colour.other.value},
                         "invert_match": True,
                         "treat_missing_header_as_empty": True,
                     },
@@ -156,7 +156,7 @@ def route_table(
             },
             "route": {"cluster": pinned.of(colour)},
         }
-        for colour, other in ((Colour.BLUE, Colour.GREEN), (Colour.GREEN, Colour.BLUE))
+        for colour in (Colour.BLUE, Colour.GREEN)
     ]
     # A zero weight is left out: Envoy then never picks the cluster, and a colour with nothing
     # deployed is not even named in the default route.

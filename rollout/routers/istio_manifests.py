@@ -595,12 +595,12 @@ def managed_routes(layout: IstioLayout, weights: Weights) -> list[Obj]:
             "match": [
                 {
                     "headers": {layout.header: {"exact": colour.value}},
-                    "withoutHeaders": {layout.header: {"exact": other.value}},
+                    "withoutHeaders": {layout.header: {"exact": colour.other.value}},
                 }
             ],
             "route": [{"destination": _destination(layout, colour, pinned=True)}],
         }
-        for colour, other in ((Colour.BLUE, Colour.GREEN), (Colour.GREEN, Colour.BLUE))
+        for colour in (Colour.BLUE, Colour.GREEN)
     ]
     default: Obj = {
         "name": DEFAULT_ROUTE,

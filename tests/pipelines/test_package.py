@@ -93,7 +93,7 @@ def test_the_helm_values_deploy_this_version_with_the_chart(
     name = ("Deployment", f"model-{colour.value}")
     assert name in chart
     assert chart[name] == expected[name]
-    other = Colour.GREEN if colour is Colour.BLUE else Colour.BLUE
+    other = colour.other
     assert ("Deployment", f"model-{other.value}") not in chart  # one colour per file
 
 
