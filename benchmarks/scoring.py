@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from benchmarks.azureml_env import (
     ensure_azureml_venv,
     loopback_command,
 )
+from rollout.local.process import free_port, listening_socket
 
 SERVERS = ["ours", "azureml", "fastapi"]
 ROW = [0.0381, 0.0507, 0.0617, 0.0219, -0.0442, -0.0348, -0.0434, -0.0026, 0.0199, -0.0176]
@@ -133,12 +133,6 @@ ON_INHERITED_SOCKET = ("ours",)
 PORT_ATTEMPTS = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def server_command(
     name: str, model_dir: Path, azmlinfsrv: Path, listen: int
 ) -> tuple[list[str], dict[str, str]]:
@@ -198,13 +192,13 @@ def _start(
     log.seek(0)
     log.truncate()
     if name not in ON_INHERITED_SOCKET:
-        port = _free_port()
+        port = free_port()
         argv, env = server_command(name, model_dir, azmlinfsrv, port)
         proc = subprocess.Popen(
             argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         return proc, f"http://127.0.0.1:{port}/score"
-    with socket.create_server(("127.0.0.1", 0)) as sock:  # our copy closed once it started
+    with listening_socket() as sock:  # our copy closed once it started
         argv, env = server_command(name, model_dir, azmlinfsrv, sock.fileno())
         proc = subprocess.Popen(
             argv,

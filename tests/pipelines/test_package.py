@@ -10,7 +10,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from components.register.register import register_model
 from components.rollout.main import InvalidInput, read_package
 from components.train.train import TrainParams, train
 from rollout.core.types import Colour, Release
+from rollout.local.process import listening_socket
 from rollout.routers import istio_manifests as m
 from tests.routers.test_manifests import by_name, render_chart
 
@@ -203,7 +203,7 @@ def test_the_image_s_command_logs_the_model_it_loaded(registered, tmp_path: Path
     # another test's server could take that one in between (and answer /readyz 404 for it).
     # Fine for a log line; not for serving: uvicorn wraps the fd as AF_UNIX, so it sets no
     # TCP_NODELAY and answers wait ~40 ms on delayed ACKs (`serve --fd` does not).
-    with socket.create_server(("127.0.0.1", 0)) as listener:
+    with listening_socket() as listener:
         port = listener.getsockname()[1]
         fd = listener.fileno()
         cmd = [sys.executable, "-m", "uvicorn", "asgi:build", "--factory", "--fd", str(fd)]

@@ -26,15 +26,10 @@ from benchmarks.azureml_env import (
     ensure_azureml_venv,
     loopback_command,
 )
+from rollout.local.process import free_port
 from scoring.model import LoadedModel
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 #: Ports tried before the fixture gives up (each taken by another process first).
@@ -70,7 +65,7 @@ def _start_aml_server(
     take it first: then gunicorn retries for 5 s and exits ("Connection in use"), and meanwhile
     the other server answers. An answer counts only if it is ours (the colour set here).
     """
-    port = _free_port()
+    port = free_port()
     env = os.environ | {"PYTHONPATH": str(ROOT), "AML_ROLLOUT_COLOUR": "blue"}
     proc = subprocess.Popen(
         [*loopback_command(azmlinfsrv), "--entry_script", str(ROOT / "scoring" / "score.py"),

@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rollout.cli import app as cli_app
+from rollout.local.process import listening_socket
 from rollout.routers.base import UPSTREAM_IDLE_S
 from scoring.cli import KEEP_ALIVE_S
 
@@ -71,7 +72,7 @@ def test_serve_refuses_an_unreadable_model_file_in_one_line(
 def test_serve_runs_uvicorn_with_the_options(package_dir: Path) -> None:
     # The socket is bound here and inherited (--fd): no other process can take the port
     # between choosing it and the server listening (was: a free port, closed, bound later).
-    listener = socket.create_server(("127.0.0.1", 0))
+    listener = listening_socket()
     port = listener.getsockname()[1]
     argv = [sys.executable, "-c", "from rollout.cli import main; main()", "serve",
             "--model-dir", str(package_dir), "--colour", "blue", "--fd", str(listener.fileno()),

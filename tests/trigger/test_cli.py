@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from aml_pipelines.errors import TriggerError
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger.store import Step, TriggerStore
 from rollout.cli import app
+from rollout.local.process import listening_socket
 from tests.trigger.fakes import register
 from tests.trigger.test_eventgrid import eg_event
 from tests.trigger.test_watcher_process import _until
@@ -451,7 +451,7 @@ def test_serve_that_cannot_listen_is_one_clear_line(
     tmp_path: Path, registry: LocalRegistry, args: list[str], said: str
 ) -> None:
     env = {**os.environ, "AML_ROLLOUT_TRIGGER_SECRET": SECRET}
-    with socket.create_server(("127.0.0.1", 0)) as taken:
+    with listening_socket() as taken:
         busy = str(taken.getsockname()[1])
         filled = [a.format(busy=busy, tmp=tmp_path) for a in args]
         result = _run(_cli(tmp_path, "serve", *filled), env=env)
