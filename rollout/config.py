@@ -1001,8 +1001,6 @@ def _raw_sections(
 
 #: A rollout's name: it names its files, and the kubernetes store's objects (kubenames).
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9_.]*[a-z0-9])?")
-#: Longest name: `.<name>.status.<pid>.tmp` (state/file.py) must fit a file name's 255 bytes.
-MAX_NAME = ROLLOUT_NAME_MAX
 
 
 class RolloutSpec(_Model):
@@ -1096,12 +1094,12 @@ class RolloutSpec(_Model):
                 "letter or digit; got {name}",
                 {"name": repr(name)},
             )
-        if len(name) > MAX_NAME:
+        if len(name) > ROLLOUT_NAME_MAX:
             raise PydanticCustomError(
                 "spec",
                 "at most {most} characters, got {length}: it names the rollout's files "
                 "(`.<name>.status.<pid>.tmp` the longest), and a file name holds 255 bytes",
-                {"most": MAX_NAME, "length": len(name)},
+                {"most": ROLLOUT_NAME_MAX, "length": len(name)},
             )
         return name
 
