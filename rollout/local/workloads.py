@@ -84,6 +84,22 @@ class ScoringProcesses:
         self.host = host
         self.ready_timeout_s = ready_timeout_s
 
+    def _serve_argv(self, release: Release, model_dir: str, colour: Colour, fd: int) -> list[str]:
+        """`aml-rollout serve` for `release` (in `model_dir`) as `colour` on the socket `fd`."""
+        argv = [sys.executable, "-c", _SERVE, "serve", "--model-dir", model_dir,
+                "--colour", colour.value, "--fd", str(fd), "--version", release.version,
+                "--log-level", "warning"]  # fmt: skip
+        fault = self.faults.get(release.version, self.faults.get("*", 0.0))
+        if fault:
+            log.warning(
+                "demo knob: %s:%s starts with fault injection on (%.0f %% errors)",
+                release.model,
+                release.version,
+                fault * 100,
+            )
+            argv += ["--fault-error-rate", str(fault)]
+        return argv
+
     def start(self, colour: Colour, release: Release) -> Endpoint:
         """Start a scoring server for `release`; returns once it is ready."""
         # What is wrong with the release itself is DeployFailed: an answer, no retry helps.
@@ -101,36 +117,11 @@ class ScoringProcesses:
         with listening_socket(self.host) as sock:
             port: int = sock.getsockname()[1]
             ref = f"{colour.value}-{port}"
-            argv = [
-                sys.executable,
-                "-c",
-                _SERVE,
-                "serve",
-                "--model-dir",
-                release.model_dir,
-                "--colour",
-                colour.value,
-                "--fd",
-                str(sock.fileno()),
-                "--version",
-                release.version,
-                "--log-level",
-                "warning",
-            ]
-            fault = self.faults.get(release.version, self.faults.get("*", 0.0))
-            if fault:
-                log.warning(
-                    "demo knob: %s:%s starts with fault injection on (%.0f %% errors)",
-                    release.model,
-                    release.version,
-                    fault * 100,
-                )
-                argv += ["--fault-error-rate", str(fault)]
             self.directory.mkdir(parents=True, exist_ok=True)
             log_path = self.directory / f"{ref}.log"
             child = Child(
                 f"scoring server {ref}",
-                argv,
+                self._serve_argv(release, release.model_dir, colour, sock.fileno()),
                 log_path=log_path,
                 ready_url=None,
                 die_with_parent=self.die_with_parent,
