@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aml_pipelines.errors import ConfigError, GateRefused, IntegrityError, RegistryError
 from aml_pipelines.fileio import read_json_object, sha256_file, write_json
@@ -41,6 +42,9 @@ from components.register.gate import (
     comparability,
     evaluate_gate,
 )
+
+if TYPE_CHECKING:
+    from scoring.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -115,40 +119,31 @@ def rescore_production(
     ML mounts, its registry downloading none) when given, else from the registry's own folder.
     A given folder is trusted only if its model is `production`'s registered sha256: the
     pipeline bound the version that was production at submission, which may have changed since.
+    A given folder refused falls back to the registry's own folder, when that is another one.
     """
     from components.train.train import held_out_metrics, load_held_out
-    from scoring.errors import ModelLoadError
-    from scoring.model import load_model
 
     label = f"{production.name}:{production.version}"
     try:
         rows = load_held_out(model_dir)
     except (ConfigError, OSError, ValueError) as exc:
         return Rescored(None, why_not=f"the candidate's held-out rows: {exc}")
-    where = folder if folder is not None else production.path
-    if where is None:
-        return Rescored(
-            None,
-            why_not=f"{label} has no local folder to load its model from (the registry "
-            "downloads none) and the step's production_model input is not bound",
+    registry_folder = Path(production.path) if production.path is not None else None
+    loaded = refused = None
+    if folder is not None:
+        loaded, refused = _load_production(production, folder, "the production_model folder")
+        if loaded is None and registry_folder is not None and not _same(folder, registry_folder):
+            log.warning("%s; re-scoring from the registry's folder instead", refused)
+            loaded, refused = _load_production(production, registry_folder)
+    elif registry_folder is not None:
+        loaded, refused = _load_production(production, registry_folder)
+    else:
+        refused = (
+            f"{label} has no local folder to load its model from (the registry "
+            "downloads none) and the step's production_model input is not bound"
         )
-    given = "the production_model folder" if folder is not None else label
-    try:
-        loaded = load_model(where, version=str(production.version))
-    except ModelLoadError as exc:
-        return Rescored(None, why_not=f"{given} cannot be loaded: {exc}")
-    if loaded.identity.sha256 != production.sha256 and folder is not None:
-        return Rescored(
-            None,
-            why_not=f"the production_model folder holds the model with sha256 "
-            f"{loaded.identity.sha256[:12]}…, not {label}'s registered sha256 "
-            f"{production.sha256[:12]}… (production changed since the job was submitted, or "
-            "the folder is another model's)",
-        )
-    if loaded.identity.sha256 != production.sha256:
-        return Rescored(
-            None, why_not=f"{label}'s model file is not the registered sha256 {production.sha256}"
-        )
+    if loaded is None:
+        return Rescored(None, why_not=str(refused))
     if list(loaded.feature_names) != rows.feature_names:
         return Rescored(
             None,
@@ -160,6 +155,38 @@ def rescore_production(
     except Exception as exc:  # whatever the estimator raises, production cannot be scored
         return Rescored(None, why_not=f"{label} cannot predict the rows ({exc})")
     return Rescored(value, rows=len(rows.target))
+
+
+def _load_production(
+    production: ModelVersion, where: Path, given: str | None = None
+) -> tuple[LoadedModel, None] | tuple[None, str]:
+    """Production's model loaded from `where`, or why not: `given` names a folder the step was
+    given (None: the registry's own folder, named after the version)."""
+    from scoring.errors import ModelLoadError
+    from scoring.model import load_model
+
+    label = f"{production.name}:{production.version}"
+    try:
+        loaded = load_model(where, version=str(production.version))
+    except ModelLoadError as exc:
+        return None, f"{given or label} cannot be loaded: {exc}"
+    if loaded.identity.sha256 == production.sha256:
+        return loaded, None
+    if given is None:
+        return None, f"{label}'s model file is not the registered sha256 {production.sha256}"
+    return None, (
+        f"{given} holds the model with sha256 {loaded.identity.sha256[:12]}…, not {label}'s "
+        f"registered sha256 {production.sha256[:12]}… (production changed since the job was "
+        "submitted, or the folder is another model's)"
+    )
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether two paths name one folder (run-local binds the registry's own folder)."""
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def register_model(
@@ -229,9 +256,6 @@ def register_model(
         and comparability(fingerprints, production.tags)[0] is False
     ):
         rescored = rescore_production(production, model_dir, metric, production_model)
-        if rescored.value is None and production_model is not None and production.path:
-            log.warning("%s; re-scoring from the registry's folder instead", rescored.why_not)
-            rescored = rescore_production(production, model_dir, metric)
     decision = evaluate_gate(
         metrics,
         production,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -522,3 +523,45 @@ def test_a_folder_not_productions_falls_back_to_the_registrys_own_folder(
         registered.decision.reason
     )
     assert "re-scoring from the registry's folder instead" in caplog.text
+
+
+def test_a_candidate_without_held_out_rows_is_not_rescored_twice(
+    tmp_path: Path, trained: Callable[[str, float], Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The candidate's rows failing is no reason to load production from another folder."""
+    registry = LocalRegistry(tmp_path / "reg")
+    register_model(trained("old", 1.0), registry)
+    registry.set_tags("diabetes", 1, {"stage": Stage.PRODUCTION})
+    candidate = shutil.copytree(trained("refreshed", 0.1), tmp_path / "candidate")
+    (candidate / "heldout.csv").unlink()
+
+    with pytest.raises(GateRefused, match="the candidate's held-out rows"):
+        register_model(candidate, registry, production_model=trained("old", 1.0))
+    assert "re-scoring from the registry's folder instead" not in caplog.text
+
+
+def test_the_registrys_own_folder_given_as_production_model_is_loaded_once(
+    tmp_path: Path,
+    trained: Callable[[str, float], Path],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """run-local binds the local registry's folder itself: a load failing there is not retried."""
+    import scoring.model
+    from scoring.errors import ModelLoadError
+
+    registry = LocalRegistry(tmp_path / "reg")
+    register_model(trained("old", 1.0), registry)
+    production = registry.set_tags("diabetes", 1, {"stage": Stage.PRODUCTION})
+    assert production.path is not None
+    loads: list[Path] = []
+
+    def unloadable(folder: Path, **_: object) -> None:
+        loads.append(folder)
+        raise ModelLoadError("disk gone")
+
+    monkeypatch.setattr(scoring.model, "load_model", unloadable)
+    with pytest.raises(GateRefused, match="the production_model folder cannot be loaded: disk"):
+        register_model(trained("refreshed", 0.1), registry, production_model=Path(production.path))
+    assert loads == [Path(production.path)]
+    assert "re-scoring from the registry's folder instead" not in caplog.text
