@@ -18,7 +18,7 @@ import shlex
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich import box
@@ -236,6 +236,15 @@ def build(
     # Azure ML refuses a job with no compute ("Compute not set"): the same default as submit.
     compute: Annotated[str, typer.Option(help="Compute cluster for every step.")] = DEFAULT_COMPUTE,
     deploy: DeployOption = False,
+    production_model: Annotated[
+        str | None,
+        typer.Option(
+            "--production-model",
+            metavar="azureml:MODEL:VERSION",
+            help="Bind the register step's production_model input to production's version, "
+            "for the gate to re-score it after a data refresh (`submit` finds it itself).",
+        ),
+    ] = None,
 ) -> None:
     """Write the pipeline job YAML (relative code: paths) for `az ml job create -f`."""
     with _user_errors():
@@ -244,10 +253,17 @@ def build(
 
         _require_spec(rollout_spec, "build")
         if deploy:
+            if production_model is not None:
+                _refuse_production_model("--deploy builds no register step to bind it to")
             deploy_params = parse_deploy_params(params, rollout_spec=rollout_spec)
             job = build_deploy_pipeline(deploy_params, compute=compute)
         else:
-            job = build_pipeline(parse_params(params, rollout_spec=rollout_spec), compute=compute)
+            pipeline_params = parse_params(params, rollout_spec=rollout_spec)
+            if production_model is not None:
+                _check_production_model(production_model, pipeline_params.model_name)
+            job = build_pipeline(
+                pipeline_params, compute=compute, production_model=production_model
+            )
         stamp_source(job)
         dump_pipeline(job, output)
     # Quoted: the line is meant to be pasted into a shell, and paths hold spaces
@@ -256,15 +272,37 @@ def build(
         f"submit with: az ml job create -f {shlex.quote(str(output))}",
         markup=False,
     )
-    if not deploy:
+    if not deploy and production_model is None:
         # build asks no workspace (the job's registry, `azureml`, is known only where it runs)
         out.print(
             "note: the register step's production_model input is unbound: after a data refresh "
             "its gate cannot re-score production and refuses the model as not comparable; "
-            "`pipeline submit` binds it, or add to the YAML's inputs: production_model: "
-            "{type: custom_model, path: azureml:MODEL:PRODUCTION_VERSION}",
+            "`pipeline submit` binds it, or build with --production-model "
+            "azureml:MODEL:PRODUCTION_VERSION",
             markup=False,
         )
+
+
+def _check_production_model(reference: str, model_name: str) -> None:
+    """`--production-model`: an Azure ML reference to a version of the model the run trains."""
+    import re
+
+    found = re.fullmatch(r"azureml:([A-Za-z0-9_.-]+):([1-9][0-9]*)", reference)
+    if found is None:
+        _refuse_production_model(
+            f"{reference!r} is not azureml:MODEL:VERSION (e.g. azureml:{model_name}:3)"
+        )
+    if found[1] != model_name:
+        _refuse_production_model(
+            f"{reference!r} is a version of {found[1]}, not of {model_name}, the model this "
+            "pipeline registers (set -p model_name=...)"
+        )
+
+
+def _refuse_production_model(why: str) -> NoReturn:
+    from aml_pipelines.errors import ConfigError
+
+    raise ConfigError(f"--production-model: {why}")
 
 
 @pipeline_app.command("submit")

@@ -269,6 +269,60 @@ def test_build_writes_a_relative_pipeline_yaml(tmp_path: Path) -> None:
     assert "production_model input is unbound" in " ".join(result.output.split())
 
 
+def test_build_binds_the_production_model_it_is_given(tmp_path: Path) -> None:
+    """Without a workspace to ask, `--production-model` says which version the gate re-scores."""
+    import yaml
+    from azure.ai.ml import load_job
+
+    out = tmp_path / "pipeline.yml"
+    result = invoke(
+        "pipeline", "build", "-o", str(out), *SPEC, "--production-model", "azureml:diabetes-ridge:3"
+    )
+    assert result.exit_code == 0, result.output
+    assert "unbound" not in result.output
+    inputs = yaml.safe_load(out.read_text())["inputs"]
+    assert inputs["production_model"] == {
+        "type": "custom_model",
+        "path": "azureml:diabetes-ridge:3",
+    }
+    assert load_job(out)._validate().passed
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        pytest.param(
+            ["diabetes-ridge:3"],
+            "is not azureml:MODEL:VERSION (e.g. azureml:diabetes-ridge:3)",
+            id="no-azureml-prefix",
+        ),
+        pytest.param(["azureml:diabetes-ridge:latest"], "is not azureml:MODEL:VERSION", id="label"),
+        pytest.param(
+            ["azureml:diabetes:3"],
+            "is a version of diabetes, not of diabetes-ridge, the model this pipeline registers",
+            id="another-model",
+        ),
+        pytest.param(
+            ["--deploy", "-p", "model_name=d", "-p", "model_version=2"],
+            "--deploy builds no register step",
+            id="deploy",
+        ),
+    ],
+)
+def test_build_refuses_a_production_model_it_cannot_bind(
+    tmp_path: Path, given: list[str], message: str
+) -> None:
+    out = tmp_path / "pipeline.yml"
+    if given[0] == "--deploy":
+        given = [*given, "--production-model", "azureml:d:1"]
+    else:
+        given = ["--production-model", *given]
+    result = invoke("pipeline", "build", "-o", str(out), *SPEC, *given)
+    assert result.exit_code == 2, result.output
+    assert "--production-model: " in result.output and message in " ".join(result.output.split())
+    assert not out.exists()
+
+
 def test_run_local_into_a_run_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     """`--run-dir` naming a file was a FileExistsError traceback, before anything ran."""
     (tmp_path / "run").write_text("")
