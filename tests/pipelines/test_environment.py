@@ -278,6 +278,28 @@ def test_the_makefile_installs_the_venv_at_these_pins() -> None:
     assert _makefile_constraints(REPO / "environment.yml") == expected
 
 
+@pytest.mark.parametrize(
+    ("line", "constraint"),
+    [
+        pytest.param("      - starlette==1.10.0", "starlette==1.10.0", id="plain"),
+        pytest.param("      - zope.interface==7.2", "zope.interface==7.2", id="dotted"),
+        pytest.param("      - typing_extensions==4.16", "typing_extensions==4.16", id="underscore"),
+        pytest.param("      - uvicorn[standard]==0.54.0", "uvicorn==0.54.0", id="extra"),
+        pytest.param("      - azure-core[aio,tracing]==1.41.0", "azure-core==1.41.0", id="extras"),
+        pytest.param("      - certifi==2026.10.19.post1", "certifi==2026.10.19.post1", id="post"),
+        pytest.param("      - azure-core-tracing-opentelemetry==1.0.0b13",
+                     "azure-core-tracing-opentelemetry==1.0.0b13", id="pre"),
+        pytest.param("  - python=3.11.7", None, id="conda-not-pip"),
+        pytest.param("      # - numpy==2.4.6", None, id="comment"),
+    ],
+)  # fmt: skip
+def test_the_makefile_takes_any_pin_line(line: str, constraint: str | None, tmp_path: Path) -> None:
+    (tmp_path / "environment.yml").write_text(line + "\n")
+    assert _makefile_constraints(tmp_path / "environment.yml") == (
+        [constraint] if constraint else []
+    )
+
+
 #: The package's image: the interpreter's full version and the Debian release, as Docker Hub
 #: tags them (`python:3.11.7-slim-bookworm`); `python:3.11-slim` takes every patch release and a
 #: new Debian as they are pushed.
