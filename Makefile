@@ -5,8 +5,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test check bench format lint types imports prometheus wrk clean
 
-# The dependencies at environment.yml's pins (the Azure ML steps' environment), as constraints:
-# `run-local` and the pipeline in Azure ML run the same versions (pip refuses extras there).
+# The dependencies at environment.yml's pins (the Azure ML steps' environment, transitive ones
+# included), as constraints: `run-local` and the pipeline in Azure ML run the same versions (pip
+# refuses extras there). The dev tools float; what they share with the steps is pinned.
 $(STAMP): pyproject.toml environment.yml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing aml-rollout and its dependencies into $(VENV) (first run takes a few minutes)"

@@ -1,28 +1,33 @@
 """The Azure ML steps' environment is pinned, and pinned to what this checkout runs locally.
 
-environment.yml (the steps' conda env) lists pyproject's dependencies, each `==` the version
-installed here, and every component.yml names its base image by a dated tag: a pipeline re-run
-months later builds the same environment, and `run-local` runs the code Azure ML runs. The
-package step's Dockerfile runs the same Python, by its full version and Debian release.
+environment.yml (the steps' conda env) lists pyproject's dependencies and everything they pull
+in on the image (Linux x86_64, CPython 3.11: scripts/lock_environment.py writes that part), each
+`==` the version installed here, and every component.yml names its base image by a dated tag: a
+pipeline re-run months later builds the same environment, and `run-local` runs the code Azure ML
+runs. The package step's Dockerfile runs the same Python, by its full version and Debian release.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from aml_pipelines.pipeline import STEPS, component_path
 
 REPO = Path(__file__).resolve().parents[2]
+LOCK_SCRIPT = REPO / "scripts" / "lock_environment.py"
 # An Azure ML base image by its dated tag (`:20250601.v1`) or by digest; `:latest`, or no tag,
 # is whatever Microsoft pushed last.
 PINNED_IMAGE = re.compile(
@@ -47,16 +52,149 @@ def test_environment_yml_lists_pyprojects_dependencies() -> None:
         for r in map(Requirement, tomllib.loads((REPO / "pyproject.toml").read_text())[
             "project"]["dependencies"])
     }  # fmt: skip
-    pinned = {_key(r): r for r in map(Requirement, _environment()[1])}
-    assert sorted(pinned) == sorted(declared), (
-        "environment.yml (the Azure ML steps' environment) must list the same dependencies as "
-        f"pyproject.toml: add {sorted(set(declared) - set(pinned))}, remove "
-        f"{sorted(set(pinned) - set(declared))} under `pip:` in environment.yml"
+    pip = _environment()[1]
+    pinned = {_key(r): r for r in map(Requirement, pip)}
+    assert set(declared) <= set(pinned), (
+        "environment.yml (the Azure ML steps' environment) must list pyproject.toml's "
+        f"dependencies: add {sorted(set(declared) - set(pinned))} to the top of its `pip:` list"
+    )  # (what else it pins, the closure, is test_the_pins_are_the_closure_...'s)
+    names = [canonicalize_name(Requirement(line).name) for line in pip]
+    assert len(set(names)) == len(names), (
+        f"pinned twice: {sorted(n for n in set(names) if names.count(n) > 1)}"
     )
-    for key, requirement in pinned.items():
-        version = _exact_pin(requirement)  # (an unpinned one is the next test's)
-        assert version is None or declared[key].specifier.contains(version, prereleases=True), (
-            f"environment.yml pins {requirement}, outside pyproject's {declared[key]}"
+    for key, requirement in declared.items():
+        version = _exact_pin(pinned[key])  # (an unpinned one is the next test's)
+        assert version is None or requirement.specifier.contains(version, prereleases=True), (
+            f"environment.yml pins {pinned[key]}, outside pyproject's {requirement}"
+        )
+
+
+def _image_markers() -> dict[str, str]:
+    """PEP 508 marker values on the steps' image: Linux x86_64, CPython at environment.yml's
+    `python=` pin. A dependency only Windows, macOS or another Python needs is not pinned."""
+    (python,) = [d.partition("=")[2] for d in _environment()[0] if d.startswith("python=")]
+    return {
+        "implementation_name": "cpython",
+        "implementation_version": python,
+        "os_name": "posix",
+        "platform_machine": "x86_64",
+        "platform_python_implementation": "CPython",
+        "platform_release": "",
+        "platform_system": "Linux",
+        "platform_version": "",
+        "python_full_version": python,
+        "python_version": python.rpartition(".")[0],
+        "sys_platform": "linux",
+    }
+
+
+def test_the_pins_are_the_closure_of_pyprojects_dependencies() -> None:
+    """Every package a pinned one requires on the image is pinned, at a version it accepts, and
+    nothing else is: a transitive dependency left floating is whatever PyPI serves on the day
+    (azure-core, starlette, pydantic-core...). Requires-Dist read offline from this venv, whose
+    versions are the pinned ones (the next test); an extra asked for (uvicorn[standard], or by a
+    dependency) adds what the package guards with `extra == ...`."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned = {canonicalize_name(r.name): r for r in map(Requirement, _environment()[1])}
+    markers = _image_markers()
+    needed: dict[str, str] = {}  # each package the image needs: who asked first
+    missing: dict[str, str] = {}
+    outside, seen = [], set()
+    queue = [(Requirement(line), "pyproject.toml") for line in pyproject]
+    while queue:
+        requirement, wanted_by = queue.pop()
+        name = canonicalize_name(requirement.name)
+        needed.setdefault(name, wanted_by)
+        if name not in pinned:
+            missing.setdefault(name, f"{requirement} (needed by {wanted_by})")
+            continue
+        version = _exact_pin(pinned[name])
+        if version is not None and not requirement.specifier.contains(version, prereleases=True):
+            outside.append(f"{wanted_by} needs {requirement}, pinned {pinned[name]}")
+        for extra in ("", *sorted(requirement.extras)):
+            if (name, extra) not in seen:
+                seen.add((name, extra))
+                for line in metadata.requires(name) or []:
+                    dependency = Requirement(line)
+                    if dependency.marker is None or dependency.marker.evaluate(
+                        {**markers, "extra": extra}
+                    ):
+                        queue.append((dependency, f"{name}[{extra}]" if extra else name))
+    fix = "run `.venv/bin/python scripts/lock_environment.py`"
+    assert not missing, f"environment.yml leaves these floating: {sorted(missing.values())}; {fix}"
+    assert not outside, f"environment.yml pins versions a pinned package refuses: {outside}"
+    unneeded = sorted(set(pinned) - set(needed))
+    assert not unneeded, f"environment.yml pins what no step needs on the image: {unneeded}; {fix}"
+
+
+def _lock_script() -> ModuleType:
+    """scripts/lock_environment.py, imported (scripts/ is no package)."""
+    spec = importlib.util.spec_from_file_location("lock_environment", LOCK_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_transitive_block_is_what_the_lock_script_writes(capsys) -> None:
+    assert _lock_script().main([str(REPO / "environment.yml"), "--check"]) == 0, (
+        capsys.readouterr().err
+    )
+
+
+HAND_COMMENT = "      # a hand-written note among the top pins\n"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda t: re.sub(r"(?m)^ *- starlette==.*\n", "", t), id="pin-removed"),
+        pytest.param(lambda t: t + "      - pluggy==1.7.0\n", id="stale-pin-added"),
+        pytest.param(lambda t: re.sub(r"==\S+\n$", "==0.0.1\n", t), id="version-edited"),
+        pytest.param(lambda t: t.partition("      # The transitive")[0], id="no-block-yet"),
+    ],
+)
+def test_the_lock_script_rewrites_only_its_block(damage, tmp_path: Path) -> None:
+    """The top pins and every comment outside the block stay as written; the block comes back as
+    this venv's closure whatever was done to it."""
+    current = (REPO / "environment.yml").read_text()
+    top_end = current.index("      # The transitive")
+    expected = current[:top_end] + HAND_COMMENT + current[top_end:]
+    damaged = tmp_path / "environment.yml"
+    damaged.write_text(damage(expected))
+    assert damaged.read_text() != expected
+    lock = _lock_script()
+    assert lock.main([str(damaged), "--check"]) == 1
+    assert damaged.read_text() == damage(expected), "--check changed the file"
+    assert lock.main([str(damaged)]) == 0
+    assert damaged.read_text() == expected
+
+
+def test_the_lock_script_clears_its_block_for_make_to_resolve_a_changed_top_pin(
+    tmp_path: Path,
+) -> None:
+    """`--clear` leaves the top pins as constraints alone (pydantic pins its pydantic-core
+    exactly: `make` could not install another pydantic under the block's pin); the next run
+    writes the block back."""
+    current = (REPO / "environment.yml").read_text()
+    path = tmp_path / "environment.yml"
+    path.write_text(current)
+    lock = _lock_script()
+    assert lock.main([str(path), "--clear"]) == 0
+    cleared = path.read_text()
+    block = current.index("      # The transitive")
+    assert cleared.startswith(current[:block])
+    assert [line for line in cleared[block:].splitlines() if line.lstrip().startswith("- ")] == []
+    assert "pydantic-core" not in "".join(_makefile_constraints(path))
+    assert lock.main([str(path)]) == 0
+    assert path.read_text() == current
+
+
+def test_the_lock_script_refuses_a_top_pin_the_venv_does_not_run() -> None:
+    lock = _lock_script()
+    with pytest.raises(lock.LockError, match=r"needs numpy==1\.26\.0, installed here: .*`make`"):
+        lock.rewrite(
+            (REPO / "environment.yml").read_text().replace("numpy==2.4.6", "numpy==1.26.0")
         )
 
 
@@ -118,21 +256,48 @@ def test_every_component_runs_on_the_same_image() -> None:
     assert len(images) == 1, f"one environment for every step, not {sorted(images)}"
 
 
-def test_the_makefile_installs_the_venv_at_these_pins(tmp_path: Path) -> None:
-    """`make` writes environment.yml's pins to a pip constraints file (extras dropped: pip
-    refuses them there); run here as make runs it (`$$` is make's `$`)."""
+def _makefile_constraints(environment_yml: Path) -> list[str]:
+    """The constraints `make` writes from `environment_yml`: its sed, run as make runs it (`$$`
+    is make's `$`)."""
     makefile = (REPO / "Makefile").read_text()
     script = re.search(r"sed -n '([^']+)' environment\.yml", makefile)
     assert script is not None, "the Makefile no longer writes the constraints with sed"
     assert "-c $(VENV)/constraints.txt" in makefile
-    written = subprocess.run(
-        ["sed", "-n", script.group(1).replace("$$", "$"), str(REPO / "environment.yml")],
+    return subprocess.run(
+        ["sed", "-n", script.group(1).replace("$$", "$"), str(environment_yml)],
         capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
+
+
+def test_the_makefile_installs_the_venv_at_these_pins() -> None:
+    """`make` writes every one of environment.yml's pins, the closure too, to a pip constraints
+    file (extras dropped: pip refuses them there): the venv runs what the steps run."""
     expected = [
         f"{Requirement(line).name}{Requirement(line).specifier}" for line in _environment()[1]
     ]
-    assert written == expected
+    assert _makefile_constraints(REPO / "environment.yml") == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "constraint"),
+    [
+        pytest.param("      - starlette==1.10.0", "starlette==1.10.0", id="plain"),
+        pytest.param("      - zope.interface==7.2", "zope.interface==7.2", id="dotted"),
+        pytest.param("      - typing_extensions==4.16", "typing_extensions==4.16", id="underscore"),
+        pytest.param("      - uvicorn[standard]==0.54.0", "uvicorn==0.54.0", id="extra"),
+        pytest.param("      - azure-core[aio,tracing]==1.41.0", "azure-core==1.41.0", id="extras"),
+        pytest.param("      - certifi==2026.10.19.post1", "certifi==2026.10.19.post1", id="post"),
+        pytest.param("      - azure-core-tracing-opentelemetry==1.0.0b13",
+                     "azure-core-tracing-opentelemetry==1.0.0b13", id="pre"),
+        pytest.param("  - python=3.11.7", None, id="conda-not-pip"),
+        pytest.param("      # - numpy==2.4.6", None, id="comment"),
+    ],
+)  # fmt: skip
+def test_the_makefile_takes_any_pin_line(line: str, constraint: str | None, tmp_path: Path) -> None:
+    (tmp_path / "environment.yml").write_text(line + "\n")
+    assert _makefile_constraints(tmp_path / "environment.yml") == (
+        [constraint] if constraint else []
+    )
 
 
 #: The package's image: the interpreter's full version and the Debian release, as Docker Hub

@@ -1,0 +1,174 @@
+"""Rewrite environment.yml's transitive block: everything its top pins pull in, as installed here.
+
+environment.yml's `pip:` list has two parts. The top one is written by hand: pyproject's runtime
+dependencies, each `==` the version the venv runs. Below the comment that starts with HEADER, this
+script writes every package those pull in on the Azure ML image (Linux x86_64, CPython at the
+file's `python=` pin; markers for other platforms and pythons evaluate false, requested extras
+such as uvicorn[standard] count), each `==` the version installed in the interpreter running it.
+Nothing a step imports floats, and `make` installs the venv with the same pins as constraints.
+
+An upgrade: change a top pin, `make` (re-installs the venv at it), then, with the venv's python,
+
+    .venv/bin/python scripts/lock_environment.py           # rewrite the block in place
+    .venv/bin/python scripts/lock_environment.py --check   # exit 1 if the file is not current
+
+If `make` refuses the new pin because it needs another version of a package the block pins
+(pydantic pins its pydantic-core exactly, so every pydantic upgrade does), `--clear` the block
+first: `make` then installs what the new pin needs and keeps the rest as installed.
+
+Only the lines from HEADER to the end of the `pip:` list are rewritten; the top pins and every
+other line stay as written. tests/pipelines/test_environment.py checks the result offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import deque
+from importlib import metadata
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import NormalizedName, canonicalize_name
+
+ENVIRONMENT_YML = Path(__file__).resolve().parents[1] / "environment.yml"
+HEADER = "# The transitive closure of the pins above"
+_PIP = re.compile(r"^(?P<indent> *)- pip:\s*$")
+_PYTHON = re.compile(r"^ *- python=(?P<version>\d+\.\d+\.\d+)\s*$")
+
+
+class LockError(Exception):
+    """The venv cannot give the block: a needed package missing, or installed at a version the
+    package needing it refuses (a top pin changed but not yet installed, say)."""
+
+
+def target_environment(python: str) -> dict[str, str]:
+    """PEP 508 marker values on the Azure ML image: Linux x86_64, CPython `python` (X.Y.Z)."""
+    return {
+        "implementation_name": "cpython",
+        "implementation_version": python,
+        "os_name": "posix",
+        "platform_machine": "x86_64",
+        "platform_python_implementation": "CPython",
+        "platform_release": "",
+        "platform_system": "Linux",
+        "platform_version": "",
+        "python_full_version": python,
+        "python_version": ".".join(python.split(".")[:2]),
+        "sys_platform": "linux",
+    }
+
+
+def closure(top: list[Requirement], environment: dict[str, str]) -> dict[NormalizedName, str]:
+    """Every distribution `top` needs in `environment` (top included), by name: its version here.
+
+    Walks the installed metadata's Requires-Dist, a (name, extra) pair at a time: `foo[bar]`
+    also takes the requirements foo guards with `extra == "bar"`.
+    """
+    versions: dict[NormalizedName, str] = {}
+    seen: set[tuple[NormalizedName, str]] = set()
+    queue = deque((r, "environment.yml") for r in top)
+    while queue:
+        requirement, wanted_by = queue.popleft()
+        name = canonicalize_name(requirement.name)
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            raise LockError(
+                f"{wanted_by} needs {requirement} on the image, but it is not installed here: "
+                "`make` first (on Linux, with the image's python)"
+            ) from None
+        if not requirement.specifier.contains(dist.version, prereleases=True):
+            raise LockError(
+                f"{wanted_by} needs {requirement}, installed here: {dist.version} "
+                "(`make` re-installs the venv at environment.yml's pins, after `--clear` if pip "
+                "finds they conflict; then run this again)"
+            )
+        versions[name] = dist.version
+        for extra in ("", *sorted(requirement.extras)):
+            if (name, extra) in seen:
+                continue
+            seen.add((name, extra))
+            for line in dist.requires or []:
+                needed = Requirement(line)
+                if needed.marker is None or needed.marker.evaluate({**environment, "extra": extra}):
+                    queue.append((needed, f"{name}{f'[{extra}]' if extra else ''}"))
+    return versions
+
+
+def rewrite(text: str, *, clear: bool = False) -> str:
+    """`text` (environment.yml) with the transitive block (re)written for this interpreter, or
+    (`clear`) with its comment only."""
+    lines = text.splitlines(keepends=True)
+    pip = next(((i, m) for i, m in enumerate(map(_PIP.match, lines)) if m), None)
+    python = next((m["version"] for m in map(_PYTHON.match, lines) if m), None)
+    if pip is None or python is None:
+        raise LockError("environment.yml has no `- python=X.Y.Z` or no `- pip:` list")
+    start, indent = pip[0], len(pip[1]["indent"])
+    end = start + 1  # the list runs to the first line indented no deeper than `- pip:`
+    while end < len(lines) and (not lines[end].strip() or _indent(lines[end]) > indent):
+        end += 1
+    while end > start + 1 and not lines[end - 1].strip():
+        end -= 1  # trailing blank lines are the file's, not the list's
+    items = lines[start + 1 : end]
+    block = next((i for i, line in enumerate(items) if line.strip().startswith(HEADER)), None)
+    top_lines = items if block is None else items[:block]
+    item_indent = " " * min(_indent(line) for line in top_lines if line.strip().startswith("- "))
+    top = [Requirement(line.strip()[2:]) for line in top_lines if line.strip().startswith("- ")]
+    if not top_lines[-1].endswith("\n"):
+        top_lines[-1] += "\n"  # the file ended on the last top pin
+    pins = {canonicalize_name(r.name) for r in top}
+    versions = {} if clear else closure(top, target_environment(python))
+    comment = [
+        f"{HEADER} on the image (Linux x86_64, CPython {python}), each",
+        "# == the version the venv runs. Generated, do not edit: change a pin above, `make`, then",
+        "# `.venv/bin/python scripts/lock_environment.py` (`--clear` first if `make` conflicts).",
+    ]
+    generated = [f"{item_indent}{line}\n" for line in comment] + [
+        f"{item_indent}- {name}=={versions[name]}\n"
+        for name in sorted(versions)
+        if name not in pins
+    ]
+    return "".join(lines[: start + 1] + top_lines + generated + lines[end:])
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", nargs="?", type=Path, default=ENVIRONMENT_YML)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--check", action="store_true", help="change nothing; exit 1 if the file is not current"
+    )
+    mode.add_argument(
+        "--clear",
+        action="store_true",
+        help="empty the block, so that `make` can install a changed top pin's own dependencies",
+    )
+    args = parser.parse_args(argv)
+    text = args.path.read_text()
+    try:
+        locked = rewrite(text, clear=args.clear)
+    except LockError as exc:
+        print(f"error: {args.path}: {exc}", file=sys.stderr)
+        return 2
+    if locked == text:
+        return 0
+    if args.check:
+        print(
+            f"{args.path}: the transitive block is not this venv's closure of the pins above; "
+            f"run {sys.executable} scripts/{Path(__file__).name}",
+            file=sys.stderr,
+        )
+        return 1
+    args.path.write_text(locked)
+    print(f"{args.path}: transitive block {'emptied' if args.clear else 'rewritten'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
