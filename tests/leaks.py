@@ -1,0 +1,108 @@
+"""Processes a test session leaves running: found by a tag in their environment, reported, killed.
+
+An `aml-rollout serve` with a pytest temporary model folder was once found hours after the
+tests, orphaned (PPID 1), and which test had started it was never found. So the session tags
+itself: the controller (the only pytest process without xdist, or xdist's controller) puts
+`TAG=<unique value>` in its environment at configure, before xdist starts its workers, whose
+environment is a copy of the controller's (execnet's `Popen` passes none of its own); every
+process a test starts inherits it, however deep, unless it is given an environment made from
+scratch. At the end of the session, once xdist's workers are gone, every process of our uid
+whose `/proc/<pid>/environ` holds the tag is a leak: it is reported with its command line and
+the test that was running when it started (pytest's own `PYTEST_CURRENT_TEST`, which children
+inherit too), killed by PID, and the session fails.
+
+The pytest processes themselves carry the tag only when they were started by a session that
+set it: the controller sets it after its exec (its `/proc/<pid>/environ` is what it was started
+with), and a worker, whose environ holds it, is excluded by PID (each reports its own).
+
+A pytest killed hard runs no end of session: what it left carries a tag no session looks for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+import uuid
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rollout.local.process import pid_alive, pid_start_time
+
+#: The environment variable holding the session's tag.
+TAG = "AML_ROLLOUT_TEST_SESSION"
+
+
+@dataclass(frozen=True)
+class Leak:
+    """A process that carries the session's tag."""
+
+    pid: int
+    start_time: str | None
+    command: str
+    test: str  # PYTEST_CURRENT_TEST when it started ("" outside a test)
+
+    def __str__(self) -> str:
+        started = f" (started during {self.test})" if self.test else ""
+        return f"pid {self.pid}: {self.command}{started}"
+
+
+def new_tag() -> str:
+    """A value no other session (of this or another worktree, now or later) uses."""
+    return f"{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def tagged_processes(tag: str, *, exclude: Collection[int] = ()) -> list[Leak]:
+    """Live processes of our uid whose environment holds `TAG=tag` (unreadable ones skipped)."""
+    wanted = f"{TAG}={tag}".encode()
+    uid = os.getuid()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in exclude:
+            continue
+        pid = int(entry.name)
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if wanted not in environ:
+                continue
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:  # gone since the listing, or not ours to read
+            continue
+        test = next((v for v in environ if v.startswith(b"PYTEST_CURRENT_TEST=")), b"")
+        found.append(
+            Leak(
+                pid=pid,
+                start_time=pid_start_time(pid),
+                command=command.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace"),
+                test=test.partition(b"=")[2].decode(errors="replace"),
+            )
+        )
+    return [leak for leak in found if pid_alive(leak.pid)]  # zombies hold nothing
+
+
+def kill(leaks: Iterable[Leak], *, grace_s: float = 2.0) -> None:
+    """SIGTERM each process by PID, SIGKILL what still runs after `grace_s`.
+
+    A PID is signalled only while its kernel start time is the one seen when it was found, so
+    a PID recycled in between is never hit.
+    """
+    leaks = list(leaks)
+
+    def signal_all(signum: int) -> None:
+        for leak in leaks:
+            if pid_start_time(leak.pid) == leak.start_time:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(leak.pid, signum)
+
+    def wait(deadline: float) -> None:
+        while any(pid_alive(leak.pid) for leak in leaks) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    signal_all(signal.SIGTERM)
+    wait(time.monotonic() + grace_s)
+    signal_all(signal.SIGKILL)
+    wait(time.monotonic() + grace_s)
