@@ -76,21 +76,35 @@ def pytest_sessionfinish(session: pytest.Session) -> Generator[None]:
             break
         leaks.kill(more)
         found += more
-    if not found:
-        return result
-    lines = [
-        f"the tests left {len(found)} process(es) running (now killed); a test must stop and "
-        "wait for what it starts:",
-        *(f"  {leak}" for leak in found),
-    ]
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("")  # after the progress line, which ends in no newline
-        reporter.section("leaked processes", red=True)
-        for line in lines:
-            reporter.write_line(line, red=True)
-    else:
-        print("\n".join(lines), file=sys.stderr)
-    if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if found:
+        _report(
+            session,
+            "leaked processes",
+            f"the tests left {len(found)} process(es) running (now killed); a test must stop "
+            "and wait for what it starts:",
+            found,
+        )
+        if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    orphans = leaks.left_by_dead_sessions()
+    if orphans:
+        _report(
+            session,
+            "processes left by a killed test session",
+            f"{len(orphans)} process(es) started by a test session that was killed still run "
+            "(not this session's: left alone, kill them by PID):",
+            orphans,
+        )
     return result
+
+
+def _report(session: pytest.Session, title: str, first: str, found: list[leaks.Leak]) -> None:
+    lines = [first, *(f"  {leak}" for leak in found)]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        print("\n".join(lines), file=sys.stderr)
+        return
+    reporter.write_line("")  # after the progress line, which ends in no newline
+    reporter.section(title, red=True)
+    for line in lines:
+        reporter.write_line(line, red=True)

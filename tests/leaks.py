@@ -15,7 +15,10 @@ The pytest processes themselves carry the tag only when they were started by a s
 set it: the controller sets it after its exec (its `/proc/<pid>/environ` is what it was started
 with), and a worker, whose environ holds it, is excluded by PID (each reports its own).
 
-A pytest killed hard runs no end of session: what it left carries a tag no session looks for.
+A pytest killed hard (SIGKILL, a CI job's timeout) runs no end of session. Its tag names its
+controller (PID and kernel start time), so any later session reports what it left: processes
+whose tag names a controller that is gone (`left_by_dead_sessions`), with their test. They are
+only reported, not killed, nor do they fail the session: it did not start them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,13 +53,31 @@ class Leak:
 
 
 def new_tag() -> str:
-    """A value no other session (of this or another worktree, now or later) uses."""
-    return f"{os.getpid()}-{uuid.uuid4().hex}"
+    """A value no other session uses, naming this process as its controller."""
+    return f"{os.getpid()}:{pid_start_time(os.getpid())}:{uuid.uuid4().hex}"
+
+
+def session_alive(tag: str) -> bool:
+    """Whether the controller a tag names still runs (a tag of another shape: assumed so)."""
+    pid, _, rest = tag.partition(":")
+    start_time = rest.partition(":")[0]
+    if not pid.isdigit() or not start_time:
+        return True
+    return pid_start_time(int(pid)) == start_time
 
 
 def tagged_processes(tag: str, *, exclude: Collection[int] = ()) -> list[Leak]:
     """Live processes of our uid whose environment holds `TAG=tag` (unreadable ones skipped)."""
-    wanted = f"{TAG}={tag}".encode()
+    return _scan(lambda found: found == tag, exclude)
+
+
+def left_by_dead_sessions() -> list[Leak]:
+    """Live processes of our uid tagged by a session whose controller is gone (killed)."""
+    return _scan(lambda found: not session_alive(found), ())
+
+
+def _scan(matches: Callable[[str], bool], exclude: Collection[int]) -> list[Leak]:
+    prefix = f"{TAG}=".encode()
     uid = os.getuid()
     found = []
     for entry in os.scandir("/proc"):
@@ -67,7 +88,8 @@ def tagged_processes(tag: str, *, exclude: Collection[int] = ()) -> list[Leak]:
             if entry.stat().st_uid != uid:
                 continue
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            if wanted not in environ:
+            tag = next((v for v in environ if v.startswith(prefix)), None)
+            if tag is None or not matches(tag.removeprefix(prefix).decode(errors="replace")):
                 continue
             command = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:  # gone since the listing, or not ours to read

@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 
+import pytest
+
 from rollout.local.process import pid_alive
 from tests import leaks
 
@@ -29,3 +31,26 @@ def test_a_tagged_process_is_found_with_its_test_and_killed() -> None:
         finally:
             tagged.kill()
             untagged.kill()
+
+
+@pytest.mark.parametrize(
+    ("tag", "alive"),
+    [
+        pytest.param(leaks.new_tag(), True, id="this-session"),
+        pytest.param(f"{os.getpid()}:0:x", False, id="its-pid-now-another-process"),
+        pytest.param("999999999:1:x", False, id="its-controller-gone"),
+        pytest.param("not-ours", True, id="another-shape-assumed-alive"),
+    ],
+)
+def test_a_session_is_alive_while_its_controller_runs(tag: str, alive: bool) -> None:
+    assert leaks.session_alive(tag) is alive
+
+
+def test_what_a_killed_session_left_is_found_with_its_test() -> None:
+    env = {**os.environ, leaks.TAG: f"{os.getpid()}:0:killed"}  # a controller no longer there
+    with subprocess.Popen(["sleep", "60"], env=env, start_new_session=True) as orphan:
+        try:
+            found = [leak for leak in leaks.left_by_dead_sessions() if leak.pid == orphan.pid]
+            assert [leak.test for leak in found] == [os.environ["PYTEST_CURRENT_TEST"]]
+        finally:
+            orphan.kill()
