@@ -11,9 +11,9 @@ whose `/proc/<pid>/environ` holds the tag is a leak: it is reported with its com
 the test that was running when it started (pytest's own `PYTEST_CURRENT_TEST`, which children
 inherit too), killed by PID, and the session fails.
 
-The pytest processes themselves carry the tag only when they were started by a session that
-set it: the controller sets it after its exec (its `/proc/<pid>/environ` is what it was started
-with), and a worker, whose environ holds it, is excluded by PID (each reports its own).
+The pytest processes are not counted: the controller sets the tag after its exec, and its
+`/proc/<pid>/environ` is the environment it was started with; a worker's holds the tag, and is
+excluded by PID (each reports its own through xdist's `workeroutput`).
 
 A pytest killed hard (SIGKILL, a CI job's timeout) runs no end of session. Its tag names its
 controller (PID and kernel start time), so any later session reports what it left: processes
