@@ -218,8 +218,13 @@ def _watch(console: Console, stack: Any, said: set[str]) -> None:
     Without Envoy nothing is served and no weight can be set: the stack is stopped, with an
     error naming it and its log (the folder kept for that log). Without Prometheus Envoy still
     serves; a rollout then reads no metrics (Error ticks, weights held): said once, `up` goes on.
+
+    Scoring servers that ended are reaped first: a controller in another process that rolls back
+    or promotes past one stops it by PID, and it stayed a zombie under `up` until `up` exited.
     """
     from rollout.errors import LocalStackError
+
+    stack.workloads.reap()
 
     ended = stack.envoy.ended()
     if ended is not None:

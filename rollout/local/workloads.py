@@ -61,7 +61,7 @@ READY_TIMEOUT_S = 60.0
 WARM_UP_REQUESTS = 20
 #: Servers started by this Python process, by PID: kept so they are reaped (not left zombies, and
 #: without Popen's "still running" warning) whichever ScoringProcesses instance stops them, or,
-#: when a controller in another process stopped them, by `_reap_exited`.
+#: when a controller in another process stopped them, by `reap()` (`_reap_exited`).
 _OWN: dict[int, Child] = {}
 _SERVE = "import sys; from rollout.cli import main; sys.argv[0] = 'aml-rollout'; main()"
 
@@ -189,6 +189,16 @@ class ScoringProcesses:
                 self._record_path(str(record["ref"])).unlink()
         self._write_targets()
         return stopped
+
+    def reap(self) -> None:
+        """Collect the exit status of servers this process started that have ended since.
+
+        One that a controller in another process stopped stays a zombie here (only its parent
+        can reap it) until this runs; `records()` runs it too. A long-lived owner (`up`) calls it
+        in its loop. It polls our own Popen objects, never `waitpid(-1)`: that would take the
+        exit status of children other code waits for.
+        """
+        _reap_exited()
 
     def records(self) -> list[dict[str, Any]]:
         """Every recorded server, running or not."""

@@ -19,8 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rollout.local.process import pid_alive, port_is_free
+from rollout.local.process import kill_group, pid_alive, port_is_free
 from tests.cli import CLI, run_cli
+from tests.local.conftest import MakeRelease
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +36,20 @@ def scoring_pids(workdir: Path) -> list[int]:
     ]
 
 
-def start_up(workdir: Path | None) -> tuple[subprocess.Popen[str], str]:
+def process_state(pid: int) -> str | None:
+    """The State line of /proc/<pid>/status ("Z (zombie)", "S (sleeping)"); None once reaped."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in status.splitlines()
+                 if line.startswith("State:")), None)  # fmt: skip
+
+
+def start_up(workdir: Path | None, *options: str) -> tuple[subprocess.Popen[str], str]:
     """Start `aml-rollout up` and read its output until it has printed the URLs (90 s at most)."""
     process = subprocess.Popen(
-        [*CLI, "up", *(["--workdir", str(workdir)] if workdir else [])],
+        [*CLI, "up", *(["--workdir", str(workdir)] if workdir else []), *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -82,6 +93,33 @@ def test_up_serves_until_sigterm_then_stops_clean(tmp_path: Path) -> None:
     assert "stack stopped" in rest
     assert not any(pid_alive(p) for p in pids)
     assert all(port_is_free(p) for p in ports_in(output))
+
+
+def test_up_reaps_a_server_another_process_stopped(
+    tmp_path: Path, make_release: MakeRelease
+) -> None:
+    # Was: a controller in another process rolled back past blue (stopped it by PID), and blue
+    # stayed a zombie (<defunct>) under `up` until `up` exited: only its parent can reap it.
+    green, blue = make_release("1"), make_release("2")
+    assert green.model_dir and blue.model_dir
+    options = ("--model-dir", green.model_dir, "--candidate-dir", blue.model_dir)
+    process, output = start_up(tmp_path / "stack", *options)
+    try:
+        records = [
+            json.loads(p.read_text()) for p in (tmp_path / "stack/workloads").glob("*.proc.json")
+        ]
+        blue_pid = next((int(r["pid"]) for r in records if r["colour"] == "blue"), None)
+        assert blue_pid is not None, output
+        kill_group(blue_pid)  # as another process's controller stops it
+        deadline = time.monotonic() + 5
+        while process_state(blue_pid) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process_state(blue_pid) is None, f"blue is {process_state(blue_pid)} under `up`"
+        assert process.poll() is None, output
+    finally:
+        process.send_signal(signal.SIGTERM)
+        rest, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output + rest
 
 
 def test_up_in_a_temporary_folder_keeps_it_when_a_rollout_left_its_ledger() -> None:

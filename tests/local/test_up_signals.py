@@ -45,7 +45,7 @@ class StandInStack:
         self.url = "http://127.0.0.1:1"
         self.envoy = SimpleNamespace(admin_url="http://127.0.0.1:2", ended=self.envoy_ended)
         self.prometheus = SimpleNamespace(url="http://127.0.0.1:3", ended=self.prometheus_ended)
-        self.workloads = SimpleNamespace(endpoint_of=lambda colour: None)
+        self.workloads = SimpleNamespace(endpoint_of=lambda colour: None, reap=lambda: None)
         self.router = SimpleNamespace(deploy=self.deploy, set_weights=self.set_weights)
         StandInStack.last = self
 
