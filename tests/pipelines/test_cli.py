@@ -393,8 +393,12 @@ def test_registry_list_show_tag(tmp_path: Path) -> None:
     # a value in brackets is printed as written, not taken for rich markup
     noted = invoke("registry", "tag", "m", "1", "note=[red]retrained", "--registry", spec)
     assert noted.exit_code == 0 and '"note": "[red]retrained"' in noted.output
+    # an unknown model is an error, as `registry show` of it is (it said "no registered models
+    # named 'other'" and exited 0, so a script could not tell a typo from an empty listing)
     other = invoke("registry", "list", "other", "--registry", spec)
-    assert other.exit_code == 0 and "no registered models named 'other'" in other.output
+    assert other.exit_code == 2, other.output
+    assert f"model 'other' not found in {spec} (models: m)" in " ".join(other.output.split())
+    assert invoke("registry", "show", "other", "1", "--registry", spec).exit_code == 2
     typo = invoke("registry", "list", "--registry", f"local:{tmp_path / 'none'}")
     assert typo.exit_code == 2 and "does not exist" in typo.output
 
