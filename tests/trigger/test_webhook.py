@@ -21,7 +21,7 @@ import pytest
 
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger import store as store_module
-from aml_pipelines.trigger.dispatch import DeliveryWorker, Dispatcher
+from aml_pipelines.trigger.dispatch import WITHDRAWN, DeliveryWorker, Dispatcher
 from aml_pipelines.trigger.store import Step, TriggerStore
 from aml_pipelines.trigger.webhook import Filter, WebhookApp, make_server
 from tests.trigger.fakes import ResumableDelivery, journal, register
@@ -170,6 +170,7 @@ def test_dedupe_by_event_id_and_by_version_survives_a_restart(
             "filtered": [],
             "ignored_other_types": 0,
             "rejected": [],
+            "skipped": [],
         }
         new = hook.post([eg_event("e2", version="2")])
         assert new.json()["accepted"] == [{"model": "diabetes", "version": 2}]
@@ -218,10 +219,10 @@ def test_an_event_recorded_before_another_of_its_batch_failed_is_delivered(
     register(registry, tmp_path, stage="candidate")
     accept_many = Dispatcher.accept_many
 
-    def disk_full_for_other(self: Dispatcher, model: str, *args: Any) -> list[int]:
+    def disk_full_for_other(self: Dispatcher, model: str, *args: Any, **kw: Any) -> list[int]:
         if model == "other":
             raise OSError(28, "No space left on device")
-        return accept_many(self, model, *args)
+        return accept_many(self, model, *args, **kw)
 
     monkeypatch.setattr(Dispatcher, "accept_many", disk_full_for_other)
     with running(tmp_path, registry) as hook:
@@ -308,6 +309,29 @@ def test_events_are_filtered_by_model_and_tags(tmp_path: Path, registry: LocalRe
             "tag stage=candidate not set",
         ]
     assert hook.starts() == []
+
+
+def test_an_event_for_a_version_withdrawn_in_the_registry_is_answered_skipped(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    # An event arriving late (Event Grid retries for a day) for a version a person archived in
+    # the studio meanwhile: the answer said `accepted`, and the version was rolled out.
+    register(registry, tmp_path, stage="candidate")
+    register(registry, tmp_path, stage="candidate")
+    registry.withdraw("diabetes", 1)
+    with running(tmp_path, registry) as hook:
+        response = hook.post([eg_event("e1", version="1"), eg_event("e2", version="2")])
+        assert response.status_code == 200
+        assert response.json()["accepted"] == [{"model": "diabetes", "version": 2}]
+        assert response.json()["skipped"] == [
+            {"model": "diabetes", "version": 1, "reason": WITHDRAWN}
+        ]
+        _until(lambda: hook.done() == [1, 2], "v2")
+        again = hook.post([eg_event("e9", version="1")])  # another event for it: a duplicate
+        assert (again.json()["skipped"], again.json()["duplicates"]) == ([], 1)
+    assert hook.starts() == [2]
+    entry = TriggerStore(tmp_path / "trigger").load("diabetes").entries[1]
+    assert (entry.step, entry.outcome, entry.reason) == (Step.DONE, "skipped", WITHDRAWN)
 
 
 OTHER_WORKSPACE = TOPIC.replace("/workspaces/ws", "/workspaces/ws-dev")
