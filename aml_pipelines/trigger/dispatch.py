@@ -45,7 +45,9 @@ about once packaged, just before its rollout begins (`_superseded_meanwhile`), a
 `superseded` there. Kept: a started version of a model with no production version — a first
 release, which may already serve all traffic (deployed to green before its check, no rollout in
 the state store, killed before its tags) — and one whose rollout ended (settled with its
-outcome). Without supersede a newer version waits its turn.
+outcome). A newer pending version withdrawn in the registry (archived in the Azure ML studio)
+supersedes nothing: it is skipped when its turn comes. Without supersede a newer version waits
+its turn.
 """
 
 from __future__ import annotations
@@ -84,7 +86,15 @@ from aml_pipelines.registry.base import (
     ModelVersion,
     Stage,
 )
-from aml_pipelines.trigger.store import MISSING, SKIPPED, SUPERSEDED, Entry, Step, TriggerStore
+from aml_pipelines.trigger.store import (
+    MISSING,
+    SKIPPED,
+    SUPERSEDED,
+    Cursor,
+    Entry,
+    Step,
+    TriggerStore,
+)
 from rollout.errors import ConfigError as SpecError
 from rollout.errors import RolloutError
 
@@ -269,11 +279,7 @@ class Dispatcher:
                 self._forget(model, version)
                 return None
             # With supersede, the newest open version above this one (0: none).
-            newer = (
-                max((e.version for e in cursor.open_entries() if e.version > version), default=0)
-                if self.supersede
-                else 0
-            )
+            newer = self._newer_open(cursor, version) if self.supersede else 0
             if newer and entry.step is Step.PENDING:
                 reason = f"superseded by version {newer}"
                 self._close(model, version, SUPERSEDED, reason)
@@ -377,13 +383,20 @@ class Dispatcher:
         rollout begins: a newer version accepted meanwhile (by this process, whose accept found
         no rollout to abort yet, or by another sharing the state folder) closes it as
         superseded, nothing of it deployed; None: roll it out."""
-        open_entries = self.store.load(model).open_entries()
-        newest = max((e.version for e in open_entries if e.version > version), default=0)
+        newest = self._newer_open(self.store.load(model), version)
         if not newest:
             return None
         reason = f"superseded by version {newest} before its rollout started"
         log.info("%s v%d: %s", model, version, reason)
         return DeliveryOutcome(model, version, SUPERSEDED, reason)
+
+    def _newer_open(self, cursor: Cursor, version: int) -> int:
+        """The newest open version above `version` that supersedes it (0: none). A pending one
+        withdrawn in the registry supersedes nothing: it is skipped when its turn comes."""
+        above = [e for e in cursor.open_entries() if e.version > version]
+        pending = {e.version for e in above if e.step is Step.PENDING}
+        withdrawn = self.registry.withdrawn(cursor.model) & pending if pending else set()
+        return max((e.version for e in above if e.version not in withdrawn), default=0)
 
     def _supersede_started(self, model: str, version: int, newest: int) -> DeliveryOutcome | None:
         """Close `started` `version` as superseded by `newest` when nothing of it is live; else

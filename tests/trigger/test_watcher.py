@@ -515,6 +515,23 @@ def test_withdrawn_production_still_serves_and_a_started_delivery_is_not_cut(
     assert [registry.get("diabetes", v).stage for v in (1, 2)] == ["archived", "production"]
 
 
+def test_a_withdrawn_version_supersedes_nothing(
+    tmp_path: Path, registry: LocalRegistry, delivery: ResumableDelivery
+) -> None:
+    # With --supersede, v2 was closed `superseded by version 3`, then v3 skipped as withdrawn:
+    # neither rolled out, for a version nobody is to deliver.
+    dispatcher = Dispatcher(
+        TriggerStore(tmp_path / "trigger"), registry, delivery, supersede=True, wait_interval_s=0
+    )
+    register(registry, tmp_path, stage="production")
+    for _ in range(2):
+        register(registry, tmp_path, stage="candidate")
+    assert dispatcher.accept_many("diabetes", [(2, "watch"), (3, "watch")]) == [2, 3]
+    registry.withdraw("diabetes", 3)
+    outcomes = [(o.version, o.phase, o.reason) for o in dispatcher.drain("diabetes")]
+    assert outcomes == [(2, "Succeeded", "all steps passed"), (3, "skipped", WITHDRAWN)]
+
+
 def test_a_corrupted_model_is_closed_as_failed_not_retried(
     tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
 ) -> None:
