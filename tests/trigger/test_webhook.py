@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from aml_pipelines.errors import RegistryError
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger import store as store_module
 from aml_pipelines.trigger.dispatch import WITHDRAWN, DeliveryWorker, Dispatcher
@@ -332,6 +333,33 @@ def test_an_event_for_a_version_withdrawn_in_the_registry_is_answered_skipped(
     assert hook.starts() == [2]
     entry = TriggerStore(tmp_path / "trigger").load("diabetes").entries[1]
     assert (entry.step, entry.outcome, entry.reason) == (Step.DONE, "skipped", WITHDRAWN)
+
+
+def test_an_event_is_accepted_when_the_registry_cannot_say_what_is_withdrawn(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Accepting is a local write: a registry that cannot be read must not make it a 500 (Event
+    # Grid would retry it for a day); the delivery reads the version before any rollout.
+    register(registry, tmp_path, stage="candidate")
+    withdrawn, calls = registry.withdrawn, []
+
+    def unreachable_once(name: str) -> set[int]:  # the webhook's read, the first
+        calls.append(name)
+        if len(calls) == 1:
+            raise RegistryError("list diabetes: Azure ML answered 503: try again later")
+        return withdrawn(name)
+
+    monkeypatch.setattr(registry, "withdrawn", unreachable_once)
+    with running(tmp_path, registry) as hook:
+        with caplog.at_level(logging.WARNING, logger="aml_pipelines.trigger.webhook"):
+            response = hook.post([eg_event("e1", version="1")])
+        assert response.status_code == 200
+        assert response.json()["accepted"] == [{"model": "diabetes", "version": 1}]
+        _until(lambda: hook.done() == [1], "v1")
+    assert "cannot read which versions of diabetes are archived" in caplog.text
 
 
 OTHER_WORKSPACE = TOPIC.replace("/workspaces/ws", "/workspaces/ws-dev")
