@@ -404,21 +404,29 @@ def list_versions(
     """List registered versions with their stage, serving colour and metrics."""
     with _user_errors():
         from aml_pipelines.delivery import serving_column
+        from aml_pipelines.errors import ModelNotFound
 
         # A registry the user named by path (--registry, $AML_ROLLOUT_REGISTRY) that does not
         # exist is a typo, not an empty registry; the default one is merely not used yet.
         reg = _open(registry, must_exist=bool(registry) and registry not in ("local", "local:"))
+        where = registry or "the local registry"
         rows = []
         for model in [name] if name else reg.names():
             versions = reg.list_versions(model)
+            if name and not versions and name not in (known := reg.names()):
+                # As `registry show` of it: exit 2, not an empty listing a script takes for one.
+                raise ModelNotFound(
+                    f"model {name!r} not found in {where} (models: {', '.join(known) or 'none'})"
+                )
             colours = serving_column(versions, rollout_spec)
             rows += [(mv, colours.get(mv.version, "-")) for mv in versions]
         table = versions_table(rows)
     if table.row_count:
         out.print(table)
+    elif name:  # known, every version left out of listings (archived in the Azure ML studio)
+        out.print(f"model {name!r} has no listed version in {where}", markup=False)
     else:
-        what = f"named {name!r} " if name else ""
-        out.print(f"no registered models {what}in {registry or 'the local registry'}", markup=False)
+        out.print(f"no registered models in {where}", markup=False)
 
 
 @registry_app.command("show")

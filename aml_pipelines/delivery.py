@@ -273,13 +273,19 @@ def apply_tags(registry: ModelRegistry, model: str, changes: Sequence[TagChange]
         log.info("registry: %s v%d tagged %s", model, change.version, dict(change.tags))
 
 
-def taggable_versions(registry: ModelRegistry, model: str) -> list[ModelVersion]:
-    """The versions tags are planned over, oldest first: the listing, and a production version
-    it leaves out (archived in the Azure ML studio, it still serves, and a promotion must archive
-    it, or two versions stay tagged production)."""
+def taggable_versions(
+    registry: ModelRegistry, model: str, candidate: int | None = None
+) -> list[ModelVersion]:
+    """The versions tags are planned over, oldest first: the listing, and what it leaves out
+    (withdrawn: archived in the Azure ML studio) that tags are still written for — a production
+    version (it still serves, and a promotion must archive it, or two versions stay tagged
+    production) and the `candidate` a rollout ended for (withdrawn after its delivery started,
+    its tags must still say what serves)."""
     versions = {v.version: v for v in registry.list_versions(model)}
     for held in registry.find_by_tag(model, STAGE_TAG, Stage.PRODUCTION):
         versions.setdefault(held.version, held)
+    if candidate is not None and candidate not in versions:
+        versions[candidate] = registry.get(model, candidate)
     return [versions[v] for v in sorted(versions)]
 
 
@@ -287,7 +293,7 @@ def follow_traffic(
     registry: ModelRegistry, model: str, candidate: int, phase: str, reason: str = ""
 ) -> list[TagChange]:
     """Plan and apply the tags for a rollout of `candidate` that ended in `phase`."""
-    changes = plan_tags(taggable_versions(registry, model), candidate, phase, reason)
+    changes = plan_tags(taggable_versions(registry, model, candidate), candidate, phase, reason)
     apply_tags(registry, model, changes)
     return changes
 
@@ -621,7 +627,8 @@ def tag_first_release(
     registry: ModelRegistry, model: str, version: int, check: str, reason: str
 ) -> list[TagChange]:
     """Plan and apply the tags of a first release whose check ended `check`."""
-    changes = plan_first_release_tags(taggable_versions(registry, model), version, check, reason)
+    versions = taggable_versions(registry, model, version)
+    changes = plan_first_release_tags(versions, version, check, reason)
     apply_tags(registry, model, changes)
     return changes
 

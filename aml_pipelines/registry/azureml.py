@@ -19,10 +19,16 @@
   Version allocation still counts every integer version, foreign ones included, and archived
   ones: Azure ML leaves an archived version (the studio's Archive) out of a listing unless asked
   (`ListViewType.ALL`), and reusing its number is a 409 at every attempt.
-- **Archived in the studio**: `list_versions` and `latest` leave such a version out (withdrawn:
-  the watcher does not pick up a candidate archived before its delivery), `find_by_tag` does
-  not: a production version archived in a clean-up still serves, and hidden it let the gate pass
-  any candidate and the triggers roll out an older version against it (as a first release).
+- **Archived in the studio** (`withdraw` does the same): `list_versions` and `latest` leave such
+  a version out (withdrawn: the watcher does not pick up a candidate archived before its
+  delivery), `find_by_tag` does not: a production version archived in a clean-up still serves,
+  and hidden it let the gate pass any candidate and the triggers roll out an older version
+  against it (as a first release). azure-ai-ml's `Model` does not carry `isArchived`, so
+  `ModelVersion.withdrawn` is read from an `ARCHIVED_ONLY` listing (one more call for `get`
+  and `find_by_tag`); `get` must tell it, as an event names a version the dispatcher then
+  `get`s. `set_tags` archives such a version again after its PUT: azure-ai-ml sends every
+  version PUT with `isArchived: false`, which restored it in the studio (a promotion tagging a
+  production version archived in a clean-up `stage=archived` put it back in every listing).
 """
 
 from __future__ import annotations
@@ -117,7 +123,7 @@ class AzureMLRegistry:
             )
         for attempt in range(1, self.max_attempts + 1):
             # Every version, readable or not, archived or not: none may be reused.
-            taken = self._list(name, archived=True)
+            taken = self._list(name, view="ALL")
             version = max((int(m.version) for m in taken if _is_int(m.version)), default=0) + 1
             model = Model(
                 name=name,
@@ -148,9 +154,8 @@ class AzureMLRegistry:
 
     def get(self, name: str, version: int) -> ModelVersion:
         """One version; ModelNotFound if absent, IntegrityError if its sha256 tag was altered."""
-        return self._to_version(
-            self._call(f"get {name}:{version}", self.ml_client.models.get, name, str(version))
-        )
+        model = self._call(f"get {name}:{version}", self.ml_client.models.get, name, str(version))
+        return self._to_version(model, withdrawn=version in self.withdrawn(name))
 
     def latest(self, name: str) -> ModelVersion | None:
         versions = self.list_versions(name)
@@ -162,10 +167,13 @@ class AzureMLRegistry:
         return self._readable(name)
 
     def _readable(self, name: str, *, archived: bool = False) -> list[ModelVersion]:
+        listed = [(model, False) for model in self._list(name, view="ACTIVE_ONLY")]
+        if archived:
+            listed += [(model, True) for model in self._list(name, view="ARCHIVED_ONLY")]
         versions = []
-        for model in self._list(name, archived=archived):
+        for model, withdrawn in listed:
             try:
-                versions.append(self._to_version(model))
+                versions.append(self._to_version(model, withdrawn=withdrawn))
             except IntegrityError as exc:
                 if (model.tags or {}).get(STAGE_TAG) == Stage.PRODUCTION:
                     raise  # never hide production: the gate and the no-downgrade check need it
@@ -175,6 +183,7 @@ class AzureMLRegistry:
     def set_tags(self, name: str, version: int, tags: Mapping[str, str]) -> ModelVersion:
         """Merge `tags` into the version's tags (an empty value removes the tag)."""
         model = self._call(f"get {name}:{version}", self.ml_client.models.get, name, str(version))
+        withdrawn = version in self.withdrawn(name)
         merged = dict(model.tags or {})
         for key, value in tags.items():
             if value == "":
@@ -183,7 +192,9 @@ class AzureMLRegistry:
                 merged[key] = str(value)
         model.tags = merged
         updated = self._call(f"tag {name}:{version}", self.ml_client.models.create_or_update, model)
-        return self._to_version(updated)
+        if withdrawn:  # the PUT restored it (isArchived: false): a person archived it
+            self._archive(name, version)
+        return self._to_version(updated, withdrawn=withdrawn)
 
     def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersion]:
         """Versions whose tag `key` equals `value`, archived ones included (see the module
@@ -196,19 +207,38 @@ class AzureMLRegistry:
             {m.name for m in self._call("list models", lambda: list(self.ml_client.models.list()))}
         )
 
+    def withdraw(self, name: str, version: int) -> ModelVersion:
+        """Archive the version, as the studio's Archive does."""
+        self._archive(name, version)
+        return self.get(name, version)
+
+    def withdrawn(self, name: str) -> set[int]:
+        """The versions of `name` archived in the studio (their number only: none is checked)."""
+        return {
+            int(m.version) for m in self._list(name, view="ARCHIVED_ONLY") if _is_int(m.version)
+        }
+
     # -- internals ------------------------------------------------------------------------------
 
-    def _list(self, name: str, *, archived: bool = False) -> list[Any]:
-        """The versions of `name` Azure ML lists: active ones, or with `archived` every one."""
+    def _archive(self, name: str, version: int) -> None:
+        self._call(
+            f"archive {name}:{version}",
+            lambda: self.ml_client.models.archive(name=name, version=str(version)),
+        )
+
+    def _list(self, name: str, *, view: str = "ACTIVE_ONLY") -> list[Any]:
+        """The versions of `name` Azure ML lists in `view` (a ListViewType name): ACTIVE_ONLY
+        (its default), ARCHIVED_ONLY or ALL."""
         from azure.ai.ml.constants import ListViewType
 
-        view = ListViewType.ALL if archived else ListViewType.ACTIVE_ONLY
+        list_view_type = ListViewType[view]
         models: list[Any] = self._call(
-            f"list {name}", lambda: list(self.ml_client.models.list(name=name, list_view_type=view))
+            f"list {name}",
+            lambda: list(self.ml_client.models.list(name=name, list_view_type=list_view_type)),
         )
         return models
 
-    def _to_version(self, model: Any) -> ModelVersion:
+    def _to_version(self, model: Any, *, withdrawn: bool = False) -> ModelVersion:
         tags = {str(k): str(v) for k, v in (model.tags or {}).items()}
         sha256 = str((model.properties or {}).get(SHA256_PROPERTY, ""))
         label = f"{model.name}:{model.version}"
@@ -236,6 +266,7 @@ class AzureMLRegistry:
             tags=tags,
             created_at=created_at,
             path=None,
+            withdrawn=withdrawn,
         )
 
     def _call(self, what: str, fn: Any, *args: Any) -> Any:

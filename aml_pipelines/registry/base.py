@@ -36,6 +36,10 @@ class ModelVersion:
     tags: Mapping[str, str] = field(default_factory=dict)
     created_at: str = ""
     path: Path | None = None  # a local folder holding the model files, when there is one
+    #: Withdrawn by a person: archived in the registry itself (the Azure ML studio's Archive,
+    #: `isArchived`), so listings leave it out and no trigger delivers it. Not the
+    #: `stage=archived` tag a promotion writes on the version it replaced.
+    withdrawn: bool = False
 
     @property
     def stage(self) -> str | None:
@@ -68,6 +72,13 @@ class ModelRegistry(Protocol):
 
     def names(self) -> list[str]:
         """Every model name with at least one version, sorted."""
+
+    def withdraw(self, name: str, version: int) -> ModelVersion:
+        """Withdraw a version, as the Azure ML studio's Archive does: `list_versions` and
+        `latest` leave it out from then on; `get` and `find_by_tag` return it, `withdrawn`."""
+
+    def withdrawn(self, name: str) -> set[int]:
+        """The withdrawn versions of `name` (a cheap read: no version's files are checked)."""
 
 
 class SkippedVersions:

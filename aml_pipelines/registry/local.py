@@ -8,6 +8,9 @@ Layout (one folder per model name):
                                     {name, version, sha256, files: {relpath: sha256}, created_at}
     <root>/<name>/<version>.tags.json
                                     mutable tags, replaced atomically (temp + rename)
+    <root>/<name>/<version>.withdrawn
+                                    present once the version is withdrawn (`withdraw`, as the
+                                    Azure ML studio's Archive): listings leave it out
 
 Registration copies the model into a private temp folder first (the slow part, outside the lock),
 then takes the lock, allocates max(version) + 1, writes the version's tags file and renames the temp
@@ -135,6 +138,14 @@ class LocalRegistry:
             shutil.rmtree(staging, ignore_errors=True)
         return self.get(name, version)
 
+    def withdraw(self, name: str, version: int) -> ModelVersion:
+        """Withdraw the version (see the Protocol): its `.withdrawn` marker, for good."""
+        model_root = self.root / check_name(name)
+        self.get(name, version)  # raises ModelNotFound / IntegrityError first
+        with self._locked(model_root):
+            self._withdrawn_path(model_root, version).touch()
+        return self.get(name, version)
+
     def set_tags(self, name: str, version: int, tags: Mapping[str, str]) -> ModelVersion:
         """Merge `tags` into the version's tags (an empty value removes the tag)."""
         model_root = self.root / check_name(name)
@@ -174,32 +185,35 @@ class LocalRegistry:
             tags={str(k): str(v) for k, v in tags.items()},
             created_at=str(record.get("created_at", "")),
             path=folder,
+            withdrawn=self._withdrawn_path(model_root, version).exists(),
         )
 
     def latest(self, name: str) -> ModelVersion | None:
-        """The highest readable version of `name`, or None."""
-        for version in sorted(self._versions(self.root / check_name(name)), reverse=True):
+        """The highest readable version of `name` not withdrawn, or None."""
+        model_root = self.root / check_name(name)
+        withdrawn = self.withdrawn(name)
+        for version in sorted(self._versions(model_root) - withdrawn, reverse=True):
             if (found := self._readable(name, version)) is not None:
                 return found
         return None
 
     def list_versions(self, name: str) -> list[ModelVersion]:
-        """Every readable version of `name`, oldest first.
+        """Every readable version of `name` not withdrawn, oldest first.
 
         A version that fails its checks (a damaged old version) is left out with one warning, so
         it cannot stop the gate, the watcher and the delivery of every new version; `get` of it
         still raises IntegrityError. A damaged version tagged `stage=production` still raises:
         without it the gate would pass any candidate and old versions could downgrade production.
         """
-        return self._list(name)[0]
+        return self._list(name, withdrawn=False)[0]
 
     def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersion]:
-        """Versions whose tag `key` equals `value`, oldest first.
+        """Versions whose tag `key` equals `value`, withdrawn ones included, oldest first.
 
         Asked for production and finding none while a version's tags could not be read, it
         raises: that version may be production, and "none" would let the gate pass anything.
         """
-        versions, unknown = self._list(name)
+        versions, unknown = self._list(name, withdrawn=True)
         found = [mv for mv in versions if mv.tags.get(key) == value]
         if not found and (key, value) == (STAGE_TAG, Stage.PRODUCTION) and unknown:
             tags = self._tags_path(self.root / name, unknown[0])
@@ -215,15 +229,23 @@ class LocalRegistry:
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self._versions(p))
 
+    def withdrawn(self, name: str) -> set[int]:
+        """The withdrawn versions of `name` (their markers; no files re-hashed)."""
+        model_root = self.root / check_name(name)
+        return {
+            v for v in self._versions(model_root) if self._withdrawn_path(model_root, v).exists()
+        }
+
     # -- internals ----------------------------------------------------------------------------
 
-    def _list(self, name: str) -> tuple[list[ModelVersion], list[int]]:
-        """The readable versions, and the skipped ones whose stage is unknown (see find_by_tag)."""
+    def _list(self, name: str, *, withdrawn: bool) -> tuple[list[ModelVersion], list[int]]:
+        """The readable versions (withdrawn ones too with `withdrawn`), and the skipped ones
+        whose stage is unknown (see find_by_tag)."""
         unknown: list[int] = []
-        found = (
-            self._readable(name, v, unknown)
-            for v in sorted(self._versions(self.root / check_name(name)))
-        )
+        versions = self._versions(self.root / check_name(name))
+        if not withdrawn:
+            versions -= self.withdrawn(name)
+        found = (self._readable(name, v, unknown) for v in sorted(versions))
         return [mv for mv in found if mv is not None], unknown
 
     def _readable(
@@ -263,6 +285,10 @@ class LocalRegistry:
     @staticmethod
     def _tags_path(model_root: Path, version: int) -> Path:
         return model_root / f"{version}.tags.json"
+
+    @staticmethod
+    def _withdrawn_path(model_root: Path, version: int) -> Path:
+        return model_root / f"{version}.withdrawn"
 
     @staticmethod
     def _verify(name: str, version: int, folder: Path, record: Mapping[str, object]) -> None:

@@ -2,13 +2,15 @@
 
 It keeps the same promises as the other backends where they matter to callers: versions count
 up from 1 and never repeat, tags are mutable, a model's sha256 is fixed at registration (taken
-from the `sha256` tag, or computed from a local model folder's model file).
+from the `sha256` tag, or computed from a local model folder's model file), a withdrawn version
+is left out of listings but not of `get` and `find_by_tag`.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -54,30 +56,32 @@ class MemoryRegistry:
         return versions[version - 1]
 
     def latest(self, name: str) -> ModelVersion | None:
-        versions = self._versions.get(check_name(name), [])
+        versions = self.list_versions(name)
         return versions[-1] if versions else None
 
     def list_versions(self, name: str) -> list[ModelVersion]:
-        return list(self._versions.get(check_name(name), []))
+        """Every version not withdrawn, oldest first."""
+        return [v for v in self._versions.get(check_name(name), []) if not v.withdrawn]
 
     def set_tags(self, name: str, version: int, tags: Mapping[str, str]) -> ModelVersion:
         current = self.get(name, version)
         merged = {k: v for k, v in {**current.tags, **tags}.items() if v != ""}
-        updated = ModelVersion(
-            current.name,
-            current.version,
-            current.uri,
-            current.sha256,
-            merged,
-            current.created_at,
-            current.path,
-        )
-        with self._lock:
-            self._versions[name][version - 1] = updated
-        return updated
+        return self._replace(replace(current, tags=merged))
 
     def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersion]:
-        return [v for v in self.list_versions(name) if v.tags.get(key) == value]
+        """Versions whose tag `key` equals `value`, withdrawn ones included, oldest first."""
+        return [v for v in self._versions.get(check_name(name), []) if v.tags.get(key) == value]
+
+    def withdraw(self, name: str, version: int) -> ModelVersion:
+        return self._replace(replace(self.get(name, version), withdrawn=True))
+
+    def withdrawn(self, name: str) -> set[int]:
+        return {v.version for v in self._versions.get(check_name(name), []) if v.withdrawn}
+
+    def _replace(self, updated: ModelVersion) -> ModelVersion:
+        with self._lock:
+            self._versions[updated.name][updated.version - 1] = updated
+        return updated
 
     def names(self) -> list[str]:
         return sorted(name for name, versions in self._versions.items() if versions)

@@ -9,9 +9,10 @@ single worker then delivers them, oldest first. The worker's loop for one versio
                                              again with backoff (MISSING_RETRIES_S), then
                                              closed as `missing`; the lock is let go
                                              between the reads (see below)
-                                           → stage records a delivery, a newer version is in
+                                           → stage records a delivery, withdrawn (archived in
+                                             the studio) while pending, a newer version is in
                                              production, or the job that registered it rolls it
-                                             out itself? close it without a rollout
+                                             out itself? close it `skipped`, without a rollout
     wait while another rollout is active   → or, with supersede, abort it and wait for it to end
     mark `started` (durable)               → from here on, a crash means "resume", not "restart"
     delivery.deliver(version)              → package + rollout + tags; resumes from the state store
@@ -44,7 +45,9 @@ about once packaged, just before its rollout begins (`_superseded_meanwhile`), a
 `superseded` there. Kept: a started version of a model with no production version — a first
 release, which may already serve all traffic (deployed to green before its check, no rollout in
 the state store, killed before its tags) — and one whose rollout ended (settled with its
-outcome). Without supersede a newer version waits its turn.
+outcome). A newer pending version withdrawn in the registry (archived in the Azure ML studio)
+supersedes nothing: it is skipped when its turn comes. Without supersede a newer version waits
+its turn.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from functools import partial
 
@@ -83,7 +86,15 @@ from aml_pipelines.registry.base import (
     ModelVersion,
     Stage,
 )
-from aml_pipelines.trigger.store import MISSING, SKIPPED, SUPERSEDED, Entry, Step, TriggerStore
+from aml_pipelines.trigger.store import (
+    MISSING,
+    SKIPPED,
+    SUPERSEDED,
+    Cursor,
+    Entry,
+    Step,
+    TriggerStore,
+)
 from rollout.errors import ConfigError as SpecError
 from rollout.errors import RolloutError
 
@@ -95,6 +106,12 @@ log = logging.getLogger(__name__)
 PERMANENT = (ModelNotFound, IntegrityError, ConfigError, SpecError)
 #: Stages a version only reaches through a delivery: such a version is never delivered again.
 DELIVERED = frozenset({Stage.PRODUCTION, Stage.ARCHIVED, Stage.ROLLED_BACK})
+#: Why a pending version withdrawn in the registry (archived in the Azure ML studio:
+#: ModelVersion.withdrawn) is closed `skipped` instead of rolled out.
+WITHDRAWN = (
+    "withdrawn before its delivery: archived in the registry (the Azure ML studio's Archive), "
+    "so not rolled out"
+)
 #: Seconds between the registry reads of a version an event named that the registry does not
 #: hold (yet): an event can arrive before the registry answers for its version (replication
 #: lag), and with `serve` alone nothing but a new event would accept a version closed as
@@ -141,17 +158,24 @@ class Dispatcher:
         """Record a version to deliver; False when the cursor already knows it (duplicate)."""
         return bool(self.accept_many(model, [(version, source)]))
 
-    def accept_many(self, model: str, versions: Sequence[tuple[int, str]]) -> list[int]:
+    def accept_many(
+        self, model: str, versions: Sequence[tuple[int, str]], *, withdrawn: Collection[int] = ()
+    ) -> list[int]:
         """`accept` each (version, source) of one model in one cursor write; returns the new
-        versions (the others were duplicates)."""
-        new = self.store.accept_many(model, versions)
+        versions (the others were duplicates). A new one in `withdrawn` (the registry says so:
+        archived in the Azure ML studio) is recorded closed, `skipped` (WITHDRAWN), instead."""
+        closed = {version: (SKIPPED, WITHDRAWN) for version in withdrawn}
+        new = self.store.accept_many(model, versions, closed)
         sources: dict[int, str] = {}
         for version, source in versions:
             sources.setdefault(version, source)  # the first is the one recorded
         for version in new:
-            log.info("accepted %s v%d (%s)", model, version, sources[version])
-        if new and self.supersede:
-            self._abort_older(model, max(new))
+            if version in closed:
+                log.info("skipped %s v%d (%s): %s", model, version, sources[version], WITHDRAWN)
+            else:
+                log.info("accepted %s v%d (%s)", model, version, sources[version])
+        if (pending := [v for v in new if v not in closed]) and self.supersede:
+            self._abort_older(model, max(pending))
         return new
 
     def _abort_older(self, model: str, newest: int) -> None:
@@ -255,11 +279,7 @@ class Dispatcher:
                 self._forget(model, version)
                 return None
             # With supersede, the newest open version above this one (0: none).
-            newer = (
-                max((e.version for e in cursor.open_entries() if e.version > version), default=0)
-                if self.supersede
-                else 0
-            )
+            newer = self._newer_open(cursor, version) if self.supersede else 0
             if newer and entry.step is Step.PENDING:
                 reason = f"superseded by version {newer}"
                 self._close(model, version, SUPERSEDED, reason)
@@ -363,13 +383,20 @@ class Dispatcher:
         rollout begins: a newer version accepted meanwhile (by this process, whose accept found
         no rollout to abort yet, or by another sharing the state folder) closes it as
         superseded, nothing of it deployed; None: roll it out."""
-        open_entries = self.store.load(model).open_entries()
-        newest = max((e.version for e in open_entries if e.version > version), default=0)
+        newest = self._newer_open(self.store.load(model), version)
         if not newest:
             return None
         reason = f"superseded by version {newest} before its rollout started"
         log.info("%s v%d: %s", model, version, reason)
         return DeliveryOutcome(model, version, SUPERSEDED, reason)
+
+    def _newer_open(self, cursor: Cursor, version: int) -> int:
+        """The newest open version above `version` that supersedes it (0: none). A pending one
+        withdrawn in the registry supersedes nothing: it is skipped when its turn comes."""
+        above = [e for e in cursor.open_entries() if e.version > version]
+        pending = {e.version for e in above if e.step is Step.PENDING}
+        withdrawn = self.registry.withdrawn(cursor.model) & pending if pending else set()
+        return max((e.version for e in above if e.version not in withdrawn), default=0)
 
     def _supersede_started(self, model: str, version: int, newest: int) -> DeliveryOutcome | None:
         """Close `started` `version` as superseded by `newest` when nothing of it is live; else
@@ -422,6 +449,11 @@ class Dispatcher:
           it (e.g. Event Grid redelivers an old event after the state folder was lost): skipped.
         - A newer version is in production (a crash left it open while another trigger moved
           on, or events arrived out of order): rolling it out would downgrade production.
+        - A pending version withdrawn (archived in the Azure ML studio) before its delivery: a
+          person's call, which only `get` tells (listings leave it out). One withdrawn once its
+          delivery started is delivered (resumed) all the same: its rollout may be live, or a
+          first release serve all traffic; `rollout abort` stops a rollout. A withdrawn
+          production version records a delivery, above: it still serves.
         - A pending version the pipeline job that registered it rolls out itself (tag
           `rollout_by=pipeline-job`, the training pipeline): a second rollout of it would run
           beside the job's, two controllers on one endpoint.
@@ -439,6 +471,8 @@ class Dispatcher:
             return SUCCEEDED, f"registry records stage={stage}"
         if stage in DELIVERED:
             return SKIPPED, f"already delivered (stage={stage})"
+        if entry.step is Step.PENDING and version.withdrawn:
+            return SKIPPED, WITHDRAWN
         if entry.step is Step.PENDING and version.tags.get(ROLLOUT_BY_TAG) == ROLLOUT_BY_JOB:
             run = version.tags.get("source_run", "?")
             return SKIPPED, (

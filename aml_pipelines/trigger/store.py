@@ -31,8 +31,8 @@ import datetime as dt
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,8 @@ class Step(StrEnum):
 
 #: Outcome recorded for a pending version skipped because a newer one superseded it.
 SUPERSEDED = "superseded"
-#: Outcome recorded for a pending version the registry already shows as delivered.
+#: Outcome recorded for a pending version the registry already shows as delivered, or as
+#: withdrawn (archived in the Azure ML studio), or that another rollout is in charge of.
 SKIPPED = "skipped"
 #: Outcome recorded for a pending version the registry did not hold when its turn came (an event
 #: ahead of a registry read, or naming a version that was never registered; one an event named is
@@ -199,16 +200,27 @@ class TriggerStore:
         """
         return bool(self.accept_many(model, [(version, source)]))
 
-    def accept_many(self, model: str, versions: Sequence[tuple[int, str]]) -> list[int]:
+    def accept_many(
+        self,
+        model: str,
+        versions: Sequence[tuple[int, str]],
+        closed: Mapping[int, tuple[str, str]] | None = None,
+    ) -> list[int]:
         """`accept` each (version, source) in one cursor write; returns the new versions (one
-        given twice is new once). An Event Grid batch is recorded in one write, not one each."""
+        given twice is new once). An Event Grid batch is recorded in one write, not one each.
+        A new version in `closed` is recorded `done` with its (outcome, reason) instead of
+        pending: known from the start not to be delivered (withdrawn in the registry)."""
         new = []
         with self._editing(model) as cursor:
             for version, source in versions:
                 known = cursor.entries.get(version)
                 if known is not None and known.outcome != MISSING:
                     continue
-                cursor.entries[version] = Entry(version, Step.PENDING, source, updated_at=_now())
+                entry = Entry(version, Step.PENDING, source, updated_at=_now())
+                if closed is not None and version in closed:
+                    outcome, reason = closed[version]
+                    entry = replace(entry, step=Step.DONE, outcome=outcome, reason=reason)
+                cursor.entries[version] = entry
                 new.append(version)
         return new
 

@@ -35,6 +35,8 @@ by default), so the operator can mend the state while no event is lost.
 
 Accepting an event = a durable `pending` entry in the model's cursor (see store.py), then the
 event id is remembered; the single `DeliveryWorker` delivers pending versions one at a time.
+An event for a version the registry shows withdrawn (archived in the Azure ML studio: one read
+per model and batch) is recorded closed `skipped` instead, and answered under `skipped` with why.
 Redeliveries are answered 200 and counted as duplicates: by event id, and by version (a second
 event for a version already in the cursor).
 """
@@ -51,8 +53,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from aml_pipelines.errors import TriggerError
-from aml_pipelines.trigger.dispatch import Dispatcher
+from aml_pipelines.errors import PipelineError, TriggerError
+from aml_pipelines.trigger.dispatch import WITHDRAWN, Dispatcher
 from aml_pipelines.trigger.eventgrid import (
     BadEvent,
     ModelRegistered,
@@ -272,6 +274,7 @@ class WebhookApp:
     def _accept(self, events: list[ModelRegistered]) -> dict[str, Any]:
         store = self.dispatcher.store
         accepted: list[dict[str, Any]] = []
+        skipped: list[dict[str, Any]] = []
         duplicates, filtered = 0, []
         wanted = []
         for event in events:
@@ -302,15 +305,23 @@ class WebhookApp:
             by_model.setdefault(event.model, []).append(event)
         try:
             for model, group in by_model.items():
+                withdrawn = self._withdrawn(model)
                 # Cursor first, then the ids: a crash in between makes Event Grid's retry a
                 # version duplicate (the cursor knows the version), never a lost event.
                 new = set(
                     self.dispatcher.accept_many(
-                        model, [(event.version, f"event:{event.event_id}") for event in group]
+                        model,
+                        [(event.version, f"event:{event.event_id}") for event in group],
+                        withdrawn=withdrawn,
                     )
                 )
                 for event in group:
-                    if event.version in new:
+                    if event.version in new and event.version in withdrawn:
+                        new.discard(event.version)
+                        skipped.append(
+                            {"model": model, "version": event.version, "reason": WITHDRAWN}
+                        )
+                    elif event.version in new:
                         new.discard(event.version)
                         accepted.append({"model": model, "version": event.version})
                     else:
@@ -327,7 +338,27 @@ class WebhookApp:
             # and nothing else would wake the worker for them.
             if accepted:
                 self.wake()
-        return {"accepted": accepted, "duplicates": duplicates, "filtered": filtered}
+        return {
+            "accepted": accepted,
+            "duplicates": duplicates,
+            "filtered": filtered,
+            "skipped": skipped,
+        }
+
+    def _withdrawn(self, model: str) -> set[int]:
+        """The versions of `model` withdrawn in the registry (archived in the Azure ML studio),
+        so that the answer says so; none when the registry cannot be read: accepted then, the
+        delivery asks again (and skips it) before any rollout. One read per model and batch."""
+        try:
+            return self.dispatcher.registry.withdrawn(model)
+        except PipelineError as exc:
+            log.warning(
+                "cannot read which versions of %s are archived in the registry (%s); the "
+                "events are accepted, and their delivery checks again",
+                model,
+                exc,
+            )
+            return set()
 
 
 async def _respond(

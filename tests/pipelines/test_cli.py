@@ -447,10 +447,21 @@ def test_registry_list_show_tag(tmp_path: Path) -> None:
     # a value in brackets is printed as written, not taken for rich markup
     noted = invoke("registry", "tag", "m", "1", "note=[red]retrained", "--registry", spec)
     assert noted.exit_code == 0 and '"note": "[red]retrained"' in noted.output
+    # an unknown model is an error, as `registry show` of it is (it said "no registered models
+    # named 'other'" and exited 0, so a script could not tell a typo from an empty listing)
     other = invoke("registry", "list", "other", "--registry", spec)
-    assert other.exit_code == 0 and "no registered models named 'other'" in other.output
+    assert other.exit_code == 2, other.output
+    assert f"model 'other' not found in {spec} (models: m)" in " ".join(other.output.split())
+    assert invoke("registry", "show", "other", "1", "--registry", spec).exit_code == 2
     typo = invoke("registry", "list", "--registry", f"local:{tmp_path / 'none'}")
     assert typo.exit_code == 2 and "does not exist" in typo.output
+    # known, but its one version withdrawn (archived in the studio): an empty listing, not an error
+    LocalRegistry(tmp_path / "reg").withdraw("m", 1)
+    empty = invoke("registry", "list", "m", "--registry", spec)
+    assert empty.exit_code == 0, empty.output
+    assert f"model 'm' has no listed version in {spec}" in " ".join(empty.output.split())
+    shown = invoke("registry", "show", "m", "1", "--registry", spec)
+    assert shown.exit_code == 0 and '"withdrawn": true' in shown.output
 
 
 def test_registry_tag_keeps_one_production_version(tmp_path: Path) -> None:

@@ -90,3 +90,35 @@ def test_unknown_version(backend) -> None:
     _register(registry, source, 1)
     with pytest.raises(ModelNotFound):
         registry.get("contract-model", 5)
+
+
+def test_a_withdrawn_version_is_left_out_of_listings_but_not_out_of_reach(backend) -> None:
+    # Withdrawn = archived by a person (the Azure ML studio's Archive), not the `stage=archived`
+    # tag a promotion writes: listings leave it out (the watcher never picks it up), `get` (the
+    # dispatcher, the webhook) sees it withdrawn, and `find_by_tag` still finds production.
+    registry, source = backend
+    _register(registry, source, 1, stage="production")
+    _register(registry, source, 2, stage="candidate")
+    assert registry.withdrawn("contract-model") == set()
+    assert not registry.get("contract-model", 2).withdrawn
+    assert registry.withdraw("contract-model", 2).withdrawn
+    assert registry.withdrawn("contract-model") == {2}
+    assert [v.version for v in registry.list_versions("contract-model")] == [1]
+    latest = registry.latest("contract-model")
+    assert latest is not None and latest.version == 1
+    candidate = registry.get("contract-model", 2)
+    assert candidate.withdrawn and candidate.stage == "candidate"
+    assert [v.version for v in registry.find_by_tag("contract-model", "stage", "candidate")] == [2]
+
+    registry.withdraw("contract-model", 1)  # a clean-up in the studio: production still serves
+    assert registry.list_versions("contract-model") == []
+    assert registry.latest("contract-model") is None
+    (production,) = registry.find_by_tag("contract-model", "stage", "production")
+    assert production.version == 1 and production.withdrawn
+    assert registry.names() == ["contract-model"]  # known, if nothing is listed
+    # A promotion tags it `stage=archived`: that must not restore it in the studio.
+    assert registry.set_tags("contract-model", 1, {"stage": "archived"}).withdrawn
+    assert registry.get("contract-model", 1).withdrawn
+    assert registry.list_versions("contract-model") == []
+    with pytest.raises(ModelNotFound):
+        registry.withdraw("contract-model", 5)

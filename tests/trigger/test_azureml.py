@@ -102,6 +102,25 @@ def test_a_version_older_than_a_production_archived_in_the_studio_is_not_rolled_
     assert _stages(arm) == {"1": "candidate", "2": "production"}
 
 
+def test_a_candidate_archived_in_the_studio_before_its_delivery_is_not_rolled_out(
+    tmp_path: Path, arm: FakeArm, registry: AzureMLRegistry
+) -> None:
+    """An event accepted v2; a person archived it in the studio before its turn. The listings
+    leave it out, but the dispatcher `get`s the version an event names, and it was rolled out."""
+    from aml_pipelines.trigger.dispatch import WITHDRAWN
+
+    registry.register(
+        "diabetes", "azureml://jobs/run-1/outputs/model", {"sha256": "a" * 64, "stage": "candidate"}
+    )
+    watcher = _watcher(tmp_path, registry)
+    assert watcher.dispatcher.accept("diabetes", 1, "event:e1")
+    registry.ml_client.models.archive("diabetes", "1")
+    assert [(o.phase, o.reason) for o in watcher.run(once=True)] == [("skipped", WITHDRAWN)]
+    assert _stages(arm) == {"1": "candidate"}
+    assert not (tmp_path / "routes.json").exists()  # nothing deployed
+    assert registry.withdrawn("diabetes") == {1}
+
+
 def _production_archived_in_the_studio_then_a_candidate(registry: AzureMLRegistry) -> None:
     """v1 tagged production and archived in the studio (out of the listing), v2 a candidate."""
     registry.register(

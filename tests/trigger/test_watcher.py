@@ -22,7 +22,7 @@ from aml_pipelines.registry import local as local_registry
 from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger import store as store_module
-from aml_pipelines.trigger.dispatch import DeliveryWorker, Dispatcher
+from aml_pipelines.trigger.dispatch import WITHDRAWN, DeliveryWorker, Dispatcher
 from aml_pipelines.trigger.store import MISSING, Step, TriggerStore
 from aml_pipelines.trigger.watcher import Watcher, new_versions
 from rollout.errors import MetricsError
@@ -467,6 +467,69 @@ def test_a_version_the_registry_shows_delivered_is_skipped(
         "already delivered (stage=production)",
     )
     assert journal(tmp_path / "engine") == []
+
+
+@pytest.mark.parametrize("source", ["event:e2", "watch"])
+def test_a_candidate_withdrawn_before_its_delivery_is_skipped(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher, source: str
+) -> None:
+    # Archived in the Azure ML studio after it was accepted (by an event, or listed by the
+    # watcher) and before its turn: the listings leave it out, but the dispatcher `get`s it,
+    # which sees it, and it was rolled out. A person withdrew it.
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    assert dispatcher.accept("diabetes", 2, source)
+    registry.withdraw("diabetes", 2)
+    assert [(o.phase, o.reason) for o in dispatcher.drain("diabetes")] == [("skipped", WITHDRAWN)]
+    entry = dispatcher.store.load("diabetes").entries[2]
+    assert (entry.step, entry.outcome, entry.reason) == (Step.DONE, "skipped", WITHDRAWN)
+    assert journal(tmp_path / "engine") == []
+    assert registry.get("diabetes", 2).stage == "candidate"  # no tag written either
+    shown = CliRunner().invoke(
+        app,
+        ["trigger", "status", "--state-dir", str(dispatcher.store.root)],
+        env={"COLUMNS": "300"},  # rich's width: the reason on one line
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "skipped" in shown.output and WITHDRAWN in shown.output
+
+
+def test_withdrawn_production_still_serves_and_a_started_delivery_is_not_cut(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    # Production archived in a clean-up still serves: a newer candidate is rolled out against
+    # it, as before. A version withdrawn once its delivery started (its rollout may be live, or
+    # a first release serve all traffic) is delivered, resumed, as any started one.
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    registry.withdraw("diabetes", 1)
+    assert dispatcher.accept("diabetes", 2, "event:e2")
+    dispatcher.store.update("diabetes", 2, lambda e: replace(e, step=Step.STARTED, attempts=1))
+    registry.withdraw("diabetes", 2)
+    assert [o.phase for o in dispatcher.drain("diabetes")] == ["Succeeded"]
+    assert _events(tmp_path / "engine", "start") == [("start", 2)]
+    assert [registry.get("diabetes", v).stage for v in (1, 2)] == ["archived", "production"]
+
+
+def test_a_withdrawn_version_supersedes_nothing(
+    tmp_path: Path, registry: LocalRegistry, delivery: ResumableDelivery
+) -> None:
+    # With --supersede, v2 was closed `superseded by version 3`, then v3 skipped as withdrawn:
+    # neither rolled out, for a version nobody is to deliver.
+    dispatcher = Dispatcher(
+        TriggerStore(tmp_path / "trigger"), registry, delivery, supersede=True, wait_interval_s=0
+    )
+    register(registry, tmp_path, stage="production")
+    for _ in range(2):
+        register(registry, tmp_path, stage="candidate")
+    assert dispatcher.accept_many("diabetes", [(2, "watch"), (3, "watch")]) == [2, 3]
+    registry.withdraw("diabetes", 3)
+    outcomes = [(o.version, o.phase, o.reason) for o in dispatcher.drain("diabetes")]
+    assert outcomes == [(2, "Succeeded", "all steps passed"), (3, "skipped", WITHDRAWN)]
 
 
 def test_a_corrupted_model_is_closed_as_failed_not_retried(

@@ -19,9 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
+from aml_pipelines.errors import RegistryError
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger import store as store_module
-from aml_pipelines.trigger.dispatch import DeliveryWorker, Dispatcher
+from aml_pipelines.trigger.dispatch import WITHDRAWN, DeliveryWorker, Dispatcher
 from aml_pipelines.trigger.store import Step, TriggerStore
 from aml_pipelines.trigger.webhook import Filter, WebhookApp, make_server
 from tests.trigger.fakes import ResumableDelivery, journal, register
@@ -170,6 +171,7 @@ def test_dedupe_by_event_id_and_by_version_survives_a_restart(
             "filtered": [],
             "ignored_other_types": 0,
             "rejected": [],
+            "skipped": [],
         }
         new = hook.post([eg_event("e2", version="2")])
         assert new.json()["accepted"] == [{"model": "diabetes", "version": 2}]
@@ -218,10 +220,10 @@ def test_an_event_recorded_before_another_of_its_batch_failed_is_delivered(
     register(registry, tmp_path, stage="candidate")
     accept_many = Dispatcher.accept_many
 
-    def disk_full_for_other(self: Dispatcher, model: str, *args: Any) -> list[int]:
+    def disk_full_for_other(self: Dispatcher, model: str, *args: Any, **kw: Any) -> list[int]:
         if model == "other":
             raise OSError(28, "No space left on device")
-        return accept_many(self, model, *args)
+        return accept_many(self, model, *args, **kw)
 
     monkeypatch.setattr(Dispatcher, "accept_many", disk_full_for_other)
     with running(tmp_path, registry) as hook:
@@ -308,6 +310,56 @@ def test_events_are_filtered_by_model_and_tags(tmp_path: Path, registry: LocalRe
             "tag stage=candidate not set",
         ]
     assert hook.starts() == []
+
+
+def test_an_event_for_a_version_withdrawn_in_the_registry_is_answered_skipped(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    # An event arriving late (Event Grid retries for a day) for a version a person archived in
+    # the studio meanwhile: the answer said `accepted`, and the version was rolled out.
+    register(registry, tmp_path, stage="candidate")
+    register(registry, tmp_path, stage="candidate")
+    registry.withdraw("diabetes", 1)
+    with running(tmp_path, registry) as hook:
+        response = hook.post([eg_event("e1", version="1"), eg_event("e2", version="2")])
+        assert response.status_code == 200
+        assert response.json()["accepted"] == [{"model": "diabetes", "version": 2}]
+        assert response.json()["skipped"] == [
+            {"model": "diabetes", "version": 1, "reason": WITHDRAWN}
+        ]
+        _until(lambda: hook.done() == [1, 2], "v2")
+        again = hook.post([eg_event("e9", version="1")])  # another event for it: a duplicate
+        assert (again.json()["skipped"], again.json()["duplicates"]) == ([], 1)
+    assert hook.starts() == [2]
+    entry = TriggerStore(tmp_path / "trigger").load("diabetes").entries[1]
+    assert (entry.step, entry.outcome, entry.reason) == (Step.DONE, "skipped", WITHDRAWN)
+
+
+def test_an_event_is_accepted_when_the_registry_cannot_say_what_is_withdrawn(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Accepting is a local write: a registry that cannot be read must not make it a 500 (Event
+    # Grid would retry it for a day); the delivery reads the version before any rollout.
+    register(registry, tmp_path, stage="candidate")
+    withdrawn, calls = registry.withdrawn, []
+
+    def unreachable_once(name: str) -> set[int]:  # the webhook's read, the first
+        calls.append(name)
+        if len(calls) == 1:
+            raise RegistryError("list diabetes: Azure ML answered 503: try again later")
+        return withdrawn(name)
+
+    monkeypatch.setattr(registry, "withdrawn", unreachable_once)
+    with running(tmp_path, registry) as hook:
+        with caplog.at_level(logging.WARNING, logger="aml_pipelines.trigger.webhook"):
+            response = hook.post([eg_event("e1", version="1")])
+        assert response.status_code == 200
+        assert response.json()["accepted"] == [{"model": "diabetes", "version": 1}]
+        _until(lambda: hook.done() == [1], "v1")
+    assert "cannot read which versions of diabetes are archived" in caplog.text
 
 
 OTHER_WORKSPACE = TOPIC.replace("/workspaces/ws", "/workspaces/ws-dev")
