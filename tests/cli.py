@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from typing import Any
 
 CLI = [
     sys.executable,
@@ -25,3 +27,22 @@ def run_cli(
         check=False,
         env={**os.environ, "COLUMNS": str(columns)},
     )
+
+
+def stop_and_wait(
+    process: subprocess.Popen[Any], signum: int = signal.SIGTERM, timeout: float = 60
+) -> tuple[Any, Any]:
+    """Send `signum`, then wait for the process and return the rest of its (stdout, stderr),
+    as `communicate` does (None for a stream not piped).
+
+    One that outlives `timeout` is killed before TimeoutExpired goes up: a test failing there
+    leaves nothing running (its children die with it: the parent-death signal).
+    """
+    process.send_signal(signum)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return out, err

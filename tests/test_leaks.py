@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -54,3 +55,15 @@ def test_what_a_killed_session_left_is_found_with_its_test() -> None:
             assert [leak.test for leak in found] == [os.environ["PYTEST_CURRENT_TEST"]]
         finally:
             orphan.kill()
+
+
+def test_stop_and_wait_kills_a_process_that_outlives_its_timeout() -> None:
+    """A test failing at its stop step (the process ignores SIGTERM) leaves nothing running."""
+    from tests.cli import stop_and_wait
+
+    ignores = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"  # noqa: E501
+    process = subprocess.Popen([sys.executable, "-c", ignores], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline() == "ready\n"
+    with pytest.raises(subprocess.TimeoutExpired):
+        stop_and_wait(process, timeout=0.3)
+    assert process.returncode == -signal.SIGKILL

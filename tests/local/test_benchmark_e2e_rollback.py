@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import benchmarks.e2e_rollback as bench
 from benchmarks.e2e_rollback import main
 from rollout.core.types import Colour, Phase, Weights
 from rollout.local.process import pid_alive
+from tests.cli import stop_and_wait
 
 
 @pytest.mark.parametrize(
@@ -145,8 +145,7 @@ def test_sigterm_stops_the_stack_and_removes_the_temp_dir(tmp_path: Path) -> Non
             ]
         assert len(pids) == 2, "the benchmark's stack never served green and blue"
     finally:
-        process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=60)
+        _, err = stop_and_wait(process)
     assert process.returncode == 130, err
     assert "interrupted: the stack is stopped and its temp dir removed" in err
     assert bench_dirs(tmp_path) == []

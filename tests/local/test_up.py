@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import httpx
 import pytest
 
 from rollout.local.process import kill_group, pid_alive, port_is_free
-from tests.cli import CLI, run_cli
+from tests.cli import CLI, run_cli, stop_and_wait
 from tests.local.conftest import MakeRelease
 
 pytestmark = pytest.mark.slow
@@ -87,8 +86,7 @@ def test_up_serves_until_sigterm_then_stops_clean(tmp_path: Path) -> None:
         pids = scoring_pids(tmp_path / "stack")
         assert pids and all(pid_alive(p) for p in pids)
     finally:
-        process.send_signal(signal.SIGTERM)
-        rest, _ = process.communicate(timeout=60)
+        rest, _ = stop_and_wait(process)
     assert process.returncode == 0, output + rest
     assert "stack stopped" in rest
     assert not any(pid_alive(p) for p in pids)
@@ -117,8 +115,7 @@ def test_up_reaps_a_server_another_process_stopped(
         assert process_state(blue_pid) is None, f"blue is {process_state(blue_pid)} under `up`"
         assert process.poll() is None, output
     finally:
-        process.send_signal(signal.SIGTERM)
-        rest, _ = process.communicate(timeout=60)
+        rest, _ = stop_and_wait(process)
     assert process.returncode == 0, output + rest
 
 
@@ -132,8 +129,7 @@ def test_up_in_a_temporary_folder_keeps_it_when_a_rollout_left_its_ledger() -> N
     try:
         (workdir / "state").mkdir(exist_ok=True)
         (workdir / "state" / "local.ledger.jsonl").write_text("{}\n")
-        process.send_signal(signal.SIGTERM)
-        rest, _ = process.communicate(timeout=60)
+        rest, _ = stop_and_wait(process)
         assert process.returncode == 0, output + rest
         assert "stack stopped" in rest
         assert f"kept {workdir}" in rest and "local.ledger.jsonl" in rest

@@ -20,6 +20,7 @@ from rollout.cli import app as cli_app
 from rollout.local.process import listening_socket
 from rollout.routers.base import UPSTREAM_IDLE_S
 from scoring.cli import KEEP_ALIVE_S
+from tests.cli import stop_and_wait
 
 
 def test_serve_refuses_a_tampered_model(model_dir: Path, tmp_path: Path) -> None:
@@ -118,8 +119,7 @@ def test_serve_runs_uvicorn_with_the_options(package_dir: Path) -> None:
         finally:
             conn.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=20)[0].decode()
+        out = stop_and_wait(proc, timeout=20)[0].decode()
     # uvicorn shuts down gracefully, then re-raises the signal it caught
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "Traceback" not in out

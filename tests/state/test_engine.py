@@ -8,7 +8,6 @@ and metrics are the in-process ones (memory router, simulated traffic), as in te
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from rollout.controller import FakeClock
 from rollout.core.status import Command, Status
 from rollout.core.types import Colour, Phase, Weights
 from rollout.routers.memory import MemoryRouter
+from tests.cli import stop_and_wait
 from tests.engine.specs import spec_dict
 from tests.fakes.kube_apiserver import FakeKubeApiServer
 from tests.state.helpers import NAMESPACE, kube_store, lease_of
@@ -146,8 +146,7 @@ def test_a_sigterm_stops_the_controller_and_releases_its_lease(
             assert controller.poll() is None, controller.communicate()
             assert time.monotonic() < deadline, "the controller did not start"
             time.sleep(0.05)
-        controller.send_signal(signal.SIGTERM)
-        _, err = controller.communicate(timeout=15)
+        _, err = stop_and_wait(controller, timeout=15)
     finally:
         controller.kill()
     assert controller.returncode == 130, err
