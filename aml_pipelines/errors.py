@@ -11,6 +11,7 @@
     │   ├── ModelNotFound     no such model or version
     │   └── IntegrityError    a stored model does not match its recorded sha256
     ├── AzureNotConfigured    credentials or workspace coordinates are missing
+    ├── ClosureError          installed packages cannot give a requirement list's closure
     └── TriggerError          a registration trigger failed
 
 The CLI prints one clear line and exits non-zero for each; never a traceback.
@@ -90,6 +91,17 @@ class IntegrityError(RegistryError):
 
 class AzureNotConfigured(PipelineError):
     """Azure credentials or workspace coordinates are missing."""
+
+
+class ClosureError(PipelineError):
+    """The installed packages cannot give a requirement list's closure: a needed package is not
+    installed (`installed` None), or a requirer refuses the version there is (`installed`, or the
+    version asked for instead of it)."""
+
+    def __init__(self, message: str, *, package: str, installed: str | None) -> None:
+        super().__init__(message)
+        self.package = package
+        self.installed = installed
 
 
 class TriggerError(PipelineError):

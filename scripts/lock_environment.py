@@ -6,6 +6,8 @@ script writes every package those pull in on the Azure ML image (Linux x86_64, C
 file's `python=` pin; markers for other platforms and pythons evaluate false, requested extras
 such as uvicorn[standard] count), each `==` the version installed in the interpreter running it.
 Nothing a step imports floats, and `make` installs the venv with the same pins as constraints.
+The walk is aml_pipelines/closure.py's, the one the package step pins its image's
+requirements.txt with.
 
 An upgrade: change a top pin, `make` (re-installs the venv at it), then, with the venv's python,
 
@@ -25,12 +27,12 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections import deque
-from importlib import metadata
 from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name
+
+from aml_pipelines.closure import ClosureError, closure, target_environment
 
 ENVIRONMENT_YML = Path(__file__).resolve().parents[1] / "environment.yml"
 HEADER = "# The transitive closure of the pins above"
@@ -41,60 +43,6 @@ _PYTHON = re.compile(r"^ *- python=(?P<version>\d+\.\d+\.\d+)\s*$")
 class LockError(Exception):
     """The venv cannot give the block: a needed package missing, or installed at a version the
     package needing it refuses (a top pin changed but not yet installed, say)."""
-
-
-def target_environment(python: str) -> dict[str, str]:
-    """PEP 508 marker values on the Azure ML image: Linux x86_64, CPython `python` (X.Y.Z)."""
-    return {
-        "implementation_name": "cpython",
-        "implementation_version": python,
-        "os_name": "posix",
-        "platform_machine": "x86_64",
-        "platform_python_implementation": "CPython",
-        "platform_release": "",
-        "platform_system": "Linux",
-        "platform_version": "",
-        "python_full_version": python,
-        "python_version": ".".join(python.split(".")[:2]),
-        "sys_platform": "linux",
-    }
-
-
-def closure(top: list[Requirement], environment: dict[str, str]) -> dict[NormalizedName, str]:
-    """Every distribution `top` needs in `environment` (top included), by name: its version here.
-
-    Walks the installed metadata's Requires-Dist, a (name, extra) pair at a time: `foo[bar]`
-    also takes the requirements foo guards with `extra == "bar"`.
-    """
-    versions: dict[NormalizedName, str] = {}
-    seen: set[tuple[NormalizedName, str]] = set()
-    queue = deque((r, "environment.yml") for r in top)
-    while queue:
-        requirement, wanted_by = queue.popleft()
-        name = canonicalize_name(requirement.name)
-        try:
-            dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            raise LockError(
-                f"{wanted_by} needs {requirement} on the image, but it is not installed here: "
-                "`make` first (on Linux, with the image's python)"
-            ) from None
-        if not requirement.specifier.contains(dist.version, prereleases=True):
-            raise LockError(
-                f"{wanted_by} needs {requirement}, installed here: {dist.version} "
-                "(`make` re-installs the venv at environment.yml's pins, after `--clear` if pip "
-                "finds they conflict; then run this again)"
-            )
-        versions[name] = dist.version
-        for extra in ("", *sorted(requirement.extras)):
-            if (name, extra) in seen:
-                continue
-            seen.add((name, extra))
-            for line in dist.requires or []:
-                needed = Requirement(line)
-                if needed.marker is None or needed.marker.evaluate({**environment, "extra": extra}):
-                    queue.append((needed, f"{name}{f'[{extra}]' if extra else ''}"))
-    return versions
 
 
 def rewrite(text: str, *, clear: bool = False) -> str:
@@ -119,7 +67,7 @@ def rewrite(text: str, *, clear: bool = False) -> str:
     if not top_lines[-1].endswith("\n"):
         top_lines[-1] += "\n"  # the file ended on the last top pin
     pins = {canonicalize_name(r.name) for r in top}
-    versions = {} if clear else closure(top, target_environment(python))
+    versions = {} if clear else _closure(top, python)
     comment = [
         f"{HEADER} on the image (Linux x86_64, CPython {python}), each",
         "# == the version the venv runs. Generated, do not edit: change a pin above, `make`, then",
@@ -131,6 +79,21 @@ def rewrite(text: str, *, clear: bool = False) -> str:
         if name not in pins
     ]
     return "".join(lines[: start + 1] + top_lines + generated + lines[end:])
+
+
+def _closure(top: list[Requirement], python: str) -> dict[NormalizedName, str]:
+    """The venv's versions of everything `top` needs on the image (aml_pipelines.closure)."""
+    try:
+        return closure(top, target_environment(python), top_name="environment.yml").versions
+    except ClosureError as exc:
+        if exc.installed is None:
+            hint = "`make` first (on Linux, with the image's python)"
+        else:
+            hint = (
+                "`make` re-installs the venv at environment.yml's pins, after `--clear` if pip "
+                "finds they conflict; then run this again"
+            )
+        raise LockError(f"{exc}: {hint}") from exc
 
 
 def _indent(line: str) -> int:

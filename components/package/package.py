@@ -5,7 +5,8 @@
       scoring/               the `scoring` package's server modules (copied from this checkout)
       score.py               Azure ML entry (init()/run()): the scoring package's score.py
       asgi.py                the container's entry: the scoring package's FastAPI app on ./
-      requirements.txt       pinned: the model's library versions + the server's libraries
+      requirements.txt       pinned: the model's library versions + the server's libraries +
+                             everything those pull in on the image (see `requirements`)
       Dockerfile             python:3.11.7-slim-bookworm, non-root, `uvicorn asgi:build --factory`
       .dockerignore          keeps a killed build's staging folder out of the image
       k8s/values-blue.yaml   values for charts/aml-rollout deploying this version as blue / green
@@ -41,7 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
+from aml_pipelines.closure import ClosureError, closure, target_environment
 from aml_pipelines.errors import ComponentError, ConfigError, IntegrityError
 from aml_pipelines.fileio import fsync_dir, read_json_object, sha256_file, write_json
 from aml_pipelines.registry.base import ModelVersion
@@ -61,6 +65,7 @@ SERVER_PORT = 8000
 _SCORING_EXCLUDED = {"cli.py", "loadgen.py"}
 # Libraries the server imports, pinned to what this environment runs (and was tested with).
 _SERVER_LIBRARIES = ("fastapi", "uvicorn", "orjson", "prometheus-client", "pydantic")
+_EXTRAS = {"uvicorn": "[standard]"}
 _MODEL_LIBRARIES = ("scikit-learn", "skops", "numpy", "scipy")
 
 ASGI_ENTRY = '''"""Container entry: the scoring package's app serving this package folder."""
@@ -110,6 +115,18 @@ HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http:/
 CMD ["uvicorn", "asgi:build", "--factory", "--host", "0.0.0.0", "--port", "{port}", \\
      "--timeout-keep-alive", "{keep_alive}", "--no-access-log"]
 """
+
+
+def _image_python(dockerfile: str) -> str:
+    """The X.Y.Z of the Dockerfile's `FROM python:X.Y.Z-...`."""
+    found = re.search(r"^FROM python:(\d+\.\d+\.\d+)-", dockerfile, re.MULTILINE)
+    if found is None:
+        raise ComponentError("the package Dockerfile does not start FROM python:X.Y.Z-...")
+    return found[1]
+
+
+#: The image's Python: the platform requirements.txt is pinned for.
+IMAGE_PYTHON = _image_python(DOCKERFILE)
 
 
 @dataclass(frozen=True)
@@ -183,16 +200,68 @@ def scoring_sources() -> Path:
 
 
 def requirements(library_versions: dict[str, str]) -> str:
-    """Pinned requirements: the model's libraries as trained, the server's as tested here."""
+    """Pinned requirements: the model's libraries as trained, the server's as tested here, then
+    everything those pull in on the image (Linux x86_64, the Dockerfile's CPython; extras such
+    as uvicorn[standard] followed), each at the version this environment runs.
+
+    A model library trained at another version than the one installed here is pinned as trained,
+    but its own dependencies are named by that version's metadata, which is not here to read:
+    they are left to pip when the image is built (a comment says which library, a warning is
+    logged) and everything else stays pinned. Refusing instead would leave no way to package a
+    model trained before the last environment upgrade. ClosureError when a pinned package
+    refuses a trained version: that image would never build.
+    """
+    model = {
+        dist: library_versions.get(dist) or metadata.version(dist) for dist in _MODEL_LIBRARIES
+    }
+    server = {dist: metadata.version(dist) for dist in _SERVER_LIBRARIES}
+    top = [Requirement(f"{dist}=={version}") for dist, version in model.items()] + [
+        Requirement(f"{dist}{_EXTRAS.get(dist, '')}=={version}") for dist, version in server.items()
+    ]
+    try:
+        found = closure(
+            top, target_environment(IMAGE_PYTHON), pinned=model, top_name="requirements.txt"
+        )
+    except ClosureError as exc:
+        raise ClosureError(
+            f"cannot pin the image's requirements: {exc} (the model's library_versions do not "
+            "go with this environment's packages)",
+            package=exc.package,
+            installed=exc.installed,
+        ) from exc
     lines = ["# the model's libraries, pinned to the versions it was trained with"]
-    for dist in _MODEL_LIBRARIES:
-        version = library_versions.get(dist) or metadata.version(dist)
-        lines.append(f"{dist}=={version}")
+    lines += map(str, top[: len(model)])
     lines.append("# the scoring server's libraries, pinned to the versions it was tested with")
-    for dist in _SERVER_LIBRARIES:
-        extra = "[standard]" if dist == "uvicorn" else ""
-        lines.append(f"{dist}{extra}=={metadata.version(dist)}")
+    lines += map(str, top[len(model) :])
+    lines.append(
+        f"# what those pull in on the image (Linux x86_64, CPython {IMAGE_PYTHON}), pinned to the "
+        "versions tested here"
+    )
+    for name in found.unread:
+        log.warning(
+            "the model was trained with %s %s, this environment runs %s: the image pins it as "
+            "trained and leaves its own dependencies to pip",
+            name,
+            found.versions[name],
+            _installed(name),
+        )
+        lines.append(
+            f"# {name} {found.versions[name]} is not the version installed here "
+            f"({_installed(name)}): its own dependencies are pip's choice\n"
+            "# when the image is built; only those something else here needs are pinned below"
+        )
+    tops = {canonicalize_name(r.name) for r in top}
+    lines += [
+        f"{name}=={found.versions[name]}" for name in sorted(found.versions) if name not in tops
+    ]
     return "\n".join(lines) + "\n"
+
+
+def _installed(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "none"
 
 
 def helm_values(colour: str, image: str, model: ModelVersion) -> str:

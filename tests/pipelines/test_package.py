@@ -13,24 +13,28 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
-from aml_pipelines.errors import ComponentError, ConfigError, IntegrityError
+from aml_pipelines.errors import ComponentError, ConfigError, IntegrityError, PipelineError
 from aml_pipelines.registry.local import LocalRegistry
 from components.package import package as package_module
 from components.package.main import main
-from components.package.package import build_package, image_name
+from components.package.package import build_package, image_name, requirements
 from components.register.register import register_model
 from components.rollout.main import InvalidInput, read_package
 from components.train.train import TrainParams, train
 from rollout.core.types import Colour, Release
 from rollout.local.process import listening_socket
 from rollout.routers import istio_manifests as m
+from tests.pipelines.test_environment import _image_markers
 from tests.routers.test_manifests import by_name, render_chart
 
 REPO = Path(__file__).parents[2]
@@ -70,6 +74,110 @@ def test_package_folder_follows_the_contract(registered, tmp_path: Path) -> None
     blue = yaml.safe_load((pkg / "k8s" / "values-blue.yaml").read_text())
     assert blue["blue"]["image"] == "acr.example.io/team/diabetes-ridge:1"
     assert manifest["files"]["model/model.skops"] == version.sha256
+
+
+def _pins(text: str) -> dict[str, Requirement]:
+    """requirements.txt's lines, by canonical name (comments skipped)."""
+    return {
+        canonicalize_name(Requirement(line).name): Requirement(line)
+        for line in text.splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+
+
+def _floating(text: str, unread: set[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """What requirements.txt leaves floating on the image (a Requires-Dist of a pinned package,
+    marker true on Linux x86_64 CPython 3.11.7, extras followed, not pinned) and what it pins at
+    a version its requirer refuses. `unread`: pinned at a version not installed here, so their
+    own Requires-Dist cannot be read (pip's to choose)."""
+    pins = _pins(text)
+    markers = _image_markers()
+    floating, refused, seen = [], [], set()
+    queue = [(r, "requirements.txt") for r in pins.values()]
+    while queue:
+        requirement, wanted_by = queue.pop()
+        name = canonicalize_name(requirement.name)
+        if name not in pins:
+            floating.append(f"{requirement} (needed by {wanted_by})")
+            continue
+        (version,) = [s.version for s in pins[name].specifier if s.operator == "=="]
+        if not requirement.specifier.contains(version, prereleases=True):
+            refused.append(f"{wanted_by} needs {requirement}, pinned {version}")
+        for extra in ("", *sorted(requirement.extras | pins[name].extras)):
+            if (name, extra) in seen or name in unread:
+                continue
+            seen.add((name, extra))
+            for line in metadata.requires(name) or []:
+                dependency = Requirement(line)
+                if dependency.marker is None or dependency.marker.evaluate(
+                    {**markers, "extra": extra}
+                ):
+                    queue.append((dependency, name))
+    return sorted(set(floating)), refused
+
+
+def test_requirements_pin_everything_the_image_installs() -> None:
+    """Every package a pinned one requires in the image (Linux x86_64, the Dockerfile's CPython;
+    uvicorn[standard]'s extras too) is pinned, at a version its requirer accepts: starlette,
+    pydantic-core, joblib... do not float to whatever PyPI serves on the day of a rebuild."""
+    text = requirements({})
+    assert all(len(r.specifier) == 1 for r in _pins(text).values()), text
+    floating, refused = _floating(text)
+    assert not floating, f"requirements.txt leaves these to pip: {floating}"
+    assert not refused, refused
+    for name in ("starlette", "pydantic-core", "anyio", "h11", "joblib", "threadpoolctl", "uvloop"):
+        assert name in _pins(text), name  # (the walk above is the test; these say what it means)
+
+
+def test_requirements_pin_the_versions_environment_yml_pins() -> None:
+    """The image runs what the steps' environment runs, the transitive packages included: the
+    versions the scoring server was tested with (test_environment ties the venv to these)."""
+    deps = yaml.safe_load((REPO / "environment.yml").read_text())["dependencies"]
+    environment = _pins("\n".join(next(d["pip"] for d in deps if isinstance(d, dict))))
+    text = requirements({})
+    differing = {
+        str(pin): str(environment.get(name)) for name, pin in _pins(text).items()
+        if environment.get(name) is None or pin.specifier != environment[name].specifier
+    }  # fmt: skip
+    assert not differing, differing
+
+
+def test_requirements_read_as_three_groups() -> None:
+    comments = [line for line in requirements({}).splitlines() if line.startswith("#")]
+    assert comments[0].startswith("# the model's libraries")
+    assert comments[1].startswith("# the scoring server's libraries")
+    assert comments[2].startswith("# what those pull in")
+    lines = requirements({}).splitlines()
+    third = lines[lines.index(comments[2]) + 1 :]
+    names = [canonicalize_name(Requirement(line).name) for line in third if line[:1] != "#"]
+    assert names == sorted(names) and "starlette" in names and "fastapi" not in names
+
+
+def test_a_model_trained_with_another_library_version_pins_the_rest() -> None:
+    """scikit-learn 1.8.0 (trained) is not installed here: its own Requires-Dist cannot be read,
+    so what only it needs (joblib, threadpoolctl, narwhals) is left to pip and requirements.txt
+    says so; everything else stays pinned at the versions tested here."""
+    installed = metadata.version("scikit-learn")
+    assert installed != "1.8.0"
+    text = requirements({"scikit-learn": "1.8.0"})
+    pins = _pins(text)
+    assert str(pins["scikit-learn"]) == "scikit-learn==1.8.0"
+    floating, refused = _floating(text, unread={"scikit-learn"})
+    assert not floating and not refused, (floating, refused)
+    for name in ("joblib", "threadpoolctl", "narwhals"):
+        assert name not in pins, f"{name} is pinned at the version another scikit-learn needs"
+    note = " ".join(line for line in text.splitlines() if line.startswith("#"))
+    assert f"scikit-learn 1.8.0 is not the version installed here ({installed})" in note
+    assert "its own dependencies are pip's choice" in note
+    assert {n: str(p) for n, p in pins.items() if n != "scikit-learn"}.items() <= {
+        n: str(p) for n, p in _pins(requirements({})).items()
+    }.items()
+
+
+def test_a_model_library_version_a_pinned_package_refuses_is_not_packaged() -> None:
+    """skops (as trained) needs scikit-learn>=1.2: an image pinning 1.1.3 would never build."""
+    with pytest.raises(PipelineError, match=r"skops needs scikit-learn>=1\.2, pinned: 1\.1\.3"):
+        requirements({"scikit-learn": "1.1.3"})
 
 
 @pytest.mark.parametrize("colour", [Colour.BLUE, Colour.GREEN])
