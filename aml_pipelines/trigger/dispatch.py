@@ -222,7 +222,8 @@ class Dispatcher:
         """
         outcomes = []
         while not self.stop.is_set():
-            open_entries = self.store.load(model).open_entries()
+            cursor = self.store.load(model)
+            open_entries = cursor.open_entries()
             # One closed by another process is awaited no more (due forever, it would end
             # every wait of the worker at once).
             still_open = {e.version for e in open_entries}
@@ -232,8 +233,9 @@ class Dispatcher:
             if not open_entries:
                 break
             version = open_entries[0].version
-            # With supersede a newer open version closes it at once: no read to wait for.
-            newer = self.supersede and any(e.version > version for e in open_entries)
+            # With supersede a newer open version closes it at once: no read to wait for (the
+            # delivery's rule: a withdrawn one supersedes nothing).
+            newer = self.supersede and self._newer_open(cursor, version) > 0
             if not newer and (later := self._read_in(model, version)) > 0:
                 if not wait or self.pause(later):
                     break

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from aml_pipelines.delivery import RolloutView
-from aml_pipelines.errors import IntegrityError, RegistryError, TriggerError
+from aml_pipelines.errors import IntegrityError, ModelNotFound, RegistryError, TriggerError
 from aml_pipelines.registry import local as local_registry
 from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
@@ -1076,3 +1076,32 @@ def test_a_version_whose_baseline_cannot_be_read_closes_failed(
     assert (outcome.phase, entry.step, entry.outcome) == ("Failed", Step.DONE, "Failed")
     assert "diabetes:1 is corrupted" in entry.reason
     assert journal(tmp_path / "engine") == []
+
+
+def test_with_supersede_a_withdrawn_newer_version_leaves_an_awaited_one_awaited(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    dispatcher: Dispatcher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Was: the drain took any newer open version for one that supersedes (no read to wait for),
+    # the delivery did not (v3 is withdrawn): v2's reads were spent back to back, and it was
+    # closed `missing` "after 8 reads over 127 s" within milliseconds.
+    dispatcher.supersede = True
+    pauses = _Pauses(dispatcher, registry, tmp_path)
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    register(registry, tmp_path, stage="candidate")
+    registry.withdraw("diabetes", 3)
+    real_get = registry.get
+
+    def lagging(name: str, version: int) -> ModelVersion:  # the event ran ahead of the registry
+        if version == 2:
+            raise ModelNotFound(f"{name}:{version} not found")
+        return real_get(name, version)
+
+    monkeypatch.setattr(registry, "get", lagging)
+    assert dispatcher.accept_many("diabetes", [(2, "event:a"), (3, "watch")]) == [2, 3]
+    assert dispatcher.drain("diabetes", wait=False) == []
+    assert dispatcher.store.load("diabetes").entries[2].step is Step.PENDING
+    assert dispatcher.next_read_in() == 1.0 and pauses.delays == []
