@@ -271,6 +271,7 @@ class AzureMLRegistry:
 
     def _call(self, what: str, fn: Any, *args: Any) -> Any:
         from azure.core.exceptions import (
+            AzureError,
             ClientAuthenticationError,
             HttpResponseError,
             ResourceNotFoundError,
@@ -292,6 +293,8 @@ class AzureMLRegistry:
             raise RegistryError(
                 f"{what}: Azure ML answered {exc.status_code}: {one_line(exc.message)}"
             ) from exc
+        except AzureError as exc:  # no answer at all: connection refused, timed out, DNS
+            raise RegistryError(f"{what}: cannot reach Azure ML ({one_line(str(exc))})") from exc
 
 
 def _is_int(version: Any) -> bool:

@@ -538,3 +538,22 @@ def test_a_registry_in_another_workspace_binds_its_model_uri(
     assert job.inputs["production_model"]._data.path == uri
     result = offline_client().jobs.validate(job)
     assert result.passed, result.error_messages
+
+
+def test_azure_ml_out_of_reach_is_a_registry_error(
+    registry: AzureMLRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection that fails is no HTTP answer: it was a bare azure-core error, which the
+    webhook did not take for a registry it cannot read (a 500 with a traceback)."""
+    from azure.core.exceptions import ServiceRequestError
+
+    def unreachable(**_: Any) -> Any:
+        raise ServiceRequestError(
+            "<urllib3.connection.HTTPSConnection>: Failed to establish a new connection: [Errno 111] Connection refused"
+        )
+
+    monkeypatch.setattr(registry.ml_client.models, "list", unreachable)
+    with pytest.raises(
+        RegistryError, match=r"^list m: cannot reach Azure ML \(.*Connection refused\)$"
+    ):
+        registry.withdrawn("m")
