@@ -167,13 +167,21 @@ class AzureMLRegistry:
         return self._readable(name)
 
     def _readable(self, name: str, *, archived: bool = False) -> list[ModelVersion]:
-        listed = [(model, False) for model in self._list(name, view="ACTIVE_ONLY")]
+        # With `archived`, which versions there are comes from one listing of them all; the
+        # archived ones, read first, only set the flag: a version archived or restored between
+        # the two reads is then listed once (its flag stale), never missed nor listed twice.
         if archived:
-            listed += [(model, True) for model in self._list(name, view="ARCHIVED_ONLY")]
+            archived_here = self.withdrawn(name)
+            listed = [
+                (model, _is_int(model.version) and int(model.version) in archived_here)
+                for model in self._list(name, view="ALL")
+            ]
+        else:
+            listed = [(model, False) for model in self._list(name, view="ACTIVE_ONLY")]
         versions = []
-        for model, withdrawn in listed:
+        for model, is_withdrawn in listed:
             try:
-                versions.append(self._to_version(model, withdrawn=withdrawn))
+                versions.append(self._to_version(model, withdrawn=is_withdrawn))
             except IntegrityError as exc:
                 if (model.tags or {}).get(STAGE_TAG) == Stage.PRODUCTION:
                     raise  # never hide production: the gate and the no-downgrade check need it
@@ -193,7 +201,15 @@ class AzureMLRegistry:
         model.tags = merged
         updated = self._call(f"tag {name}:{version}", self.ml_client.models.create_or_update, model)
         if withdrawn:  # the PUT restored it (isArchived: false): a person archived it
-            self._archive(name, version)
+            try:
+                self._archive(name, version)
+            except RegistryError as exc:
+                # A retry of the tag write would find it restored and leave it so: say it now.
+                raise RegistryError(
+                    f"{name}:{version} was archived in the studio; writing its tags restored it "
+                    f"(azure-ai-ml sends isArchived: false) and archiving it again failed ({exc}): "
+                    "archive it again in the studio"
+                ) from exc
         return self._to_version(updated, withdrawn=withdrawn)
 
     def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersion]:

@@ -549,7 +549,8 @@ def test_azure_ml_out_of_reach_is_a_registry_error(
 
     def unreachable(**_: Any) -> Any:
         raise ServiceRequestError(
-            "<urllib3.connection.HTTPSConnection>: Failed to establish a new connection: [Errno 111] Connection refused"
+            "<urllib3.connection.HTTPSConnection>: Failed to establish a new connection: "
+            "[Errno 111] Connection refused"
         )
 
     monkeypatch.setattr(registry.ml_client.models, "list", unreachable)
@@ -557,3 +558,46 @@ def test_azure_ml_out_of_reach_is_a_registry_error(
         RegistryError, match=r"^list m: cannot reach Azure ML \(.*Connection refused\)$"
     ):
         registry.withdrawn("m")
+
+
+def test_production_restored_between_two_listings_is_still_found(
+    client: Any, registry: AzureMLRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version archived or restored in the studio while find_by_tag lists is found once:
+    membership comes from one listing of every version, not from two views read apart."""
+    registry.register(
+        "m", "azureml://jobs/r1/outputs/model", {"sha256": SHA, "stage": "production"}
+    )
+    client.models.archive("m", "1")
+    real_list = client.models.list
+    listings = 0
+
+    def restored_after_the_first(**kwargs: Any) -> Any:
+        nonlocal listings
+        found = list(real_list(**kwargs))
+        listings += 1
+        if listings == 1:
+            client.models.restore("m", "1")  # a person's Restore in the studio, meanwhile
+        return found
+
+    monkeypatch.setattr(client.models, "list", restored_after_the_first)
+    assert [v.version for v in registry.find_by_tag("m", "stage", "production")] == [1]
+
+
+def test_a_tag_write_that_cannot_archive_again_says_so(
+    client: Any, registry: AzureMLRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tag PUT restores an archived version; a retry would see it restored and leave it so."""
+    registry.register("m", "azureml://jobs/r1/outputs/model", {"sha256": SHA, "stage": "candidate"})
+    client.models.archive("m", "1")
+
+    def refused(name: str, version: int) -> None:
+        raise RegistryError(f"archive {name}:{version}: Azure ML answered 503: try again later")
+
+    monkeypatch.setattr(registry, "_archive", refused)
+    said = (
+        r"m:1 was archived in the studio; writing its tags restored it .* 503: try again "
+        r"later\): archive it again in the studio"
+    )
+    with pytest.raises(RegistryError, match=said):
+        registry.set_tags("m", 1, {"stage": "rolled-back"})
