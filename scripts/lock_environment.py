@@ -62,6 +62,8 @@ def rewrite(text: str, *, clear: bool = False) -> str:
     items = lines[start + 1 : end]
     block = next((i for i, line in enumerate(items) if line.strip().startswith(HEADER)), None)
     top_lines = items if block is None else items[:block]
+    if not any(line.strip().startswith("- ") for line in top_lines):
+        raise LockError("environment.yml's `- pip:` list has no pins above the generated block")
     item_indent = " " * min(_indent(line) for line in top_lines if line.strip().startswith("- "))
     top = [Requirement(line.strip()[2:]) for line in top_lines if line.strip().startswith("- ")]
     if not top_lines[-1].endswith("\n"):

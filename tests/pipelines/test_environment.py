@@ -199,6 +199,21 @@ def test_the_lock_script_refuses_a_top_pin_the_venv_does_not_run() -> None:
 
 
 @pytest.mark.parametrize(
+    "pip",
+    [
+        pytest.param("  - pip:\n", id="empty"),
+        pytest.param(
+            "  - pip:\n      # The transitive closure of the pins above\n", id="block-only"
+        ),
+    ],
+)
+def test_the_lock_script_refuses_a_pip_list_without_top_pins(pip: str) -> None:
+    lock = _lock_script()
+    with pytest.raises(lock.LockError, match=r"`- pip:` list has no pins above"):
+        lock.rewrite(f"dependencies:\n  - python=3.11.7\n{pip}")
+
+
+@pytest.mark.parametrize(
     ("line", "pinned"),
     [
         pytest.param("numpy==2.4.6", True, id="exact"),
