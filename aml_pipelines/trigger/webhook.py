@@ -48,6 +48,8 @@ import hmac
 import json
 import logging
 import re
+import threading
+import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +69,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 1024 * 1024  # Event Grid's own limit for one event is 1 MB
 SECRET_HEADERS = (b"aeg-sas-key", b"x-aml-rollout-key")
+#: Seconds the answer waits for the registry to say which versions are archived (a batch's
+#: models read side by side), before it accepts their events without knowing: Event Grid
+#: waits 30 s for the answer, and azure-core retries a slow Azure ML for minutes.
+WITHDRAWN_READ_S = 5.0
 JSON_TYPES = (
     "application/json",
     "application/cloudevents+json",
@@ -303,9 +309,10 @@ class WebhookApp:
                 continue
             seen.add(event.event_id)  # twice in one batch: the second is a redelivery
             by_model.setdefault(event.model, []).append(event)
+        withdrawn_by_model = self._withdrawn(list(by_model))
         try:
             for model, group in by_model.items():
-                withdrawn = self._withdrawn(model)
+                withdrawn = withdrawn_by_model[model]
                 # Cursor first, then the ids: a crash in between makes Event Grid's retry a
                 # version duplicate (the cursor knows the version), never a lost event.
                 new = set(
@@ -345,20 +352,43 @@ class WebhookApp:
             "skipped": skipped,
         }
 
-    def _withdrawn(self, model: str) -> set[int]:
-        """The versions of `model` withdrawn in the registry (archived in the Azure ML studio),
-        so that the answer says so; none when the registry cannot be read: accepted then, the
-        delivery asks again (and skips it) before any rollout. One read per model and batch."""
-        try:
-            return self.dispatcher.registry.withdrawn(model)
-        except PipelineError as exc:
+    def _withdrawn(self, models: list[str]) -> dict[str, set[int]]:
+        """The versions of each model withdrawn in the registry (archived in the Azure ML
+        studio), so that the answer says so. The models are read side by side, for at most
+        WITHDRAWN_READ_S in all: one the registry does not answer for in time (or answers with
+        an error) has none, its events are accepted, and the delivery asks again (and skips a
+        withdrawn version) before any rollout. Event Grid waits 30 s for the answer."""
+        found: dict[str, set[int]] = {}
+
+        def read(model: str) -> None:
+            try:
+                found[model] = self.dispatcher.registry.withdrawn(model)
+            except PipelineError as exc:
+                log.warning(
+                    "cannot read which versions of %s are archived in the registry (%s); the "
+                    "events are accepted, and their delivery checks again",
+                    model,
+                    exc,
+                )
+
+        # Daemon threads: a read hung in the SDK must not keep the answer, nor the exit, waiting.
+        readers = [
+            threading.Thread(target=read, args=(model,), name=f"withdrawn-{model}", daemon=True)
+            for model in models
+        ]
+        for reader in readers:
+            reader.start()
+        deadline = time.monotonic() + WITHDRAWN_READ_S
+        for reader in readers:
+            reader.join(max(0.0, deadline - time.monotonic()))
+        if late := [m for m, reader in zip(models, readers, strict=True) if reader.is_alive()]:
             log.warning(
-                "cannot read which versions of %s are archived in the registry (%s); the "
+                "the registry did not say within %g s which versions of %s are archived; the "
                 "events are accepted, and their delivery checks again",
-                model,
-                exc,
+                WITHDRAWN_READ_S,
+                ", ".join(late),
             )
-            return set()
+        return {model: set() if model in late else found.get(model, set()) for model in models}
 
 
 async def _respond(

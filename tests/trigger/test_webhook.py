@@ -22,6 +22,7 @@ import pytest
 from aml_pipelines.errors import RegistryError
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger import store as store_module
+from aml_pipelines.trigger import webhook as webhook_module
 from aml_pipelines.trigger.dispatch import WITHDRAWN, DeliveryWorker, Dispatcher
 from aml_pipelines.trigger.store import Step, TriggerStore
 from aml_pipelines.trigger.webhook import Filter, WebhookApp, make_server
@@ -580,3 +581,35 @@ def test_a_lone_malformed_cloudevent_is_a_400_not_a_500(hook: Hook, event: dict[
     )
     assert response.status_code == 400, response.text
     assert "event [0]" in response.json()["error"]
+
+
+def test_a_registry_slow_to_say_what_is_withdrawn_does_not_hold_the_answer(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Event Grid waits 30 s for the answer; azure-core retries a slow Azure ML for minutes.
+    monkeypatch.setattr(webhook_module, "WITHDRAWN_READ_S", 0.2)
+    register(registry, tmp_path, stage="candidate")
+    withdrawn, released, hung = registry.withdrawn, threading.Event(), []
+
+    def hangs_for_the_webhook(name: str) -> set[int]:  # the delivery's read does not hang
+        if threading.current_thread().name.startswith("withdrawn-"):
+            hung.append(name)
+            released.wait(60)
+            hung.remove(name)
+        return withdrawn(name)
+
+    monkeypatch.setattr(registry, "withdrawn", hangs_for_the_webhook)
+    try:
+        with running(tmp_path, registry) as hook:
+            with caplog.at_level(logging.WARNING, logger="aml_pipelines.trigger.webhook"):
+                response = hook.post([eg_event("e1", version="1")])
+            assert hung == ["diabetes"]  # answered while the read still hangs
+            assert response.status_code == 200
+            assert response.json()["accepted"] == [{"model": "diabetes", "version": 1}]
+            _until(lambda: hook.done() == [1], "v1")
+    finally:
+        released.set()
+    assert "did not say within 0.2 s which versions of diabetes are archived" in caplog.text
