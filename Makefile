@@ -7,14 +7,16 @@ STAMP := $(VENV)/.installed
 
 # The dependencies at environment.yml's pins (the Azure ML steps' environment, transitive ones
 # included), as constraints: `run-local` and the pipeline in Azure ML run the same versions (pip
-# refuses extras there). The dev tools float; what they share with the steps is pinned.
-$(STAMP): pyproject.toml environment.yml
+# refuses extras there). The dev tools, and what they pull in that the steps do not, at
+# constraints-dev.txt's (both written by scripts/lock_environment.py): a release cannot break CI.
+$(STAMP): pyproject.toml environment.yml constraints-dev.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing aml-rollout and its dependencies into $(VENV) (first run takes a few minutes)"
 	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	@sed -n 's/^ *- \([A-Za-z0-9_.-]*\)\(\[[^]]*\]\)\{0,1\}\(==[^ ]*\)$$/\1\3/p' environment.yml \
 		> $(VENV)/constraints.txt
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' -c $(VENV)/constraints.txt
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' \
+		-c $(VENV)/constraints.txt -c constraints-dev.txt
 	@touch $(STAMP)
 
 prometheus:

@@ -5,6 +5,10 @@ in on the image (Linux x86_64, CPython 3.11: scripts/lock_environment.py writes 
 `==` the version installed here, and every component.yml names its base image by a dated tag: a
 pipeline re-run months later builds the same environment, and `run-local` runs the code Azure ML
 runs. The package step's Dockerfile runs the same Python, by its full version and Debian release.
+
+constraints-dev.txt pins the rest of what `make` installs: pyproject's dev tools and all they pull
+in on this machine that environment.yml does not pin (the same script writes it), so a new
+pytest, mypy or schemathesis release cannot break CI; none of it goes into Azure ML.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
+from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -28,6 +33,7 @@ from aml_pipelines.pipeline import STEPS, component_path
 
 REPO = Path(__file__).resolve().parents[2]
 LOCK_SCRIPT = REPO / "scripts" / "lock_environment.py"
+DEV_CONSTRAINTS = REPO / "constraints-dev.txt"
 # An Azure ML base image by its dated tag (`:20250601.v1`) or by digest; `:latest`, or no tag,
 # is whatever Microsoft pushed last.
 PINNED_IMAGE = re.compile(
@@ -142,6 +148,78 @@ def test_the_transitive_block_is_what_the_lock_script_writes(capsys) -> None:
     )
 
 
+def test_the_dev_constraints_are_what_the_lock_script_writes() -> None:
+    lock = _lock_script()
+    written = lock.dev_constraints((REPO / "environment.yml").read_text(), lock._dev_requirements())
+    assert DEV_CONSTRAINTS.read_text() == written, (
+        "constraints-dev.txt is stale: run `.venv/bin/python scripts/lock_environment.py`"
+    )
+
+
+def _dev_pins() -> list[Requirement]:
+    lines = DEV_CONSTRAINTS.read_text().splitlines()
+    return [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_the_dev_constraints_pin_the_dev_tools_closure_here_and_nothing_else() -> None:
+    """Every package pyproject's dev extra needs on this machine (markers evaluated here: the
+    tools run locally, never in Azure ML), and every Requires-Dist of those, is pinned in one of
+    the two files; constraints-dev.txt holds nothing that environment.yml pins or nobody needs."""
+    dev = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"][
+        "dev"
+    ]
+    environment = {canonicalize_name(Requirement(line).name) for line in _environment()[1]}
+    dev_pins = {canonicalize_name(r.name) for r in _dev_pins()}
+    assert not environment & dev_pins, (
+        f"constraints-dev.txt repeats environment.yml's pins: {sorted(environment & dev_pins)}"
+    )
+    markers = default_environment()
+    needed: set[str] = set()
+    missing: dict[str, str] = {}
+    seen: set[tuple[str, str]] = set()
+    queue = [(Requirement(line), "pyproject's dev extra") for line in dev]
+    while queue:
+        requirement, wanted_by = queue.pop()
+        name = canonicalize_name(requirement.name)
+        needed.add(name)
+        if name not in environment | dev_pins:
+            missing.setdefault(name, f"{requirement} (needed by {wanted_by})")
+        for extra in ("", *sorted(requirement.extras)):
+            if (name, extra) not in seen:
+                seen.add((name, extra))
+                for line in metadata.requires(name) or []:
+                    dependency = Requirement(line)
+                    if dependency.marker is None or dependency.marker.evaluate(
+                        {**markers, "extra": extra}
+                    ):
+                        queue.append((dependency, f"{name}[{extra}]" if extra else name))
+    fix = "run `.venv/bin/python scripts/lock_environment.py`"
+    assert not missing, f"the dev tools leave these floating: {sorted(missing.values())}; {fix}"
+    unneeded = sorted(dev_pins - needed)
+    assert not unneeded, f"constraints-dev.txt pins what no dev tool needs: {unneeded}; {fix}"
+
+
+def test_the_dev_constraints_pin_the_versions_installed_here() -> None:
+    pins = _dev_pins()
+    assert pins, "constraints-dev.txt pins nothing"
+    differing = {
+        str(r): metadata.version(r.name) for r in pins if _exact_pin(r) != metadata.version(r.name)
+    }
+    assert not differing, (
+        f"constraints-dev.txt pins other versions than the venv runs (installed: {differing})"
+    )
+
+
+def test_the_makefile_installs_the_dev_tools_at_their_pins() -> None:
+    """A changed constraints-dev.txt re-installs the venv, and the install takes it with -c."""
+    makefile = (REPO / "Makefile").read_text()
+    rule = re.search(r"^\$\(STAMP\):(.*)$", makefile, flags=re.MULTILINE)
+    assert rule is not None and "constraints-dev.txt" in rule.group(1).split()
+    install = re.search(r"pip install [^\n]*-e '\.\[dev\]'(?:[^\n]*\\\n)*[^\n]*", makefile)
+    assert install is not None
+    assert "-c constraints-dev.txt" in install.group(0)
+
+
 HAND_COMMENT = "      # a hand-written note among the top pins\n"
 
 
@@ -174,11 +252,14 @@ def test_the_lock_script_clears_its_block_for_make_to_resolve_a_changed_top_pin(
     tmp_path: Path,
 ) -> None:
     """`--clear` leaves the top pins as constraints alone (pydantic pins its pydantic-core
-    exactly: `make` could not install another pydantic under the block's pin); the next run
-    writes the block back."""
+    exactly: `make` could not install another pydantic under the block's pin), and the dev
+    constraints to their comment (a new pin may need another version of what only they pin); the
+    next run writes both back."""
     current = (REPO / "environment.yml").read_text()
     path = tmp_path / "environment.yml"
     path.write_text(current)
+    dev = tmp_path / "constraints-dev.txt"
+    dev.write_text(DEV_CONSTRAINTS.read_text())
     lock = _lock_script()
     assert lock.main([str(path), "--clear"]) == 0
     cleared = path.read_text()
@@ -186,8 +267,36 @@ def test_the_lock_script_clears_its_block_for_make_to_resolve_a_changed_top_pin(
     assert cleared.startswith(current[:block])
     assert [line for line in cleared[block:].splitlines() if line.lstrip().startswith("- ")] == []
     assert "pydantic-core" not in "".join(_makefile_constraints(path))
+    assert all(line.startswith("#") for line in dev.read_text().splitlines())
     assert lock.main([str(path)]) == 0
     assert path.read_text() == current
+    assert dev.read_text() == DEV_CONSTRAINTS.read_text()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda t: re.sub(r"(?m)^pluggy==.*\n", "", t), id="pin-removed"),
+        pytest.param(lambda t: t + "attrs==26.1.0\n", id="runtime-pin-added"),
+        pytest.param(lambda t: re.sub(r"(?m)^ruff==.*$", "ruff==0.0.1", t), id="version-edited"),
+        pytest.param(lambda t: None, id="missing"),
+    ],
+)
+def test_the_lock_script_checks_and_rewrites_the_dev_constraints(damage, tmp_path: Path) -> None:
+    """`--check` fails on a stale constraints-dev.txt alone (environment.yml current) and the
+    next run writes it back, environment.yml untouched."""
+    environment = tmp_path / "environment.yml"
+    environment.write_text((REPO / "environment.yml").read_text())
+    dev = tmp_path / "constraints-dev.txt"
+    damaged = damage(DEV_CONSTRAINTS.read_text())
+    if damaged is not None:
+        dev.write_text(damaged)
+    lock = _lock_script()
+    assert lock.main([str(environment), "--check"]) == 1
+    assert (dev.read_text() if dev.exists() else None) == damaged, "--check changed the file"
+    assert lock.main([str(environment)]) == 0
+    assert dev.read_text() == DEV_CONSTRAINTS.read_text()
+    assert environment.read_text() == (REPO / "environment.yml").read_text()
 
 
 def test_the_lock_script_refuses_a_top_pin_the_venv_does_not_run() -> None:
