@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pip itself at environment.yml's `- pip=` pin, as the steps' conda environment has it
+PIP_PIN = $(shell sed -n 's/^ *- pip=\([0-9.]*\) *$$/\1/p' environment.yml)
 
 .PHONY: demo test check bench format lint types imports prometheus wrk clean
 
@@ -12,7 +14,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml environment.yml constraints-dev.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing aml-rollout and its dependencies into $(VENV) (first run takes a few minutes)"
-	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	@$(PY) -m pip install -q --disable-pip-version-check "pip==$(PIP_PIN)"
 	@sed -n 's/^ *- \([A-Za-z0-9_.-]*\)\(\[[^]]*\]\)\{0,1\}\(==[^ ]*\)$$/\1\3/p' environment.yml \
 		> $(VENV)/constraints.txt
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' \

@@ -384,13 +384,29 @@ def _makefile_constraints(environment_yml: Path) -> list[str]:
     """The constraints `make` writes from `environment_yml`: its sed, run as make runs it (`$$`
     is make's `$`)."""
     makefile = (REPO / "Makefile").read_text()
-    script = re.search(r"sed -n '([^']+)' environment\.yml", makefile)
+    script = re.search(
+        r"sed -n '([^']+)' environment\.yml \\\n\s*> \$\(VENV\)/constraints", makefile
+    )
     assert script is not None, "the Makefile no longer writes the constraints with sed"
     assert "-c $(VENV)/constraints.txt" in makefile
     return subprocess.run(
         ["sed", "-n", script.group(1).replace("$$", "$"), str(environment_yml)],
         capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
+
+
+def test_the_makefile_installs_pip_at_its_pin() -> None:
+    """pip itself is no later release than environment.yml's (`--upgrade pip` took the latest)."""
+    makefile = (REPO / "Makefile").read_text()
+    script = re.search(r"^PIP_PIN = \$\(shell sed -n '([^']+)' environment\.yml\)$", makefile, re.M)
+    assert script is not None, "the Makefile no longer reads pip's pin with sed"
+    assert '"pip==$(PIP_PIN)"' in makefile and "--upgrade pip" not in makefile
+    pin = subprocess.run(
+        ["sed", "-n", script.group(1).replace("$$", "$"), str(REPO / "environment.yml")],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    (conda_pip,) = [d for d in _environment()[0] if d.startswith("pip=")]
+    assert pin and pin == conda_pip.partition("=")[2] == metadata.version("pip")
 
 
 def test_the_makefile_installs_the_venv_at_these_pins() -> None:
