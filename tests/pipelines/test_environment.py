@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import tomllib
+from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -94,6 +95,36 @@ def _image_markers() -> dict[str, str]:
     }
 
 
+def _walk(
+    top: list[tuple[Requirement, str]],
+    markers: Mapping[str, str],
+    *,
+    follow: Callable[[str], bool] = lambda name: True,
+) -> Iterator[tuple[Requirement, str]]:
+    """Every requirement reached from `top`, with who asked for it: the installed Requires-Dist
+    of each package `follow` accepts (by canonical name), markers evaluated in `markers`, an
+    extra asked for adding what the package guards with `extra == ...`. Written apart from
+    aml_pipelines.closure on purpose: these tests check what it wrote."""
+    seen: set[tuple[str, str]] = set()
+    queue = list(top)
+    while queue:
+        requirement, wanted_by = queue.pop()
+        yield requirement, wanted_by
+        name = canonicalize_name(requirement.name)
+        if not follow(name):
+            continue
+        for extra in ("", *sorted(requirement.extras)):
+            if (name, extra) in seen:
+                continue
+            seen.add((name, extra))
+            for line in metadata.requires(name) or []:
+                dependency = Requirement(line)
+                if dependency.marker is None or dependency.marker.evaluate(
+                    {**markers, "extra": extra}
+                ):
+                    queue.append((dependency, f"{name}[{extra}]" if extra else name))
+
+
 def test_the_pins_are_the_closure_of_pyprojects_dependencies() -> None:
     """Every package a pinned one requires on the image is pinned, at a version it accepts, and
     nothing else is: a transitive dependency left floating is whatever PyPI serves on the day
@@ -102,13 +133,11 @@ def test_the_pins_are_the_closure_of_pyprojects_dependencies() -> None:
     dependency) adds what the package guards with `extra == ...`."""
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     pinned = {canonicalize_name(r.name): r for r in map(Requirement, _environment()[1])}
-    markers = _image_markers()
     needed: dict[str, str] = {}  # each package the image needs: who asked first
     missing: dict[str, str] = {}
-    outside, seen = [], set()
-    queue = [(Requirement(line), "pyproject.toml") for line in pyproject]
-    while queue:
-        requirement, wanted_by = queue.pop()
+    outside = []
+    top = [(Requirement(line), "pyproject.toml") for line in pyproject]
+    for requirement, wanted_by in _walk(top, _image_markers(), follow=pinned.__contains__):
         name = canonicalize_name(requirement.name)
         needed.setdefault(name, wanted_by)
         if name not in pinned:
@@ -117,15 +146,6 @@ def test_the_pins_are_the_closure_of_pyprojects_dependencies() -> None:
         version = _exact_pin(pinned[name])
         if version is not None and not requirement.specifier.contains(version, prereleases=True):
             outside.append(f"{wanted_by} needs {requirement}, pinned {pinned[name]}")
-        for extra in ("", *sorted(requirement.extras)):
-            if (name, extra) not in seen:
-                seen.add((name, extra))
-                for line in metadata.requires(name) or []:
-                    dependency = Requirement(line)
-                    if dependency.marker is None or dependency.marker.evaluate(
-                        {**markers, "extra": extra}
-                    ):
-                        queue.append((dependency, f"{name}[{extra}]" if extra else name))
     fix = "run `.venv/bin/python scripts/lock_environment.py`"
     assert not missing, f"environment.yml leaves these floating: {sorted(missing.values())}; {fix}"
     assert not outside, f"environment.yml pins versions a pinned package refuses: {outside}"
@@ -173,26 +193,14 @@ def test_the_dev_constraints_pin_the_dev_tools_closure_here_and_nothing_else() -
     assert not environment & dev_pins, (
         f"constraints-dev.txt repeats environment.yml's pins: {sorted(environment & dev_pins)}"
     )
-    markers = default_environment()
     needed: set[str] = set()
     missing: dict[str, str] = {}
-    seen: set[tuple[str, str]] = set()
-    queue = [(Requirement(line), "pyproject's dev extra") for line in dev]
-    while queue:
-        requirement, wanted_by = queue.pop()
+    top = [(Requirement(line), "pyproject's dev extra") for line in dev]
+    for requirement, wanted_by in _walk(top, default_environment()):
         name = canonicalize_name(requirement.name)
         needed.add(name)
         if name not in environment | dev_pins:
             missing.setdefault(name, f"{requirement} (needed by {wanted_by})")
-        for extra in ("", *sorted(requirement.extras)):
-            if (name, extra) not in seen:
-                seen.add((name, extra))
-                for line in metadata.requires(name) or []:
-                    dependency = Requirement(line)
-                    if dependency.marker is None or dependency.marker.evaluate(
-                        {**markers, "extra": extra}
-                    ):
-                        queue.append((dependency, f"{name}[{extra}]" if extra else name))
     fix = "run `.venv/bin/python scripts/lock_environment.py`"
     assert not missing, f"the dev tools leave these floating: {sorted(missing.values())}; {fix}"
     unneeded = sorted(dev_pins - needed)
