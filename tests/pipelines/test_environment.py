@@ -18,7 +18,6 @@ import re
 import subprocess
 import sys
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +30,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from aml_pipelines.pipeline import STEPS, component_path
+from tests.pipelines.requirements_walk import environment_yml, image_markers, walk
 
 REPO = Path(__file__).resolve().parents[2]
 LOCK_SCRIPT = REPO / "scripts" / "lock_environment.py"
@@ -40,13 +40,6 @@ DEV_CONSTRAINTS = REPO / "constraints-dev.txt"
 PINNED_IMAGE = re.compile(
     r"^mcr\.microsoft\.com/azureml/[\w.-]+(:\d{8}\.v\d+|@sha256:[0-9a-f]{64})$"
 )
-
-
-def _environment() -> tuple[list[str], list[str]]:
-    """environment.yml's conda dependencies and its pip requirements."""
-    deps = yaml.safe_load((REPO / "environment.yml").read_text())["dependencies"]
-    pip = next(d["pip"] for d in deps if isinstance(d, dict))
-    return [str(d) for d in deps if not isinstance(d, dict)], pip
 
 
 def _key(requirement: Requirement) -> tuple[str, frozenset[str]]:
@@ -59,7 +52,7 @@ def test_environment_yml_lists_pyprojects_dependencies() -> None:
         for r in map(Requirement, tomllib.loads((REPO / "pyproject.toml").read_text())[
             "project"]["dependencies"])
     }  # fmt: skip
-    pip = _environment()[1]
+    pip = environment_yml()[1]
     pinned = {_key(r): r for r in map(Requirement, pip)}
     assert set(declared) <= set(pinned), (
         "environment.yml (the Azure ML steps' environment) must list pyproject.toml's "
@@ -76,55 +69,6 @@ def test_environment_yml_lists_pyprojects_dependencies() -> None:
         )
 
 
-def _image_markers() -> dict[str, str]:
-    """PEP 508 marker values on the steps' image: Linux x86_64, CPython at environment.yml's
-    `python=` pin. A dependency only Windows, macOS or another Python needs is not pinned."""
-    (python,) = [d.partition("=")[2] for d in _environment()[0] if d.startswith("python=")]
-    return {
-        "implementation_name": "cpython",
-        "implementation_version": python,
-        "os_name": "posix",
-        "platform_machine": "x86_64",
-        "platform_python_implementation": "CPython",
-        "platform_release": "",
-        "platform_system": "Linux",
-        "platform_version": "",
-        "python_full_version": python,
-        "python_version": python.rpartition(".")[0],
-        "sys_platform": "linux",
-    }
-
-
-def _walk(
-    top: list[tuple[Requirement, str]],
-    markers: Mapping[str, str],
-    *,
-    follow: Callable[[str], bool] = lambda name: True,
-) -> Iterator[tuple[Requirement, str]]:
-    """Every requirement reached from `top`, with who asked for it: the installed Requires-Dist
-    of each package `follow` accepts (by canonical name), markers evaluated in `markers`, an
-    extra asked for adding what the package guards with `extra == ...`. Written apart from
-    aml_pipelines.closure on purpose: these tests check what it wrote."""
-    seen: set[tuple[str, str]] = set()
-    queue = list(top)
-    while queue:
-        requirement, wanted_by = queue.pop()
-        yield requirement, wanted_by
-        name = canonicalize_name(requirement.name)
-        if not follow(name):
-            continue
-        for extra in ("", *sorted(requirement.extras)):
-            if (name, extra) in seen:
-                continue
-            seen.add((name, extra))
-            for line in metadata.requires(name) or []:
-                dependency = Requirement(line)
-                if dependency.marker is None or dependency.marker.evaluate(
-                    {**markers, "extra": extra}
-                ):
-                    queue.append((dependency, f"{name}[{extra}]" if extra else name))
-
-
 def test_the_pins_are_the_closure_of_pyprojects_dependencies() -> None:
     """Every package a pinned one requires on the image is pinned, at a version it accepts, and
     nothing else is: a transitive dependency left floating is whatever PyPI serves on the day
@@ -132,12 +76,12 @@ def test_the_pins_are_the_closure_of_pyprojects_dependencies() -> None:
     versions are the pinned ones (the next test); an extra asked for (uvicorn[standard], or by a
     dependency) adds what the package guards with `extra == ...`."""
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    pinned = {canonicalize_name(r.name): r for r in map(Requirement, _environment()[1])}
+    pinned = {canonicalize_name(r.name): r for r in map(Requirement, environment_yml()[1])}
     needed: dict[str, str] = {}  # each package the image needs: who asked first
     missing: dict[str, str] = {}
     outside = []
     top = [(Requirement(line), "pyproject.toml") for line in pyproject]
-    for requirement, wanted_by in _walk(top, _image_markers(), follow=pinned.__contains__):
+    for requirement, wanted_by in walk(top, image_markers(), follow=pinned.__contains__):
         name = canonicalize_name(requirement.name)
         needed.setdefault(name, wanted_by)
         if name not in pinned:
@@ -188,7 +132,7 @@ def test_the_dev_constraints_pin_the_dev_tools_closure_here_and_nothing_else() -
     dev = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"][
         "dev"
     ]
-    environment = {canonicalize_name(Requirement(line).name) for line in _environment()[1]}
+    environment = {canonicalize_name(Requirement(line).name) for line in environment_yml()[1]}
     dev_pins = {canonicalize_name(r.name) for r in _dev_pins()}
     assert not environment & dev_pins, (
         f"constraints-dev.txt repeats environment.yml's pins: {sorted(environment & dev_pins)}"
@@ -196,7 +140,7 @@ def test_the_dev_constraints_pin_the_dev_tools_closure_here_and_nothing_else() -
     needed: set[str] = set()
     missing: dict[str, str] = {}
     top = [(Requirement(line), "pyproject's dev extra") for line in dev]
-    for requirement, wanted_by in _walk(top, default_environment()):
+    for requirement, wanted_by in walk(top, default_environment()):
         name = canonicalize_name(requirement.name)
         needed.add(name)
         if name not in environment | dev_pins:
@@ -355,7 +299,7 @@ def _exact_pin(requirement: Requirement) -> str | None:
 
 
 def test_every_requirement_is_pinned_to_the_version_installed_here() -> None:
-    conda, pip = _environment()
+    conda, pip = environment_yml()
     unpinned = [line for line in pip if _exact_pin(Requirement(line)) is None]
     assert not unpinned, f"environment.yml: pin these with ==: {unpinned}"
     differing = {
@@ -413,7 +357,7 @@ def test_the_makefile_installs_pip_at_its_pin() -> None:
         ["sed", "-n", script.group(1).replace("$$", "$"), str(REPO / "environment.yml")],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
-    (conda_pip,) = [d for d in _environment()[0] if d.startswith("pip=")]
+    (conda_pip,) = [d for d in environment_yml()[0] if d.startswith("pip=")]
     assert pin and pin == conda_pip.partition("=")[2] == metadata.version("pip")
 
 
@@ -421,7 +365,7 @@ def test_the_makefile_installs_the_venv_at_these_pins() -> None:
     """`make` writes every one of environment.yml's pins, the closure too, to a pip constraints
     file (extras dropped: pip refuses them there): the venv runs what the steps run."""
     expected = [
-        f"{Requirement(line).name}{Requirement(line).specifier}" for line in _environment()[1]
+        f"{Requirement(line).name}{Requirement(line).specifier}" for line in environment_yml()[1]
     ]
     assert _makefile_constraints(REPO / "environment.yml") == expected
 
@@ -477,9 +421,11 @@ def test_the_package_image_runs_the_python_the_steps_run() -> None:
     (image,) = re.findall(r"^FROM (\S+)$", DOCKERFILE, flags=re.MULTILINE)
     pinned = PINNED_PYTHON_IMAGE.fullmatch(image)
     assert pinned, f"components/package: FROM {image} floats; name e.g. python:3.11.7-slim-bookworm"
-    (python,) = [d.partition("=")[2] for d in _environment()[0] if d.startswith("python=")]
+    (python,) = [d.partition("=")[2] for d in environment_yml()[0] if d.startswith("python=")]
     assert pinned.group(1) == python, f"FROM {image}, but environment.yml pins python={python}"
-    wanted = {Requirement(line).name: _exact_pin(Requirement(line)) for line in _environment()[1]}
+    wanted = {
+        Requirement(line).name: _exact_pin(Requirement(line)) for line in environment_yml()[1]
+    }
     for line in requirements({}).splitlines():
         if not line.startswith("#"):
             assert _exact_pin(Requirement(line)) == wanted[Requirement(line).name], line

@@ -34,7 +34,7 @@ from components.train.train import TrainParams, train
 from rollout.core.types import Colour, Release
 from rollout.local.process import listening_socket
 from rollout.routers import istio_manifests as m
-from tests.pipelines.test_environment import _image_markers
+from tests.pipelines.requirements_walk import image_markers, walk
 from tests.routers.test_manifests import by_name, render_chart
 
 REPO = Path(__file__).parents[2]
@@ -91,11 +91,10 @@ def _floating(text: str, unread: set[str] = frozenset()) -> tuple[list[str], lis
     a version its requirer refuses. `unread`: pinned at a version not installed here, so their
     own Requires-Dist cannot be read (pip's to choose)."""
     pins = _pins(text)
-    markers = _image_markers()
-    floating, refused, seen = [], [], set()
-    queue = [(r, "requirements.txt") for r in pins.values()]
-    while queue:
-        requirement, wanted_by = queue.pop()
+    floating, refused = [], []
+    top = [(r, "requirements.txt") for r in pins.values()]
+    followed = lambda name: name in pins and name not in unread  # noqa: E731 (one use)
+    for requirement, wanted_by in walk(top, image_markers(), follow=followed):
         name = canonicalize_name(requirement.name)
         if name not in pins:
             floating.append(f"{requirement} (needed by {wanted_by})")
@@ -103,16 +102,6 @@ def _floating(text: str, unread: set[str] = frozenset()) -> tuple[list[str], lis
         (version,) = [s.version for s in pins[name].specifier if s.operator == "=="]
         if not requirement.specifier.contains(version, prereleases=True):
             refused.append(f"{wanted_by} needs {requirement}, pinned {version}")
-        for extra in ("", *sorted(requirement.extras | pins[name].extras)):
-            if (name, extra) in seen or name in unread:
-                continue
-            seen.add((name, extra))
-            for line in metadata.requires(name) or []:
-                dependency = Requirement(line)
-                if dependency.marker is None or dependency.marker.evaluate(
-                    {**markers, "extra": extra}
-                ):
-                    queue.append((dependency, name))
     return sorted(set(floating)), refused
 
 
