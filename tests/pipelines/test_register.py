@@ -508,14 +508,22 @@ def test_a_registry_without_files_rescores_production_from_the_folder_given(
     assert registered.decision.comparable is True
 
 
-def test_a_folder_not_productions_falls_back_to_the_registrys_own_folder(
-    tmp_path: Path, trained: Callable[[str, float], Path], caplog: pytest.LogCaptureFixture
-) -> None:
-    """The local registry has production's files: an untrusted folder is not the last word."""
+@pytest.fixture
+def old_in_production(tmp_path: Path, trained: Callable[[str, float], Path]) -> LocalRegistry:
+    """A local registry (production's files at hand) whose v1, the "old" model, is production."""
     registry = LocalRegistry(tmp_path / "reg")
     register_model(trained("old", 1.0), registry)
     registry.set_tags("diabetes", 1, {"stage": Stage.PRODUCTION})
+    return registry
 
+
+def test_a_folder_not_productions_falls_back_to_the_registrys_own_folder(
+    old_in_production: LocalRegistry,
+    trained: Callable[[str, float], Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The local registry has production's files: an untrusted folder is not the last word."""
+    registry = old_in_production
     registered = register_model(
         trained("refreshed", 0.1), registry, production_model=trained("old", 0.5)
     )
@@ -526,12 +534,13 @@ def test_a_folder_not_productions_falls_back_to_the_registrys_own_folder(
 
 
 def test_a_candidate_without_held_out_rows_is_not_rescored_twice(
-    tmp_path: Path, trained: Callable[[str, float], Path], caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    old_in_production: LocalRegistry,
+    trained: Callable[[str, float], Path],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The candidate's rows failing is no reason to load production from another folder."""
-    registry = LocalRegistry(tmp_path / "reg")
-    register_model(trained("old", 1.0), registry)
-    registry.set_tags("diabetes", 1, {"stage": Stage.PRODUCTION})
+    registry = old_in_production
     candidate = shutil.copytree(trained("refreshed", 0.1), tmp_path / "candidate")
     (candidate / "heldout.csv").unlink()
 
@@ -541,7 +550,7 @@ def test_a_candidate_without_held_out_rows_is_not_rescored_twice(
 
 
 def test_the_registrys_own_folder_given_as_production_model_is_loaded_once(
-    tmp_path: Path,
+    old_in_production: LocalRegistry,
     trained: Callable[[str, float], Path],
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
@@ -550,9 +559,8 @@ def test_the_registrys_own_folder_given_as_production_model_is_loaded_once(
     import scoring.model
     from scoring.errors import ModelLoadError
 
-    registry = LocalRegistry(tmp_path / "reg")
-    register_model(trained("old", 1.0), registry)
-    production = registry.set_tags("diabetes", 1, {"stage": Stage.PRODUCTION})
+    registry = old_in_production
+    production = registry.get("diabetes", 1)
     assert production.path is not None
     loads: list[Path] = []
 
