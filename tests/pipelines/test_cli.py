@@ -292,18 +292,30 @@ def test_build_binds_the_production_model_it_is_given(tmp_path: Path) -> None:
     ("given", "message"),
     [
         pytest.param(
-            ["diabetes-ridge:3"],
+            ["--production-model", "diabetes-ridge:3"],
             "is not azureml:MODEL:VERSION (e.g. azureml:diabetes-ridge:3)",
             id="no-azureml-prefix",
         ),
-        pytest.param(["azureml:diabetes-ridge:latest"], "is not azureml:MODEL:VERSION", id="label"),
         pytest.param(
-            ["azureml:diabetes:3"],
+            ["--production-model", "azureml:diabetes-ridge:latest"],
+            "is not azureml:MODEL:VERSION",
+            id="label",
+        ),
+        pytest.param(
+            ["--production-model", "azureml:diabetes:3"],
             "is a version of diabetes, not of diabetes-ridge, the model this pipeline registers",
             id="another-model",
         ),
         pytest.param(
-            ["--deploy", "-p", "model_name=d", "-p", "model_version=2"],
+            [
+                "--production-model",
+                "azureml:d:1",
+                "--deploy",
+                "-p",
+                "model_name=d",
+                "-p",
+                "model_version=2",
+            ],
             "--deploy builds no register step",
             id="deploy",
         ),
@@ -313,10 +325,6 @@ def test_build_refuses_a_production_model_it_cannot_bind(
     tmp_path: Path, given: list[str], message: str
 ) -> None:
     out = tmp_path / "pipeline.yml"
-    if given[0] == "--deploy":
-        given = [*given, "--production-model", "azureml:d:1"]
-    else:
-        given = ["--production-model", *given]
     result = invoke("pipeline", "build", "-o", str(out), *SPEC, *given)
     assert result.exit_code == 2, result.output
     assert "--production-model: " in result.output and message in " ".join(result.output.split())
