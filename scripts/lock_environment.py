@@ -77,10 +77,10 @@ def rewrite(text: str, *, clear: bool = False) -> str:
     items = lines[start + 1 : end]
     block = next((i for i, line in enumerate(items) if line.strip().startswith(HEADER)), None)
     top_lines = items if block is None else items[:block]
-    if not any(line.strip().startswith("- ") for line in top_lines):
+    top = _pins(top_lines)
+    if not top:
         raise LockError("environment.yml's `- pip:` list has no pins above the generated block")
     item_indent = " " * min(_indent(line) for line in top_lines if line.strip().startswith("- "))
-    top = [Requirement(line.strip()[2:]) for line in top_lines if line.strip().startswith("- ")]
     if not top_lines[-1].endswith("\n"):
         top_lines[-1] += "\n"  # the file ended on the last top pin
     pins = {canonicalize_name(r.name) for r in top}
@@ -103,11 +103,7 @@ def dev_constraints(environment_yml: str, dev: list[Requirement], *, clear: bool
     `environment_yml` (the file's text, block written) does not pin; (`clear`) the header only."""
     lines = environment_yml.splitlines()
     start, end = _pip_list(lines)
-    pinned = {
-        canonicalize_name(Requirement(line.strip()[2:]).name)
-        for line in lines[start + 1 : end]
-        if line.strip().startswith("- ")
-    }
+    pinned = {canonicalize_name(r.name) for r in _pins(lines[start + 1 : end])}
     here = {key: str(value) for key, value in default_environment().items()}  # a TypedDict
     versions = {} if clear else _closure(dev, here, "pyproject's dev extra")
     return DEV_HEADER + "".join(
@@ -120,6 +116,11 @@ def _dev_requirements() -> list[Requirement]:
     if "dev" not in extras:
         raise LockError(f"{PYPROJECT} has no `dev` extra")
     return [Requirement(line) for line in extras["dev"]]
+
+
+def _pins(lines: list[str]) -> list[Requirement]:
+    """The requirements of the `- ...` items among `lines` (comments skipped)."""
+    return [Requirement(line.strip()[2:]) for line in lines if line.strip().startswith("- ")]
 
 
 def _pip_list(lines: list[str]) -> tuple[int, int]:
