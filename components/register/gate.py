@@ -19,10 +19,12 @@ checked against the production version's tags, most precise first:
     data_fingerprint   the whole data set (a different one means different held-out rows)
 
 Known to differ (a data refresh, another seed or split) → the tags' numbers are not compared;
-instead the caller re-scores production's model on the candidate's own held-out rows and passes
-that number (`Rescored`): both models are then judged on the same rows as usual
-(`comparable=True`, the reason says "re-scored on the candidate's N held-out rows"). When
-production could not be re-scored (no held-out rows in the candidate's folder, a production
+instead the caller re-scores both models on the held-out rows neither trained on (the
+candidate's held-out rows that production's held-out rows hold too: most of the candidate's
+other rows were production's training rows, on which production looks better than it is) and
+passes both numbers (`Rescored`): they are then judged on those rows as usual
+(`comparable=True`, the reason says "re-scored on the N of the candidate's M held-out rows").
+When they could not be re-scored (no held-out rows in either folder, too few rows in common, a
 model that cannot be loaded) → refused, whatever the numbers say, with why (`comparable=False`;
 `force` registers it anyway, tagged `gate=forced`). Cannot be told (a fingerprint missing on
 either side — a model registered before eval_fingerprint existed, or training code that writes
@@ -61,10 +63,15 @@ class GateDecision:
 
 @dataclass(frozen=True)
 class Rescored:
-    """Production's metric measured on the candidate's held-out rows, or why it could not be."""
+    """Both models' metric on the held-out rows neither trained on, or why it could not be."""
 
+    #: Production's metric on those rows.
     value: float | None
+    #: The candidate's metric on the same rows.
+    candidate: float | None = None
+    #: How many rows: those of the candidate's `held_out` rows that production held out too.
     rows: int = 0
+    held_out: int = 0
     why_not: str = ""
 
 
@@ -132,10 +139,20 @@ def evaluate_gate(
         )
     comparable, why = comparability(fingerprints or {}, production.tags)
     if comparable is False:
-        if rescored is None or rescored.value is None or not math.isfinite(rescored.value):
+        if (
+            rescored is None
+            or rescored.value is None
+            or rescored.candidate is None
+            or not math.isfinite(rescored.value)
+            or not math.isfinite(rescored.candidate)
+        ):
             not_rescored = (
-                f"; production could not be re-scored on the candidate's held-out rows: "
-                f"{rescored.why_not or f'its {metric} there is {rescored.value}'}"
+                "; production could not be re-scored on the candidate's held-out rows: "
+                + (
+                    rescored.why_not
+                    or f"its {metric} there is {rescored.value}, the candidate's "
+                    f"{rescored.candidate}"
+                )
                 if rescored is not None
                 else ""
             )
@@ -152,18 +169,19 @@ def evaluate_gate(
             )
         decision = _judge(
             metric,
-            candidate,
+            rescored.candidate,
             rescored.value,
             max_regression,
             production.version,
             True,
-            f"production {label} re-scored on the candidate's {rescored.rows} held-out rows: "
-            f"{metric} {rescored.value:.6g} vs candidate {candidate:.6g}",
+            f"production {label} and the candidate re-scored on the {rescored.rows} of the "
+            f"candidate's {rescored.held_out} held-out rows that production did not train on "
+            f"either: {metric} {rescored.value:.6g} vs candidate {rescored.candidate:.6g}",
         )
         return replace(
             decision,
-            reason=f"{decision.reason}; its {metric} tag {baseline:.6g} was measured on other "
-            f"data ({why})",
+            reason=f"{decision.reason}; the {metric} tags ({baseline:.6g} vs candidate "
+            f"{candidate:.6g}) were measured on other data ({why})",
         )
     return _judge(
         metric,

@@ -1,8 +1,9 @@
 """Register a trained model folder after the gate: the library behind the register component.
 
     model folder ──► check sha256 ──► find production (tag stage=production) ──► gate
-                  (measured on other data: production's model re-scored on the candidate's
-                   heldout.csv, loaded as the scoring server loads it)
+                  (measured on other data: both re-scored on the candidate's heldout.csv rows
+                   that production's heldout.csv holds too, production loaded as the scoring
+                   server loads it)
                                                           refused: GateRefused (unless force)
                   ──► registry.register(name, source, tags) ──► registration.json
 
@@ -44,6 +45,9 @@ from components.register.gate import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from components.train.train import Dataset
     from scoring.model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -108,10 +112,20 @@ def _registered_by(
     return max((v for v in earlier if v.sha256 == sha256), key=lambda v: v.version, default=None)
 
 
+#: Fewer held-out rows in common than this and the comparison is not made (refused as not
+#: comparable): an mse over a handful of rows is decided by their few largest residuals.
+MIN_RESCORE_ROWS = 30
+
+
 def rescore_production(
     production: ModelVersion, model_dir: Path, metric: str, folder: Path | None = None
 ) -> Rescored:
-    """Production's `metric` on the candidate's held-out rows (heldout.csv), or why not.
+    """Both models' `metric` on the held-out rows neither trained on, or why not.
+
+    Those are the candidate's held-out rows (heldout.csv) that production's folder's heldout.csv
+    holds too, a row being its whole content (features and target): with another split or data
+    most of the candidate's held-out rows were production's training rows, on which production
+    scores better than on rows it never saw. Fewer than MIN_RESCORE_ROWS in common: not scored.
 
     Production's model is loaded as the scoring server loads it (sha256 checked, skops with the
     trusted-types allow-list), so a file the server would refuse is not run here either. It is
@@ -122,6 +136,8 @@ def rescore_production(
     A given folder refused falls back to the registry's own folder, when that is another one.
     """
     from components.train.train import held_out_metrics, load_held_out
+    from scoring.errors import ModelLoadError
+    from scoring.model import load_model
 
     label = f"{production.name}:{production.version}"
     try:
@@ -129,7 +145,8 @@ def rescore_production(
     except (ConfigError, OSError, ValueError) as exc:
         return Rescored(None, why_not=f"the candidate's held-out rows: {exc}")
     registry_folder = Path(production.path) if production.path is not None else None
-    loaded = refused = None
+    loaded: tuple[LoadedModel, Path] | None = None
+    refused = None
     if folder is not None:
         loaded, refused = _load_production(production, folder, "the production_model folder")
         if loaded is None and registry_folder is not None and not _same(folder, registry_folder):
@@ -144,24 +161,68 @@ def rescore_production(
         )
     if loaded is None:
         return Rescored(None, why_not=str(refused))
-    if list(loaded.feature_names) != rows.feature_names:
+    model, where = loaded
+    if list(model.feature_names) != rows.feature_names:
         return Rescored(
             None,
-            why_not=f"{label} takes the features {list(loaded.feature_names)}, the candidate's "
+            why_not=f"{label} takes the features {list(model.feature_names)}, the candidate's "
             f"rows have {rows.feature_names}",
         )
     try:
-        value = held_out_metrics(rows.target, loaded.predictor.predict(rows.features))[metric]
-    except Exception as exc:  # whatever the estimator raises, production cannot be scored
-        return Rescored(None, why_not=f"{label} cannot predict the rows ({exc})")
-    return Rescored(value, rows=len(rows.target))
+        theirs = load_held_out(where)
+    except (ConfigError, OSError, ValueError) as exc:
+        return Rescored(
+            None, why_not=f"{label}'s held-out rows (the ones it did not train on): {exc}"
+        )
+    columns = [*rows.feature_names, rows.target_name]
+    if [*theirs.feature_names, theirs.target_name] != columns:
+        return Rescored(
+            None,
+            why_not=f"{label}'s held-out rows have the columns "
+            f"{[*theirs.feature_names, theirs.target_name]}, the candidate's {columns}",
+        )
+    unseen = _held_out_by(theirs, rows)
+    held_out = len(rows.target)
+    if unseen.sum() < MIN_RESCORE_ROWS:
+        return Rescored(
+            None,
+            rows=int(unseen.sum()),
+            held_out=held_out,
+            why_not=f"only {int(unseen.sum())} of the candidate's {held_out} held-out rows were "
+            f"held out by {label} too (the others it trained on, or cannot be told not to have): "
+            f"fewer than the {MIN_RESCORE_ROWS} a fair comparison needs",
+        )
+    features, target = rows.features[unseen], rows.target[unseen]
+    try:
+        candidate_model = load_model(model_dir, version="candidate")
+    except ModelLoadError as exc:
+        return Rescored(None, why_not=f"the candidate's model cannot be loaded: {exc}")
+    scores = []
+    for who, predictor in ((label, model.predictor), ("the candidate", candidate_model.predictor)):
+        try:
+            scores.append(held_out_metrics(target, predictor.predict(features))[metric])
+        except Exception as exc:  # whatever the estimator raises, it cannot be scored
+            return Rescored(None, why_not=f"{who} cannot predict the rows ({exc})")
+    return Rescored(scores[0], scores[1], rows=len(target), held_out=held_out)
+
+
+def _held_out_by(production: Dataset, candidate: Dataset) -> np.ndarray:
+    """Which of the candidate's held-out rows production held out too (a row: all its values)."""
+    import numpy as np
+
+    def keys(data: Dataset) -> list[bytes]:
+        table = np.column_stack([data.features, data.target]).astype(np.float64) + 0.0  # -0 → 0
+        return [row.tobytes() for row in table]
+
+    theirs = set(keys(production))
+    return np.array([key in theirs for key in keys(candidate)], dtype=bool)
 
 
 def _load_production(
     production: ModelVersion, where: Path, given: str | None = None
-) -> tuple[LoadedModel, None] | tuple[None, str]:
-    """Production's model loaded from `where`, or why not: `given` names a folder the step was
-    given (None: the registry's own folder, named after the version)."""
+) -> tuple[tuple[LoadedModel, Path], None] | tuple[None, str]:
+    """Production's model loaded from `where` (and `where`), or why not: `given` names a folder
+    the step was given (None: the registry's own folder, named after the version)."""
     from scoring.errors import ModelLoadError
     from scoring.model import load_model
 
@@ -171,7 +232,7 @@ def _load_production(
     except ModelLoadError as exc:
         return None, f"{given or label} cannot be loaded: {exc}"
     if loaded.identity.sha256 == production.sha256:
-        return loaded, None
+        return (loaded, where), None
     if given is None:
         return None, f"{label}'s model file is not the registered sha256 {production.sha256}"
     return None, (

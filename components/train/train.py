@@ -12,8 +12,9 @@ on is only the model-folder contract it writes:
                         params {alpha, test_fraction, seed}
     sample-input.json   {"data": [[...], ...]}: up to 100 held-out rows (sent by the load generator)
     heldout.csv         every held-out row, features and target (header: feature_names + target,
-                        values exact): the register gate re-scores production's model on them
-                        when production was measured on other data. Not part of the sha256
+                        values exact): the register gate re-scores both models on those that
+                        production's heldout.csv holds too when production was measured on
+                        other data. Not part of the sha256
                         (which covers model.skops alone), and not copied into the package.
 
 Training is deterministic for a given seed and data: the split uses `seed`, Ridge's solver is

@@ -9,12 +9,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from aml_pipelines.errors import ConfigError, GateRefused, IntegrityError
 from aml_pipelines.registry.base import ModelVersion, Stage
 from aml_pipelines.registry.local import LocalRegistry
-from components.register.gate import evaluate_gate
+from components.register.gate import GateDecision, evaluate_gate
 from components.register.main import EXIT_GATE_REFUSED, main
 from components.register.register import register_model
 from components.train.train import TrainParams, train
@@ -346,9 +347,13 @@ def test_an_unwritable_output_fails_before_anything_is_registered(
     assert LocalRegistry(tmp_path / "reg").names() == []
 
 
+Trained = Callable[..., Path]
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, float], Path]:
-    """Ridge models of the diabetes data: "old" is 400 of its rows, "refreshed" all 442."""
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """Ridge models of the diabetes data: "old" is 400 of its rows, "refreshed" all 442;
+    `trained(data, alpha, seed=42, test_fraction=0.2)`."""
     from sklearn.datasets import load_diabetes
 
     root = tmp_path_factory.mktemp("trained")
@@ -361,10 +366,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, float], 
             for x, y in list(zip(bunch.data.tolist(), bunch.target.tolist(), strict=True))[:rows]:
                 writer.writerow([*x, y])
 
-    def make(data: str, alpha: float) -> Path:
-        out = root / f"model-{data}-{alpha}"
+    def make(data: str, alpha: float, seed: int = 42, test_fraction: float = 0.2) -> Path:
+        out = root / f"model-{data}-{alpha}-{seed}-{test_fraction}"
         if not out.exists():
-            params = TrainParams(alpha=alpha)
+            params = TrainParams(alpha=alpha, seed=seed, test_fraction=test_fraction)
             train(out, name="diabetes", params=params, data=root / data, target="progression")
         return out
 
@@ -385,17 +390,21 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, float], 
             "old",
             ("refreshed", 0.1),
             True,
-            r"production diabetes:1 re-scored on the candidate's 89 held-out rows: mse 3117\.67 "
-            r"vs candidate 2856\.49: the candidate is not worse than production \(lower is "
-            r"better\); its mse tag 3596\.39 was measured on other data \(eval_fingerprint ",
+            r"production diabetes:1 and the candidate re-scored on the 43 of the candidate's 89 "
+            r"held-out rows that production did not train on either: mse 3756\.6 vs candidate "
+            r"3570\.15: the candidate is not worse than production \(lower is "
+            r"better\); the mse tags \(3596\.39 vs candidate 2856\.49\) were measured on other "
+            r"data \(eval_fingerprint ",
             id="refreshed-data-better-candidate-passes",
         ),
         pytest.param(
             "old",
             ("refreshed", 10.0),
             False,
-            r"production diabetes:1 re-scored on the candidate's 89 held-out rows: mse 3117\.67 "
-            r"vs candidate 4443\.95: the candidate is worse than production",
+            r"production diabetes:1 and the candidate re-scored on the 43 of the candidate's 89 "
+            r"held-out rows that production did not train on either: mse 3756\.6 vs candidate "
+            r"5002\.72: the candidate is worse than production \(lower is better\); the mse tags "
+            r"\(3596\.39 vs candidate 4443\.95\) were measured on other data",
             id="refreshed-data-worse-candidate-refused-with-both-numbers",
         ),
         pytest.param(
@@ -412,7 +421,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, float], 
 def test_after_a_data_refresh_production_is_rescored_on_the_candidates_rows(
     tmp_path: Path,
     make_model: MakeModel,
-    trained: Callable[[str, float], Path],
+    trained: Trained,
     production_data: str,
     candidate: tuple[str, float],
     passed: bool,
@@ -446,8 +455,9 @@ def test_after_a_data_refresh_production_is_rescored_on_the_candidates_rows(
             ("old", 1.0),
             False,
             True,
-            r"production diabetes:1 re-scored on the candidate's 89 held-out rows: mse 3117\.67 "
-            r"vs candidate 2856\.49: the candidate is not worse",
+            r"production diabetes:1 and the candidate re-scored on the 43 of the candidate's 89 "
+            r"held-out rows that production did not train on either: mse 3756\.6 vs candidate "
+            r"3570\.15: the candidate is not worse",
             id="production-folder-given-rescored",
         ),
         pytest.param(
@@ -478,7 +488,7 @@ def test_after_a_data_refresh_production_is_rescored_on_the_candidates_rows(
 )
 def test_a_registry_without_files_rescores_production_from_the_folder_given(
     tmp_path: Path,
-    trained: Callable[[str, float], Path],
+    trained: Trained,
     mounted: tuple[str, float] | None,
     moved: bool,
     passed: bool,
@@ -509,7 +519,7 @@ def test_a_registry_without_files_rescores_production_from_the_folder_given(
 
 
 @pytest.fixture
-def old_in_production(tmp_path: Path, trained: Callable[[str, float], Path]) -> LocalRegistry:
+def old_in_production(tmp_path: Path, trained: Trained) -> LocalRegistry:
     """A local registry (production's files at hand) whose v1, the "old" model, is production."""
     registry = LocalRegistry(tmp_path / "reg")
     register_model(trained("old", 1.0), registry)
@@ -519,7 +529,7 @@ def old_in_production(tmp_path: Path, trained: Callable[[str, float], Path]) -> 
 
 def test_a_folder_not_productions_falls_back_to_the_registrys_own_folder(
     old_in_production: LocalRegistry,
-    trained: Callable[[str, float], Path],
+    trained: Trained,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The local registry has production's files: an untrusted folder is not the last word."""
@@ -527,16 +537,17 @@ def test_a_folder_not_productions_falls_back_to_the_registrys_own_folder(
     registered = register_model(
         trained("refreshed", 0.1), registry, production_model=trained("old", 0.5)
     )
-    assert "production diabetes:1 re-scored on the candidate's 89 held-out rows: mse 3117.67" in (
-        registered.decision.reason
-    )
+    assert (
+        "production diabetes:1 and the candidate re-scored on the 43 of the candidate's 89 "
+        "held-out rows that production did not train on either: mse 3756.6 vs candidate 3570.15"
+    ) in registered.decision.reason
     assert "re-scoring from the registry's folder instead" in caplog.text
 
 
 def test_a_candidate_without_held_out_rows_is_not_rescored_twice(
     tmp_path: Path,
     old_in_production: LocalRegistry,
-    trained: Callable[[str, float], Path],
+    trained: Trained,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The candidate's rows failing is no reason to load production from another folder."""
@@ -551,7 +562,7 @@ def test_a_candidate_without_held_out_rows_is_not_rescored_twice(
 
 def test_the_registrys_own_folder_given_as_production_model_is_loaded_once(
     old_in_production: LocalRegistry,
-    trained: Callable[[str, float], Path],
+    trained: Trained,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -573,3 +584,94 @@ def test_the_registrys_own_folder_given_as_production_model_is_loaded_once(
         register_model(trained("refreshed", 0.1), registry, production_model=Path(production.path))
     assert loads == [Path(production.path)]
     assert "re-scoring from the registry's folder instead" not in caplog.text
+
+
+def _rows(folder: Path) -> dict[tuple[float, ...], int]:
+    """A heldout.csv's rows (whole content) → how many times each."""
+    with (folder / "heldout.csv").open(newline="") as fh:
+        reader = csv.reader(fh)
+        next(reader)
+        rows = [tuple(float(v) for v in row) for row in reader]
+    return {row: rows.count(row) for row in rows}
+
+
+@pytest.mark.parametrize(
+    ("seed", "test_fraction", "common", "reason"),
+    [
+        pytest.param(
+            7,
+            0.5,
+            48,
+            r"production diabetes:1 and the candidate re-scored on the 48 of the candidate's 200 "
+            r"held-out rows that production did not train on either: mse ",
+            id="enough-rows-in-common-both-scored-on-them",
+        ),
+        pytest.param(
+            7,
+            0.2,
+            17,
+            r"not comparable.*production could not be re-scored on the candidate's held-out "
+            r"rows: only 17 of the candidate's 80 held-out rows were held out by diabetes:1 too",
+            id="too-few-rows-in-common-not-comparable",
+        ),
+    ],
+)
+def test_another_split_is_not_judged_on_productions_training_rows(
+    old_in_production: LocalRegistry,
+    trained: Trained,
+    seed: int,
+    test_fraction: float,
+    common: int,
+    reason: str,
+) -> None:
+    """Another seed: most of the candidate's held-out rows were production's training rows,
+    on which production looks better than it is; only the rows both held out are fair."""
+    from scoring.model import load_model
+
+    registry = old_in_production
+    production = trained("old", 1.0)
+    candidate = trained("old", 1.0, seed=seed, test_fraction=test_fraction)
+    theirs, ours = _rows(production), _rows(candidate)
+    fair = [row for row in ours for _ in range(ours[row]) if row in theirs]
+    assert len(fair) == common  # the others production trained on
+
+    decision = evaluate_gate_of(registry, candidate)
+    assert re.search(reason, decision.reason), decision.reason
+    if len(fair) < 30:
+        assert decision.comparable is False and not decision.passed
+        return
+    table = np.array(fair)
+
+    def mse(folder: Path) -> float:
+        predicted = load_model(folder).predictor.predict(table[:, :-1])
+        return float(np.mean((predicted - table[:, -1]) ** 2))
+
+    assert decision.comparable is True
+    assert decision.baseline == pytest.approx(mse(production), rel=1e-12)
+    assert decision.candidate == pytest.approx(mse(candidate), rel=1e-12)
+    assert decision.passed == (decision.candidate <= decision.baseline)
+
+
+def evaluate_gate_of(registry: LocalRegistry, candidate: Path) -> GateDecision:
+    """The gate's decision on `candidate`, refused or not (force: registered either way)."""
+    return register_model(candidate, registry, force=True).decision
+
+
+def test_a_production_folder_without_held_out_rows_is_not_comparable(
+    tmp_path: Path, trained: Trained
+) -> None:
+    """Without production's held-out rows nothing tells which rows it did not train on."""
+    from aml_pipelines.registry.memory import MemoryRegistry
+
+    registry = MemoryRegistry()
+    register_model(trained("old", 1.0), registry, source="azureml://jobs/one/outputs/model")
+    registry.set_tags("diabetes", 1, {"stage": Stage.PRODUCTION})
+    folder = shutil.copytree(trained("old", 1.0), tmp_path / "production")
+    (folder / "heldout.csv").unlink()
+
+    with pytest.raises(
+        GateRefused,
+        match=r"not comparable.*diabetes:1's held-out rows \(the ones it did not train on\): "
+        r".*has no heldout\.csv",
+    ):
+        register_model(trained("refreshed", 0.1), registry, production_model=folder)
