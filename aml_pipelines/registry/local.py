@@ -104,7 +104,9 @@ class LocalRegistry:
         _remove_abandoned_staging(model_root)
         staging = model_root / f".tmp-{uuid.uuid4().hex}"
         try:
-            shutil.copytree(src, staging, symlinks=False)
+            # A version folder copied from another local registry holds its manifest: copied
+            # along, it would be hashed as a model file, then replaced by this version's own.
+            shutil.copytree(src, staging, symlinks=False, ignore=shutil.ignore_patterns(MANIFEST))
             files = {
                 path.relative_to(staging).as_posix(): sha256_file(path)
                 for path in sorted(staging.rglob("*"))

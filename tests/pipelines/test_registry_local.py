@@ -50,6 +50,21 @@ def test_tags_are_mutable_and_files_are_not(registry: LocalRegistry, make_model:
     assert registry.find_by_tag("m", "stage", "candidate") == []
 
 
+def test_a_version_folder_of_another_registry_registers_as_a_sound_version(
+    registry: LocalRegistry, tmp_path: Path, make_model: MakeModel
+) -> None:
+    """A version copied from a dev registry into prod holds dev's manifest: not a model file."""
+    dev = LocalRegistry(tmp_path / "dev").register("m", make_model(mse=10.0))
+    assert dev.path is not None and (dev.path / ".registry.json").is_file()
+
+    copied = registry.register("m", dev.path)
+    assert registry.get("m", 1) == copied and copied.sha256 == dev.sha256
+    assert [v.version for v in registry.list_versions("m")] == [1]
+    assert sorted(p.name for p in copied.path.iterdir()) == sorted(  # type: ignore[union-attr]
+        p.name for p in dev.path.iterdir()
+    )
+
+
 def test_sha256_is_the_model_file_hash(registry: LocalRegistry, make_model: MakeModel):
     source = make_model()
     version = registry.register("m", source)
