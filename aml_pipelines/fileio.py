@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,13 @@ def write_json(path: Path, payload: Any) -> None:
 
     Temp file in the same folder, fsync, rename onto `path`, fsync of the folder: after a crash or
     a power cut the file is the old one or the new one, never empty or half written (rename alone
-    can reach the disk before the data does).
+    can reach the disk before the data does). The file gets the mode a plain open gives (0666
+    less the umask), not mkstemp's 0600: a local registry shared by a service account and its
+    users must be readable by them as its model files are.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(payload, fh, indent=2, sort_keys=True)

@@ -274,7 +274,7 @@ class LocalRegistry:
             return None  # as `get` reads it: no tags
         try:
             tags = _read_record(path, f"{name}:{version}")
-        except (OSError, IntegrityError):
+        except RegistryError:  # IntegrityError included
             return _UNKNOWN
         return str(tags.get(STAGE_TAG, "")) or None
 
@@ -327,9 +327,12 @@ class LocalRegistry:
 
 
 def _read_record(path: Path, label: str) -> dict[str, Any]:
-    """A JSON object from the registry's own files; damage is an IntegrityError, not a crash."""
+    """A JSON object from the registry's own files; damage is an IntegrityError, not a crash,
+    and a file this user may not read (a registry shared between accounts) a RegistryError."""
     try:
         record = read_json(path)
+    except OSError as exc:
+        raise RegistryError(f"{label}: {path} cannot be read ({exc.strerror})") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: truncated or overwritten
         raise IntegrityError(
             f"{label}: {path.name} is damaged ({exc}); refusing to use it"

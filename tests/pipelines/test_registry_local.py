@@ -338,3 +338,42 @@ def test_write_json_is_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert events[1][1] == str(target) and events[2][1] == str(tmp_path)
     assert fileio.read_json(target) == {"stage": "candidate"}
     assert [p.name for p in tmp_path.iterdir()] == ["1.tags.json"]
+
+
+@pytest.mark.parametrize(
+    ("umask", "mode"),
+    [pytest.param(0o022, 0o644, id="umask-022"), pytest.param(0o027, 0o640, id="umask-027")],
+)
+def test_registry_records_get_the_mode_of_a_normal_open(
+    registry: LocalRegistry, make_model: MakeModel, umask: int, mode: int
+) -> None:
+    """Tags and manifests as readable as the model files: a registry shared by a service
+    account and its users was unreadable to all but the writer (mkstemp's 0600)."""
+    old = os.umask(umask)
+    try:
+        version = registry.register("m", make_model(), {"stage": Stage.CANDIDATE})
+        registry.set_tags("m", 1, {"stage": Stage.PRODUCTION})
+    finally:
+        os.umask(old)
+    assert version.path is not None
+    modes = {
+        p.name: p.stat().st_mode & 0o777
+        for p in [*version.path.iterdir(), registry.root / "m" / "1.tags.json"]
+    }
+    assert modes == dict.fromkeys(modes, mode)
+
+
+def test_an_unreadable_registry_record_is_one_clear_error(
+    registry: LocalRegistry, make_model: MakeModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry.register("m", make_model())
+    real = fileio.read_json
+
+    def forbidden(path: Path) -> Any:
+        if path.name in {".registry.json", "1.tags.json"}:  # root reads whatever the mode
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr("aml_pipelines.registry.local.read_json", forbidden)
+    with pytest.raises(RegistryError, match=r"m:1: .*\.registry\.json cannot be read \(Permi"):
+        registry.list_versions("m")
