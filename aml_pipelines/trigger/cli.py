@@ -23,6 +23,7 @@ so that `aml-rollout --help` stays fast.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ trigger_app = typer.Typer(no_args_is_help=True)
 DEFAULT_STATE = Path(".aml-rollout") / "trigger"
 DEFAULT_SECRET_ENV = "AML_ROLLOUT_TRIGGER_SECRET"  # noqa: S105 (a variable name, not a secret)
 MIN_SECRET_CHARS = 16
+#: The longest `watch --interval` (a day): a poll further apart is no watch.
+MAX_INTERVAL_S = 86400
 
 RegistryOpt = Annotated[
     str,
@@ -355,7 +358,8 @@ def watch(
     registry: RegistryOpt = "",
     tag: TagOpt = None,
     interval: Annotated[
-        float, typer.Option("--interval", min=0.1, help="Seconds between registry polls.")
+        float,
+        typer.Option("--interval", min=0.1, help="Seconds between registry polls (0.1 to 86400)."),
     ] = 10.0,
     once: Annotated[
         bool,
@@ -376,8 +380,15 @@ def watch(
     compute: ComputeOpt = "cpu-cluster",
 ) -> None:
     """Poll the registry; deliver (package + roll out) each new matching version exactly once."""
+    from aml_pipelines.errors import ConfigError
     from aml_pipelines.trigger.watcher import Watcher
 
+    # typer's min lets nan and inf through: nan waits forever (never polls again), inf and
+    # anything past threading.TIMEOUT_MAX overflow the wait after the first poll.
+    if not (math.isfinite(interval) and interval <= MAX_INTERVAL_S):
+        raise ConfigError(
+            f"--interval: {interval} is not a number of seconds from 0.1 to {MAX_INTERVAL_S}"
+        )
     _setup_logging()
     required = _parse_tags(tag)
     choice = DeliveryChoice(delivery, subscription, resource_group, workspace, compute)

@@ -607,3 +607,25 @@ def test_a_state_dir_that_is_a_file_is_one_clear_line(
     assert done.returncode == 2, done.stderr
     assert f"cannot create the lock {tmp_path / 'trigger'}" in done.stderr
     assert "check --state-dir" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "interval",
+    [
+        pytest.param("nan", id="nan-never-polled-again"),
+        pytest.param("inf", id="inf-overflowed-after-the-first-poll"),
+        pytest.param("1e12", id="beyond-what-a-wait-takes"),
+    ],
+)
+def test_watch_refuses_an_interval_it_cannot_wait(
+    tmp_path: Path, registry: LocalRegistry, interval: str
+) -> None:
+    from aml_pipelines.errors import ConfigError
+
+    args = _cli(tmp_path, "watch", "--model", "diabetes", "--once", "--interval", interval)[3:]
+    refused = CliRunner().invoke(app, args)
+    assert isinstance(refused.exception, ConfigError)  # main() prints it as one line, exit 2
+    assert str(refused.exception) == (
+        f"--interval: {float(interval)} is not a number of seconds from 0.1 to 86400"
+    )
+    assert not (tmp_path / "trigger").exists()  # refused before anything started
