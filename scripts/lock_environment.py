@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from packaging.markers import default_environment
-from packaging.requirements import Requirement
+from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import NormalizedName, canonicalize_name
 
 from aml_pipelines.closure import ClosureError, closure, target_environment
@@ -120,7 +120,17 @@ def _dev_requirements() -> list[Requirement]:
 
 def _pins(lines: list[str]) -> list[Requirement]:
     """The requirements of the `- ...` items among `lines` (comments skipped)."""
-    return [Requirement(line.strip()[2:]) for line in lines if line.strip().startswith("- ")]
+    pins = []
+    for item in (line.strip()[2:] for line in lines if line.strip().startswith("- ")):
+        try:
+            pins.append(Requirement(item))
+        except InvalidRequirement as exc:  # e.g. conda's `- pkg=1.0`
+            why = str(exc).splitlines()[0]  # packaging adds the item and a caret below
+            raise LockError(
+                f"the `- pip:` item {item!r} is not a pip requirement ({why}): "
+                "pin it as name==version"
+            ) from None
+    return pins
 
 
 def _pip_list(lines: list[str]) -> tuple[int, int]:
@@ -179,8 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     dev_path = args.path.with_name(DEV_CONSTRAINTS)
-    text = args.path.read_text()
-    dev_text = dev_path.read_text() if dev_path.exists() else ""
+    try:
+        text = args.path.read_text()
+        dev_text = dev_path.read_text() if dev_path.exists() else ""
+    except OSError as exc:
+        print(f"error: {exc.filename}: cannot be read ({exc.strerror})", file=sys.stderr)
+        return 2
     try:
         locked = rewrite(text, clear=args.clear)
         dev_locked = dev_constraints(locked, _dev_requirements(), clear=args.clear)

@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import tomllib
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -272,6 +273,33 @@ def test_the_lock_script_refuses_a_pip_list_without_top_pins(pip: str) -> None:
     lock = _lock_script()
     with pytest.raises(lock.LockError, match=r"`- pip:` list has no pins above"):
         lock.rewrite(f"dependencies:\n  - python=3.11.7\n{pip}")
+
+
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        pytest.param(
+            lambda path: None, r"^error: {path}: cannot be read \(No such file", id="missing"
+        ),
+        pytest.param(
+            lambda path: path.write_text(
+                (REPO / "environment.yml").read_text().replace("typer==", "typer=")
+            ),
+            r"^error: {path}: the `- pip:` item 'typer=0\.28\.0' is not a pip requirement "
+            r"\(.*\): pin it as name==version",
+            id="conda-style-pin",
+        ),
+    ],
+)
+def test_the_lock_script_says_what_is_wrong_with_its_input_in_one_line(
+    make: Callable[[Path], None], said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "environment.yml"
+    make(path)
+    assert _lock_script().main([str(path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(said.format(path=re.escape(str(path))), err), err
+    assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize(
