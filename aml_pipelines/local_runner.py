@@ -306,6 +306,12 @@ def _render_value(value: Any) -> str:
 def _absolute(params: PipelineParams) -> PipelineParams:
     """Make every local path absolute first (as in Azure ML, a step gets absolute paths)."""
     changes: dict[str, Any] = {}
+    if params.data is not None and not is_local_path(params.data):
+        # The train step would read it as a path (`azureml://x` → `azureml:/x`) and fail late.
+        raise ConfigError(
+            f"data: {params.data} is not a local path: run-local reads a local CSV folder; "
+            "data in Azure ML needs `pipeline submit`"
+        )
     for key in ("data", "rollout_spec"):
         value = getattr(params, key)
         if value is not None and is_local_path(value):

@@ -194,6 +194,27 @@ def test_a_missing_data_folder_is_refused_before_any_step(tmp_path: Path) -> Non
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param("azureml://datastores/x/paths/y", id="datastore-uri"),
+        pytest.param("azureml:diabetes-csv:1", id="data-asset"),
+        pytest.param("https://example.org/data.csv", id="web-url"),
+    ],
+)
+def test_data_that_is_not_a_local_path_is_refused_before_any_step(
+    tmp_path: Path, data: str
+) -> None:
+    # Train failed late on a mangled path: "no CSV file found at azureml:/datastores/x/paths/y".
+    with pytest.raises(
+        ConfigError,
+        match=rf"^data: {re.escape(data)} is not a local path: run-local reads a local CSV "
+        r"folder; data in Azure ML needs `pipeline submit`",
+    ):
+        run_local(_params(tmp_path, data=data, target="y"), run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
 def test_package_mode_azureml_with_a_local_registry_is_refused_before_any_step(
     tmp_path: Path,
 ) -> None:
