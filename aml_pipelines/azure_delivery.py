@@ -19,7 +19,13 @@ Azure ML says the job ended (Completed, or Failed / Canceled / NotResponding / P
 Failed: azure-ai-ml's own terminal statuses), so the dispatcher submits the next
 version only after the previous job is over — never two rollouts on one endpoint. A job whose
 status is terminal is remembered as such and not asked again; a job Azure ML does not know (its
-submission never landed) is not running either.
+submission never landed) is not running either. A job that ended without completing while its
+version still says `stage=candidate` in the watched registry is not over for the endpoint: its
+rollout step writes `production` or `rolled-back` whenever the traffic settled, so a version
+left a candidate is a rollout held for a human (exit 5), a step that failed or was cancelled
+mid-rollout, or a package step that never reached the rollout — the trigger cannot tell which,
+and the first two leave traffic split. It is reported Paused, and the next version waits until
+a person settles the endpoint and tags the version (`aml-rollout registry tag`).
 
 What this mode cannot do, by construction (see docs/triggers.md, "Where the rollout runs"):
 abort (supersede) — cancelling a job kills its controller mid-step and leaves traffic split, so
@@ -41,8 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from aml_pipelines.delivery import FAILED, SUCCEEDED, DeliveryOutcome, RolloutView, TagChange
-from aml_pipelines.errors import ConfigError, PipelineError, TriggerError
-from aml_pipelines.registry.base import ModelVersion
+from aml_pipelines.errors import ConfigError, ModelNotFound, PipelineError, TriggerError
+from aml_pipelines.registry.base import ModelRegistry, ModelVersion, Stage
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,9 @@ JOB_TERMINAL = {
     "Paused": FAILED,
     NOT_FOUND: FAILED,
 }
+#: The phase of a job that ended without completing and left its version a candidate: a rollout
+#: that may hold traffic split until a person acts (rollout.core.types.Phase.PAUSED).
+HELD = "Paused"
 _UNSAFE = re.compile(r"[^a-z0-9_-]+")
 
 
@@ -92,6 +101,8 @@ class PipelineDelivery:
     the trigger watches: the job opens it as `registry`, default "azureml" = its own workspace).
     `spec` is the rollout spec the job's rollout step reads: a local file (checked here, uploaded
     by azure-ai-ml at submission) or a URI (`azureml://datastores/...`, `https://...`).
+    `watched` is the registry the trigger watches, which the job's rollout step tags: whether a
+    job that did not complete left its version a candidate (see the module docstring).
     """
 
     def __init__(
@@ -100,6 +111,7 @@ class PipelineDelivery:
         spec: str | Path,
         state_dir: Path,
         *,
+        watched: ModelRegistry,
         compute: str = "cpu-cluster",
         experiment: str = DEFAULT_EXPERIMENT,
         image_registry: str | None = None,
@@ -108,6 +120,7 @@ class PipelineDelivery:
     ) -> None:
         self.ml_client = ml_client
         self.spec = _checked_spec(spec)
+        self.watched = watched
         self.state_dir = Path(state_dir)
         self.compute = compute
         self.experiment = experiment
@@ -131,12 +144,18 @@ class PipelineDelivery:
             if status != record.status:
                 record = self._save(replace(record, status=status))
         phase = JOB_TERMINAL.get(record.status, "Running")
-        return RolloutView(
-            model=record.model,
-            candidate=record.version,
-            phase=phase,
-            reason=f"pipeline job {record.job} is {record.status or record.state}",
-        )
+        reason = f"pipeline job {record.job} is {record.status or record.state}"
+        if phase == FAILED and record.status != NOT_FOUND and self._left_candidate(record):
+            phase = HELD
+            reason += (
+                f", and {record.model} v{record.version} is still stage={Stage.CANDIDATE}: its "
+                "rollout may hold traffic split (held for a human, or stopped mid-step). Settle "
+                f"the endpoint (the job's rollout_result and logs say where it stopped), then "
+                f"`aml-rollout registry tag {record.model} {record.version} "
+                f"stage={Stage.ROLLED_BACK}` (or stage={Stage.PRODUCTION} --replace) lets the "
+                "next version go"
+            )
+        return RolloutView(model=record.model, candidate=record.version, phase=phase, reason=reason)
 
     def deliver(
         self,
@@ -198,6 +217,15 @@ class PipelineDelivery:
     def reconcile(self) -> list[TagChange]:
         """Nothing to repair here: the job's rollout step writes the registry tags itself."""
         return []
+
+    def _left_candidate(self, record: JobRecord) -> bool:
+        """Whether the job's version still says stage=candidate (read each time: a person's tag
+        is what releases the endpoint). A version deleted since is nothing to wait for."""
+        try:
+            version = self.watched.get(record.model, record.version)
+        except ModelNotFound:
+            return False
+        return version.stage == Stage.CANDIDATE
 
     # ------------------------------------------------------------------ Azure ML
 

@@ -208,7 +208,12 @@ def _dispatcher(
         )
         registry = open_registry(registry_spec, ml_client=client, must_exist=True)
         delivery = PipelineDelivery(
-            client, spec, state_dir, compute=choice.compute, image_registry=image_registry
+            client,
+            spec,
+            state_dir,
+            watched=registry,
+            compute=choice.compute,
+            image_registry=image_registry,
         )
     else:
         from aml_pipelines.delivery import EngineDelivery

@@ -544,12 +544,13 @@ class Dispatcher:
                 aborted = True
             elif view != reported:  # once per state, not every interval
                 log.info(
-                    "%s v%d waits: the rollout of %s v%d is %s",
+                    "%s v%d waits: the rollout of %s v%d is %s%s",
                     model,
                     version,
                     view.model,
                     view.candidate,
                     view.phase,
+                    f" ({view.reason})" if view.reason else "",
                 )
                 reported = view
             if self.stop.wait(self.wait_interval_s):

@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from aml_pipelines.azure_delivery import (
+    HELD,
     JOB_TERMINAL,
     JOBS_FILE,
     NOT_FOUND,
@@ -74,7 +75,9 @@ def registry(client: Any) -> AzureMLRegistry:
 
 
 def _watcher(tmp_path: Path, client: Any, registry: AzureMLRegistry) -> Watcher:
-    delivery = PipelineDelivery(client, SPEC_URI, tmp_path / "trigger", compute="cpu-cluster")
+    delivery = PipelineDelivery(
+        client, SPEC_URI, tmp_path / "trigger", watched=registry, compute="cpu-cluster"
+    )
     dispatcher = Dispatcher(
         TriggerStore(tmp_path / "trigger"), registry, delivery, wait_interval_s=0
     )
@@ -134,7 +137,9 @@ def test_a_crash_before_azure_accepted_the_job_resubmits_it_under_the_same_name(
     assert entry.step is Step.STARTED  # left open: resumed on the next start
     first_name = _jobs(arm)[0][0].rsplit("/", 1)[1]
 
-    view = PipelineDelivery(client, SPEC_URI, tmp_path / "trigger").current()
+    view = PipelineDelivery(
+        client, SPEC_URI, tmp_path / "trigger", watched=AzureMLRegistry(client)
+    ).current()
     assert view is not None and not view.active  # a job that never landed is not running
 
     _watcher(tmp_path, client, registry).run(once=True)
@@ -147,7 +152,9 @@ def test_delivering_again_after_acceptance_submits_nothing(
     tmp_path: Path, arm: FakeArm, client: Any, registry: AzureMLRegistry
 ) -> None:
     """A crash after Azure ML accepted the job, before the cursor said `done`."""
-    delivery = PipelineDelivery(client, SPEC_URI, tmp_path / "trigger")
+    delivery = PipelineDelivery(
+        client, SPEC_URI, tmp_path / "trigger", watched=AzureMLRegistry(client)
+    )
     first = delivery.deliver(registry.get("diabetes", 2))
     again = delivery.deliver(registry.get("diabetes", 2))
     assert len(_jobs(arm)) == 1
@@ -158,7 +165,9 @@ def test_the_next_version_waits_for_the_running_job(
     tmp_path: Path, arm: FakeArm, client: Any, registry: AzureMLRegistry
 ) -> None:
     """One rollout per endpoint: the last job counts as a running rollout until it ended."""
-    delivery = PipelineDelivery(client, SPEC_URI, tmp_path / "trigger")
+    delivery = PipelineDelivery(
+        client, SPEC_URI, tmp_path / "trigger", watched=AzureMLRegistry(client)
+    )
     assert delivery.current() is None
     delivery.deliver(registry.get("diabetes", 2))
     name = _jobs(arm)[0][0].rsplit("/", 1)[1]
@@ -207,7 +216,9 @@ def test_the_watcher_submits_the_next_version_only_after_the_job_ended(
 
 
 def test_abort_is_refused_and_reconcile_writes_nothing(tmp_path: Path, client: Any) -> None:
-    delivery = PipelineDelivery(client, SPEC_URI, tmp_path / "trigger")
+    delivery = PipelineDelivery(
+        client, SPEC_URI, tmp_path / "trigger", watched=AzureMLRegistry(client)
+    )
     with pytest.raises(TriggerError, match="cannot be aborted cleanly"):
         delivery.abort("superseded by version 3")
     assert delivery.reconcile() == []
@@ -230,7 +241,7 @@ def test_a_local_spec_is_checked_before_anything_is_submitted(
         )
         spec = str(bad)
     with pytest.raises(error, match=message):
-        PipelineDelivery(client, spec, tmp_path / "trigger")
+        PipelineDelivery(client, spec, tmp_path / "trigger", watched=AzureMLRegistry(client))
 
 
 # ------------------------------------------------------------------------------ the CLI
@@ -297,14 +308,70 @@ def test_the_terminal_job_statuses_are_azure_ai_mls() -> None:
     assert set(JOB_TERMINAL) == {*RunHistoryConstants.TERMINAL_STATUSES, NOT_FOUND}
 
 
-@pytest.mark.parametrize("status", ["NotResponding", "Paused", "Canceled"])
-def test_a_job_that_stopped_without_completing_ends_the_rollout_as_failed(
+@pytest.mark.parametrize("status", ["Failed", "NotResponding", "Paused", "Canceled"])
+def test_a_job_that_stopped_without_completing_holds_the_endpoint_while_its_version_is_a_candidate(
     tmp_path: Path, arm: FakeArm, client: Any, registry: AzureMLRegistry, status: str
 ) -> None:
-    # Otherwise the dispatcher would wait for it, and hold every later version, forever.
-    delivery = PipelineDelivery(client, SPEC_URI, tmp_path / "trigger")
+    """The rollout step tags the version once traffic settled (production or rolled-back); one
+    left a candidate may hold traffic split (held for a human: exit 5; stopped mid-step), so the
+    next version waits for a person's tag instead of being rolled out on top of it."""
+    delivery = PipelineDelivery(client, SPEC_URI, tmp_path / "trigger", watched=registry)
     delivery.deliver(registry.get("diabetes", 2))
     name = _jobs(arm)[0][0].rsplit("/", 1)[1]
     _set_status(arm, name, status)
+
+    view = delivery.current()
+    assert view is not None and view.active and view.phase == HELD
+    assert f"pipeline job {name} is {status}" in view.reason
+    assert "diabetes v2 is still stage=candidate" in view.reason
+    assert "aml-rollout registry tag diabetes 2 stage=rolled-back" in view.reason
+
+    registry.set_tags("diabetes", 2, {"stage": "rolled-back"})  # a person settled it
     view = delivery.current()
     assert view is not None and not view.active and view.phase == FAILED
+
+
+@pytest.mark.parametrize("stage", ["rolled-back", "production"])
+def test_a_failed_job_whose_rollout_step_tagged_its_version_is_over(
+    tmp_path: Path, arm: FakeArm, client: Any, registry: AzureMLRegistry, stage: str
+) -> None:
+    """Rolled back (exit 3), or a first release tagged production whatever its check said."""
+    delivery = PipelineDelivery(client, SPEC_URI, tmp_path / "trigger", watched=registry)
+    delivery.deliver(registry.get("diabetes", 2))
+    _set_status(arm, _jobs(arm)[0][0].rsplit("/", 1)[1], "Failed")
+    registry.set_tags("diabetes", 2, {"stage": stage})
+    view = delivery.current()
+    assert view is not None and not view.active and view.phase == FAILED
+
+
+def test_the_next_version_waits_for_a_person_after_a_job_left_its_version_a_candidate(
+    tmp_path: Path, arm: FakeArm, client: Any, registry: AzureMLRegistry
+) -> None:
+    """End to end: v2's job fails with v2 still a candidate (a rollout held for a human exits 5);
+    v3's job is submitted only once a person tagged v2."""
+    _watcher(tmp_path, client, registry).run(once=True)
+    (first,) = [path.rsplit("/", 1)[1] for path, _ in _jobs(arm)]
+    _set_status(arm, first, "Failed")
+    registry.register(
+        "diabetes", "azureml://jobs/run-3/outputs/model", {"sha256": "c" * 64, "stage": "candidate"}
+    )
+    watcher = _watcher(tmp_path, client, registry)
+    watcher.dispatcher.wait_interval_s = 0.02
+    runner = threading.Thread(target=watcher.run, kwargs={"once": True})
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(list(iter_calls(arm, "GET", r"/models/diabetes/versions/2$"))) < 4:
+            assert time.monotonic() < deadline, "the watcher never looked at v2's stage"
+            time.sleep(0.01)
+        assert len(_jobs(arm)) == 1  # v3 waits
+        registry.set_tags("diabetes", 2, {"stage": "rolled-back"})
+        runner.join(timeout=10)
+        assert not runner.is_alive()
+    finally:
+        watcher.dispatcher.stop.set()
+        runner.join(timeout=10)
+    assert [body["properties"]["inputs"]["model_version"]["value"] for _, body in _jobs(arm)] == [
+        "2",
+        "3",
+    ]
