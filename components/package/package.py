@@ -74,7 +74,7 @@ import logging
 import os
 from pathlib import Path
 
-from scoring.app import create_app
+from scoring.app import create_app, exit_on_load_failure
 
 # uvicorn configures only its own loggers: without this, the line saying which model (and
 # sha256) this pod loaded, the one `kubectl logs` is read for, would be dropped.
@@ -86,12 +86,15 @@ def build():
 
     AML_ROLLOUT_API_KEY, as for `aml-rollout serve`: when set, /score needs
     `Authorization: Bearer <key>`; set but blank refuses to start (a secret not injected).
+    The model loads in the background (/healthz answers meanwhile); if it cannot load, the
+    process exits with status 3 and the reason in its log, so the container is restarted.
     """
     key = os.environ.get("AML_ROLLOUT_API_KEY")
     return create_app(
         Path(__file__).parent,
         colour=os.environ.get("AML_ROLLOUT_COLOUR", "green"),
         api_keys=() if key is None else (key,),
+        on_load_failure=exit_on_load_failure,
     )
 '''
 

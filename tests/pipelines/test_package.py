@@ -322,6 +322,27 @@ def test_the_image_s_command_logs_the_model_it_loaded(registered, tmp_path: Path
     assert "loaded model Diabetes-Ridge version 1 (Ridge, sha256 " in err
 
 
+@pytest.mark.slow
+def test_the_image_s_command_exits_when_its_model_cannot_load(registered, tmp_path: Path) -> None:
+    # Was: the loader logged the error and the server ran on with /healthz 200, so the pod stayed
+    # Running 0/1, never restarted, and the deploy waited its ready timeout for "readiness probe
+    # failed". Now it exits non-zero with the reason: CrashLoopBackOff, and the error in its logs.
+    registry, _ = registered
+    pkg = build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "p", image_registry="r").path
+    with (pkg / "model" / "model.skops").open("ab") as model_file:
+        model_file.write(b"x")
+    cmd = [sys.executable, "-m", "uvicorn", "asgi:build", "--factory", "--port", "0"]
+    env = {**os.environ, "PYTHONPATH": str(pkg)}
+    with subprocess.Popen(cmd, cwd=pkg, env=env, stderr=subprocess.PIPE, text=True) as server:
+        try:
+            _, err = server.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            pytest.fail("the server kept running with a model that cannot load")
+    assert server.returncode == 3, err
+    assert "cannot serve" in err and "sha256" in err, err
+
+
 def test_a_swapped_model_file_is_not_packaged(registered, tmp_path: Path) -> None:
     registry, _ = registered
     version = registry.get("Diabetes-Ridge", 1)
