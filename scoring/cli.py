@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from scoring.auth import api_key_problem
+from scoring.auth import API_KEY_ENV, api_key_problem, api_keys_from_env
 
 if TYPE_CHECKING:
     from scoring.loadgen import LoadReport
@@ -85,8 +85,9 @@ def serve(
     api_key: Annotated[
         list[str] | None,
         typer.Option(
-            envvar="AML_ROLLOUT_API_KEY",
-            help="Require `Authorization: Bearer KEY` on /score (repeatable; prefer the env var).",
+            help="Require `Authorization: Bearer KEY` on /score (repeatable; prefer the env var "
+            f"{API_KEY_ENV}: keys separated by whitespace or commas, as the package image reads "
+            "it).",
             show_default=False,
         ),
     ] = None,
@@ -118,13 +119,15 @@ def serve(
     ):
         if math.isnan(value):  # passes typer's min/max (every comparison with NaN is false)
             raise _fail(f"{name}: nan is not a number")
-    if (problem := api_key_problem(api_key or ())) is not None:
-        raise _fail(f"--api-key / AML_ROLLOUT_API_KEY: {problem}")
-    if not api_key and os.environ.get("AML_ROLLOUT_API_KEY") is not None:
-        # Set but blank: most likely a secret that was not injected. Fail closed, not open.
-        raise _fail(
-            "AML_ROLLOUT_API_KEY is set but holds no key: give a real key or unset it for no auth"
-        )
+    if api_key:
+        api_keys = tuple(api_key)
+    else:  # parsed as the image parses it (not typer's envvar: it split on whitespace only)
+        try:
+            api_keys = api_keys_from_env(os.environ.get(API_KEY_ENV))
+        except ValueError as exc:  # set but blank: fail closed, not open
+            raise _fail(str(exc)) from None
+    if (problem := api_key_problem(api_keys)) is not None:
+        raise _fail(f"--api-key / {API_KEY_ENV}: {problem}")
     # An unusable --fd is refused before the model's 2-4 s load, as other bad options are.
     inherited = None if fd is None else _inherited_socket(fd)
     logging.basicConfig(
@@ -146,7 +149,7 @@ def serve(
     app = create_app(
         model,
         colour=colour.value,
-        api_keys=api_key or (),
+        api_keys=api_keys,
         fault=FaultKnob(fault_error_rate, fault_latency_ms),
         max_body_bytes=max_body_bytes,
         max_rows=max_rows,
@@ -162,7 +165,7 @@ def serve(
         colour.value,
         bound_host,
         bound_port,
-        "on" if api_key else "off",
+        "on" if api_keys else "off",
     )
     config = uvicorn.Config(
         app,

@@ -75,6 +75,7 @@ import os
 from pathlib import Path
 
 from scoring.app import create_app, exit_on_load_failure
+from scoring.auth import API_KEY_ENV, api_keys_from_env
 
 # uvicorn configures only its own loggers: without this, the line saying which model (and
 # sha256) this pod loaded, the one `kubectl logs` is read for, would be dropped.
@@ -84,16 +85,16 @@ logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(
 def build():
     """uvicorn asgi:build --factory (colour from AML_ROLLOUT_COLOUR, default green).
 
-    AML_ROLLOUT_API_KEY, as for `aml-rollout serve`: when set, /score needs
-    `Authorization: Bearer <key>`; set but blank refuses to start (a secret not injected).
+    AML_ROLLOUT_API_KEY, read as `aml-rollout serve` reads it: when set, /score needs
+    `Authorization: Bearer <key>` with one of its keys (separated by whitespace or commas);
+    set but blank refuses to start (a secret not injected).
     The model loads in the background (/healthz answers meanwhile); if it cannot load, the
     process exits with status 3 and the reason in its log, so the container is restarted.
     """
-    key = os.environ.get("AML_ROLLOUT_API_KEY")
     return create_app(
         Path(__file__).parent,
         colour=os.environ.get("AML_ROLLOUT_COLOUR", "green"),
-        api_keys=() if key is None else (key,),
+        api_keys=api_keys_from_env(os.environ.get(API_KEY_ENV)),
         on_load_failure=exit_on_load_failure,
     )
 '''

@@ -264,7 +264,13 @@ def test_the_image_serves_like_aml_rollout_serve(registered, tmp_path: Path) -> 
     [
         pytest.param(None, (), id="unset-no-auth"),
         pytest.param("s3cret", (b"s3cret",), id="set"),
+        # Was: the value taken whole: a rotation "k1 k2" 401d both keys, a secret file's
+        # trailing newline stopped the start; now scoring.auth.api_keys_from_env, as serve.
+        pytest.param("k1 k2", (b"k1", b"k2"), id="two-keys"),
+        pytest.param("k1,k2", (b"k1", b"k2"), id="comma-separated"),
+        pytest.param("s3cret\n", (b"s3cret",), id="trailing-newline"),
         pytest.param(" ", ValueError, id="blank-fails-closed"),
+        pytest.param(" , ", ValueError, id="only-separators-fails-closed"),
     ],
 )
 def test_the_image_takes_its_api_key_from_the_environment_as_serve_does(
@@ -283,7 +289,7 @@ def test_the_image_takes_its_api_key_from_the_environment_as_serve_does(
     else:
         monkeypatch.setenv("AML_ROLLOUT_API_KEY", key)
     if expected is ValueError:
-        with pytest.raises(ValueError, match="API key"):
+        with pytest.raises(ValueError, match="holds no key"):
             entry.build()
     else:
         assert entry.build().state.scoring.api_keys == expected

@@ -224,3 +224,45 @@ def test_serve_on_an_unusable_host_says_so_in_one_line(
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The uvicorn.Config each `serve` in this test started, its server returning at once.
+
+    uvicorn's loop is the one thing not run: what serve decided (the app's keys, the Config)
+    is read from the real objects it built.
+    """
+    import uvicorn
+
+    configs: list[Any] = []
+
+    def run(server: uvicorn.Server, sockets: Any = None) -> None:
+        configs.append(server.config)
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    return configs
+
+
+@pytest.mark.parametrize(
+    ("value", "keys"),
+    [
+        pytest.param("k1", (b"k1",), id="one"),
+        pytest.param("k1 k2", (b"k1", b"k2"), id="space-separated"),
+        pytest.param("k1,k2", (b"k1", b"k2"), id="comma-separated"),
+        pytest.param(" k1, k2\n", (b"k1", b"k2"), id="trimmed-secret-file"),
+    ],
+)
+def test_serve_reads_the_env_api_keys_as_the_image_does(
+    model_dir: Path, started: list[Any], value: str, keys: tuple[bytes, ...]
+) -> None:
+    # Was: typer split the value on whitespace only, the image took it whole: "k1,k2" was one
+    # key here (and "k1 k2" one key in the image). Both use scoring.auth.api_keys_from_env.
+    result = CliRunner().invoke(
+        cli_app,
+        ["serve", "--model-dir", str(model_dir), "--port", "0"],
+        env={"AML_ROLLOUT_API_KEY": value},
+    )
+    assert result.exit_code == 0, result.output
+    (config,) = started
+    assert config.app.state.scoring.api_keys == keys
