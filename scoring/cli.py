@@ -175,6 +175,9 @@ def serve(
         log_level=log_level.lower(),
         timeout_graceful_shutdown=5,
         timeout_keep_alive=KEEP_ALIVE_S,
+        # No route is a WebSocket. With uvicorn's "auto", a request carrying `Upgrade:
+        # websocket` (a POST /score too) went to the websocket protocol and was never answered.
+        ws="none",
     )
     try:
         uvicorn.Server(config).run(sockets=[sock])

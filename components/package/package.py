@@ -102,7 +102,9 @@ def build():
 # The image's Python is environment.yml's (the steps'), on a fixed Debian: `python:3.11-slim`
 # took each patch release and Debian as pushed (tests/pipelines/test_environment.py).
 # The image's uvicorn runs as `aml-rollout serve` does: idle connections kept KEEP_ALIVE_S (the
-# proxy in front must close them first, or it answers a racing request 503 itself), no access log.
+# proxy in front must close them first, or it answers a racing request 503 itself), no access
+# log, no WebSocket protocol (no route needs it; under "auto" a POST carrying `Upgrade:
+# websocket` was handed to it and never answered).
 DOCKERFILE = """\
 # Image for {model} version {version} (sha256 {sha256}).
 # Build: docker build -t {image} .
@@ -117,7 +119,7 @@ USER 10001
 EXPOSE {port}
 HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/healthz')"
 CMD ["uvicorn", "asgi:build", "--factory", "--host", "0.0.0.0", "--port", "{port}", \\
-     "--timeout-keep-alive", "{keep_alive}", "--no-access-log"]
+     "--timeout-keep-alive", "{keep_alive}", "--no-access-log", "--ws", "none"]
 """
 
 

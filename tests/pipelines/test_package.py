@@ -257,6 +257,8 @@ def test_the_image_serves_like_aml_rollout_serve(registered, tmp_path: Path) -> 
     assert options["app"] == "asgi:build" and options["factory"]
     assert options["timeout_keep_alive"] == KEEP_ALIVE_S
     assert options["access_log"] is False  # a log line per request, as `serve` does not
+    # Was "auto": a POST carrying `Upgrade: websocket` hung unanswered (no WebSocket routes).
+    assert options["ws"] == "none"
 
 
 @pytest.mark.parametrize(

@@ -266,3 +266,13 @@ def test_serve_reads_the_env_api_keys_as_the_image_does(
     assert result.exit_code == 0, result.output
     (config,) = started
     assert config.app.state.scoring.api_keys == keys
+
+
+def test_serve_runs_uvicorn_without_websockets(model_dir: Path, started: list[Any]) -> None:
+    # Was uvicorn's ws="auto": a POST /score carrying `Upgrade: websocket` went to the websocket
+    # protocol, which never answers a POST, and hung (uncounted) until the client gave up. No
+    # route here is a WebSocket; with ws="none" it gets the server's 400 at once.
+    result = CliRunner().invoke(cli_app, ["serve", "--model-dir", str(model_dir), "--port", "0"])
+    assert result.exit_code == 0, result.output
+    (config,) = started
+    assert config.ws == "none"
