@@ -103,11 +103,20 @@ def serve(
         list[str] | None,
         typer.Option(help="Extra type to trust when loading the skops file (repeatable)."),
     ] = None,
-    log_level: Annotated[str, typer.Option(help="Python log level.")] = "info",
+    log_level: Annotated[
+        str,
+        typer.Option(help="Log level: critical, error, warning, info, debug or trace (uvicorn's)."),
+    ] = "info",
 ) -> None:
     """Serve a packaged model as the blue or green scoring server."""
-    if log_level.upper() not in logging.getLevelNamesMapping():
-        raise _fail(f"--log-level: unknown level {log_level!r} (debug, info, warning, error)")
+    # uvicorn's names, not Python's: `warn`, `fatal` and `notset` passed a check against
+    # logging's and were a KeyError traceback from uvicorn after the model loaded; `trace` was
+    # refused. uvicorn.config also registers TRACE with logging.
+    from uvicorn.config import LOG_LEVELS
+
+    level = log_level.lower()
+    if level not in LOG_LEVELS:
+        raise _fail(f"--log-level: unknown level {log_level!r} ({', '.join(LOG_LEVELS)})")
     if max_rows < 1 or max_body_bytes < 1:
         raise _fail(
             f"--max-rows and --max-body-bytes must be at least 1 "
@@ -131,7 +140,7 @@ def serve(
     # An unusable --fd is refused before the model's 2-4 s load, as other bad options are.
     inherited = None if fd is None else _inherited_socket(fd)
     logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=LOG_LEVELS[level], format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from scoring.errors import ScoringError
     from scoring.model import load_model
@@ -172,7 +181,7 @@ def serve(
         access_log=False,
         http="httptools",
         loop="uvloop",
-        log_level=log_level.lower(),
+        log_level=level,
         timeout_graceful_shutdown=5,
         timeout_keep_alive=KEEP_ALIVE_S,
         # No route is a WebSocket. With uvicorn's "auto", a request carrying `Upgrade:

@@ -132,12 +132,45 @@ def _env() -> dict[str, str]:
     return dict(os.environ)
 
 
-def test_serve_refuses_an_unknown_log_level(model_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "level",
+    [
+        pytest.param("loud", id="no-level"),
+        # Was accepted (Python logging names) and then a KeyError traceback from uvicorn, after
+        # the model loaded and the port was bound: uvicorn knows none of them.
+        pytest.param("warn", id="python-only-warn"),
+        pytest.param("fatal", id="python-only-fatal"),
+        pytest.param("notset", id="python-only-notset"),
+    ],
+)
+def test_serve_refuses_an_unknown_log_level(model_dir: Path, level: str) -> None:
     result = CliRunner().invoke(
-        cli_app, ["serve", "--model-dir", str(model_dir), "--log-level", "loud"]
+        cli_app, ["serve", "--model-dir", str(model_dir), "--log-level", level]
     )
-    assert result.exit_code == 2
-    assert "unknown level 'loud'" in result.output
+    assert result.exit_code == 2, result.output
+    assert f"unknown level {level!r} (critical, error, warning, info, debug, trace)" in (
+        result.output
+    )
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"),
+    [
+        # Was refused: uvicorn's own most verbose level, not a Python logging name.
+        pytest.param("trace", "trace", id="uvicorn-trace"),
+        pytest.param("WARNING", "warning", id="any-case"),
+    ],
+)
+def test_serve_takes_uvicorn_s_log_levels(
+    model_dir: Path, started: list[Any], level: str, expected: str
+) -> None:
+    result = CliRunner().invoke(
+        cli_app, ["serve", "--model-dir", str(model_dir), "--port", "0", "--log-level", level]
+    )
+    assert result.exit_code == 0, result.output
+    (config,) = started
+    assert config.log_level == expected
 
 
 @pytest.mark.parametrize(
