@@ -172,7 +172,7 @@ def serve(
         model.identity.name,
         model.identity.version,
         colour.value,
-        bound_host,
+        f"[{bound_host}]" if ":" in bound_host else bound_host,  # an IPv6 address, as URLs write it
         bound_port,
         "on" if api_keys else "off",
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import logging
 import shutil
 import signal
 import socket
@@ -309,3 +310,37 @@ def test_serve_runs_uvicorn_without_websockets(model_dir: Path, started: list[An
     assert result.exit_code == 0, result.output
     (config,) = started
     assert config.ws == "none"
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        pytest.param("127.0.0.1", "http://127.0.0.1:", id="ipv4"),
+        # Was http://::1:PORT, a URL curl and browsers refuse.
+        pytest.param(
+            "::1",
+            "http://[::1]:",
+            id="ipv6-bracketed",
+            marks=pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here"),
+        ),
+    ],
+)
+def test_serve_logs_a_url_a_client_can_use(
+    model_dir: Path, started: list[Any], caplog: pytest.LogCaptureFixture, host: str, url: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="scoring")
+    result = CliRunner().invoke(
+        cli_app, ["serve", "--model-dir", str(model_dir), "--host", host, "--port", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving ")]
+    assert f" on {url}" in line, line
