@@ -29,6 +29,8 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
@@ -74,6 +76,10 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+#: The exit status of a server whose model failed to load in the background: uvicorn's own for
+#: "application startup failed".
+LOAD_FAILURE_EXIT = 3
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _AUTH_HEADERS = [*_JSON_HEADERS, (b"www-authenticate", b"Bearer")]
@@ -352,6 +358,20 @@ def _score_openapi(
     }
 
 
+def exit_on_load_failure(message: str) -> None:
+    """End the process with LOAD_FAILURE_EXIT (for `create_app(on_load_failure=...)`).
+
+    A server whose model cannot load must not run on with /healthz 200: Kubernetes would keep
+    the pod Running and unready, never restarting it, and the deploy would wait its whole ready
+    timeout to report "readiness probe failed". Exiting gives CrashLoopBackOff with the reason
+    in the pod's logs. os._exit, from the loader thread: nothing is served yet, nothing to drain.
+    """
+    log.critical("exiting with status %d: the model cannot load (%s)", LOAD_FAILURE_EXIT, message)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(LOAD_FAILURE_EXIT)
+
+
 def create_app(
     model: LoadedModel | Path | str,
     *,
@@ -362,12 +382,16 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_rows: int = DEFAULT_MAX_ROWS,
     version: str | None = None,
+    on_load_failure: Callable[[str], object] | None = None,
 ) -> FastAPI:
     """The scoring application for one colour.
 
     `model` is a loaded model (the CLI loads it first so a bad model stops the start with a clear
     error) or a model/package folder, loaded in a background thread at startup while /readyz
-    says 503. `registry` defaults to a fresh CollectorRegistry (never the global one).
+    says 503 and /healthz 200 (a large model may take longer to load than a liveness probe
+    waits for a port). A failed load is logged, /readyz says "failed", then `on_load_failure`
+    gets the message: the image passes `exit_on_load_failure`, so the container restarts.
+    `registry` defaults to a fresh CollectorRegistry (never the global one).
     """
     if max_body_bytes < 1 or max_rows < 1:
         raise ValueError("max_body_bytes and max_rows must be positive")
@@ -396,6 +420,10 @@ def create_app(
         except Exception as exc:  # any other failure must not leave /readyz saying "loading"
             state.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("cannot serve %s", path)
+        else:
+            return
+        if on_load_failure is not None:
+            on_load_failure(state.load_error)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:

@@ -3,11 +3,21 @@
 A key that is empty, or only spaces, would silently mean "no auth": the server drops it and then
 has no key to check. A key with spaces around it can never match, since the presented token is
 stripped. Both are refused where keys come in (`aml-rollout serve`, `create_app`).
+
+`AML_ROLLOUT_API_KEY` is read by `api_keys_from_env`, the one parser `serve` and the package
+image both use: keys separated by whitespace and/or commas (a Bearer token holds neither), so
+`k1 k2`, `k1,k2` and `k1, k2` mean the same, and a secret file's trailing newline is dropped.
+They once differed: `serve` split on whitespace (typer), the image took the value whole, so a
+two-key rotation 401d every client of the image and a trailing newline stopped it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+
+API_KEY_ENV = "AML_ROLLOUT_API_KEY"
+_SEPARATORS = re.compile(r"[\s,]+")
 
 
 def api_key_problem(keys: Iterable[str]) -> str | None:
@@ -18,3 +28,19 @@ def api_key_problem(keys: Iterable[str]) -> str | None:
         if key != key.strip():
             return "an API key with spaces around it can never match; strip it"
     return None
+
+
+def api_keys_from_env(value: str | None) -> tuple[str, ...]:
+    """The keys in AML_ROLLOUT_API_KEY's `value` (whitespace- and/or comma-separated); () unset.
+
+    ValueError when it is set but holds no key: most likely a secret that was not injected, so
+    the server fails closed rather than serving without auth.
+    """
+    if value is None:
+        return ()
+    keys = tuple(key for key in _SEPARATORS.split(value) if key)
+    if not keys:
+        raise ValueError(
+            f"{API_KEY_ENV} is set but holds no key: give a real key or unset it for no auth"
+        )
+    return keys

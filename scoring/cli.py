@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from scoring.auth import api_key_problem
+from scoring.auth import API_KEY_ENV, api_key_problem, api_keys_from_env
 
 if TYPE_CHECKING:
     from scoring.loadgen import LoadReport
@@ -85,8 +85,9 @@ def serve(
     api_key: Annotated[
         list[str] | None,
         typer.Option(
-            envvar="AML_ROLLOUT_API_KEY",
-            help="Require `Authorization: Bearer KEY` on /score (repeatable; prefer the env var).",
+            help="Require `Authorization: Bearer KEY` on /score (repeatable; prefer the env var "
+            f"{API_KEY_ENV}: keys separated by whitespace or commas, as the package image reads "
+            "it).",
             show_default=False,
         ),
     ] = None,
@@ -102,11 +103,20 @@ def serve(
         list[str] | None,
         typer.Option(help="Extra type to trust when loading the skops file (repeatable)."),
     ] = None,
-    log_level: Annotated[str, typer.Option(help="Python log level.")] = "info",
+    log_level: Annotated[
+        str,
+        typer.Option(help="Log level: critical, error, warning, info, debug or trace (uvicorn's)."),
+    ] = "info",
 ) -> None:
     """Serve a packaged model as the blue or green scoring server."""
-    if log_level.upper() not in logging.getLevelNamesMapping():
-        raise _fail(f"--log-level: unknown level {log_level!r} (debug, info, warning, error)")
+    # uvicorn's names, not Python's: `warn`, `fatal` and `notset` passed a check against
+    # logging's and were a KeyError traceback from uvicorn after the model loaded; `trace` was
+    # refused. uvicorn.config also registers TRACE with logging.
+    from uvicorn.config import LOG_LEVELS
+
+    level = log_level.lower()
+    if level not in LOG_LEVELS:
+        raise _fail(f"--log-level: unknown level {log_level!r} ({', '.join(LOG_LEVELS)})")
     if max_rows < 1 or max_body_bytes < 1:
         raise _fail(
             f"--max-rows and --max-body-bytes must be at least 1 "
@@ -118,17 +128,19 @@ def serve(
     ):
         if math.isnan(value):  # passes typer's min/max (every comparison with NaN is false)
             raise _fail(f"{name}: nan is not a number")
-    if (problem := api_key_problem(api_key or ())) is not None:
-        raise _fail(f"--api-key / AML_ROLLOUT_API_KEY: {problem}")
-    if not api_key and os.environ.get("AML_ROLLOUT_API_KEY") is not None:
-        # Set but blank: most likely a secret that was not injected. Fail closed, not open.
-        raise _fail(
-            "AML_ROLLOUT_API_KEY is set but holds no key: give a real key or unset it for no auth"
-        )
+    if api_key:
+        api_keys = tuple(api_key)
+    else:  # parsed as the image parses it (not typer's envvar: it split on whitespace only)
+        try:
+            api_keys = api_keys_from_env(os.environ.get(API_KEY_ENV))
+        except ValueError as exc:  # set but blank: fail closed, not open
+            raise _fail(str(exc)) from None
+    if (problem := api_key_problem(api_keys)) is not None:
+        raise _fail(f"--api-key / {API_KEY_ENV}: {problem}")
     # An unusable --fd is refused before the model's 2-4 s load, as other bad options are.
     inherited = None if fd is None else _inherited_socket(fd)
     logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=LOG_LEVELS[level], format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from scoring.errors import ScoringError
     from scoring.model import load_model
@@ -146,7 +158,7 @@ def serve(
     app = create_app(
         model,
         colour=colour.value,
-        api_keys=api_key or (),
+        api_keys=api_keys,
         fault=FaultKnob(fault_error_rate, fault_latency_ms),
         max_body_bytes=max_body_bytes,
         max_rows=max_rows,
@@ -160,18 +172,21 @@ def serve(
         model.identity.name,
         model.identity.version,
         colour.value,
-        bound_host,
+        f"[{bound_host}]" if ":" in bound_host else bound_host,  # an IPv6 address, as URLs write it
         bound_port,
-        "on" if api_key else "off",
+        "on" if api_keys else "off",
     )
     config = uvicorn.Config(
         app,
         access_log=False,
         http="httptools",
         loop="uvloop",
-        log_level=log_level.lower(),
+        log_level=level,
         timeout_graceful_shutdown=5,
         timeout_keep_alive=KEEP_ALIVE_S,
+        # No route is a WebSocket. With uvicorn's "auto", a request carrying `Upgrade:
+        # websocket` (a POST /score too) went to the websocket protocol and was never answered.
+        ws="none",
     )
     try:
         uvicorn.Server(config).run(sockets=[sock])

@@ -1,13 +1,19 @@
 """Prometheus metrics of one scoring server, on an injected CollectorRegistry.
 
-Names and labels (what the canary judge and the local Prometheus read):
+Names and labels (what the local Prometheus scrapes from each server, job `scoring`, and what
+the local-stack e2e tests check Envoy's counts against):
 
 - `scoring_requests_total{colour, model, version, code}`: POST /score requests by HTTP status
   code, 4xx and injected 5xx included (GET /score, the identity, is not a scoring request).
 - `scoring_request_duration_seconds{colour, model, version}`: latency histogram of POST /score,
   measured in the server from the first byte read to the answer handed to the transport. The
-  buckets are fine (0.5 ms steps at the low end) because the judge derives "slow" requests from
-  the bucket just above the baseline's p99.
+  buckets are fine (0.5 ms steps at the low end) so that a judge given them (a `custom` preset:
+  it derives "slow" requests from the bucket just above the baseline's p99) can tell
+  sub-millisecond differences apart.
+
+The canary judge's built-in presets (rollout.metrics.prometheus: `envoy`, `istio`) read the
+proxy's metrics, not these: the proxy also counts the failures no server answers (a dead
+colour's connect failures, the 503s it makes up itself), which a server cannot count.
 - `scoring_requests_in_flight{colour}`: gauge.
 - `scoring_fault_error_rate{colour}`, `scoring_fault_latency_seconds{colour}`: the fault knob,
   0 unless someone turned it on; `scoring_faults_injected_total{colour, kind}`.

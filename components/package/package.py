@@ -74,7 +74,8 @@ import logging
 import os
 from pathlib import Path
 
-from scoring.app import create_app
+from scoring.app import create_app, exit_on_load_failure
+from scoring.auth import API_KEY_ENV, api_keys_from_env
 
 # uvicorn configures only its own loggers: without this, the line saying which model (and
 # sha256) this pod loaded, the one `kubectl logs` is read for, would be dropped.
@@ -84,21 +85,26 @@ logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(
 def build():
     """uvicorn asgi:build --factory (colour from AML_ROLLOUT_COLOUR, default green).
 
-    AML_ROLLOUT_API_KEY, as for `aml-rollout serve`: when set, /score needs
-    `Authorization: Bearer <key>`; set but blank refuses to start (a secret not injected).
+    AML_ROLLOUT_API_KEY, read as `aml-rollout serve` reads it: when set, /score needs
+    `Authorization: Bearer <key>` with one of its keys (separated by whitespace or commas);
+    set but blank refuses to start (a secret not injected).
+    The model loads in the background (/healthz answers meanwhile); if it cannot load, the
+    process exits with status 3 and the reason in its log, so the container is restarted.
     """
-    key = os.environ.get("AML_ROLLOUT_API_KEY")
     return create_app(
         Path(__file__).parent,
         colour=os.environ.get("AML_ROLLOUT_COLOUR", "green"),
-        api_keys=() if key is None else (key,),
+        api_keys=api_keys_from_env(os.environ.get(API_KEY_ENV)),
+        on_load_failure=exit_on_load_failure,
     )
 '''
 
 # The image's Python is environment.yml's (the steps'), on a fixed Debian: `python:3.11-slim`
 # took each patch release and Debian as pushed (tests/pipelines/test_environment.py).
 # The image's uvicorn runs as `aml-rollout serve` does: idle connections kept KEEP_ALIVE_S (the
-# proxy in front must close them first, or it answers a racing request 503 itself), no access log.
+# proxy in front must close them first, or it answers a racing request 503 itself), no access
+# log, no WebSocket protocol (no route needs it; under "auto" a POST carrying `Upgrade:
+# websocket` was handed to it and never answered).
 DOCKERFILE = """\
 # Image for {model} version {version} (sha256 {sha256}).
 # Build: docker build -t {image} .
@@ -113,7 +119,7 @@ USER 10001
 EXPOSE {port}
 HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/healthz')"
 CMD ["uvicorn", "asgi:build", "--factory", "--host", "0.0.0.0", "--port", "{port}", \\
-     "--timeout-keep-alive", "{keep_alive}", "--no-access-log"]
+     "--timeout-keep-alive", "{keep_alive}", "--no-access-log", "--ws", "none"]
 """
 
 

@@ -23,8 +23,9 @@ seconds) and keeps Azure's rules in pure functions (`plan_traffic`, `check_mirro
 `deploy` creates the endpoint when missing (key auth, no traffic), then creates the
 ManagedOnlineDeployment with the release's registered model `azureml:<model>:<version>`, the
 other colour's request settings (so that the colours answer 408s and 429s alike) and the
-release identity in its tags, or, when it exists, reads it and sends it back with only the
-model, those tags and the configured environment/code changed (the PUT replaces the whole
+release identity in its tags and in score.py's AML_ROLLOUT_MODEL_VERSION / AML_ROLLOUT_COLOUR
+environment variables, or, when it exists, reads it and sends it back with only the model,
+those tags and variables and the configured environment/code changed (the PUT replaces the whole
 deployment: an operator's capacity, environment variables, request settings stay). It returns
 when Azure reports the operation done; while the endpoint or the deployment is mid-change
 (Azure refuses to write it then) it first waits for that change, at most `deploy_timeout_s`.
@@ -319,6 +320,13 @@ class AzureMLRouter:
 
         self._ensure_endpoint()
         name = self.names[colour]
+        # What scoring/score.py answers with: the registered model folder holds no package.json,
+        # so without these every release said version "0" (and the colour was the deployment
+        # name, which router.deployments may set to anything).
+        served_as = {
+            "AML_ROLLOUT_MODEL_VERSION": str(release.version),
+            "AML_ROLLOUT_COLOUR": colour.value,
+        }
         code = (
             CodeConfiguration(code=self._code, scoring_script=self._scoring_script)
             if self._code
@@ -348,6 +356,7 @@ class AzureMLRouter:
                 instance_count=self._instance_count,
                 request_settings=None if other is None else other.request_settings,
                 tags=release_tags(release),
+                environment_variables=served_as,
             )
         else:
             # The PUT is a full replace: send back what Azure holds (capacity an operator
@@ -356,6 +365,10 @@ class AzureMLRouter:
             deployment = existing
             deployment.model = f"azureml:{release.ref}"
             deployment.tags = {**(existing.tags or {}), **release_tags(release)}
+            deployment.environment_variables = {
+                **(existing.environment_variables or {}),
+                **served_as,
+            }
             if self._environment:
                 deployment.environment = self._environment
             if code is not None:

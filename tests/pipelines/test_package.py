@@ -257,6 +257,8 @@ def test_the_image_serves_like_aml_rollout_serve(registered, tmp_path: Path) -> 
     assert options["app"] == "asgi:build" and options["factory"]
     assert options["timeout_keep_alive"] == KEEP_ALIVE_S
     assert options["access_log"] is False  # a log line per request, as `serve` does not
+    # Was "auto": a POST carrying `Upgrade: websocket` hung unanswered (no WebSocket routes).
+    assert options["ws"] == "none"
 
 
 @pytest.mark.parametrize(
@@ -264,7 +266,13 @@ def test_the_image_serves_like_aml_rollout_serve(registered, tmp_path: Path) -> 
     [
         pytest.param(None, (), id="unset-no-auth"),
         pytest.param("s3cret", (b"s3cret",), id="set"),
+        # Was: the value taken whole: a rotation "k1 k2" 401d both keys, a secret file's
+        # trailing newline stopped the start; now scoring.auth.api_keys_from_env, as serve.
+        pytest.param("k1 k2", (b"k1", b"k2"), id="two-keys"),
+        pytest.param("k1,k2", (b"k1", b"k2"), id="comma-separated"),
+        pytest.param("s3cret\n", (b"s3cret",), id="trailing-newline"),
         pytest.param(" ", ValueError, id="blank-fails-closed"),
+        pytest.param(" , ", ValueError, id="only-separators-fails-closed"),
     ],
 )
 def test_the_image_takes_its_api_key_from_the_environment_as_serve_does(
@@ -283,7 +291,7 @@ def test_the_image_takes_its_api_key_from_the_environment_as_serve_does(
     else:
         monkeypatch.setenv("AML_ROLLOUT_API_KEY", key)
     if expected is ValueError:
-        with pytest.raises(ValueError, match="API key"):
+        with pytest.raises(ValueError, match="holds no key"):
             entry.build()
     else:
         assert entry.build().state.scoring.api_keys == expected
@@ -320,6 +328,27 @@ def test_the_image_s_command_logs_the_model_it_loaded(registered, tmp_path: Path
             server.terminate()
         _, err = server.communicate(timeout=30)
     assert "loaded model Diabetes-Ridge version 1 (Ridge, sha256 " in err
+
+
+@pytest.mark.slow
+def test_the_image_s_command_exits_when_its_model_cannot_load(registered, tmp_path: Path) -> None:
+    # Was: the loader logged the error and the server ran on with /healthz 200, so the pod stayed
+    # Running 0/1, never restarted, and the deploy waited its ready timeout for "readiness probe
+    # failed". Now it exits non-zero with the reason: CrashLoopBackOff, and the error in its logs.
+    registry, _ = registered
+    pkg = build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "p", image_registry="r").path
+    with (pkg / "model" / "model.skops").open("ab") as model_file:
+        model_file.write(b"x")
+    cmd = [sys.executable, "-m", "uvicorn", "asgi:build", "--factory", "--port", "0"]
+    env = {**os.environ, "PYTHONPATH": str(pkg)}
+    with subprocess.Popen(cmd, cwd=pkg, env=env, stderr=subprocess.PIPE, text=True) as server:
+        try:
+            _, err = server.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            pytest.fail("the server kept running with a model that cannot load")
+    assert server.returncode == 3, err
+    assert "cannot serve" in err and "sha256" in err, err
 
 
 def test_a_swapped_model_file_is_not_packaged(registered, tmp_path: Path) -> None:

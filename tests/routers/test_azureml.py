@@ -276,6 +276,12 @@ def test_deploy_sends_the_registered_model_and_the_release_tags(
     assert props["instanceType"] == "Standard_F4s_v2"
     assert dep["sku"]["capacity"] == 2
     assert dep["tags"]["aml-rollout.version"] == "2"
+    # Was none: the registered model folder has no package.json, so score.py answered version
+    # "0" for every release and blue and green could not be told apart in their answers.
+    assert props["environmentVariables"] == {
+        "AML_ROLLOUT_MODEL_VERSION": "2",
+        "AML_ROLLOUT_COLOUR": "blue",
+    }
     assert endpoint(arm, router)["properties"]["authMode"] == "Key"
     release = router.release(Colour.BLUE)
     assert release is not None and release.deployment == "blue"
@@ -1210,7 +1216,11 @@ def test_redeploy_keeps_what_an_operator_set_on_the_deployment(
     assert after is not None
     props = after["properties"]
     assert after["sku"]["capacity"] == 8
-    assert props["environmentVariables"] == {"WORKERS": "4"}
+    assert props["environmentVariables"] == {
+        "WORKERS": "4",
+        "AML_ROLLOUT_MODEL_VERSION": "2",  # the release's, for score.py's answers
+        "AML_ROLLOUT_COLOUR": "green",
+    }
     assert props["requestSettings"]["requestTimeout"] == "PT30S"
     assert props["appInsightsEnabled"] is True
     assert props["model"].endswith("/models/diabetes/versions/2")

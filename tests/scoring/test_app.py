@@ -236,6 +236,27 @@ def test_readyz_reports_a_failed_load(model_dir: Path, tmp_path: Path) -> None:
     assert scored.json()["error"] == f"model failed to load: {r.json()['error']}"
 
 
+def test_a_failed_background_load_is_handed_to_on_load_failure(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    # Was: the image's server logged the failure and ran on, /healthz 200, so Kubernetes never
+    # restarted it and the deploy waited its whole ready timeout on "readiness probe failed".
+    # The image passes scoring.app.exit_on_load_failure; here a recorder stands in for it.
+    broken = tmp_path / "m"
+    broken.mkdir()
+    (broken / "model.json").write_text((model_dir / "model.json").read_text())
+    (broken / "model.skops").write_bytes(b"not the model")
+    failures: list[str] = []
+    app = create_app(broken, registry=CollectorRegistry(), on_load_failure=failures.append)
+    with AppClient(app, lifespan=True) as c:
+        deadline = time.monotonic() + 20
+        while not failures:
+            assert time.monotonic() < deadline, "on_load_failure never called"
+            time.sleep(0.02)
+        assert c.get("/readyz").json()["error"] == failures[0]
+    assert "sha256" in failures[0]
+
+
 def test_readyz_reports_a_load_that_failed_unexpectedly(
     loaded: LoadedModel, model_dir: Path, registry: CollectorRegistry
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import logging
 import shutil
 import signal
 import socket
@@ -132,12 +133,45 @@ def _env() -> dict[str, str]:
     return dict(os.environ)
 
 
-def test_serve_refuses_an_unknown_log_level(model_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "level",
+    [
+        pytest.param("loud", id="no-level"),
+        # Was accepted (Python logging names) and then a KeyError traceback from uvicorn, after
+        # the model loaded and the port was bound: uvicorn knows none of them.
+        pytest.param("warn", id="python-only-warn"),
+        pytest.param("fatal", id="python-only-fatal"),
+        pytest.param("notset", id="python-only-notset"),
+    ],
+)
+def test_serve_refuses_an_unknown_log_level(model_dir: Path, level: str) -> None:
     result = CliRunner().invoke(
-        cli_app, ["serve", "--model-dir", str(model_dir), "--log-level", "loud"]
+        cli_app, ["serve", "--model-dir", str(model_dir), "--log-level", level]
     )
-    assert result.exit_code == 2
-    assert "unknown level 'loud'" in result.output
+    assert result.exit_code == 2, result.output
+    assert f"unknown level {level!r} (critical, error, warning, info, debug, trace)" in (
+        result.output
+    )
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"),
+    [
+        # Was refused: uvicorn's own most verbose level, not a Python logging name.
+        pytest.param("trace", "trace", id="uvicorn-trace"),
+        pytest.param("WARNING", "warning", id="any-case"),
+    ],
+)
+def test_serve_takes_uvicorn_s_log_levels(
+    model_dir: Path, started: list[Any], level: str, expected: str
+) -> None:
+    result = CliRunner().invoke(
+        cli_app, ["serve", "--model-dir", str(model_dir), "--port", "0", "--log-level", level]
+    )
+    assert result.exit_code == 0, result.output
+    (config,) = started
+    assert config.log_level == expected
 
 
 @pytest.mark.parametrize(
@@ -224,3 +258,89 @@ def test_serve_on_an_unusable_host_says_so_in_one_line(
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The uvicorn.Config each `serve` in this test started, its server returning at once.
+
+    uvicorn's loop is the one thing not run: what serve decided (the app's keys, the Config)
+    is read from the real objects it built.
+    """
+    import uvicorn
+
+    configs: list[Any] = []
+
+    def run(server: uvicorn.Server, sockets: Any = None) -> None:
+        configs.append(server.config)
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    return configs
+
+
+@pytest.mark.parametrize(
+    ("value", "keys"),
+    [
+        pytest.param("k1", (b"k1",), id="one"),
+        pytest.param("k1 k2", (b"k1", b"k2"), id="space-separated"),
+        pytest.param("k1,k2", (b"k1", b"k2"), id="comma-separated"),
+        pytest.param(" k1, k2\n", (b"k1", b"k2"), id="trimmed-secret-file"),
+    ],
+)
+def test_serve_reads_the_env_api_keys_as_the_image_does(
+    model_dir: Path, started: list[Any], value: str, keys: tuple[bytes, ...]
+) -> None:
+    # Was: typer split the value on whitespace only, the image took it whole: "k1,k2" was one
+    # key here (and "k1 k2" one key in the image). Both use scoring.auth.api_keys_from_env.
+    result = CliRunner().invoke(
+        cli_app,
+        ["serve", "--model-dir", str(model_dir), "--port", "0"],
+        env={"AML_ROLLOUT_API_KEY": value},
+    )
+    assert result.exit_code == 0, result.output
+    (config,) = started
+    assert config.app.state.scoring.api_keys == keys
+
+
+def test_serve_runs_uvicorn_without_websockets(model_dir: Path, started: list[Any]) -> None:
+    # Was uvicorn's ws="auto": a POST /score carrying `Upgrade: websocket` went to the websocket
+    # protocol, which never answers a POST, and hung (uncounted) until the client gave up. No
+    # route here is a WebSocket; with ws="none" it gets the server's 400 at once.
+    result = CliRunner().invoke(cli_app, ["serve", "--model-dir", str(model_dir), "--port", "0"])
+    assert result.exit_code == 0, result.output
+    (config,) = started
+    assert config.ws == "none"
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        pytest.param("127.0.0.1", "http://127.0.0.1:", id="ipv4"),
+        # Was http://::1:PORT, a URL curl and browsers refuse.
+        pytest.param(
+            "::1",
+            "http://[::1]:",
+            id="ipv6-bracketed",
+            marks=pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here"),
+        ),
+    ],
+)
+def test_serve_logs_a_url_a_client_can_use(
+    model_dir: Path, started: list[Any], caplog: pytest.LogCaptureFixture, host: str, url: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="scoring")
+    result = CliRunner().invoke(
+        cli_app, ["serve", "--model-dir", str(model_dir), "--host", host, "--port", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving ")]
+    assert f" on {url}" in line, line
