@@ -269,7 +269,10 @@ def load(
     batch: Annotated[int, typer.Option(min=1, help="Rows per request.")] = 1,
     api_key: Annotated[
         str | None,
-        typer.Option(envvar="AML_ROLLOUT_API_KEY", help="Bearer key.", show_default=False),
+        typer.Option(
+            help=f"Bearer key (default: the first key in {API_KEY_ENV}, read as `serve` reads it).",
+            show_default=False,
+        ),
     ] = None,
     timeout: Annotated[float, typer.Option(min=0.01, help="Per-request timeout, seconds.")] = 10.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -281,6 +284,11 @@ def load(
 
     if requests is None and duration is None:
         requests = 100
+    if api_key is None:
+        try:
+            api_key = next(iter(api_keys_from_env(os.environ.get(API_KEY_ENV))), None)
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
     stats = LoadStats()
     interrupted = False
     try:

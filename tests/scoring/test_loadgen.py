@@ -309,6 +309,29 @@ def test_load_command_fails_when_every_request_is_refused_401(servers: dict[str,
     assert keyed.exit_code == 0, keyed.output
 
 
+@pytest.mark.parametrize("value", ["k1", "k1 k2", "k1,k2", "k1\n"])
+def test_load_reads_the_api_key_variable_as_the_server_does(
+    servers: dict[str, str], value: str
+) -> None:
+    # Was: the whole value sent as one key ("Bearer k1 k2"), so a rotation list that `serve`
+    # and the image accept was refused with 401 by both; `load` sends the first key.
+    url = servers["keyed"] + "/score"
+    result = CliRunner().invoke(
+        cli_app, ["load", "--url", url, "--requests", "5"], env={"AML_ROLLOUT_API_KEY": value}
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_load_refuses_an_api_key_variable_holding_no_key(servers: dict[str, str]) -> None:
+    result = CliRunner().invoke(
+        cli_app,
+        ["load", "--url", servers["keyed"] + "/score", "--requests", "5"],
+        env={"AML_ROLLOUT_API_KEY": " ,\n"},
+    )
+    assert result.exit_code == 2, result.output
+    assert "AML_ROLLOUT_API_KEY is set but holds no key" in result.output
+
+
 def test_load_command_quotes_the_server_when_every_request_is_refused(
     servers: dict[str, str], tmp_path: Path
 ) -> None:
