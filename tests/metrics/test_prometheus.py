@@ -641,40 +641,72 @@ def test_a_failed_scrape_at_the_tick_keeps_the_steps_counts(prom: FakePrometheus
     assert (observation.blue.requests, observation.blue.errors) == (20, 2)
 
 
+#: The envoy preset's series through the custom preset, as a spec would write them.
+ENVOY_AS_CUSTOM = PromQueries(
+    requests='envoy_cluster_upstream_rq_completed{envoy_cluster_name="{colour}"}',
+    errors='envoy_cluster_upstream_rq_xx{envoy_cluster_name="{colour}",envoy_response_code_class="5"}',
+    latency_bucket='envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="{colour}"}',
+)
+
+
+@pytest.mark.parametrize("preset", ["envoy", "custom"])
 def test_a_prometheus_that_lost_its_storage_mid_step_counts_from_its_first_scrape(
-    prom: FakePrometheus,
+    prom: FakePrometheus, preset: str
 ) -> None:
     # Prometheus restarted at T0 + 4 on empty storage (an emptyDir, the Prometheus Operator's
     # default): it holds nothing from before the step, and a series absent before `since` no
-    # longer says it is new. Envoy's counters went on and hold every earlier rollout's traffic;
-    # green's first 5xx comes after Prometheus' first scrape: that series is new.
+    # longer says it is new. Envoy's counters went on and hold every earlier rollout's traffic
+    # (through the custom preset, they once counted whole: blue's 9000 old errors at one tick);
+    # green's first 5xx comes after Prometheus' first scrape of Envoy: that series is new.
+    target = {"job": "envoy", "instance": "127.0.0.1:9901"}
+
     def scraped(start: float, per_s: float) -> list[tuple[float, float | None]]:
         return [(T0 + 5 + i, start + per_s * i) for i in range(6)]
 
     prom.add(
-        "envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "blue"}, scraped(5e4, 10)
+        "envoy_cluster_upstream_rq_completed",
+        {**target, "envoy_cluster_name": "blue"},
+        scraped(5e4, 10),
     )
     prom.add(
         "envoy_cluster_upstream_rq_xx",
-        {"envoy_cluster_name": "blue", "envoy_response_code_class": "5"},
+        {**target, "envoy_cluster_name": "blue", "envoy_response_code_class": "5"},
         scraped(9000, 1),
     )
     prom.add(
-        "envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "green"}, scraped(1e6, 100)
+        "envoy_cluster_upstream_rq_completed",
+        {**target, "envoy_cluster_name": "green"},
+        scraped(1e6, 100),
     )
     for le, share in [("25", 0.9), ("+Inf", 1.0)]:
         prom.add(
             "envoy_cluster_upstream_rq_time_bucket",
-            {"envoy_cluster_name": "green", "le": le},
+            {**target, "envoy_cluster_name": "green", "le": le},
             scraped(1e6 * share, 100 * share),
         )
     prom.add(
         "envoy_cluster_upstream_rq_xx",
-        {"envoy_cluster_name": "green", "envoy_response_code_class": "5"},
+        {**target, "envoy_cluster_name": "green", "envoy_response_code_class": "5"},
         [(T0 + 7.5, 1), (T0 + 8.5, 2), (T0 + 9.5, 4)],
     )
-    observation = envoy(prom).observe(T0, T0 + 10)
+    provider = (
+        envoy(prom) if preset == "envoy" else PrometheusMetrics(prom.url, queries=ENVOY_AS_CUSTOM)
+    )
+    observation = provider.observe(T0, T0 + 10)
     assert observation.error is None
     assert (observation.blue.requests, observation.blue.errors) == (50, 5)
     assert (observation.green.requests, observation.green.errors) == (500, 4)
     assert observation.green.latency_buckets == ((0.025, 450),)
+
+
+def test_a_prometheus_that_lost_its_storage_counts_series_of_no_known_target_from_their_first_value(
+    prom: FakePrometheus,
+) -> None:
+    # A custom query that drops `job` and `instance` (`sum by (pod)`) leaves no way to tell when
+    # Prometheus first scraped a pod: pod b's first value, 3 s after pod a's (another scrape
+    # offset), is no new series, and counting it from 0 charged the step with its history.
+    prom.add("my_requests_total", {"svc": "blue", "pod": "a"}, [(T0 + 5, 100), (T0 + 10, 110)])
+    prom.add("my_requests_total", {"svc": "blue", "pod": "b"}, [(T0 + 8, 7000), (T0 + 10, 7004)])
+    observation = make_metrics(custom_preset(prom)).observe(T0, T0 + 10)
+    assert observation.error is None
+    assert observation.blue.requests == 10 + 4
