@@ -45,12 +45,13 @@ Presets (label values per colour come from `labels`):
   `since` and at `now`, series by series (matched by their labels: a query that keeps one
   series per pod or target counts a pod that goes or comes as what it served in the step); a
   series a failed scrape marked stale there keeps its last value of the 5 minutes before
-  (within the step, at `now`), a series absent at `since` counts from 0, and one whose value
-  went down is taken as restarted from 0. When Prometheus holds none of the colours' requests
-  series at `since`, a series absent there counts as in the presets (item 1: from its first
-  value in the step, from 0 only if it appeared after its target's first), and one whose query
-  dropped `job` and `instance` always from its first value. A `sum(...)` is one series: a pod
-  of it that stops being scraped lowers it, which reads as a restart.
+  (at `now`: of the whole step, so a pod gone long before the tick still counts), a series
+  absent at `since` counts from 0, and one whose value went down is taken as restarted from 0.
+  When Prometheus holds none of the colours' requests series at `since`, a series absent there
+  counts as in the presets (item 1: from its first value in the step, from 0 only if it
+  appeared after its target's first), and one whose query dropped `job` and `instance` always
+  from its first value. A `sum(...)` is one series: a pod of it that stops being scraped
+  lowers it, which reads as a restart.
 
 Errors are never clamped to the request count. Every error is a request, so when a window
 counts more errors than requests (a scrape caught one counter and not yet the other, or a
@@ -403,9 +404,8 @@ class PrometheusMetrics:
             for name, template in templates.items()
         }
         before = {key: self._held(expr, since, LOOKBACK_S) for key, expr in exprs.items()}
-        after = {
-            key: self._held(expr, now, min(now - since, LOOKBACK_S)) for key, expr in exprs.items()
-        }
+        # Held over the whole step: a pod gone since still counts what it served in it.
+        after = {key: self._held(expr, now, now - since) for key, expr in exprs.items()}
         # As for the presets: when none of the colours' requests series has a value at `since`
         # while some have one now, Prometheus holds no history (storage lost on a restart, or
         # down for the LOOKBACK_S before), and a series absent at `since` is not thereby new.

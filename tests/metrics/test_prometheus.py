@@ -501,6 +501,22 @@ def test_custom_queries_count_each_series_through_failed_scrapes(
     assert observation.blue.requests == expected
 
 
+def test_custom_queries_count_a_pod_gone_long_before_the_tick(prom: FakePrometheus) -> None:
+    # Pod a served 300 requests (30 errors) in the step's first 30 s and went away (Prometheus
+    # marks a vanished target's series stale); the tick comes 340 s into the step. Its series was
+    # held 5 minutes only: its requests and errors dropped out of the step's counts, which went
+    # backwards (330 -> 40 requests, 30 -> 0 errors).
+    def gone(values: list[float]) -> list[tuple[float, float | None]]:
+        return [(T0 - 1 + i, v) for i, v in enumerate(values)] + [(T0 + 30.5, STALE)]
+
+    prom.add("my_requests_total", {"svc": "blue", "pod": "a"}, gone([10 * i for i in range(32)]))
+    prom.add("my_errors_total", {"svc": "blue", "pod": "a"}, gone(list(range(32))))
+    prom.add("my_requests_total", {"svc": "blue", "pod": "b"}, [(T0 - 1, 0), (T0 + 340, 40)])
+    observation = make_metrics(custom_preset(prom)).observe(T0, T0 + 340)
+    assert observation.error is None
+    assert (observation.blue.requests, observation.blue.errors) == (300 + 40, 30)
+
+
 def test_factory_builds_the_envoy_preset(prom: FakePrometheus) -> None:
     provider = make_metrics(PrometheusMetricsConfig(url=prom.url))
     assert isinstance(provider, PrometheusMetrics)
