@@ -439,6 +439,38 @@ def test_istio_preset_follows_the_istio_router(
     assert spec.metrics.namespace == namespace
 
 
+@pytest.mark.parametrize(
+    ("metrics", "labels"),
+    [
+        pytest.param({}, ("canary", "prod"), id="derived-from-the-router"),
+        pytest.param({"preset": "envoy"}, ("canary", "prod"), id="preset-named"),
+        pytest.param({"labels": {"blue": "b", "green": "g"}}, ("b", "g"), id="explicit-values-win"),
+        pytest.param(
+            {"preset": "custom", "queries": {"requests": "r", "errors": "e"}},
+            ("blue", "green"),
+            id="custom-queries-name-their-own",
+        ),
+    ],
+)
+def test_envoy_preset_follows_the_envoy_routers_clusters(
+    metrics: dict[str, object], labels: tuple[str, str]
+) -> None:
+    # With the router's clusters renamed, the preset read envoy_cluster_name=~"blue|green": no
+    # series, zero counts at every tick, a rollout held "no requests yet" forever.
+    spec = spec_from_dict(
+        {
+            "router": {
+                "kind": "envoy",
+                "routes_file": "routes.json",
+                "clusters": {"blue": "canary", "green": "prod"},
+            },
+            "metrics": {"kind": "prometheus", "url": "http://p:9090", **metrics},
+        }
+    )
+    assert isinstance(spec.metrics, PrometheusMetricsConfig)
+    assert (spec.metrics.labels.blue, spec.metrics.labels.green) == labels
+
+
 def custom_preset(prom: FakePrometheus) -> PrometheusMetricsConfig:
     """`my_requests_total` / `my_errors_total` by `svc=<colour>`, through the custom preset."""
     return PrometheusMetricsConfig(
