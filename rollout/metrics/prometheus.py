@@ -51,7 +51,8 @@ Presets (label values per colour come from `labels`):
   counts as in the presets (item 1: from its first value in the step, from 0 only if it
   appeared after its target's first), and one whose query dropped `job` and `instance` always
   from its first value. A `sum(...)` is one series: a pod of it that stops being scraped
-  lowers it, which reads as a restart.
+  lowers it, which reads as a restart. A query giving no instant vector (`scalar(...)`, a range
+  selector) is an error saying what it gives.
 
 Errors are never clamped to the request count. Every error is a request, so when a window
 counts more errors than requests (a scrape caught one counter and not yet the other, or a
@@ -195,6 +196,9 @@ class PrometheusMetrics:
         session.cert = cert
         # prometheus-api-client hands back `data.result` alone: the warnings are read here.
         session.hooks["response"].append(_refuse_partial_answer)
+        # ... and `data.resultType`, when a result is no list of series, from the answer kept.
+        self._answer: Any = None
+        session.hooks["response"].append(self._keep_answer)
         self._client_cert = cert is not None
         # No retries: the controller asks again next tick, and "down" must show quickly.
         self._client = PrometheusConnect(
@@ -513,8 +517,35 @@ class PrometheusMetrics:
             # JSON without `data.result`: something else listens there.
             raise MetricsError(self._not_the_api(query, "no data.result")) from exc
         if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
+            kind = self._result_type()
+            if kind in ("scalar", "string"):
+                raise MetricsError(self._no_instant_vector(query, f"a {kind}"))
             raise MetricsError(self._not_the_api(query, "data.result is no list of series"))
         return result
+
+    def _keep_answer(self, response: Any, **kwargs: Any) -> Any:
+        """requests response hook: keep the answer, for its `data.resultType`."""
+        self._answer = response
+        return response
+
+    def _result_type(self) -> str | None:
+        """The last answer's `data.resultType` (None: it has none)."""
+        try:
+            kind = self._answer.json()["data"]["resultType"]
+        except (AttributeError, ValueError, KeyError, TypeError):
+            return None
+        return kind if isinstance(kind, str) else None
+
+    def _no_instant_vector(self, query: str, kind: str) -> str:
+        """The line for an answer of another type than the instant vector asked for: a custom
+        query's doing (`scalar(...)`, a range selector); a preset's queries never give one."""
+        if self.queries is None:
+            return self._not_the_api(query, f"{kind}, not an instant vector")
+        return (
+            f"Prometheus at {self.url}: the query {query!r} returns {kind}, not an instant "
+            "vector: metrics.queries must each give cumulative counter series (a selector, or an "
+            "expression keeping one series per pod)"
+        )
 
     def _http_problem(self, query: str, error: str) -> str:
         """The line for an answer other than 200 (prometheus-api-client's exception text is
@@ -553,7 +584,13 @@ class PrometheusMetrics:
     def _vector(self, query: str, at: float) -> dict[Series, int]:
         """An instant vector as {series labels: integer value}; NaN and ±Inf are dropped."""
         found: dict[Series, int] = {}
-        for item in self._query(query, at):
+        result = self._query(query, at)
+        # (an empty result says its type only in the answer: a range with no sample in it)
+        if any("values" in item and "value" not in item for item in result) or (
+            not result and self._result_type() == "matrix"
+        ):
+            raise MetricsError(self._no_instant_vector(query, "a range vector"))
+        for item in result:
             value = _number(item.get("value", [None, "NaN"])[1])
             if value is not None:
                 found[_labels(item.get("metric", {}))] = round(value)

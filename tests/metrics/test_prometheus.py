@@ -303,6 +303,34 @@ def test_something_else_answering_200_is_an_error_naming_the_url(body: bytes) ->
     assert str(probed.value).startswith(f"Prometheus at {url}: not a Prometheus API answer")
 
 
+@pytest.mark.parametrize(
+    ("result_type", "result", "kind"),
+    [
+        pytest.param("scalar", [T0, "42"], "a scalar", id="scalar"),
+        pytest.param("string", [T0, "text"], "a string", id="string"),
+        pytest.param(
+            "matrix", [{"metric": {}, "values": [[T0, "1"]]}], "a range vector", id="matrix"
+        ),
+        # (no sample in the range at `since`: the subquery around it was Prometheus' 400)
+        pytest.param("matrix", [], "a range vector", id="empty-matrix"),
+    ],
+)
+def test_a_query_returning_no_instant_vector_says_so(
+    result_type: str, result: list[object], kind: str
+) -> None:
+    # `scalar(sum(...))` was "not a Prometheus API answer", sending the operator to metrics.url;
+    # a range vector read as no series at all (zero counts).
+    body = {"status": "success", "data": {"resultType": result_type, "result": result}}
+    queries = PromQueries(requests="up", errors="up")  # the first query sent: `up`
+    with Answering(200, json.dumps(body).encode()) as url:
+        observation = PrometheusMetrics(url, queries=queries).observe(T0 - 10, T0)
+    assert observation.error == (
+        f"Prometheus at {url}: the query 'up' returns {kind}, not an instant vector: "
+        "metrics.queries must each give cumulative counter series (a selector, or an "
+        "expression keeping one series per pod)"
+    )
+
+
 def test_the_probe_asks_one_trivial_query_and_reads_no_traffic(prom: FakePrometheus) -> None:
     counter(prom, "envoy_cluster_upstream_rq_completed", "blue", [1, 2, 3])
     envoy(prom).probe()
