@@ -103,6 +103,10 @@ LOOKBACK_S = 300
 #: than any sane scrape interval. A series not scraped in that time is searched for over the step.
 BASELINE_SEARCH_S = 60
 
+#: The most times a custom query's subquery evaluates it (Prometheus refuses a range query of
+#: more than 11,000 points): over a longer window it is evaluated every few seconds, not each one.
+MAX_POINTS = 10_000
+
 Series = tuple[tuple[str, str], ...]
 #: A scrape target, as its series name it: their `job` and `instance` labels.
 Target = tuple[str, str]
@@ -448,31 +452,31 @@ class PrometheusMetrics:
     def _first(
         self, expr: str, since: float, now: float, wanted: Iterable[Series]
     ) -> dict[Series, tuple[float, int]]:
-        """The first value in the step of each of `expr`'s series, as `expr` evaluated at each
-        whole second gives it (and when): searched in the first BASELINE_SEARCH_S, then, for a
-        series of `wanted` not found there, over the whole step."""
+        """The first value in the step of each of `expr`'s series, and when, as `_subquery`
+        evaluates it: searched in the first BASELINE_SEARCH_S, then, for a series of `wanted`
+        not found there, over the whole step."""
         span_ms = max(round((now - since) * 1000), 1)
         search_ms = min(span_ms, BASELINE_SEARCH_S * 1000)
         found = {
             series: samples[0]
             for series, samples in self._matrix(
-                f"({expr})[{search_ms}ms:1s]", since + search_ms / 1000
+                _subquery(expr, search_ms), since + search_ms / 1000
             ).items()
             if samples
         }
         missing = [series for series in wanted if series not in found]
         if missing and search_ms < span_ms:
-            whole_step = self._matrix(f"({expr})[{span_ms}ms:1s]", now)
+            whole_step = self._matrix(_subquery(expr, span_ms), now)
             found.update((s, whole_step[s][0]) for s in missing if whole_step.get(s))
         return found
 
     def _held(self, expr: str, at: float, lookback_s: float) -> dict[Series, int]:
         """`expr`'s series at `at`; one that a failed scrape marked stale there (or one whose
         target was not scraped since) keeps its last value of the `lookback_s` before, as
-        `expr` evaluated at each whole second gives it."""
+        `_subquery` evaluates it."""
         exact = self._vector(expr, at)  # first: an error names the query as written
         lookback_ms = max(round(lookback_s * 1000), 1000)
-        held = self._vector(f"last_over_time(({expr})[{lookback_ms}ms:1s])", at)
+        held = self._vector(f"last_over_time({_subquery(expr, lookback_ms)})", at)
         return {**held, **exact}
 
     # ---------------------------------------------------------------------------------- HTTP API
@@ -783,6 +787,15 @@ def _baseline(
         if found is not None and target is not None and found[0] > starts.get(target, math.inf):
             return since, 0
     return found
+
+
+def _subquery(expr: str, window_ms: int) -> str:
+    """`expr` evaluated at each whole second of the window, or every few seconds when that is
+    more than MAX_POINTS times: a pod gone mid-step is then held at its value up to that many
+    seconds before it went, and a first value is found up to that late (traffic lost, never
+    counted twice)."""
+    step_s = max(1, math.ceil(window_ms / 1000 / MAX_POINTS))
+    return f"({expr})[{window_ms}ms:{step_s}s]"
 
 
 def _render(template: str, value: str, window: str) -> str:

@@ -12,6 +12,7 @@ the URL (the judge's Error); the Istio and custom presets; the factory.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries, spec_from_dict
 from rollout.core.types import ColourCounts
 from rollout.errors import MetricsError
+from rollout.metrics import prometheus
 from rollout.metrics.factory import make_metrics
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset, istio_preset
 from tests.fakes.server import Answering, closed_port_url
@@ -575,6 +577,31 @@ def test_custom_queries_count_a_pod_gone_long_before_the_tick(prom: FakePromethe
     observation = make_metrics(custom_preset(prom)).observe(T0, T0 + 340)
     assert observation.error is None
     assert (observation.blue.requests, observation.blue.errors) == (300 + 40, 30)
+
+
+def test_custom_queries_bound_the_points_a_subquery_evaluates(
+    prom: FakePrometheus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Holding over the whole step evaluated the query at every second of it: 86 400 times per
+    # tick in a day-long step (Prometheus refuses a range query of more than 11 000 points).
+    # Here the bound is 100 points, in a 1000 s step that begins on empty storage.
+    monkeypatch.setattr(prometheus, "MAX_POINTS", 100)
+    prom.add(
+        "my_requests_total",
+        {"svc": "blue", "pod": "a", "job": "j", "instance": "a"},
+        [(T0 + 200 + i, 10 * i) for i in range(31)] + [(T0 + 230.5, STALE)],
+    )
+    prom.add(
+        "my_requests_total",
+        {"svc": "blue", "pod": "b", "job": "j", "instance": "b"},
+        [(T0 + 200, 5000), (T0 + 1000, 5040)],
+    )
+    observation = make_metrics(custom_preset(prom)).observe(T0, T0 + 1000)
+    assert observation.error is None
+    assert observation.blue.requests == 300 + 40
+    subqueries = [re.search(r"\[(\d+)ms:(\d+)s\]", query) for query, _ in prom.queries]
+    points = [int(m.group(1)) / 1000 / int(m.group(2)) for m in subqueries if m is not None]
+    assert points and max(points) <= 100
 
 
 def test_factory_builds_the_envoy_preset(prom: FakePrometheus) -> None:
