@@ -1065,6 +1065,20 @@ class RolloutSpec(_Model):
 
     @model_validator(mode="before")
     @classmethod
+    def _envoy_metrics_follow_the_router(cls, data: Any) -> Any:
+        """With Envoy on both sides, the preset counts the router's weighted clusters by default:
+        with them renamed, it would look for clusters `blue` / `green` and never see traffic."""
+        sections = _raw_sections(data, "envoy", "prometheus")
+        default = PrometheusMetricsConfig.model_fields["preset"].default
+        if sections is None or sections[1].get("preset", default) != "envoy":
+            return data
+        router, metrics = sections
+        if "clusters" not in router:
+            return data
+        return {**data, "metrics": {"labels": router["clusters"], **metrics}}
+
+    @model_validator(mode="before")
+    @classmethod
     def _azure_metrics_follow_the_router(cls, data: Any) -> Any:
         """With the azureml router, the traffic log is read for the router's endpoint and
         deployments unless the metrics section names others."""

@@ -38,12 +38,14 @@ deployment's doing, and falls on both colours by their share of the requests. Co
         by DeploymentName = tolower(DeploymentName)
 
 Records reach the workspace minutes after the request (Azure's ingestion latency). The counts of
-a step grow as they arrive, and every request counts once, in the step its `TimeGenerated` falls
-in, however late it arrives: a late record adds to a later tick's increment, and the judge's test
-conditions on each tick's split between the colours, which lateness does not bias. The judge waits
-for evidence as it would for a quiet service. Set `analysis.interval_s` to a minute or more: the
-log moves no faster, and each tick is a query (Log Analytics throttles at about 200 a minute per
-user).
+a step grow as they arrive, and a request counts once, in the step its `TimeGenerated` falls in,
+if its record arrives before that step ends: a late record adds to a later tick's increment, and
+the judge's test conditions on each tick's split between the colours, which lateness does not
+bias. One arriving after its step ended is never counted (each step is asked about its own window
+[step start, now) only while it lasts), so `analysis.min_step_duration_s` well above the lag
+keeps that loss small. The judge waits for evidence as it would for a quiet service. Set
+`analysis.interval_s` to a minute or more: the log moves no faster, and each tick is a query (Log
+Analytics throttles at about 200 a minute per user).
 
 What cannot be told apart in the log, and is therefore counted: requests pinned to a deployment
 with the `azureml-model-deployment` header, and the copies Azure mirrors to a deployment. Azure

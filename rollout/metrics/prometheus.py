@@ -45,9 +45,14 @@ Presets (label values per colour come from `labels`):
   `since` and at `now`, series by series (matched by their labels: a query that keeps one
   series per pod or target counts a pod that goes or comes as what it served in the step); a
   series a failed scrape marked stale there keeps its last value of the 5 minutes before
-  (within the step, at `now`), a series absent at `since` counts from 0, and one whose value
-  went down is taken as restarted from 0. A `sum(...)` is one series: a pod of it that stops
-  being scraped lowers it, which reads as a restart.
+  (at `now`: of the whole step, so a pod gone long before the tick still counts), a series
+  absent at `since` counts from 0, and one whose value went down is taken as restarted from 0.
+  When Prometheus holds none of the colours' requests series at `since`, a series absent there
+  counts as in the presets (item 1: from its first value in the step, from 0 only if it
+  appeared after its target's first), and one whose query dropped `job` and `instance` always
+  from its first value. A `sum(...)` is one series: a pod of it that stops being scraped
+  lowers it, which reads as a restart. A query giving no instant vector (`scalar(...)`, a range
+  selector) is an error saying what it gives.
 
 Errors are never clamped to the request count. Every error is a request, so when a window
 counts more errors than requests (a scrape caught one counter and not yet the other, or a
@@ -97,6 +102,10 @@ LOOKBACK_S = 300
 #: How long after a step's start its first sample (the baseline) is searched for first: longer
 #: than any sane scrape interval. A series not scraped in that time is searched for over the step.
 BASELINE_SEARCH_S = 60
+
+#: The most times a custom query's subquery evaluates it (Prometheus refuses a range query of
+#: more than 11,000 points): over a longer window it is evaluated every few seconds, not each one.
+MAX_POINTS = 10_000
 
 Series = tuple[tuple[str, str], ...]
 #: A scrape target, as its series name it: their `job` and `instance` labels.
@@ -191,6 +200,9 @@ class PrometheusMetrics:
         session.cert = cert
         # prometheus-api-client hands back `data.result` alone: the warnings are read here.
         session.hooks["response"].append(_refuse_partial_answer)
+        # ... and `data.resultType`, when a result is no list of series, from the answer kept.
+        self._answer: Any = None
+        session.hooks["response"].append(self._keep_answer)
         self._client_cert = cert is not None
         # No retries: the controller asks again next tick, and "down" must show quickly.
         self._client = PrometheusConnect(
@@ -364,29 +376,20 @@ class PrometheusMetrics:
             if n > 0
         }
         raw = self._matrix(whole_step, now) if restarted else {}
-        # None: Prometheus holds the history; {} (filled below): these series say it does not.
-        fresh: dict[Target, float] | None = {} if at_now and not existed else None
-        starts = fresh if given == "ask" else given
-        unscraped = [s for s in at_now if (s in existed or starts is not None) and s not in first]
+        # These series say whether Prometheus holds the history, unless the requests' did.
+        holds_history = (not at_now or bool(existed)) if given == "ask" else given is None
+        unscraped = [s for s in at_now if (s in existed or not holds_history) and s not in first]
         if unscraped and search_ms < span_ms:
             raw = raw or self._matrix(whole_step, now)
             first.update((s, raw[s][0]) for s in unscraped if raw.get(s))
-        if given == "ask" and starts is not None:  # these series give `starts`
-            for series, (t, _) in first.items():
-                target = _target(series)
-                starts[target] = min(t, starts.get(target, t))
+        starts = given if given != "ask" else None if holds_history else _starts(first.items())
         deltas: dict[Series, int] = {}
         for series, value in at_now.items():
-            if series not in existed and (
-                starts is None
-                or (series in first and first[series][0] > starts.get(_target(series), math.inf))
-            ):
-                base_t, base = since, 0
-            elif series in first:
-                base_t, base = first[series]
-            else:
+            baseline = _baseline(series, since, first, starts, existed=series in existed)
+            if baseline is None:
                 deltas[series] = 0  # not scraped since the step began
                 continue
+            base_t, base = baseline
             if series in restarted:
                 later = [v for t, v in raw.get(series, []) if t > base_t]
                 deltas[series] = _increase(base, later)
@@ -400,41 +403,80 @@ class PrometheusMetrics:
         self, queries: PromQueries, since: float, now: float
     ) -> tuple[dict[Colour, ColourCounts], dict[str, Any]]:
         window = f"{max(math.ceil(now - since), MIN_WINDOW_S)}s"
+        templates = {"requests": queries.requests, "errors": queries.errors}
+        if queries.latency_bucket is not None:
+            templates["latency_bucket"] = queries.latency_bucket
+        exprs = {
+            (colour, name): _render(template, self.labels.of(colour), window)
+            for colour in Colour
+            for name, template in templates.items()
+        }
+        before = {key: self._held(expr, since, LOOKBACK_S) for key, expr in exprs.items()}
+        # Held over the whole step: a pod gone since still counts what it served in it.
+        after = {key: self._held(expr, now, now - since) for key, expr in exprs.items()}
+        # As for the presets: when none of the colours' requests series has a value at `since`
+        # while some have one now, Prometheus holds no history (storage lost on a restart, or
+        # down for the LOOKBACK_S before), and a series absent at `since` is not thereby new.
+        requests = [(colour, "requests") for colour in Colour]
+        first: dict[tuple[Colour, str], dict[Series, tuple[float, int]]] = {}
+        starts: dict[Target, float] | None = None
+        if not any(before[key] for key in requests) and any(after[key] for key in requests):
+            first = {key: self._first(expr, since, now, after[key]) for key, expr in exprs.items()}
+            starts = _starts(item for key in requests for item in first[key].items())
+
+        def delta(key: tuple[Colour, str]) -> dict[Series, int]:
+            found = first.get(key, {})
+            deltas: dict[Series, int] = {}
+            for series, value in after[key].items():
+                if series in before[key]:
+                    base = before[key][series]
+                else:
+                    baseline = _baseline(series, since, found, starts, existed=False)
+                    base = value if baseline is None else baseline[1]
+                deltas[series] = value - base if value >= base else value
+            return deltas
+
         counts: dict[Colour, ColourCounts] = {}
         detail: dict[str, Any] = {"source": self.url, "queries": {}}
         for colour in Colour:
-            value = self.labels.of(colour)
-
-            def render(template: str) -> str:
-                # The value goes inside the template's PromQL string ("{colour}").
-                quoted = _promql_string(value)  # noqa: B023
-                return template.replace("{colour}", quoted).replace("{window}", window)
-
-            def delta(expr: str) -> dict[Series, int]:
-                before = self._held(expr, since, LOOKBACK_S)
-                after = self._held(expr, now, min(now - since, LOOKBACK_S))
-                return {
-                    series: c - before.get(series, 0) if c >= before.get(series, 0) else c
-                    for series, c in after.items()
-                }
-
-            n = sum(delta(render(queries.requests)).values())
-            e = sum(delta(render(queries.errors)).values())
+            n = sum(delta((colour, "requests")).values())
+            e = sum(delta((colour, "errors")).values())
             histogram: dict[float, int] = {}
             if queries.latency_bucket is not None:
-                histogram = _by_le(delta(render(queries.latency_bucket)), self.latency_unit_s)
-            detail["queries"][colour.value] = [render(queries.requests), render(queries.errors)]
+                histogram = _by_le(delta((colour, "latency_bucket")), self.latency_unit_s)
+            detail["queries"][colour.value] = [exprs[colour, "requests"], exprs[colour, "errors"]]
             detail[colour.value] = {"requests": n, "errors": e}
             counts[colour] = _counts(n, e, histogram, detail[colour.value])
         return counts, detail
 
+    def _first(
+        self, expr: str, since: float, now: float, wanted: Iterable[Series]
+    ) -> dict[Series, tuple[float, int]]:
+        """The first value in the step of each of `expr`'s series, and when, as `_subquery`
+        evaluates it: searched in the first BASELINE_SEARCH_S, then, for a series of `wanted`
+        not found there, over the whole step."""
+        span_ms = max(round((now - since) * 1000), 1)
+        search_ms = min(span_ms, BASELINE_SEARCH_S * 1000)
+        found = {
+            series: samples[0]
+            for series, samples in self._matrix(
+                _subquery(expr, search_ms), since + search_ms / 1000
+            ).items()
+            if samples
+        }
+        missing = [series for series in wanted if series not in found]
+        if missing and search_ms < span_ms:
+            whole_step = self._matrix(_subquery(expr, span_ms), now)
+            found.update((s, whole_step[s][0]) for s in missing if whole_step.get(s))
+        return found
+
     def _held(self, expr: str, at: float, lookback_s: float) -> dict[Series, int]:
         """`expr`'s series at `at`; one that a failed scrape marked stale there (or one whose
         target was not scraped since) keeps its last value of the `lookback_s` before, as
-        `expr` evaluated at each whole second gives it."""
+        `_subquery` evaluates it."""
         exact = self._vector(expr, at)  # first: an error names the query as written
         lookback_ms = max(round(lookback_s * 1000), 1000)
-        held = self._vector(f"last_over_time(({expr})[{lookback_ms}ms:1s])", at)
+        held = self._vector(f"last_over_time({_subquery(expr, lookback_ms)})", at)
         return {**held, **exact}
 
     # ---------------------------------------------------------------------------------- HTTP API
@@ -479,8 +521,35 @@ class PrometheusMetrics:
             # JSON without `data.result`: something else listens there.
             raise MetricsError(self._not_the_api(query, "no data.result")) from exc
         if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
+            kind = self._result_type()
+            if kind in ("scalar", "string"):
+                raise MetricsError(self._no_instant_vector(query, f"a {kind}"))
             raise MetricsError(self._not_the_api(query, "data.result is no list of series"))
         return result
+
+    def _keep_answer(self, response: Any, **kwargs: Any) -> Any:
+        """requests response hook: keep the answer, for its `data.resultType`."""
+        self._answer = response
+        return response
+
+    def _result_type(self) -> str | None:
+        """The last answer's `data.resultType` (None: it has none)."""
+        try:
+            kind = self._answer.json()["data"]["resultType"]
+        except (AttributeError, ValueError, KeyError, TypeError):
+            return None
+        return kind if isinstance(kind, str) else None
+
+    def _no_instant_vector(self, query: str, kind: str) -> str:
+        """The line for an answer of another type than the instant vector asked for: a custom
+        query's doing (`scalar(...)`, a range selector); a preset's queries never give one."""
+        if self.queries is None:
+            return self._not_the_api(query, f"{kind}, not an instant vector")
+        return (
+            f"Prometheus at {self.url}: the query {query!r} returns {kind}, not an instant "
+            "vector: metrics.queries must each give cumulative counter series (a selector, or an "
+            "expression keeping one series per pod)"
+        )
 
     def _http_problem(self, query: str, error: str) -> str:
         """The line for an answer other than 200 (prometheus-api-client's exception text is
@@ -519,7 +588,13 @@ class PrometheusMetrics:
     def _vector(self, query: str, at: float) -> dict[Series, int]:
         """An instant vector as {series labels: integer value}; NaN and ±Inf are dropped."""
         found: dict[Series, int] = {}
-        for item in self._query(query, at):
+        result = self._query(query, at)
+        # (an empty result says its type only in the answer: a range with no sample in it)
+        if any("values" in item and "value" not in item for item in result) or (
+            not result and self._result_type() == "matrix"
+        ):
+            raise MetricsError(self._no_instant_vector(query, "a range vector"))
+        for item in result:
             value = _number(item.get("value", [None, "NaN"])[1])
             if value is not None:
                 found[_labels(item.get("metric", {}))] = round(value)
@@ -668,9 +743,64 @@ def _promql_string(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def _target(series: Series) -> Target:
+def _target(series: Series) -> Target | None:
+    """The scrape target a series came from; None for one whose query dropped both labels."""
     labels = dict(series)
+    if "job" not in labels and "instance" not in labels:
+        return None
     return labels.get("job", ""), labels.get("instance", "")
+
+
+def _starts(first: Iterable[tuple[Series, tuple[float, int]]]) -> dict[Target, float]:
+    """Per target, the time of the first sample in the step of any of its series: when
+    Prometheus, holding no history, first scraped it."""
+    starts: dict[Target, float] = {}
+    for series, (t, _) in first:
+        target = _target(series)
+        if target is not None:
+            starts[target] = min(t, starts.get(target, t))
+    return starts
+
+
+def _baseline(
+    series: Series,
+    since: float,
+    first: dict[Series, tuple[float, int]],
+    starts: dict[Target, float] | None,
+    *,
+    existed: bool,
+) -> tuple[float, int] | None:
+    """Where the step's count of `series` begins, as (time, counter value): (`since`, 0) for a
+    series that appeared during the step, else its first sample in the step (None: none).
+
+    While Prometheus holds the history (`starts` None), a series that did not exist before
+    `since` appeared during the step. When it does not, absence says nothing: a series appeared
+    during the step only if its first sample came after its target's first (`starts`); one of
+    no known target (its query dropped `job` and `instance`) counts from its first sample, as
+    it cannot be told from a pod scraped a little later than the others.
+    """
+    found = first.get(series)
+    if not existed:
+        if starts is None:
+            return since, 0
+        target = _target(series)
+        if found is not None and target is not None and found[0] > starts.get(target, math.inf):
+            return since, 0
+    return found
+
+
+def _subquery(expr: str, window_ms: int) -> str:
+    """`expr` evaluated at each whole second of the window, or every few seconds when that is
+    more than MAX_POINTS times: a pod gone mid-step is then held at its value up to that many
+    seconds before it went, and a first value is found up to that late (traffic lost, never
+    counted twice)."""
+    step_s = max(1, math.ceil(window_ms / 1000 / MAX_POINTS))
+    return f"({expr})[{window_ms}ms:{step_s}s]"
+
+
+def _render(template: str, value: str, window: str) -> str:
+    """A custom query for one colour: the value goes inside the template's PromQL string."""
+    return template.replace("{colour}", _promql_string(value)).replace("{window}", window)
 
 
 def _total(deltas: dict[Series, int], label: str, value: str) -> int:

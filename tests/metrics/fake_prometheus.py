@@ -2,11 +2,12 @@
 
 It evaluates just the PromQL the provider sends — a selector (`name{a="x",b=~"y|z"}`), a range
 selector (`sel[30s]`, answered as a matrix), `resets(sel[30s])`, `last_over_time(sel[30s])`,
-the subquery `last_over_time((sel)[300s:1s])` and `vector(1)` — against series a test writes
-with `add(name, labels, [(t, value), ...])`, with Prometheus' semantics: an instant selector
-takes the newest sample at or before `time` within 5 minutes (stale after), a range takes
-samples in `(time - range, time]`, a subquery evaluates at each multiple of its step in that
-range and keeps each series' last value. A value of `STALE` is a
+the subqueries `(sel)[60s:1s]` (a matrix) and `last_over_time((sel)[300s:1s])`, and `vector(1)`
+— against series a test writes with `add(name, labels, [(t, value), ...])`, with Prometheus'
+semantics: an instant selector takes the newest sample at or before `time` within 5 minutes
+(stale after), a range takes samples in `(time - range, time]`, a subquery evaluates at each
+multiple of its step in that range (and `last_over_time` keeps each series' last value there).
+A value of `STALE` is a
 staleness marker (what Prometheus writes for every series of a target when a scrape fails): an
 instant selector whose newest sample is one finds nothing, and ranges skip it. Anything else
 answers 400 with Prometheus' error JSON, so a query the fake does not understand fails the test
@@ -39,9 +40,7 @@ STALE = None
 _SELECTOR = re.compile(
     r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<matchers>(?:[^}"]|"(?:[^"\\]|\\.)*")*)\})?$'
 )
-_SUBQUERY = re.compile(
-    r"last_over_time\(\((?P<expr>.*)\)\[(?P<range>\d+)(?P<unit>ms|s):(?P<step>\d+)s\]\)"
-)
+_SUBQUERY = re.compile(r"\((?P<expr>.*)\)\[(?P<range>\d+)(?P<unit>ms|s):(?P<step>\d+)s\]")
 _MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*')
 
 
@@ -138,24 +137,19 @@ class FakePrometheus:
                 resets = sum(1 for (_, a), (_, b) in itertools.pairwise(inside) if b < a)
                 result.append({"metric": _without_name(labels), "value": [at, str(resets)]})
             return "vector", result
+        if query.startswith("last_over_time((") and query.endswith(")"):
+            subquery = _SUBQUERY.fullmatch(query[len("last_over_time(") : -1])
+            if subquery is not None:
+                # Each series takes its last value in the subquery's range.
+                return "vector", [
+                    {"metric": labels, "value": [at, points[-1][1]]}
+                    for labels, points in self._subquery(subquery, at).values()
+                ]
         subquery = _SUBQUERY.fullmatch(query)
         if subquery is not None:
-            # Evaluated at every multiple of the step in (at - range, at], as Prometheus does;
-            # each series takes its last value there.
-            scale = 1000.0 if subquery.group("unit") == "ms" else 1.0
-            window, step = float(subquery.group("range")) / scale, float(subquery.group("step"))
-            times = []
-            t = math.floor(at / step) * step
-            while t > at - window:
-                times.append(t)
-                t -= step
-            last: dict[str, dict[str, str]] = {}
-            for t in reversed(times):
-                for item in self.evaluate(subquery.group("expr"), t)[1]:
-                    last[json.dumps(_without_name(item["metric"]), sort_keys=True)] = item
-            return "vector", [
-                {"metric": _without_name(item["metric"]), "value": [at, item["value"][1]]}
-                for item in last.values()
+            return "matrix", [
+                {"metric": labels, "values": [[t, v] for t, v in points]}
+                for labels, points in self._subquery(subquery, at).values()
             ]
         if query.startswith("last_over_time(") and query.endswith(")"):
             selector, window = _range(query[len("last_over_time(") : -1])
@@ -177,6 +171,26 @@ class FakePrometheus:
             if before and before[-1][1] is not STALE:
                 result.append({"metric": labels, "value": [at, _fmt(before[-1][1])]})
         return "vector", result
+
+    def _subquery(
+        self, subquery: re.Match[str], at: float
+    ) -> dict[str, tuple[dict[str, str], list[tuple[float, str]]]]:
+        """A subquery's points per series: its expression evaluated at every multiple of its
+        step in (at - range, at], as Prometheus does."""
+        scale = 1000.0 if subquery.group("unit") == "ms" else 1.0
+        window, step = float(subquery.group("range")) / scale, float(subquery.group("step"))
+        times = []
+        t = math.floor(at / step) * step
+        while t > at - window:
+            times.append(t)
+            t -= step
+        found: dict[str, tuple[dict[str, str], list[tuple[float, str]]]] = {}
+        for t in reversed(times):
+            for item in self.evaluate(subquery.group("expr"), t)[1]:
+                labels = _without_name(item["metric"])
+                key = json.dumps(labels, sort_keys=True)
+                found.setdefault(key, (labels, []))[1].append((t, item["value"][1]))
+        return found
 
     def _ranges(
         self, selector: str, window: float, at: float

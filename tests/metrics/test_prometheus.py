@@ -12,6 +12,7 @@ the URL (the judge's Error); the Istio and custom presets; the factory.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries, spec_from_dict
 from rollout.core.types import ColourCounts
 from rollout.errors import MetricsError
+from rollout.metrics import prometheus
 from rollout.metrics.factory import make_metrics
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset, istio_preset
 from tests.fakes.server import Answering, closed_port_url
@@ -303,6 +305,34 @@ def test_something_else_answering_200_is_an_error_naming_the_url(body: bytes) ->
     assert str(probed.value).startswith(f"Prometheus at {url}: not a Prometheus API answer")
 
 
+@pytest.mark.parametrize(
+    ("result_type", "result", "kind"),
+    [
+        pytest.param("scalar", [T0, "42"], "a scalar", id="scalar"),
+        pytest.param("string", [T0, "text"], "a string", id="string"),
+        pytest.param(
+            "matrix", [{"metric": {}, "values": [[T0, "1"]]}], "a range vector", id="matrix"
+        ),
+        # (no sample in the range at `since`: the subquery around it was Prometheus' 400)
+        pytest.param("matrix", [], "a range vector", id="empty-matrix"),
+    ],
+)
+def test_a_query_returning_no_instant_vector_says_so(
+    result_type: str, result: list[object], kind: str
+) -> None:
+    # `scalar(sum(...))` was "not a Prometheus API answer", sending the operator to metrics.url;
+    # a range vector read as no series at all (zero counts).
+    body = {"status": "success", "data": {"resultType": result_type, "result": result}}
+    queries = PromQueries(requests="up", errors="up")  # the first query sent: `up`
+    with Answering(200, json.dumps(body).encode()) as url:
+        observation = PrometheusMetrics(url, queries=queries).observe(T0 - 10, T0)
+    assert observation.error == (
+        f"Prometheus at {url}: the query 'up' returns {kind}, not an instant vector: "
+        "metrics.queries must each give cumulative counter series (a selector, or an "
+        "expression keeping one series per pod)"
+    )
+
+
 def test_the_probe_asks_one_trivial_query_and_reads_no_traffic(prom: FakePrometheus) -> None:
     counter(prom, "envoy_cluster_upstream_rq_completed", "blue", [1, 2, 3])
     envoy(prom).probe()
@@ -439,6 +469,38 @@ def test_istio_preset_follows_the_istio_router(
     assert spec.metrics.namespace == namespace
 
 
+@pytest.mark.parametrize(
+    ("metrics", "labels"),
+    [
+        pytest.param({}, ("canary", "prod"), id="derived-from-the-router"),
+        pytest.param({"preset": "envoy"}, ("canary", "prod"), id="preset-named"),
+        pytest.param({"labels": {"blue": "b", "green": "g"}}, ("b", "g"), id="explicit-values-win"),
+        pytest.param(
+            {"preset": "custom", "queries": {"requests": "r", "errors": "e"}},
+            ("blue", "green"),
+            id="custom-queries-name-their-own",
+        ),
+    ],
+)
+def test_envoy_preset_follows_the_envoy_routers_clusters(
+    metrics: dict[str, object], labels: tuple[str, str]
+) -> None:
+    # With the router's clusters renamed, the preset read envoy_cluster_name=~"blue|green": no
+    # series, zero counts at every tick, a rollout held "no requests yet" forever.
+    spec = spec_from_dict(
+        {
+            "router": {
+                "kind": "envoy",
+                "routes_file": "routes.json",
+                "clusters": {"blue": "canary", "green": "prod"},
+            },
+            "metrics": {"kind": "prometheus", "url": "http://p:9090", **metrics},
+        }
+    )
+    assert isinstance(spec.metrics, PrometheusMetricsConfig)
+    assert (spec.metrics.labels.blue, spec.metrics.labels.green) == labels
+
+
 def custom_preset(prom: FakePrometheus) -> PrometheusMetricsConfig:
     """`my_requests_total` / `my_errors_total` by `svc=<colour>`, through the custom preset."""
     return PrometheusMetricsConfig(
@@ -499,6 +561,47 @@ def test_custom_queries_count_each_series_through_failed_scrapes(
     observation = make_metrics(custom_preset(prom)).observe(T0, T0 + 3)
     assert observation.error is None
     assert observation.blue.requests == expected
+
+
+def test_custom_queries_count_a_pod_gone_long_before_the_tick(prom: FakePrometheus) -> None:
+    # Pod a served 300 requests (30 errors) in the step's first 30 s and went away (Prometheus
+    # marks a vanished target's series stale); the tick comes 340 s into the step. Its series was
+    # held 5 minutes only: its requests and errors dropped out of the step's counts, which went
+    # backwards (330 -> 40 requests, 30 -> 0 errors).
+    def gone(values: list[float]) -> list[tuple[float, float | None]]:
+        return [(T0 - 1 + i, v) for i, v in enumerate(values)] + [(T0 + 30.5, STALE)]
+
+    prom.add("my_requests_total", {"svc": "blue", "pod": "a"}, gone([10 * i for i in range(32)]))
+    prom.add("my_errors_total", {"svc": "blue", "pod": "a"}, gone(list(range(32))))
+    prom.add("my_requests_total", {"svc": "blue", "pod": "b"}, [(T0 - 1, 0), (T0 + 340, 40)])
+    observation = make_metrics(custom_preset(prom)).observe(T0, T0 + 340)
+    assert observation.error is None
+    assert (observation.blue.requests, observation.blue.errors) == (300 + 40, 30)
+
+
+def test_custom_queries_bound_the_points_a_subquery_evaluates(
+    prom: FakePrometheus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Holding over the whole step evaluated the query at every second of it: 86 400 times per
+    # tick in a day-long step (Prometheus refuses a range query of more than 11 000 points).
+    # Here the bound is 100 points, in a 1000 s step that begins on empty storage.
+    monkeypatch.setattr(prometheus, "MAX_POINTS", 100)
+    prom.add(
+        "my_requests_total",
+        {"svc": "blue", "pod": "a", "job": "j", "instance": "a"},
+        [(T0 + 200 + i, 10 * i) for i in range(31)] + [(T0 + 230.5, STALE)],
+    )
+    prom.add(
+        "my_requests_total",
+        {"svc": "blue", "pod": "b", "job": "j", "instance": "b"},
+        [(T0 + 200, 5000), (T0 + 1000, 5040)],
+    )
+    observation = make_metrics(custom_preset(prom)).observe(T0, T0 + 1000)
+    assert observation.error is None
+    assert observation.blue.requests == 300 + 40
+    subqueries = [re.search(r"\[(\d+)ms:(\d+)s\]", query) for query, _ in prom.queries]
+    points = [int(m.group(1)) / 1000 / int(m.group(2)) for m in subqueries if m is not None]
+    assert points and max(points) <= 100
 
 
 def test_factory_builds_the_envoy_preset(prom: FakePrometheus) -> None:
@@ -641,40 +744,72 @@ def test_a_failed_scrape_at_the_tick_keeps_the_steps_counts(prom: FakePrometheus
     assert (observation.blue.requests, observation.blue.errors) == (20, 2)
 
 
+#: The envoy preset's series through the custom preset, as a spec would write them.
+ENVOY_AS_CUSTOM = PromQueries(
+    requests='envoy_cluster_upstream_rq_completed{envoy_cluster_name="{colour}"}',
+    errors='envoy_cluster_upstream_rq_xx{envoy_cluster_name="{colour}",envoy_response_code_class="5"}',
+    latency_bucket='envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="{colour}"}',
+)
+
+
+@pytest.mark.parametrize("preset", ["envoy", "custom"])
 def test_a_prometheus_that_lost_its_storage_mid_step_counts_from_its_first_scrape(
-    prom: FakePrometheus,
+    prom: FakePrometheus, preset: str
 ) -> None:
     # Prometheus restarted at T0 + 4 on empty storage (an emptyDir, the Prometheus Operator's
     # default): it holds nothing from before the step, and a series absent before `since` no
-    # longer says it is new. Envoy's counters went on and hold every earlier rollout's traffic;
-    # green's first 5xx comes after Prometheus' first scrape: that series is new.
+    # longer says it is new. Envoy's counters went on and hold every earlier rollout's traffic
+    # (through the custom preset, they once counted whole: blue's 9000 old errors at one tick);
+    # green's first 5xx comes after Prometheus' first scrape of Envoy: that series is new.
+    target = {"job": "envoy", "instance": "127.0.0.1:9901"}
+
     def scraped(start: float, per_s: float) -> list[tuple[float, float | None]]:
         return [(T0 + 5 + i, start + per_s * i) for i in range(6)]
 
     prom.add(
-        "envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "blue"}, scraped(5e4, 10)
+        "envoy_cluster_upstream_rq_completed",
+        {**target, "envoy_cluster_name": "blue"},
+        scraped(5e4, 10),
     )
     prom.add(
         "envoy_cluster_upstream_rq_xx",
-        {"envoy_cluster_name": "blue", "envoy_response_code_class": "5"},
+        {**target, "envoy_cluster_name": "blue", "envoy_response_code_class": "5"},
         scraped(9000, 1),
     )
     prom.add(
-        "envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "green"}, scraped(1e6, 100)
+        "envoy_cluster_upstream_rq_completed",
+        {**target, "envoy_cluster_name": "green"},
+        scraped(1e6, 100),
     )
     for le, share in [("25", 0.9), ("+Inf", 1.0)]:
         prom.add(
             "envoy_cluster_upstream_rq_time_bucket",
-            {"envoy_cluster_name": "green", "le": le},
+            {**target, "envoy_cluster_name": "green", "le": le},
             scraped(1e6 * share, 100 * share),
         )
     prom.add(
         "envoy_cluster_upstream_rq_xx",
-        {"envoy_cluster_name": "green", "envoy_response_code_class": "5"},
+        {**target, "envoy_cluster_name": "green", "envoy_response_code_class": "5"},
         [(T0 + 7.5, 1), (T0 + 8.5, 2), (T0 + 9.5, 4)],
     )
-    observation = envoy(prom).observe(T0, T0 + 10)
+    provider = (
+        envoy(prom) if preset == "envoy" else PrometheusMetrics(prom.url, queries=ENVOY_AS_CUSTOM)
+    )
+    observation = provider.observe(T0, T0 + 10)
     assert observation.error is None
     assert (observation.blue.requests, observation.blue.errors) == (50, 5)
     assert (observation.green.requests, observation.green.errors) == (500, 4)
     assert observation.green.latency_buckets == ((0.025, 450),)
+
+
+def test_a_prometheus_that_lost_its_storage_counts_series_of_no_known_target_from_their_first_value(
+    prom: FakePrometheus,
+) -> None:
+    # A custom query that drops `job` and `instance` (`sum by (pod)`) leaves no way to tell when
+    # Prometheus first scraped a pod: pod b's first value, 3 s after pod a's (another scrape
+    # offset), is no new series, and counting it from 0 charged the step with its history.
+    prom.add("my_requests_total", {"svc": "blue", "pod": "a"}, [(T0 + 5, 100), (T0 + 10, 110)])
+    prom.add("my_requests_total", {"svc": "blue", "pod": "b"}, [(T0 + 8, 7000), (T0 + 10, 7004)])
+    observation = make_metrics(custom_preset(prom)).observe(T0, T0 + 10)
+    assert observation.error is None
+    assert observation.blue.requests == 10 + 4

@@ -179,7 +179,9 @@ def test_the_helm_values_deploy_this_version_with_the_chart(
     version = registry.get("Diabetes-Ridge", 1)
     pkg = build_package(version, tmp_path / "p", image_registry="acr.example.io").path
     values = yaml.safe_load((pkg / "k8s" / f"values-{colour.value}.yaml").read_text())
-    chart = by_name(render_chart(values, "ml"))
+    # Alone, the colour takes the traffic: the chart refuses weight to a colour it has no pod for.
+    weights = {colour.value: 100, colour.other.value: 0}
+    chart = by_name(render_chart({**values, "weights": weights}, "ml"))
     release = Release(
         model="Diabetes-Ridge",
         version="1",

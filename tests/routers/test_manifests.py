@@ -613,8 +613,8 @@ def test_rollout_validate_refuses_what_the_router_would(
 
 # ---- the Helm chart ---------------------------------------------------------------------------
 # helm is not installable here, so the chart keeps to a small subset of Go templates (values,
-# integers, `quote`, `required`, `fail`, `if`, `not`, `ne`, `add`, `contains`, `range`) that this
-# renderer implements, and must
+# integers, `quote`, `required`, `fail`, `if`, `not`, `and`, `ne`, `add`, `contains`, `range`)
+# that this renderer implements, and must
 # render to exactly the objects the Python builders make: chart, `manifests` and router cannot
 # drift apart.
 CHART = Path(__file__).parents[2] / "charts" / "aml-rollout"
@@ -669,6 +669,8 @@ def render_template(text: str, root: dict[str, Any]) -> str:
         words = _words(expr)
         if words[0] == "fail":  # fail "message"
             raise ChartFailError(json.loads(words[1]))
+        if words[0] == "and":  # true when every argument is (Go's empty values are false)
+            return all(value(word, dot) for word in words[1:])
         if words[0] in ("ne", "add") and len(words) == 3:  # Go's integer rules: any int type
             left, right = (value(word, dot) for word in words[1:])
             return left != right if words[0] == "ne" else int(left) + int(right)
@@ -798,6 +800,11 @@ def test_the_chart_renderer_is_not_vacuous() -> None:
     assert render_template(sums, {"Values": {"a": 60, "b": 40}}) == "ok"
     with pytest.raises(ChartFailError, match="not 100"):
         render_template(sums, {"Values": {"a": 60, "b": 60}})
+    both = "{{- if and .Values.a (not .Values.b) }}yes{{- end }}"
+    assert [
+        render_template(both, {"Values": {"a": a, "b": b}})
+        for a, b in [(1, ""), (0, ""), (1, "x"), (0, "x")]
+    ] == ["yes", "", "", ""]
 
 
 @pytest.mark.parametrize(("green", "blue"), [(60, 60), (100, 10), (50, 0)])
@@ -806,6 +813,50 @@ def test_the_chart_refuses_weights_that_do_not_sum_to_100(green: int, blue: int)
     with pytest.raises(ChartFailError, match=r"weights.green \+ weights.blue must be 100"):
         render_chart({"weights": {"green": green, "blue": blue}}, "ml")
     assert render_chart({"weights": {"green": 90, "blue": 10}}, "ml")
+
+
+def _colour(image: str) -> dict[str, str]:
+    return {"image": image, "model": "diabetes", "version": "1", "sha256": ""}
+
+
+@pytest.mark.parametrize(
+    ("values", "refused"),
+    [
+        pytest.param(
+            {"green": _colour("r/diabetes:1"), "weights": {"green": 50, "blue": 50}},
+            "blue",
+            id="weight-to-a-blue-with-no-image",
+        ),
+        pytest.param(
+            {"blue": _colour("r/diabetes:2")}, "green", id="the-default-weight-to-a-green-with-none"
+        ),
+    ],
+)
+def test_the_chart_refuses_traffic_to_a_colour_it_deploys_no_pod_for(
+    values: dict[str, Any], refused: str
+) -> None:
+    # Rendered, and half the users got Istio's 503 (no endpoints behind <app>-blue) right after
+    # `helm install`: what the router itself refuses ("Deployment does not exist").
+    with pytest.raises(ChartFailError, match=rf"weights.{refused} .* {refused}.image is empty"):
+        render_chart(values, "ml")
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param(
+            {"green": _colour("r/diabetes:1"), "blue": _colour("r/diabetes:2")}, id="both-deployed"
+        ),
+        pytest.param(
+            {"blue": _colour("r/diabetes:2"), "weights": {"green": 0, "blue": 100}},
+            id="blue-only-with-all-the-traffic",
+        ),
+        # Nothing served yet (as `manifests` with no release, and `helm lint`'s defaults).
+        pytest.param({"weights": {"green": 50, "blue": 50}}, id="no-image-at-all"),
+    ],
+)
+def test_the_chart_renders_traffic_to_deployed_colours(values: dict[str, Any]) -> None:
+    assert render_chart(values, "ml")
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
