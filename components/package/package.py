@@ -275,7 +275,10 @@ def helm_values(colour: str, image: str, model: ModelVersion) -> str:
 
     The chart's shape exactly: `<colour>: {image, model, version, sha256}` (a colour with an
     empty image gets no Deployment) and `containerPort`; the chart sets AML_ROLLOUT_COLOUR itself.
-    `helm upgrade --install <release> charts/aml-rollout -f k8s/values-<colour>.yaml`.
+    `helm upgrade --install <release> charts/aml-rollout -f k8s/values-<colour>.yaml` (the
+    chart's default weights send everything to green: blue alone also needs
+    `--set weights.green=0,weights.blue=100`, or the chart refuses to route to a colour it
+    deploys nothing for).
     """
     values = {
         colour: {
