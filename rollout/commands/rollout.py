@@ -781,6 +781,18 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
         check_same_router(parsed, current)
         if current.terminal:
             _fail(RolloutError(f"rollout {parsed.name!r} has ended ({current.phase.value})"))
+        if under_way := _under_way(current):
+            # The machine reads no command until it has ended: queued, one was said to act at
+            # the next tick, then dropped.
+            finish = f"`aml-rollout rollout run {spec}` finishes it"
+            idle = "" if store.controller() else f"; no controller is running: {finish}"
+            _fail(
+                RolloutError(
+                    f"rollout {parsed.name!r} is {current.phase.value}: {under_way}, and ends "
+                    f"on its own; {kind.replace('_', '-')} cannot act on it (nothing "
+                    f"queued){idle}"
+                )
+            )
         if kind == "resume" and not _pausing(current, store):
             # The controller would ignore it ("resume: ignored, not paused"), after this said
             # it acts on it.
@@ -819,6 +831,19 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
         f"`aml-rollout rollout run {spec}{which}` acts on it",
         markup=False,
     )
+
+
+def _under_way(status: Status) -> str:
+    """What a rollout on its way to an end is doing ("" when it reads commands): promoting or
+    rolling back, which no command stops or changes."""
+    from rollout.core.types import Phase
+
+    candidate = status.candidate.ref if status.candidate else "the candidate"
+    return {
+        Phase.PROMOTING: f"the promotion of {candidate} is under way (blue at 100 %, green next)",
+        Phase.FINALISING: f"the promotion of {candidate} is under way (green gets it, blue goes)",
+        Phase.ROLLING_BACK: "the rollback is under way (blue back to 0 %)",
+    }.get(status.phase, "")
 
 
 def _pausing(status: Status, store: StateStore) -> bool:

@@ -279,6 +279,13 @@ def _decide(
 ) -> Decision:
     if status.held and status.phase is not Phase.PAUSED:
         status = replace(status, held=False)
+    if status.phase in TERMINAL and status.commands:
+        # Queued while it promoted or rolled back (phases that read no command), or before
+        # a first deploy that failed: none acts now. Said, not kept in the status for ever.
+        status, dropped = _drop_commands(
+            status, f"dropped, not acted on: the rollout ended {status.phase.value} first"
+        )
+        notes = [*(notes or []), *dropped]
     record = {
         **record,
         "phase": status.phase.value,
@@ -393,7 +400,7 @@ def _promote(status: Status, reason: str) -> tuple[Status, tuple[Action]]:
 
 
 def _drop_commands(status: Status, why: str) -> tuple[Status, list[str]]:
-    notes = [f"{c.kind}: {why}" for c in status.commands]
+    notes = [f"{c.kind}{f' by {c.by}' if c.by else ''}: {why}" for c in status.commands]
     return replace(status, commands=()), notes
 
 

@@ -313,6 +313,51 @@ def test_steering_commands_are_queued_for_the_controller(tmp_path: Path) -> None
     assert code == EXIT_RUNNING and "Paused" in out and "queued" not in out
 
 
+@pytest.mark.parametrize(
+    ("phase", "command", "said"),
+    [
+        pytest.param(
+            "Promoting",
+            ["abort"],
+            "is Promoting: the promotion of diabetes:2 is under way (blue at 100 %, green next), "
+            "and ends on its own; abort cannot act on it (nothing queued)",
+            id="abort-while-promoting",
+        ),
+        pytest.param(
+            "Finalising",
+            ["promote"],
+            "is Finalising: the promotion of diabetes:2 is under way (green gets it, blue goes)",
+            id="promote-while-finalising",
+        ),
+        pytest.param(
+            "RollingBack",
+            ["set-weight", "50"],
+            "is RollingBack: the rollback is under way (blue back to 0 %), and ends on its own; "
+            "set-weight cannot act on it",
+            id="set-weight-while-rolling-back",
+        ),
+        pytest.param("RollingBack", ["pause"], "is RollingBack", id="pause"),
+    ],
+)
+def test_a_command_is_refused_while_the_rollout_promotes_or_rolls_back(
+    tmp_path: Path, phase: str, command: list[str], said: str
+) -> None:
+    # Was "queued abort ...; the controller acts at its next tick" during a promotion; the
+    # machine never read it, and `status` showed it queued for ever.
+    spec = write_spec(tmp_path)
+    from rollout.api import open_store
+    from rollout.core.types import Phase
+    from tests.core.helpers import V2
+
+    store = open_store(spec)
+    store.save(Status(name="cli", phase=Phase(phase), candidate=V2))
+    code, out = invoke(command[0], str(spec), *command[1:])
+    out = " ".join(out.split())
+    assert code == EXIT_ERROR and f"rollout 'cli' {said}" in out, out
+    assert "no controller is running: `aml-rollout rollout run" in out
+    assert store.commands() == []
+
+
 def test_resume_of_a_rollout_that_is_not_paused_says_so_and_queues_nothing(
     tmp_path: Path,
 ) -> None:
