@@ -315,6 +315,15 @@ def cmd(kind: str, weight: int | None = None, ident: str = "c1") -> Command:
             id="set-weight-100-promotes",
         ),
         pytest.param(
+            new_status(SPEC, now=0.0),
+            cmd("abort"),
+            Phase.ROLLED_BACK,
+            0,
+            (),
+            "aborted by ann before its first tick: blue was given nothing",
+            id="abort-before-the-first-tick-comes-first",
+        ),
+        pytest.param(
             replace(progressing(), phase=Phase.SUCCEEDED, blue_weight=0),
             cmd("abort"),
             Phase.SUCCEEDED,
