@@ -602,6 +602,9 @@ class Controller:
 
     def tick(self, status: Status) -> Status:
         """One observe → decide → persist → apply round."""
+        # A controller whose lease was lost while it waited (another one drives the rollout
+        # now) decides nothing more: not even a ledger line.
+        self.store.check_lease()
         status = self._finish_pending(status)
         if status.terminal:
             return status  # the pending actions ended it (a candidate that could not be deployed)

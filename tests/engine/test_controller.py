@@ -593,6 +593,22 @@ def test_an_abort_queued_before_the_first_tick_gives_blue_nothing(
     assert "aborted by ann before its first tick: blue was given nothing" in story
 
 
+def test_a_controller_whose_lock_file_is_deleted_stops_before_its_next_tick(
+    tmp_path: Path,
+) -> None:
+    # Was: a second controller locked a new lock file and both drove the rollout; the first
+    # now stops at its next tick, before it writes a ledger line or moves traffic.
+    def clean_up_after_tick_2(status: Status, record: dict[str, Any]) -> None:
+        if status.tick == 2:
+            (tmp_path / "t.lock").unlink()
+
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]), on_tick=clean_up_after_tick_2)
+    with pytest.raises(StateError, match="lost the lease of rollout 't'"):
+        ctl.run(max_ticks=5)
+    assert [r["tick"] for r in read_ledger(tmp_path / "t.ledger.jsonl") if "tick" in r] == [1, 2]
+
+
 def test_a_step_up_kept_pending_is_applied_before_a_pause(tmp_path: Path) -> None:
     # Only an abort makes the step up moot: a pause holds the rollout at the weight it decided.
     store, _ = stopped_before_step_up(tmp_path)
