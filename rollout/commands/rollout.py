@@ -728,6 +728,12 @@ def _follow(store: StateStore, current: Status | None, timeout: float) -> Status
     deadline = time.monotonic() + timeout
     shown: tuple[object, ...] | None = None
     while True:
+        if current is None and shown is None:
+            # Else a pipe got nothing for the whole timeout (an hour) where the terminal view
+            # says "not started" and where it looked: a wrong directory or spec looked alike.
+            stamp = time.strftime("%H:%M:%S")
+            _out.print(f"{stamp} not started ({_no_status(store)}); waiting for it", markup=False)
+            shown = ()
         if current is not None:
             # A controller that stopped (Ctrl-C, a crash) changes nothing in the status: said
             # once, or the watch went silent as if a step were merely waiting.

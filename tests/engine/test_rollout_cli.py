@@ -581,6 +581,17 @@ def test_status_watch_into_a_pipe_says_when_no_controller_drives_the_rollout(
     assert "step 10 %" in out and "no controller" not in out, out
 
 
+def test_status_watch_into_a_pipe_of_a_rollout_not_started_says_so_once(tmp_path: Path) -> None:
+    # Was: nothing at all until the timeout (an hour by default), where the terminal view says
+    # "not started" and where it looked.
+    spec = write_spec(tmp_path)
+    code, out = invoke("status", str(spec), "--watch", "--timeout", "0")
+    assert code == EXIT_RUNNING
+    said = "".join(out.split())
+    assert said.count("notstarted") == 1, out
+    assert f"notstarted(no{tmp_path / 'state' / 'cli.status.json'}" in said, out
+
+
 def test_status_does_not_show_weights_not_applied_as_served(tmp_path: Path) -> None:
     # A controller interrupted while deploying blue left the shadow step's weights decided:
     # status showed "20 % mirrored to blue" while Envoy mirrored nothing.
