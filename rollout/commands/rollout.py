@@ -536,6 +536,11 @@ def _no_status(store: StateStore) -> str:
 
     # The kubernetes store's names, without importing it (and the kubernetes client) here.
     if isinstance(objects := getattr(store, "objects", None), StateObjects):
+        if getattr(store, "status_configmap_found", False):
+            return (
+                f"ConfigMap {objects.namespace}/{objects.status} holds no status yet: a lease "
+                "was taken (a bootstrap, or a controller stopped before its first tick)"
+            )
         return (
             f"no ConfigMap {objects.namespace}/{objects.status}: another state.namespace, or "
             "another cluster (kubeconfig context), than the controller's?"
