@@ -533,6 +533,7 @@ def _no_status(store: StateStore) -> str:
     so does a kubernetes store in another namespace or cluster: its ConfigMap is named)."""
     from rollout.state.file import FileStateStore
     from rollout.state.kubernetes_objects import StateObjects
+    from rollout.state.memory import MemoryStateStore
 
     # The kubernetes store's names, without importing it (and the kubernetes client) here.
     if isinstance(objects := getattr(store, "objects", None), StateObjects):
@@ -544,6 +545,12 @@ def _no_status(store: StateStore) -> str:
         return (
             f"no ConfigMap {objects.namespace}/{objects.status}: another state.namespace, or "
             "another cluster (kubeconfig context), than the controller's?"
+        )
+    if isinstance(store, MemoryStateStore):
+        # A `run` of this spec may well be going on: its status is in that process alone.
+        return (
+            "state.kind memory keeps the status inside the running controller's process, out of "
+            "reach of `status` and the steering commands (state.kind file or kubernetes share it)"
         )
     if not isinstance(store, FileStateStore):
         return "no status found"
@@ -788,7 +795,10 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
     try:
         current = store.load()
         if current is None:
-            _fail(RolloutError(f"rollout {parsed.name!r} has not started ({_no_status(store)})"))
+            from rollout.state.memory import MemoryStateStore
+
+            unseen = "is out of reach" if isinstance(store, MemoryStateStore) else "has not started"
+            _fail(RolloutError(f"rollout {parsed.name!r} {unseen} ({_no_status(store)})"))
         check_same_router(parsed, current)
         if current.terminal:
             _fail(RolloutError(f"rollout {parsed.name!r} has ended ({current.phase.value})"))

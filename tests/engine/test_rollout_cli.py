@@ -275,6 +275,18 @@ def test_a_rollout_not_found_says_where_it_was_looked_for(tmp_path: Path, comman
     assert f"no{tmp_path / 'state' / 'other.status.json'};thatdirectoryholdsrolloutcli:" in said
 
 
+@pytest.mark.parametrize(("command", "code"), [("status", EXIT_RUNNING), ("abort", EXIT_ERROR)])
+def test_a_memory_state_store_says_its_status_is_out_of_reach(
+    tmp_path: Path, command: str, code: int
+) -> None:
+    # Was "no status found" (and "has not started") for a rollout its `run` was driving.
+    spec = write_spec(tmp_path, state={"kind": "memory"})
+    got, out = invoke(command, str(spec))
+    said = " ".join(out.split())
+    assert got == code and "keeps the status inside the running controller's process" in said
+    assert ("is out of reach" in said) == (command == "abort") and "has not started" not in said
+
+
 def _ticked_once(tmp_path: Path) -> Path:
     """The spec of a rollout run for one tick only: it is left running, Progressing (the
     routes outlive the run, in their file)."""
