@@ -1416,10 +1416,42 @@ def _not_a_number(err: Any) -> str | None:
             float(value)
         except ValueError:  # "5s", "ten"
             return f"expected {wanted}, got the text {value!r}"
+        if not _yaml_reads_a_number(value):
+            # Written without quotes already: YAML 1.1 reads 1e1, 1.0e1 (no sign) or inf as text.
+            return (
+                f"expected {wanted}, got the text {value!r}: YAML reads {value.strip()} as text; "
+                f"write {_as_yaml_number(value)}"
+            )
         return f"expected {wanted}, got the text {value!r}: write it without quotes"
     if isinstance(value, float):
         return f"expected {wanted}, got {value!r}"
     return None
+
+
+def _yaml_reads_a_number(text: str) -> bool:
+    """Whether YAML reads `text`, written without quotes, as a number."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _as_yaml_number(text: str) -> str:
+    """The number `text` means (float() reads it), written as YAML 1.1 reads a number: a
+    whole number plainly, else with a dot in the mantissa and a signed exponent."""
+    number = float(text)
+    if math.isnan(number):
+        return ".nan"
+    if math.isinf(number):
+        return ".inf" if number > 0 else "-.inf"
+    if number.is_integer() and abs(number) < 1e15:
+        return str(int(number))
+    mantissa, _, exponent = f"{number:e}".partition("e")
+    mantissa = mantissa.rstrip("0")
+    if mantissa.endswith("."):
+        mantissa += "0"
+    return f"{mantissa}e{int(exponent):+d}"
 
 
 #: What YAML 1.1 reads as a boolean when written without quotes (PyYAML's resolver).

@@ -44,6 +44,7 @@ from rollout.core.machine import (
     first_release_limits,
     judge_first,
     new_status,
+    queued_abort,
     step,
     unread_from,
     with_commands,
@@ -460,18 +461,10 @@ class Controller:
     def _abort_queued(self, status: Status) -> bool:
         """An operator's abort of this rollout was queued while no controller ran (and no
         promote before it, which the machine would follow, ignoring the abort)."""
-        if status.phase not in (Phase.PROGRESSING, Phase.PAUSED):
+        if status.phase not in (Phase.INITIALIZING, Phase.PROGRESSING, Phase.PAUSED):
             return False
-        for command in with_commands(status, self.store.commands()).commands:
-            if command.rollout and command.rollout != status.id:
-                continue  # the machine ignores it too
-            if command.kind == "abort":
-                return True
-            if command.kind == "promote" or (
-                command.kind == "set_weight" and command.weight == 100
-            ):
-                return False
-        return False
+        queued = with_commands(status, self.store.commands()).commands
+        return queued_abort(status, queued) is not None
 
     def _skip_pending(self, status: Status) -> Status:
         """The status without the actions left to apply, which a queued abort makes moot.
@@ -609,6 +602,9 @@ class Controller:
 
     def tick(self, status: Status) -> Status:
         """One observe → decide → persist → apply round."""
+        # A controller whose lease was lost while it waited (another one drives the rollout
+        # now) decides nothing more: not even a ledger line.
+        self.store.check_lease()
         status = self._finish_pending(status)
         if status.terminal:
             return status  # the pending actions ended it (a candidate that could not be deployed)

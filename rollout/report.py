@@ -5,8 +5,8 @@ For each rollout (a ledger) it draws, on one time axis:
 - blue's weight as Envoy served it, step by step (from the ledger);
 - the per-colour 5xx error rate and p99 latency over time, from Prometheus (`query_range` over
   Envoy's weighted clusters: what the judge was fed), when a Prometheus URL is given;
-- every decision as a marked vertical line (step passed, promoted, rolled back), its reason in
-  the table below and in the marker's tooltip;
+- every decision as a marked vertical line (step passed, promoted, rolled back, failed), its
+  reason in the table below and in the marker's tooltip;
 - the ticks whose counts were not counted (ledger `not_counted`: the data plane changed under
   the rollout) as a shaded span, and so marked in the table: the weights drawn there are the
   rollout's, not what the data plane served, and the counts are not the candidate's evidence.
@@ -37,6 +37,7 @@ DECISION_COLOURS = {
     "passed": "#6e7781",
     "promoted": "#2da44e",
     "rolled back": "#cf222e",
+    "failed": "#cf222e",
     "operator": "#8250df",
 }
 WIDTH, HEIGHT, PAD_L, PAD_R, PAD_T, PAD_B = 860, 170, 60, 20, 16, 28
@@ -203,6 +204,8 @@ def _kind(reason: str, record: dict[str, Any]) -> str:
     text = reason.lower()
     if "rolled back" in text or record.get("phase") in ("RollingBack", "RolledBack"):
         return "rolled back"
+    if record.get("phase") == "Failed":  # blue's deploy failed for good: blue back to 0 %
+        return "failed"
     if record.get("phase") in ("Promoting", "Finalising", "Succeeded"):
         return "promoted"
     if record.get("commands"):  # an operator's `set-weight`: no step passed there
@@ -369,8 +372,8 @@ def render_html(stories: Sequence[RolloutStory], *, title: str, notes: Sequence[
         started = datetime.fromtimestamp(story.start, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         out.append(f"<p>started {started}, {story.end - story.start:.1f} s. Dashed lines: ")
         out.append(
-            "decisions (grey: step passed, green: promotion, red: rollback, purple: weight set "
-            "by an operator).</p>"
+            "decisions (grey: step passed, green: promotion, red: rollback or failure, purple: "
+            "weight set by an operator).</p>"
         )
         if story.not_counted:
             out.append(

@@ -533,12 +533,24 @@ def _no_status(store: StateStore) -> str:
     so does a kubernetes store in another namespace or cluster: its ConfigMap is named)."""
     from rollout.state.file import FileStateStore
     from rollout.state.kubernetes_objects import StateObjects
+    from rollout.state.memory import MemoryStateStore
 
     # The kubernetes store's names, without importing it (and the kubernetes client) here.
     if isinstance(objects := getattr(store, "objects", None), StateObjects):
+        if getattr(store, "status_configmap_found", False):
+            return (
+                f"ConfigMap {objects.namespace}/{objects.status} holds no status yet: a lease "
+                "was taken (a bootstrap, or a controller stopped before its first tick)"
+            )
         return (
             f"no ConfigMap {objects.namespace}/{objects.status}: another state.namespace, or "
             "another cluster (kubeconfig context), than the controller's?"
+        )
+    if isinstance(store, MemoryStateStore):
+        # A `run` of this spec may well be going on: its status is in that process alone.
+        return (
+            "state.kind memory keeps the status inside the running controller's process, out of "
+            "reach of `status` and the steering commands (state.kind file or kubernetes share it)"
         )
     if not isinstance(store, FileStateStore):
         return "no status found"
@@ -728,6 +740,12 @@ def _follow(store: StateStore, current: Status | None, timeout: float) -> Status
     deadline = time.monotonic() + timeout
     shown: tuple[object, ...] | None = None
     while True:
+        if current is None and shown is None:
+            # Else a pipe got nothing for the whole timeout (an hour) where the terminal view
+            # says "not started" and where it looked: a wrong directory or spec looked alike.
+            stamp = time.strftime("%H:%M:%S")
+            _out.print(f"{stamp} not started ({_no_status(store)}); waiting for it", markup=False)
+            shown = ()
         if current is not None:
             # A controller that stopped (Ctrl-C, a crash) changes nothing in the status: said
             # once, or the watch went silent as if a step were merely waiting.
@@ -777,10 +795,25 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
     try:
         current = store.load()
         if current is None:
-            _fail(RolloutError(f"rollout {parsed.name!r} has not started ({_no_status(store)})"))
+            from rollout.state.memory import MemoryStateStore
+
+            unseen = "is out of reach" if isinstance(store, MemoryStateStore) else "has not started"
+            _fail(RolloutError(f"rollout {parsed.name!r} {unseen} ({_no_status(store)})"))
         check_same_router(parsed, current)
         if current.terminal:
             _fail(RolloutError(f"rollout {parsed.name!r} has ended ({current.phase.value})"))
+        if under_way := _under_way(current):
+            # The machine reads no command until it has ended: queued, one was said to act at
+            # the next tick, then dropped.
+            finish = f"`aml-rollout rollout run {spec}` finishes it"
+            idle = "" if store.controller() else f"; no controller is running: {finish}"
+            _fail(
+                RolloutError(
+                    f"rollout {parsed.name!r} is {current.phase.value}: {under_way}, and ends "
+                    f"on its own; {kind.replace('_', '-')} cannot act on it (nothing "
+                    f"queued){idle}"
+                )
+            )
         if kind == "resume" and not _pausing(current, store):
             # The controller would ignore it ("resume: ignored, not paused"), after this said
             # it acts on it.
@@ -819,6 +852,19 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
         f"`aml-rollout rollout run {spec}{which}` acts on it",
         markup=False,
     )
+
+
+def _under_way(status: Status) -> str:
+    """What a rollout on its way to an end is doing ("" when it reads commands): promoting or
+    rolling back, which no command stops or changes."""
+    from rollout.core.types import Phase
+
+    candidate = status.candidate.ref if status.candidate else "the candidate"
+    return {
+        Phase.PROMOTING: f"the promotion of {candidate} is under way (blue at 100 %, green next)",
+        Phase.FINALISING: f"the promotion of {candidate} is under way (green gets it, blue goes)",
+        Phase.ROLLING_BACK: "the rollback is under way (blue back to 0 %)",
+    }.get(status.phase, "")
 
 
 def _pausing(status: Status, store: StateStore) -> bool:

@@ -12,7 +12,8 @@ its actions through the router. Phases (terminal in brackets):
             Blue_Green           removed
 
 - Initializing: deploy the candidate to blue, set the first planned weight; with a history
-  observation (green before the rollout) choose the latency check's "slow" bucket from it.
+  observation (green before the rollout) choose the latency check's "slow" bucket from it. An
+  abort queued before then (no controller ran) ends it there: RolledBack, blue given nothing.
 - Progressing: every tick folds the new counts into the e-processes (see `rollout.core.stats`) and
   judges the step: Failed → roll back; Successful → next planned weight (or promotion after the
   last one below 100); Inconclusive → wait, and after `max_step_duration_s` follow
@@ -222,6 +223,20 @@ def step(
         status, notes = _drop_commands(status, "ignored: the rollout has ended")
         return _decide(status, (), record, notes)
     if status.phase is Phase.INITIALIZING:
+        if (abort := queued_abort(status, status.commands)) is not None:
+            # Queued while no controller ran, before its first tick: it comes first, so blue
+            # is never given the first step's traffic only to lose it a whole interval later.
+            who = f" by {abort.by}" if abort.by else ""
+            reason = f"aborted{who} before its first tick: blue was given nothing"
+            status = replace(
+                status,
+                phase=Phase.ROLLED_BACK,
+                blue_weight=0,
+                mirror=0,
+                reason=reason,
+                commands=tuple(c for c in status.commands if c is not abort),
+            )
+            return _decide(status, (), record, [f"abort: {reason}"])
         status = _threshold_from_history(spec, status, observation, record)
         return _decide(*_start(spec, status, now), record)
     if status.phase is Phase.PROMOTING:
@@ -248,6 +263,20 @@ def step(
         status = replace(status, phase=Phase.ROLLED_BACK)
         return _decide(status, (), record)
     return _analyse(spec, status, observation, now, record, served)
+
+
+def queued_abort(status: Status, commands: Iterable[Command]) -> Command | None:
+    """The abort of this rollout among `commands` (queued, oldest first) that comes before any
+    step the machine would take, or None: none queued, or a promote before it (which the
+    machine follows, ignoring the abort once promoting)."""
+    for command in commands:
+        if command.rollout and command.rollout != status.id:
+            continue  # the machine ignores it too
+        if command.kind == "abort":
+            return command
+        if command.kind == "promote" or (command.kind == "set_weight" and command.weight == 100):
+            return None
+    return None
 
 
 def candidate_failed(status: Status, problem: str, now: float) -> Decision:
@@ -279,6 +308,13 @@ def _decide(
 ) -> Decision:
     if status.held and status.phase is not Phase.PAUSED:
         status = replace(status, held=False)
+    if status.phase in TERMINAL and status.commands:
+        # Queued while it promoted or rolled back (phases that read no command), or before
+        # a first deploy that failed: none acts now. Said, not kept in the status for ever.
+        status, dropped = _drop_commands(
+            status, f"dropped, not acted on: the rollout ended {status.phase.value} first"
+        )
+        notes = [*(notes or []), *dropped]
     record = {
         **record,
         "phase": status.phase.value,
@@ -393,7 +429,7 @@ def _promote(status: Status, reason: str) -> tuple[Status, tuple[Action]]:
 
 
 def _drop_commands(status: Status, why: str) -> tuple[Status, list[str]]:
-    notes = [f"{c.kind}: {why}" for c in status.commands]
+    notes = [f"{c.kind}{f' by {c.by}' if c.by else ''}: {why}" for c in status.commands]
     return replace(status, commands=()), notes
 
 

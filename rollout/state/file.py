@@ -6,11 +6,15 @@
 
 The kernel drops an fcntl lock when its process dies — even by SIGKILL — so a crashed
 controller never wedges the rollout, and a second live controller fails fast with LeaseHeldError
-naming the holder (pid, host, start time written into the lock file).
+naming the holder (pid, host, start time written into the lock file). The lock is on the file's
+inode, not its name: a lock file deleted (a "stale lock" cleanup, `rm -rf .rollout`) or replaced
+while held lets the next controller lock a new one, so the holder checks, before every router
+action and status save, that the name still leads to the inode it locked, and stops if not.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -34,6 +38,8 @@ class FileStateStore:
         self.status_path = self.dir / f"{name}.status.json"
         self.commands_path = self.dir / f"{name}.commands.jsonl"
         self.lock_path = self.dir / f"{name}.lock"
+        #: The lock file's descriptor while this store holds the lease, else None.
+        self._held: int | None = None
 
     def _ensure_dir(self) -> None:
         try:
@@ -55,7 +61,8 @@ class FileStateStore:
             raise StateError(f"{self.status_path} is not a rollout status: {exc}") from exc
 
     def save(self, status: Status) -> None:
-        """Replace the status file atomically and durably."""
+        """Replace the status file atomically and durably (StateError once the lease is lost)."""
+        self.check_lease()
         self._ensure_dir()
         tmp = self.dir / f".{self.name}.status.{os.getpid()}.tmp"
         try:
@@ -102,7 +109,20 @@ class FileStateStore:
         return [Command.from_line(record) for record in slots]
 
     def check_lease(self) -> None:
-        """An fcntl lock is held until its process dies: it cannot be lost."""
+        """StateError once the lock file this store locked is no longer `<name>.lock` (deleted
+        or replaced): another controller may have locked the new one. The lock itself is held
+        until the process dies."""
+        try:
+            if self._held is None or _names(self.lock_path, self._held):
+                return
+        except OSError as exc:
+            raise StateError(f"cannot check the lease {self.lock_path}: {exc.strerror}") from exc
+        raise StateError(
+            f"lost the lease of rollout {self.name!r}: its lock file {self.lock_path} was deleted "
+            "or replaced while this controller held it; another controller may drive it now, so "
+            "this one stops (`aml-rollout rollout status` names the one running; leave the lock "
+            "file alone while a controller runs)"
+        )
 
     def controller(self) -> str | None:
         """The lease holder, probed without waiting (the probe holds the lock for microseconds)."""
@@ -137,21 +157,45 @@ class FileStateStore:
                 f"rollout {self.name!r} is already driven by another controller ({fd}); "
                 f"stop it, or steer it with `aml-rollout rollout pause|resume|promote|abort`"
             )
+        self._held = fd
         try:
             yield
         finally:
+            self._held = None
             os.ftruncate(fd, 0)
             os.close(fd)  # closing drops the lock
+
+
+#: Times `hold_lock` locks anew a lock file deleted or replaced as it was locked.
+LOCK_ATTEMPTS = 5
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether `path` still leads to the file open as `fd` (not deleted, not replaced)."""
+    try:
+        there = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
 
 
 def hold_lock(path: Path, owner: str) -> int | str:
     """Take `path`'s exclusive fcntl lock and stamp it with who holds it: the open fd (close it
     to release; the kernel does if the process dies), or the holder's stamp when another
     process has it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    if not _try_lock(fd):
+    for _ in range(LOCK_ATTEMPTS):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _try_lock(fd):
+            os.close(fd)
+            return path.read_text(encoding="utf-8").strip() or "unknown"
+        if _names(path, fd):
+            break
+        # Deleted or replaced between the open and the lock (by its holder's exit, or a clean
+        # up): the lock is on a file no one else will open. Lock the one the name leads to now.
         os.close(fd)
-        return path.read_text(encoding="utf-8").strip() or "unknown"
+    else:
+        raise OSError(errno.EAGAIN, f"replaced {LOCK_ATTEMPTS} times while being locked")
     os.ftruncate(fd, 0)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     holder = f"pid {os.getpid()} on {socket.gethostname()} since {stamp}"

@@ -215,6 +215,13 @@ class KubernetesStateStore:
                 f"rollout status: {exc}"
             ) from exc
 
+    @property
+    def status_configmap_found(self) -> bool:
+        """Whether the last `load` found the status ConfigMap: every lease take creates it, so
+        one holding no status yet (`load` None) is a bootstrap's, or a controller's stopped
+        before its first tick, not a sign of another namespace or cluster."""
+        return self._status is not None
+
     def save(self, status: Status) -> None:
         """Write the status if nobody else wrote it since this store last did (else StateError).
 

@@ -315,6 +315,15 @@ def cmd(kind: str, weight: int | None = None, ident: str = "c1") -> Command:
             id="set-weight-100-promotes",
         ),
         pytest.param(
+            new_status(SPEC, now=0.0),
+            cmd("abort"),
+            Phase.ROLLED_BACK,
+            0,
+            (),
+            "aborted by ann before its first tick: blue was given nothing",
+            id="abort-before-the-first-tick-comes-first",
+        ),
+        pytest.param(
             replace(progressing(), phase=Phase.SUCCEEDED, blue_weight=0),
             cmd("abort"),
             Phase.SUCCEEDED,
@@ -340,6 +349,46 @@ def test_commands(
     assert reason in decision.status.reason
     assert decision.status.commands == ()
     assert decision.status.commands_read == 1
+
+
+@pytest.mark.parametrize(
+    ("start", "ends"),
+    [
+        pytest.param(
+            replace(progressing(), phase=Phase.PROMOTING, blue_weight=100),
+            Phase.SUCCEEDED,
+            id="queued-while-promoting",
+        ),
+        pytest.param(
+            replace(progressing(), phase=Phase.FINALISING, blue_weight=100),
+            Phase.SUCCEEDED,
+            id="queued-while-finalising",
+        ),
+        pytest.param(
+            replace(progressing(), phase=Phase.ROLLING_BACK, blue_weight=0),
+            Phase.ROLLED_BACK,
+            id="queued-while-rolling-back",
+        ),
+    ],
+)
+def test_commands_left_queued_at_the_end_are_dropped_with_a_note(
+    start: Status, ends: Phase
+) -> None:
+    """Phases on their way to an end read no command; once ended, the status keeps none of
+    them (`status` showed an abort queued for ever) and the ledger says each was dropped."""
+    status = with_commands(start, [cmd("abort"), cmd("promote", ident="c2")])
+    notes: list[str] = []
+    for t in (30.0, 31.0, 32.0):
+        decision = step(SPEC, status, None, t)
+        status = decision.status
+        notes += decision.record.get("commands", [])
+        if status.terminal:
+            break
+    assert status.phase is ends and status.commands == ()
+    assert notes == [
+        f"abort by ann: dropped, not acted on: the rollout ended {ends.value} first",
+        f"promote by ann: dropped, not acted on: the rollout ended {ends.value} first",
+    ]
 
 
 def test_a_command_is_handled_once_even_if_delivered_again() -> None:

@@ -569,6 +569,46 @@ def test_an_abort_queued_while_no_controller_ran_is_not_preceded_by_the_step_up(
     assert "not applied, an abort being queued: set weights blue 50 % / green 50 %" in story
 
 
+@pytest.mark.parametrize(
+    "queued",
+    [pytest.param(["abort"], id="abort"), pytest.param(["pause", "abort"], id="pause-then-abort")],
+)
+def test_an_abort_queued_before_the_first_tick_gives_blue_nothing(
+    tmp_path: Path, queued: list[str]
+) -> None:
+    # A controller stopped after storing the new rollout (Ctrl-C during the history query): the
+    # next `run` deployed blue and sent it the first step's live traffic for a whole interval
+    # before it read the abort.
+    journal = tmp_path / "journal.jsonl"
+    router = MemoryRouter(releases={Colour.GREEN: V1}, journal=journal)
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]))
+    assert ctl.run(max_ticks=0).phase is Phase.INITIALIZING
+    for n, kind in enumerate(queued):
+        ctl.store.push_command(Command(id=f"c{n}", kind=kind, by="ann"))  # type: ignore[arg-type]
+    final = ctl.run(max_ticks=3)
+    assert final.phase is Phase.ROLLED_BACK and final.commands == ()
+    assert not journal.exists() or jsonl.read(journal) == []
+    assert router.release(Colour.BLUE) is None and router.get_weights() == Weights.blue_at(0)
+    story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
+    assert "aborted by ann before its first tick: blue was given nothing" in story
+
+
+def test_a_controller_whose_lock_file_is_deleted_stops_before_its_next_tick(
+    tmp_path: Path,
+) -> None:
+    # Was: a second controller locked a new lock file and both drove the rollout; the first
+    # now stops at its next tick, before it writes a ledger line or moves traffic.
+    def clean_up_after_tick_2(status: Status, record: dict[str, Any]) -> None:
+        if status.tick == 2:
+            (tmp_path / "t.lock").unlink()
+
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]), on_tick=clean_up_after_tick_2)
+    with pytest.raises(StateError, match="lost the lease of rollout 't'"):
+        ctl.run(max_ticks=5)
+    assert [r["tick"] for r in read_ledger(tmp_path / "t.ledger.jsonl") if "tick" in r] == [1, 2]
+
+
 def test_a_step_up_kept_pending_is_applied_before_a_pause(tmp_path: Path) -> None:
     # Only an abort makes the step up moot: a pause holds the rollout at the weight it decided.
     store, _ = stopped_before_step_up(tmp_path)

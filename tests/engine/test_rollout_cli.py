@@ -275,6 +275,18 @@ def test_a_rollout_not_found_says_where_it_was_looked_for(tmp_path: Path, comman
     assert f"no{tmp_path / 'state' / 'other.status.json'};thatdirectoryholdsrolloutcli:" in said
 
 
+@pytest.mark.parametrize(("command", "code"), [("status", EXIT_RUNNING), ("abort", EXIT_ERROR)])
+def test_a_memory_state_store_says_its_status_is_out_of_reach(
+    tmp_path: Path, command: str, code: int
+) -> None:
+    # Was "no status found" (and "has not started") for a rollout its `run` was driving.
+    spec = write_spec(tmp_path, state={"kind": "memory"})
+    got, out = invoke(command, str(spec))
+    said = " ".join(out.split())
+    assert got == code and "keeps the status inside the running controller's process" in said
+    assert ("is out of reach" in said) == (command == "abort") and "has not started" not in said
+
+
 def _ticked_once(tmp_path: Path) -> Path:
     """The spec of a rollout run for one tick only: it is left running, Progressing (the
     routes outlive the run, in their file)."""
@@ -311,6 +323,51 @@ def test_steering_commands_are_queued_for_the_controller(tmp_path: Path) -> None
     assert result.phase.value == "Paused" and result.status.blue_weight == 50
     code, out = invoke("status", str(spec))  # an operator's pause: the controller still guards
     assert code == EXIT_RUNNING and "Paused" in out and "queued" not in out
+
+
+@pytest.mark.parametrize(
+    ("phase", "command", "said"),
+    [
+        pytest.param(
+            "Promoting",
+            ["abort"],
+            "is Promoting: the promotion of diabetes:2 is under way (blue at 100 %, green next), "
+            "and ends on its own; abort cannot act on it (nothing queued)",
+            id="abort-while-promoting",
+        ),
+        pytest.param(
+            "Finalising",
+            ["promote"],
+            "is Finalising: the promotion of diabetes:2 is under way (green gets it, blue goes)",
+            id="promote-while-finalising",
+        ),
+        pytest.param(
+            "RollingBack",
+            ["set-weight", "50"],
+            "is RollingBack: the rollback is under way (blue back to 0 %), and ends on its own; "
+            "set-weight cannot act on it",
+            id="set-weight-while-rolling-back",
+        ),
+        pytest.param("RollingBack", ["pause"], "is RollingBack", id="pause"),
+    ],
+)
+def test_a_command_is_refused_while_the_rollout_promotes_or_rolls_back(
+    tmp_path: Path, phase: str, command: list[str], said: str
+) -> None:
+    # Was "queued abort ...; the controller acts at its next tick" during a promotion; the
+    # machine never read it, and `status` showed it queued for ever.
+    spec = write_spec(tmp_path)
+    from rollout.api import open_store
+    from rollout.core.types import Phase
+    from tests.core.helpers import V2
+
+    store = open_store(spec)
+    store.save(Status(name="cli", phase=Phase(phase), candidate=V2))
+    code, out = invoke(command[0], str(spec), *command[1:])
+    out = " ".join(out.split())
+    assert code == EXIT_ERROR and f"rollout 'cli' {said}" in out, out
+    assert "no controller is running: `aml-rollout rollout run" in out
+    assert store.commands() == []
 
 
 def test_resume_of_a_rollout_that_is_not_paused_says_so_and_queues_nothing(
@@ -534,6 +591,17 @@ def test_status_watch_into_a_pipe_says_when_no_controller_drives_the_rollout(
     with store.lease("ann's controller"):
         out = invoke("status", str(spec), "--watch", "--timeout", "1")[1]
     assert "step 10 %" in out and "no controller" not in out, out
+
+
+def test_status_watch_into_a_pipe_of_a_rollout_not_started_says_so_once(tmp_path: Path) -> None:
+    # Was: nothing at all until the timeout (an hour by default), where the terminal view says
+    # "not started" and where it looked.
+    spec = write_spec(tmp_path)
+    code, out = invoke("status", str(spec), "--watch", "--timeout", "0")
+    assert code == EXIT_RUNNING
+    said = "".join(out.split())
+    assert said.count("notstarted") == 1, out
+    assert f"notstarted(no{tmp_path / 'state' / 'cli.status.json'}" in said, out
 
 
 def test_status_does_not_show_weights_not_applied_as_served(tmp_path: Path) -> None:

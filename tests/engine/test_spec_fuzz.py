@@ -883,6 +883,18 @@ def _assert_load_refuses(tmp_path: Path, text: str, message: str) -> None:
             id="quoted-interval",  # was 5.0, while "5s" was refused: a template's quotes
         ),
         pytest.param(
+            "analysis: {interval_s: 1e1}\n",
+            "analysis.interval_s: expected a number, got the text '1e1': YAML reads 1e1 as text; "
+            "write 10",
+            id="exponent-yaml-reads-as-text",  # was "write it without quotes": it was
+        ),
+        pytest.param(
+            "analysis: {alpha: 5e-2}\n",
+            "analysis.alpha: expected a number, got the text '5e-2': YAML reads 5e-2 as text; "
+            "write 5.0e-2",
+            id="exponent-without-a-dot",
+        ),
+        pytest.param(
             "analysis: {interval_s: '5s'}\n",
             "analysis.interval_s: expected a number, got the text '5s'",
             id="interval-with-a-unit",

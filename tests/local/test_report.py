@@ -126,6 +126,18 @@ def test_an_operators_set_weight_is_not_drawn_as_a_step_passed(tmp_path: Path) -
     assert "purple: weight set by an operator" in render_html([story], title="t")
 
 
+def test_a_candidate_that_failed_to_deploy_is_not_drawn_as_a_step_passed(tmp_path: Path) -> None:
+    # Blue's deploy failed for good, blue set to 0 %: was a grey "step passed" line.
+    path = tmp_path / "d.ledger.jsonl"
+    book = Ledger(path, fsync=False)
+    book.append(tick(T0 + 1, "Progressing", 5, "started: blue at 5 %", blue=5))
+    failed = "m:2 could not be deployed to blue: pods never ready"
+    book.append(tick(T0 + 2, "Failed", 0, failed, blue=0))
+    story = story_from_ledger(path)
+    assert [d.kind for d in story.decisions] == ["passed", "failed"]
+    assert "red: rollback or failure" in render_html([story], title="t")
+
+
 def test_ticks_a_drifted_data_plane_served_are_shaded_and_marked_not_counted(
     tmp_path: Path,
 ) -> None:

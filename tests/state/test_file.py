@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from rollout.core.status import Status
-from rollout.errors import StateError
+from rollout.errors import LeaseHeldError, StateError
 from rollout.state import file as file_store
 from rollout.state.file import FileStateStore
 
@@ -64,3 +64,65 @@ def test_a_status_write_that_fails_leaves_no_temp_file(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.status.json"]
     loaded = store.load()
     assert loaded is not None and loaded.id == "1"  # the last status written whole is kept
+
+
+def _delete(path: Path) -> None:
+    path.unlink()
+
+
+def _replace(path: Path) -> None:
+    other = path.with_name("other")
+    other.write_text("")
+    other.replace(path)
+
+
+@pytest.mark.parametrize(
+    "clean_up",
+    [
+        pytest.param(_delete, id="lock-file-deleted"),
+        pytest.param(_replace, id="lock-file-replaced"),
+    ],
+)
+def test_a_lease_whose_lock_file_is_cleaned_up_is_lost_not_shared(
+    tmp_path: Path, clean_up: Any
+) -> None:
+    # Was: the lock stayed on the old inode, a second controller locked a new file, and both
+    # drove the rollout (each applied the same pause, the ledger's ticks interleaved).
+    first, second = FileStateStore(tmp_path, "r"), FileStateStore(tmp_path, "r")
+    with first.lease("ann"):
+        first.check_lease()
+        first.save(Status(name="r", id="1"))
+        with pytest.raises(LeaseHeldError):
+            second.lease("bob").__enter__()
+        clean_up(tmp_path / "r.lock")
+        with second.lease("bob"):
+            second.check_lease()
+            for use in (first.check_lease, lambda: first.save(Status(name="r", id="1"))):
+                with pytest.raises(StateError, match=r"lost the lease .*/r\.lock was deleted"):
+                    use()
+            second.save(Status(name="r", id="2"))
+            assert "bob" in (first.controller() or "")
+    assert first.load() == Status(name="r", id="2")
+
+
+def test_a_lock_file_deleted_as_it_is_locked_is_locked_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The holder's clean up between this open and this lock: the lock would be on a file the
+    # next controller never opens.
+    path = tmp_path / "r.lock"
+    real = file_store._try_lock
+    deleted: list[int] = []
+
+    def racing(fd: int, patience_s: float = 0.2) -> bool:
+        if not deleted:
+            deleted.append(fd)
+            path.unlink()
+        return real(fd, patience_s)
+
+    monkeypatch.setattr(file_store, "_try_lock", racing)
+    store = FileStateStore(tmp_path, "r")
+    with store.lease("ann"):
+        store.check_lease()
+        assert "ann" in path.read_text()
+        assert "ann" in (FileStateStore(tmp_path, "r").controller() or "")

@@ -544,6 +544,32 @@ def test_status_and_steering_name_the_configmap_they_found_missing(
     assert pause.exit_code == 2 and missing in pause.output
 
 
+def test_status_and_steering_tell_a_status_configmap_with_no_status_yet_from_none(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    """Every lease take creates the status ConfigMap, empty (a bootstrap, a controller stopped
+    before its first save): that was "no ConfigMap ...: another state.namespace?"."""
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(json.dumps({
+        "name": "r",
+        "router": {"kind": "memory"},
+        "state": {"kind": "kubernetes", "namespace": NAMESPACE, "api_url": api.url},
+    }))  # fmt: skip
+    with kube_store(api).lease("ann"):
+        pass
+    assert api.exists("configmaps", "aml-rollout-r-status", NAMESPACE)
+    empty = f"ConfigMap {NAMESPACE}/aml-rollout-r-status holds no status yet: a lease was taken"
+    status = CliRunner().invoke(app, ["rollout", "status", str(spec)])
+    said = " ".join(status.output.split())
+    assert "not started" in said and empty in said and "no ConfigMap" not in said, said
+    pause = CliRunner().invoke(app, ["rollout", "pause", str(spec)])
+    assert pause.exit_code == 2 and empty in " ".join(pause.output.split()), pause.output
+
+
 def test_the_store_uses_exactly_the_verbs_of_its_role_rules(api: FakeKubeApiServer) -> None:
     exercise(api)
     granted = {(g, r, v) for g, r, verbs in o.ROLE_RULES for v in verbs}
