@@ -103,9 +103,13 @@ LOOKBACK_S = 300
 #: than any sane scrape interval. A series not scraped in that time is searched for over the step.
 BASELINE_SEARCH_S = 60
 
-#: The most times a custom query's subquery evaluates it (Prometheus refuses a range query of
-#: more than 11,000 points): over a longer window it is evaluated every few seconds, not each one.
-MAX_POINTS = 10_000
+#: The most times a custom query's subquery evaluates it: over a longer window it is evaluated
+#: every few seconds, not each one. Each tick holds every series over the whole step: at one
+#: point a second, a 3 h step cost 36× the samples of a 5-minute one (3 M for 300 series,
+#: past `--query.max-samples` on a large Prometheus, and a failed tick); 300 keeps every tick's
+#: cost that of a 5-minute window, and a pod gone mid-step loses at most step/300 s of its last
+#: traffic (36 s of a 3 h step).
+MAX_POINTS = 300
 
 Series = tuple[tuple[str, str], ...]
 #: A scrape target, as its series name it: their `job` and `instance` labels.
@@ -345,7 +349,8 @@ class PrometheusMetrics:
 
         That holds while Prometheus holds the history: `starts` None, as `given` by the
         requests' series set, or (the default, "ask") whether any of these series has a sample
-        there. One that lost its storage, or was down for all of LOOKBACK_S, holds none, and
+        there, or else whether Prometheus scraped anything then (`_scraped_before`). One that
+        lost its storage, or was down for all of LOOKBACK_S, holds none, and
         counting every series from 0 charged the step with the counters' whole history. Then
         `starts` gives, per target, the time of its first sample in the step: a series first
         seen later appeared during the step and counts from 0, any other from its first sample.
@@ -377,7 +382,11 @@ class PrometheusMetrics:
         }
         raw = self._matrix(whole_step, now) if restarted else {}
         # These series say whether Prometheus holds the history, unless the requests' did.
-        holds_history = (not at_now or bool(existed)) if given == "ask" else given is None
+        holds_history = (
+            (not at_now or bool(existed) or self._scraped_before(since))
+            if given == "ask"
+            else given is None
+        )
         unscraped = [s for s in at_now if (s in existed or not holds_history) and s not in first]
         if unscraped and search_ms < span_ms:
             raw = raw or self._matrix(whole_step, now)
@@ -415,12 +424,17 @@ class PrometheusMetrics:
         # Held over the whole step: a pod gone since still counts what it served in it.
         after = {key: self._held(expr, now, now - since) for key, expr in exprs.items()}
         # As for the presets: when none of the colours' requests series has a value at `since`
-        # while some have one now, Prometheus holds no history (storage lost on a restart, or
-        # down for the LOOKBACK_S before), and a series absent at `since` is not thereby new.
+        # while some have one now, and Prometheus scraped nothing in the LOOKBACK_S before, it
+        # holds no history (storage lost on a restart, or down), and a series absent at `since`
+        # is not thereby new.
         requests = [(colour, "requests") for colour in Colour]
         first: dict[tuple[Colour, str], dict[Series, tuple[float, int]]] = {}
         starts: dict[Target, float] | None = None
-        if not any(before[key] for key in requests) and any(after[key] for key in requests):
+        if (
+            not any(before[key] for key in requests)
+            and any(after[key] for key in requests)
+            and not self._scraped_before(since)
+        ):
             first = {key: self._first(expr, since, now, after[key]) for key, expr in exprs.items()}
             starts = _starts(item for key in requests for item in first[key].items())
 
@@ -469,6 +483,14 @@ class PrometheusMetrics:
             whole_step = self._matrix(_subquery(expr, span_ms), now)
             found.update((s, whole_step[s][0]) for s in missing if whole_step.get(s))
         return found
+
+    def _scraped_before(self, since: float) -> bool:
+        """Whether Prometheus holds any scrape from the LOOKBACK_S before `since` (its own `up`
+        series: one per target, written at every scrape). Counters born with their first
+        request (prometheus_client's labelled children, Istio's) have no series before a quiet
+        step, yet Prometheus holds the history, and a series absent then is new; a Prometheus
+        that lost its storage, or was down, holds nothing. Asked only when no counter tells."""
+        return bool(self._vector(f"count(last_over_time(up[{LOOKBACK_S}s]))", since))
 
     def _held(self, expr: str, at: float, lookback_s: float) -> dict[Series, int]:
         """`expr`'s series at `at`; one that a failed scrape marked stale there (or one whose

@@ -2,7 +2,8 @@
 
 It evaluates just the PromQL the provider sends — a selector (`name{a="x",b=~"y|z"}`), a range
 selector (`sel[30s]`, answered as a matrix), `resets(sel[30s])`, `last_over_time(sel[30s])`,
-the subqueries `(sel)[60s:1s]` (a matrix) and `last_over_time((sel)[300s:1s])`, and `vector(1)`
+the subqueries `(sel)[60s:1s]` (a matrix) and `last_over_time((sel)[300s:1s])`, `count(...)` of
+any of these that is a vector, and `vector(1)`
 — against series a test writes with `add(name, labels, [(t, value), ...])`, with Prometheus'
 semantics: an instant selector takes the newest sample at or before `time` within 5 minutes
 (stale after), a range takes samples in `(time - range, time]`, a subquery evaluates at each
@@ -130,6 +131,11 @@ class FakePrometheus:
         query = query.strip()
         if query == "vector(1)":
             return "vector", [{"metric": {}, "value": [at, "1"]}]
+        if query.startswith("count(") and query.endswith(")"):
+            kind, items = self.evaluate(query[len("count(") : -1], at)
+            if kind != "vector":
+                raise ValueError(f"fake Prometheus: count() of a {kind}")
+            return "vector", [{"metric": {}, "value": [at, str(len(items))]}] if items else []
         if query.startswith("resets(") and query.endswith(")"):
             selector, window = _range(query[len("resets(") : -1])
             result = []

@@ -802,6 +802,31 @@ def test_a_prometheus_that_lost_its_storage_mid_step_counts_from_its_first_scrap
     assert observation.green.latency_buckets == ((0.025, 450),)
 
 
+@pytest.mark.parametrize("preset", ["envoy", "custom"])
+def test_a_quiet_data_plane_whose_counters_are_born_with_their_first_request_counts_from_0(
+    prom: FakePrometheus, preset: str
+) -> None:
+    # prometheus_client's labelled counters (the scoring server's scoring_requests_total{code})
+    # only exist once a request came: after a quiet spell, neither colour has a series before
+    # the step, yet Prometheus holds its history (its `up` series say it scraped both targets).
+    # The series are new and count from 0; taken for a Prometheus that lost its storage, each
+    # counted from its first scrape and lost the step's first 15 s (150 of 180 per colour).
+    for colour in ("blue", "green"):
+        target = {"job": "scoring", "instance": f"{colour}:8000"}
+        prom.add("up", target, [(T0 - 300 + 15 * k, 1) for k in range(27)])
+        prom.add(
+            "envoy_cluster_upstream_rq_completed",
+            {**target, "envoy_cluster_name": colour},
+            [(T0 + 15 * k, 30 * k) for k in range(1, 7)],
+        )
+    provider = (
+        envoy(prom) if preset == "envoy" else PrometheusMetrics(prom.url, queries=ENVOY_AS_CUSTOM)
+    )
+    observation = provider.observe(T0, T0 + 95)
+    assert observation.error is None
+    assert (observation.blue.requests, observation.green.requests) == (180, 180)
+
+
 def test_a_prometheus_that_lost_its_storage_counts_series_of_no_known_target_from_their_first_value(
     prom: FakePrometheus,
 ) -> None:
