@@ -1438,8 +1438,9 @@ def _yaml_reads_a_number(text: str) -> bool:
 
 
 def _as_yaml_number(text: str) -> str:
-    """The number `text` means (float() reads it), written as YAML 1.1 reads a number: a
-    whole number plainly, else with a dot in the mantissa and a signed exponent."""
+    """The number `text` means (float() reads it), every digit kept (`repr`), written as YAML
+    1.1 reads a number: a whole number plainly, else with a dot in the mantissa and a signed
+    exponent."""
     number = float(text)
     if math.isnan(number):
         return ".nan"
@@ -1447,10 +1448,11 @@ def _as_yaml_number(text: str) -> str:
         return ".inf" if number > 0 else "-.inf"
     if number.is_integer() and abs(number) < 1e15:
         return str(int(number))
-    mantissa, _, exponent = f"{number:e}".partition("e")
-    mantissa = mantissa.rstrip("0")
-    if mantissa.endswith("."):
-        mantissa += "0"
+    mantissa, e, exponent = repr(number).partition("e")
+    if not e:
+        return mantissa  # 0.05: a dot and no exponent
+    if "." not in mantissa:
+        mantissa += ".0"
     return f"{mantissa}e{int(exponent):+d}"
 
 

@@ -891,8 +891,20 @@ def _assert_load_refuses(tmp_path: Path, text: str, message: str) -> None:
         pytest.param(
             "analysis: {alpha: 5e-2}\n",
             "analysis.alpha: expected a number, got the text '5e-2': YAML reads 5e-2 as text; "
-            "write 5.0e-2",
+            "write 0.05",
             id="exponent-without-a-dot",
+        ),
+        pytest.param(
+            "analysis: {alpha: 123456789e-12}\n",
+            "analysis.alpha: expected a number, got the text '123456789e-12': YAML reads "
+            "123456789e-12 as text; write 0.000123456789",
+            id="exponent-every-digit-kept",  # was "write 1.234568e-4": another number
+        ),
+        pytest.param(
+            "analysis: {max_step_duration_s: 12345678901234567e0}\n",
+            "analysis.max_step_duration_s: expected a number, got the text '12345678901234567e0': "
+            "YAML reads 12345678901234567e0 as text; write 1.2345678901234568e+16",
+            id="exponent-large",
         ),
         pytest.param(
             "analysis: {interval_s: '5s'}\n",
