@@ -29,9 +29,10 @@ those tags and variables and the configured environment/code changed (the PUT re
 deployment: an operator's capacity, environment variables, request settings stay). It returns
 when Azure reports the operation done; while the endpoint or the deployment is mid-change
 (Azure refuses to write it then) it first waits for that change, at most `deploy_timeout_s`.
-A deployment that already holds the release as configured (Succeeded, the release's tags and
-model, the configured environment and code asset) is left as it is: a deploy retried after a
-timeout, which Azure went on to finish, does not roll every instance a second time.
+A deployment that already holds the release as configured (Succeeded, the release's tags,
+model and variables, the configured environment and code asset) is left as it is: a deploy
+retried after a timeout, which Azure went on to finish, does not roll every instance a second
+time.
 `release` refuses a deployment from which no release serves (its provisioning Failed or was
 Canceled, or it is still Creating or Deleting), and one still Updating, whose tags name the
 release asked for rather than the one serving; `set_weights` refuses traffic only to the former
@@ -235,6 +236,15 @@ _IN_PROGRESS = ("creating", "updating", "scaling", "deleting")
 
 
 # ---- the router -----------------------------------------------------------------------------
+
+
+def _served_as(colour: Colour, release: Release) -> dict[str, str]:
+    """What scoring/score.py answers with: the registered model folder holds no package.json,
+    so without these every release said version "0" (and the colour was the deployment name,
+    which router.deployments may set to anything)."""
+    return {"AML_ROLLOUT_MODEL_VERSION": str(release.version), "AML_ROLLOUT_COLOUR": colour.value}
+
+
 class AzureMLRouter:
     """A TrafficRouter over one Azure ML managed online endpoint."""
 
@@ -320,13 +330,7 @@ class AzureMLRouter:
 
         self._ensure_endpoint()
         name = self.names[colour]
-        # What scoring/score.py answers with: the registered model folder holds no package.json,
-        # so without these every release said version "0" (and the colour was the deployment
-        # name, which router.deployments may set to anything).
-        served_as = {
-            "AML_ROLLOUT_MODEL_VERSION": str(release.version),
-            "AML_ROLLOUT_COLOUR": colour.value,
-        }
+        served_as = _served_as(colour, release)
         code = (
             CodeConfiguration(code=self._code, scoring_script=self._scoring_script)
             if self._code
@@ -336,7 +340,7 @@ class AzureMLRouter:
         # timed out, or someone else's): wait for that change to end, as set_weights does.
         self._settled_endpoint_for_write()
         existing = self._settled_deployment(name)
-        if existing is not None and self._holds(existing, release):
+        if existing is not None and self._holds(existing, colour, release):
             # A retry of a deploy that timed out while Azure went on and finished it: a second
             # PUT would roll every instance again, for nothing.
             log.info("%s/%s already serves %s: nothing to deploy", self.endpoint, name, release.ref)
@@ -479,13 +483,17 @@ class AzureMLRouter:
         self._update_endpoint(endpoint, traffic, new_mirror)
         log.info("endpoint %s: traffic %s mirror %s", self.endpoint, traffic, new_mirror)
 
-    def _holds(self, deployment: Any, release: Release) -> bool:
-        """Whether `deployment` has finished deploying `release` as configured: Succeeded, with
-        the release's tags and model and the configured environment and code. What cannot be
-        compared (a local code folder, which the SDK uploads) counts as a change."""
+    def _holds(self, deployment: Any, colour: Colour, release: Release) -> bool:
+        """Whether `deployment` has finished deploying `release` as `colour`, as configured:
+        Succeeded, with the release's tags, model and environment variables (one made before
+        they existed answers version "0") and the configured environment and code. What cannot
+        be compared (a local code folder, which the SDK uploads) counts as a change."""
         tags = deployment.tags or {}
-        if _state(deployment).lower() != "succeeded" or any(
-            tags.get(key) != value for key, value in release_tags(release).items()
+        variables = deployment.environment_variables or {}
+        if (
+            _state(deployment).lower() != "succeeded"
+            or any(tags.get(key) != value for key, value in release_tags(release).items())
+            or any(variables.get(k) != v for k, v in _served_as(colour, release).items())
         ):
             return False
         if not _is_asset(deployment.model, "models", f"azureml:{release.ref}"):

@@ -1650,6 +1650,13 @@ def _deploy_puts(arm: FakeArm, router: AzureMLRouter, colour: Colour) -> int:
         pytest.param({"code": "azureml:score-code:1"}, True, id="code-configured-now"),
         pytest.param({"state": "Failed"}, True, id="failed-deployment"),
         pytest.param({"tag": "other-sha"}, True, id="release-tags-differ"),
+        # made before deployments said which release they serve: score.py answers version "0"
+        pytest.param({"env": {"WORKERS": "4"}}, True, id="made-without-the-release-variables"),
+        pytest.param(
+            {"env": {"AML_ROLLOUT_MODEL_VERSION": "2", "AML_ROLLOUT_COLOUR": "green"}},
+            True,
+            id="release-variables-differ",
+        ),
     ],
 )
 def test_deploying_what_a_deployment_already_serves_writes_nothing(
@@ -1658,11 +1665,13 @@ def test_deploying_what_a_deployment_already_serves_writes_nothing(
     router = make_router(ml_client)
     router.deploy(Colour.BLUE, V2)
     path = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments/blue"
-    if "state" in change or "tag" in change:
+    if "state" in change or "tag" in change or "env" in change:
         shown = arm.get(path)
         assert shown is not None
         shown["properties"]["provisioningState"] = change.get("state", "Succeeded")
         shown["tags"]["aml-rollout.sha256"] = change.get("tag", shown["tags"]["aml-rollout.sha256"])
+        if "env" in change:
+            shown["properties"]["environmentVariables"] = change["env"]
         arm.resources[path.lower()] = shown
     again = AzureMLRouter(
         ml_client,
