@@ -698,11 +698,14 @@ class Controller:
 
     def _finish_pending(self, status: Status) -> Status:
         """Apply the status's actions left to apply, saving the count of those applied after
-        each. A step begun with a deploy to blue counts from when its actions are served, not
-        from the decision: while the deploy ran (7 s of a local scoring server starting), blue
-        answered with whatever served there before — another rollout's candidate, measured on
-        the local stack, whose mirrored copies the step would have judged as its own."""
-        deployed = False
+        each. A step begun with a deploy to blue or a change of weights counts from when its
+        actions are served, not from the decision: while the deploy ran (7 s of a local
+        scoring server starting), blue answered with whatever served there before — another
+        rollout's candidate, measured on the local stack, whose mirrored copies the step would
+        have judged as its own; while an update of the weights ran (minutes on an Azure ML
+        endpoint), the previous step's split served, and the step's first tick would judge two
+        splits as one."""
+        moved = False
         for index in range(status.applied, len(status.pending)):
             action = status.pending[index]
             try:
@@ -723,10 +726,11 @@ class Controller:
                 raise
             if failed is not None:
                 return failed
-            deployed = deployed or (isinstance(action, Deploy) and action.colour is Colour.BLUE)
+            moved = moved or isinstance(action, SetWeights)
+            moved = moved or (isinstance(action, Deploy) and action.colour is Colour.BLUE)
             status = replace(status, applied=index + 1)
             if (
-                deployed
+                moved
                 and status.applied == len(status.pending)
                 and status.phase is Phase.PROGRESSING
                 and status.last_blue == status.last_green == Counts()

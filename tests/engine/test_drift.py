@@ -302,3 +302,41 @@ def test_a_step_begun_with_a_deploy_counts_from_when_the_deploy_is_served(tmp_pa
     assert router.release(Colour.BLUE) == V2
     first = next(line for line in read_ledger(ledger) if "since" in line)
     assert first["since"] == 1007.0, first  # not 1000: the decision, before the deploy
+
+
+class SlowWeights(MemoryRouter):
+    """Weights that take `seconds` of the controller's fake clock to be served (an Azure ML
+    endpoint's traffic update: minutes); when each change was served, by blue weight."""
+
+    def __init__(self, clock: FakeClock, seconds: float, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.clock, self.seconds = clock, seconds
+        self.served_at: dict[int, float] = {}
+
+    def set_weights(self, weights: Weights) -> None:
+        self.clock.sleep(self.seconds)
+        super().set_weights(weights)
+        self.served_at.setdefault(weights.blue, self.clock.now())
+
+
+def test_a_step_begun_with_a_weight_change_counts_from_when_the_weights_are_served(
+    tmp_path: Path,
+) -> None:
+    """The first tick of a step counted from the decision: while the router's update ran, the
+    previous step's split still served, and the tick judged traffic of two splits as one (a
+    blip on both colours then reads as the canary's: the canary's share of bad events given
+    the new split)."""
+    clock = FakeClock(1000.0)
+    router = SlowWeights(clock, 30.0, releases={Colour.GREEN: V1})
+    ledger = tmp_path / "t.ledger.jsonl"
+    Controller(
+        make_spec(name="t"),
+        router,
+        simulated(router, 0.01),
+        FileStateStore(tmp_path, "t"),
+        ledger=Ledger(ledger, fsync=False),
+        clock=clock,
+    ).run(max_ticks=4)
+    assert 50 in router.served_at, read_ledger(ledger)
+    sinces = [line["since"] for line in read_ledger(ledger) if "since" in line]
+    assert router.served_at[50] in sinces, (router.served_at, sinces)
