@@ -18,10 +18,12 @@ generateVirtualServicePatches vs reconcileVirtualService).
   client's typed models do not know (a PUT goes through them, and they refuse such fields).
   Then it waits, bounded, until the rollout is complete by `kubectl rollout status`'s rule (new
   pods all updated and available, no old pod left), failing at once when the Deployment
-  reports ProgressDeadlineExceeded. Either failure is DeployFailed, which the controller does
-  not retry (it would wait as long again), saying why as far as the API tells: the
-  Deployment's conditions and its pods' reasons (ImagePullBackOff, CrashLoopBackOff,
-  Unschedulable...), read with the one `pods: list` the Role grants for this.
+  reports ProgressDeadlineExceeded or a pod of the new release will not become ready by itself
+  (`m.never_ready`: a crash loop, as when the package image cannot load its model). Any
+  failure is DeployFailed, which the controller does not retry (it would wait as long again),
+  saying why as far as the API tells: the Deployment's conditions and its pods' reasons
+  (ImagePullBackOff, CrashLoopBackOff with the last exit and its message, Unschedulable...),
+  read with the `pods: list` the Role grants for this, once per poll while not complete.
 - `set_weights` reads the VirtualService, computes the new `spec.http` with `merge_routes` (only
   routes named `aml-rollout-*` change; the user's routes stay where they are) and sends it as a
   JSON merge patch carrying `metadata.resourceVersion`. A 409 (someone wrote in between) re-reads
@@ -410,9 +412,12 @@ class IstioRouter:
     def _wait_available(self, name: str) -> None:
         """Poll until the Deployment's rollout is complete (see `m.rollout_waiting_for`).
 
-        DeployFailed when it will not be: past its progress deadline, or still not complete
-        after `ready_timeout_s` — an answer the controller does not retry (it would only wait
-        as long again), saying why as far as the API tells (`m.not_ready`).
+        DeployFailed when it will not be: a pod of the new release that will not become ready
+        by itself (`m.never_ready`: a crash loop, the package image exiting 3 when its model
+        cannot load), past its progress deadline, or still not complete after `ready_timeout_s`
+        — an answer the controller does not retry (it would only wait as long again), saying
+        why as far as the API tells (`m.not_ready`). Each poll that finds the rollout not
+        complete lists the pods once (none when it is); the failure reuses that list.
         """
         deadline = self._monotonic() + self._ready_timeout_s
         what = f"Deployment {self._ns}/{name}"
@@ -426,12 +431,16 @@ class IstioRouter:
                 raise DeployFailed(m.not_ready(str(exc), dep, self._pods(dep))) from None
             if waiting_for is None:
                 return
+            pods = self._pods(dep)
+            if not isinstance(pods, str) and (why := m.never_ready(dep, pods)) is not None:
+                # Only the new release's pods: an old pod crash-looping is not this deploy's.
+                raise DeployFailed(m.not_ready(f"{what}: {why}", dep, m.release_pods(dep, pods)))
             if self._monotonic() >= deadline:
                 headline = (
                     f"{what} not available after {self._ready_timeout_s:g} s "
                     f"(router.ready_timeout_s), waiting for {waiting_for}"
                 )
-                raise DeployFailed(m.not_ready(headline, dep, self._pods(dep)))
+                raise DeployFailed(m.not_ready(headline, dep, pods))
             self._sleep(self._poll_s)
 
     def _pods(self, deployment: dict[str, Any]) -> list[dict[str, Any]] | str:

@@ -62,7 +62,7 @@ GATEWAY_PORT = 80
 # What the Istio router does through the API, and nothing else.
 ROUTER_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("apps", "deployments", ("create", "delete", "get", "patch")),
-    ("", "pods", ("list",)),  # only to say why a Deployment's pods are not ready
+    ("", "pods", ("list",)),  # while a deploy waits: new pods that will not heal, and why
     ("", "services", ("create", "get")),
     # patch: only to add the idle timeout to a DestinationRule of the user's that has none
     (ISTIO_GROUP, "destinationrules", ("create", "get", "patch")),
@@ -396,19 +396,112 @@ def pod_problems(pods: list[Obj]) -> str:
     )
 
 
+#: A container in CrashLoopBackOff counts as never healing once restarted this many times: the
+#: kubelet restarts a first crash at once and backs off after the second, so 2 restarts are three
+#: exits in a row, some 10-20 s after the first: not the odd crash of a pod that then comes up
+#: (a first attempt at a slow mount, say), and still seconds, not `ready_timeout_s`, after it.
+CRASH_LOOP_RESTARTS = 2
+
+
+def release_pods(deployment: Obj, pods: list[Obj]) -> list[Obj]:
+    """The pods of the release the Deployment's pod template carries: those whose
+    `aml-rollout.io/*` annotations (copied from the template to every pod) are the template's.
+    A pod of the previous release, still there mid rolling update, is not one; none is when the
+    template carries no release (not a Deployment the router wrote: nothing to tell them by).
+    Pods on their way out (`deletionTimestamp`) are left out too."""
+    wanted = _template_annotations(deployment)
+    if not wanted:
+        return []
+    return [
+        pod
+        for pod in pods
+        if not (pod.get("metadata") or {}).get("deletionTimestamp")
+        and wanted.items() <= ((pod.get("metadata") or {}).get("annotations") or {}).items()
+    ]
+
+
+def _template_annotations(deployment: Obj) -> dict[str, str]:
+    """The `aml-rollout.io/*` annotations of the Deployment's pod template: its release."""
+    template = (deployment.get("spec") or {}).get("template") or {}
+    found = (template.get("metadata") or {}).get("annotations") or {}
+    return {key: value for key, value in found.items() if key.startswith(ANNOTATION_PREFIX)}
+
+
+def never_ready(deployment: Obj, pods: list[Obj]) -> str | None:
+    """Why a pod of the Deployment's new release (`release_pods`) will not become ready by
+    itself, or None while every one still may — so that the deploy fails at once, not after
+    `ready_timeout_s` or the progress deadline. Only states that do not heal count:
+
+    - a container in CrashLoopBackOff restarted `CRASH_LOOP_RESTARTS` times or more (the package
+      image exits 3 at once when its model cannot load: a loop within seconds);
+    - a terminated container that its pod's `restartPolicy` will not restart (Never; OnFailure
+      after exit 0). A Deployment's pods are always `Always`, so this is for completeness.
+
+    Not an image pull failing (ErrImagePull / ImagePullBackOff): a wrong tag never heals, but a
+    registry that hiccups or a node's credentials refreshed late do, and the pod status says
+    neither when the back-off began nor which it is; that stays for `ready_timeout_s` or the
+    progress deadline, which `not_ready` then explains. Nor a pod not scheduled (the cluster
+    autoscaler may add a node) or a readiness probe still failing (a model may load slowly).
+    """
+    annotations = _template_annotations(deployment)
+    release = (
+        f"{annotations.get(f'{ANNOTATION_PREFIX}model')}:"
+        f"{annotations.get(f'{ANNOTATION_PREFIX}version')}"
+    )
+    for pod in release_pods(deployment, pods):
+        status = pod.get("status") or {}
+        conditions = {c.get("type"): c for c in status.get("conditions") or []}
+        if (conditions.get("Ready") or {}).get("status") == "True":
+            continue
+        policy = (pod.get("spec") or {}).get("restartPolicy") or "Always"
+        for container in [
+            *(status.get("initContainerStatuses") or []),
+            *(status.get("containerStatuses") or []),
+        ]:
+            if (why := _never_heals(container, policy)) is not None:
+                return (
+                    f"pod {(pod.get('metadata') or {}).get('name')} of release {release} "
+                    f"will not become ready (container {container.get('name')} {why})"
+                )
+    return None
+
+
+def _never_heals(container: Obj, restart_policy: str) -> str | None:
+    state = container.get("state") or {}
+    restarts = int(container.get("restartCount") or 0)
+    waiting = state.get("waiting") or {}
+    if waiting.get("reason") == "CrashLoopBackOff" and restarts >= CRASH_LOOP_RESTARTS:
+        return f"crash-loops, {restarts} restarts"
+    if (terminated := state.get("terminated")) is not None and (
+        restart_policy == "Never"
+        or (restart_policy == "OnFailure" and not terminated.get("exitCode"))
+    ):
+        return f"terminated, and restartPolicy {restart_policy} does not restart it"
+    return None
+
+
 def _container_problem(container: Obj) -> str | None:
     state = container.get("state") or {}
     if waiting := state.get("waiting"):
         text = f"{waiting.get('reason', 'waiting')}: {_short(waiting.get('message'))}".rstrip(": ")
         last = (container.get("lastState") or {}).get("terminated")
         if last:
-            text += f" (last exit {last.get('exitCode')}: {last.get('reason', '')})"
+            text += f" (last {_exit(last)})"
         return text
     if (terminated := state.get("terminated")) and terminated.get("exitCode"):
-        return f"terminated, exit {terminated.get('exitCode')}: {terminated.get('reason', '')}"
+        return f"terminated, {_exit(terminated)}"
     if "running" in state and not container.get("ready"):
         return "running, not ready (its readiness probe fails)"
     return None
+
+
+def _exit(terminated: Obj) -> str:
+    """`exit 3: Error: <message>`: the code, the reason and what the container left in its
+    termination log (`terminationMessagePath`), which Kubernetes keeps in `message`."""
+    said = f"exit {terminated.get('exitCode')}: {terminated.get('reason', '')}"
+    if message := _short(terminated.get("message")):
+        said += f": {message}"
+    return said
 
 
 def _short(message: object) -> str:

@@ -751,6 +751,123 @@ def test_pods_that_cannot_be_read_do_not_hide_why_a_deploy_failed(
         never_ready(api, [0.0]).deploy(Colour.BLUE, V2)
 
 
+def _release_pod(
+    name: str, release: Release, *containers: dict[str, Any], ready: bool = False, **spec: Any
+) -> dict[str, Any]:
+    """A blue pod of `release` (its pod template's annotations), with containers' statuses."""
+    pod = _pod(
+        name,
+        phase="Running",
+        conditions=[{"type": "Ready", "status": "True" if ready else "False"}],
+        containerStatuses=list(containers),
+    )
+    pod["metadata"]["annotations"] = m.release_annotations(release)
+    pod["spec"] = {"restartPolicy": "Always", **spec}
+    return pod
+
+
+def _container(state: dict[str, Any], restarts: int, **more: Any) -> dict[str, Any]:
+    return {"name": "scoring", "ready": False, "state": state, "restartCount": restarts, **more}
+
+
+LOAD_FAILED = {
+    "terminated": {
+        "exitCode": 3,
+        "reason": "Error",
+        "message": "model diabetes:2 cannot load: No module named 'xgboost'",
+    }
+}
+CRASH_LOOP = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 20s restarting"}}
+ROLLING = _rollout(0, 2, 1, 0)  # one new pod not available, the old one still there
+DONE = _rollout(0, 1, 1, 1)
+
+
+RUNNING = _container({"running": {}}, 0)
+
+
+def _looping(restarts: int) -> dict[str, Any]:
+    return _container(CRASH_LOOP, restarts, lastState=LOAD_FAILED)
+
+
+@pytest.mark.parametrize(
+    ("polls", "seconds", "error"),
+    [
+        pytest.param(
+            [(ROLLING, [_release_pod("new", V2, _looping(2))])],
+            5, r"^Deployment ml/diabetes-blue: pod new of release diabetes:2 will not become ready"
+            r" \(container scoring crash-loops, 2 restarts\); .*pods: container scoring "
+            r"CrashLoopBackOff: back-off 20s restarting \(last exit 3: Error: model diabetes:2 "
+            r"cannot load: No module named 'xgboost'\); see `kubectl",
+            id="a-crash-looping-new-pod-fails-at-once",
+        ),
+        pytest.param(
+            [(ROLLING, [_release_pod("new", V2, _looping(1))]),
+             (ROLLING, [_release_pod("new", V2, _looping(2))])],
+            10, r"crash-loops, 2 restarts", id="one-restart-is-not-yet-a-loop",
+        ),
+        pytest.param(
+            [(ROLLING, [_release_pod("old", V1, _looping(9)), _release_pod("new", V2, RUNNING)]),
+             (DONE, [_release_pod("new", V2, RUNNING, ready=True)])],
+            10, None, id="an-old-release-s-crash-looping-pod-does-not-count",
+        ),
+        pytest.param(
+            [(ROLLING, [_release_pod("new", V2, {**_looping(1), "state": {"running": {}}},
+                                     ready=True)]),
+             (DONE, [_release_pod("new", V2, {**RUNNING, "restartCount": 1}, ready=True)])],
+            10, None, id="a-pod-that-restarted-once-then-became-ready",
+        ),
+        pytest.param(
+            [(ROLLING, [_release_pod("new", V2, _container(LOAD_FAILED, 0),
+                                     restartPolicy="Never")])],
+            5, r"pod new of release diabetes:2 will not become ready \(container scoring "
+            r"terminated, and restartPolicy Never does not restart it\); .*terminated, exit 3: "
+            r"Error: model diabetes:2 cannot load",
+            id="a-terminated-container-that-will-not-restart",
+        ),
+    ],
+)  # fmt: skip
+def test_new_pods_that_will_not_heal_fail_the_deploy_at_once(
+    api: FakeKubeApiServer,
+    polls: list[tuple[dict[str, Any], list[dict[str, Any]]]],
+    seconds: float,
+    error: str | None,
+) -> None:
+    """Was: a model that cannot load (the image exits 3 at once, CrashLoopBackOff within
+    seconds) failed the deploy only after `ready_timeout_s` (300 s), or the progress deadline."""
+    clock = [0.0]
+    script = iter(polls)
+    seeded: list[str] = []
+
+    def kubernetes_between_polls(seconds: float) -> None:
+        clock[0] += seconds
+        status, pods = next(script)
+        while seeded:
+            api.delete("pods", seeded.pop(), "ml")
+        for pod in pods:
+            seeded.append(api.seed(copy.deepcopy(pod), "pods")["metadata"]["name"])
+        generation = api.get(*DEPLOYMENT_BLUE)["metadata"]["generation"]
+        api.set_status(*DEPLOYMENT_BLUE, {**status, "observedGeneration": generation})
+
+    router = make(api, poll_s=5, monotonic=lambda: clock[0], sleep=kubernetes_between_polls)
+    router.deploy(Colour.BLUE, V1)
+    api.ready_deployments = False
+    if error is None:
+        router.deploy(Colour.BLUE, V2)
+    else:
+        with pytest.raises(DeployFailed, match=error):
+            router.deploy(Colour.BLUE, V2)
+    assert clock[0] == seconds
+    # At most one pods list per poll (the deploy of V1, complete at once, listed none).
+    polls_made = sum(r.resource == "deployments" and r.verb == "get" for r in api.requests)
+    assert sum(r.resource == "pods" for r in api.requests) <= polls_made - 2
+
+
+def test_a_complete_deployment_lists_no_pods(api: FakeKubeApiServer) -> None:
+    """The pods are read only while waiting: a deploy found complete costs no pods list."""
+    make(api).deploy(Colour.BLUE, V1)
+    assert ("", "pods", "list") not in api.verbs_used()
+
+
 def test_a_candidate_that_never_becomes_ready_fails_the_rollout_once(
     api: FakeKubeApiServer, tmp_path: Path
 ) -> None:
