@@ -689,6 +689,7 @@ def _guard(
 ) -> str:
     """How a rate breaches a hard limit ("" while it does not): its e-value against "at most
     the limit" reached exp(`log_needed`), by default the rollout guards' 1/GUARD_ALPHA."""
+    bad = min(bad, requests)  # two series scraped apart: never a rate above 100 %
     if requests <= 0 or bad / requests <= limit:
         return ""  # at or below the limit the e-value cannot reach the threshold: skip it
     log_e = log_e_above(bad, requests, limit)

@@ -211,10 +211,11 @@ def log_e_above(bad: int, requests: int, limit: float) -> float:
     guard may look at every tick: P(ever >= 1/a) <= a. A confidence bound recomputed each tick
     would not hold over the looks (a 0.001 bound tripped 12-18x as often over 360 ticks).
     """
-    if requests <= 0:
-        return 0.0
+    if requests <= 0 or limit >= 1.0:
+        return 0.0  # no rate is above 100 %
     p1 = np.minimum(limit * ABOVE_MULTIPLES, (1.0 + limit) / 2.0)
-    return log_mixture(binomial_llr(bad, requests, p1, limit), ABOVE_PRIOR)
+    # More bad events than requests (two series scraped apart) counts as every request bad.
+    return log_mixture(binomial_llr(min(bad, requests), requests, p1, limit), ABOVE_PRIOR)
 
 
 def log_e_below(bad: int, requests: int, limit: float) -> float:

@@ -250,6 +250,15 @@ def test_absolute_guard_fires_before_the_relative_test() -> None:
     assert "above the limit" in decision.status.reason
 
 
+def test_a_guard_at_100_percent_never_fires_on_more_errors_than_requests() -> None:
+    # Counts from two series (errors and requests) can disagree by a scrape: 12 errors of 10
+    # requests against `max_rate: 1` was "133 % is above the limit 100 % (e-value nan ≥ 1000)".
+    spec = make_spec(analysis={"errors": {"max_rate": 1.0}})
+    decision = step(spec, progressing(), obs(blue=(10, 12), green=(1000, 1), at=30.0), 30.0)
+    assert "above the limit" not in decision.status.reason
+    assert decision.status.phase is not Phase.ROLLING_BACK or "nan" not in decision.status.reason
+
+
 def cmd(kind: str, weight: int | None = None, ident: str = "c1") -> Command:
     return Command(id=ident, kind=kind, weight=weight, by="ann")  # type: ignore[arg-type]
 

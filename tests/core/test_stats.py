@@ -206,6 +206,18 @@ def test_a_clear_breach_of_a_limit_trips_the_guard_within_a_few_dozen_requests()
     assert log_e_above(0, 0, 0.1) == 0.0
 
 
+@pytest.mark.parametrize(("bad", "n", "limit"), [(12, 10, 1.0), (10, 10, 1.0), (12, 10, 0.5)])
+def test_the_above_e_value_is_finite_with_more_bad_events_than_requests(
+    bad: int, n: int, limit: float
+) -> None:
+    # Nothing is above 100 %; more bad events than requests counts as all of them bad.
+    log_e = log_e_above(bad, n, limit)
+    assert math.isfinite(log_e)
+    assert log_e == log_e_above(min(bad, n), n, limit)
+    if limit >= 1.0:
+        assert log_e == 0.0
+
+
 @pytest.mark.parametrize("limit", [0.001, 0.1, 0.6])
 @pytest.mark.parametrize("n", [1, 20, 300])
 def test_the_below_e_value_has_mean_at_most_one_at_or_above_the_limit(limit: float, n: int) -> None:
