@@ -788,9 +788,12 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
     if combined >= 1.0 / alpha:
         key, phrase = max(checks, key=lambda kp: weights[kp[0]] * es[kp[0]])
         e = ev_of(status, key)
-        # The value this check's e-value had to reach, given the other check's.
+        # The value this check's e-value had to reach, given the other check's; the one it
+        # passes alone when the other's share alone would do (both crossed at once).
         rest = sum(weights[k] * es[k] for k in weights if k != key)
         needed = (1.0 / alpha - rest) / weights[key]
+        if needed <= 0:
+            needed = 1.0 / (alpha * weights[key])
         return Verdict.FAILED, (
             f"canary {phrase} {_pct(e.canary_rate())} vs {_pct(e.baseline_rate())} baseline, "
             f"e-value {_e(e.log_e_worse())} > {needed:.3g} after {e.canary_requests} canary "

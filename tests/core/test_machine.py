@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -248,6 +249,35 @@ def test_absolute_guard_fires_before_the_relative_test() -> None:
     decision = step(spec, progressing(), obs(blue=(400, 100), green=(0, 0), at=30.0), 30.0)
     assert decision.status.phase is Phase.ROLLING_BACK
     assert "above the limit" in decision.status.reason
+
+
+def test_a_rollback_both_checks_cross_at_once_states_a_threshold_the_e_value_passed() -> None:
+    # Each check's evidence alone past 1/α: the one named "had to reach" (1/α - the other's
+    # share) / its weight, which was negative: "e-value 3.1e+35 > -5.89e+23".
+    spec = make_spec(
+        analysis={
+            "latency": {"enabled": True, "threshold": "slo", "slo_ms": 100},
+            "errors": {"max_rate": None},
+        }
+    )
+    start = step(spec, new_status(spec, now=0.0), None, 0.0).status
+    decision = step(
+        spec,
+        start,
+        obs(
+            blue=(200, 40),
+            green=(1800, 2),
+            at=10.0,
+            since=0.0,
+            blue_buckets=((0.1, 160), (math.inf, 200)),
+            green_buckets=((0.1, 1782), (math.inf, 1800)),
+        ),
+        10.0,
+    )
+    assert decision.status.phase is Phase.ROLLING_BACK
+    found = re.search(r"e-value (\S+) > (\S+) after", decision.status.reason)
+    assert found is not None, decision.status.reason
+    assert 0 < float(found.group(2)) <= float(found.group(1)), decision.status.reason
 
 
 def test_a_guard_at_100_percent_never_fires_on_more_errors_than_requests() -> None:
