@@ -828,6 +828,15 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
             f"{name} has {status.step_canary_requests} of "
             f"{analysis.min_requests} canary requests needed"
         )
+    if not checks:
+        # Errors off, and latency without its threshold: stepping up, or promoting, would take
+        # silence for evidence.
+        why = (
+            "latency threshold not chosen yet (too few baseline requests)"
+            if obs.green.latency_buckets
+            else "latency not judged (the metrics source reports no histogram)"
+        )
+        return Verdict.INCONCLUSIVE, f"{name}: nothing judges this canary: errors disabled, {why}"
     last = status.step_index + 1 >= len(spec.plan) or spec.plan[status.step_index + 1] == 100
     if not last:
         hold = analysis.hold_above_e

@@ -280,6 +280,21 @@ def test_a_rollback_both_checks_cross_at_once_states_a_threshold_the_e_value_pas
     assert 0 < float(found.group(2)) <= float(found.group(1)), decision.status.reason
 
 
+def test_a_canary_no_check_can_judge_is_never_stepped_up_nor_promoted() -> None:
+    # Errors off, latency on, a metrics source with no histogram: no check was active, every
+    # step "passed: no evidence of a regression", and the last promoted a canary failing half
+    # its requests ("canary not worse: latency not judged").
+    spec = make_spec(analysis={"errors": {"enabled": False}, "latency": {"enabled": True}})
+    status = step(spec, new_status(spec, now=0.0), None, 0.0).status
+    for now in range(10, 400, 10):
+        w = status.blue_weight
+        seen = obs(blue=(now * w, now * w // 2), green=(now * (100 - w), 0), at=now, since=0.0)
+        status = step(spec, status, seen, float(now)).status
+        assert status.blue_weight == 10 and status.phase is Phase.PROGRESSING, status.reason
+    assert status.verdict is Verdict.INCONCLUSIVE
+    assert "nothing judges this canary" in status.reason, status.reason
+
+
 def test_a_guard_at_100_percent_never_fires_on_more_errors_than_requests() -> None:
     # Counts from two series (errors and requests) can disagree by a scrape: 12 errors of 10
     # requests against `max_rate: 1` was "133 % is above the limit 100 % (e-value nan ≥ 1000)".
