@@ -178,6 +178,9 @@ def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
         "ports": [{"name": "http", "containerPort": layout.container_port}],
         "readinessProbe": probe,
         "livenessProbe": {**probe, "httpGet": {"path": "/healthz", "port": "http"}},
+        # A container that dies (a model that cannot load: the image exits 3) leaves its log's
+        # tail in the pod's `message`, which the deploy's error quotes (`_exit`).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
     if not pinned(release.image):

@@ -952,6 +952,18 @@ def test_the_pods_pass_the_restricted_pod_security_standard() -> None:
     assert len(restricted_violations(bare)) == 4  # the check is not vacuous
 
 
+def test_a_scoring_container_that_dies_leaves_its_log_tail_as_its_termination_message() -> None:
+    # The package image exits 3 on a model it cannot load, its reason in the log; with the
+    # default terminationMessagePolicy (File, which the image never writes) a crash-looping
+    # pod's `message` was empty and the deploy's error said only "exit 3: Error".
+    deployment = m.deployment(m.IstioLayout(namespace="ml", app="d"), Colour.BLUE, V1)
+    values = {"green": {"image": V1.image, "model": V1.model, "version": V1.version, "sha256": ""}}
+    chart = by_name(render_chart(values, "ml"))[("Deployment", "model-green")]
+    for built in (deployment, chart):
+        (container,) = built["spec"]["template"]["spec"]["containers"]
+        assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
 def test_the_chart_takes_the_scoring_container_s_resources() -> None:
     # An HPA on CPU needs requests, and pods without any are evicted first under memory
     # pressure: there was no way to give them but to edit the chart.
