@@ -168,24 +168,50 @@ def _check_image(parsed: RolloutSpec, release: Release | None, where: str) -> No
 
 
 def _check_model_dir(parsed: RolloutSpec, release: Release | None, where: str) -> None:
-    """Refuse, before anything is deployed or stored, a release whose model folder the envoy
-    router would start its scoring server from and that is not there: begun, the rollout would
-    Fail at that deploy and stay Failed (`run` again: "already ended") with the spec fixed."""
+    """Refuse, before anything is deployed or stored, a release the envoy router cannot start
+    its scoring server for as named: no model folder, a folder that is not there, or one
+    holding another model than the release's sha256. Begun, the rollout would Fail at that
+    deploy and stay Failed (`run` again: "already ended") with the spec fixed — or, for another
+    model, record one release while blue served another."""
     from rollout.config import EnvoyRouterConfig
     from rollout.errors import ConfigError
+    from scoring.errors import ModelLoadError
+    from scoring.model import MODEL_JSON, resolve_model_dir
 
-    if release is None or not release.model_dir or not isinstance(parsed.router, EnvoyRouterConfig):
+    if release is None or not isinstance(parsed.router, EnvoyRouterConfig):
         return
-    folder = Path(release.model_dir)
-    if folder.is_dir():
-        return
-    read = "" if folder.is_absolute() else f", read from the current directory {Path.cwd()}"
-    _fail(
-        ConfigError(
-            f"{where}: {release.ref} has no model folder {release.model_dir} (its `model_dir:`"
-            f"{read}); the envoy router serves a release from its package or model folder"
+    if not release.model_dir:
+        _fail(
+            ConfigError(
+                f"{where}: {release.ref} names no model folder, and the envoy router serves a "
+                "release from its package or model folder: name it in the spec's "
+                f"`candidate:` (or `stable:`) {{model: {release.model}, version: "
+                f"'{release.version}', model_dir: <package folder>}}"
+            )
         )
-    )
+    folder = Path(release.model_dir)
+    if not folder.is_dir():
+        read = "" if folder.is_absolute() else f", read from the current directory {Path.cwd()}"
+        _fail(
+            ConfigError(
+                f"{where}: {release.ref} has no model folder {release.model_dir} (its `model_dir:`"
+                f"{read}); the envoy router serves a release from its package or model folder"
+            )
+        )
+    if not release.sha256:
+        return
+    try:
+        model_folder, _ = resolve_model_dir(folder)
+        held = json.loads((model_folder / MODEL_JSON).read_text(encoding="utf-8")).get("sha256")
+    except (ModelLoadError, OSError, ValueError, AttributeError):
+        return  # the server's own load says what is wrong with the folder, at deploy
+    if isinstance(held, str) and held != release.sha256:
+        _fail(
+            ConfigError(
+                f"{where}: {release.ref} is sha256 {release.sha256[:12]}…, but its model folder "
+                f"holds {held[:12]}… ({model_folder / MODEL_JSON}): another model's folder"
+            )
+        )
 
 
 @rollout_app.command()

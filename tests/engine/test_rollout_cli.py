@@ -244,6 +244,44 @@ def test_a_model_folder_that_is_not_there_is_refused_before_anything_is_stored(
     assert not (tmp_path / "state" / "cli.status.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("candidate", "message"),
+    [
+        pytest.param(
+            {"model": "m", "version": "2"},
+            "candidate: m:2 names no model folder, and the envoy router serves a release from "
+            "its package or model folder: name it in the spec's `candidate:` (or `stable:`) "
+            "{model: m, version: '2', model_dir: <package folder>}",
+            # Was: begun, Failed at blue's deploy ("the release has no model_dir"), exit 5, and
+            # then "already ended": what `--candidate M:V` always gave on the local stack.
+            id="no-model-folder",
+        ),
+        pytest.param(
+            {"model": "m", "version": "2", "sha256": "b" * 64, "model_dir": "pkg"},
+            "candidate: m:2 is sha256 bbbbbbbbbbbb…, but its model folder holds aaaaaaaaaaaa… "
+            "(MODEL_JSON): another model's folder",
+            # Was: deployed and recorded as m:2 (sha bbbb…) while blue served the other model.
+            id="another-model-in-the-folder",
+        ),
+    ],
+)
+def test_an_envoy_candidate_it_cannot_serve_as_named_is_refused_before_anything_is_stored(
+    tmp_path: Path, candidate: dict[str, str], message: str
+) -> None:
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    (folder / "model.json").write_text(json.dumps({"name": "m", "sha256": "a" * 64}))
+    if "model_dir" in candidate:
+        candidate = {**candidate, "model_dir": str(folder)}
+    router = {"kind": "envoy", "admin_url": "http://127.0.0.1:9", "routes_file": "routes.json"}
+    spec = write_spec(tmp_path, router=router, candidate=candidate, metrics={"kind": "static"})
+    code, out = invoke("run", str(spec), "--simulated-time")
+    assert code == EXIT_ERROR, out
+    message = message.replace("MODEL_JSON", str(folder / "model.json"))
+    assert message in " ".join(out.split()), out
+    assert not (tmp_path / "state" / "cli.status.json").exists()
+
+
 def test_run_without_a_usable_lock_file_is_a_clear_error(tmp_path: Path) -> None:
     # As a state dir another user created would be (a directory: root ignores permissions).
     (tmp_path / "state" / "cli.lock").mkdir(parents=True)
