@@ -49,7 +49,7 @@ from aml_pipelines.closure import ClosureError, closure, target_environment
 from aml_pipelines.errors import ComponentError, ConfigError, IntegrityError
 from aml_pipelines.fileio import fsync_dir, read_json_object, sha256_file, write_json
 from aml_pipelines.registry.base import ModelVersion
-from components.train.train import HELDOUT_FILE
+from components.train.train import HELDOUT_FILE, TRAIN_ROWS_FILE
 from scoring.cli import KEEP_ALIVE_S
 
 log = logging.getLogger(__name__)
@@ -335,9 +335,9 @@ def build_package(
         shutil.copytree(
             source,
             staging / MODEL_SUBDIR,
-            # The held-out rows (with their targets) serve the register gate, not the server:
-            # labelled data stays out of the image.
-            ignore=shutil.ignore_patterns(".registry.json", HELDOUT_FILE),
+            # The held-out rows (with their targets) and the training rows' hashes serve the
+            # register gate, not the server: labelled data stays out of the image.
+            ignore=shutil.ignore_patterns(".registry.json", HELDOUT_FILE, TRAIN_ROWS_FILE),
         )
         (staging / "scoring").mkdir()
         for module in sorted(scoring.glob("*.py")):

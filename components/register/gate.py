@@ -20,11 +20,11 @@ checked against the production version's tags, most precise first:
 
 Known to differ (a data refresh, another seed or split) → the tags' numbers are not compared;
 instead the caller re-scores both models on the held-out rows neither trained on (the
-candidate's held-out rows that production's held-out rows hold too: most of the candidate's
-other rows were production's training rows, on which production looks better than it is) and
-passes both numbers (`Rescored`): they are then judged on those rows as usual
+candidate's held-out rows that are not production's training rows, on which production looks
+better than it is; for a production trained before its folder listed them, those its held-out
+rows hold too) and passes both numbers (`Rescored`): they are then judged on those rows as usual
 (`comparable=True`, the reason says "re-scored on the N of the candidate's M held-out rows").
-When they could not be re-scored (no held-out rows in either folder, too few rows in common, a
+When they could not be re-scored (no held-out rows in either folder, too few rows left, a
 model that cannot be loaded) → refused, whatever the numbers say, with why (`comparable=False`;
 `force` registers it anyway, tagged `gate=forced`). Cannot be told (a fingerprint missing on
 either side — a model registered before eval_fingerprint existed, or training code that writes
@@ -69,7 +69,7 @@ class Rescored:
     value: float | None
     #: The candidate's metric on the same rows.
     candidate: float | None = None
-    #: How many rows: those of the candidate's `held_out` rows that production held out too.
+    #: How many rows: those of the candidate's `held_out` rows that production did not train on.
     rows: int = 0
     held_out: int = 0
     why_not: str = ""

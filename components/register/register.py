@@ -2,8 +2,8 @@
 
     model folder ──► check sha256 ──► find production (tag stage=production) ──► gate
                   (measured on other data: both re-scored on the candidate's heldout.csv rows
-                   that production's heldout.csv holds too, production loaded as the scoring
-                   server loads it)
+                   that production did not train on (its train-rows.u64), production loaded as
+                   the scoring server loads it)
                                                           refused: GateRefused (unless force)
                   ──► registry.register(name, source, tags) ──► registration.json
 
@@ -112,7 +112,7 @@ def _registered_by(
     return max((v for v in earlier if v.sha256 == sha256), key=lambda v: v.version, default=None)
 
 
-#: Fewer held-out rows in common than this and the comparison is not made (refused as not
+#: Fewer held-out rows left than this and the comparison is not made (refused as not
 #: comparable): an mse over a handful of rows is decided by their few largest residuals.
 MIN_RESCORE_ROWS = 30
 
@@ -122,10 +122,13 @@ def rescore_production(
 ) -> Rescored:
     """Both models' `metric` on the held-out rows neither trained on, or why not.
 
-    Those are the candidate's held-out rows (heldout.csv) that production's folder's heldout.csv
-    holds too, a row being its whole content (features and target): with another split or data
-    most of the candidate's held-out rows were production's training rows, on which production
-    scores better than on rows it never saw. Fewer than MIN_RESCORE_ROWS in common: not scored.
+    Those are the candidate's held-out rows (heldout.csv) that production did not train on, a
+    row being its whole content (features and target): with another split or data many of the
+    candidate's held-out rows may be production's training rows, on which production scores
+    better than on rows it never saw. Production's training rows are its folder's
+    train-rows.u64; a folder without one (trained before it was written) leaves only the rows
+    its heldout.csv holds too (fair, but a data refresh's new rows are not among them). Fewer
+    than MIN_RESCORE_ROWS left: not scored.
 
     Production's model is loaded as the scoring server loads it (sha256 checked, skops with the
     trusted-types allow-list), so a file the server would refuse is not run here either. It is
@@ -135,7 +138,7 @@ def rescore_production(
     pipeline bound the version that was production at submission, which may have changed since.
     A given folder refused falls back to the registry's own folder, when that is another one.
     """
-    from components.train.train import held_out_metrics, load_held_out
+    from components.train.train import held_out_metrics, load_held_out, load_train_rows
     from scoring.errors import ModelLoadError
     from scoring.model import load_model
 
@@ -169,28 +172,39 @@ def rescore_production(
             f"rows have {rows.feature_names}",
         )
     try:
-        theirs = load_held_out(where)
-    except (ConfigError, OSError, ValueError) as exc:
-        return Rescored(
-            None, why_not=f"{label}'s held-out rows (the ones it did not train on): {exc}"
-        )
-    columns = [*rows.feature_names, rows.target_name]
-    if [*theirs.feature_names, theirs.target_name] != columns:
-        return Rescored(
-            None,
-            why_not=f"{label}'s held-out rows have the columns "
-            f"{[*theirs.feature_names, theirs.target_name]}, the candidate's {columns}",
-        )
-    unseen = _held_out_by(theirs, rows)
+        trained_on = load_train_rows(where)
+    except (ConfigError, OSError) as exc:
+        return Rescored(None, why_not=f"{label}'s training rows: {exc}")
     held_out = len(rows.target)
+    if trained_on is not None:
+        unseen = _not_trained_on(trained_on, rows)
+        kept = f"not trained on by {label}"
+    else:
+        try:
+            theirs = load_held_out(where)
+        except (ConfigError, OSError, ValueError) as exc:
+            return Rescored(
+                None, why_not=f"{label}'s held-out rows (the ones it did not train on): {exc}"
+            )
+        columns = [*rows.feature_names, rows.target_name]
+        if [*theirs.feature_names, theirs.target_name] != columns:
+            return Rescored(
+                None,
+                why_not=f"{label}'s held-out rows have the columns "
+                f"{[*theirs.feature_names, theirs.target_name]}, the candidate's {columns}",
+            )
+        unseen = _held_out_by(theirs, rows)
+        kept = (
+            f"held out by {label} too (the others it trained on, or cannot be told not to have: "
+            f"its folder has no training rows)"
+        )
     if unseen.sum() < MIN_RESCORE_ROWS:
         return Rescored(
             None,
             rows=int(unseen.sum()),
             held_out=held_out,
             why_not=f"only {int(unseen.sum())} of the candidate's {held_out} held-out rows were "
-            f"held out by {label} too (the others it trained on, or cannot be told not to have): "
-            f"fewer than the {MIN_RESCORE_ROWS} a fair comparison needs",
+            f"{kept}: fewer than the {MIN_RESCORE_ROWS} a fair comparison needs",
         )
     features, target = rows.features[unseen], rows.target[unseen]
     try:
@@ -204,6 +218,18 @@ def rescore_production(
         except Exception as exc:  # whatever the estimator raises, it cannot be scored
             return Rescored(None, why_not=f"{who} cannot predict the rows ({exc})")
     return Rescored(scores[0], scores[1], rows=len(target), held_out=held_out)
+
+
+def _not_trained_on(trained_on: np.ndarray, candidate: Dataset) -> np.ndarray:
+    """Which of the candidate's held-out rows are not among production's training rows
+    (`trained_on`: their sorted row hashes)."""
+    import numpy as np
+
+    from components.train.train import row_hashes
+
+    hashes = row_hashes(candidate.features, candidate.target)
+    at = np.minimum(np.searchsorted(trained_on, hashes), len(trained_on) - 1)
+    return np.asarray(trained_on[at] != hashes)
 
 
 def _held_out_by(production: Dataset, candidate: Dataset) -> np.ndarray:

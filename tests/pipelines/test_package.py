@@ -64,6 +64,7 @@ def test_package_folder_follows_the_contract(registered, tmp_path: Path) -> None
         assert (pkg / rel).is_file(), rel
     assert not (pkg / "model" / ".registry.json").exists()
     assert not (pkg / "model" / "heldout.csv").exists()  # labelled data stays out of the image
+    assert not (pkg / "model" / "train-rows.u64").exists()  # the gate's, not the server's
     assert not (pkg / "scoring" / "cli.py").exists()  # the server needs no CLI
     assert (pkg / "score.py").read_text() == (Path("scoring") / "score.py").read_text()
     requirements = (pkg / "requirements.txt").read_text()

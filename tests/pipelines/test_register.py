@@ -348,22 +348,30 @@ def test_an_unwritable_output_fails_before_anything_is_registered(
 
 
 Trained = Callable[..., Path]
+#: The diabetes rows each data folder of `trained` holds.
+DATA_ROWS = {
+    "old": slice(0, 400),
+    "refreshed": slice(0, 442),
+    "january": slice(0, 221),
+    "february": slice(221, 442),
+}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
-    """Ridge models of the diabetes data: "old" is 400 of its rows, "refreshed" all 442;
+    """Ridge models of the diabetes data: "old" is its first 400 rows, "refreshed" all 442,
+    "january" rows 0-220 and "february" rows 221-441 (new rows only);
     `trained(data, alpha, seed=42, test_fraction=0.2)`."""
     from sklearn.datasets import load_diabetes
 
     root = tmp_path_factory.mktemp("trained")
     bunch = load_diabetes()
-    for folder, rows in (("old", 400), ("refreshed", 442)):
+    for folder, rows in DATA_ROWS.items():
         (root / folder).mkdir()
         with (root / folder / "data.csv").open("w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow([*bunch.feature_names, "progression"])
-            for x, y in list(zip(bunch.data.tolist(), bunch.target.tolist(), strict=True))[:rows]:
+            for x, y in list(zip(bunch.data.tolist(), bunch.target.tolist(), strict=True))[rows]:
                 writer.writerow([*x, y])
 
     def make(data: str, alpha: float, seed: int = 42, test_fraction: float = 0.2) -> Path:
@@ -390,9 +398,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
             "old",
             ("refreshed", 0.1),
             True,
-            r"production diabetes:1 and the candidate re-scored on the 43 of the candidate's 89 "
-            r"held-out rows that production did not train on either: mse 3756\.6 vs candidate "
-            r"3570\.15: the candidate is not worse than production \(lower is "
+            r"production diabetes:1 and the candidate re-scored on the 55 of the candidate's 89 "
+            r"held-out rows that production did not train on either: mse 3316\.12 vs candidate "
+            r"3030\.62: the candidate is not worse than production \(lower is "
             r"better\); the mse tags \(3596\.39 vs candidate 2856\.49\) were measured on other "
             r"data \(eval_fingerprint ",
             id="refreshed-data-better-candidate-passes",
@@ -401,9 +409,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
             "old",
             ("refreshed", 10.0),
             False,
-            r"production diabetes:1 and the candidate re-scored on the 43 of the candidate's 89 "
-            r"held-out rows that production did not train on either: mse 3756\.6 vs candidate "
-            r"5002\.72: the candidate is worse than production \(lower is better\); the mse tags "
+            r"production diabetes:1 and the candidate re-scored on the 55 of the candidate's 89 "
+            r"held-out rows that production did not train on either: mse 3316\.12 vs candidate "
+            r"4624\.54: the candidate is worse than production \(lower is better\); the mse tags "
             r"\(3596\.39 vs candidate 4443\.95\) were measured on other data",
             id="refreshed-data-worse-candidate-refused-with-both-numbers",
         ),
@@ -455,9 +463,9 @@ def test_after_a_data_refresh_production_is_rescored_on_the_candidates_rows(
             ("old", 1.0),
             False,
             True,
-            r"production diabetes:1 and the candidate re-scored on the 43 of the candidate's 89 "
-            r"held-out rows that production did not train on either: mse 3756\.6 vs candidate "
-            r"3570\.15: the candidate is not worse",
+            r"production diabetes:1 and the candidate re-scored on the 55 of the candidate's 89 "
+            r"held-out rows that production did not train on either: mse 3316\.12 vs candidate "
+            r"3030\.62: the candidate is not worse",
             id="production-folder-given-rescored",
         ),
         pytest.param(
@@ -538,8 +546,8 @@ def test_a_folder_not_productions_falls_back_to_the_registrys_own_folder(
         trained("refreshed", 0.1), registry, production_model=trained("old", 0.5)
     )
     assert (
-        "production diabetes:1 and the candidate re-scored on the 43 of the candidate's 89 "
-        "held-out rows that production did not train on either: mse 3756.6 vs candidate 3570.15"
+        "production diabetes:1 and the candidate re-scored on the 55 of the candidate's 89 "
+        "held-out rows that production did not train on either: mse 3316.12 vs candidate 3030.62"
     ) in registered.decision.reason
     assert "re-scoring from the registry's folder instead" in caplog.text
 
@@ -611,7 +619,7 @@ def _rows(folder: Path) -> dict[tuple[float, ...], int]:
             0.2,
             17,
             r"not comparable.*production could not be re-scored on the candidate's held-out "
-            r"rows: only 17 of the candidate's 80 held-out rows were held out by diabetes:1 too",
+            r"rows: only 17 of the candidate's 80 held-out rows were not trained on by diabetes:1",
             id="too-few-rows-in-common-not-comparable",
         ),
     ],
@@ -657,21 +665,65 @@ def evaluate_gate_of(registry: LocalRegistry, candidate: Path) -> GateDecision:
     return register_model(candidate, registry, force=True).decision
 
 
-def test_a_production_folder_without_held_out_rows_is_not_comparable(
-    tmp_path: Path, trained: Trained
+@pytest.mark.parametrize(
+    ("removed", "reason"),
+    [
+        pytest.param(
+            ("train-rows.u64",),
+            r"production diabetes:1 and the candidate re-scored on the 43 of the candidate's 89 "
+            r"held-out rows that production did not train on either: mse 3756\.6 vs candidate "
+            r"3570\.15",
+            id="trained-before-train-rows-falls-back-to-rows-both-held-out",
+        ),
+        pytest.param(
+            ("heldout.csv",),
+            r"production diabetes:1 and the candidate re-scored on the 55 of the candidate's 89 "
+            r"held-out rows that production did not train on",
+            id="training-rows-alone-suffice",
+        ),
+        pytest.param(
+            ("train-rows.u64", "heldout.csv"),
+            r"not comparable.*diabetes:1's held-out rows \(the ones it did not train on\): "
+            r".*has no heldout\.csv",
+            id="neither-not-comparable",
+        ),
+    ],
+)
+def test_a_production_folder_without_its_training_rows_falls_back_to_its_held_out_rows(
+    tmp_path: Path, trained: Trained, removed: tuple[str, ...], reason: str
 ) -> None:
-    """Without production's held-out rows nothing tells which rows it did not train on."""
+    """A production trained before train-rows.u64 existed: the rows both held out are fair
+    (fewer, but never rows it trained on); without its held-out rows either, nothing is."""
     from aml_pipelines.registry.memory import MemoryRegistry
 
     registry = MemoryRegistry()
     register_model(trained("old", 1.0), registry, source="azureml://jobs/one/outputs/model")
     registry.set_tags("diabetes", 1, {"stage": Stage.PRODUCTION})
     folder = shutil.copytree(trained("old", 1.0), tmp_path / "production")
-    (folder / "heldout.csv").unlink()
+    for name in removed:
+        (folder / name).unlink()
+
+    if reason.startswith("not comparable"):
+        with pytest.raises(GateRefused, match=reason):
+            register_model(trained("refreshed", 0.1), registry, production_model=folder)
+        return
+    registered = register_model(trained("refreshed", 0.1), registry, production_model=folder)
+    assert re.search(reason, registered.decision.reason), registered.decision.reason
+
+
+def test_a_damaged_training_rows_file_is_not_comparable(tmp_path: Path, trained: Trained) -> None:
+    """Rows lost from production's train-rows.u64 would score it on rows it trained on."""
+    from aml_pipelines.registry.memory import MemoryRegistry
+
+    registry = MemoryRegistry()
+    register_model(trained("old", 1.0), registry, source="azureml://jobs/one/outputs/model")
+    registry.set_tags("diabetes", 1, {"stage": Stage.PRODUCTION})
+    folder = shutil.copytree(trained("old", 1.0), tmp_path / "production")
+    (folder / "train-rows.u64").write_bytes((folder / "train-rows.u64").read_bytes()[8:])
 
     with pytest.raises(
         GateRefused,
-        match=r"not comparable.*diabetes:1's held-out rows \(the ones it did not train on\): "
-        r".*has no heldout\.csv",
+        match=r"not comparable.*diabetes:1's training rows: .*train-rows\.u64: 319 rows, "
+        r"model\.json's rows\.train is 320",
     ):
         register_model(trained("refreshed", 0.1), registry, production_model=folder)

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from aml_pipelines.errors import ConfigError
-from components.train.train import TrainParams, held_out_metrics, load_held_out, train
+from components.train.train import (
+    TrainParams,
+    held_out_metrics,
+    load_held_out,
+    load_train_rows,
+    row_hashes,
+    train,
+)
 
 CONTRACT_KEYS = {
     "name",
@@ -63,6 +70,39 @@ def test_the_held_out_rows_are_the_ones_the_metrics_were_measured_on(tmp_path: P
     (tmp_path / "heldout.csv").write_text("\n".join([header, edited, *rest]) + "\n")
     with pytest.raises(ConfigError, match=r"not the ones model\.json's metrics were measured on"):
         load_held_out(tmp_path)
+
+
+def test_the_training_rows_are_written_as_sorted_hashes_of_their_content(tmp_path: Path) -> None:
+    """The register gate leaves production's training rows out: train-rows.u64 must hold
+    exactly them (the data less the held-out rows), told apart from any other row."""
+    from sklearn.datasets import load_diabetes
+
+    train(tmp_path, name="diabetes", params=TrainParams())
+    bunch = load_diabetes()
+    held_out = load_held_out(tmp_path)
+    everything = row_hashes(bunch.data, bunch.target)
+    assert len(set(everything.tolist())) == 442  # no two rows hash alike
+    assert row_hashes(-0.0 * bunch.data[:1], bunch.target[:1]) == row_hashes(
+        0.0 * bunch.data[:1], bunch.target[:1]
+    )
+    hashes = load_train_rows(tmp_path)
+    assert hashes is not None and (tmp_path / "train-rows.u64").stat().st_size == 353 * 8
+    expected = set(everything.tolist()) - set(
+        row_hashes(held_out.features, held_out.target).tolist()
+    )
+    assert hashes.tolist() == sorted(expected)
+
+    (tmp_path / "train-rows.u64").write_bytes(hashes[::-1].tobytes())
+    with pytest.raises(ConfigError, match="not sorted"):
+        load_train_rows(tmp_path)
+    (tmp_path / "train-rows.u64").write_bytes(hashes[1:].tobytes())
+    with pytest.raises(ConfigError, match=r"352 rows, model\.json's rows\.train is 353"):
+        load_train_rows(tmp_path)
+    (tmp_path / "train-rows.u64").write_bytes(b"1234567")
+    with pytest.raises(ConfigError, match="7 bytes is not an array of 64-bit hashes"):
+        load_train_rows(tmp_path)
+    (tmp_path / "train-rows.u64").unlink()
+    assert load_train_rows(tmp_path) is None  # trained before it was written
 
 
 def test_model_loads_with_skops_and_predicts_the_sample(tmp_path: Path) -> None:
