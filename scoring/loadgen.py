@@ -255,7 +255,12 @@ def failure_hint(report: LoadReport, url: str) -> str | None:
     if "401" in statuses:
         return f"no request succeeded ({seen}); 401: set --api-key (or AML_ROLLOUT_API_KEY)"
     if "ConnectError" in statuses and not report.answered:
-        return f"no request succeeded ({seen}): nothing is listening at {url}"
+        why = report.first_error
+        # httpx says a refused connection as "All connection attempts failed"; a host name that
+        # does not resolve, a TLS failure and the like in their own words, given as they are.
+        if why is None or any(s in why.lower() for s in ("refused", "all connection attempts")):
+            return f"no request succeeded ({seen}): nothing is listening at {url}"
+        return f"no request succeeded ({seen}): could not connect to {url} ({why})"
     if any(status.endswith("Timeout") for status in statuses) and not report.answered:
         return f"no request succeeded ({seen}): {url} did not answer within --timeout"
     said = f"; the first said {report.first_error}" if report.first_error else ""

@@ -295,6 +295,19 @@ def test_failure_hint_names_the_likely_cause(
         assert found is not None and hint in found
 
 
+def test_failure_hint_says_why_a_connection_failed_when_not_refused() -> None:
+    # Was "nothing is listening at U" for a host name that does not resolve, too.
+    report = LoadReport(
+        2, 1.0, {"ConnectError": 2}, {}, 0.0, 0.0, 0.0, 0.0, answered=0,
+        first_error="ConnectError: [Errno -2] Name or service not known",
+    )  # fmt: skip
+    found = failure_hint(report, "U")
+    assert found == (
+        "no request succeeded (ConnectError x2): could not connect to U "
+        "(ConnectError: [Errno -2] Name or service not known)"
+    )
+
+
 def test_load_command_fails_when_every_request_is_refused_401(servers: dict[str, str]) -> None:
     # Was: exit 0 with a status table full of 401s.
     url = servers["keyed"] + "/score"
