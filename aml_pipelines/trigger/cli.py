@@ -407,19 +407,44 @@ def watch(
     )
     if not once:
         _stop_on_signals(watcher.stop)
+        watcher.run()
+        return
 
     def said(outcome: DeliveryOutcome) -> None:
         # Printed as each version closes: an error on a later one (exit 2) must not hide from a
         # CI log what this pass already delivered.
         typer.echo(f"{outcome.model} v{outcome.version}: {outcome.phase} {outcome.reason}")
 
-    outcomes = watcher.run(once=once, on_outcome=said if once else None)
-    if once:
-        if not outcomes:
-            typer.echo(
-                f"{model}: " + ("not in the registry" if unknown else "no new version to deliver")
-            )
-        raise typer.Exit(once_exit_code([outcome.phase for outcome in outcomes]))
+    from rollout.commands.stack import EXIT_INTERRUPTED, sigterm_as_interrupt
+
+    try:
+        # A cancelled CI job's SIGTERM stops like Ctrl-C, as `rollout run` does: the rollout in
+        # progress is kept and its lease released on the way out; the next pass resumes it.
+        with sigterm_as_interrupt():
+            outcomes = watcher.run(once=True, on_outcome=said)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: {_interrupted(dispatcher, model)}", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if not outcomes:
+        typer.echo(
+            f"{model}: " + ("not in the registry" if unknown else "no new version to deliver")
+        )
+    raise typer.Exit(once_exit_code([outcome.phase for outcome in outcomes]))
+
+
+def _interrupted(dispatcher: Dispatcher, model: str) -> str:
+    """What an interrupted pass leaves: the delivery in progress, which the next one resumes."""
+    from aml_pipelines.errors import PipelineError
+    from aml_pipelines.trigger.store import Step
+
+    try:
+        entries = dispatcher.store.load(model).entries
+    except PipelineError:  # an unreadable cursor must not hide the interruption
+        entries = {}
+    open_ = [version for version, entry in entries.items() if entry.step is Step.STARTED]
+    if not open_:
+        return "nothing was being delivered"
+    return f"the delivery of {model} v{max(open_)} resumes on the next pass (its rollout is kept)"
 
 
 @trigger_app.command("serve")

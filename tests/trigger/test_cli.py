@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger.store import Step, TriggerStore
 from rollout.cli import app
 from rollout.local.process import listening_socket
+from tests.cli import stop_and_wait
 from tests.trigger.fakes import register
 from tests.trigger.test_eventgrid import eg_event
 from tests.trigger.test_watcher_process import _until
@@ -147,6 +149,35 @@ def test_watch_once_promotes_and_the_registry_follows(
     (row,) = [line for line in shown.output.splitlines() if line.startswith("│ diabetes ")]
     assert [c.strip() for c in row.split("│")[1:6]] == ["diabetes", "2", "done", "Succeeded", "1"]
     assert _ledger_starts(tmp_path) == 1  # exactly one rollout for v2
+
+
+def test_watch_once_stopped_by_sigterm_keeps_the_rollout_and_says_so(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    # A CI job cancelled: SIGTERM killed `watch --once` on the spot (rc -15, not a word), its
+    # rollout's lease left to expire. It now stops as `rollout run` does: exit 130, the rollout
+    # kept for the next pass to resume.
+    spec = yaml.safe_load((tmp_path / "rollout.yaml").read_text())
+    spec["analysis"]["min_step_duration_s"] = 60  # v2 stays at its first step meanwhile
+    (tmp_path / "rollout.yaml").write_text(yaml.safe_dump(spec))
+    watcher = subprocess.Popen(
+        _cli(tmp_path, "watch", "--model", "diabetes", "--once"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while _status(tmp_path).get("phase") != "Progressing" and watcher.poll() is None:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    _, err = stop_and_wait(watcher)  # SIGTERM; killed if it outlives the wait: nothing leaks
+    assert watcher.returncode == 130, err
+    assert "interrupted: the delivery of diabetes v2 resumes on the next pass" in err, err
+    assert _status(tmp_path)["phase"] == "Progressing"  # kept, not ended
+    entry = TriggerStore(tmp_path / "trigger").load("diabetes").entries[2]
+    assert entry.step is Step.STARTED
 
 
 def test_watch_once_prints_what_it_delivered_before_an_error_stops_the_pass(
