@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -661,6 +662,14 @@ class EnvoyRouter:
             raise RouterError(
                 f"cannot read Envoy's config at {self.admin_url}: no answer within "
                 f"{self.timeout_s:g} s (router.timeout_s)"
+            ) from exc
+        except httpx.ConnectError as exc:
+            # Most often a rollout resumed after its `aml-rollout up` stopped: say how back.
+            stack = self.files.routes.parent.parent
+            raise RouterError(
+                f"cannot read Envoy's config at {self.admin_url}: {exc} (no Envoy there any "
+                f"more; a stack `aml-rollout up` ran in {stack} starts again with `aml-rollout up "
+                f"--workdir {shlex.quote(str(stack))}`, and the rollout resumes on it)"
             ) from exc
         except (httpx.HTTPError, ValueError) as exc:
             raise RouterError(f"cannot read Envoy's config at {self.admin_url}: {exc}") from exc

@@ -251,14 +251,19 @@ def test_a_set_weights_envoy_never_serves_is_an_error(
     router.close()
 
 
-def test_unreachable_admin_is_a_router_error(tmp_path: Path) -> None:
+def test_unreachable_admin_is_a_router_error_saying_how_to_start_the_stack_again(
+    tmp_path: Path,
+) -> None:
+    # A rollout resumed after its `aml-rollout up` stopped said only "Connection refused".
+    stack = tmp_path / "my stack"
     router = EnvoyRouter(
         admin_url="http://127.0.0.1:9",
-        files=EnvoyFiles(tmp_path / "routes.json"),
-        releases_file=tmp_path / "releases.json",
+        files=EnvoyFiles(stack / "envoy" / "routes.json"),
+        releases_file=stack / "releases.json",
     )
-    with pytest.raises(RouterError, match=r"127\.0\.0\.1:9"):
+    with pytest.raises(RouterError, match=r"127\.0\.0\.1:9") as unread:
         router.get_weights()
+    assert f"`aml-rollout up --workdir '{stack}'`" in str(unread.value)
     router.close()
 
 
