@@ -64,6 +64,7 @@ state store's lease does, among controllers sharing that store).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -340,6 +341,7 @@ class AzureMLRouter:
         # timed out, or someone else's): wait for that change to end, as set_weights does.
         self._settled_endpoint_for_write()
         existing = self._settled_deployment(name)
+        was_failed = existing is not None and _state(existing).lower() == "failed"
         if existing is not None and self._holds(existing, colour, release):
             # A retry of a deploy that timed out while Azure went on and finished it: a second
             # PUT would roll every instance again, for nothing.
@@ -389,10 +391,16 @@ class AzureMLRouter:
         except RouterError as exc:
             # Azure carried the deployment out and it Failed (an image that does not build, a
             # container that never answers its probes): an answer, not a blip. Another PUT
-            # would fail the same way, up to `deploy_timeout_s` later.
-            failed = self._get_deployment(name)
-            if failed is not None and _state(failed).lower() == "failed":
+            # would fail the same way, up to `deploy_timeout_s` later. Said by the operation's
+            # own end, or by a deployment that turned Failed: one left Failed by an earlier
+            # rollout reads so before Azure even accepted this PUT (a 503, a 409 mid-change, a
+            # 403 stay what they are for a healthy deployment).
+            if _operation_failed(exc.__cause__):
                 raise DeployFailed(str(exc)) from exc
+            if not was_failed:
+                failed = self._get_deployment(name)
+                if failed is not None and _state(failed).lower() == "failed":
+                    raise DeployFailed(str(exc)) from exc
             raise
         log.info("deployed %s:%s as %s/%s", release.model, release.version, self.endpoint, name)
 
@@ -747,6 +755,22 @@ def _finish(what: str, poller: Any, timeout_s: float, setting: str) -> Any:
             "it goes on, and the next call reads the state it reached"
         )
     return poller.result()
+
+
+def _operation_failed(exc: BaseException | None) -> bool:
+    """Whether `exc` is a long-running operation's end in Failed (not Canceled): azure-core's
+    poller raises it with the final status poll, an HTTP 200 saying `"status": "Failed"`."""
+    from azure.core.exceptions import HttpResponseError
+
+    if not isinstance(exc, HttpResponseError) or exc.status_code is None:
+        return False
+    if exc.status_code >= 400 or exc.response is None:
+        return False
+    try:
+        body = json.loads(exc.response.text())
+    except ValueError:
+        return False
+    return isinstance(body, dict) and str(body.get("status", "")).lower() == "failed"
 
 
 def _describe(exc: Any) -> str:

@@ -1264,6 +1264,34 @@ def test_a_failed_deployment_is_one_clear_line_and_not_a_release() -> None:
             router.set_weights(Weights.blue_at(0, mirror=5))  # no shadow to it either
         router.set_weights(Weights.blue_at(0))  # a rollback or abort: never refused
         assert router.get_weights() == Weights.blue_at(0)
+        # Blue read Failed before this PUT too: Azure's operation ending Failed says it is ours.
+        with pytest.raises(DeployFailed, match="the operation failed: ImageBuildFailure"):
+            router.deploy(Colour.BLUE, V2)
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "refused"),
+    [
+        pytest.param(403, "AuthorizationFailed", True, id="403-fix-the-role"),
+        pytest.param(409, "Conflict", False, id="409-mid-change-retried"),
+        pytest.param(400, "BadArgument", False, id="400-retried"),
+    ],
+)
+def test_a_put_refused_over_a_blue_left_failed_is_not_the_candidate_failing(
+    arm: FakeArm, ml_client: Any, status: int, code: str, refused: bool
+) -> None:
+    """A blue left Failed by an earlier rollout reads Failed before this PUT is even accepted.
+    Was: any error of the PUT then became DeployFailed (the new candidate failed at once, exit
+    5), a 403 included (exit 2: fix the role). Only Azure's operation ending Failed says so."""
+    router = _deployed(ml_client)
+    _show_state(arm, router, Colour.BLUE, "Failed")
+    path = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments/blue"
+    arm.fail("PUT", f"{path}$", status, code, times=100)  # this endpoint's only
+    with pytest.raises(RouterError) as caught:
+        router.deploy(Colour.BLUE, V1)
+    assert not isinstance(caught.value, DeployFailed)
+    assert isinstance(caught.value, RouterRefused) is refused
+    assert f"HTTP {status} {code}: injected failure on PUT {path}" in str(caught.value)
 
 
 def _show_state(arm: FakeArm, router: AzureMLRouter, colour: Colour, state: str) -> None:
