@@ -34,10 +34,31 @@ def error_line(error: Any) -> str:
     return one_line(str(getattr(error, "message", None) or error))
 
 
+def innermost_error(error: Any) -> dict[str, Any]:
+    """The innermost `innererror` with a message under a service's error (an azure-core
+    ODataV4Format: its `innererror` dict, nested in turn), {} when there is none. Log
+    Analytics says its substance there ("Failed to resolve table ... named 'X'") under a
+    generic "The request had some invalid properties"."""
+    found: dict[str, Any] = {}
+    inner = getattr(error, "innererror", None)
+    while isinstance(inner, dict):
+        if inner.get("message"):
+            found = inner
+        inner = inner.get("innererror")
+    return found
+
+
 def http_detail(exc: Any) -> str:
     """An azure-core HttpResponseError's substance, said once: `Code: message` from the
     service's error (the exception's own text repeats them, "(code) message Code: ... Message:
-    ..."), else its message."""
+    ..."), with its innermost `innererror` in parentheses when it says more, else its message."""
     error = getattr(exc, "error", None)
     code, message = getattr(error, "code", None), getattr(error, "message", None)
-    return f"{code}: {one_line(message)}" if code and message else error_line(exc)
+    if not (code and message):
+        return error_line(exc)
+    detail = f"{code}: {one_line(message)}"
+    inner = innermost_error(error)
+    said = one_line(str(inner.get("message", "")))
+    if said and said != one_line(message):
+        detail += f" ({inner['code']}: {said})" if inner.get("code") else f" ({said})"
+    return detail

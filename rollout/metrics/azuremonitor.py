@@ -61,8 +61,11 @@ so this counts nothing more there. If Azure logs no copies, blue shows no reques
 shadow step and the judge holds it ("no mirrored copies counted yet"): use `mirror_percent: 0`.
 
 A query that fails (no permission, a workspace that does not exist, a partial result) gives
-`Observation(error=...)` naming the workspace, so the judge says Error; no record gives zero counts
-(Inconclusive). The credential is `DefaultAzureCredential` with the pipelines' rule
+`Observation(error=...)` naming the workspace, so the judge says Error; no record in the window
+gives zero counts (Inconclusive). A workspace without the table (no diagnostic setting sends the
+log there yet) answers every query 400, its reason in the innermost `innererror`: `probe` reads
+the table (`take 0`), so that is refused before a rollout starts, saying which setting to create.
+The credential is `DefaultAzureCredential` with the pipelines' rule
 (rollout.azure_credential); it needs the Log Analytics Reader role on the workspace.
 """
 
@@ -74,7 +77,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rollout.azure_credential import default_credential
-from rollout.azure_text import error_line, http_detail
+from rollout.azure_text import error_line, http_detail, innermost_error
 from rollout.core.types import Colour, ColourCounts, Observation
 from rollout.errors import MetricsError
 
@@ -83,6 +86,12 @@ if TYPE_CHECKING:
     from rollout.routers.base import TrafficRouter
 
 TABLE = "AmlOnlineEndpointTrafficLog"
+#: What a workspace without the table (Log Analytics cannot resolve its name) needs.
+NO_TABLE = (
+    f": this workspace has no {TABLE} table: create the endpoint's diagnostic setting that "
+    'sends it here (docs/azureml-endpoint.md, "Metrics: the endpoint\'s traffic log"); the '
+    "table appears with its first records, minutes after the endpoint's first request"
+)
 
 #: A failed request (see the module docstring): an endpoint 5xx, a model timeout (408), a
 #: deployment out of capacity (429 "Too many pending requests", not the endpoint's "Rate-limited"),
@@ -188,9 +197,10 @@ class AzureMonitorMetrics:
         return self.observe(since, now)
 
     def probe(self) -> None:
-        """Run `print ok = 1` in the workspace, through the same client and credential as every
-        tick: a MetricsError names the workspace and what failed."""
-        self._run("print ok = 1", None)
+        """Read the traffic log table's columns (`take 0`: no row, over the last minute) through
+        the same client and credential as every tick: a MetricsError names the workspace and
+        what failed, a workspace the log is not sent to (no such table) included."""
+        self._run(f"{TABLE} | take 0", dt.timedelta(minutes=1))
 
     # ------------------------------------------------------------------------------ internals
 
@@ -248,6 +258,8 @@ class AzureMonitorMetrics:
                 )
             else:
                 problem = f"HTTP {exc.status_code} {http_detail(exc)}"
+                if _no_table(exc):
+                    problem += NO_TABLE
             raise MetricsError(self._where(problem)) from exc
         except AzureError as exc:
             if _timed_out(exc):  # a hung API (or a timeout_s too short), not "unreachable"
@@ -272,6 +284,13 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
     while seen is not None:
         yield seen
         seen = seen.__cause__ or seen.__context__
+
+
+def _no_table(exc: Any) -> bool:
+    """Whether Log Analytics could not resolve the traffic log table's name (SEM0100, said in
+    its innermost `innererror`): the workspace has no such table."""
+    said = str(innermost_error(getattr(exc, "error", None)).get("message", ""))
+    return f"named '{TABLE.lower()}'" in said.lower()
 
 
 def _timed_out(exc: BaseException) -> bool:

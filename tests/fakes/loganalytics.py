@@ -3,10 +3,12 @@
 `POST /v1/workspaces/<id>/query` (what azure-monitor-query's `LogsQueryClient.query_workspace`
 sends, through the FakeArm transport: `https://api.loganalytics.io` is routed here) answers the
 query shape `rollout.metrics.azuremonitor.traffic_query` writes, evaluated over the stored
-records, and `print ok = 1`. The query text is parsed, not trusted: its time window, endpoint,
-deployments, failed-request predicate and latency bounds decide what is counted, so a test of the
-provider also tests the KQL it writes. Anything else is a 400 `BadArgumentError`, as a syntax
-error is.
+records, `AmlOnlineEndpointTrafficLog | take 0` (the table's columns, no row) and `print ok = 1`.
+The query text is parsed, not trusted: its time window, endpoint, deployments, failed-request
+predicate and latency bounds decide what is counted, so a test of the provider also tests the KQL
+it writes. Anything else is a 400 `BadArgumentError`, as a syntax error is. `drop_table()` makes
+it a workspace with no traffic log table (no diagnostic setting sends it there): a query of the
+table is then Azure's 400 whose innermost `innererror` names the table it cannot resolve.
 
     with FakeLogAnalytics() as logs:
         logs.log(at, "ep", "blue", code=503, ms=42)  # the endpoint's own 5xx
@@ -46,6 +48,17 @@ _QUERY = re.compile(
     r"(?P<bounds>(?:le_\d+ = countif\(ms <= [0-9.e+]+\)(?:, )?)+) by "
     r"DeploymentName(?P<lower> = tolower\(DeploymentName\))?$"
 )
+_TAKE_0 = "AmlOnlineEndpointTrafficLog | take 0"
+#: Some of the table's documented columns, with their types (what `take 0` answers).
+_SCHEMA = {
+    "TimeGenerated": "datetime",
+    "EndpointName": "string",
+    "DeploymentName": "string",
+    "ResponseCode": "string",
+    "ResponseCodeReason": "string",
+    "ModelStatusCode": "string",
+    "TotalDurationMs": "long",
+}
 _BOUND = re.compile(r"le_(\d+) = countif\(ms <= ([0-9.e+]+)\)")
 _STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
@@ -92,6 +105,7 @@ class FakeLogAnalytics:
         self.records: list[Record] = []
         self.queries: list[str] = []
         self._partial = False
+        self._table_exists = True
         #: A table answered instead of evaluating the query (another schema, say).
         self._table: tuple[list[str], list[list[Any]]] | None = None
         self._arm = FakeArm(hosts=(HOST,))
@@ -133,6 +147,10 @@ class FakeLogAnalytics:
         """The next `times` queries fail with an API error."""
         self._arm.fail("POST", r"/query$", status, code, times)
 
+    def drop_table(self) -> None:
+        """The workspace has no AmlOnlineEndpointTrafficLog table (no diagnostic setting)."""
+        self._table_exists = False
+
     def answer_partially(self) -> None:
         """The next queries return their table with a partial-error, as a timed-out query does."""
         self._partial = True
@@ -153,6 +171,10 @@ class FakeLogAnalytics:
         self.queries.append(query)
         if query == "print ok = 1":
             return 200, _tables(["ok"], ["int"], [[1]]), {}
+        if not self._table_exists and query.startswith("AmlOnlineEndpointTrafficLog"):
+            return 400, _no_table("take" if query == _TAKE_0 else "where"), {}
+        if query == _TAKE_0:
+            return 200, _tables(list(_SCHEMA), list(_SCHEMA.values()), []), {}
         parsed = _QUERY.match(query)
         if parsed is not None and self._table is not None:
             columns, rows = self._table
@@ -194,3 +216,23 @@ class FakeLogAnalytics:
 def _tables(columns: list[str], types: list[str], rows: list[list[Any]]) -> dict[str, Any]:
     described = [{"name": n, "type": t} for n, t in zip(columns, types, strict=True)]
     return {"tables": [{"name": "PrimaryResult", "columns": described, "rows": rows}]}
+
+
+def _no_table(operator: str) -> dict[str, Any]:
+    """Log Analytics' answer to a query of a table the workspace does not have (its shape as
+    azure-monitor-query's docs show it: the substance in the innermost `innererror`)."""
+    named = f"'{operator}' operator: Failed to resolve table or column expression named "
+    return {
+        "error": {
+            "code": "BadArgumentError",
+            "message": "The request had some invalid properties",
+            "innererror": {
+                "code": "SemanticError",
+                "message": "A semantic error occurred.",
+                "innererror": {
+                    "code": "SEM0100",
+                    "message": named + "'AmlOnlineEndpointTrafficLog'",
+                },
+            },
+        }
+    }

@@ -231,15 +231,40 @@ def test_credentials_the_api_rejects_are_one_line(logs: FakeLogAnalytics) -> Non
     assert "\n" not in obs.error
 
 
-def test_the_probe_runs_a_trivial_query_and_says_why_it_failed(logs: FakeLogAnalytics) -> None:
+def test_the_probe_reads_the_traffic_log_table_and_says_why_it_failed(
+    logs: FakeLogAnalytics,
+) -> None:
     provider(logs).probe()
-    assert logs.queries == ["print ok = 1"]
+    assert logs.queries == [f"{TABLE} | take 0"]  # no row: the table's columns only
     logs.fail(403, "InsufficientAccessError", times=5)
     with pytest.raises(MetricsError) as probed:
         provider(logs).probe()
     said = str(probed.value)
     assert said.startswith(f"Log Analytics workspace {WORKSPACE} ({TABLE}): HTTP 403 ")
     assert "\n" not in said
+
+
+NO_TABLE = (
+    f"Log Analytics workspace {WORKSPACE} ({TABLE}): HTTP 400 BadArgumentError: The request had "
+    "some invalid properties (SEM0100: '{operator}' operator: Failed to resolve table or column "
+    f"expression named '{TABLE}'): this workspace has no {TABLE} table: create the endpoint's "
+    'diagnostic setting that sends it here (docs/azureml-endpoint.md, "Metrics: the '
+    "endpoint's traffic log\"); the table appears with its first records, minutes after the "
+    "endpoint's first request"
+)
+
+
+def test_a_workspace_without_the_traffic_log_table_is_refused_before_the_rollout(
+    logs: FakeLogAnalytics,
+) -> None:
+    """No diagnostic setting sends the log to this workspace yet. Was: the probe (`print ok =
+    1`) passed, and every tick was an Error "HTTP 400 BadArgumentError: The request had some
+    invalid properties", Azure's substance (its innermost `innererror`) dropped."""
+    logs.drop_table()
+    with pytest.raises(MetricsError) as probed:
+        provider(logs).probe()
+    assert str(probed.value) == NO_TABLE.format(operator="take")
+    assert provider(logs).observe(T0, T0 + 60).error == NO_TABLE.format(operator="where")
 
 
 # ---- the spec --------------------------------------------------------------------------------
