@@ -222,11 +222,15 @@ def _state(resource: Any) -> str:
 
 def _is_asset(held: Any, kind: str, ref: str) -> bool:
     """Whether `held` (as Azure answers it: an ARM id) is the asset `ref` (`azureml:name:version`)
-    names; `kind` is the ARM collection: models, environments, codes."""
+    names; `kind` is the ARM collection: models, environments, codes. An environment may be
+    written `name:version` (a curated one's short form too): azure-ai-ml sends it as
+    `azureml:name:version`."""
+    parts = ref.split(":")
+    if kind == "environments" and len(parts) == 2 and parts[0] != "azureml":
+        ref, parts = f"azureml:{ref}", ["azureml", *parts]
     text = str(held or "")
     if text == ref:
         return True
-    parts = ref.split(":")
     if len(parts) != 3 or parts[0] != "azureml":  # azureml:name@latest, a local folder, ...
         return False
     return text.lower().endswith(f"/{kind}/{parts[1]}/versions/{parts[2]}".lower())
@@ -495,7 +499,8 @@ class AzureMLRouter:
         """Whether `deployment` has finished deploying `release` as `colour`, as configured:
         Succeeded, with the release's tags, model and environment variables (one made before
         they existed answers version "0") and the configured environment and code. What cannot
-        be compared (a local code folder, which the SDK uploads) counts as a change."""
+        be compared (a local code folder, which the SDK uploads; a label such as `@latest`,
+        which Azure answers resolved) counts as a change."""
         tags = deployment.tags or {}
         variables = deployment.environment_variables or {}
         if (

@@ -1713,6 +1713,26 @@ def test_deploying_what_a_deployment_already_serves_writes_nothing(
     assert identity(again.release(Colour.BLUE)) == identity(change.get("release", V2))
 
 
+@pytest.mark.parametrize(
+    "environment",
+    [
+        pytest.param("azureml:diabetes-env:1", id="prefixed"),
+        pytest.param("diabetes-env:1", id="name-version-without-prefix"),
+        pytest.param("AzureML-sklearn-1.0-ubuntu20.04-py38-cpu:1", id="curated-short-form"),
+    ],
+)
+def test_an_identical_redeploy_writes_nothing_however_the_environment_is_written(
+    arm: FakeArm, ml_client: Any, environment: str
+) -> None:
+    """Was: an environment written `name:version` (no `azureml:`, which the spec takes) was
+    never the one deployed, so a deploy retried after a timeout rolled every instance again."""
+    router = make_router(ml_client, environment=environment)
+    router.deploy(Colour.BLUE, V2)
+    before = _deploy_puts(arm, router, Colour.BLUE)
+    router.deploy(Colour.BLUE, V2)
+    assert _deploy_puts(arm, router, Colour.BLUE) == before
+
+
 def test_a_deploy_waits_for_the_endpoints_change_to_finish(arm: FakeArm, ml_client: Any) -> None:
     """Azure ML refuses to write a deployment while its endpoint is Updating (a traffic change
     that timed out, or someone else's): deploy waits for it, as set_weights does."""
