@@ -627,7 +627,7 @@ class KubernetesStateStore:
         missing object (a rollout not started) but a URL that serves no such API.
         """
         try:
-            response = call()
+            return cast(Obj, kubeapi.read_json(call))  # the body is read in here too
         except ApiException as exc:
             if kubeapi.not_served(exc):
                 raise StateError(
@@ -644,8 +644,6 @@ class KubernetesStateStore:
             ) from exc
         except HTTPError as exc:
             raise StateError(f"{what}: {kubeapi.no_answer(exc, self._host)}") from exc
-        try:
-            return cast(Obj, json.loads(response.data))
         except ValueError as exc:
             raise StateError(f"{what}: the API server answered something not JSON") from exc
 

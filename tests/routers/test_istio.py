@@ -14,6 +14,7 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.client import IncompleteRead, RemoteDisconnected
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from urllib3.exceptions import (
     ConnectTimeoutError,
     MaxRetryError,
     NewConnectionError,
+    ProtocolError,
     ReadTimeoutError,
 )
 
@@ -1492,6 +1494,31 @@ def test_an_api_server_that_answers_too_late_is_not_said_unreachable(
     assert "cannot reach" not in str(late.value)
 
 
+@pytest.mark.parametrize(
+    ("resource", "verb", "call"),
+    [
+        pytest.param("deployments", "get", lambda r: r.release(Colour.BLUE), id="release"),
+        pytest.param(
+            "deployments", "get", lambda r: r.set_weights(Weights.blue_at(0)), id="rollback"
+        ),
+        pytest.param("deployments", "get", lambda r: r.deploy(Colour.BLUE, V1), id="deploy"),
+        pytest.param("virtualservices", "get", lambda r: r.get_weights(), id="get-weights"),
+    ],
+)
+def test_an_answer_broken_off_mid_body_is_router_unavailable(
+    api: FakeKubeApiServer, resource: str, verb: str, call: Any
+) -> None:
+    """Was: urllib3's ProtocolError from reading a Deployment's body (`_preload_content=False`)
+    outside the try that maps urllib3's errors: the controller's retry, a rollback's included,
+    never ran, and it died with a traceback (exit 1)."""
+    router = both_deployed(api)
+    api.cut_off(resource, verb)
+    with pytest.raises(RouterUnavailable) as broken:
+        call(router)
+    assert f"the answer of the Kubernetes API at {api.url} broke off: " in str(broken.value)
+    assert "IncompleteRead(" in str(broken.value)
+
+
 def _as_urllib3_raises(reason: Exception) -> Exception:
     """What the client raises after its retries (configuration.retries): the last failure."""
     return MaxRetryError(None, "/api/v1/namespaces/ml/configmaps/x", reason)  # type: ignore[arg-type]
@@ -1526,6 +1553,24 @@ _CONN = HTTPConnection("10.0.0.1", 443)
             "no answer from the Kubernetes API at https://10.0.0.1 within 10 s (reached, but "
             "slow: overloaded, or waiting on an admission webhook)",
             id="read-timeout",
+        ),
+        pytest.param(  # as urllib3 raises it from reading a body the server cut short
+            ProtocolError(
+                "Connection broken: IncompleteRead(42 bytes read, 458 more expected)",
+                IncompleteRead(b"x" * 42, 458),
+            ),
+            "the answer of the Kubernetes API at https://10.0.0.1 broke off: IncompleteRead(42 "
+            "bytes read, 458 more expected)",
+            id="broken-off-mid-body",
+        ),
+        pytest.param(  # before any answer: the server closed the connection on the request
+            ProtocolError(
+                "Connection aborted.",
+                RemoteDisconnected("Remote end closed connection without response"),
+            ),
+            "cannot reach the Kubernetes API at https://10.0.0.1: ('Connection aborted.', "
+            "RemoteDisconnected('Remote end closed connection without response'))",
+            id="aborted",
         ),
     ],
 )  # fmt: skip

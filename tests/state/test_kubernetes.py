@@ -454,6 +454,37 @@ def test_an_unreachable_api_server_is_a_state_error_with_its_url() -> None:
 
 
 @pytest.mark.parametrize(
+    ("resource", "verb", "call"),
+    [
+        pytest.param("configmaps", "get", lambda store: store.load(), id="load"),
+        pytest.param("configmaps", "get", lambda store: store.commands(), id="commands"),
+        pytest.param("leases", "get", lambda store: store.controller(), id="controller"),
+        pytest.param(
+            "configmaps",
+            "patch",
+            lambda store: store.push_command(Command(id="2", kind="abort")),
+            id="push-command",
+        ),
+        pytest.param("leases", "patch", lambda store: store.lease("bob").__enter__(), id="lease"),
+    ],
+)
+def test_an_answer_broken_off_mid_body_is_a_state_error(
+    api: FakeKubeApiServer, resource: str, verb: str, call: Callable[[KubernetesStateStore], object]
+) -> None:
+    """Was: urllib3's ProtocolError, a traceback (`rollout status` exit 1): a body read
+    lazily (`_preload_content=False`) was read outside the try that maps urllib3's errors."""
+    previous = kube_store(api)
+    previous.push_command(Command(id="1", kind="pause"))
+    with previous.lease("ann"):
+        previous.save(a_status(1))
+    api.cut_off(resource, verb)
+    with pytest.raises(StateError) as broken:
+        call(kube_store(api))
+    assert f"the answer of the Kubernetes API at {api.url} broke off: " in str(broken.value)
+    assert "IncompleteRead(" in str(broken.value)
+
+
+@pytest.mark.parametrize(
     "call",
     [
         pytest.param(lambda store: store.load(), id="status"),
