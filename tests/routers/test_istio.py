@@ -396,6 +396,63 @@ def test_redeploy_changes_only_what_the_router_owns(api: FakeKubeApiServer) -> N
     assert [r.verb for r in api.requests if r.resource == "deployments"].count("patch") == 1
 
 
+def with_containers(*names: str) -> dict[str, Any]:
+    """Green's Deployment as `m.deployment` makes it, its pod's containers renamed `names`: the
+    scoring server is the one named `diabetes` (or `scoring`); the others log shippers."""
+    dep = m.deployment(LAYOUT, Colour.GREEN, V1)
+    scoring = dep["spec"]["template"]["spec"]["containers"][0]
+    dep["spec"]["template"]["spec"]["containers"] = [
+        {**scoring, "name": name}
+        if name in ("diabetes", m.SCORING_CONTAINER)
+        else {"name": name, "image": "fluent/fluent-bit:3.0"}
+        for name in names
+    ]
+    return dep
+
+
+@pytest.mark.parametrize(
+    ("containers", "changed"),
+    [
+        pytest.param(("log-shipper", "scoring"), "scoring", id="the-one-named-scoring"),
+        pytest.param(("diabetes",), "diabetes", id="the-only-one-whatever-its-name"),
+    ],
+)
+def test_the_container_a_deploy_changes(
+    api: FakeKubeApiServer, containers: tuple[str, ...], changed: str
+) -> None:
+    api.seed(with_containers(*containers), "deployments", "apps")
+    router = make(api)
+    router.deploy(Colour.GREEN, V2)
+    images = {
+        c["name"]: c["image"]
+        for c in api.get(*DEPLOYMENT_GREEN)["spec"]["template"]["spec"]["containers"]
+    }
+    assert images == {
+        name: V2.image if name == changed else "fluent/fluent-bit:3.0" for name in containers
+    }
+    assert identity(router.release(Colour.GREEN)) == identity(V2)
+
+
+def test_several_containers_and_none_named_scoring_are_refused_not_guessed(
+    api: FakeKubeApiServer,
+) -> None:
+    """Was: the first container was taken for the scoring one: the log shipper got the new
+    model's image and AML_ROLLOUT_COLOUR, `diabetes` went on serving v1, and the annotations
+    (and `release()`) said v2: the judge would have tested v1 and promoted v2."""
+    seeded = api.seed(with_containers("log-shipper", "diabetes"), "deployments", "apps")
+    router = make(api)
+    said = (
+        "Deployment ml/diabetes-green has 2 containers (log-shipper, diabetes) and none named "
+        "`scoring`"
+    )
+    with pytest.raises(RouterRefused, match=re.escape(said)) as refused:
+        router.deploy(Colour.GREEN, V2)
+    assert "name the scoring server's container `scoring`" in str(refused.value)
+    assert api.get(*DEPLOYMENT_GREEN) == seeded  # nothing written
+    with pytest.raises(RouterRefused, match=re.escape(said)):
+        router.release(Colour.GREEN)
+
+
 def test_a_release_pushed_again_under_its_tag_rolls_the_pods_and_pulls_it(
     api: FakeKubeApiServer,
 ) -> None:
