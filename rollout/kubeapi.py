@@ -25,16 +25,23 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
 
 from rollout.errors import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from rollout.config import KubeApiConfig
 
 NOT_FOUND = 404
@@ -167,6 +174,17 @@ class Credentials:
         return ""
 
 
+def read_json(call: Callable[[], Any]) -> Any:
+    """Make a request sent with `_preload_content=False` and read its whole answer as JSON.
+
+    Such a body is read lazily, after the call returned the status: a connection reset or a
+    stall mid-body raises urllib3's HTTPError (ProtocolError, ReadTimeoutError) from the read.
+    Call this inside the try that maps HTTPError, so the read is mapped as the call is.
+    ValueError when the body is not JSON.
+    """
+    return json.loads(call().data)
+
+
 _CONNECTION = re.compile(r"^HTTPS?Connection(Pool)?\(host=[^)]*\): ")
 _READ_TIMEOUT = re.compile(r"read timeout=([0-9.]+)")
 _TIMEOUT = re.compile(r"timeout=([0-9]+\.[0-9]+)")
@@ -178,6 +196,11 @@ def no_answer(exc: Exception, host: str) -> str:
     ... (Caused by ...)"). A read timeout is not "cannot reach": the API server took the
     request and did not answer in time (overloaded, or waiting on an admission webhook)."""
     reason = getattr(exc, "reason", None) or exc  # MaxRetryError carries the last failure
+    if isinstance(reason, ProtocolError) and str(reason.args[0]).startswith("Connection broken"):
+        # Raised while reading a body: the server answered, then the connection went (reset,
+        # a proxy's timeout, an API server restarting). Its inner error says how far it got.
+        inner = reason.args[-1]
+        return f"the answer of the Kubernetes API at {host} broke off: {inner!r}"
     if isinstance(reason, ReadTimeoutError):
         found = _READ_TIMEOUT.search(str(reason))
         within = f" within {round(float(found.group(1)), 1):g} s" if found else " in time"

@@ -53,7 +53,6 @@ the rendered RBAC Role is enough.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -399,15 +398,15 @@ class IstioRouter:
 
     def _read_deployment(self, name: str) -> dict[str, Any] | None:
         """The Deployment as the API server sent it (raw JSON), or None when it does not exist."""
-        response: Any = self._read(  # with _preload_content=False: the HTTP response
+        found = self._read(  # raw JSON: the typed model would drop fields it does not know
             f"Deployment {self._ns}/{name}",
-            lambda: self._apps.read_namespaced_deployment(
-                name, self._ns, _request_timeout=self._timeout, _preload_content=False
+            lambda: kubeapi.read_json(
+                lambda: self._apps.read_namespaced_deployment(
+                    name, self._ns, _request_timeout=self._timeout, _preload_content=False
+                )
             ),
         )
-        if response is None:
-            return None
-        return cast(dict[str, Any], json.loads(response.data))
+        return cast(dict[str, Any] | None, found)
 
     def _wait_available(self, name: str) -> None:
         """Poll until the Deployment's rollout is complete (see `m.rollout_waiting_for`).
@@ -451,13 +450,15 @@ class IstioRouter:
             return "not read (the Deployment selects by expressions)"
         selector = ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
         try:
-            response: Any = self._core.list_namespaced_pod(  # the HTTP response, raw JSON
-                self._ns,
-                label_selector=selector,
-                _request_timeout=self._timeout,
-                _preload_content=False,
+            found = kubeapi.read_json(
+                lambda: self._core.list_namespaced_pod(
+                    self._ns,
+                    label_selector=selector,
+                    _request_timeout=self._timeout,
+                    _preload_content=False,
+                )
             )
-            items = json.loads(response.data).get("items") or []
+            items = found.get("items") or []
         except ApiException as exc:
             return f"not readable ({kubeapi.describe(exc, self._credentials)})"
         except (HTTPError, ValueError) as exc:

@@ -220,11 +220,25 @@ def pinned(image: str) -> bool:
 
 
 def scoring_container(deployment: Obj) -> Obj | None:
-    """The pod template's container named `scoring`, else its first one (None when empty)."""
-    containers = ((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}
-    found = containers.get("containers") or []
-    return next(
-        (c for c in found if c.get("name") == SCORING_CONTAINER), found[0] if found else None
+    """The pod template's container the router owns: the one named `scoring` (as `deployment`
+    and the chart name it), else the only one; None when it has none.
+
+    RouterRefused for several and none named `scoring`: which one serves the model cannot be
+    told, and taking the first (a log shipper, say) would give it the new image while the old
+    model went on serving under the new release's annotations.
+    """
+    pod = ((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}
+    found = pod.get("containers") or []
+    named = next((c for c in found if c.get("name") == SCORING_CONTAINER), None)
+    if named is not None or len(found) <= 1:
+        return named or (found[0] if found else None)
+    meta = deployment.get("metadata") or {}
+    names = ", ".join(str(c.get("name")) for c in found)
+    raise RouterRefused(
+        f"Deployment {meta.get('namespace')}/{meta.get('name')} has {len(found)} containers "
+        f"({names}) and none named `{SCORING_CONTAINER}`: which one serves the model cannot be "
+        f"told; name the scoring server's container `{SCORING_CONTAINER}` (as `aml-rollout "
+        "manifests` and the chart do)"
     )
 
 

@@ -437,9 +437,16 @@ class KubernetesStateStore:
         )
 
     def _claim_status(self, claim: str) -> None:
-        """Write our claim on the status ConfigMap (creating it if need be): the fence moves."""
+        """Write our claim on the status ConfigMap (creating it if need be): the fence moves.
+
+        Only while the Lease is still this tenure's (`_require_lease`), checked before each
+        attempt: the claim overwrites whatever claim is there, so a holder that froze between
+        taking the Lease and claiming would fence out the successor that took over meanwhile,
+        and, having lost the lease itself, stop too: nobody would drive the rollout.
+        """
         name = self.objects.status
         for _ in range(self._max_retries):
+            self._require_lease()
             found = self._read_configmap(name)
             try:
                 if found is None:
@@ -459,6 +466,20 @@ class KubernetesStateStore:
             f"cannot claim ConfigMap {self._ns}/{name}: still conflicting after "
             f"{self._max_retries} attempts"
         )
+
+    def _require_lease(self) -> None:
+        """StateError (as `check_lease`'s) unless the lease is renewed in time by our clock and
+        the Lease, read now, is still this tenure's: a suspended VM's monotonic clock does not
+        count the suspension, the Lease shows the take-over it allowed."""
+        self.check_lease()
+        held = self._held
+        if held is None:
+            return
+        found = self._read_lease()
+        if not held.owns(found):
+            taker = o.describe_holder(found) if found else "nobody (it was deleted)"
+            held.lost = f"Lease {self._ns}/{self.objects.lease} was taken over by {taker}"
+            self.check_lease()
 
     def _keep_renewing(self, held: _Held) -> None:
         """The renewal thread: every ttl/3 until released, or until the lease is lost.
@@ -627,7 +648,7 @@ class KubernetesStateStore:
         missing object (a rollout not started) but a URL that serves no such API.
         """
         try:
-            response = call()
+            return cast(Obj, kubeapi.read_json(call))  # the body is read in here too
         except ApiException as exc:
             if kubeapi.not_served(exc):
                 raise StateError(
@@ -644,8 +665,6 @@ class KubernetesStateStore:
             ) from exc
         except HTTPError as exc:
             raise StateError(f"{what}: {kubeapi.no_answer(exc, self._host)}") from exc
-        try:
-            return cast(Obj, json.loads(response.data))
         except ValueError as exc:
             raise StateError(f"{what}: the API server answered something not JSON") from exc
 

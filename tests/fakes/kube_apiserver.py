@@ -34,7 +34,8 @@ real apiserver. What it implements is what clients rely on for correctness:
 
 Every request is recorded (`requests`) with the RBAC verb it needs, so tests can check that a
 Role grants exactly what a client used. `delay(resource, verb, s)` answers such requests late (a
-slow API server); `delete(...)` removes an object as another client would.
+slow API server); `cut_off(resource, verb)` breaks their answers off mid-body (a connection reset
+after the headers); `delete(...)` removes an object as another client would.
 `before_next_write(resource, name, fn)` runs `fn(obj)` as a concurrent writer just before the next
 write to that object is handled — the race a 409 guards (or, returning DELETED, deletes it: the
 race a 404 on a write is).
@@ -137,6 +138,9 @@ class FakeKubeApiServer:
         self._lock = threading.RLock()
         self._hooks: dict[tuple[str, str], Callable[[dict[str, Any]], None]] = {}
         self._delays: dict[tuple[str, str], float] = {}
+        self._cut_offs: set[tuple[str, str]] = set()
+        #: Per handler thread: whether the answer being made is to be cut off (see cut_off).
+        self._answer = threading.local()
         self._server: LocalServer | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -187,6 +191,20 @@ class FakeKubeApiServer:
         """Answer every later `verb` request on `resource` `seconds` late (a slow API server);
         0 ends it. Other requests are served meanwhile, as by a real one."""
         self._delays[(resource, verb)] = seconds
+
+    def cut_off(self, resource: str, verb: str, cut: bool = True) -> None:
+        """Break every later answer to `verb` requests on `resource` off mid-body: the status and
+        the headers (Content-Length the whole body) go out, half the body, then the connection
+        closes, as when it is reset mid-answer. The request itself is handled (a write is made).
+        False ends it."""
+        if cut:
+            self._cut_offs.add((resource, verb))
+        else:
+            self._cut_offs.discard((resource, verb))
+
+    def cuts_off_this_answer(self) -> bool:
+        """Whether the answer to the request this thread just handled is to be cut off."""
+        return bool(getattr(self._answer, "cut", False))
 
     def set_status(
         self, resource: str, name: str, namespace: str, group: str, status: dict[str, Any]
@@ -256,6 +274,7 @@ class FakeKubeApiServer:
     def handle(
         self, method: str, path: str, body: Any, content_type: str, label_selector: str = ""
     ) -> tuple[int, dict[str, Any]]:
+        self._answer.cut = False
         if method == "GET" and (found := discovery(path)) is not None:
             return 200, found
         match = _CORE.match(path) or _GROUP.match(path)
@@ -281,6 +300,7 @@ class FakeKubeApiServer:
         record = dict(
             method=method, verb=verb, group=group, resource=resource, namespace=namespace, name=name
         )
+        self._answer.cut = (resource, verb) in self._cut_offs
         if seconds := self._delays.get((resource, verb)):
             time.sleep(seconds)  # outside the lock: a slow answer, not a stalled server
         try:
@@ -569,6 +589,10 @@ def _handler_for(api: FakeKubeApiServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
+            if api.cuts_off_this_answer():
+                self.wfile.write(data[: len(data) // 2])
+                self.close_connection = True
+                return
             self.wfile.write(data)
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve

@@ -14,6 +14,7 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.client import IncompleteRead, RemoteDisconnected
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from urllib3.exceptions import (
     ConnectTimeoutError,
     MaxRetryError,
     NewConnectionError,
+    ProtocolError,
     ReadTimeoutError,
 )
 
@@ -392,6 +394,63 @@ def test_redeploy_changes_only_what_the_router_owns(api: FakeKubeApiServer) -> N
     expected.pop("status"), after.pop("status")
     assert after == expected  # Helm's metadata, the HPA's 6 replicas, resources... all kept
     assert [r.verb for r in api.requests if r.resource == "deployments"].count("patch") == 1
+
+
+def with_containers(*names: str) -> dict[str, Any]:
+    """Green's Deployment as `m.deployment` makes it, its pod's containers renamed `names`: the
+    scoring server is the one named `diabetes` (or `scoring`); the others log shippers."""
+    dep = m.deployment(LAYOUT, Colour.GREEN, V1)
+    scoring = dep["spec"]["template"]["spec"]["containers"][0]
+    dep["spec"]["template"]["spec"]["containers"] = [
+        {**scoring, "name": name}
+        if name in ("diabetes", m.SCORING_CONTAINER)
+        else {"name": name, "image": "fluent/fluent-bit:3.0"}
+        for name in names
+    ]
+    return dep
+
+
+@pytest.mark.parametrize(
+    ("containers", "changed"),
+    [
+        pytest.param(("log-shipper", "scoring"), "scoring", id="the-one-named-scoring"),
+        pytest.param(("diabetes",), "diabetes", id="the-only-one-whatever-its-name"),
+    ],
+)
+def test_the_container_a_deploy_changes(
+    api: FakeKubeApiServer, containers: tuple[str, ...], changed: str
+) -> None:
+    api.seed(with_containers(*containers), "deployments", "apps")
+    router = make(api)
+    router.deploy(Colour.GREEN, V2)
+    images = {
+        c["name"]: c["image"]
+        for c in api.get(*DEPLOYMENT_GREEN)["spec"]["template"]["spec"]["containers"]
+    }
+    assert images == {
+        name: V2.image if name == changed else "fluent/fluent-bit:3.0" for name in containers
+    }
+    assert identity(router.release(Colour.GREEN)) == identity(V2)
+
+
+def test_several_containers_and_none_named_scoring_are_refused_not_guessed(
+    api: FakeKubeApiServer,
+) -> None:
+    """Was: the first container was taken for the scoring one: the log shipper got the new
+    model's image and AML_ROLLOUT_COLOUR, `diabetes` went on serving v1, and the annotations
+    (and `release()`) said v2: the judge would have tested v1 and promoted v2."""
+    seeded = api.seed(with_containers("log-shipper", "diabetes"), "deployments", "apps")
+    router = make(api)
+    said = (
+        "Deployment ml/diabetes-green has 2 containers (log-shipper, diabetes) and none named "
+        "`scoring`"
+    )
+    with pytest.raises(RouterRefused, match=re.escape(said)) as refused:
+        router.deploy(Colour.GREEN, V2)
+    assert "name the scoring server's container `scoring`" in str(refused.value)
+    assert api.get(*DEPLOYMENT_GREEN) == seeded  # nothing written
+    with pytest.raises(RouterRefused, match=re.escape(said)):
+        router.release(Colour.GREEN)
 
 
 def test_a_release_pushed_again_under_its_tag_rolls_the_pods_and_pulls_it(
@@ -1492,6 +1551,31 @@ def test_an_api_server_that_answers_too_late_is_not_said_unreachable(
     assert "cannot reach" not in str(late.value)
 
 
+@pytest.mark.parametrize(
+    ("resource", "verb", "call"),
+    [
+        pytest.param("deployments", "get", lambda r: r.release(Colour.BLUE), id="release"),
+        pytest.param(
+            "deployments", "get", lambda r: r.set_weights(Weights.blue_at(0)), id="rollback"
+        ),
+        pytest.param("deployments", "get", lambda r: r.deploy(Colour.BLUE, V1), id="deploy"),
+        pytest.param("virtualservices", "get", lambda r: r.get_weights(), id="get-weights"),
+    ],
+)
+def test_an_answer_broken_off_mid_body_is_router_unavailable(
+    api: FakeKubeApiServer, resource: str, verb: str, call: Any
+) -> None:
+    """Was: urllib3's ProtocolError from reading a Deployment's body (`_preload_content=False`)
+    outside the try that maps urllib3's errors: the controller's retry, a rollback's included,
+    never ran, and it died with a traceback (exit 1)."""
+    router = both_deployed(api)
+    api.cut_off(resource, verb)
+    with pytest.raises(RouterUnavailable) as broken:
+        call(router)
+    assert f"the answer of the Kubernetes API at {api.url} broke off: " in str(broken.value)
+    assert "IncompleteRead(" in str(broken.value)
+
+
 def _as_urllib3_raises(reason: Exception) -> Exception:
     """What the client raises after its retries (configuration.retries): the last failure."""
     return MaxRetryError(None, "/api/v1/namespaces/ml/configmaps/x", reason)  # type: ignore[arg-type]
@@ -1526,6 +1610,24 @@ _CONN = HTTPConnection("10.0.0.1", 443)
             "no answer from the Kubernetes API at https://10.0.0.1 within 10 s (reached, but "
             "slow: overloaded, or waiting on an admission webhook)",
             id="read-timeout",
+        ),
+        pytest.param(  # as urllib3 raises it from reading a body the server cut short
+            ProtocolError(
+                "Connection broken: IncompleteRead(42 bytes read, 458 more expected)",
+                IncompleteRead(b"x" * 42, 458),
+            ),
+            "the answer of the Kubernetes API at https://10.0.0.1 broke off: IncompleteRead(42 "
+            "bytes read, 458 more expected)",
+            id="broken-off-mid-body",
+        ),
+        pytest.param(  # before any answer: the server closed the connection on the request
+            ProtocolError(
+                "Connection aborted.",
+                RemoteDisconnected("Remote end closed connection without response"),
+            ),
+            "cannot reach the Kubernetes API at https://10.0.0.1: ('Connection aborted.', "
+            "RemoteDisconnected('Remote end closed connection without response'))",
+            id="aborted",
         ),
     ],
 )  # fmt: skip

@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jsonschema
 import pytest
@@ -24,7 +24,7 @@ from kubernetes import client as k8s
 from typer.testing import CliRunner
 
 from rollout.cli import app
-from rollout.core.types import Colour, Weights
+from rollout.core.types import Colour, Release, Weights
 from rollout.errors import ConfigError, DeployFailed
 from rollout.routers import istio_manifests as m
 from rollout.routers.base import UPSTREAM_IDLE_S
@@ -731,12 +731,27 @@ def render_template(text: str, root: dict[str, Any]) -> str:
     return "".join(out)
 
 
+class HelmYamlLoader(yaml.SafeLoader):
+    """YAML as Helm reads a rendered chart (go-yaml v2's YAML 1.1): PyYAML's, plus y / Y / n / N
+    as booleans, which PyYAML leaves strings."""
+
+    bool_values: ClassVar[dict[str, bool]] = {
+        **yaml.SafeLoader.bool_values,
+        "y": True,
+        "n": False,
+    }
+
+
+HelmYamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile("^[yYnN]$"), list("yYnN"))
+
+
 def render_chart(values: dict[str, Any], namespace: str) -> list[dict[str, Any]]:
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     root = {"Values": {**defaults, **values}, "Release": {"Namespace": namespace}}
     docs = []
     for template in sorted((CHART / "templates").glob("*.yaml")):
-        docs += [d for d in yaml.safe_load_all(render_template(template.read_text(), root)) if d]
+        rendered = render_template(template.read_text(), root)
+        docs += [d for d in yaml.load_all(rendered, Loader=HelmYamlLoader) if d]
     return docs
 
 
@@ -785,6 +800,31 @@ def test_the_chart_renders_what_the_router_builds(
     for doc in chart.values():
         if doc["apiVersion"].startswith(m.ISTIO_GROUP):
             assert errors(doc) == []
+
+
+# Words YAML 1.1 (Helm's parser, HelmYamlLoader) reads as booleans or null; all valid DNS labels.
+@pytest.mark.parametrize("word", ["on", "off", "yes", "no", "true", "null", "y", "n"])
+def test_the_chart_renders_yaml_1_1_words_as_the_strings_they_are(word: str) -> None:
+    """Was: `--set app=on` rendered `app: on` in labels and selectors, which Helm's YAML
+    parser reads as true: a label that is no string, refused by the API server, and a chart
+    that no longer matched `aml-rollout manifests --app on` (which quotes it)."""
+    values = {
+        "app": word,
+        "header": word,
+        "ingressGateway": word,
+        "green": {"image": V1.image, "model": word, "version": word, "sha256": V1.sha256},
+    }
+    layout = m.IstioLayout(
+        namespace=word, app=word, header=word, ingress_selector=(("istio", word),)
+    )
+    green = Release(model=word, version=word, sha256=V1.sha256, image=V1.image)
+    assert by_name(render_chart(values, word)) == by_name(
+        m.bootstrap(layout, {Colour.GREEN: green})
+    )
+    accounts = [
+        d for d in render_chart({"serviceAccount": word}, "ml") if d["kind"] == "ServiceAccount"
+    ]
+    assert [a["metadata"]["name"] for a in accounts] == [word]
 
 
 def test_the_chart_renderer_is_not_vacuous() -> None:

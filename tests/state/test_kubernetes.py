@@ -10,6 +10,7 @@ another store whose clock runs ahead (a lease expires for it) — nothing is moc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -294,6 +295,42 @@ def test_a_stale_controller_is_fenced_even_before_the_new_one_saves(
             assert loaded is not None and loaded.tick == 1
 
 
+@pytest.mark.parametrize(
+    ("frozen_s", "said"),
+    [
+        # A GC pause, a SIGSTOP: its own monotonic clock saw the time go.
+        pytest.param(61.0, r"not renewed for more than 20 s", id="it-saw-the-time-go"),
+        # A suspended VM: CLOCK_MONOTONIC does not count the suspension. The Lease says it.
+        pytest.param(0.0, r"Lease ml/aml-rollout-r was taken over by bob pid", id="it-did-not"),
+    ],
+)
+def test_a_holder_frozen_before_its_claim_does_not_claim_over_its_successor(
+    api: FakeKubeApiServer, monkeypatch: pytest.MonkeyPatch, frozen_s: float, said: str
+) -> None:
+    """Was: ann took the Lease, froze past its expiry, bob took over, claimed and saved; ann
+    woke and claimed the status over bob's claim: bob's next save was fenced ("lost rollout")
+    while ann had lost the lease too. Both stopped; nobody drove the rollout."""
+    frozen = InstantTime()
+    ann = kube_store(api, ttl=30, monotonic=frozen.monotonic, sleep=frozen.sleep)
+    bob = successor(api)  # to bob, ann's lease ran out while she was frozen
+    claim = ann._claim_status
+    with contextlib.ExitStack() as bobs:
+
+        def freeze_then_claim(claim_text: str) -> None:
+            frozen.now += frozen_s
+            bobs.enter_context(bob.lease("bob"))
+            bob.save(a_status(5))
+            claim(claim_text)
+
+        monkeypatch.setattr(ann, "_claim_status", freeze_then_claim)
+        lost = f"lost the lease of rollout 'r': .*{said}"
+        with pytest.raises(StateError, match=lost), ann.lease("ann"):
+            pytest.fail("ann drives the rollout bob took over")
+        bob.save(a_status(6))  # bob's claim stands: it goes on
+        assert "bob" in o.claim_of(api.get("configmaps", "aml-rollout-r-status", NAMESPACE))
+        assert "bob" in lease_of(api)["spec"]["holderIdentity"]  # ann's release left it alone
+
+
 def test_the_renewal_notices_a_take_over_and_saves_stop(
     api: FakeKubeApiServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -451,6 +488,37 @@ def test_an_unreachable_api_server_is_a_state_error_with_its_url() -> None:
         store.load()
     assert str(e.value).endswith(f"{url}: Failed to establish a new connection: [Errno 111] "
                                  "Connection refused")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("resource", "verb", "call"),
+    [
+        pytest.param("configmaps", "get", lambda store: store.load(), id="load"),
+        pytest.param("configmaps", "get", lambda store: store.commands(), id="commands"),
+        pytest.param("leases", "get", lambda store: store.controller(), id="controller"),
+        pytest.param(
+            "configmaps",
+            "patch",
+            lambda store: store.push_command(Command(id="2", kind="abort")),
+            id="push-command",
+        ),
+        pytest.param("leases", "patch", lambda store: store.lease("bob").__enter__(), id="lease"),
+    ],
+)
+def test_an_answer_broken_off_mid_body_is_a_state_error(
+    api: FakeKubeApiServer, resource: str, verb: str, call: Callable[[KubernetesStateStore], object]
+) -> None:
+    """Was: urllib3's ProtocolError, a traceback (`rollout status` exit 1): a body read
+    lazily (`_preload_content=False`) was read outside the try that maps urllib3's errors."""
+    previous = kube_store(api)
+    previous.push_command(Command(id="1", kind="pause"))
+    with previous.lease("ann"):
+        previous.save(a_status(1))
+    api.cut_off(resource, verb)
+    with pytest.raises(StateError) as broken:
+        call(kube_store(api))
+    assert f"the answer of the Kubernetes API at {api.url} broke off: " in str(broken.value)
+    assert "IncompleteRead(" in str(broken.value)
 
 
 @pytest.mark.parametrize(
