@@ -79,6 +79,17 @@ JSON_TYPES = (
     "application/cloudevents-batch+json",
 )
 
+#: Seconds a connection may go without sending a complete request head (connected, or since its
+#: last request began): one that sends nothing, or its headers a byte at a time, is closed
+#: after 10 to 20 s. uvicorn times out only the wait *between* requests (keep-alive), so idle
+#: sockets were held for ever, until the process ran out of file descriptors and a signed
+#: Event Grid POST got no answer. Event Grid sends a request at once.
+HEADER_TIMEOUT_S = 10.0
+#: Connections and requests at once over which a request is answered 503 (Event Grid retries
+#: it) rather than served: a bound on the tasks and memory a flood costs. Event Grid delivers a
+#: few requests at once per subscription.
+LIMIT_CONCURRENCY = 100
+
 #: A query string in a log argument (a request path; paths carry no spaces).
 _QUERY = re.compile(r"\?(\S*)")
 
@@ -391,6 +402,44 @@ class WebhookApp:
         return {model: set() if model in late else found.get(model, set()) for model in models}
 
 
+class _HeaderDeadline(asyncio.Protocol):
+    """Mixed into uvicorn's HTTP protocol class (h11 or httptools; both set `cycle` when a
+    request's head is complete): closes a connection over which no request began for a whole
+    `header_timeout_s` and none is in progress. Checked every `header_timeout_s`, so an idle
+    or half-sent connection lasts 1 to 2 of them."""
+
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    cycle: Any
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._check_after(self.cycle)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _check_after(self, cycle: Any) -> None:
+        self._deadline = self.loop.call_later(self.header_timeout_s, self._check, cycle)
+
+    def _check(self, cycle: Any) -> None:
+        idle = self.cycle is cycle and (cycle is None or cycle.response_complete)
+        if idle and not self.transport.is_closing():
+            self.transport.close()
+        elif not idle:
+            self._check_after(self.cycle)
+
+
+def _with_header_deadline(protocol: type[asyncio.Protocol], timeout_s: float) -> type:
+    return type(
+        f"HeaderDeadline{protocol.__name__}",
+        (_HeaderDeadline, protocol),
+        {"header_timeout_s": timeout_s},
+    )
+
+
 async def _respond(
     send: Send, status: int, body: dict[str, Any] | None, extra: dict[str, str]
 ) -> None:
@@ -410,9 +459,13 @@ def make_server(
     port: int,
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    limit_concurrency: int = LIMIT_CONCURRENCY,
 ) -> tuple[Any, Any, str]:
     """A uvicorn Server, its bound socket and the events URL (`port=0` picks a free port);
-    ConfigError when the address cannot be bound or the TLS files do not load.
+    ConfigError when the address cannot be bound or the TLS files do not load. A connection
+    that sends no request head for `header_timeout_s` is closed; over `limit_concurrency`
+    connections at once a request is answered 503.
 
     Run it with `server.run(sockets=[sock])`; set `server.should_exit` to stop it.
     """
@@ -437,6 +490,7 @@ def make_server(
         log_config=None,  # keep the caller's logging set-up
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
+        limit_concurrency=limit_concurrency,
     )
     try:
         # Loaded now, not by `run`: a certificate that does not load is then one line, not a
@@ -449,6 +503,8 @@ def make_server(
             else f"{ssl_certfile} (no --ssl-keyfile: the key must be in that file)"
         )
         raise ConfigError(f"--ssl-certfile/--ssl-keyfile: cannot load {files}: {exc}") from exc
+    # uvicorn has no timeout for a request head (see HEADER_TIMEOUT_S).
+    config.http_protocol_class = _with_header_deadline(config.http_protocol_class, header_timeout_s)
     try:
         sock = socket.create_server((host, port))
     except OSError as exc:

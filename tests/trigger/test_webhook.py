@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ def running(
     max_body: int = 4096,
     step_s: float = 0.0,
     previous_secrets: tuple[str, ...] = (),
+    **server_options: Any,
 ) -> Iterator[Hook]:
     store = TriggerStore(root / "trigger")
     delivery = ResumableDelivery(root / "engine", registry, step_s=step_s)
@@ -78,7 +80,7 @@ def running(
         event_filter=event_filter,
         max_body=max_body,
     )
-    server, sock, url = make_server(app, host="127.0.0.1", port=0)
+    server, sock, url = make_server(app, host="127.0.0.1", port=0, **server_options)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     worker.start()
@@ -494,6 +496,42 @@ def test_health_needs_no_key_and_other_paths_are_404(hook: Hook) -> None:
     assert hook.client.get(f"{base}/healthz").json() == {"status": "ok"}
     assert hook.client.get(f"{base}/nope").status_code == 404
     assert hook.client.get(hook.url, params={"key": SECRET}).status_code == 405
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        pytest.param(b"", id="nothing"),
+        pytest.param(b"POST /events HTTP/1.1\r\nHost: x\r\n", id="half-a-head"),
+    ],
+)
+def test_a_connection_that_sends_no_request_head_is_closed(
+    tmp_path: Path, registry: LocalRegistry, sent: bytes
+) -> None:
+    # Such connections were held for ever: enough of them and the process ran out of file
+    # descriptors, so a signed Event Grid POST got no answer.
+    with running(tmp_path, registry, header_timeout_s=0.2) as hook:
+        host, port = httpx.URL(hook.url).host, httpx.URL(hook.url).port
+        with socket.create_connection((host, port or 80), timeout=2) as idle:
+            idle.sendall(sent)
+            started = time.monotonic()
+            assert idle.recv(1024) == b""  # closed by the server, not timed out here
+            assert time.monotonic() - started < 1
+        # A connection that keeps sending requests is kept past the deadline.
+        for _ in range(3):
+            assert hook.post([validation_event()]).status_code == 200
+            time.sleep(0.1)
+
+
+def test_over_the_concurrency_limit_a_request_is_answered_503_not_ignored(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    with running(tmp_path, registry, limit_concurrency=2) as hook:
+        host, port = httpx.URL(hook.url).host, httpx.URL(hook.url).port
+        with ExitStack() as stack:
+            for _ in range(2):
+                stack.enter_context(socket.create_connection((host, port or 80), timeout=2))
+            _until(lambda: hook.post([validation_event()]).status_code == 503, "a 503")
 
 
 @pytest.mark.parametrize(
