@@ -93,6 +93,11 @@ LIMIT_CONCURRENCY = 100
 #: A query string in a log argument (a request path; paths carry no spaces).
 _QUERY = re.compile(r"\?(\S*)")
 
+#: Characters a log line must not carry raw: a decoded path's %0A started a forged log line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
+#: A query in a decoded request path (`/events%3Fkey=...`): all of it, spaces too.
+_PATH_QUERY = re.compile(r"\?(.*)", re.DOTALL)
+
 Scope = Mapping[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -102,6 +107,14 @@ def _redact_query(match: re.Match[str]) -> str:
     """`?key=s3cret&x` → `?key=***&***`: every value, and every part without a name."""
     parts = (p.partition("=") for p in match.group(1).split("&"))
     return "?" + "&".join(f"{name}=***" if eq else "***" for name, eq, _ in parts)
+
+
+def shown_path(path: str) -> str:
+    """A request path as our log lines show it: control characters (and backslashes) escaped,
+    so that a `%0A` in it cannot start a forged line, and a query in it (a `%3F` decodes to
+    `?`) blanked as RedactKey blanks the access log's."""
+    escaped = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), path)
+    return _PATH_QUERY.sub(_redact_query, escaped)
 
 
 class RedactKey(logging.Filter):
@@ -183,7 +196,7 @@ class WebhookApp:
         if scope["type"] != "http":  # lifespan is off; websockets are not served
             return
         client = (scope.get("client") or ("?", 0))[0]
-        method, path = scope["method"], scope["path"]
+        method, path = scope["method"], shown_path(scope["path"])
         try:
             status, body, headers = await self._handle(scope, receive)
         except _Reject as rej:
@@ -200,7 +213,7 @@ class WebhookApp:
         if path == "/healthz":
             return 200, {"status": "ok"}, {}
         if path != "/events":
-            raise _Reject(404, f"no route {path}; Event Grid posts to /events")
+            raise _Reject(404, f"no route {shown_path(path)}; Event Grid posts to /events")
         headers = {k.lower(): v for k, v in scope["headers"]}
         authorised = self._authorised(scope, headers)
         if authorised is None:

@@ -589,6 +589,21 @@ def test_rejections_are_logged_without_secrets(
     assert "/events?%6Bey=*** " in text and "/events?a=***&key=***&*** " in text
 
 
+def test_a_request_path_cannot_forge_a_log_line_nor_carry_the_key_into_it(
+    hook: Hook, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = hook.url.removesuffix("/events")
+    forged = "2026-11-30 INFO aml_pipelines.trigger.webhook: POST /events authorised"
+    with caplog.at_level(logging.INFO, logger="aml_pipelines"):
+        # Decoded by uvicorn: the first into a newline, the second into `/events?key=SECRET`.
+        assert hook.client.get(f"{base}/x%0A{forged.replace(' ', '%20')}").status_code == 404
+        assert hook.client.post(f"{base}/events%3Fkey={SECRET}").status_code == 404
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("aml_pipelines")]
+    assert all("\n" not in line for line in lines), lines
+    assert any(f"GET /x\\n{forged} from" in line for line in lines), lines
+    assert SECRET not in "".join(lines) and any("/events?key=*** " in line for line in lines)
+
+
 def test_a_malformed_event_does_not_drop_the_valid_ones_of_its_batch(
     tmp_path: Path, registry: LocalRegistry, hook: Hook
 ) -> None:
