@@ -46,12 +46,14 @@ from aml_pipelines.registry.base import STAGE_TAG, ModelVersion, SkippedVersions
 log = logging.getLogger(__name__)
 
 MANIFEST = ".registry.json"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
 def check_name(name: str) -> str:
     """Model names are path-safe (letters, digits, `.`, `_`, `-`), as Azure ML requires."""
-    if not _NAME.match(name):
+    # fullmatch, not `^...$`: `$` also matches before a trailing newline, and "m\n" had the
+    # cursor file of "m_".
+    if not _NAME.fullmatch(name):
         raise ConfigError(
             f"model name {name!r} is invalid: use letters, digits, '.', '_' or '-' "
             "(starting with a letter or digit)"

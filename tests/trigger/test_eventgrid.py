@@ -212,6 +212,12 @@ def test_parses(payload: Any, expected: list[Any]) -> None:
             "model name 'a/b' is invalid",
             id="name-the-registry-refuses",
         ),
+        # Accepted: `$` matched before the newline; its cursor file was model "a_"'s.
+        pytest.param(
+            _body([eg_event(name="a\n")]),
+            "model name 'a\\n' is invalid",
+            id="name-with-a-trailing-newline",
+        ),
         pytest.param(
             _body([eg_event(ModelTags=["a"])]), "ModelTags must be a JSON object", id="tags-list"
         ),
