@@ -169,6 +169,14 @@ class LocalRegistry:
 
     def get(self, name: str, version: int) -> ModelVersion:
         """One version, after re-hashing every stored file against its manifest."""
+        try:
+            return self._get(name, version)
+        except OSError as exc:  # an unreadable folder, a name too long: one line, not a trace
+            raise RegistryError(
+                f"{name}:{version}: cannot read it in {self.root}: {exc.strerror or exc}"
+            ) from None
+
+    def _get(self, name: str, version: int) -> ModelVersion:
         model_root = self.root / check_name(name)
         folder = model_root / str(version)
         if not (folder / MANIFEST).is_file():
