@@ -52,6 +52,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -453,6 +454,17 @@ def _with_header_deadline(protocol: type[asyncio.Protocol], timeout_s: float) ->
     )
 
 
+def _encrypted(pem: str) -> bool:
+    """True when the PEM file holds an encrypted private key (PKCS#8 `BEGIN ENCRYPTED PRIVATE
+    KEY`, or a traditional key's `Proc-Type: 4,ENCRYPTED`). An unreadable file is not: loading
+    it says why."""
+    try:
+        with Path(pem).open("rb") as file:
+            return b"ENCRYPTED" in file.read(1024 * 1024)
+    except OSError:
+        return False
+
+
 async def _respond(
     send: Send, status: int, body: dict[str, Any] | None, extra: dict[str, str]
 ) -> None:
@@ -493,6 +505,17 @@ def make_server(
         # uvicorn asserts on it (a traceback); ignored, it would serve plain HTTP.
         raise ConfigError(
             f"--ssl-keyfile {ssl_keyfile}: give the certificate too (--ssl-certfile cert.pem)"
+        )
+    key_option, key_file = (
+        ("--ssl-keyfile", ssl_keyfile) if ssl_keyfile else ("--ssl-certfile", ssl_certfile)
+    )
+    if key_file and _encrypted(key_file):
+        # OpenSSL would prompt on the terminal ("Enter PEM pass phrase:"), then fail with
+        # "[Errno 22] Invalid argument", which says nothing of the cause.
+        raise ConfigError(
+            f"{key_option} {key_file}: the private key is encrypted (has a pass phrase), which "
+            "serve cannot ask for: decrypt it (openssl pkey -in ENCRYPTED.key -out plain.key, "
+            "readable only by the user serve runs as) and give that file"
         )
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactKey) for f in access.filters):

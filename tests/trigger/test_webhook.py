@@ -15,18 +15,20 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
 
-from aml_pipelines.errors import RegistryError
+from aml_pipelines.errors import ConfigError, RegistryError
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger import store as store_module
 from aml_pipelines.trigger import webhook as webhook_module
 from aml_pipelines.trigger.dispatch import WITHDRAWN, DeliveryWorker, Dispatcher
 from aml_pipelines.trigger.store import Step, TriggerStore
 from aml_pipelines.trigger.webhook import Filter, WebhookApp, make_server
+from tests.fakes.tls import make_pki
 from tests.trigger.fakes import ResumableDelivery, journal, register
 from tests.trigger.test_eventgrid import TOPIC, _camel, cloud_event, eg_event, validation_event
 
@@ -587,6 +589,28 @@ def test_rejections_are_logged_without_secrets(
     assert SECRET not in text and "guessed-key-123" not in text
     assert "/events?key=*** " in text  # the access log keeps the line, without the key
     assert "/events?%6Bey=*** " in text and "/events?a=***&key=***&*** " in text
+
+
+@pytest.mark.parametrize("key_in_certfile", [False, True], ids=["keyfile", "key-in-certfile"])
+def test_an_encrypted_tls_key_is_one_line_saying_to_decrypt_it(
+    tmp_path: Path, key_in_certfile: bool
+) -> None:
+    # Was OpenSSL's "Enter PEM pass phrase:" prompt, then "[Errno 22] Invalid argument".
+    pki = make_pki(tmp_path)
+    key = serialization.load_pem_private_key(pki.key_file.read_bytes(), password=None)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"pass phrase"),
+    )
+    cert = tmp_path / "cert.pem"
+    cert.write_bytes(pki.cert_file.read_bytes() + (encrypted if key_in_certfile else b""))
+    (tmp_path / "enc.key").write_bytes(encrypted)
+    keyfile = None if key_in_certfile else str(tmp_path / "enc.key")
+    app = WebhookApp(secret=SECRET, dispatcher=cast(Dispatcher, None), wake=lambda: None)
+    option = "--ssl-certfile" if key_in_certfile else "--ssl-keyfile"
+    with pytest.raises(ConfigError, match=f"^{option} .*: the private key is encrypted"):
+        make_server(app, host="127.0.0.1", port=0, ssl_certfile=str(cert), ssl_keyfile=keyfile)
 
 
 def test_a_request_path_cannot_forge_a_log_line_nor_carry_the_key_into_it(
