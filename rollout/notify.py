@@ -17,7 +17,9 @@ text then reads `(blue 0 % + 5 % mirrored)`. `held`: Paused waiting for a human'
 drift, an outage, a weight off the plan — rather than an operator's own `pause`.)
 
 Best effort, and never in the way: the controller calls it after a tick's actions are applied
-(a rollback is never delayed by a slow webhook), two attempts of `timeout_s` each, and a failure
+(the rollback a tick applies is never waited on a webhook), two attempts of at most `timeout_s`
+each in all (so a slow webhook holds the next tick at most 2 x `timeout_s`, 120 s at the
+most), reading only the answer's status line; a failure
 is a warning in the log (naming the webhook by scheme and host only: an incoming webhook's path
 is its secret), not an error of the rollout. A controller killed between persisting a
 phase and posting about it does not post it after a restart (at most once per phase change).
@@ -26,6 +28,7 @@ phase and posting about it does not post it after a restart (at most once per ph
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -100,28 +103,59 @@ class WebhookNotifier:
 
     def _post(self, body: dict[str, Any], what: str) -> None:
         problem = ""
-        with httpx.Client(timeout=self.config.timeout_s) as client:
-            for _ in range(ATTEMPTS):
-                try:
-                    response = client.post(self.config.url, json=body)
-                except httpx.TimeoutException:  # a slow webhook, or a timeout_s too short
-                    problem = f"no answer within {self.config.timeout_s:g} s (notify.timeout_s)"
-                    continue
-                except httpx.HTTPError as exc:
-                    problem = f"{type(exc).__name__}: {exc}"
-                    continue
-                except Exception as exc:  # best effort: nothing here may fail the rollout
-                    problem = f"{type(exc).__name__}: {exc}"
-                    break
-                if response.is_success:
-                    return
-                problem = f"HTTP {response.status_code}"
-                if response.status_code < 500:  # the webhook refuses it: asking again won't help
-                    break
+        for _ in range(ATTEMPTS):
+            answer = _Attempt(self.config.url, body, self.config.timeout_s).run()
+            if (
+                answer is None
+            ):  # a slow webhook (or one dripping its answer), or timeout_s too short
+                problem = f"no answer within {self.config.timeout_s:g} s (notify.timeout_s)"
+                continue
+            if isinstance(answer, httpx.HTTPError):
+                problem = f"{type(answer).__name__}: {answer}"
+                continue
+            if isinstance(answer, Exception):  # best effort: nothing here may fail the rollout
+                problem = f"{type(answer).__name__}: {answer}"
+                break
+            if 200 <= answer < 300:
+                return
+            problem = f"HTTP {answer}"
+            if answer < 500:  # the webhook refuses it: asking again won't help
+                break
         shown = shown_url(self.config.url)
         log.warning(
             "could not notify %s that %s: %s", shown, what, problem.replace(self.config.url, shown)
         )
+
+
+class _Attempt:
+    """One POST, given `timeout_s` in all. httpx's timeout bounds each read, not the request: a
+    webhook sending its answer a byte at a time held the controller's tick for as long as it
+    liked (a rollback delayed 30 s). So the POST runs on a daemon thread joined for at most
+    `timeout_s`, and reads only the status line (the body is never read). A thread given up on
+    is left to its own per-read timeout; it holds one socket and logs nothing."""
+
+    def __init__(self, url: str, body: dict[str, Any], timeout_s: float) -> None:
+        self.url, self.body, self.timeout_s = url, body, timeout_s
+        self.answer: int | Exception | None = None
+
+    def run(self) -> int | Exception | None:
+        """The status code, the exception raised, or None if no answer came within timeout_s."""
+        thread = threading.Thread(target=self._post, name="notify", daemon=True)
+        thread.start()
+        thread.join(self.timeout_s)
+        return None if thread.is_alive() else self.answer
+
+    def _post(self) -> None:
+        try:
+            with (
+                httpx.Client(timeout=self.timeout_s) as client,
+                client.stream("POST", self.url, json=self.body) as response,
+            ):
+                self.answer = response.status_code
+        except httpx.TimeoutException:
+            self.answer = None
+        except Exception as exc:  # handed to the caller, which logs it
+            self.answer = exc
 
 
 def shown_url(url: str) -> str:

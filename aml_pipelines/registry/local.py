@@ -46,12 +46,14 @@ from aml_pipelines.registry.base import STAGE_TAG, ModelVersion, SkippedVersions
 log = logging.getLogger(__name__)
 
 MANIFEST = ".registry.json"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
 def check_name(name: str) -> str:
     """Model names are path-safe (letters, digits, `.`, `_`, `-`), as Azure ML requires."""
-    if not _NAME.match(name):
+    # fullmatch, not `^...$`: `$` also matches before a trailing newline, and "m\n" had the
+    # cursor file of "m_".
+    if not _NAME.fullmatch(name):
         raise ConfigError(
             f"model name {name!r} is invalid: use letters, digits, '.', '_' or '-' "
             "(starting with a letter or digit)"
@@ -167,6 +169,14 @@ class LocalRegistry:
 
     def get(self, name: str, version: int) -> ModelVersion:
         """One version, after re-hashing every stored file against its manifest."""
+        try:
+            return self._get(name, version)
+        except OSError as exc:  # an unreadable folder, a name too long: one line, not a trace
+            raise RegistryError(
+                f"{name}:{version}: cannot read it in {self.root}: {exc.strerror or exc}"
+            ) from None
+
+    def _get(self, name: str, version: int) -> ModelVersion:
         model_root = self.root / check_name(name)
         folder = model_root / str(version)
         if not (folder / MANIFEST).is_file():

@@ -476,7 +476,9 @@ def serve(
     ssl_certfile: Annotated[
         str | None, typer.Option("--ssl-certfile", help="TLS certificate (PEM).")
     ] = None,
-    ssl_keyfile: Annotated[str | None, typer.Option("--ssl-keyfile", help="TLS key (PEM).")] = None,
+    ssl_keyfile: Annotated[
+        str | None, typer.Option("--ssl-keyfile", help="TLS key (PEM, not encrypted).")
+    ] = None,
     state_dir: StateOpt = DEFAULT_STATE,
     rollout_state_dir: RolloutStateOpt = None,
     image_registry: ImageOpt = None,

@@ -46,6 +46,10 @@ from aml_pipelines.registry.local import check_name
 
 MODEL_REGISTERED = "Microsoft.MachineLearningServices.ModelRegistered"
 SUBSCRIPTION_VALIDATION = "Microsoft.EventGrid.SubscriptionValidationEvent"
+#: The highest version number taken (Azure ML's are far below it). A 300-digit version was
+#: accepted, and the registry's read of a folder name that long failed (ENAMETOOLONG) on every
+#: retry of its delivery, for ever.
+MAX_VERSION = 2**31 - 1
 _SUBJECT = re.compile(r"^models/(?P<name>[^:/]+):(?P<version>[^:/]+)$")
 _EVENTGRID_REQUIRED = ("id", "eventType", "subject", "data", "dataVersion", "eventTime")
 _CLOUDEVENT_REQUIRED = ("id", "source", "type", "specversion")
@@ -264,6 +268,10 @@ def _model_registered(
         raise BadEvent(
             f"{where}: model version {raw_version!r} is not a positive integer"
         ) from None
+    if version > MAX_VERSION:
+        raise BadEvent(
+            f"{where}: model version of {len(str(version))} digits is above {MAX_VERSION}"
+        )
     if from_subject and (from_subject["name"], from_subject["version"]) != (name, str(version)):
         raise BadEvent(
             f"{where}: subject {subject!r} contradicts data ModelName={name!r} "

@@ -52,6 +52,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -79,8 +80,24 @@ JSON_TYPES = (
     "application/cloudevents-batch+json",
 )
 
+#: Seconds a connection may go without sending a complete request head (connected, or since its
+#: last request began): one that sends nothing, or its headers a byte at a time, is closed
+#: after 10 to 20 s. uvicorn times out only the wait *between* requests (keep-alive), so idle
+#: sockets were held for ever, until the process ran out of file descriptors and a signed
+#: Event Grid POST got no answer. Event Grid sends a request at once.
+HEADER_TIMEOUT_S = 10.0
+#: Connections and requests at once over which a request is answered 503 (Event Grid retries
+#: it) rather than served: a bound on the tasks and memory a flood costs. Event Grid delivers a
+#: few requests at once per subscription.
+LIMIT_CONCURRENCY = 100
+
 #: A query string in a log argument (a request path; paths carry no spaces).
 _QUERY = re.compile(r"\?(\S*)")
+
+#: Characters a log line must not carry raw: a decoded path's %0A started a forged log line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
+#: A query in a decoded request path (`/events%3Fkey=...`): all of it, spaces too.
+_PATH_QUERY = re.compile(r"\?(.*)", re.DOTALL)
 
 Scope = Mapping[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -91,6 +108,14 @@ def _redact_query(match: re.Match[str]) -> str:
     """`?key=s3cret&x` → `?key=***&***`: every value, and every part without a name."""
     parts = (p.partition("=") for p in match.group(1).split("&"))
     return "?" + "&".join(f"{name}=***" if eq else "***" for name, eq, _ in parts)
+
+
+def shown_path(path: str) -> str:
+    """A request path as our log lines show it: control characters (and backslashes) escaped,
+    so that a `%0A` in it cannot start a forged line, and a query in it (a `%3F` decodes to
+    `?`) blanked as RedactKey blanks the access log's."""
+    escaped = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), path)
+    return _PATH_QUERY.sub(_redact_query, escaped)
 
 
 class RedactKey(logging.Filter):
@@ -172,7 +197,7 @@ class WebhookApp:
         if scope["type"] != "http":  # lifespan is off; websockets are not served
             return
         client = (scope.get("client") or ("?", 0))[0]
-        method, path = scope["method"], scope["path"]
+        method, path = scope["method"], shown_path(scope["path"])
         try:
             status, body, headers = await self._handle(scope, receive)
         except _Reject as rej:
@@ -189,7 +214,7 @@ class WebhookApp:
         if path == "/healthz":
             return 200, {"status": "ok"}, {}
         if path != "/events":
-            raise _Reject(404, f"no route {path}; Event Grid posts to /events")
+            raise _Reject(404, f"no route {shown_path(path)}; Event Grid posts to /events")
         headers = {k.lower(): v for k, v in scope["headers"]}
         authorised = self._authorised(scope, headers)
         if authorised is None:
@@ -391,6 +416,55 @@ class WebhookApp:
         return {model: set() if model in late else found.get(model, set()) for model in models}
 
 
+class _HeaderDeadline(asyncio.Protocol):
+    """Mixed into uvicorn's HTTP protocol class (h11 or httptools; both set `cycle` when a
+    request's head is complete): closes a connection over which no request began for a whole
+    `header_timeout_s` and none is in progress. Checked every `header_timeout_s`, so an idle
+    or half-sent connection lasts 1 to 2 of them."""
+
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    cycle: Any
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._check_after(self.cycle)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _check_after(self, cycle: Any) -> None:
+        self._deadline = self.loop.call_later(self.header_timeout_s, self._check, cycle)
+
+    def _check(self, cycle: Any) -> None:
+        idle = self.cycle is cycle and (cycle is None or cycle.response_complete)
+        if idle and not self.transport.is_closing():
+            self.transport.close()
+        elif not idle:
+            self._check_after(self.cycle)
+
+
+def _with_header_deadline(protocol: type[asyncio.Protocol], timeout_s: float) -> type:
+    return type(
+        f"HeaderDeadline{protocol.__name__}",
+        (_HeaderDeadline, protocol),
+        {"header_timeout_s": timeout_s},
+    )
+
+
+def _encrypted(pem: str) -> bool:
+    """True when the PEM file holds an encrypted private key (PKCS#8 `BEGIN ENCRYPTED PRIVATE
+    KEY`, or a traditional key's `Proc-Type: 4,ENCRYPTED`). An unreadable file is not: loading
+    it says why."""
+    try:
+        with Path(pem).open("rb") as file:
+            return b"ENCRYPTED" in file.read(1024 * 1024)
+    except OSError:
+        return False
+
+
 async def _respond(
     send: Send, status: int, body: dict[str, Any] | None, extra: dict[str, str]
 ) -> None:
@@ -410,9 +484,13 @@ def make_server(
     port: int,
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    limit_concurrency: int = LIMIT_CONCURRENCY,
 ) -> tuple[Any, Any, str]:
     """A uvicorn Server, its bound socket and the events URL (`port=0` picks a free port);
-    ConfigError when the address cannot be bound or the TLS files do not load.
+    ConfigError when the address cannot be bound or the TLS files do not load. A connection
+    that sends no request head for `header_timeout_s` is closed; over `limit_concurrency`
+    connections at once a request is answered 503.
 
     Run it with `server.run(sockets=[sock])`; set `server.should_exit` to stop it.
     """
@@ -428,6 +506,17 @@ def make_server(
         raise ConfigError(
             f"--ssl-keyfile {ssl_keyfile}: give the certificate too (--ssl-certfile cert.pem)"
         )
+    key_option, key_file = (
+        ("--ssl-keyfile", ssl_keyfile) if ssl_keyfile else ("--ssl-certfile", ssl_certfile)
+    )
+    if key_file and _encrypted(key_file):
+        # OpenSSL would prompt on the terminal ("Enter PEM pass phrase:"), then fail with
+        # "[Errno 22] Invalid argument", which says nothing of the cause.
+        raise ConfigError(
+            f"{key_option} {key_file}: the private key is encrypted (has a pass phrase), which "
+            "serve cannot ask for: decrypt it (openssl pkey -in ENCRYPTED.key -out plain.key, "
+            "readable only by the user serve runs as) and give that file"
+        )
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactKey) for f in access.filters):
         access.addFilter(RedactKey())
@@ -437,6 +526,7 @@ def make_server(
         log_config=None,  # keep the caller's logging set-up
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
+        limit_concurrency=limit_concurrency,
     )
     try:
         # Loaded now, not by `run`: a certificate that does not load is then one line, not a
@@ -449,6 +539,8 @@ def make_server(
             else f"{ssl_certfile} (no --ssl-keyfile: the key must be in that file)"
         )
         raise ConfigError(f"--ssl-certfile/--ssl-keyfile: cannot load {files}: {exc}") from exc
+    # uvicorn has no timeout for a request head (see HEADER_TIMEOUT_S).
+    config.http_protocol_class = _with_header_deadline(config.http_protocol_class, header_timeout_s)
     try:
         sock = socket.create_server((host, port))
     except OSError as exc:

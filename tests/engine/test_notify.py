@@ -249,3 +249,64 @@ def test_a_pause_says_whether_it_waits_for_a_human(held: bool, reason: str) -> N
     paused = Status(name="d", phase=Phase.PAUSED, blue_weight=10, held=held, reason=reason)
     message = WebhookNotifier(NotifyConfig(url="http://127.0.0.1:9/")).message(paused)
     assert message["held"] is held and message["reason"] == reason
+
+
+@contextlib.contextmanager
+def dripping_webhook(at_once: bytes, dripped: bytes) -> Iterator[str]:
+    """A webhook that answers `at_once`, then `dripped` a byte every 0.05 s: each read well
+    inside any timeout, the whole far beyond one. Stopped on exit."""
+    stop = threading.Event()
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.05)
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            conn.sendall(at_once)
+            for byte in dripped:
+                if stop.wait(0.05):
+                    return
+                conn.sendall(bytes([byte]))
+
+    def serve() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                conn, _ = server.accept()
+                threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/hook"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("at_once", "dripped", "warning"),
+    [
+        # Was 3 s: the body was read, 0.05 s a byte, though only the status says anything.
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 60\r\n\r\n", b"x" * 60, None, id="slow-body"
+        ),
+        # Was 6 s (two attempts of 60 bytes): each read came within the timeout.
+        pytest.param(b"", b"HTTP/1.1 200 OK" + b" " * 45, "no answer within 0.2 s", id="slow-head"),
+    ],
+)
+def test_a_webhook_dripping_its_answer_holds_the_tick_at_most_two_timeouts(
+    caplog: pytest.LogCaptureFixture, at_once: bytes, dripped: bytes, warning: str | None
+) -> None:
+    with dripping_webhook(at_once, dripped) as url:
+        notifier = WebhookNotifier(NotifyConfig(url=url, timeout_s=0.2))
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="rollout.notify"):
+            notifier.entered(Status(name="x", phase=Phase.ROLLED_BACK))
+        took = time.monotonic() - started
+    assert took < 2 * 0.2 + 0.3
+    if warning is None:
+        assert "could not notify" not in caplog.text
+    else:
+        host = url.removesuffix("/hook")
+        assert f"could not notify {host}/… that rollout x is RolledBack: {warning}" in caplog.text

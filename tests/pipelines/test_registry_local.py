@@ -201,6 +201,11 @@ def test_unknown_version_and_bad_names(registry: LocalRegistry, make_model: Make
     assert registry.latest("other") is None
     with pytest.raises(ConfigError, match="invalid"):
         registry.register("../escape", make_model())
+    with pytest.raises(ConfigError, match="invalid"):  # `$` matched before the newline
+        registry.register("m\n", make_model())
+    # Was a raw OSError (ENAMETOOLONG), retried by the trigger's worker with a traceback.
+    with pytest.raises(RegistryError, match=r"m:9{300}: cannot read it in .*: File name too long"):
+        registry.get("m", int("9" * 300))
 
 
 def test_factory_maps_kinds_and_refuses_unknown_ones(tmp_path: Path) -> None:

@@ -212,6 +212,18 @@ def test_parses(payload: Any, expected: list[Any]) -> None:
             "model name 'a/b' is invalid",
             id="name-the-registry-refuses",
         ),
+        # Accepted: the registry's read of it then failed (ENAMETOOLONG) on every retry.
+        pytest.param(
+            _body([eg_event(version="9" * 300)]),
+            "model version of 300 digits is above 2147483647",
+            id="version-too-large",
+        ),
+        # Accepted: `$` matched before the newline; its cursor file was model "a_"'s.
+        pytest.param(
+            _body([eg_event(name="a\n")]),
+            "model name 'a\\n' is invalid",
+            id="name-with-a-trailing-newline",
+        ),
         pytest.param(
             _body([eg_event(ModelTags=["a"])]), "ModelTags must be a JSON object", id="tags-list"
         ),

@@ -8,24 +8,27 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
 
-from aml_pipelines.errors import RegistryError
+from aml_pipelines.errors import ConfigError, RegistryError
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger import store as store_module
 from aml_pipelines.trigger import webhook as webhook_module
 from aml_pipelines.trigger.dispatch import WITHDRAWN, DeliveryWorker, Dispatcher
 from aml_pipelines.trigger.store import Step, TriggerStore
 from aml_pipelines.trigger.webhook import Filter, WebhookApp, make_server
+from tests.fakes.tls import make_pki
 from tests.trigger.fakes import ResumableDelivery, journal, register
 from tests.trigger.test_eventgrid import TOPIC, _camel, cloud_event, eg_event, validation_event
 
@@ -65,6 +68,7 @@ def running(
     max_body: int = 4096,
     step_s: float = 0.0,
     previous_secrets: tuple[str, ...] = (),
+    **server_options: Any,
 ) -> Iterator[Hook]:
     store = TriggerStore(root / "trigger")
     delivery = ResumableDelivery(root / "engine", registry, step_s=step_s)
@@ -78,7 +82,7 @@ def running(
         event_filter=event_filter,
         max_body=max_body,
     )
-    server, sock, url = make_server(app, host="127.0.0.1", port=0)
+    server, sock, url = make_server(app, host="127.0.0.1", port=0, **server_options)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     worker.start()
@@ -497,6 +501,42 @@ def test_health_needs_no_key_and_other_paths_are_404(hook: Hook) -> None:
 
 
 @pytest.mark.parametrize(
+    "sent",
+    [
+        pytest.param(b"", id="nothing"),
+        pytest.param(b"POST /events HTTP/1.1\r\nHost: x\r\n", id="half-a-head"),
+    ],
+)
+def test_a_connection_that_sends_no_request_head_is_closed(
+    tmp_path: Path, registry: LocalRegistry, sent: bytes
+) -> None:
+    # Such connections were held for ever: enough of them and the process ran out of file
+    # descriptors, so a signed Event Grid POST got no answer.
+    with running(tmp_path, registry, header_timeout_s=0.2) as hook:
+        host, port = httpx.URL(hook.url).host, httpx.URL(hook.url).port
+        with socket.create_connection((host, port or 80), timeout=2) as idle:
+            idle.sendall(sent)
+            started = time.monotonic()
+            assert idle.recv(1024) == b""  # closed by the server, not timed out here
+            assert time.monotonic() - started < 1
+        # A connection that keeps sending requests is kept past the deadline.
+        for _ in range(3):
+            assert hook.post([validation_event()]).status_code == 200
+            time.sleep(0.1)
+
+
+def test_over_the_concurrency_limit_a_request_is_answered_503_not_ignored(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    with running(tmp_path, registry, limit_concurrency=2) as hook:
+        host, port = httpx.URL(hook.url).host, httpx.URL(hook.url).port
+        with ExitStack() as stack:
+            for _ in range(2):
+                stack.enter_context(socket.create_connection((host, port or 80), timeout=2))
+            _until(lambda: hook.post([validation_event()]).status_code == 503, "a 503")
+
+
+@pytest.mark.parametrize(
     ("body", "content_type", "status", "message"),
     [
         pytest.param(b"{oops", "application/json", 400, "not JSON", id="malformed"),
@@ -549,6 +589,43 @@ def test_rejections_are_logged_without_secrets(
     assert SECRET not in text and "guessed-key-123" not in text
     assert "/events?key=*** " in text  # the access log keeps the line, without the key
     assert "/events?%6Bey=*** " in text and "/events?a=***&key=***&*** " in text
+
+
+@pytest.mark.parametrize("key_in_certfile", [False, True], ids=["keyfile", "key-in-certfile"])
+def test_an_encrypted_tls_key_is_one_line_saying_to_decrypt_it(
+    tmp_path: Path, key_in_certfile: bool
+) -> None:
+    # Was OpenSSL's "Enter PEM pass phrase:" prompt, then "[Errno 22] Invalid argument".
+    pki = make_pki(tmp_path)
+    key = serialization.load_pem_private_key(pki.key_file.read_bytes(), password=None)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"pass phrase"),
+    )
+    cert = tmp_path / "cert.pem"
+    cert.write_bytes(pki.cert_file.read_bytes() + (encrypted if key_in_certfile else b""))
+    (tmp_path / "enc.key").write_bytes(encrypted)
+    keyfile = None if key_in_certfile else str(tmp_path / "enc.key")
+    app = WebhookApp(secret=SECRET, dispatcher=cast(Dispatcher, None), wake=lambda: None)
+    option = "--ssl-certfile" if key_in_certfile else "--ssl-keyfile"
+    with pytest.raises(ConfigError, match=f"^{option} .*: the private key is encrypted"):
+        make_server(app, host="127.0.0.1", port=0, ssl_certfile=str(cert), ssl_keyfile=keyfile)
+
+
+def test_a_request_path_cannot_forge_a_log_line_nor_carry_the_key_into_it(
+    hook: Hook, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = hook.url.removesuffix("/events")
+    forged = "2026-11-30 INFO aml_pipelines.trigger.webhook: POST /events authorised"
+    with caplog.at_level(logging.INFO, logger="aml_pipelines"):
+        # Decoded by uvicorn: the first into a newline, the second into `/events?key=SECRET`.
+        assert hook.client.get(f"{base}/x%0A{forged.replace(' ', '%20')}").status_code == 404
+        assert hook.client.post(f"{base}/events%3Fkey={SECRET}").status_code == 404
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("aml_pipelines")]
+    assert all("\n" not in line for line in lines), lines
+    assert any(f"GET /x\\n{forged} from" in line for line in lines), lines
+    assert SECRET not in "".join(lines) and any("/events?key=*** " in line for line in lines)
 
 
 def test_a_malformed_event_does_not_drop_the_valid_ones_of_its_batch(
