@@ -964,8 +964,8 @@ class NotifyConfig(_Model):
         default_factory=lambda: [Phase.PAUSED, Phase.SUCCEEDED, Phase.ROLLED_BACK, Phase.FAILED],
         min_length=1,
     )
-    #: Per attempt; a failed or slow webhook never holds up the rollout (two attempts, then a
-    #: warning in the log).
+    #: Per attempt, in all (a body sent slowly included): a failed or slow webhook holds a tick
+    #: up for at most two attempts, then a warning in the log.
     timeout_s: Number = Field(default=5.0, gt=0, le=60)
 
     @field_validator("phases")
