@@ -290,6 +290,14 @@ def test_a_step_begun_with_a_deploy_counts_from_when_the_deploy_is_served(tmp_pa
     to blue while its own deploy took 7 s (the step's counts began at the decision)."""
     clock = FakeClock(1000.0)
     router = SlowDeploy(clock, 7.0, releases={Colour.GREEN: V1})
+    sinces = _sinces(tmp_path, router, clock, ticks=2)
+    assert router.release(Colour.BLUE) == V2
+    assert sinces[0] == 1007.0, sinces  # not 1000: the decision, before the deploy
+
+
+def _sinces(tmp_path: Path, router: MemoryRouter, clock: FakeClock, *, ticks: int) -> list[float]:
+    """Where each tick's counts began (its ledger line's `since`), a healthy rollout driven for
+    `ticks` on `router` by `clock`."""
     ledger = tmp_path / "t.ledger.jsonl"
     Controller(
         make_spec(name="t"),
@@ -298,10 +306,8 @@ def test_a_step_begun_with_a_deploy_counts_from_when_the_deploy_is_served(tmp_pa
         FileStateStore(tmp_path, "t"),
         ledger=Ledger(ledger, fsync=False),
         clock=clock,
-    ).run(max_ticks=2)
-    assert router.release(Colour.BLUE) == V2
-    first = next(line for line in read_ledger(ledger) if "since" in line)
-    assert first["since"] == 1007.0, first  # not 1000: the decision, before the deploy
+    ).run(max_ticks=ticks)
+    return [line["since"] for line in read_ledger(ledger) if "since" in line]
 
 
 class SlowWeights(MemoryRouter):
@@ -328,15 +334,6 @@ def test_a_step_begun_with_a_weight_change_counts_from_when_the_weights_are_serv
     the new split)."""
     clock = FakeClock(1000.0)
     router = SlowWeights(clock, 30.0, releases={Colour.GREEN: V1})
-    ledger = tmp_path / "t.ledger.jsonl"
-    Controller(
-        make_spec(name="t"),
-        router,
-        simulated(router, 0.01),
-        FileStateStore(tmp_path, "t"),
-        ledger=Ledger(ledger, fsync=False),
-        clock=clock,
-    ).run(max_ticks=4)
-    assert 50 in router.served_at, read_ledger(ledger)
-    sinces = [line["since"] for line in read_ledger(ledger) if "since" in line]
+    sinces = _sinces(tmp_path, router, clock, ticks=4)
+    assert 50 in router.served_at, sinces
     assert router.served_at[50] in sinces, (router.served_at, sinces)

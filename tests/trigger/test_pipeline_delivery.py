@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,13 +185,43 @@ def test_the_next_version_waits_for_the_running_job(
     assert len(list(iter_calls(arm, "GET", rf"/jobs/{name}$"))) == reads
 
 
-def test_the_watcher_submits_the_next_version_only_after_the_job_ended(
-    tmp_path: Path, arm: FakeArm, client: Any, registry: AzureMLRegistry
+def _completed(arm: FakeArm, registry: AzureMLRegistry, job: str) -> None:
+    _set_status(arm, job, "Completed")
+
+
+def _tagged_rolled_back(arm: FakeArm, registry: AzureMLRegistry, job: str) -> None:
+    registry.set_tags("diabetes", 2, {"stage": "rolled-back"})  # a person settled the endpoint
+
+
+@pytest.mark.parametrize(
+    ("status", "polled", "release"),
+    [
+        # v2's job runs: v3 waits until it completed
+        pytest.param("Running", r"/jobs/{job}$", _completed, id="while-the-job-runs"),
+        # v2's job failed with v2 still a candidate (a rollout held for a human exits 5): v3
+        # waits until a person tagged v2
+        pytest.param(
+            "Failed",
+            r"/models/diabetes/versions/2$",
+            _tagged_rolled_back,
+            id="after-the-job-left-its-version-a-candidate",
+        ),
+    ],
+)
+def test_the_watcher_submits_the_next_version_only_once_the_endpoint_is_free(
+    tmp_path: Path,
+    arm: FakeArm,
+    client: Any,
+    registry: AzureMLRegistry,
+    status: str,
+    polled: str,
+    release: Callable[[FakeArm, AzureMLRegistry, str], None],
 ) -> None:
-    """End to end: v3 arrives while v2's job runs; its job is submitted once v2's completed."""
+    """End to end: v3 arrives while v2's delivery holds the endpoint; its job is submitted once
+    the endpoint is free, and not before."""
     _watcher(tmp_path, client, registry).run(once=True)
     (first,) = [path.rsplit("/", 1)[1] for path, _ in _jobs(arm)]
-    _set_status(arm, first, "Running")
+    _set_status(arm, first, status)
     registry.register(
         "diabetes", "azureml://jobs/run-3/outputs/model", {"sha256": "c" * 64, "stage": "candidate"}
     )
@@ -199,20 +229,23 @@ def test_the_watcher_submits_the_next_version_only_after_the_job_ended(
     watcher.dispatcher.wait_interval_s = 0.02
     runner = threading.Thread(target=watcher.run, kwargs={"once": True})
     runner.start()
+    looked = polled.format(job=first)
     try:
         deadline = time.monotonic() + 10
-        while len(list(iter_calls(arm, "GET", rf"/jobs/{first}$"))) < 3:  # it polls the job...
-            assert time.monotonic() < deadline, "the watcher never asked for the running job"
+        while len(list(iter_calls(arm, "GET", looked))) < 4:  # it looks again and again...
+            assert time.monotonic() < deadline, f"the watcher never asked for {looked}"
             time.sleep(0.01)
-        assert len(_jobs(arm)) == 1  # ...and submits nothing while it runs
-        _set_status(arm, first, "Completed")
+        assert len(_jobs(arm)) == 1  # ...and submits nothing meanwhile
+        release(arm, registry, first)
         runner.join(timeout=10)
         assert not runner.is_alive()
     finally:
         watcher.dispatcher.stop.set()
         runner.join(timeout=10)
-    second = _jobs(arm)[1][1]["properties"]["inputs"]
-    assert len(_jobs(arm)) == 2 and second["model_version"]["value"] == "3"
+    assert [body["properties"]["inputs"]["model_version"]["value"] for _, body in _jobs(arm)] == [
+        "2",
+        "3",
+    ]
 
 
 def test_abort_is_refused_and_reconcile_writes_nothing(tmp_path: Path, client: Any) -> None:
@@ -342,36 +375,3 @@ def test_a_failed_job_whose_rollout_step_tagged_its_version_is_over(
     registry.set_tags("diabetes", 2, {"stage": stage})
     view = delivery.current()
     assert view is not None and not view.active and view.phase == FAILED
-
-
-def test_the_next_version_waits_for_a_person_after_a_job_left_its_version_a_candidate(
-    tmp_path: Path, arm: FakeArm, client: Any, registry: AzureMLRegistry
-) -> None:
-    """End to end: v2's job fails with v2 still a candidate (a rollout held for a human exits 5);
-    v3's job is submitted only once a person tagged v2."""
-    _watcher(tmp_path, client, registry).run(once=True)
-    (first,) = [path.rsplit("/", 1)[1] for path, _ in _jobs(arm)]
-    _set_status(arm, first, "Failed")
-    registry.register(
-        "diabetes", "azureml://jobs/run-3/outputs/model", {"sha256": "c" * 64, "stage": "candidate"}
-    )
-    watcher = _watcher(tmp_path, client, registry)
-    watcher.dispatcher.wait_interval_s = 0.02
-    runner = threading.Thread(target=watcher.run, kwargs={"once": True})
-    runner.start()
-    try:
-        deadline = time.monotonic() + 10
-        while len(list(iter_calls(arm, "GET", r"/models/diabetes/versions/2$"))) < 4:
-            assert time.monotonic() < deadline, "the watcher never looked at v2's stage"
-            time.sleep(0.01)
-        assert len(_jobs(arm)) == 1  # v3 waits
-        registry.set_tags("diabetes", 2, {"stage": "rolled-back"})
-        runner.join(timeout=10)
-        assert not runner.is_alive()
-    finally:
-        watcher.dispatcher.stop.set()
-        runner.join(timeout=10)
-    assert [body["properties"]["inputs"]["model_version"]["value"] for _, body in _jobs(arm)] == [
-        "2",
-        "3",
-    ]
