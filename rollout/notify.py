@@ -105,9 +105,7 @@ class WebhookNotifier:
         problem = ""
         for _ in range(ATTEMPTS):
             answer = _Attempt(self.config.url, body, self.config.timeout_s).run()
-            if (
-                answer is None
-            ):  # a slow webhook (or one dripping its answer), or timeout_s too short
+            if answer is None:  # a slow webhook (or one dripping its answer), or a short timeout_s
                 problem = f"no answer within {self.config.timeout_s:g} s (notify.timeout_s)"
                 continue
             if isinstance(answer, httpx.HTTPError):
