@@ -16,7 +16,9 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -290,7 +292,18 @@ def load(
         except ValueError as exc:
             raise _fail(str(exc)) from None
     stats = LoadStats()
-    interrupted = False
+    # Ctrl-C on a long run: the counts so far are what the user waited for. The first one asks
+    # the workers to stop (they finish the requests in flight, which are counted); cancelling
+    # the run's task instead could be lost inside httpx's connection handling, and the run went
+    # on to its end. A second one stops at once.
+    stop = threading.Event()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         rows = read_sample(sample) if sample is not None else None
         asyncio.run(
@@ -306,15 +319,16 @@ def load(
                 api_key=api_key,
                 timeout=timeout,
                 stats=stats,
+                stop=stop,
             )
         )
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    except KeyboardInterrupt:
-        # Ctrl-C on a long run: the counts so far are what the user waited for; requests still
-        # in flight were cancelled and are not counted.
-        interrupted = True
+    except KeyboardInterrupt:  # the second Ctrl-C: requests in flight are not counted
         stats.finish()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    interrupted = stop.is_set()
     report = stats.snapshot()
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
