@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -51,6 +53,12 @@ def test_what_a_killed_session_left_is_found_with_its_test() -> None:
     env = {**os.environ, leaks.TAG: f"{os.getpid()}:0:killed"}  # a controller no longer there
     with subprocess.Popen(["sleep", "60"], env=env, start_new_session=True) as orphan:
         try:
+            # Until the child execs, /proc shows its parent's environment (this live session's
+            # tag): on a loaded machine the scan could come first and find nothing.
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{orphan.pid}/cmdline").read_bytes().split(b"\0")[0] != b"sleep":
+                assert time.monotonic() < deadline, "sleep never started"
+                time.sleep(0.01)
             found = [leak for leak in leaks.left_by_dead_sessions() if leak.pid == orphan.pid]
             assert [leak.test for leak in found] == [os.environ["PYTEST_CURRENT_TEST"]]
         finally:
