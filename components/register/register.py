@@ -233,15 +233,14 @@ def _not_trained_on(trained_on: np.ndarray, candidate: Dataset) -> np.ndarray:
 
 
 def _held_out_by(production: Dataset, candidate: Dataset) -> np.ndarray:
-    """Which of the candidate's held-out rows production held out too (a row: all its values)."""
+    """Which of the candidate's held-out rows production held out too (a row: its `row_hashes`,
+    the identity train-rows.u64 holds)."""
     import numpy as np
 
-    def keys(data: Dataset) -> list[bytes]:
-        table = np.column_stack([data.features, data.target]).astype(np.float64) + 0.0  # -0 → 0
-        return [row.tobytes() for row in table]
+    from components.train.train import row_hashes
 
-    theirs = set(keys(production))
-    return np.array([key in theirs for key in keys(candidate)], dtype=bool)
+    theirs = row_hashes(production.features, production.target)
+    return np.isin(row_hashes(candidate.features, candidate.target), theirs)
 
 
 def _load_production(
