@@ -26,9 +26,9 @@ what operators grep) gets every query value blanked (`key=***`) by the `RedactKe
 Answers: 200 with a JSON summary for accepted deliveries (Event Grid treats 2xx as delivered),
 `{"validationResponse": code}` for the handshake, 400 malformed (the body, or every event in it;
 a malformed event among good ones is logged and listed under `rejected` in a 200 — see
-eventgrid.py), 401 no/wrong key, 404 unknown path, 405 wrong method, 413 body over the limit,
-415 not JSON. Event Grid does not retry 400,
-401, 413 (it dead-letters them), so only well-formed but temporarily unprocessable deliveries
+eventgrid.py), 401 no/wrong key, 404 unknown path, 405 wrong method, 408 body too slow
+(BODY_TIMEOUT_S), 413 body over the limit, 415 not JSON. Event Grid does not retry 400, 401,
+413 (it dead-letters them), so only well-formed but temporarily unprocessable deliveries
 get a 5xx: 500 `{"error"}` when the events cannot be recorded (accepting is a local file write:
 a full disk, an unreadable trigger state file). Event Grid retries those with backoff (for 24 h
 by default), so the operator can mend the state while no event is lost.
@@ -90,6 +90,10 @@ HEADER_TIMEOUT_S = 10.0
 #: it) rather than served: a bound on the tasks and memory a flood costs. Event Grid delivers a
 #: few requests at once per subscription.
 LIMIT_CONCURRENCY = 100
+#: Seconds a request body may take to arrive once its head has: one sent a byte at a time held a
+#: connection and a task for as long as its sender kept going (the head deadline above ends when
+#: the head is complete). 1 MB, Event Grid's largest, takes well under a second.
+BODY_TIMEOUT_S = 10.0
 
 #: A query string in a log argument (a request path; paths carry no spaces).
 _QUERY = re.compile(r"\?(\S*)")
@@ -185,6 +189,7 @@ class WebhookApp:
         wake: Callable[[], None],
         event_filter: Filter | None = None,
         max_body: int = DEFAULT_MAX_BODY,
+        body_timeout_s: float = BODY_TIMEOUT_S,
     ) -> None:
         self._secret = secret.encode()
         self._previous = [previous.encode() for previous in previous_secrets]
@@ -192,6 +197,7 @@ class WebhookApp:
         self.wake = wake
         self.filter = event_filter or Filter()
         self.max_body = max_body
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan is off; websockets are not served
@@ -204,7 +210,10 @@ class WebhookApp:
             # Logged without query string or headers: they may carry the secret.
             level = logging.ERROR if rej.status >= 500 else logging.WARNING
             log.log(level, "%s %s from %s → %d %s", method, path, client, rej.status, rej.message)
-            status, body, headers = rej.status, {"error": rej.message}, {}
+            status, body = rej.status, {"error": rej.message}
+            # The rest of a body too slow to wait for is not read: the connection cannot carry
+            # another request.
+            headers = {"Connection": "close"} if status == 408 else {}
         await _respond(send, status, body, headers)
 
     async def _handle(
@@ -289,18 +298,25 @@ class WebhookApp:
                     raise _Reject(413, f"body of {int(declared)} bytes exceeds {self.max_body}")
             except ValueError:
                 raise _Reject(400, "Content-Length is not a number") from None
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _Reject(400, "client disconnected mid-body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:  # chunked bodies declare no length: count as we read
-                raise _Reject(413, f"body exceeds {self.max_body} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise _Reject(400, "client disconnected mid-body")
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_body:  # chunked bodies declare no length: count as we read
+                        raise _Reject(413, f"body exceeds {self.max_body} bytes")
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            raise _Reject(
+                408, f"body not received within {self.body_timeout_s:g} s ({size} bytes came)"
+            ) from None
 
     def _accept(self, events: list[ModelRegistered]) -> dict[str, Any]:
         store = self.dispatcher.store

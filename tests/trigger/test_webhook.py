@@ -68,6 +68,7 @@ def running(
     max_body: int = 4096,
     step_s: float = 0.0,
     previous_secrets: tuple[str, ...] = (),
+    body_timeout_s: float = 10.0,
     **server_options: Any,
 ) -> Iterator[Hook]:
     store = TriggerStore(root / "trigger")
@@ -81,6 +82,7 @@ def running(
         wake=worker.wake,
         event_filter=event_filter,
         max_body=max_body,
+        body_timeout_s=body_timeout_s,
     )
     server, sock, url = make_server(app, host="127.0.0.1", port=0, **server_options)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -523,6 +525,35 @@ def test_a_connection_that_sends_no_request_head_is_closed(
         for _ in range(3):
             assert hook.post([validation_event()]).status_code == 200
             time.sleep(0.1)
+
+
+def test_a_body_that_trickles_in_is_answered_408_and_its_connection_closed(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    # The head deadline ends once the head is complete: a body sent a byte at a time held a
+    # connection and a task for as long as its sender kept going.
+    with running(tmp_path, registry, body_timeout_s=0.3) as hook:
+        url = httpx.URL(hook.url)
+        head = (
+            f"POST /events?key={SECRET} HTTP/1.1\r\nHost: x\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        )
+        with socket.create_connection((url.host, url.port or 80), timeout=0.05) as slow:
+            slow.sendall(head.encode())
+            started, answer = time.monotonic(), b""
+            while time.monotonic() - started < 2:
+                try:
+                    chunk = slow.recv(4096)
+                except TimeoutError:
+                    slow.sendall(b" ")  # still sending, a byte at a time
+                    continue
+                if not chunk:  # closed by the server after its answer
+                    break
+                answer += chunk
+            assert time.monotonic() - started < 1
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"body not received within 0.3 s" in answer
+        assert hook.post([validation_event()]).status_code == 200
 
 
 def test_over_the_concurrency_limit_a_request_is_answered_503_not_ignored(
