@@ -370,3 +370,54 @@ def test_a_stop_whose_interrupt_was_lost_still_stops_the_step(
             "--result", str(tmp_path / "result")]  # fmt: skip
     assert main(argv) == 130
     assert "interrupted: the rollout stopped without a verdict" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("superseded", "exit_code", "green", "stages"),
+    [
+        # green still serves m:1: the retried step reports the promotion (a new rollout of m:1,
+        # judged against the failing canary below, would roll back)
+        pytest.param(False, 0, "1", {1: "production", 2: None}, id="still-served-is-reported"),
+        # m:2 promoted since: the old result is history, m:1 is rolled out again against m:2
+        # (and rolls back); replayed, it tagged m:1 production while green served m:2
+        pytest.param(True, EXIT_ROLLED_BACK, "2", {1: "rolled-back", 2: "production"},
+                     id="superseded-rolls-out-anew"),
+    ],
+)  # fmt: skip
+def test_an_ended_rollout_is_replayed_only_while_its_outcome_serves(
+    tmp_path: Path, package: Path, superseded: bool, exit_code: int, green: str,
+    stages: dict[int, str], caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """Re-running an old run's rollout step (`run-local --run-dir` of an earlier run) found its
+    ended rollout of the same version and replayed its outcome into the registry, whatever the
+    router served since: the registry then named a production version that served nothing."""
+    from aml_pipelines.registry.local import LocalRegistry
+    from tests.pipelines.conftest import write_model_folder
+
+    registry = LocalRegistry(tmp_path / "registry")
+    for version in (1, 2):
+        registry.register("m", write_model_folder(tmp_path / f"v{version}", name="m",
+                                                  salt=str(version)))  # fmt: skip
+    spec = tmp_path / "spec.yaml"
+
+    def roll_out(version: int, result: str, canary: str = "") -> int:
+        spec.write_text(
+            SPEC.format(canary=canary, rps=2e5, max_step=10).replace(
+                "{kind: memory}", f"{{kind: memory, state_file: {tmp_path / 'routes.json'}}}"
+            )
+        )
+        (package / "package.json").write_text(json.dumps(
+            {"model": "m", "version": str(version), "sha256": f"{version:02}" * 32,
+             "image": f"r/m:{version}"}))  # fmt: skip
+        return main(["--package", str(package), "--spec", str(spec),
+                     "--registry", f"local:{registry.root}",
+                     "--result", str(tmp_path / result)])  # fmt: skip
+
+    assert roll_out(1, "run-a") == 0
+    if superseded:
+        assert roll_out(2, "run-b") == 0
+    caplog.clear()
+    assert roll_out(1, "run-a", canary=", canary: {error_rate: 0.3}") == exit_code
+    assert _green(tmp_path)[0] == green
+    assert {v.version: v.stage for v in registry.list_versions("m")} == stages
+    assert ("that outcome no longer serves" in caplog.text) == superseded
