@@ -12,9 +12,10 @@ Tags written on the new version: its metrics (mse, rmse, r2), `stage=candidate`,
 gate compares only metrics measured on the same held-out data, see gate.py) and the gate outcome
 (`gate=passed|forced`, `gate_baseline`). Re-running the step in the same run (same `source_run`)
 with the same bits registers nothing new: registration.json names the version that run
-registered before. The registry itself is injected, so the same code runs against the local
-folder registry and Azure ML; `source` lets Azure ML register the job-output URI of the folder
-instead of uploading local files.
+registered before (given `rollout_by=pipeline-job` if this attempt's job rolls it out). The
+registry itself is injected, so the same code runs against the local folder registry and Azure
+ML; `source` lets Azure ML register the job-output URI of the folder instead of uploading local
+files.
 """
 
 from __future__ import annotations
@@ -387,6 +388,13 @@ def register_model(
             version.version,
             source_run,
         )
+        if rollout_in_job and version.tags.get(ROLLOUT_BY_TAG) != ROLLOUT_BY_JOB:
+            # Registered by an earlier attempt that left delivery to the triggers (`run-local
+            # --until package`); this job's rollout step delivers it now: the triggers must not.
+            version = registry.set_tags(name, version.version, {ROLLOUT_BY_TAG: ROLLOUT_BY_JOB})
+            log.info(
+                "%s version %s tagged %s=%s", name, version.version, ROLLOUT_BY_TAG, ROLLOUT_BY_JOB
+            )
     else:
         version = registry.register(name, source if source is not None else model_dir, tags)
         log.info("registered %s version %s (%s) at %s", name, version.version, metric, version.uri)

@@ -236,6 +236,24 @@ def test_a_version_the_job_rolls_out_itself_is_tagged_for_the_triggers(
     assert registry.get("m", 2).tags["rollout_by"] == "pipeline-job"
 
 
+def test_a_rerun_that_rolls_out_in_the_job_tags_its_reused_version_for_the_triggers(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    """`run-local --run-dir D` (registered untagged: the triggers' to deliver), then `run-local
+    --run-dir D --until rollout`: the job's rollout step delivers the reused version, which
+    kept saying a trigger should deliver it too (two controllers for one version)."""
+    registry = LocalRegistry(tmp_path / "reg")
+    folder = make_model()
+    first = register_model(folder, registry, source_run="run-1/register")
+    assert "rollout_by" not in first.version.tags
+    again = register_model(
+        folder, registry, source_run="run-1/register", rollout_in_job=True, out_dir=tmp_path
+    )
+    assert again.version.version == 1
+    assert registry.get("m", 1).tags["rollout_by"] == "pipeline-job"
+    assert again.version.tags["rollout_by"] == "pipeline-job"
+
+
 def test_a_model_folder_that_lies_about_its_hash_is_refused(
     tmp_path: Path, make_model: MakeModel
 ) -> None:
