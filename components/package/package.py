@@ -60,6 +60,11 @@ COLOURS = ("blue", "green")
 MODES = ("local", "azureml")
 #: The build folder inside the output folder (hidden; a crash's leftover goes with the next build).
 STAGING_PREFIX = ".package-tmp-"
+#: What a package holds at its top level: all the step removes from a folder it packages into.
+PACKAGE_ENTRIES = frozenset(
+    {MODEL_SUBDIR, "scoring", "score.py", "asgi.py", "requirements.txt", "Dockerfile"}
+    | {".dockerignore", "k8s", PACKAGE_JSON}
+)
 SERVER_PORT = 8000
 # Server-side modules of the scoring package that the image does not need (CLI, load generator).
 _SCORING_EXCLUDED = {"cli.py", "loadgen.py"}
@@ -305,7 +310,8 @@ def build_package(
     mode: str = "local",
     ml_client: Any = None,
 ) -> PackageResult:
-    """Write the package for `model` into `out_dir` (replacing the content of an existing one)."""
+    """Write the package for `model` into `out_dir` (replacing the content of an existing one;
+    ConfigError for a folder holding anything else, see `_check_replaceable`)."""
     if mode not in MODES:
         raise ConfigError(f"mode: {mode!r} is not one of {list(MODES)}")
     if mode == "azureml" and ml_client is None:
@@ -328,6 +334,7 @@ def build_package(
         )
     scoring = scoring_sources()
     image = image_name(image_registry, model.name, model.version)
+    _check_replaceable(out_dir)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
@@ -405,6 +412,24 @@ def _make_readable(folder: Path) -> None:
     """
     for path in folder.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """ConfigError unless `out_dir` is missing, empty, or a package (package.json), whose content
+    the new one replaces: files of anything else are not the step's to delete. A folder without
+    package.json holding a package's entries only is one a crash left half-replaced."""
+    if (out_dir / PACKAGE_JSON).is_file() or not out_dir.is_dir():
+        return
+    foreign = sorted(
+        entry.name
+        for entry in out_dir.iterdir()
+        if entry.name not in PACKAGE_ENTRIES and not entry.name.startswith(STAGING_PREFIX)
+    )
+    if foreign:
+        raise ConfigError(
+            f"package: {out_dir} holds {foreign} and no package.json: it is not a package "
+            "folder, and packaging into it would delete them; give an empty or new folder"
+        )
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:

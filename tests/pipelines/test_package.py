@@ -545,6 +545,46 @@ def test_packaging_again_replaces_the_content_not_the_folder(registered, tmp_pat
     assert on_disk == manifest_files | {"package.json"}
 
 
+@pytest.mark.parametrize(
+    ("content", "refused"),
+    [
+        pytest.param({}, None, id="empty-folder"),
+        pytest.param({"notes/todo.txt": "precious", "data.csv": "a,b"}, "['data.csv', 'notes']",
+                     id="foreign-files-refused"),
+        pytest.param({"data.csv": "a,b", "Dockerfile": "FROM x"}, "['data.csv']",
+                     id="foreign-among-package-files-refused"),
+        # a crash between removing the old package.json and writing the new one: a package's
+        # entries only, which the next run replaces
+        pytest.param({"Dockerfile": "FROM x", "k8s/values-blue.yaml": "", "model/model.json": "",
+                      f"{package_module.STAGING_PREFIX}crashed/x": ""}, None,
+                     id="half-replaced-package"),
+    ],
+)  # fmt: skip
+def test_a_folder_that_holds_no_package_is_not_emptied(
+    registered, tmp_path: Path, content: dict[str, str], refused: str | None
+) -> None:
+    """Run by hand into a folder holding other files, the step deleted them all."""
+    registry, _ = registered
+    out = tmp_path / "out"
+    for name, text in content.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    if refused is None:
+        build_package(registry.get("Diabetes-Ridge", 1), out, image_registry="r1")
+        assert (out / "package.json").is_file()
+        return
+    with pytest.raises(ConfigError, match=re.escape(f"package: {out} holds {refused} and no "
+                                                    "package.json")):  # fmt: skip
+        build_package(registry.get("Diabetes-Ridge", 1), out, image_registry="r1")
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == set(content)
+
+
+def test_the_entries_a_package_replaces_are_the_ones_it_writes(registered, tmp_path: Path) -> None:
+    registry, _ = registered
+    build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "out", image_registry="r1")
+    assert {p.name for p in (tmp_path / "out").iterdir()} == package_module.PACKAGE_ENTRIES
+
+
 def test_a_crash_while_moving_leaves_no_package_that_looks_complete(
     registered, tmp_path: Path, monkeypatch
 ) -> None:
