@@ -49,6 +49,7 @@ from aml_pipelines.closure import ClosureError, closure, target_environment
 from aml_pipelines.errors import ComponentError, ConfigError, IntegrityError
 from aml_pipelines.fileio import fsync_dir, read_json_object, sha256_file, write_json
 from aml_pipelines.registry.base import ModelVersion
+from components.register.register import library_versions_of
 from components.train.train import HELDOUT_FILE, TRAIN_ROWS_FILE
 from scoring.cli import KEEP_ALIVE_S
 
@@ -322,6 +323,8 @@ def build_package(
             f"{model.name}:{model.version} has no local folder ({model.uri}); pass the model folder"
         )
     model_json = read_json_object(source / "model.json", required=("model_file", "sha256"))
+    # Checked at registration too; a version registered before that was not.
+    library_versions = library_versions_of(model_json, source / "model.json")
     model_file = source / str(model_json["model_file"])
     actual = sha256_file(model_file)
     expected = {model.sha256, str(model_json["sha256"])}
@@ -352,9 +355,7 @@ def build_package(
                 shutil.copy2(module, staging / "scoring" / module.name)
         shutil.copy2(scoring / "score.py", staging / "score.py")
         (staging / "asgi.py").write_text(ASGI_ENTRY, encoding="utf-8")
-        (staging / "requirements.txt").write_text(
-            requirements(dict(model_json.get("library_versions", {}))), encoding="utf-8"
-        )
+        (staging / "requirements.txt").write_text(requirements(library_versions), encoding="utf-8")
         (staging / "Dockerfile").write_text(
             DOCKERFILE.format(
                 model=model.name,

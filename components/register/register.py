@@ -21,6 +21,7 @@ files.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,6 +85,31 @@ class Registration:
                 "comparable": self.decision.comparable,
             },
         }
+
+
+def library_versions_of(manifest: Mapping[str, object], path: Path) -> dict[str, str]:
+    """model.json's `library_versions` (`{}` when absent), each a PEP 440 version string:
+    ConfigError naming the field otherwise (the package step pins the image's libraries to them,
+    and the register step refuses the folder before it is registered)."""
+    from packaging.version import InvalidVersion, Version
+
+    versions = manifest.get("library_versions", {})
+    if not isinstance(versions, dict):
+        raise ConfigError(
+            f"{path}: library_versions must be an object of library names and versions, "
+            f"not {versions!r}"
+        )
+    for library, version in versions.items():
+        try:
+            if not isinstance(version, str):
+                raise InvalidVersion
+            Version(version)
+        except InvalidVersion:
+            raise ConfigError(
+                f"{path}: library_versions.{library} is {version!r}, not a version (PEP 440, "
+                'such as "1.5.2")'
+            ) from None
+    return dict(versions)
 
 
 def production_version(registry: ModelRegistry, name: str) -> ModelVersion | None:
@@ -316,6 +342,7 @@ def register_model(
             isinstance(metrics[key], bool) or not isinstance(metrics[key], int | float)
         ):
             raise ConfigError(f"{model_json}: metrics.{key} is {metrics[key]!r}, not a number")
+    library_versions_of(manifest, model_json)
     name = str(manifest["name"])
     model_file = model_dir / str(manifest["model_file"])
     if not model_file.is_file():

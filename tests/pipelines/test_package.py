@@ -505,6 +505,25 @@ def test_a_damaged_model_json_is_not_packaged(registered, tmp_path: Path) -> Non
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "library_versions", [None, ["x"], {"scikit-learn": "not a version"}], ids=str
+)
+def test_malformed_library_versions_are_not_packaged(
+    registered, tmp_path: Path, library_versions: Any
+) -> None:
+    """A version registered before the register step checked them: a traceback here."""
+    registry, root = registered
+    folder = tmp_path / "model"
+    shutil.copytree(root / "model", folder)
+    record = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps({**record, "library_versions": library_versions}))
+    version = registry.get("Diabetes-Ridge", 1)
+    without_path = type(version)(version.name, version.version, "azureml://x", version.sha256)
+    with pytest.raises(ConfigError, match=r"model\.json: library_versions"):
+        build_package(without_path, tmp_path / "out", image_registry="acr.io", model_dir=folder)
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_rollout_step_refuses_a_damaged_package_json(tmp_path: Path) -> None:
     (tmp_path / "package.json").write_text('{"model": "m", "vers')
     with pytest.raises(InvalidInput, match=r"^package: .*package\.json is not valid JSON"):

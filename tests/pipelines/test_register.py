@@ -300,6 +300,9 @@ def _rewrite_manifest(folder: Path, change: str) -> None:
         manifest.write_text(json.dumps(record))
     elif change == "no-model-file":
         (folder / "model.skops").unlink()
+    elif change.startswith("library_versions="):
+        record["library_versions"] = json.loads(change.partition("=")[2])
+        manifest.write_text(json.dumps(record))
 
 
 @pytest.mark.parametrize(
@@ -312,6 +315,17 @@ def _rewrite_manifest(folder: Path, change: str) -> None:
         pytest.param("metrics-string", "metrics must be an object", id="metrics-not-an-object"),
         pytest.param("mse-string", "metrics.mse is 'low', not a number", id="metric-not-a-number"),
         pytest.param("no-model-file", "model file 'model.skops' is missing", id="no-model-file"),
+        # passed here, then a traceback in the package step
+        pytest.param("library_versions=null", "library_versions must be an object of library "
+                     "names and versions, not None", id="library-versions-null"),
+        pytest.param('library_versions=["x"]', r"library_versions must be .*, not \['x'\]",
+                     id="library-versions-list"),
+        pytest.param('library_versions={"scikit-learn": "not a version"}',
+                     r"library_versions\.scikit-learn is 'not a version', not a version",
+                     id="library-version-not-a-version"),
+        pytest.param('library_versions={"scikit-learn": 1.5}',
+                     r"library_versions\.scikit-learn is 1\.5, not a version",
+                     id="library-version-a-number"),
     ],
 )  # fmt: skip
 def test_a_damaged_model_folder_is_one_error_and_nothing_is_registered(
