@@ -79,11 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from aml_pipelines.registry.factory import open_registry
     from components.package.package import build_package
+    from components.register.register import check_case_twin
 
     try:
         name, number, registration = resolve_reference(args)
         registry = open_registry(args.registry)
         version = registry.get(name, number)
+        check_case_twin(registry, name)
         result = build_package(
             version,
             args.package,

@@ -112,6 +112,18 @@ def library_versions_of(manifest: Mapping[str, object], path: Path) -> dict[str,
     return dict(versions)
 
 
+def check_case_twin(registry: ModelRegistry, name: str) -> None:
+    """ConfigError when the registry holds a model whose name differs from `name` only in case:
+    image repositories are lower case, so both would package as one image (package.image_name),
+    each push overwriting the other's and a rollout of one serving the other's model."""
+    twins = [other for other in registry.names() if other != name and other.lower() == name.lower()]
+    if twins:
+        raise ConfigError(
+            f"model name {name!r} differs from the registered {twins[0]!r} only in case: both "
+            f"would package as the image repository {name.lower()!r}; name the model otherwise"
+        )
+
+
 def production_version(registry: ModelRegistry, name: str) -> ModelVersion | None:
     """The version tagged stage=production (the highest, if several carry the tag)."""
     tagged = registry.find_by_tag(name, STAGE_TAG, Stage.PRODUCTION)
@@ -423,6 +435,7 @@ def register_model(
                 "%s version %s tagged %s=%s", name, version.version, ROLLOUT_BY_TAG, ROLLOUT_BY_JOB
             )
     else:
+        check_case_twin(registry, name)
         version = registry.register(name, source if source is not None else model_dir, tags)
         log.info("registered %s version %s (%s) at %s", name, version.version, metric, version.uri)
     registration = Registration(version, decision, forced=not decision.passed)

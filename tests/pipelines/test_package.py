@@ -435,6 +435,26 @@ def test_main_packages_a_version_named_by_model_name_and_version(
     assert manifest["sha256"] == version.sha256
 
 
+def test_main_refuses_a_model_whose_name_differs_from_another_only_in_case(
+    tmp_path: Path, caplog
+) -> None:
+    """Both would be <registry>/diabetes:1 (image repositories are lower case): registered
+    before the register step refused such names, they are refused here."""
+    from tests.pipelines.conftest import write_model_folder
+
+    registry = LocalRegistry(tmp_path / "registry")
+    for name in ("Diabetes", "diabetes"):
+        registry.register(name, write_model_folder(tmp_path / name, name=name))
+    argv = ["--model-name", "Diabetes", "--model-version", "1", "--registry",
+            f"local:{registry.root}", "--image-registry", "acr.io",
+            "--package", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 1
+    assert "model name 'Diabetes' differs from the registered 'diabetes' only in case" in (
+        caplog.text
+    )
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("reference", "message"),
     [

@@ -254,6 +254,22 @@ def test_a_rerun_that_rolls_out_in_the_job_tags_its_reused_version_for_the_trigg
     assert again.version.tags["rollout_by"] == "pipeline-job"
 
 
+def test_a_name_differing_from_a_registered_one_only_in_case_is_refused(
+    tmp_path: Path, make_model: MakeModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`Diabetes` and `diabetes` both packaged as <registry>/diabetes:1: one push overwrote the
+    other's image, and a rollout of one served the other's model."""
+    registry = LocalRegistry(tmp_path / "reg")
+    register_model(make_model(name="diabetes"), registry)
+    argv = ["--model", str(make_model(name="Diabetes", salt="2")), "--registry",
+            f"local:{registry.root}", "--registration", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 1
+    assert (
+        "model name 'Diabetes' differs from the registered 'diabetes' only in case" in caplog.text
+    )
+    assert registry.names() == ["diabetes"]
+
+
 def test_a_model_folder_that_lies_about_its_hash_is_refused(
     tmp_path: Path, make_model: MakeModel
 ) -> None:
