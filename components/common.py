@@ -28,8 +28,12 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging() -> None:
-    """Log INFO and above to stderr (Azure ML captures it in the step's std_log)."""
+    """Log INFO and above to stderr (Azure ML captures it in the step's std_log), the Azure SDKs
+    only what a user acts on (no HTTP request dumps, no list of every credential tried)."""
+    from rollout.azure_credential import quiet_azure_logs
+
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    quiet_azure_logs()
 
 
 def run_id() -> str:

@@ -16,6 +16,7 @@ azure-identity is imported only when a credential is built.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -40,3 +41,16 @@ def default_credential(env: Mapping[str, str] | None = None) -> Any:
     from azure.identity import DefaultAzureCredential
 
     return DefaultAzureCredential(**managed_identity(os.environ if env is None else env))
+
+
+def quiet_azure_logs() -> None:
+    """Keep the Azure SDKs' logs to what a user acts on, whatever the root logger's level.
+
+    DefaultAzureCredential logs at WARNING what each credential it tried said (a dozen lines),
+    then raises with the same text, which the caller's error line carries: `azure.identity` at
+    ERROR keeps that one line. azure-core's HTTP logging policy logs every request and response
+    with its headers at INFO (every ARM and Azure Monitor call): `azure` at WARNING, for a
+    process logging its own INFO lines (the pipeline steps).
+    """
+    logging.getLogger("azure").setLevel(logging.WARNING)
+    logging.getLogger("azure.identity").setLevel(logging.ERROR)

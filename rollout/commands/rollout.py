@@ -31,6 +31,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from rollout.azure_credential import quiet_azure_logs
+
 if TYPE_CHECKING:
     from rollout.config import RolloutSpec
     from rollout.core.status import Command, Status
@@ -88,15 +90,6 @@ StateDirOpt = Annotated[
 def _fail(exc: Exception) -> NoReturn:
     _err.print(f"[bold red]error:[/] {escape(str(exc))}")
     raise typer.Exit(EXIT_ERROR)
-
-
-def _one_line_credential_errors() -> None:
-    """DefaultAzureCredential logs at WARNING what each credential it tried said (a dozen
-    lines), then raises with the same text, which the router's or the metrics' error line
-    carries: keep that one line (as `pipeline submit` and `trigger` do)."""
-    import logging
-
-    logging.getLogger("azure.identity").setLevel(logging.ERROR)
 
 
 def _exit_code(phase: str) -> int:
@@ -249,7 +242,7 @@ def run(
     parsed = _load(spec)
     _Output.outlive_reader = True
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _one_line_credential_errors()
+    quiet_azure_logs()
     # urllib3 warns of each retry it makes ("Retrying (Retry(total=1, ...)) after connection
     # broken by ..."): noise before the one line that says which API server did not answer.
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
@@ -363,7 +356,7 @@ def bootstrap(
     from rollout.errors import ConfigError, RolloutError
 
     parsed = _load(spec)
-    _one_line_credential_errors()
+    quiet_azure_logs()
     first = _release(release, parsed, "--release")
     if first is None:
         named = parsed.stable or parsed.candidate

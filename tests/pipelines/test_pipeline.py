@@ -481,3 +481,34 @@ def test_productions_version_is_the_register_steps_mounted_input(
         "custom_model"
     )
     assert reloaded._validate().passed
+
+
+def test_the_steps_log_no_azure_http_dumps_nor_every_credential_tried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At INFO, azure-core's HTTP logging policy logged every request and response with its
+    headers (each tick of the rollout step), and DefaultAzureCredential every credential it
+    tried: 30 of a failed rollout step's 43 lines, before the one line that said why."""
+    import logging
+
+    from components.common import setup_logging
+
+    names = ("azure", "azure.identity")
+    levels = {name: logging.getLogger(name).level for name in names}
+    try:
+        with caplog.at_level(logging.INFO):
+            setup_logging()
+            policy = "azure.core.pipeline.policies.http_logging_policy"
+            logging.getLogger(policy).info("Request URL: 'http://169.254.169.254/...'")
+            logging.getLogger("azure.identity._credentials.chained").warning(
+                "DefaultAzureCredential failed to retrieve a token"
+            )
+            logging.getLogger("azure.ai.ml").warning("an SDK warning stays")
+            logging.getLogger("components.rollout").info("the step's own line stays")
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    assert [r.getMessage() for r in caplog.records] == [
+        "an SDK warning stays",
+        "the step's own line stays",
+    ]
