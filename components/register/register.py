@@ -285,8 +285,9 @@ def _held_out_by(production: Dataset, candidate: Dataset) -> np.ndarray:
 def _load_production(
     production: ModelVersion, where: Path, given: str | None = None
 ) -> tuple[tuple[LoadedModel, Path], None] | tuple[None, str]:
-    """Production's model loaded from `where` (and `where`), or why not: `given` names a folder
-    the step was given (None: the registry's own folder, named after the version)."""
+    """Production's model loaded from `where` (and the model folder it loaded from: `where`,
+    or the one model folder `where` holds, as Azure ML may mount it), or why not: `given` names
+    a folder the step was given (None: the registry's own folder, named after the version)."""
     from scoring.errors import ModelLoadError
     from scoring.model import load_model
 
@@ -296,7 +297,7 @@ def _load_production(
     except ModelLoadError as exc:
         return None, f"{given or label} cannot be loaded: {exc}"
     if loaded.identity.sha256 == production.sha256:
-        return (loaded, where), None
+        return (loaded, loaded.model_dir), None
     if given is None:
         return None, f"{label}'s model file is not the registered sha256 {production.sha256}"
     return None, (

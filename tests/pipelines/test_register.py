@@ -574,6 +574,24 @@ def test_a_registry_without_files_rescores_production_from_the_folder_given(
     assert registered.decision.comparable is True
 
 
+def test_a_production_folder_mounted_one_level_down_is_rescored_from_where_it_loads(
+    tmp_path: Path, trained: Trained
+) -> None:
+    """The model loads from a folder holding one model folder (as Azure ML mounts a registered
+    folder for a deployment, under <dir>/<name>); its training and held-out rows were then looked
+    for one level up: "[Errno 2] No such file ... model.json", refused as not comparable."""
+    from aml_pipelines.registry.memory import MemoryRegistry
+
+    registry = MemoryRegistry()
+    register_model(trained("old", 1.0), registry, source="azureml://jobs/one/outputs/model")
+    registry.set_tags("diabetes", 1, {"stage": Stage.PRODUCTION})
+    mount = tmp_path / "mount"
+    shutil.copytree(trained("old", 1.0), mount / "diabetes")
+    registered = register_model(trained("refreshed", 0.1), registry, production_model=mount)
+    assert registered.decision.comparable is True
+    assert "re-scored on the 55 of the candidate's 89" in registered.decision.reason
+
+
 @pytest.fixture
 def old_in_production(tmp_path: Path, trained: Trained) -> LocalRegistry:
     """A local registry (production's files at hand) whose v1, the "old" model, is production."""
