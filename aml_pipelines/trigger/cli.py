@@ -162,9 +162,14 @@ class DeliveryChoice:
 
 
 def _setup_logging() -> None:
+    """INFO for the trigger's own story; the Azure SDKs only what a user acts on (at INFO,
+    azure-core logged every request a watch on an Azure ML registry made, headers included)."""
+    from rollout.azure_credential import quiet_azure_logs
+
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    quiet_azure_logs()
 
 
 def _parse_tags(tags: list[str] | None) -> dict[str, str]:
@@ -201,8 +206,6 @@ def _dispatcher(
         from aml_pipelines import build
         from aml_pipelines.azure_delivery import PipelineDelivery
 
-        # DefaultAzureCredential logs every credential it tried; a failure is one clear line
-        logging.getLogger("azure.identity").setLevel(logging.ERROR)
         client = build.workspace_client(
             choice.subscription or "", choice.resource_group or "", choice.workspace or ""
         )

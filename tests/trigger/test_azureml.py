@@ -185,3 +185,29 @@ def test_serve_accepts_the_events_of_the_registrys_workspace_only(
     assert (reason(workspace + "-dev") or "").startswith("other workspace")
     # Not an Azure ML workspace: nothing to compare the topic with.
     assert event_filter([], {}, MemoryRegistry()).workspace is None
+
+
+def test_the_trigger_logs_no_azure_http_dumps(
+    tmp_path: Path, registry: AzureMLRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`trigger watch|serve` log at INFO: azure-core's HTTP logging policy then wrote every
+    request a watch on an Azure ML registry made, with its headers, at each poll."""
+    import logging
+
+    from aml_pipelines.trigger.cli import _setup_logging
+
+    registry.register(
+        "diabetes", "azureml://jobs/run-1/outputs/model", {"sha256": "a" * 64, "stage": "candidate"}
+    )
+    names = ("azure", "azure.identity")
+    levels = {name: logging.getLogger(name).level for name in names}
+    try:
+        with caplog.at_level(logging.INFO):
+            _setup_logging()
+            _watcher(tmp_path, registry).run(once=True)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    # (azure-ai-ml's own loggers print nothing: they do not propagate, with a NullHandler)
+    assert not [r for r in caplog.records if r.name.startswith("azure.core")]
+    assert any(r.name.startswith("aml_pipelines.trigger") for r in caplog.records)
