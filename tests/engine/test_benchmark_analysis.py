@@ -365,3 +365,47 @@ def test_fr_ub95_is_the_two_sided_clopper_pearson_upper_end() -> None:
     row = summarise(scenario, "ours", [(o, o.bad_canary) for o in outcomes])
     assert row["p_rollback"] == 0.029
     assert f"{row['false_rollback_upper95']:.3f}" == "0.037"
+
+
+@pytest.mark.parametrize(
+    ("canary", "aa"),
+    [
+        pytest.param("{}", True, id="no-canary"),
+        pytest.param("{error_rate: 0.001, from_s: 600}", True, id="same-model-later"),
+        pytest.param("{latency_ms: {median: 20, sigma: 1.2}}", False, id="tail-only"),
+        pytest.param("{latency_ms: {median: 26}}", False, id="slower-median"),
+        pytest.param("{error_rate: 0.002}", False, id="more-errors"),
+    ],
+)
+def test_a_and_a_means_the_canary_model_is_the_baselines(
+    tmp_path: Path, canary: str, aa: bool
+) -> None:
+    # A tail-only regression (same median, wider sigma) was A/A: its correct rollbacks were
+    # reported as false ones (FR ub95 1.0) and it had no Wald reference, no oracle row.
+    from benchmarks.analysis import summarise, wald_reference
+    from benchmarks.flagger import Outcome
+
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "name: s\nrps: 100\nbaseline: {error_rate: 0.001, latency_ms: {median: 20, sigma: 0.4}}\n"
+        + ("" if canary == "{}" else f"canary: {canary}\n")
+    )
+    scenario = Scenario.load(path)
+    assert scenario.is_aa is aa
+    row = summarise(scenario, "ours", [(Outcome("rollback", 60.0, 100, 0.0), 0.0)] * 10)
+    assert (row["false_rollback_upper95"] is not None) is aa
+    assert (wald_reference(scenario) is None) is aa
+
+
+def test_a_tail_only_regression_is_judged_on_slow_requests(tmp_path: Path) -> None:
+    from benchmarks.analysis import reference_rates
+
+    path = tmp_path / "tail.yaml"
+    path.write_text(
+        "name: tail\nrps: 100\nbaseline: {latency_ms: {median: 20, sigma: 0.4}}\n"
+        "canary: {latency_ms: {median: 20, sigma: 1.2}}\n"
+    )
+    scenario = Scenario.load(path)
+    assert reference_rates(scenario) == slow_rates(scenario)
+    base, canary = slow_rates(scenario)
+    assert canary > 3 * base
