@@ -22,8 +22,9 @@ Measures (both policies, same definitions):
   that never decide keep serving at their last weight until the horizon. (The count "until the
   decision" is printed too.) The canary's answers to mirrored copies in the shadow step reach
   nobody and are not counted here; the JSON has them as `mean_bad_mirrored_requests`.
-- canary requests (the E[N] side of EN/Wald): every request the canary answered before the
-  rollback, mirrored copies included: they are the judge's sample as much as live ones.
+- canary requests (the E[N] side of EN/Wald): every request the canary answered from the
+  regression's onset (`from_s`) to the rollback, mirrored copies included: they are the judge's
+  sample as much as live ones. A rollback before the onset is a false one, left out of E[N].
 - Wald: the E[N] in canary requests of Wald's SPRT, which knows both rates (α 0.05, β 0.2),
   computed exactly (`benchmarks.oracle.sprt_expected_n`: 18, 186, 583, 5,408 canary requests
   for 50×, 10×, 5×, 2× on 0.1 %, as ANCHORS.md quotes to ±0.5 %); Wald's approximation of it,
@@ -38,6 +39,7 @@ Measures (both policies, same definitions):
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import os
@@ -214,12 +216,12 @@ def run_ours(scenario: Scenario, seed: int, spec: RolloutSpec) -> Outcome:
         if decision != "none":
             decided_at = clock.now()
             metrics.advance(clock.now())
-            canary_at_decision = int(metrics._cum[-1][0][0])
+            canary_at_decision = canary_since_onset(metrics, scenario.canary.from_s)
             break
         clock.sleep(spec.analysis.interval_s)
     if decision == "none":
         metrics.advance(scenario.duration_s)
-        canary_at_decision = int(metrics._cum[-1][0][0])
+        canary_at_decision = canary_since_onset(metrics, scenario.canary.from_s)
         return Outcome(
             "none", None, canary_at_decision, float(metrics.canary_bad), metrics.mirrored_bad
         )
@@ -227,6 +229,15 @@ def run_ours(scenario: Scenario, seed: int, spec: RolloutSpec) -> Outcome:
     if decision == "promote" and decided_at is not None:
         bad += scenario.errors_after(decided_at)
     return Outcome(decision, decided_at, canary_at_decision, bad, metrics.mirrored_bad)
+
+
+def canary_since_onset(metrics: SimulatedMetrics, from_s: float) -> int:
+    """Blue's requests (mirrored copies included) since the regression began: those of the ticks
+    drawn with the canary's behaviour, which start at or after `from_s` (run_ours starts at 0).
+    Wald and the oracle start at the onset: what the canary served before is no sample of it."""
+    times, cum = metrics._times, metrics._cum
+    onset = bisect.bisect_left(times, from_s)
+    return int(cum[-1][0][0] - cum[onset][0][0]) if onset < len(times) else 0
 
 
 def _chunk(args: tuple[str, Scenario, int, int, Path | None]) -> list[tuple[Outcome, float]]:
@@ -346,10 +357,13 @@ def summarise(
         # The upper end of the two-sided 95 % Clopper-Pearson interval (a one-sided 97.5 % bound:
         # conservative next to a one-sided 95 % one, 0.034 against 0.033 at 52 of 2,000).
         upper = 1.0 if k == runs else float(beta_dist.ppf(0.975, k + 1, runs - k))
+    # E[N] to reject: over the rollbacks after the regression began (one before it, on none of
+    # its requests, rejected nothing: it is a false rollback).
+    rejected = [o.canary_requests for o in rollbacks if o.canary_requests > 0]
     wald = wald_reference(scenario)
     en_over_wald = None
-    if wald is not None and rollbacks:
-        en_over_wald = float(np.mean([o.canary_requests for o in rollbacks])) / wald
+    if wald is not None and rejected:
+        en_over_wald = float(np.mean(rejected)) / wald
     return {
         "scenario": scenario.name,
         "policy": policy,
@@ -367,9 +381,7 @@ def summarise(
         # Extra context (not part of the fixed schema's required keys).
         "mean_bad_until_decision": float(np.mean([b for _, b in results])),
         "mean_bad_mirrored_requests": float(np.mean([o.mirrored_bad for o in outcomes])),
-        "mean_canary_requests_to_reject": (
-            float(np.mean([o.canary_requests for o in rollbacks])) if rollbacks else None
-        ),
+        "mean_canary_requests_to_reject": float(np.mean(rejected)) if rejected else None,
         "wald_expected_n": wald,
         "wald_formula_n": wald_formula(scenario),
     }

@@ -34,7 +34,7 @@ class FlaggerPolicy:
 class Outcome:
     decision: str  # "rollback" | "promote" | "none"
     decided_at: float | None
-    canary_requests: int  # canary requests served until the decision
+    canary_requests: int  # canary requests served from the regression's onset to the decision
     bad_canary: float  # canary errors served within the horizon (see analysis.py)
     mirrored_bad: int = 0  # canary errors answered to mirrored copies, never served
 
@@ -82,7 +82,7 @@ def simulate(
         # The rate at the interval's start, as SimulatedMetrics draws the engine's ticks.
         n = int(rng.poisson(rate_at(profile, t) * policy.interval_s * weight / 100.0))
         errors = int(rng.binomial(n, behaviour.error_rate)) if n else 0
-        served += n
+        served += n if behaviour is canary else 0  # the sample of the regression, from its onset
         bad += errors
         t += policy.interval_s
         ok = n > 0

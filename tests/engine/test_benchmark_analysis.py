@@ -409,3 +409,38 @@ def test_a_tail_only_regression_is_judged_on_slow_requests(tmp_path: Path) -> No
     assert reference_rates(scenario) == slow_rates(scenario)
     base, canary = slow_rates(scenario)
     assert canary > 3 * base
+
+
+LATE = (
+    "name: late\nseed: 5\nrps: 100\nduration_s: 3600\nbaseline: {error_rate: 0.001}\n"
+    "canary: {error_rate: 0.05, from_s: FROM}\n"
+)
+
+
+@pytest.mark.parametrize("policy", ["ours", "flagger"])
+def test_canary_requests_before_the_regression_began_are_not_counted(
+    tmp_path: Path, policy: str
+) -> None:
+    # Decided (promoted) before the canary turns bad at 3,000 s: it served no canary request of
+    # the regression. All its requests were counted, against a Wald and an oracle that start at
+    # the onset.
+    from benchmarks.analysis import _chunk
+
+    path = tmp_path / "late.yaml"
+    path.write_text(LATE.replace("FROM", "3000"))
+    outcomes = [o for o, _ in _chunk((policy, Scenario.load(path), 0, 3, None))]
+    assert all(o.decided_at is not None and o.decided_at < 3000 for o in outcomes)
+    assert [o.canary_requests for o in outcomes] == [0, 0, 0]
+
+
+def test_en_over_wald_counts_from_the_onset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 50x from 200 s on: ~5,000 canary requests were served before it (EN/Wald read 261 where
+    # the same regression from 0 s reads 5); a rollback before the onset rejected nothing.
+    path = tmp_path / "late.yaml"
+    path.write_text(LATE.replace("FROM", "200"))
+    args = ["--json", "--runs", "10", "--jobs", "1", "--policy", "ours", "--scenario", str(path)]
+    assert main(args) == 0
+    (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    assert 0 < row["mean_canary_requests_to_reject"] < 1500
