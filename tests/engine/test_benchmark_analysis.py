@@ -231,6 +231,27 @@ def test_flagger_draws_from_the_rps_profile_not_its_first_point() -> None:
     assert outcome.canary_requests == pytest.approx(84_060, rel=0.02)
 
 
+@pytest.mark.parametrize(
+    ("starts_at", "promoted_at"),
+    [
+        pytest.param(30.0, 300.0, id="mid-interval-counts-its-half"),
+        pytest.param(60.0, 360.0, id="first-interval-empty-a-failed-check"),
+    ],
+)
+def test_flagger_integrates_the_profile_over_each_interval(
+    starts_at: float, promoted_at: float
+) -> None:
+    # Traffic from 30 s on: the first minute holds 30 s of it, enough for a passing check; it
+    # was drawn at the minute's first rate (0), a "no values" failure, as if it began at 60 s.
+    from benchmarks.flagger import simulate as simulate_flagger
+    from rollout.config import SimulatedMetricsConfig, TrafficModel
+
+    clean = TrafficModel(error_rate=0.0)
+    cfg = SimulatedMetricsConfig(rps=[(0.0, 0.0), (starts_at, 100.0)], baseline=clean)
+    outcome = simulate_flagger(cfg, 3600.0, np.random.default_rng(1))
+    assert (outcome.decision, outcome.decided_at) == ("promote", promoted_at)
+
+
 def test_harm_after_a_promotion_follows_the_profile(tmp_path: Path) -> None:
     path = tmp_path / "quiet-after.yaml"
     path.write_text(
