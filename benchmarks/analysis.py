@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from scipy.stats import beta as beta_dist
 
 from benchmarks.flagger import Outcome, expected_requests
@@ -61,11 +61,13 @@ from benchmarks.oracle import simulate as simulate_oracle
 from benchmarks.oracle import sprt_expected_n
 from rollout.config import (
     EMPTY_YAML,
+    MAX_SIMULATED_RATE,
     RolloutSpec,
     SimulatedMetricsConfig,
     TrafficModel,
     describe_errors,
     load_spec,
+    parse_yaml,
     yaml_problem,
 )
 from rollout.controller import Controller, FakeClock
@@ -89,25 +91,33 @@ class ScenarioFile(BaseModel):
     seed: int = Field(default=0, ge=0)  # numpy refuses a negative seed (a traceback)
     #: Total requests per second, or a step profile of [t_seconds, rps] points.
     rps: float | list[tuple[float, float]]
-    duration_s: PositiveFloat = 3600.0
+    duration_s: float = Field(default=3600.0, gt=0, allow_inf_nan=False)  # .inf: NaN in the JSON
     baseline: TrafficModel
     canary: TrafficModel | None = None  # none: an A/A scenario
 
     @field_validator("rps", mode="plain")
     @classmethod
     def _rate_or_profile(cls, value: Any) -> float | list[tuple[float, float]]:
-        # One message for both shapes: pydantic's own names each arm of the union.
-        problem = "give a rate >= 0, or a non-empty list of [t_seconds, rps] points, each >= 0"
-        if isinstance(value, bool | str):
-            raise ValueError(problem)
+        # One message for both shapes: pydantic's own names each arm of the union. The range is
+        # the simulation's (SimulatedMetricsConfig): beyond it a run ended in a worker's traceback.
+        problem = (
+            f"give a rate from 0 to {MAX_SIMULATED_RATE:.0e}, or a non-empty list of "
+            "[t_seconds, rps] points, each number in that range"
+        )
+
+        def number(x: Any) -> float:
+            if isinstance(x, bool | str) or not 0 <= float(x) <= MAX_SIMULATED_RATE:  # NaN too
+                raise ValueError(problem)
+            return float(x)
+
         try:
             if isinstance(value, list):
-                points = [(float(t), float(r)) for t, r in value]
-                if points and all(t >= 0 and r >= 0 for t, r in points):
+                points = [(number(t), number(r)) for t, r in value]
+                if points:
                     return points
-            elif float(value) >= 0:
-                return float(value)
-        except (TypeError, ValueError):
+            else:
+                return number(value)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: 10**400, no float holds it
             pass
         raise ValueError(problem)
 
@@ -125,11 +135,13 @@ class Scenario:
     def load(cls, path: Path) -> Scenario:
         """Read and validate a scenario; ConfigError names the file and each bad field."""
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = parse_yaml(path.read_text(encoding="utf-8"))  # as specs are: no key lost
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read scenario: {_reason(exc)}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+        except RecursionError:  # PyYAML composes nested collections recursively
+            raise ConfigError(f"{path}: not a scenario: collections nested too deeply") from None
         if data is None:
             raise ConfigError(f"{path}: {EMPTY_YAML}")
         if not isinstance(data, dict):
@@ -138,7 +150,7 @@ class Scenario:
             file = ScenarioFile.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(f"{path}: {describe_errors(exc, ScenarioFile)}") from None
-        return cls(
+        scenario = cls(
             name=file.name,
             seed=file.seed,
             rps=file.rps,
@@ -146,6 +158,11 @@ class Scenario:
             baseline=file.baseline,
             canary=file.canary or file.baseline,
         )
+        try:  # what each run builds, here once: in a worker it would end in a traceback
+            scenario.metrics(0)
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: {describe_errors(exc, SimulatedMetricsConfig)}") from None
+        return scenario
 
     def metrics(self, seed: int) -> SimulatedMetricsConfig:
         return SimulatedMetricsConfig(
@@ -501,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         f"x {_count(args.runs, 'run')} in {elapsed:.1f} s with {_count(args.jobs, 'job')}"
     )
     if args.json:
-        print(json.dumps({"results": results, "oracle": oracle, "elapsed_s": round(elapsed, 1)}))
+        payload = {"results": results, "oracle": oracle, "elapsed_s": round(elapsed, 1)}
+        print(json.dumps(payload, allow_nan=False))  # undefined values are null, never NaN
     return 0
 
 

@@ -146,6 +146,28 @@ GOOD = "name: s\nrps: 10\nbaseline: {error_rate: 0.001}\n"
         pytest.param(GOOD.replace("10", "-1"), "rps: give a rate", id="negative-rps"),
         pytest.param(GOOD.replace("10", "[[0, 10], [60]]"), "rps: give a rate", id="bad-point"),
         pytest.param(GOOD.replace("10", "[]"), "rps: give a rate", id="empty-profile"),
+        # The simulation's own limit, met at load time: it was a traceback in a worker.
+        pytest.param(
+            GOOD.replace("10", "2000000000"), "rps: give a rate from 0 to 1e+09", id="rps>max"
+        ),
+        pytest.param(GOOD.replace("10", ".inf"), "rps: give a rate", id="rps-inf"),
+        pytest.param(GOOD.replace("10", "1" + "0" * 400), "rps: give a rate", id="rps-overflow"),
+        pytest.param(GOOD.replace("10", "[[.inf, 10]]"), "rps: give a rate", id="t-inf"),
+        pytest.param(
+            GOOD + "duration_s: .inf\n", "duration_s: Input should be a finite", id="dur-inf"
+        ),
+        # Read as specs are: no traceback for what YAML's constructors choke on, no key lost.
+        pytest.param(
+            GOOD + "duration_s: 2024-13-45\n",
+            "line 4, column 13: '2024-13-45' is not a date (month must be in 1..12)",
+            id="not-a-date",
+        ),
+        pytest.param(GOOD + "seed: 0x_\n", "'0x_' is not a whole number", id="bad-hex"),
+        pytest.param(
+            GOOD + "baseline: {error_rate: 0.002}\n",
+            "duplicate key 'baseline' (first on line 3)",
+            id="key-given-twice",
+        ),
         pytest.param(GOOD + "duration_s: 0\n", "duration_s: Input should be greater", id="dur-0"),
         pytest.param(
             GOOD + "seed: -1\n",
