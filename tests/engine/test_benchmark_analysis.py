@@ -487,3 +487,22 @@ def test_en_over_wald_counts_from_the_onset(
     assert main(args) == 0
     (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
     assert 0 < row["mean_canary_requests_to_reject"] < 1500
+
+
+def test_wald_reference_keeps_the_digits_the_docs_quote() -> None:
+    # docs/engine.md: "18.0, 186.4, 583.0 and 5,408 canary requests at 50x, 10x, 5x, 2x".
+    from benchmarks.oracle import sprt_expected_n
+
+    quoted = [f"{sprt_expected_n(0.001, 0.001 * t):.1f}" for t in (50, 10, 5, 2)]
+    assert quoted == ["18.0", "186.4", "583.0", "5408.1"]
+
+
+@pytest.mark.timeout(10)
+def test_wald_reference_at_a_low_base_rate_takes_no_longer() -> None:
+    # Request by request it took ~30 s at 0.001 % and ~50 min at 0.00001 %. The SPRT's E[N] for
+    # 2x then nears its continuous-time limit: base rate x E[N] about the same at every rate.
+    from benchmarks.oracle import sprt_expected_n
+
+    scaled = [p * sprt_expected_n(p, 2 * p) for p in (1e-4, 1e-7)]
+    assert scaled[1] == pytest.approx(scaled[0], rel=1e-3)
+    assert scaled[0] == pytest.approx(5.413, abs=5e-4)
