@@ -22,8 +22,9 @@ Measures (both policies, same definitions):
   that never decide keep serving at their last weight until the horizon. (The count "until the
   decision" is printed too.) The canary's answers to mirrored copies in the shadow step reach
   nobody and are not counted here; the JSON has them as `mean_bad_mirrored_requests`.
-- canary requests (the E[N] side of EN/Wald): every request the canary answered before the
-  rollback, mirrored copies included: they are the judge's sample as much as live ones.
+- canary requests (the E[N] side of EN/Wald): every request the canary answered from the
+  regression's onset (`from_s`) to the rollback, mirrored copies included: they are the judge's
+  sample as much as live ones. A rollback before the onset is a false one, left out of E[N].
 - Wald: the E[N] in canary requests of Wald's SPRT, which knows both rates (α 0.05, β 0.2),
   computed exactly (`benchmarks.oracle.sprt_expected_n`: 18, 186, 583, 5,408 canary requests
   for 50×, 10×, 5×, 2× on 0.1 %, as ANCHORS.md quotes to ±0.5 %); Wald's approximation of it,
@@ -38,6 +39,7 @@ Measures (both policies, same definitions):
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import os
@@ -50,7 +52,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from scipy.stats import beta as beta_dist
 
 from benchmarks.flagger import Outcome, expected_requests
@@ -59,11 +61,13 @@ from benchmarks.oracle import simulate as simulate_oracle
 from benchmarks.oracle import sprt_expected_n
 from rollout.config import (
     EMPTY_YAML,
+    MAX_SIMULATED_RATE,
     RolloutSpec,
     SimulatedMetricsConfig,
     TrafficModel,
     describe_errors,
     load_spec,
+    parse_yaml,
     yaml_problem,
 )
 from rollout.controller import Controller, FakeClock
@@ -87,25 +91,33 @@ class ScenarioFile(BaseModel):
     seed: int = Field(default=0, ge=0)  # numpy refuses a negative seed (a traceback)
     #: Total requests per second, or a step profile of [t_seconds, rps] points.
     rps: float | list[tuple[float, float]]
-    duration_s: PositiveFloat = 3600.0
+    duration_s: float = Field(default=3600.0, gt=0, allow_inf_nan=False)  # .inf: NaN in the JSON
     baseline: TrafficModel
     canary: TrafficModel | None = None  # none: an A/A scenario
 
     @field_validator("rps", mode="plain")
     @classmethod
     def _rate_or_profile(cls, value: Any) -> float | list[tuple[float, float]]:
-        # One message for both shapes: pydantic's own names each arm of the union.
-        problem = "give a rate >= 0, or a non-empty list of [t_seconds, rps] points, each >= 0"
-        if isinstance(value, bool | str):
-            raise ValueError(problem)
+        # One message for both shapes: pydantic's own names each arm of the union. The range is
+        # the simulation's (SimulatedMetricsConfig): beyond it a run ended in a worker's traceback.
+        problem = (
+            f"give a rate from 0 to {MAX_SIMULATED_RATE:.0e}, or a non-empty list of "
+            "[t_seconds, rps] points, each number in that range"
+        )
+
+        def number(x: Any) -> float:
+            if isinstance(x, bool | str) or not 0 <= float(x) <= MAX_SIMULATED_RATE:  # NaN too
+                raise ValueError(problem)
+            return float(x)
+
         try:
             if isinstance(value, list):
-                points = [(float(t), float(r)) for t, r in value]
-                if points and all(t >= 0 and r >= 0 for t, r in points):
+                points = [(number(t), number(r)) for t, r in value]
+                if points:
                     return points
-            elif float(value) >= 0:
-                return float(value)
-        except (TypeError, ValueError):
+            else:
+                return number(value)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: 10**400, no float holds it
             pass
         raise ValueError(problem)
 
@@ -123,11 +135,13 @@ class Scenario:
     def load(cls, path: Path) -> Scenario:
         """Read and validate a scenario; ConfigError names the file and each bad field."""
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = parse_yaml(path.read_text(encoding="utf-8"))  # as specs are: no key lost
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read scenario: {_reason(exc)}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+        except RecursionError:  # PyYAML composes nested collections recursively
+            raise ConfigError(f"{path}: not a scenario: collections nested too deeply") from None
         if data is None:
             raise ConfigError(f"{path}: {EMPTY_YAML}")
         if not isinstance(data, dict):
@@ -136,7 +150,7 @@ class Scenario:
             file = ScenarioFile.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(f"{path}: {describe_errors(exc, ScenarioFile)}") from None
-        return cls(
+        scenario = cls(
             name=file.name,
             seed=file.seed,
             rps=file.rps,
@@ -144,6 +158,11 @@ class Scenario:
             baseline=file.baseline,
             canary=file.canary or file.baseline,
         )
+        try:  # what each run builds, here once: in a worker it would end in a traceback
+            scenario.metrics(0)
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: {describe_errors(exc, SimulatedMetricsConfig)}") from None
+        return scenario
 
     def metrics(self, seed: int) -> SimulatedMetricsConfig:
         return SimulatedMetricsConfig(
@@ -166,11 +185,15 @@ class Scenario:
 
     @property
     def latency_ratio(self) -> float:
+        """The medians' ratio (1.0 for a tail-only regression: see `is_aa`)."""
         return self.canary.latency_ms.median / self.baseline.latency_ms.median
 
     @property
     def is_aa(self) -> bool:
-        return self.error_ratio == 1.0 and self.latency_ratio == 1.0
+        """The canary behaves as the baseline does: same error rate, same latency model, sigma
+        included (a wider tail at the same median is a regression, judged on slow requests)."""
+        canary, baseline = self.canary, self.baseline
+        return (canary.error_rate, canary.latency_ms) == (baseline.error_rate, baseline.latency_ms)
 
 
 def _reason(exc: OSError | UnicodeDecodeError) -> str:
@@ -210,12 +233,12 @@ def run_ours(scenario: Scenario, seed: int, spec: RolloutSpec) -> Outcome:
         if decision != "none":
             decided_at = clock.now()
             metrics.advance(clock.now())
-            canary_at_decision = int(metrics._cum[-1][0][0])
+            canary_at_decision = canary_since_onset(metrics, scenario.canary.from_s)
             break
         clock.sleep(spec.analysis.interval_s)
     if decision == "none":
         metrics.advance(scenario.duration_s)
-        canary_at_decision = int(metrics._cum[-1][0][0])
+        canary_at_decision = canary_since_onset(metrics, scenario.canary.from_s)
         return Outcome(
             "none", None, canary_at_decision, float(metrics.canary_bad), metrics.mirrored_bad
         )
@@ -223,6 +246,15 @@ def run_ours(scenario: Scenario, seed: int, spec: RolloutSpec) -> Outcome:
     if decision == "promote" and decided_at is not None:
         bad += scenario.errors_after(decided_at)
     return Outcome(decision, decided_at, canary_at_decision, bad, metrics.mirrored_bad)
+
+
+def canary_since_onset(metrics: SimulatedMetrics, from_s: float) -> int:
+    """Blue's requests (mirrored copies included) since the regression began: those of the ticks
+    drawn with the canary's behaviour, which start at or after `from_s` (run_ours starts at 0).
+    Wald and the oracle start at the onset: what the canary served before is no sample of it."""
+    times, cum = metrics._times, metrics._cum
+    onset = bisect.bisect_left(times, from_s)
+    return int(cum[-1][0][0] - cum[onset][0][0]) if onset < len(times) else 0
 
 
 def _chunk(args: tuple[str, Scenario, int, int, Path | None]) -> list[tuple[Outcome, float]]:
@@ -342,10 +374,13 @@ def summarise(
         # The upper end of the two-sided 95 % Clopper-Pearson interval (a one-sided 97.5 % bound:
         # conservative next to a one-sided 95 % one, 0.034 against 0.033 at 52 of 2,000).
         upper = 1.0 if k == runs else float(beta_dist.ppf(0.975, k + 1, runs - k))
+    # E[N] to reject: over the rollbacks after the regression began (one before it, on none of
+    # its requests, rejected nothing: it is a false rollback).
+    rejected = [o.canary_requests for o in rollbacks if o.canary_requests > 0]
     wald = wald_reference(scenario)
     en_over_wald = None
-    if wald is not None and rollbacks:
-        en_over_wald = float(np.mean([o.canary_requests for o in rollbacks])) / wald
+    if wald is not None and rejected:
+        en_over_wald = float(np.mean(rejected)) / wald
     return {
         "scenario": scenario.name,
         "policy": policy,
@@ -363,9 +398,7 @@ def summarise(
         # Extra context (not part of the fixed schema's required keys).
         "mean_bad_until_decision": float(np.mean([b for _, b in results])),
         "mean_bad_mirrored_requests": float(np.mean([o.mirrored_bad for o in outcomes])),
-        "mean_canary_requests_to_reject": (
-            float(np.mean([o.canary_requests for o in rollbacks])) if rollbacks else None
-        ),
+        "mean_canary_requests_to_reject": float(np.mean(rejected)) if rejected else None,
         "wald_expected_n": wald,
         "wald_formula_n": wald_formula(scenario),
     }
@@ -485,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         f"x {_count(args.runs, 'run')} in {elapsed:.1f} s with {_count(args.jobs, 'job')}"
     )
     if args.json:
-        print(json.dumps({"results": results, "oracle": oracle, "elapsed_s": round(elapsed, 1)}))
+        payload = {"results": results, "oracle": oracle, "elapsed_s": round(elapsed, 1)}
+        print(json.dumps(payload, allow_nan=False))  # undefined values are null, never NaN
     return 0
 
 

@@ -58,19 +58,25 @@ def dual_value(
     wald = np.array([sprt_expected_n(base_rate, float(t) * base_rate, alpha=alpha) for t in thetas])
     # Past this many requests every λ_θ (t / W_θ - X) - ν_θ is >= 0: rolling back only costs.
     horizon = math.ceil(float(np.max(wald * (x + nu / lam)))) + 1
-    up = np.log(thetas)[:, None]  # a bad request multiplies L_θ by θ
+    # Scaled by p^k (p the base rate; a positive factor per state, so the least J is the
+    # same): L_θ itself overflows (200**140 after 140 bad requests: every dual read -inf), while
+    # p^k L_θ = (θ p)^k (...) <= 1 for θ < 1/p. A state's scaled value is its weight in J at
+    # the start: one too deep to matter underflows to 0.
+    up = (np.log(thetas) + math.log(base_rate))[:, None]  # a bad request: L_θ × θ, scale × p
     down = (np.log1p(-thetas * base_rate) - math.log1p(-base_rate))[:, None]  # a good one
-    # value[k]: the least J-to-go with k bad requests seen (one spare slot past the cap).
+    # value[k]: the least J-to-go with k bad requests seen, × p^k (one spare slot past the cap).
     value = np.zeros(MAX_BAD + 2)  # at the horizon: never rolling back is optimal, J = 0
+    scales = np.power(base_rate, np.arange(MAX_BAD + 1))  # p^k
     for t in range(horizon - 1, -1, -1):
         size = min(t, MAX_BAD) + 1  # states k = 0..min(t, MAX_BAD) bad requests
         k = np.arange(size)
-        likelihood = np.exp(up * k + down * (t - k))  # L_θ(t, k), one row per θ
+        likelihood = np.exp(up * k + down * (t - k))  # p^k L_θ(t, k), one row per θ
         coefficient = (lam * (t / wald - x) - nu)[:, None]
-        stop = 1.0 + (likelihood * coefficient).sum(axis=0)  # J's integrand if we roll back now
-        go_on = (1.0 - base_rate) * value[:size] + base_rate * value[1 : size + 1]
+        # J's integrand (scaled) if we roll back now
+        stop = scales[:size] + (likelihood * coefficient).sum(axis=0)
+        go_on = (1.0 - base_rate) * value[:size] + value[1 : size + 1]
         new = np.minimum(stop, go_on)
-        if size == MAX_BAD + 1:  # the cap: J >= -Σ (ν + λ X) L_θ whatever follows
+        if size == MAX_BAD + 1:  # the cap: J >= -Σ (ν + λ X) L_θ whatever follows (scaled)
             new[MAX_BAD] = min(stop[MAX_BAD], -float(((nu + lam * x) * likelihood[:, -1]).sum()))
         value = np.zeros(MAX_BAD + 2)
         value[:size] = new

@@ -34,7 +34,7 @@ class FlaggerPolicy:
 class Outcome:
     decision: str  # "rollback" | "promote" | "none"
     decided_at: float | None
-    canary_requests: int  # canary requests served until the decision
+    canary_requests: int  # canary requests served from the regression's onset to the decision
     bad_canary: float  # canary errors served within the horizon (see analysis.py)
     mirrored_bad: int = 0  # canary errors answered to mirrored copies, never served
 
@@ -74,15 +74,15 @@ def simulate(
     base = TrafficBehaviour(cfg.baseline, bounds_s)
     canary_model = cfg.canary or cfg.baseline
     canary = TrafficBehaviour(canary_model, bounds_s)
-    profile = rate_profile(cfg.rps)
     weight, failed, t = policy.step, 0, 0.0
     served, bad = 0, 0
     while t + policy.interval_s <= duration_s:
         behaviour = canary if t >= canary_model.from_s else base
-        # The rate at the interval's start, as SimulatedMetrics draws the engine's ticks.
-        n = int(rng.poisson(rate_at(profile, t) * policy.interval_s * weight / 100.0))
+        # The interval's expected requests: the profile integrated (a step inside it counts).
+        expected = expected_requests(cfg.rps, t, t + policy.interval_s)
+        n = int(rng.poisson(expected * weight / 100.0))
         errors = int(rng.binomial(n, behaviour.error_rate)) if n else 0
-        served += n
+        served += n if behaviour is canary else 0  # the sample of the regression, from its onset
         bad += errors
         t += policy.interval_s
         ok = n > 0

@@ -306,13 +306,24 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from rollout.commands.stack import EXIT_INTERRUPTED, sigterm_as_interrupt
+
     servers: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-scoring-") as tmp:
-        workdir = Path(tmp)
-        model_dir = build_model(workdir / "model")
-        for name in SERVERS:
-            if name in wanted:
-                servers[name] = measure(name, model_dir, azmlinfsrv, args.seconds, workdir)
+    try:
+        # SIGTERM as Ctrl-C: the `finally`s stop the server (its own session: the signal misses
+        # it) and remove the temp dir; by default both outlived us.
+        with (
+            sigterm_as_interrupt(),
+            tempfile.TemporaryDirectory(prefix="bench-scoring-") as tmp,
+        ):
+            workdir = Path(tmp)
+            model_dir = build_model(workdir / "model")
+            for name in SERVERS:
+                if name in wanted:
+                    servers[name] = measure(name, model_dir, azmlinfsrv, args.seconds, workdir)
+    except KeyboardInterrupt:
+        print("interrupted: the server is stopped and its temp dir removed", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
     def ratio(other: str) -> float | None:
         if "ours" not in servers or other not in servers:

@@ -1517,7 +1517,7 @@ def load_spec(path: str | Path) -> RolloutSpec:
             f"offset {exc.start}); save it as UTF-8"
         ) from None
     try:
-        data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
     except RecursionError:  # PyYAML composes nested collections recursively
@@ -1643,6 +1643,13 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     if isinstance(node, yaml.SequenceNode):
         return list(node.value)
     return []
+
+
+def parse_yaml(text: str) -> Any:
+    """`text` read as a spec is (`_SpecLoader`): a key given twice, a value PyYAML's constructors
+    choke on (`2024-13-45`) or an alias bomb is a yaml.YAMLError (see `yaml_problem`), never a
+    bare ValueError or a silent last-one-wins. RecursionError for collections nested too deeply."""
+    return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:

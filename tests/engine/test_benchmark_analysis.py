@@ -146,6 +146,28 @@ GOOD = "name: s\nrps: 10\nbaseline: {error_rate: 0.001}\n"
         pytest.param(GOOD.replace("10", "-1"), "rps: give a rate", id="negative-rps"),
         pytest.param(GOOD.replace("10", "[[0, 10], [60]]"), "rps: give a rate", id="bad-point"),
         pytest.param(GOOD.replace("10", "[]"), "rps: give a rate", id="empty-profile"),
+        # The simulation's own limit, met at load time: it was a traceback in a worker.
+        pytest.param(
+            GOOD.replace("10", "2000000000"), "rps: give a rate from 0 to 1e+09", id="rps>max"
+        ),
+        pytest.param(GOOD.replace("10", ".inf"), "rps: give a rate", id="rps-inf"),
+        pytest.param(GOOD.replace("10", "1" + "0" * 400), "rps: give a rate", id="rps-overflow"),
+        pytest.param(GOOD.replace("10", "[[.inf, 10]]"), "rps: give a rate", id="t-inf"),
+        pytest.param(
+            GOOD + "duration_s: .inf\n", "duration_s: Input should be a finite", id="dur-inf"
+        ),
+        # Read as specs are: no traceback for what YAML's constructors choke on, no key lost.
+        pytest.param(
+            GOOD + "duration_s: 2024-13-45\n",
+            "line 4, column 13: '2024-13-45' is not a date (month must be in 1..12)",
+            id="not-a-date",
+        ),
+        pytest.param(GOOD + "seed: 0x_\n", "'0x_' is not a whole number", id="bad-hex"),
+        pytest.param(
+            GOOD + "baseline: {error_rate: 0.002}\n",
+            "duplicate key 'baseline' (first on line 3)",
+            id="key-given-twice",
+        ),
         pytest.param(GOOD + "duration_s: 0\n", "duration_s: Input should be greater", id="dur-0"),
         pytest.param(
             GOOD + "seed: -1\n",
@@ -229,6 +251,27 @@ def test_flagger_draws_from_the_rps_profile_not_its_first_point() -> None:
     assert outcome.decision == "promote"
     # ~60 + 1000 x 60 x (0.2 + 0.3 + 0.4 + 0.5) = 84,060 canary requests, not 10 rps' 900
     assert outcome.canary_requests == pytest.approx(84_060, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    ("starts_at", "promoted_at"),
+    [
+        pytest.param(30.0, 300.0, id="mid-interval-counts-its-half"),
+        pytest.param(60.0, 360.0, id="first-interval-empty-a-failed-check"),
+    ],
+)
+def test_flagger_integrates_the_profile_over_each_interval(
+    starts_at: float, promoted_at: float
+) -> None:
+    # Traffic from 30 s on: the first minute holds 30 s of it, enough for a passing check; it
+    # was drawn at the minute's first rate (0), a "no values" failure, as if it began at 60 s.
+    from benchmarks.flagger import simulate as simulate_flagger
+    from rollout.config import SimulatedMetricsConfig, TrafficModel
+
+    clean = TrafficModel(error_rate=0.0)
+    cfg = SimulatedMetricsConfig(rps=[(0.0, 0.0), (starts_at, 100.0)], baseline=clean)
+    outcome = simulate_flagger(cfg, 3600.0, np.random.default_rng(1))
+    assert (outcome.decision, outcome.decided_at) == ("promote", promoted_at)
 
 
 def test_harm_after_a_promotion_follows_the_profile(tmp_path: Path) -> None:
@@ -365,3 +408,101 @@ def test_fr_ub95_is_the_two_sided_clopper_pearson_upper_end() -> None:
     row = summarise(scenario, "ours", [(o, o.bad_canary) for o in outcomes])
     assert row["p_rollback"] == 0.029
     assert f"{row['false_rollback_upper95']:.3f}" == "0.037"
+
+
+@pytest.mark.parametrize(
+    ("canary", "aa"),
+    [
+        pytest.param("{}", True, id="no-canary"),
+        pytest.param("{error_rate: 0.001, from_s: 600}", True, id="same-model-later"),
+        pytest.param("{latency_ms: {median: 20, sigma: 1.2}}", False, id="tail-only"),
+        pytest.param("{latency_ms: {median: 26}}", False, id="slower-median"),
+        pytest.param("{error_rate: 0.002}", False, id="more-errors"),
+    ],
+)
+def test_a_and_a_means_the_canary_model_is_the_baselines(
+    tmp_path: Path, canary: str, aa: bool
+) -> None:
+    # A tail-only regression (same median, wider sigma) was A/A: its correct rollbacks were
+    # reported as false ones (FR ub95 1.0) and it had no Wald reference, no oracle row.
+    from benchmarks.analysis import summarise, wald_reference
+    from benchmarks.flagger import Outcome
+
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "name: s\nrps: 100\nbaseline: {error_rate: 0.001, latency_ms: {median: 20, sigma: 0.4}}\n"
+        + ("" if canary == "{}" else f"canary: {canary}\n")
+    )
+    scenario = Scenario.load(path)
+    assert scenario.is_aa is aa
+    row = summarise(scenario, "ours", [(Outcome("rollback", 60.0, 100, 0.0), 0.0)] * 10)
+    assert (row["false_rollback_upper95"] is not None) is aa
+    assert (wald_reference(scenario) is None) is aa
+
+
+def test_a_tail_only_regression_is_judged_on_slow_requests(tmp_path: Path) -> None:
+    from benchmarks.analysis import reference_rates
+
+    path = tmp_path / "tail.yaml"
+    path.write_text(
+        "name: tail\nrps: 100\nbaseline: {latency_ms: {median: 20, sigma: 0.4}}\n"
+        "canary: {latency_ms: {median: 20, sigma: 1.2}}\n"
+    )
+    scenario = Scenario.load(path)
+    assert reference_rates(scenario) == slow_rates(scenario)
+    base, canary = slow_rates(scenario)
+    assert canary > 3 * base
+
+
+LATE = (
+    "name: late\nseed: 5\nrps: 100\nduration_s: 3600\nbaseline: {error_rate: 0.001}\n"
+    "canary: {error_rate: 0.05, from_s: FROM}\n"
+)
+
+
+@pytest.mark.parametrize("policy", ["ours", "flagger"])
+def test_canary_requests_before_the_regression_began_are_not_counted(
+    tmp_path: Path, policy: str
+) -> None:
+    # Decided (promoted) before the canary turns bad at 3,000 s: it served no canary request of
+    # the regression. All its requests were counted, against a Wald and an oracle that start at
+    # the onset.
+    from benchmarks.analysis import _chunk
+
+    path = tmp_path / "late.yaml"
+    path.write_text(LATE.replace("FROM", "3000"))
+    outcomes = [o for o, _ in _chunk((policy, Scenario.load(path), 0, 3, None))]
+    assert all(o.decided_at is not None and o.decided_at < 3000 for o in outcomes)
+    assert [o.canary_requests for o in outcomes] == [0, 0, 0]
+
+
+def test_en_over_wald_counts_from_the_onset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 50x from 200 s on: ~5,000 canary requests were served before it (EN/Wald read 261 where
+    # the same regression from 0 s reads 5); a rollback before the onset rejected nothing.
+    path = tmp_path / "late.yaml"
+    path.write_text(LATE.replace("FROM", "200"))
+    args = ["--json", "--runs", "10", "--jobs", "1", "--policy", "ours", "--scenario", str(path)]
+    assert main(args) == 0
+    (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    assert 0 < row["mean_canary_requests_to_reject"] < 1500
+
+
+def test_wald_reference_keeps_the_digits_the_docs_quote() -> None:
+    # docs/engine.md: "18.0, 186.4, 583.0 and 5,408 canary requests at 50x, 10x, 5x, 2x".
+    from benchmarks.oracle import sprt_expected_n
+
+    quoted = [f"{sprt_expected_n(0.001, 0.001 * t):.1f}" for t in (50, 10, 5, 2)]
+    assert quoted == ["18.0", "186.4", "583.0", "5408.1"]
+
+
+@pytest.mark.timeout(10)
+def test_wald_reference_at_a_low_base_rate_takes_no_longer() -> None:
+    # Request by request it took ~30 s at 0.001 % and ~50 min at 0.00001 %. The SPRT's E[N] for
+    # 2x then nears its continuous-time limit: base rate x E[N] about the same at every rate.
+    from benchmarks.oracle import sprt_expected_n
+
+    scaled = [p * sprt_expected_n(p, 2 * p) for p in (1e-4, 1e-7)]
+    assert scaled[1] == pytest.approx(scaled[0], rel=1e-3)
+    assert scaled[0] == pytest.approx(5.413, abs=5e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -68,3 +69,14 @@ def test_bad_arguments_exit_2_naming_the_option(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert problem in err.splitlines()[-1]
+
+
+def test_a_large_theta_next_to_small_ones_still_yields_a_finite_dual() -> None:
+    # L_200 after 140 bad requests is 200**140: it overflowed, every dual read -inf and nothing
+    # could be proven for --thetas 5,10,200. A θ weighted next to nothing changes next to nothing.
+    small = dual_value(1.2, np.array([5.0, 10.0]), np.array([1.0, 1.0]), np.array([1.0, 1.0]))
+    with_200 = dual_value(
+        1.2, np.array([5.0, 10.0, 200.0]), np.array([1.0, 1.0, 1e-9]), np.array([1.0, 1.0, 1e-9])
+    )
+    assert math.isfinite(with_200)
+    assert with_200 == pytest.approx(small, abs=1e-6)

@@ -154,3 +154,61 @@ def test_without_json_stdout_is_the_json_line_and_the_ratios_go_to_stderr(
     out, err = capsys.readouterr()
     assert json.loads(out)["ratio_vs_fastapi"] == 1.0
     assert err.splitlines()[-1] == "ours/fastapi rps (c8): 1.0x"
+
+
+SIGTERM_MID_RUN = """
+import os, signal, sys, time
+import benchmarks.scoring as bench
+
+start = bench._start
+
+
+def recorded_start(*args):
+    proc, url = start(*args)
+    print(proc.pid, flush=True)  # the server, in its own session: SIGTERM to us misses it
+    return proc, url
+
+
+def sigterm_mid_run(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+
+
+bench.shutil.which = lambda name: f"/usr/bin/{name}"
+bench.build_model = lambda out: out
+bench.server_command = lambda *args: ([sys.executable, "-c", "import time; time.sleep(60)"], {})
+bench._start = recorded_start
+bench._wait_until_scoring = lambda *args: None
+bench.run_wrk = sigterm_mid_run
+sys.exit(bench.main(["--only", "fastapi", "--seconds", "1"]))
+"""
+
+
+def test_sigterm_stops_the_server_and_removes_the_temp_dir(tmp_path: Path) -> None:
+    # A server (our stand-in: a sleeping process) in its own session, stopped only by the
+    # `finally` SIGTERM skipped: it kept running, listening, and the temp dir stayed.
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from rollout.local.process import pid_alive
+
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run(
+        [sys.executable, "-c", SIGTERM_MID_RUN],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=root,
+        env={**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(root)},
+    )
+    server = int(run.stdout.split()[0])
+    try:
+        assert run.returncode == 130, run.stderr
+        assert run.stderr.endswith("interrupted: the server is stopped and its temp dir removed\n")
+        assert list(tmp_path.glob("bench-scoring-*")) == []
+        assert not pid_alive(server)
+    finally:
+        if pid_alive(server):
+            os.kill(server, signal.SIGKILL)
