@@ -14,6 +14,9 @@ from typing import Any
 from rollout import jsonl
 from rollout.errors import StateError
 
+#: The events of a first release (`bootstrap`, `bootstrap --check`): lines of no rollout.
+BOOTSTRAP_EVENTS = ("bootstrap", "first-check")
+
 
 class Ledger:
     """Append-only JSONL file; each line is flushed and fsync'ed (a crash loses at most one)."""
@@ -44,18 +47,25 @@ def read_ledger(path: Path) -> list[dict[str, Any]]:
 
 
 def rollouts(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """`records` cut where a rollout begins: at its `start` line, or at a line of another
-    `rollout_id` (its start line lost: stopped between the status save and the line)."""
+    """`records` cut where a rollout begins: at its `start` line, at a line of another
+    `rollout_id` (its start line lost: stopped between the status save and the line), or at its
+    first line after a bootstrap's; and where a bootstrap's lines begin (`bootstrap`,
+    `first-check`: no rollout's, written only while none is active, so they end the one before)."""
     pieces: list[list[dict[str, Any]]] = []
     rollout = None  # the rollout_id of the lines read last (older ledgers have none)
+    between = False  # the last piece holds a bootstrap's lines, no rollout's
     for record in records:
         new_id = record.get("rollout_id")
+        outside = record.get("event") in BOOTSTRAP_EVENTS
         if (
             not pieces
             or record.get("event") == "start"
             or (new_id and rollout and new_id != rollout)
+            or (outside and not between)
+            or (between and not outside and (new_id or "phase" in record))
         ):
             pieces.append([])
+            between = outside
         rollout = new_id or rollout
         pieces[-1].append(record)
     return pieces

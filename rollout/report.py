@@ -176,12 +176,18 @@ def _story(name: str, records: list[dict[str, Any]]) -> RolloutStory:
         )
         previous = record
     last = records[-1]
+    # The outcome is the phase its last tick decided; a line after it (a controller stopped
+    # before it applied that tick's actions) says what happened last, as `explain` says it.
+    phased: dict[str, Any] = next((r for r in reversed(records) if "phase" in r), {})
+    reason = phased.get("reason", "")
+    if "event" in last and last.get("event") != "start":
+        reason = event_sentence(last)
     return RolloutStory(
         name=name,
         start=float(records[0]["at"]),
         end=float(last["at"]),
-        outcome=str(last.get("phase", "")),
-        reason=str(last.get("reason", "")),
+        outcome=str(phased.get("phase", "")),
+        reason=str(reason),
         weights=weights,
         mirror=mirror if any(v for _, v in mirror.points) else Series(mirror.name),
         decisions=decisions,
