@@ -468,14 +468,20 @@ def _store(parsed: RolloutSpec, state_dir: Path | None) -> StateStore:
 
 def _read_status(store: StateStore) -> Status | None:
     """The stored status, with the commands queued since its last tick (shown as "queued")."""
-    from rollout.core.machine import with_commands
     from rollout.errors import RolloutError
 
-    status = _load_status(store)
     try:
-        return with_commands(status, store.commands()) if status else None
+        return _status_now(store)
     except RolloutError as exc:
         _fail(exc)
+
+
+def _status_now(store: StateStore) -> Status | None:
+    """`_read_status`, raising the RolloutError of a store that cannot be read (a watch goes on)."""
+    from rollout.core.machine import with_commands
+
+    status = store.load()
+    return with_commands(status, store.commands()) if status else None
 
 
 def _load_status(store: StateStore) -> Status | None:
@@ -495,17 +501,23 @@ def _view(
     first: str | None,
     *,
     read_now: bool = False,
+    watching: bool = False,
+    unread: str = "",
 ) -> Any:
     """The status table, with who drives the rollout now (the lease holder); `first` is the
     release a bootstrap left on green, as `_bootstrapped` says it, shown until a rollout begins.
     `read_now`: a held rollout no controller drives, or an ended one whose data plane differed
-    from its status when last read, shows what its data plane serves now."""
+    from its status when last read, shows what its data plane serves now. `watching`: a lease
+    that cannot be read is a row, not an exit, as is `unread` (why the last status read failed:
+    the status shown is the one read before)."""
     from rollout.errors import RolloutError
 
     try:
         holder = store.controller()
     except RolloutError as exc:
-        _fail(exc)
+        if not watching:
+            _fail(exc)
+        holder = f"unknown: {exc}"
     fresh = False
     # Also an ended rollout that left the data plane differing from its status (an abort that
     # moved nothing): its last read is from before it ended.
@@ -519,6 +531,8 @@ def _view(
         table.add_row("state", escape(_no_status(store)))
     if status is None and first is not None:
         table.add_row("green", escape(first))
+    if unread:
+        table.add_row("last read", f"[red]{escape(unread)}[/]; watching on")
     return table
 
 
@@ -724,7 +738,9 @@ def status(
     spec: SpecArg,
     state_dir: StateDirOpt = None,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until it ends.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the raw status JSON.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the raw status JSON (--watch: a line per change).")
+    ] = False,
     timeout: Annotated[float, typer.Option(help="Stop watching after this many seconds.")] = 3600,
 ) -> None:
     """Show where a rollout is; exit code as for `run` (6 while still running)."""
@@ -741,56 +757,88 @@ def status(
             _fail(exc)
     # Read once, not at every refresh: only shown while no rollout has begun.
     first = _bootstrapped(parsed, state_dir) if current is None else None
-    if as_json:
-        _out.print_json(json.dumps(current.to_dict() if current else None))
-    elif watch and not _out.is_terminal:
-        current = _follow(store, current, timeout)
+    from rollout.state.memory import MemoryStateStore
+
+    if isinstance(store, MemoryStateStore):
+        watch = False  # its status is in the controller's process: a watch would wait for nothing
+    if watch and (as_json or not _out.is_terminal):
+        current = _follow(store, current, timeout, as_json=as_json)
     elif watch:
         from rich.live import Live
 
         deadline = time.monotonic() + timeout
-        with Live(_view(parsed, store, current, first), console=_out, refresh_per_second=2) as live:
+        view = _view(parsed, store, current, first, watching=True)
+        with Live(view, console=_out, refresh_per_second=2) as live:
             while time.monotonic() < deadline and not _settled(current):
                 time.sleep(1.0)
-                current = _read_status(store)
-                live.update(_view(parsed, store, current, first))
+                unread = ""
+                try:
+                    current = _status_now(store)
+                except RolloutError as exc:  # an API blip: said, and the watch goes on
+                    unread = f"{time.strftime('%H:%M:%S')} {exc}"
+                live.update(_view(parsed, store, current, first, watching=True, unread=unread))
+    elif as_json:
+        _out.print_json(json.dumps(current.to_dict() if current else None))
     else:
         _out.print(_view(parsed, store, current, first, read_now=True))
     raise typer.Exit(_status_code(current))
 
 
-def _follow(store: StateStore, current: Status | None, timeout: float) -> Status | None:
-    """`status --watch` into a pipe or a file: one plain line per change, not a live panel."""
+def _follow(
+    store: StateStore, current: Status | None, timeout: float, *, as_json: bool = False
+) -> Status | None:
+    """`status --watch` into a pipe or a file: one plain line per change, not a live panel;
+    with `--json`, one JSON line (the status, or null) per change.
+
+    A read that fails (a Kubernetes API blip) is one line (on stderr with `--json`) and the
+    watch goes on until its timeout, the last status read standing for the rollout's."""
     from rollout.errors import RolloutError
 
     deadline = time.monotonic() + timeout
     shown: tuple[object, ...] | None = None
+    unread: str | None = None
     while True:
-        if current is None and shown is None:
-            # Else a pipe got nothing for the whole timeout (an hour) where the terminal view
-            # says "not started" and where it looked: a wrong directory or spec looked alike.
-            stamp = time.strftime("%H:%M:%S")
-            _out.print(f"{stamp} not started ({_no_status(store)}); waiting for it", markup=False)
-            shown = ()
-        if current is not None:
+        stamp = time.strftime("%H:%M:%S")
+        line: tuple[object, ...]
+        if unread is not None:
+            line = ("unread", unread)
+            if line != shown:
+                said = f"{stamp} cannot read the status: {unread}; watching on"
+                (_err if as_json else _out).print(said, markup=False)
+        elif as_json:
+            line = (json.dumps(current.to_dict() if current else None),)
+            if line != shown:
+                _out.print(line[0], markup=False)
+        elif current is None:
+            line = ("not started",)
+            if line != shown:
+                # Else a pipe got nothing for the whole timeout (an hour) where the terminal
+                # view says "not started" and where it looked: a wrong directory or spec looked
+                # alike. Said again when a status read before is gone (its file, its state dir).
+                where = _no_status(store)
+                said = "not started" if shown is None else "no status any more"
+                _out.print(f"{stamp} {said} ({where}); waiting for it", markup=False)
+        else:
             # A controller that stopped (Ctrl-C, a crash) changes nothing in the status: said
             # once, or the watch went silent as if a step were merely waiting.
             try:
                 driven = current.terminal or store.controller() is not None
             except RolloutError:
-                driven = True  # the live view says it; a pipe keeps following
+                driven = True  # the next read of the status says what is unreadable
             line = (current.phase.value, current.blue_weight, current.reason, driven)
             if line != shown:
-                stamp = time.strftime("%H:%M:%S")
                 text = f"{stamp} {line[0]:<11} blue {line[1]:>3} %  {line[2]}"
                 if not driven:
                     text += f"  (no controller running: {_undriven(current)})"
                 _out.print(text, markup=False)
-                shown = line
+        shown = line
         if _settled(current) or time.monotonic() >= deadline:
             return current
         time.sleep(1.0)
-        current = _read_status(store)
+        try:
+            current, unread = _status_now(store), None
+        except RolloutError as exc:
+            unread = str(exc)
 
 
 def _refused_now(parsed: RolloutSpec, status: Status) -> str:
