@@ -70,9 +70,10 @@ class _Output(Console):
 
 
 # soft_wrap: long lines are printed whole (the terminal wraps them), never broken at 80 columns
-# in a pipe or a CI log.
-_out = _Output(highlight=False, soft_wrap=True)
-_err = _Output(stderr=True, highlight=False, soft_wrap=True)
+# in a pipe or a CI log. emoji: a `:rocket:` in a model name or a reason is text, not an emoji
+# (`escape` quotes markup only).
+_out = _Output(highlight=False, soft_wrap=True, emoji=False)
+_err = _Output(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 SpecArg = Annotated[Path, typer.Argument(help="Rollout spec (YAML).", show_default=False)]
 StateDirOpt = Annotated[
@@ -124,7 +125,8 @@ def validate(spec: SpecArg) -> None:
     parsed = _load(spec)
     shadow = f" (0 %: shadow, {parsed.shadow_percent} % mirrored)" if parsed.shadow_percent else ""
     _out.print(
-        f"[green]ok[/] {spec}: rollout [bold]{parsed.name}[/], plan {list(parsed.plan)} %{shadow}, "
+        f"[green]ok[/] {escape(str(spec))}: rollout [bold]{parsed.name}[/], "
+        f"plan {list(parsed.plan)} %{shadow}, "
         f"router {parsed.router.kind}, metrics {parsed.metrics.kind}, "
         f"alpha {parsed.analysis.alpha:g}, interval {parsed.analysis.interval_s:g} s, "
         f"on inconclusive: {parsed.analysis.on_inconclusive}"
@@ -667,16 +669,19 @@ def _status_view(
     promoted = status.phase is Phase.SUCCEEDED
     if status.candidate:
         where = "green: promoted" if promoted else "blue"
-        table.add_row("candidate", f"{status.candidate.ref} ({where})")
+        table.add_row("candidate", f"{escape(status.candidate.ref)} ({where})")
     if status.stable:
-        table.add_row("stable", f"{status.stable.ref} ({'replaced' if promoted else 'green'})")
+        replaced = "replaced" if promoted else "green"
+        table.add_row("stable", f"{escape(status.stable.ref)} ({replaced})")
     if status.served is not None:
         # What the data plane served, not what the rollout set (the weights above): another
         # rollout on it, or a hand edit.
         served = status.served
         blue, green = (r.ref if r else "nothing" for r in (served.blue, served.green))
         when = "read now" if fresh else "last read"
-        table.add_row("data plane", f"blue {blue}, green {green}: {served.weights} ({when})")
+        table.add_row(
+            "data plane", escape(f"blue {blue}, green {green}: {served.weights} ({when})")
+        )
     if refused := resume_refused(status):
         table.add_row("resume", f"refused: {escape(refused)}")
     table.add_row("last verdict", status.verdict.value if status.verdict else "-")

@@ -561,6 +561,31 @@ def test_error_text_is_printed_as_is_not_as_markup(tmp_path: Path) -> None:
     assert code == EXIT_ERROR and "got '[bold]x'" in out
 
 
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param("fraud[/]eu", id="closing-tag"),  # was a MarkupError traceback, exit 1
+        pytest.param("fraud[eu]", id="tag"),  # was shown as "fraud:2"
+        pytest.param("fraud:rocket:", id="emoji-code"),  # was shown with an emoji
+    ],
+)
+def test_names_are_printed_as_they_are_not_as_markup_or_emoji(tmp_path: Path, model: str) -> None:
+    spec = write_spec(
+        tmp_path,
+        candidate={"model": model, "version": "2"},
+        stable={"model": model, "version": "1"},
+    )
+    assert invoke("run", str(spec), "--simulated-time", "-q")[0] == EXIT_PROMOTED
+    for command in ("status", "explain"):
+        code, out = invoke(command, str(spec))
+        assert code == EXIT_PROMOTED, out
+        assert f"{model}:2" in out, out
+    named = tmp_path / f"{model.replace('/', '')}.yaml"
+    spec.rename(named)
+    code, out = invoke("validate", str(named))
+    assert code == EXIT_PROMOTED and f"ok {named}:" in " ".join(out.split()), out
+
+
 def test_explain_takes_the_ledger_the_spec_or_the_status_file(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, canary_error=0.08)
     assert invoke("run", str(spec), "--simulated-time", "-q")[0] == EXIT_ROLLED_BACK
