@@ -1029,13 +1029,21 @@ def explain(
         ledger = path.with_name(path.name.removesuffix(".status.json") + ".ledger.jsonl")
     try:
         records = read_ledger(ledger)
-        # Every ledger line has a phase (a tick) or is a start event; a command log has neither.
+        told = []
+        # Every ledger line has a phase (a tick) or is an event; a command log has neither.
         if ledger.stat().st_size and not any("phase" in r or "event" in r for r in records):
-            raise StateError(
-                f"{ledger} is not a rollout ledger (no ledger lines): give the rollout's "
-                "<name>.ledger.jsonl, or its spec"
-            )
-        told = story(records)
+            # Only complete lines say what a file is: a controller killed in its first append
+            # leaves a fragment alone, in the rollout's own ledger.
+            if any(line.strip() for line in ledger.read_bytes().split(b"\n")[:-1]):
+                raise StateError(
+                    f"{ledger} is not a rollout ledger (no ledger lines): give the rollout's "
+                    "<name>.ledger.jsonl, or its spec"
+                )
+            told = [
+                "the ledger is empty but for a torn line (its writer stopped in the middle of "
+                "it): the rollout has not ticked yet"
+            ]
+        told = told or story(records)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         # A line of another shape (edited by hand, another tool's JSON lines): one line, not a
         # traceback.

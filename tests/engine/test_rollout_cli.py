@@ -605,6 +605,25 @@ def test_explain_takes_the_ledger_the_spec_or_the_status_file(tmp_path: Path) ->
     assert code == EXIT_ERROR and "is not a rollout ledger" in " ".join(out.split()), out
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param('{"at": 1', id="torn"),  # a controller killed in its first append
+        pytest.param('\n{"event": "sta', id="torn-after-a-blank-line"),
+    ],
+)
+def test_explain_of_a_ledger_holding_only_a_torn_line_says_so(tmp_path: Path, content: str) -> None:
+    # Was "not a rollout ledger (no ledger lines): give the rollout's <name>.ledger.jsonl".
+    ledger = tmp_path / "r.ledger.jsonl"
+    ledger.write_text(content)
+    code, out = invoke("explain", str(ledger))
+    assert code == 0, out
+    assert " ".join(out.split()) == (
+        "the ledger is empty but for a torn line (its writer stopped in the middle of it): "
+        "the rollout has not ticked yet"
+    )
+
+
 def test_status_says_when_no_controller_drives_the_rollout(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, metrics={"kind": "static", "ticks": []})
     from rollout.api import open_store, run_rollout
