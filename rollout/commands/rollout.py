@@ -1011,7 +1011,7 @@ def explain(
     from rollout.api import ledger_path_of
     from rollout.errors import RolloutError, StateError
     from rollout.ledger import explain as story
-    from rollout.ledger import read_ledger
+    from rollout.ledger import has_ledger_lines, iter_ledger
 
     ledger = path
     if path.suffix in (".yaml", ".yml"):
@@ -1028,10 +1028,8 @@ def explain(
     elif path.name.endswith(".status.json"):
         ledger = path.with_name(path.name.removesuffix(".status.json") + ".ledger.jsonl")
     try:
-        records = read_ledger(ledger)
         told = []
-        # Every ledger line has a phase (a tick) or is an event; a command log has neither.
-        if ledger.stat().st_size and not any("phase" in r or "event" in r for r in records):
+        if not has_ledger_lines(ledger) and ledger.stat().st_size:
             # Only complete lines say what a file is: a controller killed in its first append
             # leaves a fragment alone, in the rollout's own ledger.
             if any(line.strip() for line in ledger.read_bytes().split(b"\n")[:-1]):
@@ -1043,7 +1041,7 @@ def explain(
                 "the ledger is empty but for a torn line (its writer stopped in the middle of "
                 "it): the rollout has not ticked yet"
             ]
-        told = told or story(records)
+        told = told or story(iter_ledger(ledger))
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         # A line of another shape (edited by hand, another tool's JSON lines): one line, not a
         # traceback.
