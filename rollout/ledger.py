@@ -71,7 +71,7 @@ def has_ledger_lines(path: Path) -> bool:
 
 
 class _Cuts:
-    """Where `rollouts` cuts, one record at a time: `begins(record)` is True for the first
+    """Where `iter_rollouts` cuts, one record at a time: `begins(record)` is True for the first
     record of a piece."""
 
     def __init__(self) -> None:
@@ -96,22 +96,12 @@ class _Cuts:
         return cut
 
 
-def rollouts(records: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+def iter_rollouts(records: Iterable[dict[str, Any]]) -> Iterator[Iterator[dict[str, Any]]]:
     """`records` cut where a rollout begins: at its `start` line, at a line of another
     `rollout_id` (its start line lost: stopped between the status save and the line), or at its
     first line after a bootstrap's; and where a bootstrap's lines begin (`bootstrap`,
-    `first-check`: no rollout's, written only while none is active, so they end the one before)."""
-    pieces: list[list[dict[str, Any]]] = []
-    cuts = _Cuts()
-    for record in records:
-        if cuts.begins(record):
-            pieces.append([])
-        pieces[-1].append(record)
-    return pieces
-
-
-def iter_rollouts(records: Iterable[dict[str, Any]]) -> Iterator[Iterator[dict[str, Any]]]:
-    """`rollouts`, lazily: each piece an iterator, to be read before the next."""
+    `first-check`: no rollout's, written only while none is active, so they end the one before).
+    Lazily: each piece an iterator, to be read before the next."""
     cuts = _Cuts()
     count = 0
 
@@ -129,7 +119,7 @@ def latest_ticks(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     The controller appends a tick's line before it saves the status. Stopped in between (a
     Ctrl-C, a SIGKILL), its decision was never the rollout's: the resumed controller does that
     tick again, on newer counts, and its line is the one that counts. Tick numbers count from 1
-    again in each of the `rollouts`.
+    again in each of the `iter_rollouts`.
     """
     redone = _redone(records)
     return [record for index, record in enumerate(records) if index not in redone]
