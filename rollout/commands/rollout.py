@@ -751,6 +751,7 @@ def status(
     """Show where a rollout is; exit code as for `run` (6 while still running)."""
     from rollout.controller import check_same_router
     from rollout.errors import RolloutError
+    from rollout.state.memory import MemoryStateStore
 
     parsed = _load(spec)
     store = _store(parsed, state_dir)
@@ -762,8 +763,6 @@ def status(
             _fail(exc)
     # Read once, not at every refresh: only shown while no rollout has begun.
     first = _bootstrapped(parsed, state_dir) if current is None else None
-    from rollout.state.memory import MemoryStateStore
-
     if isinstance(store, MemoryStateStore):
         watch = False  # its status is in the controller's process: a watch would wait for nothing
     if watch and (as_json or not _out.is_terminal):
