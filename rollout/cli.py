@@ -49,8 +49,9 @@ def main() -> None:
     try:
         app()
     except (RolloutError, PipelineError) as exc:
-        # Escaped: messages quote paths and logs, whose `[...]` rich would take as markup.
-        Console(stderr=True, soft_wrap=True).print(
+        # Escaped: messages quote paths and logs, whose `[...]` rich would take as markup (and
+        # `:name:` as an emoji: emoji=False).
+        Console(stderr=True, soft_wrap=True, emoji=False).print(
             f"[bold red]error:[/] {escape(str(exc))}", highlight=False
         )
         sys.exit(getattr(exc, "exit_code", EXIT_USER_ERROR))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,28 @@ def read(path: Path) -> list[dict[str, Any]]:
     return [record for record in read_slots(path) if record is not None]
 
 
+def iter_records(path: Path, *, end: int, warn: bool = True) -> Iterator[dict[str, Any]]:
+    """`read`, one record at a time: the complete lines of the file's first `end` bytes (its
+    size when first looked at, so that two passes over a file still written read the same
+    lines). Holds one line at a time, where `read` holds the whole file and every record."""
+    skipped: list[int] = []
+    with Path(path).open("rb") as fh:
+        offset = 0
+        for number, line in enumerate(fh, 1):
+            offset += len(line)
+            if offset > end or not line.endswith(b"\n"):
+                break  # torn, or written after `end`
+            if not line.strip():
+                continue
+            record = _record(line)
+            if record is None:
+                skipped.append(number)
+            else:
+                yield record
+    if warn and skipped:
+        _warn_skipped(str(path), skipped)
+
+
 def read_slots(path: Path, *, warn: bool = True) -> list[dict[str, Any] | None]:
     """One entry per complete non-blank line: its record, or None (with a warning, unless not
     `warn`) when it is not a JSON object. A line keeps its position whether or not it parses, so
@@ -61,17 +83,22 @@ def parse_lines(
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except ValueError:  # UnicodeDecodeError included
-            record = None
-        if not isinstance(record, dict):
-            record = None
+        record = _record(line)
+        if record is None:
             skipped.append(number)
         slots.append(record)
     if where is not None and skipped:
         _warn_skipped(str(where), skipped)
     return slots
+
+
+def _record(line: str | bytes) -> dict[str, Any] | None:
+    """The JSON object a line holds, else None."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    return record if isinstance(record, dict) else None
 
 
 #: Lines already reported per file. The controller and `status --watch` read the command log

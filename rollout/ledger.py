@@ -7,12 +7,17 @@ actions and the reason. `explain` turns a ledger into a short story in plain wor
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from rollout import jsonl
 from rollout.errors import StateError
+
+#: The events of a first release (`bootstrap`, `bootstrap --check`): lines of no rollout.
+BOOTSTRAP_EVENTS = ("bootstrap", "first-check")
 
 
 class Ledger:
@@ -37,28 +42,75 @@ def read_ledger(path: Path) -> list[dict[str, Any]]:
     Lines torn by a crash are skipped, and so are lines of ticks that were done again (see
     `latest_ticks`): the file keeps both, as an append-only log should.
     """
+    return list(iter_ledger(path))
+
+
+def iter_ledger(path: Path) -> Iterator[dict[str, Any]]:
+    """`read_ledger`, one record at a time: a first pass over the file notes the lines of ticks
+    done again, a second yields the others. Holds a number or two per line, not every record
+    (a long rollout's ledger is 1 KB a tick, its records several times that in memory)."""
     try:
-        return latest_ticks(jsonl.read(path))
+        end = path.stat().st_size  # a controller may append meanwhile: both passes stop here
+        redone = _redone(jsonl.iter_records(path, end=end, warn=False))
+        for index, record in enumerate(jsonl.iter_records(path, end=end)):
+            if index not in redone:
+                yield record
     except OSError as exc:
         raise StateError(f"cannot read ledger {path}: {exc.strerror}") from exc
 
 
-def rollouts(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """`records` cut where a rollout begins: at its `start` line, or at a line of another
-    `rollout_id` (its start line lost: stopped between the status save and the line)."""
-    pieces: list[list[dict[str, Any]]] = []
-    rollout = None  # the rollout_id of the lines read last (older ledgers have none)
-    for record in records:
+def has_ledger_lines(path: Path) -> bool:
+    """Whether the file holds a ledger line (a tick's, which has a phase, or an event), read up
+    to the first: a command log, or another tool's JSON lines, has none. StateError if
+    unreadable."""
+    try:
+        records = jsonl.iter_records(path, end=path.stat().st_size, warn=False)
+        return any("phase" in record or "event" in record for record in records)
+    except OSError as exc:
+        raise StateError(f"cannot read ledger {path}: {exc.strerror}") from exc
+
+
+class _Cuts:
+    """Where `iter_rollouts` cuts, one record at a time: `begins(record)` is True for the first
+    record of a piece."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.rollout = None  # the rollout_id of the lines read last (older ledgers have none)
+        self.between = False  # the last piece holds a bootstrap's lines, no rollout's
+
+    def begins(self, record: dict[str, Any]) -> bool:
         new_id = record.get("rollout_id")
-        if (
-            not pieces
+        outside = record.get("event") in BOOTSTRAP_EVENTS
+        cut = (
+            not self.started
             or record.get("event") == "start"
-            or (new_id and rollout and new_id != rollout)
-        ):
-            pieces.append([])
-        rollout = new_id or rollout
-        pieces[-1].append(record)
-    return pieces
+            or bool(new_id and self.rollout and new_id != self.rollout)
+            or (outside and not self.between)
+            or (self.between and not outside and bool(new_id or "phase" in record))
+        )
+        if cut:
+            self.between = outside
+        self.started = True
+        self.rollout = new_id or self.rollout
+        return cut
+
+
+def iter_rollouts(records: Iterable[dict[str, Any]]) -> Iterator[Iterator[dict[str, Any]]]:
+    """`records` cut where a rollout begins: at its `start` line, at a line of another
+    `rollout_id` (its start line lost: stopped between the status save and the line), or at its
+    first line after a bootstrap's; and where a bootstrap's lines begin (`bootstrap`,
+    `first-check`: no rollout's, written only while none is active, so they end the one before).
+    Lazily: each piece an iterator, to be read before the next."""
+    cuts = _Cuts()
+    count = 0
+
+    def piece(record: dict[str, Any]) -> int:
+        nonlocal count
+        count += cuts.begins(record)
+        return count
+
+    return (group for _, group in itertools.groupby(records, key=piece))
 
 
 def latest_ticks(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -67,25 +119,35 @@ def latest_ticks(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     The controller appends a tick's line before it saves the status. Stopped in between (a
     Ctrl-C, a SIGKILL), its decision was never the rollout's: the resumed controller does that
     tick again, on newer counts, and its line is the one that counts. Tick numbers count from 1
-    again in each of the `rollouts`.
+    again in each of the `iter_rollouts`.
     """
-    return [record for piece in rollouts(records) for record in _latest_of_one(piece)]
+    redone = _redone(records)
+    return [record for index, record in enumerate(records) if index not in redone]
 
 
-def _latest_of_one(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`latest_ticks` within one rollout's lines."""
-    kept: list[dict[str, Any] | None] = []
-    where: dict[int, int] = {}  # tick -> its line's index in `kept`
-    last = 0
-    for record in records:
+def _redone(records: Iterable[dict[str, Any]]) -> set[int]:
+    """The indexes of the `latest_ticks` leaves out: a line of tick T is done again when a
+    later line of its rollout has a tick T' <= T (ticks only go up otherwise; a tick done again
+    does again the ticks after it, if any were written)."""
+    ticks: list[int | None] = []  # each line's tick, None for a line of no tick
+    begins: set[int] = set()  # where each rollout's lines begin
+    cuts = _Cuts()
+    for index, record in enumerate(records):
         tick = record.get("tick")
-        if isinstance(tick, int) and not isinstance(tick, bool):
-            if tick <= last:  # rare: a redone tick (ticks only go up otherwise)
-                for redone in [t for t in where if t >= tick]:
-                    kept[where.pop(redone)] = None
-            where[tick], last = len(kept), tick
-        kept.append(record)
-    return [record for record in kept if record is not None]
+        ticks.append(tick if isinstance(tick, int) and not isinstance(tick, bool) else None)
+        if cuts.begins(record):
+            begins.add(index)
+    redone: set[int] = set()
+    lowest = math.inf  # the lowest tick of the lines after this one, in its rollout
+    for index in reversed(range(len(ticks))):
+        tick = ticks[index]
+        if tick is not None:
+            if lowest <= tick:
+                redone.add(index)
+            lowest = min(lowest, tick)
+        if index in begins:
+            lowest = math.inf
+    return redone
 
 
 def span(seconds: float) -> str:
@@ -98,29 +160,33 @@ def span(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def explain(records: list[dict[str, Any]]) -> list[str]:
-    """The story of a rollout in plain words: one line per event that changed something."""
-    if not records:
-        return ["the ledger is empty: the rollout has not ticked yet"]
+def explain(records: Iterable[dict[str, Any]]) -> list[str]:
+    """The story of a rollout in plain words: one line per event that changed something.
+
+    One pass, holding the line before and the line after the one it reads (`iter_ledger`
+    gives a ledger so)."""
     lines: list[str] = []
-    start = records[0].get("at", 0.0)
+    start = 0.0
+    last: dict[str, Any] | None = None
     previous = None
     unreadable_since: float | None = None  # the first tick of a metrics outage
     uncounted: list[int] = []  # the ticks of a run whose counts were not the candidate's
     unread: list[int] = []  # the ticks of a run that could not read what the data plane served
     unread_why = ""  # why, as its first tick said
-    for index, rec in enumerate(records):
+    for before, rec, following in windows(records):
+        if last is None:
+            start = rec.get("at", 0.0)
+        last = rec
         if uncounted and ("event" in rec or not rec.get("not_counted")):
-            lines.append(_not_counted(uncounted, records[index - 1], start))
+            lines.append(_not_counted(uncounted, before, start))
             uncounted = []
         if unread and ("event" in rec or not rec.get("data_plane_unread")):
-            lines.append(_unread(unread, unread_why, records[index - 1], start))
+            lines.append(_unread(unread, unread_why, before, start))
             unread = []
         if "event" in rec:
             if rec["event"] == "start":
                 start = rec.get("at", start)
                 unreadable_since = None
-            following = records[index + 1] if index + 1 < len(records) else {}
             said = event_sentence(rec, checked=following.get("event") == "first-check")
             untimed = rec["event"] in ("start", "bootstrap")
             lines.append(said if untimed else f"[{span(rec.get('at', start) - start)}] {said}")
@@ -163,11 +229,12 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
         else:
             lines.append(f"[{t}] {rec.get('phase')}: {reason}")
         previous = reason
+    if last is None:
+        return ["the ledger is empty: the rollout has not ticked yet"]
     if uncounted:
-        lines.append(_not_counted(uncounted, records[-1], start))
+        lines.append(_not_counted(uncounted, last, start))
     if unread:
-        lines.append(_unread(unread, unread_why, records[-1], start))
-    last = records[-1]
+        lines.append(_unread(unread, unread_why, last, start))
     # After an event (a bootstrap, a start not ticked yet) there is no phase to say it is still in.
     if "event" not in last and last.get("phase") not in ("Succeeded", "RolledBack", "Failed"):
         checks = last.get("checks") or {}
@@ -185,6 +252,19 @@ def explain(records: list[dict[str, Any]]) -> list[str]:
         if parts:
             lines.append("    " + "; ".join(parts))
     return lines
+
+
+def windows(
+    records: Iterable[dict[str, Any]],
+) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """Each record with the one before and the one after it ({} at either end)."""
+    before: dict[str, Any] = {}
+    ahead = iter(records)
+    rec = next(ahead, None)
+    while rec is not None:
+        following = next(ahead, None)
+        yield before, rec, {} if following is None else following
+        before, rec = rec, following
 
 
 def _ref(release: Any) -> str:

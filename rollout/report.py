@@ -20,13 +20,13 @@ from __future__ import annotations
 import html
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rollout.ledger import event_sentence, read_ledger, rollouts
+from rollout.ledger import event_sentence, iter_ledger, iter_rollouts, windows
 
 log = logging.getLogger(__name__)
 
@@ -118,25 +118,30 @@ def stories_from_ledger(path: Path) -> list[RolloutStory]:
 
     A rollout run again with `--restart` appends to the same ledger; drawn as one story, a
     rollback and the promotion after it read as one rollout whose outcome was the last one's.
+    The ledger is read one line at a time (`iter_ledger`): the records are not held, their rows.
     """
-    records = [r for r in read_ledger(path) if "at" in r]
-    if not records:
-        raise ValueError(f"{path}: no ticks in this ledger")
     name = path.name.removesuffix(".ledger.jsonl")
-    pieces = rollouts(records)
-    # A bootstrap's lines (no phase: no rollout) before the first rollout are not one.
-    ticked = [piece for piece in pieces if any("phase" in r for r in piece)] or pieces
-    return [_story(name, piece) for piece in ticked]
+    records = (r for r in iter_ledger(path) if "at" in r)
+    told = [_story(name, piece) for piece in iter_rollouts(records)]
+    if not told:
+        raise ValueError(f"{path}: no ticks in this ledger")
+    # A bootstrap's lines (no phase: no rollout) are not one.
+    return [story for story, ticked in told if ticked] or [story for story, _ in told]
 
 
-def _story(name: str, records: list[dict[str, Any]]) -> RolloutStory:
+def _story(name: str, records: Iterable[dict[str, Any]]) -> tuple[RolloutStory, bool]:
+    """One rollout's story, and whether it ticked (a bootstrap's lines did not)."""
     weights = Series("blue")
     mirror = Series(MIRRORED)
     decisions: list[Decision] = []
     rows = []
     spans: list[Span] = []
     previous: dict[str, Any] = {}
-    for index, record in enumerate(records):
+    first: dict[str, Any] = {}
+    phased: dict[str, Any] = {}  # the last record with a phase
+    for _, record, following in windows(records):
+        first = first or record
+        phased = record if "phase" in record else phased
         at = float(record["at"])
         uncounted = record.get("not_counted")
         if uncounted:
@@ -153,7 +158,6 @@ def _story(name: str, records: list[dict[str, Any]]) -> RolloutStory:
         if any(a.get("type") == "set_weights" for a in actions) and record.get("tick", 1) != 0:
             decisions.append(Decision(at, _kind(reason, record), reason))
         if "event" in record:  # no tick: a row of empty cells said nothing of what happened
-            following = records[index + 1] if index + 1 < len(records) else {}
             said = event_sentence(record, checked=following.get("event") == "first-check")
             rows.append({"at": at, "event": said})
             previous = record
@@ -175,19 +179,25 @@ def _story(name: str, records: list[dict[str, Any]]) -> RolloutStory:
             }
         )
         previous = record
-    last = records[-1]
-    return RolloutStory(
+    last = previous
+    # The outcome is the phase its last tick decided; a line after it (a controller stopped
+    # before it applied that tick's actions) says what happened last, as `explain` says it.
+    reason = phased.get("reason", "")
+    if "event" in last and last.get("event") != "start":
+        reason = event_sentence(last)
+    story = RolloutStory(
         name=name,
-        start=float(records[0]["at"]),
+        start=float(first["at"]),
         end=float(last["at"]),
-        outcome=str(last.get("phase", "")),
-        reason=str(last.get("reason", "")),
+        outcome=str(phased.get("phase", "")),
+        reason=str(reason),
         weights=weights,
         mirror=mirror if any(v for _, v in mirror.points) else Series(mirror.name),
         decisions=decisions,
         rows=rows,
         not_counted=spans,
     )
+    return story, bool(phased)
 
 
 def _did(actions: list[dict[str, Any]]) -> str:

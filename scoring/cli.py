@@ -55,7 +55,7 @@ class ColourOption(StrEnum):
 
 def _fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
     # Escaped: a message quotes paths and URLs, whose `[...]` rich would take as markup.
-    Console(stderr=True, soft_wrap=True).print(
+    Console(stderr=True, soft_wrap=True, emoji=False).print(
         f"[bold red]error:[/] {escape(message)}", highlight=False
     )
     return typer.Exit(code)
@@ -346,7 +346,7 @@ def load(
 
 
 def _print_load_report(report: LoadReport) -> None:
-    console = Console()
+    console = Console(emoji=False)
     versions = Table("version (colour/model:version)", "requests", title="answered by")
     for key, count in report.by_version.items():
         versions.add_row(key, str(count))

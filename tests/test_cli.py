@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from typer.testing import CliRunner
 
 from rollout.cli import app
@@ -55,9 +56,16 @@ def test_help_shows_flags_as_flags() -> None:
     assert "<bool>" not in result.output
 
 
-def test_an_error_quoting_brackets_is_shown_as_is(tmp_path: Path) -> None:
-    # Was: rich read `[/x]` in the quoted path as a closing tag and died with a traceback.
-    spec = tmp_path / "[/x].yaml"
+@pytest.mark.parametrize(
+    "name",
+    [
+        # Was: rich read `[/x]` in the quoted path as a closing tag and died with a traceback.
+        pytest.param("[/x].yaml", id="markup"),
+        pytest.param(":rocket:.yaml", id="emoji-code"),  # was printed as an emoji
+    ],
+)
+def test_an_error_quoting_brackets_is_shown_as_is(tmp_path: Path, name: str) -> None:
+    spec = tmp_path / name
     done = run_cli("manifests", "--spec", str(spec), columns=300)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().startswith(f"error: {spec}: ")

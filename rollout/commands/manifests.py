@@ -18,6 +18,7 @@ imports only typer/stdlib at the top; pyyaml and the renderer load inside the co
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -150,6 +151,14 @@ def manifests(
         def ignore_aliases(self, data: Any) -> bool:
             return True
 
+    def quoted(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+        # PyYAML quotes what its YAML 1.1 resolver reads as no string, not what kubectl's
+        # (go-yaml) reads so: `1e3`, `0o17` (numbers), `y`, `N` (booleans) into an annotation,
+        # a string field, fail the whole file.
+        style = "'" if NOT_A_STRING.match(data) else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+    _NoAliases.add_representer(str, quoted)
     text = f"# aml-rollout manifests: {layout.namespace}/{layout.app}\n" + yaml.dump_all(
         m.bootstrap(layout, releases), Dumper=_NoAliases, sort_keys=False, explicit_start=True
     )
@@ -162,6 +171,11 @@ def manifests(
             raise ConfigError(f"-o {output}: cannot write it: {exc.strerror or exc}") from exc
         typer.echo(f"wrote {output}", err=True)
 
+
+#: Plain scalars some YAML parser reads as no string (beyond PyYAML's own YAML 1.1 resolver):
+#: anything that starts like a number (YAML 1.2 floats `1e3`, Go's `0o17`, `0b1`), and go-yaml's
+#: one-letter booleans. Quoting a string that needed none is harmless.
+NOT_A_STRING = re.compile(r"[-+]?\.?[0-9]|[yYnN]$")
 
 #: A layout setting (as `IstioLayout` names it) → its key in the options and the option itself.
 OPTION_OF = {

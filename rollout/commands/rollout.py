@@ -72,9 +72,10 @@ class _Output(Console):
 
 
 # soft_wrap: long lines are printed whole (the terminal wraps them), never broken at 80 columns
-# in a pipe or a CI log.
-_out = _Output(highlight=False, soft_wrap=True)
-_err = _Output(stderr=True, highlight=False, soft_wrap=True)
+# in a pipe or a CI log. emoji: a `:rocket:` in a model name or a reason is text, not an emoji
+# (`escape` quotes markup only).
+_out = _Output(highlight=False, soft_wrap=True, emoji=False)
+_err = _Output(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 SpecArg = Annotated[Path, typer.Argument(help="Rollout spec (YAML).", show_default=False)]
 StateDirOpt = Annotated[
@@ -117,7 +118,8 @@ def validate(spec: SpecArg) -> None:
     parsed = _load(spec)
     shadow = f" (0 %: shadow, {parsed.shadow_percent} % mirrored)" if parsed.shadow_percent else ""
     _out.print(
-        f"[green]ok[/] {spec}: rollout [bold]{parsed.name}[/], plan {list(parsed.plan)} %{shadow}, "
+        f"[green]ok[/] {escape(str(spec))}: rollout [bold]{parsed.name}[/], "
+        f"plan {list(parsed.plan)} %{shadow}, "
         f"router {parsed.router.kind}, metrics {parsed.metrics.kind}, "
         f"alpha {parsed.analysis.alpha:g}, interval {parsed.analysis.interval_s:g} s, "
         f"on inconclusive: {parsed.analysis.on_inconclusive}"
@@ -461,14 +463,20 @@ def _store(parsed: RolloutSpec, state_dir: Path | None) -> StateStore:
 
 def _read_status(store: StateStore) -> Status | None:
     """The stored status, with the commands queued since its last tick (shown as "queued")."""
-    from rollout.core.machine import with_commands
     from rollout.errors import RolloutError
 
-    status = _load_status(store)
     try:
-        return with_commands(status, store.commands()) if status else None
+        return _status_now(store)
     except RolloutError as exc:
         _fail(exc)
+
+
+def _status_now(store: StateStore) -> Status | None:
+    """`_read_status`, raising the RolloutError of a store that cannot be read (a watch goes on)."""
+    from rollout.core.machine import with_commands
+
+    status = store.load()
+    return with_commands(status, store.commands()) if status else None
 
 
 def _load_status(store: StateStore) -> Status | None:
@@ -488,17 +496,23 @@ def _view(
     first: str | None,
     *,
     read_now: bool = False,
+    watching: bool = False,
+    unread: str = "",
 ) -> Any:
     """The status table, with who drives the rollout now (the lease holder); `first` is the
     release a bootstrap left on green, as `_bootstrapped` says it, shown until a rollout begins.
     `read_now`: a held rollout no controller drives, or an ended one whose data plane differed
-    from its status when last read, shows what its data plane serves now."""
+    from its status when last read, shows what its data plane serves now. `watching`: a lease
+    that cannot be read is a row, not an exit, as is `unread` (why the last status read failed:
+    the status shown is the one read before)."""
     from rollout.errors import RolloutError
 
     try:
         holder = store.controller()
     except RolloutError as exc:
-        _fail(exc)
+        if not watching:
+            _fail(exc)
+        holder = f"unknown: {exc}"
     fresh = False
     # Also an ended rollout that left the data plane differing from its status (an abort that
     # moved nothing): its last read is from before it ended.
@@ -512,6 +526,8 @@ def _view(
         table.add_row("state", escape(_no_status(store)))
     if status is None and first is not None:
         table.add_row("green", escape(first))
+    if unread:
+        table.add_row("last read", f"[red]{escape(unread)}[/]; watching on")
     return table
 
 
@@ -646,16 +662,19 @@ def _status_view(
     promoted = status.phase is Phase.SUCCEEDED
     if status.candidate:
         where = "green: promoted" if promoted else "blue"
-        table.add_row("candidate", f"{status.candidate.ref} ({where})")
+        table.add_row("candidate", f"{escape(status.candidate.ref)} ({where})")
     if status.stable:
-        table.add_row("stable", f"{status.stable.ref} ({'replaced' if promoted else 'green'})")
+        replaced = "replaced" if promoted else "green"
+        table.add_row("stable", f"{escape(status.stable.ref)} ({replaced})")
     if status.served is not None:
         # What the data plane served, not what the rollout set (the weights above): another
         # rollout on it, or a hand edit.
         served = status.served
         blue, green = (r.ref if r else "nothing" for r in (served.blue, served.green))
         when = "read now" if fresh else "last read"
-        table.add_row("data plane", f"blue {blue}, green {green}: {served.weights} ({when})")
+        table.add_row(
+            "data plane", escape(f"blue {blue}, green {green}: {served.weights} ({when})")
+        )
     if refused := resume_refused(status):
         table.add_row("resume", f"refused: {escape(refused)}")
     table.add_row("last verdict", status.verdict.value if status.verdict else "-")
@@ -717,12 +736,15 @@ def status(
     spec: SpecArg,
     state_dir: StateDirOpt = None,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until it ends.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the raw status JSON.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the raw status JSON (--watch: a line per change).")
+    ] = False,
     timeout: Annotated[float, typer.Option(help="Stop watching after this many seconds.")] = 3600,
 ) -> None:
     """Show where a rollout is; exit code as for `run` (6 while still running)."""
     from rollout.controller import check_same_router
     from rollout.errors import RolloutError
+    from rollout.state.memory import MemoryStateStore
 
     parsed = _load(spec)
     store = _store(parsed, state_dir)
@@ -734,56 +756,86 @@ def status(
             _fail(exc)
     # Read once, not at every refresh: only shown while no rollout has begun.
     first = _bootstrapped(parsed, state_dir) if current is None else None
-    if as_json:
-        _out.print_json(json.dumps(current.to_dict() if current else None))
-    elif watch and not _out.is_terminal:
-        current = _follow(store, current, timeout)
+    if isinstance(store, MemoryStateStore):
+        watch = False  # its status is in the controller's process: a watch would wait for nothing
+    if watch and (as_json or not _out.is_terminal):
+        current = _follow(store, current, timeout, as_json=as_json)
     elif watch:
         from rich.live import Live
 
         deadline = time.monotonic() + timeout
-        with Live(_view(parsed, store, current, first), console=_out, refresh_per_second=2) as live:
+        view = _view(parsed, store, current, first, watching=True)
+        with Live(view, console=_out, refresh_per_second=2) as live:
             while time.monotonic() < deadline and not _settled(current):
                 time.sleep(1.0)
-                current = _read_status(store)
-                live.update(_view(parsed, store, current, first))
+                unread = ""
+                try:
+                    current = _status_now(store)
+                except RolloutError as exc:  # an API blip: said, and the watch goes on
+                    unread = f"{time.strftime('%H:%M:%S')} {exc}"
+                live.update(_view(parsed, store, current, first, watching=True, unread=unread))
+    elif as_json:
+        _out.print_json(json.dumps(current.to_dict() if current else None))
     else:
         _out.print(_view(parsed, store, current, first, read_now=True))
     raise typer.Exit(_status_code(current))
 
 
-def _follow(store: StateStore, current: Status | None, timeout: float) -> Status | None:
-    """`status --watch` into a pipe or a file: one plain line per change, not a live panel."""
+def _follow(
+    store: StateStore, current: Status | None, timeout: float, *, as_json: bool = False
+) -> Status | None:
+    """`status --watch` into a pipe or a file: one plain line per change, not a live panel;
+    with `--json`, one JSON line (the status, or null) per change.
+
+    A read that fails (a Kubernetes API blip) is one line (on stderr with `--json`) and the
+    watch goes on until its timeout, the last status read standing for the rollout's."""
     from rollout.errors import RolloutError
 
     deadline = time.monotonic() + timeout
     shown: tuple[object, ...] | None = None
+    unread: str | None = None
     while True:
-        if current is None and shown is None:
-            # Else a pipe got nothing for the whole timeout (an hour) where the terminal view
-            # says "not started" and where it looked: a wrong directory or spec looked alike.
-            stamp = time.strftime("%H:%M:%S")
-            _out.print(f"{stamp} not started ({_no_status(store)}); waiting for it", markup=False)
-            shown = ()
-        if current is not None:
+        stamp = time.strftime("%H:%M:%S")
+        line: tuple[object, ...]
+        if unread is not None:
+            line = ("unread", unread)
+            if line != shown:
+                said = f"{stamp} cannot read the status: {unread}; watching on"
+                (_err if as_json else _out).print(said, markup=False)
+        elif as_json:
+            line = (json.dumps(current.to_dict() if current else None),)
+            if line != shown:
+                _out.print(line[0], markup=False)
+        elif current is None:
+            line = ("not started",)
+            if line != shown:
+                # Else a pipe got nothing for the whole timeout (an hour) where the terminal
+                # view says "not started" and where it looked: a wrong directory or spec looked
+                # alike. Said again when a status read before is gone (its file, its state dir).
+                where = _no_status(store)
+                said = "not started" if shown is None else "no status any more"
+                _out.print(f"{stamp} {said} ({where}); waiting for it", markup=False)
+        else:
             # A controller that stopped (Ctrl-C, a crash) changes nothing in the status: said
             # once, or the watch went silent as if a step were merely waiting.
             try:
                 driven = current.terminal or store.controller() is not None
             except RolloutError:
-                driven = True  # the live view says it; a pipe keeps following
+                driven = True  # the next read of the status says what is unreadable
             line = (current.phase.value, current.blue_weight, current.reason, driven)
             if line != shown:
-                stamp = time.strftime("%H:%M:%S")
                 text = f"{stamp} {line[0]:<11} blue {line[1]:>3} %  {line[2]}"
                 if not driven:
                     text += f"  (no controller running: {_undriven(current)})"
                 _out.print(text, markup=False)
-                shown = line
+        shown = line
         if _settled(current) or time.monotonic() >= deadline:
             return current
         time.sleep(1.0)
-        current = _read_status(store)
+        try:
+            current, unread = _status_now(store), None
+        except RolloutError as exc:
+            unread = str(exc)
 
 
 def _refused_now(parsed: RolloutSpec, status: Status) -> str:
@@ -951,7 +1003,7 @@ def explain(
     from rollout.api import ledger_path_of
     from rollout.errors import RolloutError, StateError
     from rollout.ledger import explain as story
-    from rollout.ledger import read_ledger
+    from rollout.ledger import has_ledger_lines, iter_ledger
 
     ledger = path
     if path.suffix in (".yaml", ".yml"):
@@ -968,14 +1020,20 @@ def explain(
     elif path.name.endswith(".status.json"):
         ledger = path.with_name(path.name.removesuffix(".status.json") + ".ledger.jsonl")
     try:
-        records = read_ledger(ledger)
-        # Every ledger line has a phase (a tick) or is a start event; a command log has neither.
-        if ledger.stat().st_size and not any("phase" in r or "event" in r for r in records):
-            raise StateError(
-                f"{ledger} is not a rollout ledger (no ledger lines): give the rollout's "
-                "<name>.ledger.jsonl, or its spec"
-            )
-        told = story(records)
+        told = []
+        if not has_ledger_lines(ledger) and ledger.stat().st_size:
+            # Only complete lines say what a file is: a controller killed in its first append
+            # leaves a fragment alone, in the rollout's own ledger.
+            if any(line.strip() for line in ledger.read_bytes().split(b"\n")[:-1]):
+                raise StateError(
+                    f"{ledger} is not a rollout ledger (no ledger lines): give the rollout's "
+                    "<name>.ledger.jsonl, or its spec"
+                )
+            told = [
+                "the ledger is empty but for a torn line (its writer stopped in the middle of "
+                "it): the rollout has not ticked yet"
+            ]
+        told = told or story(iter_ledger(ledger))
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         # A line of another shape (edited by hand, another tool's JSON lines): one line, not a
         # traceback.

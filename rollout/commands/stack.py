@@ -102,7 +102,7 @@ def demo(
     from rollout.local.demo import run_demo
 
     folder = out or Path("runs") / f"demo-{datetime.now(UTC):%Y%m%dT%H%M%S}"
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, emoji=False)
     try:
         with sigterm_as_interrupt() as stopping:
             result = run_demo(folder, console=console, rps=rps, stopping=stopping)
@@ -145,7 +145,7 @@ def up(
     from rollout.errors import LocalStackError, RolloutError
     from rollout.local.stack import LocalStack
 
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, emoji=False)
     if port is not None:
         from rollout.local.process import port_is_free
 

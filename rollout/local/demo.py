@@ -104,7 +104,7 @@ def run_demo(
     from rollout.api import bootstrap, bootstrap_checked
     from rollout.controller import RealClock
 
-    console = console or Console()
+    console = console or Console(emoji=False)
     clock = RealClock(stopping)
     out_dir = out_dir.resolve()
     try:

@@ -7,6 +7,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -560,6 +561,31 @@ def test_error_text_is_printed_as_is_not_as_markup(tmp_path: Path) -> None:
     assert code == EXIT_ERROR and "got '[bold]x'" in out
 
 
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param("fraud[/]eu", id="closing-tag"),  # was a MarkupError traceback, exit 1
+        pytest.param("fraud[eu]", id="tag"),  # was shown as "fraud:2"
+        pytest.param("fraud:rocket:", id="emoji-code"),  # was shown with an emoji
+    ],
+)
+def test_names_are_printed_as_they_are_not_as_markup_or_emoji(tmp_path: Path, model: str) -> None:
+    spec = write_spec(
+        tmp_path,
+        candidate={"model": model, "version": "2"},
+        stable={"model": model, "version": "1"},
+    )
+    assert invoke("run", str(spec), "--simulated-time", "-q")[0] == EXIT_PROMOTED
+    for command in ("status", "explain"):
+        code, out = invoke(command, str(spec))
+        assert code == EXIT_PROMOTED, out
+        assert f"{model}:2" in out, out
+    named = tmp_path / f"{model.replace('/', '')}.yaml"
+    spec.rename(named)
+    code, out = invoke("validate", str(named))
+    assert code == EXIT_PROMOTED and f"ok {named}:" in " ".join(out.split()), out
+
+
 def test_explain_takes_the_ledger_the_spec_or_the_status_file(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, canary_error=0.08)
     assert invoke("run", str(spec), "--simulated-time", "-q")[0] == EXIT_ROLLED_BACK
@@ -577,6 +603,25 @@ def test_explain_takes_the_ledger_the_spec_or_the_status_file(tmp_path: Path) ->
     commands.write_text(json.dumps({"id": "1", "kind": "pause", "rollout": "x"}) + "\n")
     code, out = invoke("explain", str(commands))
     assert code == EXIT_ERROR and "is not a rollout ledger" in " ".join(out.split()), out
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param('{"at": 1', id="torn"),  # a controller killed in its first append
+        pytest.param('\n{"event": "sta', id="torn-after-a-blank-line"),
+    ],
+)
+def test_explain_of_a_ledger_holding_only_a_torn_line_says_so(tmp_path: Path, content: str) -> None:
+    # Was "not a rollout ledger (no ledger lines): give the rollout's <name>.ledger.jsonl".
+    ledger = tmp_path / "r.ledger.jsonl"
+    ledger.write_text(content)
+    code, out = invoke("explain", str(ledger))
+    assert code == 0, out
+    assert " ".join(out.split()) == (
+        "the ledger is empty but for a torn line (its writer stopped in the middle of it): "
+        "the rollout has not ticked yet"
+    )
 
 
 def test_status_says_when_no_controller_drives_the_rollout(tmp_path: Path) -> None:
@@ -640,6 +685,135 @@ def test_status_watch_into_a_pipe_of_a_rollout_not_started_says_so_once(tmp_path
     said = "".join(out.split())
     assert said.count("notstarted") == 1, out
     assert f"notstarted(no{tmp_path / 'state' / 'cli.status.json'}" in said, out
+
+
+class WatchClock:
+    """The `time` a watch sees: its sleeps return at once, moving the clock on, and what a test
+    scheduled at a second happens when the clock reaches it."""
+
+    def __init__(self, at: dict[float, Callable[[], None]] | None = None) -> None:
+        self.now = 0.0
+        self.at = dict(at or {})
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        for when in sorted(t for t in self.at if t <= self.now):
+            self.at.pop(when)()
+
+    def strftime(self, fmt: str, *_: object) -> str:
+        return f"t+{self.now:g}"
+
+
+def _watched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **at: Callable[[], None]) -> Path:
+    """A spec whose rollout is Progressing (its file status), watched on a `WatchClock` that
+    runs `at["t2"]` at 2 s, `at["t4"]` at 4 s."""
+    spec = write_spec(tmp_path)
+    from rollout.api import open_store
+    from rollout.core.types import Phase
+
+    open_store(spec).save(Status(name="cli", phase=Phase.PROGRESSING, reason="step 10 %"))
+    clock = WatchClock({float(key[1:]): then for key, then in at.items()})
+    monkeypatch.setattr("rollout.commands.rollout.time", clock)
+    return spec
+
+
+def _save(spec: Path, phase: str, reason: str) -> Callable[[], None]:
+    from rollout.api import open_store
+    from rollout.core.types import Phase
+
+    return lambda: open_store(spec).save(Status(name="cli", phase=Phase(phase), reason=reason))
+
+
+def test_status_watch_into_a_pipe_says_when_the_status_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: nothing more until the timeout (an hour) once the status file or its state dir was
+    # deleted, where the terminal view says "not started".
+    status_file = tmp_path / "state" / "cli.status.json"
+    spec = _watched(tmp_path, monkeypatch, t2=status_file.unlink)
+    code, out = invoke("status", str(spec), "--watch", "--timeout", "5")
+    assert code == EXIT_RUNNING
+    lines = out.splitlines()
+    assert len(lines) == 2 and "step 10 %" in lines[0], out
+    assert lines[1].startswith(f"t+2 no status any more (no {status_file}"), out
+
+
+def test_status_watch_goes_on_through_a_failed_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was exit 2 at the first failed read (a Kubernetes API blip), though a pipe follows on.
+    status_file = tmp_path / "state" / "cli.status.json"
+    spec = _watched(
+        tmp_path,
+        monkeypatch,
+        t2=lambda: status_file.write_text("{torn"),
+        t4=_save(tmp_path / "spec.yaml", "RolledBack", "rolled back at step 10 %"),
+    )
+    code, out = invoke("status", str(spec), "--watch", "--timeout", "60")
+    assert code == EXIT_ROLLED_BACK, out
+    lines = out.splitlines()
+    assert len(lines) == 3, out  # the failure said once, not at every refresh
+    assert lines[1].startswith(f"t+2 cannot read the status: {status_file} is not a rollout")
+    assert lines[1].endswith("; watching on")
+    assert lines[2].startswith("t+4 RolledBack") and "rolled back at step 10 %" in lines[2]
+
+
+def test_status_watch_in_a_terminal_goes_on_through_failed_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The live view exited 2 at a status or a lease it could not read once.
+    import io
+
+    from rollout.commands import rollout as commands
+
+    state = tmp_path / "state"
+    spec = _watched(
+        tmp_path,
+        monkeypatch,
+        t2=lambda: (state / "cli.status.json").write_text("{torn"),
+        t3=lambda: (state / "cli.lock").symlink_to(state / "cli.lock"),  # ELOOP at its open
+        t5=_save(tmp_path / "spec.yaml", "RolledBack", "rolled back at step 10 %"),
+    )
+    screen = io.StringIO()
+    terminal = commands._Output(file=screen, force_terminal=True, width=200, highlight=False)
+    monkeypatch.setattr(commands, "_out", terminal)
+    code, out = invoke("status", str(spec), "--watch", "--timeout", "60")
+    assert code == EXIT_ROLLED_BACK, out
+    assert "rolled back at step 10 %" in screen.getvalue()
+
+
+def test_status_watch_json_prints_a_json_line_per_change_until_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: the status once, pretty-printed, and exit 6 at once: `--json` won over `--watch`.
+    spec = _watched(
+        tmp_path, monkeypatch, t2=_save(tmp_path / "spec.yaml", "RolledBack", "rolled back")
+    )
+    result = runner.invoke(
+        app, ["rollout", "status", str(spec), "--watch", "--json", "--timeout", "60"]
+    )
+    assert result.exit_code == EXIT_ROLLED_BACK, result.output
+    said = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(s["phase"], s["reason"]) for s in said] == [
+        ("Progressing", "step 10 %"),
+        ("RolledBack", "rolled back"),
+    ]
+
+
+def test_status_watch_of_a_memory_state_store_does_not_wait_for_what_it_cannot_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: "out of reach of `status`", then a wait for it until the timeout (an hour).
+    spec = write_spec(tmp_path, state={"kind": "memory"})
+    clock = WatchClock()
+    monkeypatch.setattr("rollout.commands.rollout.time", clock)
+    code, out = invoke("status", str(spec), "--watch")
+    assert code == EXIT_RUNNING
+    assert "keeps the status inside the running controller's process" in " ".join(out.split())
+    assert clock.now == 0.0
 
 
 def test_status_does_not_show_weights_not_applied_as_served(tmp_path: Path) -> None:

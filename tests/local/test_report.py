@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from rollout.api import bootstrap, run_rollout
+from rollout.api import bootstrap, bootstrap_checked, run_rollout
 from rollout.config import spec_from_dict
 from rollout.controller import FakeClock
 from rollout.core.types import Phase, Release
 from rollout.ledger import Ledger
-from rollout.report import render_html, story_from_ledger, write_report
+from rollout.report import render_html, stories_from_ledger, story_from_ledger, write_report
 from tests.metrics.fake_prometheus import FakePrometheus
 
 T0 = 1_700_000_000.0
@@ -243,3 +243,71 @@ def test_ticks_that_judged_or_counted_nothing_say_so(tmp_path: Path) -> None:
     finalising = [row for row in rows if row[1:2] == ["Finalising"]]
     assert finalising and all(row[4:6] == ["—", "—"] for row in finalising)
     assert not [row for row in rows if "/" in row[4:6]]  # no count cell of a tick reads "/"
+
+
+def test_a_first_release_checked_after_a_rollout_is_not_that_rollouts_end(tmp_path: Path) -> None:
+    """`bootstrap --check` after a promotion appends a first-check line, no rollout's: folded
+    into the rollout's section, it was taken as its last line (outcome "", the check's reason)."""
+    spec = spec_from_dict({
+        "name": "d",
+        "router": {"kind": "memory", "state_file": str(tmp_path / "routes.json")},
+        "metrics": {"kind": "simulated", "seed": 1, "rps": 100,
+                    "baseline": {"error_rate": 0.0}, "canary": {"error_rate": 0.0}},
+        "steps": [50, 100],
+        "analysis": {"interval_s": 10, "min_requests": 50, "latency": {"enabled": False},
+                     "errors": {"max_rate": 0.1}},
+        "state": {"dir": str(tmp_path / "state")},
+    })  # fmt: skip
+    assert bootstrap_checked(spec, Release("d", "1"), clock=FakeClock(T0)).verdict.value
+    result = run_rollout(spec, candidate=Release("d", "2"), clock=FakeClock(T0 + 1000))
+    assert result.phase is Phase.SUCCEEDED, result.reason
+    bootstrap_checked(spec, Release("d", "2"), clock=FakeClock(T0 + 5000))
+    [story] = stories_from_ledger(result.ledger_path)
+    assert (story.outcome, story.reason) == (result.phase.value, result.reason)
+    assert not [row for row in story.rows if "first release" in row.get("event", "")]
+    assert story.end < T0 + 5000  # the section ends with the rollout
+
+
+@pytest.mark.parametrize(
+    ("after", "outcome", "reason"),
+    [
+        pytest.param(
+            [{"event": "first-check", "release": CANDIDATE, "verdict": "Successful",
+              "reason": "error rate 0 % is below the limit 10 %"}],
+            "RolledBack", "rolled back at step 10 %: canary error rate 29 %",
+            id="first-check",
+        ),
+        pytest.param(
+            [{"event": "bootstrap", "release": CANDIDATE, "by": "ann"},
+             {"event": "first-check", "release": CANDIDATE, "verdict": "Successful",
+              "reason": "error rate 0 % is below the limit 10 %"}],
+            "RolledBack", "rolled back at step 10 %: canary error rate 29 %",
+            id="bootstrap-and-check",
+        ),
+        pytest.param(
+            [{"event": "not-applied", "rollout_id": "r1",
+              "describe": ["set weights blue 0 % / green 100 %"], "error": "HTTP 503 busy"}],
+            "RolledBack",
+            "controller stopped: could not set weights blue 0 % / green 100 %: HTTP 503 busy "
+            "(the next `run` applies it first)",
+            id="not-applied",  # the outcome its last tick decided, the stop in explain's words
+        ),
+    ],
+)  # fmt: skip
+def test_a_rollouts_outcome_is_its_last_phase_whatever_line_follows(
+    tmp_path: Path, after: list[dict], outcome: str, reason: str
+) -> None:
+    path = tmp_path / "d.ledger.jsonl"
+    book = Ledger(path, fsync=False)
+    book.append({"event": "start", "at": T0, "name": "d", "rollout_id": "r1", "plan": [10]})
+    book.append({**tick(T0 + 1, "Progressing", 10, "started: blue at 10 %", blue=10),
+                 "rollout_id": "r1"})  # fmt: skip
+    book.append({**tick(T0 + 2, "RolledBack", 0, "rolled back at step 10 %: canary error rate "
+                        "29 %", blue=0), "rollout_id": "r1"})  # fmt: skip
+    for index, line in enumerate(after):
+        book.append({**line, "at": T0 + 3 + index})
+    [story] = stories_from_ledger(path)
+    assert (story.outcome, story.reason) == (outcome, reason)
+    events = [row["event"].partition(" ")[0] for row in story.rows if "event" in row]
+    # A bootstrap's lines are no rollout's; the rollout's own stop is its row.
+    assert events == ["started"] + (["controller"] if "stopped" in reason else [])

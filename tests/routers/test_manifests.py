@@ -1025,3 +1025,26 @@ def test_the_help_names_the_namespace_and_app_used_when_none_is_given() -> None:
     flat = " ".join(result.stdout.split())
     assert "Namespace of every object (default)." in flat
     assert "objects are <app>-blue, <app>-gateway... (model)." in flat
+
+
+@pytest.mark.parametrize(
+    "version",
+    ["1e3", "1E5", "1e-3", "+1e3", "0o17", "0b101", ".5", "1_000", "7", "1.10", "0x1F", "y", "N"],
+)
+def test_a_version_a_yaml_parser_reads_as_no_string_is_quoted(tmp_path: Path, version: str) -> None:
+    # PyYAML quotes what YAML 1.1 reads as a number, not `1e3` or `0o17`, which kubectl's YAML
+    # reads as numbers: "cannot unmarshal number into ... annotations of type string".
+    result = CliRunner().invoke(
+        app, ["manifests", "-n", "ml", "--app", "d", "--green-image", f"acr.io/d:{version}"]
+    )
+    assert result.exit_code == 0, result.output
+    written = re.findall(r"aml-rollout\.io/version: (.*)", result.stdout)
+    assert written and set(written) == {f"'{version}'"}
+    if shutil.which("kubectl") is not None:
+        out = tmp_path / "k8s.yaml"
+        out.write_text(result.stdout, encoding="utf-8")
+        decoded = subprocess.run(
+            ["kubectl", "label", "--local", "-f", str(out), "x=y", "-o", "json"],
+            capture_output=True, text=True, check=False, timeout=30,
+        )  # fmt: skip
+        assert decoded.returncode == 0, decoded.stderr
