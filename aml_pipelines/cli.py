@@ -351,7 +351,7 @@ def run_local(
         from aml_pipelines.local_runner import run_local as run
 
         spec = registry or "local"
-        if not spec.startswith("local"):
+        if spec.partition(":")[0] != "local":  # `locale:` passed, failing the register step
             raise ConfigError(f"--registry: run-local needs a local registry, got {spec!r}")
         if until == "rollout" and rollout_spec is None:
             raise ConfigError(
