@@ -4,7 +4,8 @@ Only typer, rich, the standard library and `aml_pipelines.build` (no SDK at impo
 imported at module level; azure.ai.ml and the registry backends load inside the command that
 needs them, so `aml-rollout --help` stays fast.
 Every error a user can fix (PipelineError) prints one red line and exits non-zero: 2 for bad
-input or configuration, a failed step's own exit code for `run-local`. A rollout that ran and was
+input or configuration, a failed step's own exit code for `run-local` (128 + N for a step killed
+by signal N, or for `run-local` itself stopped by SIGTERM or SIGHUP). A rollout that ran and was
 not promoted (rolled back, paused) is an outcome, not an error: `run-local` reports it as such,
 with the reason and the ledger, and still exits with the rollout step's code (3, 5).
 """
@@ -351,7 +352,7 @@ def run_local(
         from aml_pipelines.local_runner import run_local as run
 
         spec = registry or "local"
-        if not spec.startswith("local"):
+        if spec.partition(":")[0] != "local":  # `locale:` passed, failing the register step
             raise ConfigError(f"--registry: run-local needs a local registry, got {spec!r}")
         if until == "rollout" and rollout_spec is None:
             raise ConfigError(
@@ -371,7 +372,8 @@ def run_local(
     total = sum(step.seconds for step in result.steps.values())
     out.print(f"[green]local run complete[/] in {total:.1f} s: {escape(str(result.run_dir))}")
     registration = result.run_dir / "register" / "registration" / "registration.json"
-    if registration.is_file():
+    # This run's: not one an earlier run of the folder left there (`--until train` announced it)
+    if "register" in result.steps and registration.is_file():
         info = json.loads(registration.read_text())
         out.print(
             f"registered {info['name']} version {info['version']} (sha256 {info['sha256']})",

@@ -3,9 +3,10 @@
     PipelineError
     ├── ConfigError           an argument, a config value or input data is invalid (names the field)
     ├── ComponentError        a component YAML does not load or validate
-    ├── StepFailed            a step's command exited non-zero (carries the exit code)
+    ├── StepFailed            a step's command exited non-zero or was killed (carries the exit code)
     │   ├── RolloutNotPromoted  the rollout step's verdict: rolled back or paused (not a crash)
     │   └── ModelNotRegistered  the register gate refused the model (not a crash)
+    ├── RunTerminated         run-local was sent SIGTERM or SIGHUP (the running step stopped first)
     ├── GateRefused           the register gate refused a worse model
     ├── RegistryError         the model registry failed
     │   ├── ModelNotFound     no such model or version
@@ -18,6 +19,8 @@ The CLI prints one clear line and exits non-zero for each; never a traceback.
 """
 
 from __future__ import annotations
+
+import signal
 
 
 class PipelineError(Exception):
@@ -32,13 +35,44 @@ class ComponentError(PipelineError):
     """A component YAML does not load or validate."""
 
 
+def describe_exit(code: int) -> str:
+    """How a step ended, from its wait status: `exit code N`, or the signal that killed it."""
+    if code >= 0:
+        return f"exit code {code}"
+    # The OOM killer's SIGKILL is the usual one: a CSV too large for the machine.
+    hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+    return f"killed by {signal_name(-code)}{hint}"
+
+
+def signal_name(signum: int) -> str:
+    """`SIGTERM` for 15; `signal 64` for a number with no name here."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 class StepFailed(PipelineError):
-    """A pipeline step's command exited non-zero."""
+    """A pipeline step's command exited non-zero, or was killed by a signal.
+
+    `exit_code` is the step's exit code, or 128 + the signal's number for a killed step (as a
+    shell reports it: 137 for SIGKILL), never the negative wait status (-9 exited as 247).
+    """
 
     def __init__(self, step: str, exit_code: int) -> None:
-        super().__init__(f"step {step!r} failed with exit code {exit_code}")
+        verb = "failed with" if exit_code >= 0 else "was"
+        super().__init__(f"step {step!r} {verb} {describe_exit(exit_code)}")
         self.step = step
-        self.exit_code = exit_code
+        self.exit_code = exit_code if exit_code >= 0 else 128 - exit_code
+
+
+class RunTerminated(PipelineError):
+    """run-local was sent SIGTERM or SIGHUP: the running step was stopped first (exit 128 + n)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated ({signal_name(signum)})")
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 class RolloutNotPromoted(StepFailed):

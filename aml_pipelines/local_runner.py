@@ -9,17 +9,20 @@ and walks its nodes:
    the upstream output folder, or the component's default;
 3. render the component's declared `command` as Azure ML does: `$[[...]]` optional blocks are
    kept only when their inputs are bound, `${{inputs.x}}` / `${{outputs.y}}` are substituted into
-   the text, which is then split as a shell would (the YAMLs quote string and path values);
-4. run it as a subprocess (`python` is this interpreter) in the caller's folder, with the
+   the text, which is then split as a shell would (the YAMLs quote string and path values) —
+   every step's, before the first runs, so a value no command line carries stops nothing midway;
+4. run each as a subprocess (`python` is this interpreter) in the caller's folder, with the
    component's code folder on PYTHONPATH: a relative path inside the rollout spec is then the
    caller's, as for `aml-rollout rollout ...` (in Azure ML the step runs in the code snapshot,
-   where such a path means nothing); stream its output line by line with a `[node]` prefix
-   into `<run_dir>/<node>/std_log.txt` and the caller's sink, and stop at the first non-zero
+   where such a path means nothing), with AML_ROLLOUT_RUN_ID `<run id>/<node>` (run_id: the
+   folder's own); stream its output line by line with a `[node]` prefix into
+   `<run_dir>/<node>/std_log.txt` and the caller's sink, and stop at the first non-zero
    exit with StepFailed(node, exit_code) — except the rollout step's verdicts (3 rolled back,
    5 paused: components/rollout/main.py), which raise RolloutNotPromoted (a StepFailed)
    carrying the outcome, the reason and the ledger from result.json, and the register gate's
    refusal (3), which raises ModelNotRegistered, so that a correct rollback or refusal is
-   reported as an outcome and not as a crash.
+   reported as an outcome and not as a crash. SIGTERM or SIGHUP to the runner stops the running
+   step first (_Stopper), then the run (RunTerminated).
 
 azure.ai.ml is imported once, here, to load the components; the steps themselves never import it
 (unless they talk to Azure), so a local run costs about one SDK import plus the steps.
@@ -31,11 +34,14 @@ import logging
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,7 +52,10 @@ from aml_pipelines.errors import (
     ConfigError,
     ModelNotRegistered,
     RolloutNotPromoted,
+    RunTerminated,
     StepFailed,
+    describe_exit,
+    signal_name,
 )
 from aml_pipelines.fileio import read_json
 from aml_pipelines.pipeline import STEPS, PipelineParams, build_pipeline, is_local_path
@@ -65,6 +74,12 @@ Sink = Callable[[str], None]
 
 # The rollout step's exit codes that are verdicts of a rollout that ran, not failures.
 ROLLOUT_VERDICTS = {EXIT_ROLLED_BACK: "rolled back", EXIT_PAUSED: "paused for a human decision"}
+
+#: `<run_dir>/.run-id`: the run folder's id (see run_id).
+RUN_ID_FILE = ".run-id"
+
+#: How long a step gets to stop after run-local passed a SIGTERM on, before it is killed.
+STOP_GRACE_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,16 @@ class _Node:
     bindings: dict[str, Any]  # input name -> literal, ("parent", input) or ("job", node, output)
 
 
+@dataclass(frozen=True)
+class _Planned:
+    """A node ready to run: its command line, output folders and code folder."""
+
+    name: str
+    argv: list[str]
+    outputs: dict[str, Path]
+    code_dir: Path
+
+
 def default_run_dir(base: Path = Path("runs")) -> Path:
     """`runs/<UTC timestamp>-<short id>` under the current folder."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
@@ -105,6 +130,33 @@ def default_run_dir(base: Path = Path("runs")) -> Path:
 
 def _log_sink(line: str) -> None:
     log.info("%s", line)
+
+
+def run_id(run_dir: Path) -> str:
+    """The run folder's own id, `<name>-<12 hex digits>`, made on first use, kept in `.run-id`.
+
+    The steps get it as AML_ROLLOUT_RUN_ID (`<id>/<step>`); the register step tells a re-run of
+    itself by it (its versions' `source_run`), so it must be the folder's, not its name, which
+    two folders share (`/a/out`, `/b/out`): the second run took production's own model for one
+    it had registered itself and rolled it out again. A run folder from before `.run-id` (a step
+    folder, no file) keeps its name, which its versions' `source_run` holds.
+    """
+    path = run_dir / RUN_ID_FILE
+    legacy = not path.exists() and any((run_dir / step).is_dir() for step in STEPS)
+    made = run_dir.name if legacy else f"{run_dir.name}-{uuid.uuid4().hex[:12]}"
+    try:
+        # Created once: a second run of the folder reads the first's id rather than replace it.
+        with path.open("x", encoding="utf-8") as fh:
+            fh.write(made + "\n")
+        return made
+    except FileExistsError:
+        pass
+    text = path.read_text(encoding="utf-8").strip()
+    if not text or len(text.split()) != 1:
+        raise ConfigError(
+            f"run_dir: {path} is damaged ({text!r}); remove it to give the folder a new run id"
+        )
+    return text
 
 
 def run_local(
@@ -136,7 +188,7 @@ def run_local(
     except OSError as exc:  # e.g. --run-dir naming a file: one line, no traceback
         raise ConfigError(f"run_dir {run_dir}: cannot create it: {exc.strerror}") from None
     emit = sink or _log_sink
-    run_id = run_dir.name
+    run = run_id(run_dir)
     # Stopping before the rollout step, nothing here rolls the version out: the register step
     # must then not tag it as the job's own (`rollout_by`), or no trigger would ever deliver it.
     rolls_out = until == "rollout"
@@ -147,18 +199,33 @@ def run_local(
     nodes = _plan(job, until)
     # the pipeline's inputs
     values = {**asdict(params), "rollout_in_job": rolls_out, "production_model": production}
+    # Every step's command line before the first runs: a value no command line can carry (a
+    # `'`) stopped the run at ITS step, after train and register had left a version behind.
+    planned = _render_all(nodes, values, run_dir)
     result = LocalRun(run_dir)
-    emit(f"local run {run_id}: {' → '.join(n.name for n in nodes)} in {run_dir}")
+    emit(f"local run {run}: {' → '.join(n.name for n in nodes)} in {run_dir}")
     commit = source_commit()  # as in Azure ML (build.stamp_source): "-dirty" included
+    with _Stopper().installed() as stopper:
+        for node in planned:
+            _run_step(node, run, params, commit, env, stopper, result, emit)
+    return result
+
+
+def _render_all(nodes: list[_Node], values: Mapping[str, Any], run_dir: Path) -> list[_Planned]:
+    """Each node's command line, inputs and outputs bound (an output: `<run_dir>/<node>/<name>`)."""
+    folders = {
+        node.name: {name: run_dir / node.name / name for name in node.component.outputs}
+        for node in nodes
+    }
+    planned = []
     for node in nodes:
-        outputs = {name: run_dir / node.name / name for name in node.component.outputs}
         inputs: dict[str, Any] = {}
         for name, spec in node.component.inputs.items():
             bound = node.bindings.get(name)
             if isinstance(bound, tuple) and bound[0] == "parent":
                 value = values.get(bound[1])
             elif isinstance(bound, tuple):
-                value = result.output(bound[1], bound[2])
+                value = folders[bound[1]][bound[2]]
             else:
                 value = bound
             if value is None:
@@ -166,58 +233,91 @@ def run_local(
             if value is None and not spec.optional:
                 raise ComponentError(f"step {node.name!r}: required input {name!r} is not bound")
             inputs[name] = value
+        outputs = folders[node.name]
         argv = render_command(node.component.command, inputs, outputs)
         code_dir = (Path(node.component.base_path) / (node.component.code or ".")).resolve()
-        for folder in outputs.values():
-            folder.mkdir(parents=True, exist_ok=True)
-        step_env = {
-            **({"GIT_COMMIT": commit} if commit else {}),
-            **os.environ,
-            **(env or {}),
-            "AML_ROLLOUT_RUN_ID": f"{run_id}/{node.name}",
-            "PYTHONUNBUFFERED": "1",
-        }
-        # The step runs in the caller's folder (below), its code from the code folder: not from
-        # a `components` or `rollout` package that folder may hold (PYTHONSAFEPATH).
-        step_env["PYTHONPATH"] = os.pathsep.join(
-            [str(code_dir), *filter(None, [step_env.get("PYTHONPATH")])]
+        planned.append(_Planned(node.name, argv, outputs, code_dir))
+    return planned
+
+
+def _run_step(
+    node: _Planned,
+    run: str,
+    params: PipelineParams,
+    commit: str | None,
+    env: Mapping[str, str] | None,
+    stopper: _Stopper,
+    result: LocalRun,
+    emit: Sink,
+) -> None:
+    """Run one step and record it in `result`; raise on anything but exit 0."""
+    argv, outputs, code_dir = node.argv, node.outputs, node.code_dir
+    log_file = result.run_dir / node.name / "std_log.txt"
+    for folder in outputs.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    step_env = {
+        **({"GIT_COMMIT": commit} if commit else {}),
+        **os.environ,
+        **(env or {}),
+        "AML_ROLLOUT_RUN_ID": f"{run}/{node.name}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    # The step runs in the caller's folder (below), its code from the code folder: not from
+    # a `components` or `rollout` package that folder may hold (PYTHONSAFEPATH).
+    step_env["PYTHONPATH"] = os.pathsep.join(
+        [str(code_dir), *filter(None, [step_env.get("PYTHONPATH")])]
+    )
+    step_env["PYTHONSAFEPATH"] = "1"
+    emit(f"[{node.name}] $ {shlex.join(argv)}")
+    started = time.monotonic()
+    try:
+        # In the caller's folder: a relative path inside the rollout spec (a routes or state
+        # file) is then the one `aml-rollout rollout status SPEC` reads there. In the code
+        # folder it was another file, in the checkout (or next to site-packages).
+        code = _execute(argv, Path.cwd(), step_env, log_file, node.name, emit, stopper)
+    except KeyboardInterrupt:
+        emit(
+            f"[{node.name}] interrupted after {time.monotonic() - started:.1f} s; "
+            f"its log: {log_file}"
         )
-        step_env["PYTHONSAFEPATH"] = "1"
-        emit(f"[{node.name}] $ {shlex.join(argv)}")
-        started = time.monotonic()
-        try:
-            # In the caller's folder: a relative path inside the rollout spec (a routes or state
-            # file) is then the one `aml-rollout rollout status SPEC` reads there. In the code
-            # folder it was another file, in the checkout (or next to site-packages).
-            code = _execute(
-                argv, Path.cwd(), step_env, run_dir / node.name / "std_log.txt", node.name, emit
-            )
-        except KeyboardInterrupt:
-            emit(
-                f"[{node.name}] interrupted after {time.monotonic() - started:.1f} s; "
-                f"its log: {run_dir / node.name / 'std_log.txt'}"
-            )
-            if node.name == "rollout":  # traffic may be split: say where its state is
-                emit(
-                    f"[{node.name}] the rollout's state: aml-rollout rollout status "
-                    f"{shlex.quote(params.rollout_spec)} --state-dir "
-                    f"{shlex.quote(str(outputs['result']))}"
-                )
-            raise
-        step = StepRun(node.name, argv, code, outputs, time.monotonic() - started)
-        result.steps[node.name] = step
-        if node.name == "rollout" and code in ROLLOUT_VERDICTS:
-            verdict = _verdict(code, outputs.get("result"))
-            emit(f"[{node.name}] {verdict.outcome} (exit {code}) after {step.seconds:.1f} s")
-            raise verdict
-        if node.name == "register" and code == EXIT_GATE_REFUSED:
-            emit(f"[{node.name}] not registered (exit {code}) after {step.seconds:.1f} s")
-            raise ModelNotRegistered(code)
-        if code != 0:
-            emit(f"[{node.name}] failed with exit code {code} after {step.seconds:.1f} s")
-            raise StepFailed(node.name, code)
-        emit(f"[{node.name}] done in {step.seconds:.1f} s")
-    return result
+        _where_the_rollout_is(node, params, emit)
+        raise
+    step = StepRun(node.name, argv, code, outputs, time.monotonic() - started)
+    if stopper.signum is not None:  # whatever the step's code: the run was told to end
+        got = signal_name(stopper.signum)
+        how = (
+            f"killed after {step.seconds:.1f} s: it did not stop within {stopper.grace_s:g} s "
+            f"of the SIGTERM passed on (run-local got {got})"
+            if stopper.killed
+            else f"stopped after {step.seconds:.1f} s (run-local got {got}, passed SIGTERM on; "
+            f"the step ended with {describe_exit(code)})"
+        )
+        emit(f"[{node.name}] {how}; its log: {log_file}")
+        _where_the_rollout_is(node, params, emit)
+        raise RunTerminated(stopper.signum)
+    result.steps[node.name] = step
+    if node.name == "rollout" and code in ROLLOUT_VERDICTS:
+        verdict = _verdict(code, outputs.get("result"))
+        emit(f"[{node.name}] {verdict.outcome} (exit {code}) after {step.seconds:.1f} s")
+        raise verdict
+    if node.name == "register" and code == EXIT_GATE_REFUSED:
+        emit(f"[{node.name}] not registered (exit {code}) after {step.seconds:.1f} s")
+        raise ModelNotRegistered(code)
+    if code != 0:
+        verb = "failed with" if code > 0 else "was"
+        emit(f"[{node.name}] {verb} {describe_exit(code)} after {step.seconds:.1f} s")
+        raise StepFailed(node.name, code)
+    emit(f"[{node.name}] done in {step.seconds:.1f} s")
+
+
+def _where_the_rollout_is(node: _Planned, params: PipelineParams, emit: Sink) -> None:
+    """For a rollout step stopped mid-way, which may leave traffic split: where its state is."""
+    if node.name == "rollout":
+        emit(
+            f"[{node.name}] the rollout's state: aml-rollout rollout status "
+            f"{shlex.quote(params.rollout_spec)} --state-dir "
+            f"{shlex.quote(str(node.outputs['result']))}"
+        )
 
 
 def _verdict(code: int, result: Path | None) -> RolloutNotPromoted:
@@ -372,12 +472,94 @@ def _plan(job: Any, until: str) -> list[_Node]:
     return [nodes[name] for name in needed]
 
 
+class _Stopper:
+    """SIGTERM or SIGHUP to run-local (`kill PID`, a CI cancel, a supervisor stopping it).
+
+    Python's default ended run-local at once: the running step was left to run on under PID 1 (a
+    rollout moving traffic unwatched) and its std_log.txt lost the lines not yet flushed. Instead
+    the step is sent SIGTERM, what Azure ML sends a cancelled job's step (the rollout step stops on
+    it as on Ctrl-C, its lease released; the others die of it), and killed if it has not stopped
+    `grace_s` later; its output is kept meanwhile, then the run ends
+    (RunTerminated). SIGTERM, not SIGHUP, is passed on: the steps stop cleanly on SIGTERM only.
+    Between steps the signal ends the run at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, grace_s: float = STOP_GRACE_S) -> None:
+        self.grace_s = grace_s
+        self.signum: int | None = None  # the first stop signal received
+        self.killed = False  # the step did not stop in time
+        self._proc: subprocess.Popen[str] | None = None
+        self._starting = False
+        self._timer: threading.Timer | None = None
+
+    @contextmanager
+    def installed(self) -> Iterator[_Stopper]:
+        """Handle the stop signals meanwhile (in the main thread: only it can)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    @contextmanager
+    def watching(self) -> Iterator[Callable[[subprocess.Popen[str]], None]]:
+        """While a step starts and runs: a signal is for it. Yields the call that names it."""
+        self._starting = True
+        try:
+            yield self._attach
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._proc, self._starting, self._timer = None, False, None
+
+    def _attach(self, proc: subprocess.Popen[str]) -> None:
+        self._proc = proc
+        self._starting = False
+        if self.signum is not None:  # arrived while it started
+            self._stop(proc)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+        if self._proc is not None:
+            self._stop(self._proc)
+        elif not self._starting:
+            raise RunTerminated(signum)
+
+    def _stop(self, proc: subprocess.Popen[str]) -> None:
+        if self._timer is None:  # once: a second signal changes nothing
+            proc.send_signal(signal.SIGTERM)
+            self._timer = threading.Timer(self.grace_s, self._kill, [proc])
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _kill(self, proc: subprocess.Popen[str]) -> None:
+        if proc.poll() is None:
+            self.killed = True
+            proc.kill()
+
+
 def _execute(
-    argv: list[str], cwd: Path, env: Mapping[str, str], log_file: Path, name: str, emit: Sink
+    argv: list[str],
+    cwd: Path,
+    env: Mapping[str, str],
+    log_file: Path,
+    name: str,
+    emit: Sink,
+    stopper: _Stopper | None = None,
 ) -> int:
+    """Run `argv`, each line of its output into `log_file` (as it comes: `tail -f` shows it) and
+    to `emit`; its wait status (negative: killed by that signal)."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with (
-        log_file.open("w", encoding="utf-8") as fh,
+        (stopper or _Stopper()).watching() as attach,
+        log_file.open("w", encoding="utf-8", buffering=1) as fh,
         subprocess.Popen(
             argv,
             cwd=cwd,
@@ -388,6 +570,7 @@ def _execute(
             bufsize=1,
         ) as proc,
     ):
+        attach(proc)
         assert proc.stdout is not None
         try:
             for line in proc.stdout:

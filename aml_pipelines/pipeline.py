@@ -33,6 +33,8 @@ COMPONENTS_DIR = Path(components.__file__).resolve().parent
 EXAMPLE_SPEC = COMPONENTS_DIR / "rollout" / "spec.example.yaml"
 PIPELINE_NAME = "aml_rollout_delivery"
 DEPLOY_PIPELINE_NAME = "aml_rollout_deploy"
+#: Rows of the bundled diabetes data the train step reads without `data` (scikit-learn's).
+BUNDLED_ROWS = 442
 
 
 def component_path(step: str) -> Path:
@@ -163,6 +165,16 @@ def check_params(params: PipelineParams | DeployParams) -> None:
     if not (math.isfinite(params.max_regression) and params.max_regression >= 0):
         raise ConfigError(f"max_regression: must be >= 0, got {params.max_regression}")
     TrainParams(alpha=params.alpha, test_fraction=params.test_fraction, seed=params.seed)
+    if params.data is None:
+        # The bundled data's size is known: a split the train step refuses (`-p
+        # test_fraction=0.999`) was refused only once the job ran. Its rule, train.train's:
+        held_out = math.ceil(params.test_fraction * BUNDLED_ROWS)
+        if held_out < 2 or BUNDLED_ROWS - held_out < 2:
+            raise ConfigError(
+                f"test_fraction: {params.test_fraction} leaves {BUNDLED_ROWS - held_out} "
+                f"training and {held_out} held-out rows of {BUNDLED_ROWS}; both need at least 2 "
+                "(r2 needs 2 held-out rows)"
+            )
 
 
 def is_local_path(value: str) -> bool:

@@ -75,6 +75,12 @@ def invoke(*args: str, env: dict[str, str] | None = None):
             "run-local needs a local registry",
             id="azure-registry",
         ),
+        # a typo'd kind passed `startswith("local")`: train ran, then register failed (exit 1)
+        pytest.param(
+            ["pipeline", "run-local", "--registry", "locale:/x"],
+            "run-local needs a local registry, got 'locale:/x'",
+            id="locale-registry",
+        ),
         pytest.param(
             ["pipeline", "run-local", "--until", "rollout"],
             "--until rollout needs --rollout-spec FILE",

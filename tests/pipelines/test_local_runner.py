@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +18,18 @@ from aml_pipelines.errors import (
     ConfigError,
     ModelNotRegistered,
     RolloutNotPromoted,
+    RunTerminated,
     StepFailed,
 )
-from aml_pipelines.local_runner import _render_value, _verdict, render_command, run_local
+from aml_pipelines.local_runner import (
+    _execute,
+    _render_value,
+    _Stopper,
+    _verdict,
+    render_command,
+    run_id,
+    run_local,
+)
 from aml_pipelines.pipeline import STEPS, PipelineParams, component_path
 from aml_pipelines.registry.base import Stage
 from aml_pipelines.registry.local import LocalRegistry
@@ -181,8 +192,31 @@ def test_v1_registered_worse_v2_refused_better_v2_registered(tmp_path: Path) -> 
     # better on the rows both held out (the tags were measured on other rows: not compared)
     gate = registration["gate"]
     assert gate["comparable"] is True and gate["candidate"] < gate["baseline"]
-    assert v2.tags["source_run"] == "run3/register"
+    assert v2.tags["source_run"] == f"{run_id(tmp_path / 'run3')}/register"
+
+    # Another folder of the same name is another run: production's own model is refused. It was
+    # "the same run" (`run1/register`), its v1 reused as registered by it, and rolled out again.
+    with pytest.raises(ModelNotRegistered):
+        run_local(
+            _params(tmp_path), run_dir=tmp_path / "ci" / "run1", until="register", sink=lines.append
+        )
+    assert any("the candidate is production diabetes-ridge:1's own model" in x for x in lines)
     assert v2.tags["git_commit"] == source_commit()  # the checkout's, "-dirty" when it has changes
+
+
+def test_a_run_id_belongs_to_its_run_folder_not_to_its_name(tmp_path: Path) -> None:
+    # It was the folder's name: `/a/out` and `/b/out` were one run to the register step.
+    first, second = tmp_path / "a" / "out", tmp_path / "b" / "out"
+    for folder in (first, second):
+        folder.mkdir(parents=True)
+    ids = run_id(first), run_id(second)
+    assert ids[0] != ids[1] and all(i.startswith("out-") for i in ids)
+    assert (run_id(first), run_id(second)) == ids  # a re-run of a folder is the same run
+    assert (first / ".run-id").read_text().strip() == ids[0]
+    # a run folder from before `.run-id`: its versions' source_run named it by its name
+    old = tmp_path / "c" / "out"
+    (old / "register" / "registration").mkdir(parents=True)
+    assert run_id(old) == run_id(old) == "out"
 
 
 def test_a_missing_data_folder_is_refused_before_any_step(tmp_path: Path) -> None:
@@ -270,6 +304,117 @@ def test_a_target_column_with_a_space_trains_locally_and_as_azure_runs_it(tmp_pa
     )
 
 
+def test_every_step_is_rendered_before_the_first_runs(tmp_path: Path) -> None:
+    # The spec's `'` was refused at the rollout step, after train, register and package ran: v1
+    # was left tagged rollout_by=pipeline-job, which the triggers skip, so nothing delivered it.
+    spec = tmp_path / "it's" / "spec.yaml"
+    spec.parent.mkdir()
+    spec.write_text(DRY_RUN_SPEC)
+    with pytest.raises(ConfigError, match=r"^spec: \".*it's/spec.yaml\" holds a single quote"):
+        run_local(
+            _params(tmp_path, rollout_spec=str(spec)), run_dir=tmp_path / "r", until="rollout"
+        )
+    assert not (tmp_path / "r" / "train").exists() and not (tmp_path / "registry").exists()
+
+
+def test_run_local_reports_only_a_registration_this_run_made(tmp_path: Path) -> None:
+    # `--until train` into a run folder an earlier run registered from printed that run's
+    # "registered diabetes-ridge version 1", though nothing was registered.
+    from rollout.cli import app
+
+    stale = tmp_path / "run" / "register" / "registration"
+    stale.mkdir(parents=True)
+    (stale / "registration.json").write_text(
+        json.dumps({"name": "diabetes-ridge", "version": 7, "sha256": "0" * 64})
+    )
+    args = ["pipeline", "run-local", "--registry", f"local:{tmp_path / 'registry'}",
+            "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    trained = CliRunner().invoke(app, [*args, "--until", "train"], terminal_width=400)
+    assert trained.exit_code == 0, trained.output
+    assert "local run complete" in trained.output and "registered" not in trained.output
+
+    registered = CliRunner().invoke(app, [*args, "--until", "register"], terminal_width=400)
+    assert registered.exit_code == 0, registered.output
+    sha256 = LocalRegistry(tmp_path / "registry").get("diabetes-ridge", 1).sha256
+    assert f"registered diabetes-ridge version 1 (sha256 {sha256})" in registered.output
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "exit_code"),
+    [
+        pytest.param(1, "step 'train' failed with exit code 1", 1, id="exit-1"),
+        # the OOM killer on a large CSV: it read "exit code -9" and run-local exited 247
+        pytest.param(-9, "step 'train' was killed by SIGKILL (out of memory?)", 137, id="sigkill"),
+        pytest.param(-15, "step 'train' was killed by SIGTERM", 143, id="sigterm"),
+    ],
+)
+def test_a_step_killed_by_a_signal_says_so_and_exits_as_a_shell_would(
+    code: int, message: str, exit_code: int
+) -> None:
+    failed = StepFailed("train", code)
+    assert (str(failed), failed.exit_code) == (message, exit_code)
+
+
+def test_std_log_holds_each_line_as_the_step_prints_it(tmp_path: Path) -> None:
+    # It was block-buffered: `tail -f` of a long rollout's std_log.txt showed nothing till the end.
+    log = tmp_path / "std_log.txt"
+    seen: list[str] = []
+    code = _execute(
+        [sys.executable, "-c", "print('one'); print('two')"],
+        tmp_path, os.environ, log, "train", lambda line: seen.append(log.read_text()),
+    )  # fmt: skip
+    assert (code, seen) == (0, ["one\n", "one\ntwo\n"])
+
+
+# A step that stops on SIGTERM, as the rollout step does (lease released), after the runner got
+# `signum` (a supervisor's `kill`, a CI cancel, a hang-up: to run-local alone, not its group).
+STOPPABLE_STEP = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: (print("stopping: lease released"), sys.exit(130)))
+print("rolling out", flush=True)
+os.kill(os.getppid(), {signum})
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("ignores", [False, True], ids=["stops", "ignores-it"])
+def test_a_stop_signal_to_the_runner_stops_the_step_and_keeps_its_log(
+    tmp_path: Path, signum: int, ignores: bool
+) -> None:
+    # run-local died at once (exit 143): the step ran on under PID 1, moving traffic unwatched,
+    # and its std_log.txt was empty.
+    script = STOPPABLE_STEP.format(signum=int(signum))
+    if ignores:  # it does not stop: killed after the grace period
+        script = script.replace("lambda *_: (print(\"stopping: lease released\"), sys.exit(130))",
+                                "signal.SIG_IGN")  # fmt: skip
+    caught: list[int] = []
+    previous = signal.signal(signum, lambda s, _: caught.append(s))  # not pytest's death
+    log = tmp_path / "std_log.txt"
+    stopper = _Stopper(grace_s=0.2)
+    try:
+        with stopper.installed():
+            code = _execute(
+                [sys.executable, "-c", script], tmp_path, {**os.environ}, log, "rollout",
+                lambda line: None, stopper,
+            )  # fmt: skip
+    finally:
+        signal.signal(signum, previous)
+    assert caught == [] and stopper.signum == signum
+    if ignores:
+        assert (code, stopper.killed, log.read_text()) == (-9, True, "rolling out\n")
+    else:
+        assert (code, stopper.killed) == (130, False)
+        assert log.read_text() == "rolling out\nstopping: lease released\n"
+    assert signal.getsignal(signum) is not stopper._handle  # restored on the way out
+
+
+def test_a_stop_signal_between_steps_ends_the_run_at_once() -> None:
+    with pytest.raises(RunTerminated) as stopped, _Stopper().installed():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert (str(stopped.value), stopped.value.exit_code) == ("terminated (SIGTERM)", 143)
+
+
 def test_unknown_until_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="until"):
         run_local(_params(tmp_path), run_dir=tmp_path / "r", until="deploy")
@@ -339,18 +484,29 @@ def test_run_local_reports_a_rollback_as_an_outcome_not_a_crash(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_ctrl_c_mid_rollout_says_where_the_rollout_stands(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("to_group", "signum", "code", "last_line"),
+    [
+        pytest.param(True, signal.SIGINT, 130, "error: interrupted (Ctrl-C)", id="ctrl-c"),
+        # `kill PID`, a CI cancel: run-local died at once, the step ran on unwatched under PID 1
+        # and ended Paused at 50/50, its std_log.txt empty
+        pytest.param(False, signal.SIGTERM, 143, "error: terminated (SIGTERM)", id="sigterm"),
+    ],
+)
+def test_a_stopped_run_mid_rollout_says_where_the_rollout_stands(
+    tmp_path: Path, to_group: bool, signum: int, code: int, last_line: str
+) -> None:
     # Ctrl-C printed nothing and exited 130, or the rollout step's traceback: nothing said that
     # traffic may be split or where the rollout's state is.
-    import os
-    import signal
     import time
 
     spec = tmp_path / "slow.yaml"  # never decides: too few requests for any verdict
     spec.write_text(
-        DRY_RUN_SPEC.replace("rps: 200000", "rps: 1").replace(
-            "min_requests: 50", "min_requests: 100000"
-        )
+        DRY_RUN_SPEC.replace("rps: 200000", "rps: 1")
+        .replace("min_requests: 50", "min_requests: 100000")
+        # nor pauses: on a loaded machine the signal may come 10 s after "Progressing", when
+        # the step pauses and ends on its own, without its "interrupted:" line
+        .replace("max_step_duration_s: 10", "max_step_duration_s: 3600")
     )
     out = tmp_path / "out.txt"
     with out.open("w") as sink:
@@ -367,16 +523,21 @@ def test_ctrl_c_mid_rollout_says_where_the_rollout_stands(tmp_path: Path) -> Non
         while "Progressing" not in out.read_text() and time.monotonic() < deadline:
             assert proc.poll() is None, out.read_text()
             time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        code = proc.wait(timeout=60)
+        if to_group:
+            os.killpg(proc.pid, signum)  # what Ctrl-C in a terminal does
+        else:
+            os.kill(proc.pid, signum)
+        exit_code = proc.wait(timeout=60)
     text = out.read_text()
     result = tmp_path / "run" / "rollout" / "result"
-    assert code == 130, text
-    assert "[rollout] interrupted after" in text
+    assert exit_code == code, text
+    assert "[rollout] interrupted after" in text if to_group else "[rollout] stopped after" in text
     hint = f"[rollout] the rollout's state: aml-rollout rollout status {spec} --state-dir {result}"
     assert hint in text
-    assert "interrupted: the rollout stopped without a verdict" in text
-    assert text.rstrip().endswith("error: interrupted (Ctrl-C)")
+    assert "interrupted: the rollout stopped without a verdict" in text, text
+    log = (tmp_path / "run" / "rollout" / "std_log.txt").read_text()
+    assert "interrupted: the rollout stopped without a verdict" in log, log  # the step's last line
+    assert text.rstrip().endswith(last_line)
     assert "Traceback" not in text
 
 

@@ -350,6 +350,11 @@ def test_deploy_pipeline_starts_from_a_registered_reference(tmp_path: Path, comp
         pytest.param(PipelineParams(model_name="my model"), "^model name 'my model' is invalid",
                      id="model-name"),
         pytest.param(PipelineParams(test_fraction=2.0), "^test_fraction", id="test-fraction"),
+        # the bundled data's 442 rows: the train step refused the split after validate/build
+        pytest.param(PipelineParams(test_fraction=0.999), "^test_fraction: 0.999 leaves 0 "
+                     "training and 442 held-out rows of 442", id="bundled-no-training-rows"),
+        pytest.param(PipelineParams(test_fraction=0.002), "^test_fraction: 0.002 leaves 441 "
+                     "training and 1 held-out rows of 442", id="bundled-one-held-out-row"),
         pytest.param(PipelineParams(alpha=-1.0), "^alpha", id="alpha"),
         pytest.param(PipelineParams(max_regression=-0.1), "^max_regression", id="max-regression"),
         pytest.param(DeployParams("m", 1, package_mode="cloud"), "^package_mode",
@@ -370,6 +375,12 @@ def test_inputs_a_step_would_refuse_are_refused_before_building(
     build = build_deploy_pipeline if isinstance(params, DeployParams) else build_pipeline
     with pytest.raises(ConfigError, match=message):
         build(params, loaded=components)  # type: ignore[operator]
+
+
+def test_the_bundled_row_count_checked_before_building_is_the_bundled_datas() -> None:
+    from components.train.train import load_diabetes_dataset
+
+    assert len(load_diabetes_dataset().target) == pipeline_module.BUNDLED_ROWS
 
 
 def test_deploy_pipeline_refuses_a_version_below_one(components) -> None:
