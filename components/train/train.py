@@ -132,8 +132,11 @@ def load_diabetes_dataset() -> Dataset:
 
 
 def _csv_files(data: Path) -> list[Path]:
-    """The CSV files of `data`: the file itself, or a folder's *.csv files."""
-    files = sorted(data.glob("*.csv")) if data.is_dir() else [data]
+    """The CSV files of `data`: the file itself, or a folder's *.csv files (`D.CSV` too: files
+    exported on Windows)."""
+    files = (
+        sorted(p for p in data.iterdir() if p.suffix.lower() == ".csv") if data.is_dir() else [data]
+    )
     if not files or not files[0].is_file():
         raise ConfigError(f"data: no CSV file found at {data}")
     return files

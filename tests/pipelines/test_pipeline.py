@@ -217,6 +217,8 @@ def test_local_data_is_dumped_relative(tmp_path: Path, components) -> None:
     [
         pytest.param({"d.csv": "a,b,yy\n1,2,3\n"}, r"^target: column 'y' not in the CSV header "
                      r"\['a', 'b', 'yy'\]", id="typo-target"),
+        pytest.param({"D.CSV": "a,yy\n1,2\n"}, r"^target: column 'y' not in the CSV header "
+                     r"\['a', 'yy'\]", id="upper-case-suffix-read"),
         pytest.param({"notes.txt": "x"}, r"^data: no CSV file found at ", id="no-csv"),
         pytest.param({"d.csv": ""}, r"^data: d.csv is empty", id="empty-csv"),
     ],
