@@ -119,10 +119,10 @@ class EnvoyProcess(StackProcess):
                 str(self.bootstrap_path),
                 "--log-level",
                 "warn",
-                # Several Envoys (tests, a demo) may run on one machine: no shared memory clash.
-                "--base-id-path",
-                str(self.workdir / "envoy.base-id"),
-                "--use-dynamic-base-id",
+                # No hot restart, so no shared memory: several Envoys (tests, a demo) run side
+                # by side with no base-id clash. Was: `--use-dynamic-base-id`, and every Envoy
+                # left a /dev/shm/envoy_shared_memory_<id> behind for good.
+                "--disable-hot-restart",
                 "--admin-address-path",
                 str(self.admin_address_path),
                 "--concurrency",
