@@ -337,10 +337,11 @@ def _watch(console: Console, stack: Any, said: set[str]) -> None:
         and stack.router.release(Colour.GREEN) == serves
     ):
         said.add("green")
+        logs = f"{stack.workloads.directory}" + ("" if stack.keep else ", until `up` stops")
         console.print(
             f"warning: green's scoring server ({serves.ref}) ended: every request Envoy sends "
-            f"to green now fails (503), and nothing restarts it; its log is in "
-            f"{stack.workloads.directory}\n(stop `up` and start it again to serve green again)",
+            f"to green now fails (503), and nothing restarts it; its log is in {logs}\n"
+            "(stop `up` and start it again to serve green again)",
             markup=False,
             highlight=False,
         )
