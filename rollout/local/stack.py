@@ -17,8 +17,8 @@ on any error by the context manager) stops, in order: the load, the scoring serv
 If this process is killed hard, Linux stops Envoy, Prometheus and the scoring servers it
 started from its main thread (`die_with_parent`); the load generator is a thread and goes too.
 
-A temporary workdir is removed at `stop()`, except after a failed `start()`: the error quotes
-and names the failing process's log there, so the folder is kept (and the error says so).
+A temporary workdir is removed at `stop()`, except after a failed `start()` whose error quotes
+and names the failing process's log there: the folder is then kept (and the error says so).
 
 A workdir may be reused (`aml-rollout up --workdir D` twice, or after a crash): `start()` writes
 Envoy's config afresh (new ports), stops scoring servers a previous stack left recorded and
