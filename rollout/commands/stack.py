@@ -8,6 +8,7 @@ process of the stack is stopped and reaped.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import json
 import shlex
@@ -27,33 +28,101 @@ from rich.table import Table
 EXIT_INTERRUPTED = 130
 
 
+class _Interrupts:
+    """The signal handler of `sigterm_as_interrupt` and `interrupted_once`: re-entrancy safe.
+
+    A Python signal handler runs in the main thread between two bytecodes: inside another
+    handler, or while the main thread holds a lock. Was: it called `stopping.set()`, which takes
+    the Event's lock, not a re-entrant one: a second signal handled while the first handler was
+    inside set() (two Ctrl-C, or the SIGHUP pair of a closed terminal) blocked `up` forever on
+    that lock, with the whole stack running (as would a signal landing while a `RealClock` wait
+    held it). The event is now set by a thread of its own, which waits for the lock if need be.
+    """
+
+    def __init__(self, console: Console | None) -> None:
+        self.stopping = threading.Event()
+        #: `interrupted_once`: where "still stopping" is said once a signal is not raised.
+        self.console = console
+        #: Signals are acknowledged, not raised (`interrupted_once`: after the first, or `hold()`).
+        self.held = False
+        self._setting = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        if self.held:
+            _still_stopping(self.console)
+            return
+        if not self._setting:
+            # Not threading.Thread: its start() takes a module lock the main thread may hold.
+            _thread.start_new_thread(self.stopping.set, ())
+            self._setting = True  # after the start: a handler run before it starts its own
+        if self.console is not None:  # raised once: the stop that follows is not cut short
+            self.held = True
+        raise KeyboardInterrupt
+
+    def hold(self) -> None:
+        """From now on a signal is acknowledged, never raised (call it as the stop begins)."""
+        self.held = True
+
+    def install(self) -> dict[signal.Signals, Any]:
+        """Handle SIGTERM, SIGINT (while Python's own handles it: not when ignored, as in a
+        background job) and SIGHUP; returns the handlers they had."""
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self.handler)}
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, self.handler)
+        # A closed terminal or dropped ssh session: by default it killed us with no stop at all
+        # (the temporary folder stayed). Under `nohup` it is ignored, and stays so.
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self.handler)
+        return previous
+
+
+def _restore(previous: dict[signal.Signals, Any]) -> None:
+    for signum, earlier in previous.items():
+        signal.signal(signum, earlier)
+
+
+def _still_stopping(console: Console | None) -> None:
+    if console is not None:
+        # After SIGHUP the terminal may be gone (EIO); a signal handled while the main thread
+        # writes to the same stream is a RuntimeError ("reentrant call"): the stop goes on.
+        with contextlib.suppress(OSError, RuntimeError):
+            console.print("still stopping (a few seconds at most) ...")
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[threading.Event]:
     """Treat SIGTERM and SIGHUP like Ctrl-C for the block, so `finally` clauses stop the stack.
 
-    Yields an event set by either signal. The KeyboardInterrupt a handler raises lands wherever
-    the main thread is, and one that lands in a finalizer (`__del__`, a weakref callback) is
-    printed as "Exception ignored" and lost: a loop that waits for a stop must check the event
-    (a controller given `RealClock(stopping)` does at each wait).
+    Yields an event set (from a thread, at once) by any of the three. The KeyboardInterrupt a
+    handler raises lands wherever the main thread is, and one that lands in a finalizer
+    (`__del__`, a weakref callback) is printed as "Exception ignored" and lost: a loop that
+    waits for a stop must check the event (a controller given `RealClock(stopping)` does at
+    each wait). Every signal raises.
     """
-    stopping = threading.Event()
-
-    def handler(signum: int, frame: Any) -> None:
-        stopping.set()
-        raise KeyboardInterrupt
-
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
-    # A closed terminal or dropped ssh session: by default it killed us with no stop at all
-    # (the temporary folder stayed). Under `nohup` it is ignored, and stays so.
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, handler)
+    interrupts = _Interrupts(None)
+    previous = interrupts.install()
     try:
-        yield stopping
+        yield interrupts.stopping
     finally:
-        for signum, earlier in previous.items():
-            signal.signal(signum, earlier)
+        _restore(previous)
+
+
+@contextmanager
+def interrupted_once(console: Console) -> Iterator[_Interrupts]:
+    """As `sigterm_as_interrupt`, but only the first signal raises, and nothing after `hold()`.
+
+    For a block that stops what it runs in its own `finally`, which begins with `hold()`: every
+    later signal is acknowledged ("still stopping") until the block ends, after the stop. Was:
+    `sigterm_as_interrupt` put SIGTERM and SIGHUP back to their default as it unwound, before
+    the stop deferred them: a second one in between (a closed terminal sends SIGHUP twice)
+    killed `up` with no stop, its temporary folder left behind.
+    """
+    interrupts = _Interrupts(console)
+    previous = interrupts.install()
+    try:
+        yield interrupts
+    finally:
+        _restore(previous)
 
 
 @contextmanager
@@ -67,8 +136,7 @@ def interrupts_deferred(console: Console) -> Iterator[None]:
     """
 
     def handler(signum: int, frame: Any) -> None:
-        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone (EIO)
-            console.print("still stopping (a few seconds at most) ...")
+        _still_stopping(console)
 
     previous = {
         signum: signal.signal(signum, handler)
@@ -78,8 +146,7 @@ def interrupts_deferred(console: Console) -> Iterator[None]:
     try:
         yield
     finally:
-        for signum, earlier in previous.items():
-            signal.signal(signum, earlier)
+        _restore(previous)
 
 
 def demo(
@@ -158,8 +225,10 @@ def up(
     green = None if model_dir is None else _release(model_dir, "1", "--model-dir")
     candidate = None if candidate_dir is None else _release(candidate_dir, "2", "--candidate-dir")
     stack = LocalStack(workdir, envoy_port=port)
-    try:
-        with sigterm_as_interrupt() as stopping:
+    # Handled from here to the end of the stop: the first signal stops `up`, any later one is
+    # acknowledged (never the default action, which killed `up` with no stop).
+    with interrupted_once(console) as interrupts:
+        try:
             stack.start()
             try:
                 if green is None:
@@ -188,22 +257,28 @@ def up(
             deadline = None if duration is None else time.monotonic() + duration
             said: set[str] = set()
             while deadline is None or time.monotonic() < deadline:
-                if stopping.is_set():  # its KeyboardInterrupt was lost (see sigterm_as_interrupt)
+                # Its KeyboardInterrupt may have been lost (see sigterm_as_interrupt).
+                if interrupts.stopping.is_set():
                     raise KeyboardInterrupt
                 _watch(console, stack, said)
                 # Time may run out since the loop's test: never a negative sleep (ValueError).
                 time.sleep(
                     0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
                 )
-    except KeyboardInterrupt:
-        console.print("stopping ...")
-    finally:
-        with interrupts_deferred(console):
+        except KeyboardInterrupt:
+            _say(console, "stopping ...")
+        finally:
+            # Not `contextlib.suppress`: a signal could land in its own call, before it holds.
+            try:  # noqa: SIM105
+                interrupts.hold()
+            except KeyboardInterrupt:  # the one a signal raises, just before: it asks for this
+                pass
             ledgers = _keep_history(stack)
             stack.stop()
-    console.print("stack stopped: no process left, ports released")
+    _say(console, "stack stopped: no process left, ports released")
     if ledgers:
-        console.print(
+        _say(
+            console,
             f"kept {stack.workdir}: it holds the ledger of a rollout run against this stack "
             f"({', '.join(p.name for p in ledgers)}); remove the folder when done, or give "
             "--workdir next time",
@@ -212,16 +287,24 @@ def up(
         )
 
 
+def _say(console: Console, text: str, **options: Any) -> None:
+    """A line about the stop, which goes on (and ends well) when the terminal is gone (EIO)."""
+    with contextlib.suppress(OSError):
+        console.print(text, **options)
+
+
 def _watch(console: Console, stack: Any, said: set[str]) -> None:
     """Envoy or Prometheus gone by itself (killed, crashed): nothing restarts them.
 
     Without Envoy nothing is served and no weight can be set: the stack is stopped, with an
     error naming it and its log (the folder kept for that log). Without Prometheus Envoy still
     serves; a rollout then reads no metrics (Error ticks, weights held): said once, `up` goes on.
+    Without green's scoring server Envoy answers 503 to what it routes there: said once too.
 
     Scoring servers that ended are reaped first: a controller in another process that rolls back
     or promotes past one stops it by PID, and it stayed a zombie under `up` until `up` exited.
     """
+    from rollout.core.types import Colour
     from rollout.errors import LocalStackError
 
     stack.workloads.reap()
@@ -240,6 +323,25 @@ def _watch(console: Console, stack: Any, said: set[str]) -> None:
             f"warning: {ended}\n(Envoy still serves, but a rollout against this stack now reads "
             "no metrics: its ticks are Errors and its weights hold; stop `up` and start it "
             "again to get Prometheus back)",
+            markup=False,
+            highlight=False,
+        )
+    # Green is what answers: its server gone, every request Envoy sends it is a 503. Read
+    # around the server's lookup: a controller in another process replacing green (a
+    # promotion) starts the new server before it records it, and forgets a removed one first.
+    serves = stack.router.release(Colour.GREEN)
+    if (
+        serves is not None
+        and "green" not in said
+        and stack.workloads.endpoint_of(Colour.GREEN) is None
+        and stack.router.release(Colour.GREEN) == serves
+    ):
+        said.add("green")
+        logs = f"{stack.workloads.directory}" + ("" if stack.keep else ", until `up` stops")
+        console.print(
+            f"warning: green's scoring server ({serves.ref}) ended: every request Envoy sends "
+            f"to green now fails (503), and nothing restarts it; its log is in {logs}\n"
+            "(stop `up` and start it again to serve green again)",
             markup=False,
             highlight=False,
         )

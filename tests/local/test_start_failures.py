@@ -68,25 +68,75 @@ def test_a_failed_start_keeps_the_temporary_folder_its_error_names(
         shutil.rmtree(stack.workdir, ignore_errors=True)
 
 
-def test_a_missing_binary_starts_nothing_and_keeps_no_temporary_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("variable", "binary", "why"),
+    [
+        pytest.param("AML_ROLLOUT_PROMETHEUS", None, "is not a file", id="prometheus-missing"),
+        pytest.param("AML_ROLLOUT_PROMETHEUS", 0o644, "is not executable", id="prometheus-mode"),
+        pytest.param("AML_ROLLOUT_ENVOY", None, "is not a file", id="envoy-missing"),
+        pytest.param("AML_ROLLOUT_ENVOY", 0o644, "is not executable", id="envoy-mode"),
+    ],
+)
+def test_a_bad_binary_starts_nothing_and_keeps_no_temporary_folder(
+    variable: str, binary: int | None, why: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Was: Envoy started, then "AML_ROLLOUT_PROMETHEUS=... is not a file (the stack did not
     # start; its files and logs are kept in /tmp/aml-rollout-stack-...)": a folder holding no
-    # log about it, left behind at every try.
-    monkeypatch.setenv("AML_ROLLOUT_PROMETHEUS", str(tmp_path / "no-prometheus"))
+    # log about it, left behind at every try. A missing $AML_ROLLOUT_ENVOY, or one of them not
+    # executable, still went that way ("cannot start envoy (...): [Errno 2] ...").
+    path = tmp_path / "binary"
+    if binary is not None:
+        path.write_text("#!/bin/sh\n")
+        path.chmod(binary)
+    monkeypatch.setenv(variable, str(path))
     stack = LocalStack()
     try:
         with pytest.raises(LocalStackError) as caught:
             stack.start()
-        assert (
-            str(caught.value)
-            == f"AML_ROLLOUT_PROMETHEUS={tmp_path / 'no-prometheus'} is not a file"
-        )
+        assert str(caught.value) == f"{variable}={path} {why}"
         assert stack.envoy.pid is None
         assert not stack.workdir.exists()
     finally:
         shutil.rmtree(stack.workdir, ignore_errors=True)
+
+
+def test_envoy_s_port_taken_at_its_bind_is_one_line_and_no_folder() -> None:
+    # Was: "Envoy's listener port ... is already in use: ...\n(the stack did not start; its
+    # files and logs are kept in /tmp/aml-rollout-stack-...)": a folder for an error that
+    # names no log in it, left behind at every try. Bound, not listening: the check before
+    # the start sees the port free, Envoy's own bind does not.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = int(taken.getsockname()[1])
+        stack = LocalStack(envoy_port=port)
+        try:
+            with pytest.raises(LocalStackError) as caught:
+                stack.start()
+            assert str(caught.value) == (
+                f"Envoy's listener port 127.0.0.1:{port} is already in use: "
+                "choose another port (or none, for a free one)"
+            )
+            assert stack.envoy.pid is None
+            assert not stack.workdir.exists()
+        finally:
+            shutil.rmtree(stack.workdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("where", ["envoy", "prometheus"])
+def test_a_file_where_the_stack_writes_a_folder_is_one_error_line(
+    where: str, tmp_path: Path
+) -> None:
+    # Was: a FileExistsError traceback (`up --workdir .venv/bin`, which holds an `envoy`).
+    (tmp_path / where).write_text("a file")
+    stack = LocalStack(tmp_path)
+    with pytest.raises(LocalStackError) as caught:
+        stack.start()
+    assert str(caught.value) == (
+        f"cannot write the stack's files in {tmp_path}: "
+        f"[Errno 17] File exists: '{tmp_path / where}'"
+    )
+    assert stack.envoy.pid is None and stack.prometheus.pid is None  # stopped, or never run
+    assert (tmp_path / where).read_text() == "a file"
 
 
 def test_up_on_a_busy_port_says_so_in_one_line(busy_port: int, tmp_path: Path) -> None:

@@ -9,10 +9,14 @@ tested, delivered inside a finalizer on purpose.
 
 from __future__ import annotations
 
+import errno
 import gc
+import io
 import json
 import os
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +29,7 @@ from typer.testing import CliRunner
 import rollout.commands.stack as stack_commands
 import rollout.local.stack as local_stack
 from rollout.cli import app as cli_app
+from rollout.core.types import Colour, Release
 from rollout.errors import LocalStackError
 
 
@@ -45,8 +50,12 @@ class StandInStack:
         self.url = "http://127.0.0.1:1"
         self.envoy = SimpleNamespace(admin_url="http://127.0.0.1:2", ended=self.envoy_ended)
         self.prometheus = SimpleNamespace(url="http://127.0.0.1:3", ended=self.prometheus_ended)
-        self.workloads = SimpleNamespace(endpoint_of=lambda colour: None, reap=lambda: None)
-        self.router = SimpleNamespace(deploy=self.deploy, set_weights=self.set_weights)
+        self.workloads = SimpleNamespace(
+            endpoint_of=lambda colour: None, reap=lambda: None, directory=Path("workloads")
+        )
+        self.router = SimpleNamespace(
+            deploy=self.deploy, set_weights=self.set_weights, release=self.release
+        )
         StandInStack.last = self
 
     last: StandInStack | None = None
@@ -59,6 +68,9 @@ class StandInStack:
 
     def set_weights(self, weights: Any) -> None:
         pass
+
+    def release(self, colour: Any) -> Any:
+        return None  # as if nothing were deployed: no scoring server is missed
 
     def stop(self) -> None:
         self.stopped = True
@@ -219,6 +231,26 @@ def test_a_dead_prometheus_is_said_once_and_envoy_serves_on(
     assert "stack stopped" in result.output  # by --duration, not by the dead Prometheus
 
 
+class GreenDiesStack(StandInStack):
+    """A stand-in whose releases file names green's release, and no live server serves it."""
+
+    def release(self, colour: Any) -> Any:
+        return Release(model="diabetes", version="1") if colour is Colour.GREEN else None
+
+
+def test_green_s_server_gone_is_said_once_and_up_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: not a word, and exit 0, while Envoy answered every request 503 (green's server
+    killed under `up`). Said once, as for Prometheus: a rollout can still deploy green anew."""
+    monkeypatch.setattr(stack_commands, "time", FakeTime())
+    result = invoke_up(tmp_path, monkeypatch, GreenDiesStack, "5")
+    assert result.exception is None, result.exception
+    assert result.output.count("green's scoring server (diabetes:1) ended") == 1, result.output
+    assert "503" in result.output
+    assert "stack stopped" in result.output
+
+
 class HangUpStack(StandInStack):
     """A stand-in whose terminal closes while `up` serves: SIGHUP, once."""
 
@@ -252,3 +284,88 @@ def test_a_closed_terminal_stops_up_cleanly_unless_nohup(
     assert HangUpStack.sent and runner_got == []
     assert ("stopping ..." in result.output) is not nohup  # else: --duration's end
     assert "stack stopped" in result.output
+
+
+def test_a_signal_handled_while_the_stop_event_is_locked_does_not_block() -> None:
+    """Was: the handler called `stopping.set()`, whose lock is not re-entrant. A second Ctrl-C
+    handled while the first handler was inside set() blocked on it for good (`up` hung with the
+    stack running; only SIGKILL ended it). The thread running the handler holds the lock here,
+    as the main thread did then; the handler is called directly (a real signal pair races)."""
+    with stack_commands.sigterm_as_interrupt() as stopping:
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        raised: list[str] = []
+
+        def handled_inside_set() -> None:
+            with stopping._cond:  # type: ignore[attr-defined]  # what Event.set() holds
+                try:
+                    handler(signal.SIGTERM, None)
+                except KeyboardInterrupt:
+                    raised.append("KeyboardInterrupt")
+
+        worker = threading.Thread(target=handled_inside_set, daemon=True)
+        worker.start()
+        worker.join(timeout=2)
+        assert not worker.is_alive(), "the handler blocked on the event's lock"
+    assert raised == ["KeyboardInterrupt"]
+    assert stopping.wait(timeout=2)  # set all the same, once the lock was free
+
+
+class ClosedTerminal(io.StringIO):
+    """`up`'s stdout once its terminal closed: the second SIGHUP (the kernel's, after bash's)
+    lands as `up` says "stopping ...", and, when `gone`, every write then fails with EIO."""
+
+    def __init__(self, *, gone: bool) -> None:
+        super().__init__()
+        self.gone = gone
+        self.second_sent = False
+        self.replaced = sys.stdout  # CliRunner's, which closes its buffer once collected
+
+    def write(self, text: str) -> int:
+        if "stopping ..." in text and not self.second_sent:
+            self.second_sent = True
+            os.kill(os.getpid(), signal.SIGHUP)
+        if self.gone:
+            raise OSError(errno.EIO, "Input/output error")
+        return super().write(text)
+
+
+class TerminalClosesStack(StandInStack):
+    """A stand-in whose terminal closes while `up` serves: SIGHUP twice, the tty maybe gone."""
+
+    gone = False
+    terminal: ClosedTerminal | None = None
+
+    def envoy_ended(self) -> str | None:
+        if TerminalClosesStack.terminal is None:
+            # CliRunner puts its own stdout back at the end of the invocation.
+            sys.stdout = TerminalClosesStack.terminal = ClosedTerminal(gone=self.gone)
+            os.kill(os.getpid(), signal.SIGHUP)
+        return None
+
+
+@pytest.mark.parametrize("gone", [False, True], ids=["second-sighup", "second-sighup-and-eio"])
+def test_a_terminal_closing_stops_up_cleanly_even_with_a_second_signal(
+    gone: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: `up` gave SIGTERM and SIGHUP back their default as it unwound from the first, before
+    its stop deferred them: the second SIGHUP of a closing terminal, in that gap, killed `up`
+    with no stop (its temporary folder left). And "stopping ..." written to the hung-up
+    terminal raised EIO: exit 1, a traceback, after the stop."""
+    monkeypatch.setattr(TerminalClosesStack, "gone", gone)
+    monkeypatch.setattr(TerminalClosesStack, "terminal", None)
+    monkeypatch.setattr(stack_commands, "time", FakeTime())
+    runner_got: list[int] = []  # SIGHUP's handler outside `up` (the default one would kill us)
+    previous = signal.signal(signal.SIGHUP, lambda signum, frame: runner_got.append(signum))
+    try:
+        result = invoke_up(tmp_path, monkeypatch, TerminalClosesStack, "5")
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    terminal = TerminalClosesStack.terminal
+    assert terminal is not None and terminal.second_sent
+    assert runner_got == []  # both SIGHUPs were `up`'s
+    assert result.exception is None, result.exception
+    assert StandInStack.last is not None and StandInStack.last.stopped
+    if not gone:
+        said = terminal.getvalue()
+        assert "stopping ..." in said and "still stopping" in said and "stack stopped" in said
