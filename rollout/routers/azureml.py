@@ -30,7 +30,8 @@ deployment: an operator's capacity, environment variables, request settings stay
 when Azure reports the operation done; while the endpoint or the deployment is mid-change
 (Azure refuses to write it then) it first waits for that change, at most `deploy_timeout_s`.
 A deployment that already holds the release as configured (Succeeded, the release's tags,
-model and variables, the configured environment and code asset) is left as it is: a deploy
+model and variables, the configured environment and code asset; a workspace environment's
+`@latest` is resolved for that, by one read) is left as it is: a deploy
 retried after a timeout, which Azure went on to finish, does not roll every instance a second
 time.
 `release` refuses a deployment from which no release serves (its provisioning Failed or was
@@ -234,6 +235,21 @@ def _is_asset(held: Any, kind: str, ref: str) -> bool:
     if len(parts) != 3 or parts[0] != "azureml":  # azureml:name@latest, a local folder, ...
         return False
     return text.lower().endswith(f"/{kind}/{parts[1]}/versions/{parts[2]}".lower())
+
+
+#: azure-ai-ml's mark of a curated environment (its CURATED_ENV_PREFIX, case-sensitive).
+_CURATED = "AzureML-"
+
+
+def _labelled_latest(ref: str) -> str | None:
+    """The workspace environment `ref` names by its label, when written `[azureml:]name@latest`
+    (the one label azure-ai-ml resolves, to the version created last); else None. Not a curated
+    `AzureML-...` one: azure-ai-ml sends that as written and Azure resolves it, from the azureml
+    registry; nor a registry's `.../labels/latest` (a path)."""
+    name, at, label = ref.removeprefix("azureml:").rpartition("@")
+    if not at or label != "latest" or not name or "/" in name or ":" in name:
+        return None
+    return None if name.startswith(_CURATED) else name
 
 
 #: States of an endpoint or a deployment whose last change Azure is still carrying out.
@@ -499,8 +515,9 @@ class AzureMLRouter:
         """Whether `deployment` has finished deploying `release` as `colour`, as configured:
         Succeeded, with the release's tags, model and environment variables (one made before
         they existed answers version "0") and the configured environment and code. What cannot
-        be compared (a local code folder, which the SDK uploads; a label such as `@latest`,
-        which Azure answers resolved) counts as a change."""
+        be compared (a local code folder, which the SDK uploads; a registry's or a curated
+        environment's `@latest`, which Azure resolves) counts as a change. A workspace
+        environment's `name@latest` is resolved (one read), and only when all else is held."""
         tags = deployment.tags or {}
         variables = deployment.environment_variables or {}
         if (
@@ -511,16 +528,40 @@ class AzureMLRouter:
             return False
         if not _is_asset(deployment.model, "models", f"azureml:{release.ref}"):
             return False
-        if self._environment and not _is_asset(
-            deployment.environment, "environments", self._environment
-        ):
-            return False
         if self._code:
             held = deployment.code_configuration
             if held is None or held.scoring_script != self._scoring_script:
                 return False
-            return _is_asset(held.code, "codes", self._code)
-        return True
+            if not _is_asset(held.code, "codes", self._code):
+                return False
+        environment = self._environment
+        if not environment or _is_asset(deployment.environment, "environments", environment):
+            return True
+        name = _labelled_latest(environment)
+        return name is not None and self._holds_latest(deployment.environment, name)
+
+    def _holds_latest(self, held: Any, name: str) -> bool:
+        """Whether `held` (the deployment's environment, as Azure answers it) is the version of
+        workspace environment `name` that `@latest` names now: the one created last, which a
+        PUT would deploy. A newer one registered since is a change. A read that fails (404,
+        5xx, no version at all) counts as a change too: the PUT then resolves the label itself,
+        and what Azure answers it is the deploy's answer. Credentials Azure rejects (401, 403)
+        or none found raise, as the router's other calls do: the PUT would fail alike."""
+        from azure.core.exceptions import ClientAuthenticationError
+
+        what = f"environment {name}@latest"
+        try:
+            latest = self._call(what, lambda: self._ml.environments.get(name=name, label="latest"))
+        except RouterError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientAuthenticationError) or (
+                isinstance(exc, RouterRefused)
+                and not (isinstance(cause, Exception) and _invalid(cause))
+            ):
+                raise
+            log.info("%s: %s; deploying it again", what, exc)
+            return False
+        return _is_asset(held, "environments", f"azureml:{name}:{latest.version}")
 
     def _settled(self, what: str, read: Callable[[], Any], timeout_s: float, setting: str) -> Any:
         """`read()` (the endpoint or a deployment; None when absent) once no change of it is in

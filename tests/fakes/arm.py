@@ -54,7 +54,9 @@ the next version), and a version is immutable: re-PUT with a different body apar
 `description`, `properties`, `stage` and `isArchived` answers 409 `Conflict`. A listing of asset
 versions or containers leaves archived ones (`properties.isArchived`) out unless its
 `listViewType` says `All` or `ArchivedOnly` (the service's default, and azure-ai-ml's, is
-`ActiveOnly`).
+`ActiveOnly`). Such a listing honours `$orderBy=createdtime desc` (or `asc`: by `systemData.
+createdAt`) and `$top` (the first so many, no next page), which azure-ai-ml sends to resolve a
+`name@latest` label (the most recently created version).
 
 Paths compare case-insensitively, as ARM does; `api-version` and other query strings are
 recorded in `calls` and otherwise ignored.
@@ -168,6 +170,19 @@ def _archived_view(assets: list[dict[str, Any]], query: dict[str, list[str]]) ->
         return assets
     archived = view == "archivedonly"
     return [a for a in assets if bool(a.get("properties", {}).get("isArchived")) == archived]
+
+
+def _ordered(assets: list[dict[str, Any]], query: dict[str, list[str]]) -> list[Any]:
+    """The assets in a listing's `$orderBy` (`createdtime asc|desc`), the first `$top` of them."""
+    order = (query.get("$orderBy") or [""])[0].lower().split()
+    if order[:1] == ["createdtime"]:
+        assets = sorted(  # stable: assets created in one instant stay in path order
+            assets,
+            key=lambda a: datetime.fromisoformat(a["systemData"]["createdAt"]),
+            reverse=order[-1] == "desc",
+        )
+    top = query.get("$top")
+    return assets[: int(top[0])] if top else assets
 
 
 def _now() -> str:
@@ -378,7 +393,7 @@ class FakeArm:
             if _is_collection(path):
                 children = self.children(path)
                 if _ASSET_COLLECTION.search(path):
-                    children = _archived_view(children, query)
+                    children = _ordered(_archived_view(children, query), query)
                 return 200, {"value": children}, {}
             return 404, _error("ResourceNotFound", f"{path} was not found"), {}
         if method in ("PUT", "PATCH", "DELETE") and (busy := self._busy(path, method)):

@@ -1685,13 +1685,24 @@ def _deploy_puts(arm: FakeArm, router: AzureMLRouter, colour: Colour) -> int:
             True,
             id="release-variables-differ",
         ),
+        # `name@latest`: the label resolved (one read) and compared with the version held
+        pytest.param({"latest": "1"}, False, id="latest-still-the-environment-held"),
+        pytest.param({"latest": "2"}, True, id="newer-environment-registered-since"),
+        pytest.param(
+            {"latest": "1", "environment": "azureml:{name}@latest"}, False, id="latest-prefixed"
+        ),
+        pytest.param({"latest": "1", "release": V1}, True, id="latest-and-another-release"),
     ],
 )
 def test_deploying_what_a_deployment_already_serves_writes_nothing(
     arm: FakeArm, ml_client: Any, change: dict[str, Any], writes: bool
 ) -> None:
-    router = make_router(ml_client)
+    name = _registered_environment(ml_client) if "latest" in change else "diabetes-env"
+    environment = f"{name}@latest" if "latest" in change else "azureml:diabetes-env:1"
+    router = make_router(ml_client, environment=environment)
     router.deploy(Colour.BLUE, V2)
+    if change.get("latest") == "2":
+        _register_environment(ml_client, name, "2")
     path = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments/blue"
     if "state" in change or "tag" in change or "env" in change:
         shown = arm.get(path)
@@ -1704,13 +1715,44 @@ def test_deploying_what_a_deployment_already_serves_writes_nothing(
     again = AzureMLRouter(
         ml_client,
         router.endpoint,
-        environment=change.get("environment", "azureml:diabetes-env:1"),
+        environment=change.get("environment", environment).format(name=name),
         code=change.get("code"),
     )
     before = _deploy_puts(arm, router, Colour.BLUE)
+    calls = len(arm.calls)
     again.deploy(Colour.BLUE, change.get("release", V2))
     assert _deploy_puts(arm, router, Colour.BLUE) == before + writes
     assert identity(again.release(Colour.BLUE)) == identity(change.get("release", V2))
+    if "latest" in change:
+        # The label is read (the PUT's own resolution aside) only when all else is held.
+        listed = [c for c in arm.calls[calls:] if c[0] == "GET" and c[1].endswith("/versions")]
+        assert len(listed) == writes + (
+            "release" not in change
+        )  # the version the label names now is held: nothing more to write
+        held = arm.get(path)
+        assert held is not None
+        assert held["properties"]["environmentId"].endswith(
+            f"/environments/{name}/versions/{change['latest']}"
+        )
+        again.deploy(Colour.BLUE, change.get("release", V2))
+        assert _deploy_puts(arm, router, Colour.BLUE) == before + writes
+
+
+_environments = itertools.count()
+
+
+def _register_environment(ml_client: Any, name: str, version: str) -> None:
+    from azure.ai.ml.entities import Environment
+
+    image = "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest"
+    ml_client.environments.create_or_update(Environment(name=name, version=version, image=image))
+
+
+def _registered_environment(ml_client: Any) -> str:
+    """A new environment of the workspace, with version 1 (`@latest` lists its versions)."""
+    name = f"scoring-env-{next(_environments)}"
+    _register_environment(ml_client, name, "1")
+    return name
 
 
 @pytest.mark.parametrize(
@@ -1719,6 +1761,8 @@ def test_deploying_what_a_deployment_already_serves_writes_nothing(
         pytest.param("azureml:diabetes-env:1", id="prefixed"),
         pytest.param("diabetes-env:1", id="name-version-without-prefix"),
         pytest.param("AzureML-sklearn-1.0-ubuntu20.04-py38-cpu:1", id="curated-short-form"),
+        # was: a label could not be compared with the version Azure answers, so deployed again
+        pytest.param("{registered}@latest", id="latest-label"),
     ],
 )
 def test_an_identical_redeploy_writes_nothing_however_the_environment_is_written(
@@ -1726,11 +1770,59 @@ def test_an_identical_redeploy_writes_nothing_however_the_environment_is_written
 ) -> None:
     """Was: an environment written `name:version` (no `azureml:`, which the spec takes) was
     never the one deployed, so a deploy retried after a timeout rolled every instance again."""
+    if "{registered}" in environment:
+        environment = environment.format(registered=_registered_environment(ml_client))
     router = make_router(ml_client, environment=environment)
     router.deploy(Colour.BLUE, V2)
     before = _deploy_puts(arm, router, Colour.BLUE)
     router.deploy(Colour.BLUE, V2)
     assert _deploy_puts(arm, router, Colour.BLUE) == before
+
+
+@pytest.mark.parametrize(
+    ("status", "times", "refused"),
+    [
+        pytest.param(404, 1, False, id="not-found"),
+        # one read: the first try and the three retries azure-core makes of a 503
+        pytest.param(503, 4, False, id="unavailable"),
+        pytest.param(403, 1, True, id="forbidden"),
+        pytest.param(401, 1, True, id="credentials-rejected"),
+    ],
+)
+def test_a_latest_label_that_cannot_be_read_is_deployed_again(
+    arm: FakeArm, ml_client: Any, status: int, times: int, refused: bool
+) -> None:
+    """Whether the deployment holds what `@latest` names is unknown then: the PUT goes (its
+    own resolution of the label, and Azure's answer, speak), but rejected credentials raise
+    as every other call does, rather than becoming a PUT."""
+    name = _registered_environment(ml_client)
+    router = make_router(ml_client, environment=f"{name}@latest")
+    router.deploy(Colour.BLUE, V2)
+    before = _deploy_puts(arm, router, Colour.BLUE)
+    arm.fail("GET", f"/environments/{name}/versions$", status, "Injected", times=times)
+    if refused:
+        with pytest.raises(RouterRefused, match=f"environment {name}@latest: .*HTTP {status} "):
+            router.deploy(Colour.BLUE, V2)
+    else:
+        router.deploy(Colour.BLUE, V2)
+    assert _deploy_puts(arm, router, Colour.BLUE) == before + (not refused)
+
+
+def test_a_latest_label_naming_no_version_is_the_deploys_own_refusal(
+    arm: FakeArm, ml_client: Any
+) -> None:
+    """Every version archived since: `@latest` names none. That is azure-ai-ml's refusal of
+    the deploy (its resolution of the label for the PUT), not one of the check before it."""
+    name = _registered_environment(ml_client)
+    router = make_router(ml_client, environment=f"{name}@latest")
+    router.deploy(Colour.BLUE, V2)
+    version = f"{WORKSPACE}/environments/{name}/versions/1"
+    archived = arm.get(version)
+    assert archived is not None
+    archived["properties"]["isArchived"] = True
+    arm.resources[version.lower()] = archived
+    with pytest.raises(RouterRefused, match=f"deploy {router.endpoint}/blue: .*does not exist"):
+        router.deploy(Colour.BLUE, V2)
 
 
 def test_a_deploy_waits_for_the_endpoints_change_to_finish(arm: FakeArm, ml_client: Any) -> None:
