@@ -340,7 +340,8 @@ def azure_ml_asset(ref: str, kind: Literal["environments", "codes"]) -> str:
     """`ref`; ValueError when azure-ai-ml would refuse it as a deployment's environment or code
     (`upload_dependencies`, `OperationOrchestrator.get_asset_arm_id`), which it checks only when
     it writes the deployment: a rollout would fail at blue's turn, after `validate` said ok.
-    What it passes on is taken (whether the asset exists is Azure's answer)."""
+    What it passes on is taken (whether the asset exists is Azure's answer), in the form that
+    names the asset: `azureml:name@latest` is returned as `name@latest`."""
     if re.match(_ARM_ASSET.format(kind=kind), ref, re.IGNORECASE) or re.match(
         "azureml://registries/", ref, re.IGNORECASE
     ):
@@ -359,7 +360,9 @@ def azure_ml_asset(ref: str, kind: Literal["environments", "codes"]) -> str:
         why = "not an asset reference (a container image? a path?)"
     elif kind == "environments" and (label := parsed.rpartition("@")[2]) and "@" in parsed:
         if label == "latest":  # the one label azure-ai-ml resolves (`name@` has no label)
-            return ref
+            # Sent without `azureml:`: azure-ai-ml resolves `azureml:name@latest` as an asset
+            # named `azureml:name`, which no workspace holds (a 404 at blue's deploy).
+            return parsed.removeprefix("azureml:")
         why = f"label {label!r}: azure-ai-ml resolves only @latest"
     elif parsed.removeprefix("azureml:").partition(":")[2]:
         return ref  # `name:version`, `azureml:` or not

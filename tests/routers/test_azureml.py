@@ -767,7 +767,10 @@ def test_the_asset_references_the_spec_takes_are_those_azure_ai_ml_takes(
 ) -> None:
     """azure-ai-ml's `upload_dependencies` (what `begin_create_or_update` runs before it sends
     the deployment) against a workspace of fakes: a label resolves to version 7, a local
-    folder is "uploaded". What it refuses, the spec refuses; what it takes, the spec takes."""
+    folder is "uploaded". What it refuses, the spec refuses; what it takes, the spec takes, and
+    what the spec sends on names, in a label, an asset a workspace can hold. Was: the spec sent
+    `azureml:name@latest` as written, which azure-ai-ml resolves as an asset named
+    `azureml:name` (no workspace holds one: a 404 at blue's deploy)."""
     from types import SimpleNamespace
 
     from azure.ai.ml._scope_dependent_operations import OperationConfig, OperationScope
@@ -781,7 +784,8 @@ def test_the_asset_references_the_spec_takes_are_those_azure_ai_ml_takes(
     def upload(*_: Any, **__: Any) -> None:
         raise Uploaded
 
-    latest = {"latest": lambda name: SimpleNamespace(version="7")}
+    resolved: list[str] = []
+    latest = {"latest": lambda name: resolved.append(name) or SimpleNamespace(version="7")}
     operations = {
         "environments": SimpleNamespace(_registry_name=None, _managed_label_resolver=latest),
         "codes": SimpleNamespace(create_or_update=upload, _registry_name=None),
@@ -792,7 +796,10 @@ def test_the_asset_references_the_spec_takes_are_those_azure_ai_ml_takes(
         OperationConfig(show_progress=False, enable_telemetry=False),
     )
     (tmp_path / "score").mkdir()
-    environment, code = (ref, None) if kind == "environments" else (None, ref)
+    field = "environment" if kind == "environments" else "code"
+    spec = azure_spec_file(tmp_path, {field: ref}, {})
+    sent = getattr(load_spec(spec).router, field) if taken else ref
+    environment, code = (sent, None) if kind == "environments" else (None, sent)
     deployment = SimpleNamespace(
         name="blue",
         environment=environment,
@@ -809,11 +816,8 @@ def test_the_asset_references_the_spec_takes_are_those_azure_ai_ml_takes(
         assert isinstance(exc.__cause__ or exc.__context__, Uploaded), exc
         sdk_takes = True
     assert sdk_takes is taken
-    field = "environment" if kind == "environments" else "code"
-    spec = azure_spec_file(tmp_path, {field: ref}, {})
-    if taken:
-        assert getattr(load_spec(spec).router, field) == ref
-    else:
+    assert all(":" not in name for name in resolved), resolved
+    if not taken:
         with pytest.raises(ConfigError) as refused:  # one line, naming the field
             load_spec(spec)
         assert str(refused.value).startswith(f"{spec}: router.azureml.{field}: ")
