@@ -90,7 +90,9 @@ class Registration:
 def library_versions_of(manifest: Mapping[str, object], path: Path) -> dict[str, str]:
     """model.json's `library_versions` (`{}` when absent), each a PEP 440 version string:
     ConfigError naming the field otherwise (the package step pins the image's libraries to them,
-    and the register step refuses the folder before it is registered)."""
+    and the register step refuses the folder before it is registered). `python` is any string:
+    it is never pinned (the image has its own CPython), and a Python built from source says
+    "3.13.0a1+", no PEP 440 version."""
     from packaging.version import InvalidVersion, Version
 
     versions = manifest.get("library_versions", {})
@@ -100,6 +102,8 @@ def library_versions_of(manifest: Mapping[str, object], path: Path) -> dict[str,
             f"not {versions!r}"
         )
     for library, version in versions.items():
+        if library == "python" and isinstance(version, str):
+            continue
         try:
             if not isinstance(version, str):
                 raise InvalidVersion

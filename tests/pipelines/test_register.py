@@ -362,6 +362,22 @@ def test_a_damaged_model_folder_is_one_error_and_nothing_is_registered(
     assert LocalRegistry(tmp_path / "reg").names() == []
 
 
+def test_a_python_built_from_source_is_no_damaged_model_folder(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    """Train writes `python` from platform.python_version(), "3.13.0a1+" on a Python built from
+    source, which is no PEP 440 version; nothing pins it (the image has its own CPython). Was:
+    the step refused the train step's own model.json."""
+    folder = make_model()
+    record = json.loads((folder / "model.json").read_text())
+    record["library_versions"] = {**record["library_versions"], "python": "3.13.0a1+"}
+    (folder / "model.json").write_text(json.dumps(record))
+    argv = ["--model", str(folder), "--registry", f"local:{tmp_path / 'reg'}",
+            "--registration", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    assert LocalRegistry(tmp_path / "reg").names() == [record["name"]]
+
+
 @pytest.mark.parametrize(
     ("runs", "versions"),
     [
