@@ -481,7 +481,8 @@ class _Stopper:
     it as on Ctrl-C, its lease released; the others die of it), and killed if it has not stopped
     `grace_s` later; its output is kept meanwhile, then the run ends
     (RunTerminated). SIGTERM, not SIGHUP, is passed on: the steps stop cleanly on SIGTERM only.
-    Between steps the signal ends the run at once.
+    Between steps the signal ends the run at once. A signal ignored when the run starts (SIGHUP
+    under `nohup`) stays ignored, by run-local and its steps.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -500,7 +501,14 @@ class _Stopper:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        # Under `nohup` SIGHUP is ignored, and stays so: handled, it stopped the run when the
+        # terminal closed, and the steps (exec resets a handled signal, keeps an ignored one)
+        # died of it.
+        previous = {
+            signum: signal.signal(signum, self._handle)
+            for signum in self.SIGNALS
+            if signal.getsignal(signum) is not signal.SIG_IGN
+        }
         try:
             yield self
         finally:

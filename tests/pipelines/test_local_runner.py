@@ -409,6 +409,27 @@ def test_a_stop_signal_to_the_runner_stops_the_step_and_keeps_its_log(
     assert signal.getsignal(signum) is not stopper._handle  # restored on the way out
 
 
+def test_an_ignored_stop_signal_stays_ignored_for_the_runner_and_its_steps(tmp_path: Path) -> None:
+    # Under `nohup` SIGHUP is ignored: run-local handled it anyway, so closing the terminal
+    # stopped the run (exit 129), and its steps, a handled signal being reset at exec, died of it.
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    log = tmp_path / "std_log.txt"
+    stopper = _Stopper()
+    try:
+        with stopper.installed():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stopper._handle  # not ignored: handled
+            script = "import signal; print(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN)"
+            code = _execute(
+                [sys.executable, "-c", script], tmp_path, {**os.environ}, log, "train",
+                lambda line: None, stopper,
+            )  # fmt: skip
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert (code, log.read_text()) == (0, "True\n")  # the step inherits the ignore
+
+
 def test_a_stop_signal_between_steps_ends_the_run_at_once() -> None:
     with pytest.raises(RunTerminated) as stopped, _Stopper().installed():
         os.kill(os.getpid(), signal.SIGTERM)
