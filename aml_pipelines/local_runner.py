@@ -139,7 +139,8 @@ def run_id(run_dir: Path) -> str:
     itself by it (its versions' `source_run`), so it must be the folder's, not its name, which
     two folders share (`/a/out`, `/b/out`): the second run took production's own model for one
     it had registered itself and rolled it out again. A run folder from before `.run-id` (a step
-    folder, no file) keeps its name, which its versions' `source_run` holds.
+    folder, no file) keeps its name, which its versions' `source_run` holds. Any one line is
+    an id (the name may have spaces); an empty or multi-line file is refused.
     """
     path = run_dir / RUN_ID_FILE
     legacy = not path.exists() and any((run_dir / step).is_dir() for step in STEPS)
@@ -151,10 +152,16 @@ def run_id(run_dir: Path) -> str:
         return made
     except FileExistsError:
         pass
-    text = path.read_text(encoding="utf-8").strip()
-    if not text or len(text.split()) != 1:
+    # Only the line end is the file's: the name may have spaces (`--run-dir "run 3"`), even
+    # around it, and the id must read back as it was made.
+    text = path.read_text(encoding="utf-8").rstrip("\r\n")
+    if not text.strip() or "\n" in text:
+        # Removing it gives the folder a new id: its register step would then take a re-run
+        # for another run and register the same model again, as a new version.
         raise ConfigError(
-            f"run_dir: {path} is damaged ({text!r}); remove it to give the folder a new run id"
+            f"run_dir: {path} is damaged ({text!r}); write back the folder's run id, one line: "
+            "the source_run tag, less '/register', of the version it registered (`aml-rollout "
+            "registry show NAME VERSION`), or the `local run <id>:` line of its earlier runs"
         )
     return text
 
@@ -481,7 +488,8 @@ class _Stopper:
     it as on Ctrl-C, its lease released; the others die of it), and killed if it has not stopped
     `grace_s` later; its output is kept meanwhile, then the run ends
     (RunTerminated). SIGTERM, not SIGHUP, is passed on: the steps stop cleanly on SIGTERM only.
-    Between steps the signal ends the run at once.
+    Between steps the signal ends the run at once. A signal ignored when the run starts (SIGHUP
+    under `nohup`) stays ignored, by run-local and its steps.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -500,7 +508,14 @@ class _Stopper:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        # Under `nohup` SIGHUP is ignored, and stays so: handled, it stopped the run when the
+        # terminal closed, and the steps (exec resets a handled signal, keeps an ignored one)
+        # died of it.
+        previous = {
+            signum: signal.signal(signum, self._handle)
+            for signum in self.SIGNALS
+            if signal.getsignal(signum) is not signal.SIG_IGN
+        }
         try:
             yield self
         finally:

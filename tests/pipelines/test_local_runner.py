@@ -219,6 +219,39 @@ def test_a_run_id_belongs_to_its_run_folder_not_to_its_name(tmp_path: Path) -> N
     assert run_id(old) == run_id(old) == "out"
 
 
+@pytest.mark.parametrize("name", ["run 3", " padded ", "tab\there"], ids=["space", "padded", "tab"])
+@pytest.mark.parametrize("legacy", [False, True], ids=["new", "legacy"])
+def test_a_run_folder_whose_name_has_whitespace_keeps_its_run_id(
+    tmp_path: Path, name: str, legacy: bool
+) -> None:
+    # `--run-dir "run 3"` ran once: its id `run 3-<hex>` was then refused as damaged (two words).
+    folder = tmp_path / name
+    (folder / "train" if legacy else folder).mkdir(parents=True)
+    first = run_id(folder)
+    assert first == (name if legacy else first) and first.startswith(name)
+    assert run_id(folder) == run_id(folder) == first
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("", id="empty"),
+        pytest.param(" \n", id="blank"),
+        pytest.param("out-0123456789ab\nout-ba9876543210\n", id="two-lines"),
+    ],
+)
+def test_a_damaged_run_id_file_is_one_error_that_keeps_the_registration_link(
+    tmp_path: Path, text: str
+) -> None:
+    (tmp_path / ".run-id").write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        run_id(tmp_path)
+    message = str(refused.value)
+    assert f"{tmp_path / '.run-id'} is damaged" in message
+    # Removing it gave the folder a new id: register then took a re-run for a new run.
+    assert "write back" in message and "source_run" in message
+
+
 def test_a_missing_data_folder_is_refused_before_any_step(tmp_path: Path) -> None:
     # It ran the train step, which failed with exit code 1 ("no CSV file found").
     with pytest.raises(ConfigError, match=r"^data: local path .*nope does not exist"):
@@ -407,6 +440,27 @@ def test_a_stop_signal_to_the_runner_stops_the_step_and_keeps_its_log(
         assert (code, stopper.killed) == (130, False)
         assert log.read_text() == "rolling out\nstopping: lease released\n"
     assert signal.getsignal(signum) is not stopper._handle  # restored on the way out
+
+
+def test_an_ignored_stop_signal_stays_ignored_for_the_runner_and_its_steps(tmp_path: Path) -> None:
+    # Under `nohup` SIGHUP is ignored: run-local handled it anyway, so closing the terminal
+    # stopped the run (exit 129), and its steps, a handled signal being reset at exec, died of it.
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    log = tmp_path / "std_log.txt"
+    stopper = _Stopper()
+    try:
+        with stopper.installed():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stopper._handle  # not ignored: handled
+            script = "import signal; print(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN)"
+            code = _execute(
+                [sys.executable, "-c", script], tmp_path, {**os.environ}, log, "train",
+                lambda line: None, stopper,
+            )  # fmt: skip
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert (code, log.read_text()) == (0, "True\n")  # the step inherits the ignore
 
 
 def test_a_stop_signal_between_steps_ends_the_run_at_once() -> None:
