@@ -11,6 +11,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import json
+import os
 import shlex
 import signal
 import threading
@@ -76,6 +77,26 @@ class _Interrupts:
         return previous
 
 
+class _UpConsole(Console):
+    """`up`'s stdout, whose reader may go (`up | tee`, tee ended) while `up` serves or stops.
+
+    rich never gives a broken pipe back: it calls `on_broken_pipe`, which exits (status 1). Was:
+    raised by the handler saying "still stopping" during the stop, that exit escaped
+    `stack.stop()` and cut it short. Here the console goes quiet instead, its stream pointed at
+    /dev/null (so the interpreter's last flush does not fail either): `up` serves, then stops,
+    as it would have, printing nothing more.
+    """
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            with contextlib.suppress(OSError, ValueError):  # a stream with no descriptor
+                os.dup2(devnull, self.file.fileno())
+        finally:
+            os.close(devnull)
+
+
 def _restore(previous: dict[signal.Signals, Any]) -> None:
     for signum, earlier in previous.items():
         signal.signal(signum, earlier)
@@ -84,7 +105,8 @@ def _restore(previous: dict[signal.Signals, Any]) -> None:
 def _still_stopping(console: Console | None) -> None:
     if console is not None:
         # After SIGHUP the terminal may be gone (EIO); a signal handled while the main thread
-        # writes to the same stream is a RuntimeError ("reentrant call"): the stop goes on.
+        # writes to the same stream is a RuntimeError ("reentrant call"): the stop goes on. (EPIPE
+        # never reaches here: rich exits on it instead, which `_UpConsole` turns into silence.)
         with contextlib.suppress(OSError, RuntimeError):
             console.print("still stopping (a few seconds at most) ...")
 
@@ -212,7 +234,7 @@ def up(
     from rollout.errors import LocalStackError, RolloutError
     from rollout.local.stack import LocalStack
 
-    console = Console(soft_wrap=True, emoji=False)
+    console = _UpConsole(soft_wrap=True, emoji=False)
     if port is not None:
         from rollout.local.process import port_is_free
 

@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -79,16 +80,20 @@ def binary_override(variable: str) -> str | None:
     """The binary `$variable` names (None when unset), or LocalStackError when it cannot run.
 
     Checked before anything starts: found at the start, the error names no log, and a stack
-    half up (Envoy started, Prometheus not) left its temporary folder behind for nothing.
+    half up (Envoy started, Prometheus not) left its temporary folder behind for nothing. A
+    bare name is a command on PATH (`AML_ROLLOUT_ENVOY=envoy`, a system Envoy), as for a shell.
     """
     override = os.environ.get(variable)
     if not override:
         return None
+    found = shutil.which(override)  # an executable file, a bare name looked up on PATH only
+    if found:
+        return found
+    if os.sep not in override:
+        raise LocalStackError(f"{variable}={override} is not a file, nor a command on PATH")
     if not Path(override).is_file():
         raise LocalStackError(f"{variable}={override} is not a file")
-    if not os.access(override, os.X_OK):
-        raise LocalStackError(f"{variable}={override} is not executable")
-    return override
+    raise LocalStackError(f"{variable}={override} is not executable")
 
 
 def quoted_log_tail(path: Path, *, or_else: str | None = None, since: int = 0) -> str:

