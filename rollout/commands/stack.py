@@ -147,30 +147,6 @@ def interrupted_once(console: Console) -> Iterator[_Interrupts]:
         _restore(previous)
 
 
-@contextmanager
-def interrupts_deferred(console: Console) -> Iterator[None]:
-    """Ctrl-C, SIGTERM and SIGHUP while the stack stops: acknowledged, never raised.
-
-    A second Ctrl-C once cut `stop()` short (a second SIGTERM killed `up` outright): the
-    temporary folder stayed, and so did the servers a controller in another process had started.
-    The stop is bounded anyway (every process gets SIGKILL after its grace period); SIGKILL still
-    ends `up` at once. A signal ignored when this begins (SIGINT in a background job) stays so.
-    """
-
-    def handler(signum: int, frame: Any) -> None:
-        _still_stopping(console)
-
-    previous = {
-        signum: signal.signal(signum, handler)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        if signal.getsignal(signum) is not signal.SIG_IGN
-    }
-    try:
-        yield
-    finally:
-        _restore(previous)
-
-
 def demo(
     out: Annotated[
         Path | None,
