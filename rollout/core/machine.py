@@ -549,8 +549,10 @@ def _ingest(
     slo_s = _guard_slo_s(analysis)
 
     def counts(c: ColourCounts) -> Counts:
-        slow = c.slow(threshold) if threshold is not None else 0
-        over_slo = c.slow(slo_s) if slo_s is not None else 0
+        # Requests with no histogram: how many were slow is unknown (UNKNOWN), not none.
+        unknown = c.requests > 0 and not c.latency_buckets
+        slow = 0 if threshold is None else UNKNOWN if unknown else c.slow(threshold)
+        over_slo = 0 if slo_s is None else UNKNOWN if unknown else c.slow(slo_s)
         return Counts(requests=c.requests, errors=c.errors, slow=slow, over_slo=over_slo)
 
     now_b, now_g = counts(obs.blue), counts(obs.green)
@@ -559,19 +561,26 @@ def _ingest(
         # Count slow requests only from the tick after the threshold was chosen.
         last_b, last_g = replace(last_b, slow=now_b.slow), replace(last_g, slow=now_g.slow)
     if last_b.over_slo < 0:
-        # A status written before the guard counted its own requests: count from the next tick.
+        # No count of the guard's to go on (a status written before the guard counted its own
+        # requests, or blue's histogram missing last tick): count from the next tick.
         last_b, last_g = replace(last_b, over_slo=now_b.over_slo), replace(last_g, over_slo=0)
     if obs.fresh_series and (last_b != Counts() or last_g != Counts()):
         # Counts from another series than the step's base: an increase over it would pair one
         # series' requests with the other's errors. They become the base; nothing is folded.
         last_b, last_g = now_b, now_g
     db, dg = _delta(now_b, last_b), _delta(now_g, last_g)
-    tick = {
+    tick: dict[str, Any] = {
         "blue": {"requests": db.requests, "errors": db.errors, "slow": db.slow},
         "green": {"requests": dg.requests, "errors": dg.errors, "slow": dg.slow},
     }
     if not fold:
         return replace(status, last_blue=now_b, last_green=now_g, consecutive_errors=0), tick
+    if _below(now_b, last_b) or _below(now_g, last_g):
+        # A reading below the last (an empty or short read, a series missing for a scrape, a
+        # clock stepped back): no new data. The base stays, or the series' return would count
+        # the whole step again; a count begun anew counts once it passes the base.
+        tick["not_counted"] = "a reading below the last one"
+        return replace(status, consecutive_errors=0), tick
     errors = status.errors.update(
         kc=db.errors,
         kb=dg.errors,
@@ -581,7 +590,8 @@ def _ingest(
         negligible=analysis.errors.negligible_rate,
     )
     slow = status.slow
-    if threshold is not None and not fresh_threshold:
+    known = all(c.slow >= 0 for c in (now_b, now_g, last_b, last_g))
+    if threshold is not None and not fresh_threshold and known:
         slow = slow.update(
             kc=db.slow,
             kb=dg.slow,
@@ -604,13 +614,26 @@ def _ingest(
     return status, tick
 
 
+#: A count the reading cannot give (requests without a latency histogram): never folded, and
+#: the next tick's increase is not measured from it.
+UNKNOWN = -1
+
+
+def _below(now: Counts, last: Counts) -> bool:
+    """Whether any count read is lower than the base (an unknown count is never lower)."""
+    return any(0 <= getattr(now, f.name) < getattr(last, f.name) for f in fields(Counts))
+
+
 def _delta(now: Counts, last: Counts) -> Counts:
-    increments = [getattr(now, f.name) - getattr(last, f.name) for f in fields(Counts)]
-    if any(d < 0 for d in increments):
-        # A counter went backwards (a restarted server, a reset series): skip this tick's
-        # increment rather than guess it; the next tick measures from the new base.
-        return Counts()
-    return Counts(*increments)
+    """The increase of each count over the base (0 where either is unknown)."""
+    return Counts(
+        *(
+            max(getattr(now, f.name) - getattr(last, f.name), 0)
+            if getattr(now, f.name) >= 0 and getattr(last, f.name) >= 0
+            else 0
+            for f in fields(Counts)
+        )
+    )
 
 
 def _guard_slo_s(analysis: AnalysisConfig) -> float | None:
@@ -872,6 +895,14 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
             proven.append(f"{phrase} shown {claim} (e-value {_e(log_ok)} ≥ {1 / alpha:g}){after}")
         else:
             missing.append(f"{phrase} {claim} (e-value {_e(log_ok)} < {1 / alpha:g}{after})")
+    blind = [c.value for c in Colour if obs.of(c).requests > 0 and not obs.of(c).latency_buckets]
+    if (
+        blind
+        and status.slow_threshold_s is not None
+        and status.slow.log_e_ok() < math.log(1 / alpha)
+    ):
+        # Their slow requests are unknown: the latency check takes nothing from such a tick.
+        missing.append(f"latency not judged now ({' and '.join(blind)}: no latency histogram)")
     if lat.enabled and status.slow_threshold_s is None:
         if obs.green.latency_buckets:
             missing.append("latency threshold not chosen yet (too few baseline requests)")

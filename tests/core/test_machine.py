@@ -870,7 +870,8 @@ def test_with_the_bucket_chosen_before_the_rollout_the_first_tick_is_judged() ->
     spec = make_spec(analysis={"latency": {"enabled": True}})
     started = step(spec, new_status(spec, now=0.0), GREEN_BEFORE, 0.0).status
     buckets = ((0.05, 80), (math.inf, 100))  # 20 of 100 canary requests slower than 50 ms
-    first = obs(blue=(100, 0), green=(900, 0), blue_buckets=buckets, at=10.0)
+    green = ((0.05, 891), (math.inf, 900))
+    first = obs(blue=(100, 0), green=(900, 0), blue_buckets=buckets, green_buckets=green, at=10.0)
     status = step(spec, started, first, 10.0).status
     assert status.slow.canary_requests == 100 and status.slow.canary_bad == 20
 
@@ -1086,3 +1087,80 @@ def test_judge_first_needs_an_absolute_limit() -> None:
     analysis = make_spec(analysis={"errors": {"max_rate": None}}).analysis
     with pytest.raises(ValueError, match="no absolute limit"):
         judge_first(analysis, green_counts(100))
+
+
+@pytest.mark.parametrize(
+    ("blue_reads", "counted"),
+    [
+        # Cumulative blue requests since the step began, one read a tick (green 9× as many).
+        pytest.param([30, 60, 0, 90], 90, id="an-empty-read-is-not-a-new-base"),
+        pytest.param([30, 60, 45, 90], 90, id="a-short-read-is-not-a-new-base"),
+        pytest.param([30, 0, 60, 0, 90], 90, id="every-other-read-empty"),
+        pytest.param([30, 60, 0, 0, 90], 90, id="two-empty-reads-in-a-row"),
+        # The count itself began anew (a Prometheus that lost its storage): nothing is counted
+        # until it passes the last reading, never the part before it twice.
+        pytest.param([60, 10, 40, 70, 80], 80, id="a-count-begun-anew-counts-past-the-old-base"),
+    ],
+)
+def test_a_reading_below_the_last_counts_nothing_and_keeps_the_base(
+    blue_reads: list[int], counted: int
+) -> None:
+    # A dip was the new base, so the series' return counted the whole step again: "step 10 %
+    # passed: 120 canary requests" with 90 served.
+    status = progressing()
+    for i, b in enumerate(blue_reads, start=1):
+        seen = obs(blue=(b, 0), green=(9 * b, 0), at=10.0 * i)
+        status = step(SPEC, status, seen, 10.0 * i).status
+        assert status.blue_weight == 10, status.reason
+    assert status.step_canary_requests == counted
+    assert status.errors.canary_requests == counted
+    assert status.errors.baseline_requests == 9 * counted
+
+
+def test_a_histogram_missing_for_one_tick_does_not_count_slow_requests_twice() -> None:
+    spec = make_spec(
+        analysis={
+            "errors": {"enabled": False},
+            "latency": {"enabled": True, "threshold": "slo", "slo_ms": 250},
+        }
+    )
+    status = step(spec, new_status(spec, now=0.0), None, 0.0).status
+
+    def buckets(n: int) -> tuple[tuple[float, int], ...]:
+        return ((0.25, n - n // 10), (math.inf, n))
+
+    for i, with_hist in enumerate([True, True, False, True], start=1):
+        n = 10 * i
+        seen = obs(
+            blue=(n, 0),
+            green=(9 * n, 0),
+            at=10.0 * i,
+            blue_buckets=buckets(n) if with_hist else (),
+            green_buckets=buckets(9 * n),
+        )
+        status = step(spec, status, seen, 10.0 * i).status
+    # Blue's slow requests at the third read are unknown: the latency check takes neither the
+    # tick without a histogram nor the next (measured from it), never the first two again.
+    assert status.slow.canary_requests == 20
+    assert status.slow.canary_bad == 2
+    assert status.errors.canary_requests == 40
+
+
+def test_a_canary_with_no_latency_histogram_is_never_promoted_as_not_slower() -> None:
+    # Blue's requests came without a histogram, so it counted 0 slow requests: "canary not
+    # worse: slow-request rate (> 250 ms) shown < 2× baseline ... after 360 canary requests".
+    spec = make_spec(
+        analysis={
+            "errors": {"enabled": False},
+            "latency": {"enabled": True, "threshold": "slo", "slo_ms": 250},
+        }
+    )
+    status = step(spec, new_status(spec, now=0.0), None, 0.0).status
+    for i in range(1, 80):
+        ng = 270 * i
+        green = ((0.1, ng * 95 // 100), (0.25, ng * 99 // 100), (1.0, ng))
+        seen = obs(blue=(30 * i, 0), green=(ng, 0), at=10.0 * i, green_buckets=green)
+        status = step(spec, status, seen, 10.0 * i).status
+        assert status.phase is not Phase.PROMOTING, status.reason
+    assert status.slow.canary_requests == 0
+    assert "blue: no latency histogram" in status.reason, status.reason
