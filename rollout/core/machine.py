@@ -1059,7 +1059,8 @@ def _analyse(
                 record,
                 notes,
             )
-        status = replace(status, reason=f"metrics unreadable ({why}); holding")
+        if status.phase is not Phase.PAUSED:  # a pause's or hold's why stays (the record says)
+            status = replace(status, reason=f"metrics unreadable ({why}); holding")
         return _decide(status, (), record, notes)
 
     status, off_plan = _follow_plan(spec, status, record)

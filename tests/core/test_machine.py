@@ -1164,3 +1164,13 @@ def test_a_canary_with_no_latency_histogram_is_never_promoted_as_not_slower() ->
         assert status.phase is not Phase.PROMOTING, status.reason
     assert status.slow.canary_requests == 0
     assert "blue: no latency histogram" in status.reason, status.reason
+
+
+def test_a_metrics_error_while_paused_keeps_the_pause_s_reason() -> None:
+    paused = replace(progressing(), phase=Phase.PAUSED, reason="paused by ann")
+    failed = step(SPEC, paused, obs(error="prometheus: connection refused", at=10.0), 10.0)
+    assert failed.status.verdict is Verdict.ERROR
+    assert failed.status.reason == "paused by ann"
+    assert failed.record["metrics_error"] == "prometheus: connection refused"
+    later = step(SPEC, failed.status, obs(blue=(30, 0), green=(270, 0), at=20.0), 20.0)
+    assert later.status.phase is Phase.PAUSED and later.status.reason == "paused by ann"
