@@ -498,6 +498,9 @@ class Controller:
         first tick (Initializing) a rollout has deployed green only. What the pending actions
         still do (a deploy, the weights) is theirs: they are finished after this.
         """
+        status = self._redeploy_lost_blue(status)
+        if status.terminal:
+            return status  # the candidate could not be deployed
         if status.phase not in (Phase.INITIALIZING, Phase.PROGRESSING, Phase.PAUSED):
             return status
         if status.held and not aborting:
@@ -549,6 +552,38 @@ class Controller:
             if (failed := self._apply_or_fail(action, status)) is not None:
                 return failed
         return status
+
+    def _redeploy_lost_blue(self, status: Status) -> Status:
+        """Deploy the candidate to a blue serving nothing when the pending weights send it
+        traffic (the status after: Failed when that deploy fails for good): blue's workload
+        lost after they were decided (evicted, deleted). The router refuses those weights for
+        good, and every `run` would stop at them: in Promoting, where no command is read, not
+        even an abort. Any phase,
+        held or not: those weights are a decision already made (a promotion, a human's
+        set-weight), and blue serving nothing is no one's canary."""
+        left = status.pending[status.applied :]
+        if status.candidate is None or not any(
+            isinstance(a, SetWeights) and (a.blue or a.mirror) for a in left
+        ):
+            return status
+        if any(isinstance(a, Deploy) and a.colour is Colour.BLUE for a in left):
+            return status  # deployed by the pending actions themselves, before their weights
+        if self.router.release(Colour.BLUE) is not None:
+            return status
+        repair = Deploy(Colour.BLUE, status.candidate)
+        log.warning(
+            "blue serves nothing, and the pending weights send it traffic: %s", describe(repair)
+        )
+        if self.ledger is not None:
+            self.ledger.append(
+                {
+                    "event": "restore",
+                    "at": self.clock.now(),
+                    "served": "nothing on blue",
+                    "describe": [describe(repair)],
+                }
+            )
+        return self._apply_or_fail(repair, status) or status
 
     def _asked_candidate(self) -> Release | None:
         """The candidate given to the controller, else the spec's (None when neither names one)."""

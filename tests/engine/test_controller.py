@@ -916,6 +916,35 @@ def test_a_rollout_resumed_on_a_data_plane_that_lost_its_releases_goes_on(
     assert "resumed with a data plane serving blue 0 %: deploy diabetes:1 to green" in story
 
 
+@pytest.mark.parametrize(
+    ("phase", "held", "weights"),
+    [
+        pytest.param(Phase.PROMOTING, False, SetWeights(100), id="promotion-decided"),
+        pytest.param(Phase.PAUSED, True, SetWeights(50), id="held-weight-set"),
+    ],
+)
+def test_pending_weights_to_a_blue_that_lost_its_release_deploy_it_first(
+    tmp_path: Path, phase: Phase, held: bool, weights: SetWeights
+) -> None:
+    """Was: "cannot send 100 % to blue: nothing is deployed there" at every `run`, stuck in
+    Promoting, where abort is refused (it reads no command): blue's workload lost after the
+    weights were decided (or decided by an earlier version that did not redeploy it)."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    status = ctl.run(max_ticks=2)
+    assert status.phase is Phase.PROGRESSING
+    decided = replace(status, phase=phase, held=held, pending=(weights,), applied=0)
+    ctl.store.save(replace(decided, blue_weight=weights.blue))
+    router.set_weights(Weights.blue_at(0))
+    router.remove(Colour.BLUE)  # evicted, deleted
+    again, _ = controller(tmp_path, router, simulated(router, 0.01))
+    resumed = again.run(max_ticks=1 if held else 500)
+    assert router.release(Colour.BLUE if held else Colour.GREEN) == V2
+    assert resumed.phase is (Phase.PAUSED if held else Phase.SUCCEEDED)
+    story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
+    assert "data plane serving nothing on blue: deploy diabetes:2 to blue" in story
+
+
 def test_a_data_plane_that_lost_its_routes_is_not_given_blue_again_for_an_abort(
     tmp_path: Path,
 ) -> None:
