@@ -84,6 +84,13 @@ log = logging.getLogger(__name__)
 #: never became ready: retrying would wait for them again, for as long). Weight changes, a
 #: rollback above all, are retried through anything else (a 503, a 409, a timeout).
 ROUTER_ATTEMPTS = 4
+#: Except weights that take all traffic off blue (a rollback, an abort, a failed candidate's):
+#: the one action that protects users is tried on, the pauses doubling up to
+#: `ROLLBACK_PAUSE_CAP_S`, for `ROLLBACK_RETRY_S` (while the lease holds), not for 7 s: an API
+#: server upgraded or an Envoy admin restarted then would leave the regression serving until a
+#: human ran `run` again.
+ROLLBACK_RETRY_S = 600.0
+ROLLBACK_PAUSE_CAP_S = 30.0
 #: At most this much of why the data plane could not be read goes into each tick's ledger line.
 UNREAD_CHARS = 200
 
@@ -793,7 +800,11 @@ class Controller:
 
     def _apply(self, action: Action) -> None:
         delay = 1.0
-        for attempt in range(1, ROUTER_ATTEMPTS + 1):
+        off_blue = isinstance(action, SetWeights) and not (action.blue or action.mirror)
+        started = self.clock.now()
+        attempt = 0
+        while True:
+            attempt += 1
             # A controller whose lease is lost (or about to be) must not move traffic that the
             # controller taking over now drives: StateError, and this one stops.
             self.store.check_lease()
@@ -827,13 +838,15 @@ class Controller:
                     # at a router nobody runs, not a blip, and retrying would only delay the one
                     # clear line. Weight changes (a rollback above all) are always retried.
                     raise
-                if attempt == ROUTER_ATTEMPTS:
+                tried = self.clock.now() - started
+                if attempt >= ROUTER_ATTEMPTS and not (off_blue and tried < ROLLBACK_RETRY_S):
+                    over = f" in {tried:.0f} s" if attempt > ROUTER_ATTEMPTS else ""
                     raise RouterError(
-                        f"{describe(action)} failed {ROUTER_ATTEMPTS} times: {exc}"
+                        f"{describe(action)} failed {attempt} times{over}: {exc}"
                     ) from exc
                 log.warning("%s failed (%s); retrying in %.0f s", describe(action), exc, delay)
                 self.clock.sleep(delay)
-                delay *= 2
+                delay = min(delay * 2, ROLLBACK_PAUSE_CAP_S)
 
     def _wait(self, seconds: float, status: Status) -> None:
         """Sleep one interval, waking early when an operator command arrives."""

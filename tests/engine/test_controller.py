@@ -11,7 +11,7 @@ import pytest
 
 from rollout import jsonl
 from rollout.config import SimulatedMetricsConfig, StaticTick, TrafficModel
-from rollout.controller import Controller, FakeClock
+from rollout.controller import ROLLBACK_PAUSE_CAP_S, ROLLBACK_RETRY_S, Controller, FakeClock
 from rollout.core.status import Command, Deploy, SetWeights, Status
 from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.errors import (
@@ -373,6 +373,55 @@ def test_a_transient_failure_is_still_retried(tmp_path: Path, error: RouterError
         ctl.run(max_ticks=5)
     assert router.attempts == 4
     assert clock.now() == 1000.0 + 1 + 2 + 4
+
+
+class DownAtTheRollback(MemoryRouter):
+    """Answers 503 to every change of the weights for `outage` s from the first one that takes
+    all traffic off blue (an API server upgraded, an Envoy admin restarted, at that moment)."""
+
+    def __init__(self, outage: float, clock: FakeClock, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.outage, self.clock, self.since, self.attempts = outage, clock, -1.0, 0
+        self.paused: list[float] = []
+
+    def set_weights(self, weights: Weights) -> None:
+        now = self.clock.now()
+        if self.since < 0 and not (weights.blue or weights.mirror):
+            self.since = now
+        if self.since >= 0 and now - self.since < self.outage:
+            self.attempts += 1
+            self.paused.append(now)
+            raise RouterUnavailable("503 from the API server")
+        super().set_weights(weights)
+
+
+@pytest.mark.parametrize(
+    ("outage", "ends"),
+    [
+        pytest.param(10.0, Phase.ROLLED_BACK, id="a-10-s-blip"),
+        pytest.param(170.0, Phase.ROLLED_BACK, id="a-3-min-upgrade"),
+        pytest.param(1e9, None, id="down-for-good"),
+    ],
+)
+def test_a_rollback_s_weights_are_retried_through_an_outage_of_minutes(
+    tmp_path: Path, outage: float, ends: Phase | None
+) -> None:
+    """Was: 4 attempts over 7 s, then exit 2 with the failing canary at its weight until a
+    human ran `run` again; a step up or down keeps its 4 attempts."""
+    clock = FakeClock(1000.0)
+    router = DownAtTheRollback(outage, clock, releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.3))
+    ctl.clock = clock
+    if ends is not None:
+        assert ctl.run(max_ticks=500).phase is ends
+        assert router.get_weights() == Weights.blue_at(0)
+        assert clock.now() - router.since < outage + ROLLBACK_PAUSE_CAP_S
+        return
+    with pytest.raises(RouterError, match=r"failed \d+ times in 6\d\d s"):
+        ctl.run(max_ticks=500)
+    assert ROLLBACK_RETRY_S <= clock.now() - router.since < ROLLBACK_RETRY_S + 31
+    pauses = [b - a for a, b in zip(router.paused, router.paused[1:], strict=False)]
+    assert pauses[:6] == [1, 2, 4, 8, 16, 30] and max(pauses) == ROLLBACK_PAUSE_CAP_S
 
 
 class NeverReadyBlue(MemoryRouter):
