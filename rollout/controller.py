@@ -413,11 +413,13 @@ class Controller:
         if serving is not None:
             self._check_no_rollout_drives(candidate)
         self._probe_metrics()
+        prepared: tuple[Action, ...] = ()
         if serving is None:
             # A fresh data plane (dry run, first install): bring up the stable release first.
             log.info("green serves nothing: deploying %s:%s", stable.model, stable.version)
-            self._apply(Deploy(Colour.GREEN, stable))
-            self._apply(SetWeights(0))
+            prepared = (Deploy(Colour.GREEN, stable), SetWeights(0))
+            for action in prepared:
+                self._apply(action)
         queued = self.store.commands()
         status = new_status(
             self.spec,
@@ -439,6 +441,8 @@ class Controller:
                     "plan": list(self.spec.plan),
                     "candidate": _release_dict(candidate),
                     "stable": _release_dict(stable),
+                    # What it did to the data plane before the rollout's first tick.
+                    **({"describe": [describe(a) for a in prepared]} if prepared else {}),
                 }
             )
         return status

@@ -917,6 +917,26 @@ def test_a_command_without_a_rollout_id_is_written_as_older_readers_expect() -> 
     assert Command.from_dict(aimed.to_dict()) == aimed
 
 
+def test_a_rollout_begun_on_an_empty_green_says_it_deployed_the_stable_release(
+    tmp_path: Path,
+) -> None:
+    """Was: the deploy and the weights were made with no ledger line saying so."""
+    router = MemoryRouter()  # a fresh data plane: green serves nothing
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]))
+    ctl.start()
+    assert router.release(Colour.GREEN) is not None
+    (start,) = read_ledger(tmp_path / "t.ledger.jsonl")
+    assert start["describe"] == ["deploy diabetes:1 to green", "set weights blue 0 % / green 100 %"]
+    assert explain([start])[0].endswith(
+        "; green served nothing: deploy diabetes:1 to green; set weights blue 0 % / green 100 %"
+    )
+    again = tmp_path / "again"
+    again.mkdir()
+    ctl, _ = controller(again, MemoryRouter(releases={Colour.GREEN: V1}), StaticMetrics([]))
+    ctl.start()
+    assert "describe" not in read_ledger(again / "t.ledger.jsonl")[0]  # nothing done
+
+
 def test_a_resumed_rollout_restores_a_data_plane_that_lost_its_routes(tmp_path: Path) -> None:
     """A memory router without a state file is a data plane reset (Envoy from its bootstrap)."""
     router = MemoryRouter(releases={Colour.GREEN: V1})
