@@ -84,6 +84,13 @@ log = logging.getLogger(__name__)
 #: never became ready: retrying would wait for them again, for as long). Weight changes, a
 #: rollback above all, are retried through anything else (a 503, a 409, a timeout).
 ROUTER_ATTEMPTS = 4
+#: Except weights that take all traffic off blue (a rollback, an abort, a failed candidate's):
+#: the one action that protects users is tried on, the pauses doubling up to
+#: `ROLLBACK_PAUSE_CAP_S`, for `ROLLBACK_RETRY_S` (while the lease holds), not for 7 s: an API
+#: server upgraded or an Envoy admin restarted then would leave the regression serving until a
+#: human ran `run` again.
+ROLLBACK_RETRY_S = 600.0
+ROLLBACK_PAUSE_CAP_S = 30.0
 #: At most this much of why the data plane could not be read goes into each tick's ledger line.
 UNREAD_CHARS = 200
 
@@ -406,11 +413,13 @@ class Controller:
         if serving is not None:
             self._check_no_rollout_drives(candidate)
         self._probe_metrics()
+        prepared: tuple[Action, ...] = ()
         if serving is None:
             # A fresh data plane (dry run, first install): bring up the stable release first.
             log.info("green serves nothing: deploying %s:%s", stable.model, stable.version)
-            self._apply(Deploy(Colour.GREEN, stable))
-            self._apply(SetWeights(0))
+            prepared = (Deploy(Colour.GREEN, stable), SetWeights(0))
+            for action in prepared:
+                self._apply(action)
         queued = self.store.commands()
         status = new_status(
             self.spec,
@@ -432,6 +441,8 @@ class Controller:
                     "plan": list(self.spec.plan),
                     "candidate": _release_dict(candidate),
                     "stable": _release_dict(stable),
+                    # What it did to the data plane before the rollout's first tick.
+                    **({"describe": [describe(a) for a in prepared]} if prepared else {}),
                 }
             )
         return status
@@ -498,6 +509,9 @@ class Controller:
         first tick (Initializing) a rollout has deployed green only. What the pending actions
         still do (a deploy, the weights) is theirs: they are finished after this.
         """
+        status = self._redeploy_lost_blue(status)
+        if status.terminal:
+            return status  # the candidate could not be deployed
         if status.phase not in (Phase.INITIALIZING, Phase.PROGRESSING, Phase.PAUSED):
             return status
         if status.held and not aborting:
@@ -549,6 +563,38 @@ class Controller:
             if (failed := self._apply_or_fail(action, status)) is not None:
                 return failed
         return status
+
+    def _redeploy_lost_blue(self, status: Status) -> Status:
+        """Deploy the candidate to a blue serving nothing when the pending weights send it
+        traffic (the status after: Failed when that deploy fails for good): blue's workload
+        lost after they were decided (evicted, deleted). The router refuses those weights for
+        good, and every `run` would stop at them: in Promoting, where no command is read, not
+        even an abort. Any phase,
+        held or not: those weights are a decision already made (a promotion, a human's
+        set-weight), and blue serving nothing is no one's canary."""
+        left = status.pending[status.applied :]
+        if status.candidate is None or not any(
+            isinstance(a, SetWeights) and (a.blue or a.mirror) for a in left
+        ):
+            return status
+        if any(isinstance(a, Deploy) and a.colour is Colour.BLUE for a in left):
+            return status  # deployed by the pending actions themselves, before their weights
+        if self.router.release(Colour.BLUE) is not None:
+            return status
+        repair = Deploy(Colour.BLUE, status.candidate)
+        log.warning(
+            "blue serves nothing, and the pending weights send it traffic: %s", describe(repair)
+        )
+        if self.ledger is not None:
+            self.ledger.append(
+                {
+                    "event": "restore",
+                    "at": self.clock.now(),
+                    "served": "nothing on blue",
+                    "describe": [describe(repair)],
+                }
+            )
+        return self._apply_or_fail(repair, status) or status
 
     def _asked_candidate(self) -> Release | None:
         """The candidate given to the controller, else the spec's (None when neither names one)."""
@@ -758,7 +804,11 @@ class Controller:
 
     def _apply(self, action: Action) -> None:
         delay = 1.0
-        for attempt in range(1, ROUTER_ATTEMPTS + 1):
+        off_blue = isinstance(action, SetWeights) and not (action.blue or action.mirror)
+        started = self.clock.now()
+        attempt = 0
+        while True:
+            attempt += 1
             # A controller whose lease is lost (or about to be) must not move traffic that the
             # controller taking over now drives: StateError, and this one stops.
             self.store.check_lease()
@@ -792,13 +842,15 @@ class Controller:
                     # at a router nobody runs, not a blip, and retrying would only delay the one
                     # clear line. Weight changes (a rollback above all) are always retried.
                     raise
-                if attempt == ROUTER_ATTEMPTS:
+                tried = self.clock.now() - started
+                if attempt >= ROUTER_ATTEMPTS and not (off_blue and tried < ROLLBACK_RETRY_S):
+                    over = f" in {tried:.0f} s" if attempt > ROUTER_ATTEMPTS else ""
                     raise RouterError(
-                        f"{describe(action)} failed {ROUTER_ATTEMPTS} times: {exc}"
+                        f"{describe(action)} failed {attempt} times{over}: {exc}"
                     ) from exc
                 log.warning("%s failed (%s); retrying in %.0f s", describe(action), exc, delay)
                 self.clock.sleep(delay)
-                delay *= 2
+                delay = min(delay * 2, ROLLBACK_PAUSE_CAP_S)
 
     def _wait(self, seconds: float, status: Status) -> None:
         """Sleep one interval, waking early when an operator command arrives."""

@@ -278,9 +278,10 @@ def event_sentence(rec: dict[str, Any], *, checked: bool = False) -> str:
     and the report say of it. `checked`: a bootstrap whose first-check follows it."""
     event, described = rec["event"], "; ".join(rec.get("describe") or [])
     if event == "start":
+        prepared = f"; green served nothing: {described}" if described else ""
         return (
             f"started rollout {rec.get('name', '')}: candidate {_ref(rec.get('candidate'))} "
-            f"(blue) against {_ref(rec.get('stable'))} (green), plan {rec.get('plan')}"
+            f"(blue) against {_ref(rec.get('stable'))} (green), plan {rec.get('plan')}{prepared}"
         )
     if event == "bootstrap":
         judged = "judged on absolute limits alone" if checked else "unjudged"

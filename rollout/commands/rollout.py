@@ -633,7 +633,7 @@ def _status_view(
 ) -> Any:
     from rich.table import Table
 
-    from rollout.core.machine import left_alone, resume_refused
+    from rollout.core.machine import left_alone, resume_refused, steering_refused
     from rollout.core.status import SetWeights, describe
     from rollout.core.types import Phase, Verdict
 
@@ -677,6 +677,8 @@ def _status_view(
         )
     if refused := resume_refused(status):
         table.add_row("resume", f"refused: {escape(refused)}")
+    elif refused := steering_refused(status):
+        table.add_row("promote", f"refused: {escape(refused)}")
     table.add_row("last verdict", status.verdict.value if status.verdict else "-")
     table.add_row("reason", escape(status.reason))
     for label, ev in (("errors", status.errors), ("slow requests", status.slow)):
@@ -710,12 +712,15 @@ def _undriven(status: Status) -> str:
     if status.commands:  # answered: told again to answer, an operator answers twice
         queued = ", ".join(_typed(c) for c in status.commands)
         return f"`aml-rollout rollout run SPEC` acts on the queued {queued}"
-    from rollout.core.machine import resume_refused
+    from rollout.core.machine import resume_refused, steering_refused
 
     what = "answer with resume, promote or abort, then" if status.held else "resume it with"
     if status.held and resume_refused(status):
         # Production moved on under it: resume is refused, and promote would undo that move.
         what = "answer with abort (the data plane's green serves another release), then"
+    elif status.held and steering_refused(status):
+        # Blue serves another rollout's canary: promoted, it would get all users unjudged.
+        what = "answer with resume or abort (blue serves another release), then"
     return f"{what} `aml-rollout rollout run SPEC`"
 
 
@@ -838,24 +843,27 @@ def _follow(
             unread = str(exc)
 
 
-def _refused_now(parsed: RolloutSpec, status: Status) -> str:
-    """Why a resume of this held rollout would be refused by what the data plane serves now
-    ("" when not, or when the router cannot tell). `Status.served` is from its last tick:
-    measured on the local stack, the other rollout promoted while no controller ran the held
-    one, and a resume was queued that the next `run` ignored ("green now serves ...")."""
-    from rollout.core.machine import resume_refused
+def _refused_now(parsed: RolloutSpec, status: Status, kind: str = "resume") -> str:
+    """Why a resume (or a promote, a set-weight) of this held rollout would be refused by what
+    the data plane serves now ("" when not, or when the router cannot tell). `Status.served`
+    is from its last tick: measured on the local stack, the other rollout promoted while no
+    controller ran the held one, and a resume was queued that the next `run` ignored ("green
+    now serves ...")."""
+    from rollout.core.machine import resume_refused, steering_refused
 
     if not status.held:
         return ""
     now, fresh = _served_read_now(parsed, status)
-    return resume_refused(now) if fresh else ""  # unreadable: the last tick's record decides
+    if not fresh:
+        return ""  # unreadable: the last tick's record decides
+    return resume_refused(now) if kind == "resume" else steering_refused(now)
 
 
 def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = None) -> None:
     import getpass
 
     from rollout.controller import check_same_router
-    from rollout.core.machine import resume_refused
+    from rollout.core.machine import resume_refused, steering_refused
     from rollout.core.status import Command
     from rollout.errors import RolloutError
 
@@ -897,6 +905,12 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
         ):
             # The controller would ignore it too ("resume: ignored, green now serves ...").
             _fail(RolloutError(f"rollout {parsed.name} cannot be resumed: {refused}"))
+        if kind in ("promote", "set_weight") and (
+            refused := steering_refused(current) or _refused_now(parsed, current, kind)
+        ):
+            # The controller would ignore it ("promote: ignored, blue serves diabetes:3 ...").
+            what = "promoted" if kind == "promote" else f"set to {weight} %"
+            _fail(RolloutError(f"rollout {parsed.name} cannot be {what}: {refused}"))
         command = Command(
             id=uuid.uuid4().hex,
             kind=kind,  # type: ignore[arg-type]

@@ -438,11 +438,16 @@ def _handle_commands(
 ) -> tuple[Status, tuple[Action, ...], list[str]]:
     """Apply queued operator commands in order; later ones see the effect of earlier ones.
 
-    A resume while the data plane has drifted (`served`, see `_drift`) also sets it back."""
+    A resume, promote or set-weight while the data plane has drifted (`served`, see `_drift`;
+    this tick's reading, else the held status's) also sets it back first; a promote or
+    set-weight is refused while blue serves another release (`steering_refused`)."""
     actions: list[Action] = []
     notes: list[str] = []
     plan = spec.plan
     for cmd in status.commands:
+        # Unread this tick (a router blip): what the held status last read. Once a command
+        # set the data plane back, the status says `served` is None: it serves ours again.
+        seen = served if served is not None else status.served
         who = f" by {cmd.by}" if cmd.by else ""
         if cmd.rollout and cmd.rollout != status.id:
             notes.append(
@@ -453,7 +458,7 @@ def _handle_commands(
             notes.append(f"{cmd.kind}: ignored in phase {status.phase.value}")
             continue
         if cmd.kind == "abort":
-            if not_ours := _blue_not_ours(status, served):
+            if not_ours := _blue_not_ours(status, seen):
                 # Blue's weight is whoever deployed there's (another rollout's canary): set to
                 # 0 %, that rollout would lose its traffic and hold in turn. Ended, not undone.
                 status = replace(
@@ -462,15 +467,21 @@ def _handle_commands(
                     blue_weight=0,
                     mirror=0,
                     reason=f"aborted{who}: the data plane is left as it is ({not_ours})",
-                    served=served,
+                    served=seen,
                 )
                 notes.append(f"{cmd.kind}: {status.reason}")
                 continue
             status, acts = _rollback(status, f"aborted{who}: blue back to 0 %", None)
             actions.extend(acts)
+        elif cmd.kind in ("promote", "set_weight") and (refused := _steering_refused(status, seen)):
+            notes.append(f"{_typed(cmd)}: ignored, {refused}")
+            continue
         elif cmd.kind == "promote":
-            status, acts = _promote(status, f"promoted{who} (analysis skipped)")
-            actions.extend(acts)
+            restore, back = _setting_back(status, seen)
+            status, acts = _promote(status, f"promoted{who} (analysis skipped){back}")
+            actions.extend((*restore, *acts))
+            if back:
+                status, served = replace(status, served=None), None  # as after a resume
         elif cmd.kind == "pause":
             status = replace(status, phase=Phase.PAUSED, reason=f"paused{who}")
         elif cmd.kind == "resume":
@@ -493,16 +504,59 @@ def _handle_commands(
             if cmd.weight not in plan:
                 notes.append(f"set_weight {cmd.weight}: ignored, not in the plan {list(plan)}")
                 continue
+            restore, back = _setting_back(status, seen)
             if cmd.weight == 100:
-                status, acts = _promote(status, f"weight set to 100 %{who}: promoting")
-                actions.extend(acts)
+                status, acts = _promote(status, f"weight set to 100 %{who}: promoting{back}")
+                actions.extend((*restore, *acts))
             else:
                 mirror = _mirror_at(spec, cmd.weight)
                 status = _enter_step(status, plan.index(cmd.weight), cmd.weight, now, mirror)
-                status = replace(status, reason=f"weight set to {cmd.weight} %{who}")
-                actions.append(SetWeights(cmd.weight, mirror))
+                status = replace(status, reason=f"weight set to {cmd.weight} %{who}{back}")
+                actions.extend((*restore, SetWeights(cmd.weight, mirror)))
+            if back:
+                status, served = replace(status, served=None), None  # as after a resume
         notes.append(f"{cmd.kind}: {status.reason}")
     return replace(status, commands=()), tuple(actions), notes
+
+
+def _typed(cmd: Command) -> str:
+    """A command as its note names it: `set_weight 50`, `promote by ann`."""
+    weight = f" {cmd.weight}" if cmd.weight is not None else ""
+    return f"{cmd.kind}{weight}{f' by {cmd.by}' if cmd.by else ''}"
+
+
+def _steering_refused(status: Status, served: Served | None) -> str:
+    """Why a promote or set-weight may not act on this data plane ("" when it may): blue serves
+    another release (another rollout's canary, never judged here: promoted, all users would get
+    it and that rollout's blue be removed; at a set weight, users would get it at that weight),
+    or green does (production moved on: `_restoring`)."""
+    if served is None:
+        return ""
+    if not_ours := _blue_not_ours(status, served):
+        return (
+            f"{not_ours} resume first (it sets blue back to {_name(status.candidate)}), or "
+            "abort (it leaves the data plane as it is)"
+        )
+    return _restoring(status, served)[1] if _drift(status, served) else ""
+
+
+def _setting_back(status: Status, served: Served | None) -> tuple[tuple[Action, ...], str]:
+    """The deploys a promote or set-weight makes first on a drifted data plane (a colour that
+    lost its release: its weights would be refused for good, the rollout stuck at them), and
+    the words saying so; its own weights come after, as resume's do."""
+    if served is None or not (drift := _drift(status, served)):
+        return (), ""
+    restore, _ = _restoring(status, served)
+    deploys = tuple(a for a in restore if isinstance(a, Deploy))
+    return deploys, f"; the data plane set back ({drift})"
+
+
+def steering_refused(status: Status) -> str:
+    """Why a promote or set-weight of this held rollout would be refused ("" when it would
+    not), from what the data plane served at its last tick (`Status.served`)."""
+    if status.phase is not Phase.PAUSED:
+        return ""
+    return _steering_refused(status, status.served)
 
 
 def p99_bucket(counts: ColourCounts) -> float | None:

@@ -6,7 +6,13 @@ from dataclasses import replace
 
 import pytest
 
-from rollout.core.machine import new_status, resume_refused, step, with_commands
+from rollout.core.machine import (
+    new_status,
+    resume_refused,
+    steering_refused,
+    step,
+    with_commands,
+)
 from rollout.core.status import Command, Deploy, SetWeights, Status
 from rollout.core.types import Colour, Phase, Release, Served, Weights
 from tests.core.helpers import V1, V2, make_spec, obs
@@ -200,11 +206,89 @@ def test_abort_sets_blue_to_0_when_blue_serves_this_candidate(now_serving: Serve
     assert decision.status.phase is Phase.ROLLING_BACK and decision.actions == (SetWeights(0),)
 
 
-def test_abort_with_the_data_plane_unread_sets_blue_to_0_as_ever() -> None:
+def test_abort_with_the_data_plane_unread_goes_by_what_the_hold_last_read() -> None:
+    """Was: a router blip on the abort's tick set blue to 0 %, another rollout's canary's
+    traffic with it."""
     held = step(SPEC, at_10(), REGRESSION, 60.0, served(50, b=V3)).status
     decision = step(SPEC, abort(held), obs(at=70.0), 70.0, None)
-    assert decision.status.phase is Phase.ROLLING_BACK and decision.actions == (SetWeights(0),)
-    assert decision.status.reason == "aborted by ann: blue back to 0 %"
+    assert decision.actions == ()
+    assert decision.status.phase is Phase.ROLLED_BACK
+    assert decision.status.reason.startswith("aborted by ann: the data plane is left as it is (")
+    never_read = step(SPEC, abort(at_10()), obs(at=70.0), 70.0, None)  # nothing to go by
+    assert never_read.status.phase is Phase.ROLLING_BACK
+    assert never_read.actions == (SetWeights(0),)
+
+
+def steer(status: Status, kind: str, weight: int | None = None) -> Status:
+    command = Command(id="c7", kind=kind, weight=weight, by="ann")  # type: ignore[arg-type]
+    return with_commands(status, [command])
+
+
+STEERS = [
+    pytest.param("promote", None, id="promote"),
+    pytest.param("set_weight", 50, id="set-weight"),
+    pytest.param("set_weight", 100, id="set-weight-100"),
+]
+
+
+@pytest.mark.parametrize(("kind", "weight"), STEERS)
+@pytest.mark.parametrize("read", [True, False], ids=["read", "unread"])
+def test_promote_and_set_weight_leave_another_rollout_s_canary_alone(
+    kind: str, weight: int | None, read: bool
+) -> None:
+    """Was: promote sent all users to another rollout's never-judged canary, then removed it;
+    set-weight 50 gave it half of them."""
+    other = served(20, b=V3)
+    held = step(SPEC, at_10(), REGRESSION, 60.0, other).status
+    assert steering_refused(Status.from_dict(held.to_dict())).startswith(
+        "blue serves diabetes:3, not diabetes:2"
+    )
+    decision = step(SPEC, steer(held, kind, weight), obs(at=70.0), 70.0, other if read else None)
+    assert decision.actions == ()
+    assert decision.status.phase is Phase.PAUSED and decision.status.held
+    (note,) = decision.record["commands"]
+    assert "ignored, blue serves diabetes:3, not diabetes:2" in note
+    assert "resume first" in note and "or abort" in note
+
+
+@pytest.mark.parametrize(("kind", "weight"), STEERS)
+def test_promote_and_set_weight_refused_when_green_moved_on(kind: str, weight: int | None) -> None:
+    moved = served(0, g=V3)
+    held = step(SPEC, at_10(), REGRESSION, 60.0, moved).status
+    assert "green now serves diabetes:3" in steering_refused(held)
+    decision = step(SPEC, steer(held, kind, weight), obs(at=70.0), 70.0, moved)
+    assert decision.actions == () and decision.status.phase is Phase.PAUSED
+    assert "ignored, green now serves diabetes:3" in decision.record["commands"][0]
+
+
+@pytest.mark.parametrize(
+    ("kind", "weight", "phase", "weights"),
+    [
+        pytest.param("promote", None, Phase.PROMOTING, SetWeights(100), id="promote"),
+        pytest.param("set_weight", 50, Phase.PAUSED, SetWeights(50), id="set-weight"),
+        pytest.param("set_weight", 100, Phase.PROMOTING, SetWeights(100), id="set-weight-100"),
+    ],
+)
+def test_promote_and_set_weight_deploy_a_lost_blue_before_its_weights(
+    kind: str, weight: int | None, phase: Phase, weights: SetWeights
+) -> None:
+    """Was: the weights were sent to a blue serving nothing, which the router refuses for good:
+    every `run` stopped there, stuck in Promoting (where abort is not read)."""
+    lost = served(0, b=None)
+    held = step(SPEC, at_10(), REGRESSION, 60.0, lost).status
+    assert steering_refused(held) == ""
+    decision = step(SPEC, steer(held, kind, weight), obs(at=70.0), 70.0, lost)
+    assert decision.actions == (Deploy(Colour.BLUE, V2), weights)
+    assert decision.status.phase is phase and decision.status.served is None
+    assert "the data plane set back (blue serves nothing, not diabetes:2" in (
+        decision.status.reason
+    )
+    ok = step(SPEC, at_10(), obs(at=70.0), 70.0, served())
+    assert steer_actions(ok.status, kind, weight) == (weights,)  # nothing drifted: as ever
+
+
+def steer_actions(status: Status, kind: str, weight: int | None) -> tuple[object, ...]:
+    return step(SPEC, steer(status, kind, weight), obs(at=80.0), 80.0, served()).actions
 
 
 def test_a_hold_records_what_the_data_plane_served_and_a_resume_forgets_it() -> None:

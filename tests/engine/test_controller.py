@@ -11,7 +11,7 @@ import pytest
 
 from rollout import jsonl
 from rollout.config import SimulatedMetricsConfig, StaticTick, TrafficModel
-from rollout.controller import Controller, FakeClock
+from rollout.controller import ROLLBACK_PAUSE_CAP_S, ROLLBACK_RETRY_S, Controller, FakeClock
 from rollout.core.status import Command, Deploy, SetWeights, Status
 from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.errors import (
@@ -373,6 +373,55 @@ def test_a_transient_failure_is_still_retried(tmp_path: Path, error: RouterError
         ctl.run(max_ticks=5)
     assert router.attempts == 4
     assert clock.now() == 1000.0 + 1 + 2 + 4
+
+
+class DownAtTheRollback(MemoryRouter):
+    """Answers 503 to every change of the weights for `outage` s from the first one that takes
+    all traffic off blue (an API server upgraded, an Envoy admin restarted, at that moment)."""
+
+    def __init__(self, outage: float, clock: FakeClock, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.outage, self.clock, self.since, self.attempts = outage, clock, -1.0, 0
+        self.paused: list[float] = []
+
+    def set_weights(self, weights: Weights) -> None:
+        now = self.clock.now()
+        if self.since < 0 and not (weights.blue or weights.mirror):
+            self.since = now
+        if self.since >= 0 and now - self.since < self.outage:
+            self.attempts += 1
+            self.paused.append(now)
+            raise RouterUnavailable("503 from the API server")
+        super().set_weights(weights)
+
+
+@pytest.mark.parametrize(
+    ("outage", "ends"),
+    [
+        pytest.param(10.0, Phase.ROLLED_BACK, id="a-10-s-blip"),
+        pytest.param(170.0, Phase.ROLLED_BACK, id="a-3-min-upgrade"),
+        pytest.param(1e9, None, id="down-for-good"),
+    ],
+)
+def test_a_rollback_s_weights_are_retried_through_an_outage_of_minutes(
+    tmp_path: Path, outage: float, ends: Phase | None
+) -> None:
+    """Was: 4 attempts over 7 s, then exit 2 with the failing canary at its weight until a
+    human ran `run` again; a step up or down keeps its 4 attempts."""
+    clock = FakeClock(1000.0)
+    router = DownAtTheRollback(outage, clock, releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.3))
+    ctl.clock = clock
+    if ends is not None:
+        assert ctl.run(max_ticks=500).phase is ends
+        assert router.get_weights() == Weights.blue_at(0)
+        assert clock.now() - router.since < outage + ROLLBACK_PAUSE_CAP_S
+        return
+    with pytest.raises(RouterError, match=r"failed \d+ times in 6\d\d s"):
+        ctl.run(max_ticks=500)
+    assert ROLLBACK_RETRY_S <= clock.now() - router.since < ROLLBACK_RETRY_S + 31
+    pauses = [b - a for a, b in zip(router.paused, router.paused[1:], strict=False)]
+    assert pauses[:6] == [1, 2, 4, 8, 16, 30] and max(pauses) == ROLLBACK_PAUSE_CAP_S
 
 
 class NeverReadyBlue(MemoryRouter):
@@ -868,6 +917,26 @@ def test_a_command_without_a_rollout_id_is_written_as_older_readers_expect() -> 
     assert Command.from_dict(aimed.to_dict()) == aimed
 
 
+def test_a_rollout_begun_on_an_empty_green_says_it_deployed_the_stable_release(
+    tmp_path: Path,
+) -> None:
+    """Was: the deploy and the weights were made with no ledger line saying so."""
+    router = MemoryRouter()  # a fresh data plane: green serves nothing
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]))
+    ctl.start()
+    assert router.release(Colour.GREEN) is not None
+    (start,) = read_ledger(tmp_path / "t.ledger.jsonl")
+    assert start["describe"] == ["deploy diabetes:1 to green", "set weights blue 0 % / green 100 %"]
+    assert explain([start])[0].endswith(
+        "; green served nothing: deploy diabetes:1 to green; set weights blue 0 % / green 100 %"
+    )
+    again = tmp_path / "again"
+    again.mkdir()
+    ctl, _ = controller(again, MemoryRouter(releases={Colour.GREEN: V1}), StaticMetrics([]))
+    ctl.start()
+    assert "describe" not in read_ledger(again / "t.ledger.jsonl")[0]  # nothing done
+
+
 def test_a_resumed_rollout_restores_a_data_plane_that_lost_its_routes(tmp_path: Path) -> None:
     """A memory router without a state file is a data plane reset (Envoy from its bootstrap)."""
     router = MemoryRouter(releases={Colour.GREEN: V1})
@@ -914,6 +983,35 @@ def test_a_rollout_resumed_on_a_data_plane_that_lost_its_releases_goes_on(
     assert again.run(max_ticks=500).phase is Phase.SUCCEEDED
     story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
     assert "resumed with a data plane serving blue 0 %: deploy diabetes:1 to green" in story
+
+
+@pytest.mark.parametrize(
+    ("phase", "held", "weights"),
+    [
+        pytest.param(Phase.PROMOTING, False, SetWeights(100), id="promotion-decided"),
+        pytest.param(Phase.PAUSED, True, SetWeights(50), id="held-weight-set"),
+    ],
+)
+def test_pending_weights_to_a_blue_that_lost_its_release_deploy_it_first(
+    tmp_path: Path, phase: Phase, held: bool, weights: SetWeights
+) -> None:
+    """Was: "cannot send 100 % to blue: nothing is deployed there" at every `run`, stuck in
+    Promoting, where abort is refused (it reads no command): blue's workload lost after the
+    weights were decided (or decided by an earlier version that did not redeploy it)."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    status = ctl.run(max_ticks=2)
+    assert status.phase is Phase.PROGRESSING
+    decided = replace(status, phase=phase, held=held, pending=(weights,), applied=0)
+    ctl.store.save(replace(decided, blue_weight=weights.blue))
+    router.set_weights(Weights.blue_at(0))
+    router.remove(Colour.BLUE)  # evicted, deleted
+    again, _ = controller(tmp_path, router, simulated(router, 0.01))
+    resumed = again.run(max_ticks=1 if held else 500)
+    assert router.release(Colour.BLUE if held else Colour.GREEN) == V2
+    assert resumed.phase is (Phase.PAUSED if held else Phase.SUCCEEDED)
+    story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
+    assert "data plane serving nothing on blue: deploy diabetes:2 to blue" in story
 
 
 def test_a_data_plane_that_lost_its_routes_is_not_given_blue_again_for_an_abort(

@@ -1233,12 +1233,39 @@ def test_status_of_a_rollout_held_by_drift_shows_what_the_data_plane_served(
     text = " ".join(out.split())
     assert code == EXIT_PAUSED
     assert "data plane blue m:3, green m:1: blue 50 % / green 50 %" in text, text
-    assert "answer with resume, promote or abort" in text and "refused" not in text
+    assert "answer with resume or abort (blue serves another release)" in text, text
+    assert "promote refused: blue serves m:3, not m:2: another rollout's?" in text, text
     data = json.loads(invoke("status", str(spec), "--json")[1])
     assert data["served"]["weights"] == {"blue": 50, "green": 50, "mirror": 0}
     assert data["served"]["blue"]["version"] == "3"
     code, out = invoke("resume", str(spec))
     assert code == 0 and out.startswith("queued resume"), out
+
+
+@pytest.mark.parametrize(
+    ("args", "what"),
+    [
+        pytest.param(("promote",), "promoted", id="promote"),
+        pytest.param(("set-weight", "@", "50"), "set to 50 %", id="set-weight"),
+        pytest.param(("set-weight", "@", "100"), "set to 100 %", id="set-weight-100"),
+    ],
+)
+def test_promote_and_set_weight_are_refused_while_blue_serves_another_release(
+    tmp_path: Path, args: tuple[str, ...], what: str
+) -> None:
+    """Was: queued without a word; the controller then sent users to another rollout's
+    never-judged canary (all of them for a promote, which then removed it)."""
+    spec = _held_by_drift(tmp_path, green="1")
+    argv = [str(spec) if a == "@" else a for a in args]
+    if len(argv) == 1:
+        argv.append(str(spec))
+    code, out = invoke(*argv)
+    text = " ".join(out.split())
+    assert code == EXIT_ERROR, text
+    assert f"rollout cli cannot be {what}: blue serves m:3, not m:2: another rollout's?" in text
+    assert "resume first" in text and "or abort" in text, text
+    commands = tmp_path / "state" / "cli.commands.jsonl"
+    assert not commands.exists() or not commands.read_text().strip()
 
 
 def test_a_rollout_held_after_green_moved_on_is_not_offered_resume(tmp_path: Path) -> None:
