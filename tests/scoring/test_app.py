@@ -17,6 +17,10 @@ import jsonschema
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
+from sklearn.ensemble import GradientBoostingRegressor
+from sklearn.linear_model import Ridge
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeRegressor
 
 from scoring.app import create_app
@@ -570,6 +574,49 @@ def test_a_value_beyond_float32_is_a_422_for_a_tree(
         response = c.post("/score", json={"data": [ROW, row]})
     assert response.status_code == 422, response.text
     assert response.json()["error"].startswith("data[1][3] is too large for this model")
+    assert sample(registry, "scoring_requests_total", "422") == 1
+    assert sample(registry, "scoring_requests_total", "500") == 0
+
+
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedModel]:
+    """Pipelines whose scaler can push a finite input out of the estimator's range."""
+    estimators = {
+        "gbr": GradientBoostingRegressor(n_estimators=5, max_depth=2, random_state=0),
+        "ridge": Ridge(),
+    }
+    models = {}
+    for name, estimator in estimators.items():
+        folder = make_model_dir(
+            tmp_path_factory.mktemp(name), estimator=make_pipeline(StandardScaler(), estimator)
+        )
+        models[name] = load_model(folder, version="1", extra_trusted=["sklearn.tree._tree.Tree"])
+    return models
+
+
+@pytest.mark.parametrize(
+    ("model", "value"),
+    [
+        pytest.param("gbr", 1e38, id="float32-estimator-behind-a-scaler"),
+        pytest.param("gbr", -3e38, id="float32-estimator-negative"),
+        pytest.param("ridge", 1e307, id="float64-estimator-behind-a-scaler"),
+    ],
+)
+def test_an_input_the_scaler_drives_out_of_range_is_a_422(
+    scaled: dict[str, LoadedModel], registry: CollectorRegistry, model: str, value: float
+) -> None:
+    # Was: 500 for the gradient boosting pipeline (1e38 is within float32's range, the scaled
+    # value is not, and scikit-learn's "Input X contains infinity" ValueError was taken for a
+    # model failure), and for Ridge a 422 saying the model "computes in float32", which it does
+    # not.
+    row = [*ROW[:3], value, *ROW[4:]]
+    with client(scaled[model], registry, colour="blue") as c:
+        assert c.post("/score", json={"data": [ROW]}).status_code == 200
+        response = c.post("/score", json={"data": [ROW, ROW, row, ROW]})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error.startswith("data[2] drives the model outside its numeric range"), error
+    assert "float32" not in error
     assert sample(registry, "scoring_requests_total", "422") == 1
     assert sample(registry, "scoring_requests_total", "500") == 0
 
