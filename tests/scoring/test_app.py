@@ -623,7 +623,9 @@ def test_an_input_the_scaler_drives_out_of_range_is_a_422(
 
 
 @pytest.mark.parametrize(
-    "keys", [("",), (KEY, " "), (f" {KEY}",)], ids=["empty", "blank", "padded"]
+    "keys",
+    [("",), (KEY, " "), (f" {KEY}",), (KEY, "clé"), ("k\n1",)],
+    ids=["empty", "blank", "padded", "non-ascii", "control-char"],
 )
 def test_create_app_refuses_a_key_that_would_mean_no_auth(
     loaded: LoadedModel, registry: CollectorRegistry, keys: tuple[str, ...]
