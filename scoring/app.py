@@ -60,6 +60,9 @@ from scoring.scorer import Scorer
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+#: How long a request's body may take to arrive once its headers have: a client that stops
+#: sending mid-body gets a 408 and the connection closed, well inside the 75 s keep-alive.
+DEFAULT_BODY_TIMEOUT_S = 30.0
 #: A fault setting is two numbers; anything longer is not one.
 ADMIN_MAX_BODY_BYTES = 4096
 #: Headers a proxy adds on the way (Envoy: x-forwarded-proto, x-envoy-expected-rq-timeout-ms).
@@ -85,6 +88,8 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 _AUTH_HEADERS = [*_JSON_HEADERS, (b"www-authenticate", b"Bearer")]
 _FAULT_HEADERS = [*_JSON_HEADERS, (b"x-fault-injected", b"1")]
 _ENCODING_HEADERS = [*_JSON_HEADERS, (b"accept-encoding", b"identity")]
+#: The rest of a body that stopped arriving may still come: the connection cannot be reused.
+_CLOSE_HEADERS = [*_JSON_HEADERS, (b"connection", b"close")]
 _UPGRADE_LOST_BODY = orjson.dumps(
     {
         "error": "no request body arrived: this server speaks HTTP/1.1 only, and a request "
@@ -131,6 +136,7 @@ class ServerState:
     api_keys: tuple[bytes, ...]
     max_body_bytes: int
     max_rows: int
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     scorer: Scorer | None = None
     metrics: ScoringMetrics | None = None
     load_error: str | None = None
@@ -213,7 +219,10 @@ class ScoreEndpoint:
         finally:
             metrics.in_flight.dec()
             metrics.count(status)
-            metrics.observe_latency(time.perf_counter() - started)
+            # A body that never arrived measured the client's silence, not the model: kept out
+            # of the histogram a judge reads (a stalled client once put ~95 s in it).
+            if status not in _BODY_NEVER_ARRIVED:
+                metrics.observe_latency(time.perf_counter() - started)
 
     async def _answer(
         self, scope: Scope, receive: Receive, scorer: Scorer, metrics: ScoringMetrics
@@ -234,9 +243,10 @@ class ScoreEndpoint:
                     f"Content-Encoding {encoding} is not supported: send the body uncompressed"
                 )
                 return 415, _error(message), _ENCODING_HEADERS
-        body = await _read_body(headers, receive, state.max_body_bytes)
+        body = await _read_body(headers, receive, state.max_body_bytes, state.body_timeout_s)
         if isinstance(body, InputError):
-            return body.status, _error(body.message), _JSON_HEADERS
+            answer_headers = _CLOSE_HEADERS if body.status == 408 else _JSON_HEADERS
+            return body.status, _error(body.message), answer_headers
         if not body and any(name == b"upgrade" for name, _ in headers):
             # uvicorn's httptools parser drops the body of a request offering an upgrade it
             # does not take (uvicorn #2722), and Java's HttpClient offers h2c on every request:
@@ -257,10 +267,17 @@ class ScoreEndpoint:
         return 200, orjson.dumps(answer), _JSON_HEADERS
 
 
+#: Statuses of a /score request whose body never (fully) arrived: 408 timed out, 499 the client
+#: went away (nginx's code; nobody receives the answer).
+_BODY_NEVER_ARRIVED = frozenset({408, 499})
+
+
 async def _read_body(
-    headers: Sequence[tuple[bytes, bytes]], receive: Receive, limit: int
+    headers: Sequence[tuple[bytes, bytes]], receive: Receive, limit: int, timeout_s: float
 ) -> bytes | InputError:
-    """The request body, or an InputError(413) once it exceeds `limit` (never read further)."""
+    """The request body, or an InputError: 413 once it exceeds `limit` (never read further),
+    408 when it has not all arrived within `timeout_s`, 499 when the client disconnected.
+    """
     for name, value in headers:
         if name == b"content-length":
             try:
@@ -272,17 +289,21 @@ async def _read_body(
             break
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return InputError("client disconnected before sending the body", 400)
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return InputError(f"request body exceeds {limit} bytes", 413)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return InputError("client disconnected before sending the body", 499)
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    return InputError(f"request body exceeds {limit} bytes", 413)
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        return InputError(f"request body not received within {timeout_s:g} s", 408)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -349,6 +370,7 @@ def _score_openapi(
             "200": answer("predictions", {"$ref": "#/components/schemas/ScoreResponse"}),
             "400": answer("malformed JSON or unreadable body", error),
             "401": answer("missing or invalid API key", error),
+            "408": answer("body not all received in time", error),
             "413": answer("body or batch too large", error),
             "415": answer("compressed body (Content-Encoding other than identity)", error),
             "422": answer("well-formed JSON the model cannot score", error),
@@ -381,6 +403,7 @@ def create_app(
     fault: FaultKnob | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_rows: int = DEFAULT_MAX_ROWS,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     version: str | None = None,
     on_load_failure: Callable[[str], object] | None = None,
 ) -> FastAPI:
@@ -391,10 +414,11 @@ def create_app(
     says 503 and /healthz 200 (a large model may take longer to load than a liveness probe
     waits for a port). A failed load is logged, /readyz says "failed", then `on_load_failure`
     gets the message: the image passes `exit_on_load_failure`, so the container restarts.
-    `registry` defaults to a fresh CollectorRegistry (never the global one).
+    `registry` defaults to a fresh CollectorRegistry (never the global one). A request body
+    that has not all arrived `body_timeout_s` after the headers is answered 408.
     """
-    if max_body_bytes < 1 or max_rows < 1:
-        raise ValueError("max_body_bytes and max_rows must be positive")
+    if max_body_bytes < 1 or max_rows < 1 or not body_timeout_s > 0:
+        raise ValueError("max_body_bytes, max_rows and body_timeout_s must be positive")
     if (problem := api_key_problem(api_keys)) is not None:
         raise ValueError(problem)
     state = ServerState(
@@ -404,6 +428,7 @@ def create_app(
         api_keys=tuple(k.encode() for k in api_keys),
         max_body_bytes=max_body_bytes,
         max_rows=max_rows,
+        body_timeout_s=body_timeout_s,
     )
     pending: Path | None = None
     if isinstance(model, LoadedModel):
@@ -555,9 +580,12 @@ def create_app(
         # and parse a body of any size from any client before the guard could refuse it.
         if (denied := admin_guard(request)) is not None:
             return denied
-        body = await _read_body(request.scope["headers"], request.receive, ADMIN_MAX_BODY_BYTES)
+        body = await _read_body(
+            request.scope["headers"], request.receive, ADMIN_MAX_BODY_BYTES, state.body_timeout_s
+        )
         if isinstance(body, InputError):
-            return JSONResponse({"error": body.message}, body.status)
+            close = {"connection": "close"} if body.status == 408 else None
+            return JSONResponse({"error": body.message}, body.status, headers=close)
         try:
             setting = FaultSetting.model_validate_json(body)
         except ValidationError as exc:

@@ -2,7 +2,8 @@
 
 A key that is empty, or only spaces, would silently mean "no auth": the server drops it and then
 has no key to check. A key with spaces around it can never match, since the presented token is
-stripped. Both are refused where keys come in (`aml-rollout serve`, `create_app`).
+stripped. Both are refused where keys come in (`aml-rollout serve`, `create_app`), and so is a
+key that is not printable ASCII (`clé`): clients cannot send it in a header.
 
 `AML_ROLLOUT_API_KEY` is read by `api_keys_from_env`, the one parser `serve` and the package
 image both use: keys separated by whitespace and/or commas (a Bearer token holds neither), so
@@ -27,6 +28,12 @@ def api_key_problem(keys: Iterable[str]) -> str | None:
             return "an empty API key would serve /score without auth; give a real key or none"
         if key != key.strip():
             return "an API key with spaces around it can never match; strip it"
+        if not (key.isascii() and key.isprintable()):
+            # Python's http.client, httpx and `aml-rollout load` cannot send such a header.
+            return (
+                "an API key must be printable ASCII: a client cannot send a non-ASCII or "
+                "control character in its Authorization header"
+            )
     return None
 
 

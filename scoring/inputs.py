@@ -2,10 +2,11 @@
 
 The body is `{"data": [[x1, ..., xn], ...]}` with n taken from model.json's feature names.
 Every rule below answers with an InputError naming what is wrong, which the servers turn into a
-4xx JSON answer: malformed JSON (orjson also rejects NaN/Infinity literals and numbers that
-overflow a double), a body that is not an object, a missing or non-list `data`, an empty batch,
-too many rows, a row of the wrong width, a value that is not a JSON number (booleans and
-numeric strings included: numpy would silently coerce them), or a non-finite value.
+4xx JSON answer: a body that is not UTF-8 (said so, and gzip named), malformed JSON (orjson
+also rejects NaN/Infinity literals and numbers that overflow a double), a body that is not an
+object, a missing or non-list `data`, an empty batch, too many rows, a row of the wrong width, a
+value that is not a JSON number (booleans and numeric strings included: numpy would silently
+coerce them), or a non-finite value.
 
 The check is a plain loop over the values with exact `type()` tests: orjson yields only int,
 float, bool, str, None, list and dict, so this is both strict and cheap (~0.3 µs per value).
@@ -40,7 +41,22 @@ def parse_json(body: bytes | str) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise InputError(f"malformed JSON: {exc}", 400) from None
+        raise InputError(_not_utf8(body) or f"malformed JSON: {exc}", 400) from None
+
+
+def _not_utf8(body: bytes | str) -> str | None:
+    """Why `body` is not UTF-8, or None if it is: orjson said "str is not valid UTF-8: surrogates
+    not allowed: line 1 column 1", pointing at neither the byte nor the likely cause.
+    """
+    if isinstance(body, str):
+        return None
+    if body.startswith(b"\x1f\x8b"):
+        return "body is not UTF-8: it looks gzip-compressed; send it uncompressed"
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"body is not UTF-8 (byte 0x{body[exc.start]:02x} at {exc.start})"
+    return None
 
 
 def rows_from_payload(

@@ -219,6 +219,15 @@ def read_sample(path: Path | str) -> list[list[float]]:
         raise ValueError(f"{path}: expected a JSON object with a 'data' list ({exc})") from exc
     if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
         raise ValueError(f"{path}: 'data' must be a non-empty list of rows")
+    for i, row in enumerate(rows):
+        for j, value in enumerate(row):
+            # Python's json reads NaN and Infinity; httpx would send them as null, a 422 each.
+            if isinstance(value, float) and not math.isfinite(value):
+                name = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+                raise ValueError(
+                    f"{path}: data[{i}][{j}] is {name}, which JSON cannot carry to the server; "
+                    "give finite numbers"
+                )
     return rows
 
 

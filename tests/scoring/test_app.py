@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import random
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,6 +18,10 @@ import jsonschema
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
+from sklearn.ensemble import GradientBoostingRegressor
+from sklearn.linear_model import Ridge
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeRegressor
 
 from scoring.app import create_app
@@ -574,8 +579,53 @@ def test_a_value_beyond_float32_is_a_422_for_a_tree(
     assert sample(registry, "scoring_requests_total", "500") == 0
 
 
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedModel]:
+    """Pipelines whose scaler can push a finite input out of the estimator's range."""
+    estimators = {
+        "gbr": GradientBoostingRegressor(n_estimators=5, max_depth=2, random_state=0),
+        "ridge": Ridge(),
+    }
+    models = {}
+    for name, estimator in estimators.items():
+        folder = make_model_dir(
+            tmp_path_factory.mktemp(name), estimator=make_pipeline(StandardScaler(), estimator)
+        )
+        models[name] = load_model(folder, version="1", extra_trusted=["sklearn.tree._tree.Tree"])
+    return models
+
+
 @pytest.mark.parametrize(
-    "keys", [("",), (KEY, " "), (f" {KEY}",)], ids=["empty", "blank", "padded"]
+    ("model", "value"),
+    [
+        pytest.param("gbr", 1e38, id="float32-estimator-behind-a-scaler"),
+        pytest.param("gbr", -3e38, id="float32-estimator-negative"),
+        pytest.param("ridge", 1e307, id="float64-estimator-behind-a-scaler"),
+    ],
+)
+def test_an_input_the_scaler_drives_out_of_range_is_a_422(
+    scaled: dict[str, LoadedModel], registry: CollectorRegistry, model: str, value: float
+) -> None:
+    # Was: 500 for the gradient boosting pipeline (1e38 is within float32's range, the scaled
+    # value is not, and scikit-learn's "Input X contains infinity" ValueError was taken for a
+    # model failure), and for Ridge a 422 saying the model "computes in float32", which it does
+    # not.
+    row = [*ROW[:3], value, *ROW[4:]]
+    with client(scaled[model], registry, colour="blue") as c:
+        assert c.post("/score", json={"data": [ROW]}).status_code == 200
+        response = c.post("/score", json={"data": [ROW, ROW, row, ROW]})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error.startswith("data[2] drives the model outside its numeric range"), error
+    assert "float32" not in error
+    assert sample(registry, "scoring_requests_total", "422") == 1
+    assert sample(registry, "scoring_requests_total", "500") == 0
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [("",), (KEY, " "), (f" {KEY}",), (KEY, "clé"), ("k\n1",)],
+    ids=["empty", "blank", "padded", "non-ascii", "control-char"],
 )
 def test_create_app_refuses_a_key_that_would_mean_no_auth(
     loaded: LoadedModel, registry: CollectorRegistry, keys: tuple[str, ...]
@@ -583,6 +633,64 @@ def test_create_app_refuses_a_key_that_would_mean_no_auth(
     # Was: empty keys were dropped, so `--api-key ""` served /score to anyone.
     with pytest.raises(ValueError, match="API key"):
         create_app(loaded, registry=registry, api_keys=keys)
+
+
+def _stall_after(request: bytes, url: str) -> bytes:
+    """Send `request` (headers and part of a body) on a raw socket; all the server answers."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            answer += chunk
+    return answer
+
+
+def test_a_body_that_stops_arriving_is_a_408_that_closes_the_connection(
+    loaded: LoadedModel, registry: CollectorRegistry
+) -> None:
+    # Was: headers and 4 of 33 bytes, then silence, held the connection (in flight 1) for as
+    # long as the client liked, then counted a 400 with its ~95 s in the latency histogram.
+    stalled = (
+        b"POST /score HTTP/1.1\r\nHost: scoring.test\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 33\r\n\r\n{"da'
+    )
+    app = create_app(loaded, registry=registry, colour="blue", body_timeout_s=0.05)
+    with running_server(app) as url:
+        answer = _stall_after(stalled, url)
+        admin = _stall_after(stalled.replace(b"POST /score", b"PUT /admin/fault"), url)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), answer
+    assert b"\r\nconnection: close" in head.lower()
+    assert json.loads(body)["error"] == "request body not received within 0.05 s"
+    assert admin.startswith(b"HTTP/1.1 408 ") and b"connection: close" in admin.lower(), admin
+    assert sample(registry, "scoring_requests_total", "408") == 1
+    assert sample(registry, "scoring_requests_total", "500") == 0
+    # The wait was the client's, not the model's: the judge's latency histogram never sees it.
+    assert sample(registry, "scoring_request_duration_seconds_count") == 0
+    assert registry.get_sample_value("scoring_requests_in_flight", {"colour": "blue"}) == 0
+
+
+def test_a_client_gone_before_its_body_is_a_499_out_of_the_histogram(
+    loaded: LoadedModel, registry: CollectorRegistry
+) -> None:
+    # Was: counted a 400 ("bad request") with the client's silence in the latency histogram.
+    with running_server(create_app(loaded, registry=registry, colour="blue")) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(
+                b"POST /score HTTP/1.1\r\nHost: scoring.test\r\nContent-Length: 33\r\n\r\n{"
+            )
+            deadline = time.monotonic() + 5
+            while not registry.get_sample_value("scoring_requests_in_flight", {"colour": "blue"}):
+                assert time.monotonic() < deadline, "the request never reached the app"
+                time.sleep(0.01)
+        deadline = time.monotonic() + 5
+        while sample(registry, "scoring_requests_total", "499") == 0:
+            assert time.monotonic() < deadline, "the disconnect was never counted"
+            time.sleep(0.01)
+    assert sample(registry, "scoring_requests_total", "400") == 0
+    assert sample(registry, "scoring_request_duration_seconds_count") == 0
 
 
 def test_a_body_dropped_by_an_h2c_upgrade_offer_is_said_so(

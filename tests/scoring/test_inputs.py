@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import numpy as np
 import pytest
 
@@ -18,7 +20,22 @@ ROW = [0.1] * 10
         pytest.param(b"{", 400, "malformed JSON", id="truncated-json"),
         pytest.param(b'{"data": [[NaN]]}', 400, "malformed JSON", id="nan-literal"),
         pytest.param(b'{"data": [[1e400]]}', 400, "malformed JSON", id="overflowing-double"),
-        pytest.param(b"\xff\xfe", 400, "malformed JSON", id="not-utf8"),
+        # Was: "malformed JSON: str is not valid UTF-8: surrogates not allowed: line 1 column 1".
+        pytest.param(
+            b"\xff\xfe{\x00}\x00", 400, r"^body is not UTF-8 \(byte 0xff at 0\)$", id="utf16"
+        ),
+        pytest.param(
+            b'{"data": [[1]], "x": "\xff"}',
+            400,
+            r"^body is not UTF-8 \(byte 0xff at 22\)$",
+            id="bad-byte-late",
+        ),
+        pytest.param(
+            gzip.compress(b'{"data": [[1]]}'),
+            400,
+            r"^body is not UTF-8: it looks gzip-compressed; send it uncompressed",
+            id="gzip-without-content-encoding",
+        ),
         pytest.param(b"[1, 2]", 422, "must be a JSON object", id="array-body"),
         pytest.param(b'"data"', 422, "got string", id="string-body"),
         pytest.param(b"{}", 422, "field 'data' is required", id="no-data"),

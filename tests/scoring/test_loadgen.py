@@ -175,6 +175,15 @@ def test_read_sample_accepts_a_file_or_a_folder(model_dir: Path, package_dir: Pa
     assert read_sample(package_dir) == read_sample(package_dir / "model" / "sample-input.json")
 
 
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_read_sample_refuses_a_non_finite_value(tmp_path: Path, literal: str) -> None:
+    # Was: accepted (Python's json reads NaN), sent as null, and every request came back 422.
+    sample = tmp_path / "nan.json"
+    sample.write_text(f'{{"data": [[1, 2], [3, {literal}]]}}')
+    with pytest.raises(ValueError, match=rf"^{sample}: data\[1\]\[1\] is {literal}"):
+        read_sample(sample)
+
+
 def test_bare_host_gets_a_scheme() -> None:
     assert normalise_url("10.0.0.4/score") == "http://10.0.0.4/score"
     assert normalise_url("https://x/score") == "https://x/score"

@@ -180,6 +180,9 @@ def test_serve_takes_uvicorn_s_log_levels(
         pytest.param(["--api-key", ""], {}, "empty API key", id="empty-key"),
         pytest.param(["--api-key", "k1", "--api-key", "  "], {}, "empty API key", id="blank-key"),
         pytest.param(["--api-key", " k1"], {}, "spaces around it", id="padded-key"),
+        # Was: served, and a client could not send it (`load`: 'ascii' codec can't encode).
+        pytest.param([], {"AML_ROLLOUT_API_KEY": "k1,clé"}, "printable ASCII", id="non-ascii-key"),
+        pytest.param(["--api-key", "k\x7f1"], {}, "printable ASCII", id="control-char-key"),
         pytest.param([], {"AML_ROLLOUT_API_KEY": " "}, "holds no key", id="blank-env-key"),
         pytest.param([], {"AML_ROLLOUT_API_KEY": ""}, "holds no key", id="empty-env-key"),
         pytest.param(["--max-rows", "0"], {}, "--max-rows", id="zero-rows"),
