@@ -19,9 +19,7 @@ Heavy modules (numpy, scipy, the engine) are imported inside command bodies so t
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from rollout.azure_credential import quiet_azure_logs
+from rollout.commands.console import QuietWhenReaderGone
 
 if TYPE_CHECKING:
     from rollout.config import RolloutSpec
@@ -49,7 +48,7 @@ EXIT_FAILED = 5
 EXIT_RUNNING = 6
 
 
-class _Output(Console):
+class _Output(QuietWhenReaderGone):
     """stdout or stderr, which a controller outlives: rich exits the program (status 1,
     silently) when its reader has gone (`run | head`, `run 2>&1 | head`), and a controller
     stopped so leaves the canary at its weight with nothing guarding it. With `outlive_reader`
@@ -60,10 +59,8 @@ class _Output(Console):
 
     def on_broken_pipe(self) -> None:
         if not type(self).outlive_reader:
-            super().on_broken_pipe()  # a viewer (`status --watch | head`): done, exit
-        self.quiet = True
-        gone = sys.stderr if self.stderr else sys.stdout
-        os.dup2(os.open(os.devnull, os.O_WRONLY), gone.fileno())
+            Console.on_broken_pipe(self)  # a viewer (`status --watch | head`): done, exit
+        super().on_broken_pipe()
         if not self.stderr:
             _err.print(
                 "stdout closed: the rollout goes on, printing nothing more "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import _thread
 import contextlib
 import json
-import os
 import shlex
 import signal
 import threading
@@ -25,6 +24,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from rollout.commands.console import QuietWhenReaderGone
 
 EXIT_INTERRUPTED = 130
 
@@ -77,24 +78,13 @@ class _Interrupts:
         return previous
 
 
-class _UpConsole(Console):
+class _UpConsole(QuietWhenReaderGone):
     """`up`'s stdout, whose reader may go (`up | tee`, tee ended) while `up` serves or stops.
 
-    rich never gives a broken pipe back: it calls `on_broken_pipe`, which exits (status 1). Was:
-    raised by the handler saying "still stopping" during the stop, that exit escaped
-    `stack.stop()` and cut it short. Here the console goes quiet instead, its stream pointed at
-    /dev/null (so the interpreter's last flush does not fail either): `up` serves, then stops,
-    as it would have, printing nothing more.
+    Was: rich's exit on a broken pipe, raised by the handler saying "still stopping" during the
+    stop, escaped `stack.stop()` and cut it short. Here the console goes quiet instead: `up`
+    serves, then stops, as it would have, printing nothing more.
     """
-
-    def on_broken_pipe(self) -> None:
-        self.quiet = True
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            with contextlib.suppress(OSError, ValueError):  # a stream with no descriptor
-                os.dup2(devnull, self.file.fileno())
-        finally:
-            os.close(devnull)
 
 
 def _restore(previous: dict[signal.Signals, Any]) -> None:
