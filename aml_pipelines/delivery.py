@@ -7,7 +7,8 @@ nothing else starts a rollout on their behalf. A delivery:
    with temp + rename, so doing it twice after a crash costs time, not correctness);
 2. rolls it out through the rollout engine, whose state store is resumable: called again for the
    same candidate after a crash, it continues the rollout where the store says it is instead of
-   starting over, and a finished rollout is never run again;
+   starting over, and a finished rollout is not run again while green serves its outcome
+   (`starts_anew`: otherwise that outcome is history, and the version is rolled out anew);
 3. makes the registry follow traffic: promoted → the candidate is `stage=production` and the
    previous production version `stage=archived`; rolled back (or failed) → the candidate is
    `stage=rolled-back` with `rollback_reason` from the ledger.
@@ -385,7 +386,9 @@ class EngineDelivery:
         *,
         before_rollout: Callable[[], DeliveryOutcome | None] | None = None,
     ) -> DeliveryOutcome:
-        """Package + roll out `version`; resume or just re-tag if the store already has it.
+        """Package + roll out `version`; resume it if the store has it running, or just re-tag
+        if its rollout ended and green still serves the outcome (`starts_anew`; otherwise it
+        is rolled out again, judged against what green serves now).
 
         A model's first release (no production version, green serving nothing or, after a
         crash, already serving it) is deployed to green with all traffic and judged on the
@@ -394,14 +397,25 @@ class EngineDelivery:
         begin (see Delivery.deliver).
         """
         from rollout.core.types import Release
+        from rollout.routers.factory import make_router
 
         view = self.current()
         ours = view is not None and (view.model, view.candidate) == (version.name, version.version)
+        router = None
         if view is not None and ours and not view.active:
-            log.info(
-                "%s v%d: its rollout already ended (%s)", version.name, version.version, view.phase
-            )
-            return self._finish(version, view.phase, view.reason, None)
+            # Replayed only while green still serves its outcome (as the rollout step does on a
+            # re-run); otherwise that outcome is history and a new judged rollout starts below.
+            router = make_router(self.spec.router)
+            release = Release(model=version.name, version=str(version.version))
+            if not starts_anew(self.spec, release, self.state_dir, router=router):
+                log.info(
+                    "%s v%d: its rollout already ended (%s)",
+                    version.name,
+                    version.version,
+                    view.phase,
+                )
+                return self._finish(version, view.phase, view.reason, None)
+            ours = False
         if view is not None and view.active and not ours:
             raise TriggerError(
                 f"cannot deliver {version.name} v{version.version}: the rollout of "
@@ -413,11 +427,9 @@ class EngineDelivery:
             log.info("%s v%d: resuming its rollout", version.name, version.version)
             release = Release(model=version.name, version=str(version.version))
             return self._roll_out(version, self.spec, release, resumed=True)
-        from rollout.routers.factory import make_router
-
         # One router client and one metrics client for all the delivery's calls (azureml: an
         # MLClient; azuremonitor: a credential and its token), the metrics probed first.
-        router = make_router(self.spec.router)
+        router = router or make_router(self.spec.router)
         metrics = probe_metrics(self.spec, router)
         try:
             release = self._package(version)
@@ -572,6 +584,45 @@ def green_is_free(spec: Any, release: Any, router: Any) -> bool:
 
     serving = green_release(spec, router=router)
     return serving is None or same_bits(serving, release)
+
+
+def starts_anew(spec: Any, candidate: Any, state_dir: Path, *, router: Any = None) -> bool:
+    """Whether the stored rollout has ended and a new one of `candidate` starts: it was of another
+    version, or its outcome no longer serves.
+
+    A store that outlives one run (the trigger's `state.dir`, `state.kind: kubernetes`,
+    `run-local --run-dir` again) holds the last rollout; the engine refuses to start another over
+    an ended one unless told. An ended rollout of the SAME version (a retried step, a redelivery)
+    is reported as it ended — and its outcome written to the registry — only while green still
+    serves that outcome: the candidate after a promotion, the stable release after a rollback.
+    Otherwise (an old run's folder re-run, a version delivered again after later rollouts or a
+    hand-made change of green) the outcome is history, and replayed it would tag the registry
+    with what no longer serves: a new rollout of the candidate starts against what green serves
+    now. One still running is resumed or refused by the engine, as before. `router`: the spec's,
+    if the caller has one (None: built here).
+    """
+    from rollout.api import green_release, open_store
+    from rollout.core.types import Phase
+
+    stored = open_store(spec, state_dir).load()
+    if stored is None or not stored.terminal or stored.candidate is None:
+        return False
+    if stored.candidate.ref != candidate.ref:
+        return True
+    served = stored.candidate if stored.phase is Phase.SUCCEEDED else stored.stable
+    green = green_release(spec, router=router)
+    if served is not None and green is not None and not served.unlike(green):
+        return False
+    log.warning(
+        "the rollout of %s in %s ended %s, but green serves %s now: that outcome no longer "
+        "serves, so it is not reported; starting a new rollout of %s",
+        candidate.ref,
+        state_dir,
+        stored.phase.value,
+        green.ref if green is not None else "nothing",
+        candidate.ref,
+    )
+    return True
 
 
 def check_first_release(

@@ -6,7 +6,9 @@ and walks its nodes:
 1. order the nodes by their `${{parent.jobs.<node>.outputs.<name>}}` references (a topological
    sort; `until` keeps a step and the steps it depends on);
 2. bind every output to a folder `<run_dir>/<node>/<output>/`, every input to the pipeline value,
-   the upstream output folder, or the component's default;
+   the upstream output folder, or the component's default; the train, register and package
+   folders an earlier run of the folder left are moved to `<run_dir>/previous/` before the
+   first step runs (FRESH_STEPS), so no step leaves another run's outputs looking current;
 3. render the component's declared `command` as Azure ML does: `$[[...]]` optional blocks are
    kept only when their inputs are bound, `${{inputs.x}}` / `${{outputs.y}}` are substituted into
    the text, which is then split as a shell would (the YAMLs quote string and path values) —
@@ -34,6 +36,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,6 +80,15 @@ ROLLOUT_VERDICTS = {EXIT_ROLLED_BACK: "rolled back", EXIT_PAUSED: "paused for a 
 
 #: `<run_dir>/.run-id`: the run folder's id (see run_id).
 RUN_ID_FILE = ".run-id"
+
+#: `<run_dir>/previous/`: the step folders an earlier run of the folder left there.
+PREVIOUS_DIR = "previous"
+
+#: The steps whose folders hold only what their run made of its model, moved aside as a run
+#: starts. Not the rollout step's: its result folder is the rollout's state store, which a later
+#: `--until rollout` resumes (a paused rollout) or judges anew (components/rollout), and which
+#: `rollout status --state-dir` reads; what it says is the data plane's, naming its versions.
+FRESH_STEPS = ("train", "register", "package")
 
 #: How long a step gets to stop after run-local passed a SIGTERM on, before it is killed.
 STOP_GRACE_S = 20.0
@@ -211,11 +223,41 @@ def run_local(
     planned = _render_all(nodes, values, run_dir)
     result = LocalRun(run_dir)
     emit(f"local run {run}: {' → '.join(n.name for n in nodes)} in {run_dir}")
+    if moved := _move_earlier_outputs(run_dir):
+        emit(f"the earlier run's {', '.join(moved)} moved to {run_dir / PREVIOUS_DIR}")
     commit = source_commit()  # as in Azure ML (build.stamp_source): "-dirty" included
     with _Stopper().installed() as stopper:
         for node in planned:
             _run_step(node, run, params, commit, env, stopper, result, emit)
     return result
+
+
+def _move_earlier_outputs(run_dir: Path) -> list[str]:
+    """Move the FRESH_STEPS folders an earlier run left in `run_dir` to `<run_dir>/previous/`
+    (an older `previous/` removed first); the steps moved.
+
+    Was: `--until train` (or a run stopped by the gate) left the earlier run's register/ and
+    package/ in place, describing the old model version, read by a user or a later step as this
+    run's. Every step of this run writes a fresh folder; one it does not reach is absent.
+    """
+    earlier = [step for step in FRESH_STEPS if (run_dir / step).exists()]
+    if not earlier:
+        return []
+    previous = run_dir / PREVIOUS_DIR
+    try:
+        if previous.is_dir() and not previous.is_symlink():
+            shutil.rmtree(previous)
+        else:
+            previous.unlink(missing_ok=True)
+        previous.mkdir()
+        for step in earlier:
+            (run_dir / step).rename(previous / step)
+    except OSError as exc:
+        raise ConfigError(
+            f"run_dir {run_dir}: cannot move the earlier run's outputs to {previous}: "
+            f"{exc.strerror or exc}"
+        ) from None
+    return earlier
 
 
 def _render_all(nodes: list[_Node], values: Mapping[str, Any], run_dir: Path) -> list[_Planned]:

@@ -5,8 +5,8 @@ The version is named one of two ways, exactly one of which must be given:
 - `--registration DIR` (the training pipeline): the register step's registration.json, whose
   sha256 is checked too; the model files come from `--model` when the registry keeps no copy;
 - `--model-name N --model-version V` (the deploy pipeline): a version already registered; its
-  files come from `--registered-model` (Azure ML mounts `azureml:<name>:<version>` there) or the
-  registry's own folder (the local registry).
+  files come from `--registered-model` (Azure ML mounts `azureml:<name>:<version>` there, or one
+  folder down: `package.model_folder`) or the registry's own folder (the local registry).
 
 Neither or both is a clear error (exit 1) before anything is read.
 """

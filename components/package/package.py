@@ -301,6 +301,21 @@ def helm_values(colour: str, image: str, model: ModelVersion) -> str:
     return header + yaml.safe_dump(values, sort_keys=False)
 
 
+def model_folder(given: Path) -> Path:
+    """The model folder `given` names: itself, or the one model folder it holds one level down
+    (Azure ML downloads a model asset into `<input>/<name>/`), found as the register step and
+    the scoring server find it (`scoring.model.resolve_model_dir`); ConfigError naming the
+    candidates when it holds several, or saying it holds none."""
+    from scoring.errors import ModelLoadError
+    from scoring.model import resolve_model_dir
+
+    try:
+        folder, _ = resolve_model_dir(given)
+    except ModelLoadError as exc:
+        raise ConfigError(f"model folder: {exc}") from None
+    return folder
+
+
 def build_package(
     model: ModelVersion,
     out_dir: Path,
@@ -317,7 +332,7 @@ def build_package(
         raise ConfigError(f"mode: {mode!r} is not one of {list(MODES)}")
     if mode == "azureml" and ml_client is None:
         raise ConfigError("mode: azureml needs a workspace (an MLClient)")
-    source = model.path or model_dir
+    source = model.path or (model_folder(model_dir) if model_dir is not None else None)
     if source is None:
         raise ConfigError(
             f"{model.name}:{model.version} has no local folder ({model.uri}); pass the model folder"

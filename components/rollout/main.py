@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("rollout engine not available (%s); nothing was rolled out", exc)
         return EXIT_ENGINE_UNAVAILABLE
 
+    from aml_pipelines.delivery import starts_anew
+
     candidate = Release(
         model=str(package["model"]),
         version=str(package["version"]),
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 candidate=candidate,
                 state_dir=args.result,
                 stop_when_paused=True,
-                restart=_starts_anew(spec, candidate, args.result),
+                restart=starts_anew(spec, candidate, args.result),
                 clock=clock,
             )
         except (RolloutError, _RegistryUnreadable) as exc:
@@ -163,44 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.registry and not _follow_traffic(args.registry, candidate, result):
         return 1
     return _EXIT_BY_PHASE.get(str(result.phase), 1)
-
-
-def _starts_anew(spec: Any, candidate: Any, state_dir: Path) -> bool:
-    """Whether the stored rollout has ended and a new one starts: it was of another version, or
-    its outcome no longer serves.
-
-    A store that outlives the step (`state.kind: kubernetes`, `run-local --run-dir` again) holds
-    the last job's rollout; the engine refuses to start another over an ended one unless told
-    (it would otherwise fail every pipeline run after the first). An ended rollout of the SAME
-    version (a retried step) is reported as it ended — and its outcome written to the registry —
-    only while green still serves that outcome: the candidate after a promotion, the stable
-    release after a rollback. Otherwise (an old run's folder re-run after later rollouts) the
-    outcome is history, and replayed it would tag the registry with what no longer serves: a
-    new rollout of the candidate starts against what green serves now. One still running is
-    resumed or refused by the engine, as before.
-    """
-    from rollout.api import green_release, open_store
-    from rollout.core.types import Phase
-
-    stored = open_store(spec, state_dir).load()
-    if stored is None or not stored.terminal or stored.candidate is None:
-        return False
-    if stored.candidate.ref != candidate.ref:
-        return True
-    served = stored.candidate if stored.phase is Phase.SUCCEEDED else stored.stable
-    green = green_release(spec)
-    if served is not None and green is not None and not served.unlike(green):
-        return False
-    log.warning(
-        "the rollout of %s in %s ended %s, but green serves %s now: that outcome no longer "
-        "serves, so it is not reported; starting a new rollout of %s",
-        candidate.ref,
-        state_dir,
-        stored.phase.value,
-        green.ref if green is not None else "nothing",
-        candidate.ref,
-    )
-    return True
 
 
 class _RegistryUnreadable(Exception):

@@ -2,7 +2,7 @@
 
 rich never gives a broken pipe back to its caller: it calls `Console.on_broken_pipe`, which
 exits the program (status 1). A command that must go on when its reader has gone (`up | tee`
-with tee ended, `rollout run | head`) uses `QuietWhenReaderGone` instead.
+with tee ended, `rollout run | head`, `demo | head -3`) uses `QuietWhenReaderGone` instead.
 """
 
 from __future__ import annotations

@@ -157,7 +157,9 @@ def demo(
     from rollout.local.demo import run_demo
 
     folder = out or Path("runs") / f"demo-{datetime.now(UTC):%Y%m%dT%H%M%S}"
-    console = Console(soft_wrap=True, emoji=False)
+    # `demo | head -3`: quiet once the reader has gone, the story and the stack's stop go on
+    # (was: rich's exit 1 mid-story).
+    console = QuietWhenReaderGone(soft_wrap=True, emoji=False)
     try:
         with sigterm_as_interrupt() as stopping:
             result = run_demo(folder, console=console, rps=rps, stopping=stopping)

@@ -418,3 +418,39 @@ def test_a_signal_during_the_stop_with_stdout_s_reader_gone_does_not_cut_it_shor
     assert PipeGoneWhileStopping.finished and runner_got == []
     assert result.exit_code == 0, (result.exit_code, result.exception)
     assert StandInStack.last is not None and StandInStack.last.stopped
+
+
+def test_demo_goes_quiet_and_carries_on_when_its_stdout_reader_has_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`aml-rollout demo | head -3`: was rich's exit on the broken pipe, exit 1 mid-story (its
+    `finally` stopping the stack all the same). The story stands in for `run_demo` (no process
+    starts): it writes to the console once the reader has gone, goes on, and stops its stack."""
+    import rollout.local.demo as local_demo
+
+    told: list[str] = []
+    pipes: list[ReaderGone] = []
+
+    def story(out_dir: Path, *, console: Any, rps: float, stopping: Any) -> Any:
+        try:
+            console.print("pipeline v1: train → register")
+            pipes.append(ReaderGone())  # made here: it keeps CliRunner's stdout alive
+            sys.stdout = pipes[0].file  # `head -3` has read its lines and gone
+            console.print("rollout of diabetes v2")  # EPIPE
+            told.append("went on")
+            return local_demo.DemoResult(
+                out_dir,
+                out_dir / "report.html",
+                outcomes={"diabetes-v2": "Succeeded", "diabetes-v3": "RolledBack"},
+            )
+        finally:
+            told.append("stack stopped")
+
+    monkeypatch.setattr(local_demo, "run_demo", story)
+    try:
+        result = CliRunner().invoke(cli_app, ["demo", "--out", str(tmp_path / "demo")])
+    finally:
+        for pipe in pipes:
+            pipe.close()
+    assert result.exit_code == 0, (result.exit_code, result.exception)
+    assert told == ["went on", "stack stopped"]

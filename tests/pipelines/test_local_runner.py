@@ -352,22 +352,33 @@ def test_every_step_is_rendered_before_the_first_runs(tmp_path: Path) -> None:
 
 def test_run_local_reports_only_a_registration_this_run_made(tmp_path: Path) -> None:
     # `--until train` into a run folder an earlier run registered from printed that run's
-    # "registered diabetes-ridge version 1", though nothing was registered.
+    # "registered diabetes-ridge version 1", though nothing was registered; and the earlier
+    # run's register/ and package/ stayed in the run folder, read as this run's outputs.
     from rollout.cli import app
 
-    stale = tmp_path / "run" / "register" / "registration"
+    run = tmp_path / "run"
+    stale = run / "register" / "registration"
     stale.mkdir(parents=True)
     (stale / "registration.json").write_text(
         json.dumps({"name": "diabetes-ridge", "version": 7, "sha256": "0" * 64})
     )
+    (run / "package" / "package").mkdir(parents=True)
+    (run / "package" / "package" / "package.json").write_text('{"version": "7"}')
+    (run / "rollout" / "result").mkdir(parents=True)  # the rollout's state store: it stays
     args = ["pipeline", "run-local", "--registry", f"local:{tmp_path / 'registry'}",
-            "--run-dir", str(tmp_path / "run")]  # fmt: skip
+            "--run-dir", str(run)]  # fmt: skip
     trained = CliRunner().invoke(app, [*args, "--until", "train"], terminal_width=400)
     assert trained.exit_code == 0, trained.output
     assert "local run complete" in trained.output and "registered" not in trained.output
+    assert sorted(p.name for p in run.iterdir()) == [".run-id", "previous", "rollout", "train"]
+    assert (run / "previous" / "register" / "registration" / "registration.json").is_file()
+    assert (run / "previous" / "package" / "package" / "package.json").is_file()
+    assert f"earlier run's register, package moved to {run / 'previous'}" in trained.output
 
     registered = CliRunner().invoke(app, [*args, "--until", "register"], terminal_width=400)
     assert registered.exit_code == 0, registered.output
+    # the run before's train/ replaces the older outputs there
+    assert sorted(p.name for p in (run / "previous").iterdir()) == ["train"]
     sha256 = LocalRegistry(tmp_path / "registry").get("diabetes-ridge", 1).sha256
     assert f"registered diabetes-ridge version 1 (sha256 {sha256})" in registered.output
 

@@ -526,6 +526,42 @@ def test_a_damaged_model_json_is_not_packaged(registered, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        pytest.param(["diabetes-ridge"], None, id="one-folder-down"),
+        pytest.param([""], None, id="flat"),
+        pytest.param(["a", "b"], r"holds 2 model or package folders \(a, b\): give one of them",
+                     id="two-candidates"),
+        pytest.param([], r"holds neither package\.json .* nor model\.json", id="none"),
+    ],
+)  # fmt: skip
+def test_the_registered_model_is_found_one_folder_down_as_the_other_steps_do(
+    registered, tmp_path: Path, layout: list[str], message: str | None
+) -> None:
+    """Azure ML downloads a model asset into `<input>/<name>/`: the register step and scoring
+    look one folder down (scoring.model.resolve_model_dir); the package step read
+    `<input>/model.json` and failed with "not found"."""
+    registry, root = registered
+    given = tmp_path / "registered"
+    given.mkdir()
+    for sub in layout:
+        shutil.copytree(root / "model", given / sub, dirs_exist_ok=True)
+    version = registry.get("Diabetes-Ridge", 1)
+    without_path = type(version)(version.name, version.version, "azureml://x", version.sha256)
+    if message is None:
+        result = build_package(
+            without_path, tmp_path / "out", image_registry="acr.io", model_dir=given
+        )
+        manifest = json.loads((result.path / "package.json").read_text())
+        assert manifest["sha256"] == version.sha256
+        assert (result.path / "model" / "model.json").is_file()
+        return
+    with pytest.raises(ConfigError, match=message):
+        build_package(without_path, tmp_path / "out", image_registry="acr.io", model_dir=given)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
     "library_versions", [None, ["x"], {"scikit-learn": "not a version"}], ids=str
 )
 def test_malformed_library_versions_are_not_packaged(

@@ -770,6 +770,42 @@ def test_crash_between_traffic_and_tags_is_repaired_idempotently(
     assert ledger.read_text() == before
 
 
+@pytest.mark.parametrize(
+    ("green_since", "phase", "stages"),
+    [
+        # green still serves v2: the redelivery reports the promotion (a new rollout, judged
+        # against the failing canary below, would roll back)
+        pytest.param(None, "Succeeded", ["archived", "production"], id="still-served-is-replayed"),
+        # green was set back to v1 since: the promotion is history; v2 is judged again against
+        # v1 (and rolls back). Replayed, v2 was tagged production while green served v1.
+        pytest.param("1", "RolledBack", ["production", "rolled-back"], id="history-rolls-out-anew"),
+    ],
+)
+def test_an_ended_rollout_is_replayed_only_while_green_serves_its_outcome(
+    tmp_path: Path,
+    two_versions: LocalRegistry,
+    green_since: str | None,
+    phase: str,
+    stages: list[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The rule of the rollout step's re-run (components/rollout: `starts_anew`), here for the
+    trigger: an ended rollout of the version is replayed only while its outcome serves."""
+    first = EngineDelivery(two_versions, _spec(tmp_path, 0.01), clock=FakeClock(1_000.0))
+    assert first.deliver(two_versions.get("diabetes", 2)).phase == "Succeeded"
+    if green_since is not None:  # rolled back by hand, the registry told so
+        spec = _spec(tmp_path, 0.01)
+        MemoryRouter.from_config(spec.router).deploy(Colour.GREEN, Release("diabetes", green_since))
+        two_versions.set_tags("diabetes", 1, {"stage": "production"})
+        two_versions.set_tags("diabetes", 2, {"stage": "archived"})
+    caplog.clear()
+    again = EngineDelivery(two_versions, _spec(tmp_path, 0.5), clock=FakeClock(2_000.0))
+    outcome = again.deliver(two_versions.get("diabetes", 2))
+    assert outcome.phase == phase, outcome.reason
+    assert [v.stage for v in two_versions.list_versions("diabetes")] == stages
+    assert ("that outcome no longer serves" in caplog.text) == (green_since is not None)
+
+
 def test_abort_rolls_the_running_rollout_back_with_the_reason(
     tmp_path: Path, two_versions: LocalRegistry
 ) -> None:
