@@ -488,8 +488,10 @@ def _handle_commands(
             if status.phase is not Phase.PAUSED:
                 notes.append("resume: ignored, not paused")
                 continue
-            drift = _drift(status, served)
-            restore, refused = _restoring(status, served) if served and drift else ((), "")
+            # Unread this tick: the held status's last reading, as for abort (else a router
+            # blip resumed the step on a data plane that lost blue, or weights edited by hand).
+            drift = _drift(status, seen)
+            restore, refused = _restoring(status, seen) if seen and drift else ((), "")
             if refused:
                 notes.append(f"resume: ignored, {refused}")
                 continue
