@@ -616,6 +616,9 @@ def _ingest(
     if fresh_threshold:
         # Count slow requests only from the tick after the threshold was chosen.
         last_b, last_g = replace(last_b, slow=now_b.slow), replace(last_g, slow=now_g.slow)
+    # Requests whose latency is known both now and at the base: the guard's denominator
+    # grows by those only (requests of unknown latency would dilute its rate).
+    slo_known = now_b.over_slo >= 0 and last_b.over_slo >= 0
     if last_b.over_slo < 0:
         # No count of the guard's to go on (a status written before the guard counted its own
         # requests, or blue's histogram missing last tick): count from the next tick.
@@ -665,6 +668,7 @@ def _ingest(
         last_green=now_g,
         step_canary_requests=status.step_canary_requests + db.requests,
         canary_over_slo=status.canary_over_slo + db.over_slo,
+        canary_slo_requests=status.canary_slo_requests + (db.requests if slo_known else 0),
         consecutive_errors=0,
     )
     return status, tick
@@ -814,6 +818,9 @@ def judge_first(analysis: AnalysisConfig, green: ColourCounts) -> tuple[Verdict,
     needed = _e(log_needed)
     kept: list[tuple[float, str, float]] = []
     for name, what, limit in limits:
+        if name == "over_slo" and not green.latency_buckets:
+            # Requests read without a histogram are neither slow nor fast: no evidence either way.
+            return Verdict.INCONCLUSIVE, f"{what} unknown after {n} requests: no latency histogram"
         bad = min(bad_of[name], n)
         if breach := _guard(bad, n, limit, log_needed=log_needed, unit="requests"):
             return Verdict.FAILED, f"{what} {breach}"
@@ -853,7 +860,7 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
     lat = analysis.latency
     slo_s = _guard_slo_s(analysis)
     if slo_s is not None and lat.max_slow_rate is not None:
-        breach = _guard(status.canary_over_slo, ev.canary_requests, lat.max_slow_rate)
+        breach = _guard(status.canary_over_slo, status.canary_slo_requests, lat.max_slow_rate)
         if breach:
             return Verdict.FAILED, f"canary requests slower than {slo_s * 1000:g} ms: {breach}"
 

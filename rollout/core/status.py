@@ -209,6 +209,9 @@ class Status:
     #: Canary requests above the latency guard's SLO over the rollout (the guard's count; its
     #: requests are the errors check's canary requests, folded from the same ticks).
     canary_over_slo: int = 0
+    #: Canary requests whose latency was known, over the rollout: the guard's denominator
+    #: (requests read without a histogram are neither over the SLO nor under it).
+    canary_slo_requests: int = 0
     consecutive_errors: int = 0
     verdict: Verdict | None = None
     reason: str = ""
@@ -265,6 +268,7 @@ class Status:
             "last_green": asdict(self.last_green),
             "step_canary_requests": self.step_canary_requests,
             "canary_over_slo": self.canary_over_slo,
+            "canary_slo_requests": self.canary_slo_requests,
             "consecutive_errors": self.consecutive_errors,
             "verdict": self.verdict.value if self.verdict else None,
             "reason": self.reason,
@@ -302,6 +306,10 @@ class Status:
             last_green=_counts_from_dict(data["last_green"]),
             step_canary_requests=int(data["step_canary_requests"]),
             canary_over_slo=int(data.get("canary_over_slo", 0)),
+            # A status file from before this field: the errors check's requests, as then.
+            canary_slo_requests=int(
+                data.get("canary_slo_requests", data["errors"]["canary_requests"])
+            ),
             consecutive_errors=int(data["consecutive_errors"]),
             verdict=Verdict(data["verdict"]) if data.get("verdict") else None,
             reason=data.get("reason", ""),

@@ -988,6 +988,46 @@ def test_a_status_saved_before_the_guard_counted_does_not_count_the_step_so_far_
     assert Status.from_dict(status.to_dict()) == status
 
 
+def test_requests_of_unknown_latency_are_not_the_latency_guard_s_denominator() -> None:
+    """Was: 1,000 canary requests without a histogram (slow count unknown) still counted as
+    requests of the guard, diluting 40 of 200 over the SLO (20 %, limit 5 %) to 3 %."""
+    spec = make_spec(
+        analysis={
+            "max_step_duration_s": 36000,
+            "min_requests": 100_000,  # (no step up: the counts are the step's since it began)
+            "latency": {"enabled": True, "threshold": "slo", "slo_ms": 250, "max_slow_rate": 0.05},
+        }
+    )
+
+    def tick(status: Status, i: int, blue: int, over: int | None) -> Status:
+        buckets = () if over is None else slow_buckets(blue, over)
+        seen = obs(
+            blue=(blue, 0),
+            green=(9 * blue, 0),
+            at=10.0 * i,
+            blue_buckets=buckets,
+            green_buckets=slow_buckets(9 * blue, 9 * (over or 0)),
+        )
+        return step(spec, status, seen, 10.0 * i).status
+
+    status = tick(progressing(slow_threshold_s=0.25), 1, 1000, None)
+    assert status.canary_slo_requests == 0 and status.errors.canary_requests == 1000
+    # The histogram's return is the base (measured from a tick without one): counted after it.
+    status = tick(status, 2, 1100, 0)
+    assert status.canary_slo_requests == 0 and status.phase is Phase.PROGRESSING
+    assert status.slow.canary_requests == 0  # nor is the latency check's evidence
+    status = tick(status, 3, 1300, 40)
+    assert status.canary_slo_requests == 200 and status.canary_over_slo == 40
+    assert status.slow.canary_requests == 200
+    assert status.phase is Phase.ROLLING_BACK
+    assert "slower than 250 ms: 20 % is above the limit 5 %" in status.reason
+    assert "after 200 canary requests" in status.reason
+    assert Status.from_dict(status.to_dict()) == status
+    old = status.to_dict()
+    del old["canary_slo_requests"]  # a status file from before: the errors check's requests
+    assert Status.from_dict(old).canary_slo_requests == status.errors.canary_requests
+
+
 # ---- a service's first release, judged on absolute limits alone (`bootstrap --check`)
 
 SLO_GUARD = {"latency": {"enabled": True, "threshold": "slo", "slo_ms": 250, "max_slow_rate": 0.05}}
@@ -1068,6 +1108,13 @@ def green_counts(requests: int, errors: int = 0, slow: int = 0) -> ColourCounts:
             Verdict.SUCCESSFUL,
             "share of requests slower than 250 ms 0.5 % is below the limit 5 %",
             id="errors-unlimited-only-latency-judged",
+        ),
+        pytest.param(
+            SLO_GUARD,
+            ColourCounts(requests=400),  # was: 0 of 400 slow, shown below 5 %: a pass on silence
+            Verdict.INCONCLUSIVE,
+            "share of requests slower than 250 ms unknown after 400 requests: no latency histogram",
+            id="slo-with-no-histogram",
         ),
     ],
 )
