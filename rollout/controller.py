@@ -70,7 +70,7 @@ from rollout.errors import (
     RouterUnavailable,
 )
 from rollout.ledger import Ledger, span
-from rollout.metrics.base import MetricsProvider
+from rollout.metrics.base import MetricsProvider, usable
 from rollout.routers.base import Fenced, TrafficRouter
 from rollout.state.base import StateStore
 
@@ -731,7 +731,9 @@ class Controller:
     def _observe(self, since: float, now: float, *, history: bool = False) -> Observation:
         read = self.metrics.history if history else self.metrics.observe
         try:
-            return read(since, now)
+            # Checked here, the one place every backend's counts pass: an unusable count (a
+            # source of one's own answering NaN, say) is an Error tick, like an outage.
+            return usable(read(since, now))
         except MetricsError as exc:  # the contract says "never raises"; be safe anyway
             return Observation(since=since, at=now, error=str(exc))
 

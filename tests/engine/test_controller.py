@@ -13,7 +13,7 @@ from rollout import jsonl
 from rollout.config import SimulatedMetricsConfig, StaticTick, TrafficModel
 from rollout.controller import ROLLBACK_PAUSE_CAP_S, ROLLBACK_RETRY_S, Controller, FakeClock
 from rollout.core.status import Command, Deploy, SetWeights, Status
-from rollout.core.types import Colour, Phase, Release, Weights
+from rollout.core.types import Colour, ColourCounts, Observation, Phase, Release, Verdict, Weights
 from rollout.errors import (
     ConfigError,
     ConflictError,
@@ -1215,3 +1215,85 @@ def test_the_story_names_a_weight_set_by_the_command_the_operator_typed(tmp_path
         line.endswith("operator set-weight: weight set to 50 % by ann → Progressing")
         for line in story
     ), story
+
+
+class CustomSource:
+    """A metrics source of a user's own (the MetricsProvider protocol): `blue` and `green`
+    counts as it hands them over, numbers of any kind."""
+
+    def __init__(self, blue: ColourCounts, green: ColourCounts) -> None:
+        self.blue, self.green = blue, green
+
+    def observe(self, since: float, now: float) -> Observation:
+        return Observation(since=since, at=now, blue=self.blue, green=self.green)
+
+    def history(self, since: float, now: float) -> Observation:
+        return Observation(since=since, at=now)
+
+    def probe(self) -> None:
+        return None
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("blue", "green", "said"),
+    [
+        pytest.param(
+            ColourCounts(requests=NAN, errors=0),  # type: ignore[arg-type]
+            ColourCounts(requests=900, errors=1),
+            "blue requests is nan",
+            id="nan-requests",
+        ),
+        pytest.param(
+            ColourCounts(requests=100, errors=NAN),  # type: ignore[arg-type]
+            ColourCounts(requests=900, errors=1),
+            "blue errors is nan",
+            id="nan-errors",  # was: never rolled back, never failed (NaN e-values)
+        ),
+        pytest.param(
+            ColourCounts(requests=100, errors=0),
+            ColourCounts(requests=INF, errors=1),  # type: ignore[arg-type]
+            "green requests is inf",
+            id="inf-requests",
+        ),
+        pytest.param(
+            ColourCounts(requests=-100, errors=0),
+            ColourCounts(requests=900, errors=1),
+            "blue requests is -100",
+            id="negative-requests",
+        ),
+        pytest.param(
+            ColourCounts(requests=100, errors=0),
+            ColourCounts(requests=900, errors=-5),
+            "green errors is -5",
+            id="negative-errors",
+        ),
+        pytest.param(
+            ColourCounts(requests=100, errors=150),
+            ColourCounts(requests=900, errors=1),
+            "blue errors 150 > requests 100",
+            id="more-errors-than-requests",
+        ),
+        pytest.param(
+            ColourCounts(requests=100, errors=0, latency_buckets=((0.25, NAN),)),  # type: ignore[arg-type]
+            ColourCounts(requests=900, errors=1),
+            "blue latency_buckets count at 0.25 s is nan",
+            id="nan-bucket",
+        ),
+    ],
+)
+def test_unusable_counts_from_a_custom_source_are_an_error_tick_naming_colour_and_field(
+    tmp_path: Path, blue: ColourCounts, green: ColourCounts, said: str
+) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, CustomSource(blue, green))
+    status = ctl.run(max_ticks=3)  # start, then judged twice
+    assert status.phase is Phase.PROGRESSING and status.step_index == 0
+    assert status.verdict is Verdict.ERROR
+    assert status.consecutive_errors == 2
+    assert said in status.reason and "metrics unusable" in status.reason
+    assert status.errors.canary_requests == 0  # nothing of them folded
+    ticks = [r for r in read_ledger(tmp_path / "t.ledger.jsonl") if "metrics_error" in r]
+    assert len(ticks) == 2 and said in ticks[-1]["metrics_error"]
