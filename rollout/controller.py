@@ -470,9 +470,11 @@ class Controller:
         )
 
     def _abort_queued(self, status: Status) -> bool:
-        """An operator's abort of this rollout was queued while no controller ran (and no
-        promote before it, which the machine would follow, ignoring the abort)."""
-        if status.phase not in (Phase.INITIALIZING, Phase.PROGRESSING, Phase.PAUSED):
+        """An operator's abort of this rollout was queued while no controller ran, in a phase
+        that reads one (Promoting too: a promotion whose weights the router refuses for good
+        is left by an abort, never applied again)."""
+        readers = (Phase.INITIALIZING, Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING)
+        if status.phase not in readers:
             return False
         queued = with_commands(status, self.store.commands()).commands
         return queued_abort(status, queued) is not None

@@ -20,6 +20,7 @@ its actions through the router. Phases (terminal in brackets):
   `on_inconclusive` (hold = Paused for a human, or roll back). Metrics errors count as
   Inconclusive until `max_consecutive_errors` in a row, then the same policy applies.
 - Paused: no step advances, but the judge keeps watching: a clear regression still rolls back.
+- Promoting reads an abort (green still serves the stable release): RollingBack, blue to 0 %.
 - Operator commands (pause, resume, promote, abort, set_weight) arrive queued in the status and
   are handled here, in order, at the start of a tick — never racing an analysis.
 - A data plane that no longer serves what the rollout set (another rollout on it, a hand edit;
@@ -240,6 +241,15 @@ def step(
         status = _threshold_from_history(spec, status, observation, record)
         return _decide(*_start(spec, status, now), record)
     if status.phase is Phase.PROMOTING:
+        if (abort := queued_abort(status, status.commands)) is not None:
+            # Green still serves the stable release until Finalising: blue to 0 % undoes the
+            # promotion. The one way out of a promotion whose weights the router refuses for
+            # good (its namespace or endpoint gone): `run` stopped at them every time.
+            status, actions = _abort_promotion(
+                replace(status, commands=tuple(c for c in status.commands if c is not abort)),
+                abort,
+            )
+            return _decide(status, actions, record, [f"abort: {status.reason}"])
         candidate = status.candidate
         if candidate is None:
             reason = "cannot promote: the candidate release is unknown; blue back to 0 %"
@@ -266,17 +276,26 @@ def step(
 
 
 def queued_abort(status: Status, commands: Iterable[Command]) -> Command | None:
-    """The abort of this rollout among `commands` (queued, oldest first) that comes before any
-    step the machine would take, or None: none queued, or a promote before it (which the
-    machine follows, ignoring the abort once promoting)."""
+    """The first abort of this rollout among `commands` (queued, oldest first), or None. A
+    promote before it does not hide it: an abort is read while promoting too."""
     for command in commands:
         if command.rollout and command.rollout != status.id:
             continue  # the machine ignores it too
         if command.kind == "abort":
             return command
-        if command.kind == "promote" or (command.kind == "set_weight" and command.weight == 100):
-            return None
     return None
+
+
+def _abort_promotion(status: Status, abort: Command) -> tuple[Status, tuple[Action]]:
+    """Roll a promotion back: until Finalising, green still serves the stable release."""
+    who = f" by {abort.by}" if abort.by else ""
+    stable = f", green keeps serving {status.stable.ref}" if status.stable else ""
+    return _rollback(
+        status,
+        f"aborted{who} while promoting: blue back to 0 %{stable} (the promotion of "
+        f"{_name(status.candidate)} abandoned)",
+        None,
+    )
 
 
 def candidate_failed(status: Status, problem: str, now: float) -> Decision:
@@ -454,10 +473,16 @@ def _handle_commands(
                 f"{cmd.kind}{who}: ignored, queued for an earlier rollout of {status.name}"
             )
             continue
-        if status.phase not in (Phase.PROGRESSING, Phase.PAUSED):
+        if status.phase is Phase.PROMOTING and cmd.kind == "abort":
+            # A promote (or set-weight 100) earlier in this batch: the abort comes after it and
+            # wins, before the promotion's weights are ever served.
+            status, acts = _abort_promotion(status, cmd)
+            actions = [a for a in actions if not isinstance(a, SetWeights)]
+            actions.extend(acts)
+        elif status.phase not in (Phase.PROGRESSING, Phase.PAUSED):
             notes.append(f"{cmd.kind}: ignored in phase {status.phase.value}")
             continue
-        if cmd.kind == "abort":
+        elif cmd.kind == "abort":
             if not_ours := _blue_not_ours(status, seen):
                 # Blue's weight is whoever deployed there's (another rollout's canary): set to
                 # 0 %, that rollout would lose its traffic and hold in turn. Ended, not undone.

@@ -409,11 +409,6 @@ def test_commands(
     ("start", "ends"),
     [
         pytest.param(
-            replace(progressing(), phase=Phase.PROMOTING, blue_weight=100),
-            Phase.SUCCEEDED,
-            id="queued-while-promoting",
-        ),
-        pytest.param(
             replace(progressing(), phase=Phase.FINALISING, blue_weight=100),
             Phase.SUCCEEDED,
             id="queued-while-finalising",
@@ -443,6 +438,34 @@ def test_commands_left_queued_at_the_end_are_dropped_with_a_note(
         f"abort by ann: dropped, not acted on: the rollout ended {ends.value} first",
         f"promote by ann: dropped, not acted on: the rollout ended {ends.value} first",
     ]
+
+
+def test_an_abort_read_while_promoting_rolls_back_to_green() -> None:
+    """Was: ignored, then dropped. A promotion whose weights the router refuses for good (its
+    namespace or endpoint gone) stopped every `run` in Promoting, and could not be aborted.
+    Green still serves the stable release until Finalising: blue to 0 % undoes it."""
+    promoting = replace(progressing(), phase=Phase.PROMOTING, blue_weight=100)
+    status = with_commands(promoting, [cmd("pause", ident="c0"), cmd("abort")])
+    decision = step(SPEC, status, None, 30.0)
+    assert decision.status.phase is Phase.ROLLING_BACK
+    assert decision.status.blue_weight == 0 and decision.actions == (SetWeights(0),)
+    assert decision.status.reason == (
+        "aborted by ann while promoting: blue back to 0 %, green keeps serving diabetes:1 "
+        "(the promotion of diabetes:2 abandoned)"
+    )
+    assert decision.record["commands"] == [f"abort: {decision.status.reason}"]
+    ended = step(SPEC, decision.status, None, 31.0)
+    assert ended.status.phase is Phase.ROLLED_BACK and ended.status.commands == ()
+    assert ended.record["commands"] == [
+        "pause by ann: dropped, not acted on: the rollout ended RolledBack first"
+    ]
+    other = with_commands(promoting, [replace(cmd("abort"), rollout="an-earlier-one")])
+    assert step(SPEC, other, None, 30.0).status.phase is Phase.FINALISING
+    # Read in one batch after a promote: the promotion's weights are never sent.
+    both = with_commands(progressing(), [cmd("promote", ident="c0"), cmd("abort")])
+    decision = step(SPEC, both, obs(at=30.0), 30.0)
+    assert decision.status.phase is Phase.ROLLING_BACK and decision.actions == (SetWeights(0),)
+    assert "while promoting" in decision.status.reason
 
 
 def test_a_command_is_handled_once_even_if_delivered_again() -> None:

@@ -1297,3 +1297,36 @@ def test_unusable_counts_from_a_custom_source_are_an_error_tick_naming_colour_an
     assert status.errors.canary_requests == 0  # nothing of them folded
     ticks = [r for r in read_ledger(tmp_path / "t.ledger.jsonl") if "metrics_error" in r]
     assert len(ticks) == 2 and said in ticks[-1]["metrics_error"]
+
+
+class RefusesThePromotion(MemoryRouter):
+    """A router that refuses blue 100 % for good: the namespace (or endpoint) it was sent to
+    is gone for that route, say."""
+
+    def set_weights(self, weights: Weights) -> None:
+        if weights.blue == 100:
+            raise RouterRefused("namespace ml-prod not found")
+        super().set_weights(weights)
+
+
+def test_a_promotion_the_router_refuses_for_good_can_be_aborted(tmp_path: Path) -> None:
+    """Was: every `run` stopped at the promotion's weights, and `abort` was refused in
+    Promoting: the rollout could neither end nor be rolled back."""
+    router = RefusesThePromotion(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    with pytest.raises(RouterRefused):
+        ctl.run(max_ticks=500)
+    stuck = ctl.store.load()
+    assert stuck is not None and stuck.phase is Phase.PROMOTING and stuck.applied == 0
+    again, _ = controller(tmp_path, router, simulated(router, 0.01))
+    with pytest.raises(RouterRefused):  # as ever, without an abort
+        again.run(max_ticks=5)
+    ctl.store.push_command(Command(id="a", kind="abort", by="ann", rollout=stuck.id))
+    aborted, _ = controller(tmp_path, router, simulated(router, 0.01))
+    final = aborted.run(max_ticks=5)
+    assert final.phase is Phase.ROLLED_BACK
+    assert router.get_weights() == Weights.blue_at(0) and router.release(Colour.GREEN) == V1
+    story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
+    assert "aborted by ann while promoting: blue back to 0 %, green keeps serving diabetes:1" in (
+        story
+    )
