@@ -212,13 +212,23 @@ def step(
     observation: Observation | None,
     now: float,
     served: Served | None = None,
+    elapsed: float | None = None,
 ) -> Decision:
     """Decide one tick. `observation` may be None in phases that do not analyse; `served` is
     what the data plane serves (None when it was not read): one that no longer serves what
-    the rollout set holds it for a human (`_drift`)."""
+    the rollout set holds it for a human (`_drift`). `elapsed` is the time since the last
+    tick (`status.updated_at`) on a clock that never steps (None when unknown: the first tick
+    of a controller, whose wall time since then is taken as it is); the step ages by it, not
+    by a step of the wall clock (`step_age`)."""
     before = status
     status = replace(status, tick=status.tick + 1, updated_at=now)
     record: dict[str, Any] = {"tick": status.tick, "at": now, "phase_before": before.phase.value}
+    if elapsed is not None and (stepped := (now - before.updated_at) - elapsed):
+        # The wall clock moved by more (or less) than the time that passed: an NTP step. Not
+        # the step's age: a healthy step would end inconclusive at the next tick.
+        status = replace(status, step_uncounted_s=status.step_uncounted_s + stepped)
+        if abs(stepped) >= 1.0:
+            record["clock_stepped_s"] = round(stepped, 3)
 
     if status.phase in TERMINAL:
         status, notes = _drop_commands(status, "ignored: the rollout has ended")
@@ -273,6 +283,12 @@ def step(
         status = replace(status, phase=Phase.ROLLED_BACK)
         return _decide(status, (), record)
     return _analyse(spec, status, observation, now, record, served)
+
+
+def step_age(status: Status, now: float) -> float:
+    """How long the current step has run at `now`: wall time since it began, less the wall
+    clock's steps the controller measured between ticks (`Status.step_uncounted_s`)."""
+    return max(now - status.step_started_at - status.step_uncounted_s, 0.0)
 
 
 def queued_abort(status: Status, commands: Iterable[Command]) -> Command | None:
@@ -423,6 +439,7 @@ def _enter_step(status: Status, index: int, weight: int, now: float, mirror: int
         blue_weight=weight,
         mirror=mirror,
         step_started_at=now,
+        step_uncounted_s=0.0,
         last_blue=Counts(),
         last_green=Counts(),
         step_canary_requests=0,
@@ -913,7 +930,7 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
 
     weight = status.blue_weight
     name = _step_name(status)
-    elapsed = now - status.step_started_at
+    elapsed = step_age(status, now)
     if weight == 0 and not status.mirror:
         if elapsed >= analysis.min_step_s:
             return Verdict.SUCCESSFUL, "step 0 %: blue deployed, reachable by header only"
@@ -1183,7 +1200,7 @@ def _analyse(
         status = _enter_step(status, nxt, plan[nxt], now, _mirror_at(spec, plan[nxt]))
         status = replace(status, reason=f"{reason}; blue to {plan[nxt]} %")
         return _decide(status, (SetWeights(plan[nxt], status.mirror),), record, notes)
-    if now - status.step_started_at >= analysis.max_step_duration_s:
+    if step_age(status, now) >= analysis.max_step_duration_s:
         return _decide(
             *_on_inconclusive(
                 spec,

@@ -195,6 +195,9 @@ class Status:
     mirror: int = 0
     started_at: float = 0.0
     step_started_at: float = 0.0
+    #: Wall time since `step_started_at` the step's age does not count: steps of the wall
+    #: clock (NTP), measured against the controller's monotonic clock between ticks.
+    step_uncounted_s: float = 0.0
     updated_at: float = 0.0
     tick: int = 0
     candidate: Release | None = None
@@ -257,6 +260,7 @@ class Status:
             "mirror": self.mirror,
             "started_at": self.started_at,
             "step_started_at": self.step_started_at,
+            "step_uncounted_s": self.step_uncounted_s,
             "updated_at": self.updated_at,
             "tick": self.tick,
             "candidate": asdict(self.candidate) if self.candidate else None,
@@ -295,6 +299,7 @@ class Status:
             mirror=int(data.get("mirror", 0)),
             started_at=float(data["started_at"]),
             step_started_at=float(data["step_started_at"]),
+            step_uncounted_s=float(data.get("step_uncounted_s", 0.0)),
             updated_at=float(data["updated_at"]),
             tick=int(data["tick"]),
             candidate=Release(**data["candidate"]) if data.get("candidate") else None,

@@ -1330,3 +1330,57 @@ def test_a_promotion_the_router_refuses_for_good_can_be_aborted(tmp_path: Path) 
     assert "aborted by ann while promoting: blue back to 0 %, green keeps serving diabetes:1" in (
         story
     )
+
+
+class SteppedClock(FakeClock):
+    """A fake clock whose wall time an NTP step moves (`offset`); its monotonic time never."""
+
+    def __init__(self, start: float) -> None:
+        super().__init__(start)
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return self.t + self.offset
+
+
+#: Too few canary requests ever to pass a step: only its age (60 s at most) ends it, held.
+SLOW_STEP = make_spec(analysis={"max_step_duration_s": 60, "min_requests": 10_000})
+FEW = StaticTick.model_validate({"blue": {"requests": 10}, "green": {"requests": 90}})
+
+
+def test_a_step_of_the_wall_clock_does_not_age_the_step(tmp_path: Path) -> None:
+    """Was: NTP stepping the wall clock 15 minutes on between two ticks aged a healthy step by
+    them: held as inconclusive after 60 s at its fourth tick, 30 s into it."""
+    clock = SteppedClock(1000.0)
+
+    def ntp_step(status: Status, record: dict[str, Any]) -> None:
+        if status.tick == 3:
+            clock.offset += 900.0
+
+    ctl = Controller(
+        SLOW_STEP,
+        MemoryRouter(releases={Colour.GREEN: V1}),
+        StaticMetrics([FEW]),
+        FileStateStore(tmp_path, SLOW_STEP.name),
+        ledger=Ledger(tmp_path / "t.ledger.jsonl", fsync=False),
+        clock=clock,
+        on_tick=ntp_step,
+    )
+    final = ctl.run(max_ticks=20, stop_when_paused=True)
+    assert final.held and "inconclusive after 60 s" in final.reason
+    assert final.tick == 7  # 60 s after the step began at the first tick, as without a step
+    assert final.step_uncounted_s == 900.0
+    stepped = [r for r in read_ledger(tmp_path / "t.ledger.jsonl") if "clock_stepped_s" in r]
+    assert [(r["tick"], r["clock_stepped_s"]) for r in stepped] == [(4, 900.0)]
+
+
+def test_a_restart_after_an_outage_ages_the_step_by_it(tmp_path: Path) -> None:
+    """No monotonic clock survives a restart: the first tick of a new controller ages the step
+    by the wall time since the last one (the metrics counted the outage's traffic)."""
+    store = FileStateStore(tmp_path, SLOW_STEP.name)
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    first = Controller(SLOW_STEP, router, StaticMetrics([FEW]), store, clock=FakeClock(1000.0))
+    assert not first.run(max_ticks=3).held
+    later = Controller(SLOW_STEP, router, StaticMetrics([FEW]), store, clock=FakeClock(1900.0))
+    final = later.run(max_ticks=1)
+    assert final.held and "inconclusive after 60 s" in final.reason
