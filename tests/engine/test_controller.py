@@ -1250,7 +1250,7 @@ NAN, INF = float("nan"), float("inf")
             ColourCounts(requests=100, errors=NAN),  # type: ignore[arg-type]
             ColourCounts(requests=900, errors=1),
             "blue errors is nan",
-            id="nan-errors",  # was: never rolled back, never failed (NaN e-values)
+            id="nan-errors",  # was: the step passed, blue to 50 % (so did inf, negative errors)
         ),
         pytest.param(
             ColourCounts(requests=100, errors=0),
@@ -1287,6 +1287,7 @@ NAN, INF = float("nan"), float("inf")
 def test_unusable_counts_from_a_custom_source_are_an_error_tick_naming_colour_and_field(
     tmp_path: Path, blue: ColourCounts, green: ColourCounts, said: str
 ) -> None:
+    """Was: folded into the evidence, passing the step or rolling back on nonsense."""
     router = MemoryRouter(releases={Colour.GREEN: V1})
     ctl, _ = controller(tmp_path, router, CustomSource(blue, green))
     status = ctl.run(max_ticks=3)  # start, then judged twice
