@@ -70,7 +70,7 @@ from rollout.errors import (
     RouterUnavailable,
 )
 from rollout.ledger import Ledger, span
-from rollout.metrics.base import MetricsProvider
+from rollout.metrics.base import MetricsProvider, usable
 from rollout.routers.base import Fenced, TrafficRouter
 from rollout.state.base import StateStore
 
@@ -99,6 +99,9 @@ class Clock(Protocol):
     def now(self) -> float:
         """Seconds since the epoch (or since a fake origin)."""
 
+    def monotonic(self) -> float:
+        """Seconds on a clock that never steps (NTP does not move it): time that passed."""
+
     def sleep(self, seconds: float) -> None:
         """Wait `seconds` (a fake clock just moves on)."""
 
@@ -114,6 +117,10 @@ class RealClock:
     def now(self) -> float:
         """time.time()."""
         return time.time()
+
+    def monotonic(self) -> float:
+        """time.monotonic()."""
+        return time.monotonic()
 
     def sleep(self, seconds: float) -> None:
         """time.sleep(), cut short by a stop."""
@@ -131,6 +138,10 @@ class FakeClock:
 
     def now(self) -> float:
         """The fake time."""
+        return self.t
+
+    def monotonic(self) -> float:
+        """The fake time too (it never steps)."""
         return self.t
 
     def sleep(self, seconds: float) -> None:
@@ -189,6 +200,9 @@ class Controller:
         self._router_answered = False
         #: Why what the data plane serves could not be read last tick (`_served`), else None.
         self._served_unread: str | None = None
+        #: The monotonic clock when the status was last stepped (its `updated_at`), by this
+        #: controller since `start`; None before: the first tick then ages the step by wall time.
+        self._stepped_mono: float | None = None
         if isinstance(router, Fenced):
             # Checked before each write inside an action too, not only before the action: on a
             # slow control plane one action outlasts the lease (routers.base.Fence).
@@ -260,7 +274,7 @@ class Controller:
             self._probe_metrics()
             release = self._as_served(release)
             deployed = self._bootstrap(release)
-            started = self.clock.now()
+            started, started_mono = self.clock.now(), self.clock.monotonic()
             requests, unread = 0, 0
             while True:
                 self.clock.sleep(analysis.interval_s)
@@ -279,9 +293,10 @@ class Controller:
                     break
                 if verdict is Verdict.ERROR and unread >= analysis.max_consecutive_errors:
                     break
-                if now - started >= analysis.max_step_duration_s:
+                judged_for = self.clock.monotonic() - started_mono  # (not by a clock's step)
+                if judged_for >= analysis.max_step_duration_s:
                     verdict = Verdict.INCONCLUSIVE
-                    reason = f"undecided after {span(now - started)}: {reason}"
+                    reason = f"undecided after {span(judged_for)}: {reason}"
                     break
             if self.ledger is not None:
                 self.ledger.append(
@@ -367,6 +382,9 @@ class Controller:
 
     def start(self, *, restart: bool = False) -> Status:
         """Resume the stored status (finishing its pending actions) or begin a new rollout."""
+        # A stored status was stepped by another controller (or before a stop): its first tick
+        # here ages the step by wall time, a real outage included (the metrics cover it).
+        self._stepped_mono = None
         status = self.store.load()
         if status is not None and status.terminal and restart:
             if status.applied < len(status.pending):
@@ -470,9 +488,11 @@ class Controller:
         )
 
     def _abort_queued(self, status: Status) -> bool:
-        """An operator's abort of this rollout was queued while no controller ran (and no
-        promote before it, which the machine would follow, ignoring the abort)."""
-        if status.phase not in (Phase.INITIALIZING, Phase.PROGRESSING, Phase.PAUSED):
+        """An operator's abort of this rollout was queued while no controller ran, in a phase
+        that reads one (Promoting too: a promotion whose weights the router refuses for good
+        is left by an abort, never applied again)."""
+        readers = (Phase.INITIALIZING, Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING)
+        if status.phase not in readers:
             return False
         queued = with_commands(status, self.store.commands()).commands
         return queued_abort(status, queued) is not None
@@ -655,7 +675,10 @@ class Controller:
         if status.terminal:
             return status  # the pending actions ended it (a candidate that could not be deployed)
         status = self._read_commands(status)
-        now = self.clock.now()
+        now, mono = self.clock.now(), self.clock.monotonic()
+        # The time since the last tick that did pass, whatever the wall clock did meanwhile
+        # (an NTP step of 15 minutes aged a healthy step into an inconclusive hold).
+        elapsed = None if self._stepped_mono is None else mono - self._stepped_mono
         observation: Observation | None = None
         served: Served | None = None
         if status.phase in (Phase.PROGRESSING, Phase.PAUSED):
@@ -664,7 +687,8 @@ class Controller:
         elif status.phase is Phase.INITIALIZING:
             observation = self._history(now)
         was_held = status.held
-        decision: Decision = step(self.spec, status, observation, now, served)
+        decision: Decision = step(self.spec, status, observation, now, served, elapsed)
+        self._stepped_mono = mono
         if served is None and self._served_unread is not None:
             # In the ledger too, not only in a log gone with the controller's terminal:
             # `explain` tells the ticks whose changes to the data plane went unnoticed.
@@ -731,7 +755,9 @@ class Controller:
     def _observe(self, since: float, now: float, *, history: bool = False) -> Observation:
         read = self.metrics.history if history else self.metrics.observe
         try:
-            return read(since, now)
+            # Checked here, the one place every backend's counts pass: an unusable count (a
+            # source of one's own answering NaN, say) is an Error tick, like an outage.
+            return usable(read(since, now))
         except MetricsError as exc:  # the contract says "never raises"; be safe anyway
             return Observation(since=since, at=now, error=str(exc))
 
@@ -782,7 +808,7 @@ class Controller:
                 and status.last_blue == status.last_green == Counts()
             ):
                 # Nothing observed yet (the step's counts are cumulative since it began).
-                status = replace(status, step_started_at=self.clock.now())
+                status = replace(status, step_started_at=self.clock.now(), step_uncounted_s=0.0)
             self.store.save(status)
         return status
 
@@ -805,7 +831,7 @@ class Controller:
     def _apply(self, action: Action) -> None:
         delay = 1.0
         off_blue = isinstance(action, SetWeights) and not (action.blue or action.mirror)
-        started = self.clock.now()
+        started = self.clock.monotonic()  # (a clock's step cuts no rollback's retries short)
         attempt = 0
         while True:
             attempt += 1
@@ -842,7 +868,7 @@ class Controller:
                     # at a router nobody runs, not a blip, and retrying would only delay the one
                     # clear line. Weight changes (a rollback above all) are always retried.
                     raise
-                tried = self.clock.now() - started
+                tried = self.clock.monotonic() - started
                 if attempt >= ROUTER_ATTEMPTS and not (off_blue and tried < ROLLBACK_RETRY_S):
                     over = f" in {tried:.0f} s" if attempt > ROUTER_ATTEMPTS else ""
                     raise RouterError(

@@ -10,7 +10,8 @@
     │       └── DeployFailed   the workload was written but does not become ready
     ├── MetricsError           the metrics backend failed
     │   ├── NoValuesFound      the query answered, but with no series (no traffic yet)
-    │   └── ProviderUnavailable the backend is unreachable (message carries the URL)
+    │   ├── ProviderUnavailable the backend is unreachable (message carries the URL)
+    │   └── UnusableCounts     counts no judge can use (NaN, negative, errors > requests)
     ├── StateError             the state store failed or holds something unreadable
     │   └── LeaseHeldError     another controller holds the rollout's lease
     └── LocalStackError        a process of the embedded local stack failed to start or died
@@ -87,6 +88,12 @@ class NoValuesFound(MetricsError):
 
 class ProviderUnavailable(MetricsError):
     """The metrics backend cannot be reached."""
+
+
+class UnusableCounts(MetricsError):
+    """The backend answered counts that are no counts: NaN, infinite, negative, or more errors
+    than requests (a metrics source of one's own, say). The tick is an Error, like an outage:
+    judged, they could pass or fail a candidate on nonsense."""
 
 
 class StateError(RolloutError):

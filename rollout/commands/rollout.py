@@ -862,6 +862,7 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
     from rollout.controller import check_same_router
     from rollout.core.machine import resume_refused, steering_refused
     from rollout.core.status import Command
+    from rollout.core.types import Phase
     from rollout.errors import RolloutError
 
     parsed = _load(spec)
@@ -878,15 +879,20 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
         check_same_router(parsed, current)
         if current.terminal:
             _fail(RolloutError(f"rollout {parsed.name!r} has ended ({current.phase.value})"))
-        if under_way := _under_way(current):
-            # The machine reads no command until it has ended: queued, one was said to act at
-            # the next tick, then dropped.
+        if (under_way := _under_way(current)) and not (
+            kind == "abort" and current.phase is Phase.PROMOTING
+        ):
+            # The machine reads no command until it has ended but an abort while promoting
+            # (green still serves the stable release: blue to 0 % undoes it; and a promotion
+            # the router refuses for good has no other way out): queued, one was said to act
+            # at the next tick, then dropped.
             finish = f"`aml-rollout rollout run {spec}` finishes it"
             idle = "" if store.controller() else f"; no controller is running: {finish}"
+            unless = " unless aborted" if current.phase is Phase.PROMOTING else ""
             _fail(
                 RolloutError(
                     f"rollout {parsed.name!r} is {current.phase.value}: {under_way}, and ends "
-                    f"on its own; {kind.replace('_', '-')} cannot act on it (nothing "
+                    f"on its own{unless}; {kind.replace('_', '-')} cannot act on it (nothing "
                     f"queued){idle}"
                 )
             )

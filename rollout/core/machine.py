@@ -20,6 +20,7 @@ its actions through the router. Phases (terminal in brackets):
   `on_inconclusive` (hold = Paused for a human, or roll back). Metrics errors count as
   Inconclusive until `max_consecutive_errors` in a row, then the same policy applies.
 - Paused: no step advances, but the judge keeps watching: a clear regression still rolls back.
+- Promoting reads an abort (green still serves the stable release): RollingBack, blue to 0 %.
 - Operator commands (pause, resume, promote, abort, set_weight) arrive queued in the status and
   are handled here, in order, at the start of a tick — never racing an analysis.
 - A data plane that no longer serves what the rollout set (another rollout on it, a hand edit;
@@ -211,13 +212,23 @@ def step(
     observation: Observation | None,
     now: float,
     served: Served | None = None,
+    elapsed: float | None = None,
 ) -> Decision:
     """Decide one tick. `observation` may be None in phases that do not analyse; `served` is
     what the data plane serves (None when it was not read): one that no longer serves what
-    the rollout set holds it for a human (`_drift`)."""
+    the rollout set holds it for a human (`_drift`). `elapsed` is the time since the last
+    tick (`status.updated_at`) on a clock that never steps (None when unknown: the first tick
+    of a controller, whose wall time since then is taken as it is); the step ages by it, not
+    by a step of the wall clock (`step_age`)."""
     before = status
     status = replace(status, tick=status.tick + 1, updated_at=now)
     record: dict[str, Any] = {"tick": status.tick, "at": now, "phase_before": before.phase.value}
+    if elapsed is not None and (stepped := (now - before.updated_at) - elapsed):
+        # The wall clock moved by more (or less) than the time that passed: an NTP step. Not
+        # the step's age: a healthy step would end inconclusive at the next tick.
+        status = replace(status, step_uncounted_s=status.step_uncounted_s + stepped)
+        if abs(stepped) >= 1.0:
+            record["clock_stepped_s"] = round(stepped, 3)
 
     if status.phase in TERMINAL:
         status, notes = _drop_commands(status, "ignored: the rollout has ended")
@@ -240,6 +251,15 @@ def step(
         status = _threshold_from_history(spec, status, observation, record)
         return _decide(*_start(spec, status, now), record)
     if status.phase is Phase.PROMOTING:
+        if (abort := queued_abort(status, status.commands)) is not None:
+            # Green still serves the stable release until Finalising: blue to 0 % undoes the
+            # promotion. The one way out of a promotion whose weights the router refuses for
+            # good (its namespace or endpoint gone): `run` stopped at them every time.
+            status, actions = _abort_promotion(
+                replace(status, commands=tuple(c for c in status.commands if c is not abort)),
+                abort,
+            )
+            return _decide(status, actions, record, [f"abort: {status.reason}"])
         candidate = status.candidate
         if candidate is None:
             reason = "cannot promote: the candidate release is unknown; blue back to 0 %"
@@ -265,18 +285,33 @@ def step(
     return _analyse(spec, status, observation, now, record, served)
 
 
+def step_age(status: Status, now: float) -> float:
+    """How long the current step has run at `now`: wall time since it began, less the wall
+    clock's steps the controller measured between ticks (`Status.step_uncounted_s`)."""
+    return max(now - status.step_started_at - status.step_uncounted_s, 0.0)
+
+
 def queued_abort(status: Status, commands: Iterable[Command]) -> Command | None:
-    """The abort of this rollout among `commands` (queued, oldest first) that comes before any
-    step the machine would take, or None: none queued, or a promote before it (which the
-    machine follows, ignoring the abort once promoting)."""
+    """The first abort of this rollout among `commands` (queued, oldest first), or None. A
+    promote before it does not hide it: an abort is read while promoting too."""
     for command in commands:
         if command.rollout and command.rollout != status.id:
             continue  # the machine ignores it too
         if command.kind == "abort":
             return command
-        if command.kind == "promote" or (command.kind == "set_weight" and command.weight == 100):
-            return None
     return None
+
+
+def _abort_promotion(status: Status, abort: Command) -> tuple[Status, tuple[Action]]:
+    """Roll a promotion back: until Finalising, green still serves the stable release."""
+    who = f" by {abort.by}" if abort.by else ""
+    stable = f", green keeps serving {status.stable.ref}" if status.stable else ""
+    return _rollback(
+        status,
+        f"aborted{who} while promoting: blue back to 0 %{stable} (the promotion of "
+        f"{_name(status.candidate)} abandoned)",
+        None,
+    )
 
 
 def candidate_failed(status: Status, problem: str, now: float) -> Decision:
@@ -404,6 +439,7 @@ def _enter_step(status: Status, index: int, weight: int, now: float, mirror: int
         blue_weight=weight,
         mirror=mirror,
         step_started_at=now,
+        step_uncounted_s=0.0,
         last_blue=Counts(),
         last_green=Counts(),
         step_canary_requests=0,
@@ -454,10 +490,16 @@ def _handle_commands(
                 f"{cmd.kind}{who}: ignored, queued for an earlier rollout of {status.name}"
             )
             continue
-        if status.phase not in (Phase.PROGRESSING, Phase.PAUSED):
+        if status.phase is Phase.PROMOTING and cmd.kind == "abort":
+            # A promote (or set-weight 100) earlier in this batch: the abort comes after it and
+            # wins, before the promotion's weights are ever served.
+            status, acts = _abort_promotion(status, cmd)
+            actions = [a for a in actions if not isinstance(a, SetWeights)]
+            actions.extend(acts)
+        elif status.phase not in (Phase.PROGRESSING, Phase.PAUSED):
             notes.append(f"{cmd.kind}: ignored in phase {status.phase.value}")
             continue
-        if cmd.kind == "abort":
+        elif cmd.kind == "abort":
             if not_ours := _blue_not_ours(status, seen):
                 # Blue's weight is whoever deployed there's (another rollout's canary): set to
                 # 0 %, that rollout would lose its traffic and hold in turn. Ended, not undone.
@@ -488,8 +530,10 @@ def _handle_commands(
             if status.phase is not Phase.PAUSED:
                 notes.append("resume: ignored, not paused")
                 continue
-            drift = _drift(status, served)
-            restore, refused = _restoring(status, served) if served and drift else ((), "")
+            # Unread this tick: the held status's last reading, as for abort (else a router
+            # blip resumed the step on a data plane that lost blue, or weights edited by hand).
+            drift = _drift(status, seen)
+            restore, refused = _restoring(status, seen) if seen and drift else ((), "")
             if refused:
                 notes.append(f"resume: ignored, {refused}")
                 continue
@@ -614,6 +658,9 @@ def _ingest(
     if fresh_threshold:
         # Count slow requests only from the tick after the threshold was chosen.
         last_b, last_g = replace(last_b, slow=now_b.slow), replace(last_g, slow=now_g.slow)
+    # Requests whose latency is known both now and at the base: the guard's denominator
+    # grows by those only (requests of unknown latency would dilute its rate).
+    slo_known = now_b.over_slo >= 0 and last_b.over_slo >= 0
     if last_b.over_slo < 0:
         # No count of the guard's to go on (a status written before the guard counted its own
         # requests, or blue's histogram missing last tick): count from the next tick.
@@ -663,6 +710,7 @@ def _ingest(
         last_green=now_g,
         step_canary_requests=status.step_canary_requests + db.requests,
         canary_over_slo=status.canary_over_slo + db.over_slo,
+        canary_slo_requests=status.canary_slo_requests + (db.requests if slo_known else 0),
         consecutive_errors=0,
     )
     return status, tick
@@ -812,6 +860,9 @@ def judge_first(analysis: AnalysisConfig, green: ColourCounts) -> tuple[Verdict,
     needed = _e(log_needed)
     kept: list[tuple[float, str, float]] = []
     for name, what, limit in limits:
+        if name == "over_slo" and not green.latency_buckets:
+            # Requests read without a histogram are neither slow nor fast: no evidence either way.
+            return Verdict.INCONCLUSIVE, f"{what} unknown after {n} requests: no latency histogram"
         bad = min(bad_of[name], n)
         if breach := _guard(bad, n, limit, log_needed=log_needed, unit="requests"):
             return Verdict.FAILED, f"{what} {breach}"
@@ -851,7 +902,7 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
     lat = analysis.latency
     slo_s = _guard_slo_s(analysis)
     if slo_s is not None and lat.max_slow_rate is not None:
-        breach = _guard(status.canary_over_slo, ev.canary_requests, lat.max_slow_rate)
+        breach = _guard(status.canary_over_slo, status.canary_slo_requests, lat.max_slow_rate)
         if breach:
             return Verdict.FAILED, f"canary requests slower than {slo_s * 1000:g} ms: {breach}"
 
@@ -879,7 +930,7 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
 
     weight = status.blue_weight
     name = _step_name(status)
-    elapsed = now - status.step_started_at
+    elapsed = step_age(status, now)
     if weight == 0 and not status.mirror:
         if elapsed >= analysis.min_step_s:
             return Verdict.SUCCESSFUL, "step 0 %: blue deployed, reachable by header only"
@@ -1149,7 +1200,7 @@ def _analyse(
         status = _enter_step(status, nxt, plan[nxt], now, _mirror_at(spec, plan[nxt]))
         status = replace(status, reason=f"{reason}; blue to {plan[nxt]} %")
         return _decide(status, (SetWeights(plan[nxt], status.mirror),), record, notes)
-    if now - status.step_started_at >= analysis.max_step_duration_s:
+    if step_age(status, now) >= analysis.max_step_duration_s:
         return _decide(
             *_on_inconclusive(
                 spec,

@@ -195,6 +195,9 @@ class Status:
     mirror: int = 0
     started_at: float = 0.0
     step_started_at: float = 0.0
+    #: Wall time since `step_started_at` the step's age does not count: steps of the wall
+    #: clock (NTP), measured against the controller's monotonic clock between ticks.
+    step_uncounted_s: float = 0.0
     updated_at: float = 0.0
     tick: int = 0
     candidate: Release | None = None
@@ -209,6 +212,9 @@ class Status:
     #: Canary requests above the latency guard's SLO over the rollout (the guard's count; its
     #: requests are the errors check's canary requests, folded from the same ticks).
     canary_over_slo: int = 0
+    #: Canary requests whose latency was known, over the rollout: the guard's denominator
+    #: (requests read without a histogram are neither over the SLO nor under it).
+    canary_slo_requests: int = 0
     consecutive_errors: int = 0
     verdict: Verdict | None = None
     reason: str = ""
@@ -254,6 +260,7 @@ class Status:
             "mirror": self.mirror,
             "started_at": self.started_at,
             "step_started_at": self.step_started_at,
+            "step_uncounted_s": self.step_uncounted_s,
             "updated_at": self.updated_at,
             "tick": self.tick,
             "candidate": asdict(self.candidate) if self.candidate else None,
@@ -265,6 +272,7 @@ class Status:
             "last_green": asdict(self.last_green),
             "step_canary_requests": self.step_canary_requests,
             "canary_over_slo": self.canary_over_slo,
+            "canary_slo_requests": self.canary_slo_requests,
             "consecutive_errors": self.consecutive_errors,
             "verdict": self.verdict.value if self.verdict else None,
             "reason": self.reason,
@@ -291,6 +299,7 @@ class Status:
             mirror=int(data.get("mirror", 0)),
             started_at=float(data["started_at"]),
             step_started_at=float(data["step_started_at"]),
+            step_uncounted_s=float(data.get("step_uncounted_s", 0.0)),
             updated_at=float(data["updated_at"]),
             tick=int(data["tick"]),
             candidate=Release(**data["candidate"]) if data.get("candidate") else None,
@@ -302,6 +311,10 @@ class Status:
             last_green=_counts_from_dict(data["last_green"]),
             step_canary_requests=int(data["step_canary_requests"]),
             canary_over_slo=int(data.get("canary_over_slo", 0)),
+            # A status file from before this field: the errors check's requests, as then.
+            canary_slo_requests=int(
+                data.get("canary_slo_requests", data["errors"]["canary_requests"])
+            ),
             consecutive_errors=int(data["consecutive_errors"]),
             verdict=Verdict(data["verdict"]) if data.get("verdict") else None,
             reason=data.get("reason", ""),

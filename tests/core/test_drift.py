@@ -348,3 +348,27 @@ def test_whether_a_resume_would_be_refused_is_read_from_the_status(
     said = resume_refused(Status.from_dict(held.to_dict()))
     assert (refused in said and said.endswith("abort it")) if refused else said == ""
     assert resume_refused(at_10()) == ""
+
+
+@pytest.mark.parametrize(
+    ("drifted", "restore"),
+    [
+        pytest.param(served(50), (SetWeights(10),), id="weights-edited-by-hand"),
+        pytest.param(served(0, b=None), (Deploy(Colour.BLUE, V2), SetWeights(10)), id="blue-lost"),
+    ],
+)
+def test_resume_with_the_data_plane_unread_sets_back_what_the_hold_last_read(
+    drifted: Served, restore: tuple[object, ...]
+) -> None:
+    """Was: a router blip on the resume's tick resumed the step on the drifted data plane (blue
+    serving nothing, or weights edited by hand), judged on traffic it did not split, and held
+    again at the next tick that read it. As abort does, resume goes by `status.served`."""
+    held = step(SPEC, at_10(), REGRESSION, 60.0, drifted).status
+    decision = step(SPEC, resume(held), obs(at=70.0), 70.0, None)
+    assert decision.status.phase is Phase.PROGRESSING and decision.status.served is None
+    assert decision.actions == restore
+    assert decision.status.reason.startswith("resumed by ann; the data plane set back (")
+    moved = step(SPEC, at_10(), REGRESSION, 60.0, served(0, g=V3)).status
+    refused = step(SPEC, resume(moved), obs(at=70.0), 70.0, None)
+    assert refused.status.phase is Phase.PAUSED and refused.actions == ()
+    assert "resume: ignored, green now serves diabetes:3" in refused.record["commands"][0]

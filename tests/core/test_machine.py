@@ -409,11 +409,6 @@ def test_commands(
     ("start", "ends"),
     [
         pytest.param(
-            replace(progressing(), phase=Phase.PROMOTING, blue_weight=100),
-            Phase.SUCCEEDED,
-            id="queued-while-promoting",
-        ),
-        pytest.param(
             replace(progressing(), phase=Phase.FINALISING, blue_weight=100),
             Phase.SUCCEEDED,
             id="queued-while-finalising",
@@ -443,6 +438,34 @@ def test_commands_left_queued_at_the_end_are_dropped_with_a_note(
         f"abort by ann: dropped, not acted on: the rollout ended {ends.value} first",
         f"promote by ann: dropped, not acted on: the rollout ended {ends.value} first",
     ]
+
+
+def test_an_abort_read_while_promoting_rolls_back_to_green() -> None:
+    """Was: ignored, then dropped. A promotion whose weights the router refuses for good (its
+    namespace or endpoint gone) stopped every `run` in Promoting, and could not be aborted.
+    Green still serves the stable release until Finalising: blue to 0 % undoes it."""
+    promoting = replace(progressing(), phase=Phase.PROMOTING, blue_weight=100)
+    status = with_commands(promoting, [cmd("pause", ident="c0"), cmd("abort")])
+    decision = step(SPEC, status, None, 30.0)
+    assert decision.status.phase is Phase.ROLLING_BACK
+    assert decision.status.blue_weight == 0 and decision.actions == (SetWeights(0),)
+    assert decision.status.reason == (
+        "aborted by ann while promoting: blue back to 0 %, green keeps serving diabetes:1 "
+        "(the promotion of diabetes:2 abandoned)"
+    )
+    assert decision.record["commands"] == [f"abort: {decision.status.reason}"]
+    ended = step(SPEC, decision.status, None, 31.0)
+    assert ended.status.phase is Phase.ROLLED_BACK and ended.status.commands == ()
+    assert ended.record["commands"] == [
+        "pause by ann: dropped, not acted on: the rollout ended RolledBack first"
+    ]
+    other = with_commands(promoting, [replace(cmd("abort"), rollout="an-earlier-one")])
+    assert step(SPEC, other, None, 30.0).status.phase is Phase.FINALISING
+    # Read in one batch after a promote: the promotion's weights are never sent.
+    both = with_commands(progressing(), [cmd("promote", ident="c0"), cmd("abort")])
+    decision = step(SPEC, both, obs(at=30.0), 30.0)
+    assert decision.status.phase is Phase.ROLLING_BACK and decision.actions == (SetWeights(0),)
+    assert "while promoting" in decision.status.reason
 
 
 def test_a_command_is_handled_once_even_if_delivered_again() -> None:
@@ -988,6 +1011,46 @@ def test_a_status_saved_before_the_guard_counted_does_not_count_the_step_so_far_
     assert Status.from_dict(status.to_dict()) == status
 
 
+def test_requests_of_unknown_latency_are_not_the_latency_guard_s_denominator() -> None:
+    """Was: 1,000 canary requests without a histogram (slow count unknown) still counted as
+    requests of the guard, diluting 40 of 200 over the SLO (20 %, limit 5 %) to 3 %."""
+    spec = make_spec(
+        analysis={
+            "max_step_duration_s": 36000,
+            "min_requests": 100_000,  # (no step up: the counts are the step's since it began)
+            "latency": {"enabled": True, "threshold": "slo", "slo_ms": 250, "max_slow_rate": 0.05},
+        }
+    )
+
+    def tick(status: Status, i: int, blue: int, over: int | None) -> Status:
+        buckets = () if over is None else slow_buckets(blue, over)
+        seen = obs(
+            blue=(blue, 0),
+            green=(9 * blue, 0),
+            at=10.0 * i,
+            blue_buckets=buckets,
+            green_buckets=slow_buckets(9 * blue, 9 * (over or 0)),
+        )
+        return step(spec, status, seen, 10.0 * i).status
+
+    status = tick(progressing(slow_threshold_s=0.25), 1, 1000, None)
+    assert status.canary_slo_requests == 0 and status.errors.canary_requests == 1000
+    # The histogram's return is the base (measured from a tick without one): counted after it.
+    status = tick(status, 2, 1100, 0)
+    assert status.canary_slo_requests == 0 and status.phase is Phase.PROGRESSING
+    assert status.slow.canary_requests == 0  # nor is the latency check's evidence
+    status = tick(status, 3, 1300, 40)
+    assert status.canary_slo_requests == 200 and status.canary_over_slo == 40
+    assert status.slow.canary_requests == 200
+    assert status.phase is Phase.ROLLING_BACK
+    assert "slower than 250 ms: 20 % is above the limit 5 %" in status.reason
+    assert "after 200 canary requests" in status.reason
+    assert Status.from_dict(status.to_dict()) == status
+    old = status.to_dict()
+    del old["canary_slo_requests"]  # a status file from before: the errors check's requests
+    assert Status.from_dict(old).canary_slo_requests == status.errors.canary_requests
+
+
 # ---- a service's first release, judged on absolute limits alone (`bootstrap --check`)
 
 SLO_GUARD = {"latency": {"enabled": True, "threshold": "slo", "slo_ms": 250, "max_slow_rate": 0.05}}
@@ -1068,6 +1131,13 @@ def green_counts(requests: int, errors: int = 0, slow: int = 0) -> ColourCounts:
             Verdict.SUCCESSFUL,
             "share of requests slower than 250 ms 0.5 % is below the limit 5 %",
             id="errors-unlimited-only-latency-judged",
+        ),
+        pytest.param(
+            SLO_GUARD,
+            ColourCounts(requests=400),  # was: 0 of 400 slow, shown below 5 %: a pass on silence
+            Verdict.INCONCLUSIVE,
+            "share of requests slower than 250 ms unknown after 400 requests: no latency histogram",
+            id="slo-with-no-histogram",
         ),
     ],
 )

@@ -13,7 +13,7 @@ from rollout import jsonl
 from rollout.config import SimulatedMetricsConfig, StaticTick, TrafficModel
 from rollout.controller import ROLLBACK_PAUSE_CAP_S, ROLLBACK_RETRY_S, Controller, FakeClock
 from rollout.core.status import Command, Deploy, SetWeights, Status
-from rollout.core.types import Colour, Phase, Release, Weights
+from rollout.core.types import Colour, ColourCounts, Observation, Phase, Release, Verdict, Weights
 from rollout.errors import (
     ConfigError,
     ConflictError,
@@ -1215,3 +1215,173 @@ def test_the_story_names_a_weight_set_by_the_command_the_operator_typed(tmp_path
         line.endswith("operator set-weight: weight set to 50 % by ann → Progressing")
         for line in story
     ), story
+
+
+class CustomSource:
+    """A metrics source of a user's own (the MetricsProvider protocol): `blue` and `green`
+    counts as it hands them over, numbers of any kind."""
+
+    def __init__(self, blue: ColourCounts, green: ColourCounts) -> None:
+        self.blue, self.green = blue, green
+
+    def observe(self, since: float, now: float) -> Observation:
+        return Observation(since=since, at=now, blue=self.blue, green=self.green)
+
+    def history(self, since: float, now: float) -> Observation:
+        return Observation(since=since, at=now)
+
+    def probe(self) -> None:
+        return None
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("blue", "green", "said"),
+    [
+        pytest.param(
+            ColourCounts(requests=NAN, errors=0),  # type: ignore[arg-type]
+            ColourCounts(requests=900, errors=1),
+            "blue requests is nan",
+            id="nan-requests",
+        ),
+        pytest.param(
+            ColourCounts(requests=100, errors=NAN),  # type: ignore[arg-type]
+            ColourCounts(requests=900, errors=1),
+            "blue errors is nan",
+            id="nan-errors",  # was: the step passed, blue to 50 % (so did inf, negative errors)
+        ),
+        pytest.param(
+            ColourCounts(requests=100, errors=0),
+            ColourCounts(requests=INF, errors=1),  # type: ignore[arg-type]
+            "green requests is inf",
+            id="inf-requests",
+        ),
+        pytest.param(
+            ColourCounts(requests=-100, errors=0),
+            ColourCounts(requests=900, errors=1),
+            "blue requests is -100",
+            id="negative-requests",
+        ),
+        pytest.param(
+            ColourCounts(requests=100, errors=0),
+            ColourCounts(requests=900, errors=-5),
+            "green errors is -5",
+            id="negative-errors",
+        ),
+        pytest.param(
+            ColourCounts(requests=100, errors=150),
+            ColourCounts(requests=900, errors=1),
+            "blue errors 150 > requests 100",
+            id="more-errors-than-requests",
+        ),
+        pytest.param(
+            ColourCounts(requests=100, errors=0, latency_buckets=((0.25, NAN),)),  # type: ignore[arg-type]
+            ColourCounts(requests=900, errors=1),
+            "blue latency_buckets count at 0.25 s is nan",
+            id="nan-bucket",
+        ),
+    ],
+)
+def test_unusable_counts_from_a_custom_source_are_an_error_tick_naming_colour_and_field(
+    tmp_path: Path, blue: ColourCounts, green: ColourCounts, said: str
+) -> None:
+    """Was: folded into the evidence, passing the step or rolling back on nonsense."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, CustomSource(blue, green))
+    status = ctl.run(max_ticks=3)  # start, then judged twice
+    assert status.phase is Phase.PROGRESSING and status.step_index == 0
+    assert status.verdict is Verdict.ERROR
+    assert status.consecutive_errors == 2
+    assert said in status.reason and "metrics unusable" in status.reason
+    assert status.errors.canary_requests == 0  # nothing of them folded
+    ticks = [r for r in read_ledger(tmp_path / "t.ledger.jsonl") if "metrics_error" in r]
+    assert len(ticks) == 2 and said in ticks[-1]["metrics_error"]
+
+
+class RefusesThePromotion(MemoryRouter):
+    """A router that refuses blue 100 % for good: the namespace (or endpoint) it was sent to
+    is gone for that route, say."""
+
+    def set_weights(self, weights: Weights) -> None:
+        if weights.blue == 100:
+            raise RouterRefused("namespace ml-prod not found")
+        super().set_weights(weights)
+
+
+def test_a_promotion_the_router_refuses_for_good_can_be_aborted(tmp_path: Path) -> None:
+    """Was: every `run` stopped at the promotion's weights, and `abort` was refused in
+    Promoting: the rollout could neither end nor be rolled back."""
+    router = RefusesThePromotion(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    with pytest.raises(RouterRefused):
+        ctl.run(max_ticks=500)
+    stuck = ctl.store.load()
+    assert stuck is not None and stuck.phase is Phase.PROMOTING and stuck.applied == 0
+    again, _ = controller(tmp_path, router, simulated(router, 0.01))
+    with pytest.raises(RouterRefused):  # as ever, without an abort
+        again.run(max_ticks=5)
+    ctl.store.push_command(Command(id="a", kind="abort", by="ann", rollout=stuck.id))
+    aborted, _ = controller(tmp_path, router, simulated(router, 0.01))
+    final = aborted.run(max_ticks=5)
+    assert final.phase is Phase.ROLLED_BACK
+    assert router.get_weights() == Weights.blue_at(0) and router.release(Colour.GREEN) == V1
+    story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
+    assert "aborted by ann while promoting: blue back to 0 %, green keeps serving diabetes:1" in (
+        story
+    )
+
+
+class SteppedClock(FakeClock):
+    """A fake clock whose wall time an NTP step moves (`offset`); its monotonic time never."""
+
+    def __init__(self, start: float) -> None:
+        super().__init__(start)
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return self.t + self.offset
+
+
+#: Too few canary requests ever to pass a step: only its age (60 s at most) ends it, held.
+SLOW_STEP = make_spec(analysis={"max_step_duration_s": 60, "min_requests": 10_000})
+FEW = StaticTick.model_validate({"blue": {"requests": 10}, "green": {"requests": 90}})
+
+
+def test_a_step_of_the_wall_clock_does_not_age_the_step(tmp_path: Path) -> None:
+    """Was: NTP stepping the wall clock 15 minutes on between two ticks aged a healthy step by
+    them: held as inconclusive after 60 s at its fourth tick, 30 s into it."""
+    clock = SteppedClock(1000.0)
+
+    def ntp_step(status: Status, record: dict[str, Any]) -> None:
+        if status.tick == 3:
+            clock.offset += 900.0
+
+    ctl = Controller(
+        SLOW_STEP,
+        MemoryRouter(releases={Colour.GREEN: V1}),
+        StaticMetrics([FEW]),
+        FileStateStore(tmp_path, SLOW_STEP.name),
+        ledger=Ledger(tmp_path / "t.ledger.jsonl", fsync=False),
+        clock=clock,
+        on_tick=ntp_step,
+    )
+    final = ctl.run(max_ticks=20, stop_when_paused=True)
+    assert final.held and "inconclusive after 60 s" in final.reason
+    assert final.tick == 7  # 60 s after the step began at the first tick, as without a step
+    assert final.step_uncounted_s == 900.0
+    stepped = [r for r in read_ledger(tmp_path / "t.ledger.jsonl") if "clock_stepped_s" in r]
+    assert [(r["tick"], r["clock_stepped_s"]) for r in stepped] == [(4, 900.0)]
+
+
+def test_a_restart_after_an_outage_ages_the_step_by_it(tmp_path: Path) -> None:
+    """No monotonic clock survives a restart: the first tick of a new controller ages the step
+    by the wall time since the last one (the metrics counted the outage's traffic)."""
+    store = FileStateStore(tmp_path, SLOW_STEP.name)
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    first = Controller(SLOW_STEP, router, StaticMetrics([FEW]), store, clock=FakeClock(1000.0))
+    assert not first.run(max_ticks=3).held
+    later = Controller(SLOW_STEP, router, StaticMetrics([FEW]), store, clock=FakeClock(1900.0))
+    final = later.run(max_ticks=1)
+    assert final.held and "inconclusive after 60 s" in final.reason

@@ -369,10 +369,10 @@ def test_steering_commands_are_queued_for_the_controller(tmp_path: Path) -> None
     [
         pytest.param(
             "Promoting",
-            ["abort"],
+            ["set-weight", "50"],
             "is Promoting: the promotion of diabetes:2 is under way (blue at 100 %, green next), "
-            "and ends on its own; abort cannot act on it (nothing queued)",
-            id="abort-while-promoting",
+            "and ends on its own unless aborted; set-weight cannot act on it (nothing queued)",
+            id="set-weight-while-promoting",
         ),
         pytest.param(
             "Finalising",
@@ -407,6 +407,22 @@ def test_a_command_is_refused_while_the_rollout_promotes_or_rolls_back(
     assert code == EXIT_ERROR and f"rollout 'cli' {said}" in out, out
     assert "no controller is running: `aml-rollout rollout run" in out
     assert store.commands() == []
+
+
+def test_abort_is_queued_while_the_rollout_promotes(tmp_path: Path) -> None:
+    """Was refused ("the promotion ... is under way"): a promotion whose weights the router
+    refuses for good stopped every `run` in Promoting, with no way out. Green still serves the
+    stable release there, and the machine rolls back on the abort."""
+    spec = write_spec(tmp_path)
+    from rollout.api import open_store
+    from rollout.core.types import Phase
+    from tests.core.helpers import V2
+
+    store = open_store(spec)
+    store.save(Status(name="cli", id="r1", phase=Phase.PROMOTING, candidate=V2))
+    code, out = invoke("abort", str(spec))
+    assert code == 0 and out.startswith("queued abort for rollout cli"), out
+    assert [c.kind for c in store.commands()] == ["abort"]
 
 
 def test_resume_of_a_rollout_that_is_not_paused_says_so_and_queues_nothing(
