@@ -210,9 +210,13 @@ class KubernetesStateStore:
         try:
             return Status.from_dict(json.loads(text))
         except (ValueError, KeyError, TypeError) as exc:
+            # `run --restart` reads the status first too: moving it aside is the way on.
+            name, ns = self.objects.status, self._ns
             raise StateError(
-                f"ConfigMap {self._ns}/{self.objects.status} (key {o.STATUS_KEY}) is not a "
-                f"rollout status: {exc}"
+                f"ConfigMap {ns}/{name} (key {o.STATUS_KEY}) is not a rollout status: {exc}; "
+                f"move it aside (`kubectl -n {ns} get configmap {name} -o yaml > "
+                f"{name}.broken.yaml && kubectl -n {ns} delete configmap {name}`): "
+                "`aml-rollout rollout run` then starts a new rollout"
             ) from exc
 
     @property

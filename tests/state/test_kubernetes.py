@@ -561,8 +561,21 @@ def test_an_unreadable_status_is_a_state_error(api: FakeKubeApiServer, text: str
          "data": {o.STATUS_KEY: text}},
         "configmaps",
     )  # fmt: skip
-    with pytest.raises(StateError, match=r"ConfigMap ml/aml-rollout-r-status .* not a rollout"):
+    with pytest.raises(
+        StateError, match=r"ConfigMap ml/aml-rollout-r-status .* not a rollout"
+    ) as e:
         kube_store(api).load()
+    # The way on, which `run --restart` is not (it reads the status first), as the hint says it.
+    saved = "aml-rollout-r-status.broken.yaml"
+    assert (
+        "move it aside (`kubectl -n ml get configmap aml-rollout-r-status -o yaml > "
+        f"{saved} && kubectl -n ml delete configmap aml-rollout-r-status`): `aml-rollout rollout "
+        "run` then starts a new rollout"
+    ) in str(e.value)
+    api.delete("configmaps", "aml-rollout-r-status", NAMESPACE)
+    store = kube_store(api)
+    with store.lease("ann"):
+        assert store.load() is None  # a new rollout
 
 
 @pytest.mark.parametrize(
