@@ -412,12 +412,16 @@ class KubernetesStateStore:
         annotations only is no sign of life)."""
         tenure = _tenure(found)
         watch_s = max(self.lease_ttl_s, _duration(found) or 0)
-        log.info(
-            "Lease %s/%s of %s looks expired; watching it %g s before taking it over",
+        # At WARNING, which `run` shows: the watch can last lease_ttl_s (up to an hour), and
+        # a `run` silent that long looks hung.
+        log.warning(
+            "Lease %s/%s of %s looks expired; watching it %g s for a renewal, taking it over "
+            "at %s if none comes",
             self._ns,
             self.objects.lease,
             o.describe_holder(found),
             watch_s,
+            o.clock_time(self._clock() + watch_s),
         )
         deadline = self._monotonic() + watch_s
         while self._monotonic() < deadline:
@@ -563,7 +567,9 @@ class KubernetesStateStore:
                     if found is None or not held.owns(found):
                         return  # taken over (or deleted): nothing of ours to release
                     obj = found
-        except (StateError, _Missing) as exc:
+        except _Missing:
+            log.debug("%s was deleted: nothing to release", what)
+        except StateError as exc:
             log.warning(
                 "could not release %s (%s); it expires %d s after its last renewal",
                 what,

@@ -206,6 +206,11 @@ def micro_time(at: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def clock_time(at: float) -> str:
+    """Epoch seconds as a time of day in UTC, as a log line says when: "17:47:10Z"."""
+    return f"{dt.datetime.fromtimestamp(at, dt.UTC):%H:%M:%SZ}"
+
+
 def parse_time(text: Any) -> float | None:
     """Epoch seconds of an RFC 3339 time (any precision), None when absent or unreadable."""
     if not isinstance(text, str) or not text:

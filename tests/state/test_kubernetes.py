@@ -407,9 +407,21 @@ def test_a_release_that_fails_is_logged_not_raised(
 ) -> None:
     store = kube_store(api, ttl=30)
     with caplog.at_level(logging.WARNING), store.lease("ann"):
-        api.delete("leases", "aml-rollout-r", NAMESPACE, "coordination.k8s.io")
+        api.cut_off("leases", "patch")  # the release's answer is lost
     assert "could not release Lease ml/aml-rollout-r" in caplog.text
     assert "it expires 30 s after its last renewal" in caplog.text
+
+
+def test_a_lease_deleted_by_hand_is_released_without_a_warning(
+    api: FakeKubeApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Was "could not release Lease ... (HTTP 404 ...); it expires 30 s after its last
+    renewal": a 404 is a Lease there is nothing left of to release."""
+    store = kube_store(api, ttl=30)
+    with caplog.at_level(logging.WARNING), store.lease("ann"):
+        api.delete("leases", "aml-rollout-r", NAMESPACE, "coordination.k8s.io")
+    assert "could not release" not in caplog.text
+    assert kube_store(api).controller() is None
 
 
 def test_a_racing_take_over_that_loses_names_the_winner(api: FakeKubeApiServer) -> None:
@@ -670,15 +682,27 @@ def test_a_clock_running_ahead_cannot_take_a_live_lease(api: FakeKubeApiServer) 
     assert lease_of(api)["spec"].get("leaseTransitions", 0) == 0
 
 
-def test_an_expired_lease_is_watched_a_ttl_before_it_is_taken(api: FakeKubeApiServer) -> None:
+def test_an_expired_lease_is_watched_a_ttl_before_it_is_taken(
+    api: FakeKubeApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
     stale = kube_store(api, ttl=30)
     instant = InstantTime()
+    now = 1_900_000_000.0  # 2030-03-17T17:46:40Z
     later = kube_store(
-        api, ttl=30, clock=ahead(120), monotonic=instant.monotonic, sleep=instant.sleep
+        api, ttl=30, clock=lambda: now, monotonic=instant.monotonic, sleep=instant.sleep
     )
-    with stale.lease("ann"), later.lease("bob"):
+    with stale.lease("ann"), caplog.at_level(logging.WARNING), later.lease("bob"):
         assert instant.now >= 30  # a whole ttl with no renewal seen, then the take-over
         assert "bob" in (later.controller() or "")
+    # Said at WARNING, which `run` shows: it was INFO, and `run` sat silent for the whole
+    # watch (up to lease_ttl_s, an hour), like a hang.
+    watching = [r for r in caplog.records if "looks expired" in r.getMessage()]
+    assert watching and watching[0].levelno == logging.WARNING
+    assert re.search(
+        r"Lease ml/aml-rollout-r of ann pid \d+ on \S+ since [\dT:Z-]+ looks expired; watching "
+        r"it 30 s for a renewal, taking it over at 17:47:10Z if none comes",
+        watching[0].getMessage(),
+    )
 
 
 def test_the_watch_lasts_the_lease_s_own_duration_when_it_is_longer(
