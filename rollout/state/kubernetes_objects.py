@@ -267,6 +267,19 @@ def live_holder(obj: Obj, now: float) -> str | None:
     return holder if renewed + duration > now else None
 
 
+def renewed_ahead(obj: Obj, now: float) -> float | None:
+    """How far the Lease's renewTime is ahead of `now`, when by more than its
+    leaseDurationSeconds; else None. Clocks a ttl apart say nothing of the holder: a dead one
+    whose clock ran an hour ahead would read as live for that hour (`live_holder`), so such a
+    Lease is judged as client-go does, by whether it is seen to change."""
+    spec = obj.get("spec") or {}
+    renewed = parse_time(spec.get("renewTime")) or parse_time(spec.get("acquireTime"))
+    duration = spec.get("leaseDurationSeconds")
+    if renewed is None or not isinstance(duration, int | float):
+        return None
+    return renewed - now if renewed - now > duration else None
+
+
 def describe_holder(obj: Obj) -> str:
     """The holder as people read it: "<owner> pid N on host since 2024-05-01T10:00:00Z"."""
     spec = obj.get("spec") or {}

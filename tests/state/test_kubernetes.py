@@ -34,7 +34,7 @@ from rollout.state.kubernetes_objects import StateObjects
 from tests.fakes.kube_apiserver import DELETED, FakeKubeApiServer
 from tests.fakes.server import Answering
 from tests.state.contract import a_status
-from tests.state.helpers import NAMESPACE, exercise, kube_store, lease_of, status
+from tests.state.helpers import LEASES, NAMESPACE, exercise, kube_store, lease_of, status
 
 MICRO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|\+00:00)")
 
@@ -839,3 +839,77 @@ def test_a_label_on_a_dead_holders_lease_is_no_sign_of_life(api: FakeKubeApiServ
     )
     with dead.lease("ann"), later.lease("bob"):
         assert "bob" in (later.controller() or "")
+
+
+def _ghost(api: FakeKubeApiServer, renewed_at: float, ttl: int = 30) -> None:
+    """A Lease left by a controller that is gone, renewed last at `renewed_at` by its clock."""
+    objects = StateObjects(NAMESPACE, "r")
+    api.seed(
+        o.lease(objects, "ann's controller pid 7 on laptop", ttl, renewed_at), "leases", LEASES
+    )
+
+
+def test_a_dead_holder_whose_clock_ran_ahead_is_watched_and_taken_over(
+    api: FakeKubeApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Was: its renewTime an hour ahead of this machine's clock, the Lease read as live for
+    that hour; every successor refused at once, told it "expires 30 s after its last renewal".
+    A renewTime more than a ttl ahead says nothing of life: the Lease is watched for a change
+    (client-go judges expiry by when it last saw the record change) and taken over."""
+    _ghost(api, time.time() + 3600)
+    assert "60.0 min ahead of this machine's clock" in (kube_store(api).controller() or "")
+    instant = InstantTime()
+    later = kube_store(api, ttl=30, monotonic=instant.monotonic, sleep=instant.sleep)
+    with caplog.at_level(logging.WARNING), later.lease("bob"):
+        assert instant.now >= 30
+        assert "bob" in (later.controller() or "")
+    assert "renewTime is 60.0 min ahead of this machine's clock; watching it 30 s" in caplog.text
+
+
+def test_a_live_holder_whose_clock_runs_ahead_is_seen_renewing_and_kept(
+    api: FakeKubeApiServer,
+) -> None:
+    laptop = kube_store(api, ttl=1, clock=ahead(3600))  # renews every 1/3 s
+    with laptop.lease("laptop"):
+        with pytest.raises(LeaseHeldError) as refused:
+            kube_store(api, ttl=1).lease("pod").__enter__()
+        laptop.save(a_status(1))  # still the holder
+    assert "laptop pid" in str(refused.value)
+    assert "its renewTime is 60.0 min ahead of this machine's clock" in str(refused.value)
+
+
+def test_a_dead_holder_within_a_ttl_ahead_is_still_refused_at_once_saying_how_to_force(
+    api: FakeKubeApiServer,
+) -> None:
+    """Clocks a few seconds apart are trusted (a dead holder then blocks for at most 2 ttl);
+    the refusal says how to take over at once, which the next test shows is safe."""
+    _ghost(api, time.time() + 10)
+    with pytest.raises(LeaseHeldError) as refused:
+        kube_store(api, ttl=30).lease("bob").__enter__()
+    assert (
+        "to take over at once, `kubectl -n ml delete lease aml-rollout-r` (a controller still "
+        "alive stops at its next renewal)"
+    ) in str(refused.value)
+
+
+def test_a_lease_deleted_to_force_a_take_over_stops_a_live_holder(
+    api: FakeKubeApiServer,
+) -> None:
+    """What the refusal's `kubectl delete lease` does to a holder that was alive after all: the
+    next controller takes the Lease at once and claims the status; the old one can save
+    nothing more and stops at its next renewal, leaving the new one's Lease alone."""
+    ann = kube_store(api, ttl=3)  # renews every second
+    with ann.lease("ann"):
+        ann.save(a_status(1))
+        api.delete("leases", "aml-rollout-r", NAMESPACE, LEASES)
+        bob = kube_store(api, ttl=30)
+        with bob.lease("bob"):
+            with pytest.raises(StateError, match="lost"):
+                ann.save(a_status(2))  # fenced by bob's claim even before its renewal
+            eventually(lambda: ann._held is not None and ann._held.lost is not None)
+            with pytest.raises(StateError, match="lost the lease of rollout 'r'"):
+                ann.check_lease()
+            loaded = bob.load()
+            assert loaded is not None and loaded.tick == 1
+            bob.save(a_status(2))
+    assert "holderIdentity" not in lease_of(api)["spec"]  # bob's release, not ann's
