@@ -93,7 +93,7 @@ class _Held:
 
     holder: str
     obj: Obj
-    #: time.monotonic() when the last successful write of the Lease was sent.
+    #: `since_boot()` when the last successful write of the Lease was sent.
     renewed_at: float
     lost: str | None = None
     stop: threading.Event = field(default_factory=threading.Event)
@@ -118,6 +118,14 @@ class _Held:
             and o.holder_of(found) == self.holder
             and _acquire_time(found) == self.acquired
         )
+
+
+def since_boot() -> float:
+    """The lease's local clock: CLOCK_BOOTTIME on Linux, which counts the time a machine was
+    suspended (CLOCK_MONOTONIC, time.monotonic's, does not: a VM resumed an hour later would
+    take its lease for fresh until its renewal thread met the take-over), else monotonic."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
 
 
 def _tenure(lease: Obj) -> tuple[Any, ...]:
@@ -148,7 +156,7 @@ class KubernetesStateStore:
         max_conflict_retries: int = 10,
         request_timeout_s: float = 10.0,
         clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = since_boot,
         sleep: Callable[[float], None] = time.sleep,
         credentials: kubeapi.Credentials | None = None,
     ) -> None:
@@ -502,7 +510,7 @@ class KubernetesStateStore:
 
     def _require_lease(self) -> None:
         """StateError (as `check_lease`'s) unless the lease is renewed in time by our clock and
-        the Lease, read now, is still this tenure's: a suspended VM's monotonic clock does not
+        the Lease, read now, is still this tenure's: off Linux, a suspended VM's clock does not
         count the suspension, the Lease shows the take-over it allowed."""
         self.check_lease()
         held = self._held

@@ -913,3 +913,23 @@ def test_a_lease_deleted_to_force_a_take_over_stops_a_live_holder(
             assert loaded is not None and loaded.tick == 1
             bob.save(a_status(2))
     assert "holderIdentity" not in lease_of(api)["spec"]  # bob's release, not ann's
+
+
+@pytest.mark.skipif(not hasattr(time, "CLOCK_BOOTTIME"), reason="Linux only")
+def test_a_holder_resumed_from_suspend_sees_its_lease_gone_at_once(
+    api: FakeKubeApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CLOCK_MONOTONIC does not count a suspended VM's sleep: resumed an hour later, the
+    holder's own check passed until its renewal thread next ran and met the take-over, and it
+    could apply its pending router actions meanwhile. The lease's clock counts the suspension."""
+    store = kube_store(api, ttl=30)
+    with store.lease("ann"):
+        store.save(a_status(1))
+        gettime = time.clock_gettime
+
+        def an_hour_suspended(clock: int) -> float:
+            return gettime(clock) + (3600 if clock == time.CLOCK_BOOTTIME else 0)
+
+        monkeypatch.setattr(time, "clock_gettime", an_hour_suspended)
+        with pytest.raises(StateError, match="not renewed for more than 20 s"):
+            store.check_lease()
