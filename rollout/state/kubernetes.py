@@ -432,12 +432,12 @@ class KubernetesStateStore:
         # At WARNING, which `run` shows: the watch can last lease_ttl_s (up to an hour), and
         # a `run` silent that long looks hung.
         log.warning(
-            "Lease %s/%s of %s %s; watching it %g s for a renewal, taking it over "
-            "at %s if none comes",
+            "Lease %s/%s of %s%s; watching it %g s for a renewal, taking it over at %s if "
+            "none comes",
             self._ns,
             self.objects.lease,
             o.describe_holder(found),
-            self._ahead(found) or "looks expired",
+            f": {ahead}" if (ahead := self._ahead(found)) else " looks expired",
             watch_s,
             o.clock_time(self._clock() + watch_s),
         )

@@ -863,7 +863,11 @@ def test_a_dead_holder_whose_clock_ran_ahead_is_watched_and_taken_over(
     with caplog.at_level(logging.WARNING), later.lease("bob"):
         assert instant.now >= 30
         assert "bob" in (later.controller() or "")
-    assert "renewTime is 60.0 min ahead of this machine's clock; watching it 30 s" in caplog.text
+    assert (
+        ("Lease ml/aml-rollout-r of ann's controller pid 7 on laptop since ") in caplog.text
+        and "Z: its renewTime is 60.0 min ahead of this machine's clock; watching it 30 s"
+        in caplog.text
+    )
 
 
 def test_a_live_holder_whose_clock_runs_ahead_is_seen_renewing_and_kept(
