@@ -453,13 +453,12 @@ class KubernetesStateStore:
         return found
 
     def _ahead(self, found: Obj) -> str | None:
-        """ "its renewTime is N ahead of this machine's clock", when by more than its ttl."""
+        """How far the Lease's renewTime is ahead of this machine's clock, in words, when by
+        more than its ttl; else None."""
         ahead = o.renewed_ahead(found, self._clock())
-        return (
-            None
-            if ahead is None
-            else f"its renewTime is {span(ahead)} ahead of this machine's clock"
-        )
+        if ahead is None:
+            return None
+        return f"its renewTime is {span(ahead)} ahead of this machine's clock"
 
     def _held_by(self, found: Obj) -> LeaseHeldError:
         ttl = _duration(found) or self.lease_ttl_s
