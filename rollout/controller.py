@@ -203,6 +203,8 @@ class Controller:
         #: The monotonic clock when the status was last stepped (its `updated_at`), by this
         #: controller since `start`; None before: the first tick then ages the step by wall time.
         self._stepped_mono: float | None = None
+        #: This controller's take of the lease, on its ticks' ledger lines (`run` renews it).
+        self._tenure = uuid.uuid4().hex[:12]
         if isinstance(router, Fenced):
             # Checked before each write inside an action too, not only before the action: on a
             # slow control plane one action outlasts the lease (routers.base.Fence).
@@ -224,6 +226,7 @@ class Controller:
         waits for resume, promote or abort).
         """
         with self.store.lease(self.owner):
+            self._tenure = uuid.uuid4().hex[:12]  # each take of the lease, a new one
             status = self.start(restart=restart)
             ticks = 0
             while not status.terminal:
@@ -714,7 +717,14 @@ class Controller:
         record = dict(decision.record)
         record["describe"] = [describe(a) for a in decision.actions]
         record["rollout_id"] = decision.status.id  # (ledger.latest_ticks)
+        # Which take of the lease wrote the line: a controller that lost the lease after the
+        # check below (frozen in between) may still append, and its line must hide none of
+        # its successor's (ledger._redone).
+        record["tenure"] = self._tenure
         if self.ledger is not None:
+            # Not only at the tick's start: a slow metrics query can outlast the lease, and a
+            # stale line would read as the successor's ticks done again.
+            self.store.check_lease()
             self.ledger.append(record)
         status = replace(decision.status, pending=decision.actions, applied=0)
         self.store.save(status)

@@ -128,16 +128,27 @@ def latest_ticks(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _redone(records: Iterable[dict[str, Any]]) -> set[int]:
     """The indexes of the `latest_ticks` leaves out: a line of tick T is done again when a
     later line of its rollout has a tick T' <= T (ticks only go up otherwise; a tick done again
-    does again the ticks after it, if any were written)."""
+    does again the ticks after it, if any were written); and a line of a superseded `tenure`
+    (a take of the lease: the controller stamps its ticks' lines), one written after a line of
+    a later tenure. That controller lost the lease and its save was refused: its decision was
+    never the rollout's, and its tick must not read as the successor's ticks done again.
+    Lines with no tenure (earlier versions, events) are read as before."""
     ticks: list[int | None] = []  # each line's tick, None for a line of no tick
     begins: set[int] = set()  # where each rollout's lines begin
     cuts = _Cuts()
+    tenures: dict[str, int] = {}  # each tenure's rank, by its first line
+    stale: set[int] = set()
     for index, record in enumerate(records):
+        tenure = record.get("tenure")
+        if isinstance(tenure, str) and tenures.setdefault(tenure, len(tenures)) < len(tenures) - 1:
+            stale.add(index)
+            ticks.append(None)  # hides nothing, and cuts nothing
+            continue
         tick = record.get("tick")
         ticks.append(tick if isinstance(tick, int) and not isinstance(tick, bool) else None)
         if cuts.begins(record):
             begins.add(index)
-    redone: set[int] = set()
+    redone: set[int] = stale
     lowest = math.inf  # the lowest tick of the lines after this one, in its rollout
     for index in reversed(range(len(ticks))):
         tick = ticks[index]

@@ -50,15 +50,22 @@ class FileStateStore:
     def load(self) -> Status | None:
         """The saved status, or None when the rollout never started."""
         try:
-            text = self.status_path.read_text(encoding="utf-8")
+            data = self.status_path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise StateError(f"cannot read {self.status_path}: {exc.strerror}") from exc
         try:
-            return Status.from_dict(json.loads(text))
+            # Decoded here, not by read_text: bytes that are not UTF-8 (a UnicodeDecodeError, a
+            # ValueError) are a corrupt status like any other, not a traceback.
+            return Status.from_dict(json.loads(data.decode("utf-8")))
         except (ValueError, KeyError, TypeError) as exc:
-            raise StateError(f"{self.status_path} is not a rollout status: {exc}") from exc
+            # `run --restart` reads the status first too: moving the file aside is the way on.
+            path = self.status_path
+            raise StateError(
+                f"{path} is not a rollout status: {exc}; move it aside (`mv {path} "
+                f"{path}.broken`): `aml-rollout rollout run` then starts a new rollout"
+            ) from exc
 
     def save(self, status: Status) -> None:
         """Replace the status file atomically and durably (StateError once the lease is lost)."""

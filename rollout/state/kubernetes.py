@@ -8,20 +8,20 @@ resourceVersion they were computed from (compare-and-swap): other fields survive
 goes through the client's typed models, which would rewrite a Lease's MicroTimes and refuse
 fields they do not know.
 
-- **Lease** `aml-rollout-<name>`: `lease(owner)` creates it, or takes it when it has no holder,
-  or takes it over when its holder stopped renewing: renewTime + leaseDurationSeconds is past by
-  this machine's clock AND the Lease stays unchanged while this process watches it for another
-  ttl (or the Lease's own, if longer) by its monotonic clock (client-go's rule: a clock running
-  ahead of the holder's must not take a live lease). The take is a patch carrying the
-  resourceVersion read — of two controllers racing for it, the API server lets one write and
+- **Lease** `aml-rollout-<name>`: `lease(owner)` creates it, or takes it when it has no holder, or
+  takes it over when its holder stopped renewing: renewTime + leaseDurationSeconds is past by this
+  machine's clock (or is more than a ttl ahead of it: a dead holder whose clock ran ahead must not
+  block every successor for the skew) AND the Lease stays unchanged while this process watches it
+  for another ttl (or the Lease's own, if longer) by its monotonic clock (client-go's rule: a
+  clock running ahead of the holder's must not take a live lease). The take is a patch carrying
+  the resourceVersion read — of two controllers racing for it, the API server lets one write and
   answers the other 409, which then re-reads and reports the winner (LeaseHeldError: the CLI's
   contract). A live holder is reported at once. While held, a daemon thread renews it every
   `lease_ttl_s / 3` (every second after a failure); a renewal refused (someone took it over or
   deleted it), or none going through for `renew_deadline_s` (two thirds of the ttl), marks the
-  lease lost: `check_lease()`, which the controller calls before every router action, and
-  `save()` raise StateError, and this controller stops, a third of the ttl before anyone may
-  take over. On exit the holder is cleared (CAS; a failure is logged, the lease then expires on
-  its own).
+  lease lost: `check_lease()`, which the controller calls before every router action, and `save()`
+  raise StateError, and this controller stops, a third of the ttl before anyone may take over. On
+  exit the holder is cleared (CAS; a failure is logged, the lease then expires on its own).
 - **Fencing** — a lease alone cannot stop a controller that froze (a long GC pause) from writing
   when it wakes. So status writes are compare-and-swap: `save()` patches the status ConfigMap
   carrying the resourceVersion this store last read or wrote. On a 409 it re-reads: if the
@@ -67,6 +67,7 @@ from urllib3.exceptions import HTTPError
 from rollout import kubeapi
 from rollout.core.status import Command, Status
 from rollout.errors import LeaseHeldError, StateError
+from rollout.ledger import span
 from rollout.state import kubernetes_objects as o
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class _Held:
 
     holder: str
     obj: Obj
-    #: time.monotonic() when the last successful write of the Lease was sent.
+    #: `since_boot()` when the last successful write of the Lease was sent.
     renewed_at: float
     lost: str | None = None
     stop: threading.Event = field(default_factory=threading.Event)
@@ -117,6 +118,14 @@ class _Held:
             and o.holder_of(found) == self.holder
             and _acquire_time(found) == self.acquired
         )
+
+
+def since_boot() -> float:
+    """The lease's local clock: CLOCK_BOOTTIME on Linux, which counts the time a machine was
+    suspended (CLOCK_MONOTONIC, time.monotonic's, does not: a VM resumed an hour later would
+    take its lease for fresh until its renewal thread met the take-over), else monotonic."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
 
 
 def _tenure(lease: Obj) -> tuple[Any, ...]:
@@ -147,7 +156,7 @@ class KubernetesStateStore:
         max_conflict_retries: int = 10,
         request_timeout_s: float = 10.0,
         clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = since_boot,
         sleep: Callable[[float], None] = time.sleep,
         credentials: kubeapi.Credentials | None = None,
     ) -> None:
@@ -210,9 +219,13 @@ class KubernetesStateStore:
         try:
             return Status.from_dict(json.loads(text))
         except (ValueError, KeyError, TypeError) as exc:
+            # `run --restart` reads the status first too: moving it aside is the way on.
+            name, ns = self.objects.status, self._ns
             raise StateError(
-                f"ConfigMap {self._ns}/{self.objects.status} (key {o.STATUS_KEY}) is not a "
-                f"rollout status: {exc}"
+                f"ConfigMap {ns}/{name} (key {o.STATUS_KEY}) is not a rollout status: {exc}; "
+                f"move it aside (`kubectl -n {ns} get configmap {name} -o yaml > "
+                f"{name}.broken.yaml && kubectl -n {ns} delete configmap {name}`): "
+                "`aml-rollout rollout run` then starts a new rollout"
             ) from exc
 
     @property
@@ -342,7 +355,8 @@ class KubernetesStateStore:
         found = self._read_lease()
         if found is None or o.live_holder(found, self._clock()) is None:
             return None
-        return o.describe_holder(found)
+        ahead = self._ahead(found)  # alive only if it is seen renewing: `lease` watches it
+        return o.describe_holder(found) + (f" ({ahead})" if ahead else "")
 
     @contextmanager
     def lease(self, owner: str) -> Iterator[None]:
@@ -371,7 +385,13 @@ class KubernetesStateStore:
         """Create the Lease, or take it over when free; LeaseHeldError when someone holds it."""
         for _ in range(self._max_retries):
             found = self._read_lease()
-            if found is not None and o.live_holder(found, self._clock()) is not None:
+            # A renewTime more than a ttl ahead of our clock proves no life (a dead holder whose
+            # clock ran an hour ahead would block every successor for that hour): watched too.
+            if (
+                found is not None
+                and o.live_holder(found, self._clock()) is not None
+                and o.renewed_ahead(found, self._clock()) is None
+            ):
                 raise self._held_by(found)
             if found is not None and o.holder_of(found) is not None:
                 found = self._watch_expired(found)
@@ -399,7 +419,8 @@ class KubernetesStateStore:
         )
 
     def _watch_expired(self, found: Obj) -> Obj | None:
-        """The Lease `found`, expired by this machine's clock, once it stayed unchanged for a
+        """The Lease `found`, expired by this machine's clock (or renewed more than a ttl ahead
+        of it, which proves no life either), once it stayed unchanged for a
         whole ttl by this process's monotonic clock (client-go's rule): a clock running ahead of
         the holder's must not take a live lease. The ttl is the longer of ours and the Lease's
         own leaseDurationSeconds: a holder with a longer one renews less often than ours would.
@@ -408,12 +429,17 @@ class KubernetesStateStore:
         annotations only is no sign of life)."""
         tenure = _tenure(found)
         watch_s = max(self.lease_ttl_s, _duration(found) or 0)
-        log.info(
-            "Lease %s/%s of %s looks expired; watching it %g s before taking it over",
+        # At WARNING, which `run` shows: the watch can last lease_ttl_s (up to an hour), and
+        # a `run` silent that long looks hung.
+        log.warning(
+            "Lease %s/%s of %s%s; watching it %g s for a renewal, taking it over at %s if "
+            "none comes",
             self._ns,
             self.objects.lease,
             o.describe_holder(found),
+            f": {ahead}" if (ahead := self._ahead(found)) else " looks expired",
             watch_s,
+            o.clock_time(self._clock() + watch_s),
         )
         deadline = self._monotonic() + watch_s
         while self._monotonic() < deadline:
@@ -426,14 +452,28 @@ class KubernetesStateStore:
             found = seen  # the version the take-over must carry
         return found
 
+    def _ahead(self, found: Obj) -> str | None:
+        """How far the Lease's renewTime is ahead of this machine's clock, in words, when by
+        more than its ttl; else None."""
+        ahead = o.renewed_ahead(found, self._clock())
+        if ahead is None:
+            return None
+        return f"its renewTime is {span(ahead)} ahead of this machine's clock"
+
     def _held_by(self, found: Obj) -> LeaseHeldError:
         ttl = _duration(found) or self.lease_ttl_s
+        ahead = self._ahead(found)
+        lease = f"{self._ns}/{self.objects.lease}"
+        # Deleting the Lease is safe: a live holder's next renewal meets the 404 (or the new
+        # Lease's 409) and it stops, and the taker's claim fences its status writes meanwhile.
         return LeaseHeldError(
             f"rollout {self.name!r} is already driven by another controller "
-            f"({o.describe_holder(found)}); stop it, or steer it with `aml-rollout rollout "
-            f"pause|resume|promote|abort` (Lease {self._ns}/{self.objects.lease}: if that "
+            f"({o.describe_holder(found)}{'; ' + ahead if ahead else ''}); stop it, or steer it "
+            f"with `aml-rollout rollout pause|resume|promote|abort` (Lease {lease}: if that "
             f"controller died, its lease expires {ttl:g} s after its last renewal, and a new "
-            f"controller takes it over after watching it another {max(ttl, self.lease_ttl_s):g} s)"
+            f"controller takes it over after watching it another {max(ttl, self.lease_ttl_s):g} s;"
+            f" to take over at once, `kubectl -n {self._ns} delete lease {self.objects.lease}` "
+            "(a controller still alive stops at its next renewal))"
         )
 
     def _claim_status(self, claim: str) -> None:
@@ -469,7 +509,7 @@ class KubernetesStateStore:
 
     def _require_lease(self) -> None:
         """StateError (as `check_lease`'s) unless the lease is renewed in time by our clock and
-        the Lease, read now, is still this tenure's: a suspended VM's monotonic clock does not
+        the Lease, read now, is still this tenure's: off Linux, a suspended VM's clock does not
         count the suspension, the Lease shows the take-over it allowed."""
         self.check_lease()
         held = self._held
@@ -559,7 +599,9 @@ class KubernetesStateStore:
                     if found is None or not held.owns(found):
                         return  # taken over (or deleted): nothing of ours to release
                     obj = found
-        except (StateError, _Missing) as exc:
+        except _Missing:
+            log.debug("%s was deleted: nothing to release", what)
+        except StateError as exc:
             log.warning(
                 "could not release %s (%s); it expires %d s after its last renewal",
                 what,

@@ -206,6 +206,11 @@ def micro_time(at: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def clock_time(at: float) -> str:
+    """Epoch seconds as a time of day in UTC, as a log line says when: "17:47:10Z"."""
+    return f"{dt.datetime.fromtimestamp(at, dt.UTC):%H:%M:%SZ}"
+
+
 def parse_time(text: Any) -> float | None:
     """Epoch seconds of an RFC 3339 time (any precision), None when absent or unreadable."""
     if not isinstance(text, str) or not text:
@@ -260,6 +265,19 @@ def live_holder(obj: Obj, now: float) -> str | None:
     if renewed is None or not isinstance(duration, int | float):
         return None
     return holder if renewed + duration > now else None
+
+
+def renewed_ahead(obj: Obj, now: float) -> float | None:
+    """How far the Lease's renewTime is ahead of `now`, when by more than its
+    leaseDurationSeconds; else None. Clocks a ttl apart say nothing of the holder: a dead one
+    whose clock ran an hour ahead would read as live for that hour (`live_holder`), so such a
+    Lease is judged as client-go does, by whether it is seen to change."""
+    spec = obj.get("spec") or {}
+    renewed = parse_time(spec.get("renewTime")) or parse_time(spec.get("acquireTime"))
+    duration = spec.get("leaseDurationSeconds")
+    if renewed is None or not isinstance(duration, int | float):
+        return None
+    return renewed - now if renewed - now > duration else None
 
 
 def describe_holder(obj: Obj) -> str:

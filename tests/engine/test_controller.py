@@ -129,6 +129,42 @@ class InterruptedAt(FileStateStore):
         super().save(status)
 
 
+class LeaseLostAt(FileStateStore):
+    """A file store whose lease is lost (another controller took over) once `lost` is set."""
+
+    lost = False
+
+    def check_lease(self) -> None:
+        if self.lost:
+            raise StateError("lost the lease of rollout 't': taken over by bob")
+        super().check_lease()
+
+
+def test_a_controller_that_lost_its_lease_mid_tick_writes_no_ledger_line(tmp_path: Path) -> None:
+    """Was: the lease checked only at the tick's start, a controller that lost it during a slow
+    metrics query still appended its tick's line (then its save was refused): the ledger read
+    as if the successor's ticks had been done again, and `explain` dropped them."""
+    store = LeaseLostAt(tmp_path, SPEC.name)
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    metrics = simulated(router, 0.01)
+    observe = metrics.observe
+    looks = []
+
+    def slow_query(since: float, now: float) -> Any:
+        looks.append(now)
+        if len(looks) == 3:
+            store.lost = True  # the query outlasted the lease; bob took it over meanwhile
+        return observe(since, now)
+
+    metrics.observe = slow_query  # type: ignore[method-assign]
+    ctl, _ = controller(tmp_path, router, metrics, store=store)
+    with pytest.raises(StateError, match="lost the lease"):
+        ctl.run(max_ticks=50)
+    ticks = [r["tick"] for r in read_ledger(tmp_path / "t.ledger.jsonl") if "tick" in r]
+    saved = FileStateStore(tmp_path, SPEC.name).load()
+    assert saved is not None and ticks == list(range(1, saved.tick + 1))
+
+
 def test_the_controller_fences_a_routers_writes_with_its_lease(tmp_path: Path) -> None:
     """A router that sends several writes per action gets the lease check before each one."""
 

@@ -8,7 +8,9 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
-from rollout.ledger import explain, iter_ledger, read_ledger
+import pytest
+
+from rollout.ledger import explain, iter_ledger, latest_ticks, read_ledger
 from rollout.report import render_html, stories_from_ledger
 
 T0 = 1_700_000_000.0
@@ -177,3 +179,57 @@ def test_a_ledger_read_while_its_rollout_writes_it_is_read_as_it_was(tmp_path: P
         fh.write(json.dumps(tick(3, "done again", verdict="Inconclusive", rollout_id="r")) + "\n")
     assert [first.get("tick"), *(r["tick"] for r in records)] == [None, 1, 2, 3]
     assert [r.get("reason") for r in read_ledger(ledger)][-1] == "done again"
+
+
+def _run(tenure: str | None, ticks: range, by: str, **extra: Any) -> list[dict[str, Any]]:
+    stamp = {"tenure": tenure} if tenure else {}
+    return [
+        tick(n, f"{by} {n}", verdict="Inconclusive", rollout_id="r", **stamp, **extra)
+        for n in ticks
+    ]
+
+
+@pytest.mark.parametrize(
+    ("lines", "read"),
+    [
+        # Measured (real processes, a fake kube-apiserver): A frozen in a slow query, B took the
+        # lease over and ran ticks 7..9; A woke and appended its tick 7 before its save was
+        # refused. Read as B's ticks done again, explain dropped B's steps.
+        pytest.param(
+            [*_run("a", range(1, 7), "A"), *_run("b", range(7, 10), "B"), *_run("a", [7], "A")],
+            [*(f"A {n}" for n in range(1, 7)), "B 7", "B 8", "B 9"],
+            id="a-superseded-holders-line-hides-nothing",
+        ),
+        pytest.param(
+            [
+                *_run("a", range(1, 3), "A"),
+                *_run("b", range(3, 5), "B"),
+                *_run("a", [3], "A", phase="RolledBack"),  # a rollback that never happened
+            ],
+            ["A 1", "A 2", "B 3", "B 4"],
+            id="nor-tells-a-decision-never-persisted",
+        ),
+        pytest.param(  # A killed between its tick 4's line and its save: B does tick 4 again
+            [*_run("a", range(1, 5), "A"), *_run("b", range(4, 6), "B")],
+            ["A 1", "A 2", "A 3", "B 4", "B 5"],
+            id="a-tick-done-again-by-the-next-holder-is-still-left-out",
+        ),
+        pytest.param(
+            [*_run("a", range(1, 3), "A"), *_run("b", [3], "B"), *_run("a2", range(4, 6), "A")],
+            ["A 1", "A 2", "B 3", "A 4", "A 5"],
+            id="a-holder-taking-the-lease-again-is-a-new-tenure",
+        ),
+        pytest.param(  # ledgers of earlier versions carry no tenure: read as they were
+            [*_run(None, range(1, 7), "A"), *_run(None, range(7, 10), "B"), *_run(None, [7], "A")],
+            [*(f"A {n}" for n in range(1, 7)), "A 7"],
+            id="an-unstamped-ledger-reads-as-before",
+        ),
+    ],
+)
+def test_the_lines_of_a_controller_that_lost_its_lease_hide_no_later_holders_ticks(
+    tmp_path: Path, lines: list[dict[str, Any]], read: list[str]
+) -> None:
+    ledger = tmp_path / "r.ledger.jsonl"
+    ledger.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert [r["reason"] for r in read_ledger(ledger)] == read
+    assert [r["reason"] for r in latest_ticks(lines)] == read

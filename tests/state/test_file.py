@@ -126,3 +126,27 @@ def test_a_lock_file_deleted_as_it_is_locked_is_locked_anew(
         store.check_lease()
         assert "ann" in path.read_text()
         assert "ann" in (FileStateStore(tmp_path, "r").controller() or "")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b"{not json", id="not-json"),
+        pytest.param(b"", id="empty"),
+        # Was a UnicodeDecodeError traceback from `status`, `run` and `status --watch`.
+        pytest.param(b"\xff\xfe garbage", id="not-utf-8"),
+    ],
+)
+def test_a_corrupt_status_file_is_one_line_saying_how_to_start_again(
+    tmp_path: Path, content: bytes
+) -> None:
+    store = FileStateStore(tmp_path, "r")
+    store.status_path.write_bytes(content)
+    with pytest.raises(StateError) as refused:
+        store.load()
+    path = store.status_path
+    assert str(refused.value).startswith(f"{path} is not a rollout status: ")
+    # `run --restart` reads the status first, so it cannot be the way out: moving it aside is.
+    assert f"move it aside (`mv {path} {path}.broken`)" in str(refused.value)
+    assert "`aml-rollout rollout run` then starts a new rollout" in str(refused.value)
+    assert "\n" not in str(refused.value)

@@ -34,7 +34,7 @@ from rollout.state.kubernetes_objects import StateObjects
 from tests.fakes.kube_apiserver import DELETED, FakeKubeApiServer
 from tests.fakes.server import Answering
 from tests.state.contract import a_status
-from tests.state.helpers import NAMESPACE, exercise, kube_store, lease_of, status
+from tests.state.helpers import LEASES, NAMESPACE, exercise, kube_store, lease_of, status
 
 MICRO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|\+00:00)")
 
@@ -407,9 +407,21 @@ def test_a_release_that_fails_is_logged_not_raised(
 ) -> None:
     store = kube_store(api, ttl=30)
     with caplog.at_level(logging.WARNING), store.lease("ann"):
-        api.delete("leases", "aml-rollout-r", NAMESPACE, "coordination.k8s.io")
+        api.cut_off("leases", "patch")  # the release's answer is lost
     assert "could not release Lease ml/aml-rollout-r" in caplog.text
     assert "it expires 30 s after its last renewal" in caplog.text
+
+
+def test_a_lease_deleted_by_hand_is_released_without_a_warning(
+    api: FakeKubeApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Was "could not release Lease ... (HTTP 404 ...); it expires 30 s after its last
+    renewal": a 404 is a Lease there is nothing left of to release."""
+    store = kube_store(api, ttl=30)
+    with caplog.at_level(logging.WARNING), store.lease("ann"):
+        api.delete("leases", "aml-rollout-r", NAMESPACE, "coordination.k8s.io")
+    assert "could not release" not in caplog.text
+    assert kube_store(api).controller() is None
 
 
 def test_a_racing_take_over_that_loses_names_the_winner(api: FakeKubeApiServer) -> None:
@@ -561,8 +573,21 @@ def test_an_unreadable_status_is_a_state_error(api: FakeKubeApiServer, text: str
          "data": {o.STATUS_KEY: text}},
         "configmaps",
     )  # fmt: skip
-    with pytest.raises(StateError, match=r"ConfigMap ml/aml-rollout-r-status .* not a rollout"):
+    with pytest.raises(
+        StateError, match=r"ConfigMap ml/aml-rollout-r-status .* not a rollout"
+    ) as e:
         kube_store(api).load()
+    # The way on, which `run --restart` is not (it reads the status first), as the hint says it.
+    saved = "aml-rollout-r-status.broken.yaml"
+    assert (
+        "move it aside (`kubectl -n ml get configmap aml-rollout-r-status -o yaml > "
+        f"{saved} && kubectl -n ml delete configmap aml-rollout-r-status`): `aml-rollout rollout "
+        "run` then starts a new rollout"
+    ) in str(e.value)
+    api.delete("configmaps", "aml-rollout-r-status", NAMESPACE)
+    store = kube_store(api)
+    with store.lease("ann"):
+        assert store.load() is None  # a new rollout
 
 
 @pytest.mark.parametrize(
@@ -657,15 +682,27 @@ def test_a_clock_running_ahead_cannot_take_a_live_lease(api: FakeKubeApiServer) 
     assert lease_of(api)["spec"].get("leaseTransitions", 0) == 0
 
 
-def test_an_expired_lease_is_watched_a_ttl_before_it_is_taken(api: FakeKubeApiServer) -> None:
+def test_an_expired_lease_is_watched_a_ttl_before_it_is_taken(
+    api: FakeKubeApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
     stale = kube_store(api, ttl=30)
     instant = InstantTime()
+    now = 1_900_000_000.0  # 2030-03-17T17:46:40Z
     later = kube_store(
-        api, ttl=30, clock=ahead(120), monotonic=instant.monotonic, sleep=instant.sleep
+        api, ttl=30, clock=lambda: now, monotonic=instant.monotonic, sleep=instant.sleep
     )
-    with stale.lease("ann"), later.lease("bob"):
+    with stale.lease("ann"), caplog.at_level(logging.WARNING), later.lease("bob"):
         assert instant.now >= 30  # a whole ttl with no renewal seen, then the take-over
         assert "bob" in (later.controller() or "")
+    # Said at WARNING, which `run` shows: it was INFO, and `run` sat silent for the whole
+    # watch (up to lease_ttl_s, an hour), like a hang.
+    watching = [r for r in caplog.records if "looks expired" in r.getMessage()]
+    assert watching and watching[0].levelno == logging.WARNING
+    assert re.search(
+        r"Lease ml/aml-rollout-r of ann pid \d+ on \S+ since [\dT:Z-]+ looks expired; watching "
+        r"it 30 s for a renewal, taking it over at 17:47:10Z if none comes",
+        watching[0].getMessage(),
+    )
 
 
 def test_the_watch_lasts_the_lease_s_own_duration_when_it_is_longer(
@@ -802,3 +839,101 @@ def test_a_label_on_a_dead_holders_lease_is_no_sign_of_life(api: FakeKubeApiServ
     )
     with dead.lease("ann"), later.lease("bob"):
         assert "bob" in (later.controller() or "")
+
+
+def _ghost(api: FakeKubeApiServer, renewed_at: float, ttl: int = 30) -> None:
+    """A Lease left by a controller that is gone, renewed last at `renewed_at` by its clock."""
+    objects = StateObjects(NAMESPACE, "r")
+    api.seed(
+        o.lease(objects, "ann's controller pid 7 on laptop", ttl, renewed_at), "leases", LEASES
+    )
+
+
+def test_a_dead_holder_whose_clock_ran_ahead_is_watched_and_taken_over(
+    api: FakeKubeApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Was: its renewTime an hour ahead of this machine's clock, the Lease read as live for
+    that hour; every successor refused at once, told it "expires 30 s after its last renewal".
+    A renewTime more than a ttl ahead says nothing of life: the Lease is watched for a change
+    (client-go judges expiry by when it last saw the record change) and taken over."""
+    _ghost(api, time.time() + 3600)
+    assert "60.0 min ahead of this machine's clock" in (kube_store(api).controller() or "")
+    instant = InstantTime()
+    later = kube_store(api, ttl=30, monotonic=instant.monotonic, sleep=instant.sleep)
+    with caplog.at_level(logging.WARNING), later.lease("bob"):
+        assert instant.now >= 30
+        assert "bob" in (later.controller() or "")
+    assert (
+        ("Lease ml/aml-rollout-r of ann's controller pid 7 on laptop since ") in caplog.text
+        and "Z: its renewTime is 60.0 min ahead of this machine's clock; watching it 30 s"
+        in caplog.text
+    )
+
+
+def test_a_live_holder_whose_clock_runs_ahead_is_seen_renewing_and_kept(
+    api: FakeKubeApiServer,
+) -> None:
+    laptop = kube_store(api, ttl=1, clock=ahead(3600))  # renews every 1/3 s
+    with laptop.lease("laptop"):
+        with pytest.raises(LeaseHeldError) as refused:
+            kube_store(api, ttl=1).lease("pod").__enter__()
+        laptop.save(a_status(1))  # still the holder
+    assert "laptop pid" in str(refused.value)
+    assert "its renewTime is 60.0 min ahead of this machine's clock" in str(refused.value)
+
+
+def test_a_dead_holder_within_a_ttl_ahead_is_still_refused_at_once_saying_how_to_force(
+    api: FakeKubeApiServer,
+) -> None:
+    """Clocks a few seconds apart are trusted (a dead holder then blocks for at most 2 ttl);
+    the refusal says how to take over at once, which the next test shows is safe."""
+    _ghost(api, time.time() + 10)
+    with pytest.raises(LeaseHeldError) as refused:
+        kube_store(api, ttl=30).lease("bob").__enter__()
+    assert (
+        "to take over at once, `kubectl -n ml delete lease aml-rollout-r` (a controller still "
+        "alive stops at its next renewal)"
+    ) in str(refused.value)
+
+
+def test_a_lease_deleted_to_force_a_take_over_stops_a_live_holder(
+    api: FakeKubeApiServer,
+) -> None:
+    """What the refusal's `kubectl delete lease` does to a holder that was alive after all: the
+    next controller takes the Lease at once and claims the status; the old one can save
+    nothing more and stops at its next renewal, leaving the new one's Lease alone."""
+    ann = kube_store(api, ttl=3)  # renews every second
+    with ann.lease("ann"):
+        ann.save(a_status(1))
+        api.delete("leases", "aml-rollout-r", NAMESPACE, LEASES)
+        bob = kube_store(api, ttl=30)
+        with bob.lease("bob"):
+            with pytest.raises(StateError, match="lost"):
+                ann.save(a_status(2))  # fenced by bob's claim even before its renewal
+            eventually(lambda: ann._held is not None and ann._held.lost is not None)
+            with pytest.raises(StateError, match="lost the lease of rollout 'r'"):
+                ann.check_lease()
+            loaded = bob.load()
+            assert loaded is not None and loaded.tick == 1
+            bob.save(a_status(2))
+    assert "holderIdentity" not in lease_of(api)["spec"]  # bob's release, not ann's
+
+
+@pytest.mark.skipif(not hasattr(time, "CLOCK_BOOTTIME"), reason="Linux only")
+def test_a_holder_resumed_from_suspend_sees_its_lease_gone_at_once(
+    api: FakeKubeApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CLOCK_MONOTONIC does not count a suspended VM's sleep: resumed an hour later, the
+    holder's own check passed until its renewal thread next ran and met the take-over, and it
+    could apply its pending router actions meanwhile. The lease's clock counts the suspension."""
+    store = kube_store(api, ttl=30)
+    with store.lease("ann"):
+        store.save(a_status(1))
+        gettime = time.clock_gettime
+
+        def an_hour_suspended(clock: int) -> float:
+            return gettime(clock) + (3600 if clock == time.CLOCK_BOOTTIME else 0)
+
+        monkeypatch.setattr(time, "clock_gettime", an_hour_suspended)
+        with pytest.raises(StateError, match="not renewed for more than 20 s"):
+            store.check_lease()
