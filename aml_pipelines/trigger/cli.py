@@ -516,15 +516,17 @@ def serve(
         )
     store = dispatcher.store
     with store.lock("serve", f"a webhook server on {state_dir}").held(blocking=False):
-        dispatcher.delivery.reconcile()
         served = set(model or ())
         # Only the models this endpoint serves: the state folder (by default one per working
         # directory) may hold a cursor another trigger accepted for its own spec's endpoint.
+        # The worker reconciles the registry first, retrying while it cannot be reached (a
+        # restart during an Azure ML outage waits; events are recorded meanwhile).
         worker = DeliveryWorker(
             dispatcher,
             (lambda: [name for name in store.models() if name in served])
             if served
             else store.models,
+            reconcile=True,
         )
         app = WebhookApp(
             secret=secret,

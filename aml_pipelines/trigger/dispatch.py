@@ -13,7 +13,9 @@ single worker then delivers them, oldest first. The worker's loop for one versio
                                              the studio) while pending, a newer version is in
                                              production, or the job that registered it rolls it
                                              out itself? close it `skipped`, without a rollout
-    wait while another rollout is active   → or, with supersede, abort it and wait for it to end
+    wait while another rollout is active   → or, with supersede, abort it and wait for it to end;
+                                             the lock is let go while waiting, and all of
+                                             the above checked again once it is taken again
     mark `started` (durable)               → from here on, a crash means "resume", not "restart"
     delivery.deliver(version)              → package + rollout + tags; resumes from the state store
     mark `done` with the outcome (durable)
@@ -40,7 +42,10 @@ of being rolled out only to be replaced. The check is made again before each del
 older version already `started` whose rollout has not begun (retried after an error, or killed
 while being packaged) is closed as `superseded` too, and one whose rollout is in the state store
 (killed mid-rollout, the newer version accepted just as it began) is resumed only to be
-aborted. A version being packaged when a newer one is accepted (nothing to abort yet) is asked
+aborted. A newer version supersedes (or aborts) only once read from the registry, sound and not
+withdrawn (`_superseding`): one the registry does not hold is asked for again, the older pending
+one kept open meanwhile and delivered if the newer closes `missing` or Failed. A version being
+packaged when a newer one is accepted (nothing to abort yet) is asked
 about once packaged, just before its rollout begins (`_superseded_meanwhile`), and closed as
 `superseded` there. Kept: a started version of a model with no production version — a first
 release, which may already serve all traffic (deployed to green before its check, no rollout in
@@ -56,7 +61,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 from aml_pipelines.delivery import (
@@ -151,6 +156,11 @@ class Dispatcher:
         self._failing: set[tuple[str, int]] = set()
         #: (model, version, newer) already said or done by `_supersede_started`: once each.
         self._kept: set[tuple[str, int, int]] = set()
+        #: Newer versions read and found unable to supersede (not in the registry for good,
+        #: corrupted, withdrawn): each closes at its own turn (see `_superseding`).
+        self._unfit: set[tuple[str, int]] = set()
+        #: Per model, when the drain that stopped without `wait` can go on (see `next_read_in`).
+        self._due: dict[str, float] = {}
 
     # ------------------------------------------------------------------ accepting
 
@@ -181,6 +191,18 @@ class Dispatcher:
     def _abort_older(self, model: str, newest: int) -> None:
         view = self.delivery.current()
         if view is not None and view.active and view.model == model and view.candidate < newest:
+            if why := self._cannot_supersede(model, newest):
+                # An event ahead of the registry, or naming a version never registered (or
+                # corrupted, withdrawn) would abort a good candidate for nothing: its rollout
+                # goes on, and `newest` follows it if it turns up.
+                log.info(
+                    "%s v%d aborts nothing for now (%s): the rollout of v%d goes on",
+                    model,
+                    newest,
+                    why,
+                    view.candidate,
+                )
+                return
             log.warning("superseding the rollout of %s v%d by v%d", model, view.candidate, newest)
             self.delivery.abort(f"superseded by version {newest}")
             return
@@ -203,6 +225,15 @@ class Dispatcher:
                 delivering[1],
                 delivering[1],
             )
+
+    def _cannot_supersede(self, model: str, version: int) -> str | None:
+        """Why pending `version` cannot supersede an older one as the registry stands (None: it
+        can): it must be read from the registry, sound, and not withdrawn."""
+        try:
+            found = self.registry.get(model, version)
+        except PipelineError as exc:  # a log line is not worth failing the accept
+            return str(exc)
+        return "withdrawn in the registry" if found.withdrawn else None
 
     # ------------------------------------------------------------------ delivering
 
@@ -227,17 +258,18 @@ class Dispatcher:
             # One closed by another process is awaited no more (due forever, it would end
             # every wait of the worker at once).
             still_open = {e.version for e in open_entries}
-            for closed in {*self._misses, *self._failing}:
+            for closed in {*self._misses, *self._failing, *self._unfit}:
                 if closed[0] == model and closed[1] not in still_open:
                     self._forget(*closed)
+            self._due.pop(model, None)
             if not open_entries:
                 break
             version = open_entries[0].version
-            # With supersede a newer open version closes it at once: no read to wait for (the
-            # delivery's rule: a withdrawn one supersedes nothing).
-            newer = self.supersede and self._newer_open(cursor, version) > 0
-            if not newer and (later := self._read_in(model, version)) > 0:
-                if not wait or self.pause(later):
+            if (later := self._blocked_for(cursor, version)) > 0:
+                if not wait:
+                    self._due[model] = self.clock() + later  # the worker wakes for it
+                    break
+                if self.pause(later):
                     break
                 continue
             outcome = self._deliver_one(model, version)
@@ -248,9 +280,38 @@ class Dispatcher:
         return outcomes
 
     def next_read_in(self) -> float | None:
-        """Seconds until a version awaited from the registry is due to be read again (0: now);
-        None when none is awaited."""
-        return min((self._read_in(*key) for key in self._misses), default=None)
+        """Seconds until a model whose drain stopped without `wait` can go on (0: now): a read
+        from the registry its oldest open version waits for is due; None when none waits.
+
+        Only the read that blocks each model counts: an awaited version behind the model's
+        oldest open one is not read before its turn, and counted, being due, it ended every wait
+        of the worker at once, over and over (a core spun until it closed, ~2 min).
+        """
+        now = self.clock()
+        return min((max(0.0, due - now) for due in self._due.values()), default=None)
+
+    def _blocked_for(self, cursor: Cursor, version: int) -> float:
+        """Seconds before `version`, the oldest open one of its model, can be taken further:
+        until its next read from the registry (0: now). With supersede, a newer open version
+        not read yet is read now (it may supersede this one at once), and a pending version
+        waits for the reads of newer ones awaited from the registry, each of which may yet
+        supersede it (see `_superseding`)."""
+        model = cursor.model
+        own = self._read_in(model, version)
+        if not self.supersede:
+            return own
+        newer = [
+            e.version
+            for e in cursor.open_entries()
+            if e.version > version and (model, e.version) not in self._unfit
+        ]
+        if not newer:
+            return own
+        if any((model, v) not in self._misses for v in newer):
+            return 0.0
+        if cursor.entries[version].step is not Step.PENDING:
+            return own  # a started one is delivered (resumed) as without a newer one
+        return min(self._read_in(model, v) for v in newer)
 
     def _read_in(self, model: str, version: int) -> float:
         missed = self._misses.get((model, version))
@@ -274,80 +335,100 @@ class Dispatcher:
         return sorted(models, key=lambda model: not started(model))
 
     def _deliver_one(self, model: str, version: int) -> DeliveryOutcome | None:
-        with self._deliver_lock.held():
-            cursor = self.store.load(model)
-            entry = cursor.entries[version]
-            if entry.step is Step.DONE:  # another process finished it while we waited
-                self._forget(model, version)
+        """Deliver `version` under the deliver lock — let go while another rollout is active
+        on the endpoint: that rollout may be one only another process sharing the state folder
+        can resume (a kill left it active), and that process needs the lock to do so. Held
+        through the wait, it was a deadlock: the endpoint split, with no controller. Each time
+        the lock is taken again, everything is checked again."""
+        wait = _EndpointWait()
+        while True:
+            with self._deliver_lock.held():
+                outcome = self._deliver_locked(model, version, wait)
+            if not wait.busy:
+                return outcome
+            if not self._wait_for_endpoint(model, version, wait):
                 return None
-            # With supersede, the newest open version above this one (0: none).
-            newer = self._newer_open(cursor, version) if self.supersede else 0
-            if newer and entry.step is Step.PENDING:
-                reason = f"superseded by version {newer}"
-                self._close(model, version, SUPERSEDED, reason)
-                return DeliveryOutcome(model, version, SUPERSEDED, reason)
-            try:
-                model_version = self.registry.get(model, version)
-            except ModelNotFound as exc:
-                if self._missed(entry, model):
-                    return None  # still pending: read again later, the lock let go meanwhile
-                return self._fail(model, version, exc, MISSING, self._missing_retries(entry))
-            except PERMANENT as exc:
-                return self._fail(model, version, exc)
-            self._misses.pop((model, version), None)
-            try:
-                settled = self._settled(entry, model_version)
-            except PERMANENT as exc:
-                return self._fail(model, version, exc)
-            if settled is not None:
-                outcome_name, reason = settled
-                log.info("%s v%d: %s (%s)", model, version, outcome_name, reason)
-                self._close(model, version, outcome_name, reason)
-                return DeliveryOutcome(model, version, outcome_name, reason)
-            if (
-                newer
-                and entry.step is Step.STARTED
-                and (closed := self._supersede_started(model, version, newer))
-            ):
-                return closed
-            if not self._wait_for_endpoint(model, version):
-                return None
-            started = self.store.update(
-                model,
-                version,
-                lambda e: replace(e, step=Step.STARTED, attempts=e.attempts + 1, reason=""),
+
+    def _deliver_locked(
+        self, model: str, version: int, wait: _EndpointWait
+    ) -> DeliveryOutcome | None:
+        """`_deliver_one`'s work, the lock held; `wait.busy` when another rollout is active."""
+        wait.busy = False
+        cursor = self.store.load(model)
+        entry = cursor.entries[version]
+        if entry.step is Step.DONE:  # another process finished it while we waited
+            self._forget(model, version)
+            return None
+        # With supersede, the newest open version above this one that supersedes it (0:
+        # none), and whether one awaited from the registry may yet.
+        newer, awaited = self._superseding(cursor, version) if self.supersede else (0, False)
+        if newer and entry.step is Step.PENDING:
+            reason = f"superseded by version {newer}"
+            self._close(model, version, SUPERSEDED, reason)
+            return DeliveryOutcome(model, version, SUPERSEDED, reason)
+        if awaited and entry.step is Step.PENDING:
+            return None  # kept open: read again with the newer one's next read (drain)
+        if self._read_in(model, version) > 0:
+            return None  # awaited itself, its next read not due (a newer one's was)
+        try:
+            model_version = self.registry.get(model, version)
+        except ModelNotFound as exc:
+            if self._missed(entry, model):
+                return None  # still pending: read again later, the lock let go meanwhile
+            return self._fail(model, version, exc, MISSING, self._missing_retries(entry))
+        except PERMANENT as exc:
+            return self._fail(model, version, exc)
+        self._misses.pop((model, version), None)
+        try:
+            settled = self._settled(entry, model_version)
+        except PERMANENT as exc:
+            return self._fail(model, version, exc)
+        if settled is not None:
+            outcome_name, reason = settled
+            log.info("%s v%d: %s (%s)", model, version, outcome_name, reason)
+            self._close(model, version, outcome_name, reason)
+            return DeliveryOutcome(model, version, outcome_name, reason)
+        if (
+            newer
+            and entry.step is Step.STARTED
+            and (closed := self._supersede_started(model, version, newer))
+        ):
+            return closed
+        if self._endpoint_busy(model, version, wait):
+            wait.busy = True
+            return None
+        started = self.store.update(
+            model,
+            version,
+            lambda e: replace(e, step=Step.STARTED, attempts=e.attempts + 1, reason=""),
+        )
+        if entry.step is Step.STARTED:  # after a crash, or an error in this process
+            # Said once: a retry after an error the worker already told of (every interval,
+            # for as long as the metrics are unreadable, say) is no news.
+            said = log.debug if (model, version) in self._failing else log.warning
+            said("resuming the delivery of %s v%d (attempt %d)", model, version, started.attempts)
+        self._delivering = (model, version)
+        try:
+            outcome = self.delivery.deliver(
+                model_version,
+                before_rollout=(
+                    partial(self._superseded_meanwhile, model, version) if self.supersede else None
+                ),
             )
-            if entry.step is Step.STARTED:  # after a crash, or an error in this process
-                # Said once: a retry after an error the worker already told of (every interval,
-                # for as long as the metrics are unreadable, say) is no news.
-                said = log.debug if (model, version) in self._failing else log.warning
-                said(
-                    "resuming the delivery of %s v%d (attempt %d)", model, version, started.attempts
-                )
-            self._delivering = (model, version)
-            try:
-                outcome = self.delivery.deliver(
-                    model_version,
-                    before_rollout=(
-                        partial(self._superseded_meanwhile, model, version)
-                        if self.supersede
-                        else None
-                    ),
-                )
-            except PERMANENT as exc:
-                return self._fail(model, version, exc)
-            except (PipelineError, RolloutError) as exc:
-                # Left open, to be retried: `trigger status` tells why it waits.
-                self._failing.add((model, version))
-                why = f"waits, to be retried: {exc}"
-                self.store.update(model, version, lambda e: replace(e, reason=why))
-                raise
-            finally:
-                self._delivering = None
-            self._close(model, version, outcome.phase, outcome.reason)
-            if outcome.phase != SUPERSEDED:  # _superseded_meanwhile said it
-                log.info("delivered %s v%d: %s %s", model, version, outcome.phase, outcome.reason)
-            return outcome
+        except PERMANENT as exc:
+            return self._fail(model, version, exc)
+        except (PipelineError, RolloutError) as exc:
+            # Left open, to be retried: `trigger status` tells why it waits.
+            self._failing.add((model, version))
+            why = f"waits, to be retried: {exc}"
+            self.store.update(model, version, lambda e: replace(e, reason=why))
+            raise
+        finally:
+            self._delivering = None
+        self._close(model, version, outcome.phase, outcome.reason)
+        if outcome.phase != SUPERSEDED:  # _superseded_meanwhile said it
+            log.info("delivered %s v%d: %s %s", model, version, outcome.phase, outcome.reason)
+        return outcome
 
     def _missing_retries(self, entry: Entry) -> Sequence[float]:
         """The pauses before asking again for a version the registry does not hold: only for
@@ -385,20 +466,50 @@ class Dispatcher:
         rollout begins: a newer version accepted meanwhile (by this process, whose accept found
         no rollout to abort yet, or by another sharing the state folder) closes it as
         superseded, nothing of it deployed; None: roll it out."""
-        newest = self._newer_open(self.store.load(model), version)
+        newest, _ = self._superseding(self.store.load(model), version)
         if not newest:
             return None
         reason = f"superseded by version {newest} before its rollout started"
         log.info("%s v%d: %s", model, version, reason)
         return DeliveryOutcome(model, version, SUPERSEDED, reason)
 
-    def _newer_open(self, cursor: Cursor, version: int) -> int:
-        """The newest open version above `version` that supersedes it (0: none). A pending one
-        withdrawn in the registry supersedes nothing: it is skipped when its turn comes."""
-        above = [e for e in cursor.open_entries() if e.version > version]
-        pending = {e.version for e in above if e.step is Step.PENDING}
-        withdrawn = self.registry.withdrawn(cursor.model) & pending if pending else set()
-        return max((e.version for e in above if e.version not in withdrawn), default=0)
+    def _superseding(self, cursor: Cursor, version: int) -> tuple[int, bool]:
+        """(The newest open version above `version` that supersedes it, 0 for none; whether a
+        newer one awaited from the registry may yet.)
+
+        A newer version supersedes only once read from the registry, sound, and (pending) not
+        withdrawn: one the registry does not hold (an event ahead of it, or naming a version
+        never registered) or a corrupted one closed a deliverable older version as superseded,
+        then itself as `missing` or Failed — nothing delivered. One not held is asked for again
+        as at its own turn (`_missed`); meanwhile it is awaited. One that cannot be delivered is
+        remembered unfit, said once, and closed at its own turn, the older one delivered first.
+        """
+        model, awaited = cursor.model, False
+        newer = [e for e in cursor.open_entries() if e.version > version]
+        for entry in sorted(newer, key=lambda e: e.version, reverse=True):
+            key = (model, entry.version)
+            if key in self._unfit:
+                continue
+            if key in self._misses and self._read_in(*key) > 0:
+                awaited = True
+                continue
+            try:
+                found = self.registry.get(model, entry.version)
+            except ModelNotFound as exc:
+                if self._missed(entry, model):
+                    awaited = True
+                    continue
+                why = str(exc)
+            except PERMANENT as exc:
+                why = str(exc)
+            else:
+                self._misses.pop(key, None)
+                if not (entry.step is Step.PENDING and found.withdrawn):
+                    return entry.version, awaited
+                why = WITHDRAWN
+            self._unfit.add(key)
+            log.info("%s v%d supersedes nothing: %s", model, entry.version, why)
+        return 0, awaited
 
     def _supersede_started(self, model: str, version: int, newest: int) -> DeliveryOutcome | None:
         """Close `started` `version` as superseded by `newest` when nothing of it is live; else
@@ -519,42 +630,55 @@ class Dispatcher:
         otherwise keep an entry per version that ever missed or failed."""
         self._misses.pop((model, version), None)
         self._failing.discard((model, version))
+        self._unfit.discard((model, version))
         self._kept = {k for k in self._kept if k[:2] != (model, version)}
 
-    def _wait_for_endpoint(self, model: str, version: int) -> bool:
-        """Wait until no other rollout is active on the endpoint; False when stopped meanwhile.
+    def _endpoint_busy(self, model: str, version: int, wait: _EndpointWait) -> bool:
+        """True while another rollout is active on the endpoint (with supersede, it is asked
+        to abort, once). A rollout of this very version is ours, left by a crash: the delivery
+        resumes it."""
+        view = self.delivery.current()
+        if view is None or not view.active or (view.model, view.candidate) == (model, version):
+            return False
+        if self.supersede and not wait.aborted:
+            log.warning(
+                "aborting the active rollout of %s v%d for %s v%d",
+                view.model,
+                view.candidate,
+                model,
+                version,
+            )
+            self.delivery.abort(f"superseded by {model} version {version}")
+            wait.aborted = True
+        elif view != wait.reported:  # once per state, not every interval
+            log.info(
+                "%s v%d waits: the rollout of %s v%d is %s%s",
+                model,
+                version,
+                view.model,
+                view.candidate,
+                view.phase,
+                f" ({view.reason})" if view.reason else "",
+            )
+            wait.reported = view
+        return True
 
-        A rollout of this very version is ours, left by a crash: the delivery resumes it.
-        """
-        aborted = False
-        reported: RolloutView | None = None
-        while True:
-            view = self.delivery.current()
-            if view is None or not view.active or (view.model, view.candidate) == (model, version):
+    def _wait_for_endpoint(self, model: str, version: int, wait: _EndpointWait) -> bool:
+        """Wait, without the deliver lock, until the endpoint looks free (one look at the
+        rollout state every interval); False when stopped meanwhile."""
+        while not self.stop.wait(self.wait_interval_s):
+            if not self._endpoint_busy(model, version, wait):
                 return True
-            if self.supersede and not aborted:
-                log.warning(
-                    "aborting the active rollout of %s v%d for %s v%d",
-                    view.model,
-                    view.candidate,
-                    model,
-                    version,
-                )
-                self.delivery.abort(f"superseded by {model} version {version}")
-                aborted = True
-            elif view != reported:  # once per state, not every interval
-                log.info(
-                    "%s v%d waits: the rollout of %s v%d is %s%s",
-                    model,
-                    version,
-                    view.model,
-                    view.candidate,
-                    view.phase,
-                    f" ({view.reason})" if view.reason else "",
-                )
-                reported = view
-            if self.stop.wait(self.wait_interval_s):
-                return False
+        return False
+
+
+@dataclass
+class _EndpointWait:
+    """Where a delivery waiting for another rollout is: across the times it takes the lock."""
+
+    busy: bool = False
+    aborted: bool = False
+    reported: RolloutView | None = None
 
 
 #: Seconds before a known error that keeps repeating is said again (see Reminder).
@@ -594,9 +718,18 @@ class DeliveryWorker:
     thousands), an unexpected one with its traceback every time.
     """
 
-    def __init__(self, dispatcher: Dispatcher, models: Callable[[], list[str]]) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        models: Callable[[], list[str]],
+        *,
+        reconcile: bool = False,
+    ) -> None:
         self.dispatcher = dispatcher
         self.models = models
+        #: Reconcile the registry with the rollout state before the first delivery (see
+        #: `_reconciled`): what a long-running trigger does at start.
+        self.reconcile = reconcile
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="delivery-worker", daemon=True)
         self.failures = 0  # deliveries interrupted by an error (each is retried)
@@ -620,6 +753,8 @@ class DeliveryWorker:
 
     def _run(self) -> None:
         stop = self.dispatcher.stop
+        if self.reconcile and not self._reconciled():
+            return
         while not stop.is_set():
             # Woken by an accept, or when a version awaited from the registry is due.
             self._wake.wait(self.dispatcher.next_read_in())
@@ -642,6 +777,44 @@ class DeliveryWorker:
                     self._failed(f"delivery of {model}", exc)
                 else:
                     self._reminder.ended(f"delivery of {model}")
+
+    def _reconciled(self) -> bool:
+        """Reconcile the registry with the rollout state (the tags of a rollout that ended
+        before they were written), retried every `wait_interval_s` while it fails — said once,
+        then quietly, as a failing poll — and never skipped: a delivery before it could roll out
+        a version over tags that do not say what serves. False when stopped meanwhile.
+
+        The reconcile reads the registry whenever the last rollout has ended: an error that
+        escaped ended `watch` and `serve` at start (exit 2), so one restarted during an Azure ML
+        outage crash-looped instead of waiting for it.
+        """
+        stop, retry = self.dispatcher.stop, self.dispatcher.wait_interval_s
+        what = "reconciling the registry with the rollout state"
+        while not stop.is_set():
+            try:
+                self.dispatcher.delivery.reconcile()
+            except (PipelineError, RolloutError) as exc:
+                say, again = self._reminder.due(what, str(exc))
+                if not say:
+                    log.debug("%s failed again: %s", what, exc)
+                else:
+                    log.warning(
+                        "%s %s: %s; trying again every %g s, quietly (said again every %g min), "
+                        "before any delivery",
+                        what,
+                        "still fails" if again else "failed",
+                        exc,
+                        retry,
+                        REMIND_S / 60,
+                    )
+            except Exception:
+                log.exception("%s failed; trying again in %g s", what, retry)
+            else:
+                if self._reminder.ended(what):
+                    log.info("%s works again", what)
+                return True
+            stop.wait(retry)
+        return False
 
     def _failed(self, what: str, exc: Exception) -> None:
         """Log an interrupted pass (one line for a known error, said once while it repeats),

@@ -11,8 +11,9 @@ re-tagged as a candidate later is noticed at the next registration or restart.
 
 One watcher per model and state folder: `run` holds a non-blocking flock for its lifetime, so a
 second watcher exits at once with a message naming the first one's pid. At start it reconciles the
-registry tags from the rollout state store (repairing a crash between traffic and tags) and then
-resumes whatever the cursor left open.
+registry tags from the rollout state store (repairing a crash between traffic and tags; retried
+while the registry cannot be reached, before any delivery) and then resumes whatever the cursor
+left open.
 
 Polling and delivering are separate threads: the main thread keeps polling while a rollout runs,
 so with `supersede` a newer version can abort the running rollout; without it, newer versions
@@ -134,11 +135,13 @@ class Watcher:
         store = self.dispatcher.store
         lock = store.lock(f"watch-{self.model}", f"a watcher of model {self.model!r}")
         with lock.held(blocking=False):
-            self.dispatcher.delivery.reconcile()
             if once:
+                self.dispatcher.delivery.reconcile()  # an error is the pass's: exit 2
                 self.poll()
                 return self.dispatcher.drain(self.model, on_outcome)
-            worker = DeliveryWorker(self.dispatcher, lambda: [self.model])
+            # The worker reconciles before its first delivery, retrying while the registry
+            # cannot be reached: a restart during an outage waits for it, polling meanwhile.
+            worker = DeliveryWorker(self.dispatcher, lambda: [self.model], reconcile=True)
             worker.start()
             log.info(
                 "watching %s every %.1f s (tags %s)",

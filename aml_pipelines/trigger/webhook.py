@@ -31,7 +31,9 @@ eventgrid.py), 401 no/wrong key, 404 unknown path, 405 wrong method, 408 body to
 413 (it dead-letters them), so only well-formed but temporarily unprocessable deliveries
 get a 5xx: 500 `{"error"}` when the events cannot be recorded (accepting is a local file write:
 a full disk, an unreadable trigger state file). Event Grid retries those with backoff (for 24 h
-by default), so the operator can mend the state while no event is lost.
+by default), so the operator can mend the state while no event is lost. Each model's events are
+recorded on their own: one model's unreadable cursor fails the answer, not the other models'
+events of the batch, which the retry finds duplicates (by event id).
 
 Accepting an event = a durable `pending` entry in the model's cursor (see store.py), then the
 event id is remembered; the single `DeliveryWorker` delivers pending versions one at a time.
@@ -351,47 +353,67 @@ class WebhookApp:
             seen.add(event.event_id)  # twice in one batch: the second is a redelivery
             by_model.setdefault(event.model, []).append(event)
         withdrawn_by_model = self._withdrawn(list(by_model))
-        try:
-            for model, group in by_model.items():
-                withdrawn = withdrawn_by_model[model]
-                # Cursor first, then the ids: a crash in between makes Event Grid's retry a
-                # version duplicate (the cursor knows the version), never a lost event.
-                new = set(
-                    self.dispatcher.accept_many(
-                        model,
-                        [(event.version, f"event:{event.event_id}") for event in group],
-                        withdrawn=withdrawn,
-                    )
+        failed: list[str] = []
+        for model, group in by_model.items():
+            # Each model's group on its own: one whose cursor cannot be read (or written) must
+            # not keep the others from being recorded — Event Grid retries the whole batch, in
+            # which the recorded ones are then duplicates (by event id), and would otherwise
+            # drop them all with the failing one's after its TTL.
+            try:
+                duplicates += self._accept_group(
+                    model, group, withdrawn_by_model[model], accepted, skipped
                 )
-                for event in group:
-                    if event.version in new and event.version in withdrawn:
-                        new.discard(event.version)
-                        skipped.append(
-                            {"model": model, "version": event.version, "reason": WITHDRAWN}
-                        )
-                    elif event.version in new:
-                        new.discard(event.version)
-                        accepted.append({"model": model, "version": event.version})
-                    else:
-                        duplicates += 1
-                        log.info(
-                            "duplicate event %s: %s v%d is already known",
-                            event.event_id,
-                            model,
-                            event.version,
-                        )
-                store.remember_events(event.event_id for event in group)
-        finally:
-            # Also when a later write of the batch failed: the retry finds these duplicates,
-            # and nothing else would wake the worker for them.
-            if accepted:
-                self.wake()
+            except (TriggerError, OSError) as exc:  # answered 500 below, and logged there
+                failed.append(f"{model}: {exc}")
+        if accepted:
+            # Also when another model's group failed: the retry finds these duplicates, and
+            # nothing else would wake the worker for them.
+            self.wake()
+        if failed:
+            raise TriggerError("; ".join(failed))
         return {
             "accepted": accepted,
             "duplicates": duplicates,
             "filtered": filtered,
             "skipped": skipped,
         }
+
+    def _accept_group(
+        self,
+        model: str,
+        group: list[ModelRegistered],
+        withdrawn: set[int],
+        accepted: list[dict[str, Any]],
+        skipped: list[dict[str, Any]],
+    ) -> int:
+        """Record one model's events (added to `accepted`/`skipped`); returns the duplicates."""
+        duplicates = 0
+        # Cursor first, then the ids: a crash in between makes Event Grid's retry a version
+        # duplicate (the cursor knows the version), never a lost event.
+        new = set(
+            self.dispatcher.accept_many(
+                model,
+                [(event.version, f"event:{event.event_id}") for event in group],
+                withdrawn=withdrawn,
+            )
+        )
+        for event in group:
+            if event.version in new and event.version in withdrawn:
+                new.discard(event.version)
+                skipped.append({"model": model, "version": event.version, "reason": WITHDRAWN})
+            elif event.version in new:
+                new.discard(event.version)
+                accepted.append({"model": model, "version": event.version})
+            else:
+                duplicates += 1
+                log.info(
+                    "duplicate event %s: %s v%d is already known",
+                    event.event_id,
+                    model,
+                    event.version,
+                )
+        self.dispatcher.store.remember_events(event.event_id for event in group)
+        return duplicates
 
     def _withdrawn(self, models: list[str]) -> dict[str, set[int]]:
         """The versions of each model withdrawn in the registry (archived in the Azure ML

@@ -1105,3 +1105,234 @@ def test_with_supersede_a_withdrawn_newer_version_leaves_an_awaited_one_awaited(
     assert dispatcher.drain("diabetes", wait=False) == []
     assert dispatcher.store.load("diabetes").entries[2].step is Step.PENDING
     assert dispatcher.next_read_in() == 1.0 and pauses.delays == []
+
+
+class _ShowsTheWait(ResumableDelivery):
+    """Sets `waiting` once it has shown a rollout of another model than `mine` active."""
+
+    def __init__(self, *args: Any, mine: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mine = mine
+        self.waiting = threading.Event()
+
+    def current(self) -> RolloutView | None:
+        view = super().current()
+        if view is not None and view.active and view.model != self.mine:
+            self.waiting.set()
+        return view
+
+
+def test_two_triggers_on_one_state_folder_do_not_deadlock_over_a_rollout_to_resume(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    # Was: the trigger of `other` waited for diabetes v2's rollout (left active by a kill)
+    # holding the state folder's deliver lock, on which the trigger of diabetes — the only one
+    # that can resume v2 — blocked for ever: the endpoint stayed split, with no controller.
+    engine = tmp_path / "engine"
+    register(registry, tmp_path, stage="production")
+    v2 = register(registry, tmp_path, stage="candidate")
+    register(registry, tmp_path, "other", stage="candidate")
+    shows = _ShowsTheWait(engine, registry, mine="other")
+    of_other = Dispatcher(TriggerStore(tmp_path / "trigger"), registry, shows, wait_interval_s=0.01)
+    of_diabetes = Dispatcher(
+        TriggerStore(tmp_path / "trigger"),
+        registry,
+        ResumableDelivery(engine, registry),
+        wait_interval_s=0.01,
+    )
+    assert of_diabetes.accept("diabetes", 2, "watch")
+    of_diabetes.store.update("diabetes", 2, lambda e: replace(e, step=Step.STARTED, attempts=1))
+    shows._progress(v2, 1, 1, 3)  # what the killed process left in the state store: active
+    assert of_other.accept("other", 1, "watch")
+    outcomes: dict[str, list[tuple[int, str]]] = {}
+
+    def drain(dispatcher: Dispatcher, model: str) -> None:
+        outcomes[model] = [(o.version, o.phase) for o in dispatcher.drain(model)]
+
+    threads = [
+        threading.Thread(target=drain, args=(of_other, "other"), daemon=True),
+        threading.Thread(target=drain, args=(of_diabetes, "diabetes"), daemon=True),
+    ]
+    threads[0].start()
+    assert shows.waiting.wait(10)  # other v1 waits for diabetes v2's rollout...
+    threads[1].start()  # ...which only this trigger resumes
+    for thread in threads:
+        thread.join(10)
+    deadlocked = [thread.is_alive() for thread in threads]
+    of_other.stop.set()  # the old code: lets go of the lock, then both threads end
+    of_diabetes.stop.set()
+    for thread in threads:
+        thread.join(10)
+    assert deadlocked == [False, False]
+    assert outcomes == {"diabetes": [(2, "Succeeded")], "other": [(1, "Succeeded")]}
+    assert _events(engine, "start", "resume") == [("resume", 2), ("start", 1)]
+
+
+@pytest.mark.parametrize(
+    ("newer", "pauses", "outcomes"),
+    [
+        pytest.param(
+            "never-registered",
+            [1, 2, 4],
+            [(2, "Succeeded"), (3, MISSING)],
+            id="never-registered-supersedes-nothing",
+        ),
+        pytest.param(
+            "listed-then-removed",
+            [],
+            [(2, "Succeeded"), (3, MISSING)],
+            id="removed-supersedes-nothing",
+        ),
+        pytest.param(
+            "corrupted", [], [(2, "Succeeded"), (3, "Failed")], id="corrupted-supersedes-nothing"
+        ),
+        pytest.param(
+            "ahead-of-the-registry",
+            [1, 2],
+            [(2, "superseded"), (3, "Succeeded")],
+            id="supersedes-once-registered",
+        ),
+    ],
+)
+def test_with_supersede_a_newer_version_supersedes_only_once_the_registry_holds_it_sound(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    dispatcher: Dispatcher,
+    newer: str,
+    pauses: list[float],
+    outcomes: list[tuple[int, str]],
+) -> None:
+    # Was: v2 was closed `superseded by version 3` before v3 was ever read, then v3 closed
+    # `missing` (or Failed): nothing delivered, and v2 never again (it is done in the cursor).
+    dispatcher.supersede = True
+    dispatcher.missing_retries_s = (1, 2, 4)
+    ahead = newer == "ahead-of-the-registry"  # v3 registered at the second pause
+    paused = _Pauses(dispatcher, registry, tmp_path, register_at=2 if ahead else 0)
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    if newer == "corrupted":
+        register(registry, tmp_path, stage="candidate")
+        _damage(registry, 3)
+    source = "watch" if newer in ("listed-then-removed", "corrupted") else "event:e3"
+    assert dispatcher.accept_many("diabetes", [(2, "watch"), (3, source)]) == [2, 3]
+    assert [(o.version, o.phase) for o in dispatcher.drain("diabetes")] == outcomes
+    assert paused.delays == pauses
+    assert registry.get("diabetes", 2).stage == (
+        "production" if outcomes[0][1] == "Succeeded" else "candidate"
+    )
+
+
+@pytest.mark.parametrize(
+    ("newer", "aborted"),
+    [
+        pytest.param("registered", True, id="registered-aborts"),
+        pytest.param("not-registered", False, id="not-in-the-registry-aborts-nothing"),
+        pytest.param("corrupted", False, id="corrupted-aborts-nothing"),
+        pytest.param("withdrawn", False, id="withdrawn-aborts-nothing"),
+    ],
+)
+def test_with_supersede_only_a_deliverable_newer_version_aborts_the_running_rollout(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    delivery: ResumableDelivery,
+    newer: str,
+    aborted: bool,
+) -> None:
+    # Was: an event naming v3 aborted v2's live rollout at once (v2 tagged rolled-back), and
+    # v3, never registered, closed `missing`: a good candidate lost to a version that is not.
+    dispatcher = _supersede_dispatcher(tmp_path, registry, delivery)
+    register(registry, tmp_path, stage="production")
+    v2 = register(registry, tmp_path, stage="candidate")
+    if newer != "not-registered":
+        register(registry, tmp_path, stage="candidate")
+    if newer == "corrupted":
+        _damage(registry, 3)
+    if newer == "withdrawn":
+        registry.withdraw("diabetes", 3)
+    delivery._progress(v2, 1, 1, 3)  # v2's rollout is running
+    assert dispatcher.accept("diabetes", 3, "event:e3")
+    assert delivery.abort_path.exists() is aborted
+
+
+def test_the_worker_waits_for_the_read_that_blocks_a_model_not_for_one_behind_it(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    # Events for v3, then v2, both ahead of the registry. v3 is due again after 1 s, but waits
+    # behind v2 (read again after 2 s): was, the worker woke for v3 at once, over and over —
+    # wait(0), a drain that only looks at v2, and again — spinning a core for ~2 min.
+    paused = _Pauses(dispatcher, registry, tmp_path)
+    assert dispatcher.accept("diabetes", 3, "event:e3")
+    assert dispatcher.drain("diabetes", wait=False) == []  # v3 read again in 1 s
+    assert dispatcher.accept("diabetes", 2, "event:e2")
+    assert dispatcher.drain("diabetes", wait=False) == []  # v2 read again in 1 s
+    paused.now += 1.0
+    assert dispatcher.drain("diabetes", wait=False) == []  # v2 read again in 2 s
+    assert dispatcher.next_read_in() == 2.0
+
+
+class _UnreachableAtStart(ResumableDelivery):
+    """Its start-up reconcile fails with `errors`, one each, then works (Azure ML down)."""
+
+    def __init__(self, *args: Any, errors: list[Exception], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.errors = errors
+        self.reconciled = threading.Event()
+
+    def reconcile(self):
+        if self.errors:
+            raise self.errors.pop(0)
+        self.reconciled.set()
+        return super().reconcile()
+
+    def deliver(self, version: ModelVersion, **kw: Any):
+        assert self.reconciled.is_set(), "delivered before the registry was reconciled"
+        return super().deliver(version, **kw)
+
+
+def test_a_watcher_started_while_the_registry_cannot_be_reached_waits_for_it(
+    tmp_path: Path, registry: LocalRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was: the start-up reconcile's error ended `trigger watch` (exit 2) as soon as the state
+    # store held an ended rollout: restarted during an Azure ML outage, it crash-looped.
+    down = "list diabetes: no usable Azure credentials"
+    engine = _UnreachableAtStart(
+        tmp_path / "engine", registry, errors=[RegistryError(down) for _ in range(3)]
+    )
+    dispatcher = Dispatcher(
+        TriggerStore(tmp_path / "trigger"), registry, engine, wait_interval_s=0.01
+    )
+    register(registry, tmp_path, stage="candidate")
+    watcher = Watcher(registry, "diabetes", dispatcher, required_tags=CANDIDATE, interval_s=0.01)
+    ended: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            watcher.run()
+        except BaseException as exc:
+            ended.append(exc)
+
+    thread = threading.Thread(target=run)
+    with caplog.at_level(logging.INFO, logger="aml_pipelines.trigger"):
+        thread.start()
+        try:
+            _wait_until(
+                lambda: (
+                    bool(ended)
+                    or (
+                        1 in dispatcher.store.load("diabetes").entries
+                        and _step(dispatcher) is Step.DONE
+                    )
+                ),
+                dispatcher,
+            )
+        finally:
+            watcher.stop.set()
+            thread.join(10)
+    assert ended == []
+    assert registry.get("diabetes", 1).stage == "production"
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert said == [
+        f"reconciling the registry with the rollout state failed: {down}; trying again every "
+        "0.01 s, quietly (said again every 10 min), before any delivery"
+    ]
+    assert "reconciling the registry with the rollout state works again" in caplog.text

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from aml_pipelines.errors import ConfigError, RegistryError
+from aml_pipelines.errors import ConfigError, RegistryError, TriggerError
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger import store as store_module
 from aml_pipelines.trigger import webhook as webhook_module
@@ -721,3 +721,45 @@ def test_a_registry_slow_to_say_what_is_withdrawn_does_not_hold_the_answer(
     finally:
         released.set()
     assert "did not say within 0.2 s which versions of diabetes are archived" in caplog.text
+
+
+def test_a_model_whose_cursor_cannot_be_read_fails_only_its_own_events(
+    tmp_path: Path, registry: LocalRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: the batch stopped at the first model it could not record: bbb's events, after aaa's,
+    # were never recorded, and each retry of the batch failed at aaa again until Event Grid's
+    # TTL dropped bbb's events with it.
+    register(registry, tmp_path, "aaa", stage="candidate")
+    register(registry, tmp_path, "bbb", stage="candidate")
+    accept_many = Dispatcher.accept_many
+    unreadable = TriggerError("trigger cursor cursor-aaa.json is unreadable: 'bogus' is no Step")
+    broken = [unreadable]
+
+    def unreadable_aaa(self: Dispatcher, model: str, *args: Any, **kw: Any) -> list[int]:
+        if model == "aaa" and broken:
+            raise broken[0]
+        return accept_many(self, model, *args, **kw)
+
+    monkeypatch.setattr(Dispatcher, "accept_many", unreadable_aaa)
+    store = TriggerStore(tmp_path / "trigger")
+
+    def done(model: str) -> bool:
+        entry = store.load(model).entries.get(1)
+        return entry is not None and entry.step is Step.DONE
+
+    batch = [eg_event("e1", name="aaa", version="1"), eg_event("e2", name="bbb", version="1")]
+    with running(tmp_path, registry) as hook:
+        response = hook.post(batch)
+        assert response.status_code == 500  # Event Grid retries the batch...
+        assert "cursor-aaa.json is unreadable" in response.json()["error"]
+        _until(lambda: done("bbb"), "bbb v1")  # ...but bbb's event is recorded, and delivered
+        assert store.events_seen(["e1", "e2"]) == {"e2"}  # the retry's duplicate, by id
+        broken.clear()  # the operator mends aaa's cursor
+        retry = hook.post(batch)
+        assert retry.status_code == 200, retry.text
+        assert (retry.json()["accepted"], retry.json()["duplicates"]) == (
+            [{"model": "aaa", "version": 1}],
+            1,
+        )
+        _until(lambda: done("aaa"), "aaa v1")
+    assert [e["version"] for e in journal(tmp_path / "engine") if e["event"] == "start"] == [1, 1]
