@@ -812,6 +812,11 @@ def judge_first(analysis: AnalysisConfig, green: ColourCounts) -> tuple[Verdict,
     needed = _e(log_needed)
     kept: list[tuple[float, str, float]] = []
     for name, what, limit in limits:
+        if bad_of[name] < 0:  # UNKNOWN: the histogram has no bound at or above the SLO
+            return Verdict.INCONCLUSIVE, (
+                f"{what} unknown: the latency histogram has no bound at or above it (is the "
+                "metrics' latency unit right?)"
+            )
         bad = min(bad_of[name], n)
         if breach := _guard(bad, n, limit, log_needed=log_needed, unit="requests"):
             return Verdict.FAILED, f"{what} {breach}"
