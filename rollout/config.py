@@ -1257,7 +1257,8 @@ class RolloutSpec(_Model):
         message named the SLO. Refused here where the spec gives the bounds; Prometheus' are
         known only when read, so its provider is told the SLO and refuses it then."""
         lat = self.analysis.latency
-        if not lat.enabled or lat.slo_ms is None:
+        measured = lat.threshold == "slo" or lat.max_slow_rate is not None
+        if not lat.enabled or lat.slo_ms is None or not measured:
             return self
         metrics = self.metrics
         if isinstance(metrics, PrometheusMetricsConfig):

@@ -513,7 +513,7 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             id="simulated-slo-between-bounds",
         ),
         pytest.param(
-            BASES[3],
+            {**BASES[3], "analysis": {"latency": {"threshold": "slo"}}},
             "analysis.latency.slo_ms",
             200,
             "analysis.latency.slo_ms: 200 ms is no bound of the latency histogram, whose nearest "
@@ -535,6 +535,13 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             "analysis.latency.slo_ms: 6000 ms is no bound of the latency histogram, whose "
             "nearest are 5000 or 50000 ms",
             id="static-slo-between-bounds",
+        ),
+        pytest.param(
+            {**BASES[4], "analysis": {"latency": {"max_slow_rate": 0.05}}},
+            "analysis.latency.slo_ms",
+            300,
+            "analysis.latency.slo_ms: 300 ms is no bound of the latency histogram",
+            id="simulated-guard-slo-between-bounds",  # the guard measures it too
         ),
     ],
 )
