@@ -1045,3 +1045,10 @@ def test_a_whole_number_is_a_number() -> None:
 )
 def test_a_switch_is_true_or_false_not_text(text: str, message: str, tmp_path: Path) -> None:
     _assert_load_refuses(tmp_path, text, message)
+
+
+def test_an_slo_nothing_measures_is_not_checked_against_the_bounds() -> None:
+    # threshold baseline_p99 and no max_slow_rate: slo_ms is read by nothing.
+    analysis = {"latency": {"threshold": "baseline_p99", "slo_ms": 300}}
+    spec = spec_from_dict({**BASES[4], "analysis": analysis})
+    assert spec.analysis.latency.slo_ms == 300
