@@ -43,6 +43,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     Strict,
     ValidationError,
     field_serializer,
@@ -596,16 +597,29 @@ class SimulatedMetricsConfig(_Model):
 class PromQueries(_Model):
     """PromQL templates for the `custom` preset.
 
-    `{colour}` is replaced by the colour's label value, `{window}` by the range (e.g. `30s`).
-    Each returns cumulative counters: requests, 5xx errors, and for `latency_bucket` the
-    cumulative histogram series with an `le` label. Several series are counted one by one and
-    added up (the buckets by `le`), so a query may, and best does, keep one series per pod:
-    a `sum(...)` drops when a pod stops being scraped, which reads as a counter restart.
+    `{colour}` is replaced by the colour's label value. Each returns cumulative counters:
+    requests, 5xx errors, and for `latency_bucket` the cumulative histogram series with an `le`
+    label; the provider computes the step's increase itself. Several series are counted one by
+    one and added up (the buckets by `le`), so a query may, and best does, keep one series per
+    pod: a `sum(...)` drops when a pod stops being scraped, which reads as a counter restart.
+    There is no `{window}`: a range function over the step, evaluated at the step's start as
+    every query is, covers the window before the step, and subtracting it gave 0 requests.
     """
 
     requests: str = Field(min_length=1)
     errors: str = Field(min_length=1)
     latency_bucket: str | None = Field(default=None, min_length=1)
+
+    @field_validator("requests", "errors", "latency_bucket")
+    @classmethod
+    def _no_window(cls, template: str | None) -> str | None:
+        if template is not None and "{window}" in template:
+            raise ValueError(
+                "no `{window}` placeholder: give raw cumulative counters, not "
+                "`increase(...[{window}])` or `rate(...)`; the provider computes the step's "
+                "increase, counter restarts included"
+            )
+        return template
 
 
 class PromBasicAuth(_Model):
@@ -645,6 +659,12 @@ class PrometheusMetricsConfig(_Model):
     labels: ColourNames = Field(default_factory=ColourNames)
     #: For Istio: the namespace of the destination workloads.
     namespace: str | None = None
+    #: Extra label matchers (label name: exact value) on every series a preset reads, to keep
+    #: another Envoy's or mesh's series out of this rollout's counts on a shared Prometheus
+    #: (e.g. `{job: envoy-diabetes}`). Custom queries write their own.
+    match_labels: dict[str, str] = Field(default_factory=dict)
+    #: The unit of the custom latency histogram's `le` bounds: `ms` (the default), or `s` for a
+    #: `_seconds` histogram. The presets know theirs (milliseconds).
     latency_unit: Literal["ms", "s"] = "ms"
     timeout_s: Number = Field(default=5.0, gt=0)
     #: A bearer token in this environment variable (read once, at start).
@@ -663,10 +683,54 @@ class PrometheusMetricsConfig(_Model):
     #: Accept any certificate: anyone on the path can read and answer the queries. Warned about.
     insecure_skip_verify: Flag = False
 
+    #: The analysis' `latency.slo_ms` (set by RolloutSpec): the provider, which sees the
+    #: histogram's bounds only when it reads them, refuses an SLO that is none of them.
+    _slo_ms: float | None = PrivateAttr(default=None)
+
+    @property
+    def slo_ms(self) -> float | None:
+        """The latency SLO the analysis measures against (None: none, or no spec around)."""
+        return self._slo_ms
+
     @model_validator(mode="after")
     def _custom_needs_queries(self) -> PrometheusMetricsConfig:
         if self.preset == "custom" and self.queries is None:
             raise ValueError("preset 'custom' needs `queries` (requests, errors, latency_bucket)")
+        return self
+
+    @model_validator(mode="after")
+    def _scoping_fields_apply(self) -> PrometheusMetricsConfig:
+        """`namespace` scopes the istio preset only, `match_labels` the presets only: silently
+        ignored, either left a user believing the counts were scoped."""
+        if self.namespace is not None and self.preset != "istio":
+            _field_error(
+                self,
+                ("namespace",),
+                self.namespace,
+                f"scopes the istio preset only; preset {self.preset!r} ignores it"
+                + (
+                    ": scope its series with match_labels (e.g. {job: my-envoy})"
+                    if self.preset == "envoy"
+                    else ": write the matcher into metrics.queries"
+                ),
+            )
+        if self.match_labels and self.preset == "custom":
+            _field_error(
+                self,
+                ("match_labels",),
+                self.match_labels,
+                "applies to the envoy and istio presets; write custom matchers into "
+                "metrics.queries",
+            )
+        for name in self.match_labels:
+            if not _LABEL_NAME.fullmatch(name) or name.startswith("__"):
+                _field_error(
+                    self,
+                    ("match_labels", name),
+                    name,
+                    "is no Prometheus label name (letters, digits and '_', not beginning with a "
+                    "digit or '__')",
+                )
         return self
 
     @property
@@ -717,6 +781,34 @@ class PrometheusMetricsConfig(_Model):
                 "excludes ca_file: either verify against the CA or do not verify",
             )
         return self
+
+
+#: A Prometheus label name.
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def slo_bound_problem(slo_ms: float, bounds_ms: typing.Iterable[float], fix: str = "") -> str:
+    """Why an SLO of `slo_ms` cannot be measured on a histogram of these bounds ("" when it is
+    one of them, or no finite bound is known). A request is slow only above a bound: an SLO
+    between two counted the requests above the next one up (300 ms on 250/500: above 500 ms),
+    one above every bound counted none. `fix` ends the text (another field to change)."""
+    bounds = sorted(b for b in bounds_ms if math.isfinite(b))
+    if not bounds or any(math.isclose(slo_ms, b, rel_tol=1e-9) for b in bounds):
+        return ""
+    if slo_ms > bounds[-1]:
+        return (
+            f"{slo_ms:g} ms is above the latency histogram's largest bound, {bounds[-1]:g} ms: "
+            f"no request could count as slower{fix}"
+        )
+    above = min(b for b in bounds if b > slo_ms)
+    below = [b for b in bounds if b < slo_ms]
+    nearest = f"{below[-1]:g} or {above:g}" if below else f"{above:g}"
+    which = "nearest are" if below else "smallest is"
+    return (
+        f"{slo_ms:g} ms is no bound of the latency histogram, whose {which} {nearest} ms: "
+        f"a request counts as slow only above a bound, so it would measure > {above:g} ms; "
+        f"set slo_ms to {nearest}{fix}"
+    )
 
 
 #: Latency bucket bounds (ms) counted from the traffic log: the judge's "slow" is above one of
@@ -1157,6 +1249,38 @@ class RolloutSpec(_Model):
                 f"from it, got {steps}"
             )
         return steps
+
+    @model_validator(mode="after")
+    def _slo_is_a_bucket_bound(self) -> RolloutSpec:
+        """`latency.slo_ms` must be a bound of the histogram it is measured on: between two, the
+        latency check and its guard counted the requests above the next one up while every
+        message named the SLO. Refused here where the spec gives the bounds; Prometheus' are
+        known only when read, so its provider is told the SLO and refuses it then."""
+        lat = self.analysis.latency
+        measured = lat.threshold == "slo" or lat.max_slow_rate is not None
+        if not lat.enabled or lat.slo_ms is None or not measured:
+            return self
+        metrics = self.metrics
+        if isinstance(metrics, PrometheusMetricsConfig):
+            metrics._slo_ms = lat.slo_ms  # a private attribute: set on the frozen model
+            return self
+        if isinstance(metrics, SimulatedMetricsConfig | AzureMonitorMetricsConfig):
+            bounds: list[float] = list(metrics.buckets_ms)
+            fix = f" (or add {lat.slo_ms:g} to metrics.buckets_ms)"
+        elif isinstance(metrics, StaticMetricsConfig):
+            ticks = [*metrics.ticks, *([metrics.history] if metrics.history else [])]
+            bounds = [
+                bound * 1000.0
+                for tick in ticks
+                for counts in (tick.blue, tick.green)
+                for bound, _ in counts.latency_buckets
+            ]
+            fix = ""
+        else:
+            return self
+        if problem := slo_bound_problem(lat.slo_ms, bounds, fix):
+            _field_error(self, ("analysis", "latency", "slo_ms"), lat.slo_ms, problem)
+        return self
 
     @model_validator(mode="after")
     def _mirror_needs_a_shadow_step(self) -> RolloutSpec:

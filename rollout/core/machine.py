@@ -863,6 +863,11 @@ def judge_first(analysis: AnalysisConfig, green: ColourCounts) -> tuple[Verdict,
         if name == "over_slo" and not green.latency_buckets:
             # Requests read without a histogram are neither slow nor fast: no evidence either way.
             return Verdict.INCONCLUSIVE, f"{what} unknown after {n} requests: no latency histogram"
+        if bad_of[name] < 0:  # UNKNOWN: the histogram has no bound at or above the SLO
+            return Verdict.INCONCLUSIVE, (
+                f"{what} unknown: the latency histogram has no bound at or above it (is the "
+                "metrics' latency unit right?)"
+            )
         bad = min(bad_of[name], n)
         if breach := _guard(bad, n, limit, log_needed=log_needed, unit="requests"):
             return Verdict.FAILED, f"{what} {breach}"

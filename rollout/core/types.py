@@ -6,6 +6,7 @@ as plain JSON and compare by value in tests.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -107,11 +108,18 @@ class ColourCounts:
     latency_buckets: tuple[tuple[float, int], ...] = ()
 
     def slow(self, threshold_s: float) -> int:
-        """Requests slower than the smallest bucket bound >= threshold_s (0 with no histogram)."""
+        """Requests slower than the smallest bucket bound >= threshold_s (0 with no histogram);
+        SLOW_UNKNOWN when requests came and every finite bound is below threshold_s: how many
+        were slower is not in the histogram (its unit may be wrong), and 0 switched the check
+        off unseen."""
         for bound, count in self.latency_buckets:
-            if bound >= threshold_s:
+            if threshold_s <= bound < math.inf:  # (+Inf: "slower than +Inf" is always 0)
                 return max(self.requests - count, 0)
-        return 0
+        return SLOW_UNKNOWN if self.latency_buckets and self.requests > 0 else 0
+
+
+#: A slow count the histogram cannot give (the core's UNKNOWN: never folded as a count).
+SLOW_UNKNOWN = -1
 
 
 @dataclass(frozen=True, slots=True)

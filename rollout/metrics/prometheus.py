@@ -15,12 +15,13 @@ reads the raw cumulative counters instead, with prometheus-api-client:
    appeared after Prometheus' first scrape of its target in the step (its `job` and
    `instance`), else from its first sample;
 2. `resets(series[window])` at `now`; for the rare series that restarted inside the window, the
-   raw samples of the window are fetched and the increase is summed piece by piece (a drop means
-   the counter restarted from 0), which is exact where `increase()` is not.
+   raw samples of the window are fetched (of those series alone) and the increase is summed piece
+   by piece (a drop means the counter restarted from 0), which is exact where `increase()` is not.
 
 Per-series deltas are summed per colour, and histogram buckets per `le` (converted to seconds).
 
-Presets (label values per colour come from `labels`):
+Presets (label values per colour come from `labels`; `match_labels` adds exact matchers to every
+series a preset reads, scoping it to one Envoy or mesh on a shared Prometheus):
 
 - `envoy`: `envoy_cluster_upstream_rq_completed`,
   `envoy_cluster_upstream_rq_xx{envoy_response_code_class="5"}` and
@@ -41,12 +42,15 @@ Presets (label values per colour come from `labels`):
   set). Pinned requests reach the same pods through `<app>-<colour>-pinned` Services, so counting
   the weighted Services `<app>-blue` / `<app>-green` keeps A/B traffic out of the canary counts; the
   destination proxy cannot tell the two apart, hence the source reporter.
-- `custom`: PromQL templates (`{colour}` → label value, `{window}` → e.g. `42s`), each evaluated at
-  `since` and at `now`, series by series (matched by their labels: a query that keeps one
-  series per pod or target counts a pod that goes or comes as what it served in the step); a
-  series a failed scrape marked stale there keeps its last value of the 5 minutes before
-  (at `now`: of the whole step, so a pod gone long before the tick still counts), a series
-  absent at `since` counts from 0, and one whose value went down is taken as restarted from 0.
+- `custom`: PromQL templates of raw cumulative counters (`{colour}` → label value; no
+  `{window}`: a range function evaluated at `since` covers the window before the step), each
+  evaluated at `since` and at `now`, series by series (matched by their labels: a query that
+  keeps one series per pod or target counts a pod that goes or comes as what it served in the
+  step); a series a failed scrape marked stale there keeps its last value of the 5 minutes
+  before (at `now`: of the whole step, so a pod gone long before the tick still counts), a
+  series absent at `since` counts from 0, and one that restarted in the step (`resets()` of
+  its subquery, or a value below its base) is summed piece by piece over its values in the
+  step, as the presets' are. The start probe evaluates each query once.
   When Prometheus holds none of the colours' requests series at `since`, a series absent there
   counts as in the presets (item 1: from its first value in the step, from 0 only if it
   appeared after its target's first), and one whose query dropped `job` and `instance` always
@@ -60,6 +64,12 @@ custom query that counts requests elsewhere), the requests are raised to the err
 detail keeps the count before as `requests_raised_to_errors`. Dropping errors would hide a
 failing canary, and an Observation error would make the judge wait (Error) through exactly the
 outage it must see.
+
+The analysis' `latency.slo_ms` (handed over by the spec) must be a bound of the latency
+histogram: between two, a request is slow only above the next one up, and every message would
+name the SLO while measuring that bound; above every bound, nothing would ever be slow. The
+bounds are known only once read, so the probe refuses such an SLO when the histogram has series
+then, and every reading says it as an error (`_slo_problem`).
 
 No data (no series, NaN) gives zero counts, so the judge says Inconclusive; an unreachable
 Prometheus or a failing query gives `Observation(error=...)` naming the URL, so it says Error —
@@ -81,12 +91,13 @@ import math
 import re
 import socket
 import ssl
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries
+from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries, slo_bound_problem
 from rollout.core.types import Colour, ColourCounts, Observation
 from rollout.errors import MetricsError, ProviderUnavailable
 from rollout.routers.base import TrafficRouter
@@ -94,8 +105,6 @@ from rollout.routers.base import TrafficRouter
 if TYPE_CHECKING:
     from rollout.metrics.prometheus_auth import AzureBearerAuth, BasicAuth, BearerAuth
 
-#: The shortest window for `resets()` (a range selector needs a positive duration).
-MIN_WINDOW_S = 1
 #: How far back before a step's start a series' last sample says it existed (Prometheus'
 #: default lookback).
 LOOKBACK_S = 300
@@ -110,6 +119,9 @@ BASELINE_SEARCH_S = 60
 #: cost that of a 5-minute window, and a pod gone mid-step loses at most step/300 s of its last
 #: traffic (36 s of a 3 h step).
 MAX_POINTS = 300
+
+#: The most restarted series whose raw samples are asked for one by one (`_raw`).
+MAX_EXACT_SERIES = 20
 
 Series = tuple[tuple[str, str], ...]
 #: A scrape target, as its series name it: their `job` and `instance` labels.
@@ -142,23 +154,33 @@ class Preset:
     latency_unit_s: float
 
 
-def envoy_preset() -> Preset:
+def _equal(match_labels: dict[str, str] | None) -> tuple[str, ...]:
+    """`label="value"` matchers (the spec's `match_labels`, names validated there)."""
+    return tuple(f'{k}="{_promql_string(v)}"' for k, v in (match_labels or {}).items())
+
+
+def envoy_preset(match_labels: dict[str, str] | None = None) -> Preset:
     """Envoy's per-cluster upstream stats (histogram in milliseconds)."""
     label = "envoy_cluster_name"
+    base = _equal(match_labels)
     return Preset(
-        requests=SeriesSet("envoy_cluster_upstream_rq_completed", (), label),
-        errors=SeriesSet("envoy_cluster_upstream_rq_xx", ('envoy_response_code_class="5"',), label),
-        latency_bucket=SeriesSet("envoy_cluster_upstream_rq_time_bucket", (), label),
+        requests=SeriesSet("envoy_cluster_upstream_rq_completed", base, label),
+        errors=SeriesSet(
+            "envoy_cluster_upstream_rq_xx", (*base, 'envoy_response_code_class="5"'), label
+        ),
+        latency_bucket=SeriesSet("envoy_cluster_upstream_rq_time_bucket", base, label),
         latency_unit_s=0.001,
     )
 
 
-def istio_preset(namespace: str | None = None) -> Preset:
+def istio_preset(
+    namespace: str | None = None, match_labels: dict[str, str] | None = None
+) -> Preset:
     """Istio's standard telemetry of the weighted Services, as reported by the calling proxy."""
     label = "destination_service_name"
-    base: tuple[str, ...] = ('reporter="source"',)
+    base: tuple[str, ...] = ('reporter="source"', *_equal(match_labels))
     if namespace:
-        base = (*base, f'destination_service_namespace="{namespace}"')
+        base = (*base, f'destination_service_namespace="{_promql_string(namespace)}"')
     return Preset(
         requests=SeriesSet("istio_requests_total", base, label),
         errors=SeriesSet("istio_requests_total", (*base, 'response_code=~"5.."'), label),
@@ -178,6 +200,7 @@ class PrometheusMetrics:
         queries: PromQueries | None = None,
         labels: ColourNames | None = None,
         latency_unit_s: float = 0.001,
+        slo_ms: float | None = None,
         timeout_s: float = 5.0,
         auth: BearerAuth | BasicAuth | AzureBearerAuth | None = None,
         verify: bool | str = True,
@@ -194,6 +217,7 @@ class PrometheusMetrics:
         self.queries = queries
         self.labels = labels or ColourNames()
         self.latency_unit_s = latency_unit_s
+        self.slo_ms = slo_ms
         self.timeout_s = timeout_s
         self.auth = auth
         # Our own session for `verify` and `cert`: PrometheusConnect's only TLS switch is
@@ -233,11 +257,16 @@ class PrometheusMetrics:
             "verify": tls_verify(cfg),
             "cert": tls_client_cert(cfg),
             "auth": http_auth(cfg),
+            "slo_ms": cfg.slo_ms,
         }
         if cfg.preset == "custom":
             unit = 0.001 if cfg.latency_unit == "ms" else 1.0
             return cls(cfg.url, queries=cfg.queries, latency_unit_s=unit, **connection)
-        preset = envoy_preset() if cfg.preset == "envoy" else istio_preset(cfg.namespace)
+        preset = (
+            envoy_preset(cfg.match_labels)
+            if cfg.preset == "envoy"
+            else istio_preset(cfg.namespace, cfg.match_labels)
+        )
         return cls(cfg.url, preset=preset, **connection)
 
     # ----------------------------------------------------------------- MetricsProvider protocol
@@ -252,6 +281,10 @@ class PrometheusMetrics:
                 counts, detail = self._observe_custom(self.queries, since, now)
         except MetricsError as exc:
             return Observation(since=since, at=now, error=str(exc))
+        for colour_counts in counts.values():
+            bounds_ms = [bound * 1000.0 for bound, _ in colour_counts.latency_buckets]
+            if problem := self._slo_problem(bounds_ms):
+                return Observation(since=since, at=now, error=problem, detail=detail)
         return Observation(
             since=since,
             at=now,
@@ -266,11 +299,46 @@ class PrometheusMetrics:
 
     def probe(self) -> None:
         """Ask `vector(1)`, with the spec's credentials, TLS and timeout: a Prometheus query API
-        answers one sample of 1; a MetricsError says what came instead."""
+        answers one sample of 1; a MetricsError says what came instead. Then each custom query,
+        once (one Prometheus cannot parse, or that gives no instant vector, is refused before
+        anything is deployed), and the latency histogram's bounds, when it has series now: an
+        SLO that is none of them is refused (`_slo_problem`)."""
         result = self._query("vector(1)", None)
         values = [item.get("value") for item in result]
         if not (len(values) == 1 and isinstance(values[0], list) and values[0][1:] == ["1"]):
             raise MetricsError(self._not_the_api("vector(1)", "not one sample of 1"))
+        latency: list[dict[Series, int]] = []
+        now = time.time()
+        if self.queries is not None:
+            templates = [self.queries.requests, self.queries.errors, self.queries.latency_bucket]
+            for template in templates:
+                for colour in Colour:
+                    if template is not None:
+                        found = self._vector(_render(template, self.labels.of(colour)), now)
+                        if template is self.queries.latency_bucket:
+                            latency.append(found)
+        elif self.slo_ms is not None and self.preset and self.preset.latency_bucket:
+            selector = self.preset.latency_bucket.selector([self.labels.blue, self.labels.green])
+            latency.append(self._vector(f"last_over_time({selector}[{LOOKBACK_S}s])", now))
+        for vector in latency:
+            bounds_ms = [bound * 1000.0 for bound in _by_le(vector, self.latency_unit_s)]
+            if problem := self._slo_problem(bounds_ms):
+                raise MetricsError(problem)
+
+    def _slo_problem(self, bounds_ms: list[float]) -> str:
+        """Why the analysis' latency SLO cannot be measured on a histogram of these bounds ("":
+        it can, or there is no SLO): between two bounds, every check and message would count
+        the requests above the next one up while naming the SLO; above all of them, none."""
+        if self.slo_ms is None:
+            return ""
+        unit = ""
+        if self.queries is not None:
+            unit = (
+                f" (metrics.latency_unit is {'ms' if self.latency_unit_s < 1 else 's'}: is it "
+                "the unit of the histogram's `le`? `s` for a `_seconds` histogram)"
+            )
+        problem = slo_bound_problem(self.slo_ms, bounds_ms, unit)
+        return f"Prometheus at {self.url}: analysis.latency.slo_ms: {problem}" if problem else ""
 
     def close(self) -> None:
         """Close the HTTP session (and an Azure credential's)."""
@@ -380,7 +448,7 @@ class PrometheusMetrics:
             for series, n in self._vector(f"resets({selector}[{span_ms + 1}ms])", now).items()
             if n > 0
         }
-        raw = self._matrix(whole_step, now) if restarted else {}
+        raw = self._raw(series_set, restarted, span_ms, now)
         # These series say whether Prometheus holds the history, unless the requests' did.
         holds_history = (
             (not at_now or bool(existed) or self._scraped_before(since))
@@ -389,7 +457,7 @@ class PrometheusMetrics:
         )
         unscraped = [s for s in at_now if (s in existed or not holds_history) and s not in first]
         if unscraped and search_ms < span_ms:
-            raw = raw or self._matrix(whole_step, now)
+            raw.update(self._raw(series_set, [s for s in unscraped if s not in raw], span_ms, now))
             first.update((s, raw[s][0]) for s in unscraped if raw.get(s))
         starts = given if given != "ask" else None if holds_history else _starts(first.items())
         deltas: dict[Series, int] = {}
@@ -406,17 +474,37 @@ class PrometheusMetrics:
                 deltas[series] = max(value - base, 0)
         return deltas, starts
 
+    def _raw(
+        self, series_set: SeriesSet, wanted: Iterable[Series], span_ms: int, now: float
+    ) -> dict[Series, list[tuple[float, int]]]:
+        """The raw samples of the step of the `wanted` series: each asked for by all its labels,
+        so one restarted series does not fetch every series' samples on every later tick of the
+        step (1,200 bucket series over a long step took seconds, near `timeout_s`); more than
+        MAX_EXACT_SERIES at once (a whole deployment restarted) come in one query."""
+        wanted = list(wanted)
+        if not wanted:
+            return {}
+        if len(wanted) > MAX_EXACT_SERIES:
+            values = [self.labels.blue, self.labels.green]
+            return self._matrix(f"{series_set.selector(values)}[{span_ms + 1}ms]", now)
+        raw: dict[Series, list[tuple[float, int]]] = {}
+        for series in wanted:
+            exact = ",".join(f'{k}="{_promql_string(v)}"' for k, v in series)
+            found = self._matrix(f"{series_set.metric}{{{exact}}}[{span_ms + 1}ms]", now)
+            if series in found:  # (a selector also matches series with more labels)
+                raw[series] = found[series]
+        return raw
+
     # ------------------------------------------------------------------------------ custom PromQL
 
     def _observe_custom(
         self, queries: PromQueries, since: float, now: float
     ) -> tuple[dict[Colour, ColourCounts], dict[str, Any]]:
-        window = f"{max(math.ceil(now - since), MIN_WINDOW_S)}s"
         templates = {"requests": queries.requests, "errors": queries.errors}
         if queries.latency_bucket is not None:
             templates["latency_bucket"] = queries.latency_bucket
         exprs = {
-            (colour, name): _render(template, self.labels.of(colour), window)
+            (colour, name): _render(template, self.labels.of(colour))
             for colour in Colour
             for name, template in templates.items()
         }
@@ -438,16 +526,32 @@ class PrometheusMetrics:
             first = {key: self._first(expr, since, now, after[key]) for key, expr in exprs.items()}
             starts = _starts(item for key in requests for item in first[key].items())
 
+        span_ms = max(round((now - since) * 1000), 1)
+
         def delta(key: tuple[Colour, str]) -> dict[Series, int]:
             found = first.get(key, {})
-            deltas: dict[Series, int] = {}
+            bases: dict[Series, tuple[float, int]] = {}
             for series, value in after[key].items():
                 if series in before[key]:
-                    base = before[key][series]
+                    bases[series] = since, before[key][series]
                 else:
                     baseline = _baseline(series, since, found, starts, existed=False)
-                    base = value if baseline is None else baseline[1]
-                deltas[series] = value - base if value >= base else value
+                    bases[series] = (now, value) if baseline is None else baseline
+            # As the presets do: a series that restarted in the step is summed piece by piece
+            # over its values in the step (a drop is a restart from 0); comparing `since` with
+            # `now` lost what it served before the restart.
+            step = _subquery(exprs[key], span_ms)
+            restarted = {s for s, n in self._vector(f"resets({step})", now).items() if n > 0}
+            restarted |= {s for s, v in after[key].items() if v < bases[s][1]}
+            points = self._matrix(step, now) if restarted else {}
+            deltas: dict[Series, int] = {}
+            for series, value in after[key].items():
+                base_t, base = bases[series]
+                if series in restarted:
+                    later = [v for t, v in points.get(series, []) if t > base_t]
+                    deltas[series] = _increase(base, [*later, value])
+                else:
+                    deltas[series] = value - base
             return deltas
 
         counts: dict[Colour, ColourCounts] = {}
@@ -820,9 +924,9 @@ def _subquery(expr: str, window_ms: int) -> str:
     return f"({expr})[{window_ms}ms:{step_s}s]"
 
 
-def _render(template: str, value: str, window: str) -> str:
+def _render(template: str, value: str) -> str:
     """A custom query for one colour: the value goes inside the template's PromQL string."""
-    return template.replace("{colour}", _promql_string(value)).replace("{window}", window)
+    return template.replace("{colour}", _promql_string(value))
 
 
 def _total(deltas: dict[Series, int], label: str, value: str) -> int:

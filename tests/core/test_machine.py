@@ -998,6 +998,32 @@ def test_the_latency_guard_counts_over_the_rollout_not_afresh_at_each_step() -> 
     assert "after 120 canary requests" in status.reason
 
 
+@pytest.mark.parametrize(
+    ("buckets", "slow"),
+    [
+        pytest.param((), 0, id="no-histogram"),  # the core says UNKNOWN itself, with requests
+        pytest.param(((0.1, 50), (0.25, 80), (math.inf, 100)), 20, id="at-a-bound"),
+        pytest.param(((0.1, 50), (0.5, 90)), 10, id="between-bounds-the-next-up"),
+        pytest.param(((0.001, 0), (0.01, 100)), -1, id="above-every-finite-bound-unknown"),
+        pytest.param(((0.001, 0), (0.01, 100), (math.inf, 100)), -1, id="only-inf-above"),
+    ],
+)
+def test_slow_requests_above_a_threshold(buckets: tuple[tuple[float, int], ...], slow: int) -> None:
+    # Above every finite bound the histogram cannot say: 0 switched the check and guard off.
+    assert ColourCounts(requests=100, latency_buckets=buckets).slow(0.25) == slow
+
+
+def test_a_threshold_above_every_bound_neither_folds_slow_requests_nor_trips_the_guard() -> None:
+    # Every canary request took 2 s, read from a seconds histogram as if in milliseconds.
+    ms = ((0.001, 0), (0.0025, 60), (0.01, 60))
+    status = progressing(slow_threshold_s=0.25)
+    observation = obs(blue=(60, 0), green=(540, 0), at=10.0, blue_buckets=ms, green_buckets=ms)
+    decision = step(GUARDED, status, observation, 10.0)
+    assert decision.status.last_blue.slow == decision.status.last_blue.over_slo == -1
+    assert decision.status.slow.canary_requests == 0  # nothing folded as "0 slow"
+    assert decision.status.canary_over_slo == 0
+
+
 def test_a_status_saved_before_the_guard_counted_does_not_count_the_step_so_far_at_once() -> None:
     status = guarded_tick(progressing(slow_threshold_s=0.25), 1, (60, 10))
     old = status.to_dict()
@@ -1138,6 +1164,16 @@ def green_counts(requests: int, errors: int = 0, slow: int = 0) -> ColourCounts:
             Verdict.INCONCLUSIVE,
             "share of requests slower than 250 ms unknown after 400 requests: no latency histogram",
             id="slo-with-no-histogram",
+        ),
+        pytest.param(
+            SLO_GUARD,
+            # A `_seconds` histogram read as milliseconds: every bound below the SLO. Was "0 %
+            # ... is below the limit 5 %" for requests that all took 2 s.
+            ColourCounts(requests=400, latency_buckets=((0.001, 0), (0.0025, 400), (0.01, 400))),
+            Verdict.INCONCLUSIVE,
+            "share of requests slower than 250 ms unknown: the latency histogram has no bound "
+            "at or above it",
+            id="slo-above-every-bound-is-unknown-not-0",
         ),
     ],
 )

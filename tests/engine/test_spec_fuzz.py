@@ -501,6 +501,48 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             "metrics.simulated.buckets_ms: bounds must increase strictly, got [50.0, 10.0]",
             id="simulated-buckets-decreasing",  # as azuremonitor's already were
         ),
+        # An SLO between two bucket bounds measured above the next one up while every message
+        # named the SLO (300 ms on 250/500: a canary at 450 ms on every request was promoted).
+        pytest.param(
+            {**BASES[4], "analysis": {"latency": {"threshold": "slo"}}},
+            "analysis.latency.slo_ms",
+            300,
+            "analysis.latency.slo_ms: 300 ms is no bound of the latency histogram, whose nearest "
+            "are 250 or 500 ms: a request counts as slow only above a bound, so it would measure "
+            "> 500 ms; set slo_ms to 250 or 500 (or add 300 to metrics.buckets_ms)",
+            id="simulated-slo-between-bounds",
+        ),
+        pytest.param(
+            {**BASES[3], "analysis": {"latency": {"threshold": "slo"}}},
+            "analysis.latency.slo_ms",
+            200,
+            "analysis.latency.slo_ms: 200 ms is no bound of the latency histogram, whose nearest "
+            "are 150 or 250 ms",
+            id="azuremonitor-slo-between-bounds",
+        ),
+        pytest.param(
+            {**BASES[4], "analysis": {"latency": {"threshold": "slo"}}},
+            "analysis.latency.slo_ms",
+            90000,
+            "analysis.latency.slo_ms: 90000 ms is above the latency histogram's largest bound, "
+            "60000 ms: no request could count as slower",
+            id="simulated-slo-above-every-bound",
+        ),
+        pytest.param(
+            {**BASES[0], "analysis": {"latency": {"threshold": "slo"}}},
+            "analysis.latency.slo_ms",
+            6000,  # the ticks' bounds are in seconds: 5 s and 50 s
+            "analysis.latency.slo_ms: 6000 ms is no bound of the latency histogram, whose "
+            "nearest are 5000 or 50000 ms",
+            id="static-slo-between-bounds",
+        ),
+        pytest.param(
+            {**BASES[4], "analysis": {"latency": {"max_slow_rate": 0.05}}},
+            "analysis.latency.slo_ms",
+            300,
+            "analysis.latency.slo_ms: 300 ms is no bound of the latency histogram",
+            id="simulated-guard-slo-between-bounds",  # the guard measures it too
+        ),
     ],
 )
 def test_a_value_that_cannot_be_meant_is_named(
@@ -1003,3 +1045,10 @@ def test_a_whole_number_is_a_number() -> None:
 )
 def test_a_switch_is_true_or_false_not_text(text: str, message: str, tmp_path: Path) -> None:
     _assert_load_refuses(tmp_path, text, message)
+
+
+def test_an_slo_nothing_measures_is_not_checked_against_the_bounds() -> None:
+    # threshold baseline_p99 and no max_slow_rate: slo_ms is read by nothing.
+    analysis = {"latency": {"threshold": "baseline_p99", "slo_ms": 300}}
+    spec = spec_from_dict({**BASES[4], "analysis": analysis})
+    assert spec.analysis.latency.slo_ms == 300

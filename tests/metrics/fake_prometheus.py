@@ -1,7 +1,8 @@
 """A Prometheus HTTP API fake: real `/api/v1/query` JSON over a real socket, from stored samples.
 
 It evaluates just the PromQL the provider sends — a selector (`name{a="x",b=~"y|z"}`), a range
-selector (`sel[30s]`, answered as a matrix), `resets(sel[30s])`, `last_over_time(sel[30s])`,
+selector (`sel[30s]`, answered as a matrix), `resets(sel[30s])` (and of a subquery),
+`last_over_time(sel[30s])`,
 the subqueries `(sel)[60s:1s]` (a matrix) and `last_over_time((sel)[300s:1s])`, `count(...)` of
 any of these that is a vector, and `vector(1)`
 — against series a test writes with `add(name, labels, [(t, value), ...])`, with Prometheus'
@@ -137,6 +138,13 @@ class FakePrometheus:
                 raise ValueError(f"fake Prometheus: count() of a {kind}")
             return "vector", [{"metric": {}, "value": [at, str(len(items))]}] if items else []
         if query.startswith("resets(") and query.endswith(")"):
+            subquery = _SUBQUERY.fullmatch(query[len("resets(") : -1])
+            if subquery is not None:
+                points = self._subquery(subquery, at).values()
+                return "vector", [
+                    {"metric": labels, "value": [at, str(_drops([float(v) for _, v in values]))]}
+                    for labels, values in points
+                ]
             selector, window = _range(query[len("resets(") : -1])
             result = []
             for labels, inside in self._ranges(selector, window, at):
@@ -263,6 +271,10 @@ def _range(text: str) -> tuple[str, float]:
     if m is None:
         raise ValueError(f"fake Prometheus cannot parse range {text!r}")
     return m.group(1), float(m.group(2)) / (1000.0 if m.group(3) == "ms" else 1.0)
+
+
+def _drops(values: list[float]) -> int:
+    return sum(1 for a, b in itertools.pairwise(values) if b < a)
 
 
 def _without_name(labels: dict[str, str]) -> dict[str, str]:

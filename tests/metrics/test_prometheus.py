@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 
 from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries, spec_from_dict
 from rollout.core.types import ColourCounts
-from rollout.errors import MetricsError
+from rollout.errors import ConfigError, MetricsError
 from rollout.metrics import prometheus
 from rollout.metrics.factory import make_metrics
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset, istio_preset
@@ -114,6 +115,18 @@ def test_counter_resets_are_counted_exactly(
     prom.add("envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "blue"}, samples)
     observation = envoy(prom).observe(T0, T0 + len(values) - 1)
     assert observation.blue.requests == expected
+
+
+def test_raw_samples_are_fetched_for_the_restarted_series_only(prom: FakePrometheus) -> None:
+    # Was: the whole selector's raw samples over the step, on every tick after one restart
+    # (1,200 bucket series over a long step took seconds, near timeout_s).
+    counter(prom, "envoy_cluster_upstream_rq_completed", "blue", [100, 150, 10, 40], pod="a")
+    counter(prom, "envoy_cluster_upstream_rq_completed", "blue", [5, 6, 7, 8], pod="b")
+    counter(prom, "envoy_cluster_upstream_rq_completed", "green", [0, 1, 2, 3], pod="c")
+    observation = envoy(prom).observe(T0 - 10, T0 - 7)
+    assert observation.blue.requests == 50 + 10 + 30 + 3
+    exact = [query for query, _ in prom.queries if "pod=" in query]
+    assert len(exact) == 1 and 'pod="a"' in exact[0] and exact[0].endswith("[3001ms]")
 
 
 @pytest.fixture(scope="module")
@@ -545,8 +558,13 @@ def test_custom_queries(prom: FakePrometheus) -> None:
         ),
         pytest.param(
             {"a": [(T0 - 1, 1000), (T0 + 1, 1010), (T0 + 2, 4)], "b": [(T0 - 1, 10), (T0 + 2, 30)]},
-            4 + 20,  # a's 10 before its restart: not seen by two evaluations
+            10 + 4 + 20,  # a's 10 before its restart too: summed piece by piece
             id="one-pod-restarted",
+        ),
+        pytest.param(
+            {"a": [(T0 - 1, 100), (T0 + 1, 110), (T0 + 2, 5), (T0 + 3, 150)]},
+            10 + 5 + 145,  # grown back above its base: `150 - 100` dropped 110 of them
+            id="restarted-and-grown-back-past-the-base",
         ),
     ],
 )
@@ -838,3 +856,221 @@ def test_a_prometheus_that_lost_its_storage_counts_series_of_no_known_target_fro
     observation = make_metrics(custom_preset(prom)).observe(T0, T0 + 10)
     assert observation.error is None
     assert observation.blue.requests == 10 + 4
+
+
+# ---- the latency SLO must be a bound of the histogram it is measured on
+
+
+def envoy_histogram(
+    prom: FakePrometheus, cluster: str, counts: dict[str, list[float]], t0: float
+) -> None:
+    """Envoy's latency buckets (milliseconds) of one cluster: `le` → its values from t0 on."""
+    for le, values in counts.items():
+        samples: list[tuple[float, float | None]] = [(t0 + i, v) for i, v in enumerate(values)]
+        prom.add(
+            "envoy_cluster_upstream_rq_time_bucket",
+            {"envoy_cluster_name": cluster, "le": le},
+            samples,
+        )
+
+
+def spec_metrics(metrics: dict[str, object], slo_ms: float) -> PrometheusMetricsConfig:
+    """The metrics section of a spec whose latency check measures against `slo_ms`."""
+    spec = spec_from_dict(
+        {"metrics": metrics, "analysis": {"latency": {"threshold": "slo", "slo_ms": slo_ms}}}
+    )
+    assert isinstance(spec.metrics, PrometheusMetricsConfig)
+    return spec.metrics
+
+
+@pytest.mark.parametrize(
+    ("slo_ms", "refused"),
+    [
+        pytest.param(250, "", id="a-bound"),
+        pytest.param(
+            300,
+            "analysis.latency.slo_ms: 300 ms is no bound of the latency histogram, whose nearest "
+            "are 250 or 500 ms: a request counts as slow only above a bound, so it would measure "
+            "> 500 ms; set slo_ms to 250 or 500",
+            id="between-250-and-500",
+        ),
+        pytest.param(
+            5000,
+            "analysis.latency.slo_ms: 5000 ms is above the latency histogram's largest bound, "
+            "1000 ms: no request could count as slower",
+            id="above-every-bound",
+        ),
+    ],
+)
+def test_an_slo_that_is_no_bound_of_the_histogram_is_refused_at_the_probe_and_each_tick(
+    prom: FakePrometheus, slo_ms: float, refused: str
+) -> None:
+    # slo_ms 300 on Envoy's 250/500 buckets counted requests above 500 ms, and every message
+    # said "slower than 300 ms": a canary at 450 ms on every request was promoted.
+    t0 = time.time() - 10  # the probe reads the bounds of the last 5 minutes
+    for colour in ("blue", "green"):
+        samples: list[tuple[float, float | None]] = [(t0, 0), (t0 + 1, 10), (t0 + 2, 20)]
+        prom.add("envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": colour}, samples)
+        envoy_histogram(
+            prom,
+            colour,
+            {"250": [0, 0, 0], "500": [0, 10, 20], "1000": [0, 10, 20], "+Inf": [0, 10, 20]},
+            t0,
+        )
+    provider = make_metrics(spec_metrics({"kind": "prometheus", "url": prom.url}, slo_ms))
+    observation = provider.observe(t0, t0 + 2)
+    if not refused:
+        provider.probe()
+        assert observation.error is None and observation.blue.requests > 0
+        return
+    with pytest.raises(MetricsError) as probed:
+        provider.probe()
+    assert str(probed.value) == f"Prometheus at {prom.url}: {refused}"
+    assert observation.error == f"Prometheus at {prom.url}: {refused}"
+
+
+def test_a_seconds_histogram_read_in_milliseconds_is_refused_naming_latency_unit(
+    prom: FakePrometheus,
+) -> None:
+    # latency_unit defaults to ms: a `_seconds` histogram's bounds read as 0.1 ms .. 1 ms, and
+    # a 250 ms SLO above all of them counted 0 slow requests whatever the latency.
+    t0 = time.time() - 10  # the probe reads the bounds now
+    for le in ("0.1", "0.25", "1", "+Inf"):
+        prom.add("lat_seconds_bucket", {"svc": "blue", "le": le}, [(t0, 0), (t0 + 5, 400)])
+    queries = {
+        "requests": 'my_requests_total{svc="{colour}"}',
+        "errors": 'my_errors_total{svc="{colour}"}',
+        "latency_bucket": 'lat_seconds_bucket{svc="{colour}"}',
+    }
+    metrics = {"kind": "prometheus", "url": prom.url, "preset": "custom", "queries": queries}
+    provider = make_metrics(spec_metrics(metrics, 250))
+    with pytest.raises(MetricsError, match=r"above the latency histogram's largest bound, 1 ms"):
+        provider.probe()
+    error = provider.observe(t0, t0 + 5).error
+    assert error is not None and "metrics.latency_unit is ms" in error
+    assert "`s` for a `_seconds` histogram" in error
+    # in seconds, 250 ms is a bound
+    seconds = make_metrics(spec_metrics({**metrics, "latency_unit": "s"}, 250))
+    seconds.probe()
+    assert seconds.observe(t0, t0 + 5).error is None
+
+
+# ---- custom queries are tried at the probe; `{window}` is refused
+
+
+def test_the_probe_evaluates_each_custom_query_once(prom: FakePrometheus) -> None:
+    provider = make_metrics(custom_preset(prom))
+    provider.probe()
+    asked = [query for query, _ in prom.queries]
+    assert asked == [
+        "vector(1)",
+        'my_requests_total{svc="blue"}',
+        'my_requests_total{svc="green"}',
+        'my_errors_total{svc="blue"}',
+        'my_errors_total{svc="green"}',
+    ]
+
+
+def test_a_custom_query_prometheus_cannot_parse_fails_the_probe(prom: FakePrometheus) -> None:
+    # Was found only at the first tick, after blue was deployed and mirrored.
+    metrics = PrometheusMetricsConfig(
+        url=prom.url,
+        preset="custom",
+        queries=PromQueries(requests='my_requests_total{svc="{colour}"', errors="my_errors_total"),
+    )
+    with pytest.raises(MetricsError) as probed:
+        make_metrics(metrics).probe()
+    assert str(probed.value).startswith(
+        f"Prometheus at {prom.url} answered HTTP 400 to 'my_requests_total{{svc=\"blue\"'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        pytest.param(
+            {
+                "preset": "custom",
+                "queries": {
+                    "requests": 'sum(increase(req_total{svc="{colour}"}[{window}]))',
+                    "errors": 'err_total{svc="{colour}"}',
+                },
+            },
+            "metrics.prometheus.queries.requests: no `{window}` placeholder: give "
+            "raw cumulative counters",
+            id="window-placeholder",
+        ),
+        pytest.param(
+            {"preset": "envoy", "namespace": "ml-prod"},
+            "metrics.prometheus.namespace: scopes the istio preset only; preset 'envoy' ignores "
+            "it: scope its series with match_labels",
+            id="namespace-with-envoy",
+        ),
+        pytest.param(
+            {
+                "preset": "custom",
+                "namespace": "ml-prod",
+                "queries": {"requests": "a", "errors": "b"},
+            },
+            "metrics.prometheus.namespace: scopes the istio preset only; preset 'custom' ignores "
+            "it: write the matcher into metrics.queries",
+            id="namespace-with-custom",
+        ),
+        pytest.param(
+            {
+                "preset": "custom",
+                "match_labels": {"job": "x"},
+                "queries": {"requests": "a", "errors": "b"},
+            },
+            "metrics.prometheus.match_labels: applies to the envoy and istio presets",
+            id="match-labels-with-custom",
+        ),
+        pytest.param(
+            {"match_labels": {"job-name": "x"}},
+            "metrics.prometheus.match_labels.job-name: is no Prometheus label name",
+            id="not-a-label-name",
+        ),
+        pytest.param(
+            {"match_labels": {"__name__": "x"}},
+            "metrics.prometheus.match_labels.__name__: is no Prometheus label name",
+            id="reserved-label-name",
+        ),
+    ],
+)
+def test_the_spec_refuses_what_the_queries_would_ignore_or_misread(
+    metrics: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        spec_from_dict({"metrics": {"kind": "prometheus", **metrics}})
+    assert message in str(caught.value)
+
+
+# ---- match_labels scope the presets to one Envoy (or mesh) on a shared Prometheus
+
+
+@pytest.mark.parametrize("preset", ["envoy", "istio"])
+def test_match_labels_keep_another_services_series_out(prom: FakePrometheus, preset: str) -> None:
+    # Every aml-rollout Envoy names its clusters blue and green: on one Prometheus, another
+    # service's canary (250 5xx) was charged to ours.
+    for job, requests, errors in (("envoy-ours", 100, 0), ('other "envoy"', 500, 250)):
+        if preset == "envoy":
+            counter(prom, "envoy_cluster_upstream_rq_completed", "blue", [0, requests], job=job)
+            counter(
+                prom,
+                "envoy_cluster_upstream_rq_xx",
+                "blue",
+                [0, errors],
+                job=job,
+                envoy_response_code_class="5",
+            )
+        else:
+            labels = {"destination_service_name": "blue", "reporter": "source", "job": job}
+            for code, n in (("200", requests - errors), ("503", errors)):
+                samples: list[tuple[float, float | None]] = [(T0 - 10, 0), (T0 - 9, n)]
+                prom.add("istio_requests_total", {**labels, "response_code": code}, samples)
+    shared = make_metrics(PrometheusMetricsConfig(url=prom.url, preset=preset))
+    assert shared.observe(T0 - 10, T0).blue.requests == 600
+    for job, requests, errors in (("envoy-ours", 100, 0), ('other "envoy"', 500, 250)):
+        metrics = PrometheusMetricsConfig(url=prom.url, preset=preset, match_labels={"job": job})
+        observation = make_metrics(metrics).observe(T0 - 10, T0)
+        assert (observation.blue.requests, observation.blue.errors) == (requests, errors)

@@ -279,3 +279,33 @@ def test_a_prometheus_started_empty_during_the_step_counts_only_the_steps_traffi
 
     assert observation.error is None
     assert (observation.blue.requests, observation.blue.errors) == (10, 0)
+
+
+BUCKET = 'envoy_cluster_upstream_rq_time_bucket{{envoy_cluster_name="blue",le="{le}"}}'
+
+
+def test_a_counter_restarted_mid_step_is_summed_piece_by_piece(tmp_path: Path) -> None:
+    # The custom preset compared `since` with `now` only: 110 → 10 → 150 read as 50 (or, below
+    # the base, dropped the traffic before the restart). The probe, on the same Prometheus,
+    # refuses a query it cannot parse and an SLO between two bucket bounds.
+    buckets = {BUCKET.format(le=le): 0 for le in ("250", "500", "+Inf")}
+    with scraping(tmp_path, {REQUESTS: 100, **buckets}) as (target, provider):
+        since = time.time()
+        for value in (110, 10, 150):  # +10, restarted with 10 served, +140
+            for _ in range(2):  # two scrapes: a point of the subquery's 1 s grid sees it
+                scraped_after(time.time(), provider)
+            target.counters[REQUESTS] = value
+        for _ in range(2):
+            scraped_after(time.time(), provider)
+        now = time.time()
+        observations = {p: reading(provider, p).observe(since, now) for p in ("envoy", "custom")}
+        slo = PrometheusMetrics(provider.url, preset=envoy_preset(), slo_ms=300)
+        with pytest.raises(MetricsError, match="set slo_ms to 250 or 500"):
+            slo.probe()
+        typo = PromQueries(requests='envoy_cluster_upstream_rq_completed{x="{colour}"', errors="y")
+        with pytest.raises(MetricsError, match=r"answered HTTP 400 .* parse error"):
+            PrometheusMetrics(provider.url, queries=typo).probe()
+
+    for observation in observations.values():
+        assert observation.error is None
+        assert observation.blue.requests == 10 + 10 + 140
