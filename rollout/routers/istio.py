@@ -40,7 +40,8 @@ generateVirtualServicePatches vs reconcileVirtualService).
   route valid), refusing while the colour still takes default traffic.
 
 API failures become RouterError naming the object and the HTTP status; a 409 that outlives the
-retries is ConflictError; no answer at all from the API server is RouterUnavailable; pods
+retries is ConflictError; no answer at all from the API server is RouterUnavailable (one that
+took the request and answered late, or broke its answer off, is a plain RouterError); pods
 that do not become ready are DeployFailed. A refusal that no retry changes is RouterRefused
 (DeployFailed is one): a namespace that does not exist, a release without an image, a 401 or
 403 (credentials or RBAC), a 400 or 422 (an object refused as invalid: `kubeapi.REFUSED`),
@@ -595,4 +596,10 @@ _INVALID = (
 
 
 def _unreachable(what: str, exc: Exception, host: str) -> RouterError:
-    return RouterUnavailable(f"{what}: {kubeapi.no_answer(exc, host)}")
+    """No (whole) answer to a request: RouterUnavailable only when nothing answers at `host` (the
+    controller fails a run's first deploy on it at once: a spec pointing at no API server). An
+    API server that took the request and was slow (an admission webhook), or whose answer broke
+    off, is there: a plain RouterError, which the controller retries (the write may have been
+    made, and the retry re-reads)."""
+    cls = RouterError if kubeapi.reached(exc) else RouterUnavailable
+    return cls(f"{what}: {kubeapi.no_answer(exc, host)}")
