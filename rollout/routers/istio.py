@@ -25,10 +25,12 @@ generateVirtualServicePatches vs reconcileVirtualService).
   (ImagePullBackOff, CrashLoopBackOff with the last exit and its message, Unschedulable...),
   read with the `pods: list` the Role grants for this, once per poll while not complete.
 - `set_weights` reads the VirtualService, computes the new `spec.http` with `merge_routes` (only
-  routes named `aml-rollout-*` change; the user's routes stay where they are) and sends it as a
-  JSON merge patch carrying `metadata.resourceVersion`. A 409 (someone wrote in between) re-reads
-  and retries, a bounded number of times, then raises ConflictError. Nothing is written when
-  the routes already match (idempotent, and no resourceVersion churn for watchers). A shadow
+  routes named `aml-rollout-*` change, pin routes found below our default route move back first;
+  the user's routes stay where they are; what it drops of someone's edits to our routes, a
+  foreign mirror or destination, is logged) and sends it as a JSON merge patch carrying
+  `metadata.resourceVersion`. A 409 (someone wrote in between) re-reads and retries, a
+  bounded number of times, then raises ConflictError. Nothing is written when the routes
+  already match (idempotent, and no resourceVersion churn for watchers). A shadow
   step (`weights.mirror`) adds `mirror` / `mirrorPercentage` to our default route; as a merge
   patch replaces a list whole, the next `spec.http` without them removes them (no nulls needed).
   Traffic, live or mirrored, is refused to a colour whose Deployment or weighted Service is
@@ -485,12 +487,28 @@ class IstioRouter:
             return
         if m.route_ports(current) - {self.layout.port}:
             self._check_service_ports()  # our routes move to router.port: the Services need it
+        where = f"VirtualService {self._ns}/{self.layout.virtual_service}"
+        if foreign := m.foreign_destinations(current, self.layout):
+            log.warning(
+                "%s: the destinations of route %r are aml-rollout's: its traffic to %s (not "
+                "blue's or green's weighted Service) is dropped by this write",
+                where,
+                m.DEFAULT_ROUTE,
+                ", ".join(foreign),
+            )
+        if below := m.pins_below_default(current):
+            log.warning(
+                "%s: %s came after route %r, which takes every request first (no request was "
+                "pinned): moved back above it, first",
+                where,
+                " and ".join(map(repr, below)),
+                m.DEFAULT_ROUTE,
+            )
         if foreign := m.foreign_mirrors(current, self.layout):
             log.warning(
-                "VirtualService %s/%s: the mirror of route %r is aml-rollout's: its mirror "
-                "to %s (not blue's weighted Service) is dropped by this write",
-                self._ns,
-                self.layout.virtual_service,
+                "%s: the mirror of route %r is aml-rollout's: its mirror to %s (not blue's "
+                "weighted Service) is dropped by this write",
+                where,
                 m.DEFAULT_ROUTE,
                 ", ".join(foreign),
             )

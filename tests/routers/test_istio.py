@@ -571,6 +571,55 @@ def test_user_routes_survive_every_write_in_place(api: FakeKubeApiServer) -> Non
     ]
 
 
+_PIN_BLUE, _PIN_GREEN = m.pin_route(Colour.BLUE), m.pin_route(Colour.GREEN)
+
+
+@pytest.mark.parametrize(
+    ("order", "written"),
+    [
+        pytest.param(
+            [m.DEFAULT_ROUTE, _PIN_BLUE, _PIN_GREEN],
+            [_PIN_BLUE, _PIN_GREEN, m.DEFAULT_ROUTE],
+            id="default-first",
+        ),
+        pytest.param(
+            [USER_ROUTE["name"], m.DEFAULT_ROUTE, _PIN_BLUE, _PIN_GREEN],
+            [_PIN_BLUE, _PIN_GREEN, USER_ROUTE["name"], m.DEFAULT_ROUTE],
+            id="user-route-stays-between",
+        ),
+        pytest.param(
+            [_PIN_BLUE, m.DEFAULT_ROUTE, _PIN_GREEN],
+            [_PIN_GREEN, _PIN_BLUE, m.DEFAULT_ROUTE],
+            id="one-pin-below",
+        ),
+    ],
+)
+def test_pin_routes_below_our_default_route_are_moved_back_first(
+    api: FakeKubeApiServer, order: list[str], written: list[str], caplog: Any
+) -> None:
+    """Was: a VirtualService whose `aml-rollout-default` sat above the pins (reordered by hand,
+    adopted) sent every pinned request by the weights; get_weights and set_weights said nothing
+    and never fixed the order. The pins keep what else is set on them (a timeout)."""
+    router = both_deployed(api)
+    router.set_weights(Weights.blue_at(10))
+    vs = api.get(*VS)
+    by_name = {r["name"]: r for r in [*vs["spec"]["http"], USER_ROUTE]}
+    by_name[_PIN_GREEN]["timeout"] = "30s"
+    vs["spec"]["http"] = [by_name[name] for name in order]
+    api.seed(vs, "virtualservices", m.ISTIO_GROUP)  # a hand edit
+    with caplog.at_level(logging.WARNING, logger="rollout.routers.istio"):
+        router.set_weights(Weights.blue_at(10))  # the weights served already: a write anyway
+    assert [r["name"] for r in http_routes(api)] == written
+    assert f"came after route '{m.DEFAULT_ROUTE}'" in caplog.text
+    pins = {r["name"]: r for r in http_routes(api) if r["name"] in (_PIN_BLUE, _PIN_GREEN)}
+    wanted = {r["name"]: r for r in m.managed_routes(LAYOUT, Weights.blue_at(10))}
+    assert pins == {
+        _PIN_BLUE: wanted[_PIN_BLUE],
+        _PIN_GREEN: {**wanted[_PIN_GREEN], "timeout": "30s"},
+    }
+    assert router.get_weights() == Weights.blue_at(10)
+
+
 def test_settings_of_yours_on_our_routes_survive_every_write(api: FakeKubeApiServer) -> None:
     """A timeout or retries set on our routes (a slow model) are not ours to drop: each weights
     change used to write the route whole, silently back to Istio's defaults. What is ours (the
