@@ -15,6 +15,12 @@ every minute. A 403 is RBAC (or an admission policy) saying no; RBAC changes whe
 the Role. A 400 or 422 is the object refused as invalid (by the API server's validation or an
 admission webhook's denial): sent again, it is refused again. 409s, 429s, 5xx (a webhook that
 cannot be reached is a 500) and timeouts are not final.
+
+The client itself retries a request twice only when it got no answer at all (a refused
+connection, a pooled connection the server had closed: `Retries`), never one the API server
+took and was slow to answer, nor after a 429 or 503 by its Retry-After: the caller's own retry
+(the controller's, the lease renewal's) decides when to ask again, so a request takes at most
+its `_request_timeout`, not three of them or minutes of Retry-After.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
@@ -36,11 +42,16 @@ from urllib3.exceptions import (
     ProtocolError,
     ReadTimeoutError,
 )
+from urllib3.util.retry import Retry
 
 from rollout.errors import ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from types import TracebackType
+
+    from urllib3.connectionpool import ConnectionPool
+    from urllib3.response import BaseHTTPResponse
 
     from rollout.config import KubeApiConfig
 
@@ -72,8 +83,34 @@ def api_client(cfg: KubeApiConfig, where: str) -> k8s.ApiClient:
             f"{where}: cannot load Kubernetes credentials: {_unloadable(cfg, where, exc)}"
         ) from exc
     # Fail fast and let the caller's next attempt retry, rather than hang on a dead API server.
-    configuration.retries = 2
+    # (The client hands `retries` to urllib3's PoolManager as is: a Retry object is taken.)
+    configuration.retries = Retries(total=2, respect_retry_after_header=False)
     return k8s.ApiClient(configuration)
+
+
+class Retries(Retry):
+    """urllib3's retries of a request that got no answer at all, and only those.
+
+    A read timeout is not retried: the API server took the request (it may have made the write)
+    and is slow, and a retry would wait `_request_timeout` again, twice (measured: a GET answered
+    after 12 s raised after 30 s, saying "within 10 s"). A 429 or 503 is not retried either
+    (`respect_retry_after_header=False`): urllib3 would sleep its Retry-After, uncapped, inside
+    one request. A pooled connection the server had closed (urllib3's "Connection aborted", a
+    read error too) is still retried, which `read=0` would stop.
+    """
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: BaseHTTPResponse | None = None,
+        error: Exception | None = None,
+        _pool: ConnectionPool | None = None,
+        _stacktrace: TracebackType | None = None,
+    ) -> Self:
+        if isinstance(error, ReadTimeoutError):
+            raise error  # as urllib3 re-raises a read error it does not retry
+        return super().increment(method, url, response, error, _pool, _stacktrace)
 
 
 def _unloadable(cfg: KubeApiConfig, where: str, exc: Exception) -> str:
@@ -190,15 +227,34 @@ _READ_TIMEOUT = re.compile(r"read timeout=([0-9.]+)")
 _TIMEOUT = re.compile(r"timeout=([0-9]+\.[0-9]+)")
 
 
+def _reason(exc: Exception) -> BaseException:
+    """The failure urllib3 met: a MaxRetryError carries the last one in `reason`."""
+    return getattr(exc, "reason", None) or exc
+
+
+def _broken_off(reason: BaseException) -> bool:
+    """Raised while reading a body: the server answered, then the connection went."""
+    return isinstance(reason, ProtocolError) and str(reason.args[0]).startswith("Connection broken")
+
+
+def reached(exc: Exception) -> bool:
+    """Whether the API server took the request that got no (whole) answer: a read timeout (slow:
+    overloaded, or waiting on an admission webhook) or an answer broken off mid-body. It is
+    there, and asking again is worth it (the write may even have been made); else nothing
+    answers at its address at all (refused, a connect timeout, a name that does not resolve)."""
+    reason = _reason(exc)
+    return _broken_off(reason) or isinstance(reason, ReadTimeoutError)
+
+
 def no_answer(exc: Exception, host: str) -> str:
     """Why no answer came from the API server at `host`, in a few words: urllib3's innermost
     reason without its repetition of the host and the path ("Max retries exceeded with url:
     ... (Caused by ...)"). A read timeout is not "cannot reach": the API server took the
     request and did not answer in time (overloaded, or waiting on an admission webhook)."""
-    reason = getattr(exc, "reason", None) or exc  # MaxRetryError carries the last failure
-    if isinstance(reason, ProtocolError) and str(reason.args[0]).startswith("Connection broken"):
-        # Raised while reading a body: the server answered, then the connection went (reset,
-        # a proxy's timeout, an API server restarting). Its inner error says how far it got.
+    reason = _reason(exc)
+    if _broken_off(reason):
+        # The server answered, then the connection went (reset, a proxy's timeout, an API
+        # server restarting). Its inner error says how far it got.
         inner = reason.args[-1]
         return f"the answer of the Kubernetes API at {host} broke off: {inner!r}"
     if isinstance(reason, ReadTimeoutError):

@@ -37,8 +37,11 @@ time.
 `release` refuses a deployment from which no release serves (its provisioning Failed or was
 Canceled, or it is still Creating or Deleting), and one still Updating, whose tags name the
 release asked for rather than the one serving; `set_weights` refuses traffic only to the former
-(an Updating deployment serves through the change). `remove` deletes the deployment, refusing while
-it takes live traffic; it too first waits for a change of the endpoint or the deployment.
+(an Updating deployment serves through the change). `get_weights` refuses (RouterError, retried)
+to read the traffic of an endpoint whose last change Failed or was Canceled, or is still in
+progress: what it shows may be what was asked for, not what serves. `remove` deletes the
+deployment, refusing while it takes live traffic; it too first waits for a change of the
+endpoint or the deployment.
 
 Every write is an ARM long-running operation, and every one is waited for with a bound
 (`_finish`): an operation Azure leaves InProgress must not hang the rollout, or the Azure ML
@@ -583,8 +586,30 @@ class AzureMLRouter:
             self._sleep(self._poll_s)
 
     def get_weights(self) -> Weights:
-        """The weights the endpoint's `traffic` holds now, with its `mirror_traffic` to blue."""
+        """The weights the endpoint's `traffic` holds now, with its `mirror_traffic` to blue.
+
+        RouterError while that may not be what serves: the endpoint's last change Failed or was
+        Canceled (Azure may show the traffic it was asked for), or a change is in progress
+        (Creating, Updating, Deleting: what it shows is what was asked for). The controller then
+        counts the data plane as unread (and `set_weights` writes a Failed endpoint again).
+        """
         endpoint = self._endpoint()
+        state = _state(endpoint)
+        if _failed(endpoint) or state.lower() in _IN_PROGRESS:
+            shown = {"traffic": nonzero(endpoint.traffic or {})}
+            if endpoint.mirror_traffic:
+                shown["mirror_traffic"] = nonzero(endpoint.mirror_traffic)
+            why = (
+                "its last change did not apply, so what it shows may be what was asked for, not "
+                "what serves (the next weights change writes it again)"
+                if _failed(endpoint)
+                else "a change is in progress, so what it shows is what was asked for, not yet "
+                "what serves (read again once Azure has finished it)"
+            )
+            raise RouterError(
+                f"endpoint {self.endpoint} is in provisioning state {state}: {why}; it shows "
+                + ", ".join(f"{k} {v}" for k, v in shown.items())
+            )
         return weights_from_traffic(
             nonzero(endpoint.traffic or {}), self._keys, nonzero(endpoint.mirror_traffic or {})
         )

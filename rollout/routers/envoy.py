@@ -26,8 +26,11 @@ changes during a rollout comes from files Envoy watches, so nothing ever restart
 `deploy(colour, release)` is a blue/green swap of the colour's workload: a `Workloads` backend
 starts a server for the release (locally: an `aml-rollout serve` process on a free port, see
 `rollout.local.workloads`), the EDS file is pointed at it and confirmed served, and only then is
-the old server stopped. Which release a colour serves is kept in `releases_file` (Envoy does not
-know models). `remove` empties the colour's endpoints, then stops its server.
+the old server stopped. When the confirmation fails (Envoy may have taken the file all the
+same), the EDS file is pointed back at the server the colour has on record before the new one
+is stopped: what `release` says serves is what Envoy routes to. Which release a colour serves
+is kept in `releases_file` (Envoy does not know models). `remove` empties the colour's
+endpoints, then stops its server.
 
 `get_weights` reads the weights and the mirror Envoy actually serves (`/config_dump`), not the
 file we wrote: a file Envoy rejected (it keeps the old routes) is caught, and a restarted
@@ -37,6 +40,7 @@ controller sees the truth.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import time
@@ -51,6 +55,8 @@ from rollout.config import ColourNames, EnvoyRouterConfig
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import RouterError, RouterRefused, RouterUnavailable
 from rollout.routers.base import UPSTREAM_IDLE_S
+
+log = logging.getLogger(__name__)
 
 _API = "type.googleapis.com/envoy"
 ROUTE_TYPE = f"{_API}.config.route.v3.RouteConfiguration"
@@ -458,6 +464,9 @@ class EnvoyRouter:
         try:
             self._point(colour, [endpoint])
         except RouterError:
+            # Envoy may have taken the file while the confirmation failed (a slow admin read):
+            # stopping the new server alone would leave the colour routed to a dead port.
+            self._point_back(colour)
             self.workloads.stop(endpoint)
             raise
         # Read again: another controller on this Envoy (a rollout of another name, begun a few
@@ -635,16 +644,40 @@ class EnvoyRouter:
             f"{colour.value} endpoints {wanted}",
         )
 
+    def _point_back(self, colour: Colour) -> None:
+        """Point `colour`'s endpoints at the server its slot records (none: empty), after a
+        deploy's `_point` failed; read again, as another controller may have deployed it since.
+        Best effort: the deploy's own error is the one raised, this one is logged."""
+        slot = self._slots().get(colour.value)
+        endpoints = [] if slot is None else [Endpoint(**slot["endpoint"])]
+        try:
+            self._point(colour, endpoints)
+        except (RouterError, OSError) as exc:
+            log.warning(
+                "Envoy %s: %s endpoints not put back to %s after a failed deploy: %s",
+                self.admin_url,
+                colour.value,
+                [f"{e.host}:{e.port}" for e in endpoints],
+                exc,
+            )
+
     def _wait_for(self, served: Callable[[], bool], what: str) -> None:
+        """Poll `served` until true, at most `timeout_s`. A read that fails (a `/config_dump`
+        slower than `timeout_s` on a loaded machine) is "not yet", not the end of the wait."""
         deadline = self._clock() + self.timeout_s
+        unread = ""
         while True:
-            if served():
-                return
+            try:
+                if served():
+                    return
+                unread = ""
+            except RouterError as exc:
+                unread = f"; last read: {exc}"
             if self._clock() >= deadline:
                 raise RouterError(
                     f"Envoy at {self.admin_url} did not serve {what} within {self.timeout_s:g} s "
                     "(router.timeout_s; a rejected config? see its log and /stats rds/cluster "
-                    "update_rejected)"
+                    f"update_rejected){unread}"
                 )
             self._sleep(POLL_S)
 
@@ -686,10 +719,7 @@ class EnvoyRouter:
         return None if entry is None else entry.get("route_config")
 
     def _serves(self, weights: Weights) -> bool:
-        try:
-            return self.get_weights() == weights
-        except RouterError:
-            return False
+        return self.get_weights() == weights  # a RouterError is "not yet" (`_wait_for`)
 
     def _slots(self) -> dict[str, Any]:
         try:

@@ -25,10 +25,12 @@ generateVirtualServicePatches vs reconcileVirtualService).
   (ImagePullBackOff, CrashLoopBackOff with the last exit and its message, Unschedulable...),
   read with the `pods: list` the Role grants for this, once per poll while not complete.
 - `set_weights` reads the VirtualService, computes the new `spec.http` with `merge_routes` (only
-  routes named `aml-rollout-*` change; the user's routes stay where they are) and sends it as a
-  JSON merge patch carrying `metadata.resourceVersion`. A 409 (someone wrote in between) re-reads
-  and retries, a bounded number of times, then raises ConflictError. Nothing is written when
-  the routes already match (idempotent, and no resourceVersion churn for watchers). A shadow
+  routes named `aml-rollout-*` change, pin routes found below our default route move back first;
+  the user's routes stay where they are; what it drops of someone's edits to our routes, a
+  foreign mirror or destination, is logged) and sends it as a JSON merge patch carrying
+  `metadata.resourceVersion`. A 409 (someone wrote in between) re-reads and retries, a
+  bounded number of times, then raises ConflictError. Nothing is written when the routes
+  already match (idempotent, and no resourceVersion churn for watchers). A shadow
   step (`weights.mirror`) adds `mirror` / `mirrorPercentage` to our default route; as a merge
   patch replaces a list whole, the next `spec.http` without them removes them (no nulls needed).
   Traffic, live or mirrored, is refused to a colour whose Deployment or weighted Service is
@@ -40,7 +42,8 @@ generateVirtualServicePatches vs reconcileVirtualService).
   route valid), refusing while the colour still takes default traffic.
 
 API failures become RouterError naming the object and the HTTP status; a 409 that outlives the
-retries is ConflictError; no answer at all from the API server is RouterUnavailable; pods
+retries is ConflictError; no answer at all from the API server is RouterUnavailable (one that
+took the request and answered late, or broke its answer off, is a plain RouterError); pods
 that do not become ready are DeployFailed. A refusal that no retry changes is RouterRefused
 (DeployFailed is one): a namespace that does not exist, a release without an image, a 401 or
 403 (credentials or RBAC), a 400 or 422 (an object refused as invalid: `kubeapi.REFUSED`),
@@ -484,12 +487,28 @@ class IstioRouter:
             return
         if m.route_ports(current) - {self.layout.port}:
             self._check_service_ports()  # our routes move to router.port: the Services need it
+        where = f"VirtualService {self._ns}/{self.layout.virtual_service}"
+        if foreign := m.foreign_destinations(current, self.layout):
+            log.warning(
+                "%s: the destinations of route %r are aml-rollout's: its traffic to %s (not "
+                "blue's or green's weighted Service) is dropped by this write",
+                where,
+                m.DEFAULT_ROUTE,
+                ", ".join(foreign),
+            )
+        if below := m.pins_below_default(current):
+            log.warning(
+                "%s: %s came after route %r, which takes every request first (no request was "
+                "pinned): moved back above it, first",
+                where,
+                " and ".join(map(repr, below)),
+                m.DEFAULT_ROUTE,
+            )
         if foreign := m.foreign_mirrors(current, self.layout):
             log.warning(
-                "VirtualService %s/%s: the mirror of route %r is aml-rollout's: its mirror "
-                "to %s (not blue's weighted Service) is dropped by this write",
-                self._ns,
-                self.layout.virtual_service,
+                "%s: the mirror of route %r is aml-rollout's: its mirror to %s (not blue's "
+                "weighted Service) is dropped by this write",
+                where,
                 m.DEFAULT_ROUTE,
                 ", ".join(foreign),
             )
@@ -595,4 +614,10 @@ _INVALID = (
 
 
 def _unreachable(what: str, exc: Exception, host: str) -> RouterError:
-    return RouterUnavailable(f"{what}: {kubeapi.no_answer(exc, host)}")
+    """No (whole) answer to a request: RouterUnavailable only when nothing answers at `host` (the
+    controller fails a run's first deploy on it at once: a spec pointing at no API server). An
+    API server that took the request and was slow (an admission webhook), or whose answer broke
+    off, is there: a plain RouterError, which the controller retries (the write may have been
+    made, and the retry re-reads)."""
+    cls = RouterError if kubeapi.reached(exc) else RouterUnavailable
+    return cls(f"{what}: {kubeapi.no_answer(exc, host)}")

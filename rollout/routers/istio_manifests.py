@@ -754,8 +754,11 @@ def merge_routes(current: list[Obj], layout: IstioLayout, weights: Weights) -> l
 
     Our routes already present are rewritten in place: their match, destinations and mirror
     are ours; any other field on them (a timeout, retries) is kept. Missing pin routes go
-    first (header matches must win over anything broader), a missing default route goes last
-    (it matches everything). Pure: the router applies the result as a merge patch.
+    first (header matches must win over anything broader), and so do pin routes found below
+    our default route (moved there by hand, or an adopted VirtualService: `pins_below_default`),
+    which takes every request first and would leave header pinning dead while the weights read
+    back right; a missing default route goes last (it matches everything). Pure: the router
+    applies the result as a merge patch.
 
     A user route that matches every request (see `check_reachable`) placed before any of ours
     is refused with RouterError rather than written: Istio takes the first match, so our route
@@ -764,15 +767,32 @@ def merge_routes(current: list[Obj], layout: IstioLayout, weights: Weights) -> l
     """
     ours = {route["name"]: route for route in managed_routes(layout, weights)}
     present = {route.get("name") for route in current}
+    below = set(pins_below_default(current))
     merged = [
         _ours_over(route, ours[route["name"]]) if route.get("name") in ours else route
         for route in current
+        if route.get("name") not in below
     ]
-    missing_pins = [r for name, r in ours.items() if name != DEFAULT_ROUTE and name not in present]
+    moved = {route["name"]: route for route in current if route.get("name") in below}
+    first = [
+        _ours_over(moved[name], route) if name in moved else route
+        for name, route in ours.items()
+        if name != DEFAULT_ROUTE and (name not in present or name in moved)
+    ]
     tail = [] if DEFAULT_ROUTE in present else [ours[DEFAULT_ROUTE]]
-    result = [*missing_pins, *merged, *tail]
+    result = [*first, *merged, *tail]
     check_reachable(result, layout)
     return result
+
+
+def pins_below_default(http: list[Obj]) -> list[str]:
+    """Our pin routes that come after our default route in `spec.http`: never reached, as the
+    default route matches every request first (`merge_routes` moves them back first)."""
+    names = [route.get("name") for route in http]
+    if DEFAULT_ROUTE not in names:
+        return []
+    after = names[names.index(DEFAULT_ROUTE) + 1 :]
+    return [pin_route(c) for c in (Colour.BLUE, Colour.GREEN) if pin_route(c) in after]
 
 
 #: The fields of our routes that are ours: written as we want them at every change (a mirror
@@ -934,6 +954,18 @@ def foreign_mirrors(http: list[Obj], layout: IstioLayout) -> list[str]:
         return []
     blue = layout.service(Colour.BLUE)
     return [str(h) for h, _ in _mirrors(route) if _service_named(h, layout) != blue]
+
+
+def foreign_destinations(http: list[Obj], layout: IstioLayout) -> list[str]:
+    """Hosts our default route sends traffic to other than blue's and green's weighted Services
+    (someone's edit; `weights_from_routes` refuses to read them). Its destinations are ours and
+    the next write sets them as we want, so these and their share disappear."""
+    route = next((r for r in http if r.get("name") == DEFAULT_ROUTE), None)
+    if route is None:
+        return []
+    weighted = {layout.service(c) for c in Colour}
+    hosts = [(d.get("destination") or {}).get("host") for d in route.get("route") or []]
+    return [str(h) for h in hosts if _service_named(h, layout) not in weighted]
 
 
 # ---- RBAC and bootstrap ---------------------------------------------------------------------

@@ -115,11 +115,18 @@ class RecordedRequest:
 
 class ApiError(Exception):
     def __init__(
-        self, code: int, reason: str, message: str, details: dict[str, Any] | None = None
+        self,
+        code: int,
+        reason: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.code, self.reason, self.message = code, reason, message
         self.details = details or {}
+        #: Extra response headers, e.g. a 429's or a 503's Retry-After.
+        self.headers = headers or {}
 
 
 class FakeKubeApiServer:
@@ -542,12 +549,14 @@ def _handler_for(api: FakeKubeApiServer) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
             content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+            extra: dict[str, str] = {}
             try:
                 body = json.loads(raw) if raw else None
                 url = urlsplit(self.path)
                 selector = parse_qs(url.query).get("labelSelector", [""])[0]
                 code, payload = api.handle(self.command, url.path, body, content_type, selector)
             except ApiError as exc:
+                extra = exc.headers
                 code, payload = (
                     exc.code,
                     {
@@ -588,6 +597,8 @@ def _handler_for(api: FakeKubeApiServer) -> type[BaseHTTPRequestHandler]:
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for header, value in extra.items():
+                self.send_header(header, value)
             self.end_headers()
             if api.cuts_off_this_answer():
                 self.wfile.write(data[: len(data) // 2])

@@ -1918,6 +1918,34 @@ def test_traffic_shown_by_a_failed_endpoint_is_written_again(arm: FakeArm, ml_cl
     after = list(iter_calls(arm, "PUT", f"/onlineEndpoints/{router.endpoint}$"))
     assert len(after) == before + 1
     assert after[-1][1]["properties"]["traffic"] == {"green": 90, "blue": 10}
+    assert router.get_weights() == Weights.blue_at(10)  # Succeeded: what it shows serves
+
+
+@pytest.mark.parametrize(
+    ("state", "why"),
+    [
+        pytest.param("Failed", "its last change did not apply", id="failed"),
+        pytest.param("Canceled", "its last change did not apply", id="canceled"),
+        pytest.param("Updating", "a change is in progress", id="updating"),
+        pytest.param("Creating", "a change is in progress", id="creating"),
+        pytest.param("Deleting", "a change is in progress", id="deleting"),
+    ],
+)
+def test_traffic_an_endpoint_shows_but_may_not_serve_is_not_read_as_served(
+    arm: FakeArm, ml_client: Any, state: str, why: str
+) -> None:
+    """Was: get_weights read `traffic` whatever the endpoint's state (base.py: "the weights the
+    data plane serves now, not what was written"): a rollback whose operation Failed read back
+    as blue 0 % applied, to the controller's check, to `status` and on resume."""
+    router = _deployed(ml_client)
+    _endpoint_showing(arm, router, state, {"green": 50, "blue": 50})
+    with pytest.raises(RouterError) as unread:
+        router.get_weights()
+    assert str(unread.value).startswith(
+        f"endpoint {router.endpoint} is in provisioning state {state}: {why}"
+    )
+    assert str(unread.value).endswith("it shows traffic {'green': 50, 'blue': 50}")
+    assert not isinstance(unread.value, RouterRefused)  # retried: the controller writes again
 
 
 @pytest.mark.parametrize("field", ["deploy_timeout_s", "traffic_timeout_s"])

@@ -637,3 +637,67 @@ def test_a_colour_deployed_by_another_controller_meanwhile_is_swapped_out_and_st
     blue = [u.server.version for ref, u in upstreams.servers.items() if ref.startswith("blue")]
     assert blue == ["3"]
     assert identity(router.release(Colour.BLUE)) == ("diabetes", "3", "")
+
+
+def _ports_in(path: Path) -> set[int]:
+    """The ports an EDS file we wrote points at."""
+    document = json.loads(path.read_text(encoding="utf-8"))
+    return {
+        lb["endpoint"]["address"]["socket_address"]["port_value"]
+        for group in document["resources"][0]["endpoints"]
+        for lb in group["lb_endpoints"]
+    }
+
+
+_SLOW_READ = "cannot read Envoy's config at http://x: no answer within 5 s (router.timeout_s)"
+
+
+def test_a_slow_admin_read_while_a_deploy_confirms_is_not_yet_not_a_failure(
+    router: EnvoyRouter, envoy: EnvoyProcess
+) -> None:
+    """Was: one /config_dump read slower than router.timeout_s (a loaded machine) failed the
+    deploy, though Envoy took the file a few ms later (set_weights' wait already read on)."""
+    RouterContract.live(router, Weights.blue_at(0))
+    real, reads = router.served_endpoints, []
+
+    def slow_once(colour: Colour) -> list[tuple[str, int]]:
+        reads.append(colour)
+        if len(reads) == 1:
+            raise RouterError(_SLOW_READ)
+        return real(colour)
+
+    router.served_endpoints = slow_once  # type: ignore[method-assign]
+    router.deploy(Colour.GREEN, V2)
+    assert len(reads) > 1
+    assert identity(router.release(Colour.GREEN)) == identity(V2)
+    with httpx.Client() as client:
+        versions = {client.post(f"{envoy.url}/score").json()["version"] for _ in range(10)}
+    assert versions == {V2.version}
+
+
+def test_a_deploy_that_fails_to_confirm_points_the_colour_back_at_its_recorded_server(
+    router: EnvoyRouter, envoy: EnvoyProcess, upstreams: ThreadUpstreams
+) -> None:
+    """Was: the new server stopped and the old one kept in releases.json, but the EDS file
+    Envoy had already taken still named the stopped one: every request to green, weighted and
+    pinned, answered 503 while `release(green)` said V1 served (nothing repaired it)."""
+    RouterContract.live(router, Weights.blue_at(0))
+    recorded = router.served_endpoints(Colour.GREEN)
+    real = router.served_endpoints
+    router.timeout_s = 0.3
+
+    def unread_until_put_back(colour: Colour) -> list[tuple[str, int]]:
+        # Envoy takes the new file, but no read confirms it within the wait.
+        if {port for _, port in recorded} - _ports_in(envoy.files.endpoints(colour)):
+            raise RouterError(_SLOW_READ)
+        return real(colour)
+
+    router.served_endpoints = unread_until_put_back  # type: ignore[method-assign]
+    with pytest.raises(RouterError, match=r"did not serve green endpoints .* last read: cannot"):
+        router.deploy(Colour.GREEN, V2)
+    router.served_endpoints = real  # type: ignore[method-assign]
+    assert real(Colour.GREEN) == recorded
+    assert identity(router.release(Colour.GREEN)) == identity(V1)
+    assert [u.server.version for u in upstreams.servers.values()] == [V1.version]  # V2 stopped
+    assert colours_answering(envoy.url, 10) == Counter({"green": 10})
+    assert colours_answering(envoy.url, 5, {"x-api-version": "green"}) == Counter({"green": 5})
