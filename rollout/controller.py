@@ -561,15 +561,27 @@ class Controller:
         ]
         if first and not repairs:
             return status  # its first tick sets the weights (a new endpoint has none to read)
-        served = self.router.get_weights()
+        served: Weights | None
+        try:
+            served = self.router.get_weights()
+        except RouterRefused:
+            raise
+        except RouterError as exc:
+            # Weights that cannot be read now (an Azure endpoint Failed or mid-change shows
+            # what was asked, not what serves): the status' weights are written again, which
+            # also repairs a Failed endpoint. Stopping here stopped every `run` until a human
+            # mended the endpoint.
+            log.warning("the data plane's weights cannot be read (%s)", exc)
+            served = None
         weights_left = any(isinstance(a, SetWeights) for a in left)
         if not (aborting or weights_left) and (repairs or served != status.weights):
             repairs.append(SetWeights(status.blue_weight, status.mirror))
         if not repairs:
             return status
+        shown = served.blue_share if served is not None else "weights it could not read"
         log.warning(
             "the data plane serves %s, the rollout's status says %s: %s",
-            served.blue_share,
+            shown,
             status.weights.blue_share,
             "; ".join(describe(a) for a in repairs),
         )
@@ -578,7 +590,7 @@ class Controller:
                 {
                     "event": "restore",
                     "at": self.clock.now(),
-                    "served": served.blue_share,
+                    "served": shown,
                     "describe": [describe(a) for a in repairs],
                 }
             )

@@ -989,6 +989,39 @@ def test_a_resumed_rollout_restores_a_data_plane_that_lost_its_routes(tmp_path: 
     assert "resumed with a data plane serving blue 0 %: deploy diabetes:1 to green" in story
 
 
+class UnreadableOnce(MemoryRouter):
+    """An Azure endpoint Failed or mid-change at the resume: its weights cannot be read once."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.unread = 1
+
+    def get_weights(self) -> Weights:
+        if self.unread:
+            self.unread -= 1
+            raise RouterError("endpoint d is Failed: it shows what was asked, not what serves")
+        return super().get_weights()
+
+
+def test_a_resume_whose_weights_cannot_be_read_writes_the_status_weights_again(
+    tmp_path: Path,
+) -> None:
+    """Was: the RouterError of the unreadable weights stopped the resume, and every `run` after
+    it, until a human mended the endpoint (which writing the weights again does)."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    assert ctl.run(max_ticks=3).blue_weight == 50
+    failed = UnreadableOnce(releases={Colour.GREEN: V1, Colour.BLUE: V2})
+    again, _ = controller(tmp_path, failed, simulated(failed, 0.01))
+    resumed = again.start()
+    assert resumed.blue_weight == 50 and failed.get_weights() == Weights.blue_at(50)
+    story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
+    assert (
+        "resumed with a data plane serving weights it could not read: set weights blue 50 %"
+        in story
+    )
+
+
 def _stopped_before_its_first_tick(ctl: Controller) -> None:
     ctl.start()  # the Initializing status saved: a first tick's ledger line failed, say
 
