@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self
 
+import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
@@ -82,6 +83,15 @@ def api_client(cfg: KubeApiConfig, where: str) -> k8s.ApiClient:
         raise ConfigError(
             f"{where}: cannot load Kubernetes credentials: {_unloadable(cfg, where, exc)}"
         ) from exc
+    except (yaml.YAMLError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        # The client parses the file with no check of its shape: a token file given as the
+        # kubeconfig, a truncated one, `clusters: 5` were tracebacks.
+        where_from = f"`{where}.kubeconfig`" if cfg.kubeconfig else "$KUBECONFIG / ~/.kube/config"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"{where}: cannot load Kubernetes credentials: {where_from}: "
+            f"{', '.join(_kubeconfig_files(cfg))} is not a kubeconfig ({first})"
+        ) from None
     # Fail fast and let the caller's next attempt retry, rather than hang on a dead API server.
     # (The client hands `retries` to urllib3's PoolManager as is: a Retry object is taken.)
     configuration.retries = Retries(total=2, respect_retry_after_header=False)
@@ -126,12 +136,11 @@ def _unloadable(cfg: KubeApiConfig, where: str, exc: Exception) -> str:
             f"KUBERNETES_SERVICE_HOST): outside the cluster use `{where}.kubeconfig` / "
             f"`{where}.context`, or `{where}.api_url` (e.g. `kubectl proxy`)"
         )
-    if cfg.kubeconfig:
-        files = [str(cfg.kubeconfig)]
-    else:  # load_kube_config's own default: $KUBECONFIG (a list), else ~/.kube/config
-        files = (os.environ.get("KUBECONFIG") or "~/.kube/config").split(os.pathsep)
+    files = _kubeconfig_files(cfg)
     if any(Path(f).expanduser().is_file() for f in files if f):
         why = str(exc)
+        if "No configuration found" in why:  # $KUBECONFIG's files merged: none parsed
+            why = f"{', '.join(files)} is not a kubeconfig (no configuration found in it)"
         if cfg.context and f"name {cfg.context} in" in why:  # "Expected object with name ..."
             why = f"`{where}.context`: no context {cfg.context!r} in {', '.join(files)}"
             with contextlib.suppress(k8s_config.ConfigException, OSError, KeyError, TypeError):
@@ -150,6 +159,14 @@ def _unloadable(cfg: KubeApiConfig, where: str, exc: Exception) -> str:
         # A pod has no kubeconfig: its ServiceAccount is what the spec forgot to ask for.
         why += f" (this runs in a pod: `{where}.in_cluster: true` uses its ServiceAccount)"
     return why
+
+
+def _kubeconfig_files(cfg: KubeApiConfig) -> list[str]:
+    """The kubeconfig files the client reads: the spec's, else load_kube_config's own default
+    ($KUBECONFIG, a list; else ~/.kube/config)."""
+    if cfg.kubeconfig:
+        return [str(cfg.kubeconfig)]
+    return [f for f in (os.environ.get("KUBECONFIG") or "~/.kube/config").split(os.pathsep) if f]
 
 
 _ROLE = "the Role from `aml-rollout manifests` bound in that namespace"

@@ -1374,6 +1374,39 @@ def test_unloadable_credentials_say_what_is_missing(
     assert message.format(tmp=tmp_path) in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "kubeconfig"),
+    [
+        pytest.param("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln\n", True, id="a-token-file"),
+        pytest.param("apiVersion: v1\nclusters: [\n", True, id="truncated-yaml"),
+        pytest.param("clusters: 5\ncurrent-context: x\n", True, id="clusters-a-number"),
+        pytest.param("apiVersion: v1\nclusters: [\n", False, id="KUBECONFIG-truncated"),
+    ],
+)
+def test_a_file_that_is_no_kubeconfig_is_one_line_naming_it(
+    monkeypatch: Any, tmp_path: Path, text: str, kubeconfig: bool
+) -> None:
+    """Was a traceback (TypeError, yaml's ParserError), exit 1: the client parses the file with
+    no check of its shape."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "kc").write_text(text)
+    fields, where = {"kubeconfig": str(tmp_path / "kc")}, "`router.kubeconfig`"
+    if not kubeconfig:
+        fields = {}
+        monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kc"))
+    with pytest.raises(ConfigError) as refused:
+        make_router(IstioRouterConfig(namespace="ml", **fields))
+    said = str(refused.value)
+    assert said.startswith("router: cannot load Kubernetes credentials: ")
+    assert f"{tmp_path / 'kc'} is not a kubeconfig (" in said and "\n" not in said
+    assert where in said or not kubeconfig
+    with pytest.raises(ConfigError, match=r"^state: cannot load Kubernetes credentials"):
+        KubernetesStateStore.from_config(
+            KubernetesStateConfig(namespace="ml", **fields), "diabetes"
+        )
+
+
 _REASONS = {
     400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 409: "Conflict", 422: "Invalid",
     429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable",
