@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from azure.core.credentials import AccessToken
 from azure.core.exceptions import ClientAuthenticationError
+from cryptography.hazmat.primitives import serialization
 
 from rollout.config import PrometheusMetricsConfig, spec_from_dict
 from rollout.errors import ConfigError, MetricsError
@@ -361,8 +362,21 @@ def test_a_refused_client_certificate_is_an_error_asking_about_it(
         ),
         pytest.param(
             {"cert_file": "client.pem"},
-            "metrics.cert_file does not hold a PEM certificate and its private key",
+            "metrics.cert_file: {tmp}/client.pem holds no private key and metrics.key_file is "
+            "not set",
             id="cert-without-its-key",
+        ),
+        pytest.param(
+            {"cert_file": "client.pem", "key_file": "encrypted.key"},
+            "metrics.key_file: {tmp}/encrypted.key is encrypted (a passphrase-protected key): "
+            "give an unencrypted key",
+            id="encrypted-key",
+        ),
+        pytest.param(
+            {"cert_file": "both-encrypted.pem"},
+            "metrics.cert_file: {tmp}/both-encrypted.pem is encrypted (a passphrase-protected "
+            "key): give an unencrypted key",
+            id="encrypted-key-in-cert_file",
         ),
         pytest.param(
             {"cert_file": "client.pem", "key_file": "server.key"},
@@ -376,10 +390,54 @@ def test_client_certificate_files_are_checked_when_the_provider_is_built(
 ) -> None:
     (tmp_path / "client.pem").write_bytes(pki.client_cert_file.read_bytes())
     (tmp_path / "server.key").write_bytes(pki.key_file.read_bytes())
+    (tmp_path / "encrypted.key").write_bytes(encrypted(pki.client_key_file))
+    (tmp_path / "both-encrypted.pem").write_bytes(
+        pki.client_cert_file.read_bytes() + encrypted(pki.client_key_file)
+    )
     fields = {name: tmp_path / value for name, value in files.items()}
     with pytest.raises(ConfigError) as caught:
-        provider("https://p:9090", **fields)
-    assert message.format(tmp=tmp_path) in str(caught.value)
+        provider("https://p:9090", **fields)  # OpenSSL asking for a passphrase would block here
+    assert str(caught.value).startswith(message.format(tmp=tmp_path))
+    assert "(None)" not in str(caught.value)
+
+
+def encrypted(key_file: Path) -> bytes:
+    """The PEM private key in `key_file`, encrypted with a passphrase."""
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase"),
+    )
+
+
+@pytest.mark.parametrize("one_file", [False, True], ids=["key_file", "key-in-cert_file"])
+def test_a_key_encrypted_after_start_is_an_error_not_a_passphrase_prompt(
+    mtls_prom: FakePrometheus, pki: Pki, tmp_path: Path, one_file: bool
+) -> None:
+    # requests loads the key again for every new connection: a key rotated to an encrypted one
+    # must not make OpenSSL ask for a passphrase on the terminal (or fail as "PEM lib").
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    cert.write_bytes(pki.client_cert_file.read_bytes())
+    key.write_bytes(pki.client_key_file.read_bytes())
+    if one_file:
+        cert.write_bytes(cert.read_bytes() + key.read_bytes())
+        fields: dict[str, Any] = {"cert_file": cert}
+    else:
+        fields = {"cert_file": cert, "key_file": key}
+    metrics = provider(mtls_prom.url, ca_file=pki.ca_file, **fields)
+    assert metrics.observe(T0 - 10, T0).error is None
+    if one_file:
+        cert.write_bytes(pki.client_cert_file.read_bytes() + encrypted(pki.client_key_file))
+    else:
+        key.write_bytes(encrypted(pki.client_key_file))
+    metrics._client._session.close()  # the next query opens a new connection
+    observation = metrics.observe(T0, T0 + 10)
+    field, path = ("cert_file", cert) if one_file else ("key_file", key)
+    assert observation.error == (
+        f"Prometheus at {mtls_prom.url}: metrics.{field}: {path} is encrypted "
+        "(a passphrase-protected key): give an unencrypted key"
+    )
 
 
 # -------------------------------------------------------------------------------------- Azure
