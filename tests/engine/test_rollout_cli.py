@@ -224,6 +224,43 @@ def test_a_candidate_that_cannot_be_deployed_exits_5_and_stays_failed(
 
 
 @pytest.mark.parametrize(
+    ("command", "metrics"),
+    [
+        pytest.param(
+            ["run"], {"kind": "prometheus", "url": "http://127.0.0.1:9"}, id="run-prometheus"
+        ),
+        pytest.param(
+            ["bootstrap", "--check"],
+            {"kind": "prometheus", "url": "http://127.0.0.1:9"},
+            id="bootstrap-check-prometheus",
+        ),
+        pytest.param(
+            ["run"],
+            {
+                "kind": "azuremonitor",
+                "workspace_id": "00000000-0000-0000-0000-000000000000",
+                "endpoint": "https://ml.eastus.inference.ml.azure.com",
+            },
+            id="run-azuremonitor",
+        ),
+    ],
+)
+def test_simulated_time_is_refused_on_live_metrics(
+    tmp_path: Path, command: list[str], metrics: dict[str, str]
+) -> None:
+    # Was accepted: a live rollout ran on a fake clock, a ledger line per tick with no wait,
+    # max_step_duration_s elapsing in minutes, and resumed without it the ledger went back.
+    spec = write_spec(tmp_path, metrics=metrics)
+    code, out = invoke(command[0], str(spec), *command[1:], "--simulated-time")
+    assert code == EXIT_ERROR, out
+    assert " ".join(out.split()) == (
+        f"error: --simulated-time: for dry runs on simulated or static metrics; these are "
+        f"{metrics['kind']} (metrics.kind): a live rollout waits in wall time"
+    )
+    assert not list((tmp_path / "state").glob("*.json*"))
+
+
+@pytest.mark.parametrize(
     "command",
     [
         pytest.param(["run", "--simulated-time"], id="run"),
