@@ -80,8 +80,30 @@ def test_validate_accepts_a_good_spec(tmp_path: Path) -> None:
         pytest.param({"header": "x api"}, "header: not a valid", id="bad-header"),
         pytest.param(  # was accepted: the router would render a match no request carries
             {"router": {"kind": "istio", "header": "x(colour)"}},
-            "router.istio.header",
+            "router.header: ",
             id="bad-router-header",
+        ),
+        # The path the user wrote, not pydantic's: was `router.istio.namspace`,
+        # `metrics.prometheus.preset`, `state.kubernetes.namespace` (the union's tag).
+        pytest.param(
+            {"router": {"kind": "istio", "namspace": "ml", "app": "d"}},
+            "router.namspace: unknown field: did you mean namespace?",
+            id="router-path-without-tag",
+        ),
+        pytest.param(
+            {"metrics": {"kind": "prometheus", "url": "http://p", "preset": "envoi"}},
+            "metrics.preset: ",
+            id="metrics-path-without-tag",
+        ),
+        pytest.param(
+            {"state": {"kind": "kubernetes"}},
+            "state.namespace: Field required",
+            id="state-path-without-tag",
+        ),
+        pytest.param(
+            {"metrics": {"kind": "static", "ticks": [{"blue": {"requests": "x"}}]}},
+            "metrics.ticks.0.blue.requests: ",
+            id="nested-path-without-tag",
         ),
     ],
 )

@@ -199,7 +199,7 @@ def test_a_secret_or_ca_that_is_not_there_fails_at_start_naming_the_field(
     [
         pytest.param(
             {"bearer_token_env": "A", "bearer_token_file": "/f"},
-            "metrics.prometheus.bearer_token_file: only one authentication method at a time; "
+            "metrics.bearer_token_file: only one authentication method at a time; "
             "bearer_token_env and bearer_token_file are set",
             id="two-methods",
         ),
@@ -209,53 +209,53 @@ def test_a_secret_or_ca_that_is_not_there_fails_at_start_naming_the_field(
                 "basic_auth": {"username": "u", "password_env": "P"},
                 "azure_auth": True,
             },
-            "metrics.prometheus.azure_auth: only one authentication method at a time; "
+            "metrics.azure_auth: only one authentication method at a time; "
             "basic_auth and azure_auth are set",
             id="basic-and-azure",
         ),
         pytest.param(
             {"basic_auth": {"username": "u"}},
-            "metrics.prometheus.basic_auth: give the password as exactly one of",
+            "metrics.basic_auth: give the password as exactly one of",
             id="basic-without-password",
         ),
         pytest.param(
             {"basic_auth": {"username": "u", "password_env": "P", "password_file": "/f"}},
-            "metrics.prometheus.basic_auth: give the password as exactly one of",
+            "metrics.basic_auth: give the password as exactly one of",
             id="basic-with-two-passwords",
         ),
         pytest.param(
             {"basic_auth": {"username": "u", "password": "inline"}},
-            "metrics.prometheus.basic_auth.password: unknown field",
+            "metrics.basic_auth.password: unknown field",
             id="no-inline-password",
         ),
         pytest.param(
             {"url": "http://p", "azure_auth": True},
-            "metrics.prometheus.url: azure_auth sends its token only over https",
+            "metrics.url: azure_auth sends its token only over https",
             id="azure-over-http",
         ),
         pytest.param(
             {"url": "http://p", "ca_file": "/ca.pem"},
-            "metrics.prometheus.ca_file: applies to an https url",
+            "metrics.ca_file: applies to an https url",
             id="ca-over-http",
         ),
         pytest.param(
             {"url": "http://p", "cert_file": "/c.pem"},
-            "metrics.prometheus.cert_file: applies to an https url",
+            "metrics.cert_file: applies to an https url",
             id="client-cert-over-http",
         ),
         pytest.param(
             {"url": "https://p", "key_file": "/c.key"},
-            "metrics.prometheus.key_file: needs cert_file",
+            "metrics.key_file: needs cert_file",
             id="key-without-cert",
         ),
         pytest.param(
             {"url": "https://p", "ca_file": "/ca.pem", "insecure_skip_verify": True},
-            "metrics.prometheus.insecure_skip_verify: excludes ca_file",
+            "metrics.insecure_skip_verify: excludes ca_file",
             id="ca-and-insecure",
         ),
         pytest.param(
             {"url": "https://rollout:hunter2@p"},
-            "metrics.prometheus.url: holds credentials",
+            "metrics.url: holds credentials",
             id="credentials-in-url",
         ),
     ],
