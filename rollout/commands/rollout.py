@@ -1041,7 +1041,7 @@ def explain(
     from rollout.api import ledger_path_of
     from rollout.errors import RolloutError, StateError
     from rollout.ledger import explain as story
-    from rollout.ledger import has_ledger_lines, iter_ledger
+    from rollout.ledger import has_ledger_lines, iter_ledger, may_be_torn_ledger_line
 
     ledger = path
     if path.suffix in (".yaml", ".yml"):
@@ -1061,8 +1061,10 @@ def explain(
         told = []
         if not has_ledger_lines(ledger) and ledger.stat().st_size:
             # Only complete lines say what a file is: a controller killed in its first append
-            # leaves a fragment alone, in the rollout's own ledger.
-            if any(line.strip() for line in ledger.read_bytes().split(b"\n")[:-1]):
+            # leaves a fragment alone, in the rollout's own ledger (which must look like the
+            # beginning of a ledger line: a word, or binary bytes, without a newline is none).
+            *lines, last = ledger.read_bytes().split(b"\n")
+            if any(line.strip() for line in lines) or not may_be_torn_ledger_line(last):
                 raise StateError(
                     f"{ledger} is not a rollout ledger (no ledger lines): give the rollout's "
                     "<name>.ledger.jsonl, or its spec"

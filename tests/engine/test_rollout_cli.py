@@ -685,6 +685,8 @@ def test_explain_takes_the_ledger_the_spec_or_the_status_file(tmp_path: Path) ->
     [
         pytest.param('{"at": 1', id="torn"),  # a controller killed in its first append
         pytest.param('\n{"event": "sta', id="torn-after-a-blank-line"),
+        pytest.param('{"actions": [{"colour": "bl', id="torn-tick"),  # keys come sorted
+        pytest.param('{"a', id="torn-in-the-first-key"),
     ],
 )
 def test_explain_of_a_ledger_holding_only_a_torn_line_says_so(tmp_path: Path, content: str) -> None:
@@ -696,6 +698,34 @@ def test_explain_of_a_ledger_holding_only_a_torn_line_says_so(tmp_path: Path, co
     assert " ".join(out.split()) == (
         "the ledger is empty but for a torn line (its writer stopped in the middle of it): "
         "the rollout has not ticked yet"
+    )
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        # Was "the ledger is empty but for a torn line ...", exit 0: any one line without its
+        # newline read as a ledger line cut short.
+        pytest.param(b"hello", id="a-word"),
+        pytest.param(b"\x7fELF\x02\x01\x01\x00\x00\x00\x03\x00>\x00", id="binary"),
+        pytest.param(b'{"name": "x", "ver', id="another-tools-torn-json"),
+        pytest.param(b'{"at": 1796074208.2, "\xc3\xa9', id="torn-but-not-ascii"),
+        # Was told as a story ("[0 s] build: ..."), exit 0: any record with a phase was a tick.
+        pytest.param(b'{"status": "ok", "phase": "build"}\n', id="another-tools-phase"),
+        # Was "... (unsupported operand type(s) for -: 'str' and 'str')": Python's words.
+        pytest.param(b'{"event": "deploy", "at": "yesterday"}\n', id="a-text-time"),
+        pytest.param(b'{"event": "deploy"}\n', id="an-event-without-time"),
+        pytest.param(b'{"at": 1.0, "phase": 3}\n', id="a-phase-not-a-phase"),
+    ],
+)
+def test_explain_of_a_file_that_is_no_ledger_says_so(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(content)
+    code, out = invoke("explain", str(path))
+    assert code == EXIT_ERROR, out
+    assert " ".join(out.split()) == (
+        f"error: {path} is not a rollout ledger (no ledger lines): give the rollout's "
+        "<name>.ledger.jsonl, or its spec"
     )
 
 
