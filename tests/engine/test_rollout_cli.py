@@ -1008,8 +1008,8 @@ def test_the_quick_start_spec_stops_with_the_line_the_doc_promises(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, candidate: str | None, line: str
 ) -> None:
     # docs/engine.md promised "green serves nothing on envoy ..." of its spec pasted as is;
-    # it stopped first on the candidate's missing model folder. (Nothing listens on the spec's
-    # Envoy and Prometheus ports, 9901 and 9090: no test binds a fixed port.)
+    # it stopped first on the candidate's missing model folder. Neither line asks Envoy or
+    # Prometheus anything (the second comes from the router's own record of what it deployed).
     doc = (Path(__file__).resolve().parents[2] / "docs" / "engine.md").read_text()
     assert f'("{line}' in " ".join(doc.split()), line
     spec = "# rollout.yaml" + doc.split("```yaml\n# rollout.yaml")[1].split("```")[0]
