@@ -27,7 +27,9 @@ the ledger.
 
 TLS: `tls_verify` gives requests' `verify`: the CA file, False with `insecure_skip_verify` (a
 warning is logged once, at start), True otherwise (the system's CAs); `tls_client_cert` gives
-its `cert` for mutual TLS (`cert_file`, `key_file`), loaded once at start to check them.
+its `cert` for mutual TLS (`cert_file`, `key_file`), loaded once at start to check them. An
+encrypted key is refused there and on every later connection (`NoPassphraseAdapter`): OpenSSL
+would otherwise ask for its passphrase on the terminal.
 """
 
 from __future__ import annotations
@@ -315,13 +317,13 @@ def refuse_passphrase(chain: str | tuple[str, str]) -> Callable[[], str]:
     with none, fails as "PEM lib"): a controller must never wait on a prompt. The spec has no
     passphrase field, so an encrypted key is an error naming the file that holds it.
     """
-    field, path = ("key_file", chain[1]) if isinstance(chain, tuple) else ("cert_file", chain)
+    if isinstance(chain, tuple):
+        said = f"metrics.key_file: {chain[1]} is encrypted (a passphrase-protected key)"
+    else:
+        said = f"metrics.cert_file: {chain} holds an encrypted (passphrase-protected) key"
 
     def refuse() -> str:
-        raise EncryptedKey(
-            f"metrics.{field}: {path} is encrypted (a passphrase-protected key): "
-            "give an unencrypted key"
-        )
+        raise EncryptedKey(f"{said}: give an unencrypted key")
 
     return refuse
 

@@ -374,8 +374,8 @@ def test_a_refused_client_certificate_is_an_error_asking_about_it(
         ),
         pytest.param(
             {"cert_file": "both-encrypted.pem"},
-            "metrics.cert_file: {tmp}/both-encrypted.pem is encrypted (a passphrase-protected "
-            "key): give an unencrypted key",
+            "metrics.cert_file: {tmp}/both-encrypted.pem holds an encrypted "
+            "(passphrase-protected) key: give an unencrypted key",
             id="encrypted-key-in-cert_file",
         ),
         pytest.param(
@@ -433,11 +433,12 @@ def test_a_key_encrypted_after_start_is_an_error_not_a_passphrase_prompt(
         key.write_bytes(encrypted(pki.client_key_file))
     metrics._client._session.close()  # the next query opens a new connection
     observation = metrics.observe(T0, T0 + 10)
-    field, path = ("cert_file", cert) if one_file else ("key_file", key)
-    assert observation.error == (
-        f"Prometheus at {mtls_prom.url}: metrics.{field}: {path} is encrypted "
-        "(a passphrase-protected key): give an unencrypted key"
+    said = (
+        f"metrics.cert_file: {cert} holds an encrypted (passphrase-protected) key"
+        if one_file
+        else f"metrics.key_file: {key} is encrypted (a passphrase-protected key)"
     )
+    assert observation.error == f"Prometheus at {mtls_prom.url}: {said}: give an unencrypted key"
 
 
 # -------------------------------------------------------------------------------------- Azure
