@@ -72,20 +72,21 @@ def has_ledger_lines(path: Path) -> bool:
         raise StateError(f"cannot read ledger {path}: {exc.strerror}") from exc
 
 
-def _is_ledger_record(record: dict[str, Any]) -> bool:
-    at = record.get("at")
-    if not isinstance(at, int | float) or isinstance(at, bool):
-        return False
-    if "phase" in record:
-        return record["phase"] in PHASES
-    return isinstance(record.get("event"), str)
-
-
 #: The phases a tick's line may have.
 PHASES = frozenset(phase.value for phase in Phase)
 #: The keys a ledger line may begin with (json.dumps sorts them): a tick's `actions` or `at`.
 #: `event`, `phase` and `tick` too, for lines written by hand or by an older version.
 FIRST_KEYS = ("actions", "at", "event", "phase", "tick")
+
+
+def _is_ledger_record(record: dict[str, Any]) -> bool:
+    """A line a controller wrote: a numeric time, and a Phase or an event."""
+    at = record.get("at")
+    if not isinstance(at, int | float) or isinstance(at, bool):
+        return False
+    if "phase" in record:
+        return isinstance(record["phase"], str) and record["phase"] in PHASES
+    return isinstance(record.get("event"), str)
 
 
 def may_be_torn_ledger_line(fragment: bytes) -> bool:

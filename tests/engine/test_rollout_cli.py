@@ -716,6 +716,7 @@ def test_explain_of_a_ledger_holding_only_a_torn_line_says_so(tmp_path: Path, co
         pytest.param(b'{"event": "deploy", "at": "yesterday"}\n', id="a-text-time"),
         pytest.param(b'{"event": "deploy"}\n', id="an-event-without-time"),
         pytest.param(b'{"at": 1.0, "phase": 3}\n', id="a-phase-not-a-phase"),
+        pytest.param(b'{"at": 1.0, "phase": ["Paused"]}\n', id="a-phase-list"),
     ],
 )
 def test_explain_of_a_file_that_is_no_ledger_says_so(tmp_path: Path, content: bytes) -> None:
