@@ -713,7 +713,7 @@ class EnvoyRouter:
                 if colour not in {c.value for c in Colour}:
                     return f"{colour} is not a colour (blue, green)"
                 if not isinstance(slot, dict):
-                    return f"{colour}: {slot!r} is not an object"
+                    return f"{colour}: {json.dumps(slot)[:80]} is not an object"
                 if not {"release", "endpoint"} <= slot.keys():
                     return f"{colour}: no release and endpoint"
                 for name, kind in (("release", Release), ("endpoint", Endpoint)):
@@ -721,7 +721,8 @@ class EnvoyRouter:
                         kind(**slot[name])  # a list, a field missing or unknown: TypeError
                     except TypeError:
                         names = ", ".join(field.name for field in fields(kind))
-                        return f"{colour}.{name}: {slot[name]!r} is not {name} fields ({names})"
+                        given = json.dumps(slot[name])[:80]
+                        return f"{colour}.{name}: {given} is not {name} fields ({names})"
             return None
 
         if (wrong := problem()) is not None:

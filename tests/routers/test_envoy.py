@@ -284,12 +284,12 @@ GOOD_SLOT = {
         ),
         pytest.param(
             json.dumps({"green": {**GOOD_SLOT, "release": {"model": "m"}}}),
-            "green.release: {'model': 'm'} is not release fields (model, version, sha256",
+            'green.release: {"model": "m"} is not release fields (model, version, sha256',
             id="release-without-version",
         ),
         pytest.param(
             json.dumps({"green": {**GOOD_SLOT, "endpoint": ["127.0.0.1", 8001]}}),
-            "green.endpoint: ['127.0.0.1', 8001] is not endpoint fields (host, port, ref)",
+            'green.endpoint: ["127.0.0.1", 8001] is not endpoint fields (host, port, ref)',
             id="endpoint-a-list",
         ),
         pytest.param(
