@@ -1389,7 +1389,7 @@ def describe_errors(exc: ValidationError, root: type[BaseModel]) -> str:
         loc = err["loc"]
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
             loc = (*loc, "kind")  # the key at fault, not its section
-        where = ".".join(map(_loc_part, loc)) or "(top level)"
+        where = ".".join(map(_loc_part, _written_path(root, loc))) or "(top level)"
         said = (
             _not_a_number(err)
             or _not_a_flag(err)
@@ -1401,6 +1401,41 @@ def describe_errors(exc: ValidationError, root: type[BaseModel]) -> str:
         )
         problems.append(f"{where}: {said}")
     return "; ".join(problems)
+
+
+def _written_path(root: type[BaseModel], loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """`loc` as the YAML author wrote it: without the tags pydantic puts in for a discriminated
+    union's member (`router.istio.namespace` → `router.namespace`); field names, indexes and
+    keys stay, and so does whatever follows a part the models do not know."""
+    node: Any = root
+    parts = list(loc)
+    written: list[str | int] = []
+    while parts:
+        args = [a for a in typing.get_args(node) if a is not type(None)]
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(str(parts[0]))
+            if field is None:
+                break
+            written.append(parts.pop(0))
+            node = field.annotation
+        elif typing.get_origin(node) in (list, tuple, dict) and args:
+            written.append(parts.pop(0))  # an index or a key
+            node = args[-1] if typing.get_origin(node) is dict else args[0]
+        elif len(args) == 1 or typing.get_origin(node) is Annotated:
+            node = args[0]  # Optional[X], Annotated[X, ...]
+        elif args:
+            tagged = [a for a in args if _kind(a) == parts[0]]
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            if tagged:
+                parts.pop(0)  # the tag: the user wrote it as `kind:`, not as a key
+                node = tagged[0]
+            elif len(models) == 1:
+                node = models[0]
+            else:
+                break
+        else:
+            break
+    return (*written, *parts)
 
 
 def _unknown_kind(err: Any, root: type[BaseModel]) -> str | None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from rollout import jsonl
+from rollout.core.types import Phase
 from rollout.errors import StateError
 
 #: The events of a first release (`bootstrap`, `bootstrap --check`): lines of no rollout.
@@ -60,14 +62,47 @@ def iter_ledger(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def has_ledger_lines(path: Path) -> bool:
-    """Whether the file holds a ledger line (a tick's, which has a phase, or an event), read up
-    to the first: a command log, or another tool's JSON lines, has none. StateError if
-    unreadable."""
+    """Whether the file holds a ledger line, read up to the first: a record with a time (`at`, a
+    number) and a tick's phase (one of Phase's) or an event. A command log, or another tool's
+    JSON lines (a "phase" of its own, a time in words), has none. StateError if unreadable."""
     try:
         records = jsonl.iter_records(path, end=path.stat().st_size, warn=False)
-        return any("phase" in record or "event" in record for record in records)
+        return any(_is_ledger_record(record) for record in records)
     except OSError as exc:
         raise StateError(f"cannot read ledger {path}: {exc.strerror}") from exc
+
+
+#: The phases a tick's line may have.
+PHASES = frozenset(phase.value for phase in Phase)
+#: The keys a ledger line may begin with (json.dumps sorts them): a tick's `actions` or `at`.
+#: `event`, `phase` and `tick` too, for lines written by hand or by an older version.
+FIRST_KEYS = ("actions", "at", "event", "phase", "tick")
+
+
+def _is_ledger_record(record: dict[str, Any]) -> bool:
+    """A line a controller wrote: a numeric time, and a Phase or an event."""
+    at = record.get("at")
+    if not isinstance(at, int | float) or isinstance(at, bool):
+        return False
+    if "phase" in record:
+        return isinstance(record["phase"], str) and record["phase"] in PHASES
+    return isinstance(record.get("event"), str)
+
+
+def may_be_torn_ledger_line(fragment: bytes) -> bool:
+    """Whether `fragment`, a file's last line without its newline, may be a ledger line cut
+    short by a writer that stopped in the middle of it: ASCII (json.dumps escapes the rest),
+    `{` and then, if anything, a key a ledger line begins with (or the start of one)."""
+    text = fragment.strip()
+    if not text.isascii():
+        return False
+    match = re.fullmatch(rb'\{\s*(?:"([a-z_]*)("?).*)?', text, flags=re.DOTALL)
+    if match is None:
+        return False
+    key, closed = (match.group(1) or b"").decode(), match.group(2)
+    if closed:
+        return key in FIRST_KEYS
+    return any(first.startswith(key) for first in FIRST_KEYS)
 
 
 class _Cuts:

@@ -223,7 +223,8 @@ def run(
     simulated_time: Annotated[
         bool,
         typer.Option(
-            help="Advance a fake clock instead of waiting (dry runs on simulated metrics)."
+            help="Advance a fake clock instead of waiting (dry runs on simulated or static "
+            "metrics only)."
         ),
     ] = False,
 ) -> None:
@@ -239,6 +240,8 @@ def run(
     from rollout.errors import RolloutError
 
     parsed = _load(spec)
+    if simulated_time:
+        _simulated_metrics_only(parsed)
     _Output.outlive_reader = True
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_azure_logs()
@@ -343,7 +346,8 @@ def bootstrap(
     simulated_time: Annotated[
         bool,
         typer.Option(
-            help="With --check: advance a fake clock instead of waiting (simulated metrics)."
+            help="With --check: advance a fake clock instead of waiting (simulated or static "
+            "metrics only)."
         ),
     ] = False,
 ) -> None:
@@ -364,6 +368,8 @@ def bootstrap(
         first = named.to_release()
     _check_model_dir(parsed, first, "--release" if release else "the first release")
     if check:
+        if simulated_time:
+            _simulated_metrics_only(parsed)
         raise typer.Exit(_check_first(parsed, first, state_dir, quiet, simulated_time))
     if simulated_time:
         _fail(ConfigError("--simulated-time: only with --check (nothing is waited for)"))
@@ -378,6 +384,21 @@ def bootstrap(
         f"[bold green]green[/] serves {escape(first.ref)} with all traffic; roll out the next "
         "release with `aml-rollout rollout run`"
     )
+
+
+def _simulated_metrics_only(parsed: RolloutSpec) -> None:
+    """Refuse --simulated-time unless the metrics are simulated (or static): on live ones the
+    fake clock ages steps with seconds that never passed, a ledger line per tick, no wait."""
+    from rollout.errors import ConfigError
+
+    kind = parsed.metrics.kind
+    if kind not in ("simulated", "static"):
+        _fail(
+            ConfigError(
+                f"--simulated-time: for dry runs on simulated or static metrics; these are {kind} "
+                "(metrics.kind): a live rollout waits in wall time"
+            )
+        )
 
 
 def _check_first(
@@ -1020,7 +1041,7 @@ def explain(
     from rollout.api import ledger_path_of
     from rollout.errors import RolloutError, StateError
     from rollout.ledger import explain as story
-    from rollout.ledger import has_ledger_lines, iter_ledger
+    from rollout.ledger import has_ledger_lines, iter_ledger, may_be_torn_ledger_line
 
     ledger = path
     if path.suffix in (".yaml", ".yml"):
@@ -1040,8 +1061,10 @@ def explain(
         told = []
         if not has_ledger_lines(ledger) and ledger.stat().st_size:
             # Only complete lines say what a file is: a controller killed in its first append
-            # leaves a fragment alone, in the rollout's own ledger.
-            if any(line.strip() for line in ledger.read_bytes().split(b"\n")[:-1]):
+            # leaves a fragment alone, in the rollout's own ledger (which must look like the
+            # beginning of a ledger line: a word, or binary bytes, without a newline is none).
+            *lines, last = ledger.read_bytes().split(b"\n")
+            if any(line.strip() for line in lines) or not may_be_torn_ledger_line(last):
                 raise StateError(
                     f"{ledger} is not a rollout ledger (no ledger lines): give the rollout's "
                     "<name>.ledger.jsonl, or its spec"

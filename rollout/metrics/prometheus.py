@@ -240,6 +240,15 @@ class PrometheusMetrics:
             auth=auth,
             session=session,
         )
+        if cert is not None:
+            from rollout.metrics.prometheus_auth import NoPassphraseAdapter, refuse_passphrase
+
+            # In place of PrometheusConnect's adapter for the url: the same no-retry policy,
+            # and a client key that is (or becomes) encrypted is an error, never a prompt.
+            session.mount(
+                self.url,
+                NoPassphraseAdapter(refuse_passphrase(cert), max_retries=Retry(total=0)),
+            )
 
     @classmethod
     def from_config(
@@ -823,7 +832,11 @@ def _body_text(raw: str) -> str:
 
 def _tls_problem(exc: BaseException, *, client_cert: bool) -> str:
     """What went wrong in a TLS handshake, found in urllib3's chain of wrapped errors."""
+    from rollout.metrics.prometheus_auth import EncryptedKey
+
     for error in _causes(exc):
+        if isinstance(error, EncryptedKey):
+            return str(error)
         if isinstance(error, ssl.SSLCertVerificationError):
             return (
                 f"TLS certificate not trusted ({error.verify_message}); "

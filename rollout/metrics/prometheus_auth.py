@@ -27,7 +27,9 @@ the ledger.
 
 TLS: `tls_verify` gives requests' `verify`: the CA file, False with `insecure_skip_verify` (a
 warning is logged once, at start), True otherwise (the system's CAs); `tls_client_cert` gives
-its `cert` for mutual TLS (`cert_file`, `key_file`), loaded once at start to check them.
+its `cert` for mutual TLS (`cert_file`, `key_file`), loaded once at start to check them. An
+encrypted key is refused there and on every later connection (`NoPassphraseAdapter`): OpenSSL
+would otherwise ask for its passphrase on the terminal.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from requests import PreparedRequest, Response
+from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 
 from rollout.azure_credential import default_credential
@@ -277,16 +280,76 @@ def tls_client_cert(cfg: PrometheusMetricsConfig) -> str | tuple[str, str] | Non
     for name, path in (("cert_file", cert), ("key_file", key)):
         if path is not None and not path.is_file():
             raise ConfigError(f"metrics.{name}: {path} does not exist")
+    chain = (str(cert), str(key)) if key is not None else str(cert)
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
+            cert, key, password=refuse_passphrase(chain)
+        )
+    except EncryptedKey as exc:
+        raise ConfigError(str(exc)) from None
     except ssl.SSLError as exc:
+        if key is None and b"PRIVATE KEY-----" not in _head(cert):
+            raise ConfigError(
+                f"metrics.cert_file: {cert} holds no private key and metrics.key_file is not "
+                "set: name the key's file in key_file (or append the key to cert_file)"
+            ) from None
         holder = "cert_file and key_file do" if key is not None else "cert_file does"
+        reason = f" ({exc.reason})" if exc.reason else ""
         raise ConfigError(
-            f"metrics.{holder} not hold a PEM certificate and its private key ({exc.reason})"
+            f"metrics.{holder} not hold a PEM certificate and its private key{reason}"
         ) from None
     except OSError as exc:
         raise ConfigError(f"metrics.cert_file: cannot read {cert}: {exc.strerror}") from None
-    return (str(cert), str(key)) if key is not None else str(cert)
+    return chain
+
+
+class EncryptedKey(ssl.SSLError):
+    """The client key is encrypted: refused, where OpenSSL would ask for a passphrase."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # SSLError's own str() is the repr of its args
+
+
+def refuse_passphrase(chain: str | tuple[str, str]) -> Callable[[], str]:
+    """A passphrase callback for loading `chain` (requests' `cert`) that raises EncryptedKey.
+
+    Without one, OpenSSL asks for the passphrase of an encrypted key on the terminal (and,
+    with none, fails as "PEM lib"): a controller must never wait on a prompt. The spec has no
+    passphrase field, so an encrypted key is an error naming the file that holds it.
+    """
+    if isinstance(chain, tuple):
+        said = f"metrics.key_file: {chain[1]} is encrypted (a passphrase-protected key)"
+    else:
+        said = f"metrics.cert_file: {chain} holds an encrypted (passphrase-protected) key"
+
+    def refuse() -> str:
+        raise EncryptedKey(f"{said}: give an unencrypted key")
+
+    return refuse
+
+
+class NoPassphraseAdapter(HTTPAdapter):
+    """requests' HTTPAdapter whose connections load the client key with `refuse_passphrase`.
+
+    urllib3 loads `cert` again for every new connection; left to itself it checks a separate
+    key file for encryption but not a key inside the certificate file, where OpenSSL prompts.
+    """
+
+    def __init__(self, refuse: Callable[[], str], **kwargs: Any) -> None:
+        self._refuse = refuse  # before HTTPAdapter.__init__, which builds the pool manager
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        # urllib3 passes key_password to SSLContext.load_cert_chain, which takes a callable.
+        super().init_poolmanager(*args, key_password=self._refuse, **kwargs)
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with path.open("rb") as file:
+            return file.read(1 << 20)
+    except OSError:
+        return b""
 
 
 def tls_verify(cfg: PrometheusMetricsConfig) -> bool | str:

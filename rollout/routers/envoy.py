@@ -45,7 +45,7 @@ import os
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -722,15 +722,46 @@ class EnvoyRouter:
         return self.get_weights() == weights  # a RouterError is "not yet" (`_wait_for`)
 
     def _slots(self) -> dict[str, Any]:
+        """The releases file: colour → {"release": Release fields, "endpoint": Endpoint fields}.
+
+        A file of another shape (hand-edited, another tool's) is a RouterError naming it: the
+        callers index into it, and a traceback would not say which file to look at.
+        """
         try:
-            data: dict[str, Any] = json.loads(self.releases_file.read_text(encoding="utf-8"))
+            data = json.loads(self.releases_file.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
             raise RouterError(
                 f"Envoy router releases file {self.releases_file} is unreadable: {exc}"
             ) from exc
-        return data
+
+        def problem() -> str | None:
+            if not isinstance(data, dict):
+                return f"{json.dumps(data)[:40]} is not an object of colours (blue, green)"
+            for colour, slot in data.items():
+                if colour not in {c.value for c in Colour}:
+                    return f"{colour} is not a colour (blue, green)"
+                if not isinstance(slot, dict):
+                    return f"{colour}: {json.dumps(slot)[:80]} is not an object"
+                if not {"release", "endpoint"} <= slot.keys():
+                    return f"{colour}: no release and endpoint"
+                for name, kind in (("release", Release), ("endpoint", Endpoint)):
+                    try:
+                        kind(**slot[name])  # a list, a field missing or unknown: TypeError
+                    except TypeError:
+                        names = ", ".join(field.name for field in fields(kind))
+                        given = json.dumps(slot[name])[:80]
+                        return f"{colour}.{name}: {given} is not {name} fields ({names})"
+            return None
+
+        if (wrong := problem()) is not None:
+            raise RouterError(
+                f"Envoy router releases file {self.releases_file} is not a record of the "
+                f"releases this router deployed: {wrong}"
+            )
+        slots: dict[str, Any] = data
+        return slots
 
     def _save_slots(self, slots: dict[str, Any]) -> None:
         self.releases_file.parent.mkdir(parents=True, exist_ok=True)

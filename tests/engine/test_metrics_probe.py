@@ -145,10 +145,8 @@ def test_a_first_release_check_with_unreadable_metrics_deploys_nothing(tmp_path:
 @pytest.mark.parametrize(
     "command",
     [
-        pytest.param(["run", "--simulated-time"], id="run"),
-        pytest.param(
-            ["bootstrap", "--check", "--release", "m:1", "--simulated-time"], id="bootstrap-check"
-        ),
+        pytest.param(["run"], id="run"),
+        pytest.param(["bootstrap", "--check", "--release", "m:1"], id="bootstrap-check"),
     ],
 )
 def test_the_cli_says_it_in_one_line_and_exits_2(

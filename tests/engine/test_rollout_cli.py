@@ -80,8 +80,30 @@ def test_validate_accepts_a_good_spec(tmp_path: Path) -> None:
         pytest.param({"header": "x api"}, "header: not a valid", id="bad-header"),
         pytest.param(  # was accepted: the router would render a match no request carries
             {"router": {"kind": "istio", "header": "x(colour)"}},
-            "router.istio.header",
+            "router.header: ",
             id="bad-router-header",
+        ),
+        # The path the user wrote, not pydantic's: was `router.istio.namspace`,
+        # `metrics.prometheus.preset`, `state.kubernetes.namespace` (the union's tag).
+        pytest.param(
+            {"router": {"kind": "istio", "namspace": "ml", "app": "d"}},
+            "router.namspace: unknown field: did you mean namespace?",
+            id="router-path-without-tag",
+        ),
+        pytest.param(
+            {"metrics": {"kind": "prometheus", "url": "http://p", "preset": "envoi"}},
+            "metrics.preset: ",
+            id="metrics-path-without-tag",
+        ),
+        pytest.param(
+            {"state": {"kind": "kubernetes"}},
+            "state.namespace: Field required",
+            id="state-path-without-tag",
+        ),
+        pytest.param(
+            {"metrics": {"kind": "static", "ticks": [{"blue": {"requests": "x"}}]}},
+            "metrics.ticks.0.blue.requests: ",
+            id="nested-path-without-tag",
         ),
     ],
 )
@@ -221,6 +243,43 @@ def test_a_candidate_that_cannot_be_deployed_exits_5_and_stays_failed(
     assert tries == ["m:2"]
     code, out = invoke("explain", spec)
     assert "could not be deployed to blue" in out
+
+
+@pytest.mark.parametrize(
+    ("command", "metrics"),
+    [
+        pytest.param(
+            ["run"], {"kind": "prometheus", "url": "http://127.0.0.1:9"}, id="run-prometheus"
+        ),
+        pytest.param(
+            ["bootstrap", "--check"],
+            {"kind": "prometheus", "url": "http://127.0.0.1:9"},
+            id="bootstrap-check-prometheus",
+        ),
+        pytest.param(
+            ["run"],
+            {
+                "kind": "azuremonitor",
+                "workspace_id": "00000000-0000-0000-0000-000000000000",
+                "endpoint": "https://ml.eastus.inference.ml.azure.com",
+            },
+            id="run-azuremonitor",
+        ),
+    ],
+)
+def test_simulated_time_is_refused_on_live_metrics(
+    tmp_path: Path, command: list[str], metrics: dict[str, str]
+) -> None:
+    # Was accepted: a live rollout ran on a fake clock, a ledger line per tick with no wait,
+    # max_step_duration_s elapsing in minutes, and resumed without it the ledger went back.
+    spec = write_spec(tmp_path, metrics=metrics)
+    code, out = invoke(command[0], str(spec), *command[1:], "--simulated-time")
+    assert code == EXIT_ERROR, out
+    assert " ".join(out.split()) == (
+        f"error: --simulated-time: for dry runs on simulated or static metrics; these are "
+        f"{metrics['kind']} (metrics.kind): a live rollout waits in wall time"
+    )
+    assert not list((tmp_path / "state").glob("*.json*"))
 
 
 @pytest.mark.parametrize(
@@ -626,6 +685,8 @@ def test_explain_takes_the_ledger_the_spec_or_the_status_file(tmp_path: Path) ->
     [
         pytest.param('{"at": 1', id="torn"),  # a controller killed in its first append
         pytest.param('\n{"event": "sta', id="torn-after-a-blank-line"),
+        pytest.param('{"actions": [{"colour": "bl', id="torn-tick"),  # keys come sorted
+        pytest.param('{"a', id="torn-in-the-first-key"),
     ],
 )
 def test_explain_of_a_ledger_holding_only_a_torn_line_says_so(tmp_path: Path, content: str) -> None:
@@ -637,6 +698,35 @@ def test_explain_of_a_ledger_holding_only_a_torn_line_says_so(tmp_path: Path, co
     assert " ".join(out.split()) == (
         "the ledger is empty but for a torn line (its writer stopped in the middle of it): "
         "the rollout has not ticked yet"
+    )
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        # Was "the ledger is empty but for a torn line ...", exit 0: any one line without its
+        # newline read as a ledger line cut short.
+        pytest.param(b"hello", id="a-word"),
+        pytest.param(b"\x7fELF\x02\x01\x01\x00\x00\x00\x03\x00>\x00", id="binary"),
+        pytest.param(b'{"name": "x", "ver', id="another-tools-torn-json"),
+        pytest.param(b'{"at": 1796074208.2, "\xc3\xa9', id="torn-but-not-ascii"),
+        # Was told as a story ("[0 s] build: ..."), exit 0: any record with a phase was a tick.
+        pytest.param(b'{"status": "ok", "phase": "build"}\n', id="another-tools-phase"),
+        # Was "... (unsupported operand type(s) for -: 'str' and 'str')": Python's words.
+        pytest.param(b'{"event": "deploy", "at": "yesterday"}\n', id="a-text-time"),
+        pytest.param(b'{"event": "deploy"}\n', id="an-event-without-time"),
+        pytest.param(b'{"at": 1.0, "phase": 3}\n', id="a-phase-not-a-phase"),
+        pytest.param(b'{"at": 1.0, "phase": ["Paused"]}\n', id="a-phase-list"),
+    ],
+)
+def test_explain_of_a_file_that_is_no_ledger_says_so(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(content)
+    code, out = invoke("explain", str(path))
+    assert code == EXIT_ERROR, out
+    assert " ".join(out.split()) == (
+        f"error: {path} is not a rollout ledger (no ledger lines): give the rollout's "
+        "<name>.ledger.jsonl, or its spec"
     )
 
 
@@ -897,6 +987,41 @@ def test_explain_of_a_ledger_line_of_another_shape_is_one_line(
     assert code == EXIT_ERROR and "Traceback" not in out and len(out.splitlines()) == 1, out
     assert f"{ledger}: a line is not a ledger record this version can tell" in text
     assert problem in text
+
+
+@pytest.mark.parametrize(
+    ("candidate", "line"),
+    [
+        pytest.param(
+            None,
+            "candidate: diabetes:2 names no model folder, and the envoy router serves a release "
+            "from its package or model folder",
+            id="as-shown",
+        ),
+        pytest.param(
+            'candidate: {model: diabetes, version: "2", model_dir: pkg}',
+            "green serves nothing on envoy",
+            id="with-the-candidates-model-folder",
+        ),
+    ],
+)
+def test_the_quick_start_spec_stops_with_the_line_the_doc_promises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, candidate: str | None, line: str
+) -> None:
+    # docs/engine.md promised "green serves nothing on envoy ..." of its spec pasted as is;
+    # it stopped first on the candidate's missing model folder. Neither line asks Envoy or
+    # Prometheus anything (the second comes from the router's own record of what it deployed).
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "engine.md").read_text()
+    assert f'("{line}' in " ".join(doc.split()), line
+    spec = "# rollout.yaml" + doc.split("```yaml\n# rollout.yaml")[1].split("```")[0]
+    if candidate is not None:
+        spec = spec.replace('candidate: {model: diabetes, version: "2"}', candidate)
+    (tmp_path / "rollout.yaml").write_text(spec)
+    (tmp_path / "pkg").mkdir()
+    monkeypatch.chdir(tmp_path)
+    code, out = invoke("run", "rollout.yaml")
+    assert code == EXIT_ERROR, out
+    assert " ".join(out.split()).startswith(f"error: {line}"), out
 
 
 def test_the_documented_dry_run_runs_as_documented(

@@ -140,7 +140,7 @@ ODD_VALUES: list[Any] = [
     b"\xff",
 ]
 
-#: A field path: dotted names, list indexes and union tags (`metrics.prometheus.url`).
+#: A field path: dotted names and list indexes (`metrics.ticks.0.blue`).
 FIELD_PATH = re.compile(r"[\w-]+(\.[\w-]+)*|\(top level\)")
 
 
@@ -286,28 +286,28 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             BASES[1],
             "router.timeout_s",
             math.inf,
-            "router.envoy.timeout_s: Input should be a finite number",
+            "router.timeout_s: Input should be a finite number",
             id="timeout-inf",
         ),
         pytest.param(
             BASES[3],
             "router.deploy_timeout_s",
             math.inf,
-            "router.azureml.deploy_timeout_s: Input should be a finite number",
+            "router.deploy_timeout_s: Input should be a finite number",
             id="deploy-timeout-inf",
         ),
         pytest.param(
             BASES[3],
             "router.traffic_timeout_s",
             math.nan,
-            "router.azureml.traffic_timeout_s: Input should be a finite number",
+            "router.traffic_timeout_s: Input should be a finite number",
             id="traffic-timeout-nan",
         ),
         pytest.param(
             BASES[3],
             "metrics.timeout_s",
             math.inf,
-            "metrics.azuremonitor.timeout_s: Input should be a finite number",
+            "metrics.timeout_s: Input should be a finite number",
             id="log-analytics-timeout-inf",
         ),
         pytest.param(
@@ -321,50 +321,49 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             BASES[4],
             "metrics.buckets_ms",
             [1, math.inf],
-            "metrics.simulated.buckets_ms.1: Input should be a finite number",
+            "metrics.buckets_ms.1: Input should be a finite number",
             id="simulated-bucket-inf",
         ),
         pytest.param(
             BASES[4],
             "metrics.seed",
             -1,
-            "metrics.simulated.seed: Input should be greater than or equal to 0",
+            "metrics.seed: Input should be greater than or equal to 0",
             id="negative-seed",  # was a traceback from numpy at `rollout run`
         ),
         pytest.param(
             BASES[4],
             "metrics.rps",
             10**400,
-            "metrics.simulated.rps: expected requests per second",
+            "metrics.rps: expected requests per second",
             id="rps-beyond-float",  # was two lines of pydantic's union
         ),
         pytest.param(
             BASES[0],
             "metrics.ticks",
             [{"blue": {"requests": math.nan}}],
-            "metrics.static.ticks.0.blue.requests: expected a whole number, got nan",
+            "metrics.ticks.0.blue.requests: expected a whole number, got nan",
             id="tick-count-nan",  # was taken, and crashed the first observation (int(nan))
         ),
         pytest.param(
             BASES[0],
             "metrics.ticks",
             [{"green": {"reqests": 5}}],
-            "metrics.static.ticks.0.green.reqests: unknown field: did you mean requests?",
+            "metrics.ticks.0.green.reqests: unknown field: did you mean requests?",
             id="tick-count-typo",  # was a tick of 0 requests
         ),
         pytest.param(
             BASES[0],
             "metrics.history",
             {"green": {"requests": 10, "latency_buckets": [[5, -1]]}},
-            "metrics.static.history.green.latency_buckets.0.1: Input should be greater than or "
-            "equal to 0",
+            "metrics.history.green.latency_buckets.0.1: Input should be greater than or equal to 0",
             id="history-bucket-negative",
         ),
         pytest.param(
             BASES[4],
             "metrics.rps",
             1e18,
-            "metrics.simulated.rps: expected requests per second (a number from 0 to 1e+09)",
+            "metrics.rps: expected requests per second (a number from 0 to 1e+09)",
             id="rps-beyond-numpy",  # was a traceback from numpy's Poisson draw at `rollout run`
         ),
         pytest.param(
@@ -385,7 +384,7 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             BASES[0],
             "metrics.history",
             {"green": {"latency_buckets": [[math.inf, 800], [0.05, 900]]}},
-            "metrics.static.history.green.latency_buckets: a cumulative histogram's "
+            "metrics.history.green.latency_buckets: a cumulative histogram's "
             "bounds increase and its counts never decrease, got [inf, 800] then [0.05, 900]",
             id="history-buckets-out-of-order",
         ),
@@ -401,7 +400,7 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             BASES[2],
             "router.ready_timeout_s",
             0.5,
-            "router.istio.ready_timeout_s: 0.5 s is below 30 s, the shortest wait for new pods "
+            "router.ready_timeout_s: 0.5 s is below 30 s, the shortest wait for new pods "
             "to be scheduled, start the scoring server and pass its readiness probe (every 5 s) "
             "(the value is in seconds)",
             id="ready-timeout-fails-every-deploy",  # was accepted: each candidate's deploy failed
@@ -410,7 +409,7 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             BASES[3],
             "router.deploy_timeout_s",
             0.05,
-            "router.azureml.deploy_timeout_s: 0.05 s is below 300 s, the shortest wait for Azure "
+            "router.deploy_timeout_s: 0.05 s is below 300 s, the shortest wait for Azure "
             "to create, update or delete a deployment (VMs allocated, the image pulled or built, "
             "the scoring server started and ready: minutes) (the value is in seconds)",
             id="deploy-timeout-fails-every-deploy",  # was accepted: every deploy timed out
@@ -419,7 +418,7 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             BASES[3],
             "router.traffic_timeout_s",
             0.05,
-            "router.azureml.traffic_timeout_s: 0.05 s is below 60 s, the shortest wait for Azure "
+            "router.traffic_timeout_s: 0.05 s is below 60 s, the shortest wait for Azure "
             "to apply a change of the endpoint's traffic (tens of seconds, polled every 5 s) "
             "(the value is in seconds)",
             id="traffic-timeout-fails-every-step",  # was accepted: every traffic change timed out
@@ -428,42 +427,42 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             BASES[1],
             "router.domains",
             [],
-            "router.envoy.domains: List should have at least 1 item",
+            "router.domains: List should have at least 1 item",
             id="envoy-without-domains",
         ),
         pytest.param(
             BASES[1],
             "router.clusters",
             {"blue": ""},
-            "router.envoy.clusters.blue: String should have at least 1 character",
+            "router.clusters.blue: String should have at least 1 character",
             id="envoy-cluster-unnamed",
         ),
         pytest.param(
             BASES[1],
             "metrics.labels",
             {"green": ""},
-            "metrics.prometheus.labels.green: String should have at least 1 character",
+            "metrics.labels.green: String should have at least 1 character",
             id="prometheus-label-empty",
         ),
         pytest.param(
             BASES[1],
             "router.admin_url",
             "127.0.0.1:9901",
-            "router.envoy.admin_url: must be an http:// or https:// URL, got '127.0.0.1:9901'",
+            "router.admin_url: must be an http:// or https:// URL, got '127.0.0.1:9901'",
             id="admin-url-without-scheme",
         ),
         pytest.param(
             BASES[1],
             "metrics.url",
             "prometheus:9090",
-            "metrics.prometheus.url: must be an http:// or https:// URL",
+            "metrics.url: must be an http:// or https:// URL",
             id="prometheus-url-without-scheme",
         ),
         pytest.param(
             BASES[2],
             "router.api_url",
             "localhost:8001",
-            "router.istio.api_url: must be an http:// or https:// URL",
+            "router.api_url: must be an http:// or https:// URL",
             id="api-url-without-scheme",
         ),
         pytest.param(
@@ -491,14 +490,14 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             BASES[5],
             "metrics.queries.errors",
             "",
-            "metrics.prometheus.queries.errors: String should have at least 1 character",
+            "metrics.queries.errors: String should have at least 1 character",
             id="empty-query",
         ),
         pytest.param(
             BASES[4],
             "metrics.buckets_ms",
             [50, 10],
-            "metrics.simulated.buckets_ms: bounds must increase strictly, got [50.0, 10.0]",
+            "metrics.buckets_ms: bounds must increase strictly, got [50.0, 10.0]",
             id="simulated-buckets-decreasing",  # as azuremonitor's already were
         ),
         # An SLO between two bucket bounds measured above the next one up while every message
@@ -572,13 +571,13 @@ def test_a_value_that_cannot_be_meant_is_named(
         pytest.param(
             BASES[2],
             "router.ready_timout_s",
-            "router.istio.ready_timout_s: unknown field: did you mean ready_timeout_s?",
+            "router.ready_timout_s: unknown field: did you mean ready_timeout_s?",
             id="union-member-by-its-kind",  # not another router's field
         ),
         pytest.param(
             BASES[2],
             "state.lease_tll_s",
-            "state.kubernetes.lease_tll_s: unknown field: did you mean lease_ttl_s?",
+            "state.lease_tll_s: unknown field: did you mean lease_ttl_s?",
             id="state-member",
         ),
         pytest.param(
@@ -975,13 +974,13 @@ def _assert_load_refuses(tmp_path: Path, text: str, message: str) -> None:
         ),
         pytest.param(
             "metrics: {kind: static, history: {green: {latency_buckets: [[5, '800']]}}}\n",
-            "metrics.static.history.green.latency_buckets.0.1: expected a whole number, got the "
+            "metrics.history.green.latency_buckets.0.1: expected a whole number, got the "
             "text '800'",
             id="quoted-bucket-count",  # inside a list of pairs too
         ),
         pytest.param(
             "router: {kind: istio, namespace: ml, app: a, port: '80'}\n",
-            "router.istio.port: expected a whole number, got the text '80'",
+            "router.port: expected a whole number, got the text '80'",
             id="quoted-port",
         ),
         pytest.param(
@@ -1021,24 +1020,24 @@ def test_a_whole_number_is_a_number() -> None:
         ),
         pytest.param(
             "router: {kind: istio, namespace: ml, app: a, in_cluster: 'true'}\n",
-            "router.istio.in_cluster: expected true or false, got the text 'true': write true "
+            "router.in_cluster: expected true or false, got the text 'true': write true "
             "without quotes",
             id="quoted-in-cluster",
         ),
         pytest.param(
             "state: {kind: kubernetes, namespace: ml, in_cluster: 'Off'}\n",
-            "state.kubernetes.in_cluster: expected true or false, got the text 'Off': write "
+            "state.in_cluster: expected true or false, got the text 'Off': write "
             "false without quotes",
             id="quoted-off",
         ),
         pytest.param(
             "metrics: {kind: prometheus, url: 'http://p:9090', azure_auth: 'maybe'}\n",
-            "metrics.prometheus.azure_auth: expected true or false, got the text 'maybe'",
+            "metrics.azure_auth: expected true or false, got the text 'maybe'",
             id="text-for-a-switch",
         ),
         pytest.param(
             "metrics: {kind: prometheus, url: 'https://p', insecure_skip_verify: 0.0}\n",
-            "metrics.prometheus.insecure_skip_verify: expected true or false, got the number 0.0",
+            "metrics.insecure_skip_verify: expected true or false, got the number 0.0",
             id="float-for-a-switch",
         ),
     ],

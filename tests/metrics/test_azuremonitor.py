@@ -311,23 +311,23 @@ def test_with_the_azureml_router_the_endpoint_and_deployments_are_the_routers() 
 @pytest.mark.parametrize(
     ("metrics", "field"),
     [
-        ({"workspace_id": WORKSPACE}, "metrics.azuremonitor.endpoint"),
-        ({"workspace_id": "my-workspace", "endpoint": "ep"}, "metrics.azuremonitor.workspace_id"),
+        ({"workspace_id": WORKSPACE}, "metrics.endpoint"),
+        ({"workspace_id": "my-workspace", "endpoint": "ep"}, "metrics.workspace_id"),
         (
             {"workspace_id": WORKSPACE, "endpoint": "ep", "buckets_ms": [50, 10]},
-            "metrics.azuremonitor.buckets_ms",
+            "metrics.buckets_ms",
         ),
         (
             {"workspace_id": WORKSPACE, "endpoint": "ep", "buckets_ms": []},
-            "metrics.azuremonitor.buckets_ms",
+            "metrics.buckets_ms",
         ),
         (  # azure-core sends the token over https only: every tick would fail
             {"workspace_id": WORKSPACE, "endpoint": "ep", "logs_url": "http://api.loganalytics.io"},
-            "metrics.azuremonitor.logs_url",
+            "metrics.logs_url",
         ),
         (
             {"workspace_id": WORKSPACE, "endpoint": "ep", "logs_url": "ftp://logs.example"},
-            "metrics.azuremonitor.logs_url",
+            "metrics.logs_url",
         ),
     ],
 )

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from azure.core.credentials import AccessToken
 from azure.core.exceptions import ClientAuthenticationError
+from cryptography.hazmat.primitives import serialization
 
 from rollout.config import PrometheusMetricsConfig, spec_from_dict
 from rollout.errors import ConfigError, MetricsError
@@ -198,7 +199,7 @@ def test_a_secret_or_ca_that_is_not_there_fails_at_start_naming_the_field(
     [
         pytest.param(
             {"bearer_token_env": "A", "bearer_token_file": "/f"},
-            "metrics.prometheus.bearer_token_file: only one authentication method at a time; "
+            "metrics.bearer_token_file: only one authentication method at a time; "
             "bearer_token_env and bearer_token_file are set",
             id="two-methods",
         ),
@@ -208,53 +209,53 @@ def test_a_secret_or_ca_that_is_not_there_fails_at_start_naming_the_field(
                 "basic_auth": {"username": "u", "password_env": "P"},
                 "azure_auth": True,
             },
-            "metrics.prometheus.azure_auth: only one authentication method at a time; "
+            "metrics.azure_auth: only one authentication method at a time; "
             "basic_auth and azure_auth are set",
             id="basic-and-azure",
         ),
         pytest.param(
             {"basic_auth": {"username": "u"}},
-            "metrics.prometheus.basic_auth: give the password as exactly one of",
+            "metrics.basic_auth: give the password as exactly one of",
             id="basic-without-password",
         ),
         pytest.param(
             {"basic_auth": {"username": "u", "password_env": "P", "password_file": "/f"}},
-            "metrics.prometheus.basic_auth: give the password as exactly one of",
+            "metrics.basic_auth: give the password as exactly one of",
             id="basic-with-two-passwords",
         ),
         pytest.param(
             {"basic_auth": {"username": "u", "password": "inline"}},
-            "metrics.prometheus.basic_auth.password: unknown field",
+            "metrics.basic_auth.password: unknown field",
             id="no-inline-password",
         ),
         pytest.param(
             {"url": "http://p", "azure_auth": True},
-            "metrics.prometheus.url: azure_auth sends its token only over https",
+            "metrics.url: azure_auth sends its token only over https",
             id="azure-over-http",
         ),
         pytest.param(
             {"url": "http://p", "ca_file": "/ca.pem"},
-            "metrics.prometheus.ca_file: applies to an https url",
+            "metrics.ca_file: applies to an https url",
             id="ca-over-http",
         ),
         pytest.param(
             {"url": "http://p", "cert_file": "/c.pem"},
-            "metrics.prometheus.cert_file: applies to an https url",
+            "metrics.cert_file: applies to an https url",
             id="client-cert-over-http",
         ),
         pytest.param(
             {"url": "https://p", "key_file": "/c.key"},
-            "metrics.prometheus.key_file: needs cert_file",
+            "metrics.key_file: needs cert_file",
             id="key-without-cert",
         ),
         pytest.param(
             {"url": "https://p", "ca_file": "/ca.pem", "insecure_skip_verify": True},
-            "metrics.prometheus.insecure_skip_verify: excludes ca_file",
+            "metrics.insecure_skip_verify: excludes ca_file",
             id="ca-and-insecure",
         ),
         pytest.param(
             {"url": "https://rollout:hunter2@p"},
-            "metrics.prometheus.url: holds credentials",
+            "metrics.url: holds credentials",
             id="credentials-in-url",
         ),
     ],
@@ -361,8 +362,21 @@ def test_a_refused_client_certificate_is_an_error_asking_about_it(
         ),
         pytest.param(
             {"cert_file": "client.pem"},
-            "metrics.cert_file does not hold a PEM certificate and its private key",
+            "metrics.cert_file: {tmp}/client.pem holds no private key and metrics.key_file is "
+            "not set",
             id="cert-without-its-key",
+        ),
+        pytest.param(
+            {"cert_file": "client.pem", "key_file": "encrypted.key"},
+            "metrics.key_file: {tmp}/encrypted.key is encrypted (a passphrase-protected key): "
+            "give an unencrypted key",
+            id="encrypted-key",
+        ),
+        pytest.param(
+            {"cert_file": "both-encrypted.pem"},
+            "metrics.cert_file: {tmp}/both-encrypted.pem holds an encrypted "
+            "(passphrase-protected) key: give an unencrypted key",
+            id="encrypted-key-in-cert_file",
         ),
         pytest.param(
             {"cert_file": "client.pem", "key_file": "server.key"},
@@ -376,10 +390,55 @@ def test_client_certificate_files_are_checked_when_the_provider_is_built(
 ) -> None:
     (tmp_path / "client.pem").write_bytes(pki.client_cert_file.read_bytes())
     (tmp_path / "server.key").write_bytes(pki.key_file.read_bytes())
+    (tmp_path / "encrypted.key").write_bytes(encrypted(pki.client_key_file))
+    (tmp_path / "both-encrypted.pem").write_bytes(
+        pki.client_cert_file.read_bytes() + encrypted(pki.client_key_file)
+    )
     fields = {name: tmp_path / value for name, value in files.items()}
     with pytest.raises(ConfigError) as caught:
-        provider("https://p:9090", **fields)
-    assert message.format(tmp=tmp_path) in str(caught.value)
+        provider("https://p:9090", **fields)  # OpenSSL asking for a passphrase would block here
+    assert str(caught.value).startswith(message.format(tmp=tmp_path))
+    assert "(None)" not in str(caught.value)
+
+
+def encrypted(key_file: Path) -> bytes:
+    """The PEM private key in `key_file`, encrypted with a passphrase."""
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase"),
+    )
+
+
+@pytest.mark.parametrize("one_file", [False, True], ids=["key_file", "key-in-cert_file"])
+def test_a_key_encrypted_after_start_is_an_error_not_a_passphrase_prompt(
+    mtls_prom: FakePrometheus, pki: Pki, tmp_path: Path, one_file: bool
+) -> None:
+    # requests loads the key again for every new connection: a key rotated to an encrypted one
+    # must not make OpenSSL ask for a passphrase on the terminal (or fail as "PEM lib").
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    cert.write_bytes(pki.client_cert_file.read_bytes())
+    key.write_bytes(pki.client_key_file.read_bytes())
+    if one_file:
+        cert.write_bytes(cert.read_bytes() + key.read_bytes())
+        fields: dict[str, Any] = {"cert_file": cert}
+    else:
+        fields = {"cert_file": cert, "key_file": key}
+    metrics = provider(mtls_prom.url, ca_file=pki.ca_file, **fields)
+    assert metrics.observe(T0 - 10, T0).error is None
+    if one_file:
+        cert.write_bytes(pki.client_cert_file.read_bytes() + encrypted(pki.client_key_file))
+    else:
+        key.write_bytes(encrypted(pki.client_key_file))
+    metrics._client._session.close()  # the next query opens a new connection
+    observation = metrics.observe(T0, T0 + 10)
+    said = (
+        f"metrics.cert_file: {cert} holds an encrypted (passphrase-protected) key"
+        if one_file
+        else f"metrics.key_file: {key} is encrypted (a passphrase-protected key)"
+    )
+    assert observation.error == f"Prometheus at {mtls_prom.url}: {said}: give an unencrypted key"
 
 
 # -------------------------------------------------------------------------------------- Azure

@@ -649,7 +649,7 @@ def azure_spec_file(tmp_path: Path, router: dict[str, Any], top: dict[str, Any])
     [
         pytest.param(
             {"mirror_percent": 10}, {},
-            r"router\.azureml: .*mirror_percent moved to the top of the spec",
+            r"router: .*mirror_percent moved to the top of the spec",
             id="router-mirror-percent-moved",
         ),
         pytest.param(
@@ -671,48 +671,48 @@ def test_the_spec_refuses_a_mirror_azure_cannot_take(
     [
         pytest.param(
             {"subscription_id": "my-subscription"},
-            r"router\.azureml\.subscription_id: .*'my-subscription' is not an Azure subscription "
+            r"router\.subscription_id: .*'my-subscription' is not an Azure subscription "
             r"ID, a GUID",
             id="subscription-not-a-guid",
         ),
         pytest.param(
             {"endpoint": "ep"},
-            r"router\.azureml\.endpoint: .*'ep' is not an Azure ML endpoint or deployment name: "
+            r"router\.endpoint: .*'ep' is not an Azure ML endpoint or deployment name: "
             r"3 to 32 letters",
             id="endpoint-too-short",
         ),
         pytest.param(
             {"endpoint": "diabetes_ep"},
-            r"router\.azureml\.endpoint: .*'diabetes_ep' is not an Azure ML endpoint",
+            r"router\.endpoint: .*'diabetes_ep' is not an Azure ML endpoint",
             id="endpoint-underscore",
         ),
         pytest.param(
-            {"endpoint": "e" * 33}, r"router\.azureml\.endpoint: ", id="endpoint-too-long"
+            {"endpoint": "e" * 33}, r"router\.endpoint: ", id="endpoint-too-long"
         ),
         pytest.param(
             {"deployments": {"blue": "blue-", "green": "green"}},
-            r"router\.azureml\.deployments: .*'blue-' is not an Azure ML endpoint or deployment",
+            r"router\.deployments: .*'blue-' is not an Azure ML endpoint or deployment",
             id="deployment-ends-with-a-hyphen",
         ),
         pytest.param(
             {"deployments": {"blue": "pr"}},
-            r"router\.azureml\.deployments: .*'pr' is not an Azure ML",
+            r"router\.deployments: .*'pr' is not an Azure ML",
             id="deployment-too-short",
         ),
         pytest.param(
             {"deployments": {"blue": "green"}},
-            r"router\.azureml\.deployments: .*blue and green need two deployments, both are "
+            r"router\.deployments: .*blue and green need two deployments, both are "
             r"'green'",
             id="one-deployment-for-both-colours",
         ),
         pytest.param(
             {"deployments": {"blue": "Prod", "green": "prod"}},
-            r"router\.azureml\.deployments: .*blue and green need two deployments, and 'Prod' "
+            r"router\.deployments: .*blue and green need two deployments, and 'Prod' "
             r"and 'prod' are one: Azure ML names ignore case",
             id="one-deployment-in-two-cases",
         ),
         pytest.param(
-            {"workspace": ""}, r"router\.azureml\.workspace: ", id="empty-workspace"
+            {"workspace": ""}, r"router\.workspace: ", id="empty-workspace"
         ),
     ],
 )  # fmt: skip
@@ -820,7 +820,7 @@ def test_the_asset_references_the_spec_takes_are_those_azure_ai_ml_takes(
     if not taken:
         with pytest.raises(ConfigError) as refused:  # one line, naming the field
             load_spec(spec)
-        assert str(refused.value).startswith(f"{spec}: router.azureml.{field}: ")
+        assert str(refused.value).startswith(f"{spec}: router.{field}: ")
         assert f"{ref!r}: " in str(refused.value) and "\n" not in str(refused.value)
 
 

@@ -267,6 +267,56 @@ def test_unreachable_admin_is_a_router_error_saying_how_to_start_the_stack_again
     router.close()
 
 
+GOOD_SLOT = {
+    "release": {"model": "m", "version": "1"},
+    "endpoint": {"host": "127.0.0.1", "port": 8001},
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        pytest.param("{", "Expecting property name", id="not-json"),
+        pytest.param("[1]", "[1] is not an object of colours (blue, green)", id="a-list"),
+        pytest.param('{"green": 5}', "green: 5 is not an object", id="a-number"),
+        pytest.param(
+            '{"green": {"model": "x"}}', "green: no release and endpoint", id="no-release"
+        ),
+        pytest.param(
+            json.dumps({"green": {**GOOD_SLOT, "release": {"model": "m"}}}),
+            'green.release: {"model": "m"} is not release fields (model, version, sha256',
+            id="release-without-version",
+        ),
+        pytest.param(
+            json.dumps({"green": {**GOOD_SLOT, "endpoint": ["127.0.0.1", 8001]}}),
+            'green.endpoint: ["127.0.0.1", 8001] is not endpoint fields (host, port, ref)',
+            id="endpoint-a-list",
+        ),
+        pytest.param(
+            json.dumps({"purple": GOOD_SLOT}), "purple is not a colour", id="another-colour"
+        ),
+    ],
+)
+def test_a_releases_file_of_another_shape_is_a_router_error_naming_it(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    # Was a traceback from `run` and `bootstrap` (AttributeError, KeyError, TypeError).
+    releases = tmp_path / "releases.json"
+    releases.write_text(text)
+    router = EnvoyRouter(
+        admin_url="http://127.0.0.1:9",
+        files=EnvoyFiles(tmp_path / "routes.json"),
+        releases_file=releases,
+    )
+    with pytest.raises(RouterError) as caught:
+        router.release(Colour.GREEN)
+    assert str(caught.value).startswith(f"Envoy router releases file {releases} ")
+    assert problem in str(caught.value)
+    releases.write_text(json.dumps({"green": GOOD_SLOT}))
+    assert router.release(Colour.GREEN) == Release(model="m", version="1")
+    router.close()
+
+
 def test_a_hung_admin_is_a_timeout_that_names_its_setting(tmp_path: Path) -> None:
     """Was "Envoy admin at URL is not reachable: timed out (start one with `aml-rollout up`...)"
     and "cannot read Envoy's config at URL: timed out": an Envoy that is there but slow (or a

@@ -518,7 +518,7 @@ def test_bad_input_is_one_config_error(args: list[str], message: str) -> None:
         pytest.param(
             "{kind: istio, app: diabetes_v2}",
             [],
-            "router.istio.app: 'diabetes_v2' is not a DNS-1035 label",
+            "router.app: 'diabetes_v2' is not a DNS-1035 label",
             id="bad-spec-field",
         ),
     ],
@@ -576,26 +576,26 @@ def test_the_spec_top_level_header_is_the_one_the_routes_match(tmp_path: Path) -
     ("router", "message"),
     [
         pytest.param(
-            "namespace: Prod", "router.istio.namespace: 'Prod' is not a Kubernetes",
+            "namespace: Prod", "router.namespace: 'Prod' is not a Kubernetes",
             id="bad-namespace",
         ),
         pytest.param(
-            "app: churn_model", "router.istio.app: 'churn_model' is not a DNS-1035",
+            "app: churn_model", "router.app: 'churn_model' is not a DNS-1035",
             id="bad-app",
         ),
         pytest.param(
-            "app: 3d-scorer", "router.istio.app: '3d-scorer' must start with a letter",
+            "app: 3d-scorer", "router.app: '3d-scorer' must start with a letter",
             id="app-starting-with-a-digit",
         ),
         pytest.param(
             "hosts: ['http://diabetes.example.com']",
-            "router.istio.hosts: 'http://diabetes.example.com' is not a host name",
+            "router.hosts: 'http://diabetes.example.com' is not a host name",
             id="host-as-a-url",
         ),
         pytest.param("hosts: []", "needs at least one host", id="no-host"),
         pytest.param(
             "ingress_gateway: 'aks gw'",
-            "router.istio.ingress_gateway: 'aks gw' is not a label value",
+            "router.ingress_gateway: 'aks gw' is not a label value",
             id="gateway-label-with-a-space",
         ),
     ],

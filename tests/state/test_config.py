@@ -56,12 +56,12 @@ def test_file_still_accepts_and_ignores_lease_ttl_s() -> None:
     ("state", "name", "message"),
     [
         pytest.param(
-            {"kind": "kubernetes"}, "diabetes", "state.kubernetes.namespace: Field required",
+            {"kind": "kubernetes"}, "diabetes", "state.namespace: Field required",
             id="missing-namespace",
         ),
         pytest.param(
             {"kind": "kubernetes", "namespace": "Prod_ML"}, "diabetes",
-            "state.kubernetes.namespace: 'Prod_ML' is not a Kubernetes namespace",
+            "state.namespace: 'Prod_ML' is not a Kubernetes namespace",
             id="bad-namespace",
         ),
         pytest.param(
@@ -83,17 +83,17 @@ def test_file_still_accepts_and_ignores_lease_ttl_s() -> None:
         ),
         pytest.param(
             {"kind": "kubernetes", "namespace": "ml", "lease_ttl_s": 2.5}, "diabetes",
-            "state.kubernetes.lease_ttl_s: expected a whole number, got 2.5",
+            "state.lease_ttl_s: expected a whole number, got 2.5",
             id="fractional-ttl",
         ),
         pytest.param(
             {"kind": "kubernetes", "namespace": "ml", "lease_ttl_s": 0}, "diabetes",
-            "state.kubernetes.lease_ttl_s: Input should be greater than or equal to 1",
+            "state.lease_ttl_s: Input should be greater than or equal to 1",
             id="zero-ttl",
         ),
         pytest.param(
             {"kind": "kubernetes", "namespace": "ml", "app": "x"}, "diabetes",
-            "state.kubernetes.app: unknown field",
+            "state.app: unknown field",
             id="a-router-field",
         ),
         pytest.param(
