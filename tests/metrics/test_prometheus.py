@@ -996,13 +996,13 @@ def test_a_custom_query_prometheus_cannot_parse_fails_the_probe(prom: FakePromet
                     "errors": 'err_total{svc="{colour}"}',
                 },
             },
-            "metrics.prometheus.queries.requests: no `{window}` placeholder: give "
+            "metrics.queries.requests: no `{window}` placeholder: give "
             "raw cumulative counters",
             id="window-placeholder",
         ),
         pytest.param(
             {"preset": "envoy", "namespace": "ml-prod"},
-            "metrics.prometheus.namespace: scopes the istio preset only; preset 'envoy' ignores "
+            "metrics.namespace: scopes the istio preset only; preset 'envoy' ignores "
             "it: scope its series with match_labels",
             id="namespace-with-envoy",
         ),
@@ -1012,7 +1012,7 @@ def test_a_custom_query_prometheus_cannot_parse_fails_the_probe(prom: FakePromet
                 "namespace": "ml-prod",
                 "queries": {"requests": "a", "errors": "b"},
             },
-            "metrics.prometheus.namespace: scopes the istio preset only; preset 'custom' ignores "
+            "metrics.namespace: scopes the istio preset only; preset 'custom' ignores "
             "it: write the matcher into metrics.queries",
             id="namespace-with-custom",
         ),
@@ -1022,17 +1022,17 @@ def test_a_custom_query_prometheus_cannot_parse_fails_the_probe(prom: FakePromet
                 "match_labels": {"job": "x"},
                 "queries": {"requests": "a", "errors": "b"},
             },
-            "metrics.prometheus.match_labels: applies to the envoy and istio presets",
+            "metrics.match_labels: applies to the envoy and istio presets",
             id="match-labels-with-custom",
         ),
         pytest.param(
             {"match_labels": {"job-name": "x"}},
-            "metrics.prometheus.match_labels.job-name: is no Prometheus label name",
+            "metrics.match_labels.job-name: is no Prometheus label name",
             id="not-a-label-name",
         ),
         pytest.param(
             {"match_labels": {"__name__": "x"}},
-            "metrics.prometheus.match_labels.__name__: is no Prometheus label name",
+            "metrics.match_labels.__name__: is no Prometheus label name",
             id="reserved-label-name",
         ),
     ],
