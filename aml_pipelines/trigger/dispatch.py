@@ -292,13 +292,15 @@ class Dispatcher:
 
     def _blocked_for(self, cursor: Cursor, version: int) -> float:
         """Seconds before `version`, the oldest open one of its model, can be taken further:
-        until its next read from the registry (0: now). With supersede, a newer open version
-        not read yet is read now (it may supersede this one at once), and a pending version
-        waits for the reads of newer ones awaited from the registry, each of which may yet
-        supersede it (see `_superseding`)."""
+        until its next read from the registry (0: now). With supersede, for a pending version
+        a newer open version not read yet is read now (it may supersede this one at once), and
+        the reads of newer ones awaited from the registry are waited for, each of which may yet
+        supersede it (see `_superseding`). A started one waits for its own read only: the newer
+        ones are read with it, and nothing can supersede it before (`_deliver_locked`); 0 while
+        that read is not due spun the drain on the registry for the ~2 min of its reads."""
         model = cursor.model
         own = self._read_in(model, version)
-        if not self.supersede:
+        if not self.supersede or cursor.entries[version].step is not Step.PENDING:
             return own
         newer = [
             e.version
@@ -309,8 +311,6 @@ class Dispatcher:
             return own
         if any((model, v) not in self._misses for v in newer):
             return 0.0
-        if cursor.entries[version].step is not Step.PENDING:
-            return own  # a started one is delivered (resumed) as without a newer one
         return min(self._read_in(model, v) for v in newer)
 
     def _read_in(self, model: str, version: int) -> float:
@@ -373,8 +373,17 @@ class Dispatcher:
         try:
             model_version = self.registry.get(model, version)
         except ModelNotFound as exc:
+            if (
+                newer
+                and entry.step is Step.STARTED
+                and (closed := self._supersede_started(model, version, newer))
+            ):
+                # Started, gone from the registry (which then cannot settle it), a deliverable
+                # newer version open: closed at once when nothing of it is live, as an awaited
+                # pending one is, not after its ~2 min of reads.
+                return closed
             if self._missed(entry, model):
-                return None  # still pending: read again later, the lock let go meanwhile
+                return None  # still open: read again later, the lock let go meanwhile
             return self._fail(model, version, exc, MISSING, self._missing_retries(entry))
         except PERMANENT as exc:
             return self._fail(model, version, exc)

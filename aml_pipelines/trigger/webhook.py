@@ -354,21 +354,27 @@ class WebhookApp:
             by_model.setdefault(event.model, []).append(event)
         withdrawn_by_model = self._withdrawn(list(by_model))
         failed: list[str] = []
-        for model, group in by_model.items():
-            # Each model's group on its own: one whose cursor cannot be read (or written) must
-            # not keep the others from being recorded — Event Grid retries the whole batch, in
-            # which the recorded ones are then duplicates (by event id), and would otherwise
-            # drop them all with the failing one's after its TTL.
-            try:
-                duplicates += self._accept_group(
-                    model, group, withdrawn_by_model[model], accepted, skipped
-                )
-            except (TriggerError, OSError) as exc:  # answered 500 below, and logged there
-                failed.append(f"{model}: {exc}")
-        if accepted:
-            # Also when another model's group failed: the retry finds these duplicates, and
-            # nothing else would wake the worker for them.
-            self.wake()
+        interrupted = True
+        try:
+            for model, group in by_model.items():
+                # Each model's group on its own: one whose cursor cannot be read (or written)
+                # must not keep the others from being recorded — Event Grid retries the whole
+                # batch, in which the recorded ones are then duplicates (by event id), and would
+                # otherwise drop them all with the failing one's after its TTL.
+                try:
+                    duplicates += self._accept_group(
+                        model, group, withdrawn_by_model[model], accepted, skipped
+                    )
+                except (TriggerError, OSError) as exc:  # answered 500 below, and logged there
+                    failed.append(f"{model}: {exc}")
+            interrupted = False
+        finally:
+            # Also when another model's group failed, or an unexpected error ended the batch
+            # (its group's versions may be in the cursor already: `accept_many` writes it
+            # before asking the rollout state whether to supersede): the retry finds these
+            # duplicates, and nothing else would wake the worker for them.
+            if accepted or interrupted:
+                self.wake()
         if failed:
             raise TriggerError("; ".join(failed))
         return {

@@ -723,6 +723,70 @@ def test_with_supersede_a_newer_version_does_not_wait_for_an_awaited_one(
     assert dispatcher.next_read_in() is None
 
 
+@pytest.mark.parametrize(
+    ("production", "wait", "outcomes", "pauses", "due"),
+    [
+        # Nothing of it deployed (no rollout in the state store): closed as any started one
+        # whose rollout had not begun, without waiting for its reads.
+        pytest.param(
+            True, True, [(2, "superseded"), (3, "Succeeded")], [], None, id="superseded-at-once"
+        ),
+        pytest.param(
+            True, False, [(2, "superseded"), (3, "Succeeded")], [], None, id="worker-superseded"
+        ),
+        # A first release, which may serve all traffic: kept, read again, then closed missing.
+        pytest.param(
+            False, True, [(1, "missing"), (2, "Succeeded")], [1, 2, 4], None, id="first-release"
+        ),
+        pytest.param(False, False, [], [], 1.0, id="worker-first-release-waits-for-its-read"),
+    ],
+)
+def test_with_supersede_a_started_version_gone_from_the_registry_is_not_read_in_a_loop(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    dispatcher: Dispatcher,
+    monkeypatch: pytest.MonkeyPatch,
+    production: bool,
+    wait: bool,
+    outcomes: list[tuple[int, str]],
+    pauses: list[float],
+    due: float | None,
+) -> None:
+    # Was: v3 not awaited, the drain saw v2 as ready at once (0 s), while its delivery returned
+    # at "v2's next read not due" before it reached the supersede check: no pause between turns,
+    # each a registry read (an Azure ML call) — ~11,000 reads in 7 s for the ~2 min of v2's reads.
+    dispatcher.supersede = True
+    dispatcher.missing_retries_s = (1, 2, 4)
+    paused = _Pauses(dispatcher, registry, tmp_path)
+    if production:
+        register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    register(registry, tmp_path, stage="candidate")
+    gone, newer = (2, 3) if production else (1, 2)
+    real_get, gets = registry.get, []
+
+    def removed(name: str, version: int) -> ModelVersion:
+        gets.append(version)
+        if len(gets) == 200:  # the fake clock stands still in a spin: ends it
+            dispatcher.stop.set()
+        if version == gone:
+            raise ModelNotFound(f"{name}:{version} not found")
+        return real_get(name, version)
+
+    monkeypatch.setattr(registry, "get", removed)
+    assert dispatcher.accept("diabetes", gone, "event:a")
+    dispatcher.store.update("diabetes", gone, lambda e: replace(e, step=Step.STARTED, attempts=1))
+    assert dispatcher.accept("diabetes", newer, "event:b")
+    found = dispatcher.drain("diabetes", wait=wait)
+    assert len(gets) <= 40  # every read of the drain, listings' included (a spin: 200)
+    assert [(o.version, o.phase) for o in found] == outcomes
+    assert paused.delays == pauses
+    assert dispatcher.next_read_in() == due
+    if production:
+        assert found[0].reason == "superseded by version 3 before its rollout started"
+        assert _events(tmp_path / "engine", "start", "resume") == [("start", 3)]
+
+
 def test_only_the_last_versions_closed_missing_are_kept_in_the_cursor(
     tmp_path: Path,
     registry: LocalRegistry,
