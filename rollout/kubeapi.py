@@ -18,7 +18,8 @@ cannot be reached is a 500) and timeouts are not final.
 
 The client itself retries a request twice only when it got no answer at all (a refused
 connection, a pooled connection the server had closed: `Retries`), never one the API server
-took and was slow to answer, nor after a 429 or 503 by its Retry-After: the caller's own retry
+took and was slow to answer, nor a connect that timed out, nor after a 429 or 503 by its
+Retry-After: the caller's own retry
 (the controller's, the lease renewal's) decides when to ask again, so a request takes at most
 its `_request_timeout`, not three of them or minutes of Retry-After.
 """
@@ -103,7 +104,9 @@ class Retries(Retry):
 
     A read timeout is not retried: the API server took the request (it may have made the write)
     and is slow, and a retry would wait `_request_timeout` again, twice (measured: a GET answered
-    after 12 s raised after 30 s, saying "within 10 s"). A 429 or 503 is not retried either
+    after 12 s raised after 30 s, saying "within 10 s"). Nor a connect timeout (an address that
+    drops packets: a private cluster off its VPN), for the same 3 × `_request_timeout`: a lease
+    renewal would take its whole ttl. A 429 or 503 is not retried either
     (`respect_retry_after_header=False`): urllib3 would sleep its Retry-After, uncapped, inside
     one request. A pooled connection the server had closed (urllib3's "Connection aborted", a
     read error too) is still retried, which `read=0` would stop.
@@ -118,7 +121,8 @@ class Retries(Retry):
         _pool: ConnectionPool | None = None,
         _stacktrace: TracebackType | None = None,
     ) -> Self:
-        if isinstance(error, ReadTimeoutError):
+        timed_out = isinstance(error, ReadTimeoutError | ConnectTimeoutError)
+        if timed_out and not isinstance(error, NewConnectionError):  # (a subclass: refused)
             raise error  # as urllib3 re-raises a read error it does not retry
         return super().increment(method, url, response, error, _pool, _stacktrace)
 

@@ -1809,6 +1809,12 @@ def test_the_client_sends_a_request_the_api_server_took_once(
         pytest.param("GET", NewConnectionError(_CONN, "Connection refused"), True, id="refused"),
         pytest.param(
             "GET",
+            ConnectTimeoutError(_CONN, "timed out"),
+            False,
+            id="connect-timeout",  # was 3 x the timeout: 30 s for the router's 10 s
+        ),
+        pytest.param(
+            "GET",
             ReadTimeoutError(None, "/x", "Read timed out."),
             False,
             id="read-timeout",  # type: ignore[arg-type]
