@@ -121,8 +121,10 @@ class Retries(Retry):
         _pool: ConnectionPool | None = None,
         _stacktrace: TracebackType | None = None,
     ) -> Self:
-        timed_out = isinstance(error, ReadTimeoutError | ConnectTimeoutError)
-        if timed_out and not isinstance(error, NewConnectionError):  # (a subclass: refused)
+        if isinstance(error, ReadTimeoutError | ConnectTimeoutError) and not isinstance(
+            error,
+            NewConnectionError,  # (a ConnectTimeoutError: a refused connection)
+        ):
             raise error  # as urllib3 re-raises a read error it does not retry
         return super().increment(method, url, response, error, _pool, _stacktrace)
 
