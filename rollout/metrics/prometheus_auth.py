@@ -343,6 +343,11 @@ class NoPassphraseAdapter(HTTPAdapter):
         # urllib3 passes key_password to SSLContext.load_cert_chain, which takes a callable.
         super().init_poolmanager(*args, key_password=self._refuse, **kwargs)
 
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        # Through $HTTPS_PROXY the pools are the proxy manager's, built here, not above: without
+        # it a key rotated to an encrypted one made OpenSSL prompt again behind a proxy.
+        return super().proxy_manager_for(proxy, key_password=self._refuse, **proxy_kwargs)
+
 
 def _head(path: Path) -> bytes:
     try:

@@ -441,6 +441,20 @@ def test_a_key_encrypted_after_start_is_an_error_not_a_passphrase_prompt(
     assert observation.error == f"Prometheus at {mtls_prom.url}: {said}: give an unencrypted key"
 
 
+def test_the_pools_behind_a_proxy_refuse_a_passphrase_too() -> None:
+    """Was: only the direct pools got the refusing key_password; with $HTTPS_PROXY set, a key
+    rotated to an encrypted one brought OpenSSL's prompt back, and the tick hung."""
+    from rollout.metrics.prometheus_auth import NoPassphraseAdapter
+
+    def refuse() -> str:
+        raise AssertionError("never called here")
+
+    adapter = NoPassphraseAdapter(refuse)
+    assert adapter.poolmanager.connection_pool_kw["key_password"] is refuse
+    manager = adapter.proxy_manager_for("http://127.0.0.1:3128")
+    assert manager.connection_pool_kw["key_password"] is refuse
+
+
 # -------------------------------------------------------------------------------------- Azure
 
 
