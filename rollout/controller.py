@@ -68,6 +68,7 @@ from rollout.errors import (
     RouterError,
     RouterRefused,
     RouterUnavailable,
+    WeightsUnsettled,
 )
 from rollout.ledger import Ledger, span
 from rollout.metrics.base import MetricsProvider, usable
@@ -477,6 +478,12 @@ class Controller:
             weights = self.router.get_weights()
         except RouterRefused:
             raise  # an answer (no Istio on the API server, no access): the deploy would meet it
+        except WeightsUnsettled as exc:
+            # Being changed, or its last change failed: someone set what it shows. (Was: read
+            # as a new endpoint, and a rollout began over another's traffic mid-change.)
+            if exc.shown is None:
+                raise
+            weights = exc.shown
         except RouterError:
             return  # no traffic split to read yet (a new Azure endpoint): nothing drives it
         if not (weights.blue or weights.mirror):
@@ -564,8 +571,8 @@ class Controller:
         served: Weights | None
         try:
             served = self.router.get_weights()
-        except RouterRefused:
-            raise
+        except (RouterRefused, RouterUnavailable):
+            raise  # (nothing answers: writing the weights would not either)
         except RouterError as exc:
             # Weights that cannot be read now (an Azure endpoint Failed or mid-change shows
             # what was asked, not what serves): the status' weights are written again, which

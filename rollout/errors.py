@@ -6,6 +6,7 @@
     ├── RouterError            the traffic router could not read or apply weights
     │   ├── ConflictError      optimistic concurrency lost (e.g. HTTP 409); retry after re-read
     │   ├── RouterUnavailable  nothing answers at the router's control plane (message has the URL)
+    │   ├── WeightsUnsettled   the weights shown may not be what serves (a change under way, failed)
     │   └── RouterRefused      an answer no retry changes (no such namespace, not ours to move)
     │       └── DeployFailed   the workload was written but does not become ready
     ├── MetricsError           the metrics backend failed
@@ -20,6 +21,11 @@ The CLI turns any RolloutError into one clear line and a non-zero exit code, nev
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rollout.core.types import Weights
 
 
 class RolloutError(Exception):
@@ -53,6 +59,16 @@ class ConflictError(RouterError):
 
 class RouterUnavailable(RouterError):
     """Nothing answers at the router's control plane (e.g. no Envoy at the admin URL)."""
+
+
+class WeightsUnsettled(RouterError):
+    """The data plane shows weights that may not be what serves: a change of them is under way,
+    or the last one failed (an Azure endpoint Updating, Failed). `shown`: those weights (None
+    when they are no valid split): someone set them, so someone drives the data plane."""
+
+    def __init__(self, message: str, shown: Weights | None) -> None:
+        super().__init__(message)
+        self.shown = shown
 
 
 class RouterRefused(RouterError):

@@ -78,7 +78,14 @@ from rollout.azure_credential import default_credential
 from rollout.azure_text import http_detail, one_line
 from rollout.config import AZURE_MAX_MIRROR_PERCENT as MAX_MIRROR_PERCENT
 from rollout.core.types import Colour, Release, Weights
-from rollout.errors import GONE, ConfigError, DeployFailed, RouterError, RouterRefused
+from rollout.errors import (
+    GONE,
+    ConfigError,
+    DeployFailed,
+    RouterError,
+    RouterRefused,
+    WeightsUnsettled,
+)
 from rollout.routers.base import Fence, no_fence
 
 if TYPE_CHECKING:
@@ -606,9 +613,16 @@ class AzureMLRouter:
                 else "a change is in progress, so what it shows is what was asked for, not yet "
                 "what serves (read again once Azure has finished it)"
             )
-            raise RouterError(
+            try:
+                weights: Weights | None = weights_from_traffic(
+                    shown["traffic"], self._keys, shown.get("mirror_traffic", {})
+                )
+            except RouterError:
+                weights = None  # a split no rollout writes: still someone's
+            raise WeightsUnsettled(
                 f"endpoint {self.endpoint} is in provisioning state {state}: {why}; it shows "
-                + ", ".join(f"{k} {v}" for k, v in shown.items())
+                + ", ".join(f"{k} {v}" for k, v in shown.items()),
+                weights,
             )
         return weights_from_traffic(
             nonzero(endpoint.traffic or {}), self._keys, nonzero(endpoint.mirror_traffic or {})

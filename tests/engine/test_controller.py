@@ -1022,6 +1022,26 @@ def test_a_resume_whose_weights_cannot_be_read_writes_the_status_weights_again(
     )
 
 
+class Unreachable(MemoryRouter):
+    """Nothing answers at the router's control plane."""
+
+    def get_weights(self) -> Weights:
+        raise RouterUnavailable("Envoy admin at http://127.0.0.1:9 is not reachable")
+
+
+def test_a_resume_on_a_router_nothing_answers_stops_at_once_saying_so(tmp_path: Path) -> None:
+    """Was (the unread weights written again): four weight writes, 7 s, then "failed 4 times",
+    and a ledger line saying the data plane was restored."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    assert ctl.run(max_ticks=3).blue_weight == 50
+    down = Unreachable(releases={Colour.GREEN: V1, Colour.BLUE: V2})
+    again, _ = controller(tmp_path, down, simulated(down, 0.01))
+    with pytest.raises(RouterUnavailable, match="not reachable"):
+        again.start()
+    assert not any(r.get("event") == "restore" for r in read_ledger(tmp_path / "t.ledger.jsonl"))
+
+
 def _stopped_before_its_first_tick(ctl: Controller) -> None:
     ctl.start()  # the Initializing status saved: a first tick's ledger line failed, say
 

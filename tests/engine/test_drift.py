@@ -11,7 +11,7 @@ import pytest
 from rollout.controller import Controller, FakeClock
 from rollout.core.status import Command, SetWeights
 from rollout.core.types import Colour, Phase, Release, Weights
-from rollout.errors import RolloutError, RouterError
+from rollout.errors import RolloutError, RouterError, WeightsUnsettled
 from rollout.ledger import Ledger, explain, read_ledger
 from rollout.routers.memory import MemoryRouter
 from rollout.state.file import FileStateStore
@@ -51,6 +51,25 @@ def test_a_second_rollout_of_another_name_is_refused_while_the_first_drives_the_
     assert router.get_weights() == Weights.blue_at(10)  # nothing of the first was touched
     assert router.release(Colour.BLUE) == V2
     assert not (tmp_path / "b.ledger.jsonl").exists()
+
+
+class MidChange(MemoryRouter):
+    """An Azure endpoint Updating (another rollout's change under way) or Failed: the weights it
+    shows may not serve yet, but someone set them."""
+
+    def get_weights(self) -> Weights:
+        raise WeightsUnsettled("endpoint is in provisioning state Updating", super().get_weights())
+
+
+def test_a_rollout_is_refused_on_a_data_plane_another_is_changing(tmp_path: Path) -> None:
+    """Was: the RouterError of weights that cannot be read yet was taken for a new endpoint
+    ("nothing drives it"), and a rollout began over another's traffic mid-change."""
+    router = MidChange(releases={Colour.GREEN: V1, Colour.BLUE: V2})
+    MemoryRouter.set_weights(router, Weights.blue_at(10))
+    second = controller(tmp_path, router, "b", candidate={"model": "diabetes", "version": "3"})
+    with pytest.raises(RolloutError, match=r"already sends blue 10 % to blue .*another rollout"):
+        second.run(max_ticks=5)
+    assert router.release(Colour.BLUE) == V2  # nothing of the first was touched
 
 
 def test_a_rollout_whose_blue_was_taken_over_holds_and_resume_takes_it_back(

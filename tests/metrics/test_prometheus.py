@@ -996,8 +996,7 @@ def test_a_custom_query_prometheus_cannot_parse_fails_the_probe(prom: FakePromet
                     "errors": 'err_total{svc="{colour}"}',
                 },
             },
-            "metrics.queries.requests: no `{window}` placeholder: give "
-            "raw cumulative counters",
+            "metrics.queries.requests: no `{window}` placeholder: give raw cumulative counters",
             id="window-placeholder",
         ),
         pytest.param(

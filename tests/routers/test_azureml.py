@@ -23,7 +23,14 @@ from rollout.azure_credential import managed_identity
 from rollout.config import AzureMLRouterConfig, load_spec, spec_from_dict
 from rollout.controller import FakeClock
 from rollout.core.types import Colour, Phase, Release, Weights
-from rollout.errors import ConfigError, DeployFailed, RouterError, RouterRefused, StateError
+from rollout.errors import (
+    ConfigError,
+    DeployFailed,
+    RouterError,
+    RouterRefused,
+    StateError,
+    WeightsUnsettled,
+)
 from rollout.routers.azureml import (
     AzureMLRouter,
     check_mirror,
@@ -1946,6 +1953,9 @@ def test_traffic_an_endpoint_shows_but_may_not_serve_is_not_read_as_served(
     )
     assert str(unread.value).endswith("it shows traffic {'green': 50, 'blue': 50}")
     assert not isinstance(unread.value, RouterRefused)  # retried: the controller writes again
+    # What it shows is someone's: a new rollout's check that none drives the endpoint reads it.
+    assert isinstance(unread.value, WeightsUnsettled)
+    assert unread.value.shown == Weights.blue_at(50)
 
 
 @pytest.mark.parametrize("field", ["deploy_timeout_s", "traffic_timeout_s"])
