@@ -1083,13 +1083,22 @@ def test_pending_weights_to_a_blue_that_lost_its_release_deploy_it_first(
     assert "data plane serving nothing on blue: deploy diabetes:2 to blue" in story
 
 
+@pytest.mark.parametrize(
+    "promoting", [pytest.param(False, id="progressing"), pytest.param(True, id="promoting")]
+)
 def test_a_data_plane_that_lost_its_routes_is_not_given_blue_again_for_an_abort(
-    tmp_path: Path,
+    tmp_path: Path, promoting: bool
 ) -> None:
+    """Promoting was: green not redeployed, the abort's weights refused at every `run`
+    ("cannot send 100 % to green: nothing is deployed there"), stuck in RollingBack."""
     router = MemoryRouter(releases={Colour.GREEN: V1})
     ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
     status = ctl.run(max_ticks=3)
     assert status.blue_weight == 50
+    if promoting:  # stopped after the promotion was decided, before its weights
+        promotion = SetWeights(100)
+        decided = replace(status, phase=Phase.PROMOTING, pending=(promotion,), applied=0)
+        ctl.store.save(replace(decided, blue_weight=promotion.blue))
     ctl.store.push_command(Command(id="a", kind="abort", by="ann"))
     journal = tmp_path / "journal.jsonl"
     reset = MemoryRouter(journal=journal)  # nothing deployed, no weights
