@@ -43,7 +43,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PrivateAttr,
     Strict,
     ValidationError,
     field_serializer,
@@ -683,15 +682,6 @@ class PrometheusMetricsConfig(_Model):
     #: Accept any certificate: anyone on the path can read and answer the queries. Warned about.
     insecure_skip_verify: Flag = False
 
-    #: The analysis' `latency.slo_ms` (set by RolloutSpec): the provider, which sees the
-    #: histogram's bounds only when it reads them, refuses an SLO that is none of them.
-    _slo_ms: float | None = PrivateAttr(default=None)
-
-    @property
-    def slo_ms(self) -> float | None:
-        """The latency SLO the analysis measures against (None: none, or no spec around)."""
-        return self._slo_ms
-
     @model_validator(mode="after")
     def _custom_needs_queries(self) -> PrometheusMetricsConfig:
         if self.preset == "custom" and self.queries is None:
@@ -902,6 +892,15 @@ class LatencyCheck(_Model):
     def uses_baseline_p99(self) -> bool:
         """True when "slow" is the baseline's p99 bucket (chosen from green's traffic)."""
         return self.enabled and self.threshold == "baseline_p99"
+
+    @property
+    def measured_slo_ms(self) -> float | None:
+        """The SLO the check or its guard measures against (None: none does). A metrics source
+        whose histogram bounds are known only when read is given it, to refuse it if no bound."""
+        measured = self.threshold == "slo" or self.max_slow_rate is not None
+        if not (self.enabled and measured) or self.slo_ms is None:
+            return None
+        return float(self.slo_ms)
 
     @model_validator(mode="after")
     def _slo_needs_bound(self) -> LatencyCheck:
@@ -1255,18 +1254,16 @@ class RolloutSpec(_Model):
         """`latency.slo_ms` must be a bound of the histogram it is measured on: between two, the
         latency check and its guard counted the requests above the next one up while every
         message named the SLO. Refused here where the spec gives the bounds; Prometheus' are
-        known only when read, so its provider is told the SLO and refuses it then."""
+        known only when read, so its provider is given the SLO (`make_metrics(slo_ms=...)`)
+        and refuses it then."""
         lat = self.analysis.latency
-        measured = lat.threshold == "slo" or lat.max_slow_rate is not None
-        if not lat.enabled or lat.slo_ms is None or not measured:
+        slo_ms = lat.measured_slo_ms
+        if slo_ms is None:
             return self
         metrics = self.metrics
-        if isinstance(metrics, PrometheusMetricsConfig):
-            metrics._slo_ms = lat.slo_ms  # a private attribute: set on the frozen model
-            return self
         if isinstance(metrics, SimulatedMetricsConfig | AzureMonitorMetricsConfig):
             bounds: list[float] = list(metrics.buckets_ms)
-            fix = f" (or add {lat.slo_ms:g} to metrics.buckets_ms)"
+            fix = f" (or add {slo_ms:g} to metrics.buckets_ms)"
         elif isinstance(metrics, StaticMetricsConfig):
             ticks = [*metrics.ticks, *([metrics.history] if metrics.history else [])]
             bounds = [
@@ -1278,7 +1275,7 @@ class RolloutSpec(_Model):
             fix = ""
         else:
             return self
-        if problem := slo_bound_problem(lat.slo_ms, bounds, fix):
+        if problem := slo_bound_problem(slo_ms, bounds, fix):
             _field_error(self, ("analysis", "latency", "slo_ms"), lat.slo_ms, problem)
         return self
 

@@ -24,6 +24,7 @@ from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries, sp
 from rollout.core.types import ColourCounts
 from rollout.errors import ConfigError, MetricsError
 from rollout.metrics import prometheus
+from rollout.metrics.base import MetricsProvider
 from rollout.metrics.factory import make_metrics
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset, istio_preset
 from tests.fakes.server import Answering, closed_port_url
@@ -874,13 +875,12 @@ def envoy_histogram(
         )
 
 
-def spec_metrics(metrics: dict[str, object], slo_ms: float) -> PrometheusMetricsConfig:
-    """The metrics section of a spec whose latency check measures against `slo_ms`."""
+def spec_metrics(metrics: dict[str, object], slo_ms: float) -> MetricsProvider:
+    """The metrics provider of a spec whose latency check measures against `slo_ms`."""
     spec = spec_from_dict(
         {"metrics": metrics, "analysis": {"latency": {"threshold": "slo", "slo_ms": slo_ms}}}
     )
-    assert isinstance(spec.metrics, PrometheusMetricsConfig)
-    return spec.metrics
+    return make_metrics(spec.metrics, slo_ms=spec.analysis.latency.measured_slo_ms)
 
 
 @pytest.mark.parametrize(
@@ -917,7 +917,7 @@ def test_an_slo_that_is_no_bound_of_the_histogram_is_refused_at_the_probe_and_ea
             {"250": [0, 0, 0], "500": [0, 10, 20], "1000": [0, 10, 20], "+Inf": [0, 10, 20]},
             t0,
         )
-    provider = make_metrics(spec_metrics({"kind": "prometheus", "url": prom.url}, slo_ms))
+    provider = spec_metrics({"kind": "prometheus", "url": prom.url}, slo_ms)
     observation = provider.observe(t0, t0 + 2)
     if not refused:
         provider.probe()
@@ -943,14 +943,14 @@ def test_a_seconds_histogram_read_in_milliseconds_is_refused_naming_latency_unit
         "latency_bucket": 'lat_seconds_bucket{svc="{colour}"}',
     }
     metrics = {"kind": "prometheus", "url": prom.url, "preset": "custom", "queries": queries}
-    provider = make_metrics(spec_metrics(metrics, 250))
+    provider = spec_metrics(metrics, 250)
     with pytest.raises(MetricsError, match=r"above the latency histogram's largest bound, 1 ms"):
         provider.probe()
     error = provider.observe(t0, t0 + 5).error
     assert error is not None and "metrics.latency_unit is ms" in error
     assert "`s` for a `_seconds` histogram" in error
     # in seconds, 250 ms is a bound
-    seconds = make_metrics(spec_metrics({**metrics, "latency_unit": "s"}, 250))
+    seconds = spec_metrics({**metrics, "latency_unit": "s"}, 250)
     seconds.probe()
     assert seconds.observe(t0, t0 + 5).error is None
 
