@@ -45,13 +45,14 @@ from pydantic import (
     Field,
     Strict,
     ValidationError,
+    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from rollout.core.types import Colour, Phase, Release
+from rollout.core.types import Colour, ColourCounts, Phase, Release
 from rollout.errors import ConfigError
 from rollout.kubenames import (
     ROLLOUT_NAME_MAX,
@@ -522,6 +523,16 @@ class TickCounts(_Model):
             Annotated[Number, Field(gt=0, allow_inf_nan=True)], Annotated[WholeNumber, Field(ge=0)]
         ]
     ] = Field(default_factory=list)
+
+    @field_validator("errors")
+    @classmethod
+    def _not_above_requests(cls, errors: int, info: ValidationInfo) -> int:
+        """Counts the controller would refuse at every tick ("metrics unusable"): its rule."""
+        if "requests" in info.data:  # (else refused itself)
+            counts = ColourCounts(requests=info.data["requests"], errors=errors)
+            if problem := counts.why_unusable():
+                raise ValueError(problem)
+        return errors
 
     @field_validator("latency_buckets")
     @classmethod
