@@ -732,6 +732,19 @@ class PrometheusMetricsConfig(_Model):
                     "is no Prometheus label name (letters, digits and '_', not beginning with a "
                     "digit or '__')",
                 )
+            if name in PRESET_LABELS.get(self.preset, ()):
+                hint = {
+                    "envoy_cluster_name": " (the colours' values are metrics.labels)",
+                    "destination_service_name": " (the colours' values are metrics.labels)",
+                    "destination_service_namespace": " (scope it with metrics.namespace)",
+                }.get(name, "")
+                _field_error(
+                    self,
+                    ("match_labels", name),
+                    name,
+                    f"the {self.preset} preset matches this label itself: a second matcher on "
+                    f"it selects nothing{hint}",
+                )
         return self
 
     @property
@@ -786,6 +799,19 @@ class PrometheusMetricsConfig(_Model):
 
 #: A Prometheus label name.
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+#: The labels each Prometheus preset matches itself (rollout.metrics.prometheus), the colour's
+#: and the histogram's `le` included: `match_labels` on one adds a second matcher, which
+#: selects nothing (or one bucket).
+PRESET_LABELS: dict[str, tuple[str, ...]] = {
+    "envoy": ("envoy_cluster_name", "envoy_response_code_class", "le"),
+    "istio": (
+        "reporter",
+        "destination_service_name",
+        "destination_service_namespace",
+        "response_code",
+        "le",
+    ),
+}
 
 
 def slo_bound_problem(slo_ms: float, bounds_ms: typing.Iterable[float], fix: str = "") -> str:

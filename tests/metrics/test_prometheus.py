@@ -20,7 +20,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries, spec_from_dict
+from rollout.config import (
+    PRESET_LABELS,
+    ColourNames,
+    PrometheusMetricsConfig,
+    PromQueries,
+    spec_from_dict,
+)
 from rollout.core.types import ColourCounts
 from rollout.errors import ConfigError, MetricsError
 from rollout.metrics import prometheus
@@ -1035,6 +1041,32 @@ def test_a_custom_query_prometheus_cannot_parse_fails_the_probe(prom: FakePromet
             "metrics.prometheus.match_labels.__name__: is no Prometheus label name",
             id="reserved-label-name",
         ),
+        # Was: a second matcher on a label the preset matches, every series selected out
+        # (`{envoy_cluster_name="x",envoy_cluster_name=~"blue|green"}`): "no traffic" until held.
+        pytest.param(
+            {"preset": "envoy", "match_labels": {"job": "e", "envoy_cluster_name": "diabetes"}},
+            "metrics.prometheus.match_labels.envoy_cluster_name: the envoy preset matches this "
+            "label itself: a second matcher on it selects nothing (the colours' values are "
+            "metrics.labels)",
+            id="envoy-colour-label",
+        ),
+        pytest.param(
+            {"preset": "envoy", "match_labels": {"le": "250"}},
+            "metrics.prometheus.match_labels.le: the envoy preset matches this label itself",
+            id="envoy-bucket-label",
+        ),
+        pytest.param(
+            {"preset": "istio", "match_labels": {"reporter": "destination"}},
+            "metrics.prometheus.match_labels.reporter: the istio preset matches this label itself",
+            id="istio-reporter",
+        ),
+        pytest.param(
+            {"preset": "istio", "match_labels": {"destination_service_namespace": "ml"}},
+            "metrics.prometheus.match_labels.destination_service_namespace: the istio preset "
+            "matches this label itself: a second matcher on it selects nothing (scope it with "
+            "metrics.namespace)",
+            id="istio-namespace-label",
+        ),
     ],
 )
 def test_the_spec_refuses_what_the_queries_would_ignore_or_misread(
@@ -1043,6 +1075,28 @@ def test_the_spec_refuses_what_the_queries_would_ignore_or_misread(
     with pytest.raises(ConfigError) as caught:
         spec_from_dict({"metrics": {"kind": "prometheus", **metrics}})
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "preset",
+    [
+        pytest.param(envoy_preset({"job": "e"}), id="envoy"),
+        pytest.param(istio_preset("ml", {"job": "e"}), id="istio"),
+    ],
+)
+def test_the_labels_a_preset_matches_are_the_ones_match_labels_may_not_name(
+    preset: prometheus.Preset,
+) -> None:
+    name = "envoy" if preset.requests.metric.startswith("envoy") else "istio"
+    series = [preset.requests, preset.errors, preset.latency_bucket]
+    matched = {
+        re.split(r"=~?", matcher)[0]
+        for s in series
+        if s is not None
+        for matcher in (*s.matchers, s.colour_label + "=~")
+    }
+    matched.add("le")  # the histogram's own
+    assert matched - {"job"} == set(PRESET_LABELS[name])
 
 
 # ---- match_labels scope the presets to one Envoy (or mesh) on a shared Prometheus
