@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from rollout.boottime import since_boot
 from rollout.config import RolloutSpec
 from rollout.core.machine import (
     Decision,
@@ -100,7 +101,8 @@ class Clock(Protocol):
         """Seconds since the epoch (or since a fake origin)."""
 
     def monotonic(self) -> float:
-        """Seconds on a clock that never steps (NTP does not move it): time that passed."""
+        """Seconds on a clock that never steps (NTP does not move it) and counts a suspend:
+        time that passed."""
 
     def sleep(self, seconds: float) -> None:
         """Wait `seconds` (a fake clock just moves on)."""
@@ -119,8 +121,8 @@ class RealClock:
         return time.time()
 
     def monotonic(self) -> float:
-        """time.monotonic()."""
-        return time.monotonic()
+        """`since_boot()`: a suspended host's hour passed too (its traffic was served)."""
+        return since_boot()
 
     def sleep(self, seconds: float) -> None:
         """time.sleep(), cut short by a stop."""
