@@ -43,16 +43,16 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PrivateAttr,
     Strict,
     ValidationError,
+    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from rollout.core.types import Colour, Phase, Release
+from rollout.core.types import Colour, ColourCounts, Phase, Release
 from rollout.errors import ConfigError
 from rollout.kubenames import (
     ROLLOUT_NAME_MAX,
@@ -524,6 +524,16 @@ class TickCounts(_Model):
         ]
     ] = Field(default_factory=list)
 
+    @field_validator("errors")
+    @classmethod
+    def _not_above_requests(cls, errors: int, info: ValidationInfo) -> int:
+        """Counts the controller would refuse at every tick ("metrics unusable"): its rule."""
+        if "requests" in info.data:  # (else refused itself)
+            counts = ColourCounts(requests=info.data["requests"], errors=errors)
+            if problem := counts.why_unusable():
+                raise ValueError(problem)
+        return errors
+
     @field_validator("latency_buckets")
     @classmethod
     def _cumulative(cls, buckets: list[tuple[float, int]]) -> list[tuple[float, int]]:
@@ -683,15 +693,6 @@ class PrometheusMetricsConfig(_Model):
     #: Accept any certificate: anyone on the path can read and answer the queries. Warned about.
     insecure_skip_verify: Flag = False
 
-    #: The analysis' `latency.slo_ms` (set by RolloutSpec): the provider, which sees the
-    #: histogram's bounds only when it reads them, refuses an SLO that is none of them.
-    _slo_ms: float | None = PrivateAttr(default=None)
-
-    @property
-    def slo_ms(self) -> float | None:
-        """The latency SLO the analysis measures against (None: none, or no spec around)."""
-        return self._slo_ms
-
     @model_validator(mode="after")
     def _custom_needs_queries(self) -> PrometheusMetricsConfig:
         if self.preset == "custom" and self.queries is None:
@@ -730,6 +731,19 @@ class PrometheusMetricsConfig(_Model):
                     name,
                     "is no Prometheus label name (letters, digits and '_', not beginning with a "
                     "digit or '__')",
+                )
+            if name in PRESET_LABELS.get(self.preset, ()):
+                hint = {
+                    "envoy_cluster_name": " (the colours' values are metrics.labels)",
+                    "destination_service_name": " (the colours' values are metrics.labels)",
+                    "destination_service_namespace": " (scope it with metrics.namespace)",
+                }.get(name, "")
+                _field_error(
+                    self,
+                    ("match_labels", name),
+                    name,
+                    f"the {self.preset} preset matches this label itself: a second matcher on "
+                    f"it selects nothing{hint}",
                 )
         return self
 
@@ -785,6 +799,19 @@ class PrometheusMetricsConfig(_Model):
 
 #: A Prometheus label name.
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+#: The labels each Prometheus preset matches itself (rollout.metrics.prometheus), the colour's
+#: and the histogram's `le` included: `match_labels` on one adds a second matcher, which
+#: selects nothing (or one bucket).
+PRESET_LABELS: dict[str, tuple[str, ...]] = {
+    "envoy": ("envoy_cluster_name", "envoy_response_code_class", "le"),
+    "istio": (
+        "reporter",
+        "destination_service_name",
+        "destination_service_namespace",
+        "response_code",
+        "le",
+    ),
+}
 
 
 def slo_bound_problem(slo_ms: float, bounds_ms: typing.Iterable[float], fix: str = "") -> str:
@@ -902,6 +929,15 @@ class LatencyCheck(_Model):
     def uses_baseline_p99(self) -> bool:
         """True when "slow" is the baseline's p99 bucket (chosen from green's traffic)."""
         return self.enabled and self.threshold == "baseline_p99"
+
+    @property
+    def measured_slo_ms(self) -> float | None:
+        """The SLO the check or its guard measures against (None: none does). A metrics source
+        whose histogram bounds are known only when read is given it, to refuse it if no bound."""
+        measured = self.threshold == "slo" or self.max_slow_rate is not None
+        if not (self.enabled and measured) or self.slo_ms is None:
+            return None
+        return float(self.slo_ms)
 
     @model_validator(mode="after")
     def _slo_needs_bound(self) -> LatencyCheck:
@@ -1255,18 +1291,16 @@ class RolloutSpec(_Model):
         """`latency.slo_ms` must be a bound of the histogram it is measured on: between two, the
         latency check and its guard counted the requests above the next one up while every
         message named the SLO. Refused here where the spec gives the bounds; Prometheus' are
-        known only when read, so its provider is told the SLO and refuses it then."""
+        known only when read, so its provider is given the SLO (`make_metrics(slo_ms=...)`)
+        and refuses it then."""
         lat = self.analysis.latency
-        measured = lat.threshold == "slo" or lat.max_slow_rate is not None
-        if not lat.enabled or lat.slo_ms is None or not measured:
+        slo_ms = lat.measured_slo_ms
+        if slo_ms is None:
             return self
         metrics = self.metrics
-        if isinstance(metrics, PrometheusMetricsConfig):
-            metrics._slo_ms = lat.slo_ms  # a private attribute: set on the frozen model
-            return self
         if isinstance(metrics, SimulatedMetricsConfig | AzureMonitorMetricsConfig):
             bounds: list[float] = list(metrics.buckets_ms)
-            fix = f" (or add {lat.slo_ms:g} to metrics.buckets_ms)"
+            fix = f" (or add {slo_ms:g} to metrics.buckets_ms)"
         elif isinstance(metrics, StaticMetricsConfig):
             ticks = [*metrics.ticks, *([metrics.history] if metrics.history else [])]
             bounds = [
@@ -1278,7 +1312,7 @@ class RolloutSpec(_Model):
             fix = ""
         else:
             return self
-        if problem := slo_bound_problem(lat.slo_ms, bounds, fix):
+        if problem := slo_bound_problem(slo_ms, bounds, fix):
             _field_error(self, ("analysis", "latency", "slo_ms"), lat.slo_ms, problem)
         return self
 

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from rollout.boottime import since_boot
 from rollout.config import RolloutSpec
 from rollout.core.machine import (
     Decision,
@@ -101,7 +102,8 @@ class Clock(Protocol):
         """Seconds since the epoch (or since a fake origin)."""
 
     def monotonic(self) -> float:
-        """Seconds on a clock that never steps (NTP does not move it): time that passed."""
+        """Seconds on a clock that never steps (NTP does not move it) and counts a suspend:
+        time that passed."""
 
     def sleep(self, seconds: float) -> None:
         """Wait `seconds` (a fake clock just moves on)."""
@@ -120,8 +122,8 @@ class RealClock:
         return time.time()
 
     def monotonic(self) -> float:
-        """time.monotonic()."""
-        return time.monotonic()
+        """`since_boot()`: a suspended host's hour passed too (its traffic was served)."""
+        return since_boot()
 
     def sleep(self, seconds: float) -> None:
         """time.sleep(), cut short by a stop."""
@@ -535,14 +537,16 @@ class Controller:
         gets its release again; a colour serving another release is left to the operator, and
         so are the weights then (another rollout drives them: the tick holds for a human). The
         candidate failing that deploy for good fails the rollout, as at its first deploy.
-        `aborting` (an abort queued): green only, as the abort's weights come next. Before its
-        first tick (Initializing) a rollout has deployed green only. What the pending actions
-        still do (a deploy, the weights) is theirs: they are finished after this.
+        `aborting` (an abort queued): green only, as the abort's weights come next, in
+        Promoting too (an abort read there sends green everything as well). Before its first
+        tick (Initializing) a rollout has deployed green only. What the pending actions still do
+        (a deploy, the weights) is theirs: they are finished after this.
         """
         status = self._redeploy_lost_blue(status)
         if status.terminal:
             return status  # the candidate could not be deployed
-        if status.phase not in (Phase.INITIALIZING, Phase.PROGRESSING, Phase.PAUSED):
+        analysing = (Phase.INITIALIZING, Phase.PROGRESSING, Phase.PAUSED)
+        if status.phase not in analysing and not (aborting and status.phase is Phase.PROMOTING):
             return status
         if status.held and not aborting:
             # Held for a human, who has not answered: the data plane stays as it is (a hold for

@@ -607,9 +607,10 @@ def p99_bucket(counts: ColourCounts) -> float | None:
     """The bucket bound whose share of requests above it is closest to 1 % (about the p99).
 
     Closest in ratio, so a baseline whose p99 sits near a bound does not flip to a bucket with
-    30 % of requests above it by chance; None without a histogram.
+    30 % of requests above it by chance; None without a histogram, or with no finite bound
+    (+Inf alone: no request is slower than it, and the check would never count).
     """
-    if not counts.latency_buckets or counts.requests <= 0:
+    if not _finite_bounds(counts) or counts.requests <= 0:
         return None
     best: tuple[float, float] | None = None
     for bound, cumulative in counts.latency_buckets:
@@ -620,6 +621,20 @@ def p99_bucket(counts: ColourCounts) -> float | None:
         if best is None or distance < best[0]:
             best = (distance, bound)
     return best[1] if best else counts.latency_buckets[0][0]
+
+
+def _finite_bounds(counts: ColourCounts) -> bool:
+    """Whether the histogram has a bucket bound to count slow requests above (not +Inf only)."""
+    return any(bound < math.inf for bound, _ in counts.latency_buckets)
+
+
+def _no_threshold_why(green: ColourCounts) -> str:
+    """Why the latency check has no baseline threshold, from green's reading."""
+    if _finite_bounds(green):
+        return "latency threshold not chosen yet (too few baseline requests)"
+    if green.latency_buckets:
+        return "latency not judged (the metrics source reports no finite latency bucket)"
+    return "latency not judged (the metrics source reports no histogram)"
 
 
 def _baseline_bucket(green: ColourCounts) -> float | None:
@@ -964,11 +979,7 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
     if not checks:
         # Errors off, and latency without its threshold: stepping up, or promoting, would take
         # silence for evidence.
-        why = (
-            "latency threshold not chosen yet (too few baseline requests)"
-            if obs.green.latency_buckets
-            else "latency not judged (the metrics source reports no histogram)"
-        )
+        why = _no_threshold_why(obs.green)
         return Verdict.INCONCLUSIVE, f"{name}: nothing judges this canary: errors disabled, {why}"
     last = status.step_index + 1 >= len(spec.plan) or spec.plan[status.step_index + 1] == 100
     if not last:
@@ -1014,10 +1025,10 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
         # Their slow requests are unknown: the latency check takes nothing from such a tick.
         missing.append(f"latency not judged now ({' and '.join(blind)}: no latency histogram)")
     if lat.enabled and status.slow_threshold_s is None:
-        if obs.green.latency_buckets:
-            missing.append("latency threshold not chosen yet (too few baseline requests)")
-        else:
-            proven.append("latency not judged (the metrics source reports no histogram)")
+        if _finite_bounds(obs.green):  # chosen once green has served enough requests
+            missing.append(_no_threshold_why(obs.green))
+        else:  # never chosen: said, not waited for
+            proven.append(_no_threshold_why(obs.green))
     if missing:
         return Verdict.INCONCLUSIVE, f"{name}: not yet shown " + "; ".join(missing)
     return Verdict.SUCCESSFUL, "canary not worse: " + "; ".join(proven)

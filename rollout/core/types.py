@@ -117,6 +117,32 @@ class ColourCounts:
                 return max(self.requests - count, 0)
         return SLOW_UNKNOWN if self.latency_buckets and self.requests > 0 else 0
 
+    def why_unusable(self) -> str:
+        """What makes these counts no counts, naming the field ("" when they are counts): a
+        count NaN, infinite, negative or not a number, a bound NaN, more errors than requests
+        (a custom source may hand over anything; the controller refuses it, `metrics.usable`)."""
+        fields: list[tuple[str, object]] = [("requests", self.requests), ("errors", self.errors)]
+        fields += [
+            (f"latency_buckets count at {bound:g} s", count)
+            for bound, count in self.latency_buckets
+        ]
+        for name, value in fields:
+            if not _count(value):
+                return f"{name} is {value!r} (a count is a finite number >= 0)"
+        for bound, _ in self.latency_buckets:
+            if not isinstance(bound, int | float) or math.isnan(bound):
+                return f"latency_buckets bound is {bound!r}"
+        if self.errors > self.requests:
+            return f"errors {self.errors} > requests {self.requests}"
+        return ""
+
+
+def _count(value: object) -> bool:
+    """A finite number >= 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) and value >= 0
+
 
 #: A slow count the histogram cannot give (the core's UNKNOWN: never folded as a count).
 SLOW_UNKNOWN = -1

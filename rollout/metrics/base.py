@@ -3,7 +3,6 @@ answers (`usable`): counts are finite numbers >= 0 and errors never exceed reque
 
 from __future__ import annotations
 
-import math
 from typing import Protocol, runtime_checkable
 
 from rollout.core.types import Colour, Observation
@@ -36,43 +35,14 @@ class MetricsProvider(Protocol):
 
 def usable(observation: Observation) -> Observation:
     """`observation`, once its counts are counts: raises UnusableCounts naming the colour and
-    field of the first that is not (NaN, infinite, negative, not a number, or more errors than
-    requests). One check at the boundary, for every backend, a source of one's own included:
-    the core's arithmetic on such a count would pass or fail a candidate on nonsense."""
+    field of the first that is not (`ColourCounts.why_unusable`). One check at the boundary, for
+    every backend, a source of one's own included: the core's arithmetic on such a count would
+    pass or fail a candidate on nonsense."""
     if observation.error is not None:
         return observation
     for colour in Colour:
-        counts = observation.of(colour)
-        fields: list[tuple[str, object]] = [
-            ("requests", counts.requests),
-            ("errors", counts.errors),
-        ]
-        fields += [
-            (f"latency_buckets count at {bound:g} s", count)
-            for bound, count in counts.latency_buckets
-        ]
-        for name, value in fields:
-            if not _count(value):
-                raise UnusableCounts(
-                    f"metrics unusable: {colour.value} {name} is {value!r} (a count is a finite "
-                    "number >= 0): check the metrics source"
-                )
-        for bound, _ in counts.latency_buckets:
-            if not isinstance(bound, int | float) or math.isnan(bound):
-                raise UnusableCounts(
-                    f"metrics unusable: {colour.value} latency_buckets bound is {bound!r}: "
-                    "check the metrics source"
-                )
-        if counts.errors > counts.requests:
+        if problem := observation.of(colour).why_unusable():
             raise UnusableCounts(
-                f"metrics unusable: {colour.value} errors {counts.errors} > requests "
-                f"{counts.requests}: check the metrics source"
+                f"metrics unusable: {colour.value} {problem}: check the metrics source"
             )
     return observation
-
-
-def _count(value: object) -> bool:
-    """A finite number >= 0 (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    return math.isfinite(value) and value >= 0

@@ -65,7 +65,7 @@ detail keeps the count before as `requests_raised_to_errors`. Dropping errors wo
 failing canary, and an Observation error would make the judge wait (Error) through exactly the
 outage it must see.
 
-The analysis' `latency.slo_ms` (handed over by the spec) must be a bound of the latency
+The analysis' `latency.slo_ms` (handed over by `make_metrics`) must be a bound of the latency
 histogram: between two, a request is slow only above the next one up, and every message would
 name the SLO while measuring that bound; above every bound, nothing would ever be slow. The
 bounds are known only once read, so the probe refuses such an SLO when the histogram has series
@@ -252,9 +252,14 @@ class PrometheusMetrics:
 
     @classmethod
     def from_config(
-        cls, cfg: PrometheusMetricsConfig, router: TrafficRouter | None = None
+        cls,
+        cfg: PrometheusMetricsConfig,
+        router: TrafficRouter | None = None,
+        *,
+        slo_ms: float | None = None,
     ) -> PrometheusMetrics:
-        """Build from the spec's metrics section (the router is not needed).
+        """Build from the spec's metrics section (the router is not needed); `slo_ms`: the SLO
+        the analysis measures against (`LatencyCheck.measured_slo_ms`), refused when no bound.
 
         Secrets and the CA file are read here: one missing is a ConfigError naming its field.
         """
@@ -266,7 +271,7 @@ class PrometheusMetrics:
             "verify": tls_verify(cfg),
             "cert": tls_client_cert(cfg),
             "auth": http_auth(cfg),
-            "slo_ms": cfg.slo_ms,
+            "slo_ms": slo_ms,
         }
         if cfg.preset == "custom":
             unit = 0.001 if cfg.latency_unit == "ms" else 1.0

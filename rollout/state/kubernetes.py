@@ -65,6 +65,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from rollout import kubeapi
+from rollout.boottime import since_boot
 from rollout.core.status import Command, Status
 from rollout.errors import LeaseHeldError, StateError
 from rollout.ledger import span
@@ -118,14 +119,6 @@ class _Held:
             and o.holder_of(found) == self.holder
             and _acquire_time(found) == self.acquired
         )
-
-
-def since_boot() -> float:
-    """The lease's local clock: CLOCK_BOOTTIME on Linux, which counts the time a machine was
-    suspended (CLOCK_MONOTONIC, time.monotonic's, does not: a VM resumed an hour later would
-    take its lease for fresh until its renewal thread met the take-over), else monotonic."""
-    boottime = getattr(time, "CLOCK_BOOTTIME", None)
-    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
 
 
 def _tenure(lease: Obj) -> tuple[Any, ...]:

@@ -593,6 +593,8 @@ def test_latency_threshold_is_chosen_near_the_baseline_p99() -> None:
     buckets = ((0.025, 700), (0.05, 989), (0.1, 1000))
     assert p99_bucket(ColourCounts(requests=1000, latency_buckets=buckets)) == 0.05
     assert p99_bucket(ColourCounts(requests=1000)) is None
+    only_inf = ColourCounts(requests=1000, latency_buckets=((math.inf, 1000),))
+    assert p99_bucket(only_inf) is None  # no bound to count slow requests above
 
 
 def test_slow_requests_roll_back_a_latency_regression() -> None:
@@ -649,12 +651,27 @@ def test_status_round_trips_through_json() -> None:
     assert Status.from_dict(saved.to_dict()) == saved
 
 
-def test_without_a_histogram_latency_is_said_to_be_unjudged_not_silently_passed() -> None:
+@pytest.mark.parametrize(
+    ("buckets", "said"),
+    [
+        pytest.param((), "reports no histogram", id="no-histogram"),
+        # Was: +Inf taken for the threshold, the slow count unknown for good, every step held
+        # ("not yet shown slow-request rate (> inf ms)").
+        pytest.param(((math.inf, 700),), "reports no finite latency bucket", id="only-inf-bucket"),
+    ],
+)
+def test_without_a_histogram_latency_is_said_to_be_unjudged_not_silently_passed(
+    buckets: tuple[tuple[float, int], ...], said: str
+) -> None:
     spec = make_spec(analysis={"latency": {"enabled": True}})
     status = with_ok_evidence(progressing(step_index=1, weight=50))
-    decision = step(spec, status, obs(blue=(700, 0), green=(700, 1), at=30.0), 30.0)
+    observation = obs(
+        blue=(700, 0), green=(700, 1), at=30.0, blue_buckets=buckets, green_buckets=buckets
+    )
+    decision = step(spec, status, observation, 30.0)
     assert decision.status.phase is Phase.PROMOTING
-    assert "latency not judged (the metrics source reports no histogram)" in decision.status.reason
+    assert decision.status.slow_threshold_s is None
+    assert f"latency not judged (the metrics source {said})" in decision.status.reason
 
 
 # ------------------------------------------------ "not worse" = < max_ratio × baseline OR below δ

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +12,13 @@ import pytest
 
 from rollout import jsonl
 from rollout.config import SimulatedMetricsConfig, StaticTick, TrafficModel
-from rollout.controller import ROLLBACK_PAUSE_CAP_S, ROLLBACK_RETRY_S, Controller, FakeClock
+from rollout.controller import (
+    ROLLBACK_PAUSE_CAP_S,
+    ROLLBACK_RETRY_S,
+    Controller,
+    FakeClock,
+    RealClock,
+)
 from rollout.core.status import Command, Deploy, SetWeights, Status
 from rollout.core.types import Colour, ColourCounts, Observation, Phase, Release, Verdict, Weights
 from rollout.errors import (
@@ -1103,13 +1110,22 @@ def test_pending_weights_to_a_blue_that_lost_its_release_deploy_it_first(
     assert "data plane serving nothing on blue: deploy diabetes:2 to blue" in story
 
 
+@pytest.mark.parametrize(
+    "promoting", [pytest.param(False, id="progressing"), pytest.param(True, id="promoting")]
+)
 def test_a_data_plane_that_lost_its_routes_is_not_given_blue_again_for_an_abort(
-    tmp_path: Path,
+    tmp_path: Path, promoting: bool
 ) -> None:
+    """Promoting was: green not redeployed, the abort's weights refused at every `run`
+    ("cannot send 100 % to green: nothing is deployed there"), stuck in RollingBack."""
     router = MemoryRouter(releases={Colour.GREEN: V1})
     ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
     status = ctl.run(max_ticks=3)
     assert status.blue_weight == 50
+    if promoting:  # stopped after the promotion was decided, before its weights
+        promotion = SetWeights(100)
+        decided = replace(status, phase=Phase.PROMOTING, pending=(promotion,), applied=0)
+        ctl.store.save(replace(decided, blue_weight=promotion.blue))
     ctl.store.push_command(Command(id="a", kind="abort", by="ann"))
     journal = tmp_path / "journal.jsonl"
     reset = MemoryRouter(journal=journal)  # nothing deployed, no weights
@@ -1462,6 +1478,22 @@ def test_a_step_of_the_wall_clock_does_not_age_the_step(tmp_path: Path) -> None:
     assert final.step_uncounted_s == 900.0
     stepped = [r for r in read_ledger(tmp_path / "t.ledger.jsonl") if "clock_stepped_s" in r]
     assert [(r["tick"], r["clock_stepped_s"]) for r in stepped] == [(4, 900.0)]
+
+
+@pytest.mark.skipif(not hasattr(time, "CLOCK_BOOTTIME"), reason="Linux's suspend-aware clock")
+def test_the_real_clocks_passing_time_counts_a_suspend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: time.monotonic, which stops while the machine is suspended: a controller host
+    suspended an hour (a laptop's lid) did not age the step for the traffic served meanwhile,
+    and the ledger said `clock_stepped_s: 3600` though the wall clock never stepped."""
+    real = time.clock_gettime
+    suspended = 3600.0
+
+    def clock_gettime(clock: int) -> float:  # the OS's clocks after an hour's suspend
+        return real(clock) + (suspended if clock == time.CLOCK_BOOTTIME else 0.0)
+
+    monkeypatch.setattr(time, "clock_gettime", clock_gettime)
+    before = time.monotonic()  # (boot time is monotonic time plus every suspend)
+    assert RealClock().monotonic() - before >= suspended
 
 
 def test_a_restart_after_an_outage_ages_the_step_by_it(tmp_path: Path) -> None:

@@ -8,12 +8,15 @@ router nobody runs. A resumed rollout is not probed: it keeps guarding with its 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from rollout.api import run_rollout
 from rollout.commands.rollout import EXIT_ERROR
+from rollout.config import PrometheusMetricsConfig, RolloutSpec
 from rollout.controller import Controller, FakeClock
 from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.errors import MetricsError
@@ -170,3 +173,35 @@ def test_the_cli_says_it_in_one_line_and_exits_2(
     assert not routes.exists()  # the memory router never wrote a release or a weight
     # No rollout status (cli.status.json) nor ledger (cli.ledger.jsonl): only the lease lock.
     assert not list((tmp_path / "state").glob("*.json*"))
+
+
+def test_specs_sharing_one_prometheus_config_each_probe_their_own_slo(
+    prom: FakePrometheus, tmp_path: Path
+) -> None:
+    """Was: the SLO was written into the metrics config, which specs built from one config
+    object share: the last spec's SLO was probed for all of them (a 300 ms SLO between two
+    bounds passed; a spec measuring no SLO was refused for another's)."""
+    t0 = time.time() - 10  # the probe reads the bounds of the last 5 minutes
+    for colour in ("blue", "green"):
+        for le in ("250", "500", "+Inf"):
+            prom.add(
+                "envoy_cluster_upstream_rq_time_bucket",
+                {"envoy_cluster_name": colour, "le": le},
+                [(t0, 0), (t0 + 1, 10)],
+            )
+    shared = PrometheusMetricsConfig(url=prom.url)
+
+    def spec_measuring(slo_ms: float | None) -> RolloutSpec:
+        latency = {"threshold": "slo", "slo_ms": slo_ms} if slo_ms else {"enabled": False}
+        return make_spec(metrics=shared, analysis={"latency": latency})
+
+    between, bound, none = spec_measuring(300), spec_measuring(250), spec_measuring(None)
+    for spec, refused in ((between, True), (bound, False), (none, False)):
+        router = MemoryRouter(releases={Colour.GREEN: V1})
+        if refused:
+            with pytest.raises(MetricsError, match="300 ms is no bound of the latency histogram"):
+                run_rollout(spec, router=router, state_dir=tmp_path, max_ticks=1)
+            assert router.release(Colour.BLUE) is None
+        else:
+            status = run_rollout(spec, router=router, state_dir=tmp_path, max_ticks=1).status
+            assert status.phase is Phase.PROGRESSING, spec.analysis.latency

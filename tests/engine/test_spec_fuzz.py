@@ -354,6 +354,13 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         ),
         pytest.param(
             BASES[0],
+            "metrics.ticks",
+            [{"blue": {"requests": 10, "errors": 20}}],
+            "metrics.static.ticks.0.blue.errors: errors 20 > requests 10",
+            id="tick-more-errors-than-requests",  # was valid, then every tick "metrics unusable"
+        ),
+        pytest.param(
+            BASES[0],
             "metrics.history",
             {"green": {"requests": 10, "latency_buckets": [[5, -1]]}},
             "metrics.history.green.latency_buckets.0.1: Input should be greater than or equal to 0",

@@ -20,10 +20,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries, spec_from_dict
+from rollout.config import (
+    PRESET_LABELS,
+    ColourNames,
+    PrometheusMetricsConfig,
+    PromQueries,
+    spec_from_dict,
+)
 from rollout.core.types import ColourCounts
 from rollout.errors import ConfigError, MetricsError
 from rollout.metrics import prometheus
+from rollout.metrics.base import MetricsProvider
 from rollout.metrics.factory import make_metrics
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset, istio_preset
 from tests.fakes.server import Answering, closed_port_url
@@ -874,13 +881,12 @@ def envoy_histogram(
         )
 
 
-def spec_metrics(metrics: dict[str, object], slo_ms: float) -> PrometheusMetricsConfig:
-    """The metrics section of a spec whose latency check measures against `slo_ms`."""
+def spec_metrics(metrics: dict[str, object], slo_ms: float) -> MetricsProvider:
+    """The metrics provider of a spec whose latency check measures against `slo_ms`."""
     spec = spec_from_dict(
         {"metrics": metrics, "analysis": {"latency": {"threshold": "slo", "slo_ms": slo_ms}}}
     )
-    assert isinstance(spec.metrics, PrometheusMetricsConfig)
-    return spec.metrics
+    return make_metrics(spec.metrics, slo_ms=spec.analysis.latency.measured_slo_ms)
 
 
 @pytest.mark.parametrize(
@@ -917,7 +923,7 @@ def test_an_slo_that_is_no_bound_of_the_histogram_is_refused_at_the_probe_and_ea
             {"250": [0, 0, 0], "500": [0, 10, 20], "1000": [0, 10, 20], "+Inf": [0, 10, 20]},
             t0,
         )
-    provider = make_metrics(spec_metrics({"kind": "prometheus", "url": prom.url}, slo_ms))
+    provider = spec_metrics({"kind": "prometheus", "url": prom.url}, slo_ms)
     observation = provider.observe(t0, t0 + 2)
     if not refused:
         provider.probe()
@@ -943,14 +949,14 @@ def test_a_seconds_histogram_read_in_milliseconds_is_refused_naming_latency_unit
         "latency_bucket": 'lat_seconds_bucket{svc="{colour}"}',
     }
     metrics = {"kind": "prometheus", "url": prom.url, "preset": "custom", "queries": queries}
-    provider = make_metrics(spec_metrics(metrics, 250))
+    provider = spec_metrics(metrics, 250)
     with pytest.raises(MetricsError, match=r"above the latency histogram's largest bound, 1 ms"):
         provider.probe()
     error = provider.observe(t0, t0 + 5).error
     assert error is not None and "metrics.latency_unit is ms" in error
     assert "`s` for a `_seconds` histogram" in error
     # in seconds, 250 ms is a bound
-    seconds = make_metrics(spec_metrics({**metrics, "latency_unit": "s"}, 250))
+    seconds = spec_metrics({**metrics, "latency_unit": "s"}, 250)
     seconds.probe()
     assert seconds.observe(t0, t0 + 5).error is None
 
@@ -1034,6 +1040,32 @@ def test_a_custom_query_prometheus_cannot_parse_fails_the_probe(prom: FakePromet
             "metrics.match_labels.__name__: is no Prometheus label name",
             id="reserved-label-name",
         ),
+        # Was: a second matcher on a label the preset matches, every series selected out
+        # (`{envoy_cluster_name="x",envoy_cluster_name=~"blue|green"}`): "no traffic" until held.
+        pytest.param(
+            {"preset": "envoy", "match_labels": {"job": "e", "envoy_cluster_name": "diabetes"}},
+            "metrics.prometheus.match_labels.envoy_cluster_name: the envoy preset matches this "
+            "label itself: a second matcher on it selects nothing (the colours' values are "
+            "metrics.labels)",
+            id="envoy-colour-label",
+        ),
+        pytest.param(
+            {"preset": "envoy", "match_labels": {"le": "250"}},
+            "metrics.prometheus.match_labels.le: the envoy preset matches this label itself",
+            id="envoy-bucket-label",
+        ),
+        pytest.param(
+            {"preset": "istio", "match_labels": {"reporter": "destination"}},
+            "metrics.prometheus.match_labels.reporter: the istio preset matches this label itself",
+            id="istio-reporter",
+        ),
+        pytest.param(
+            {"preset": "istio", "match_labels": {"destination_service_namespace": "ml"}},
+            "metrics.prometheus.match_labels.destination_service_namespace: the istio preset "
+            "matches this label itself: a second matcher on it selects nothing (scope it with "
+            "metrics.namespace)",
+            id="istio-namespace-label",
+        ),
     ],
 )
 def test_the_spec_refuses_what_the_queries_would_ignore_or_misread(
@@ -1042,6 +1074,28 @@ def test_the_spec_refuses_what_the_queries_would_ignore_or_misread(
     with pytest.raises(ConfigError) as caught:
         spec_from_dict({"metrics": {"kind": "prometheus", **metrics}})
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "preset",
+    [
+        pytest.param(envoy_preset({"job": "e"}), id="envoy"),
+        pytest.param(istio_preset("ml", {"job": "e"}), id="istio"),
+    ],
+)
+def test_the_labels_a_preset_matches_are_the_ones_match_labels_may_not_name(
+    preset: prometheus.Preset,
+) -> None:
+    name = "envoy" if preset.requests.metric.startswith("envoy") else "istio"
+    series = [preset.requests, preset.errors, preset.latency_bucket]
+    matched = {
+        re.split(r"=~?", matcher)[0]
+        for s in series
+        if s is not None
+        for matcher in (*s.matchers, s.colour_label + "=~")
+    }
+    matched.add("le")  # the histogram's own
+    assert matched - {"job"} == set(PRESET_LABELS[name])
 
 
 # ---- match_labels scope the presets to one Envoy (or mesh) on a shared Prometheus
