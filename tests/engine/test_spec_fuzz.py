@@ -356,7 +356,7 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             BASES[0],
             "metrics.ticks",
             [{"blue": {"requests": 10, "errors": 20}}],
-            "metrics.static.ticks.0.blue.errors: errors 20 > requests 10",
+            "metrics.ticks.0.blue.errors: errors 20 > requests 10",
             id="tick-more-errors-than-requests",  # was valid, then every tick "metrics unusable"
         ),
         pytest.param(

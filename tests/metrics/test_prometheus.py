@@ -1044,24 +1044,24 @@ def test_a_custom_query_prometheus_cannot_parse_fails_the_probe(prom: FakePromet
         # (`{envoy_cluster_name="x",envoy_cluster_name=~"blue|green"}`): "no traffic" until held.
         pytest.param(
             {"preset": "envoy", "match_labels": {"job": "e", "envoy_cluster_name": "diabetes"}},
-            "metrics.prometheus.match_labels.envoy_cluster_name: the envoy preset matches this "
+            "metrics.match_labels.envoy_cluster_name: the envoy preset matches this "
             "label itself: a second matcher on it selects nothing (the colours' values are "
             "metrics.labels)",
             id="envoy-colour-label",
         ),
         pytest.param(
             {"preset": "envoy", "match_labels": {"le": "250"}},
-            "metrics.prometheus.match_labels.le: the envoy preset matches this label itself",
+            "metrics.match_labels.le: the envoy preset matches this label itself",
             id="envoy-bucket-label",
         ),
         pytest.param(
             {"preset": "istio", "match_labels": {"reporter": "destination"}},
-            "metrics.prometheus.match_labels.reporter: the istio preset matches this label itself",
+            "metrics.match_labels.reporter: the istio preset matches this label itself",
             id="istio-reporter",
         ),
         pytest.param(
             {"preset": "istio", "match_labels": {"destination_service_namespace": "ml"}},
-            "metrics.prometheus.match_labels.destination_service_namespace: the istio preset "
+            "metrics.match_labels.destination_service_namespace: the istio preset "
             "matches this label itself: a second matcher on it selects nothing (scope it with "
             "metrics.namespace)",
             id="istio-namespace-label",
