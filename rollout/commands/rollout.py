@@ -920,8 +920,13 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
         if kind == "resume" and not _pausing(current, store):
             # The controller would ignore it ("resume: ignored, not paused"), after this said
             # it acts on it.
+            already = current.phase is Phase.PAUSED  # (a resume queued since, unread yet)
             _out.print(
-                f"rollout {parsed.name} is {current.phase.value}, not paused: nothing to resume"
+                f"rollout {parsed.name} is Paused, and a resume of it is already queued: "
+                "nothing more to resume"
+                if already
+                else f"rollout {parsed.name} is {current.phase.value}, not paused: nothing to "
+                "resume"
             )
             return
         if kind == "resume" and (

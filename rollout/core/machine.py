@@ -494,8 +494,7 @@ def _handle_commands(
             # A promote (or set-weight 100) earlier in this batch: the abort comes after it and
             # wins, before the promotion's weights are ever served.
             status, acts = _abort_promotion(status, cmd)
-            actions = [a for a in actions if not isinstance(a, SetWeights)]
-            actions.extend(acts)
+            actions = list(acts)  # an abort wins over the commands before it (below)
         elif status.phase not in (Phase.PROGRESSING, Phase.PAUSED):
             notes.append(f"{cmd.kind}: ignored in phase {status.phase.value}")
             continue
@@ -512,9 +511,12 @@ def _handle_commands(
                     served=seen,
                 )
                 notes.append(f"{cmd.kind}: {status.reason}")
+                actions = []  # an abort wins over the commands before it (below)
                 continue
             status, acts = _rollback(status, f"aborted{who}: blue back to 0 %", None)
-            actions.extend(acts)
+            # An abort wins over the commands read before it in this batch: a set-weight's 50 %
+            # served before the 0 %, a promote's deploy to blue that could fail the abort.
+            actions = list(acts)
         elif cmd.kind in ("promote", "set_weight") and (refused := _steering_refused(status, seen)):
             notes.append(f"{_typed(cmd)}: ignored, {refused}")
             continue
@@ -556,6 +558,11 @@ def _handle_commands(
                 mirror = _mirror_at(spec, cmd.weight)
                 status = _enter_step(status, plan.index(cmd.weight), cmd.weight, now, mirror)
                 status = replace(status, reason=f"weight set to {cmd.weight} %{who}{back}")
+                if status.held:
+                    # Held, `run` returns: kept held, the weight set would be served with no
+                    # one watching it. The analysis goes on from there, as the help says. (An
+                    # operator's pause stays: its `run` still watches.)
+                    status = replace(status, phase=Phase.PROGRESSING, held=False)
                 actions.extend((*restore, SetWeights(cmd.weight, mirror)))
             if back:
                 status, served = replace(status, served=None), None  # as after a resume

@@ -265,7 +265,9 @@ def test_promote_and_set_weight_refused_when_green_moved_on(kind: str, weight: i
     ("kind", "weight", "phase", "weights"),
     [
         pytest.param("promote", None, Phase.PROMOTING, SetWeights(100), id="promote"),
-        pytest.param("set_weight", 50, Phase.PAUSED, SetWeights(50), id="set-weight"),
+        pytest.param(
+            "set_weight", 50, Phase.PROGRESSING, SetWeights(50), id="set-weight"
+        ),  # held: goes on from there
         pytest.param("set_weight", 100, Phase.PROMOTING, SetWeights(100), id="set-weight-100"),
     ],
 )
@@ -285,6 +287,44 @@ def test_promote_and_set_weight_deploy_a_lost_blue_before_its_weights(
     )
     ok = step(SPEC, at_10(), obs(at=70.0), 70.0, served())
     assert steer_actions(ok.status, kind, weight) == (weights,)  # nothing drifted: as ever
+
+
+@pytest.mark.parametrize(
+    ("before", "weight"),
+    [
+        pytest.param("promote", None, id="promote-then-abort"),
+        pytest.param("set_weight", 50, id="set-weight-then-abort"),
+    ],
+)
+@pytest.mark.parametrize("lost_blue", [True, False], ids=["blue-lost", "as-set"])
+def test_an_abort_read_after_a_steering_command_wins_over_all_it_queued(
+    before: str, weight: int | None, lost_blue: bool
+) -> None:
+    """Was: only the earlier command's weights were dropped while promoting, none otherwise: a
+    set-weight's 50 % was served before the abort's 0 %, and a promote's deploy to a blue that
+    lost its release came first (failed, it ended the abort as Failed)."""
+    seen = served(0, b=None) if lost_blue else served()
+    held = step(SPEC, at_10(), REGRESSION, 60.0, seen).status if lost_blue else at_10()
+    both = [
+        Command(id="c7", kind=before, weight=weight, by="ann"),  # type: ignore[arg-type]
+        Command(id="c8", kind="abort", by="bob"),
+    ]
+    decision = step(SPEC, with_commands(held, both), obs(at=70.0), 70.0, seen)
+    assert decision.status.phase is Phase.ROLLING_BACK
+    assert decision.actions == (SetWeights(0),)
+
+
+def test_a_weight_set_on_a_held_rollout_is_watched_from_there() -> None:
+    """Was: kept held at the weight set, so `run` returned at once (exit 4) with blue serving
+    it and no one watching. An operator's pause stays paused: its `run` still watches."""
+    held = step(SPEC, at_10(), REGRESSION, 60.0, served(0, b=None)).status
+    assert held.held and held.phase is Phase.PAUSED
+    decision = step(SPEC, steer(held, "set_weight", 50), obs(at=70.0), 70.0, served())
+    assert decision.status.phase is Phase.PROGRESSING and not decision.status.held
+    assert decision.status.blue_weight == 50
+    paused = replace(at_10(), phase=Phase.PAUSED, reason="paused by ann")
+    decision = step(SPEC, steer(paused, "set_weight", 50), obs(at=70.0), 70.0, served())
+    assert decision.status.phase is Phase.PAUSED and decision.status.blue_weight == 50
 
 
 def steer_actions(status: Status, kind: str, weight: int | None) -> tuple[object, ...]:

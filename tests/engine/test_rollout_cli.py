@@ -512,6 +512,10 @@ def test_a_held_rollout_resumes_when_run_again_after_resume(tmp_path: Path) -> N
     code, out = invoke("status", str(spec), "--watch", "--timeout", "60")
     assert code == EXIT_PAUSED and "held for a human" in out  # returned at once, not after 60 s
     assert invoke("resume", str(spec))[0] == 0
+    code, out = invoke("resume", str(spec))  # was: "is Paused, not paused: nothing to resume"
+    assert code == 0 and " ".join(out.split()) == (
+        "rollout cli is Paused, and a resume of it is already queued: nothing more to resume"
+    )
     code, out = invoke("run", str(spec), "--simulated-time")
     assert "resumed by" in out, out  # handled, then held again: metrics are still down
     assert code == EXIT_PAUSED
