@@ -47,10 +47,11 @@ took the request and answered late, or broke its answer off, is a plain RouterEr
 that do not become ready are DeployFailed. A refusal that no retry changes is RouterRefused
 (DeployFailed is one): a namespace that does not exist, a release without an image, a 401 or
 403 (credentials or RBAC), a 400 or 422 (an object refused as invalid: `kubeapi.REFUSED`),
-traffic to a colour with no Deployment, a 404 for a resource type the API server does not serve
-(`kubeapi.not_served`: no Istio, or one before 1.22). Only the
-verbs in `istio_manifests.ROLE_RULES` are used (checked by a test against a recorded run), so
-the rendered RBAC Role is enough.
+traffic to a colour with no Deployment, a Deployment of one's own named `<app>-<colour>` whose
+pods its Services would not reach (`istio_manifests.updated_deployment`), a 404 for a
+resource type the API server does not serve (`kubeapi.not_served`: no Istio, or one before
+1.22). Only the verbs in `istio_manifests.ROLE_RULES` are used (checked by a test against a
+recorded run), so the rendered RBAC Role is enough.
 """
 
 from __future__ import annotations
@@ -383,7 +384,7 @@ class IstioRouter:
                 self._ns, _model(k8s.V1Deployment, body), _request_timeout=self._timeout
             )
             return
-        wanted = m.updated_deployment(current, colour, release)
+        wanted = m.updated_deployment(self.layout, current, colour, release)
         spec = {k: v for k, v in current.items() if k != "status"}
         if wanted == spec:
             return  # already serving it: no write, no new generation

@@ -242,7 +242,7 @@ def scoring_container(deployment: Obj) -> Obj | None:
     )
 
 
-def updated_deployment(current: Obj, colour: Colour, release: Release) -> Obj:
+def updated_deployment(layout: IstioLayout, current: Obj, colour: Colour, release: Release) -> Obj:
     """`current` (a Deployment as read) changed only where the router owns it.
 
     That is the scoring container's image (and, for an image not pinned by digest, its
@@ -253,6 +253,9 @@ def updated_deployment(current: Obj, colour: Colour, release: Release) -> Obj:
     kept, and so is `metadata.resourceVersion`. `status` is dropped (it is not ours to write).
     The release's image is checked by `deployment`, which `IstioRouter.deploy` builds first.
     The router sends `merge_patch(current, result)`.
+
+    RouterRefused for a Deployment whose pods the colour's Services would not send to (see
+    `_check_selected`): Istio would answer 503 for its whole share.
     """
     new = copy.deepcopy(current)
     new.pop("status", None)
@@ -263,6 +266,7 @@ def updated_deployment(current: Obj, colour: Colour, release: Release) -> Obj:
         raise RouterRefused(
             f"Deployment {meta.get('namespace')}/{meta.get('name')} has no containers"
         )
+    _check_selected(layout, colour, new, container)
     container["image"] = release.image
     if release.image and not pinned(release.image):
         container["imagePullPolicy"] = "Always"
@@ -279,6 +283,39 @@ def updated_deployment(current: Obj, colour: Colour, release: Release) -> Obj:
     else:
         env[at] = ours  # in place, so a second deploy of the same release changes nothing
     return new
+
+
+def _check_selected(layout: IstioLayout, colour: Colour, deployment: Obj, container: Obj) -> None:
+    """RouterRefused unless the Services `service` makes for `colour` reach `deployment`'s
+    pods: its pod template carries their selector's labels and `container` (the scoring one) a
+    port named as their targetPort. A Deployment of one's own named `<app>-<colour>` may not;
+    then the Services have no endpoints, and Istio answers 503 for the colour's whole share
+    while the deploy and the routes read back fine."""
+    spec = service(layout, colour)["spec"]
+    selector: dict[str, str] = spec["selector"]
+    target: str = spec["ports"][0]["targetPort"]
+    labels = ((deployment["spec"]["template"].get("metadata") or {}).get("labels")) or {}
+    ports = container.get("ports") or []
+    if all(labels.get(k) == v for k, v in selector.items()) and any(
+        p.get("name") == target for p in ports
+    ):
+        return
+    meta = deployment.get("metadata") or {}
+    names = " and ".join(layout.service(colour, pinned=p) for p in (False, True))
+    has_labels = ", ".join(f"{k}={v}" for k, v in labels.items()) or "(none)"
+    has_ports = ", ".join(
+        f"{p['name']}={p.get('containerPort')}" if p.get("name") else str(p.get("containerPort"))
+        for p in ports
+    )
+    raise RouterRefused(
+        f"Deployment {meta.get('namespace')}/{meta.get('name')} is not what Services {names} "
+        f"send to: they select pods labelled "
+        f"{', '.join(f'{k}={v}' for k, v in selector.items())} and send to their container "
+        f"port named `{target}`; the pod template has labels {has_labels} and ports "
+        f"{has_ports or '(none)'} on container `{container.get('name')}`: Istio would answer "
+        f"503 for {colour.value}'s share. Label the pod template and name the scoring "
+        f"container's port `{target}` (as `aml-rollout manifests` and the chart do)"
+    )
 
 
 def merge_patch(current: Obj, wanted: Obj) -> Obj:

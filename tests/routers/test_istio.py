@@ -454,6 +454,57 @@ def test_several_containers_and_none_named_scoring_are_refused_not_guessed(
         router.release(Colour.GREEN)
 
 
+def _mislabelled(labels: dict[str, str], ports: list[dict[str, Any]]) -> dict[str, Any]:
+    dep = m.deployment(LAYOUT, Colour.GREEN, V1)
+    dep["spec"]["selector"] = {"matchLabels": labels}
+    dep["spec"]["template"]["metadata"]["labels"] = labels
+    dep["spec"]["template"]["spec"]["containers"][0]["ports"] = ports
+    return dep
+
+
+@pytest.mark.parametrize(
+    ("labels", "ports", "has"),
+    [
+        pytest.param(
+            {"app": "diabetes"},
+            [{"name": "http", "containerPort": 8000}],
+            "labels app=diabetes and ports http=8000",
+            id="no-version-label",
+        ),
+        pytest.param(
+            {"app": "diabetes", "version": "blue"},
+            [{"name": "http", "containerPort": 8000}],
+            "labels app=diabetes, version=blue and ports http=8000",
+            id="the-other-colour",
+        ),
+        pytest.param(
+            {"app": "diabetes", "version": "green"},
+            [{"containerPort": 8000}],
+            "labels app=diabetes, version=green and ports 8000",
+            id="port-not-named-http",
+        ),
+        pytest.param({}, [], "labels (none) and ports (none)", id="neither"),
+    ],
+)
+def test_a_deployment_the_services_would_not_select_is_refused(
+    api: FakeKubeApiServer, labels: dict[str, str], ports: list[dict[str, Any]], has: str
+) -> None:
+    """Was: a Deployment of one's own named `<app>-<colour>` was deployed over and sent its
+    share though its Service selected none of its pods (or named no port `http`, its
+    targetPort): Istio answered 503 for that share while deploy, get_weights and release all
+    read back fine."""
+    seeded = api.seed(_mislabelled(labels, ports), "deployments", "apps")
+    said = (
+        "Deployment ml/diabetes-green is not what Services diabetes-green and "
+        "diabetes-green-pinned send to: they select pods labelled app=diabetes, version=green "
+        f"and send to their container port named `http`; the pod template has {has} on "
+        "container `scoring`"
+    )
+    with pytest.raises(RouterRefused, match=re.escape(said)):
+        make(api).deploy(Colour.GREEN, V2)
+    assert api.get(*DEPLOYMENT_GREEN) == seeded  # nothing written
+
+
 def test_a_release_pushed_again_under_its_tag_rolls_the_pods_and_pulls_it(
     api: FakeKubeApiServer,
 ) -> None:

@@ -613,7 +613,8 @@ def test_rollout_validate_refuses_what_the_router_would(
 
 # ---- the Helm chart ---------------------------------------------------------------------------
 # helm is not installable here, so the chart keeps to a small subset of Go templates (values,
-# integers, `quote`, `required`, `fail`, `if`, `not`, `and`, `ne`, `add`, `contains`, `range`)
+# integers, "strings", `quote`, `required`, `fail`, `if`, `not`, `and`, `ne`, `add`, `contains`,
+# `index`, `range`)
 # that this renderer implements, and must
 # render to exactly the objects the Python builders make: chart, `manifests` and router cannot
 # drift apart.
@@ -666,12 +667,16 @@ def render_template(text: str, root: dict[str, Any]) -> str:
             return json.loads(quoted) in str(value(subject.strip(), dot))
         if re.fullmatch(r"-?\d+", expr):
             return int(expr)
+        if re.fullmatch(r'"[^"]*"', expr):
+            return json.loads(expr)
         words = _words(expr)
+        if words[0] == "index" and len(words) == 3:  # index .Values.list 0
+            return value(words[1], dot)[value(words[2], dot)]
         if words[0] == "fail":  # fail "message"
             raise ChartFailError(json.loads(words[1]))
         if words[0] == "and":  # true when every argument is (Go's empty values are false)
             return all(value(word, dot) for word in words[1:])
-        if words[0] in ("ne", "add") and len(words) == 3:  # Go's integer rules: any int type
+        if words[0] in ("ne", "add") and len(words) == 3:  # Go's rules: any int type, strings
             left, right = (value(word, dot) for word in words[1:])
             return left != right if words[0] == "ne" else int(left) + int(right)
         head, *filters = (part.strip() for part in expr.split("|"))
@@ -845,6 +850,35 @@ def test_the_chart_renderer_is_not_vacuous() -> None:
         render_template(both, {"Values": {"a": a, "b": b}})
         for a, b in [(1, ""), (0, ""), (1, "x"), (0, "x")]
     ] == ["yes", "", "", ""]
+    first = '{{ if ne (index .Values.l 0) "*" }}{{ index .Values.l 0 }}{{ end }}'
+    assert [render_template(first, {"Values": {"l": hosts}}) for hosts in (["*"], ["a", "*"])] == [
+        "",
+        "a",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("hosts", "curl"),
+    [
+        pytest.param(["*"], "curl ", id="any-host"),
+        pytest.param(
+            ["churn.example.com", "churn.internal"], "curl -H 'Host: churn.example.com' ",
+            id="hosts-set",
+        ),
+    ],
+)  # fmt: skip
+def test_the_chart_notes_curl_the_host_the_gateway_serves(hosts: list[str], curl: str) -> None:
+    """Was: always `curl http://$INGRESS_IP/score`: with `hosts` set (as the docs tell a second
+    model to) a request to the IP matches none of its hosts: Envoy answers 404, or the first
+    model's `*` answers it."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    root = {"Values": {**defaults, "hosts": hosts}, "Release": {"Namespace": "ml"}}
+    notes = render_template((CHART / "templates" / "NOTES.txt").read_text(), root)
+    lines = [line.strip() for line in notes.splitlines() if line.strip().startswith("curl ")]
+    assert [line.partition("#")[0].rstrip() for line in lines] == [
+        f"{curl}http://$INGRESS_IP/score",
+        f"{curl}-H 'x-api-version: blue' http://$INGRESS_IP/score",
+    ]
 
 
 @pytest.mark.parametrize(("green", "blue"), [(60, 60), (100, 10), (50, 0)])
