@@ -1177,7 +1177,7 @@ def _analyse(
 
     if obs is None or obs.error is not None:
         limit = analysis.max_consecutive_errors
-        why = obs.error if obs is not None else "no observation"
+        why = (obs.error if obs is not None else None) or "no observation"
         status = replace(status, verdict=Verdict.ERROR)
         if status.consecutive_errors >= limit and status.phase is Phase.PROGRESSING:
             return _decide(
@@ -1188,7 +1188,9 @@ def _analyse(
                 notes,
             )
         if status.phase is not Phase.PAUSED:  # a pause's or hold's why stays (the record says)
-            status = replace(status, reason=f"metrics unreadable ({why}); holding")
+            # (Counts read but unusable say so themselves: not "unreadable (metrics unusable".)
+            said = why if why.startswith("metrics unusable") else f"metrics unreadable ({why})"
+            status = replace(status, reason=f"{said}; holding")
         return _decide(status, (), record, notes)
 
     status, off_plan = _follow_plan(spec, status, record)

@@ -1399,7 +1399,7 @@ def test_unusable_counts_from_a_custom_source_are_an_error_tick_naming_colour_an
     assert status.phase is Phase.PROGRESSING and status.step_index == 0
     assert status.verdict is Verdict.ERROR
     assert status.consecutive_errors == 2
-    assert said in status.reason and "metrics unusable" in status.reason
+    assert said in status.reason and status.reason.startswith("metrics unusable: ")
     assert status.errors.canary_requests == 0  # nothing of them folded
     ticks = [r for r in read_ledger(tmp_path / "t.ledger.jsonl") if "metrics_error" in r]
     assert len(ticks) == 2 and said in ticks[-1]["metrics_error"]
