@@ -595,37 +595,36 @@ class AzureMLRouter:
     def get_weights(self) -> Weights:
         """The weights the endpoint's `traffic` holds now, with its `mirror_traffic` to blue.
 
-        RouterError while that may not be what serves: the endpoint's last change Failed or was
-        Canceled (Azure may show the traffic it was asked for), or a change is in progress
-        (Creating, Updating, Deleting: what it shows is what was asked for). The controller then
-        counts the data plane as unread (and `set_weights` writes a Failed endpoint again).
+        WeightsUnsettled (a RouterError, carrying the weights shown) while that may not be what
+        serves: the endpoint's last change Failed or was Canceled (Azure may show the traffic it
+        was asked for), or a change is in progress (Creating, Updating, Deleting: what it shows
+        is what was asked for). The controller then counts the data plane as unread (and
+        `set_weights` writes a Failed endpoint again).
         """
         endpoint = self._endpoint()
         state = _state(endpoint)
-        if _failed(endpoint) or state.lower() in _IN_PROGRESS:
-            shown = {"traffic": nonzero(endpoint.traffic or {})}
-            if endpoint.mirror_traffic:
-                shown["mirror_traffic"] = nonzero(endpoint.mirror_traffic)
-            why = (
-                "its last change did not apply, so what it shows may be what was asked for, not "
-                "what serves (the next weights change writes it again)"
-                if _failed(endpoint)
-                else "a change is in progress, so what it shows is what was asked for, not yet "
-                "what serves (read again once Azure has finished it)"
-            )
-            try:
-                weights: Weights | None = weights_from_traffic(
-                    shown["traffic"], self._keys, shown.get("mirror_traffic", {})
-                )
-            except RouterError:
-                weights = None  # a split no rollout writes: still someone's
-            raise WeightsUnsettled(
-                f"endpoint {self.endpoint} is in provisioning state {state}: {why}; it shows "
-                + ", ".join(f"{k} {v}" for k, v in shown.items()),
-                weights,
-            )
-        return weights_from_traffic(
-            nonzero(endpoint.traffic or {}), self._keys, nonzero(endpoint.mirror_traffic or {})
+        traffic, mirror = nonzero(endpoint.traffic or {}), nonzero(endpoint.mirror_traffic or {})
+        if not (_failed(endpoint) or state.lower() in _IN_PROGRESS):
+            return weights_from_traffic(traffic, self._keys, mirror)
+        shown = {
+            "traffic": traffic,
+            **({"mirror_traffic": mirror} if endpoint.mirror_traffic else {}),
+        }
+        why = (
+            "its last change did not apply, so what it shows may be what was asked for, not "
+            "what serves (the next weights change writes it again)"
+            if _failed(endpoint)
+            else "a change is in progress, so what it shows is what was asked for, not yet "
+            "what serves (read again once Azure has finished it)"
+        )
+        try:
+            weights: Weights | None = weights_from_traffic(traffic, self._keys, mirror)
+        except RouterError:
+            weights = None  # a split no rollout writes: still someone's
+        raise WeightsUnsettled(
+            f"endpoint {self.endpoint} is in provisioning state {state}: {why}; it shows "
+            + ", ".join(f"{k} {v}" for k, v in shown.items()),
+            weights,
         )
 
     def remove(self, colour: Colour) -> None:
