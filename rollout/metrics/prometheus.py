@@ -19,6 +19,8 @@ reads the raw cumulative counters instead, with prometheus-api-client:
    by piece (a drop means the counter restarted from 0), which is exact where `increase()` is not.
 
 Per-series deltas are summed per colour, and histogram buckets per `le` (converted to seconds).
+The presets also read the newest requests sample's age: one older than STALE_SAMPLE_S is warned
+about (Prometheus stores nothing new, so the counts would stay put without a word).
 
 Presets (label values per colour come from `labels`; `match_labels` adds exact matchers to every
 series a preset reads, scoping it to one Envoy or mesh on a shared Prometheus):
@@ -87,6 +89,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import math
 import re
 import socket
@@ -105,6 +108,8 @@ from rollout.routers.base import TrafficRouter
 if TYPE_CHECKING:
     from rollout.metrics.prometheus_auth import AzureBearerAuth, BasicAuth, BearerAuth
 
+log = logging.getLogger(__name__)
+
 #: How far back before a step's start a series' last sample says it existed (Prometheus'
 #: default lookback).
 LOOKBACK_S = 300
@@ -122,6 +127,13 @@ MAX_POINTS = 300
 
 #: The most restarted series whose raw samples are asked for one by one (`_raw`).
 MAX_EXACT_SERIES = 20
+
+#: A preset's newest requests sample older than this at a tick (2.5 of Prometheus' default 1 min
+#: scrape interval) says Prometheus stores no new samples of the data plane — its disk full, or
+#: its scrape of it failing — while the counts it still answers stay where they were: a step
+#: would wait with nothing said. It is warned about (the counts are still the last known ones,
+#: and a managed Prometheus' ingestion lag must not fail a step).
+STALE_SAMPLE_S = 150.0
 
 Series = tuple[tuple[str, str], ...]
 #: A scrape target, as its series name it: their `job` and `instance` labels.
@@ -232,6 +244,7 @@ class PrometheusMetrics:
         self._answer: Any = None
         session.hooks["response"].append(self._keep_answer)
         self._client_cert = cert is not None
+        self._stale_warned = False  # one warning per stretch of stale samples
         # No retries: the controller asks again next tick, and "down" must show quickly.
         self._client = PrometheusConnect(
             url=self.url,
@@ -390,6 +403,7 @@ class PrometheusMetrics:
                 else None,
             },
         }
+        detail["newest_sample_age_s"] = self._newest_sample_age(preset.requests, values, now)
         for colour in Colour:
             value = self.labels.of(colour)
             n = _total(requests, preset.requests.colour_label, value)
@@ -408,6 +422,31 @@ class PrometheusMetrics:
             }
             counts[colour] = _counts(n, e, histogram, detail[colour.value])
         return counts, detail
+
+    def _newest_sample_age(
+        self, series_set: SeriesSet, values: list[str], now: float
+    ) -> float | None:
+        """Seconds from the newest sample of the colours' requests series to `now` (None: none
+        in the lookback), warned about once per stretch when above STALE_SAMPLE_S."""
+        result = self._query(f"max(timestamp({series_set.selector(values)}))", now)
+        newest = _number(result[0].get("value", [None, "NaN"])[1]) if result else None
+        if newest is None:
+            return None
+        age = round(max(0.0, now - newest), 3)
+        if age <= STALE_SAMPLE_S:
+            self._stale_warned = False
+        elif not self._stale_warned:
+            self._stale_warned = True
+            log.warning(
+                "Prometheus at %s: the newest sample of %s is %.0f s old: Prometheus stores no "
+                "new samples of the data plane (is its disk full? see its log) or no longer "
+                "scrapes it; the counts stay at their last values, so the step can neither "
+                "advance nor roll back",
+                self.url,
+                series_set.metric,
+                age,
+            )
+        return age
 
     def _deltas(
         self,

@@ -137,6 +137,15 @@ class FakePrometheus:
             if kind != "vector":
                 raise ValueError(f"fake Prometheus: count() of a {kind}")
             return "vector", [{"metric": {}, "value": [at, str(len(items))]}] if items else []
+        if query.startswith("max(timestamp(") and query.endswith("))"):
+            # The newest sample's own time of the selected series (not the evaluation time).
+            newest = [
+                before[-1][0]
+                for _, samples in self._select(query[len("max(timestamp(") : -2])
+                if (before := [(t, v) for t, v in samples if at - LOOKBACK_S < t <= at])
+                and before[-1][1] is not STALE
+            ]
+            return "vector", [{"metric": {}, "value": [at, _fmt(max(newest))]}] if newest else []
         if query.startswith("resets(") and query.endswith(")"):
             subquery = _SUBQUERY.fullmatch(query[len("resets(") : -1])
             if subquery is not None:

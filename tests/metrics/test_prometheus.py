@@ -769,6 +769,39 @@ def test_a_failed_scrape_at_the_tick_keeps_the_steps_counts(prom: FakePrometheus
     assert (observation.blue.requests, observation.blue.errors) == (20, 2)
 
 
+def test_a_prometheus_storing_no_new_samples_is_warned_about_once_per_stretch(
+    prom: FakePrometheus, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Scraped every second up to T0, then nothing more is stored (its disk full): the counts
+    # Prometheus still answers stay put, and only the samples' own times say so.
+    counter(prom, "envoy_cluster_upstream_rq_completed", "blue", [float(i) for i in range(11)])
+    metrics = envoy(prom)
+    with caplog.at_level("WARNING", logger="rollout.metrics.prometheus"):
+        fresh = metrics.observe(T0 - 5, T0 + 30)
+        assert caplog.records == []
+        stale = [metrics.observe(T0 - 5, T0 + prometheus.STALE_SAMPLE_S + s) for s in (10, 20)]
+    assert fresh.detail["newest_sample_age_s"] == 30
+    assert [o.detail["newest_sample_age_s"] for o in stale] == [
+        prometheus.STALE_SAMPLE_S + 10,
+        prometheus.STALE_SAMPLE_S + 20,
+    ]
+    assert all(o.error is None and o.blue.requests == 5 for o in stale)  # still the counts
+    assert len(caplog.records) == 1
+    assert "newest sample of envoy_cluster_upstream_rq_completed is 160 s old" in caplog.text
+    assert "disk full" in caplog.text
+    # Fresh again, then stale again: a new stretch, warned about again.
+    prom.add(
+        "envoy_cluster_upstream_rq_completed", {"envoy_cluster_name": "green"}, [(T0 + 400, 1)]
+    )
+    metrics.observe(T0 - 5, T0 + 401)
+    metrics.observe(T0 - 5, T0 + 401 + prometheus.STALE_SAMPLE_S + 1)
+    assert len(caplog.records) == 2
+
+
+def test_no_requests_series_has_no_sample_age(prom: FakePrometheus) -> None:
+    assert envoy(prom).observe(T0, T0 + 10).detail["newest_sample_age_s"] is None
+
+
 #: The envoy preset's series through the custom preset, as a spec would write them.
 ENVOY_AS_CUSTOM = PromQueries(
     requests='envoy_cluster_upstream_rq_completed{envoy_cluster_name="{colour}"}',
