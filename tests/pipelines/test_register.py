@@ -27,6 +27,7 @@ def _production(**tags: str) -> ModelVersion:
 
 
 PROD = _production(mse="10", rmse="3.5", r2="0.5")
+OVERFLOWED = _production(mse="inf", rmse="inf", r2="-inf")
 
 
 @pytest.mark.parametrize(
@@ -44,6 +45,16 @@ PROD = _production(mse="10", rmse="3.5", r2="0.5")
             {"mse": 1.0}, _production(mse="?"), "mse", 0, False, "no usable", id="bad-tag"
         ),
         pytest.param({"mse": float("nan")}, None, "mse", 0, False, "mse is nan", id="nan"),
+        # a forced model whose held-out error overflowed: every later candidate was refused
+        pytest.param({"mse": 1e6}, OVERFLOWED, "mse", 0, True, "any finite mse", id="inf-mse"),
+        pytest.param({"rmse": 1e3}, OVERFLOWED, "rmse", 0.1, True, "any finite", id="inf-rmse"),
+        pytest.param({"r2": -5.0}, OVERFLOWED, "r2", 0, True, "any finite", id="minus-inf-r2"),
+        pytest.param(
+            {"mse": 1.0}, _production(mse="nan"), "mse", 0, False, "no usable", id="nan-tag"
+        ),
+        pytest.param(
+            {"mse": 1.0}, _production(mse="-inf"), "mse", 0, False, "no usable", id="minus-inf-mse"
+        ),
     ],
 )
 def test_gate_decisions(candidate, production, metric, slack, passed, reason) -> None:
