@@ -316,7 +316,10 @@ def _previous_folder(path: Path) -> bool:
         return False
     if (path / PREVIOUS_MARK).is_file():
         return True
-    return all(entry.name in FRESH_STEPS and _step_folder(entry) for entry in path.iterdir())
+    try:
+        return all(entry.name in FRESH_STEPS and _step_folder(entry) for entry in path.iterdir())
+    except OSError:  # unreadable: not known to be run-local's, so not removed
+        return False
 
 
 def _move_earlier_outputs(run_dir: Path, earlier: list[str], run: str) -> None:

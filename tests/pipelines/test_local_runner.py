@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -444,6 +445,23 @@ def test_only_run_locals_own_folders_are_moved_aside(
             _earlier_outputs(tmp_path)
     else:
         assert _earlier_outputs(tmp_path) == expected
+
+
+def test_an_unreadable_previous_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # chmod does not stop root (the CI container's user): the listing fails as it would then
+    _layout(tmp_path, [*RUN, "previous/train/std_log.txt"])
+    real = Path.iterdir
+
+    def iterdir(self: Path) -> Iterator[Path]:
+        if self.name == "previous":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(ConfigError, match="holds previous/ that run-local did not make"):
+        _earlier_outputs(tmp_path)
 
 
 def test_a_project_folder_is_refused_as_run_dir_and_left_as_it_was(tmp_path: Path) -> None:
