@@ -8,7 +8,8 @@ and walks its nodes:
 2. bind every output to a folder `<run_dir>/<node>/<output>/`, every input to the pipeline value,
    the upstream output folder, or the component's default; the train, register and package
    folders an earlier run of the folder left are moved to `<run_dir>/previous/` before the
-   first step runs (FRESH_STEPS), so no step leaves another run's outputs looking current;
+   first step runs (FRESH_STEPS), so no step leaves another run's outputs looking current —
+   only run-local's own (_earlier_outputs), and one run at a time per folder (_exclusive);
 3. render the component's declared `command` as Azure ML does: `$[[...]]` optional blocks are
    kept only when their inputs are bound, `${{inputs.x}}` / `${{outputs.y}}` are substituted into
    the text, which is then split as a shell would (the YAMLs quote string and path values) —
@@ -32,6 +33,7 @@ azure.ai.ml is imported once, here, to load the components; the steps themselves
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -83,6 +85,15 @@ RUN_ID_FILE = ".run-id"
 
 #: `<run_dir>/previous/`: the step folders an earlier run of the folder left there.
 PREVIOUS_DIR = "previous"
+
+#: `<run_dir>/previous/.run-local`: marks a previous/ run-local made, the only kind it replaces.
+PREVIOUS_MARK = ".run-local"
+
+#: `<run_dir>/.run-local.lock`: locked (flock) by the run-local running there, its PID in it.
+LOCK_FILE = ".run-local.lock"
+
+#: What run-local writes in every step folder it makes: tells its folders from a user's.
+STEP_LOG = "std_log.txt"
 
 #: The steps whose folders hold only what their run made of its model, moved aside as a run
 #: starts. Not the rollout step's: its result folder is the rollout's state store, which a later
@@ -151,11 +162,12 @@ def run_id(run_dir: Path) -> str:
     itself by it (its versions' `source_run`), so it must be the folder's, not its name, which
     two folders share (`/a/out`, `/b/out`): the second run took production's own model for one
     it had registered itself and rolled it out again. A run folder from before `.run-id` (a step
-    folder, no file) keeps its name, which its versions' `source_run` holds. Any one line is
-    an id (the name may have spaces); an empty or multi-line file is refused.
+    folder holding its std_log.txt, no file) keeps its name, which its versions' `source_run`
+    holds; a folder merely named like a step (a project's `train/` code) does not make one. Any
+    one line is an id (the name may have spaces); an empty or multi-line file is refused.
     """
     path = run_dir / RUN_ID_FILE
-    legacy = not path.exists() and any((run_dir / step).is_dir() for step in STEPS)
+    legacy = not path.exists() and any(_step_folder(run_dir / step) for step in STEPS)
     made = run_dir.name if legacy else f"{run_dir.name}-{uuid.uuid4().hex[:12]}"
     try:
         # Created once: a second run of the folder reads the first's id rather than replace it.
@@ -207,49 +219,126 @@ def run_local(
     except OSError as exc:  # e.g. --run-dir naming a file: one line, no traceback
         raise ConfigError(f"run_dir {run_dir}: cannot create it: {exc.strerror}") from None
     emit = sink or _log_sink
-    run = run_id(run_dir)
-    # Stopping before the rollout step, nothing here rolls the version out: the register step
-    # must then not tag it as the job's own (`rollout_by`), or no trigger would ever deliver it.
-    rolls_out = until == "rollout"
-    # Production's files for the gate's re-score, bound as `pipeline submit` binds them (the
-    # step gets the folder in its production_model input, as Azure ML mounts the version).
-    production = _production_folder(params)
-    job = build_pipeline(params, rolls_out=rolls_out, production_model=production)
-    nodes = _plan(job, until)
-    # the pipeline's inputs
-    values = {**asdict(params), "rollout_in_job": rolls_out, "production_model": production}
-    # Every step's command line before the first runs: a value no command line can carry (a
-    # `'`) stopped the run at ITS step, after train and register had left a version behind.
-    planned = _render_all(nodes, values, run_dir)
-    result = LocalRun(run_dir)
-    emit(f"local run {run}: {' → '.join(n.name for n in nodes)} in {run_dir}")
-    if moved := _move_earlier_outputs(run_dir):
-        emit(f"the earlier run's {', '.join(moved)} moved to {run_dir / PREVIOUS_DIR}")
-    commit = source_commit()  # as in Azure ML (build.stamp_source): "-dirty" included
-    with _Stopper().installed() as stopper:
-        for node in planned:
-            _run_step(node, run, params, commit, env, stopper, result, emit)
+    _earlier_outputs(run_dir)  # a folder not run-local's: refused before anything is written in it
+    with _exclusive(run_dir):
+        # Again, under the lock: a run that just ended there may have changed the folder.
+        earlier = _earlier_outputs(run_dir)
+        run = run_id(run_dir)
+        # Stopping before the rollout step, nothing here rolls the version out: the register
+        # step must then not tag it as the job's own (`rollout_by`), or no trigger would ever
+        # deliver it.
+        rolls_out = until == "rollout"
+        # Production's files for the gate's re-score, bound as `pipeline submit` binds them
+        # (the step gets the folder in its production_model input, as Azure ML mounts it).
+        production = _production_folder(params)
+        job = build_pipeline(params, rolls_out=rolls_out, production_model=production)
+        nodes = _plan(job, until)
+        # the pipeline's inputs
+        values = {**asdict(params), "rollout_in_job": rolls_out, "production_model": production}
+        # Every step's command line before the first runs: a value no command line can carry
+        # (a `'`) stopped the run at ITS step, after train and register left a version behind.
+        planned = _render_all(nodes, values, run_dir)
+        result = LocalRun(run_dir)
+        emit(f"local run {run}: {' → '.join(n.name for n in nodes)} in {run_dir}")
+        if earlier:
+            _move_earlier_outputs(run_dir, earlier, run)
+            emit(f"the earlier run's {', '.join(earlier)} moved to {run_dir / PREVIOUS_DIR}")
+        commit = source_commit()  # as in Azure ML (build.stamp_source): "-dirty" included
+        with _Stopper().installed() as stopper:
+            for node in planned:
+                _run_step(node, run, params, commit, env, stopper, result, emit)
     return result
 
 
-def _move_earlier_outputs(run_dir: Path) -> list[str]:
-    """Move the FRESH_STEPS folders an earlier run left in `run_dir` to `<run_dir>/previous/`
-    (an older `previous/` removed first); the steps moved.
+@contextmanager
+def _exclusive(run_dir: Path) -> Iterator[None]:
+    """Hold `<run_dir>/LOCK_FILE` (flock) meanwhile; a run-local already holding it: refused.
+
+    Two runs in one folder interleaved silently: the second moved the first's live train/ to
+    previous/, then overwrote its outputs. The lock goes with the process (a killed run-local
+    holds nothing); its PID is written in the file for the refusal to name.
+    """
+    path = run_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise ConfigError(f"run_dir {run_dir}: cannot open {path}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("utf-8", "replace").strip() or "?"
+            raise ConfigError(
+                f"run_dir {run_dir} is in use by another run-local (PID {holder}): wait for it "
+                "to end or give another --run-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _step_folder(path: Path) -> bool:
+    """`path` is a step folder run-local wrote (its std_log.txt in it)."""
+    return path.is_dir() and not path.is_symlink() and (path / STEP_LOG).is_file()
+
+
+def _earlier_outputs(run_dir: Path) -> list[str]:
+    """The FRESH_STEPS folders an earlier run left in `run_dir`, to move to previous/.
+
+    Only run-local's: in a folder without `.run-id` a step-named folder must hold its
+    std_log.txt, and the previous/ they replace must be one run-local made (PREVIOUS_MARK,
+    or, from before the mark, only step folders). Was: `--run-dir .` in a project root moved
+    its `train/` code to previous/, and the next run deleted it, with the user's previous/.
+    """
+    earlier = [step for step in FRESH_STEPS if os.path.lexists(run_dir / step)]
+    if not earlier:
+        return []
+    ours = (run_dir / RUN_ID_FILE).is_file()
+    if not ours and (foreign := [s for s in earlier if not _step_folder(run_dir / s)]):
+        raise ConfigError(
+            f"run_dir {run_dir} holds {', '.join(f'{step}/' for step in foreign)} that "
+            "run-local did not write; give an empty folder or one run-local made"
+        )
+    previous = run_dir / PREVIOUS_DIR
+    if os.path.lexists(previous) and not _previous_folder(previous):
+        raise ConfigError(
+            f"run_dir {run_dir} holds {PREVIOUS_DIR}/ that run-local did not make, where the "
+            f"earlier run's {', '.join(earlier)} would go; move it away or give another --run-dir"
+        )
+    return earlier
+
+
+def _previous_folder(path: Path) -> bool:
+    """`path` is a previous/ run-local made (marked, or only step folders: from before the mark)."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if (path / PREVIOUS_MARK).is_file():
+        return True
+    try:
+        return all(entry.name in FRESH_STEPS and _step_folder(entry) for entry in path.iterdir())
+    except OSError:  # unreadable: not known to be run-local's, so not removed
+        return False
+
+
+def _move_earlier_outputs(run_dir: Path, earlier: list[str], run: str) -> None:
+    """Move `earlier` (from _earlier_outputs, which checked they and previous/ are run-local's)
+    to `<run_dir>/previous/`, an older `previous/` removed first, the new one marked.
 
     Was: `--until train` (or a run stopped by the gate) left the earlier run's register/ and
     package/ in place, describing the old model version, read by a user or a later step as this
     run's. Every step of this run writes a fresh folder; one it does not reach is absent.
     """
-    earlier = [step for step in FRESH_STEPS if (run_dir / step).exists()]
-    if not earlier:
-        return []
     previous = run_dir / PREVIOUS_DIR
     try:
-        if previous.is_dir() and not previous.is_symlink():
+        if previous.is_dir():
             shutil.rmtree(previous)
-        else:
-            previous.unlink(missing_ok=True)
         previous.mkdir()
+        (previous / PREVIOUS_MARK).write_text(
+            f"made by aml-rollout pipeline run-local (run {run}): its next run replaces it\n",
+            encoding="utf-8",
+        )
         for step in earlier:
             (run_dir / step).rename(previous / step)
     except OSError as exc:
@@ -257,7 +346,6 @@ def _move_earlier_outputs(run_dir: Path) -> list[str]:
             f"run_dir {run_dir}: cannot move the earlier run's outputs to {previous}: "
             f"{exc.strerror or exc}"
         ) from None
-    return earlier
 
 
 def _render_all(nodes: list[_Node], values: Mapping[str, Any], run_dir: Path) -> list[_Planned]:
@@ -301,7 +389,7 @@ def _run_step(
 ) -> None:
     """Run one step and record it in `result`; raise on anything but exit 0."""
     argv, outputs, code_dir = node.argv, node.outputs, node.code_dir
-    log_file = result.run_dir / node.name / "std_log.txt"
+    log_file = result.run_dir / node.name / STEP_LOG
     for folder in outputs.values():
         folder.mkdir(parents=True, exist_ok=True)
     step_env = {

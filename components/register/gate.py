@@ -8,7 +8,9 @@ The candidate must be another model than production's (another sha256): the same
 (unchanged data, seed and code) are refused, there being nothing new to roll out.
 
 Lower is better for `mse` and `rmse`, higher for `r2`. `max_regression` allows a relative slack
-(0.02 = up to 2 % worse still passes); the default 0 refuses anything worse.
+(0.02 = up to 2 % worse still passes); the default 0 refuses anything worse. A production tag
+at the worst value there is (mse or rmse `inf`: a forced model whose held-out error overflowed)
+is beaten by any finite candidate; a NaN one cannot be compared (refused).
 
 **Only comparable metrics are compared.** A metric measured on other evaluation data says nothing
 about which model is better: a lower mse on easier held-out rows would pass a worse model, a
@@ -128,6 +130,19 @@ def evaluate_gate(
         baseline = float(raw) if raw is not None else math.nan
     except ValueError:
         baseline = math.nan
+    if baseline == (math.inf if LOWER_IS_BETTER[metric] else -math.inf):
+        # The worst value there is (a forced model whose held-out error overflowed): refused as
+        # "no usable tag", it refused every candidate after it. Whatever data each was measured
+        # on, a finite value is better.
+        return GateDecision(
+            True,
+            f"production {label}'s {metric} is {baseline} (its held-out error overflowed): any "
+            f"finite {metric} is better ({metric}={candidate:.6g})",
+            metric,
+            candidate,
+            None,
+            production.version,
+        )
     if not math.isfinite(baseline):
         return GateDecision(
             False,

@@ -12,7 +12,8 @@ Tags written on the new version: its metrics (mse, rmse, r2), `stage=candidate`,
 gate compares only metrics measured on the same held-out data, see gate.py) and the gate outcome
 (`gate=passed|forced`, `gate_baseline`). Re-running the step in the same run (same `source_run`)
 with the same bits registers nothing new: registration.json names the version that run
-registered before (given `rollout_by=pipeline-job` if this attempt's job rolls it out). The
+registered before (given `rollout_by=pipeline-job` if this attempt's job rolls it out; a
+candidate loses the tag if it does not). The
 registry itself is injected, so the same code runs against the local folder registry and Azure
 ML; `source` lets Azure ML register the job-output URI of the folder instead of uploading local
 files.
@@ -438,6 +439,23 @@ def register_model(
             version = registry.set_tags(name, version.version, {ROLLOUT_BY_TAG: ROLLOUT_BY_JOB})
             log.info(
                 "%s version %s tagged %s=%s", name, version.version, ROLLOUT_BY_TAG, ROLLOUT_BY_JOB
+            )
+        elif (
+            not rollout_in_job
+            and version.stage == Stage.CANDIDATE
+            and version.tags.get(ROLLOUT_BY_TAG) == ROLLOUT_BY_JOB
+        ):
+            # Tagged by an earlier attempt whose job was to roll it out (`run-local --until
+            # rollout`, its rollout step failed); nothing in this one does: with the tag kept
+            # the triggers skip it, and no one ever delivered it.
+            version = registry.set_tags(name, version.version, {ROLLOUT_BY_TAG: ""})
+            log.info(
+                "%s version %s: tag %s=%s removed: nothing in this run rolls it out, the "
+                "triggers deliver it (one that closed it as skipped already does not)",
+                name,
+                version.version,
+                ROLLOUT_BY_TAG,
+                ROLLOUT_BY_JOB,
             )
     else:
         check_case_twin(registry, name)

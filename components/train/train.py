@@ -345,6 +345,15 @@ def train(
     except (ValueError, FloatingPointError) as exc:
         raise ConfigError(f"data: Ridge cannot be fitted on {dataset.source}: {exc}") from exc
     metrics = held_out_metrics(y_test, predicted)
+    if not all(math.isfinite(value) for value in metrics.values()):
+        # Written as is, model.json held `Infinity` / `NaN` (not JSON), and the gate refused the
+        # model for a reason that did not say this; forced, its mse=inf tag refused every
+        # later candidate.
+        shown = ", ".join(f"{key}={value:.6g}" for key, value in metrics.items())
+        raise ConfigError(
+            f"data: the held-out metrics are not finite ({shown}) on {dataset.source}: the "
+            "error overflows float64 (values too large); rescale the target"
+        )
 
     # The metrics hold only for these rows: another split of the same data gives other numbers.
     eval_fingerprint = dataset.fingerprint_of(x_test, y_test)
@@ -395,11 +404,16 @@ def train(
 
 
 def held_out_metrics(target: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
-    """mse, rmse and r2 of `predicted` against `target`: what model.json's metrics hold."""
+    """mse, rmse and r2 of `predicted` against `target`: what model.json's metrics hold.
+
+    Values too large overflow to inf or NaN, returned as such (no warning): the callers judge.
+    """
     from sklearn.metrics import mean_squared_error, r2_score
 
-    mse = float(mean_squared_error(target, predicted))
-    return {"mse": mse, "rmse": math.sqrt(mse), "r2": float(r2_score(target, predicted))}
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        mse = float(mean_squared_error(target, predicted))
+        r2 = float(r2_score(target, predicted))
+    return {"mse": mse, "rmse": math.sqrt(mse), "r2": r2}
 
 
 def _write_held_out(path: Path, dataset: Dataset, features: np.ndarray, target: np.ndarray) -> None:

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from aml_pipelines.errors import (
     StepFailed,
 )
 from aml_pipelines.local_runner import (
+    _earlier_outputs,
     _execute,
     _render_value,
     _Stopper,
@@ -216,7 +218,12 @@ def test_a_run_id_belongs_to_its_run_folder_not_to_its_name(tmp_path: Path) -> N
     # a run folder from before `.run-id`: its versions' source_run named it by its name
     old = tmp_path / "c" / "out"
     (old / "register" / "registration").mkdir(parents=True)
+    (old / "register" / "std_log.txt").write_text("")
     assert run_id(old) == run_id(old) == "out"
+    # a project's `train/` code is not a step folder: the id was silently the folder's name
+    project = tmp_path / "d" / "proj"
+    (project / "train").mkdir(parents=True)
+    assert run_id(project).startswith("proj-")
 
 
 @pytest.mark.parametrize("name", ["run 3", " padded ", "tab\there"], ids=["space", "padded", "tab"])
@@ -227,6 +234,8 @@ def test_a_run_folder_whose_name_has_whitespace_keeps_its_run_id(
     # `--run-dir "run 3"` ran once: its id `run 3-<hex>` was then refused as damaged (two words).
     folder = tmp_path / name
     (folder / "train" if legacy else folder).mkdir(parents=True)
+    if legacy:
+        (folder / "train" / "std_log.txt").write_text("")
     first = run_id(folder)
     assert first == (name if legacy else first) and first.startswith(name)
     assert run_id(folder) == run_id(folder) == first
@@ -359,6 +368,7 @@ def test_run_local_reports_only_a_registration_this_run_made(tmp_path: Path) -> 
     run = tmp_path / "run"
     stale = run / "register" / "registration"
     stale.mkdir(parents=True)
+    (run / ".run-id").write_text("run-0123456789ab\n")
     (stale / "registration.json").write_text(
         json.dumps({"name": "diabetes-ridge", "version": 7, "sha256": "0" * 64})
     )
@@ -370,7 +380,9 @@ def test_run_local_reports_only_a_registration_this_run_made(tmp_path: Path) -> 
     trained = CliRunner().invoke(app, [*args, "--until", "train"], terminal_width=400)
     assert trained.exit_code == 0, trained.output
     assert "local run complete" in trained.output and "registered" not in trained.output
-    assert sorted(p.name for p in run.iterdir()) == [".run-id", "previous", "rollout", "train"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".run-id", ".run-local.lock", "previous", "rollout", "train"
+    ]  # fmt: skip
     assert (run / "previous" / "register" / "registration" / "registration.json").is_file()
     assert (run / "previous" / "package" / "package" / "package.json").is_file()
     assert f"earlier run's register, package moved to {run / 'previous'}" in trained.output
@@ -378,9 +390,110 @@ def test_run_local_reports_only_a_registration_this_run_made(tmp_path: Path) -> 
     registered = CliRunner().invoke(app, [*args, "--until", "register"], terminal_width=400)
     assert registered.exit_code == 0, registered.output
     # the run before's train/ replaces the older outputs there
-    assert sorted(p.name for p in (run / "previous").iterdir()) == ["train"]
+    assert sorted(p.name for p in (run / "previous").iterdir()) == [".run-local", "train"]
     sha256 = LocalRegistry(tmp_path / "registry").get("diabetes-ridge", 1).sha256
     assert f"registered diabetes-ridge version 1 (sha256 {sha256})" in registered.output
+
+
+def _layout(root: Path, files: list[str]) -> None:
+    """Create `files` under `root` (a name ending in `/`: an empty folder)."""
+    for name in files:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith("/"):
+            path.mkdir(exist_ok=True)
+        else:
+            path.write_text("x")
+
+
+RUN = [".run-id", "train/std_log.txt", "register/registration/registration.json"]
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        pytest.param([], [], id="empty"),
+        pytest.param(RUN, ["train", "register"], id="run-folder"),
+        pytest.param(["train/std_log.txt", "package/std_log.txt"], ["train", "package"],
+                     id="run-folder-from-before-run-id"),
+        # nothing to move: a previous/ of the user's is left alone
+        pytest.param(["previous/notes.txt", "rollout/std_log.txt"], [], id="nothing-to-move"),
+        pytest.param([*RUN, "previous/.run-local", "previous/notes.txt"], ["train", "register"],
+                     id="marked-previous"),
+        pytest.param([*RUN, "previous/package/std_log.txt"], ["train", "register"],
+                     id="previous-from-before-the-mark"),
+        pytest.param([*RUN, "previous/"], ["train", "register"], id="empty-previous"),
+        # `--run-dir .` in a project root: its train/ code was moved, then deleted
+        pytest.param(["train/my_train.py"], "holds train/ that run-local did not write",
+                     id="code-folder"),
+        pytest.param(["register/std_log.txt", "train/my_train.py", "package/"],
+                     "holds train/, package/ that run-local did not write", id="beside-ours"),
+        pytest.param([*RUN, "previous/notes.txt"],
+                     "holds previous/ that run-local did not make, where the earlier run's train, "
+                     "register would go", id="user-previous"),
+        pytest.param([*RUN, "previous/train/my_train.py"], "holds previous/ that run-local",
+                     id="user-previous-with-a-step-name"),
+        pytest.param([*RUN, "previous"], "holds previous/ that run-local", id="previous-file"),
+    ],
+)  # fmt: skip
+def test_only_run_locals_own_folders_are_moved_aside(
+    tmp_path: Path, files: list[str], expected: list[str] | str
+) -> None:
+    _layout(tmp_path, files)
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=f"^run_dir {re.escape(str(tmp_path))} {expected}"):
+            _earlier_outputs(tmp_path)
+    else:
+        assert _earlier_outputs(tmp_path) == expected
+
+
+def test_an_unreadable_previous_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # chmod does not stop root (the CI container's user): the listing fails as it would then
+    _layout(tmp_path, [*RUN, "previous/train/std_log.txt"])
+    real = Path.iterdir
+
+    def iterdir(self: Path) -> Iterator[Path]:
+        if self.name == "previous":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(ConfigError, match="holds previous/ that run-local did not make"):
+        _earlier_outputs(tmp_path)
+
+
+def test_a_project_folder_is_refused_as_run_dir_and_left_as_it_was(tmp_path: Path) -> None:
+    # `run-local --run-dir .` in a project root moved its train/ code into previous/, deleting
+    # the user's previous/; the next run deleted the code too.
+    project = tmp_path / "proj"
+    _layout(project, ["train/my_train.py", "previous/notes.txt"])
+    with pytest.raises(ConfigError, match=r"holds train/ that run-local did not write"):
+        run_local(_params(tmp_path), run_dir=project, until="train")
+    assert sorted(str(p.relative_to(project)) for p in project.rglob("*")) == [
+        "previous",
+        "previous/notes.txt",
+        "train",
+        "train/my_train.py",
+    ]  # and no .run-id: refused again next time, not taken for a run folder
+
+
+def test_a_run_folder_in_use_by_another_run_local_is_refused(tmp_path: Path) -> None:
+    # Two runs in one folder interleaved: the second moved the first's live train/ aside.
+    import fcntl
+
+    run = tmp_path / "run"
+    _layout(run, RUN)
+    with (run / ".run-local.lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        with pytest.raises(
+            ConfigError, match=r"^run_dir .* is in use by another run-local \(PID 4242\)"
+        ):
+            run_local(_params(tmp_path), run_dir=run, until="train")
+    assert (run / "train" / "std_log.txt").is_file() and not (run / "previous").exists()
 
 
 @pytest.mark.parametrize(

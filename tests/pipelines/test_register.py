@@ -27,6 +27,7 @@ def _production(**tags: str) -> ModelVersion:
 
 
 PROD = _production(mse="10", rmse="3.5", r2="0.5")
+OVERFLOWED = _production(mse="inf", rmse="inf", r2="-inf")
 
 
 @pytest.mark.parametrize(
@@ -44,6 +45,16 @@ PROD = _production(mse="10", rmse="3.5", r2="0.5")
             {"mse": 1.0}, _production(mse="?"), "mse", 0, False, "no usable", id="bad-tag"
         ),
         pytest.param({"mse": float("nan")}, None, "mse", 0, False, "mse is nan", id="nan"),
+        # a forced model whose held-out error overflowed: every later candidate was refused
+        pytest.param({"mse": 1e6}, OVERFLOWED, "mse", 0, True, "any finite mse", id="inf-mse"),
+        pytest.param({"rmse": 1e3}, OVERFLOWED, "rmse", 0.1, True, "any finite", id="inf-rmse"),
+        pytest.param({"r2": -5.0}, OVERFLOWED, "r2", 0, True, "any finite", id="minus-inf-r2"),
+        pytest.param(
+            {"mse": 1.0}, _production(mse="nan"), "mse", 0, False, "no usable", id="nan-tag"
+        ),
+        pytest.param(
+            {"mse": 1.0}, _production(mse="-inf"), "mse", 0, False, "no usable", id="minus-inf-mse"
+        ),
     ],
 )
 def test_gate_decisions(candidate, production, metric, slack, passed, reason) -> None:
@@ -252,6 +263,30 @@ def test_a_rerun_that_rolls_out_in_the_job_tags_its_reused_version_for_the_trigg
     assert again.version.version == 1
     assert registry.get("m", 1).tags["rollout_by"] == "pipeline-job"
     assert again.version.tags["rollout_by"] == "pipeline-job"
+
+
+@pytest.mark.parametrize(
+    ("stage", "tagged"),
+    [
+        pytest.param(Stage.CANDIDATE, False, id="candidate-left-to-the-triggers"),
+        # delivered already (the job's rollout promoted it): the tag records who delivered it
+        pytest.param(Stage.PRODUCTION, True, id="production-keeps-it"),
+    ],
+)
+def test_a_rerun_that_leaves_delivery_to_the_triggers_untags_its_reused_candidate(
+    tmp_path: Path, make_model: MakeModel, stage: Stage, tagged: bool
+) -> None:
+    """`run-local --run-dir D --until rollout` (tagged; its rollout step failed), then `run-local
+    --run-dir D`: the reused version kept rollout_by=pipeline-job, which the triggers skip, and
+    nothing in this run rolls it out: no one ever delivered it."""
+    registry = LocalRegistry(tmp_path / "reg")
+    folder = make_model()
+    register_model(folder, registry, source_run="run-1/register", rollout_in_job=True)
+    registry.set_tags("m", 1, {"stage": stage})
+    again = register_model(folder, registry, source_run="run-1/register", out_dir=tmp_path)
+    assert again.version.version == 1
+    assert ("rollout_by" in registry.get("m", 1).tags) is tagged
+    assert ("rollout_by" in again.version.tags) is tagged
 
 
 def test_a_name_differing_from_a_registered_one_only_in_case_is_refused(

@@ -220,6 +220,11 @@ def test_non_numeric_csv_names_the_line_and_column(tmp_path: Path) -> None:
         # finite, but they overflow inside the solver
         pytest.param(b"a,y\n1e308,1e308\n-1e308,-1e308\n1e308,1\n1,1e308\n2,2\n-1e308,3\n",
                      "^data: Ridge cannot be fitted", id="overflow"),
+        # fitted, but the held-out error overflows: it wrote mse Infinity, r2 NaN (not JSON)
+        pytest.param(b"a,b,y\n" + b"".join(b"%d,%d,%de158\n" % (i, i % 7, i * 37 % 100)
+                                             for i in range(50)),
+                     r"^data: the held-out metrics are not finite \(mse=inf, rmse=inf, r2=nan\)",
+                     id="metrics-overflow"),
         pytest.param(b"", r"^data: d\.csv is empty \(no header row\)", id="empty"),
         # it said "the CSV holds NaN or infinite values", not where
         pytest.param(b"a,y\n1,2\n3,4\n5,NaN\n7,8\n", r"^data: d\.csv line 4, column 'y': 'NaN' is "
