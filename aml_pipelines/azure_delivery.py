@@ -20,9 +20,10 @@ Failed: azure-ai-ml's own terminal statuses), so the dispatcher submits the next
 version only after the previous job is over — never two rollouts on one endpoint. A job whose
 status is terminal is remembered as such and not asked again; a job Azure ML does not know (its
 submission never landed) is not running either. A job that ended without completing while its
-version still says `stage=candidate` in the watched registry is not over for the endpoint: its
+version is not tagged `production` or `rolled-back` in the watched registry (a candidate, or no
+stage at all: accepted through another --tag filter) is not over for the endpoint: its
 rollout step writes `production` or `rolled-back` whenever the traffic settled, so a version
-left a candidate is a rollout held for a human (exit 5), a step that failed or was cancelled
+not so tagged is a rollout held for a human (exit 5), a step that failed or was cancelled
 mid-rollout, or a package step that never reached the rollout — the trigger cannot tell which,
 and the first two leave traffic split. It is reported Paused, and the next version waits until
 a person settles the endpoint and tags the version (`aml-rollout registry tag`).
@@ -145,10 +146,12 @@ class PipelineDelivery:
                 record = self._save(replace(record, status=status))
         phase = JOB_TERMINAL.get(record.status, "Running")
         reason = f"pipeline job {record.job} is {record.status or record.state}"
-        if phase == FAILED and record.status != NOT_FOUND and self._left_candidate(record):
+        left = self._unsettled(record) if phase == FAILED and record.status != NOT_FOUND else None
+        if left is not None:
             phase = HELD
             reason += (
-                f", and {record.model} v{record.version} is still stage={Stage.CANDIDATE}: its "
+                f", and {record.model} v{record.version} is not tagged {Stage.PRODUCTION} or "
+                f"{Stage.ROLLED_BACK} ({left}): its "
                 "rollout may hold traffic split (held for a human, or stopped mid-step). Settle "
                 f"the endpoint (the job's rollout_result and logs say where it stopped), then "
                 f"`aml-rollout registry tag {record.model} {record.version} "
@@ -218,14 +221,19 @@ class PipelineDelivery:
         """Nothing to repair here: the job's rollout step writes the registry tags itself."""
         return []
 
-    def _left_candidate(self, record: JobRecord) -> bool:
-        """Whether the job's version still says stage=candidate (read each time: a person's tag
-        is what releases the endpoint). A version deleted since is nothing to wait for."""
+    def _unsettled(self, record: JobRecord) -> str | None:
+        """The job's version's stage in words ("stage=candidate", "no stage") unless it is one
+        the rollout step writes once traffic settled, production or rolled-back (read each time:
+        a person's tag is what releases the endpoint); None when settled. Not only a candidate:
+        a version accepted through another --tag filter never had a stage. A version deleted
+        since is nothing to wait for."""
         try:
             version = self.watched.get(record.model, record.version)
         except ModelNotFound:
-            return False
-        return version.stage == Stage.CANDIDATE
+            return None
+        if version.stage in (Stage.PRODUCTION, Stage.ROLLED_BACK):
+            return None
+        return f"stage={version.stage}" if version.stage else "no stage"
 
     # ------------------------------------------------------------------ Azure ML
 

@@ -22,8 +22,10 @@ outcome Failed, an undecided one Inconclusive. A spec with no absolute limit dep
 (`first_check=unjudged`).
 
 Step 3 can be cut short by a crash after traffic moved. `reconcile` repairs that: it reads the last
-rollout's status from the state store and writes whatever tags are missing. Tag planning is a pure
-function of (versions, candidate, phase), so reconcile is idempotent — a second call plans nothing.
+rollout's status from the state store and writes whatever tags are missing — while green still
+serves that rollout's outcome, and only for a version of the registry with the same bits. Tag
+planning is a pure function of (versions, candidate, phase), so reconcile is idempotent — a second
+call plans nothing.
 
 The registry is the truth about what serves: `serving` maps versions to the colour they serve from
 the same status (green = production; blue = the candidate while a rollout runs).
@@ -40,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from aml_pipelines.errors import ConfigError, TriggerError
+from aml_pipelines.errors import ConfigError, ModelNotFound, TriggerError
 from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
 
 if TYPE_CHECKING:
@@ -82,6 +84,9 @@ class RolloutView:
     """What the rollout state store says about the last rollout on the endpoint.
 
     `phase` is a `rollout.core.types.Phase` value; `weight` the blue weight in percent.
+    `candidate` is 0 when the stored candidate's version is not a number (a hand-made
+    `rollout start` of a build no registry holds); `ref` names it as stored ("model:version"),
+    `sha256` its bits when the store records them.
     """
 
     model: str
@@ -90,11 +95,25 @@ class RolloutView:
     reason: str = ""
     stable: int | None = None
     weight: int = 0
+    ref: str = ""
+    sha256: str | None = None
 
     @property
     def active(self) -> bool:
         """True while the rollout has not reached a terminal phase."""
         return self.phase not in TERMINAL
+
+    @property
+    def label(self) -> str:
+        """The candidate in words: as stored, never a made-up "version 0"."""
+        return self.ref or f"{self.model}:{self.candidate}"
+
+    def of(self, version: ModelVersion) -> bool:
+        """Whether the rollout's candidate is `version`: its model and number, and not other
+        bits where both name a sha256 (a registry reset or re-created reuses numbers)."""
+        return (self.model, self.candidate) == (version.name, version.version) and not _other_bits(
+            self.sha256, version.sha256
+        )
 
 
 @dataclass(frozen=True)
@@ -299,9 +318,27 @@ def follow_traffic(
     return changes
 
 
-def reconcile(registry: ModelRegistry, view: RolloutView | None) -> list[TagChange]:
-    """Repair tags after a crash between "traffic moved" and "tags written" (idempotent)."""
-    if view is None or view.active:
+def reconcile(
+    registry: ModelRegistry,
+    view: RolloutView | None,
+    *,
+    still_serves: Callable[[], bool] | None = None,
+) -> list[TagChange]:
+    """Repair tags after a crash between "traffic moved" and "tags written" (idempotent).
+
+    Only a rollout of a version of this registry is replayed — not one of a build it does not
+    hold (a hand-made `rollout start`), nor of another version under the same number (other
+    bits: the registry was reset since) — and, when `still_serves` is given, only while it says
+    green still serves the rollout's outcome (otherwise the outcome is history: `starts_anew`).
+    """
+    if view is None or view.active or not _of_registry(registry, view):
+        return []
+    if still_serves is not None and not still_serves():
+        log.info(
+            "last rollout (%s %s): that outcome no longer serves, nothing to reconcile",
+            view.label,
+            view.phase,
+        )
         return []
     changes = follow_traffic(registry, view.model, view.candidate, view.phase, view.reason)
     if changes:
@@ -313,6 +350,36 @@ def reconcile(registry: ModelRegistry, view: RolloutView | None) -> list[TagChan
             len(changes),
         )
     return changes
+
+
+def _of_registry(registry: ModelRegistry, view: RolloutView) -> bool:
+    """Whether the view's candidate is a version of `registry` (the same bits); says why not."""
+    said = f"last rollout ({view.label}, {view.phase})"
+    if view.candidate < 1:
+        log.warning("%s is not a version of this registry: nothing to reconcile", said)
+        return False
+    try:
+        held = registry.get(view.model, view.candidate)
+    except ModelNotFound:
+        log.warning("%s is not a version of this registry: nothing to reconcile", said)
+        return False
+    if _other_bits(view.sha256, held.sha256):
+        log.warning(
+            "%s rolled out other bits (sha256 %s) than the registry's %s:%d (sha256 %s): "
+            "nothing to reconcile",
+            said,
+            (view.sha256 or "")[:12],
+            held.name,
+            held.version,
+            (held.sha256 or "")[:12],
+        )
+        return False
+    return True
+
+
+def _other_bits(a: str | None, b: str | None) -> bool:
+    """Whether two sha256s differ where both are known (Release.unlike's rule)."""
+    return bool(a and b and a != b)
 
 
 def serving(versions: Sequence[ModelVersion], view: RolloutView | None) -> dict[int, str]:
@@ -400,13 +467,15 @@ class EngineDelivery:
         from rollout.routers.factory import make_router
 
         view = self.current()
-        ours = view is not None and (view.model, view.candidate) == (version.name, version.version)
+        ours = view is not None and view.of(version)
         router = None
         if view is not None and ours and not view.active:
             # Replayed only while green still serves its outcome (as the rollout step does on a
             # re-run); otherwise that outcome is history and a new judged rollout starts below.
             router = make_router(self.spec.router)
-            release = Release(model=version.name, version=str(version.version))
+            release = Release(
+                model=version.name, version=str(version.version), sha256=version.sha256
+            )
             if not starts_anew(self.spec, release, self.state_dir, router=router):
                 log.info(
                     "%s v%d: its rollout already ended (%s)",
@@ -417,15 +486,19 @@ class EngineDelivery:
                 return self._finish(version, view.phase, view.reason, None)
             ours = False
         if view is not None and view.active and not ours:
+            same_number = (view.model, view.candidate) == (version.name, version.version)
+            other = f" (other bits, sha256 {(view.sha256 or '')[:12]})" if same_number else ""
             raise TriggerError(
                 f"cannot deliver {version.name} v{version.version}: the rollout of "
-                f"{view.model} v{view.candidate} is {view.phase}"
+                f"{view.label}{other} is {view.phase}"
             )
         if ours:
             # Resumed: the stored status carries the candidate; naming it keeps a spec that
             # names another `candidate:` from being taken for a different rollout.
             log.info("%s v%d: resuming its rollout", version.name, version.version)
-            release = Release(model=version.name, version=str(version.version))
+            release = Release(
+                model=version.name, version=str(version.version), sha256=version.sha256
+            )
             return self._roll_out(version, self.spec, release, resumed=True)
         # One router client and one metrics client for all the delivery's calls (azureml: an
         # MLClient; azuremonitor: a credential and its token), the metrics probed first.
@@ -542,8 +615,13 @@ class EngineDelivery:
         )
 
     def reconcile(self) -> list[TagChange]:
-        """Repair registry tags from the engine's last status."""
-        return reconcile(self.registry, self.current())
+        """Repair registry tags from the engine's last status, while green serves its outcome."""
+
+        def still_serves() -> bool:
+            stored = self._store().load()
+            return stored is not None and outcome_serves(self.spec, stored)[0]
+
+        return reconcile(self.registry, self.current(), still_serves=still_serves)
 
 
 def probe_metrics(spec: Any, router: Any) -> Any:
@@ -590,7 +668,8 @@ def green_is_free(spec: Any, release: Any, router: Any) -> bool:
 
 def starts_anew(spec: Any, candidate: Any, state_dir: Path, *, router: Any = None) -> bool:
     """Whether the stored rollout has ended and a new one of `candidate` starts: it was of another
-    version, or its outcome no longer serves.
+    version (or other bits under its number: a sha256 each names, and they differ), or its
+    outcome no longer serves.
 
     A store that outlives one run (the trigger's `state.dir`, `state.kind: kubernetes`,
     `run-local --run-dir` again) holds the last rollout; the engine refuses to start another over
@@ -603,17 +682,17 @@ def starts_anew(spec: Any, candidate: Any, state_dir: Path, *, router: Any = Non
     now. One still running is resumed or refused by the engine, as before. `router`: the spec's,
     if the caller has one (None: built here).
     """
-    from rollout.api import green_release, open_store
-    from rollout.core.types import Phase
+    from rollout.api import open_store
 
     stored = open_store(spec, state_dir).load()
     if stored is None or not stored.terminal or stored.candidate is None:
         return False
-    if stored.candidate.ref != candidate.ref:
-        return True
-    served = stored.candidate if stored.phase is Phase.SUCCEEDED else stored.stable
-    green = green_release(spec, router=router)
-    if served is not None and green is not None and not served.unlike(green):
+    if stored.candidate.ref != candidate.ref or _other_bits(
+        stored.candidate.sha256, candidate.sha256
+    ):
+        return True  # another version, or other bits under its number (a registry reset)
+    serves, green = outcome_serves(spec, stored, router=router)
+    if serves:
         return False
     log.warning(
         "the rollout of %s in %s ended %s, but green serves %s now: that outcome no longer "
@@ -625,6 +704,17 @@ def starts_anew(spec: Any, candidate: Any, state_dir: Path, *, router: Any = Non
         candidate.ref,
     )
     return True
+
+
+def outcome_serves(spec: Any, stored: Any, *, router: Any = None) -> tuple[bool, Any]:
+    """Whether green serves the outcome of the ended rollout `stored` (a Status): the candidate
+    after a promotion, the stable release otherwise; and the release green serves (or None)."""
+    from rollout.api import green_release
+    from rollout.core.types import Phase
+
+    served = stored.candidate if stored.phase is Phase.SUCCEEDED else stored.stable
+    green = green_release(spec, router=router)
+    return served is not None and green is not None and not served.unlike(green), green
 
 
 def check_first_release(
@@ -764,6 +854,8 @@ def rollout_view(spec: Any, state_dir: Path | None = None) -> RolloutView | None
         reason=status.reason,
         stable=_int(stable.version) if stable and stable.model == candidate.model else None,
         weight=status.blue_weight,
+        ref=candidate.ref,
+        sha256=candidate.sha256,
     )
 
 

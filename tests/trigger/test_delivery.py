@@ -26,6 +26,7 @@ from aml_pipelines.delivery import (
     plan_tags,
     reconcile,
     serving,
+    starts_anew,
 )
 from aml_pipelines.errors import ConfigError
 from aml_pipelines.registry.base import ModelVersion
@@ -800,10 +801,78 @@ def test_an_ended_rollout_is_replayed_only_while_green_serves_its_outcome(
         two_versions.set_tags("diabetes", 2, {"stage": "archived"})
     caplog.clear()
     again = EngineDelivery(two_versions, _spec(tmp_path, 0.5), clock=FakeClock(2_000.0))
+    # A watcher's restart reconciles first: nothing to write either way (was: the history case
+    # re-tagged v2 production and v1 archived while green served v1).
+    assert again.reconcile() == []
     outcome = again.deliver(two_versions.get("diabetes", 2))
     assert outcome.phase == phase, outcome.reason
     assert [v.stage for v in two_versions.list_versions("diabetes")] == stages
     assert ("that outcome no longer serves" in caplog.text) == (green_since is not None)
+
+
+@pytest.mark.parametrize(
+    "hand_made",
+    [
+        pytest.param("2-hotfix", id="not-a-registry-number"),
+        pytest.param("9", id="a-number-the-registry-lacks"),
+    ],
+)
+def test_a_hand_rollout_of_no_version_of_the_registry_blocks_no_delivery(
+    tmp_path: Path, two_versions: LocalRegistry, hand_made: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`rollout start` by hand of a build the registry does not hold, on the trigger's endpoint:
+    reconcile has nothing to tag (was: ModelNotFound "version 0 not found" at every reconcile,
+    the watcher retrying it for ever, and no later version delivered)."""
+    from rollout.api import run_rollout
+
+    spec = _spec(tmp_path, 0.01)
+    delivery = EngineDelivery(two_versions, spec, clock=FakeClock(1_000.0))
+    assert delivery.deliver(two_versions.get("diabetes", 2)).phase == "Succeeded"
+    hand = Release("diabetes", hand_made, sha256="0" * 64)
+    ended = run_rollout(
+        spec, candidate=hand, state_dir=tmp_path / "rollout", clock=FakeClock(5_000.0), restart=True
+    )
+    assert ended.phase.value == "Succeeded"
+    v3 = register(two_versions, tmp_path, stage="candidate")
+    caplog.clear()
+    restarted = EngineDelivery(two_versions, spec, clock=FakeClock(9_000.0))
+    assert restarted.reconcile() == []
+    assert f"diabetes:{hand_made}" in caplog.text and "version 0" not in caplog.text
+    assert [v.stage for v in two_versions.list_versions("diabetes")][:2] == [
+        "archived",
+        "production",
+    ]
+    assert restarted.deliver(v3).phase == "Succeeded"
+    assert two_versions.get("diabetes", 3).stage == "production"
+
+
+def test_a_new_version_under_a_reused_number_is_rolled_out_not_replayed(
+    tmp_path: Path, two_versions: LocalRegistry
+) -> None:
+    """The state store outlives the registry (reset, re-created): its ended rollout of the old
+    diabetes:2 is not the new diabetes:2, other bits. Was: the new v2 reported Succeeded and
+    tagged production, never deployed, while green served the old bits."""
+    spec = _spec(tmp_path, 0.01)
+    old = two_versions.get("diabetes", 2)
+    assert EngineDelivery(two_versions, spec, clock=FakeClock(1_000.0)).deliver(old).phase == (
+        "Succeeded"
+    )
+    reset = LocalRegistry(tmp_path / "registry-reset")
+    register(reset, tmp_path, stage="production")
+    new = register(reset, tmp_path, stage="candidate")
+    assert new.version == 2 and new.sha256 != old.sha256
+    # The rollout step's rule (components/rollout) as well: green serves the old bits' outcome.
+    state = tmp_path / "rollout"
+    assert not starts_anew(spec, Release("diabetes", "2", sha256=old.sha256), state)
+    assert starts_anew(spec, Release("diabetes", "2", sha256=new.sha256), state)
+
+    again = EngineDelivery(reset, spec, clock=FakeClock(9_000.0))
+    assert again.reconcile() == []  # the old v2's promotion is not the new v2's
+    assert reset.get("diabetes", 2).stage == "candidate"
+    assert again.deliver(new).phase == "Succeeded"
+    green = MemoryRouter.from_config(spec.router).release(Colour.GREEN)
+    assert green is not None and green.sha256 == new.sha256
+    assert _started(tmp_path / "rollout" / "diabetes.ledger.jsonl") == ["2", "2"]
 
 
 def test_abort_rolls_the_running_rollout_back_with_the_reason(

@@ -341,13 +341,28 @@ def test_the_terminal_job_statuses_are_azure_ai_mls() -> None:
     assert set(JOB_TERMINAL) == {*RunHistoryConstants.TERMINAL_STATUSES, NOT_FOUND}
 
 
+@pytest.mark.parametrize(
+    "tags",
+    [
+        pytest.param({}, id="left-a-candidate"),
+        # accepted through another --tag filter: the register step never tagged it a candidate.
+        # Was: reported Failed, and the next version's job went onto the split endpoint.
+        pytest.param({"stage": "", "approved": "yes"}, id="without-a-stage"),
+    ],
+)
 @pytest.mark.parametrize("status", ["Failed", "NotResponding", "Paused", "Canceled"])
-def test_a_job_that_stopped_without_completing_holds_the_endpoint_while_its_version_is_a_candidate(
-    tmp_path: Path, arm: FakeArm, client: Any, registry: AzureMLRegistry, status: str
+def test_a_job_that_stopped_without_completing_holds_the_endpoint_until_its_version_is_settled(
+    tmp_path: Path,
+    arm: FakeArm,
+    client: Any,
+    registry: AzureMLRegistry,
+    status: str,
+    tags: dict[str, str],
 ) -> None:
     """The rollout step tags the version once traffic settled (production or rolled-back); one
-    left a candidate may hold traffic split (held for a human: exit 5; stopped mid-step), so the
+    not so tagged may hold traffic split (held for a human: exit 5; stopped mid-step), so the
     next version waits for a person's tag instead of being rolled out on top of it."""
+    registry.set_tags("diabetes", 2, tags)
     delivery = PipelineDelivery(client, SPEC_URI, tmp_path / "trigger", watched=registry)
     delivery.deliver(registry.get("diabetes", 2))
     name = _jobs(arm)[0][0].rsplit("/", 1)[1]
@@ -356,7 +371,8 @@ def test_a_job_that_stopped_without_completing_holds_the_endpoint_while_its_vers
     view = delivery.current()
     assert view is not None and view.active and view.phase == HELD
     assert f"pipeline job {name} is {status}" in view.reason
-    assert "diabetes v2 is still stage=candidate" in view.reason
+    said = "stage=candidate" if not tags else "no stage"
+    assert f"diabetes v2 is not tagged production or rolled-back ({said})" in view.reason
     assert "aml-rollout registry tag diabetes 2 stage=rolled-back" in view.reason
 
     registry.set_tags("diabetes", 2, {"stage": "rolled-back"})  # a person settled it
