@@ -49,7 +49,13 @@ from typing import Any
 
 from aml_pipelines.errors import ConfigError, IntegrityError, ModelNotFound, RegistryError
 from aml_pipelines.fileio import read_json, sha256_file, write_json
-from aml_pipelines.registry.base import STAGE_TAG, ModelVersion, SkippedVersions, Stage
+from aml_pipelines.registry.base import (
+    STAGE_TAG,
+    ModelVersion,
+    SkippedVersions,
+    Stage,
+    check_sha256_tag,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +192,8 @@ class LocalRegistry:
     def set_tags(self, name: str, version: int, tags: Mapping[str, str]) -> ModelVersion:
         """Merge `tags` into the version's tags (an empty value removes the tag)."""
         model_root = self.root / check_name(name)
-        self.get(name, version)  # raises ModelNotFound / IntegrityError first
+        # raises ModelNotFound / IntegrityError first
+        check_sha256_tag(self.get(name, version), tags)
         with self._editing(name, version, model_root):
             path = self._tags_path(model_root, version)
             current: dict[str, str] = read_json(path) if path.exists() else {}
