@@ -481,7 +481,10 @@ def tag(
                 f"({STAGE_TAG}= removes it)"
             )
         reg = _open(registry)
-        reg.get(name, version)  # an unknown or damaged version is named before anything else
+        if pairs.get("sha256") != "":
+            # An unknown or damaged version is named before anything else; but not for removing
+            # `sha256`: that repairs a tag the azureml registry refuses the version for.
+            reg.get(name, version)
         # Listed only to move production: other tags must stay writable beside a damaged version.
         moves = pairs.get(STAGE_TAG) == Stage.PRODUCTION
         # A production version archived in the studio is left out of the listing, not of this.

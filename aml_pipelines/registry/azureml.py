@@ -10,7 +10,8 @@
   the registry never downloads the files). Every read checks that the `sha256` tag, when present,
   still matches it; the bits themselves are re-hashed by the package step and by the scoring server.
 - **Tags are mutable**: `set_tags` re-PUTs the same version with merged tags (Azure ML allows
-  tag changes on an existing version).
+  tag changes on an existing version). A `sha256` tag other than the property is refused before
+  the PUT (written, every read of the version raised); removing one repairs such a version.
 - **Listings skip what they cannot read**: a workspace may hold versions registered outside
   aml-rollout (no `sha256` property, or a version that is not an integer). `get` refuses them
   (IntegrityError); `list_versions`, `latest` and `find_by_tag` leave them out with one warning
@@ -45,7 +46,13 @@ from aml_pipelines.errors import (
     ModelNotFound,
     RegistryError,
 )
-from aml_pipelines.registry.base import STAGE_TAG, ModelVersion, SkippedVersions, Stage
+from aml_pipelines.registry.base import (
+    STAGE_TAG,
+    ModelVersion,
+    SkippedVersions,
+    Stage,
+    check_sha256_tag,
+)
 from aml_pipelines.registry.local import check_name
 
 log = logging.getLogger(__name__)
@@ -191,6 +198,10 @@ class AzureMLRegistry:
     def set_tags(self, name: str, version: int, tags: Mapping[str, str]) -> ModelVersion:
         """Merge `tags` into the version's tags (an empty value removes the tag)."""
         model = self._call(f"get {name}:{version}", self.ml_client.models.get, name, str(version))
+        # Before the PUT: written, a disagreeing tag made every read of the version raise. The
+        # version itself is not checked (_to_version): `sha256=` must repair such a tag.
+        sha256 = str((model.properties or {}).get(SHA256_PROPERTY, ""))
+        check_sha256_tag(ModelVersion(name, version, "", sha256), tags)
         withdrawn = version in self.withdrawn(name)
         merged = dict(model.tags or {})
         for key, value in tags.items():

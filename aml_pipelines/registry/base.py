@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from aml_pipelines.errors import IntegrityError
+
 STAGE_TAG = "stage"
 #: Set at registration by a training pipeline whose own rollout step rolls the version out
 #: (value ROLLOUT_BY_JOB): the triggers leave such a version alone, or it would be rolled out
@@ -65,7 +67,8 @@ class ModelRegistry(Protocol):
 
     def set_tags(self, name: str, version: int, tags: Mapping[str, str]) -> ModelVersion:
         """Merge `tags` into a version's tags; an empty value removes the tag (tags are
-        mutable; model files are not)."""
+        mutable; model files are not). A `sha256` tag other than the version's own sha256 is
+        an IntegrityError, raised before anything is written (see check_sha256_tag)."""
 
     def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersion]:
         """Versions of `name` whose tag `key` equals `value`, oldest first."""
@@ -79,6 +82,21 @@ class ModelRegistry(Protocol):
 
     def withdrawn(self, name: str) -> set[int]:
         """The withdrawn versions of `name` (a cheap read: no version's files are checked)."""
+
+
+def check_sha256_tag(version: ModelVersion, tags: Mapping[str, str]) -> None:
+    """Refuse to write a `sha256` tag that is not the version's sha256 (removing it is fine).
+
+    The tag claims the model file's hash: the azureml registry refuses to read a version whose
+    tag disagrees with its immutable property, so once written, `get`, the listings and the
+    production lookup all raised for it (on production: the gate, the watcher, every delivery).
+    """
+    claimed = tags.get("sha256")
+    if claimed and claimed != version.sha256:
+        raise IntegrityError(
+            f"{version.name}:{version.version}: tag sha256={claimed[:16]}… is not its sha256 "
+            f"{version.sha256[:16]}… (the model file's hash); nothing written"
+        )
 
 
 class SkippedVersions:

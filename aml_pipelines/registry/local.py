@@ -11,14 +11,22 @@ Layout (one folder per model name):
     <root>/<name>/<version>.withdrawn
                                     present once the version is withdrawn (`withdraw`, as the
                                     Azure ML studio's Archive): listings leave it out
+    <root>/<name>/.tmp-<id>/, .tmp-<id>.lock
+                                    a registration's copy in progress, and its liveness lock
 
 Registration copies the model into a private temp folder first (the slow part, outside the lock),
-then takes the lock, allocates max(version) + 1, writes the version's tags file and renames the temp
-folder onto it. The rename is atomic and fails if the target exists, so even a broken lock could not
-make two registrations share a version; it comes after the tags, so a version is never visible
-without the tags it was registered with. Every read re-hashes the stored files against
-`.registry.json`: a corrupted, truncated, added or removed file raises IntegrityError naming the
-file, never a silently different model.
+then takes the lock, allocates the next number (past every version folder, and past the tags file
+or withdrawn marker a version removed by hand left: reused, the number would inherit them), writes
+the version's tags file and renames the temp folder onto it. The rename is atomic and fails if the
+target exists, so even a broken lock could not make two registrations share a version; it comes
+after the tags, so a version is never visible without the tags it was registered with. Every read
+re-hashes the stored files against `.registry.json`: a corrupted, truncated, added or removed file
+raises IntegrityError naming the file, never a silently different model.
+
+While it copies, a registration holds an flock on its temp folder's `.tmp-<id>.lock`; another
+registration deletes a temp folder as abandoned only when it can take that lock (its owner died),
+never by age: copytree gives the temp folder the source folder's mtime, so a model trained hours
+ago looked abandoned at once and was deleted under the registration copying it.
 
 `sha256` of a version is the hash of the model file named by its `model.json` (the model-folder
 contract), so it equals `model.json`'s own `sha256` and the scoring server can check it again.
@@ -41,7 +49,13 @@ from typing import Any
 
 from aml_pipelines.errors import ConfigError, IntegrityError, ModelNotFound, RegistryError
 from aml_pipelines.fileio import read_json, sha256_file, write_json
-from aml_pipelines.registry.base import STAGE_TAG, ModelVersion, SkippedVersions, Stage
+from aml_pipelines.registry.base import (
+    STAGE_TAG,
+    ModelVersion,
+    SkippedVersions,
+    Stage,
+    check_sha256_tag,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +108,8 @@ class LocalRegistry:
         model_file = src / str(manifest.get("model_file", ""))
         if not model_file.is_file():
             raise RegistryError(f"{src}: model file {manifest.get('model_file')!r} is missing")
+        if not manifest.get("sha256"):
+            raise RegistryError(f"{model_json} has no sha256 (the hash of its model file)")
         sha256 = sha256_file(model_file)
         claimed = {manifest.get("sha256"), (tags or {}).get("sha256", sha256)}
         if claimed != {sha256}:
@@ -102,59 +118,83 @@ class LocalRegistry:
                 f"but model.json or the tags claim {sorted(map(str, claimed - {sha256}))}"
             )
 
-        model_root.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned_staging(model_root)
-        staging = model_root / f".tmp-{uuid.uuid4().hex}"
         try:
-            # A version folder copied from another local registry holds its manifest: copied
-            # along, it would be hashed as a model file, then replaced by this version's own.
-            shutil.copytree(src, staging, symlinks=False, ignore=shutil.ignore_patterns(MANIFEST))
-            files = {
-                path.relative_to(staging).as_posix(): sha256_file(path)
-                for path in sorted(staging.rglob("*"))
-                if path.is_file()
-            }
-            if files.get(model_file.name) != sha256:
-                raise IntegrityError(f"{model_file} changed while it was being registered")
-            with self._locked(model_root):
-                version = max(self._versions(model_root), default=0) + 1
-                record = {
-                    "name": name,
-                    "version": version,
-                    "sha256": sha256,
-                    "model_file": model_file.name,
-                    "files": files,
-                    "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                }
-                write_json(staging / MANIFEST, record)
-                # Tags first: the folder is what makes the version visible, and a reader (the
-                # watcher) that saw it without its tags would never look at it again. A tags file
-                # left by a crash before the rename is overwritten by the next registration.
-                tags_path = self._tags_path(model_root, version)
-                write_json(tags_path, dict(tags or {}))
-                try:
-                    # rename(2) onto a fresh name: atomic, and fails if the version exists.
-                    staging.rename(model_root / str(version))
-                except BaseException:
-                    tags_path.unlink(missing_ok=True)
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            model_root.mkdir(parents=True, exist_ok=True)
+            _remove_abandoned_staging(model_root)
+            with _staging_folder(model_root) as staging:
+                version = self._store(name, src, staging, model_file.name, sha256, tags or {})
+        except OSError as exc:  # a registry it cannot write, a source it cannot read
+            raise RegistryError(
+                f"{name}: cannot register {src} in {self.root}: {_describe(exc)}"
+            ) from None
         return self.get(name, version)
+
+    def _store(
+        self,
+        name: str,
+        src: Path,
+        staging: Path,
+        model_file: str,
+        sha256: str,
+        tags: Mapping[str, str],
+    ) -> int:
+        """Copy `src` into `staging`, then (locked) rename it into place as the next version."""
+        model_root = staging.parent
+        # A version folder copied from another local registry holds its manifest: copied
+        # along, it would be hashed as a model file, then replaced by this version's own.
+        shutil.copytree(src, staging, symlinks=False, ignore=shutil.ignore_patterns(MANIFEST))
+        files = {
+            path.relative_to(staging).as_posix(): sha256_file(path)
+            for path in sorted(staging.rglob("*"))
+            if path.is_file()
+        }
+        if files.get(model_file) != sha256:
+            raise IntegrityError(f"{src / model_file} changed while it was being registered")
+        with self._locked(model_root):
+            version = max(self._numbers_taken(model_root), default=0) + 1
+            record = {
+                "name": name,
+                "version": version,
+                "sha256": sha256,
+                "model_file": model_file,
+                "files": files,
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            write_json(staging / MANIFEST, record)
+            # write_json re-creates a folder removed meanwhile: renamed into place, that would
+            # be a version holding only its manifest, corrupted for good.
+            if not all((staging / rel).is_file() for rel in files):
+                raise RegistryError(
+                    f"{name}: the copy of {src} in {staging} was removed before it was "
+                    "registered; register it again"
+                )
+            # Tags first: the folder is what makes the version visible, and a reader (the
+            # watcher) that saw it without its tags would never look at it again. A tags file
+            # left by a crash before the rename only costs its number (see _numbers_taken).
+            tags_path = self._tags_path(model_root, version)
+            write_json(tags_path, dict(tags))
+            try:
+                # rename(2) onto a fresh name: atomic, and fails if the version exists.
+                staging.rename(model_root / str(version))
+            except BaseException:
+                tags_path.unlink(missing_ok=True)
+                raise
+        return version
 
     def withdraw(self, name: str, version: int) -> ModelVersion:
         """Withdraw the version (see the Protocol): its `.withdrawn` marker, for good."""
         model_root = self.root / check_name(name)
         self.get(name, version)  # raises ModelNotFound / IntegrityError first
-        with self._locked(model_root):
+        with self._editing(name, version, model_root):
             self._withdrawn_path(model_root, version).touch()
         return self.get(name, version)
 
     def set_tags(self, name: str, version: int, tags: Mapping[str, str]) -> ModelVersion:
         """Merge `tags` into the version's tags (an empty value removes the tag)."""
         model_root = self.root / check_name(name)
-        self.get(name, version)  # raises ModelNotFound / IntegrityError first
-        with self._locked(model_root):
+        # raises ModelNotFound / IntegrityError first
+        check_sha256_tag(self.get(name, version), tags)
+        with self._editing(name, version, model_root):
             path = self._tags_path(model_root, version)
             current: dict[str, str] = read_json(path) if path.exists() else {}
             for key, value in tags.items():
@@ -295,6 +335,17 @@ class LocalRegistry:
         return {int(p.name) for p in model_root.iterdir() if p.is_dir() and p.name.isdigit()}
 
     @staticmethod
+    def _numbers_taken(model_root: Path) -> set[int]:
+        """Version numbers in use: folders, and the tags files and withdrawn markers of versions
+        removed by hand (a new version given such a number was born withdrawn, or tagged)."""
+        taken = set()
+        for path in model_root.iterdir():
+            number = path.name.removesuffix(".tags.json").removesuffix(".withdrawn")
+            if number.isdigit() and (number != path.name or path.is_dir()):
+                taken.add(int(number))
+        return taken
+
+    @staticmethod
     def _tags_path(model_root: Path, version: int) -> Path:
         return model_root / f"{version}.tags.json"
 
@@ -326,6 +377,16 @@ class LocalRegistry:
                 )
 
     @contextmanager
+    def _editing(self, name: str, version: int, model_root: Path) -> Iterator[None]:
+        """The lock, for a tags or withdrawn-marker edit; a registry this user cannot write (a
+        read-only mount, another account's registry) is one RegistryError, not a traceback."""
+        try:
+            with self._locked(model_root):
+                yield
+        except OSError as exc:
+            raise RegistryError(f"{name}:{version}: cannot write {_describe(exc)}") from None
+
+    @contextmanager
     def _locked(self, model_root: Path) -> Iterator[None]:
         fd = os.open(model_root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -352,13 +413,59 @@ def _read_record(path: Path, label: str) -> dict[str, Any]:
     return record
 
 
+def _describe(exc: OSError) -> str:
+    """`path (reason)` of an OSError, as far as it names them."""
+    reason = exc.strerror or str(exc)
+    return f"{exc.filename} ({reason})" if exc.filename else reason
+
+
+@contextmanager
+def _staging_folder(model_root: Path) -> Iterator[Path]:
+    """A fresh staging folder name, its `.lock` flock-held from before the folder exists until
+    after it is gone (renamed into place or removed): alive for _remove_abandoned_staging."""
+    staging = model_root / f".tmp-{uuid.uuid4().hex}"
+    lock = staging.with_name(staging.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+        os.close(fd)  # releases the flock, once nothing is left to protect
+
+
 def _remove_abandoned_staging(model_root: Path, older_than_s: float = 3600.0) -> None:
-    """Delete staging folders a killed registration left behind (never a live one: 1 h old)."""
+    """Delete staging folders killed registrations left behind, never a live one.
+
+    A staging folder goes when its lock can be taken (its owner is gone), whatever its mtime (the
+    source folder's). A staging folder without a lock file (left by an older release) and a lock
+    file without its folder (a registration killed between the two) go when an hour old.
+    """
     cutoff = time.time() - older_than_s
     for leftover in model_root.glob(".tmp-*"):
         with suppress(OSError):
-            if leftover.stat().st_mtime < cutoff:
+            if leftover.name.endswith(".lock"):
+                folder = leftover.with_name(leftover.name.removesuffix(".lock"))
+                if not folder.exists() and leftover.stat().st_mtime < cutoff:
+                    leftover.unlink()
+            elif (lock := leftover.with_name(leftover.name + ".lock")).exists():
+                _remove_if_unlocked(leftover, lock)
+            elif leftover.stat().st_mtime < cutoff:
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _remove_if_unlocked(staging: Path, lock: Path) -> None:
+    fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)  # gone meanwhile: its owner is done (OSError)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # a live registration
+        shutil.rmtree(staging, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def default_root() -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aml_pipelines.errors import ModelNotFound, RegistryError
 from aml_pipelines.fileio import read_json, sha256_file
-from aml_pipelines.registry.base import ModelVersion
+from aml_pipelines.registry.base import ModelVersion, check_sha256_tag
 from aml_pipelines.registry.local import check_name
 
 
@@ -65,6 +65,7 @@ class MemoryRegistry:
 
     def set_tags(self, name: str, version: int, tags: Mapping[str, str]) -> ModelVersion:
         current = self.get(name, version)
+        check_sha256_tag(current, tags)
         merged = {k: v for k, v in {**current.tags, **tags}.items() if v != ""}
         return self._replace(replace(current, tags=merged))
 

@@ -106,6 +106,31 @@ def test_a_tampered_sha256_tag_is_refused(arm: FakeArm, registry: AzureMLRegistr
         registry.get("m", 1)
 
 
+def test_a_tampered_sha256_tag_can_be_removed_with_the_cli(
+    arm: FakeArm, registry: AzureMLRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`registry tag m 1 sha256=` is the repair: its check of the version first refused it."""
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    registry.register("m", "azureml://jobs/r/outputs/model", {"sha256": SHA, "stage": "production"})
+    monkeypatch.setattr("aml_pipelines.cli._open", lambda spec, **_: registry)
+    runner = CliRunner()
+    refused = runner.invoke(app, ["registry", "tag", "m", "1", f"sha256={SHA.upper()}"])
+    assert refused.exit_code == 2, refused.output
+    assert "m:1: tag sha256=ABAB" in refused.output and "is not its sha256" in refused.output
+    assert registry.get("m", 1).tags == {"sha256": SHA, "stage": "production"}  # not written
+
+    stored = arm.get(f"{WS_PATH}/models/m/versions/1")
+    assert stored is not None
+    stored["properties"]["tags"]["sha256"] = "0" * 64  # written in the studio, or by an old release
+    arm.put(f"{WS_PATH}/models/m/versions/1", stored)
+    repaired = runner.invoke(app, ["registry", "tag", "m", "1", "sha256="])
+    assert repaired.exit_code == 0, repaired.output
+    assert registry.get("m", 1).tags == {"stage": "production"}
+
+
 def _foreign(arm: FakeArm, version: str, **tags: str) -> None:
     """A version registered outside aml-rollout (studio, `az ml model create`): no sha256."""
     arm.put(

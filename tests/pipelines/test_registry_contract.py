@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from aml_pipelines.errors import ModelNotFound
+from aml_pipelines.errors import IntegrityError, ModelNotFound
 from aml_pipelines.registry.base import ModelRegistry
 from tests.pipelines.conftest import write_model_folder
 
@@ -83,6 +83,19 @@ def test_sha256_is_fixed_at_registration(backend) -> None:
     first = _register(registry, source, 7)
     assert len(first.sha256) == 64
     assert registry.set_tags("contract-model", 1, {"x": "y"}).sha256 == first.sha256
+
+
+def test_a_sha256_tag_is_checked_before_it_is_written(backend) -> None:
+    # azureml wrote it, then refused the version for good (get, listings, the production lookup)
+    registry, source = backend
+    first = _register(registry, source, 1, stage="production")
+    with pytest.raises(IntegrityError, match=r"contract-model:1: tag sha256=.* is not its sha256"):
+        registry.set_tags("contract-model", 1, {"sha256": "f" * 64, "note": "x"})
+    assert registry.get("contract-model", 1).tags == first.tags  # nothing written
+    assert [v.version for v in registry.find_by_tag("contract-model", "stage", "production")] == [1]
+    same = registry.set_tags("contract-model", 1, {"sha256": first.sha256})
+    assert same.tags["sha256"] == first.sha256
+    assert "sha256" not in registry.set_tags("contract-model", 1, {"sha256": ""}).tags
 
 
 def test_unknown_version(backend) -> None:

@@ -175,6 +175,8 @@ def test_a_damaged_version_without_tags_does_not_block_the_production_lookup(
     [
         pytest.param("no-model-json", RegistryError, "not a model folder", id="not-a-model"),
         pytest.param("lying-sha", IntegrityError, "claim", id="model-json-lies"),
+        # was an IntegrityError: "... model.json or the tags claim ['None']"
+        pytest.param("no-sha", RegistryError, "model.json has no sha256", id="model-json-no-sha"),
         pytest.param("azureml", RegistryError, "local folders", id="azureml-uri"),
     ],
 )
@@ -187,6 +189,10 @@ def test_bad_sources_are_refused(
     elif setup == "lying-sha":
         text = (tmp_path / "src" / "model.json").read_text()
         (tmp_path / "src" / "model.json").write_text(text.replace('"sha256": "', '"sha256": "0'))
+    elif setup == "no-sha":
+        record = fileio.read_json(tmp_path / "src" / "model.json")
+        del record["sha256"]
+        fileio.write_json(tmp_path / "src" / "model.json", record)
     else:
         source = "azureml://jobs/x/outputs/model"
     with pytest.raises(error, match=message):
@@ -306,17 +312,178 @@ def test_two_processes_registering_at_once_get_distinct_versions(tmp_path: Path)
     assert sorted(by_writer.values()) == ["a"] * per_writer + ["b"] * per_writer
 
 
-def test_abandoned_staging_folders_are_cleaned(registry: LocalRegistry, make_model: MakeModel):
-    import os
+@pytest.mark.parametrize(
+    ("lock", "age_s", "removed"),
+    [
+        # A registration killed mid-copy: its lock file is there and nobody holds it.
+        pytest.param("free", 0, True, id="killed-registration"),
+        # A live one copying a model folder last written long ago (copytree copies its mtime).
+        pytest.param("held", 7200, False, id="live-registration-of-an-old-folder"),
+        # Staging folders of older versions (no lock file): judged by their age, as they were.
+        pytest.param(None, 7200, True, id="old-lockless"),
+        pytest.param(None, 0, False, id="recent-lockless"),
+    ],
+)
+def test_abandoned_staging_folders_are_cleaned(
+    registry: LocalRegistry, make_model: MakeModel, lock: str | None, age_s: int, removed: bool
+) -> None:
+    import fcntl
 
     registry.register("m", make_model())
-    old, fresh = registry.root / "m" / ".tmp-old", registry.root / "m" / ".tmp-fresh"
-    old.mkdir()
-    fresh.mkdir()
-    os.utime(old, (0, 0))  # a registration killed long ago
-    registry.register("m", make_model(mse=5.0))
-    assert not old.exists() and fresh.exists()  # a recent one may still be in flight
+    staging = registry.root / "m" / ".tmp-other"
+    staging.mkdir()
+    (staging / "model.skops").write_bytes(b"half copied")
+    then = time.time() - age_s
+    os.utime(staging, (then, then))
+    held = None
+    if lock is not None:
+        held = os.open(registry.root / "m" / ".tmp-other.lock", os.O_RDWR | os.O_CREAT)
+        if lock == "held":
+            fcntl.flock(held, fcntl.LOCK_EX)  # another registration, in flight
+    try:
+        registry.register("m", make_model(mse=5.0))
+    finally:
+        if held is not None:
+            os.close(held)
+    assert staging.exists() is not removed
+    assert (registry.root / "m" / ".tmp-other.lock").exists() is (lock is not None and not removed)
     assert [v.version for v in registry.list_versions("m")] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        pytest.param("copying", id="while-it-hashes-the-copy"),
+        pytest.param("locked", id="while-it-holds-the-lock"),
+    ],
+)
+def test_a_live_registration_of_an_old_model_folder_survives_another_one(
+    registry: LocalRegistry, make_model: MakeModel, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """copytree copies the source folder's mtime onto the staging folder: a folder trained over
+    an hour ago looked abandoned, and a registration starting meanwhile deleted it (a raw
+    FileNotFoundError, or a version holding only its manifest, corrupted for good)."""
+    from aml_pipelines.registry import local
+
+    source = make_model()
+    then = time.time() - 7200
+    os.utime(source, (then, then))
+    cleaned: list[bool] = []
+
+    def another_registration_starts() -> None:
+        if not cleaned:
+            cleaned.append(True)
+            local._remove_abandoned_staging(registry.root / "m")  # what its register does first
+
+    real_hash, real_write = local.sha256_file, local.write_json
+
+    def hashing(path: Path) -> str:
+        if when == "copying" and ".tmp-" in str(path):
+            another_registration_starts()
+        return real_hash(path)
+
+    def writing(path: Path, payload: Any) -> None:
+        if when == "locked" and path.name == local.MANIFEST:
+            another_registration_starts()
+        real_write(path, payload)
+
+    monkeypatch.setattr(local, "sha256_file", hashing)
+    monkeypatch.setattr(local, "write_json", writing)
+    version = registry.register("m", source)
+    monkeypatch.undo()
+    assert cleaned and registry.get("m", 1) == version
+    assert version.path is not None and (version.path / "model.skops").is_file()
+    assert sorted(p.name for p in (registry.root / "m").iterdir()) == [".lock", "1", "1.tags.json"]
+
+
+def test_a_staging_folder_removed_under_a_registration_fails_it_cleanly(
+    registry: LocalRegistry, make_model: MakeModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never a version made of a re-created, empty staging folder (write_json makes its folder)."""
+    import shutil
+
+    from aml_pipelines.registry import local
+
+    real_write = local.write_json
+
+    def writing(path: Path, payload: Any) -> None:
+        if path.name == local.MANIFEST:
+            shutil.rmtree(path.parent)  # someone removed it by hand
+        real_write(path, payload)
+
+    monkeypatch.setattr(local, "write_json", writing)
+    with pytest.raises(RegistryError, match=r"m: the copy of .* in .*\.tmp-\w+ was removed"):
+        registry.register("m", make_model())
+    monkeypatch.undo()
+    assert registry.list_versions("m") == [] and not (registry.root / "m" / "1").exists()
+    assert registry.register("m", make_model()).version == 1
+
+
+def test_a_removed_versions_number_is_not_reused_with_its_tags_and_marker(
+    registry: LocalRegistry, make_model: MakeModel
+) -> None:
+    import shutil
+
+    registry.register("m", make_model(), {"stage": Stage.PRODUCTION})
+    registry.register("m", make_model(mse=9.0), {"stage": Stage.CANDIDATE, "bad": "yes"})
+    registry.withdraw("m", 2)
+    shutil.rmtree(registry.root / "m" / "2")  # the bad version removed by hand
+    # It got number 2 again, born withdrawn (out of every listing) and tagged bad=yes.
+    new = registry.register("m", make_model(mse=8.0), {"stage": Stage.CANDIDATE})
+    assert (new.version, new.withdrawn, dict(new.tags)) == (3, False, {"stage": "candidate"})
+    assert [v.version for v in registry.list_versions("m")] == [1, 3]
+
+
+@pytest.mark.parametrize(
+    ("fails", "message"),
+    [
+        pytest.param("lock", r"cannot write .*/m/\.lock \(Read-only file system\)", id="lock"),
+        pytest.param(
+            "record",
+            r"cannot write .*/m/1\.(tags\.json|withdrawn) \(Permission denied\)",
+            id="record",
+        ),
+    ],
+)
+@pytest.mark.parametrize("edit", ["tag", "withdraw"])
+def test_a_registry_it_cannot_write_is_one_clear_error(
+    registry: LocalRegistry,
+    make_model: MakeModel,
+    monkeypatch: pytest.MonkeyPatch,
+    fails: str,
+    message: str,
+    edit: str,
+) -> None:
+    """Was a raw OSError traceback from `registry tag` (a read-only mount, another's registry)."""
+    import errno
+
+    from aml_pipelines.registry import local
+
+    registry.register("m", make_model())
+    real_open = os.open
+
+    def refusing_open(path: Any, flags: int, *args: Any) -> int:
+        if fails == "lock" and str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args)
+
+    def refusing_write(path: Path, payload: Any) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    def refusing_touch(self: Path, *args: Any, **kwargs: Any) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    monkeypatch.setattr(local.os, "open", refusing_open)
+    if fails == "record":
+        monkeypatch.setattr(local, "write_json", refusing_write)
+        monkeypatch.setattr(Path, "touch", refusing_touch)
+    with pytest.raises(RegistryError, match=message):
+        if edit == "tag":
+            registry.set_tags("m", 1, {"note": "x"})
+        else:
+            registry.withdraw("m", 1)
+    monkeypatch.undo()
+    assert registry.get("m", 1).tags == {} and not registry.get("m", 1).withdrawn
 
 
 def test_write_json_is_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
