@@ -152,6 +152,23 @@ def test_an_unreachable_or_slow_webhook_does_not_stop_the_rollout(
     # Was "ReadTimeout: timed out": nothing said the wait is notify.timeout_s.
     assert "no answer within 0.2 s (notify.timeout_s)" in caplog.text
     assert "ConnectError" in caplog.text
+    # Nothing went out on a closed port: that one was tried again.
+    (refused,) = [r.getMessage() for r in caplog.records if "ConnectError" in r.getMessage()]
+    assert "not posted again" not in refused
+
+
+def test_a_webhook_that_received_the_post_but_answers_slowly_is_not_posted_again(
+    webhook: Webhook, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was posted twice (the timeout retried): a Slack channel got every message twice, though
+    # at most once per phase change is the promise.
+    webhook.delay_s = 0.5
+    notifier = WebhookNotifier(NotifyConfig(url=webhook.url, timeout_s=0.1))
+    with caplog.at_level(logging.WARNING, logger="rollout.notify"):
+        notifier.entered(Status(name="x", phase=Phase.ROLLED_BACK))
+    time.sleep(0.1)  # a second POST, sent as the first timed out, reaches the server
+    assert len(webhook.received) == 1
+    assert "no answer within 0.1 s (notify.timeout_s); not posted again" in caplog.text
 
 
 def test_the_notifier_never_raises(caplog: pytest.LogCaptureFixture) -> None:
