@@ -554,24 +554,31 @@ def _bootstrapped(parsed: RolloutSpec, state_dir: Path | None) -> str | None:
     check ended, if it had one), when no rollout has begun since."""
     from rollout.api import ledger_path_of
     from rollout.errors import StateError
-    from rollout.ledger import read_ledger
+    from rollout.ledger import iter_ledger
 
     path = ledger_path_of(parsed, state_dir)
     if not path.exists():
         return None
+    # One line at a time, keeping only the last bootstrap and the last check after it: read
+    # whole, a long rollout's ledger took several times its size in memory (75 MB: 472 MB).
+    bootstrap: dict[str, Any] | None = None
+    check: dict[str, Any] | None = None
     try:
-        records = read_ledger(path)
+        for record in iter_ledger(path):
+            event = record.get("event")
+            if event == "bootstrap":
+                bootstrap, check = record, None
+            elif event == "first-check" and bootstrap is not None:
+                check = record
+            else:
+                bootstrap = check = None
     except StateError:
         return None  # the table says what it can; `explain` reports an unreadable ledger
-    checks = 0
-    while checks < len(records) and records[-1 - checks].get("event") == "first-check":
-        checks += 1
-    if checks == len(records) or records[-1 - checks].get("event") != "bootstrap":
+    if bootstrap is None:
         return None
-    release = records[-1 - checks].get("release") or {}
+    release = bootstrap.get("release") or {}
     judged = "unjudged"
-    if checks:
-        check = records[-1]
+    if check is not None:
         judged = f"judged on the absolute limits: {check.get('verdict')}: {check.get('reason')}"
     return (
         f"{release.get('model', '?')}:{release.get('version', '?')} with all traffic, "

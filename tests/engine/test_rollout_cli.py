@@ -1088,6 +1088,42 @@ def test_a_first_release_is_bootstrapped_then_the_next_is_rolled_out_against_it(
     assert "started rollout cli: candidate m:2 (blue) against m:1 (green)" in story
 
 
+def test_status_of_a_long_ledger_does_not_hold_it_to_find_the_last_bootstrap(
+    tmp_path: Path,
+) -> None:
+    # Measured: `status` with no status (state.kind memory, or the file moved aside) read a
+    # 75 MB ledger whole: 472 MB resident.
+    import tracemalloc
+
+    from rollout.commands.rollout import _bootstrapped
+    from rollout.config import load_spec
+    from tests.engine.test_explain_outage import _long_ledger
+
+    spec = load_spec(write_spec(tmp_path))
+    ledger = tmp_path / "state" / "cli.ledger.jsonl"
+    ledger.parent.mkdir()
+    _long_ledger(ledger, 1500)
+    size = ledger.stat().st_size
+    tracemalloc.start()
+    try:
+        said = _bootstrapped(spec, None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert said is None and peak < size / 4, (peak, size)  # the last line is a tick: no
+    with ledger.open("a") as fh:
+        for line in (
+            {"event": "bootstrap", "at": 2.0, "release": {"model": "m", "version": "1"}},
+            {"event": "first-check", "at": 3.0, "verdict": "Failed", "reason": "too slow"},
+            {"event": "first-check", "at": 4.0, "verdict": "Successful", "reason": "ok"},
+        ):
+            fh.write(json.dumps(line) + "\n")
+    assert _bootstrapped(spec, None) == (
+        "m:1 with all traffic, bootstrapped (a first release, judged on the absolute limits: "
+        "Successful: ok); roll out the next one with `aml-rollout rollout run`"
+    )
+
+
 @pytest.mark.parametrize(
     ("green_error", "code", "verdict", "said"),
     [
