@@ -342,6 +342,24 @@ def test_an_envoy_candidate_it_cannot_serve_as_named_is_refused_before_anything_
     assert not (tmp_path / "state" / "cli.status.json").exists()
 
 
+def test_the_api_refuses_an_envoy_candidate_it_cannot_serve_before_storing_anything(
+    tmp_path: Path,
+) -> None:
+    # Was: `run_rollout` skipped the CLI's check: on a running Envoy the rollout began and
+    # Failed at blue's deploy, needing --restart, where the CLI refused with exit 2.
+    from rollout.api import open_store, run_rollout
+    from rollout.controller import FakeClock
+    from rollout.core.types import Release
+    from rollout.errors import ConfigError
+
+    router = {"kind": "envoy", "admin_url": "http://127.0.0.1:9", "routes_file": "routes.json"}
+    spec = write_spec(tmp_path, router=router, metrics={"kind": "static"})
+    with pytest.raises(ConfigError, match="candidate: m:7 names no model folder"):
+        run_rollout(spec, candidate=Release("m", "7"), clock=FakeClock(0.0))
+    assert open_store(spec).load() is None
+    assert not (tmp_path / "state" / "cli.ledger.jsonl").exists()
+
+
 def test_run_without_a_usable_lock_file_is_a_clear_error(tmp_path: Path) -> None:
     # As a state dir another user created would be (a directory: root ignores permissions).
     (tmp_path / "state" / "cli.lock").mkdir(parents=True)
