@@ -14,14 +14,16 @@ keeps the controller running, guarding, until resume, promote or abort).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rollout.config import RolloutSpec, load_spec
+from rollout.config import EnvoyRouterConfig, IstioRouterConfig, RolloutSpec, load_spec
 from rollout.controller import Clock, Controller, FirstCheck, TickHook, default_owner
 from rollout.core.status import Status
 from rollout.core.types import Colour, Phase, Release, Verdict
+from rollout.errors import ConfigError
 from rollout.ledger import Ledger
 from rollout.metrics.base import MetricsProvider
 from rollout.metrics.factory import make_metrics
@@ -37,6 +39,9 @@ __all__ = [
     "RolloutResult",
     "bootstrap",
     "bootstrap_checked",
+    "check_deployable",
+    "check_image",
+    "check_model_dir",
     "green_release",
     "load_spec",
     "open_store",
@@ -163,6 +168,66 @@ def green_release(
     return (router or make_router(spec.router)).release(Colour.GREEN)
 
 
+def check_deployable(spec: RolloutSpec, release: Release | None, where: str) -> None:
+    """Refuse (ConfigError), before anything is deployed or stored, a candidate the spec's
+    router cannot deploy as named: `check_image` and `check_model_dir`. `where` names where
+    the release was given (`candidate`, `--candidate`)."""
+    check_image(spec, release, where)
+    check_model_dir(spec, release, where)
+
+
+def check_image(spec: RolloutSpec, release: Release | None, where: str) -> None:
+    """Refuse, before anything is deployed or stored, a release the istio router cannot deploy:
+    one without a container image (a started rollout would keep it, failing every resume)."""
+    if release is None or release.image or not isinstance(spec.router, IstioRouterConfig):
+        return
+    raise ConfigError(
+        f"{where}: {release.ref} names no container image, and the istio router deploys "
+        f"images: give the spec's `candidate:` {{model: {release.model}, version: "
+        f"'{release.version}', image: <registry>/{release.model}:{release.version}}} "
+        "(package.json's `image`)"
+    )
+
+
+def check_model_dir(spec: RolloutSpec, release: Release | None, where: str) -> None:
+    """Refuse, before anything is deployed or stored, a release the envoy router cannot start
+    its scoring server for as named: no model folder, a folder that is not there, or one
+    holding another model than the release's sha256. Begun, the rollout would Fail at that
+    deploy and stay Failed (`run` again: "already ended") with the spec fixed — or, for another
+    model, record one release while blue served another."""
+    from scoring.errors import ModelLoadError
+    from scoring.model import MODEL_JSON, resolve_model_dir
+
+    if release is None or not isinstance(spec.router, EnvoyRouterConfig):
+        return
+    if not release.model_dir:
+        raise ConfigError(
+            f"{where}: {release.ref} names no model folder, and the envoy router serves a "
+            "release from its package or model folder: name it in the spec's "
+            f"`candidate:` (or `stable:`) {{model: {release.model}, version: "
+            f"'{release.version}', model_dir: <package folder>}}"
+        )
+    folder = Path(release.model_dir)
+    if not folder.is_dir():
+        read = "" if folder.is_absolute() else f", read from the current directory {Path.cwd()}"
+        raise ConfigError(
+            f"{where}: {release.ref} has no model folder {release.model_dir} (its `model_dir:`"
+            f"{read}); the envoy router serves a release from its package or model folder"
+        )
+    if not release.sha256:
+        return
+    try:
+        model_folder, _ = resolve_model_dir(folder)
+        held = json.loads((model_folder / MODEL_JSON).read_text(encoding="utf-8")).get("sha256")
+    except (ModelLoadError, OSError, ValueError, AttributeError):
+        return  # the server's own load says what is wrong with the folder, at deploy
+    if isinstance(held, str) and held != release.sha256:
+        raise ConfigError(
+            f"{where}: {release.ref} is sha256 {release.sha256[:12]}…, but its model folder "
+            f"holds {held[:12]}… ({model_folder / MODEL_JSON}): another model's folder"
+        )
+
+
 def run_rollout(
     spec: RolloutSpec | str | Path,
     *,
@@ -180,10 +245,17 @@ def run_rollout(
 
     `router`/`metrics` override the spec's backends (tests, the local stack); `restart` starts a
     new rollout when the stored one has ended (otherwise its result is returned unchanged).
+    A new rollout's candidate the router cannot deploy as named is a ConfigError before
+    anything is deployed or stored (`check_deployable`).
     """
     spec = _spec(spec)
-    router = router or make_router(spec.router)
     store = make_store(spec.state, spec.name, directory=state_dir)
+    previous = store.load()
+    if previous is None or (previous.terminal and restart):  # a new rollout, not a resume
+        # Begun, a candidate the router cannot deploy Fails at its deploy and stays Failed.
+        wanted = candidate or (spec.candidate.to_release() if spec.candidate else None)
+        check_deployable(spec, wanted, "candidate")
+    router = router or make_router(spec.router)
     metrics = metrics or _metrics_of(spec, router, store)
     ledger_path = ledger_path_of(spec, state_dir)
     controller = Controller(

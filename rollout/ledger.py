@@ -219,20 +219,26 @@ def explain(records: Iterable[dict[str, Any]]) -> list[str]:
     uncounted: list[int] = []  # the ticks of a run whose counts were not the candidate's
     unread: list[int] = []  # the ticks of a run that could not read what the data plane served
     unread_why = ""  # why, as its first tick said
+    cuts = _Cuts()  # where a rollout (or a bootstrap's lines) begins, as the report cuts
     for before, rec, following in windows(records):
-        if last is None:
-            start = rec.get("at", 0.0)
-        last = rec
-        if uncounted and ("event" in rec or not rec.get("not_counted")):
+        cut = cuts.begins(rec)
+        if uncounted and (cut or "event" in rec or not rec.get("not_counted")):
             lines.append(_not_counted(uncounted, before, start))
             uncounted = []
-        if unread and ("event" in rec or not rec.get("data_plane_unread")):
+        if unread and (cut or "event" in rec or not rec.get("data_plane_unread")):
             lines.append(_unread(unread, unread_why, before, start))
             unread = []
+        if cut:
+            start = rec.get("at", start if last is not None else 0.0)
+            unreadable_since, previous = None, None
+            if last is not None and rec.get("event") not in ("start", *BOOTSTRAP_EVENTS):
+                # Its controller stopped between saving the status and appending the start
+                # line: the story begins at its first line, not inside the rollout before.
+                rollout_id = rec.get("rollout_id")
+                named = f"rollout {rollout_id}" if rollout_id else "a rollout"
+                lines.append(f"{named} (its start line is missing from the ledger)")
+        last = rec
         if "event" in rec:
-            if rec["event"] == "start":
-                start = rec.get("at", start)
-                unreadable_since = None
             said = event_sentence(rec, checked=following.get("event") == "first-check")
             untimed = rec["event"] in ("start", "bootstrap")
             lines.append(said if untimed else f"[{span(rec.get('at', start) - start)}] {said}")
@@ -265,11 +271,13 @@ def explain(records: Iterable[dict[str, Any]]) -> list[str]:
         for note in notes:
             # In the words of the command the operator typed (`set-weight`), not the log's kind.
             lines.append(f"[{t}] operator {note.replace('set_weight', 'set-weight', 1)}")
-        if notes and notes[-1].endswith(f": {reason}"):
-            lines[-1] += f" → {rec.get('phase')}"  # the command's effect is the new phase
-        elif notes and reason == previous and rec.get("phase") == rec.get("phase_before"):
-            # A command that changed nothing (a resume refused): not a phase entered anew.
+        said_it = notes and (notes[-1].endswith(f": {reason}") or reason == previous)
+        if said_it and not rec.get("actions") and rec.get("phase") == rec.get("phase_before"):
+            # A command that changed nothing (a resume refused, a pause of a paused rollout):
+            # not a phase entered anew.
             lines[-1] += f" → still {rec.get('phase')}"
+        elif notes and notes[-1].endswith(f": {reason}"):
+            lines[-1] += f" → {rec.get('phase')}"  # the command's effect is the new phase
         elif reason == previous:  # e.g. RollingBack → RolledBack: same cause, say it once
             lines.append(f"[{t}] {rec.get('phase')}")
         else:

@@ -47,7 +47,9 @@ FIRST_CHECK_PHASES = {
     Verdict.INCONCLUSIVE: Phase.PAUSED,
 }
 
-#: POST attempts per message (a connection error, a timeout or a 5xx is retried once).
+#: POST attempts per message: a 5xx is retried once, and so is a connection error or timeout
+#: met before the request went out. A POST sent that got no answer (a slow webhook, a
+#: connection dropped) is not sent again: the webhook may have it (at most once).
 ATTEMPTS = 2
 
 
@@ -104,20 +106,25 @@ class WebhookNotifier:
     def _post(self, body: dict[str, Any], what: str) -> None:
         problem = ""
         for _ in range(ATTEMPTS):
-            answer = _Attempt(self.config.url, body, self.config.timeout_s).run()
+            attempt = _Attempt(self.config.url, body, self.config.timeout_s)
+            answer = attempt.run()
             if answer is None:  # a slow webhook (or one dripping its answer), or a short timeout_s
                 problem = f"no answer within {self.config.timeout_s:g} s (notify.timeout_s)"
-                continue
-            if isinstance(answer, httpx.HTTPError):
+            elif isinstance(answer, httpx.HTTPError):
                 problem = f"{type(answer).__name__}: {answer}"
-                continue
-            if isinstance(answer, Exception):  # best effort: nothing here may fail the rollout
+            elif isinstance(answer, Exception):  # best effort: nothing here may fail the rollout
                 problem = f"{type(answer).__name__}: {answer}"
                 break
-            if 200 <= answer < 300:
+            elif 200 <= answer < 300:
                 return
-            problem = f"HTTP {answer}"
-            if answer < 500:  # the webhook refuses it: asking again won't help
+            else:
+                problem = f"HTTP {answer}"
+                if answer < 500:  # the webhook refuses it: asking again won't help
+                    break
+                continue  # it answered that it failed: asking again posts it at most once
+            if attempt.sent:
+                # Measured: a webhook answering after timeout_s got every message twice.
+                problem += "; not posted again (the webhook may have received it)"
                 break
         shown = shown_url(self.config.url)
         log.warning(
@@ -130,30 +137,52 @@ class _Attempt:
     webhook sending its answer a byte at a time held the controller's tick for as long as it
     liked (a rollback delayed 30 s). So the POST runs on a daemon thread joined for at most
     `timeout_s`, and reads only the status line (the body is never read). A thread given up on
-    is left to its own per-read timeout; it holds one socket and logs nothing."""
+    is left to its own per-read timeout; it holds one socket and logs nothing, and sends nothing
+    if it had not begun to send the request (its connection came late): `sent` stays as read."""
 
     def __init__(self, url: str, body: dict[str, Any], timeout_s: float) -> None:
         self.url, self.body, self.timeout_s = url, body, timeout_s
         self.answer: int | Exception | None = None
+        #: Whether the request began to go out: the webhook may have it, whatever came back.
+        self.sent = False
+        self._given_up = False
+        self._lock = threading.Lock()
 
     def run(self) -> int | Exception | None:
         """The status code, the exception raised, or None if no answer came within timeout_s."""
         thread = threading.Thread(target=self._post, name="notify", daemon=True)
         thread.start()
         thread.join(self.timeout_s)
-        return None if thread.is_alive() else self.answer
+        with self._lock:
+            self._given_up = thread.is_alive()
+            return None if self._given_up else self.answer
+
+    def _trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's `trace` extension: notes the request going out, or stops it from going
+        out once given up on (a retry may be under way)."""
+        if event.endswith(".send_request_headers.started"):
+            with self._lock:
+                if self._given_up:
+                    raise _GivenUp("given up on before the request was sent")
+                self.sent = True
 
     def _post(self) -> None:
         try:
             with (
                 httpx.Client(timeout=self.timeout_s) as client,
-                client.stream("POST", self.url, json=self.body) as response,
+                client.stream(
+                    "POST", self.url, json=self.body, extensions={"trace": self._trace}
+                ) as response,
             ):
                 self.answer = response.status_code
         except httpx.TimeoutException:
             self.answer = None
         except Exception as exc:  # handed to the caller, which logs it
             self.answer = exc
+
+
+class _GivenUp(Exception):
+    """Raised in an attempt's thread to stop a request its caller no longer waits for."""
 
 
 def shown_url(url: str) -> str:

@@ -155,7 +155,9 @@ def _story(name: str, records: Iterable[dict[str, Any]]) -> tuple[RolloutStory, 
             mirror.points.append((at, float(record.get("mirror", 0))))
         actions = record.get("actions") or []
         reason = str(record.get("reason", ""))
-        if any(a.get("type") == "set_weights" for a in actions) and record.get("tick", 1) != 0:
+        # The start tick (the one leaving Initializing) sets the first weights: no decision.
+        started = record.get("phase_before") == "Initializing"
+        if any(a.get("type") == "set_weights" for a in actions) and not started:
             decisions.append(Decision(at, _kind(reason, record), reason))
         if "event" in record:  # no tick: a row of empty cells said nothing of what happened
             said = event_sentence(record, checked=following.get("event") == "first-check")

@@ -141,71 +141,6 @@ def _release(text: str | None, parsed: RolloutSpec, option: str = "--candidate")
     return named
 
 
-def _check_image(parsed: RolloutSpec, release: Release | None, where: str) -> None:
-    """Refuse, before anything is deployed or stored, a release the istio router cannot deploy:
-    one without a container image (a started rollout would keep it, failing every resume)."""
-    from rollout.config import IstioRouterConfig
-    from rollout.errors import ConfigError
-
-    if release is None or release.image or not isinstance(parsed.router, IstioRouterConfig):
-        return
-    _fail(
-        ConfigError(
-            f"{where}: {release.ref} names no container image, and the istio router deploys "
-            f"images: give the spec's `candidate:` {{model: {release.model}, version: "
-            f"'{release.version}', image: <registry>/{release.model}:{release.version}}} "
-            "(package.json's `image`)"
-        )
-    )
-
-
-def _check_model_dir(parsed: RolloutSpec, release: Release | None, where: str) -> None:
-    """Refuse, before anything is deployed or stored, a release the envoy router cannot start
-    its scoring server for as named: no model folder, a folder that is not there, or one
-    holding another model than the release's sha256. Begun, the rollout would Fail at that
-    deploy and stay Failed (`run` again: "already ended") with the spec fixed — or, for another
-    model, record one release while blue served another."""
-    from rollout.config import EnvoyRouterConfig
-    from rollout.errors import ConfigError
-    from scoring.errors import ModelLoadError
-    from scoring.model import MODEL_JSON, resolve_model_dir
-
-    if release is None or not isinstance(parsed.router, EnvoyRouterConfig):
-        return
-    if not release.model_dir:
-        _fail(
-            ConfigError(
-                f"{where}: {release.ref} names no model folder, and the envoy router serves a "
-                "release from its package or model folder: name it in the spec's "
-                f"`candidate:` (or `stable:`) {{model: {release.model}, version: "
-                f"'{release.version}', model_dir: <package folder>}}"
-            )
-        )
-    folder = Path(release.model_dir)
-    if not folder.is_dir():
-        read = "" if folder.is_absolute() else f", read from the current directory {Path.cwd()}"
-        _fail(
-            ConfigError(
-                f"{where}: {release.ref} has no model folder {release.model_dir} (its `model_dir:`"
-                f"{read}); the envoy router serves a release from its package or model folder"
-            )
-        )
-    if not release.sha256:
-        return
-    try:
-        model_folder, _ = resolve_model_dir(folder)
-        held = json.loads((model_folder / MODEL_JSON).read_text(encoding="utf-8")).get("sha256")
-    except (ModelLoadError, OSError, ValueError, AttributeError):
-        return  # the server's own load says what is wrong with the folder, at deploy
-    if isinstance(held, str) and held != release.sha256:
-        _fail(
-            ConfigError(
-                f"{where}: {release.ref} is sha256 {release.sha256[:12]}…, but its model folder "
-                f"holds {held[:12]}… ({model_folder / MODEL_JSON}): another model's folder"
-            )
-        )
-
-
 @rollout_app.command()
 def run(
     spec: SpecArg,
@@ -234,7 +169,7 @@ def run(
     (130: `run` again resumes it)."""
     import logging
 
-    from rollout.api import run_rollout
+    from rollout.api import check_deployable, run_rollout
     from rollout.commands.stack import EXIT_INTERRUPTED, sigterm_as_interrupt
     from rollout.controller import FakeClock, RealClock, check_same_router
     from rollout.errors import RolloutError
@@ -269,8 +204,10 @@ def run(
     # was told both "already ended" and, by the error below, that it needs --restart.
     wanted = asked or (parsed.candidate.to_release() if parsed.candidate else None)
     if previous is None or (previous.terminal and restart):  # a new rollout, not a resume
-        _check_image(parsed, wanted, "--candidate" if asked else "candidate")
-        _check_model_dir(parsed, wanted, "--candidate" if asked else "candidate")
+        try:  # run_rollout checks it too; here first, to say which was given: the option or spec
+            check_deployable(parsed, wanted, "--candidate" if asked else "candidate")
+        except RolloutError as exc:
+            _fail(exc)
     stored = previous.candidate if previous is not None else None
     same = wanted is None or (stored is not None and stored.ref == wanted.ref)
     # Another candidate than the ended rollout's is refused below, saying to --restart.
@@ -356,6 +293,7 @@ def bootstrap(
     There is nothing to compare it with yet: unjudged, or with --check judged on absolute limits
     alone. Every later release is rolled out against it."""
     from rollout.api import bootstrap as bootstrap_green
+    from rollout.api import check_model_dir
     from rollout.errors import ConfigError, RolloutError
 
     parsed = _load(spec)
@@ -366,7 +304,10 @@ def bootstrap(
         if named is None:
             _fail(ConfigError("--release: name the first release (the spec names none)"))
         first = named.to_release()
-    _check_model_dir(parsed, first, "--release" if release else "the first release")
+    try:
+        check_model_dir(parsed, first, "--release" if release else "the first release")
+    except ConfigError as exc:
+        _fail(exc)
     if check:
         if simulated_time:
             _simulated_metrics_only(parsed)
@@ -554,24 +495,31 @@ def _bootstrapped(parsed: RolloutSpec, state_dir: Path | None) -> str | None:
     check ended, if it had one), when no rollout has begun since."""
     from rollout.api import ledger_path_of
     from rollout.errors import StateError
-    from rollout.ledger import read_ledger
+    from rollout.ledger import iter_ledger
 
     path = ledger_path_of(parsed, state_dir)
     if not path.exists():
         return None
+    # One line at a time, keeping only the last bootstrap and the last check after it: read
+    # whole, a long rollout's ledger took several times its size in memory (75 MB: 472 MB).
+    bootstrap: dict[str, Any] | None = None
+    check: dict[str, Any] | None = None
     try:
-        records = read_ledger(path)
+        for record in iter_ledger(path):
+            event = record.get("event")
+            if event == "bootstrap":
+                bootstrap, check = record, None
+            elif event == "first-check" and bootstrap is not None:
+                check = record
+            else:
+                bootstrap = check = None
     except StateError:
         return None  # the table says what it can; `explain` reports an unreadable ledger
-    checks = 0
-    while checks < len(records) and records[-1 - checks].get("event") == "first-check":
-        checks += 1
-    if checks == len(records) or records[-1 - checks].get("event") != "bootstrap":
+    if bootstrap is None:
         return None
-    release = records[-1 - checks].get("release") or {}
+    release = bootstrap.get("release") or {}
     judged = "unjudged"
-    if checks:
-        check = records[-1]
+    if check is not None:
         judged = f"judged on the absolute limits: {check.get('verdict')}: {check.get('reason')}"
     return (
         f"{release.get('model', '?')}:{release.get('version', '?')} with all traffic, "

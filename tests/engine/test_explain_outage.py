@@ -107,6 +107,44 @@ def test_a_refused_resume_is_told_as_changing_nothing_not_as_a_phase_entered_aga
     )
 
 
+def test_a_rollout_whose_start_line_was_lost_is_told_as_its_own_from_its_first_line() -> None:
+    # A controller stopped between saving the status and appending the start line resumes
+    # with no start line: its ticks were told as the previous rollout's, timed from its start
+    # (the report cut there, at the new rollout_id).
+    promoted = "Green_100: promoted m:2; blue removed"
+    records = [
+        {"event": "start", "at": T0, "name": "d", "plan": [5, 100], "rollout_id": "a"},
+        tick(1, "started: blue at 5 %", verdict=None, phase_before="Initializing",
+             actions=[{"type": "set_weights", "blue": 5}], rollout_id="a"),
+        tick(2, promoted, verdict="Successful", phase="Succeeded", rollout_id="a"),
+        tick(1, "started: blue at 5 %", verdict=None, phase_before="Initializing",
+             actions=[{"type": "set_weights", "blue": 5}], rollout_id="b", at=T0 + 3600),
+        tick(2, "Green_100: promoted m:3; blue removed", verdict="Successful", phase="Succeeded",
+             rollout_id="b", at=T0 + 3610),
+    ]  # fmt: skip
+    story = explain(records)
+    assert story[3:] == [
+        "rollout b (its start line is missing from the ledger)",
+        "[0 s] Progressing: started: blue at 5 %",
+        "[10 s] Succeeded: Green_100: promoted m:3; blue removed",
+    ]
+
+
+def test_a_pause_of_a_paused_rollout_is_told_as_changing_nothing() -> None:
+    # Was "operator pause: paused by ann → Paused", as if this pause had paused it.
+    records = [
+        {"event": "start", "at": T0, "name": "d", "plan": [5, 100]},
+        tick(1, "paused by ann", verdict="Inconclusive", phase="Paused",
+             commands=["pause: paused by ann"]),
+        tick(2, "paused by ann", verdict="Inconclusive", phase="Paused", phase_before="Paused",
+             commands=["pause: paused by ann"]),
+    ]  # fmt: skip
+    assert explain(records)[1:3] == [
+        "[1 s] operator pause: paused by ann → Paused",
+        "[2 s] operator pause: paused by ann → still Paused",
+    ]
+
+
 def test_a_data_plane_that_could_not_be_read_is_told_once_per_span() -> None:
     down = "deployment diabetes-blue has 2 containers"
     waiting = "step 5 % has 10 of 100 canary requests needed"

@@ -342,6 +342,24 @@ def test_an_envoy_candidate_it_cannot_serve_as_named_is_refused_before_anything_
     assert not (tmp_path / "state" / "cli.status.json").exists()
 
 
+def test_the_api_refuses_an_envoy_candidate_it_cannot_serve_before_storing_anything(
+    tmp_path: Path,
+) -> None:
+    # Was: `run_rollout` skipped the CLI's check: on a running Envoy the rollout began and
+    # Failed at blue's deploy, needing --restart, where the CLI refused with exit 2.
+    from rollout.api import open_store, run_rollout
+    from rollout.controller import FakeClock
+    from rollout.core.types import Release
+    from rollout.errors import ConfigError
+
+    router = {"kind": "envoy", "admin_url": "http://127.0.0.1:9", "routes_file": "routes.json"}
+    spec = write_spec(tmp_path, router=router, metrics={"kind": "static"})
+    with pytest.raises(ConfigError, match="candidate: m:7 names no model folder"):
+        run_rollout(spec, candidate=Release("m", "7"), clock=FakeClock(0.0))
+    assert open_store(spec).load() is None
+    assert not (tmp_path / "state" / "cli.ledger.jsonl").exists()
+
+
 def test_run_without_a_usable_lock_file_is_a_clear_error(tmp_path: Path) -> None:
     # As a state dir another user created would be (a directory: root ignores permissions).
     (tmp_path / "state" / "cli.lock").mkdir(parents=True)
@@ -1086,6 +1104,42 @@ def test_a_first_release_is_bootstrapped_then_the_next_is_rolled_out_against_it(
     assert code == 0
     assert "bootstrapped green with m:1 (a first release, unjudged" in " ".join(story.split())
     assert "started rollout cli: candidate m:2 (blue) against m:1 (green)" in story
+
+
+def test_status_of_a_long_ledger_does_not_hold_it_to_find_the_last_bootstrap(
+    tmp_path: Path,
+) -> None:
+    # Measured: `status` with no status (state.kind memory, or the file moved aside) read a
+    # 75 MB ledger whole: 472 MB resident.
+    import tracemalloc
+
+    from rollout.commands.rollout import _bootstrapped
+    from rollout.config import load_spec
+    from tests.engine.test_explain_outage import _long_ledger
+
+    spec = load_spec(write_spec(tmp_path))
+    ledger = tmp_path / "state" / "cli.ledger.jsonl"
+    ledger.parent.mkdir()
+    _long_ledger(ledger, 1500)
+    size = ledger.stat().st_size
+    tracemalloc.start()
+    try:
+        said = _bootstrapped(spec, None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert said is None and peak < size / 4, (peak, size)  # the last line is a tick: no
+    with ledger.open("a") as fh:
+        for line in (
+            {"event": "bootstrap", "at": 2.0, "release": {"model": "m", "version": "1"}},
+            {"event": "first-check", "at": 3.0, "verdict": "Failed", "reason": "too slow"},
+            {"event": "first-check", "at": 4.0, "verdict": "Successful", "reason": "ok"},
+        ):
+            fh.write(json.dumps(line) + "\n")
+    assert _bootstrapped(spec, None) == (
+        "m:1 with all traffic, bootstrapped (a first release, judged on the absolute limits: "
+        "Successful: ok); roll out the next one with `aml-rollout rollout run`"
+    )
 
 
 @pytest.mark.parametrize(

@@ -114,6 +114,19 @@ def test_a_rollout_restarted_on_the_same_ledger_is_its_own_story(tmp_path: Path)
     assert [d.kind for d in latest.decisions] == ["passed", "promoted"]
 
 
+def test_the_start_tick_is_not_drawn_as_a_step_passed(tmp_path: Path) -> None:
+    # Ticks count from 1: the guard `tick != 0` let the start tick ("started: blue at 0 %")
+    # through as a grey "step passed" line at +0 s.
+    path = tmp_path / "d.ledger.jsonl"
+    book = Ledger(path, fsync=False)
+    started = tick(T0 + 1, "Progressing", 0, "started: blue at 0 %", blue=0)
+    book.append({**started, "tick": 1, "phase_before": "Initializing", "mirror": 5})
+    passed = tick(T0 + 2, "Progressing", 5, "the shadow step passed; blue to 5 %", blue=5)
+    book.append({**passed, "tick": 2, "phase_before": "Progressing"})
+    story = story_from_ledger(path)
+    assert [(d.at, d.kind) for d in story.decisions] == [(T0 + 2, "passed")]
+
+
 def test_an_operators_set_weight_is_not_drawn_as_a_step_passed(tmp_path: Path) -> None:
     # `set-weight 50` mid-step was a grey "step passed" line on the charts.
     path = tmp_path / "d.ledger.jsonl"

@@ -2081,6 +2081,24 @@ def test_run_refuses_a_candidate_without_image_before_starting(
     assert not api.exists("deployments", "diabetes-blue", "ml", "apps")
 
 
+def test_the_api_refuses_a_candidate_without_image_before_storing_anything(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    """Was: `run_rollout` skipped the CLI's check, stored a Progressing rollout with that
+    candidate and raised the router's refusal at its deploy, the same at every resume."""
+    from rollout.api import open_store, run_rollout
+    from rollout.controller import FakeClock
+    from rollout.errors import ConfigError
+
+    make(api).deploy(Colour.GREEN, V1)
+    spec = _cli_spec(api, tmp_path, dataclasses.asdict(V2))
+    with pytest.raises(ConfigError, match="candidate: diabetes:3 names no container image"):
+        run_rollout(spec, candidate=Release("diabetes", "3"), clock=FakeClock(0.0))
+    assert open_store(spec).load() is None
+    assert not (tmp_path / "state" / "diabetes.ledger.jsonl").exists()
+    assert not api.exists("deployments", "diabetes-blue", "ml", "apps")
+
+
 def _user(name: str, *match: dict[str, Any]) -> dict[str, Any]:
     route: dict[str, Any] = {"name": name, "route": [{"destination": {"host": "legacy"}}]}
     if match:
