@@ -276,7 +276,9 @@ def load(
             show_default=False,
         ),
     ] = None,
-    timeout: Annotated[float, typer.Option(min=0.01, help="Per-request timeout, seconds.")] = 10.0,
+    timeout: Annotated[
+        float, typer.Option(min=0.01, help="Per-request timeout (the whole answer), seconds.")
+    ] = 10.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Send bounded scoring load and print counts by version and status, p50/p99."""

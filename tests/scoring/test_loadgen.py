@@ -9,7 +9,7 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -122,6 +122,40 @@ def test_unreachable_url_counts_transport_errors() -> None:
     # a refused connection is not a server's latency: nothing timed, no percentiles
     assert report.sent == 3 and report.answered == 0 and report.succeeded == 0
     assert report.p50_ms == report.p99_ms == report.max_ms == 0.0
+
+
+class Dribbling(httpx.AsyncBaseTransport):
+    """Answers 200 at once, then its body a byte every 20 ms (a server trickling an answer)."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        async def body() -> AsyncIterator[bytes]:
+            for byte in b'{"a": 1, "b": 2, "c": 3}':
+                await asyncio.sleep(0.02)
+                yield bytes([byte])
+
+        return httpx.Response(200, content=body())
+
+
+def test_timeout_bounds_the_whole_request() -> None:
+    # Was: httpx's timeout bounds each read, not the request, so a trickling answer ran on (a
+    # 12 s request with --timeout 2, past --duration too).
+    started = time.monotonic()
+    report = asyncio.run(
+        run_load(
+            "http://127.0.0.1:9/score",
+            requests=2,
+            concurrency=1,
+            timeout=0.1,
+            rows=[[0.0] * 10],
+            transport=Dribbling(),
+        )
+    )
+    assert time.monotonic() - started < 0.4  # 2 x 0.5 s unbounded
+    assert report.by_status == {"Timeout": 2}
+    assert report.first_error == "Timeout: no complete answer within 0.1 s"
+    assert report.answered == 0
+    found = failure_hint(report, "U")
+    assert found is not None and "did not answer within --timeout" in found
 
 
 @pytest.mark.parametrize(
