@@ -342,7 +342,7 @@ def load(
             " that finished before Ctrl-C",
             EXIT_INTERRUPTED,
         )
-    hint = failure_hint(report, normalise_url(url))
+    hint = failure_hint(report, normalise_url(url), key_sent=bool(api_key))
     if hint is not None:
         raise _fail(hint, EXIT_LOAD_FAILED)
 

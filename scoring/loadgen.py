@@ -254,8 +254,11 @@ def _is_2xx(status: str) -> bool:
     return len(status) == 3 and status.startswith("2") and status.isdigit()
 
 
-def failure_hint(report: LoadReport, url: str) -> str | None:
-    """One line on why no request got a 2xx answer; None when at least one did."""
+def failure_hint(report: LoadReport, url: str, *, key_sent: bool = False) -> str | None:
+    """One line on why no request got a 2xx answer; None when at least one did.
+
+    `key_sent`: the requests carried an API key (a 401 then means a wrong one, not a missing one).
+    """
     if report.succeeded:
         return None
     statuses = report.by_status
@@ -263,6 +266,8 @@ def failure_hint(report: LoadReport, url: str) -> str | None:
         return f"no request was sent to {url}"
     seen = ", ".join(f"{status} x{n}" for status, n in statuses.items())
     if "401" in statuses:
+        if key_sent:
+            return f"no request succeeded ({seen}); 401: the API key was refused (wrong key?)"
         return f"no request succeeded ({seen}); 401: set --api-key (or AML_ROLLOUT_API_KEY)"
     if "ConnectError" in statuses and not report.answered:
         why = report.first_error

@@ -338,6 +338,18 @@ def test_failure_hint_names_the_likely_cause(
         assert found is not None and hint in found
 
 
+@pytest.mark.parametrize(
+    ("key_sent", "hint"),
+    [
+        pytest.param(False, "401: set --api-key (or AML_ROLLOUT_API_KEY)", id="no-key-sent"),
+        pytest.param(True, "401: the API key was refused (wrong key?)", id="key-refused"),
+    ],
+)
+def test_failure_hint_on_401_says_whether_a_key_was_sent(key_sent: bool, hint: str) -> None:
+    found = failure_hint(report_of({"401": 3}, 3), "U", key_sent=key_sent)
+    assert found == f"no request succeeded (401 x3); {hint}"
+
+
 def test_failure_hint_says_why_a_connection_failed_when_not_refused() -> None:
     # Was "nothing is listening at U" for a host name that does not resolve, too.
     report = LoadReport(
@@ -363,6 +375,13 @@ def test_load_command_fails_when_every_request_is_refused_401(servers: dict[str,
         cli_app, ["load", "--url", url, "--requests", "5", "--api-key", "k1"]
     )
     assert keyed.exit_code == 0, keyed.output
+    # Was "401: set --api-key" to a user who had set it.
+    wrong = CliRunner().invoke(
+        cli_app, ["load", "--url", url, "--requests", "2", "--api-key", "nope"]
+    )
+    assert wrong.exit_code == 1, wrong.output
+    assert "401: the API key was refused (wrong key?)" in wrong.output
+    assert "set --api-key" not in wrong.output
 
 
 @pytest.mark.parametrize("value", ["k1", "k1 k2", "k1,k2", "k1\n"])
