@@ -17,6 +17,12 @@ Content-Length above the limit is refused before reading), decodes it with orjso
 (scoring.inputs), predicts (scoring.model fast path) and answers with orjson. Its schema, built
 from model.json's feature names, is added to the OpenAPI document by hand.
 
+Only the linear fast path (microseconds) scores on the event loop. Any other estimator scores on
+one predict thread (`ServerState.executor`), one request at a time as before, while the loop keeps
+reading requests and answering probes: a request waiting for the thread is in flight and its wait
+is in the latency histogram, as the client sees it (on the loop, a request queued behind another's
+predict was not yet started, and its wait was measured by no one).
+
 Every bad request gets a 4xx JSON `{"error": "..."}`; an unexpected exception in scoring is
 logged and answered 500 (and counted: the judge must see real failures). API keys are compared in
 constant time and never logged. Uvicorn should run with the access log off (`aml-rollout serve`
@@ -34,6 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +147,11 @@ class ServerState:
     scorer: Scorer | None = None
     metrics: ScoringMetrics | None = None
     load_error: str | None = None
+    #: Where a model off the linear fast path predicts: one thread, so requests take turns as
+    #: they did on the loop (no more CPU than before), and the loop stays free.
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="scoring-predict")
+    )
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def install(self, model: LoadedModel) -> None:
@@ -261,7 +273,11 @@ class ScoreEndpoint:
                 metrics.fault_errors.inc()
                 return 500, _error("injected fault (fault knob is on)"), _FAULT_HEADERS
         try:
-            answer = scorer.score(body)
+            if scorer.inline:
+                answer = scorer.score(body)
+            else:
+                loop = asyncio.get_running_loop()
+                answer = await loop.run_in_executor(state.executor, scorer.score, body)
         except InputError as exc:
             return exc.status, _error(exc.message), _JSON_HEADERS
         return 200, orjson.dumps(answer), _JSON_HEADERS
@@ -454,7 +470,12 @@ def create_app(
     async def lifespan(_: FastAPI) -> Any:
         if pending is not None:
             threading.Thread(target=load_in_background, args=(pending,), daemon=True).start()
-        yield
+        try:
+            yield
+        finally:
+            # Uvicorn has drained the requests it waited for; a predict still running (past
+            # the graceful timeout) finishes on its own, nobody left to answer.
+            state.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="aml-rollout scoring",

@@ -276,7 +276,9 @@ def load(
             show_default=False,
         ),
     ] = None,
-    timeout: Annotated[float, typer.Option(min=0.01, help="Per-request timeout, seconds.")] = 10.0,
+    timeout: Annotated[
+        float, typer.Option(min=0.01, help="Per-request timeout (the whole answer), seconds.")
+    ] = 10.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Send bounded scoring load and print counts by version and status, p50/p99."""
@@ -340,7 +342,7 @@ def load(
             " that finished before Ctrl-C",
             EXIT_INTERRUPTED,
         )
-    hint = failure_hint(report, normalise_url(url))
+    hint = failure_hint(report, normalise_url(url), key_sent=bool(api_key))
     if hint is not None:
         raise _fail(hint, EXIT_LOAD_FAILED)
 

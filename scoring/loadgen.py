@@ -6,6 +6,7 @@ over a request count or a duration (one of them is required: load is always boun
 
 - by version: `colour/model:version` read from each answer's body (what the server says it is),
 - by status: HTTP status code, or the transport error's class name (ConnectError, ReadTimeout),
+  or `Timeout` for a request with no complete answer within `timeout` (the whole request's bound),
 - latency: a log-bucketed histogram (1 % resolution) so p50/p99 cost bounded memory however
   long it runs. Only HTTP answers (any status) are timed: a refused connection "takes"
   microseconds and a timeout takes `timeout`, neither of which is a server's latency.
@@ -253,8 +254,11 @@ def _is_2xx(status: str) -> bool:
     return len(status) == 3 and status.startswith("2") and status.isdigit()
 
 
-def failure_hint(report: LoadReport, url: str) -> str | None:
-    """One line on why no request got a 2xx answer; None when at least one did."""
+def failure_hint(report: LoadReport, url: str, *, key_sent: bool = False) -> str | None:
+    """One line on why no request got a 2xx answer; None when at least one did.
+
+    `key_sent`: the requests carried an API key (a 401 then means a wrong one, not a missing one).
+    """
     if report.succeeded:
         return None
     statuses = report.by_status
@@ -262,6 +266,8 @@ def failure_hint(report: LoadReport, url: str) -> str | None:
         return f"no request was sent to {url}"
     seen = ", ".join(f"{status} x{n}" for status, n in statuses.items())
     if "401" in statuses:
+        if key_sent:
+            return f"no request succeeded ({seen}); 401: the API key was refused (wrong key?)"
         return f"no request succeeded ({seen}); 401: set --api-key (or AML_ROLLOUT_API_KEY)"
     if "ConnectError" in statuses and not report.answered:
         why = report.first_error
@@ -371,7 +377,15 @@ async def run_load(
                 return
             sent = time.monotonic()
             try:
-                response = await client.post(target, content=bodies[ticket % len(bodies)])
+                # httpx's own timeout bounds each connect, write and read, not the request: an
+                # answer trickling in a byte at a time ran on past it (and past `duration`).
+                async with asyncio.timeout(timeout):
+                    response = await client.post(target, content=bodies[ticket % len(bodies)])
+            except TimeoutError:
+                if stats.first_failure is None:
+                    stats.first_failure = f"Timeout: no complete answer within {timeout:g} s"
+                stats.record("Timeout", None, None)
+                continue
             except httpx.HTTPError as exc:
                 if stats.first_failure is None:  # `--json` says why, not only how many
                     stats.first_failure = f"{type(exc).__name__}: {exc}"[:200]

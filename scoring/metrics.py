@@ -7,8 +7,9 @@ the local-stack e2e tests check Envoy's counts against):
   code, 4xx and injected 5xx included (GET /score, the identity, is not a scoring request); 499
   is a client that disconnected before its body arrived.
 - `scoring_request_duration_seconds{colour, model, version}`: latency histogram of POST /score,
-  measured in the server from the first byte read to the answer handed to the transport (not of a
-  408 or 499: a body that never arrived measures the client, not the model). The
+  measured in the server from the request reaching the app to the answer handed to the transport,
+  the wait for the predict thread included (not of a 408 or 499: a body that never arrived
+  measures the client, not the model). The
   buckets are fine (0.5 ms steps at the low end) so that a judge given them (a `custom` preset:
   it derives "slow" requests from the bucket just above the baseline's p99) can tell
   sub-millisecond differences apart.

@@ -22,7 +22,7 @@ import numpy as np
 
 from scoring.errors import InputError
 from scoring.inputs import DEFAULT_MAX_ROWS, parse_rows
-from scoring.model import FloatArray, LoadedModel
+from scoring.model import FloatArray, LinearPredictor, LoadedModel
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: scikit-learn's finiteness check (sklearn.utils.validation._assert_all_finite_element_wise).
@@ -65,6 +65,15 @@ class Scorer:
     model: LoadedModel
     colour: str
     max_rows: int = DEFAULT_MAX_ROWS
+
+    @property
+    def inline(self) -> bool:
+        """Whether scoring is cheap enough to run on the event loop: the linear fast path.
+
+        Any other estimator's predict can take tens of milliseconds (a forest, a pipeline) and
+        must not hold the loop: the server runs it on its predict thread.
+        """
+        return isinstance(self.model.predictor, LinearPredictor)
 
     def identity(self) -> dict[str, Any]:
         """What GET /score answers: the model identity and the colour serving it."""

@@ -13,9 +13,9 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -29,6 +29,7 @@ from sklearn.model_selection import train_test_split
 from scoring.model import LoadedModel, load_model
 
 MakeModelDir = Callable[..., Path]
+T = TypeVar("T")
 
 
 def make_model_dir(
@@ -146,6 +147,14 @@ class AppClient:
 
     def put(self, url: str, **kwargs: Any) -> httpx.Response:
         return self.request("PUT", url, **kwargs)
+
+    def run(self, scenario: Callable[[httpx.AsyncClient], Awaitable[T]]) -> T:
+        """Run `scenario(client)` on the app's event loop (for concurrent requests)."""
+
+        async def main() -> T:
+            return await scenario(self._http)
+
+        return self._runner.run(main())
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -122,6 +122,40 @@ def test_unreachable_url_counts_transport_errors() -> None:
     # a refused connection is not a server's latency: nothing timed, no percentiles
     assert report.sent == 3 and report.answered == 0 and report.succeeded == 0
     assert report.p50_ms == report.p99_ms == report.max_ms == 0.0
+
+
+class Dribbling(httpx.AsyncBaseTransport):
+    """Answers 200 at once, then its body a byte every 20 ms (a server trickling an answer)."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        async def body() -> AsyncIterator[bytes]:
+            for byte in b'{"a": 1, "b": 2, "c": 3}':
+                await asyncio.sleep(0.02)
+                yield bytes([byte])
+
+        return httpx.Response(200, content=body())
+
+
+def test_timeout_bounds_the_whole_request() -> None:
+    # Was: httpx's timeout bounds each read, not the request, so a trickling answer ran on (a
+    # 12 s request with --timeout 2, past --duration too).
+    started = time.monotonic()
+    report = asyncio.run(
+        run_load(
+            "http://127.0.0.1:9/score",
+            requests=2,
+            concurrency=1,
+            timeout=0.1,
+            rows=[[0.0] * 10],
+            transport=Dribbling(),
+        )
+    )
+    assert time.monotonic() - started < 0.4  # 2 x 0.5 s unbounded
+    assert report.by_status == {"Timeout": 2}
+    assert report.first_error == "Timeout: no complete answer within 0.1 s"
+    assert report.answered == 0
+    found = failure_hint(report, "U")
+    assert found is not None and "did not answer within --timeout" in found
 
 
 @pytest.mark.parametrize(
@@ -304,6 +338,18 @@ def test_failure_hint_names_the_likely_cause(
         assert found is not None and hint in found
 
 
+@pytest.mark.parametrize(
+    ("key_sent", "hint"),
+    [
+        pytest.param(False, "401: set --api-key (or AML_ROLLOUT_API_KEY)", id="no-key-sent"),
+        pytest.param(True, "401: the API key was refused (wrong key?)", id="key-refused"),
+    ],
+)
+def test_failure_hint_on_401_says_whether_a_key_was_sent(key_sent: bool, hint: str) -> None:
+    found = failure_hint(report_of({"401": 3}, 3), "U", key_sent=key_sent)
+    assert found == f"no request succeeded (401 x3); {hint}"
+
+
 def test_failure_hint_says_why_a_connection_failed_when_not_refused() -> None:
     # Was "nothing is listening at U" for a host name that does not resolve, too.
     report = LoadReport(
@@ -329,6 +375,13 @@ def test_load_command_fails_when_every_request_is_refused_401(servers: dict[str,
         cli_app, ["load", "--url", url, "--requests", "5", "--api-key", "k1"]
     )
     assert keyed.exit_code == 0, keyed.output
+    # Was "401: set --api-key" to a user who had set it.
+    wrong = CliRunner().invoke(
+        cli_app, ["load", "--url", url, "--requests", "2", "--api-key", "nope"]
+    )
+    assert wrong.exit_code == 1, wrong.output
+    assert "401: the API key was refused (wrong key?)" in wrong.output
+    assert "set --api-key" not in wrong.output
 
 
 @pytest.mark.parametrize("value", ["k1", "k1 k2", "k1,k2", "k1\n"])
