@@ -427,8 +427,12 @@ class PrometheusMetrics:
         self, series_set: SeriesSet, values: list[str], now: float
     ) -> float | None:
         """Seconds from the newest sample of the colours' requests series to `now` (None: none
-        in the lookback), warned about once per stretch when above STALE_SAMPLE_S."""
-        result = self._query(f"max(timestamp({series_set.selector(values)}))", now)
+        in the lookback, or the question failed: only a hint, the counts are read and decide),
+        warned about once per stretch when above STALE_SAMPLE_S."""
+        try:
+            result = self._query(f"max(timestamp({series_set.selector(values)}))", now)
+        except MetricsError:
+            return None
         newest = _number(result[0].get("value", [None, "NaN"])[1]) if result else None
         if newest is None:
             return None

@@ -1160,3 +1160,22 @@ def test_match_labels_keep_another_services_series_out(prom: FakePrometheus, pre
         metrics = PrometheusMetricsConfig(url=prom.url, preset=preset, match_labels={"job": job})
         observation = make_metrics(metrics).observe(T0 - 10, T0)
         assert (observation.blue.requests, observation.blue.errors) == (requests, errors)
+
+
+def test_a_failing_sample_age_question_leaves_the_tick_as_read(
+    prom: FakePrometheus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counter(prom, "envoy_cluster_upstream_rq_completed", "blue", [float(i) for i in range(11)])
+    metrics = envoy(prom)
+    asked = metrics._query
+
+    def refusing(query: str, at: float | None) -> list[dict[str, object]]:
+        if query.startswith("max(timestamp("):
+            raise MetricsError("Prometheus at x: timestamp() unsupported")
+        return asked(query, at)
+
+    monkeypatch.setattr(metrics, "_query", refusing)
+    observation = metrics.observe(T0 - 5, T0)
+    assert observation.error is None
+    assert observation.blue.requests == 5
+    assert observation.detail["newest_sample_age_s"] is None
