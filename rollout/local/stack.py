@@ -54,7 +54,7 @@ from rollout.config import (
     RolloutSpec,
 )
 from rollout.core.types import Colour
-from rollout.errors import LocalStackError
+from rollout.errors import LocalStackError, RouterError
 from rollout.local.envoy import EnvoyProcess, envoy_binary
 from rollout.local.prometheus import PrometheusProcess, prometheus_binary
 from rollout.local.workloads import ScoringProcesses
@@ -130,7 +130,9 @@ class LocalStack:
             raise LocalStackError(
                 f"{exc}\n(the stack did not start; its files and logs are kept in {self.workdir})"
             ) from exc
-        except OSError as exc:  # its own files: a file where a folder goes, a full disk
+        # Its own files: a file where a folder goes, a full disk (RouterError: a route or
+        # record file, from `write_atomically`).
+        except (OSError, RouterError) as exc:
             self.stop()
             raise LocalStackError(
                 f"cannot write the stack's files in {self.workdir}: {exc}"
