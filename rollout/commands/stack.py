@@ -161,8 +161,16 @@ def demo(
     # (was: rich's exit 1 mid-story).
     console = QuietWhenReaderGone(soft_wrap=True, emoji=False)
     try:
-        with sigterm_as_interrupt() as stopping:
-            result = run_demo(folder, console=console, rps=rps, stopping=stopping)
+        # As `up`: only the first signal raises, none once the stack's stop begins (was: every
+        # one raised, and a second cut the stop short).
+        with interrupted_once(console) as interrupts:
+            result = run_demo(
+                folder,
+                console=console,
+                rps=rps,
+                stopping=interrupts.stopping,
+                hold=interrupts.hold,
+            )
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: the stack is stopped[/]")
         raise typer.Exit(EXIT_INTERRUPTED) from None
