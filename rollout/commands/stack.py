@@ -383,9 +383,15 @@ def _write_spec(stack: Any, candidate: Any) -> Path:
 
 def _train_example(folder: Path, console: Console) -> Path:
     from components.train.train import TrainParams, train
+    from rollout.errors import LocalStackError
 
     console.print("training the example model (diabetes, Ridge) ...")
-    train(folder, name="diabetes", params=TrainParams())
+    try:
+        train(folder, name="diabetes", params=TrainParams())
+    except OSError as exc:  # a full disk: one line, not the train component's traceback
+        raise LocalStackError(
+            f"cannot train the example model in {folder}: {exc.strerror or exc}"
+        ) from exc
     return folder
 
 

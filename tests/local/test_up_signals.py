@@ -492,3 +492,23 @@ def test_a_second_signal_does_not_cut_the_demos_stop_short(
     assert result.exit_code == 130, (result.exit_code, result.exception)
     assert InterruptedWhileStopping.finished and runner_got == []
     assert "interrupted: the stack is stopped" in result.output
+
+
+def test_training_the_example_on_a_full_disk_is_one_line_and_a_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: the train component's OSError was a traceback, the stack's stop a second one."""
+    import components.train.train as train_module
+
+    def disk_full(folder: Path, **options: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "model.skops"))
+
+    monkeypatch.setattr(train_module, "train", disk_full)
+    monkeypatch.setattr(local_stack, "LocalStack", StandInStack)
+    result = CliRunner().invoke(cli_app, ["up", "--workdir", str(tmp_path), "--duration", "1"])
+    assert isinstance(result.exception, LocalStackError), result.output  # the CLI's one line
+    folder = tmp_path / "models" / "green"
+    assert str(result.exception).startswith(
+        f"cannot train the example model in {folder}: No space left on device"
+    )
+    assert StandInStack.last is not None and StandInStack.last.stopped
