@@ -180,7 +180,9 @@ class ScoringProcesses:
     def _discard(self, pid: int, ref: str) -> None:
         """Stop a server that failed to start, by its pid (it may have no record), and forget
         it; a file that cannot be written now must not hide why it failed."""
-        _stop(pid)
+        own = _OWN.pop(pid, None)
+        if own is not None:  # else it ended and was reaped: its pid may be another's now
+            own.stop()
         with contextlib.suppress(FileNotFoundError):
             self._record_path(ref).unlink()
         with contextlib.suppress(RouterError):
