@@ -161,8 +161,16 @@ def demo(
     # (was: rich's exit 1 mid-story).
     console = QuietWhenReaderGone(soft_wrap=True, emoji=False)
     try:
-        with sigterm_as_interrupt() as stopping:
-            result = run_demo(folder, console=console, rps=rps, stopping=stopping)
+        # As `up`: only the first signal raises, none once the stack's stop begins (was: every
+        # one raised, and a second cut the stop short).
+        with interrupted_once(console) as interrupts:
+            result = run_demo(
+                folder,
+                console=console,
+                rps=rps,
+                stopping=interrupts.stopping,
+                hold=interrupts.hold,
+            )
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: the stack is stopped[/]")
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -375,9 +383,15 @@ def _write_spec(stack: Any, candidate: Any) -> Path:
 
 def _train_example(folder: Path, console: Console) -> Path:
     from components.train.train import TrainParams, train
+    from rollout.errors import LocalStackError
 
     console.print("training the example model (diabetes, Ridge) ...")
-    train(folder, name="diabetes", params=TrainParams())
+    try:
+        train(folder, name="diabetes", params=TrainParams())
+    except OSError as exc:  # a full disk: one line, not the train component's traceback
+        raise LocalStackError(
+            f"cannot train the example model in {folder}: {exc.strerror or exc}"
+        ) from exc
     return folder
 
 

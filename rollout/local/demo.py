@@ -29,7 +29,8 @@ import logging
 import shlex
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,11 +94,14 @@ def run_demo(
     console: Console | None = None,
     rps: float = RPS,
     stopping: threading.Event | None = None,
+    hold: Callable[[], None] | None = None,
 ) -> DemoResult:
     """Run the story; the stack is always stopped at the end (also on Ctrl-C or an error).
 
     `stopping` (set by a signal handler) stops the judge at its next wait, should the handler's
-    KeyboardInterrupt be lost (see `sigterm_as_interrupt`).
+    KeyboardInterrupt be lost (see `sigterm_as_interrupt`). `hold` is called as the stack's stop
+    begins: from then on a signal must not be raised (`interrupted_once`), or it would cut the
+    stop short.
     """
     from aml_pipelines.delivery import package_release
     from aml_pipelines.registry.local import LocalRegistry
@@ -132,7 +136,7 @@ def run_demo(
         f"[yellow]demo knob:[/] v{FAULTY_VERSION} (the faulty candidate) answers "
         f"{FAULT_ERROR_RATE:.0%} of requests with 500; every other server has no fault injected"
     )
-    with LocalStack(out_dir / "stack", faults=faults) as stack:
+    with _running(LocalStack(out_dir / "stack", faults=faults), hold) as stack:
         console.print(
             f"stack up: envoy {stack.url}  admin {stack.envoy.admin_url}  "
             f"prometheus {stack.prometheus.url}"
@@ -199,6 +203,22 @@ def run_demo(
         )
     print_outputs(console, result, time.monotonic() - started)
     return result
+
+
+@contextmanager
+def _running(stack: LocalStack, hold: Callable[[], None] | None) -> Iterator[LocalStack]:
+    """`with stack:`, calling `hold` before the stop (was: a second Ctrl-C or SIGHUP landed in
+    the stop and cut it short, and the demo said "the stack is stopped")."""
+    with stack:
+        try:
+            yield stack
+        finally:
+            # Not `contextlib.suppress`: a signal could land in its own call, before it holds.
+            try:
+                if hold is not None:
+                    hold()
+            except KeyboardInterrupt:  # the one a signal raises, just before: it asks for this
+                pass
 
 
 def print_outputs(console: Console, result: DemoResult, seconds: float) -> None:

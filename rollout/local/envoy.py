@@ -16,6 +16,7 @@ listener now binds without SO_REUSEPORT, so a given port another Envoy holds fai
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -178,4 +179,24 @@ def _written_port(path: Path, deadline: float, alive: Callable[[], bool]) -> int
             return int(path.read_text(encoding="utf-8").strip().rsplit(":", 1)[1])
         except (OSError, IndexError, ValueError):
             time.sleep(0.02)
-    raise LocalStackError(f"no admin address written to {path} in time")
+    raise LocalStackError(f"no admin address written to {path} in time{_disk_full_hint(path)}")
+
+
+#: Below this many free bytes, a file Envoy cannot write is blamed on a full disk.
+LOW_DISK_BYTES = 1 << 20
+
+
+def _disk_full_hint(path: Path) -> str:
+    """Why Envoy may have written nothing, when its folder's disk is (nearly) full.
+
+    Was: on a full disk Envoy could write neither its admin address nor its log, and the error
+    said only "in time", after the whole timeout, with no log lines to quote.
+    """
+    try:
+        stats = os.statvfs(path.parent)
+    except OSError:
+        return ""
+    free = stats.f_bavail * stats.f_frsize
+    if free >= LOW_DISK_BYTES:
+        return ""
+    return f" (its folder has {free} bytes free: is the disk full?)"

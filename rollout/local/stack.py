@@ -54,7 +54,7 @@ from rollout.config import (
     RolloutSpec,
 )
 from rollout.core.types import Colour
-from rollout.errors import LocalStackError
+from rollout.errors import LocalStackError, RouterError
 from rollout.local.envoy import EnvoyProcess, envoy_binary
 from rollout.local.prometheus import PrometheusProcess, prometheus_binary
 from rollout.local.workloads import ScoringProcesses
@@ -130,7 +130,9 @@ class LocalStack:
             raise LocalStackError(
                 f"{exc}\n(the stack did not start; its files and logs are kept in {self.workdir})"
             ) from exc
-        except OSError as exc:  # its own files: a file where a folder goes, a full disk
+        # Its own files: a file where a folder goes, a full disk (RouterError: a route or
+        # record file, from `write_atomically`).
+        except (OSError, RouterError) as exc:
             self.stop()
             raise LocalStackError(
                 f"cannot write the stack's files in {self.workdir}: {exc}"
@@ -199,21 +201,43 @@ class LocalStack:
         self.releases_file.unlink(missing_ok=True)
 
     def stop(self) -> None:
-        """Stop everything this stack started; safe to call twice and after a partial start."""
-        self.stop_loads()
-        for client in (self._router, self._metrics):
-            if client is not None:
-                client.close()
-        self._router = self._metrics = None
-        if self._owns_workdir():
-            stopped = self.workloads.stop_all()
-            if stopped:
-                log.debug("stopped %d scoring server(s)", stopped)
-        self.prometheus.stop()
-        self.envoy.stop()
-        self._unlock_workdir()
+        """Stop everything this stack started; safe to call twice and after a partial start.
+
+        Every part runs whatever an earlier one raised (a full disk, a signal); the first
+        error is raised once all have run. Was: the first one ended the stop, and Envoy and
+        Prometheus ran on, the lock held, the temporary folder kept.
+        """
+        errors: list[BaseException] = []
+        for part in (
+            self.stop_loads,
+            self._close_clients,
+            self._stop_workloads,
+            self.prometheus.stop,
+            self.envoy.stop,
+            self._unlock_workdir,
+        ):
+            try:
+                part()
+            except BaseException as exc:  # raised below, once every part ran
+                errors.append(exc)
         if not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        if errors:
+            raise errors[0]
+
+    def _close_clients(self) -> None:
+        clients, self._router, self._metrics = (self._router, self._metrics), None, None
+        for client in clients:
+            if client is not None:
+                client.close()
+
+    def _stop_workloads(self) -> None:
+        if self._owns_workdir():
+            # targets.json is not rewritten: no Prometheus reads it once the stack stops (and
+            # a full disk must not fail the stop; the next start writes it afresh).
+            stopped = self.workloads.stop_all(targets=False)
+            if stopped:
+                log.debug("stopped %d scoring server(s)", stopped)
 
     def __enter__(self) -> LocalStack:
         return self.start()

@@ -112,6 +112,7 @@ class ScoringProcesses:
             raise DeployFailed(
                 f"cannot deploy to {colour.value}: {release.model_dir} is not a folder"
             )
+        _check_model(colour, release)
         # Closed once the child started: it holds its own copy, and ours would keep the port
         # bound after the server ends.
         with listening_socket(self.host) as sock:
@@ -139,28 +140,31 @@ class ScoringProcesses:
             "colour": colour.value,
             "release": {"model": release.model, "version": release.version},
         }
-        write_atomically(self._record_path(ref), record)
         try:
+            # In the try: a server no record names would outlive everything (was: a full
+            # disk here left one running, and `rollout run` died with a traceback).
+            write_atomically(self._record_path(ref), record)
             wait_ready(
                 f"http://{self.host}:{port}/readyz",
                 timeout_s=self.ready_timeout_s,
                 alive=lambda: child.running,
             )
             _warm_up(f"http://{self.host}:{port}/score", Path(release.model_dir))
+            self._write_targets()
         except LocalStackError as exc:
             died = not child.running  # the release's server exited (a model it cannot load)
-            self.stop(Endpoint(self.host, port, ref))
+            self._discard(child.pid, ref)
             # The cause (a bad model folder, a traceback) is in the server's own log.
             error = DeployFailed if died else RouterError  # else: slow, maybe a loaded machine
             raise error(
                 f"scoring server for {colour.value} did not start: {exc}{quoted_log_tail(log_path)}"
             ) from None
         except BaseException:
-            # Ctrl-C or SIGTERM while it loads: nothing routes to it yet and no one would stop
-            # it before the stack does (a resumed rollout starts another one).
-            self.stop(Endpoint(self.host, port, ref))
+            # Ctrl-C or SIGTERM while it loads, or its record not written (a RouterError):
+            # nothing routes to it yet and no one would stop it before the stack does (a
+            # resumed rollout starts another one).
+            self._discard(child.pid, ref)
             raise
-        self._write_targets()
         log.info("%s serves %s:%s on port %d", colour.value, release.model, release.version, port)
         return Endpoint(self.host, port, ref)
 
@@ -173,13 +177,26 @@ class ScoringProcesses:
             self._record_path(endpoint.ref).unlink()
         self._write_targets()
 
+    def _discard(self, pid: int, ref: str) -> None:
+        """Stop a server that failed to start, by its pid (it may have no record), and forget
+        it; a file that cannot be written now must not hide why it failed."""
+        own = _OWN.pop(pid, None)
+        if own is not None:  # else it ended and was reaped: its pid may be another's now
+            own.stop()
+        with contextlib.suppress(FileNotFoundError):
+            self._record_path(ref).unlink()
+        with contextlib.suppress(RouterError):
+            self._write_targets()
+
     def alive(self, endpoint: Endpoint) -> bool:
         """Whether the server behind `endpoint` still runs."""
         record = self._read(endpoint.ref)
         return record is not None and _same_process(record)
 
-    def stop_all(self) -> int:
-        """Stop every recorded server (the stack's shutdown); returns how many were running."""
+    def stop_all(self, *, targets: bool = True) -> int:
+        """Stop every recorded server, and every server this process started here that has no
+        record (its folder removed); returns how many were running. `targets=False` leaves
+        targets.json as it is (at the stack's shutdown: no Prometheus reads it any more)."""
         stopped = 0
         for record in self.records():
             if _same_process(record):
@@ -187,7 +204,12 @@ class ScoringProcesses:
                 stopped += 1
             with contextlib.suppress(FileNotFoundError):
                 self._record_path(str(record["ref"])).unlink()
-        self._write_targets()
+        for pid, child in list(_OWN.items()):
+            if child.log_path.parent == self.directory:
+                stopped += child.running
+                _stop(pid)
+        if targets:
+            self._write_targets()
         return stopped
 
     def reap(self) -> None:
@@ -256,6 +278,30 @@ def _warm_up(url: str, model_dir: Path, requests: int = WARM_UP_REQUESTS) -> Non
         for i in range(requests):
             with contextlib.suppress(httpx.HTTPError):
                 client.post(url, json={"data": [rows[i % len(rows)]]})
+
+
+def _check_model(colour: Colour, release: Release) -> None:
+    """DeployFailed when the release's folder holds another model than the release names.
+
+    A recorded release may point at a folder a later run wrote another model into (a re-run
+    reusing its package path): its server would serve that model under the release's label.
+    A folder whose model.json cannot be read is left to the server, which says why in its log.
+    """
+    if not release.sha256 or release.model_dir is None:
+        return
+    from scoring.errors import ModelLoadError
+    from scoring.model import MODEL_JSON, resolve_model_dir
+
+    try:
+        folder, _ = resolve_model_dir(Path(release.model_dir))
+        found = json.loads((folder / MODEL_JSON).read_text(encoding="utf-8")).get("sha256")
+    except (ModelLoadError, OSError, ValueError, AttributeError):
+        return
+    if isinstance(found, str) and found != release.sha256:
+        raise DeployFailed(
+            f"cannot deploy {release.ref} to {colour.value}: {release.model_dir} holds a model "
+            f"of sha256 {found}, not {release.sha256} (another model was written there since)"
+        )
 
 
 def _stop(pid: int) -> None:

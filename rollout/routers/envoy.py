@@ -39,6 +39,7 @@ controller sees the truth.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -366,10 +367,19 @@ def bootstrap(
 
 
 def write_atomically(path: Path, document: Any) -> None:
-    """Write JSON next to `path`, then rename onto it: Envoy reloads only on a move."""
+    """Write JSON next to `path`, then rename onto it: Envoy reloads only on a move.
+
+    A write that fails (a full disk) is a RouterError naming the file, and leaves no temp file
+    (was: a raw OSError, a traceback in `up`, and a 0-byte `.tmp` left next to the file).
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    tmp.write_text(json.dumps(document, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(document, indent=1), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise RouterError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def initial_files(files: EnvoyFiles, route_name: str = "aml_route") -> None:

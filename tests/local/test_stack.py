@@ -6,18 +6,24 @@ Real Envoy, real Prometheus, real `aml-rollout serve` processes for real trained
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
 from rollout.core.types import Colour, Weights
-from rollout.errors import LocalStackError
+from rollout.errors import DeployFailed, LocalStackError, RouterError
 from rollout.local.envoy import EnvoyProcess
 from rollout.local.process import Child, log_tail, pid_alive, port_is_free
 from rollout.local.stack import LocalStack
@@ -214,6 +220,111 @@ def test_a_server_interrupted_while_it_starts_is_stopped(
         assert workloads.records() == []
     finally:
         workloads.stop_all()  # a failed check leaves no server behind
+
+
+def disk_full(monkeypatch: pytest.MonkeyPatch, written: list[str] | None = None) -> None:
+    """Every `Path.write_text` (what `write_atomically` writes with) fails as on a full disk;
+    what it was asked to write is kept in `written`."""
+
+    def write_text(self: Path, data: str, encoding: str | None = None) -> int:
+        if written is not None:
+            written.append(data)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+
+
+def test_a_server_whose_record_cannot_be_written_is_stopped_and_a_router_error(
+    make_release: MakeRelease, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: the record was written outside the try that stops the server: a full disk made
+    # `rollout run` die with a traceback, leaving a server no record names and nothing stops.
+    workloads = ScoringProcesses(tmp_path / "workloads")
+    release = make_release("1")
+    written: list[str] = []
+    disk_full(monkeypatch, written)
+    try:
+        with pytest.raises(RouterError, match="No space left on device"):
+            workloads.start(Colour.BLUE, release)
+    finally:
+        monkeypatch.undo()
+        leaked = [int(json.loads(w)["pid"]) for w in written if '"pid"' in w]
+        workloads.stop_all()
+        for pid in leaked:  # a failed check leaves no server behind
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    assert len(leaked) == 1
+    assert not pid_alive(leaked[0])
+    assert not list(workloads.directory.glob(".*.tmp"))
+
+
+def test_a_release_whose_folder_holds_another_model_is_refused(
+    make_release: MakeRelease, tmp_path: Path
+) -> None:
+    # Was: a recorded release whose model_dir now holds another model's files (a re-run wrote
+    # there) started them under its label: /score answered v1 with v2's sha256.
+    workloads = ScoringProcesses(tmp_path / "workloads")
+    v1, v2 = make_release("1"), make_release("2")
+    stale = dataclasses.replace(v1, model_dir=v2.model_dir)
+    with pytest.raises(DeployFailed, match=f"holds a model of sha256 {v2.sha256}, not {v1.sha256}"):
+        workloads.start(Colour.GREEN, stale)
+    assert workloads.records() == []
+
+
+def test_stop_all_stops_the_servers_it_started_when_their_records_are_gone(
+    make_release: MakeRelease, tmp_path: Path
+) -> None:
+    # Was: servers were found only through their records; with the workdir removed while the
+    # stack ran, `up` said "no process left" with a server still running.
+    workloads = ScoringProcesses(tmp_path / "stack" / "workloads")
+    workloads.start(Colour.GREEN, make_release("1"))
+    [pid] = [int(r["pid"]) for r in workloads.records()]
+    shutil.rmtree(tmp_path / "stack")
+    try:
+        assert workloads.stop_all() == 1
+        assert not pid_alive(pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def test_a_stack_stops_whole_on_a_full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Was: stop() rewrote workloads/targets.json first, and its ENOSPC ended stop() there:
+    # Envoy and Prometheus left running, the lock held, the temporary folder kept.
+    stack = LocalStack().start()
+    disk_full(monkeypatch)
+    try:
+        stack.stop()
+    finally:
+        monkeypatch.undo()
+        stack.stop()  # a failed check leaves nothing running
+    assert not stack.envoy.running and not stack.prometheus.running
+    assert not stack.workdir.exists()
+
+
+def test_every_part_of_a_stop_runs_and_the_first_error_is_raised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stack = LocalStack().start()
+    workdir = stack.workdir
+
+    def fails(what: str) -> Callable[..., None]:
+        def stop(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.EIO, f"{what} could not be stopped")
+
+        return stop
+
+    monkeypatch.setattr(stack.workloads, "stop_all", fails("scoring servers"))
+    monkeypatch.setattr(stack.prometheus, "stop", fails("prometheus"))
+    try:
+        with pytest.raises(OSError, match="scoring servers could not be stopped"):
+            stack.stop()
+        assert not stack.envoy.running
+        assert stack._lock_fd is None
+        assert not workdir.exists()
+    finally:
+        monkeypatch.undo()
+        stack.prometheus.stop()
 
 
 def test_envoy_or_prometheus_ending_by_itself_is_reported_with_its_log(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -270,3 +271,26 @@ def test_up_keeps_the_temporary_folder_when_a_server_fails_to_load(
         assert not any(pid_alive(pid) for pid in recorded_pids(Path(named.group(1))))
     finally:
         shutil.rmtree(named.group(1), ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("free_blocks", "hint"),
+    [
+        pytest.param(0, " (its folder has 0 bytes free: is the disk full?)", id="disk-full"),
+        pytest.param(10_000, "", id="room-left"),
+    ],
+)
+def test_no_admin_address_in_time_says_when_the_disk_is_full(
+    free_blocks: int, hint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: on a full disk only "no admin address written ... in time" (Envoy's log empty too).
+    from types import SimpleNamespace
+
+    import rollout.local.envoy as local_envoy
+
+    free = SimpleNamespace(f_bavail=free_blocks, f_frsize=4096)
+    monkeypatch.setattr(local_envoy.os, "statvfs", lambda path: free)
+    path = tmp_path / "envoy.admin-address"
+    with pytest.raises(LocalStackError) as caught:
+        local_envoy._written_port(path, time.monotonic(), lambda: True)
+    assert str(caught.value) == f"no admin address written to {path} in time{hint}"

@@ -431,7 +431,7 @@ def test_demo_goes_quiet_and_carries_on_when_its_stdout_reader_has_gone(
     told: list[str] = []
     pipes: list[ReaderGone] = []
 
-    def story(out_dir: Path, *, console: Any, rps: float, stopping: Any) -> Any:
+    def story(out_dir: Path, *, console: Any, rps: float, stopping: Any, hold: Any) -> Any:
         try:
             console.print("pipeline v1: train → register")
             pipes.append(ReaderGone())  # made here: it keeps CliRunner's stdout alive
@@ -454,3 +454,61 @@ def test_demo_goes_quiet_and_carries_on_when_its_stdout_reader_has_gone(
             pipe.close()
     assert result.exit_code == 0, (result.exit_code, result.exception)
     assert told == ["went on", "stack stopped"]
+
+
+class DemoStandInStack(InterruptedWhileStopping):
+    """What `run_demo` asks of a LocalStack, whose stop takes a second signal half-way."""
+
+    def __init__(self, workdir: Path | None, **options: Any) -> None:
+        super().__init__(workdir)
+
+    def __enter__(self) -> DemoStandInStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_second_signal_does_not_cut_the_demos_stop_short(
+    signum: signal.Signals, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: `demo` raised on every signal: a second one (a closed terminal sends SIGHUP twice)
+    landed in the stack's stop and cut it short, and the demo said "the stack is stopped"."""
+    import rollout.local.demo as local_demo
+
+    monkeypatch.setattr(InterruptedWhileStopping, "signum", signum)
+    monkeypatch.setattr(InterruptedWhileStopping, "finished", False)
+    monkeypatch.setattr(local_demo, "LocalStack", DemoStandInStack)
+    # The first signal arrives while v1's pipeline runs.
+    monkeypatch.setattr(local_demo, "_pipeline", lambda *args: os.kill(os.getpid(), signum))
+    runner_got: list[int] = []  # SIGTERM's handler outside `demo` (the default one would kill us)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: runner_got.append(signum))
+    try:
+        result = CliRunner().invoke(cli_app, ["demo", "--out", str(tmp_path / "demo")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.exit_code == 130, (result.exit_code, result.exception)
+    assert InterruptedWhileStopping.finished and runner_got == []
+    assert "interrupted: the stack is stopped" in result.output
+
+
+def test_training_the_example_on_a_full_disk_is_one_line_and_a_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: the train component's OSError was a traceback, the stack's stop a second one."""
+    import components.train.train as train_module
+
+    def disk_full(folder: Path, **options: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "model.skops"))
+
+    monkeypatch.setattr(train_module, "train", disk_full)
+    monkeypatch.setattr(local_stack, "LocalStack", StandInStack)
+    result = CliRunner().invoke(cli_app, ["up", "--workdir", str(tmp_path), "--duration", "1"])
+    assert isinstance(result.exception, LocalStackError), result.output  # the CLI's one line
+    folder = tmp_path / "models" / "green"
+    assert str(result.exception).startswith(
+        f"cannot train the example model in {folder}: No space left on device"
+    )
+    assert StandInStack.last is not None and StandInStack.last.stopped

@@ -12,7 +12,9 @@ copies, charged to its weighted cluster, while clients only ever get green's ans
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import subprocess
 import time
@@ -441,6 +443,25 @@ def test_no_envoy_at_the_admin_url_is_one_clear_error(tmp_path: Path) -> None:
             router.set_weights(Weights.blue_at(0))
     assert workloads.started == []
     router.close()
+
+
+def test_a_file_that_cannot_be_written_is_a_router_error_and_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: a raw OSError (a traceback in `up`) and a 0-byte `.routes.json.<pid>.<ns>.tmp` left.
+    path = tmp_path / "routes.json"
+    path.write_text('{"old": true}')
+
+    def disk_full(self: Path, data: str, encoding: str | None = None) -> int:
+        self.touch()  # the file is made, its bytes are not
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(RouterError, match=f"cannot write {path}: No space left on device"):
+        write_atomically(path, {"new": True})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["routes.json"]
+    assert json.loads(path.read_text()) == {"old": True}
 
 
 # ---------------------------------------------------------------------------------- shadow step
