@@ -223,15 +223,15 @@ class PipelineDelivery:
 
     def _unsettled(self, record: JobRecord) -> str | None:
         """The job's version's stage in words ("stage=candidate", "no stage") unless it is one
-        the rollout step writes once traffic settled, production or rolled-back (read each time:
-        a person's tag is what releases the endpoint); None when settled. Not only a candidate:
-        a version accepted through another --tag filter never had a stage. A version deleted
-        since is nothing to wait for."""
+        the rollout step writes once traffic settled, production or rolled-back, or archived
+        (production once, replaced since) (read each time: a person's tag is what releases the
+        endpoint); None when settled. Not only a candidate: a version accepted through another
+        --tag filter never had a stage. A version deleted since is nothing to wait for."""
         try:
             version = self.watched.get(record.model, record.version)
         except ModelNotFound:
             return None
-        if version.stage in (Stage.PRODUCTION, Stage.ROLLED_BACK):
+        if version.stage in (Stage.PRODUCTION, Stage.ROLLED_BACK, Stage.ARCHIVED):
             return None
         return f"stage={version.stage}" if version.stage else "no stage"
 

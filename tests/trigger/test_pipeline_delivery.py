@@ -380,7 +380,9 @@ def test_a_job_that_stopped_without_completing_holds_the_endpoint_until_its_vers
     assert view is not None and not view.active and view.phase == FAILED
 
 
-@pytest.mark.parametrize("stage", ["rolled-back", "production"])
+# archived: it was production and another version replaced it since (a later job's own
+# rollout, or a person's `--replace`): its traffic settled long ago. Was: held for ever.
+@pytest.mark.parametrize("stage", ["rolled-back", "production", "archived"])
 def test_a_failed_job_whose_rollout_step_tagged_its_version_is_over(
     tmp_path: Path, arm: FakeArm, client: Any, registry: AzureMLRegistry, stage: str
 ) -> None:
