@@ -280,8 +280,11 @@ def _exclusive(run_dir: Path) -> Iterator[None]:
 
 
 def _step_folder(path: Path) -> bool:
-    """`path` is a step folder run-local wrote (its std_log.txt in it)."""
-    return path.is_dir() and not path.is_symlink() and (path / STEP_LOG).is_file()
+    """`path` is a step folder run-local wrote (its std_log.txt in it); not if unreadable."""
+    try:
+        return path.is_dir() and not path.is_symlink() and (path / STEP_LOG).is_file()
+    except OSError:  # is_file() raises EACCES on Python 3.11
+        return False
 
 
 def _earlier_outputs(run_dir: Path) -> list[str]:
@@ -312,11 +315,11 @@ def _earlier_outputs(run_dir: Path) -> list[str]:
 
 def _previous_folder(path: Path) -> bool:
     """`path` is a previous/ run-local made (marked, or only step folders: from before the mark)."""
-    if not path.is_dir() or path.is_symlink():
-        return False
-    if (path / PREVIOUS_MARK).is_file():
-        return True
     try:
+        if not path.is_dir() or path.is_symlink():
+            return False
+        if (path / PREVIOUS_MARK).is_file():  # raises EACCES on Python 3.11
+            return True
         return all(entry.name in FRESH_STEPS and _step_folder(entry) for entry in path.iterdir())
     except OSError:  # unreadable: not known to be run-local's, so not removed
         return False
