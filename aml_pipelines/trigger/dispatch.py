@@ -400,9 +400,10 @@ class Dispatcher:
         if (
             newer
             and entry.step is Step.STARTED
-            and (closed := self._supersede_started(model, version, newer))
+            and (closed := self._supersede_started(model, version, newer, model_version.sha256))
         ):
             return closed
+        wait.sha256 = model_version.sha256
         if self._endpoint_busy(model, version, wait):
             wait.busy = True
             return None
@@ -520,7 +521,9 @@ class Dispatcher:
             log.info("%s v%d supersedes nothing: %s", model, entry.version, why)
         return 0, awaited
 
-    def _supersede_started(self, model: str, version: int, newest: int) -> DeliveryOutcome | None:
+    def _supersede_started(
+        self, model: str, version: int, newest: int, sha256: str | None = None
+    ) -> DeliveryOutcome | None:
         """Close `started` `version` as superseded by `newest` when nothing of it is live; else
         None, and it is delivered (resumed, settled or checked) as without supersede.
 
@@ -537,7 +540,7 @@ class Dispatcher:
           is rolled out against it.
         """
         view = self.delivery.current()
-        if view is not None and (view.model, view.candidate) == (model, version):
+        if view is not None and _same_rollout(view, model, version, sha256):
             if view.active and (model, version, newest) not in self._kept:
                 log.warning("superseding the rollout of %s v%d by v%d", model, version, newest)
                 self.delivery.abort(f"superseded by version {newest}")
@@ -647,13 +650,12 @@ class Dispatcher:
         to abort, once). A rollout of this very version is ours, left by a crash: the delivery
         resumes it."""
         view = self.delivery.current()
-        if view is None or not view.active or (view.model, view.candidate) == (model, version):
+        if view is None or not view.active or _same_rollout(view, model, version, wait.sha256):
             return False
         if self.supersede and not wait.aborted:
             log.warning(
-                "aborting the active rollout of %s v%d for %s v%d",
-                view.model,
-                view.candidate,
+                "aborting the active rollout of %s for %s v%d",
+                _rollout_named(view, model, version),
                 model,
                 version,
             )
@@ -661,11 +663,10 @@ class Dispatcher:
             wait.aborted = True
         elif view != wait.reported:  # once per state, not every interval
             log.info(
-                "%s v%d waits: the rollout of %s v%d is %s%s",
+                "%s v%d waits: the rollout of %s is %s%s",
                 model,
                 version,
-                view.model,
-                view.candidate,
+                _rollout_named(view, model, version),
                 view.phase,
                 f" ({view.reason})" if view.reason else "",
             )
@@ -681,6 +682,21 @@ class Dispatcher:
         return False
 
 
+def _same_rollout(view: RolloutView, model: str, version: int, sha256: str | None) -> bool:
+    """Whether the stored rollout is of `model` v`version`: its number, and not other bits where
+    both name a sha256 (a registry reset reuses numbers; `RolloutView.of`'s rule)."""
+    same_number = (view.model, view.candidate) == (model, version)
+    return same_number and not (view.sha256 and sha256 and view.sha256 != sha256)
+
+
+def _rollout_named(view: RolloutView, model: str, version: int) -> str:
+    """The stored rollout's candidate in words, saying "other bits" where it has the number of
+    the version waiting (which `_same_rollout` found it is not)."""
+    if (view.model, view.candidate) != (model, version):
+        return view.label
+    return f"{view.label} (other bits, sha256 {(view.sha256 or '')[:12]})"
+
+
 @dataclass
 class _EndpointWait:
     """Where a delivery waiting for another rollout is: across the times it takes the lock."""
@@ -688,6 +704,9 @@ class _EndpointWait:
     busy: bool = False
     aborted: bool = False
     reported: RolloutView | None = None
+    #: The sha256 of the version waiting, once read from the registry: a rollout of its number
+    #: with other bits (the registry reset since) is another rollout, not ours to resume.
+    sha256: str | None = None
 
 
 #: Seconds before a known error that keeps repeating is said again (see Reminder).

@@ -157,26 +157,34 @@ def test_filter_by_tags_end_to_end(
 class _BusyEndpoint(ResumableDelivery):
     """Reports another model's rollout as active for the first `busy_polls` looks."""
 
-    def __init__(self, *args, busy_polls: int, **kwargs) -> None:
+    def __init__(self, *args, busy_polls: int, view: RolloutView | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.busy_polls = busy_polls
+        self.view = view or RolloutView("other-model", 7, "Progressing", weight=25)
         self.aborts: list[str] = []
 
     def current(self) -> RolloutView | None:
         if self.busy_polls > 0:
             self.busy_polls -= 1
-            return RolloutView("other-model", 7, "Progressing", weight=25)
+            return self.view
         return super().current()
 
     def abort(self, reason: str) -> None:
         self.aborts.append(reason)
 
 
+#: A rollout of v1's number but other bits, left active before the registry was reset: another
+#: rollout, not v1's to resume. Was: taken for v1's own, neither waited for nor aborted, and
+#: the delivery refused v1 on every pass.
+OTHER_BITS = RolloutView("diabetes", 1, "Progressing", weight=25, ref="diabetes:1", sha256="0" * 64)
+
+
+@pytest.mark.parametrize("view", [None, OTHER_BITS], ids=["other-model", "same-number-other-bits"])
 @pytest.mark.parametrize("supersede", [False, True], ids=["waits", "supersede-aborts"])
 def test_a_version_waits_for_the_active_rollout(
-    tmp_path: Path, registry: LocalRegistry, supersede: bool
+    tmp_path: Path, registry: LocalRegistry, supersede: bool, view: RolloutView | None
 ) -> None:
-    busy = _BusyEndpoint(tmp_path / "engine", registry, busy_polls=3)
+    busy = _BusyEndpoint(tmp_path / "engine", registry, busy_polls=3, view=view)
     dispatcher = Dispatcher(
         TriggerStore(tmp_path / "trigger"), registry, busy, supersede=supersede, wait_interval_s=0
     )
