@@ -228,13 +228,13 @@ def up(
     with interrupted_once(console) as interrupts:
         try:
             stack.start()
+            if green is None:  # a failure names no log in the folder: not kept for it
+                green = _release(
+                    _train_example(stack.workdir / "models" / "green", console),
+                    "1",
+                    "--model-dir",
+                )
             try:
-                if green is None:
-                    green = _release(
-                        _train_example(stack.workdir / "models" / "green", console),
-                        "1",
-                        "--model-dir",
-                    )
                 stack.router.deploy(Colour.GREEN, green)
                 if candidate is not None:
                     stack.router.deploy(Colour.BLUE, candidate)

@@ -494,21 +494,30 @@ def test_a_second_signal_does_not_cut_the_demos_stop_short(
     assert "interrupted: the stack is stopped" in result.output
 
 
+@pytest.mark.parametrize("workdir", [True, False], ids=["workdir", "temporary-folder"])
 def test_training_the_example_on_a_full_disk_is_one_line_and_a_stop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workdir: bool
 ) -> None:
-    """Was: the train component's OSError was a traceback, the stack's stop a second one."""
+    """Was: the train component's OSError was a traceback, the stack's stop a second one; and
+    then a temporary folder was kept "for its logs", which say nothing of it, on a full disk."""
     import components.train.train as train_module
 
     def disk_full(folder: Path, **options: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "model.skops"))
 
+    class Stack(StandInStack):
+        def __init__(self, given: Path | None, **kwargs: Any) -> None:
+            super().__init__(given or tmp_path, **kwargs)
+            self.keep = given is not None  # as LocalStack: a folder of its own is removed
+
     monkeypatch.setattr(train_module, "train", disk_full)
-    monkeypatch.setattr(local_stack, "LocalStack", StandInStack)
-    result = CliRunner().invoke(cli_app, ["up", "--workdir", str(tmp_path), "--duration", "1"])
+    monkeypatch.setattr(local_stack, "LocalStack", Stack)
+    given = ["--workdir", str(tmp_path)] if workdir else []
+    result = CliRunner().invoke(cli_app, ["up", *given, "--duration", "1"])
     assert isinstance(result.exception, LocalStackError), result.output  # the CLI's one line
     folder = tmp_path / "models" / "green"
-    assert str(result.exception).startswith(
+    assert str(result.exception) == (
         f"cannot train the example model in {folder}: No space left on device"
     )
     assert StandInStack.last is not None and StandInStack.last.stopped
+    assert StandInStack.last.keep is workdir
