@@ -34,6 +34,16 @@ from rollout.core.types import Colour, Release
 from rollout.errors import LocalStackError
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_as_in_a_terminal() -> Any:
+    """Ctrl-C handled by Python's own handler, as in a terminal: `up` and `demo` take SIGINT
+    over only then (not when it is ignored, as in a background job). A pytest-xdist worker
+    does not have it, and there the ctrl-c cases sent a signal nothing raised."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 class SignalsWhenCollected:
     """Sends SIGTERM to this process from its finalizer, where an exception is lost."""
 
