@@ -159,7 +159,11 @@ class _Attempt:
 
     def _trace(self, event: str, info: dict[str, Any]) -> None:
         """httpcore's `trace` extension: notes the request going out, or stops it from going
-        out once given up on (a retry may be under way)."""
+        out once given up on (a retry may be under way). A proxy's CONNECT, sent with the
+        POST's own extensions, is not the POST: a proxy refusing the tunnel posted nothing."""
+        request = info.get("request")
+        if getattr(request, "method", b"") == b"CONNECT":
+            return
         if event.endswith(".send_request_headers.started"):
             with self._lock:
                 if self._given_up:

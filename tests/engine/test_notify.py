@@ -171,6 +171,37 @@ def test_a_webhook_that_received_the_post_but_answers_slowly_is_not_posted_again
     assert "no answer within 0.3 s (notify.timeout_s); not posted again" in caplog.text
 
 
+def test_a_proxy_refusing_the_tunnel_is_tried_again_nothing_was_posted(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # httpcore sends the proxy's CONNECT with the POST's own trace hook: it was taken for the
+    # POST going out, so a proxy's 502 was not retried and "may have received it" was said.
+    connects: list[bytes] = []
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen(4)
+
+        def refuse_tunnels() -> None:
+            for _ in range(2):
+                try:
+                    conn, _ = proxy.accept()
+                except OSError:
+                    return
+                with conn:
+                    connects.append(conn.recv(4096).split(b"\r\n")[0])
+                    conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+
+        threading.Thread(target=refuse_tunnels, daemon=True).start()
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        notifier = WebhookNotifier(NotifyConfig(url="https://hooks.example.com/x", timeout_s=2))
+        with caplog.at_level(logging.WARNING, logger="rollout.notify"):
+            notifier.entered(Status(name="x", phase=Phase.ROLLED_BACK))
+    assert connects == [b"CONNECT hooks.example.com:443 HTTP/1.1"] * 2
+    assert "ProxyError" in caplog.text and "not posted again" not in caplog.text
+
+
 def test_the_notifier_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     """Even for a URL only httpx refuses (validation keeps such URLs out of specs)."""
     notifier = WebhookNotifier(
