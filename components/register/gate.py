@@ -130,10 +130,31 @@ def evaluate_gate(
         baseline = float(raw) if raw is not None else math.nan
     except ValueError:
         baseline = math.nan
+    comparable, why = comparability(fingerprints or {}, production.tags)
+    if comparable is False and _usable(rescored):
+        assert rescored is not None and rescored.value is not None  # (for mypy: _usable)
+        assert rescored.candidate is not None
+        # Both re-scored on the same rows: that comparison decides, whatever the tags say.
+        decision = _judge(
+            metric,
+            rescored.candidate,
+            rescored.value,
+            max_regression,
+            production.version,
+            True,
+            f"production {label} and the candidate re-scored on the {rescored.rows} of the "
+            f"candidate's {rescored.held_out} held-out rows that production did not train on "
+            f"either: {metric} {rescored.value:.6g} vs candidate {rescored.candidate:.6g}",
+        )
+        return replace(
+            decision,
+            reason=f"{decision.reason}; the {metric} tags ({baseline:.6g} vs candidate "
+            f"{candidate:.6g}) were measured on other data ({why})",
+        )
     if baseline == (math.inf if LOWER_IS_BETTER[metric] else -math.inf):
         # The worst value there is (a forced model whose held-out error overflowed): refused as
-        # "no usable tag", it refused every candidate after it. Whatever data each was measured
-        # on, a finite value is better.
+        # "no usable tag", it refused every candidate after it. With no re-score on the same
+        # rows (above), a finite value is better whatever data each was measured on.
         return GateDecision(
             True,
             f"production {label}'s {metric} is {baseline} (its held-out error overflowed): any "
@@ -152,51 +173,26 @@ def evaluate_gate(
             None,
             production.version,
         )
-    comparable, why = comparability(fingerprints or {}, production.tags)
-    if comparable is False:
-        if (
-            rescored is None
-            or rescored.value is None
-            or rescored.candidate is None
-            or not math.isfinite(rescored.value)
-            or not math.isfinite(rescored.candidate)
-        ):
-            not_rescored = (
-                "; production could not be re-scored on the candidate's held-out rows: "
-                + (
-                    rescored.why_not
-                    or f"its {metric} there is {rescored.value}, the candidate's "
-                    f"{rescored.candidate}"
-                )
-                if rescored is not None
-                else ""
+    if comparable is False:  # and no re-score on the same rows (above)
+        not_rescored = (
+            "; production could not be re-scored on the candidate's held-out rows: "
+            + (
+                rescored.why_not
+                or f"its {metric} there is {rescored.value}, the candidate's {rescored.candidate}"
             )
-            return GateDecision(
-                False,
-                f"candidate {metric}={candidate:.6g} and production {label} "
-                f"{metric}={baseline:.6g} were measured on different data ({why}): not "
-                f"comparable, so neither better nor worse{not_rescored}",
-                metric,
-                candidate,
-                baseline,
-                production.version,
-                comparable=False,
-            )
-        decision = _judge(
-            metric,
-            rescored.candidate,
-            rescored.value,
-            max_regression,
-            production.version,
-            True,
-            f"production {label} and the candidate re-scored on the {rescored.rows} of the "
-            f"candidate's {rescored.held_out} held-out rows that production did not train on "
-            f"either: {metric} {rescored.value:.6g} vs candidate {rescored.candidate:.6g}",
+            if rescored is not None
+            else ""
         )
-        return replace(
-            decision,
-            reason=f"{decision.reason}; the {metric} tags ({baseline:.6g} vs candidate "
-            f"{candidate:.6g}) were measured on other data ({why})",
+        return GateDecision(
+            False,
+            f"candidate {metric}={candidate:.6g} and production {label} "
+            f"{metric}={baseline:.6g} were measured on different data ({why}): not "
+            f"comparable, so neither better nor worse{not_rescored}",
+            metric,
+            candidate,
+            baseline,
+            production.version,
+            comparable=False,
         )
     return _judge(
         metric,
@@ -208,6 +204,17 @@ def evaluate_gate(
         "",
         label=label,
         why=why,
+    )
+
+
+def _usable(rescored: Rescored | None) -> bool:
+    """Whether both models were re-scored on the same rows, to finite values."""
+    return (
+        rescored is not None
+        and rescored.value is not None
+        and rescored.candidate is not None
+        and math.isfinite(rescored.value)
+        and math.isfinite(rescored.candidate)
     )
 
 

@@ -15,7 +15,7 @@ import pytest
 from aml_pipelines.errors import ConfigError, GateRefused, IntegrityError
 from aml_pipelines.registry.base import ModelVersion, Stage
 from aml_pipelines.registry.local import LocalRegistry
-from components.register.gate import GateDecision, evaluate_gate
+from components.register.gate import GateDecision, Rescored, evaluate_gate
 from components.register.main import EXIT_GATE_REFUSED, main
 from components.register.register import register_model
 from components.train.train import TrainParams, train
@@ -61,6 +61,28 @@ def test_gate_decisions(candidate, production, metric, slack, passed, reason) ->
     decision = evaluate_gate(candidate, production, metric=metric, max_regression=slack)
     assert decision.passed is passed
     assert reason in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("production_there", "candidate_there", "passed"),
+    [
+        pytest.param(10.0, 1000.0, False, id="rescored-worse"),
+        pytest.param(10.0, 5.0, True, id="rescored-better"),
+    ],
+)
+def test_an_overflowed_production_tag_yields_to_a_rescore_on_the_same_rows(
+    production_there: float, candidate_there: float, passed: bool
+) -> None:
+    # Was: "any finite mse is better" decided before the re-score, which it threw away.
+    decision = evaluate_gate(
+        {"mse": 1.0},
+        _production(mse="inf", eval_fingerprint="sha256:eval-a"),
+        fingerprints={"eval_fingerprint": "sha256:eval-b"},
+        rescored=Rescored(production_there, candidate_there, rows=50, held_out=60),
+    )
+    assert decision.passed is passed
+    assert "re-scored on the 50 of the candidate's 60 held-out rows" in decision.reason
+    assert "the mse tags (inf vs candidate 1) were measured on other data" in decision.reason
 
 
 SAME = {"eval_fingerprint": "sha256:eval-a", "data_fingerprint": "sha256:data-a"}
