@@ -71,6 +71,9 @@ if TYPE_CHECKING:
 MIN_BASELINE_FOR_P99 = 500
 #: Share of baseline requests above the chosen bucket: about its p99.
 P99_TAIL = 0.01
+#: A bound with more of the baseline above it than this leaves the latency check next to no room
+#: (both colours nearly all "slow"): the next bound up with none above it is taken instead.
+MAX_P99_TAIL = 0.1
 #: Absolute guards fire when their e-value against "at most the limit" reaches 1/GUARD_ALPHA: the
 #: chance a canary within the limit ever trips one is at most this, however often it looks — over
 #: the rollout, for each guard (both count the canary's requests over the whole rollout).
@@ -615,18 +618,24 @@ def p99_bucket(counts: ColourCounts) -> float | None:
 
     Closest in ratio, so a baseline whose p99 sits near a bound does not flip to a bucket with
     30 % of requests above it by chance; None without a histogram, or with no finite bound
-    (+Inf alone: no request is slower than it, and the check would never count).
+    (+Inf alone: no request is slower than it, and the check would never count). A tight
+    baseline may have no bound near its p99: all of it between two bounds. The lower one, with
+    nearly all requests above it, made the check blind (a candidate at twice the latency,
+    also all "slow", was promoted every time); the upper one, with none above it, is judged as
+    a clean baseline is — so it is taken when the closest has more than MAX_P99_TAIL above it.
     """
     if not _finite_bounds(counts) or counts.requests <= 0:
         return None
-    best: tuple[float, float] | None = None
+    best: tuple[float, float, float] | None = None  # distance, bound, tail
     for bound, cumulative in counts.latency_buckets:
         tail = (counts.requests - cumulative) / counts.requests
-        if math.isinf(bound) or tail <= 0:
+        if math.isinf(bound):
             break
+        if tail <= 0:
+            return bound if best is None or best[2] > MAX_P99_TAIL else best[1]
         distance = abs(math.log(tail / P99_TAIL))
         if best is None or distance < best[0]:
-            best = (distance, bound)
+            best = (distance, bound, tail)
     return best[1] if best else counts.latency_buckets[0][0]
 
 

@@ -589,9 +589,28 @@ def test_seed_plan_judges_blue_0_on_mirrored_traffic_by_default() -> None:
     assert waiting.actions == ()
 
 
-def test_latency_threshold_is_chosen_near_the_baseline_p99() -> None:
-    buckets = ((0.025, 700), (0.05, 989), (0.1, 1000))
-    assert p99_bucket(ColourCounts(requests=1000, latency_buckets=buckets)) == 0.05
+@pytest.mark.parametrize(
+    ("buckets", "chosen"),
+    [
+        pytest.param(((0.025, 700), (0.05, 989), (0.1, 1000)), 0.05, id="near-p99"),
+        pytest.param(((0.025, 700), (0.05, 950), (0.1, 1000)), 0.05, id="5 %-above-kept"),
+        # A tight baseline (15 ms, sigma 0.1) between the 10 and 25 ms bounds: 10 ms had all of
+        # it above, and a candidate at 30 ms (also all above) was promoted every time.
+        pytest.param(((0.01, 0), (0.025, 1000), (0.05, 1000)), 0.025, id="tight-all-between"),
+        pytest.param(((0.01, 0), (0.025, 999), (0.05, 1000)), 0.025, id="tight-0.1 %-above"),
+        pytest.param(((0.01, 850), (0.025, 1000), (0.05, 1000)), 0.025, id="15 %-above"),
+        pytest.param(((0.01, 1000), (0.025, 1000)), 0.01, id="none-above-the-first"),
+        # slower than every finite bound: blind whichever is taken (the first)
+        pytest.param(((0.01, 0), (0.025, 0), (math.inf, 1000)), 0.01, id="above-every-bound"),
+    ],
+)
+def test_latency_threshold_is_chosen_near_the_baseline_p99(
+    buckets: tuple[tuple[float, int], ...], chosen: float
+) -> None:
+    assert p99_bucket(ColourCounts(requests=1000, latency_buckets=buckets)) == chosen
+
+
+def test_no_latency_threshold_without_a_finite_bound() -> None:
     assert p99_bucket(ColourCounts(requests=1000)) is None
     only_inf = ColourCounts(requests=1000, latency_buckets=((math.inf, 1000),))
     assert p99_bucket(only_inf) is None  # no bound to count slow requests above
