@@ -50,7 +50,10 @@ endpoint) moves VMs and may build an image: `deploy_timeout_s` (an hour by defau
 the endpoint's `traffic` / `mirror_traffic` moves no VMs and takes seconds to a couple of
 minutes: `traffic_timeout_s` (five minutes by default), so that a rollback stuck at Azure fails
 loudly in minutes, not after the deploy bound. On expiry the call raises RouterError naming the
-operation and the setting; Azure carries on, and the next call reads the state it reached.
+operation and the setting; Azure carries on, and the next call reads the state it reached (the
+SDK's poller thread, which has no cancel, goes on reading the operation until Azure ends it).
+Each single ARM request, azure-core's retries and Retry-After waits included, ends within
+`traffic_timeout_s` too (`from_config`'s client, rollout.azure_retry).
 
 What Azure (or this module for it) refuses, and will refuse again however often asked, is
 RouterRefused, which the controller does not retry: live traffic held by a deployment we do not
