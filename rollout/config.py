@@ -1161,10 +1161,21 @@ class RolloutSpec(_Model):
     def _header_goes_to_the_router(cls, data: Any) -> Any:
         """The top-level `header` is the pinning header of the routers that match on one (istio,
         envoy): their section takes it unless it names its own. Else it changed nothing: the
-        routes kept matching x-api-version. Two different ones are refused."""
+        routes kept matching x-api-version. Two different ones are refused, and so is any but
+        the default with the azureml router (Azure pins by azureml-model-deployment)."""
         if not isinstance(data, dict) or "header" not in data:
             return data
         router = data.get("router")
+        if (
+            isinstance(router, dict)
+            and router.get("kind") == "azureml"
+            and str(data["header"]).lower() != "x-api-version"
+        ):
+            # Azure ML pins by its own header, which no setting changes: this one would do nothing.
+            raise ValueError(
+                f"header {data['header']!r}: the azureml router pins a request by Azure's own "
+                "header azureml-model-deployment (docs/azureml-endpoint.md); remove `header`"
+            )
         if not isinstance(router, dict) or router.get("kind") not in ("istio", "envoy"):
             return data
         if "header" not in router:

@@ -246,6 +246,10 @@ class AzureMonitorMetrics:
                 server_timeout=max(1, int(self.timeout_s)),
                 connection_timeout=self.timeout_s,
                 read_timeout=self.timeout_s,
+                # One attempt: azure-core would sleep each Retry-After as sent (a throttled
+                # query's 3600 s, 3 times) past timeout_s; a failed query is an Error tick,
+                # and the next tick is the retry.
+                retry_total=0,
             )
         except HttpResponseError as exc:
             # azure-monitor-query re-raises every error of its request as a bare

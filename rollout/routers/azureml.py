@@ -50,7 +50,10 @@ endpoint) moves VMs and may build an image: `deploy_timeout_s` (an hour by defau
 the endpoint's `traffic` / `mirror_traffic` moves no VMs and takes seconds to a couple of
 minutes: `traffic_timeout_s` (five minutes by default), so that a rollback stuck at Azure fails
 loudly in minutes, not after the deploy bound. On expiry the call raises RouterError naming the
-operation and the setting; Azure carries on, and the next call reads the state it reached.
+operation and the setting; Azure carries on, and the next call reads the state it reached (the
+SDK's poller thread, which has no cancel, goes on reading the operation until Azure ends it).
+Each single ARM request, azure-core's retries and Retry-After waits included, ends within
+`traffic_timeout_s` too (`from_config`'s client, rollout.azure_retry).
 
 What Azure (or this module for it) refuses, and will refuse again however often asked, is
 RouterRefused, which the controller does not retry: live traffic held by a deployment we do not
@@ -68,6 +71,8 @@ state store's lease does, among controllers sharing that store).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import time
@@ -75,6 +80,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from rollout.azure_credential import default_credential
+from rollout.azure_retry import bounded_retry_policy
 from rollout.azure_text import http_detail, one_line
 from rollout.config import AZURE_MAX_MIRROR_PERCENT as MAX_MIRROR_PERCENT
 from rollout.core.types import Colour, Release, Weights
@@ -331,6 +337,11 @@ class AzureMLRouter:
         at its service clients' default, 30 s. Azure applies the change when it does either
         way; the controller would see it done, and take its next step, up to 30 s later.
         `polling_interval` is that default (MLClient hands its keywords to those clients).
+
+        Each single ARM request (a read, a write's first request, a poll), azure-core's retries
+        and the Retry-After waits they honour included, ends within `traffic_timeout_s`
+        (rollout.azure_retry): a throttled or hung request must not outlast the bound on the
+        operation it belongs to.
         """
         from azure.ai.ml import MLClient
 
@@ -339,7 +350,11 @@ class AzureMLRouter:
             cfg.subscription_id,
             cfg.resource_group,
             cfg.workspace,
-            **{"polling_interval": POLL_S, **client_kwargs},
+            **{
+                "polling_interval": POLL_S,
+                "retry_policy": bounded_retry_policy(cfg.traffic_timeout_s),
+                **client_kwargs,
+            },
         )
         return cls(
             client,
@@ -763,10 +778,15 @@ class AzureMLRouter:
             ClientAuthenticationError,
             HttpResponseError,
             ResourceNotFoundError,
+            ServiceRequestTimeoutError,
+            ServiceResponseTimeoutError,
         )
 
         try:
-            return call()
+            # azure-ai-ml prints a "." per poll of an operation on stdout, the stream
+            # `rollout run` writes its tick lines to: it goes nowhere instead.
+            with contextlib.redirect_stdout(io.StringIO()):
+                return call()
         except ResourceNotFoundError as exc:
             # `_get` takes it for "absent"; any other caller shows what Azure said.
             raise _NotFound(f"{what}: {_describe(exc)}") from exc
@@ -786,6 +806,12 @@ class AzureMLRouter:
                     f"{what}: {_describe(exc)}: {_REFUSED[exc.status_code]}"
                 ) from exc
             raise RouterError(f"{what}: {_describe(exc)}") from exc
+        except (ServiceRequestTimeoutError, ServiceResponseTimeoutError) as exc:
+            # The client's retry budget (rollout.azure_retry) spent on requests with no answer.
+            raise RouterError(
+                f"{what}: no answer from Azure within {self._traffic_timeout_s:g} s "
+                "(router.traffic_timeout_s)"
+            ) from exc
         except AzureError as exc:
             if _invalid(exc):
                 raise RouterRefused(f"{what}: {one_line(exc.message)}") from exc

@@ -194,6 +194,25 @@ def test_a_hung_api_is_a_timeout_that_names_its_setting() -> None:
     )
 
 
+def test_a_throttled_query_is_an_error_tick_not_hours_of_waiting(logs: FakeLogAnalytics) -> None:
+    """azure-core slept each Retry-After as sent, 3 times: a 429 saying 3600 held one tick
+    3 h, with metrics.timeout_s 30. A query is one attempt: the next tick is the retry."""
+    import re
+
+    def throttle(_arm: Any, _m: Any, _body: Any, _q: Any) -> Any:
+        error = {"error": {"code": "ThrottledError", "message": "too many requests"}}
+        return 429, error, {"Retry-After": "3600"}
+
+    logs._arm._routes.insert(0, ("POST", re.compile(r"/query$"), throttle))
+    transport = logs.transport()
+    from azure.monitor.query import LogsQueryClient
+
+    client = LogsQueryClient(StaticCredential(), transport=transport)
+    obs = AzureMonitorMetrics(client, WORKSPACE, "ep", timeout_s=30).observe(T0, T0 + 60)
+    assert obs.error is not None and "HTTP 429 ThrottledError" in obs.error
+    assert sum(transport.sleeps) <= 30
+
+
 def test_a_result_of_another_shape_is_an_error(logs: FakeLogAnalytics) -> None:
     logs.answer_table(["DeploymentName", "requests"], [["blue", 3]])
     obs = provider(logs).observe(T0, T0 + 60)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -2016,3 +2017,126 @@ def test_traffic_moved_in_the_portal_mid_rollout_holds_it(
     assert result.phase is Phase.PAUSED
     assert "it sends blue 50 %, not blue 10 %" in result.reason
     assert router.get_weights() == Weights.blue_at(50)  # not fought over
+
+
+def _throttle(retry_after: str) -> Any:
+    def answer(arm: Any, method: str, body: Any, query: Any) -> Any:
+        error = {"error": {"code": "TooManyRequests", "message": "throttled"}}
+        return 429, error, {"Retry-After": retry_after}
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("method", "call", "expected"),
+    [
+        pytest.param(
+            "PUT", lambda r: r.set_weights(Weights.blue_at(0)), "traffic: HTTP 429",
+            id="rollback-put-retry-after-900",
+        ),
+        pytest.param(
+            "GET", lambda r: r.get_weights(), "HTTP 429", id="read-retry-after-a-day"
+        ),
+    ],
+)  # fmt: skip
+def test_a_throttled_request_is_not_waited_for_beyond_the_traffic_bound(
+    monkeypatch: pytest.MonkeyPatch, method: str, call: Any, expected: str
+) -> None:
+    """azure-core sleeps each Retry-After as sent, 3 times: a rollback whose PUT ARM throttles
+    for 900 s took 2700 s, a read throttled for a day 3 days. The router's client keeps a
+    request and its retries within traffic_timeout_s: a longer Retry-After fails at once."""
+    monkeypatch.setattr("rollout.routers.azureml.default_credential", StaticCredential)
+    with running_arm() as arm:
+        cfg = AzureMLRouterConfig(
+            subscription_id=SUB, resource_group=RG, workspace=WS, endpoint="ep-throttled",
+            environment="azureml:env:1", traffic_timeout_s=300,
+        )  # fmt: skip
+        transport = arm.transport()
+        router = AzureMLRouter.from_config(cfg, transport=transport)
+        router.deploy(Colour.GREEN, V1)
+        router.deploy(Colour.BLUE, V2)
+        router.set_weights(Weights.blue_at(50))
+        retry_after = "900" if method == "PUT" else "86400"
+        arm._routes.insert(
+            0, (method, re.compile(r"/onlineEndpoints/ep-throttled$", re.I), _throttle(retry_after))
+        )
+        transport.sleeps.clear()
+        with pytest.raises(RouterError, match=expected):
+            call(router)
+        assert sum(transport.sleeps) <= 300
+
+
+def test_a_hung_request_ends_within_the_budget() -> None:
+    """azure-core gives each attempt a 300 s read timeout and retries a GET 3 times: a read
+    ARM never answers blocked a rollback 20 min. The bounded policy cuts the read timeout to
+    what remains of the budget and starts no retry once it is spent."""
+    from azure.ai.ml import MLClient
+
+    from rollout.azure_retry import bounded_retry_policy
+
+    release = threading.Event()
+    with running_arm() as arm:
+        client = MLClient(
+            StaticCredential(), SUB, RG, WS, transport=arm.transport(),
+            retry_policy=bounded_retry_policy(0.5),
+        )  # fmt: skip
+        router = AzureMLRouter(
+            client, "ep-hung", environment="azureml:env:1", traffic_timeout_s=0.5
+        )
+        router.deploy(Colour.GREEN, V1)
+
+        def hang(arm: Any, method: str, body: Any, query: Any) -> Any:
+            release.wait(30)
+            return 200, {}, {}
+
+        arm._routes.insert(0, ("GET", re.compile(r"/onlineEndpoints/ep-hung$", re.I), hang))
+        started = time.monotonic()
+        try:
+            with pytest.raises(RouterError) as raised:
+                router.get_weights()
+        finally:
+            release.set()
+        assert time.monotonic() - started < 5
+    assert str(raised.value) == (
+        "endpoint ep-hung: no answer from Azure within 0.5 s (router.traffic_timeout_s)"
+    )
+
+
+AZUREML_ROUTER = {
+    "kind": "azureml", "subscription_id": SUB, "resource_group": RG, "workspace": WS,
+    "endpoint": "diabetes-ep",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("header", "refused"),
+    [
+        pytest.param("x-colour", True, id="another-header-refused"),
+        pytest.param("azureml-model-deployment", True, id="azures-own-name-is-not-ours-to-set"),
+        pytest.param("x-api-version", False, id="the-default-spelled-out"),
+        pytest.param("X-Api-Version", False, id="the-default-in-any-case"),
+    ],
+)
+def test_a_pinning_header_is_refused_with_the_azureml_router(header: str, refused: bool) -> None:
+    """A top-level `header` configures the istio and envoy routes; on Azure ML it did nothing
+    (pinning is Azure's `azureml-model-deployment`) and was accepted silently."""
+    spec = {"name": "d", "header": header, "router": AZUREML_ROUTER}
+    if not refused:
+        assert isinstance(spec_from_dict(spec).router, AzureMLRouterConfig)
+        return
+    with pytest.raises(ConfigError, match=r"header.*azureml-model-deployment"):
+        spec_from_dict(spec)
+
+
+def test_the_sdks_progress_dots_do_not_reach_stdout(capfd: pytest.CaptureFixture[str]) -> None:
+    """azure-ai-ml prints a "." per poll of every operation on stdout, where `rollout run`
+    writes its tick lines: they read "..RouterError ..." glued together."""
+    with running_arm(polls=2) as arm:
+        router = AzureMLRouter(client_of(arm), "ep-quiet", environment="azureml:env:1")
+        capfd.readouterr()
+        router.deploy(Colour.GREEN, V1)
+        router.deploy(Colour.BLUE, V2)
+        router.set_weights(Weights.blue_at(10))
+        router.set_weights(Weights.blue_at(0))
+        router.remove(Colour.BLUE)
+        assert capfd.readouterr().out == ""
