@@ -55,7 +55,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from scipy.stats import beta as beta_dist
 
-from benchmarks.flagger import Outcome, expected_requests
+from benchmarks.flagger import Outcome
 from benchmarks.flagger import simulate as simulate_flagger
 from benchmarks.oracle import simulate as simulate_oracle
 from benchmarks.oracle import sprt_expected_n
@@ -75,7 +75,7 @@ from rollout.core.machine import p99_bucket
 from rollout.core.stats import wald_expected_n
 from rollout.core.types import Colour, ColourCounts, Phase, Release
 from rollout.errors import ConfigError
-from rollout.metrics.static import SimulatedMetrics, TrafficBehaviour
+from rollout.metrics.static import SimulatedMetrics, TrafficBehaviour, expected_requests
 from rollout.routers.memory import MemoryRouter
 from rollout.state.memory import MemoryStateStore
 

@@ -10,14 +10,13 @@ which a passing check promotes.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
 from rollout.config import SimulatedMetricsConfig
-from rollout.metrics.static import TrafficBehaviour, rate_at, rate_profile
+from rollout.metrics.static import TrafficBehaviour, expected_requests
 
 
 @dataclass(frozen=True)
@@ -37,13 +36,6 @@ class Outcome:
     canary_requests: int  # canary requests served from the regression's onset to the decision
     bad_canary: float  # canary errors served within the horizon (see analysis.py)
     mirrored_bad: int = 0  # canary errors answered to mirrored copies, never served
-
-
-def expected_requests(rps: float | list[tuple[float, float]], t0: float, t1: float) -> float:
-    """Requests expected between `t0` and `t1` (the integral of the rate)."""
-    profile = rate_profile(rps)
-    edges = [t0, *(t for t, _ in profile if t0 < t < t1), t1]
-    return sum(rate_at(profile, a) * max(b - a, 0.0) for a, b in itertools.pairwise(edges))
 
 
 def _p99_ms(bounds_ms: NDArray[np.float64], per_bucket: NDArray[np.int64]) -> float:

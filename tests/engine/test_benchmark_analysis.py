@@ -236,7 +236,7 @@ def test_runs_and_jobs_must_be_whole_numbers_from_one(
 def test_expected_requests_integrates_the_profile(
     rps: float | list[tuple[float, float]], t0: float, t1: float, expected: float
 ) -> None:
-    from benchmarks.flagger import expected_requests
+    from rollout.metrics.static import expected_requests
 
     assert expected_requests(rps, t0, t1) == pytest.approx(expected)
 
