@@ -18,7 +18,8 @@ per request.
 Measures (both policies, same definitions):
 - decision time: when the policy commits to rollback or promotion (simulated seconds);
 - bad canary requests: canary 5xx served within the scenario's horizon — until rollback; after a
-  promotion the regression serves all traffic until the horizon (expected count added); runs
+  promotion the candidate serves all traffic until the horizon (expected count added: at the
+  baseline's error rate until the regression's onset, `from_s`, at its own after); runs
   that never decide keep serving at their last weight until the horizon. (The count "until the
   decision" is printed too.) The canary's answers to mirrored copies in the shadow step reach
   nobody and are not counted here; the JSON has them as `mean_bad_mirrored_requests`.
@@ -55,7 +56,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from scipy.stats import beta as beta_dist
 
-from benchmarks.flagger import Outcome, expected_requests
+from benchmarks.flagger import Outcome, errors_after
 from benchmarks.flagger import simulate as simulate_flagger
 from benchmarks.oracle import simulate as simulate_oracle
 from benchmarks.oracle import sprt_expected_n
@@ -75,7 +76,7 @@ from rollout.core.machine import p99_bucket
 from rollout.core.stats import wald_expected_n
 from rollout.core.types import Colour, ColourCounts, Phase, Release
 from rollout.errors import ConfigError
-from rollout.metrics.static import SimulatedMetrics, TrafficBehaviour
+from rollout.metrics.static import SimulatedMetrics, TrafficBehaviour, expected_requests
 from rollout.routers.memory import MemoryRouter
 from rollout.state.memory import MemoryStateStore
 
@@ -175,7 +176,7 @@ class Scenario:
 
     def errors_after(self, t: float) -> float:
         """The canary errors expected from `t` to the horizon once it serves all traffic."""
-        return expected_requests(self.rps, t, self.duration_s) * self.canary.error_rate
+        return errors_after(self.rps, self.baseline, self.canary, t, self.duration_s)
 
     @property
     def error_ratio(self) -> float:

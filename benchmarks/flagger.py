@@ -10,14 +10,13 @@ which a passing check promotes.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
-from rollout.config import SimulatedMetricsConfig
-from rollout.metrics.static import TrafficBehaviour, rate_at, rate_profile
+from rollout.config import SimulatedMetricsConfig, TrafficModel
+from rollout.metrics.static import TrafficBehaviour, expected_requests
 
 
 @dataclass(frozen=True)
@@ -39,11 +38,18 @@ class Outcome:
     mirrored_bad: int = 0  # canary errors answered to mirrored copies, never served
 
 
-def expected_requests(rps: float | list[tuple[float, float]], t0: float, t1: float) -> float:
-    """Requests expected between `t0` and `t1` (the integral of the rate)."""
-    profile = rate_profile(rps)
-    edges = [t0, *(t for t, _ in profile if t0 < t < t1), t1]
-    return sum(rate_at(profile, a) * max(b - a, 0.0) for a, b in itertools.pairwise(edges))
+def errors_after(
+    rps: float | list[tuple[float, float]],
+    baseline: TrafficModel,
+    canary: TrafficModel,
+    t: float,
+    horizon: float,
+) -> float:
+    """The candidate's errors expected from a promotion at `t` to the horizon, serving all
+    traffic: at the baseline's rate until the regression's onset (`from_s`), its own after."""
+    onset = min(max(t, canary.from_s), horizon)
+    before = expected_requests(rps, t, onset) * baseline.error_rate
+    return before + expected_requests(rps, onset, horizon) * canary.error_rate
 
 
 def _p99_ms(bounds_ms: NDArray[np.float64], per_bucket: NDArray[np.int64]) -> float:
@@ -98,7 +104,7 @@ def simulate(
                 return Outcome("rollback", t, served, float(bad))
             continue
         if weight >= policy.max_weight:
-            after = expected_requests(cfg.rps, t, duration_s) * canary.error_rate
+            after = errors_after(cfg.rps, cfg.baseline, canary_model, t, duration_s)
             return Outcome("promote", t, served, bad + after)
         weight += policy.step
     return Outcome("none", None, served, float(bad))

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -108,6 +109,20 @@ def rate_at(profile: Sequence[tuple[float, float]], t: float) -> float:
     return float(profile[max(i, 0)][1])
 
 
+def expected_requests(
+    rps: float | Sequence[tuple[float, float]], t0: float, t1: float, *, origin: float = 0.0
+) -> float:
+    """Requests expected between `t0` and `t1`: the rate integrated, so a step inside counts.
+    The profile's times count from `origin`."""
+    profile = rate_profile(rps)
+    edges = [t0, *(origin + t for t, _ in profile if t0 < origin + t < t1), t1]
+    # Each piece at its midpoint's rate: `origin + t - origin` need not give `t` back exactly.
+    return sum(
+        rate_at(profile, (a + b) / 2 - origin) * max(b - a, 0.0)
+        for a, b in itertools.pairwise(edges)
+    )
+
+
 class SimulatedMetrics:
     """Synthetic traffic generated lazily up to each `observe(since, now)`."""
 
@@ -176,7 +191,9 @@ class SimulatedMetrics:
         if now <= last:
             return
         t_rel = last - self._start
-        total = int(self._rng.poisson(self.rps_at(t_rel) * (now - last)))
+        # The profile integrated over the tick, as Flagger's simulation draws its intervals.
+        expected = expected_requests(self._profile, last, now, origin=self._start)
+        total = int(self._rng.poisson(expected))
         weights = self._router.get_weights()
         n_blue = int(self._rng.binomial(total, weights.blue / 100.0)) if total else 0
         # A shadow: blue also answers a copy of `mirror` % of the requests; nobody sees those.

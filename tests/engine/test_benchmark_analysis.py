@@ -236,7 +236,7 @@ def test_runs_and_jobs_must_be_whole_numbers_from_one(
 def test_expected_requests_integrates_the_profile(
     rps: float | list[tuple[float, float]], t0: float, t1: float, expected: float
 ) -> None:
-    from benchmarks.flagger import expected_requests
+    from rollout.metrics.static import expected_requests
 
     assert expected_requests(rps, t0, t1) == pytest.approx(expected)
 
@@ -284,6 +284,41 @@ def test_harm_after_a_promotion_follows_the_profile(tmp_path: Path) -> None:
     assert scenario.mean_rps == pytest.approx(50.0)
     assert scenario.errors_after(1800.0) == 0.0  # no traffic left to harm
     assert scenario.errors_after(900.0) == pytest.approx(900 * 100 * 0.01)
+
+
+LATE_ONSET = (
+    "name: late\nrps: 100\nduration_s: 3600\nbaseline: {error_rate: 0.001}\n"
+    "canary: {error_rate: 0.05, from_s: 1800}\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("promoted_at", "expected"),
+    [
+        # Until the onset the candidate errs as the baseline does; the regression after it.
+        pytest.param(300.0, 1500 * 100 * 0.001 + 1800 * 100 * 0.05, id="before-the-onset"),
+        pytest.param(2000.0, 1600 * 100 * 0.05, id="after-the-onset"),
+    ],
+)
+def test_harm_after_a_promotion_starts_at_the_regressions_onset(
+    tmp_path: Path, promoted_at: float, expected: float
+) -> None:
+    path = tmp_path / "late.yaml"
+    path.write_text(LATE_ONSET)
+    assert Scenario.load(path).errors_after(promoted_at) == pytest.approx(expected)
+
+
+def test_flaggers_harm_after_a_promotion_starts_at_the_regressions_onset(tmp_path: Path) -> None:
+    from benchmarks.flagger import simulate as simulate_flagger
+
+    path = tmp_path / "late.yaml"
+    path.write_text(LATE_ONSET)
+    scenario = Scenario.load(path)
+    outcome = simulate_flagger(scenario.metrics(1), 3600.0, np.random.default_rng(1))
+    # Five passing checks by 300 s, long before the onset: ~9 errors served at 10..50 %, then
+    # 1,500 s at the baseline's rate and 1,800 s at the regression's (not 3,300 s of it: 16,500).
+    assert (outcome.decision, outcome.decided_at) == ("promote", 300.0)
+    assert outcome.bad_canary == pytest.approx(150 + 9000, abs=40)
 
 
 def test_bad_until_the_decision_is_never_negative_on_a_profile(

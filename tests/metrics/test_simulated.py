@@ -97,3 +97,24 @@ def test_the_probe_hands_out_no_scripted_tick() -> None:
     metrics.probe()  # a scripted outage is a tick's, not the probe's
     assert metrics.observe(0.0, 1.0).error == "down"
     assert metrics.observe(1.0, 2.0).error is None
+
+
+@pytest.mark.parametrize(
+    ("rps", "expected"),
+    [
+        # A burst inside a 10 s tick: drawn at the tick's start rate it was lost (615 requests).
+        pytest.param(
+            [(0, 10), (5, 1000), (9, 10)], 10 * 5 + 1000 * 4 + 10 * 51, id="burst-in-a-tick"
+        ),
+        pytest.param([(0, 0), (25, 100)], 100 * 35, id="traffic-from-mid-tick"),
+    ],
+)
+def test_each_tick_draws_the_profiles_requests_over_its_interval(
+    rps: list[tuple[float, float]], expected: float
+) -> None:
+    cfg = SimulatedMetricsConfig(seed=1, rps=rps)
+    metrics = SimulatedMetrics(cfg, MemoryRouter(releases={Colour.GREEN: V1}), start=0.0)
+    for t in range(10, 61, 10):  # the controller's ticks
+        metrics.advance(float(t))
+    seen = metrics.observe(0.0, 60.0)
+    assert seen.green.requests == pytest.approx(expected, rel=0.1)
