@@ -1115,6 +1115,14 @@ def _field_error(model: BaseModel, loc: tuple[str, ...], value: Any, problem: st
     )
 
 
+def _per_colour(router_names: Any, given: Any) -> Any:
+    """The metrics section's names per colour: each colour it does not name reads the router's
+    (naming one colour replaced both, and the other read a series that does not exist)."""
+    if isinstance(router_names, dict) and isinstance(given, dict):
+        return {**router_names, **given}
+    return router_names if given is None else given
+
+
 def _raw_sections(
     data: Any, router_kind: str, metrics_kind: str
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -1190,7 +1198,8 @@ class RolloutSpec(_Model):
         router, metrics = sections
         app = router.get("app", IstioRouterConfig.model_fields["app"].default)
         namespace = router.get("namespace", IstioRouterConfig.model_fields["namespace"].default)
-        metrics = {"labels": {"blue": f"{app}-blue", "green": f"{app}-green"}, **metrics}
+        derived = {"blue": f"{app}-blue", "green": f"{app}-green"}
+        metrics = {**metrics, "labels": _per_colour(derived, metrics.get("labels"))}
         metrics.setdefault("namespace", namespace)
         return {**data, "metrics": metrics}
 
@@ -1206,7 +1215,8 @@ class RolloutSpec(_Model):
         router, metrics = sections
         if "clusters" not in router:
             return data
-        return {**data, "metrics": {"labels": router["clusters"], **metrics}}
+        labels = _per_colour(router["clusters"], metrics.get("labels"))
+        return {**data, "metrics": {**metrics, "labels": labels}}
 
     @model_validator(mode="before")
     @classmethod

@@ -473,6 +473,11 @@ def test_istio_preset_counts_the_weighted_services_only(prom: FakePrometheus) ->
             "other",
             id="explicit-values-win",
         ),
+        # Was: naming one colour replaced the derived labels as a whole, green read `green`
+        # (no such Service): no baseline counts, and a regressed candidate was promoted.
+        pytest.param(
+            {"labels": {"blue": "b"}}, ("b", "diabetes-green"), "ml", id="one-colour-named"
+        ),
     ],
 )
 def test_istio_preset_follows_the_istio_router(
@@ -495,6 +500,7 @@ def test_istio_preset_follows_the_istio_router(
         pytest.param({}, ("canary", "prod"), id="derived-from-the-router"),
         pytest.param({"preset": "envoy"}, ("canary", "prod"), id="preset-named"),
         pytest.param({"labels": {"blue": "b", "green": "g"}}, ("b", "g"), id="explicit-values-win"),
+        pytest.param({"labels": {"green": "g"}}, ("canary", "g"), id="one-colour-named"),
         pytest.param(
             {"preset": "custom", "queries": {"requests": "r", "errors": "e"}},
             ("blue", "green"),
