@@ -614,6 +614,7 @@ class PromQueries(_Model):
     pod: a `sum(...)` drops when a pod stops being scraped, which reads as a counter restart.
     There is no `{window}`: a range function over the step, evaluated at the step's start as
     every query is, covers the window before the step, and subtracting it gave 0 requests.
+    Each template needs `{colour}`: without it blue and green read the same series.
     """
 
     requests: str = Field(min_length=1)
@@ -622,12 +623,20 @@ class PromQueries(_Model):
 
     @field_validator("requests", "errors", "latency_bucket")
     @classmethod
-    def _no_window(cls, template: str | None) -> str | None:
+    def _one_step_per_colour(cls, template: str | None) -> str | None:
         if template is not None and "{window}" in template:
             raise ValueError(
                 "no `{window}` placeholder: give raw cumulative counters, not "
                 "`increase(...[{window}])` or `rate(...)`; the provider computes the step's "
                 "increase, counter restarts included"
+            )
+        if template is not None and "{colour}" not in template:
+            # Without it both colours read the same series: equal counts, and every candidate
+            # looked "not worse".
+            raise ValueError(
+                "needs the `{colour}` placeholder (replaced by each colour's metrics.labels "
+                "value): without it blue and green read the same series, and the candidate is "
+                "compared with itself"
             )
         return template
 
