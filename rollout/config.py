@@ -169,6 +169,24 @@ class ColourNames(_Model):
         return self.blue if colour is Colour.BLUE else self.green
 
 
+def _two_names(
+    names: ColourNames, what: str, why: str, *, ignore_case: bool = False
+) -> ColourNames:
+    """`names`, refused when blue and green are one `what` (`why`: what would go wrong)."""
+    if names.blue == names.green:
+        raise ValueError(f"blue and green name the same {what}, {names.blue!r}: {why}")
+    if ignore_case and names.blue.lower() == names.green.lower():
+        raise ValueError(
+            f"blue and green name the same {what}, {names.blue!r} and {names.green!r} (Azure ML "
+            f"names ignore case): {why}"
+        )
+    return names
+
+
+#: Why a metrics source reading one name for both colours is refused.
+_SELF_COMPARED = "the candidate would be compared with itself"
+
+
 # --------------------------------------------------------------------------------------- routers
 
 
@@ -215,6 +233,32 @@ class EnvoyRouterConfig(_Model):
     #: `routes_file`); the local stack stops every process recorded there.
     workloads_dir: Path | None = None
     timeout_s: Number = Field(default=5.0, gt=0)
+
+    @field_validator("clusters")
+    @classmethod
+    def _two_clusters(cls, names: ColourNames) -> ColourNames:
+        return _two_names(names, "cluster", "Envoy would read one weight for both colours")
+
+    @field_validator("pinned_clusters")
+    @classmethod
+    def _two_pinned_clusters(cls, names: ColourNames) -> ColourNames:
+        return _two_names(names, "cluster", "a pinned request would reach either colour")
+
+    @model_validator(mode="after")
+    def _pinned_apart_from_weighted(self) -> EnvoyRouterConfig:
+        """Envoy refuses a bootstrap naming a cluster twice."""
+        weighted = {self.clusters.of(colour): colour for colour in Colour}
+        for colour in Colour:
+            name = self.pinned_clusters.of(colour)
+            if name in weighted:
+                _field_error(
+                    self,
+                    ("pinned_clusters", colour.value),
+                    name,
+                    f"{name!r} is a weighted cluster (router.clusters.{weighted[name].value}): "
+                    "a pinned cluster needs a name of its own",
+                )
+        return self
 
     @property
     def identity(self) -> str:
@@ -702,6 +746,11 @@ class PrometheusMetricsConfig(_Model):
     #: Accept any certificate: anyone on the path can read and answer the queries. Warned about.
     insecure_skip_verify: Flag = False
 
+    @field_validator("labels")
+    @classmethod
+    def _two_labels(cls, names: ColourNames) -> ColourNames:
+        return _two_names(names, "series", _SELF_COMPARED)
+
     @model_validator(mode="after")
     def _custom_needs_queries(self) -> PrometheusMetricsConfig:
         if self.preset == "custom" and self.queries is None:
@@ -870,6 +919,11 @@ class AzureMonitorMetricsConfig(_Model):
     #: The Logs query API (sovereign clouds have their own, e.g. https://api.loganalytics.azure.cn).
     logs_url: str = "https://api.loganalytics.io"
     timeout_s: Number = Field(default=30.0, gt=0)
+
+    @field_validator("deployments")
+    @classmethod
+    def _two_deployments(cls, names: ColourNames) -> ColourNames:
+        return _two_names(names, "deployment", _SELF_COMPARED, ignore_case=True)
 
     @field_validator("logs_url")
     @classmethod
