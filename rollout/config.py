@@ -320,7 +320,9 @@ class IstioRouterConfig(KubeApiConfig):
     header: HeaderName = "x-api-version"
     port: WholeNumber = Field(default=80, gt=0, lt=65536)
     container_port: WholeNumber = Field(default=8000, gt=0, lt=65536)
-    replicas: WholeNumber = Field(default=1, ge=0)
+    #: Pods of a Deployment the router creates (at least one: a canary without a pod took its
+    #: share of traffic, answered 503, and was rolled back as a bad model).
+    replicas: WholeNumber = Field(default=1, ge=1)
     #: How long `deploy` waits for the new pods to be available before failing.
     ready_timeout_s: Annotated[
         Number,

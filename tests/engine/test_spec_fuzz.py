@@ -453,6 +453,13 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             "router.clusters: blue and green name the same cluster, 'x'",
             id="envoy-one-cluster-for-both",
         ),
+        pytest.param(  # was accepted: a canary with no pod took traffic, and was rolled back
+            BASES[2],
+            "router.replicas",
+            0,
+            "router.replicas: Input should be greater than or equal to 1",
+            id="istio-without-pods",
+        ),
         pytest.param(
             BASES[1],
             "router.pinned_clusters",
