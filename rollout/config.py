@@ -762,7 +762,28 @@ class PrometheusMetricsConfig(_Model):
     @model_validator(mode="after")
     def _scoping_fields_apply(self) -> PrometheusMetricsConfig:
         """`namespace` scopes the istio preset only, `match_labels` the presets only: silently
-        ignored, either left a user believing the counts were scoped."""
+        ignored, either left a user believing the counts were scoped. So with `queries` and
+        `latency_unit`, which only the custom preset reads."""
+        if self.queries is not None and self.preset != "custom":
+            _field_error(
+                self,
+                ("queries",),
+                None,
+                f"are read with preset 'custom' only; preset {self.preset!r} ignores them"
+                + (
+                    ": set `preset: custom` to read them"
+                    if "preset" in self.model_fields_set
+                    else " (the default preset): add `preset: custom` to read them"
+                ),
+            )
+        if self.latency_unit != "ms" and self.preset != "custom":
+            _field_error(
+                self,
+                ("latency_unit",),
+                self.latency_unit,
+                f"is the unit of the custom preset's histogram; preset {self.preset!r} reads "
+                "its own (ms)",
+            )
         if self.namespace is not None and self.preset != "istio":
             _field_error(
                 self,

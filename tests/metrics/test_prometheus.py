@@ -1105,6 +1105,26 @@ def test_a_custom_query_prometheus_cannot_parse_fails_the_probe(prom: FakePromet
             "metrics.match_labels: applies to the envoy and istio presets",
             id="match-labels-with-custom",
         ),
+        # Were ignored: the preset read its own series (nothing, or another Envoy's).
+        pytest.param(
+            {"queries": {"requests": 'r{c="{colour}"}', "errors": 'e{c="{colour}"}'}},
+            "metrics.queries: are read with preset 'custom' only; preset 'envoy' ignores them",
+            id="queries-with-the-default-preset",
+        ),
+        pytest.param(
+            {
+                "preset": "istio",
+                "queries": {"requests": 'r{c="{colour}"}', "errors": 'e{c="{colour}"}'},
+            },
+            "metrics.queries: are read with preset 'custom' only; preset 'istio' ignores them",
+            id="queries-with-istio",
+        ),
+        pytest.param(
+            {"preset": "envoy", "latency_unit": "s"},
+            "metrics.latency_unit: is the unit of the custom preset's histogram; preset 'envoy' "
+            "reads its own (ms)",
+            id="latency-unit-with-envoy",
+        ),
         pytest.param(
             {"match_labels": {"job-name": "x"}},
             "metrics.match_labels.job-name: is no Prometheus label name",
