@@ -208,6 +208,12 @@ class MemoryRouterConfig(_Model):
         return f"memory {self.state_file.resolve()}" if self.state_file else "memory"
 
 
+#: The longest `timeout_s` of one request to a router's or metrics source's API: ten minutes, the
+#: longest a Log Analytics query may run (Prometheus gives up on a query after 2 minutes by
+#: default). Unbounded, 1e10 s loaded and then crashed `run` (the socket refuses it).
+MAX_REQUEST_TIMEOUT_S = 600
+
+
 class EnvoyRouterConfig(_Model):
     """Local Envoy: route table from an RDS file replaced atomically; admin API to verify."""
 
@@ -232,7 +238,7 @@ class EnvoyRouterConfig(_Model):
     #: Where the scoring processes started by `deploy` are recorded (default `workloads/` next to
     #: `routes_file`); the local stack stops every process recorded there.
     workloads_dir: Path | None = None
-    timeout_s: Number = Field(default=5.0, gt=0)
+    timeout_s: Number = Field(default=5.0, gt=0, le=MAX_REQUEST_TIMEOUT_S)
 
     @field_validator("clusters")
     @classmethod
@@ -731,7 +737,7 @@ class PrometheusMetricsConfig(_Model):
     #: The unit of the custom latency histogram's `le` bounds: `ms` (the default), or `s` for a
     #: `_seconds` histogram. The presets know theirs (milliseconds).
     latency_unit: Literal["ms", "s"] = "ms"
-    timeout_s: Number = Field(default=5.0, gt=0)
+    timeout_s: Number = Field(default=5.0, gt=0, le=MAX_REQUEST_TIMEOUT_S)
     #: A bearer token in this environment variable (read once, at start).
     bearer_token_env: str | None = Field(default=None, min_length=1)
     #: A bearer token in this file, read again for every request (a rotated Secret is picked up).
@@ -941,7 +947,7 @@ class AzureMonitorMetricsConfig(_Model):
     buckets_ms: BucketBounds = AZURE_LOG_BUCKETS_MS
     #: The Logs query API (sovereign clouds have their own, e.g. https://api.loganalytics.azure.cn).
     logs_url: str = "https://api.loganalytics.io"
-    timeout_s: Number = Field(default=30.0, gt=0)
+    timeout_s: Number = Field(default=30.0, gt=0, le=MAX_REQUEST_TIMEOUT_S)
 
     @field_validator("deployments")
     @classmethod

@@ -453,6 +453,28 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             "router.clusters: blue and green name the same cluster, 'x'",
             id="envoy-one-cluster-for-both",
         ),
+        # Was accepted, then `run` died of a traceback (the socket refuses ~1e10 s).
+        pytest.param(
+            BASES[1],
+            "metrics.timeout_s",
+            1e10,
+            "metrics.timeout_s: Input should be less than or equal to 600",
+            id="prometheus-timeout-beyond-any-socket",
+        ),
+        pytest.param(
+            BASES[1],
+            "router.timeout_s",
+            1e10,
+            "router.timeout_s: Input should be less than or equal to 600",
+            id="envoy-timeout-beyond-any-socket",
+        ),
+        pytest.param(
+            BASES[3],
+            "metrics.timeout_s",
+            601,
+            "metrics.timeout_s: Input should be less than or equal to 600",
+            id="azuremonitor-timeout-beyond-the-apis-longest",
+        ),
         pytest.param(  # was accepted: a canary with no pod took traffic, and was rolled back
             BASES[2],
             "router.replicas",
