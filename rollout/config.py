@@ -169,6 +169,24 @@ class ColourNames(_Model):
         return self.blue if colour is Colour.BLUE else self.green
 
 
+def _two_names(
+    names: ColourNames, what: str, why: str, *, ignore_case: bool = False
+) -> ColourNames:
+    """`names`, refused when blue and green are one `what` (`why`: what would go wrong)."""
+    if names.blue == names.green:
+        raise ValueError(f"blue and green name the same {what}, {names.blue!r}: {why}")
+    if ignore_case and names.blue.lower() == names.green.lower():
+        raise ValueError(
+            f"blue and green name the same {what}, {names.blue!r} and {names.green!r} (Azure ML "
+            f"names ignore case): {why}"
+        )
+    return names
+
+
+#: Why a metrics source reading one name for both colours is refused.
+_SELF_COMPARED = "the candidate would be compared with itself"
+
+
 # --------------------------------------------------------------------------------------- routers
 
 
@@ -188,6 +206,12 @@ class MemoryRouterConfig(_Model):
     def identity(self) -> str:
         """The data plane this drives, in words (a stored rollout remembers it: RolloutSpec)."""
         return f"memory {self.state_file.resolve()}" if self.state_file else "memory"
+
+
+#: The longest `timeout_s` of one request to a router's or metrics source's API: ten minutes, the
+#: longest a Log Analytics query may run (Prometheus gives up on a query after 2 minutes by
+#: default). Unbounded, 1e10 s loaded and then crashed `run` (the socket refuses it).
+MAX_REQUEST_TIMEOUT_S = 600
 
 
 class EnvoyRouterConfig(_Model):
@@ -214,7 +238,33 @@ class EnvoyRouterConfig(_Model):
     #: Where the scoring processes started by `deploy` are recorded (default `workloads/` next to
     #: `routes_file`); the local stack stops every process recorded there.
     workloads_dir: Path | None = None
-    timeout_s: Number = Field(default=5.0, gt=0)
+    timeout_s: Number = Field(default=5.0, gt=0, le=MAX_REQUEST_TIMEOUT_S)
+
+    @field_validator("clusters")
+    @classmethod
+    def _two_clusters(cls, names: ColourNames) -> ColourNames:
+        return _two_names(names, "cluster", "Envoy would read one weight for both colours")
+
+    @field_validator("pinned_clusters")
+    @classmethod
+    def _two_pinned_clusters(cls, names: ColourNames) -> ColourNames:
+        return _two_names(names, "cluster", "a pinned request would reach either colour")
+
+    @model_validator(mode="after")
+    def _pinned_apart_from_weighted(self) -> EnvoyRouterConfig:
+        """Envoy refuses a bootstrap naming a cluster twice."""
+        weighted = {self.clusters.of(colour): colour for colour in Colour}
+        for colour in Colour:
+            name = self.pinned_clusters.of(colour)
+            if name in weighted:
+                _field_error(
+                    self,
+                    ("pinned_clusters", colour.value),
+                    name,
+                    f"{name!r} is a weighted cluster (router.clusters.{weighted[name].value}): "
+                    "a pinned cluster needs a name of its own",
+                )
+        return self
 
     @property
     def identity(self) -> str:
@@ -276,7 +326,9 @@ class IstioRouterConfig(KubeApiConfig):
     header: HeaderName = "x-api-version"
     port: WholeNumber = Field(default=80, gt=0, lt=65536)
     container_port: WholeNumber = Field(default=8000, gt=0, lt=65536)
-    replicas: WholeNumber = Field(default=1, ge=0)
+    #: Pods of a Deployment the router creates (at least one: a canary without a pod took its
+    #: share of traffic, answered 503, and was rolled back as a bad model).
+    replicas: WholeNumber = Field(default=1, ge=1)
     #: How long `deploy` waits for the new pods to be available before failing.
     ready_timeout_s: Annotated[
         Number,
@@ -614,6 +666,7 @@ class PromQueries(_Model):
     pod: a `sum(...)` drops when a pod stops being scraped, which reads as a counter restart.
     There is no `{window}`: a range function over the step, evaluated at the step's start as
     every query is, covers the window before the step, and subtracting it gave 0 requests.
+    Each template needs `{colour}`: without it blue and green read the same series.
     """
 
     requests: str = Field(min_length=1)
@@ -622,12 +675,20 @@ class PromQueries(_Model):
 
     @field_validator("requests", "errors", "latency_bucket")
     @classmethod
-    def _no_window(cls, template: str | None) -> str | None:
+    def _one_step_per_colour(cls, template: str | None) -> str | None:
         if template is not None and "{window}" in template:
             raise ValueError(
                 "no `{window}` placeholder: give raw cumulative counters, not "
                 "`increase(...[{window}])` or `rate(...)`; the provider computes the step's "
                 "increase, counter restarts included"
+            )
+        if template is not None and "{colour}" not in template:
+            # Without it both colours read the same series: equal counts, and every candidate
+            # looked "not worse".
+            raise ValueError(
+                "needs the `{colour}` placeholder (replaced by each colour's metrics.labels "
+                "value): without it blue and green read the same series, and the candidate is "
+                "compared with itself"
             )
         return template
 
@@ -676,7 +737,7 @@ class PrometheusMetricsConfig(_Model):
     #: The unit of the custom latency histogram's `le` bounds: `ms` (the default), or `s` for a
     #: `_seconds` histogram. The presets know theirs (milliseconds).
     latency_unit: Literal["ms", "s"] = "ms"
-    timeout_s: Number = Field(default=5.0, gt=0)
+    timeout_s: Number = Field(default=5.0, gt=0, le=MAX_REQUEST_TIMEOUT_S)
     #: A bearer token in this environment variable (read once, at start).
     bearer_token_env: str | None = Field(default=None, min_length=1)
     #: A bearer token in this file, read again for every request (a rotated Secret is picked up).
@@ -693,6 +754,11 @@ class PrometheusMetricsConfig(_Model):
     #: Accept any certificate: anyone on the path can read and answer the queries. Warned about.
     insecure_skip_verify: Flag = False
 
+    @field_validator("labels")
+    @classmethod
+    def _two_labels(cls, names: ColourNames) -> ColourNames:
+        return _two_names(names, "series", _SELF_COMPARED)
+
     @model_validator(mode="after")
     def _custom_needs_queries(self) -> PrometheusMetricsConfig:
         if self.preset == "custom" and self.queries is None:
@@ -702,7 +768,28 @@ class PrometheusMetricsConfig(_Model):
     @model_validator(mode="after")
     def _scoping_fields_apply(self) -> PrometheusMetricsConfig:
         """`namespace` scopes the istio preset only, `match_labels` the presets only: silently
-        ignored, either left a user believing the counts were scoped."""
+        ignored, either left a user believing the counts were scoped. So with `queries` and
+        `latency_unit`, which only the custom preset reads."""
+        if self.queries is not None and self.preset != "custom":
+            _field_error(
+                self,
+                ("queries",),
+                None,
+                f"are read with preset 'custom' only; preset {self.preset!r} ignores them"
+                + (
+                    ": set `preset: custom` to read them"
+                    if "preset" in self.model_fields_set
+                    else " (the default preset): add `preset: custom` to read them"
+                ),
+            )
+        if self.latency_unit != "ms" and self.preset != "custom":
+            _field_error(
+                self,
+                ("latency_unit",),
+                self.latency_unit,
+                f"is the unit of the custom preset's histogram; preset {self.preset!r} reads "
+                "its own (ms)",
+            )
         if self.namespace is not None and self.preset != "istio":
             _field_error(
                 self,
@@ -860,7 +947,12 @@ class AzureMonitorMetricsConfig(_Model):
     buckets_ms: BucketBounds = AZURE_LOG_BUCKETS_MS
     #: The Logs query API (sovereign clouds have their own, e.g. https://api.loganalytics.azure.cn).
     logs_url: str = "https://api.loganalytics.io"
-    timeout_s: Number = Field(default=30.0, gt=0)
+    timeout_s: Number = Field(default=30.0, gt=0, le=MAX_REQUEST_TIMEOUT_S)
+
+    @field_validator("deployments")
+    @classmethod
+    def _two_deployments(cls, names: ColourNames) -> ColourNames:
+        return _two_names(names, "deployment", _SELF_COMPARED, ignore_case=True)
 
     @field_validator("logs_url")
     @classmethod
@@ -1115,6 +1207,14 @@ def _field_error(model: BaseModel, loc: tuple[str, ...], value: Any, problem: st
     )
 
 
+def _per_colour(router_names: Any, given: Any) -> Any:
+    """The metrics section's names per colour: each colour it does not name reads the router's
+    (naming one colour replaced both, and the other read a series that does not exist)."""
+    if isinstance(router_names, dict) and isinstance(given, dict):
+        return {**router_names, **given}
+    return router_names if given is None else given
+
+
 def _raw_sections(
     data: Any, router_kind: str, metrics_kind: str
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -1201,7 +1301,8 @@ class RolloutSpec(_Model):
         router, metrics = sections
         app = router.get("app", IstioRouterConfig.model_fields["app"].default)
         namespace = router.get("namespace", IstioRouterConfig.model_fields["namespace"].default)
-        metrics = {"labels": {"blue": f"{app}-blue", "green": f"{app}-green"}, **metrics}
+        derived = {"blue": f"{app}-blue", "green": f"{app}-green"}
+        metrics = {**metrics, "labels": _per_colour(derived, metrics.get("labels"))}
         metrics.setdefault("namespace", namespace)
         return {**data, "metrics": metrics}
 
@@ -1217,7 +1318,8 @@ class RolloutSpec(_Model):
         router, metrics = sections
         if "clusters" not in router:
             return data
-        return {**data, "metrics": {"labels": router["clusters"], **metrics}}
+        labels = _per_colour(router["clusters"], metrics.get("labels"))
+        return {**data, "metrics": {**metrics, "labels": labels}}
 
     @model_validator(mode="before")
     @classmethod

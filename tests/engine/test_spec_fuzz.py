@@ -444,6 +444,80 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             "router.clusters.blue: String should have at least 1 character",
             id="envoy-cluster-unnamed",
         ),
+        # Was accepted, blue and green one name: the judge compared a series with itself (every
+        # candidate "not worse"), or Envoy read one weight for both colours.
+        pytest.param(
+            BASES[1],
+            "router.clusters",
+            {"blue": "x", "green": "x"},
+            "router.clusters: blue and green name the same cluster, 'x'",
+            id="envoy-one-cluster-for-both",
+        ),
+        # Was accepted, then `run` died of a traceback (the socket refuses ~1e10 s).
+        pytest.param(
+            BASES[1],
+            "metrics.timeout_s",
+            1e10,
+            "metrics.timeout_s: Input should be less than or equal to 600",
+            id="prometheus-timeout-beyond-any-socket",
+        ),
+        pytest.param(
+            BASES[1],
+            "router.timeout_s",
+            1e10,
+            "router.timeout_s: Input should be less than or equal to 600",
+            id="envoy-timeout-beyond-any-socket",
+        ),
+        pytest.param(
+            BASES[3],
+            "metrics.timeout_s",
+            601,
+            "metrics.timeout_s: Input should be less than or equal to 600",
+            id="azuremonitor-timeout-beyond-the-apis-longest",
+        ),
+        pytest.param(  # was accepted: a canary with no pod took traffic, and was rolled back
+            BASES[2],
+            "router.replicas",
+            0,
+            "router.replicas: Input should be greater than or equal to 1",
+            id="istio-without-pods",
+        ),
+        pytest.param(
+            BASES[1],
+            "router.pinned_clusters",
+            {"blue": "p", "green": "p"},
+            "router.pinned_clusters: blue and green name the same cluster, 'p'",
+            id="envoy-one-pinned-cluster-for-both",
+        ),
+        pytest.param(
+            BASES[1],
+            "router.pinned_clusters",
+            {"blue": "blue", "green": "green-pinned"},
+            "router.pinned_clusters.blue: 'blue' is a weighted cluster (router.clusters.blue)",
+            id="envoy-pinned-is-weighted",
+        ),
+        pytest.param(
+            BASES[1],
+            "metrics.labels",
+            {"blue": "svc", "green": "svc"},
+            "metrics.labels: blue and green name the same series, 'svc'",
+            id="prometheus-one-label-for-both",
+        ),
+        pytest.param(
+            BASES[5],
+            "metrics.labels",
+            {"blue": "a", "green": "a"},
+            "metrics.labels: blue and green name the same series, 'a'",
+            id="custom-one-label-for-both",
+        ),
+        pytest.param(
+            BASES[3],
+            "metrics.deployments",
+            {"blue": "cand", "green": "Cand"},
+            "metrics.deployments: blue and green name the same deployment, 'cand' and 'Cand' "
+            "(Azure ML names ignore case)",
+            id="azuremonitor-one-deployment-for-both",
+        ),
         pytest.param(
             BASES[1],
             "metrics.labels",

@@ -214,6 +214,8 @@ def test_failing_prometheus_is_an_error(prom: FakePrometheus) -> None:
     assert observation.error is not None and prom.url in observation.error
 
 
+#: The custom query these tests send first (for blue): any answer to it is the server's.
+UP = 'up{c="{colour}"}'
 PAGE = b"<html><body>" + b"<p>a page that is long</p>" * 40 + b"</body></html>"
 
 
@@ -235,15 +237,20 @@ PAGE = b"<html><body>" + b"<p>a page that is long</p>" * 40 + b"</body></html>"
             id="404-text",
         ),
         pytest.param(
-            200, PAGE, "{url}: not a Prometheus API answer to 'up' (not JSON)", id="200-html"
+            200,
+            PAGE,
+            "{url}: not a Prometheus API answer to 'up{{c=\"blue\"}}' (not JSON)",
+            id="200-html",
         ),
         pytest.param(
             503,
             b'{"status": "error", "errorType": "unavailable", "error": "overloaded"}',
-            "{url} answered HTTP 503 to 'up' (overloaded)",
+            "{url} answered HTTP 503 to 'up{{c=\"blue\"}}' (overloaded)",
             id="503-prometheus-error",
         ),
-        pytest.param(502, PAGE, "{url} answered HTTP 502 to 'up'", id="502-html-page"),
+        pytest.param(
+            502, PAGE, "{url} answered HTTP 502 to 'up{{c=\"blue\"}}'", id="502-html-page"
+        ),
     ],
 )
 def test_an_answer_that_is_not_prometheus_is_one_line_saying_what_came(
@@ -251,7 +258,7 @@ def test_an_answer_that_is_not_prometheus_is_one_line_saying_what_came(
 ) -> None:
     # Was the answer's whole body (an HTML page on one line), or "unreachable: JSONDecodeError"
     # for a 200 that is not JSON.
-    queries = PromQueries(requests="up", errors="up")  # the first query sent: `up`
+    queries = PromQueries(requests=UP, errors=UP)  # the first query sent: blue's UP
     with Answering(status, body) as url:
         observation = PrometheusMetrics(url, queries=queries).observe(T0 - 10, T0)
     assert observation.error == "Prometheus at " + says.format(url=url)
@@ -343,11 +350,11 @@ def test_a_query_returning_no_instant_vector_says_so(
     # `scalar(sum(...))` was "not a Prometheus API answer", sending the operator to metrics.url;
     # a range vector read as no series at all (zero counts).
     body = {"status": "success", "data": {"resultType": result_type, "result": result}}
-    queries = PromQueries(requests="up", errors="up")  # the first query sent: `up`
+    queries = PromQueries(requests=UP, errors=UP)  # the first query sent: blue's UP
     with Answering(200, json.dumps(body).encode()) as url:
         observation = PrometheusMetrics(url, queries=queries).observe(T0 - 10, T0)
     assert observation.error == (
-        f"Prometheus at {url}: the query 'up' returns {kind}, not an instant vector: "
+        f"Prometheus at {url}: the query 'up{{c=\"blue\"}}' returns {kind}, not an instant vector: "
         "metrics.queries must each give cumulative counter series (a selector, or an "
         "expression keeping one series per pod)"
     )
@@ -473,6 +480,11 @@ def test_istio_preset_counts_the_weighted_services_only(prom: FakePrometheus) ->
             "other",
             id="explicit-values-win",
         ),
+        # Was: naming one colour replaced the derived labels as a whole, green read `green`
+        # (no such Service): no baseline counts, and a regressed candidate was promoted.
+        pytest.param(
+            {"labels": {"blue": "b"}}, ("b", "diabetes-green"), "ml", id="one-colour-named"
+        ),
     ],
 )
 def test_istio_preset_follows_the_istio_router(
@@ -495,8 +507,12 @@ def test_istio_preset_follows_the_istio_router(
         pytest.param({}, ("canary", "prod"), id="derived-from-the-router"),
         pytest.param({"preset": "envoy"}, ("canary", "prod"), id="preset-named"),
         pytest.param({"labels": {"blue": "b", "green": "g"}}, ("b", "g"), id="explicit-values-win"),
+        pytest.param({"labels": {"green": "g"}}, ("canary", "g"), id="one-colour-named"),
         pytest.param(
-            {"preset": "custom", "queries": {"requests": "r", "errors": "e"}},
+            {
+                "preset": "custom",
+                "queries": {"requests": 'r{c="{colour}"}', "errors": 'e{c="{colour}"}'},
+            },
             ("blue", "green"),
             id="custom-queries-name-their-own",
         ),
@@ -1015,7 +1031,9 @@ def test_a_custom_query_prometheus_cannot_parse_fails_the_probe(prom: FakePromet
     metrics = PrometheusMetricsConfig(
         url=prom.url,
         preset="custom",
-        queries=PromQueries(requests='my_requests_total{svc="{colour}"', errors="my_errors_total"),
+        queries=PromQueries(
+            requests='my_requests_total{svc="{colour}"', errors='my_errors_total{svc="{colour}"}'
+        ),
     )
     with pytest.raises(MetricsError) as probed:
         make_metrics(metrics).probe()
@@ -1038,6 +1056,30 @@ def test_a_custom_query_prometheus_cannot_parse_fails_the_probe(prom: FakePromet
             "metrics.queries.requests: no `{window}` placeholder: give raw cumulative counters",
             id="window-placeholder",
         ),
+        # Was accepted: both colours read the same series, identical counts, and every
+        # candidate looked "not worse".
+        pytest.param(
+            {"preset": "custom", "queries": {"requests": "req_total", "errors": 'e{c="{colour}"}'}},
+            "metrics.queries.requests: needs the `{colour}` placeholder",
+            id="requests-without-colour",
+        ),
+        pytest.param(
+            {"preset": "custom", "queries": {"requests": 'r{c="{colour}"}', "errors": "e"}},
+            "metrics.queries.errors: needs the `{colour}` placeholder",
+            id="errors-without-colour",
+        ),
+        pytest.param(
+            {
+                "preset": "custom",
+                "queries": {
+                    "requests": 'r{c="{colour}"}',
+                    "errors": 'e{c="{colour}"}',
+                    "latency_bucket": "lat_bucket",
+                },
+            },
+            "metrics.queries.latency_bucket: needs the `{colour}` placeholder",
+            id="latency-bucket-without-colour",
+        ),
         pytest.param(
             {"preset": "envoy", "namespace": "ml-prod"},
             "metrics.namespace: scopes the istio preset only; preset 'envoy' ignores "
@@ -1048,7 +1090,7 @@ def test_a_custom_query_prometheus_cannot_parse_fails_the_probe(prom: FakePromet
             {
                 "preset": "custom",
                 "namespace": "ml-prod",
-                "queries": {"requests": "a", "errors": "b"},
+                "queries": {"requests": 'a{c="{colour}"}', "errors": 'b{c="{colour}"}'},
             },
             "metrics.namespace: scopes the istio preset only; preset 'custom' ignores "
             "it: write the matcher into metrics.queries",
@@ -1058,10 +1100,30 @@ def test_a_custom_query_prometheus_cannot_parse_fails_the_probe(prom: FakePromet
             {
                 "preset": "custom",
                 "match_labels": {"job": "x"},
-                "queries": {"requests": "a", "errors": "b"},
+                "queries": {"requests": 'a{c="{colour}"}', "errors": 'b{c="{colour}"}'},
             },
             "metrics.match_labels: applies to the envoy and istio presets",
             id="match-labels-with-custom",
+        ),
+        # Were ignored: the preset read its own series (nothing, or another Envoy's).
+        pytest.param(
+            {"queries": {"requests": 'r{c="{colour}"}', "errors": 'e{c="{colour}"}'}},
+            "metrics.queries: are read with preset 'custom' only; preset 'envoy' ignores them",
+            id="queries-with-the-default-preset",
+        ),
+        pytest.param(
+            {
+                "preset": "istio",
+                "queries": {"requests": 'r{c="{colour}"}', "errors": 'e{c="{colour}"}'},
+            },
+            "metrics.queries: are read with preset 'custom' only; preset 'istio' ignores them",
+            id="queries-with-istio",
+        ),
+        pytest.param(
+            {"preset": "envoy", "latency_unit": "s"},
+            "metrics.latency_unit: is the unit of the custom preset's histogram; preset 'envoy' "
+            "reads its own (ms)",
+            id="latency-unit-with-envoy",
         ),
         pytest.param(
             {"match_labels": {"job-name": "x"}},

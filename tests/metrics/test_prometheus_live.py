@@ -302,7 +302,9 @@ def test_a_counter_restarted_mid_step_is_summed_piece_by_piece(tmp_path: Path) -
         slo = PrometheusMetrics(provider.url, preset=envoy_preset(), slo_ms=300)
         with pytest.raises(MetricsError, match="set slo_ms to 250 or 500"):
             slo.probe()
-        typo = PromQueries(requests='envoy_cluster_upstream_rq_completed{x="{colour}"', errors="y")
+        typo = PromQueries(
+            requests='envoy_cluster_upstream_rq_completed{x="{colour}"', errors='y{x="{colour}"}'
+        )
         with pytest.raises(MetricsError, match=r"answered HTTP 400 .* parse error"):
             PrometheusMetrics(provider.url, queries=typo).probe()
 
