@@ -14,7 +14,6 @@ keeps the controller running, guarding, until resume, promote or abort).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,8 +194,7 @@ def check_model_dir(spec: RolloutSpec, release: Release | None, where: str) -> N
     holding another model than the release's sha256. Begun, the rollout would Fail at that
     deploy and stay Failed (`run` again: "already ended") with the spec fixed — or, for another
     model, record one release while blue served another."""
-    from scoring.errors import ModelLoadError
-    from scoring.model import MODEL_JSON, resolve_model_dir
+    from scoring.model import recorded_sha256
 
     if release is None or not isinstance(spec.router, EnvoyRouterConfig):
         return
@@ -216,15 +214,12 @@ def check_model_dir(spec: RolloutSpec, release: Release | None, where: str) -> N
         )
     if not release.sha256:
         return
-    try:
-        model_folder, _ = resolve_model_dir(folder)
-        held = json.loads((model_folder / MODEL_JSON).read_text(encoding="utf-8")).get("sha256")
-    except (ModelLoadError, OSError, ValueError, AttributeError):
-        return  # the server's own load says what is wrong with the folder, at deploy
-    if isinstance(held, str) and held != release.sha256:
+    # (unreadable: the server's own load says what is wrong with the folder, at deploy)
+    model_json, held = recorded_sha256(folder)
+    if held is not None and held != release.sha256:
         raise ConfigError(
             f"{where}: {release.ref} is sha256 {release.sha256[:12]}…, but its model folder "
-            f"holds {held[:12]}… ({model_folder / MODEL_JSON}): another model's folder"
+            f"holds {held[:12]}… ({model_json}): another model's folder"
         )
 
 

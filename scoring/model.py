@@ -166,6 +166,18 @@ def resolve_model_dir(path: Path) -> tuple[Path, dict[str, Any] | None]:
     )
 
 
+def recorded_sha256(path: Path) -> tuple[Path, str | None]:
+    """The model.json of the model folder in `path` (a package or model folder, as
+    `resolve_model_dir` finds it) and the sha256 it records; None when it cannot be read or
+    names none (the server's own load says why)."""
+    try:
+        folder, _ = resolve_model_dir(path)
+        found = _read_json(folder / MODEL_JSON).get("sha256")
+    except ModelLoadError:
+        return Path(path) / MODEL_JSON, None
+    return folder / MODEL_JSON, found if isinstance(found, str) else None
+
+
 def _predictor_for(estimator: Any) -> Predictor:
     from sklearn.base import is_regressor
     from sklearn.linear_model._base import LinearModel

@@ -289,15 +289,10 @@ def _check_model(colour: Colour, release: Release) -> None:
     """
     if not release.sha256 or release.model_dir is None:
         return
-    from scoring.errors import ModelLoadError
-    from scoring.model import MODEL_JSON, resolve_model_dir
+    from scoring.model import recorded_sha256
 
-    try:
-        folder, _ = resolve_model_dir(Path(release.model_dir))
-        found = json.loads((folder / MODEL_JSON).read_text(encoding="utf-8")).get("sha256")
-    except (ModelLoadError, OSError, ValueError, AttributeError):
-        return
-    if isinstance(found, str) and found != release.sha256:
+    _, found = recorded_sha256(Path(release.model_dir))
+    if found is not None and found != release.sha256:
         raise DeployFailed(
             f"cannot deploy {release.ref} to {colour.value}: {release.model_dir} holds a model "
             f"of sha256 {found}, not {release.sha256} (another model was written there since)"
