@@ -108,12 +108,19 @@ class RolloutView:
         """The candidate in words: as stored, never a made-up "version 0"."""
         return self.ref or f"{self.model}:{self.candidate}"
 
-    def of(self, version: ModelVersion) -> bool:
-        """Whether the rollout's candidate is `version`: its model and number, and not other
-        bits where both name a sha256 (a registry reset or re-created reuses numbers)."""
-        return (self.model, self.candidate) == (version.name, version.version) and not _other_bits(
-            self.sha256, version.sha256
+    def of(self, model: str, version: int, sha256: str | None) -> bool:
+        """Whether the rollout's candidate is `model` v`version`: its model and number, and not
+        other bits where both name a sha256 (a registry reset or re-created reuses numbers)."""
+        return (self.model, self.candidate) == (model, version) and not _other_bits(
+            self.sha256, sha256
         )
+
+    def named_against(self, model: str, version: int) -> str:
+        """The candidate in words next to `model` v`version`, saying "other bits" where it has
+        that number (and is not that version: `of`)."""
+        if (self.model, self.candidate) != (model, version):
+            return self.label
+        return f"{self.label} (other bits, sha256 {(self.sha256 or '')[:12]})"
 
 
 @dataclass(frozen=True)
@@ -467,7 +474,7 @@ class EngineDelivery:
         from rollout.routers.factory import make_router
 
         view = self.current()
-        ours = view is not None and view.of(version)
+        ours = view is not None and view.of(version.name, version.version, version.sha256)
         router = None
         if view is not None and ours and not view.active:
             # Replayed only while green still serves its outcome (as the rollout step does on a
@@ -486,11 +493,9 @@ class EngineDelivery:
                 return self._finish(version, view.phase, view.reason, None)
             ours = False
         if view is not None and view.active and not ours:
-            same_number = (view.model, view.candidate) == (version.name, version.version)
-            other = f" (other bits, sha256 {(view.sha256 or '')[:12]})" if same_number else ""
             raise TriggerError(
                 f"cannot deliver {version.name} v{version.version}: the rollout of "
-                f"{view.label}{other} is {view.phase}"
+                f"{view.named_against(version.name, version.version)} is {view.phase}"
             )
         if ours:
             # Resumed: the stored status carries the candidate; naming it keeps a spec that

@@ -540,7 +540,7 @@ class Dispatcher:
           is rolled out against it.
         """
         view = self.delivery.current()
-        if view is not None and _same_rollout(view, model, version, sha256):
+        if view is not None and view.of(model, version, sha256):
             if view.active and (model, version, newest) not in self._kept:
                 log.warning("superseding the rollout of %s v%d by v%d", model, version, newest)
                 self.delivery.abort(f"superseded by version {newest}")
@@ -650,12 +650,12 @@ class Dispatcher:
         to abort, once). A rollout of this very version is ours, left by a crash: the delivery
         resumes it."""
         view = self.delivery.current()
-        if view is None or not view.active or _same_rollout(view, model, version, wait.sha256):
+        if view is None or not view.active or view.of(model, version, wait.sha256):
             return False
         if self.supersede and not wait.aborted:
             log.warning(
                 "aborting the active rollout of %s for %s v%d",
-                _rollout_named(view, model, version),
+                view.named_against(model, version),
                 model,
                 version,
             )
@@ -666,7 +666,7 @@ class Dispatcher:
                 "%s v%d waits: the rollout of %s is %s%s",
                 model,
                 version,
-                _rollout_named(view, model, version),
+                view.named_against(model, version),
                 view.phase,
                 f" ({view.reason})" if view.reason else "",
             )
@@ -680,21 +680,6 @@ class Dispatcher:
             if not self._endpoint_busy(model, version, wait):
                 return True
         return False
-
-
-def _same_rollout(view: RolloutView, model: str, version: int, sha256: str | None) -> bool:
-    """Whether the stored rollout is of `model` v`version`: its number, and not other bits where
-    both name a sha256 (a registry reset reuses numbers; `RolloutView.of`'s rule)."""
-    same_number = (view.model, view.candidate) == (model, version)
-    return same_number and not (view.sha256 and sha256 and view.sha256 != sha256)
-
-
-def _rollout_named(view: RolloutView, model: str, version: int) -> str:
-    """The stored rollout's candidate in words, saying "other bits" where it has the number of
-    the version waiting (which `_same_rollout` found it is not)."""
-    if (view.model, view.candidate) != (model, version):
-        return view.label
-    return f"{view.label} (other bits, sha256 {(view.sha256 or '')[:12]})"
 
 
 @dataclass
