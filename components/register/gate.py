@@ -131,20 +131,19 @@ def evaluate_gate(
     except ValueError:
         baseline = math.nan
     comparable, why = comparability(fingerprints or {}, production.tags)
-    if comparable is False and _usable(rescored):
-        assert rescored is not None and rescored.value is not None  # (for mypy: _usable)
-        assert rescored.candidate is not None
+    if comparable is False and rescored is not None and (both := _usable(rescored)):
         # Both re-scored on the same rows: that comparison decides, whatever the tags say.
+        there, candidate_there = both
         decision = _judge(
             metric,
-            rescored.candidate,
-            rescored.value,
+            candidate_there,
+            there,
             max_regression,
             production.version,
             True,
             f"production {label} and the candidate re-scored on the {rescored.rows} of the "
             f"candidate's {rescored.held_out} held-out rows that production did not train on "
-            f"either: {metric} {rescored.value:.6g} vs candidate {rescored.candidate:.6g}",
+            f"either: {metric} {there:.6g} vs candidate {candidate_there:.6g}",
         )
         return replace(
             decision,
@@ -207,15 +206,17 @@ def evaluate_gate(
     )
 
 
-def _usable(rescored: Rescored | None) -> bool:
-    """Whether both models were re-scored on the same rows, to finite values."""
-    return (
-        rescored is not None
-        and rescored.value is not None
-        and rescored.candidate is not None
-        and math.isfinite(rescored.value)
-        and math.isfinite(rescored.candidate)
-    )
+def _usable(rescored: Rescored) -> tuple[float, float] | None:
+    """Production's and the candidate's values re-scored on the same rows, when both are
+    finite (else None)."""
+    value, candidate = rescored.value, rescored.candidate
+    if (
+        value is None
+        or candidate is None
+        or not (math.isfinite(value) and math.isfinite(candidate))
+    ):
+        return None
+    return value, candidate
 
 
 def _judge(
