@@ -180,9 +180,8 @@ class ScoringProcesses:
     def _discard(self, pid: int, ref: str) -> None:
         """Stop a server that failed to start, by its pid (it may have no record), and forget
         it; a file that cannot be written now must not hide why it failed."""
-        own = _OWN.pop(pid, None)
-        if own is not None:  # else it ended and was reaped: its pid may be another's now
-            own.stop()
+        if pid in _OWN:  # else it ended and was reaped: its pid may be another's now
+            _stop(pid)
         with contextlib.suppress(FileNotFoundError):
             self._record_path(ref).unlink()
         with contextlib.suppress(RouterError):
