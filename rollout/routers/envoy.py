@@ -711,12 +711,28 @@ class EnvoyRouter:
             stack = self.files.routes.parent.parent
             raise RouterError(
                 f"cannot read Envoy's config at {self.admin_url}: {exc} (no Envoy there any "
-                f"more; a stack `aml-rollout up` ran in {stack} starts again with `aml-rollout up "
-                f"--workdir {shlex.quote(str(stack))}`, and the rollout resumes on it)"
+                f"more; a stack `aml-rollout up` ran in {stack} starts again with "
+                f"`{self._up_again(stack)}`, and the rollout resumes on it)"
             ) from exc
         except (httpx.HTTPError, ValueError) as exc:
             raise RouterError(f"cannot read Envoy's config at {self.admin_url}: {exc}") from exc
         return configs
+
+    def _up_again(self, stack: Path) -> str:
+        """The `aml-rollout up` that serves again what each colour served here.
+
+        Was `up --workdir D` alone: it served the example model as green and no blue, so the
+        rollout it was meant to resume could then only be aborted. The folders come from the
+        releases file, when it names them (it is forgotten at the next stack's start).
+        """
+        words = ["aml-rollout", "up", "--workdir", str(stack)]
+        with contextlib.suppress(RouterError):
+            slots = self._slots()
+            for colour, option in ((Colour.GREEN, "--model-dir"), (Colour.BLUE, "--candidate-dir")):
+                folder = slots.get(colour.value, {}).get("release", {}).get("model_dir")
+                if folder:
+                    words += [option, folder]
+        return shlex.join(words)
 
     def _served(self) -> dict[str, Any] | None:
         for entry in self._config_dump("dynamic_route_configs"):

@@ -269,6 +269,36 @@ def test_unreachable_admin_is_a_router_error_saying_how_to_start_the_stack_again
     router.close()
 
 
+def test_the_command_to_start_the_stack_again_serves_what_each_colour_served(
+    tmp_path: Path,
+) -> None:
+    # Was `up --workdir D` alone: it served the example model as green and no blue, and the
+    # rollout it was meant to resume could then only be aborted.
+    stack = tmp_path / "stack"
+    releases = {
+        colour: {
+            "release": {"model": "m", "version": version, "model_dir": f"/pk/{colour} v{version}"},
+            "endpoint": {"host": "127.0.0.1", "port": 8001},
+        }
+        for colour, version in (("green", "1"), ("blue", "2"))
+    }
+    (stack).mkdir()
+    (stack / "releases.json").write_text(json.dumps(releases), encoding="utf-8")
+    router = EnvoyRouter(
+        admin_url="http://127.0.0.1:9",
+        files=EnvoyFiles(stack / "envoy" / "routes.json"),
+        releases_file=stack / "releases.json",
+    )
+    with pytest.raises(RouterError) as unread:
+        router.get_weights()
+    command = (
+        f"`aml-rollout up --workdir {stack} --model-dir '/pk/green v1' "
+        "--candidate-dir '/pk/blue v2'`"
+    )
+    assert command in str(unread.value)
+    router.close()
+
+
 GOOD_SLOT = {
     "release": {"model": "m", "version": "1"},
     "endpoint": {"host": "127.0.0.1", "port": 8001},
