@@ -473,19 +473,21 @@ class EnvoyRouter:
         endpoint = self.workloads.start(colour, release)
         try:
             self._point(colour, [endpoint])
+            # Read again: another controller on this Envoy (a rollout of another name, begun a
+            # few seconds apart) may have deployed this colour while this server started. Its
+            # server, swapped out by the `_point` above, is stopped too instead of running on.
+            slots = self._slots()
+            replaced = [slot for slot in (current, slots.get(colour.value)) if slot is not None]
+            slots[colour.value] = {"release": asdict(release), "endpoint": asdict(endpoint)}
+            self._save_slots(slots)
         except RouterError:
-            # Envoy may have taken the file while the confirmation failed (a slow admin read):
-            # stopping the new server alone would leave the colour routed to a dead port.
+            # Envoy may have taken the file while the confirmation failed (a slow admin read),
+            # or the record was not written (a full disk): stopping the new server alone would
+            # leave the colour routed to a dead port; keeping it, serving a release the record
+            # does not name, and that a retried deploy would start again beside it.
             self._point_back(colour)
             self.workloads.stop(endpoint)
             raise
-        # Read again: another controller on this Envoy (a rollout of another name, begun a few
-        # seconds apart) may have deployed this colour while this server started. Its server,
-        # swapped out by the `_point` above, is stopped too instead of running on unrecorded.
-        slots = self._slots()
-        replaced = [slot for slot in (current, slots.get(colour.value)) if slot is not None]
-        slots[colour.value] = {"release": asdict(release), "endpoint": asdict(endpoint)}
-        self._save_slots(slots)
         for old in {Endpoint(**slot["endpoint"]) for slot in replaced} - {endpoint}:
             self.workloads.stop(old)
 

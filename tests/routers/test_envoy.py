@@ -776,6 +776,29 @@ def test_a_slow_admin_read_while_a_deploy_confirms_is_not_yet_not_a_failure(
     assert versions == {V2.version}
 
 
+def test_a_deploy_whose_record_is_not_written_serves_and_runs_what_is_recorded(
+    router: EnvoyRouter, envoy: EnvoyProcess, upstreams: ThreadUpstreams
+) -> None:
+    """Was: releases.json unwritten (a full disk), Envoy routed green to V2's new server while
+    `release(green)` said V1, and V2's server ran on beside V1's; a retried deploy started
+    another one."""
+    RouterContract.live(router, Weights.blue_at(0))
+    recorded = router.served_endpoints(Colour.GREEN)
+    save = router._save_slots
+
+    def disk_full(slots: dict[str, Any]) -> None:
+        raise RouterError(f"cannot write {router.releases_file}: No space left on device")
+
+    router._save_slots = disk_full  # type: ignore[method-assign]
+    with pytest.raises(RouterError, match="No space left on device"):
+        router.deploy(Colour.GREEN, V2)
+    router._save_slots = save  # type: ignore[method-assign]
+    assert router.served_endpoints(Colour.GREEN) == recorded
+    assert identity(router.release(Colour.GREEN)) == identity(V1)
+    assert [u.server.version for u in upstreams.servers.values()] == [V1.version]  # V2 stopped
+    assert colours_answering(envoy.url, 5, {"x-api-version": "green"}) == Counter({"green": 5})
+
+
 def test_a_deploy_that_fails_to_confirm_points_the_colour_back_at_its_recorded_server(
     router: EnvoyRouter, envoy: EnvoyProcess, upstreams: ThreadUpstreams
 ) -> None:
