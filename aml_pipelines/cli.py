@@ -410,8 +410,11 @@ def list_versions(
 
         # A registry the user named by path (--registry, $AML_ROLLOUT_REGISTRY) that does not
         # exist is a typo, not an empty registry; the default one is merely not used yet.
-        reg = _open(registry, must_exist=bool(registry) and registry not in ("local", "local:"))
-        where = registry or "the local registry"
+        default = not registry or registry in ("local", "local:")
+        reg = _open(registry, must_exist=not default)
+        # The default one is found from the working folder: named by its path, so a listing
+        # run from the wrong folder does not read as an empty registry.
+        where = f"the local registry {reg.root}" if default else str(registry)
         rows = []
         for model in [name] if name else reg.names():
             versions = reg.list_versions(model)
@@ -428,7 +431,13 @@ def list_versions(
     elif name:  # known, every version left out of listings (archived in the Azure ML studio)
         out.print(f"model {name!r} has no listed version in {where}", markup=False)
     else:
-        out.print(f"no registered models in {where}", markup=False)
+        hint = ""
+        if default and not reg.root.exists():
+            hint = (
+                " (none here: run from the folder you registered in, or give --registry or "
+                "$AML_ROLLOUT_HOME)"
+            )
+        out.print(f"no registered models in {where}{hint}", markup=False)
 
 
 @registry_app.command("show")

@@ -251,7 +251,9 @@ def up(
             if load_rps:
                 stack.start_load(rps=load_rps)
             _print_urls(console, stack, blue=candidate is not None)
-            _print_spec_hint(console, _write_spec(stack, candidate), blue=candidate is not None)
+            _print_spec_hint(
+                console, _write_spec(stack, candidate, console), blue=candidate is not None
+            )
             deadline = None if duration is None else time.monotonic() + duration
             said: set[str] = set()
             while deadline is None or time.monotonic() < deadline:
@@ -359,13 +361,19 @@ def _keep_history(stack: Any) -> list[Path]:
     return ledgers
 
 
-def _write_spec(stack: Any, candidate: Any) -> Path:
-    """A rollout spec wired to this stack (router envoy, metrics prometheus), as YAML."""
+def _write_spec(stack: Any, candidate: Any, console: Console) -> Path:
+    """A rollout spec wired to this stack (router envoy, metrics prometheus), as YAML.
+
+    A folder given again (`up --workdir D` to resume a rollout) keeps its spec's own fields:
+    only what names this stack (router, metrics, state) is rewritten, and the candidate when
+    one is given. Rewritten whole, it lost a user's edits and set `candidate: null`. A spec
+    that no longer loads is moved aside to `rollout.yaml.previous`, and said.
+    """
     from dataclasses import asdict
 
     import yaml
 
-    from rollout.config import AnalysisConfig, LatencyCheck
+    from rollout.config import AnalysisConfig, LatencyCheck, RolloutSpec
 
     # The product's plan (the shadow step, then 5, 25, 50 %) and error analysis, but latency
     # against a 250 ms SLO, as in the demo: green's own p99 bucket is 1-5 ms here, and a fresh
@@ -375,9 +383,28 @@ def _write_spec(stack: Any, candidate: Any) -> Path:
     fields: dict[str, Any] = {"analysis": AnalysisConfig(interval_s=1.0, latency=latency)}
     if candidate is not None:
         fields["candidate"] = asdict(candidate)
-    spec = stack.spec("local", **fields)
+    fresh = stack.spec("local", **fields).model_dump(mode="json")
     path = Path(stack.workdir) / "rollout.yaml"
-    path.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "utf-8")
+    document = fresh
+    if path.is_file():
+        try:
+            kept = yaml.safe_load(path.read_text(encoding="utf-8"))
+            if not isinstance(kept, dict):
+                raise ValueError("not a mapping of fields")
+            wired = ("router", "metrics", "state") + (("candidate",) if candidate else ())
+            kept.update({key: fresh[key] for key in wired})
+            document = RolloutSpec.model_validate(kept).model_dump(mode="json")
+        except (OSError, ValueError, yaml.YAMLError) as exc:  # pydantic's errors are ValueErrors
+            aside = path.with_name(f"{path.name}.previous")
+            path.replace(aside)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            console.print(
+                f"warning: {path} no longer loads ({first}): moved to {aside}, a new one written",
+                markup=False,
+                highlight=False,
+            )
+            document = fresh
+    path.write_text(yaml.safe_dump(document, sort_keys=False), "utf-8")
     return path
 
 

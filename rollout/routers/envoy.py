@@ -473,19 +473,21 @@ class EnvoyRouter:
         endpoint = self.workloads.start(colour, release)
         try:
             self._point(colour, [endpoint])
+            # Read again: another controller on this Envoy (a rollout of another name, begun a
+            # few seconds apart) may have deployed this colour while this server started. Its
+            # server, swapped out by the `_point` above, is stopped too instead of running on.
+            slots = self._slots()
+            replaced = [slot for slot in (current, slots.get(colour.value)) if slot is not None]
+            slots[colour.value] = {"release": asdict(release), "endpoint": asdict(endpoint)}
+            self._save_slots(slots)
         except RouterError:
-            # Envoy may have taken the file while the confirmation failed (a slow admin read):
-            # stopping the new server alone would leave the colour routed to a dead port.
+            # Envoy may have taken the file while the confirmation failed (a slow admin read),
+            # or the record was not written (a full disk): stopping the new server alone would
+            # leave the colour routed to a dead port; keeping it, serving a release the record
+            # does not name, and that a retried deploy would start again beside it.
             self._point_back(colour)
             self.workloads.stop(endpoint)
             raise
-        # Read again: another controller on this Envoy (a rollout of another name, begun a few
-        # seconds apart) may have deployed this colour while this server started. Its server,
-        # swapped out by the `_point` above, is stopped too instead of running on unrecorded.
-        slots = self._slots()
-        replaced = [slot for slot in (current, slots.get(colour.value)) if slot is not None]
-        slots[colour.value] = {"release": asdict(release), "endpoint": asdict(endpoint)}
-        self._save_slots(slots)
         for old in {Endpoint(**slot["endpoint"]) for slot in replaced} - {endpoint}:
             self.workloads.stop(old)
 
@@ -711,12 +713,28 @@ class EnvoyRouter:
             stack = self.files.routes.parent.parent
             raise RouterError(
                 f"cannot read Envoy's config at {self.admin_url}: {exc} (no Envoy there any "
-                f"more; a stack `aml-rollout up` ran in {stack} starts again with `aml-rollout up "
-                f"--workdir {shlex.quote(str(stack))}`, and the rollout resumes on it)"
+                f"more; a stack `aml-rollout up` ran in {stack} starts again with "
+                f"`{self._up_again(stack)}`, and the rollout resumes on it)"
             ) from exc
         except (httpx.HTTPError, ValueError) as exc:
             raise RouterError(f"cannot read Envoy's config at {self.admin_url}: {exc}") from exc
         return configs
+
+    def _up_again(self, stack: Path) -> str:
+        """The `aml-rollout up` that serves again what each colour served here.
+
+        Was `up --workdir D` alone: it served the example model as green and no blue, so the
+        rollout it was meant to resume could then only be aborted. The folders come from the
+        releases file, when it names them (it is forgotten at the next stack's start).
+        """
+        words = ["aml-rollout", "up", "--workdir", str(stack)]
+        with contextlib.suppress(RouterError):
+            slots = self._slots()
+            for colour, option in ((Colour.GREEN, "--model-dir"), (Colour.BLUE, "--candidate-dir")):
+                folder = slots.get(colour.value, {}).get("release", {}).get("model_dir")
+                if folder:
+                    words += [option, folder]
+        return shlex.join(words)
 
     def _served(self) -> dict[str, Any] | None:
         for entry in self._config_dump("dynamic_route_configs"):

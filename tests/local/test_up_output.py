@@ -12,6 +12,7 @@ import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
+import yaml
 from rich.console import Console
 
 from rollout.commands.stack import _print_spec_hint, _print_urls, _write_spec
@@ -77,7 +78,7 @@ def test_the_rollout_hint_pastes_as_one_command_whatever_the_folder(tmp_path: Pa
 
 
 def test_the_spec_up_writes_loads(tmp_path: Path) -> None:
-    spec = load_spec(_write_spec(LocalStack(tmp_path), None))  # (a stack never started)
+    spec = load_spec(_write_spec(LocalStack(tmp_path), None, Console()))  # (never started)
     assert (spec.plan, spec.shadow_percent) == ((0, 5, 25, 50, 100), 5)
     assert spec.router.kind == "envoy" and spec.metrics.kind == "prometheus"
     # Latency against an SLO, not green's p99 bucket (1-5 ms here): that rolled back a healthy
@@ -85,6 +86,35 @@ def test_the_spec_up_writes_loads(tmp_path: Path) -> None:
     latency = spec.analysis.latency
     assert (latency.threshold, latency.slo_ms) == ("slo", 250)
     assert spec.analysis.errors == type(spec.analysis.errors)()
+
+
+def test_up_again_on_a_folder_keeps_its_specs_edits_and_candidate(tmp_path: Path) -> None:
+    """Was: `up --workdir D`, as the router's error says to resume a rollout, rewrote D's spec
+    whole: a user's edits were lost and its candidate became null."""
+    path = _write_spec(LocalStack(tmp_path), None, Console())
+    edited = yaml.safe_load(path.read_text(encoding="utf-8"))
+    edited["analysis"]["alpha"] = 0.01
+    edited["candidate"] = {"model": "m", "version": "2", "model_dir": "/pk/m2"}
+    path.write_text(yaml.safe_dump(edited), encoding="utf-8")
+    again = LocalStack(tmp_path)  # a new stack: its own ports
+    out = io.StringIO()
+    spec = load_spec(_write_spec(again, None, Console(file=out)))
+    assert spec.analysis.alpha == 0.01
+    assert spec.candidate is not None and spec.candidate.model_dir == "/pk/m2"
+    assert spec.metrics.url == again.metrics_config().url  # what names the stack is new
+    assert out.getvalue() == ""
+
+
+def test_up_again_moves_a_spec_that_no_longer_loads_aside(tmp_path: Path) -> None:
+    path = tmp_path / "rollout.yaml"
+    path.write_text("analysis: {alpha: 7}\n", encoding="utf-8")
+    out = io.StringIO()
+    spec = load_spec(_write_spec(LocalStack(tmp_path), None, Console(file=out, width=300)))
+    assert spec.analysis.alpha == 0.05
+    assert (tmp_path / "rollout.yaml.previous").read_text(encoding="utf-8") == (
+        "analysis: {alpha: 7}\n"
+    )
+    assert f"moved to {tmp_path / 'rollout.yaml.previous'}" in out.getvalue()
 
 
 def test_the_get_hint_says_what_get_score_answers_as_the_docs_do(tmp_path: Path) -> None:

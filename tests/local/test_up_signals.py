@@ -109,7 +109,9 @@ def invoke_up(
     package.mkdir()
     (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
     monkeypatch.setattr(local_stack, "LocalStack", stack)
-    monkeypatch.setattr(stack_commands, "_write_spec", lambda stack, candidate: tmp_path / "x.yaml")
+    monkeypatch.setattr(
+        stack_commands, "_write_spec", lambda stack, candidate, console: tmp_path / "x.yaml"
+    )
     return CliRunner().invoke(
         cli_app,
         ["up", "--model-dir", str(package), "--workdir", str(tmp_path), "--duration", duration],

@@ -580,4 +580,7 @@ def test_registry_list_before_anything_was_registered(tmp_path: Path) -> None:
         env = {"AML_ROLLOUT_HOME": str(tmp_path), "AML_ROLLOUT_REGISTRY": named}
         result = invoke("registry", "list", env=env)
         assert result.exit_code == 0, result.output
-        assert "no registered models in" in result.output
+        # Named by its path (was "the local registry": from the wrong folder, an empty one).
+        where = " ".join(result.output.split())
+        assert f"no registered models in the local registry {tmp_path / 'registry'}" in where
+        assert "run from the folder you registered in" in where

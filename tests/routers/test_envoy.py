@@ -269,6 +269,36 @@ def test_unreachable_admin_is_a_router_error_saying_how_to_start_the_stack_again
     router.close()
 
 
+def test_the_command_to_start_the_stack_again_serves_what_each_colour_served(
+    tmp_path: Path,
+) -> None:
+    # Was `up --workdir D` alone: it served the example model as green and no blue, and the
+    # rollout it was meant to resume could then only be aborted.
+    stack = tmp_path / "stack"
+    releases = {
+        colour: {
+            "release": {"model": "m", "version": version, "model_dir": f"/pk/{colour} v{version}"},
+            "endpoint": {"host": "127.0.0.1", "port": 8001},
+        }
+        for colour, version in (("green", "1"), ("blue", "2"))
+    }
+    (stack).mkdir()
+    (stack / "releases.json").write_text(json.dumps(releases), encoding="utf-8")
+    router = EnvoyRouter(
+        admin_url="http://127.0.0.1:9",
+        files=EnvoyFiles(stack / "envoy" / "routes.json"),
+        releases_file=stack / "releases.json",
+    )
+    with pytest.raises(RouterError) as unread:
+        router.get_weights()
+    command = (
+        f"`aml-rollout up --workdir {stack} --model-dir '/pk/green v1' "
+        "--candidate-dir '/pk/blue v2'`"
+    )
+    assert command in str(unread.value)
+    router.close()
+
+
 GOOD_SLOT = {
     "release": {"model": "m", "version": "1"},
     "endpoint": {"host": "127.0.0.1", "port": 8001},
@@ -744,6 +774,29 @@ def test_a_slow_admin_read_while_a_deploy_confirms_is_not_yet_not_a_failure(
     with httpx.Client() as client:
         versions = {client.post(f"{envoy.url}/score").json()["version"] for _ in range(10)}
     assert versions == {V2.version}
+
+
+def test_a_deploy_whose_record_is_not_written_serves_and_runs_what_is_recorded(
+    router: EnvoyRouter, envoy: EnvoyProcess, upstreams: ThreadUpstreams
+) -> None:
+    """Was: releases.json unwritten (a full disk), Envoy routed green to V2's new server while
+    `release(green)` said V1, and V2's server ran on beside V1's; a retried deploy started
+    another one."""
+    RouterContract.live(router, Weights.blue_at(0))
+    recorded = router.served_endpoints(Colour.GREEN)
+    save = router._save_slots
+
+    def disk_full(slots: dict[str, Any]) -> None:
+        raise RouterError(f"cannot write {router.releases_file}: No space left on device")
+
+    router._save_slots = disk_full  # type: ignore[method-assign]
+    with pytest.raises(RouterError, match="No space left on device"):
+        router.deploy(Colour.GREEN, V2)
+    router._save_slots = save  # type: ignore[method-assign]
+    assert router.served_endpoints(Colour.GREEN) == recorded
+    assert identity(router.release(Colour.GREEN)) == identity(V1)
+    assert [u.server.version for u in upstreams.servers.values()] == [V1.version]  # V2 stopped
+    assert colours_answering(envoy.url, 5, {"x-api-version": "green"}) == Counter({"green": 5})
 
 
 def test_a_deploy_that_fails_to_confirm_points_the_colour_back_at_its_recorded_server(
