@@ -30,6 +30,7 @@ score.py as the scoring script; the environment Azure ML returns is recorded in 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import re
@@ -89,18 +90,28 @@ logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(
 
 
 def build():
-    """uvicorn asgi:build --factory (colour from AML_ROLLOUT_COLOUR, default green).
+    """uvicorn asgi:build --factory (colour from AML_ROLLOUT_COLOUR: blue or green, default green).
 
     AML_ROLLOUT_API_KEY, read as `aml-rollout serve` reads it: when set, /score needs
     `Authorization: Bearer <key>` with one of its keys (separated by whitespace or commas);
     set but blank refuses to start (a secret not injected).
+    Either variable wrong is one line in the log and exit status 2 (as `serve`), not a traceback.
     The model loads in the background (/healthz answers meanwhile); if it cannot load, the
     process exits with status 3 and the reason in its log, so the container is restarted.
     """
+    try:
+        colour = os.environ.get("AML_ROLLOUT_COLOUR") or "green"
+        if colour not in ("blue", "green"):
+            # Served as given, its metrics were labelled `colour="Blue"`: a query on blue read 0.
+            raise ValueError(f"AML_ROLLOUT_COLOUR is {colour!r}, not 'blue' or 'green'")
+        api_keys = api_keys_from_env(os.environ.get(API_KEY_ENV))
+    except ValueError as exc:
+        logging.getLogger("asgi").critical("cannot start: %s", exc)
+        raise SystemExit(2) from None
     return create_app(
         Path(__file__).parent,
-        colour=os.environ.get("AML_ROLLOUT_COLOUR", "green"),
-        api_keys=api_keys_from_env(os.environ.get(API_KEY_ENV)),
+        colour=colour,
+        api_keys=api_keys,
         on_load_failure=exit_on_load_failure,
     )
 '''
@@ -355,6 +366,10 @@ def build_package(
     _check_replaceable(out_dir)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The image's server (uid 10001) reads the folder itself too: a builder's umask 077 made
+    # it 0700. An Azure ML output mount may refuse a chmod; what is inside is made readable.
+    with contextlib.suppress(OSError):
+        out_dir.chmod(0o755)
     staging = out_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
     try:
         shutil.copytree(

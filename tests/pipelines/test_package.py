@@ -231,7 +231,9 @@ def test_the_images_non_root_user_can_read_every_packaged_file(
         pkg = build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "p", image_registry="r")
     finally:
         os.umask(previous)
-    for path in pkg.path.rglob("*"):  # the folder itself is not copied (`COPY . .`)
+    # The folder itself too: `COPY . .` keeps /app's mode, but a copy that keeps modes
+    # (`cp -a`, some builders) gave a 0700 /app the server could not enter.
+    for path in [pkg.path, *pkg.path.rglob("*")]:
         others = path.stat().st_mode & 0o007
         wanted = 0o005 if path.is_dir() else 0o004
         assert others & wanted == wanted, (
@@ -274,8 +276,8 @@ def test_the_image_serves_like_aml_rollout_serve(registered, tmp_path: Path) -> 
         pytest.param("k1 k2", (b"k1", b"k2"), id="two-keys"),
         pytest.param("k1,k2", (b"k1", b"k2"), id="comma-separated"),
         pytest.param("s3cret\n", (b"s3cret",), id="trailing-newline"),
-        pytest.param(" ", ValueError, id="blank-fails-closed"),
-        pytest.param(" , ", ValueError, id="only-separators-fails-closed"),
+        pytest.param(" ", SystemExit, id="blank-fails-closed"),
+        pytest.param(" , ", SystemExit, id="only-separators-fails-closed"),
     ],
 )
 def test_the_image_takes_its_api_key_from_the_environment_as_serve_does(
@@ -293,11 +295,51 @@ def test_the_image_takes_its_api_key_from_the_environment_as_serve_does(
         monkeypatch.delenv("AML_ROLLOUT_API_KEY", raising=False)
     else:
         monkeypatch.setenv("AML_ROLLOUT_API_KEY", key)
-    if expected is ValueError:
-        with pytest.raises(ValueError, match="holds no key"):
+    if expected is SystemExit:  # one line and status 2, as `serve` (was: a traceback)
+        with pytest.raises(SystemExit) as stopped:
             entry.build()
+        assert stopped.value.code == 2
     else:
         assert entry.build().state.scoring.api_keys == expected
+
+
+@pytest.mark.parametrize(
+    ("colour", "expected"),
+    [
+        pytest.param(None, "green", id="unset-green"),
+        pytest.param("", "green", id="blank-green"),
+        pytest.param("blue", "blue", id="blue"),
+        # Was served as given: metrics labelled colour="Blue" (or ""), a query on blue read 0.
+        pytest.param("Blue", None, id="capitalised-refused"),
+        pytest.param("canary", None, id="other-refused"),
+    ],
+)
+def test_the_image_runs_as_blue_or_green_only(
+    registered,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    colour: str | None,
+    expected: str | None,
+) -> None:
+    registry, _ = registered
+    pkg = build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "p", image_registry="r").path
+    spec = importlib.util.spec_from_file_location("packaged_asgi", pkg / "asgi.py")
+    assert spec is not None and spec.loader is not None
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    monkeypatch.delenv("AML_ROLLOUT_API_KEY", raising=False)
+    if colour is None:
+        monkeypatch.delenv("AML_ROLLOUT_COLOUR", raising=False)
+    else:
+        monkeypatch.setenv("AML_ROLLOUT_COLOUR", colour)
+    if expected is None:
+        with pytest.raises(SystemExit) as stopped:
+            entry.build()
+        assert stopped.value.code == 2
+        assert f"AML_ROLLOUT_COLOUR is {colour!r}, not 'blue' or 'green'" in caplog.text
+    else:
+        assert entry.build().state.scoring.colour == expected
 
 
 @pytest.mark.slow
