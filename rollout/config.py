@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import functools
 import itertools
 import math
 import re
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Literal, Self, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -76,10 +78,43 @@ DEFAULT_MIRROR_PERCENT = 5
 #: The default plan where mirrored requests cannot be counted (the istio preset).
 LIVE_STEPS: tuple[int, ...] = (5, 25, 50, 100)
 
+_M = TypeVar("_M", bound=BaseModel)
+
 #: Envoy's default histogram bucket bounds (milliseconds).
 ENVOY_BUCKETS_MS: tuple[float, ...] = (
     0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
 )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class _Problem:
+    """A cross-field problem of a model: the field at fault (a path in it), its value, why."""
+
+    loc: tuple[str, ...]
+    value: Any
+    why: str
+
+
+#: A cross-field check (`_cross_field`): a model's method yielding its problems.
+_Check = Callable[[Any], Iterator[_Problem]]
+_CHECKS: set[int] = set()
+
+
+def _cross_field(check: Callable[[_M], Iterator[_Problem]]) -> Callable[[_M], Iterator[_Problem]]:
+    """Mark a method as a cross-field check of its model, run once the fields are valid."""
+    _CHECKS.add(id(check))
+    return check
+
+
+@functools.cache
+def _checks_of(model: type[BaseModel]) -> list[_Check]:
+    """The cross-field checks of `model` and its bases, the bases' first, in definition order."""
+    return [
+        check
+        for cls in reversed(model.__mro__)
+        for check in vars(cls).values()
+        if id(check) in _CHECKS
+    ]
 
 
 class _Model(BaseModel):
@@ -90,6 +125,23 @@ class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid", frozen=True, allow_inf_nan=False, ser_json_inf_nan="constants"
     )
+
+    @model_validator(mode="after")
+    def _cross_fields(self) -> Self:
+        """Every problem of every `_cross_field` check, in one ValidationError naming each
+        field: raised at the first, a spec with three mistakes took three runs to hear of them."""
+        found = [
+            InitErrorDetails(
+                type=PydanticCustomError("spec", "{problem}", {"problem": problem.why}),
+                loc=problem.loc,
+                input=problem.value,
+            )
+            for check in _checks_of(type(self))
+            for problem in check(self)
+        ]
+        if found:
+            raise ValidationError.from_exception_data(type(self).__name__, found)
+        return self
 
 
 #: A number of the spec: an int or a float as YAML read it. pydantic's lax mode took `"5"` as 5
@@ -250,21 +302,19 @@ class EnvoyRouterConfig(_Model):
     def _two_pinned_clusters(cls, names: ColourNames) -> ColourNames:
         return _two_names(names, "cluster", "a pinned request would reach either colour")
 
-    @model_validator(mode="after")
-    def _pinned_apart_from_weighted(self) -> EnvoyRouterConfig:
+    @_cross_field
+    def _pinned_apart_from_weighted(self) -> Iterator[_Problem]:
         """Envoy refuses a bootstrap naming a cluster twice."""
         weighted = {self.clusters.of(colour): colour for colour in Colour}
         for colour in Colour:
             name = self.pinned_clusters.of(colour)
             if name in weighted:
-                _field_error(
-                    self,
+                yield _Problem(
                     ("pinned_clusters", colour.value),
                     name,
                     f"{name!r} is a weighted cluster (router.clusters.{weighted[name].value}): "
                     "a pinned cluster needs a name of its own",
                 )
-        return self
 
     @property
     def identity(self) -> str:
@@ -700,16 +750,14 @@ class PromBasicAuth(_Model):
     password_env: str | None = Field(default=None, min_length=1)
     password_file: Path | None = None
 
-    @model_validator(mode="after")
-    def _one_password(self) -> PromBasicAuth:
+    @_cross_field
+    def _one_password(self) -> Iterator[_Problem]:
         if (self.password_env is None) == (self.password_file is None):
-            _field_error(
-                self,
+            yield _Problem(
                 (),
                 None,
                 "give the password as exactly one of `password_env` or `password_file`",
             )
-        return self
 
 
 class PrometheusMetricsConfig(_Model):
@@ -759,20 +807,20 @@ class PrometheusMetricsConfig(_Model):
     def _two_labels(cls, names: ColourNames) -> ColourNames:
         return _two_names(names, "series", _SELF_COMPARED)
 
-    @model_validator(mode="after")
-    def _custom_needs_queries(self) -> PrometheusMetricsConfig:
+    @_cross_field
+    def _custom_needs_queries(self) -> Iterator[_Problem]:
         if self.preset == "custom" and self.queries is None:
-            raise ValueError("preset 'custom' needs `queries` (requests, errors, latency_bucket)")
-        return self
+            yield _Problem(
+                (), None, "preset 'custom' needs `queries` (requests, errors, latency_bucket)"
+            )
 
-    @model_validator(mode="after")
-    def _scoping_fields_apply(self) -> PrometheusMetricsConfig:
+    @_cross_field
+    def _scoping_fields_apply(self) -> Iterator[_Problem]:
         """`namespace` scopes the istio preset only, `match_labels` the presets only: silently
         ignored, either left a user believing the counts were scoped. So with `queries` and
         `latency_unit`, which only the custom preset reads."""
         if self.queries is not None and self.preset != "custom":
-            _field_error(
-                self,
+            yield _Problem(
                 ("queries",),
                 None,
                 f"are read with preset 'custom' only; preset {self.preset!r} ignores them"
@@ -783,16 +831,14 @@ class PrometheusMetricsConfig(_Model):
                 ),
             )
         if self.latency_unit != "ms" and self.preset != "custom":
-            _field_error(
-                self,
+            yield _Problem(
                 ("latency_unit",),
                 self.latency_unit,
                 f"is the unit of the custom preset's histogram; preset {self.preset!r} reads "
                 "its own (ms)",
             )
         if self.namespace is not None and self.preset != "istio":
-            _field_error(
-                self,
+            yield _Problem(
                 ("namespace",),
                 self.namespace,
                 f"scopes the istio preset only; preset {self.preset!r} ignores it"
@@ -803,8 +849,7 @@ class PrometheusMetricsConfig(_Model):
                 ),
             )
         if self.match_labels and self.preset == "custom":
-            _field_error(
-                self,
+            yield _Problem(
                 ("match_labels",),
                 self.match_labels,
                 "applies to the envoy and istio presets; write custom matchers into "
@@ -812,8 +857,7 @@ class PrometheusMetricsConfig(_Model):
             )
         for name in self.match_labels:
             if not _LABEL_NAME.fullmatch(name) or name.startswith("__"):
-                _field_error(
-                    self,
+                yield _Problem(
                     ("match_labels", name),
                     name,
                     "is no Prometheus label name (letters, digits and '_', not beginning with a "
@@ -825,14 +869,12 @@ class PrometheusMetricsConfig(_Model):
                     "destination_service_name": " (the colours' values are metrics.labels)",
                     "destination_service_namespace": " (scope it with metrics.namespace)",
                 }.get(name, "")
-                _field_error(
-                    self,
+                yield _Problem(
                     ("match_labels", name),
                     name,
                     f"the {self.preset} preset matches this label itself: a second matcher on "
                     f"it selects nothing{hint}",
                 )
-        return self
 
     @property
     def auth_fields(self) -> list[str]:
@@ -845,12 +887,11 @@ class PrometheusMetricsConfig(_Model):
         }
         return [name for name, value in values.items() if value is not None]
 
-    @model_validator(mode="after")
-    def _one_auth_and_tls_over_https(self) -> PrometheusMetricsConfig:
+    @_cross_field
+    def _one_auth_and_tls_over_https(self) -> Iterator[_Problem]:
         chosen = self.auth_fields
         if len(chosen) > 1:
-            _field_error(
-                self,
+            yield _Problem(
                 (chosen[1],),
                 None,
                 f"only one authentication method at a time; {' and '.join(chosen)} are set",
@@ -858,8 +899,7 @@ class PrometheusMetricsConfig(_Model):
         parts = urlsplit(self.url)
         if parts.username is not None or parts.password is not None:
             # The url is in every error message and in the ledger's detail.
-            _field_error(
-                self,
+            yield _Problem(
                 ("url",),
                 None,
                 "holds credentials (user:password@); use basic_auth with password_env or "
@@ -868,20 +908,18 @@ class PrometheusMetricsConfig(_Model):
         https = parts.scheme == "https"
         if self.azure_auth and not https:
             # An Entra ID token sent in clear text is anyone's on the path for its lifetime.
-            _field_error(self, ("url",), self.url, "azure_auth sends its token only over https")
+            yield _Problem(("url",), self.url, "azure_auth sends its token only over https")
         for name in ("ca_file", "insecure_skip_verify", "cert_file", "key_file"):
             if getattr(self, name) and not https:
-                _field_error(self, (name,), None, f"applies to an https url, not {self.url!r}")
+                yield _Problem((name,), None, f"applies to an https url, not {self.url!r}")
         if self.key_file is not None and self.cert_file is None:
-            _field_error(self, ("key_file",), None, "needs cert_file (the certificate it signs)")
+            yield _Problem(("key_file",), None, "needs cert_file (the certificate it signs)")
         if self.ca_file is not None and self.insecure_skip_verify:
-            _field_error(
-                self,
+            yield _Problem(
                 ("insecure_skip_verify",),
                 None,
                 "excludes ca_file: either verify against the CA or do not verify",
             )
-        return self
 
 
 #: A Prometheus label name.
@@ -1031,13 +1069,14 @@ class LatencyCheck(_Model):
             return None
         return float(self.slo_ms)
 
-    @model_validator(mode="after")
-    def _slo_needs_bound(self) -> LatencyCheck:
+    @_cross_field
+    def _slo_needs_bound(self) -> Iterator[_Problem]:
         if self.threshold == "slo" and self.slo_ms is None:
-            raise ValueError("threshold 'slo' needs `slo_ms`")
+            yield _Problem((), None, "threshold 'slo' needs `slo_ms`")
         if self.max_slow_rate is not None and self.slo_ms is None:
-            raise ValueError("`max_slow_rate` needs `slo_ms` (the bucket it is measured against)")
-        return self
+            yield _Problem(
+                (), None, "`max_slow_rate` needs `slo_ms` (the bucket it is measured against)"
+            )
 
 
 #: The shortest tick: each one saves the status and a ledger line, so faster is a busy loop
@@ -1077,13 +1116,12 @@ class AnalysisConfig(_Model):
         """The effective minimum step duration."""
         return self.interval_s if self.min_step_duration_s is None else self.min_step_duration_s
 
-    @model_validator(mode="after")
-    def _durations(self) -> AnalysisConfig:
+    @_cross_field
+    def _durations(self) -> Iterator[_Problem]:
         if self.max_step_duration_s < self.min_step_s:
-            raise ValueError("max_step_duration_s must be >= min_step_duration_s")
+            yield _Problem((), None, "max_step_duration_s must be >= min_step_duration_s")
         if not (self.errors.enabled or self.latency.enabled):
-            raise ValueError("at least one of errors, latency must be enabled")
-        return self
+            yield _Problem((), None, "at least one of errors, latency must be enabled")
 
 
 class ReleaseConfig(_Model):
@@ -1197,14 +1235,6 @@ class NotifyConfig(_Model):
         if Phase.INITIALIZING in phases:
             raise ValueError("Initializing is not a phase to tell: nothing has happened yet")
         return phases
-
-
-def _field_error(model: BaseModel, loc: tuple[str, ...], value: Any, problem: str) -> NoReturn:
-    """Raise a ValidationError at `loc` from a whole-model check (so the error names the field)."""
-    error = PydanticCustomError("spec", "{problem}", {"problem": problem})
-    raise ValidationError.from_exception_data(
-        type(model).__name__, [InitErrorDetails(type=error, loc=loc, input=value)]
-    )
 
 
 def _per_colour(router_names: Any, given: Any) -> Any:
@@ -1399,8 +1429,8 @@ class RolloutSpec(_Model):
             )
         return steps
 
-    @model_validator(mode="after")
-    def _slo_is_a_bucket_bound(self) -> RolloutSpec:
+    @_cross_field
+    def _slo_is_a_bucket_bound(self) -> Iterator[_Problem]:
         """`latency.slo_ms` must be a bound of the histogram it is measured on: between two, the
         latency check and its guard counted the requests above the next one up while every
         message named the SLO. Refused here where the spec gives the bounds; Prometheus' are
@@ -1409,7 +1439,7 @@ class RolloutSpec(_Model):
         lat = self.analysis.latency
         slo_ms = lat.measured_slo_ms
         if slo_ms is None:
-            return self
+            return
         metrics = self.metrics
         if isinstance(metrics, SimulatedMetricsConfig | AzureMonitorMetricsConfig):
             bounds: list[float] = list(metrics.buckets_ms)
@@ -1424,13 +1454,12 @@ class RolloutSpec(_Model):
             ]
             fix = ""
         else:
-            return self
+            return
         if problem := slo_bound_problem(slo_ms, bounds, fix):
-            _field_error(self, ("analysis", "latency", "slo_ms"), lat.slo_ms, problem)
-        return self
+            yield _Problem(("analysis", "latency", "slo_ms"), lat.slo_ms, problem)
 
-    @model_validator(mode="after")
-    def _mirror_needs_a_shadow_step(self) -> RolloutSpec:
+    @_cross_field
+    def _mirror_needs_a_shadow_step(self) -> Iterator[_Problem]:
         """An explicit `mirror_percent` needs a 0 % step; the data plane must be able to mirror."""
         loc, value = ("mirror_percent",), self.shadow_percent
         if self.mirror_percent and self._istio_preset:
@@ -1438,34 +1467,30 @@ class RolloutSpec(_Model):
             value = self.mirror_percent
         if not value:
             if self.mirror_percent and 0 not in self.plan:  # asked for, with nowhere to go
-                _field_error(
-                    self,
+                yield _Problem(
                     loc,
                     self.mirror_percent,
                     "mirrors traffic only during a 0 % step, and the plan has none: start "
                     f"`steps` with 0 (e.g. {[0, *self.plan]}) or set mirror_percent to 0",
                 )
-            return self
+            return
         if isinstance(self.router, AzureMLRouterConfig) and value > AZURE_MAX_MIRROR_PERCENT:
-            _field_error(
-                self,
+            yield _Problem(
                 loc,
                 value,
                 f"Azure ML mirrors at most {AZURE_MAX_MIRROR_PERCENT} % of an endpoint's traffic",
             )
         if self._istio_preset:
-            _field_error(
-                self,
+            yield _Problem(
                 loc,
                 value,
                 "the istio metrics preset cannot see a shadow step: Istio's source reporter does "
                 "not count mirrored requests (istio/istio#23496). Set mirror_percent to 0 (the "
                 "0 % step then only deploys blue) or read blue with `preset: custom` queries",
             )
-        return self
 
-    @model_validator(mode="after")
-    def _tick_floor(self) -> RolloutSpec:
+    @_cross_field
+    def _tick_floor(self) -> Iterator[_Problem]:
         """A tick that queries a metrics service or writes to the API server is not sent faster
         than MIN_REMOTE_INTERVAL_S: `interval_s: 0.05` would hammer it for nothing new."""
         remote = [
@@ -1478,24 +1503,21 @@ class RolloutSpec(_Model):
         ]
         interval = self.analysis.interval_s
         if remote and interval < MIN_REMOTE_INTERVAL_S:
-            _field_error(
-                self,
+            yield _Problem(
                 ("analysis", "interval_s"),
                 interval,
                 f"{interval:g} s is below {MIN_REMOTE_INTERVAL_S:g} s, the shortest tick with "
                 f"{' and '.join(remote)}: each tick reaches {'them' if len(remote) > 1 else 'it'} "
                 "over the network (the value is in seconds)",
             )
-        return self
 
-    @model_validator(mode="after")
-    def _kubernetes_names(self) -> RolloutSpec:
+    @_cross_field
+    def _kubernetes_names(self) -> Iterator[_Problem]:
         """With the kubernetes store, the name names ConfigMaps and a Lease: say so at `name`."""
         if isinstance(self.state, KubernetesStateConfig):
             problem = rollout_name_problem(self.name)
             if problem is not None:
-                _field_error(self, ("name",), self.name, problem)
-        return self
+                yield _Problem(("name",), self.name, problem)
 
     @property
     def _istio_preset(self) -> bool:

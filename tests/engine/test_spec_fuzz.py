@@ -1132,3 +1132,35 @@ def test_an_slo_nothing_measures_is_not_checked_against_the_bounds() -> None:
     analysis = {"latency": {"threshold": "baseline_p99", "slo_ms": 300}}
     spec = spec_from_dict({**BASES[4], "analysis": analysis})
     assert spec.analysis.latency.slo_ms == 300
+
+
+def _fields_told(message: str) -> list[str]:
+    """The field paths a ConfigError of `spec_from_dict` names, in order."""
+    return re.findall(r"(?:^spec: |; )([\w.]+): ", message)
+
+
+def test_every_cross_field_mistake_is_told_at_once() -> None:
+    # Told one per run: a user fixed the first, ran validate again, and only then saw the next.
+    doc = {
+        **BASES[2],  # istio router, istio preset, kubernetes store
+        "name": "diabetes_v2",  # a file name, but no ConfigMap's
+        "steps": [5, 50, 100],
+        "mirror_percent": 10,  # and no 0 % step
+        "analysis": {"interval_s": 0.5},  # below the floor of a remote metrics source
+    }
+    with pytest.raises(ConfigError) as raised:
+        spec_from_dict(doc)
+    assert _fields_told(str(raised.value)) == ["mirror_percent", "analysis.interval_s", "name"]
+
+
+def test_every_mistake_of_one_section_is_told_at_once() -> None:
+    metrics = {
+        "kind": "prometheus",
+        "url": "http://user:secret@prometheus:9090",
+        "namespace": "ml",
+        "latency_unit": "s",
+    }
+    with pytest.raises(ConfigError) as raised:
+        spec_from_dict({**BASES[0], "metrics": metrics})
+    told = _fields_told(str(raised.value))
+    assert told == ["metrics.latency_unit", "metrics.namespace", "metrics.url"]
