@@ -1430,6 +1430,30 @@ class RolloutSpec(_Model):
         return steps
 
     @_cross_field
+    def _slo_has_a_histogram(self) -> Iterator[_Problem]:
+        """An SLO check or guard needs the metrics source's latency histogram: custom queries
+        without `latency_bucket` count no slow request, so `threshold: slo` judged nothing (the
+        canary held as undecided whatever its latency) and `max_slow_rate` never tripped."""
+        lat, metrics = self.analysis.latency, self.metrics
+        slo_ms = lat.measured_slo_ms
+        if slo_ms is None or not isinstance(metrics, PrometheusMetricsConfig):
+            return
+        if metrics.queries is None or metrics.queries.latency_bucket is not None:
+            return  # a preset reads its histogram (custom without queries is refused itself)
+        field, value = (
+            ("threshold", "'slo' measures")
+            if lat.threshold == "slo"
+            else ("max_slow_rate", "measures")
+        )
+        yield _Problem(
+            ("analysis", "latency", field),
+            getattr(lat, field),
+            f"{value} requests slower than slo_ms ({slo_ms:g} ms) on the latency histogram, and "
+            "metrics.queries has no latency_bucket: no request would count as slow. Add "
+            "metrics.queries.latency_bucket, or set analysis.latency.enabled to false",
+        )
+
+    @_cross_field
     def _slo_is_a_bucket_bound(self) -> Iterator[_Problem]:
         """`latency.slo_ms` must be a bound of the histogram it is measured on: between two, the
         latency check and its guard counted the requests above the next one up while every

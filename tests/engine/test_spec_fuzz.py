@@ -623,6 +623,24 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             "analysis.latency.slo_ms: 300 ms is no bound of the latency histogram",
             id="simulated-guard-slo-between-bounds",  # the guard measures it too
         ),
+        # No histogram, no slow request: the SLO check judged nothing (a canary 10x slower was
+        # held as if undecided) and the guard never tripped.
+        pytest.param(
+            {**BASES[5], "analysis": {"latency": {"slo_ms": 250}}},
+            "analysis.latency.threshold",
+            "slo",
+            "analysis.latency.threshold: 'slo' measures requests slower than slo_ms (250 ms) on "
+            "the latency histogram, and metrics.queries has no latency_bucket",
+            id="custom-slo-without-histogram",
+        ),
+        pytest.param(
+            {**BASES[5], "analysis": {"latency": {"slo_ms": 250}}},
+            "analysis.latency.max_slow_rate",
+            0.05,
+            "analysis.latency.max_slow_rate: measures requests slower than slo_ms (250 ms) on "
+            "the latency histogram, and metrics.queries has no latency_bucket",
+            id="custom-guard-without-histogram",
+        ),
     ],
 )
 def test_a_value_that_cannot_be_meant_is_named(
