@@ -1119,9 +1119,40 @@ class AnalysisConfig(_Model):
     @_cross_field
     def _durations(self) -> Iterator[_Problem]:
         if self.max_step_duration_s < self.min_step_s:
-            yield _Problem((), None, "max_step_duration_s must be >= min_step_duration_s")
+            yield self._step_too_short()
         if not (self.errors.enabled or self.latency.enabled):
             yield _Problem((), None, "at least one of errors, latency must be enabled")
+
+    def _step_too_short(self) -> _Problem:
+        """A step allowed less time than it must last, told at the field the user set: the
+        longest, else the shortest (`min_step_duration_s`, else the interval it defaults to)."""
+        longest, shortest = self.max_step_duration_s, self.min_step_s
+        floor = (
+            "analysis.min_step_duration_s"
+            if self.min_step_duration_s is not None
+            else "analysis.interval_s, as min_step_duration_s is not set"
+        )
+        if "max_step_duration_s" in self.model_fields_set:
+            return _Problem(
+                ("max_step_duration_s",),
+                longest,
+                f"{longest:g} s is shorter than a step's minimum duration, {shortest:g} s "
+                f"({floor}): give at least that",
+            )
+        default = f"max_step_duration_s, {longest:g} s (the default)"
+        if self.min_step_duration_s is not None:
+            return _Problem(
+                ("min_step_duration_s",),
+                shortest,
+                f"{shortest:g} s is longer than {default}: a step could never last that long; "
+                "lower it, or raise max_step_duration_s",
+            )
+        return _Problem(
+            ("interval_s",),
+            shortest,
+            f"{shortest:g} s is longer than {default}, and a step lasts at least one interval "
+            "(min_step_duration_s is not set): lower it, or raise max_step_duration_s",
+        )
 
 
 class ReleaseConfig(_Model):

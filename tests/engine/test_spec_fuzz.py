@@ -641,6 +641,33 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             "the latency histogram, and metrics.queries has no latency_bucket",
             id="custom-guard-without-histogram",
         ),
+        # Was "analysis: max_step_duration_s must be >= min_step_duration_s" for all three,
+        # naming the section, and a field the user may not have written.
+        pytest.param(
+            _with(BASES[1], "analysis.interval_s", 20),
+            "analysis.max_step_duration_s",
+            15,
+            "analysis.max_step_duration_s: 15 s is shorter than a step's minimum duration, 20 s "
+            "(analysis.interval_s, as min_step_duration_s is not set): give at least that",
+            id="max-step-below-interval",
+        ),
+        pytest.param(
+            BASES[1],
+            "analysis.min_step_duration_s",
+            20000,
+            "analysis.min_step_duration_s: 20000 s is longer than max_step_duration_s, 10800 s "
+            "(the default): a step could never last that long; lower it, or raise "
+            "max_step_duration_s",
+            id="min-step-above-default-max",
+        ),
+        pytest.param(
+            BASES[1],
+            "analysis.interval_s",
+            20000,
+            "analysis.interval_s: 20000 s is longer than max_step_duration_s, 10800 s (the "
+            "default), and a step lasts at least one interval (min_step_duration_s is not set)",
+            id="interval-above-default-max",
+        ),
     ],
 )
 def test_a_value_that_cannot_be_meant_is_named(
