@@ -1461,6 +1461,47 @@ class RolloutSpec(_Model):
         return steps
 
     @_cross_field
+    def _metrics_read_the_routers_colours(self) -> Iterator[_Problem]:
+        """A preset reading the router's own data plane counts each colour by what the router
+        weights: Istio's `<app>-<colour>` Services (what `aml-rollout manifests` creates, in the
+        router's namespace), Envoy's clusters. Another label counted another Service's requests,
+        or none; swapped, each colour was judged on the other's."""
+        metrics, router = self.metrics, self.router
+        if not isinstance(metrics, PrometheusMetricsConfig):
+            return
+        if isinstance(router, IstioRouterConfig) and metrics.preset == "istio":
+            what, where = "Service", f"router.app {router.app}"
+            made = ", as `aml-rollout manifests` creates it"
+            weighted = ColourNames(blue=f"{router.app}-blue", green=f"{router.app}-green")
+            if metrics.namespace is not None and metrics.namespace != router.namespace:
+                yield _Problem(
+                    ("metrics", "namespace"),
+                    metrics.namespace,
+                    f"{metrics.namespace!r} is not the router's namespace, {router.namespace!r}, "
+                    "where its Services are: the preset would count none of their requests",
+                )
+        elif isinstance(router, EnvoyRouterConfig) and metrics.preset == "envoy":
+            what, where, made, weighted = "cluster", "router.clusters", "", router.clusters
+        else:
+            return
+        for colour in Colour:
+            label, own = metrics.labels.of(colour), weighted.of(colour)
+            if label == own:
+                continue
+            other = colour.other.value
+            if label == weighted.of(colour.other):
+                why = (
+                    f"is {other}'s {what} ({where}): blue and green swapped? {colour.value}'s "
+                    f"weighted {what} is {own!r}"
+                )
+            else:
+                why = (
+                    f"is no {what} the router weights ({where}): {colour.value}'s is "
+                    f"{own!r}{made}; leave metrics.labels out and the preset reads the router's"
+                )
+            yield _Problem(("metrics", "labels", colour.value), label, f"{label!r} {why}")
+
+    @_cross_field
     def _slo_has_a_histogram(self) -> Iterator[_Problem]:
         """An SLO check or guard needs the metrics source's latency histogram: custom queries
         without `latency_bucket` count no slow request, so `threshold: slo` judged nothing (the

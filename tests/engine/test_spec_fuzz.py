@@ -668,6 +668,42 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             "default), and a step lasts at least one interval (min_step_duration_s is not set)",
             id="interval-above-default-max",
         ),
+        # The istio preset counts a Service's requests by destination_service_name: a label other
+        # than the Service the router weights (and `manifests` creates) read another Service's
+        # traffic, or none; swapped, each colour's evidence was the other's.
+        pytest.param(
+            BASES[2],
+            "metrics.labels",
+            {"blue": "diabetes-green", "green": "diabetes-blue"},
+            "metrics.labels.blue: 'diabetes-green' is green's Service (router.app diabetes): blue "
+            "and green swapped? blue's weighted Service is 'diabetes-blue'; metrics.labels.green: "
+            "'diabetes-blue' is blue's Service",
+            id="istio-labels-swapped",
+        ),
+        pytest.param(
+            BASES[2],
+            "metrics.labels",
+            {"blue": "blue", "green": "diabetes-green"},
+            "metrics.labels.blue: 'blue' is no Service the router weights (router.app diabetes): "
+            "blue's is 'diabetes-blue', as `aml-rollout manifests` creates it",
+            id="istio-label-not-the-routers",
+        ),
+        pytest.param(
+            BASES[2],
+            "metrics.namespace",
+            "default",
+            "metrics.namespace: 'default' is not the router's namespace, 'ml', where its Services "
+            "are",
+            id="istio-namespace-not-the-routers",
+        ),
+        pytest.param(
+            BASES[1],
+            "metrics.labels",
+            {"blue": "green", "green": "blue"},
+            "metrics.labels.blue: 'green' is green's cluster (router.clusters): blue and green "
+            "swapped? blue's weighted cluster is 'blue'",
+            id="envoy-labels-swapped",
+        ),
     ],
 )
 def test_a_value_that_cannot_be_meant_is_named(
