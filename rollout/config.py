@@ -1657,6 +1657,7 @@ def describe_errors(exc: ValidationError, root: type[BaseModel]) -> str:
         where = ".".join(map(_loc_part, _written_path(root, loc))) or "(top level)"
         said = (
             _not_a_number(err)
+            or _not_text(err)
             or _not_a_flag(err)
             or _unknown_field(err, root)
             or _unknown_kind(err, root)
@@ -1881,6 +1882,27 @@ def _as_yaml_number(text: str) -> str:
     if "." not in mantissa:
         mantissa += ".0"
     return f"{mantissa}e{int(exponent):+d}"
+
+
+def _not_text(err: Any) -> str | None:
+    """What a text field refused that YAML read as something else (pydantic says "Input should
+    be a valid string" of `model: 1.10`, read as the number 1.1): quote it; None for any other
+    error."""
+    if err["type"] != "string_type":
+        return None
+    value = err["input"]
+    if isinstance(value, bool):
+        got = f"the boolean {str(value).lower()}"
+        hint = " (unquoted, YAML reads yes, no, on and off as booleans)"
+    elif isinstance(value, int | float):
+        got, hint = f"the number {value!r}", ""
+        if isinstance(value, float):
+            hint = " (unquoted, YAML reads 1.10 as the number 1.1)"
+    elif isinstance(value, datetime.date):
+        got, hint = f"the date {value.isoformat()}", ""
+    else:
+        return None
+    return f"expected text, got {got}: quote it{hint}"
 
 
 #: What YAML 1.1 reads as a boolean when written without quotes (PyYAML's resolver).

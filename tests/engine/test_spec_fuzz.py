@@ -1156,6 +1156,43 @@ def test_a_number_is_a_number_not_text(text: str, message: str, tmp_path: Path) 
     _assert_load_refuses(tmp_path, text, message)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            "candidate: {model: 1.10, version: '2'}\n",
+            "candidate.model: expected text, got the number 1.1: quote it (unquoted, YAML reads "
+            "1.10 as the number 1.1)",
+            id="model-read-as-a-float",  # was "Input should be a valid string"
+        ),
+        pytest.param(
+            "name: 2024\n",
+            "name: expected text, got the number 2024: quote it",
+            id="name-read-as-an-int",
+        ),
+        pytest.param(
+            "router: {kind: istio, app: diabetes, namespace: 0.5}\n",
+            "router.namespace: expected text, got the number 0.5: quote it",
+            id="namespace-read-as-a-float",
+        ),
+        pytest.param(
+            "state: {kind: kubernetes, namespace: no}\n",
+            "state.namespace: expected text, got the boolean false: quote it",
+            id="namespace-read-as-a-boolean",  # YAML 1.1: no, off, yes, on
+        ),
+        pytest.param(
+            "candidate: {model: diabetes, version: '2', deployment: 2024-01-01}\n",
+            "candidate.deployment: expected text, got the date 2024-01-01: quote it",
+            id="text-read-as-a-date",
+        ),
+    ],
+)
+def test_text_yaml_read_as_something_else_says_to_quote_it(
+    text: str, message: str, tmp_path: Path
+) -> None:
+    _assert_load_refuses(tmp_path, text, message)
+
+
 def test_a_whole_number_is_a_number() -> None:
     """Strict, not pedantic: an int is taken wherever a float is (`interval_s: 5`)."""
     spec = spec_from_dict(
