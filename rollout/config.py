@@ -126,6 +126,33 @@ class _Model(BaseModel):
         extra="forbid", frozen=True, allow_inf_nan=False, ser_json_inf_nan="constants"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        """No text of a spec holds a NUL byte (`"\\0"` in YAML): no file name, name or URL can,
+        and a path with one loaded, then failed `run` with a traceback ("embedded null byte").
+        Each section says it of its own fields (a text, or a list of them)."""
+        if not isinstance(data, dict):
+            return data
+        found = [
+            InitErrorDetails(
+                type=PydanticCustomError(
+                    "spec", "holds a NUL byte (\\0), which no path, name or URL can hold"
+                ),
+                loc=(key,),
+                input=value,
+            )
+            for key, value in data.items()
+            if isinstance(key, str)
+            and any(
+                isinstance(text, str) and "\0" in text
+                for text in (value if isinstance(value, list) else [value])
+            )
+        ]
+        if found:
+            raise ValidationError.from_exception_data(cls.__name__, found)
+        return data
+
     @model_validator(mode="after")
     def _cross_fields(self) -> Self:
         """Every problem of every `_cross_field` check, in one ValidationError naming each

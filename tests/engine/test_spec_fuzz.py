@@ -1193,6 +1193,32 @@ def test_text_yaml_read_as_something_else_says_to_quote_it(
     _assert_load_refuses(tmp_path, text, message)
 
 
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        pytest.param('state: {dir: "st\\0ate"}\n', "state.dir", id="state-dir"),
+        pytest.param(
+            'router: {kind: envoy, routes_file: "routes\\0.yaml"}\n',
+            "router.routes_file",
+            id="routes",
+        ),
+        pytest.param(
+            'candidate: {model: m, version: "2", model_dir: "pk\\0g"}\n',
+            "candidate.model_dir",
+            id="model-dir",  # a str, not a Path
+        ),
+        pytest.param(
+            'router: {kind: envoy, routes_file: r.yaml, domains: ["a", "b\\0"]}\n',
+            "router.domains",
+            id="in-a-list",
+        ),
+    ],
+)
+def test_a_nul_byte_is_refused_at_its_field(text: str, field: str, tmp_path: Path) -> None:
+    # Was loaded, then a traceback at run: "ValueError: embedded null byte" from open().
+    _assert_load_refuses(tmp_path, text, f"{field}: holds a NUL byte (\\0)")
+
+
 def test_a_whole_number_is_a_number() -> None:
     """Strict, not pedantic: an int is taken wherever a float is (`interval_s: 5`)."""
     spec = spec_from_dict(
