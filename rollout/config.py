@@ -1980,11 +1980,24 @@ def spec_from_dict(data: Any, *, source: str = "spec") -> RolloutSpec:
 EMPTY_YAML = "the file is empty (no settings in it)"
 
 
+#: The largest spec file read: a spec is a few kilobytes (a scripted static source more), and
+#: a file of gigabytes (a wrong path, a log) was read whole into memory before PyYAML choked.
+MAX_SPEC_BYTES = 1024 * 1024
+
+
 def load_spec(path: str | Path) -> RolloutSpec:
     """Read and validate a YAML spec; relative paths in it stay relative to the caller's cwd."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            raw = file.read(MAX_SPEC_BYTES + 1)  # no more: the file may be anything
+        if len(raw) > MAX_SPEC_BYTES:
+            raise ConfigError(
+                f"{path}: not a spec: larger than {MAX_SPEC_BYTES:,} bytes, the most a spec may "
+                "be (is it the right file?)"
+            )
+        # New lines as read_text reads them (universal newlines).
+        text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read spec: {exc.strerror}") from None
     except UnicodeDecodeError as exc:  # e.g. saved as UTF-16 by Windows tools

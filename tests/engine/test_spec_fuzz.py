@@ -987,6 +987,30 @@ def test_validate_names_what_is_wrong_with_the_yaml(
     assert out.startswith(f"error: {spec}: ") and "Traceback" not in out
 
 
+def test_validate_refuses_a_file_too_large_to_be_a_spec(tmp_path: Path) -> None:
+    # Was read whole into memory first (a 2 GB file: 2 GB, then PyYAML on it).
+    from rollout.config import MAX_SPEC_BYTES
+
+    path = tmp_path / "spec.yaml"
+    with path.open("wb") as big:
+        big.truncate(2 * 1024**3)  # sparse: no disk, no time
+    code, out = validate(path)
+    assert code == EXIT_ERROR
+    assert out == (
+        f"error: {path}: not a spec: larger than {MAX_SPEC_BYTES:,} bytes, the most a spec may "
+        "be (is it the right file?)"
+    )
+
+
+def test_a_spec_of_the_largest_size_loads(tmp_path: Path) -> None:
+    from rollout.config import MAX_SPEC_BYTES
+
+    text = "name: big\n"
+    path = tmp_path / "spec.yaml"
+    path.write_text(text + "#" * (MAX_SPEC_BYTES - len(text)))
+    assert load_spec(path).name == "big"
+
+
 def test_validate_refuses_a_file_not_in_utf8(tmp_path: Path) -> None:
     spec = tmp_path / "spec.yaml"
     spec.write_bytes("name: diabète\n".encode("latin-1"))
