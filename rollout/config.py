@@ -97,7 +97,7 @@ class _Problem:
 
 #: A cross-field check (`_cross_field`): a model's method yielding its problems.
 _Check = Callable[[Any], Iterator[_Problem]]
-_CHECKS: set[int] = set()
+_CHECKS: set[int] = set()  # by id: a class's namespace also holds unhashable values
 
 
 def _cross_field(check: Callable[[_M], Iterator[_Problem]]) -> Callable[[_M], Iterator[_Problem]]:
