@@ -111,9 +111,10 @@ def _load(spec_path: Path) -> RolloutSpec:
 
 @rollout_app.command()
 def validate(spec: SpecArg) -> None:
-    """Check a spec: every problem is reported with the field it concerns, and the spec's
-    candidate is checked as `run` checks it before deploying (an image for istio, a model
-    folder for envoy)."""
+    """Check a spec: every problem is reported with the field it concerns.
+
+    The spec's candidate is checked as `run` checks it before deploying (an image for istio, a
+    model folder for envoy)."""
     from rollout.api import check_deployable
     from rollout.errors import RolloutError
 
