@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import functools
 import itertools
 import math
 import re
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Literal, Self, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -76,10 +78,43 @@ DEFAULT_MIRROR_PERCENT = 5
 #: The default plan where mirrored requests cannot be counted (the istio preset).
 LIVE_STEPS: tuple[int, ...] = (5, 25, 50, 100)
 
+_M = TypeVar("_M", bound=BaseModel)
+
 #: Envoy's default histogram bucket bounds (milliseconds).
 ENVOY_BUCKETS_MS: tuple[float, ...] = (
     0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
 )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class _Problem:
+    """A cross-field problem of a model: the field at fault (a path in it), its value, why."""
+
+    loc: tuple[str, ...]
+    value: Any
+    why: str
+
+
+#: A cross-field check (`_cross_field`): a model's method yielding its problems.
+_Check = Callable[[Any], Iterator[_Problem]]
+_CHECKS: set[int] = set()  # by id: a class's namespace also holds unhashable values
+
+
+def _cross_field(check: Callable[[_M], Iterator[_Problem]]) -> Callable[[_M], Iterator[_Problem]]:
+    """Mark a method as a cross-field check of its model, run once the fields are valid."""
+    _CHECKS.add(id(check))
+    return check
+
+
+@functools.cache
+def _checks_of(model: type[BaseModel]) -> list[_Check]:
+    """The cross-field checks of `model` and its bases, the bases' first, in definition order."""
+    return [
+        check
+        for cls in reversed(model.__mro__)
+        for check in vars(cls).values()
+        if id(check) in _CHECKS
+    ]
 
 
 class _Model(BaseModel):
@@ -90,6 +125,50 @@ class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid", frozen=True, allow_inf_nan=False, ser_json_inf_nan="constants"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        """No text of a spec holds a NUL byte (`"\\0"` in YAML): no file name, name or URL can,
+        and a path with one loaded, then failed `run` with a traceback ("embedded null byte").
+        Each section says it of its own fields (a text, or a list of them)."""
+        if not isinstance(data, dict):
+            return data
+        found = [
+            InitErrorDetails(
+                type=PydanticCustomError(
+                    "spec", "holds a NUL byte (\\0), which no path, name or URL can hold"
+                ),
+                loc=(key,),
+                input=value,
+            )
+            for key, value in data.items()
+            if isinstance(key, str)
+            and any(
+                isinstance(text, str) and "\0" in text
+                for text in (value if isinstance(value, list) else [value])
+            )
+        ]
+        if found:
+            raise ValidationError.from_exception_data(cls.__name__, found)
+        return data
+
+    @model_validator(mode="after")
+    def _cross_fields(self) -> Self:
+        """Every problem of every `_cross_field` check, in one ValidationError naming each
+        field: raised at the first, a spec with three mistakes took three runs to hear of them."""
+        found = [
+            InitErrorDetails(
+                type=PydanticCustomError("spec", "{problem}", {"problem": problem.why}),
+                loc=problem.loc,
+                input=problem.value,
+            )
+            for check in _checks_of(type(self))
+            for problem in check(self)
+        ]
+        if found:
+            raise ValidationError.from_exception_data(type(self).__name__, found)
+        return self
 
 
 #: A number of the spec: an int or a float as YAML read it. pydantic's lax mode took `"5"` as 5
@@ -250,21 +329,19 @@ class EnvoyRouterConfig(_Model):
     def _two_pinned_clusters(cls, names: ColourNames) -> ColourNames:
         return _two_names(names, "cluster", "a pinned request would reach either colour")
 
-    @model_validator(mode="after")
-    def _pinned_apart_from_weighted(self) -> EnvoyRouterConfig:
+    @_cross_field
+    def _pinned_apart_from_weighted(self) -> Iterator[_Problem]:
         """Envoy refuses a bootstrap naming a cluster twice."""
         weighted = {self.clusters.of(colour): colour for colour in Colour}
         for colour in Colour:
             name = self.pinned_clusters.of(colour)
             if name in weighted:
-                _field_error(
-                    self,
+                yield _Problem(
                     ("pinned_clusters", colour.value),
                     name,
                     f"{name!r} is a weighted cluster (router.clusters.{weighted[name].value}): "
                     "a pinned cluster needs a name of its own",
                 )
-        return self
 
     @property
     def identity(self) -> str:
@@ -700,16 +777,14 @@ class PromBasicAuth(_Model):
     password_env: str | None = Field(default=None, min_length=1)
     password_file: Path | None = None
 
-    @model_validator(mode="after")
-    def _one_password(self) -> PromBasicAuth:
+    @_cross_field
+    def _one_password(self) -> Iterator[_Problem]:
         if (self.password_env is None) == (self.password_file is None):
-            _field_error(
-                self,
+            yield _Problem(
                 (),
                 None,
                 "give the password as exactly one of `password_env` or `password_file`",
             )
-        return self
 
 
 class PrometheusMetricsConfig(_Model):
@@ -759,20 +834,20 @@ class PrometheusMetricsConfig(_Model):
     def _two_labels(cls, names: ColourNames) -> ColourNames:
         return _two_names(names, "series", _SELF_COMPARED)
 
-    @model_validator(mode="after")
-    def _custom_needs_queries(self) -> PrometheusMetricsConfig:
+    @_cross_field
+    def _custom_needs_queries(self) -> Iterator[_Problem]:
         if self.preset == "custom" and self.queries is None:
-            raise ValueError("preset 'custom' needs `queries` (requests, errors, latency_bucket)")
-        return self
+            yield _Problem(
+                (), None, "preset 'custom' needs `queries` (requests, errors, latency_bucket)"
+            )
 
-    @model_validator(mode="after")
-    def _scoping_fields_apply(self) -> PrometheusMetricsConfig:
+    @_cross_field
+    def _scoping_fields_apply(self) -> Iterator[_Problem]:
         """`namespace` scopes the istio preset only, `match_labels` the presets only: silently
         ignored, either left a user believing the counts were scoped. So with `queries` and
         `latency_unit`, which only the custom preset reads."""
         if self.queries is not None and self.preset != "custom":
-            _field_error(
-                self,
+            yield _Problem(
                 ("queries",),
                 None,
                 f"are read with preset 'custom' only; preset {self.preset!r} ignores them"
@@ -783,16 +858,14 @@ class PrometheusMetricsConfig(_Model):
                 ),
             )
         if self.latency_unit != "ms" and self.preset != "custom":
-            _field_error(
-                self,
+            yield _Problem(
                 ("latency_unit",),
                 self.latency_unit,
                 f"is the unit of the custom preset's histogram; preset {self.preset!r} reads "
                 "its own (ms)",
             )
         if self.namespace is not None and self.preset != "istio":
-            _field_error(
-                self,
+            yield _Problem(
                 ("namespace",),
                 self.namespace,
                 f"scopes the istio preset only; preset {self.preset!r} ignores it"
@@ -803,8 +876,7 @@ class PrometheusMetricsConfig(_Model):
                 ),
             )
         if self.match_labels and self.preset == "custom":
-            _field_error(
-                self,
+            yield _Problem(
                 ("match_labels",),
                 self.match_labels,
                 "applies to the envoy and istio presets; write custom matchers into "
@@ -812,8 +884,7 @@ class PrometheusMetricsConfig(_Model):
             )
         for name in self.match_labels:
             if not _LABEL_NAME.fullmatch(name) or name.startswith("__"):
-                _field_error(
-                    self,
+                yield _Problem(
                     ("match_labels", name),
                     name,
                     "is no Prometheus label name (letters, digits and '_', not beginning with a "
@@ -825,14 +896,12 @@ class PrometheusMetricsConfig(_Model):
                     "destination_service_name": " (the colours' values are metrics.labels)",
                     "destination_service_namespace": " (scope it with metrics.namespace)",
                 }.get(name, "")
-                _field_error(
-                    self,
+                yield _Problem(
                     ("match_labels", name),
                     name,
                     f"the {self.preset} preset matches this label itself: a second matcher on "
                     f"it selects nothing{hint}",
                 )
-        return self
 
     @property
     def auth_fields(self) -> list[str]:
@@ -845,12 +914,11 @@ class PrometheusMetricsConfig(_Model):
         }
         return [name for name, value in values.items() if value is not None]
 
-    @model_validator(mode="after")
-    def _one_auth_and_tls_over_https(self) -> PrometheusMetricsConfig:
+    @_cross_field
+    def _one_auth_and_tls_over_https(self) -> Iterator[_Problem]:
         chosen = self.auth_fields
         if len(chosen) > 1:
-            _field_error(
-                self,
+            yield _Problem(
                 (chosen[1],),
                 None,
                 f"only one authentication method at a time; {' and '.join(chosen)} are set",
@@ -858,8 +926,7 @@ class PrometheusMetricsConfig(_Model):
         parts = urlsplit(self.url)
         if parts.username is not None or parts.password is not None:
             # The url is in every error message and in the ledger's detail.
-            _field_error(
-                self,
+            yield _Problem(
                 ("url",),
                 None,
                 "holds credentials (user:password@); use basic_auth with password_env or "
@@ -868,20 +935,18 @@ class PrometheusMetricsConfig(_Model):
         https = parts.scheme == "https"
         if self.azure_auth and not https:
             # An Entra ID token sent in clear text is anyone's on the path for its lifetime.
-            _field_error(self, ("url",), self.url, "azure_auth sends its token only over https")
+            yield _Problem(("url",), self.url, "azure_auth sends its token only over https")
         for name in ("ca_file", "insecure_skip_verify", "cert_file", "key_file"):
             if getattr(self, name) and not https:
-                _field_error(self, (name,), None, f"applies to an https url, not {self.url!r}")
+                yield _Problem((name,), None, f"applies to an https url, not {self.url!r}")
         if self.key_file is not None and self.cert_file is None:
-            _field_error(self, ("key_file",), None, "needs cert_file (the certificate it signs)")
+            yield _Problem(("key_file",), None, "needs cert_file (the certificate it signs)")
         if self.ca_file is not None and self.insecure_skip_verify:
-            _field_error(
-                self,
+            yield _Problem(
                 ("insecure_skip_verify",),
                 None,
                 "excludes ca_file: either verify against the CA or do not verify",
             )
-        return self
 
 
 #: A Prometheus label name.
@@ -1031,13 +1096,14 @@ class LatencyCheck(_Model):
             return None
         return float(self.slo_ms)
 
-    @model_validator(mode="after")
-    def _slo_needs_bound(self) -> LatencyCheck:
+    @_cross_field
+    def _slo_needs_bound(self) -> Iterator[_Problem]:
         if self.threshold == "slo" and self.slo_ms is None:
-            raise ValueError("threshold 'slo' needs `slo_ms`")
+            yield _Problem((), None, "threshold 'slo' needs `slo_ms`")
         if self.max_slow_rate is not None and self.slo_ms is None:
-            raise ValueError("`max_slow_rate` needs `slo_ms` (the bucket it is measured against)")
-        return self
+            yield _Problem(
+                (), None, "`max_slow_rate` needs `slo_ms` (the bucket it is measured against)"
+            )
 
 
 #: The shortest tick: each one saves the status and a ledger line, so faster is a busy loop
@@ -1077,13 +1143,43 @@ class AnalysisConfig(_Model):
         """The effective minimum step duration."""
         return self.interval_s if self.min_step_duration_s is None else self.min_step_duration_s
 
-    @model_validator(mode="after")
-    def _durations(self) -> AnalysisConfig:
+    @_cross_field
+    def _durations(self) -> Iterator[_Problem]:
         if self.max_step_duration_s < self.min_step_s:
-            raise ValueError("max_step_duration_s must be >= min_step_duration_s")
+            yield self._step_too_short()
         if not (self.errors.enabled or self.latency.enabled):
-            raise ValueError("at least one of errors, latency must be enabled")
-        return self
+            yield _Problem((), None, "at least one of errors, latency must be enabled")
+
+    def _step_too_short(self) -> _Problem:
+        """A step allowed less time than it must last, told at the field the user set: the
+        longest, else the shortest (`min_step_duration_s`, else the interval it defaults to)."""
+        longest, shortest = self.max_step_duration_s, self.min_step_s
+        floor = (
+            "analysis.min_step_duration_s"
+            if self.min_step_duration_s is not None
+            else "analysis.interval_s, as min_step_duration_s is not set"
+        )
+        if "max_step_duration_s" in self.model_fields_set:
+            return _Problem(
+                ("max_step_duration_s",),
+                longest,
+                f"{longest:g} s is shorter than a step's minimum duration, {shortest:g} s "
+                f"({floor}): give at least that",
+            )
+        default = f"max_step_duration_s, {longest:g} s (the default)"
+        if self.min_step_duration_s is not None:
+            return _Problem(
+                ("min_step_duration_s",),
+                shortest,
+                f"{shortest:g} s is longer than {default}: a step could never last that long; "
+                "lower it, or raise max_step_duration_s",
+            )
+        return _Problem(
+            ("interval_s",),
+            shortest,
+            f"{shortest:g} s is longer than {default}, and a step lasts at least one interval "
+            "(min_step_duration_s is not set): lower it, or raise max_step_duration_s",
+        )
 
 
 class ReleaseConfig(_Model):
@@ -1197,14 +1293,6 @@ class NotifyConfig(_Model):
         if Phase.INITIALIZING in phases:
             raise ValueError("Initializing is not a phase to tell: nothing has happened yet")
         return phases
-
-
-def _field_error(model: BaseModel, loc: tuple[str, ...], value: Any, problem: str) -> NoReturn:
-    """Raise a ValidationError at `loc` from a whole-model check (so the error names the field)."""
-    error = PydanticCustomError("spec", "{problem}", {"problem": problem})
-    raise ValidationError.from_exception_data(
-        type(model).__name__, [InitErrorDetails(type=error, loc=loc, input=value)]
-    )
 
 
 def _per_colour(router_names: Any, given: Any) -> Any:
@@ -1399,8 +1487,73 @@ class RolloutSpec(_Model):
             )
         return steps
 
-    @model_validator(mode="after")
-    def _slo_is_a_bucket_bound(self) -> RolloutSpec:
+    @_cross_field
+    def _metrics_read_the_routers_colours(self) -> Iterator[_Problem]:
+        """A preset reading the router's own data plane counts each colour by what the router
+        weights: Istio's `<app>-<colour>` Services (what `aml-rollout manifests` creates, in the
+        router's namespace), Envoy's clusters. Another label counted another Service's requests,
+        or none; swapped, each colour was judged on the other's."""
+        metrics, router = self.metrics, self.router
+        if not isinstance(metrics, PrometheusMetricsConfig):
+            return
+        if isinstance(router, IstioRouterConfig) and metrics.preset == "istio":
+            what, where = "Service", f"router.app {router.app}"
+            made = ", as `aml-rollout manifests` creates it"
+            weighted = ColourNames(blue=f"{router.app}-blue", green=f"{router.app}-green")
+            if metrics.namespace is not None and metrics.namespace != router.namespace:
+                yield _Problem(
+                    ("metrics", "namespace"),
+                    metrics.namespace,
+                    f"{metrics.namespace!r} is not the router's namespace, {router.namespace!r}, "
+                    "where its Services are: the preset would count none of their requests",
+                )
+        elif isinstance(router, EnvoyRouterConfig) and metrics.preset == "envoy":
+            what, where, made, weighted = "cluster", "router.clusters", "", router.clusters
+        else:
+            return
+        for colour in Colour:
+            label, own = metrics.labels.of(colour), weighted.of(colour)
+            if label == own:
+                continue
+            other = colour.other.value
+            if label == weighted.of(colour.other):
+                why = (
+                    f"is {other}'s {what} ({where}): blue and green swapped? {colour.value}'s "
+                    f"weighted {what} is {own!r}"
+                )
+            else:
+                why = (
+                    f"is no {what} the router weights ({where}): {colour.value}'s is "
+                    f"{own!r}{made}; leave metrics.labels out and the preset reads the router's"
+                )
+            yield _Problem(("metrics", "labels", colour.value), label, f"{label!r} {why}")
+
+    @_cross_field
+    def _slo_has_a_histogram(self) -> Iterator[_Problem]:
+        """An SLO check or guard needs the metrics source's latency histogram: custom queries
+        without `latency_bucket` count no slow request, so `threshold: slo` judged nothing (the
+        canary held as undecided whatever its latency) and `max_slow_rate` never tripped."""
+        lat, metrics = self.analysis.latency, self.metrics
+        slo_ms = lat.measured_slo_ms
+        if slo_ms is None or not isinstance(metrics, PrometheusMetricsConfig):
+            return
+        if metrics.queries is None or metrics.queries.latency_bucket is not None:
+            return  # a preset reads its histogram (custom without queries is refused itself)
+        field, value = (
+            ("threshold", "'slo' measures")
+            if lat.threshold == "slo"
+            else ("max_slow_rate", "measures")
+        )
+        yield _Problem(
+            ("analysis", "latency", field),
+            getattr(lat, field),
+            f"{value} requests slower than slo_ms ({slo_ms:g} ms) on the latency histogram, and "
+            "metrics.queries has no latency_bucket: no request would count as slow. Add "
+            "metrics.queries.latency_bucket, or set analysis.latency.enabled to false",
+        )
+
+    @_cross_field
+    def _slo_is_a_bucket_bound(self) -> Iterator[_Problem]:
         """`latency.slo_ms` must be a bound of the histogram it is measured on: between two, the
         latency check and its guard counted the requests above the next one up while every
         message named the SLO. Refused here where the spec gives the bounds; Prometheus' are
@@ -1409,7 +1562,7 @@ class RolloutSpec(_Model):
         lat = self.analysis.latency
         slo_ms = lat.measured_slo_ms
         if slo_ms is None:
-            return self
+            return
         metrics = self.metrics
         if isinstance(metrics, SimulatedMetricsConfig | AzureMonitorMetricsConfig):
             bounds: list[float] = list(metrics.buckets_ms)
@@ -1424,13 +1577,12 @@ class RolloutSpec(_Model):
             ]
             fix = ""
         else:
-            return self
+            return
         if problem := slo_bound_problem(slo_ms, bounds, fix):
-            _field_error(self, ("analysis", "latency", "slo_ms"), lat.slo_ms, problem)
-        return self
+            yield _Problem(("analysis", "latency", "slo_ms"), lat.slo_ms, problem)
 
-    @model_validator(mode="after")
-    def _mirror_needs_a_shadow_step(self) -> RolloutSpec:
+    @_cross_field
+    def _mirror_needs_a_shadow_step(self) -> Iterator[_Problem]:
         """An explicit `mirror_percent` needs a 0 % step; the data plane must be able to mirror."""
         loc, value = ("mirror_percent",), self.shadow_percent
         if self.mirror_percent and self._istio_preset:
@@ -1438,34 +1590,30 @@ class RolloutSpec(_Model):
             value = self.mirror_percent
         if not value:
             if self.mirror_percent and 0 not in self.plan:  # asked for, with nowhere to go
-                _field_error(
-                    self,
+                yield _Problem(
                     loc,
                     self.mirror_percent,
                     "mirrors traffic only during a 0 % step, and the plan has none: start "
                     f"`steps` with 0 (e.g. {[0, *self.plan]}) or set mirror_percent to 0",
                 )
-            return self
+            return
         if isinstance(self.router, AzureMLRouterConfig) and value > AZURE_MAX_MIRROR_PERCENT:
-            _field_error(
-                self,
+            yield _Problem(
                 loc,
                 value,
                 f"Azure ML mirrors at most {AZURE_MAX_MIRROR_PERCENT} % of an endpoint's traffic",
             )
         if self._istio_preset:
-            _field_error(
-                self,
+            yield _Problem(
                 loc,
                 value,
                 "the istio metrics preset cannot see a shadow step: Istio's source reporter does "
                 "not count mirrored requests (istio/istio#23496). Set mirror_percent to 0 (the "
                 "0 % step then only deploys blue) or read blue with `preset: custom` queries",
             )
-        return self
 
-    @model_validator(mode="after")
-    def _tick_floor(self) -> RolloutSpec:
+    @_cross_field
+    def _tick_floor(self) -> Iterator[_Problem]:
         """A tick that queries a metrics service or writes to the API server is not sent faster
         than MIN_REMOTE_INTERVAL_S: `interval_s: 0.05` would hammer it for nothing new."""
         remote = [
@@ -1478,24 +1626,21 @@ class RolloutSpec(_Model):
         ]
         interval = self.analysis.interval_s
         if remote and interval < MIN_REMOTE_INTERVAL_S:
-            _field_error(
-                self,
+            yield _Problem(
                 ("analysis", "interval_s"),
                 interval,
                 f"{interval:g} s is below {MIN_REMOTE_INTERVAL_S:g} s, the shortest tick with "
                 f"{' and '.join(remote)}: each tick reaches {'them' if len(remote) > 1 else 'it'} "
                 "over the network (the value is in seconds)",
             )
-        return self
 
-    @model_validator(mode="after")
-    def _kubernetes_names(self) -> RolloutSpec:
+    @_cross_field
+    def _kubernetes_names(self) -> Iterator[_Problem]:
         """With the kubernetes store, the name names ConfigMaps and a Lease: say so at `name`."""
         if isinstance(self.state, KubernetesStateConfig):
             problem = rollout_name_problem(self.name)
             if problem is not None:
-                _field_error(self, ("name",), self.name, problem)
-        return self
+                yield _Problem(("name",), self.name, problem)
 
     @property
     def _istio_preset(self) -> bool:
@@ -1539,6 +1684,7 @@ def describe_errors(exc: ValidationError, root: type[BaseModel]) -> str:
         where = ".".join(map(_loc_part, _written_path(root, loc))) or "(top level)"
         said = (
             _not_a_number(err)
+            or _not_text(err)
             or _not_a_flag(err)
             or _unknown_field(err, root)
             or _unknown_kind(err, root)
@@ -1765,6 +1911,27 @@ def _as_yaml_number(text: str) -> str:
     return f"{mantissa}e{int(exponent):+d}"
 
 
+def _not_text(err: Any) -> str | None:
+    """What a text field refused that YAML read as something else (pydantic says "Input should
+    be a valid string" of `model: 1.10`, read as the number 1.1): quote it; None for any other
+    error."""
+    if err["type"] != "string_type":
+        return None
+    value = err["input"]
+    if isinstance(value, bool):
+        got = f"the boolean {str(value).lower()}"
+        hint = " (unquoted, YAML reads yes, no, on and off as booleans)"
+    elif isinstance(value, int | float):
+        got, hint = f"the number {value!r}", ""
+        if isinstance(value, float):
+            hint = " (unquoted, YAML reads 1.10 as the number 1.1)"
+    elif isinstance(value, datetime.date):
+        got, hint = f"the date {value.isoformat()}", ""
+    else:
+        return None
+    return f"expected text, got {got}: quote it{hint}"
+
+
 #: What YAML 1.1 reads as a boolean when written without quotes (PyYAML's resolver).
 _YAML_BOOLEANS = {
     **dict.fromkeys(("true", "yes", "on"), "true"),
@@ -1813,11 +1980,24 @@ def spec_from_dict(data: Any, *, source: str = "spec") -> RolloutSpec:
 EMPTY_YAML = "the file is empty (no settings in it)"
 
 
+#: The largest spec file read: a spec is a few kilobytes (a scripted static source more), and
+#: a file of gigabytes (a wrong path, a log) was read whole into memory before PyYAML choked.
+MAX_SPEC_BYTES = 1024 * 1024
+
+
 def load_spec(path: str | Path) -> RolloutSpec:
     """Read and validate a YAML spec; relative paths in it stay relative to the caller's cwd."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            raw = file.read(MAX_SPEC_BYTES + 1)  # no more: the file may be anything
+        if len(raw) > MAX_SPEC_BYTES:
+            raise ConfigError(
+                f"{path}: not a spec: larger than {MAX_SPEC_BYTES:,} bytes, the most a spec may "
+                "be (is it the right file?)"
+            )
+        # New lines as read_text reads them (universal newlines).
+        text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read spec: {exc.strerror}") from None
     except UnicodeDecodeError as exc:  # e.g. saved as UTF-16 by Windows tools

@@ -112,6 +112,12 @@ def manifests(
         "ingress_selector": (("istio", ingress_gateway),) if ingress_gateway else None,
         "istio_revision": istio_revision,
     }
+    if replicas is not None and replicas < 1:
+        # As the spec's router.replicas: a colour without a pod answers 503 for its traffic.
+        raise ConfigError(
+            f"--replicas: {replicas} must be >= 1 (a colour without a pod answers 503 for its "
+            "share of traffic)"
+        )
     if header is not None:
         from rollout.config import header_name
 

@@ -111,8 +111,19 @@ def _load(spec_path: Path) -> RolloutSpec:
 
 @rollout_app.command()
 def validate(spec: SpecArg) -> None:
-    """Check a spec: every problem is reported with the field it concerns."""
+    """Check a spec: every problem is reported with the field it concerns.
+
+    The spec's candidate is checked as `run` checks it before deploying (an image for istio, a
+    model folder for envoy)."""
+    from rollout.api import check_deployable
+    from rollout.errors import RolloutError
+
     parsed = _load(spec)
+    release = parsed.candidate.to_release() if parsed.candidate else None
+    try:  # what `run` refuses before anything moves: not ok here, then refused there
+        check_deployable(parsed, release, "candidate")
+    except RolloutError as exc:
+        _fail(exc)
     shadow = f" (0 %: shadow, {parsed.shadow_percent} % mirrored)" if parsed.shadow_percent else ""
     _out.print(
         f"[green]ok[/] {escape(str(spec))}: rollout [bold]{parsed.name}[/], "
@@ -120,6 +131,17 @@ def validate(spec: SpecArg) -> None:
         f"router {parsed.router.kind}, metrics {parsed.metrics.kind}, "
         f"alpha {parsed.analysis.alpha:g}, interval {parsed.analysis.interval_s:g} s, "
         f"on inconclusive: {parsed.analysis.on_inconclusive}"
+    )
+    needs = {"istio": "image", "envoy": "model folder"}.get(parsed.router.kind)
+    if needs is None:
+        return
+    if release is None:
+        _out.print(f"no candidate in the spec: `run --candidate` checks its {needs} then")
+        return
+    given = release.image if parsed.router.kind == "istio" else release.model_dir
+    _out.print(
+        f"candidate {escape(release.ref)} deployable by the {parsed.router.kind} router "
+        f"({needs} {escape(str(given))})"
     )
 
 

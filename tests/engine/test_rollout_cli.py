@@ -40,6 +40,54 @@ def test_validate_accepts_a_good_spec(tmp_path: Path) -> None:
     assert "ok" in out and "plan [10, 50, 100]" in out
 
 
+_ENVOY = {"kind": "envoy", "admin_url": "http://127.0.0.1:9", "routes_file": "routes.json"}
+
+
+@pytest.mark.parametrize(
+    ("router", "candidate", "message"),
+    [
+        pytest.param(
+            {"kind": "istio", "namespace": "ml", "app": "diabetes"},
+            {"model": "m", "version": "2"},
+            "candidate: m:2 names no container image, and the istio router deploys images",
+            id="istio-without-image",
+        ),
+        pytest.param(
+            _ENVOY,
+            {"model": "m", "version": "2"},
+            "candidate: m:2 names no model folder, and the envoy router serves a release",
+            id="envoy-without-model-folder",
+        ),
+        pytest.param(
+            _ENVOY,
+            {"model": "m", "version": "2", "model_dir": "no-such-pkg"},
+            "candidate: m:2 has no model folder no-such-pkg (its `model_dir:`",
+            id="envoy-model-folder-not-there",
+        ),
+    ],
+)
+def test_validate_refuses_a_candidate_run_would_refuse(
+    tmp_path: Path, router: dict[str, str], candidate: dict[str, str], message: str
+) -> None:
+    # Was: validate said ok, then `run` refused the same spec (check_deployable).
+    spec = write_spec(tmp_path, router=router, candidate=candidate, metrics={"kind": "static"})
+    code, out = invoke("validate", str(spec))
+    assert code == EXIT_ERROR, out
+    assert message in " ".join(out.split()), out
+
+
+def test_validate_says_it_checked_the_candidate_deploys(tmp_path: Path) -> None:
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    candidate = {"model": "m", "version": "2", "model_dir": str(folder)}
+    spec = write_spec(tmp_path, router=_ENVOY, candidate=candidate, metrics={"kind": "static"})
+    code, out = invoke("validate", str(spec))
+    assert code == 0, out
+    assert f"candidate m:2 deployable by the envoy router (model folder {folder})" in " ".join(
+        out.split()
+    ), out
+
+
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
@@ -1581,6 +1629,10 @@ NOT_SPECS = {
     "name: err-10x-100rps": "scenario",  # engine.md: a benchmark scenario (--scenario)
     "  - name: aml-rollout-default": "yaml",  # kubernetes.md: a VirtualService route
     "apiVersion: batch/v1": "yaml",  # kubernetes.md: the controller's Job
+    # engine.md's quick start: an Envoy spec without the candidate's model folder, whose refusal
+    # (by validate, as by run: check_deployable) the page quotes.
+    "# rollout.yaml": "candidate: diabetes:2 names no model folder, and the envoy router serves a "
+    "release from its package or model folder",
 }
 
 
@@ -1596,6 +1648,9 @@ def test_every_documented_yaml_block_loads_as_what_it_shows(tmp_path: Path, bloc
         assert Scenario.load(path).name == "err-10x-100rps"
     elif kind == "yaml":
         assert yaml.safe_load(block)
+    elif kind.startswith("candidate: "):  # a valid spec whose candidate the docs say is refused
+        code, out = invoke("validate", str(path))
+        assert code == EXIT_ERROR and kind in " ".join(out.split()), out
     else:
         code, out = invoke("validate", str(path))
         assert code == 0, out

@@ -623,6 +623,87 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             "analysis.latency.slo_ms: 300 ms is no bound of the latency histogram",
             id="simulated-guard-slo-between-bounds",  # the guard measures it too
         ),
+        # No histogram, no slow request: the SLO check judged nothing (a canary 10x slower was
+        # held as if undecided) and the guard never tripped.
+        pytest.param(
+            {**BASES[5], "analysis": {"latency": {"slo_ms": 250}}},
+            "analysis.latency.threshold",
+            "slo",
+            "analysis.latency.threshold: 'slo' measures requests slower than slo_ms (250 ms) on "
+            "the latency histogram, and metrics.queries has no latency_bucket",
+            id="custom-slo-without-histogram",
+        ),
+        pytest.param(
+            {**BASES[5], "analysis": {"latency": {"slo_ms": 250}}},
+            "analysis.latency.max_slow_rate",
+            0.05,
+            "analysis.latency.max_slow_rate: measures requests slower than slo_ms (250 ms) on "
+            "the latency histogram, and metrics.queries has no latency_bucket",
+            id="custom-guard-without-histogram",
+        ),
+        # Was "analysis: max_step_duration_s must be >= min_step_duration_s" for all three,
+        # naming the section, and a field the user may not have written.
+        pytest.param(
+            _with(BASES[1], "analysis.interval_s", 20),
+            "analysis.max_step_duration_s",
+            15,
+            "analysis.max_step_duration_s: 15 s is shorter than a step's minimum duration, 20 s "
+            "(analysis.interval_s, as min_step_duration_s is not set): give at least that",
+            id="max-step-below-interval",
+        ),
+        pytest.param(
+            BASES[1],
+            "analysis.min_step_duration_s",
+            20000,
+            "analysis.min_step_duration_s: 20000 s is longer than max_step_duration_s, 10800 s "
+            "(the default): a step could never last that long; lower it, or raise "
+            "max_step_duration_s",
+            id="min-step-above-default-max",
+        ),
+        pytest.param(
+            BASES[1],
+            "analysis.interval_s",
+            20000,
+            "analysis.interval_s: 20000 s is longer than max_step_duration_s, 10800 s (the "
+            "default), and a step lasts at least one interval (min_step_duration_s is not set)",
+            id="interval-above-default-max",
+        ),
+        # The istio preset counts a Service's requests by destination_service_name: a label other
+        # than the Service the router weights (and `manifests` creates) read another Service's
+        # traffic, or none; swapped, each colour's evidence was the other's.
+        pytest.param(
+            BASES[2],
+            "metrics.labels",
+            {"blue": "diabetes-green", "green": "diabetes-blue"},
+            "metrics.labels.blue: 'diabetes-green' is green's Service (router.app diabetes): blue "
+            "and green swapped? blue's weighted Service is 'diabetes-blue'; metrics.labels.green: "
+            "'diabetes-blue' is blue's Service",
+            id="istio-labels-swapped",
+        ),
+        pytest.param(
+            BASES[2],
+            "metrics.labels",
+            {"blue": "blue", "green": "diabetes-green"},
+            "metrics.labels.blue: 'blue' is no Service the router weights (router.app diabetes): "
+            "blue's is 'diabetes-blue', as `aml-rollout manifests` creates it",
+            id="istio-label-not-the-routers",
+        ),
+        pytest.param(
+            BASES[2],
+            "metrics.namespace",
+            "default",
+            "metrics.namespace: 'default' is not the router's namespace, 'ml', where its Services "
+            "are",
+            id="istio-namespace-not-the-routers",
+        ),
+        pytest.param(
+            BASES[1],
+            "metrics.labels",
+            {"blue": "green", "green": "blue"},
+            "metrics.labels.blue: 'green' is green's cluster (router.clusters): blue and green "
+            "swapped? blue's weighted cluster is 'blue'",
+            id="envoy-labels-swapped",
+        ),
     ],
 )
 def test_a_value_that_cannot_be_meant_is_named(
@@ -906,6 +987,30 @@ def test_validate_names_what_is_wrong_with_the_yaml(
     assert out.startswith(f"error: {spec}: ") and "Traceback" not in out
 
 
+def test_validate_refuses_a_file_too_large_to_be_a_spec(tmp_path: Path) -> None:
+    # Was read whole into memory first (a 2 GB file: 2 GB, then PyYAML on it).
+    from rollout.config import MAX_SPEC_BYTES
+
+    path = tmp_path / "spec.yaml"
+    with path.open("wb") as big:
+        big.truncate(2 * 1024**3)  # sparse: no disk, no time
+    code, out = validate(path)
+    assert code == EXIT_ERROR
+    assert out == (
+        f"error: {path}: not a spec: larger than {MAX_SPEC_BYTES:,} bytes, the most a spec may "
+        "be (is it the right file?)"
+    )
+
+
+def test_a_spec_of_the_largest_size_loads(tmp_path: Path) -> None:
+    from rollout.config import MAX_SPEC_BYTES
+
+    text = "name: big\n"
+    path = tmp_path / "spec.yaml"
+    path.write_text(text + "#" * (MAX_SPEC_BYTES - len(text)))
+    assert load_spec(path).name == "big"
+
+
 def test_validate_refuses_a_file_not_in_utf8(tmp_path: Path) -> None:
     spec = tmp_path / "spec.yaml"
     spec.write_bytes("name: diabète\n".encode("latin-1"))
@@ -1075,6 +1180,69 @@ def test_a_number_is_a_number_not_text(text: str, message: str, tmp_path: Path) 
     _assert_load_refuses(tmp_path, text, message)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            "candidate: {model: 1.10, version: '2'}\n",
+            "candidate.model: expected text, got the number 1.1: quote it (unquoted, YAML reads "
+            "1.10 as the number 1.1)",
+            id="model-read-as-a-float",  # was "Input should be a valid string"
+        ),
+        pytest.param(
+            "name: 2024\n",
+            "name: expected text, got the number 2024: quote it",
+            id="name-read-as-an-int",
+        ),
+        pytest.param(
+            "router: {kind: istio, app: diabetes, namespace: 0.5}\n",
+            "router.namespace: expected text, got the number 0.5: quote it",
+            id="namespace-read-as-a-float",
+        ),
+        pytest.param(
+            "state: {kind: kubernetes, namespace: no}\n",
+            "state.namespace: expected text, got the boolean false: quote it",
+            id="namespace-read-as-a-boolean",  # YAML 1.1: no, off, yes, on
+        ),
+        pytest.param(
+            "candidate: {model: diabetes, version: '2', deployment: 2024-01-01}\n",
+            "candidate.deployment: expected text, got the date 2024-01-01: quote it",
+            id="text-read-as-a-date",
+        ),
+    ],
+)
+def test_text_yaml_read_as_something_else_says_to_quote_it(
+    text: str, message: str, tmp_path: Path
+) -> None:
+    _assert_load_refuses(tmp_path, text, message)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        pytest.param('state: {dir: "st\\0ate"}\n', "state.dir", id="state-dir"),
+        pytest.param(
+            'router: {kind: envoy, routes_file: "routes\\0.yaml"}\n',
+            "router.routes_file",
+            id="routes",
+        ),
+        pytest.param(
+            'candidate: {model: m, version: "2", model_dir: "pk\\0g"}\n',
+            "candidate.model_dir",
+            id="model-dir",  # a str, not a Path
+        ),
+        pytest.param(
+            'router: {kind: envoy, routes_file: r.yaml, domains: ["a", "b\\0"]}\n',
+            "router.domains",
+            id="in-a-list",
+        ),
+    ],
+)
+def test_a_nul_byte_is_refused_at_its_field(text: str, field: str, tmp_path: Path) -> None:
+    # Was loaded, then a traceback at run: "ValueError: embedded null byte" from open().
+    _assert_load_refuses(tmp_path, text, f"{field}: holds a NUL byte (\\0)")
+
+
 def test_a_whole_number_is_a_number() -> None:
     """Strict, not pedantic: an int is taken wherever a float is (`interval_s: 5`)."""
     spec = spec_from_dict(
@@ -1132,3 +1300,35 @@ def test_an_slo_nothing_measures_is_not_checked_against_the_bounds() -> None:
     analysis = {"latency": {"threshold": "baseline_p99", "slo_ms": 300}}
     spec = spec_from_dict({**BASES[4], "analysis": analysis})
     assert spec.analysis.latency.slo_ms == 300
+
+
+def _fields_told(message: str) -> list[str]:
+    """The field paths a ConfigError of `spec_from_dict` names, in order."""
+    return re.findall(r"(?:^spec: |; )([\w.]+): ", message)
+
+
+def test_every_cross_field_mistake_is_told_at_once() -> None:
+    # Told one per run: a user fixed the first, ran validate again, and only then saw the next.
+    doc = {
+        **BASES[2],  # istio router, istio preset, kubernetes store
+        "name": "diabetes_v2",  # a file name, but no ConfigMap's
+        "steps": [5, 50, 100],
+        "mirror_percent": 10,  # and no 0 % step
+        "analysis": {"interval_s": 0.5},  # below the floor of a remote metrics source
+    }
+    with pytest.raises(ConfigError) as raised:
+        spec_from_dict(doc)
+    assert _fields_told(str(raised.value)) == ["mirror_percent", "analysis.interval_s", "name"]
+
+
+def test_every_mistake_of_one_section_is_told_at_once() -> None:
+    metrics = {
+        "kind": "prometheus",
+        "url": "http://user:secret@prometheus:9090",
+        "namespace": "ml",
+        "latency_unit": "s",
+    }
+    with pytest.raises(ConfigError) as raised:
+        spec_from_dict({**BASES[0], "metrics": metrics})
+    told = _fields_told(str(raised.value))
+    assert told == ["metrics.latency_unit", "metrics.namespace", "metrics.url"]

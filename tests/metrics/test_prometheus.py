@@ -475,15 +475,18 @@ def test_istio_preset_counts_the_weighted_services_only(prom: FakePrometheus) ->
     [
         pytest.param({}, ("diabetes-blue", "diabetes-green"), "ml", id="derived-from-the-router"),
         pytest.param(
-            {"labels": {"blue": "b", "green": "g"}, "namespace": "other"},
-            ("b", "g"),
-            "other",
-            id="explicit-values-win",
+            {"labels": {"blue": "diabetes-blue", "green": "diabetes-green"}, "namespace": "ml"},
+            ("diabetes-blue", "diabetes-green"),
+            "ml",
+            id="explicit-values-the-routers",  # others are refused (test_spec_fuzz)
         ),
         # Was: naming one colour replaced the derived labels as a whole, green read `green`
         # (no such Service): no baseline counts, and a regressed candidate was promoted.
         pytest.param(
-            {"labels": {"blue": "b"}}, ("b", "diabetes-green"), "ml", id="one-colour-named"
+            {"labels": {"blue": "diabetes-blue"}},
+            ("diabetes-blue", "diabetes-green"),
+            "ml",
+            id="one-colour-named",
         ),
     ],
 )
@@ -506,8 +509,12 @@ def test_istio_preset_follows_the_istio_router(
     [
         pytest.param({}, ("canary", "prod"), id="derived-from-the-router"),
         pytest.param({"preset": "envoy"}, ("canary", "prod"), id="preset-named"),
-        pytest.param({"labels": {"blue": "b", "green": "g"}}, ("b", "g"), id="explicit-values-win"),
-        pytest.param({"labels": {"green": "g"}}, ("canary", "g"), id="one-colour-named"),
+        pytest.param(
+            {"labels": {"blue": "canary", "green": "prod"}},
+            ("canary", "prod"),
+            id="explicit-values-the-routers",  # others are refused (test_spec_fuzz)
+        ),
+        pytest.param({"labels": {"green": "prod"}}, ("canary", "prod"), id="one-colour-named"),
         pytest.param(
             {
                 "preset": "custom",

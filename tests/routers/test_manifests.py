@@ -472,7 +472,10 @@ def test_aks_istio_add_on_gateway_and_revision(tmp_path: Path) -> None:
             "--container-port: 70000 is not a TCP port",
             id="container-port-too-high",
         ),
-        pytest.param(["--replicas", "-1"], "--replicas: -1 must be >= 0", id="negative-replicas"),
+        pytest.param(["--replicas", "-1"], "--replicas: -1 must be >= 1", id="negative-replicas"),
+        # Was rendered: a colour with no pod, its share of traffic answered 503 (and the spec's
+        # router.replicas, which `manifests --spec` reads, refuses 0).
+        pytest.param(["--replicas", "0"], "--replicas: 0 must be >= 1", id="no-replicas"),
         pytest.param(
             ["--green-image", "r/d:1", "--green-package", "."],
             "exclude each other",
@@ -613,8 +616,8 @@ def test_rollout_validate_refuses_what_the_router_would(
 
 # ---- the Helm chart ---------------------------------------------------------------------------
 # helm is not installable here, so the chart keeps to a small subset of Go templates (values,
-# integers, "strings", `quote`, `required`, `fail`, `if`, `not`, `and`, `ne`, `add`, `contains`,
-# `index`, `range`)
+# integers, "strings", `quote`, `required`, `fail`, `if`, `not`, `and`, `ne`, `add`, `lt`, `int`,
+# `contains`, `index`, `range`)
 # that this renderer implements, and must
 # render to exactly the objects the Python builders make: chart, `manifests` and router cannot
 # drift apart.
@@ -676,9 +679,15 @@ def render_template(text: str, root: dict[str, Any]) -> str:
             raise ChartFailError(json.loads(words[1]))
         if words[0] == "and":  # true when every argument is (Go's empty values are false)
             return all(value(word, dot) for word in words[1:])
+        if words[0] == "int" and len(words) == 2:  # sprig's int (Helm reads numbers as floats)
+            return int(value(words[1], dot))
         if words[0] in ("ne", "add") and len(words) == 3:  # Go's rules: any int type, strings
             left, right = (value(word, dot) for word in words[1:])
             return left != right if words[0] == "ne" else int(left) + int(right)
+        if words[0] == "lt" and len(words) == 3:  # both of one type, as Go's lt needs
+            left, right = (value(word, dot) for word in words[1:])
+            assert type(left) is type(right), f"lt of {left!r} and {right!r}"
+            return left < right
         head, *filters = (part.strip() for part in expr.split("|"))
         message = None
         if head.startswith("required "):  # required "message" .Values.x
@@ -887,6 +896,15 @@ def test_the_chart_refuses_weights_that_do_not_sum_to_100(green: int, blue: int)
     with pytest.raises(ChartFailError, match=r"weights.green \+ weights.blue must be 100"):
         render_chart({"weights": {"green": green, "blue": blue}}, "ml")
     assert render_chart({"weights": {"green": 90, "blue": 10}}, "ml")
+
+
+@pytest.mark.parametrize("replicas", [0, -1])
+def test_the_chart_refuses_a_colour_without_pods(replicas: int) -> None:
+    # Was rendered: `replicas: 0` Deployments, and Istio's 503 for every request they were
+    # weighted for; the spec (router.replicas) and `manifests --replicas` refuse it.
+    with pytest.raises(ChartFailError, match=r"replicas must be at least 1"):
+        render_chart({"replicas": replicas}, "ml")
+    assert render_chart({"replicas": 1}, "ml")
 
 
 def _colour(image: str) -> dict[str, str]:
