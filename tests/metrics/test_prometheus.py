@@ -757,6 +757,44 @@ def test_a_failed_scrape_as_the_step_begins_never_counts_the_history(prom: FakeP
     assert (observation.blue.requests, observation.blue.errors) == (10, 0)
 
 
+@pytest.mark.parametrize("preset", ["envoy", "custom"])
+def test_a_target_whose_scrapes_failed_for_the_whole_lookback_counts_from_its_first_scrape(
+    prom: FakePrometheus, preset: str
+) -> None:
+    # Envoy's scrapes failed from 6 min before the step until 50 s into it (Envoy ran on):
+    # Prometheus holds `up` 0 for it, so it did run, yet no sample of Envoy's series. They are
+    # no new series: their counters hold the previous candidate's 5000 blue 5xx, which counted
+    # whole as the step's. Another target's `up` 1 says nothing about Envoy's series.
+    envoy_target = {"job": "envoy", "instance": "envoy:9901"}
+    prom.add("up", envoy_target, [(T0 - 360 + 15 * k, 0) for k in range(28)])
+    prom.add("up", envoy_target, [(T0 + 50 + i, 1) for i in range(51)])
+    prom.add(
+        "up", {"job": "node", "instance": "n:9100"}, [(T0 - 360 + 15 * k, 1) for k in range(31)]
+    )
+
+    def scraped(start: float, per_s: float) -> list[tuple[float, float | None]]:
+        return [(T0 + 50 + i, start + per_s * i) for i in range(51)]
+
+    for colour, requests, errors in [("blue", 50_000, 5000), ("green", 200_000, 10)]:
+        prom.add(
+            "envoy_cluster_upstream_rq_completed",
+            {**envoy_target, "envoy_cluster_name": colour},
+            scraped(requests, 10),
+        )
+        prom.add(
+            "envoy_cluster_upstream_rq_xx",
+            {**envoy_target, "envoy_cluster_name": colour, "envoy_response_code_class": "5"},
+            scraped(errors, 0),
+        )
+    provider = (
+        envoy(prom) if preset == "envoy" else PrometheusMetrics(prom.url, queries=ENVOY_AS_CUSTOM)
+    )
+    observation = provider.observe(T0, T0 + 100)
+    assert observation.error is None
+    assert (observation.blue.requests, observation.blue.errors) == (500, 0)
+    assert (observation.green.requests, observation.green.errors) == (500, 0)
+
+
 def test_a_series_restarted_while_stale_as_the_step_begins_counts_from_its_first_scrape(
     prom: FakePrometheus,
 ) -> None:
