@@ -71,7 +71,10 @@ The analysis' `latency.slo_ms` (handed over by `make_metrics`) must be a bound o
 histogram: between two, a request is slow only above the next one up, and every message would
 name the SLO while measuring that bound; above every bound, nothing would ever be slow. The
 bounds are known only once read, so the probe refuses such an SLO when the histogram has series
-then, and every reading says it as an error (`_slo_problem`).
+then, and every reading says it as an error (`_slo_problem`). Blue's histogram must have
+every bound green's has, as the judge counts both colours' slow requests above a bound of
+green's (its p99 bucket): a reading where it lacks one is an error naming it
+(`_bounds_problem`), where blue's requests above it counted only above its next bound up.
 
 No data (no series, NaN) gives zero counts, so the judge says Inconclusive; an unreachable
 Prometheus or a failing query gives `Observation(error=...)` naming the URL, so it says Error —
@@ -340,6 +343,8 @@ class PrometheusMetrics:
             bounds_ms = [bound * 1000.0 for bound, _ in colour_counts.latency_buckets]
             if problem := self._slo_problem(bounds_ms):
                 return Observation(since=since, at=now, error=problem, detail=detail)
+        if problem := self._bounds_problem(counts[Colour.BLUE], counts[Colour.GREEN]):
+            return Observation(since=since, at=now, error=problem, detail=detail)
         return Observation(
             since=since,
             at=now,
@@ -394,6 +399,30 @@ class PrometheusMetrics:
             )
         problem = slo_bound_problem(self.slo_ms, bounds_ms, unit)
         return f"Prometheus at {self.url}: analysis.latency.slo_ms: {problem}" if problem else ""
+
+    def _bounds_problem(self, blue: ColourCounts, green: ColourCounts) -> str:
+        """Why the colours' latency cannot be compared ("": it can): the judge counts both
+        colours' slow requests above one bound of green's histogram (its p99 bucket), and a
+        blue histogram without it counted blue's above its next bound up, so requests slower
+        than the threshold read as not slow (a canary twice as slow as green was promoted)."""
+        blue_ms, green_ms = (
+            {bound * 1000.0 for bound, _ in counts.latency_buckets if math.isfinite(bound)}
+            for counts in (blue, green)
+        )
+        missing = green_ms - blue_ms
+        if not blue_ms or not missing:
+            return ""
+
+        def listed(bounds: set[float]) -> str:
+            return ", ".join(f"{bound:g}" for bound in sorted(bounds))
+
+        return (
+            f"Prometheus at {self.url}: blue's latency histogram has no bound at "
+            f"{listed(missing)} ms, which green's has (blue: {listed(blue_ms)} ms; green: "
+            f"{listed(green_ms)} ms): blue's requests slower than such a bound would count only "
+            "above its next one up, so the colours' latency cannot be compared; give both "
+            "colours' histograms the same buckets"
+        )
 
     def close(self) -> None:
         """Close the HTTP session (and an Azure credential's)."""

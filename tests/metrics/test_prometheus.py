@@ -968,6 +968,45 @@ def envoy_histogram(
         )
 
 
+@pytest.mark.parametrize("preset", ["envoy", "custom"])
+@pytest.mark.parametrize(
+    ("blue_le", "green_le", "refused"),
+    [
+        pytest.param("100 250 500", "100 250 500", "", id="the-same-bounds"),
+        pytest.param(
+            "100 500",
+            "100 250 500",
+            "blue's latency histogram has no bound at 250 ms, which green's has (blue: 100, "
+            "500 ms; green: 100, 250, 500 ms)",
+            id="blue-lacks-one-of-greens",
+        ),
+        # The judge's threshold is a bound of green's (its p99 bucket, or an SLO, which must
+        # be a bound of each): one of blue's that green lacks is never it.
+        pytest.param("100 250 500", "100 500", "", id="green-lacks-one-of-blues"),
+    ],
+)
+def test_colours_histograms_of_other_bounds_are_an_error_when_blue_lacks_one_of_greens(
+    prom: FakePrometheus, preset: str, blue_le: str, green_le: str, refused: str
+) -> None:
+    # Green: 1 % of its requests above 250 ms (its p99 bucket). Blue, every request at 300-400
+    # ms, had no 250 bound: counted slow only above 500, it read as faster than green, and a
+    # canary twice as slow was promoted ("slow-request rate (> 250 ms) shown < 2x baseline").
+    share = {"blue": {"100": 0.0, "250": 0.0}, "green": {"100": 0.5, "250": 0.99}}
+    for colour, bounds in (("blue", blue_le), ("green", green_le)):
+        counter(prom, "envoy_cluster_upstream_rq_completed", colour, [0] * 10 + [4000])
+        histogram = {le: [0] * 10 + [4000 * share[colour].get(le, 1.0)] for le in bounds.split()}
+        envoy_histogram(prom, colour, {**histogram, "+Inf": [0] * 10 + [4000]}, T0 - 10)
+    provider = (
+        envoy(prom) if preset == "envoy" else PrometheusMetrics(prom.url, queries=ENVOY_AS_CUSTOM)
+    )
+    observation = provider.observe(T0 - 5, T0 + 5)
+    if not refused:
+        assert observation.error is None and observation.blue.requests == 4000
+        return
+    assert observation.error is not None
+    assert observation.error.startswith(f"Prometheus at {prom.url}: {refused}: ")
+
+
 def spec_metrics(metrics: dict[str, object], slo_ms: float) -> MetricsProvider:
     """The metrics provider of a spec whose latency check measures against `slo_ms`."""
     spec = spec_from_dict(
