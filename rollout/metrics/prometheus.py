@@ -791,6 +791,9 @@ class PrometheusMetrics:
             if kind in ("scalar", "string"):
                 raise MetricsError(self._no_instant_vector(query, f"a {kind}"))
             raise MetricsError(self._not_the_api(query, "data.result is no list of series"))
+        if not all(_a_series(item) for item in result):
+            # (read unchecked, one raised IndexError or AttributeError out of observe())
+            raise MetricsError(self._not_the_api(query, "a series of another shape"))
         return result
 
     def _keep_answer(self, response: Any, **kwargs: Any) -> Any:
@@ -992,6 +995,24 @@ def _number(raw: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
+
+
+def _a_series(item: dict[str, Any]) -> bool:
+    """Whether `item` is a series as the query API gives it: `metric` labels (names and values
+    strings) and a `value` pair (time, value) or `values`, a list of such pairs."""
+    metric = item.get("metric", {})
+    if not isinstance(metric, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metric.items()
+    ):
+        return False
+
+    def pair(sample: object) -> bool:
+        return isinstance(sample, list) and len(sample) == 2
+
+    if "value" in item and not pair(item["value"]):
+        return False
+    values = item.get("values", [])
+    return isinstance(values, list) and all(pair(sample) for sample in values)
 
 
 def _labels(metric: dict[str, str]) -> Series:

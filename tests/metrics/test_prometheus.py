@@ -312,6 +312,12 @@ def test_no_connection_says_why(url: str, says: str) -> None:
     assert observation.error.startswith(f"Prometheus at {url} {says}")
 
 
+def vector_of(item: object) -> bytes:
+    """A 200 answer of one series `item`."""
+    result = {"resultType": "vector", "result": [item]}
+    return json.dumps({"status": "success", "data": result}).encode()
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -319,6 +325,17 @@ def test_no_connection_says_why(url: str, says: str) -> None:
         pytest.param(b'{"status": "success", "data": {"result": {"a": 1}}}', id="result-no-list"),
         pytest.param(b'{"status": "success", "data": {"result": ["a"]}}', id="items-no-objects"),
         pytest.param(b"<html>login</html>", id="not-json"),
+        # Series of another shape: each once escaped observe() as a traceback (IndexError,
+        # AttributeError), which ended the controller's run.
+        pytest.param(
+            vector_of({"metric": {"envoy_cluster_name": "blue"}, "value": []}), id="no-value"
+        ),
+        pytest.param(vector_of({"metric": {}, "value": "1"}), id="value-no-pair"),
+        pytest.param(vector_of({"metric": None, "value": [T0, "5"]}), id="metric-null"),
+        pytest.param(
+            vector_of({"metric": {"envoy_cluster_name": 1}, "value": [T0, "5"]}),
+            id="label-no-string",
+        ),
     ],
 )
 def test_something_else_answering_200_is_an_error_naming_the_url(body: bytes) -> None:
@@ -367,21 +384,25 @@ def test_the_probe_asks_one_trivial_query_and_reads_no_traffic(prom: FakePrometh
 
 
 @pytest.mark.parametrize(
-    "result",
+    ("result", "why"),
     [
-        pytest.param([], id="no-sample"),
-        pytest.param([{"metric": {}, "value": [T0, "0"]}], id="another-value"),
-        pytest.param([{"metric": {}, "value": "1"}], id="no-sample-pair"),
+        pytest.param([], "not one sample of 1", id="no-sample"),
+        pytest.param(
+            [{"metric": {}, "value": [T0, "0"]}], "not one sample of 1", id="another-value"
+        ),
+        pytest.param(
+            [{"metric": {}, "value": "1"}], "a series of another shape", id="no-sample-pair"
+        ),
     ],
 )
-def test_a_json_answer_that_is_not_vector_1_fails_the_probe(result: list[object]) -> None:
+def test_a_json_answer_that_is_not_vector_1_fails_the_probe(result: list[object], why: str) -> None:
     body = {"status": "success", "data": {"resultType": "vector", "result": result}}
     with Answering(200, json.dumps(body).encode()) as url:
         provider = PrometheusMetrics(url, preset=envoy_preset())
         with pytest.raises(MetricsError) as probed:
             provider.probe()
     assert str(probed.value) == (
-        f"Prometheus at {url}: not a Prometheus API answer to 'vector(1)' (not one sample of 1)"
+        f"Prometheus at {url}: not a Prometheus API answer to 'vector(1)' ({why})"
     )
 
 
