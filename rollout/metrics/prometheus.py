@@ -51,8 +51,8 @@ series a preset reads, scoping it to one Envoy or mesh on a shared Prometheus):
   step); a series a failed scrape marked stale there keeps its last value of the 5 minutes
   before (at `now`: of the whole step, so a pod gone long before the tick still counts), a
   series absent at `since` counts from 0, and one that restarted in the step (`resets()` of
-  its subquery, or a value below its base) is summed piece by piece over its values in the
-  step, as the presets' are. The start probe evaluates each query once.
+  its subquery, or a value of it below its base) is summed piece by piece over its values in
+  the step, as the presets' are. The start probe evaluates each query once.
   When Prometheus holds no successful scrape of its target before `since`, a series absent
   there counts as in the presets (item 1: from its first value in the step, from 0 only if it
   appeared after its target's first), and one whose query dropped `job` and `instance`, when
@@ -651,7 +651,13 @@ class PrometheusMetrics:
             # `now` lost what it served before the restart.
             step = _subquery(exprs[key], span_ms)
             restarted = {s for s, n in self._vector(f"resets({step})", now).items() if n > 0}
-            restarted |= {s for s, v in after[key].items() if v < bases[s][1]}
+            # A restart between `since` and the subquery's first point is no drop between its
+            # points, and its value may have grown back past the base by `now`: a counter that
+            # went below its base restarted.
+            lowest = self._vector(f"min_over_time({step})", now)
+            restarted |= {
+                s for s, v in after[key].items() if min(v, lowest.get(s, v)) < bases[s][1]
+            }
             points = self._matrix(step, now) if restarted else {}
             deltas: dict[Series, int] = {}
             for series, value in after[key].items():

@@ -3,7 +3,8 @@
 It evaluates just the PromQL the provider sends — a selector (`name{a="x",b=~"y|z"}`), a range
 selector (`sel[30s]`, answered as a matrix), `resets(sel[30s])` (and of a subquery),
 `last_over_time(sel[30s])`, `max_over_time(sel[30s])`, a vector compared `== N` (a filter),
-the subqueries `(sel)[60s:1s]` (a matrix) and `last_over_time((sel)[300s:1s])`, `count(...)` of
+the subqueries `(sel)[60s:1s]` (a matrix), `last_over_time((sel)[300s:1s])` and
+`min_over_time((sel)[300s:1s])`, `count(...)` of
 any of these that is a vector, and `vector(1)`
 — against series a test writes with `add(name, labels, [(t, value), ...])`, with Prometheus'
 semantics: an instant selector takes the newest sample at or before `time` within 5 minutes
@@ -170,6 +171,13 @@ class FakePrometheus:
                 # Each series takes its last value in the subquery's range.
                 return "vector", [
                     {"metric": labels, "value": [at, points[-1][1]]}
+                    for labels, points in self._subquery(subquery, at).values()
+                ]
+        if query.startswith("min_over_time((") and query.endswith(")"):
+            subquery = _SUBQUERY.fullmatch(query[len("min_over_time(") : -1])
+            if subquery is not None:
+                return "vector", [
+                    {"metric": labels, "value": [at, _fmt(min(float(v) for _, v in points))]}
                     for labels, points in self._subquery(subquery, at).values()
                 ]
         subquery = _SUBQUERY.fullmatch(query)

@@ -610,6 +610,11 @@ def test_custom_queries(prom: FakePrometheus) -> None:
             10 + 5 + 145,  # grown back above its base: `150 - 100` dropped 110 of them
             id="restarted-and-grown-back-past-the-base",
         ),
+        pytest.param(
+            {"a": [(T0 - 1, 100), (T0 + 1, 30), (T0 + 2, 150), (T0 + 3, 200)]},
+            30 + 120 + 50,  # no drop between the step's points: `200 - 100` dropped 100
+            id="restarted-before-the-first-point-and-grown-back-past-the-base",
+        ),
     ],
 )
 def test_custom_queries_count_each_series_through_failed_scrapes(
