@@ -1136,13 +1136,18 @@ def _counts(
 
 
 def _align(histogram: dict[float, int], requests: int) -> tuple[tuple[float, int], ...]:
-    """Finite cumulative buckets consistent with `requests` (see the module docstring)."""
+    """Cumulative buckets consistent with `requests` (see the module docstring), +Inf's (every
+    request) last: a histogram of that bucket alone is one with no finite bound, which the
+    judge tells apart from none."""
     if not histogram:
         return ()
     in_histogram = histogram.get(math.inf, max(histogram.values()))
     unflushed = max(requests - in_histogram, 0)
-    return tuple(
-        (bound, min(count + unflushed, requests))
-        for bound, count in sorted(histogram.items())
-        if math.isfinite(bound)
+    return (
+        *(
+            (bound, min(count + unflushed, requests))
+            for bound, count in sorted(histogram.items())
+            if math.isfinite(bound)
+        ),
+        (math.inf, requests),
     )

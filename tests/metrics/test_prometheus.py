@@ -12,6 +12,7 @@ the URL (the judge's Error); the Istio and custom presets; the factory.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Iterator
@@ -173,8 +174,28 @@ def test_latency_buckets_in_seconds_and_aligned_with_requests(prom: FakePromethe
     green = observation.green
     assert green.requests == 100
     # the 10 unflushed requests count as fast, never as slow
-    assert green.latency_buckets == ((0.005, 90), (0.025, 98), (0.1, 100))
+    assert green.latency_buckets == ((0.005, 90), (0.025, 98), (0.1, 100), (math.inf, 100))
     assert green.slow(0.02) == 2
+
+
+@pytest.mark.parametrize(
+    ("buckets", "latency_buckets"),
+    [
+        pytest.param({"+Inf": 90}, ((math.inf, 100),), id="its-inf-bucket-alone"),
+        pytest.param({}, (), id="no-histogram"),
+    ],
+)
+def test_a_histogram_of_its_inf_bucket_alone_is_not_reported_as_none(
+    prom: FakePrometheus, buckets: dict[str, float], latency_buckets: tuple[object, ...]
+) -> None:
+    # The +Inf bucket was dropped: the judge said "the metrics source reports no histogram"
+    # where it reports one with no finite bound (its buckets misconfigured), which it tells apart.
+    counter(prom, "envoy_cluster_upstream_rq_completed", "green", [0, 100])
+    for le, value in buckets.items():
+        counter(prom, "envoy_cluster_upstream_rq_time_bucket", "green", [0, value], le=le)
+    observation = envoy(prom).observe(T0 - 10, T0 - 9)
+    assert observation.error is None
+    assert observation.green.latency_buckets == latency_buckets
 
 
 @pytest.mark.parametrize(
@@ -700,7 +721,7 @@ def test_history_counts_the_window_before_the_rollout(prom: FakePrometheus) -> N
     history = envoy(prom).history(T0 - 10, T0)
     assert history.error is None
     assert history.green.requests == 1200 and history.blue.requests == 0
-    assert history.green.latency_buckets == ((0.025, 1000), (0.05, 1190))
+    assert history.green.latency_buckets == ((0.025, 1000), (0.05, 1190), (math.inf, 1200))
 
 
 def test_envoys_own_503s_for_a_dead_canary_count_as_requests_and_errors(
@@ -937,7 +958,7 @@ def test_a_prometheus_that_lost_its_storage_mid_step_counts_from_its_first_scrap
     assert observation.error is None
     assert (observation.blue.requests, observation.blue.errors) == (50, 5)
     assert (observation.green.requests, observation.green.errors) == (500, 4)
-    assert observation.green.latency_buckets == ((0.025, 450),)
+    assert observation.green.latency_buckets == ((0.025, 450), (math.inf, 500))
 
 
 @pytest.mark.parametrize("preset", ["envoy", "custom"])
