@@ -81,7 +81,8 @@ Prometheus or a failing query gives `Observation(error=...)` naming the URL, so 
 and so does an answer with warnings, which the API gives when it answers in part (a Thanos
 querier that could not reach a store: a series missing at the step's start would count from 0,
 one missing at the tick would drop out; "PromQL info:" annotations are no such warning) —
-and so do refused credentials (401/403, said as such), a certificate no trusted CA signed, and a
+and so do refused credentials (401/403, said as such; after a redirect to another host, which
+requests sends no credentials to, said so, naming it), a certificate no trusted CA signed, and a
 secret that cannot be read. Authentication (bearer token, basic auth, Azure Monitor managed
 Prometheus' Entra ID token) and TLS (`ca_file`, `insecure_skip_verify`, `cert_file`/`key_file` for
 mutual TLS) come from the spec through rollout.metrics.prometheus_auth, which also keeps secrets
@@ -91,6 +92,7 @@ out of every message this module makes.
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import logging
 import math
@@ -274,6 +276,8 @@ class PrometheusMetrics:
         # ... and `data.resultType`, when a result is no list of series, from the answer kept.
         self._answer: Any = None
         session.hooks["response"].append(self._keep_answer)
+        # ... and its redirect rules (`should_strip_auth`, untyped), for a 401 after a redirect.
+        self._session: Any = session
         self._client_cert = cert is not None
         self._stale_warned = False  # one warning per stretch of stale samples
         # No retries: the controller asks again next tick, and "down" must show quickly.
@@ -836,6 +840,12 @@ class PrometheusMetrics:
         if status in (401, 403):
             from rollout.metrics.prometheus_auth import AzureBearerAuth
 
+            if self.auth is not None and (elsewhere := self._redirected_without_credentials()):
+                return (
+                    f"Prometheus at {self.url} redirected the request to {elsewhere}, which "
+                    f"refused it (HTTP {status}): credentials are not sent on to another host; "
+                    f"set metrics.url to {elsewhere}"
+                )
             sent = f"with {self.auth!r}" if self.auth is not None else "without credentials"
             refused = f"Prometheus at {self.url} refused the request {sent} (HTTP {status})"
             if status == 403 and isinstance(self.auth, AzureBearerAuth):
@@ -853,6 +863,19 @@ class PrometheusMetrics:
                 f"{self.url}/api/v1/query (metrics.url names the server's root)"
             )
         return f"Prometheus at {self.url} answered HTTP {status} to {query!r}{said}"
+
+    def _redirected_without_credentials(self) -> str:
+        """Where the last answer came from when a redirect on the way dropped the credentials
+        (requests sends no `Authorization` on to another host, port or scheme: its
+        `should_strip_auth`), as the root of its URL; "" when none did."""
+        answer = self._answer
+        history = getattr(answer, "history", None)
+        if not history:
+            return ""
+        urls = [hop.url for hop in history] + [answer.url]
+        if not any(self._session.should_strip_auth(a, b) for a, b in itertools.pairwise(urls)):
+            return ""
+        return str(answer.url).split("/api/v1/", 1)[0]
 
     def _not_the_api(self, query: str, why: str) -> str:
         return f"Prometheus at {self.url}: not a Prometheus API answer to {query!r} ({why})"
