@@ -10,10 +10,10 @@ reads the raw cumulative counters instead, with prometheus-api-client:
    previous rollout's canary's); a series with no sample in the 5 minutes before `since`
    appeared during the step and counts from 0 (Envoy's 5xx series, for one, appears only with
    the first 5xx) — one merely marked stale there by a failed scrape did not. When Prometheus
-   holds none of the colours' requests series there (its storage lost on a restart, or down
-   for all of those 5 minutes), absence says nothing: a series counts from 0 only if it
-   appeared after Prometheus' first scrape of its target in the step (its `job` and
-   `instance`), else from its first sample;
+   holds no successful scrape of a series' target (its `job` and `instance`) there (no series
+   of it, no `up` 1: its scrapes failing for all of those 5 minutes, its storage lost on a
+   restart, or down), absence says nothing: the series counts from 0 only if it appeared after
+   Prometheus' first scrape of its target in the step, else from its first sample (History);
 2. `resets(series[window])` at `now`; for the rare series that restarted inside the window, the
    raw samples of the window are fetched (of those series alone) and the increase is summed piece
    by piece (a drop means the counter restarted from 0), which is exact where `increase()` is not.
@@ -51,14 +51,14 @@ series a preset reads, scoping it to one Envoy or mesh on a shared Prometheus):
   step); a series a failed scrape marked stale there keeps its last value of the 5 minutes
   before (at `now`: of the whole step, so a pod gone long before the tick still counts), a
   series absent at `since` counts from 0, and one that restarted in the step (`resets()` of
-  its subquery, or a value below its base) is summed piece by piece over its values in the
-  step, as the presets' are. The start probe evaluates each query once.
-  When Prometheus holds none of the colours' requests series at `since`, a series absent there
-  counts as in the presets (item 1: from its first value in the step, from 0 only if it
-  appeared after its target's first), and one whose query dropped `job` and `instance` always
-  from its first value. A `sum(...)` is one series: a pod of it that stops being scraped
-  lowers it, which reads as a restart. A query giving no instant vector (`scalar(...)`, a range
-  selector) is an error saying what it gives.
+  its subquery, or a value of it below its base) is summed piece by piece over its values in
+  the step, as the presets' are. The start probe evaluates each query once.
+  When Prometheus holds no successful scrape of its target before `since`, a series absent
+  there counts as in the presets (item 1: from its first value in the step, from 0 only if it
+  appeared after its target's first), and one whose query dropped `job` and `instance`, when
+  Prometheus holds no successful scrape at all, from its first value. A `sum(...)` is one
+  series: a pod of it that stops being scraped lowers it, which reads as a restart. A query
+  giving no instant vector (`scalar(...)`, a range selector) is an error saying what it gives.
 
 Errors are never clamped to the request count. Every error is a request, so when a window
 counts more errors than requests (a scrape caught one counter and not yet the other, or a
@@ -71,14 +71,18 @@ The analysis' `latency.slo_ms` (handed over by `make_metrics`) must be a bound o
 histogram: between two, a request is slow only above the next one up, and every message would
 name the SLO while measuring that bound; above every bound, nothing would ever be slow. The
 bounds are known only once read, so the probe refuses such an SLO when the histogram has series
-then, and every reading says it as an error (`_slo_problem`).
+then, and every reading says it as an error (`_slo_problem`). Blue's histogram must have
+every bound green's has, as the judge counts both colours' slow requests above a bound of
+green's (its p99 bucket): a reading where it lacks one is an error naming it
+(`_bounds_problem`), where blue's requests above it counted only above its next bound up.
 
 No data (no series, NaN) gives zero counts, so the judge says Inconclusive; an unreachable
 Prometheus or a failing query gives `Observation(error=...)` naming the URL, so it says Error —
 and so does an answer with warnings, which the API gives when it answers in part (a Thanos
 querier that could not reach a store: a series missing at the step's start would count from 0,
 one missing at the tick would drop out; "PromQL info:" annotations are no such warning) —
-and so do refused credentials (401/403, said as such), a certificate no trusted CA signed, and a
+and so do refused credentials (401/403, said as such; after a redirect to another host, which
+requests sends no credentials to, said so, naming it), a certificate no trusted CA signed, and a
 secret that cannot be read. Authentication (bearer token, basic auth, Azure Monitor managed
 Prometheus' Entra ID token) and TLS (`ca_file`, `insecure_skip_verify`, `cert_file`/`key_file` for
 mutual TLS) come from the spec through rollout.metrics.prometheus_auth, which also keeps secrets
@@ -88,6 +92,7 @@ out of every message this module makes.
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import logging
 import math
@@ -97,8 +102,8 @@ import ssl
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries, slo_bound_problem
 from rollout.core.types import Colour, ColourCounts, Observation
@@ -138,6 +143,34 @@ STALE_SAMPLE_S = 150.0
 Series = tuple[tuple[str, str], ...]
 #: A scrape target, as its series name it: their `job` and `instance` labels.
 Target = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """What Prometheus holds from the LOOKBACK_S before a step, target by target: whether a
+    series absent there is new in the step (counts from 0) or merely unseen (from its first
+    sample; `_baseline`).
+
+    A target held a successful scrape there (`up` 1, or a sample of a series of it): a series
+    of it absent there is new. One whose scrapes all failed (`up` 0: Envoy ran on, its scrape
+    timed out or was refused) or that Prometheus did not scrape (storage lost, Prometheus down)
+    says nothing: every series of it would count its whole lifetime. Its series count from
+    their first sample, or from 0 if that came after the target's first in the step (`starts`).
+    """
+
+    #: Targets with a successful scrape in the LOOKBACK_S before `since`.
+    scraped: frozenset[Target]
+    #: Targets whose scrapes were looked at (in `scraped` or not).
+    asked: frozenset[Target]
+    #: Whether any target had one: for a series whose query dropped `job` and `instance`.
+    any_scraped: bool
+    #: Per target, the time of the first sample in the step of any of its requests series.
+    starts: dict[Target, float]
+
+    def holds(self, series: Series) -> bool:
+        """Whether a series absent before the step is thereby new in it."""
+        target = _target(series)
+        return self.any_scraped if target is None else target in self.scraped
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +276,8 @@ class PrometheusMetrics:
         # ... and `data.resultType`, when a result is no list of series, from the answer kept.
         self._answer: Any = None
         session.hooks["response"].append(self._keep_answer)
+        # ... and its redirect rules (`should_strip_auth`, untyped), for a 401 after a redirect.
+        self._session: Any = session
         self._client_cert = cert is not None
         self._stale_warned = False  # one warning per stretch of stale samples
         # No retries: the controller asks again next tick, and "down" must show quickly.
@@ -312,6 +347,8 @@ class PrometheusMetrics:
             bounds_ms = [bound * 1000.0 for bound, _ in colour_counts.latency_buckets]
             if problem := self._slo_problem(bounds_ms):
                 return Observation(since=since, at=now, error=problem, detail=detail)
+        if problem := self._bounds_problem(counts[Colour.BLUE], counts[Colour.GREEN]):
+            return Observation(since=since, at=now, error=problem, detail=detail)
         return Observation(
             since=since,
             at=now,
@@ -367,6 +404,30 @@ class PrometheusMetrics:
         problem = slo_bound_problem(self.slo_ms, bounds_ms, unit)
         return f"Prometheus at {self.url}: analysis.latency.slo_ms: {problem}" if problem else ""
 
+    def _bounds_problem(self, blue: ColourCounts, green: ColourCounts) -> str:
+        """Why the colours' latency cannot be compared ("": it can): the judge counts both
+        colours' slow requests above one bound of green's histogram (its p99 bucket), and a
+        blue histogram without it counted blue's above its next bound up, so requests slower
+        than the threshold read as not slow (a canary twice as slow as green was promoted)."""
+        blue_ms, green_ms = (
+            {bound * 1000.0 for bound, _ in counts.latency_buckets if math.isfinite(bound)}
+            for counts in (blue, green)
+        )
+        missing = green_ms - blue_ms
+        if not blue_ms or not missing:
+            return ""
+
+        def listed(bounds: set[float]) -> str:
+            return ", ".join(f"{bound:g}" for bound in sorted(bounds))
+
+        return (
+            f"Prometheus at {self.url}: blue's latency histogram has no bound at "
+            f"{listed(missing)} ms, which green's has (blue: {listed(blue_ms)} ms; green: "
+            f"{listed(green_ms)} ms): blue's requests slower than such a bound would count only "
+            "above its next one up, so the colours' latency cannot be compared; give both "
+            "colours' histograms the same buckets"
+        )
+
     def close(self) -> None:
         """Close the HTTP session (and an Azure credential's)."""
         self._client.close()
@@ -383,12 +444,12 @@ class PrometheusMetrics:
         self, preset: Preset, since: float, now: float
     ) -> tuple[dict[Colour, ColourCounts], dict[str, Any]]:
         values = [self.labels.blue, self.labels.green]
-        requests, starts = self._deltas(preset.requests, values, since, now)
-        # The requests series say whether Prometheus holds the data plane from before the step
-        # (and, when not, when it first scraped each target): that decides for every series.
-        errors, _ = self._deltas(preset.errors, values, since, now, given=starts)
+        requests, history = self._deltas(preset.requests, values, since, now)
+        # The requests series say which targets Prometheus holds from before the step (and,
+        # for the others, when it first scraped each): that decides for every series.
+        errors, _ = self._deltas(preset.errors, values, since, now, given=history)
         buckets = (
-            self._deltas(preset.latency_bucket, values, since, now, given=starts)[0]
+            self._deltas(preset.latency_bucket, values, since, now, given=history)[0]
             if preset.latency_bucket is not None
             else {}
         )
@@ -459,10 +520,10 @@ class PrometheusMetrics:
         since: float,
         now: float,
         *,
-        given: dict[Target, float] | Literal["ask"] | None = "ask",
-    ) -> tuple[dict[Series, int], dict[Target, float] | None]:
-        """Exact counter increase per series from the step's first sample to `now`, and `starts`
-        (below) as these series give it.
+        given: History | None = None,
+    ) -> tuple[dict[Series, int], History]:
+        """Exact counter increase per series from the step's first sample to `now`, and the
+        History (below) as these series give it.
 
         The baseline of a series is its first sample at or after `since`, so traffic from before
         the step — the tail of the previous step, or of the previous rollout's canary — never
@@ -472,13 +533,12 @@ class PrometheusMetrics:
         no sample in the LOOKBACK_S before `since` appeared during the step and counts from 0;
         one merely marked stale at `since` (by a failed scrape) did not.
 
-        That holds while Prometheus holds the history: `starts` None, as `given` by the
-        requests' series set, or (the default, "ask") whether any of these series has a sample
-        there, or else whether Prometheus scraped anything then (`_scraped_before`). One that
-        lost its storage, or was down for all of LOOKBACK_S, holds none, and
-        counting every series from 0 charged the step with the counters' whole history. Then
-        `starts` gives, per target, the time of its first sample in the step: a series first
-        seen later appeared during the step and counts from 0, any other from its first sample.
+        That holds for a series whose target Prometheus scraped successfully in that time
+        (History: as `given` by the requests' series set, more targets asked for as needed).
+        For a target it did not (its scrapes failing, Prometheus' storage lost or Prometheus
+        down for all of LOOKBACK_S), counting every series from 0 charged the step with the
+        counters' whole history: a series of it first seen after the target's first sample in
+        the step appeared during the step and counts from 0, any other from its first sample.
         """
         selector = series_set.selector(values)
         # Range selectors are open on the left: one extra millisecond takes in a sample that
@@ -506,20 +566,16 @@ class PrometheusMetrics:
             if n > 0
         }
         raw = self._raw(series_set, restarted, span_ms, now)
-        # These series say whether Prometheus holds the history, unless the requests' did.
-        holds_history = (
-            (not at_now or bool(existed) or self._scraped_before(since))
-            if given == "ask"
-            else given is None
-        )
-        unscraped = [s for s in at_now if (s in existed or not holds_history) and s not in first]
+        history = self._history(since, existed, [s for s in at_now if s not in existed], given)
+        unscraped = [s for s in at_now if (s in existed or not history.holds(s)) and s not in first]
         if unscraped and search_ms < span_ms:
             raw.update(self._raw(series_set, [s for s in unscraped if s not in raw], span_ms, now))
             first.update((s, raw[s][0]) for s in unscraped if raw.get(s))
-        starts = given if given != "ask" else None if holds_history else _starts(first.items())
+        if given is None:
+            history = replace(history, starts=_starts(first.items()))
         deltas: dict[Series, int] = {}
         for series, value in at_now.items():
-            baseline = _baseline(series, since, first, starts, existed=series in existed)
+            baseline = _baseline(series, since, first, history, existed=series in existed)
             if baseline is None:
                 deltas[series] = 0  # not scraped since the step began
                 continue
@@ -529,7 +585,7 @@ class PrometheusMetrics:
                 deltas[series] = _increase(base, later)
             else:
                 deltas[series] = max(value - base, 0)
-        return deltas, starts
+        return deltas, history
 
     def _raw(
         self, series_set: SeriesSet, wanted: Iterable[Series], span_ms: int, now: float
@@ -568,20 +624,20 @@ class PrometheusMetrics:
         before = {key: self._held(expr, since, LOOKBACK_S) for key, expr in exprs.items()}
         # Held over the whole step: a pod gone since still counts what it served in it.
         after = {key: self._held(expr, now, now - since) for key, expr in exprs.items()}
-        # As for the presets: when none of the colours' requests series has a value at `since`
-        # while some have one now, and Prometheus scraped nothing in the LOOKBACK_S before, it
-        # holds no history (storage lost on a restart, or down), and a series absent at `since`
-        # is not thereby new.
-        requests = [(colour, "requests") for colour in Colour]
+        # As for the presets (History): a series absent at `since` is new in the step only if
+        # Prometheus scraped its target successfully in the LOOKBACK_S before; the others count
+        # from their first value in the step (from 0 only if it came after their target's).
+        history = self._history(
+            since,
+            (s for key in exprs for s in before[key]),
+            (s for key in exprs for s in after[key] if s not in before[key]),
+        )
         first: dict[tuple[Colour, str], dict[Series, tuple[float, int]]] = {}
-        starts: dict[Target, float] | None = None
-        if (
-            not any(before[key] for key in requests)
-            and any(after[key] for key in requests)
-            and not self._scraped_before(since)
-        ):
+        if any(not history.holds(s) for key in exprs for s in after[key] if s not in before[key]):
             first = {key: self._first(expr, since, now, after[key]) for key, expr in exprs.items()}
+            requests = [(colour, "requests") for colour in Colour]
             starts = _starts(item for key in requests for item in first[key].items())
+            history = replace(history, starts=starts)
 
         span_ms = max(round((now - since) * 1000), 1)
 
@@ -592,14 +648,20 @@ class PrometheusMetrics:
                 if series in before[key]:
                     bases[series] = since, before[key][series]
                 else:
-                    baseline = _baseline(series, since, found, starts, existed=False)
+                    baseline = _baseline(series, since, found, history, existed=False)
                     bases[series] = (now, value) if baseline is None else baseline
             # As the presets do: a series that restarted in the step is summed piece by piece
             # over its values in the step (a drop is a restart from 0); comparing `since` with
             # `now` lost what it served before the restart.
             step = _subquery(exprs[key], span_ms)
             restarted = {s for s, n in self._vector(f"resets({step})", now).items() if n > 0}
-            restarted |= {s for s, v in after[key].items() if v < bases[s][1]}
+            # A restart between `since` and the subquery's first point is no drop between its
+            # points, and its value may have grown back past the base by `now`: a counter that
+            # went below its base restarted.
+            lowest = self._vector(f"min_over_time({step})", now)
+            restarted |= {
+                s for s, v in after[key].items() if min(v, lowest.get(s, v)) < bases[s][1]
+            }
             points = self._matrix(step, now) if restarted else {}
             deltas: dict[Series, int] = {}
             for series, value in after[key].items():
@@ -645,13 +707,44 @@ class PrometheusMetrics:
             found.update((s, whole_step[s][0]) for s in missing if whole_step.get(s))
         return found
 
-    def _scraped_before(self, since: float) -> bool:
-        """Whether Prometheus holds any scrape from the LOOKBACK_S before `since` (its own `up`
-        series: one per target, written at every scrape). Counters born with their first
-        request (prometheus_client's labelled children, Istio's) have no series before a quiet
-        step, yet Prometheus holds the history, and a series absent then is new; a Prometheus
-        that lost its storage, or was down, holds nothing. Asked only when no counter tells."""
-        return bool(self._vector(f"count(last_over_time(up[{LOOKBACK_S}s]))", since))
+    def _history(
+        self,
+        since: float,
+        existed: Iterable[Series],
+        absent: Iterable[Series],
+        given: History | None = None,
+    ) -> History:
+        """The History of the targets of these series (`given`'s, and more): a series with a
+        sample in the LOOKBACK_S before `since` says its target was scraped then; for the
+        targets of `absent` series no such series speaks for, Prometheus' own `up` series is
+        asked (`_scraped`). Counters born with their first request (prometheus_client's
+        labelled children, Istio's) have no series before a quiet step, yet their target's
+        `up` says Prometheus holds its history, and a series absent then is new."""
+        existed, absent = list(existed), list(absent)
+        scraped = set(given.scraped if given else ()) | {
+            t for s in existed if (t := _target(s)) is not None
+        }
+        asked = set(given.asked if given else ()) | scraped
+        unknown = {t for s in absent if (t := _target(s)) is not None and t not in asked}
+        if unknown:
+            scraped |= self._scraped(since, unknown)
+            asked |= unknown
+        any_scraped = bool(given and given.any_scraped) or bool(existed) or bool(scraped)
+        if not any_scraped and any(_target(s) is None for s in absent):
+            any_scraped = bool(self._vector(f"count(max_over_time(up[{LOOKBACK_S}s]) == 1)", since))
+        starts = given.starts if given else {}
+        return History(frozenset(scraped), frozenset(asked), any_scraped, starts)
+
+    def _scraped(self, since: float, targets: set[Target]) -> set[Target]:
+        """Which of `targets` Prometheus scraped successfully in the LOOKBACK_S before `since`
+        (`up` 1 there: a failed scrape writes `up` 0, and marks the target's series stale)."""
+        jobs = "|".join(sorted({_promql_string(re.escape(job)) for job, _ in targets}))
+        instances = "|".join(sorted({_promql_string(re.escape(i)) for _, i in targets}))
+        up = f'up{{job=~"{jobs}",instance=~"{instances}"}}'
+        found = self._vector(f"max_over_time({up}[{LOOKBACK_S}s])", since)
+        return {
+            t for series, value in found.items() if value >= 1 and (t := _target(series)) in targets
+        }
 
     def _held(self, expr: str, at: float, lookback_s: float) -> dict[Series, int]:
         """`expr`'s series at `at`; one that a failed scrape marked stale there (or one whose
@@ -708,6 +801,9 @@ class PrometheusMetrics:
             if kind in ("scalar", "string"):
                 raise MetricsError(self._no_instant_vector(query, f"a {kind}"))
             raise MetricsError(self._not_the_api(query, "data.result is no list of series"))
+        if not all(_a_series(item) for item in result):
+            # (read unchecked, one raised IndexError or AttributeError out of observe())
+            raise MetricsError(self._not_the_api(query, "a series of another shape"))
         return result
 
     def _keep_answer(self, response: Any, **kwargs: Any) -> Any:
@@ -744,6 +840,12 @@ class PrometheusMetrics:
         if status in (401, 403):
             from rollout.metrics.prometheus_auth import AzureBearerAuth
 
+            if self.auth is not None and (elsewhere := self._redirected_without_credentials()):
+                return (
+                    f"Prometheus at {self.url} redirected the request to {elsewhere}, which "
+                    f"refused it (HTTP {status}): credentials are not sent on to another host; "
+                    f"set metrics.url to {elsewhere}"
+                )
             sent = f"with {self.auth!r}" if self.auth is not None else "without credentials"
             refused = f"Prometheus at {self.url} refused the request {sent} (HTTP {status})"
             if status == 403 and isinstance(self.auth, AzureBearerAuth):
@@ -761,6 +863,19 @@ class PrometheusMetrics:
                 f"{self.url}/api/v1/query (metrics.url names the server's root)"
             )
         return f"Prometheus at {self.url} answered HTTP {status} to {query!r}{said}"
+
+    def _redirected_without_credentials(self) -> str:
+        """Where the last answer came from when a redirect on the way dropped the credentials
+        (requests sends no `Authorization` on to another host, port or scheme: its
+        `should_strip_auth`), as the root of its URL; "" when none did."""
+        answer = self._answer
+        history = getattr(answer, "history", None)
+        if not history:
+            return ""
+        urls = [hop.url for hop in history] + [answer.url]
+        if not any(self._session.should_strip_auth(a, b) for a, b in itertools.pairwise(urls)):
+            return ""
+        return str(answer.url).split("/api/v1/", 1)[0]
 
     def _not_the_api(self, query: str, why: str) -> str:
         return f"Prometheus at {self.url}: not a Prometheus API answer to {query!r} ({why})"
@@ -911,6 +1026,24 @@ def _number(raw: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _a_series(item: dict[str, Any]) -> bool:
+    """Whether `item` is a series as the query API gives it: `metric` labels (names and values
+    strings) and a `value` pair (time, value) or `values`, a list of such pairs."""
+    metric = item.get("metric", {})
+    if not isinstance(metric, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metric.items()
+    ):
+        return False
+
+    def pair(sample: object) -> bool:
+        return isinstance(sample, list) and len(sample) == 2
+
+    if "value" in item and not pair(item["value"]):
+        return False
+    values = item.get("values", [])
+    return isinstance(values, list) and all(pair(sample) for sample in values)
+
+
 def _labels(metric: dict[str, str]) -> Series:
     # `__name__` is dropped by functions like resets(): leave it out so the keys match.
     return tuple(sorted((k, v) for k, v in metric.items() if k != "__name__"))
@@ -953,24 +1086,26 @@ def _baseline(
     series: Series,
     since: float,
     first: dict[Series, tuple[float, int]],
-    starts: dict[Target, float] | None,
+    history: History,
     *,
     existed: bool,
 ) -> tuple[float, int] | None:
     """Where the step's count of `series` begins, as (time, counter value): (`since`, 0) for a
     series that appeared during the step, else its first sample in the step (None: none).
 
-    While Prometheus holds the history (`starts` None), a series that did not exist before
-    `since` appeared during the step. When it does not, absence says nothing: a series appeared
-    during the step only if its first sample came after its target's first (`starts`); one of
-    no known target (its query dropped `job` and `instance`) counts from its first sample, as
-    it cannot be told from a pod scraped a little later than the others.
+    While Prometheus holds the history of its target (`history.holds`), a series that did not
+    exist before `since` appeared during the step. When it does not, absence says nothing: a
+    series appeared during the step only if its first sample came after its target's first
+    (`history.starts`); one of no known target (its query dropped `job` and `instance`) counts
+    from its first sample, as it cannot be told from a pod scraped a little later than the
+    others.
     """
     found = first.get(series)
     if not existed:
-        if starts is None:
+        if history.holds(series):
             return since, 0
         target = _target(series)
+        starts = history.starts
         if found is not None and target is not None and found[0] > starts.get(target, math.inf):
             return since, 0
     return found
@@ -1024,13 +1159,18 @@ def _counts(
 
 
 def _align(histogram: dict[float, int], requests: int) -> tuple[tuple[float, int], ...]:
-    """Finite cumulative buckets consistent with `requests` (see the module docstring)."""
+    """Cumulative buckets consistent with `requests` (see the module docstring), +Inf's (every
+    request) last: a histogram of that bucket alone is one with no finite bound, which the
+    judge tells apart from none."""
     if not histogram:
         return ()
     in_histogram = histogram.get(math.inf, max(histogram.values()))
     unflushed = max(requests - in_histogram, 0)
-    return tuple(
-        (bound, min(count + unflushed, requests))
-        for bound, count in sorted(histogram.items())
-        if math.isfinite(bound)
+    return (
+        *(
+            (bound, min(count + unflushed, requests))
+            for bound, count in sorted(histogram.items())
+            if math.isfinite(bound)
+        ),
+        (math.inf, requests),
     )

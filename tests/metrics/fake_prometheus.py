@@ -2,8 +2,9 @@
 
 It evaluates just the PromQL the provider sends — a selector (`name{a="x",b=~"y|z"}`), a range
 selector (`sel[30s]`, answered as a matrix), `resets(sel[30s])` (and of a subquery),
-`last_over_time(sel[30s])`,
-the subqueries `(sel)[60s:1s]` (a matrix) and `last_over_time((sel)[300s:1s])`, `count(...)` of
+`last_over_time(sel[30s])`, `max_over_time(sel[30s])`, a vector compared `== N` (a filter),
+the subqueries `(sel)[60s:1s]` (a matrix), `last_over_time((sel)[300s:1s])` and
+`min_over_time((sel)[300s:1s])`, `count(...)` of
 any of these that is a vector, and `vector(1)`
 — against series a test writes with `add(name, labels, [(t, value), ...])`, with Prometheus'
 semantics: an instant selector takes the newest sample at or before `time` within 5 minutes
@@ -132,6 +133,10 @@ class FakePrometheus:
         query = query.strip()
         if query == "vector(1)":
             return "vector", [{"metric": {}, "value": [at, "1"]}]
+        if (compared := re.fullmatch(r"(.*) == (\d+)", query)) is not None:
+            kind, items = self.evaluate(compared.group(1), at)
+            wanted = float(compared.group(2))
+            return kind, [item for item in items if float(item["value"][1]) == wanted]
         if query.startswith("count(") and query.endswith(")"):
             kind, items = self.evaluate(query[len("count(") : -1], at)
             if kind != "vector":
@@ -168,6 +173,13 @@ class FakePrometheus:
                     {"metric": labels, "value": [at, points[-1][1]]}
                     for labels, points in self._subquery(subquery, at).values()
                 ]
+        if query.startswith("min_over_time((") and query.endswith(")"):
+            subquery = _SUBQUERY.fullmatch(query[len("min_over_time(") : -1])
+            if subquery is not None:
+                return "vector", [
+                    {"metric": labels, "value": [at, _fmt(min(float(v) for _, v in points))]}
+                    for labels, points in self._subquery(subquery, at).values()
+                ]
         subquery = _SUBQUERY.fullmatch(query)
         if subquery is not None:
             return "matrix", [
@@ -178,6 +190,13 @@ class FakePrometheus:
             selector, window = _range(query[len("last_over_time(") : -1])
             result = [
                 {"metric": labels, "value": [at, _fmt(inside[-1][1])]}
+                for labels, inside in self._ranges(selector, window, at)
+            ]
+            return "vector", result
+        if query.startswith("max_over_time(") and query.endswith(")"):
+            selector, window = _range(query[len("max_over_time(") : -1])
+            result = [
+                {"metric": _without_name(labels), "value": [at, _fmt(max(v for _, v in inside))]}
                 for labels, inside in self._ranges(selector, window, at)
             ]
             return "vector", result

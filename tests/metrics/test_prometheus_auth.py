@@ -16,6 +16,8 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from rollout.metrics.factory import make_metrics
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset
 from rollout.metrics.prometheus_auth import PROMETHEUS_SCOPE, AzureBearerAuth
 from tests.fakes.arm import StaticCredential
+from tests.fakes.server import LocalServer
 from tests.fakes.tls import Pki, make_pki
 from tests.metrics.fake_prometheus import FakePrometheus
 
@@ -112,6 +115,50 @@ def test_without_credentials_a_401_is_an_error_naming_the_url(prom: FakePromethe
     observation = provider(prom.url).observe(T0 - 10, T0)
     assert observation.error is not None
     assert prom.url in observation.error and "HTTP 401" in observation.error
+
+
+@contextmanager
+def redirecting(to: str) -> Iterator[str]:
+    """A server answering every GET with a 308 to the same path under `to`; yields its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(308)
+            self.send_header("Location", f"{to}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = LocalServer(Handler)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def test_a_401_after_a_redirect_to_another_host_names_it_not_the_credentials(
+    prom: FakePrometheus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # requests sends no `Authorization` on to another host, so the right token got a 401 there,
+    # and the error said Prometheus refused the token (naming the url that redirected).
+    monkeypatch.setenv("PROM_TOKEN", TOKEN)
+    prom.require_authorization = f"Bearer {TOKEN}"
+    there = prom.url.replace("127.0.0.1", "localhost")
+    with redirecting(there) as url:
+        metrics = provider(url, bearer_token_env="PROM_TOKEN")
+        observation = metrics.observe(T0 - 10, T0)
+        with pytest.raises(MetricsError) as probed:
+            metrics.probe()
+        metrics.close()
+    said = (
+        f"Prometheus at {url} redirected the request to {there}, which refused it (HTTP 401): "
+        f"credentials are not sent on to another host; set metrics.url to {there}"
+    )
+    assert (observation.error, str(probed.value)) == (said, said)
+    assert set(prom.authorizations) == {None}
 
 
 def test_a_token_file_is_read_again_when_it_changes(prom: FakePrometheus, tmp_path: Path) -> None:

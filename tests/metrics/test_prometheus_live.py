@@ -25,6 +25,7 @@ from rollout.core.types import Colour, Weights
 from rollout.errors import MetricsError
 from rollout.local.envoy import EnvoyProcess
 from rollout.local.prometheus import PrometheusProcess
+from rollout.metrics import prometheus
 from rollout.metrics.prometheus import PrometheusMetrics, envoy_preset
 from rollout.routers.envoy import EnvoyRouter
 from tests.fakes.server import LocalServer
@@ -232,23 +233,36 @@ def reading(provider: PrometheusMetrics, preset: str) -> PrometheusMetrics:
     return provider if preset == "envoy" else PrometheusMetrics(provider.url, queries=CUSTOM)
 
 
+def failing_across_a_step_start(
+    target: ScrapeTarget, provider: PrometheusMetrics, preset: str, failing_s: float
+) -> tuple[int, int]:
+    """Blue's (requests, errors) over a step that begins while Envoy's scrapes have failed for
+    `failing_s` (at least one scrape) and ends after 10 requests of its own."""
+    target.failing.set()
+    wait_until('up{job="envoy"}', lambda up: up == 0, provider)  # series marked stale
+    time.sleep(failing_s)
+    since = time.time()
+    target.failing.clear()
+    scraped_after(since, provider)
+    target.counters[REQUESTS] += 10  # the step's own traffic, after its first scrape
+    scraped_after(time.time(), provider)
+    observation = reading(provider, preset).observe(since, time.time())
+    assert observation.error is None
+    return observation.blue.requests, observation.blue.errors
+
+
 @pytest.mark.parametrize("preset", ["envoy", "custom"])
 def test_a_failed_scrape_as_the_step_begins_counts_only_the_steps_traffic(
-    tmp_path: Path, preset: str
+    tmp_path: Path, preset: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Envoy's counters after a previous rollout whose canary failed.
     with scraping(tmp_path, {REQUESTS: 50_000, ERRORS: 9_000}) as (target, provider):
-        target.failing.set()
-        wait_until('up{job="envoy"}', lambda up: up == 0, provider)  # series marked stale
-        since = time.time()
-        target.failing.clear()
-        scraped_after(since, provider)
-        target.counters[REQUESTS] += 10  # the step's own traffic, after its first scrape
-        scraped_after(time.time(), provider)
-        observation = reading(provider, preset).observe(since, time.time())
-
-    assert observation.error is None
-    assert (observation.blue.requests, observation.blue.errors) == (10, 0)
+        assert failing_across_a_step_start(target, provider, preset, 0) == (10, 0)
+        # Scrapes failing for all of the lookback (5 minutes, shrunk to 2 s here): no sample of
+        # Envoy's series there, only `up` 0. They are not new: counted from 0, each charged
+        # the step with its whole history (50 020 requests and 9 000 errors).
+        monkeypatch.setattr(prometheus, "LOOKBACK_S", 2)
+        assert failing_across_a_step_start(target, provider, preset, 3) == (10, 0)
 
 
 @pytest.mark.parametrize("preset", ["envoy", "custom"])
