@@ -1156,14 +1156,20 @@ def _analyse(
         status = replace(status, consecutive_errors=status.consecutive_errors + 1)
         record["metrics_error"] = obs.error
 
+    notes: list[str] = []
+    if status.commands and _condemned(spec, status, obs, now, served):
+        # This tick's counts (a whole hold's, for a `run` restarted to obey a human's answer)
+        # fail the candidate: a promote, set-weight, resume or pause obeyed unjudged would
+        # serve a proven regression more (or all) traffic. The judge below rolls back.
+        status, notes = _drop_commands(
+            status, "dropped, not acted on: this tick's counts fail the candidate"
+        )
     if status.commands:
         before = (status.phase, status.step_index)
         status, actions, notes = _handle_commands(spec, status, now, served)
         if actions or (status.phase, status.step_index) != before:
             record["checks"] = _check_record(spec, status)
             return _decide(status, actions, record, notes)
-    else:
-        notes = []
 
     if drift and served is not None:  # (commands that changed nothing leave it as it was)
         # Before the judge: whatever these counts say, they are not this step's evidence.
@@ -1246,6 +1252,20 @@ def _analyse(
             notes,
         )
     return _decide(replace(status, reason=reason), (), record, notes)
+
+
+def _condemned(
+    spec: RolloutSpec, status: Status, obs: Observation | None, now: float, served: Served | None
+) -> bool:
+    """Whether the judge fails the candidate on the counts in hand, before the queued commands
+    are obeyed: only on a usable observation of a data plane that serves what the rollout set
+    (this tick's reading, else the held status's), and not with an abort queued (it rolls back
+    as it always has)."""
+    if obs is None or obs.error is not None or queued_abort(status, status.commands):
+        return False
+    if _drift(status, served if served is not None else status.served):
+        return False
+    return _judge(spec, status, obs, now)[0] is Verdict.FAILED
 
 
 def _follow_plan(spec: RolloutSpec, status: Status, record: dict[str, Any]) -> tuple[Status, str]:

@@ -468,6 +468,58 @@ def test_an_abort_read_while_promoting_rolls_back_to_green() -> None:
     assert "while promoting" in decision.status.reason
 
 
+HELD = replace(progressing(), phase=Phase.PAUSED, held=True, reason="held for a human: ...")
+
+
+@pytest.mark.parametrize(
+    ("start", "command"),
+    [
+        pytest.param(HELD, cmd("promote"), id="promote-of-a-held-rollout"),
+        pytest.param(HELD, cmd("set_weight", 50), id="set-weight-of-a-held-rollout"),
+        pytest.param(HELD, cmd("resume"), id="resume-of-a-held-rollout"),
+        pytest.param(HELD, cmd("pause"), id="pause-of-a-held-rollout"),
+        pytest.param(progressing(), cmd("promote"), id="promote-while-progressing"),
+        pytest.param(progressing(), cmd("set_weight", 100), id="set-weight-100-promotes"),
+        pytest.param(progressing(), cmd("pause"), id="pause-while-progressing"),
+    ],
+)
+def test_counts_that_fail_the_candidate_win_over_the_commands_of_their_tick(
+    start: Status, command: Command
+) -> None:
+    """Was: the commands were obeyed and the tick never judged. A `run` restarted to obey a
+    human's answer to a hold folds the whole hold's counts in its first tick: a 50 %-error
+    candidate was promoted (or set to 50 %, or resumed and rolled back an interval late)."""
+    status = with_commands(start, [command])
+    decision = step(SPEC, status, obs(blue=(5000, 2500), green=(45000, 450), at=30.0), 30.0)
+    assert decision.status.phase is Phase.ROLLING_BACK, decision.status.reason
+    assert decision.actions == (SetWeights(0),)
+    assert decision.status.verdict is Verdict.FAILED
+    assert decision.status.reason.startswith("rolled back at step 10 %: canary error")
+    assert decision.status.commands == ()
+    assert decision.record["commands"] == [
+        f"{command.kind} by ann: dropped, not acted on: this tick's counts fail the candidate"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("reading", "phase"),
+    [
+        pytest.param(obs(blue=(5000, 2500), green=(45000, 450), at=30.0), Phase.ROLLING_BACK),
+        pytest.param(obs(blue=(500, 1), green=(4500, 10), at=30.0), Phase.PROMOTING),
+        pytest.param(obs(error="prometheus: connection refused", at=30.0), Phase.PROMOTING),
+    ],
+    ids=["failed-counts", "clean-counts", "unreadable-metrics"],
+)
+def test_an_abort_rolls_back_as_before_and_a_promote_acts_unless_the_counts_fail(
+    reading: Any, phase: Phase
+) -> None:
+    aborted = step(SPEC, with_commands(HELD, [cmd("abort")]), reading, 30.0)
+    assert aborted.status.phase is Phase.ROLLING_BACK
+    assert aborted.status.reason == "aborted by ann: blue back to 0 %"
+    promoted = step(SPEC, with_commands(HELD, [cmd("promote")]), reading, 30.0)
+    assert promoted.status.phase is phase
+
+
 def test_a_command_is_handled_once_even_if_delivered_again() -> None:
     first = step(SPEC, with_commands(progressing(), [cmd("pause")]), obs(at=30.0), 30.0)
     again = with_commands(first.status, [cmd("pause")])
