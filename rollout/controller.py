@@ -557,7 +557,16 @@ class Controller:
         left = status.pending[status.applied :]
         colours = ((Colour.GREEN, status.stable), (Colour.BLUE, status.candidate))
         deployed = colours[:1] if first else colours  # what the rollout has deployed so far
-        serving = {colour: self.router.release(colour) for colour, _ in colours}
+        try:
+            serving = {colour: self.router.release(colour) for colour, _ in colours}
+        except (RouterRefused, RouterUnavailable):
+            raise  # (an answer, or nothing answers: a deploy would meet it too)
+        except RouterError as exc:
+            # A blip (an Azure deployment mid-update), as a tick's `_served` takes it: no reason
+            # to stop guarding, nor to stop an abort. The first tick checks the data plane (a
+            # change holds it for a human); an abort's weights come next regardless.
+            log.warning("cannot read what the data plane serves (%s): not restoring it now", exc)
+            return status
         redeploying = {a.colour for a in left if isinstance(a, Deploy)}
         if not aborting and any(
             release is not None and (there := serving[colour]) is not None and release.unlike(there)
@@ -625,7 +634,13 @@ class Controller:
             return status
         if any(isinstance(a, Deploy) and a.colour is Colour.BLUE for a in left):
             return status  # deployed by the pending actions themselves, before their weights
-        if self.router.release(Colour.BLUE) is not None:
+        try:
+            if self.router.release(Colour.BLUE) is not None:
+                return status
+        except (RouterRefused, RouterUnavailable):
+            raise
+        except RouterError as exc:  # a blip, as in `_restore_data_plane`: the weights are tried
+            log.warning("cannot read what blue serves (%s): not redeploying it", exc)
             return status
         repair = Deploy(Colour.BLUE, status.candidate)
         log.warning(

@@ -590,6 +590,66 @@ def test_a_resumed_rollback_is_retried_through_a_blip(tmp_path: Path) -> None:
     assert blip.get_weights() == Weights.blue_at(0)
 
 
+class BlueUnreadable(MemoryRouter):
+    """Blue's release cannot be read (an Azure deployment mid-update); weights work."""
+
+    def release(self, colour: Colour) -> Release | None:
+        if colour is Colour.BLUE:
+            raise RouterError("deployment blue is Updating: try again when it has")
+        return super().release(colour)
+
+
+@pytest.mark.parametrize(
+    ("queued", "reason"),
+    [
+        pytest.param([], "rolled back at step 10 %", id="a-regression-is-still-rolled-back"),
+        pytest.param(["abort"], "aborted by ann", id="a-queued-abort-is-still-applied"),
+    ],
+)
+def test_a_resumed_run_goes_on_through_a_blip_reading_a_colour_s_release(
+    tmp_path: Path, queued: list[str], reason: str
+) -> None:
+    """Was: exit 2 before any tick, while a running controller shrugs the same blip off."""
+    store = FileStateStore(tmp_path, SPEC.name)
+    first, _ = controller(
+        tmp_path, MemoryRouter(releases={Colour.GREEN: V1}), StaticMetrics([]), store=store
+    )
+    stopped = first.run(max_ticks=2)
+    assert stopped.phase is Phase.PROGRESSING and stopped.blue_weight == 10
+    for n, kind in enumerate(queued):
+        command = Command(id=f"c{n}", kind=kind, by="ann", rollout=stopped.id)  # type: ignore[arg-type]
+        store.push_command(command)
+    router = BlueUnreadable(
+        releases={Colour.GREEN: V1, Colour.BLUE: V2}, weights=Weights.blue_at(10)
+    )
+    regression = StaticMetrics(
+        [
+            StaticTick.model_validate(
+                {
+                    "blue": {"requests": 400, "errors": 200},
+                    "green": {"requests": 3600, "errors": 36},
+                }
+            )
+        ]
+    )
+    resumed, _ = controller(tmp_path, router, regression, store=store)
+    final = resumed.run(max_ticks=1)
+    assert final.phase is Phase.ROLLING_BACK and final.reason.startswith(reason)
+    assert router.get_weights() == Weights.blue_at(0)
+
+
+def test_a_step_up_left_pending_is_applied_through_a_blip_reading_blue_s_release(
+    tmp_path: Path,
+) -> None:
+    store, decided = stopped_before_step_up(tmp_path)
+    router = BlueUnreadable(
+        releases={Colour.GREEN: V1, Colour.BLUE: V2}, weights=Weights.blue_at(10)
+    )
+    resumed, _ = controller(tmp_path, router, StaticMetrics([]), store=store)
+    assert resumed.start().applied == len(decided.pending)
+    assert router.get_weights() == Weights.blue_at(50)
+
+
 def test_a_dead_router_stops_the_controller_and_a_restart_finishes_the_job(
     tmp_path: Path,
 ) -> None:
