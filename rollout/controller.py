@@ -45,6 +45,7 @@ from rollout.core.machine import (
     first_release_limits,
     judge_first,
     new_status,
+    promotion_unapplied,
     queued_abort,
     step,
     unread_from,
@@ -504,7 +505,7 @@ class Controller:
         that reads one (Promoting too: a promotion whose weights the router refuses for good
         is left by an abort, never applied again)."""
         readers = (Phase.INITIALIZING, Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING)
-        if status.phase not in readers:
+        if status.phase not in readers and not promotion_unapplied(status):
             return False
         queued = with_commands(status, self.store.commands()).commands
         return queued_abort(status, queued) is not None
@@ -525,6 +526,10 @@ class Controller:
         log.warning("an abort is queued: not applying %s", "; ".join(skipped))
         if self.ledger is not None:  # the ledger's decision line said they would be
             self.ledger.append({"event": "skipped", "at": self.clock.now(), "describe": skipped})
+        if promotion_unapplied(status):
+            # Its deploy to green skipped, Finalising serves what Promoting does (blue 100 %,
+            # green the stable release): the machine reads the abort there.
+            return replace(status, phase=Phase.PROMOTING, pending=(), applied=0)
         return replace(status, pending=(), applied=0)
 
     def _restore_data_plane(self, status: Status, *, aborting: bool = False) -> Status:
@@ -577,7 +582,9 @@ class Controller:
         repairs: list[Action] = [
             Deploy(colour, release)
             for colour, release in (colours[:1] if aborting else deployed)
-            if release is not None and serving[colour] is None and colour not in redeploying
+            if release is not None
+            and (serving[colour] is None or (aborting and self._ours_on_green(status, serving)))
+            and colour not in redeploying
         ]
         if first and not repairs:
             return status  # its first tick sets the weights (a new endpoint has none to read)
@@ -618,6 +625,21 @@ class Controller:
             if (failed := self._apply_or_fail(action, status)) is not None:
                 return failed
         return status
+
+    @staticmethod
+    def _ours_on_green(status: Status, serving: dict[Colour, Release | None]) -> bool:
+        """Whether green serves this rollout's candidate while the status says the stable
+        release: its own Blue_Green, failed half-way, before an abort sends green all traffic
+        (another release there is production moved on, not this rollout's to undo)."""
+        green, candidate = serving[Colour.GREEN], status.candidate
+        stable = status.stable
+        return (
+            green is not None
+            and candidate is not None
+            and stable is not None
+            and stable.unlike(green)
+            and not candidate.unlike(green)
+        )
 
     def _redeploy_lost_blue(self, status: Status) -> Status:
         """Deploy the candidate to a blue serving nothing when the pending weights send it

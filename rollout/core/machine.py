@@ -20,7 +20,9 @@ its actions through the router. Phases (terminal in brackets):
   `on_inconclusive` (hold = Paused for a human, or roll back). Metrics errors count as
   Inconclusive until `max_consecutive_errors` in a row, then the same policy applies.
 - Paused: no step advances, but the judge keeps watching: a clear regression still rolls back.
-- Promoting reads an abort (green still serves the stable release): RollingBack, blue to 0 %.
+- Promoting reads an abort (green still serves the stable release): RollingBack, blue to 0 %;
+  so does Finalising while its deploy to green is unapplied (`promotion_unapplied`: the
+  controller hands it over as Promoting).
 - Operator commands (pause, resume, promote, abort, set_weight) arrive queued in the status and
   are handled here, in order, at the start of a tick — never racing an analysis.
 - A data plane that no longer serves what the rollout set (another rollout on it, a hand edit;
@@ -303,6 +305,16 @@ def queued_abort(status: Status, commands: Iterable[Command]) -> Command | None:
         if command.kind == "abort":
             return command
     return None
+
+
+def promotion_unapplied(status: Status) -> bool:
+    """Whether a Finalising rollout's Blue_Green (green ← the candidate) is still to be applied:
+    green then still serves the stable release, and an abort undoes the promotion as in
+    Promoting. The way out of a deploy to green that fails for good (no quota for a second copy
+    of the candidate): every `run` stopped at it, and no command was read."""
+    return status.phase is Phase.FINALISING and any(
+        isinstance(a, Deploy) and a.colour is Colour.GREEN for a in status.pending[status.applied :]
+    )
 
 
 def _abort_promotion(status: Status, abort: Command) -> tuple[Status, tuple[Action]]:

@@ -550,6 +550,48 @@ def test_a_candidate_that_cannot_be_deployed_again_on_resume_fails_the_rollout(
     assert ctl.store.load() == final
 
 
+class NoQuotaOnGreen(MemoryRouter):
+    """Green cannot take a second copy of the candidate (no quota): its Blue_Green fails for
+    good; `half_way`: green reports the candidate after the failure."""
+
+    half_way = False
+
+    def deploy(self, colour: Colour, release: Release) -> None:
+        if colour is Colour.GREEN and release == V2:
+            if self.half_way:
+                super().deploy(colour, release)
+            raise DeployFailed("diabetes-green: pods never ready (quota exceeded)")
+        super().deploy(colour, release)
+
+
+@pytest.mark.parametrize("half_way", [False, True], ids=["green-untouched", "green-half-way"])
+def test_a_promotion_whose_deploy_to_green_fails_for_good_can_be_aborted(
+    tmp_path: Path, half_way: bool
+) -> None:
+    """Was: stuck in Finalising for ever, every `run` stopping at the deploy, every command
+    refused. Green still serves the stable release (else gets it again): an abort rolls back."""
+    journal = tmp_path / "journal.jsonl"
+    router = NoQuotaOnGreen(releases={Colour.GREEN: V1}, journal=journal)
+    router.half_way = half_way
+    clean = StaticTick.model_validate(
+        {"blue": {"requests": 5000, "errors": 0}, "green": {"requests": 50000, "errors": 500}}
+    )
+    ctl, _ = controller(tmp_path, router, StaticMetrics([clean]))
+    with pytest.raises(DeployFailed, match="quota"):
+        ctl.run(max_ticks=20)
+    stuck = ctl.store.load()
+    assert stuck is not None and stuck.phase is Phase.FINALISING
+    assert router.get_weights() == Weights.blue_at(100)
+    ctl.store.push_command(Command(id="a", kind="abort", by="ann", rollout=stuck.id))
+    again, _ = controller(tmp_path, router, StaticMetrics([clean]))
+    final = again.run(max_ticks=5)
+    assert final.phase is Phase.ROLLED_BACK, final.reason
+    assert final.reason.startswith("aborted by ann while promoting: blue back to 0 %")
+    assert router.get_weights() == Weights.blue_at(0) and router.release(Colour.GREEN) == V1
+    story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
+    assert "not applied, an abort being queued: deploy diabetes:2 to green" in story
+
+
 def test_the_stable_release_that_cannot_be_deployed_is_an_error_for_a_human(
     tmp_path: Path,
 ) -> None:
