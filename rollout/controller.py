@@ -237,12 +237,16 @@ class Controller:
                 if max_ticks is not None and ticks >= max_ticks:
                     break
                 if stop_when_paused and status.phase is Phase.PAUSED and status.held:
-                    # Held for a human: stop, unless the human has already answered.
+                    # Held for a human: stop, unless the human has already answered; judged
+                    # once first (a `run` begun on a hold), as a hold still guards: blue served
+                    # its weight with no controller, and a regression since then rolls back.
                     status = with_commands(status, self.store.commands())
-                    if not status.commands:
+                    if not status.commands and ticks:
                         break
                 status = self.tick(status)
                 ticks += 1
+                if stop_when_paused and status.phase is Phase.PAUSED and status.held:
+                    continue  # (returns at once above: no interval's wait for nothing)
                 if not status.terminal and status.phase not in TRANSITIONAL:
                     self._wait(self.spec.analysis.interval_s, status)
             return status

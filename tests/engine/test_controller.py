@@ -991,6 +991,38 @@ def test_a_held_rollout_acts_on_the_answer_queued_while_no_controller_ran(tmp_pa
     assert resumed.phase is Phase.PROGRESSING and resumed.reason == "resumed by ann"
 
 
+@pytest.mark.parametrize(
+    ("blue_errors", "phase"),
+    [
+        pytest.param(2500, Phase.ROLLED_BACK, id="a-regression-since-is-rolled-back"),
+        pytest.param(0, Phase.PAUSED, id="else-it-returns-held-after-one-look"),
+    ],
+)
+def test_run_again_on_a_hold_judges_the_counts_before_it_returns(
+    tmp_path: Path, blue_errors: int, phase: Phase
+) -> None:
+    """Was: `run` returned at once (exit 4) without a look, while blue kept serving the held
+    weight: the docs say a hold still guards, a regression still rolls back."""
+    spec = make_spec(analysis={"max_step_duration_s": 30})
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    few = StaticTick.model_validate(
+        {"blue": {"requests": 50, "errors": 0}, "green": {"requests": 450, "errors": 5}}
+    )
+    ctl, _ = controller(tmp_path, router, StaticMetrics([few]), spec=spec)
+    held = ctl.run(max_ticks=50, stop_when_paused=True)
+    assert held.phase is Phase.PAUSED and held.held
+    since = StaticTick.model_validate(
+        {
+            "blue": {"requests": 5000, "errors": blue_errors},
+            "green": {"requests": 45000, "errors": 450},
+        }
+    )
+    again, _ = controller(tmp_path, router, StaticMetrics([since]), spec=spec)
+    final = again.run(max_ticks=50, stop_when_paused=True)
+    assert final.phase is phase and final.tick == held.tick + (2 if final.terminal else 1)
+    assert router.get_weights() == Weights.blue_at(0 if final.terminal else 10)
+
+
 def test_commands_of_an_ended_rollout_are_not_replayed_on_the_next(tmp_path: Path) -> None:
     router = MemoryRouter(releases={Colour.GREEN: V1})
     store = FileStateStore(tmp_path, SPEC.name)
