@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -835,6 +836,30 @@ def test_an_unreadable_status_file_is_a_state_error(tmp_path: Path) -> None:
     (tmp_path / "t.status.json").write_text("{not json")
     with pytest.raises(StateError, match="not a rollout status"):
         FileStateStore(tmp_path, "t").load()
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        pytest.param({"blue_weight": 150}, "weights must be within 0..100", id="blue-150"),
+        pytest.param({"mirror": 5}, "blue is mirrored only while", id="mirror-with-blue-10"),
+        pytest.param({"tick": 1e400}, "a number out of range", id="tick-1e400"),
+        pytest.param({"held": "false"}, "held must be true or false", id="held-a-string"),
+        pytest.param({"applied": -1}, "applied -1 of [0-9]+ pending", id="applied-below-0"),
+    ],
+)
+def test_a_status_edited_into_impossible_values_is_a_state_error_at_load(
+    tmp_path: Path, edit: dict[str, Any], said: str
+) -> None:
+    """Was: loaded, then a traceback from `status` or the first tick (exit 1) that used it."""
+    store = FileStateStore(tmp_path, "t")
+    ctl, _ = controller(tmp_path, MemoryRouter(releases={Colour.GREEN: V1}), StaticMetrics([]))
+    at_10 = ctl.run(max_ticks=1)
+    assert at_10.blue_weight == 10
+    path = tmp_path / "t.status.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with pytest.raises(StateError, match=f"not a rollout status: {said}.*move it aside"):
+        store.load()
 
 
 def test_a_torn_command_line_is_skipped_and_never_swallows_the_next(tmp_path: Path) -> None:
