@@ -542,7 +542,11 @@ def _handle_commands(
             if back:
                 status, served = replace(status, served=None), None  # as after a resume
         elif cmd.kind == "pause":
-            status = replace(status, phase=Phase.PAUSED, reason=f"paused{who}")
+            # Of a held rollout: the human's answer, an operator's pause from now on (its `run`
+            # goes on guarding, as the docs say), the hold's why kept. (Was: still held, `run`
+            # returned at once, and the why was gone.)
+            was = f" (was {status.reason})" if status.held else ""
+            status = replace(status, phase=Phase.PAUSED, held=False, reason=f"paused{who}{was}")
         elif cmd.kind == "resume":
             if status.phase is not Phase.PAUSED:
                 notes.append("resume: ignored, not paused")

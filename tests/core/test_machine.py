@@ -520,6 +520,14 @@ def test_an_abort_rolls_back_as_before_and_a_promote_acts_unless_the_counts_fail
     assert promoted.status.phase is phase
 
 
+def test_a_pause_of_a_held_rollout_makes_it_an_operator_s_pause_that_keeps_why() -> None:
+    """Was: still held, its reason overwritten: `run` returned at once (exit 4), and `status`
+    no longer said why it had been held."""
+    decision = step(SPEC, with_commands(HELD, [cmd("pause")]), obs(at=30.0), 30.0)
+    assert decision.status.phase is Phase.PAUSED and not decision.status.held
+    assert decision.status.reason == "paused by ann (was held for a human: ...)"
+
+
 def test_a_command_is_handled_once_even_if_delivered_again() -> None:
     first = step(SPEC, with_commands(progressing(), [cmd("pause")]), obs(at=30.0), 30.0)
     again = with_commands(first.status, [cmd("pause")])
