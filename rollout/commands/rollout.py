@@ -881,7 +881,7 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
             )
             return
         if kind == "resume" and (
-            refused := resume_refused(current) or _refused_now(parsed, current)
+            refused := resume_refused(current, parsed.plan) or _refused_now(parsed, current)
         ):
             # The controller would ignore it too ("resume: ignored, green now serves ...").
             _fail(RolloutError(f"rollout {parsed.name} cannot be resumed: {refused}"))

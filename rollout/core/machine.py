@@ -551,6 +551,10 @@ def _handle_commands(
             if status.phase is not Phase.PAUSED:
                 notes.append("resume: ignored, not paused")
                 continue
+            if off_plan := _off_plan(plan, status.blue_weight):
+                # Resumed, the next tick would hold it again, for the same reason.
+                notes.append(f"resume: ignored, {off_plan}")
+                continue
             # Unread this tick: the held status's last reading, as for abort (else a router
             # blip resumed the step on a data plane that lost blue, or weights edited by hand).
             drift = _drift(status, seen)
@@ -1109,13 +1113,29 @@ def left_alone(status: Status) -> str:
     return _blue_not_ours(status, status.served)
 
 
-def resume_refused(status: Status) -> str:
+def resume_refused(status: Status, plan: Sequence[int] | None = None) -> str:
     """Why a resume of this held rollout would be refused ("" when it would not), from what
-    the data plane served at its last tick (`Status.served`): a steering command says so up
-    front instead of queuing one the controller ignores."""
-    if status.phase is not Phase.PAUSED or status.served is None:
+    the data plane served at its last tick (`Status.served`), and with `plan` (the spec's
+    now) from blue's weight: a steering command says so up front instead of queuing one the
+    controller ignores."""
+    if status.phase is not Phase.PAUSED:
+        return ""
+    if plan is not None and (off := _off_plan(plan, status.blue_weight)):
+        return off
+    if status.served is None:
         return ""
     return _restoring(status, status.served)[1]
+
+
+def _off_plan(plan: Sequence[int], weight: int) -> str:
+    """Why blue's weight is no step of `plan` ("" when it is one): `steps` changed since the
+    step began, and which way to go is a human's to say."""
+    if weight in plan:
+        return ""
+    return (
+        f"blue is at {weight} %, which the plan {list(plan)} no longer has (`steps` changed "
+        "since this step began): set-weight to a planned weight, promote or abort"
+    )
 
 
 def _restoring(status: Status, served: Served) -> tuple[tuple[Action, ...], str]:
@@ -1300,10 +1320,7 @@ def _follow_plan(spec: RolloutSpec, status: Status, record: dict[str, Any]) -> t
             f"blue's {weight} % is now step {plan.index(weight) + 1} of {list(plan)}"
         )
         return replace(status, step_index=plan.index(weight)), ""
-    return status, (
-        f"blue is at {weight} %, which the plan {list(plan)} no longer has (`steps` changed "
-        "since this step began): set-weight to a planned weight, promote or abort"
-    )
+    return status, _off_plan(plan, weight)
 
 
 def _on_inconclusive(

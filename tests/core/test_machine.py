@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 
 from rollout.config import RolloutSpec
-from rollout.core.machine import judge_first, new_status, p99_bucket, step, with_commands
+from rollout.core.machine import (
+    judge_first,
+    new_status,
+    p99_bucket,
+    resume_refused,
+    step,
+    with_commands,
+)
 from rollout.core.stats import Evidence
 from rollout.core.status import Command, Counts, Deploy, Remove, SetWeights, Status
 from rollout.core.types import Colour, ColourCounts, Phase, Verdict
@@ -1020,6 +1027,21 @@ def test_a_plan_that_no_longer_has_blue_s_weight_holds_instead_of_promoting() ->
     # the operator answers with a weight of the new plan; the step goes on from there
     moved = step(edited, with_commands(decision.status, [cmd("set_weight", 50)]), CLEAN, 40.0)
     assert moved.actions == (SetWeights(50),) and moved.status.step_index == 0
+
+
+def test_a_resume_off_the_plan_is_refused_rather_than_held_again_one_tick_later() -> None:
+    edited = make_spec(steps=[25, 50, 100])
+    held = step(edited, progressing(0, 10), CLEAN, 30.0).status
+    assert held.phase is Phase.PAUSED and held.held
+    assert resume_refused(held, edited.plan) == resume_refused(held, [25, 50, 100]) != ""
+    assert resume_refused(held, SPEC.plan) == ""
+    decision = step(edited, with_commands(held, [cmd("resume")]), CLEAN, 40.0)
+    assert decision.status.phase is Phase.PAUSED and decision.status.held
+    assert decision.status.reason == held.reason
+    assert decision.record["commands"] == [
+        "resume: ignored, blue is at 10 %, which the plan [25, 50, 100] no longer has (`steps` "
+        "changed since this step began): set-weight to a planned weight, promote or abort"
+    ]
 
 
 def test_off_the_plan_the_judge_still_rolls_back_a_regression() -> None:

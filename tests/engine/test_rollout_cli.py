@@ -1389,7 +1389,13 @@ def test_status_of_a_held_rollout_answered_says_run_acts_on_the_answer(tmp_path:
     from rollout.core.types import Phase
 
     open_store(spec).save(
-        Status(name="cli", phase=Phase.PAUSED, held=True, reason="held for a human: drift")
+        Status(
+            name="cli",
+            phase=Phase.PAUSED,
+            held=True,
+            blue_weight=10,
+            reason="held for a human: drift",
+        )
     )
     assert invoke("resume", str(spec))[0] == 0
     code, out = invoke("status", str(spec))
@@ -1484,6 +1490,23 @@ def test_promote_and_set_weight_are_refused_while_blue_serves_another_release(
     assert "resume first" in text and "or abort" in text, text
     commands = tmp_path / "state" / "cli.commands.jsonl"
     assert not commands.exists() or not commands.read_text().strip()
+
+
+def test_resume_of_a_rollout_the_plan_no_longer_has_is_refused(tmp_path: Path) -> None:
+    """Was: queued, resumed, then held again one interval later for the same reason."""
+    spec = write_spec(tmp_path, steps=[25, 50, 100])
+    from rollout.api import open_store
+    from rollout.core.types import Phase
+
+    store = open_store(spec)
+    store.save(Status(name="cli", id="r1", phase=Phase.PAUSED, held=True, blue_weight=10))
+    code, out = invoke("resume", str(spec))
+    text = " ".join(out.split())
+    assert (
+        code == EXIT_ERROR and "rollout cli cannot be resumed: blue is at 10 %, which the " in text
+    )
+    assert text.endswith("set-weight to a planned weight, promote or abort"), text
+    assert store.commands() == []
 
 
 def test_a_rollout_held_after_green_moved_on_is_not_offered_resume(tmp_path: Path) -> None:
