@@ -24,7 +24,9 @@ its actions through the router. Phases (terminal in brackets):
   so does Finalising while its deploy to green is unapplied (`promotion_unapplied`: the
   controller hands it over as Promoting).
 - Operator commands (pause, resume, promote, abort, set_weight) arrive queued in the status and
-  are handled here, in order, at the start of a tick — never racing an analysis.
+  are handled here, in order, at the start of a tick — never racing an analysis. Counts in
+  hand that fail the candidate come first: it rolls back, and a promote, set-weight, resume or
+  pause read with them is dropped (an abort rolls back as it would).
 - A data plane that no longer serves what the rollout set (another rollout on it, a hand edit;
   `served`, read by the controller) holds for a human before the judge looks: those counts are
   not the step's evidence. A resume sets it back; an abort sets blue to 0 % only while blue
