@@ -45,6 +45,7 @@ from rollout.core.machine import (
     first_release_limits,
     judge_first,
     new_status,
+    promotion_unapplied,
     queued_abort,
     step,
     unread_from,
@@ -236,12 +237,16 @@ class Controller:
                 if max_ticks is not None and ticks >= max_ticks:
                     break
                 if stop_when_paused and status.phase is Phase.PAUSED and status.held:
-                    # Held for a human: stop, unless the human has already answered.
+                    # Held for a human: stop, unless the human has already answered; judged
+                    # once first (a `run` begun on a hold), as a hold still guards: blue served
+                    # its weight with no controller, and a regression since then rolls back.
                     status = with_commands(status, self.store.commands())
-                    if not status.commands:
+                    if not status.commands and ticks:
                         break
                 status = self.tick(status)
                 ticks += 1
+                if stop_when_paused and status.phase is Phase.PAUSED and status.held:
+                    continue  # (returns at once above: no interval's wait for nothing)
                 if not status.terminal and status.phase not in TRANSITIONAL:
                     self._wait(self.spec.analysis.interval_s, status)
             return status
@@ -504,7 +509,7 @@ class Controller:
         that reads one (Promoting too: a promotion whose weights the router refuses for good
         is left by an abort, never applied again)."""
         readers = (Phase.INITIALIZING, Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING)
-        if status.phase not in readers:
+        if status.phase not in readers and not promotion_unapplied(status):
             return False
         queued = with_commands(status, self.store.commands()).commands
         return queued_abort(status, queued) is not None
@@ -525,6 +530,10 @@ class Controller:
         log.warning("an abort is queued: not applying %s", "; ".join(skipped))
         if self.ledger is not None:  # the ledger's decision line said they would be
             self.ledger.append({"event": "skipped", "at": self.clock.now(), "describe": skipped})
+        if promotion_unapplied(status):
+            # Its deploy to green skipped, Finalising serves what Promoting does (blue 100 %,
+            # green the stable release): the machine reads the abort there.
+            return replace(status, phase=Phase.PROMOTING, pending=(), applied=0)
         return replace(status, pending=(), applied=0)
 
     def _restore_data_plane(self, status: Status, *, aborting: bool = False) -> Status:
@@ -557,7 +566,16 @@ class Controller:
         left = status.pending[status.applied :]
         colours = ((Colour.GREEN, status.stable), (Colour.BLUE, status.candidate))
         deployed = colours[:1] if first else colours  # what the rollout has deployed so far
-        serving = {colour: self.router.release(colour) for colour, _ in colours}
+        try:
+            serving = {colour: self.router.release(colour) for colour, _ in colours}
+        except (RouterRefused, RouterUnavailable):
+            raise  # (an answer, or nothing answers: a deploy would meet it too)
+        except RouterError as exc:
+            # A blip (an Azure deployment mid-update), as a tick's `_served` takes it: no reason
+            # to stop guarding, nor to stop an abort. The first tick checks the data plane (a
+            # change holds it for a human); an abort's weights come next regardless.
+            log.warning("cannot read what the data plane serves (%s): not restoring it now", exc)
+            return status
         redeploying = {a.colour for a in left if isinstance(a, Deploy)}
         if not aborting and any(
             release is not None and (there := serving[colour]) is not None and release.unlike(there)
@@ -568,7 +586,9 @@ class Controller:
         repairs: list[Action] = [
             Deploy(colour, release)
             for colour, release in (colours[:1] if aborting else deployed)
-            if release is not None and serving[colour] is None and colour not in redeploying
+            if release is not None
+            and (serving[colour] is None or (aborting and self._ours_on_green(status, serving)))
+            and colour not in redeploying
         ]
         if first and not repairs:
             return status  # its first tick sets the weights (a new endpoint has none to read)
@@ -610,6 +630,21 @@ class Controller:
                 return failed
         return status
 
+    @staticmethod
+    def _ours_on_green(status: Status, serving: dict[Colour, Release | None]) -> bool:
+        """Whether green serves this rollout's candidate while the status says the stable
+        release: its own Blue_Green, failed half-way, before an abort sends green all traffic
+        (another release there is production moved on, not this rollout's to undo)."""
+        green, candidate = serving[Colour.GREEN], status.candidate
+        stable = status.stable
+        return (
+            green is not None
+            and candidate is not None
+            and stable is not None
+            and stable.unlike(green)
+            and not candidate.unlike(green)
+        )
+
     def _redeploy_lost_blue(self, status: Status) -> Status:
         """Deploy the candidate to a blue serving nothing when the pending weights send it
         traffic (the status after: Failed when that deploy fails for good): blue's workload
@@ -625,7 +660,13 @@ class Controller:
             return status
         if any(isinstance(a, Deploy) and a.colour is Colour.BLUE for a in left):
             return status  # deployed by the pending actions themselves, before their weights
-        if self.router.release(Colour.BLUE) is not None:
+        try:
+            if self.router.release(Colour.BLUE) is not None:
+                return status
+        except (RouterRefused, RouterUnavailable):
+            raise
+        except RouterError as exc:  # a blip, as in `_restore_data_plane`: the weights are tried
+            log.warning("cannot read what blue serves (%s): not redeploying it", exc)
             return status
         repair = Deploy(Colour.BLUE, status.candidate)
         log.warning(

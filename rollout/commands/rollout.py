@@ -851,7 +851,7 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
     import getpass
 
     from rollout.controller import check_same_router
-    from rollout.core.machine import resume_refused, steering_refused
+    from rollout.core.machine import promotion_unapplied, resume_refused, steering_refused
     from rollout.core.status import Command
     from rollout.core.types import Phase
     from rollout.errors import RolloutError
@@ -870,16 +870,19 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
         check_same_router(parsed, current)
         if current.terminal:
             _fail(RolloutError(f"rollout {parsed.name!r} has ended ({current.phase.value})"))
-        if (under_way := _under_way(current)) and not (
-            kind == "abort" and current.phase is Phase.PROMOTING
-        ):
+        # (Finalising too while its deploy to green is unapplied and no controller runs: the
+        # deploy failed for good, and every `run` stopped at it.)
+        undoable = current.phase is Phase.PROMOTING or (
+            promotion_unapplied(current) and not store.controller()
+        )
+        if (under_way := _under_way(current)) and not (kind == "abort" and undoable):
             # The machine reads no command until it has ended but an abort while promoting
             # (green still serves the stable release: blue to 0 % undoes it; and a promotion
             # the router refuses for good has no other way out): queued, one was said to act
             # at the next tick, then dropped.
             finish = f"`aml-rollout rollout run {spec}` finishes it"
             idle = "" if store.controller() else f"; no controller is running: {finish}"
-            unless = " unless aborted" if current.phase is Phase.PROMOTING else ""
+            unless = " unless aborted" if undoable else ""
             _fail(
                 RolloutError(
                     f"rollout {parsed.name!r} is {current.phase.value}: {under_way}, and ends "
@@ -900,7 +903,7 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
             )
             return
         if kind == "resume" and (
-            refused := resume_refused(current) or _refused_now(parsed, current)
+            refused := resume_refused(current, parsed.plan) or _refused_now(parsed, current)
         ):
             # The controller would ignore it too ("resume: ignored, green now serves ...").
             _fail(RolloutError(f"rollout {parsed.name} cannot be resumed: {refused}"))

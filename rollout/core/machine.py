@@ -20,9 +20,13 @@ its actions through the router. Phases (terminal in brackets):
   `on_inconclusive` (hold = Paused for a human, or roll back). Metrics errors count as
   Inconclusive until `max_consecutive_errors` in a row, then the same policy applies.
 - Paused: no step advances, but the judge keeps watching: a clear regression still rolls back.
-- Promoting reads an abort (green still serves the stable release): RollingBack, blue to 0 %.
+- Promoting reads an abort (green still serves the stable release): RollingBack, blue to 0 %;
+  so does Finalising while its deploy to green is unapplied (`promotion_unapplied`: the
+  controller hands it over as Promoting).
 - Operator commands (pause, resume, promote, abort, set_weight) arrive queued in the status and
-  are handled here, in order, at the start of a tick — never racing an analysis.
+  are handled here, in order, at the start of a tick — never racing an analysis. Counts in
+  hand that fail the candidate come first: it rolls back, and a promote, set-weight, resume or
+  pause read with them is dropped (an abort rolls back as it would).
 - A data plane that no longer serves what the rollout set (another rollout on it, a hand edit;
   `served`, read by the controller) holds for a human before the judge looks: those counts are
   not the step's evidence. A resume sets it back; an abort sets blue to 0 % only while blue
@@ -305,6 +309,16 @@ def queued_abort(status: Status, commands: Iterable[Command]) -> Command | None:
     return None
 
 
+def promotion_unapplied(status: Status) -> bool:
+    """Whether a Finalising rollout's Blue_Green (green ← the candidate) is still to be applied:
+    green then still serves the stable release, and an abort undoes the promotion as in
+    Promoting. The way out of a deploy to green that fails for good (no quota for a second copy
+    of the candidate): every `run` stopped at it, and no command was read."""
+    return status.phase is Phase.FINALISING and any(
+        isinstance(a, Deploy) and a.colour is Colour.GREEN for a in status.pending[status.applied :]
+    )
+
+
 def _abort_promotion(status: Status, abort: Command) -> tuple[Status, tuple[Action]]:
     """Roll a promotion back: until Finalising, green still serves the stable release."""
     who = f" by {abort.by}" if abort.by else ""
@@ -530,10 +544,18 @@ def _handle_commands(
             if back:
                 status, served = replace(status, served=None), None  # as after a resume
         elif cmd.kind == "pause":
-            status = replace(status, phase=Phase.PAUSED, reason=f"paused{who}")
+            # Of a held rollout: the human's answer, an operator's pause from now on (its `run`
+            # goes on guarding, as the docs say), the hold's why kept. (Was: still held, `run`
+            # returned at once, and the why was gone.)
+            was = f" (was {status.reason})" if status.held else ""
+            status = replace(status, phase=Phase.PAUSED, held=False, reason=f"paused{who}{was}")
         elif cmd.kind == "resume":
             if status.phase is not Phase.PAUSED:
                 notes.append("resume: ignored, not paused")
+                continue
+            if off_plan := _off_plan(plan, status.blue_weight):
+                # Resumed, the next tick would hold it again, for the same reason.
+                notes.append(f"resume: ignored, {off_plan}")
                 continue
             # Unread this tick: the held status's last reading, as for abort (else a router
             # blip resumed the step on a data plane that lost blue, or weights edited by hand).
@@ -1093,13 +1115,29 @@ def left_alone(status: Status) -> str:
     return _blue_not_ours(status, status.served)
 
 
-def resume_refused(status: Status) -> str:
+def resume_refused(status: Status, plan: Sequence[int] | None = None) -> str:
     """Why a resume of this held rollout would be refused ("" when it would not), from what
-    the data plane served at its last tick (`Status.served`): a steering command says so up
-    front instead of queuing one the controller ignores."""
-    if status.phase is not Phase.PAUSED or status.served is None:
+    the data plane served at its last tick (`Status.served`), and with `plan` (the spec's
+    now) from blue's weight: a steering command says so up front instead of queuing one the
+    controller ignores."""
+    if status.phase is not Phase.PAUSED:
+        return ""
+    if plan is not None and (off := _off_plan(plan, status.blue_weight)):
+        return off
+    if status.served is None:
         return ""
     return _restoring(status, status.served)[1]
+
+
+def _off_plan(plan: Sequence[int], weight: int) -> str:
+    """Why blue's weight is no step of `plan` ("" when it is one): `steps` changed since the
+    step began, and which way to go is a human's to say."""
+    if weight in plan:
+        return ""
+    return (
+        f"blue is at {weight} %, which the plan {list(plan)} no longer has (`steps` changed "
+        "since this step began): set-weight to a planned weight, promote or abort"
+    )
 
 
 def _restoring(status: Status, served: Served) -> tuple[tuple[Action, ...], str]:
@@ -1156,14 +1194,20 @@ def _analyse(
         status = replace(status, consecutive_errors=status.consecutive_errors + 1)
         record["metrics_error"] = obs.error
 
+    notes: list[str] = []
+    if status.commands and _condemned(spec, status, obs, now, served):
+        # This tick's counts (a whole hold's, for a `run` restarted to obey a human's answer)
+        # fail the candidate: a promote, set-weight, resume or pause obeyed unjudged would
+        # serve a proven regression more (or all) traffic. The judge below rolls back.
+        status, notes = _drop_commands(
+            status, "dropped, not acted on: this tick's counts fail the candidate"
+        )
     if status.commands:
         before = (status.phase, status.step_index)
         status, actions, notes = _handle_commands(spec, status, now, served)
         if actions or (status.phase, status.step_index) != before:
             record["checks"] = _check_record(spec, status)
             return _decide(status, actions, record, notes)
-    else:
-        notes = []
 
     if drift and served is not None:  # (commands that changed nothing leave it as it was)
         # Before the judge: whatever these counts say, they are not this step's evidence.
@@ -1248,6 +1292,20 @@ def _analyse(
     return _decide(replace(status, reason=reason), (), record, notes)
 
 
+def _condemned(
+    spec: RolloutSpec, status: Status, obs: Observation | None, now: float, served: Served | None
+) -> bool:
+    """Whether the judge fails the candidate on the counts in hand, before the queued commands
+    are obeyed: only on a usable observation of a data plane that serves what the rollout set
+    (this tick's reading, else the held status's), and not with an abort queued (it rolls back
+    as it always has)."""
+    if obs is None or obs.error is not None or queued_abort(status, status.commands):
+        return False
+    if _drift(status, served if served is not None else status.served):
+        return False
+    return _judge(spec, status, obs, now)[0] is Verdict.FAILED
+
+
 def _follow_plan(spec: RolloutSpec, status: Status, record: dict[str, Any]) -> tuple[Status, str]:
     """Find the current step in a plan edited since the rollout began ("" when it is there).
 
@@ -1264,10 +1322,7 @@ def _follow_plan(spec: RolloutSpec, status: Status, record: dict[str, Any]) -> t
             f"blue's {weight} % is now step {plan.index(weight) + 1} of {list(plan)}"
         )
         return replace(status, step_index=plan.index(weight)), ""
-    return status, (
-        f"blue is at {weight} %, which the plan {list(plan)} no longer has (`steps` changed "
-        "since this step began): set-weight to a planned weight, promote or abort"
-    )
+    return status, _off_plan(plan, weight)
 
 
 def _on_inconclusive(

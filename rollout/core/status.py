@@ -288,7 +288,20 @@ class Status:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Status:
-        """Inverse of `to_dict`; raises KeyError/ValueError/TypeError on a malformed document."""
+        """Inverse of `to_dict`; raises KeyError/ValueError/TypeError on a malformed document,
+        values a status never holds included (a hand edit): at load, the store's one line,
+        not a traceback from the first tick or `status` that uses them."""
+        try:
+            status = cls._from_dict(data)
+        except OverflowError as exc:  # `"tick": 1e400`, read as infinity
+            raise ValueError(f"a number out of range ({exc})") from exc
+        _ = status.weights  # raises ValueError: blue outside 0..100, or mirrored above 0 %
+        if not 0 <= status.applied <= len(status.pending):
+            raise ValueError(f"applied {status.applied} of {len(status.pending)} pending actions")
+        return status
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any]) -> Status:
         return cls(
             name=data["name"],
             id=data.get("id", ""),
@@ -318,7 +331,7 @@ class Status:
             consecutive_errors=int(data["consecutive_errors"]),
             verdict=Verdict(data["verdict"]) if data.get("verdict") else None,
             reason=data.get("reason", ""),
-            held=bool(data.get("held", False)),
+            held=_boolean(data.get("held", False), "held"),
             served=_served_from_dict(data["served"]) if data.get("served") else None,
             commands=tuple(Command.from_dict(c) for c in data.get("commands", [])),
             commands_read=int(data.get("commands_read", -1)),
@@ -329,6 +342,13 @@ class Status:
             pending=tuple(action_from_dict(a) for a in data.get("pending", [])),
             applied=int(data.get("applied", 0)),
         )
+
+
+def _boolean(value: Any, name: str) -> bool:
+    # (bool("false") is True: a hand-edited "false" held the rollout.)
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def _served_to_dict(served: Served) -> dict[str, Any]:

@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 
 from rollout.config import RolloutSpec
-from rollout.core.machine import judge_first, new_status, p99_bucket, step, with_commands
+from rollout.core.machine import (
+    judge_first,
+    new_status,
+    p99_bucket,
+    resume_refused,
+    step,
+    with_commands,
+)
 from rollout.core.stats import Evidence
 from rollout.core.status import Command, Counts, Deploy, Remove, SetWeights, Status
 from rollout.core.types import Colour, ColourCounts, Phase, Verdict
@@ -466,6 +473,66 @@ def test_an_abort_read_while_promoting_rolls_back_to_green() -> None:
     decision = step(SPEC, both, obs(at=30.0), 30.0)
     assert decision.status.phase is Phase.ROLLING_BACK and decision.actions == (SetWeights(0),)
     assert "while promoting" in decision.status.reason
+
+
+HELD = replace(progressing(), phase=Phase.PAUSED, held=True, reason="held for a human: ...")
+
+
+@pytest.mark.parametrize(
+    ("start", "command"),
+    [
+        pytest.param(HELD, cmd("promote"), id="promote-of-a-held-rollout"),
+        pytest.param(HELD, cmd("set_weight", 50), id="set-weight-of-a-held-rollout"),
+        pytest.param(HELD, cmd("resume"), id="resume-of-a-held-rollout"),
+        pytest.param(HELD, cmd("pause"), id="pause-of-a-held-rollout"),
+        pytest.param(progressing(), cmd("promote"), id="promote-while-progressing"),
+        pytest.param(progressing(), cmd("set_weight", 100), id="set-weight-100-promotes"),
+        pytest.param(progressing(), cmd("pause"), id="pause-while-progressing"),
+    ],
+)
+def test_counts_that_fail_the_candidate_win_over_the_commands_of_their_tick(
+    start: Status, command: Command
+) -> None:
+    """Was: the commands were obeyed and the tick never judged. A `run` restarted to obey a
+    human's answer to a hold folds the whole hold's counts in its first tick: a 50 %-error
+    candidate was promoted (or set to 50 %, or resumed and rolled back an interval late)."""
+    status = with_commands(start, [command])
+    decision = step(SPEC, status, obs(blue=(5000, 2500), green=(45000, 450), at=30.0), 30.0)
+    assert decision.status.phase is Phase.ROLLING_BACK, decision.status.reason
+    assert decision.actions == (SetWeights(0),)
+    assert decision.status.verdict is Verdict.FAILED
+    assert decision.status.reason.startswith("rolled back at step 10 %: canary error")
+    assert decision.status.commands == ()
+    assert decision.record["commands"] == [
+        f"{command.kind} by ann: dropped, not acted on: this tick's counts fail the candidate"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("reading", "phase"),
+    [
+        pytest.param(obs(blue=(5000, 2500), green=(45000, 450), at=30.0), Phase.ROLLING_BACK),
+        pytest.param(obs(blue=(500, 1), green=(4500, 10), at=30.0), Phase.PROMOTING),
+        pytest.param(obs(error="prometheus: connection refused", at=30.0), Phase.PROMOTING),
+    ],
+    ids=["failed-counts", "clean-counts", "unreadable-metrics"],
+)
+def test_an_abort_rolls_back_as_before_and_a_promote_acts_unless_the_counts_fail(
+    reading: Any, phase: Phase
+) -> None:
+    aborted = step(SPEC, with_commands(HELD, [cmd("abort")]), reading, 30.0)
+    assert aborted.status.phase is Phase.ROLLING_BACK
+    assert aborted.status.reason == "aborted by ann: blue back to 0 %"
+    promoted = step(SPEC, with_commands(HELD, [cmd("promote")]), reading, 30.0)
+    assert promoted.status.phase is phase
+
+
+def test_a_pause_of_a_held_rollout_makes_it_an_operator_s_pause_that_keeps_why() -> None:
+    """Was: still held, its reason overwritten: `run` returned at once (exit 4), and `status`
+    no longer said why it had been held."""
+    decision = step(SPEC, with_commands(HELD, [cmd("pause")]), obs(at=30.0), 30.0)
+    assert decision.status.phase is Phase.PAUSED and not decision.status.held
+    assert decision.status.reason == "paused by ann (was held for a human: ...)"
 
 
 def test_a_command_is_handled_once_even_if_delivered_again() -> None:
@@ -960,6 +1027,21 @@ def test_a_plan_that_no_longer_has_blue_s_weight_holds_instead_of_promoting() ->
     # the operator answers with a weight of the new plan; the step goes on from there
     moved = step(edited, with_commands(decision.status, [cmd("set_weight", 50)]), CLEAN, 40.0)
     assert moved.actions == (SetWeights(50),) and moved.status.step_index == 0
+
+
+def test_a_resume_off_the_plan_is_refused_rather_than_held_again_one_tick_later() -> None:
+    edited = make_spec(steps=[25, 50, 100])
+    held = step(edited, progressing(0, 10), CLEAN, 30.0).status
+    assert held.phase is Phase.PAUSED and held.held
+    assert resume_refused(held, edited.plan) == resume_refused(held, [25, 50, 100]) != ""
+    assert resume_refused(held, SPEC.plan) == ""
+    decision = step(edited, with_commands(held, [cmd("resume")]), CLEAN, 40.0)
+    assert decision.status.phase is Phase.PAUSED and decision.status.held
+    assert decision.status.reason == held.reason
+    assert decision.record["commands"] == [
+        "resume: ignored, blue is at 10 %, which the plan [25, 50, 100] no longer has (`steps` "
+        "changed since this step began): set-weight to a planned weight, promote or abort"
+    ]
 
 
 def test_off_the_plan_the_judge_still_rolls_back_a_regression() -> None:

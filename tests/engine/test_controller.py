@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -550,6 +551,48 @@ def test_a_candidate_that_cannot_be_deployed_again_on_resume_fails_the_rollout(
     assert ctl.store.load() == final
 
 
+class NoQuotaOnGreen(MemoryRouter):
+    """Green cannot take a second copy of the candidate (no quota): its Blue_Green fails for
+    good; `half_way`: green reports the candidate after the failure."""
+
+    half_way = False
+
+    def deploy(self, colour: Colour, release: Release) -> None:
+        if colour is Colour.GREEN and release == V2:
+            if self.half_way:
+                super().deploy(colour, release)
+            raise DeployFailed("diabetes-green: pods never ready (quota exceeded)")
+        super().deploy(colour, release)
+
+
+@pytest.mark.parametrize("half_way", [False, True], ids=["green-untouched", "green-half-way"])
+def test_a_promotion_whose_deploy_to_green_fails_for_good_can_be_aborted(
+    tmp_path: Path, half_way: bool
+) -> None:
+    """Was: stuck in Finalising for ever, every `run` stopping at the deploy, every command
+    refused. Green still serves the stable release (else gets it again): an abort rolls back."""
+    journal = tmp_path / "journal.jsonl"
+    router = NoQuotaOnGreen(releases={Colour.GREEN: V1}, journal=journal)
+    router.half_way = half_way
+    clean = StaticTick.model_validate(
+        {"blue": {"requests": 5000, "errors": 0}, "green": {"requests": 50000, "errors": 500}}
+    )
+    ctl, _ = controller(tmp_path, router, StaticMetrics([clean]))
+    with pytest.raises(DeployFailed, match="quota"):
+        ctl.run(max_ticks=20)
+    stuck = ctl.store.load()
+    assert stuck is not None and stuck.phase is Phase.FINALISING
+    assert router.get_weights() == Weights.blue_at(100)
+    ctl.store.push_command(Command(id="a", kind="abort", by="ann", rollout=stuck.id))
+    again, _ = controller(tmp_path, router, StaticMetrics([clean]))
+    final = again.run(max_ticks=5)
+    assert final.phase is Phase.ROLLED_BACK, final.reason
+    assert final.reason.startswith("aborted by ann while promoting: blue back to 0 %")
+    assert router.get_weights() == Weights.blue_at(0) and router.release(Colour.GREEN) == V1
+    story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
+    assert "not applied, an abort being queued: deploy diabetes:2 to green" in story
+
+
 def test_the_stable_release_that_cannot_be_deployed_is_an_error_for_a_human(
     tmp_path: Path,
 ) -> None:
@@ -588,6 +631,66 @@ def test_a_resumed_rollback_is_retried_through_a_blip(tmp_path: Path) -> None:
     resumed, _ = controller(tmp_path, blip, StaticMetrics([]), store=store)
     assert resumed.run(max_ticks=5).phase is Phase.ROLLED_BACK
     assert blip.get_weights() == Weights.blue_at(0)
+
+
+class BlueUnreadable(MemoryRouter):
+    """Blue's release cannot be read (an Azure deployment mid-update); weights work."""
+
+    def release(self, colour: Colour) -> Release | None:
+        if colour is Colour.BLUE:
+            raise RouterError("deployment blue is Updating: try again when it has")
+        return super().release(colour)
+
+
+@pytest.mark.parametrize(
+    ("queued", "reason"),
+    [
+        pytest.param([], "rolled back at step 10 %", id="a-regression-is-still-rolled-back"),
+        pytest.param(["abort"], "aborted by ann", id="a-queued-abort-is-still-applied"),
+    ],
+)
+def test_a_resumed_run_goes_on_through_a_blip_reading_a_colour_s_release(
+    tmp_path: Path, queued: list[str], reason: str
+) -> None:
+    """Was: exit 2 before any tick, while a running controller shrugs the same blip off."""
+    store = FileStateStore(tmp_path, SPEC.name)
+    first, _ = controller(
+        tmp_path, MemoryRouter(releases={Colour.GREEN: V1}), StaticMetrics([]), store=store
+    )
+    stopped = first.run(max_ticks=2)
+    assert stopped.phase is Phase.PROGRESSING and stopped.blue_weight == 10
+    for n, kind in enumerate(queued):
+        command = Command(id=f"c{n}", kind=kind, by="ann", rollout=stopped.id)  # type: ignore[arg-type]
+        store.push_command(command)
+    router = BlueUnreadable(
+        releases={Colour.GREEN: V1, Colour.BLUE: V2}, weights=Weights.blue_at(10)
+    )
+    regression = StaticMetrics(
+        [
+            StaticTick.model_validate(
+                {
+                    "blue": {"requests": 400, "errors": 200},
+                    "green": {"requests": 3600, "errors": 36},
+                }
+            )
+        ]
+    )
+    resumed, _ = controller(tmp_path, router, regression, store=store)
+    final = resumed.run(max_ticks=1)
+    assert final.phase is Phase.ROLLING_BACK and final.reason.startswith(reason)
+    assert router.get_weights() == Weights.blue_at(0)
+
+
+def test_a_step_up_left_pending_is_applied_through_a_blip_reading_blue_s_release(
+    tmp_path: Path,
+) -> None:
+    store, decided = stopped_before_step_up(tmp_path)
+    router = BlueUnreadable(
+        releases={Colour.GREEN: V1, Colour.BLUE: V2}, weights=Weights.blue_at(10)
+    )
+    resumed, _ = controller(tmp_path, router, StaticMetrics([]), store=store)
+    assert resumed.start().applied == len(decided.pending)
+    assert router.get_weights() == Weights.blue_at(50)
 
 
 def test_a_dead_router_stops_the_controller_and_a_restart_finishes_the_job(
@@ -733,6 +836,30 @@ def test_an_unreadable_status_file_is_a_state_error(tmp_path: Path) -> None:
     (tmp_path / "t.status.json").write_text("{not json")
     with pytest.raises(StateError, match="not a rollout status"):
         FileStateStore(tmp_path, "t").load()
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        pytest.param({"blue_weight": 150}, "weights must be within 0..100", id="blue-150"),
+        pytest.param({"mirror": 5}, "blue is mirrored only while", id="mirror-with-blue-10"),
+        pytest.param({"tick": 1e400}, "a number out of range", id="tick-1e400"),
+        pytest.param({"held": "false"}, "held must be true or false", id="held-a-string"),
+        pytest.param({"applied": -1}, "applied -1 of [0-9]+ pending", id="applied-below-0"),
+    ],
+)
+def test_a_status_edited_into_impossible_values_is_a_state_error_at_load(
+    tmp_path: Path, edit: dict[str, Any], said: str
+) -> None:
+    """Was: loaded, then a traceback from `status` or the first tick (exit 1) that used it."""
+    store = FileStateStore(tmp_path, "t")
+    ctl, _ = controller(tmp_path, MemoryRouter(releases={Colour.GREEN: V1}), StaticMetrics([]))
+    at_10 = ctl.run(max_ticks=1)
+    assert at_10.blue_weight == 10
+    path = tmp_path / "t.status.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with pytest.raises(StateError, match=f"not a rollout status: {said}.*move it aside"):
+        store.load()
 
 
 def test_a_torn_command_line_is_skipped_and_never_swallows_the_next(tmp_path: Path) -> None:
@@ -887,6 +1014,38 @@ def test_a_held_rollout_acts_on_the_answer_queued_while_no_controller_ran(tmp_pa
     again, _ = controller(tmp_path, router, metrics)
     resumed = again.run(max_ticks=1, stop_when_paused=True)
     assert resumed.phase is Phase.PROGRESSING and resumed.reason == "resumed by ann"
+
+
+@pytest.mark.parametrize(
+    ("blue_errors", "phase"),
+    [
+        pytest.param(2500, Phase.ROLLED_BACK, id="a-regression-since-is-rolled-back"),
+        pytest.param(0, Phase.PAUSED, id="else-it-returns-held-after-one-look"),
+    ],
+)
+def test_run_again_on_a_hold_judges_the_counts_before_it_returns(
+    tmp_path: Path, blue_errors: int, phase: Phase
+) -> None:
+    """Was: `run` returned at once (exit 4) without a look, while blue kept serving the held
+    weight: the docs say a hold still guards, a regression still rolls back."""
+    spec = make_spec(analysis={"max_step_duration_s": 30})
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    few = StaticTick.model_validate(
+        {"blue": {"requests": 50, "errors": 0}, "green": {"requests": 450, "errors": 5}}
+    )
+    ctl, _ = controller(tmp_path, router, StaticMetrics([few]), spec=spec)
+    held = ctl.run(max_ticks=50, stop_when_paused=True)
+    assert held.phase is Phase.PAUSED and held.held
+    since = StaticTick.model_validate(
+        {
+            "blue": {"requests": 5000, "errors": blue_errors},
+            "green": {"requests": 45000, "errors": 450},
+        }
+    )
+    again, _ = controller(tmp_path, router, StaticMetrics([since]), spec=spec)
+    final = again.run(max_ticks=50, stop_when_paused=True)
+    assert final.phase is phase and final.tick == held.tick + (2 if final.terminal else 1)
+    assert router.get_weights() == Weights.blue_at(0 if final.terminal else 10)
 
 
 def test_commands_of_an_ended_rollout_are_not_replayed_on_the_next(tmp_path: Path) -> None:

@@ -513,6 +513,13 @@ def test_steering_commands_are_queued_for_the_controller(tmp_path: Path) -> None
             id="set-weight-while-rolling-back",
         ),
         pytest.param("RollingBack", ["pause"], "is RollingBack", id="pause"),
+        pytest.param(
+            "Finalising",
+            ["abort"],
+            "is Finalising: the promotion of diabetes:2 is under way (green gets it, blue goes), "
+            "and ends on its own; abort cannot act on it",
+            id="abort-once-green-got-the-candidate",
+        ),
     ],
 )
 def test_a_command_is_refused_while_the_rollout_promotes_or_rolls_back(
@@ -534,17 +541,29 @@ def test_a_command_is_refused_while_the_rollout_promotes_or_rolls_back(
     assert store.commands() == []
 
 
-def test_abort_is_queued_while_the_rollout_promotes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("phase", "pending"),
+    [
+        pytest.param("Promoting", (), id="promoting"),
+        # Was refused for good: a deploy to green failing so (no quota) stopped every `run`.
+        pytest.param("Finalising", ("green",), id="finalising-its-deploy-to-green-unapplied"),
+    ],
+)
+def test_abort_is_queued_while_the_rollout_promotes(
+    tmp_path: Path, phase: str, pending: tuple[str, ...]
+) -> None:
     """Was refused ("the promotion ... is under way"): a promotion whose weights the router
     refuses for good stopped every `run` in Promoting, with no way out. Green still serves the
     stable release there, and the machine rolls back on the abort."""
     spec = write_spec(tmp_path)
     from rollout.api import open_store
-    from rollout.core.types import Phase
+    from rollout.core.status import Deploy
+    from rollout.core.types import Colour, Phase
     from tests.core.helpers import V2
 
     store = open_store(spec)
-    store.save(Status(name="cli", id="r1", phase=Phase.PROMOTING, candidate=V2))
+    deploys = tuple(Deploy(Colour(colour), V2) for colour in pending)
+    store.save(Status(name="cli", id="r1", phase=Phase(phase), candidate=V2, pending=deploys))
     code, out = invoke("abort", str(spec))
     assert code == 0 and out.startswith("queued abort for rollout cli"), out
     assert [c.kind for c in store.commands()] == ["abort"]
@@ -1418,7 +1437,13 @@ def test_status_of_a_held_rollout_answered_says_run_acts_on_the_answer(tmp_path:
     from rollout.core.types import Phase
 
     open_store(spec).save(
-        Status(name="cli", phase=Phase.PAUSED, held=True, reason="held for a human: drift")
+        Status(
+            name="cli",
+            phase=Phase.PAUSED,
+            held=True,
+            blue_weight=10,
+            reason="held for a human: drift",
+        )
     )
     assert invoke("resume", str(spec))[0] == 0
     code, out = invoke("status", str(spec))
@@ -1513,6 +1538,23 @@ def test_promote_and_set_weight_are_refused_while_blue_serves_another_release(
     assert "resume first" in text and "or abort" in text, text
     commands = tmp_path / "state" / "cli.commands.jsonl"
     assert not commands.exists() or not commands.read_text().strip()
+
+
+def test_resume_of_a_rollout_the_plan_no_longer_has_is_refused(tmp_path: Path) -> None:
+    """Was: queued, resumed, then held again one interval later for the same reason."""
+    spec = write_spec(tmp_path, steps=[25, 50, 100])
+    from rollout.api import open_store
+    from rollout.core.types import Phase
+
+    store = open_store(spec)
+    store.save(Status(name="cli", id="r1", phase=Phase.PAUSED, held=True, blue_weight=10))
+    code, out = invoke("resume", str(spec))
+    text = " ".join(out.split())
+    assert (
+        code == EXIT_ERROR and "rollout cli cannot be resumed: blue is at 10 %, which the " in text
+    )
+    assert text.endswith("set-weight to a planned weight, promote or abort"), text
+    assert store.commands() == []
 
 
 def test_a_rollout_held_after_green_moved_on_is_not_offered_resume(tmp_path: Path) -> None:
