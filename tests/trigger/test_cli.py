@@ -602,16 +602,28 @@ def test_status_of_a_model_the_state_folder_lacks(
         assert str(shown.exception) == refusal.format(dir=state_dir)
 
 
-@pytest.mark.parametrize("content", ["[1, 2]", '{"versions": {}}'])
-def test_status_of_a_cursor_without_a_model_is_one_clear_line(tmp_path: Path, content: str) -> None:
-    """Such a cursor was skipped: `no trigger state`, and its versions never delivered."""
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        # Such a cursor was skipped: `no trigger state`, and its versions never delivered.
+        pytest.param("[1, 2]", "no model name in it", id="not-an-object"),
+        pytest.param('{"versions": {}}', "no model name in it", id="no-model"),
+        # Was a traceback: AttributeError: 'NoneType' object has no attribute 'items'.
+        pytest.param(
+            '{"model": "diabetes", "versions": null}', "no versions in it", id="versions-null"
+        ),
+    ],
+)
+def test_status_of_a_damaged_cursor_is_one_clear_line(
+    tmp_path: Path, content: str, why: str
+) -> None:
     cursor = tmp_path / "trigger" / "cursor-diabetes.json"
     cursor.parent.mkdir()
     cursor.write_text(content)
     cmd = [sys.executable, "-c", "from rollout.cli import main; main()", "trigger", "status"]
     shown = _run([*cmd, "--state-dir", str(cursor.parent)])
     assert shown.returncode == 2, shown.stderr
-    assert f"trigger cursor {cursor} is unreadable: no model name in it" in shown.stderr
+    assert f"trigger cursor {cursor} is unreadable: {why}" in shown.stderr
     assert "Traceback" not in shown.stderr
 
 
