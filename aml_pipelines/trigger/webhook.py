@@ -370,8 +370,7 @@ class WebhookApp:
             interrupted = False
         finally:
             # Also when another model's group failed, or an unexpected error ended the batch
-            # (its group's versions may be in the cursor already: `accept_many` writes it
-            # before asking the rollout state whether to supersede): the retry finds these
+            # (its group's versions may be in the cursor already): the retry finds these
             # duplicates, and nothing else would wake the worker for them.
             if accepted or interrupted:
                 self.wake()
