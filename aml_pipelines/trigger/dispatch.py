@@ -815,13 +815,16 @@ class DeliveryWorker:
         """Tell the worker new versions were accepted."""
         self._wake.set()
 
-    def join(self, timeout: float | None = None) -> None:
-        """Wait for the threads to end (after `dispatcher.stop` is set)."""
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the threads to end (after `dispatcher.stop` is set); False when the
+        delivery thread has not (within `timeout`): it is in a delivery."""
         self._wake.set()
         self._check.set()
-        self._thread.join(timeout)
-        if self._checker.is_alive():
-            self._checker.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in (self._thread, self._checker):
+            if thread.is_alive():
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not self._thread.is_alive()
 
     def _run_checks(self) -> None:
         """Make the supersede checks as accepts ask for them; one that fails (the rollout state

@@ -22,6 +22,7 @@ from aml_pipelines.registry import local as local_registry
 from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger import store as store_module
+from aml_pipelines.trigger import watcher as watcher_module
 from aml_pipelines.trigger.dispatch import WITHDRAWN, DeliveryWorker, Dispatcher
 from aml_pipelines.trigger.store import MISSING, Step, TriggerStore
 from aml_pipelines.trigger.watcher import Watcher, new_versions
@@ -847,6 +848,41 @@ def _wait_until(done: Callable[[], bool], dispatcher: Dispatcher) -> None:
         if done():
             return
         dispatcher.stop.wait(0.01)
+
+
+class _EndlessRollout(ResumableDelivery):
+    """A rollout that runs until the test ends (the engine's deliver never looks at `stop`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.running, self.released = threading.Event(), threading.Event()
+
+    def deliver(self, version: ModelVersion, **kw: Any):
+        self.running.set()
+        self.released.wait(60)
+        return super().deliver(version, **kw)
+
+
+def test_a_stopped_watcher_returns_within_seconds_mid_rollout_leaving_it_started(
+    tmp_path: Path, registry: LocalRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: SIGTERM mid-rollout, `watch` waited a whole --interval for the delivery thread (up to
+    # a day) while the rollout went on shifting traffic, till Kubernetes or systemd killed it.
+    monkeypatch.setattr(watcher_module, "STOP_WAIT_S", 0.05)
+    delivery = _EndlessRollout(tmp_path / "engine", registry)
+    dispatcher = Dispatcher(TriggerStore(tmp_path / "trigger"), registry, delivery)
+    register(registry, tmp_path, stage="candidate")
+    watcher = Watcher(registry, "diabetes", dispatcher, required_tags=CANDIDATE, interval_s=60)
+    run = threading.Thread(target=watcher.run, daemon=True)
+    try:
+        run.start()
+        assert delivery.running.wait(10)
+        watcher.stop.set()  # what the SIGTERM handler does
+        run.join(5)
+        assert not run.is_alive(), "the watcher waited for the rollout"
+        assert _step(dispatcher) is Step.STARTED  # cut like a crash: resumed on the next start
+    finally:
+        delivery.released.set()
 
 
 def test_worker_retries_a_transient_failure_as_a_resume(
