@@ -154,6 +154,9 @@ class Dispatcher:
         self._deliver_lock = store.lock("deliver", "a delivery on this endpoint")
         #: The version `delivery.deliver` is at in this process (read by `accept`'s thread).
         self._delivering: tuple[str, int] | None = None
+        #: The version whose delivery this process entered last and did not see end (it was
+        #: interrupted, or failed): what an interrupted `watch --once` says it leaves.
+        self.entered: tuple[str, int] | None = None
         #: Versions whose last delivery in this process ended in an error, to be retried.
         self._failing: set[tuple[str, int]] = set()
         #: (model, version, newer) already said or done by `_supersede_started`: once each.
@@ -462,7 +465,7 @@ class Dispatcher:
             # for as long as the metrics are unreadable, say) is no news.
             said = log.debug if (model, version) in self._failing else log.warning
             said("resuming the delivery of %s v%d (attempt %d)", model, version, started.attempts)
-        self._delivering = (model, version)
+        self._delivering = self.entered = (model, version)
         try:
             outcome = self.delivery.deliver(
                 model_version,
@@ -470,6 +473,7 @@ class Dispatcher:
                     partial(self._superseded_meanwhile, model, version) if self.supersede else None
                 ),
             )
+            self.entered = None
         except PERMANENT as exc:
             return self._fail(model, version, exc)
         except (PipelineError, RolloutError) as exc:
