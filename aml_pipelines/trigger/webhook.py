@@ -54,6 +54,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -499,6 +500,28 @@ class _HeaderDeadline(asyncio.Protocol):
             self._check_after(self.cycle)
 
 
+def _loop_with_handshake_timeout(timeout_s: float) -> asyncio.AbstractEventLoop:
+    """The event loop uvicorn's `loop="auto"` picks (uvloop when installed, else asyncio's),
+    whose TLS servers drop a connection that has not completed its handshake within
+    `timeout_s`: `_HeaderDeadline` starts only once it is done (the protocol is told of the
+    connection then), so one that sent nothing, or half a ClientHello, was held for asyncio's
+    default 60 s. uvicorn has no option for it (make_server's Config gives this factory)."""
+    try:
+        import uvloop
+
+        base: type[asyncio.AbstractEventLoop] = uvloop.Loop
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        base = asyncio.SelectorEventLoop
+
+    class Loop(base):  # type: ignore[valid-type,misc]
+        async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
+            if kwargs.get("ssl") is not None:
+                kwargs.setdefault("ssl_handshake_timeout", timeout_s)
+            return await super().create_server(*args, **kwargs)  # type: ignore[no-any-return]
+
+    return Loop()
+
+
 def _with_header_deadline(protocol: type[asyncio.Protocol], timeout_s: float) -> type:
     return type(
         f"HeaderDeadline{protocol.__name__}",
@@ -573,7 +596,15 @@ def make_server(
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactKey) for f in access.filters):
         access.addFilter(RedactKey())
-    config = uvicorn.Config(
+
+    class Config(uvicorn.Config):
+        def get_loop_factory(self) -> Callable[[], asyncio.AbstractEventLoop] | None:
+            # uvicorn has no timeout for a TLS handshake either: see the loop's docstring.
+            if not self.is_ssl:
+                return super().get_loop_factory()
+            return partial(_loop_with_handshake_timeout, header_timeout_s)
+
+    config = Config(
         app,
         lifespan="off",
         log_config=None,  # keep the caller's logging set-up

@@ -553,24 +553,32 @@ def test_health_needs_no_key_and_other_paths_are_404(hook: Hook) -> None:
 
 
 @pytest.mark.parametrize(
-    "sent",
+    ("sent", "tls"),
     [
-        pytest.param(b"", id="nothing"),
-        pytest.param(b"POST /events HTTP/1.1\r\nHost: x\r\n", id="half-a-head"),
+        pytest.param(b"", False, id="nothing"),
+        pytest.param(b"POST /events HTTP/1.1\r\nHost: x\r\n", False, id="half-a-head"),
+        # Held 60 s (asyncio's TLS handshake timeout): the head's deadline starts only once the
+        # handshake is done.
+        pytest.param(b"", True, id="tls-nothing"),
+        pytest.param(b"\x16\x03\x01\x00\xc8\x01", True, id="tls-half-a-client-hello"),
     ],
 )
 def test_a_connection_that_sends_no_request_head_is_closed(
-    tmp_path: Path, registry: LocalRegistry, sent: bytes
+    tmp_path: Path, registry: LocalRegistry, sent: bytes, tls: bool
 ) -> None:
     # Such connections were held for ever: enough of them and the process ran out of file
     # descriptors, so a signed Event Grid POST got no answer.
-    with running(tmp_path, registry, header_timeout_s=0.2) as hook:
+    pki = make_pki(tmp_path) if tls else None
+    files = {"ssl_certfile": str(pki.cert_file), "ssl_keyfile": str(pki.key_file)} if pki else {}
+    with running(tmp_path, registry, header_timeout_s=0.2, **files) as hook:
         host, port = httpx.URL(hook.url).host, httpx.URL(hook.url).port
         with socket.create_connection((host, port or 80), timeout=2) as idle:
             idle.sendall(sent)
             started = time.monotonic()
             assert idle.recv(1024) == b""  # closed by the server, not timed out here
             assert time.monotonic() - started < 1
+        if tls:
+            return
         # A connection that keeps sending requests is kept past the deadline.
         for _ in range(3):
             assert hook.post([validation_event()]).status_code == 200
