@@ -53,6 +53,7 @@ import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -82,6 +83,10 @@ JSON_TYPES = (
     "application/cloudevents+json",
     "application/cloudevents-batch+json",
 )
+
+#: Model cursors of a batch written at once (see `_accept`): concurrent fsyncs are committed
+#: together (on ext4, 600 cursor writes took 6.3 s one after another, 0.3 s four at a time).
+CURSOR_WRITERS = 8
 
 #: Seconds a connection may go without sending a complete request head (connected, or since its
 #: last request began): one that sends nothing, or its headers a byte at a time, is closed
@@ -358,22 +363,34 @@ class WebhookApp:
         #: The ids of the groups whose cursor is written, remembered in one write at the end:
         #: once per group, a batch of 3,000 models took 40 s (Event Grid waits 30 s).
         recorded: list[str] = []
-        interrupted = True
+        unexpected: BaseException | None = None
         try:
-            for model, group in by_model.items():
-                # Each model's group on its own: one whose cursor cannot be read (or written)
-                # must not keep the others from being recorded — Event Grid retries the whole
-                # batch, in which the recorded ones are then duplicates (by event id), and would
-                # otherwise drop them all with the failing one's after its TTL.
+            # Each model's group on its own: one whose cursor cannot be read (or written) must
+            # not keep the others from being recorded — Event Grid retries the whole batch, in
+            # which the recorded ones are then duplicates (by event id), and would otherwise
+            # drop them all with the failing one's after its TTL. Side by side: each cursor
+            # write is two fsyncs, which the file system commits together when they come at
+            # once (3,000 models: 24.7 s one after another).
+            with ThreadPoolExecutor(
+                max_workers=min(CURSOR_WRITERS, len(by_model)) or 1,
+                thread_name_prefix="record-events",
+            ) as pool:
+                groups = {
+                    model: pool.submit(self._accept_group, model, group, withdrawn_by_model[model])
+                    for model, group in by_model.items()
+                }
+            for model, future in groups.items():  # in the batch's order
                 try:
-                    duplicates += self._accept_group(
-                        model, group, withdrawn_by_model[model], accepted, skipped
-                    )
+                    group_accepted, group_skipped, group_duplicates = future.result()
                 except (TriggerError, OSError) as exc:  # answered 500 below, and logged there
                     failed.append(f"{model}: {exc}")
+                except Exception as exc:  # raised once the others are told (ids, answer)
+                    unexpected = unexpected or exc
                 else:
-                    recorded += (event.event_id for event in group)
-            interrupted = False
+                    accepted += group_accepted
+                    skipped += group_skipped
+                    duplicates += group_duplicates
+                    recorded += (event.event_id for event in by_model[model])
         finally:
             try:
                 # Cursors first, then the ids: a crash in between makes Event Grid's retry a
@@ -382,11 +399,13 @@ class WebhookApp:
                 if recorded:
                     store.remember_events(recorded)
             finally:
-                # Also when another model's group failed, or an unexpected error ended the batch
-                # (its group's versions may be in the cursor already): the retry finds these
+                # Also when another model's group failed, or an unexpected error came (its
+                # group's versions may be in the cursor already): the retry finds these
                 # duplicates, and nothing else would wake the worker for them.
-                if accepted or interrupted:
+                if accepted or unexpected or failed:
                     self.wake()
+        if unexpected is not None:
+            raise unexpected
         if failed:
             raise TriggerError("; ".join(failed))
         return {
@@ -397,15 +416,12 @@ class WebhookApp:
         }
 
     def _accept_group(
-        self,
-        model: str,
-        group: list[ModelRegistered],
-        withdrawn: set[int],
-        accepted: list[dict[str, Any]],
-        skipped: list[dict[str, Any]],
-    ) -> int:
-        """Record one model's events in its cursor (added to `accepted`/`skipped`; their ids
-        are remembered by the caller, once for the batch); returns the duplicates."""
+        self, model: str, group: list[ModelRegistered], withdrawn: set[int]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+        """Record one model's events in its cursor (their ids are remembered by the caller,
+        once for the batch); returns (accepted, skipped, duplicates)."""
+        accepted: list[dict[str, Any]] = []
+        skipped: list[dict[str, Any]] = []
         duplicates = 0
         new = set(
             self.dispatcher.accept_many(
@@ -429,7 +445,7 @@ class WebhookApp:
                     model,
                     event.version,
                 )
-        return duplicates
+        return accepted, skipped, duplicates
 
     def _withdrawn(self, models: list[str]) -> dict[str, set[int]]:
         """The versions of each model withdrawn in the registry (archived in the Azure ML
