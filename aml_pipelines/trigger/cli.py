@@ -436,7 +436,9 @@ def watch(
 
 
 def _interrupted(dispatcher: Dispatcher, model: str) -> str:
-    """What an interrupted pass leaves: the delivery in progress, which the next one resumes."""
+    """What an interrupted pass leaves: the delivery in progress, which the next one resumes —
+    when this pass was delivering it; a started version it was not delivering is another
+    process's (this pass waited for the deliver lock), or one an earlier run left."""
     from aml_pipelines.errors import PipelineError
     from aml_pipelines.trigger.store import Step
 
@@ -445,9 +447,26 @@ def _interrupted(dispatcher: Dispatcher, model: str) -> str:
     except PipelineError:  # an unreadable cursor must not hide the interruption
         entries = {}
     open_ = [version for version, entry in entries.items() if entry.step is Step.STARTED]
+    if dispatcher.entered is not None and dispatcher.entered[0] == model:
+        version = dispatcher.entered[1]
+        if version in open_ or not entries:  # not closed since (a failure, then the next one)
+            return (
+                f"the delivery of {model} v{version} resumes on the next pass (its rollout is kept)"
+            )
     if not open_:
         return "nothing was being delivered"
-    return f"the delivery of {model} v{max(open_)} resumes on the next pass (its rollout is kept)"
+    try:
+        with dispatcher.store.lock("deliver", "a delivery on this endpoint").held(blocking=False):
+            pass
+    except PipelineError:  # held: another process (serve, a watcher) is delivering
+        return (
+            f"this pass waited for another process delivering on the endpoint ({model} "
+            f"v{max(open_)} is started; that process carries it on)"
+        )
+    return (
+        f"nothing of this pass was being delivered; {model} v{max(open_)}, started by an earlier "
+        "run, resumes on the next pass"
+    )
 
 
 @trigger_app.command("serve")

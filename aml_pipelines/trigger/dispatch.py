@@ -35,24 +35,26 @@ reads over. Meanwhile the worker delivers other models' versions (and another pr
 state folder may deliver), while this model's later versions wait behind it, in order, as they
 would behind its delivery. `watch --once` (drain with `wait`) just waits for the next read.
 
-Supersede: when a newer version of the same model is accepted while an older one is being
-delivered, the active rollout is aborted (it rolls back cleanly and ends RolledBack with the
-reason "superseded by version N"), and older pending versions are closed as `superseded` instead
-of being rolled out only to be replaced. The check is made again before each delivery, so an
-older version already `started` whose rollout has not begun (retried after an error, or killed
-while being packaged) is closed as `superseded` too, and one whose rollout is in the state store
-(killed mid-rollout, the newer version accepted just as it began) is resumed only to be
-aborted. A newer version supersedes (or aborts) only once read from the registry, sound and not
-withdrawn (`_superseding`): one the registry does not hold is asked for again, the older pending
-one kept open meanwhile and delivered if the newer closes `missing` or Failed. A version being
-packaged when a newer one is accepted (nothing to abort yet) is asked
-about once packaged, just before its rollout begins (`_superseded_meanwhile`), and closed as
-`superseded` there. Kept: a started version of a model with no production version — a first
-release, which may already serve all traffic (deployed to green before its check, no rollout in
-the state store, killed before its tags) — and one whose rollout ended (settled with its
-outcome). A newer pending version withdrawn in the registry (archived in the Azure ML studio)
-supersedes nothing: it is skipped when its turn comes. Without supersede a newer version waits
-its turn.
+Supersede: when a newer version of the same model is accepted while an older one is being delivered,
+the active rollout is aborted (it rolls back cleanly and ends RolledBack with the reason "superseded
+by version N"), and older pending versions are closed as `superseded` instead of being rolled out
+only to be replaced. The accept only asks for that abort: the DeliveryWorker makes it on a thread of
+its own (`check_supersede`; its delivery thread is in the rollout), off a webhook's answer, and
+makes it again until the rollout state and the registry answer — once the version is in the cursor,
+nothing else would ask again. The check is made again before each delivery, so an older version
+already `started` whose rollout has not begun (retried after an error, or killed while being
+packaged) is closed as `superseded` too, and one whose rollout is in the state store (killed
+mid-rollout, the newer version accepted just as it began) is resumed only to be aborted. A newer
+version supersedes (or aborts) only once read from the registry, sound and not withdrawn
+(`_superseding`): one the registry does not hold is asked for again, the older pending one kept open
+meanwhile and delivered if the newer closes `missing` or Failed. A version being packaged when a
+newer one is accepted (nothing to abort yet) is asked about once packaged, just before its rollout
+begins (`_superseded_meanwhile`), and closed as `superseded` there. Kept: a started version of a
+model with no production version — a first release, which may already serve all traffic (deployed to
+green before its check, no rollout in the state store, killed before its tags) — and one whose
+rollout ended (settled with its outcome). A newer pending version withdrawn in the registry
+(archived in the Azure ML studio) supersedes nothing: it is skipped when its turn comes. Without
+supersede a newer version waits its turn.
 """
 
 from __future__ import annotations
@@ -152,6 +154,9 @@ class Dispatcher:
         self._deliver_lock = store.lock("deliver", "a delivery on this endpoint")
         #: The version `delivery.deliver` is at in this process (read by `accept`'s thread).
         self._delivering: tuple[str, int] | None = None
+        #: The version whose delivery this process entered last and did not see end (it was
+        #: interrupted, or failed): what an interrupted `watch --once` says it leaves.
+        self.entered: tuple[str, int] | None = None
         #: Versions whose last delivery in this process ended in an error, to be retried.
         self._failing: set[tuple[str, int]] = set()
         #: (model, version, newer) already said or done by `_supersede_started`: once each.
@@ -161,6 +166,13 @@ class Dispatcher:
         self._unfit: set[tuple[str, int]] = set()
         #: Per model, when the drain that stopped without `wait` can go on (see `next_read_in`).
         self._due: dict[str, float] = {}
+        #: With supersede, per model, the newest version accepted whose check of the running
+        #: rollout (`_abort_older`) is still to be made (see `check_supersede`).
+        self._to_check: dict[str, int] = {}
+        self._to_check_lock = threading.Lock()
+        #: Called when an accept asks for a supersede check: the DeliveryWorker's, which makes
+        #: it on a thread of its own. None (no worker: `watch --once`, a test): made at once.
+        self.check_requested: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ accepting
 
@@ -185,8 +197,44 @@ class Dispatcher:
             else:
                 log.info("accepted %s v%d (%s)", model, version, sources[version])
         if (pending := [v for v in new if v not in closed]) and self.supersede:
-            self._abort_older(model, max(pending))
+            with self._to_check_lock:
+                self._to_check[model] = max(self._to_check.get(model, 0), *pending)
+            if self.check_requested is None:
+                self.check_supersede()
+            else:
+                # Not on the accepting thread: the check reads the rollout state and the
+                # registry, which a webhook's answer must not wait for (Event Grid waits 30 s),
+                # and an error there, the version already in the cursor, lost the abort: the
+                # retry of the event was a duplicate, never checked again.
+                self.check_requested()
         return new
+
+    def check_supersede(
+        self, on_error: Callable[[str, int, Exception], None] | None = None
+    ) -> bool:
+        """Make the supersede checks accepts asked for: abort the running rollout of an older
+        version of the model (`_abort_older`); True when all were made. One that fails stays
+        asked for, to be made again, and is told to `on_error` (model, version, error); without
+        it the first error is raised, once the others are made."""
+        with self._to_check_lock:
+            todo = dict(self._to_check)
+        error: Exception | None = None
+        for model, newest in todo.items():
+            try:
+                self._abort_older(model, newest)
+            except Exception as exc:
+                if on_error is None:
+                    error = error or exc
+                else:
+                    on_error(model, newest, exc)
+                continue
+            with self._to_check_lock:
+                if self._to_check.get(model) == newest:  # else a newer one came meanwhile
+                    del self._to_check[model]
+        if error is not None:
+            raise error
+        with self._to_check_lock:
+            return not any(self._to_check.get(model) == newest for model, newest in todo.items())
 
     def _abort_older(self, model: str, newest: int) -> None:
         view = self.delivery.current()
@@ -417,7 +465,7 @@ class Dispatcher:
             # for as long as the metrics are unreadable, say) is no news.
             said = log.debug if (model, version) in self._failing else log.warning
             said("resuming the delivery of %s v%d (attempt %d)", model, version, started.attempts)
-        self._delivering = (model, version)
+        self._delivering = self.entered = (model, version)
         try:
             outcome = self.delivery.deliver(
                 model_version,
@@ -425,6 +473,7 @@ class Dispatcher:
                     partial(self._superseded_meanwhile, model, version) if self.supersede else None
                 ),
             )
+            self.entered = None
         except PERMANENT as exc:
             return self._fail(model, version, exc)
         except (PipelineError, RolloutError) as exc:
@@ -745,24 +794,55 @@ class DeliveryWorker:
         self.reconcile = reconcile
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="delivery-worker", daemon=True)
+        #: With supersede: the checks accepts ask for (`Dispatcher.check_supersede`) are made
+        #: on a thread of their own, as the delivery thread is in the rollout they may abort.
+        self._check = threading.Event()
+        self._checker = threading.Thread(
+            target=self._run_checks, name="supersede-check", daemon=True
+        )
         self.failures = 0  # deliveries interrupted by an error (each is retried)
         self.last_error: BaseException | None = None
         self.clock: Callable[[], float] = time.monotonic
         self._reminder = Reminder(lambda: self.clock())
 
     def start(self) -> None:
-        """Start the thread; it first drains what a previous process left open."""
+        """Start the thread; it first drains what a previous process left open. With
+        supersede, start the thread of the supersede checks too."""
         self._wake.set()
         self._thread.start()
+        if self.dispatcher.supersede:
+            self.dispatcher.check_requested = self._check.set
+            self._check.set()  # any asked for before
+            self._checker.start()
 
     def wake(self) -> None:
         """Tell the worker new versions were accepted."""
         self._wake.set()
 
-    def join(self, timeout: float | None = None) -> None:
-        """Wait for the thread to end (after `dispatcher.stop` is set)."""
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the threads to end (after `dispatcher.stop` is set); False when the
+        delivery thread has not (within `timeout`): it is in a delivery."""
         self._wake.set()
-        self._thread.join(timeout)
+        self._check.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in (self._thread, self._checker):
+            if thread.is_alive():
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not self._thread.is_alive()
+
+    def _run_checks(self) -> None:
+        """Make the supersede checks as accepts ask for them; one that fails (the rollout state
+        or the registry unreadable) is made again every `wait_interval_s` until it is made, said
+        once while it fails: lost, the newer version waited for the whole rollout."""
+        stop, retry = self.dispatcher.stop, self.dispatcher.wait_interval_s
+        while not stop.is_set():
+            self._check.wait()
+            self._check.clear()
+            while not stop.is_set() and not self.dispatcher.check_supersede(self._check_failed):
+                stop.wait(retry)
+
+    def _check_failed(self, model: str, version: int, exc: Exception) -> None:
+        self._said(f"the supersede check of {model} v{version}", exc)
 
     def _run(self) -> None:
         stop = self.dispatcher.stop
@@ -834,6 +914,13 @@ class DeliveryWorker:
         wait, and wake up to retry."""
         self.failures += 1
         self.last_error = exc
+        self._said(what, exc)
+        self.dispatcher.stop.wait(self.dispatcher.wait_interval_s)
+        self._wake.set()
+
+    def _said(self, what: str, exc: Exception) -> None:
+        """Log that `what` stopped, to be retried: one line for a known error, said once while
+        it repeats; an unexpected one with its traceback every time."""
         retry = self.dispatcher.wait_interval_s
         if isinstance(exc, PipelineError | RolloutError):  # known: one line is enough
             say, again = self._reminder.due(what, str(exc))
@@ -851,5 +938,3 @@ class DeliveryWorker:
                 )
         else:
             log.exception("%s failed; retrying in %.0f s", what, retry)
-        self.dispatcher.stop.wait(retry)
-        self._wake.set()

@@ -28,7 +28,8 @@ when none is given, which would defeat de-duplication), so required fields are c
 SDKs (generated from the REST spec) read them camel-cased, `modelName` ..., so either is read —
 reading only one would lose the tags of the other, and `serve`'s tag filter would then answer
 every event 200 as filtered: acknowledged, and never sent again.
-The data is authoritative; the subject fills in a missing name or version and must not contradict.
+The data is authoritative; the subject fills in a missing (absent or null) name or version and must
+not contradict.
 The workspace is in neither: it is the event's `topic` (Event Grid schema) or `source`
 (CloudEvents), the workspace's ARM id, kept in `ModelRegistered.topic` for the webhook's filter.
 """
@@ -51,6 +52,7 @@ SUBSCRIPTION_VALIDATION = "Microsoft.EventGrid.SubscriptionValidationEvent"
 #: retry of its delivery, for ever.
 MAX_VERSION = 2**31 - 1
 _SUBJECT = re.compile(r"^models/(?P<name>[^:/]+):(?P<version>[^:/]+)$")
+_VERSION = re.compile(r"[1-9][0-9]*")
 _EVENTGRID_REQUIRED = ("id", "eventType", "subject", "data", "dataVersion", "eventTime")
 _CLOUDEVENT_REQUIRED = ("id", "source", "type", "specversion")
 #: Event Grid delivers at most 5,000 events per batch.
@@ -250,8 +252,14 @@ def _model_registered(
     if not isinstance(data, dict):
         raise BadEvent(f"{where}: ModelRegistered data must be a JSON object")
     from_subject = _SUBJECT.match(subject or "")
-    name = _data(data, "ModelName") or (from_subject and from_subject["name"])
-    raw_version = _data(data, "ModelVersion") or (from_subject and from_subject["version"])
+    # Only an absent (or null) field is missing: a 0 or "" taken for missing let the subject
+    # stand in for data that says otherwise (data.ModelVersion=0, subject models/m:5 → v5).
+    name = _data(data, "ModelName")
+    if name is None and from_subject:
+        name = from_subject["name"]
+    raw_version = _data(data, "ModelVersion")
+    if raw_version is None and from_subject:
+        raw_version = from_subject["version"]
     if not isinstance(name, str) or not name:
         raise BadEvent(f"{where}: no model name (data.ModelName or subject models/NAME:VERSION)")
     try:
@@ -260,14 +268,12 @@ def _model_registered(
         check_name(name)
     except ConfigError as exc:
         raise BadEvent(f"{where}: {exc}") from None
-    try:
-        version = int(str(raw_version))
-        if version < 1:
-            raise ValueError
-    except ValueError:
-        raise BadEvent(
-            f"{where}: model version {raw_version!r} is not a positive integer"
-        ) from None
+    # ASCII digits, no sign, no leading zero, as the registry writes a version: int() alone
+    # read "1_0" as 10, " 7 " as 7 and "\u0663" (an Arabic-Indic digit) as 3. A JSON number
+    # is its digits (a bool, "True", and a float, "3.0", are not).
+    if not (isinstance(raw_version, str | int) and _VERSION.fullmatch(str(raw_version))):
+        raise BadEvent(f"{where}: model version {raw_version!r} is not a positive integer")
+    version = int(str(raw_version))
     if version > MAX_VERSION:
         raise BadEvent(
             f"{where}: model version of {len(str(version))} digits is above {MAX_VERSION}"

@@ -119,6 +119,43 @@ def _forget_missing(cursor: Cursor) -> None:
         del cursor.entries[entry.version]
 
 
+#: A version number as a cursor writes it (no sign, no leading zero, ASCII digits only).
+_VERSION = re.compile(r"[1-9][0-9]*")
+#: The type of each field of an Entry as written (but the version, which is the key).
+_FIELD_TYPES: dict[str, type] = {
+    "step": str,
+    "source": str,
+    "outcome": str,
+    "reason": str,
+    "updated_at": str,
+    "attempts": int,
+}
+
+
+def _entry(key: str, value: Any) -> Entry:
+    """One entry of a cursor file, checked field by field: a wrong type let through failed
+    later, far from the file (`attempts + 1` in the worker, with a traceback)."""
+    if not _VERSION.fullmatch(key):
+        raise ValueError(f"version {key!r} is not a version number")
+    if not isinstance(value, dict):
+        raise TypeError(f"version {key}: {value!r} is not an entry")
+    if unknown := sorted(set(value) - set(_FIELD_TYPES)):
+        raise ValueError(f"version {key}: unknown field(s) {', '.join(unknown)}")
+    for name, kind in _FIELD_TYPES.items():
+        if name in value and (not isinstance(value[name], kind) or isinstance(value[name], bool)):
+            raise TypeError(f"version {key}: {name} {value[name]!r} is not a {kind.__name__}")
+    if "step" not in value:
+        raise ValueError(f"version {key}: no step")
+    try:
+        step = Step(value["step"])
+    except ValueError:
+        raise ValueError(
+            f"version {key}: step {value['step']!r} is not one of "
+            f"{', '.join(s.value for s in Step)}"
+        ) from None
+    return Entry(version=int(key), **{**value, "step": step})
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
@@ -159,20 +196,26 @@ class TriggerStore:
     # ------------------------------------------------------------------ cursors
 
     def load(self, model: str) -> Cursor:
-        """The cursor of `model` (empty when none was written yet)."""
-        raw = _read_json(self.cursor_path(model))
+        """The cursor of `model` (empty when none was written yet); TriggerError naming the
+        file when it holds anything but what `_editing` writes."""
+        path = self.cursor_path(model)
+        raw = _read_json(path)
         cursor = Cursor(model)
         if raw is None:
             return cursor
-        try:
-            for key, value in raw["versions"].items():
-                cursor.entries[int(key)] = Entry(
-                    version=int(key), **{**value, "step": Step(value["step"])}
-                )
-        except (KeyError, TypeError, ValueError) as exc:
+        versions = raw.get("versions") if isinstance(raw, dict) else None
+        if not isinstance(versions, dict):
+            # Every caller expects a TriggerError: an AttributeError here was a traceback from
+            # `trigger status`, uvicorn's bare 500, and every model's deliveries stopped.
             raise TriggerError(
-                f"trigger cursor {self.cursor_path(model)} is unreadable: {exc}"
-            ) from exc
+                f'trigger cursor {path} is unreadable: no versions in it (expected {{"model": '
+                f'..., "versions": {{version: entry}}}})'
+            )
+        for key, value in versions.items():
+            try:
+                cursor.entries[int(key)] = _entry(key, value)
+            except (TypeError, ValueError) as exc:
+                raise TriggerError(f"trigger cursor {path} is unreadable: {exc}") from exc
         return cursor
 
     @contextlib.contextmanager

@@ -35,6 +35,12 @@ from aml_pipelines.trigger.store import MISSING
 
 log = logging.getLogger(__name__)
 
+#: Seconds a stopped watcher (SIGTERM) waits for its delivery thread before it returns: a
+#: rollout in progress does not look at `stop`, and waiting it out (it was a whole --interval,
+#: up to a day) kept it shifting traffic past Kubernetes's 30 s grace, to a SIGKILL. It is cut
+#: as by a crash and resumes on the next start, as with `serve`.
+STOP_WAIT_S = 5.0
+
 
 def matches(version: ModelVersion, required: Mapping[str, str]) -> bool:
     """True when `version` carries every required tag with the required value."""
@@ -162,7 +168,11 @@ class Watcher:
                     if self._reminder.ended("poll"):
                         log.info("polling the registry for %s works again", self.model)
                 self.stop.wait(self.interval_s)
-            worker.join(timeout=self.interval_s)
+            if not worker.join(timeout=STOP_WAIT_S):
+                log.info(
+                    "the delivery in progress is cut (its rollout is kept): it resumes on the "
+                    "next start"
+                )
             return []
 
     def _poll_failed(self, exc: PipelineError) -> None:

@@ -180,6 +180,58 @@ def test_watch_once_stopped_by_sigterm_keeps_the_rollout_and_says_so(
     assert entry.step is Step.STARTED
 
 
+@pytest.mark.parametrize(
+    ("entered", "started", "lock_held", "said"),
+    [
+        pytest.param(
+            2, 2, False, "the delivery of diabetes v2 resumes on the next pass (its rollout is "
+            "kept)", id="this-pass-was-delivering",
+        ),
+        # Was "the delivery of diabetes v3 resumes on the next pass": the rollout is another
+        # process's (serve's), still running, which this pass only waited for.
+        pytest.param(
+            None, 3, True, "this pass waited for another process delivering on the endpoint "
+            "(diabetes v3 is started; that process carries it on)", id="waited-for-another",
+        ),
+        pytest.param(
+            None, 3, False, "nothing of this pass was being delivered; diabetes v3, started by "
+            "an earlier run, resumes on the next pass", id="left-by-an-earlier-run",
+        ),
+        pytest.param(None, None, False, "nothing was being delivered", id="nothing"),
+        # v2 entered and closed (Failed for good), the pass then waited for v3's turn.
+        pytest.param(2, None, False, "nothing was being delivered", id="entered-then-closed"),
+    ],
+)  # fmt: skip
+def test_an_interrupted_pass_says_what_it_leaves(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    entered: int | None,
+    started: int | None,
+    lock_held: bool,
+    said: str,
+) -> None:
+    from aml_pipelines.trigger.cli import _interrupted
+    from aml_pipelines.trigger.dispatch import Dispatcher
+    from tests.trigger.fakes import ResumableDelivery
+
+    store = TriggerStore(tmp_path / "trigger")
+    dispatcher = Dispatcher(store, registry, ResumableDelivery(tmp_path / "engine", registry))
+    if started is not None:
+        store.accept("diabetes", started, "watch")
+        store.update("diabetes", started, lambda e: dataclasses.replace(e, step=Step.STARTED))
+    elif entered is not None:
+        store.accept("diabetes", entered, "watch")
+        store.update("diabetes", entered, lambda e: dataclasses.replace(e, step=Step.DONE))
+    dispatcher.entered = None if entered is None else ("diabetes", entered)
+    other = store.lock("deliver", "another trigger's delivery")  # another process's, as flock sees
+    if lock_held:
+        other.acquire(blocking=False)
+    try:
+        assert _interrupted(dispatcher, "diabetes") == said
+    finally:
+        other.release()
+
+
 def test_watch_once_prints_what_it_delivered_before_an_error_stops_the_pass(
     tmp_path: Path, registry: LocalRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -602,16 +654,28 @@ def test_status_of_a_model_the_state_folder_lacks(
         assert str(shown.exception) == refusal.format(dir=state_dir)
 
 
-@pytest.mark.parametrize("content", ["[1, 2]", '{"versions": {}}'])
-def test_status_of_a_cursor_without_a_model_is_one_clear_line(tmp_path: Path, content: str) -> None:
-    """Such a cursor was skipped: `no trigger state`, and its versions never delivered."""
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        # Such a cursor was skipped: `no trigger state`, and its versions never delivered.
+        pytest.param("[1, 2]", "no model name in it", id="not-an-object"),
+        pytest.param('{"versions": {}}', "no model name in it", id="no-model"),
+        # Was a traceback: AttributeError: 'NoneType' object has no attribute 'items'.
+        pytest.param(
+            '{"model": "diabetes", "versions": null}', "no versions in it", id="versions-null"
+        ),
+    ],
+)
+def test_status_of_a_damaged_cursor_is_one_clear_line(
+    tmp_path: Path, content: str, why: str
+) -> None:
     cursor = tmp_path / "trigger" / "cursor-diabetes.json"
     cursor.parent.mkdir()
     cursor.write_text(content)
     cmd = [sys.executable, "-c", "from rollout.cli import main; main()", "trigger", "status"]
     shown = _run([*cmd, "--state-dir", str(cursor.parent)])
     assert shown.returncode == 2, shown.stderr
-    assert f"trigger cursor {cursor} is unreadable: no model name in it" in shown.stderr
+    assert f"trigger cursor {cursor} is unreadable: {why}" in shown.stderr
     assert "Traceback" not in shown.stderr
 
 

@@ -201,6 +201,38 @@ def test_parses(payload: Any, expected: list[Any]) -> None:
         pytest.param(
             _body([eg_event(version="latest")]), "'latest' is not a positive integer", id="ver"
         ),
+        # Each was accepted: 0 (or "") taken for a missing ModelVersion, the subject's used
+        # instead; int() read "1_0" as 10, " 7 " as 7, an Arabic-Indic digit as 3.
+        pytest.param(
+            _body([{**eg_event(ModelVersion=0), "subject": "models/diabetes:5"}]),
+            "model version 0 is not a positive integer",
+            id="ver-0-not-missing",
+        ),
+        pytest.param(
+            _body([{**eg_event(ModelVersion=""), "subject": "models/diabetes:5"}]),
+            "model version '' is not a positive integer",
+            id="ver-empty-not-missing",
+        ),
+        pytest.param(
+            _body([{**eg_event(ModelName=""), "subject": "models/diabetes:3"}]),
+            "no model name",
+            id="name-empty-not-missing",
+        ),
+        pytest.param(
+            _body([eg_event(version="1_0")]), "'1_0' is not a positive integer", id="ver-1_0"
+        ),
+        pytest.param(
+            _body([eg_event(version=" 7 ")]), "' 7 ' is not a positive integer", id="ver-spaces"
+        ),
+        pytest.param(
+            _body([eg_event(version="\u0663")]),
+            "'\u0663' is not a positive integer",
+            id="ver-non-ascii-digit",
+        ),
+        pytest.param(_body([eg_event(version="+3")]), "'+3' is not", id="ver-plus"),
+        pytest.param(_body([eg_event(version="03")]), "'03' is not", id="ver-leading-zero"),
+        pytest.param(_body([eg_event(ModelVersion=True)]), "True is not", id="ver-bool"),
+        pytest.param(_body([eg_event(ModelVersion=3.0)]), "3.0 is not", id="ver-float"),
         pytest.param(
             _body([{**eg_event(), "subject": "models/other:3"}]), "contradicts", id="contradict"
         ),

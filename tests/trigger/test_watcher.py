@@ -22,6 +22,7 @@ from aml_pipelines.registry import local as local_registry
 from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger import store as store_module
+from aml_pipelines.trigger import watcher as watcher_module
 from aml_pipelines.trigger.dispatch import WITHDRAWN, DeliveryWorker, Dispatcher
 from aml_pipelines.trigger.store import MISSING, Step, TriggerStore
 from aml_pipelines.trigger.watcher import Watcher, new_versions
@@ -849,6 +850,41 @@ def _wait_until(done: Callable[[], bool], dispatcher: Dispatcher) -> None:
         dispatcher.stop.wait(0.01)
 
 
+class _EndlessRollout(ResumableDelivery):
+    """A rollout that runs until the test ends (the engine's deliver never looks at `stop`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.running, self.released = threading.Event(), threading.Event()
+
+    def deliver(self, version: ModelVersion, **kw: Any):
+        self.running.set()
+        self.released.wait(60)
+        return super().deliver(version, **kw)
+
+
+def test_a_stopped_watcher_returns_within_seconds_mid_rollout_leaving_it_started(
+    tmp_path: Path, registry: LocalRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: SIGTERM mid-rollout, `watch` waited a whole --interval for the delivery thread (up to
+    # a day) while the rollout went on shifting traffic, till Kubernetes or systemd killed it.
+    monkeypatch.setattr(watcher_module, "STOP_WAIT_S", 0.05)
+    delivery = _EndlessRollout(tmp_path / "engine", registry)
+    dispatcher = Dispatcher(TriggerStore(tmp_path / "trigger"), registry, delivery)
+    register(registry, tmp_path, stage="candidate")
+    watcher = Watcher(registry, "diabetes", dispatcher, required_tags=CANDIDATE, interval_s=60)
+    run = threading.Thread(target=watcher.run, daemon=True)
+    try:
+        run.start()
+        assert delivery.running.wait(10)
+        watcher.stop.set()  # what the SIGTERM handler does
+        run.join(5)
+        assert not run.is_alive(), "the watcher waited for the rollout"
+        assert _step(dispatcher) is Step.STARTED  # cut like a crash: resumed on the next start
+    finally:
+        delivery.released.set()
+
+
 def test_worker_retries_a_transient_failure_as_a_resume(
     tmp_path: Path, registry: LocalRegistry
 ) -> None:
@@ -991,8 +1027,75 @@ def test_a_poll_failing_with_the_same_error_says_it_once(
     assert said[0].endswith("polling again every 0.01 s, quietly (said again every 10 min)")
 
 
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        pytest.param("{", "Expecting property name", id="not-json"),
+        # These were an AttributeError (or a bad value let through, failing later, elsewhere):
+        # a traceback from `trigger status`, uvicorn's bare 500, the worker stopped for all.
+        pytest.param('{"model": "m", "versions": null}', "no versions", id="versions-null"),
+        pytest.param('{"model": "m", "versions": [1]}', "no versions", id="versions-a-list"),
+        pytest.param('{"model": "m"}', "no versions", id="no-versions"),
+        pytest.param('["m"]', "no versions", id="not-an-object"),
+        pytest.param('{"model": "m", "versions": {"1": null}}', "version 1", id="entry-null"),
+        pytest.param(
+            '{"model": "m", "versions": {"x": {"step": "pending"}}}', "version 'x'", id="key"
+        ),
+        pytest.param(
+            '{"model": "m", "versions": {"0": {"step": "pending"}}}', "version '0'", id="key-0"
+        ),
+        pytest.param(
+            '{"model": "m", "versions": {"1": {"step": "gone"}}}', "version 1", id="bad-step"
+        ),
+        pytest.param(
+            '{"model": "m", "versions": {"1": {"step": "started", "attempts": "2"}}}',
+            "version 1: attempts",
+            id="attempts-a-string",
+        ),
+        pytest.param(
+            '{"model": "m", "versions": {"1": {"step": "started", "attempts": true}}}',
+            "version 1: attempts",
+            id="attempts-a-bool",
+        ),
+        pytest.param(
+            '{"model": "m", "versions": {"1": {"step": "done", "reason": null}}}',
+            "version 1: reason",
+            id="reason-null",
+        ),
+        pytest.param(
+            '{"model": "m", "versions": {"1": {"step": "pending", "when": 3}}}',
+            "version 1",
+            id="unknown-field",
+        ),
+    ],
+)
+def test_a_damaged_cursor_is_a_trigger_error_naming_the_file(
+    tmp_path: Path, content: str, why: str
+) -> None:
+    store = TriggerStore(tmp_path)
+    store.cursor_path("m").write_text(content)
+    with pytest.raises(TriggerError) as raised:
+        store.load("m")
+    assert str(store.cursor_path("m")) in str(raised.value)
+    assert why in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "mended"),
+    [
+        # The listing of models cannot read it: no model's delivery can go on, till it is mended.
+        pytest.param("{", False, id="not-json-stops-every-model"),
+        # Its model is known, its versions not: only that model waits (was: an AttributeError
+        # stopped every model's deliveries, with a traceback every retry).
+        pytest.param('{"model": "other", "versions": null}', True, id="versions-null-stops-own"),
+    ],
+)
 def test_worker_survives_an_unreadable_cursor_and_delivers_once_it_is_mended(
-    tmp_path: Path, registry: LocalRegistry, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    registry: LocalRegistry,
+    caplog: pytest.LogCaptureFixture,
+    content: str,
+    mended: bool,
 ) -> None:
     # Was: a cursor file that could not be read (of any model) ended the worker thread with a
     # traceback, and `serve` went on answering 200 to events nobody would ever deliver.
@@ -1005,20 +1108,23 @@ def test_worker_survives_an_unreadable_cursor_and_delivers_once_it_is_mended(
     register(registry, tmp_path, stage="candidate")
     assert dispatcher.accept("diabetes", 1, "event:e1")
     bad = tmp_path / "trigger" / "cursor-other.json"
-    bad.write_text("{")
+    bad.write_text(content)
     worker = DeliveryWorker(dispatcher, dispatcher.store.models)
     with (
         caplog.at_level(logging.WARNING, logger="aml_pipelines.trigger.dispatch"),
         _running(worker),
     ):
         _wait_until(lambda: worker.failures >= 2, dispatcher)
-        assert dispatcher.store.load("diabetes").entries[1].step is Step.PENDING
-        bad.unlink()  # mended
+        if not mended:
+            assert dispatcher.store.load("diabetes").entries[1].step is Step.PENDING
+            bad.unlink()  # mended
         _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
     assert dispatcher.store.load("diabetes").entries[1].outcome == "Succeeded"
-    assert f"cannot read trigger state {bad}" in str(worker.last_error)
+    assert str(bad) in str(worker.last_error)
     said = caplog.records[0]
-    assert said.getMessage().startswith(f"deliveries stopped: cannot read trigger state {bad}: ")
+    what = "deliveries" if not mended else "delivery of other"
+    assert said.getMessage().startswith(f"{what} stopped: "), said.getMessage()
+    assert str(bad) in said.getMessage()
     assert said.exc_info is None  # a known error: one line, no traceback
 
 
