@@ -808,6 +808,8 @@ def _pct(x: float) -> str:
 
 
 def _e(log_e: float) -> str:
+    if log_e == math.inf:
+        return "∞"
     e = math.exp(min(log_e, 700.0))
     if e < 100:
         return f"{e:.3g}"

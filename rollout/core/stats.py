@@ -227,6 +227,10 @@ def log_e_below(bad: int, requests: int, limit: float) -> float:
     """
     if requests <= 0:
         return 0.0
+    if limit >= 1.0:
+        # Under "every request is bad" one good request cannot happen: shown for certain (the
+        # grid's ratio against a rate of 1 was log 0 - log 0, NaN, and a RuntimeWarning).
+        return math.inf if bad < requests else 0.0
     return log_mixture(
         binomial_llr(min(bad, requests), requests, LOW_FRACTIONS * limit, limit), LOW_PRIOR
     )

@@ -1293,6 +1293,14 @@ def green_counts(requests: int, errors: int = 0, slow: int = 0) -> ColourCounts:
             "at or above it",
             id="slo-above-every-bound-is-unknown-not-0",
         ),
+        pytest.param(
+            {"errors": {"max_rate": 1.0}},
+            green_counts(400),
+            Verdict.SUCCESSFUL,
+            # Was "(e-value nan ≥ 20)", and a RuntimeWarning: a ratio against a rate of 1.
+            "error rate 0 % is below the limit 100 % (e-value ∞ ≥ 20) after 400 requests",
+            id="a-limit-of-100-percent",
+        ),
     ],
 )
 def test_judge_first(
