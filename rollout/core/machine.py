@@ -735,6 +735,11 @@ def _ingest(
         # the whole step again; a count begun anew counts once it passes the base.
         tick["not_counted"] = "a reading below the last one"
         return replace(status, consecutive_errors=0), tick
+    # The spec edited since the last tick (and the controller restarted): "not worse" evidence
+    # summed against the old max_ratio or δ starts afresh (`Evidence.restarts`), said here.
+    restarted: dict[str, list[str]] = {}
+    if said := status.errors.restarts(analysis.errors.max_ratio, analysis.errors.negligible_rate):
+        restarted["errors"] = said
     errors = status.errors.update(
         kc=db.errors,
         kb=dg.errors,
@@ -746,6 +751,8 @@ def _ingest(
     slow = status.slow
     known = all(c.slow >= 0 for c in (now_b, now_g, last_b, last_g))
     if threshold is not None and not fresh_threshold and known:
+        if said := slow.restarts(lat.max_ratio, lat.negligible_rate):
+            restarted["slow"] = said
         slow = slow.update(
             kc=db.slow,
             kb=dg.slow,
@@ -754,6 +761,8 @@ def _ingest(
             margin=lat.max_ratio,
             negligible=lat.negligible_rate,
         )
+    if restarted:
+        tick["evidence_restarted"] = restarted
     status = replace(
         status,
         errors=errors,
@@ -808,6 +817,8 @@ def _pct(x: float) -> str:
 
 
 def _e(log_e: float) -> str:
+    if log_e == math.inf:
+        return "∞"
     e = math.exp(min(log_e, 700.0))
     if e < 100:
         return f"{e:.3g}"

@@ -102,7 +102,10 @@ class Evidence:
     `worse[j]` is the log-likelihood ratio of WORSE_THETAS[j] against θ = 1, `ok[i]` that of
     margin × OK_FRACTIONS[i] against θ = margin, `low[i]` that of a canary rate
     δ × LOW_FRACTIONS[i] against δ (all zeros when δ = 0, the test disabled). Counts are the
-    events that fed them.
+    events that fed them. `margin` and `negligible` are the values `ok` and `low` were summed
+    against (None: none yet, or a status written before they were kept): a tick with other
+    values (the spec edited, the controller restarted) starts that sum afresh, as evidence for
+    one claim is no evidence for another (`restarts`).
     """
 
     worse: tuple[float, ...] = (0.0,) * len(WORSE_THETAS)
@@ -119,6 +122,19 @@ class Evidence:
     log_e_ok_value: float = 0.0
     log_e_ratio_value: float = 0.0
     log_e_low_value: float = 0.0
+    margin: float | None = None
+    negligible: float | None = None
+
+    def restarts(self, margin: float, negligible: float) -> list[str]:
+        """The "not worse" sums an update with `margin` and `negligible` starts afresh, said
+        for the ledger: summed against a max_ratio 2 or a δ 5 %, they are no evidence that the
+        canary is below 1.5 × or 0.1 % (kept, a candidate at 2.5× was promoted under 0.1 %)."""
+        said = []
+        if self.margin is not None and margin != self.margin:
+            said.append(f"max_ratio {self.margin:g} → {margin:g}")
+        if self.negligible is not None and negligible != self.negligible:
+            said.append(f"negligible_rate {self.negligible:g} → {negligible:g}")
+        return said
 
     def log_e_worse(self) -> float:
         """log of the mixture e-value for "canary worse than baseline"."""
@@ -158,13 +174,17 @@ class Evidence:
         worse, ok, low = self.worse, self.ok, self.low
         log_worse, log_ratio = self.log_e_worse_value, self.log_e_ratio_value
         log_low = self.log_e_low_value
+        if self.margin is not None and margin != self.margin:
+            ok, log_ratio = (0.0,) * len(OK_FRACTIONS), 0.0
+        if self.negligible is not None and negligible != self.negligible:
+            low, log_low = (0.0,) * len(LOW_FRACTIONS), 0.0
         n = kc + kb
         # No events, or one side without traffic: the conditional likelihood is flat in θ.
         if n > 0 and nc > 0 and nb > 0:
             p0 = nc / (nc + nb)
             worse_arr = np.asarray(self.worse) + binomial_llr(kc, n, share(WORSE_THETAS, p0), p0)
             p_margin = float(share(margin, p0))
-            ok_arr = np.asarray(self.ok) + binomial_llr(
+            ok_arr = np.asarray(ok) + binomial_llr(
                 kc, n, share(OK_FRACTIONS * margin, p0), p_margin
             )
             log_worse = log_mixture(worse_arr, WORSE_PRIOR)
@@ -175,7 +195,7 @@ class Evidence:
         if negligible > 0 and nc > 0:
             # (min: counters scraped at slightly different instants may show more errors than
             # requests in one tick; then every request of the tick counts as bad.)
-            low_arr = np.asarray(self.low) + binomial_llr(
+            low_arr = np.asarray(low) + binomial_llr(
                 min(kc, nc), nc, LOW_FRACTIONS * negligible, negligible
             )
             log_low = log_mixture(low_arr, LOW_PRIOR)
@@ -193,6 +213,8 @@ class Evidence:
             log_e_ok_value=log_ok,
             log_e_ratio_value=log_ratio,
             log_e_low_value=log_low,
+            margin=margin,
+            negligible=negligible,
         )
 
 
@@ -227,6 +249,10 @@ def log_e_below(bad: int, requests: int, limit: float) -> float:
     """
     if requests <= 0:
         return 0.0
+    if limit >= 1.0:
+        # Under "every request is bad" one good request cannot happen: shown for certain (the
+        # grid's ratio against a rate of 1 was log 0 - log 0, NaN, and a RuntimeWarning).
+        return math.inf if bad < requests else 0.0
     return log_mixture(
         binomial_llr(min(bad, requests), requests, LOW_FRACTIONS * limit, limit), LOW_PRIOR
     )

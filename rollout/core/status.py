@@ -391,6 +391,8 @@ def _evidence_to_dict(ev: Evidence) -> dict[str, Any]:
         "low": list(ev.low),
         "log_e_ratio": ev.log_e_ratio_value,
         "log_e_low": ev.log_e_low_value,
+        "margin": ev.margin,
+        "negligible": ev.negligible,
     }
 
 
@@ -408,4 +410,7 @@ def _evidence_from_dict(data: dict[str, Any]) -> Evidence:
         low=tuple(float(x) for x in data.get("low", Evidence().low)),
         log_e_ratio_value=float(data.get("log_e_ratio", data["log_e_ok"])),
         log_e_low_value=float(data.get("log_e_low", 0.0)),
+        # Status files written before these were kept: taken as the spec's at the next tick.
+        margin=None if data.get("margin") is None else float(data["margin"]),
+        negligible=None if data.get("negligible") is None else float(data["negligible"]),
     )

@@ -1293,6 +1293,14 @@ def green_counts(requests: int, errors: int = 0, slow: int = 0) -> ColourCounts:
             "at or above it",
             id="slo-above-every-bound-is-unknown-not-0",
         ),
+        pytest.param(
+            {"errors": {"max_rate": 1.0}},
+            green_counts(400),
+            Verdict.SUCCESSFUL,
+            # Was "(e-value nan ≥ 20)", and a RuntimeWarning: a ratio against a rate of 1.
+            "error rate 0 % is below the limit 100 % (e-value ∞ ≥ 20) after 400 requests",
+            id="a-limit-of-100-percent",
+        ),
     ],
 )
 def test_judge_first(
@@ -1398,3 +1406,53 @@ def test_a_metrics_error_while_paused_keeps_the_pause_s_reason() -> None:
     assert failed.record["metrics_error"] == "prometheus: connection refused"
     later = step(SPEC, failed.status, obs(blue=(30, 0), green=(270, 0), at=20.0), 20.0)
     assert later.status.phase is Phase.PAUSED and later.status.reason == "paused by ann"
+
+
+def test_not_worse_evidence_of_an_edited_spec_starts_afresh() -> None:
+    """Was: "not worse" sums built against δ 5 % kept counting after the spec was edited to
+    δ 0.1 % and the controller restarted; a candidate at 2.5× (0.25 % against 0.1 %) was then
+    promoted under "error rate shown < 0.1 %" in 12 of 100 runs (the reviewer's script)."""
+    import numpy as np
+
+    def spec(negligible: float) -> RolloutSpec:
+        analysis = {
+            "errors": {"negligible_rate": negligible},
+            "latency": {"enabled": False},
+            "hold_above_e": None,
+            "min_step_duration_s": 300,
+        }
+        return RolloutSpec.model_validate(
+            {"name": "t", "steps": [5, 50, 100], "analysis": analysis}
+        )
+
+    loose, tight = spec(0.05), spec(0.001)
+    promoted, said = 0, []
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        status = new_status(loose, now=0.0, candidate=V2)
+        status = step(loose, status, None, 0.0).status
+        blue, green, at = [0, 0], [0, 0], (status.step_index, status.blue_weight)
+        for tick in range(1, 400):
+            edited = tick >= 20
+            if (status.step_index, status.blue_weight) != at:
+                blue, green, at = [0, 0], [0, 0], (status.step_index, status.blue_weight)
+            n = int(rng.poisson(1000))
+            nc = int(rng.binomial(n, status.blue_weight / 100))
+            blue[0] += nc
+            blue[1] += int(rng.binomial(nc, 0.0025))
+            green[0] += n - nc
+            green[1] += int(rng.binomial(n - nc, 0.001))
+            reading = obs(blue=(blue[0], blue[1]), green=(green[0], green[1]), at=tick * 10.0)
+            decision = step(tight if edited else loose, status, reading, tick * 10.0)
+            status = decision.status
+            if tick == 20 and (
+                restarted := decision.record.get("tick_counts", {}).get("evidence_restarted")
+            ):
+                said.append(restarted)
+            if status.phase in (Phase.PROMOTING, Phase.ROLLING_BACK):
+                promoted += status.phase is Phase.PROMOTING
+                break
+    assert promoted == 0
+    assert {"errors": ["negligible_rate 0.05 → 0.001"]} in said
+    restored = Status.from_dict(status.to_dict())
+    assert (restored.errors.margin, restored.errors.negligible) == (2.0, 0.001)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -252,6 +253,14 @@ def test_a_clean_release_is_shown_below_a_10_percent_limit_within_a_few_dozen_re
     assert first <= 40
     assert log_e_below(0, 0, 0.1) == 0.0
     assert log_e_below(5, 3, 0.1) == log_e_below(3, 3, 0.1)  # more errors than requests: all bad
+
+
+def test_a_rate_is_shown_below_a_limit_of_one_by_one_good_request() -> None:
+    # Was NaN (log 0 - log 0) with a RuntimeWarning: `max_rate: 1.0` is a valid setting.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert (log_e_below(0, 10, 1.0), log_e_below(9, 10, 1.0)) == (math.inf, math.inf)
+        assert log_e_below(10, 10, 1.0) == 0.0  # every request bad: as a rate of 1 would do
 
 
 @pytest.mark.parametrize(
