@@ -35,7 +35,8 @@ fields they do not know.
   the new controller), never persist a decision.
 - **Commands**: ConfigMap `aml-rollout-<name>-commands`, one JSON line per command in one data
   key. `push_command` reads it, appends a line and writes it back with the read resourceVersion;
-  a 409 (another CLI appended meanwhile) re-reads and appends again, a bounded number of times.
+  a 409 (another CLI appended meanwhile) re-reads and appends again, a bounded number of times
+  (unless the log read holds its line where it was sent: its own write, landed and sent again).
   Lines are never rewritten or dropped; a line that does not parse is None. (The machine reads
   on after the last commands it read, `Status.commands_tail`.) A
   ConfigMap holds at most 1 MiB: a push that would pass it is refused with a clear StateError
@@ -306,9 +307,14 @@ class KubernetesStateStore:
         """Append one line to the command log: read, append, write back if unchanged (CAS)."""
         line = o.command_line(command)
         name = self.objects.commands
+        refused: str | None = None  # the log a write answered 409 would have left
         for attempt in range(1, self._max_retries + 1):
             found = self._read_configmap(name)
             log_text = o.data_of(found, o.COMMANDS_KEY) or ""
+            if refused is not None and log_text.startswith(refused):
+                # That write had landed, and the client sent it again (its answer lost: a
+                # connection the server closed): the line is in, at the place it was sent to.
+                return
             new_log = o.appended(log_text, line)
             if (size := o.size_with(found, o.COMMANDS_KEY, new_log)) > o.CONFIGMAP_MAX_BYTES:
                 raise StateError(
@@ -324,6 +330,7 @@ class KubernetesStateStore:
                     self._patch_configmap(name, o.data_patch(found, o.COMMANDS_KEY, new_log))
                 return
             except _Conflict:
+                refused = new_log
                 log.debug("%s changed under us (409); appending again (%d)", name, attempt)
                 # Jittered, growing pauses: CLIs pushing at the same instant spread out.
                 self._sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))  # noqa: S311
@@ -376,8 +383,19 @@ class KubernetesStateStore:
 
     def _acquire(self, holder: str) -> _Held:
         """Create the Lease, or take it over when free; LeaseHeldError when someone holds it."""
+        #: The acquireTime and send time of a create or take answered 409.
+        refused: tuple[float | None, float] | None = None
         for _ in range(self._max_retries):
             found = self._read_lease()
+            if (
+                refused is not None
+                and found is not None
+                and o.holder_of(found) == holder
+                and o.parse_time(_acquire_time(found)) == refused[0]
+            ):
+                # Our own write, sent again by the client (its answer lost: a connection the
+                # server closed) after it had landed: the 409 was its own.
+                return _Held(holder=holder, obj=found, renewed_at=refused[1])
             # A renewTime more than a ttl ahead of our clock proves no life (a dead holder whose
             # clock ran an hour ahead would block every successor for that hour): watched too.
             if (
@@ -400,7 +418,9 @@ class KubernetesStateStore:
                     if o.holder_of(found):
                         log.warning("took over the expired lease of %s", o.describe_holder(found))
             except _Conflict:
-                continue  # someone else created or took it meanwhile: read who
+                # (As a time: a create's goes through the typed model, which rewrites it.)
+                refused = (o.parse_time(o.micro_time(now)), sent)
+                continue  # someone else created or took it meanwhile (or we did): read who
             except _Missing:
                 if found is None:  # a create's 404: the namespace
                     raise self._no_namespace(self.objects.lease) from None

@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,10 @@ from rollout.core.status import Command
 from rollout.errors import ConfigError, LeaseHeldError, StateError
 from rollout.state import kubernetes_objects as o
 from rollout.state.factory import make_store
-from rollout.state.kubernetes import KubernetesStateStore
+from rollout.state.kubernetes import KubernetesStateStore, _Conflict
 from rollout.state.kubernetes_objects import StateObjects
-from tests.fakes.kube_apiserver import DELETED, FakeKubeApiServer
-from tests.fakes.server import Answering
+from tests.fakes.kube_apiserver import DELETED, ApiError, FakeKubeApiServer
+from tests.fakes.server import Answering, LocalServer
 from tests.state.contract import a_status
 from tests.state.helpers import LEASES, NAMESPACE, exercise, kube_store, lease_of, status
 
@@ -937,3 +938,102 @@ def test_a_holder_resumed_from_suspend_sees_its_lease_gone_at_once(
         monkeypatch.setattr(time, "clock_gettime", an_hour_suspended)
         with pytest.raises(StateError, match="not renewed for more than 20 s"):
             store.check_lease()
+
+
+# ------------------------------------------------- a write sent twice by the client
+
+
+class ClosesIdleConnections(BaseHTTPRequestHandler):
+    """The fake kube-apiserver behind a front that answers one request per connection and
+    closes it, unanswered, when a second comes: a pooled connection the API server closed as
+    the request went out (kube-apiserver closes idle ones)."""
+
+    api: FakeKubeApiServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _serve(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length)) if length else None
+        self.served = getattr(self, "served", 0) + 1
+        if self.served > 1:
+            self.close_connection = True
+            return
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        try:
+            code, payload = self.api.handle(
+                self.command, self.path.split("?")[0], body, content_type
+            )
+        except ApiError as exc:
+            code, payload = exc.code, {"kind": "Status", "code": exc.code, "details": exc.details}
+        data = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PATCH = _serve
+
+
+def test_a_write_on_a_pooled_connection_the_server_closed_is_sent_again(
+    api: FakeKubeApiServer,
+) -> None:
+    """Was: "cannot reach the Kubernetes API" (urllib3 retries no PATCH after a read error
+    unless told to: `kubeapi.Retries`), though it had answered the read a moment before."""
+    handler = type("Front", (ClosesIdleConnections,), {"api": api})
+    front = LocalServer(handler)
+    front.start()
+    try:
+        cli = make_store(KubernetesStateConfig(namespace=NAMESPACE, api_url=front.url), "r")
+        cli.push_command(Command(id="1", kind="pause"))  # creates the log (a first connection)
+        cli.push_command(Command(id="2", kind="resume"))  # its read, then its patch, on one
+    finally:
+        front.stop()
+    assert [c.id for c in kube_store(api).commands() if c] == ["1", "2"]
+
+
+def answered_409_after_landing(store: KubernetesStateStore, method: str) -> None:
+    """Make `store`'s next `method` write land, then answer 409: what a write whose answer was
+    lost, sent again by the client, meets."""
+    write = getattr(store, method)
+
+    def landed_then_refused(*args: Any) -> Any:
+        setattr(store, method, write)  # once
+        write(*args)
+        raise _Conflict("HTTP 409 the object has been modified")
+
+    setattr(store, method, landed_then_refused)
+
+
+@pytest.mark.parametrize(
+    ("released_before", "method"),
+    [
+        pytest.param(False, "_create_lease", id="create"),
+        pytest.param(True, "_patch_lease", id="take"),
+    ],
+)
+def test_a_lease_take_that_landed_before_its_409_is_ours(
+    api: FakeKubeApiServer, released_before: bool, method: str
+) -> None:
+    """Was: LeaseHeldError naming this very controller as the one driving the rollout."""
+    if released_before:
+        with kube_store(api, ttl=30).lease("ann"):
+            pass
+    store = kube_store(api, ttl=30)
+    answered_409_after_landing(store, method)
+    with store.lease("bob"):
+        store.save(a_status(1))
+        assert "bob" in lease_of(api)["spec"]["holderIdentity"]
+
+
+def test_a_command_whose_append_landed_before_its_409_is_not_appended_twice(
+    api: FakeKubeApiServer,
+) -> None:
+    cli = kube_store(api)
+    cli.push_command(Command(id="1", kind="pause"))
+    answered_409_after_landing(cli, "_patch_configmap")
+    cli.push_command(Command(id="2", kind="resume"))
+    assert [c.id for c in cli.commands() if c] == ["1", "2"]  # was 1, 2, 2
