@@ -20,8 +20,12 @@ The client itself retries a request twice only when it got no answer at all (a r
 connection, a pooled connection the server had closed: `Retries`), never one the API server
 took and was slow to answer, nor a connect that timed out, nor after a 429 or 503 by its
 Retry-After: the caller's own retry
-(the controller's, the lease renewal's) decides when to ask again, so a request takes at most
-its `_request_timeout`, not three of them or minutes of Retry-After.
+(the controller's, the lease renewal's, the state store's save) decides when to ask again, so a
+request takes at most its `_request_timeout`, not three of them or minutes of Retry-After.
+Writes are retried so too (PATCH, POST, DELETE): every write of this project is safe to send
+twice. A patch carries the resourceVersion it was computed from, so a second copy of one that
+landed is refused (409) and its caller re-reads; a create that landed answers 409 AlreadyExists,
+which each caller handles; a delete that landed answers 404, which is "already gone".
 """
 
 from __future__ import annotations
@@ -109,8 +113,14 @@ class Retries(Retry):
     renewal would take its whole ttl. A 429 or 503 is not retried either
     (`respect_retry_after_header=False`): urllib3 would sleep its Retry-After, uncapped, inside
     one request. A pooled connection the server had closed (urllib3's "Connection aborted", a
-    read error too) is still retried, which `read=0` would stop.
+    read error too) is still retried, which `read=0` would stop, whatever the verb: urllib3's
+    default `allowed_methods` retries no PATCH or POST after a read error, these default to
+    None (every write here is safe to send twice: the module docstring).
     """
+
+    def __init__(self, total: bool | int | None = 10, **kwargs: Any) -> None:
+        kwargs.setdefault("allowed_methods", None)  # (`new()` passes ours on)
+        super().__init__(total, **kwargs)
 
     def increment(
         self,
@@ -295,6 +305,17 @@ def no_answer(exc: Exception, host: str) -> str:
     # The timeout left of the request's total, e.g. 9.999871: said as what was asked (10).
     why = _TIMEOUT.sub(lambda m: f"timeout={round(float(m.group(1)), 1):g}", why)
     return f"cannot reach the Kubernetes API at {host}: {why}"
+
+
+def retry_after(exc: ApiException) -> float | None:
+    """The seconds a 429's or 503's Retry-After header asks the client to wait (None when
+    absent or not a number of seconds: an HTTP date is not what the API server sends)."""
+    value = (exc.headers or {}).get("Retry-After")
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and seconds >= 0 else None
 
 
 def not_served(exc: ApiException) -> bool:

@@ -17,25 +17,34 @@ fields they do not know.
   the resourceVersion read — of two controllers racing for it, the API server lets one write and
   answers the other 409, which then re-reads and reports the winner (LeaseHeldError: the CLI's
   contract). A live holder is reported at once. While held, a daemon thread renews it every
-  `lease_ttl_s / 3` (every second after a failure); a renewal refused (someone took it over or
-  deleted it), or none going through for `renew_deadline_s` (two thirds of the ttl), marks the
-  lease lost: `check_lease()`, which the controller calls before every router action, and `save()`
-  raise StateError, and this controller stops, a third of the ttl before anyone may take over. On
-  exit the holder is cleared (CAS; a failure is logged, the lease then expires on its own).
+  `lease_ttl_s / 3` (every second after a failure), each renewal a patch carrying the version
+  this tenure last wrote. A renewal refused (someone took it over or deleted it) marks the lease
+  lost: `check_lease()`, which the controller calls before every router action, and `save()`
+  raise StateError, and this controller stops. None going through for `renew_deadline_s` (two
+  thirds of the ttl: a third of it before anyone may take over) *lapses* it: `check_lease()`
+  then waits, this controller acting no more, until a renewal goes through — which proves that
+  nobody took the Lease meanwhile (its take would have moved the version) — or the Lease turns
+  out taken, or OUTAGE_S (10 min) pass: an API server restarting for longer than the renew
+  deadline does not stop a rollback the controller is retrying. On exit the holder is cleared
+  (CAS; a failure is logged, the lease then expires on its own).
 - **Fencing** — a lease alone cannot stop a controller that froze (a long GC pause) from writing
   when it wakes. So status writes are compare-and-swap: `save()` patches the status ConfigMap
   carrying the resourceVersion this store last read or wrote. On a 409 it re-reads: if the
   holder annotation is still this tenure's claim and the status still what it wrote, someone
   only edited labels or annotations and the write is retried; otherwise StateError, "lost
-  rollout 'x' to another controller". Taking the lease *claims* the status (a write of the
-  holder annotation, which moves the resourceVersion), so the stale controller's next save is
-  refused even if the new one has not saved yet; and the new controller's `load()` refuses a
-  status written by anyone else after its claim. A frozen controller can thus land at most the
-  one router request it had in flight when it froze (actions are idempotent and re-applied by
-  the new controller), never persist a decision.
+  rollout 'x' to another controller" — unless the status read is the very one being written,
+  under this tenure's claim: a write that landed though its answer was lost, sent again. A save
+  that gets no answer, or a 5xx or 429, is tried again while the lease holds, for up to
+  OUTAGE_S (a decided rollback is saved before it is applied). Taking the lease *claims* the
+  status (a write of the holder annotation, which moves the resourceVersion), so the stale
+  controller's next save is refused even if the new one has not saved yet; and the new
+  controller's `load()` refuses a status written by anyone else after its claim. A frozen
+  controller can thus land at most the one router request it had in flight when it froze
+  (actions are idempotent and re-applied by the new controller), never persist a decision.
 - **Commands**: ConfigMap `aml-rollout-<name>-commands`, one JSON line per command in one data
   key. `push_command` reads it, appends a line and writes it back with the read resourceVersion;
-  a 409 (another CLI appended meanwhile) re-reads and appends again, a bounded number of times.
+  a 409 (another CLI appended meanwhile) re-reads and appends again, a bounded number of times
+  (unless the log read holds its line where it was sent: its own write, landed and sent again).
   Lines are never rewritten or dropped; a line that does not parse is None. (The machine reads
   on after the last commands it read, `Status.commands_tail`.) A
   ConfigMap holds at most 1 MiB: a push that would pass it is refused with a clear StateError
@@ -88,6 +97,28 @@ class _Missing(Exception):
     """404: the object (or, on create, its namespace) does not exist."""
 
 
+class _Unanswered(StateError):
+    """No answer a retry would not change: none at all (a timeout, no connection, an answer
+    broken off), or a 5xx or 429 (an API server restarting or overloaded, etcd slow). The
+    request may even have been carried out."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        #: A 429's (or 503's) Retry-After, in seconds.
+        self.retry_after = retry_after
+
+
+#: How long the store waits out an API server that answers none of its saves (or none of the
+#: renewals of a lapsed lease) before it gives up: as long as the controller retries a rollback
+#: (`controller.ROLLBACK_RETRY_S`), which would otherwise end at the store's first error.
+OUTAGE_S = 600.0
+#: The longest pause between two tries of a save (they double from 1 s); a Retry-After is
+#: honoured up to it.
+PAUSE_CAP_S = 30.0
+#: HTTP 429 Too Many Requests (API priority and fairness): not final, like a 5xx.
+TOO_MANY_REQUESTS = 429
+
+
 @dataclass
 class _Held:
     """A lease this store holds: the Lease as last written, and how fresh it is."""
@@ -99,6 +130,9 @@ class _Held:
     lost: str | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    #: Held around each renewal: the renewal thread's, and the controller's own when it waits
+    #: for a lapsed lease (`check_lease`), never both at once.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         #: The Lease's acquireTime as this tenure wrote it: with the holder, what tells this
@@ -148,6 +182,7 @@ class KubernetesStateStore:
         lease_ttl_s: int = 15,
         max_conflict_retries: int = 10,
         request_timeout_s: float = 10.0,
+        outage_s: float = OUTAGE_S,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = since_boot,
         sleep: Callable[[float], None] = time.sleep,
@@ -167,6 +202,8 @@ class KubernetesStateStore:
         self._host = api_client.configuration.host
         self._max_retries = max_conflict_retries
         self._timeout = request_timeout_s
+        #: How long a save, or the renewal of a lapsed lease, is tried before it gives up.
+        self._outage_s = outage_s
         self._clock = clock
         self._monotonic = monotonic
         self._sleep = sleep
@@ -231,35 +268,69 @@ class KubernetesStateStore:
     def save(self, status: Status) -> None:
         """Write the status if nobody else wrote it since this store last did (else StateError).
 
-        Refused too when this store's lease was lost or has not been renewed for its ttl.
+        Refused too when this store's lease was lost (`check_lease`, before each try). A write
+        that got no answer, or a 5xx or 429, is tried again, the pauses doubling from 1 s up to
+        PAUSE_CAP_S (or a 429's Retry-After, up to that), for OUTAGE_S: the controller saves a
+        rollback before it applies it, and one blip of the API server must not leave it
+        unapplied. A try that finds its own write landed (answered 409: the answer of the
+        previous one was lost, not the write) is done.
         """
         self.check_lease()
         text = json.dumps(status.to_dict(), sort_keys=True)
-        current, name = self._status, self.objects.status
-        if (size := o.size_with(current, o.STATUS_KEY, text)) > o.CONFIGMAP_MAX_BYTES:
+        name = self.objects.status
+        if (size := o.size_with(self._status, o.STATUS_KEY, text)) > o.CONFIGMAP_MAX_BYTES:
             raise StateError(
                 f"cannot save the status of rollout {self.name!r}: {self._too_big(name, size)}"
             )
-        try:
-            if current is None:
-                holder = self._held.claim if self._held else ""
-                body = o.configmap(self.objects, name, {o.STATUS_KEY: text}, holder)
-                self._status = self._create_configmap(body)
+        started, pause = self._monotonic(), 1.0
+        while True:
+            try:
+                self._write_status(text)
                 return
+            except _Unanswered as exc:
+                tried = self._monotonic() - started
+                wait = min(max(pause, exc.retry_after or 0.0), PAUSE_CAP_S)
+                if tried + wait > self._outage_s:
+                    raise StateError(
+                        f"cannot save the status of rollout {self.name!r}: still failing "
+                        f"after {span(tried)}: {exc}"
+                    ) from exc
+                log.warning(
+                    "saving the status of rollout %r failed (%s); retrying in %g s",
+                    self.name,
+                    exc,
+                    wait,
+                )
+                self._sleep(wait)
+                pause = min(pause * 2, PAUSE_CAP_S)
+            self.check_lease()  # the lease may have lapsed meanwhile: waits for its renewal
+
+    def _write_status(self, text: str) -> None:
+        """One try of `save`: create the status, or patch it compare-and-swap (see `save`)."""
+        current, name = self._status, self.objects.status
+        try:
             for _ in range(self._max_retries):
                 try:
-                    patch = o.data_patch(current, o.STATUS_KEY, text)
-                    self._status = self._patch_configmap(name, patch)
+                    if current is None:
+                        holder = self._held.claim if self._held else ""
+                        body = o.configmap(self.objects, name, {o.STATUS_KEY: text}, holder)
+                        self._status = self._create_configmap(body)
+                    else:
+                        patch = o.data_patch(current, o.STATUS_KEY, text)
+                        self._status = self._patch_configmap(name, patch)
                     return
                 except _Conflict:
-                    # A 409 is never our own write: the client does not resend a PATCH whose
-                    # answer it missed. Someone else wrote: another controller (then the claim
-                    # or the status changed), or a person or tool editing labels or
-                    # annotations, which is no reason to stop.
+                    # Someone wrote since `current`: another controller (then the claim or the
+                    # status changed); a person or tool editing labels or annotations, which is
+                    # no reason to stop; or this very write, landed though its answer was lost
+                    # (a timeout, an etcd 500) and now sent again.
                     found = self._read_configmap(name)
                     if found is None:
                         raise self._deleted(name) from None
-                    if not self._still_ours(found):
+                    if self._landed(found, text):
+                        self._status = found
+                        return
+                    if current is None or not self._still_ours(found):
                         raise
                     current = found
             raise StateError(
@@ -274,6 +345,14 @@ class KubernetesStateStore:
             if current is None:
                 raise self._no_namespace(name) from None
             raise self._deleted(name) from None
+
+    def _landed(self, found: Obj, text: str) -> bool:
+        """Whether the status as read (`found`) is `text` under this tenure's claim: what a
+        write of `text` by this controller leaves, and nobody else's (a controller taking over
+        claims the status first)."""
+        held = self._held
+        claim = held.claim if held is not None else None
+        return o.claim_of(found) == claim and o.data_of(found, o.STATUS_KEY) == text
 
     def _deleted(self, name: str) -> StateError:
         return StateError(
@@ -306,9 +385,14 @@ class KubernetesStateStore:
         """Append one line to the command log: read, append, write back if unchanged (CAS)."""
         line = o.command_line(command)
         name = self.objects.commands
+        refused: str | None = None  # the log a write answered 409 would have left
         for attempt in range(1, self._max_retries + 1):
             found = self._read_configmap(name)
             log_text = o.data_of(found, o.COMMANDS_KEY) or ""
+            if refused is not None and log_text.startswith(refused):
+                # That write had landed, and the client sent it again (its answer lost: a
+                # connection the server closed): the line is in, at the place it was sent to.
+                return
             new_log = o.appended(log_text, line)
             if (size := o.size_with(found, o.COMMANDS_KEY, new_log)) > o.CONFIGMAP_MAX_BYTES:
                 raise StateError(
@@ -324,6 +408,7 @@ class KubernetesStateStore:
                     self._patch_configmap(name, o.data_patch(found, o.COMMANDS_KEY, new_log))
                 return
             except _Conflict:
+                refused = new_log
                 log.debug("%s changed under us (409); appending again (%d)", name, attempt)
                 # Jittered, growing pauses: CLIs pushing at the same instant spread out.
                 self._sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))  # noqa: S311
@@ -376,8 +461,19 @@ class KubernetesStateStore:
 
     def _acquire(self, holder: str) -> _Held:
         """Create the Lease, or take it over when free; LeaseHeldError when someone holds it."""
+        #: The acquireTime and send time of a create or take answered 409.
+        refused: tuple[float | None, float] | None = None
         for _ in range(self._max_retries):
             found = self._read_lease()
+            if (
+                refused is not None
+                and found is not None
+                and o.holder_of(found) == holder
+                and o.parse_time(_acquire_time(found)) == refused[0]
+            ):
+                # Our own write, sent again by the client (its answer lost: a connection the
+                # server closed) after it had landed: the 409 was its own.
+                return _Held(holder=holder, obj=found, renewed_at=refused[1])
             # A renewTime more than a ttl ahead of our clock proves no life (a dead holder whose
             # clock ran an hour ahead would block every successor for that hour): watched too.
             if (
@@ -400,7 +496,9 @@ class KubernetesStateStore:
                     if o.holder_of(found):
                         log.warning("took over the expired lease of %s", o.describe_holder(found))
             except _Conflict:
-                continue  # someone else created or took it meanwhile: read who
+                # (As a time: a create's goes through the typed model, which rewrites it.)
+                refused = (o.parse_time(o.micro_time(now)), sent)
+                continue  # someone else created or took it meanwhile (or we did): read who
             except _Missing:
                 if found is None:  # a create's 404: the namespace
                     raise self._no_namespace(self.objects.lease) from None
@@ -519,27 +617,31 @@ class KubernetesStateStore:
 
         The period runs from when the last renewal was *sent*, so a slow API server does not
         stretch the gap between renewals by its round trips (which would trip the renew
-        deadline on a lease that is fine).
+        deadline on a lease that is fine). After a failure it tries again every second, past
+        the renew deadline too (`check_lease`), for up to OUTAGE_S.
         """
         # From the take, not from this thread's start: claiming the status came in between.
         pause = max(0.0, held.renewed_at + self.lease_ttl_s / 3 - self._monotonic())
         while not held.stop.wait(pause):
-            try:
-                self._renew(held)
-                pause = max(0.0, held.renewed_at + self.lease_ttl_s / 3 - self._monotonic())
-            except (StateError, _Conflict) as exc:
-                log.warning("could not renew Lease %s/%s: %s", self._ns, self.objects.lease, exc)
-                if self._monotonic() - held.renewed_at > self.renew_deadline_s:
-                    held.lost = (
-                        f"it could not be renewed for {self.renew_deadline_s:g} s, two thirds "
-                        f"of state.lease_ttl_s ({exc})"
-                    )
-                pause = min(1.0, self.lease_ttl_s / 10)  # a blip: try again soon
-            except Exception as exc:  # a dead thread would be a lost lease nobody notices
-                held.lost = f"renewing it failed: {exc!r}"
+            with held.lock:
+                if held.lost is not None:
+                    return  # given up by `check_lease`, which said so
+                try:
+                    self._renew(held)
+                    pause = max(0.0, held.renewed_at + self.lease_ttl_s / 3 - self._monotonic())
+                except (StateError, _Conflict) as exc:
+                    self._renewal_failed(held, exc)
+                    pause = min(1.0, self.lease_ttl_s / 10)  # a blip: try again soon
+                except Exception as exc:  # a dead thread would be a lost lease nobody notices
+                    held.lost = f"renewing it failed: {exc!r}"
             if held.lost is not None:
                 log.error("lost the lease of rollout %r: %s", self.name, held.lost)
                 return
+
+    def _renewal_failed(self, held: _Held, exc: Exception, level: int = logging.WARNING) -> None:
+        log.log(level, "could not renew Lease %s/%s: %s", self._ns, self.objects.lease, exc)
+        if self._monotonic() - held.renewed_at > self._outage_s:
+            held.lost = f"it could not be renewed for {span(self._outage_s)} ({exc})"
 
     def _renew(self, held: _Held) -> None:
         timeout = max(0.5, self.lease_ttl_s / 3)
@@ -563,20 +665,57 @@ class KubernetesStateStore:
         raise _Conflict(f"{what} keeps changing")
 
     def check_lease(self) -> None:
-        """StateError once the lease is lost, or not renewed for `renew_deadline_s`."""
+        """StateError once the lease is lost. A lease not renewed for `renew_deadline_s` has
+        lapsed: this waits until it is renewed again (`_retake`), or lost."""
         held = self._held
         if held is None:
             return
-        if held.lost is None and self._monotonic() - held.renewed_at > self.renew_deadline_s:
-            held.lost = (
-                f"it was not renewed for more than {self.renew_deadline_s:g} s, two thirds of "
-                "state.lease_ttl_s"
-            )
+        if held.lost is None and self._lapsed(held):
+            self._retake(held)
         if held.lost is not None:
             raise StateError(
                 f"lost the lease of rollout {self.name!r}: {held.lost}; another controller may "
                 "drive it now, so this one stops"
             )
+
+    def _lapsed(self, held: _Held) -> bool:
+        return self._monotonic() - held.renewed_at > self.renew_deadline_s
+
+    def _retake(self, held: _Held) -> None:
+        """Renew the lapsed lease `held`, trying every second until it goes through, the Lease
+        turns out taken over or deleted, or OUTAGE_S after its last renewal; meanwhile this
+        controller does nothing, as one that lost its lease.
+
+        Safe, as every renewal is: it is a write guarded by the resourceVersion this tenure last
+        wrote (`o.renew_patch`; a 409 goes on only when the Lease as read is still this
+        tenure's, `_renew`), so it goes through only when nobody took the Lease over since. Then
+        no successor ever held it, and none can now: its take carries a version older than the
+        renewal's (409), or its watch sees the renewal. A lapse only ends this controller's
+        right to act early (a third of the ttl before a successor's may begin): it stops acting
+        at the deadline, and acts again only once the renewal proves it the holder still.
+        """
+        log.warning(
+            "the lease of rollout %r was not renewed for %g s, two thirds of "
+            "state.lease_ttl_s: this controller moves no traffic and writes nothing until it "
+            "renews it, trying for up to %s",
+            self.name,
+            self.renew_deadline_s,
+            span(self._outage_s),
+        )
+        while True:
+            with held.lock:
+                if held.lost is not None or not self._lapsed(held):
+                    break
+                try:
+                    self._renew(held)
+                    continue
+                except (StateError, _Conflict) as exc:
+                    self._renewal_failed(held, exc, logging.DEBUG)  # the thread's are told
+                    if held.lost is not None:
+                        break
+            self._sleep(min(1.0, self.lease_ttl_s / 10))
+        if held.lost is None:
+            log.warning("renewed the lease of rollout %r again: this controller goes on", self.name)
 
     def _release(self, held: _Held) -> None:
         """Clear the holder, unless someone took the Lease over; failures are only logged."""
@@ -679,8 +818,9 @@ class KubernetesStateStore:
         """Run one request made with `_preload_content=False`; the object the server answered.
 
         404 → _Missing, 409 → _Conflict (the callers decide what they mean), anything else that
-        fails → StateError naming the object and the API server. A 404 naming no object is no
-        missing object (a rollout not started) but a URL that serves no such API.
+        fails → StateError naming the object and the API server: _Unanswered when asking again
+        may go through (no answer, a 5xx, a 429). A 404 naming no object is no missing object (a
+        rollout not started) but a URL that serves no such API.
         """
         try:
             return cast(Obj, kubeapi.read_json(call))  # the body is read in here too
@@ -695,11 +835,13 @@ class KubernetesStateStore:
                 raise _Missing(kubeapi.describe(exc, self._credentials)) from exc
             if exc.status == kubeapi.CONFLICT:
                 raise _Conflict(kubeapi.describe(exc, self._credentials)) from exc
-            raise StateError(
-                f"{what}: {kubeapi.describe(exc, self._credentials)} [{self._host}]"
-            ) from exc
+            said = f"{what}: {kubeapi.describe(exc, self._credentials)} [{self._host}]"
+            status = exc.status or 0
+            if status >= 500 or status == TOO_MANY_REQUESTS:
+                raise _Unanswered(said, kubeapi.retry_after(exc)) from exc
+            raise StateError(said) from exc
         except HTTPError as exc:
-            raise StateError(f"{what}: {kubeapi.no_answer(exc, self._host)}") from exc
+            raise _Unanswered(f"{what}: {kubeapi.no_answer(exc, self._host)}") from exc
         except ValueError as exc:
             raise StateError(f"{what}: the API server answered something not JSON") from exc
 

@@ -1684,7 +1684,8 @@ def _weights_too_late(api: FakeKubeApiServer) -> None:
 def _status_too_late(api: FakeKubeApiServer) -> None:
     cfg = KubernetesStateConfig(namespace="ml", api_url=api.url)
     objects = StateObjects(namespace="ml", rollout="diabetes")
-    store = KubernetesStateStore(objects, kubeapi.api_client(cfg, "state"), request_timeout_s=0.1)
+    client = kubeapi.api_client(cfg, "state")
+    store = KubernetesStateStore(objects, client, request_timeout_s=0.1, outage_s=0)  # one try
     store.save(Status(name="diabetes", phase=Phase.PROGRESSING))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from kubernetes import client as k8s
@@ -28,6 +30,36 @@ def kube_store(
     configuration.host = api.url
     return KubernetesStateStore(
         StateObjects(NAMESPACE, name), k8s.ApiClient(configuration), lease_ttl_s=ttl, **kwargs
+    )
+
+
+def ahead(seconds: float) -> Callable[[], float]:
+    """A wall clock `seconds` ahead: to it, a lease renewed now has long expired."""
+    return lambda: time.time() + seconds
+
+
+class InstantTime:
+    """A monotonic clock that `sleep` advances at once: a store's wait before taking over an
+    expired lease (a whole ttl of watching it unchanged) costs no real time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def successor(api: FakeKubeApiServer, name: str = "r", *, ttl: int = 30) -> KubernetesStateStore:
+    """A controller to which the current holder's lease has expired (its clock is 2 minutes
+    ahead, and it watches the Lease unchanged for a ttl in no real time): it takes it over
+    unless the holder renews meanwhile (the holders here renew every ttl/3 of real time, long
+    after these tests' takeovers)."""
+    instant = InstantTime()
+    return kube_store(
+        api, name, ttl=ttl, clock=ahead(120), monotonic=instant.monotonic, sleep=instant.sleep
     )
 
 

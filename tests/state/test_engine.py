@@ -7,6 +7,7 @@ and metrics are the in-process ones (memory router, simulated traffic), as in te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from rollout.routers.memory import MemoryRouter
 from tests.cli import stop_and_wait
 from tests.engine.specs import spec_dict
 from tests.fakes.kube_apiserver import FakeKubeApiServer
-from tests.state.helpers import NAMESPACE, kube_store, lease_of
+from tests.state.helpers import NAMESPACE, kube_store, lease_of, successor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -156,11 +157,21 @@ def test_a_sigterm_stops_the_controller_and_releases_its_lease(
     assert kept is not None and not kept.terminal
 
 
-def test_a_controller_that_lost_its_lease_moves_no_more_traffic(
-    api: FakeKubeApiServer, tmp_path: Path
+@pytest.mark.parametrize(
+    ("taken_over", "blue"),
+    [
+        # The controller stops instead of retrying into the rollout a successor now drives.
+        pytest.param(True, 0, id="taken-over-stops"),
+        # Nobody took it (an API server restarting longer than the renew deadline): its
+        # renewal, guarded by the Lease's resourceVersion, goes through, and the action is
+        # retried. Was: stopped at once, a decided rollback left unapplied.
+        pytest.param(False, 10, id="lapsed-renewed-goes-on"),
+    ],
+)
+def test_a_controller_whose_lease_ran_out_between_attempts_acts_only_if_it_renews_it(
+    api: FakeKubeApiServer, tmp_path: Path, taken_over: bool, blue: int
 ) -> None:
-    """Between two attempts at a router action the lease ran out (a partition, a long pause):
-    the controller stops instead of retrying into the rollout a successor now drives."""
+    """Between two attempts at a router action the lease ran out (a partition, a long pause)."""
     from rollout.controller import Controller
     from rollout.errors import RouterError, StateError
     from rollout.metrics.factory import make_metrics
@@ -173,9 +184,12 @@ def test_a_controller_that_lost_its_lease_moves_no_more_traffic(
 
     class CutOff(MemoryRouter):
         def set_weights(self, weights: Weights) -> None:
-            if weights.blue == 10:  # the first step: fails, and the lease runs out meanwhile
+            if weights.blue == 10:
                 attempts.append(weights.blue)
-                offset[0] = 21.0  # past the 20 s renew deadline of a 30 s lease
+            if attempts == [10]:  # the first step's first try fails,
+                offset[0] = 21.0  # and the 20 s renew deadline of a 30 s lease passes
+                if taken_over:
+                    bobs.enter_context(successor(api, "diabetes").lease("bob"))
                 raise RouterError("the API server did not answer")
             super().set_weights(weights)
 
@@ -187,7 +201,47 @@ def test_a_controller_that_lost_its_lease_moves_no_more_traffic(
         store,
         clock=FakeClock(1000.0),
     )
-    with pytest.raises(StateError, match="not renewed for more than 20 s"):
-        controller.run()
-    assert attempts == [10]  # no retry once the lease was gone
-    assert router.get_weights().blue == 0
+    with contextlib.ExitStack() as bobs:
+        if taken_over:
+            with pytest.raises(StateError, match="taken over by bob"):
+                controller.run(max_ticks=1)
+            assert attempts == [10]  # no retry once the lease was gone
+        else:
+            assert controller.run(max_ticks=1).phase is Phase.PROGRESSING
+            assert attempts == [10, 10]
+    assert router.get_weights().blue == blue
+
+
+def test_a_rollback_whose_save_meets_a_500_is_still_applied(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    """Every status save meets one 500 first (etcd timing out): each is tried again, and the
+    faulty candidate is rolled back. Was: StateError on the save of the rollback decision, `run`
+    exit 2, blue still serving the candidate."""
+    from rollout.controller import Controller
+    from rollout.metrics.factory import make_metrics
+    from tests.fakes.kube_apiserver import ApiError
+
+    def etcd_timeout(_: object) -> None:
+        raise ApiError(500, "InternalError", "etcdserver: request timed out")
+
+    def blip_next_save(status: Status, record: object) -> None:
+        api.before_next_write("configmaps", "aml-rollout-diabetes-status", etcd_timeout)
+
+    paused: list[float] = []
+    store = kube_store(api, "diabetes", ttl=30, sleep=paused.append)
+    rollout_spec = spec(api, tmp_path, canary_error=0.08)
+    router = MemoryRouter()
+    controller = Controller(
+        rollout_spec,
+        router,
+        make_metrics(rollout_spec.metrics, router=router),
+        store,
+        clock=FakeClock(1000.0),
+        on_tick=blip_next_save,
+    )
+    assert controller.run().phase is Phase.ROLLED_BACK
+    assert router.get_weights() == Weights.blue_at(0)
+    assert paused and set(paused) == {1.0}  # one pause per blip
+    final = stored(api)
+    assert final is not None and final.phase is Phase.ROLLED_BACK
