@@ -266,6 +266,24 @@ def test_the_image_serves_like_aml_rollout_serve(registered, tmp_path: Path) -> 
     assert options["ws"] == "none"
 
 
+def image_entry(
+    registered: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **env: str | None
+) -> Any:
+    """The package's asgi.py as a module, with `env` set (None: unset) for its build()."""
+    registry, _ = registered
+    pkg = build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "p", image_registry="r").path
+    spec = importlib.util.spec_from_file_location("packaged_asgi", pkg / "asgi.py")
+    assert spec is not None and spec.loader is not None
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    return entry
+
+
 @pytest.mark.parametrize(
     ("key", "expected"),
     [
@@ -285,16 +303,7 @@ def test_the_image_takes_its_api_key_from_the_environment_as_serve_does(
 ) -> None:
     # Was: asgi.py never read AML_ROLLOUT_API_KEY, so a Deployment given the key, as the serve
     # docs say, served /score to anyone.
-    registry, _ = registered
-    pkg = build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "p", image_registry="r").path
-    spec = importlib.util.spec_from_file_location("packaged_asgi", pkg / "asgi.py")
-    assert spec is not None and spec.loader is not None
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
-    if key is None:
-        monkeypatch.delenv("AML_ROLLOUT_API_KEY", raising=False)
-    else:
-        monkeypatch.setenv("AML_ROLLOUT_API_KEY", key)
+    entry = image_entry(registered, tmp_path, monkeypatch, AML_ROLLOUT_API_KEY=key)
     if expected is SystemExit:  # one line and status 2, as `serve` (was: a traceback)
         with pytest.raises(SystemExit) as stopped:
             entry.build()
@@ -322,17 +331,9 @@ def test_the_image_runs_as_blue_or_green_only(
     colour: str | None,
     expected: str | None,
 ) -> None:
-    registry, _ = registered
-    pkg = build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "p", image_registry="r").path
-    spec = importlib.util.spec_from_file_location("packaged_asgi", pkg / "asgi.py")
-    assert spec is not None and spec.loader is not None
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
-    monkeypatch.delenv("AML_ROLLOUT_API_KEY", raising=False)
-    if colour is None:
-        monkeypatch.delenv("AML_ROLLOUT_COLOUR", raising=False)
-    else:
-        monkeypatch.setenv("AML_ROLLOUT_COLOUR", colour)
+    entry = image_entry(
+        registered, tmp_path, monkeypatch, AML_ROLLOUT_API_KEY=None, AML_ROLLOUT_COLOUR=colour
+    )
     if expected is None:
         with pytest.raises(SystemExit) as stopped:
             entry.build()
