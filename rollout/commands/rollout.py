@@ -136,7 +136,12 @@ def validate(spec: SpecArg) -> None:
     if needs is None:
         return
     if release is None:
-        _out.print(f"no candidate in the spec: `run --candidate` checks its {needs} then")
+        # (--candidate MODEL:VERSION carries no folder or image: it picks a release the spec names.)
+        _out.print(
+            f"no candidate in the spec: the {parsed.router.kind} router deploys a candidate with "
+            f"its {needs}: name it in the spec's `candidate:` (`run --candidate` only picks a "
+            "release the spec names)"
+        )
         return
     given = release.image if parsed.router.kind == "istio" else release.model_dir
     _out.print(

@@ -1696,3 +1696,25 @@ def test_every_documented_yaml_block_loads_as_what_it_shows(tmp_path: Path, bloc
     else:
         code, out = invoke("validate", str(path))
         assert code == 0, out
+
+
+@pytest.mark.parametrize(
+    ("router", "needs"),
+    [
+        pytest.param(_ENVOY, "model folder", id="envoy"),
+        pytest.param({"kind": "istio", "namespace": "ml", "app": "diabetes"}, "image", id="istio"),
+    ],
+)
+def test_validate_without_a_candidate_names_the_spec_field_not_run_candidate(
+    tmp_path: Path, router: dict[str, str], needs: str
+) -> None:
+    """Was: "`run --candidate` checks its model folder then", a workflow always refused: a
+    MODEL:VERSION on the command line carries no folder or image (only a release the spec
+    names has one)."""
+    spec = write_spec(tmp_path, router=router, metrics={"kind": "static"}, candidate=None)
+    code, out = invoke("validate", str(spec))
+    said = " ".join(out.split())
+    assert code == 0, out
+    assert "`run --candidate` checks" not in said
+    assert f"the {router['kind']} router deploys a candidate with its {needs}:" in said, out
+    assert "name it in the spec's `candidate:`" in said, out
