@@ -1419,8 +1419,14 @@ def test_status_watch_into_a_pipe_says_a_held_rollout_waits_for_an_answer_not_a_
     from rollout.api import open_store
     from rollout.core.types import Phase
 
-    open_store(spec).save(
-        Status(name="cli", phase=Phase.PAUSED, held=True, reason="held for a human: drift")
+    open_store(spec).save(  # (at 10 %: 0 % is no step of its plan, and resume is refused)
+        Status(
+            name="cli",
+            phase=Phase.PAUSED,
+            held=True,
+            blue_weight=10,
+            reason="held for a human: drift",
+        )
     )
     code, out = invoke("status", str(spec), "--watch", "--timeout", "1")
     assert code == EXIT_PAUSED
@@ -1718,3 +1724,46 @@ def test_validate_without_a_candidate_names_the_spec_field_not_run_candidate(
     assert "`run --candidate` checks" not in said
     assert f"the {router['kind']} router deploys a candidate with its {needs}:" in said, out
     assert "name it in the spec's `candidate:`" in said, out
+
+
+@pytest.mark.parametrize(
+    ("status", "said", "not_said"),
+    [
+        pytest.param(  # was: "answer with resume, promote or abort", and resume was refused
+            {"phase": "Paused", "held": True, "blue_weight": 10},
+            (
+                "resume refused: blue is at 10 %, which the plan [25, 50, 100] no longer has",
+                "none running: answer with set-weight, promote or abort, then `aml-rollout "
+                "rollout run SPEC`",
+            ),
+            "resume, promote",
+            id="held-off-plan",
+        ),
+        pytest.param(  # was: "resume it with run", which stopped at the same deploy every time
+            {
+                "phase": "Finalising",
+                "blue_weight": 100,
+                "pending": [
+                    {"type": "deploy", "colour": "green", "release": {"model": "m", "version": "2"}}
+                ],
+            },
+            (
+                "none running: its deploy to green is not applied: `aml-rollout rollout run SPEC` "
+                "tries it again; if it fails for good, `aml-rollout rollout abort SPEC` first",
+            ),
+            "resume it with",
+            id="finalising-deploy-unapplied",
+        ),
+    ],
+)
+def test_status_of_an_undriven_rollout_names_the_answers_that_work(
+    tmp_path: Path, status: dict[str, object], said: tuple[str, ...], not_said: str
+) -> None:
+    spec = write_spec(tmp_path, steps=[25, 50, 100])
+    from rollout.api import open_store
+
+    base = Status(name="cli", id="r1").to_dict()
+    open_store(spec).save(Status.from_dict({**base, **status}))
+    _, out = invoke("status", str(spec))
+    text = " ".join(out.split())
+    assert all(line in text for line in said) and not_said not in text, text
