@@ -929,6 +929,21 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
         ):
             # The controller would ignore it too ("resume: ignored, green now serves ...").
             _fail(RolloutError(f"rollout {parsed.name} cannot be resumed: {refused}"))
+        if kind == "pause" and current.held and current.served is not None:
+            # Held for a data plane changed under it: a pause was taken, then the same tick
+            # held it again for that change (its `run` returned at once, no one guarding).
+            refused = resume_refused(current, parsed.plan)
+            answer = (
+                f", and resume cannot: {refused}"
+                if refused
+                else ": answer with resume (it sets the data plane back) or abort"
+            )
+            _fail(
+                RolloutError(
+                    f"rollout {parsed.name} is held for a change of its data plane, which a "
+                    f"pause does not clear{answer}"
+                )
+            )
         if kind in ("promote", "set_weight") and (
             refused := steering_refused(current) or _refused_now(parsed, current, kind)
         ):

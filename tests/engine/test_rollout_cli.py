@@ -1767,3 +1767,29 @@ def test_status_of_an_undriven_rollout_names_the_answers_that_work(
     _, out = invoke("status", str(spec))
     text = " ".join(out.split())
     assert all(line in text for line in said) and not_said not in text, text
+
+
+@pytest.mark.parametrize(
+    ("green", "answer"),
+    [
+        pytest.param(
+            "1", "clear: answer with resume (it sets the data plane back) or abort", id="ours"
+        ),
+        pytest.param("3", "clear, and resume cannot: green now serves m:3, not m:1", id="moved-on"),
+    ],
+)
+def test_pause_of_a_rollout_held_for_a_data_plane_change_is_refused(
+    tmp_path: Path, green: str, answer: str
+) -> None:
+    """Was: queued, logged as an operator's pause ("was held for a human: the data plane
+    changed ..."), then held again by the same tick: `run` returned at once, no one guarding."""
+    spec = _held_by_drift(tmp_path, green=green)
+    code, out = invoke("pause", str(spec))
+    text = " ".join(out.split())
+    assert code == EXIT_ERROR, text
+    assert (
+        "rollout cli is held for a change of its data plane, which a pause does not clear" in text
+    )
+    assert answer in text, text
+    commands = tmp_path / "state" / "cli.commands.jsonl"
+    assert not commands.exists() or not commands.read_text().strip()
