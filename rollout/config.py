@@ -131,20 +131,29 @@ class _Model(BaseModel):
     def _no_nul(cls, data: Any) -> Any:
         """No text of a spec holds a NUL byte (`"\\0"` in YAML): no file name, name or URL can,
         and a path with one loaded, then failed `run` with a traceback ("embedded null byte").
-        Each section says it of its own fields (a text, or a list of them)."""
+        Each section says it of its own fields (a text, a list of them, or a mapping's values:
+        `match_labels`; a section within is a model, and says it itself)."""
         if not isinstance(data, dict):
             return data
+        texts: list[tuple[tuple[str, ...], Any]] = []  # (where, a value holding texts)
+        for key, value in data.items():
+            if not isinstance(key, str):
+                continue
+            field = cls.model_fields.get(key)
+            if isinstance(value, dict) and field and typing.get_origin(field.annotation) is dict:
+                texts.extend(((key, str(name)), text) for name, text in value.items())
+            else:
+                texts.append(((key,), value))
         found = [
             InitErrorDetails(
                 type=PydanticCustomError(
                     "spec", "holds a NUL byte (\\0), which no path, name or URL can hold"
                 ),
-                loc=(key,),
+                loc=loc,
                 input=value,
             )
-            for key, value in data.items()
-            if isinstance(key, str)
-            and any(
+            for loc, value in texts
+            if any(
                 isinstance(text, str) and "\0" in text
                 for text in (value if isinstance(value, list) else [value])
             )
@@ -1303,6 +1312,18 @@ def _per_colour(router_names: Any, given: Any) -> Any:
     return router_names if given is None else given
 
 
+def _nul_free(value: Any) -> bool:
+    """Whether a raw spec value holds no NUL byte: one that does is told at the router's field,
+    not again at each metrics field derived from it."""
+    if isinstance(value, str):
+        return "\0" not in value
+    if isinstance(value, dict):
+        return all(_nul_free(k) and _nul_free(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_nul_free(v) for v in value)
+    return True
+
+
 def _raw_sections(
     data: Any, router_kind: str, metrics_kind: str
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -1389,9 +1410,12 @@ class RolloutSpec(_Model):
         router, metrics = sections
         app = router.get("app", IstioRouterConfig.model_fields["app"].default)
         namespace = router.get("namespace", IstioRouterConfig.model_fields["namespace"].default)
-        derived = {"blue": f"{app}-blue", "green": f"{app}-green"}
-        metrics = {**metrics, "labels": _per_colour(derived, metrics.get("labels"))}
-        metrics.setdefault("namespace", namespace)
+        metrics = dict(metrics)
+        if _nul_free(app):
+            derived = {"blue": f"{app}-blue", "green": f"{app}-green"}
+            metrics = {**metrics, "labels": _per_colour(derived, metrics.get("labels"))}
+        if _nul_free(namespace):
+            metrics.setdefault("namespace", namespace)
         return {**data, "metrics": metrics}
 
     @model_validator(mode="before")
@@ -1404,7 +1428,7 @@ class RolloutSpec(_Model):
         if sections is None or sections[1].get("preset", default) != "envoy":
             return data
         router, metrics = sections
-        if "clusters" not in router:
+        if "clusters" not in router or not _nul_free(router["clusters"]):
             return data
         labels = _per_colour(router["clusters"], metrics.get("labels"))
         return {**data, "metrics": {**metrics, "labels": labels}}

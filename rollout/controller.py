@@ -408,7 +408,9 @@ class Controller:
             self._check_same_candidate(status)
             log.info("resuming rollout %s in phase %s", status.name, status.phase.value)
             if self._abort_queued(status):
-                return self._restore_data_plane(self._skip_pending(status), aborting=True)
+                undoing = promotion_unapplied(status)
+                status = self._skip_pending(status)
+                return self._restore_data_plane(status, aborting=True, undoing=undoing)
             # Restored first: a data plane that lost a colour's release refuses the pending
             # weights for good, and every later `run` would stop at them again.
             status = self._restore_data_plane(status)
@@ -536,7 +538,9 @@ class Controller:
             return replace(status, phase=Phase.PROMOTING, pending=(), applied=0)
         return replace(status, pending=(), applied=0)
 
-    def _restore_data_plane(self, status: Status, *, aborting: bool = False) -> Status:
+    def _restore_data_plane(
+        self, status: Status, *, aborting: bool = False, undoing: bool = False
+    ) -> Status:
         """On resume, make the data plane serve what the status says the step serves.
 
         The status is the rollout's truth; the data plane may have lost it while no controller
@@ -549,7 +553,10 @@ class Controller:
         `aborting` (an abort queued): green only, as the abort's weights come next, in
         Promoting too (an abort read there sends green everything as well). Before its first
         tick (Initializing) a rollout has deployed green only. What the pending actions still do
-        (a deploy, the weights) is theirs: they are finished after this.
+        (a deploy, the weights) is theirs: they are finished after this. `undoing` (the abort
+        of a promotion whose deploy to green was not applied): a green the router refuses to
+        read (an Azure deployment that Failed that deploy: no release, no traffic) gets the
+        stable release again, as that deploy would have written it too.
         """
         status = self._redeploy_lost_blue(status)
         if status.terminal:
@@ -566,8 +573,10 @@ class Controller:
         left = status.pending[status.applied :]
         colours = ((Colour.GREEN, status.stable), (Colour.BLUE, status.candidate))
         deployed = colours[:1] if first else colours  # what the rollout has deployed so far
+        serving: dict[Colour, Release | None] = {}
         try:
-            serving = {colour: self.router.release(colour) for colour, _ in colours}
+            for colour, _ in colours:
+                serving[colour] = self._release_or_refused(colour, undoing=undoing)
         except (RouterRefused, RouterUnavailable):
             raise  # (an answer, or nothing answers: a deploy would meet it too)
         except RouterError as exc:
@@ -629,6 +638,20 @@ class Controller:
             if (failed := self._apply_or_fail(action, status)) is not None:
                 return failed
         return status
+
+    def _release_or_refused(self, colour: Colour, *, undoing: bool) -> Release | None:
+        """What `colour` serves; None for a green the router refuses to read while a promotion
+        whose deploy to green failed is undone (the stable release is deployed to it again)."""
+        try:
+            return self.router.release(colour)
+        except RouterRefused as exc:
+            if not (undoing and colour is Colour.GREEN):
+                raise
+            # Azure's Failed deployment says "deploy it again": its PUT of the stable release
+            # is what the abort needs, as the router refuses green the weights until then. The
+            # skipped deploy would have written green (a hand edit there included) as well.
+            log.warning("green cannot be read (%s): it is given the stable release again", exc)
+            return None
 
     @staticmethod
     def _ours_on_green(status: Status, serving: dict[Colour, Release | None]) -> bool:

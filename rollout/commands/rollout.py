@@ -33,6 +33,8 @@ from rollout.azure_credential import quiet_azure_logs
 from rollout.commands.console import QuietWhenReaderGone
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from rollout.config import RolloutSpec
     from rollout.core.status import Command, Status
     from rollout.core.types import Release
@@ -136,7 +138,12 @@ def validate(spec: SpecArg) -> None:
     if needs is None:
         return
     if release is None:
-        _out.print(f"no candidate in the spec: `run --candidate` checks its {needs} then")
+        # (--candidate MODEL:VERSION carries no folder or image: it picks a release the spec names.)
+        _out.print(
+            f"no candidate in the spec: the {parsed.router.kind} router deploys a candidate with "
+            f"its {needs}: name it in the spec's `candidate:` (`run --candidate` only picks a "
+            "release the spec names)"
+        )
         return
     given = release.image if parsed.router.kind == "istio" else release.model_dir
     _out.print(
@@ -663,7 +670,7 @@ def _status_view(
         table.add_row(
             "data plane", escape(f"blue {blue}, green {green}: {served.weights} ({when})")
         )
-    if refused := resume_refused(status):
+    if refused := resume_refused(status, parsed.plan):
         table.add_row("resume", f"refused: {escape(refused)}")
     elif refused := steering_refused(status):
         table.add_row("promote", f"refused: {escape(refused)}")
@@ -690,22 +697,32 @@ def _status_view(
     if controller:
         table.add_row("controller", escape(controller))
     elif not status.terminal:
-        table.add_row("controller", f"none running: {_undriven(status)}")
+        table.add_row("controller", f"none running: {_undriven(status, parsed.plan)}")
     return table
 
 
-def _undriven(status: Status) -> str:
+def _undriven(status: Status, plan: Sequence[int]) -> str:
     """What to do about a rollout no controller drives: a held one waits for a human's answer
-    first (`run` alone changes nothing there), unless one is queued already."""
+    first (`run` alone changes nothing there), unless one is queued already. `plan`: the
+    spec's steps now (a held weight they no longer have refuses resume)."""
     if status.commands:  # answered: told again to answer, an operator answers twice
         queued = ", ".join(_typed(c) for c in status.commands)
         return f"`aml-rollout rollout run SPEC` acts on the queued {queued}"
-    from rollout.core.machine import resume_refused, steering_refused
+    from rollout.core.machine import promotion_unapplied, resume_refused, steering_refused
 
+    if promotion_unapplied(status):
+        # A deploy that failed for good fails again at every `run`: abort is the way out.
+        return (
+            "its deploy to green is not applied: `aml-rollout rollout run SPEC` tries it again; "
+            "if it fails for good, `aml-rollout rollout abort SPEC` first"
+        )
     what = "answer with resume, promote or abort, then" if status.held else "resume it with"
     if status.held and resume_refused(status):
         # Production moved on under it: resume is refused, and promote would undo that move.
         what = "answer with abort (the data plane's green serves another release), then"
+    elif status.held and resume_refused(status, plan):
+        # `steps` changed under the held weight: resume is refused (which way is a human's).
+        what = "answer with set-weight, promote or abort, then"
     elif status.held and steering_refused(status):
         # Blue serves another rollout's canary: promoted, it would get all users unjudged.
         what = "answer with resume or abort (blue serves another release), then"
@@ -752,7 +769,7 @@ def status(
     if isinstance(store, MemoryStateStore):
         watch = False  # its status is in the controller's process: a watch would wait for nothing
     if watch and (as_json or not _out.is_terminal):
-        current = _follow(store, current, timeout, as_json=as_json)
+        current = _follow(store, current, timeout, parsed.plan, as_json=as_json)
     elif watch:
         from rich.live import Live
 
@@ -775,7 +792,12 @@ def status(
 
 
 def _follow(
-    store: StateStore, current: Status | None, timeout: float, *, as_json: bool = False
+    store: StateStore,
+    current: Status | None,
+    timeout: float,
+    plan: Sequence[int],
+    *,
+    as_json: bool = False,
 ) -> Status | None:
     """`status --watch` into a pipe or a file: one plain line per change, not a live panel;
     with `--json`, one JSON line (the status, or null) per change.
@@ -819,7 +841,7 @@ def _follow(
             if line != shown:
                 text = f"{stamp} {line[0]:<11} blue {line[1]:>3} %  {line[2]}"
                 if not driven:
-                    text += f"  (no controller running: {_undriven(current)})"
+                    text += f"  (no controller running: {_undriven(current, plan)})"
                 _out.print(text, markup=False)
         shown = line
         if _settled(current) or time.monotonic() >= deadline:
@@ -907,6 +929,21 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
         ):
             # The controller would ignore it too ("resume: ignored, green now serves ...").
             _fail(RolloutError(f"rollout {parsed.name} cannot be resumed: {refused}"))
+        if kind == "pause" and current.held and current.served is not None:
+            # Held for a data plane changed under it: a pause was taken, then the same tick
+            # held it again for that change (its `run` returned at once, no one guarding).
+            refused = resume_refused(current, parsed.plan)
+            answer = (
+                f", and resume cannot: {refused}"
+                if refused
+                else ": answer with resume (it sets the data plane back) or abort"
+            )
+            _fail(
+                RolloutError(
+                    f"rollout {parsed.name} is held for a change of its data plane, which a "
+                    f"pause does not clear{answer}"
+                )
+            )
         if kind in ("promote", "set_weight") and (
             refused := steering_refused(current) or _refused_now(parsed, current, kind)
         ):

@@ -1419,8 +1419,14 @@ def test_status_watch_into_a_pipe_says_a_held_rollout_waits_for_an_answer_not_a_
     from rollout.api import open_store
     from rollout.core.types import Phase
 
-    open_store(spec).save(
-        Status(name="cli", phase=Phase.PAUSED, held=True, reason="held for a human: drift")
+    open_store(spec).save(  # (at 10 %: 0 % is no step of its plan, and resume is refused)
+        Status(
+            name="cli",
+            phase=Phase.PAUSED,
+            held=True,
+            blue_weight=10,
+            reason="held for a human: drift",
+        )
     )
     code, out = invoke("status", str(spec), "--watch", "--timeout", "1")
     assert code == EXIT_PAUSED
@@ -1696,3 +1702,94 @@ def test_every_documented_yaml_block_loads_as_what_it_shows(tmp_path: Path, bloc
     else:
         code, out = invoke("validate", str(path))
         assert code == 0, out
+
+
+@pytest.mark.parametrize(
+    ("router", "needs"),
+    [
+        pytest.param(_ENVOY, "model folder", id="envoy"),
+        pytest.param({"kind": "istio", "namespace": "ml", "app": "diabetes"}, "image", id="istio"),
+    ],
+)
+def test_validate_without_a_candidate_names_the_spec_field_not_run_candidate(
+    tmp_path: Path, router: dict[str, str], needs: str
+) -> None:
+    """Was: "`run --candidate` checks its model folder then", a workflow always refused: a
+    MODEL:VERSION on the command line carries no folder or image (only a release the spec
+    names has one)."""
+    spec = write_spec(tmp_path, router=router, metrics={"kind": "static"}, candidate=None)
+    code, out = invoke("validate", str(spec))
+    said = " ".join(out.split())
+    assert code == 0, out
+    assert "`run --candidate` checks" not in said
+    assert f"the {router['kind']} router deploys a candidate with its {needs}:" in said, out
+    assert "name it in the spec's `candidate:`" in said, out
+
+
+@pytest.mark.parametrize(
+    ("status", "said", "not_said"),
+    [
+        pytest.param(  # was: "answer with resume, promote or abort", and resume was refused
+            {"phase": "Paused", "held": True, "blue_weight": 10},
+            (
+                "resume refused: blue is at 10 %, which the plan [25, 50, 100] no longer has",
+                "none running: answer with set-weight, promote or abort, then `aml-rollout "
+                "rollout run SPEC`",
+            ),
+            "resume, promote",
+            id="held-off-plan",
+        ),
+        pytest.param(  # was: "resume it with run", which stopped at the same deploy every time
+            {
+                "phase": "Finalising",
+                "blue_weight": 100,
+                "pending": [
+                    {"type": "deploy", "colour": "green", "release": {"model": "m", "version": "2"}}
+                ],
+            },
+            (
+                "none running: its deploy to green is not applied: `aml-rollout rollout run SPEC` "
+                "tries it again; if it fails for good, `aml-rollout rollout abort SPEC` first",
+            ),
+            "resume it with",
+            id="finalising-deploy-unapplied",
+        ),
+    ],
+)
+def test_status_of_an_undriven_rollout_names_the_answers_that_work(
+    tmp_path: Path, status: dict[str, object], said: tuple[str, ...], not_said: str
+) -> None:
+    spec = write_spec(tmp_path, steps=[25, 50, 100])
+    from rollout.api import open_store
+
+    base = Status(name="cli", id="r1").to_dict()
+    open_store(spec).save(Status.from_dict({**base, **status}))
+    _, out = invoke("status", str(spec))
+    text = " ".join(out.split())
+    assert all(line in text for line in said) and not_said not in text, text
+
+
+@pytest.mark.parametrize(
+    ("green", "answer"),
+    [
+        pytest.param(
+            "1", "clear: answer with resume (it sets the data plane back) or abort", id="ours"
+        ),
+        pytest.param("3", "clear, and resume cannot: green now serves m:3, not m:1", id="moved-on"),
+    ],
+)
+def test_pause_of_a_rollout_held_for_a_data_plane_change_is_refused(
+    tmp_path: Path, green: str, answer: str
+) -> None:
+    """Was: queued, logged as an operator's pause ("was held for a human: the data plane
+    changed ..."), then held again by the same tick: `run` returned at once, no one guarding."""
+    spec = _held_by_drift(tmp_path, green=green)
+    code, out = invoke("pause", str(spec))
+    text = " ".join(out.split())
+    assert code == EXIT_ERROR, text
+    assert (
+        "rollout cli is held for a change of its data plane, which a pause does not clear" in text
+    )
+    assert answer in text, text
+    commands = tmp_path / "state" / "cli.commands.jsonl"
+    assert not commands.exists() or not commands.read_text().strip()

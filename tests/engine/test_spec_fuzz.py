@@ -1332,3 +1332,35 @@ def test_every_mistake_of_one_section_is_told_at_once() -> None:
         spec_from_dict({**BASES[0], "metrics": metrics})
     told = _fields_told(str(raised.value))
     assert told == ["metrics.latency_unit", "metrics.namespace", "metrics.url"]
+
+
+@pytest.mark.parametrize(
+    ("router", "metrics", "told"),
+    [
+        pytest.param(  # was: loaded ok (only texts and lists of them were looked at)
+            {"kind": "istio", "app": "ab"},
+            {"kind": "prometheus", "preset": "istio", "match_labels": {"job": "a\0"}},
+            ["metrics.match_labels.job"],
+            id="a-match-labels-value",
+        ),
+        pytest.param(  # was: also metrics.labels.blue and .green, derived from the app
+            {"kind": "istio", "app": "a\0b", "namespace": "m\0l"},
+            {"kind": "prometheus", "preset": "istio"},
+            ["router.app", "router.namespace"],
+            id="istio-app-told-once",
+        ),
+        pytest.param(
+            {"kind": "envoy", "routes_file": "r.yaml", "clusters": {"blue": "b\0"}},
+            {"kind": "prometheus", "preset": "envoy"},
+            ["router.clusters.blue"],
+            id="envoy-cluster-told-once",
+        ),
+    ],
+)
+def test_a_nul_byte_is_told_once_at_the_field_the_user_wrote(
+    router: dict[str, Any], metrics: dict[str, Any], told: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        spec_from_dict({"name": "x", "steps": [5, 100], "router": router, "metrics": metrics})
+    assert _fields_told(str(raised.value)) == told, str(raised.value)
+    assert "holds a NUL byte" in str(raised.value)

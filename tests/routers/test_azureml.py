@@ -23,6 +23,7 @@ from rollout.api import run_rollout
 from rollout.azure_credential import managed_identity
 from rollout.config import AzureMLRouterConfig, load_spec, spec_from_dict
 from rollout.controller import FakeClock
+from rollout.core.status import Command, Status
 from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.errors import (
     ConfigError,
@@ -39,6 +40,7 @@ from rollout.routers.azureml import (
     weights_from_traffic,
 )
 from rollout.routers.factory import make_router as make_router_from
+from rollout.state.file import FileStateStore
 from tests.fakes.arm import FakeArm, StaticCredential, iter_calls
 from tests.fakes.identity import AZURE_CREDENTIAL_ENV, FakeIdentityEndpoint
 from tests.routers.contract import V1, V2, RouterContract, identity
@@ -2140,3 +2142,50 @@ def test_the_sdks_progress_dots_do_not_reach_stdout(capfd: pytest.CaptureFixture
         router.set_weights(Weights.blue_at(0))
         router.remove(Colour.BLUE)
         assert capfd.readouterr().out == ""
+
+
+def test_an_abort_of_a_promotion_whose_deploy_left_green_failed_deploys_the_stable_release(
+    tmp_path: Path,
+) -> None:
+    """Was: the abort of a Finalising rollout whose Blue_Green failed for good (no quota)
+    stopped at reading green (provisioning state Failed: RouterRefused), exit 2 every `run`,
+    blue at 100 % for ever. Green gets the stable release again, then all traffic."""
+    with running_arm() as arm:
+        router = AzureMLRouter(client_of(arm), "ep-fin", environment="azureml:env:1")
+        RouterContract.live(router)
+        spec = _endpoint_spec(router, tmp_path)
+        store = FileStateStore(tmp_path / "state", "diabetes")
+        green = f"{WORKSPACE}/onlineEndpoints/ep-fin/deployments/green"
+        no_quota = [False]
+
+        def operation(arm_: FakeArm, match: Any, body: Any, query: Any) -> tuple[int, Any, Any]:
+            if not no_quota[0]:
+                return arm_._operation(match.string)
+            dep = arm_.get(green)
+            assert dep is not None
+            dep["properties"]["provisioningState"] = "Failed"
+            arm_.resources[green.lower()] = dep
+            error = {"code": "QuotaExceeded", "message": "no quota for the candidate"}
+            return 200, {"status": "Failed", "error": error}, {}
+
+        arm.on("GET", r"^/_operations/", operation)
+
+        def promote_then_fail_green(status: Status, _: Any) -> None:
+            if status.phase is Phase.PROGRESSING and not store.commands():
+                store.push_command(Command(id="p", kind="promote", by="ann", rollout=status.id))
+            no_quota[0] = status.phase in (Phase.PROMOTING, Phase.FINALISING)
+
+        with pytest.raises(DeployFailed, match="no quota"):
+            run_rollout(spec, candidate=V2, router=router, clock=FakeClock(1_000.0),
+                        on_tick=promote_then_fail_green)  # fmt: skip
+        stuck = store.load()
+        assert stuck is not None and stuck.phase is Phase.FINALISING
+        with pytest.raises(RouterRefused, match="green is in provisioning state Failed"):
+            router.release(Colour.GREEN)
+        no_quota[0] = False
+        store.push_command(Command(id="a", kind="abort", by="ann", rollout=stuck.id))
+        final = run_rollout(spec, candidate=V2, router=router, clock=FakeClock(2_000.0))
+        assert final.phase is Phase.ROLLED_BACK, final.reason
+        assert router.get_weights() == Weights.blue_at(0)
+        served = router.release(Colour.GREEN)
+        assert served is not None and not V1.unlike(served)
