@@ -73,10 +73,12 @@ The analysis' `latency.slo_ms` (handed over by `make_metrics`) must be a bound o
 histogram: between two, a request is slow only above the next one up, and every message would
 name the SLO while measuring that bound; above every bound, nothing would ever be slow. The
 bounds are known only once read, so the probe refuses such an SLO when the histogram has series
-then, and every reading says it as an error (`_slo_problem`). Blue's histogram must have
-every bound green's has, as the judge counts both colours' slow requests above a bound of
-green's (its p99 bucket): a reading where it lacks one is an error naming it
-(`_bounds_problem`), where blue's requests above it counted only above its next bound up.
+then, and every reading says it as an error (`_slo_problem`). When the judge counts both
+colours' slow requests above a bound of green's (its p99 bucket: `threshold: baseline_p99`,
+`compare_bounds`), blue's histogram must have every bound green's has: a reading where it
+lacks one is an error naming it (`_bounds_problem`), where blue's requests above it counted
+only above its next bound up. With `threshold: slo` the SLO is a bound of each already, and
+with latency not judged nothing is compared.
 
 No data (no series, NaN) gives zero counts, so the judge says Inconclusive; an unreachable
 Prometheus or a failing query gives `Observation(error=...)` naming the URL, so it says Error —
@@ -107,7 +109,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries, slo_bound_problem
+from rollout.config import (
+    ColourNames,
+    LatencyCheck,
+    PrometheusMetricsConfig,
+    PromQueries,
+    slo_bound_problem,
+)
 from rollout.core.types import Colour, ColourCounts, Observation
 from rollout.errors import MetricsError, ProviderUnavailable
 from rollout.routers.base import TrafficRouter
@@ -249,6 +257,7 @@ class PrometheusMetrics:
         labels: ColourNames | None = None,
         latency_unit_s: float = 0.001,
         slo_ms: float | None = None,
+        compare_bounds: bool = True,
         timeout_s: float = 5.0,
         auth: BearerAuth | BasicAuth | AzureBearerAuth | None = None,
         verify: bool | str = True,
@@ -266,6 +275,8 @@ class PrometheusMetrics:
         self.labels = labels or ColourNames()
         self.latency_unit_s = latency_unit_s
         self.slo_ms = slo_ms
+        #: Whether the judge compares the colours above a bound of green's (`_bounds_problem`).
+        self.compare_bounds = compare_bounds
         self.timeout_s = timeout_s
         self.auth = auth
         # Our own session for `verify` and `cert`: PrometheusConnect's only TLS switch is
@@ -307,22 +318,26 @@ class PrometheusMetrics:
         cfg: PrometheusMetricsConfig,
         router: TrafficRouter | None = None,
         *,
-        slo_ms: float | None = None,
+        latency: LatencyCheck | None = None,
     ) -> PrometheusMetrics:
-        """Build from the spec's metrics section (the router is not needed); `slo_ms`: the SLO
-        the analysis measures against (`LatencyCheck.measured_slo_ms`), refused when no bound.
+        """Build from the spec's metrics section (the router is not needed) and the analysis'
+        latency check (None: the default one), which says the SLO measured against
+        (`measured_slo_ms`, refused when no bound) and whether the colours' histograms are
+        compared on a bound of green's (`uses_baseline_p99`: `_bounds_problem`).
 
         Secrets and the CA file are read here: one missing is a ConfigError naming its field.
         """
         from rollout.metrics.prometheus_auth import http_auth, tls_client_cert, tls_verify
 
+        latency = latency or LatencyCheck()
         connection: dict[str, Any] = {
             "labels": cfg.labels,
             "timeout_s": cfg.timeout_s,
             "verify": tls_verify(cfg),
             "cert": tls_client_cert(cfg),
             "auth": http_auth(cfg),
-            "slo_ms": slo_ms,
+            "slo_ms": latency.measured_slo_ms,
+            "compare_bounds": latency.uses_baseline_p99,
         }
         if cfg.preset == "custom":
             unit = 0.001 if cfg.latency_unit == "ms" else 1.0
@@ -350,7 +365,9 @@ class PrometheusMetrics:
             bounds_ms = [bound * 1000.0 for bound, _ in colour_counts.latency_buckets]
             if problem := self._slo_problem(bounds_ms):
                 return Observation(since=since, at=now, error=problem, detail=detail)
-        if problem := self._bounds_problem(counts[Colour.BLUE], counts[Colour.GREEN]):
+        if self.compare_bounds and (
+            problem := self._bounds_problem(counts[Colour.BLUE], counts[Colour.GREEN])
+        ):
             return Observation(since=since, at=now, error=problem, detail=detail)
         return Observation(
             since=since,

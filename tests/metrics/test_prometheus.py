@@ -1078,7 +1078,7 @@ def spec_metrics(metrics: dict[str, object], slo_ms: float) -> MetricsProvider:
     spec = spec_from_dict(
         {"metrics": metrics, "analysis": {"latency": {"threshold": "slo", "slo_ms": slo_ms}}}
     )
-    return make_metrics(spec.metrics, slo_ms=spec.analysis.latency.measured_slo_ms)
+    return make_metrics(spec.metrics, latency=spec.analysis.latency)
 
 
 @pytest.mark.parametrize(
@@ -1425,3 +1425,33 @@ def test_a_target_new_in_the_step_counts_what_it_served_before_its_first_scrape(
     assert observation.error is None
     assert (observation.blue.requests, observation.blue.errors) == (10, 7)
     assert (observation.green.requests, observation.green.errors) == (10, 0)
+
+
+@pytest.mark.parametrize(
+    ("latency", "refused"),
+    [
+        pytest.param({}, True, id="baseline-p99"),
+        pytest.param({"slo_ms": 250, "max_slow_rate": 0.05}, True, id="baseline-p99-and-a-guard"),
+        # The judge counts above the SLO, which must be a bound of each colour (_slo_problem).
+        pytest.param({"threshold": "slo", "slo_ms": 250}, False, id="slo"),
+        pytest.param({"enabled": False}, False, id="latency-not-judged"),
+    ],
+)
+def test_colours_histograms_of_other_bounds_are_an_error_only_when_judged_on_greens_p99(
+    prom: FakePrometheus, latency: dict[str, object], refused: bool
+) -> None:
+    # Blue's app has no 100 ms bucket, green's has; every request <= 50 ms. Was an error at
+    # every reading whatever the latency check, so a healthy candidate whose buckets changed
+    # was never promoted, latency judged on the SLO or not at all.
+    for colour, bounds in (("blue", "50 250 500"), ("green", "50 100 250 500")):
+        counter(prom, "envoy_cluster_upstream_rq_completed", colour, [0] * 10 + [4000])
+        every = {le: [0] * 10 + [4000] for le in [*bounds.split(), "+Inf"]}
+        envoy_histogram(prom, colour, every, T0 - 10)
+    spec = spec_from_dict(
+        {"metrics": {"kind": "prometheus", "url": prom.url}, "analysis": {"latency": latency}}
+    )
+    observation = make_metrics(spec.metrics, latency=spec.analysis.latency).observe(T0 - 5, T0 + 5)
+    if refused:
+        assert observation.error is not None and "has no bound at 100 ms" in observation.error
+    else:
+        assert observation.error is None and observation.blue.requests == 4000
