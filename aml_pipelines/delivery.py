@@ -639,9 +639,7 @@ def probe_metrics(spec: Any, router: Any) -> Any:
     from rollout.errors import MetricsError
     from rollout.metrics.factory import make_metrics
 
-    metrics = make_metrics(
-        spec.metrics, router=router, slo_ms=spec.analysis.latency.measured_slo_ms
-    )
+    metrics = make_metrics(spec.metrics, router=router, latency=spec.analysis.latency)
     try:
         metrics.probe()
     except MetricsError as exc:

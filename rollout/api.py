@@ -87,9 +87,7 @@ def open_store(spec: RolloutSpec | str | Path, state_dir: Path | None = None) ->
 
 def _metrics_of(spec: RolloutSpec, router: TrafficRouter, store: StateStore) -> MetricsProvider:
     """The spec's metrics source; a simulated one resuming a rollout draws on, not again."""
-    metrics = make_metrics(
-        spec.metrics, router=router, slo_ms=spec.analysis.latency.measured_slo_ms
-    )
+    metrics = make_metrics(spec.metrics, router=router, latency=spec.analysis.latency)
     if isinstance(metrics, SimulatedMetrics):
         stored = store.load()
         if stored is not None and not stored.terminal:
@@ -129,8 +127,8 @@ def bootstrap_checked(
     spec = _spec(spec)
 
     def observed(router: TrafficRouter) -> MetricsProvider:
-        slo_ms = spec.analysis.latency.measured_slo_ms
-        return metrics or make_metrics(spec.metrics, router=router, slo_ms=slo_ms)
+        latency = spec.analysis.latency
+        return metrics or make_metrics(spec.metrics, router=router, latency=latency)
 
     controller = _first_release(spec, state_dir, router, observed, clock)
     check = controller.bootstrap_checked(release, on_look=on_look)

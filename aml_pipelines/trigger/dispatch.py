@@ -276,10 +276,11 @@ class Dispatcher:
 
     def _cannot_supersede(self, model: str, version: int) -> str | None:
         """Why pending `version` cannot supersede an older one as the registry stands (None: it
-        can): it must be read from the registry, sound, and not withdrawn."""
+        can): it must be in the registry, sound, and not withdrawn. A registry that cannot be
+        read says nothing: its error is raised, and the check made again (`check_supersede`)."""
         try:
             found = self.registry.get(model, version)
-        except PipelineError as exc:  # a log line is not worth failing the accept
+        except (ModelNotFound, IntegrityError) as exc:
             return str(exc)
         return "withdrawn in the registry" if found.withdrawn else None
 

@@ -273,11 +273,11 @@ def _model_registered(
     # is its digits (a bool, "True", and a float, "3.0", are not).
     if not (isinstance(raw_version, str | int) and _VERSION.fullmatch(str(raw_version))):
         raise BadEvent(f"{where}: model version {raw_version!r} is not a positive integer")
-    version = int(str(raw_version))
-    if version > MAX_VERSION:
-        raise BadEvent(
-            f"{where}: model version of {len(str(version))} digits is above {MAX_VERSION}"
-        )
+    digits = str(raw_version)
+    # By length first: int() of more than 4300 digits raises ValueError (CPython's limit).
+    if len(digits) > len(str(MAX_VERSION)) or int(digits) > MAX_VERSION:
+        raise BadEvent(f"{where}: model version of {len(digits)} digits is above {MAX_VERSION}")
+    version = int(digits)
     if from_subject and (from_subject["name"], from_subject["version"]) != (name, str(version)):
         raise BadEvent(
             f"{where}: subject {subject!r} contradicts data ModelName={name!r} "

@@ -2,20 +2,24 @@
 
 Backends are imported only when chosen (Prometheus pulls in prometheus-api-client). Every class
 offers `from_config(cfg, router=None) -> Self`; the simulated source needs the router to split
-its synthetic traffic by the weights actually served. Prometheus' also takes `slo_ms`, the SLO
-the analysis measures against (`LatencyCheck.measured_slo_ms`): its histogram's bounds are
-known only when read, so it is the one to refuse an SLO that is none of them (the other
-sources' bounds are in the spec, checked there). Unknown kind → ConfigError.
+its synthetic traffic by the weights actually served. Prometheus' also takes `latency`, the
+analysis' latency check: its histogram's bounds are known only when read, so it is the one to
+refuse an SLO that is none of them (`measured_slo_ms`; the other sources' bounds are in the
+spec, checked there) and, when the judge compares the colours above green's p99 bucket
+(`uses_baseline_p99`), a blue histogram without a bound of green's. Unknown kind → ConfigError.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rollout.errors import ConfigError
 from rollout.metrics.base import MetricsProvider
 from rollout.routers.base import TrafficRouter
+
+if TYPE_CHECKING:
+    from rollout.config import LatencyCheck
 
 #: kind → (module, class). The class has `from_config(cfg, router=None)`.
 BACKENDS: dict[str, tuple[str, str]] = {
@@ -26,15 +30,15 @@ BACKENDS: dict[str, tuple[str, str]] = {
 }
 
 
-#: The kinds whose `from_config` takes `slo_ms`.
+#: The kinds whose `from_config` takes `latency`.
 MEASURE_SLO = frozenset({"prometheus"})
 
 
 def make_metrics(
-    cfg: Any, router: TrafficRouter | None = None, *, slo_ms: float | None = None
+    cfg: Any, router: TrafficRouter | None = None, *, latency: LatencyCheck | None = None
 ) -> MetricsProvider:
-    """Build the metrics provider a spec's `metrics` section describes; `slo_ms`: the spec's
-    `analysis.latency.measured_slo_ms`."""
+    """Build the metrics provider a spec's `metrics` section describes; `latency`: the spec's
+    `analysis.latency` (None: the default check)."""
     kind = getattr(cfg, "kind", None)
     if kind not in BACKENDS:
         raise ConfigError(f"metrics.kind: unknown kind {kind!r} (known: {', '.join(BACKENDS)})")
@@ -42,7 +46,7 @@ def make_metrics(
     cls = getattr(importlib.import_module(module_name), class_name)
     provider: MetricsProvider
     if kind in MEASURE_SLO:
-        provider = cls.from_config(cfg, router=router, slo_ms=slo_ms)
+        provider = cls.from_config(cfg, router=router, latency=latency)
     else:
         provider = cls.from_config(cfg, router=router)
     return provider

@@ -9,11 +9,12 @@ reads the raw cumulative counters instead, with prometheus-api-client:
    `since` (so no traffic from before the step counts — not the previous step's, not the
    previous rollout's canary's); a series with no sample in the 5 minutes before `since`
    appeared during the step and counts from 0 (Envoy's 5xx series, for one, appears only with
-   the first 5xx) — one merely marked stale there by a failed scrape did not. When Prometheus
-   holds no successful scrape of a series' target (its `job` and `instance`) there (no series
-   of it, no `up` 1: its scrapes failing for all of those 5 minutes, its storage lost on a
-   restart, or down), absence says nothing: the series counts from 0 only if it appeared after
-   Prometheus' first scrape of its target in the step, else from its first sample (History);
+   the first 5xx) — one merely marked stale there by a failed scrape did not. When every
+   scrape of a series' target (its `job` and `instance`) failed there (no series of it, its
+   `up` 0), or Prometheus scraped nothing then (its storage lost on a restart, or down),
+   absence says nothing: the series counts from 0 only if it appeared after Prometheus' first
+   scrape of its target in the step, else from its first sample (History). A target with no
+   `up` there while others had one is new (a pod created in the step), its series too;
 2. `resets(series[window])` at `now`; for the rare series that restarted inside the window, the
    raw samples of the window are fetched (of those series alone) and the increase is summed piece
    by piece (a drop means the counter restarted from 0), which is exact where `increase()` is not.
@@ -53,12 +54,13 @@ series a preset reads, scoping it to one Envoy or mesh on a shared Prometheus):
   series absent at `since` counts from 0, and one that restarted in the step (`resets()` of
   its subquery, or a value of it below its base) is summed piece by piece over its values in
   the step, as the presets' are. The start probe evaluates each query once.
-  When Prometheus holds no successful scrape of its target before `since`, a series absent
-  there counts as in the presets (item 1: from its first value in the step, from 0 only if it
-  appeared after its target's first), and one whose query dropped `job` and `instance`, when
-  Prometheus holds no successful scrape at all, from its first value. A `sum(...)` is one
-  series: a pod of it that stops being scraped lowers it, which reads as a restart. A query
-  giving no instant vector (`scalar(...)`, a range selector) is an error saying what it gives.
+  When every scrape of its target failed before `since`, or Prometheus scraped nothing then,
+  a series absent there counts as in the presets (item 1: from its first value in the step,
+  from 0 only if it appeared after its target's first), and one whose query dropped `job`
+  and `instance`, when Prometheus holds no successful scrape at all, from its first value.
+  A `sum(...)` is one series: a pod of it that stops being scraped lowers it, which reads as
+  a restart. A query giving no instant vector (`scalar(...)`, a range selector) is an error
+  saying what it gives.
 
 Errors are never clamped to the request count. Every error is a request, so when a window
 counts more errors than requests (a scrape caught one counter and not yet the other, or a
@@ -71,10 +73,12 @@ The analysis' `latency.slo_ms` (handed over by `make_metrics`) must be a bound o
 histogram: between two, a request is slow only above the next one up, and every message would
 name the SLO while measuring that bound; above every bound, nothing would ever be slow. The
 bounds are known only once read, so the probe refuses such an SLO when the histogram has series
-then, and every reading says it as an error (`_slo_problem`). Blue's histogram must have
-every bound green's has, as the judge counts both colours' slow requests above a bound of
-green's (its p99 bucket): a reading where it lacks one is an error naming it
-(`_bounds_problem`), where blue's requests above it counted only above its next bound up.
+then, and every reading says it as an error (`_slo_problem`). When the judge counts both
+colours' slow requests above a bound of green's (its p99 bucket: `threshold: baseline_p99`,
+`compare_bounds`), blue's histogram must have every bound green's has: a reading where it
+lacks one is an error naming it (`_bounds_problem`), where blue's requests above it counted
+only above its next bound up. With `threshold: slo` the SLO is a bound of each already, and
+with latency not judged nothing is compared.
 
 No data (no series, NaN) gives zero counts, so the judge says Inconclusive; an unreachable
 Prometheus or a failing query gives `Observation(error=...)` naming the URL, so it says Error —
@@ -105,7 +109,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from rollout.config import ColourNames, PrometheusMetricsConfig, PromQueries, slo_bound_problem
+from rollout.config import (
+    ColourNames,
+    LatencyCheck,
+    PrometheusMetricsConfig,
+    PromQueries,
+    slo_bound_problem,
+)
 from rollout.core.types import Colour, ColourCounts, Observation
 from rollout.errors import MetricsError, ProviderUnavailable
 from rollout.routers.base import TrafficRouter
@@ -152,25 +162,26 @@ class History:
     sample; `_baseline`).
 
     A target held a successful scrape there (`up` 1, or a sample of a series of it): a series
-    of it absent there is new. One whose scrapes all failed (`up` 0: Envoy ran on, its scrape
-    timed out or was refused) or that Prometheus did not scrape (storage lost, Prometheus down)
+    of it absent there is new. So is one of a target Prometheus had no `up` of at all while it
+    scraped others (a pod created in the step: what it served before its first scrape is the
+    step's). One whose scrapes all failed (`up` 0: Envoy ran on, its scrape timed out or was
+    refused), or any target when Prometheus scraped nothing (storage lost, Prometheus down),
     says nothing: every series of it would count its whole lifetime. Its series count from
     their first sample, or from 0 if that came after the target's first in the step (`starts`).
     """
 
-    #: Targets with a successful scrape in the LOOKBACK_S before `since`.
-    scraped: frozenset[Target]
-    #: Targets whose scrapes were looked at (in `scraped` or not).
+    #: Targets whose every scrape in the LOOKBACK_S before `since` failed (`up` 0).
+    failed: frozenset[Target]
+    #: Targets whose scrapes were looked at (in `failed` or not).
     asked: frozenset[Target]
-    #: Whether any target had one: for a series whose query dropped `job` and `instance`.
+    #: Whether Prometheus scraped any target successfully then.
     any_scraped: bool
     #: Per target, the time of the first sample in the step of any of its requests series.
     starts: dict[Target, float]
 
     def holds(self, series: Series) -> bool:
         """Whether a series absent before the step is thereby new in it."""
-        target = _target(series)
-        return self.any_scraped if target is None else target in self.scraped
+        return self.any_scraped and _target(series) not in self.failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +257,7 @@ class PrometheusMetrics:
         labels: ColourNames | None = None,
         latency_unit_s: float = 0.001,
         slo_ms: float | None = None,
+        compare_bounds: bool = True,
         timeout_s: float = 5.0,
         auth: BearerAuth | BasicAuth | AzureBearerAuth | None = None,
         verify: bool | str = True,
@@ -263,6 +275,8 @@ class PrometheusMetrics:
         self.labels = labels or ColourNames()
         self.latency_unit_s = latency_unit_s
         self.slo_ms = slo_ms
+        #: Whether the judge compares the colours above a bound of green's (`_bounds_problem`).
+        self.compare_bounds = compare_bounds
         self.timeout_s = timeout_s
         self.auth = auth
         # Our own session for `verify` and `cert`: PrometheusConnect's only TLS switch is
@@ -304,22 +318,26 @@ class PrometheusMetrics:
         cfg: PrometheusMetricsConfig,
         router: TrafficRouter | None = None,
         *,
-        slo_ms: float | None = None,
+        latency: LatencyCheck | None = None,
     ) -> PrometheusMetrics:
-        """Build from the spec's metrics section (the router is not needed); `slo_ms`: the SLO
-        the analysis measures against (`LatencyCheck.measured_slo_ms`), refused when no bound.
+        """Build from the spec's metrics section (the router is not needed) and the analysis'
+        latency check (None: the default one), which says the SLO measured against
+        (`measured_slo_ms`, refused when no bound) and whether the colours' histograms are
+        compared on a bound of green's (`uses_baseline_p99`: `_bounds_problem`).
 
         Secrets and the CA file are read here: one missing is a ConfigError naming its field.
         """
         from rollout.metrics.prometheus_auth import http_auth, tls_client_cert, tls_verify
 
+        latency = latency or LatencyCheck()
         connection: dict[str, Any] = {
             "labels": cfg.labels,
             "timeout_s": cfg.timeout_s,
             "verify": tls_verify(cfg),
             "cert": tls_client_cert(cfg),
             "auth": http_auth(cfg),
-            "slo_ms": slo_ms,
+            "slo_ms": latency.measured_slo_ms,
+            "compare_bounds": latency.uses_baseline_p99,
         }
         if cfg.preset == "custom":
             unit = 0.001 if cfg.latency_unit == "ms" else 1.0
@@ -347,7 +365,9 @@ class PrometheusMetrics:
             bounds_ms = [bound * 1000.0 for bound, _ in colour_counts.latency_buckets]
             if problem := self._slo_problem(bounds_ms):
                 return Observation(since=since, at=now, error=problem, detail=detail)
-        if problem := self._bounds_problem(counts[Colour.BLUE], counts[Colour.GREEN]):
+        if self.compare_bounds and (
+            problem := self._bounds_problem(counts[Colour.BLUE], counts[Colour.GREEN])
+        ):
             return Observation(since=since, at=now, error=problem, detail=detail)
         return Observation(
             since=since,
@@ -533,10 +553,11 @@ class PrometheusMetrics:
         no sample in the LOOKBACK_S before `since` appeared during the step and counts from 0;
         one merely marked stale at `since` (by a failed scrape) did not.
 
-        That holds for a series whose target Prometheus scraped successfully in that time
-        (History: as `given` by the requests' series set, more targets asked for as needed).
-        For a target it did not (its scrapes failing, Prometheus' storage lost or Prometheus
-        down for all of LOOKBACK_S), counting every series from 0 charged the step with the
+        That holds for a series whose target Prometheus scraped successfully in that time, or
+        had no `up` of while it scraped others (a new target; History: as `given` by the
+        requests' series set, more targets asked for as needed). For a target whose scrapes all
+        failed then, or any when Prometheus scraped nothing (its storage lost, or down for all
+        of LOOKBACK_S), counting every series from 0 charged the step with the
         counters' whole history: a series of it first seen after the target's first sample in
         the step appeared during the step and counts from 0, any other from its first sample.
         """
@@ -717,34 +738,40 @@ class PrometheusMetrics:
         """The History of the targets of these series (`given`'s, and more): a series with a
         sample in the LOOKBACK_S before `since` says its target was scraped then; for the
         targets of `absent` series no such series speaks for, Prometheus' own `up` series is
-        asked (`_scraped`). Counters born with their first request (prometheus_client's
-        labelled children, Istio's) have no series before a quiet step, yet their target's
-        `up` says Prometheus holds its history, and a series absent then is new."""
+        asked (`_up`). Counters born with their first request (prometheus_client's labelled
+        children, Istio's) have no series before a quiet step, yet their target's `up` 1 says
+        Prometheus holds its history, and a series absent then is new; no `up` of the target
+        at all, while Prometheus scraped others, says the target is new."""
         existed, absent = list(existed), list(absent)
-        scraped = set(given.scraped if given else ()) | {
-            t for s in existed if (t := _target(s)) is not None
-        }
-        asked = set(given.asked if given else ()) | scraped
+        known = {t for s in existed if (t := _target(s)) is not None}
+        asked = set(given.asked if given else ()) | known
         unknown = {t for s in absent if (t := _target(s)) is not None and t not in asked}
-        if unknown:
-            scraped |= self._scraped(since, unknown)
-            asked |= unknown
-        any_scraped = bool(given and given.any_scraped) or bool(existed) or bool(scraped)
-        if not any_scraped and any(_target(s) is None for s in absent):
+        up = self._up(since, unknown) if unknown else {}
+        failed = set(given.failed if given else ()) | {t for t, value in up.items() if value < 1}
+        any_scraped = (
+            bool(given and given.any_scraped)
+            or bool(existed)
+            or any(value >= 1 for value in up.values())
+        )
+        if not any_scraped and any(_target(s) not in failed for s in absent):
             any_scraped = bool(self._vector(f"count(max_over_time(up[{LOOKBACK_S}s]) == 1)", since))
         starts = given.starts if given else {}
-        return History(frozenset(scraped), frozenset(asked), any_scraped, starts)
+        return History(frozenset(failed), frozenset(asked | unknown), any_scraped, starts)
 
-    def _scraped(self, since: float, targets: set[Target]) -> set[Target]:
-        """Which of `targets` Prometheus scraped successfully in the LOOKBACK_S before `since`
-        (`up` 1 there: a failed scrape writes `up` 0, and marks the target's series stale)."""
+    def _up(self, since: float, targets: set[Target]) -> dict[Target, int]:
+        """The highest `up` in the LOOKBACK_S before `since` of each of `targets` Prometheus
+        scraped or tried to then: 1 when a scrape succeeded, 0 when all failed (a failed scrape
+        writes `up` 0, and marks the target's series stale). A target absent from the answer
+        did not exist then (or Prometheus scraped nothing)."""
         jobs = "|".join(sorted({_promql_string(re.escape(job)) for job, _ in targets}))
         instances = "|".join(sorted({_promql_string(re.escape(i)) for _, i in targets}))
         up = f'up{{job=~"{jobs}",instance=~"{instances}"}}'
         found = self._vector(f"max_over_time({up}[{LOOKBACK_S}s])", since)
-        return {
-            t for series, value in found.items() if value >= 1 and (t := _target(series)) in targets
-        }
+        highest: dict[Target, int] = {}
+        for series, value in found.items():
+            if (target := _target(series)) in targets:
+                highest[target] = max(value, highest.get(target, value))
+        return highest
 
     def _held(self, expr: str, at: float, lookback_s: float) -> dict[Series, int]:
         """`expr`'s series at `at`; one that a failed scrape marked stale there (or one whose

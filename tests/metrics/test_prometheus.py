@@ -645,14 +645,26 @@ def test_custom_queries(prom: FakePrometheus) -> None:
         ),
     ],
 )
+@pytest.mark.parametrize("targets", [False, True], ids=["pod-labels", "scrape-targets"])
 def test_custom_queries_count_each_series_through_failed_scrapes(
-    prom: FakePrometheus, samples: dict[str, list[tuple[float, float | None]]], expected: int
+    prom: FakePrometheus,
+    samples: dict[str, list[tuple[float, float | None]]],
+    expected: int,
+    targets: bool,
 ) -> None:
     # A query that keeps one series per pod, as Prometheus scrapes them: a failed scrape marks
     # a pod's series stale, and a pod may go or come mid-step. Counting the sum from `since` to
     # `now` took every drop for a restart and charged the step with the other pods' history.
     for pod, values in samples.items():
-        prom.add("my_requests_total", {"svc": "blue", "pod": pod}, values)
+        labels = {"svc": "blue", "pod": pod}
+        if targets:
+            # As Prometheus labels a pod it scrapes, with its `up` (1 per scrape, 0 for a failed
+            # one): a pod new in the step has no `up` before it, and counts from 0 (it counted
+            # from its first scrape, 64).
+            target = {"job": "kubernetes-pods", "instance": f"{pod}:15020"}
+            labels |= target
+            prom.add("up", target, [(t, 0 if v is STALE else 1) for t, v in values])
+        prom.add("my_requests_total", labels, values)
     observation = make_metrics(custom_preset(prom)).observe(T0, T0 + 3)
     assert observation.error is None
     assert observation.blue.requests == expected
@@ -1066,7 +1078,7 @@ def spec_metrics(metrics: dict[str, object], slo_ms: float) -> MetricsProvider:
     spec = spec_from_dict(
         {"metrics": metrics, "analysis": {"latency": {"threshold": "slo", "slo_ms": slo_ms}}}
     )
-    return make_metrics(spec.metrics, slo_ms=spec.analysis.latency.measured_slo_ms)
+    return make_metrics(spec.metrics, latency=spec.analysis.latency)
 
 
 @pytest.mark.parametrize(
@@ -1372,3 +1384,74 @@ def test_a_failing_sample_age_question_leaves_the_tick_as_read(
     assert observation.error is None
     assert observation.blue.requests == 5
     assert observation.detail["newest_sample_age_s"] is None
+
+
+@pytest.mark.parametrize("preset", ["istio", "custom"])
+def test_a_target_new_in_the_step_counts_what_it_served_before_its_first_scrape(
+    prom: FakePrometheus, preset: str
+) -> None:
+    # Blue's pod was created in the step (the candidate's deploy, an autoscaler): Prometheus
+    # holds no `up` of it from before, while it scraped green's pod all along. Its first scrape
+    # found 7 requests, all failed: counted from that sample, the failing pod read as clean
+    # (3 requests, 0 errors). Only a target whose scrapes failed then (`up` 0) says nothing.
+    pods = {
+        "blue": {"job": "kubernetes-pods", "instance": "blue-0:15020"},
+        "green": {"job": "kubernetes-pods", "instance": "green-0:15020"},
+    }
+    green: list[tuple[float, float | None]] = [(T0 - 10 + i, 1000 + i) for i in range(21)]
+    blue = {
+        "requests": [(T0 + 5, 7), *((T0 + 5 + i, 10) for i in range(1, 6))],
+        "errors": [(T0 + 5 + i, 7) for i in range(6)],
+    }
+    prom.add("up", pods["green"], [(t, 1) for t, _ in green])
+    prom.add("up", pods["blue"], [(t, 1) for t, _ in blue["errors"]])
+    if preset == "istio":
+        for colour, code, samples in [
+            ("green", "200", green),
+            ("blue", "200", [(t, v - 7) for t, v in blue["requests"]]),
+            ("blue", "503", blue["errors"]),
+        ]:
+            labels = {**pods[colour], "reporter": "source", "response_code": code}
+            prom.add(
+                "istio_requests_total", {**labels, "destination_service_name": colour}, samples
+            )
+        provider = make_metrics(PrometheusMetricsConfig(url=prom.url, preset="istio"))
+    else:
+        prom.add("my_requests_total", {**pods["green"], "svc": "green"}, green)
+        prom.add("my_requests_total", {**pods["blue"], "svc": "blue"}, blue["requests"])
+        prom.add("my_errors_total", {**pods["blue"], "svc": "blue"}, blue["errors"])
+        provider = make_metrics(custom_preset(prom))
+    observation = provider.observe(T0, T0 + 10)
+    assert observation.error is None
+    assert (observation.blue.requests, observation.blue.errors) == (10, 7)
+    assert (observation.green.requests, observation.green.errors) == (10, 0)
+
+
+@pytest.mark.parametrize(
+    ("latency", "refused"),
+    [
+        pytest.param({}, True, id="baseline-p99"),
+        pytest.param({"slo_ms": 250, "max_slow_rate": 0.05}, True, id="baseline-p99-and-a-guard"),
+        # The judge counts above the SLO, which must be a bound of each colour (_slo_problem).
+        pytest.param({"threshold": "slo", "slo_ms": 250}, False, id="slo"),
+        pytest.param({"enabled": False}, False, id="latency-not-judged"),
+    ],
+)
+def test_colours_histograms_of_other_bounds_are_an_error_only_when_judged_on_greens_p99(
+    prom: FakePrometheus, latency: dict[str, object], refused: bool
+) -> None:
+    # Blue's app has no 100 ms bucket, green's has; every request <= 50 ms. Was an error at
+    # every reading whatever the latency check, so a healthy candidate whose buckets changed
+    # was never promoted, latency judged on the SLO or not at all.
+    for colour, bounds in (("blue", "50 250 500"), ("green", "50 100 250 500")):
+        counter(prom, "envoy_cluster_upstream_rq_completed", colour, [0] * 10 + [4000])
+        every = {le: [0] * 10 + [4000] for le in [*bounds.split(), "+Inf"]}
+        envoy_histogram(prom, colour, every, T0 - 10)
+    spec = spec_from_dict(
+        {"metrics": {"kind": "prometheus", "url": prom.url}, "analysis": {"latency": latency}}
+    )
+    observation = make_metrics(spec.metrics, latency=spec.analysis.latency).observe(T0 - 5, T0 + 5)
+    if refused:
+        assert observation.error is not None and "has no bound at 100 ms" in observation.error
+    else:
+        assert observation.error is None and observation.blue.requests == 4000

@@ -1514,3 +1514,46 @@ def test_a_watcher_started_while_the_registry_cannot_be_reached_waits_for_it(
         "0.01 s, quietly (said again every 10 min), before any delivery"
     ]
     assert "reconciling the registry with the rollout state works again" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("error", "kept"),
+    [
+        pytest.param(RegistryError("Azure ML registry unreachable (HTTP 503)"), True, id="503"),
+        # The version is not there (yet) or unsound: a final why, until an event names it again.
+        pytest.param(ModelNotFound("diabetes:3 not found"), False, id="not-found"),
+        pytest.param(IntegrityError("model.skops does not match its sha256"), False, id="damaged"),
+    ],
+)
+def test_with_supersede_a_registry_error_in_the_check_keeps_it_asked_for(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    delivery: ResumableDelivery,
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
+    kept: bool,
+) -> None:
+    # Was: a registry that could not be read (a 503) was taken for "v3 cannot supersede", as a
+    # version not there is: the check counted as made, never again, and v3 waited all of v2's
+    # rollout (docs: a check that fails is made again every --interval until it is made).
+    dispatcher = _supersede_dispatcher(tmp_path, registry, delivery)
+    dispatcher.check_requested = lambda: None  # the check thread's: made below
+    register(registry, tmp_path, stage="production")
+    v2 = register(registry, tmp_path, stage="candidate")
+    register(registry, tmp_path, stage="candidate")
+    delivery._progress(v2, 1, 1, 3)  # v2's rollout is running
+    assert dispatcher.accept("diabetes", 3, "event:e3")
+    get, failures = registry.get, [error]
+
+    def flaky(name: str, version: int) -> ModelVersion:
+        if version == 3 and failures:
+            raise failures.pop()
+        return get(name, version)
+
+    monkeypatch.setattr(registry, "get", flaky)
+    failed: list[tuple[str, int, str]] = []
+    made = dispatcher.check_supersede(lambda m, v, exc: failed.append((m, v, str(exc))))
+    assert (made, failed) == ((False, [("diabetes", 3, str(error))]) if kept else (True, []))
+    assert not delivery.abort_path.exists()
+    assert dispatcher.check_supersede() is True
+    assert delivery.abort_path.exists() is kept  # asked again: v3 is read, v2 aborted
