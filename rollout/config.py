@@ -1581,7 +1581,7 @@ class RolloutSpec(_Model):
         """`latency.slo_ms` must be a bound of the histogram it is measured on: between two, the
         latency check and its guard counted the requests above the next one up while every
         message named the SLO. Refused here where the spec gives the bounds; Prometheus' are
-        known only when read, so its provider is given the SLO (`make_metrics(slo_ms=...)`)
+        known only when read, so its provider is given the SLO (`make_metrics(latency=...)`)
         and refuses it then."""
         lat = self.analysis.latency
         slo_ms = lat.measured_slo_ms
