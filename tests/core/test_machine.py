@@ -125,6 +125,26 @@ def with_ok_evidence(status: Status) -> Status:
         ),
         pytest.param(
             progressing(),
+            obs(blue=(99, 0), green=(891, 0), at=30.0),
+            30.0,
+            Phase.PROGRESSING,
+            Verdict.INCONCLUSIVE,
+            (),
+            "99 of 100 canary requests",
+            id="one-canary-request-short-of-min-requests-waits",
+        ),
+        pytest.param(
+            progressing(),
+            obs(blue=(100, 0), green=(900, 0), at=30.0),
+            30.0,
+            Phase.PROGRESSING,
+            Verdict.SUCCESSFUL,
+            (SetWeights(50),),
+            "blue to 50 %",
+            id="exactly-min-requests-advances",
+        ),
+        pytest.param(
+            progressing(),
             obs(blue=(150, 0), green=(1350, 1), at=5.0),
             5.0,
             Phase.PROGRESSING,
@@ -760,6 +780,48 @@ def test_without_a_histogram_latency_is_said_to_be_unjudged_not_silently_passed(
     assert f"latency not judged (the metrics source {said})" in decision.status.reason
 
 
+LATENCY_SPEC = make_spec(analysis={"latency": {"enabled": True}})
+#: A histogram with a finite bound and none of its requests above it.
+FAST = ((0.05, 700), (0.1, 700))
+
+
+@pytest.mark.parametrize(
+    ("status", "observation", "said"),
+    [
+        pytest.param(
+            # Errors shown not worse, latency judged but not yet shown: one check is not all.
+            with_ok_evidence(progressing(step_index=1, weight=50, slow_threshold_s=0.05)),
+            obs(blue=(700, 0), green=(700, 1), at=30.0, blue_buckets=FAST, green_buckets=FAST),
+            "not yet shown slow-request rate",
+            id="errors-shown-latency-not",
+        ),
+        pytest.param(
+            # Green's histogram has bounds but too few requests (< MIN_BASELINE_FOR_P99) for its
+            # p99: the threshold is coming, so promotion waits for it instead of skipping it.
+            with_ok_evidence(progressing(step_index=1, weight=50)),
+            obs(
+                blue=(300, 0),
+                green=(300, 1),
+                at=30.0,
+                blue_buckets=((0.05, 300), (0.1, 300)),
+                green_buckets=((0.05, 300), (0.1, 300)),
+            ),
+            "latency threshold not chosen yet",
+            id="errors-shown-latency-threshold-not-chosen-yet",
+        ),
+    ],
+)
+def test_promotion_needs_not_worse_evidence_on_every_check(
+    status: Status, observation: Any, said: str
+) -> None:
+    decision = step(LATENCY_SPEC, status, observation, 30.0)
+    assert decision.status.phase is Phase.PROGRESSING
+    assert decision.status.verdict is Verdict.INCONCLUSIVE
+    assert "error rate shown" not in decision.status.reason  # "not yet shown" names the missing
+    assert said in decision.status.reason
+    assert decision.actions == ()
+
+
 # ------------------------------------------------ "not worse" = < max_ratio × baseline OR below δ
 
 
@@ -1068,6 +1130,18 @@ def test_counts_of_a_fresh_series_become_the_base_of_a_step_that_counted() -> No
     assert rebased.status.errors.canary_bad == 0 and rebased.status.last_blue.errors == 9
     after = step(SPEC, rebased.status, obs((80, 9), (720, 1), at=30.0), 30.0)
     assert after.record["tick_counts"]["blue"]["requests"] == 20  # from the new base
+
+
+def test_a_short_green_reading_is_not_counted_and_its_return_counts_only_the_increase() -> None:
+    """Green's series missing for a scrape (an empty reading) while blue's grows: the base stays,
+    or green's whole count would fold as one tick when it returns (the baseline inflated)."""
+    counted = step(SPEC, progressing(), obs((50, 0), (450, 0), at=10.0), 10.0).status
+    short = step(SPEC, counted, obs((60, 0), (0, 0), at=20.0), 20.0)
+    assert short.record["tick_counts"]["not_counted"] == "a reading below the last one"
+    assert short.status.last_green.requests == 450 and short.status.last_blue.requests == 50
+    back = step(SPEC, short.status, obs((70, 0), (630, 0), at=30.0), 30.0)
+    assert back.record["tick_counts"]["green"]["requests"] == 180
+    assert back.record["tick_counts"]["blue"]["requests"] == 20
 
 
 def test_a_fresh_series_at_a_step_that_counted_nothing_is_folded_in() -> None:

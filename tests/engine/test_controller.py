@@ -376,6 +376,30 @@ def test_a_router_that_answered_before_is_retried_when_unreachable(tmp_path: Pat
     assert clock.now() >= 1000.0 + 1 + 2 + 4
 
 
+class BlipOnPromotion(MemoryRouter):
+    """Unreachable once, at the promotion's deploy of the candidate to green (an Envoy admin
+    restarted at that moment), after answering every action before it."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.blips = 0
+
+    def deploy(self, colour: Colour, release: Release) -> None:
+        if colour is Colour.GREEN and not self.blips:
+            self.blips += 1
+            raise RouterUnavailable("admin at http://127.0.0.1:9 is not reachable")
+        super().deploy(colour, release)
+
+
+def test_a_deploy_after_the_router_answered_is_retried_through_a_blip(tmp_path: Path) -> None:
+    # Only a deploy before the router ever answered fails at once (a router nobody runs); a
+    # blip at the promotion's deploy is retried, not the rollout's end.
+    router = BlipOnPromotion(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    assert ctl.run(max_ticks=500).phase is Phase.SUCCEEDED
+    assert router.blips == 1 and router.release(Colour.GREEN) == V2
+
+
 NOT_OURS = RouterRefused("deployments aml-rollout does not manage take live traffic: {'old': 10}")
 
 
@@ -414,6 +438,19 @@ def test_a_transient_failure_is_still_retried(tmp_path: Path, error: RouterError
     router = FailsAfter(1, error, releases={Colour.GREEN: V1})  # deploys blue, then fails
     ctl, clock = controller(tmp_path, router, StaticMetrics([]))
     with pytest.raises(RouterError, match="failed 4 times"):
+        ctl.run(max_ticks=5)
+    assert router.attempts == 4
+    assert clock.now() == 1000.0 + 1 + 2 + 4
+
+
+def test_the_shadow_step_s_weights_keep_their_4_attempts_not_a_rollback_s_minutes(
+    tmp_path: Path,
+) -> None:
+    # Blue at 0 % but mirrored: traffic goes TO blue, no rollback to see through an outage.
+    router = unreachable(1, releases={Colour.GREEN: V1})  # deploys blue, then fails
+    spec = SPEC.model_copy(update={"steps": [0, 10, 50, 100], "mirror_percent": 20})
+    ctl, clock = controller(tmp_path, router, StaticMetrics([]), spec=spec)
+    with pytest.raises(RouterError, match="failed 4 times: "):
         ctl.run(max_ticks=5)
     assert router.attempts == 4
     assert clock.now() == 1000.0 + 1 + 2 + 4
@@ -947,6 +984,41 @@ def test_a_mirror_the_data_plane_does_not_serve_is_an_error(tmp_path: Path) -> N
         RouterError, match=r"accepted blue 0 % \+ 20 % mirrored but serves blue 0 %"
     ):
         ctl.run(max_ticks=3)
+
+
+class CommandInTheWait(FakeClock):
+    """A clock that, at the first nap of a wait, has an operator queue `abort`."""
+
+    def __init__(self, start: float, store: FileStateStore) -> None:
+        super().__init__(start)
+        self.store, self.pushed = store, False
+
+    def sleep(self, seconds: float) -> None:
+        super().sleep(seconds)
+        if not self.pushed:
+            self.pushed = True
+            self.store.push_command(Command(id="a", kind="abort", by="ann"))
+
+
+def test_a_command_queued_during_the_interval_is_acted_on_at_the_next_poll(
+    tmp_path: Path,
+) -> None:
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    store = FileStateStore(tmp_path, SPEC.name)
+    clock = CommandInTheWait(1000.0, store)
+    ticks: list[tuple[float, Phase]] = []
+    ctl, _ = controller(
+        tmp_path,
+        router,
+        StaticMetrics([]),
+        store=store,
+        poll_s=1.0,
+        on_tick=lambda status, _: ticks.append((clock.now(), status.phase)),
+    )
+    ctl.clock = clock
+    ctl.run(max_ticks=2)
+    # The abort is read 1 s (one poll) into the 10 s interval, not at its end.
+    assert ticks == [(1000.0, Phase.PROGRESSING), (1001.0, Phase.ROLLING_BACK)]
 
 
 def test_an_operator_pause_keeps_the_controller_guarding_until_resume(tmp_path: Path) -> None:

@@ -670,6 +670,18 @@ def test_custom_queries_count_each_series_through_failed_scrapes(
     assert observation.blue.requests == expected
 
 
+def test_custom_queries_count_a_restarted_series_up_to_now_not_to_the_last_whole_second(
+    prom: FakePrometheus,
+) -> None:
+    # The subquery's points fall on whole seconds (T0+1, +2, +3); the tick at T0+3.6 reads 40,
+    # scraped at T0+3.5: the 35 counted since the last point are this step's too.
+    samples = [(T0 - 1, 100), (T0 + 1, 110), (T0 + 2, 5), (T0 + 3.5, 40)]
+    prom.add("my_requests_total", {"svc": "blue", "pod": "a"}, samples)
+    observation = make_metrics(custom_preset(prom)).observe(T0, T0 + 3.6)
+    assert observation.error is None
+    assert observation.blue.requests == 10 + 5 + 35
+
+
 def test_custom_queries_count_a_pod_gone_long_before_the_tick(prom: FakePrometheus) -> None:
     # Pod a served 300 requests (30 errors) in the step's first 30 s and went away (Prometheus
     # marks a vanished target's series stale); the tick comes 340 s into the step. Its series was

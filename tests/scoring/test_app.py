@@ -155,6 +155,73 @@ def test_streamed_oversized_body_stops_at_the_limit(
     assert len(sent) < 1000  # the server stopped reading long before the end
 
 
+def test_an_invalid_content_length_is_a_400(
+    loaded: LoadedModel, registry: CollectorRegistry
+) -> None:
+    # Sent to the ASGI app as is (an HTTP client would not send such a header, and uvicorn's
+    # parser refuses most): the app's own answer to one that gets through.
+    app = create_app(loaded, registry=registry, colour="blue")
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/score",
+        "raw_path": b"/score",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"12x")],
+        "client": LOOPBACK,
+        "server": ("127.0.0.1", 8080),
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b'{"data": []}', "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"]) == {"error": "invalid Content-Length header"}
+    assert sample(registry, "scoring_requests_total", "400") == 1
+
+
+#: A body of exactly 100 bytes: one row, padded with spaces.
+BODY_100 = json.dumps({"data": [ROW]}).encode().ljust(100)
+
+
+async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:  # no Content-Length: chunked
+    yield body
+
+
+@pytest.mark.parametrize(
+    ("extra", "streamed", "status", "said"),
+    [
+        pytest.param(0, False, 200, None, id="declared-at-the-limit"),
+        pytest.param(1, False, 413, "request body of 101 bytes exceeds 100", id="declared-1-over"),
+        pytest.param(0, True, 200, None, id="streamed-at-the-limit"),
+        pytest.param(1, True, 413, "request body exceeds 100 bytes", id="streamed-1-over"),
+    ],
+)
+def test_the_body_limit_is_inclusive_to_the_byte(
+    loaded: LoadedModel,
+    registry: CollectorRegistry,
+    extra: int,
+    streamed: bool,
+    status: int,
+    said: str | None,
+) -> None:
+    body = BODY_100 + b" " * extra
+    with client(loaded, registry, colour="blue", max_body_bytes=100) as c:
+        response = c.post("/score", content=_one_chunk(body) if streamed else body)
+    assert response.status_code == status
+    if said is not None:
+        assert said in response.json()["error"]
+
+
 def test_metrics_count_requests_latency_and_in_flight(
     blue: AppClient, registry: CollectorRegistry
 ) -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import errno
+import fcntl
+import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +68,63 @@ def test_a_status_write_that_fails_leaves_no_temp_file(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.status.json"]
     loaded = store.load()
     assert loaded is not None and loaded.id == "1"  # the last status written whole is kept
+
+
+def test_a_status_is_renamed_into_place_whole_and_the_rename_made_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reader (`status`, a restarted controller) sees the old status or the new one, never a
+    # torn one: the new one is written and fsynced under another name, then renamed over it;
+    # the directory's fsync makes the rename survive a power cut.
+    store = FileStateStore(tmp_path, "r")
+    store.save(Status(name="r", id="1"))
+    events: list[tuple[str, Any]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        mode = os.fstat(fd).st_mode
+        events.append(("fsync", "dir" if stat.S_ISDIR(mode) else "file"))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        assert Path(dst) == store.status_path and Path(src) != store.status_path
+        new = json.loads(Path(src).read_text(encoding="utf-8"))
+        assert new["id"] == "2"  # the temp is whole before the rename...
+        assert store.load() == Status(name="r", id="1")  # ...and the status untouched till then
+        events.append(("replace", Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(file_store.os, "fsync", fsync)
+    monkeypatch.setattr(file_store.os, "replace", replace)
+    store.save(Status(name="r", id="2"))
+    assert events == [("fsync", "file"), ("replace", "r.status.json"), ("fsync", "dir")]
+    assert store.load() == Status(name="r", id="2")
+
+
+def test_a_controller_starting_while_a_probe_holds_the_lock_waits_it_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `status` probes the lease with a shared lock for microseconds: a controller starting
+    # at that moment waits for it instead of being refused as "already driven".
+    lock = tmp_path / "r.lock"
+    lock.write_text("")
+    probe = os.open(lock, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    waited: list[float] = []
+
+    def probe_ends(seconds: float) -> None:
+        waited.append(seconds)
+        fcntl.flock(probe, fcntl.LOCK_UN)
+
+    monkeypatch.setattr(file_store.time, "sleep", probe_ends)
+    try:
+        store = FileStateStore(tmp_path, "r")
+        with store.lease("ann"):
+            store.check_lease()
+            assert "ann" in lock.read_text()
+    finally:
+        os.close(probe)
+    assert waited
 
 
 def _delete(path: Path) -> None:
