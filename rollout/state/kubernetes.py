@@ -217,13 +217,21 @@ class KubernetesStateStore:
         self._held: _Held | None = None
 
     @classmethod
-    def from_config(cls, cfg: KubernetesStateConfig, name: str) -> KubernetesStateStore:
-        """Build from the spec's `state` section (see KubeApiConfig for the API server)."""
+    def from_config(
+        cls,
+        cfg: KubernetesStateConfig,
+        name: str,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> KubernetesStateStore:
+        """Build from the spec's `state` section (see KubeApiConfig for the API server).
+        `sleep` is how it waits (through an outage, for an expired lease): see `make_store`."""
         objects = o.StateObjects(namespace=cfg.namespace, rollout=name)
         return cls(
             objects,
             kubeapi.api_client(cfg, "state"),
             lease_ttl_s=cfg.lease_ttl_s,
+            sleep=sleep,
             credentials=kubeapi.Credentials.of(cfg),
         )
 
