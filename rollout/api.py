@@ -14,12 +14,13 @@ keeps the controller running, guarding, until resume, promote or abort).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from rollout.config import EnvoyRouterConfig, IstioRouterConfig, RolloutSpec, load_spec
-from rollout.controller import Clock, Controller, FirstCheck, TickHook, default_owner
+from rollout.controller import Clock, Controller, FirstCheck, RealClock, TickHook, default_owner
 from rollout.core.status import Status
 from rollout.core.types import Colour, Phase, Release, Verdict
 from rollout.errors import ConfigError
@@ -137,6 +138,12 @@ def bootstrap_checked(
     return check
 
 
+def _store_sleep(clock: Clock | None) -> Callable[[float], None]:
+    """How the store waits: as a real clock does, which a stop cuts short (`RealClock(stopping)`:
+    the signal's KeyboardInterrupt may be lost); not as a fake one, which would not wait."""
+    return clock.sleep if isinstance(clock, RealClock) else time.sleep
+
+
 def _first_release(
     spec: RolloutSpec,
     state_dir: Path | None,
@@ -150,7 +157,7 @@ def _first_release(
         spec,
         router,
         metrics(router),
-        make_store(spec.state, spec.name, directory=state_dir),
+        make_store(spec.state, spec.name, directory=state_dir, sleep=_store_sleep(clock)),
         ledger=Ledger(ledger_path_of(spec, state_dir)),
         clock=clock,
         owner=default_owner(),
@@ -242,7 +249,7 @@ def run_rollout(
     anything is deployed or stored (`check_deployable`).
     """
     spec = _spec(spec)
-    store = make_store(spec.state, spec.name, directory=state_dir)
+    store = make_store(spec.state, spec.name, directory=state_dir, sleep=_store_sleep(clock))
     previous = store.load()
     if previous is None or (previous.terminal and restart):  # a new rollout, not a resume
         # Begun, a candidate the router cannot deploy Fails at its deploy and stays Failed.

@@ -271,9 +271,10 @@ def run(
     except RolloutError as exc:
         _fail(exc)
     except KeyboardInterrupt:
+        # Not "its lease released": a release that failed (the API server down) is logged
+        # above, saying when the lease expires.
         _err.print(
-            "interrupted: the rollout stays where it is (its lease released); "
-            "`aml-rollout rollout run` resumes it"
+            "interrupted: the rollout stays where it is; `aml-rollout rollout run` resumes it"
         )
         raise typer.Exit(EXIT_INTERRUPTED) from None
     colour = {"Succeeded": "green", "RolledBack": "yellow"}.get(result.phase.value, "red")

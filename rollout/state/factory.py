@@ -8,6 +8,8 @@ kubernetes client), as the router factory does for its backends; it offers
 from __future__ import annotations
 
 import importlib
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rollout.config import FileStateConfig, MemoryStateConfig, StateConfig
@@ -23,9 +25,17 @@ BACKENDS: dict[str, tuple[str, str]] = {
 KINDS = ("file", "memory", *BACKENDS)
 
 
-def make_store(cfg: StateConfig, name: str, *, directory: Path | None = None) -> StateStore:
+def make_store(
+    cfg: StateConfig,
+    name: str,
+    *,
+    directory: Path | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> StateStore:
     """Build the store for rollout `name`; `directory` overrides `cfg.dir` (--state-dir), which
-    for the kubernetes store holds only the ledger (not built here)."""
+    for the kubernetes store holds only the ledger (not built here). `sleep` is how the
+    kubernetes store waits (up to OUTAGE_S through an API server outage): a controller's
+    `RealClock(stopping).sleep` stops there too should a signal's KeyboardInterrupt be lost."""
     if isinstance(cfg, FileStateConfig):
         return FileStateStore(directory or cfg.dir, name)
     if isinstance(cfg, MemoryStateConfig):
@@ -35,5 +45,5 @@ def make_store(cfg: StateConfig, name: str, *, directory: Path | None = None) ->
         raise ConfigError(f"state.kind: unknown kind {kind!r} (known: {', '.join(KINDS)})")
     module_name, class_name = BACKENDS[kind]
     cls = getattr(importlib.import_module(module_name), class_name)
-    store: StateStore = cls.from_config(cfg, name)
+    store: StateStore = cls.from_config(cfg, name, sleep=sleep)
     return store

@@ -24,7 +24,7 @@ fields they do not know.
   thirds of the ttl: a third of it before anyone may take over) *lapses* it: `check_lease()`
   then waits, this controller acting no more, until a renewal goes through — which proves that
   nobody took the Lease meanwhile (its take would have moved the version) — or the Lease turns
-  out taken, or OUTAGE_S (10 min) pass: an API server restarting for longer than the renew
+  out taken, or OUTAGE_S (10 min) more pass: an API server restarting for longer than the renew
   deadline does not stop a rollback the controller is retrying. On exit the holder is cleared
   (CAS; a failure is logged, the lease then expires on its own).
 - **Fencing** — a lease alone cannot stop a controller that froze (a long GC pause) from writing
@@ -133,6 +133,10 @@ class _Held:
     #: Held around each renewal: the renewal thread's, and the controller's own when it waits
     #: for a lapsed lease (`check_lease`), never both at once.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Tries that failed since the last renewal that went through, and whether its lapse was
+    #: told: an outage is told when it starts, lapses and ends, not at every try.
+    failed: int = 0
+    lapse_told: bool = False
 
     def __post_init__(self) -> None:
         #: The Lease's acquireTime as this tenure wrote it: with the holder, what tells this
@@ -213,13 +217,21 @@ class KubernetesStateStore:
         self._held: _Held | None = None
 
     @classmethod
-    def from_config(cls, cfg: KubernetesStateConfig, name: str) -> KubernetesStateStore:
-        """Build from the spec's `state` section (see KubeApiConfig for the API server)."""
+    def from_config(
+        cls,
+        cfg: KubernetesStateConfig,
+        name: str,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> KubernetesStateStore:
+        """Build from the spec's `state` section (see KubeApiConfig for the API server).
+        `sleep` is how it waits (through an outage, for an expired lease): see `make_store`."""
         objects = o.StateObjects(namespace=cfg.namespace, rollout=name)
         return cls(
             objects,
             kubeapi.api_client(cfg, "state"),
             lease_ttl_s=cfg.lease_ttl_s,
+            sleep=sleep,
             credentials=kubeapi.Credentials.of(cfg),
         )
 
@@ -618,7 +630,7 @@ class KubernetesStateStore:
         The period runs from when the last renewal was *sent*, so a slow API server does not
         stretch the gap between renewals by its round trips (which would trip the renew
         deadline on a lease that is fine). After a failure it tries again every second, past
-        the renew deadline too (`check_lease`), for up to OUTAGE_S.
+        the renew deadline too (`check_lease`), until OUTAGE_S past it.
         """
         # From the take, not from this thread's start: claiming the status came in between.
         pause = max(0.0, held.renewed_at + self.lease_ttl_s / 3 - self._monotonic())
@@ -626,22 +638,64 @@ class KubernetesStateStore:
             with held.lock:
                 if held.lost is not None:
                     return  # given up by `check_lease`, which said so
-                try:
-                    self._renew(held)
-                    pause = max(0.0, held.renewed_at + self.lease_ttl_s / 3 - self._monotonic())
-                except (StateError, _Conflict) as exc:
-                    self._renewal_failed(held, exc)
-                    pause = min(1.0, self.lease_ttl_s / 10)  # a blip: try again soon
-                except Exception as exc:  # a dead thread would be a lost lease nobody notices
-                    held.lost = f"renewing it failed: {exc!r}"
+                pause = self._renew_once(held)
             if held.lost is not None:
                 log.error("lost the lease of rollout %r: %s", self.name, held.lost)
                 return
 
-    def _renewal_failed(self, held: _Held, exc: Exception, level: int = logging.WARNING) -> None:
-        log.log(level, "could not renew Lease %s/%s: %s", self._ns, self.objects.lease, exc)
-        if self._monotonic() - held.renewed_at > self._outage_s:
-            held.lost = f"it could not be renewed for {span(self._outage_s)} ({exc})"
+    def _renew_once(self, held: _Held) -> float:
+        """One try of the renewal thread (under `held.lock`); how long to wait for the next."""
+        try:
+            self._renew(held)
+            return max(0.0, held.renewed_at + self.lease_ttl_s / 3 - self._monotonic())
+        except (StateError, _Conflict) as exc:
+            self._renewal_failed(held, exc)
+            return min(1.0, self.lease_ttl_s / 10)  # a blip: try again soon
+        except Exception as exc:  # a dead thread would be a lost lease nobody notices
+            held.lost = f"renewing it failed: {exc!r}"
+            return 0.0
+
+    def _renewal_failed(self, held: _Held, exc: Exception) -> None:
+        """Count a try that did not go through; the lease is lost OUTAGE_S past the renew
+        deadline. Counted from the deadline, not from the last renewal: a lease_ttl_s of an
+        hour is renewed every 20 minutes, and its first failure would be past OUTAGE_S
+        already. Waiting longer lets no two controllers act: this one acts no more from the
+        deadline on (`_lapsed`), a third of the ttl before anyone may take the Lease over.
+
+        Told at WARNING for the first try of an outage and at the lapse, DEBUG between: `run`
+        shows warnings, and a line a second for minutes buries the rest."""
+        held.failed += 1
+        since = self._monotonic() - held.renewed_at
+        if since > self.renew_deadline_s + self._outage_s:
+            held.lost = (
+                f"no renewal went through for {span(since)}, {span(self._outage_s)} past its "
+                f"renew deadline ({exc})"
+            )
+            return
+        log.log(
+            logging.WARNING if held.failed == 1 else logging.DEBUG,
+            "could not renew Lease %s/%s: %s%s",
+            self._ns,
+            self.objects.lease,
+            exc,
+            "; trying again every second" if held.failed == 1 else "",
+        )
+        if since > self.renew_deadline_s:
+            self._tell_lapse(held)
+
+    def _tell_lapse(self, held: _Held) -> None:
+        """Say once per outage that the lease lapsed and this controller acts no more."""
+        if held.lapse_told:
+            return
+        held.lapse_told = True
+        log.warning(
+            "the lease of rollout %r was not renewed for %g s, two thirds of "
+            "state.lease_ttl_s: this controller moves no traffic and writes nothing until it "
+            "renews it, trying until %s past that deadline",
+            self.name,
+            self.renew_deadline_s,
+            span(self._outage_s),
+        )
 
     def _renew(self, held: _Held) -> None:
         timeout = max(0.5, self.lease_ttl_s / 3)
@@ -650,7 +704,15 @@ class KubernetesStateStore:
             sent, now = self._monotonic(), self._clock()
             try:
                 held.obj = self._patch_lease(o.renew_patch(held.obj, now), timeout)
+                if held.failed:
+                    log.warning(
+                        "renewed %s again after %d failed tries (%s since the last renewal)",
+                        what,
+                        held.failed,
+                        span(sent - held.renewed_at),
+                    )
                 held.renewed_at = sent
+                held.failed, held.lapse_told = 0, False
                 return
             except _Missing:
                 held.lost = f"{what} was deleted"
@@ -675,7 +737,7 @@ class KubernetesStateStore:
         if held.lost is not None:
             raise StateError(
                 f"lost the lease of rollout {self.name!r}: {held.lost}; another controller may "
-                "drive it now, so this one stops"
+                "drive it, so this one stops"
             )
 
     def _lapsed(self, held: _Held) -> bool:
@@ -683,7 +745,7 @@ class KubernetesStateStore:
 
     def _retake(self, held: _Held) -> None:
         """Renew the lapsed lease `held`, trying every second until it goes through, the Lease
-        turns out taken over or deleted, or OUTAGE_S after its last renewal; meanwhile this
+        turns out taken over or deleted, or OUTAGE_S past the deadline; meanwhile this
         controller does nothing, as one that lost its lease.
 
         Safe, as every renewal is: it is a write guarded by the resourceVersion this tenure last
@@ -694,14 +756,7 @@ class KubernetesStateStore:
         right to act early (a third of the ttl before a successor's may begin): it stops acting
         at the deadline, and acts again only once the renewal proves it the holder still.
         """
-        log.warning(
-            "the lease of rollout %r was not renewed for %g s, two thirds of "
-            "state.lease_ttl_s: this controller moves no traffic and writes nothing until it "
-            "renews it, trying for up to %s",
-            self.name,
-            self.renew_deadline_s,
-            span(self._outage_s),
-        )
+        self._tell_lapse(held)
         while True:
             with held.lock:
                 if held.lost is not None or not self._lapsed(held):
@@ -710,7 +765,7 @@ class KubernetesStateStore:
                     self._renew(held)
                     continue
                 except (StateError, _Conflict) as exc:
-                    self._renewal_failed(held, exc, logging.DEBUG)  # the thread's are told
+                    self._renewal_failed(held, exc)
                     if held.lost is not None:
                         break
             self._sleep(min(1.0, self.lease_ttl_s / 10))

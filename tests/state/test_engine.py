@@ -245,3 +245,31 @@ def test_a_rollback_whose_save_meets_a_500_is_still_applied(
     assert paused and set(paused) == {1.0}  # one pause per blip
     final = stored(api)
     assert final is not None and final.phase is Phase.ROLLED_BACK
+
+
+def test_a_stop_whose_interrupt_was_lost_ends_a_save_riding_out_an_outage(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    """A SIGTERM's KeyboardInterrupt is lost when it lands in a finalizer: `run`'s
+    RealClock(stopping) sees the stop at its next wait. Was: not at the store's waits
+    (time.sleep): a save the API server answers 503 went on for up to 10 minutes."""
+    import threading
+
+    from rollout.controller import RealClock
+    from tests.fakes.kube_apiserver import ApiError
+
+    stopping, handle, refused = threading.Event(), api.handle, list[float]()
+
+    def restarting(method: str, path: str, *args: Any) -> tuple[int, dict[str, Any]]:
+        if method == "PATCH" and path.endswith("/aml-rollout-diabetes-status") and not refused:
+            refused.append(time.monotonic())
+            stopping.set()  # the stop comes, its raise lost, while the API server is down
+            raise ApiError(503, "ServiceUnavailable", "the API server is restarting")
+        return handle(method, path, *args)
+
+    api.handle = restarting  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        run_rollout(spec(api, tmp_path), clock=RealClock(stopping))
+    assert refused and time.monotonic() - refused[0] < 0.5  # not the 1 s pause, nor more
+    assert stored(api) is None  # was: the save tried again a second later, and landed
+    assert "holderIdentity" not in lease_of(api, "diabetes")["spec"]  # released

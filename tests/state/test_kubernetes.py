@@ -1055,7 +1055,11 @@ def test_a_lapsed_lease_nobody_took_is_renewed_and_the_holder_goes_on(
     ("failures", "lost"),
     [
         pytest.param(5, None, id="api-back-within-the-outage"),
-        pytest.param(10_000, r"could not be renewed for 10\.0 min", id="api-down-for-good"),
+        pytest.param(
+            10_000,
+            r"no renewal went through for 10\.3 min, 10\.0 min past its renew deadline",
+            id="api-down-for-good",
+        ),
     ],
 )
 def test_a_lapsed_lease_is_renewed_once_the_api_server_answers_again(
@@ -1080,7 +1084,7 @@ def test_a_lapsed_lease_is_renewed_once_the_api_server_answers_again(
         else:
             with pytest.raises(StateError, match=lost):
                 store.check_lease()
-            assert instant.now >= 600
+            assert instant.now > 20 + 600  # the renew deadline, then OUTAGE_S
         api.handle = handle  # type: ignore[method-assign]
 
 
@@ -1178,3 +1182,85 @@ def test_a_command_whose_append_landed_before_its_409_is_not_appended_twice(
     answered_409_after_landing(cli, "_patch_configmap")
     cli.push_command(Command(id="2", kind="resume"))
     assert [c.id for c in cli.commands() if c] == ["1", "2"]  # was 1, 2, 2
+
+
+def renewing(store: KubernetesStateStore, instant: InstantTime, until: Callable[[], bool]) -> None:
+    """Run the renewal thread's tries on `instant`'s clock (the real thread waits on real
+    time) until `until()`, the lease is lost, or a try goes through after `until()`."""
+    held = store._held
+    assert held is not None
+    while held.lost is None:
+        done = until()
+        with held.lock:
+            instant.now += store._renew_once(held)
+        if done:
+            return
+
+
+@pytest.mark.parametrize(
+    ("ttl", "failures"),
+    [
+        # Renewed every 1200 s: the first failure came after the 600 s, counted from the last
+        # renewal, not from the renew deadline (2400 s), and lost a lease valid another hour.
+        pytest.param(3600, 1, id="one-blip-of-the-longest-lease"),
+        # Renewed every 400 s, its renew deadline 800 s: given up at 600 s, before it.
+        pytest.param(1200, 250, id="lost-before-its-own-renew-deadline"),
+        pytest.param(30, 5, id="a-short-lease"),
+    ],
+)
+def test_failed_renewals_before_the_outage_limit_do_not_lose_the_lease(
+    api: FakeKubeApiServer, ttl: int, failures: int
+) -> None:
+    """Was: "lost the lease of rollout 'r': it could not be renewed for 10.0 min" after one
+    503 of a lease_ttl_s 3600. OUTAGE_S now counts from the renew deadline: the holder acts
+    no more from the deadline on (`check_lease`), so waiting longer lets no two act."""
+    instant = InstantTime()
+    store = kube_store(api, ttl=ttl, monotonic=instant.monotonic, sleep=instant.sleep)
+    handle, refused = api.handle, []
+
+    def blips(method: str, path: str, *args: Any) -> tuple[int, dict[str, Any]]:
+        if method == "PATCH" and "/leases/" in path and len(refused) < failures:
+            refused.append(path)
+            raise ApiError(503, "ServiceUnavailable", "one blip")
+        return handle(method, path, *args)
+
+    with store.lease("ann"):
+        store.save(a_status(1))
+        api.handle = blips  # type: ignore[method-assign]
+        renewed = lease_of(api)["spec"]["renewTime"]
+        instant.now = ttl / 3  # the renewal thread's time to renew
+        renewing(store, instant, lambda: len(refused) == failures)
+        assert lease_of(api)["spec"]["renewTime"] > renewed
+        store.check_lease()
+        store.save(a_status(2))
+        api.handle = handle  # type: ignore[method-assign]
+    assert stored_tick(api) == 2
+
+
+def test_an_outage_is_told_when_it_starts_lapses_and_ends_not_every_second(
+    api: FakeKubeApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Was: "could not renew Lease ..." at WARNING on every try, a line a second for up to
+    10 minutes on `run`'s terminal."""
+    instant = InstantTime()
+    store = kube_store(api, ttl=30, monotonic=instant.monotonic, sleep=instant.sleep)
+    handle, refused = api.handle, []
+
+    def down(method: str, path: str, *args: Any) -> tuple[int, dict[str, Any]]:
+        if "/leases/" in path and len(refused) < 100:
+            refused.append(path)
+            raise ApiError(503, "ServiceUnavailable", "the API server is restarting")
+        return handle(method, path, *args)
+
+    logger = "rollout.state.kubernetes"
+    with caplog.at_level(logging.WARNING, logger), store.lease("ann"):
+        api.handle = down  # type: ignore[method-assign]
+        instant.now = 10.0
+        renewing(store, instant, lambda: len(refused) == 100)  # 100 s: past the 20 s deadline
+        store.check_lease()
+        api.handle = handle  # type: ignore[method-assign]
+    told = [r.getMessage() for r in caplog.records if r.name == logger]
+    assert len(told) == 3, told
+    assert told[0].startswith("could not renew Lease ml/aml-rollout-r: write Lease")
+    assert "was not renewed for 20 s, two thirds of state.lease_ttl_s" in told[1]
+    assert told[2].startswith("renewed Lease ml/aml-rollout-r again after 100 failed tries")
