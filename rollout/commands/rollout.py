@@ -10,7 +10,8 @@ Exit codes of `run` (and of `status` for a finished rollout):
     4  held for a human (Paused)     5  failed (Failed)
     2  error a user can fix (bad spec, lease held, router/metrics unreachable...)
     6  still running (status of an unfinished rollout, an operator's pause included)
-  130  interrupted (Ctrl-C or SIGTERM): the rollout is kept, its lease released; `run` resumes
+  130  interrupted (Ctrl-C or SIGTERM): the rollout is kept (its lease released, or left to
+       expire when it cannot be); `run` resumes
 
 Heavy modules (numpy, scipy, the engine) are imported inside command bodies so that
 `aml-rollout --help` stays fast.
