@@ -83,6 +83,7 @@ from aml_pipelines.errors import (
     IntegrityError,
     ModelNotFound,
     PipelineError,
+    RegistryError,
     TriggerError,
 )
 from aml_pipelines.registry.base import (
@@ -200,7 +201,11 @@ class Dispatcher:
             with self._to_check_lock:
                 self._to_check[model] = max(self._to_check.get(model, 0), *pending)
             if self.check_requested is None:
-                self.check_supersede()
+                # No worker to make a failed check again (`watch --once`): a registry that
+                # cannot be read is told and the pass goes on to deliver, as when the check
+                # finds the version missing; raised, it failed the pass after the cursor had
+                # recorded the version, and the next pass never checked it again.
+                self.check_supersede(on_error=self._unread_registry)
             else:
                 # Not on the accepting thread: the check reads the rollout state and the
                 # registry, which a webhook's answer must not wait for (Event Grid waits 30 s),
@@ -235,6 +240,17 @@ class Dispatcher:
             raise error
         with self._to_check_lock:
             return not any(self._to_check.get(model) == newest for model, newest in todo.items())
+
+    @staticmethod
+    def _unread_registry(model: str, version: int, exc: Exception) -> None:
+        if not isinstance(exc, RegistryError):
+            raise exc
+        log.warning(
+            "%s v%d aborts nothing (the registry cannot be read: %s); the running rollout goes on",
+            model,
+            version,
+            exc,
+        )
 
     def _abort_older(self, model: str, newest: int) -> None:
         view = self.delivery.current()

@@ -1557,3 +1557,34 @@ def test_with_supersede_a_registry_error_in_the_check_keeps_it_asked_for(
     assert not delivery.abort_path.exists()
     assert dispatcher.check_supersede() is True
     assert delivery.abort_path.exists() is kept  # asked again: v3 is read, v2 aborted
+
+
+def test_a_once_pass_whose_supersede_check_cannot_read_the_registry_goes_on_to_deliver(
+    tmp_path: Path, registry: LocalRegistry, delivery: ResumableDelivery, monkeypatch: Any
+) -> None:
+    """Was (`watch --once --supersede`, no worker to retry the check): the registry's error
+    failed the pass after the cursor had recorded v3, and the next pass never checked it."""
+    dispatcher = _supersede_dispatcher(tmp_path, registry, delivery)
+    register(registry, tmp_path, stage="production")
+    v2 = register(registry, tmp_path, stage="candidate")
+    delivery._progress(v2, 1, 1, 3)  # v2's rollout left running by an interrupted pass
+    dispatcher.accept("diabetes", 2, "watch")
+    register(registry, tmp_path, stage="candidate")
+    read, check = registry.get, dispatcher._abort_older
+    checking = threading.Event()  # the registry is unreachable for the supersede check only
+
+    def unreachable_while_checking(name: str, version: int) -> Any:
+        if checking.is_set():
+            raise RegistryError("Azure ML registry unreachable (HTTP 503)")
+        return read(name, version)
+
+    def supersede_check(model: str, newest: int) -> None:
+        checking.set()
+        try:
+            check(model, newest)
+        finally:
+            checking.clear()
+
+    monkeypatch.setattr(registry, "get", unreachable_while_checking)
+    monkeypatch.setattr(dispatcher, "_abort_older", supersede_check)
+    assert Watcher(registry, "diabetes", dispatcher).poll() == [3]
