@@ -13,7 +13,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -180,3 +180,43 @@ def running_server(app: Any, *, lifespan: str = "on") -> Iterator[str]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+class RawCaller:
+    """Calls an ASGI app with one POST /score and returns (status, body)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.runner = asyncio.Runner()
+
+    def post(self, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()) -> tuple[int, bytes]:
+        """`headers` go after the JSON content type, as a client sent them (none checked)."""
+        return self.runner.run(self._post(body, headers))
+
+    async def _post(self, body: bytes, headers: Sequence[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/score",
+            "raw_path": b"/score",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"content-type", b"application/json"), *headers],
+            "client": ("127.0.0.1", 1234),
+            "server": ("127.0.0.1", 80),
+        }
+        messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return next(messages, {"type": "http.disconnect"})
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await self.app(scope, receive, send)
+        status = sent[0]["status"]
+        return status, b"".join(m.get("body", b"") for m in sent[1:])

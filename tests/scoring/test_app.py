@@ -30,7 +30,7 @@ from sklearn.tree import DecisionTreeRegressor
 from scoring.app import create_app
 from scoring.faults import FaultKnob
 from scoring.model import LoadedModel, load_model
-from tests.scoring.conftest import AppClient, make_model_dir, running_server
+from tests.scoring.conftest import AppClient, RawCaller, make_model_dir, running_server
 
 LOOPBACK = ("127.0.0.1", 40000)
 ROW = [0.03, 0.05, 0.06, 0.02, -0.04, -0.03, -0.04, -0.002, 0.02, -0.017]
@@ -160,32 +160,11 @@ def test_an_invalid_content_length_is_a_400(
 ) -> None:
     # Sent to the ASGI app as is (an HTTP client would not send such a header, and uvicorn's
     # parser refuses most): the app's own answer to one that gets through.
-    app = create_app(loaded, registry=registry, colour="blue")
-    sent: list[dict[str, Any]] = []
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/score",
-        "raw_path": b"/score",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"12x")],
-        "client": LOOPBACK,
-        "server": ("127.0.0.1", 8080),
-    }
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b'{"data": []}', "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    asyncio.run(app(scope, receive, send))
-    assert sent[0]["status"] == 400
-    assert json.loads(sent[1]["body"]) == {"error": "invalid Content-Length header"}
+    caller = RawCaller(create_app(loaded, registry=registry, colour="blue"))
+    status, body = caller.post(b'{"data": []}', headers=[(b"content-length", b"12x")])
+    caller.runner.close()
+    assert status == 400
+    assert json.loads(body) == {"error": "invalid Content-Length header"}
     assert sample(registry, "scoring_requests_total", "400") == 1
 
 

@@ -7,7 +7,6 @@ examples run in about a millisecond each.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from scoring.app import create_app
 from scoring.model import LoadedModel
+from tests.scoring.conftest import RawCaller
 
 FUZZ = settings(
     deadline=None,
@@ -76,45 +76,6 @@ bad_bodies = st.one_of(
         ]
     ),
 )
-
-
-class RawCaller:
-    """Calls an ASGI app with one POST /score and returns (status, body)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.runner = asyncio.Runner()
-
-    def post(self, body: bytes) -> tuple[int, bytes]:
-        return self.runner.run(self._post(body))
-
-    async def _post(self, body: bytes) -> tuple[int, bytes]:
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/score",
-            "raw_path": b"/score",
-            "root_path": "",
-            "query_string": b"",
-            "headers": [(b"content-type", b"application/json")],
-            "client": ("127.0.0.1", 1234),
-            "server": ("127.0.0.1", 80),
-        }
-        messages = iter([{"type": "http.request", "body": body, "more_body": False}])
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            return next(messages, {"type": "http.disconnect"})
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        await self.app(scope, receive, send)
-        status = sent[0]["status"]
-        return status, b"".join(m.get("body", b"") for m in sent[1:])
 
 
 @pytest.fixture(scope="module")
