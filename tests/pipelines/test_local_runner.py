@@ -698,9 +698,15 @@ def test_a_stopped_run_mid_rollout_says_where_the_rollout_stands(
             # a background runner may start us with SIGINT ignored, which children inherit
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while "Progressing" not in out.read_text() and time.monotonic() < deadline:
+        # train, register and package first: minutes on a machine loaded by a parallel suite.
+        # Signalled before the rollout step ran, the run stopped in another step and the test
+        # failed on a line about the rollout that could not be there.
+        deadline = time.monotonic() + 240  # below pytest-timeout's 300 s
+        while "Progressing" not in out.read_text():
             assert proc.poll() is None, out.read_text()
+            if time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)  # the run and its step
+                pytest.fail(f"the rollout step did not start in 240 s:\n{out.read_text()}")
             time.sleep(0.1)
         if to_group:
             os.killpg(proc.pid, signum)  # what Ctrl-C in a terminal does
