@@ -897,3 +897,34 @@ def test_a_model_whose_cursor_cannot_be_read_fails_only_its_own_events(
         )
         _until(lambda: done("aaa") and done("bbb"), "aaa v1 and bbb v1")
     assert [e["version"] for e in journal(tmp_path / "engine") if e["event"] == "start"] == [1, 1]
+
+
+def test_a_batch_of_many_models_reads_what_is_withdrawn_a_few_at_a_time(
+    tmp_path: Path, registry: LocalRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: a thread and a registry call per model, all at once: 40 models, 40 calls in flight
+    # (a 1,000-model batch: 1,000, which Azure ML throttles, slowing the deliveries too).
+    models = [f"m{n:02d}" for n in range(40)]
+    for model in models:
+        register(registry, tmp_path, model, stage="candidate")
+    registry.withdraw("m07", 1)
+    withdrawn, lock, at_once, most = registry.withdrawn, threading.Lock(), [0], [0]
+
+    def counted(name: str) -> set[int]:
+        if threading.current_thread().name.startswith("withdrawn-"):
+            with lock:
+                at_once[0] += 1
+                most[0] = max(most[0], at_once[0])
+            time.sleep(0.02)
+            with lock:
+                at_once[0] -= 1
+        return withdrawn(name)
+
+    monkeypatch.setattr(registry, "withdrawn", counted)
+    with running(tmp_path, registry, max_body=1 << 20) as hook:
+        response = hook.post([eg_event(f"e{m}", name=m, version="1") for m in models])
+        assert response.status_code == 200, response.text
+        body = response.json()
+    assert most[0] == webhook_module.WITHDRAWN_READERS
+    assert len(body["accepted"]) == 39  # every model answered in time, m07's v1 withdrawn
+    assert {"model": "m07", "version": 1} not in body["accepted"]
