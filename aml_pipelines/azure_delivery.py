@@ -49,6 +49,7 @@ from typing import Any
 
 from aml_pipelines.delivery import FAILED, SUCCEEDED, DeliveryOutcome, RolloutView, TagChange
 from aml_pipelines.errors import ConfigError, ModelNotFound, PipelineError, TriggerError
+from aml_pipelines.fileio import write_bytes, write_json
 from aml_pipelines.registry.base import ModelRegistry, ModelVersion, Stage
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 #: The outcome the trigger's cursor records for a version handed to Azure ML.
 SUBMITTED = "Submitted"
 JOBS_FILE = "pipeline-jobs.json"
+SPEC_SNAPSHOT = "spec"  # the local --spec as checked at start, the file each job uploads
 DEFAULT_EXPERIMENT = "aml-rollout-deploy"
 #: Azure ML job statuses that end a job, and the rollout phase each stands for: azure-ai-ml's
 #: own `RunHistoryConstants.TERMINAL_STATUSES` (a test keeps the two equal; importing it here
@@ -100,8 +102,9 @@ class PipelineDelivery:
 
     `ml_client` is an azure-ai-ml MLClient on the workspace the jobs run in (and whose registry
     the trigger watches: the job opens it as `registry`, default "azureml" = its own workspace).
-    `spec` is the rollout spec the job's rollout step reads: a local file (checked here, uploaded
-    by azure-ai-ml at submission) or a URI (`azureml://datastores/...`, `https://...`).
+    `spec` is the rollout spec the job's rollout step reads: a local file (checked here and
+    copied as checked into `state_dir`, the copy uploaded by azure-ai-ml at submission) or a
+    URI (`azureml://datastores/...`, `https://...`).
     `watched` is the registry the trigger watches, which the job's rollout step tags: whether a
     job that did not complete left its version a candidate (see the module docstring).
     """
@@ -120,9 +123,9 @@ class PipelineDelivery:
         registry: str = "azureml",
     ) -> None:
         self.ml_client = ml_client
-        self.spec = _checked_spec(spec)
-        self.watched = watched
         self.state_dir = Path(state_dir)
+        self.spec = _checked_spec(spec, self.state_dir)
+        self.watched = watched
         self.compute = compute
         self.experiment = experiment
         self.image_registry = image_registry
@@ -285,8 +288,6 @@ class PipelineDelivery:
 
     def _save(self, record: JobRecord) -> JobRecord:
         """Record durably (temp + fsync + rename): callers hold the dispatcher's deliver lock."""
-        from aml_pipelines.fileio import write_json
-
         record = replace(record, updated_at=datetime.now(UTC).isoformat(timespec="seconds"))
         records = self._load()
         records[_key(record.model, record.version)] = record
@@ -311,8 +312,13 @@ def _outcome(record: JobRecord) -> DeliveryOutcome:
     )
 
 
-def _checked_spec(spec: str | Path) -> str:
-    """A URI as is; a local file must exist and be a valid rollout spec (caught before Azure)."""
+def _checked_spec(spec: str | Path, state_dir: Path) -> str:
+    """A URI as is. A local file must exist and be a valid rollout spec (caught before Azure);
+    what is submitted is a copy of it as checked, in `state_dir`/spec/: azure-ai-ml reads the
+    file at each submission, and a watcher runs for days — an edit made meanwhile went to the
+    next job unchecked (a typo then failed the job's rollout step after its package step, its
+    version left a candidate that held the endpoint). The engine delivery, too, rolls out the
+    spec it checked when the trigger started."""
     text = str(spec)
     if re.match(r"^(azureml|https?):", text):
         return text
@@ -322,4 +328,7 @@ def _checked_spec(spec: str | Path) -> str:
     from rollout.api import load_spec
 
     load_spec(path)  # rollout.errors.ConfigError names the bad field
-    return str(path.resolve())
+    snapshot = state_dir / SPEC_SNAPSHOT / path.name
+    write_bytes(snapshot, path.read_bytes())
+    load_spec(snapshot)  # the copy: an edit racing this start is not submitted unchecked
+    return str(snapshot.resolve())

@@ -13,7 +13,12 @@ from aml_pipelines.errors import ConfigError
 
 
 def write_json(path: Path, payload: Any) -> None:
-    """Write `payload` as indented JSON, atomically and durably.
+    """Write `payload` as indented JSON, atomically and durably (see `write_bytes`)."""
+    write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path`, atomically and durably.
 
     Temp file in the same folder, fsync, rename onto `path`, fsync of the folder: after a crash or
     a power cut the file is the old one or the new one, never empty or half written (rename alone
@@ -25,9 +30,8 @@ def write_json(path: Path, payload: Any) -> None:
     tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=True)
-            fh.write("\n")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         Path(tmp).replace(path)

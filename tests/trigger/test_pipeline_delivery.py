@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ from aml_pipelines.azure_delivery import (
 from aml_pipelines.delivery import FAILED, SUCCEEDED
 from aml_pipelines.errors import ConfigError, PipelineError, TriggerError
 from aml_pipelines.registry.azureml import AzureMLRegistry
+from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.trigger.dispatch import Dispatcher
 from aml_pipelines.trigger.store import Step, TriggerStore
 from aml_pipelines.trigger.watcher import Watcher
@@ -393,3 +395,34 @@ def test_a_failed_job_whose_rollout_step_tagged_its_version_is_over(
     registry.set_tags("diabetes", 2, {"stage": stage})
     view = delivery.current()
     assert view is not None and not view.active and view.phase == FAILED
+
+
+def test_a_local_spec_edited_while_the_trigger_runs_is_not_submitted_unchecked(
+    tmp_path: Path, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: checked when the trigger started, then uploaded as it was at each submission: a typo
+    # made days later went to the next job, which packaged, then failed its rollout step on the
+    # spec, its version left a candidate that held the endpoint.
+    import aml_pipelines.build as build
+
+    spec = tmp_path / "rollout.yaml"
+    good = "name: x\nrouter: {kind: memory}\nmetrics: {kind: simulated}\nsteps: [10, 100]\n"
+    spec.write_text(good)
+    delivery = PipelineDelivery(
+        client, str(spec), tmp_path / "trigger", watched=AzureMLRegistry(client)
+    )
+    spec.write_text(good.replace("[10, 100]", "[50, 40]"))  # edited meanwhile
+    submitted: list[str] = []
+
+    def submit(job: Any, ml_client: Any, *, experiment: str) -> Any:
+        submitted.append(Path(job.inputs["rollout_spec"].path).read_text())
+        return SimpleNamespace(studio_url="https://ml.azure.com/runs/x", status="NotStarted")
+
+    monkeypatch.setattr(build, "submit_pipeline", submit)
+    monkeypatch.setattr(PipelineDelivery, "_get_job", lambda self, name: None)
+    version = ModelVersion(
+        name="diabetes", version=7, uri="azureml://jobs/r/outputs/model",
+        sha256="a" * 64, tags={"stage": "candidate"},
+    )  # fmt: skip
+    delivery.deliver(version)
+    assert submitted == [good]  # the spec as checked, as the engine delivery rolls out
