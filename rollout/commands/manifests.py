@@ -10,6 +10,10 @@ come from `rollout.routers.istio_manifests`, the module the Istio router itself 
 what is applied and what the router later patches are the same shapes. Settings come from a
 rollout spec's istio `router` section (`--spec`) or from the options; options win.
 
+`--api-key-secret NAME` gives both colours' scoring containers AML_ROLLOUT_API_KEY from that
+Secret's key (`--api-key-secret-key`, `api-key`), so /score needs `Authorization: Bearer <key>`
+while the probes' /healthz, /readyz and Prometheus' /metrics stay open (scoring.auth).
+
 A colour's release is a package folder (`--green-package`, its package.json names model, version,
 sha256 and image) or an image `<registry>/<model>:<version>` (`--green-image`). The command
 imports only typer/stdlib at the top; pyyaml and the renderer load inside the command body.
@@ -73,6 +77,16 @@ def manifests(
             "Istio add-on: its revision, e.g. asm-1-23)."
         ),
     ] = None,
+    api_key_secret: Annotated[
+        str | None,
+        typer.Option(
+            help="Secret holding the scoring server's API key(s): both colours get it as "
+            "AML_ROLLOUT_API_KEY, so /score needs `Authorization: Bearer <key>` (none: no auth)."
+        ),
+    ] = None,
+    api_key_secret_key: Annotated[
+        str | None, typer.Option(help="The key of --api-key-secret holding them (api-key).")
+    ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
     ] = None,
@@ -111,7 +125,15 @@ def manifests(
         "replicas": replicas,
         "ingress_selector": (("istio", ingress_gateway),) if ingress_gateway else None,
         "istio_revision": istio_revision,
+        "api_key_secret": api_key_secret,
+        "api_key_secret_key": api_key_secret_key,
     }
+    if api_key_secret == "":
+        # An unset shell variable (`--api-key-secret "$SECRET"`): no auth, while auth was asked.
+        raise ConfigError(f"--api-key-secret: {m.secret_name_problem('')}")
+    if api_key_secret_key is not None and api_key_secret is None:
+        # Without the Secret it would be dropped, and the service rendered without auth.
+        raise ConfigError("--api-key-secret-key needs --api-key-secret (the Secret it is a key of)")
     if replicas is not None and replicas < 1:
         # As the spec's router.replicas: a colour without a pod answers 503 for its traffic.
         raise ConfigError(
@@ -193,6 +215,8 @@ OPTION_OF = {
     "router.replicas": ("replicas", "--replicas"),
     "router.ingress_gateway": ("ingress_selector", "--ingress-gateway"),
     "istio_revision": ("istio_revision", "--istio-revision"),
+    "api_key_secret": ("api_key_secret", "--api-key-secret"),
+    "api_key_secret_key": ("api_key_secret_key", "--api-key-secret-key"),
 }
 
 

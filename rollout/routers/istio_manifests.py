@@ -41,9 +41,17 @@ from typing import Any
 
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import DeployFailed, RouterError, RouterRefused, SettingError
-from rollout.kubenames import DNS_1123_LABEL, app_problem, hosts_problem, label_value_problem
+from rollout.kubenames import (
+    DNS_1123_LABEL,
+    DNS_1123_SUBDOMAIN,
+    SUBDOMAIN_MAX,
+    app_problem,
+    hosts_problem,
+    label_value_problem,
+)
 from rollout.routers.base import UPSTREAM_IDLE_S
 from rollout.state.kubernetes_objects import ROLE_RULES as STATE_ROLE_RULES
+from scoring.auth import API_KEY_ENV
 from scoring.cli import KEEP_ALIVE_S
 
 Obj = dict[str, Any]
@@ -103,6 +111,12 @@ class IstioLayout:
     #: add-on requires (`asm-1-23`); "" labels it `istio-injection: enabled`, which the add-on
     #: ignores. Only the bootstrap's Namespace uses it.
     istio_revision: str = ""
+    #: The Secret whose key `api_key_secret_key` the scoring container gets as
+    #: AML_ROLLOUT_API_KEY (`api_key_env`), so /score needs `Authorization: Bearer <key>`;
+    #: "" (the default) serves without auth. Only Deployments built here (`deployment`) get it;
+    #: `updated_deployment` keeps whatever env a Deployment has, so a patched one keeps it.
+    api_key_secret: str = ""
+    api_key_secret_key: str = "api-key"  # noqa: S105 (the key's name in the Secret, no secret)
 
     def __post_init__(self) -> None:
         # SettingError names the spec field; `manifests` names its option for a value it gave.
@@ -128,6 +142,12 @@ class IstioLayout:
         for name, value in [*gateway, ("istio_revision", self.istio_revision)]:
             if value and (problem := label_value_problem(value)) is not None:
                 raise SettingError(name, problem)
+        # No spec field either: only `manifests --api-key-secret[-key]` sets them. The API
+        # server would refuse the Deployment (422) only once everything else was applied.
+        if self.api_key_secret and (problem := secret_name_problem(self.api_key_secret)):
+            raise SettingError("api_key_secret", problem)
+        if (problem := secret_key_problem(self.api_key_secret_key)) is not None:
+            raise SettingError("api_key_secret_key", problem)
 
     @property
     def gateway(self) -> str:
@@ -142,6 +162,41 @@ class IstioLayout:
 
     def service(self, colour: Colour, *, pinned: bool = False) -> str:
         return f"{self.app}-{colour.value}{'-pinned' if pinned else ''}"
+
+
+def secret_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a Secret, or None (Secret names are DNS-1123 subdomains)."""
+    if len(name) <= SUBDOMAIN_MAX and DNS_1123_SUBDOMAIN.fullmatch(name):
+        return None
+    return (
+        f"{name!r} is not a Secret name (a DNS-1123 subdomain: at most {SUBDOMAIN_MAX} "
+        "lower-case letters, digits, '-' and '.', starting and ending with a letter or digit)"
+    )
+
+
+#: A key of a Secret's data (Kubernetes' IsConfigMapKey): letters, digits, '-', '_' and '.'.
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+
+
+def secret_key_problem(key: str) -> str | None:
+    """Why `key` cannot be a key of a Secret, or None (the API server's rule for the key a
+    `secretKeyRef` names: it is a file name when the Secret is mounted, so no '.' or '..')."""
+    fits = len(key) <= SUBDOMAIN_MAX and _SECRET_KEY.fullmatch(key) is not None
+    if fits and key != "." and not key.startswith(".."):
+        return None
+    return (
+        f"{key!r} is not a key of a Secret (at most {SUBDOMAIN_MAX} letters, digits, '-', '_' "
+        "and '.', not '.' and not starting with '..')"
+    )
+
+
+def api_key_env(layout: IstioLayout) -> Obj:
+    """The scoring container's AML_ROLLOUT_API_KEY, read by the kubelet from the layout's
+    Secret when the pod starts (the controller needs no access to Secrets). A missing Secret or
+    key keeps the pod from starting (CreateContainerConfigError), an empty value stops the
+    server (scoring.auth): never a pod serving /score without auth by mistake."""
+    ref = {"name": layout.api_key_secret, "key": layout.api_key_secret_key}
+    return {"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": ref}}
 
 
 def _meta(layout: IstioLayout, name: str, **labels: str) -> Obj:
@@ -169,12 +224,15 @@ def deployment(layout: IstioLayout, colour: Colour, release: Release) -> Obj:
         )
     pod_labels = {"app": layout.app, "version": colour.value}
     probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5}
+    # The scoring server labels its metrics and answers with this colour; after Blue_Green,
+    # green pods serve blue's release and must say green.
+    env: list[Obj] = [{"name": COLOUR_ENV, "value": colour.value}]
+    if layout.api_key_secret:  # /healthz, /readyz (the probes) and /metrics stay open
+        env.append(api_key_env(layout))
     scoring: Obj = {
         "name": SCORING_CONTAINER,
         "image": release.image,
-        # The scoring server labels its metrics and answers with this colour; after
-        # Blue_Green, green pods serve blue's release and must say green.
-        "env": [{"name": COLOUR_ENV, "value": colour.value}],
+        "env": env,
         "ports": [{"name": "http", "containerPort": layout.container_port}],
         "readinessProbe": probe,
         "livenessProbe": {**probe, "httpGet": {"path": "/healthz", "port": "http"}},

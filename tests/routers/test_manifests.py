@@ -1100,3 +1100,200 @@ def test_a_version_a_yaml_parser_reads_as_no_string_is_quoted(tmp_path: Path, ve
             capture_output=True, text=True, check=False, timeout=30,
         )  # fmt: skip
         assert decoded.returncode == 0, decoded.stderr
+
+
+# ---- an API key from a Secret ------------------------------------------------------------------
+# The scoring server requires `Authorization: Bearer <key>` on /score when AML_ROLLOUT_API_KEY is
+# set (scoring/auth.py). Was: neither the chart nor `manifests` could set it, so an authenticated
+# model service on Kubernetes meant hand-editing both Deployments.
+SECRET = {"name": "diabetes-api-key", "key": "token"}
+KEY_FROM_SECRET = {
+    "name": "AML_ROLLOUT_API_KEY",
+    "valueFrom": {"secretKeyRef": {"name": "diabetes-api-key", "key": "token"}},
+}
+
+
+def _env(deployment: dict[str, Any]) -> list[dict[str, Any]]:
+    container = m.scoring_container(deployment)
+    assert container is not None
+    return list(container.get("env") or [])
+
+
+def _both_colours() -> dict[str, Any]:
+    return {
+        colour: {"image": r.image, "model": r.model, "version": r.version, "sha256": r.sha256}
+        for colour, r in (("green", V1), ("blue", V2))
+    }
+
+
+def test_manifests_give_both_colours_the_api_key_from_a_secret() -> None:
+    both = [
+        "-n",
+        "ml",
+        "--app",
+        "diabetes",
+        "--green-image",
+        "r.io/d:1",
+        "--blue-image",
+        "r.io/d:2",
+    ]
+    keyed = render(*both, "--api-key-secret", SECRET["name"], "--api-key-secret-key", "token")
+    deployments = [d for d in keyed if d["kind"] == "Deployment"]
+    assert [d["metadata"]["name"] for d in deployments] == ["diabetes-green", "diabetes-blue"]
+    for deployment in deployments:
+        colour = deployment["metadata"]["labels"]["version"]
+        assert _env(deployment) == [{"name": m.COLOUR_ENV, "value": colour}, KEY_FROM_SECRET]
+        assert restricted_violations(deployment) == []
+    # The key defaults to `api-key`; with no Secret, no variable: no auth, as before.
+    (default_key,) = {
+        json.dumps(_env(d)[1]["valueFrom"])
+        for d in render(*both, "--api-key-secret", "s")
+        if d["kind"] == "Deployment"
+    }
+    assert json.loads(default_key) == {"secretKeyRef": {"name": "s", "key": "api-key"}}
+    for deployment in (d for d in render(*both) if d["kind"] == "Deployment"):
+        assert [e["name"] for e in _env(deployment)] == [m.COLOUR_ENV]
+
+
+# Words YAML 1.1 reads as no string: valid Secret names and keys, which must stay strings.
+@pytest.mark.parametrize(
+    "secret",
+    [
+        pytest.param(SECRET, id="named"),
+        pytest.param({"name": "on", "key": "y"}, id="yaml-1-1-words"),
+        pytest.param({"name": "1e3", "key": "0o17"}, id="numbers-to-go-yaml"),
+    ],
+)
+def test_the_chart_renders_the_api_key_secret_as_manifests_do(secret: dict[str, str]) -> None:
+    layout = m.IstioLayout(
+        namespace="ml", app="model", api_key_secret=secret["name"], api_key_secret_key=secret["key"]
+    )
+    chart = by_name(render_chart({**_both_colours(), "apiKeySecret": secret}, "ml"))
+    assert chart == by_name(m.bootstrap(layout, {Colour.GREEN: V1, Colour.BLUE: V2}))
+    for colour in ("green", "blue"):
+        ref = _env(chart[("Deployment", f"model-{colour}")])[1]["valueFrom"]["secretKeyRef"]
+        assert ref == secret  # strings, as given
+    # The default: no Secret, no variable (the chart's values.yaml as shipped).
+    plain = by_name(render_chart(_both_colours(), "ml"))
+    assert [e["name"] for e in _env(plain[("Deployment", "model-blue")])] == [m.COLOUR_ENV]
+
+
+def test_the_router_keeps_the_api_key_in_deployments_it_patches_and_sets_it_in_new_ones() -> None:
+    """The controller changes a Deployment's image, colour and release by a merge patch of what
+    differs; a merge patch replaces a list whole (`containers`, `env`), so the variable must be
+    in what it sends. A blue it creates (the usual case: blue is deleted after each promotion)
+    is built from the layout."""
+    layout = m.IstioLayout(namespace="ml", app="diabetes", api_key_secret=SECRET["name"],
+                           api_key_secret_key=SECRET["key"])  # fmt: skip
+    chart = render_chart({"app": "diabetes", "green": _both_colours()["green"],
+                          "apiKeySecret": SECRET}, "ml")  # fmt: skip
+    with FakeKubeApiServer() as api:
+        api.seed(m.namespace(layout), "namespaces")
+        for doc in chart:  # what `helm install` does
+            group, plural = RESOURCES[doc["kind"]]
+            api.seed(doc, plural, group)
+        plain = router_on(api, m.IstioLayout(namespace="ml", app="diabetes"))
+        plain.deploy(Colour.GREEN, V2)  # a patch: image, release; the env list sent whole
+        green = api.get("deployments", "diabetes-green", "ml", "apps")
+        assert _env(green) == [{"name": m.COLOUR_ENV, "value": "green"}, KEY_FROM_SECRET]
+        assert identity(plain.release(Colour.GREEN)) == identity(V2)
+        patches = [r for r in api.requests if r.verb == "patch" and r.resource == "deployments"]
+        assert len(patches) == 1
+        router = router_on(api, layout)
+        router.deploy(Colour.BLUE, V1)  # created
+        blue = api.get("deployments", "diabetes-blue", "ml", "apps")
+        assert _env(blue) == [{"name": m.COLOUR_ENV, "value": "blue"}, KEY_FROM_SECRET]
+        router.set_weights(Weights.blue_at(100))
+        router.deploy(Colour.GREEN, V1)  # the seed's Blue_Green: green takes blue's release
+        router.set_weights(Weights.blue_at(0))
+        router.remove(Colour.BLUE)
+        green = api.get("deployments", "diabetes-green", "ml", "apps")
+        assert _env(green) == [{"name": m.COLOUR_ENV, "value": "green"}, KEY_FROM_SECRET]
+        assert identity(router.release(Colour.GREEN)) == identity(V1)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(
+            ["--api-key-secret", "Diabetes_Key"],
+            "--api-key-secret: 'Diabetes_Key' is not a Secret name (a DNS-1123 subdomain",
+            id="secret-name-with-capitals-and-underscore",
+        ),
+        pytest.param(
+            ["--api-key-secret", "key-"], "--api-key-secret: 'key-' is not a Secret name",
+            id="secret-name-ending-in-a-dash",
+        ),
+        pytest.param(
+            ["--api-key-secret", "k" * 254], "is not a Secret name", id="secret-name-too-long"
+        ),
+        pytest.param(
+            ["--api-key-secret", "s", "--api-key-secret-key", "api key"],
+            "--api-key-secret-key: 'api key' is not a key of a Secret",
+            id="key-with-a-space",
+        ),
+        pytest.param(
+            ["--api-key-secret", "s", "--api-key-secret-key", "..token"],
+            "--api-key-secret-key: '..token' is not a key of a Secret",
+            id="key-starting-with-two-dots",
+        ),
+        pytest.param(
+            ["--api-key-secret", "s", "--api-key-secret-key", ""],
+            "--api-key-secret-key: '' is not a key of a Secret",
+            id="empty-key",
+        ),
+        pytest.param(
+            ["--api-key-secret-key", "token"],
+            "--api-key-secret-key needs --api-key-secret",
+            id="key-without-a-secret",
+        ),
+        pytest.param(
+            # An unset shell variable: rendered, the service would have run without auth.
+            ["--api-key-secret", ""], "--api-key-secret: '' is not a Secret name",
+            id="empty-secret-name",
+        ),
+    ],
+)  # fmt: skip
+def test_a_bad_api_key_secret_is_one_config_error(args: list[str], message: str) -> None:
+    # Rendered, the API server would refuse each Deployment (422), after `kubectl apply` had
+    # created everything else.
+    result = CliRunner().invoke(app, ["manifests", "--green-image", "r.io/d:1", *args])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert message in str(result.exception)
+
+
+def chart_schema_errors(values: dict[str, Any]) -> list[str]:
+    """What Helm's values.schema.json check (install, upgrade, template, lint) reports for the
+    chart's values.yaml overridden by `values`, as `<path>: <message>`."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    merged = {**defaults, **values}
+    found = jsonschema.Draft7Validator(schema).iter_errors(merged)
+    return [".".join(map(str, e.absolute_path)) + ": " + e.message for e in found]
+
+
+@pytest.mark.parametrize(
+    ("secret", "error"),
+    [
+        pytest.param({"name": "", "key": "api-key"}, None, id="default-no-auth"),
+        pytest.param(SECRET, None, id="named"),
+        pytest.param({"name": "a.b-c", "key": "A_b.c-1"}, None, id="dots-and-dashes"),
+        pytest.param({"name": "Diabetes_Key", "key": "k"}, "apiKeySecret.name", id="bad-name"),
+        pytest.param({"name": "k" * 254, "key": "k"}, "apiKeySecret.name", id="name-too-long"),
+        pytest.param({"name": "s", "key": "api key"}, "apiKeySecret.key", id="key-with-a-space"),
+        pytest.param({"name": "s", "key": ".."}, "apiKeySecret.key", id="key-dot-dot"),
+        pytest.param({"name": "s", "key": ""}, "apiKeySecret.key", id="empty-key"),
+        pytest.param({"name": True, "key": "k"}, "apiKeySecret.name", id="yaml-1-1-on-unquoted"),
+        pytest.param({"name": "s"}, "apiKeySecret", id="key-dropped"),
+    ],
+)  # fmt: skip
+def test_the_chart_refuses_an_api_key_secret_the_api_server_would(
+    secret: dict[str, Any], error: str | None
+) -> None:
+    found = chart_schema_errors({"apiKeySecret": secret})
+    if error is None:
+        assert found == []
+        assert render_chart({**_both_colours(), "apiKeySecret": secret}, "ml")
+    else:
+        assert found and all(e.startswith(f"{error}:") for e in found), found
