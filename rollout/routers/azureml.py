@@ -815,6 +815,10 @@ class AzureMLRouter:
         except AzureError as exc:
             if _invalid(exc):
                 raise RouterRefused(f"{what}: {one_line(exc.message)}") from exc
+            if _local_file_missing(exc):  # "Failed to open scoring script": no retry makes it
+                raise RouterRefused(
+                    f"{what}: {one_line(exc.message)} (router.code, router.scoring_script)"
+                ) from exc
             raise RouterError(f"{what}: {one_line(exc.message)}") from exc
         except Exception as exc:
             # azure-ai-ml raises its own MlException tree (validation, asset resolution).
@@ -851,6 +855,20 @@ def _invalid(exc: Exception) -> bool:
     from azure.ai.ml.exceptions import ValidationException
 
     return isinstance(exc, ValidationException) or isinstance(exc.__context__, ValidationException)
+
+
+def _local_file_missing(exc: BaseException) -> bool:
+    """Whether azure-ai-ml failed on a file of this machine it reads before sending (the
+    scoring script): an OSError in the chain of exceptions it raised (as `from`, and raised
+    again by the deployment write, as `__context__`)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _finish(what: str, poller: Any, timeout_s: float, setting: str) -> Any:

@@ -2189,3 +2189,19 @@ def test_an_abort_of_a_promotion_whose_deploy_left_green_failed_deploys_the_stab
         assert router.get_weights() == Weights.blue_at(0)
         served = router.release(Colour.GREEN)
         assert served is not None and not V1.unlike(served)
+
+
+def test_a_scoring_script_missing_on_this_machine_is_refused_not_retried(
+    ml_client: Any, tmp_path: Path
+) -> None:
+    # Was: azure-ai-ml's "Failed to open scoring script" (an MlException from the OSError) was
+    # a plain RouterError: the controller retried blue's deploy 4 times over 7 s for a file
+    # that no retry makes appear, then failed with the same error.
+    live = make_router(ml_client)
+    RouterContract.live(live)
+    typo = str(tmp_path / "scoring-code-typo")
+    router = AzureMLRouter(
+        ml_client, live.endpoint, environment="azureml:diabetes-env:1", code=typo
+    )
+    with pytest.raises(RouterRefused, match=r"Failed to open scoring script .*router\.code"):
+        router.deploy(Colour.BLUE, V2)
