@@ -1556,13 +1556,38 @@ class RolloutSpec(_Model):
     def _slo_has_a_histogram(self) -> Iterator[_Problem]:
         """An SLO check or guard needs the metrics source's latency histogram: custom queries
         without `latency_bucket` count no slow request, so `threshold: slo` judged nothing (the
-        canary held as undecided whatever its latency) and `max_slow_rate` never tripped."""
+        canary held as undecided whatever its latency) and `max_slow_rate` never tripped. So
+        do static ticks giving a colour requests without `latency_buckets` in any of them: how
+        many were slow is unknown, and the dry run held until max_step_duration_s."""
         lat, metrics = self.analysis.latency, self.metrics
         slo_ms = lat.measured_slo_ms
-        if slo_ms is None or not isinstance(metrics, PrometheusMetricsConfig):
+        if slo_ms is None:
             return
-        if metrics.queries is None or metrics.queries.latency_bucket is not None:
-            return  # a preset reads its histogram (custom without queries is refused itself)
+        if isinstance(metrics, PrometheusMetricsConfig):
+            if metrics.queries is None or metrics.queries.latency_bucket is not None:
+                return  # a preset reads its histogram (custom without queries is refused itself)
+            missing = (
+                "metrics.queries has no latency_bucket: no request would count as slow. Add "
+                "metrics.queries.latency_bucket"
+            )
+        elif isinstance(metrics, StaticMetricsConfig):
+            # Per colour, over the ticks (`history` is green's before the rollout: no tick's).
+            # A source scripting no requests of a colour judges none of them, slow or not.
+            blind = [
+                colour.value
+                for colour in Colour
+                if any(getattr(tick, colour.value).requests for tick in metrics.ticks)
+                and not any(getattr(tick, colour.value).latency_buckets for tick in metrics.ticks)
+            ]
+            if not blind:
+                return
+            missing = (
+                f"metrics.ticks give {' and '.join(blind)} requests but no latency_buckets: how "
+                "many were slow is unknown, so latency is never judged. Add latency_buckets to "
+                f"{'its' if len(blind) == 1 else 'their'} counts"
+            )
+        else:
+            return  # simulated and azuremonitor always count a histogram
         field, value = (
             ("threshold", "'slo' measures")
             if lat.threshold == "slo"
@@ -1572,8 +1597,7 @@ class RolloutSpec(_Model):
             ("analysis", "latency", field),
             getattr(lat, field),
             f"{value} requests slower than slo_ms ({slo_ms:g} ms) on the latency histogram, and "
-            "metrics.queries has no latency_bucket: no request would count as slow. Add "
-            "metrics.queries.latency_bucket, or set analysis.latency.enabled to false",
+            f"{missing}, or set analysis.latency.enabled to false",
         )
 
     @_cross_field

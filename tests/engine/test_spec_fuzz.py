@@ -609,7 +609,14 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             id="simulated-slo-above-every-bound",
         ),
         pytest.param(
-            {**BASES[0], "analysis": {"latency": {"threshold": "slo"}}},
+            {
+                **_with(  # blue's histogram: without, no SLO could be measured at all
+                    BASES[0],
+                    "metrics.ticks",
+                    [{"blue": {"requests": 10, "latency_buckets": [[5, 9], [50, 10]]}}],
+                ),
+                "analysis": {"latency": {"threshold": "slo"}},
+            },
             "analysis.latency.slo_ms",
             6000,  # the ticks' bounds are in seconds: 5 s and 50 s
             "analysis.latency.slo_ms: 6000 ms is no bound of the latency histogram, whose "
@@ -1364,3 +1371,103 @@ def test_a_nul_byte_is_told_once_at_the_field_the_user_wrote(
         spec_from_dict({"name": "x", "steps": [5, 100], "router": router, "metrics": metrics})
     assert _fields_told(str(raised.value)) == told, str(raised.value)
     assert "holds a NUL byte" in str(raised.value)
+
+
+# ---------------------------------------------------- an SLO on scripted counts with no histogram
+
+_FAST = [[0.25, 80], [math.inf, 90]]  # 90 requests, 10 of them above 250 ms
+
+
+def _scripted(blue: dict[str, Any], green: dict[str, Any], latency: dict[str, Any]) -> Any:
+    """BASES[0] (memory router, static metrics) with one tick of these counts and this check."""
+    doc = _with(BASES[0], "metrics.ticks", [{"blue": blue, "green": green}])
+    return _with(doc, "analysis.latency", {"enabled": True, **latency})
+
+
+@pytest.mark.parametrize(
+    ("blue", "green", "latency", "message"),
+    [
+        pytest.param(
+            {"requests": 10},
+            {"requests": 90},
+            {"threshold": "slo", "slo_ms": 250},
+            "analysis.latency.threshold: 'slo' measures requests slower than slo_ms (250 ms) on "
+            "the latency histogram, and metrics.ticks give blue and green requests but no "
+            "latency_buckets: how many were slow is unknown, so latency is never judged. Add "
+            "latency_buckets to their counts, or set analysis.latency.enabled to false",
+            id="slo-check",
+        ),
+        pytest.param(
+            {"requests": 10},
+            {"requests": 90},
+            {"max_slow_rate": 0.05, "slo_ms": 250},
+            "analysis.latency.max_slow_rate: measures requests slower than slo_ms (250 ms) on the "
+            "latency histogram, and metrics.ticks give blue and green requests but no "
+            "latency_buckets",
+            id="slo-guard",
+        ),
+        pytest.param(  # green's histogram alone: blue's slow requests are never known
+            {"requests": 10},
+            {"requests": 90, "latency_buckets": _FAST},
+            {"threshold": "slo", "slo_ms": 250},
+            "analysis.latency.threshold: 'slo' measures requests slower than slo_ms (250 ms) on "
+            "the latency histogram, and metrics.ticks give blue requests but no latency_buckets: "
+            "how many were slow is unknown, so latency is never judged. Add latency_buckets to "
+            "its counts",
+            id="blue-without-histogram",
+        ),
+    ],
+)
+def test_an_slo_on_scripted_counts_without_a_histogram_is_refused(
+    blue: dict[str, Any], green: dict[str, Any], latency: dict[str, Any], message: str
+) -> None:
+    """Was: loaded, and the dry run held at its first step until max_step_duration_s ("latency
+    not judged now (blue and green: no latency histogram)"), exit 4 — as custom Prometheus
+    queries without `latency_bucket` were already refused."""
+    with pytest.raises(ConfigError) as raised:
+        spec_from_dict(_scripted(blue, green, latency))
+    assert str(raised.value).startswith(f"spec: {message}"), str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("blue", "green", "latency"),
+    [
+        pytest.param(
+            {"requests": 10, "latency_buckets": _FAST},
+            {"requests": 90, "latency_buckets": _FAST},
+            {"threshold": "slo", "slo_ms": 250, "max_slow_rate": 0.05},
+            id="both-histograms",
+        ),
+        pytest.param(  # blue serves nothing in the script: no request of its to judge
+            {},
+            {"requests": 90, "latency_buckets": _FAST},
+            {"max_slow_rate": 0.05, "slo_ms": 250},
+            id="no-blue-traffic",
+        ),
+        pytest.param(  # the baseline's p99: "latency not judged (... no histogram)", said
+            {"requests": 10},
+            {"requests": 90},
+            {"threshold": "baseline_p99"},
+            id="no-slo-measured",
+        ),
+        pytest.param(
+            {"requests": 10},
+            {"requests": 90},
+            {"enabled": False, "threshold": "slo", "slo_ms": 250},
+            id="latency-off",
+        ),
+    ],
+)
+def test_scripted_counts_an_slo_can_be_measured_on_load(
+    blue: dict[str, Any], green: dict[str, Any], latency: dict[str, Any]
+) -> None:
+    assert spec_from_dict(_scripted(blue, green, latency)).metrics.kind == "static"
+
+
+def test_an_slo_on_a_static_source_with_no_ticks_loads() -> None:
+    """The default source observes nothing at all (no traffic, never judged on anything): the
+    core's tests hand their observations to `step` with it."""
+    spec = spec_from_dict(
+        {"analysis": {"latency": {"threshold": "slo", "slo_ms": 250}}, "steps": [5, 100]}
+    )
+    assert spec.analysis.latency.slo_ms == 250
