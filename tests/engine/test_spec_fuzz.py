@@ -1471,3 +1471,115 @@ def test_an_slo_on_a_static_source_with_no_ticks_loads() -> None:
         {"analysis": {"latency": {"threshold": "slo", "slo_ms": 250}}, "steps": [5, 100]}
     )
     assert spec.analysis.latency.slo_ms == 250
+
+
+# ------------------------------------------------- a Prometheus that relabels the router's colours
+
+
+def _relabelled(base: dict[str, Any], labels: dict[str, str], **more: Any) -> dict[str, Any]:
+    """`base` (BASES[1]: envoy router and preset; BASES[2]: istio) with these metrics.labels."""
+    return {**base, "metrics": {**base["metrics"], "labels": labels, **more}}
+
+
+@pytest.mark.parametrize(
+    ("base", "labels", "selector"),
+    [
+        pytest.param(  # e.g. Istio's Telemetry API overriding destination_service_name
+            BASES[2],
+            {"blue": "diabetes-blue.ml.svc.cluster.local", "green": "ml/diabetes-green"},
+            'destination_service_name=~"diabetes\\\\-blue\\\\.ml\\\\.svc\\\\.cluster\\\\.local|'
+            'ml/diabetes\\\\-green"',
+            id="istio",
+        ),
+        pytest.param(  # e.g. metric_relabel_configs prefixing envoy_cluster_name
+            BASES[1],
+            {"blue": "edge_blue", "green": "edge_green"},
+            'envoy_cluster_name=~"edge_blue|edge_green"',
+            id="envoy",
+        ),
+        pytest.param(  # relabelling opaque ids: nothing to tell a swap by, the user's word taken
+            BASES[1],
+            {"blue": "c-7f3a", "green": "c-19be"},
+            'envoy_cluster_name=~"c\\\\-7f3a|c\\\\-19be"',
+            id="opaque",
+        ),
+    ],
+)
+def test_a_relabelling_prometheus_is_read_by_the_preset_with_its_own_labels(
+    base: dict[str, Any], labels: dict[str, str], selector: str
+) -> None:
+    """Was: no way to run a preset on a Prometheus whose colour label values are not the
+    router's names (refused at metrics.labels), but rewriting its three queries as `custom`."""
+    from rollout.metrics.prometheus import PrometheusMetrics
+
+    spec = spec_from_dict(_relabelled(base, labels, relabelled=True))
+    provider = PrometheusMetrics.from_config(spec.metrics)  # type: ignore[arg-type]
+    assert provider.preset is not None
+    assert selector in provider.preset.requests.selector(
+        [provider.labels.blue, provider.labels.green]
+    )
+
+
+@pytest.mark.parametrize(
+    ("base", "labels", "more", "message"),
+    [
+        pytest.param(  # the mistake the router check is there for, relabelled or not
+            BASES[2],
+            {"blue": "diabetes-green", "green": "diabetes-blue"},
+            {"relabelled": True},
+            "metrics.labels.blue: 'diabetes-green' is green's Service (router.app diabetes): "
+            "blue and green swapped?",
+            id="istio-swapped",
+        ),
+        pytest.param(
+            BASES[2],
+            {"blue": "diabetes-green.ml.svc.cluster.local", "green": "diabetes-blue.ml"},
+            {"relabelled": True},
+            "metrics.labels.blue: 'diabetes-green.ml.svc.cluster.local' holds green's Service "
+            "name 'diabetes-green' (router.app diabetes), not blue's 'diabetes-blue': blue and "
+            "green swapped?; metrics.labels.green: 'diabetes-blue.ml' holds blue's Service name",
+            id="istio-relabelled-swapped",
+        ),
+        pytest.param(
+            BASES[1],
+            {"blue": "EDGE_GREEN", "green": "edge_blue"},
+            {"relabelled": True},
+            "metrics.labels.blue: 'EDGE_GREEN' holds green's cluster name 'green' "
+            "(router.clusters), not blue's 'blue': blue and green swapped?",
+            id="envoy-relabelled-swapped",
+        ),
+        pytest.param(  # without the flag, a label not the router's is still a mistake
+            BASES[1],
+            {"blue": "edge_blue", "green": "edge_green"},
+            {},
+            "metrics.labels.blue: 'edge_blue' is no cluster the router weights (router.clusters): "
+            "blue's is 'blue'; leave metrics.labels out and the preset reads the router's, or, "
+            "if your Prometheus relabels them, give its values and set metrics.relabelled: true",
+            id="envoy-not-the-routers-says-how",
+        ),
+        pytest.param(
+            BASES[2],
+            {"blue": "diabetes-blue", "green": "diabetes-green"},
+            {"relabelled": True},
+            "metrics.relabelled: metrics.labels are the router's own Services (router.app "
+            "diabetes): nothing is relabelled; give the values your Prometheus holds in "
+            "metrics.labels, or remove relabelled",
+            id="nothing-relabelled",
+        ),
+        pytest.param(
+            BASES[5],
+            {"blue": "b", "green": "g"},
+            {"relabelled": True},
+            "metrics.relabelled: lifts the check of metrics.labels against the router's names, "
+            "made only where a preset reads the router's own data plane (istio with the istio "
+            "router, envoy with the envoy router); here metrics.labels are taken as given",
+            id="custom-preset",
+        ),
+    ],
+)
+def test_relabelled_labels_are_refused_when_swapped_or_not_relabelled(
+    base: dict[str, Any], labels: dict[str, str], more: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        spec_from_dict(_relabelled(base, labels, **more))
+    assert str(raised.value).startswith(f"spec: {message}"), str(raised.value)
