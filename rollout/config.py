@@ -812,6 +812,11 @@ class PrometheusMetricsConfig(_Model):
     queries: PromQueries | None = None
     #: Label values that identify each colour (Envoy cluster name, Istio destination workload...).
     labels: ColourNames = Field(default_factory=ColourNames)
+    #: This Prometheus renames the router's colours (`metric_relabel_configs`, Istio's
+    #: Telemetry `tagOverrides`): a preset reading the router's own data plane takes `labels`
+    #: as given, not only as the router's names, but for one naming the other colour's
+    #: (`RolloutSpec._metrics_read_the_routers_colours`).
+    relabelled: Flag = False
     #: For Istio: the namespace of the destination workloads.
     namespace: str | None = None
     #: Extra label matchers (label name: exact value) on every series a preset reads, to keep
@@ -1339,6 +1344,12 @@ def _raw_sections(
     return router, metrics
 
 
+def _holds(label: str, name: str) -> bool:
+    """Whether a relabelled value keeps a router's name in it (`ml/diabetes-green` holds
+    `diabetes-green`), whatever the case: relabelling commonly adds a prefix or a suffix."""
+    return name.casefold() in label.casefold()
+
+
 #: A rollout's name: it names its files, and the kubernetes store's objects (kubenames).
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9_.]*[a-z0-9])?")
 
@@ -1516,7 +1527,9 @@ class RolloutSpec(_Model):
         """A preset reading the router's own data plane counts each colour by what the router
         weights: Istio's `<app>-<colour>` Services (what `aml-rollout manifests` creates, in the
         router's namespace), Envoy's clusters. Another label counted another Service's requests,
-        or none; swapped, each colour was judged on the other's."""
+        or none; swapped, each colour was judged on the other's. A Prometheus that renames them
+        (`relabelled`) had no way to run a preset: its labels are taken as given then, but for
+        one naming the other colour's (the swap, relabelled: `ml/diabetes-green` for blue)."""
         metrics, router = self.metrics, self.router
         if not isinstance(metrics, PrometheusMetricsConfig):
             return
@@ -1534,21 +1547,47 @@ class RolloutSpec(_Model):
         elif isinstance(router, EnvoyRouterConfig) and metrics.preset == "envoy":
             what, where, made, weighted = "cluster", "router.clusters", "", router.clusters
         else:
+            if metrics.relabelled:
+                yield _Problem(
+                    ("metrics", "relabelled"),
+                    metrics.relabelled,
+                    "lifts the check of metrics.labels against the router's names, made only "
+                    "where a preset reads the router's own data plane (istio with the istio "
+                    "router, envoy with the envoy router); here metrics.labels are taken as "
+                    "given: remove it",
+                )
             return
+        if metrics.relabelled and metrics.labels == weighted:
+            yield _Problem(
+                ("metrics", "relabelled"),
+                metrics.relabelled,
+                f"metrics.labels are the router's own {what}s ({where}): nothing is relabelled; "
+                "give the values your Prometheus holds in metrics.labels, or remove relabelled",
+            )
         for colour in Colour:
             label, own = metrics.labels.of(colour), weighted.of(colour)
+            theirs = weighted.of(colour.other)
             if label == own:
                 continue
             other = colour.other.value
-            if label == weighted.of(colour.other):
+            if label == theirs:
                 why = (
                     f"is {other}'s {what} ({where}): blue and green swapped? {colour.value}'s "
                     f"weighted {what} is {own!r}"
                 )
+            elif metrics.relabelled:
+                if not _holds(label, theirs) or _holds(label, own):
+                    continue  # the user's word: their Prometheus names it so
+                why = (
+                    f"holds {other}'s {what} name {theirs!r} ({where}), not {colour.value}'s "
+                    f"{own!r}: blue and green swapped?"
+                )
             else:
                 why = (
                     f"is no {what} the router weights ({where}): {colour.value}'s is "
-                    f"{own!r}{made}; leave metrics.labels out and the preset reads the router's"
+                    f"{own!r}{made}; leave metrics.labels out and the preset reads the router's, "
+                    "or, if your Prometheus relabels them, give its values and set "
+                    "metrics.relabelled: true"
                 )
             yield _Problem(("metrics", "labels", colour.value), label, f"{label!r} {why}")
 
@@ -1556,13 +1595,38 @@ class RolloutSpec(_Model):
     def _slo_has_a_histogram(self) -> Iterator[_Problem]:
         """An SLO check or guard needs the metrics source's latency histogram: custom queries
         without `latency_bucket` count no slow request, so `threshold: slo` judged nothing (the
-        canary held as undecided whatever its latency) and `max_slow_rate` never tripped."""
+        canary held as undecided whatever its latency) and `max_slow_rate` never tripped. So
+        do static ticks giving a colour requests without `latency_buckets` in any of them: how
+        many were slow is unknown, and the dry run held until max_step_duration_s."""
         lat, metrics = self.analysis.latency, self.metrics
         slo_ms = lat.measured_slo_ms
-        if slo_ms is None or not isinstance(metrics, PrometheusMetricsConfig):
+        if slo_ms is None:
             return
-        if metrics.queries is None or metrics.queries.latency_bucket is not None:
-            return  # a preset reads its histogram (custom without queries is refused itself)
+        if isinstance(metrics, PrometheusMetricsConfig):
+            if metrics.queries is None or metrics.queries.latency_bucket is not None:
+                return  # a preset reads its histogram (custom without queries is refused itself)
+            missing = (
+                "metrics.queries has no latency_bucket: no request would count as slow. Add "
+                "metrics.queries.latency_bucket"
+            )
+        elif isinstance(metrics, StaticMetricsConfig):
+            # Per colour, over the ticks (`history` is green's before the rollout: no tick's).
+            # A source scripting no requests of a colour judges none of them, slow or not.
+            blind = [
+                colour.value
+                for colour in Colour
+                if any(getattr(tick, colour.value).requests for tick in metrics.ticks)
+                and not any(getattr(tick, colour.value).latency_buckets for tick in metrics.ticks)
+            ]
+            if not blind:
+                return
+            missing = (
+                f"metrics.ticks give {' and '.join(blind)} requests but no latency_buckets: how "
+                "many were slow is unknown, so latency is never judged. Add latency_buckets to "
+                f"{'its' if len(blind) == 1 else 'their'} counts"
+            )
+        else:
+            return  # simulated and azuremonitor always count a histogram
         field, value = (
             ("threshold", "'slo' measures")
             if lat.threshold == "slo"
@@ -1572,8 +1636,7 @@ class RolloutSpec(_Model):
             ("analysis", "latency", field),
             getattr(lat, field),
             f"{value} requests slower than slo_ms ({slo_ms:g} ms) on the latency histogram, and "
-            "metrics.queries has no latency_bucket: no request would count as slow. Add "
-            "metrics.queries.latency_bucket, or set analysis.latency.enabled to false",
+            f"{missing}, or set analysis.latency.enabled to false",
         )
 
     @_cross_field

@@ -116,17 +116,28 @@ def _load(spec_path: Path) -> RolloutSpec:
 def validate(spec: SpecArg) -> None:
     """Check a spec: every problem is reported with the field it concerns.
 
-    The spec's candidate is checked as `run` checks it before deploying (an image for istio, a
-    model folder for envoy)."""
+    The spec's candidate and stable releases are checked as the router deploys them (an image
+    for istio, a model folder for envoy): `run` refuses such a candidate before anything moves,
+    and deploys the stable release to an empty green first, as `bootstrap` does."""
     from rollout.api import check_deployable
     from rollout.errors import RolloutError
 
     parsed = _load(spec)
-    release = parsed.candidate.to_release() if parsed.candidate else None
-    try:  # what `run` refuses before anything moves: not ok here, then refused there
-        check_deployable(parsed, release, "candidate")
-    except RolloutError as exc:
-        _fail(exc)
+    releases = {
+        where: cfg.to_release()
+        for where, cfg in (("candidate", parsed.candidate), ("stable", parsed.stable))
+        if cfg is not None
+    }
+    problems = []
+    for where, release in releases.items():  # each told: not ok here, then refused there
+        try:
+            check_deployable(parsed, release, where)
+        except RolloutError as exc:
+            problems.append(str(exc))
+    if problems:
+        for problem in problems:
+            _err.print(f"[bold red]error:[/] {escape(problem)}")
+        raise typer.Exit(EXIT_ERROR)
     shadow = f" (0 %: shadow, {parsed.shadow_percent} % mirrored)" if parsed.shadow_percent else ""
     _out.print(
         f"[green]ok[/] {escape(str(spec))}: rollout [bold]{parsed.name}[/], "
@@ -138,19 +149,19 @@ def validate(spec: SpecArg) -> None:
     needs = {"istio": "image", "envoy": "model folder"}.get(parsed.router.kind)
     if needs is None:
         return
-    if release is None:
+    if "candidate" not in releases:
         # (--candidate MODEL:VERSION carries no folder or image: it picks a release the spec names.)
         _out.print(
             f"no candidate in the spec: the {parsed.router.kind} router deploys a candidate with "
             f"its {needs}: name it in the spec's `candidate:` (`run --candidate` only picks a "
             "release the spec names)"
         )
-        return
-    given = release.image if parsed.router.kind == "istio" else release.model_dir
-    _out.print(
-        f"candidate {escape(release.ref)} deployable by the {parsed.router.kind} router "
-        f"({needs} {escape(str(given))})"
-    )
+    for where, release in releases.items():
+        given = release.image if parsed.router.kind == "istio" else release.model_dir
+        _out.print(
+            f"{where} {escape(release.ref)} deployable by the {parsed.router.kind} router "
+            f"({needs} {escape(str(given))})"
+        )
 
 
 def _release(text: str | None, parsed: RolloutSpec, option: str = "--candidate") -> Release | None:

@@ -80,7 +80,9 @@ def test_validate_says_it_checked_the_candidate_deploys(tmp_path: Path) -> None:
     folder = tmp_path / "pkg"
     folder.mkdir()
     candidate = {"model": "m", "version": "2", "model_dir": str(folder)}
-    spec = write_spec(tmp_path, router=_ENVOY, candidate=candidate, metrics={"kind": "static"})
+    spec = write_spec(
+        tmp_path, router=_ENVOY, candidate=candidate, stable=None, metrics={"kind": "static"}
+    )
     code, out = invoke("validate", str(spec))
     assert code == 0, out
     assert f"candidate m:2 deployable by the envoy router (model folder {folder})" in " ".join(
@@ -1719,7 +1721,9 @@ def test_validate_without_a_candidate_names_the_spec_field_not_run_candidate(
     """Was: "`run --candidate` checks its model folder then", a workflow always refused: a
     MODEL:VERSION on the command line carries no folder or image (only a release the spec
     names has one)."""
-    spec = write_spec(tmp_path, router=router, metrics={"kind": "static"}, candidate=None)
+    spec = write_spec(
+        tmp_path, router=router, metrics={"kind": "static"}, candidate=None, stable=None
+    )
     code, out = invoke("validate", str(spec))
     said = " ".join(out.split())
     assert code == 0, out
@@ -1795,3 +1799,104 @@ def test_pause_of_a_rollout_held_for_a_data_plane_change_is_refused(
     assert answer in text, text
     commands = tmp_path / "state" / "cli.commands.jsonl"
     assert not commands.exists() or not commands.read_text().strip()
+
+
+# ---- validate checks the stable release as it checks the candidate ---------------------------
+
+_ISTIO = {"kind": "istio", "namespace": "ml", "app": "diabetes"}
+
+
+def _deployable_candidate(router: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """A candidate the router can deploy: an image for istio, a folder that is there for envoy."""
+    if router["kind"] == "istio":
+        return {"model": "m", "version": "2", "image": "registry/m:2"}
+    (tmp_path / "pkg2").mkdir(exist_ok=True)
+    return {"model": "m", "version": "2", "model_dir": str(tmp_path / "pkg2")}
+
+
+@pytest.mark.parametrize(
+    ("router", "stable", "message"),
+    [
+        pytest.param(
+            _ISTIO,
+            {"model": "m", "version": "1"},
+            "stable: m:1 names no container image, and the istio router deploys images",
+            id="istio-without-image",
+        ),
+        pytest.param(
+            _ENVOY,
+            {"model": "m", "version": "1"},
+            "stable: m:1 names no model folder, and the envoy router serves a release",
+            id="envoy-without-model-folder",
+        ),
+        pytest.param(
+            _ENVOY,
+            {"model": "m", "version": "1", "model_dir": "no-such-pkg"},
+            "stable: m:1 has no model folder no-such-pkg (its `model_dir:`",
+            id="envoy-model-folder-not-there",
+        ),
+    ],
+)
+def test_validate_refuses_a_stable_release_the_router_cannot_deploy(
+    tmp_path: Path, router: dict[str, str], stable: dict[str, str], message: str
+) -> None:
+    """Was: ok, the candidate alone checked; on an empty green the controller deploys `stable:`
+    first (and `bootstrap` deploys it), which the router then refused."""
+    candidate = _deployable_candidate(router, tmp_path)
+    spec = write_spec(
+        tmp_path, router=router, candidate=candidate, stable=stable, metrics={"kind": "static"}
+    )
+    code, out = invoke("validate", str(spec))
+    said = " ".join(out.split())
+    assert code == EXIT_ERROR, said
+    assert message in said, said
+    assert "candidate: m:2" not in said, said  # the candidate is deployable: not blamed
+
+
+def test_validate_tells_a_bad_candidate_and_a_bad_stable_at_once(tmp_path: Path) -> None:
+    spec = write_spec(
+        tmp_path,
+        router=_ENVOY,
+        candidate={"model": "m", "version": "2"},
+        stable={"model": "m", "version": "1", "model_dir": "gone"},
+        metrics={"kind": "static"},
+    )
+    code, out = invoke("validate", str(spec))
+    said = " ".join(out.split())
+    assert code == EXIT_ERROR, said
+    assert "candidate: m:2 names no model folder" in said, said
+    assert "stable: m:1 has no model folder gone" in said, said
+
+
+@pytest.mark.parametrize(
+    ("router", "stable", "told"),
+    [
+        pytest.param(
+            _ISTIO,
+            {"model": "m", "version": "1", "image": "registry/m:1"},
+            "stable m:1 deployable by the istio router (image registry/m:1)",
+            id="istio",
+        ),
+        pytest.param(
+            _ENVOY,
+            {"model": "m", "version": "1", "model_dir": "{pkg1}"},
+            "stable m:1 deployable by the envoy router (model folder {pkg1})",
+            id="envoy",
+        ),
+    ],
+)
+def test_validate_says_it_checked_both_releases_deploy(
+    tmp_path: Path, router: dict[str, str], stable: dict[str, str], told: str
+) -> None:
+    pkg1 = tmp_path / "pkg1"
+    pkg1.mkdir()
+    stable = {key: value.format(pkg1=pkg1) for key, value in stable.items()}
+    candidate = _deployable_candidate(router, tmp_path)
+    spec = write_spec(
+        tmp_path, router=router, candidate=candidate, stable=stable, metrics={"kind": "static"}
+    )
+    code, out = invoke("validate", str(spec))
+    said = " ".join(out.split())
+    assert code == 0, said
+    assert "candidate m:2 deployable by the" in said, said
+    assert told.format(pkg1=pkg1) in said, said

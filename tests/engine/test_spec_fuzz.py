@@ -609,7 +609,14 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             id="simulated-slo-above-every-bound",
         ),
         pytest.param(
-            {**BASES[0], "analysis": {"latency": {"threshold": "slo"}}},
+            {
+                **_with(  # blue's histogram: without, no SLO could be measured at all
+                    BASES[0],
+                    "metrics.ticks",
+                    [{"blue": {"requests": 10, "latency_buckets": [[5, 9], [50, 10]]}}],
+                ),
+                "analysis": {"latency": {"threshold": "slo"}},
+            },
             "analysis.latency.slo_ms",
             6000,  # the ticks' bounds are in seconds: 5 s and 50 s
             "analysis.latency.slo_ms: 6000 ms is no bound of the latency histogram, whose "
@@ -1364,3 +1371,215 @@ def test_a_nul_byte_is_told_once_at_the_field_the_user_wrote(
         spec_from_dict({"name": "x", "steps": [5, 100], "router": router, "metrics": metrics})
     assert _fields_told(str(raised.value)) == told, str(raised.value)
     assert "holds a NUL byte" in str(raised.value)
+
+
+# ---------------------------------------------------- an SLO on scripted counts with no histogram
+
+_FAST = [[0.25, 80], [math.inf, 90]]  # 90 requests, 10 of them above 250 ms
+
+
+def _scripted(blue: dict[str, Any], green: dict[str, Any], latency: dict[str, Any]) -> Any:
+    """BASES[0] (memory router, static metrics) with one tick of these counts and this check."""
+    doc = _with(BASES[0], "metrics.ticks", [{"blue": blue, "green": green}])
+    return _with(doc, "analysis.latency", {"enabled": True, **latency})
+
+
+@pytest.mark.parametrize(
+    ("blue", "green", "latency", "message"),
+    [
+        pytest.param(
+            {"requests": 10},
+            {"requests": 90},
+            {"threshold": "slo", "slo_ms": 250},
+            "analysis.latency.threshold: 'slo' measures requests slower than slo_ms (250 ms) on "
+            "the latency histogram, and metrics.ticks give blue and green requests but no "
+            "latency_buckets: how many were slow is unknown, so latency is never judged. Add "
+            "latency_buckets to their counts, or set analysis.latency.enabled to false",
+            id="slo-check",
+        ),
+        pytest.param(
+            {"requests": 10},
+            {"requests": 90},
+            {"max_slow_rate": 0.05, "slo_ms": 250},
+            "analysis.latency.max_slow_rate: measures requests slower than slo_ms (250 ms) on the "
+            "latency histogram, and metrics.ticks give blue and green requests but no "
+            "latency_buckets",
+            id="slo-guard",
+        ),
+        pytest.param(  # green's histogram alone: blue's slow requests are never known
+            {"requests": 10},
+            {"requests": 90, "latency_buckets": _FAST},
+            {"threshold": "slo", "slo_ms": 250},
+            "analysis.latency.threshold: 'slo' measures requests slower than slo_ms (250 ms) on "
+            "the latency histogram, and metrics.ticks give blue requests but no latency_buckets: "
+            "how many were slow is unknown, so latency is never judged. Add latency_buckets to "
+            "its counts",
+            id="blue-without-histogram",
+        ),
+    ],
+)
+def test_an_slo_on_scripted_counts_without_a_histogram_is_refused(
+    blue: dict[str, Any], green: dict[str, Any], latency: dict[str, Any], message: str
+) -> None:
+    """Was: loaded, and the dry run held at its first step until max_step_duration_s ("latency
+    not judged now (blue and green: no latency histogram)"), exit 4 — as custom Prometheus
+    queries without `latency_bucket` were already refused."""
+    with pytest.raises(ConfigError) as raised:
+        spec_from_dict(_scripted(blue, green, latency))
+    assert str(raised.value).startswith(f"spec: {message}"), str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("blue", "green", "latency"),
+    [
+        pytest.param(
+            {"requests": 10, "latency_buckets": _FAST},
+            {"requests": 90, "latency_buckets": _FAST},
+            {"threshold": "slo", "slo_ms": 250, "max_slow_rate": 0.05},
+            id="both-histograms",
+        ),
+        pytest.param(  # blue serves nothing in the script: no request of its to judge
+            {},
+            {"requests": 90, "latency_buckets": _FAST},
+            {"max_slow_rate": 0.05, "slo_ms": 250},
+            id="no-blue-traffic",
+        ),
+        pytest.param(  # the baseline's p99: "latency not judged (... no histogram)", said
+            {"requests": 10},
+            {"requests": 90},
+            {"threshold": "baseline_p99"},
+            id="no-slo-measured",
+        ),
+        pytest.param(
+            {"requests": 10},
+            {"requests": 90},
+            {"enabled": False, "threshold": "slo", "slo_ms": 250},
+            id="latency-off",
+        ),
+    ],
+)
+def test_scripted_counts_an_slo_can_be_measured_on_load(
+    blue: dict[str, Any], green: dict[str, Any], latency: dict[str, Any]
+) -> None:
+    assert spec_from_dict(_scripted(blue, green, latency)).metrics.kind == "static"
+
+
+def test_an_slo_on_a_static_source_with_no_ticks_loads() -> None:
+    """The default source observes nothing at all (no traffic, never judged on anything): the
+    core's tests hand their observations to `step` with it."""
+    spec = spec_from_dict(
+        {"analysis": {"latency": {"threshold": "slo", "slo_ms": 250}}, "steps": [5, 100]}
+    )
+    assert spec.analysis.latency.slo_ms == 250
+
+
+# ------------------------------------------------- a Prometheus that relabels the router's colours
+
+
+def _relabelled(base: dict[str, Any], labels: dict[str, str], **more: Any) -> dict[str, Any]:
+    """`base` (BASES[1]: envoy router and preset; BASES[2]: istio) with these metrics.labels."""
+    return {**base, "metrics": {**base["metrics"], "labels": labels, **more}}
+
+
+@pytest.mark.parametrize(
+    ("base", "labels", "selector"),
+    [
+        pytest.param(  # e.g. Istio's Telemetry API overriding destination_service_name
+            BASES[2],
+            {"blue": "diabetes-blue.ml.svc.cluster.local", "green": "ml/diabetes-green"},
+            'destination_service_name=~"diabetes\\\\-blue\\\\.ml\\\\.svc\\\\.cluster\\\\.local|'
+            'ml/diabetes\\\\-green"',
+            id="istio",
+        ),
+        pytest.param(  # e.g. metric_relabel_configs prefixing envoy_cluster_name
+            BASES[1],
+            {"blue": "edge_blue", "green": "edge_green"},
+            'envoy_cluster_name=~"edge_blue|edge_green"',
+            id="envoy",
+        ),
+        pytest.param(  # relabelling opaque ids: nothing to tell a swap by, the user's word taken
+            BASES[1],
+            {"blue": "c-7f3a", "green": "c-19be"},
+            'envoy_cluster_name=~"c\\\\-7f3a|c\\\\-19be"',
+            id="opaque",
+        ),
+    ],
+)
+def test_a_relabelling_prometheus_is_read_by_the_preset_with_its_own_labels(
+    base: dict[str, Any], labels: dict[str, str], selector: str
+) -> None:
+    """Was: no way to run a preset on a Prometheus whose colour label values are not the
+    router's names (refused at metrics.labels), but rewriting its three queries as `custom`."""
+    from rollout.metrics.prometheus import PrometheusMetrics
+
+    spec = spec_from_dict(_relabelled(base, labels, relabelled=True))
+    provider = PrometheusMetrics.from_config(spec.metrics)  # type: ignore[arg-type]
+    assert provider.preset is not None
+    assert selector in provider.preset.requests.selector(
+        [provider.labels.blue, provider.labels.green]
+    )
+
+
+@pytest.mark.parametrize(
+    ("base", "labels", "more", "message"),
+    [
+        pytest.param(  # the mistake the router check is there for, relabelled or not
+            BASES[2],
+            {"blue": "diabetes-green", "green": "diabetes-blue"},
+            {"relabelled": True},
+            "metrics.labels.blue: 'diabetes-green' is green's Service (router.app diabetes): "
+            "blue and green swapped?",
+            id="istio-swapped",
+        ),
+        pytest.param(
+            BASES[2],
+            {"blue": "diabetes-green.ml.svc.cluster.local", "green": "diabetes-blue.ml"},
+            {"relabelled": True},
+            "metrics.labels.blue: 'diabetes-green.ml.svc.cluster.local' holds green's Service "
+            "name 'diabetes-green' (router.app diabetes), not blue's 'diabetes-blue': blue and "
+            "green swapped?; metrics.labels.green: 'diabetes-blue.ml' holds blue's Service name",
+            id="istio-relabelled-swapped",
+        ),
+        pytest.param(
+            BASES[1],
+            {"blue": "EDGE_GREEN", "green": "edge_blue"},
+            {"relabelled": True},
+            "metrics.labels.blue: 'EDGE_GREEN' holds green's cluster name 'green' "
+            "(router.clusters), not blue's 'blue': blue and green swapped?",
+            id="envoy-relabelled-swapped",
+        ),
+        pytest.param(  # without the flag, a label not the router's is still a mistake
+            BASES[1],
+            {"blue": "edge_blue", "green": "edge_green"},
+            {},
+            "metrics.labels.blue: 'edge_blue' is no cluster the router weights (router.clusters): "
+            "blue's is 'blue'; leave metrics.labels out and the preset reads the router's, or, "
+            "if your Prometheus relabels them, give its values and set metrics.relabelled: true",
+            id="envoy-not-the-routers-says-how",
+        ),
+        pytest.param(
+            BASES[2],
+            {"blue": "diabetes-blue", "green": "diabetes-green"},
+            {"relabelled": True},
+            "metrics.relabelled: metrics.labels are the router's own Services (router.app "
+            "diabetes): nothing is relabelled; give the values your Prometheus holds in "
+            "metrics.labels, or remove relabelled",
+            id="nothing-relabelled",
+        ),
+        pytest.param(
+            BASES[5],
+            {"blue": "b", "green": "g"},
+            {"relabelled": True},
+            "metrics.relabelled: lifts the check of metrics.labels against the router's names, "
+            "made only where a preset reads the router's own data plane (istio with the istio "
+            "router, envoy with the envoy router); here metrics.labels are taken as given",
+            id="custom-preset",
+        ),
+    ],
+)
+def test_relabelled_labels_are_refused_when_swapped_or_not_relabelled(
+    base: dict[str, Any], labels: dict[str, str], more: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        spec_from_dict(_relabelled(base, labels, **more))
+    assert str(raised.value).startswith(f"spec: {message}"), str(raised.value)
