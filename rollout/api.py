@@ -187,10 +187,15 @@ def check_image(spec: RolloutSpec, release: Release | None, where: str) -> None:
         return
     raise ConfigError(
         f"{where}: {release.ref} names no container image, and the istio router deploys "
-        f"images: give the spec's `candidate:` {{model: {release.model}, version: "
+        f"images: give the spec's `{_field(where)}:` {{model: {release.model}, version: "
         f"'{release.version}', image: <registry>/{release.model}:{release.version}}} "
         "(package.json's `image`)"
     )
+
+
+def _field(where: str) -> str:
+    """The spec field a release checked as `where` ("stable", "--candidate", ...) comes from."""
+    return "stable" if where == "stable" else "candidate"
 
 
 def check_model_dir(spec: RolloutSpec, release: Release | None, where: str) -> None:
@@ -207,7 +212,7 @@ def check_model_dir(spec: RolloutSpec, release: Release | None, where: str) -> N
         raise ConfigError(
             f"{where}: {release.ref} names no model folder, and the envoy router serves a "
             "release from its package or model folder: name it in the spec's "
-            f"`candidate:` (or `stable:`) {{model: {release.model}, version: "
+            f"`{_field(where)}:` {{model: {release.model}, version: "
             f"'{release.version}', model_dir: <package folder>}}"
         )
     folder = Path(release.model_dir)

@@ -360,7 +360,7 @@ def test_a_model_folder_that_is_not_there_is_refused_before_anything_is_stored(
         pytest.param(
             {"model": "m", "version": "2"},
             "candidate: m:2 names no model folder, and the envoy router serves a release from "
-            "its package or model folder: name it in the spec's `candidate:` (or `stable:`) "
+            "its package or model folder: name it in the spec's `candidate:` "
             "{model: m, version: '2', model_dir: <package folder>}",
             # Was: begun, Failed at blue's deploy ("the release has no model_dir"), exit 5, and
             # then "already ended": what `--candidate M:V` always gave on the local stack.
@@ -1820,13 +1820,15 @@ def _deployable_candidate(router: dict[str, str], tmp_path: Path) -> dict[str, s
         pytest.param(
             _ISTIO,
             {"model": "m", "version": "1"},
-            "stable: m:1 names no container image, and the istio router deploys images",
+            "stable: m:1 names no container image, and the istio router deploys images: give "
+            "the spec's `stable:` {model: m, version: '1', image:",
             id="istio-without-image",
         ),
         pytest.param(
             _ENVOY,
             {"model": "m", "version": "1"},
-            "stable: m:1 names no model folder, and the envoy router serves a release",
+            "stable: m:1 names no model folder, and the envoy router serves a release from its "
+            "package or model folder: name it in the spec's `stable:` {model: m,",
             id="envoy-without-model-folder",
         ),
         pytest.param(
