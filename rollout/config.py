@@ -63,6 +63,8 @@ from rollout.kubenames import (
     label_value_problem,
     namespace_problem,
     rollout_name_problem,
+    secret_key_problem,
+    secret_name_problem,
 )
 
 #: The seed's rollout (MLOpsPython): Blue_0, Blue_50, Blue_100, then Blue_Green and Green_100.
@@ -244,6 +246,8 @@ KubeNamespace = Annotated[str, _refusing(namespace_problem)]
 KubeApp = Annotated[str, _refusing(app_problem)]
 KubeLabelValue = Annotated[str, _refusing(label_value_problem)]
 KubeHosts = Annotated[list[str], _refusing(hosts_problem)]
+KubeSecretName = Annotated[str, _refusing(lambda name: secret_name_problem(name) if name else None)]
+KubeSecretKey = Annotated[str, _refusing(secret_key_problem)]
 
 
 class ColourNames(_Model):
@@ -428,6 +432,13 @@ class IstioRouterConfig(KubeApiConfig):
     #: for Istio's own install; AKS's Istio add-on labels its gateways
     #: `aks-istio-ingressgateway-external` / `-internal`.
     ingress_gateway: KubeLabelValue = "ingressgateway"
+    #: The Secret whose `api_key_secret_key` the scoring containers of the Deployments the
+    #: router creates get as AML_ROLLOUT_API_KEY ("": none, /score without auth), as the
+    #: chart's `apiKeySecret` and `manifests --api-key-secret` give the ones they create: blue
+    #: is created anew by each rollout (a promotion deletes it), so without this it served
+    #: /score without auth where green asked for a key.
+    api_key_secret: KubeSecretName = ""
+    api_key_secret_key: KubeSecretKey = "api-key"  # noqa: S105 (the key's name, no secret)
 
     @property
     def identity(self) -> str:

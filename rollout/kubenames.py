@@ -105,3 +105,29 @@ def rollout_name_problem(name: str) -> str | None:
         f"in ConfigMap {PREFIX}{name}{STATUS_SUFFIX}): use lower-case letters, digits, '-' and "
         f"'.' only (no '_', no '.' next to '-' or '.'), at most {room} characters"
     )
+
+
+def secret_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a Secret, or None (Secret names are DNS-1123 subdomains)."""
+    if len(name) <= SUBDOMAIN_MAX and DNS_1123_SUBDOMAIN.fullmatch(name):
+        return None
+    return (
+        f"{name!r} is not a Secret name (a DNS-1123 subdomain: at most {SUBDOMAIN_MAX} "
+        "lower-case letters, digits, '-' and '.', starting and ending with a letter or digit)"
+    )
+
+
+#: A key of a Secret's data (Kubernetes' IsConfigMapKey): letters, digits, '-', '_' and '.'.
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+
+
+def secret_key_problem(key: str) -> str | None:
+    """Why `key` cannot be a key of a Secret, or None (the API server's rule for the key a
+    `secretKeyRef` names: it is a file name when the Secret is mounted, so no '.' or '..')."""
+    fits = len(key) <= SUBDOMAIN_MAX and _SECRET_KEY.fullmatch(key) is not None
+    if fits and key != "." and not key.startswith(".."):
+        return None
+    return (
+        f"{key!r} is not a key of a Secret (at most {SUBDOMAIN_MAX} letters, digits, '-', '_' "
+        "and '.', not '.' and not starting with '..')"
+    )

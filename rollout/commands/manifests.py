@@ -114,6 +114,8 @@ def manifests(
             "container_port": router.container_port,
             "replicas": router.replicas,
             "ingress_selector": (("istio", router.ingress_gateway),),
+            "api_key_secret": router.api_key_secret,
+            "api_key_secret_key": router.api_key_secret_key,
         }
     options = {
         "namespace": namespace,
@@ -130,8 +132,14 @@ def manifests(
     }
     if api_key_secret == "":
         # An unset shell variable (`--api-key-secret "$SECRET"`): no auth, while auth was asked.
-        raise ConfigError(f"--api-key-secret: {m.secret_name_problem('')}")
-    if api_key_secret_key is not None and api_key_secret is None:
+        from rollout.kubenames import secret_name_problem
+
+        raise ConfigError(f"--api-key-secret: {secret_name_problem('')}")
+    if (
+        api_key_secret_key is not None
+        and api_key_secret is None
+        and not settings.get("api_key_secret")
+    ):
         # Without the Secret it would be dropped, and the service rendered without auth.
         raise ConfigError("--api-key-secret-key needs --api-key-secret (the Secret it is a key of)")
     if replicas is not None and replicas < 1:
@@ -215,8 +223,8 @@ OPTION_OF = {
     "router.replicas": ("replicas", "--replicas"),
     "router.ingress_gateway": ("ingress_selector", "--ingress-gateway"),
     "istio_revision": ("istio_revision", "--istio-revision"),
-    "api_key_secret": ("api_key_secret", "--api-key-secret"),
-    "api_key_secret_key": ("api_key_secret_key", "--api-key-secret-key"),
+    "router.api_key_secret": ("api_key_secret", "--api-key-secret"),
+    "router.api_key_secret_key": ("api_key_secret_key", "--api-key-secret-key"),
 }
 
 

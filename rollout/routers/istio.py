@@ -133,6 +133,8 @@ class IstioRouter:
             hosts=tuple(cfg.hosts),
             replicas=cfg.replicas,
             ingress_selector=(("istio", cfg.ingress_gateway),),
+            api_key_secret=cfg.api_key_secret,
+            api_key_secret_key=cfg.api_key_secret_key,
         )
         return cls(
             layout,

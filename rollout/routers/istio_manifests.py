@@ -43,11 +43,11 @@ from rollout.core.types import Colour, Release, Weights
 from rollout.errors import DeployFailed, RouterError, RouterRefused, SettingError
 from rollout.kubenames import (
     DNS_1123_LABEL,
-    DNS_1123_SUBDOMAIN,
-    SUBDOMAIN_MAX,
     app_problem,
     hosts_problem,
     label_value_problem,
+    secret_key_problem,
+    secret_name_problem,
 )
 from rollout.routers.base import UPSTREAM_IDLE_S
 from rollout.state.kubernetes_objects import ROLE_RULES as STATE_ROLE_RULES
@@ -145,9 +145,9 @@ class IstioLayout:
         # No spec field either: only `manifests --api-key-secret[-key]` sets them. The API
         # server would refuse the Deployment (422) only once everything else was applied.
         if self.api_key_secret and (problem := secret_name_problem(self.api_key_secret)):
-            raise SettingError("api_key_secret", problem)
+            raise SettingError("router.api_key_secret", problem)
         if (problem := secret_key_problem(self.api_key_secret_key)) is not None:
-            raise SettingError("api_key_secret_key", problem)
+            raise SettingError("router.api_key_secret_key", problem)
 
     @property
     def gateway(self) -> str:
@@ -162,32 +162,6 @@ class IstioLayout:
 
     def service(self, colour: Colour, *, pinned: bool = False) -> str:
         return f"{self.app}-{colour.value}{'-pinned' if pinned else ''}"
-
-
-def secret_name_problem(name: str) -> str | None:
-    """Why `name` cannot name a Secret, or None (Secret names are DNS-1123 subdomains)."""
-    if len(name) <= SUBDOMAIN_MAX and DNS_1123_SUBDOMAIN.fullmatch(name):
-        return None
-    return (
-        f"{name!r} is not a Secret name (a DNS-1123 subdomain: at most {SUBDOMAIN_MAX} "
-        "lower-case letters, digits, '-' and '.', starting and ending with a letter or digit)"
-    )
-
-
-#: A key of a Secret's data (Kubernetes' IsConfigMapKey): letters, digits, '-', '_' and '.'.
-_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
-
-
-def secret_key_problem(key: str) -> str | None:
-    """Why `key` cannot be a key of a Secret, or None (the API server's rule for the key a
-    `secretKeyRef` names: it is a file name when the Secret is mounted, so no '.' or '..')."""
-    fits = len(key) <= SUBDOMAIN_MAX and _SECRET_KEY.fullmatch(key) is not None
-    if fits and key != "." and not key.startswith(".."):
-        return None
-    return (
-        f"{key!r} is not a key of a Secret (at most {SUBDOMAIN_MAX} letters, digits, '-', '_' "
-        "and '.', not '.' and not starting with '..')"
-    )
 
 
 def api_key_env(layout: IstioLayout) -> Obj:

@@ -1297,3 +1297,44 @@ def test_the_chart_refuses_an_api_key_secret_the_api_server_would(
         assert render_chart({**_both_colours(), "apiKeySecret": secret}, "ml")
     else:
         assert found and all(e.startswith(f"{error}:") for e in found), found
+
+
+def test_the_spec_gives_the_blue_the_router_creates_the_api_key(tmp_path: Path) -> None:
+    # Was: no field for it: the blue each rollout creates (a promotion deletes blue) served
+    # /score without auth beside a green that asked for a key.
+    from rollout.config import IstioRouterConfig
+
+    cfg = IstioRouterConfig(
+        namespace="ml", app="diabetes", api_url="http://127.0.0.1:1",
+        api_key_secret=SECRET["name"], api_key_secret_key=SECRET["key"],
+    )  # fmt: skip
+    layout = IstioRouter.from_config(cfg).layout
+    blue = m.deployment(layout, Colour.BLUE, V1)
+    assert _env(blue) == [{"name": m.COLOUR_ENV, "value": "blue"}, KEY_FROM_SECRET]
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(yaml.safe_dump({"router": cfg.model_dump(include={"kind", "namespace",
+        "app", "api_key_secret", "api_key_secret_key"})}))  # fmt: skip
+    docs = render("--spec", str(spec), "--green-image", "registry/diabetes:1")
+    (green,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert _env(green)[-1] == KEY_FROM_SECRET  # manifests --spec takes it from the spec
+    docs = render("--spec", str(spec), "--green-image", "registry/diabetes:1",
+                  "--api-key-secret-key", "other")  # fmt: skip
+    (green,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert _env(green)[-1]["valueFrom"]["secretKeyRef"] == {"name": SECRET["name"], "key": "other"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        pytest.param("api_key_secret", "Bad_Name", "is not a Secret name", id="name"),
+        pytest.param("api_key_secret_key", "..key", "is not a key of a Secret", id="key"),
+    ],
+)
+def test_the_spec_refuses_an_api_key_secret_the_api_server_would(
+    field: str, value: str, said: str
+) -> None:
+    from rollout.config import spec_from_dict
+
+    router = {"kind": "istio", "api_url": "http://127.0.0.1:1", field: value}
+    with pytest.raises(ConfigError, match=rf"router.*{field}.*{said}"):
+        spec_from_dict({"name": "x", "router": router, "metrics": {"kind": "static"}})
