@@ -877,6 +877,16 @@ class Controller:
         moved = False
         for index in range(status.applied, len(status.pending)):
             action = status.pending[index]
+            if (
+                isinstance(action, Deploy)
+                and action.colour is Colour.GREEN
+                and status.phase is Phase.FINALISING
+                and self._abort_queued(status)
+            ):
+                # Queued after this tick read the commands (`abort` saw Promoting), before
+                # green gets the candidate: green still serves the stable release, and the
+                # abort undoes the promotion as in Promoting. (Was: dropped once it ended.)
+                return self._skip_pending(status)
             try:
                 failed = self._apply_pending(action, status)
             except RouterError as exc:

@@ -1789,3 +1789,33 @@ def test_an_abort_while_promoting_whose_rollback_green_refuses_gives_green_its_r
     story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
     assert "green-lost: deploy diabetes:1 to green" in story
     assert "controller stopped" not in story
+
+
+class AbortQueuedAtBlueGreen(FileStateStore):
+    """An operator's abort lands once the promotion's Blue_Green is decided and saved, before
+    green is deployed (`abort` read from a Promoting status a moment before)."""
+
+    def save(self, status: Status) -> None:
+        super().save(status)
+        if status.phase is Phase.FINALISING and status.applied == 0 and not self.commands():
+            self.push_command(Command(id="a", kind="abort", by="ann", rollout=status.id))
+
+
+def test_an_abort_queued_before_green_gets_the_candidate_is_honoured(tmp_path: Path) -> None:
+    """Was: dropped ("abort by ann: dropped, not acted on: the rollout ended Succeeded first"),
+    green deployed with the candidate after the abort was queued, though `abort` had said the
+    controller acts on it at its next tick."""
+    journal = tmp_path / "journal.jsonl"
+    router = MemoryRouter(releases={Colour.GREEN: V1}, journal=journal)
+    store = AbortQueuedAtBlueGreen(tmp_path, SPEC.name)
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01), store=store)
+    final = ctl.run(max_ticks=500)
+    assert final.phase is Phase.ROLLED_BACK, final.reason
+    assert final.reason.startswith("aborted by ann while promoting: blue back to 0 %")
+    assert router.get_weights() == Weights.blue_at(0)
+    assert router.release(Colour.GREEN) == V1
+    assert not [
+        r for r in jsonl.read(journal) if r.get("colour") == "green" and r["action"] == "deploy"
+    ]
+    story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
+    assert "not applied, an abort being queued: deploy diabetes:2 to green" in story
