@@ -877,8 +877,18 @@ class Controller:
         moved = False
         for index in range(status.applied, len(status.pending)):
             action = status.pending[index]
+            if (
+                isinstance(action, Deploy)
+                and action.colour is Colour.GREEN
+                and status.phase is Phase.FINALISING
+                and self._abort_queued(status)
+            ):
+                # Queued after this tick read the commands (`abort` saw Promoting), before
+                # green gets the candidate: green still serves the stable release, and the
+                # abort undoes the promotion as in Promoting. (Was: dropped once it ended.)
+                return self._skip_pending(status)
             try:
-                failed = self._apply_or_fail(action, status)
+                failed = self._apply_pending(action, status)
             except RouterError as exc:
                 # The controller stops here (exit 2), the action pending for the next run: the
                 # ledger says why, or `explain` would only tell the phase the rollout was in.
@@ -908,6 +918,53 @@ class Controller:
                 status = replace(status, step_started_at=self.clock.now(), step_uncounted_s=0.0)
             self.store.save(status)
         return status
+
+    def _apply_pending(self, action: Action, status: Status) -> Status | None:
+        """`_apply_or_fail`, but for a rollback's weights refused because green serves nothing
+        (its workload evicted or deleted, say while blue had all traffic): green gets the
+        stable release again, and the weights are tried once more."""
+        try:
+            return self._apply_or_fail(action, status)
+        except RouterRefused as refused:
+            if not self._green_back_for_rollback(status, action, refused):
+                raise
+            return self._apply_or_fail(action, status)
+
+    def _green_back_for_rollback(
+        self, status: Status, action: Action, refused: RouterRefused
+    ) -> bool:
+        """Deploy the stable release to a green serving nothing when `action` is a rollback's
+        weights (all traffic to green); whether it did. Refused for good, they stopped every
+        `run` with the rollout in RollingBack, which reads no command: nothing but a hand
+        deploy got it out. (An abort queued while no controller ran had this done already, by
+        `_restore_data_plane`.) A green serving anything, or unreadable, is a human's."""
+        off_blue = isinstance(action, SetWeights) and not (action.blue or action.mirror)
+        if not (off_blue and status.phase is Phase.ROLLING_BACK and status.stable is not None):
+            return False
+        try:
+            if self.router.release(Colour.GREEN) is not None:
+                return False
+        except RouterError:
+            return False
+        repair = Deploy(Colour.GREEN, status.stable)
+        log.warning(
+            "the rollback's weights were refused (%s), and green serves nothing: %s",
+            refused,
+            describe(repair),
+        )
+        if self.ledger is not None:
+            self.ledger.append(
+                {
+                    # (Not "restore", which `explain` tells as a resume's: this may be mid-run.)
+                    "event": "green-lost",
+                    "at": self.clock.now(),
+                    "served": "nothing on green",
+                    "error": str(refused),
+                    "describe": [describe(repair)],
+                }
+            )
+        self._apply(repair)
+        return True
 
     def _apply_or_fail(self, action: Action, status: Status) -> Status | None:
         """Apply `action`; when it deploys the candidate and that fails for good (DeployFailed),

@@ -690,12 +690,31 @@ def _ingest(
     threshold = status.slow_threshold_s
     fresh_threshold = False
     lat = analysis.latency
+    slo_threshold = lat.slo_ms / 1000.0 if lat.threshold == "slo" and lat.slo_ms else None
+    # The spec edited since the threshold was set (another `slo_ms`, `threshold` switched;
+    # the controller restarted): the spec's bound is the one judged, as it is the one the
+    # metrics source checked and the guard counts against. (Was: the old one, kept for good.)
+    moved = ""
+    if lat.enabled and threshold is not None:
+        if slo_threshold is not None and slo_threshold != threshold:
+            moved = f"slow above {threshold * 1000:g} ms → {slo_threshold * 1000:g} ms"
+            threshold = None
+        elif slo_threshold is None and status.slow_threshold_slo:
+            moved = f"slow above {threshold * 1000:g} ms (slo_ms) → green's p99 bucket"
+            threshold = None
+    base = status.last_blue != Counts() or status.last_green != Counts()
     if lat.enabled and threshold is None:
-        if lat.threshold == "slo" and lat.slo_ms is not None:
-            threshold = lat.slo_ms / 1000.0
+        if slo_threshold is not None:
+            threshold = slo_threshold
+            # Mid-step (a spec edited to it): the step's slow requests so far were counted
+            # against another bound, or none; counted from the tick after, as a p99 bucket is.
+            fresh_threshold = base
         else:
             threshold = _baseline_bucket(obs.green)
             fresh_threshold = threshold is not None
+    # A bound moved and none chosen yet: the base's slow requests, counted against the old one,
+    # are no base for the next tick's either (a count of 0 now would read as "below the last").
+    fresh_threshold = fresh_threshold or (moved != "" and base)
 
     slo_s = _guard_slo_s(analysis)
 
@@ -749,6 +768,20 @@ def _ingest(
         negligible=analysis.errors.negligible_rate,
     )
     slow = status.slow
+    if moved:
+        # "Not worse" summed for one bound is no evidence about another: it starts afresh, as
+        # for an edited max_ratio. "Worse" is kept: under "no regression" the canary's share
+        # of slow requests is the baseline's at every bound, so its product stays an e-process
+        # (and a lean toward a regression is not wiped out by an edit).
+        slow = replace(
+            slow,
+            ok=(0.0,) * len(slow.ok),
+            low=(0.0,) * len(slow.low),
+            log_e_ok_value=0.0,
+            log_e_ratio_value=0.0,
+            log_e_low_value=0.0,
+        )
+        restarted["slow"] = [moved]
     known = all(c.slow >= 0 for c in (now_b, now_g, last_b, last_g))
     if threshold is not None and not fresh_threshold and known:
         if said := slow.restarts(lat.max_ratio, lat.negligible_rate):
@@ -768,6 +801,9 @@ def _ingest(
         errors=errors,
         slow=slow,
         slow_threshold_s=threshold,
+        slow_threshold_slo=(slo_threshold is not None)
+        if lat.enabled
+        else status.slow_threshold_slo,
         last_blue=now_b,
         last_green=now_g,
         step_canary_requests=status.step_canary_requests + db.requests,

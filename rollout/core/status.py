@@ -204,8 +204,13 @@ class Status:
     stable: Release | None = None
     errors: Evidence = field(default_factory=Evidence)
     slow: Evidence = field(default_factory=Evidence)
-    #: The latency bucket bound (seconds) above which a request is "slow"; fixed once chosen.
+    #: The latency bucket bound (seconds) above which a request is "slow"; fixed once chosen,
+    #: but for a spec edited since (another `slo_ms`, or `threshold` switched): `_ingest`.
     slow_threshold_s: float | None = None
+    #: Whether `slow_threshold_s` is the spec's SLO (`threshold: slo`), not a p99 bucket chosen
+    #: from green's traffic: a spec switched to `baseline_p99` then chooses one (False in
+    #: status files written before this field).
+    slow_threshold_slo: bool = False
     last_blue: Counts = field(default_factory=Counts)
     last_green: Counts = field(default_factory=Counts)
     step_canary_requests: int = 0
@@ -268,6 +273,8 @@ class Status:
             "errors": _evidence_to_dict(self.errors),
             "slow": _evidence_to_dict(self.slow),
             "slow_threshold_s": self.slow_threshold_s,
+            # (Absent when False: a status file reads as it did before the field.)
+            **({"slow_threshold_slo": True} if self.slow_threshold_slo else {}),
             "last_blue": asdict(self.last_blue),
             "last_green": asdict(self.last_green),
             "step_canary_requests": self.step_canary_requests,
@@ -320,6 +327,9 @@ class Status:
             errors=_evidence_from_dict(data["errors"]),
             slow=_evidence_from_dict(data["slow"]),
             slow_threshold_s=data.get("slow_threshold_s"),
+            slow_threshold_slo=_boolean(
+                data.get("slow_threshold_slo", False), "slow_threshold_slo"
+            ),
             last_blue=_counts_from_dict(data["last_blue"]),
             last_green=_counts_from_dict(data["last_green"]),
             step_canary_requests=int(data["step_canary_requests"]),

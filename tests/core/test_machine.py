@@ -1530,3 +1530,107 @@ def test_not_worse_evidence_of_an_edited_spec_starts_afresh() -> None:
     assert {"errors": ["negligible_rate 0.05 → 0.001"]} in said
     restored = Status.from_dict(status.to_dict())
     assert (restored.errors.margin, restored.errors.negligible) == (2.0, 0.001)
+
+
+# ------------------------------------------- the latency threshold follows an edited spec
+
+
+def _latency_spec(**latency: Any) -> RolloutSpec:
+    return make_spec(
+        analysis={"errors": {"enabled": False}, "latency": {"enabled": True, **latency}}
+    )
+
+
+def _latency_buckets(n: int) -> tuple[tuple[float, int], ...]:
+    # 5 % above 250 ms, 0.5 % above 500 ms: green's p99 bucket is 500 ms.
+    return ((0.1, n * 90 // 100), (0.25, n * 95 // 100), (0.5, n * 995 // 1000), (math.inf, n))
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "at_edit", "later", "said"),
+    [
+        pytest.param(
+            {"threshold": "slo", "slo_ms": 250},
+            {"threshold": "slo", "slo_ms": 500},
+            0.5,
+            0.5,
+            "slow above 250 ms → 500 ms",
+            id="slo-ms-edited",
+        ),
+        pytest.param(
+            {"threshold": "slo", "slo_ms": 250},
+            {"threshold": "baseline_p99"},
+            None,
+            0.5,
+            "slow above 250 ms (slo_ms) → green's p99 bucket",
+            id="slo-to-baseline-p99",
+        ),
+        pytest.param(
+            {"threshold": "baseline_p99"},
+            {"threshold": "slo", "slo_ms": 250},
+            0.25,
+            0.25,
+            "slow above 500 ms → 250 ms",
+            id="baseline-p99-to-slo",
+        ),
+    ],
+)
+def test_an_edited_latency_threshold_is_the_one_judged_and_its_not_worse_evidence_restarts(
+    before: dict[str, Any],
+    after: dict[str, Any],
+    at_edit: float | None,
+    later: float,
+    said: str,
+) -> None:
+    """Was: the bound set first kept for good — the judge counting "slow" above 250 ms while
+    the edited spec's SLO, the one the metrics source checks as a bucket bound and the guard
+    counts against, was 500 ms (or `threshold` was switched to baseline_p99)."""
+    old, new = _latency_spec(**before), _latency_spec(**after)
+    history = obs(green=(5000, 0), green_buckets=_latency_buckets(5000))
+    status = step(old, new_status(old, now=0.0), history, 0.0).status
+    decision = None
+    for i in range(1, 9):
+        n = 10 * i
+        reading = obs(
+            blue=(n, 0),
+            green=(9 * n, 0),
+            at=10.0 * i,
+            blue_buckets=_latency_buckets(n),
+            green_buckets=_latency_buckets(9 * n),
+        )
+        worse_before = status.slow.log_e_worse()
+        if i == 4:
+            assert status.slow_threshold_s == (0.25 if before["threshold"] == "slo" else 0.5)
+            assert status.slow.log_e_ok() != 0.0  # some "not worse" evidence to restart
+        decision = step(old if i < 4 else new, status, reading, 10.0 * i)
+        status = decision.status
+        if i == 4:
+            assert status.slow_threshold_s == at_edit
+            restarted = decision.record["tick_counts"]["evidence_restarted"]
+            assert restarted == {"slow": [said]}
+            assert status.slow.log_e_ok() == 0.0 and status.slow.ok == (0.0,) * 3
+            assert status.slow.log_e_worse() == worse_before  # kept: valid at every bound
+        assert status.phase is Phase.PROGRESSING, status.reason
+    assert status.slow_threshold_s == later
+    assert decision is not None and decision.record["checks"]["slow_threshold_ms"] == later * 1000
+    restored = Status.from_dict(status.to_dict())
+    assert restored.slow_threshold_slo is (after["threshold"] == "slo")
+    # Counted from the tick after the bound was set: requests of ticks 5..8 at most.
+    assert 0 < status.slow.canary_requests - 30 <= 40
+
+
+def test_a_status_file_from_before_the_slo_flag_keeps_its_threshold() -> None:
+    spec = _latency_spec(threshold="baseline_p99")
+    data = replace(progressing(), slow_threshold_s=0.5).to_dict()
+    assert "slow_threshold_slo" not in data
+    assert Status.from_dict(data).slow_threshold_slo is False
+    reading = obs(
+        blue=(30, 0),
+        green=(270, 0),
+        at=20.0,
+        blue_buckets=_latency_buckets(30),
+        green_buckets=_latency_buckets(270),
+    )
+    decision = step(spec, Status.from_dict(data), reading, 20.0)
+    assert decision.status.slow_threshold_s == 0.5
+    assert "evidence_restarted" not in decision.record.get("tick_counts", {})

@@ -1737,3 +1737,85 @@ def test_a_restart_after_an_outage_ages_the_step_by_it(tmp_path: Path) -> None:
     later = Controller(SLOW_STEP, router, StaticMetrics([FEW]), store, clock=FakeClock(1900.0))
     final = later.run(max_ticks=1)
     assert final.held and "inconclusive after 60 s" in final.reason
+
+
+class LosesGreenAtPromotion(MemoryRouter):
+    """Green's workload is gone once blue takes all traffic (evicted, its namespace cleaned),
+    and an operator's abort is queued then (`store`), read while Promoting."""
+
+    store: FileStateStore | None = None
+
+    def set_weights(self, weights: Weights) -> None:
+        super().set_weights(weights)
+        if weights.blue == 100 and self.store is not None:
+            self._releases.pop(Colour.GREEN)
+            promoting = self.store.load()
+            assert promoting is not None
+            self.store.push_command(Command(id="a", kind="abort", by="ann", rollout=promoting.id))
+            self.store = None
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["same-run", "stuck-status-resumed"])
+def test_an_abort_while_promoting_whose_rollback_green_refuses_gives_green_its_release(
+    tmp_path: Path, resumed: bool
+) -> None:
+    """Was: the abort's weights refused for good ("cannot send 100 % to green: nothing is
+    deployed there"), the rollout stuck in RollingBack: every later `run` stopped at them (the
+    resume path restores green for an abort it reads, not for one already decided)."""
+    router = LosesGreenAtPromotion(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    if resumed:  # a version without the repair stopped here: RollingBack, its weights pending
+        status = ctl.run(max_ticks=1)
+        while status.phase is not Phase.PROMOTING:
+            status = ctl.run(max_ticks=1)
+        assert router.get_weights().blue == 100
+        router._releases.pop(Colour.GREEN)
+        stuck = replace(
+            status,
+            phase=Phase.ROLLING_BACK,
+            blue_weight=0,
+            reason="aborted by ann while promoting: blue back to 0 %",
+            pending=(SetWeights(0),),
+            applied=0,
+        )
+        ctl.store.save(stuck)
+        ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    else:
+        router.store = ctl.store
+    final = ctl.run(max_ticks=20)
+    assert final.phase is Phase.ROLLED_BACK, final.reason
+    assert router.get_weights() == Weights.blue_at(0)
+    assert router.release(Colour.GREEN) == V1
+    story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
+    assert "green-lost: deploy diabetes:1 to green" in story
+    assert "controller stopped" not in story
+
+
+class AbortQueuedAtBlueGreen(FileStateStore):
+    """An operator's abort lands once the promotion's Blue_Green is decided and saved, before
+    green is deployed (`abort` read from a Promoting status a moment before)."""
+
+    def save(self, status: Status) -> None:
+        super().save(status)
+        if status.phase is Phase.FINALISING and status.applied == 0 and not self.commands():
+            self.push_command(Command(id="a", kind="abort", by="ann", rollout=status.id))
+
+
+def test_an_abort_queued_before_green_gets_the_candidate_is_honoured(tmp_path: Path) -> None:
+    """Was: dropped ("abort by ann: dropped, not acted on: the rollout ended Succeeded first"),
+    green deployed with the candidate after the abort was queued, though `abort` had said the
+    controller acts on it at its next tick."""
+    journal = tmp_path / "journal.jsonl"
+    router = MemoryRouter(releases={Colour.GREEN: V1}, journal=journal)
+    store = AbortQueuedAtBlueGreen(tmp_path, SPEC.name)
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01), store=store)
+    final = ctl.run(max_ticks=500)
+    assert final.phase is Phase.ROLLED_BACK, final.reason
+    assert final.reason.startswith("aborted by ann while promoting: blue back to 0 %")
+    assert router.get_weights() == Weights.blue_at(0)
+    assert router.release(Colour.GREEN) == V1
+    assert not [
+        r for r in jsonl.read(journal) if r.get("colour") == "green" and r["action"] == "deploy"
+    ]
+    story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
+    assert "not applied, an abort being queued: deploy diabetes:2 to green" in story
