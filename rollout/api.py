@@ -19,7 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rollout.config import EnvoyRouterConfig, IstioRouterConfig, RolloutSpec, load_spec
+from rollout.config import (
+    AzureMLRouterConfig,
+    EnvoyRouterConfig,
+    IstioRouterConfig,
+    RolloutSpec,
+    load_spec,
+)
 from rollout.controller import Clock, Controller, FirstCheck, RealClock, TickHook, default_owner
 from rollout.core.status import Status
 from rollout.core.types import Colour, Phase, Release, Verdict
@@ -180,6 +186,26 @@ def check_deployable(spec: RolloutSpec, release: Release | None, where: str) -> 
     check_model_dir(spec, release, where)
 
 
+def check_router_files(spec: RolloutSpec) -> None:
+    """Refuse, before anything is deployed, router files of this machine that are not there:
+    the azureml router's local `code` folder and its `scoring_script`, which azure-ai-ml reads
+    only when it writes blue's deployment (the rollout then failed at blue's turn)."""
+    router = spec.router
+    if not isinstance(router, AzureMLRouterConfig) or router.code is None:
+        return
+    if router.code.startswith("azureml:") or "://" in router.code:
+        return  # a code asset: whether it holds the script is Azure's answer
+    folder = Path(router.code)
+    read = "" if folder.is_absolute() else f", read from the current directory {Path.cwd()}"
+    if not folder.is_dir():
+        raise ConfigError(f"router.code: no folder {router.code}{read}")
+    if not (folder / router.scoring_script).is_file():
+        raise ConfigError(
+            f"router.scoring_script: {router.scoring_script} is not a file of router.code "
+            f"{router.code}{read}"
+        )
+
+
 def check_image(spec: RolloutSpec, release: Release | None, where: str) -> None:
     """Refuse, before anything is deployed or stored, a release the istio router cannot deploy:
     one without a container image (a started rollout would keep it, failing every resume)."""
@@ -260,6 +286,7 @@ def run_rollout(
         # Begun, a candidate the router cannot deploy Fails at its deploy and stays Failed.
         wanted = candidate or (spec.candidate.to_release() if spec.candidate else None)
         check_deployable(spec, wanted, "candidate")
+        check_router_files(spec)
     router = router or make_router(spec.router)
     metrics = metrics or _metrics_of(spec, router, store)
     ledger_path = ledger_path_of(spec, state_dir)

@@ -551,11 +551,13 @@ class AzureMLRouterConfig(_Model):
     workspace: str = Field(min_length=1)
     endpoint: Annotated[str, AfterValidator(azure_ml_name)]
     deployments: ColourNames = Field(default_factory=ColourNames)
-    instance_type: str = "Standard_DS3_v2"
+    instance_type: str = Field(default="Standard_DS3_v2", min_length=1)
     instance_count: WholeNumber = Field(default=1, ge=1)
     environment: str | None = None
+    #: A code asset, or a folder of this machine (read from the current directory when
+    #: relative) that azure-ai-ml uploads: `check_router_files` checks it holds scoring_script.
     code: str | None = None
-    scoring_script: str = "score.py"
+    scoring_script: str = Field(default="score.py", min_length=1)
     #: How long `deploy` and `remove` wait for Azure to create, update or delete a deployment
     #: (image build, VMs) or the endpoint before failing; Azure carries on. At least
     #: MIN_DEPLOY_TIMEOUT_S.

@@ -119,7 +119,7 @@ def validate(spec: SpecArg) -> None:
     The spec's candidate and stable releases are checked as the router deploys them (an image
     for istio, a model folder for envoy): `run` refuses such a candidate before anything moves,
     and deploys the stable release to an empty green first, as `bootstrap` does."""
-    from rollout.api import check_deployable
+    from rollout.api import check_deployable, check_router_files
     from rollout.errors import RolloutError
 
     parsed = _load(spec)
@@ -134,6 +134,10 @@ def validate(spec: SpecArg) -> None:
             check_deployable(parsed, release, where)
         except RolloutError as exc:
             problems.append(str(exc))
+    try:
+        check_router_files(parsed)
+    except RolloutError as exc:
+        problems.append(str(exc))
     if problems:
         for problem in problems:
             _err.print(f"[bold red]error:[/] {escape(problem)}")

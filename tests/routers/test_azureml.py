@@ -2205,3 +2205,46 @@ def test_a_scoring_script_missing_on_this_machine_is_refused_not_retried(
     )
     with pytest.raises(RouterRefused, match=r"Failed to open scoring script .*router\.code"):
         router.deploy(Colour.BLUE, V2)
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        pytest.param({"code": "./scoring-code-typo"},
+                     "router.code: no folder ./scoring-code-typo, read from the current "
+                     "directory", id="no-code-folder"),
+        pytest.param({"code": "./code", "scoring_script": "scor.py"},
+                     "router.scoring_script: scor.py is not a file of router.code ./code",
+                     id="no-script-in-it"),
+        pytest.param({"code": "azureml:score:1", "scoring_script": ""},
+                     "router.scoring_script: String should have at least 1 character",
+                     id="empty-script"),
+        pytest.param({"instance_type": ""},
+                     "router.instance_type: String should have at least 1 character",
+                     id="empty-instance-type"),
+    ],
+)  # fmt: skip
+def test_validate_refuses_router_files_and_values_azure_ml_refuses_at_blue_s_deploy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict[str, str], said: str
+) -> None:
+    # Was: `validate` said ok; the rollout then failed at blue's deploy (retried 4 times as a
+    # blip for the missing folder), after green's traffic had been read and the ledger begun.
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "score.py").write_text("def init(): ...\n")
+    router = {"kind": "azureml", "subscription_id": SUB, "resource_group": RG, "workspace": WS,
+              "endpoint": "diabetes-ep", "environment": "azureml:env:1"}  # fmt: skip
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(yaml.safe_dump({"name": "d", "router": {**router, **extra},
+                                    "metrics": {"kind": "static"}}))  # fmt: skip
+    result = CliRunner().invoke(app, ["rollout", "validate", str(spec)], terminal_width=400)
+    assert result.exit_code == 2, result.output
+    assert said in " ".join(result.output.split())
+    spec.write_text(yaml.safe_dump({"name": "d", "router": {**router, "code": "./code"},
+                                    "metrics": {"kind": "static"}}))  # fmt: skip
+    result = CliRunner().invoke(app, ["rollout", "validate", str(spec)], terminal_width=400)
+    assert result.exit_code == 0, result.output
