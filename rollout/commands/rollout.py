@@ -548,7 +548,9 @@ def _bootstrapped(parsed: RolloutSpec, state_dir: Path | None) -> str | None:
         return None  # the table says what it can; `explain` reports an unreadable ledger
     if bootstrap is None:
         return None
-    release = bootstrap.get("release") or {}
+    release = bootstrap.get("release")
+    if not isinstance(release, dict):  # a line edited by hand, or another tool's: `explain`'s ?:?
+        release = {}
     judged = "unjudged"
     if check is not None:
         judged = f"judged on the absolute limits: {check.get('verdict')}: {check.get('reason')}"
