@@ -674,8 +674,10 @@ def _status_view(
         table.add_row(
             "data plane", escape(f"blue {blue}, green {green}: {served.weights} ({when})")
         )
-    if refused := resume_refused(status, parsed.plan):
-        table.add_row("resume", f"refused: {escape(refused)}")
+    # (`status` here carries what the data plane serves now when `_view` could read it.)
+    unresumable = resume_refused(status, parsed.plan)
+    if unresumable:
+        table.add_row("resume", f"refused: {escape(unresumable)}")
     elif refused := steering_refused(status):
         table.add_row("promote", f"refused: {escape(refused)}")
     table.add_row("last verdict", status.verdict.value if status.verdict else "-")
@@ -688,8 +690,10 @@ def _status_view(
                 f"{ev.baseline_bad}/{ev.baseline_requests}; e-value worse "
                 f"{_exp(ev.log_e_worse())}, not-worse {_exp(ev.log_e_ok())}",
             )
-    if status.held and status.phase is Phase.PAUSED and status.verdict is Verdict.SUCCESSFUL:
+    passes = status.held and status.phase is Phase.PAUSED and status.verdict is Verdict.SUCCESSFUL
+    if passes and not unresumable:
         # The judge keeps counting while a human is awaited; the reason above is why it held.
+        # (Not said of a resume refused above: the table offered the one answer that fails.)
         table.add_row(
             "since held",
             "the evidence now passes this step: `resume` lets it advance on the next tick",

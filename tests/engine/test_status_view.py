@@ -8,10 +8,13 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
+from rollout.api import load_spec, run_rollout
 from rollout.cli import app
-from rollout.commands.rollout import EXIT_RUNNING
+from rollout.commands.rollout import EXIT_ERROR, EXIT_PAUSED, EXIT_RUNNING
+from rollout.controller import FakeClock
 from tests.engine.specs import write_spec
 
 runner = CliRunner()
@@ -24,6 +27,35 @@ def status_cli(spec: Path) -> tuple[int, str]:
 
 def plain(table: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", table)
+
+
+def held_off_plan(tmp_path: Path) -> Path:
+    """A rollout at blue 80 % whose `steps` were then edited to no longer have 80, run once
+    more: held for a human (its evidence passing the step meanwhile)."""
+    spec = write_spec(tmp_path, 0.01, steps=[10, 50, 80, 100])
+    result = run_rollout(load_spec(spec), clock=FakeClock(0.0), max_ticks=3)
+    assert result.status.blue_weight == 80
+    data = yaml.safe_load(spec.read_text())
+    data["steps"] = [10, 25, 50, 100]
+    spec.write_text(yaml.safe_dump(data))
+    return spec
+
+
+def test_a_held_rollout_whose_resume_is_refused_is_not_said_to_advance_on_resume(
+    tmp_path: Path,
+) -> None:
+    # Measured: "resume  refused: blue is at 80 %, which the plan ... no longer has" and, in the
+    # same table, "since held  ... `resume` lets it advance on the next tick"; resume exited 2.
+    spec = held_off_plan(tmp_path)
+    result = run_rollout(load_spec(spec), clock=FakeClock(100.0), max_ticks=2)
+    assert result.status.held and result.status.verdict is not None
+    assert result.status.verdict.value == "Successful"
+    code, out = status_cli(spec)
+    assert code == EXIT_PAUSED
+    assert "refused: blue is at 80 %" in out
+    assert "resume` lets it advance" not in out
+    resumed = runner.invoke(app, ["rollout", "resume", str(spec)])
+    assert resumed.exit_code == EXIT_ERROR  # indeed refused, as the table says
 
 
 @pytest.mark.parametrize(
