@@ -642,9 +642,9 @@ def _status_view(
     if status is None:
         table.add_row("phase", "not started")
         return table
+    at = _plan_step(status, parsed.plan)
     plan = " → ".join(
-        f"[bold reverse]{w}[/]" if i == status.step_index else str(w)
-        for i, w in enumerate(parsed.plan)
+        f"[bold reverse]{w}[/]" if i == at else str(w) for i, w in enumerate(parsed.plan)
     )
     table.add_row("phase", f"[bold]{status.phase.value}[/]")
     # Weights decided but not applied (a controller stopped before its router call) are not
@@ -707,6 +707,24 @@ def _status_view(
     elif not status.terminal:
         table.add_row("controller", f"none running: {_undriven(status, parsed.plan)}")
     return table
+
+
+def _plan_step(status: Status, plan: Sequence[int]) -> int | None:
+    """The index of the step of `plan` (the spec's now) to show as the rollout's, or None.
+
+    The stored `step_index` counts in the plan of its day: after `steps` was edited it named
+    another weight than blue's (`plan 10 → 25 → [50] → 100` beside blue 80 %). While a step
+    runs, the step is blue's weight, found as the machine finds it (`_follow_plan`): none when
+    the plan no longer has it. Otherwise (ended, promoting, rolling back) blue's weight is no
+    step's, and the stored index is all there is."""
+    from rollout.core.types import Phase
+
+    index, weight = status.step_index, status.blue_weight
+    if index < len(plan) and plan[index] == weight:
+        return index
+    if status.phase in (Phase.PROGRESSING, Phase.PAUSED):
+        return plan.index(weight) if weight in plan else None
+    return index if index < len(plan) else None
 
 
 def _undriven(status: Status, plan: Sequence[int]) -> str:

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rich.console import Console
 from typer.testing import CliRunner
 
-from rollout.api import load_spec, run_rollout
+from rollout.api import load_spec, open_store, run_rollout
 from rollout.cli import app
-from rollout.commands.rollout import EXIT_ERROR, EXIT_PAUSED, EXIT_RUNNING
+from rollout.commands.rollout import EXIT_ERROR, EXIT_PAUSED, EXIT_RUNNING, _status_view
 from rollout.controller import FakeClock
+from rollout.core.status import Status
 from tests.engine.specs import write_spec
 
 runner = CliRunner()
@@ -23,6 +25,18 @@ runner = CliRunner()
 def status_cli(spec: Path) -> tuple[int, str]:
     result = runner.invoke(app, ["rollout", "status", str(spec)])
     return result.exit_code, result.output
+
+
+def rendered(spec: Path, status: Status) -> str:
+    """The status table as a terminal gets it, styles kept (the plan's step is reversed)."""
+    console = Console(record=True, width=200, force_terminal=True, color_system="standard")
+    console.print(_status_view(load_spec(spec), status, None))
+    return console.export_text(styles=True)
+
+
+def highlighted(table: str) -> list[str]:
+    """The plan steps shown reversed (bold + reverse: ESC[1;7m)."""
+    return re.findall(r"\x1b\[1;7m(\d+)\x1b\[0m", table)
 
 
 def plain(table: str) -> str:
@@ -39,6 +53,41 @@ def held_off_plan(tmp_path: Path) -> Path:
     data["steps"] = [10, 25, 50, 100]
     spec.write_text(yaml.safe_dump(data))
     return spec
+
+
+def test_after_a_steps_edit_the_plan_highlights_blues_weight_not_the_stored_index(
+    tmp_path: Path,
+) -> None:
+    # Measured: `plan 10 → 25 → [50] → 100` beside `blue 80 % / green 20 %` (step index 2 of the
+    # old plan [10, 50, 80, 100] applied to the new one), before the next run and once held.
+    spec = write_spec(tmp_path, 0.01, steps=[10, 50, 80, 100])
+    run_rollout(load_spec(spec), clock=FakeClock(0.0), max_ticks=2)  # blue at 50 %, index 1
+    data = yaml.safe_load(spec.read_text())
+    data["steps"] = [10, 25, 50, 100]  # 50 % is step 3 now
+    spec.write_text(yaml.safe_dump(data))
+    status = open_store(load_spec(spec)).load()
+    assert status is not None and status.blue_weight == 50
+    assert highlighted(rendered(spec, status)) == ["50"]
+
+    (tmp_path / "off").mkdir()
+    spec = held_off_plan(tmp_path / "off")  # blue at 80 %, no step of the plan now
+    status = open_store(load_spec(spec)).load()
+    assert status is not None and status.blue_weight == 80
+    assert highlighted(rendered(spec, status)) == []
+    run_rollout(load_spec(spec), clock=FakeClock(100.0), max_ticks=2)
+    status = open_store(load_spec(spec)).load()
+    assert status is not None and status.held
+    assert highlighted(rendered(spec, status)) == []
+
+
+def test_the_plan_highlights_the_step_as_before_when_steps_were_not_edited(
+    tmp_path: Path,
+) -> None:
+    spec = write_spec(tmp_path, 0.01, steps=[10, 50, 80, 100])
+    run_rollout(load_spec(spec), clock=FakeClock(0.0), max_ticks=3)
+    status = open_store(load_spec(spec)).load()
+    assert status is not None and status.step_index == 2
+    assert highlighted(rendered(spec, status)) == ["80"]
 
 
 def test_a_held_rollout_whose_resume_is_refused_is_not_said_to_advance_on_resume(
