@@ -632,7 +632,12 @@ def _status_view(
 ) -> Any:
     from rich.table import Table
 
-    from rollout.core.machine import left_alone, resume_refused, steering_refused
+    from rollout.core.machine import (
+        left_alone,
+        promotion_unapplied,
+        resume_refused,
+        steering_refused,
+    )
     from rollout.core.status import SetWeights, describe
     from rollout.core.types import Phase, Verdict
 
@@ -658,12 +663,16 @@ def _status_view(
         weights = "none set: the abort left the data plane as it is"
     table.add_row("weights", f"{weights}   plan {plan}")
     # Promoted, the candidate is what green serves; the stable release it replaced is gone.
+    # So it is once Finalising's deploy to green is applied (blue keeps the users until the
+    # next tick moves them there): "stable (green)" contradicted "green now serves" the candidate.
     promoted = status.phase is Phase.SUCCEEDED
+    on_green = status.phase is Phase.FINALISING and not promotion_unapplied(status)
     if status.candidate:
         where = "green: promoted" if promoted else "blue"
+        where = "blue and green: promoting" if on_green else where
         table.add_row("candidate", f"{escape(status.candidate.ref)} ({where})")
     if status.stable:
-        replaced = "replaced" if promoted else "green"
+        replaced = "replaced" if promoted or on_green else "green"
         table.add_row("stable", f"{escape(status.stable.ref)} ({replaced})")
     if status.served is not None:
         # What the data plane served, not what the rollout set (the weights above): another

@@ -107,6 +107,47 @@ def test_a_held_rollout_whose_resume_is_refused_is_not_said_to_advance_on_resume
     assert resumed.exit_code == EXIT_ERROR  # indeed refused, as the table says
 
 
+def finalising(tmp_path: Path, *, apply: bool) -> Path:
+    """A rollout stopped in Finalising: after its Blue_Green was applied (green serves the
+    candidate), or (`apply` False) before, as a `run` stopped at a deploy that failed."""
+    spec = write_spec(
+        tmp_path, 0.01, router={"kind": "memory", "state_file": str(tmp_path / "plane.json")}
+    )
+    result = run_rollout(load_spec(spec), clock=FakeClock(0.0), max_ticks=6)
+    assert result.phase.value == "Finalising", result.reason
+    if not apply:
+        store = open_store(load_spec(spec))
+        status = store.load()
+        assert status is not None
+        # As saved before its router call: the deploy to green still pending.
+        from dataclasses import replace
+
+        store.save(replace(status, applied=0))
+    return spec
+
+
+def test_finalising_after_greens_deploy_shows_the_candidate_on_green(tmp_path: Path) -> None:
+    # Measured: `stable  m:1 (green)` while the reason said "Blue_Green: green now serves m:2"
+    # and the memory router's green held m:2.
+    spec = finalising(tmp_path, apply=True)
+    plane = json.loads((tmp_path / "plane.json").read_text())
+    assert plane["releases"]["green"]["version"] == "2"
+    code, out = status_cli(spec)
+    assert code == EXIT_RUNNING
+    rows = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "m:2 (blue and green: promoting)" in rows["candidate"]
+    assert "m:1 (replaced)" in rows["stable"]
+
+
+def test_finalising_before_greens_deploy_still_shows_the_stable_on_green(tmp_path: Path) -> None:
+    spec = finalising(tmp_path, apply=False)
+    code, out = status_cli(spec)
+    assert code == EXIT_RUNNING
+    rows = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "m:2 (blue)" in rows["candidate"]
+    assert "m:1 (green)" in rows["stable"]
+
+
 @pytest.mark.parametrize(
     "release",
     [
