@@ -252,11 +252,17 @@ def explain(records: Iterable[dict[str, Any]]) -> list[str]:
             rec.get("actions") or rec.get("phase") != rec.get("phase_before") or rec.get("commands")
         )
         # A metrics outage changes nothing until it holds the rollout, yet the story needs it:
-        # weights held for a minute with no line said nothing of why.
+        # weights held for a minute with no line said nothing of why. Said from its error: the
+        # reason of a paused or held tick is the pause's, and of a tick with a command the
+        # command's (the outage went untold, and then its end was told).
         if rec.get("verdict") == "Error" and unreadable_since is None:
             unreadable_since = rec.get("at", start)
-            if not changed:
-                lines.append(f"[{span(rec.get('at', start) - start)}] {rec.get('reason', '')}")
+            outage, reason = _outage(rec), str(rec.get("reason", ""))
+            error = rec.get("metrics_error")
+            # (A hold for it, "metrics unreadable 3 times in a row: <error>", says it itself.)
+            told = outage == reason or (isinstance(error, str) and bool(error) and error in reason)
+            if not (changed and told):
+                lines.append(f"[{span(rec.get('at', start) - start)}] {outage}")
         elif rec.get("counts") and unreadable_since is not None:  # observed again
             lines.append(
                 f"[{span(rec.get('at', start) - start)}] metrics readable again after "
@@ -319,6 +325,17 @@ def windows(
         following = next(ahead, None)
         yield before, rec, {} if following is None else following
         before, rec = rec, following
+
+
+def _outage(rec: dict[str, Any]) -> str:
+    """The first tick of a metrics outage in words: its `metrics_error`, as the machine words it
+    in a reason (and that reason whole when it is the outage's: "...; holding"); the tick's
+    reason when the line has no error (an observation missing, a line of an older version)."""
+    reason, error = str(rec.get("reason", "")), rec.get("metrics_error")
+    if not isinstance(error, str) or not error:
+        return reason
+    said = error if error.startswith("metrics unusable") else f"metrics unreadable ({error})"
+    return reason if reason.startswith(said) else said
 
 
 def _ref(release: Any) -> str:

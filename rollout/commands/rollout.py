@@ -563,7 +563,9 @@ def _bootstrapped(parsed: RolloutSpec, state_dir: Path | None) -> str | None:
         return None  # the table says what it can; `explain` reports an unreadable ledger
     if bootstrap is None:
         return None
-    release = bootstrap.get("release") or {}
+    release = bootstrap.get("release")
+    if not isinstance(release, dict):  # a line edited by hand, or another tool's: `explain`'s ?:?
+        release = {}
     judged = "unjudged"
     if check is not None:
         judged = f"judged on the absolute limits: {check.get('verdict')}: {check.get('reason')}"
@@ -645,7 +647,12 @@ def _status_view(
 ) -> Any:
     from rich.table import Table
 
-    from rollout.core.machine import left_alone, resume_refused, steering_refused
+    from rollout.core.machine import (
+        left_alone,
+        promotion_unapplied,
+        resume_refused,
+        steering_refused,
+    )
     from rollout.core.status import SetWeights, describe
     from rollout.core.types import Phase, Verdict
 
@@ -655,9 +662,9 @@ def _status_view(
     if status is None:
         table.add_row("phase", "not started")
         return table
+    at = _plan_step(status, parsed.plan)
     plan = " → ".join(
-        f"[bold reverse]{w}[/]" if i == status.step_index else str(w)
-        for i, w in enumerate(parsed.plan)
+        f"[bold reverse]{w}[/]" if i == at else str(w) for i, w in enumerate(parsed.plan)
     )
     table.add_row("phase", f"[bold]{status.phase.value}[/]")
     # Weights decided but not applied (a controller stopped before its router call) are not
@@ -671,12 +678,16 @@ def _status_view(
         weights = "none set: the abort left the data plane as it is"
     table.add_row("weights", f"{weights}   plan {plan}")
     # Promoted, the candidate is what green serves; the stable release it replaced is gone.
+    # So it is once Finalising's deploy to green is applied (blue keeps the users until the
+    # next tick moves them there): "stable (green)" contradicted "green now serves" the candidate.
     promoted = status.phase is Phase.SUCCEEDED
+    on_green = status.phase is Phase.FINALISING and not promotion_unapplied(status)
     if status.candidate:
         where = "green: promoted" if promoted else "blue"
+        where = "blue and green: promoting" if on_green else where
         table.add_row("candidate", f"{escape(status.candidate.ref)} ({where})")
     if status.stable:
-        replaced = "replaced" if promoted else "green"
+        replaced = "replaced" if promoted or on_green else "green"
         table.add_row("stable", f"{escape(status.stable.ref)} ({replaced})")
     if status.served is not None:
         # What the data plane served, not what the rollout set (the weights above): another
@@ -687,8 +698,10 @@ def _status_view(
         table.add_row(
             "data plane", escape(f"blue {blue}, green {green}: {served.weights} ({when})")
         )
-    if refused := resume_refused(status, parsed.plan):
-        table.add_row("resume", f"refused: {escape(refused)}")
+    # (`status` here carries what the data plane serves now when `_view` could read it.)
+    unresumable = resume_refused(status, parsed.plan)
+    if unresumable:
+        table.add_row("resume", f"refused: {escape(unresumable)}")
     elif refused := steering_refused(status):
         table.add_row("promote", f"refused: {escape(refused)}")
     table.add_row("last verdict", status.verdict.value if status.verdict else "-")
@@ -701,8 +714,10 @@ def _status_view(
                 f"{ev.baseline_bad}/{ev.baseline_requests}; e-value worse "
                 f"{_exp(ev.log_e_worse())}, not-worse {_exp(ev.log_e_ok())}",
             )
-    if status.held and status.phase is Phase.PAUSED and status.verdict is Verdict.SUCCESSFUL:
+    passes = status.held and status.phase is Phase.PAUSED and status.verdict is Verdict.SUCCESSFUL
+    if passes and not unresumable:
         # The judge keeps counting while a human is awaited; the reason above is why it held.
+        # (Not said of a resume refused above: the table offered the one answer that fails.)
         table.add_row(
             "since held",
             "the evidence now passes this step: `resume` lets it advance on the next tick",
@@ -716,6 +731,24 @@ def _status_view(
     elif not status.terminal:
         table.add_row("controller", f"none running: {_undriven(status, parsed.plan)}")
     return table
+
+
+def _plan_step(status: Status, plan: Sequence[int]) -> int | None:
+    """The index of the step of `plan` (the spec's now) to show as the rollout's, or None.
+
+    The stored `step_index` counts in the plan of its day: after `steps` was edited it named
+    another weight than blue's (`plan 10 → 25 → [50] → 100` beside blue 80 %). While a step
+    runs, the step is blue's weight, found as the machine finds it (`_follow_plan`): none when
+    the plan no longer has it. Otherwise (ended, promoting, rolling back) blue's weight is no
+    step's, and the stored index is all there is."""
+    from rollout.core.types import Phase
+
+    index, weight = status.step_index, status.blue_weight
+    if index < len(plan) and plan[index] == weight:
+        return index
+    if status.phase in (Phase.PROGRESSING, Phase.PAUSED):
+        return plan.index(weight) if weight in plan else None
+    return index if index < len(plan) else None
 
 
 def _undriven(status: Status, plan: Sequence[int]) -> str:

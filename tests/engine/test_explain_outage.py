@@ -271,3 +271,102 @@ def test_the_lines_of_a_controller_that_lost_its_lease_hide_no_later_holders_tic
     ledger.write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert [r["reason"] for r in read_ledger(ledger)] == read
     assert [r["reason"] for r in latest_ticks(lines)] == read
+
+
+UNREACHABLE = "Prometheus at http://127.0.0.1:9 is unreachable"
+
+
+def test_an_outage_while_paused_by_an_operator_is_told_as_an_outage(tmp_path: Path) -> None:
+    # Measured: "[11 s] operator pause: paused by ann → Paused", "[21 s] paused by ann" (the
+    # outage's first tick, told by its reason: the pause's), "[51 s] metrics readable again".
+    from rollout.api import load_spec, open_store, run_rollout
+    from rollout.controller import FakeClock
+    from rollout.core.status import Command, Status
+    from tests.engine.specs import write_spec
+
+    def ok(blue: int, green: int) -> dict[str, Any]:
+        return {"blue": {"requests": blue, "errors": 0}, "green": {"requests": green, "errors": 1}}
+
+    down = {"error": UNREACHABLE}
+    ticks = [ok(50, 450), ok(60, 540), down, down, down, ok(90, 810)]
+    spec = load_spec(
+        write_spec(tmp_path, metrics={"kind": "static", "ticks": ticks}, analysis={
+            "min_requests": 100, "latency": {"enabled": False}})
+    )  # fmt: skip
+    store = open_store(spec)
+    seen = [0]
+
+    def pause_after_the_second_tick(status: Status, record: dict[str, Any]) -> None:
+        seen[0] += 1
+        if seen[0] == 2:
+            store.push_command(Command(id="p", kind="pause", by="ann"))
+
+    result = run_rollout(spec, clock=FakeClock(0.0), on_tick=pause_after_the_second_tick,
+                         max_ticks=8)  # fmt: skip
+    story = explain(iter_ledger(result.ledger_path))
+    assert story[2:5] == [
+        "[11 s] operator pause: paused by ann → Paused",
+        f"[21 s] metrics unreadable ({UNREACHABLE})",
+        "[51 s] metrics readable again after 30 s",
+    ]
+
+
+HELD = "held for a human: step 5 % inconclusive after 600 s: 10 of 100 canary requests needed"
+
+
+@pytest.mark.parametrize(
+    ("first_down", "told"),
+    [
+        pytest.param(
+            tick(2, HELD, verdict="Error", counts=False, phase="Paused", phase_before="Paused",
+                 metrics_error=UNREACHABLE),
+            [f"[2 s] metrics unreadable ({UNREACHABLE})"],
+            id="held-for-a-human-not-held-again",
+        ),
+        pytest.param(
+            tick(2, "paused by ann", verdict="Error", counts=False, phase="Paused",
+                 commands=["pause: paused by ann"], metrics_error=UNREACHABLE),
+            [f"[2 s] metrics unreadable ({UNREACHABLE})",
+             "[2 s] operator pause: paused by ann → Paused"],
+            id="its-first-tick-carrying-a-command",
+        ),
+        pytest.param(
+            tick(2, HELD, verdict="Error", counts=False, phase="Paused", phase_before="Paused",
+                 metrics_error="metrics unusable: blue's error count is negative"),
+            ["[2 s] metrics unusable: blue's error count is negative"],
+            id="unusable-said-in-its-own-words",
+        ),
+        pytest.param(  # a ledger line without the error (earlier versions): its reason
+            tick(2, "metrics unreadable (HTTP 503); holding", verdict="Error", counts=False),
+            ["[2 s] metrics unreadable (HTTP 503); holding"],
+            id="no-metrics-error-its-reason",
+        ),
+    ],
+)  # fmt: skip
+def test_the_first_tick_of_an_outage_is_told_from_its_metrics_error(
+    first_down: dict[str, Any], told: list[str]
+) -> None:
+    # Its `reason` is the phase's (a pause's, a hold's): only the `metrics_error` says the outage.
+    before = {"phase": first_down["phase_before"]}
+    records = [
+        {"event": "start", "at": T0, "name": "d", "plan": [5, 100]},
+        tick(1, HELD if before["phase"] == "Paused" else "step 5 %", verdict="Inconclusive",
+             **({"phase": "Paused", "phase_before": "Progressing"} if before["phase"] == "Paused"
+                else {})),
+        first_down,
+        tick(3, first_down["reason"], verdict="Inconclusive", phase=first_down["phase"],
+             phase_before=first_down["phase"]),
+    ]  # fmt: skip
+    after_tick_1 = [line for line in explain(records) if not line.startswith(("started", "[1 s]"))]
+    assert after_tick_1[: len(told) + 1] == [*told, "[3 s] metrics readable again after 1 s"]
+
+
+def test_a_hold_for_the_outage_on_its_first_tick_tells_it_once() -> None:
+    # (max_consecutive_errors 1: the hold's reason names the error; not told twice.)
+    held = f"held for a human: metrics unreadable 1 times in a row: {UNREACHABLE}"
+    records = [
+        {"event": "start", "at": T0, "name": "d", "plan": [5, 100]},
+        tick(1, "step 5 %", verdict="Inconclusive"),
+        tick(2, held, verdict="Error", counts=False, phase="Paused", metrics_error=UNREACHABLE),
+    ]
+    assert explain(records)[1:3] == [f"[2 s] Paused: {held}", f"[2 s] still Paused: {held}"]

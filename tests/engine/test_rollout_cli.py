@@ -1405,6 +1405,7 @@ def test_status_of_a_held_rollout_says_when_the_evidence_now_passes(
         status,
         phase=Phase.PAUSED,
         held=True,
+        blue_weight=10,  # its reason's step (at 0 %, no step of the plan, resume is refused)
         verdict=Verdict(verdict),
         reason="held for a human: step 10 % inconclusive after 600 s: 15 of 100 canary requests",
     )
