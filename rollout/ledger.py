@@ -373,6 +373,11 @@ def event_sentence(rec: dict[str, Any], *, checked: bool = False) -> str:
         return f"controller stopped: {why} (the next `run` applies it first)"
     if event == "skipped":
         return f"not applied, an abort being queued: {described}"
+    if event == "green-lost":
+        return (
+            f"the rollback's weights were refused, green serving nothing "
+            f"({rec.get('error', '?')}): {described}, then the weights again"
+        )
     return f"{event}: {described or rec.get('reason', '')}"
 
 

@@ -1014,7 +1014,15 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
         _fail(exc)
     said = _typed(command)
     if running:
-        _out.print(f"queued {said} for rollout {parsed.name}; the controller acts at its next tick")
+        race = (
+            " (unless it has begun deploying the candidate to green by then: the promotion "
+            "then completes, and the ledger says the abort was dropped)"
+            if kind == "abort" and current.phase is Phase.PROMOTING
+            else ""
+        )
+        _out.print(
+            f"queued {said} for rollout {parsed.name}; the controller acts at its next tick{race}"
+        )
         return
     # `run` resumes only the stored rollout's candidate: a spec that now names another one
     # would be refused (the operator may be aborting to roll that one out).

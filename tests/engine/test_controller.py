@@ -1787,7 +1787,8 @@ def test_an_abort_while_promoting_whose_rollback_green_refuses_gives_green_its_r
     assert router.get_weights() == Weights.blue_at(0)
     assert router.release(Colour.GREEN) == V1
     story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
-    assert "green-lost: deploy diabetes:1 to green" in story
+    assert "the rollback's weights were refused, green serving nothing (" in story
+    assert "): deploy diabetes:1 to green, then the weights again" in story
     assert "controller stopped" not in story
 
 

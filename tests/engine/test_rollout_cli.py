@@ -1903,3 +1903,24 @@ def test_validate_says_it_checked_both_releases_deploy(
     assert code == 0, said
     assert "candidate m:2 deployable by the" in said, said
     assert told.format(pkg1=pkg1) in said, said
+
+
+def test_an_abort_queued_while_promoting_says_when_it_comes_too_late(tmp_path: Path) -> None:
+    # Was "the controller acts at its next tick" alone: once the running controller has begun
+    # deploying the candidate to green, the abort is dropped (a ledger note), not acted on.
+    spec = write_spec(tmp_path)
+    from rollout.api import open_store
+    from rollout.core.types import Phase
+    from tests.core.helpers import V2
+
+    store = open_store(spec)
+    store.save(Status(name="cli", id="r1", phase=Phase.PROMOTING, candidate=V2))
+    with store.lease("ann's controller"):
+        code, out = invoke("abort", str(spec))
+    said = " ".join(out.split())
+    assert code == 0, said
+    assert said == (
+        "queued abort for rollout cli; the controller acts at its next tick (unless it has "
+        "begun deploying the candidate to green by then: the promotion then completes, and "
+        "the ledger says the abort was dropped)"
+    )
