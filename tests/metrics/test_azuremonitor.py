@@ -614,3 +614,32 @@ def test_a_row_short_of_its_columns_is_an_error_tick(logs: FakeLogAnalytics) -> 
     assert obs.error == (
         f"Log Analytics workspace {WORKSPACE} ({TABLE}): a row has 2 values for 6 columns"
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "normalised"),
+    [
+        pytest.param(
+            "https://api.loganalytics.io/", "https://api.loganalytics.io", id="host-slash"
+        ),
+        pytest.param(
+            "https://api.loganalytics.io/v1/", "https://api.loganalytics.io/v1", id="v1-slash"
+        ),
+        pytest.param("api.loganalytics.io/", "api.loganalytics.io", id="bare-host-slash"),
+    ],
+)
+def test_a_logs_url_ending_in_a_slash_reaches_the_query_api(
+    logs: FakeLogAnalytics, monkeypatch: pytest.MonkeyPatch, url: str, normalised: str
+) -> None:
+    """Was: accepted, then POSTed to `.../v1//v1/workspaces/<id>/query` (the SDK strips only a
+    `/v1` with no slash after it; a host with a slash gave `//v1/...`), an HTTP error at the
+    probe naming the workspace, not the url."""
+    monkeypatch.setattr(
+        "rollout.metrics.azuremonitor.default_credential", lambda: StaticCredential()
+    )
+    metrics = {"kind": "azuremonitor", "workspace_id": WORKSPACE, "endpoint": "ep", "logs_url": url}
+    cfg = spec_from_dict({"metrics": metrics}).metrics
+    assert isinstance(cfg, AzureMonitorMetricsConfig)
+    assert cfg.logs_url == normalised
+    AzureMonitorMetrics.from_config(cfg, transport=logs.transport()).probe()
+    assert logs.queries == [f"{TABLE} | take 0"]
