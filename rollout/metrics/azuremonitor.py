@@ -298,9 +298,15 @@ class AzureMonitorMetrics:
 def _not_an_answer(response: Any) -> str:
     """What came back instead of Log Analytics' JSON: its status, its content type and the first
     line of a text body (an HTML page's markup says nothing more than its status)."""
+    from azure.core.exceptions import AzureError
+
     if response is None:  # the hook did not run: nothing to say but that
         return "not a Log Analytics answer"
-    text = (response.text() or "").strip()
+    try:
+        body = response.body() or b""
+    except (AzureError, OSError):  # (requests' errors are OSErrors)
+        body = b""
+    text = body.decode("utf-8", "replace").strip()  # any bytes: a gateway's are not always text
     content_type = str(response.headers.get("Content-Type") or "").split(";", 1)[0].strip()
     said = f"HTTP {response.status_code} "
     if not text:

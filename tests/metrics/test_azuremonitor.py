@@ -541,6 +541,13 @@ NOT_AN_ANSWER = "not a Log Analytics answer (a gateway or proxy in between?)"
         pytest.param(
             200, b'"ok"', "application/json", "HTTP 200 application/json: ", id="200-string"
         ),
+        pytest.param(
+            502,
+            b"\xff\xfebad gateway\r\nmore",
+            "text/plain; charset=utf-8",
+            'HTTP 502 text/plain "\ufffd\ufffdbad gateway": ',
+            id="502-not-utf-8",
+        ),
     ],
 )
 def test_an_answer_that_is_not_log_analytics_json_is_an_error_tick(
