@@ -158,7 +158,9 @@ class FakeLogAnalytics:
         self._table_exists = True
         #: A table answered instead of evaluating the query (another schema, say).
         self._table: tuple[list[str], list[list[Any]]] | None = None
-        self._arm = _RawArm((HOST,), lambda body: self.queries.append(str(body.get("query"))))
+        self._arm = _RawArm(
+            (HOST,), lambda body: self.queries.append(str((body or {}).get("query")))
+        )
         self._arm.on("POST", r"^/v1/workspaces/([^/]+)/query$", self._query)
 
     def __enter__(self) -> FakeLogAnalytics:

@@ -6,8 +6,9 @@ endpoint's traffic log in the window (other endpoints, other deployments, other 
 excluded; a model's 500, which Azure logs as a 424, and a deployment's 429 counted); the
 deployment names and endpoint taken from the azureml router; a KQL string that cannot break out
 of its literal; failures (HTTP errors, partial results, no workspace, no credentials, a result of
-another shape) as one-line Observation errors naming the workspace; the judge on these counts,
-the shadow step's on blue's mirrored copies.
+another shape, an answer that is not Log Analytics' JSON) as one-line Observation errors naming
+the workspace, and the controller held or rolled back on them, not crashed; a logs_url ending
+in a slash; the judge on these counts, the shadow step's on blue's mirrored copies.
 """
 
 from __future__ import annotations
