@@ -1055,7 +1055,9 @@ class AzureMonitorMetricsConfig(_Model):
         parts = urlsplit(url if "://" in url else f"https://{url}")
         if parts.scheme != "https" or not parts.hostname:
             raise ValueError(f"needs an https url (the query carries a token), got {url!r}")
-        return url
+        # The SDK appends `/v1/workspaces/<id>/query` and strips only a `/v1` at the very end:
+        # `.../v1/` was sent to `/v1//v1/...`.
+        return url.rstrip("/")
 
 
 MetricsConfig = Annotated[

@@ -60,11 +60,13 @@ green's answer, not blue's: a model 5xx (`ModelStatusCode`) therefore counts as 
 so this counts nothing more there. If Azure logs no copies, blue shows no requests during the
 shadow step and the judge holds it ("no mirrored copies counted yet"): use `mirror_percent: 0`.
 
-A query that fails (no permission, a workspace that does not exist, a partial result) gives
-`Observation(error=...)` naming the workspace, so the judge says Error; no record in the window
-gives zero counts (Inconclusive). A workspace without the table (no diagnostic setting sends the
-log there yet) answers every query 400, its reason in the innermost `innererror`: `probe` reads
-the table (`take 0`), so that is refused before a rollout starts, saying which setting to create.
+A query that fails (no permission, a workspace that does not exist, a partial result, an answer
+that is not Log Analytics' JSON: a gateway's empty 502 or HTML 504, a proxy's page) gives
+`Observation(error=...)` naming the workspace (and the HTTP status), so the judge says Error;
+no record in the window gives zero counts (Inconclusive). A workspace without the table (no
+diagnostic setting sends the log there yet) answers every query 400, its reason in the innermost
+`innererror`: `probe` reads the table (`take 0`), so that is refused before a rollout starts,
+saying which setting to create.
 The credential is `DefaultAzureCredential` with the pipelines' rule
 (rollout.azure_credential); it needs the Log Analytics Reader role on the workspace.
 """
@@ -226,7 +228,10 @@ class AzureMonitorMetrics:
             raise MetricsError(self._where(f"the result has no column {', '.join(missing)}"))
         rows: dict[str, dict[str, int]] = {}
         for row in table.rows:
-            values = dict(zip(columns, row, strict=False))
+            if len(row) != len(columns):  # the counts would shift under other columns' names
+                problem = f"a row has {len(row)} values for {len(columns)} columns"
+                raise MetricsError(self._where(problem))
+            values = dict(zip(columns, row, strict=True))
             try:
                 rows[str(values["DeploymentName"])] = {c: int(values[c]) for c in wanted[1:]}
             except (TypeError, ValueError) as exc:
@@ -238,6 +243,7 @@ class AzureMonitorMetrics:
         from azure.core.exceptions import AzureError, HttpResponseError
         from azure.monitor.query import LogsQueryStatus
 
+        answered: list[Any] = []  # the HTTP response, to say what came back if it is no answer
         try:
             result = self._client.query_workspace(
                 self.workspace_id,
@@ -250,6 +256,7 @@ class AzureMonitorMetrics:
                 # query's 3600 s, 3 times) past timeout_s; a failed query is an Error tick,
                 # and the next tick is the retry.
                 retry_total=0,
+                raw_response_hook=lambda pipeline: answered.append(pipeline.http_response),
             )
         except HttpResponseError as exc:
             # azure-monitor-query re-raises every error of its request as a bare
@@ -270,6 +277,12 @@ class AzureMonitorMetrics:
                 problem = f"no answer within {self.timeout_s:g} s (metrics.timeout_s)"
                 raise MetricsError(self._where(problem)) from exc
             raise MetricsError(self._where(f"unreachable ({error_line(exc)})")) from exc
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            # azure-monitor-query 2.0 reads every answer but a 401/404/409 with an unguarded
+            # `response.json()` (a gateway's empty 502 or HTML 504 raises JSONDecodeError), and
+            # a 200's JSON with `.get` (a list raises AttributeError): an Error tick, not a crash.
+            said = _not_an_answer(answered[-1] if answered else None)
+            raise MetricsError(self._where(said)) from exc
         if result.status != LogsQueryStatus.SUCCESS:
             # A partial result may miss records: counting it would undercount the step.
             error = getattr(result, "partial_error", None)
@@ -280,6 +293,30 @@ class AzureMonitorMetrics:
 
     def _where(self, problem: str) -> str:
         return f"Log Analytics workspace {self.workspace_id} ({TABLE}): {problem}"
+
+
+def _not_an_answer(response: Any) -> str:
+    """What came back instead of Log Analytics' JSON: its status, its content type and the first
+    line of a text body (an HTML page's markup says nothing more than its status)."""
+    from azure.core.exceptions import AzureError
+
+    if response is None:  # the hook did not run: nothing to say but that
+        return "not a Log Analytics answer"
+    try:
+        body = response.body() or b""
+    except (AzureError, OSError):  # (requests' errors are OSErrors)
+        body = b""
+    text = body.decode("utf-8", "replace").strip()  # any bytes: a gateway's are not always text
+    content_type = str(response.headers.get("Content-Type") or "").split(";", 1)[0].strip()
+    said = f"HTTP {response.status_code} "
+    if not text:
+        said += "with an empty body"
+    else:
+        said += content_type or "with no content type"
+        line = text.split("\n", 1)[0].strip()
+        if not (content_type.endswith(("html", "json", "xml")) or line.startswith("<")):
+            said += f' "{line if len(line) <= 120 else line[:117] + "..."}"'
+    return f"{said}: not a Log Analytics answer (a gateway or proxy in between?)"
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

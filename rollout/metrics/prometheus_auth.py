@@ -15,8 +15,15 @@ reads it, twice over:
   `password_env` or `password_file` alike; `AzureBearerAuth` with an Entra ID token for Azure
   Monitor managed Prometheus (scope `https://prometheus.monitor.azure.com/.default`, or the
   US Government / China cloud's when the url's host is in it, as Flagger and KEDA do) from
-  `rollout.azure_credential.default_credential()`, kept until REFRESH_MARGIN_S before it expires
-  and dropped when Prometheus answers 401 (a revoked token is replaced on the next query).
+  `rollout.azure_credential.default_credential()`, kept until REFRESH_MARGIN_S before it expires.
+  A 401 carrying a claims challenge (`WWW-Authenticate: Bearer error="insufficient_claims",
+  claims="..."`: Azure revoked the token under continuous access evaluation) has the next query
+  ask for a token with those claims, which azure-identity's credentials fetch past their own
+  cache: the revoked token is replaced on the next query. Any other 401 cannot replace it: the
+  credentials answer `get_token` from their cache until the token nears expiry (azure-identity
+  offers no way past it but claims; azure-core's own policy does the same), so the same token is
+  sent again and each tick is an Error until then (an hour for a service principal, up to a day
+  for a managed identity).
   A secret that cannot be read then (a deleted file, no token) raises MetricsError, which the
   provider turns into an Observation error: the judge says Error and waits.
 
@@ -35,8 +42,10 @@ would otherwise ask for its passphrase on the terminal.
 from __future__ import annotations
 
 import base64
+import binascii
 import logging
 import os
+import re
 import ssl
 import threading
 import time
@@ -202,6 +211,7 @@ class AzureBearerAuth(_Auth):
         self.scope = scope
         self._clock = clock
         self._token: Any = None  # azure.core.credentials.AccessToken
+        self._claims: str | None = None  # a 401's claims challenge, for the next token
         self._lock = threading.Lock()
 
     def __call__(self, request: PreparedRequest) -> PreparedRequest:
@@ -216,8 +226,12 @@ class AzureBearerAuth(_Auth):
 
         with self._lock:
             if self._token is None or self._clock() >= self._token.expires_on - REFRESH_MARGIN_S:
+                # Claims (kept until a token comes with them) are what takes azure-identity's
+                # credentials past their own cache: without, a revoked token comes back.
+                claims = {"claims": self._claims} if self._claims else {}
                 try:
-                    self._token = self.credential.get_token(self.scope)
+                    self._token = self.credential.get_token(self.scope, **claims)
+                    self._claims = None
                 except AzureError as exc:
                     # The first line says which credentials were tried and why each failed;
                     # the rest is troubleshooting links.
@@ -231,6 +245,7 @@ class AzureBearerAuth(_Auth):
         if response.status_code == 401:
             with self._lock:
                 self._token = None  # revoked or not yet valid: ask again next time
+                self._claims = claims_challenge(response.headers.get("WWW-Authenticate", ""))
         return response
 
     def close(self) -> None:
@@ -241,6 +256,26 @@ class AzureBearerAuth(_Auth):
 
     def __repr__(self) -> str:
         return f"AzureBearerAuth({self.scope!r})"
+
+
+_CHALLENGE_PARAM = re.compile(r'([A-Za-z_]+)\s*=\s*"([^"]*)"')
+
+
+def claims_challenge(header: str) -> str | None:
+    """The claims a 401's `WWW-Authenticate: Bearer ..., error="insufficient_claims",
+    claims="<base64url JSON>"` asks for, decoded (what azure-core's BearerTokenCredentialPolicy
+    passes to `get_token`); None when it asks for none or they cannot be read."""
+    if not header.lstrip().lower().startswith("bearer"):
+        return None
+    params = {key.lower(): value for key, value in _CHALLENGE_PARAM.findall(header)}
+    encoded = params.get("claims", "")
+    if params.get("error") != "insufficient_claims" or not encoded:
+        return None
+    try:
+        claims = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode("utf-8")
+    except (binascii.Error, ValueError):  # (UnicodeDecodeError is a ValueError)
+        return None
+    return claims or None
 
 
 def http_auth(cfg: PrometheusMetricsConfig) -> BearerAuth | BasicAuth | AzureBearerAuth | None:

@@ -9,6 +9,8 @@ predicate and latency bounds decide what is counted, so a test of the provider a
 it writes. Anything else is a 400 `BadArgumentError`, as a syntax error is. `drop_table()` makes
 it a workspace with no traffic log table (no diagnostic setting sends it there): a query of the
 table is then Azure's 400 whose innermost `innererror` names the table it cannot resolve.
+`answer_raw()` sends the next queries an answer that is not Log Analytics' JSON, as a gateway or
+a proxy in front of it does (a 502 with an empty body, a 504 HTML page, a 200 JSON list).
 
     with FakeLogAnalytics() as logs:
         logs.log(at, "ep", "blue", code=503, ms=42)  # the endpoint's own 5xx
@@ -20,8 +22,12 @@ table is then Azure's 400 whose innermost `innererror` names the table it cannot
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from tests.fakes.arm import FakeArm, FakeArmTransport
@@ -97,6 +103,50 @@ def _epoch(stamp: str) -> float:
     return dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC).timestamp()
 
 
+class _RawArm(FakeArm):
+    """FakeArm whose POSTs can be answered with raw bytes, not the JSON FakeArm always sends."""
+
+    def __init__(self, hosts: tuple[str, ...], sent: Callable[[Any], None]) -> None:
+        #: [status, content type (None: no header), body, times left], the first left first.
+        self.raw: list[list[Any]] = []
+        self.raw_lock = threading.Lock()
+        self._sent = sent  # told each raw-answered request's JSON body
+        super().__init__(hosts=hosts)
+
+    def _take_raw(self) -> tuple[int, str | None, bytes] | None:
+        with self.raw_lock:
+            for answer in self.raw:
+                if answer[3] > 0:
+                    answer[3] -= 1
+                    return answer[0], answer[1], answer[2]
+        return None
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        arm = self
+        base = super()._handler_class()
+
+        class _Handler(base):  # type: ignore[valid-type,misc]
+            def _handle_raw(self) -> None:
+                raw = arm._take_raw()
+                if raw is None:
+                    base._handle(self)
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                sent = self.rfile.read(length) if length else b""
+                arm._sent(json.loads(sent) if sent else None)
+                status, content_type, data = raw
+                self.send_response(status)
+                if content_type is not None:
+                    self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_POST = _handle_raw
+
+        return _Handler
+
+
 class FakeLogAnalytics:
     """The fake API and the traffic log it holds (see the module docstring)."""
 
@@ -108,7 +158,9 @@ class FakeLogAnalytics:
         self._table_exists = True
         #: A table answered instead of evaluating the query (another schema, say).
         self._table: tuple[list[str], list[list[Any]]] | None = None
-        self._arm = FakeArm(hosts=(HOST,))
+        self._arm = _RawArm(
+            (HOST,), lambda body: self.queries.append(str((body or {}).get("query")))
+        )
         self._arm.on("POST", r"^/v1/workspaces/([^/]+)/query$", self._query)
 
     def __enter__(self) -> FakeLogAnalytics:
@@ -154,6 +206,15 @@ class FakeLogAnalytics:
     def answer_partially(self) -> None:
         """The next queries return their table with a partial-error, as a timed-out query does."""
         self._partial = True
+
+    def answer_raw(
+        self, status: int, body: bytes, content_type: str | None = None, times: int = 1
+    ) -> None:
+        """The next `times` queries get `status` and `body` as they are, not Log Analytics' JSON:
+        what a gateway or proxy in front of it answers (an empty 502, a 504 HTML page, a
+        text/plain 503), or a 200 whose JSON is not an object (`b"[]"`)."""
+        with self._arm.raw_lock:
+            self._arm.raw.append([status, content_type, body, times])
 
     def answer_table(self, columns: list[str], rows: list[list[Any]]) -> None:
         """The next traffic queries get this table (all columns `long` but the first)."""

@@ -6,8 +6,9 @@ endpoint's traffic log in the window (other endpoints, other deployments, other 
 excluded; a model's 500, which Azure logs as a 424, and a deployment's 429 counted); the
 deployment names and endpoint taken from the azureml router; a KQL string that cannot break out
 of its literal; failures (HTTP errors, partial results, no workspace, no credentials, a result of
-another shape) as one-line Observation errors naming the workspace; the judge on these counts,
-the shadow step's on blue's mirrored copies.
+another shape, an answer that is not Log Analytics' JSON) as one-line Observation errors naming
+the workspace, and the controller held or rolled back on them, not crashed; a logs_url ending
+in a slash; the judge on these counts, the shadow step's on blue's mirrored copies.
 """
 
 from __future__ import annotations
@@ -508,3 +509,145 @@ def test_a_request_fails_as_a_5xx_fails_behind_envoy(
     obs = provider(logs).observe(T0, T0 + 1)
     assert obs.error is None
     assert (obs.blue.requests, obs.blue.errors) == (1, int(failed))
+
+
+# ---- answers that are not Log Analytics' -----------------------------------------------------
+
+GATEWAY_504 = (
+    b"<html><head><title>504 Gateway Time-out</title></head><body><center><h1>504 Gateway "
+    b"Time-out</h1></center><hr><center>nginx</center></body></html>"
+)
+NOT_AN_ANSWER = "not a Log Analytics answer (a gateway or proxy in between?)"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type", "said"),
+    [
+        pytest.param(502, b"", None, "HTTP 502 with an empty body: ", id="502-empty"),
+        pytest.param(
+            502, b"", "application/json", "HTTP 502 with an empty body: ", id="502-empty-json"
+        ),
+        pytest.param(504, GATEWAY_504, "text/html", "HTTP 504 text/html: ", id="504-html-page"),
+        pytest.param(
+            503,
+            b"upstream connect error or disconnect/reset before headers\nreset reason: overflow",
+            "text/plain",
+            'HTTP 503 text/plain "upstream connect error or disconnect/reset before headers": ',
+            id="503-envoy-text",
+        ),
+        pytest.param(
+            200, b"<html>Sign in</html>", "text/html", "HTTP 200 text/html: ", id="200-html"
+        ),
+        pytest.param(200, b"[]", "application/json", "HTTP 200 application/json: ", id="200-list"),
+        pytest.param(
+            200, b'"ok"', "application/json", "HTTP 200 application/json: ", id="200-string"
+        ),
+        pytest.param(
+            502,
+            b"\xff\xfebad gateway\r\nmore",
+            "text/plain; charset=utf-8",
+            'HTTP 502 text/plain "\ufffd\ufffdbad gateway": ',
+            id="502-not-utf-8",
+        ),
+    ],
+)
+def test_an_answer_that_is_not_log_analytics_json_is_an_error_tick(
+    logs: FakeLogAnalytics, status: int, body: bytes, content_type: str | None, said: str
+) -> None:
+    """A gateway's 502/504 (an empty body, an HTML page), Envoy's text 503, a proxy's 200 page:
+    azure-monitor-query 2.0 reads any answer but a 401/404/409 with an unguarded `json()`, and
+    a 200 whose JSON is no object with `.get`. Was: JSONDecodeError or AttributeError out of
+    `observe`, which promises never to raise, and the controller died mid-rollout."""
+    logs.answer_raw(status, body, content_type)
+    obs = provider(logs).observe(T0, T0 + 60)
+    assert obs.error == f"Log Analytics workspace {WORKSPACE} ({TABLE}): {said}{NOT_AN_ANSWER}"
+    assert len(logs.queries) == 1  # one attempt: the next tick is the retry
+
+
+def test_a_proxys_page_fails_the_probe_with_one_line() -> None:
+    """Before anything is deployed: was a JSONDecodeError traceback out of `rollout run`."""
+    with FakeLogAnalytics() as logs:
+        logs.answer_raw(403, b"<html>Blocked by corporate proxy policy</html>", "text/html")
+        with pytest.raises(MetricsError) as probed:
+            provider(logs).probe()
+    assert str(probed.value) == (
+        f"Log Analytics workspace {WORKSPACE} ({TABLE}): HTTP 403 text/html: {NOT_AN_ANSWER}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("policy", "phase", "weights"),
+    [
+        pytest.param("hold", Phase.PAUSED, Weights.blue_at(10), id="held-for-a-human"),
+        pytest.param("rollback", Phase.ROLLED_BACK, Weights.blue_at(0), id="rolled-back"),
+    ],
+)
+def test_a_gateway_failing_mid_rollout_is_error_ticks_not_a_crash(
+    logs: FakeLogAnalytics, policy: str, phase: Phase, weights: Weights
+) -> None:
+    """The gateway in front of the Logs API answers 502 with an empty body once the rollout is
+    under way. Was: the run died with JSONDecodeError, blue left at 10 % and nobody watching;
+    now each tick is an Error, and max_consecutive_errors of them follow `on_inconclusive`."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    spec = make_spec(steps=[10, 50, 100], analysis={"on_inconclusive": policy})
+    ticks = [0]
+
+    def gateway_fails_after_the_first_tick(*_: Any) -> None:
+        ticks[0] += 1
+        if ticks[0] == 1:  # the probe and the first tick were answered
+            logs.answer_raw(502, b"", times=1000)
+
+    ctl = Controller(
+        spec,
+        router,
+        provider(logs),
+        MemoryStateStore(spec.name),
+        clock=FakeClock(T0),
+        on_tick=gateway_fails_after_the_first_tick,
+    )
+    final = ctl.run(max_ticks=100)
+    assert final.phase is phase, final.reason
+    limit = spec.analysis.max_consecutive_errors
+    assert f"metrics unreadable {limit} times in a row: " in final.reason, final.reason
+    assert "HTTP 502 with an empty body: not a Log Analytics answer" in final.reason
+    assert router.get_weights() == weights
+
+
+def test_a_row_short_of_its_columns_is_an_error_tick(logs: FakeLogAnalytics) -> None:
+    """Was: KeyError 'errors' out of `observe` (the row zipped short of its columns)."""
+    logs.answer_table(
+        ["DeploymentName", "requests", "errors", "le_0", "le_1", "le_2"], [["blue", 3]]
+    )
+    obs = provider(logs).observe(T0, T0 + 60)
+    assert obs.error == (
+        f"Log Analytics workspace {WORKSPACE} ({TABLE}): a row has 2 values for 6 columns"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "normalised"),
+    [
+        pytest.param(
+            "https://api.loganalytics.io/", "https://api.loganalytics.io", id="host-slash"
+        ),
+        pytest.param(
+            "https://api.loganalytics.io/v1/", "https://api.loganalytics.io/v1", id="v1-slash"
+        ),
+        pytest.param("api.loganalytics.io/", "api.loganalytics.io", id="bare-host-slash"),
+    ],
+)
+def test_a_logs_url_ending_in_a_slash_reaches_the_query_api(
+    logs: FakeLogAnalytics, monkeypatch: pytest.MonkeyPatch, url: str, normalised: str
+) -> None:
+    """Was: accepted, then POSTed to `.../v1//v1/workspaces/<id>/query` (the SDK strips only a
+    `/v1` with no slash after it; a host with a slash gave `//v1/...`), an HTTP error at the
+    probe naming the workspace, not the url."""
+    monkeypatch.setattr(
+        "rollout.metrics.azuremonitor.default_credential", lambda: StaticCredential()
+    )
+    metrics = {"kind": "azuremonitor", "workspace_id": WORKSPACE, "endpoint": "ep", "logs_url": url}
+    cfg = spec_from_dict({"metrics": metrics}).metrics
+    assert isinstance(cfg, AzureMonitorMetricsConfig)
+    assert cfg.logs_url == normalised
+    AzureMonitorMetrics.from_config(cfg, transport=logs.transport()).probe()
+    assert logs.queries == [f"{TABLE} | take 0"]

@@ -14,6 +14,7 @@ never show in reprs, logs or errors.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from azure.core.credentials import AccessToken
 from azure.core.exceptions import ClientAuthenticationError
+from azure.core.pipeline.transport import RequestsTransportResponse
 from cryptography.hazmat.primitives import serialization
 
 from rollout.config import PrometheusMetricsConfig, spec_from_dict
@@ -661,3 +664,139 @@ def test_secrets_stay_out_of_reprs_logs_errors_and_details(
     seen = [repr(cfg), repr(metrics), refused.error, failed.error, str(served.detail), caplog.text]
     assert all(secret not in text for secret in secrets for text in seen)
     assert secrets[1] in prom.authorizations[-1]  # it was sent, so the checks above could fail
+
+
+# ------------------------------------------------------ a credential that caches, as real ones do
+
+
+class FakeEntra:
+    """An azure-core transport playing Microsoft Entra ID's token endpoint (and MSAL's
+    discovery) for a real azure-identity credential: each token request is issued `token-1`,
+    `token-2`, ... for an hour; `requests` records each one's form fields. The credential caches
+    what it is issued, as ClientSecretCredential, ManagedIdentityCredential and
+    WorkloadIdentityCredential do."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, list[str]]] = []
+
+    def __enter__(self) -> FakeEntra:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        url = request.url
+        if "openid-configuration" in url or "discovery/instance" in url:
+            tenant = "https://login.microsoftonline.com/tenant"
+            body: dict[str, Any] = {
+                "token_endpoint": f"{tenant}/oauth2/v2.0/token",
+                "authorization_endpoint": f"{tenant}/oauth2/v2.0/authorize",
+                "issuer": f"{tenant}/v2.0",
+                "tenant_discovery_endpoint": f"{tenant}/v2.0/.well-known/openid-configuration",
+                "metadata": [],
+            }
+        else:
+            # (azure-core's HttpRequest holds a form post as the dict it was given)
+            self.requests.append({key: [str(v)] for key, v in request.data.items()})
+            issued = f"token-{len(self.requests)}"
+            body = {"access_token": issued, "expires_in": 3600, "token_type": "Bearer"}
+        answer = requests.Response()
+        answer.status_code, answer.url = 200, url
+        answer._content = json.dumps(body).encode()
+        answer.headers["Content-Type"] = "application/json"
+        return RequestsTransportResponse(request, answer)
+
+
+#: What a CAE-aware resource asks for when it refuses a revoked token (Microsoft's example).
+CLAIMS = '{"access_token":{"nbf":{"essential":true,"value":"1700000000"}}}'
+CHALLENGE = (
+    'Bearer realm="", authorization_uri="https://login.microsoftonline.com/common/oauth2/'
+    'authorize", error="insufficient_claims", claims="'
+    + base64.urlsafe_b64encode(CLAIMS.encode()).decode().rstrip("=")
+    + '"'
+)
+
+
+@contextmanager
+def refusing(token: str, challenge: str | None) -> Iterator[str]:
+    """A Prometheus query API taking only `Authorization: Bearer <token>`; any other answers
+    401 with `challenge` as its WWW-Authenticate. Yields its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.headers.get("Authorization") == f"Bearer {token}":
+                status, result = 200, {"resultType": "vector", "result": []}
+                data = json.dumps({"status": "success", "data": result}).encode()
+            else:
+                status, data = 401, b'{"status": "error", "error": "unauthorized"}'
+            self.send_response(status)
+            if status == 401 and challenge is not None:
+                self.send_header("WWW-Authenticate", challenge)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = LocalServer(Handler)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def caching_provider(url: str) -> tuple[PrometheusMetrics, FakeEntra]:
+    from azure.identity import ClientSecretCredential
+
+    entra = FakeEntra()
+    credential = ClientSecretCredential("tenant", "client", "secret", transport=entra)
+    auth = AzureBearerAuth(credential)
+    return PrometheusMetrics(url, preset=envoy_preset(), auth=auth), entra
+
+
+def test_a_claims_challenge_gets_a_new_token_past_the_credentials_cache() -> None:
+    """A token revoked under continuous access evaluation: Azure answers 401 with a claims
+    challenge. Was: our cached token dropped, but the credential answered from its own cache,
+    and the refused token was sent on every query until it neared expiry (an hour; up to a day
+    for a managed identity), every tick an Error. Now the claims are asked for, which
+    azure-identity takes past its cache."""
+    with refusing("token-2", CHALLENGE) as url:
+        metrics, entra = caching_provider(url)
+        refused = metrics.observe(T0 - 10, T0)
+        assert refused.error is not None and "HTTP 401" in refused.error
+        assert metrics.observe(T0 - 10, T0).error is None
+        assert metrics.observe(T0 - 10, T0).error is None  # kept, once issued
+    assert len(entra.requests) == 2
+    assert "claims" not in entra.requests[0]
+    assert json.loads(entra.requests[1]["claims"][0]) == json.loads(CLAIMS)
+
+
+@pytest.mark.parametrize(
+    "challenge",
+    [
+        pytest.param(None, id="no-challenge"),
+        pytest.param('Bearer realm="", error="invalid_token"', id="invalid-token"),
+        pytest.param('Bearer error="insufficient_claims", claims="%%%"', id="claims-not-base64"),
+    ],
+)
+def test_a_401_without_claims_is_sent_the_credentials_cached_token_again(
+    challenge: str | None,
+) -> None:
+    """What is true of real credentials (azure-core's own policy does the same): a 401 that asks
+    for no claims gets the token the credential holds, until it nears expiry. It says so."""
+    with refusing("token-2", challenge) as url:
+        metrics, entra = caching_provider(url)
+        for _ in range(3):
+            refused = metrics.observe(T0 - 10, T0)
+            assert refused.error is not None and "HTTP 401" in refused.error
+    assert len(entra.requests) == 1
