@@ -541,3 +541,23 @@ def test_wald_reference_at_a_low_base_rate_takes_no_longer() -> None:
     scaled = [p * sprt_expected_n(p, 2 * p) for p in (1e-4, 1e-7)]
     assert scaled[1] == pytest.approx(scaled[0], rel=1e-3)
     assert scaled[0] == pytest.approx(5.413, abs=5e-4)
+
+
+def test_an_oracle_cut_at_its_request_cap_reports_no_e_n(tmp_path: Path) -> None:
+    # Was: the mean over the runs that rolled back (none: NaN, and --json died on it; some: a
+    # mean biased low, 0.92x Wald, below what any level-0.05 test can do).
+    from benchmarks.analysis import oracle_reference
+
+    scenario = tmp_path / "rare.yaml"
+    scenario.write_text(
+        "name: rare-1.5x\nseed: 4\nrps: 100\nduration_s: 600\n"
+        "baseline: {error_rate: 0.0000001, latency_ms: {median: 20, sigma: 0.4}}\n"
+        "canary: {error_rate: 0.00000015, latency_ms: {median: 20, sigma: 0.4}}\n"
+    )
+    row = oracle_reference(Scenario.load(scenario), runs=3)
+    assert row is not None
+    assert row["cut_at_max_requests"] == 3 and row["p_rollback"] == 0.0
+    assert row["mean_canary_requests_to_reject"] is None and row["en_over_wald"] is None
+    json.dumps(row, allow_nan=False)
+    full = oracle_reference(Scenario.load(SCENARIO_DIR / "err-10x-10rps.yaml"), runs=50)
+    assert full is not None and full["cut_at_max_requests"] == 0 and full["en_over_wald"] > 1
