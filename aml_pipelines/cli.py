@@ -471,7 +471,7 @@ def tag(
 ) -> None:
     """Set (or remove) tags on a version, e.g. `stage=production`."""
     with _user_errors():
-        from aml_pipelines.delivery import plan_manual_tags, taggable_versions
+        from aml_pipelines.delivery import plan_manual_tags, retag
         from aml_pipelines.errors import ConfigError
         from aml_pipelines.registry.base import STAGE_TAG, Stage
 
@@ -495,11 +495,15 @@ def tag(
             # `sha256`: that repairs a tag the azureml registry refuses the version for.
             reg.get(name, version)
         # Listed only to move production: other tags must stay writable beside a damaged version.
-        moves = pairs.get(STAGE_TAG) == Stage.PRODUCTION
-        # A production version archived in the studio is left out of the listing, not of this.
-        versions = taggable_versions(reg, name) if moves else []
-        changes = plan_manual_tags(versions, version, pairs, replace=replace)
-        written = [reg.set_tags(name, change.version, change.tags) for change in changes]
+        # Read, planned and written as one step: two `--replace` at once each archived the
+        # same holder and tagged their own version, leaving two production versions.
+        changes = retag(
+            reg,
+            name,
+            lambda versions: plan_manual_tags(versions, version, pairs, replace=replace),
+            listed=pairs.get(STAGE_TAG) == Stage.PRODUCTION,
+        )
+        written = [reg.get(name, change.version) for change in changes]
     for mv in written:
         out.print(
             f"{mv.name}:{mv.version} tags: {json.dumps(dict(mv.tags), sort_keys=True)}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import shlex
 from pathlib import Path
@@ -584,3 +585,45 @@ def test_registry_list_before_anything_was_registered(tmp_path: Path) -> None:
         where = " ".join(result.output.split())
         assert f"no registered models in the local registry {tmp_path / 'registry'}" in where
         assert "run from the folder you registered in" in where
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux /proc/locks")
+def test_registry_tag_replace_archives_the_holder_another_process_just_tagged(
+    tmp_path: Path,
+) -> None:
+    # Two `registry tag M V stage=production --replace` at once both read v1 as the holder,
+    # archived it and tagged their own version: two production versions. Here another process
+    # (this one) promotes v2 while `registry tag m 3 ... --replace` runs.
+    import subprocess
+    import sys
+
+    from aml_pipelines.registry.local import LocalRegistry
+    from tests.pipelines.test_registry_local import wait_until_blocked_on
+
+    registry = LocalRegistry(tmp_path / "reg")
+    for i in (1, 2, 3):
+        registry.register("m", write_model_folder(tmp_path / str(i), salt=str(i)), {"stage": "x"})
+    registry.set_tags("m", 1, {"stage": "production"})
+    command = ["registry", "tag", "m", "3", "stage=production", "--replace"]
+    cli = None
+    try:
+        with registry.transaction("m"):
+            cli = subprocess.Popen(
+                [sys.executable, "-c", "from rollout.cli import main; main()", *command],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                cwd=Path(__file__).resolve().parents[2],
+                env={**os.environ, "AML_ROLLOUT_REGISTRY": f"local:{tmp_path / 'reg'}"},
+            )
+            wait_until_blocked_on(registry.root / "m" / ".lock")
+            registry.set_tags("m", 2, {"stage": "production"})
+            registry.set_tags("m", 1, {"stage": "archived"})
+        out, _ = cli.communicate(timeout=60)
+    finally:
+        if cli is not None and cli.poll() is None:
+            cli.kill()
+            cli.communicate()
+    assert cli.returncode == 0, out
+    assert [v.stage for v in registry.list_versions("m")] == ["archived", "archived", "production"]
+    assert "m:2 tags:" in out
