@@ -560,9 +560,9 @@ def _absolute(params: PipelineParams) -> PipelineParams:
             changes[key] = str(Path(value).resolve())
     kind, _, path = params.registry.partition(":")
     if kind == "local":
-        from aml_pipelines.registry.local import default_root
+        from aml_pipelines.registry.local import local_root
 
-        changes["registry"] = f"local:{(Path(path) if path else default_root()).resolve()}"
+        changes["registry"] = f"local:{local_root(path)}"
     return replace(params, **changes)
 
 

@@ -86,7 +86,7 @@ class LocalRegistry:
     kind = "local"
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root).expanduser().resolve()
+        self.root = local_root(root)
         self._skipped = SkippedVersions()
         # The model folders whose lock this thread holds (see transaction): flock is held per
         # open file, so taking it again through a second open() would wait on itself.
@@ -501,3 +501,14 @@ def default_root() -> Path:
     """Where `local:` registries live unless told: $AML_ROLLOUT_HOME/registry or ./.aml-rollout."""
     home = os.environ.get("AML_ROLLOUT_HOME")
     return Path(home) / "registry" if home else Path(".aml-rollout") / "registry"
+
+
+def local_root(path: str | Path | None = None) -> Path:
+    """The absolute folder of the local registry at `path` (default_root() when empty).
+
+    Every path to a local registry goes through here: run-local once resolved `local:~/reg`
+    without expanding `~` (quoted, or from CI YAML or $AML_ROLLOUT_HOME, the shell does not) and
+    registered into a folder named `~` in the current one, while every other command read
+    $HOME/reg.
+    """
+    return (Path(path) if path else default_root()).expanduser().resolve()
