@@ -359,12 +359,18 @@ def retag(
             changes = plan(read())
             apply_tags(registry, model, changes)
         return changes
+    if not listed:
+        # Tags that move no stage: nothing read, so they stay writable beside a version the
+        # listing refuses (the `sha256=` repair of a tampered tag).
+        changes = plan([])
+        apply_tags(registry, model, changes)
+        return changes
     versions = read()
     for _ in range(RETAG_ATTEMPTS):
         changes = plan(versions)
         planned_over = {v.version for v in versions if v.stage == Stage.PRODUCTION}
         now = {v.version for v in registry.find_by_tag(model, STAGE_TAG, Stage.PRODUCTION)}
-        if not listed or not changes or now == planned_over:
+        if not changes or now == planned_over:
             apply_tags(registry, model, changes)
             return changes
         log.info("registry: %s production moved to %s while tagging; planning again", model, now)
