@@ -242,6 +242,11 @@ def _read_csv(file: Path, header: list[str] | None, target: str, rows: array[flo
 
 
 def _is_finite(text: str) -> bool:
+    """A finite number in ASCII syntax: float() also reads PEP 515 underscores (`3_1` is 31)
+    and any Unicode digits or spaces (`１２` is 12), so a code column or a mangled export
+    trained as other numbers with no error. Without those, float() reads only number syntax."""
+    if not text.isascii() or "_" in text:
+        return False
     try:
         return math.isfinite(float(text))
     except ValueError:
