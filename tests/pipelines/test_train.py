@@ -348,3 +348,26 @@ def test_ascii_number_syntax_is_still_read(tmp_path: Path) -> None:
     data.write_text("a,y\n" + "".join(f"{v},{i}\n" for i, v in enumerate(values)))
     train(tmp_path / "m", name="m", params=TrainParams(test_fraction=0.3), data=data, target="y")
     assert (tmp_path / "m" / "model.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "folder",
+    [
+        # Spark's df.write.csv("a.csv") writes a folder: it hid b.csv ("no CSV file found")
+        pytest.param("a.csv", id="folder-sorted-first"),
+        # or failed the step with a bare "[Errno 21] Is a directory"
+        pytest.param("z.csv", id="folder-sorted-last"),
+    ],
+)
+def test_a_folder_named_like_a_csv_is_not_read_as_one(tmp_path: Path, folder: str) -> None:
+    from components.train.train import check_csv_target
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / folder).mkdir()
+    (data / folder / "part-0.csv").write_text("a,y\n1,2\n")
+    _write_csv(data / "b.csv")
+    check_csv_target(data, "x1")
+    train(tmp_path / "m", name="m", params=TrainParams(), data=data, target="x1")
+    manifest = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert manifest["target"] == "x1"
