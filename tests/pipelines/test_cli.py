@@ -627,3 +627,33 @@ def test_registry_tag_replace_archives_the_holder_another_process_just_tagged(
     assert cli.returncode == 0, out
     assert [v.stage for v in registry.list_versions("m")] == ["archived", "archived", "production"]
     assert "m:2 tags:" in out
+
+
+def test_submit_refuses_a_model_name_differing_only_in_case_before_the_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The register step refused it, in Azure, after train had run on the cluster.
+    from azure.ai.ml import MLClient
+
+    from aml_pipelines.registry.azureml import AzureMLRegistry
+    from tests.fakes.arm import FakeArm, StaticCredential, iter_calls
+    from tests.pipelines.conftest import existing_code_upload
+
+    sub, rg, ws = "11111111-2222-3333-4444-555555555555", "ml-rg", "ml-ws"
+    with FakeArm() as arm:
+        arm.add_workspace(sub, rg, ws)
+        arm.on("GET", r"^.*/codes/[^/]+/versions$", existing_code_upload)
+        client = MLClient(StaticCredential(), sub, rg, ws, transport=arm.transport())
+        AzureMLRegistry(client).register(
+            "diabetes", "azureml://jobs/r/outputs/model", {"sha256": "ab" * 32}
+        )
+        monkeypatch.setattr("aml_pipelines.build.workspace_client", lambda *_: client)
+        result = invoke(
+            "pipeline", "submit", "--subscription", sub, "--resource-group", rg,
+            "--workspace", ws, "--rollout-spec", str(EXAMPLE_SPEC), "-p", "model_name=Diabetes",
+        )  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert "differs from the registered 'diabetes' only in case" in " ".join(
+            result.output.split()
+        )
+        assert not list(iter_calls(arm, "PUT", r"/jobs/[^/]+$"))

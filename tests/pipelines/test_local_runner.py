@@ -797,3 +797,15 @@ def test_a_tilde_in_the_registry_is_the_home_folder_every_command_reads(
     assert isinstance(opened, LocalRegistry) and opened.root.is_relative_to(home)
     assert [v.version for v in opened.list_versions("diabetes-ridge")] == [1]
     assert not (project / "~").exists()
+
+
+def test_a_model_name_differing_only_in_case_is_refused_before_train(tmp_path: Path) -> None:
+    # The register step refused it, after train had run (in Azure: on a cluster); docs say a
+    # model_name the registry refuses is refused before the job is built.
+    from tests.pipelines.conftest import write_model_folder
+
+    registry = LocalRegistry(tmp_path / "registry")
+    registry.register("diabetes-ridge", write_model_folder(tmp_path / "m", name="diabetes-ridge"))
+    with pytest.raises(ConfigError, match="differs from the registered 'diabetes-ridge' only in"):
+        run_local(_params(tmp_path, model_name="Diabetes-Ridge"), run_dir=tmp_path / "r")
+    assert not (tmp_path / "r" / "train").exists()
