@@ -51,7 +51,7 @@ ParamOption = Annotated[
         "--param",
         "-p",
         help=f"Pipeline input KEY=VALUE (repeatable): {_TRAINING_INPUTS}; with "
-        "--deploy: model_version (required), model_name, image_registry, package_mode.",
+        "--deploy: model_name and model_version (required), image_registry, package_mode.",
         show_default=False,
     ),
 ]

@@ -657,3 +657,16 @@ def test_submit_refuses_a_model_name_differing_only_in_case_before_the_job(
             result.output.split()
         )
         assert not list(iter_calls(arm, "PUT", r"/jobs/[^/]+$"))
+
+
+@pytest.mark.parametrize("command", ["validate", "build"])
+def test_the_param_help_says_deploy_requires_model_name_and_version(command: str) -> None:
+    # It said "model_version (required), model_name": `validate --deploy -p model_version=1`
+    # then failed with "model_name: not given".
+    shown = invoke("pipeline", command, "--help", env={"COLUMNS": "200"})
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", shown.output).split())
+    assert "with --deploy: model_name and model_version (required)," in text, text
+    # and the pipeline does refuse each missing one
+    for given in ("model_version=1", "model_name=m"):
+        missing = invoke("pipeline", "validate", "--deploy", "-p", given)
+        assert missing.exit_code == 2 and "not given" in missing.output, missing.output
