@@ -51,7 +51,7 @@ ParamOption = Annotated[
         "--param",
         "-p",
         help=f"Pipeline input KEY=VALUE (repeatable): {_TRAINING_INPUTS}; with "
-        "--deploy: model_version (required), model_name, image_registry, package_mode.",
+        "--deploy: model_name and model_version (required), image_registry, package_mode.",
         show_default=False,
     ),
 ]
@@ -331,11 +331,26 @@ def submit(
         production = production_model_uri(
             pipeline_params.registry, pipeline_params.model_name, ml_client=client
         )
+        _refuse_case_twin(pipeline_params.registry, pipeline_params.model_name, client)
         job = build_pipeline(pipeline_params, compute=compute, production_model=production)
         submitted = submit_pipeline(job, client, experiment=experiment)
     out.print(
         f"submitted {submitted.name}: {submitted.studio_url or '(no studio URL)'}", markup=False
     )
+
+
+def _refuse_case_twin(registry: str, model_name: str, ml_client: Any) -> None:
+    """The register step's refusal of a name differing from a registered one only in case,
+    before the job is submitted: in the job it came after train had run on the cluster."""
+    from aml_pipelines.registry.azureml import AzureMLRegistry
+    from aml_pipelines.registry.factory import open_registry
+    from components.register.register import check_case_twin
+
+    kind, _, coordinates = registry.partition(":")
+    if kind != "azureml":  # a job reaches no registry of this machine; nothing to ask
+        return
+    reader = AzureMLRegistry(ml_client) if not coordinates else open_registry(registry)
+    check_case_twin(reader, model_name)
 
 
 @pipeline_app.command("run-local")
@@ -471,7 +486,7 @@ def tag(
 ) -> None:
     """Set (or remove) tags on a version, e.g. `stage=production`."""
     with _user_errors():
-        from aml_pipelines.delivery import plan_manual_tags, taggable_versions
+        from aml_pipelines.delivery import plan_manual_tags, retag
         from aml_pipelines.errors import ConfigError
         from aml_pipelines.registry.base import STAGE_TAG, Stage
 
@@ -495,11 +510,15 @@ def tag(
             # `sha256`: that repairs a tag the azureml registry refuses the version for.
             reg.get(name, version)
         # Listed only to move production: other tags must stay writable beside a damaged version.
-        moves = pairs.get(STAGE_TAG) == Stage.PRODUCTION
-        # A production version archived in the studio is left out of the listing, not of this.
-        versions = taggable_versions(reg, name) if moves else []
-        changes = plan_manual_tags(versions, version, pairs, replace=replace)
-        written = [reg.set_tags(name, change.version, change.tags) for change in changes]
+        # Read, planned and written as one step: two `--replace` at once each archived the
+        # same holder and tagged their own version, leaving two production versions.
+        changes = retag(
+            reg,
+            name,
+            lambda versions: plan_manual_tags(versions, version, pairs, replace=replace),
+            listed=pairs.get(STAGE_TAG) == Stage.PRODUCTION,
+        )
+        written = [reg.get(name, change.version) for change in changes]
     for mv in written:
         out.print(
             f"{mv.name}:{mv.version} tags: {json.dumps(dict(mv.tags), sort_keys=True)}",

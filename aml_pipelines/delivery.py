@@ -38,11 +38,12 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from aml_pipelines.errors import ConfigError, ModelNotFound, TriggerError
+from aml_pipelines.errors import ConfigError, ModelNotFound, RegistryError, TriggerError
 from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
 
 if TYPE_CHECKING:
@@ -316,13 +317,81 @@ def taggable_versions(
     return [versions[v] for v in sorted(versions)]
 
 
+@runtime_checkable
+class TagTransactions(Protocol):
+    """A registry that can lock a model for a read-plan-write of its tags (the local one)."""
+
+    def transaction(self, name: str) -> AbstractContextManager[None]:
+        """Hold `name`'s lock: no other process registers, tags or withdraws a version of it
+        until the block ends; this object's own writes inside it go through."""
+
+
+#: How often `retag` plans anew on a registry without transactions when production moved
+#: between its reading and its writing, before it gives up.
+RETAG_ATTEMPTS = 3
+
+
+def retag(
+    registry: ModelRegistry,
+    model: str,
+    plan: Callable[[Sequence[ModelVersion]], list[TagChange]],
+    *,
+    candidate: int | None = None,
+    listed: bool = True,
+) -> list[TagChange]:
+    """Read `model`'s taggable versions (unless not `listed`), plan over them and write the plan.
+
+    A plan over a listing read before another writer's changes is stale: two `registry tag M V
+    stage=production --replace` at once each archived the same holder and tagged their own
+    version, leaving two production versions. On a registry with transactions (local) the read,
+    the plan and the writes are one step under the model's lock. Azure ML has no lock: the
+    production holders are read again just before writing, and the plan made anew over a fresh
+    listing if they moved. What that cannot close is the window between that last read and the
+    writes (one request): a production tag written in it by someone else still leaves two, for
+    the next promotion or a `registry tag --replace` to archive.
+    """
+
+    def read() -> list[ModelVersion]:
+        return taggable_versions(registry, model, candidate) if listed else []
+
+    if isinstance(registry, TagTransactions):
+        with registry.transaction(model):
+            changes = plan(read())
+            apply_tags(registry, model, changes)
+        return changes
+    if not listed:
+        # Tags that move no stage: nothing read, so they stay writable beside a version the
+        # listing refuses (the `sha256=` repair of a tampered tag).
+        changes = plan([])
+        apply_tags(registry, model, changes)
+        return changes
+    versions = read()
+    for _ in range(RETAG_ATTEMPTS):
+        changes = plan(versions)
+        planned_over = {v.version for v in versions if v.stage == Stage.PRODUCTION}
+        now = {v.version for v in registry.find_by_tag(model, STAGE_TAG, Stage.PRODUCTION)}
+        if not changes or now == planned_over:
+            apply_tags(registry, model, changes)
+            return changes
+        log.info("registry: %s production moved to %s while tagging; planning again", model, now)
+        versions = read()
+    raise RegistryError(
+        f"{model}: the version tagged stage=production kept changing while these tags were "
+        f"planned ({RETAG_ATTEMPTS} times); nothing written, try again"
+    )
+
+
 def follow_traffic(
     registry: ModelRegistry, model: str, candidate: int, phase: str, reason: str = ""
 ) -> list[TagChange]:
-    """Plan and apply the tags for a rollout of `candidate` that ended in `phase`."""
-    changes = plan_tags(taggable_versions(registry, model, candidate), candidate, phase, reason)
-    apply_tags(registry, model, changes)
-    return changes
+    """Plan and apply the tags for a rollout of `candidate` that ended in `phase` (one step:
+    see `retag`)."""
+    return retag(
+        registry,
+        model,
+        lambda versions: plan_tags(versions, candidate, phase, reason),
+        candidate=candidate,
+    )
 
 
 def reconcile(

@@ -213,6 +213,7 @@ def run_local(
             "package_mode: azureml has Azure ML build the image, which needs the workspace "
             "registry (registry=azureml); a local registry packages with package_mode=local"
         )
+    _refuse_case_twin(params)
     run_dir = (run_dir or default_run_dir()).resolve()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -560,10 +561,22 @@ def _absolute(params: PipelineParams) -> PipelineParams:
             changes[key] = str(Path(value).resolve())
     kind, _, path = params.registry.partition(":")
     if kind == "local":
-        from aml_pipelines.registry.local import default_root
+        from aml_pipelines.registry.local import local_root
 
-        changes["registry"] = f"local:{(Path(path) if path else default_root()).resolve()}"
+        changes["registry"] = f"local:{local_root(path)}"
     return replace(params, **changes)
+
+
+def _refuse_case_twin(params: PipelineParams) -> None:
+    """The register step's refusal of a model name differing from a registered one only in
+    case, before any step runs: the step refused it after train had run."""
+    kind, _, path = params.registry.partition(":")
+    if kind != "local" or not Path(path).is_dir():
+        return
+    from aml_pipelines.registry.local import LocalRegistry
+    from components.register.register import check_case_twin
+
+    check_case_twin(LocalRegistry(Path(path)), params.model_name)
 
 
 def _production_folder(params: PipelineParams) -> str | None:

@@ -39,10 +39,11 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,11 @@ class LocalRegistry:
     kind = "local"
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root).expanduser().resolve()
+        self.root = local_root(root)
         self._skipped = SkippedVersions()
+        # The model folders whose lock this thread holds (see transaction): flock is held per
+        # open file, so taking it again through a second open() would wait on itself.
+        self._held = threading.local()
 
     def __repr__(self) -> str:
         return f"LocalRegistry({str(self.root)!r})"
@@ -204,6 +208,25 @@ class LocalRegistry:
                     current[key] = str(value)
             write_json(path, current)
         return self.get(name, version)
+
+    @contextmanager
+    def transaction(self, name: str) -> Iterator[None]:
+        """Hold `name`'s lock for a read-plan-write of its tags: no other process registers,
+        tags or withdraws a version of it meanwhile (this object's own writes go through).
+
+        Each write takes the lock on its own, but a plan made from a listing read before it can
+        be stale by then: two `registry tag M V stage=production --replace` at once each read the
+        same holder, each archived it and tagged its own version, and left two production
+        versions. Read, plan and write inside one transaction.
+        """
+        model_root = self.root / check_name(name)
+        with ExitStack() as stack:
+            try:
+                model_root.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(self._locked(model_root))
+            except OSError as exc:  # a registry this user cannot write: one line
+                raise RegistryError(f"{name}: cannot write {_describe(exc)}") from None
+            yield
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -388,11 +411,17 @@ class LocalRegistry:
 
     @contextmanager
     def _locked(self, model_root: Path) -> Iterator[None]:
+        held: set[Path] = self._held.__dict__.setdefault("roots", set())
+        if model_root in held:  # inside this thread's transaction: the lock is ours already
+            yield
+            return
         fd = os.open(model_root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            held.add(model_root)
             yield
         finally:
+            held.discard(model_root)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
@@ -472,3 +501,14 @@ def default_root() -> Path:
     """Where `local:` registries live unless told: $AML_ROLLOUT_HOME/registry or ./.aml-rollout."""
     home = os.environ.get("AML_ROLLOUT_HOME")
     return Path(home) / "registry" if home else Path(".aml-rollout") / "registry"
+
+
+def local_root(path: str | Path | None = None) -> Path:
+    """The absolute folder of the local registry at `path` (default_root() when empty).
+
+    Every path to a local registry goes through here: run-local once resolved `local:~/reg`
+    without expanding `~` (quoted, or from CI YAML or $AML_ROLLOUT_HOME, the shell does not) and
+    registered into a folder named `~` in the current one, while every other command read
+    $HOME/reg.
+    """
+    return (Path(path) if path else default_root()).expanduser().resolve()

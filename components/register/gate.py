@@ -5,7 +5,10 @@ tagged `stage=production`, never simply the latest registered — and passes its
 production model the first candidate passes: there is nothing to be worse than.
 
 The candidate must be another model than production's (another sha256): the same bytes again
-(unchanged data, seed and code) are refused, there being nothing new to roll out.
+(unchanged data, seed and code) are refused, there being nothing new to roll out. Nor may it be
+the model of a version tagged `stage=rolled-back` (the caller looks it up by sha256): a retrain
+on unchanged data trains the bytes a rollout just rejected, and registered again they passed on
+their numbers and were rolled out again.
 
 Lower is better for `mse` and `rmse`, higher for `r2`. `max_regression` allows a relative slack
 (0.02 = up to 2 % worse still passes); the default 0 refuses anything worse. A production tag
@@ -86,6 +89,7 @@ def evaluate_gate(
     fingerprints: Mapping[str, str] | None = None,
     sha256: str | None = None,
     rescored: Rescored | None = None,
+    rolled_back: ModelVersion | None = None,
 ) -> GateDecision:
     """Compare the candidate's `metric` with the production version's tag of the same name.
 
@@ -93,7 +97,8 @@ def evaluate_gate(
     docstring): metrics measured on other data than production's are not compared. `sha256`, the
     candidate model file's: production's own model is refused, there being nothing new.
     `rescored`: production's `metric` on the candidate's held-out rows, used when the
-    fingerprints say the tags' numbers were measured on different data.
+    fingerprints say the tags' numbers were measured on different data. `rolled_back`: a
+    version tagged `stage=rolled-back` whose model is the candidate's (same sha256): refused.
     """
     if metric not in LOWER_IS_BETTER:
         raise ConfigError(f"metric: {metric!r} is not one of {sorted(LOWER_IS_BETTER)}")
@@ -104,6 +109,20 @@ def evaluate_gate(
     candidate = float(candidate_metrics[metric])
     if not math.isfinite(candidate):
         return GateDecision(False, f"candidate {metric} is {candidate}", metric, candidate)
+    if rolled_back is not None:
+        # Before production: the first release of a model is tagged production whatever its
+        # check said, but a rollback says these bytes failed in front of traffic.
+        why = rolled_back.tags.get("rollback_reason") or "no reason recorded"
+        return GateDecision(
+            False,
+            f"the candidate is {rolled_back.name}:{rolled_back.version}'s model (same sha256 "
+            f"{rolled_back.sha256[:12]}…), rolled back: {why}; registered again it would be "
+            "rolled out again",
+            metric,
+            candidate,
+            None,
+            production.version if production is not None else None,
+        )
     if production is None:
         return GateDecision(
             True,

@@ -1,6 +1,7 @@
 """Register a trained model folder after the gate: the library behind the register component.
 
-    model folder ──► check sha256 ──► find production (tag stage=production) ──► gate
+    model folder ──► check sha256 ──► find production (tag stage=production) and a rolled-back
+                  version with the same sha256 ──► gate
                   (measured on other data: both re-scored on the candidate's heldout.csv rows
                    that production did not train on (its train-rows.u64), production loaded as
                    the scoring server loads it)
@@ -140,6 +141,14 @@ def production_version(registry: ModelRegistry, name: str) -> ModelVersion | Non
             [v.version for v in tagged],
         )
     return max(tagged, key=lambda v: v.version, default=None)
+
+
+def rolled_back_version(registry: ModelRegistry, name: str, sha256: str) -> ModelVersion | None:
+    """The latest version tagged stage=rolled-back whose model has these bits, if any."""
+    rolled_back = registry.find_by_tag(name, STAGE_TAG, Stage.ROLLED_BACK)
+    return max(
+        (v for v in rolled_back if v.sha256 == sha256), key=lambda v: v.version, default=None
+    )
 
 
 def _registered_by(
@@ -396,6 +405,7 @@ def register_model(
         fingerprints=fingerprints,
         sha256=None if rerun else actual,
         rescored=rescored,
+        rolled_back=rolled_back_version(registry, name, actual),
     )
     if decision.passed and decision.comparable is None and production is not None:
         log.warning("gate passed, comparison UNCHECKED: %s", decision.reason)

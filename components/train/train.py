@@ -134,8 +134,12 @@ def load_diabetes_dataset() -> Dataset:
 def _csv_files(data: Path) -> list[Path]:
     """The CSV files of `data`: the file itself, or a folder's *.csv files (`D.CSV` too: files
     exported on Windows)."""
+    # Files only: Spark's df.write.csv("a.csv") makes a folder, which hid b.csv sorted after
+    # it ("no CSV file found") or failed the step with "[Errno 21] Is a directory".
     files = (
-        sorted(p for p in data.iterdir() if p.suffix.lower() == ".csv") if data.is_dir() else [data]
+        sorted(p for p in data.iterdir() if p.suffix.lower() == ".csv" and p.is_file())
+        if data.is_dir()
+        else [data]
     )
     if not files or not files[0].is_file():
         raise ConfigError(f"data: no CSV file found at {data}")
@@ -242,6 +246,11 @@ def _read_csv(file: Path, header: list[str] | None, target: str, rows: array[flo
 
 
 def _is_finite(text: str) -> bool:
+    """A finite number in ASCII syntax: float() also reads PEP 515 underscores (`3_1` is 31)
+    and any Unicode digits or spaces (`１２` is 12), so a code column or a mangled export
+    trained as other numbers with no error. Without those, float() reads only number syntax."""
+    if not text.isascii() or "_" in text:
+        return False
     try:
         return math.isfinite(float(text))
     except ValueError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import shlex
 from pathlib import Path
@@ -584,3 +585,88 @@ def test_registry_list_before_anything_was_registered(tmp_path: Path) -> None:
         where = " ".join(result.output.split())
         assert f"no registered models in the local registry {tmp_path / 'registry'}" in where
         assert "run from the folder you registered in" in where
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux /proc/locks")
+def test_registry_tag_replace_archives_the_holder_another_process_just_tagged(
+    tmp_path: Path,
+) -> None:
+    # Two `registry tag M V stage=production --replace` at once both read v1 as the holder,
+    # archived it and tagged their own version: two production versions. Here another process
+    # (this one) promotes v2 while `registry tag m 3 ... --replace` runs.
+    import subprocess
+    import sys
+
+    from aml_pipelines.registry.local import LocalRegistry
+    from tests.pipelines.test_registry_local import wait_until_blocked_on
+
+    registry = LocalRegistry(tmp_path / "reg")
+    for i in (1, 2, 3):
+        registry.register("m", write_model_folder(tmp_path / str(i), salt=str(i)), {"stage": "x"})
+    registry.set_tags("m", 1, {"stage": "production"})
+    command = ["registry", "tag", "m", "3", "stage=production", "--replace"]
+    cli = None
+    try:
+        with registry.transaction("m"):
+            cli = subprocess.Popen(
+                [sys.executable, "-c", "from rollout.cli import main; main()", *command],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                cwd=Path(__file__).resolve().parents[2],
+                env={**os.environ, "AML_ROLLOUT_REGISTRY": f"local:{tmp_path / 'reg'}"},
+            )
+            wait_until_blocked_on(registry.root / "m" / ".lock")
+            registry.set_tags("m", 2, {"stage": "production"})
+            registry.set_tags("m", 1, {"stage": "archived"})
+        out, _ = cli.communicate(timeout=60)
+    finally:
+        if cli is not None and cli.poll() is None:
+            cli.kill()
+            cli.communicate()
+    assert cli.returncode == 0, out
+    assert [v.stage for v in registry.list_versions("m")] == ["archived", "archived", "production"]
+    assert "m:2 tags:" in out
+
+
+def test_submit_refuses_a_model_name_differing_only_in_case_before_the_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The register step refused it, in Azure, after train had run on the cluster.
+    from azure.ai.ml import MLClient
+
+    from aml_pipelines.registry.azureml import AzureMLRegistry
+    from tests.fakes.arm import FakeArm, StaticCredential, iter_calls
+    from tests.pipelines.conftest import existing_code_upload
+
+    sub, rg, ws = "11111111-2222-3333-4444-555555555555", "ml-rg", "ml-ws"
+    with FakeArm() as arm:
+        arm.add_workspace(sub, rg, ws)
+        arm.on("GET", r"^.*/codes/[^/]+/versions$", existing_code_upload)
+        client = MLClient(StaticCredential(), sub, rg, ws, transport=arm.transport())
+        AzureMLRegistry(client).register(
+            "diabetes", "azureml://jobs/r/outputs/model", {"sha256": "ab" * 32}
+        )
+        monkeypatch.setattr("aml_pipelines.build.workspace_client", lambda *_: client)
+        result = invoke(
+            "pipeline", "submit", "--subscription", sub, "--resource-group", rg,
+            "--workspace", ws, "--rollout-spec", str(EXAMPLE_SPEC), "-p", "model_name=Diabetes",
+        )  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert "differs from the registered 'diabetes' only in case" in " ".join(
+            result.output.split()
+        )
+        assert not list(iter_calls(arm, "PUT", r"/jobs/[^/]+$"))
+
+
+@pytest.mark.parametrize("command", ["validate", "build"])
+def test_the_param_help_says_deploy_requires_model_name_and_version(command: str) -> None:
+    # It said "model_version (required), model_name": `validate --deploy -p model_version=1`
+    # then failed with "model_name: not given".
+    shown = invoke("pipeline", command, "--help", env={"COLUMNS": "200"})
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", shown.output).split())
+    assert "with --deploy: model_name and model_version (required)," in text, text
+    # and the pipeline does refuse each missing one
+    for given in ("model_version=1", "model_name=m"):
+        missing = invoke("pipeline", "validate", "--deploy", "-p", given)
+        assert missing.exit_code == 2 and "not given" in missing.output, missing.output

@@ -766,3 +766,46 @@ def test_a_rollout_verdict_names_the_outcome_reason_and_ledger(
     assert isinstance(verdict, StepFailed)  # callers catching StepFailed still stop
     assert isinstance(verdict, RolloutNotPromoted)
     assert (verdict.step, verdict.exit_code, str(verdict)) == ("rollout", code, message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("registry", "aml_home"),
+    [
+        pytest.param("local:~/reg", None, id="registry-with-a-tilde"),
+        pytest.param("local", "~/aml", id="aml-rollout-home-with-a-tilde"),
+    ],
+)
+def test_a_tilde_in_the_registry_is_the_home_folder_every_command_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: str, aml_home: str | None
+) -> None:
+    # Quoted (a CI YAML, a .env file, $AML_ROLLOUT_HOME) the shell leaves `~` alone: run-local
+    # registered into ./~/reg while `registry list` and the triggers read $HOME/reg.
+    from aml_pipelines.registry.factory import open_registry
+
+    home, project = tmp_path / "home", tmp_path / "project"
+    home.mkdir()
+    project.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(project)
+    if aml_home is None:
+        monkeypatch.delenv("AML_ROLLOUT_HOME", raising=False)
+    else:
+        monkeypatch.setenv("AML_ROLLOUT_HOME", aml_home)
+    run_local(PipelineParams(registry=registry), run_dir=tmp_path / "run", until="register")
+    opened = open_registry(registry, must_exist=True)  # what `registry list` and triggers open
+    assert isinstance(opened, LocalRegistry) and opened.root.is_relative_to(home)
+    assert [v.version for v in opened.list_versions("diabetes-ridge")] == [1]
+    assert not (project / "~").exists()
+
+
+def test_a_model_name_differing_only_in_case_is_refused_before_train(tmp_path: Path) -> None:
+    # The register step refused it, after train had run (in Azure: on a cluster); docs say a
+    # model_name the registry refuses is refused before the job is built.
+    from tests.pipelines.conftest import write_model_folder
+
+    registry = LocalRegistry(tmp_path / "registry")
+    registry.register("diabetes-ridge", write_model_folder(tmp_path / "m", name="diabetes-ridge"))
+    with pytest.raises(ConfigError, match="differs from the registered 'diabetes-ridge' only in"):
+        run_local(_params(tmp_path, model_name="Diabetes-Ridge"), run_dir=tmp_path / "r")
+    assert not (tmp_path / "r" / "train").exists()

@@ -866,3 +866,52 @@ def test_a_damaged_training_rows_file_is_not_comparable(tmp_path: Path, trained:
         r"model\.json's rows\.train is 320",
     ):
         register_model(trained("refreshed", 0.1), registry, production_model=folder)
+
+
+ROLLED_BACK = ModelVersion(
+    "m", 6, "file:///y", "b" * 64, {"stage": "rolled-back", "rollback_reason": "canary 29 % 5xx"}
+)
+
+
+@pytest.mark.parametrize(
+    ("production", "sha256", "passed", "reason"),
+    [
+        pytest.param(PROD, "b" * 64, False, "rolled back: canary 29 % 5xx", id="rolled-back-bits"),
+        pytest.param(None, "b" * 64, False, "m:6's model", id="rolled-back-bits-no-production"),
+        pytest.param(PROD, "c" * 64, True, "not worse", id="other-bits"),
+    ],
+)  # fmt: skip
+def test_gate_refuses_the_bits_of_a_rolled_back_version(
+    production: ModelVersion | None, sha256: str, passed: bool, reason: str
+) -> None:
+    rolled_back = ROLLED_BACK if sha256 == ROLLED_BACK.sha256 else None
+    decision = evaluate_gate(
+        {"mse": 1.0}, production, metric="mse", sha256=sha256, rolled_back=rolled_back
+    )
+    assert decision.passed is passed
+    assert reason in decision.reason
+
+
+def test_a_rolled_back_model_is_not_registered_again_as_a_new_candidate(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    """Train is deterministic: a nightly retrain on unchanged data re-registered the model a
+    rollout had just rolled back, as a candidate the triggers (or the job) rolled out again."""
+    registry = f"local:{tmp_path / 'reg'}"
+    reg = LocalRegistry(tmp_path / "reg")
+    register_model(make_model(mse=10.0), reg, source_run="run-1")
+    reg.set_tags("m", 1, {"stage": Stage.PRODUCTION})
+    rejected = make_model(mse=5.0)
+    register_model(rejected, reg, source_run="run-2")
+    reg.set_tags("m", 2, {"stage": Stage.ROLLED_BACK, "rollback_reason": "canary 29 % 5xx"})
+
+    with pytest.raises(GateRefused, match=r"m:2's model \(same sha256 .*rolled back: canary 29"):
+        register_model(rejected, reg, source_run="run-3", out_dir=tmp_path / "o3")
+    assert [v.version for v in reg.list_versions("m")] == [1, 2]
+    assert not (tmp_path / "o3" / "registration.json").exists()
+    out = str(tmp_path / "o4")
+    argv = ["--model", str(rejected), "--registry", registry, "--registration", out]
+    assert main(argv) == EXIT_GATE_REFUSED
+    assert main([*argv, "--force", "true"]) == 0
+    forced = reg.get("m", 3)
+    assert (forced.sha256, forced.tags["gate"]) == (reg.get("m", 2).sha256, "forced")

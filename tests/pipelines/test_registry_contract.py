@@ -135,3 +135,27 @@ def test_a_withdrawn_version_is_left_out_of_listings_but_not_out_of_reach(backen
     assert registry.list_versions("contract-model") == []
     with pytest.raises(ModelNotFound):
         registry.withdraw("contract-model", 5)
+
+
+def test_tags_planned_over_a_holder_that_moved_are_planned_again(backend) -> None:
+    from aml_pipelines.delivery import SUCCEEDED, TagTransactions, plan_tags, retag
+
+    registry, source = backend
+    if isinstance(registry, TagTransactions):
+        pytest.skip("planned under the model's lock: test_registry_local's two-process test")
+    for i in (1, 2, 3):
+        _register(registry, source, i, stage="candidate")
+    registry.set_tags("contract-model", 1, {"stage": "production"})
+    plans = []
+
+    def plan(versions: Any) -> Any:
+        if not plans:  # another writer promotes v2 after this listing was read
+            registry.set_tags("contract-model", 2, {"stage": "production"})
+            registry.set_tags("contract-model", 1, {"stage": "archived"})
+        plans.append([v.version for v in versions if v.stage == "production"])
+        return plan_tags(versions, 3, SUCCEEDED)
+
+    retag(registry, "contract-model", plan, candidate=3)
+    assert plans == [[1], [2]]
+    production = registry.find_by_tag("contract-model", "stage", "production")
+    assert [v.version for v in production] == [3]

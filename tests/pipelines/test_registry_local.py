@@ -549,3 +549,85 @@ def test_an_unreadable_registry_record_is_one_clear_error(
     monkeypatch.setattr("aml_pipelines.registry.local.read_json", forbidden)
     with pytest.raises(RegistryError, match=r"m:1: .*\.registry\.json cannot be read \(Permi"):
         registry.list_versions("m")
+
+
+def wait_until_blocked_on(lock: Path, timeout_s: float = 60.0) -> None:
+    """Return once some process waits for the flock on `lock` (a `->` line of /proc/locks): a
+    sure sign, with no sleep guessing how long a start takes, that it reached the lock."""
+    inode = lock.stat().st_ino
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "->" in fields and fields[fields.index("->") + 5].endswith(f":{inode}"):
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"nobody waited for {lock} within {timeout_s} s")
+
+
+FOLLOWER = textwrap.dedent(
+    """
+    import sys
+    from aml_pipelines.delivery import SUCCEEDED, follow_traffic
+    from aml_pipelines.registry.local import LocalRegistry
+
+    changes = follow_traffic(LocalRegistry(sys.argv[1]), "m", 3, SUCCEEDED)
+    print(" ".join(f"{c.version}={c.tags['stage']}" for c in changes))
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux /proc/locks")
+def test_a_promotion_plans_over_the_holder_another_process_just_tagged(
+    registry: LocalRegistry, make_model: MakeModel
+) -> None:
+    # v1 production, v2 and v3 candidates. Another process (this one) promotes v2 while the
+    # rollout step's follow_traffic promotes v3: planned over a listing read before v2 moved,
+    # it archived v1 (already archived) and left v2 and v3 both production.
+    for i in (1, 2, 3):
+        registry.register("m", make_model(salt=str(i)), {"stage": "candidate"})
+    registry.set_tags("m", 1, {"stage": Stage.PRODUCTION})
+    follower = None
+    try:
+        with registry.transaction("m"):
+            follower = subprocess.Popen(
+                [sys.executable, "-c", FOLLOWER, str(registry.root)],
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=Path(__file__).resolve().parents[2],
+            )
+            wait_until_blocked_on(registry.root / "m" / ".lock")
+            registry.set_tags("m", 2, {"stage": Stage.PRODUCTION})
+            registry.set_tags("m", 1, {"stage": Stage.ARCHIVED})
+        out, _ = follower.communicate(timeout=60)
+    finally:
+        if follower is not None and follower.poll() is None:
+            follower.kill()
+            follower.communicate()
+    assert follower.returncode == 0
+    assert out.split() == ["3=production", "2=archived"]
+    stages = {v.version: v.stage for v in registry.list_versions("m")}
+    assert stages == {1: Stage.ARCHIVED, 2: Stage.ARCHIVED, 3: Stage.PRODUCTION}
+
+
+def test_a_transaction_lets_its_own_writes_through_and_keeps_others_out(
+    registry: LocalRegistry, make_model: MakeModel
+) -> None:
+    registry.register("m", make_model(salt="1"))
+    lock = registry.root / "m" / ".lock"
+    import fcntl
+
+    with registry.transaction("m"):
+        registry.set_tags("m", 1, {"k": "v"})  # not waiting on itself
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):  # another open file (another process) waits
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released once the block ends
+    finally:
+        os.close(fd)
+    assert registry.get("m", 1).tags["k"] == "v"

@@ -318,3 +318,56 @@ def test_the_same_seed_gives_the_same_bytes_whatever_the_blas_thread_count(
             )
         digests.append(result.sha256)
     assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        # float() reads PEP 515 underscores: a code column `3_1` trained as 31
+        pytest.param("3_1", "'3_1'", id="underscore"),
+        # and any Unicode decimal digits: an export's full-width or Arabic-Indic digits
+        pytest.param("１２", "'１２'", id="full-width-digits"),
+        pytest.param("٣", "'٣'", id="arabic-indic-digit"),
+        pytest.param("\u00a05", "'\\xa05'", id="non-ascii-space"),
+    ],
+)
+def test_a_value_only_python_reads_as_a_number_is_refused(
+    tmp_path: Path, value: str, shown: str
+) -> None:
+    data = tmp_path / "d.csv"
+    rows = "".join(f"{i},{i % 3},{2 * i}\n" for i in range(9))
+    data.write_text(f"a,b,y\n{rows}1,{value},3\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as refused:
+        train(tmp_path / "m", name="m", params=TrainParams(), data=data, target="y")
+    assert str(refused.value) == f"data: d.csv line 11, column 'b': {shown} is not a finite number"
+
+
+def test_ascii_number_syntax_is_still_read(tmp_path: Path) -> None:
+    data = tmp_path / "d.csv"
+    values = ["1", "+2", "-3.5", ".5", "6.", "7e1", "8E-1", " 9 ", "1.5e+2"]
+    data.write_text("a,y\n" + "".join(f"{v},{i}\n" for i, v in enumerate(values)))
+    train(tmp_path / "m", name="m", params=TrainParams(test_fraction=0.3), data=data, target="y")
+    assert (tmp_path / "m" / "model.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "folder",
+    [
+        # Spark's df.write.csv("a.csv") writes a folder: it hid b.csv ("no CSV file found")
+        pytest.param("a.csv", id="folder-sorted-first"),
+        # or failed the step with a bare "[Errno 21] Is a directory"
+        pytest.param("z.csv", id="folder-sorted-last"),
+    ],
+)
+def test_a_folder_named_like_a_csv_is_not_read_as_one(tmp_path: Path, folder: str) -> None:
+    from components.train.train import check_csv_target
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / folder).mkdir()
+    (data / folder / "part-0.csv").write_text("a,y\n1,2\n")
+    _write_csv(data / "b.csv")
+    check_csv_target(data, "x1")
+    train(tmp_path / "m", name="m", params=TrainParams(), data=data, target="x1")
+    manifest = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert manifest["target"] == "x1"
