@@ -841,11 +841,14 @@ def check_first_release(
 def tag_first_release(
     registry: ModelRegistry, model: str, version: int, check: str, reason: str
 ) -> list[TagChange]:
-    """Plan and apply the tags of a first release whose check ended `check`."""
-    versions = taggable_versions(registry, model, version)
-    changes = plan_first_release_tags(versions, version, check, reason)
-    apply_tags(registry, model, changes)
-    return changes
+    """Plan and apply the tags of a first release whose check ended `check` (read, plan and
+    write as one step: `retag`)."""
+    return retag(
+        registry,
+        model,
+        lambda versions: plan_first_release_tags(versions, version, check, reason),
+        candidate=version,
+    )
 
 
 class _LookLog:
