@@ -50,7 +50,8 @@ fields they do not know.
   ConfigMap holds at most 1 MiB: a push that would pass it is refused with a clear StateError
   and nothing written (~8,000 commands; the log is shared by every rollout of the name).
 
-- **Outages**: every read and write of the status and the command log, and the claim, that
+- **Outages**: every read and write of the status and the command log, the claim and the
+  take of the Lease, that
   gets no answer, a 5xx or a 429 is tried again (`_through_outage`), the pauses doubling from
   1 s to 30 s (a Retry-After honoured up to that): for OUTAGE_S while the store holds the lease
   (a controller: a tick's read of the queued commands must not stop it mid-rollout, blue at
@@ -489,20 +490,29 @@ class KubernetesStateStore:
             self._release(held)
 
     def _acquire(self, holder: str) -> _Held:
-        """Create the Lease, or take it over when free; LeaseHeldError when someone holds it."""
-        #: The acquireTime and send time of a create or take answered 409.
-        refused: tuple[float | None, float] | None = None
+        """Create the Lease, or take it over when free; LeaseHeldError when someone holds it.
+        Tried again through an outage (`_through_outage`: this store holds no lease yet, so
+        for CLI_OUTAGE_S)."""
+        #: The acquireTime and send time of each create or take answered 409, or not at all.
+        refused: list[tuple[float | None, float]] = []
+        return self._through_outage(
+            f"take the lease of rollout {self.name!r}",
+            lambda: self._acquire_once(holder, refused),
+        )
+
+    def _acquire_once(self, holder: str, refused: list[tuple[float | None, float]]) -> _Held:
+        """One try of `_acquire`: up to max_conflict_retries reads and writes of the Lease."""
         for _ in range(self._max_retries):
             found = self._read_lease()
             if (
-                refused is not None
+                refused
                 and found is not None
                 and o.holder_of(found) == holder
-                and o.parse_time(_acquire_time(found)) == refused[0]
+                and o.parse_time(_acquire_time(found)) == refused[-1][0]
             ):
-                # Our own write, sent again by the client (its answer lost: a connection the
-                # server closed) after it had landed: the 409 was its own.
-                return _Held(holder=holder, obj=found, renewed_at=refused[1])
+                # Our own write, landed though its answer was lost (no answer, or the client
+                # sent it again on a connection the server closed, answered 409).
+                return _Held(holder=holder, obj=found, renewed_at=refused[-1][1])
             # A renewTime more than a ttl ahead of our clock proves no life (a dead holder whose
             # clock ran an hour ahead would block every successor for that hour): watched too.
             if (
@@ -524,9 +534,13 @@ class KubernetesStateStore:
                     written = self._patch_lease(patch, self._timeout)
                     if o.holder_of(found):
                         log.warning("took over the expired lease of %s", o.describe_holder(found))
+            except _Unanswered:
+                # It may have landed: the next try reads whose it is. (As a time: a create's
+                # goes through the typed model, which rewrites it.)
+                refused.append((o.parse_time(o.micro_time(now)), sent))
+                raise
             except _Conflict:
-                # (As a time: a create's goes through the typed model, which rewrites it.)
-                refused = (o.parse_time(o.micro_time(now)), sent)
+                refused.append((o.parse_time(o.micro_time(now)), sent))
                 continue  # someone else created or took it meanwhile (or we did): read who
             except _Missing:
                 if found is None:  # a create's 404: the namespace

@@ -493,9 +493,11 @@ def test_an_unreachable_api_server_is_a_state_error_with_its_url() -> None:
         pytest.param("configmaps", "get", lambda store: store.load(), id="load"),
         pytest.param("configmaps", "get", lambda store: store.commands(), id="commands"),
         pytest.param("leases", "get", lambda store: store.controller(), id="controller"),
-        # (A push whose append broke off, after a read answered, is tried again and finds its
-        # line: test_an_append_whose_answer_broke_off_after_it_landed_is_not_made_twice.)
-        pytest.param("leases", "patch", lambda store: store.lease("bob").__enter__(), id="lease"),
+        # (A push whose append broke off, or a take of the Lease, after a read answered, is
+        # tried again and finds its write: test_an_append_whose_answer_broke_off_after_it_
+        # landed_is_not_made_twice, test_a_lease_take_whose_answer_broke_off_after_it_landed_
+        # is_ours. Here each store's first request breaks off: nothing ever answered it.)
+        pytest.param("leases", "get", lambda store: store.lease("bob").__enter__(), id="lease"),
     ],
 )
 def test_an_answer_broken_off_mid_body_is_a_state_error(
@@ -1554,3 +1556,51 @@ def test_no_answer_after_the_api_server_answered_is_tried_again(api: FakeKubeApi
     with pytest.raises(StateError, match=r"^cannot read the command log .* 31 s: .*broke off"):
         store.commands()
     assert instant.slept == [1.0, 2.0, 4.0, 8.0, 16.0]
+
+
+@pytest.mark.parametrize(
+    ("released_before", "verb", "times", "pauses"),
+    [
+        pytest.param(False, "get", 1, [1.0], id="read-of-the-lease-503"),
+        pytest.param(False, "create", 2, [1.0, 2.0], id="create-503"),
+        pytest.param(True, "patch", 1, [1.0], id="take-of-a-released-lease-503"),
+    ],
+)
+def test_a_lease_take_that_meets_a_blip_is_tried_again(
+    api: FakeKubeApiServer, released_before: bool, verb: str, times: int, pauses: list[float]
+) -> None:
+    """Was: `run` exited 2 at its start on one 503 taking the Lease."""
+    if released_before:
+        with kube_store(api, ttl=30).lease("ann"):
+            pass
+    instant = Recorded()
+    store = spec_store(api.url, instant)
+    api.fail_next("leases", verb, 503, times)
+    with store.lease("bob"):
+        store.save(a_status(1))
+        assert "bob" in lease_of(api)["spec"]["holderIdentity"]
+    assert instant.slept == pauses
+
+
+@pytest.mark.parametrize("verb", ["create", "patch"])
+def test_a_lease_take_whose_answer_broke_off_after_it_landed_is_ours(
+    api: FakeKubeApiServer, verb: str
+) -> None:
+    """Was: StateError; and tried again without looking, LeaseHeldError naming this very
+    controller as the one driving the rollout."""
+    if verb == "patch":
+        with kube_store(api, ttl=30).lease("ann"):
+            pass
+
+    class Healed(Recorded):
+        def sleep(self, seconds: float) -> None:
+            api.cut_off("leases", verb, False)
+            super().sleep(seconds)
+
+    instant = Healed()
+    store = spec_store(api.url, instant)
+    api.cut_off("leases", verb)
+    with store.lease("bob"):
+        store.save(a_status(1))
+        assert "bob" in lease_of(api)["spec"]["holderIdentity"]
+    assert instant.slept == [1.0]
