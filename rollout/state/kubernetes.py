@@ -34,8 +34,8 @@ fields they do not know.
   only edited labels or annotations and the write is retried; otherwise StateError, "lost
   rollout 'x' to another controller" — unless the status read is the very one being written,
   under this tenure's claim: a write that landed though its answer was lost, sent again. A save
-  that gets no answer, or a 5xx or 429, is tried again while the lease holds, for up to
-  OUTAGE_S (a decided rollback is saved before it is applied). Taking the lease *claims* the
+  that gets no answer, or a 5xx or 429, is tried again (below; a decided rollback is saved
+  before it is applied). Taking the lease *claims* the
   status (a write of the holder annotation, which moves the resourceVersion), so the stale
   controller's next save is refused even if the new one has not saved yet; and the new
   controller's `load()` refuses a status written by anyone else after its claim. A frozen
@@ -49,6 +49,16 @@ fields they do not know.
   on after the last commands it read, `Status.commands_tail`.) A
   ConfigMap holds at most 1 MiB: a push that would pass it is refused with a clear StateError
   and nothing written (~8,000 commands; the log is shared by every rollout of the name).
+
+- **Outages**: every read and write of the status and the command log, the claim and the
+  take of the Lease, that
+  gets no answer, a 5xx or a 429 is tried again (`_through_outage`), the pauses doubling from
+  1 s to 30 s (a Retry-After honoured up to that): for OUTAGE_S while the store holds the lease
+  (a controller: a tick's read of the queued commands must not stop it mid-rollout, blue at
+  its weight), for CLI_OUTAGE_S otherwise (`status`, `pause`, `abort`: a person waits). Any
+  other answer is final at once (a 403 of RBAC, a 422), and so is no answer while the API
+  server never answered this store (a wrong `state.api_url`). An outage is logged when it
+  starts and ends (and, for the lease, when it lapses), not at every try.
 
 The ledger is not here: it grows a line per tick and would outgrow a ConfigMap, so it stays a
 local file under `state.dir` (mount a volume there in a pod). API failures become StateError
@@ -67,7 +77,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
@@ -86,6 +96,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
+T = TypeVar("T")
 MERGE_PATCH = "application/merge-patch+json"
 
 
@@ -108,11 +119,17 @@ class _Unanswered(StateError):
         self.retry_after = retry_after
 
 
-#: How long the store waits out an API server that answers none of its saves (or none of the
-#: renewals of a lapsed lease) before it gives up: as long as the controller retries a rollback
-#: (`controller.ROLLBACK_RETRY_S`), which would otherwise end at the store's first error.
+#: How long the store waits out an API server that answers none of its requests (or none of
+#: the renewals of a lapsed lease) before it gives up, while it holds the lease: as long as the
+#: controller retries a rollback (`controller.ROLLBACK_RETRY_S`), which would otherwise end at
+#: the store's first error.
 OUTAGE_S = 600.0
-#: The longest pause between two tries of a save (they double from 1 s); a Retry-After is
+#: The same for a store that holds no lease: a one-shot command (`status`, `pause`, `abort`;
+#: `run` before it takes the lease). It rides out an API server restarting (seconds to tens
+#: of seconds) and tells a person, or a CI step, of a longer outage within a minute rather than
+#: ten: such a command decides nothing that waits on it, and run again it is answered.
+CLI_OUTAGE_S = 60.0
+#: The longest pause between two tries of a request (they double from 1 s); a Retry-After is
 #: honoured up to it.
 PAUSE_CAP_S = 30.0
 #: HTTP 429 Too Many Requests (API priority and fairness): not final, like a 5xx.
@@ -215,6 +232,9 @@ class KubernetesStateStore:
         #: `save()` requires the server still to have (the fence).
         self._status: Obj | None = None
         self._held: _Held | None = None
+        #: Whether the API server ever answered this store (any HTTP status): until it has, no
+        #: answer at all is a wrong `state.api_url` or a proxy not running, not an outage.
+        self._answered = False
 
     @classmethod
     def from_config(
@@ -247,7 +267,10 @@ class KubernetesStateStore:
         While this store holds the lease, a status written by anyone else since its claim is
         refused (StateError): another controller drives the rollout now.
         """
-        found = self._read_configmap(self.objects.status)
+        found = self._through_outage(
+            f"read the status of rollout {self.name!r}",
+            lambda: self._read_configmap(self.objects.status),
+        )
         if (
             self._held is not None
             and o.resource_version(found) != o.resource_version(self._status)
@@ -281,11 +304,10 @@ class KubernetesStateStore:
         """Write the status if nobody else wrote it since this store last did (else StateError).
 
         Refused too when this store's lease was lost (`check_lease`, before each try). A write
-        that got no answer, or a 5xx or 429, is tried again, the pauses doubling from 1 s up to
-        PAUSE_CAP_S (or a 429's Retry-After, up to that), for OUTAGE_S: the controller saves a
-        rollback before it applies it, and one blip of the API server must not leave it
-        unapplied. A try that finds its own write landed (answered 409: the answer of the
-        previous one was lost, not the write) is done.
+        that got no answer, or a 5xx or 429, is tried again for OUTAGE_S (`_through_outage`):
+        the controller saves a rollback before it applies it, and one blip of the API server
+        must not leave it unapplied. A try that finds its own write landed (answered 409: the
+        answer of the previous one was lost, not the write) is done.
         """
         self.check_lease()
         text = json.dumps(status.to_dict(), sort_keys=True)
@@ -294,28 +316,9 @@ class KubernetesStateStore:
             raise StateError(
                 f"cannot save the status of rollout {self.name!r}: {self._too_big(name, size)}"
             )
-        started, pause = self._monotonic(), 1.0
-        while True:
-            try:
-                self._write_status(text)
-                return
-            except _Unanswered as exc:
-                tried = self._monotonic() - started
-                wait = min(max(pause, exc.retry_after or 0.0), PAUSE_CAP_S)
-                if tried + wait > self._outage_s:
-                    raise StateError(
-                        f"cannot save the status of rollout {self.name!r}: still failing "
-                        f"after {span(tried)}: {exc}"
-                    ) from exc
-                log.warning(
-                    "saving the status of rollout %r failed (%s); retrying in %g s",
-                    self.name,
-                    exc,
-                    wait,
-                )
-                self._sleep(wait)
-                pause = min(pause * 2, PAUSE_CAP_S)
-            self.check_lease()  # the lease may have lapsed meanwhile: waits for its renewal
+        self._through_outage(
+            f"save the status of rollout {self.name!r}", lambda: self._write_status(text)
+        )
 
     def _write_status(self, text: str) -> None:
         """One try of `save`: create the status, or patch it compare-and-swap (see `save`)."""
@@ -394,16 +397,25 @@ class KubernetesStateStore:
     # ---------------------------------------------------------------------------- commands
 
     def push_command(self, command: Command) -> None:
-        """Append one line to the command log: read, append, write back if unchanged (CAS)."""
+        """Append one line to the command log: read, append, write back if unchanged (CAS).
+        Tried again through an outage (`_through_outage`); a write whose answer was lost (a
+        409, or none at all) is looked for by the next try, so the line is never in twice."""
         line = o.command_line(command)
+        sent: list[str] = []  # the logs writes whose outcome is unknown would have left
+        self._through_outage(
+            f"queue the command for rollout {self.name!r}", lambda: self._append(line, sent)
+        )
+
+    def _append(self, line: str, sent: list[str]) -> None:
+        """One try of `push_command`: up to max_conflict_retries appends, each read and CAS."""
         name = self.objects.commands
-        refused: str | None = None  # the log a write answered 409 would have left
         for attempt in range(1, self._max_retries + 1):
             found = self._read_configmap(name)
             log_text = o.data_of(found, o.COMMANDS_KEY) or ""
-            if refused is not None and log_text.startswith(refused):
+            if sent and log_text.startswith(sent[-1]):
                 # That write had landed, and the client sent it again (its answer lost: a
-                # connection the server closed): the line is in, at the place it was sent to.
+                # connection the server closed), or its answer never came: the line is in, at
+                # the place it was sent to.
                 return
             new_log = o.appended(log_text, line)
             if (size := o.size_with(found, o.COMMANDS_KEY, new_log)) > o.CONFIGMAP_MAX_BYTES:
@@ -419,8 +431,11 @@ class KubernetesStateStore:
                 else:
                     self._patch_configmap(name, o.data_patch(found, o.COMMANDS_KEY, new_log))
                 return
+            except _Unanswered:
+                sent.append(new_log)  # it may have landed: the next try looks
+                raise
             except _Conflict:
-                refused = new_log
+                sent.append(new_log)
                 log.debug("%s changed under us (409); appending again (%d)", name, attempt)
                 # Jittered, growing pauses: CLIs pushing at the same instant spread out.
                 self._sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))  # noqa: S311
@@ -434,15 +449,18 @@ class KubernetesStateStore:
         )
 
     def commands(self) -> list[Command | None]:
-        """The command log, oldest first."""
-        found = self._read_configmap(self.objects.commands)
+        """The command log, oldest first (read through an outage: `_through_outage`)."""
+        found = self._through_outage(
+            f"read the command log of rollout {self.name!r}",
+            lambda: self._read_configmap(self.objects.commands),
+        )
         return o.parse_commands(o.data_of(found, o.COMMANDS_KEY) or "")
 
     # ------------------------------------------------------------------------------- lease
 
     def controller(self) -> str | None:
         """The Lease's holder while its lease runs; None when released or expired."""
-        found = self._read_lease()
+        found = self._through_outage(f"read who drives rollout {self.name!r}", self._read_lease)
         if found is None or o.live_holder(found, self._clock()) is None:
             return None
         ahead = self._ahead(found)  # alive only if it is seen renewing: `lease` watches it
@@ -472,20 +490,29 @@ class KubernetesStateStore:
             self._release(held)
 
     def _acquire(self, holder: str) -> _Held:
-        """Create the Lease, or take it over when free; LeaseHeldError when someone holds it."""
-        #: The acquireTime and send time of a create or take answered 409.
-        refused: tuple[float | None, float] | None = None
+        """Create the Lease, or take it over when free; LeaseHeldError when someone holds it.
+        Tried again through an outage (`_through_outage`: this store holds no lease yet, so
+        for CLI_OUTAGE_S)."""
+        #: The acquireTime and send time of each create or take answered 409, or not at all.
+        refused: list[tuple[float | None, float]] = []
+        return self._through_outage(
+            f"take the lease of rollout {self.name!r}",
+            lambda: self._acquire_once(holder, refused),
+        )
+
+    def _acquire_once(self, holder: str, refused: list[tuple[float | None, float]]) -> _Held:
+        """One try of `_acquire`: up to max_conflict_retries reads and writes of the Lease."""
         for _ in range(self._max_retries):
             found = self._read_lease()
             if (
-                refused is not None
+                refused
                 and found is not None
                 and o.holder_of(found) == holder
-                and o.parse_time(_acquire_time(found)) == refused[0]
+                and o.parse_time(_acquire_time(found)) == refused[-1][0]
             ):
-                # Our own write, sent again by the client (its answer lost: a connection the
-                # server closed) after it had landed: the 409 was its own.
-                return _Held(holder=holder, obj=found, renewed_at=refused[1])
+                # Our own write, landed though its answer was lost (no answer, or the client
+                # sent it again on a connection the server closed, answered 409).
+                return _Held(holder=holder, obj=found, renewed_at=refused[-1][1])
             # A renewTime more than a ttl ahead of our clock proves no life (a dead holder whose
             # clock ran an hour ahead would block every successor for that hour): watched too.
             if (
@@ -507,9 +534,13 @@ class KubernetesStateStore:
                     written = self._patch_lease(patch, self._timeout)
                     if o.holder_of(found):
                         log.warning("took over the expired lease of %s", o.describe_holder(found))
+            except _Unanswered:
+                # It may have landed: the next try reads whose it is. (As a time: a create's
+                # goes through the typed model, which rewrites it.)
+                refused.append((o.parse_time(o.micro_time(now)), sent))
+                raise
             except _Conflict:
-                # (As a time: a create's goes through the typed model, which rewrites it.)
-                refused = (o.parse_time(o.micro_time(now)), sent)
+                refused.append((o.parse_time(o.micro_time(now)), sent))
                 continue  # someone else created or took it meanwhile (or we did): read who
             except _Missing:
                 if found is None:  # a create's 404: the namespace
@@ -587,6 +618,12 @@ class KubernetesStateStore:
         taking the Lease and claiming would fence out the successor that took over meanwhile,
         and, having lost the lease itself, stop too: nobody would drive the rollout.
         """
+        self._through_outage(
+            f"claim the status of rollout {self.name!r}", lambda: self._claim_once(claim)
+        )
+
+    def _claim_once(self, claim: str) -> None:
+        """One try of `_claim_status` (a claim is the same write however often it is sent)."""
         name = self.objects.status
         for _ in range(self._max_retries):
             self._require_lease()
@@ -798,6 +835,60 @@ class KubernetesStateStore:
 
     # ---------------------------------------------------------------------------- requests
 
+    def _through_outage(self, doing: str, attempt: Callable[[], T]) -> T:
+        """`attempt()`, tried again while it meets no answer, a 5xx or a 429 (_Unanswered), the
+        pauses doubling from 1 s up to PAUSE_CAP_S (a Retry-After honoured up to that); any
+        other error at once (a 403 of RBAC is an answer: asking again would only hide it), and
+        no answer too while the API server never answered this store.
+
+        For OUTAGE_S while this store holds the lease (a controller: it must not stop, blue at
+        its weight or a decided rollback unapplied, for an API server restarting), else for
+        CLI_OUTAGE_S (a one-shot command, a person waiting for it); it gives up rather than
+        pause past that, StateError "cannot <doing>: still failing after ...". The lease is
+        checked after each pause (`check_lease`: a lapsed one is renewed first, a lost one
+        stops it). Told at WARNING when the outage starts and when it ends, DEBUG between:
+        `run` shows warnings, and a line per try buries the rest.
+        """
+        bound = self._outage_s if self._held is not None else CLI_OUTAGE_S
+        started, pause, failed = self._monotonic(), 1.0, 0
+        while True:
+            try:
+                result = attempt()
+            except _Unanswered as exc:
+                if not self._answered:
+                    # Never reached (a wrong api_url, `kubectl proxy` not running, a cluster off
+                    # the VPN): said at once, as the controller does a router that never
+                    # answered it; waiting would only delay the one line that says why.
+                    raise
+                failed += 1
+                tried = self._monotonic() - started
+                wait = min(max(pause, exc.retry_after or 0.0), PAUSE_CAP_S)
+                if tried + wait > bound:
+                    raise StateError(
+                        f"cannot {doing}: still failing after {span(tried)}: {exc}"
+                    ) from exc
+                log.log(
+                    logging.WARNING if failed == 1 else logging.DEBUG,
+                    "could not %s: %s; %s",
+                    doing,
+                    exc,
+                    f"trying again for up to {span(bound)}"
+                    if failed == 1
+                    else f"again in {wait:g} s",
+                )
+                self._sleep(wait)
+                pause = min(pause * 2, PAUSE_CAP_S)
+                self.check_lease()  # the lease may have lapsed meanwhile: waits for its renewal
+                continue
+            if failed:
+                log.warning(
+                    "%s: went through after %d failed tries (%s)",
+                    doing,
+                    failed,
+                    span(self._monotonic() - started),
+                )
+            return result
+
     def _read_configmap(self, name: str) -> Obj | None:
         return self._read(
             f"read ConfigMap {self._ns}/{name}",
@@ -878,8 +969,11 @@ class KubernetesStateStore:
         rollout not started) but a URL that serves no such API.
         """
         try:
-            return cast(Obj, kubeapi.read_json(call))  # the body is read in here too
+            found = cast(Obj, kubeapi.read_json(call))  # the body is read in here too
+            self._answered = True
+            return found
         except ApiException as exc:
+            self._answered = True
             if kubeapi.not_served(exc):
                 raise StateError(
                     f"{what}: the API server at {self._host} does not serve this resource type "

@@ -35,7 +35,9 @@ real apiserver. What it implements is what clients rely on for correctness:
 Every request is recorded (`requests`) with the RBAC verb it needs, so tests can check that a
 Role grants exactly what a client used. `delay(resource, verb, s)` answers such requests late (a
 slow API server); `cut_off(resource, verb)` breaks their answers off mid-body (a connection reset
-after the headers); `delete(...)` removes an object as another client would.
+after the headers); `fail_next(resource, verb, code, times)` answers the next `times` such
+requests `code` (a 503 of an API server restarting, a 429, a 403 of RBAC) without handling
+them; `delete(...)` removes an object as another client would.
 `before_next_write(resource, name, fn)` runs `fn(obj)` as a concurrent writer just before the next
 write to that object is handled — the race a 409 guards (or, returning DELETED, deletes it: the
 race a 404 on a write is).
@@ -146,6 +148,8 @@ class FakeKubeApiServer:
         self._hooks: dict[tuple[str, str], Callable[[dict[str, Any]], None]] = {}
         self._delays: dict[tuple[str, str], float] = {}
         self._cut_offs: set[tuple[str, str]] = set()
+        #: (resource, verb) → [code, requests still to fail, name or "" for any, headers].
+        self._failures: dict[tuple[str, str], list[Any]] = {}
         #: Per handler thread: whether the answer being made is to be cut off (see cut_off).
         self._answer = threading.local()
         self._server: LocalServer | None = None
@@ -208,6 +212,44 @@ class FakeKubeApiServer:
             self._cut_offs.add((resource, verb))
         else:
             self._cut_offs.discard((resource, verb))
+
+    def fail_next(
+        self,
+        resource: str,
+        verb: str,
+        code: int,
+        times: int = 1,
+        *,
+        name: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Answer the next `times` `verb` requests on `resource` (on the object `name` only, when
+        given) with `code` and a Status saying so, without handling them (nothing is written);
+        `headers` go with each answer (a Retry-After). Recorded, with `code`, as any request."""
+        self._failures[(resource, verb)] = [code, times, name, headers or {}]
+
+    def _failing(self, record: dict[str, str]) -> ApiError | None:
+        """The error `fail_next` set for this request, counted; None to handle it."""
+        resource, verb, name = record["resource"], record["verb"], record["name"]
+        with self._lock:
+            failure = self._failures.get((resource, verb))
+            if failure is None or failure[1] <= 0 or failure[2] not in ("", name):
+                return None
+            failure[1] -= 1
+        code, headers = failure[0], failure[3]
+        if code == 403:  # as RBAC's authorizer words it
+            return ApiError(
+                403,
+                "Forbidden",
+                f'{resource} "{name}" is forbidden: User "system:serviceaccount:ml:aml-rollout" '
+                f'cannot {verb} resource "{resource}" in API group "{record["group"]}" in the '
+                f'namespace "{record["namespace"]}"',
+                {"name": name, "group": record["group"], "kind": resource},
+            )
+        reason = {429: "TooManyRequests", 503: "ServiceUnavailable"}.get(code, "InternalError")
+        return ApiError(
+            code, reason, f"fail_next: {verb} {resource} answered {code}", None, headers
+        )
 
     def cuts_off_this_answer(self) -> bool:
         """Whether the answer to the request this thread just handled is to be cut off."""
@@ -311,6 +353,8 @@ class FakeKubeApiServer:
         if seconds := self._delays.get((resource, verb)):
             time.sleep(seconds)  # outside the lock: a slow answer, not a stalled server
         try:
+            if (failure := self._failing(record)) is not None:
+                raise failure
             with self._lock:
                 result = self._dispatch(
                     method, group, resource, namespace, name, body, content_type, label_selector

@@ -493,13 +493,11 @@ def test_an_unreachable_api_server_is_a_state_error_with_its_url() -> None:
         pytest.param("configmaps", "get", lambda store: store.load(), id="load"),
         pytest.param("configmaps", "get", lambda store: store.commands(), id="commands"),
         pytest.param("leases", "get", lambda store: store.controller(), id="controller"),
-        pytest.param(
-            "configmaps",
-            "patch",
-            lambda store: store.push_command(Command(id="2", kind="abort")),
-            id="push-command",
-        ),
-        pytest.param("leases", "patch", lambda store: store.lease("bob").__enter__(), id="lease"),
+        # (A push whose append broke off, or a take of the Lease, after a read answered, is
+        # tried again and finds its write: test_an_append_whose_answer_broke_off_after_it_
+        # landed_is_not_made_twice, test_a_lease_take_whose_answer_broke_off_after_it_landed_
+        # is_ours. Here each store's first request breaks off: nothing ever answered it.)
+        pytest.param("leases", "get", lambda store: store.lease("bob").__enter__(), id="lease"),
     ],
 )
 def test_an_answer_broken_off_mid_body_is_a_state_error(
@@ -1264,3 +1262,345 @@ def test_an_outage_is_told_when_it_starts_lapses_and_ends_not_every_second(
     assert told[0].startswith("could not renew Lease ml/aml-rollout-r: write Lease")
     assert "was not renewed for 20 s, two thirds of state.lease_ttl_s" in told[1]
     assert told[2].startswith("renewed Lease ml/aml-rollout-r again after 100 failed tries")
+
+
+# -------------------------------------------- reads, the claim and the CLI's commands in a blip
+
+
+class Recorded(InstantTime):
+    """InstantTime that keeps the pauses it slept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slept: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        super().sleep(seconds)
+
+
+def spec_store(url: str, instant: InstantTime, ttl: int = 30) -> KubernetesStateStore:
+    """A store on the client a spec's `state` builds (its urllib3 retries: no Retry-After
+    slept inside a request), on `instant`'s clock."""
+    from rollout import kubeapi
+
+    cfg = KubernetesStateConfig(namespace=NAMESPACE, api_url=url, lease_ttl_s=ttl)
+    return KubernetesStateStore(
+        StateObjects(NAMESPACE, "r"),
+        kubeapi.api_client(cfg, "state"),
+        lease_ttl_s=ttl,
+        monotonic=instant.monotonic,
+        sleep=instant.sleep,
+    )
+
+
+def _started(api: FakeKubeApiServer) -> None:
+    """A rollout under way: its status saved, one command queued."""
+    store = kube_store(api, ttl=30)
+    with store.lease("earlier controller"):
+        store.save(a_status(4))
+    store.push_command(Command(id="1", kind="pause"))
+
+
+STATUS_CM, COMMANDS_CM = "aml-rollout-r-status", "aml-rollout-r-commands"
+
+
+def _resume(store: KubernetesStateStore) -> object:
+    status_read = store.load()
+    assert status_read is not None
+    return status_read.tick
+
+
+def _queue(store: KubernetesStateStore) -> object:
+    store.push_command(Command(id="2", kind="abort", by="ann"))
+    return [c.id for c in store.commands() if c]
+
+
+def _holder(store: KubernetesStateStore) -> object:
+    return store.controller()
+
+
+def _ids(store: KubernetesStateStore) -> object:
+    return [c.id for c in store.commands() if c]
+
+
+@pytest.mark.parametrize(
+    ("held", "call", "resource", "verb", "name", "code", "headers", "result", "pauses"),
+    [
+        # The controller: `run` reads the queued commands every tick (and every poll of its
+        # wait), and the status when it resumes.
+        pytest.param(True, _ids, "configmaps", "get", COMMANDS_CM, 503, None, ["1"], [1.0],
+                     id="run-tick-reads-the-commands-503"),
+        pytest.param(True, _resume, "configmaps", "get", STATUS_CM, 500, None, 4, [1.0, 2.0],
+                     id="run-resume-loads-the-status-500"),
+        pytest.param(True, _ids, "configmaps", "get", COMMANDS_CM, 429, {"Retry-After": "5"},
+                     ["1"], [5.0], id="run-tick-429-retry-after-honoured"),
+        # One-shot commands: `status`, `pause`/`abort`.
+        pytest.param(False, _resume, "configmaps", "get", STATUS_CM, 503, None, 4, [1.0],
+                     id="status-loads-the-status"),
+        pytest.param(False, _ids, "configmaps", "get", COMMANDS_CM, 503, None, ["1"], [1.0],
+                     id="status-reads-the-commands"),
+        pytest.param(False, _holder, "leases", "get", "aml-rollout-r", 503, None, None, [1.0],
+                     id="status-reads-the-holder"),
+        pytest.param(False, _queue, "configmaps", "get", COMMANDS_CM, 503, None, ["1", "2"],
+                     [1.0], id="abort-reads-the-log"),
+        pytest.param(False, _queue, "configmaps", "patch", COMMANDS_CM, 503, None, ["1", "2"],
+                     [1.0, 2.0, 4.0], id="abort-appends-to-the-log"),
+    ],
+)  # fmt: skip
+def test_a_read_or_a_command_that_meets_a_blip_is_tried_again(
+    api: FakeKubeApiServer,
+    held: bool,
+    call: Callable[[KubernetesStateStore], object],
+    resource: str,
+    verb: str,
+    name: str,
+    code: int,
+    headers: dict[str, str] | None,
+    result: object,
+    pauses: list[float],
+) -> None:
+    """Was: StateError at the first 5xx, 429 or timeout of a read (only a save was tried
+    again): `run` exited 2 mid-rollout on one 503 reading the queued commands, blue left at
+    its weight with nobody watching; `status`, `pause` and `abort` failed on one blip."""
+    _started(api)
+    instant = Recorded()
+    store = spec_store(api.url, instant)
+    with store.lease("ann") if held else contextlib.nullcontext():
+        api.fail_next(resource, verb, code, len(pauses), name=name, headers=headers)
+        assert call(store) == result
+    assert instant.slept == pauses
+    failed = [r for r in api.requests if r.status == code]
+    assert [(r.verb, r.name) for r in failed] == [(verb, name)] * len(pauses)
+
+
+def test_a_claim_that_meets_a_blip_is_tried_again(api: FakeKubeApiServer) -> None:
+    """Was: `run` exited 2 at its start, the Lease taken, on one 503 claiming the status."""
+    _started(api)
+    instant = Recorded()
+    store = spec_store(api.url, instant)
+    api.fail_next("configmaps", "patch", 503, 2, name=STATUS_CM)
+    with store.lease("ann"):
+        assert _resume(store) == 4
+        store.save(a_status(5))
+        claim = status_of(api)["metadata"]["annotations"][o.HOLDER_ANNOTATION]
+        assert claim.startswith("ann pid ")
+    assert instant.slept == [1.0, 2.0]
+    assert stored_tick(api) == 5
+
+
+def test_an_append_whose_answer_broke_off_after_it_landed_is_not_made_twice(
+    api: FakeKubeApiServer,
+) -> None:
+    """The append landed, its answer broken off (no answer: tried again); the next try finds
+    the line where it was sent. Was: StateError, the command queued all the same."""
+    _started(api)
+
+    class Healed(Recorded):
+        def sleep(self, seconds: float) -> None:
+            api.cut_off("configmaps", "patch", False)
+            super().sleep(seconds)
+
+    instant = Healed()
+    cli = spec_store(api.url, instant)
+    api.cut_off("configmaps", "patch")
+    assert _queue(cli) == ["1", "2"]
+    assert instant.slept == [1.0]
+
+
+@pytest.mark.parametrize(
+    ("held", "call", "resource", "verb", "object_named"),
+    [
+        pytest.param(True, _resume, "configmaps", "get", f"ConfigMap ml/{STATUS_CM}",
+                     id="run-load-403"),
+        pytest.param(True, _ids, "configmaps", "get", f"ConfigMap ml/{COMMANDS_CM}",
+                     id="run-commands-403"),
+        pytest.param(False, _queue, "configmaps", "patch", f"ConfigMap ml/{COMMANDS_CM}",
+                     id="abort-append-403"),
+        pytest.param(False, _holder, "leases", "get", "Lease ml/aml-rollout-r",
+                     id="status-holder-403"),
+    ],
+)  # fmt: skip
+def test_a_refusal_is_not_tried_again_and_names_the_object_and_the_verb(
+    api: FakeKubeApiServer,
+    held: bool,
+    call: Callable[[KubernetesStateStore], object],
+    resource: str,
+    verb: str,
+    object_named: str,
+) -> None:
+    """A 403 (RBAC) is an answer, not a blip: asking again for minutes would only hide it."""
+    _started(api)
+    instant = Recorded()
+    store = spec_store(api.url, instant)
+    with store.lease("ann") if held else contextlib.nullcontext():
+        api.fail_next(resource, verb, 403, 100)
+        with pytest.raises(StateError) as raised:
+            call(store)
+    said = str(raised.value)
+    assert object_named in said and f'cannot {verb} resource "{resource}"' in said, said
+    assert "still failing" not in said
+    assert instant.slept == []
+    assert len([r for r in api.requests if r.status == 403]) == 1
+
+
+@pytest.mark.parametrize(
+    ("held", "after"),
+    [
+        # A controller holding the lease: as long as a save, the controller's rollback retry.
+        pytest.param(True, r"9\.\d min", id="run-waits-out-the-outage"),
+        # `status`, `pause`, `abort`: tries at 0, 1, 3, 7, 15 and 31 s, then a clear error
+        # rather than a 30 s pause past the minute.
+        pytest.param(False, "31 s", id="status-gives-up-within-a-minute"),
+    ],
+)
+def test_a_read_the_api_server_never_answers_gives_up_within_its_bound(
+    api: FakeKubeApiServer, held: bool, after: str
+) -> None:
+    from rollout.state.kubernetes import CLI_OUTAGE_S, OUTAGE_S
+
+    _started(api)
+    instant = Recorded()
+    store = spec_store(api.url, instant)
+    with store.lease("ann") if held else contextlib.nullcontext():
+        api.fail_next("configmaps", "get", 503, 10_000, name=COMMANDS_CM)
+        with pytest.raises(StateError, match=f"still failing after {after}: .*HTTP 503"):
+            store.commands()
+        api.fail_next("configmaps", "get", 503, 0)
+        if held:
+            store.check_lease()  # renewed all along: only the ConfigMap could not be read
+    bound = OUTAGE_S if held else CLI_OUTAGE_S
+    assert bound - 30 < sum(instant.slept) <= bound
+    assert instant.slept[:6] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0][: len(instant.slept)]
+
+
+@pytest.mark.parametrize(
+    ("held", "call", "verb", "name", "told"),
+    [
+        pytest.param(True, _ids, "get", COMMANDS_CM, "read the command log of rollout 'r'",
+                     id="read"),
+        pytest.param(True, lambda store: store.save(a_status(5)), "patch", STATUS_CM,
+                     "save the status of rollout 'r'", id="save"),
+        pytest.param(False, _queue, "patch", COMMANDS_CM, "queue the command for rollout 'r'",
+                     id="push"),
+    ],
+)  # fmt: skip
+def test_a_request_s_outage_is_told_when_it_starts_and_ends_not_at_every_try(
+    api: FakeKubeApiServer,
+    caplog: pytest.LogCaptureFixture,
+    held: bool,
+    call: Callable[[KubernetesStateStore], object],
+    verb: str,
+    name: str,
+    told: str,
+) -> None:
+    """Was: a save's every retry at WARNING (reads were not retried at all). (A lease of
+    300 s: its lapse, told once too, is another test's.)"""
+    _started(api)
+    instant = Recorded()
+    store = spec_store(api.url, instant, ttl=300)
+    logger = "rollout.state.kubernetes"
+    holding = store.lease("ann") if held else contextlib.nullcontext()
+    with caplog.at_level(logging.WARNING, logger), holding:
+        api.fail_next("configmaps", verb, 503, 5, name=name)
+        call(store)
+    lines = [r.getMessage() for r in caplog.records if r.name == logger]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"could not {told}: ") and "HTTP 503" in lines[0]
+    assert lines[1] == f"{told}: went through after 5 failed tries (31 s)"
+
+
+def test_a_run_whose_command_read_meets_a_503_mid_rollout_goes_on(tmp_path: Path) -> None:
+    """The repro: `rollout run` on the kubernetes store, one 503 on the third tick's read of
+    the queued commands. Was: StateError (exit 2) at that tick, the rollout left Progressing
+    with blue at 10 % and nobody watching; now it ends Succeeded, 1 s later."""
+    from rollout.api import run_rollout
+    from rollout.controller import FakeClock
+    from tests.engine.killable_driver import spec_for
+
+    with FakeKubeApiServer() as api:
+        api.seed({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ml"}},
+                 "namespaces")  # fmt: skip
+        ticks: list[int] = []
+
+        def on_tick(status: Any, record: Any) -> None:
+            ticks.append(status.tick)
+            if len(ticks) == 3:
+                api.fail_next("configmaps", "get", 503, name="aml-rollout-kill-commands")
+
+        result = run_rollout(spec_for(tmp_path, api.url), clock=FakeClock(1000.0), on_tick=on_tick)
+        assert result.phase.value == "Succeeded"
+        assert [r.status for r in api.requests if r.status >= 500] == [503]
+
+
+def test_an_api_server_that_never_answered_is_said_unreachable_at_once() -> None:
+    """A wrong api_url, `kubectl proxy` not running: no pause, as for a router that never
+    answered the controller; waiting a minute would only delay the one line that says why."""
+    with FakeKubeApiServer() as gone:
+        url = gone.url
+    instant = Recorded()
+    store = spec_store(url, instant)
+    with pytest.raises(StateError, match=r"^read ConfigMap ml/aml-rollout-r-status: cannot reach"):
+        store.load()
+    assert instant.slept == []
+
+
+def test_no_answer_after_the_api_server_answered_is_tried_again(api: FakeKubeApiServer) -> None:
+    """No answer (here each broken off mid-body) once the API server answered this store: an
+    outage, waited out within the one-shot bound, then said with what the last try met."""
+    _started(api)
+    instant = Recorded()
+    store = spec_store(api.url, instant)
+    assert _resume(store) == 4
+    api.cut_off("configmaps", "get")
+    with pytest.raises(StateError, match=r"^cannot read the command log .* 31 s: .*broke off"):
+        store.commands()
+    assert instant.slept == [1.0, 2.0, 4.0, 8.0, 16.0]
+
+
+@pytest.mark.parametrize(
+    ("released_before", "verb", "times", "pauses"),
+    [
+        pytest.param(False, "get", 1, [1.0], id="read-of-the-lease-503"),
+        pytest.param(False, "create", 2, [1.0, 2.0], id="create-503"),
+        pytest.param(True, "patch", 1, [1.0], id="take-of-a-released-lease-503"),
+    ],
+)
+def test_a_lease_take_that_meets_a_blip_is_tried_again(
+    api: FakeKubeApiServer, released_before: bool, verb: str, times: int, pauses: list[float]
+) -> None:
+    """Was: `run` exited 2 at its start on one 503 taking the Lease."""
+    if released_before:
+        with kube_store(api, ttl=30).lease("ann"):
+            pass
+    instant = Recorded()
+    store = spec_store(api.url, instant)
+    api.fail_next("leases", verb, 503, times)
+    with store.lease("bob"):
+        store.save(a_status(1))
+        assert "bob" in lease_of(api)["spec"]["holderIdentity"]
+    assert instant.slept == pauses
+
+
+@pytest.mark.parametrize("verb", ["create", "patch"])
+def test_a_lease_take_whose_answer_broke_off_after_it_landed_is_ours(
+    api: FakeKubeApiServer, verb: str
+) -> None:
+    """Was: StateError; and tried again without looking, LeaseHeldError naming this very
+    controller as the one driving the rollout."""
+    if verb == "patch":
+        with kube_store(api, ttl=30).lease("ann"):
+            pass
+
+    class Healed(Recorded):
+        def sleep(self, seconds: float) -> None:
+            api.cut_off("leases", verb, False)
+            super().sleep(seconds)
+
+    instant = Healed()
+    store = spec_store(api.url, instant)
+    api.cut_off("leases", verb)
+    with store.lease("bob"):
+        store.save(a_status(1))
+        assert "bob" in lease_of(api)["spec"]["holderIdentity"]
+    assert instant.slept == [1.0]
