@@ -631,3 +631,46 @@ def test_a_transaction_lets_its_own_writes_through_and_keeps_others_out(
     finally:
         os.close(fd)
     assert registry.get("m", 1).tags["k"] == "v"
+
+
+def test_a_tag_transaction_hashes_the_versions_before_it_takes_the_lock(
+    registry: LocalRegistry, make_model: MakeModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: every version's files re-hashed (twice) while the model's lock was held: another
+    # writer of the model waited 3.9 s for ten 200 MB versions.
+    from aml_pipelines.delivery import plan_manual_tags, retag
+    from aml_pipelines.registry import local
+
+    for mse in (10.0, 9.0, 8.0):
+        registry.register("m", make_model(mse=mse))
+    registry.set_tags("m", 1, {"stage": Stage.PRODUCTION})
+    hashed, real = {"locked": 0, "free": 0}, local.sha256_file
+
+    def counted(path: Path) -> str:
+        locked = registry.root / "m" in registry._held.__dict__.get("roots", set())
+        hashed["locked" if locked else "free"] += 1
+        return real(path)
+
+    monkeypatch.setattr(local, "sha256_file", counted)
+    retag(registry, "m", lambda vs: plan_manual_tags(vs, 3, {"stage": "production"}, replace=True))
+    assert hashed["locked"] == 0 and hashed["free"] > 0
+    assert [v.version for v in registry.find_by_tag("m", "stage", Stage.PRODUCTION)] == [3]
+    # a file rewritten between the two reads is hashed again under the lock, and caught
+    monkeypatch.setattr(local, "sha256_file", real)
+    model_file = next(p for p in (registry.root / "m" / "2").iterdir() if p.suffix != ".json")
+    with registry.transaction("m"):
+        model_file.write_bytes(b"tampered")
+        with pytest.raises(IntegrityError, match="m:2 is corrupted"):
+            registry.get("m", 2)
+
+
+def test_a_tag_edit_on_a_model_that_is_not_there_creates_nothing(tmp_path: Path) -> None:
+    # Was: `registry tag typo 1 sha256=` made typo/.lock (and the registry folder), after which
+    # a watcher on the typo'd registry opened it and polled an empty registry for ever.
+    registry = LocalRegistry(tmp_path / "typo-registry")
+    with (
+        pytest.raises(ModelNotFound, match="model 'diabetis' not found"),
+        registry.transaction("diabetis"),
+    ):
+        pass
+    assert not (tmp_path / "typo-registry").exists()
