@@ -213,7 +213,8 @@ def run_local(
             "package_mode: azureml has Azure ML build the image, which needs the workspace "
             "registry (registry=azureml); a local registry packages with package_mode=local"
         )
-    _refuse_case_twin(params)
+    if STEPS.index(until) >= STEPS.index("register"):  # a train-only run registers nothing
+        _refuse_case_twin(params)
     run_dir = (run_dir or default_run_dir()).resolve()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

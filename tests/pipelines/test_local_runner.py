@@ -809,3 +809,16 @@ def test_a_model_name_differing_only_in_case_is_refused_before_train(tmp_path: P
     with pytest.raises(ConfigError, match="differs from the registered 'diabetes-ridge' only in"):
         run_local(_params(tmp_path, model_name="Diabetes-Ridge"), run_dir=tmp_path / "r")
     assert not (tmp_path / "r" / "train").exists()
+
+
+def test_a_train_only_run_is_not_refused_for_a_case_twin(tmp_path: Path) -> None:
+    # Was refused (exit 2) since the pre-flight case-twin check: `--until train` registers
+    # nothing, and trained normally before it.
+    from tests.pipelines.conftest import write_model_folder
+
+    registry = LocalRegistry(tmp_path / "registry")
+    registry.register("diabetes-ridge", write_model_folder(tmp_path / "m", name="diabetes-ridge"))
+    run = run_local(
+        _params(tmp_path, model_name="Diabetes-Ridge"), until="train", run_dir=tmp_path / "r"
+    )
+    assert list(run.steps) == ["train"]
