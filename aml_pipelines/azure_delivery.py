@@ -37,6 +37,7 @@ registry tags say which).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -328,7 +329,17 @@ def _checked_spec(spec: str | Path, state_dir: Path) -> str:
     from rollout.api import load_spec
 
     load_spec(path)  # rollout.errors.ConfigError names the bad field
-    snapshot = state_dir / SPEC_SNAPSHOT / path.name
-    write_bytes(snapshot, path.read_bytes())
+    data = path.read_bytes()
+    # Named by its content: triggers sharing a state folder (several models on one endpoint,
+    # or a second watcher refused as already running) each keep their own spec, whatever its
+    # file name; the job still uploads a file of the user's name.
+    snapshot = state_dir / SPEC_SNAPSHOT / hashlib.sha256(data).hexdigest()[:16] / path.name
+    try:
+        if not snapshot.is_file():
+            write_bytes(snapshot, data)
+    except OSError as exc:
+        raise ConfigError(
+            f"--state-dir {state_dir}: cannot keep a copy of --spec there ({exc.strerror or exc})"
+        ) from None
     load_spec(snapshot)  # the copy: an edit racing this start is not submitted unchecked
     return str(snapshot.resolve())

@@ -426,3 +426,52 @@ def test_a_local_spec_edited_while_the_trigger_runs_is_not_submitted_unchecked(
     )  # fmt: skip
     delivery.deliver(version)
     assert submitted == [good]  # the spec as checked, as the engine delivery rolls out
+
+
+def test_triggers_sharing_a_state_folder_each_submit_their_own_spec(
+    tmp_path: Path, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was (the first snapshot): both copied to <state-dir>/spec/rollout.yaml, the trigger started
+    # last overwrote the other's: diabetes jobs went out with churn's spec.
+    import aml_pipelines.build as build
+
+    texts = {}
+    for model in ("diabetes", "churn"):
+        (tmp_path / model).mkdir()
+        spec = tmp_path / model / "rollout.yaml"
+        texts[model] = (
+            f"name: {model}\nrouter: {{kind: memory}}\nmetrics: {{kind: simulated}}\n"
+            "steps: [10, 100]\n"
+        )
+        spec.write_text(texts[model])
+    submitted: list[str] = []
+
+    def submit(job: Any, ml_client: Any, *, experiment: str) -> Any:
+        submitted.append(Path(job.inputs["rollout_spec"].path).read_text())
+        return SimpleNamespace(studio_url="https://ml.azure.com/runs/x", status="NotStarted")
+
+    monkeypatch.setattr(build, "submit_pipeline", submit)
+    monkeypatch.setattr(PipelineDelivery, "_get_job", lambda self, name: None)
+    registry = AzureMLRegistry(client)
+    deliveries = {
+        model: PipelineDelivery(
+            client, str(tmp_path / model / "rollout.yaml"), tmp_path / "trigger", watched=registry
+        )
+        for model in ("diabetes", "churn")
+    }
+    for model, delivery in deliveries.items():
+        delivery.deliver(
+            ModelVersion(name=model, version=1, uri="azureml://jobs/r/outputs/model",
+                         sha256="a" * 64, tags={"stage": "candidate"})
+        )  # fmt: skip
+    assert submitted == [texts["diabetes"], texts["churn"]]
+    assert {Path(d.spec).name for d in deliveries.values()} == {"rollout.yaml"}
+
+
+def test_a_state_dir_that_is_a_file_is_one_config_error(tmp_path: Path, client: Any) -> None:
+    # Was (the first snapshot): a NotADirectoryError traceback, exit 1.
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text("name: x\nrouter: {kind: memory}\nmetrics: {kind: simulated}\n")
+    (tmp_path / "trigger").write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"--state-dir .*trigger: cannot keep a copy of --spec"):
+        PipelineDelivery(client, str(spec), tmp_path / "trigger", watched=AzureMLRegistry(client))
