@@ -24,6 +24,7 @@ from rollout.config import (
     EnvoyRouterConfig,
     IstioRouterConfig,
     RolloutSpec,
+    is_local_code,
     load_spec,
 )
 from rollout.controller import Clock, Controller, FirstCheck, RealClock, TickHook, default_owner
@@ -193,7 +194,7 @@ def check_router_files(spec: RolloutSpec) -> None:
     router = spec.router
     if not isinstance(router, AzureMLRouterConfig) or router.code is None:
         return
-    if router.code.startswith("azureml:") or "://" in router.code:
+    if not is_local_code(router.code):
         return  # a code asset: whether it holds the script is Azure's answer
     folder = Path(router.code)
     read = "" if folder.is_absolute() else f", read from the current directory {Path.cwd()}"

@@ -486,6 +486,16 @@ _ASSET_FORMS = {
 }
 
 
+def is_local_code(ref: str) -> bool:
+    """Whether a deployment's `code` names a folder of this machine (azure-ai-ml uploads it), not
+    a code asset (`azureml:...`, an ARM id, a registry id): as `azure_ml_asset` tells them."""
+    return not (
+        re.match(_ARM_ASSET.format(kind="codes"), ref, re.IGNORECASE)
+        or re.match("azureml://registries/", ref, re.IGNORECASE)
+        or ref.startswith("azureml:")
+    )
+
+
 def azure_ml_asset(ref: str, kind: Literal["environments", "codes"]) -> str:
     """`ref`; ValueError when azure-ai-ml would refuse it as a deployment's environment or code
     (`upload_dependencies`, `OperationOrchestrator.get_asset_arm_id`), which it checks only when
@@ -497,7 +507,7 @@ def azure_ml_asset(ref: str, kind: Literal["environments", "codes"]) -> str:
     ):
         return ref
     if kind == "codes":
-        if not ref.startswith("azureml:"):
+        if is_local_code(ref):
             return ref  # a local folder, uploaded as a code asset
         parsed = ref.removeprefix("azureml:")  # what azure-ai-ml parses for code
         if re.match(_ARM_ASSET.format(kind=kind), parsed, re.IGNORECASE):

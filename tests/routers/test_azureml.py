@@ -2248,3 +2248,31 @@ def test_validate_refuses_router_files_and_values_azure_ml_refuses_at_blue_s_dep
                                     "metrics": {"kind": "static"}}))  # fmt: skip
     result = CliRunner().invoke(app, ["rollout", "validate", str(spec)], terminal_width=400)
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        pytest.param(f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/"
+                     f"Microsoft.MachineLearningServices/workspaces/{WS}/codes/score/versions/1",
+                     id="arm-id"),
+        pytest.param("azureml:score:1", id="asset"),
+        pytest.param("azureml://registries/shared/codes/score/versions/1", id="registry"),
+    ],
+)  # fmt: skip
+def test_a_code_asset_is_not_looked_for_on_this_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: str
+) -> None:
+    # Was (the first folder check): a bare ARM id was taken for a local folder, "router.code:
+    # no folder /subscriptions/...", and validate and run refused a spec Azure takes.
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    router = {"kind": "azureml", "subscription_id": SUB, "resource_group": RG, "workspace": WS,
+              "endpoint": "diabetes-ep", "environment": "azureml:env:1", "code": code}  # fmt: skip
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(yaml.safe_dump({"name": "d", "router": router, "metrics": {"kind": "static"}}))
+    result = CliRunner().invoke(app, ["rollout", "validate", str(spec)], terminal_width=400)
+    assert result.exit_code == 0, result.output
