@@ -19,7 +19,9 @@ reads it, twice over:
   A 401 carrying a claims challenge (`WWW-Authenticate: Bearer error="insufficient_claims",
   claims="..."`: Azure revoked the token under continuous access evaluation) has the next query
   ask for a token with those claims, which azure-identity's credentials fetch past their own
-  cache: the revoked token is replaced on the next query. Any other 401 cannot replace it: the
+  cache: the revoked token is replaced on the next query. Asked once: a credential that refuses
+  claims (az, azd, PowerShell: they ask for `az login --claims-challenge`) is asked again without
+  them (logged), so the operator's re-login is taken. Any other 401 cannot replace it: the
   credentials answer `get_token` from their cache until the token nears expiry (azure-identity
   offers no way past it but claims; azure-core's own policy does the same), so the same token is
   sent again and each tick is an Error until then (an hour for a service principal, up to a day
@@ -226,20 +228,35 @@ class AzureBearerAuth(_Auth):
 
         with self._lock:
             if self._token is None or self._clock() >= self._token.expires_on - REFRESH_MARGIN_S:
-                # Claims (kept until a token comes with them) are what takes azure-identity's
-                # credentials past their own cache: without, a revoked token comes back.
-                claims = {"claims": self._claims} if self._claims else {}
+                # Claims are what takes azure-identity's credentials past their own cache:
+                # without, a revoked token comes back. Asked for once: the CLI credentials
+                # (az, azd, PowerShell) refuse any request carrying claims, and kept, every
+                # later query failed, the operator's re-login included.
+                claims, self._claims = self._claims, None
                 try:
-                    self._token = self.credential.get_token(self.scope, **claims)
-                    self._claims = None
+                    self._token = self._token_for(claims)
                 except AzureError as exc:
-                    # The first line says which credentials were tried and why each failed;
-                    # the rest is troubleshooting links.
-                    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                    raise MetricsError(
-                        f"{self.field}: no Entra ID token for {self.scope}: {reason}"
-                    ) from exc
+                    if not claims:
+                        raise self._no_token(exc) from exc
+                    log.warning(
+                        "%s: the credential did not answer the claims challenge (%s); asking "
+                        "for a token without it",
+                        self.field,
+                        _first_line(exc),
+                    )
+                    try:
+                        self._token = self._token_for(None)
+                    except AzureError as again:
+                        raise self._no_token(again) from again
             return _bearer_token(str(self._token.token), self.field)
+
+    def _token_for(self, claims: str | None) -> Any:
+        return self.credential.get_token(self.scope, **({"claims": claims} if claims else {}))
+
+    def _no_token(self, exc: Exception) -> MetricsError:
+        # The first line says which credentials were tried and why each failed; the rest is
+        # troubleshooting links.
+        return MetricsError(f"{self.field}: no Entra ID token for {self.scope}: {_first_line(exc)}")
 
     def _on_response(self, response: Response, **kwargs: Any) -> Response:
         if response.status_code == 401:
@@ -413,3 +430,7 @@ def tls_verify(cfg: PrometheusMetricsConfig) -> bool | str:
     except OSError as exc:
         raise ConfigError(f"metrics.ca_file: cannot read {path}: {exc.strerror}") from None
     return str(path)
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler
@@ -800,3 +801,38 @@ def test_a_401_without_claims_is_sent_the_credentials_cached_token_again(
             refused = metrics.observe(T0 - 10, T0)
             assert refused.error is not None and "HTTP 401" in refused.error
     assert len(entra.requests) == 1
+
+
+class CliLikeCredential:
+    """As AzureCliCredential (and azd's, PowerShell's): refuses any request carrying claims;
+    hands out `token-1`, `token-2`, ... otherwise (the operator's `az login` gives a new one)."""
+
+    def __init__(self) -> None:
+        self.asked: list[str | None] = []
+
+    def get_token(self, *scopes: str, claims: str | None = None, **kwargs: Any) -> AccessToken:
+        from azure.identity import CredentialUnavailableError
+
+        self.asked.append(claims)
+        if claims:
+            raise CredentialUnavailableError(
+                "This credential doesn't support claims challenges. To authenticate with the "
+                "required claims, please run: az login --claims-challenge ..."
+            )
+        issued = sum(1 for c in self.asked if not c)
+        return AccessToken(f"token-{issued}", int(time.time()) + 3600)
+
+
+def test_a_credential_refusing_claims_is_asked_again_without_them() -> None:
+    """Was (the first claims fix): the claims were kept until a token came with them, which a
+    CLI credential never gives: every later query failed for the process's life, the operator's
+    `az login --claims-challenge` included. They are asked for once, then a token without."""
+    credential = CliLikeCredential()
+    with refusing("token-2", CHALLENGE) as url:
+        metrics = PrometheusMetrics(url, preset=envoy_preset(), auth=AzureBearerAuth(credential))
+        refused = metrics.observe(T0 - 10, T0)
+        assert refused.error is not None and "HTTP 401" in refused.error
+        assert metrics.observe(T0 - 10, T0).error is None
+        assert metrics.observe(T0 - 10, T0).error is None
+    assert credential.asked[0] is None and credential.asked[1] is not None
+    assert credential.asked[2:] == [None]
