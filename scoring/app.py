@@ -8,7 +8,8 @@ Routes:
 - `GET /metrics` (Prometheus text from the injected registry, see scoring.metrics)
 - `GET|PUT /admin/fault` (the fault knob; loopback clients only, not relayed by a proxy,
   key-protected when keys are set)
-- `GET /openapi.json`, `/docs`
+- `GET /openapi.json`, `/docs`, `/redoc` (key-protected when keys are set: the document names
+  the model's features)
 
 `POST /score` is the hot path, so it is a raw ASGI endpoint (`ScoreEndpoint`) placed first in the
 router instead of a FastAPI route with a pydantic body: FastAPI's body parsing and validation cost
@@ -49,6 +50,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -486,6 +488,11 @@ def create_app(
         # (and a client that does not follow redirects got no error to read). A 404 that says
         # where to score instead.
         redirect_slashes=False,
+        # With keys, the schema routes are added further down, behind the key: the document
+        # names the model's features, as GET /score (keyed) does.
+        openapi_url=None if state.api_keys else "/openapi.json",
+        docs_url=None if state.api_keys else "/docs",
+        redoc_url=None if state.api_keys else "/redoc",
     )
     app.state.scoring = state
 
@@ -523,6 +530,24 @@ def create_app(
             status_code=401,
             headers={"www-authenticate": "Bearer"},
         )
+
+    if state.api_keys:
+
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi_document(request: Request) -> Response:
+            return require_key(request) or JSONResponse(app.openapi())
+
+        @app.get("/docs", include_in_schema=False)
+        async def swagger_ui(request: Request) -> Response:
+            title = f"{app.title} - Swagger UI"
+            return require_key(request) or get_swagger_ui_html(
+                openapi_url="/openapi.json", title=title
+            )
+
+        @app.get("/redoc", include_in_schema=False)
+        async def redoc(request: Request) -> Response:
+            title = f"{app.title} - ReDoc"
+            return require_key(request) or get_redoc_html(openapi_url="/openapi.json", title=title)
 
     def not_ready() -> JSONResponse:
         status = "failed" if state.load_error else "loading"

@@ -849,3 +849,35 @@ def test_a_body_dropped_by_an_h2c_upgrade_offer_is_said_so(
     assert status == 400
     assert "Upgrade: h2c" in error and "HTTP/1.1" in error, error
     assert sample(registry, "scoring_requests_total", "400") == 1
+
+
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/redoc"])
+@pytest.mark.parametrize(
+    ("keys", "headers", "status"),
+    [
+        pytest.param((), {}, 200, id="no-keys-open"),
+        # Was 200: GET /score's identity was keyed, while the schema gave the same feature
+        # names ("one value per feature, in order: age, sex, ...") to anyone.
+        pytest.param((KEY,), {}, 401, id="keys-no-header"),
+        pytest.param((KEY,), {"authorization": "Bearer wrong"}, 401, id="keys-wrong-key"),
+        pytest.param((KEY,), {"authorization": f"Bearer {KEY}"}, 200, id="keys-right-key"),
+    ],
+)
+def test_schema_routes_need_the_key_when_keys_are_set(
+    loaded: LoadedModel,
+    registry: CollectorRegistry,
+    path: str,
+    keys: tuple[str, ...],
+    headers: dict[str, str],
+    status: int,
+) -> None:
+    with client(loaded, registry, api_keys=keys) as c:
+        response = c.get(path, headers=headers)
+        assert response.status_code == status, response.text
+        if status == 401:
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert loaded.feature_names[0] not in response.text
+        elif path == "/openapi.json":
+            post = response.json()["paths"]["/score"]["post"]
+            assert ", ".join(loaded.feature_names) in json.dumps(post)
+        assert c.get("/readyz").status_code == 200  # probes stay open either way
