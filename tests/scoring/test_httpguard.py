@@ -208,3 +208,18 @@ def test_a_stalled_pipelined_head_waits_for_the_answer_before_it(port: int) -> N
     first, _, rest = received.partition(b"\r\n\r\n3")
     assert first.startswith(b"HTTP/1.1 200"), received
     assert rest.startswith(b"HTTP/1.1 408"), received
+
+
+def test_a_later_head_on_a_kept_alive_connection_gets_its_own_deadline(port: int) -> None:
+    # The deadline runs from the first byte of each head, not from the connection's first
+    # request (one timer per connection watches them all).
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as conn:
+        for _ in range(2):
+            conn.sendall(request(body=b"ab"))
+            assert conn.recv(65536).endswith(b"\r\n\r\n2")
+            time.sleep(HEAD_TIMEOUT_S / 2)
+        conn.sendall(b"POST / HTTP/1.1\r\nHo")
+        started = time.monotonic()
+        received, closed = until_closed(conn)
+    assert received.startswith(b"HTTP/1.1 408"), received
+    assert HEAD_TIMEOUT_S * 0.9 <= closed - started < HEAD_TIMEOUT_S + 1.0
