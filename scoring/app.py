@@ -97,7 +97,8 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 _AUTH_HEADERS = [*_JSON_HEADERS, (b"www-authenticate", b"Bearer")]
 _FAULT_HEADERS = [*_JSON_HEADERS, (b"x-fault-injected", b"1")]
 _ENCODING_HEADERS = [*_JSON_HEADERS, (b"accept-encoding", b"identity")]
-#: The rest of a body that stopped arriving may still come: the connection cannot be reused.
+#: The rest of a body that stopped arriving (408), or was refused unread (413), may still come:
+#: the connection cannot be reused. Kept open, its sender could trickle that rest for ever.
 _CLOSE_HEADERS = [*_JSON_HEADERS, (b"connection", b"close")]
 _UPGRADE_LOST_BODY = orjson.dumps(
     {
@@ -259,7 +260,7 @@ class ScoreEndpoint:
                 return 415, _error(message), _ENCODING_HEADERS
         body = await _read_body(headers, receive, state.max_body_bytes, state.body_timeout_s)
         if isinstance(body, InputError):
-            answer_headers = _CLOSE_HEADERS if body.status == 408 else _JSON_HEADERS
+            answer_headers = _CLOSE_HEADERS if body.status in (408, 413) else _JSON_HEADERS
             return body.status, _error(body.message), answer_headers
         if not body and any(name == b"upgrade" for name, _ in headers):
             # uvicorn's httptools parser drops the body of a request offering an upgrade it
@@ -630,7 +631,7 @@ def create_app(
             request.scope["headers"], request.receive, ADMIN_MAX_BODY_BYTES, state.body_timeout_s
         )
         if isinstance(body, InputError):
-            close = {"connection": "close"} if body.status == 408 else None
+            close = {"connection": "close"} if body.status in (408, 413) else None
             return JSONResponse({"error": body.message}, body.status, headers=close)
         try:
             setting = FaultSetting.model_validate_json(body)
