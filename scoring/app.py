@@ -8,7 +8,8 @@ Routes:
 - `GET /metrics` (Prometheus text from the injected registry, see scoring.metrics)
 - `GET|PUT /admin/fault` (the fault knob; loopback clients only, not relayed by a proxy,
   key-protected when keys are set)
-- `GET /openapi.json`, `/docs`
+- `GET /openapi.json`, `/docs`, `/redoc` (key-protected when keys are set: the document names
+  the model's features)
 
 `POST /score` is the hot path, so it is a raw ASGI endpoint (`ScoreEndpoint`) placed first in the
 router instead of a FastAPI route with a pydantic body: FastAPI's body parsing and validation cost
@@ -49,6 +50,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -95,7 +97,8 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 _AUTH_HEADERS = [*_JSON_HEADERS, (b"www-authenticate", b"Bearer")]
 _FAULT_HEADERS = [*_JSON_HEADERS, (b"x-fault-injected", b"1")]
 _ENCODING_HEADERS = [*_JSON_HEADERS, (b"accept-encoding", b"identity")]
-#: The rest of a body that stopped arriving may still come: the connection cannot be reused.
+#: The rest of a body that stopped arriving (408), or was refused unread (413), may still come:
+#: the connection cannot be reused. Kept open, its sender could trickle that rest for ever.
 _CLOSE_HEADERS = [*_JSON_HEADERS, (b"connection", b"close")]
 _UPGRADE_LOST_BODY = orjson.dumps(
     {
@@ -257,7 +260,7 @@ class ScoreEndpoint:
                 return 415, _error(message), _ENCODING_HEADERS
         body = await _read_body(headers, receive, state.max_body_bytes, state.body_timeout_s)
         if isinstance(body, InputError):
-            answer_headers = _CLOSE_HEADERS if body.status == 408 else _JSON_HEADERS
+            answer_headers = _CLOSE_HEADERS if body.status in (408, 413) else _JSON_HEADERS
             return body.status, _error(body.message), answer_headers
         if not body and any(name == b"upgrade" for name, _ in headers):
             # uvicorn's httptools parser drops the body of a request offering an upgrade it
@@ -486,6 +489,11 @@ def create_app(
         # (and a client that does not follow redirects got no error to read). A 404 that says
         # where to score instead.
         redirect_slashes=False,
+        # With keys, the schema routes are added further down, behind the key: the document
+        # names the model's features, as GET /score (keyed) does.
+        openapi_url=None if state.api_keys else "/openapi.json",
+        docs_url=None if state.api_keys else "/docs",
+        redoc_url=None if state.api_keys else "/redoc",
     )
     app.state.scoring = state
 
@@ -523,6 +531,24 @@ def create_app(
             status_code=401,
             headers={"www-authenticate": "Bearer"},
         )
+
+    if state.api_keys:
+
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi_document(request: Request) -> Response:
+            return require_key(request) or JSONResponse(app.openapi())
+
+        @app.get("/docs", include_in_schema=False)
+        async def swagger_ui(request: Request) -> Response:
+            title = f"{app.title} - Swagger UI"
+            return require_key(request) or get_swagger_ui_html(
+                openapi_url="/openapi.json", title=title
+            )
+
+        @app.get("/redoc", include_in_schema=False)
+        async def redoc(request: Request) -> Response:
+            title = f"{app.title} - ReDoc"
+            return require_key(request) or get_redoc_html(openapi_url="/openapi.json", title=title)
 
     def not_ready() -> JSONResponse:
         status = "failed" if state.load_error else "loading"
@@ -605,7 +631,7 @@ def create_app(
             request.scope["headers"], request.receive, ADMIN_MAX_BODY_BYTES, state.body_timeout_s
         )
         if isinstance(body, InputError):
-            close = {"connection": "close"} if body.status == 408 else None
+            close = {"connection": "close"} if body.status in (408, 413) else None
             return JSONResponse({"error": body.message}, body.status, headers=close)
         try:
             setting = FaultSetting.model_validate_json(body)

@@ -156,6 +156,7 @@ def serve(
 
     from scoring.app import create_app
     from scoring.faults import FaultKnob
+    from scoring.httpguard import GuardedHttpToolsProtocol
 
     app = create_app(
         model,
@@ -181,7 +182,8 @@ def serve(
     config = uvicorn.Config(
         app,
         access_log=False,
-        http="httptools",
+        # httptools, with a bound on each request head's size and time (uvicorn has neither).
+        http=GuardedHttpToolsProtocol,
         loop="uvloop",
         log_level=level,
         timeout_graceful_shutdown=5,

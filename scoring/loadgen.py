@@ -9,13 +9,18 @@ over a request count or a duration (one of them is required: load is always boun
   or `Timeout` for a request with no complete answer within `timeout` (the whole request's bound),
 - latency: a log-bucketed histogram (1 % resolution) so p50/p99 cost bounded memory however
   long it runs. Only HTTP answers (any status) are timed: a refused connection "takes"
-  microseconds and a timeout takes `timeout`, neither of which is a server's latency.
+  microseconds and a timeout takes `timeout`, neither of which is a server's latency. With a
+  rate, a request is timed from when it was due, not from when a connection was free to send
+  it: what a client on that schedule waits (timing from the send hides a server too slow for
+  the rate, "coordinated omission"). Flat out, it is timed from the send.
 
 A run where no request got a 2xx answer failed as a whole; `failure_hint` says the likely cause
 in one line (no key, nothing listening, no answer in time), and `aml-rollout load` exits 1.
 
 Pacing is open-loop: request i is due at start + i/rps, whoever is free sends it, so a slow
-server does not slow the offered rate down (until all `concurrency` connections are busy).
+server does not slow the offered rate down (until all `concurrency` connections are busy). The
+run ends at `duration` either way: requests still waiting for a connection then are not sent,
+and those in flight get up to `timeout` to finish.
 Payloads are real held-out diabetes rows (the model folder's sample-input.json, or a fixed split
 of the bundled data set), one row per request unless `batch` says more. `colour` sets the
 `x-api-version` header, which pins a colour at the router.
@@ -90,6 +95,7 @@ class LoadReport:
     by_status: dict[str, int]
     by_version: dict[str, int]
     #: Latency of HTTP answers only (transport errors are not timed); 0 when there were none.
+    #: With a rate, from each request's due time (its wait for a connection included).
     p50_ms: float
     p99_ms: float
     max_ms: float
@@ -364,18 +370,24 @@ async def run_load(
             if requests is not None and ticket >= requests:
                 return
             next_ticket += 1
-            now = time.monotonic()
             if rps is not None:
                 due = start + ticket / rps
                 if due >= deadline:
                     return
                 while (wait := due - time.monotonic()) > 0 and not _stopped(stop):
                     await asyncio.sleep(min(wait, 0.2))
-                if _stopped(stop):
+                # A request still waiting for a free connection at the deadline is not sent:
+                # the backlog of a server slower than `rps` ran the load on past `duration`
+                # (a 2 s run lasted 21 s).
+                if _stopped(stop) or time.monotonic() >= deadline:
                     return
-            elif now >= deadline:
+            elif time.monotonic() >= deadline:
                 return
             sent = time.monotonic()
+            # Open loop: timed from when the request was due, so the time it waited for a
+            # connection counts (timed from the send, a server 10x too slow showed its own
+            # 200 ms while requests went out 19 s late: coordinated omission).
+            timed_from = due if rps is not None else sent
             try:
                 # httpx's own timeout bounds each connect, write and read, not the request: an
                 # answer trickling in a byte at a time ran on past it (and past `duration`).
@@ -391,7 +403,7 @@ async def run_load(
                     stats.first_failure = f"{type(exc).__name__}: {exc}"[:200]
                 stats.record(type(exc).__name__, None, None)
                 continue
-            elapsed = time.monotonic() - sent
+            elapsed = time.monotonic() - timed_from
             version = _version_of(response.content) if response.status_code == 200 else None
             if response.status_code >= 400 and stats.first_error is None:
                 stats.first_error = _error_of(response)  # why a failed run failed, in its words

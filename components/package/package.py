@@ -121,7 +121,9 @@ def build():
 # The image's uvicorn runs as `aml-rollout serve` does: idle connections kept KEEP_ALIVE_S (the
 # proxy in front must close them first, or it answers a racing request 503 itself), no access
 # log, no WebSocket protocol (no route needs it; under "auto" a POST carrying `Upgrade:
-# websocket` was handed to it and never answered).
+# websocket` was handed to it and never answered), and httptools with a bound on a request
+# head's size and time (scoring.httpguard: a 64 MiB header was read whole, and connections that
+# sent their headers a byte at a time, or nothing, were held for ever).
 DOCKERFILE = """\
 # Image for {model} version {version} (sha256 {sha256}).
 # Build: docker build -t {image} .
@@ -136,7 +138,8 @@ USER 10001
 EXPOSE {port}
 HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/healthz')"
 CMD ["uvicorn", "asgi:build", "--factory", "--host", "0.0.0.0", "--port", "{port}", \\
-     "--timeout-keep-alive", "{keep_alive}", "--no-access-log", "--ws", "none"]
+     "--timeout-keep-alive", "{keep_alive}", "--no-access-log", "--ws", "none", \\
+     "--http", "scoring.httpguard:GuardedHttpToolsProtocol"]
 """
 
 

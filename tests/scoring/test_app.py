@@ -849,3 +849,63 @@ def test_a_body_dropped_by_an_h2c_upgrade_offer_is_said_so(
     assert status == 400
     assert "Upgrade: h2c" in error and "HTTP/1.1" in error, error
     assert sample(registry, "scoring_requests_total", "400") == 1
+
+
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/redoc"])
+@pytest.mark.parametrize(
+    ("keys", "headers", "status"),
+    [
+        pytest.param((), {}, 200, id="no-keys-open"),
+        # Was 200: GET /score's identity was keyed, while the schema gave the same feature
+        # names ("one value per feature, in order: age, sex, ...") to anyone.
+        pytest.param((KEY,), {}, 401, id="keys-no-header"),
+        pytest.param((KEY,), {"authorization": "Bearer wrong"}, 401, id="keys-wrong-key"),
+        pytest.param((KEY,), {"authorization": f"Bearer {KEY}"}, 200, id="keys-right-key"),
+    ],
+)
+def test_schema_routes_need_the_key_when_keys_are_set(
+    loaded: LoadedModel,
+    registry: CollectorRegistry,
+    path: str,
+    keys: tuple[str, ...],
+    headers: dict[str, str],
+    status: int,
+) -> None:
+    with client(loaded, registry, api_keys=keys) as c:
+        response = c.get(path, headers=headers)
+        assert response.status_code == status, response.text
+        if status == 401:
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert loaded.feature_names[0] not in response.text
+        elif path == "/openapi.json":
+            post = response.json()["paths"]["/score"]["post"]
+            assert ", ".join(loaded.feature_names) in json.dumps(post)
+        assert c.get("/readyz").status_code == 200  # probes stay open either way
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(b"Content-Length: 2000000\r\n", id="declared"),
+        pytest.param(b"Transfer-Encoding: chunked\r\n", id="streamed"),
+    ],
+)
+def test_a_body_over_the_limit_is_answered_413_and_its_connection_closed(
+    loaded: LoadedModel, registry: CollectorRegistry, head: bytes
+) -> None:
+    # Was kept open after the 413: the rest of the body, unread, could then trickle in a byte
+    # a second for as long as its sender liked (no head or body deadline applies any more).
+    app = create_app(loaded, registry=registry, colour="blue", max_body_bytes=1000)
+    with running_server(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as conn:
+            conn.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+            if b"chunked" in head:
+                conn.sendall(b"800\r\n" + b" " * 0x800 + b"\r\n")
+            answer, started = b"", time.monotonic()
+            while chunk := conn.recv(65536):  # until the server closes (or the 5 s timeout)
+                answer += chunk
+            # at once, not after running_server's 5 s keep-alive (75 s under `serve`)
+            assert time.monotonic() - started < 2
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    assert b"connection: close" in answer.lower()

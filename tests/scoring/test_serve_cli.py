@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import shutil
@@ -347,3 +348,56 @@ def test_serve_logs_a_url_a_client_can_use(
     assert result.exit_code == 0, result.output
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving ")]
     assert f" on {url}" in line, line
+
+
+def test_serve_bounds_a_request_head_in_size_and_time(model_dir: Path) -> None:
+    # Was: no bound on a head (httptools has none): a 64 MiB header value was read whole (the
+    # process grew by 73 MB), and connections sending a header byte every 10 s, or nothing,
+    # were held for ever. scoring.httpguard's cases are in test_httpguard.py; this is `serve`.
+    from scoring.httpguard import HEAD_TIMEOUT_S, MAX_HEAD_BYTES
+
+    listener = listening_socket()
+    port = listener.getsockname()[1]
+    argv = [sys.executable, "-c", "from rollout.cli import main; main()", "serve",
+            "--model-dir", str(model_dir), "--fd", str(listener.fileno()),
+            "--log-level", "warning"]  # fmt: skip
+    with listener:
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            pass_fds=[listener.fileno()],
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, "server never became ready"
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        # A big header under the cap is served.
+        padded = httpx.get(f"{base}/readyz", headers={"x-pad": "a" * (MAX_HEAD_BYTES // 2)})
+        assert padded.status_code == 200
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as big:
+            big.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nX-Big: ")
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                for _ in range(64):  # 4 MiB of one header value, never finished
+                    big.sendall(b"a" * 65536)
+            answer = big.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer
+        with socket.create_connection(("127.0.0.1", port), timeout=HEAD_TIMEOUT_S + 5) as slow:
+            slow.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\n")
+            started = time.monotonic()
+            answer = slow.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert slow.recv(4096) == b""  # and closed
+            assert time.monotonic() - started < HEAD_TIMEOUT_S + 2
+        assert httpx.get(f"{base}/healthz").status_code == 200
+    finally:
+        out = stop_and_wait(proc, timeout=20)[0].decode()
+    assert "Traceback" not in out, out
