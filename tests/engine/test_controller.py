@@ -1882,3 +1882,29 @@ def test_no_fragment_of_a_line_parses_once_the_next_append_ends_it(tmp_path: Pat
         path.write_bytes(line[:cut])
         jsonl.append(path, {"id": "2"}, fsync=False)
         assert jsonl.read_slots(path, warn=False) == [None, {"id": "2"}], line[:cut]
+
+
+def test_a_dry_run_of_the_same_name_and_dir_leaves_the_real_rollouts_ledger_alone(
+    tmp_path: Path,
+) -> None:
+    """Was: a dry run (`state: {kind: memory}`) appended to `<dir>/<name>.ledger.jsonl` while the
+    real rollout ran, and `explain` of the real, Succeeded rollout ended "RolledBack"."""
+    from rollout.api import run_rollout
+    from rollout.config import spec_from_dict
+    from tests.engine.specs import spec_dict
+
+    real = spec_from_dict(
+        spec_dict(tmp_path, router={"kind": "memory", "state_file": str(tmp_path / "r.json")})
+    )
+    dry = spec_from_dict(
+        spec_dict(tmp_path, 0.08, state={"kind": "memory", "dir": str(tmp_path / "state")})
+    )
+    assert run_rollout(real, clock=FakeClock(1000.0), max_ticks=2).phase is Phase.PROGRESSING
+    dried = run_rollout(dry, clock=FakeClock(1000.0))
+    assert dried.phase is Phase.ROLLED_BACK
+    final = run_rollout(real, clock=FakeClock(2000.0))
+    assert final.phase is Phase.SUCCEEDED, final.reason
+    assert final.ledger_path != dried.ledger_path
+    assert {r.get("rollout_id") for r in read_ledger(final.ledger_path)} == {final.status.id}
+    assert "RolledBack" not in "\n".join(explain(read_ledger(final.ledger_path)))
+    assert "RolledBack" in "\n".join(explain(read_ledger(dried.ledger_path)))
