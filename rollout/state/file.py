@@ -21,7 +21,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from rollout import jsonl
@@ -169,8 +169,13 @@ class FileStateStore:
             yield
         finally:
             self._held = None
-            os.ftruncate(fd, 0)
-            os.close(fd)  # closing drops the lock
+            try:
+                # The stamp names the holder only while it is locked: one left behind names no
+                # one, and an error here would hide the one that ended the block.
+                with suppress(OSError):
+                    os.ftruncate(fd, 0)
+            finally:
+                os.close(fd)  # closing drops the lock
 
 
 #: Times `hold_lock` locks anew a lock file deleted or replaced as it was locked.
@@ -203,11 +208,17 @@ def hold_lock(path: Path, owner: str) -> int | str:
         os.close(fd)
     else:
         raise OSError(errno.EAGAIN, f"replaced {LOCK_ATTEMPTS} times while being locked")
-    os.ftruncate(fd, 0)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    holder = f"pid {os.getpid()} on {socket.gethostname()} since {stamp}"
-    os.write(fd, f"{owner} {holder}".encode() if owner else holder.encode())
-    os.fsync(fd)
+    try:
+        os.ftruncate(fd, 0)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        holder = f"pid {os.getpid()} on {socket.gethostname()} since {stamp}"
+        os.write(fd, f"{owner} {holder}".encode() if owner else holder.encode())
+        os.fsync(fd)
+    except BaseException:
+        # Kept open, the fd would hold the lock for the life of the process: its next
+        # run_rollout, and every other process's, refused as "already driven".
+        os.close(fd)
+        raise
     return fd
 
 
