@@ -87,6 +87,7 @@ class FileStateStore:
             raise StateError(f"cannot write {self.status_path}: {exc.strerror}") from exc
         finally:
             # Gone once renamed; left by a failed write (a full disk, Ctrl-C), it is litter.
+            # (A SIGKILL skips this: the next lease holder removes it, `_remove_stale_temps`.)
             tmp.unlink(missing_ok=True)
 
     def push_command(self, command: Command) -> None:
@@ -151,6 +152,18 @@ class FileStateStore:
         finally:
             os.close(fd)
 
+    def _remove_stale_temps(self) -> None:
+        """Remove the status temp files (`save`'s, named by pid) a killed holder left: only the
+        lease holder saves, so with the lease taken none is being written. Best effort: litter
+        that stays (a directory of another user) stops nothing."""
+        prefix = f".{self.name}.status."
+        with suppress(OSError):
+            for path in self.dir.iterdir():
+                pid = path.name.removeprefix(prefix).removesuffix(".tmp")
+                if path.name == f"{prefix}{pid}.tmp" and pid.isascii() and pid.isdigit():
+                    with suppress(OSError):
+                        path.unlink()
+
     @contextmanager
     def lease(self, owner: str) -> Iterator[None]:
         """Hold an exclusive fcntl lock on the lock file for the block."""
@@ -165,6 +178,7 @@ class FileStateStore:
                 f"stop it, or steer it with `aml-rollout rollout pause|resume|promote|abort`"
             )
         self._held = fd
+        self._remove_stale_temps()
         try:
             yield
         finally:

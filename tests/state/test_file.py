@@ -264,3 +264,26 @@ def test_a_lease_whose_release_fails_to_clear_the_stamp_still_drops_the_lock(
     assert store.controller() is None
     with store.lease("bob"):
         assert "bob" in (store.controller() or "")
+
+
+def test_the_lease_holder_removes_the_temp_files_of_killed_saves(tmp_path: Path) -> None:
+    # Was: a controller SIGKILLed between a status temp's write and its rename left
+    # `.r.status.<pid>.tmp` for good, one per killed pid (a crash loop: one per restart).
+    left = [tmp_path / f".r.status.{pid}.tmp" for pid in (3172, 3179)]
+    others = [
+        tmp_path / ".r2.status.3172.tmp",  # another rollout's
+        tmp_path / ".r.status.1.status.3172.tmp",  # rollout "r.status.1"'s
+        tmp_path / "r.status.json",
+    ]
+    for path in (*left, *others):
+        path.write_text("{}")
+    store = FileStateStore(tmp_path, "r")
+    with store.lease("ann"):
+        saving = tmp_path / f".r.status.{os.getpid()}.tmp"
+        saving.write_text("{}")  # the holder's save, under way
+        with pytest.raises(LeaseHeldError):  # refused: removes nothing of the holder's
+            FileStateStore(tmp_path, "r").lease("bob").__enter__()
+        assert saving.exists()
+        saving.unlink()
+    assert not [path for path in left if path.exists()]
+    assert all(path.exists() for path in others)
