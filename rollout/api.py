@@ -23,6 +23,7 @@ from rollout.config import (
     AzureMLRouterConfig,
     EnvoyRouterConfig,
     IstioRouterConfig,
+    MemoryStateConfig,
     RolloutSpec,
     is_local_code,
     load_spec,
@@ -83,8 +84,13 @@ def state_dir_of(spec: RolloutSpec, state_dir: Path | None = None) -> Path:
 
 
 def ledger_path_of(spec: RolloutSpec, state_dir: Path | None = None) -> Path:
-    """The ledger file of the rollout."""
-    return state_dir_of(spec, state_dir) / f"{spec.name}.ledger.jsonl"
+    """The ledger file of the rollout: `<name>.ledger.jsonl`, and with a memory store
+    `<name>.memory.ledger.jsonl`. A memory store's rollout (a dry run) has no lease and no
+    status outside its process, so nothing stops it while the same name's real rollout runs,
+    or keeps its lines apart after: in the real rollout's ledger, `explain` and the report
+    would tell the dry run's outcome as the real one's."""
+    memory = ".memory" if isinstance(spec.state, MemoryStateConfig) else ""
+    return state_dir_of(spec, state_dir) / f"{spec.name}{memory}.ledger.jsonl"
 
 
 def open_store(spec: RolloutSpec | str | Path, state_dir: Path | None = None) -> StateStore:

@@ -1,8 +1,11 @@
 """Append-only JSON-lines files (the ledger, the command log) that survive torn writes.
 
-A writer killed mid-line leaves a fragment without its newline. Readers only take complete
-lines, and skip (with a warning) the ones that do not parse; a writer that finds a fragment at
-the end terminates it first, so the fragment never swallows the next record. The command log is
+A writer killed mid-line, or stopped by a full disk, leaves a fragment without its newline.
+Readers only take complete lines, and skip (with a warning) the ones that do not parse; a writer
+that finds a fragment at the end terminates it first with `TORN`, so that the fragment never
+swallows the next record and never parses: a fragment may be a whole JSON object short of its
+newline only, whose writer was told it failed (`rollout promote`: "cannot queue a command"),
+and a newline alone would make it a record read later. The command log is
 read without the warning (`read_slots(warn=False)`): the controller warns once, as it reads past
 such a line.
 """
@@ -18,6 +21,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+#: What ends a torn fragment: it cannot be the end of any JSON text, so the line never parses.
+#: Out of a string `#` is no JSON; in one (or after its `\`, or in a `\u` escape) it is a
+#: character, or a bad escape, of a string no quote closes (TORN has no `"`).
+TORN = b"#torn\n"
+
 
 def append(path: Path, record: dict[str, Any], *, fsync: bool = True) -> None:
     """Append `record` as one line (one `write` under O_APPEND, so writers never interleave)."""
@@ -26,7 +34,7 @@ def append(path: Path, record: dict[str, Any], *, fsync: bool = True) -> None:
     try:
         size = os.fstat(fd).st_size
         if size and _last_byte(path, size) != b"\n":
-            line = b"\n" + line  # end a torn fragment first
+            line = TORN + line  # end a torn fragment first, as a line that never parses
         while line:
             written = os.write(fd, line)
             line = line[written:]

@@ -165,17 +165,21 @@ def _redone(records: Iterable[dict[str, Any]]) -> set[int]:
     later line of its rollout has a tick T' <= T (ticks only go up otherwise; a tick done again
     does again the ticks after it, if any were written); and a line of a superseded `tenure`
     (a take of the lease: the controller stamps its ticks' lines), one written after a line of
-    a later tenure. That controller lost the lease and its save was refused: its decision was
-    never the rollout's, and its tick must not read as the successor's ticks done again.
-    Lines with no tenure (earlier versions, events) are read as before."""
+    a later tenure of its rollout. That controller lost the lease and its save was refused: its
+    decision was never the rollout's, and its tick must not read as the successor's ticks done
+    again. Tenures are ranked per `rollout_id`: another rollout's controller (a dry run of the
+    same name, its lease its own) supersedes none of this one's. Lines with no tenure (earlier
+    versions, events) are read as before."""
     ticks: list[int | None] = []  # each line's tick, None for a line of no tick
     begins: set[int] = set()  # where each rollout's lines begin
     cuts = _Cuts()
-    tenures: dict[str, int] = {}  # each tenure's rank, by its first line
+    tenures: dict[Any, dict[str, int]] = {}  # per rollout_id, each tenure's rank by its first line
     stale: set[int] = set()
     for index, record in enumerate(records):
         tenure = record.get("tenure")
-        if isinstance(tenure, str) and tenures.setdefault(tenure, len(tenures)) < len(tenures) - 1:
+        rollout = record.get("rollout_id")
+        ranks = tenures.setdefault(rollout if isinstance(rollout, str) else None, {})
+        if isinstance(tenure, str) and ranks.setdefault(tenure, len(ranks)) < len(ranks) - 1:
             stale.add(index)
             ticks.append(None)  # hides nothing, and cuts nothing
             continue

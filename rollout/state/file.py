@@ -21,7 +21,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from rollout import jsonl
@@ -87,6 +87,7 @@ class FileStateStore:
             raise StateError(f"cannot write {self.status_path}: {exc.strerror}") from exc
         finally:
             # Gone once renamed; left by a failed write (a full disk, Ctrl-C), it is litter.
+            # (A SIGKILL skips this: the next lease holder removes it, `_remove_stale_temps`.)
             tmp.unlink(missing_ok=True)
 
     def push_command(self, command: Command) -> None:
@@ -151,6 +152,18 @@ class FileStateStore:
         finally:
             os.close(fd)
 
+    def _remove_stale_temps(self) -> None:
+        """Remove the status temp files (`save`'s, named by pid) a killed holder left: only the
+        lease holder saves, so with the lease taken none is being written. Best effort: litter
+        that stays (a directory of another user) stops nothing."""
+        prefix = f".{self.name}.status."
+        with suppress(OSError):
+            for path in self.dir.iterdir():
+                pid = path.name.removeprefix(prefix).removesuffix(".tmp")
+                if path.name == f"{prefix}{pid}.tmp" and pid.isascii() and pid.isdigit():
+                    with suppress(OSError):
+                        path.unlink()
+
     @contextmanager
     def lease(self, owner: str) -> Iterator[None]:
         """Hold an exclusive fcntl lock on the lock file for the block."""
@@ -165,12 +178,18 @@ class FileStateStore:
                 f"stop it, or steer it with `aml-rollout rollout pause|resume|promote|abort`"
             )
         self._held = fd
+        self._remove_stale_temps()
         try:
             yield
         finally:
             self._held = None
-            os.ftruncate(fd, 0)
-            os.close(fd)  # closing drops the lock
+            try:
+                # The stamp names the holder only while it is locked: one left behind names no
+                # one, and an error here would hide the one that ended the block.
+                with suppress(OSError):
+                    os.ftruncate(fd, 0)
+            finally:
+                os.close(fd)  # closing drops the lock
 
 
 #: Times `hold_lock` locks anew a lock file deleted or replaced as it was locked.
@@ -203,11 +222,17 @@ def hold_lock(path: Path, owner: str) -> int | str:
         os.close(fd)
     else:
         raise OSError(errno.EAGAIN, f"replaced {LOCK_ATTEMPTS} times while being locked")
-    os.ftruncate(fd, 0)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    holder = f"pid {os.getpid()} on {socket.gethostname()} since {stamp}"
-    os.write(fd, f"{owner} {holder}".encode() if owner else holder.encode())
-    os.fsync(fd)
+    try:
+        os.ftruncate(fd, 0)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        holder = f"pid {os.getpid()} on {socket.gethostname()} since {stamp}"
+        os.write(fd, f"{owner} {holder}".encode() if owner else holder.encode())
+        os.fsync(fd)
+    except BaseException:
+        # Kept open, the fd would hold the lock for the life of the process: its next
+        # run_rollout, and every other process's, refused as "already driven".
+        os.close(fd)
+        raise
     return fd
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from collections.abc import Callable
@@ -1820,3 +1821,90 @@ def test_an_abort_queued_before_green_gets_the_candidate_is_honoured(tmp_path: P
     ]
     story = "\n".join(explain(read_ledger(tmp_path / "t.ledger.jsonl")))
     assert "not applied, an abort being queued: deploy diabetes:2 to green" in story
+
+
+def short_of_its_newline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next append's line reaches the disk but for its newline, then ENOSPC (a full disk
+    at a block boundary): the append fails after writing a complete JSON object."""
+    real_write = jsonl.os.write
+
+    def write(fd: int, data: bytes) -> int:
+        if len(data) > 1:
+            return real_write(fd, data[:-1])
+        monkeypatch.undo()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(jsonl.os, "write", write)
+
+
+def test_a_command_whose_queueing_failed_is_never_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Was: `rollout promote` said "cannot queue a command ...: No space left on device" (exit
+    2), the next command's append ended the fragment with a newline, and the controller then
+    promoted, the analysis skipped."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    rollout_id = ctl.run(max_ticks=1).id
+    store = FileStateStore(tmp_path, SPEC.name)
+    short_of_its_newline(monkeypatch)
+    with pytest.raises(StateError, match=r"cannot queue a command .*No space left on device"):
+        store.push_command(Command(id="1", kind="promote", by="ann", rollout=rollout_id))
+    assert store.commands_path.read_bytes().endswith(b"}")  # the object whole, no newline
+    store.push_command(Command(id="2", kind="pause", by="ann", rollout=rollout_id))
+    assert [c and c.id for c in store.commands()] == [None, "2"]
+    final = ctl.run(max_ticks=3)
+    assert final.phase is Phase.PAUSED, final.reason
+    assert router.get_weights() == Weights.blue_at(10)
+    assert "skipped entry 1 of the command log" in caplog.text
+
+
+def test_a_ledger_line_whose_append_failed_is_skipped_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = Ledger(tmp_path / "l.jsonl", fsync=False)
+    ledger.append({"event": "start", "at": 0.0, "name": "t", "plan": [10, 100]})
+    short_of_its_newline(monkeypatch)
+    with pytest.raises(StateError, match="cannot append to ledger"):
+        ledger.append({"tick": 1, "at": 10.0, "phase": "Progressing"})
+    ledger.append({"tick": 2, "at": 11.0, "phase": "Progressing"})
+    assert [r.get("at") for r in read_ledger(ledger.path)] == [0.0, 11.0]
+    assert "l.jsonl: skipped 1 line(s) that are not JSON objects" in caplog.text
+
+
+def test_no_fragment_of_a_line_parses_once_the_next_append_ends_it(tmp_path: Path) -> None:
+    # Cut anywhere: in a key, a string, after a backslash, inside a \u escape, after a number,
+    # after the closing brace (the whole object, short of its newline alone).
+    record = {"by": 'Zoë "q" \\ end', "id": "1", "kind": "promote", "weight": 12.5, "x": [1]}
+    line = json.dumps(record, sort_keys=True).encode()
+    for cut in range(1, len(line) + 1):
+        path = tmp_path / f"{cut}.jsonl"
+        path.write_bytes(line[:cut])
+        jsonl.append(path, {"id": "2"}, fsync=False)
+        assert jsonl.read_slots(path, warn=False) == [None, {"id": "2"}], line[:cut]
+
+
+def test_a_dry_run_of_the_same_name_and_dir_leaves_the_real_rollouts_ledger_alone(
+    tmp_path: Path,
+) -> None:
+    """Was: a dry run (`state: {kind: memory}`) appended to `<dir>/<name>.ledger.jsonl` while the
+    real rollout ran, and `explain` of the real, Succeeded rollout ended "RolledBack"."""
+    from rollout.api import run_rollout
+    from rollout.config import spec_from_dict
+    from tests.engine.specs import spec_dict
+
+    real = spec_from_dict(
+        spec_dict(tmp_path, router={"kind": "memory", "state_file": str(tmp_path / "r.json")})
+    )
+    dry = spec_from_dict(
+        spec_dict(tmp_path, 0.08, state={"kind": "memory", "dir": str(tmp_path / "state")})
+    )
+    assert run_rollout(real, clock=FakeClock(1000.0), max_ticks=2).phase is Phase.PROGRESSING
+    dried = run_rollout(dry, clock=FakeClock(1000.0))
+    assert dried.phase is Phase.ROLLED_BACK
+    final = run_rollout(real, clock=FakeClock(2000.0))
+    assert final.phase is Phase.SUCCEEDED, final.reason
+    assert final.ledger_path != dried.ledger_path
+    assert {r.get("rollout_id") for r in read_ledger(final.ledger_path)} == {final.status.id}
+    assert "RolledBack" not in "\n".join(explain(read_ledger(final.ledger_path)))
+    assert "RolledBack" in "\n".join(explain(read_ledger(dried.ledger_path)))

@@ -219,10 +219,12 @@ def test_a_ledger_read_while_its_rollout_writes_it_is_read_as_it_was(tmp_path: P
     assert [r.get("reason") for r in read_ledger(ledger)][-1] == "done again"
 
 
-def _run(tenure: str | None, ticks: range, by: str, **extra: Any) -> list[dict[str, Any]]:
+def _run(
+    tenure: str | None, ticks: range | list[int], by: str, rollout_id: str = "r", **extra: Any
+) -> list[dict[str, Any]]:
     stamp = {"tenure": tenure} if tenure else {}
     return [
-        tick(n, f"{by} {n}", verdict="Inconclusive", rollout_id="r", **stamp, **extra)
+        tick(n, f"{by} {n}", verdict="Inconclusive", rollout_id=rollout_id, **stamp, **extra)
         for n in ticks
     ]
 
@@ -261,6 +263,38 @@ def _run(tenure: str | None, ticks: range, by: str, **extra: Any) -> list[dict[s
             [*_run(None, range(1, 7), "A"), *_run(None, range(7, 10), "B"), *_run(None, [7], "A")],
             [*(f"A {n}" for n in range(1, 7)), "A 7"],
             id="an-unstamped-ledger-reads-as-before",
+        ),
+        # Measured: a dry run (`state.kind: memory`, no lease) of the same name wrote the real
+        # rollout's ledger while it ran; its tenure, begun later, hid every later real tick,
+        # and `explain` told the dry run's RolledBack for a Succeeded rollout.
+        pytest.param(
+            [
+                *_run("a", range(1, 3), "A"),
+                *_run("d", range(1, 3), "D", rollout_id="dry"),
+                *_run("a", range(3, 5), "A"),
+            ],
+            ["A 1", "A 2", "D 1", "D 2", "A 3", "A 4"],
+            id="another-rollouts-tenure-supersedes-none-of-this-ones",
+        ),
+        pytest.param(
+            [
+                line
+                for n in range(1, 4)
+                for line in (*_run("a", [n], "A"), *_run("d", [n], "D", rollout_id="dry"))
+            ],
+            ["A 1", "D 1", "A 2", "D 2", "A 3", "D 3"],
+            id="nor-when-their-lines-alternate",
+        ),
+        pytest.param(  # and within each rollout, a superseded tenure is still left out
+            [
+                *_run("a", range(1, 3), "A"),
+                *_run("d", [1], "D", rollout_id="dry"),
+                *_run("b", range(3, 5), "B"),
+                *_run("a", [3], "A"),
+                *_run("d", [2], "D", rollout_id="dry"),
+            ],
+            ["A 1", "A 2", "D 1", "B 3", "B 4", "D 2"],
+            id="a-superseded-holder-among-two-rollouts",
         ),
     ],
 )

@@ -211,3 +211,79 @@ def test_a_corrupt_status_file_is_one_line_saying_how_to_start_again(
     assert f"move it aside (`mv {path} {path}.broken`)" in str(refused.value)
     assert "`aml-rollout rollout run` then starts a new rollout" in str(refused.value)
     assert "\n" not in str(refused.value)
+
+
+def fails_once(monkeypatch: pytest.MonkeyPatch, name: str, exc: BaseException) -> None:
+    """`file_store.os.<name>` raises `exc` at its next call, then works again."""
+
+    def fail(*args: Any) -> Any:
+        monkeypatch.undo()
+        raise exc
+
+    monkeypatch.setattr(file_store.os, name, fail)
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "error"),
+    [
+        pytest.param(
+            "write",
+            OSError(errno.ENOSPC, "No space left on device"),
+            StateError,
+            id="stamp-disk-full",
+        ),
+        pytest.param(
+            "fsync", OSError(errno.EIO, "Input/output error"), StateError, id="stamp-fsync"
+        ),
+        pytest.param("write", KeyboardInterrupt(), KeyboardInterrupt, id="stamp-ctrl-c"),
+    ],
+)
+def test_a_lease_whose_stamp_fails_is_released_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str, exc: BaseException, error: Any
+) -> None:
+    # Was: the locked fd leaked, so the process kept the lock: its next run_rollout, and any
+    # other process's `run`, refused as "already driven by another controller (unknown)".
+    store = FileStateStore(tmp_path, "r")
+    fails_once(monkeypatch, call, exc)
+    with pytest.raises(error):
+        store.lease("ann").__enter__()
+    assert store.controller() is None
+    with store.lease("ann"):
+        assert "ann" in (FileStateStore(tmp_path, "r").controller() or "")
+
+
+def test_a_lease_whose_release_fails_to_clear_the_stamp_still_drops_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stamp only names the holder while the lock is held: left behind, it names no one,
+    # and an error about it would hide what stopped the controller (the block's exception).
+    store = FileStateStore(tmp_path, "r")
+    with pytest.raises(KeyboardInterrupt), store.lease("ann"):
+        fails_once(monkeypatch, "ftruncate", OSError(errno.EIO, "Input/output error"))
+        raise KeyboardInterrupt
+    assert store.controller() is None
+    with store.lease("bob"):
+        assert "bob" in (store.controller() or "")
+
+
+def test_the_lease_holder_removes_the_temp_files_of_killed_saves(tmp_path: Path) -> None:
+    # Was: a controller SIGKILLed between a status temp's write and its rename left
+    # `.r.status.<pid>.tmp` for good, one per killed pid (a crash loop: one per restart).
+    left = [tmp_path / f".r.status.{pid}.tmp" for pid in (3172, 3179)]
+    others = [
+        tmp_path / ".r2.status.3172.tmp",  # another rollout's
+        tmp_path / ".r.status.1.status.3172.tmp",  # rollout "r.status.1"'s
+        tmp_path / "r.status.json",
+    ]
+    for path in (*left, *others):
+        path.write_text("{}")
+    store = FileStateStore(tmp_path, "r")
+    with store.lease("ann"):
+        saving = tmp_path / f".r.status.{os.getpid()}.tmp"
+        saving.write_text("{}")  # the holder's save, under way
+        with pytest.raises(LeaseHeldError):  # refused: removes nothing of the holder's
+            FileStateStore(tmp_path, "r").lease("bob").__enter__()
+        assert saving.exists()
+        saving.unlink()
+    assert not [path for path in left if path.exists()]
+    assert all(path.exists() for path in others)
