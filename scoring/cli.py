@@ -338,6 +338,14 @@ def load(
         typer.echo(json.dumps(report.to_dict()))
     else:
         _print_load_report(report)
+        if rps is not None and not interrupted and report.rps < 0.9 * rps:
+            # The requests fell behind their schedule: their latencies include that wait.
+            typer.echo(
+                f"note: {report.rps:.1f} requests/s of the {rps:g} asked: the server (or this "
+                "client: raise --concurrency) could not keep up; latencies count each request "
+                "from when it was due",
+                err=True,
+            )
     if interrupted:
         raise _fail(
             f"interrupted: the report covers the {report.sent} requests"

@@ -370,6 +370,7 @@ async def run_load(
             if requests is not None and ticket >= requests:
                 return
             next_ticket += 1
+            picked = time.monotonic()  # this worker (a connection) is free from now
             if rps is not None:
                 due = start + ticket / rps
                 if due >= deadline:
@@ -384,10 +385,12 @@ async def run_load(
             elif time.monotonic() >= deadline:
                 return
             sent = time.monotonic()
-            # Open loop: timed from when the request was due, so the time it waited for a
-            # connection counts (timed from the send, a server 10x too slow showed its own
-            # 200 ms while requests went out 19 s late: coordinated omission).
-            timed_from = due if rps is not None else sent
+            # Open loop: a request that fell due while every connection was busy is timed from
+            # when it was due, so its wait for a connection counts (timed from the send, a
+            # server 10x too slow showed its own 200 ms while requests went out 19 s late:
+            # coordinated omission). One a free connection waited for is timed from its send:
+            # this client's own late wake-up is no wait of the server's.
+            timed_from = due if rps is not None and picked > due else sent
             try:
                 # httpx's own timeout bounds each connect, write and read, not the request: an
                 # answer trickling in a byte at a time ran on past it (and past `duration`).

@@ -485,3 +485,27 @@ def test_a_rate_the_server_cannot_keep_up_with_still_ends_at_the_duration(model_
     # timed from when each request was due: the last ones waited ~0.8 s for a free connection
     assert report.max_ms > 600, report
     assert report.p50_ms > 300, report
+
+
+def test_a_rate_this_client_wakes_late_for_is_not_charged_to_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Was (timed from the due time always): the pacing sleep waking late, or this client's own
+    # backlog, read as the server's latency: p99 400 ms at 5,000 rps against no server at all.
+    import types
+
+    from scoring import loadgen
+
+    async def late_sleep(seconds: float) -> None:
+        await asyncio.sleep(seconds + 0.05)  # a loop waking 50 ms late, each time
+
+    monkeypatch.setattr(loadgen, "asyncio", types.SimpleNamespace(
+        sleep=late_sleep, timeout=asyncio.timeout, gather=asyncio.gather))  # fmt: skip
+    report = asyncio.run(
+        run_load(
+            "http://127.0.0.1:9/score", rps=20, duration=0.5, concurrency=1, rows=[[0.0] * 10],
+            transport=httpx.MockTransport(lambda request: httpx.Response(200, json={})),
+        )
+    )  # fmt: skip
+    assert report.answered >= 3, report
+    assert report.max_ms < 40, report  # the instant answers, not the 50 ms late wake-ups
