@@ -533,19 +533,20 @@ def create_app(
         )
 
     if state.api_keys:
+        # GET and HEAD, as FastAPI's own routes these replace take them.
 
-        @app.get("/openapi.json", include_in_schema=False)
+        @app.api_route("/openapi.json", methods=["GET", "HEAD"], include_in_schema=False)
         async def openapi_document(request: Request) -> Response:
             return require_key(request) or JSONResponse(app.openapi())
 
-        @app.get("/docs", include_in_schema=False)
+        @app.api_route("/docs", methods=["GET", "HEAD"], include_in_schema=False)
         async def swagger_ui(request: Request) -> Response:
             title = f"{app.title} - Swagger UI"
             return require_key(request) or get_swagger_ui_html(
                 openapi_url="/openapi.json", title=title
             )
 
-        @app.get("/redoc", include_in_schema=False)
+        @app.api_route("/redoc", methods=["GET", "HEAD"], include_in_schema=False)
         async def redoc(request: Request) -> Response:
             title = f"{app.title} - ReDoc"
             return require_key(request) or get_redoc_html(openapi_url="/openapi.json", title=title)

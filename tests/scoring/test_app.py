@@ -881,6 +881,8 @@ def test_schema_routes_need_the_key_when_keys_are_set(
             post = response.json()["paths"]["/score"]["post"]
             assert ", ".join(loaded.feature_names) in json.dumps(post)
         assert c.get("/readyz").status_code == 200  # probes stay open either way
+        # HEAD as GET (was 405 with keys set: FastAPI's own routes take HEAD too)
+        assert c.request("HEAD", path, headers=headers).status_code == status
 
 
 @pytest.mark.parametrize(
