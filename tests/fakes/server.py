@@ -58,6 +58,13 @@ class LocalServer:
         self._server.server_close()
         self._thread.join(timeout=5)
 
+    def __enter__(self) -> LocalServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 class Answering:
     """A server that is not the one a test's client wants (a web page, a bare 404, a login

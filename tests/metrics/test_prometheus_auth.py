@@ -135,12 +135,8 @@ def redirecting(to: str) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = LocalServer(Handler)
-    server.start()
-    try:
+    with LocalServer(Handler) as server:
         yield server.url
-    finally:
-        server.stop()
 
 
 def test_a_401_after_a_redirect_to_another_host_names_it_not_the_credentials(
@@ -748,12 +744,8 @@ def refusing(token: str, challenge: str | None) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = LocalServer(Handler)
-    server.start()
-    try:
+    with LocalServer(Handler) as server:
         yield server.url
-    finally:
-        server.stop()
 
 
 def caching_provider(url: str) -> tuple[PrometheusMetrics, FakeEntra]:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,33 +74,9 @@ def test_serve_refuses_an_unreadable_model_file_in_one_line(
 
 @pytest.mark.slow
 def test_serve_runs_uvicorn_with_the_options(package_dir: Path) -> None:
-    # The socket is bound here and inherited (--fd): no other process can take the port
-    # between choosing it and the server listening (was: a free port, closed, bound later).
-    listener = listening_socket()
-    port = listener.getsockname()[1]
-    argv = [sys.executable, "-c", "from rollout.cli import main; main()", "serve",
-            "--model-dir", str(package_dir), "--colour", "blue", "--fd", str(listener.fileno()),
-            "--fault-error-rate", "1.0", "--log-level", "warning"]  # fmt: skip
-    env_key = {"AML_ROLLOUT_API_KEY": "k1"}
-    with listener:
-        proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env={**_env(), **env_key},
-            pass_fds=[listener.fileno()],
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            assert time.monotonic() < deadline, "server never became ready"
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    args = ["--model-dir", str(package_dir), "--colour", "blue", "--fault-error-rate", "1.0"]
+    with serving(args, env={"AML_ROLLOUT_API_KEY": "k1"}) as (proc, port):
+        base = f"http://127.0.0.1:{port}"
         body = {"data": [[0.0] * 10]}
         assert httpx.post(f"{base}/score", json=body).status_code == 401
         auth = {"authorization": "Bearer k1"}
@@ -120,12 +97,47 @@ def test_serve_runs_uvicorn_with_the_options(package_dir: Path) -> None:
                 assert answer.status == 200 and answer.read()
         finally:
             conn.close()
-    finally:
-        out = stop_and_wait(proc, timeout=20)[0].decode()
+    out = proc.output
     # uvicorn shuts down gracefully, then re-raises the signal it caught
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "Traceback" not in out
     assert "k1" not in out  # keys are never logged
+
+
+class _Served(subprocess.Popen[bytes]):
+    output = ""  # what it printed, once stopped
+
+
+@contextlib.contextmanager
+def serving(args: list[str], env: dict[str, str] | None = None) -> Iterator[tuple[_Served, int]]:
+    """`aml-rollout serve ARGS` in a subprocess on a socket bound here and inherited (--fd: no
+    other process can take the port between choosing it and the server listening; was: a free
+    port, closed, bound later), once ready; stopped (SIGTERM) after, its output kept."""
+    listener = listening_socket()
+    port = listener.getsockname()[1]
+    argv = [sys.executable, "-c", "from rollout.cli import main; main()", "serve",
+            "--fd", str(listener.fileno()), "--log-level", "warning", *args]  # fmt: skip
+    with listener:
+        proc = _Served(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**_env(), **(env or {})},
+            pass_fds=[listener.fileno()],
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, "server never became ready"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield proc, port
+    finally:
+        proc.output = stop_and_wait(proc, timeout=20)[0].decode()
 
 
 def _env() -> dict[str, str]:
@@ -356,30 +368,8 @@ def test_serve_bounds_a_request_head_in_size_and_time(model_dir: Path) -> None:
     # were held for ever. scoring.httpguard's cases are in test_httpguard.py; this is `serve`.
     from scoring.httpguard import HEAD_TIMEOUT_S, MAX_HEAD_BYTES
 
-    listener = listening_socket()
-    port = listener.getsockname()[1]
-    argv = [sys.executable, "-c", "from rollout.cli import main; main()", "serve",
-            "--model-dir", str(model_dir), "--fd", str(listener.fileno()),
-            "--log-level", "warning"]  # fmt: skip
-    with listener:
-        proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=_env(),
-            pass_fds=[listener.fileno()],
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            assert time.monotonic() < deadline, "server never became ready"
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with serving(["--model-dir", str(model_dir)]) as (proc, port):
+        base = f"http://127.0.0.1:{port}"
         # A big header under the cap is served.
         padded = httpx.get(f"{base}/readyz", headers={"x-pad": "a" * (MAX_HEAD_BYTES // 2)})
         assert padded.status_code == 200
@@ -398,6 +388,4 @@ def test_serve_bounds_a_request_head_in_size_and_time(model_dir: Path) -> None:
             assert slow.recv(4096) == b""  # and closed
             assert time.monotonic() - started < HEAD_TIMEOUT_S + 2
         assert httpx.get(f"{base}/healthz").status_code == 200
-    finally:
-        out = stop_and_wait(proc, timeout=20)[0].decode()
-    assert "Traceback" not in out, out
+    assert "Traceback" not in proc.output, proc.output

@@ -397,21 +397,11 @@ def test_a_failed_job_whose_rollout_step_tagged_its_version_is_over(
     assert view is not None and not view.active and view.phase == FAILED
 
 
-def test_a_local_spec_edited_while_the_trigger_runs_is_not_submitted_unchecked(
-    tmp_path: Path, client: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Was: checked when the trigger started, then uploaded as it was at each submission: a typo
-    # made days later went to the next job, which packaged, then failed its rollout step on the
-    # spec, its version left a candidate that held the endpoint.
+def submitted_specs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The text of each job's rollout_spec input as it is submitted (Azure ML's upload of a local
+    file goes to blob storage, out of the fake ARM's reach): a list that fills as jobs go."""
     import aml_pipelines.build as build
 
-    spec = tmp_path / "rollout.yaml"
-    good = "name: x\nrouter: {kind: memory}\nmetrics: {kind: simulated}\nsteps: [10, 100]\n"
-    spec.write_text(good)
-    delivery = PipelineDelivery(
-        client, str(spec), tmp_path / "trigger", watched=AzureMLRegistry(client)
-    )
-    spec.write_text(good.replace("[10, 100]", "[50, 40]"))  # edited meanwhile
     submitted: list[str] = []
 
     def submit(job: Any, ml_client: Any, *, experiment: str) -> Any:
@@ -420,6 +410,23 @@ def test_a_local_spec_edited_while_the_trigger_runs_is_not_submitted_unchecked(
 
     monkeypatch.setattr(build, "submit_pipeline", submit)
     monkeypatch.setattr(PipelineDelivery, "_get_job", lambda self, name: None)
+    return submitted
+
+
+def test_a_local_spec_edited_while_the_trigger_runs_is_not_submitted_unchecked(
+    tmp_path: Path, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: checked when the trigger started, then uploaded as it was at each submission: a typo
+    # made days later went to the next job, which packaged, then failed its rollout step on the
+    # spec, its version left a candidate that held the endpoint.
+    spec = tmp_path / "rollout.yaml"
+    good = "name: x\nrouter: {kind: memory}\nmetrics: {kind: simulated}\nsteps: [10, 100]\n"
+    spec.write_text(good)
+    delivery = PipelineDelivery(
+        client, str(spec), tmp_path / "trigger", watched=AzureMLRegistry(client)
+    )
+    spec.write_text(good.replace("[10, 100]", "[50, 40]"))  # edited meanwhile
+    submitted = submitted_specs(monkeypatch)
     version = ModelVersion(
         name="diabetes", version=7, uri="azureml://jobs/r/outputs/model",
         sha256="a" * 64, tags={"stage": "candidate"},
@@ -433,8 +440,6 @@ def test_triggers_sharing_a_state_folder_each_submit_their_own_spec(
 ) -> None:
     # Was (the first snapshot): both copied to <state-dir>/spec/rollout.yaml, the trigger started
     # last overwrote the other's: diabetes jobs went out with churn's spec.
-    import aml_pipelines.build as build
-
     texts = {}
     for model in ("diabetes", "churn"):
         (tmp_path / model).mkdir()
@@ -444,14 +449,7 @@ def test_triggers_sharing_a_state_folder_each_submit_their_own_spec(
             "steps: [10, 100]\n"
         )
         spec.write_text(texts[model])
-    submitted: list[str] = []
-
-    def submit(job: Any, ml_client: Any, *, experiment: str) -> Any:
-        submitted.append(Path(job.inputs["rollout_spec"].path).read_text())
-        return SimpleNamespace(studio_url="https://ml.azure.com/runs/x", status="NotStarted")
-
-    monkeypatch.setattr(build, "submit_pipeline", submit)
-    monkeypatch.setattr(PipelineDelivery, "_get_job", lambda self, name: None)
+    submitted = submitted_specs(monkeypatch)
     registry = AzureMLRegistry(client)
     deliveries = {
         model: PipelineDelivery(
