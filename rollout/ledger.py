@@ -168,18 +168,28 @@ def _redone(records: Iterable[dict[str, Any]]) -> set[int]:
     a later tenure of its rollout. That controller lost the lease and its save was refused: its
     decision was never the rollout's, and its tick must not read as the successor's ticks done
     again. Tenures are ranked per `rollout_id`: another rollout's controller (a dry run of the
-    same name, its lease its own) supersedes none of this one's. Lines with no tenure (earlier
-    versions, events) are read as before."""
+    same name, its lease its own) supersedes none of this one's. But a rollout started after
+    another (`run --restart`) took the lease from it: a stamped line of the earlier rollout
+    written after the later one's start is stale too (a frozen controller waking late). Lines
+    with no tenure (earlier versions, events) are read as before."""
     ticks: list[int | None] = []  # each line's tick, None for a line of no tick
     begins: set[int] = set()  # where each rollout's lines begin
     cuts = _Cuts()
     tenures: dict[Any, dict[str, int]] = {}  # per rollout_id, each tenure's rank by its first line
+    started: list[Any] = []  # the rollout ids of the start lines, in order
     stale: set[int] = set()
     for index, record in enumerate(records):
         tenure = record.get("tenure")
         rollout = record.get("rollout_id")
-        ranks = tenures.setdefault(rollout if isinstance(rollout, str) else None, {})
-        if isinstance(tenure, str) and ranks.setdefault(tenure, len(ranks)) < len(ranks) - 1:
+        rollout = rollout if isinstance(rollout, str) else None
+        if record.get("event") == "start":
+            started.append(rollout)
+        ranks = tenures.setdefault(rollout, {})
+        superseded = isinstance(tenure, str) and (
+            ranks.setdefault(tenure, len(ranks)) < len(ranks) - 1
+            or (rollout in started and started[-1] != rollout)
+        )
+        if superseded:
             stale.add(index)
             ticks.append(None)  # hides nothing, and cuts nothing
             continue

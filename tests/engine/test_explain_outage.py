@@ -404,3 +404,26 @@ def test_a_hold_for_the_outage_on_its_first_tick_tells_it_once() -> None:
         tick(2, held, verdict="Error", counts=False, phase="Paused", metrics_error=UNREACHABLE),
     ]
     assert explain(records)[1:3] == [f"[2 s] Paused: {held}", f"[2 s] still Paused: {held}"]
+
+
+def test_a_frozen_controller_s_line_after_a_restarted_rollout_began_is_stale(
+    tmp_path: Path,
+) -> None:
+    # Measured (the first per-rollout ranking): A (rollout r1) lost its lease, B began rollout
+    # r2 with `run --restart`; A woke and appended its tick. Ranked per rollout alone, A's line
+    # was no longer stale: a third "rollout", the latest one the report and the demo told.
+    def start(rollout_id: str, at: float) -> dict[str, Any]:
+        return {"event": "start", "at": at, "rollout_id": rollout_id, "name": "r"}
+
+    lines = [
+        start("r1", T0),
+        *_run("a", range(1, 4), "A", rollout_id="r1"),
+        start("r2", T0 + 3.5),
+        *_run("b", range(1, 3), "B", rollout_id="r2"),
+        *_run("a", [4], "A", rollout_id="r1"),
+    ]
+    ledger = tmp_path / "r.ledger.jsonl"
+    ledger.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    told = [r["reason"] for r in read_ledger(ledger) if "tick" in r]
+    assert told == ["A 1", "A 2", "A 3", "B 1", "B 2"]
+    assert [r["reason"] for r in latest_ticks(lines) if "tick" in r] == told
