@@ -287,3 +287,32 @@ def test_the_lease_holder_removes_the_temp_files_of_killed_saves(tmp_path: Path)
         saving.unlink()
     assert not [path for path in left if path.exists()]
     assert all(path.exists() for path in others)
+
+
+def _append_lines(path: str, writer: int, count: int) -> None:
+    from rollout import jsonl
+
+    for i in range(count):
+        pad = "x" * (150 + (i * 37 + writer) % 300)  # lines that cross pages now and then
+        jsonl.append(Path(path), {"w": writer, "i": i, "pad": pad}, fsync=False)
+
+
+def test_writers_appending_at_once_leave_no_torn_line(tmp_path: Path) -> None:
+    # Was: a writer seeing another's line half written (one crossing a page) took it for a
+    # torn fragment: 103 `#torn` lines and a warning in 18,000 appends by 6 writers, no one
+    # killed (an operator's pause or resume beside the controller's own lines).
+    import multiprocessing
+
+    from rollout import jsonl
+
+    path = tmp_path / "c.jsonl"
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_append_lines, args=(str(path), w, 2000)) for w in range(4)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+    lines = path.read_bytes().split(b"\n")[:-1]
+    assert len(lines) == 8000
+    assert not [line for line in lines if line.startswith(b"#torn")]
+    assert len(jsonl.read(path)) == 8000
