@@ -120,7 +120,7 @@ def stories_from_ledger(path: Path) -> list[RolloutStory]:
     rollback and the promotion after it read as one rollout whose outcome was the last one's.
     The ledger is read one line at a time (`iter_ledger`): the records are not held, their rows.
     """
-    name = path.name.removesuffix(".ledger.jsonl")
+    name = path.name.removesuffix(".ledger.jsonl").removesuffix(".memory")  # a dry run's too
     records = (r for r in iter_ledger(path) if "at" in r)
     told = [_story(name, piece) for piece in iter_rollouts(records)]
     if not told:

@@ -324,3 +324,14 @@ def test_a_rollouts_outcome_is_its_last_phase_whatever_line_follows(
     events = [row["event"].partition(" ")[0] for row in story.rows if "event" in row]
     # A bootstrap's lines are no rollout's; the rollout's own stop is its row.
     assert events == ["started"] + (["controller"] if "stopped" in reason else [])
+
+
+def test_a_dry_run_s_ledger_is_told_under_its_rollout_s_name(tmp_path: Path) -> None:
+    # Was "d.memory": a memory store's rollout (a dry run) writes <name>.memory.ledger.jsonl.
+    path = tmp_path / "d.memory.ledger.jsonl"
+    book = Ledger(path, fsync=False)
+    book.append({"event": "start", "at": T0, "name": "d", "rollout_id": "r1", "plan": [10]})
+    book.append({**tick(T0 + 1, "Progressing", 10, "started: blue at 10 %", blue=10),
+                 "rollout_id": "r1"})  # fmt: skip
+    [story] = stories_from_ledger(path)
+    assert story.name == "d"
