@@ -11,6 +11,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import json
+import math
 import shlex
 import signal
 import threading
@@ -196,10 +197,14 @@ def up(
         int | None, typer.Option(min=0, max=65535, help="Envoy listener port (default: free).")
     ] = None,
     duration: Annotated[
-        float | None, typer.Option(min=0.1, help="Stop after this many seconds (default: Ctrl-C).")
+        float | None,
+        typer.Option(
+            min=0.1, callback=_finite, help="Stop after this many seconds (default: Ctrl-C)."
+        ),
     ] = None,
     load_rps: Annotated[
-        float, typer.Option(min=0, help="Background load through Envoy (0 = none).")
+        float,
+        typer.Option(min=0, callback=_finite, help="Background load through Envoy (0 = none)."),
     ] = 0.0,
 ) -> None:
     """Start the local stack and keep it running until Ctrl-C; prints the URLs to curl."""
@@ -248,8 +253,7 @@ def up(
                 raise LocalStackError(
                     f"{exc}\n(the stack stopped; its files and logs are kept in {stack.workdir})"
                 ) from exc
-            if load_rps:
-                stack.start_load(rps=load_rps)
+            load = stack.start_load(rps=load_rps) if load_rps else None
             _print_urls(console, stack, blue=candidate is not None)
             _print_spec_hint(
                 console, _write_spec(stack, candidate, console), blue=candidate is not None
@@ -260,7 +264,7 @@ def up(
                 # Its KeyboardInterrupt may have been lost (see sigterm_as_interrupt).
                 if interrupts.stopping.is_set():
                     raise KeyboardInterrupt
-                _watch(console, stack, said)
+                _watch(console, stack, said, load)
                 # Time may run out since the loop's test: never a negative sleep (ValueError).
                 time.sleep(
                     0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
@@ -293,13 +297,23 @@ def _say(console: Console, text: str, **options: Any) -> None:
         console.print(text, **options)
 
 
-def _watch(console: Console, stack: Any, said: set[str]) -> None:
+def _finite(value: float | None) -> float | None:
+    """Refuse NaN and infinity, which pass typer's ranges (NaN fails every comparison): was,
+    `--duration nan` stopped the stack as soon as it served, `--load-rps nan` sent no load."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _watch(console: Console, stack: Any, said: set[str], load: Any = None) -> None:
     """Envoy or Prometheus gone by itself (killed, crashed): nothing restarts them.
 
     Without Envoy nothing is served and no weight can be set: the stack is stopped, with an
     error naming it and its log (the folder kept for that log). Without Prometheus Envoy still
     serves; a rollout then reads no metrics (Error ticks, weights held): said once, `up` goes on.
     Without green's scoring server Envoy answers 503 to what it routes there: said once too.
+    The background load (`--load-rps`) ended by itself is said once too: a rollout against the
+    stack would otherwise wait for traffic that never comes, with not a word until the stop.
 
     Scoring servers that ended are reaped first: a controller in another process that rolls back
     or promotes past one stops it by PID, and it stayed a zombie under `up` until `up` exited.
@@ -323,6 +337,14 @@ def _watch(console: Console, stack: Any, said: set[str]) -> None:
             f"warning: {ended}\n(Envoy still serves, but a rollout against this stack now reads "
             "no metrics: its ticks are Errors and its weights hold; stop `up` and start it "
             "again to get Prometheus back)",
+            markup=False,
+            highlight=False,
+        )
+    if load is not None and not load.running and "load" not in said:
+        said.add("load")
+        console.print(
+            "warning: the background load (--load-rps) ended: no more requests are sent "
+            "through Envoy (why is logged as `up` stops)",
             markup=False,
             highlight=False,
         )
