@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -152,12 +153,14 @@ class ScoringProcesses:
             _warm_up(f"http://{self.host}:{port}/score", Path(release.model_dir))
             self._write_targets()
         except LocalStackError as exc:
-            died = not child.running  # the release's server exited (a model it cannot load)
+            # Read before the discard, which forgets the process.
+            refused, how = _refused_its_model(child), _how_it_ended(child)
             self._discard(child.pid, ref)
             # The cause (a bad model folder, a traceback) is in the server's own log.
-            error = DeployFailed if died else RouterError  # else: slow, maybe a loaded machine
+            error = DeployFailed if refused else RouterError
             raise error(
-                f"scoring server for {colour.value} did not start: {exc}{quoted_log_tail(log_path)}"
+                f"scoring server for {colour.value} did not start: {exc}{how}"
+                f"{quoted_log_tail(log_path)}"
             ) from None
         except BaseException:
             # Ctrl-C or SIGTERM while it loads, or its record not written (a RouterError):
@@ -296,6 +299,47 @@ def _check_model(colour: Colour, release: Release) -> None:
             f"cannot deploy {release.ref} to {colour.value}: {release.model_dir} holds a model "
             f"of sha256 {found}, not {release.sha256} (another model was written there since)"
         )
+
+
+#: Signals a process raises on itself when it crashes (a native library loading the model):
+#: the release's own doing, as an exit is. Any other came from outside: an operator's `kill`,
+#: the OOM killer's SIGKILL, the stack's stop (SIGTERM) while it loaded.
+_CRASHES = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT})
+
+
+def _refused_its_model(child: Child) -> bool:
+    """Whether a server that did not start ended by its release's doing: it exited by itself
+    (a model it cannot load) or crashed. DeployFailed then, which fails the candidate for good.
+
+    Not one still running (slow: a loaded machine), nor one killed from outside: was
+    DeployFailed too, so stopping `up` while blue loaded (or an OOM kill) ended its rollout
+    Failed, with nothing wrong in the model, where a RouterError is retried and the rollout
+    resumes once `up` is back.
+    """
+    code = None if child.process is None else child.process.poll()
+    if code is None:
+        return False
+    if code >= 0:
+        return True
+    try:
+        return signal.Signals(-code) in _CRASHES
+    except ValueError:
+        return False
+
+
+def _how_it_ended(child: Child) -> str:
+    """ " (killed by SIGTERM, not by its model ...)" for a server a signal from outside ended."""
+    code = None if child.process is None else child.process.poll()
+    if code is None or code >= 0 or _refused_its_model(child):
+        return ""
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return (
+        f" (killed by {name} from outside, not ended by its model: the deploy is retried, and "
+        "a rollout resumes once the stack serves again)"
+    )
 
 
 def _stop(pid: int) -> None:

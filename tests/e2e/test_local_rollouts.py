@@ -464,3 +464,83 @@ def test_controller_killed_mid_rollout_resumes_and_finishes(
     assert stack.router.get_weights() == Weights.blue_at(0)
     live = [r for r in stack.workloads.records() if r["colour"] == "blue"]
     assert live == [], "a blue scoring server outlived the rollout"
+
+
+def start_up_command(out: Path, *options: str) -> subprocess.Popen[str]:
+    """`aml-rollout up OPTIONS`, its output to `out`, once it has printed its spec hint."""
+    with out.open("w") as sink:  # (the child keeps its own copy)
+        process = subprocess.Popen(
+            [*CLI, "up", *options],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "COLUMNS": "400"},
+        )
+    printed(out, "roll blue out live")
+    return process
+
+
+def printed(out: Path, words: str, timeout_s: float = 90) -> str:
+    """The text in `out` once it holds `words` (what it holds after `timeout_s` otherwise)."""
+    deadline = time.monotonic() + timeout_s
+    while words not in (text := out.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return text
+
+
+def test_up_started_again_under_a_running_rollout_serves_its_weights_and_the_rollout_goes_on(
+    make_release: MakeRelease, tmp_path: Path
+) -> None:
+    """docs/local-stack.md: stop `up` under a rollout and start it again, and the rollout goes on.
+
+    Was: `up` started again with new Envoy admin and Prometheus ports (the `run` still running
+    never reached them), blue at 0 % with no mirror and `releases.json` forgotten: the rollout
+    was held for a human after 4 unreadable ticks, and a new `run` then blamed "another rollout
+    ..., or a hand edit" for up's own reset. Now the `run` started before carries on to its end.
+    """
+    from tests.cli import stop_and_wait
+
+    v1, v2 = make_release("1"), make_release("2")
+    workdir = tmp_path / "up"
+    options = ["--workdir", str(workdir), "--model-dir", str(v1.model_dir)]
+    options += ["--candidate-dir", str(v2.model_dir), "--load-rps", str(RPS)]
+    first: subprocess.Popen[str] | None = None
+    run: subprocess.Popen[str] | None = None
+    second: subprocess.Popen[str] | None = None
+    try:
+        first = start_up_command(tmp_path / "up.out", *options)
+        spec_file = workdir / "rollout.yaml"
+        spec = yaml.safe_load(spec_file.read_text())
+        # Promoted in about a minute (the test service's negligible rate, as ANALYSIS has it).
+        spec["analysis"].update(
+            {"alpha": 0.01, "min_requests": 50, "errors": {"negligible_rate": 0.01}}
+        )
+        spec["analysis"]["latency"] = {"enabled": False}
+        spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+        with (tmp_path / "run.out").open("w") as log:  # (the child keeps its own copy)
+            argv = [*CLI, "rollout", "run", str(spec_file)]
+            run = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        status_file = workdir / "state" / "local.status.json"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # the shadow step decided and applied
+            saved = json.loads(status_file.read_text()) if status_file.exists() else {}
+            if saved.get("mirror") and saved["applied"] == len(saved["pending"]):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the rollout never reached its shadow step")
+        stop_and_wait(first)
+        second = start_up_command(tmp_path / "up-again.out", *options)
+        run.wait(timeout=180)
+        told = (tmp_path / "run.out").read_text()
+        assert run.returncode == 0, told
+        output = printed(tmp_path / "up-again.out", "rollout 'local'", timeout_s=5)
+        assert "its weights restored (blue 0 % + 5 % mirrored)" in output, output
+        ledger = read_ledger(workdir / "state" / "local.ledger.jsonl")
+        ticks = [line for line in ledger if "phase" in line]
+        assert not [t for t in ticks if "drift" in t], "held: the data plane changed under it"
+        assert ticks[-1]["phase"] == Phase.SUCCEEDED.value
+    finally:
+        for process in (run, first, second):
+            if process is not None and process.poll() is None:
+                stop_and_wait(process)

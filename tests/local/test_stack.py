@@ -402,3 +402,48 @@ def test_envoys_side_by_side_leave_nothing_in_dev_shm(tmp_path: Path) -> None:
             envoy.stop()
     assert mapped == set()
     assert not [path for path in mapped if Path(path).exists()]  # none left after the stop
+
+
+@pytest.mark.parametrize(
+    ("signum", "expected"),
+    [
+        pytest.param(signal.SIGTERM, RouterError, id="sigterm-the-stacks-stop-is-retried"),
+        pytest.param(signal.SIGKILL, RouterError, id="sigkill-an-oom-kill-is-retried"),
+        pytest.param(signal.SIGSEGV, DeployFailed, id="sigsegv-a-crash-on-its-model-fails"),
+    ],
+)
+def test_a_server_killed_while_it_loads_is_retried_not_deploy_failed(
+    make_release: MakeRelease, tmp_path: Path, signum: signal.Signals, expected: type
+) -> None:
+    """Was: any server that ended before /readyz was DeployFailed, which fails the candidate
+    for good: `up` stopped while blue loaded (its SIGTERM), an operator's kill or the OOM
+    killer ended a rollout Failed with nothing wrong in its model, although it should resume
+    once `up` is back. Killed from outside is a RouterError (retried); a crash is the model's."""
+    workloads = ScoringProcesses(tmp_path / "workloads")
+    killed: list[int] = []
+
+    def kill_once_recorded() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            records = list(workloads.directory.glob("*.proc.json"))
+            if records:
+                pid = int(json.loads(records[0].read_text())["pid"])
+                time.sleep(0.2)  # loading: its record written, /readyz not answered yet
+                os.killpg(pid, signum)
+                killed.append(pid)
+                return
+            time.sleep(0.01)
+
+    import threading
+
+    killer = threading.Thread(target=kill_once_recorded, daemon=True)
+    killer.start()
+    with pytest.raises(RouterError) as failed:
+        workloads.start(Colour.BLUE, make_release("2"))
+    killer.join(timeout=30)
+    assert killed, "the server was never seen loading"
+    assert type(failed.value) is expected
+    if expected is RouterError:
+        assert f"killed by {signum.name} from outside" in str(failed.value)
+    assert not pid_alive(killed[0])
+    assert not list(workloads.directory.glob("*.proc.json"))

@@ -294,3 +294,26 @@ def test_no_admin_address_in_time_says_when_the_disk_is_full(
     with pytest.raises(LocalStackError) as caught:
         local_envoy._written_port(path, time.monotonic(), lambda: True)
     assert str(caught.value) == f"no admin address written to {path} in time{hint}"
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        pytest.param(["--duration", "nan"], id="duration-nan"),
+        pytest.param(["--duration", "inf"], id="duration-inf"),
+        # (A duration: unfixed, these served until stopped.)
+        pytest.param(["--load-rps", "nan", "--duration", "3"], id="load-rps-nan"),
+        pytest.param(["--load-rps", "inf", "--duration", "3"], id="load-rps-inf"),
+    ],
+)
+def test_up_refuses_a_non_finite_duration_or_load_before_anything(
+    option: list[str], tmp_path: Path
+) -> None:
+    """Was: NaN passed typer's ranges (it fails every comparison): `--duration nan` started
+    the whole stack and stopped it at once, exit 0; `--load-rps nan` served with no load at all,
+    said only in a log line at the stop."""
+    result = CliRunner().invoke(cli_app, ["up", *option, "--workdir", str(tmp_path / "stack")])
+    assert result.exit_code == 2, result.output
+    assert option[0] in result.output and "is not a finite number" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "stack").exists()

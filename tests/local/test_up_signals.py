@@ -533,3 +533,30 @@ def test_training_the_example_on_a_full_disk_is_one_line_and_a_stop(
     )
     assert StandInStack.last is not None and StandInStack.last.stopped
     assert StandInStack.last.keep is workdir
+
+
+class LoadEndsStack(StandInStack):
+    """A stand-in whose background load has ended by itself (its error kept for the stop)."""
+
+    def start_load(self, rps: float) -> Any:
+        return SimpleNamespace(running=False)
+
+
+def test_a_background_load_that_ended_by_itself_is_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: not a word until the stop (a log line), while a rollout against the stack waited
+    on "no mirrored copies counted yet" for traffic that never came."""
+    monkeypatch.setattr(stack_commands, "time", FakeTime())
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "package.json").write_text(json.dumps({"model": "diabetes", "version": "1"}))
+    monkeypatch.setattr(local_stack, "LocalStack", LoadEndsStack)
+    monkeypatch.setattr(
+        stack_commands, "_write_spec", lambda stack, candidate, console: tmp_path / "x.yaml"
+    )
+    options = ["--workdir", str(tmp_path), "--duration", "5", "--load-rps", "50"]
+    result = CliRunner().invoke(cli_app, ["up", "--model-dir", str(package), *options])
+    assert result.exception is None, result.exception
+    assert result.output.count("the background load (--load-rps) ended") == 1, result.output
+    assert "stack stopped" in result.output
