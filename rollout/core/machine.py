@@ -1268,7 +1268,8 @@ def _analyse(
         then = f"{refused}, which {aborts}" if refused else f"resume sets it back, abort {aborts}"
         reason = (
             f"held for a human: the data plane changed under this rollout ({drift}): another "
-            f"rollout drives it, or a hand edit; {then}"
+            f"rollout drives it, a hand edit, or a data plane that lost its state (a local "
+            f"stack restarted, an endpoint recreated); {then}"
         )
         status = replace(status, phase=Phase.PAUSED, held=True, reason=reason, served=served)
         return _decide(status, (), record, notes)

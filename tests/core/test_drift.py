@@ -63,7 +63,9 @@ def test_a_drifted_data_plane_holds_before_the_judge_acts_on_counts_not_this_ste
     assert decision.status.phase is Phase.PAUSED and decision.status.held
     assert decision.actions == ()  # neither a rollback nor a fight over the weights
     assert said in decision.status.reason
-    assert "another rollout drives it, or a hand edit" in decision.status.reason
+    assert "another rollout drives it, a hand edit, or a data plane that lost its state" in (
+        decision.status.reason
+    )
     assert "resume sets it back" in decision.status.reason
     assert decision.record["drift"] in decision.status.reason
 
