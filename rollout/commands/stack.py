@@ -227,21 +227,7 @@ def up(
     # Read before anything starts: a mistyped folder is one line, not seconds of training first.
     green = None if model_dir is None else _release(model_dir, "1", "--model-dir")
     candidate = None if candidate_dir is None else _release(candidate_dir, "2", "--candidate-dir")
-    resumed = _rollout_in_progress(workdir)
-    weights, restored = _weights_to_serve(resumed, green, candidate)
-    if resumed is None:
-        stack = LocalStack(workdir, envoy_port=port)
-    else:
-        # A rollout in progress here: the ports its spec names, so a `run` still running
-        # reaches the new stack, and Envoy serves the rollout's weights from its first answer.
-        admin, metrics = resumed.ports()
-        stack = LocalStack(
-            workdir,
-            envoy_port=port,
-            envoy_admin_port=admin,
-            prometheus_port=metrics,
-            serving=weights if weights != Weights.blue_at(0) else None,
-        )
+    stack = LocalStack(workdir, envoy_port=port)
     # Handled from here to the end of the stop: the first signal stops `up`, any later one is
     # acknowledged (never the default action, which killed `up` with no stop).
     with interrupted_once(console) as interrupts:
@@ -257,7 +243,7 @@ def up(
                 stack.router.deploy(Colour.GREEN, green)
                 if candidate is not None:
                     stack.router.deploy(Colour.BLUE, candidate)
-                stack.router.set_weights(weights)
+                stack.router.set_weights(Weights.blue_at(0))
             except RolloutError as exc:
                 if stack.keep:
                     raise
@@ -269,19 +255,16 @@ def up(
                 ) from exc
             load = stack.start_load(rps=load_rps) if load_rps else None
             _print_urls(console, stack, blue=candidate is not None)
-            spec_file = _write_spec(stack, candidate, console)
-            _print_spec_hint(console, spec_file, blue=candidate is not None)
-            if restored:
-                console.print(restored, markup=False, highlight=False)
-            again = _up_again(stack.workdir, green, candidate)
-            outage = _OutageAdvice(_hold_after(spec_file), again, spec_file)
+            _print_spec_hint(
+                console, _write_spec(stack, candidate, console), blue=candidate is not None
+            )
             deadline = None if duration is None else time.monotonic() + duration
             said: set[str] = set()
             while deadline is None or time.monotonic() < deadline:
                 # Its KeyboardInterrupt may have been lost (see sigterm_as_interrupt).
                 if interrupts.stopping.is_set():
                     raise KeyboardInterrupt
-                _watch(console, stack, said, load, outage)
+                _watch(console, stack, said, load)
                 # Time may run out since the loop's test: never a negative sleep (ValueError).
                 time.sleep(
                     0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
@@ -322,148 +305,7 @@ def _finite(value: float | None) -> float | None:
     return value
 
 
-#: Unreadable-metrics ticks in a row before the spec `up` writes holds a rollout for a human:
-#: at its 1 s interval about two minutes, time to stop `up` and start it again (Prometheus
-#: ended, or `up` itself). The product's default, 4, held a rollout within 4 s of an outage,
-#: and `run` then stopped; the e2e outage test raises it too.
-RESTART_TICKS = 120
-
-
-class _InProgress:
-    """A rollout a folder `up` is given again holds, not ended: its status and the ports of
-    the stack its spec names (the stack `up` ran there before)."""
-
-    def __init__(self, status: Any, spec: dict[str, Any]) -> None:
-        self.status = status
-        self.spec = spec
-
-    def ports(self) -> tuple[int | None, int | None]:
-        """The Envoy admin and Prometheus ports of the spec, each when still free (else None):
-        a `rollout run` still running reads the stack there (was: new ones at each start, so it
-        never reached the stack started again, and was held once its unreadable ticks ran out)."""
-        from urllib.parse import urlsplit
-
-        from rollout.local.process import port_is_free
-
-        found: list[int | None] = []
-        for section, key in (("router", "admin_url"), ("metrics", "url")):
-            port = None
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                url = urlsplit(str((self.spec.get(section) or {}).get(key)))
-                if url.hostname == "127.0.0.1" and url.port and port_is_free(url.port):
-                    port = url.port
-            found.append(port)
-        return found[0], found[1]
-
-
-def _rollout_in_progress(workdir: Path | None) -> _InProgress | None:
-    """The rollout of the spec in `workdir` (`up`'s own `rollout.yaml`) when it has not ended;
-    None when there is none, or it cannot be read (then `up` starts as on a new folder)."""
-    if workdir is None:
-        return None
-    import yaml
-
-    from rollout.errors import RolloutError
-    from rollout.state.file import FileStateStore
-
-    try:
-        spec = yaml.safe_load((Path(workdir) / "rollout.yaml").read_text(encoding="utf-8"))
-        if not isinstance(spec, dict):
-            return None
-        status = FileStateStore(Path(workdir) / "state", str(spec.get("name") or "local")).load()
-    except (OSError, ValueError, yaml.YAMLError, RolloutError):
-        return None
-    if status is None or status.terminal:
-        return None
-    return _InProgress(status, spec)
-
-
-def _weights_to_serve(resumed: _InProgress | None, green: Any, candidate: Any) -> tuple[Any, str]:
-    """The weights a starting `up` serves, and what it says of them.
-
-    Blue at 0 %, unless the folder holds a rollout in progress whose step is settled
-    (Progressing or Paused, no action left to apply) and the colours serve its releases: then
-    that step's weights and mirror, as the rollout set them. Was: always 0 %, and the rollout,
-    when its `run` read the data plane again, was held for a human as if "another rollout
-    drives it, or a hand edit" had changed it.
-    """
-    from rollout.core.types import Phase, Weights
-
-    if resumed is None:
-        return Weights.blue_at(0), ""
-    status = resumed.status
-    wanted = status.weights
-    if wanted == Weights.blue_at(0):
-        return wanted, ""
-    name = f"rollout {status.name!r} ({status.phase.value}, {wanted.blue_share})"
-    off = []
-    if status.phase not in (Phase.PROGRESSING, Phase.PAUSED) or status.applied < len(
-        status.pending
-    ):
-        off.append(f"it is {status.phase.value} with actions left to apply")
-    if status.stable is not None and (green is None or status.stable.unlike(green)):
-        there = green.ref if green else "the example model (no --model-dir)"
-        off.append(f"green serves {there}, not {status.stable.ref}")
-    if status.candidate is not None and (candidate is None or status.candidate.unlike(candidate)):
-        there = candidate.ref if candidate else "nothing (no --candidate-dir)"
-        off.append(f"blue serves {there}, not {status.candidate.ref}")
-    if not off:
-        return wanted, f"{name}: its weights restored ({wanted.blue_share}), as it set them"
-    return Weights.blue_at(0), (
-        f"note: {name} is not served as it set it ({'; '.join(off)}): blue at 0 %; "
-        "`aml-rollout rollout run` deploys what it misses and restores its weights, or, if it "
-        "is held for a human, `aml-rollout rollout resume` first"
-    )
-
-
-def _hold_after(spec_file: Path) -> int | None:
-    """The spec's `analysis.max_consecutive_errors` (None when it cannot be read)."""
-    import yaml
-
-    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
-        return int(
-            yaml.safe_load(spec_file.read_text("utf-8"))["analysis"]["max_consecutive_errors"]
-        )
-    return None
-
-
-def _up_again(workdir: Path, green: Any, candidate: Any) -> str:
-    """The `up` that serves this folder's colours again (their rollout resumes on it)."""
-    words = ["aml-rollout", "up", "--workdir", str(workdir)]
-    for option, release in (("--model-dir", green), ("--candidate-dir", candidate)):
-        if release is not None and release.model_dir:
-            words += [option, release.model_dir]
-    return shlex.join(words)
-
-
-class _OutageAdvice:
-    """What `_watch` tells when Prometheus ends: how long a rollout holds, how to get it back."""
-
-    def __init__(self, hold_after: int | None, again: str, spec_file: Path) -> None:
-        self.hold_after = hold_after
-        self.again = again
-        self.spec_file = spec_file
-
-    def __str__(self) -> str:
-        ticks = f"{self.hold_after} " if self.hold_after else ""
-        spec = shlex.quote(str(self.spec_file))
-        return (
-            "(Envoy still serves, but a rollout against this stack now reads no metrics: its "
-            f"ticks are Errors and its weights hold, then after {ticks}such ticks in a row "
-            "(analysis.max_consecutive_errors) it is held for a human. To get Prometheus back, "
-            f"stop `up` and start it again: `{self.again}`; it serves the rollout's weights "
-            "again on the same ports, and a `rollout run` still running carries on; one held "
-            f"meanwhile goes on after `aml-rollout rollout resume {spec}`)"
-        )
-
-
-def _watch(
-    console: Console,
-    stack: Any,
-    said: set[str],
-    load: Any = None,
-    outage: _OutageAdvice | None = None,
-) -> None:
+def _watch(console: Console, stack: Any, said: set[str], load: Any = None) -> None:
     """Envoy or Prometheus gone by itself (killed, crashed): nothing restarts them.
 
     Without Envoy nothing is served and no weight can be set: the stack is stopped, with an
@@ -491,13 +333,13 @@ def _watch(
     ended = stack.prometheus.ended()
     if ended is not None and "prometheus" not in said:
         said.add("prometheus")
-        advice = outage or (
-            "(Envoy still serves, but a rollout against this stack now reads no metrics: its "
-            "ticks are Errors and its weights hold, until analysis.max_consecutive_errors "
-            "such ticks in a row hold it for a human; stop `up` and start it again on the same "
-            "folder to get Prometheus back)"
+        console.print(
+            f"warning: {ended}\n(Envoy still serves, but a rollout against this stack now reads "
+            "no metrics: its ticks are Errors and its weights hold; stop `up` and start it "
+            "again to get Prometheus back)",
+            markup=False,
+            highlight=False,
         )
-        console.print(f"warning: {ended}\n{advice}", markup=False, highlight=False)
     if load is not None and not load.running and "load" not in said:
         said.add("load")
         console.print(
@@ -560,10 +402,7 @@ def _write_spec(stack: Any, candidate: Any, console: Console) -> Path:
     # blue's tail on a shared machine is slower than that by more than any model is, so the
     # default check rolled back a healthy candidate at the shadow step (twice in a row).
     latency = LatencyCheck(threshold="slo", slo_ms=250)
-    # Error ticks while `up` restarts (or Prometheus is brought back) hold the weights; the
-    # product's 4 held the rollout for a human 4 s into the outage.
-    analysis = AnalysisConfig(interval_s=1.0, latency=latency, max_consecutive_errors=RESTART_TICKS)
-    fields: dict[str, Any] = {"analysis": analysis}
+    fields: dict[str, Any] = {"analysis": AnalysisConfig(interval_s=1.0, latency=latency)}
     if candidate is not None:
         fields["candidate"] = asdict(candidate)
     fresh = stack.spec("local", **fields).model_dump(mode="json")

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import httpx
 
-from rollout.core.types import Weights
 from rollout.errors import LocalStackError
 from rollout.local.process import (
     Child,
@@ -32,13 +31,7 @@ from rollout.local.process import (
     port_is_free,
     wait_ready,
 )
-from rollout.routers.envoy import (
-    EnvoyFiles,
-    bootstrap,
-    initial_files,
-    route_table,
-    write_atomically,
-)
+from rollout.routers.envoy import EnvoyFiles, bootstrap, initial_files
 
 
 def envoy_binary() -> str:
@@ -72,9 +65,6 @@ class EnvoyProcess(StackProcess):
         access_log: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
-        #: The weights the route file starts with (`LocalStack` restarted under a rollout sets
-        #: the rollout's: Envoy serves them from its first answer).
-        self.initial_weights = Weights.blue_at(0)
         #: The ports asked for; 0: Envoy binds one the OS picks.
         self._asked = (port or 0, admin_port or 0)
         self.port, self.admin_port = self._asked
@@ -98,9 +88,6 @@ class EnvoyProcess(StackProcess):
         """Write the bootstrap and the initial route and endpoint files (all to green, empty)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         initial_files(self.files, self.route_name)
-        if self.initial_weights != Weights.blue_at(0):
-            table = route_table(self.initial_weights, version="0", route_name=self.route_name)
-            write_atomically(self.files.routes, table)
         document = bootstrap(
             self.files,
             listen_port=self.port,

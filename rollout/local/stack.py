@@ -23,10 +23,6 @@ and names the failing process's log there: the folder is then kept (and the erro
 A workdir may be reused (`aml-rollout up --workdir D` twice, or after a crash): `start()` writes
 Envoy's config afresh (new ports), stops scoring servers a previous stack left recorded and
 forgets which release each colour served; rollout state, ledgers and Prometheus' data stay.
-Given `serving` (`up` started again under a rollout in progress, see `rollout.commands.stack`),
-Envoy starts with those weights and the record of each colour's release is kept, for the
-caller to deploy each colour again at once; `envoy_admin_port` and `prometheus_port` ask for
-the ports the rollout's spec names.
 
 Layout of `workdir`:
 
@@ -57,7 +53,7 @@ from rollout.config import (
     PrometheusMetricsConfig,
     RolloutSpec,
 )
-from rollout.core.types import Colour, Weights
+from rollout.core.types import Colour
 from rollout.errors import LocalStackError, RouterError
 from rollout.local.envoy import EnvoyProcess, envoy_binary
 from rollout.local.prometheus import PrometheusProcess, prometheus_binary
@@ -79,25 +75,13 @@ class LocalStack:
         faults: Mapping[str, float] | None = None,
         keep: bool | None = None,
         envoy_port: int | None = None,
-        envoy_admin_port: int | None = None,
-        prometheus_port: int | None = None,
-        serving: Weights | None = None,
     ) -> None:
         self._temporary = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="aml-rollout-stack-")).resolve()
         # A temporary folder is removed at stop unless `keep`; a given folder is always kept.
         self.keep = (not self._temporary) if keep is None else keep
-        # Admin and Prometheus ports given: `up` restarted under a rollout keeps the ones its
-        # spec names, so a `rollout run` still running reaches the new stack.
-        self.envoy = EnvoyProcess(
-            self.workdir / "envoy", port=envoy_port, admin_port=envoy_admin_port
-        )
+        self.envoy = EnvoyProcess(self.workdir / "envoy", port=envoy_port)
         self.releases_file = self.workdir / "releases.json"
-        #: `serving`: the weights of a rollout in progress in this folder (`up` started again
-        #: under it, its colours about to serve its releases again): see `_clear_leftovers`.
-        self.serving = serving
-        if serving is not None:
-            self.envoy.initial_weights = serving
         # Servers this process starts die with it (Envoy does too); see ScoringProcesses.
         self.workloads = ScoringProcesses(
             self.workdir / "workloads", faults=faults, die_with_parent=True
@@ -106,7 +90,6 @@ class LocalStack:
             self.workdir / "prometheus",
             envoy_admin="",  # Envoy's admin port is known once it started: set in start()
             targets_file=self.workloads.directory / "targets.json",
-            port=prometheus_port,
         )
         self._router: EnvoyRouter | None = None
         self._metrics: PrometheusMetrics | None = None
@@ -215,13 +198,7 @@ class LocalStack:
                 stopped,
                 self.workdir,
             )
-        if self.serving is None:
-            self.releases_file.unlink(missing_ok=True)
-        # Else kept, as Envoy starts with the rollout's weights (`serving`): the caller deploys
-        # each colour's release again at once (its recorded server is dead: a new one starts).
-        # A `rollout run` still running reads the data plane as soon as Envoy answers, and a
-        # forgotten release or weights reset read as "the data plane changed under this
-        # rollout": held for a human (was, 1 s after Envoy was back, before green served).
+        self.releases_file.unlink(missing_ok=True)
 
     def stop(self) -> None:
         """Stop everything this stack started; safe to call twice and after a partial start.
