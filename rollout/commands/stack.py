@@ -335,8 +335,11 @@ def _watch(console: Console, stack: Any, said: set[str], load: Any = None) -> No
         said.add("prometheus")
         console.print(
             f"warning: {ended}\n(Envoy still serves, but a rollout against this stack now reads "
-            "no metrics: its ticks are Errors and its weights hold; stop `up` and start it "
-            "again to get Prometheus back)",
+            "no metrics: its ticks are Errors, its weights hold, and after "
+            "analysis.max_consecutive_errors of them (4 s with up's spec) it is held for a "
+            f"human. To go on: stop `up`, start it again with `--workdir {stack.workdir}` (it "
+            "serves blue 0 % again), then `aml-rollout rollout resume SPEC` and `rollout run "
+            "SPEC` set the rollout's weights back)",
             markup=False,
             highlight=False,
         )
