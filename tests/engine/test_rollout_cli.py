@@ -43,37 +43,63 @@ def test_validate_accepts_a_good_spec(tmp_path: Path) -> None:
 _ENVOY = {"kind": "envoy", "admin_url": "http://127.0.0.1:9", "routes_file": "routes.json"}
 
 
+_ISTIO = {"kind": "istio", "namespace": "ml", "app": "diabetes"}
+
+
+def _deployable_candidate(router: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """A candidate the router can deploy: an image for istio, a folder that is there for envoy."""
+    if router["kind"] == "istio":
+        return {"model": "m", "version": "2", "image": "registry/m:2"}
+    (tmp_path / "pkg2").mkdir(exist_ok=True)
+    return {"model": "m", "version": "2", "model_dir": str(tmp_path / "pkg2")}
+
+
 @pytest.mark.parametrize(
-    ("router", "candidate", "message"),
+    ("router", "fields", "message"),
     [
         pytest.param(
-            {"kind": "istio", "namespace": "ml", "app": "diabetes"},
-            {"model": "m", "version": "2"},
-            "candidate: m:2 names no container image, and the istio router deploys images",
+            _ISTIO,
+            {},
+            "names no container image, and the istio router deploys images: give the spec's "
+            "`{field}:` {{model: m, version: '{version}', image:",
             id="istio-without-image",
         ),
         pytest.param(
             _ENVOY,
-            {"model": "m", "version": "2"},
-            "candidate: m:2 names no model folder, and the envoy router serves a release",
+            {},
+            "names no model folder, and the envoy router serves a release from its package or "
+            "model folder: name it in the spec's `{field}:` {{model: m,",
             id="envoy-without-model-folder",
         ),
         pytest.param(
             _ENVOY,
-            {"model": "m", "version": "2", "model_dir": "no-such-pkg"},
-            "candidate: m:2 has no model folder no-such-pkg (its `model_dir:`",
+            {"model_dir": "no-such-pkg"},
+            "has no model folder no-such-pkg (its `model_dir:`",
             id="envoy-model-folder-not-there",
         ),
     ],
 )
-def test_validate_refuses_a_candidate_run_would_refuse(
-    tmp_path: Path, router: dict[str, str], candidate: dict[str, str], message: str
+@pytest.mark.parametrize("field", ["candidate", "stable"])
+def test_validate_refuses_a_release_the_router_cannot_deploy(
+    tmp_path: Path, field: str, router: dict[str, str], fields: dict[str, str], message: str
 ) -> None:
-    # Was: validate said ok, then `run` refused the same spec (check_deployable).
-    spec = write_spec(tmp_path, router=router, candidate=candidate, metrics={"kind": "static"})
+    """Was: validate said ok, then `run` refused the same candidate (check_deployable); and the
+    stable release was not checked at all, though on an empty green the controller deploys
+    `stable:` first (and `bootstrap` deploys it), which the router then refused."""
+    version = "2" if field == "candidate" else "1"
+    release = {"model": "m", "version": version, **fields}
+    releases = (
+        {"candidate": release}
+        if field == "candidate"
+        else {"candidate": _deployable_candidate(router, tmp_path), "stable": release}
+    )
+    spec = write_spec(tmp_path, router=router, metrics={"kind": "static"}, **releases)
     code, out = invoke("validate", str(spec))
-    assert code == EXIT_ERROR, out
-    assert message in " ".join(out.split()), out
+    said = " ".join(out.split())
+    assert code == EXIT_ERROR, said
+    assert f"{field}: m:{version} " + message.format(field=field, version=version) in said, said
+    if field == "stable":
+        assert "candidate: m:2" not in said, said  # the candidate is deployable: not blamed
 
 
 def test_validate_says_it_checked_the_candidate_deploys(tmp_path: Path) -> None:
@@ -1803,57 +1829,6 @@ def test_pause_of_a_rollout_held_for_a_data_plane_change_is_refused(
 
 
 # ---- validate checks the stable release as it checks the candidate ---------------------------
-
-_ISTIO = {"kind": "istio", "namespace": "ml", "app": "diabetes"}
-
-
-def _deployable_candidate(router: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    """A candidate the router can deploy: an image for istio, a folder that is there for envoy."""
-    if router["kind"] == "istio":
-        return {"model": "m", "version": "2", "image": "registry/m:2"}
-    (tmp_path / "pkg2").mkdir(exist_ok=True)
-    return {"model": "m", "version": "2", "model_dir": str(tmp_path / "pkg2")}
-
-
-@pytest.mark.parametrize(
-    ("router", "stable", "message"),
-    [
-        pytest.param(
-            _ISTIO,
-            {"model": "m", "version": "1"},
-            "stable: m:1 names no container image, and the istio router deploys images: give "
-            "the spec's `stable:` {model: m, version: '1', image:",
-            id="istio-without-image",
-        ),
-        pytest.param(
-            _ENVOY,
-            {"model": "m", "version": "1"},
-            "stable: m:1 names no model folder, and the envoy router serves a release from its "
-            "package or model folder: name it in the spec's `stable:` {model: m,",
-            id="envoy-without-model-folder",
-        ),
-        pytest.param(
-            _ENVOY,
-            {"model": "m", "version": "1", "model_dir": "no-such-pkg"},
-            "stable: m:1 has no model folder no-such-pkg (its `model_dir:`",
-            id="envoy-model-folder-not-there",
-        ),
-    ],
-)
-def test_validate_refuses_a_stable_release_the_router_cannot_deploy(
-    tmp_path: Path, router: dict[str, str], stable: dict[str, str], message: str
-) -> None:
-    """Was: ok, the candidate alone checked; on an empty green the controller deploys `stable:`
-    first (and `bootstrap` deploys it), which the router then refused."""
-    candidate = _deployable_candidate(router, tmp_path)
-    spec = write_spec(
-        tmp_path, router=router, candidate=candidate, stable=stable, metrics={"kind": "static"}
-    )
-    code, out = invoke("validate", str(spec))
-    said = " ".join(out.split())
-    assert code == EXIT_ERROR, said
-    assert message in said, said
-    assert "candidate: m:2" not in said, said  # the candidate is deployable: not blamed
 
 
 def test_validate_tells_a_bad_candidate_and_a_bad_stable_at_once(tmp_path: Path) -> None:
