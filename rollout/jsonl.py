@@ -31,7 +31,7 @@ TORN = b"#torn\n"
 def append(path: Path, record: dict[str, Any], *, fsync: bool = True) -> None:
     """Append `record` as one line (one `write` under O_APPEND, so writers never interleave)."""
     line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)  # read: its last byte
     try:
         # Among writers, one at a time: without, a line another writer had half written (one
         # crossing a page) read as a torn fragment, and a `#torn` line and a warning followed
@@ -39,7 +39,7 @@ def append(path: Path, record: dict[str, Any], *, fsync: bool = True) -> None:
         # lets go of the lock as it dies, its fragment left for the next one to end.
         fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size
-        if size and _last_byte(path, size) != b"\n":
+        if size and os.pread(fd, 1, size - 1) != b"\n":
             line = TORN + line  # end a torn fragment first, as a line that never parses
         while line:
             written = os.write(fd, line)
@@ -135,9 +135,3 @@ def _warn_skipped(where: str, numbers: list[int]) -> None:
         len(new),
         shown,
     )
-
-
-def _last_byte(path: Path, size: int) -> bytes:
-    with Path(path).open("rb") as fh:
-        fh.seek(size - 1)
-        return fh.read(1)

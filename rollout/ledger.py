@@ -176,18 +176,20 @@ def _redone(records: Iterable[dict[str, Any]]) -> set[int]:
     begins: set[int] = set()  # where each rollout's lines begin
     cuts = _Cuts()
     tenures: dict[Any, dict[str, int]] = {}  # per rollout_id, each tenure's rank by its first line
-    started: list[Any] = []  # the rollout ids of the start lines, in order
+    started: set[Any] = set()  # the rollout ids of the start lines
+    latest: Any = None  # the one begun last
     stale: set[int] = set()
     for index, record in enumerate(records):
         tenure = record.get("tenure")
         rollout = record.get("rollout_id")
         rollout = rollout if isinstance(rollout, str) else None
         if record.get("event") == "start":
-            started.append(rollout)
+            started.add(rollout)
+            latest = rollout
         ranks = tenures.setdefault(rollout, {})
         superseded = isinstance(tenure, str) and (
             ranks.setdefault(tenure, len(ranks)) < len(ranks) - 1
-            or (rollout in started and started[-1] != rollout)
+            or (rollout in started and rollout != latest)
         )
         if superseded:
             stale.add(index)
