@@ -279,10 +279,7 @@ class Child:
         code = None if self.process is None else self.process.poll()
         if code is None:
             return None
-        how = f"exited with code {code}"
-        if code < 0:
-            with contextlib.suppress(ValueError):
-                how = f"was killed by {signal.Signals(-code).name}"
+        how = f"exited with code {code}" if code >= 0 else f"was killed by {signal_name(-code)}"
         return f"{self.name} {how}{self._tail()}"
 
     def stop(self, *, grace_s: float = 5.0) -> None:
@@ -381,3 +378,11 @@ class StackProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def signal_name(signum: int) -> str:
+    """`SIGTERM`, or `signal 77` for a number no Signals member names."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

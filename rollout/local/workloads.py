@@ -50,6 +50,7 @@ from rollout.local.process import (
     pid_alive,
     pid_start_time,
     quoted_log_tail,
+    signal_name,
     wait_ready,
 )
 from rollout.routers.envoy import Endpoint, write_atomically
@@ -154,7 +155,7 @@ class ScoringProcesses:
             self._write_targets()
         except LocalStackError as exc:
             # Read before the discard, which forgets the process.
-            refused, how = _refused_its_model(child), _how_it_ended(child)
+            refused, how = _how_it_ended(child)
             self._discard(child.pid, ref)
             # The cause (a bad model folder, a traceback) is in the server's own log.
             error = DeployFailed if refused else RouterError
@@ -307,9 +308,10 @@ def _check_model(colour: Colour, release: Release) -> None:
 _CRASHES = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT})
 
 
-def _refused_its_model(child: Child) -> bool:
-    """Whether a server that did not start ended by its release's doing: it exited by itself
-    (a model it cannot load) or crashed. DeployFailed then, which fails the candidate for good.
+def _how_it_ended(child: Child) -> tuple[bool, str]:
+    """For a server that did not start: whether it ended by its release's doing (it exited by
+    itself: a model it cannot load; or crashed) — DeployFailed then, which fails the candidate
+    for good — and, for one a signal from outside ended, words saying so.
 
     Not one still running (slow: a loaded machine), nor one killed from outside: was
     DeployFailed too, so stopping `up` while blue loaded (or an OOM kill) ended its rollout
@@ -318,27 +320,12 @@ def _refused_its_model(child: Child) -> bool:
     """
     code = None if child.process is None else child.process.poll()
     if code is None:
-        return False
-    if code >= 0:
-        return True
-    try:
-        return signal.Signals(-code) in _CRASHES
-    except ValueError:
-        return False
-
-
-def _how_it_ended(child: Child) -> str:
-    """ " (killed by SIGTERM, not by its model ...)" for a server a signal from outside ended."""
-    code = None if child.process is None else child.process.poll()
-    if code is None or code >= 0 or _refused_its_model(child):
-        return ""
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        name = f"signal {-code}"
-    return (
-        f" (killed by {name} from outside, not ended by its model: the deploy is retried, and "
-        "a rollout resumes once the stack serves again)"
+        return False, ""
+    if code >= 0 or -code in _CRASHES:
+        return True, ""
+    return False, (
+        f" (killed by {signal_name(-code)} from outside, not ended by its model: the deploy is "
+        "retried, and a rollout resumes once the stack serves again)"
     )
 
 
