@@ -351,21 +351,18 @@ def retag(
     the next promotion or a `registry tag --replace` to archive.
     """
 
-    def read() -> list[ModelVersion]:
-        return taggable_versions(registry, model, candidate) if listed else []
-
-    if isinstance(registry, TagTransactions):
-        with registry.transaction(model):
-            changes = plan(read())
-            apply_tags(registry, model, changes)
-        return changes
     if not listed:
-        # Tags that move no stage: nothing read, so they stay writable beside a version the
-        # listing refuses (the `sha256=` repair of a tampered tag).
+        # Tags that move no stage: nothing read (nor locked and hashed), so they stay writable
+        # beside a version the listing refuses (the `sha256=` repair of a tampered tag).
         changes = plan([])
         apply_tags(registry, model, changes)
         return changes
-    versions = read()
+    if isinstance(registry, TagTransactions):
+        with registry.transaction(model):
+            changes = plan(taggable_versions(registry, model, candidate))
+            apply_tags(registry, model, changes)
+        return changes
+    versions = taggable_versions(registry, model, candidate)
     for _ in range(RETAG_ATTEMPTS):
         changes = plan(versions)
         planned_over = {v.version for v in versions if v.stage == Stage.PRODUCTION}
@@ -374,7 +371,7 @@ def retag(
             apply_tags(registry, model, changes)
             return changes
         log.info("registry: %s production moved to %s while tagging; planning again", model, now)
-        versions = read()
+        versions = taggable_versions(registry, model, candidate)
     raise RegistryError(
         f"{model}: the version tagged stage=production kept changing while these tags were "
         f"planned ({RETAG_ATTEMPTS} times); nothing written, try again"

@@ -670,3 +670,21 @@ def test_the_param_help_says_deploy_requires_model_name_and_version(command: str
     for given in ("model_version=1", "model_name=m"):
         missing = invoke("pipeline", "validate", "--deploy", "-p", given)
         assert missing.exit_code == 2 and "not given" in missing.output, missing.output
+
+
+def test_a_tag_that_moves_no_stage_is_written_beside_a_damaged_production_version(
+    tmp_path: Path,
+) -> None:
+    # Was (since the tag transaction): `registry tag m 2 note=x` locked the model and hashed
+    # every version first, and a damaged production v1 stopped it ("m:1 is corrupted").
+    from aml_pipelines.registry.local import LocalRegistry
+
+    registry = LocalRegistry(tmp_path / "reg")
+    for i in (1, 2):
+        registry.register("m", write_model_folder(tmp_path / str(i), salt=str(i)), {"stage": "x"})
+    registry.set_tags("m", 1, {"stage": "production"})
+    model_file = next(p for p in (registry.root / "m" / "1").iterdir() if p.suffix != ".json")
+    model_file.write_bytes(b"tampered")
+    noted = invoke("registry", "tag", "m", "2", "note=x", "--registry", f"local:{tmp_path / 'reg'}")
+    assert noted.exit_code == 0, noted.output
+    assert registry.get("m", 2).tags["note"] == "x"
