@@ -104,16 +104,15 @@ def build():
         if colour not in ("blue", "green"):
             # Served as given, its metrics were labelled `colour="Blue"`: a query on blue read 0.
             raise ValueError(f"AML_ROLLOUT_COLOUR is {colour!r}, not 'blue' or 'green'")
-        api_keys = api_keys_from_env(os.environ.get(API_KEY_ENV))
+        return create_app(  # which refuses a key it cannot compare (ValueError) too
+            Path(__file__).parent,
+            colour=colour,
+            api_keys=api_keys_from_env(os.environ.get(API_KEY_ENV)),
+            on_load_failure=exit_on_load_failure,
+        )
     except ValueError as exc:
         logging.getLogger("asgi").critical("cannot start: %s", exc)
         raise SystemExit(2) from None
-    return create_app(
-        Path(__file__).parent,
-        colour=colour,
-        api_keys=api_keys,
-        on_load_failure=exit_on_load_failure,
-    )
 '''
 
 # The image's Python is environment.yml's (the steps'), on a fixed Debian: `python:3.11-slim`

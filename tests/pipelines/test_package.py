@@ -296,6 +296,8 @@ def image_entry(
         pytest.param("s3cret\n", (b"s3cret",), id="trailing-newline"),
         pytest.param(" ", SystemExit, id="blank-fails-closed"),
         pytest.param(" , ", SystemExit, id="only-separators-fails-closed"),
+        # Was a traceback and status 1: create_app's own refusal was outside the one-line catch.
+        pytest.param("ké", SystemExit, id="a-key-no-header-can-carry-fails-closed"),
     ],
 )
 def test_the_image_takes_its_api_key_from_the_environment_as_serve_does(
