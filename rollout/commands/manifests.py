@@ -142,12 +142,6 @@ def manifests(
     ):
         # Without the Secret it would be dropped, and the service rendered without auth.
         raise ConfigError("--api-key-secret-key needs --api-key-secret (the Secret it is a key of)")
-    if replicas is not None and replicas < 1:
-        # As the spec's router.replicas: a colour without a pod answers 503 for its traffic.
-        raise ConfigError(
-            f"--replicas: {replicas} must be >= 1 (a colour without a pod answers 503 for its "
-            "share of traffic)"
-        )
     if header is not None:
         from rollout.config import header_name
 

@@ -135,14 +135,18 @@ class IstioLayout:
         for name, port in (("port", self.port), ("container_port", self.container_port)):
             if not 0 < port < 65536:
                 raise SettingError(f"router.{name}", f"{port} is not a TCP port")
-        if self.replicas < 0:
-            raise SettingError("router.replicas", f"{self.replicas} must be >= 0")
+        if self.replicas < 1:  # a colour without a pod answers 503 for its share of traffic
+            raise SettingError(
+                "router.replicas",
+                f"{self.replicas} must be >= 1 (a colour without a pod answers 503 for its "
+                "share of traffic)",
+            )
         gateway = [("router.ingress_gateway", value) for _, value in self.ingress_selector]
         # istio_revision is no spec field: only `manifests --istio-revision` sets it.
         for name, value in [*gateway, ("istio_revision", self.istio_revision)]:
             if value and (problem := label_value_problem(value)) is not None:
                 raise SettingError(name, problem)
-        # No spec field either: only `manifests --api-key-secret[-key]` sets them. The API
+        # (`manifests --api-key-secret[-key]` set them too, unchecked by the spec.) The API
         # server would refuse the Deployment (422) only once everything else was applied.
         if self.api_key_secret and (problem := secret_name_problem(self.api_key_secret)):
             raise SettingError("router.api_key_secret", problem)
