@@ -22,6 +22,7 @@ The CLI turns any RolloutError into one clear line and a non-zero exit code, nev
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -122,3 +123,14 @@ class LeaseHeldError(StateError):
 
 class LocalStackError(RolloutError):
     """A process of the embedded local stack failed to start or died."""
+
+
+def error_chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and the errors it was raised from or while handling, innermost last (SDKs raise
+    again: azure-ai-ml, azure-monitor-query); a chain that loops is walked once."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or link.__context__

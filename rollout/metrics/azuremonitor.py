@@ -75,13 +75,13 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from rollout.azure_credential import default_credential
 from rollout.azure_text import error_line, http_detail, innermost_error
 from rollout.core.types import Colour, ColourCounts, Observation
-from rollout.errors import MetricsError
+from rollout.errors import MetricsError, error_chain
 
 if TYPE_CHECKING:
     from rollout.config import AzureMonitorMetricsConfig, ColourNames
@@ -319,14 +319,6 @@ def _not_an_answer(response: Any) -> str:
     return f"{said}: not a Log Analytics answer (a gateway or proxy in between?)"
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """`exc` and the errors it was raised from or while handling (the SDK re-raises)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        yield seen
-        seen = seen.__cause__ or seen.__context__
-
-
 def _no_table(exc: Any) -> bool:
     """Whether Log Analytics could not resolve the traffic log table's name (SEM0100, said in
     its innermost `innererror`): the workspace has no such table."""
@@ -339,7 +331,7 @@ def _timed_out(exc: BaseException) -> bool:
     from azure.core.exceptions import ServiceRequestTimeoutError, ServiceResponseTimeoutError
 
     timeouts = (ServiceRequestTimeoutError, ServiceResponseTimeoutError)
-    return any(isinstance(seen, timeouts) for seen in _chain(exc))
+    return any(isinstance(seen, timeouts) for seen in error_chain(exc))
 
 
 def _no_token(exc: BaseException) -> bool:
@@ -349,5 +341,5 @@ def _no_token(exc: BaseException) -> bool:
 
     return any(
         isinstance(seen, ClientAuthenticationError) and seen.response is None
-        for seen in _chain(exc)
+        for seen in error_chain(exc)
     )

@@ -91,6 +91,7 @@ from rollout.errors import (
     RouterError,
     RouterRefused,
     WeightsUnsettled,
+    error_chain,
 )
 from rollout.routers.base import Fence, no_fence
 
@@ -859,16 +860,8 @@ def _invalid(exc: Exception) -> bool:
 
 def _local_file_missing(exc: BaseException) -> bool:
     """Whether azure-ai-ml failed on a file of this machine it reads before sending (the
-    scoring script): an OSError in the chain of exceptions it raised (as `from`, and raised
-    again by the deployment write, as `__context__`)."""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, OSError):
-            return True
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return False
+    scoring script): an OSError in the chain of exceptions it raised."""
+    return any(isinstance(link, OSError) for link in error_chain(exc))
 
 
 def _finish(what: str, poller: Any, timeout_s: float, setting: str) -> Any:
