@@ -944,16 +944,17 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
             _fail(RolloutError(f"rollout {parsed.name!r} has ended ({current.phase.value})"))
         # (Finalising too while its deploy to green is unapplied and no controller runs: the
         # deploy failed for good, and every `run` stopped at it.)
-        undoable = current.phase is Phase.PROMOTING or (
-            promotion_unapplied(current) and not store.controller()
-        )
-        if (under_way := _under_way(current)) and not (kind == "abort" and undoable):
+        under_way = _under_way(current)
+        unapplied = promotion_unapplied(current)
+        driven = store.controller() if under_way or unapplied else None  # one read of the lease
+        undoable = current.phase is Phase.PROMOTING or (unapplied and not driven)
+        if under_way and not (kind == "abort" and undoable):
             # The machine reads no command until it has ended but an abort while promoting
             # (green still serves the stable release: blue to 0 % undoes it; and a promotion
             # the router refuses for good has no other way out): queued, one was said to act
             # at the next tick, then dropped.
             finish = f"`aml-rollout rollout run {spec}` finishes it"
-            idle = "" if store.controller() else f"; no controller is running: {finish}"
+            idle = "" if driven else f"; no controller is running: {finish}"
             unless = " unless aborted" if undoable else ""
             _fail(
                 RolloutError(
