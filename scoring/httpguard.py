@@ -1,4 +1,4 @@
-"""Bounds uvicorn lacks on a connection's request head, for the scoring server and the webhook.
+"""Bounds uvicorn lacks on a connection's request head, for the scoring server.
 
 uvicorn bounds the wait *between* requests (`timeout_keep_alive`, armed once an answer is
 sent), and the scoring app bounds a body (`--max-body-bytes`, 30 s). Nothing bounds the head:
@@ -9,19 +9,14 @@ sent), and the scoring app bounds a body (`--max-body-bytes`, 30 s). Nothing bou
 - its time: a connection that sent nothing, or its headers a byte at a time, was never closed
   (500 of them held 500 file descriptors for as long as their clients liked).
 
-Two protocol classes close those gaps; both are handed to uvicorn as its HTTP protocol
+`GuardedHttpToolsProtocol` closes those gaps, handed to uvicorn as its HTTP protocol
 (`uvicorn.Config(http=...)`, `uvicorn --http scoring.httpguard:GuardedHttpToolsProtocol`):
-
-- `GuardedHttpToolsProtocol` (the scoring server): uvicorn's httptools protocol, plus a cap on
-  a request head (`MAX_HEAD_BYTES`: 431 and closed), a deadline for it once it has begun
-  (`HEAD_TIMEOUT_S`: 408 and closed), and, before a first request, the keep-alive timeout the
-  server already applies between requests (closed). An idle connection thus lasts the
-  documented keep-alive (75 s) whether or not it has sent a request yet, which the proxy in
-  front relies on: it closes its idle connections first.
-- `HeaderDeadline` (the webhook, aml_pipelines.trigger.webhook): a mixin for uvicorn's h11 or
-  httptools class that closes a connection over which no request began for a whole
-  `header_timeout_s`, idle or half-sent alike (Event Grid sends a request at once and does
-  not keep connections idle).
+uvicorn's httptools protocol, plus a cap on a request head (`MAX_HEAD_BYTES`: 431 and closed),
+a deadline for it once it has begun (`HEAD_TIMEOUT_S`: 408 and closed), and, before a first
+request, the keep-alive timeout the server already applies between requests (closed). An idle
+connection thus lasts the documented keep-alive (75 s) whether or not it has sent a request
+yet, which the proxy in front relies on: it closes its idle connections first. (The webhook
+has its own header deadline, aml_pipelines.trigger.webhook.)
 
 This module imports only asyncio and uvicorn: it ships in the model package with the server.
 """
@@ -29,7 +24,6 @@ This module imports only asyncio and uvicorn: it ships in the model package with
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -152,33 +146,3 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if timer is not None:
                 timer.cancel()
         self._idle_timer = self._watch = None
-
-
-class HeaderDeadline(asyncio.Protocol):
-    """Mixed into uvicorn's HTTP protocol class (h11 or httptools; both set `cycle` when a
-    request's head is complete): closes a connection over which no request began for a whole
-    `header_timeout_s` and none is in progress. Checked every `header_timeout_s`, so an idle
-    or half-sent connection lasts 1 to 2 of them."""
-
-    header_timeout_s: float = 10.0
-    loop: asyncio.AbstractEventLoop
-    transport: asyncio.Transport
-    cycle: Any
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._check_after(self.cycle)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._deadline.cancel()
-        super().connection_lost(exc)
-
-    def _check_after(self, cycle: Any) -> None:
-        self._deadline = self.loop.call_later(self.header_timeout_s, self._check, cycle)
-
-    def _check(self, cycle: Any) -> None:
-        idle = self.cycle is cycle and (cycle is None or cycle.response_complete)
-        if idle and not self.transport.is_closing():
-            self.transport.close()
-        elif not idle:
-            self._check_after(self.cycle)

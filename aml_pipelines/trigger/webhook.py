@@ -527,11 +527,37 @@ def _loop_with_handshake_timeout(timeout_s: float) -> asyncio.AbstractEventLoop:
     return Loop()
 
 
-def _with_header_deadline(protocol: type[asyncio.Protocol], timeout_s: float) -> type:
-    # Shared with the scoring server; imported here, as uvicorn is (in make_server), not when
-    # the module is: it imports uvicorn's protocols.
-    from scoring.httpguard import HeaderDeadline as _HeaderDeadline
+class _HeaderDeadline(asyncio.Protocol):
+    """Mixed into uvicorn's HTTP protocol class (h11 or httptools; both set `cycle` when a
+    request's head is complete): closes a connection over which no request began for a whole
+    `header_timeout_s` and none is in progress. Checked every `header_timeout_s`, so an idle
+    or half-sent connection lasts 1 to 2 of them."""
 
+    header_timeout_s: float = 10.0
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    cycle: Any
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._check_after(self.cycle)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _check_after(self, cycle: Any) -> None:
+        self._deadline = self.loop.call_later(self.header_timeout_s, self._check, cycle)
+
+    def _check(self, cycle: Any) -> None:
+        idle = self.cycle is cycle and (cycle is None or cycle.response_complete)
+        if idle and not self.transport.is_closing():
+            self.transport.close()
+        elif not idle:
+            self._check_after(self.cycle)
+
+
+def _with_header_deadline(protocol: type[asyncio.Protocol], timeout_s: float) -> type:
     return type(
         f"HeaderDeadline{protocol.__name__}",
         (_HeaderDeadline, protocol),
