@@ -178,6 +178,9 @@ class History:
     any_scraped: bool
     #: Per target, the time of the first sample in the step of any of its requests series.
     starts: dict[Target, float]
+    #: Whether Prometheus was asked if it scraped any target then (`any_scraped` is its
+    #: answer, asked once for the step: the requests, errors and buckets readings share it).
+    asked_any: bool = False
 
     def holds(self, series: Series) -> bool:
         """Whether a series absent before the step is thereby new in it."""
@@ -753,10 +756,14 @@ class PrometheusMetrics:
             or bool(existed)
             or any(value >= 1 for value in up.values())
         )
-        if not any_scraped and any(_target(s) not in failed for s in absent):
+        asked_any = bool(given and given.asked_any)
+        if not any_scraped and not asked_any and any(_target(s) not in failed for s in absent):
             any_scraped = bool(self._vector(f"count(max_over_time(up[{LOOKBACK_S}s]) == 1)", since))
+            asked_any = True
         starts = given.starts if given else {}
-        return History(frozenset(failed), frozenset(asked | unknown), any_scraped, starts)
+        return History(
+            frozenset(failed), frozenset(asked | unknown), any_scraped, starts, asked_any
+        )
 
     def _up(self, since: float, targets: set[Target]) -> dict[Target, int]:
         """The highest `up` in the LOOKBACK_S before `since` of each of `targets` Prometheus
