@@ -796,15 +796,10 @@ class KubernetesStateStore:
         self._tell_lapse(held)
         while True:
             with held.lock:
+                if held.lost is None and self._lapsed(held):
+                    self._renew_once(held)  # as the renewal thread tries, failures counted
                 if held.lost is not None or not self._lapsed(held):
                     break
-                try:
-                    self._renew(held)
-                    continue
-                except (StateError, _Conflict) as exc:
-                    self._renewal_failed(held, exc)
-                    if held.lost is not None:
-                        break
             self._sleep(min(1.0, self.lease_ttl_s / 10))
         if held.lost is None:
             log.warning("renewed the lease of rollout %r again: this controller goes on", self.name)
