@@ -301,8 +301,16 @@ class LocalRegistry:
         Asked for production and finding none while a version's tags could not be read, it
         raises: that version may be production, and "none" would let the gate pass anything.
         """
-        versions, unknown = self._list(name, withdrawn=True)
-        found = [mv for mv in versions if mv.tags.get(key) == value]
+        # The tags first: only a version that may carry the tag is read whole (its files
+        # hashed); every registration asks this three times over every version.
+        unknown: list[int] = []
+        maybe = [
+            v
+            for v in sorted(self._versions(self.root / check_name(name)))
+            if self._tag(name, v, key) in (value, _UNKNOWN)
+        ]
+        read = (self._readable(name, v, unknown) for v in maybe)
+        found = [mv for mv in read if mv is not None and mv.tags.get(key) == value]
         if not found and (key, value) == (STAGE_TAG, Stage.PRODUCTION) and unknown:
             tags = self._tags_path(self.root / name, unknown[0])
             raise IntegrityError(
@@ -355,6 +363,10 @@ class LocalRegistry:
 
     def _stage_tag(self, name: str, version: int) -> str | None:
         """The version's stage tag (None without one); `_UNKNOWN` when its tags are damaged."""
+        return self._tag(name, version, STAGE_TAG)
+
+    def _tag(self, name: str, version: int, key: str) -> str | None:
+        """The version's tag `key` (None without one); `_UNKNOWN` when its tags are damaged."""
         path = self._tags_path(self.root / name, version)
         if not path.exists():
             return None  # as `get` reads it: no tags
@@ -362,7 +374,7 @@ class LocalRegistry:
             tags = _read_record(path, f"{name}:{version}")
         except RegistryError:  # IntegrityError included
             return _UNKNOWN
-        return str(tags.get(STAGE_TAG, "")) or None
+        return str(tags.get(key, "")) or None
 
     @staticmethod
     def _versions(model_root: Path) -> set[int]:
