@@ -255,11 +255,12 @@ def production_model_uri(registry: str, model_name: str, *, ml_client: Any = Non
     `azureml:SUB/RG/WS` (another workspace) → its `azureml://` model URI. None: no version is
     tagged stage=production (a first release), or a local registry (a job cannot mount a
     folder of this machine; run-local binds it itself). The step checks the files are still
-    production's when it runs.
+    production's when it runs. A `model_name` differing from a registered one only in case is
+    refused here (ConfigError), as the register step would refuse it after train ran.
     """
     from aml_pipelines.registry.azureml import AzureMLRegistry
     from aml_pipelines.registry.factory import open_registry
-    from components.register.register import production_version
+    from components.register.register import check_case_twin, production_version
 
     kind, _, coordinates = registry.partition(":")
     if kind != "azureml":
@@ -270,6 +271,7 @@ def production_model_uri(registry: str, model_name: str, *, ml_client: Any = Non
         else open_registry(registry)
     )
     try:
+        check_case_twin(reader, model_name)
         production = production_version(reader, model_name)
     except AzureNotConfigured as exc:  # the first call to Azure of `pipeline submit`
         raise AzureNotConfigured(

@@ -327,30 +327,16 @@ def submit(
         _require_spec(rollout_spec, "submit")
         pipeline_params = parse_params(params, rollout_spec=rollout_spec)
         client = workspace_client(subscription, resource_group, workspace)
-        # production's files, for the gate to re-score it on the candidate's rows (unbound: none)
+        # production's files, for the gate to re-score it on the candidate's rows (unbound:
+        # none); a model name the registry holds in another case is refused there
         production = production_model_uri(
             pipeline_params.registry, pipeline_params.model_name, ml_client=client
         )
-        _refuse_case_twin(pipeline_params.registry, pipeline_params.model_name, client)
         job = build_pipeline(pipeline_params, compute=compute, production_model=production)
         submitted = submit_pipeline(job, client, experiment=experiment)
     out.print(
         f"submitted {submitted.name}: {submitted.studio_url or '(no studio URL)'}", markup=False
     )
-
-
-def _refuse_case_twin(registry: str, model_name: str, ml_client: Any) -> None:
-    """The register step's refusal of a name differing from a registered one only in case,
-    before the job is submitted: in the job it came after train had run on the cluster."""
-    from aml_pipelines.registry.azureml import AzureMLRegistry
-    from aml_pipelines.registry.factory import open_registry
-    from components.register.register import check_case_twin
-
-    kind, _, coordinates = registry.partition(":")
-    if kind != "azureml":  # a job reaches no registry of this machine; nothing to ask
-        return
-    reader = AzureMLRegistry(ml_client) if not coordinates else open_registry(registry)
-    check_case_twin(reader, model_name)
 
 
 @pipeline_app.command("run-local")

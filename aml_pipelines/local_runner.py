@@ -50,7 +50,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aml_pipelines.errors import (
     ComponentError,
@@ -67,6 +67,9 @@ from aml_pipelines.pipeline import STEPS, PipelineParams, build_pipeline, is_loc
 from components.common import source_commit
 from components.register.main import EXIT_GATE_REFUSED
 from components.rollout.main import EXIT_PAUSED, EXIT_ROLLED_BACK
+
+if TYPE_CHECKING:
+    from aml_pipelines.registry.local import LocalRegistry
 
 log = logging.getLogger(__name__)
 
@@ -568,28 +571,33 @@ def _absolute(params: PipelineParams) -> PipelineParams:
     return replace(params, **changes)
 
 
+def _local_registry(params: PipelineParams) -> LocalRegistry | None:
+    """The LocalRegistry `params.registry` names, None when it is not a local one that exists."""
+    kind, _, path = params.registry.partition(":")
+    if kind != "local" or not Path(path).is_dir():
+        return None
+    from aml_pipelines.registry.local import LocalRegistry
+
+    return LocalRegistry(Path(path))
+
+
 def _refuse_case_twin(params: PipelineParams) -> None:
     """The register step's refusal of a model name differing from a registered one only in
     case, before any step runs: the step refused it after train had run."""
-    kind, _, path = params.registry.partition(":")
-    if kind != "local" or not Path(path).is_dir():
-        return
-    from aml_pipelines.registry.local import LocalRegistry
     from components.register.register import check_case_twin
 
-    check_case_twin(LocalRegistry(Path(path)), params.model_name)
+    if (registry := _local_registry(params)) is not None:
+        check_case_twin(registry, params.model_name)
 
 
 def _production_folder(params: PipelineParams) -> str | None:
     """The local registry's folder of the version tagged stage=production (None: there is no
     such version, or the registry is not local)."""
-    kind, _, path = params.registry.partition(":")
-    if kind != "local" or not Path(path).is_dir():
-        return None
-    from aml_pipelines.registry.local import LocalRegistry
     from components.register.register import production_version
 
-    production = production_version(LocalRegistry(Path(path)), params.model_name)
+    if (registry := _local_registry(params)) is None:
+        return None
+    production = production_version(registry, params.model_name)
     return str(production.path) if production is not None and production.path else None
 
 
