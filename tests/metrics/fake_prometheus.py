@@ -57,6 +57,8 @@ class FakePrometheus:
         #: Sent with every successful answer (a Thanos querier's partial response carries one).
         self.warnings: list[str] = []
         self.require_authorization: str | None = None
+        #: Sent as WWW-Authenticate with a 401 (Azure's claims challenge, say).
+        self.challenge: str | None = None
         self.echo_authorization = False
         self.authorizations: list[str | None] = []
         fake = self
@@ -74,7 +76,8 @@ class FakePrometheus:
                     body = {"status": "error", "error": "unauthorized"}
                     if fake.echo_authorization:
                         body["error"] = f"unauthorized: Authorization {got!r} refused"
-                    self._send(401, body)
+                    challenge = {"WWW-Authenticate": fake.challenge} if fake.challenge else {}
+                    self._send(401, body, challenge)
                     return
                 if fake.status != 200:
                     body = {"status": "error", "error": "injected"}
@@ -97,9 +100,13 @@ class FakePrometheus:
                     answer["warnings"] = fake.warnings
                 self._send(200, answer)
 
-            def _send(self, status: int, body: dict[str, Any]) -> None:
+            def _send(
+                self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+            ) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()

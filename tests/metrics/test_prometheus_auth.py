@@ -725,27 +725,9 @@ CHALLENGE = (
 def refusing(token: str, challenge: str | None) -> Iterator[str]:
     """A Prometheus query API taking only `Authorization: Bearer <token>`; any other answers
     401 with `challenge` as its WWW-Authenticate. Yields its URL."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.headers.get("Authorization") == f"Bearer {token}":
-                status, result = 200, {"resultType": "vector", "result": []}
-                data = json.dumps({"status": "success", "data": result}).encode()
-            else:
-                status, data = 401, b'{"status": "error", "error": "unauthorized"}'
-            self.send_response(status)
-            if status == 401 and challenge is not None:
-                self.send_header("WWW-Authenticate", challenge)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    with LocalServer(Handler) as server:
-        yield server.url
+    with FakePrometheus() as fake:
+        fake.require_authorization, fake.challenge = f"Bearer {token}", challenge
+        yield fake.url
 
 
 def caching_provider(url: str) -> tuple[PrometheusMetrics, FakeEntra]:
