@@ -100,6 +100,7 @@ _ENCODING_HEADERS = [*_JSON_HEADERS, (b"accept-encoding", b"identity")]
 #: The rest of a body that stopped arriving (408), or was refused unread (413), may still come:
 #: the connection cannot be reused. Kept open, its sender could trickle that rest for ever.
 _CLOSE_HEADERS = [*_JSON_HEADERS, (b"connection", b"close")]
+_BODY_LEFT_UNREAD = frozenset({408, 413})  # the answers after which the connection is closed
 _UPGRADE_LOST_BODY = orjson.dumps(
     {
         "error": "no request body arrived: this server speaks HTTP/1.1 only, and a request "
@@ -260,7 +261,7 @@ class ScoreEndpoint:
                 return 415, _error(message), _ENCODING_HEADERS
         body = await _read_body(headers, receive, state.max_body_bytes, state.body_timeout_s)
         if isinstance(body, InputError):
-            answer_headers = _CLOSE_HEADERS if body.status in (408, 413) else _JSON_HEADERS
+            answer_headers = _CLOSE_HEADERS if body.status in _BODY_LEFT_UNREAD else _JSON_HEADERS
             return body.status, _error(body.message), answer_headers
         if not body and any(name == b"upgrade" for name, _ in headers):
             # uvicorn's httptools parser drops the body of a request offering an upgrade it
@@ -632,7 +633,7 @@ def create_app(
             request.scope["headers"], request.receive, ADMIN_MAX_BODY_BYTES, state.body_timeout_s
         )
         if isinstance(body, InputError):
-            close = {"connection": "close"} if body.status in (408, 413) else None
+            close = {"connection": "close"} if body.status in _BODY_LEFT_UNREAD else None
             return JSONResponse({"error": body.message}, body.status, headers=close)
         try:
             setting = FaultSetting.model_validate_json(body)
