@@ -695,15 +695,7 @@ class Controller:
         log.warning(
             "blue serves nothing, and the pending weights send it traffic: %s", describe(repair)
         )
-        if self.ledger is not None:
-            self.ledger.append(
-                {
-                    "event": "restore",
-                    "at": self.clock.now(),
-                    "served": "nothing on blue",
-                    "describe": [describe(repair)],
-                }
-            )
+        self._tell_empty_colour_repair("restore", repair)
         return self._apply_or_fail(repair, status) or status
 
     def _asked_candidate(self) -> Release | None:
@@ -938,33 +930,37 @@ class Controller:
         `run` with the rollout in RollingBack, which reads no command: nothing but a hand
         deploy got it out. (An abort queued while no controller ran had this done already, by
         `_restore_data_plane`.) A green serving anything, or unreadable, is a human's."""
-        off_blue = isinstance(action, SetWeights) and not (action.blue or action.mirror)
-        if not (off_blue and status.phase is Phase.ROLLING_BACK and status.stable is not None):
+        stable = status.stable
+        if not (_off_blue(action) and status.phase is Phase.ROLLING_BACK and stable is not None):
             return False
         try:
             if self.router.release(Colour.GREEN) is not None:
                 return False
         except RouterError:
             return False
-        repair = Deploy(Colour.GREEN, status.stable)
+        repair = Deploy(Colour.GREEN, stable)
         log.warning(
             "the rollback's weights were refused (%s), and green serves nothing: %s",
             refused,
             describe(repair),
         )
+        # (Not "restore", which `explain` tells as a resume's: this may be mid-run.)
+        self._tell_empty_colour_repair("green-lost", repair, error=str(refused))
+        self._apply(repair)
+        return True
+
+    def _tell_empty_colour_repair(self, event: str, repair: Deploy, **extra: str) -> None:
+        """The ledger line of `repair`, a deploy to a colour that served nothing."""
         if self.ledger is not None:
             self.ledger.append(
                 {
-                    # (Not "restore", which `explain` tells as a resume's: this may be mid-run.)
-                    "event": "green-lost",
+                    "event": event,
                     "at": self.clock.now(),
-                    "served": "nothing on green",
-                    "error": str(refused),
+                    "served": f"nothing on {repair.colour.value}",
+                    **extra,
                     "describe": [describe(repair)],
                 }
             )
-        self._apply(repair)
-        return True
 
     def _apply_or_fail(self, action: Action, status: Status) -> Status | None:
         """Apply `action`; when it deploys the candidate and that fails for good (DeployFailed),
@@ -984,7 +980,7 @@ class Controller:
 
     def _apply(self, action: Action) -> None:
         delay = 1.0
-        off_blue = isinstance(action, SetWeights) and not (action.blue or action.mirror)
+        off_blue = _off_blue(action)
         started = self.clock.monotonic()  # (a clock's step cuts no rollback's retries short)
         attempt = 0
         while True:
@@ -1088,3 +1084,8 @@ def default_owner() -> str:
     except (KeyError, OSError):
         user = "someone"
     return f"{user}'s controller"
+
+
+def _off_blue(action: Action) -> bool:
+    """Whether `action` is weights sending blue nothing (a rollback's, an abort's)."""
+    return isinstance(action, SetWeights) and not (action.blue or action.mirror)
