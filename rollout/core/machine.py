@@ -773,14 +773,7 @@ def _ingest(
         # for an edited max_ratio. "Worse" is kept: under "no regression" the canary's share
         # of slow requests is the baseline's at every bound, so its product stays an e-process
         # (and a lean toward a regression is not wiped out by an edit).
-        slow = replace(
-            slow,
-            ok=(0.0,) * len(slow.ok),
-            low=(0.0,) * len(slow.low),
-            log_e_ok_value=0.0,
-            log_e_ratio_value=0.0,
-            log_e_low_value=0.0,
-        )
+        slow = slow.afresh()
         restarted["slow"] = [moved]
     known = all(c.slow >= 0 for c in (now_b, now_g, last_b, last_g))
     if threshold is not None and not fresh_threshold and known:

@@ -43,7 +43,7 @@ canary requests (no canary traffic never passes, never fails).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -136,6 +136,18 @@ class Evidence:
             said.append(f"negligible_rate {self.negligible:g} → {negligible:g}")
         return said
 
+    def afresh(self, *, ratio: bool = True, low: bool = True) -> Evidence:
+        """This evidence with its "not worse" sums started again: the one against max_ratio
+        (`ratio`), the one against δ (`low`). "Worse" is kept."""
+        if not (ratio or low):
+            return self
+        fresh = replace(self, log_e_ok_value=0.0)
+        if ratio:
+            fresh = replace(fresh, ok=(0.0,) * len(OK_FRACTIONS), log_e_ratio_value=0.0)
+        if low:
+            fresh = replace(fresh, low=(0.0,) * len(LOW_FRACTIONS), log_e_low_value=0.0)
+        return fresh
+
     def log_e_worse(self) -> float:
         """log of the mixture e-value for "canary worse than baseline"."""
         return self.log_e_worse_value
@@ -171,13 +183,13 @@ class Evidence:
         """
         if nc < 0 or nb < 0 or kc < 0 or kb < 0:
             raise ValueError(f"negative tick counts: kc={kc} kb={kb} nc={nc} nb={nb}")
-        worse, ok, low = self.worse, self.ok, self.low
-        log_worse, log_ratio = self.log_e_worse_value, self.log_e_ratio_value
-        log_low = self.log_e_low_value
-        if self.margin is not None and margin != self.margin:
-            ok, log_ratio = (0.0,) * len(OK_FRACTIONS), 0.0
-        if self.negligible is not None and negligible != self.negligible:
-            low, log_low = (0.0,) * len(LOW_FRACTIONS), 0.0
+        base = self.afresh(
+            ratio=self.margin is not None and margin != self.margin,
+            low=self.negligible is not None and negligible != self.negligible,
+        )
+        worse, ok, low = base.worse, base.ok, base.low
+        log_worse, log_ratio = base.log_e_worse_value, base.log_e_ratio_value
+        log_low = base.log_e_low_value
         n = kc + kb
         # No events, or one side without traffic: the conditional likelihood is flat in θ.
         if n > 0 and nc > 0 and nb > 0:
