@@ -741,13 +741,12 @@ def _plan_step(status: Status, plan: Sequence[int]) -> int | None:
     runs, the step is blue's weight, found as the machine finds it (`_follow_plan`): none when
     the plan no longer has it. Otherwise (ended, promoting, rolling back) blue's weight is no
     step's, and the stored index is all there is."""
+    from rollout.core.machine import plan_step
     from rollout.core.types import Phase
 
-    index, weight = status.step_index, status.blue_weight
-    if index < len(plan) and plan[index] == weight:
-        return index
+    index = status.step_index
     if status.phase in (Phase.PROGRESSING, Phase.PAUSED):
-        return plan.index(weight) if weight in plan else None
+        return plan_step(plan, index, status.blue_weight)
     return index if index < len(plan) else None
 
 

@@ -1356,14 +1356,22 @@ def _follow_plan(spec: RolloutSpec, status: Status, record: dict[str, Any]) -> t
     """
     plan = spec.plan
     index, weight = status.step_index, status.blue_weight
-    if index < len(plan) and plan[index] == weight:
+    step = plan_step(plan, index, weight)
+    if step == index:
         return status, ""
-    if weight in plan:
-        record["plan_changed"] = (
-            f"blue's {weight} % is now step {plan.index(weight) + 1} of {list(plan)}"
-        )
-        return replace(status, step_index=plan.index(weight)), ""
+    if step is not None:
+        record["plan_changed"] = f"blue's {weight} % is now step {step + 1} of {list(plan)}"
+        return replace(status, step_index=step), ""
     return status, _off_plan(plan, weight)
+
+
+def plan_step(plan: Sequence[int], index: int, weight: int) -> int | None:
+    """The step of `plan` blue's `weight` is at: `index` (stored against the plan of its
+    day) while it still names that weight, else the weight's step in `plan`, else None (the
+    plan no longer has it)."""
+    if index < len(plan) and plan[index] == weight:
+        return index
+    return plan.index(weight) if weight in plan else None
 
 
 def _on_inconclusive(
