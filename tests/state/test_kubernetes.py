@@ -930,45 +930,37 @@ def status_of(api: FakeKubeApiServer) -> dict[str, Any]:
     return api.get("configmaps", "aml-rollout-r-status", NAMESPACE)
 
 
+def lease_refusals(api: FakeKubeApiServer) -> int:
+    """The Lease requests the API server answered 503 (`fail_next`)."""
+    return sum(1 for r in api.requests if r.resource == "leases" and r.status == 503)
+
+
 def stored_tick(api: FakeKubeApiServer) -> int:
     return int(json.loads(status_of(api)["data"]["status.json"])["tick"])
 
 
-def fail(code: int, headers: dict[str, str] | None = None) -> Callable[[Any], None]:
-    def answer(_: Any) -> None:
-        raise ApiError(code, "TooManyRequests" if code == 429 else "InternalError", "busy",
-                       headers=headers)  # fmt: skip
-
-    return answer
-
-
 @pytest.mark.parametrize(
-    ("answer", "pauses"),
+    ("code", "headers", "pauses"),
     [
-        pytest.param(fail(500), [1.0], id="etcd-500"),
-        pytest.param(fail(503), [1.0], id="restarting-503"),
-        pytest.param(fail(429, {"Retry-After": "3"}), [3.0], id="429-retry-after-honoured"),
-        pytest.param(fail(429, {"Retry-After": "3600"}), [30.0], id="429-retry-after-capped"),
+        pytest.param(500, None, [1.0], id="etcd-500"),
+        pytest.param(503, None, [1.0], id="restarting-503"),
+        pytest.param(429, {"Retry-After": "3"}, [3.0], id="429-retry-after-honoured"),
+        pytest.param(429, {"Retry-After": "3600"}, [30.0], id="429-retry-after-capped"),
     ],
 )
 def test_a_save_that_meets_a_blip_is_tried_again(
-    api: FakeKubeApiServer, answer: Callable[[Any], None], pauses: list[float]
+    api: FakeKubeApiServer, code: int, headers: dict[str, str] | None, pauses: list[float]
 ) -> None:
     """Was: StateError at the first 5xx or 429, and the controller, which saves a rollback
     before it applies it, stopped with the rollback decided but not applied."""
-    instant, slept = InstantTime(), []
-
-    def sleep(seconds: float) -> None:
-        slept.append(seconds)
-        instant.sleep(seconds)
-
-    store = kube_store(api, ttl=30, monotonic=instant.monotonic, sleep=sleep)
+    instant = Recorded()
+    store = kube_store(api, ttl=30, monotonic=instant.monotonic, sleep=instant.sleep)
     with store.lease("ann"):
         store.save(a_status(1))
-        api.before_next_write("configmaps", "aml-rollout-r-status", answer)
+        api.fail_next("configmaps", "patch", code, name="aml-rollout-r-status", headers=headers)
         store.save(a_status(2))
         assert stored_tick(api) == 2
-        assert slept == pauses
+        assert instant.slept == pauses
         store.save(a_status(3))  # its resourceVersion is the server's: no 409
     assert stored_tick(api) == 3
 
@@ -1005,27 +997,15 @@ def test_a_save_the_api_server_never_answers_gives_up_after_the_rollback_retry(
     from rollout.state.kubernetes import OUTAGE_S
 
     assert OUTAGE_S == ROLLBACK_RETRY_S
-    instant, slept = InstantTime(), []
-
-    def sleep(seconds: float) -> None:
-        slept.append(seconds)
-        instant.sleep(seconds)
-
-    store = kube_store(api, ttl=30, monotonic=instant.monotonic, sleep=sleep)
-    handle = api.handle
-
-    def down(method: str, path: str, *args: Any) -> tuple[int, dict[str, Any]]:
-        if method == "PATCH" and "/configmaps/" in path:
-            raise ApiError(503, "ServiceUnavailable", "the API server is restarting")
-        return handle(method, path, *args)
-
+    instant = Recorded()
+    store = kube_store(api, ttl=30, monotonic=instant.monotonic, sleep=instant.sleep)
     with store.lease("ann"):
         store.save(a_status(1))
-        api.handle = down  # type: ignore[method-assign]
+        api.fail_next("configmaps", "patch", 503, 10_000)
         with pytest.raises(StateError, match=r"still failing after 9\.\d min: .*HTTP 503"):
             store.save(a_status(2))
-        assert slept[:7] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
-        assert 570 < sum(slept) <= 600
+        assert instant.slept[:7] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+        assert 570 < sum(instant.slept) <= 600
         store.check_lease()  # renewed all along: only the status could not be written
     assert stored_tick(api) == 1
 
@@ -1065,25 +1045,17 @@ def test_a_lapsed_lease_is_renewed_once_the_api_server_answers_again(
 ) -> None:
     instant = InstantTime()
     store = kube_store(api, ttl=30, monotonic=instant.monotonic, sleep=instant.sleep)
-    handle, refused = api.handle, []
-
-    def restarting(method: str, path: str, *args: Any) -> tuple[int, dict[str, Any]]:
-        if "/leases/" in path and len(refused) < failures:
-            refused.append(path)
-            raise ApiError(503, "ServiceUnavailable", "the API server is restarting")
-        return handle(method, path, *args)
-
     with store.lease("ann"):
-        api.handle = restarting  # type: ignore[method-assign]
+        api.fail_next("leases", "patch", 503, failures)
         instant.now += 21.0  # past the renew deadline
         if lost is None:
             store.check_lease()
-            assert len(refused) == failures
+            assert lease_refusals(api) == failures
         else:
             with pytest.raises(StateError, match=lost):
                 store.check_lease()
             assert instant.now > 20 + 600  # the renew deadline, then OUTAGE_S
-        api.handle = handle  # type: ignore[method-assign]
+        api.fail_next("leases", "patch", 503, 0)
 
 
 class ClosesIdleConnections(BaseHTTPRequestHandler):
@@ -1214,24 +1186,15 @@ def test_failed_renewals_before_the_outage_limit_do_not_lose_the_lease(
     no more from the deadline on (`check_lease`), so waiting longer lets no two act."""
     instant = InstantTime()
     store = kube_store(api, ttl=ttl, monotonic=instant.monotonic, sleep=instant.sleep)
-    handle, refused = api.handle, []
-
-    def blips(method: str, path: str, *args: Any) -> tuple[int, dict[str, Any]]:
-        if method == "PATCH" and "/leases/" in path and len(refused) < failures:
-            refused.append(path)
-            raise ApiError(503, "ServiceUnavailable", "one blip")
-        return handle(method, path, *args)
-
     with store.lease("ann"):
         store.save(a_status(1))
-        api.handle = blips  # type: ignore[method-assign]
+        api.fail_next("leases", "patch", 503, failures)
         renewed = lease_of(api)["spec"]["renewTime"]
         instant.now = ttl / 3  # the renewal thread's time to renew
-        renewing(store, instant, lambda: len(refused) == failures)
+        renewing(store, instant, lambda: lease_refusals(api) == failures)
         assert lease_of(api)["spec"]["renewTime"] > renewed
         store.check_lease()
         store.save(a_status(2))
-        api.handle = handle  # type: ignore[method-assign]
     assert stored_tick(api) == 2
 
 
@@ -1242,21 +1205,12 @@ def test_an_outage_is_told_when_it_starts_lapses_and_ends_not_every_second(
     10 minutes on `run`'s terminal."""
     instant = InstantTime()
     store = kube_store(api, ttl=30, monotonic=instant.monotonic, sleep=instant.sleep)
-    handle, refused = api.handle, []
-
-    def down(method: str, path: str, *args: Any) -> tuple[int, dict[str, Any]]:
-        if "/leases/" in path and len(refused) < 100:
-            refused.append(path)
-            raise ApiError(503, "ServiceUnavailable", "the API server is restarting")
-        return handle(method, path, *args)
-
     logger = "rollout.state.kubernetes"
     with caplog.at_level(logging.WARNING, logger), store.lease("ann"):
-        api.handle = down  # type: ignore[method-assign]
+        api.fail_next("leases", "patch", 503, 100)
         instant.now = 10.0
-        renewing(store, instant, lambda: len(refused) == 100)  # 100 s: past the 20 s deadline
+        renewing(store, instant, lambda: lease_refusals(api) == 100)  # 100 s: past 20 s
         store.check_lease()
-        api.handle = handle  # type: ignore[method-assign]
     told = [r.getMessage() for r in caplog.records if r.name == logger]
     assert len(told) == 3, told
     assert told[0].startswith("could not renew Lease ml/aml-rollout-r: write Lease")
