@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -251,6 +252,16 @@ def test_the_image_serves_like_aml_rollout_serve(registered, tmp_path: Path) -> 
 
     registry, _ = registered
     pkg = build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "p", image_registry="r").path
+    options = uvicorn_command.make_context("uvicorn", dockerfile_command(pkg)).params
+    assert options["app"] == "asgi:build" and options["factory"]
+    assert options["timeout_keep_alive"] == KEEP_ALIVE_S
+    assert options["access_log"] is False  # a log line per request, as `serve` does not
+    # Was "auto": a POST carrying `Upgrade: websocket` hung unanswered (no WebSocket routes).
+    assert options["ws"] == "none"
+
+
+def dockerfile_command(pkg: Path) -> list[str]:
+    """The arguments of the package's Dockerfile CMD, a `uvicorn` command."""
     (cmd,) = [
         line
         for line in (pkg / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
@@ -258,12 +269,7 @@ def test_the_image_serves_like_aml_rollout_serve(registered, tmp_path: Path) -> 
     ]
     program, *args = json.loads(cmd.removeprefix("CMD "))
     assert program == "uvicorn"
-    options = uvicorn_command.make_context("uvicorn", args).params
-    assert options["app"] == "asgi:build" and options["factory"]
-    assert options["timeout_keep_alive"] == KEEP_ALIVE_S
-    assert options["access_log"] is False  # a log line per request, as `serve` does not
-    # Was "auto": a POST carrying `Upgrade: websocket` hung unanswered (no WebSocket routes).
-    assert options["ws"] == "none"
+    return list(args)
 
 
 def image_entry(
@@ -772,3 +778,51 @@ def test_the_package_step_writes_into_a_mount_point(registered, tmp_path: Path) 
     listed = done.stdout.split()
     assert "package.json" in listed and "model" in listed
     assert not [name for name in listed if name.startswith(package_module.STAGING_PREFIX)]
+
+
+def test_the_image_refuses_a_request_head_over_the_cap(registered, tmp_path: Path) -> None:
+    # Was: uvicorn's httptools protocol as is: a 64 MiB header value was read whole (the
+    # process grew by 73 MB) and the request served; the pod binds 0.0.0.0. Run as the
+    # Dockerfile's CMD runs it, from the package folder, on a socket bound here instead of its
+    # `--host 0.0.0.0 --port`.
+    from scoring.httpguard import MAX_HEAD_BYTES
+
+    registry, _ = registered
+    pkg = build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "p", image_registry="r").path
+    args = dockerfile_command(pkg)
+    for option in ("--host", "--port"):
+        at = args.index(option)
+        del args[at : at + 2]
+    with listening_socket() as listener:
+        port, fd = listener.getsockname()[1], listener.fileno()
+        env = {**os.environ, "PYTHONPATH": str(pkg)}
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", *args, "--fd", str(fd)],
+            cwd=pkg,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+            pass_fds=[fd],
+        )
+    with server:
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                assert server.poll() is None, "the image's command exited"
+                assert time.monotonic() < deadline, "the image's server never became ready"
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                        break
+                time.sleep(0.1)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as big:
+                big.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nX-Big: ")
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    for _ in range(4 * MAX_HEAD_BYTES // 16384):
+                        big.sendall(b"a" * 16384)
+                answer = big.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 431 "), answer
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        finally:
+            server.terminate()
+        _, err = server.communicate(timeout=30)
+    assert "Traceback" not in err, err

@@ -2,7 +2,7 @@
 
 Bounds are shrunk (a 4 KiB head, 0.3 s for it, 0.6 s of keep-alive) so each case takes well
 under a second; `serve` and the image use the module's values (test_serve_cli.py and
-tests/pipelines/test_package_http_guard.py check that they do).
+tests/pipelines/test_package.py check that they do).
 """
 
 from __future__ import annotations
