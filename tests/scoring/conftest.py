@@ -158,16 +158,18 @@ class AppClient:
 
 
 @contextlib.contextmanager
-def running_server(app: Any, *, lifespan: str = "on") -> Iterator[str]:
-    """Serve `app` with a real uvicorn on a free loopback port in a thread; yields the base URL."""
+def running_server(app: Any, *, lifespan: str = "on", **config: Any) -> Iterator[str]:
+    """Serve `app` with a real uvicorn on a free loopback port in a thread; yields the base URL.
+    `config`: more uvicorn.Config options (its HTTP protocol, timeouts)."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, access_log=False, log_level="warning", lifespan=lifespan)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(
+        uvicorn.Config(app, access_log=False, log_level="warning", lifespan=lifespan, **config)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

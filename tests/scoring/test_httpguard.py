@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from scoring.httpguard import GuardedHttpToolsProtocol
+from tests.scoring.conftest import running_server
 
 HEAD_CAP = 4096
 HEAD_TIMEOUT_S = 0.3
@@ -45,29 +45,14 @@ async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
-    import uvicorn
-
-    sock = socket.create_server(("127.0.0.1", 0))
-    config = uvicorn.Config(
+    with running_server(
         echo,
+        lifespan="off",
         http=SmallGuard,
         loop="uvloop",
-        lifespan="off",
-        access_log=False,
-        log_level="warning",
-        timeout_keep_alive=KEEP_ALIVE_S,  # type: ignore[arg-type]  # uvicorn takes a float
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    yield sock.getsockname()[1]
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+        timeout_keep_alive=KEEP_ALIVE_S,
+    ) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 def request(path: str = "/", *, headers: bytes = b"", body: bytes = b"") -> bytes:
