@@ -1441,24 +1441,26 @@ def test_status_of_a_held_rollout_says_when_the_evidence_now_passes(
     assert ("the evidence now passes this step: `resume` lets it advance" in text) is shown
 
 
+def _held_at_10(tmp_path: Path) -> Path:
+    """A spec whose rollout is held for a human at blue 10 % (0 % is no step of its plan, and
+    resume would be refused there), no controller running."""
+    spec = write_spec(tmp_path)
+    from rollout.api import open_store
+    from rollout.core.types import Phase
+
+    held = Status(
+        name="cli", phase=Phase.PAUSED, held=True, blue_weight=10, reason="held for a human: drift"
+    )
+    open_store(spec).save(held)
+    return spec
+
+
 def test_status_watch_into_a_pipe_says_a_held_rollout_waits_for_an_answer_not_a_run(
     tmp_path: Path,
 ) -> None:
     # Was "(no controller running: `aml-rollout rollout run SPEC` resumes it)": run again, a
     # held rollout stays held (exit 4) until someone answers it.
-    spec = write_spec(tmp_path)
-    from rollout.api import open_store
-    from rollout.core.types import Phase
-
-    open_store(spec).save(  # (at 10 %: 0 % is no step of its plan, and resume is refused)
-        Status(
-            name="cli",
-            phase=Phase.PAUSED,
-            held=True,
-            blue_weight=10,
-            reason="held for a human: drift",
-        )
-    )
+    spec = _held_at_10(tmp_path)
     code, out = invoke("status", str(spec), "--watch", "--timeout", "1")
     assert code == EXIT_PAUSED
     assert (
@@ -1469,19 +1471,7 @@ def test_status_watch_into_a_pipe_says_a_held_rollout_waits_for_an_answer_not_a_
 
 def test_status_of_a_held_rollout_answered_says_run_acts_on_the_answer(tmp_path: Path) -> None:
     # Was "none running: answer with resume, promote or abort, then ..." under "queued resume".
-    spec = write_spec(tmp_path)
-    from rollout.api import open_store
-    from rollout.core.types import Phase
-
-    open_store(spec).save(
-        Status(
-            name="cli",
-            phase=Phase.PAUSED,
-            held=True,
-            blue_weight=10,
-            reason="held for a human: drift",
-        )
-    )
+    spec = _held_at_10(tmp_path)
     assert invoke("resume", str(spec))[0] == 0
     code, out = invoke("status", str(spec))
     assert code == EXIT_PAUSED
