@@ -105,8 +105,10 @@ def test_rate_and_duration_bound_the_run(servers: dict[str, str]) -> None:
     report = asyncio.run(
         run_load(servers["green"] + "/score", rps=100, duration=1.0, concurrency=4)
     )
-    # open-loop pacing: request i is due at i/rps, so a 1 s run sends ~100, never far more
-    assert 90 <= report.sent <= 101
+    # open-loop pacing: request i is due at i/rps, so a 1 s run sends ~100, never more. The
+    # floor is loose: on a loaded box (the suite runs on 2 cores beside servers) the client's
+    # own wake-ups come late, and 90 failed now and then though nothing was wrong.
+    assert 75 <= report.sent <= 101
     assert report.elapsed_s < 1.5
 
 
