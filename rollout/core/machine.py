@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from rollout.core.stats import Evidence, log_e_above, log_e_below
 from rollout.core.status import (
+    GUARD_BOUND_UNKNOWN,
     TERMINAL,
     Action,
     Command,
@@ -402,6 +403,8 @@ def _threshold_from_history(
     record["history"] = {"since": history.since, "at": history.at, "green": history.green.requests}
     threshold = _baseline_bucket(history.green)
     if threshold is None:
+        if history.green.requests >= MIN_BASELINE_FOR_P99:
+            record["history"]["no_threshold"] = _no_threshold_why(history.green)
         return status
     record["history"]["slow_threshold_ms"] = threshold * 1000.0
     return replace(status, slow_threshold_s=threshold)
@@ -645,6 +648,8 @@ def p99_bucket(counts: ColourCounts) -> float | None:
     nearly all requests above it, made the check blind (a candidate at twice the latency,
     also all "slow", was promoted every time); the upper one, with none above it, is judged as
     a clean baseline is — so it is taken when the closest has more than MAX_P99_TAIL above it.
+    With no such bound (the p99 above the largest finite one: a histogram too short for the
+    service, or a `_seconds` one read as ms) every bound is as blind: None (`_no_threshold_why`).
     """
     if not _finite_bounds(counts) or counts.requests <= 0:
         return None
@@ -658,6 +663,8 @@ def p99_bucket(counts: ColourCounts) -> float | None:
         distance = abs(math.log(tail / P99_TAIL))
         if best is None or distance < best[0]:
             best = (distance, bound, tail)
+    if best is not None and best[2] > MAX_P99_TAIL:
+        return None  # (was: that bound, nearly every request of both colours "slow")
     return best[1] if best else counts.latency_buckets[0][0]
 
 
@@ -668,6 +675,16 @@ def _finite_bounds(counts: ColourCounts) -> bool:
 
 def _no_threshold_why(green: ColourCounts) -> str:
     """Why the latency check has no baseline threshold, from green's reading."""
+    if (
+        _finite_bounds(green)
+        and green.requests >= MIN_BASELINE_FOR_P99
+        and p99_bucket(green) is None
+    ):
+        largest = max(bound for bound, _ in green.latency_buckets if bound < math.inf)
+        return (
+            "latency not judged: green's p99 is above the histogram's largest finite bound "
+            f"({largest * 1000:g} ms; is the metrics' `latency_unit` right?)"
+        )
     if _finite_bounds(green):
         return "latency threshold not chosen yet (too few baseline requests)"
     if green.latency_buckets:
@@ -730,13 +747,25 @@ def _ingest(
     if fresh_threshold:
         # Count slow requests only from the tick after the threshold was chosen.
         last_b, last_g = replace(last_b, slow=now_b.slow), replace(last_g, slow=now_g.slow)
-    # Requests whose latency is known both now and at the base: the guard's denominator
-    # grows by those only (requests of unknown latency would dilute its rate).
-    slo_known = now_b.over_slo >= 0 and last_b.over_slo >= 0
-    if last_b.over_slo < 0:
-        # No count of the guard's to go on (a status written before the guard counted its own
-        # requests, or blue's histogram missing last tick): count from the next tick.
-        last_b, last_g = replace(last_b, over_slo=now_b.over_slo), replace(last_g, over_slo=0)
+    # The guard's bound edited since its counts were taken (`slo_ms`, the guard removed or
+    # switched off; the controller restarted): a count above another bound is no base for one
+    # above this one (was: a loosened bound read "below the last" and dropped every tick,
+    # errors included, for the rest of the step), and its sums no rate against this one.
+    guard_base = status.over_slo_bound_s
+    guard_sums = (status.canary_over_slo, status.canary_slo_requests)
+    guard_moved = guard_base != slo_s
+    restarted: dict[str, list[str]] = {}
+    if guard_moved and guard_base != GUARD_BOUND_UNKNOWN:
+        if guard_sums != (0, 0) or base:
+            restarted["guard"] = [f"{_bound_name(guard_base)} → {_bound_name(slo_s)}"]
+        guard_sums = (0, 0)
+    # No count of the guard's to go on (a status written before the guard counted its own
+    # requests or kept its bound, blue's histogram missing last tick, a bound moved mid-step):
+    # count from the next tick. (At a step's start the base is nothing, at any bound.)
+    rebase_guard = last_b.over_slo < 0 or (guard_moved and base)
+    if rebase_guard:
+        last_b = replace(last_b, over_slo=now_b.over_slo)
+        last_g = replace(last_g, over_slo=now_g.over_slo)
     if obs.fresh_series and (last_b != Counts() or last_g != Counts()):
         # Counts from another series than the step's base: an increase over it would pair one
         # series' requests with the other's errors. They become the base; nothing is folded.
@@ -746,17 +775,36 @@ def _ingest(
         "blue": {"requests": db.requests, "errors": db.errors, "slow": db.slow},
         "green": {"requests": dg.requests, "errors": dg.errors, "slow": dg.slow},
     }
+    if restarted:
+        tick["evidence_restarted"] = restarted
     if not fold:
-        return replace(status, last_blue=now_b, last_green=now_g, consecutive_errors=0), tick
-    if _below(now_b, last_b) or _below(now_g, last_g):
+        return replace(
+            status,
+            last_blue=now_b,
+            last_green=now_g,
+            canary_over_slo=guard_sums[0],
+            canary_slo_requests=guard_sums[1],
+            over_slo_bound_s=slo_s,
+            consecutive_errors=0,
+        ), tick
+    down = _below(now_b, last_b) | _below(now_g, last_g)
+    if down & {"requests", "errors"}:
         # A reading below the last (an empty or short read, a series missing for a scrape, a
-        # clock stepped back): no new data. The base stays, or the series' return would count
-        # the whole step again; a count begun anew counts once it passes the base.
+        # counter reset, a clock stepped back): no new data. The base stays, or the series'
+        # return would count the whole step again; a count begun anew counts once it passes
+        # the base. (Nothing is kept of this tick: the next one sees any edit again.)
         tick["not_counted"] = "a reading below the last one"
         return replace(status, consecutive_errors=0), tick
+    if down:
+        # Only a latency count below the last (a histogram read short, a bound moved): that
+        # count is measured afresh, from the tick after the next (its base unknown, so its
+        # return is not one tick's), and folds nothing now; requests and errors still fold.
+        # (Was: the whole tick dropped, the error check blind until the count passed its base.)
+        tick["rebased"] = sorted(down)
+        now_b, now_g = _unknown(now_b, last_b), _unknown(now_g, last_g)
+    slo_known = not rebase_guard and now_b.over_slo >= 0 and last_b.over_slo >= 0
     # The spec edited since the last tick (and the controller restarted): "not worse" evidence
     # summed against the old max_ratio or δ starts afresh (`Evidence.restarts`), said here.
-    restarted: dict[str, list[str]] = {}
     if said := status.errors.restarts(analysis.errors.max_ratio, analysis.errors.negligible_rate):
         restarted["errors"] = said
     errors = status.errors.update(
@@ -800,8 +848,11 @@ def _ingest(
         last_blue=now_b,
         last_green=now_g,
         step_canary_requests=status.step_canary_requests + db.requests,
-        canary_over_slo=status.canary_over_slo + db.over_slo,
-        canary_slo_requests=status.canary_slo_requests + (db.requests if slo_known else 0),
+        canary_over_slo=guard_sums[0] + db.over_slo,
+        # Requests whose latency is known both now and at the base: the guard's denominator
+        # grows by those only (requests of unknown latency would dilute its rate).
+        canary_slo_requests=guard_sums[1] + (db.requests if slo_known else 0),
+        over_slo_bound_s=slo_s,
         consecutive_errors=0,
     )
     return status, tick
@@ -812,9 +863,20 @@ def _ingest(
 UNKNOWN = -1
 
 
-def _below(now: Counts, last: Counts) -> bool:
-    """Whether any count read is lower than the base (an unknown count is never lower)."""
-    return any(0 <= getattr(now, f.name) < getattr(last, f.name) for f in fields(Counts))
+def _below(now: Counts, last: Counts) -> set[str]:
+    """The counts read lower than the base (an unknown count is never lower)."""
+    return {f.name for f in fields(Counts) if 0 <= getattr(now, f.name) < getattr(last, f.name)}
+
+
+def _unknown(now: Counts, last: Counts) -> Counts:
+    """`now` with the counts read lower than the base `last` made UNKNOWN: not folded, and the
+    next tick's increase not measured from them."""
+    return replace(now, **dict.fromkeys(_below(now, last), UNKNOWN))
+
+
+def _bound_name(bound_s: float | None) -> str:
+    """How the guard's bound is named where it changed."""
+    return "no guard" if bound_s is None else f"slower than {bound_s * 1000:g} ms"
 
 
 def _delta(now: Counts, last: Counts) -> Counts:

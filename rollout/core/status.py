@@ -163,6 +163,10 @@ class Command:
 
 # -------------------------------------------------------------------------------------- status
 
+#: `Status.over_slo_bound_s` of a status file written before the field: the guard's counts were
+#: taken against the spec's bound of their day, which is not known now.
+GUARD_BOUND_UNKNOWN = -1.0
+
 
 @dataclass(frozen=True, slots=True)
 class Counts:
@@ -220,6 +224,11 @@ class Status:
     #: Canary requests whose latency was known, over the rollout: the guard's denominator
     #: (requests read without a histogram are neither over the SLO nor under it).
     canary_slo_requests: int = 0
+    #: The latency guard's SLO (seconds) that `over_slo` and the two sums above were counted
+    #: against (None: no guard counted them; GUARD_BOUND_UNKNOWN in status files written
+    #: before this field). A spec edited since (`slo_ms`, the guard removed or switched off)
+    #: re-bases `over_slo` and restarts the sums: a count above another bound is no base.
+    over_slo_bound_s: float | None = None
     consecutive_errors: int = 0
     verdict: Verdict | None = None
     reason: str = ""
@@ -280,6 +289,7 @@ class Status:
             "step_canary_requests": self.step_canary_requests,
             "canary_over_slo": self.canary_over_slo,
             "canary_slo_requests": self.canary_slo_requests,
+            "over_slo_bound_s": self.over_slo_bound_s,
             "consecutive_errors": self.consecutive_errors,
             "verdict": self.verdict.value if self.verdict else None,
             "reason": self.reason,
@@ -338,6 +348,7 @@ class Status:
             canary_slo_requests=int(
                 data.get("canary_slo_requests", data["errors"]["canary_requests"])
             ),
+            over_slo_bound_s=_bound(data.get("over_slo_bound_s", GUARD_BOUND_UNKNOWN)),
             consecutive_errors=int(data["consecutive_errors"]),
             verdict=Verdict(data["verdict"]) if data.get("verdict") else None,
             reason=data.get("reason", ""),
@@ -359,6 +370,14 @@ def _boolean(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be true or false, got {value!r}")
     return value
+
+
+def _bound(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"over_slo_bound_s must be a number or null, got {value!r}")
+    return float(value)
 
 
 def _served_to_dict(served: Served) -> dict[str, Any]:

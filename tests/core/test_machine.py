@@ -19,7 +19,15 @@ from rollout.core.machine import (
     with_commands,
 )
 from rollout.core.stats import Evidence
-from rollout.core.status import Command, Counts, Deploy, Remove, SetWeights, Status
+from rollout.core.status import (
+    GUARD_BOUND_UNKNOWN,
+    Command,
+    Counts,
+    Deploy,
+    Remove,
+    SetWeights,
+    Status,
+)
 from rollout.core.types import Colour, ColourCounts, Phase, Verdict
 from tests.core.helpers import V2, make_spec, obs
 
@@ -687,12 +695,15 @@ def test_seed_plan_judges_blue_0_on_mirrored_traffic_by_default() -> None:
         pytest.param(((0.01, 0), (0.025, 999), (0.05, 1000)), 0.025, id="tight-0.1 %-above"),
         pytest.param(((0.01, 850), (0.025, 1000), (0.05, 1000)), 0.025, id="15 %-above"),
         pytest.param(((0.01, 1000), (0.025, 1000)), 0.01, id="none-above-the-first"),
-        # slower than every finite bound: blind whichever is taken (the first)
-        pytest.param(((0.01, 0), (0.025, 0), (math.inf, 1000)), 0.01, id="above-every-bound"),
+        # Slower than every finite bound: blind whichever is taken (was: the first, and a 3×
+        # slower canary was promoted), so none is (`test_green_s_p99_above_every_bound...`).
+        pytest.param(((0.01, 0), (0.025, 0), (math.inf, 1000)), None, id="above-every-bound"),
+        pytest.param(((0.01, 0), (0.025, 850), (math.inf, 1000)), None, id="15 %-above-the-last"),
+        pytest.param(((0.01, 0), (0.025, 950), (math.inf, 1000)), 0.025, id="5 %-above-the-last"),
     ],
 )
 def test_latency_threshold_is_chosen_near_the_baseline_p99(
-    buckets: tuple[tuple[float, int], ...], chosen: float
+    buckets: tuple[tuple[float, int], ...], chosen: float | None
 ) -> None:
     assert p99_bucket(ColourCounts(requests=1000, latency_buckets=buckets)) == chosen
 
@@ -1634,3 +1645,181 @@ def test_a_status_file_from_before_the_slo_flag_keeps_its_threshold() -> None:
     decision = step(spec, Status.from_dict(data), reading, 20.0)
     assert decision.status.slow_threshold_s == 0.5
     assert "evidence_restarted" not in decision.record.get("tick_counts", {})
+
+
+# ---- the latency guard's bound edited mid-rollout, and counts read below the last per field
+
+
+def _edit_spec(**latency: Any) -> RolloutSpec:
+    return make_spec(analysis={"latency": {"enabled": True, **latency}})
+
+
+def _edit_buckets(n: int) -> tuple[tuple[float, int], ...]:
+    """30 % of `n` above 100 ms, 0.1 % above 500 ms."""
+    return ((0.1, n * 70 // 100), (0.5, n * 999 // 1000), (math.inf, n))
+
+
+_GUARD_100 = {"threshold": "slo", "slo_ms": 100, "max_slow_rate": 0.5}
+_GUARD_500 = {"threshold": "slo", "slo_ms": 500, "max_slow_rate": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "guard", "bound"),
+    [
+        # Loosened, removed or switched off: the guard's count above the old bound was the base
+        # of one above the new bound (or none), a reading "below the last" that dropped every
+        # tick, errors included, for the rest of the step: a 50 %-errors canary held, never
+        # rolled back.
+        pytest.param(_GUARD_100, _GUARD_500, (0, 20), 0.5, id="slo-loosened"),
+        pytest.param(
+            _GUARD_100, {"threshold": "slo", "slo_ms": 100}, (0, 20), None, id="guard-removed"
+        ),
+        pytest.param(
+            _GUARD_100, {**_GUARD_100, "enabled": False}, (0, 20), None, id="latency-disabled"
+        ),
+        pytest.param(
+            {"slo_ms": 100, "max_slow_rate": 0.5},
+            {"slo_ms": 500, "max_slow_rate": 0.5},
+            (0, 20),
+            0.5,
+            id="p99-judge-guard-loosened",
+        ),
+        # Tightened: nothing froze, but the guard summed requests above 500 ms before the edit
+        # with requests above 100 ms after it (the step's so far at once: 17 of 20 requests).
+        pytest.param(_GUARD_500, _GUARD_100, (6, 20), 0.1, id="slo-tightened"),
+        pytest.param(_GUARD_100, _GUARD_100, (24, 80), 0.1, id="no-edit"),
+    ],
+)
+def test_an_edited_latency_guard_still_folds_errors_and_counts_against_its_new_bound(
+    before: dict[str, Any], after: dict[str, Any], guard: tuple[int, int], bound: float | None
+) -> None:
+    old, new = _edit_spec(**before), _edit_spec(**after)
+    history = obs(green=(5000, 0), green_buckets=_edit_buckets(5000))
+    status = step(old, new_status(old, now=0.0), history, 0.0).status
+    for tick in range(1, 5):  # spec edited (controller restarted) before tick 3
+        blue, green = 20 * tick, 180 * tick
+        errors = 10 if tick == 4 else 0  # then the canary fails half its requests
+        reading = obs(
+            (blue, errors),
+            (green, 0),
+            at=10.0 * tick,
+            blue_buckets=_edit_buckets(blue),
+            green_buckets=_edit_buckets(green),
+        )
+        decision = step(old if tick < 3 else new, status, reading, 10.0 * tick)
+        status = decision.status
+        assert "not_counted" not in decision.record["tick_counts"]
+    assert status.phase is Phase.ROLLING_BACK and "canary error rate" in status.reason
+    assert (status.errors.canary_bad, status.errors.canary_requests) == (10, 80)
+    # The guard counts from the edit on, against the spec's bound (rebased, its sums restarted).
+    assert (status.canary_over_slo, status.canary_slo_requests) == guard
+    assert status.over_slo_bound_s == bound
+    assert Status.from_dict(status.to_dict()) == status
+
+
+def _short_slow_run(errors_at_3: int) -> list[Any]:
+    """Ticks 1-5 of a `threshold: slo` (100 ms) rollout, blue's histogram read short at tick 3
+    (none of its requests above 100 ms, 12 were at tick 2); the decisions."""
+    spec = _edit_spec(threshold="slo", slo_ms=100)
+    status = step(spec, new_status(spec, now=0.0), None, 0.0).status
+    decisions = []
+    for tick in range(1, 6):
+        blue, green = 20 * tick, 180 * tick
+        short = ((0.1, blue), (math.inf, blue))
+        reading = obs(
+            (blue, errors_at_3 if tick >= 3 else 0),
+            (green, 0),
+            at=10.0 * tick,
+            blue_buckets=short if tick == 3 else _edit_buckets(blue),
+            green_buckets=_edit_buckets(green),
+        )
+        decisions.append(step(spec, status, reading, 10.0 * tick))
+        status = decisions[-1].status
+        if status.phase is not Phase.PROGRESSING:
+            break
+    return decisions
+
+
+def test_a_slow_count_below_the_last_is_measured_afresh_while_errors_are_still_folded() -> None:
+    """Was: any count below the base dropped the whole tick, errors included."""
+    ticks = _short_slow_run(0)
+    after_2, short, back, after = (d.status for d in ticks[1:5])
+    assert short.errors.canary_requests == 60  # requests and errors folded
+    assert ticks[2].record["tick_counts"]["rebased"] == ["slow"]
+    assert short.slow == after_2.slow and short.last_blue.slow == -1  # measured from nothing
+    # Its return is the base, not 12 slow requests (the step's so far) against 20 requests.
+    assert back.slow == after_2.slow and back.errors.canary_requests == 80
+    assert after.slow.canary_requests == after_2.slow.canary_requests + 20
+    assert after.slow.canary_bad == after_2.slow.canary_bad + 6
+
+
+def test_a_slow_count_below_the_last_does_not_hide_a_failing_canary() -> None:
+    ticks = _short_slow_run(10)
+    rolled_back = ticks[-1]
+    assert len(ticks) == 3
+    assert rolled_back.status.phase is Phase.ROLLING_BACK
+    assert "canary error rate" in rolled_back.status.reason
+
+
+def test_a_status_saved_before_the_guard_kept_its_bound_rebases_the_guard_s_count_only() -> None:
+    status = guarded_tick(progressing(slow_threshold_s=0.25), 1, (60, 5))
+    old = status.to_dict()
+    del old["over_slo_bound_s"]  # a status file from before: counted at the spec's bound then
+    resumed = Status.from_dict(old)
+    assert resumed.over_slo_bound_s == GUARD_BOUND_UNKNOWN
+    status = guarded_tick(resumed, 2, (80, 6))
+    # The guard's sums are kept; this tick's count is the base (its bound unknown), not folded.
+    assert (status.canary_over_slo, status.canary_slo_requests) == (5, 60)
+    assert status.over_slo_bound_s == 0.25 and status.errors.canary_requests == 80
+    status = guarded_tick(status, 3, (95, 7))
+    assert (status.canary_over_slo, status.canary_slo_requests) == (6, 75)
+    assert status.phase is Phase.PROGRESSING and status.step_index == 0
+    assert Status.from_dict(status.to_dict()) == status
+
+
+def _above_every_bound(n: int) -> tuple[tuple[float, int], ...]:
+    """Every one of `n` requests slower than the largest finite bound, 1 s."""
+    return (*((bound, 0) for bound in (0.1, 0.25, 0.5, 1.0)), (math.inf, n))
+
+
+@pytest.mark.parametrize(
+    ("errors", "held_at"),
+    [
+        # Latency alone: nothing judges the canary, held at its first step.
+        pytest.param(False, 10, id="latency-alone"),
+        # With the errors check: steps up on it, but is never promoted on a blind latency check.
+        pytest.param(True, 50, id="with-errors"),
+    ],
+)
+def test_green_s_p99_above_every_bound_judges_no_latency_and_promotes_nothing(
+    errors: bool, held_at: int
+) -> None:
+    """Was: the first bound (100 ms) taken, every request of both colours "slow": a canary 3×
+    slower promoted on "slow-request rate shown < 2× baseline (e-value 1.1e+58)"."""
+    spec = make_spec(
+        analysis={"errors": {"enabled": errors}, "latency": {"enabled": True}, "min_requests": 50}
+    )
+    history = obs(green=(5000, 0), green_buckets=_above_every_bound(5000))
+    start = step(spec, new_status(spec, now=0.0), history, 0.0)
+    assert start.status.slow_threshold_s is None
+    why = "green's p99 is above the histogram's largest finite bound (1000 ms"
+    assert why in start.record["history"]["no_threshold"]
+    status, blue, green = start.status, 0, 0
+    for tick in range(1, 200):
+        blue += 10 * status.blue_weight
+        green += 10 * (100 - status.blue_weight)
+        reading = obs(
+            (blue, 0),
+            (green, 0),
+            at=10.0 * tick,
+            blue_buckets=_above_every_bound(blue),
+            green_buckets=_above_every_bound(green),
+        )
+        before = status.blue_weight
+        status = step(spec, status, reading, 10.0 * tick).status
+        if status.blue_weight != before:
+            blue = green = 0  # a new step: counts since it began
+        if status.phase is not Phase.PROGRESSING:
+            break
+    assert status.phase is Phase.PAUSED and status.held and status.blue_weight == held_at
+    assert why in status.reason and "latency_unit" in status.reason
