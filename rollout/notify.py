@@ -23,6 +23,9 @@ most), reading only the answer's status line; a failure
 is a warning in the log (naming the webhook by scheme and host only: an incoming webhook's path
 is its secret), not an error of the rollout. A controller killed between persisting a
 phase and posting about it does not post it after a restart (at most once per phase change).
+A 307 or 308 redirect (which keeps the POST and its body) to an http(s) URL is followed, up to
+`REDIRECTS` times within the same `timeout_s`; a 301, 302 or 303 (after which a client sends a
+GET, without the body) is not, and the warning says where it pointed, by scheme and host.
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ FIRST_CHECK_PHASES = {
 #: met before the request went out. A POST sent that got no answer (a slow webhook, a
 #: connection dropped) is not sent again: the webhook may have it (at most once).
 ATTEMPTS = 2
+
+#: Redirects followed per attempt; only those that keep the method and body (307, 308).
+REDIRECTS = 3
+KEEPS_POST = (307, 308)
 
 
 class WebhookNotifier:
@@ -118,7 +125,7 @@ class WebhookNotifier:
             elif 200 <= answer < 300:
                 return
             else:
-                problem = f"HTTP {answer}"
+                problem = f"HTTP {answer}" + (f" ({attempt.moved})" if attempt.moved else "")
                 if answer < 500:  # the webhook refuses it: asking again won't help
                     break
                 continue  # it answered that it failed: asking again posts it at most once
@@ -145,6 +152,8 @@ class _Attempt:
         self.answer: int | Exception | None = None
         #: Whether the request began to go out: the webhook may have it, whatever came back.
         self.sent = False
+        #: A redirect not followed: where it pointed (scheme and host) and why not.
+        self.moved = ""
         self._given_up = False
         self._lock = threading.Lock()
 
@@ -172,17 +181,39 @@ class _Attempt:
 
     def _post(self) -> None:
         try:
-            with (
-                httpx.Client(timeout=self.timeout_s) as client,
-                client.stream(
+            with httpx.Client(timeout=self.timeout_s) as client:
+                request: httpx.Request | None = client.build_request(
                     "POST", self.url, json=self.body, extensions={"trace": self._trace}
-                ) as response,
-            ):
-                self.answer = response.status_code
+                )
+                followed = 0
+                while request is not None:
+                    # Its redirect's request carries the trace: a hop given up on is not sent.
+                    response = client.send(request, stream=True)
+                    response.close()  # the body is never read
+                    self.answer = response.status_code
+                    request, self.moved = _redirect(response, followed)
+                    followed += 1
         except httpx.TimeoutException:
             self.answer = None
         except Exception as exc:  # handed to the caller, which logs it
             self.answer = exc
+
+
+def _redirect(response: httpx.Response, followed: int) -> tuple[httpx.Request | None, str]:
+    """The request following `response` (a 307 or 308 to http(s), `followed` redirects in), or
+    None and why a redirect is not followed ("" when `response` is none)."""
+    following = response.next_request  # httpx's, with its method as a redirect changes it
+    if following is None:
+        return None, ""
+    code = response.status_code
+    where = f"redirected to {shown_url(str(following.url))}, not followed"
+    if code not in KEEPS_POST:
+        return None, f"{where}: a {code} turns the POST into a GET"
+    if following.url.scheme not in ("http", "https"):
+        return None, f"{where}: not http(s)"
+    if followed >= REDIRECTS:
+        return None, f"{where}: {REDIRECTS} redirects followed already"
+    return following, ""
 
 
 class _GivenUp(Exception):

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rollout.ledger import event_sentence, iter_ledger, iter_rollouts, windows
+from rollout.ledger import BOOTSTRAP_EVENTS, event_sentence, iter_ledger, iter_rollouts, windows
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +119,39 @@ def stories_from_ledger(path: Path) -> list[RolloutStory]:
     A rollout run again with `--restart` appends to the same ledger; drawn as one story, a
     rollback and the promotion after it read as one rollout whose outcome was the last one's.
     The ledger is read one line at a time (`iter_ledger`): the records are not held, their rows.
+    A bootstrap's lines (`bootstrap`, `first-check`) are no rollout's: a ledger holding nothing
+    else is refused, as an empty one is (`explain` tells them). A ValueError, in one line, for a
+    ledger of nothing to tell or of a line of another shape (edited by hand, another tool's).
     """
     name = path.name.removesuffix(".ledger.jsonl").removesuffix(".memory")  # a dry run's too
     records = (r for r in iter_ledger(path) if "at" in r)
-    told = [_story(name, piece) for piece in iter_rollouts(records)]
+    try:
+        told = [_story(name, piece) for piece in iter_rollouts(records)]
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        # As `explain` says it: one line, not a traceback.
+        what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ValueError(
+            f"{path}: a line is not a ledger record this version can tell ({what})"
+        ) from exc
     if not told:
         raise ValueError(f"{path}: no ticks in this ledger")
-    # A bootstrap's lines (no phase: no rollout) are not one.
-    return [story for story, ticked in told if ticked] or [story for story, _ in told]
+    stories = [story for story, bootstrapped in told if not bootstrapped]
+    if not stories:
+        raise ValueError(
+            f"{path}: no rollout in this ledger, only a bootstrap's lines "
+            "(`aml-rollout rollout explain` tells them)"
+        )
+    return stories
+
+
+#: The outcome of a rollout that has not ticked (its start line alone): the phase it is in.
+NOT_TICKED = "Initializing"
+#: The outcomes drawn as a failure; an unfinished rollout's (Progressing, Paused...) is not one.
+FAILURES = ("RollingBack", "RolledBack", "Failed")
 
 
 def _story(name: str, records: Iterable[dict[str, Any]]) -> tuple[RolloutStory, bool]:
-    """One rollout's story, and whether it ticked (a bootstrap's lines did not)."""
+    """One rollout's story, and whether it is a bootstrap's lines (no rollout's)."""
     weights = Series("blue")
     mirror = Series(MIRRORED)
     decisions: list[Decision] = []
@@ -165,6 +186,8 @@ def _story(name: str, records: Iterable[dict[str, Any]]) -> tuple[RolloutStory, 
             previous = record
             continue
         counts = record.get("counts") or {}
+        if not isinstance(counts, dict):  # of another shape (edited by hand): a `?` each
+            counts = {"blue": "?", "green": "?"}
         rows.append(
             {
                 "at": at,
@@ -184,14 +207,14 @@ def _story(name: str, records: Iterable[dict[str, Any]]) -> tuple[RolloutStory, 
     last = previous
     # The outcome is the phase its last tick decided; a line after it (a controller stopped
     # before it applied that tick's actions) says what happened last, as `explain` says it.
-    reason = phased.get("reason", "")
+    reason = phased.get("reason", "") if phased else "the rollout has not ticked yet"
     if "event" in last and last.get("event") != "start":
         reason = event_sentence(last)
     story = RolloutStory(
         name=name,
         start=float(first["at"]),
         end=float(last["at"]),
-        outcome=str(phased.get("phase", "")),
+        outcome=str(phased.get("phase", NOT_TICKED)),
         reason=str(reason),
         weights=weights,
         mirror=mirror if any(v for _, v in mirror.points) else Series(mirror.name),
@@ -199,7 +222,7 @@ def _story(name: str, records: Iterable[dict[str, Any]]) -> tuple[RolloutStory, 
         rows=rows,
         not_counted=spans,
     )
-    return story, bool(phased)
+    return story, first.get("event") in BOOTSTRAP_EVENTS
 
 
 def _did(actions: list[dict[str, Any]]) -> str:
@@ -375,11 +398,10 @@ def render_html(stories: Sequence[RolloutStory], *, title: str, notes: Sequence[
     ]
     out += [f"<p>{html.escape(n)}</p>" for n in notes]
     for story in stories:
-        good = story.outcome == "Succeeded"
+        style = " class='ok'" if story.outcome == "Succeeded" else ""
+        style = " class='bad'" if story.outcome in FAILURES else style
         out.append(f"<h2>{html.escape(story.name)}: ")
-        out.append(
-            f"<span class='{'ok' if good else 'bad'}'>{html.escape(story.outcome)}</span></h2>"
-        )
+        out.append(f"<span{style}>{html.escape(story.outcome)}</span></h2>")
         out.append(f"<p>{html.escape(story.reason)}</p>")
         started = datetime.fromtimestamp(story.start, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         out.append(f"<p>started {started}, {story.end - story.start:.1f} s. Dashed lines: ")
@@ -432,7 +454,8 @@ def render_html(stories: Sequence[RolloutStory], *, title: str, notes: Sequence[
             out.append(
                 f"<tr class='{'d' if row['decided'] else ''}'>"
                 f"<td>{row['at'] - story.start:.1f}</td><td>{html.escape(str(row['phase']))}</td>"
-                f"<td>{row['weight']}</td><td>{html.escape(str(row['verdict']))}</td>"
+                f"<td>{html.escape(str(row['weight']))}</td>"
+                f"<td>{html.escape(str(row['verdict']))}</td>"
                 f"{cell}{blue}</td>{cell}{green}</td>"
                 f"<td>{html.escape(str(row['reason']))}</td></tr>"
             )
@@ -441,11 +464,15 @@ def render_html(stories: Sequence[RolloutStory], *, title: str, notes: Sequence[
     return "".join(out)
 
 
-def _counts(counts: dict[str, Any] | None, mark: str) -> str:
-    """A count cell: `requests/errors`, or a dash for a tick that read no metrics."""
+def _counts(counts: Any, mark: str) -> str:
+    """A count cell: `requests/errors`, a dash for a tick that read no metrics, or `?` for
+    counts of another shape (a ledger edited by hand: `explain` reads past them too)."""
     if counts is None:
         return "—"
-    return f"{counts.get('requests', '')}/{counts.get('errors', '')}{mark}"
+    if not isinstance(counts, dict):
+        return f"?{mark}"
+    said = f"{counts.get('requests', '')}/{counts.get('errors', '')}"
+    return f"{html.escape(said)}{mark}"
 
 
 def write_report(

@@ -88,6 +88,21 @@ StateDirOpt = Annotated[
 ]
 
 
+#: C0 controls but tab and newline, DEL and C1: what a terminal must not get from a ledger or a
+#: spec. A model name's ESC recoloured the terminal and its OSC set the window title (`explain`).
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (9, 10)}
+
+
+def _plain(text: str) -> str:
+    """`text` with its control characters shown escaped (ESC as `\\x1b`), not sent as such."""
+    return text.translate(_CONTROLS)
+
+
+def _shown(text: str) -> str:
+    """`text` printed as it is: neither markup (`escape`) nor control characters."""
+    return escape(_plain(text))
+
+
 def _fail(exc: Exception) -> NoReturn:
     _err.print(f"[bold red]error:[/] {escape(str(exc))}")
     raise typer.Exit(EXIT_ERROR)
@@ -528,11 +543,11 @@ def _view(
         status, fresh = _served_read_now(parsed, status)
     table = _status_view(parsed, status, holder, fresh=fresh)
     if status is None:
-        table.add_row("state", escape(_no_status(store)))
+        table.add_row("state", _shown(_no_status(store)))
     if status is None and first is not None:
-        table.add_row("green", escape(first))
+        table.add_row("green", _shown(first))
     if unread:
-        table.add_row("last read", f"[red]{escape(unread)}[/]; watching on")
+        table.add_row("last read", f"[red]{_shown(unread)}[/]; watching on")
     return table
 
 
@@ -685,10 +700,10 @@ def _status_view(
     if status.candidate:
         where = "green: promoted" if promoted else "blue"
         where = "blue and green: promoting" if on_green else where
-        table.add_row("candidate", f"{escape(status.candidate.ref)} ({where})")
+        table.add_row("candidate", f"{_shown(status.candidate.ref)} ({where})")
     if status.stable:
         replaced = "replaced" if promoted or on_green else "green"
-        table.add_row("stable", f"{escape(status.stable.ref)} ({replaced})")
+        table.add_row("stable", f"{_shown(status.stable.ref)} ({replaced})")
     if status.served is not None:
         # What the data plane served, not what the rollout set (the weights above): another
         # rollout on it, or a hand edit.
@@ -696,16 +711,16 @@ def _status_view(
         blue, green = (r.ref if r else "nothing" for r in (served.blue, served.green))
         when = "read now" if fresh else "last read"
         table.add_row(
-            "data plane", escape(f"blue {blue}, green {green}: {served.weights} ({when})")
+            "data plane", _shown(f"blue {blue}, green {green}: {served.weights} ({when})")
         )
     # (`status` here carries what the data plane serves now when `_view` could read it.)
     unresumable = resume_refused(status, parsed.plan)
     if unresumable:
-        table.add_row("resume", f"refused: {escape(unresumable)}")
+        table.add_row("resume", f"refused: {_shown(unresumable)}")
     elif refused := steering_refused(status):
-        table.add_row("promote", f"refused: {escape(refused)}")
+        table.add_row("promote", f"refused: {_shown(refused)}")
     table.add_row("last verdict", status.verdict.value if status.verdict else "-")
-    table.add_row("reason", escape(status.reason))
+    table.add_row("reason", _shown(status.reason))
     for label, ev in (("errors", status.errors), ("slow requests", status.slow)):
         if ev.canary_requests:
             table.add_row(
@@ -723,11 +738,11 @@ def _status_view(
             "the evidence now passes this step: `resume` lets it advance on the next tick",
         )
     if todo:
-        table.add_row("not applied", escape("; ".join(describe(a) for a in todo)))
+        table.add_row("not applied", _shown("; ".join(describe(a) for a in todo)))
     if status.commands:
         table.add_row("queued", ", ".join(_typed(c) for c in status.commands))
     if controller:
-        table.add_row("controller", escape(controller))
+        table.add_row("controller", _shown(controller))
     elif not status.terminal:
         table.add_row("controller", f"none running: {_undriven(status, parsed.plan)}")
     return table
@@ -865,7 +880,7 @@ def _follow(
             line = ("unread", unread)
             if line != shown:
                 said = f"{stamp} cannot read the status: {unread}; watching on"
-                (_err if as_json else _out).print(said, markup=False)
+                (_err if as_json else _out).print(_plain(said), markup=False)
         elif as_json:
             line = (json.dumps(current.to_dict() if current else None),)
             if line != shown:
@@ -878,7 +893,7 @@ def _follow(
                 # alike. Said again when a status read before is gone (its file, its state dir).
                 where = _no_status(store)
                 said = "not started" if shown is None else "no status any more"
-                _out.print(f"{stamp} {said} ({where}); waiting for it", markup=False)
+                _out.print(_plain(f"{stamp} {said} ({where}); waiting for it"), markup=False)
         else:
             # A controller that stopped (Ctrl-C, a crash) changes nothing in the status: said
             # once, or the watch went silent as if a step were merely waiting.
@@ -891,7 +906,7 @@ def _follow(
                 text = f"{stamp} {line[0]:<11} blue {line[1]:>3} %  {line[2]}"
                 if not driven:
                     text += f"  (no controller running: {_undriven(current, plan)})"
-                _out.print(text, markup=False)
+                _out.print(_plain(text), markup=False)
         shown = line
         if _settled(current) or time.monotonic() >= deadline:
             return current
@@ -1160,4 +1175,4 @@ def explain(
     except RolloutError as exc:
         _fail(exc)
     for line in told:
-        _out.print(escape(line))
+        _out.print(_shown(line))

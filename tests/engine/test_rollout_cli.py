@@ -1889,3 +1889,27 @@ def test_an_abort_queued_while_promoting_says_when_it_comes_too_late(tmp_path: P
         "begun deploying the candidate to green by then: the promotion then completes, and "
         "the ledger says the abort was dropped)"
     )
+
+
+@pytest.mark.parametrize(
+    ("model", "shown"),
+    [
+        # ESC recoloured the terminal and OSC 0 set its title; BEL, DEL and C1 (CSI) likewise.
+        pytest.param("m\x1b[31mRED\x1b]0;pwned\x07", "m\\x1b[31mRED\\x1b]0;pwned\\x07", id="esc"),
+        pytest.param("m\x7f\x9b31m\x08", "m\\x7f\\x9b31m\\x08", id="del-c1-backspace"),
+    ],
+)
+def test_control_characters_in_names_are_shown_escaped_never_sent_to_the_terminal(
+    tmp_path: Path, model: str, shown: str
+) -> None:
+    spec = write_spec(
+        tmp_path,
+        candidate={"model": model, "version": "2"},
+        stable={"model": model, "version": "1"},
+    )
+    assert invoke("run", str(spec), "--simulated-time", "-q")[0] == EXIT_PROMOTED
+    for command in (["explain"], ["status"], ["status", "--watch"]):
+        code, out = invoke(*command, str(spec))
+        assert code == EXIT_PROMOTED, out
+        assert not [c for c in out if (ord(c) < 32 and c != "\n") or 127 <= ord(c) < 160], out
+        assert f"{shown}:2" in out, (command, out)

@@ -335,3 +335,70 @@ def test_a_dry_run_s_ledger_is_told_under_its_rollout_s_name(tmp_path: Path) -> 
                  "rollout_id": "r1"})  # fmt: skip
     [story] = stories_from_ledger(path)
     assert story.name == "d"
+
+
+def _one_tick_ledger(tmp_path: Path, counts: object) -> Path:
+    path = tmp_path / "d.ledger.jsonl"
+    book = Ledger(path, fsync=False)
+    book.append({"event": "start", "at": T0, "name": "d", "rollout_id": "r1", "plan": [10]})
+    book.append({**tick(T0 + 1, "Progressing", 10, "step 10 % waits", blue=10), "counts": counts})
+    return path
+
+
+@pytest.mark.parametrize(
+    ("counts", "cells"),
+    [
+        pytest.param(
+            {"blue": {"requests": "<script>alert(1)</script>", "errors": 0},
+             "green": {"requests": 90, "errors": "<b>"}},
+            ["&lt;script&gt;alert(1)&lt;/script&gt;/0", "90/&lt;b&gt;"],
+            id="markup-in-a-count",
+        ),
+        pytest.param({"blue": 5, "green": {"requests": 90, "errors": 0}}, ["?", "90/0"],
+                     id="a-count-not-a-mapping"),
+        pytest.param([1, 2], ["?", "?"], id="counts-not-a-mapping"),
+    ],
+)  # fmt: skip
+def test_a_hand_edited_count_is_escaped_and_one_of_another_shape_is_no_traceback(
+    tmp_path: Path, counts: object, cells: list[str]
+) -> None:
+    # A ledger edited by hand (or written by another tool) put a <script> in the
+    # "no JavaScript" report, and a count that was no mapping was an AttributeError traceback
+    # where `explain` tells the same ledger.
+    page = write_report(tmp_path / "r.html", [_one_tick_ledger(tmp_path, counts)]).read_text()
+    assert "<script" not in page and "<b>" not in page
+    [row] = [r for r in table_rows(page) if r[1:2] == ["Progressing"]]
+    assert row[4:6] == cells
+
+
+def test_a_ledger_line_of_another_shape_is_one_clear_error(tmp_path: Path) -> None:
+    path = _one_tick_ledger(tmp_path, {})
+    with path.open("a") as f:
+        f.write('{"at": 1700000009.0, "phase": "Progressing", "weight": "ten"}\n')
+    with pytest.raises(ValueError, match=r"d\.ledger\.jsonl: a line is not a ledger record"):
+        write_report(tmp_path / "r.html", [path])
+
+
+def test_a_ledger_of_a_bootstrap_only_holds_no_rollout(tmp_path: Path) -> None:
+    # docs/local-stack.md: a bootstrap's lines are no rollout. A first release checked by
+    # `trigger watch` was drawn as a rollout whose outcome was "" in red.
+    path = tmp_path / "d.ledger.jsonl"
+    book = Ledger(path, fsync=False)
+    book.append({"event": "bootstrap", "at": T0, "release": CANDIDATE, "by": "ann"})
+    checked = {"verdict": "Successful", "reason": "error rate 0 % is below the limit 10 %"}
+    book.append({"event": "first-check", "at": T0 + 1, "release": CANDIDATE, **checked})
+    with pytest.raises(ValueError, match="no rollout in this ledger, only a bootstrap's lines"):
+        stories_from_ledger(path)
+
+
+def test_a_rollout_stopped_before_its_first_tick_is_not_drawn_as_a_failure(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "d.ledger.jsonl"
+    book = Ledger(path, fsync=False)
+    book.append({"event": "bootstrap", "at": T0 - 9, "release": CANDIDATE, "by": "ann"})
+    book.append({"event": "start", "at": T0, "name": "d", "rollout_id": "r1", "plan": [10]})
+    [story] = stories_from_ledger(path)
+    assert (story.outcome, story.reason) == ("Initializing", "the rollout has not ticked yet")
+    page = render_html([story], title="t")
+    assert "<h2>d: <span>Initializing</span></h2>" in page
