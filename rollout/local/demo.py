@@ -288,18 +288,20 @@ def _rollout(
     # 120 req/s, the shadow step has its 100 copies in about 4 s instead of 17.
     spec = stack.spec(name, analysis=ANALYSIS, mirror_percent=DEMO_MIRROR_PERCENT)
     view = _LiveView(name, load)
-    with Live(view.render(), console=console, refresh_per_second=4, transient=False) as live:
-        view.live = live.update
-        outcome = run_rollout(
-            spec,
-            candidate=candidate,
-            router=stack.router,
-            metrics=stack.metrics,
-            on_tick=view.tick,
-            restart=True,
-            clock=clock,
-        )
-    end_live(console)
+    try:
+        with Live(view.render(), console=console, refresh_per_second=4, transient=False) as live:
+            view.live = live.update
+            outcome = run_rollout(
+                spec,
+                candidate=candidate,
+                router=stack.router,
+                metrics=stack.metrics,
+                on_tick=view.tick,
+                restart=True,
+                clock=clock,
+            )
+    finally:  # also on Ctrl-C: "interrupted: ..." was glued to the panel's bottom border
+        end_live(console)
     return outcome.phase.value, outcome.reason, outcome.ledger_path
 
 

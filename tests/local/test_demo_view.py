@@ -200,3 +200,29 @@ def test_a_demo_out_that_cannot_be_a_folder_says_so_in_one_line(
         done.stderr.strip()
         == f"error: cannot write the demo's outputs in {tmp_path / where}: {why}"
     )
+
+
+def test_a_rollout_interrupted_into_a_pipe_leaves_the_next_line_on_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Was: Ctrl-C in `make demo | tee log` printed `╰──...──╯interrupted: the stack is stopped`
+    # (the line was ended only when the rollout returned).
+    import rollout.api
+    from rollout.local.demo import _rollout
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rollout.api, "run_rollout", interrupted)
+    stack = SimpleNamespace(
+        spec=lambda *args, **kwargs: None,
+        router=None,
+        metrics=None,
+        prometheus=SimpleNamespace(url="http://127.0.0.1:9"),
+    )
+    out = io.StringIO()
+    console = Console(file=out, width=100)
+    with pytest.raises(KeyboardInterrupt):
+        _rollout(stack, "diabetes-v2", V2, Load(), console, clock=None)  # type: ignore[arg-type]
+    console.print("interrupted: the stack is stopped")
+    assert out.getvalue().splitlines()[-1] == "interrupted: the stack is stopped"
