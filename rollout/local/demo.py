@@ -136,7 +136,9 @@ def run_demo(
         f"[yellow]demo knob:[/] v{FAULTY_VERSION} (the faulty candidate) answers "
         f"{FAULT_ERROR_RATE:.0%} of requests with 500; every other server has no fault injected"
     )
-    with _running(LocalStack(out_dir / "stack", faults=faults), hold) as stack:
+    with _running(
+        LocalStack(out_dir / "stack", faults=faults, folder_option="--out"), hold
+    ) as stack:
         console.print(
             f"stack up: envoy {stack.url}  admin {stack.envoy.admin_url}  "
             f"prometheus {stack.prometheus.url}"
