@@ -141,7 +141,7 @@ def interrupted_once(console: Console) -> Iterator[_Interrupts]:
 def demo(
     out: Annotated[
         Path | None,
-        typer.Option(help="Output folder (default: runs/demo-<UTC timestamp>)."),
+        typer.Option(help="Output folder (default: a new runs/demo-<UTC timestamp>[-N])."),
     ] = None,
     rps: Annotated[float, typer.Option(min=10, max=1000, help="Load through Envoy.")] = 120.0,
     verbose: Annotated[
@@ -157,7 +157,7 @@ def demo(
     )
     from rollout.local.demo import run_demo
 
-    folder = out or Path("runs") / f"demo-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    folder = out or default_demo_folder(Path("runs"), datetime.now(UTC))
     # `demo | head -3`: quiet once the reader has gone, the story and the stack's stop go on
     # (was: rich's exit 1 mid-story).
     console = QuietWhenReaderGone(soft_wrap=True, emoji=False)
@@ -179,6 +179,28 @@ def demo(
     if result.outcomes != expected:
         console.print(f"[red]the demo did not go as expected: {result.outcomes}[/]")
         raise typer.Exit(1)
+
+
+def default_demo_folder(parent: Path, now: datetime) -> Path:
+    """`parent/demo-<now>`, or `-2`, `-3`, ... after it: the first that did not exist, created
+    here, so that two demos started in the same second each get their own (was: the second was
+    refused, about a folder its user never chose). If `parent` cannot hold it, the first name:
+    the demo then says why in one line."""
+    stem = f"demo-{now:%Y%m%dT%H%M%S}"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return parent / stem
+    folder, n = parent / stem, 1
+    while True:
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            n += 1
+            folder = parent / f"{stem}-{n}"
+        except OSError:
+            return folder
 
 
 def up(

@@ -26,6 +26,7 @@ judged against a 250 ms SLO the same way (its share of slower requests shown bel
 from __future__ import annotations
 
 import logging
+import math
 import shlex
 import threading
 import time
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from rich.console import Console, Group
 from rich.live import Live
 from rich.markup import escape
@@ -76,6 +78,10 @@ ANALYSIS: dict[str, Any] = {
     # any model does: that once rolled back a healthy candidate. docs/local-stack.md.)
     "latency": {"threshold": "slo", "slo_ms": 250, "negligible_rate": 0.01},
 }
+#: The panel's latency: Envoy's p99 per colour over this many seconds, read at most every
+#: LATENCY_EVERY_S (a Prometheus query, not one per redraw).
+LATENCY_WINDOW_S = 10
+LATENCY_EVERY_S = 2.0
 
 
 @dataclass
@@ -136,7 +142,9 @@ def run_demo(
         f"[yellow]demo knob:[/] v{FAULTY_VERSION} (the faulty candidate) answers "
         f"{FAULT_ERROR_RATE:.0%} of requests with 500; every other server has no fault injected"
     )
-    with _running(LocalStack(out_dir / "stack", faults=faults), hold) as stack:
+    with _running(
+        LocalStack(out_dir / "stack", faults=faults, folder_option="--out"), hold
+    ) as stack:
         console.print(
             f"stack up: envoy {stack.url}  admin {stack.envoy.admin_url}  "
             f"prometheus {stack.prometheus.url}"
@@ -150,6 +158,7 @@ def run_demo(
         bootstrap(first, green, router=stack.router)
         rows = _sample_rows(green)
         load = stack.start_load(rps=rps, rows=rows, concurrency=16)
+        load_started = time.monotonic()
         console.print(f"load: {rps:g} requests/s through Envoy (held-out rows)")
         # A first release has nothing to compare it with: judged on the absolute limits alone
         # (what `aml-rollout rollout bootstrap --check` does).
@@ -198,9 +207,9 @@ def run_demo(
             ],
         )
         final = load.snapshot()
-        console.print(
-            f"load: {final.sent} requests, by version {final.by_version}, p99 {final.p99_ms:.1f} ms"
-        )
+        seconds = time.monotonic() - load_started
+        for line in load_summary(final, envoy_p99_ms(stack.prometheus.url, seconds), seconds):
+            console.print(line, highlight=False)
     print_outputs(console, result, time.monotonic() - started)
     return result
 
@@ -287,19 +296,23 @@ def _rollout(
     # The default plan, shadow step first; 20 % mirrored rather than 5 % so that, at the demo's
     # 120 req/s, the shadow step has its 100 copies in about 4 s instead of 17.
     spec = stack.spec(name, analysis=ANALYSIS, mirror_percent=DEMO_MIRROR_PERCENT)
-    view = _LiveView(name, load)
-    with Live(view.render(), console=console, refresh_per_second=4, transient=False) as live:
-        view.live = live.update
-        outcome = run_rollout(
-            spec,
-            candidate=candidate,
-            router=stack.router,
-            metrics=stack.metrics,
-            on_tick=view.tick,
-            restart=True,
-            clock=clock,
-        )
-    end_live(console)
+    view = _LiveView(
+        name, load, latency=lambda: envoy_p99_ms(stack.prometheus.url, LATENCY_WINDOW_S)
+    )
+    try:
+        with Live(view.render(), console=console, refresh_per_second=4, transient=False) as live:
+            view.live = live.update
+            outcome = run_rollout(
+                spec,
+                candidate=candidate,
+                router=stack.router,
+                metrics=stack.metrics,
+                on_tick=view.tick,
+                restart=True,
+                clock=clock,
+            )
+    finally:  # also on Ctrl-C: "interrupted: ..." was glued to the panel's bottom border
+        end_live(console)
     return outcome.phase.value, outcome.reason, outcome.ledger_path
 
 
@@ -360,6 +373,50 @@ def exposure(before: Any, after: Any, candidate: Release, ledger: list[dict[str,
     )
 
 
+def envoy_p99_ms(
+    prometheus_url: str, window_s: float, *, timeout_s: float = 1.0
+) -> dict[str, float]:
+    """p99 in ms per colour as Envoy measured it over the last `window_s`, from Prometheus.
+
+    The judge's own source (`envoy_cluster_upstream_rq_time`): unlike the load generator's p99,
+    it holds no delay of the process sending the load. Mirrored copies count in blue's. Empty
+    when Prometheus does not answer in time (the demo goes on without it); a colour that served
+    nothing in the window (a NaN quantile) is left out.
+    """
+    from rollout.report import P99_MS
+
+    query = P99_MS.format(w=f"{max(1, round(window_s))}s")
+    try:
+        answer = httpx.get(
+            f"{prometheus_url}/api/v1/query", params={"query": query}, timeout=timeout_s
+        )
+        answer.raise_for_status()
+        p99 = {
+            str(item["metric"]["envoy_cluster_name"]): float(item["value"][1])
+            for item in answer.json()["data"]["result"]
+        }
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, IndexError) as exc:
+        log.info("demo: no latency from Prometheus at %s (%s)", prometheus_url, exc)
+        return {}
+    return {colour: ms for colour, ms in sorted(p99.items()) if math.isfinite(ms)}
+
+
+def _by_colour(p99: dict[str, float]) -> str:
+    return ", ".join(f"{colour} {ms:.1f} ms" for colour, ms in p99.items()) or "not available"
+
+
+def load_summary(final: Any, p99: dict[str, float], seconds: float) -> list[str]:
+    """The demo's last words on the load: what was sent, and each latency labelled by who
+    measured it (was one `p99 2283.9 ms`, the client's, read as what users waited)."""
+    return [
+        f"load: {final.sent} requests, by version {final.by_version}",
+        f"latency: p99 as Envoy measured it over the load's {seconds:.0f} s (what the judge "
+        f"reads): {_by_colour(p99)}",
+        f"         client-side p99 {final.p99_ms:.1f} ms (this process's load generator, its "
+        "own delays on a busy machine included)",
+    ]
+
+
 def end_live(console: Console) -> None:
     """End the line a finished `Live` left open.
 
@@ -374,9 +431,15 @@ def end_live(console: Console) -> None:
 class _LiveView:
     """The rich panel redrawn on every controller tick."""
 
-    def __init__(self, name: str, load: Any) -> None:
+    def __init__(
+        self, name: str, load: Any, latency: Callable[[], dict[str, float]] = dict
+    ) -> None:
         self.name = name
         self.load = load
+        #: Envoy's p99 per colour (`envoy_p99_ms`), read at most every LATENCY_EVERY_S.
+        self.latency = latency
+        self._p99: dict[str, float] = {}
+        self._p99_read = -math.inf
         self.started = time.monotonic()
         self.status: Any = None
         self.record: dict[str, Any] = {}
@@ -425,7 +488,14 @@ class _LiveView:
         verdict = record.get("verdict") or "-"
         table.add_row("verdict", verdict)
         table.add_row("reason", str(record.get("reason", ""))[:160])
-        snap = self.load.snapshot()
-        table.add_row("load", f"{snap.rps:.0f} req/s, p99 {snap.p99_ms:.1f} ms")
+        table.add_row("load", f"{self.load.snapshot().rps:.0f} req/s through Envoy")
+        if time.monotonic() - self._p99_read >= LATENCY_EVERY_S:
+            self._p99, self._p99_read = self.latency(), time.monotonic()
+        slo = ANALYSIS["latency"]["slo_ms"]
+        table.add_row(
+            "latency",
+            f"p99 as Envoy measured it (last {LATENCY_WINDOW_S} s): {_by_colour(self._p99)}  "
+            f"(SLO {slo} ms)",
+        )
         elapsed = time.monotonic() - self.started
         return Panel(table, title=f"{self.name}  +{elapsed:.0f} s", expand=False)

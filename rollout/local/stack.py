@@ -75,6 +75,7 @@ class LocalStack:
         faults: Mapping[str, float] | None = None,
         keep: bool | None = None,
         envoy_port: int | None = None,
+        folder_option: str = "--workdir",
     ) -> None:
         self._temporary = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="aml-rollout-stack-")).resolve()
@@ -95,6 +96,8 @@ class LocalStack:
         self._metrics: PrometheusMetrics | None = None
         self._loads: list[Any] = []
         self._lock_fd: int | None = None
+        #: The command's option that chooses the folder, named when it is refused as in use.
+        self.folder_option = folder_option
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -158,7 +161,8 @@ class LocalStack:
         fd = hold_lock(self.workdir / ".stack.lock", "")
         if isinstance(fd, str):
             raise LocalStackError(
-                f"another local stack runs in {self.workdir} ({fd}): stop it, or use another folder"
+                f"another local stack runs in {self.workdir} ({fd}): stop it, "
+                f"or use another folder ({self.folder_option})"
             )
         self._lock_fd = fd
 

@@ -10,9 +10,12 @@ Succeeded, and into a pipe (`make demo`) the next line was glued to the panel's 
 from __future__ import annotations
 
 import io
+import json
 import shlex
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 from rich.console import Console
@@ -22,6 +25,7 @@ from rollout.core.status import Status
 from rollout.core.types import Phase, Release
 from rollout.local.demo import Exposure, _LiveView, end_live, exposure
 from tests.cli import run_cli
+from tests.fakes.server import LocalServer
 from tests.local.conftest import MakeRelease
 
 V1 = Release(model="diabetes", version="1")
@@ -200,3 +204,108 @@ def test_a_demo_out_that_cannot_be_a_folder_says_so_in_one_line(
         done.stderr.strip()
         == f"error: cannot write the demo's outputs in {tmp_path / where}: {why}"
     )
+
+
+def test_a_rollout_interrupted_into_a_pipe_leaves_the_next_line_on_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Was: Ctrl-C in `make demo | tee log` printed `╰──...──╯interrupted: the stack is stopped`
+    # (the line was ended only when the rollout returned).
+    import rollout.api
+    from rollout.local.demo import _rollout
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rollout.api, "run_rollout", interrupted)
+    stack = SimpleNamespace(
+        spec=lambda *args, **kwargs: None,
+        router=None,
+        metrics=None,
+        prometheus=SimpleNamespace(url="http://127.0.0.1:9"),
+    )
+    out = io.StringIO()
+    console = Console(file=out, width=100)
+    with pytest.raises(KeyboardInterrupt):
+        _rollout(stack, "diabetes-v2", V2, Load(), console, clock=None)  # type: ignore[arg-type]
+    console.print("interrupted: the stack is stopped")
+    assert out.getvalue().splitlines()[-1] == "interrupted: the stack is stopped"
+
+
+# ------------------------------------------------------- latency: Envoy's, not the client's alone
+
+
+def test_the_panel_shows_the_latency_envoy_measured_and_labels_the_clients() -> None:
+    # Was "load  118 req/s, p99 2261.3 ms": the load generator's own p99, its scheduling lag on a
+    # busy machine included, next to a judge that saw no request above 250 ms.
+    view = _LiveView("diabetes-v2", Load(), latency=lambda: {"blue": 6.31, "green": 4.8})
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None).print(view.render())
+    text = out.getvalue()
+    assert "p99 as Envoy measured it (last 10 s): blue 6.3 ms, green 4.8 ms" in text
+    assert "SLO 250 ms" in text
+    assert "p99 4.2 ms" not in text  # the client's figure, unlabelled
+
+
+def test_the_panel_says_when_envoys_latency_cannot_be_read() -> None:
+    view = _LiveView("diabetes-v2", Load(), latency=dict)
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None).print(view.render())
+    assert "p99 as Envoy measured it (last 10 s): not available" in out.getvalue()
+
+
+def test_the_final_load_lines_label_each_latency_by_who_measured_it() -> None:
+    from rollout.local.demo import load_summary
+
+    final = SimpleNamespace(sent=9098, by_version={"green/diabetes:1": 9098}, p99_ms=2283.94)
+    lines = load_summary(final, {"blue": 7.0, "green": 5.123}, 75.4)
+    assert lines[0] == "load: 9098 requests, by version {'green/diabetes:1': 9098}"
+    assert lines[1] == (
+        "latency: p99 as Envoy measured it over the load's 75 s (what the judge reads): "
+        "blue 7.0 ms, green 5.1 ms"
+    )
+    assert lines[2] == (
+        "         client-side p99 2283.9 ms (this process's load generator, its own delays on a "
+        "busy machine included)"
+    )
+
+
+class _Prometheus(BaseHTTPRequestHandler):
+    answer: bytes = b""
+
+    def do_GET(self) -> None:
+        query = parse_qs(urlparse(self.path).query)["query"][0]
+        assert "envoy_cluster_upstream_rq_time_bucket" in query and "[10s]" in query
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(self.answer)))
+        self.end_headers()
+        self.wfile.write(self.answer)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_envoys_p99_is_read_per_colour_from_prometheus() -> None:
+    from rollout.local.demo import envoy_p99_ms
+
+    # A colour with no requests in the window has a NaN quantile: left out, not "nan ms".
+    _Prometheus.answer = json.dumps(
+        {
+            "status": "success",
+            "data": {
+                "resultType": "vector",
+                "result": [
+                    {"metric": {"envoy_cluster_name": "green"}, "value": [1, "4.95"]},
+                    {"metric": {"envoy_cluster_name": "blue"}, "value": [1, "NaN"]},
+                ],
+            },
+        }
+    ).encode()
+    server = LocalServer(_Prometheus)
+    server.start()
+    try:
+        assert envoy_p99_ms(server.url, 10) == {"green": 4.95}
+    finally:
+        server.stop()
+    assert envoy_p99_ms(server.url, 10) == {}  # stopped: nothing to show, no error

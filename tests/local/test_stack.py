@@ -447,3 +447,26 @@ def test_a_server_killed_while_it_loads_is_retried_not_deploy_failed(
         assert f"killed by {signum.name} from outside" in str(failed.value)
     assert not pid_alive(killed[0])
     assert not list(workloads.directory.glob("*.proc.json"))
+
+
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        pytest.param({}, "use another folder (--workdir)", id="up"),
+        pytest.param({"folder_option": "--out"}, "use another folder (--out)", id="demo"),
+    ],
+)
+def test_a_folder_in_use_is_refused_naming_the_option_that_chooses_it(
+    tmp_path: Path, option: dict[str, str], says: str
+) -> None:
+    # Was "stop it, or use another folder" after two `demo`s started in the same second: the
+    # user had chosen no folder, and was not told how to choose one.
+    first = LocalStack(tmp_path, **option)
+    first._lock_workdir()
+    try:
+        with pytest.raises(LocalStackError) as refused:
+            LocalStack(tmp_path, **option)._lock_workdir()
+        assert str(refused.value).endswith(f"): stop it, or {says}")
+    finally:
+        assert first._lock_fd is not None
+        os.close(first._lock_fd)

@@ -160,3 +160,20 @@ def test_up_killed_hard_takes_its_children_along(tmp_path: Path) -> None:
         time.sleep(0.1)
     assert not any(pid_alive(p) for p in pids), "green's scoring server outlived `up`"
     assert all(port_is_free(p) for p in ports), "a port of the stack is still bound"
+
+
+def test_the_demos_default_folder_is_new_even_within_one_second(tmp_path: Path) -> None:
+    # Was runs/demo-<second>: two demos started in the same second shared it, and the second
+    # was refused ("another local stack runs in .../stack") about a folder the user never chose.
+    from datetime import UTC, datetime
+
+    from rollout.commands.stack import default_demo_folder
+
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    folders = [default_demo_folder(tmp_path / "runs", now) for _ in range(3)]
+    assert [f.name for f in folders] == [
+        "demo-20260101T120000",
+        "demo-20260101T120000-2",
+        "demo-20260101T120000-3",
+    ]
+    assert all(f.is_dir() for f in folders)
