@@ -29,11 +29,16 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def setup_logging() -> None:
     """Log INFO and above to stderr (Azure ML captures it in the step's std_log), the Azure SDKs
-    only what a user acts on (no HTTP request dumps, no list of every credential tried)."""
+    only what a user acts on (no HTTP request dumps, no list of every credential tried), and
+    httpx only its warnings: at INFO it logs every request's full URL, and a notification's
+    (rollout.notify) is an incoming webhook's, whose path is its secret. The trigger's
+    `watch`/`serve` log the same way (aml_pipelines.trigger.cli)."""
     from rollout.azure_credential import quiet_azure_logs
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     quiet_azure_logs()
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_id() -> str:

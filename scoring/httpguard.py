@@ -15,8 +15,9 @@ uvicorn's httptools protocol, plus a cap on a request head (`MAX_HEAD_BYTES`: 43
 a deadline for it once it has begun (`HEAD_TIMEOUT_S`: 408 and closed), and, before a first
 request, the keep-alive timeout the server already applies between requests (closed). An idle
 connection thus lasts the documented keep-alive (75 s) whether or not it has sent a request
-yet, which the proxy in front relies on: it closes its idle connections first. (The webhook
-has its own header deadline, aml_pipelines.trigger.webhook.)
+yet, which the proxy in front relies on: it closes its idle connections first. The Event Grid
+webhook (aml_pipelines.trigger.webhook) runs on it too, with its own head deadline, which also
+bounds the wait before a first request (`idle_timeout_s`).
 
 This module imports only asyncio and uvicorn: it ships in the model package with the server.
 """
@@ -42,6 +43,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     max_head_bytes: int = MAX_HEAD_BYTES
     head_timeout_s: float = HEAD_TIMEOUT_S
+    #: Seconds a connection may wait with no request begun where uvicorn's keep-alive timer is
+    #: not armed (before its first request); None: that keep-alive timeout.
+    idle_timeout_s: float | None = None
 
     def connection_made(  # type: ignore[override]  # as uvicorn's: a TCP transport
         self, transport: asyncio.Transport
@@ -100,9 +104,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _idle(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        self._idle_timer = self.loop.call_later(
-            self.timeout_keep_alive, self.timeout_keep_alive_handler
-        )
+        timeout = self.timeout_keep_alive if self.idle_timeout_s is None else self.idle_timeout_s
+        self._idle_timer = self.loop.call_later(timeout, self.timeout_keep_alive_handler)
 
     def _check_head(self) -> None:
         self._watch = None

@@ -162,14 +162,13 @@ class DeliveryChoice:
 
 
 def _setup_logging() -> None:
-    """INFO for the trigger's own story; the Azure SDKs only what a user acts on (at INFO,
-    azure-core logged every request a watch on an Azure ML registry made, headers included)."""
-    from rollout.azure_credential import quiet_azure_logs
+    """INFO for the trigger's own story, as the pipeline's steps log; the Azure SDKs and httpx
+    only what a user acts on (at INFO, azure-core logged every request a watch on an Azure ML
+    registry made, headers included, and httpx every notification's webhook URL, its token
+    included)."""
+    from components.common import setup_logging
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    quiet_azure_logs()
+    setup_logging()
 
 
 def _parse_tags(tags: list[str] | None) -> dict[str, str]:

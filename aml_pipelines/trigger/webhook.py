@@ -26,14 +26,15 @@ what operators grep) gets every query value blanked (`key=***`) by the `RedactKe
 Answers: 200 with a JSON summary for accepted deliveries (Event Grid treats 2xx as delivered),
 `{"validationResponse": code}` for the handshake, 400 malformed (the body, or every event in it;
 a malformed event among good ones is logged and listed under `rejected` in a 200 — see
-eventgrid.py), 401 no/wrong key, 404 unknown path, 405 wrong method, 408 body too slow
-(BODY_TIMEOUT_S), 413 body over the limit, 415 not JSON. Event Grid does not retry 400, 401,
-413 (it dead-letters them), so only well-formed but temporarily unprocessable deliveries
-get a 5xx: 500 `{"error"}` when the events cannot be recorded (accepting is a local file write:
-a full disk, an unreadable trigger state file). Event Grid retries those with backoff (for 24 h
-by default), so the operator can mend the state while no event is lost. Each model's events are
-recorded on their own: one model's unreadable cursor fails the answer, not the other models'
-events of the batch, which the retry finds duplicates (by event id).
+eventgrid.py), 401 no/wrong key, 404 unknown path, 405 wrong method, 408 head or body too
+slow (HEADER_TIMEOUT_S, BODY_TIMEOUT_S), 413 body over the limit, 415 not JSON, 431 head over
+64 KiB (before the key is read: scoring.httpguard, as the scoring server). Event Grid does not
+retry 400, 401, 413 (it dead-letters them), so only well-formed but temporarily unprocessable
+deliveries get a 5xx: 500 `{"error"}` when the events cannot be recorded (accepting is a
+local file write: a full disk, an unreadable trigger state file). Event Grid retries those with
+backoff (for 24 h by default), so the operator can mend the state while no event is lost.
+Each model's events are recorded on their own: one model's unreadable cursor fails the answer,
+not the other models' events of the batch, which the retry finds duplicates (by event id).
 
 Accepting an event = a durable `pending` entry in the model's cursor (see store.py), then the
 event id is remembered; the single `DeliveryWorker` delivers pending versions one at a time.
@@ -70,6 +71,7 @@ from aml_pipelines.trigger.eventgrid import (
     Validation,
     parse,
 )
+from scoring.httpguard import GuardedHttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +92,12 @@ JSON_TYPES = (
 #: together (on ext4, 600 cursor writes took 6.3 s one after another, 0.3 s four at a time).
 CURSOR_WRITERS = 8
 
-#: Seconds a connection may go without sending a complete request head (connected, or since its
-#: last request began): one that sends nothing, or its headers a byte at a time, is closed
-#: after 10 to 20 s. uvicorn times out only the wait *between* requests (keep-alive), so idle
-#: sockets were held for ever, until the process ran out of file descriptors and a signed
-#: Event Grid POST got no answer. Event Grid sends a request at once.
+#: Seconds a connection may wait before its first request, and a request head may take from its
+#: first byte: one that sends nothing is closed, one sending its headers a byte at a time is
+#: answered 408 and closed (scoring.httpguard, which also answers a head over 64 KiB 431).
+#: uvicorn times out only the wait *between* requests (keep-alive), so idle sockets were held
+#: for ever, until the process ran out of file descriptors and a signed Event Grid POST got no
+#: answer. Event Grid sends a request at once.
 HEADER_TIMEOUT_S = 10.0
 #: Connections and requests at once over which a request is answered 503 (Event Grid retries
 #: it) rather than served: a bound on the tasks and memory a flood costs. Event Grid delivers a
@@ -508,7 +511,7 @@ class WebhookApp:
 def _loop_with_handshake_timeout(timeout_s: float) -> asyncio.AbstractEventLoop:
     """The event loop uvicorn's `loop="auto"` picks (uvloop when installed, else asyncio's),
     whose TLS servers drop a connection that has not completed its handshake within
-    `timeout_s`: `_HeaderDeadline` starts only once it is done (the protocol is told of the
+    `timeout_s`: the head's deadline starts only once it is done (the protocol is told of the
     connection then), so one that sent nothing, or half a ClientHello, was held for asyncio's
     default 60 s. uvicorn has no option for it (make_server's Config gives this factory)."""
     try:
@@ -527,42 +530,17 @@ def _loop_with_handshake_timeout(timeout_s: float) -> asyncio.AbstractEventLoop:
     return Loop()
 
 
-class _HeaderDeadline(asyncio.Protocol):
-    """Mixed into uvicorn's HTTP protocol class (h11 or httptools; both set `cycle` when a
-    request's head is complete): closes a connection over which no request began for a whole
-    `header_timeout_s` and none is in progress. Checked every `header_timeout_s`, so an idle
-    or half-sent connection lasts 1 to 2 of them."""
+def _guarded(header_timeout_s: float) -> type[GuardedHttpToolsProtocol]:
+    """The scoring server's httptools protocol (a request head over 64 KiB is answered 431 and
+    closed: httptools kept every header and the whole URL, before the key could be checked),
+    with `header_timeout_s` for a head once begun (408 and closed) and for the wait before a
+    first request (closed). uvicorn's keep-alive bounds the wait between requests."""
 
-    header_timeout_s: float = 10.0
-    loop: asyncio.AbstractEventLoop
-    transport: asyncio.Transport
-    cycle: Any
+    class WebhookHttpProtocol(GuardedHttpToolsProtocol):
+        head_timeout_s = header_timeout_s
+        idle_timeout_s = header_timeout_s
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._check_after(self.cycle)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._deadline.cancel()
-        super().connection_lost(exc)
-
-    def _check_after(self, cycle: Any) -> None:
-        self._deadline = self.loop.call_later(self.header_timeout_s, self._check, cycle)
-
-    def _check(self, cycle: Any) -> None:
-        idle = self.cycle is cycle and (cycle is None or cycle.response_complete)
-        if idle and not self.transport.is_closing():
-            self.transport.close()
-        elif not idle:
-            self._check_after(self.cycle)
-
-
-def _with_header_deadline(protocol: type[asyncio.Protocol], timeout_s: float) -> type:
-    return type(
-        f"HeaderDeadline{protocol.__name__}",
-        (_HeaderDeadline, protocol),
-        {"header_timeout_s": timeout_s},
-    )
+    return WebhookHttpProtocol
 
 
 def _encrypted(pem: str) -> bool:
@@ -600,8 +578,9 @@ def make_server(
 ) -> tuple[Any, Any, str]:
     """A uvicorn Server, its bound socket and the events URL (`port=0` picks a free port);
     ConfigError when the address cannot be bound or the TLS files do not load. A connection
-    that sends no request head for `header_timeout_s` is closed; over `limit_concurrency`
-    connections at once a request is answered 503.
+    that begins no request for `header_timeout_s` is closed, a request head not complete
+    `header_timeout_s` after its first byte is answered 408 and one over 64 KiB 431 (both then
+    closed); over `limit_concurrency` connections at once a request is answered 503.
 
     Run it with `server.run(sockets=[sock])`; set `server.should_exit` to stop it.
     """
@@ -646,6 +625,8 @@ def make_server(
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
         limit_concurrency=limit_concurrency,
+        # uvicorn bounds neither a request head's size nor its time (see HEADER_TIMEOUT_S).
+        http=_guarded(header_timeout_s),
     )
     try:
         # Loaded now, not by `run`: a certificate that does not load is then one line, not a
@@ -658,8 +639,6 @@ def make_server(
             else f"{ssl_certfile} (no --ssl-keyfile: the key must be in that file)"
         )
         raise ConfigError(f"--ssl-certfile/--ssl-keyfile: cannot load {files}: {exc}") from exc
-    # uvicorn has no timeout for a request head (see HEADER_TIMEOUT_S).
-    config.http_protocol_class = _with_header_deadline(config.http_protocol_class, header_timeout_s)
     try:
         sock = socket.create_server((host, port))
     except OSError as exc:

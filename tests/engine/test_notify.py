@@ -450,3 +450,56 @@ def test_a_redirect_not_followed_says_where_to_by_scheme_and_host_only(
     said = f"could not notify {redirecting.url}/… that rollout x is RolledBack: "
     assert said + told.format(base=redirecting.url) in caplog.text
     assert "s3cr3t" not in caplog.text and "also-secret" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        pytest.param(
+            "HTTPS://hooks.example.com/services/T0/B0/TOKENSECRET",
+            "must be an http:// or https:// URL, got 'HTTPS://hooks.example.com/…'",
+            id="upper-case-scheme",
+        ),
+        pytest.param(
+            "https://hooks.example.com:99999/services/T0/B0/TOKENSECRET",
+            "not a usable URL (Port out of range 0-65535): 'https://hooks.example.com:99999/…'",
+            id="port-out-of-range",
+        ),
+        pytest.param(
+            "https://hooks.example.com/services/T0/B0/TOKEN SECRET",
+            "has a space or a control character in it: 'https://hooks.example.com/…'",
+            id="space-in-the-path",
+        ),
+        pytest.param(
+            "https://bot:TOKENSECRET@hooks.example.com:9x/services?token=TOKENSECRET",
+            "not a usable URL (Port could not be cast to integer value as '9x'): "
+            "'https://hooks.example.com:9x/…'",
+            id="user-info-and-query",
+        ),
+        pytest.param(
+            "https://bot:TOKEN\u2100SECRET@hooks.example.com/x",
+            "not a usable URL (netloc 'hooks.example.com' contains invalid characters under "
+            "NFKC normalization): 'https://hooks.example.com/…'",
+            id="odd-character-in-the-password",
+        ),
+        pytest.param(
+            "https:///services/T0/B0/TOKENSECRET", "has no host: 'https:///…'", id="no-host"
+        ),
+        pytest.param(
+            "hooks.example.com/services/T0/B0/TOKENSECRET?u=http://x",
+            "must be an http:// or https:// URL, got one with no scheme://",
+            id="no-scheme",
+        ),
+    ],
+)
+def test_a_bad_notify_url_is_shown_by_scheme_and_host_only(
+    tmp_path: Path, url: str, message: str
+) -> None:
+    # Was: the whole URL echoed in the error (`validate`/`run` output, a CI log): an incoming
+    # webhook's path or query is its token.
+    path = tmp_path / "spec.yaml"
+    path.write_text(json.dumps({"name": "x", "notify": {"url": url}}))
+    with pytest.raises(ConfigError) as refused:
+        load_spec(path)
+    assert f"notify.url: {message}" in str(refused.value)
+    assert "TOKEN" not in str(refused.value)

@@ -724,3 +724,56 @@ def test_watch_refuses_an_interval_it_cannot_wait(
         f"--interval: {float(interval)} is not a number of seconds from 0.1 to 86400"
     )
     assert not (tmp_path / "trigger").exists()  # refused before anything started
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        pytest.param("aml_pipelines.trigger.cli:_setup_logging", id="trigger-watch-serve"),
+        pytest.param("components.common:setup_logging", id="pipeline-rollout-step"),
+    ],
+)
+def test_a_notification_logs_no_webhook_token(caplog: pytest.LogCaptureFixture, setup: str) -> None:
+    # Was: at INFO, httpx logged "HTTP Request: POST <the full URL>" for every notification, and
+    # an incoming webhook's path is its secret (token): in the trigger's and the step's logs.
+    import importlib
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from rollout.config import NotifyConfig
+    from rollout.core.types import Release, Verdict
+    from rollout.notify import WebhookNotifier
+
+    posted: list[str] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            posted.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    module, _, name = setup.partition(":")
+    setup_logging = getattr(importlib.import_module(module), name)
+    names = ("azure", "azure.identity", "httpx", "httpcore")
+    levels = {n: logging.getLogger(n).level for n in names}
+    with ThreadingHTTPServer(("127.0.0.1", 0), Hook) as server:
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{server.server_port}/services/T0/B0/TOKENSECRET"
+        try:
+            with caplog.at_level(logging.INFO):
+                setup_logging()
+                WebhookNotifier(NotifyConfig.model_validate({"url": url})).first_release(
+                    "diabetes", Release("diabetes", "1"), Verdict.SUCCESSFUL, "within the limits"
+                )
+        finally:
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
+            server.shutdown()
+            thread.join(5)
+    assert posted == ["/services/T0/B0/TOKENSECRET"]  # the notification went out
+    assert "TOKENSECRET" not in caplog.text

@@ -560,18 +560,23 @@ def test_health_needs_no_key_and_other_paths_are_404(hook: Hook) -> None:
 
 
 @pytest.mark.parametrize(
-    ("sent", "tls"),
+    ("sent", "tls", "answer"),
     [
-        pytest.param(b"", False, id="nothing"),
-        pytest.param(b"POST /events HTTP/1.1\r\nHost: x\r\n", False, id="half-a-head"),
+        pytest.param(b"", False, b"", id="nothing"),
+        pytest.param(
+            b"POST /events HTTP/1.1\r\nHost: x\r\n",
+            False,
+            b"HTTP/1.1 408 Request Timeout\r\n",
+            id="half-a-head",
+        ),
         # Held 60 s (asyncio's TLS handshake timeout): the head's deadline starts only once the
         # handshake is done.
-        pytest.param(b"", True, id="tls-nothing"),
-        pytest.param(b"\x16\x03\x01\x00\xc8\x01", True, id="tls-half-a-client-hello"),
+        pytest.param(b"", True, b"", id="tls-nothing"),
+        pytest.param(b"\x16\x03\x01\x00\xc8\x01", True, b"", id="tls-half-a-client-hello"),
     ],
 )
 def test_a_connection_that_sends_no_request_head_is_closed(
-    tmp_path: Path, registry: LocalRegistry, sent: bytes, tls: bool
+    tmp_path: Path, registry: LocalRegistry, sent: bytes, tls: bool, answer: bytes
 ) -> None:
     # Such connections were held for ever: enough of them and the process ran out of file
     # descriptors, so a signed Event Grid POST got no answer.
@@ -581,9 +586,12 @@ def test_a_connection_that_sends_no_request_head_is_closed(
         host, port = httpx.URL(hook.url).host, httpx.URL(hook.url).port
         with socket.create_connection((host, port or 80), timeout=2) as idle:
             idle.sendall(sent)
-            started = time.monotonic()
-            assert idle.recv(1024) == b""  # closed by the server, not timed out here
+            started, received = time.monotonic(), b""
+            while chunk := idle.recv(1024):  # until closed by the server, not timed out here
+                received += chunk
             assert time.monotonic() - started < 1
+        assert received.startswith(answer), received
+        assert bool(received) == bool(answer), received
         if tls:
             return
         # A connection that keeps sending requests is kept past the deadline.
@@ -928,3 +936,48 @@ def test_a_batch_of_many_models_reads_what_is_withdrawn_a_few_at_a_time(
     assert most[0] == webhook_module.WITHDRAWN_READERS
     assert len(body["accepted"]) == 39  # every model answered in time, m07's v1 withdrawn
     assert {"model": "m07", "version": 1} not in body["accepted"]
+
+
+@pytest.mark.parametrize(
+    ("start", "filler"),
+    [
+        pytest.param(
+            b"POST /events HTTP/1.1\r\nHost: x\r\nX-Big: ", b"a" * 65536, id="one-huge-header"
+        ),
+        pytest.param(
+            b"POST /events HTTP/1.1\r\nHost: x\r\n", b"X-H: 1\r\n" * 8192, id="many-headers"
+        ),
+        pytest.param(b"POST /events?x=", b"a" * 65536, id="huge-url"),
+    ],
+)
+def test_a_request_head_over_the_cap_is_answered_431_and_closed_unread(
+    tmp_path: Path, registry: LocalRegistry, start: bytes, filler: bytes
+) -> None:
+    # Was: httptools kept every header and the whole URL, and the key is checked only once the
+    # head is complete: one unauthenticated connection's 160 MiB of headers took `serve` to
+    # 2.5 GB, and killed it (a segfault) under a memory limit.
+    tried, sent, received = 16 * 1024 * 1024, 0, b""
+    with running(tmp_path, registry) as hook:
+        url = httpx.URL(hook.url)
+        with socket.create_connection((url.host, url.port or 80), timeout=5) as conn:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+            try:
+                conn.sendall(start)
+                while sent < tried:
+                    conn.sendall(filler)
+                    sent += len(filler)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # closed by the server part-way: the point
+            try:
+                while chunk := conn.recv(65536):
+                    received += chunk
+            except ConnectionResetError:
+                pass  # closed with unread bytes of ours in its buffer: a reset, still a close
+            except TimeoutError:
+                pytest.fail(f"still open after {sent} bytes; received {received[:200]!r}")
+        base = hook.url.removesuffix("/events")
+        assert hook.client.get(f"{base}/healthz").json() == {"status": "ok"}
+    assert received.startswith(b"HTTP/1.1 431"), received[:200]
+    assert b"connection: close" in received
+    # The server stopped reading at the cap: what it never read, it does not hold.
+    assert sent < tried // 2
