@@ -57,7 +57,8 @@ fields they do not know.
   (a controller: a tick's read of the queued commands must not stop it mid-rollout, blue at
   its weight), for CLI_OUTAGE_S otherwise (`status`, `pause`, `abort`: a person waits). Any
   other answer is final at once (a 403 of RBAC, a 422), and so is no answer while the API
-  server never answered this store (a wrong `state.api_url`). An outage is logged when it
+  server never answered nor took a request of this store (a wrong `state.api_url`; one
+  answered late or broken off was taken: `kubeapi.reached`). An outage is logged when it
   starts and ends (and, for the lease, when it lapses), not at every try.
 
 The ledger is not here: it grows a line per tick and would outgrow a ConfigMap, so it stays a
@@ -232,7 +233,8 @@ class KubernetesStateStore:
         #: `save()` requires the server still to have (the fence).
         self._status: Obj | None = None
         self._held: _Held | None = None
-        #: Whether the API server ever answered this store (any HTTP status): until it has, no
+        #: Whether the API server ever answered this store (any HTTP status) or took one of its
+        #: requests (`kubeapi.reached`: answered late, or broken off mid-body): until then, no
         #: answer at all is a wrong `state.api_url` or a proxy not running, not an outage.
         self._answered = False
 
@@ -834,7 +836,7 @@ class KubernetesStateStore:
         """`attempt()`, tried again while it meets no answer, a 5xx or a 429 (_Unanswered), the
         pauses doubling from 1 s up to PAUSE_CAP_S (a Retry-After honoured up to that); any
         other error at once (a 403 of RBAC is an answer: asking again would only hide it), and
-        no answer too while the API server never answered this store.
+        no answer too while the API server never answered nor took a request of this store.
 
         For OUTAGE_S while this store holds the lease (a controller: it must not stop, blue at
         its weight or a decided rollback unapplied, for an API server restarting), else for
@@ -985,6 +987,9 @@ class KubernetesStateStore:
                 raise _Unanswered(said, kubeapi.retry_after(exc)) from exc
             raise StateError(said) from exc
         except HTTPError as exc:
+            # Slow or broken off, it is there (the write may even be made): an outage, as a 503
+            # is, not a wrong address; the istio router tells them apart the same way.
+            self._answered = self._answered or kubeapi.reached(exc)
             raise _Unanswered(f"{what}: {kubeapi.no_answer(exc, self._host)}") from exc
         except ValueError as exc:
             raise StateError(f"{what}: the API server answered something not JSON") from exc
