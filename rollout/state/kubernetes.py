@@ -840,8 +840,9 @@ class KubernetesStateStore:
 
         For OUTAGE_S while this store holds the lease (a controller: it must not stop, blue at
         its weight or a decided rollback unapplied, for an API server restarting), else for
-        CLI_OUTAGE_S (a one-shot command, a person waiting for it); it gives up rather than
-        pause past that, StateError "cannot <doing>: still failing after ...". The lease is
+        CLI_OUTAGE_S (a one-shot command, a person waiting for it): the last pause is cut short
+        to end there, and a try then that fails gives up, StateError "cannot <doing>: still
+        failing after ...". The lease is
         checked after each pause (`check_lease`: a lapsed one is renewed first, a lost one
         stops it). Told at WARNING when the outage starts and when it ends, DEBUG between:
         `run` shows warnings, and a line per try buries the rest.
@@ -859,11 +860,13 @@ class KubernetesStateStore:
                     raise
                 failed += 1
                 tried = self._monotonic() - started
-                wait = min(max(pause, exc.retry_after or 0.0), PAUSE_CAP_S)
-                if tried + wait > bound:
+                if tried >= bound:
                     raise StateError(
                         f"cannot {doing}: still failing after {span(tried)}: {exc}"
                     ) from exc
+                # The last pause is cut short to end at the bound, which is then the last try:
+                # a minute is a minute (was: no pause past it, given up at 31 s).
+                wait = min(max(pause, exc.retry_after or 0.0), PAUSE_CAP_S, bound - tried)
                 log.log(
                     logging.WARNING if failed == 1 else logging.DEBUG,
                     "could not %s: %s; %s",
