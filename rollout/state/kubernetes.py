@@ -737,7 +737,17 @@ class KubernetesStateStore:
         )
 
     def _renew(self, held: _Held) -> None:
-        timeout = max(0.5, self.lease_ttl_s / 3)
+        """One renewal: a patch carrying the version this tenure last wrote. A 409 re-reads the
+        Lease and, if it is still this tenure's (`held.owns`: our holder and acquireTime, which
+        every take changes), adopts its version and renews that: someone touched its metadata,
+        or a renewal of ours landed though its answer never came.
+
+        Its answer is waited for up to the renew deadline (client-go bounds a renew by its
+        RenewDeadline), not a third of the ttl: a renewal answered later than that landed all
+        the same, and one timed out so left every later one a 409 on a stale version while
+        Lease writes stayed that slow, the lease lapsed, then lost, with nobody else about.
+        The re-read gets the store's usual timeout."""
+        timeout = min(self._timeout, max(0.5, self.renew_deadline_s))
         what = f"Lease {self._ns}/{self.objects.lease}"
         for _ in range(2):
             sent, now = self._monotonic(), self._clock()
@@ -757,7 +767,7 @@ class KubernetesStateStore:
                 held.lost = f"{what} was deleted"
                 return
             except _Conflict:
-                found = self._read_lease(timeout)
+                found = self._read_lease()
                 if found is None or not held.owns(found):
                     taker = o.describe_holder(found) if found else "nobody (it was deleted)"
                     held.lost = f"{what} was taken over by {taker}"

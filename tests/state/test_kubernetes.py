@@ -1602,3 +1602,26 @@ def test_a_first_answer_slow_or_broken_off_is_tried_again(api: FakeKubeApiServer
         api.cut_off("configmaps", "get")
     assert _resume(store) == 4
     assert instant.slept == [1.0]
+
+
+def test_renewals_answered_later_than_a_third_of_the_ttl_keep_the_lease(
+    api: FakeKubeApiServer,
+) -> None:
+    """Lease writes answered in 1.5 s, a ttl of 3 s: each renewal lands. Was: the renewal timed
+    out at ttl/3 (1 s) though it landed, every later one carried a stale resourceVersion (409,
+    unseen: timed out too), and the holder was lapsed, then lost, with nobody else about."""
+    store = kube_store(api, ttl=3, outage_s=3)
+    with store.lease("ann"):
+        store.save(a_status(1))
+        api.delay("leases", "patch", 1.5)
+        api.delay("leases", "get", 1.5)
+        deadline = time.monotonic() + 7
+        while time.monotonic() < deadline:
+            store.check_lease()  # at times lapsed (waits for the renewal), never lost
+            time.sleep(0.1)
+        api.delay("leases", "patch", 0)
+        api.delay("leases", "get", 0)
+        store.save(a_status(2))
+    renewals = [r.status for r in api.requests if r.resource == "leases" and r.verb == "patch"]
+    assert 409 not in renewals, renewals
+    assert stored_tick(api) == 2
