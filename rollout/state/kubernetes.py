@@ -475,14 +475,16 @@ class KubernetesStateStore:
         held = self._acquire(f"{owner} {stamp}" if owner else stamp)
         self._held = held
         try:
-            self._claim_status(held.claim)
             held.thread = threading.Thread(
                 target=self._keep_renewing,
                 args=(held,),
                 name=f"renew-{self.objects.lease}",
                 daemon=True,
             )
+            # Renewed from the take on: the claim may wait out an outage (pauses of up to
+            # 30 s), and a lease nobody renews meanwhile is a standby's to take.
             held.thread.start()
+            self._claim_status(held.claim)
             yield
         finally:
             held.stop.set()
@@ -671,7 +673,7 @@ class KubernetesStateStore:
         deadline on a lease that is fine). After a failure it tries again every second, past
         the renew deadline too (`check_lease`), until OUTAGE_S past it.
         """
-        # From the take, not from this thread's start: claiming the status came in between.
+        # From the take, not from this thread's start.
         pause = max(0.0, held.renewed_at + self.lease_ttl_s / 3 - self._monotonic())
         while not held.stop.wait(pause):
             with held.lock:

@@ -1625,3 +1625,48 @@ def test_renewals_answered_later_than_a_third_of_the_ttl_keep_the_lease(
     renewals = [r.status for r in api.requests if r.resource == "leases" and r.verb == "patch"]
     assert 409 not in renewals, renewals
     assert stored_tick(api) == 2
+
+
+def test_the_lease_is_renewed_while_the_claim_waits_out_a_blip(api: FakeKubeApiServer) -> None:
+    """The claim's read of the status meets a 503 asking for a 4 s pause; a standby tries for
+    the Lease from the take on. Was: nothing renewed during the pause (the renewal thread
+    started after the claim), the standby took the Lease over, and the live controller
+    stopped ("lost the lease")."""
+    import threading
+
+    taken: list[str] = []
+    stop = threading.Event()
+
+    def held_by_ann() -> bool:
+        holder = (
+            lease_of(api)["spec"].get("holderIdentity", "")
+            if api.exists("leases", "aml-rollout-r", NAMESPACE, LEASES)
+            else ""
+        )
+        return holder.startswith("ann ")
+
+    def standby() -> None:
+        bob = kube_store(api, ttl=1)
+        while not held_by_ann() and not stop.is_set():
+            time.sleep(0.02)
+        while not stop.is_set():
+            try:
+                with bob.lease("bob"):
+                    taken.append("bob")
+                    return
+            except LeaseHeldError:
+                time.sleep(0.1)
+
+    ann = kube_store(api, ttl=1)
+    api.fail_next("configmaps", "get", 503, 1, name=STATUS_CM, headers={"Retry-After": "4"})
+    waiting = threading.Thread(target=standby, daemon=True)
+    waiting.start()
+    try:
+        with ann.lease("ann"):
+            ann.save(a_status(1))
+    finally:
+        stop.set()
+        waiting.join(5)
+    assert taken == []
+    assert [r.status for r in api.requests if r.status == 503] == [503]
+    assert stored_tick(api) == 1
