@@ -23,6 +23,7 @@ from rollout.config import (
     AzureMLRouterConfig,
     EnvoyRouterConfig,
     IstioRouterConfig,
+    KubernetesStateConfig,
     MemoryStateConfig,
     RolloutSpec,
     is_local_code,
@@ -84,13 +85,34 @@ def state_dir_of(spec: RolloutSpec, state_dir: Path | None = None) -> Path:
 
 
 def ledger_path_of(spec: RolloutSpec, state_dir: Path | None = None) -> Path:
-    """The ledger file of the rollout: `<name>.ledger.jsonl`, and with a memory store
-    `<name>.memory.ledger.jsonl`. A memory store's rollout (a dry run) has no lease and no
-    status outside its process, so nothing stops it while the same name's real rollout runs,
-    or keeps its lines apart after: in the real rollout's ledger, `explain` and the report
-    would tell the dry run's outcome as the real one's."""
+    """The ledger to read for the rollout (`explain`, `status`): the one it writes
+    (`_ledger_written`); for a kubernetes store whose namespace has none yet, the shared
+    `<dir>/<name>.ledger.jsonl` that versions before wrote for every namespace, if there is one:
+    a rollout run before the upgrade is still told (its lines, as then, may mix namespaces).
+    Run again, it writes its namespace's ledger, read from then on."""
+    path = _ledger_written(spec, state_dir)
+    if isinstance(spec.state, KubernetesStateConfig) and not path.exists():
+        shared = state_dir_of(spec, state_dir) / f"{spec.name}.ledger.jsonl"
+        if shared.is_file():
+            return shared
+    return path
+
+
+def _ledger_written(spec: RolloutSpec, state_dir: Path | None = None) -> Path:
+    """The ledger file the rollout appends to: `<name>.ledger.jsonl`, with a memory store
+    `<name>.memory.ledger.jsonl`, with a kubernetes store `<namespace>/<name>.ledger.jsonl`.
+    A memory store's rollout (a dry run) has no lease and no status outside its process, so
+    nothing stops it while the same name's real rollout runs, or keeps its lines apart after:
+    in the real rollout's ledger, `explain` and the report would tell the dry run's outcome as
+    the real one's. A kubernetes store's status, commands and Lease are its namespace's: a
+    staging and a production rollout of one name, run from one directory (a CI runner), are
+    two rollouts, and in one file `explain` told one's outcome as the other's. (A folder, not
+    a part of the file's name: the report names a rollout after its ledger file.)"""
+    directory = state_dir_of(spec, state_dir)
+    if isinstance(spec.state, KubernetesStateConfig):
+        return directory / spec.state.namespace / f"{spec.name}.ledger.jsonl"
     memory = ".memory" if isinstance(spec.state, MemoryStateConfig) else ""
-    return state_dir_of(spec, state_dir) / f"{spec.name}{memory}.ledger.jsonl"
+    return directory / f"{spec.name}{memory}.ledger.jsonl"
 
 
 def open_store(spec: RolloutSpec | str | Path, state_dir: Path | None = None) -> StateStore:
@@ -171,7 +193,7 @@ def _first_release(
         router,
         metrics(router),
         make_store(spec.state, spec.name, directory=state_dir, sleep=_store_sleep(clock)),
-        ledger=Ledger(ledger_path_of(spec, state_dir)),
+        ledger=Ledger(_ledger_written(spec, state_dir)),
         clock=clock,
         owner=default_owner(),
     )
@@ -296,7 +318,7 @@ def run_rollout(
         check_router_files(spec)
     router = router or make_router(spec.router)
     metrics = metrics or _metrics_of(spec, router, store)
-    ledger_path = ledger_path_of(spec, state_dir)
+    ledger_path = _ledger_written(spec, state_dir)
     controller = Controller(
         spec,
         router,

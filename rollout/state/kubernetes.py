@@ -57,7 +57,8 @@ fields they do not know.
   (a controller: a tick's read of the queued commands must not stop it mid-rollout, blue at
   its weight), for CLI_OUTAGE_S otherwise (`status`, `pause`, `abort`: a person waits). Any
   other answer is final at once (a 403 of RBAC, a 422), and so is no answer while the API
-  server never answered this store (a wrong `state.api_url`). An outage is logged when it
+  server never answered nor took a request of this store (a wrong `state.api_url`; one
+  answered late or broken off was taken: `kubeapi.reached`). An outage is logged when it
   starts and ends (and, for the lease, when it lapses), not at every try.
 
 The ledger is not here: it grows a line per tick and would outgrow a ConfigMap, so it stays a
@@ -232,7 +233,8 @@ class KubernetesStateStore:
         #: `save()` requires the server still to have (the fence).
         self._status: Obj | None = None
         self._held: _Held | None = None
-        #: Whether the API server ever answered this store (any HTTP status): until it has, no
+        #: Whether the API server ever answered this store (any HTTP status) or took one of its
+        #: requests (`kubeapi.reached`: answered late, or broken off mid-body): until then, no
         #: answer at all is a wrong `state.api_url` or a proxy not running, not an outage.
         self._answered = False
 
@@ -473,14 +475,16 @@ class KubernetesStateStore:
         held = self._acquire(f"{owner} {stamp}" if owner else stamp)
         self._held = held
         try:
-            self._claim_status(held.claim)
             held.thread = threading.Thread(
                 target=self._keep_renewing,
                 args=(held,),
                 name=f"renew-{self.objects.lease}",
                 daemon=True,
             )
+            # Renewed from the take on: the claim may wait out an outage (pauses of up to
+            # 30 s), and a lease nobody renews meanwhile is a standby's to take.
             held.thread.start()
+            self._claim_status(held.claim)
             yield
         finally:
             held.stop.set()
@@ -669,7 +673,7 @@ class KubernetesStateStore:
         deadline on a lease that is fine). After a failure it tries again every second, past
         the renew deadline too (`check_lease`), until OUTAGE_S past it.
         """
-        # From the take, not from this thread's start: claiming the status came in between.
+        # From the take, not from this thread's start.
         pause = max(0.0, held.renewed_at + self.lease_ttl_s / 3 - self._monotonic())
         while not held.stop.wait(pause):
             with held.lock:
@@ -735,7 +739,17 @@ class KubernetesStateStore:
         )
 
     def _renew(self, held: _Held) -> None:
-        timeout = max(0.5, self.lease_ttl_s / 3)
+        """One renewal: a patch carrying the version this tenure last wrote. A 409 re-reads the
+        Lease and, if it is still this tenure's (`held.owns`: our holder and acquireTime, which
+        every take changes), adopts its version and renews that: someone touched its metadata,
+        or a renewal of ours landed though its answer never came.
+
+        Its answer is waited for up to the renew deadline (client-go bounds a renew by its
+        RenewDeadline), not a third of the ttl: a renewal answered later than that landed all
+        the same, and one timed out so left every later one a 409 on a stale version while
+        Lease writes stayed that slow, the lease lapsed, then lost, with nobody else about.
+        The re-read gets the store's usual timeout."""
+        timeout = min(self._timeout, max(0.5, self.renew_deadline_s))
         what = f"Lease {self._ns}/{self.objects.lease}"
         for _ in range(2):
             sent, now = self._monotonic(), self._clock()
@@ -755,7 +769,7 @@ class KubernetesStateStore:
                 held.lost = f"{what} was deleted"
                 return
             except _Conflict:
-                found = self._read_lease(timeout)
+                found = self._read_lease()
                 if found is None or not held.owns(found):
                     taker = o.describe_holder(found) if found else "nobody (it was deleted)"
                     held.lost = f"{what} was taken over by {taker}"
@@ -834,12 +848,13 @@ class KubernetesStateStore:
         """`attempt()`, tried again while it meets no answer, a 5xx or a 429 (_Unanswered), the
         pauses doubling from 1 s up to PAUSE_CAP_S (a Retry-After honoured up to that); any
         other error at once (a 403 of RBAC is an answer: asking again would only hide it), and
-        no answer too while the API server never answered this store.
+        no answer too while the API server never answered nor took a request of this store.
 
         For OUTAGE_S while this store holds the lease (a controller: it must not stop, blue at
         its weight or a decided rollback unapplied, for an API server restarting), else for
-        CLI_OUTAGE_S (a one-shot command, a person waiting for it); it gives up rather than
-        pause past that, StateError "cannot <doing>: still failing after ...". The lease is
+        CLI_OUTAGE_S (a one-shot command, a person waiting for it): the last pause is cut short
+        to end there, and a try then that fails gives up, StateError "cannot <doing>: still
+        failing after ...". The lease is
         checked after each pause (`check_lease`: a lapsed one is renewed first, a lost one
         stops it). Told at WARNING when the outage starts and when it ends, DEBUG between:
         `run` shows warnings, and a line per try buries the rest.
@@ -857,11 +872,13 @@ class KubernetesStateStore:
                     raise
                 failed += 1
                 tried = self._monotonic() - started
-                wait = min(max(pause, exc.retry_after or 0.0), PAUSE_CAP_S)
-                if tried + wait > bound:
+                if tried >= bound:
                     raise StateError(
                         f"cannot {doing}: still failing after {span(tried)}: {exc}"
                     ) from exc
+                # The last pause is cut short to end at the bound, which is then the last try:
+                # a minute is a minute (was: no pause past it, given up at 31 s).
+                wait = min(max(pause, exc.retry_after or 0.0), PAUSE_CAP_S, bound - tried)
                 log.log(
                     logging.WARNING if failed == 1 else logging.DEBUG,
                     "could not %s: %s; %s",
@@ -985,6 +1002,9 @@ class KubernetesStateStore:
                 raise _Unanswered(said, kubeapi.retry_after(exc)) from exc
             raise StateError(said) from exc
         except HTTPError as exc:
+            # Slow or broken off, it is there (the write may even be made): an outage, as a 503
+            # is, not a wrong address; the istio router tells them apart the same way.
+            self._answered = self._answered or kubeapi.reached(exc)
             raise _Unanswered(f"{what}: {kubeapi.no_answer(exc, self._host)}") from exc
         except ValueError as exc:
             raise StateError(f"{what}: the API server answered something not JSON") from exc

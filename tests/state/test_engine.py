@@ -78,7 +78,7 @@ def test_a_rollout_runs_to_its_end_with_its_state_in_the_cluster(
     final = stored(api)
     assert final is not None and final.phase is phase and final.pending[final.applied :] == ()
     assert "holderIdentity" not in lease_of(api, "diabetes")["spec"]  # released
-    assert result.ledger_path == tmp_path / "ledger" / "diabetes.ledger.jsonl"
+    assert result.ledger_path == tmp_path / "ledger" / NAMESPACE / "diabetes.ledger.jsonl"
     ticks = [json.loads(line) for line in result.ledger_path.read_text().splitlines()]
     assert ticks[0]["event"] == "start" and len(ticks) == final.tick + 1
     # Ended: run again, and it is reported as it is, not started over.
@@ -273,3 +273,56 @@ def test_a_stop_whose_interrupt_was_lost_ends_a_save_riding_out_an_outage(
     assert refused and time.monotonic() - refused[0] < 0.5  # not the 1 s pause, nor more
     assert stored(api) is None  # was: the save tried again a second later, and landed
     assert "holderIdentity" not in lease_of(api, "diabetes")["spec"]  # released
+
+
+def test_one_rollout_name_in_two_namespaces_keeps_two_ledgers(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    """A staging and a production rollout of one name, run from one directory: two rollouts
+    (status, commands and Lease are each namespace's), two ledgers. Was: one shared
+    `<dir>/diabetes.ledger.jsonl`, and `explain` of production's spec told staging's
+    promotion, production's rollback nowhere."""
+    from rollout.api import ledger_path_of
+
+    api.seed({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ml-staging"}},
+             "namespaces")  # fmt: skip
+    specs = {}
+    for ns, canary_error in (("ml-staging", 0.01), (NAMESPACE, 0.08)):
+        (tmp_path / ns).mkdir()  # each its own data plane
+        data = spec_data(api, tmp_path / ns, canary_error)
+        data["state"] |= {"namespace": ns, "dir": str(tmp_path / "ledger")}
+        specs[ns] = spec_from_dict(data)
+    staging = run_rollout(specs["ml-staging"], clock=FakeClock(1000.0))
+    prod = run_rollout(specs[NAMESPACE], clock=FakeClock(1000.0))
+    assert (staging.phase, prod.phase) == (Phase.SUCCEEDED, Phase.ROLLED_BACK)
+    assert prod.ledger_path == tmp_path / "ledger" / NAMESPACE / "diabetes.ledger.jsonl"
+    for ns, result in (("ml-staging", staging), (NAMESPACE, prod)):
+        assert ledger_path_of(specs[ns]) == result.ledger_path
+        records = [json.loads(line) for line in result.ledger_path.read_text().splitlines()]
+        assert [r["rollout_id"] for r in records if r.get("event") == "start"] == [result.status.id]
+    assert not (tmp_path / "ledger" / "diabetes.ledger.jsonl").exists()
+
+
+def test_a_ledger_written_before_namespaces_named_it_is_still_read(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    """Upgraded: the rollout's ledger is the shared `<dir>/<name>.ledger.jsonl` of the version
+    before, until the rollout writes its namespace's (a file or memory store's are unchanged)."""
+    from rollout.api import ledger_path_of
+
+    kube = spec(api, tmp_path)
+    old = tmp_path / "ledger" / "diabetes.ledger.jsonl"
+    new = tmp_path / "ledger" / NAMESPACE / "diabetes.ledger.jsonl"
+    assert ledger_path_of(kube) == new  # none at all: where `run` will write it
+    old.parent.mkdir(parents=True)
+    old.write_text('{"event": "start", "at": 1.0, "name": "diabetes"}\n')
+    assert ledger_path_of(kube) == old
+    assert run_rollout(kube, clock=FakeClock(1000.0), max_ticks=1).ledger_path == new
+    assert ledger_path_of(kube) == new
+    data = spec_data(api, tmp_path)
+    for kind, name in (
+        ("file", "diabetes.ledger.jsonl"),
+        ("memory", "diabetes.memory.ledger.jsonl"),
+    ):
+        local = spec_from_dict(data | {"state": {"kind": kind, "dir": str(tmp_path / "ledger")}})
+        assert ledger_path_of(local) == tmp_path / "ledger" / name
