@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable, Mapping
 
 from aml_pipelines.delivery import DeliveryOutcome
-from aml_pipelines.errors import PipelineError
 from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
 from aml_pipelines.trigger.dispatch import DELIVERED, REMIND_S, DeliveryWorker, Dispatcher, Reminder
 from aml_pipelines.trigger.store import MISSING
@@ -92,6 +91,8 @@ class Watcher:
         self._listed_up_to: int | None = None
         self.clock: Callable[[], float] = time.monotonic
         self._reminder = Reminder(lambda: self.clock())
+        #: What a failed poll is said as, and the Reminder's key for it.
+        self._polling = f"polling the registry for {model}"
 
     @property
     def stop(self) -> threading.Event:
@@ -159,14 +160,12 @@ class Watcher:
                 try:
                     if self.poll():
                         worker.wake()
-                except PipelineError as exc:
+                except Exception as exc:
                     # A registry hiccup must not kill a long-running watcher: log, retry next poll.
                     self._poll_failed(exc)
-                except Exception:
-                    log.exception("polling the registry for %s failed", self.model)
                 else:
-                    if self._reminder.ended("poll"):
-                        log.info("polling the registry for %s works again", self.model)
+                    if self._reminder.ended(self._polling):
+                        log.info("%s works again", self._polling)
                 self.stop.wait(self.interval_s)
             if not worker.join(timeout=STOP_WAIT_S):
                 log.info(
@@ -175,19 +174,14 @@ class Watcher:
                 )
             return []
 
-    def _poll_failed(self, exc: PipelineError) -> None:
+    def _poll_failed(self, exc: Exception) -> None:
         """Say a failed poll once, and again only every REMIND_S while the same error repeats,
-        as the worker does (Reminder)."""
-        say, again = self._reminder.due("poll", str(exc))
-        if not say:
-            log.debug("polling the registry for %s failed again: %s", self.model, exc)
-            return
-        log.warning(
-            "polling the registry for %s %s: %s; polling again every %g s, quietly (said again "
-            "every %g min)",
-            self.model,
-            "still fails" if again else "failed",
+        as the worker does (Reminder.say: an unexpected error with its traceback the first
+        time)."""
+        self._reminder.say(
+            log,
+            self._polling,
             exc,
-            self.interval_s,
-            REMIND_S / 60,
+            f"polling again every {self.interval_s:g} s, quietly (said again every "
+            f"{REMIND_S / 60:g} min)",
         )

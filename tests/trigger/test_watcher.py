@@ -1588,3 +1588,86 @@ def test_a_once_pass_whose_supersede_check_cannot_read_the_registry_goes_on_to_d
     monkeypatch.setattr(registry, "get", unreachable_while_checking)
     monkeypatch.setattr(dispatcher, "_abort_older", supersede_check)
     assert Watcher(registry, "diabetes", dispatcher).poll() == [3]
+
+
+def test_an_unexpected_delivery_error_is_said_once_with_its_traceback_and_status_tells_why(
+    tmp_path: Path, registry: LocalRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was: an error that is not a PipelineError/RolloutError (`.rollout/packages` a file, a full
+    # disk) was logged with its traceback at every retry — ~28 lines every 5 s with `serve`,
+    # on a full disk filling it further — and `trigger status` showed no reason.
+    def not_a_folder() -> OSError:
+        return NotADirectoryError(20, "Not a directory", ".rollout/packages/diabetes/1")
+
+    errors: list[Exception] = [not_a_folder() for _ in range(5)]
+    errors += [OSError(28, "No space left on device")] * 2
+    failing = _FailingDelivery(tmp_path / "engine", registry, errors=errors)
+    dispatcher = Dispatcher(
+        TriggerStore(tmp_path / "trigger"), registry, failing, wait_interval_s=0.01
+    )
+    register(registry, tmp_path, stage="candidate")
+    worker = DeliveryWorker(dispatcher, lambda: ["diabetes"])
+    ticks = iter([0.0, 1.0, 2.0, 700.0, 701.0, 702.0, 703.0])  # a reminder after 10 min
+    worker.clock = lambda: next(ticks)
+    reasons: list[str] = []
+    assert dispatcher.accept("diabetes", 1, "watch")
+    with (
+        caplog.at_level(logging.DEBUG, logger="aml_pipelines.trigger.dispatch"),
+        _running(worker),
+    ):
+        _wait_until(lambda: worker.failures >= 1, dispatcher)
+        reasons.append(dispatcher.store.load("diabetes").entries[1].reason)
+        _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
+    entry = dispatcher.store.load("diabetes").entries[1]
+    assert (entry.step, entry.outcome, entry.attempts) == (Step.DONE, "Succeeded", 8)
+    assert reasons == [
+        "waits, to be retried: NotADirectoryError: [Errno 20] Not a directory: "
+        "'.rollout/packages/diabetes/1'"
+    ]
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.getMessage().split(": ")[0], r.exc_info is not None) for r in said] == [
+        ("delivery of diabetes stopped", True),  # the first time, with its traceback
+        ("delivery of diabetes still stopped", False),  # 10 min on, the same: one line
+        ("delivery of diabetes stopped", True),  # another error, with its traceback
+    ]
+    assert "NotADirectoryError: [Errno 20]" in said[0].getMessage()
+    assert (
+        said[0]
+        .getMessage()
+        .endswith("retrying every 0.01 s, quietly (said again every 10 min while it lasts)")
+    )
+
+
+def test_an_unexpected_poll_error_is_said_once_with_its_traceback(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    dispatcher: Dispatcher,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Was: a poll failing with an error that is not a PipelineError logged its traceback at
+    # every poll, where a registry error is said once.
+    errors: list[Exception] = [PermissionError(13, "Permission denied", "/mnt/reg")] * 5
+    unreachable = _UnreachableRegistry(registry, errors)
+    register(registry, tmp_path, stage="candidate")
+    watcher = Watcher(
+        unreachable,  # type: ignore[arg-type]
+        "diabetes",
+        dispatcher,
+        required_tags=CANDIDATE,
+        interval_s=0.01,
+    )
+    thread = threading.Thread(target=watcher.run)
+    with caplog.at_level(logging.DEBUG, logger="aml_pipelines.trigger.watcher"):
+        thread.start()
+        try:
+            _wait_until(lambda: 1 in dispatcher.store.load("diabetes").entries, dispatcher)
+            _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
+        finally:
+            watcher.stop.set()
+            thread.join(10)
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.getMessage().split(": ")[0], r.exc_info is not None) for r in said] == [
+        ("polling the registry for diabetes failed", True)
+    ]
+    assert "PermissionError: [Errno 13] Permission denied: '/mnt/reg'" in said[0].getMessage()
+    assert "polling the registry for diabetes works again" in caplog.text
