@@ -416,9 +416,9 @@ class _CountingRegistry:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def list_versions(self, name: str) -> list[ModelVersion]:
+    def list_versions(self, name: str, **options: Any) -> list[ModelVersion]:
         self.listings += 1
-        return self.inner.list_versions(name)
+        return self.inner.list_versions(name, **options)
 
 
 def test_a_quiet_registry_is_not_listed_on_every_poll(
@@ -980,10 +980,10 @@ class _UnreachableRegistry(_CountingRegistry):
         super().__init__(inner)
         self.errors = errors
 
-    def latest(self, name: str) -> ModelVersion | None:
+    def latest(self, name: str, **options: Any) -> ModelVersion | None:
         if self.errors:
             raise self.errors.pop(0)
-        return self.inner.latest(name)
+        return self.inner.latest(name, **options)
 
 
 def test_a_poll_failing_with_the_same_error_says_it_once(
@@ -1671,3 +1671,40 @@ def test_an_unexpected_poll_error_is_said_once_with_its_traceback(
     ]
     assert "PermissionError: [Errno 13] Permission denied: '/mnt/reg'" in said[0].getMessage()
     assert "polling the registry for diabetes works again" in caplog.text
+
+
+@pytest.mark.parametrize("damaged_at", ["start", "between-polls"])
+def test_a_damaged_newest_candidate_is_closed_failed_not_ignored(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher, damaged_at: str
+) -> None:
+    # Was: the listings and `latest` leave a damaged version out, so the watcher never saw it:
+    # `watch --once` said "no new version to deliver" (exit 0) for a registered candidate that
+    # could never be rolled out, where an event for it closes it Failed (exit 5).
+    register(registry, tmp_path, stage="production")
+    watcher = Watcher(registry, "diabetes", dispatcher, required_tags=CANDIDATE)
+    if damaged_at == "between-polls":
+        assert watcher.poll() == []  # listed up to v1: a new version is seen by `latest`
+    register(registry, tmp_path, stage="candidate")
+    _damage(registry, 2)
+    assert watcher.poll() == [2]
+    (outcome,) = dispatcher.drain("diabetes")
+    assert (outcome.version, outcome.phase) == (2, "Failed")
+    assert "diabetes:2 is corrupted" in outcome.reason
+    assert watcher.poll() == []  # closed: not accepted again
+    assert journal(tmp_path / "engine") == []
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [
+        pytest.param({"stage": "rolled-back"}, id="delivered-already"),
+        pytest.param({}, id="not-a-candidate"),
+    ],
+)
+def test_a_damaged_version_the_watcher_would_not_deliver_is_left_alone(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher, tags: dict[str, str]
+) -> None:
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, **tags)
+    _damage(registry, 2)
+    assert Watcher(registry, "diabetes", dispatcher, required_tags=CANDIDATE).poll() == []
