@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from aml_pipelines.delivery import DeliveryOutcome
+from aml_pipelines.errors import RegistryError
 from aml_pipelines.registry.base import (
     STAGE_TAG,
     DamagedVersion,
@@ -119,6 +120,13 @@ class Watcher:
         damaged: list[DamagedVersion] = []
         latest = self.registry.latest(self.model, damaged=damaged)
         top = max([v.version for v in damaged] + ([latest.version] if latest else []), default=0)
+        if not top and self._listed_up_to is not None and not self.registry.withdrawn(self.model):
+            # Versions are never removed: none where some were is a registry folder gone (an
+            # unmounted share), said as a failed poll is, not polled in silence.
+            raise RegistryError(
+                f"{self.model}: {self.registry!r} holds no version of it any more (it held up to "
+                f"v{self._listed_up_to}): unmounted, moved or removed?"
+            )
         if not top or (self._listed_up_to is not None and top <= self._listed_up_to):
             return []
         damaged = []

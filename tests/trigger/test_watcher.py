@@ -1708,3 +1708,18 @@ def test_a_damaged_version_the_watcher_would_not_deliver_is_left_alone(
     register(registry, tmp_path, **tags)
     _damage(registry, 2)
     assert Watcher(registry, "diabetes", dispatcher, required_tags=CANDIDATE).poll() == []
+
+
+def test_a_registry_folder_gone_mid_run_is_a_failed_poll_not_silence(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    # Was: a registry folder gone (an unmounted share) read as "no version", polled forever
+    # without a word; a failed poll is said once, every 10 min while it lasts, and when back.
+    register(registry, tmp_path, stage="production")
+    watcher = Watcher(registry, "diabetes", dispatcher, required_tags=CANDIDATE)
+    assert watcher.poll() == []
+    registry.root.rename(tmp_path / "gone")
+    with pytest.raises(RegistryError, match="no version of it any more"):
+        watcher.poll()
+    (tmp_path / "gone").rename(registry.root)
+    assert watcher.poll() == []
