@@ -48,6 +48,7 @@ from aml_pipelines.errors import (
 )
 from aml_pipelines.registry.base import (
     STAGE_TAG,
+    DamagedVersion,
     ModelVersion,
     SkippedVersions,
     Stage,
@@ -164,16 +165,31 @@ class AzureMLRegistry:
         model = self._call(f"get {name}:{version}", self.ml_client.models.get, name, str(version))
         return self._to_version(model, withdrawn=version in self.withdrawn(name))
 
-    def latest(self, name: str) -> ModelVersion | None:
-        versions = self.list_versions(name)
+    def latest(
+        self, name: str, *, damaged: list[DamagedVersion] | None = None
+    ) -> ModelVersion | None:
+        found: list[DamagedVersion] = []
+        versions = self.list_versions(name, damaged=found)
+        if damaged is not None:
+            top = versions[-1].version if versions else 0
+            damaged.extend(d for d in found if d.version > top)
         return versions[-1] if versions else None
 
-    def list_versions(self, name: str) -> list[ModelVersion]:
+    def list_versions(
+        self, name: str, *, damaged: list[DamagedVersion] | None = None
+    ) -> list[ModelVersion]:
         """Every readable version of `name` not archived in the studio, oldest first (see the
-        module docstring)."""
-        return self._readable(name)
+        module docstring); with `damaged`, the ones left out with an integer version are
+        appended to it."""
+        return self._readable(name, damaged=damaged)
 
-    def _readable(self, name: str, *, archived: bool = False) -> list[ModelVersion]:
+    def _readable(
+        self,
+        name: str,
+        *,
+        archived: bool = False,
+        damaged: list[DamagedVersion] | None = None,
+    ) -> list[ModelVersion]:
         # With `archived`, which versions there are comes from one listing of them all; the
         # archived ones, read first, only set the flag: a version archived or restored between
         # the two reads is then listed once (its flag stale), never missed nor listed twice.
@@ -185,7 +201,8 @@ class AzureMLRegistry:
             ]
         else:
             listed = [(model, False) for model in self._list(name, view="ACTIVE_ONLY")]
-        versions = []
+        versions: list[ModelVersion] = []
+        left_out: list[DamagedVersion] = []
         for model, is_withdrawn in listed:
             try:
                 versions.append(self._to_version(model, withdrawn=is_withdrawn))
@@ -193,6 +210,11 @@ class AzureMLRegistry:
                 if (model.tags or {}).get(STAGE_TAG) == Stage.PRODUCTION:
                     raise  # never hide production: the gate and the no-downgrade check need it
                 self._skipped.warn(log, name, model.version, exc)
+                if _is_int(model.version):
+                    tags = {str(k): str(v) for k, v in (model.tags or {}).items()}
+                    left_out.append(DamagedVersion(name, int(model.version), tags, str(exc)))
+        if damaged is not None:
+            damaged.extend(sorted(left_out, key=lambda d: d.version))
         return sorted(versions, key=lambda v: v.version)
 
     def set_tags(self, name: str, version: int, tags: Mapping[str, str]) -> ModelVersion:

@@ -49,6 +49,23 @@ class ModelVersion:
         return self.tags.get(STAGE_TAG)
 
 
+@dataclass(frozen=True)
+class DamagedVersion:
+    """A version a listing leaves out because it fails its checks (IntegrityError): asked for
+    with `damaged=`, so a trigger can close a damaged candidate Failed instead of never seeing
+    it. Its tags as far as they can be read ({} when they cannot), and why it is left out."""
+
+    name: str
+    version: int
+    tags: Mapping[str, str]
+    error: str
+
+    @property
+    def stage(self) -> str | None:
+        """The `stage` tag, or None."""
+        return self.tags.get(STAGE_TAG)
+
+
 @runtime_checkable
 class ModelRegistry(Protocol):
     def register(
@@ -59,11 +76,17 @@ class ModelRegistry(Protocol):
     def get(self, name: str, version: int) -> ModelVersion:
         """One version; raises ModelNotFound, or IntegrityError if its files do not match."""
 
-    def latest(self, name: str) -> ModelVersion | None:
-        """The highest version of `name`, or None when none is registered."""
+    def latest(
+        self, name: str, *, damaged: list[DamagedVersion] | None = None
+    ) -> ModelVersion | None:
+        """The highest version of `name`, or None when none is registered. With `damaged`,
+        the damaged versions left out above the one returned are appended to it."""
 
-    def list_versions(self, name: str) -> list[ModelVersion]:
-        """Every version of `name`, oldest first."""
+    def list_versions(
+        self, name: str, *, damaged: list[DamagedVersion] | None = None
+    ) -> list[ModelVersion]:
+        """Every version of `name`, oldest first. With `damaged`, the versions left out as
+        damaged are appended to it, oldest first."""
 
     def set_tags(self, name: str, version: int, tags: Mapping[str, str]) -> ModelVersion:
         """Merge `tags` into a version's tags; an empty value removes the tag (tags are

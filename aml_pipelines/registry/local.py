@@ -52,6 +52,7 @@ from aml_pipelines.errors import ConfigError, IntegrityError, ModelNotFound, Reg
 from aml_pipelines.fileio import read_json, sha256_file, write_json
 from aml_pipelines.registry.base import (
     STAGE_TAG,
+    DamagedVersion,
     ModelVersion,
     SkippedVersions,
     Stage,
@@ -276,24 +277,30 @@ class LocalRegistry:
             withdrawn=self._withdrawn_path(model_root, version).exists(),
         )
 
-    def latest(self, name: str) -> ModelVersion | None:
-        """The highest readable version of `name` not withdrawn, or None."""
+    def latest(
+        self, name: str, *, damaged: list[DamagedVersion] | None = None
+    ) -> ModelVersion | None:
+        """The highest readable version of `name` not withdrawn, or None; with `damaged`, the
+        damaged ones above it are appended to it (newest first)."""
         model_root = self.root / check_name(name)
         withdrawn = self.withdrawn(name)
         for version in sorted(self._versions(model_root) - withdrawn, reverse=True):
-            if (found := self._readable(name, version)) is not None:
+            if (found := self._readable(name, version, damaged=damaged)) is not None:
                 return found
         return None
 
-    def list_versions(self, name: str) -> list[ModelVersion]:
-        """Every readable version of `name` not withdrawn, oldest first.
+    def list_versions(
+        self, name: str, *, damaged: list[DamagedVersion] | None = None
+    ) -> list[ModelVersion]:
+        """Every readable version of `name` not withdrawn, oldest first; with `damaged`, the
+        damaged ones left out are appended to it.
 
         A version that fails its checks (a damaged old version) is left out with one warning, so
         it cannot stop the gate, the watcher and the delivery of every new version; `get` of it
         still raises IntegrityError. A damaged version tagged `stage=production` still raises:
         without it the gate would pass any candidate and old versions could downgrade production.
         """
-        return self._list(name, withdrawn=False)[0]
+        return self._list(name, withdrawn=False, damaged=damaged)[0]
 
     def find_by_tag(self, name: str, key: str, value: str) -> list[ModelVersion]:
         """Versions whose tag `key` equals `value`, withdrawn ones included, oldest first.
@@ -334,21 +341,28 @@ class LocalRegistry:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _list(self, name: str, *, withdrawn: bool) -> tuple[list[ModelVersion], list[int]]:
+    def _list(
+        self, name: str, *, withdrawn: bool, damaged: list[DamagedVersion] | None = None
+    ) -> tuple[list[ModelVersion], list[int]]:
         """The readable versions (withdrawn ones too with `withdrawn`), and the skipped ones
-        whose stage is unknown (see find_by_tag)."""
+        whose stage is unknown (see find_by_tag); the damaged ones go to `damaged`."""
         unknown: list[int] = []
         versions = self._versions(self.root / check_name(name))
         if not withdrawn:
             versions -= self.withdrawn(name)
-        found = (self._readable(name, v, unknown) for v in sorted(versions))
+        found = (self._readable(name, v, unknown, damaged) for v in sorted(versions))
         return [mv for mv in found if mv is not None], unknown
 
     def _readable(
-        self, name: str, version: int, unknown: list[int] | None = None
+        self,
+        name: str,
+        version: int,
+        unknown: list[int] | None = None,
+        damaged: list[DamagedVersion] | None = None,
     ) -> ModelVersion | None:
         """The version, or None (warned once) when it fails its checks; its number goes to
-        `unknown` when its tags cannot be read either."""
+        `unknown` when its tags cannot be read either, and a damaged one (IntegrityError, not a
+        folder without its record) to `damaged`."""
         try:
             return self.get(name, version)
         except (IntegrityError, ModelNotFound) as exc:
@@ -358,6 +372,9 @@ class LocalRegistry:
                 raise
             if stage is _UNKNOWN and unknown is not None:
                 unknown.append(version)
+            if damaged is not None and isinstance(exc, IntegrityError):
+                tags = self._tags(name, version)
+                damaged.append(DamagedVersion(name, version, tags or {}, str(exc)))
             self._skipped.warn(log, name, version, exc)
             return None
 
@@ -367,14 +384,19 @@ class LocalRegistry:
 
     def _tag(self, name: str, version: int, key: str) -> str | None:
         """The version's tag `key` (None without one); `_UNKNOWN` when its tags are damaged."""
+        tags = self._tags(name, version)
+        return _UNKNOWN if tags is None else tags.get(key) or None
+
+    def _tags(self, name: str, version: int) -> dict[str, str] | None:
+        """The version's tags, read alone (its files unchecked); None when they are damaged."""
         path = self._tags_path(self.root / name, version)
         if not path.exists():
-            return None  # as `get` reads it: no tags
+            return {}  # as `get` reads it: no tags
         try:
             tags = _read_record(path, f"{name}:{version}")
         except RegistryError:  # IntegrityError included
-            return _UNKNOWN
-        return str(tags.get(key, "")) or None
+            return None
+        return {str(k): str(v) for k, v in tags.items()}
 
     @staticmethod
     def _versions(model_root: Path) -> set[int]:

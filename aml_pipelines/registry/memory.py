@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aml_pipelines.errors import ModelNotFound, RegistryError
 from aml_pipelines.fileio import read_json, sha256_file
-from aml_pipelines.registry.base import ModelVersion, check_sha256_tag
+from aml_pipelines.registry.base import DamagedVersion, ModelVersion, check_sha256_tag
 from aml_pipelines.registry.local import check_name
 
 
@@ -55,12 +55,16 @@ class MemoryRegistry:
             raise ModelNotFound(f"model {name!r} version {version} not found (memory registry)")
         return versions[version - 1]
 
-    def latest(self, name: str) -> ModelVersion | None:
+    def latest(
+        self, name: str, *, damaged: list[DamagedVersion] | None = None
+    ) -> ModelVersion | None:
         versions = self.list_versions(name)
         return versions[-1] if versions else None
 
-    def list_versions(self, name: str) -> list[ModelVersion]:
-        """Every version not withdrawn, oldest first."""
+    def list_versions(
+        self, name: str, *, damaged: list[DamagedVersion] | None = None
+    ) -> list[ModelVersion]:
+        """Every version not withdrawn, oldest first (none is ever damaged here)."""
         return [v for v in self._versions.get(check_name(name), []) if not v.withdrawn]
 
     def set_tags(self, name: str, version: int, tags: Mapping[str, str]) -> ModelVersion:

@@ -493,10 +493,11 @@ class Dispatcher:
             self.entered = None
         except PERMANENT as exc:
             return self._fail(model, version, exc)
-        except (PipelineError, RolloutError) as exc:
-            # Left open, to be retried: `trigger status` tells why it waits.
+        except Exception as exc:
+            # Left open, to be retried: `trigger status` tells why it waits. An unexpected error
+            # too (a full disk, a path that is not a folder): it is retried as a known one is.
             self._failing.add((model, version))
-            why = f"waits, to be retried: {exc}"
+            why = f"waits, to be retried: {describe(exc)}"
             self.store.update(model, version, lambda e: replace(e, reason=why))
             raise
         finally:
@@ -760,8 +761,19 @@ class _EndpointWait:
     sha256: str | None = None
 
 
-#: Seconds before a known error that keeps repeating is said again (see Reminder).
+#: Seconds before an error that keeps repeating is said again (see Reminder).
 REMIND_S = 600.0
+
+
+def unexpected(exc: BaseException) -> bool:
+    """True for an error no part of aml-rollout raises on purpose (a bug, a full disk)."""
+    return not isinstance(exc, PipelineError | RolloutError)
+
+
+def describe(exc: BaseException) -> str:
+    """The one line an error is told by: its message, after its type for an unexpected one
+    (an OSError's message does not say it is a NotADirectoryError; a KeyError's is the key)."""
+    return f"{type(exc).__name__}: {exc}" if unexpected(exc) else str(exc)
 
 
 class Reminder:
@@ -787,14 +799,42 @@ class Reminder:
         """Forget `what`'s error (it works again); True when one was said."""
         return self._said.pop(what, None) is not None
 
+    def say(
+        self,
+        logger: logging.Logger,
+        what: str,
+        exc: Exception,
+        then: str,
+        verbs: tuple[str, str] = ("failed", "still fails"),
+    ) -> None:
+        """Log that `what` failed with `exc` (`verbs`: the first time, and while it repeats),
+        `then` telling what comes next: once, and again only every REMIND_S while the same error
+        repeats. An unexpected error is an ERROR with its traceback when first said, so a bug
+        can be found, but only then: retried every few seconds, a traceback each time was
+        hundreds of thousands of lines a day (on a full disk, filling it further)."""
+        error = describe(exc)
+        say, again = self.due(what, error)
+        if not say:
+            logger.debug("%s %s again: %s", what, verbs[0], error)
+            return
+        logger.log(
+            logging.ERROR if unexpected(exc) else logging.WARNING,
+            "%s %s: %s; %s",
+            what,
+            verbs[again],
+            error,
+            then,
+            exc_info=exc if unexpected(exc) and not again else None,
+        )
+
 
 class DeliveryWorker:
     """The single thread that drains cursors: the webhook's queue → one delivery at a time.
 
     Models with a `started` entry are drained first on every pass (see Dispatcher.resume_order).
-    An interrupted pass is retried every `wait_interval_s`; a known error is logged once, and
-    again only every REMIND_S while it repeats (metrics down for a night: a few dozen lines, not
-    thousands), an unexpected one with its traceback every time.
+    An interrupted pass is retried every `wait_interval_s`; its error is logged once, and again
+    only every REMIND_S while it repeats (metrics down for a night: a few dozen lines, not
+    thousands), an unexpected one with its traceback the first time (Reminder.say).
     """
 
     def __init__(
@@ -903,22 +943,14 @@ class DeliveryWorker:
         while not stop.is_set():
             try:
                 self.dispatcher.delivery.reconcile()
-            except (PipelineError, RolloutError) as exc:
-                say, again = self._reminder.due(what, str(exc))
-                if not say:
-                    log.debug("%s failed again: %s", what, exc)
-                else:
-                    log.warning(
-                        "%s %s: %s; trying again every %g s, quietly (said again every %g min), "
-                        "before any delivery",
-                        what,
-                        "still fails" if again else "failed",
-                        exc,
-                        retry,
-                        REMIND_S / 60,
-                    )
-            except Exception:
-                log.exception("%s failed; trying again in %g s", what, retry)
+            except Exception as exc:
+                self._reminder.say(
+                    log,
+                    what,
+                    exc,
+                    f"trying again every {retry:g} s, quietly (said again every "
+                    f"{REMIND_S / 60:g} min), before any delivery",
+                )
             else:
                 if self._reminder.ended(what):
                     log.info("%s works again", what)
@@ -936,22 +968,13 @@ class DeliveryWorker:
         self._wake.set()
 
     def _said(self, what: str, exc: Exception) -> None:
-        """Log that `what` stopped, to be retried: one line for a known error, said once while
-        it repeats; an unexpected one with its traceback every time."""
-        retry = self.dispatcher.wait_interval_s
-        if isinstance(exc, PipelineError | RolloutError):  # known: one line is enough
-            say, again = self._reminder.due(what, str(exc))
-            if not say:
-                log.debug("%s stopped again: %s", what, exc)
-            else:
-                log.warning(
-                    "%s %s: %s; retrying every %g s, quietly (said again every %g min while it "
-                    "lasts)",
-                    what,
-                    "still stopped" if again else "stopped",
-                    exc,
-                    retry,
-                    REMIND_S / 60,
-                )
-        else:
-            log.exception("%s failed; retrying in %.0f s", what, retry)
+        """Log that `what` stopped, to be retried: said once while the same error repeats, an
+        unexpected one with its traceback the first time (Reminder.say)."""
+        self._reminder.say(
+            log,
+            what,
+            exc,
+            f"retrying every {self.dispatcher.wait_interval_s:g} s, quietly (said again every "
+            f"{REMIND_S / 60:g} min while it lasts)",
+            ("stopped", "still stopped"),
+        )

@@ -5,9 +5,11 @@ A version is *new* when it is newer than the version in production, carries ever
 archived or rolled-back — the registry is the first record of what was delivered) and is not in
 the cursor (the durable record that covers the window before tags are written). A watcher started
 on an existing registry therefore picks up registered-but-undelivered candidates and leaves the
-history alone. Versions are allocated in increasing order, so the full listing (which re-hashes
-every version of a local registry) runs only when `latest` shows a higher version; an old version
-re-tagged as a candidate later is noticed at the next registration or restart.
+history alone. A damaged version the listings leave out is asked for (`damaged=`) and judged by
+its tags alike: accepted, it is closed Failed, as an event for it is. Versions are allocated in
+increasing order, so the full listing (which re-hashes every version of a local registry) runs
+only when `latest` shows a higher version; an old version re-tagged as a candidate later is
+noticed at the next registration or restart.
 
 One watcher per model and state folder: `run` holds a non-blocking flock for its lifetime, so a
 second watcher exits at once with a message naming the first one's pid. At start it reconciles the
@@ -25,11 +27,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from aml_pipelines.delivery import DeliveryOutcome
-from aml_pipelines.errors import PipelineError
-from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
+from aml_pipelines.errors import RegistryError
+from aml_pipelines.registry.base import (
+    STAGE_TAG,
+    DamagedVersion,
+    ModelRegistry,
+    ModelVersion,
+    Stage,
+)
 from aml_pipelines.trigger.dispatch import DELIVERED, REMIND_S, DeliveryWorker, Dispatcher, Reminder
 from aml_pipelines.trigger.store import MISSING
 
@@ -42,20 +50,21 @@ log = logging.getLogger(__name__)
 STOP_WAIT_S = 5.0
 
 
-def matches(version: ModelVersion, required: Mapping[str, str]) -> bool:
+def matches(version: ModelVersion | DamagedVersion, required: Mapping[str, str]) -> bool:
     """True when `version` carries every required tag with the required value."""
     return all(version.tags.get(k) == v for k, v in required.items())
 
 
 def new_versions(
-    versions: list[ModelVersion],
+    versions: Sequence[ModelVersion | DamagedVersion],
     required: Mapping[str, str],
     known: set[int],
     production: int = 0,
-) -> list[ModelVersion]:
+) -> list[ModelVersion | DamagedVersion]:
     """The versions a watcher should accept, oldest first (pure; see the module docstring).
     `production`: the production version as find_by_tag tells it (the listing may leave it out:
-    archived in the Azure ML studio, it still serves)."""
+    archived in the Azure ML studio, it still serves). A damaged version is one too: accepted,
+    it is closed Failed, as an event for it is."""
     production = max(
         [production, *(v.version for v in versions if v.stage == Stage.PRODUCTION)], default=0
     )
@@ -92,6 +101,8 @@ class Watcher:
         self._listed_up_to: int | None = None
         self.clock: Callable[[], float] = time.monotonic
         self._reminder = Reminder(lambda: self.clock())
+        #: What a failed poll is said as, and the Reminder's key for it.
+        self._polling = f"polling the registry for {model}"
 
     @property
     def stop(self) -> threading.Event:
@@ -103,14 +114,23 @@ class Watcher:
 
         Listing re-reads (and, for the local registry, re-hashes) every version, so it runs only
         when `latest` shows a version above the highest one listed before: a quiet registry costs
-        one version read per poll, not one per registered version.
+        one version read per poll, not one per registered version. Damaged versions count (the
+        listings leave them out): a damaged candidate is accepted, to be closed Failed.
         """
-        latest = self.registry.latest(self.model)
-        if latest is None or (
-            self._listed_up_to is not None and latest.version <= self._listed_up_to
-        ):
+        damaged: list[DamagedVersion] = []
+        latest = self.registry.latest(self.model, damaged=damaged)
+        top = max([v.version for v in damaged] + ([latest.version] if latest else []), default=0)
+        if not top and self._listed_up_to is not None and not self.registry.withdrawn(self.model):
+            # Versions are never removed: none where some were is a registry folder gone (an
+            # unmounted share), said as a failed poll is, not polled in silence.
+            raise RegistryError(
+                f"{self.model}: {self.registry!r} holds no version of it any more (it held up to "
+                f"v{self._listed_up_to}): unmounted, moved or removed?"
+            )
+        if not top or (self._listed_up_to is not None and top <= self._listed_up_to):
             return []
-        versions = self.registry.list_versions(self.model)
+        damaged = []
+        versions = self.registry.list_versions(self.model, damaged=damaged)
         entries = self.dispatcher.store.load(self.model).entries.values()
         known = {e.version for e in entries if e.outcome != MISSING}  # MISSING: listed now
         production = 0
@@ -119,12 +139,13 @@ class Watcher:
             # the listing leaves out a production version archived in the Azure ML studio.
             tagged = self.registry.find_by_tag(self.model, STAGE_TAG, Stage.PRODUCTION)
             production = max((v.version for v in tagged), default=0)
-        fresh = new_versions(versions, self.required_tags, known, production)
+        listed: list[ModelVersion | DamagedVersion] = [*versions, *damaged]
+        fresh = new_versions(listed, self.required_tags, known, production)
         accepted = [
             v.version for v in fresh if self.dispatcher.accept(self.model, v.version, "watch")
         ]
         # Only once all are accepted: a poll that fails on the way lists again next time.
-        self._listed_up_to = max(v.version for v in versions)
+        self._listed_up_to = max((v.version for v in listed), default=top)
         return accepted
 
     def run(
@@ -159,14 +180,12 @@ class Watcher:
                 try:
                     if self.poll():
                         worker.wake()
-                except PipelineError as exc:
+                except Exception as exc:
                     # A registry hiccup must not kill a long-running watcher: log, retry next poll.
                     self._poll_failed(exc)
-                except Exception:
-                    log.exception("polling the registry for %s failed", self.model)
                 else:
-                    if self._reminder.ended("poll"):
-                        log.info("polling the registry for %s works again", self.model)
+                    if self._reminder.ended(self._polling):
+                        log.info("%s works again", self._polling)
                 self.stop.wait(self.interval_s)
             if not worker.join(timeout=STOP_WAIT_S):
                 log.info(
@@ -175,19 +194,14 @@ class Watcher:
                 )
             return []
 
-    def _poll_failed(self, exc: PipelineError) -> None:
+    def _poll_failed(self, exc: Exception) -> None:
         """Say a failed poll once, and again only every REMIND_S while the same error repeats,
-        as the worker does (Reminder)."""
-        say, again = self._reminder.due("poll", str(exc))
-        if not say:
-            log.debug("polling the registry for %s failed again: %s", self.model, exc)
-            return
-        log.warning(
-            "polling the registry for %s %s: %s; polling again every %g s, quietly (said again "
-            "every %g min)",
-            self.model,
-            "still fails" if again else "failed",
+        as the worker does (Reminder.say: an unexpected error with its traceback the first
+        time)."""
+        self._reminder.say(
+            log,
+            self._polling,
             exc,
-            self.interval_s,
-            REMIND_S / 60,
+            f"polling again every {self.interval_s:g} s, quietly (said again every "
+            f"{REMIND_S / 60:g} min)",
         )

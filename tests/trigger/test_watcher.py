@@ -416,9 +416,9 @@ class _CountingRegistry:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def list_versions(self, name: str) -> list[ModelVersion]:
+    def list_versions(self, name: str, **options: Any) -> list[ModelVersion]:
         self.listings += 1
-        return self.inner.list_versions(name)
+        return self.inner.list_versions(name, **options)
 
 
 def test_a_quiet_registry_is_not_listed_on_every_poll(
@@ -980,10 +980,10 @@ class _UnreachableRegistry(_CountingRegistry):
         super().__init__(inner)
         self.errors = errors
 
-    def latest(self, name: str) -> ModelVersion | None:
+    def latest(self, name: str, **options: Any) -> ModelVersion | None:
         if self.errors:
             raise self.errors.pop(0)
-        return self.inner.latest(name)
+        return self.inner.latest(name, **options)
 
 
 def test_a_poll_failing_with_the_same_error_says_it_once(
@@ -1588,3 +1588,138 @@ def test_a_once_pass_whose_supersede_check_cannot_read_the_registry_goes_on_to_d
     monkeypatch.setattr(registry, "get", unreachable_while_checking)
     monkeypatch.setattr(dispatcher, "_abort_older", supersede_check)
     assert Watcher(registry, "diabetes", dispatcher).poll() == [3]
+
+
+def test_an_unexpected_delivery_error_is_said_once_with_its_traceback_and_status_tells_why(
+    tmp_path: Path, registry: LocalRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was: an error that is not a PipelineError/RolloutError (`.rollout/packages` a file, a full
+    # disk) was logged with its traceback at every retry — ~28 lines every 5 s with `serve`,
+    # on a full disk filling it further — and `trigger status` showed no reason.
+    def not_a_folder() -> OSError:
+        return NotADirectoryError(20, "Not a directory", ".rollout/packages/diabetes/1")
+
+    errors: list[Exception] = [not_a_folder() for _ in range(5)]
+    errors += [OSError(28, "No space left on device")] * 2
+    failing = _FailingDelivery(tmp_path / "engine", registry, errors=errors)
+    dispatcher = Dispatcher(
+        TriggerStore(tmp_path / "trigger"), registry, failing, wait_interval_s=0.01
+    )
+    register(registry, tmp_path, stage="candidate")
+    worker = DeliveryWorker(dispatcher, lambda: ["diabetes"])
+    ticks = iter([0.0, 1.0, 2.0, 700.0, 701.0, 702.0, 703.0])  # a reminder after 10 min
+    worker.clock = lambda: next(ticks)
+    reasons: list[str] = []
+    assert dispatcher.accept("diabetes", 1, "watch")
+    with (
+        caplog.at_level(logging.DEBUG, logger="aml_pipelines.trigger.dispatch"),
+        _running(worker),
+    ):
+        _wait_until(lambda: worker.failures >= 1, dispatcher)
+        reasons.append(dispatcher.store.load("diabetes").entries[1].reason)
+        _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
+    entry = dispatcher.store.load("diabetes").entries[1]
+    assert (entry.step, entry.outcome, entry.attempts) == (Step.DONE, "Succeeded", 8)
+    assert reasons == [
+        "waits, to be retried: NotADirectoryError: [Errno 20] Not a directory: "
+        "'.rollout/packages/diabetes/1'"
+    ]
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.getMessage().split(": ")[0], r.exc_info is not None) for r in said] == [
+        ("delivery of diabetes stopped", True),  # the first time, with its traceback
+        ("delivery of diabetes still stopped", False),  # 10 min on, the same: one line
+        ("delivery of diabetes stopped", True),  # another error, with its traceback
+    ]
+    assert "NotADirectoryError: [Errno 20]" in said[0].getMessage()
+    assert (
+        said[0]
+        .getMessage()
+        .endswith("retrying every 0.01 s, quietly (said again every 10 min while it lasts)")
+    )
+
+
+def test_an_unexpected_poll_error_is_said_once_with_its_traceback(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    dispatcher: Dispatcher,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Was: a poll failing with an error that is not a PipelineError logged its traceback at
+    # every poll, where a registry error is said once.
+    errors: list[Exception] = [PermissionError(13, "Permission denied", "/mnt/reg")] * 5
+    unreachable = _UnreachableRegistry(registry, errors)
+    register(registry, tmp_path, stage="candidate")
+    watcher = Watcher(
+        unreachable,  # type: ignore[arg-type]
+        "diabetes",
+        dispatcher,
+        required_tags=CANDIDATE,
+        interval_s=0.01,
+    )
+    thread = threading.Thread(target=watcher.run)
+    with caplog.at_level(logging.DEBUG, logger="aml_pipelines.trigger.watcher"):
+        thread.start()
+        try:
+            _wait_until(lambda: 1 in dispatcher.store.load("diabetes").entries, dispatcher)
+            _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
+        finally:
+            watcher.stop.set()
+            thread.join(10)
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.getMessage().split(": ")[0], r.exc_info is not None) for r in said] == [
+        ("polling the registry for diabetes failed", True)
+    ]
+    assert "PermissionError: [Errno 13] Permission denied: '/mnt/reg'" in said[0].getMessage()
+    assert "polling the registry for diabetes works again" in caplog.text
+
+
+@pytest.mark.parametrize("damaged_at", ["start", "between-polls"])
+def test_a_damaged_newest_candidate_is_closed_failed_not_ignored(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher, damaged_at: str
+) -> None:
+    # Was: the listings and `latest` leave a damaged version out, so the watcher never saw it:
+    # `watch --once` said "no new version to deliver" (exit 0) for a registered candidate that
+    # could never be rolled out, where an event for it closes it Failed (exit 5).
+    register(registry, tmp_path, stage="production")
+    watcher = Watcher(registry, "diabetes", dispatcher, required_tags=CANDIDATE)
+    if damaged_at == "between-polls":
+        assert watcher.poll() == []  # listed up to v1: a new version is seen by `latest`
+    register(registry, tmp_path, stage="candidate")
+    _damage(registry, 2)
+    assert watcher.poll() == [2]
+    (outcome,) = dispatcher.drain("diabetes")
+    assert (outcome.version, outcome.phase) == (2, "Failed")
+    assert "diabetes:2 is corrupted" in outcome.reason
+    assert watcher.poll() == []  # closed: not accepted again
+    assert journal(tmp_path / "engine") == []
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [
+        pytest.param({"stage": "rolled-back"}, id="delivered-already"),
+        pytest.param({}, id="not-a-candidate"),
+    ],
+)
+def test_a_damaged_version_the_watcher_would_not_deliver_is_left_alone(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher, tags: dict[str, str]
+) -> None:
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, **tags)
+    _damage(registry, 2)
+    assert Watcher(registry, "diabetes", dispatcher, required_tags=CANDIDATE).poll() == []
+
+
+def test_a_registry_folder_gone_mid_run_is_a_failed_poll_not_silence(
+    tmp_path: Path, registry: LocalRegistry, dispatcher: Dispatcher
+) -> None:
+    # Was: a registry folder gone (an unmounted share) read as "no version", polled forever
+    # without a word; a failed poll is said once, every 10 min while it lasts, and when back.
+    register(registry, tmp_path, stage="production")
+    watcher = Watcher(registry, "diabetes", dispatcher, required_tags=CANDIDATE)
+    assert watcher.poll() == []
+    registry.root.rename(tmp_path / "gone")
+    with pytest.raises(RegistryError, match="no version of it any more"):
+        watcher.poll()
+    (tmp_path / "gone").rename(registry.root)
+    assert watcher.poll() == []
