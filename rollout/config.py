@@ -1286,8 +1286,9 @@ class KubernetesStateConfig(KubeApiConfig):
 
     kind: Literal["kubernetes"] = "kubernetes"
     namespace: KubeNamespace
-    #: The ledger only (`<name>.ledger.jsonl`, a line per tick: it would outgrow a ConfigMap). In
-    #: a pod, mount a volume here or the ledger goes with the pod (status and commands do not).
+    #: The ledger only (`<namespace>/<name>.ledger.jsonl`, a line per tick: it would outgrow a
+    #: ConfigMap). In a pod, mount a volume here or the ledger goes with the pod (status and
+    #: commands do not).
     dir: Path = Path(".rollout")
     #: Seconds the lease lasts without renewal (the Lease's `leaseDurationSeconds`; renewed every
     #: third of it). A controller that died is replaced once it has expired and a newcomer has

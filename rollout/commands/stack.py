@@ -155,6 +155,8 @@ def demo(
         level=logging.INFO if verbose else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for quiet in ("httpx", "httpcore"):  # their INFO line names each URL, a notify token's too
+        logging.getLogger(quiet).setLevel(logging.WARNING)
     from rollout.local.demo import run_demo
 
     folder = out or default_demo_folder(Path("runs"), datetime.now(UTC))
