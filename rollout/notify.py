@@ -23,9 +23,10 @@ most), reading only the answer's status line; a failure
 is a warning in the log (naming the webhook by scheme and host only: an incoming webhook's path
 is its secret), not an error of the rollout. A controller killed between persisting a
 phase and posting about it does not post it after a restart (at most once per phase change).
-A 307 or 308 redirect (which keeps the POST and its body) to an http(s) URL is followed, up to
-`REDIRECTS` times within the same `timeout_s`; a 301, 302 or 303 (after which a client sends a
-GET, without the body) is not, and the warning says where it pointed, by scheme and host.
+A 307 or 308 redirect (which keeps the POST and its body) on the same host, never from https
+to plain http, is followed, up to `REDIRECTS` times within the same `timeout_s`; a 301, 302 or
+303 (after which a client sends a GET, without the body) is not, and the warning says where it
+pointed, by scheme and host.
 """
 
 from __future__ import annotations
@@ -211,6 +212,12 @@ def _redirect(response: httpx.Response, followed: int) -> tuple[httpx.Request | 
         return None, f"{where}: a {code} turns the POST into a GET"
     if following.url.scheme not in ("http", "https"):
         return None, f"{where}: not http(s)"
+    if response.url.scheme == "https" and following.url.scheme != "https":
+        return None, f"{where}: from https to plain http (the token and body would go in clear)"
+    if following.url.host != response.url.host:
+        # A webhook (or whoever answers for it) must not steer the controller's POSTs to any
+        # host it likes (an internal one included): a moved webhook is `notify.url`'s to say.
+        return None, f"{where}: another host (set notify.url to it if it is the webhook's)"
     if followed >= REDIRECTS:
         return None, f"{where}: {REDIRECTS} redirects followed already"
     return following, ""

@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -370,6 +371,7 @@ REDIRECTS = {
     "/302": (302, "https://moved.example/services/T0/B0/s3cr3t?token=also-secret"),
     "/303": (303, "https://moved.example/services/T0/B0/s3cr3t?token=also-secret"),
     "/ftp": (307, "ftp://files.example/s3cr3t"),
+    "/elsewhere": (307, "http://internal.example/s3cr3t"),
 }
 
 
@@ -438,6 +440,9 @@ def test_a_redirect_that_keeps_the_post_is_followed(
     + [
         pytest.param("/ftp", 1, "HTTP 307 (redirected to ftp://files.example/…, not followed: "
                      "not http(s))", id="not-http"),
+        pytest.param("/elsewhere", 1, "HTTP 307 (redirected to http://internal.example/…, not "
+                     "followed: another host (set notify.url to it if it is the webhook's))",
+                     id="another-host"),
         pytest.param("/loop", 4, "HTTP 307 (redirected to {base}/…, not followed: 3 redirects "
                      "followed already)", id="bounded"),
     ],
@@ -503,3 +508,19 @@ def test_a_bad_notify_url_is_shown_by_scheme_and_host_only(
         load_spec(path)
     assert f"notify.url: {message}" in str(refused.value)
     assert "TOKEN" not in str(refused.value)
+
+
+def test_a_redirect_from_https_to_plain_http_is_not_followed() -> None:
+    # Was: followed, the webhook's path (its token) and the body sent in clear.
+    from rollout.notify import _redirect
+
+    response = httpx.Response(308, request=httpx.Request("POST", "https://hooks.example/a/b"))
+    response.next_request = httpx.Request("POST", "http://hooks.example/a/b")
+    following, why = _redirect(response, 0)
+    assert following is None
+    assert why == (
+        "redirected to http://hooks.example/…, not followed: from https to plain http (the "
+        "token and body would go in clear)"
+    )
+    response.next_request = httpx.Request("POST", "https://hooks.example/c")
+    assert _redirect(response, 0) == (response.next_request, "")
