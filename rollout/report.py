@@ -137,11 +137,20 @@ def stories_from_ledger(path: Path) -> list[RolloutStory]:
         raise ValueError(f"{path}: no ticks in this ledger")
     stories = [story for story, bootstrapped in told if not bootstrapped]
     if not stories:
-        raise ValueError(
+        raise OnlyBootstrap(
             f"{path}: no rollout in this ledger, only a bootstrap's lines "
             "(`aml-rollout rollout explain` tells them)"
         )
+    for story in stories:
+        try:  # as the report will draw them: a time out of any calendar's range is one line too
+            datetime.fromtimestamp(story.start, UTC), datetime.fromtimestamp(story.end, UTC)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise ValueError(f"{path}: a line's time `at` is no time ({exc})") from exc
     return stories
+
+
+class OnlyBootstrap(ValueError):
+    """A ledger holding a bootstrap's lines and no rollout."""
 
 
 #: The outcome of a rollout that has not ticked (its start line alone): the phase it is in.
@@ -483,13 +492,24 @@ def write_report(
     title: str = "aml-rollout report",
     notes: Sequence[str] = (),
 ) -> Path:
-    """Render the ledgers (plus Prometheus series when a URL is given) to `path`."""
+    """Render the ledgers (plus Prometheus series when a URL is given) to `path`. A ledger of
+    a bootstrap alone (a state folder's first release) is left out with a warning, unless no
+    other holds a rollout either (OnlyBootstrap)."""
     stories = []
     for ledger in ledgers:
-        for story in stories_from_ledger(ledger):
+        try:
+            told = stories_from_ledger(ledger)
+        except OnlyBootstrap as exc:
+            if len(ledgers) == 1:
+                raise
+            log.warning("%s: left out of the report", exc)
+            continue
+        for story in told:
             if prometheus_url:
                 add_prometheus(story, prometheus_url)
             stories.append(story)
+    if ledgers and not stories:
+        raise OnlyBootstrap(f"{', '.join(map(str, ledgers))}: no rollout in these ledgers")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(stories, title=title, notes=notes), encoding="utf-8")
     return path

@@ -402,3 +402,26 @@ def test_a_rollout_stopped_before_its_first_tick_is_not_drawn_as_a_failure(
     assert (story.outcome, story.reason) == ("Initializing", "the rollout has not ticked yet")
     page = render_html([story], title="t")
     assert "<h2>d: <span>Initializing</span></h2>" in page
+
+
+def test_a_bootstrap_only_ledger_beside_rollouts_is_left_out_not_the_whole_report(
+    tmp_path: Path, ledger: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was: one such ledger (the demo's state folder holds diabetes-v1's) lost the whole report.
+    first = tmp_path / "diabetes-v1.ledger.jsonl"
+    Ledger(first, fsync=False).append(
+        {"event": "bootstrap", "at": T0, "release": CANDIDATE, "by": "ann"}
+    )
+    page = write_report(tmp_path / "r.html", [first, ledger]).read_text()
+    assert "<h2>diabetes-v3: " in page and "diabetes-v1" not in page
+    assert "diabetes-v1.ledger.jsonl: no rollout in this ledger" in caplog.text
+    with pytest.raises(ValueError, match="no rollout in these ledgers"):
+        write_report(tmp_path / "r.html", [first, first])
+
+
+def test_a_time_out_of_range_is_one_line_naming_the_ledger(tmp_path: Path) -> None:
+    # Was: an OverflowError traceback from the page's "started" date.
+    path = tmp_path / "d.ledger.jsonl"
+    Ledger(path, fsync=False).append(tick(1e300, "Progressing", 10, "started", blue=10))
+    with pytest.raises(ValueError, match=r"d\.ledger\.jsonl: a line's time `at` is no time"):
+        write_report(tmp_path / "r.html", [path])
