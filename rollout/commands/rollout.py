@@ -104,7 +104,7 @@ def _shown(text: str) -> str:
 
 
 def _fail(exc: Exception) -> NoReturn:
-    _err.print(f"[bold red]error:[/] {escape(str(exc))}")
+    _err.print(f"[bold red]error:[/] {_shown(str(exc))}")
     raise typer.Exit(EXIT_ERROR)
 
 
@@ -155,11 +155,11 @@ def validate(spec: SpecArg) -> None:
         problems.append(str(exc))
     if problems:
         for problem in problems:
-            _err.print(f"[bold red]error:[/] {escape(problem)}")
+            _err.print(f"[bold red]error:[/] {_shown(problem)}")
         raise typer.Exit(EXIT_ERROR)
     shadow = f" (0 %: shadow, {parsed.shadow_percent} % mirrored)" if parsed.shadow_percent else ""
     _out.print(
-        f"[green]ok[/] {escape(str(spec))}: rollout [bold]{parsed.name}[/], "
+        f"[green]ok[/] {_shown(str(spec))}: rollout [bold]{parsed.name}[/], "
         f"plan {list(parsed.plan)} %{shadow}, "
         f"router {parsed.router.kind}, metrics {parsed.metrics.kind}, "
         f"alpha {parsed.analysis.alpha:g}, interval {parsed.analysis.interval_s:g} s, "
@@ -178,8 +178,8 @@ def validate(spec: SpecArg) -> None:
     for where, release in releases.items():
         given = release.image if parsed.router.kind == "istio" else release.model_dir
         _out.print(
-            f"{where} {escape(release.ref)} deployable by the {parsed.router.kind} router "
-            f"({needs} {escape(str(given))})"
+            f"{where} {_shown(release.ref)} deployable by the {parsed.router.kind} router "
+            f"({needs} {_shown(str(given))})"
         )
 
 
@@ -255,7 +255,7 @@ def run(
         stamp = time.strftime("%H:%M:%S", time.localtime(record.get("at", time.time())))
         _out.print(
             f"{stamp} [bold]{status.phase.value:<11}[/] blue {status.blue_weight:>3} %  "
-            f"{escape(status.reason)}"
+            f"{_shown(status.reason)}"
         )
 
     previous = _load_status(_store(parsed, state_dir))
@@ -309,7 +309,7 @@ def run(
         )
         raise typer.Exit(EXIT_INTERRUPTED) from None
     colour = {"Succeeded": "green", "RolledBack": "yellow"}.get(result.phase.value, "red")
-    _out.print(f"[bold {colour}]{result.phase.value}[/]: {escape(result.reason)}")
+    _out.print(f"[bold {colour}]{result.phase.value}[/]: {_shown(result.reason)}")
     # One line whatever the width (the consoles soft-wrap): wrapped, a pasted hint ran
     # `explain` without its ledger.
     _out.print(
@@ -380,10 +380,10 @@ def bootstrap(
     except RolloutError as exc:
         _fail(exc)
     if not done:
-        _out.print(f"green already serves {escape(first.ref)}: nothing to do")
+        _out.print(f"green already serves {_shown(first.ref)}: nothing to do")
         return
     _out.print(
-        f"[bold green]green[/] serves {escape(first.ref)} with all traffic; roll out the next "
+        f"[bold green]green[/] serves {_shown(first.ref)} with all traffic; roll out the next "
         "release with `aml-rollout rollout run`"
     )
 
@@ -419,12 +419,12 @@ def _check_first(
     def show(verdict: Verdict, reason: str) -> None:
         if not quiet:
             stamp = time.strftime("%H:%M:%S", time.localtime(clock.now() if clock else None))
-            _out.print(f"{stamp} [bold]{verdict.value:<12}[/] {escape(reason)}")
+            _out.print(f"{stamp} [bold]{verdict.value:<12}[/] {_shown(reason)}")
 
     if not quiet:
         # Said as what comes, not as done: a probe or a deploy refused next deploys nothing.
         _out.print(
-            f"{escape(first.ref)} to green with all traffic, then judged on the absolute limits "
+            f"{_shown(first.ref)} to green with all traffic, then judged on the absolute limits "
             f"every {parsed.analysis.interval_s:g} s"
         )
     try:
@@ -464,10 +464,10 @@ def _check_first(
         ),
     }[result.verdict]
     _out.print(
-        f"[bold {colour}]{result.verdict.value}[/] ({said}): first release {escape(first.ref)}: "
-        f"{escape(result.reason)}",
+        f"[bold {colour}]{result.verdict.value}[/] ({said}): first release {_shown(first.ref)}: "
+        f"{_shown(result.reason)}",
     )
-    _out.print(escape(hint))
+    _out.print(_shown(hint))
     return code
 
 
