@@ -296,11 +296,13 @@ def _rollout(
     # The default plan, shadow step first; 20 % mirrored rather than 5 % so that, at the demo's
     # 120 req/s, the shadow step has its 100 copies in about 4 s instead of 17.
     spec = stack.spec(name, analysis=ANALYSIS, mirror_percent=DEMO_MIRROR_PERCENT)
-    view = _LiveView(
-        name, load, latency=lambda: envoy_p99_ms(stack.prometheus.url, LATENCY_WINDOW_S)
-    )
+    latency = EnvoyLatency(stack.prometheus.url)
+    view = _LiveView(name, load, latency=latency)
     try:
-        with Live(view.render(), console=console, refresh_per_second=4, transient=False) as live:
+        with (
+            latency,
+            Live(view.render(), console=console, refresh_per_second=4, transient=False) as live,
+        ):
             view.live = live.update
             outcome = run_rollout(
                 spec,
@@ -374,7 +376,11 @@ def exposure(before: Any, after: Any, candidate: Release, ledger: list[dict[str,
 
 
 def envoy_p99_ms(
-    prometheus_url: str, window_s: float, *, timeout_s: float = 1.0
+    prometheus_url: str,
+    window_s: float,
+    *,
+    timeout_s: float = 1.0,
+    client: httpx.Client | None = None,
 ) -> dict[str, float]:
     """p99 in ms per colour as Envoy measured it over the last `window_s`, from Prometheus.
 
@@ -387,7 +393,7 @@ def envoy_p99_ms(
 
     query = P99_MS.format(w=f"{max(1, round(window_s))}s")
     try:
-        answer = httpx.get(
+        answer = (client or httpx).get(
             f"{prometheus_url}/api/v1/query", params={"query": query}, timeout=timeout_s
         )
         answer.raise_for_status()
@@ -399,6 +405,37 @@ def envoy_p99_ms(
         log.info("demo: no latency from Prometheus at %s (%s)", prometheus_url, exc)
         return {}
     return {colour: ms for colour, ms in sorted(p99.items()) if math.isfinite(ms)}
+
+
+class EnvoyLatency:
+    """Envoy's p99 per colour (`envoy_p99_ms`, over LATENCY_WINDOW_S), read every
+    LATENCY_EVERY_S on a thread of its own through one kept HTTP client; calling it gives the
+    last answer at once. The panel is redrawn in the controller's tick: a read there held every
+    other tick up to 0.7 s (a new client loads the CA bundle, even for http://)."""
+
+    def __init__(self, prometheus_url: str) -> None:
+        self.prometheus_url = prometheus_url
+        self._latest: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="demo-latency", daemon=True)
+
+    def __call__(self) -> dict[str, float]:
+        return self._latest
+
+    def __enter__(self) -> EnvoyLatency:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _poll(self) -> None:
+        with httpx.Client() as client:
+            while True:
+                self._latest = envoy_p99_ms(self.prometheus_url, LATENCY_WINDOW_S, client=client)
+                if self._stop.wait(LATENCY_EVERY_S):
+                    return
 
 
 def _by_colour(p99: dict[str, float]) -> str:
@@ -436,10 +473,8 @@ class _LiveView:
     ) -> None:
         self.name = name
         self.load = load
-        #: Envoy's p99 per colour (`envoy_p99_ms`), read at most every LATENCY_EVERY_S.
+        #: Envoy's p99 per colour now (`EnvoyLatency`: its last answer, never a query).
         self.latency = latency
-        self._p99: dict[str, float] = {}
-        self._p99_read = -math.inf
         self.started = time.monotonic()
         self.status: Any = None
         self.record: dict[str, Any] = {}
@@ -489,12 +524,10 @@ class _LiveView:
         table.add_row("verdict", verdict)
         table.add_row("reason", str(record.get("reason", ""))[:160])
         table.add_row("load", f"{self.load.snapshot().rps:.0f} req/s through Envoy")
-        if time.monotonic() - self._p99_read >= LATENCY_EVERY_S:
-            self._p99, self._p99_read = self.latency(), time.monotonic()
         slo = ANALYSIS["latency"]["slo_ms"]
         table.add_row(
             "latency",
-            f"p99 as Envoy measured it (last {LATENCY_WINDOW_S} s): {_by_colour(self._p99)}  "
+            f"p99 as Envoy measured it (last {LATENCY_WINDOW_S} s): {_by_colour(self.latency())}  "
             f"(SLO {slo} ms)",
         )
         elapsed = time.monotonic() - self.started

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shlex
+import threading
+import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import SimpleNamespace
@@ -309,3 +312,28 @@ def test_envoys_p99_is_read_per_colour_from_prometheus() -> None:
     finally:
         server.stop()
     assert envoy_p99_ms(server.url, 10) == {}  # stopped: nothing to show, no error
+
+
+def test_envoys_latency_is_read_on_its_own_thread_never_in_a_redraw(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Was: read in `render`, in the controller's tick: every other tick held up to 0.7 s.
+    from rollout.local import demo
+
+    readers: list[str] = []
+
+    def read(url: str, window_s: float, **_: object) -> dict[str, float]:
+        readers.append(threading.current_thread().name)
+        return {"blue": 1.0 + len(readers)}
+
+    monkeypatch.setattr(demo, "envoy_p99_ms", read)
+    with demo.EnvoyLatency("http://127.0.0.1:9") as latency:
+        for _ in range(500):
+            if readers:
+                break
+            time.sleep(0.01)
+        view = _LiveView("diabetes-v2", Load(), latency=latency)
+        out = io.StringIO()
+        Console(file=out, width=200, color_system=None).print(view.render())
+    assert re.search(r"p99 as Envoy measured it \(last 10 s\): blue \d+\.0 ms", out.getvalue())
+    assert set(readers) == {"demo-latency"}
