@@ -508,12 +508,17 @@ class WebhookApp:
         return {model: set() if model in late else found.get(model, set()) for model in models}
 
 
+#: Seconds a TLS connection being closed waits for the client's close (asyncio's default: 30).
+SSL_SHUTDOWN_S = 1.0
+
+
 def _loop_with_handshake_timeout(timeout_s: float) -> asyncio.AbstractEventLoop:
     """The event loop uvicorn's `loop="auto"` picks (uvloop when installed, else asyncio's),
     whose TLS servers drop a connection that has not completed its handshake within
     `timeout_s`: the head's deadline starts only once it is done (the protocol is told of the
     connection then), so one that sent nothing, or half a ClientHello, was held for asyncio's
-    default 60 s. uvicorn has no option for it (make_server's Config gives this factory)."""
+    default 60 s; and whose closing ones wait SSL_SHUTDOWN_S for the client's close. uvicorn
+    has no option for either (make_server's Config gives this factory)."""
     try:
         import uvloop
 
@@ -525,6 +530,9 @@ def _loop_with_handshake_timeout(timeout_s: float) -> asyncio.AbstractEventLoop:
         async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
             if kwargs.get("ssl") is not None:
                 kwargs.setdefault("ssl_handshake_timeout", timeout_s)
+                # A refused head (431) closes the connection; over TLS the close waited 30 s
+                # for the client's, the loop decrypting all it sent meanwhile (8 GiB).
+                kwargs.setdefault("ssl_shutdown_timeout", SSL_SHUTDOWN_S)
             return await super().create_server(*args, **kwargs)  # type: ignore[no-any-return]
 
     return Loop()

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -981,3 +981,35 @@ def test_a_request_head_over_the_cap_is_answered_431_and_closed_unread(
     assert b"connection: close" in received
     # The server stopped reading at the cap: what it never read, it does not hold.
     assert sent < tried // 2
+
+
+def test_over_tls_a_head_over_the_cap_is_closed_at_once_not_after_30_s(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    # Was: the 431 sent, the close then waited 30 s (asyncio's TLS shutdown timeout) for the
+    # client's, decrypting all it sent meanwhile: 8 GiB in 30 s, a core of the event loop.
+    import ssl
+
+    pki = make_pki(tmp_path)
+    context = ssl.create_default_context(cafile=str(pki.ca_file))
+    files = {"ssl_certfile": str(pki.cert_file), "ssl_keyfile": str(pki.key_file)}
+    sent, received = 0, b""
+    with running(tmp_path, registry, **files) as hook:
+        url = httpx.URL(hook.url)
+        with (
+            socket.create_connection((url.host, url.port or 443), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname=url.host) as conn,
+        ):
+            try:
+                conn.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nX-Big: ")
+                while sent < 1024 * 1024 * 1024:  # until the server closes: within 5 s
+                    conn.sendall(b"a" * 65536)
+                    sent += 65536
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                pass
+            except TimeoutError:
+                pytest.fail(f"still open after {sent} bytes")
+            with suppress(ConnectionResetError, ssl.SSLError, TimeoutError):
+                while chunk := conn.recv(65536):
+                    received += chunk
+    assert sent < 1024 * 1024 * 1024
