@@ -1346,6 +1346,13 @@ class NotifyConfig(_Model):
             problem = str(exc)
         found = re.match(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)", url)
         if found is None:
+            later = re.search(r"[A-Za-z][A-Za-z0-9+.\-]*://", url)
+            pasted = url[: later.start()] if later is not None else ""
+            if pasted and all(c.isspace() or not c.isprintable() for c in pasted):
+                # A space, a BOM or a zero-width space before it (pasted): the URL looks right.
+                raise ValueError(
+                    f"must be an http:// or https:// URL: remove the {pasted!r} before its scheme"
+                )
             raise ValueError("must be an http:// or https:// URL, got one with no scheme://")
         scheme, netloc = found[1], found[2]
         host = netloc.rpartition("@")[2]

@@ -496,6 +496,16 @@ def test_a_redirect_not_followed_says_where_to_by_scheme_and_host_only(
             "must be an http:// or https:// URL, got one with no scheme://",
             id="no-scheme",
         ),
+        pytest.param(
+            "\ufeffhttps://hooks.example.com/services/T0/B0/TOKENSECRET",
+            "must be an http:// or https:// URL: remove the '\\ufeff' before its scheme",
+            id="a-bom-pasted-before-it",
+        ),
+        pytest.param(
+            " https://hooks.example.com/services/T0/B0/TOKENSECRET",
+            "must be an http:// or https:// URL: remove the ' ' before its scheme",
+            id="a-space-pasted-before-it",
+        ),
     ],
 )
 def test_a_bad_notify_url_is_shown_by_scheme_and_host_only(
