@@ -813,7 +813,10 @@ class Reminder:
         can be found, but only then: retried every few seconds, a traceback each time was
         hundreds of thousands of lines a day (on a full disk, filling it further)."""
         error = describe(exc)
-        say, again = self.due(what, error)
+        # An unexpected error is the same one again by its kind: a full disk names another
+        # temporary folder each time, and was a new error (its traceback) at every retry.
+        kind = f"{type(exc).__name__} {getattr(exc, 'errno', '')}" if unexpected(exc) else error
+        say, again = self.due(what, kind)
         if not say:
             logger.debug("%s %s again: %s", what, verbs[0], error)
             return

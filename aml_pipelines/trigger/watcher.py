@@ -125,7 +125,8 @@ class Watcher:
             # unmounted share), said as a failed poll is, not polled in silence.
             raise RegistryError(
                 f"{self.model}: {self.registry!r} holds no version of it any more (it held up to "
-                f"v{self._listed_up_to}): unmounted, moved or removed?"
+                f"v{self._listed_up_to}): a folder unmounted, moved or removed, or a registry "
+                "answering an empty list?"
             )
         if not top or (self._listed_up_to is not None and top <= self._listed_up_to):
             return []

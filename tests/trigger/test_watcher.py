@@ -1600,7 +1600,8 @@ def test_an_unexpected_delivery_error_is_said_once_with_its_traceback_and_status
         return NotADirectoryError(20, "Not a directory", ".rollout/packages/diabetes/1")
 
     errors: list[Exception] = [not_a_folder() for _ in range(5)]
-    errors += [OSError(28, "No space left on device")] * 2
+    # A full disk names another temporary folder at each try: the same error all the same.
+    errors += [OSError(28, "No space left on device", f".package-tmp-{i}") for i in range(2)]
     failing = _FailingDelivery(tmp_path / "engine", registry, errors=errors)
     dispatcher = Dispatcher(
         TriggerStore(tmp_path / "trigger"), registry, failing, wait_interval_s=0.01
