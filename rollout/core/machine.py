@@ -79,6 +79,13 @@ P99_TAIL = 0.01
 #: A bound with more of the baseline above it than this leaves the latency check next to no room
 #: (both colours nearly all "slow"): the next bound up with none above it is taken instead.
 MAX_P99_TAIL = 0.1
+#: A bound with this share of the baseline above it or more is blind: from half on, "less than
+#: 2× baseline" (the default `max_ratio`) holds for any canary, however slow, as none has more
+#: than all its requests slow, so every canary would be shown "not worse" (and a `_seconds`
+#: histogram read as ms has all of them above). Below it the bound still tells (20 % of green
+#: above it: a 3× slower canary, 70 % above, rolled back in one tick), so the largest finite
+#: bound is taken rather than latency left unjudged.
+BLIND_P99_TAIL = 0.5
 #: Absolute guards fire when their e-value against "at most the limit" reaches 1/GUARD_ALPHA: the
 #: chance a canary within the limit ever trips one is at most this, however often it looks — over
 #: the rollout, for each guard (both count the canary's requests over the whole rollout).
@@ -648,8 +655,9 @@ def p99_bucket(counts: ColourCounts) -> float | None:
     nearly all requests above it, made the check blind (a candidate at twice the latency,
     also all "slow", was promoted every time); the upper one, with none above it, is judged as
     a clean baseline is — so it is taken when the closest has more than MAX_P99_TAIL above it.
-    With no such bound (the p99 above the largest finite one: a histogram too short for the
-    service, or a `_seconds` one read as ms) every bound is as blind: None (`_no_threshold_why`).
+    With no such bound (the p99 above the largest finite one) that one is taken, unless at least
+    BLIND_P99_TAIL of the requests are above it (a histogram far too short for the service, or a
+    `_seconds` one read as ms): every bound is then blind, and None (`_no_threshold_why`).
     """
     if not _finite_bounds(counts) or counts.requests <= 0:
         return None
@@ -663,8 +671,8 @@ def p99_bucket(counts: ColourCounts) -> float | None:
         distance = abs(math.log(tail / P99_TAIL))
         if best is None or distance < best[0]:
             best = (distance, bound, tail)
-    if best is not None and best[2] > MAX_P99_TAIL:
-        return None  # (was: that bound, nearly every request of both colours "slow")
+    if best is not None and best[2] >= BLIND_P99_TAIL:
+        return None  # (was: that bound, any canary, however slow, shown "not worse")
     return best[1] if best else counts.latency_buckets[0][0]
 
 
@@ -682,8 +690,9 @@ def _no_threshold_why(green: ColourCounts) -> str:
     ):
         largest = max(bound for bound, _ in green.latency_buckets if bound < math.inf)
         return (
-            "latency not judged: green's p99 is above the histogram's largest finite bound "
-            f"({largest * 1000:g} ms; is the metrics' `latency_unit` right?)"
+            f"latency not judged: {_pct(green.slow(largest) / green.requests)} of green's "
+            f"requests are above the histogram's largest finite bound ({largest * 1000:g} ms; "
+            "is the metrics' `latency_unit` right?)"
         )
     if _finite_bounds(green):
         return "latency threshold not chosen yet (too few baseline requests)"
@@ -775,9 +784,9 @@ def _ingest(
         "blue": {"requests": db.requests, "errors": db.errors, "slow": db.slow},
         "green": {"requests": dg.requests, "errors": dg.errors, "slow": dg.slow},
     }
-    if restarted:
-        tick["evidence_restarted"] = restarted
     if not fold:
+        if restarted:
+            tick["evidence_restarted"] = restarted
         return replace(
             status,
             last_blue=now_b,
@@ -787,21 +796,15 @@ def _ingest(
             over_slo_bound_s=slo_s,
             consecutive_errors=0,
         ), tick
-    down = _below(now_b, last_b) | _below(now_g, last_g)
-    if down & {"requests", "errors"}:
-        # A reading below the last (an empty or short read, a series missing for a scrape, a
-        # counter reset, a clock stepped back): no new data. The base stays, or the series'
-        # return would count the whole step again; a count begun anew counts once it passes
-        # the base. (Nothing is kept of this tick: the next one sees any edit again.)
+    if _below(now_b, last_b) or _below(now_g, last_g):
+        # A reading below the last (an empty or short read, a histogram read short, a series
+        # missing for a scrape, a counter reset, a clock stepped back): no new data. The base
+        # stays, or the series' return would count the whole step again; a count begun anew
+        # counts once it passes the base. Nothing of the tick is kept: the next full reading
+        # folds its increase over the base (this tick's errors too: delayed, not lost), and
+        # sees any edit again. (A bound moved never gets here: its counts were re-based above.)
         tick["not_counted"] = "a reading below the last one"
         return replace(status, consecutive_errors=0), tick
-    if down:
-        # Only a latency count below the last (a histogram read short, a bound moved): that
-        # count is measured afresh, from the tick after the next (its base unknown, so its
-        # return is not one tick's), and folds nothing now; requests and errors still fold.
-        # (Was: the whole tick dropped, the error check blind until the count passed its base.)
-        tick["rebased"] = sorted(down)
-        now_b, now_g = _unknown(now_b, last_b), _unknown(now_g, last_g)
     slo_known = not rebase_guard and now_b.over_slo >= 0 and last_b.over_slo >= 0
     # The spec edited since the last tick (and the controller restarted): "not worse" evidence
     # summed against the old max_ratio or δ starts afresh (`Evidence.restarts`), said here.
@@ -863,15 +866,9 @@ def _ingest(
 UNKNOWN = -1
 
 
-def _below(now: Counts, last: Counts) -> set[str]:
-    """The counts read lower than the base (an unknown count is never lower)."""
-    return {f.name for f in fields(Counts) if 0 <= getattr(now, f.name) < getattr(last, f.name)}
-
-
-def _unknown(now: Counts, last: Counts) -> Counts:
-    """`now` with the counts read lower than the base `last` made UNKNOWN: not folded, and the
-    next tick's increase not measured from them."""
-    return replace(now, **dict.fromkeys(_below(now, last), UNKNOWN))
+def _below(now: Counts, last: Counts) -> bool:
+    """Whether any count read is lower than the base (an unknown count is never lower)."""
+    return any(0 <= getattr(now, f.name) < getattr(last, f.name) for f in fields(Counts))
 
 
 def _bound_name(bound_s: float | None) -> str:
@@ -1137,6 +1134,7 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
     # Promotion needs positive evidence of "not worse" on every check.
     missing = []
     proven = []
+    unjudged = []  # said as they are, not after "not yet shown"
     for key, phrase in checks:
         e = status.errors if key == "errors" else status.slow
         check = analysis.errors if key == "errors" else lat
@@ -1163,14 +1161,15 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
         and status.slow.log_e_ok() < math.log(1 / alpha)
     ):
         # Their slow requests are unknown: the latency check takes nothing from such a tick.
-        missing.append(f"latency not judged now ({' and '.join(blind)}: no latency histogram)")
+        unjudged.append(f"latency not judged now ({' and '.join(blind)}: no latency histogram)")
     if lat.enabled and status.slow_threshold_s is None:
         if _finite_bounds(obs.green):  # chosen once green has served enough requests
-            missing.append(_no_threshold_why(obs.green))
+            unjudged.append(_no_threshold_why(obs.green))
         else:  # never chosen: said, not waited for
             proven.append(_no_threshold_why(obs.green))
-    if missing:
-        return Verdict.INCONCLUSIVE, f"{name}: not yet shown " + "; ".join(missing)
+    if missing or unjudged:
+        not_shown = ["not yet shown " + "; ".join(missing)] if missing else []
+        return Verdict.INCONCLUSIVE, f"{name}: " + "; ".join(not_shown + unjudged)
     return Verdict.SUCCESSFUL, "canary not worse: " + "; ".join(proven)
 
 

@@ -698,7 +698,11 @@ def test_seed_plan_judges_blue_0_on_mirrored_traffic_by_default() -> None:
         # Slower than every finite bound: blind whichever is taken (was: the first, and a 3×
         # slower canary was promoted), so none is (`test_green_s_p99_above_every_bound...`).
         pytest.param(((0.01, 0), (0.025, 0), (math.inf, 1000)), None, id="above-every-bound"),
-        pytest.param(((0.01, 0), (0.025, 850), (math.inf, 1000)), None, id="15 %-above-the-last"),
+        pytest.param(((0.01, 0), (0.025, 50), (math.inf, 1000)), None, id="95 %-above-the-last"),
+        pytest.param(((0.01, 0), (0.025, 500), (math.inf, 1000)), None, id="half-above-the-last"),
+        # A tail above the last bound that still tells a slower canary: it is judged there.
+        pytest.param(((0.01, 0), (0.025, 510), (math.inf, 1000)), 0.025, id="49 %-above-the-last"),
+        pytest.param(((0.01, 0), (0.025, 850), (math.inf, 1000)), 0.025, id="15 %-above-the-last"),
         pytest.param(((0.01, 0), (0.025, 950), (math.inf, 1000)), 0.025, id="5 %-above-the-last"),
     ],
 )
@@ -1647,7 +1651,7 @@ def test_a_status_file_from_before_the_slo_flag_keeps_its_threshold() -> None:
     assert "evidence_restarted" not in decision.record.get("tick_counts", {})
 
 
-# ---- the latency guard's bound edited mid-rollout, and counts read below the last per field
+# ---- the latency guard's bound edited mid-rollout, and a histogram read short
 
 
 def _edit_spec(**latency: Any) -> RolloutSpec:
@@ -1740,25 +1744,31 @@ def _short_slow_run(errors_at_3: int) -> list[Any]:
     return decisions
 
 
-def test_a_slow_count_below_the_last_is_measured_afresh_while_errors_are_still_folded() -> None:
-    """Was: any count below the base dropped the whole tick, errors included."""
+def test_a_histogram_read_short_delays_the_tick_s_evidence_without_losing_any() -> None:
+    """Was (per field): the slow count made unknown that tick, so the next tick's increase had
+    no base either: two ticks of latency evidence lost on every short read."""
     ticks = _short_slow_run(0)
-    after_2, short, back, after = (d.status for d in ticks[1:5])
-    assert short.errors.canary_requests == 60  # requests and errors folded
-    assert ticks[2].record["tick_counts"]["rebased"] == ["slow"]
-    assert short.slow == after_2.slow and short.last_blue.slow == -1  # measured from nothing
-    # Its return is the base, not 12 slow requests (the step's so far) against 20 requests.
-    assert back.slow == after_2.slow and back.errors.canary_requests == 80
-    assert after.slow.canary_requests == after_2.slow.canary_requests + 20
-    assert after.slow.canary_bad == after_2.slow.canary_bad + 6
+    after_2, short, back = (d.status for d in ticks[1:4])
+    assert ticks[2].record["tick_counts"]["not_counted"] == "a reading below the last one"
+    assert (short.errors, short.slow, short.last_blue) == (
+        after_2.errors,
+        after_2.slow,
+        after_2.last_blue,
+    )
+    # The next full read folds all of its increase over the base: ticks 3 and 4, nothing lost
+    # (12 of blue's 40 new requests above 100 ms), and not the step's so far.
+    assert back.errors.canary_requests == after_2.errors.canary_requests + 40
+    assert back.slow.canary_requests == after_2.slow.canary_requests + 40
+    assert back.slow.canary_bad == after_2.slow.canary_bad + 12
 
 
-def test_a_slow_count_below_the_last_does_not_hide_a_failing_canary() -> None:
+def test_a_slow_count_below_the_last_delays_a_failing_canary_s_rollback_by_one_tick() -> None:
     ticks = _short_slow_run(10)
     rolled_back = ticks[-1]
-    assert len(ticks) == 3
+    assert len(ticks) == 4  # the short tick 3 is not counted; tick 4 folds its errors
     assert rolled_back.status.phase is Phase.ROLLING_BACK
     assert "canary error rate" in rolled_back.status.reason
+    assert rolled_back.status.errors.canary_bad == 10
 
 
 def test_a_status_saved_before_the_guard_kept_its_bound_rebases_the_guard_s_count_only() -> None:
@@ -1802,7 +1812,7 @@ def test_green_s_p99_above_every_bound_judges_no_latency_and_promotes_nothing(
     history = obs(green=(5000, 0), green_buckets=_above_every_bound(5000))
     start = step(spec, new_status(spec, now=0.0), history, 0.0)
     assert start.status.slow_threshold_s is None
-    why = "green's p99 is above the histogram's largest finite bound (1000 ms"
+    why = "100 % of green's requests are above the histogram's largest finite bound (1000 ms"
     assert why in start.record["history"]["no_threshold"]
     status, blue, green = start.status, 0, 0
     for tick in range(1, 200):
@@ -1823,3 +1833,96 @@ def test_green_s_p99_above_every_bound_judges_no_latency_and_promotes_nothing(
             break
     assert status.phase is Phase.PAUSED and status.held and status.blue_weight == held_at
     assert why in status.reason and "latency_unit" in status.reason
+    assert "not yet shown latency" not in status.reason  # (was: "not yet shown latency not …")
+
+
+def test_a_modest_tail_above_the_last_bound_is_judged_there() -> None:
+    """20 % of green above the largest finite bound (1 s): the check still tells a 3× slower
+    canary (70 % above) from a healthy one. Was: latency not judged above 10 %, the slower one
+    stepped up to 50 % on the errors check alone and held there, never rolled back."""
+
+    def buckets(n: int, above: float) -> tuple[tuple[float, int], ...]:
+        return ((0.5, 0), (1.0, n - int(n * above)), (math.inf, n))
+
+    spec = make_spec(analysis={"latency": {"enabled": True}})
+    history = obs(green=(5000, 0), green_buckets=buckets(5000, 0.2))
+    status = step(spec, new_status(spec, now=0.0), history, 0.0).status
+    assert status.slow_threshold_s == 1.0
+    reading = obs(
+        (100, 0), (900, 0), at=10.0, blue_buckets=buckets(100, 0.7), green_buckets=buckets(900, 0.2)
+    )
+    decision = step(spec, status, reading, 10.0)
+    assert decision.status.phase is Phase.ROLLING_BACK
+    assert "slow-request rate (> 1000 ms) 70 % vs 20 % baseline" in decision.status.reason
+
+
+def test_not_judged_latency_is_said_after_what_is_not_yet_shown() -> None:
+    """Was: "step 50 %: not yet shown latency not judged: …"."""
+    status = progressing(step_index=1, weight=50)
+    reading = obs(
+        (700, 0),
+        (700, 0),
+        at=30.0,
+        blue_buckets=_above_every_bound(700),
+        green_buckets=_above_every_bound(700),
+    )
+    decision = step(LATENCY_SPEC, status, reading, 30.0)
+    assert decision.status.verdict is Verdict.INCONCLUSIVE
+    assert decision.status.reason.startswith("step 50 %: not yet shown error rate < 2× baseline")
+    assert decision.status.reason.endswith(
+        "; latency not judged: 100 % of green's requests are above the histogram's largest "
+        "finite bound (1000 ms; is the metrics' `latency_unit` right?)"
+    )
+
+
+def test_a_histogram_read_short_every_other_tick_still_rolls_back_a_slow_canary() -> None:
+    """Blue's slow count read short (60 % of its slow requests missing) on every other tick
+    from tick 3, requests complete: a canary 4× slower than green is rolled back at tick 4, as
+    with no short read at tick 3. Was (per field): every short read cost two ticks of latency
+    and guard evidence, the evidence frozen, the canary held at 10 % until the step's limit."""
+    spec = _edit_spec(threshold="slo", slo_ms=250, max_slow_rate=0.1)
+    status = new_status(spec, now=0.0)
+
+    def buckets(n: int, slow: int) -> tuple[tuple[float, int], ...]:
+        return ((0.25, n - slow), (math.inf, n))
+
+    for tick in range(1, 10):
+        blue, green = 100 * tick, 900 * tick
+        short = tick >= 3 and tick % 2 == 1
+        reading = obs(
+            (blue, 0),
+            (green, 0),
+            at=10.0 * tick,
+            blue_buckets=buckets(blue, blue * 4 // 100 * (4 if short else 10) // 10),
+            green_buckets=buckets(green, green // 100),
+        )
+        status = step(spec, status, reading, 10.0 * tick).status
+        if status.phase is not Phase.PROGRESSING:
+            break
+    assert (status.phase, tick) == (Phase.ROLLING_BACK, 4)
+    assert "slow-request rate (> 250 ms) 4 % vs 1 % baseline" in status.reason
+    assert (status.slow.canary_bad, status.slow.canary_requests) == (16, 400)
+    assert (status.canary_over_slo, status.canary_slo_requests) == (16, 400)
+
+
+def test_a_dropped_reading_does_not_say_the_guard_restarted_until_a_tick_keeps_it() -> None:
+    """A guard edited at the tick of an empty read: nothing of that tick is kept, so the next
+    tick restarts the guard again; it is said there, once (was: said at both)."""
+    old, new = _edit_spec(**_GUARD_100), _edit_spec(**_GUARD_500)
+    history = obs(green=(5000, 0), green_buckets=_edit_buckets(5000))
+    status = step(old, new_status(old, now=0.0), history, 0.0).status
+    said = []
+    for tick in range(1, 5):
+        blue, green = (0, 0) if tick == 3 else (20 * tick, 180 * tick)
+        reading = obs(
+            (blue, 0),
+            (green, 0),
+            at=10.0 * tick,
+            blue_buckets=_edit_buckets(blue) if blue else (),
+            green_buckets=_edit_buckets(green) if green else (),
+        )
+        decision = step(old if tick < 3 else new, status, reading, 10.0 * tick)
+        status = decision.status
+        said.append(decision.record["tick_counts"].get("evidence_restarted", {}).get("guard"))
+    assert said == [None, None, None, ["slower than 100 ms → slower than 500 ms"]]
+    assert status.over_slo_bound_s == 0.5
