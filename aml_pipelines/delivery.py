@@ -803,12 +803,12 @@ def check_first_release(
     verdict the release keeps serving. A spec with no absolute limit cannot judge it: deployed
     unjudged, as told. `metrics` judges it (None: the spec's, built for the check).
     """
-    from rollout.api import bootstrap, bootstrap_checked, ledger_path_of
+    from rollout.api import bootstrap, bootstrap_checked, ledger_written
     from rollout.core.machine import first_release_limits
     from rollout.ledger import span
 
     analysis = spec.analysis
-    ledger = ledger_path_of(spec, state_dir)
+    ledger = ledger_written(spec, state_dir)  # the check writes it, an old shared one aside
     if not first_release_limits(analysis):
         bootstrap(spec, release, state_dir=state_dir, router=router)
         reason = (

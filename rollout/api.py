@@ -86,11 +86,11 @@ def state_dir_of(spec: RolloutSpec, state_dir: Path | None = None) -> Path:
 
 def ledger_path_of(spec: RolloutSpec, state_dir: Path | None = None) -> Path:
     """The ledger to read for the rollout (`explain`, `status`): the one it writes
-    (`_ledger_written`); for a kubernetes store whose namespace has none yet, the shared
+    (`ledger_written`); for a kubernetes store whose namespace has none yet, the shared
     `<dir>/<name>.ledger.jsonl` that versions before wrote for every namespace, if there is one:
     a rollout run before the upgrade is still told (its lines, as then, may mix namespaces).
     Run again, it writes its namespace's ledger, read from then on."""
-    path = _ledger_written(spec, state_dir)
+    path = ledger_written(spec, state_dir)
     if isinstance(spec.state, KubernetesStateConfig) and not path.exists():
         shared = state_dir_of(spec, state_dir) / f"{spec.name}.ledger.jsonl"
         if shared.is_file():
@@ -98,7 +98,7 @@ def ledger_path_of(spec: RolloutSpec, state_dir: Path | None = None) -> Path:
     return path
 
 
-def _ledger_written(spec: RolloutSpec, state_dir: Path | None = None) -> Path:
+def ledger_written(spec: RolloutSpec, state_dir: Path | None = None) -> Path:
     """The ledger file the rollout appends to: `<name>.ledger.jsonl`, with a memory store
     `<name>.memory.ledger.jsonl`, with a kubernetes store `<namespace>/<name>.ledger.jsonl`.
     A memory store's rollout (a dry run) has no lease and no status outside its process, so
@@ -193,7 +193,7 @@ def _first_release(
         router,
         metrics(router),
         make_store(spec.state, spec.name, directory=state_dir, sleep=_store_sleep(clock)),
-        ledger=Ledger(_ledger_written(spec, state_dir)),
+        ledger=Ledger(ledger_written(spec, state_dir)),
         clock=clock,
         owner=default_owner(),
     )
@@ -318,7 +318,7 @@ def run_rollout(
         check_router_files(spec)
     router = router or make_router(spec.router)
     metrics = metrics or _metrics_of(spec, router, store)
-    ledger_path = _ledger_written(spec, state_dir)
+    ledger_path = ledger_written(spec, state_dir)
     controller = Controller(
         spec,
         router,

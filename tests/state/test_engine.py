@@ -24,7 +24,7 @@ from rollout.cli import app
 from rollout.config import RolloutSpec, spec_from_dict
 from rollout.controller import FakeClock
 from rollout.core.status import Command, Status
-from rollout.core.types import Colour, Phase, Weights
+from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.routers.memory import MemoryRouter
 from tests.cli import stop_and_wait
 from tests.engine.specs import spec_dict
@@ -326,3 +326,30 @@ def test_a_ledger_written_before_namespaces_named_it_is_still_read(
     ):
         local = spec_from_dict(data | {"state": {"kind": kind, "dir": str(tmp_path / "ledger")}})
         assert ledger_path_of(local) == tmp_path / "ledger" / name
+
+
+def test_a_first_release_check_names_the_ledger_it_wrote_not_an_old_shared_one(
+    api: FakeKubeApiServer, tmp_path: Path
+) -> None:
+    """Upgraded, with the version before's shared ledger there: the check writes its
+    namespace's and named the shared one (whose lines are not the check's)."""
+    from aml_pipelines.delivery import check_first_release
+    from rollout.routers.factory import make_router
+
+    data = spec_data(api, tmp_path)
+    data.pop("stable")
+    data["analysis"]["errors"] = {"max_rate": 0.05}
+    first = spec_from_dict(data)
+    old = tmp_path / "ledger" / "diabetes.ledger.jsonl"
+    old.parent.mkdir(parents=True)
+    old.write_text('{"event": "start", "at": 1.0, "name": "diabetes", "rollout_id": "old"}\n')
+    *_, ledger = check_first_release(
+        first,
+        Release("m", "1"),
+        state_dir=None,
+        router=make_router(first.router),
+        clock=FakeClock(1000.0),
+    )
+    assert ledger == tmp_path / "ledger" / NAMESPACE / "diabetes.ledger.jsonl"
+    events = [json.loads(line).get("event") for line in ledger.read_text().splitlines()]
+    assert "first-check" in events
