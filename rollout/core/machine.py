@@ -762,7 +762,17 @@ def _ingest(
     # errors included, for the rest of the step), and its sums no rate against this one.
     guard_base = status.over_slo_bound_s
     guard_sums = (status.canary_over_slo, status.canary_slo_requests)
-    guard_moved = guard_base != slo_s
+    # Tightened, its counts stand: a request above the old bound is above the new one too,
+    # and the step's base counted at the old bound only adds, at the next tick, the requests
+    # between the two (was: restarted, and a canary the guard was about to roll back, 13 %
+    # slow against a 10 % limit, was promoted after `slo_ms` went from 100 to 90 or 99).
+    tightened = (
+        guard_base is not None
+        and guard_base != GUARD_BOUND_UNKNOWN
+        and slo_s is not None
+        and slo_s < guard_base
+    )
+    guard_moved = guard_base != slo_s and not tightened
     restarted: dict[str, list[str]] = {}
     if guard_moved and guard_base != GUARD_BOUND_UNKNOWN:
         if guard_sums != (0, 0) or base:

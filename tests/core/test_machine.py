@@ -1688,9 +1688,10 @@ _GUARD_500 = {"threshold": "slo", "slo_ms": 500, "max_slow_rate": 0.5}
             0.5,
             id="p99-judge-guard-loosened",
         ),
-        # Tightened: nothing froze, but the guard summed requests above 500 ms before the edit
-        # with requests above 100 ms after it (the step's so far at once: 17 of 20 requests).
-        pytest.param(_GUARD_500, _GUARD_100, (6, 20), 0.1, id="slo-tightened"),
+        # Tightened: the counts stand (all above 500 ms are above 100 ms), the requests between
+        # the bounds added at the edit's tick: as if 100 ms all along. Was restarted, (6, 20):
+        # a canary the guard was about to roll back, promoted after a 1 ms tightening.
+        pytest.param(_GUARD_500, _GUARD_100, (24, 80), 0.1, id="slo-tightened"),
         pytest.param(_GUARD_100, _GUARD_100, (24, 80), 0.1, id="no-edit"),
     ],
 )
