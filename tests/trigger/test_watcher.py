@@ -905,15 +905,14 @@ def test_worker_retries_a_transient_failure_as_a_resume(
     assert (worker.failures, str(worker.last_error)) == (1, "endpoint unreachable")
 
 
-def test_a_delivery_retried_after_the_same_error_says_it_once_and_status_tells_why(
-    tmp_path: Path, registry: LocalRegistry, caplog: pytest.LogCaptureFixture
-) -> None:
-    # Was: metrics nobody could read (a new rollout probes them before deploying anything) cost
-    # four log lines per retry, forever — "resuming the delivery", "packaged", "first release,
-    # to green with all traffic" (nothing went there) and "stopped" — 1,440 lines an hour at the
-    # default 10 s, and `trigger status` showed the version `started` with no reason.
-    down = "metrics unreadable, nothing deployed: Prometheus at http://p:9090 is unreachable"
-    errors = [MetricsError(down) for _ in range(5)] + [MetricsError(f"{down} (timeout)")] * 2
+def _delivered_after_seven_errors(
+    tmp_path: Path,
+    registry: LocalRegistry,
+    caplog: pytest.LogCaptureFixture,
+    errors: list[Exception],
+) -> tuple[DeliveryWorker, list[str]]:
+    """Version 1 delivered through `errors` (seven), the 4th 10 min after the 3rd, its log in
+    `caplog`: the worker, and `trigger status`'s reason after the first error."""
     failing = _FailingDelivery(tmp_path / "engine", registry, errors=errors)
     dispatcher = Dispatcher(
         TriggerStore(tmp_path / "trigger"), registry, failing, wait_interval_s=0.01
@@ -933,6 +932,19 @@ def test_a_delivery_retried_after_the_same_error_says_it_once_and_status_tells_w
         _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
     entry = dispatcher.store.load("diabetes").entries[1]
     assert (entry.step, entry.outcome, entry.attempts) == (Step.DONE, "Succeeded", 8)
+    return worker, reasons
+
+
+def test_a_delivery_retried_after_the_same_error_says_it_once_and_status_tells_why(
+    tmp_path: Path, registry: LocalRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was: metrics nobody could read (a new rollout probes them before deploying anything) cost
+    # four log lines per retry, forever — "resuming the delivery", "packaged", "first release,
+    # to green with all traffic" (nothing went there) and "stopped" — 1,440 lines an hour at the
+    # default 10 s, and `trigger status` showed the version `started` with no reason.
+    down = "metrics unreadable, nothing deployed: Prometheus at http://p:9090 is unreachable"
+    errors = [MetricsError(down) for _ in range(5)] + [MetricsError(f"{down} (timeout)")] * 2
+    worker, reasons = _delivered_after_seven_errors(tmp_path, registry, caplog, errors)
     assert worker.failures == 7
     assert reasons == [f"waits, to be retried: {down}"]
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -1602,25 +1614,7 @@ def test_an_unexpected_delivery_error_is_said_once_with_its_traceback_and_status
     errors: list[Exception] = [not_a_folder() for _ in range(5)]
     # A full disk names another temporary folder at each try: the same error all the same.
     errors += [OSError(28, "No space left on device", f".package-tmp-{i}") for i in range(2)]
-    failing = _FailingDelivery(tmp_path / "engine", registry, errors=errors)
-    dispatcher = Dispatcher(
-        TriggerStore(tmp_path / "trigger"), registry, failing, wait_interval_s=0.01
-    )
-    register(registry, tmp_path, stage="candidate")
-    worker = DeliveryWorker(dispatcher, lambda: ["diabetes"])
-    ticks = iter([0.0, 1.0, 2.0, 700.0, 701.0, 702.0, 703.0])  # a reminder after 10 min
-    worker.clock = lambda: next(ticks)
-    reasons: list[str] = []
-    assert dispatcher.accept("diabetes", 1, "watch")
-    with (
-        caplog.at_level(logging.DEBUG, logger="aml_pipelines.trigger.dispatch"),
-        _running(worker),
-    ):
-        _wait_until(lambda: worker.failures >= 1, dispatcher)
-        reasons.append(dispatcher.store.load("diabetes").entries[1].reason)
-        _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
-    entry = dispatcher.store.load("diabetes").entries[1]
-    assert (entry.step, entry.outcome, entry.attempts) == (Step.DONE, "Succeeded", 8)
+    _, reasons = _delivered_after_seven_errors(tmp_path, registry, caplog, errors)
     assert reasons == [
         "waits, to be retried: NotADirectoryError: [Errno 20] Not a directory: "
         "'.rollout/packages/diabetes/1'"
