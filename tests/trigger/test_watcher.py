@@ -905,6 +905,21 @@ def test_worker_retries_a_transient_failure_as_a_resume(
     assert (worker.failures, str(worker.last_error)) == (1, "endpoint unreachable")
 
 
+def _watch_until_delivered(
+    watcher: Watcher, dispatcher: Dispatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Run `watcher` on its thread, its log in `caplog`, until version 1 is delivered."""
+    thread = threading.Thread(target=watcher.run)
+    with caplog.at_level(logging.DEBUG, logger="aml_pipelines.trigger.watcher"):
+        thread.start()
+        try:
+            _wait_until(lambda: 1 in dispatcher.store.load("diabetes").entries, dispatcher)
+            _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
+        finally:
+            watcher.stop.set()
+            thread.join(10)
+
+
 def _delivered_after_seven_errors(
     tmp_path: Path,
     registry: LocalRegistry,
@@ -1020,15 +1035,7 @@ def test_a_poll_failing_with_the_same_error_says_it_once(
     )
     ticks = iter([0.0, 1.0, 2.0, 700.0, 701.0, 702.0, 703.0])  # a reminder after 10 min
     watcher.clock = lambda: next(ticks)
-    thread = threading.Thread(target=watcher.run)
-    with caplog.at_level(logging.DEBUG, logger="aml_pipelines.trigger.watcher"):
-        thread.start()
-        try:
-            _wait_until(lambda: 1 in dispatcher.store.load("diabetes").entries, dispatcher)
-            _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
-        finally:
-            watcher.stop.set()
-            thread.join(10)
+    _watch_until_delivered(watcher, dispatcher, caplog)
     assert registry.get("diabetes", 1).stage == "production"  # delivered once it answered
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert [line.split(": list")[0] for line in said] == [
@@ -1651,15 +1658,7 @@ def test_an_unexpected_poll_error_is_said_once_with_its_traceback(
         required_tags=CANDIDATE,
         interval_s=0.01,
     )
-    thread = threading.Thread(target=watcher.run)
-    with caplog.at_level(logging.DEBUG, logger="aml_pipelines.trigger.watcher"):
-        thread.start()
-        try:
-            _wait_until(lambda: 1 in dispatcher.store.load("diabetes").entries, dispatcher)
-            _wait_until(lambda: _step(dispatcher) is Step.DONE, dispatcher)
-        finally:
-            watcher.stop.set()
-            thread.join(10)
+    _watch_until_delivered(watcher, dispatcher, caplog)
     said = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [(r.getMessage().split(": ")[0], r.exc_info is not None) for r in said] == [
         ("polling the registry for diabetes failed", True)
