@@ -141,9 +141,9 @@ def stories_from_ledger(path: Path) -> list[RolloutStory]:
             f"{path}: no rollout in this ledger, only a bootstrap's lines "
             "(`aml-rollout rollout explain` tells them)"
         )
-    for story in stories:
+    for at in (t for story in stories for t in (story.start, story.end)):
         try:  # as the report will draw them: a time out of any calendar's range is one line too
-            datetime.fromtimestamp(story.start, UTC), datetime.fromtimestamp(story.end, UTC)
+            datetime.fromtimestamp(at, UTC)
         except (OverflowError, OSError, ValueError) as exc:
             raise ValueError(f"{path}: a line's time `at` is no time ({exc})") from exc
     return stories
