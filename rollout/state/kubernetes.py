@@ -151,6 +151,11 @@ class _Held:
     #: Held around each renewal: the renewal thread's, and the controller's own when it waits
     #: for a lapsed lease (`check_lease`), never both at once.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: The renewal thread's tries so far, told through `tried` as each ends: a lapsed
+    #: controller waits for the try in flight rather than queue on `lock` (not fair: a thread
+    #: renewing back to back takes it again first, and kept `check_lease` waiting for minutes).
+    tries: int = 0
+    tried: threading.Condition = field(default_factory=threading.Condition)
     #: Tries that failed since the last renewal that went through, and whether its lapse was
     #: told: an outage is told when it starts, lapses and ends, not at every try.
     failed: int = 0
@@ -680,6 +685,9 @@ class KubernetesStateStore:
                 if held.lost is not None:
                     return  # given up by `check_lease`, which said so
                 pause = self._renew_once(held)
+            with held.tried:
+                held.tries += 1
+                held.tried.notify_all()
             if held.lost is not None:
                 log.error("lost the lease of rollout %r: %s", self.name, held.lost)
                 return
@@ -808,13 +816,22 @@ class KubernetesStateStore:
         at the deadline, and acts again only once the renewal proves it the holder still.
         """
         self._tell_lapse(held)
-        while True:
-            with held.lock:
+        pause = min(1.0, self.lease_ttl_s / 10)
+        while held.lost is None and self._lapsed(held):
+            seen = held.tries
+            if not held.lock.acquire(blocking=False):
+                # The renewal thread's try is in flight: its outcome is what we wait for.
+                with held.tried:
+                    if held.tries == seen:
+                        held.tried.wait(pause)
+                continue
+            try:
                 if held.lost is None and self._lapsed(held):
                     self._renew_once(held)  # as the renewal thread tries, failures counted
-                if held.lost is not None or not self._lapsed(held):
-                    break
-            self._sleep(min(1.0, self.lease_ttl_s / 10))
+            finally:
+                held.lock.release()
+            if held.lost is None and self._lapsed(held):
+                self._sleep(pause)
         if held.lost is None:
             log.warning("renewed the lease of rollout %r again: this controller goes on", self.name)
 
