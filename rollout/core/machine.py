@@ -79,13 +79,14 @@ P99_TAIL = 0.01
 #: A bound with more of the baseline above it than this leaves the latency check next to no room
 #: (both colours nearly all "slow"): the next bound up with none above it is taken instead.
 MAX_P99_TAIL = 0.1
-#: A bound with this share of the baseline above it or more is blind: from half on, "less than
-#: 2× baseline" (the default `max_ratio`) holds for any canary, however slow, as none has more
-#: than all its requests slow, so every canary would be shown "not worse" (and a `_seconds`
-#: histogram read as ms has all of them above). Below it the bound still tells (20 % of green
-#: above it: a 3× slower canary, 70 % above, rolled back in one tick), so the largest finite
-#: bound is taken rather than latency left unjudged.
-BLIND_P99_TAIL = 0.5
+#: A bound with this share of the baseline above it or more is deaf: a canary, however slow, has
+#: at most 1/0.75 = 1.33× the baseline's share above it (all of its requests), too little for the
+#: "worse" test to tell apart from chance (and a `_seconds` histogram read as ms has all of them
+#: above). Below it the bound still tells (60 % of green above it: a canary with all of it above
+#: rolled back at the first step), so the largest finite bound is taken rather than latency left
+#: unjudged. "Not worse" is another matter: from half on, "< 2× baseline" holds for any canary
+#: (`_vacuous`), judged from the rollout's own baseline.
+DEAF_P99_TAIL = 0.75
 #: Absolute guards fire when their e-value against "at most the limit" reaches 1/GUARD_ALPHA: the
 #: chance a canary within the limit ever trips one is at most this, however often it looks — over
 #: the rollout, for each guard (both count the canary's requests over the whole rollout).
@@ -656,8 +657,8 @@ def p99_bucket(counts: ColourCounts) -> float | None:
     also all "slow", was promoted every time); the upper one, with none above it, is judged as
     a clean baseline is — so it is taken when the closest has more than MAX_P99_TAIL above it.
     With no such bound (the p99 above the largest finite one) that one is taken, unless at least
-    BLIND_P99_TAIL of the requests are above it (a histogram far too short for the service, or a
-    `_seconds` one read as ms): every bound is then blind, and None (`_no_threshold_why`).
+    DEAF_P99_TAIL of the requests are above it (a histogram far too short for the service, or a
+    `_seconds` one read as ms): every bound is then deaf, and None (`_no_threshold_why`).
     """
     if not _finite_bounds(counts) or counts.requests <= 0:
         return None
@@ -671,7 +672,7 @@ def p99_bucket(counts: ColourCounts) -> float | None:
         distance = abs(math.log(tail / P99_TAIL))
         if best is None or distance < best[0]:
             best = (distance, bound, tail)
-    if best is not None and best[2] >= BLIND_P99_TAIL:
+    if best is not None and best[2] >= DEAF_P99_TAIL:
         return None  # (was: that bound, any canary, however slow, shown "not worse")
     return best[1] if best else counts.latency_buckets[0][0]
 
@@ -1142,6 +1143,11 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
             "no evidence of a regression"
         )
     # Promotion needs positive evidence of "not worse" on every check.
+    bad = {"errors": "fail"}
+    if status.slow_threshold_s is not None:
+        bad["slow"] = f"are above {status.slow_threshold_s * 1000:g} ms" + (
+            "" if status.slow_threshold_slo else " (is the metrics' `latency_unit` right?)"
+        )
     missing = []
     proven = []
     unjudged = []  # said as they are, not after "not yet shown"
@@ -1160,6 +1166,9 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
             elif e.log_e_low() > e.log_e_ratio():
                 claim = low_claim
         after = f" after {e.canary_requests:,} canary requests"
+        if vacuous := _vacuous(e, check.max_ratio, bad[key]):
+            unjudged.append(f"{phrase} cannot be shown < {check.max_ratio:g}× baseline: {vacuous}")
+            continue
         if shown:
             proven.append(f"{phrase} shown {claim} (e-value {_e(log_ok)} ≥ {1 / alpha:g}){after}")
         else:
@@ -1181,6 +1190,18 @@ def _judge(spec: RolloutSpec, status: Status, obs: Observation, now: float) -> t
         not_shown = ["not yet shown " + "; ".join(missing)] if missing else []
         return Verdict.INCONCLUSIVE, f"{name}: " + "; ".join(not_shown + unjudged)
     return Verdict.SUCCESSFUL, "canary not worse: " + "; ".join(proven)
+
+
+def _vacuous(e: Evidence, max_ratio: float, bad: str) -> str:
+    """Why "< max_ratio × baseline" says nothing about this canary ("" when it does): with the
+    rollout's baseline at 1 / max_ratio or more of its requests bad, no canary has max_ratio
+    times that (none has more than all of its requests bad), and the claim holds for any — a
+    canary with every request slow was "shown < 2× baseline" against 60 % (a histogram far too
+    short for the service), or one failing every request against a baseline failing half."""
+    rate = e.baseline_rate()
+    if not e.baseline_requests or rate * max_ratio < 1.0:
+        return ""
+    return f"{_pct(rate)} of green's requests {bad}, and no canary has more than all of its"
 
 
 def _drift(status: Status, served: Served | None) -> str:

@@ -699,7 +699,11 @@ def test_seed_plan_judges_blue_0_on_mirrored_traffic_by_default() -> None:
         # slower canary was promoted), so none is (`test_green_s_p99_above_every_bound...`).
         pytest.param(((0.01, 0), (0.025, 0), (math.inf, 1000)), None, id="above-every-bound"),
         pytest.param(((0.01, 0), (0.025, 50), (math.inf, 1000)), None, id="95 %-above-the-last"),
-        pytest.param(((0.01, 0), (0.025, 500), (math.inf, 1000)), None, id="half-above-the-last"),
+        pytest.param(((0.01, 0), (0.025, 250), (math.inf, 1000)), None, id="75 %-above-the-last"),
+        # Half to three quarters above: "not worse" cannot be told there (`_vacuous`), but a
+        # slower canary still can (was: none taken, a 3× slower canary stepped up unjudged).
+        pytest.param(((0.01, 0), (0.025, 260), (math.inf, 1000)), 0.025, id="74 %-above-the-last"),
+        pytest.param(((0.01, 0), (0.025, 500), (math.inf, 1000)), 0.025, id="half-above-the-last"),
         # A tail above the last bound that still tells a slower canary: it is judged there.
         pytest.param(((0.01, 0), (0.025, 510), (math.inf, 1000)), 0.025, id="49 %-above-the-last"),
         pytest.param(((0.01, 0), (0.025, 850), (math.inf, 1000)), 0.025, id="15 %-above-the-last"),
@@ -1855,6 +1859,84 @@ def test_a_modest_tail_above_the_last_bound_is_judged_there() -> None:
     decision = step(spec, status, reading, 10.0)
     assert decision.status.phase is Phase.ROLLING_BACK
     assert "slow-request rate (> 1000 ms) 70 % vs 20 % baseline" in decision.status.reason
+
+
+def _tail_above(n: int, above: float) -> tuple[tuple[float, int], ...]:
+    """`n` requests, the share `above` of them slower than the largest finite bound, 1 s."""
+    return ((0.5, 0), (1.0, n - round(n * above)), (math.inf, n))
+
+
+def _drive_tail(spec: RolloutSpec, history: float, green: float, blue: float) -> Status:
+    """A rollout whose green had `history` of its requests above 1 s before it began, and has
+    `green` during it, against a canary with `blue` above, 100 rps, no errors."""
+    start = step(
+        spec,
+        new_status(spec, now=0.0),
+        obs(green=(5000, 0), green_buckets=_tail_above(5000, history)),
+        0.0,
+    )
+    status, nb, ng = start.status, 0, 0
+    for tick in range(1, 400):
+        nb += 10 * status.blue_weight
+        ng += 10 * (100 - status.blue_weight)
+        reading = obs(
+            (nb, 0),
+            (ng, 0),
+            at=10.0 * tick,
+            blue_buckets=_tail_above(nb, blue),
+            green_buckets=_tail_above(ng, green),
+        )
+        before = status.blue_weight
+        status = step(spec, status, reading, 10.0 * tick).status
+        if status.blue_weight != before:
+            nb = ng = 0  # a new step: counts since it began
+        if status.phase is not Phase.PROGRESSING:
+            break
+    return status
+
+
+TAIL_SPEC = make_spec(analysis={"latency": {"enabled": True}, "max_step_duration_s": 3600})
+
+
+def test_a_canary_slower_than_a_long_tail_baseline_is_rolled_back() -> None:
+    """60 % of green above the largest finite bound: a canary with all of it above is rolled
+    back at the first step. Was: no bound taken, stepped up to 50 % on the errors check alone."""
+    status = _drive_tail(TAIL_SPEC, history=0.6, green=0.6, blue=1.0)
+    assert status.phase is Phase.ROLLING_BACK and status.step_index == 0
+    assert "slow-request rate (> 1000 ms) 100 % vs 60 % baseline" in status.reason
+
+
+def test_not_worse_is_never_shown_where_every_canary_is_below_max_ratio() -> None:
+    """60 % of green above the bound: every canary has less than 2× that above it, so "shown <
+    2× baseline" says nothing: an identical canary is held at the last step, never promoted."""
+    status = _drive_tail(TAIL_SPEC, history=0.6, green=0.6, blue=0.6)
+    assert status.phase is Phase.PAUSED and status.held and status.blue_weight == 50
+    assert status.reason.endswith(
+        "slow-request rate (> 1000 ms) cannot be shown < 2× baseline: 60 % of green's requests "
+        "are above 1000 ms (is the metrics' `latency_unit` right?), and no canary has more than "
+        "all of its"
+    )
+
+
+def test_a_long_tail_before_the_rollout_only_is_judged_on_the_rollout_s_baseline() -> None:
+    """Green's history window 60 % above the bound, the rollout's 5 %: "not worse" is judged
+    against the baseline the rollout compared with, and an identical canary is promoted."""
+    status = _drive_tail(TAIL_SPEC, history=0.6, green=0.05, blue=0.05)
+    assert status.phase is Phase.PROMOTING, status.reason
+
+
+def test_not_worse_on_errors_is_not_shown_while_green_fails_half_its_requests() -> None:
+    """ "< 2× baseline" of a baseline failing half its requests holds for any canary."""
+    status = drive_last_step(
+        make_spec(analysis={"max_step_duration_s": 600, "errors": {"max_rate": None}}),
+        (100, 60),
+        (100, 60),
+        60,
+    )
+    assert status.phase is Phase.PAUSED
+    assert (
+        "error rate cannot be shown < 2× baseline: 60 % of green's requests fail" in status.reason
+    )
 
 
 def test_not_judged_latency_is_said_after_what_is_not_yet_shown() -> None:
