@@ -5,7 +5,6 @@ through the real azure-ai-ml SDK against the fake ARM server (real serialisation
 from __future__ import annotations
 
 import itertools
-import logging
 import re
 import threading
 import time
@@ -964,13 +963,9 @@ def test_no_usable_credentials_is_one_line_at_the_cli_too(
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "dev")
     spec = azure_spec_file(tmp_path, {}, {"state": {"dir": str(tmp_path / "state")}})
-    identity_log = logging.getLogger("azure.identity")
-    level = identity_log.level
     option = "--release" if command == "bootstrap" else "--candidate"
-    try:
-        result = CliRunner().invoke(app, ["rollout", command, str(spec), option, "diabetes:2"])
-    finally:
-        identity_log.setLevel(level)
+    # (The levels the command sets are restored by tests/conftest.py.)
+    result = CliRunner().invoke(app, ["rollout", command, str(spec), option, "diabetes:2"])
     assert result.exit_code == 2, result.output
     assert "diabetes-ep/green: no usable Azure credentials (" in result.output
     assert [r.getMessage() for r in caplog.records if r.name.startswith("azure.identity")] == []
