@@ -7,6 +7,7 @@ fsyncs files took 278 ms and failed `test_tags_round_trip` (a fresh clone's `.ci
 A process a test starts and leaves running fails the session, and is killed (see `tests.leaks`).
 """
 
+import logging
 import os
 import sys
 import threading
@@ -21,6 +22,32 @@ from tests import leaks
 
 settings.register_profile("aml-rollout", deadline=None)
 settings.load_profile("aml-rollout")
+
+
+@pytest.fixture(autouse=True)
+def azure_log_levels() -> Iterator[None]:
+    """The Azure SDKs' log levels as they were before the test, and no import hook of
+    `quiet_azure_logs` left behind: a command a test runs quiets `azure`, `azure.identity` and
+    `azure.ai.ml` (and azure-ai-ml's own loggers) for the rest of its xdist worker otherwise,
+    and a later test's caplog sees none of their records. Every `azure*` logger is restored,
+    those three among them."""
+    from rollout.azure_credential import QuietAzureML
+
+    loggers = logging.Logger.manager.loggerDict
+    named = ("azure", "azure.identity", "azure.ai.ml")
+    levels = {
+        name: logging.getLogger(name).level
+        for name in {*named, *(n for n in list(loggers) if n.startswith("azure."))}
+    }
+    hooks = set(map(id, sys.meta_path))
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    sys.meta_path[:] = [
+        finder
+        for finder in sys.meta_path
+        if id(finder) in hooks or not isinstance(finder, QuietAzureML)
+    ]
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ deployment's doing, and falls on both colours by their share of the requests. Co
     | summarize requests = count(), errors = countif(code >= 500 or code == 408
         or (code == 429 and reason !has "rate") or model >= 500
         or (code == 424 and model < 400)),
-        le_0 = countif(ms <= 5), le_1 = countif(ms <= 10), ...
+        le_0 = countif(ms <= 5.0), le_1 = countif(ms <= 10.0), ...
         by DeploymentName = tolower(DeploymentName)
 
 Records reach the workspace minutes after the request (Azure's ingestion latency). The counts of
@@ -74,6 +74,7 @@ The credential is `DefaultAzureCredential` with the pipelines' rule
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -111,6 +112,27 @@ def kql_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def kql_real(bound: float, index: int) -> str:
+    """Latency bound `buckets_ms[index]` as a KQL real literal that Kusto parses to the same
+    double; ValueError naming it when no literal can (inf, nan, an int no double holds).
+
+    The shortest decimal that reads back as the double (Python's repr), written out as digits,
+    a point and digits, the form Kusto's docs give for a real: `:g` kept 6 digits, so a bound
+    of 1234567 ms counted the requests under 1.23457e+06, and repr's exponents (1e-05, 1e+16)
+    are not the `1e5` the docs show. An infinite bound would be the query's `inf`, which KQL
+    does not parse (its literal is `real(+inf)`), and counts what `requests` counts anyway.
+    """
+    name = f"latency bound buckets_ms[{index}]"
+    try:
+        value = float(bound)
+    except OverflowError:
+        raise ValueError(f"{name} is too large for a double") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} = {value!r}: a bound must be a finite number of milliseconds")
+    text = format(decimal.Decimal(repr(value)), "f")
+    return text if "." in text else f"{text}.0"
+
+
 def _kql_time(epoch_s: float) -> str:
     stamp = dt.datetime.fromtimestamp(epoch_s, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return f"datetime({stamp})"
@@ -120,7 +142,9 @@ def traffic_query(
     endpoint: str, names: Sequence[str], buckets_ms: Sequence[float], since: float, now: float
 ) -> str:
     """The KQL counting each deployment's requests, failed ones and requests per latency bound."""
-    bounds = ", ".join(f"le_{i} = countif(ms <= {b:g})" for i, b in enumerate(buckets_ms))
+    bounds = ", ".join(
+        f"le_{i} = countif(ms <= {kql_real(b, i)})" for i, b in enumerate(buckets_ms)
+    )
     deployments = ", ".join(kql_string(n) for n in names)
     return (
         f"{TABLE}\n"

@@ -22,15 +22,20 @@ seconds) and keeps Azure's rules in pure functions (`plan_traffic`, `check_mirro
 
 `deploy` creates the endpoint when missing (key auth, no traffic), then creates the
 ManagedOnlineDeployment with the release's registered model `azureml:<model>:<version>`, the
-other colour's request settings (so that the colours answer 408s and 429s alike) and the
-release identity in its tags and in score.py's AML_ROLLOUT_MODEL_VERSION / AML_ROLLOUT_COLOUR
+other colour's environment variables, probes, request settings and App Insights setting (so
+that the judge compares the releases under the same conditions: `_serving`) and the release
+identity in its tags and in score.py's AML_ROLLOUT_MODEL_VERSION / AML_ROLLOUT_COLOUR
 environment variables, or, when it exists, reads it and sends it back with only the model,
 those tags and variables and the configured environment/code changed (the PUT replaces the whole
-deployment: an operator's capacity, environment variables, request settings stay). It returns
+deployment: an operator's capacity, environment variables, request settings stay), and a blue
+left by an earlier rollout given green's settings too (`_serving_for`). Durations are read as
+Azure holds them, to the millisecond (`_read_deployment`: azure-ai-ml's `get` reads whole
+seconds), so what is sent back is what was there. It returns
 when Azure reports the operation done; while the endpoint or the deployment is mid-change
 (Azure refuses to write it then) it first waits for that change, at most `deploy_timeout_s`.
 A deployment that already holds the release as configured (Succeeded, the release's tags,
-model and variables, the configured environment and code asset; a workspace environment's
+model and variables, a candidate's settings green's, the configured environment and code
+asset; a workspace environment's
 `@latest` is resolved for that, by one read) is left as it is: a deploy
 retried after a timeout, which Azure went on to finish, does not roll every instance a second
 time.
@@ -72,6 +77,7 @@ state store's lease does, among controllers sharing that store).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import io
 import json
 import logging
@@ -283,6 +289,74 @@ def _served_as(colour: Colour, release: Release) -> dict[str, str]:
     return {"AML_ROLLOUT_MODEL_VERSION": str(release.version), "AML_ROLLOUT_COLOUR": colour.value}
 
 
+def _serving(source: Any, served_as: Mapping[str, str]) -> dict[str, Any]:
+    """What deployment `source` serves under, besides its model and code, as the keywords of
+    ManagedOnlineDeployment: a candidate takes the stable colour's, so that the judge compares
+    the releases, not their settings. Its environment variables (a variable the score script
+    needs missing: 5xx blamed on the model), probes (Azure's defaults: restarts of a model
+    slow to load), request settings (timeout and requests per instance: 408s and 429s where
+    green answers) and App Insights; with `served_as`, the release's own variables, on top."""
+    return {
+        "environment_variables": {**(source.environment_variables or {}), **served_as},
+        "liveness_probe": source.liveness_probe,
+        "readiness_probe": source.readiness_probe,
+        "request_settings": source.request_settings,
+        "app_insights_enabled": source.app_insights_enabled,
+    }
+
+
+def _read_deployment(ml_client: Any, endpoint: str, name: str) -> Any:
+    """Deployment `name` of `endpoint` as `online_deployments.get` reads it, but with the
+    durations Azure holds, to the millisecond.
+
+    azure-ai-ml reads every duration in whole seconds (its from_iso_duration_format
+    truncates): a request timeout of PT1.5S reads 1000 ms, a queue wait of PT0.5S none at
+    all. Sent back, by a redeploy's PUT or to a candidate taking green's settings, that is
+    another setting: an operator's timeout cut at every promotion, blue timing out where green
+    does not. So this reads through the REST operation `get` itself calls, and takes the
+    durations from what that parsed (timedeltas, exact); ManagedOnlineDeployment writes
+    fractional seconds and milliseconds exactly.
+    """
+    from azure.ai.ml.entities import OnlineDeployment
+
+    rest = ml_client.online_deployments._online_deployment.get(
+        endpoint_name=endpoint,
+        deployment_name=name,
+        resource_group_name=ml_client.resource_group_name,
+        workspace_name=ml_client.workspace_name,
+    )
+    deployment: Any = OnlineDeployment._from_rest_object(rest)  # (typed as the REST model)
+    deployment.endpoint_name = endpoint
+    held = rest.properties
+    settings = deployment.request_settings
+    if held.request_settings is not None and settings is not None:
+        settings.request_timeout_ms = _exactly(
+            held.request_settings.request_timeout, _MS, settings.request_timeout_ms
+        )
+        settings.max_queue_wait_ms = _exactly(
+            held.request_settings.max_queue_wait, _MS, settings.max_queue_wait_ms
+        )
+    for field in ("liveness_probe", "readiness_probe"):
+        read, probe = getattr(held, field, None), getattr(deployment, field, None)
+        if read is not None and probe is not None:
+            probe.timeout = _exactly(read.timeout, _S, probe.timeout)
+            probe.period = _exactly(read.period, _S, probe.period)
+            probe.initial_delay = _exactly(read.initial_delay, _S, probe.initial_delay)
+    return deployment
+
+
+_MS, _S = dt.timedelta(milliseconds=1), dt.timedelta(seconds=1)
+
+
+def _exactly(duration: object, unit: dt.timedelta, read: float | None) -> float | None:
+    """`duration` (as the REST model parsed it) in `unit`s, a whole number as an int (as
+    azure-ai-ml holds it); `read`, the SDK's own value, when it is no timedelta."""
+    if not isinstance(duration, dt.timedelta):
+        return read
+    amount = duration / unit
+    return int(amount) if amount.is_integer() else amount
+
+
 class AzureMLRouter:
     """A TrafficRouter over one Azure ML managed online endpoint."""
 
@@ -388,16 +462,13 @@ class AzureMLRouter:
         self._settled_endpoint_for_write()
         existing = self._settled_deployment(name)
         was_failed = existing is not None and _state(existing).lower() == "failed"
-        if existing is not None and self._holds(existing, colour, release):
+        serving = self._serving_for(colour, existing, served_as)
+        if existing is not None and self._holds(existing, colour, release, serving):
             # A retry of a deploy that timed out while Azure went on and finished it: a second
             # PUT would roll every instance again, for nothing.
             log.info("%s/%s already serves %s: nothing to deploy", self.endpoint, name, release.ref)
             return
         if existing is None:
-            # A new colour answers under the other colour's request settings (timeout, requests
-            # per instance): under Azure's defaults instead it would time out (408) and refuse
-            # (429) where the other does not, failures the judge counts against its release.
-            other = self._get_deployment(self.names[colour.other])
             deployment = ManagedOnlineDeployment(
                 name=name,
                 endpoint_name=self.endpoint,
@@ -406,14 +477,13 @@ class AzureMLRouter:
                 code_configuration=code,
                 instance_type=self._instance_type,
                 instance_count=self._instance_count,
-                request_settings=None if other is None else other.request_settings,
                 tags=release_tags(release),
-                environment_variables=served_as,
+                **(serving or {"environment_variables": served_as}),
             )
         else:
             # The PUT is a full replace: send back what Azure holds (capacity an operator
             # scaled, environment variables, request settings, probes, App Insights...) with
-            # only what the router owns changed.
+            # only what the router owns changed, and a leftover blue's serving settings green's.
             deployment = existing
             deployment.model = f"azureml:{release.ref}"
             deployment.tags = {**(existing.tags or {}), **release_tags(release)}
@@ -421,6 +491,8 @@ class AzureMLRouter:
                 **(existing.environment_variables or {}),
                 **served_as,
             }
+            for field, value in (serving or {}).items():
+                setattr(deployment, field, value)
             if self._environment:
                 deployment.environment = self._environment
             if code is not None:
@@ -537,10 +609,36 @@ class AzureMLRouter:
         self._update_endpoint(endpoint, traffic, new_mirror)
         log.info("endpoint %s: traffic %s mirror %s", self.endpoint, traffic, new_mirror)
 
-    def _holds(self, deployment: Any, colour: Colour, release: Release) -> bool:
+    def _serving_for(
+        self, colour: Colour, existing: Any, served_as: Mapping[str, str]
+    ) -> dict[str, Any] | None:
+        """The settings deployment `colour` must serve under (see `_serving`), or None when it
+        keeps its own.
+
+        A new deployment takes the other colour's, and so does a blue left by an earlier
+        rollout (rolled back, or not removed): its settings are that rollout's, and green's
+        may have changed since (a variable its new score script reads, a longer timeout), so
+        keeping them would judge the candidate under other conditions than green. An existing
+        green keeps its own: they are production's, which an operator tunes, and blue took
+        them from green. None too when the other colour is absent (a first release): Azure's
+        defaults, or what the deployment holds.
+        """
+        if existing is not None and colour is Colour.GREEN:
+            return None
+        other = self._get_deployment(self.names[colour.other])
+        return None if other is None else _serving(other, served_as)
+
+    def _holds(
+        self,
+        deployment: Any,
+        colour: Colour,
+        release: Release,
+        serving: Mapping[str, Any] | None = None,
+    ) -> bool:
         """Whether `deployment` has finished deploying `release` as `colour`, as configured:
         Succeeded, with the release's tags, model and environment variables (one made before
-        they existed answers version "0") and the configured environment and code. What cannot
+        they existed answers version "0"), the settings `serving` names (when it names any)
+        and the configured environment and code. What cannot
         be compared (a local code folder, which the SDK uploads; a registry's or a curated
         environment's `@latest`, which Azure resolves) counts as a change. A workspace
         environment's `name@latest` is resolved (one read), and only when all else is held."""
@@ -550,6 +648,8 @@ class AzureMLRouter:
             _state(deployment).lower() != "succeeded"
             or any(tags.get(key) != value for key, value in release_tags(release).items())
             or any(variables.get(k) != v for k, v in _served_as(colour, release).items())
+            # `==` only: azure-ai-ml's settings classes answer `!=` None with NotImplemented.
+            or not all(getattr(deployment, k) == v for k, v in (serving or {}).items())
         ):
             return False
         if not _is_asset(deployment.model, "models", f"azureml:{release.ref}"):
@@ -675,7 +775,7 @@ class AzureMLRouter:
         return self._get(f"deployment {self.endpoint}/{name}", lambda: self._deployment_raw(name))
 
     def _deployment_raw(self, name: str) -> Any:
-        return self._ml.online_deployments.get(name=name, endpoint_name=self.endpoint)
+        return _read_deployment(self._ml, self.endpoint, name)
 
     def _settled_deployment(self, name: str) -> Any:
         """Deployment `name` (None when absent) once no change of it is in progress, waiting at

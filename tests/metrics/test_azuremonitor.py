@@ -13,6 +13,7 @@ in a slash; the judge on these counts, the shadow step's on blue's mirrored copi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,46 @@ def test_a_name_cannot_break_out_of_its_kql_string() -> None:
     assert kql_string("a\\") == '"a\\\\"'
     query = traffic_query('x" | take 1 //', ["blue"], [10.0], T0, T0 + 1)
     assert 'EndpointName =~ "x\\" | take 1 //"' in query
+
+
+@pytest.mark.parametrize(
+    ("bound", "literal"),
+    [
+        pytest.param(5, "5.0", id="whole"),
+        pytest.param(2.5, "2.5", id="fraction"),
+        pytest.param(0.1, "0.1", id="shortest-repr-not-the-binary-expansion"),
+        # `:g` kept 6 digits: 1.23457e+06, 0.123457, 1e-05 (a form KQL's docs do not list)
+        pytest.param(1234567.0, "1234567.0", id="seven-digits"),
+        pytest.param(0.1234567, "0.1234567", id="seven-decimals"),
+        pytest.param(1e-05, "0.00001", id="tiny"),
+        pytest.param(1e16, "10000000000000000.0", id="huge"),
+        pytest.param(123456789.123, "123456789.123", id="twelve-digits"),
+    ],
+)
+def test_a_bound_is_written_as_the_exact_double(bound: float, literal: str) -> None:
+    """A KQL real literal (digits, a point, digits) Kusto parses to the same double: the
+    requests counted at or under a bound are those under the bound the judge asked about."""
+    query = traffic_query("ep", ["blue"], [bound], T0, T0 + 1)
+    assert f"le_0 = countif(ms <= {literal})" in query
+    assert float(literal) == bound
+
+
+@pytest.mark.parametrize(
+    ("bounds", "message"),
+    [
+        pytest.param([10, math.inf], r"latency bound buckets_ms\[1\] = inf: ", id="inf"),
+        pytest.param([math.nan], r"latency bound buckets_ms\[0\] = nan: ", id="nan"),
+        pytest.param([-math.inf, 10], r"latency bound buckets_ms\[0\] = -inf: ", id="minus-inf"),
+        pytest.param(
+            [10, 10**400],
+            r"latency bound buckets_ms\[1\] is too large for a double",
+            id="no-double-holds-it",
+        ),
+    ],
+)
+def test_a_bound_no_kql_real_literal_holds_is_refused(bounds: list[float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        traffic_query("ep", ["blue"], bounds, T0, T0 + 1)
 
 
 def test_an_odd_endpoint_name_is_matched_as_it_is(logs: FakeLogAnalytics) -> None:

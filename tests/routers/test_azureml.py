@@ -5,7 +5,6 @@ through the real azure-ai-ml SDK against the fake ARM server (real serialisation
 from __future__ import annotations
 
 import itertools
-import logging
 import re
 import threading
 import time
@@ -964,13 +963,9 @@ def test_no_usable_credentials_is_one_line_at_the_cli_too(
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "dev")
     spec = azure_spec_file(tmp_path, {}, {"state": {"dir": str(tmp_path / "state")}})
-    identity_log = logging.getLogger("azure.identity")
-    level = identity_log.level
     option = "--release" if command == "bootstrap" else "--candidate"
-    try:
-        result = CliRunner().invoke(app, ["rollout", command, str(spec), option, "diabetes:2"])
-    finally:
-        identity_log.setLevel(level)
+    # (The levels the command sets are restored by tests/conftest.py.)
+    result = CliRunner().invoke(app, ["rollout", command, str(spec), option, "diabetes:2"])
     assert result.exit_code == 2, result.output
     assert "diabetes-ep/green: no usable Azure credentials (" in result.output
     assert [r.getMessage() for r in caplog.records if r.name.startswith("azure.identity")] == []
@@ -1184,28 +1179,109 @@ def test_the_engine_drives_an_endpoint_end_to_end(
     assert writes[shadow + 1] == (after_shadow, {})
 
 
-def test_a_new_blue_answers_under_greens_request_settings(arm: FakeArm, ml_client: Any) -> None:
-    """Green's request timeout and requests per instance (what makes Azure answer 408 and 429)
-    are blue's when the router creates it: under Azure's defaults (5 s, 1 request) a candidate
-    as good as green would time out and refuse where green does not, and be rolled back."""
+#: What an operator tuned on green: variables its score script reads, probes for a slow start,
+#: a request timeout and a queue wait Azure holds to the millisecond, App Insights.
+GREEN_SERVES_UNDER = {
+    "environmentVariables": {"WORKERS": "4", "MODEL_CACHE": "/tmp/cache"},
+    "livenessProbe": {
+        "failureThreshold": 5,
+        "successThreshold": 1,
+        "timeout": "PT2.5S",
+        "period": "PT20S",
+        "initialDelay": "PT40S",
+    },
+    "readinessProbe": {
+        "failureThreshold": 3,
+        "successThreshold": 1,
+        "timeout": "PT3S",
+        "period": "PT10S",
+        "initialDelay": "PT15S",
+    },
+    "requestSettings": {
+        "requestTimeout": "PT1.5S",
+        "maxQueueWait": "PT0.5S",
+        "maxConcurrentRequestsPerInstance": 4,
+    },
+    "appInsightsEnabled": True,
+}
+
+
+def _tune(arm: FakeArm, path: str, properties: dict[str, Any]) -> None:
+    """Set `properties` on the deployment at `path`, environment variables added to its own."""
+    found = arm.get(path)
+    assert found is not None
+    variables = found["properties"].get("environmentVariables") or {}
+    found["properties"].update(properties)
+    found["properties"]["environmentVariables"] = {
+        **variables,
+        **properties.get("environmentVariables", {}),
+    }
+    arm.put(path, found)
+
+
+def _serves_under(body: dict[str, Any]) -> dict[str, Any]:
+    return {key: body["properties"].get(key) for key in GREEN_SERVES_UNDER}
+
+
+@pytest.mark.parametrize(
+    ("blue_before", "release", "writes"),
+    [
+        pytest.param(None, V2, True, id="new-blue"),
+        # Left by an earlier rollout (rolled back), under settings green has since changed.
+        pytest.param({"requestSettings": {"requestTimeout": "PT5S"}}, V1, True, id="leftover-blue"),
+        # The same candidate again (a rollout re-run after a rollback): its release is there,
+        # its settings are not green's.
+        pytest.param(
+            {"environmentVariables": {"OLD_FLAG": "1"}, "appInsightsEnabled": False},
+            V2,
+            True,
+            id="leftover-blue-same-release-stale-settings",
+        ),
+    ],
+)
+def test_a_candidate_serves_under_greens_settings(
+    arm: FakeArm,
+    ml_client: Any,
+    blue_before: dict[str, Any] | None,
+    release: Release,
+    writes: bool,
+) -> None:
+    """Blue, new or left by an earlier rollout, runs with green's environment variables, probes,
+    request settings (to the millisecond) and App Insights, with its own release variables on
+    top: was green's request settings only (and cut to whole seconds), so blue ran without a
+    variable green's score script reads (5xx blamed on its model), restarted under default
+    probes, and timed out where green did not."""
     router = make_router(ml_client)
     router.deploy(Colour.GREEN, V1)
     path = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments"
-    green = arm.get(f"{path}/green")
-    assert green is not None
-    green["properties"]["requestSettings"] = {
-        "requestTimeout": "PT30S",
-        "maxConcurrentRequestsPerInstance": 4,
-    }
-    arm.put(f"{path}/green", green)
+    if blue_before is not None:
+        router.deploy(Colour.BLUE, release)
+        blue = arm.get(f"{path}/blue")
+        assert blue is not None
+        blue["sku"]["capacity"] = 3  # an operator scaled it: capacity is blue's own
+        arm.put(f"{path}/blue", blue)
+        _tune(arm, f"{path}/blue", blue_before)
+    _tune(arm, f"{path}/green", GREEN_SERVES_UNDER)
+    before = _deploy_puts(arm, router, Colour.BLUE)
 
     router.deploy(Colour.BLUE, V2)
 
-    blue = arm.get(f"{path}/blue")
-    assert blue is not None
-    settings = blue["properties"]["requestSettings"]
-    assert settings["requestTimeout"] == "PT30S"
-    assert settings["maxConcurrentRequestsPerInstance"] == 4
+    assert _deploy_puts(arm, router, Colour.BLUE) == before + writes
+    _, sent = list(iter_calls(arm, "PUT", "/deployments/blue$"))[-1]
+    assert _serves_under(sent) == {
+        **GREEN_SERVES_UNDER,
+        "environmentVariables": {
+            **GREEN_SERVES_UNDER["environmentVariables"],
+            "AML_ROLLOUT_MODEL_VERSION": "2",
+            "AML_ROLLOUT_COLOUR": "blue",
+        },
+    }
+    if blue_before is not None:
+        assert sent["sku"]["capacity"] == 3
+    assert identity(router.release(Colour.BLUE)) == identity(V2)
+    # A retry (a deploy that timed out while Azure finished it) finds it all held: no PUT.
+    router.deploy(Colour.BLUE, V2)
+    assert _deploy_puts(arm, router, Colour.BLUE) == before + writes
 
 
 def test_redeploy_keeps_what_an_operator_set_on_the_deployment(
@@ -1219,7 +1295,9 @@ def test_redeploy_keeps_what_an_operator_set_on_the_deployment(
     dep["sku"]["capacity"] = 8  # scaled up for production load
     dep["tags"]["owner"] = "ml-platform"
     dep["properties"]["environmentVariables"] = {"WORKERS": "4"}
-    dep["properties"]["requestSettings"] = {"requestTimeout": "PT30S"}
+    # Held to the millisecond (was: read in whole seconds, so sent back as PT1S and none).
+    dep["properties"]["requestSettings"] = {"requestTimeout": "PT1.5S", "maxQueueWait": "PT0.5S"}
+    dep["properties"]["livenessProbe"] = {"timeout": "PT2.5S", "period": "PT30S"}
     dep["properties"]["appInsightsEnabled"] = True
     dep["properties"]["environmentId"] = dep["properties"]["environmentId"].replace("/2", "/1")
     arm.put(path, dep)
@@ -1235,7 +1313,8 @@ def test_redeploy_keeps_what_an_operator_set_on_the_deployment(
         "AML_ROLLOUT_MODEL_VERSION": "2",  # the release's, for score.py's answers
         "AML_ROLLOUT_COLOUR": "green",
     }
-    assert props["requestSettings"]["requestTimeout"] == "PT30S"
+    assert props["requestSettings"] == {"requestTimeout": "PT1.5S", "maxQueueWait": "PT0.5S"}
+    assert props["livenessProbe"] == {"timeout": "PT2.5S", "period": "PT30S"}
     assert props["appInsightsEnabled"] is True
     assert props["model"].endswith("/models/diabetes/versions/2")
     assert props["environmentId"].endswith("/environments/diabetes-env/versions/2")  # configured

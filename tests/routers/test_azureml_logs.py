@@ -1,0 +1,163 @@
+"""The Azure SDKs' logs as quieted: `quiet_azure_logs` holds when azure-ai-ml is imported after it.
+
+The router imports azure-ai-ml lazily (seconds of imports), so in `rollout run` the quieting
+comes first. azure-ai-ml's import sets its own loggers to INFO, each with a handler of its own
+on stderr (`initialize_logger_info`): without the import hook, every deployment write printed
+"Check: endpoint <name> exists" whatever the process' logging said. Checked in a clean
+interpreter (a test process has imported azure-ai-ml long before), at the wire: the router
+deploys against the fake ARM server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from rollout.azure_credential import QuietAzureML, quiet_azure_logs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: A process logging its own INFO lines (a pipeline step, `rollout run --verbose`).
+DEPLOY_AFTER_QUIETING = textwrap.dedent(
+    """
+    import logging, sys
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    from rollout.azure_credential import QuietAzureML, quiet_azure_logs
+    quiet_azure_logs()
+    {again}
+    assert "azure.ai.ml" not in sys.modules  # imported below, as the router does: after
+    from azure.ai.ml import MLClient
+    from rollout.core.types import Colour
+    from rollout.routers.azureml import AzureMLRouter
+    from tests.fakes.arm import FakeArm, StaticCredential
+    from tests.routers.contract import V1
+    SUB, RG, WS = "00000000-0000-0000-0000-000000000001", "ml-rg", "ml-ws"
+    with FakeArm() as arm:
+        arm.add_workspace(SUB, RG, WS)
+        arm.lro(r"/onlineEndpoints/[^/]+(/deployments/[^/]+)?$")
+        scale = {{"scaleSettings": {{"scaleType": "Default"}}}}
+        arm.defaults(r"/onlineEndpoints/[^/]+/deployments/[^/]+$", scale)
+        client = MLClient(StaticCredential(), SUB, RG, WS, transport=arm.transport())
+        AzureMLRouter(client, "ep-quiet", environment="azureml:env:1").deploy(Colour.GREEN, V1)
+    print(logging.getLogger("azure.ai.ml").getEffectiveLevel())
+    """
+)
+
+
+def _deploy_in_a_clean_interpreter(again: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", DEPLOY_AFTER_QUIETING.format(again=again)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "again",
+    [
+        pytest.param("", id="once"),
+        # Each command quiets again (rollout run, then a pipeline step's setup): one hook still.
+        pytest.param("quiet_azure_logs()", id="twice"),
+    ],
+)
+def test_azure_ai_ml_imported_after_the_quieting_logs_no_info_lines(again: str) -> None:
+    done = _deploy_in_a_clean_interpreter(again)
+    assert done.returncode == 0, done.stderr
+    # The process' own INFO lines still show: the SDK's do not (was: "Check: endpoint ...").
+    assert "rollout.routers.azureml: deployed diabetes:1 as ep-quiet/green" in done.stderr
+    assert "Check: endpoint" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("azure")] == []
+    assert done.stdout.split() == [str(logging.WARNING)]
+
+
+def test_a_quieting_that_fails_does_not_fail_the_import() -> None:
+    script = textwrap.dedent(
+        """
+        import rollout.azure_credential as credential
+        credential.quiet_azure_logs()
+        def broken() -> None:
+            raise RuntimeError("a logging setup azure-ai-ml changed")
+        credential.quiet_azure_ml_loggers = broken
+        import azure.ai.ml
+        print(azure.ai.ml.__spec__.loader.__class__.__name__)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["SourceFileLoader"]  # the module keeps its own loader
+
+
+def test_the_quieting_applies_to_azure_ai_ml_already_imported() -> None:
+    """In a process that imported azure-ai-ml first (this one), the hook has nothing to wait
+    for: its loggers are quieted at once; quieting again installs no second hook."""
+    import azure.ai.ml  # noqa: F401
+
+    quiet_azure_logs()
+    quiet_azure_logs()
+    assert logging.getLogger("azure.ai.ml").getEffectiveLevel() == logging.WARNING
+    assert logging.getLogger("azure.ai.ml._utils._endpoint_utils").level == logging.WARNING
+    assert sum(isinstance(finder, QuietAzureML) for finder in sys.meta_path) == 1
+
+
+#: Two tests in one session: the second sees the Azure loggers as the session started.
+QUIETING_THEN_ANOTHER_TEST = """
+import logging
+import sys
+
+from rollout.azure_credential import QuietAzureML, quiet_azure_logs
+
+
+def test_a_command_quiets_the_azure_logs():
+    quiet_azure_logs()
+
+
+def test_the_next_test_sees_them_as_they_were():
+    for name in ("azure", "azure.identity", "azure.ai.ml"):
+        assert logging.getLogger(name).level == logging.NOTSET, name
+    assert not [f for f in sys.meta_path if isinstance(f, QuietAzureML)]
+"""
+
+
+@pytest.mark.parametrize(
+    ("options", "passes"),
+    [
+        pytest.param(["-p", "tests.conftest"], True, id="with-the-suites-conftest"),
+        pytest.param([], False, id="without-it-the-levels-leak"),
+    ],
+)
+def test_a_test_leaves_the_azure_log_levels_as_it_found_them(
+    tmp_path: Path, options: list[str], passes: bool
+) -> None:
+    """tests/conftest.py restores them (and drops the import hook): a test running a command
+    quieted them for every later test of its xdist worker, whose caplog saw no Azure record."""
+    (tmp_path / "test_two.py").write_text(QUIETING_THEN_ANOTHER_TEST)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", *options, "-p", "no:cacheprovider", "-o", "addopts=",
+         "-q", str(tmp_path / "test_two.py")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert (done.returncode == 0) is passes, done.stdout + done.stderr
+    assert ("2 passed" if passes else "1 failed, 1 passed") in done.stdout
