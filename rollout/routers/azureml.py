@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import io
 import json
 import logging
@@ -315,11 +316,18 @@ def _read_deployment(ml_client: Any, endpoint: str, name: str) -> Any:
     another setting: an operator's timeout cut at every promotion, blue timing out where green
     does not. So this reads through the REST operation `get` itself calls, and takes the
     durations from what that parsed (timedeltas, exact); ManagedOnlineDeployment writes
-    fractional seconds and milliseconds exactly.
+    fractional seconds and milliseconds exactly. Those are two private names of azure-ai-ml
+    (the ones its `get` uses, at environment.yml's pin): an SDK without them gets the public
+    `get`, whole seconds and all, and a warning, rather than a router that cannot read.
     """
     from azure.ai.ml.entities import OnlineDeployment
 
-    rest = ml_client.online_deployments._online_deployment.get(
+    operations = ml_client.online_deployments
+    rest_get = getattr(getattr(operations, "_online_deployment", None), "get", None)
+    if rest_get is None or not hasattr(OnlineDeployment, "_from_rest_object"):
+        _warn_whole_seconds()
+        return operations.get(name=name, endpoint_name=endpoint)
+    rest = rest_get(
         endpoint_name=endpoint,
         deployment_name=name,
         resource_group_name=ml_client.resource_group_name,
@@ -346,6 +354,14 @@ def _read_deployment(ml_client: Any, endpoint: str, name: str) -> Any:
 
 
 _MS, _S = dt.timedelta(milliseconds=1), dt.timedelta(seconds=1)
+
+
+@functools.cache
+def _warn_whole_seconds() -> None:
+    log.warning(
+        "this azure-ai-ml reads deployments through its public get only: request timeouts and "
+        "probe durations are read, and sent back, in whole seconds"
+    )
 
 
 def _exactly(duration: object, unit: dt.timedelta, read: float | None) -> float | None:

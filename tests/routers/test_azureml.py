@@ -1322,6 +1322,27 @@ def test_redeploy_keeps_what_an_operator_set_on_the_deployment(
     assert after["tags"]["aml-rollout.version"] == "2"
 
 
+def test_an_sdk_without_its_private_read_falls_back_to_the_public_get(
+    arm: FakeArm, ml_client: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The exact read uses two private names of azure-ai-ml: an SDK release without them
+    reads whole seconds, says so, and still deploys (was: an AttributeError on every read)."""
+    router = make_router(ml_client, instance_count=1)
+    router.deploy(Colour.GREEN, V1)
+    operations = ml_client.online_deployments
+
+    class PublicOnly:
+        def __getattr__(self, name: str) -> Any:
+            if name == "_online_deployment":
+                raise AttributeError(name)
+            return getattr(operations, name)
+
+    monkeypatch.setattr(type(ml_client), "online_deployments", property(lambda _: PublicOnly()))
+    router.deploy(Colour.GREEN, V2)
+    assert identity(router.release(Colour.GREEN)) == identity(V2)
+    assert "public get only" in caplog.text
+
+
 def _failing_operations(arm: FakeArm, path: str) -> None:
     """Deployment operations end Failed, and the deployment says so, as Azure does."""
 
