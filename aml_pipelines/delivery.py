@@ -15,11 +15,14 @@ nothing else starts a rollout on their behalf. A delivery:
 
 A model's first release has nothing to be compared with, so no rollout can judge it: it is
 deployed to green with all traffic and judged on the spec's absolute limits alone (the engine's
-`bootstrap_checked`). It serves all traffic whatever the verdict — there is nothing to fall back
+`bootstrap_checked`). It stays deployed whatever the verdict — there is nothing to fall back
 to — so it is tagged `stage=production`, with `first_check` saying how the check went (and
 `first_check_reason` unless Successful); a failed or unreadable check makes the delivery's
 outcome Failed, an undecided one Inconclusive. A spec with no absolute limit deploys it unjudged
-(`first_check=unjudged`).
+(`first_check=unjudged`). The outcome says what green serves as the router reads it once the
+tags are written (`served_traffic`), not what was asked: a hand-made split or an endpoint
+changed during the check shows. That read is a report: weights that cannot be read fail
+nothing that was deployed and tagged; the outcome says they could not be read.
 
 Step 3 can be cut short by a crash after traffic moved. `reconcile` repairs that: it reads the last
 rollout's status from the state store and writes whatever tags are missing — while green still
@@ -70,7 +73,7 @@ TERMINAL = frozenset({SUCCEEDED, ROLLED_BACK, FAILED})
 #: The outcome of a first release whose check stayed undecided: neither a pass nor a failure.
 INCONCLUSIVE = "Inconclusive"
 #: A first release's delivery outcome by how its check went. A breached limit or metrics that
-#: could not be read is a failed delivery, though the release keeps serving all traffic.
+#: could not be read is a failed delivery, though the release stays deployed.
 FIRST_CHECK_OUTCOMES = {
     SUCCESSFUL: SUCCEEDED,
     "Failed": FAILED,
@@ -217,7 +220,7 @@ def plan_first_release_tags(
     """The tag changes for a model's first release `candidate` whose check ended `check` (a
     verdict value or UNJUDGED) because of `reason`.
 
-    It serves all traffic whatever the verdict (there is nothing to fall back to), so it is
+    It stays deployed whatever the verdict (there is nothing to fall back to), so it is
     `stage=production` in every case, and `first_check` says how the check went, with a short
     `first_check_reason` unless Successful (a Successful check removes an older one: an empty
     value removes a tag). Stage and check go in one write, so no crash leaves a production
@@ -242,28 +245,64 @@ def plan_first_release_tags(
     return changes + [c for c in promoted if c.version != candidate]
 
 
-def first_release_reason(model: str, version: int, check: str, reason: str) -> str:
-    """A first release's outcome in words: where it serves, how its check went, what next."""
+def first_release_reason(
+    model: str, version: int, check: str, reason: str, traffic: Mapping[str, int] | None
+) -> str:
+    """A first release's outcome in words: what it serves (`traffic`, as `served_traffic` read
+    it; None: unread), how its check went, what next."""
     ref = f"{model}:{version}"
-    head = f"first release of {model}: deployed to green with all traffic"
+    if traffic is None:
+        head = (
+            f"first release of {model}: deployed to green (its share of traffic is not known: "
+            "the router's weights could not be read after the deploy)"
+        )
+        still = "It stays deployed"
+    elif traffic["green"] == 100:
+        head = f"first release of {model}: deployed to green with all traffic"
+        still = "It still serves all traffic"
+    else:
+        share = f"{traffic['green']} % of traffic (blue {traffic['blue']} %)"
+        head = f"first release of {model}: deployed to green, which serves {share}"
+        still = f"Green still serves {share}"
     again = f"`aml-rollout rollout bootstrap SPEC --release {ref} --check` judges it again"
     said = {
         UNJUDGED: f"{head}, unjudged: {reason}",
         SUCCESSFUL: f"{head}; its check on the absolute limits was Successful: {reason}",
         "Failed": (
-            f"{head}; its check on the absolute limits Failed: {reason}. It still serves all "
-            "traffic (there is nothing to fall back to): roll a fixed version out against it"
+            f"{head}; its check on the absolute limits Failed: {reason}. {still} (there is "
+            "nothing to fall back to): roll a fixed version out against it"
         ),
         "Inconclusive": (
             f"{head}; its check on the absolute limits was Inconclusive: {reason}. A human's "
             f"call: look at its traffic; {again}"
         ),
         "Error": (
-            f"{head}; its check on the absolute limits ended in Error: {reason}. It still "
-            f"serves all traffic, unjudged; once the metrics can be read, {again}"
+            f"{head}; its check on the absolute limits ended in Error: {reason}. {still}, "
+            f"unjudged; once the metrics can be read, {again}"
         ),
     }
     return said.get(check, f"{head}; its check on the absolute limits: {check}: {reason}")
+
+
+def served_traffic(router: Any, ref: str) -> dict[str, int] | None:
+    """What the router serves now, `{"green": w, "blue": w}` in percent, for the outcome of
+    the first release `ref`; None, logged, when the weights cannot be read.
+
+    A report, read after the release was deployed and tagged: ANY exception (not only a
+    RouterError: a client's own bug, a closed connection) is caught, for the release must not
+    fail for want of a number it does not need.
+    """
+    try:
+        weights = router.get_weights()
+        return {"green": int(weights.green), "blue": int(weights.blue)}
+    except Exception as exc:  # report-only: see the docstring
+        log.warning(
+            "%s: the router's weights could not be read after the deploy (%s); the release "
+            "stays deployed and tagged, the traffic it serves is reported as unknown",
+            ref,
+            exc,
+        )
+        return None
 
 
 def plan_manual_tags(
@@ -644,8 +683,10 @@ class EngineDelivery:
             clock=self.clock,
         )
         changes = tag_first_release(self.registry, version.name, version.version, check, reason)
+        # Read once tagged: a report, which fails nothing that was deployed and tagged.
+        traffic = served_traffic(router, release.ref)
         phase = FIRST_CHECK_OUTCOMES.get(check, FAILED)
-        said = first_release_reason(version.name, version.version, check, reason)
+        said = first_release_reason(version.name, version.version, check, reason, traffic)
         log.log(logging.WARNING if phase == FAILED else logging.INFO, "%s", said)
         return DeliveryOutcome(
             version.name, version.version, phase, said, ledger, tuple(changes), check
@@ -800,8 +841,10 @@ def check_first_release(
 
     Green already serving it (a redelivery after a crash before the tags), it is only judged,
     afresh. The check holds the rollout's lease for up to `max_step_duration_s`; whatever its
-    verdict the release keeps serving. A spec with no absolute limit cannot judge it: deployed
-    unjudged, as told. `metrics` judges it (None: the spec's, built for the check).
+    verdict the release stays deployed. What it serves then is the router's to say: the callers
+    read it (`served_traffic`) once the tags are written. A spec with no absolute limit cannot
+    judge it: deployed unjudged, as told. `metrics` judges it (None: the spec's, built for the
+    check).
     """
     from rollout.api import bootstrap, bootstrap_checked, ledger_written
     from rollout.core.machine import first_release_limits

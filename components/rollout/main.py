@@ -17,8 +17,11 @@ A model's first release (green serving nothing, no `stable:` in the spec, and no
 version in `--registry`) has nothing to be compared with: as in the trigger's delivery
 (`aml_pipelines.delivery.check_first_release`), it is deployed to green with all traffic and
 judged on the spec's absolute limits; with `--registry` it is tagged `stage=production` and
-`first_check=<verdict>` (it serves all traffic whatever the verdict). `result.json` then carries
-`first_check` too.
+`first_check=<verdict>` (it stays deployed whatever the verdict). `result.json` then carries
+`first_check` too, and `traffic`: what the router serves once the tags are written,
+`{"green": w, "blue": w}` as read back (`delivery.served_traffic`), not what was asked. That read
+is a report: weights that cannot be read (any error) give `traffic: null` and a line saying so,
+and change neither the tags nor the exit code.
 
 Exit codes: 0 promoted (Succeeded; a first release's check Successful, or unjudged), 3 rolled
 back, 4 engine not available, 5 paused for a human (a first release's check Inconclusive), 1
@@ -201,19 +204,24 @@ def _first_release(spec: Any, candidate: Any, registry_spec: str | None) -> Any:
 def _check_first(
     spec: Any, candidate: Any, router: Any, args: argparse.Namespace, clock: Any
 ) -> int:
-    """Deploy and judge a first release; write result.json and (with --registry) its tags."""
+    """Deploy and judge a first release; (with --registry) tag it; write result.json with the
+    traffic the router serves then."""
     from aml_pipelines.delivery import (
         FAILED,
         FIRST_CHECK_OUTCOMES,
         check_first_release,
         first_release_reason,
+        served_traffic,
     )
 
     check, reason, ledger = check_first_release(
         spec, candidate, state_dir=args.result, router=router, clock=clock
     )
+    tagged = not args.registry or _tag_first(args.registry, candidate, check, reason)
+    # Read once tagged: a report, which fails nothing that was deployed and tagged.
+    traffic = served_traffic(router, candidate.ref)
     phase = FIRST_CHECK_OUTCOMES.get(check, FAILED)
-    said = first_release_reason(candidate.model, int(candidate.version), check, reason)
+    said = first_release_reason(candidate.model, int(candidate.version), check, reason, traffic)
     write_json(
         args.result / "result.json",
         {
@@ -223,12 +231,11 @@ def _check_first(
             "candidate": asdict(candidate),
             "stable": None,
             "first_check": check,
+            "traffic": traffic,
         },
     )
     log.log(logging.ERROR if phase == FAILED else logging.INFO, "%s", said)
-    if args.registry and not _tag_first(args.registry, candidate, check, reason):
-        return 1
-    return _EXIT_BY_PHASE.get(phase, 1)
+    return _EXIT_BY_PHASE.get(phase, 1) if tagged else 1
 
 
 def _tag_first(registry_spec: str, candidate: Any, check: str, reason: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -51,6 +52,21 @@ def test_component_yaml_loads_and_validates(step: str, components: dict[str, obj
     component = components[step]
     assert component._validate().passed  # type: ignore[attr-defined]
     assert component.name == f"aml_rollout_{step}"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_every_option_takes_its_value_after_an_equals_sign(step: str) -> None:
+    """`--opt '${{inputs.x}}'` hands argparse two words, and argparse reads a second word that
+    starts with `-` (a CSV column `-y`, a tag value, `-1e-05`) as another option: the step
+    fails with a usage error in Azure ML. `--opt='${{inputs.x}}'` is one word, whatever the
+    value (in `$[[...]]` blocks too)."""
+    command = yaml.safe_load(component_path(step).read_text())["command"]
+    options = re.findall(r"--[\w-]+(?:=|\s+|$)", command)
+    assert options, command
+    apart = [option.strip() for option in options if not option.endswith("=")]
+    assert not apart, f"components/{step}/component.yml: write {apart} as --opt=value"
+    # what the rule guards against: an option, then a space, then a placeholder or quote
+    assert not re.search(r"--[\w-]+\s+(?:\$\{\{|['\"])", command)
 
 
 @pytest.mark.parametrize(

@@ -244,10 +244,11 @@ def test_a_models_first_release_is_deployed_and_checked_on_the_absolute_limits(
     argv = ["--package", str(package), "--spec", str(_first(tmp_path, **spec_kw)),
             "--registry", f"local:{registry.root}", "--result", str(result)]  # fmt: skip
     assert main(argv) == exit_code
-    # It serves all traffic whatever the verdict: there is nothing to fall back to.
+    # It stays deployed whatever the verdict: there is nothing to fall back to.
     assert _green(tmp_path) == ("1", 100)
     summary = json.loads((result / "result.json").read_text())
     assert summary["first_check"] == check
+    assert summary["traffic"] == {"green": 100, "blue": 0}  # as read back from the router
     assert summary["reason"].startswith("first release of m: deployed to green with all traffic")
     assert says in summary["reason"]
     tags = registry.get("m", 1).tags
