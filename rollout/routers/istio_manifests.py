@@ -291,8 +291,17 @@ def updated_deployment(layout: IstioLayout, current: Obj, colour: Colour, releas
     The router sends `merge_patch(current, result)`.
 
     RouterRefused for a Deployment whose pods the colour's Services would not send to (see
-    `_check_selected`): Istio would answer 503 for its whole share.
+    `_check_selected`): Istio would answer 503 for its whole share. DeployFailed for one scaled
+    to 0: its rollout would be complete at once, with no pod to serve the release.
     """
+    if (current.get("spec") or {}).get("replicas") == 0:
+        found = current.get("metadata") or {}
+        ns, name = found.get("namespace"), found.get("name")
+        raise DeployFailed(
+            f"Deployment {ns}/{name} is scaled to 0 (spec.replicas 0): it would serve "
+            f"{release.ref} with no pod; scale it up (`kubectl -n {ns} scale deployment {name} "
+            "--replicas=1`), then deploy again"
+        )
     new = copy.deepcopy(current)
     new.pop("status", None)
     meta = new.setdefault("metadata", {})
@@ -383,7 +392,7 @@ def _diff(current: Obj, wanted: Obj) -> Obj:
     return patch
 
 
-def rollout_waiting_for(deployment: Obj) -> str | None:
+def rollout_waiting_for(deployment: Obj, stale: Obj | None = None) -> str | None:
     """What a Deployment's rollout still waits for, or None when it is complete.
 
     `kubectl rollout status`'s rule: the controller has seen the current generation, all wanted
@@ -391,6 +400,13 @@ def rollout_waiting_for(deployment: Obj) -> str | None:
     pods that are still available do not count (mid rolling update they keep
     `availableReplicas` up). A rollout past its progressDeadlineSeconds raises DeployFailed:
     waiting longer will not help (`not_ready` says why).
+
+    A deadline condition equal to `stale` (`past_deadline` of the Deployment as read before
+    this rollout's write) is the rollout before's: the deployment controller keeps a condition
+    of the same reason as it is until it sees progress, so a fixed release would be failed for
+    its predecessor's deadline. It is no failure, and nor is any deadline of a rollout that is
+    complete (every pod available: it serves). A new rollout that times out too, leaving that
+    condition as it was, is caught by the caller's own timeout.
     """
     meta = deployment.get("metadata") or {}
     status = deployment.get("status") or {}
@@ -398,8 +414,15 @@ def rollout_waiting_for(deployment: Obj) -> str | None:
     generation = meta.get("generation") or 0
     if (status.get("observedGeneration") or 0) < generation:
         return "the deployment controller to see the new spec"
-    if past_deadline(deployment) is not None:
+    waiting = _replicas_waiting_for(deployment)
+    if waiting is not None and past_deadline(deployment) not in (None, stale):
         raise DeployFailed(f"{where} exceeded its progress deadline")
+    return waiting
+
+
+def _replicas_waiting_for(deployment: Obj) -> str | None:
+    """What the replicas of a Deployment whose generation is observed still wait for."""
+    status = deployment.get("status") or {}
     replicas = (deployment.get("spec") or {}).get("replicas")
     want = 1 if replicas is None else int(replicas)
     updated = int(status.get("updatedReplicas") or 0)
@@ -423,6 +446,26 @@ def past_deadline(deployment: Obj) -> Obj | None:
         ):
             return dict(condition)
     return None
+
+
+def no_pod_available(deployment: Obj) -> str | None:
+    """Why a Deployment serves no request now ("has no available pod (...)"), or None when it
+    has a pod available.
+
+    Its Services then have no endpoints: Istio answers 503 for every request a route sends
+    there, and the judge charges them to the colour's model. Scaled to 0, every pod crashed or
+    not ready yet, past its progress deadline: a pod may come up, or be scaled up, meanwhile.
+    """
+    if int((deployment.get("status") or {}).get("availableReplicas") or 0) > 0:
+        return None
+    replicas = (deployment.get("spec") or {}).get("replicas")
+    if replicas == 0:
+        why = "spec.replicas 0: scaled to 0"
+    elif past_deadline(deployment) is not None:
+        why = "past its progress deadline"
+    else:
+        why = f"0 of {1 if replicas is None else replicas} available: crashed, or not ready yet"
+    return f"has no available pod ({why})"
 
 
 #: The longest API server message quoted in `not_ready` (an image pull error can be a screenful).

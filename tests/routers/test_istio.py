@@ -781,7 +781,7 @@ _DEADLINE = {
         ),
         pytest.param(
             [{**_rollout(0, 2, 1, 1), "conditions": [_DEADLINE]}],
-            0, "exceeded its progress deadline; Progressing=False ProgressDeadlineExceeded: "
+            1, "exceeded its progress deadline; Progressing=False ProgressDeadlineExceeded: "
             "ReplicaSet .* timed out", id="deadline-fails-fast",
         ),
     ],
@@ -804,11 +804,55 @@ def test_deploy_waits_until_the_rollout_is_complete(
     api.ready_deployments = False
     if error is None:
         router.deploy(Colour.BLUE, V2)
-    else:  # the controller already reports on generation 2, the one our write will make
-        api.set_status(*DEPLOYMENT_BLUE, {**statuses[0], "observedGeneration": 2})
+    else:
         with pytest.raises(DeployFailed, match=error):
             router.deploy(Colour.BLUE, V2)
     assert clock[0] == polls * 5
+
+
+@pytest.mark.parametrize(
+    ("after_write", "error"),
+    [
+        pytest.param(_DEADLINE, None, id="the-same-condition-is-the-old-rollout-s"),
+        pytest.param(
+            {**_DEADLINE, "lastUpdateTime": "2026-01-01T10:10:00Z"},
+            "exceeded its progress deadline", id="a-deadline-set-since-is-this-rollout-s",
+        ),
+    ],
+)  # fmt: skip
+def test_a_progress_deadline_left_from_the_rollout_before_is_no_failure(
+    api: FakeKubeApiServer, after_write: dict[str, Any], error: str | None
+) -> None:
+    """Was DeployFailed at the first poll: a Deployment whose last rollout timed out keeps that
+    condition into the next one until the deployment controller sees progress (it does not
+    rewrite a condition of the same reason), so a fixed release was failed for the old one's
+    deadline. Only a deadline that is not the one read before our write is this rollout's."""
+    clock = [0.0]
+    stale = {**_DEADLINE, "lastUpdateTime": "2026-01-01T10:00:00Z"}
+    after = {
+        **after_write,
+        "lastUpdateTime": after_write.get("lastUpdateTime", stale["lastUpdateTime"]),
+    }
+    script = iter([
+        {**_rollout(2, 1, 1, 0), "conditions": [after]},  # seen, no pod available yet
+        {**_rollout(2, 1, 1, 1), "conditions": [after]},  # complete: it serves
+    ])  # fmt: skip
+
+    def controller_step(seconds: float) -> None:
+        clock[0] += seconds
+        api.set_status(*DEPLOYMENT_BLUE, next(script))
+
+    router = make(api, poll_s=5, monotonic=lambda: clock[0], sleep=controller_step)
+    router.deploy(Colour.BLUE, V1)
+    api.ready_deployments = False
+    api.set_status(*DEPLOYMENT_BLUE, {**_rollout(1, 1, 1, 0), "conditions": [stale]})
+    if error is None:
+        router.deploy(Colour.BLUE, V2)
+        assert clock[0] == 10
+    else:
+        with pytest.raises(DeployFailed, match=error):
+            router.deploy(Colour.BLUE, V2)
+        assert clock[0] == 5
 
 
 def _pod(name: str, colour: str = "blue", **status: Any) -> dict[str, Any]:
@@ -2185,10 +2229,78 @@ def test_a_deployment_past_its_progress_deadline_with_no_pod_gets_no_traffic(
     router.set_weights(Weights.blue_at(10))
     api.set_status(*DEPLOYMENT_BLUE, {"observedGeneration": 1, "conditions": [_DEADLINE]})
     assert router.release(Colour.BLUE) == V2  # what it was asked to serve
-    with pytest.raises(RouterError, match="exceeded its progress deadline and has no available"):
+    with pytest.raises(RouterError, match=r"has no available pod \(past its progress deadline"):
         router.set_weights(Weights.blue_at(50))
     router.set_weights(Weights.blue_at(0))  # the rollback is never refused
     assert router.get_weights() == Weights.blue_at(0)
+
+
+@pytest.mark.parametrize(
+    ("status", "weights", "said"),
+    [
+        pytest.param(
+            {"observedGeneration": 1, "replicas": 0}, Weights.blue_at(50),
+            "cannot send 50 % to blue: Deployment ml/diabetes-blue has no available pod "
+            "(spec.replicas 0: scaled to 0)", id="scaled-to-zero",
+        ),
+        pytest.param(
+            {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1,
+             "unavailableReplicas": 1},
+            Weights.blue_at(50),
+            "cannot send 50 % to blue: Deployment ml/diabetes-blue has no available pod "
+            "(0 of 1 available: crashed, or not ready yet): every request of that share would "
+            "fail (503)", id="every-pod-crashed",
+        ),
+        pytest.param(
+            {"observedGeneration": 1, "replicas": 1, "unavailableReplicas": 1},
+            Weights.blue_at(0, mirror=5),
+            "cannot mirror 5 % to blue: Deployment ml/diabetes-blue has no available pod",
+            id="shadow",
+        ),
+    ],
+)  # fmt: skip
+def test_traffic_to_a_colour_with_no_available_pod_is_refused_before_any_write(
+    api: FakeKubeApiServer, status: dict[str, Any], weights: Weights, said: str
+) -> None:
+    """Was written: every request routed to a colour with no pod available fails (503), and
+    the judge charged them to its model."""
+    router = both_deployed(api)
+    router.set_weights(Weights.blue_at(10))
+    if status.get("replicas") == 0:  # `kubectl scale --replicas=0`, or an autoscaler
+        scaled = api.get(*DEPLOYMENT_BLUE)
+        scaled["spec"]["replicas"] = 0
+        api.seed(scaled, "deployments", "apps")
+    api.set_status(*DEPLOYMENT_BLUE, status)
+    patches = sum(r.verb == "patch" for r in api.requests)
+    with pytest.raises(RouterError) as caught:
+        router.set_weights(weights)
+    assert not isinstance(caught.value, RouterRefused)  # a pod may come up: the next try
+    assert str(caught.value).startswith(said)
+    assert sum(r.verb == "patch" for r in api.requests) == patches
+    assert router.get_weights() == Weights.blue_at(10)
+    router.set_weights(Weights.blue_at(0))  # the rollback away from it is never refused
+    assert router.get_weights() == Weights.blue_at(0)
+
+
+def test_a_deploy_to_a_deployment_scaled_to_zero_fails_before_any_write(
+    api: FakeKubeApiServer,
+) -> None:
+    """Was "deployed": a rollout of no pod is complete at once, and the weights then sent to
+    the colour met no pod (503)."""
+    router = make(api)
+    router.deploy(Colour.BLUE, V1)
+    scaled = api.get(*DEPLOYMENT_BLUE)
+    scaled["spec"]["replicas"] = 0  # `kubectl scale --replicas=0`, or an autoscaler
+    api.seed(scaled, "deployments", "apps")
+    writes = sum(r.verb == "patch" for r in api.requests)
+    with pytest.raises(DeployFailed) as caught:
+        router.deploy(Colour.BLUE, V2)
+    assert str(caught.value).startswith(
+        "Deployment ml/diabetes-blue is scaled to 0 (spec.replicas 0): it would serve diabetes:2 "
+        "with no pod; scale it up (`kubectl -n ml scale deployment diabetes-blue --replicas=1`)"
+    )
+    assert sum(r.verb == "patch" for r in api.requests) == writes
+    assert router.release(Colour.BLUE) == V1
 
 
 def test_a_stalled_scale_up_of_green_does_not_block_a_rollback(api: FakeKubeApiServer) -> None:
