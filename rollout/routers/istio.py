@@ -46,7 +46,8 @@ generateVirtualServicePatches vs reconcileVirtualService).
 
 API failures become RouterError naming the object and the HTTP status; a 409 that outlives the
 retries is ConflictError; no answer at all from the API server is RouterUnavailable (one that
-took the request and answered late, or broke its answer off, is a plain RouterError); pods
+took the request and answered late, or broke its answer off, is a plain RouterError, and so
+is an answer with no JSON in it, `kubeapi.NotJson`: a proxy's page, a body cut short); pods
 that do not become ready are DeployFailed. A refusal that no retry changes is RouterRefused
 (DeployFailed is one): a namespace that does not exist, a release without an image, a 401 or
 403 (credentials or RBAC), a 400 or 422 (an object refused as invalid: `kubeapi.REFUSED`),
@@ -254,10 +255,15 @@ class IstioRouter:
         self._create_if_missing(f"Service {self._ns}/{name}", read, create)
 
     def _read_service(self, name: str) -> object:
-        """Service `name` as read; RouterRefused when it lacks `router.port`: a route to a port
-        the Service does not expose fails every request (Envoy answers 503)."""
-        found = self._core.read_namespaced_service(name, self._ns, _request_timeout=self._timeout)
-        ports = [p.port for p in (found.spec.ports if found.spec else None) or []]
+        """Service `name` as read (raw JSON, see `kubeapi.read_json`); RouterRefused when it lacks
+        `router.port`: a route to a port the Service does not expose fails every request (Envoy
+        answers 503)."""
+        found = kubeapi.read_json(
+            lambda: self._core.read_namespaced_service(
+                name, self._ns, _request_timeout=self._timeout, _preload_content=False
+            )
+        )
+        ports = [p.get("port") for p in (found.get("spec") or {}).get("ports") or []]
         if self.layout.port not in ports:
             raise RouterRefused(
                 f"Service {self._ns}/{name} exposes port {', '.join(map(str, ports)) or 'none'}, "
@@ -554,6 +560,8 @@ class IstioRouter:
                 log.info("%s changed under us (409), re-reading (attempt %d)", what, attempt)
             except HTTPError as exc:
                 raise _unreachable(f"write {what}", exc, self._host) from exc
+            except kubeapi.NotJson as exc:  # a read of the read-modify-write (see `_read`)
+                raise RouterError(f"{what}: {exc} [{self._host}]") from exc
         raise ConflictError(
             f"write {what}: still conflicting after {self._max_retries} attempts "
             "(another writer keeps changing it)"
@@ -566,8 +574,18 @@ class IstioRouter:
         )
 
     def _get_custom(self, plural: str, name: str) -> dict[str, Any]:
-        obj = self._custom.get_namespaced_custom_object(
-            m.ISTIO_GROUP, m.ISTIO_VERSION, self._ns, plural, name, _request_timeout=self._timeout
+        """An Istio object as read; NotJson for an answer that is none (the client would hand
+        back its text as the object)."""
+        obj = kubeapi.read_json(
+            lambda: self._custom.get_namespaced_custom_object(
+                m.ISTIO_GROUP,
+                m.ISTIO_VERSION,
+                self._ns,
+                plural,
+                name,
+                _request_timeout=self._timeout,
+                _preload_content=False,
+            )
         )
         return cast(dict[str, Any], obj)
 
@@ -581,6 +599,8 @@ class IstioRouter:
             raise _router_error(what, exc, self._host, self._credentials) from exc
         except HTTPError as exc:
             raise _unreachable(what, exc, self._host) from exc
+        except kubeapi.NotJson as exc:  # asked again, it may come through: not a refusal
+            raise RouterError(f"{what}: {exc} [{self._host}]") from exc
 
 
 def _model(cls: Any, body: dict[str, Any]) -> Any:

@@ -1172,6 +1172,52 @@ def test_errors_name_the_object(
         call(make(api))
 
 
+PROXY_PAGE = b"<html><body><h1>502 Bad Gateway</h1>nginx</body></html>"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "said"),
+    [
+        pytest.param(PROXY_PAGE, "text/html", "text/html, 55 bytes: '<html><body><h1>502 Bad "
+                     "Gateway</h1>nginx</body></html>'): a proxy", id="a-proxy-s-page"),
+        pytest.param(b'{"kind": "Deployment", "metadata": {"na', "application/json",
+                     "application/json, 39 bytes: '{\"kind\": \"Deployment\"", id="cut-short"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    ("resource", "call", "what"),
+    [
+        pytest.param("deployments", lambda r: r.release(Colour.GREEN),
+                     "Deployment ml/diabetes-green", id="release"),
+        pytest.param("virtualservices", lambda r: r.get_weights(), "VirtualService ml/diabetes",
+                     id="get-weights"),
+        pytest.param("services", lambda r: r.set_weights(Weights.blue_at(10)),
+                     "Service ml/diabetes-blue", id="set-weights"),
+        pytest.param("destinationrules", lambda r: r.deploy(Colour.GREEN, V1),
+                     "DestinationRule ml/diabetes-green", id="deploy"),
+    ],
+)  # fmt: skip
+def test_an_answer_that_is_not_json_is_a_router_error_naming_the_object(
+    api: FakeKubeApiServer,
+    body: bytes,
+    content_type: str,
+    said: str,
+    resource: str,
+    call: Any,
+    what: str,
+) -> None:
+    """Was a JSONDecodeError (a traceback) for a Deployment, and for the others an object read
+    from a string: an AttributeError, or a Service said to expose no port."""
+    router = both_deployed(api)
+    api.answer_raw_next(resource, "get", body, content_type=content_type)
+    with pytest.raises(RouterError) as caught:
+        call(router)
+    assert not isinstance(caught.value, RouterRefused)  # a proxy's blip: worth a retry
+    message = str(caught.value)
+    assert message.startswith(f"{what}: HTTP 200 with no JSON ({said}")
+    assert message.endswith(f"[{api.url}]")
+
+
 @pytest.mark.parametrize(
     ("namespace", "stable", "message"),
     [
