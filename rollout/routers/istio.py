@@ -500,9 +500,10 @@ class IstioRouter:
                 _request_timeout=self._timeout,
             )
             return
-        current = vs.get("spec", {}).get("http") or []
+        found = vs.get("spec", {}).get("http") or []
+        current = m.with_default_named(found, self.layout)  # what the checks below read
         wanted = m.merge_routes(current, self.layout, weights)
-        if wanted == current:
+        if wanted == found:
             return
         if m.route_ports(current) - {self.layout.port}:
             self._check_service_ports()  # our routes move to router.port: the Services need it

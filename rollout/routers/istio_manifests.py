@@ -21,7 +21,10 @@ Envoy router's pinned clusters.
 
 The router owns only the routes named `aml-rollout-*`. `merge_routes` computes the new
 `spec.http` from the one read back (Argo Rollouts' generateVirtualServicePatches, pure) and keeps
-every other route where it was — never replacing the whole VirtualService (flagger#1715).
+every other route where it was — never replacing the whole VirtualService (flagger#1715). A
+VirtualService with no route named `aml-rollout-default` may still have one that is ours in all
+but name: a catch-all (no `match`, `[]`, `[{}]`, a uri prefix "/") sending only to the weighted
+Services; `with_default_named` reads it as the default route.
 
 The shadow step (`Weights.mirror` > 0, blue at 0 %) is Istio's request mirroring on the default
 route only: `mirror: {host: <app>-blue, port: {number: <port>}}` and `mirrorPercentage: {value:
@@ -879,19 +882,22 @@ def merge_routes(current: list[Obj], layout: IstioLayout, weights: Weights) -> l
     A user route that matches every request (see `check_reachable`) placed before any of ours
     is refused with RouterError rather than written: Istio takes the first match, so our route
     would never be reached while get_weights reported its split. We do not move our default
-    route above it: that would silently take over everything the user's route serves.
+    route above it: that would silently take over everything the user's route serves. One
+    that sends only to our weighted Services is our default route under another name, though
+    (`with_default_named`): it becomes ours, in place.
     """
+    current = with_default_named(current, layout)
     ours = {route["name"]: route for route in managed_routes(layout, weights)}
     present = {route.get("name") for route in current}
     below = set(pins_below_default(current))
     merged = [
-        _ours_over(route, ours[route["name"]]) if route.get("name") in ours else route
+        _ours_over(route, ours[route["name"]], layout) if route.get("name") in ours else route
         for route in current
         if route.get("name") not in below
     ]
     moved = {route["name"]: route for route in current if route.get("name") in below}
     first = [
-        _ours_over(moved[name], route) if name in moved else route
+        _ours_over(moved[name], route, layout) if name in moved else route
         for name, route in ours.items()
         if name != DEFAULT_ROUTE and (name not in present or name in moved)
     ]
@@ -916,9 +922,38 @@ def pins_below_default(http: list[Obj]) -> list[str]:
 _OWNED_FIELDS = ("match", "route", "mirror", "mirrorPercentage", "mirrorPercent", "mirrors")
 
 
-def _ours_over(found: Obj, ours: Obj) -> Obj:
-    """Our route `ours` over the one found under its name, keeping the fields not ours."""
-    return {**{k: v for k, v in found.items() if k not in _OWNED_FIELDS}, **ours}
+def _ours_over(found: Obj, ours: Obj, layout: IstioLayout) -> Obj:
+    """Our route `ours` over the one found under its name, keeping the fields not ours, and
+    the found match when it is one of the ways to match every request that ours (no `match`)
+    says too (`[]`, `[{}]`, a uri prefix "/"...): rewriting it would change nothing Istio does,
+    yet write at every weights change asked again."""
+    kept = {k: v for k, v in found.items() if k not in _OWNED_FIELDS}
+    if "match" in found and "match" not in ours and matches_everything(found, layout):
+        kept["match"] = found["match"]
+    return {**kept, **ours}
+
+
+def with_default_named(http: list[Obj], layout: IstioLayout) -> list[Obj]:
+    """`spec.http` with our default route named `DEFAULT_ROUTE`: as it is when one is, else
+    with the first route that matches every request (`matches_everything`: no `match`, `[]`,
+    `[{}]`, a uri prefix "/"...) renamed so when it sends only to blue's and green's weighted
+    Services (a VirtualService made by hand, or before aml-rollout, whose weighted route is
+    ours in all but name). Its traffic already goes where ours would send it, so taking it
+    over takes nobody's over; one that sends anywhere else is the user's (`check_reachable`).
+    """
+    if any(route.get("name") == DEFAULT_ROUTE for route in http):
+        return http
+    at = next((i for i, r in enumerate(http) if matches_everything(r, layout)), None)
+    if at is None or http[at].get("name") in OUR_ROUTES or not _weighted_only(http[at], layout):
+        return http
+    return [*http[:at], {**http[at], "name": DEFAULT_ROUTE}, *http[at + 1 :]]
+
+
+def _weighted_only(route: Obj, layout: IstioLayout) -> bool:
+    """Whether a route has destinations, all blue's or green's weighted Service."""
+    weighted = {layout.service(c) for c in Colour}
+    hosts = [(d.get("destination") or {}).get("host") for d in route.get("route") or []]
+    return bool(hosts) and all(_service_named(h, layout) in weighted for h in hosts)
 
 
 # A match entry with only these keys, and a `uri` (if any) among _EVERY_URI, matches everything
@@ -977,8 +1012,10 @@ def weights_from_routes(http: list[Obj], layout: IstioLayout) -> Weights:
     omit zero values) and each destination gets weight / sum (relative weights).
 
     RouterError when a user route shadows it (`check_reachable`): its weights would not be
-    what the data plane serves; and for a split Weights cannot hold (not whole percents).
+    what the data plane serves; and for a split Weights cannot hold (not whole percents). A
+    route that is ours in all but name is read as ours (`with_default_named`).
     """
+    http = with_default_named(http, layout)
     check_reachable(http, layout)
     route = next((r for r in http if r.get("name") == DEFAULT_ROUTE), None)
     where = f"VirtualService {layout.namespace}/{layout.virtual_service}"

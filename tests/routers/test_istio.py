@@ -2266,6 +2266,59 @@ def test_a_shadowed_default_route_is_neither_written_nor_reported(api: FakeKubeA
         router.get_weights()
 
 
+@pytest.mark.parametrize(
+    "match",
+    [
+        pytest.param(None, id="no-match"),
+        pytest.param([], id="an-empty-match-list"),
+        pytest.param([{}], id="one-empty-match-entry"),
+        pytest.param([{"uri": {"prefix": "/"}}], id="uri-prefix-slash"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("name", "pins"),
+    [
+        pytest.param(m.DEFAULT_ROUTE, True, id="ours"),
+        pytest.param(None, False, id="unnamed-in-a-virtual-service-made-by-hand"),
+        pytest.param("default", False, id="named-by-someone-else"),
+    ],
+)
+def test_every_match_all_form_of_the_weighted_route_is_the_default_route(
+    api: FakeKubeApiServer, match: list[Any] | None, name: str | None, pins: bool
+) -> None:
+    """No `match`, `match: []`, `match: [{}]` and a uri prefix "/" all match every request.
+    Was: ours written so was rewritten at every change of nothing (a new resourceVersion for
+    every watcher); one made by hand, sending only to our weighted Services, read as no default
+    route, and our default route appended after it was refused as shadowed."""
+    vs = m.virtual_service(LAYOUT, Weights.blue_at(30))
+    weighted = vs["spec"]["http"][-1]
+    weighted["timeout"] = "5s"  # a field of theirs, kept
+    if match is not None:
+        weighted["match"] = match
+    if name is None:
+        del weighted["name"]
+    else:
+        weighted["name"] = name
+    vs["spec"]["http"] = [*vs["spec"]["http"][:-1], weighted] if pins else [weighted]
+    api.seed(vs, "virtualservices", m.ISTIO_GROUP)
+    router = both_deployed(api)
+    assert router.get_weights() == Weights.blue_at(30)
+
+    version = api.get(*VS)["metadata"]["resourceVersion"]
+    router.set_weights(Weights.blue_at(30))
+    if name == m.DEFAULT_ROUTE:
+        assert api.get(*VS)["metadata"]["resourceVersion"] == version  # nothing to write
+    router.set_weights(Weights.blue_at(50))
+    routes = http_routes(api)
+    assert [r.get("name") for r in routes] == [
+        "aml-rollout-pin-blue",
+        "aml-rollout-pin-green",
+        m.DEFAULT_ROUTE,
+    ]
+    assert routes[-1]["timeout"] == "5s"
+    assert router.get_weights() == Weights.blue_at(50)
+
+
 def test_a_deployment_past_its_progress_deadline_with_no_pod_gets_no_traffic(
     api: FakeKubeApiServer,
 ) -> None:
