@@ -1342,6 +1342,38 @@ def test_the_chart_refuses_an_api_key_secret_the_api_server_would(
         assert found and all(e.startswith(f"{error}:") for e in found), found
 
 
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        pytest.param({}, None, id="the-defaults"),
+        pytest.param({"header": "x-colour"}, None, id="a-header-of-yours"),
+        pytest.param({"global": {"imageRegistry": "r.io"}}, None, id="a-parent-chart-s-global"),
+        pytest.param({"header": "X-Colour"}, "header: 'X-Colour' does not match",
+                     id="header-not-lower-case"),
+        pytest.param({"header": "x colour"}, "header: 'x colour' does not match",
+                     id="header-with-a-space"),
+        pytest.param({"header": ""}, "header: '' does not match", id="empty-header"),
+        pytest.param({"hots": ["churn.example.com"]},
+                     ": Additional properties are not allowed ('hots' was unexpected)",
+                     id="a-misspelt-value"),
+        pytest.param({"replica": 3},
+                     ": Additional properties are not allowed ('replica' was unexpected)",
+                     id="a-singular-for-a-plural"),
+    ],
+)  # fmt: skip
+def test_the_chart_refuses_values_it_does_not_know_and_a_header_istio_would_not_match(
+    values: dict[str, Any], error: str | None
+) -> None:
+    """Was taken: a misspelt value silently kept its default (`hots:` served `*`), and an
+    upper-case header rendered a VirtualService match whose key Istio's API asks to be lower
+    case (the spec's `header` is lower-cased, the chart's was not)."""
+    found = chart_schema_errors(values)
+    if error is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and error in found[0], found
+
+
 def test_the_spec_gives_the_blue_the_router_creates_the_api_key(tmp_path: Path) -> None:
     # Was: no field for it: the blue each rollout creates (a promotion deletes blue) served
     # /score without auth beside a green that asked for a key.
