@@ -244,15 +244,44 @@ class Credentials:
         return ""
 
 
+class NotJson(ValueError):
+    """A successful answer whose body is no JSON object: an HTML page of a proxy or a gateway
+    in between, a body someone cut short (with a Content-Length to match, so nothing tells the
+    client it is short). Its message says what came: the status, the Content-Type, the length
+    and the first characters; the caller names the object and the API server."""
+
+    #: The first characters of the body said in the message (a proxy's page can be long).
+    SHOWN = 80
+
+    def __init__(self, status: int, content_type: str | None, body: bytes) -> None:
+        start = body[: self.SHOWN].decode("utf-8", "replace")
+        more = "..." if len(body) > self.SHOWN else ""
+        super().__init__(
+            f"HTTP {status} with no JSON ({content_type or 'no Content-Type'}, {len(body)} "
+            f"bytes: {start!r}{more}): a proxy or a gateway in front of the API server?"
+        )
+        self.status = status
+
+
 def read_json(call: Callable[[], Any]) -> Any:
     """Make a request sent with `_preload_content=False` and read its whole answer as JSON.
 
     Such a body is read lazily, after the call returned the status: a connection reset or a
     stall mid-body raises urllib3's HTTPError (ProtocolError, ReadTimeoutError) from the read.
     Call this inside the try that maps HTTPError, so the read is mapped as the call is.
-    ValueError when the body is not JSON.
+    NotJson (a ValueError) when the body is no JSON object, as every answer of the API server
+    is: the client's own reading would hand back the text as the object (a str for a custom
+    object; a typed model built from nothing).
     """
-    return json.loads(call().data)
+    answer = call()
+    body = answer.data
+    try:
+        found = json.loads(body)
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        raise NotJson(answer.status, answer.headers.get("Content-Type"), body)
+    return found
 
 
 _CONNECTION = re.compile(r"^HTTPS?Connection(Pool)?\(host=[^)]*\): ")

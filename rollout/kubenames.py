@@ -7,6 +7,8 @@ on the state store package.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import re
 from collections.abc import Sequence
 
@@ -71,19 +73,64 @@ def label_value_problem(value: str) -> str | None:
     )
 
 
-#: What a Gateway server's or VirtualService's host may hold: DNS names, `*` first (`*`,
-#: `*.example.com`). No scheme, port or path: Istio's validation refuses those.
-_HOST = re.compile(r"\*?[A-Za-z0-9.-]*")
+#: The longest host name Istio takes (pilot's DNS-1123 preconditions).
+HOST_MAX = 255
 
 
 def host_problem(host: str) -> str | None:
-    """Why `host` cannot be a host of the Gateway and the VirtualService, or None."""
-    if host and len(host) <= 255 and _HOST.fullmatch(host) and ".." not in host:
+    """Why `host` cannot be a host of the Gateway and the VirtualService, or None.
+
+    The router's `hosts` go to both, so a host meets Istio's validating webhook for both
+    (pilot's ValidateWildcardDomain; for a Gateway server's hosts without a namespace,
+    validateSidecarOrGatewayHostnamePart): `*` alone (any host: a VirtualService bound to a
+    Gateway only, as ours is, may have it), an IP address, or at most 255 characters of
+    DNS-1123 labels with a dot among them (a Gateway refuses short names), the first of which
+    may be `*` whole (a Gateway refuses a partial wildcard, `*foo`), the last not all digits.
+    Lower case too, which Istio does not ask: it hands a host to Envoy as written, and
+    mixed-case hosts have matched no request and had a route configuration refused
+    (istio/istio#50118, #49638).
+    """
+    why = _host_why(host)
+    if why is None:
         return None
     return (
-        f"{host!r} is not a host name (e.g. diabetes.example.com, *.example.com or *: no "
-        "scheme, port or path)"
+        f"{host!r} is not a host name Istio takes: {why} (e.g. diabetes.example.com, "
+        "*.example.com, or * for any)"
     )
+
+
+def _host_why(host: str) -> str | None:
+    if host == "*":
+        return None
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return None
+    for part, why in (("://", "no scheme"), ("/", "no path"), (":", "no port")):
+        if part in host:
+            return why
+    if not host or len(host) > HOST_MAX:
+        return f"{len(host)} characters, not 1 to at most {HOST_MAX}"
+    if host != host.lower():
+        return "lower case only (mixed case goes to Envoy as it is, and matches no request)"
+    first, dot, rest = host.partition(".")
+    if not dot:
+        return "a short name (no dot): the Gateway takes fully qualified names only"
+    if first != "*" and "*" in first:
+        return f"a partial wildcard ({first!r}): the Gateway takes `*` whole only"
+    if "*" in rest:
+        return "`*` only as the whole first label (*.example.com)"
+    labels = rest.split(".")
+    if len(labels) > 1 and not labels[-1]:
+        labels.pop()  # a trailing dot: `example.com.`, a name no search domain extends
+    for label in [first, *labels] if first != "*" else labels:
+        if not DNS_1123_LABEL.fullmatch(label):
+            return (
+                f"label {label!r} is no DNS-1123 label (1 to 63 lower-case letters, digits "
+                "and '-', starting and ending with a letter or digit)"
+            )
+    if labels[-1].isdigit():
+        return f"its top-level domain {labels[-1]!r} is all digits"
+    return None
 
 
 def hosts_problem(hosts: Sequence[str]) -> str | None:

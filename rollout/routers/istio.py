@@ -16,9 +16,11 @@ generateVirtualServicePatches vs reconcileVirtualService).
   JSON merge patch carrying the read `resourceVersion` (409 → re-read → retry, as below):
   replicas set by an HPA, Helm's metadata, resources and the rest stay, and so do fields the
   client's typed models do not know (a PUT goes through them, and they refuse such fields).
+  A Deployment scaled to 0 is refused before any write (DeployFailed: a rollout of no pod).
   Then it waits, bounded, until the rollout is complete by `kubectl rollout status`'s rule (new
   pods all updated and available, no old pod left), failing at once when the Deployment
-  reports ProgressDeadlineExceeded or a pod of the new release will not become ready by itself
+  reports ProgressDeadlineExceeded (not the condition read before the write: the rollout
+  before's) or a pod of the new release will not become ready by itself
   (`m.never_ready`: a crash loop, as when the package image cannot load its model). Any
   failure is DeployFailed, which the controller does not retry (it would wait as long again),
   saying why as far as the API tells: the Deployment's conditions and its pods' reasons
@@ -35,7 +37,8 @@ generateVirtualServicePatches vs reconcileVirtualService).
   patch replaces a list whole, the next `spec.http` without them removes them (no nulls needed).
   Traffic, live or mirrored, is refused to a colour whose Deployment or weighted Service is
   missing (for good: RouterRefused; Istio would answer 503 for that share) or whose Deployment
-  is past its progress deadline with no pod available (a pod may yet come up).
+  has no pod available (`m.no_pod_available`: scaled to 0, crashed, past its progress
+  deadline; a RouterError, as a pod may yet come up).
 - `get_weights` reads the VirtualService back: what the control plane holds, the mirror to
   blue's weighted Service included (`istio_manifests.mirror_from_route`).
 - `remove` deletes the Deployment (its Services stay: empty Services are free and keep the pinned
@@ -43,7 +46,8 @@ generateVirtualServicePatches vs reconcileVirtualService).
 
 API failures become RouterError naming the object and the HTTP status; a 409 that outlives the
 retries is ConflictError; no answer at all from the API server is RouterUnavailable (one that
-took the request and answered late, or broke its answer off, is a plain RouterError); pods
+took the request and answered late, or broke its answer off, is a plain RouterError, and so
+is an answer with no JSON in it, `kubeapi.NotJson`: a proxy's page, a body cut short); pods
 that do not become ready are DeployFailed. A refusal that no retry changes is RouterRefused
 (DeployFailed is one): a namespace that does not exist, a release without an image, a 401 or
 403 (credentials or RBAC), a 400 or 422 (an object refused as invalid: `kubeapi.REFUSED`),
@@ -149,10 +153,10 @@ class IstioRouter:
         body = m.deployment(self.layout, colour, release)  # checks the release has an image
         self._ensure_routing()
         name = self.layout.deployment(colour)
-        self._retry_conflicts(
+        stale = self._retry_conflicts(
             f"Deployment {self._ns}/{name}", lambda: self._upsert(name, body, colour, release)
         )
-        self._wait_available(name)
+        self._wait_available(name, stale)
         log.info("deployed %s:%s as %s", release.model, release.version, name)
 
     def release(self, colour: Colour) -> Release | None:
@@ -179,12 +183,13 @@ class IstioRouter:
             if found is None:
                 # The API server reads what it stores: absent now is absent on the next ask.
                 raise RouterRefused(f"cannot {sending}: Deployment {name} does not exist{GONE}")
-            # Past its progress deadline with no pod available, it would answer nothing. (With
-            # pods available, e.g. a stalled scale-up, it still serves and may take traffic.)
-            if m.past_deadline(found) and not (found.get("status") or {}).get("availableReplicas"):
+            # With no pod available it answers nothing: 503s charged to its model. (With pods
+            # available, e.g. a stalled scale-up, it still serves and may take traffic.) Not
+            # RouterRefused: a pod may come up, or be scaled up, before the next try.
+            if (why := m.no_pod_available(found)) is not None:
                 raise RouterError(
-                    f"cannot {sending}: Deployment {name} "
-                    "exceeded its progress deadline and has no available pod"
+                    f"cannot {sending}: Deployment {name} {why}: every request of that share "
+                    "would fail (503)"
                 )
             self._require_service(colour, sending)
         what = f"VirtualService {self._ns}/{self.layout.virtual_service}"
@@ -250,10 +255,15 @@ class IstioRouter:
         self._create_if_missing(f"Service {self._ns}/{name}", read, create)
 
     def _read_service(self, name: str) -> object:
-        """Service `name` as read; RouterRefused when it lacks `router.port`: a route to a port
-        the Service does not expose fails every request (Envoy answers 503)."""
-        found = self._core.read_namespaced_service(name, self._ns, _request_timeout=self._timeout)
-        ports = [p.port for p in (found.spec.ports if found.spec else None) or []]
+        """Service `name` as read (raw JSON, see `kubeapi.read_json`); RouterRefused when it lacks
+        `router.port`: a route to a port the Service does not expose fails every request (Envoy
+        answers 503)."""
+        found = kubeapi.read_json(
+            lambda: self._core.read_namespaced_service(
+                name, self._ns, _request_timeout=self._timeout, _preload_content=False
+            )
+        )
+        ports = [p.get("port") for p in (found.get("spec") or {}).get("ports") or []]
         if self.layout.port not in ports:
             raise RouterRefused(
                 f"Service {self._ns}/{name} exposes port {', '.join(map(str, ports)) or 'none'}, "
@@ -378,18 +388,22 @@ class IstioRouter:
         except HTTPError as exc:
             raise _unreachable(f"create {what}", exc, self._host) from exc
 
-    def _upsert(self, name: str, body: dict[str, Any], colour: Colour, release: Release) -> None:
+    def _upsert(
+        self, name: str, body: dict[str, Any], colour: Colour, release: Release
+    ) -> dict[str, Any] | None:
+        """Create or patch the Deployment; its progress deadline condition as read before the
+        write (the rollout before's, which `m.rollout_waiting_for` ignores), if any."""
         current = self._read_deployment(name)
         if current is None:  # only a new Deployment gets the whole manifest (and layout.replicas)
             self.fence()
             self._apps.create_namespaced_deployment(
                 self._ns, _model(k8s.V1Deployment, body), _request_timeout=self._timeout
             )
-            return
+            return None
         wanted = m.updated_deployment(self.layout, current, colour, release)
         spec = {k: v for k, v in current.items() if k != "status"}
         if wanted == spec:
-            return  # already serving it: no write, no new generation
+            return None  # already serving it: no write, no new generation, its deadline its own
         # A merge patch of what changed, carrying the read resourceVersion (409 if it moved):
         # a PUT of the whole object would go through the client's typed models, which refuse
         # any field they do not know.
@@ -401,6 +415,7 @@ class IstioRouter:
             _content_type="application/merge-patch+json",
             _request_timeout=self._timeout,
         )
+        return m.past_deadline(current)
 
     def _read_deployment(self, name: str) -> dict[str, Any] | None:
         """The Deployment as the API server sent it (raw JSON), or None when it does not exist."""
@@ -414,8 +429,9 @@ class IstioRouter:
         )
         return cast(dict[str, Any] | None, found)
 
-    def _wait_available(self, name: str) -> None:
-        """Poll until the Deployment's rollout is complete (see `m.rollout_waiting_for`).
+    def _wait_available(self, name: str, stale: dict[str, Any] | None = None) -> None:
+        """Poll until the Deployment's rollout is complete (see `m.rollout_waiting_for`; `stale`
+        is the progress deadline condition of the rollout before, no failure of this one).
 
         DeployFailed when it will not be: a pod of the new release that will not become ready
         by itself (`m.never_ready`: a crash loop, the package image exiting 3 when its model
@@ -431,7 +447,7 @@ class IstioRouter:
             if dep is None:
                 raise RouterError(f"{what} disappeared while waiting for it to become available")
             try:
-                waiting_for = m.rollout_waiting_for(dep)
+                waiting_for = m.rollout_waiting_for(dep, stale)
             except DeployFailed as exc:
                 raise DeployFailed(m.not_ready(str(exc), dep, self._pods(dep))) from None
             if waiting_for is None:
@@ -484,9 +500,10 @@ class IstioRouter:
                 _request_timeout=self._timeout,
             )
             return
-        current = vs.get("spec", {}).get("http") or []
+        found = vs.get("spec", {}).get("http") or []
+        current = m.with_default_named(found, self.layout)  # what the checks below read
         wanted = m.merge_routes(current, self.layout, weights)
-        if wanted == current:
+        if wanted == found:
             return
         if m.route_ports(current) - {self.layout.port}:
             self._check_service_ports()  # our routes move to router.port: the Services need it
@@ -530,12 +547,12 @@ class IstioRouter:
             _request_timeout=self._timeout,
         )
 
-    def _retry_conflicts(self, what: str, write: Callable[[], None]) -> None:
-        """Run a read-modify-write; on 409 run it again from the read, a bounded number of times."""
+    def _retry_conflicts(self, what: str, write: Callable[[], T]) -> T:
+        """Run a read-modify-write; on 409 run it again from the read, a bounded number of times.
+        What the write that went through returns."""
         for attempt in range(1, self._max_retries + 1):
             try:
-                write()
-                return
+                return write()
             except ApiException as exc:
                 if exc.status != _CONFLICT:
                     raise _router_error(
@@ -544,6 +561,8 @@ class IstioRouter:
                 log.info("%s changed under us (409), re-reading (attempt %d)", what, attempt)
             except HTTPError as exc:
                 raise _unreachable(f"write {what}", exc, self._host) from exc
+            except kubeapi.NotJson as exc:  # a read of the read-modify-write (see `_read`)
+                raise RouterError(f"{what}: {exc} [{self._host}]") from exc
         raise ConflictError(
             f"write {what}: still conflicting after {self._max_retries} attempts "
             "(another writer keeps changing it)"
@@ -556,8 +575,18 @@ class IstioRouter:
         )
 
     def _get_custom(self, plural: str, name: str) -> dict[str, Any]:
-        obj = self._custom.get_namespaced_custom_object(
-            m.ISTIO_GROUP, m.ISTIO_VERSION, self._ns, plural, name, _request_timeout=self._timeout
+        """An Istio object as read; NotJson for an answer that is none (the client would hand
+        back its text as the object)."""
+        obj = kubeapi.read_json(
+            lambda: self._custom.get_namespaced_custom_object(
+                m.ISTIO_GROUP,
+                m.ISTIO_VERSION,
+                self._ns,
+                plural,
+                name,
+                _request_timeout=self._timeout,
+                _preload_content=False,
+            )
         )
         return cast(dict[str, Any], obj)
 
@@ -571,6 +600,8 @@ class IstioRouter:
             raise _router_error(what, exc, self._host, self._credentials) from exc
         except HTTPError as exc:
             raise _unreachable(what, exc, self._host) from exc
+        except kubeapi.NotJson as exc:  # asked again, it may come through: not a refusal
+            raise RouterError(f"{what}: {exc} [{self._host}]") from exc
 
 
 def _model(cls: Any, body: dict[str, Any]) -> Any:

@@ -21,7 +21,10 @@ Envoy router's pinned clusters.
 
 The router owns only the routes named `aml-rollout-*`. `merge_routes` computes the new
 `spec.http` from the one read back (Argo Rollouts' generateVirtualServicePatches, pure) and keeps
-every other route where it was — never replacing the whole VirtualService (flagger#1715).
+every other route where it was — never replacing the whole VirtualService (flagger#1715). A
+VirtualService with no route named `aml-rollout-default` may still have one that is ours in all
+but name: a catch-all (no `match`, `[]`, `[{}]`, a uri prefix "/") sending only to the weighted
+Services; `with_default_named` reads it as the default route.
 
 The shadow step (`Weights.mirror` > 0, blue at 0 %) is Istio's request mirroring on the default
 route only: `mirror: {host: <app>-blue, port: {number: <port>}}` and `mirrorPercentage: {value:
@@ -291,8 +294,17 @@ def updated_deployment(layout: IstioLayout, current: Obj, colour: Colour, releas
     The router sends `merge_patch(current, result)`.
 
     RouterRefused for a Deployment whose pods the colour's Services would not send to (see
-    `_check_selected`): Istio would answer 503 for its whole share.
+    `_check_selected`): Istio would answer 503 for its whole share. DeployFailed for one scaled
+    to 0: its rollout would be complete at once, with no pod to serve the release.
     """
+    if (current.get("spec") or {}).get("replicas") == 0:
+        found = current.get("metadata") or {}
+        ns, name = found.get("namespace"), found.get("name")
+        raise DeployFailed(
+            f"Deployment {ns}/{name} is scaled to 0 (spec.replicas 0): it would serve "
+            f"{release.ref} with no pod; scale it up (`kubectl -n {ns} scale deployment {name} "
+            "--replicas=1`), then deploy again"
+        )
     new = copy.deepcopy(current)
     new.pop("status", None)
     meta = new.setdefault("metadata", {})
@@ -383,7 +395,7 @@ def _diff(current: Obj, wanted: Obj) -> Obj:
     return patch
 
 
-def rollout_waiting_for(deployment: Obj) -> str | None:
+def rollout_waiting_for(deployment: Obj, stale: Obj | None = None) -> str | None:
     """What a Deployment's rollout still waits for, or None when it is complete.
 
     `kubectl rollout status`'s rule: the controller has seen the current generation, all wanted
@@ -391,6 +403,13 @@ def rollout_waiting_for(deployment: Obj) -> str | None:
     pods that are still available do not count (mid rolling update they keep
     `availableReplicas` up). A rollout past its progressDeadlineSeconds raises DeployFailed:
     waiting longer will not help (`not_ready` says why).
+
+    A deadline condition equal to `stale` (`past_deadline` of the Deployment as read before
+    this rollout's write) is the rollout before's: the deployment controller keeps a condition
+    of the same reason as it is until it sees progress, so a fixed release would be failed for
+    its predecessor's deadline. It is no failure, and nor is any deadline of a rollout that is
+    complete (every pod available: it serves). A new rollout that times out too, leaving that
+    condition as it was, is caught by the caller's own timeout.
     """
     meta = deployment.get("metadata") or {}
     status = deployment.get("status") or {}
@@ -398,8 +417,15 @@ def rollout_waiting_for(deployment: Obj) -> str | None:
     generation = meta.get("generation") or 0
     if (status.get("observedGeneration") or 0) < generation:
         return "the deployment controller to see the new spec"
-    if past_deadline(deployment) is not None:
+    waiting = _replicas_waiting_for(deployment)
+    if waiting is not None and past_deadline(deployment) not in (None, stale):
         raise DeployFailed(f"{where} exceeded its progress deadline")
+    return waiting
+
+
+def _replicas_waiting_for(deployment: Obj) -> str | None:
+    """What the replicas of a Deployment whose generation is observed still wait for."""
+    status = deployment.get("status") or {}
     replicas = (deployment.get("spec") or {}).get("replicas")
     want = 1 if replicas is None else int(replicas)
     updated = int(status.get("updatedReplicas") or 0)
@@ -423,6 +449,26 @@ def past_deadline(deployment: Obj) -> Obj | None:
         ):
             return dict(condition)
     return None
+
+
+def no_pod_available(deployment: Obj) -> str | None:
+    """Why a Deployment serves no request now ("has no available pod (...)"), or None when it
+    has a pod available.
+
+    Its Services then have no endpoints: Istio answers 503 for every request a route sends
+    there, and the judge charges them to the colour's model. Scaled to 0, every pod crashed or
+    not ready yet, past its progress deadline: a pod may come up, or be scaled up, meanwhile.
+    """
+    if int((deployment.get("status") or {}).get("availableReplicas") or 0) > 0:
+        return None
+    replicas = (deployment.get("spec") or {}).get("replicas")
+    if replicas == 0:
+        why = "spec.replicas 0: scaled to 0"
+    elif past_deadline(deployment) is not None:
+        why = "past its progress deadline"
+    else:
+        why = f"0 of {1 if replicas is None else replicas} available: crashed, or not ready yet"
+    return f"has no available pod ({why})"
 
 
 #: The longest API server message quoted in `not_ready` (an image pull error can be a screenful).
@@ -836,19 +882,22 @@ def merge_routes(current: list[Obj], layout: IstioLayout, weights: Weights) -> l
     A user route that matches every request (see `check_reachable`) placed before any of ours
     is refused with RouterError rather than written: Istio takes the first match, so our route
     would never be reached while get_weights reported its split. We do not move our default
-    route above it: that would silently take over everything the user's route serves.
+    route above it: that would silently take over everything the user's route serves. One
+    that sends only to our weighted Services is our default route under another name, though
+    (`with_default_named`): it becomes ours, in place.
     """
+    current = with_default_named(current, layout)
     ours = {route["name"]: route for route in managed_routes(layout, weights)}
     present = {route.get("name") for route in current}
     below = set(pins_below_default(current))
     merged = [
-        _ours_over(route, ours[route["name"]]) if route.get("name") in ours else route
+        _ours_over(route, ours[route["name"]], layout) if route.get("name") in ours else route
         for route in current
         if route.get("name") not in below
     ]
     moved = {route["name"]: route for route in current if route.get("name") in below}
     first = [
-        _ours_over(moved[name], route) if name in moved else route
+        _ours_over(moved[name], route, layout) if name in moved else route
         for name, route in ours.items()
         if name != DEFAULT_ROUTE and (name not in present or name in moved)
     ]
@@ -873,9 +922,38 @@ def pins_below_default(http: list[Obj]) -> list[str]:
 _OWNED_FIELDS = ("match", "route", "mirror", "mirrorPercentage", "mirrorPercent", "mirrors")
 
 
-def _ours_over(found: Obj, ours: Obj) -> Obj:
-    """Our route `ours` over the one found under its name, keeping the fields not ours."""
-    return {**{k: v for k, v in found.items() if k not in _OWNED_FIELDS}, **ours}
+def _ours_over(found: Obj, ours: Obj, layout: IstioLayout) -> Obj:
+    """Our route `ours` over the one found under its name, keeping the fields not ours, and
+    the found match when it is one of the ways to match every request that ours (no `match`)
+    says too (`[]`, `[{}]`, a uri prefix "/"...): rewriting it would change nothing Istio does,
+    yet write at every weights change asked again."""
+    kept = {k: v for k, v in found.items() if k not in _OWNED_FIELDS}
+    if "match" in found and "match" not in ours and matches_everything(found, layout):
+        kept["match"] = found["match"]
+    return {**kept, **ours}
+
+
+def with_default_named(http: list[Obj], layout: IstioLayout) -> list[Obj]:
+    """`spec.http` with our default route named `DEFAULT_ROUTE`: as it is when one is, else
+    with the first route that matches every request (`matches_everything`: no `match`, `[]`,
+    `[{}]`, a uri prefix "/"...) renamed so when it sends only to blue's and green's weighted
+    Services (a VirtualService made by hand, or before aml-rollout, whose weighted route is
+    ours in all but name). Its traffic already goes where ours would send it, so taking it
+    over takes nobody's over; one that sends anywhere else is the user's (`check_reachable`).
+    """
+    if any(route.get("name") == DEFAULT_ROUTE for route in http):
+        return http
+    at = next((i for i, r in enumerate(http) if matches_everything(r, layout)), None)
+    if at is None or http[at].get("name") in OUR_ROUTES or not _weighted_only(http[at], layout):
+        return http
+    return [*http[:at], {**http[at], "name": DEFAULT_ROUTE}, *http[at + 1 :]]
+
+
+def _weighted_only(route: Obj, layout: IstioLayout) -> bool:
+    """Whether a route has destinations, all blue's or green's weighted Service."""
+    weighted = {layout.service(c) for c in Colour}
+    hosts = [(d.get("destination") or {}).get("host") for d in route.get("route") or []]
+    return bool(hosts) and all(_service_named(h, layout) in weighted for h in hosts)
 
 
 # A match entry with only these keys, and a `uri` (if any) among _EVERY_URI, matches everything
@@ -934,8 +1012,10 @@ def weights_from_routes(http: list[Obj], layout: IstioLayout) -> Weights:
     omit zero values) and each destination gets weight / sum (relative weights).
 
     RouterError when a user route shadows it (`check_reachable`): its weights would not be
-    what the data plane serves; and for a split Weights cannot hold (not whole percents).
+    what the data plane serves; and for a split Weights cannot hold (not whole percents). A
+    route that is ours in all but name is read as ours (`with_default_named`).
     """
+    http = with_default_named(http, layout)
     check_reachable(http, layout)
     route = next((r for r in http if r.get("name") == DEFAULT_ROUTE), None)
     where = f"VirtualService {layout.namespace}/{layout.virtual_service}"

@@ -37,7 +37,9 @@ Role grants exactly what a client used. `delay(resource, verb, s)` answers such 
 slow API server); `cut_off(resource, verb)` breaks their answers off mid-body (a connection reset
 after the headers); `fail_next(resource, verb, code, times)` answers the next `times` such
 requests `code` (a 503 of an API server restarting, a 429, a 403 of RBAC) without handling
-them; `delete(...)` removes an object as another client would.
+them; `answer_raw_next(resource, verb, body)` answers the next such request with `body` as it
+is (a proxy's HTML page, a body cut short: no JSON); `delete(...)` removes an object as another
+client would.
 `before_next_write(resource, name, fn)` runs `fn(obj)` as a concurrent writer just before the next
 write to that object is handled — the race a 409 guards (or, returning DELETED, deletes it: the
 race a 404 on a write is).
@@ -131,6 +133,14 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+class RawAnswer(Exception):
+    """An answer sent as it is, not a JSON Status (see FakeKubeApiServer.answer_raw_next)."""
+
+    def __init__(self, code: int, body: bytes, content_type: str) -> None:
+        super().__init__(f"raw answer {code}")
+        self.code, self.body, self.content_type = code, body, content_type
+
+
 class FakeKubeApiServer:
     """The store, its HTTP front and the test hooks. Use as a context manager or start()/stop()."""
 
@@ -150,6 +160,8 @@ class FakeKubeApiServer:
         self._cut_offs: set[tuple[str, str]] = set()
         #: (resource, verb) → [code, requests still to fail, name or "" for any, headers].
         self._failures: dict[tuple[str, str], list[Any]] = {}
+        #: (resource, verb) → the RawAnswer the next such request gets (see answer_raw_next).
+        self._raw_next: dict[tuple[str, str], RawAnswer] = {}
         #: Per handler thread: whether the answer being made is to be cut off (see cut_off).
         self._answer = threading.local()
         self._server: LocalServer | None = None
@@ -227,6 +239,20 @@ class FakeKubeApiServer:
         given) with `code` and a Status saying so, without handling them (nothing is written);
         `headers` go with each answer (a Retry-After). Recorded, with `code`, as any request."""
         self._failures[(resource, verb)] = [code, times, name, headers or {}]
+
+    def answer_raw_next(
+        self,
+        resource: str,
+        verb: str,
+        body: bytes,
+        *,
+        code: int = 200,
+        content_type: str = "text/html",
+    ) -> None:
+        """Answer the next `verb` request on `resource` with `code` and `body` as it is, whole
+        (Content-Length its length), without handling it (nothing is written): a proxy's HTML
+        page, a JSON body cut short by someone in between. Recorded, with `code`."""
+        self._raw_next[(resource, verb)] = RawAnswer(code, body, content_type)
 
     def _failing(self, record: dict[str, str]) -> ApiError | None:
         """The error `fail_next` set for this request, counted; None to handle it."""
@@ -352,6 +378,11 @@ class FakeKubeApiServer:
         self._answer.cut = (resource, verb) in self._cut_offs
         if seconds := self._delays.get((resource, verb)):
             time.sleep(seconds)  # outside the lock: a slow answer, not a stalled server
+        if (raw := self._raw_next.pop((resource, verb), None)) is not None:
+            self.requests.append(
+                RecordedRequest(**record, content_type=content_type, status=raw.code)
+            )
+            raise raw
         try:
             if (failure := self._failing(record)) is not None:
                 raise failure
@@ -599,6 +630,13 @@ def _handler_for(api: FakeKubeApiServer) -> type[BaseHTTPRequestHandler]:
                 url = urlsplit(self.path)
                 selector = parse_qs(url.query).get("labelSelector", [""])[0]
                 code, payload = api.handle(self.command, url.path, body, content_type, selector)
+            except RawAnswer as raw:
+                self.send_response(raw.code)
+                self.send_header("Content-Type", raw.content_type)
+                self.send_header("Content-Length", str(len(raw.body)))
+                self.end_headers()
+                self.wfile.write(raw.body)
+                return
             except ApiError as exc:
                 extra = exc.headers
                 code, payload = (

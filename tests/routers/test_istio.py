@@ -781,7 +781,7 @@ _DEADLINE = {
         ),
         pytest.param(
             [{**_rollout(0, 2, 1, 1), "conditions": [_DEADLINE]}],
-            0, "exceeded its progress deadline; Progressing=False ProgressDeadlineExceeded: "
+            1, "exceeded its progress deadline; Progressing=False ProgressDeadlineExceeded: "
             "ReplicaSet .* timed out", id="deadline-fails-fast",
         ),
     ],
@@ -804,11 +804,55 @@ def test_deploy_waits_until_the_rollout_is_complete(
     api.ready_deployments = False
     if error is None:
         router.deploy(Colour.BLUE, V2)
-    else:  # the controller already reports on generation 2, the one our write will make
-        api.set_status(*DEPLOYMENT_BLUE, {**statuses[0], "observedGeneration": 2})
+    else:
         with pytest.raises(DeployFailed, match=error):
             router.deploy(Colour.BLUE, V2)
     assert clock[0] == polls * 5
+
+
+@pytest.mark.parametrize(
+    ("after_write", "error"),
+    [
+        pytest.param(_DEADLINE, None, id="the-same-condition-is-the-old-rollout-s"),
+        pytest.param(
+            {**_DEADLINE, "lastUpdateTime": "2026-01-01T10:10:00Z"},
+            "exceeded its progress deadline", id="a-deadline-set-since-is-this-rollout-s",
+        ),
+    ],
+)  # fmt: skip
+def test_a_progress_deadline_left_from_the_rollout_before_is_no_failure(
+    api: FakeKubeApiServer, after_write: dict[str, Any], error: str | None
+) -> None:
+    """Was DeployFailed at the first poll: a Deployment whose last rollout timed out keeps that
+    condition into the next one until the deployment controller sees progress (it does not
+    rewrite a condition of the same reason), so a fixed release was failed for the old one's
+    deadline. Only a deadline that is not the one read before our write is this rollout's."""
+    clock = [0.0]
+    stale = {**_DEADLINE, "lastUpdateTime": "2026-01-01T10:00:00Z"}
+    after = {
+        **after_write,
+        "lastUpdateTime": after_write.get("lastUpdateTime", stale["lastUpdateTime"]),
+    }
+    script = iter([
+        {**_rollout(2, 1, 1, 0), "conditions": [after]},  # seen, no pod available yet
+        {**_rollout(2, 1, 1, 1), "conditions": [after]},  # complete: it serves
+    ])  # fmt: skip
+
+    def controller_step(seconds: float) -> None:
+        clock[0] += seconds
+        api.set_status(*DEPLOYMENT_BLUE, next(script))
+
+    router = make(api, poll_s=5, monotonic=lambda: clock[0], sleep=controller_step)
+    router.deploy(Colour.BLUE, V1)
+    api.ready_deployments = False
+    api.set_status(*DEPLOYMENT_BLUE, {**_rollout(1, 1, 1, 0), "conditions": [stale]})
+    if error is None:
+        router.deploy(Colour.BLUE, V2)
+        assert clock[0] == 10
+    else:
+        with pytest.raises(DeployFailed, match=error):
+            router.deploy(Colour.BLUE, V2)
+        assert clock[0] == 5
 
 
 def _pod(name: str, colour: str = "blue", **status: Any) -> dict[str, Any]:
@@ -1126,6 +1170,52 @@ def test_errors_name_the_object(
     setup(api)
     with pytest.raises(RouterError, match=message):
         call(make(api))
+
+
+PROXY_PAGE = b"<html><body><h1>502 Bad Gateway</h1>nginx</body></html>"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "said"),
+    [
+        pytest.param(PROXY_PAGE, "text/html", "text/html, 55 bytes: '<html><body><h1>502 Bad "
+                     "Gateway</h1>nginx</body></html>'): a proxy", id="a-proxy-s-page"),
+        pytest.param(b'{"kind": "Deployment", "metadata": {"na', "application/json",
+                     "application/json, 39 bytes: '{\"kind\": \"Deployment\"", id="cut-short"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    ("resource", "call", "what"),
+    [
+        pytest.param("deployments", lambda r: r.release(Colour.GREEN),
+                     "Deployment ml/diabetes-green", id="release"),
+        pytest.param("virtualservices", lambda r: r.get_weights(), "VirtualService ml/diabetes",
+                     id="get-weights"),
+        pytest.param("services", lambda r: r.set_weights(Weights.blue_at(10)),
+                     "Service ml/diabetes-blue", id="set-weights"),
+        pytest.param("destinationrules", lambda r: r.deploy(Colour.GREEN, V1),
+                     "DestinationRule ml/diabetes-green", id="deploy"),
+    ],
+)  # fmt: skip
+def test_an_answer_that_is_not_json_is_a_router_error_naming_the_object(
+    api: FakeKubeApiServer,
+    body: bytes,
+    content_type: str,
+    said: str,
+    resource: str,
+    call: Any,
+    what: str,
+) -> None:
+    """Was a JSONDecodeError (a traceback) for a Deployment, and for the others an object read
+    from a string: an AttributeError, or a Service said to expose no port."""
+    router = both_deployed(api)
+    api.answer_raw_next(resource, "get", body, content_type=content_type)
+    with pytest.raises(RouterError) as caught:
+        call(router)
+    assert not isinstance(caught.value, RouterRefused)  # a proxy's blip: worth a retry
+    message = str(caught.value)
+    assert message.startswith(f"{what}: HTTP 200 with no JSON ({said}")
+    assert message.endswith(f"[{api.url}]")
 
 
 @pytest.mark.parametrize(
@@ -2176,6 +2266,59 @@ def test_a_shadowed_default_route_is_neither_written_nor_reported(api: FakeKubeA
         router.get_weights()
 
 
+@pytest.mark.parametrize(
+    "match",
+    [
+        pytest.param(None, id="no-match"),
+        pytest.param([], id="an-empty-match-list"),
+        pytest.param([{}], id="one-empty-match-entry"),
+        pytest.param([{"uri": {"prefix": "/"}}], id="uri-prefix-slash"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("name", "pins"),
+    [
+        pytest.param(m.DEFAULT_ROUTE, True, id="ours"),
+        pytest.param(None, False, id="unnamed-in-a-virtual-service-made-by-hand"),
+        pytest.param("default", False, id="named-by-someone-else"),
+    ],
+)
+def test_every_match_all_form_of_the_weighted_route_is_the_default_route(
+    api: FakeKubeApiServer, match: list[Any] | None, name: str | None, pins: bool
+) -> None:
+    """No `match`, `match: []`, `match: [{}]` and a uri prefix "/" all match every request.
+    Was: ours written so was rewritten at every change of nothing (a new resourceVersion for
+    every watcher); one made by hand, sending only to our weighted Services, read as no default
+    route, and our default route appended after it was refused as shadowed."""
+    vs = m.virtual_service(LAYOUT, Weights.blue_at(30))
+    weighted = vs["spec"]["http"][-1]
+    weighted["timeout"] = "5s"  # a field of theirs, kept
+    if match is not None:
+        weighted["match"] = match
+    if name is None:
+        del weighted["name"]
+    else:
+        weighted["name"] = name
+    vs["spec"]["http"] = [*vs["spec"]["http"][:-1], weighted] if pins else [weighted]
+    api.seed(vs, "virtualservices", m.ISTIO_GROUP)
+    router = both_deployed(api)
+    assert router.get_weights() == Weights.blue_at(30)
+
+    version = api.get(*VS)["metadata"]["resourceVersion"]
+    router.set_weights(Weights.blue_at(30))
+    if name == m.DEFAULT_ROUTE:
+        assert api.get(*VS)["metadata"]["resourceVersion"] == version  # nothing to write
+    router.set_weights(Weights.blue_at(50))
+    routes = http_routes(api)
+    assert [r.get("name") for r in routes] == [
+        "aml-rollout-pin-blue",
+        "aml-rollout-pin-green",
+        m.DEFAULT_ROUTE,
+    ]
+    assert routes[-1]["timeout"] == "5s"
+    assert router.get_weights() == Weights.blue_at(50)
+
+
 def test_a_deployment_past_its_progress_deadline_with_no_pod_gets_no_traffic(
     api: FakeKubeApiServer,
 ) -> None:
@@ -2185,10 +2328,78 @@ def test_a_deployment_past_its_progress_deadline_with_no_pod_gets_no_traffic(
     router.set_weights(Weights.blue_at(10))
     api.set_status(*DEPLOYMENT_BLUE, {"observedGeneration": 1, "conditions": [_DEADLINE]})
     assert router.release(Colour.BLUE) == V2  # what it was asked to serve
-    with pytest.raises(RouterError, match="exceeded its progress deadline and has no available"):
+    with pytest.raises(RouterError, match=r"has no available pod \(past its progress deadline"):
         router.set_weights(Weights.blue_at(50))
     router.set_weights(Weights.blue_at(0))  # the rollback is never refused
     assert router.get_weights() == Weights.blue_at(0)
+
+
+@pytest.mark.parametrize(
+    ("status", "weights", "said"),
+    [
+        pytest.param(
+            {"observedGeneration": 1, "replicas": 0}, Weights.blue_at(50),
+            "cannot send 50 % to blue: Deployment ml/diabetes-blue has no available pod "
+            "(spec.replicas 0: scaled to 0)", id="scaled-to-zero",
+        ),
+        pytest.param(
+            {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1,
+             "unavailableReplicas": 1},
+            Weights.blue_at(50),
+            "cannot send 50 % to blue: Deployment ml/diabetes-blue has no available pod "
+            "(0 of 1 available: crashed, or not ready yet): every request of that share would "
+            "fail (503)", id="every-pod-crashed",
+        ),
+        pytest.param(
+            {"observedGeneration": 1, "replicas": 1, "unavailableReplicas": 1},
+            Weights.blue_at(0, mirror=5),
+            "cannot mirror 5 % to blue: Deployment ml/diabetes-blue has no available pod",
+            id="shadow",
+        ),
+    ],
+)  # fmt: skip
+def test_traffic_to_a_colour_with_no_available_pod_is_refused_before_any_write(
+    api: FakeKubeApiServer, status: dict[str, Any], weights: Weights, said: str
+) -> None:
+    """Was written: every request routed to a colour with no pod available fails (503), and
+    the judge charged them to its model."""
+    router = both_deployed(api)
+    router.set_weights(Weights.blue_at(10))
+    if status.get("replicas") == 0:  # `kubectl scale --replicas=0`, or an autoscaler
+        scaled = api.get(*DEPLOYMENT_BLUE)
+        scaled["spec"]["replicas"] = 0
+        api.seed(scaled, "deployments", "apps")
+    api.set_status(*DEPLOYMENT_BLUE, status)
+    patches = sum(r.verb == "patch" for r in api.requests)
+    with pytest.raises(RouterError) as caught:
+        router.set_weights(weights)
+    assert not isinstance(caught.value, RouterRefused)  # a pod may come up: the next try
+    assert str(caught.value).startswith(said)
+    assert sum(r.verb == "patch" for r in api.requests) == patches
+    assert router.get_weights() == Weights.blue_at(10)
+    router.set_weights(Weights.blue_at(0))  # the rollback away from it is never refused
+    assert router.get_weights() == Weights.blue_at(0)
+
+
+def test_a_deploy_to_a_deployment_scaled_to_zero_fails_before_any_write(
+    api: FakeKubeApiServer,
+) -> None:
+    """Was "deployed": a rollout of no pod is complete at once, and the weights then sent to
+    the colour met no pod (503)."""
+    router = make(api)
+    router.deploy(Colour.BLUE, V1)
+    scaled = api.get(*DEPLOYMENT_BLUE)
+    scaled["spec"]["replicas"] = 0  # `kubectl scale --replicas=0`, or an autoscaler
+    api.seed(scaled, "deployments", "apps")
+    writes = sum(r.verb == "patch" for r in api.requests)
+    with pytest.raises(DeployFailed) as caught:
+        router.deploy(Colour.BLUE, V2)
+    assert str(caught.value).startswith(
+        "Deployment ml/diabetes-blue is scaled to 0 (spec.replicas 0): it would serve diabetes:2 "
+        "with no pod; scale it up (`kubectl -n ml scale deployment diabetes-blue --replicas=1`)"
+    )
+    assert sum(r.verb == "patch" for r in api.requests) == writes
+    assert router.release(Colour.BLUE) == V1
 
 
 def test_a_stalled_scale_up_of_green_does_not_block_a_rollback(api: FakeKubeApiServer) -> None:

@@ -24,6 +24,7 @@ from kubernetes import client as k8s
 from typer.testing import CliRunner
 
 from rollout.cli import app
+from rollout.config import spec_from_dict
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import ConfigError, DeployFailed
 from rollout.routers import istio_manifests as m
@@ -612,6 +613,48 @@ def test_rollout_validate_refuses_what_the_router_would(
     result = CliRunner().invoke(app, ["rollout", "validate", str(spec)])
     assert result.exit_code == 2
     assert message in result.output
+
+
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [
+        pytest.param("diabetes.example.com", None, id="fqdn"),
+        pytest.param("*", None, id="any-host"),
+        pytest.param("*.example.com", None, id="wildcard-first-label"),
+        pytest.param("diabetes.example.com.", None, id="trailing-dot"),
+        pytest.param("10.0.0.7", None, id="ip-address"),
+        pytest.param("http://diabetes.example.com", "no scheme", id="scheme"),
+        pytest.param("diabetes.example.com:80", "no port", id="port"),
+        pytest.param("diabetes.example.com/score", "no path", id="path"),
+        pytest.param("Diabetes.example.com", "lower case only", id="upper-case"),
+        pytest.param("diabetes", "a short name", id="short-name"),
+        pytest.param("*diabetes.example.com", "a partial wildcard", id="partial-wildcard"),
+        pytest.param("diabetes.*.example.com", "`*` only as the whole first label",
+                     id="wildcard-inside"),
+        pytest.param("*.", "label '' is no DNS-1123 label", id="wildcard-of-nothing"),
+        pytest.param("-diabetes.example.com", "label '-diabetes' is no DNS-1123 label",
+                     id="label-starting-with-a-dash"),
+        pytest.param("a" * 64 + ".example.com", "is no DNS-1123 label", id="label-too-long"),
+        pytest.param("diabetes.example.123", "top-level domain '123' is all digits",
+                     id="numeric-top-level-domain"),
+        pytest.param("x." * 127 + "com", "257 characters, not 1 to at most 255", id="too-long"),
+    ],
+)  # fmt: skip
+def test_router_hosts_are_checked_as_istio_checks_them_at_spec_load(
+    host: str, problem: str | None
+) -> None:
+    """Was: upper case, a short name, a partial wildcard, a numeric top-level domain taken; the
+    Gateway (or the VirtualService) was then refused by Istio's webhook at the first deploy, or
+    (upper case) served no request."""
+    raw = {"name": "diabetes", "router": {"kind": "istio", "hosts": ["churn.example.com", host]}}
+    if problem is None:
+        assert spec_from_dict(raw).router.hosts[-1] == host  # type: ignore[union-attr]
+        return
+    with pytest.raises(ConfigError) as caught:
+        spec_from_dict(raw)
+    said = str(caught.value)
+    assert f"router.hosts: {host!r} is not a host name Istio takes: " in said
+    assert problem in said
 
 
 # ---- the Helm chart ---------------------------------------------------------------------------
@@ -1297,6 +1340,38 @@ def test_the_chart_refuses_an_api_key_secret_the_api_server_would(
         assert render_chart({**_both_colours(), "apiKeySecret": secret}, "ml")
     else:
         assert found and all(e.startswith(f"{error}:") for e in found), found
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        pytest.param({}, None, id="the-defaults"),
+        pytest.param({"header": "x-colour"}, None, id="a-header-of-yours"),
+        pytest.param({"global": {"imageRegistry": "r.io"}}, None, id="a-parent-chart-s-global"),
+        pytest.param({"header": "X-Colour"}, "header: 'X-Colour' does not match",
+                     id="header-not-lower-case"),
+        pytest.param({"header": "x colour"}, "header: 'x colour' does not match",
+                     id="header-with-a-space"),
+        pytest.param({"header": ""}, "header: '' does not match", id="empty-header"),
+        pytest.param({"hots": ["churn.example.com"]},
+                     ": Additional properties are not allowed ('hots' was unexpected)",
+                     id="a-misspelt-value"),
+        pytest.param({"replica": 3},
+                     ": Additional properties are not allowed ('replica' was unexpected)",
+                     id="a-singular-for-a-plural"),
+    ],
+)  # fmt: skip
+def test_the_chart_refuses_values_it_does_not_know_and_a_header_istio_would_not_match(
+    values: dict[str, Any], error: str | None
+) -> None:
+    """Was taken: a misspelt value silently kept its default (`hots:` served `*`), and an
+    upper-case header rendered a VirtualService match whose key Istio's API asks to be lower
+    case (the spec's `header` is lower-cased, the chart's was not)."""
+    found = chart_schema_errors(values)
+    if error is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and error in found[0], found
 
 
 def test_the_spec_gives_the_blue_the_router_creates_the_api_key(tmp_path: Path) -> None:
