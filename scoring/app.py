@@ -54,7 +54,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
@@ -70,6 +70,10 @@ from scoring.scorer import Scorer
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+#: Bytes of /score bodies buffered at once, across requests: without a cap, N slow clients held
+#: N times the body limit. A body that would pass it is answered 429, to retry (not a 5xx: the
+#: canary judge counts a 5xx against the model).
+DEFAULT_MAX_BUFFERED_BODY_BYTES = 32 << 20
 #: A body over the limit is still read, and dropped, up to this many times the limit before its
 #: 413 is sent. Answered and closed with the rest of the upload unread or in flight, the kernel
 #: resets the connection under its sender, and an Envoy in front answers its client 503 instead
@@ -104,6 +108,7 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 _AUTH_HEADERS = [*_JSON_HEADERS, (b"www-authenticate", b"Bearer")]
 _FAULT_HEADERS = [*_JSON_HEADERS, (b"x-fault-injected", b"1")]
 _ENCODING_HEADERS = [*_JSON_HEADERS, (b"accept-encoding", b"identity")]
+_RETRY_HEADERS = [*_JSON_HEADERS, (b"retry-after", b"1")]
 #: The rest of a body that stopped arriving (408), or was cut or refused unread (413), may still
 #: come: the connection cannot be reused. Kept open, its sender could trickle that rest for ever.
 #: A 413 whose body was drained to its end is closed too: one rule, for a rare client.
@@ -156,6 +161,9 @@ class ServerState:
     max_body_bytes: int
     max_rows: int
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    max_buffered_body_bytes: int = DEFAULT_MAX_BUFFERED_BODY_BYTES
+    #: Bytes of /score bodies held now (BodyHold; changed on the event loop only).
+    buffered_body_bytes: int = 0
     scorer: Scorer | None = None
     metrics: ScoringMetrics | None = None
     load_error: str | None = None
@@ -196,6 +204,36 @@ class ServerState:
         return ok
 
 
+class BodyHold:
+    """What one request's body holds of the server's cap on bodies buffered at once
+    (`ServerState.max_buffered_body_bytes`): taken as the body arrives, all given back when the
+    body is dropped or the request ends. Used on the event loop only, so without a lock."""
+
+    __slots__ = ("gauge", "held", "state")
+
+    def __init__(self, state: ServerState, gauge: Gauge) -> None:
+        self.state = state
+        self.gauge = gauge
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        """Hold `size` more bytes; False, holding no more, when the total would pass the cap."""
+        state = self.state
+        if state.buffered_body_bytes + size > state.max_buffered_body_bytes:
+            return False
+        state.buffered_body_bytes += size
+        self.held += size
+        self.gauge.set(state.buffered_body_bytes)
+        return True
+
+    def release(self) -> None:
+        """Give back all this request holds."""
+        if self.held:
+            self.state.buffered_body_bytes -= self.held
+            self.held = 0
+            self.gauge.set(self.state.buffered_body_bytes)
+
+
 def is_loopback(host: str) -> bool:
     """Whether a peer address is this machine's loopback (127.0.0.0/8, ::1).
 
@@ -234,13 +272,15 @@ class ScoreEndpoint:
         started = time.perf_counter()
         metrics.in_flight.inc()
         status = 500
+        hold = BodyHold(state, metrics.buffered_body)
         try:
-            status, body, headers = await self._answer(scope, receive, scorer, metrics)
+            status, body, headers = await self._answer(scope, receive, scorer, metrics, hold)
             await _send(send, status, body, headers)
         except Exception:
             log.exception("unexpected error while scoring")
             await _send(send, 500, _error("internal error while scoring"), _JSON_HEADERS)
         finally:
+            hold.release()
             metrics.in_flight.dec()
             metrics.count(status)
             # A body that never arrived measured the client's silence, not the model: kept out
@@ -249,7 +289,12 @@ class ScoreEndpoint:
                 metrics.observe_latency(time.perf_counter() - started)
 
     async def _answer(
-        self, scope: Scope, receive: Receive, scorer: Scorer, metrics: ScoringMetrics
+        self,
+        scope: Scope,
+        receive: Receive,
+        scorer: Scorer,
+        metrics: ScoringMetrics,
+        hold: BodyHold,
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         state = self.state
         headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -267,9 +312,14 @@ class ScoreEndpoint:
                     f"Content-Encoding {encoding} is not supported: send the body uncompressed"
                 )
                 return 415, _error(message), _ENCODING_HEADERS
-        body = await _read_body(headers, receive, state.max_body_bytes, state.body_timeout_s)
+        body = await _read_body(headers, receive, state.max_body_bytes, state.body_timeout_s, hold)
         if isinstance(body, InputError):
-            answer_headers = _CLOSE_HEADERS if body.status in _BODY_LEFT_UNREAD else _JSON_HEADERS
+            if body.status in _BODY_LEFT_UNREAD:
+                answer_headers = _CLOSE_HEADERS
+            elif body.status == 429:
+                answer_headers = _RETRY_HEADERS
+            else:
+                answer_headers = _JSON_HEADERS
             return body.status, _error(body.message), answer_headers
         if not body and any(name == b"upgrade" for name, _ in headers):
             # uvicorn's httptools parser drops the body of a request offering an upgrade it
@@ -301,28 +351,36 @@ _BODY_NEVER_ARRIVED = frozenset({408, 499})
 
 
 async def _read_body(
-    headers: Sequence[tuple[bytes, bytes]], receive: Receive, limit: int, timeout_s: float
+    headers: Sequence[tuple[bytes, bytes]],
+    receive: Receive,
+    limit: int,
+    timeout_s: float,
+    hold: BodyHold | None = None,
 ) -> bytes | InputError:
-    """The request body, or an InputError: 413 when it exceeds `limit`, 408 when it has not all
+    """The request body, or an InputError: 413 when it exceeds `limit`, 429 when `hold` cannot
+    take it (a declared length whole at once, else as it arrives), 408 when it has not all
     arrived within `timeout_s`, 499 when the client disconnected.
 
-    A body over `limit` is read to its end and dropped before the 413 (see DRAIN_FACTOR), unless
-    it is over DRAIN_FACTOR times the limit: refused unread when its Content-Length says so,
-    else cut once that much has come.
+    A body refused before its end is still read to it and dropped before the answer (see
+    DRAIN_FACTOR), unless it is over DRAIN_FACTOR times the limit: refused unread when its
+    Content-Length says so, else cut once that much has come.
     """
-    too_large: InputError | None = None
+    declared: int | None = None
     for name, value in headers:
         if name == b"content-length":
             try:
                 declared = int(value)
             except ValueError:
                 return InputError("invalid Content-Length header", 400)
-            if declared > limit:
-                said = f"request body of {declared} bytes exceeds {limit} bytes"
-                too_large = InputError(said, 413)
-                if declared > DRAIN_FACTOR * limit:
-                    return too_large
             break
+    refusal: InputError | None = None  # decided before the body's end: the rest is dropped
+    if declared is not None and declared > limit:
+        refusal = InputError(f"request body of {declared} bytes exceeds {limit} bytes", 413)
+        if declared > DRAIN_FACTOR * limit:
+            return refusal
+    elif declared is not None and hold is not None and not hold.take(declared):
+        refusal = _too_busy(hold)
+    per_chunk = hold if declared is None else None
     chunks: list[bytes] = []
     size = 0
     try:
@@ -333,20 +391,31 @@ async def _read_body(
                     return InputError("client disconnected before sending the body", 499)
                 chunk = message.get("body", b"")
                 size += len(chunk)
-                if too_large is None and size > limit:
-                    too_large = InputError(f"request body exceeds {limit} bytes", 413)
-                    chunks.clear()  # dropped: only its end is waited for now
-                if too_large is None:
+                if size > limit and (refusal is None or refusal.status != 413):
+                    refusal = InputError(f"request body exceeds {limit} bytes", 413)
+                if refusal is None and per_chunk is not None and not per_chunk.take(len(chunk)):
+                    refusal = _too_busy(per_chunk)
+                if refusal is None:
                     chunks.append(chunk)
-                elif size > DRAIN_FACTOR * limit:
-                    return too_large  # cut: the connection is closed with the rest unread
+                else:
+                    chunks.clear()  # dropped: only the body's end is waited for now
+                    if hold is not None:
+                        hold.release()
+                    if size > DRAIN_FACTOR * limit:
+                        return refusal  # cut: the connection is closed with the rest unread
                 if not message.get("more_body", False):
                     break
     except TimeoutError:
         return InputError(f"request body not received within {timeout_s:g} s", 408)
-    if too_large is not None:
-        return too_large
+    if refusal is not None:
+        return refusal
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_busy(hold: BodyHold) -> InputError:
+    cap = hold.state.max_buffered_body_bytes
+    message = f"too many request bodies arriving at once (over {cap} bytes): retry in a second"
+    return InputError(message, 429)
 
 
 async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -415,6 +484,7 @@ def _score_openapi(
             "408": answer("body not all received in time", error),
             "413": answer("body or batch too large", error),
             "415": answer("compressed body (Content-Encoding other than identity)", error),
+            "429": answer("too many bodies arriving at once: retry after Retry-After", error),
             "422": answer("well-formed JSON the model cannot score", error),
             "500": answer("injected fault or internal error", error),
             "503": answer("model not loaded yet", error),
@@ -446,6 +516,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_rows: int = DEFAULT_MAX_ROWS,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    max_buffered_body_bytes: int = DEFAULT_MAX_BUFFERED_BODY_BYTES,
     version: str | None = None,
     on_load_failure: Callable[[str], object] | None = None,
 ) -> FastAPI:
@@ -457,10 +528,17 @@ def create_app(
     waits for a port). A failed load is logged, /readyz says "failed", then `on_load_failure`
     gets the message: the image passes `exit_on_load_failure`, so the container restarts.
     `registry` defaults to a fresh CollectorRegistry (never the global one). A request body
-    that has not all arrived `body_timeout_s` after the headers is answered 408.
+    that has not all arrived `body_timeout_s` after the headers is answered 408; one that would
+    take the bodies buffered at once past `max_buffered_body_bytes`, 429.
     """
     if max_body_bytes < 1 or max_rows < 1 or not body_timeout_s > 0:
         raise ValueError("max_body_bytes, max_rows and body_timeout_s must be positive")
+    if max_buffered_body_bytes < max_body_bytes:
+        # A body of the largest size allowed would be a 429 every time, retried for ever.
+        raise ValueError(
+            f"max_buffered_body_bytes ({max_buffered_body_bytes}) must be at least "
+            f"max_body_bytes ({max_body_bytes})"
+        )
     if (problem := api_key_problem(api_keys)) is not None:
         raise ValueError(problem)
     state = ServerState(
@@ -471,6 +549,7 @@ def create_app(
         max_body_bytes=max_body_bytes,
         max_rows=max_rows,
         body_timeout_s=body_timeout_s,
+        max_buffered_body_bytes=max_buffered_body_bytes,
     )
     pending: Path | None = None
     if isinstance(model, LoadedModel):

@@ -94,6 +94,13 @@ def serve(
         ),
     ] = None,
     max_body_bytes: Annotated[int, typer.Option(help="Largest accepted request body.")] = 1 << 20,
+    max_buffered_body_bytes: Annotated[
+        int,
+        typer.Option(
+            help="Most bytes of request bodies buffered at once, across requests: a body that "
+            "would pass it is answered 429 with Retry-After: 1 (at least --max-body-bytes)."
+        ),
+    ] = 32 << 20,
     max_rows: Annotated[int, typer.Option(help="Most rows accepted in one request.")] = 1000,
     fault_error_rate: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Demo knob: fraction of requests answered 500.")
@@ -123,6 +130,14 @@ def serve(
         raise _fail(
             f"--max-rows and --max-body-bytes must be at least 1 "
             f"(got {max_rows} and {max_body_bytes})"
+        )
+    if max_buffered_body_bytes < 1:
+        raise _fail(f"--max-buffered-body-bytes must be at least 1 (got {max_buffered_body_bytes})")
+    if max_buffered_body_bytes < max_body_bytes:
+        # A body of the largest size allowed would be a 429 every time, retried for ever.
+        raise _fail(
+            f"--max-buffered-body-bytes must be at least --max-body-bytes "
+            f"(got {max_buffered_body_bytes} < {max_body_bytes})"
         )
     for name, value in (
         ("--fault-error-rate", fault_error_rate),
@@ -165,6 +180,7 @@ def serve(
         fault=FaultKnob(fault_error_rate, fault_latency_ms),
         max_body_bytes=max_body_bytes,
         max_rows=max_rows,
+        max_buffered_body_bytes=max_buffered_body_bytes,
     )
     # Bound here, before "serving ... on" is logged: a busy port or a bad --host is one red line
     # and exit 2, not a "serving" line followed by uvicorn's errno and shutdown lines (exit 3).

@@ -692,6 +692,85 @@ def test_latency_includes_the_wait_behind_other_requests(
     assert measured >= 1.8 * sum(slow.took), (measured, slow.took)
 
 
+#: A body of 700 bytes: one row, padded with spaces.
+BODY_700 = json.dumps({"data": [ROW]}).encode().ljust(700)
+
+
+def buffered(registry: CollectorRegistry) -> float | None:
+    return registry.get_sample_value("scoring_buffered_body_bytes", {"colour": "blue"})
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["declared", "streamed"])
+def test_a_body_over_the_buffered_total_is_a_429_to_retry(
+    loaded: LoadedModel, registry: CollectorRegistry, declared: bool
+) -> None:
+    # Was: no cap on the bodies held at once, so N slow clients held N times 1 MiB. A 429, not
+    # a 5xx: the canary judge counts a 5xx against the model.
+    app = create_app(
+        loaded, registry=registry, colour="blue", max_body_bytes=1000, max_buffered_body_bytes=1000
+    )
+
+    async def scenario(
+        http: httpx.AsyncClient,
+    ) -> tuple[float | None, httpx.Response, httpx.Response]:
+        gate = asyncio.Event()
+
+        async def held_back() -> AsyncIterator[bytes]:
+            yield BODY_700[:600]
+            await gate.wait()
+            yield BODY_700[600:]
+
+        length = {"content-length": "700"} if declared else {}
+        first = asyncio.create_task(http.post("/score", content=held_back(), headers=length))
+        for _ in range(1000):  # until the first request holds its bytes (no wall time passes)
+            if buffered(registry):
+                break
+            await asyncio.sleep(0)
+        holding = buffered(registry)
+        second = await http.post("/score", content=BODY_700 if declared else _one_chunk(BODY_700))
+        gate.set()
+        return holding, second, await first
+
+    with AppClient(app) as c:
+        holding, second, first = c.run(scenario)
+    # A declared length is counted whole from the start; a streamed body as it arrives.
+    assert holding == (700 if declared else 600)
+    assert second.status_code == 429, second.text
+    assert second.headers["retry-after"] == "1"
+    assert "retry" in second.json()["error"]
+    assert first.status_code == 200, first.text
+    assert buffered(registry) == 0
+    assert sample(registry, "scoring_requests_total", "429") == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        pytest.param(json.dumps({"data": [ROW]}).encode(), 200, id="scored"),
+        pytest.param(b'{"data": [', 400, id="malformed"),
+        pytest.param(json.dumps({"data": [ROW[:3]]}).encode(), 422, id="wrong-width"),
+        pytest.param(json.dumps({"data": [ROW] * 4}).encode(), 413, id="too-many-rows"),
+        pytest.param(b" " * 2000, 413, id="too-large"),
+    ],
+)
+def test_the_buffered_bytes_are_released_when_a_request_ends(
+    loaded: LoadedModel, registry: CollectorRegistry, body: bytes, status: int
+) -> None:
+    with client(loaded, registry, colour="blue", max_rows=3, max_body_bytes=1000) as c:
+        assert buffered(registry) == 0  # exported from the start
+        for content in (body, _one_chunk(body)):
+            assert c.post("/score", content=content).status_code == status
+            assert buffered(registry) == 0
+
+
+def test_create_app_refuses_a_buffered_total_below_one_body(
+    loaded: LoadedModel, registry: CollectorRegistry
+) -> None:
+    # A body of the largest size allowed would be a 429 every time, retried for ever.
+    with pytest.raises(ValueError, match="max_buffered_body_bytes"):
+        create_app(loaded, registry=registry, max_body_bytes=1000, max_buffered_body_bytes=999)
+
+
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     folder = make_model_dir(

@@ -200,6 +200,11 @@ def test_serve_takes_uvicorn_s_log_levels(
         pytest.param([], {"AML_ROLLOUT_API_KEY": ""}, "holds no key", id="empty-env-key"),
         pytest.param(["--max-rows", "0"], {}, "--max-rows", id="zero-rows"),
         pytest.param(["--max-body-bytes", "-1"], {}, "--max-body-bytes", id="negative-body"),
+        pytest.param(["--max-buffered-body-bytes", "0"], {}, "--max-buffered-body-bytes must be",
+                     id="zero-buffered"),
+        pytest.param(["--max-buffered-body-bytes", "1000"], {},
+                     "--max-buffered-body-bytes must be at least --max-body-bytes",
+                     id="buffered-below-one-body"),
         pytest.param(["--fault-error-rate", "nan"], {}, "--fault-error-rate", id="nan-rate"),
         pytest.param(["--fault-latency-ms", "nan"], {}, "--fault-latency-ms", id="nan-latency"),
         # Was: refused by the bind, after the model's 2-4 s load.
@@ -389,3 +394,21 @@ def test_serve_bounds_a_request_head_in_size_and_time(model_dir: Path) -> None:
             assert time.monotonic() - started < HEAD_TIMEOUT_S + 2
         assert httpx.get(f"{base}/healthz").status_code == 200
     assert "Traceback" not in proc.output, proc.output
+
+
+@pytest.mark.parametrize(
+    ("args", "cap"),
+    [
+        pytest.param([], 32 << 20, id="default-32-mib"),
+        pytest.param(["--max-buffered-body-bytes", "5000000"], 5_000_000, id="given"),
+    ],
+)
+def test_serve_caps_the_bodies_buffered_at_once(
+    model_dir: Path, started: list[Any], args: list[str], cap: int
+) -> None:
+    result = CliRunner().invoke(
+        cli_app, ["serve", "--model-dir", str(model_dir), "--port", "0", *args]
+    )
+    assert result.exit_code == 0, result.output
+    (config,) = started
+    assert config.app.state.scoring.max_buffered_body_bytes == cap
