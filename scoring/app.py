@@ -62,6 +62,7 @@ from starlette.routing import Match, Route
 from scoring.auth import api_key_problem
 from scoring.errors import InputError, ModelLoadError
 from scoring.faults import FaultKnob
+from scoring.httpguard import BEGIN_SHUTDOWN
 from scoring.inputs import DEFAULT_MAX_ROWS
 from scoring.metrics import ScoringMetrics
 from scoring.model import LoadedModel, load_model
@@ -83,6 +84,10 @@ DRAIN_FACTOR = 4
 #: How long a request's body may take to arrive once its headers have: a client that stops
 #: sending mid-body gets a 408 and the connection closed, well inside the 75 s keep-alive.
 DEFAULT_BODY_TIMEOUT_S = 30.0
+#: Once the server begins to stop, how long a body still arriving may take to end before its
+#: 408: well inside the graceful timeout (scoring.cli.SHUTDOWN_TIMEOUT_S, 3 s), which must leave
+#: time to predict and answer; past it uvicorn cancels the request and answers 500 itself.
+SHUTDOWN_BODY_GRACE_S = 1.0
 #: A fault setting is two numbers; anything longer is not one.
 ADMIN_MAX_BODY_BYTES = 4096
 #: Headers a proxy adds on the way (Envoy: x-forwarded-proto, x-envoy-expected-rq-timeout-ms).
@@ -164,6 +169,10 @@ class ServerState:
     max_buffered_body_bytes: int = DEFAULT_MAX_BUFFERED_BODY_BYTES
     #: Bytes of /score bodies held now (BodyHold; changed on the event loop only).
     buffered_body_bytes: int = 0
+    #: The server has begun to stop (`begin_shutdown`).
+    stopping: bool = False
+    #: The deadlines of the bodies being read now, moved up when the server begins to stop.
+    body_deadlines: set[asyncio.Timeout] = field(default_factory=set)
     scorer: Scorer | None = None
     metrics: ScoringMetrics | None = None
     load_error: str | None = None
@@ -180,6 +189,19 @@ class ServerState:
             self.metrics = ScoringMetrics(self.registry, model.identity, self.colour)
             self.metrics.show_fault(self.fault.error_rate, self.fault.latency_ms)
             self.scorer = Scorer(model, self.colour, self.max_rows)
+
+    def begin_shutdown(self) -> None:
+        """The server begins to stop (on the event loop; more calls change nothing): a body
+        still arriving has SHUTDOWN_BODY_GRACE_S more at most, then its 408 with the connection
+        closed, instead of being cut when the graceful timeout ends."""
+        if self.stopping:
+            return
+        self.stopping = True
+        when = asyncio.get_running_loop().time() + SHUTDOWN_BODY_GRACE_S
+        for deadline in self.body_deadlines:
+            due = deadline.when()
+            if due is None or due > when:
+                deadline.reschedule(when)
 
     def set_fault(self, error_rate: float, latency_ms: float) -> None:
         """Turn the fault knob (logged and exported)."""
@@ -312,7 +334,7 @@ class ScoreEndpoint:
                     f"Content-Encoding {encoding} is not supported: send the body uncompressed"
                 )
                 return 415, _error(message), _ENCODING_HEADERS
-        body = await _read_body(headers, receive, state.max_body_bytes, state.body_timeout_s, hold)
+        body = await _read_body(headers, receive, state.max_body_bytes, state, hold)
         if isinstance(body, InputError):
             if body.status in _BODY_LEFT_UNREAD:
                 answer_headers = _CLOSE_HEADERS
@@ -354,12 +376,13 @@ async def _read_body(
     headers: Sequence[tuple[bytes, bytes]],
     receive: Receive,
     limit: int,
-    timeout_s: float,
+    state: ServerState,
     hold: BodyHold | None = None,
 ) -> bytes | InputError:
     """The request body, or an InputError: 413 when it exceeds `limit`, 429 when `hold` cannot
     take it (a declared length whole at once, else as it arrives), 408 when it has not all
-    arrived within `timeout_s`, 499 when the client disconnected.
+    arrived within the body timeout (less once the server stops: SHUTDOWN_BODY_GRACE_S), 499
+    when the client disconnected.
 
     A body refused before its end is still read to it and dropped before the answer (see
     DRAIN_FACTOR), unless it is over DRAIN_FACTOR times the limit: refused unread when its
@@ -383,29 +406,38 @@ async def _read_body(
     per_chunk = hold if declared is None else None
     chunks: list[bytes] = []
     size = 0
+    timeout_s = state.body_timeout_s
+    if state.stopping:
+        timeout_s = min(timeout_s, SHUTDOWN_BODY_GRACE_S)
     try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return InputError("client disconnected before sending the body", 499)
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit and (refusal is None or refusal.status != 413):
-                    refusal = InputError(f"request body exceeds {limit} bytes", 413)
-                if refusal is None and per_chunk is not None and not per_chunk.take(len(chunk)):
-                    refusal = _too_busy(per_chunk)
-                if refusal is None:
-                    chunks.append(chunk)
-                else:
-                    chunks.clear()  # dropped: only the body's end is waited for now
-                    if hold is not None:
-                        hold.release()
-                    if size > DRAIN_FACTOR * limit:
-                        return refusal  # cut: the connection is closed with the rest unread
-                if not message.get("more_body", False):
-                    break
+        async with asyncio.timeout(timeout_s) as deadline:
+            state.body_deadlines.add(deadline)
+            try:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return InputError("client disconnected before sending the body", 499)
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit and (refusal is None or refusal.status != 413):
+                        refusal = InputError(f"request body exceeds {limit} bytes", 413)
+                    if refusal is None and per_chunk and not per_chunk.take(len(chunk)):
+                        refusal = _too_busy(per_chunk)
+                    if refusal is None:
+                        chunks.append(chunk)
+                    else:
+                        chunks.clear()  # dropped: only the body's end is waited for now
+                        if hold is not None:
+                            hold.release()
+                        if size > DRAIN_FACTOR * limit:
+                            return refusal  # cut: the connection is closed with the rest unread
+                    if not message.get("more_body", False):
+                        break
+            finally:
+                state.body_deadlines.discard(deadline)
     except TimeoutError:
+        if state.stopping:
+            return InputError("request body not all received before the server stopped", 408)
         return InputError(f"request body not received within {timeout_s:g} s", 408)
     if refusal is not None:
         return refusal
@@ -576,7 +608,9 @@ def create_app(
         if pending is not None:
             threading.Thread(target=load_in_background, args=(pending,), daemon=True).start()
         try:
-            yield
+            # uvicorn hands this state to scoring.httpguard's protocol, which calls it when the
+            # server begins to stop.
+            yield {BEGIN_SHUTDOWN: state.begin_shutdown}
         finally:
             # Uvicorn has drained the requests it waited for; a predict still running (past
             # the graceful timeout) finishes on its own, nobody left to answer.
@@ -731,7 +765,7 @@ def create_app(
         if (denied := admin_guard(request)) is not None:
             return denied
         body = await _read_body(
-            request.scope["headers"], request.receive, ADMIN_MAX_BODY_BYTES, state.body_timeout_s
+            request.scope["headers"], request.receive, ADMIN_MAX_BODY_BYTES, state
         )
         if isinstance(body, InputError):
             close = {"connection": "close"} if body.status in _BODY_LEFT_UNREAD else None

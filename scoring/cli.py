@@ -44,6 +44,11 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 #: aml-rollout gives the local Envoy and Istio's proxies (rollout.routers.base.UPSTREAM_IDLE_S)
 #: and of common load balancers.
 KEEP_ALIVE_S = 75
+#: Seconds uvicorn waits, once told to stop (SIGTERM, Ctrl-C), for the requests in flight to be
+#: answered before it cancels them (and answers them 500). A predict finishes and answers; a
+#: body still arriving is answered 408 within scoring.app.SHUTDOWN_BODY_GRACE_S. Well inside
+#: Kubernetes' 30 s termination grace, and the package image's uvicorn is given the same.
+SHUTDOWN_TIMEOUT_S = 3
 
 
 class ColourOption(StrEnum):
@@ -202,17 +207,22 @@ def serve(
         http=GuardedHttpToolsProtocol,
         loop="uvloop",
         log_level=level,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
         timeout_keep_alive=KEEP_ALIVE_S,
         # No route is a WebSocket. With uvicorn's "auto", a request carrying `Upgrade:
         # websocket` (a POST /score too) went to the websocket protocol and was never answered.
         ws="none",
     )
+    # uvicorn stops gracefully on SIGTERM, then raises it again on itself once its handlers are
+    # put back: by the default action, a clean stop ended as a kill (exit -15). As a Ctrl-C
+    # does, it ends here in a KeyboardInterrupt: exit 0.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         sock.close()
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from typer.testing import CliRunner
 from rollout.cli import app as cli_app
 from rollout.local.process import listening_socket
 from rollout.routers.base import UPSTREAM_IDLE_S
-from scoring.cli import KEEP_ALIVE_S
+from scoring.app import SHUTDOWN_BODY_GRACE_S
+from scoring.cli import KEEP_ALIVE_S, SHUTDOWN_TIMEOUT_S
 from tests.cli import stop_and_wait
 
 
@@ -412,3 +414,57 @@ def test_serve_caps_the_bodies_buffered_at_once(
     assert result.exit_code == 0, result.output
     (config,) = started
     assert config.app.state.scoring.max_buffered_body_bytes == cap
+
+
+def _in_flight(port: int) -> float:
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    line = next(ln for ln in metrics.splitlines() if ln.startswith("scoring_requests_in_flight{"))
+    return float(line.rsplit(" ", 1)[1])
+
+
+@pytest.mark.slow
+def test_serve_answers_the_requests_in_flight_when_stopped(package_dir: Path) -> None:
+    # Was: uvicorn waited 5 s, then cancelled a request whose body was still arriving and
+    # answered it 500 (a 5xx the judge counts against the model), then died of the SIGTERM it
+    # raised again on itself (exit -15, as if killed).
+    args = ["--model-dir", str(package_dir), "--fault-latency-ms", "1000"]
+    stalled_request = (
+        b"POST /score HTTP/1.1\r\nHost: scoring.test\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 33\r\n\r\n{"da'
+    )
+    with serving(args) as (proc, port), ThreadPoolExecutor(1) as pool:
+        # A predict that takes 1 s (the fault knob's latency), and a body that stopped arriving.
+        slow = pool.submit(httpx.post, f"http://127.0.0.1:{port}/score",
+                           json={"data": [[0.0] * 10]}, timeout=10)  # fmt: skip
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=10)
+        stalled.sendall(stalled_request)
+        deadline = time.monotonic() + 5
+        while _in_flight(port) < 2:
+            assert time.monotonic() < deadline, "the two requests never reached the app"
+        proc.send_signal(signal.SIGTERM)
+        stopping = time.monotonic()
+        with stalled:
+            refused = b""
+            while data := stalled.recv(65536):  # until the server closes; a reset raises
+                refused += data
+        answered = slow.result(timeout=10)
+        proc.wait(timeout=10)
+        took = time.monotonic() - stopping
+    assert answered.status_code == 200, answered.text
+    assert refused.startswith(b"HTTP/1.1 408 "), refused
+    assert b"connection: close" in refused.lower()
+    assert proc.returncode == 0, proc.output
+    assert took < SHUTDOWN_TIMEOUT_S + 2, took
+    assert "Traceback" not in proc.output and "Cancel" not in proc.output, proc.output
+
+
+def test_serve_gives_uvicorn_the_graceful_shutdown_timeout(
+    model_dir: Path, started: list[Any]
+) -> None:
+    result = CliRunner().invoke(cli_app, ["serve", "--model-dir", str(model_dir), "--port", "0"])
+    assert result.exit_code == 0, result.output
+    (config,) = started
+    assert config.timeout_graceful_shutdown == SHUTDOWN_TIMEOUT_S == 3
+    # A body still arriving when the server begins to stop is given less than that: its 408
+    # is sent before uvicorn cancels what is left (and answers it 500).
+    assert SHUTDOWN_BODY_GRACE_S < SHUTDOWN_TIMEOUT_S
