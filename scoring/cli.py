@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from scoring.auth import API_KEY_ENV, api_key_problem, api_keys_from_env
+from scoring.auth import API_KEY_ENV, api_key_problem, api_keys_from_env, split_api_keys
 
 if TYPE_CHECKING:
     from scoring.loadgen import LoadReport
@@ -92,9 +92,9 @@ def serve(
     api_key: Annotated[
         list[str] | None,
         typer.Option(
-            help="Require `Authorization: Bearer KEY` on /score (repeatable; prefer the env var "
-            f"{API_KEY_ENV}: keys separated by whitespace or commas, as the package image reads "
-            "it).",
+            help="Require `Authorization: Bearer KEY` on /score (repeatable; each value may hold "
+            f"several keys separated by whitespace or commas, as the env var {API_KEY_ENV} the "
+            "package image reads, which is preferred).",
             show_default=False,
         ),
     ] = None,
@@ -151,7 +151,9 @@ def serve(
         if math.isnan(value):  # passes typer's min/max (every comparison with NaN is false)
             raise _fail(f"{name}: nan is not a number")
     if api_key:
-        api_keys = tuple(api_key)
+        # Split as the env var is. A value holding no key stays, as an empty key, for the check
+        # below to refuse: dropped, `--api-key ""` would have served without auth.
+        api_keys = tuple(key for value in api_key for key in split_api_keys(value) or ("",))
     else:  # parsed as the image parses it (not typer's envvar: it split on whitespace only)
         try:
             api_keys = api_keys_from_env(os.environ.get(API_KEY_ENV))

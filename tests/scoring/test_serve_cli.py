@@ -26,6 +26,7 @@ from rollout.routers.base import UPSTREAM_IDLE_S
 from scoring.app import SHUTDOWN_BODY_GRACE_S
 from scoring.cli import KEEP_ALIVE_S, SHUTDOWN_TIMEOUT_S
 from tests.cli import stop_and_wait
+from tests.scoring.conftest import AppClient
 
 
 def test_serve_refuses_a_tampered_model(model_dir: Path, tmp_path: Path) -> None:
@@ -194,7 +195,7 @@ def test_serve_takes_uvicorn_s_log_levels(
     [
         pytest.param(["--api-key", ""], {}, "empty API key", id="empty-key"),
         pytest.param(["--api-key", "k1", "--api-key", "  "], {}, "empty API key", id="blank-key"),
-        pytest.param(["--api-key", " k1"], {}, "spaces around it", id="padded-key"),
+        pytest.param(["--api-key", " , "], {}, "empty API key", id="separators-only-key"),
         # Was: served, and a client could not send it (`load`: 'ascii' codec can't encode).
         pytest.param([], {"AML_ROLLOUT_API_KEY": "k1,clé"}, "printable ASCII", id="non-ascii-key"),
         pytest.param(["--api-key", "k\x7f1"], {}, "printable ASCII", id="control-char-key"),
@@ -468,3 +469,40 @@ def test_serve_gives_uvicorn_the_graceful_shutdown_timeout(
     # A body still arriving when the server begins to stop is given less than that: its 408
     # is sent before uvicorn cancels what is left (and answers it 500).
     assert SHUTDOWN_BODY_GRACE_S < SHUTDOWN_TIMEOUT_S
+
+
+@pytest.mark.parametrize(
+    ("args", "keys"),
+    [
+        pytest.param(["--api-key", "a,b"], (b"a", b"b"), id="comma-separated"),
+        pytest.param(["--api-key", "a b"], (b"a", b"b"), id="space-separated"),
+        pytest.param(["--api-key", "a, b", "--api-key", "c"], (b"a", b"b", b"c"), id="repeated"),
+        # Was refused ("spaces around it"): trimmed, as a secret file's newline is in the env var.
+        pytest.param(["--api-key", " a\n"], (b"a",), id="trimmed"),
+    ],
+)
+def test_serve_splits_each_api_key_as_the_env_var_is_split(
+    model_dir: Path, started: list[Any], args: list[str], keys: tuple[bytes, ...]
+) -> None:
+    # Was: each --api-key value one key, where its help points to the env var's "separated by
+    # whitespace or commas": `--api-key old,new` during a rotation 401d both old and new.
+    result = CliRunner().invoke(
+        cli_app,
+        ["serve", "--model-dir", str(model_dir), "--port", "0", *args],
+        env={"AML_ROLLOUT_API_KEY": None},
+    )
+    assert result.exit_code == 0, result.output
+    (config,) = started
+    assert config.app.state.scoring.api_keys == keys
+    with AppClient(config.app) as client:
+        for key in keys:
+            answer = client.post(
+                "/score",
+                json={"data": [[0.0] * 10]},
+                headers={"authorization": f"Bearer {key.decode()}"},
+            )
+            assert answer.status_code == 200, answer.text
+        whole = client.post(
+            "/score", json={"data": [[0.0] * 10]}, headers={"authorization": f"Bearer {args[1]}"}
+        )
+        assert whole.status_code == (200 if len(keys) == 1 else 401)
