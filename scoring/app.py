@@ -388,14 +388,9 @@ async def _read_body(
     DRAIN_FACTOR), unless it is over DRAIN_FACTOR times the limit: refused unread when its
     Content-Length says so, else cut once that much has come.
     """
-    declared: int | None = None
-    for name, value in headers:
-        if name == b"content-length":
-            try:
-                declared = int(value)
-            except ValueError:
-                return InputError("invalid Content-Length header", 400)
-            break
+    declared = _content_length(headers)
+    if isinstance(declared, InputError):
+        return declared
     refusal: InputError | None = None  # decided before the body's end: the rest is dropped
     if declared is not None and declared > limit:
         refusal = InputError(f"request body of {declared} bytes exceeds {limit} bytes", 413)
@@ -442,6 +437,17 @@ async def _read_body(
     if refusal is not None:
         return refusal
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | InputError | None:
+    """The declared Content-Length; None without one (chunked); a 400 when it is no number."""
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return InputError("invalid Content-Length header", 400)
+    return None
 
 
 def _too_busy(hold: BodyHold) -> InputError:
