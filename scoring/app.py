@@ -13,8 +13,9 @@ Routes:
 
 `POST /score` is the hot path, so it is a raw ASGI endpoint (`ScoreEndpoint`) placed first in the
 router instead of a FastAPI route with a pydantic body: FastAPI's body parsing and validation cost
-more than the model does. It reads the body in chunks up to `max_body_bytes` (a declared
-Content-Length above the limit is refused before reading), decodes it with orjson, validates it
+more than the model does. It reads the body in chunks up to `max_body_bytes` (a larger one is
+read to its end and dropped before the 413, up to `DRAIN_FACTOR` times the limit, beyond which it
+is cut or, declared so, refused before reading), decodes it with orjson, validates it
 (scoring.inputs), predicts (scoring.model fast path) and answers with orjson. Its schema, built
 from model.json's feature names, is added to the OpenAPI document by hand.
 
@@ -53,7 +54,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
@@ -61,6 +62,7 @@ from starlette.routing import Match, Route
 from scoring.auth import api_key_problem
 from scoring.errors import InputError, ModelLoadError
 from scoring.faults import FaultKnob
+from scoring.httpguard import BEGIN_SHUTDOWN
 from scoring.inputs import DEFAULT_MAX_ROWS
 from scoring.metrics import ScoringMetrics
 from scoring.model import LoadedModel, load_model
@@ -69,9 +71,23 @@ from scoring.scorer import Scorer
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+#: Bytes of /score bodies buffered at once, across requests: without a cap, N slow clients held
+#: N times the body limit. A body that would pass it is answered 429, to retry (not a 5xx: the
+#: canary judge counts a 5xx against the model).
+DEFAULT_MAX_BUFFERED_BODY_BYTES = 32 << 20
+#: A body over the limit is still read, and dropped, up to this many times the limit before its
+#: 413 is sent. Answered and closed with the rest of the upload unread or in flight, the kernel
+#: resets the connection under its sender, and an Envoy in front answers its client 503 instead
+#: (1-3 of 40 oversized requests): a 5xx the canary judge counts against the model. A larger
+#: body is cut unread, as is one whose rest takes longer than the body timeout (408).
+DRAIN_FACTOR = 4
 #: How long a request's body may take to arrive once its headers have: a client that stops
 #: sending mid-body gets a 408 and the connection closed, well inside the 75 s keep-alive.
 DEFAULT_BODY_TIMEOUT_S = 30.0
+#: Once the server begins to stop, how long a body still arriving may take to end before its
+#: 408: well inside the graceful timeout (scoring.cli.SHUTDOWN_TIMEOUT_S, 3 s), which must leave
+#: time to predict and answer; past it uvicorn cancels the request and answers 500 itself.
+SHUTDOWN_BODY_GRACE_S = 1.0
 #: A fault setting is two numbers; anything longer is not one.
 ADMIN_MAX_BODY_BYTES = 4096
 #: Headers a proxy adds on the way (Envoy: x-forwarded-proto, x-envoy-expected-rq-timeout-ms).
@@ -97,8 +113,10 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 _AUTH_HEADERS = [*_JSON_HEADERS, (b"www-authenticate", b"Bearer")]
 _FAULT_HEADERS = [*_JSON_HEADERS, (b"x-fault-injected", b"1")]
 _ENCODING_HEADERS = [*_JSON_HEADERS, (b"accept-encoding", b"identity")]
-#: The rest of a body that stopped arriving (408), or was refused unread (413), may still come:
-#: the connection cannot be reused. Kept open, its sender could trickle that rest for ever.
+_RETRY_HEADERS = [*_JSON_HEADERS, (b"retry-after", b"1")]
+#: The rest of a body that stopped arriving (408), or was cut or refused unread (413), may still
+#: come: the connection cannot be reused. Kept open, its sender could trickle that rest for ever.
+#: A 413 whose body was drained to its end is closed too: one rule, for a rare client.
 _CLOSE_HEADERS = [*_JSON_HEADERS, (b"connection", b"close")]
 _BODY_LEFT_UNREAD = frozenset({408, 413})  # the answers after which the connection is closed
 _UPGRADE_LOST_BODY = orjson.dumps(
@@ -148,6 +166,13 @@ class ServerState:
     max_body_bytes: int
     max_rows: int
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    max_buffered_body_bytes: int = DEFAULT_MAX_BUFFERED_BODY_BYTES
+    #: Bytes of /score bodies held now (BodyHold; changed on the event loop only).
+    buffered_body_bytes: int = 0
+    #: The server has begun to stop (`begin_shutdown`).
+    stopping: bool = False
+    #: The deadlines of the bodies being read now, moved up when the server begins to stop.
+    body_deadlines: set[asyncio.Timeout] = field(default_factory=set)
     scorer: Scorer | None = None
     metrics: ScoringMetrics | None = None
     load_error: str | None = None
@@ -164,6 +189,19 @@ class ServerState:
             self.metrics = ScoringMetrics(self.registry, model.identity, self.colour)
             self.metrics.show_fault(self.fault.error_rate, self.fault.latency_ms)
             self.scorer = Scorer(model, self.colour, self.max_rows)
+
+    def begin_shutdown(self) -> None:
+        """The server begins to stop (on the event loop; more calls change nothing): a body
+        still arriving has SHUTDOWN_BODY_GRACE_S more at most, then its 408 with the connection
+        closed, instead of being cut when the graceful timeout ends."""
+        if self.stopping:
+            return
+        self.stopping = True
+        when = asyncio.get_running_loop().time() + SHUTDOWN_BODY_GRACE_S
+        for deadline in self.body_deadlines:
+            due = deadline.when()
+            if due is None or due > when:
+                deadline.reschedule(when)
 
     def set_fault(self, error_rate: float, latency_ms: float) -> None:
         """Turn the fault knob (logged and exported)."""
@@ -186,6 +224,36 @@ class ServerState:
         for key in self.api_keys:  # no early exit: timing must not tell which key matched
             ok |= hmac.compare_digest(presented, key)
         return ok
+
+
+class BodyHold:
+    """What one request's body holds of the server's cap on bodies buffered at once
+    (`ServerState.max_buffered_body_bytes`): taken as the body arrives, all given back when the
+    body is dropped or the request ends. Used on the event loop only, so without a lock."""
+
+    __slots__ = ("gauge", "held", "state")
+
+    def __init__(self, state: ServerState, gauge: Gauge) -> None:
+        self.state = state
+        self.gauge = gauge
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        """Hold `size` more bytes; False, holding no more, when the total would pass the cap."""
+        state = self.state
+        if state.buffered_body_bytes + size > state.max_buffered_body_bytes:
+            return False
+        state.buffered_body_bytes += size
+        self.held += size
+        self.gauge.set(state.buffered_body_bytes)
+        return True
+
+    def release(self) -> None:
+        """Give back all this request holds."""
+        if self.held:
+            self.state.buffered_body_bytes -= self.held
+            self.held = 0
+            self.gauge.set(self.state.buffered_body_bytes)
 
 
 def is_loopback(host: str) -> bool:
@@ -226,13 +294,15 @@ class ScoreEndpoint:
         started = time.perf_counter()
         metrics.in_flight.inc()
         status = 500
+        hold = BodyHold(state, metrics.buffered_body)
         try:
-            status, body, headers = await self._answer(scope, receive, scorer, metrics)
+            status, body, headers = await self._answer(scope, receive, scorer, metrics, hold)
             await _send(send, status, body, headers)
         except Exception:
             log.exception("unexpected error while scoring")
             await _send(send, 500, _error("internal error while scoring"), _JSON_HEADERS)
         finally:
+            hold.release()
             metrics.in_flight.dec()
             metrics.count(status)
             # A body that never arrived measured the client's silence, not the model: kept out
@@ -241,7 +311,12 @@ class ScoreEndpoint:
                 metrics.observe_latency(time.perf_counter() - started)
 
     async def _answer(
-        self, scope: Scope, receive: Receive, scorer: Scorer, metrics: ScoringMetrics
+        self,
+        scope: Scope,
+        receive: Receive,
+        scorer: Scorer,
+        metrics: ScoringMetrics,
+        hold: BodyHold,
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         state = self.state
         headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -259,9 +334,14 @@ class ScoreEndpoint:
                     f"Content-Encoding {encoding} is not supported: send the body uncompressed"
                 )
                 return 415, _error(message), _ENCODING_HEADERS
-        body = await _read_body(headers, receive, state.max_body_bytes, state.body_timeout_s)
+        body = await _read_body(headers, receive, state.max_body_bytes, state, hold)
         if isinstance(body, InputError):
-            answer_headers = _CLOSE_HEADERS if body.status in _BODY_LEFT_UNREAD else _JSON_HEADERS
+            if body.status in _BODY_LEFT_UNREAD:
+                answer_headers = _CLOSE_HEADERS
+            elif body.status == 429:
+                answer_headers = _RETRY_HEADERS
+            else:
+                answer_headers = _JSON_HEADERS
             return body.status, _error(body.message), answer_headers
         if not body and any(name == b"upgrade" for name, _ in headers):
             # uvicorn's httptools parser drops the body of a request offering an upgrade it
@@ -293,38 +373,87 @@ _BODY_NEVER_ARRIVED = frozenset({408, 499})
 
 
 async def _read_body(
-    headers: Sequence[tuple[bytes, bytes]], receive: Receive, limit: int, timeout_s: float
+    headers: Sequence[tuple[bytes, bytes]],
+    receive: Receive,
+    limit: int,
+    state: ServerState,
+    hold: BodyHold | None = None,
 ) -> bytes | InputError:
-    """The request body, or an InputError: 413 once it exceeds `limit` (never read further),
-    408 when it has not all arrived within `timeout_s`, 499 when the client disconnected.
+    """The request body, or an InputError: 413 when it exceeds `limit`, 429 when `hold` cannot
+    take it (a declared length whole at once, else as it arrives), 408 when it has not all
+    arrived within the body timeout (less once the server stops: SHUTDOWN_BODY_GRACE_S), 499
+    when the client disconnected.
+
+    A body refused before its end is still read to it and dropped before the answer (see
+    DRAIN_FACTOR), unless it is over DRAIN_FACTOR times the limit: refused unread when its
+    Content-Length says so, else cut once that much has come.
     """
+    declared = _content_length(headers)
+    if isinstance(declared, InputError):
+        return declared
+    refusal: InputError | None = None  # decided before the body's end: the rest is dropped
+    if declared is not None and declared > limit:
+        refusal = InputError(f"request body of {declared} bytes exceeds {limit} bytes", 413)
+        if declared > DRAIN_FACTOR * limit:
+            return refusal
+    elif declared is not None and hold is not None and not hold.take(declared):
+        refusal = _too_busy(hold)
+    per_chunk = hold if declared is None else None
+    chunks: list[bytes] = []
+    size = 0
+    timeout_s = state.body_timeout_s
+    if state.stopping:
+        timeout_s = min(timeout_s, SHUTDOWN_BODY_GRACE_S)
+    try:
+        async with asyncio.timeout(timeout_s) as deadline:
+            state.body_deadlines.add(deadline)
+            try:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return InputError("client disconnected before sending the body", 499)
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit and (refusal is None or refusal.status != 413):
+                        refusal = InputError(f"request body exceeds {limit} bytes", 413)
+                    if refusal is None and per_chunk and not per_chunk.take(len(chunk)):
+                        refusal = _too_busy(per_chunk)
+                    if refusal is None:
+                        chunks.append(chunk)
+                    else:
+                        chunks.clear()  # dropped: only the body's end is waited for now
+                        if hold is not None:
+                            hold.release()
+                        if size > DRAIN_FACTOR * limit:
+                            return refusal  # cut: the connection is closed with the rest unread
+                    if not message.get("more_body", False):
+                        break
+            finally:
+                state.body_deadlines.discard(deadline)
+    except TimeoutError:
+        if state.stopping:
+            return InputError("request body not all received before the server stopped", 408)
+        return InputError(f"request body not received within {timeout_s:g} s", 408)
+    if refusal is not None:
+        return refusal
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | InputError | None:
+    """The declared Content-Length; None without one (chunked); a 400 when it is no number."""
     for name, value in headers:
         if name == b"content-length":
             try:
-                declared = int(value)
+                return int(value)
             except ValueError:
                 return InputError("invalid Content-Length header", 400)
-            if declared > limit:
-                return InputError(f"request body of {declared} bytes exceeds {limit} bytes", 413)
-            break
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return InputError("client disconnected before sending the body", 499)
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    return InputError(f"request body exceeds {limit} bytes", 413)
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
-    except TimeoutError:
-        return InputError(f"request body not received within {timeout_s:g} s", 408)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return None
+
+
+def _too_busy(hold: BodyHold) -> InputError:
+    cap = hold.state.max_buffered_body_bytes
+    message = f"too many request bodies arriving at once (over {cap} bytes): retry in a second"
+    return InputError(message, 429)
 
 
 async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -393,6 +522,7 @@ def _score_openapi(
             "408": answer("body not all received in time", error),
             "413": answer("body or batch too large", error),
             "415": answer("compressed body (Content-Encoding other than identity)", error),
+            "429": answer("too many bodies arriving at once: retry after Retry-After", error),
             "422": answer("well-formed JSON the model cannot score", error),
             "500": answer("injected fault or internal error", error),
             "503": answer("model not loaded yet", error),
@@ -424,6 +554,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_rows: int = DEFAULT_MAX_ROWS,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    max_buffered_body_bytes: int = DEFAULT_MAX_BUFFERED_BODY_BYTES,
     version: str | None = None,
     on_load_failure: Callable[[str], object] | None = None,
 ) -> FastAPI:
@@ -435,10 +566,17 @@ def create_app(
     waits for a port). A failed load is logged, /readyz says "failed", then `on_load_failure`
     gets the message: the image passes `exit_on_load_failure`, so the container restarts.
     `registry` defaults to a fresh CollectorRegistry (never the global one). A request body
-    that has not all arrived `body_timeout_s` after the headers is answered 408.
+    that has not all arrived `body_timeout_s` after the headers is answered 408; one that would
+    take the bodies buffered at once past `max_buffered_body_bytes`, 429.
     """
     if max_body_bytes < 1 or max_rows < 1 or not body_timeout_s > 0:
         raise ValueError("max_body_bytes, max_rows and body_timeout_s must be positive")
+    if max_buffered_body_bytes < max_body_bytes:
+        # A body of the largest size allowed would be a 429 every time, retried for ever.
+        raise ValueError(
+            f"max_buffered_body_bytes ({max_buffered_body_bytes}) must be at least "
+            f"max_body_bytes ({max_body_bytes})"
+        )
     if (problem := api_key_problem(api_keys)) is not None:
         raise ValueError(problem)
     state = ServerState(
@@ -449,6 +587,7 @@ def create_app(
         max_body_bytes=max_body_bytes,
         max_rows=max_rows,
         body_timeout_s=body_timeout_s,
+        max_buffered_body_bytes=max_buffered_body_bytes,
     )
     pending: Path | None = None
     if isinstance(model, LoadedModel):
@@ -475,7 +614,9 @@ def create_app(
         if pending is not None:
             threading.Thread(target=load_in_background, args=(pending,), daemon=True).start()
         try:
-            yield
+            # uvicorn hands this state to scoring.httpguard's protocol, which calls it when the
+            # server begins to stop.
+            yield {BEGIN_SHUTDOWN: state.begin_shutdown}
         finally:
             # Uvicorn has drained the requests it waited for; a predict still running (past
             # the graceful timeout) finishes on its own, nobody left to answer.
@@ -630,7 +771,7 @@ def create_app(
         if (denied := admin_guard(request)) is not None:
             return denied
         body = await _read_body(
-            request.scope["headers"], request.receive, ADMIN_MAX_BODY_BYTES, state.body_timeout_s
+            request.scope["headers"], request.receive, ADMIN_MAX_BODY_BYTES, state
         )
         if isinstance(body, InputError):
             close = {"connection": "close"} if body.status in _BODY_LEFT_UNREAD else None

@@ -9,7 +9,8 @@ key that is not printable ASCII (`clé`): clients cannot send it in a header.
 image both use: keys separated by whitespace and/or commas (a Bearer token holds neither), so
 `k1 k2`, `k1,k2` and `k1, k2` mean the same, and a secret file's trailing newline is dropped.
 They once differed: `serve` split on whitespace (typer), the image took the value whole, so a
-two-key rotation 401d every client of the image and a trailing newline stopped it.
+two-key rotation 401d every client of the image and a trailing newline stopped it. Each
+`serve --api-key` value is split the same way (`split_api_keys`): it took `old,new` as one key.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def api_key_problem(keys: Iterable[str]) -> str | None:
     return None
 
 
+def split_api_keys(value: str) -> tuple[str, ...]:
+    """The keys in `value`, separated by whitespace and/or commas; () when it holds none."""
+    return tuple(key for key in _SEPARATORS.split(value) if key)
+
+
 def api_keys_from_env(value: str | None) -> tuple[str, ...]:
     """The keys in AML_ROLLOUT_API_KEY's `value` (whitespace- and/or comma-separated); () unset.
 
@@ -45,7 +51,7 @@ def api_keys_from_env(value: str | None) -> tuple[str, ...]:
     """
     if value is None:
         return ()
-    keys = tuple(key for key in _SEPARATORS.split(value) if key)
+    keys = split_api_keys(value)
     if not keys:
         raise ValueError(
             f"{API_KEY_ENV} is set but holds no key: give a real key or unset it for no auth"

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from scoring.auth import API_KEY_ENV, api_key_problem, api_keys_from_env
+from scoring.auth import API_KEY_ENV, api_key_problem, api_keys_from_env, split_api_keys
 
 if TYPE_CHECKING:
     from scoring.loadgen import LoadReport
@@ -44,6 +44,11 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 #: aml-rollout gives the local Envoy and Istio's proxies (rollout.routers.base.UPSTREAM_IDLE_S)
 #: and of common load balancers.
 KEEP_ALIVE_S = 75
+#: Seconds uvicorn waits, once told to stop (SIGTERM, Ctrl-C), for the requests in flight to be
+#: answered before it cancels them (and answers them 500). A predict finishes and answers; a
+#: body still arriving is answered 408 within scoring.app.SHUTDOWN_BODY_GRACE_S. Well inside
+#: Kubernetes' 30 s termination grace, and the package image's uvicorn is given the same.
+SHUTDOWN_TIMEOUT_S = 3
 
 
 class ColourOption(StrEnum):
@@ -87,13 +92,20 @@ def serve(
     api_key: Annotated[
         list[str] | None,
         typer.Option(
-            help="Require `Authorization: Bearer KEY` on /score (repeatable; prefer the env var "
-            f"{API_KEY_ENV}: keys separated by whitespace or commas, as the package image reads "
-            "it).",
+            help="Require `Authorization: Bearer KEY` on /score (repeatable; each value may hold "
+            f"several keys separated by whitespace or commas, as the env var {API_KEY_ENV} the "
+            "package image reads, which is preferred).",
             show_default=False,
         ),
     ] = None,
     max_body_bytes: Annotated[int, typer.Option(help="Largest accepted request body.")] = 1 << 20,
+    max_buffered_body_bytes: Annotated[
+        int,
+        typer.Option(
+            help="Most bytes of request bodies buffered at once, across requests: a body that "
+            "would pass it is answered 429 with Retry-After: 1 (at least --max-body-bytes)."
+        ),
+    ] = 32 << 20,
     max_rows: Annotated[int, typer.Option(help="Most rows accepted in one request.")] = 1000,
     fault_error_rate: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Demo knob: fraction of requests answered 500.")
@@ -124,6 +136,14 @@ def serve(
             f"--max-rows and --max-body-bytes must be at least 1 "
             f"(got {max_rows} and {max_body_bytes})"
         )
+    if max_buffered_body_bytes < 1:
+        raise _fail(f"--max-buffered-body-bytes must be at least 1 (got {max_buffered_body_bytes})")
+    if max_buffered_body_bytes < max_body_bytes:
+        # A body of the largest size allowed would be a 429 every time, retried for ever.
+        raise _fail(
+            f"--max-buffered-body-bytes must be at least --max-body-bytes "
+            f"(got {max_buffered_body_bytes} < {max_body_bytes})"
+        )
     for name, value in (
         ("--fault-error-rate", fault_error_rate),
         ("--fault-latency-ms", fault_latency_ms),
@@ -131,7 +151,9 @@ def serve(
         if math.isnan(value):  # passes typer's min/max (every comparison with NaN is false)
             raise _fail(f"{name}: nan is not a number")
     if api_key:
-        api_keys = tuple(api_key)
+        # Split as the env var is. A value holding no key stays, as an empty key, for the check
+        # below to refuse: dropped, `--api-key ""` would have served without auth.
+        api_keys = tuple(key for value in api_key for key in split_api_keys(value) or ("",))
     else:  # parsed as the image parses it (not typer's envvar: it split on whitespace only)
         try:
             api_keys = api_keys_from_env(os.environ.get(API_KEY_ENV))
@@ -165,6 +187,7 @@ def serve(
         fault=FaultKnob(fault_error_rate, fault_latency_ms),
         max_body_bytes=max_body_bytes,
         max_rows=max_rows,
+        max_buffered_body_bytes=max_buffered_body_bytes,
     )
     # Bound here, before "serving ... on" is logged: a busy port or a bad --host is one red line
     # and exit 2, not a "serving" line followed by uvicorn's errno and shutdown lines (exit 3).
@@ -186,17 +209,22 @@ def serve(
         http=GuardedHttpToolsProtocol,
         loop="uvloop",
         log_level=level,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
         timeout_keep_alive=KEEP_ALIVE_S,
         # No route is a WebSocket. With uvicorn's "auto", a request carrying `Upgrade:
         # websocket` (a POST /score too) went to the websocket protocol and was never answered.
         ws="none",
     )
+    # uvicorn stops gracefully on SIGTERM, then raises it again on itself once its handlers are
+    # put back: by the default action, a clean stop ended as a kill (exit -15). As a Ctrl-C
+    # does, it ends here in a KeyboardInterrupt: exit 0.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         sock.close()
 
 

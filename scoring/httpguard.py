@@ -19,6 +19,12 @@ yet, which the proxy in front relies on: it closes its idle connections first. T
 webhook (aml_pipelines.trigger.webhook) runs on it too, with its own head deadline, which also
 bounds the wait before a first request (`idle_timeout_s`).
 
+It also tells the app when the server begins to stop, which ASGI has no message for (lifespan's
+shutdown comes only once the requests in flight are done): an app whose lifespan state holds a
+callable under `BEGIN_SHUTDOWN` has it called then, once per open connection. The scoring app
+uses it to answer a body still arriving 408 before uvicorn's graceful timeout cancels the
+request (which uvicorn answers 500).
+
 This module imports only asyncio and uvicorn: it ships in the model package with the server.
 """
 
@@ -35,6 +41,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 MAX_HEAD_BYTES = 64 * 1024
 #: Seconds from a request head's first byte to its last: a client sends a head at once.
 HEAD_TIMEOUT_S = 10.0
+#: The lifespan state key of a callable to call when the server begins to stop (see above).
+BEGIN_SHUTDOWN = "scoring.begin_shutdown"
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -66,6 +74,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        begin = self.app_state.get(BEGIN_SHUTDOWN)
+        if begin is not None:
+            begin()
+        super().shutdown()
 
     def data_received(self, data: bytes) -> None:
         kept_alive = self.timeout_keep_alive_task is not None  # uvicorn's: cancelled by any byte

@@ -18,6 +18,8 @@ The canary judge's built-in presets (rollout.metrics.prometheus: `envoy`, `istio
 proxy's metrics, not these: the proxy also counts the failures no server answers (a dead
 colour's connect failures, the 503s it makes up itself), which a server cannot count.
 - `scoring_requests_in_flight{colour}`: gauge.
+- `scoring_buffered_body_bytes{colour}`: bytes of /score request bodies held at once, across
+  requests (capped by `--max-buffered-body-bytes`: a body that would pass the cap is a 429).
 - `scoring_fault_error_rate{colour}`, `scoring_fault_latency_seconds{colour}`: the fault knob,
   0 unless someone turned it on; `scoring_faults_injected_total{colour, kind}`.
 - `scoring_model_info{colour, model, version, sha256}`: 1, the identity being served.
@@ -62,6 +64,12 @@ class ScoringMetrics:
         self.in_flight = Gauge(
             "scoring_requests_in_flight",
             "Scoring requests being processed.",
+            ("colour",),
+            registry=registry,
+        ).labels(colour)
+        self.buffered_body = Gauge(
+            "scoring_buffered_body_bytes",
+            "Bytes of request bodies being buffered at once, across requests.",
             ("colour",),
             registry=registry,
         ).labels(colour)

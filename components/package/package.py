@@ -52,7 +52,7 @@ from aml_pipelines.fileio import fsync_dir, read_json_object, sha256_file, write
 from aml_pipelines.registry.base import ModelVersion
 from components.register.register import library_versions_of
 from components.train.train import HELDOUT_FILE, TRAIN_ROWS_FILE
-from scoring.cli import KEEP_ALIVE_S
+from scoring.cli import KEEP_ALIVE_S, SHUTDOWN_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,9 @@ def build():
 # log, no WebSocket protocol (no route needs it; under "auto" a POST carrying `Upgrade:
 # websocket` was handed to it and never answered), and httptools with a bound on a request
 # head's size and time (scoring.httpguard: a 64 MiB header was read whole, and connections that
-# sent their headers a byte at a time, or nothing, were held for ever).
+# sent their headers a byte at a time, or nothing, were held for ever), and SHUTDOWN_TIMEOUT_S
+# to answer the requests in flight once stopped (uvicorn's default waited for ever, for a body
+# trickling in too; the protocol tells the app, which answers such a body 408 in time).
 DOCKERFILE = """\
 # Image for {model} version {version} (sha256 {sha256}).
 # Build: docker build -t {image} .
@@ -137,7 +139,8 @@ USER 10001
 EXPOSE {port}
 HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/healthz')"
 CMD ["uvicorn", "asgi:build", "--factory", "--host", "0.0.0.0", "--port", "{port}", \\
-     "--timeout-keep-alive", "{keep_alive}", "--no-access-log", "--ws", "none", \\
+     "--timeout-keep-alive", "{keep_alive}", "--timeout-graceful-shutdown", "{shutdown}", \\
+     "--no-access-log", "--ws", "none", \\
      "--http", "scoring.httpguard:GuardedHttpToolsProtocol"]
 """
 
@@ -396,6 +399,7 @@ def build_package(
                 image=image,
                 port=SERVER_PORT,
                 keep_alive=KEEP_ALIVE_S,
+                shutdown=SHUTDOWN_TIMEOUT_S,
             ),
             encoding="utf-8",
         )

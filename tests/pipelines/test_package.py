@@ -248,13 +248,18 @@ def test_the_image_serves_like_aml_rollout_serve(registered, tmp_path: Path) -> 
     # counted against the model. The image's uvicorn keeps them as long as `serve` does.
     from uvicorn.main import main as uvicorn_command
 
-    from scoring.cli import KEEP_ALIVE_S
+    from scoring.cli import KEEP_ALIVE_S, SHUTDOWN_TIMEOUT_S
 
     registry, _ = registered
     pkg = build_package(registry.get("Diabetes-Ridge", 1), tmp_path / "p", image_registry="r").path
     options = uvicorn_command.make_context("uvicorn", dockerfile_command(pkg)).params
     assert options["app"] == "asgi:build" and options["factory"]
     assert options["timeout_keep_alive"] == KEEP_ALIVE_S
+    # Was uvicorn's default (none): a stopping pod waited for every request in flight, a body
+    # trickling in too, until Kubernetes killed it. `serve`'s timeout, in which a body still
+    # arriving gets its 408 (scoring.httpguard tells the app the server is stopping).
+    assert options["timeout_graceful_shutdown"] == SHUTDOWN_TIMEOUT_S
+    assert options["http"] == "scoring.httpguard:GuardedHttpToolsProtocol"
     assert options["access_log"] is False  # a log line per request, as `serve` does not
     # Was "auto": a POST carrying `Upgrade: websocket` hung unanswered (no WebSocket routes).
     assert options["ws"] == "none"

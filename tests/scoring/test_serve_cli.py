@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,10 @@ from typer.testing import CliRunner
 from rollout.cli import app as cli_app
 from rollout.local.process import listening_socket
 from rollout.routers.base import UPSTREAM_IDLE_S
-from scoring.cli import KEEP_ALIVE_S
+from scoring.app import SHUTDOWN_BODY_GRACE_S
+from scoring.cli import KEEP_ALIVE_S, SHUTDOWN_TIMEOUT_S
 from tests.cli import stop_and_wait
+from tests.scoring.conftest import AppClient
 
 
 def test_serve_refuses_a_tampered_model(model_dir: Path, tmp_path: Path) -> None:
@@ -192,7 +195,7 @@ def test_serve_takes_uvicorn_s_log_levels(
     [
         pytest.param(["--api-key", ""], {}, "empty API key", id="empty-key"),
         pytest.param(["--api-key", "k1", "--api-key", "  "], {}, "empty API key", id="blank-key"),
-        pytest.param(["--api-key", " k1"], {}, "spaces around it", id="padded-key"),
+        pytest.param(["--api-key", " , "], {}, "empty API key", id="separators-only-key"),
         # Was: served, and a client could not send it (`load`: 'ascii' codec can't encode).
         pytest.param([], {"AML_ROLLOUT_API_KEY": "k1,clé"}, "printable ASCII", id="non-ascii-key"),
         pytest.param(["--api-key", "k\x7f1"], {}, "printable ASCII", id="control-char-key"),
@@ -200,6 +203,11 @@ def test_serve_takes_uvicorn_s_log_levels(
         pytest.param([], {"AML_ROLLOUT_API_KEY": ""}, "holds no key", id="empty-env-key"),
         pytest.param(["--max-rows", "0"], {}, "--max-rows", id="zero-rows"),
         pytest.param(["--max-body-bytes", "-1"], {}, "--max-body-bytes", id="negative-body"),
+        pytest.param(["--max-buffered-body-bytes", "0"], {}, "--max-buffered-body-bytes must be",
+                     id="zero-buffered"),
+        pytest.param(["--max-buffered-body-bytes", "1000"], {},
+                     "--max-buffered-body-bytes must be at least --max-body-bytes",
+                     id="buffered-below-one-body"),
         pytest.param(["--fault-error-rate", "nan"], {}, "--fault-error-rate", id="nan-rate"),
         pytest.param(["--fault-latency-ms", "nan"], {}, "--fault-latency-ms", id="nan-latency"),
         # Was: refused by the bind, after the model's 2-4 s load.
@@ -389,3 +397,112 @@ def test_serve_bounds_a_request_head_in_size_and_time(model_dir: Path) -> None:
             assert time.monotonic() - started < HEAD_TIMEOUT_S + 2
         assert httpx.get(f"{base}/healthz").status_code == 200
     assert "Traceback" not in proc.output, proc.output
+
+
+@pytest.mark.parametrize(
+    ("args", "cap"),
+    [
+        pytest.param([], 32 << 20, id="default-32-mib"),
+        pytest.param(["--max-buffered-body-bytes", "5000000"], 5_000_000, id="given"),
+    ],
+)
+def test_serve_caps_the_bodies_buffered_at_once(
+    model_dir: Path, started: list[Any], args: list[str], cap: int
+) -> None:
+    result = CliRunner().invoke(
+        cli_app, ["serve", "--model-dir", str(model_dir), "--port", "0", *args]
+    )
+    assert result.exit_code == 0, result.output
+    (config,) = started
+    assert config.app.state.scoring.max_buffered_body_bytes == cap
+
+
+def _in_flight(port: int) -> float:
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    line = next(ln for ln in metrics.splitlines() if ln.startswith("scoring_requests_in_flight{"))
+    return float(line.rsplit(" ", 1)[1])
+
+
+@pytest.mark.slow
+def test_serve_answers_the_requests_in_flight_when_stopped(package_dir: Path) -> None:
+    # Was: uvicorn waited 5 s, then cancelled a request whose body was still arriving and
+    # answered it 500 (a 5xx the judge counts against the model), then died of the SIGTERM it
+    # raised again on itself (exit -15, as if killed).
+    args = ["--model-dir", str(package_dir), "--fault-latency-ms", "1000"]
+    stalled_request = (
+        b"POST /score HTTP/1.1\r\nHost: scoring.test\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 33\r\n\r\n{"da'
+    )
+    with serving(args) as (proc, port), ThreadPoolExecutor(1) as pool:
+        # A predict that takes 1 s (the fault knob's latency), and a body that stopped arriving.
+        slow = pool.submit(httpx.post, f"http://127.0.0.1:{port}/score",
+                           json={"data": [[0.0] * 10]}, timeout=10)  # fmt: skip
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=10)
+        stalled.sendall(stalled_request)
+        deadline = time.monotonic() + 5
+        while _in_flight(port) < 2:
+            assert time.monotonic() < deadline, "the two requests never reached the app"
+        proc.send_signal(signal.SIGTERM)
+        stopping = time.monotonic()
+        with stalled:
+            refused = b""
+            while data := stalled.recv(65536):  # until the server closes; a reset raises
+                refused += data
+        answered = slow.result(timeout=10)
+        proc.wait(timeout=10)
+        took = time.monotonic() - stopping
+    assert answered.status_code == 200, answered.text
+    assert refused.startswith(b"HTTP/1.1 408 "), refused
+    assert b"connection: close" in refused.lower()
+    assert proc.returncode == 0, proc.output
+    assert took < SHUTDOWN_TIMEOUT_S + 2, took
+    assert "Traceback" not in proc.output and "Cancel" not in proc.output, proc.output
+
+
+def test_serve_gives_uvicorn_the_graceful_shutdown_timeout(
+    model_dir: Path, started: list[Any]
+) -> None:
+    result = CliRunner().invoke(cli_app, ["serve", "--model-dir", str(model_dir), "--port", "0"])
+    assert result.exit_code == 0, result.output
+    (config,) = started
+    assert config.timeout_graceful_shutdown == SHUTDOWN_TIMEOUT_S == 3
+    # A body still arriving when the server begins to stop is given less than that: its 408
+    # is sent before uvicorn cancels what is left (and answers it 500).
+    assert SHUTDOWN_BODY_GRACE_S < SHUTDOWN_TIMEOUT_S
+
+
+@pytest.mark.parametrize(
+    ("args", "keys"),
+    [
+        pytest.param(["--api-key", "a,b"], (b"a", b"b"), id="comma-separated"),
+        pytest.param(["--api-key", "a b"], (b"a", b"b"), id="space-separated"),
+        pytest.param(["--api-key", "a, b", "--api-key", "c"], (b"a", b"b", b"c"), id="repeated"),
+        # Was refused ("spaces around it"): trimmed, as a secret file's newline is in the env var.
+        pytest.param(["--api-key", " a\n"], (b"a",), id="trimmed"),
+    ],
+)
+def test_serve_splits_each_api_key_as_the_env_var_is_split(
+    model_dir: Path, started: list[Any], args: list[str], keys: tuple[bytes, ...]
+) -> None:
+    # Was: each --api-key value one key, where its help points to the env var's "separated by
+    # whitespace or commas": `--api-key old,new` during a rotation 401d both old and new.
+    result = CliRunner().invoke(
+        cli_app,
+        ["serve", "--model-dir", str(model_dir), "--port", "0", *args],
+        env={"AML_ROLLOUT_API_KEY": None},
+    )
+    assert result.exit_code == 0, result.output
+    (config,) = started
+    assert config.app.state.scoring.api_keys == keys
+    with AppClient(config.app) as client:
+        for key in keys:
+            answer = client.post(
+                "/score",
+                json={"data": [[0.0] * 10]},
+                headers={"authorization": f"Bearer {key.decode()}"},
+            )
+            assert answer.status_code == 200, answer.text
+        whole = client.post(
+            "/score", json={"data": [[0.0] * 10]}, headers={"authorization": f"Bearer {args[1]}"}
+        )
+        assert whole.status_code == (200 if len(keys) == 1 else 401)
