@@ -85,7 +85,7 @@ DRAIN_FACTOR = 4
 #: sending mid-body gets a 408 and the connection closed, well inside the 75 s keep-alive.
 DEFAULT_BODY_TIMEOUT_S = 30.0
 #: Once the server begins to stop, how long a body still arriving may take to end before its
-#: 408: well inside the graceful timeout (scoring.cli.SHUTDOWN_TIMEOUT_S, 3 s), which must leave
+#: 408: well inside the graceful timeout (scoring.cli.SHUTDOWN_TIMEOUT_S, 20 s), which must leave
 #: time to predict and answer; past it uvicorn cancels the request and answers 500 itself.
 SHUTDOWN_BODY_GRACE_S = 1.0
 #: A fault setting is two numbers; anything longer is not one.
@@ -113,12 +113,14 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 _AUTH_HEADERS = [*_JSON_HEADERS, (b"www-authenticate", b"Bearer")]
 _FAULT_HEADERS = [*_JSON_HEADERS, (b"x-fault-injected", b"1")]
 _ENCODING_HEADERS = [*_JSON_HEADERS, (b"accept-encoding", b"identity")]
-_RETRY_HEADERS = [*_JSON_HEADERS, (b"retry-after", b"1")]
+
 #: The rest of a body that stopped arriving (408), or was cut or refused unread (413), may still
 #: come: the connection cannot be reused. Kept open, its sender could trickle that rest for ever.
 #: A 413 whose body was drained to its end is closed too: one rule, for a rare client.
 _CLOSE_HEADERS = [*_JSON_HEADERS, (b"connection", b"close")]
 _BODY_LEFT_UNREAD = frozenset({408, 413})  # the answers after which the connection is closed
+#: A 429's body was dropped, and may not have all arrived (its drain timed out): closed as well.
+_RETRY_HEADERS = [*_CLOSE_HEADERS, (b"retry-after", b"1")]
 _UPGRADE_LOST_BODY = orjson.dumps(
     {
         "error": "no request body arrived: this server speaks HTTP/1.1 only, and a request "
@@ -293,7 +295,7 @@ class ScoreEndpoint:
             return
         started = time.perf_counter()
         metrics.in_flight.inc()
-        status = 500
+        status, cut = 500, False
         hold = BodyHold(state, metrics.buffered_body)
         try:
             status, body, headers = await self._answer(scope, receive, scorer, metrics, hold)
@@ -301,13 +303,19 @@ class ScoreEndpoint:
         except Exception:
             log.exception("unexpected error while scoring")
             await _send(send, 500, _error("internal error while scoring"), _JSON_HEADERS)
+        except asyncio.CancelledError:
+            # Still running when the server's graceful stop ran out (SHUTDOWN_TIMEOUT_S):
+            # uvicorn answers it 500 itself, counted so; the time it was cut at is no latency of
+            # the model's, kept out of the histogram a judge reads.
+            status, cut = 500, True
+            raise
         finally:
             hold.release()
             metrics.in_flight.dec()
             metrics.count(status)
             # A body that never arrived measured the client's silence, not the model: kept out
             # of the histogram a judge reads (a stalled client once put ~95 s in it).
-            if status not in _BODY_NEVER_ARRIVED:
+            if status not in _BODY_NEVER_ARRIVED and not cut:
                 metrics.observe_latency(time.perf_counter() - started)
 
     async def _answer(
@@ -396,9 +404,10 @@ async def _read_body(
         refusal = InputError(f"request body of {declared} bytes exceeds {limit} bytes", 413)
         if declared > DRAIN_FACTOR * limit:
             return refusal
-    elif declared is not None and hold is not None and not hold.take(declared):
-        refusal = _too_busy(hold)
-    per_chunk = hold if declared is None else None
+    # Bytes are charged to the hold as they arrive, a declared length's too: charged whole up
+    # front, 32 idle connections declaring 1 MiB each and sending nothing made every request a
+    # 429 for the body timeout, with no memory held.
+    per_chunk = hold
     chunks: list[bytes] = []
     size = 0
     timeout_s = state.body_timeout_s
@@ -431,6 +440,10 @@ async def _read_body(
             finally:
                 state.body_deadlines.discard(deadline)
     except TimeoutError:
+        if refusal is not None:
+            # Decided before the rest was late: its answer, not a 408 (one a client may retry,
+            # with the same body again). The connection is closed after either.
+            return refusal
         if state.stopping:
             return InputError("request body not all received before the server stopped", 408)
         return InputError(f"request body not received within {timeout_s:g} s", 408)

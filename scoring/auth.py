@@ -29,6 +29,10 @@ def api_key_problem(keys: Iterable[str]) -> str | None:
             return "an empty API key would serve /score without auth; give a real key or none"
         if key != key.strip():
             return "an API key with spaces around it can never match; strip it"
+        if key.lower() == "bearer":
+            # A header value pasted whole, "Bearer <token>", is split into two keys: "Bearer"
+            # then let `Authorization: Bearer Bearer` in.
+            return "'Bearer' is the Authorization header's scheme, not a key: give the token alone"
         if not (key.isascii() and key.isprintable()):
             # Python's http.client, httpx and `aml-rollout load` cannot send such a header.
             return (

@@ -700,6 +700,27 @@ def buffered(registry: CollectorRegistry) -> float | None:
     return registry.get_sample_value("scoring_buffered_body_bytes", {"colour": "blue"})
 
 
+def test_a_declared_length_alone_holds_nothing_of_the_buffered_total(
+    loaded: LoadedModel, registry: CollectorRegistry
+) -> None:
+    # Was: charged whole on its headers, so connections declaring the cap's worth and sending
+    # nothing made every other request a 429 until their body timeout, with no memory held.
+    app = create_app(
+        loaded, registry=registry, colour="blue", max_body_bytes=1000, max_buffered_body_bytes=1000
+    )
+    with running_server(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(3)]
+        try:
+            for conn in idle:
+                conn.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n")
+            answer = httpx.post(f"{url}/score", content=BODY_700, timeout=5)
+            assert answer.status_code == 200, answer.text
+        finally:
+            for conn in idle:
+                conn.close()
+
+
 @pytest.mark.parametrize("declared", [True, False], ids=["declared", "streamed"])
 def test_a_body_over_the_buffered_total_is_a_429_to_retry(
     loaded: LoadedModel, registry: CollectorRegistry, declared: bool
@@ -733,10 +754,11 @@ def test_a_body_over_the_buffered_total_is_a_429_to_retry(
 
     with AppClient(app) as c:
         holding, second, first = c.run(scenario)
-    # A declared length is counted whole from the start; a streamed body as it arrives.
-    assert holding == (700 if declared else 600)
+    # Counted as it arrives, a declared length too (was: whole from the start).
+    assert holding == 600
     assert second.status_code == 429, second.text
     assert second.headers["retry-after"] == "1"
+    assert second.headers["connection"] == "close"  # its body may not all have been read
     assert "retry" in second.json()["error"]
     assert first.status_code == 200, first.text
     assert buffered(registry) == 0
@@ -974,13 +996,16 @@ def test_schema_routes_need_the_key_when_keys_are_set(
             413,
             id="streamed-over-the-drain",
         ),
-        # Within DRAIN_FACTOR times the limit, the rest is waited for, as long as any body is.
+        # Within DRAIN_FACTOR times the limit, the rest is waited for, as long as any body is;
+        # late, the answer is still its 413 (was: a 408, which a client may retry with the same
+        # body).
         pytest.param(
             b"Transfer-Encoding: chunked\r\n",
             b"800\r\n" + b" " * 0x800 + b"\r\n",
-            408,
+            413,
             id="streamed-drained-then-stalled",
         ),
+        pytest.param(b"Content-Length: 2000\r\n", b" " * 100, 413, id="declared-then-stalled"),
     ],
 )
 def test_a_body_over_the_limit_is_answered_413_and_its_connection_closed(
