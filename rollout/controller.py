@@ -575,7 +575,10 @@ class Controller:
         deployed = colours[:1] if first else colours  # what the rollout has deployed so far
         serving: dict[Colour, Release | None] = {}
         try:
-            for colour, _ in colours:
+            # An abort reads green alone: blue's release decides nothing it does, and a blue
+            # that cannot be read (the failure the operator aborts for, often) stopped every
+            # `run` before the abort, which never got through.
+            for colour, _ in colours[:1] if aborting else colours:
                 serving[colour] = self._release_or_refused(colour, undoing=undoing)
         except (RouterRefused, RouterUnavailable):
             raise  # (an answer, or nothing answers: a deploy would meet it too)

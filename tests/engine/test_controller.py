@@ -719,6 +719,52 @@ def test_a_resumed_run_goes_on_through_a_blip_reading_a_colour_s_release(
     assert router.get_weights() == Weights.blue_at(0)
 
 
+class BlueReadFails(MemoryRouter):
+    """Every read of blue's release fails with `error`; green's and the weights work."""
+
+    def __init__(self, error: RouterError, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.error = error
+
+    def release(self, colour: Colour) -> Release | None:
+        if colour is Colour.BLUE:
+            raise self.error
+        return super().release(colour)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(RouterUnavailable("deployment API at https://ml.example is down"), id="down"),
+        pytest.param(RouterRefused("deployment blue is Failed: deploy it again"), id="refused"),
+    ],
+)
+def test_a_queued_abort_gets_through_while_blue_s_release_cannot_be_read(
+    tmp_path: Path, error: RouterError
+) -> None:
+    """Was: the resume read blue's release (to restore the data plane) before the abort and
+    stopped at its error, at every `run`: the operator's emergency stop stuck behind the very
+    failure they reacted to. An abort sends green everything: green's release is all it reads."""
+    store = FileStateStore(tmp_path, SPEC.name)
+    first, _ = controller(
+        tmp_path, MemoryRouter(releases={Colour.GREEN: V1}), StaticMetrics([]), store=store
+    )
+    assert first.run(max_ticks=2).blue_weight == 10
+    store.push_command(Command(id="a", kind="abort", by="ann"))
+    journal = tmp_path / "journal.jsonl"
+    router = BlueReadFails(
+        error,
+        releases={Colour.GREEN: V1, Colour.BLUE: V2},
+        weights=Weights.blue_at(10),
+        journal=journal,
+    )
+    resumed, _ = controller(tmp_path, router, StaticMetrics([]), store=store)
+    final = resumed.run(max_ticks=3)
+    assert final.phase is Phase.ROLLED_BACK and final.reason.startswith("aborted by ann")
+    assert router.get_weights() == Weights.blue_at(0)
+    assert [r["blue"] for r in jsonl.read(journal) if r["action"] == "set_weights"] == [0]
+
+
 def test_a_step_up_left_pending_is_applied_through_a_blip_reading_blue_s_release(
     tmp_path: Path,
 ) -> None:
