@@ -608,8 +608,10 @@ class Controller:
             and (serving[colour] is None or (aborting and self._ours_on_green(status, serving)))
             and colour not in redeploying
         ]
-        if first and not repairs:
-            return status  # its first tick sets the weights (a new endpoint has none to read)
+        if (first or aborting) and not repairs:
+            # Its first tick sets the weights (a new endpoint has none to read); an abort's
+            # come next, tried on through an outage: read first, they stopped its `run`.
+            return status
         served: Weights | None
         try:
             served = self._weights_read_again(status)

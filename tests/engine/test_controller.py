@@ -18,6 +18,7 @@ from rollout.config import SimulatedMetricsConfig, StaticTick, TrafficModel
 from rollout.controller import (
     ROLLBACK_PAUSE_CAP_S,
     ROLLBACK_RETRY_S,
+    WEIGHTS_READS,
     Controller,
     FakeClock,
     RealClock,
@@ -1370,6 +1371,22 @@ def test_a_resume_on_a_router_nothing_answers_stops_after_four_reads_saying_so(
     )
     assert down.reads_made == 4 and clock.now() == 1000.0 + 0.5 + 1 + 2
     assert not any(r.get("event") == "restore" for r in read_ledger(tmp_path / "t.ledger.jsonl"))
+
+
+def test_a_queued_abort_is_not_held_up_by_weights_nothing_answers_for(tmp_path: Path) -> None:
+    """An abort restores nothing but a lost green before its own weights, which are tried on
+    through an outage: reading the weights first (for nothing) stopped its `run`."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    assert ctl.run(max_ticks=3).blue_weight == 50
+    ctl.store.push_command(Command(id="a", kind="abort", by="ann"))
+    down = Unreachable(
+        WEIGHTS_READS, releases={Colour.GREEN: V1, Colour.BLUE: V2}, weights=Weights.blue_at(50)
+    )
+    again, _ = controller(tmp_path, down, StaticMetrics([]))
+    final = again.run(max_ticks=3)
+    assert final.phase is Phase.ROLLED_BACK and final.reason.startswith("aborted by ann")
+    assert down.get_weights() == Weights.blue_at(0)
 
 
 def _stopped_before_its_first_tick(ctl: Controller) -> None:
