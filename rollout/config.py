@@ -882,7 +882,8 @@ class PrometheusMetricsConfig(_Model):
     def _scoping_fields_apply(self) -> Iterator[_Problem]:
         """`namespace` scopes the istio preset only, `match_labels` the presets only: silently
         ignored, either left a user believing the counts were scoped. So with `queries` and
-        `latency_unit`, which only the custom preset reads."""
+        `latency_unit`, which only the custom preset reads, and `latency_unit` without the
+        histogram query it is the unit of (a user believing latency read)."""
         if self.queries is not None and self.preset != "custom":
             yield _Problem(
                 ("queries",),
@@ -900,6 +901,18 @@ class PrometheusMetricsConfig(_Model):
                 self.latency_unit,
                 f"is the unit of the custom preset's histogram; preset {self.preset!r} reads "
                 "its own (ms)",
+            )
+        elif (
+            # (not "ms", the default, said or not: a dumped spec says every field)
+            self.latency_unit != "ms"
+            and self.queries is not None
+            and self.queries.latency_bucket is None
+        ):
+            yield _Problem(
+                ("latency_unit",),
+                self.latency_unit,
+                "is the unit of metrics.queries.latency_bucket's `le` bounds, and there is no "
+                "latency_bucket query: add it, or drop latency_unit",
             )
         if self.namespace is not None and self.preset != "istio":
             yield _Problem(
@@ -969,6 +982,15 @@ class PrometheusMetricsConfig(_Model):
                 "holds credentials (user:password@); use basic_auth with password_env or "
                 "password_file",
             )
+        for mark, what in (("?", "a query string"), ("#", "a fragment")):
+            if mark in self.url:
+                # Not shown: a query string may carry a token, and errors go to CI logs.
+                yield _Problem(
+                    ("url",),
+                    None,
+                    f"holds {what} (`{mark}`): /api/v1/query is appended to the url, and would "
+                    "land inside it; give the server's root (with its path prefix, if any)",
+                )
         https = parts.scheme == "https"
         if self.azure_auth and not https:
             # An Entra ID token sent in clear text is anyone's on the path for its lifetime.

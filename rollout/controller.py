@@ -94,6 +94,12 @@ ROUTER_ATTEMPTS = 4
 #: human ran `run` again.
 ROLLBACK_RETRY_S = 600.0
 ROLLBACK_PAUSE_CAP_S = 30.0
+#: A resume reads the data plane's weights (to compare them with its status') this many times
+#: while nothing answers at the router, the pauses doubling from `WEIGHTS_REREAD_PAUSE_S` (0.5 +
+#: 1 + 2 s), before it stops: one failed read stopped it at once, an Envoy admin restarting
+#: for a second taking the controller down with it.
+WEIGHTS_READS = 4
+WEIGHTS_REREAD_PAUSE_S = 0.5
 #: At most this much of why the data plane could not be read goes into each tick's ledger line.
 UNREAD_CHARS = 200
 
@@ -575,7 +581,10 @@ class Controller:
         deployed = colours[:1] if first else colours  # what the rollout has deployed so far
         serving: dict[Colour, Release | None] = {}
         try:
-            for colour, _ in colours:
+            # An abort reads green alone: blue's release decides nothing it does, and a blue
+            # that cannot be read (the failure the operator aborts for, often) stopped every
+            # `run` before the abort, which never got through.
+            for colour, _ in colours[:1] if aborting else colours:
                 serving[colour] = self._release_or_refused(colour, undoing=undoing)
         except (RouterRefused, RouterUnavailable):
             raise  # (an answer, or nothing answers: a deploy would meet it too)
@@ -599,11 +608,13 @@ class Controller:
             and (serving[colour] is None or (aborting and self._ours_on_green(status, serving)))
             and colour not in redeploying
         ]
-        if first and not repairs:
-            return status  # its first tick sets the weights (a new endpoint has none to read)
+        if (first or aborting) and not repairs:
+            # Its first tick sets the weights (a new endpoint has none to read); an abort's
+            # come next, tried on through an outage: read first, they stopped its `run`.
+            return status
         served: Weights | None
         try:
-            served = self.router.get_weights()
+            served = self._weights_read_again(status)
         except (RouterRefused, RouterUnavailable):
             raise  # (nothing answers: writing the weights would not either)
         except RouterError as exc:
@@ -638,6 +649,34 @@ class Controller:
             if (failed := self._apply_or_fail(action, status)) is not None:
                 return failed
         return status
+
+    def _weights_read_again(self, status: Status) -> Weights:
+        """The weights the data plane serves, read up to `WEIGHTS_READS` times while nothing
+        answers at the router (pausing on the controller's clock); then RouterUnavailable saying
+        so. Any other error is raised at the first read: a refusal is an answer, and a plain
+        RouterError has the status' weights written again (`_restore_data_plane`)."""
+        pause, reads = WEIGHTS_REREAD_PAUSE_S, 0
+        started = self.clock.monotonic()
+        while True:
+            reads += 1
+            try:
+                return self.router.get_weights()
+            except RouterUnavailable as exc:
+                if reads >= WEIGHTS_READS:
+                    tried = self.clock.monotonic() - started
+                    raise RouterUnavailable(
+                        f"the data plane's weights could not be read {reads} times in "
+                        f"{tried:g} s, to check them against the rollout's "
+                        f"({status.weights.blue_share}): {exc}; nothing was restored: run again "
+                        "once the router answers"
+                    ) from exc
+                log.warning(
+                    "the data plane's weights cannot be read (%s): reading them again in %g s",
+                    exc,
+                    pause,
+                )
+            self.clock.sleep(pause)
+            pause *= 2
 
     def _release_or_refused(self, colour: Colour, *, undoing: bool) -> Release | None:
         """What `colour` serves; None for a green the router refuses to read while a promotion

@@ -109,6 +109,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+import requests
+import requests.adapters
+
 from rollout.config import (
     ColourNames,
     LatencyCheck,
@@ -268,7 +271,6 @@ class PrometheusMetrics:
     ) -> None:
         if (preset is None) == (queries is None):
             raise MetricsError("PrometheusMetrics needs exactly one of a preset or custom queries")
-        import requests
         from prometheus_api_client import PrometheusConnect
         from urllib3.util.retry import Retry
 
@@ -305,15 +307,15 @@ class PrometheusMetrics:
             auth=auth,
             session=session,
         )
+        # In place of PrometheusConnect's adapter for the url: the same no-retry policy, each
+        # query given `timeout_s` in all (`WholeQueryDeadline`).
+        transport = requests.adapters.HTTPAdapter(max_retries=Retry(total=0))
         if cert is not None:
             from rollout.metrics.prometheus_auth import NoPassphraseAdapter, refuse_passphrase
 
-            # In place of PrometheusConnect's adapter for the url: the same no-retry policy,
-            # and a client key that is (or becomes) encrypted is an error, never a prompt.
-            session.mount(
-                self.url,
-                NoPassphraseAdapter(refuse_passphrase(cert), max_retries=Retry(total=0)),
-            )
+            # ... and a client key that is (or becomes) encrypted is an error, never a prompt.
+            transport = NoPassphraseAdapter(refuse_passphrase(cert), max_retries=Retry(total=0))
+        session.mount(self.url, WholeQueryDeadline(transport, timeout_s))
 
     @classmethod
     def from_config(
@@ -792,7 +794,6 @@ class PrometheusMetrics:
     # ---------------------------------------------------------------------------------- HTTP API
 
     def _query(self, query: str, at: float | None) -> list[dict[str, Any]]:
-        import requests
         from prometheus_api_client.exceptions import PrometheusApiClientException
 
         params = {"time": f"{at:.3f}"} if at is not None else None
@@ -946,6 +947,84 @@ class PrometheusMetrics:
 # ---------------------------------------------------------------------------------------- helpers
 
 
+class WholeQueryDeadline(requests.adapters.BaseAdapter):
+    """A requests transport adapter giving each request `deadline_s` in all, its answer read.
+
+    requests' timeout bounds each read of the socket, not the answer: a Prometheus (or a proxy
+    before it) dripping its answer, each byte within the timeout, held the tick for as long as it
+    dripped — the rollback that tick might decide with it. The answer is read here instead, each
+    read of the socket given at most what is left; past the deadline, ReadTimeout (the query's
+    "did not answer within"). Until the status line and headers have come, requests' own
+    per-read timeout is the bound.
+    """
+
+    def __init__(self, transport: requests.adapters.HTTPAdapter, deadline_s: float) -> None:
+        super().__init__()
+        self.transport = transport
+        self.deadline_s = deadline_s
+
+    def send(
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: bool | str = True,
+        cert: Any = None,
+        proxies: Any = None,
+    ) -> requests.Response:
+        """`transport.send`, the answer's body read by the deadline (unless `stream`)."""
+        deadline = time.monotonic() + self.deadline_s
+        response = self.transport.send(
+            request, stream=True, timeout=timeout, verify=verify, cert=cert, proxies=proxies
+        )
+        if not stream:
+            try:
+                body = self._read_by(response, deadline)
+            except BaseException:
+                response.close()  # (the connection goes: half an answer is still on it)
+                raise
+            # What `Response.content` keeps once read: requests reads no further.
+            response._content = body
+            response._content_consumed = True  # type: ignore[attr-defined]
+        return response
+
+    def close(self) -> None:
+        """Close the transport's connections."""
+        self.transport.close()
+
+    def _read_by(self, response: requests.Response, deadline: float) -> bytes:
+        """The answer's body (decoded, as `Response.content` is), read before `deadline`; the
+        errors requests' own reading raises, ReadTimeout at the deadline."""
+        from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError, SSLError
+
+        raw = response.raw
+        sock = getattr(raw.connection, "sock", None)
+        per_read = sock.gettimeout() if sock is not None else None
+        pieces: list[bytes] = []
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise requests.exceptions.ReadTimeout(
+                        f"no whole answer within {self.deadline_s:g} s", request=response.request
+                    )
+                if sock is not None:
+                    # (urllib3 sets the timeout again for the connection's next request)
+                    sock.settimeout(left if per_read is None else min(left, per_read))
+                piece = raw.read1(64 * 1024, decode_content=True)
+                if not piece:
+                    return b"".join(pieces)
+                pieces.append(piece)
+        except ReadTimeoutError as exc:
+            raise requests.exceptions.ReadTimeout(exc, request=response.request) from exc
+        except ProtocolError as exc:
+            raise requests.exceptions.ChunkedEncodingError(exc) from exc
+        except DecodeError as exc:
+            raise requests.exceptions.ContentDecodingError(exc) from exc
+        except SSLError as exc:
+            raise requests.exceptions.SSLError(exc, request=response.request) from exc
+
+
 class _PartialAnswer(Exception):
     """A 200 whose `warnings` say the data may be partial (the first warning is the message)."""
 
@@ -970,7 +1049,6 @@ def _refuse_partial_answer(response: Any, **kwargs: Any) -> Any:
 def _timed_out(exc: BaseException) -> bool:
     """Whether a requests error was a timeout: with retries off, urllib3 wraps a read timeout in
     a MaxRetryError that requests raises as a plain ConnectionError."""
-    import requests
     from urllib3.exceptions import NewConnectionError
     from urllib3.exceptions import TimeoutError as Urllib3Timeout
 

@@ -3,7 +3,8 @@
 It keeps what a real data plane keeps (weights, the release per colour). Optionally:
 
 - `state_file`: the routes live in a JSON file written atomically (temp + fsync + rename), so they
-  survive the controller process, as Envoy's or Istio's routes do;
+  survive the controller process, as Envoy's or Istio's routes do (a file of another shape is a
+  RouterError naming the file and the field);
 - `journal`: every applied action is appended as one JSON line and fsync'ed before the call
   returns, so a test that SIGKILLs the controller can check exactly what reached the data plane.
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -123,10 +124,82 @@ class MemoryRouter:
     def _load(self, path: Path) -> None:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            self._weights = Weights(**data["weights"])
-            self._releases = {Colour(c): Release(**r) for c, r in data["releases"].items()}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            state = _json_object(data, "the file holds")
+            self._weights = _weights_from(_json_object(_field(state, "weights"), "`weights` is"))
+            self._releases = _releases_from(
+                _json_object(_field(state, "releases"), "`releases` is")
+            )
+        except (OSError, ValueError) as exc:
             raise RouterError(f"memory router state {path} is unreadable: {exc}") from exc
+        except RecursionError as exc:  # (json's, on arrays nested thousands deep)
+            raise RouterError(f"memory router state {path} is unreadable: nested too deep") from exc
+
+
+# The state file's shape, checked field by field: JSON of another shape (a hand edit, another
+# tool's file) raised AttributeError or TypeError from deep inside, or loaded weights of 10.5 %.
+
+_WEIGHTS = ("blue", "green", "mirror")
+_RELEASE_FIELDS = {f.name for f in fields(Release)}
+#: The release fields that may be null (the others are strings; model and version required).
+_NULLABLE = {"image", "model_dir", "deployment"}
+
+
+def _weights_from(data: dict[str, Any]) -> Weights:
+    """The `weights` object as Weights: whole numbers for blue and green (mirror optional)."""
+    for name, value in data.items():
+        if name not in _WEIGHTS:
+            raise ValueError(f"`weights.{name}` is no weight ({', '.join(_WEIGHTS)})")
+        if type(value) is not int:  # (not a bool, nor 10.0)
+            raise ValueError(f"`weights.{name}` is {_shown(value)}, not a whole number")
+    for name in _WEIGHTS[:2]:
+        _field(data, name, "weights.")
+    try:
+        return Weights(**data)
+    except ValueError as exc:  # out of range, not summing to 100
+        raise ValueError(f"`weights`: {exc}") from exc
+
+
+def _releases_from(data: dict[str, Any]) -> dict[Colour, Release]:
+    """The `releases` object (colour: the Release's fields, strings; some may be null)."""
+    releases: dict[Colour, Release] = {}
+    for key, value in data.items():
+        if key not in {c.value for c in Colour}:
+            raise ValueError(f"`releases.{key}` is no colour (blue, green)")
+        release = _json_object(value, f"`releases.{key}` is")
+        for name, field_value in release.items():
+            where = f"`releases.{key}.{name}`"
+            if name not in _RELEASE_FIELDS:
+                raise ValueError(f"{where} is no release field")
+            if not isinstance(field_value, str) and not (field_value is None and name in _NULLABLE):
+                raise ValueError(f"{where} is {_shown(field_value)}, not a string")
+        for name in ("model", "version"):
+            _field(release, name, f"releases.{key}.")
+        releases[Colour(key)] = Release(**release)
+    return releases
+
+
+def _json_object(value: Any, what: str) -> dict[str, Any]:
+    """`value` if a JSON object; else ValueError: "`what` a list, not an object"."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} {_shown(value)}, not an object")
+    return value
+
+
+def _field(data: dict[str, Any], name: str, prefix: str = "") -> Any:
+    """`data[name]`; ValueError naming `prefix + name` when it is missing."""
+    if name not in data:
+        raise ValueError(f"`{prefix}{name}` is missing")
+    return data[name]
+
+
+def _shown(value: Any) -> str:
+    """A JSON value as a message says it: `a list`, `an object`, `null`, `"10"`, `10.5`."""
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    shown = json.dumps(value)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -17,6 +18,7 @@ from rollout.config import SimulatedMetricsConfig, StaticTick, TrafficModel
 from rollout.controller import (
     ROLLBACK_PAUSE_CAP_S,
     ROLLBACK_RETRY_S,
+    WEIGHTS_READS,
     Controller,
     FakeClock,
     RealClock,
@@ -719,6 +721,52 @@ def test_a_resumed_run_goes_on_through_a_blip_reading_a_colour_s_release(
     assert router.get_weights() == Weights.blue_at(0)
 
 
+class BlueReadFails(MemoryRouter):
+    """Every read of blue's release fails with `error`; green's and the weights work."""
+
+    def __init__(self, error: RouterError, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.error = error
+
+    def release(self, colour: Colour) -> Release | None:
+        if colour is Colour.BLUE:
+            raise self.error
+        return super().release(colour)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(RouterUnavailable("deployment API at https://ml.example is down"), id="down"),
+        pytest.param(RouterRefused("deployment blue is Failed: deploy it again"), id="refused"),
+    ],
+)
+def test_a_queued_abort_gets_through_while_blue_s_release_cannot_be_read(
+    tmp_path: Path, error: RouterError
+) -> None:
+    """Was: the resume read blue's release (to restore the data plane) before the abort and
+    stopped at its error, at every `run`: the operator's emergency stop stuck behind the very
+    failure they reacted to. An abort sends green everything: green's release is all it reads."""
+    store = FileStateStore(tmp_path, SPEC.name)
+    first, _ = controller(
+        tmp_path, MemoryRouter(releases={Colour.GREEN: V1}), StaticMetrics([]), store=store
+    )
+    assert first.run(max_ticks=2).blue_weight == 10
+    store.push_command(Command(id="a", kind="abort", by="ann"))
+    journal = tmp_path / "journal.jsonl"
+    router = BlueReadFails(
+        error,
+        releases={Colour.GREEN: V1, Colour.BLUE: V2},
+        weights=Weights.blue_at(10),
+        journal=journal,
+    )
+    resumed, _ = controller(tmp_path, router, StaticMetrics([]), store=store)
+    final = resumed.run(max_ticks=3)
+    assert final.phase is Phase.ROLLED_BACK and final.reason.startswith("aborted by ann")
+    assert router.get_weights() == Weights.blue_at(0)
+    assert [r["blue"] for r in jsonl.read(journal) if r["action"] == "set_weights"] == [0]
+
+
 def test_a_step_up_left_pending_is_applied_through_a_blip_reading_blue_s_release(
     tmp_path: Path,
 ) -> None:
@@ -1262,23 +1310,83 @@ def test_a_resume_whose_weights_cannot_be_read_writes_the_status_weights_again(
 
 
 class Unreachable(MemoryRouter):
-    """Nothing answers at the router's control plane."""
+    """Nothing answers at the router's control plane for the first `reads` reads of the weights
+    (for ever by default); `reads_made` counts them all."""
+
+    def __init__(self, reads: float = math.inf, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.failing, self.reads_made = reads, 0
 
     def get_weights(self) -> Weights:
-        raise RouterUnavailable("Envoy admin at http://127.0.0.1:9 is not reachable")
+        self.reads_made += 1
+        if self.reads_made <= self.failing:
+            raise RouterUnavailable("Envoy admin at http://127.0.0.1:9 is not reachable")
+        return super().get_weights()
 
 
-def test_a_resume_on_a_router_nothing_answers_stops_at_once_saying_so(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("failing", "paused"),
+    [
+        pytest.param(1, 0.5, id="one-blip"),
+        pytest.param(3, 0.5 + 1 + 2, id="three-failed-reads-then-one-answered"),
+    ],
+)
+def test_a_resume_reads_the_weights_again_through_a_blip(
+    tmp_path: Path, failing: int, paused: float
+) -> None:
+    """Was: one failed read of the weights (to compare them with the status') stopped the
+    resumed `run` at once: an Envoy admin restarting for a second took the controller down."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    assert ctl.run(max_ticks=3).blue_weight == 50
+    blips = Unreachable(
+        failing, releases={Colour.GREEN: V1, Colour.BLUE: V2}, weights=Weights.blue_at(50)
+    )
+    again, clock = controller(tmp_path, blips, StaticMetrics([]))
+    resumed = again.start()
+    assert resumed.blue_weight == 50 and resumed.phase is Phase.PROGRESSING
+    assert blips.reads_made == failing + 1
+    assert clock.now() == 1000.0 + paused  # the controller's clock: no test sleeps
+
+
+@pytest.mark.parametrize(
+    "failing", [pytest.param(4, id="four-failed-reads"), pytest.param(math.inf, id="for-good")]
+)
+def test_a_resume_on_a_router_nothing_answers_stops_after_four_reads_saying_so(
+    tmp_path: Path, failing: float
+) -> None:
     """Was (the unread weights written again): four weight writes, 7 s, then "failed 4 times",
     and a ledger line saying the data plane was restored."""
     router = MemoryRouter(releases={Colour.GREEN: V1})
     ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
     assert ctl.run(max_ticks=3).blue_weight == 50
-    down = Unreachable(releases={Colour.GREEN: V1, Colour.BLUE: V2})
-    again, _ = controller(tmp_path, down, simulated(down, 0.01))
-    with pytest.raises(RouterUnavailable, match="not reachable"):
+    down = Unreachable(failing, releases={Colour.GREEN: V1, Colour.BLUE: V2})
+    again, clock = controller(tmp_path, down, StaticMetrics([]))
+    with pytest.raises(RouterUnavailable) as refused:
         again.start()
+    assert str(refused.value) == (
+        "the data plane's weights could not be read 4 times in 3.5 s, to check them against the "
+        "rollout's (blue 50 %): Envoy admin at http://127.0.0.1:9 is not reachable; nothing "
+        "was restored: run again once the router answers"
+    )
+    assert down.reads_made == 4 and clock.now() == 1000.0 + 0.5 + 1 + 2
     assert not any(r.get("event") == "restore" for r in read_ledger(tmp_path / "t.ledger.jsonl"))
+
+
+def test_a_queued_abort_is_not_held_up_by_weights_nothing_answers_for(tmp_path: Path) -> None:
+    """An abort restores nothing but a lost green before its own weights, which are tried on
+    through an outage: reading the weights first (for nothing) stopped its `run`."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    assert ctl.run(max_ticks=3).blue_weight == 50
+    ctl.store.push_command(Command(id="a", kind="abort", by="ann"))
+    down = Unreachable(
+        WEIGHTS_READS, releases={Colour.GREEN: V1, Colour.BLUE: V2}, weights=Weights.blue_at(50)
+    )
+    again, _ = controller(tmp_path, down, StaticMetrics([]))
+    final = again.run(max_ticks=3)
+    assert final.phase is Phase.ROLLED_BACK and final.reason.startswith("aborted by ann")
+    assert down.get_weights() == Weights.blue_at(0)
 
 
 def _stopped_before_its_first_tick(ctl: Controller) -> None:

@@ -1197,6 +1197,10 @@ def test_a_custom_query_prometheus_cannot_parse_fails_the_probe(prom: FakePromet
     )
 
 
+#: Custom queries of requests and errors, no latency histogram.
+CUSTOM_WITHOUT_HISTOGRAM = {"requests": 'r{c="{colour}"}', "errors": 'e{c="{colour}"}'}
+
+
 @pytest.mark.parametrize(
     ("metrics", "message"),
     [
@@ -1280,6 +1284,26 @@ def test_a_custom_query_prometheus_cannot_parse_fails_the_probe(prom: FakePromet
             "reads its own (ms)",
             id="latency-unit-with-envoy",
         ),
+        # Were accepted: a unit of a histogram nobody reads, the user believing latency judged.
+        pytest.param(
+            {"preset": "custom", "latency_unit": "s", "queries": CUSTOM_WITHOUT_HISTOGRAM},
+            "metrics.latency_unit: is the unit of metrics.queries.latency_bucket's `le` bounds, "
+            "and there is no latency_bucket query: add it, or drop latency_unit",
+            id="latency-unit-without-a-histogram",
+        ),
+        # Were accepted: /api/v1/query appended after the `?` (or `#`) went into the query
+        # string (or the fragment, never sent), and the server's root answered something else.
+        pytest.param(
+            {"url": "http://prom:9090/?tenant=a"},
+            "metrics.url: holds a query string (`?`): /api/v1/query is appended to the url, and "
+            "would land inside it; give the server's root (with its path prefix, if any)",
+            id="url-with-a-query-string",
+        ),
+        pytest.param(
+            {"url": "http://prom:9090/prometheus#graph"},
+            "metrics.url: holds a fragment (`#`): /api/v1/query is appended to the url",
+            id="url-with-a-fragment",
+        ),
         pytest.param(
             {"match_labels": {"job-name": "x"}},
             "metrics.match_labels.job-name: is no Prometheus label name",
@@ -1324,6 +1348,31 @@ def test_the_spec_refuses_what_the_queries_would_ignore_or_misread(
     with pytest.raises(ConfigError) as caught:
         spec_from_dict({"metrics": {"kind": "prometheus", **metrics}})
     assert message in str(caught.value)
+
+
+def test_a_secret_in_the_url_s_query_string_is_not_repeated() -> None:
+    with pytest.raises(ConfigError) as caught:
+        spec_from_dict({"metrics": {"kind": "prometheus", "url": "http://p:9090/?token=s3cr3t"}})
+    assert "s3cr3t" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("http://prom:9090", id="root"),
+        pytest.param("https://gateway.example/prometheus/", id="path-prefix"),
+    ],
+)
+def test_a_url_without_query_string_or_fragment_is_accepted(url: str) -> None:
+    parsed = spec_from_dict({"metrics": {"kind": "prometheus", "url": url}}).metrics
+    assert isinstance(parsed, PrometheusMetricsConfig) and parsed.url == url
+
+
+def test_latency_unit_with_the_histogram_it_is_the_unit_of_is_accepted() -> None:
+    queries = {**CUSTOM_WITHOUT_HISTOGRAM, "latency_bucket": 'lat_bucket{c="{colour}"}'}
+    metrics = {"kind": "prometheus", "preset": "custom", "latency_unit": "s", "queries": queries}
+    parsed = spec_from_dict({"metrics": metrics}).metrics
+    assert isinstance(parsed, PrometheusMetricsConfig) and parsed.latency_unit == "s"
 
 
 @pytest.mark.parametrize(
