@@ -421,12 +421,12 @@ class Controller:
             # weights for good, and every later `run` would stop at them again.
             status = self._restore_data_plane(status)
             return self._finish_pending(status)
-        candidate = self._asked_candidate() or self.router.release(Colour.BLUE)
+        candidate = self._asked_candidate() or self._read_release(Colour.BLUE)
         if candidate is None:
             raise RolloutError(
                 "no candidate release: give one (spec `candidate:` or --candidate) or deploy blue"
             )
-        serving = self.router.release(Colour.GREEN)
+        serving = self._read_release(Colour.GREEN)
         stable = serving or (self.spec.stable.to_release() if self.spec.stable else None)
         if stable is None:
             raise RolloutError(
@@ -677,6 +677,33 @@ class Controller:
                 )
             self.clock.sleep(pause)
             pause *= 2
+
+    def _read_release(self, colour: Colour) -> Release | None:
+        """What `colour` serves, read up to `WEIGHTS_READS` times while the router answers with
+        a failure (a proxy's 502, an answer cut off), pausing as `_weights_read_again` does: one
+        such answer stopped a new rollout with exit 2. A refusal is an answer, and nothing
+        answering at all is said at once, as for a deploy before the router ever answered
+        (`_apply`): a spec pointing at a router nobody runs."""
+        pause = WEIGHTS_REREAD_PAUSE_S
+        for read in range(1, WEIGHTS_READS + 1):
+            try:
+                return self.router.release(colour)
+            except (RouterRefused, RouterUnavailable):
+                raise
+            except RouterError as exc:
+                if read == WEIGHTS_READS:
+                    raise RouterError(
+                        f"{colour.value}'s release could not be read {read} times: {exc}"
+                    ) from exc
+                log.warning(
+                    "%s's release cannot be read (%s): reading it again in %g s",
+                    colour.value,
+                    exc,
+                    pause,
+                )
+            self.clock.sleep(pause)
+            pause *= 2
+        raise AssertionError("unreachable")  # (the last read returns or raises)
 
     def _release_or_refused(self, colour: Colour, *, undoing: bool) -> Release | None:
         """What `colour` serves; None for a green the router refuses to read while a promotion

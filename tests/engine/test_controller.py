@@ -767,6 +767,54 @@ def test_a_queued_abort_gets_through_while_blue_s_release_cannot_be_read(
     assert [r["blue"] for r in jsonl.read(journal) if r["action"] == "set_weights"] == [0]
 
 
+class ReleaseReadsFail(MemoryRouter):
+    """The first `failures` reads of a release fail with `error`; the rest work."""
+
+    def __init__(self, failures: int, error: RouterError, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.failures, self.error, self.reads = failures, error, 0
+
+    def release(self, colour: Colour) -> Release | None:
+        self.reads += 1
+        if self.reads <= self.failures:
+            raise self.error
+        return super().release(colour)
+
+
+def test_a_new_rollout_reads_the_releases_again_through_a_failed_answer(tmp_path: Path) -> None:
+    """Was: one 502 from the API server's proxy, reading blue's or green's release as a new
+    rollout began, stopped `run` with exit 2."""
+    router = ReleaseReadsFail(
+        3, RouterError("Deployment blue: HTTP 502 Bad Gateway"), releases={Colour.GREEN: V1}
+    )
+    ctl, clock = controller(tmp_path, router, StaticMetrics([]))
+    started = clock.monotonic()
+    begun = ctl.start()
+    assert (begun.phase, begun.candidate, begun.stable) == (Phase.INITIALIZING, V2, V1)
+    assert clock.monotonic() - started == pytest.approx(0.5 + 1 + 2)  # on the controller's clock
+
+
+@pytest.mark.parametrize(
+    ("failures", "error", "message"),
+    [
+        pytest.param(
+            4, RouterError("HTTP 502 Bad Gateway"), "could not be read 4 times", id="502s"
+        ),
+        # Said at once: an answer, or a router nobody runs (as for a first deploy).
+        pytest.param(1, RouterRefused("no namespace prod"), "no namespace prod", id="refused"),
+        pytest.param(1, RouterUnavailable("nothing at :9901"), "nothing at :9901", id="down"),
+    ],
+)
+def test_a_new_rollout_stops_on_releases_it_cannot_read(
+    tmp_path: Path, failures: int, error: RouterError, message: str
+) -> None:
+    router = ReleaseReadsFail(failures, error, releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]))
+    with pytest.raises(type(error), match=message):
+        ctl.start()
+    assert router.reads == failures
+
+
 def test_a_step_up_left_pending_is_applied_through_a_blip_reading_blue_s_release(
     tmp_path: Path,
 ) -> None:
