@@ -141,4 +141,8 @@ class _QuietingLoader(importlib.abc.Loader):
             quiet_azure_ml_loggers()
 
     def __getattr__(self, name: str) -> Any:
+        # Only for names the loader has and this does not: never dunders (copy and pickle look
+        # those up on a half-built object, and `_loader` missing then recursed for ever).
+        if name.startswith("__") or name == "_loader":
+            raise AttributeError(name)
         return getattr(self._loader, name)

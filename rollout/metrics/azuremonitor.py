@@ -114,7 +114,8 @@ def kql_string(text: str) -> str:
 
 def kql_real(bound: float, index: int) -> str:
     """Latency bound `buckets_ms[index]` as a KQL real literal that Kusto parses to the same
-    double; ValueError naming it when no literal can (inf, nan, an int no double holds).
+    double; ValueError naming it when no literal can (inf, nan, an int too large for a double;
+    a larger int than 2**53 is the double it rounds to, as any float() of it).
 
     The shortest decimal that reads back as the double (Python's repr), written out as digits,
     a point and digits, the form Kusto's docs give for a real: `:g` kept 6 digits, so a bound

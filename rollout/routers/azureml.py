@@ -28,9 +28,9 @@ identity in its tags and in score.py's AML_ROLLOUT_MODEL_VERSION / AML_ROLLOUT_C
 environment variables, or, when it exists, reads it and sends it back with only the model,
 those tags and variables and the configured environment/code changed (the PUT replaces the whole
 deployment: an operator's capacity, environment variables, request settings stay), and a blue
-left by an earlier rollout given green's settings too (`_serving_for`). Durations are read as
-Azure holds them, to the millisecond (`_read_deployment`: azure-ai-ml's `get` reads whole
-seconds), so what is sent back is what was there. It returns
+left by an earlier rollout given green's settings where it has none (`_serving_for`). Durations
+are read as Azure holds them, to the millisecond (`_read_deployment`: azure-ai-ml's `get` reads
+whole seconds), so what is sent back is what was there. It returns
 when Azure reports the operation done; while the endpoint or the deployment is mid-change
 (Azure refuses to write it then) it first waits for that change, at most `deploy_timeout_s`.
 A deployment that already holds the release as configured (Succeeded, the release's tags,
@@ -499,7 +499,8 @@ class AzureMLRouter:
         else:
             # The PUT is a full replace: send back what Azure holds (capacity an operator
             # scaled, environment variables, request settings, probes, App Insights...) with
-            # only what the router owns changed, and a leftover blue's serving settings green's.
+            # only what the router owns changed, and a leftover blue given green's settings
+            # where it has none.
             deployment = existing
             deployment.model = f"azureml:{release.ref}"
             deployment.tags = {**(existing.tags or {}), **release_tags(release)}
@@ -631,18 +632,32 @@ class AzureMLRouter:
         """The settings deployment `colour` must serve under (see `_serving`), or None when it
         keeps its own.
 
-        A new deployment takes the other colour's, and so does a blue left by an earlier
-        rollout (rolled back, or not removed): its settings are that rollout's, and green's
-        may have changed since (a variable its new score script reads, a longer timeout), so
-        keeping them would judge the candidate under other conditions than green. An existing
-        green keeps its own: they are production's, which an operator tunes, and blue took
-        them from green. None too when the other colour is absent (a first release): Azure's
-        defaults, or what the deployment holds.
+        A new deployment takes the other colour's. A blue left by an earlier rollout (rolled
+        back, or not removed) keeps what it has — an operator may have given the candidate
+        what green lacks on purpose (a variable its new score script reads, a longer
+        readiness delay) — and takes green's for what it lacks: a variable green has and it
+        does not, a probe or request settings it has none of. (Was: green's replaced all of
+        its own, silently, and a redeploy of the same release restarted every instance.) An
+        existing green keeps its own: they are production's, which an operator tunes. None too
+        when the other colour is absent (a first release): Azure's defaults, or what the
+        deployment holds.
         """
         if existing is not None and colour is Colour.GREEN:
             return None
         other = self._get_deployment(self.names[colour.other])
-        return None if other is None else _serving(other, served_as)
+        if other is None:
+            return None
+        serving = _serving(other, served_as)
+        if existing is None:
+            return serving
+        own = _serving(existing, served_as)
+        filled = {key: own[key] if own[key] is not None else serving[key] for key in serving}
+        filled["environment_variables"] = {
+            **(other.environment_variables or {}),
+            **(existing.environment_variables or {}),
+            **served_as,
+        }
+        return filled
 
     def _holds(
         self,

@@ -1224,33 +1224,55 @@ def _serves_under(body: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("blue_before", "release", "writes"),
+    ("blue_before", "release", "writes", "kept"),
     [
-        pytest.param(None, V2, True, id="new-blue"),
-        # Left by an earlier rollout (rolled back), under settings green has since changed.
-        pytest.param({"requestSettings": {"requestTimeout": "PT5S"}}, V1, True, id="leftover-blue"),
+        pytest.param(None, V2, True, {}, id="new-blue"),
+        # Left by an earlier rollout (rolled back): what it lacks is green's, what it has its
+        # own (an operator may have given the candidate a longer timeout on purpose).
+        pytest.param(
+            {"requestSettings": {"requestTimeout": "PT5S"}},
+            V1,
+            True,
+            # App Insights is a flag the SDK always holds (false unless set): blue's own.
+            {"requestSettings": {"requestTimeout": "PT5S"}, "appInsightsEnabled": False},
+            id="leftover-blue",
+        ),
         # The same candidate again (a rollout re-run after a rollback): its release is there,
-        # its settings are not green's.
+        # green's variables are not.
         pytest.param(
             {"environmentVariables": {"OLD_FLAG": "1"}, "appInsightsEnabled": False},
             V2,
             True,
-            id="leftover-blue-same-release-stale-settings",
+            {"environmentVariables": {"OLD_FLAG": "1"}, "appInsightsEnabled": False},
+            id="leftover-blue-same-release-missing-green-s",
+        ),
+        # ... and with all of green's already, its own kept: nothing to write (was: green's
+        # replaced its own, and every instance restarted for it).
+        pytest.param(
+            {**GREEN_SERVES_UNDER, "requestSettings": {"requestTimeout": "PT9S"},
+             "environmentVariables": {
+                **GREEN_SERVES_UNDER["environmentVariables"], "NEW_FLAG": "1"}},
+            V2,
+            False,
+            {},
+            id="leftover-blue-same-release-own-settings",
         ),
     ],
-)
+)  # fmt: skip
 def test_a_candidate_serves_under_greens_settings(
     arm: FakeArm,
     ml_client: Any,
     blue_before: dict[str, Any] | None,
     release: Release,
     writes: bool,
+    kept: dict[str, Any],
 ) -> None:
-    """Blue, new or left by an earlier rollout, runs with green's environment variables, probes,
-    request settings (to the millisecond) and App Insights, with its own release variables on
-    top: was green's request settings only (and cut to whole seconds), so blue ran without a
-    variable green's score script reads (5xx blamed on its model), restarted under default
-    probes, and timed out where green did not."""
+    """Blue runs with green's environment variables, probes, request settings (to the
+    millisecond) and App Insights — a new one all of them, one left by an earlier rollout
+    what it lacks — with its own release variables on top: was green's request settings only
+    (and cut to whole seconds), so blue ran without a variable green's score script reads
+    (5xx blamed on its model), restarted under default probes, and timed out where green did
+    not."""
     router = make_router(ml_client)
     router.deploy(Colour.GREEN, V1)
     path = f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments"
@@ -1267,17 +1289,20 @@ def test_a_candidate_serves_under_greens_settings(
     router.deploy(Colour.BLUE, V2)
 
     assert _deploy_puts(arm, router, Colour.BLUE) == before + writes
-    _, sent = list(iter_calls(arm, "PUT", "/deployments/blue$"))[-1]
-    assert _serves_under(sent) == {
-        **GREEN_SERVES_UNDER,
-        "environmentVariables": {
-            **GREEN_SERVES_UNDER["environmentVariables"],
-            "AML_ROLLOUT_MODEL_VERSION": "2",
-            "AML_ROLLOUT_COLOUR": "blue",
-        },
-    }
-    if blue_before is not None:
-        assert sent["sku"]["capacity"] == 3
+    if writes:
+        _, sent = list(iter_calls(arm, "PUT", "/deployments/blue$"))[-1]
+        assert _serves_under(sent) == {
+            **GREEN_SERVES_UNDER,
+            **kept,
+            "environmentVariables": {
+                **GREEN_SERVES_UNDER["environmentVariables"],
+                **kept.get("environmentVariables", {}),
+                "AML_ROLLOUT_MODEL_VERSION": "2",
+                "AML_ROLLOUT_COLOUR": "blue",
+            },
+        }
+        if blue_before is not None:
+            assert sent["sku"]["capacity"] == 3
     assert identity(router.release(Colour.BLUE)) == identity(V2)
     # A retry (a deploy that timed out while Azure finished it) finds it all held: no PUT.
     router.deploy(Colour.BLUE, V2)

@@ -161,3 +161,21 @@ def test_a_test_leaves_the_azure_log_levels_as_it_found_them(
     )  # fmt: skip
     assert (done.returncode == 0) is passes, done.stdout + done.stderr
     assert ("2 passed" if passes else "1 failed, 1 passed") in done.stdout
+
+
+def test_the_hook_s_spec_copies_and_pickles_as_a_plain_one() -> None:
+    """Was: copy, deepcopy and pickle of the spec the hook finds recursed for ever (the wrapper
+    loader forwarded `_loader` itself, missing on a half-built copy)."""
+    import copy
+    import importlib
+    import pickle
+
+    from rollout.azure_credential import _QuietingLoader
+
+    spec = QuietAzureML().find_spec("azure.ai.ml", importlib.import_module("azure.ai").__path__)
+    assert spec is not None and isinstance(spec.loader, _QuietingLoader)
+    copied = copy.deepcopy(spec.loader)
+    assert copied._loader.name == spec.loader._loader.name  # type: ignore[attr-defined]
+    assert copy.copy(spec).name == "azure.ai.ml"
+    restored = pickle.loads(pickle.dumps(spec.loader))
+    assert isinstance(restored, _QuietingLoader)
