@@ -992,12 +992,15 @@ class PrometheusMetricsConfig(_Model):
                     "land inside it; give the server's root (with its path prefix, if any)",
                 )
         https = parts.scheme == "https"
+        # The url as errors show it: no credentials, query string or fragment (a token there
+        # would land in CI logs).
+        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment="")
         if self.azure_auth and not https:
             # An Entra ID token sent in clear text is anyone's on the path for its lifetime.
-            yield _Problem(("url",), self.url, "azure_auth sends its token only over https")
+            yield _Problem(("url",), shown.geturl(), "azure_auth sends its token only over https")
         for name in ("ca_file", "insecure_skip_verify", "cert_file", "key_file"):
             if getattr(self, name) and not https:
-                yield _Problem((name,), None, f"applies to an https url, not {self.url!r}")
+                yield _Problem((name,), None, f"applies to an https url, not {shown.geturl()!r}")
         if self.key_file is not None and self.cert_file is None:
             yield _Problem(("key_file",), None, "needs cert_file (the certificate it signs)")
         if self.ca_file is not None and self.insecure_skip_verify:

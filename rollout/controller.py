@@ -612,9 +612,12 @@ class Controller:
             # Its first tick sets the weights (a new endpoint has none to read); an abort's
             # come next, tried on through an outage: read first, they stopped its `run`.
             return status
-        served: Weights | None
+        served: Weights | None = None
         try:
-            served = self._weights_read_again(status)
+            # An abort's own weights come next whatever serves now: read for the log line
+            # alone, an outage of the read stopped it (the weights ride one through).
+            if not aborting:
+                served = self._weights_read_again(status)
         except (RouterRefused, RouterUnavailable):
             raise  # (nothing answers: writing the weights would not either)
         except RouterError as exc:
@@ -629,7 +632,13 @@ class Controller:
             repairs.append(SetWeights(status.blue_weight, status.mirror))
         if not repairs:
             return status
-        shown = served.blue_share if served is not None else "weights it could not read"
+        shown = (
+            served.blue_share
+            if served is not None
+            else "weights not read (an abort's come next)"
+            if aborting
+            else "weights it could not read"
+        )
         log.warning(
             "the data plane serves %s, the rollout's status says %s: %s",
             shown,

@@ -2064,3 +2064,20 @@ def test_a_dry_run_of_the_same_name_and_dir_leaves_the_real_rollouts_ledger_alon
     assert {r.get("rollout_id") for r in read_ledger(final.ledger_path)} == {final.status.id}
     assert "RolledBack" not in "\n".join(explain(read_ledger(final.ledger_path)))
     assert "RolledBack" in "\n".join(explain(read_ledger(dried.ledger_path)))
+
+
+def test_an_abort_with_green_lost_is_not_stopped_by_weights_it_would_only_log(
+    tmp_path: Path,
+) -> None:
+    """Green lost while no controller ran (an Envoy restarted from its bootstrap) and the
+    weights unreadable for 4 reads: was, the restore read them for its log line and stopped the
+    abort; its own weights ride the outage through."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    assert ctl.run(max_ticks=3).blue_weight == 50
+    ctl.store.push_command(Command(id="a", kind="abort", by="ann"))
+    down = Unreachable(WEIGHTS_READS, releases={Colour.BLUE: V2}, weights=Weights.blue_at(50))
+    again, _ = controller(tmp_path, down, StaticMetrics([]))
+    final = again.run(max_ticks=3)
+    assert final.phase is Phase.ROLLED_BACK and final.reason.startswith("aborted by ann")
+    assert down.release(Colour.GREEN) == V1 and down.get_weights() == Weights.blue_at(0)

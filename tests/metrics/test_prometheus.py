@@ -16,6 +16,7 @@ import math
 import re
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -1350,10 +1351,21 @@ def test_the_spec_refuses_what_the_queries_would_ignore_or_misread(
     assert message in str(caught.value)
 
 
-def test_a_secret_in_the_url_s_query_string_is_not_repeated() -> None:
-    with pytest.raises(ConfigError) as caught:
-        spec_from_dict({"metrics": {"kind": "prometheus", "url": "http://p:9090/?token=s3cr3t"}})
-    assert "s3cr3t" not in str(caught.value)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param({}, id="url-alone"),
+        # Was: the TLS and azure_auth checks of the same url printed it whole.
+        pytest.param({"insecure_skip_verify": True}, id="tls-field"),
+        pytest.param({"ca_file": "/etc/hosts"}, id="ca-file"),
+        pytest.param({"azure_auth": True}, id="azure-auth"),
+    ],
+)
+def test_a_secret_in_the_url_is_not_repeated(extra: dict[str, Any]) -> None:
+    for url in ("http://p:9090/?token=s3cr3t", "http://me:s3cr3t@p:9090/#s3cr3t"):
+        with pytest.raises(ConfigError) as caught:
+            spec_from_dict({"metrics": {"kind": "prometheus", "url": url, **extra}})
+        assert "s3cr3t" not in str(caught.value)
 
 
 @pytest.mark.parametrize(
