@@ -2417,6 +2417,65 @@ def test_a_stalled_scale_up_of_green_does_not_block_a_rollback(api: FakeKubeApiS
     assert router.get_weights() == Weights.blue_at(0)
 
 
+_CRASHED = {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "unavailableReplicas": 1}
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        pytest.param(Weights.blue_at(0, mirror=10), Weights.blue_at(0), id="shadow-abort"),
+        pytest.param(Weights.blue_at(10), Weights.blue_at(50), id="step-green-shrinks"),
+        pytest.param(Weights.blue_at(0), Weights.blue_at(10), id="off-green"),
+    ],
+)
+def test_traffic_off_a_green_with_no_available_pod_is_written(
+    api: FakeKubeApiServer, before: Weights, after: Weights
+) -> None:
+    """Was refused (retried 10 min for a rollback, then the run failed): green's share, the
+    one failing, does not grow, so refusing only kept users on it (and a mirror on blue)."""
+    router = both_deployed(api)
+    router.set_weights(before)
+    api.set_status(*DEPLOYMENT_GREEN, _CRASHED)  # its one pod crashed, or was evicted
+    router.set_weights(after)
+    assert router.get_weights() == after
+
+
+def test_a_rollback_to_a_green_with_no_available_pod_is_written_with_a_warning(
+    api: FakeKubeApiServer, caplog: Any
+) -> None:
+    """Green's share grows, but the weights send blue nothing: the operator asked to leave
+    blue, and green is the stable release; refusing would keep the run on blue for 10 min."""
+    router = both_deployed(api)
+    router.set_weights(Weights.blue_at(50))
+    api.set_status(*DEPLOYMENT_GREEN, _CRASHED)
+    router.set_weights(Weights.blue_at(0))
+    assert router.get_weights() == Weights.blue_at(0)
+    assert "Deployment ml/diabetes-green has no available pod" in caplog.text
+
+
+def test_a_step_growing_a_green_with_no_available_pod_is_refused(
+    api: FakeKubeApiServer,
+) -> None:
+    router = both_deployed(api)
+    router.set_weights(Weights.blue_at(50))
+    api.set_status(*DEPLOYMENT_GREEN, _CRASHED)
+    with pytest.raises(RouterError, match="cannot send 80 % to green: Deployment ml/diabetes"):
+        router.set_weights(Weights.blue_at(20))
+    assert router.get_weights() == Weights.blue_at(50)
+
+
+def test_a_step_growing_a_blue_with_no_available_pod_is_refused_even_from_a_green_with_none(
+    api: FakeKubeApiServer,
+) -> None:
+    router = both_deployed(api)
+    router.set_weights(Weights.blue_at(10))
+    api.set_status(*DEPLOYMENT_BLUE, _CRASHED)
+    api.set_status(*DEPLOYMENT_GREEN, _CRASHED)
+    with pytest.raises(RouterError, match="cannot send 50 % to blue: Deployment ml/diabetes-blue"):
+        router.set_weights(Weights.blue_at(50))
+    assert router.get_weights() == Weights.blue_at(10)
+
+
 # ---- the shadow step: Istio's request mirroring on our default route ------------------------
 SHADOW = Weights.blue_at(0, mirror=5)
 BLUE_HOST = {"host": "diabetes-blue", "port": {"number": 80}}
