@@ -2280,7 +2280,6 @@ def test_a_shadowed_default_route_is_neither_written_nor_reported(api: FakeKubeA
     [
         pytest.param(m.DEFAULT_ROUTE, True, id="ours"),
         pytest.param(None, False, id="unnamed-in-a-virtual-service-made-by-hand"),
-        pytest.param("default", False, id="named-by-someone-else"),
     ],
 )
 def test_every_match_all_form_of_the_weighted_route_is_the_default_route(
@@ -2292,7 +2291,8 @@ def test_every_match_all_form_of_the_weighted_route_is_the_default_route(
     route, and our default route appended after it was refused as shadowed."""
     vs = m.virtual_service(LAYOUT, Weights.blue_at(30))
     weighted = vs["spec"]["http"][-1]
-    weighted["timeout"] = "5s"  # a field of theirs, kept
+    if name == m.DEFAULT_ROUTE:
+        weighted["timeout"] = "5s"  # a field of theirs on ours, kept
     if match is not None:
         weighted["match"] = match
     if name is None:
@@ -2315,8 +2315,45 @@ def test_every_match_all_form_of_the_weighted_route_is_the_default_route(
         "aml-rollout-pin-green",
         m.DEFAULT_ROUTE,
     ]
-    assert routes[-1]["timeout"] == "5s"
+    assert routes[-1].get("timeout") == ("5s" if name == m.DEFAULT_ROUTE else None)
     assert router.get_weights() == Weights.blue_at(50)
+
+
+_GREEN_ONLY = [{"destination": {"host": "diabetes-green", "port": {"number": 80}}, "weight": 100}]
+
+
+@pytest.mark.parametrize(
+    ("route", "fields"),
+    [
+        pytest.param(
+            {"route": _GREEN_ONLY, "mirror": {"host": "traffic-recorder.observability"},
+             "mirrorPercentage": {"value": 100.0}},
+            "mirror, mirrorPercentage", id="a-mirror-of-theirs",
+        ),
+        pytest.param({"route": _GREEN_ONLY, "timeout": "5s"}, "timeout", id="a-timeout"),
+        pytest.param({"name": "main", "route": _GREEN_ONLY}, "name", id="a-name"),
+        pytest.param(
+            {"route": [{**_GREEN_ONLY[0], "headers": {"request": {"set": {"x-a": "1"}}}}]},
+            "route[0].headers", id="a-destination-header",
+        ),
+    ],
+)  # fmt: skip
+def test_a_weighted_catch_all_with_fields_of_its_own_is_refused_not_taken_over(
+    api: FakeKubeApiServer, route: dict[str, Any], fields: str
+) -> None:
+    """Was taken over as our default route: renamed, and its mirror to the user's own service
+    dropped with no word. Only a bare one (match-all, and destinations at blue's and green's
+    weighted Services) is ours in all but name."""
+    vs = m.virtual_service(LAYOUT, Weights.blue_at(0))
+    vs["spec"]["http"] = [route]
+    api.seed(vs, "virtualservices", m.ISTIO_GROUP)
+    router = both_deployed(api)
+    said = rf"route .* sends only to blue's and green's weighted Services but sets {fields}"
+    with pytest.raises(RouterRefused, match=said.replace("[", r"\[").replace("]", r"\]")):
+        router.set_weights(Weights.blue_at(10))
+    with pytest.raises(RouterRefused, match="sends only to blue's and green's"):
+        router.get_weights()
+    assert http_routes(api) == [route]
 
 
 def test_a_deployment_past_its_progress_deadline_with_no_pod_gets_no_traffic(
