@@ -623,6 +623,9 @@ def test_rollout_validate_refuses_what_the_router_would(
         pytest.param("*.example.com", None, id="wildcard-first-label"),
         pytest.param("diabetes.example.com.", None, id="trailing-dot"),
         pytest.param("10.0.0.7", None, id="ip-address"),
+        pytest.param("::1", "an IPv6 address", id="ipv6-loopback"),
+        pytest.param("2001:db8::1", "an IPv6 address", id="ipv6"),
+        pytest.param("fe80::1%eth0", "an IPv6 address", id="ipv6-with-a-zone"),
         pytest.param("http://diabetes.example.com", "no scheme", id="scheme"),
         pytest.param("diabetes.example.com:80", "no port", id="port"),
         pytest.param("diabetes.example.com/score", "no path", id="path"),
@@ -643,7 +646,8 @@ def test_rollout_validate_refuses_what_the_router_would(
 def test_router_hosts_are_checked_as_istio_checks_them_at_spec_load(
     host: str, problem: str | None
 ) -> None:
-    """Was: upper case, a short name, a partial wildcard, a numeric top-level domain taken; the
+    """Was: upper case, a short name, a partial wildcard, a numeric top-level domain, an IPv6
+    address (no dot: Istio's short-name rule comes before its IP waiver) taken; the
     Gateway (or the VirtualService) was then refused by Istio's webhook at the first deploy, or
     (upper case) served no request."""
     raw = {"name": "diabetes", "router": {"kind": "istio", "hosts": ["churn.example.com", host]}}
