@@ -152,8 +152,11 @@ class IstioRouter:
     def deploy(self, colour: Colour, release: Release) -> None:
         """Make `colour` serve `release` and wait until its pods are available."""
         body = m.deployment(self.layout, colour, release)  # checks the release has an image
-        self._ensure_routing()
         name = self.layout.deployment(colour)
+        if (current := self._read_deployment(name)) is not None:
+            # Refused before any write (scaled to 0, pods its Services miss), routing included.
+            m.updated_deployment(self.layout, current, colour, release)
+        self._ensure_routing()
         stale = self._retry_conflicts(
             f"Deployment {self._ns}/{name}", lambda: self._upsert(name, body, colour, release)
         )
