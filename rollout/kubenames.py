@@ -83,9 +83,10 @@ def host_problem(host: str) -> str | None:
     The router's `hosts` go to both, so a host meets Istio's validating webhook for both
     (pilot's ValidateWildcardDomain; for a Gateway server's hosts without a namespace,
     validateSidecarOrGatewayHostnamePart): `*` alone (any host: a VirtualService bound to a
-    Gateway only, as ours is, may have it), an IP address, or at most 255 characters of
-    DNS-1123 labels with a dot among them (a Gateway refuses short names), the first of which
-    may be `*` whole (a Gateway refuses a partial wildcard, `*foo`), the last not all digits.
+    Gateway only, as ours is, may have it), an IPv4 address (an IPv6 one has no dot: the
+    Gateway refuses it as a short name), or at most 255 characters of DNS-1123 labels with a
+    dot among them (a Gateway refuses short names), the first of which may be `*` whole (a
+    Gateway refuses a partial wildcard, `*foo`), the last not all digits.
     Lower case too, which Istio does not ask: it hands a host to Envoy as written, and
     mixed-case hosts have matched no request and had a route configuration refused
     (istio/istio#50118, #49638).
@@ -103,8 +104,10 @@ def _host_why(host: str) -> str | None:
     if host == "*":
         return None
     with contextlib.suppress(ValueError):
-        ipaddress.ip_address(host)
-        return None
+        if ipaddress.ip_address(host).version == 4:
+            return None
+        # Istio's short-name rule comes before its waiver for IPs: no dot, refused.
+        return "an IPv6 address: the Gateway takes names with a dot (or an IPv4 address) only"
     for part, why in (("://", "no scheme"), ("/", "no path"), (":", "no port")):
         if part in host:
             return why

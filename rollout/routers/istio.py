@@ -36,9 +36,10 @@ generateVirtualServicePatches vs reconcileVirtualService).
   step (`weights.mirror`) adds `mirror` / `mirrorPercentage` to our default route; as a merge
   patch replaces a list whole, the next `spec.http` without them removes them (no nulls needed).
   Traffic, live or mirrored, is refused to a colour whose Deployment or weighted Service is
-  missing (for good: RouterRefused; Istio would answer 503 for that share) or whose Deployment
-  has no pod available (`m.no_pod_available`: scaled to 0, crashed, past its progress
-  deadline; a RouterError, as a pod may yet come up).
+  missing (for good: RouterRefused; Istio would answer 503 for that share). A colour whose
+  Deployment has no pod available (`m.no_pod_available`: scaled to 0, crashed, past its
+  progress deadline) is refused only a share that grows (a RouterError, as a pod may yet come
+  up), and never by weights that send blue nothing (a rollback, an abort: a warning).
 - `get_weights` reads the VirtualService back: what the control plane holds, the mirror to
   blue's weighted Service included (`istio_manifests.mirror_from_route`).
 - `remove` deletes the Deployment (its Services stay: empty Services are free and keep the pinned
@@ -151,8 +152,11 @@ class IstioRouter:
     def deploy(self, colour: Colour, release: Release) -> None:
         """Make `colour` serve `release` and wait until its pods are available."""
         body = m.deployment(self.layout, colour, release)  # checks the release has an image
-        self._ensure_routing()
         name = self.layout.deployment(colour)
+        if (current := self._read_deployment(name)) is not None:
+            # Refused before any write (scaled to 0, pods its Services miss), routing included.
+            m.updated_deployment(self.layout, current, colour, release)
+        self._ensure_routing()
         stale = self._retry_conflicts(
             f"Deployment {self._ns}/{name}", lambda: self._upsert(name, body, colour, release)
         )
@@ -187,9 +191,11 @@ class IstioRouter:
             # available, e.g. a stalled scale-up, it still serves and may take traffic.) Not
             # RouterRefused: a pod may come up, or be scaled up, before the next try.
             if (why := m.no_pod_available(found)) is not None:
-                raise RouterError(
+                self._no_pod(
+                    weights,
+                    colour,
                     f"cannot {sending}: Deployment {name} {why}: every request of that share "
-                    "would fail (503)"
+                    "would fail (503)",
                 )
             self._require_service(colour, sending)
         what = f"VirtualService {self._ns}/{self.layout.virtual_service}"
@@ -272,6 +278,35 @@ class IstioRouter:
                 "the scoring server's: that is router.container_port), or change the Services"
             )
         return found
+
+    def _no_pod(self, weights: Weights, colour: Colour, problem: str) -> None:
+        """RouterError `problem` when `weights` grow the share (live or mirrored) of `colour`,
+        which has no pod available; else only a warning.
+
+        A share that does not grow protects nobody: its requests fail already, and refusing
+        would keep users on it. Weights that send blue nothing (a rollback, an abort) are
+        written whatever green's state: the operator asked to leave blue, green is the stable
+        release, and the controller would retry them for minutes with blue's share in place.
+        """
+        served = self._served()
+        grows = served is None or weights.of(colour) > served.of(colour)
+        if colour is Colour.BLUE and served is not None and weights.mirror > served.mirror:
+            grows = True
+        if grows and (weights.blue or weights.mirror):
+            raise RouterError(problem)
+        why = "its share does not grow" if not grows else "the weights send blue nothing"
+        log.warning("%s; written all the same: %s", problem, why)
+
+    def _served(self) -> Weights | None:
+        """The weights the VirtualService holds now; None when there is none to read (or none
+        readable as ours: `m.weights_from_routes` says why, and the write will too)."""
+        vs = self._read_virtual_service()
+        if vs is None:
+            return None
+        try:
+            return m.weights_from_routes(vs.get("spec", {}).get("http") or [], self.layout)
+        except RouterError:
+            return None
 
     def _require_service(self, colour: Colour, sending: str) -> None:
         """RouterRefused when the colour's weighted Service is gone (or lacks `router.port`).

@@ -23,8 +23,9 @@ The router owns only the routes named `aml-rollout-*`. `merge_routes` computes t
 `spec.http` from the one read back (Argo Rollouts' generateVirtualServicePatches, pure) and keeps
 every other route where it was — never replacing the whole VirtualService (flagger#1715). A
 VirtualService with no route named `aml-rollout-default` may still have one that is ours in all
-but name: a catch-all (no `match`, `[]`, `[{}]`, a uri prefix "/") sending only to the weighted
-Services; `with_default_named` reads it as the default route.
+but name: a bare catch-all (no `match`, `[]`, `[{}]`, a uri prefix "/"; no other field) sending
+only to the weighted Services; `with_default_named` reads it as the default route (and refuses
+one that sets anything else: taken over, that would be lost).
 
 The shadow step (`Weights.mirror` > 0, blue at 0 %) is Istio's request mirroring on the default
 route only: `mirror: {host: <app>-blue, port: {number: <port>}}` and `mirrorPercentage: {value:
@@ -882,9 +883,9 @@ def merge_routes(current: list[Obj], layout: IstioLayout, weights: Weights) -> l
     A user route that matches every request (see `check_reachable`) placed before any of ours
     is refused with RouterError rather than written: Istio takes the first match, so our route
     would never be reached while get_weights reported its split. We do not move our default
-    route above it: that would silently take over everything the user's route serves. One
-    that sends only to our weighted Services is our default route under another name, though
-    (`with_default_named`): it becomes ours, in place.
+    route above it: that would silently take over everything the user's route serves. A bare
+    one that sends only to our weighted Services is our default route under another name,
+    though (`with_default_named`): it becomes ours, in place.
     """
     current = with_default_named(current, layout)
     ours = {route["name"]: route for route in managed_routes(layout, weights)}
@@ -936,17 +937,41 @@ def _ours_over(found: Obj, ours: Obj, layout: IstioLayout) -> Obj:
 def with_default_named(http: list[Obj], layout: IstioLayout) -> list[Obj]:
     """`spec.http` with our default route named `DEFAULT_ROUTE`: as it is when one is, else
     with the first route that matches every request (`matches_everything`: no `match`, `[]`,
-    `[{}]`, a uri prefix "/"...) renamed so when it sends only to blue's and green's weighted
-    Services (a VirtualService made by hand, or before aml-rollout, whose weighted route is
-    ours in all but name). Its traffic already goes where ours would send it, so taking it
-    over takes nobody's over; one that sends anywhere else is the user's (`check_reachable`).
+    `[{}]`, a uri prefix "/"...) named so when it is a bare weighted route: only a match and
+    destinations at blue's and green's weighted Services (a VirtualService made by hand, or
+    before aml-rollout, whose weighted route is ours in all but name). Its traffic already goes
+    where ours would send it, so taking it over takes nobody's over; one that sends anywhere
+    else is the user's (`check_reachable`).
+
+    RouterRefused for one that sends only there but sets anything else (a name, a mirror to
+    the user's own service, a timeout...): taken over, that would be renamed or dropped with
+    no word, as our route's owned fields are rewritten; the user decides.
     """
     if any(route.get("name") == DEFAULT_ROUTE for route in http):
         return http
     at = next((i for i, r in enumerate(http) if matches_everything(r, layout)), None)
     if at is None or http[at].get("name") in OUR_ROUTES or not _weighted_only(http[at], layout):
         return http
+    if extra := _fields_of_its_own(http[at]):
+        name = http[at].get("name") or f"#{at} (unnamed)"
+        raise RouterRefused(
+            f"VirtualService {layout.namespace}/{layout.virtual_service}: route {name!r} "
+            f"sends only to blue's and green's weighted Services but sets {', '.join(extra)}, "
+            f"which taking it over as {DEFAULT_ROUTE!r} would lose; remove them (it is then "
+            f"taken over), or name it {DEFAULT_ROUTE!r} yourself (its fields other than "
+            f"{', '.join(_OWNED_FIELDS)} are then kept), or give it a narrower match"
+        )
     return [*http[:at], {**http[at], "name": DEFAULT_ROUTE}, *http[at + 1 :]]
+
+
+def _fields_of_its_own(route: Obj) -> list[str]:
+    """What a weighted route sets besides a match and destinations (host, port, weight)."""
+    extra = [key for key in route if key not in ("match", "route")]
+    for index, destination in enumerate(route.get("route") or []):
+        extra += [f"route[{index}].{k}" for k in destination if k not in ("destination", "weight")]
+        to = destination.get("destination") or {}
+        extra += [f"route[{index}].destination.{k}" for k in to if k not in ("host", "port")]
+    return extra
 
 
 def _weighted_only(route: Obj, layout: IstioLayout) -> bool:

@@ -1023,8 +1023,8 @@ class KubernetesStateStore:
             # is, not a wrong address; the istio router tells them apart the same way.
             self._answered = self._answered or kubeapi.reached(exc)
             raise _Unanswered(f"{what}: {kubeapi.no_answer(exc, self._host)}") from exc
-        except ValueError as exc:
-            raise StateError(f"{what}: the API server answered something not JSON") from exc
+        except ValueError as exc:  # kubeapi.NotJson: its message says what came instead
+            raise StateError(f"{what}: {exc} [{self._host}]") from exc
 
     def _no_namespace(self, name: str) -> StateError:
         return StateError(

@@ -1344,7 +1344,7 @@ def test_an_api_url_that_is_no_api_server_is_not_taken_for_istio_missing() -> No
         with pytest.raises(RouterRefused) as refused:
             IstioRouter(LAYOUT, k8s.ApiClient(configuration)).deploy(Colour.GREEN, V1)
     assert str(refused.value) == (
-        f"Service ml/diabetes-green: the API server at {url} does not serve this resource "
+        f"Deployment ml/diabetes-green: the API server at {url} does not serve this resource "
         "type (HTTP 404 naming no object); is it a Kubernetes API server? (check router.api_url "
         "or the kubeconfig)"
     )
@@ -2280,7 +2280,6 @@ def test_a_shadowed_default_route_is_neither_written_nor_reported(api: FakeKubeA
     [
         pytest.param(m.DEFAULT_ROUTE, True, id="ours"),
         pytest.param(None, False, id="unnamed-in-a-virtual-service-made-by-hand"),
-        pytest.param("default", False, id="named-by-someone-else"),
     ],
 )
 def test_every_match_all_form_of_the_weighted_route_is_the_default_route(
@@ -2292,7 +2291,8 @@ def test_every_match_all_form_of_the_weighted_route_is_the_default_route(
     route, and our default route appended after it was refused as shadowed."""
     vs = m.virtual_service(LAYOUT, Weights.blue_at(30))
     weighted = vs["spec"]["http"][-1]
-    weighted["timeout"] = "5s"  # a field of theirs, kept
+    if name == m.DEFAULT_ROUTE:
+        weighted["timeout"] = "5s"  # a field of theirs on ours, kept
     if match is not None:
         weighted["match"] = match
     if name is None:
@@ -2315,8 +2315,45 @@ def test_every_match_all_form_of_the_weighted_route_is_the_default_route(
         "aml-rollout-pin-green",
         m.DEFAULT_ROUTE,
     ]
-    assert routes[-1]["timeout"] == "5s"
+    assert routes[-1].get("timeout") == ("5s" if name == m.DEFAULT_ROUTE else None)
     assert router.get_weights() == Weights.blue_at(50)
+
+
+_GREEN_ONLY = [{"destination": {"host": "diabetes-green", "port": {"number": 80}}, "weight": 100}]
+
+
+@pytest.mark.parametrize(
+    ("route", "fields"),
+    [
+        pytest.param(
+            {"route": _GREEN_ONLY, "mirror": {"host": "traffic-recorder.observability"},
+             "mirrorPercentage": {"value": 100.0}},
+            "mirror, mirrorPercentage", id="a-mirror-of-theirs",
+        ),
+        pytest.param({"route": _GREEN_ONLY, "timeout": "5s"}, "timeout", id="a-timeout"),
+        pytest.param({"name": "main", "route": _GREEN_ONLY}, "name", id="a-name"),
+        pytest.param(
+            {"route": [{**_GREEN_ONLY[0], "headers": {"request": {"set": {"x-a": "1"}}}}]},
+            "route[0].headers", id="a-destination-header",
+        ),
+    ],
+)  # fmt: skip
+def test_a_weighted_catch_all_with_fields_of_its_own_is_refused_not_taken_over(
+    api: FakeKubeApiServer, route: dict[str, Any], fields: str
+) -> None:
+    """Was taken over as our default route: renamed, and its mirror to the user's own service
+    dropped with no word. Only a bare one (match-all, and destinations at blue's and green's
+    weighted Services) is ours in all but name."""
+    vs = m.virtual_service(LAYOUT, Weights.blue_at(0))
+    vs["spec"]["http"] = [route]
+    api.seed(vs, "virtualservices", m.ISTIO_GROUP)
+    router = both_deployed(api)
+    said = rf"route .* sends only to blue's and green's weighted Services but sets {fields}"
+    with pytest.raises(RouterRefused, match=said.replace("[", r"\[").replace("]", r"\]")):
+        router.set_weights(Weights.blue_at(10))
+    with pytest.raises(RouterRefused, match="sends only to blue's and green's"):
+        router.get_weights()
+    assert http_routes(api) == [route]
 
 
 def test_a_deployment_past_its_progress_deadline_with_no_pod_gets_no_traffic(
@@ -2391,14 +2428,15 @@ def test_a_deploy_to_a_deployment_scaled_to_zero_fails_before_any_write(
     scaled = api.get(*DEPLOYMENT_BLUE)
     scaled["spec"]["replicas"] = 0  # `kubectl scale --replicas=0`, or an autoscaler
     api.seed(scaled, "deployments", "apps")
-    writes = sum(r.verb == "patch" for r in api.requests)
+    api.delete(*VS)  # was re-created (with the Gateway and the Services) before the refusal
+    writes = sum(r.verb in ("create", "patch", "update", "delete") for r in api.requests)
     with pytest.raises(DeployFailed) as caught:
         router.deploy(Colour.BLUE, V2)
     assert str(caught.value).startswith(
         "Deployment ml/diabetes-blue is scaled to 0 (spec.replicas 0): it would serve diabetes:2 "
         "with no pod; scale it up (`kubectl -n ml scale deployment diabetes-blue --replicas=1`)"
     )
-    assert sum(r.verb == "patch" for r in api.requests) == writes
+    assert sum(r.verb in ("create", "patch", "update", "delete") for r in api.requests) == writes
     assert router.release(Colour.BLUE) == V1
 
 
@@ -2415,6 +2453,65 @@ def test_a_stalled_scale_up_of_green_does_not_block_a_rollback(api: FakeKubeApiS
     assert router.release(Colour.GREEN) == V1
     router.set_weights(Weights.blue_at(0))
     assert router.get_weights() == Weights.blue_at(0)
+
+
+_CRASHED = {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "unavailableReplicas": 1}
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        pytest.param(Weights.blue_at(0, mirror=10), Weights.blue_at(0), id="shadow-abort"),
+        pytest.param(Weights.blue_at(10), Weights.blue_at(50), id="step-green-shrinks"),
+        pytest.param(Weights.blue_at(0), Weights.blue_at(10), id="off-green"),
+    ],
+)
+def test_traffic_off_a_green_with_no_available_pod_is_written(
+    api: FakeKubeApiServer, before: Weights, after: Weights
+) -> None:
+    """Was refused (retried 10 min for a rollback, then the run failed): green's share, the
+    one failing, does not grow, so refusing only kept users on it (and a mirror on blue)."""
+    router = both_deployed(api)
+    router.set_weights(before)
+    api.set_status(*DEPLOYMENT_GREEN, _CRASHED)  # its one pod crashed, or was evicted
+    router.set_weights(after)
+    assert router.get_weights() == after
+
+
+def test_a_rollback_to_a_green_with_no_available_pod_is_written_with_a_warning(
+    api: FakeKubeApiServer, caplog: Any
+) -> None:
+    """Green's share grows, but the weights send blue nothing: the operator asked to leave
+    blue, and green is the stable release; refusing would keep the run on blue for 10 min."""
+    router = both_deployed(api)
+    router.set_weights(Weights.blue_at(50))
+    api.set_status(*DEPLOYMENT_GREEN, _CRASHED)
+    router.set_weights(Weights.blue_at(0))
+    assert router.get_weights() == Weights.blue_at(0)
+    assert "Deployment ml/diabetes-green has no available pod" in caplog.text
+
+
+def test_a_step_growing_a_green_with_no_available_pod_is_refused(
+    api: FakeKubeApiServer,
+) -> None:
+    router = both_deployed(api)
+    router.set_weights(Weights.blue_at(50))
+    api.set_status(*DEPLOYMENT_GREEN, _CRASHED)
+    with pytest.raises(RouterError, match="cannot send 80 % to green: Deployment ml/diabetes"):
+        router.set_weights(Weights.blue_at(20))
+    assert router.get_weights() == Weights.blue_at(50)
+
+
+def test_a_step_growing_a_blue_with_no_available_pod_is_refused_even_from_a_green_with_none(
+    api: FakeKubeApiServer,
+) -> None:
+    router = both_deployed(api)
+    router.set_weights(Weights.blue_at(10))
+    api.set_status(*DEPLOYMENT_BLUE, _CRASHED)
+    api.set_status(*DEPLOYMENT_GREEN, _CRASHED)
+    with pytest.raises(RouterError, match="cannot send 50 % to blue: Deployment ml/diabetes-blue"):
+        router.set_weights(Weights.blue_at(50))
+    assert router.get_weights() == Weights.blue_at(10)
 
 
 # ---- the shadow step: Istio's request mirroring on our default route ------------------------

@@ -23,6 +23,7 @@ import yaml
 from kubernetes import client as k8s
 from typer.testing import CliRunner
 
+from rollout import kubenames
 from rollout.cli import app
 from rollout.config import spec_from_dict
 from rollout.core.types import Colour, Release, Weights
@@ -623,6 +624,9 @@ def test_rollout_validate_refuses_what_the_router_would(
         pytest.param("*.example.com", None, id="wildcard-first-label"),
         pytest.param("diabetes.example.com.", None, id="trailing-dot"),
         pytest.param("10.0.0.7", None, id="ip-address"),
+        pytest.param("::1", "an IPv6 address", id="ipv6-loopback"),
+        pytest.param("2001:db8::1", "an IPv6 address", id="ipv6"),
+        pytest.param("fe80::1%eth0", "an IPv6 address", id="ipv6-with-a-zone"),
         pytest.param("http://diabetes.example.com", "no scheme", id="scheme"),
         pytest.param("diabetes.example.com:80", "no port", id="port"),
         pytest.param("diabetes.example.com/score", "no path", id="path"),
@@ -643,7 +647,8 @@ def test_rollout_validate_refuses_what_the_router_would(
 def test_router_hosts_are_checked_as_istio_checks_them_at_spec_load(
     host: str, problem: str | None
 ) -> None:
-    """Was: upper case, a short name, a partial wildcard, a numeric top-level domain taken; the
+    """Was: upper case, a short name, a partial wildcard, a numeric top-level domain, an IPv6
+    address (no dot: Istio's short-name rule comes before its IP waiver) taken; the
     Gateway (or the VirtualService) was then refused by Istio's webhook at the first deploy, or
     (upper case) served no request."""
     raw = {"name": "diabetes", "router": {"kind": "istio", "hosts": ["churn.example.com", host]}}
@@ -1372,6 +1377,64 @@ def test_the_chart_refuses_values_it_does_not_know_and_a_header_istio_would_not_
         assert found == []
     else:
         assert len(found) == 1 and error in found[0], found
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "*", "churn.example.com", "*.example.com", "churn.example.com.", "10.0.0.7",
+        "a.b-1", "x." * 126 + "com",
+    ],
+)  # fmt: skip
+def test_the_chart_takes_the_hosts_the_spec_takes(host: str) -> None:
+    assert kubenames.host_problem(host) is None
+    assert chart_schema_errors({"hosts": ["churn.example.com", host]}) == []
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "diabetes", "Diabetes.Example.com", "http://diabetes.example.com/x",
+        "diabetes.example.com:80", "diabetes.example.com/score", "*diabetes.example.com",
+        "diabetes.*.example.com", "*.", "diabetes.", "-diabetes.example.com",
+        "a" * 64 + ".example.com", "diabetes.example.123", "::1", "010.0.0.1", "256.0.0.1",
+        "x." * 127 + "com", "",
+    ],
+)  # fmt: skip
+def test_the_chart_refuses_the_hosts_the_spec_refuses(host: str) -> None:
+    """Was taken: `helm install --set hosts={diabetes}` (or a URL) was then refused by Istio's
+    webhook mid-install, and a mixed-case host matched no request, while `manifests` and the
+    spec's router.hosts refused them (`kubenames.host_problem`, which the schema follows)."""
+    assert kubenames.host_problem(host) is not None
+    found = chart_schema_errors({"hosts": ["churn.example.com", host]})
+    assert len(found) == 1 and found[0].startswith("hosts.1: "), found
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        pytest.param({"hosts": []}, "hosts: [] should be non-empty", id="no-host"),
+        pytest.param({"green": {"imgae": "r.io/diabetes:1"}},
+                     "green: Additional properties are not allowed ('imgae' was unexpected)",
+                     id="green-image-misspelt"),
+        pytest.param({"blue": {"image": "", "modle": "m"}},
+                     "blue: Additional properties are not allowed ('modle' was unexpected)",
+                     id="blue-model-misspelt"),
+        pytest.param({"weights": {"green": 100, "bleu": 0}},
+                     "weights: Additional properties are not allowed ('bleu' was unexpected)",
+                     id="weights-blue-misspelt"),
+        pytest.param({"apiKeySecret": {"name": "", "key": "k", "nmae": "s"}},
+                     "apiKeySecret: Additional properties are not allowed ('nmae' was unexpected)",
+                     id="api-key-secret-name-misspelt"),
+    ],
+)  # fmt: skip
+def test_the_chart_refuses_no_host_and_a_misspelt_value_inside_a_block(
+    values: dict[str, Any], error: str
+) -> None:
+    """Was taken: `green.imgae` was ignored, and green got no Deployment (an empty image); no
+    host failed in a template (`index .Values.hosts 0`)."""
+    found = chart_schema_errors(values)
+    assert found == [error], found
 
 
 def test_the_spec_gives_the_blue_the_router_creates_the_api_key(tmp_path: Path) -> None:

@@ -518,6 +518,32 @@ def test_an_answer_broken_off_mid_body_is_a_state_error(
 
 
 @pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        pytest.param(b"<html>502 Bad Gateway</html>", "text/html, 28 bytes: '<html>502 Bad",
+                     id="a-proxy-s-page"),
+        pytest.param(b'["a list"]', "application/json, 10 bytes: '[\"a list\"]'",
+                     id="json-but-no-object"),
+    ],
+)  # fmt: skip
+def test_an_answer_with_no_json_object_is_a_state_error_saying_what_came(
+    api: FakeKubeApiServer, body: bytes, said: str
+) -> None:
+    """Was "the API server answered something not JSON", whatever came (even JSON that is no
+    object): the status, the Content-Type and the start of the body, which `kubeapi.NotJson`
+    gives and the router passes on, were dropped."""
+    store = kube_store(api)
+    store.push_command(Command(id="1", kind="pause"))
+    content_type = "application/json" if body.startswith(b"[") else "text/html"
+    api.answer_raw_next("configmaps", "get", body, content_type=content_type)
+    with pytest.raises(StateError) as caught:
+        store.commands()
+    message = str(caught.value)
+    assert "HTTP 200 with no JSON (" + said in message
+    assert message.endswith(f"[{api.url}]")
+
+
+@pytest.mark.parametrize(
     "call",
     [
         pytest.param(lambda store: store.load(), id="status"),
