@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -1792,6 +1793,35 @@ def test_a_status_saved_before_the_guard_kept_its_bound_rebases_the_guard_s_coun
     assert Status.from_dict(status.to_dict()) == status
 
 
+def _drive(
+    spec: RolloutSpec,
+    status: Status,
+    blue_buckets: Callable[[int], tuple[tuple[float, int], ...]],
+    green_buckets: Callable[[int], tuple[tuple[float, int], ...]],
+    ticks: int = 400,
+) -> Status:
+    """Tick `status` at 100 rps split by its weights, no errors, each colour's histogram
+    `*_buckets(requests)`, until it leaves Progressing (or `ticks` run out)."""
+    nb = ng = 0
+    for tick in range(1, ticks):
+        nb += 10 * status.blue_weight
+        ng += 10 * (100 - status.blue_weight)
+        reading = obs(
+            (nb, 0),
+            (ng, 0),
+            at=10.0 * tick,
+            blue_buckets=blue_buckets(nb),
+            green_buckets=green_buckets(ng),
+        )
+        before = status.blue_weight
+        status = step(spec, status, reading, 10.0 * tick).status
+        if status.blue_weight != before:
+            nb = ng = 0  # a new step: counts since it began
+        if status.phase is not Phase.PROGRESSING:
+            break
+    return status
+
+
 def _above_every_bound(n: int) -> tuple[tuple[float, int], ...]:
     """Every one of `n` requests slower than the largest finite bound, 1 s."""
     return (*((bound, 0) for bound in (0.1, 0.25, 0.5, 1.0)), (math.inf, n))
@@ -1819,23 +1849,7 @@ def test_green_s_p99_above_every_bound_judges_no_latency_and_promotes_nothing(
     assert start.status.slow_threshold_s is None
     why = "100 % of green's requests are above the histogram's largest finite bound (1000 ms"
     assert why in start.record["history"]["no_threshold"]
-    status, blue, green = start.status, 0, 0
-    for tick in range(1, 200):
-        blue += 10 * status.blue_weight
-        green += 10 * (100 - status.blue_weight)
-        reading = obs(
-            (blue, 0),
-            (green, 0),
-            at=10.0 * tick,
-            blue_buckets=_above_every_bound(blue),
-            green_buckets=_above_every_bound(green),
-        )
-        before = status.blue_weight
-        status = step(spec, status, reading, 10.0 * tick).status
-        if status.blue_weight != before:
-            blue = green = 0  # a new step: counts since it began
-        if status.phase is not Phase.PROGRESSING:
-            break
+    status = _drive(spec, start.status, _above_every_bound, _above_every_bound, ticks=200)
     assert status.phase is Phase.PAUSED and status.held and status.blue_weight == held_at
     assert why in status.reason and "latency_unit" in status.reason
     assert "not yet shown latency" not in status.reason  # (was: "not yet shown latency not …")
@@ -1875,24 +1889,9 @@ def _drive_tail(spec: RolloutSpec, history: float, green: float, blue: float) ->
         obs(green=(5000, 0), green_buckets=_tail_above(5000, history)),
         0.0,
     )
-    status, nb, ng = start.status, 0, 0
-    for tick in range(1, 400):
-        nb += 10 * status.blue_weight
-        ng += 10 * (100 - status.blue_weight)
-        reading = obs(
-            (nb, 0),
-            (ng, 0),
-            at=10.0 * tick,
-            blue_buckets=_tail_above(nb, blue),
-            green_buckets=_tail_above(ng, green),
-        )
-        before = status.blue_weight
-        status = step(spec, status, reading, 10.0 * tick).status
-        if status.blue_weight != before:
-            nb = ng = 0  # a new step: counts since it began
-        if status.phase is not Phase.PROGRESSING:
-            break
-    return status
+    return _drive(
+        spec, start.status, lambda n: _tail_above(n, blue), lambda n: _tail_above(n, green)
+    )
 
 
 TAIL_SPEC = make_spec(analysis={"latency": {"enabled": True}, "max_step_duration_s": 3600})

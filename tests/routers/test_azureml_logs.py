@@ -51,8 +51,12 @@ DEPLOY_AFTER_QUIETING = textwrap.dedent(
 
 
 def _deploy_in_a_clean_interpreter(again: str = "") -> subprocess.CompletedProcess[str]:
+    return _in_a_clean_interpreter(DEPLOY_AFTER_QUIETING.format(again=again))
+
+
+def _in_a_clean_interpreter(script: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", DEPLOY_AFTER_QUIETING.format(again=again)],
+        [sys.executable, "-c", script],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
@@ -92,15 +96,7 @@ def test_a_quieting_that_fails_does_not_fail_the_import() -> None:
         print(azure.ai.ml.__spec__.loader.__class__.__name__)
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = _in_a_clean_interpreter(script)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["SourceFileLoader"]  # the module keeps its own loader
 
