@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from rollout.boottime import since_boot
 from rollout.config import RolloutSpec
@@ -77,6 +77,7 @@ from rollout.metrics.base import MetricsProvider, usable
 from rollout.routers.base import Fenced, TrafficRouter
 from rollout.state.base import StateStore
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 #: Router calls are retried this many times (with doubling pauses from 1 s) before giving up;
@@ -661,64 +662,69 @@ class Controller:
 
     def _weights_read_again(self, status: Status) -> Weights:
         """The weights the data plane serves, read up to `WEIGHTS_READS` times while nothing
-        answers at the router (pausing on the controller's clock); then RouterUnavailable saying
-        so. Any other error is raised at the first read: a refusal is an answer, and a plain
-        RouterError has the status' weights written again (`_restore_data_plane`)."""
+        answers at the router (`_read_again`); then RouterUnavailable saying so. Any other
+        error is raised at the first read: a refusal is an answer, and a plain RouterError has
+        the status' weights written again (`_restore_data_plane`)."""
+        return self._read_again(
+            "the data plane's weights",
+            self.router.get_weights,
+            lambda exc: isinstance(exc, RouterUnavailable),
+            then=f", to check them against the rollout's ({status.weights.blue_share})",
+            after="; nothing was restored: run again once the router answers",
+        )
+
+    def _read_release(self, colour: Colour) -> Release | None:
+        """What `colour` serves, read again while the router answers with a failure (a proxy's
+        502, an answer cut off): one such answer stopped a new rollout with exit 2. A refusal is
+        an answer, and nothing answering at all is said at once, as for a deploy before the
+        router ever answered (`_apply`): a spec pointing at a router nobody runs."""
+        return self._read_again(
+            f"{colour.value}'s release",
+            lambda: self.router.release(colour),
+            lambda exc: not isinstance(exc, RouterRefused | RouterUnavailable),
+        )
+
+    def _read_again(
+        self,
+        what: str,
+        read: Callable[[], T],
+        again: Callable[[RouterError], bool],
+        *,
+        then: str = "",
+        after: str = "",
+    ) -> T:
+        """`read()`, tried up to `WEIGHTS_READS` times while it fails with an error `again`
+        takes, pausing 0.5, 1, 2 s on the controller's clock; then the error, of its own class,
+        saying how often and how long (`what` ... `then`: error `after`)."""
         pause, reads = WEIGHTS_REREAD_PAUSE_S, 0
         started = self.clock.monotonic()
         while True:
             reads += 1
             try:
-                return self.router.get_weights()
-            except RouterUnavailable as exc:
+                return read()
+            except RouterError as exc:
+                if not again(exc):
+                    raise
                 if reads >= WEIGHTS_READS:
                     tried = self.clock.monotonic() - started
-                    raise RouterUnavailable(
-                        f"the data plane's weights could not be read {reads} times in "
-                        f"{tried:g} s, to check them against the rollout's "
-                        f"({status.weights.blue_share}): {exc}; nothing was restored: run again "
-                        "once the router answers"
+                    raise type(exc)(
+                        f"{what} could not be read {reads} times in {tried:g} s{then}: {exc}{after}"
                     ) from exc
-                log.warning(
-                    "the data plane's weights cannot be read (%s): reading them again in %g s",
-                    exc,
-                    pause,
-                )
+                log.warning("%s cannot be read (%s): reading again in %g s", what, exc, pause)
             self.clock.sleep(pause)
             pause *= 2
-
-    def _read_release(self, colour: Colour) -> Release | None:
-        """What `colour` serves, read up to `WEIGHTS_READS` times while the router answers with
-        a failure (a proxy's 502, an answer cut off), pausing as `_weights_read_again` does: one
-        such answer stopped a new rollout with exit 2. A refusal is an answer, and nothing
-        answering at all is said at once, as for a deploy before the router ever answered
-        (`_apply`): a spec pointing at a router nobody runs."""
-        pause = WEIGHTS_REREAD_PAUSE_S
-        for read in range(1, WEIGHTS_READS + 1):
-            try:
-                return self.router.release(colour)
-            except (RouterRefused, RouterUnavailable):
-                raise
-            except RouterError as exc:
-                if read == WEIGHTS_READS:
-                    raise RouterError(
-                        f"{colour.value}'s release could not be read {read} times: {exc}"
-                    ) from exc
-                log.warning(
-                    "%s's release cannot be read (%s): reading it again in %g s",
-                    colour.value,
-                    exc,
-                    pause,
-                )
-            self.clock.sleep(pause)
-            pause *= 2
-        raise AssertionError("unreachable")  # (the last read returns or raises)
 
     def _release_or_refused(self, colour: Colour, *, undoing: bool) -> Release | None:
         """What `colour` serves; None for a green the router refuses to read while a promotion
         whose deploy to green failed is undone (the stable release is deployed to it again)."""
         try:
-            return self.router.release(colour)
+            # Read again while nothing answers: a resume stopped at one blip of an API server
+            # (Istio, Azure), where the weights read after it would have ridden it through.
+            return self._read_again(
+                f"{colour.value}'s release",
+                lambda: self.router.release(colour),
+                lambda exc: isinstance(exc, RouterUnavailable),
+            )
         except RouterRefused as exc:
             if not (undoing and colour is Colour.GREEN):
                 raise

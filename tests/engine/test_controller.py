@@ -2081,3 +2081,36 @@ def test_an_abort_with_green_lost_is_not_stopped_by_weights_it_would_only_log(
     final = again.run(max_ticks=3)
     assert final.phase is Phase.ROLLED_BACK and final.reason.startswith("aborted by ann")
     assert down.release(Colour.GREEN) == V1 and down.get_weights() == Weights.blue_at(0)
+
+
+class OneBlip(MemoryRouter):
+    """Nothing answers at the router's API server for its first call, whatever it is."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.calls = 0
+
+    def _blip(self) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise RouterUnavailable("API server at https://k8s:6443 did not answer")
+
+    def release(self, colour: Colour) -> Release | None:
+        self._blip()
+        return super().release(colour)
+
+    def get_weights(self) -> Weights:
+        self._blip()
+        return super().get_weights()
+
+
+def test_a_resume_reads_the_releases_again_through_a_blip(tmp_path: Path) -> None:
+    """Was: the resume read the releases before the weights and stopped at one blip of an API
+    server (Istio, Azure), which the weights read after it would have ridden through."""
+    router = MemoryRouter(releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, simulated(router, 0.01))
+    assert ctl.run(max_ticks=3).blue_weight == 50
+    blip = OneBlip(releases={Colour.GREEN: V1, Colour.BLUE: V2}, weights=Weights.blue_at(50))
+    again, _ = controller(tmp_path, blip, StaticMetrics([]))
+    assert again.start().blue_weight == 50
+    assert blip.calls > 1
