@@ -1168,6 +1168,14 @@ class LatencyCheck(_Model):
             yield _Problem(
                 (), None, "`max_slow_rate` needs `slo_ms` (the bucket it is measured against)"
             )
+        if self.max_slow_rate is not None and not self.enabled:
+            # Accepted, it was never measured: a guard the spec shows and nothing applies.
+            yield _Problem(
+                ("max_slow_rate",),
+                None,
+                "is not applied while the latency check is off (`enabled: false`): enable it, "
+                "or drop max_slow_rate",
+            )
 
 
 #: The shortest tick: each one saves the status and a ledger line, so faster is a busy loop

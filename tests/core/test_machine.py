@@ -1684,7 +1684,12 @@ _GUARD_500 = {"threshold": "slo", "slo_ms": 500, "max_slow_rate": 0.5}
             _GUARD_100, {"threshold": "slo", "slo_ms": 100}, (0, 20), None, id="guard-removed"
         ),
         pytest.param(
-            _GUARD_100, {**_GUARD_100, "enabled": False}, (0, 20), None, id="latency-disabled"
+            # (Its guard dropped with it: a max_slow_rate the check does not apply is refused.)
+            _GUARD_100,
+            {"threshold": "slo", "slo_ms": 100, "enabled": False},
+            (0, 20),
+            None,
+            id="latency-disabled",
         ),
         pytest.param(
             {"slo_ms": 100, "max_slow_rate": 0.5},

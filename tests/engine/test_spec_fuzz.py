@@ -648,6 +648,14 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
             "the latency histogram, and metrics.queries has no latency_bucket",
             id="custom-guard-without-histogram",
         ),
+        # Was accepted, and never measured: a guard the spec showed and nothing applied.
+        pytest.param(
+            {**BASES[0], "analysis": {"latency": {"enabled": False, "slo_ms": 250}}},
+            "analysis.latency.max_slow_rate",
+            0.05,
+            "analysis.latency.max_slow_rate: is not applied while the latency check is off",
+            id="guard-of-a-disabled-latency-check",
+        ),
         # Was "analysis: max_step_duration_s must be >= min_step_duration_s" for all three,
         # naming the section, and a field the user may not have written.
         pytest.param(
