@@ -54,9 +54,10 @@ def _deploy_in_a_clean_interpreter(again: str = "") -> subprocess.CompletedProce
     return _in_a_clean_interpreter(DEPLOY_AFTER_QUIETING.format(again=again))
 
 
-def _in_a_clean_interpreter(script: str) -> subprocess.CompletedProcess[str]:
+def _in_a_clean_interpreter(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -c script` (or `python *args` when `script` is empty) from the repository."""
     return subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, *(["-c", script] if script else args)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
@@ -145,15 +146,9 @@ def test_a_test_leaves_the_azure_log_levels_as_it_found_them(
     """tests/conftest.py restores them (and drops the import hook): a test running a command
     quieted them for every later test of its xdist worker, whose caplog saw no Azure record."""
     (tmp_path / "test_two.py").write_text(QUIETING_THEN_ANOTHER_TEST)
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", *options, "-p", "no:cacheprovider", "-o", "addopts=",
-         "-q", str(tmp_path / "test_two.py")],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    done = _in_a_clean_interpreter(
+        "", "-m", "pytest", *options, "-p", "no:cacheprovider", "-o", "addopts=", "-q",
+        str(tmp_path / "test_two.py"),
     )  # fmt: skip
     assert (done.returncode == 0) is passes, done.stdout + done.stderr
     assert ("2 passed" if passes else "1 failed, 1 passed") in done.stdout
