@@ -388,7 +388,7 @@ async def _read_body(
     hold: BodyHold | None = None,
 ) -> bytes | InputError:
     """The request body, or an InputError: 413 when it exceeds `limit`, 429 when `hold` cannot
-    take it (a declared length whole at once, else as it arrives), 408 when it has not all
+    take it (as it arrives), 408 when it has not all
     arrived within the body timeout (less once the server stops: SHUTDOWN_BODY_GRACE_S), 499
     when the client disconnected.
 
@@ -407,7 +407,6 @@ async def _read_body(
     # Bytes are charged to the hold as they arrive, a declared length's too: charged whole up
     # front, 32 idle connections declaring 1 MiB each and sending nothing made every request a
     # 429 for the body timeout, with no memory held.
-    per_chunk = hold
     chunks: list[bytes] = []
     size = 0
     timeout_s = state.body_timeout_s
@@ -425,8 +424,8 @@ async def _read_body(
                     size += len(chunk)
                     if size > limit and (refusal is None or refusal.status != 413):
                         refusal = InputError(f"request body exceeds {limit} bytes", 413)
-                    if refusal is None and per_chunk and not per_chunk.take(len(chunk)):
-                        refusal = _too_busy(per_chunk)
+                    if refusal is None and hold and not hold.take(len(chunk)):
+                        refusal = _too_busy(hold)
                     if refusal is None:
                         chunks.append(chunk)
                     else:
