@@ -95,10 +95,10 @@ ROUTER_ATTEMPTS = 4
 #: human ran `run` again.
 ROLLBACK_RETRY_S = 600.0
 ROLLBACK_PAUSE_CAP_S = 30.0
-#: A resume reads the data plane's weights (to compare them with its status') this many times
-#: while nothing answers at the router, the pauses doubling from `WEIGHTS_REREAD_PAUSE_S` (0.5 +
-#: 1 + 2 s), before it stops: one failed read stopped it at once, an Envoy admin restarting
-#: for a second taking the controller down with it.
+#: A resume reads the data plane's weights and releases, and a new rollout its releases, this
+#: many times through a failure it may outlive (`Controller._read_again`), the pauses doubling
+#: from `WEIGHTS_REREAD_PAUSE_S` (0.5 + 1 + 2 s), before it stops: one failed read stopped it at
+#: once, an Envoy admin restarting for a second taking the controller down with it.
 WEIGHTS_READS = 4
 WEIGHTS_REREAD_PAUSE_S = 0.5
 #: At most this much of why the data plane could not be read goes into each tick's ledger line.
@@ -694,8 +694,8 @@ class Controller:
         after: str = "",
     ) -> T:
         """`read()`, tried up to `WEIGHTS_READS` times while it fails with an error `again`
-        takes, pausing 0.5, 1, 2 s on the controller's clock; then the error, of its own class,
-        saying how often and how long (`what` ... `then`: error `after`)."""
+        takes, pausing 0.5, 1, 2 s on the controller's clock; then a RouterUnavailable (or
+        RouterError) saying how often and how long (`what` ... `then`: error `after`)."""
         pause, reads = WEIGHTS_REREAD_PAUSE_S, 0
         started = self.clock.monotonic()
         while True:
@@ -707,7 +707,10 @@ class Controller:
                     raise
                 if reads >= WEIGHTS_READS:
                     tried = self.clock.monotonic() - started
-                    raise type(exc)(
+                    # Nothing answering stays that; any other failure a plain RouterError (a
+                    # subclass may take other arguments: WeightsUnsettled).
+                    cls = RouterUnavailable if isinstance(exc, RouterUnavailable) else RouterError
+                    raise cls(
                         f"{what} could not be read {reads} times in {tried:g} s{then}: {exc}{after}"
                     ) from exc
                 log.warning("%s cannot be read (%s): reading again in %g s", what, exc, pause)

@@ -35,6 +35,7 @@ from rollout.errors import (
     RouterRefused,
     RouterUnavailable,
     StateError,
+    WeightsUnsettled,
 )
 from rollout.ledger import Ledger, explain, read_ledger
 from rollout.metrics.static import SimulatedMetrics, StaticMetrics
@@ -2114,3 +2115,14 @@ def test_a_resume_reads_the_releases_again_through_a_blip(tmp_path: Path) -> Non
     again, _ = controller(tmp_path, blip, StaticMetrics([]))
     assert again.start().blue_weight == 50
     assert blip.calls > 1
+
+
+def test_a_read_failing_with_a_richer_router_error_is_said_as_a_router_error(
+    tmp_path: Path,
+) -> None:
+    """Was: the last failure re-raised as its own class, and WeightsUnsettled (which takes
+    the weights it shows too) made a TypeError of it."""
+    router = ReleaseReadsFail(4, WeightsUnsettled("mid-change", None), releases={Colour.GREEN: V1})
+    ctl, _ = controller(tmp_path, router, StaticMetrics([]))
+    with pytest.raises(RouterError, match=r"could not be read 4 times in 3\.5 s: mid-change"):
+        ctl.start()
