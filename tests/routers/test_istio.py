@@ -2491,27 +2491,30 @@ def test_a_rollback_to_a_green_with_no_available_pod_is_written_with_a_warning(
     assert "Deployment ml/diabetes-green has no available pod" in caplog.text
 
 
-def test_a_step_growing_a_green_with_no_available_pod_is_refused(
+@pytest.mark.parametrize(
+    ("before", "crashed", "after", "refused"),
+    [
+        pytest.param(50, (DEPLOYMENT_GREEN,), 20,
+                     "cannot send 80 % to green: Deployment ml/diabetes", id="green-grows"),
+        pytest.param(10, (DEPLOYMENT_BLUE, DEPLOYMENT_GREEN), 50,
+                     "cannot send 50 % to blue: Deployment ml/diabetes-blue",
+                     id="blue-grows-even-from-a-green-with-none"),
+    ],
+)  # fmt: skip
+def test_a_step_growing_a_colour_with_no_available_pod_is_refused(
     api: FakeKubeApiServer,
+    before: int,
+    crashed: tuple[tuple[str, ...], ...],
+    after: int,
+    refused: str,
 ) -> None:
     router = both_deployed(api)
-    router.set_weights(Weights.blue_at(50))
-    api.set_status(*DEPLOYMENT_GREEN, _CRASHED)
-    with pytest.raises(RouterError, match="cannot send 80 % to green: Deployment ml/diabetes"):
-        router.set_weights(Weights.blue_at(20))
-    assert router.get_weights() == Weights.blue_at(50)
-
-
-def test_a_step_growing_a_blue_with_no_available_pod_is_refused_even_from_a_green_with_none(
-    api: FakeKubeApiServer,
-) -> None:
-    router = both_deployed(api)
-    router.set_weights(Weights.blue_at(10))
-    api.set_status(*DEPLOYMENT_BLUE, _CRASHED)
-    api.set_status(*DEPLOYMENT_GREEN, _CRASHED)
-    with pytest.raises(RouterError, match="cannot send 50 % to blue: Deployment ml/diabetes-blue"):
-        router.set_weights(Weights.blue_at(50))
-    assert router.get_weights() == Weights.blue_at(10)
+    router.set_weights(Weights.blue_at(before))
+    for deployment in crashed:
+        api.set_status(*deployment, _CRASHED)
+    with pytest.raises(RouterError, match=refused):
+        router.set_weights(Weights.blue_at(after))
+    assert router.get_weights() == Weights.blue_at(before)
 
 
 # ---- the shadow step: Istio's request mirroring on our default route ------------------------
