@@ -96,6 +96,8 @@ out of every message this module makes.
 from __future__ import annotations
 
 import ast
+import contextlib
+import contextvars
 import itertools
 import json
 import logging
@@ -103,6 +105,7 @@ import math
 import re
 import socket
 import ssl
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -111,6 +114,8 @@ from typing import TYPE_CHECKING, Any
 
 import requests
 import requests.adapters
+import urllib3.connection
+import urllib3.connectionpool
 
 from rollout.config import (
     ColourNames,
@@ -952,10 +957,15 @@ class WholeQueryDeadline(requests.adapters.BaseAdapter):
 
     requests' timeout bounds each read of the socket, not the answer: a Prometheus (or a proxy
     before it) dripping its answer, each byte within the timeout, held the tick for as long as it
-    dripped — the rollback that tick might decide with it. The answer is read here instead, each
-    read of the socket given at most what is left; past the deadline, ReadTimeout (the query's
-    "did not answer within"). Until the status line and headers have come, requests' own
-    per-read timeout is the bound.
+    dripped — the rollback that tick might decide with it. Its status line, headers, a chunk's
+    size line or a gzip header as much as its body: these are read a socket read at a time, deep
+    in http.client and urllib3, where no deadline reaches. So a timer (`_Cutoff`) shuts the
+    connection's socket down at the deadline instead, wherever the query is then: the read
+    blocked in it ends, and the query raises ReadTimeout (the query's "did not answer within").
+
+    Connecting (the name lookup, TCP's and TLS' handshakes) keeps requests' per-step timeout, and
+    a connection made after the deadline is cut at once (`_Watched`). With `stream` the deadline
+    ends with the head, the body left to the caller.
     """
 
     def __init__(self, transport: requests.adapters.HTTPAdapter, deadline_s: float) -> None:
@@ -972,57 +982,183 @@ class WholeQueryDeadline(requests.adapters.BaseAdapter):
         cert: Any = None,
         proxies: Any = None,
     ) -> requests.Response:
-        """`transport.send`, the answer's body read by the deadline (unless `stream`)."""
-        deadline = time.monotonic() + self.deadline_s
-        response = self.transport.send(
-            request, stream=True, timeout=timeout, verify=verify, cert=cert, proxies=proxies
-        )
-        if not stream:
+        """`transport.send`, the answer's body read (unless `stream`), all by the deadline."""
+        with _Cutoff(self.deadline_s) as cutoff:
             try:
-                body = self._read_by(response, deadline)
-            except BaseException:
-                response.close()  # (the connection goes: half an answer is still on it)
+                self._watch_pool(request, verify, cert, proxies)
+                response = self.transport.send(
+                    request, stream=True, timeout=timeout, verify=verify, cert=cert, proxies=proxies
+                )
+            except Exception as exc:
+                if cutoff.passed:  # (what urllib3 made of the cut: a connection closed, ...)
+                    raise self._late(request) from exc
                 raise
-            # What `Response.content` keeps once read: requests reads no further.
-            response._content = body
-            response._content_consumed = True  # type: ignore[attr-defined]
+            try:
+                if not stream:
+                    body = _read(response)
+                    # What `Response.content` keeps once read: requests reads no further.
+                    response._content = body
+                    response._content_consumed = True  # type: ignore[attr-defined]
+            except BaseException as exc:
+                response.close()  # (the connection goes: half an answer is still on it)
+                if cutoff.passed and isinstance(exc, Exception):
+                    raise self._late(request) from exc
+                raise
+            if cutoff.passed:
+                # Read to the end the cut made: a head cut short, or a body whose end only the
+                # connection's close says. Not the answer.
+                response.close()
+                raise self._late(request)
         return response
 
     def close(self) -> None:
         """Close the transport's connections."""
         self.transport.close()
 
-    def _read_by(self, response: requests.Response, deadline: float) -> bytes:
-        """The answer's body (decoded, as `Response.content` is), read before `deadline`; the
-        errors requests' own reading raises, ReadTimeout at the deadline."""
-        from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError, SSLError
+    def _late(self, request: requests.PreparedRequest) -> requests.exceptions.ReadTimeout:
+        """The error of a query cut off at the deadline."""
+        return requests.exceptions.ReadTimeout(
+            f"no whole answer within {self.deadline_s:g} s", request=request
+        )
 
-        raw = response.raw
-        sock = getattr(raw.connection, "sock", None)
-        per_read = sock.gettimeout() if sock is not None else None
-        pieces: list[bytes] = []
+    def _watch_pool(
+        self, request: requests.PreparedRequest, verify: bool | str, cert: Any, proxies: Any
+    ) -> None:
+        """Make the pool `transport.send` takes this request's connection from (the one it gets
+        the same way, made now if new: before its first connection) make `_Watched` ones."""
+        from urllib3.exceptions import LocationValueError
+
         try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise requests.exceptions.ReadTimeout(
-                        f"no whole answer within {self.deadline_s:g} s", request=response.request
-                    )
-                if sock is not None:
-                    # (urllib3 sets the timeout again for the connection's next request)
-                    sock.settimeout(left if per_read is None else min(left, per_read))
-                piece = raw.read1(64 * 1024, decode_content=True)
-                if not piece:
-                    return b"".join(pieces)
-                pieces.append(piece)
-        except ReadTimeoutError as exc:
-            raise requests.exceptions.ReadTimeout(exc, request=response.request) from exc
-        except ProtocolError as exc:
-            raise requests.exceptions.ChunkedEncodingError(exc) from exc
-        except DecodeError as exc:
-            raise requests.exceptions.ContentDecodingError(exc) from exc
-        except SSLError as exc:
-            raise requests.exceptions.SSLError(exc, request=response.request) from exc
+            pool = self.transport.get_connection_with_tls_context(
+                request, verify, proxies=proxies, cert=cert
+            )
+        except LocationValueError as exc:  # (as transport.send raises it)
+            raise requests.exceptions.InvalidURL(exc, request=request) from exc
+        if not isinstance(pool, urllib3.connectionpool.HTTPConnectionPool):
+            return
+        made = pool.ConnectionCls
+        if issubclass(made, urllib3.connection.HTTPConnection) and not issubclass(made, _Watched):
+            pool.ConnectionCls = _watched(made)
+
+
+#: The name of the thread that cuts a query off at its deadline (one per query under way).
+DEADLINE_THREAD = "prometheus-query-deadline"
+
+
+class _Cutoff:
+    """One query's deadline: a timer that shuts down the socket the query is on, so that whatever
+    read is blocked in it ends (at EOF), however slowly its bytes drip.
+
+    The connection the query goes out on hands its socket over (`_Watched`, through `_CUTOFF`)
+    once connected, or as it is taken from the pool; one handed over after the deadline is shut
+    down at once. The socket, not the connection: http.client lets go of the socket of an answer
+    that ends with the connection's close, which only the answer then holds. `passed` says the
+    deadline came. The timer starts on entry and is cancelled and joined on exit: no thread
+    outlives its query, and none cuts a connection back in the pool. A connection cut never
+    serves again: urllib3's pool finds it dropped (readable: at EOF) before it hands it out, and
+    closes it.
+    """
+
+    def __init__(self, deadline_s: float) -> None:
+        self.passed = False
+        self._lock = threading.Lock()
+        self._sock: Any = None
+        self._timer = threading.Timer(deadline_s, self._expire)
+        self._timer.name = DEADLINE_THREAD
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Cutoff:
+        self._token = _CUTOFF.set(self)
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        self._timer.join()
+        _CUTOFF.reset(self._token)
+
+    def watch(self, sock: Any) -> None:
+        """Shut `sock` down at the deadline (now, if it has passed)."""
+        with self._lock:
+            self._sock = sock
+            if self.passed:
+                _shut_down(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.passed = True
+            if self._sock is not None:
+                _shut_down(self._sock)
+
+
+#: The cutoff of the query this thread is sending (`WholeQueryDeadline.send`), for the
+#: connection it goes out on.
+_CUTOFF: contextvars.ContextVar[_Cutoff | None] = contextvars.ContextVar(
+    "prometheus_query_cutoff", default=None
+)
+
+
+def _shut_down(sock: Any) -> None:
+    """Shut a connection's socket down both ways: a read blocked in it returns at once."""
+    # TLS through an HTTPS proxy is urllib3's SSLTransport, over the socket to the proxy.
+    under = sock if hasattr(sock, "shutdown") else sock.socket
+    with contextlib.suppress(OSError):  # closed meanwhile
+        under.shutdown(socket.SHUT_RDWR)
+
+
+class _Watched(urllib3.connection.HTTPConnection):
+    """A urllib3 connection that hands its socket to the cutoff of the query it is taken for
+    (`_watched` mixes it into the pool's own class).
+
+    Connecting (the name lookup, TCP's and TLS' handshakes) keeps requests' per-step timeout:
+    the socket is handed over once connected (until then ssl may still take over the one it
+    wraps), and cut at once if the deadline passed meanwhile.
+    """
+
+    def connect(self) -> None:
+        super().connect()
+        self._hand_over()
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        self._hand_over()  # (one kept from an earlier query: a new one did as it connected)
+        super().request(*args, **kwargs)
+
+    def _hand_over(self) -> None:
+        cutoff = _CUTOFF.get()
+        if cutoff is not None and self.sock is not None:
+            cutoff.watch(self.sock)
+
+
+#: `_watched`'s classes, one per class of connection (pools come and go: classes would pile up).
+_WATCHED: dict[type[urllib3.connection.HTTPConnection], type[_Watched]] = {}
+
+
+def _watched(made: type[urllib3.connection.HTTPConnection]) -> type[_Watched]:
+    """`made` (HTTPConnection, HTTPSConnection, a SOCKS one...) putting itself under cutoffs."""
+    if made not in _WATCHED:  # (two threads may both make one: either serves)
+        _WATCHED[made] = type(f"Watched{made.__name__}", (_Watched, made), {})
+    return _WATCHED[made]
+
+
+def _read(response: requests.Response) -> bytes:
+    """The answer's body, decoded as `Response.content` is; the errors requests' own reading
+    raises (bounded by the query's cutoff, not here)."""
+    from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError, SSLError
+
+    raw = response.raw
+    pieces: list[bytes] = []
+    try:
+        while piece := raw.read1(64 * 1024, decode_content=True):
+            pieces.append(piece)
+    except ReadTimeoutError as exc:
+        raise requests.exceptions.ReadTimeout(exc, request=response.request) from exc
+    except ProtocolError as exc:
+        raise requests.exceptions.ChunkedEncodingError(exc) from exc
+    except DecodeError as exc:
+        raise requests.exceptions.ContentDecodingError(exc) from exc
+    except SSLError as exc:
+        raise requests.exceptions.SSLError(exc, request=response.request) from exc
+    return b"".join(pieces)
 
 
 class _PartialAnswer(Exception):
