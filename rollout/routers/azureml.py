@@ -404,9 +404,12 @@ def _read_deployment(ml_client: Any, endpoint: str, name: str) -> Any:
     another setting: an operator's timeout cut at every promotion, blue timing out where green
     does not. So this reads through the REST operation `get` itself calls, and takes the
     durations from what that parsed (timedeltas, exact); ManagedOnlineDeployment writes
-    fractional seconds and milliseconds exactly. Those are two private names of azure-ai-ml
-    (the ones its `get` uses, at environment.yml's pin): an SDK without them gets the public
-    `get`, whole seconds and all, and a warning, rather than a router that cannot read.
+    fractional seconds and milliseconds exactly. What else the SDK reads short of what Azure
+    holds is mended from the same answer: the model's mount path (not read at all) and a data
+    collection's mode (read as off unless spelt "Enabled"). Those are two private names of
+    azure-ai-ml (the ones its `get` uses, at environment.yml's pin): an SDK without them gets
+    the public `get`, whole seconds and all, and a warning, rather than a router that cannot
+    read.
     """
     from azure.ai.ml.entities import OnlineDeployment
 
@@ -438,6 +441,10 @@ def _read_deployment(ml_client: Any, endpoint: str, name: str) -> Any:
             probe.timeout = _exactly(read.timeout, _S, probe.timeout)
             probe.period = _exactly(read.period, _S, probe.period)
             probe.initial_delay = _exactly(read.initial_delay, _S, probe.initial_delay)
+    # azure-ai-ml's read drops the model's mount path (its write sends it): sent back without
+    # it, a redeploy moved the model to Azure's default path, out of a custom container's sight.
+    if getattr(deployment, "model_mount_path", None) is None:
+        deployment.model_mount_path = getattr(held, "model_mount_path", None)
     # azure-ai-ml sends a collection's mode as "enabled" and reads it back as on only when
     # spelt "Enabled": Azure's own spelling, whatever it answers, is the one that holds.
     collected = getattr(held, "data_collector", None)

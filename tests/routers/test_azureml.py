@@ -1324,6 +1324,9 @@ def test_redeploy_keeps_what_an_operator_set_on_the_deployment(
     dep["properties"]["requestSettings"] = {"requestTimeout": "PT1.5S", "maxQueueWait": "PT0.5S"}
     dep["properties"]["livenessProbe"] = {"timeout": "PT2.5S", "period": "PT30S"}
     dep["properties"]["appInsightsEnabled"] = True
+    # Where its custom container looks for the model (was: azure-ai-ml's read drops it, so the
+    # redeploy moved the model back to Azure's default path, out of the container's sight).
+    dep["properties"]["modelMountPath"] = "/var/models/diabetes"
     dep["properties"]["environmentId"] = dep["properties"]["environmentId"].replace("/2", "/1")
     arm.put(path, dep)
 
@@ -1341,6 +1344,7 @@ def test_redeploy_keeps_what_an_operator_set_on_the_deployment(
     assert props["requestSettings"] == {"requestTimeout": "PT1.5S", "maxQueueWait": "PT0.5S"}
     assert props["livenessProbe"] == {"timeout": "PT2.5S", "period": "PT30S"}
     assert props["appInsightsEnabled"] is True
+    assert props["modelMountPath"] == "/var/models/diabetes"
     assert props["model"].endswith("/models/diabetes/versions/2")
     assert props["environmentId"].endswith("/environments/diabetes-env/versions/2")  # configured
     assert after["tags"]["owner"] == "ml-platform"
