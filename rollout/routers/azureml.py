@@ -22,15 +22,17 @@ seconds) and keeps Azure's rules in pure functions (`plan_traffic`, `check_mirro
 
 `deploy` creates the endpoint when missing (key auth, no traffic), then creates the
 ManagedOnlineDeployment with the release's registered model `azureml:<model>:<version>`, the
-other colour's environment variables, probes, request settings and App Insights setting (so
-that the judge compares the releases under the same conditions: `_serving`) and the release
+other colour's environment variables, probes, request settings, App Insights setting, model
+data collection and egress flag (so that the judge compares the releases under the same
+conditions, and the candidate serves under production's duties: `_serving`) and the release
 identity in its tags and in score.py's AML_ROLLOUT_MODEL_VERSION / AML_ROLLOUT_COLOUR
 environment variables, or, when it exists, reads it and sends it back with only the model,
 those tags and variables and the configured environment/code changed (the PUT replaces the whole
 deployment: an operator's capacity, environment variables, request settings stay), and a blue
 left by an earlier rollout given green's settings where it has none (`_serving_for`). Durations
 are read as Azure holds them, to the millisecond (`_read_deployment`: azure-ai-ml's `get` reads
-whole seconds), so what is sent back is what was there. It returns
+whole seconds), so what is sent back is what was there; a data collection is sent back as
+azure-ai-ml can send it (`_collector_for`). It returns
 when Azure reports the operation done; while the endpoint or the deployment is mid-change
 (Azure refuses to write it then) it first waits for that change, at most `deploy_timeout_s`.
 A deployment that already holds the release as configured (Succeeded, the release's tags,
@@ -82,6 +84,7 @@ import functools
 import io
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -293,17 +296,102 @@ def _served_as(colour: Colour, release: Release) -> dict[str, str]:
 def _serving(source: Any, served_as: Mapping[str, str]) -> dict[str, Any]:
     """What deployment `source` serves under, besides its model and code, as the keywords of
     ManagedOnlineDeployment: a candidate takes the stable colour's, so that the judge compares
-    the releases, not their settings. Its environment variables (a variable the score script
-    needs missing: 5xx blamed on the model), probes (Azure's defaults: restarts of a model
-    slow to load), request settings (timeout and requests per instance: 408s and 429s where
-    green answers) and App Insights; with `served_as`, the release's own variables, on top."""
+    the releases, not their settings, and so that it serves under production's duties. Its
+    environment variables (a variable the score script needs missing: 5xx blamed on the
+    model), probes (Azure's defaults: restarts of a model slow to load), request settings
+    (timeout and requests per instance: 408s and 429s where green answers), App Insights,
+    model data collection (as Azure reads it: `_collector_for` makes it one to send) and the
+    egress flag (legacy network isolation); with `served_as`, the release's own variables, on
+    top.
+
+    ManagedOnlineDeployment's other fields, and why they do not follow green (see
+    docs/azureml-endpoint.md, `deploy`): model, environment, code_configuration (and
+    code_path, scoring_script): the candidate's own, what the rollout compares; name, tags,
+    description, properties: the deployment's identity, not how it serves; instance_type and
+    instance_count: the router's configuration when it creates one, its own after (an operator
+    scales the candidate, and the docs say to size blue as green); scale_settings: a managed
+    deployment takes DefaultScaleSettings only, nothing to copy (autoscale is an Azure Monitor
+    resource of its own); model_mount_path: where the candidate's container finds its model,
+    which goes with its environment.
+    """
     return {
         "environment_variables": {**(source.environment_variables or {}), **served_as},
         "liveness_probe": source.liveness_probe,
         "readiness_probe": source.readiness_probe,
         "request_settings": source.request_settings,
         "app_insights_enabled": source.app_insights_enabled,
+        "data_collector": source.data_collector,
+        "egress_public_network_access": source.egress_public_network_access,
     }
+
+
+#: A collection's data asset as Azure answers it (an ARM id) or as written (`azureml:name:v`).
+_DATA_ASSET = re.compile(
+    r"(?:/data/|^azureml:)(?P<name>[^/:]+)(?:/versions/|:)(?P<version>[^/:]+)$", re.IGNORECASE
+)
+
+
+def _data_asset(held: Any, endpoint: str, deployment: str, collection: str) -> tuple[str, str]:
+    """(name, version) of the data asset a collection writes to; ("", "") for the deployment's
+    own default one, which azure-ai-ml registers as `<endpoint>-<deployment>-<collection>`,
+    version 1, when a collection names none (as it does for the deployment it is sent for)."""
+    if held is None:
+        return "", ""
+    if isinstance(held, str):
+        found = _DATA_ASSET.search(held)
+        if found is None:
+            raise RouterRefused(
+                f"deployment {endpoint}/{deployment}: data collection {collection!r} writes to "
+                f"{held!r}, which names no workspace data asset aml-rollout can send back"
+            )
+        name, version = found["name"], found["version"]
+    else:  # a DataAsset, as `_collector_for` makes them
+        name, version = str(held.name or ""), str(held.version or "")
+    own = f"{endpoint}-{deployment}-{collection}".lower()
+    return ("", "") if (name.lower(), version) in ((own, "1"), ("", "")) else (name, version)
+
+
+def _collection_view(collector: Any, endpoint: str, deployment: str) -> Any:
+    """Deployment `deployment`'s model data collection in a form `==` compares (azure-ai-ml's
+    classes compare by identity): its own default data asset whatever Azure calls it."""
+    if collector is None:
+        return None
+    logging = collector.request_logging
+    headers = getattr(logging, "capture_headers", None) if logging is not None else None
+    return (
+        sorted(
+            (
+                key,
+                str(collection.enabled).lower() == "true",
+                _data_asset(collection.data, endpoint, deployment, key),
+                collection.client_id,
+            )
+            for key, collection in (collector.collections or {}).items()
+        ),
+        getattr(collector, "sampling_rate", None),  # azure-ai-ml deletes it when sending
+        str(getattr(collector.rolling_rate, "value", collector.rolling_rate) or "").lower(),
+        sorted(headers or ()),
+    )
+
+
+def _egress_closed(flag: Any) -> bool:
+    """Whether a deployment's `egress_public_network_access` closes its egress (Azure's
+    default, when unset, is Enabled; read back, an enum whose str() is its class's name)."""
+    return str(getattr(flag, "value", flag) or "").lower() == "disabled"
+
+
+def _same_setting(field: str, held: Any, wanted: Any, endpoint: str, deployment: str) -> bool:
+    """Whether deployment `deployment` holds setting `field` (a keyword of `_serving`) as
+    `wanted`."""
+    if field == "data_collector":
+        return bool(
+            _collection_view(held, endpoint, deployment)
+            == _collection_view(wanted, endpoint, deployment)
+        )
+    if field == "egress_public_network_access":
+        return _egress_closed(held) == _egress_closed(wanted)
+    # `==` only: azure-ai-ml's settings classes answer `!=` None with NotImplemented.
+    return bool(held == wanted)
 
 
 def _read_deployment(ml_client: Any, endpoint: str, name: str) -> Any:
@@ -316,9 +404,12 @@ def _read_deployment(ml_client: Any, endpoint: str, name: str) -> Any:
     another setting: an operator's timeout cut at every promotion, blue timing out where green
     does not. So this reads through the REST operation `get` itself calls, and takes the
     durations from what that parsed (timedeltas, exact); ManagedOnlineDeployment writes
-    fractional seconds and milliseconds exactly. Those are two private names of azure-ai-ml
-    (the ones its `get` uses, at environment.yml's pin): an SDK without them gets the public
-    `get`, whole seconds and all, and a warning, rather than a router that cannot read.
+    fractional seconds and milliseconds exactly. What else the SDK reads short of what Azure
+    holds is mended from the same answer: the model's mount path (not read at all) and a data
+    collection's mode (read as off unless spelt "Enabled"). Those are two private names of
+    azure-ai-ml (the ones its `get` uses, at environment.yml's pin): an SDK without them gets
+    the public `get`, whole seconds and all, and a warning, rather than a router that cannot
+    read.
     """
     from azure.ai.ml.entities import OnlineDeployment
 
@@ -350,6 +441,21 @@ def _read_deployment(ml_client: Any, endpoint: str, name: str) -> Any:
             probe.timeout = _exactly(read.timeout, _S, probe.timeout)
             probe.period = _exactly(read.period, _S, probe.period)
             probe.initial_delay = _exactly(read.initial_delay, _S, probe.initial_delay)
+    # azure-ai-ml's read drops the model's mount path (its write sends it): sent back without
+    # it, a redeploy moved the model to Azure's default path, out of a custom container's sight.
+    if getattr(deployment, "model_mount_path", None) is None:
+        deployment.model_mount_path = getattr(held, "model_mount_path", None)
+    # azure-ai-ml sends a collection's mode as "enabled" and reads it back as on only when
+    # spelt "Enabled": Azure's own spelling, whatever it answers, is the one that holds.
+    collected = getattr(held, "data_collector", None)
+    if collected is not None and deployment.data_collector is not None:
+        for key, collection in (collected.collections or {}).items():
+            mode = getattr(
+                collection.data_collection_mode, "value", collection.data_collection_mode
+            )
+            if key in deployment.data_collector.collections:
+                enabled = str(mode).lower() == "enabled"
+                deployment.data_collector.collections[key].enabled = str(enabled).lower()
     return deployment
 
 
@@ -508,6 +614,8 @@ class AzureMLRouter:
                 **(existing.environment_variables or {}),
                 **served_as,
             }
+            if "data_collector" not in (serving or {}):  # a green, or a blue with no green
+                deployment.data_collector = self._collector_for(existing.data_collector, name, name)
             for field, value in (serving or {}).items():
                 setattr(deployment, field, value)
             if self._environment:
@@ -636,7 +744,8 @@ class AzureMLRouter:
         back, or not removed) keeps what it has — an operator may have given the candidate
         what green lacks on purpose (a variable its new score script reads, a longer
         readiness delay) — and takes green's for what it lacks: a variable green has and it
-        does not, a probe or request settings it has none of. (Was: green's replaced all of
+        does not, a probe, request settings or data collection it has none of; and its egress
+        closed where green's is (`_egress_closed`). (Was: green's replaced all of
         its own, silently, and a redeploy of the same release restarted every instance.) An
         existing green keeps its own: they are production's, which an operator tunes. None too
         when the other colour is absent (a first release): Azure's defaults, or what the
@@ -647,17 +756,71 @@ class AzureMLRouter:
         other = self._get_deployment(self.names[colour.other])
         if other is None:
             return None
+        name = self.names[colour]
         serving = _serving(other, served_as)
+        serving["data_collector"] = self._collector_for(
+            other.data_collector, self.names[colour.other], name
+        )
         if existing is None:
             return serving
         own = _serving(existing, served_as)
+        own["data_collector"] = self._collector_for(existing.data_collector, name, name)
         filled = {key: own[key] if own[key] is not None else serving[key] for key in serving}
         filled["environment_variables"] = {
             **(other.environment_variables or {}),
             **(existing.environment_variables or {}),
             **served_as,
         }
+        # Not a setting an operator tunes but the endpoint's network isolation: a blue whose
+        # egress is open (Azure's default, which every blue made before green's was copied
+        # has) where green's is closed breaks the policy green follows, so it is closed.
+        if _egress_closed(other.egress_public_network_access):
+            filled["egress_public_network_access"] = other.egress_public_network_access
         return filled
+
+    def _collector_for(self, held: Any, source: str, target: str) -> Any:
+        """Deployment `source`'s model data collection (`held`, as Azure reads it; None: none)
+        as one to send for deployment `target`: the same collections, sampling, rolling rate
+        and headers. A collection writing to `source`'s own default data asset writes to
+        `target`'s (azure-ai-ml registers it), one writing to a data asset an operator named
+        to that asset, its path read (one read each): azure-ai-ml registers every collection's
+        data asset before the PUT, and takes the ARM id Azure answers for a DataAsset
+        (AttributeError: a deployment that collects data could not be sent back at all).
+        """
+        if held is None:
+            return None
+        from azure.ai.ml.entities import (
+            DataAsset,
+            DataCollector,
+            DeploymentCollection,
+            RequestLogging,
+        )
+
+        collections = {}
+        for key, collection in (held.collections or {}).items():
+            name, version = _data_asset(collection.data, self.endpoint, source, key)
+            data = None
+            if name:
+                found = self._call(
+                    f"data asset {name}:{version}",
+                    functools.partial(self._ml.data.get, name=name, version=version),
+                )
+                # (typed int; a data asset's version is a string, which azure-ai-ml passes on)
+                data = DataAsset(name=name, version=version, path=found.path)  # type: ignore[arg-type]
+            collections[key] = DeploymentCollection(
+                enabled=collection.enabled, data=data, client_id=collection.client_id
+            )
+        logging = held.request_logging
+        return DataCollector(
+            collections,
+            rolling_rate=held.rolling_rate,
+            sampling_rate=getattr(held, "sampling_rate", None),
+            request_logging=(
+                None
+                if logging is None
+                else RequestLogging(capture_headers=list(logging.capture_headers or []))
+            ),
+        )
 
     def _holds(
         self,
@@ -675,12 +838,15 @@ class AzureMLRouter:
         environment's `name@latest` is resolved (one read), and only when all else is held."""
         tags = deployment.tags or {}
         variables = deployment.environment_variables or {}
+        deployment_name = self.names[colour]
         if (
             _state(deployment).lower() != "succeeded"
             or any(tags.get(key) != value for key, value in release_tags(release).items())
             or any(variables.get(k) != v for k, v in _served_as(colour, release).items())
-            # `==` only: azure-ai-ml's settings classes answer `!=` None with NotImplemented.
-            or not all(getattr(deployment, k) == v for k, v in (serving or {}).items())
+            or not all(
+                _same_setting(k, getattr(deployment, k), v, self.endpoint, deployment_name)
+                for k, v in (serving or {}).items()
+            )
         ):
             return False
         if not _is_asset(deployment.model, "models", f"azureml:{release.ref}"):

@@ -1324,6 +1324,9 @@ def test_redeploy_keeps_what_an_operator_set_on_the_deployment(
     dep["properties"]["requestSettings"] = {"requestTimeout": "PT1.5S", "maxQueueWait": "PT0.5S"}
     dep["properties"]["livenessProbe"] = {"timeout": "PT2.5S", "period": "PT30S"}
     dep["properties"]["appInsightsEnabled"] = True
+    # Where its custom container looks for the model (was: azure-ai-ml's read drops it, so the
+    # redeploy moved the model back to Azure's default path, out of the container's sight).
+    dep["properties"]["modelMountPath"] = "/var/models/diabetes"
     dep["properties"]["environmentId"] = dep["properties"]["environmentId"].replace("/2", "/1")
     arm.put(path, dep)
 
@@ -1341,10 +1344,135 @@ def test_redeploy_keeps_what_an_operator_set_on_the_deployment(
     assert props["requestSettings"] == {"requestTimeout": "PT1.5S", "maxQueueWait": "PT0.5S"}
     assert props["livenessProbe"] == {"timeout": "PT2.5S", "period": "PT30S"}
     assert props["appInsightsEnabled"] is True
+    assert props["modelMountPath"] == "/var/models/diabetes"
     assert props["model"].endswith("/models/diabetes/versions/2")
     assert props["environmentId"].endswith("/environments/diabetes-env/versions/2")  # configured
     assert after["tags"]["owner"] == "ml-platform"
     assert after["tags"]["aml-rollout.version"] == "2"
+
+
+def _collect_and_isolate(
+    ml_client: Any, router: AzureMLRouter, colour: Colour, *, named: bool, egress: str
+) -> None:
+    """Deployment `colour` as an operator sets it up through azure-ai-ml: model data collection
+    (model inputs to Azure's default data asset; with `named`, model outputs to a data asset
+    of their own, as a team's monitor reads it) and the legacy network isolation's egress flag."""
+    from azure.ai.ml.entities import (
+        DataAsset,
+        DataCollector,
+        DeploymentCollection,
+        RequestLogging,
+    )
+
+    name = router.names[colour]
+    deployment = ml_client.online_deployments.get(name=name, endpoint_name=router.endpoint)
+    collections = {"model_inputs": DeploymentCollection(enabled="true")}
+    if named:
+        collections["model_outputs"] = DeploymentCollection(
+            enabled="true",
+            data=DataAsset(
+                name="prod-outputs",
+                version="3",
+                path="azureml://datastores/workspaceblobstore/paths/prod/outputs",
+            ),
+        )
+    deployment.data_collector = DataCollector(
+        collections,
+        sampling_rate=0.25 if named else 1.0,
+        rolling_rate="Hour",
+        request_logging=RequestLogging(capture_headers=["x-request-id"]) if named else None,
+    )
+    deployment.egress_public_network_access = egress
+    ml_client.online_deployments.begin_create_or_update(deployment).result()
+
+
+def _collects(router: AzureMLRouter, name: str, *, named: bool) -> dict[str, Any]:
+    """The dataCollector of `_collect_and_isolate(named=...)` as the PUT of deployment `name`
+    carries it: model inputs to `name`'s own default data asset, named outputs to theirs."""
+    sampled = 0.25 if named else 1.0
+    inputs = f"{WORKSPACE}/data/{router.endpoint}-{name}-model_inputs/versions/1"
+    collections = {
+        "model_inputs": {"dataCollectionMode": "enabled", "dataId": inputs, "samplingRate": sampled}
+    }
+    if named:
+        collections["model_outputs"] = {
+            "dataCollectionMode": "enabled",
+            "dataId": f"{WORKSPACE}/data/prod-outputs/versions/3",
+            "samplingRate": sampled,
+        }
+    return {
+        "collections": collections,
+        "rollingRate": "Hour",
+        **({"requestLogging": {"captureHeaders": ["x-request-id"]}} if named else {}),
+    }
+
+
+@pytest.mark.parametrize(
+    ("blue_before", "collects_as"),
+    [
+        pytest.param(None, "green", id="new-blue"),
+        # Made before green collected (or by a release of aml-rollout that did not copy it),
+        # with Azure's default egress: green's collection, and the network isolation green has.
+        pytest.param({"egress": "Enabled"}, "green", id="leftover-blue-without-either"),
+        # Its own collection is kept (as every setting it has); an egress open where green's is
+        # closed is not a setting but a breach of the isolation: closed.
+        pytest.param(
+            {"egress": "Enabled", "collects": True}, "blue", id="leftover-blue-collecting"
+        ),
+    ],
+)
+def test_a_candidate_collects_data_and_stays_isolated_as_green_does(
+    arm: FakeArm, ml_client: Any, blue_before: dict[str, Any] | None, collects_as: str
+) -> None:
+    """Blue collects its production inputs and outputs as green does (the same collections,
+    sampling, rolling and headers; to its own default data asset where green writes to green's,
+    to the data asset green names where it names one) and keeps green's closed egress. Was: a
+    new blue went without either — its answers missing from the team's monitoring while it
+    served, and its egress open on an endpoint whose isolation policy closes it."""
+    router = make_router(ml_client)
+    router.deploy(Colour.GREEN, V1)
+    if blue_before is not None:
+        router.deploy(Colour.BLUE, V1)
+        if blue_before.get("collects"):
+            _collect_and_isolate(
+                ml_client, router, Colour.BLUE, named=False, egress=blue_before["egress"]
+            )
+        else:
+            _tune(
+                arm,
+                f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments/blue",
+                {"egressPublicNetworkAccess": blue_before["egress"]},
+            )
+    _collect_and_isolate(ml_client, router, Colour.GREEN, named=True, egress="Disabled")
+    before = _deploy_puts(arm, router, Colour.BLUE)
+
+    router.deploy(Colour.BLUE, V2)
+
+    _, sent = list(iter_calls(arm, "PUT", "/deployments/blue$"))[-1]
+    assert sent["properties"]["egressPublicNetworkAccess"] == "Disabled"
+    assert sent["properties"]["dataCollector"] == _collects(
+        router, "blue", named=collects_as == "green"
+    )
+    assert _deploy_puts(arm, router, Colour.BLUE) == before + 1
+    # A retry (a deploy that timed out while Azure finished it) finds it all held: no PUT.
+    router.deploy(Colour.BLUE, V2)
+    assert _deploy_puts(arm, router, Colour.BLUE) == before + 1
+
+
+def test_a_redeploy_keeps_the_deployments_data_collection(arm: FakeArm, ml_client: Any) -> None:
+    """Green collecting data is redeployed (a promotion's Blue_Green step) with its own
+    collection and egress as they were. Was: azure-ai-ml's PUT took the data asset Azure
+    answers (an ARM id) for one it registers, and failed on it: AttributeError, a traceback."""
+    router = make_router(ml_client)
+    router.deploy(Colour.GREEN, V1)
+    _collect_and_isolate(ml_client, router, Colour.GREEN, named=True, egress="Disabled")
+
+    router.deploy(Colour.GREEN, V2)
+
+    _, sent = list(iter_calls(arm, "PUT", "/deployments/green$"))[-1]
+    assert sent["properties"]["dataCollector"] == _collects(router, "green", named=True)
+    assert sent["properties"]["egressPublicNetworkAccess"] == "Disabled"
+    assert identity(router.release(Colour.GREEN)) == identity(V2)
 
 
 def test_an_sdk_without_its_private_read_falls_back_to_the_public_get(
