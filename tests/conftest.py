@@ -25,24 +25,32 @@ settings.load_profile("aml-rollout")
 
 
 @pytest.fixture(autouse=True)
-def azure_log_levels() -> Iterator[None]:
-    """The Azure SDKs' log levels as they were before the test, and no import hook of
-    `quiet_azure_logs` left behind: a command a test runs quiets `azure`, `azure.identity` and
-    `azure.ai.ml` (and azure-ai-ml's own loggers) for the rest of its xdist worker otherwise,
-    and a later test's caplog sees none of their records. Every `azure*` logger is restored,
-    those three among them."""
+def loggers_as_they_were() -> Iterator[None]:
+    """Every logger as it was before the test, and no import hook of `quiet_azure_logs` left
+    behind: a command a test runs quiets `azure`, `azure.identity` and `azure.ai.ml` (and
+    azure-ai-ml's own loggers), `httpx` and others for the rest of its xdist worker otherwise,
+    and a later test's caplog sees none of their records.
+
+    A logger's level, handlers, propagation and `disabled` are put back; one the test created
+    (azure-ai-ml imported in it, a logger of the test's own) is reset to a new logger's
+    (NOTSET, no handler, propagating): was, only the `azure*` loggers that existed before were
+    restored, and only their level. The root logger is pytest's (caplog's handlers and level).
+    """
     from rollout.azure_credential import QuietAzureML
 
-    loggers = logging.Logger.manager.loggerDict
-    named = ("azure", "azure.identity", "azure.ai.ml")
-    levels = {
-        name: logging.getLogger(name).level
-        for name in {*named, *(n for n in list(loggers) if n.startswith("azure."))}
+    before = {
+        name: (found.level, found.propagate, found.disabled, list(found.handlers))
+        for name, found in list(logging.Logger.manager.loggerDict.items())
+        if isinstance(found, logging.Logger)
     }
     hooks = set(map(id, sys.meta_path))
     yield
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
+    fresh = (logging.NOTSET, True, False, [])
+    for name, found in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(found, logging.Logger):
+            level, found.propagate, found.disabled, handlers = before.get(name, fresh)
+            found.setLevel(level)  # through setLevel: it clears the loggers' level caches
+            found.handlers[:] = handlers
     sys.meta_path[:] = [
         finder
         for finder in sys.meta_path

@@ -3,7 +3,7 @@
 It validates its inputs, then calls the engine's public API (`rollout.api.run_rollout`) with the
 package as the candidate release. It never pretends: if the engine cannot be imported it fails
 with "rollout engine not available". The rollout's state and JSONL ledger go to the `result`
-output, with `result.json` {phase, reason, ledger, candidate, stable}.
+output, with `result.json` {phase, reason, ledger, candidate, stable, tags}.
 
 With `--registry`, the registry follows traffic once the rollout ends, exactly as the trigger's
 in-process delivery does (`aml_pipelines.delivery.follow_traffic`): promoted → the candidate is
@@ -11,7 +11,10 @@ in-process delivery does (`aml_pipelines.delivery.follow_traffic`): promoted →
 candidate is `stage=rolled-back` with `rollback_reason`. This is what keeps the registry true when
 the rollout runs inside an Azure ML job (the deploy pipeline), where no trigger process sees its
 outcome. A paused rollout changes no tag. Tags that cannot be written fail the step (exit 1): the
-traffic moved, and a registry that says otherwise must not look like success.
+traffic moved, and a registry that says otherwise must not look like success. The outcome reaches
+`result.json` all the same, whatever the tagging raised: its `tags` says `written`, or `not
+written: <why>` (null without `--registry`; `pending` in the copy a rollout writes before tagging,
+which a step killed meanwhile leaves).
 
 A model's first release (green serving nothing, no `stable:` in the spec, and no production
 version in `--registry`) has nothing to be compared with: as in the trigger's delivery
@@ -57,6 +60,10 @@ _EXIT_BY_PHASE = {
     "Inconclusive": EXIT_PAUSED,  # a first release's check: a human's call
 }
 _PACKAGE_KEYS = ("model", "version", "sha256", "image")
+#: result.json's `tags` (null without --registry): written, or "not written: <why>"; pending in
+#: the copy written before tagging, which a step killed meanwhile leaves.
+TAGS_WRITTEN = "written"
+TAGS_PENDING = "pending"
 
 
 class InvalidInput(Exception):
@@ -154,20 +161,26 @@ def main(argv: list[str] | None = None) -> int:
                 args.result,
             )
             return EXIT_INTERRUPTED
-    write_json(
-        args.result / "result.json",
-        {
-            "phase": str(result.phase),
-            "reason": result.reason,
-            "ledger": str(result.ledger_path),
-            "candidate": asdict(result.candidate) if result.candidate else None,
-            "stable": asdict(result.stable) if result.stable else None,
-        },
-    )
+    outcome = {
+        "phase": str(result.phase),
+        "reason": result.reason,
+        "ledger": str(result.ledger_path),
+        "candidate": asdict(result.candidate) if result.candidate else None,
+        "stable": asdict(result.stable) if result.stable else None,
+        "tags": TAGS_PENDING if args.registry else None,
+    }
+    # Written before the tags too: a step killed while tagging still leaves its outcome.
+    write_json(args.result / "result.json", outcome)
     log.info("rollout ended %s: %s (ledger %s)", result.phase, result.reason, result.ledger_path)
-    if args.registry and not _follow_traffic(args.registry, candidate, result):
-        return 1
-    return _EXIT_BY_PHASE.get(str(result.phase), 1)
+    if not args.registry:
+        return _EXIT_BY_PHASE.get(str(result.phase), 1)
+    registry = args.registry
+    written = _tag_then_record(
+        args.result,
+        lambda: _follow_traffic(registry, candidate, result),
+        lambda tags: outcome | {"tags": tags},
+    )
+    return _EXIT_BY_PHASE.get(str(result.phase), 1) if written["tags"] == TAGS_WRITTEN else 1
 
 
 class _RegistryUnreadable(Exception):
@@ -217,29 +230,61 @@ def _check_first(
     check, reason, ledger = check_first_release(
         spec, candidate, state_dir=args.result, router=router, clock=clock
     )
-    tagged = not args.registry or _tag_first(args.registry, candidate, check, reason)
-    # Read once tagged: a report, which fails nothing that was deployed and tagged.
-    traffic = served_traffic(router, candidate.ref)
     phase = FIRST_CHECK_OUTCOMES.get(check, FAILED)
-    said = first_release_reason(candidate.model, int(candidate.version), check, reason, traffic)
-    write_json(
-        args.result / "result.json",
-        {
+
+    def record(tags: str | None) -> dict[str, Any]:
+        # Read once tagged: a report, which fails nothing that was deployed and tagged.
+        traffic = served_traffic(router, candidate.ref)
+        return {
             "phase": phase,
-            "reason": said,
+            "reason": first_release_reason(
+                candidate.model, int(candidate.version), check, reason, traffic
+            ),
             "ledger": str(ledger),
             "candidate": asdict(candidate),
             "stable": None,
             "first_check": check,
             "traffic": traffic,
-        },
-    )
-    log.log(logging.ERROR if phase == FAILED else logging.INFO, "%s", said)
-    return _EXIT_BY_PHASE.get(phase, 1) if tagged else 1
+            "tags": tags,
+        }
+
+    if args.registry:
+        registry = args.registry
+        written = _tag_then_record(
+            args.result, lambda: _tag_first(registry, candidate, check, reason), record
+        )
+    else:
+        written = record(None)
+        write_json(args.result / "result.json", written)
+    log.log(logging.ERROR if phase == FAILED else logging.INFO, "%s", written["reason"])
+    return _EXIT_BY_PHASE.get(phase, 1) if written["tags"] in (None, TAGS_WRITTEN) else 1
 
 
-def _tag_first(registry_spec: str, candidate: Any, check: str, reason: str) -> bool:
-    """Tag a first release after its check; False (logged) when that failed."""
+def _tag_then_record(
+    folder: Path, tag: Callable[[], str | None], record: Callable[[str], dict[str, Any]]
+) -> dict[str, Any]:
+    """`tag()` (None, or why the tags were not written), then `record(tags)` written to
+    `folder/result.json` and returned, whatever `tag` raised; `tags` is TAGS_WRITTEN or
+    "not written: <why>".
+
+    The traffic moved before the tags are written: an error nobody mapped (a bug, an SDK's own
+    exception, an interrupt) must not take the outcome with it. It still propagates after the
+    record, with its traceback."""
+    tags = TAGS_PENDING
+    try:
+        failed = tag()
+        tags = TAGS_WRITTEN if failed is None else f"not written: {failed}"
+    except BaseException as exc:
+        tags = f"not written: {type(exc).__name__}: {exc}"
+        raise
+    finally:
+        written = record(tags)
+        write_json(folder / "result.json", written)
+    return written
+
+
+def _tag_first(registry_spec: str, candidate: Any, check: str, reason: str) -> str | None:
+    """Tag a first release after its check; why not (logged) when that failed."""
     from aml_pipelines.delivery import tag_first_release
 
     def tag(registry: Any, model: str, version: int) -> None:
@@ -248,8 +293,8 @@ def _tag_first(registry_spec: str, candidate: Any, check: str, reason: str) -> b
     return _write_tags(registry_spec, candidate, f"the first release was checked ({check})", tag)
 
 
-def _follow_traffic(registry_spec: str, candidate: Any, result: Any) -> bool:
-    """Tag the registry after the rollout's outcome; False (logged) when that failed."""
+def _follow_traffic(registry_spec: str, candidate: Any, result: Any) -> str | None:
+    """Tag the registry after the rollout's outcome; why not (logged) when that failed."""
     from aml_pipelines.delivery import follow_traffic
 
     phase = getattr(result.phase, "value", str(result.phase))
@@ -262,9 +307,9 @@ def _follow_traffic(registry_spec: str, candidate: Any, result: Any) -> bool:
 
 def _write_tags(
     registry_spec: str, candidate: Any, done: str, tag: Callable[[Any, str, int], None]
-) -> bool:
-    """`tag(registry, model, version)` on the candidate's version (which logs each tag); False,
-    logged as "`done` but the registry tags were not written", when that failed."""
+) -> str | None:
+    """`tag(registry, model, version)` on the candidate's version (which logs each tag); None
+    when done, else why not, logged as "`done` but the registry tags were not written"."""
     from aml_pipelines.errors import PipelineError
     from aml_pipelines.registry.factory import open_registry
 
@@ -275,10 +320,10 @@ def _write_tags(
         # listings) would get no tags and no error: the registry would not follow traffic.
         registry.get(candidate.model, version)
         tag(registry, candidate.model, version)
-    except (PipelineError, ValueError) as exc:
+    except (PipelineError, ValueError, OSError) as exc:  # OSError: one the registry left unmapped
         log.error("%s but the registry tags were not written: %s", done, exc)
-        return False
-    return True
+        return str(exc)
+    return None
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ def test_runs_the_engine_on_a_dry_run_spec(
     assert written["phase"] == phase
     assert written["candidate"]["version"] == "1" and written["candidate"]["image"] == "r/m:1"
     assert Path(written["ledger"]).is_file()
+    assert written["tags"] is None  # no --registry: nothing to tag
 
 
 def test_engine_not_available_fails_without_pretending(
@@ -137,6 +138,7 @@ def test_with_a_registry_the_tags_follow_traffic(
             "--result", str(tmp_path / "result")]  # fmt: skip
     assert main(argv) == exit_code
     assert {v.version: v.stage for v in registry.list_versions("m")} == stages
+    assert json.loads((tmp_path / "result" / "result.json").read_text())["tags"] == "written"
     if exit_code == EXIT_ROLLED_BACK:
         assert registry.get("m", 2).tags["rollback_reason"]
 
@@ -165,6 +167,61 @@ def test_a_version_the_registry_does_not_hold_fails_the_step(
     assert main(argv) == 1
     assert "the rollout ended Succeeded but the registry tags were not written" in caplog.text
     assert "model 'm' version 1 not found" in caplog.text
+    tags = json.loads((tmp_path / "result" / "result.json").read_text())["tags"]
+    assert tags.startswith("not written: ") and "version 1 not found" in tags
+
+
+@pytest.mark.parametrize(
+    ("failure", "one_line"),
+    [
+        # an OSError the registry did not map (a disk, a socket): the user's to fix, one line
+        pytest.param(ConnectionResetError(104, "Connection reset by peer"), True, id="oserror"),
+        # nobody expected it: its traceback goes on, the outcome is recorded first
+        pytest.param(RuntimeError("the SDK broke"), False, id="unexpected"),
+    ],
+)
+@pytest.mark.parametrize("first_release", [False, True], ids=["rollout", "first-release"])
+def test_tags_that_fail_unexpectedly_still_leave_the_outcome_in_result_json(
+    tmp_path: Path,
+    package: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failure: Exception,
+    one_line: bool,
+    first_release: bool,
+) -> None:
+    """Only PipelineError/ValueError were caught around the tagging: any other error left the
+    first release's step with no result.json (written after the tags), and the rollout's
+    result.json said nothing of the tags, so the pipeline lost the outcome of a release that had
+    really moved traffic. It is recorded whatever the tagging raised, and the step fails."""
+    from aml_pipelines.registry.local import LocalRegistry
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise failure
+
+    registry = _registry_holding_m1(tmp_path)
+    monkeypatch.setattr(LocalRegistry, "set_tags", refuse)
+    spec = _first(tmp_path) if first_release else _spec(tmp_path)
+    result = tmp_path / "result"
+    argv = ["--package", str(package), "--spec", str(spec),
+            "--registry", f"local:{registry.root}", "--result", str(result)]  # fmt: skip
+    if one_line:
+        assert main(argv) == 1
+        assert "but the registry tags were not written: [Errno 104]" in caplog.text
+    else:
+        with pytest.raises(RuntimeError, match="the SDK broke"):
+            main(argv)
+    written = json.loads((result / "result.json").read_text())
+    assert written["phase"] == "Succeeded"
+    assert written["candidate"]["version"] == "1"
+    assert written["tags"].startswith("not written: ")
+    assert str(failure) in written["tags"]
+    if first_release:
+        assert (written["first_check"], written["traffic"]) == (
+            "Successful",
+            {"green": 100, "blue": 0},
+        )
+    assert registry.get("m", 1).stage == "candidate"
 
 
 FIRST_SPEC = """
@@ -251,6 +308,7 @@ def test_a_models_first_release_is_deployed_and_checked_on_the_absolute_limits(
     assert summary["traffic"] == {"green": 100, "blue": 0}  # as read back from the router
     assert summary["reason"].startswith("first release of m: deployed to green with all traffic")
     assert says in summary["reason"]
+    assert summary["tags"] == "written"
     tags = registry.get("m", 1).tags
     assert (tags["stage"], tags["first_check"]) == ("production", check)
     assert (says in tags.get("first_check_reason", "")) == (check != "Successful")

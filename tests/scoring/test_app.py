@@ -765,6 +765,58 @@ def test_a_body_over_the_buffered_total_is_a_429_to_retry(
     assert sample(registry, "scoring_requests_total", "429") == 1
 
 
+def _until_eof(conn: socket.socket) -> bytes:
+    """All `conn` receives until the server closes it (a server that keeps it open: timeout)."""
+    received = b""
+    while data := conn.recv(65536):
+        received += data
+    return received
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["declared", "chunked"])
+def test_a_429_for_the_buffered_total_closes_its_connection_and_a_new_one_is_served(
+    loaded: LoadedModel, registry: CollectorRegistry, declared: bool
+) -> None:
+    """The 429 says `Connection: close` (its body was dropped, maybe not all arrived): the
+    server really closes that connection, and the client's retry on a new one is served. On a
+    real uvicorn with the production protocol, over raw sockets."""
+    from scoring.httpguard import GuardedHttpToolsProtocol
+
+    app = create_app(
+        loaded, registry=registry, colour="blue", max_body_bytes=1000, max_buffered_body_bytes=1000
+    )
+    head = b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    with running_server(app, http=GuardedHttpToolsProtocol) as url:
+        address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        with (
+            socket.create_connection(address, timeout=10) as holder,
+            socket.create_connection(address, timeout=10) as refused,
+        ):
+            holder.sendall(head + b"Content-Length: 700\r\n\r\n" + BODY_700[:600])
+            deadline = time.monotonic() + 10
+            while buffered(registry) != 600:  # the holder's 600 bytes are held
+                assert time.monotonic() < deadline, buffered(registry)
+                time.sleep(0.01)
+            if declared:
+                refused.sendall(head + b"Content-Length: 700\r\n\r\n" + BODY_700)
+            else:
+                chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(BODY_700), BODY_700)
+                refused.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked)
+            answer = _until_eof(refused)  # closed by the server, or a timeout fails the test
+            holder.sendall(BODY_700[600:])
+            held = holder.recv(65536)
+        # The retry, on a new connection, once the holder's body has ended.
+        retried = httpx.post(f"{url}/score", content=BODY_700, timeout=10)
+    head_lines = answer.split(b"\r\n\r\n", 1)[0].lower().split(b"\r\n")
+    assert head_lines[0] == b"http/1.1 429 too many requests", answer
+    assert b"connection: close" in head_lines and b"retry-after: 1" in head_lines, answer
+    assert held.startswith(b"HTTP/1.1 200 "), held
+    assert retried.status_code == 200, retried.text
+    assert sample(registry, "scoring_requests_total", "429") == 1
+    assert sample(registry, "scoring_requests_total", "200") == 2
+    assert buffered(registry) == 0
+
+
 @pytest.mark.parametrize(
     ("body", "status"),
     [
