@@ -20,9 +20,6 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-from pydantic_core import ErrorDetails
-
 from rollout.config import MemoryRouterConfig
 from rollout.core.types import Colour, Release, Weights
 from rollout.errors import RouterError, RouterRefused
@@ -126,62 +123,73 @@ class MemoryRouter:
 
     def _load(self, path: Path) -> None:
         try:
-            state = _State.model_validate_json(path.read_bytes())
-        except OSError as exc:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            state = _json_object(data, "the file holds")
+            self._weights = _weights_from(_json_object(_field(state, "weights"), "`weights` is"))
+            self._releases = _releases_from(
+                _json_object(_field(state, "releases"), "`releases` is")
+            )
+        except (OSError, ValueError) as exc:
             raise RouterError(f"memory router state {path} is unreadable: {exc}") from exc
-        except ValidationError as exc:
-            problems = "; ".join(map(_problem, exc.errors(include_url=False)))
-            raise RouterError(f"memory router state {path} is unreadable: {problems}") from None
-        self._weights, self._releases = state.weights, state.releases
+        except RecursionError as exc:  # (json's, on arrays nested thousands deep)
+            raise RouterError(f"memory router state {path} is unreadable: nested too deep") from exc
 
 
-class _State(BaseModel):
-    """The state file's shape, checked by pydantic against the core's own types (strict: no
-    "10" or 10.5 or true for a weight, no null for a string unless the type allows it): JSON of
-    another shape (a hand edit, another tool's file) raised AttributeError or TypeError from
-    deep inside, or loaded weights of 10.5 %."""
+# The state file's shape, checked field by field: JSON of another shape (a hand edit, another
+# tool's file) raised AttributeError or TypeError from deep inside, or loaded weights of 10.5 %.
 
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    weights: Weights
-    releases: dict[Colour, Release]
+_WEIGHTS = ("blue", "green", "mirror")
+_RELEASE_FIELDS = {f.name for f in fields(Release)}
+#: The release fields that may be null (the others are strings; model and version required).
+_NULLABLE = {"image", "model_dir", "deployment"}
 
 
-#: What a pydantic error type says of the value it rejected.
-_NOT = {
-    "int_type": "a whole number",
-    "string_type": "a string",
-    "dict_type": "an object",
-    "dataclass_type": "an object",
-    "model_type": "an object",
-}
-#: What a field under each top-level key is, and which there are (for "is no ..." messages).
-_FIELDS = {
-    "weights": ("weight", [f.name for f in fields(Weights)]),
-    "releases": ("release field", [f.name for f in fields(Release)]),
-}
+def _weights_from(data: dict[str, Any]) -> Weights:
+    """The `weights` object as Weights: whole numbers for blue and green (mirror optional)."""
+    for name, value in data.items():
+        if name not in _WEIGHTS:
+            raise ValueError(f"`weights.{name}` is no weight ({', '.join(_WEIGHTS)})")
+        if type(value) is not int:  # (not a bool, nor 10.0)
+            raise ValueError(f"`weights.{name}` is {_shown(value)}, not a whole number")
+    for name in _WEIGHTS[:2]:
+        _field(data, name, "weights.")
+    try:
+        return Weights(**data)
+    except ValueError as exc:  # out of range, not summing to 100
+        raise ValueError(f"`weights`: {exc}") from exc
 
 
-def _problem(error: ErrorDetails) -> str:
-    """One pydantic error as a line naming the field: "`weights.blue` is "10", not a whole
-    number", "`releases.blue.version` is missing"."""
-    loc = [str(part) for part in error["loc"] if part != "[key]"]
-    where, kind, ctx = ".".join(loc), error["type"], error.get("ctx", {})
-    if kind in _NOT:
-        subject = f"`{where}` is" if where else "the file holds"
-        return f"{subject} {_shown(error['input'])}, not {_NOT[kind]}"
-    if kind == "missing":
-        return f"`{where}` is missing"
-    if kind == "unexpected_keyword_argument":
-        noun, names = _FIELDS[loc[0]]
-        return f"`{where}` is no {noun} ({', '.join(names)})"
-    if kind == "enum":  # the only enum: a colour key of `releases`
-        return f"`{where}` is no colour ({', '.join(c.value for c in Colour)})"
-    if kind == "value_error":  # Weights' own checks: out of range, not summing to 100
-        return f"`{where}`: {ctx['error']}"
-    if kind == "json_invalid":
-        return f"not JSON: {ctx['error']}"
-    return f"`{where}`: {error['msg']}"
+def _releases_from(data: dict[str, Any]) -> dict[Colour, Release]:
+    """The `releases` object (colour: the Release's fields, strings; some may be null)."""
+    releases: dict[Colour, Release] = {}
+    for key, value in data.items():
+        if key not in {c.value for c in Colour}:
+            raise ValueError(f"`releases.{key}` is no colour (blue, green)")
+        release = _json_object(value, f"`releases.{key}` is")
+        for name, field_value in release.items():
+            where = f"`releases.{key}.{name}`"
+            if name not in _RELEASE_FIELDS:
+                raise ValueError(f"{where} is no release field")
+            if not isinstance(field_value, str) and not (field_value is None and name in _NULLABLE):
+                raise ValueError(f"{where} is {_shown(field_value)}, not a string")
+        for name in ("model", "version"):
+            _field(release, name, f"releases.{key}.")
+        releases[Colour(key)] = Release(**release)
+    return releases
+
+
+def _json_object(value: Any, what: str) -> dict[str, Any]:
+    """`value` if a JSON object; else ValueError: "`what` a list, not an object"."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} {_shown(value)}, not an object")
+    return value
+
+
+def _field(data: dict[str, Any], name: str, prefix: str = "") -> Any:
+    """`data[name]`; ValueError naming `prefix + name` when it is missing."""
+    if name not in data:
+        raise ValueError(f"`{prefix}{name}` is missing")
+    return data[name]
 
 
 def _shown(value: Any) -> str:

@@ -71,8 +71,7 @@ GOOD = {"weights": {"blue": 10, "green": 90}, "releases": {"blue": GOOD_RELEASE}
         # Were loaded: weights no router serves, written back to every journal line.
         pytest.param(
             {**GOOD, "weights": {"blue": 10.5, "green": 89.5}},
-            "`weights.blue` is 10.5, not a whole number; `weights.green` is 89.5, not a whole "
-            "number", id="weight-fraction",
+            "`weights.blue` is 10.5, not a whole number", id="weight-fraction",
         ),
         pytest.param(
             {**GOOD, "weights": {"blue": True, "green": 90}},
@@ -111,8 +110,7 @@ GOOD = {"weights": {"blue": 10, "green": 90}, "releases": {"blue": GOOD_RELEASE}
         ),
         pytest.param(
             {**GOOD, "releases": {"blue": {**GOOD_RELEASE, "colour": "blue"}}},
-            "`releases.blue.colour` is no release field (model, version, sha256, image, "
-            "model_dir, deployment)", id="release-unknown-field",
+            "`releases.blue.colour` is no release field", id="release-unknown-field",
         ),
     ],
 )  # fmt: skip
@@ -138,5 +136,5 @@ def test_a_state_file_of_the_right_shape_loads(tmp_path: Path) -> None:
 def test_a_state_file_nested_too_deep_is_a_router_error(tmp_path: Path) -> None:
     path = tmp_path / "routes.json"
     path.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")  # (was RecursionError)
-    with pytest.raises(RouterError, match=r"routes\.json is unreadable: not JSON: recursion limit"):
+    with pytest.raises(RouterError, match=r"routes\.json is unreadable: nested too deep$"):
         MemoryRouter(state_file=path)
