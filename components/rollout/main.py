@@ -167,12 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         "ledger": str(result.ledger_path),
         "candidate": asdict(result.candidate) if result.candidate else None,
         "stable": asdict(result.stable) if result.stable else None,
-        "tags": TAGS_PENDING if args.registry else None,
+        "tags": None,
     }
-    # Written before the tags too: a step killed while tagging still leaves its outcome.
-    write_json(args.result / "result.json", outcome)
     log.info("rollout ended %s: %s (ledger %s)", result.phase, result.reason, result.ledger_path)
     if not args.registry:
+        write_json(args.result / "result.json", outcome)
         return _EXIT_BY_PHASE.get(str(result.phase), 1)
     registry = args.registry
     written = _tag_then_record(
@@ -269,8 +268,10 @@ def _tag_then_record(
 
     The traffic moved before the tags are written: an error nobody mapped (a bug, an SDK's own
     exception, an interrupt) must not take the outcome with it. It still propagates after the
-    record, with its traceback."""
+    record, with its traceback. Written first with `tags` TAGS_PENDING too: a step killed
+    while tagging (SIGKILL, the node lost) still leaves its outcome."""
     tags = TAGS_PENDING
+    write_json(folder / "result.json", record(tags))
     try:
         failed = tag()
         tags = TAGS_WRITTEN if failed is None else f"not written: {failed}"

@@ -193,16 +193,20 @@ def test_tags_that_fail_unexpectedly_still_leave_the_outcome_in_result_json(
     """Only PipelineError/ValueError were caught around the tagging: any other error left the
     first release's step with no result.json (written after the tags), and the rollout's
     result.json said nothing of the tags, so the pipeline lost the outcome of a release that had
-    really moved traffic. It is recorded whatever the tagging raised, and the step fails."""
+    really moved traffic. It is recorded whatever the tagging raised, and the step fails; and
+    before the tagging began, as pending: a step killed while tagging still leaves it."""
     from aml_pipelines.registry.local import LocalRegistry
 
+    result = tmp_path / "result"
+    while_tagging: list[Any] = []
+
     def refuse(*args: Any, **kwargs: Any) -> None:
+        while_tagging.append(json.loads((result / "result.json").read_text()))
         raise failure
 
     registry = _registry_holding_m1(tmp_path)
     monkeypatch.setattr(LocalRegistry, "set_tags", refuse)
     spec = _first(tmp_path) if first_release else _spec(tmp_path)
-    result = tmp_path / "result"
     argv = ["--package", str(package), "--spec", str(spec),
             "--registry", f"local:{registry.root}", "--result", str(result)]  # fmt: skip
     if one_line:
@@ -212,6 +216,8 @@ def test_tags_that_fail_unexpectedly_still_leave_the_outcome_in_result_json(
         with pytest.raises(RuntimeError, match="the SDK broke"):
             main(argv)
     written = json.loads((result / "result.json").read_text())
+    assert [w["tags"] for w in while_tagging] == ["pending"]
+    assert while_tagging[0]["phase"] == written["phase"]
     assert written["phase"] == "Succeeded"
     assert written["candidate"]["version"] == "1"
     assert written["tags"].startswith("not written: ")
