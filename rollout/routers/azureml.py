@@ -300,9 +300,10 @@ def _serving(source: Any, served_as: Mapping[str, str]) -> dict[str, Any]:
     environment variables (a variable the score script needs missing: 5xx blamed on the
     model), probes (Azure's defaults: restarts of a model slow to load), request settings
     (timeout and requests per instance: 408s and 429s where green answers), App Insights,
-    model data collection (as Azure reads it: `_collector_for` makes it one to send) and the
-    egress flag (legacy network isolation); with `served_as`, the release's own variables, on
-    top.
+    model data collection (as Azure reads it: `_collector_for` makes it one to send), the
+    egress flag (legacy network isolation) and the model's mount path (both colours run the
+    router's environment: a custom container looks for the model where green's finds it); with
+    `served_as`, the release's own variables, on top.
 
     ManagedOnlineDeployment's other fields, and why they do not follow green (see
     docs/azureml-endpoint.md, `deploy`): model, environment, code_configuration (and
@@ -311,8 +312,7 @@ def _serving(source: Any, served_as: Mapping[str, str]) -> dict[str, Any]:
     instance_count: the router's configuration when it creates one, its own after (an operator
     scales the candidate, and the docs say to size blue as green); scale_settings: a managed
     deployment takes DefaultScaleSettings only, nothing to copy (autoscale is an Azure Monitor
-    resource of its own); model_mount_path: where the candidate's container finds its model,
-    which goes with its environment.
+    resource of its own).
     """
     return {
         "environment_variables": {**(source.environment_variables or {}), **served_as},
@@ -322,6 +322,7 @@ def _serving(source: Any, served_as: Mapping[str, str]) -> dict[str, Any]:
         "app_insights_enabled": source.app_insights_enabled,
         "data_collector": source.data_collector,
         "egress_public_network_access": source.egress_public_network_access,
+        "model_mount_path": getattr(source, "model_mount_path", None),
     }
 
 

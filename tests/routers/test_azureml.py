@@ -1408,6 +1408,37 @@ def _collects(router: AzureMLRouter, name: str, *, named: bool) -> dict[str, Any
 
 
 @pytest.mark.parametrize(
+    "blue_before", [None, "/opt/blue-models"], ids=["new-blue", "leftover-blue"]
+)
+def test_a_candidate_finds_its_model_where_greens_container_looks(
+    arm: FakeArm, ml_client: Any, blue_before: str | None
+) -> None:
+    """Both colours run the router's environment: a new blue mounts its model where green's
+    (custom) container looks for it (was: Azure's default path, a container that never found
+    its model, its failure blamed on the candidate); a leftover blue keeps its own."""
+    router = make_router(ml_client, environment="azureml:diabetes-env:2")
+    router.deploy(Colour.GREEN, V1)
+    if blue_before is not None:
+        router.deploy(Colour.BLUE, V1)
+        _tune(
+            arm,
+            f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments/blue",
+            {"modelMountPath": blue_before},
+        )
+    _tune(
+        arm,
+        f"{WORKSPACE}/onlineEndpoints/{router.endpoint}/deployments/green",
+        {"modelMountPath": "/var/models/diabetes"},
+    )
+    router.deploy(Colour.BLUE, V2)
+    _, sent = list(iter_calls(arm, "PUT", "/deployments/blue$"))[-1]
+    assert sent["properties"]["modelMountPath"] == (blue_before or "/var/models/diabetes")
+    puts = _deploy_puts(arm, router, Colour.BLUE)
+    router.deploy(Colour.BLUE, V2)  # a retry finds it held: no PUT
+    assert _deploy_puts(arm, router, Colour.BLUE) == puts
+
+
+@pytest.mark.parametrize(
     ("blue_before", "collects_as"),
     [
         pytest.param(None, "green", id="new-blue"),
