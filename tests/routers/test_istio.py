@@ -53,6 +53,7 @@ from tests.fakes.kube_apiserver import ApiError, FakeKubeApiServer
 from tests.fakes.server import Answering
 from tests.routers.contract import V1, V2, RouterContract, identity
 from tests.routers.test_manifests import errors as schema_errors
+from tests.state.helpers import InstantTime
 
 LAYOUT = m.IstioLayout(namespace="ml", app="diabetes")
 VS = ("virtualservices", "diabetes", "ml", m.ISTIO_GROUP)
@@ -1775,7 +1776,12 @@ def _status_too_late(api: FakeKubeApiServer) -> None:
     cfg = KubernetesStateConfig(namespace="ml", api_url=api.url)
     objects = StateObjects(namespace="ml", rollout="diabetes")
     client = kubeapi.api_client(cfg, "state")
-    store = KubernetesStateStore(objects, client, request_timeout_s=0.1, outage_s=0)  # one try
+    # Held by no controller, a save is tried for CLI_OUTAGE_S (outage_s binds a lease holder
+    # only): a minute of real pauses, in no time on a clock its sleep advances.
+    instant = InstantTime()
+    store = KubernetesStateStore(
+        objects, client, request_timeout_s=0.1, monotonic=instant.monotonic, sleep=instant.sleep
+    )
     store.save(Status(name="diabetes", phase=Phase.PROGRESSING))
 
 
