@@ -742,19 +742,34 @@ def probe_metrics(spec: Any, router: Any) -> Any:
     first release's check begins). Asked first, a delivery the trigger retries every interval
     until they can be read costs one trivial query per retry: no packaging of the model again,
     and no log line saying it goes to green when nothing will. The caller closes the provider
-    it gets (`_close`)."""
+    it gets (`_close`).
+
+    A secret or certificate the client is built with that cannot be read now (an environment
+    variable unset, a token file missing, empty or being rewritten, a CA file gone: rollout's
+    ConfigError naming the field) is metrics that cannot be read too, retried, not an invalid
+    spec closing the version Failed: the spec was validated when loaded, and what building the
+    client checks beyond it is what it reads from the environment and files. A variable
+    misnamed for good is retried for good, as a wrong `metrics.url` is, and said the same way.
+    """
+    from rollout.errors import ConfigError as SpecError
     from rollout.errors import MetricsError
     from rollout.metrics.factory import make_metrics
 
-    metrics = make_metrics(spec.metrics, router=router, latency=spec.analysis.latency)
+    def unreadable(exc: Exception) -> MetricsError:
+        return MetricsError(
+            f"metrics unreadable, nothing deployed: {exc} (check the spec's `metrics:`, or bring "
+            "the backend up: the trigger retries it)"
+        )
+
+    try:
+        metrics = make_metrics(spec.metrics, router=router, latency=spec.analysis.latency)
+    except SpecError as exc:
+        raise unreadable(exc) from exc
     try:
         metrics.probe()
     except MetricsError as exc:
         _close(metrics)
-        raise MetricsError(
-            f"metrics unreadable, nothing deployed: {exc} (check the spec's `metrics:`, or bring "
-            "the backend up: the trigger retries it)"
-        ) from exc
+        raise unreadable(exc) from exc
     return metrics
 
 

@@ -26,7 +26,10 @@ Crash semantics (SIGKILL anywhere):
   the delivery path turns into a *resume* (the package step is idempotent; the rollout engine
   continues the rollout of the same candidate from its state store); a rollout that already ended
   is not run again: the start-up reconcile writes its tags, which then settle the entry with the
-  rollout's outcome. `attempts` counts the entries into delivery;
+  rollout's outcome. An error on the way, even one that closes a version before its rollout
+  (a corrupted model, an invalid spec: PERMANENT), leaves one whose rollout is live in the state
+  store open, to be resumed once it is gone: closed, its rollout had no controller for good.
+  `attempts` counts the entries into delivery;
 - after `done`: nothing to do. So each version is delivered once, and none is skipped.
 
 A version awaited from the registry: each miss puts off the version's next read (in memory,
@@ -110,7 +113,8 @@ log = logging.getLogger(__name__)
 
 #: Errors after which a version cannot be delivered as things stand (a missing or corrupted model,
 #: an invalid spec): close it as Failed instead of retrying forever. Anything else (a network
-#: error, a router that is down) leaves it open, to be resumed on the next attempt.
+#: error, a router that is down) leaves it open, to be resumed on the next attempt — and so does
+#: any of these while the version's rollout is live in the state store (`_kept_live`).
 PERMANENT = (ModelNotFound, IntegrityError, ConfigError, SpecError)
 #: Stages a version only reaches through a delivery: such a version is never delivered again.
 DELIVERED = frozenset({Stage.PRODUCTION, Stage.ARCHIVED, Stage.ROLLED_BACK})
@@ -449,13 +453,19 @@ class Dispatcher:
                 return closed
             if self._missed(entry, model):
                 return None  # still open: read again later, the lock let go meanwhile
+            if self._kept_live(model, version, exc):
+                raise
             return self._fail(model, version, exc, MISSING, self._missing_retries(entry))
         except PERMANENT as exc:
+            if self._kept_live(model, version, exc):
+                raise
             return self._fail(model, version, exc)
         self._misses.pop((model, version), None)
         try:
             settled = self._settled(entry, model_version)
         except PERMANENT as exc:
+            if self._kept_live(model, version, exc, model_version.sha256):
+                raise
             return self._fail(model, version, exc)
         if settled is not None:
             outcome_name, reason = settled
@@ -492,13 +502,13 @@ class Dispatcher:
             )
             self.entered = None
         except PERMANENT as exc:
+            if self._kept_live(model, version, exc, model_version.sha256):
+                raise
             return self._fail(model, version, exc)
         except Exception as exc:
             # Left open, to be retried: `trigger status` tells why it waits. An unexpected error
             # too (a full disk, a path that is not a folder): it is retried as a known one is.
-            self._failing.add((model, version))
-            why = f"waits, to be retried: {describe(exc)}"
-            self.store.update(model, version, lambda e: replace(e, reason=why))
+            self._retried(model, version, f"waits, to be retried: {describe(exc)}")
             raise
         finally:
             self._delivering = None
@@ -506,6 +516,33 @@ class Dispatcher:
         if outcome.phase != SUPERSEDED:  # _superseded_meanwhile said it
             log.info("delivered %s v%d: %s %s", model, version, outcome.phase, outcome.reason)
         return outcome
+
+    def _kept_live(
+        self, model: str, version: int, exc: Exception, sha256: str | None = None
+    ) -> bool:
+        """Whether `exc`, an error that closes a version for good (PERMANENT, or not in the
+        registry), leaves it open instead, to be retried as a resume: True when its rollout is
+        live in the state store (killed mid-rollout, the version `started`). Closed, it left that
+        rollout with no controller (blue serving its share, nothing to resume it) and every later
+        version waiting for it for ever; retried, it goes on once the error is gone: a secret the
+        resumed rollout's metrics read, a registry version damaged or removed meanwhile (`sha256`:
+        the version's, once read; None, its number alone identifies it). A state store that
+        cannot be read raises its own error here, which keeps the version open too."""
+        view = self.delivery.current()
+        if view is None or not view.active or not view.of(model, version, sha256):
+            return False
+        self._retried(
+            model,
+            version,
+            f"waits, to be retried as a resume (its rollout is live in the state store): "
+            f"{describe(exc)}",
+        )
+        return True
+
+    def _retried(self, model: str, version: int, why: str) -> None:
+        """Leave `version` open, to be retried after an error; `trigger status` tells `why`."""
+        self._failing.add((model, version))
+        self.store.update(model, version, lambda e: replace(e, reason=why))
 
     def _missing_retries(self, entry: Entry) -> Sequence[float]:
         """The pauses before asking again for a version the registry does not hold: only for
