@@ -14,6 +14,7 @@ rollout engine (memory router, simulated traffic, fake clock):
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -24,12 +25,16 @@ import pytest
 from aml_pipelines import delivery as delivery_module
 from aml_pipelines.delivery import (
     EngineDelivery,
+    package_release,
 )
 from aml_pipelines.errors import IntegrityError, ModelNotFound
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger.dispatch import Dispatcher
 from aml_pipelines.trigger.store import Step, TriggerStore
+from aml_pipelines.trigger.watcher import Watcher
+from rollout.api import bootstrap, run_rollout
 from rollout.controller import FakeClock
+from rollout.core.types import Release
 from rollout.errors import ConfigError as SpecError
 from rollout.errors import MetricsError
 from tests.trigger.fakes import register
@@ -193,3 +198,60 @@ def test_a_secret_unreadable_as_a_delivery_begins_is_retried_not_failed(
     assert entry.reason.startswith("waits, to be retried: metrics unreadable, nothing deployed")
     assert delivery.current() is None
     assert not (tmp_path / "rollout" / "packages").exists()  # nothing packaged either
+
+
+def test_a_damaged_old_candidate_of_the_last_rollout_blocks_no_delivery(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was: reconcile read the last rollout's candidate with `registry.get`, which re-hashes it:
+    # IntegrityError at every `watch --once` (exit 2) and every start, no version ever delivered
+    # again, though its tags had long been written.
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="candidate")
+    delivery = EngineDelivery(registry, _spec(tmp_path, 0.5), clock=FakeClock(1_000.0))
+    assert delivery.deliver(registry.get("diabetes", 1)).phase == "Succeeded"  # first release
+    register(registry, tmp_path, stage="candidate")
+    assert delivery.deliver(registry.get("diabetes", 2)).phase == "RolledBack"
+    model_file = registry.root / "diabetes" / "2" / "model.skops"
+    model_file.write_bytes(model_file.read_bytes() + b"x")  # history, damaged since
+    register(registry, tmp_path, stage="candidate")
+
+    dispatcher = Dispatcher(TriggerStore(tmp_path / "trigger"), registry, delivery)
+    watcher = Watcher(registry, "diabetes", dispatcher, required_tags={"stage": "candidate"})
+    caplog.set_level(logging.WARNING, "aml_pipelines.delivery")
+    outcomes = watcher.run(once=True)
+    assert [(o.version, o.phase) for o in outcomes] == [(3, "RolledBack")]  # v3 delivered
+    assert _starts(tmp_path) == ["2", "3"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "aml_pipelines.delivery"]
+    assert any(
+        line.startswith("last rollout (diabetes:2, RolledBack): cannot check its candidate: ")
+        and "diabetes:2 is corrupted" in line
+        and line.endswith("nothing to reconcile")
+        for line in warned
+    ), warned
+
+
+def test_a_hand_rollout_under_a_name_the_registry_cannot_hold_blocks_no_delivery(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was: `registry.get("acme/diabetes", 2)` raised the registry's ConfigError (an invalid
+    # model name) at every reconcile; a hand rollout of a build the registry lacks ("2-hotfix",
+    # a missing number) was already "nothing to reconcile".
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="production")
+    spec = _spec(tmp_path, 0.01)
+    delivery = EngineDelivery(registry, spec, clock=FakeClock(1_000.0))
+    v1 = package_release(registry.get("diabetes", 1), delivery.state_dir, image_registry="local")
+    bootstrap(spec, v1, state_dir=delivery.state_dir)
+    hand = Release(model="acme/diabetes", version="2", sha256="ab" * 32, model_dir=v1.model_dir)
+    ended = run_rollout(
+        spec, candidate=hand, state_dir=delivery.state_dir, clock=FakeClock(2_000.0), restart=True
+    )
+    assert ended.phase.value == "Succeeded"
+    register(registry, tmp_path, stage="candidate")
+
+    dispatcher = Dispatcher(TriggerStore(tmp_path / "trigger"), registry, delivery)
+    watcher = Watcher(registry, "diabetes", dispatcher, required_tags={"stage": "candidate"})
+    caplog.set_level(logging.WARNING, "aml_pipelines.delivery")
+    assert [(o.version, o.phase) for o in watcher.run(once=True)] == [(2, "Succeeded")]
+    assert "last rollout (acme/diabetes:2, Succeeded): cannot check its candidate: " in caplog.text
