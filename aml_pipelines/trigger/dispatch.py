@@ -80,6 +80,7 @@ from aml_pipelines.delivery import (
     Delivery,
     DeliveryOutcome,
     RolloutView,
+    short_reason,
 )
 from aml_pipelines.errors import (
     ConfigError,
@@ -674,8 +675,9 @@ class Dispatcher:
         - Its stage records a delivery. For a version we had started, that is our rollout's
           outcome (the tags are written after it ended; a restart's reconcile may have just
           written them), so no second rollout is run — nor a second check of a first release,
-          whose `first_check` tag gives the outcome. For a pending one, someone else delivered
-          it (e.g. Event Grid redelivers an old event after the state folder was lost): skipped.
+          whose `first_check` tag gives the outcome; `stage=rolled-back` is Failed or RolledBack
+          as the state store says (`_rolled_back`). For a pending one, someone else delivered it
+          (e.g. Event Grid redelivers an old event after the state folder was lost): skipped.
         - A newer version is in production (a crash left it open while another trigger moved
           on, or events arrived out of order): rolling it out would downgrade production.
         - A pending version withdrawn (archived in the Azure ML studio) before its delivery: a
@@ -690,7 +692,7 @@ class Dispatcher:
         stage = version.stage
         if stage in DELIVERED and entry.step is Step.STARTED:
             if stage == Stage.ROLLED_BACK:
-                return ROLLED_BACK, version.tags.get(REASON_TAG, "")
+                return self._rolled_back(version)
             check = version.tags.get(FIRST_CHECK_TAG) if stage == Stage.PRODUCTION else None
             if check is not None:  # a first release, tagged after its check
                 recorded = f"registry records stage={stage}, {FIRST_CHECK_TAG}={check}"
@@ -713,6 +715,26 @@ class Dispatcher:
         if newest > version.version:
             return SKIPPED, f"older than the production version {newest}"
         return None
+
+    def _rolled_back(self, version: ModelVersion) -> tuple[str, str]:
+        """(outcome, reason) of a started version the registry records `stage=rolled-back`.
+
+        The tag is written for a rollout that ended Failed (blue could not be deployed) as for
+        one rolled back (plan_tags): the delivery that wrote it said Failed (`watch --once` exit
+        5), and settled from the registry after a kill short of `done` it became RolledBack
+        (exit 3). So the ended rollout in the state store says which, when it is this version's
+        and the one these tags record (its reason is their `rollback_reason`: not a pipeline
+        job's status, nor a rollout tagged again by hand since); else the registry's word."""
+        reason = version.tags.get(REASON_TAG, "")
+        view = self.delivery.current()
+        if (
+            view is not None
+            and view.phase == FAILED
+            and view.of(version.name, version.version, version.sha256)
+            and reason == short_reason(view.reason, view.phase)
+        ):
+            return FAILED, view.reason
+        return ROLLED_BACK, reason
 
     def _fail(
         self,

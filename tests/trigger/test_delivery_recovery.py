@@ -17,6 +17,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +25,26 @@ import pytest
 
 from aml_pipelines import delivery as delivery_module
 from aml_pipelines.delivery import (
+    DeliveryOutcome,
     EngineDelivery,
+    RolloutView,
+    TagChange,
+    follow_traffic,
     package_release,
 )
 from aml_pipelines.errors import IntegrityError, ModelNotFound
+from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
+from aml_pipelines.trigger.cli import once_exit_code
 from aml_pipelines.trigger.dispatch import Dispatcher
 from aml_pipelines.trigger.store import Step, TriggerStore
 from aml_pipelines.trigger.watcher import Watcher
 from rollout.api import bootstrap, run_rollout
 from rollout.controller import FakeClock
-from rollout.core.types import Release
+from rollout.core.types import Colour, Release
 from rollout.errors import ConfigError as SpecError
-from rollout.errors import MetricsError
+from rollout.errors import DeployFailed, MetricsError
+from rollout.routers.memory import MemoryRouter
 from tests.trigger.fakes import register
 from tests.trigger.test_delivery import _spec
 
@@ -255,3 +263,130 @@ def test_a_hand_rollout_under_a_name_the_registry_cannot_hold_blocks_no_delivery
     caplog.set_level(logging.WARNING, "aml_pipelines.delivery")
     assert [(o.version, o.phase) for o in watcher.run(once=True)] == [(2, "Succeeded")]
     assert "last rollout (acme/diabetes:2, Succeeded): cannot check its candidate: " in caplog.text
+
+
+class _BlueNeverReady:
+    """A memory router whose blue deploys never become ready (an image pull back-off)."""
+
+    problem = "pods never ready: image pull back-off"
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        deploy = MemoryRouter.deploy
+
+        def refused(router: MemoryRouter, colour: Colour, release: Release) -> None:
+            if colour is Colour.BLUE:
+                raise DeployFailed(self.problem)
+            deploy(router, colour, release)
+
+        monkeypatch.setattr(MemoryRouter, "deploy", refused)
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["uninterrupted", "killed-after-tags"])
+def test_a_failed_rollout_keeps_its_outcome_when_killed_after_its_tags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, killed: bool
+) -> None:
+    # Was: the restart settled it from the registry, whose `stage=rolled-back` is written for a
+    # Failed rollout as for a rolled-back one: RolledBack, `watch --once` exit 3 instead of 5.
+    _BlueNeverReady(monkeypatch)
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    store = TriggerStore(tmp_path / "trigger")
+    store.accept("diabetes", 2, "watch")
+
+    def dispatcher() -> Dispatcher:
+        return Dispatcher(
+            store, registry, EngineDelivery(registry, _spec(tmp_path, 0.01), clock=FakeClock(1e3))
+        )
+
+    if killed:
+        close = Dispatcher._close
+
+        def cut(self: Dispatcher, *args: Any) -> Any:
+            raise SystemExit("killed after the tags, before the cursor said done")
+
+        monkeypatch.setattr(Dispatcher, "_close", cut)
+        with pytest.raises(SystemExit):
+            dispatcher().drain("diabetes")
+        monkeypatch.setattr(Dispatcher, "_close", close)
+        assert store.load("diabetes").entries[2].step is Step.STARTED
+        assert registry.get("diabetes", 2).stage == "rolled-back"
+    [outcome] = dispatcher().drain("diabetes")
+    assert (outcome.phase, once_exit_code([outcome.phase])) == ("Failed", 5)
+    assert outcome.reason == f"diabetes:2 could not be deployed to blue: {_BlueNeverReady.problem}"
+    entry = store.load("diabetes").entries[2]
+    assert (entry.outcome, entry.reason) == ("Failed", outcome.reason)
+    assert _starts(tmp_path) == ["2"]  # settled, not rolled out again
+
+
+class _EndedRollout:
+    """A delivery whose state store holds one ended rollout, `view`; it delivers nothing."""
+
+    def __init__(self, view: RolloutView) -> None:
+        self.view = view
+
+    def current(self) -> RolloutView:
+        return self.view
+
+    def deliver(self, version: ModelVersion, **_kw: Any) -> DeliveryOutcome:
+        raise AssertionError(f"v{version.version} settled from the registry: not delivered")
+
+    def abort(self, reason: str) -> None:
+        raise AssertionError("nothing to abort")
+
+    def reconcile(self) -> list[TagChange]:
+        return []
+
+
+BLUE_NEVER_READY = "diabetes:2 could not be deployed to blue: image pull back-off"
+
+
+@pytest.mark.parametrize(
+    ("view", "tagged", "settled"),
+    [
+        pytest.param(
+            RolloutView("diabetes", 2, "Failed", BLUE_NEVER_READY),
+            ("Failed", BLUE_NEVER_READY),
+            ("Failed", BLUE_NEVER_READY),
+            id="its-failed-rollout",
+        ),
+        pytest.param(
+            RolloutView("diabetes", 2, "RolledBack", "canary error rate 4 %"),
+            ("RolledBack", "canary error rate 4 %"),
+            ("RolledBack", "canary error rate 4 %"),
+            id="its-rolled-back-rollout",
+        ),
+        # --delivery pipeline: a job whose rollout rolled back ends Failed, its step's reason
+        # in the tag.
+        pytest.param(
+            RolloutView("diabetes", 2, "Failed", "pipeline job j2 is Failed"),
+            ("RolledBack", "canary error rate 4 %"),
+            ("RolledBack", "canary error rate 4 %"),
+            id="a-pipeline-job-failed-by-its-rollback",
+        ),
+        pytest.param(
+            RolloutView("diabetes", 2, "Failed", BLUE_NEVER_READY),
+            ("RolledBack", "rolled back by hand"),
+            ("RolledBack", "rolled back by hand"),
+            id="tagged-again-by-hand-since",
+        ),
+        pytest.param(
+            RolloutView("diabetes", 3, "Failed", BLUE_NEVER_READY),
+            ("Failed", BLUE_NEVER_READY),
+            ("RolledBack", BLUE_NEVER_READY),
+            id="the-store-holds-another-version",
+        ),
+    ],
+)
+def test_a_started_version_tagged_rolled_back_settles_as_its_rollout_ended(
+    tmp_path: Path, view: RolloutView, tagged: tuple[str, str], settled: tuple[str, str]
+) -> None:
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    follow_traffic(registry, "diabetes", 2, *tagged)  # what the delivery wrote before a kill
+    store = TriggerStore(tmp_path / "trigger")
+    store.accept("diabetes", 2, "watch")
+    store.update("diabetes", 2, lambda e: replace(e, step=Step.STARTED, attempts=1))
+    [outcome] = Dispatcher(store, registry, _EndedRollout(view)).drain("diabetes")
+    assert (outcome.phase, outcome.reason) == settled
