@@ -46,7 +46,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from aml_pipelines.errors import ConfigError, ModelNotFound, RegistryError, TriggerError
+from aml_pipelines.errors import (
+    ConfigError,
+    IntegrityError,
+    ModelNotFound,
+    RegistryError,
+    TriggerError,
+)
 from aml_pipelines.registry.base import STAGE_TAG, ModelRegistry, ModelVersion, Stage
 
 if TYPE_CHECKING:
@@ -438,9 +444,10 @@ def reconcile(
 ) -> list[TagChange]:
     """Repair tags after a crash between "traffic moved" and "tags written" (idempotent).
 
-    Only a rollout of a version of this registry is replayed — not one of a build it does not
-    hold (a hand-made `rollout start`), nor of another version under the same number (other
-    bits: the registry was reset since) — and, when `still_serves` is given, only while it says
+    Only a rollout of a sound version of this registry is replayed — not one of a build it does
+    not hold (a hand-made `rollout start`, under a number or a name it lacks or cannot hold), nor
+    of another version under the same number (other bits: the registry was reset since), nor of
+    one damaged since (each logged) — and, when `still_serves` is given, only while it says
     green still serves the rollout's outcome (otherwise the outcome is history: `starts_anew`).
     """
     if view is None or view.active or not _of_registry(registry, view):
@@ -474,6 +481,13 @@ def _of_registry(registry: ModelRegistry, view: RolloutView) -> bool:
         held = registry.get(view.model, view.candidate)
     except ModelNotFound:
         log.warning("%s is not a version of this registry: nothing to reconcile", said)
+        return False
+    except (IntegrityError, ConfigError) as exc:
+        # A version damaged since (the listings step over it, with a warning: so does this), or
+        # a hand rollout under a name the registry cannot hold: no sound version of it to tag.
+        # Raised, it stopped every delivery after it (reconcile runs before each `watch --once`
+        # pass and at every start), though its tags were written long ago.
+        log.warning("%s: cannot check its candidate: %s; nothing to reconcile", said, exc)
         return False
     if _other_bits(view.sha256, held.sha256):
         log.warning(
@@ -742,19 +756,34 @@ def probe_metrics(spec: Any, router: Any) -> Any:
     first release's check begins). Asked first, a delivery the trigger retries every interval
     until they can be read costs one trivial query per retry: no packaging of the model again,
     and no log line saying it goes to green when nothing will. The caller closes the provider
-    it gets (`_close`)."""
+    it gets (`_close`).
+
+    A secret or certificate the client is built with that cannot be read now (an environment
+    variable unset, a token file missing, empty or being rewritten, a CA file gone: rollout's
+    ConfigError naming the field) is metrics that cannot be read too, retried, not an invalid
+    spec closing the version Failed: the spec was validated when loaded, and what building the
+    client checks beyond it is what it reads from the environment and files. A variable
+    misnamed for good is retried for good, as a wrong `metrics.url` is, and said the same way.
+    """
+    from rollout.errors import ConfigError as SpecError
     from rollout.errors import MetricsError
     from rollout.metrics.factory import make_metrics
 
-    metrics = make_metrics(spec.metrics, router=router, latency=spec.analysis.latency)
+    def unreadable(exc: Exception) -> MetricsError:
+        return MetricsError(
+            f"metrics unreadable, nothing deployed: {exc} (check the spec's `metrics:`, or bring "
+            "the backend up: the trigger retries it)"
+        )
+
+    try:
+        metrics = make_metrics(spec.metrics, router=router, latency=spec.analysis.latency)
+    except SpecError as exc:
+        raise unreadable(exc) from exc
     try:
         metrics.probe()
     except MetricsError as exc:
         _close(metrics)
-        raise MetricsError(
-            f"metrics unreadable, nothing deployed: {exc} (check the spec's `metrics:`, or bring "
-            "the backend up: the trigger retries it)"
-        ) from exc
+        raise unreadable(exc) from exc
     return metrics
 
 

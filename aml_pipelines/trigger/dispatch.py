@@ -26,7 +26,10 @@ Crash semantics (SIGKILL anywhere):
   the delivery path turns into a *resume* (the package step is idempotent; the rollout engine
   continues the rollout of the same candidate from its state store); a rollout that already ended
   is not run again: the start-up reconcile writes its tags, which then settle the entry with the
-  rollout's outcome. `attempts` counts the entries into delivery;
+  rollout's outcome. An error on the way, even one that closes a version before its rollout
+  (a corrupted model, an invalid spec: PERMANENT), leaves one whose rollout is live in the state
+  store open, to be resumed once it is gone: closed, its rollout had no controller for good.
+  `attempts` counts the entries into delivery;
 - after `done`: nothing to do. So each version is delivered once, and none is skipped.
 
 A version awaited from the registry: each miss puts off the version's next read (in memory,
@@ -77,6 +80,7 @@ from aml_pipelines.delivery import (
     Delivery,
     DeliveryOutcome,
     RolloutView,
+    short_reason,
 )
 from aml_pipelines.errors import (
     ConfigError,
@@ -110,7 +114,8 @@ log = logging.getLogger(__name__)
 
 #: Errors after which a version cannot be delivered as things stand (a missing or corrupted model,
 #: an invalid spec): close it as Failed instead of retrying forever. Anything else (a network
-#: error, a router that is down) leaves it open, to be resumed on the next attempt.
+#: error, a router that is down) leaves it open, to be resumed on the next attempt — and so does
+#: any of these while the version's rollout is live in the state store (`_kept_live`).
 PERMANENT = (ModelNotFound, IntegrityError, ConfigError, SpecError)
 #: Stages a version only reaches through a delivery: such a version is never delivered again.
 DELIVERED = frozenset({Stage.PRODUCTION, Stage.ARCHIVED, Stage.ROLLED_BACK})
@@ -449,13 +454,19 @@ class Dispatcher:
                 return closed
             if self._missed(entry, model):
                 return None  # still open: read again later, the lock let go meanwhile
+            if self._kept_live(model, version, exc):
+                raise
             return self._fail(model, version, exc, MISSING, self._missing_retries(entry))
         except PERMANENT as exc:
+            if self._kept_live(model, version, exc):
+                raise
             return self._fail(model, version, exc)
         self._misses.pop((model, version), None)
         try:
             settled = self._settled(entry, model_version)
         except PERMANENT as exc:
+            if self._kept_live(model, version, exc, model_version.sha256):
+                raise
             return self._fail(model, version, exc)
         if settled is not None:
             outcome_name, reason = settled
@@ -492,13 +503,13 @@ class Dispatcher:
             )
             self.entered = None
         except PERMANENT as exc:
+            if self._kept_live(model, version, exc, model_version.sha256):
+                raise
             return self._fail(model, version, exc)
         except Exception as exc:
             # Left open, to be retried: `trigger status` tells why it waits. An unexpected error
             # too (a full disk, a path that is not a folder): it is retried as a known one is.
-            self._failing.add((model, version))
-            why = f"waits, to be retried: {describe(exc)}"
-            self.store.update(model, version, lambda e: replace(e, reason=why))
+            self._retried(model, version, f"waits, to be retried: {describe(exc)}")
             raise
         finally:
             self._delivering = None
@@ -506,6 +517,33 @@ class Dispatcher:
         if outcome.phase != SUPERSEDED:  # _superseded_meanwhile said it
             log.info("delivered %s v%d: %s %s", model, version, outcome.phase, outcome.reason)
         return outcome
+
+    def _kept_live(
+        self, model: str, version: int, exc: Exception, sha256: str | None = None
+    ) -> bool:
+        """Whether `exc`, an error that closes a version for good (PERMANENT, or not in the
+        registry), leaves it open instead, to be retried as a resume: True when its rollout is
+        live in the state store (killed mid-rollout, the version `started`). Closed, it left that
+        rollout with no controller (blue serving its share, nothing to resume it) and every later
+        version waiting for it for ever; retried, it goes on once the error is gone: a secret the
+        resumed rollout's metrics read, a registry version damaged or removed meanwhile (`sha256`:
+        the version's, once read; None, its number alone identifies it). A state store that
+        cannot be read raises its own error here, which keeps the version open too."""
+        view = self.delivery.current()
+        if view is None or not view.active or not view.of(model, version, sha256):
+            return False
+        self._retried(
+            model,
+            version,
+            f"waits, to be retried as a resume (its rollout is live in the state store): "
+            f"{describe(exc)}",
+        )
+        return True
+
+    def _retried(self, model: str, version: int, why: str) -> None:
+        """Leave `version` open, to be retried after an error; `trigger status` tells `why`."""
+        self._failing.add((model, version))
+        self.store.update(model, version, lambda e: replace(e, reason=why))
 
     def _missing_retries(self, entry: Entry) -> Sequence[float]:
         """The pauses before asking again for a version the registry does not hold: only for
@@ -637,8 +675,9 @@ class Dispatcher:
         - Its stage records a delivery. For a version we had started, that is our rollout's
           outcome (the tags are written after it ended; a restart's reconcile may have just
           written them), so no second rollout is run — nor a second check of a first release,
-          whose `first_check` tag gives the outcome. For a pending one, someone else delivered
-          it (e.g. Event Grid redelivers an old event after the state folder was lost): skipped.
+          whose `first_check` tag gives the outcome; `stage=rolled-back` is Failed or RolledBack
+          as the state store says (`_rolled_back`). For a pending one, someone else delivered it
+          (e.g. Event Grid redelivers an old event after the state folder was lost): skipped.
         - A newer version is in production (a crash left it open while another trigger moved
           on, or events arrived out of order): rolling it out would downgrade production.
         - A pending version withdrawn (archived in the Azure ML studio) before its delivery: a
@@ -653,7 +692,7 @@ class Dispatcher:
         stage = version.stage
         if stage in DELIVERED and entry.step is Step.STARTED:
             if stage == Stage.ROLLED_BACK:
-                return ROLLED_BACK, version.tags.get(REASON_TAG, "")
+                return self._rolled_back(version)
             check = version.tags.get(FIRST_CHECK_TAG) if stage == Stage.PRODUCTION else None
             if check is not None:  # a first release, tagged after its check
                 recorded = f"registry records stage={stage}, {FIRST_CHECK_TAG}={check}"
@@ -676,6 +715,26 @@ class Dispatcher:
         if newest > version.version:
             return SKIPPED, f"older than the production version {newest}"
         return None
+
+    def _rolled_back(self, version: ModelVersion) -> tuple[str, str]:
+        """(outcome, reason) of a started version the registry records `stage=rolled-back`.
+
+        The tag is written for a rollout that ended Failed (blue could not be deployed) as for
+        one rolled back (plan_tags): the delivery that wrote it said Failed (`watch --once` exit
+        5), and settled from the registry after a kill short of `done` it became RolledBack
+        (exit 3). So the ended rollout in the state store says which, when it is this version's
+        and the one these tags record (its reason is their `rollback_reason`: not a pipeline
+        job's status, nor a rollout tagged again by hand since); else the registry's word."""
+        reason = version.tags.get(REASON_TAG, "")
+        view = self.delivery.current()
+        if (
+            view is not None
+            and view.phase == FAILED
+            and view.of(version.name, version.version, version.sha256)
+            and reason == short_reason(view.reason, view.phase)
+        ):
+            return FAILED, view.reason
+        return ROLLED_BACK, reason
 
     def _fail(
         self,

@@ -1,0 +1,392 @@
+"""The delivery path after a crash, or with a backend's secret unreadable for a while, on the real
+rollout engine (memory router, simulated traffic, fake clock):
+
+- an error while a version's rollout is live in the state store never closes the version (it
+  would leave the rollout with no controller, and every later version waiting for it): it stays
+  open and is resumed once the error is gone;
+- a Prometheus secret that cannot be read as a delivery begins is "metrics unreadable" (retried,
+  nothing deployed), not an invalid spec (closed Failed, the candidate lost);
+- a last rollout whose candidate the registry cannot vouch for (damaged since, or a hand rollout
+  under a name it cannot hold) is nothing to reconcile, not an error before every delivery;
+- a rollout that ended Failed keeps that outcome when the trigger is killed after its tags.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aml_pipelines import delivery as delivery_module
+from aml_pipelines.delivery import (
+    DeliveryOutcome,
+    EngineDelivery,
+    RolloutView,
+    TagChange,
+    follow_traffic,
+    package_release,
+)
+from aml_pipelines.errors import IntegrityError, ModelNotFound
+from aml_pipelines.registry.base import ModelVersion
+from aml_pipelines.registry.local import LocalRegistry
+from aml_pipelines.trigger.cli import once_exit_code
+from aml_pipelines.trigger.dispatch import Dispatcher
+from aml_pipelines.trigger.store import Step, TriggerStore
+from aml_pipelines.trigger.watcher import Watcher
+from rollout.api import bootstrap, run_rollout
+from rollout.controller import FakeClock
+from rollout.core.types import Colour, Release
+from rollout.errors import ConfigError as SpecError
+from rollout.errors import DeployFailed, MetricsError
+from rollout.routers.memory import MemoryRouter
+from tests.trigger.fakes import register
+from tests.trigger.test_delivery import _spec
+
+TOKEN_ENV = "AML_ROLLOUT_TEST_PROM_TOKEN"
+
+
+def _prometheus_spec(tmp: Path, auth: dict[str, str]) -> Any:
+    """`_spec`'s endpoint (router, state dir) with its metrics read from a Prometheus behind
+    `auth`: what a trigger restarted without the token in its environment, or with the token
+    file caught mid-rewrite, builds."""
+    return _spec(tmp, 0.01, metrics={"kind": "prometheus", "url": "http://127.0.0.1:9", **auth})
+
+
+def _ledger(tmp: Path) -> list[dict[str, Any]]:
+    path = tmp / "rollout" / "diabetes.ledger.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _starts(tmp: Path) -> list[str]:
+    """The candidate versions the ledger's rollouts started with."""
+    return [r["candidate"]["version"] for r in _ledger(tmp) if r.get("event") == "start"]
+
+
+def _killed_mid_rollout(
+    monkeypatch: pytest.MonkeyPatch, dispatcher: Dispatcher, after_ticks: int
+) -> None:
+    """Drain as a trigger SIGKILLed after `after_ticks` ticks of the rollout."""
+    ticks = 0
+    logged = delivery_module._TickLog.__call__
+
+    def tick(self: Any, status: Any, record: Any) -> None:
+        nonlocal ticks
+        logged(self, status, record)
+        ticks += 1
+        if ticks == after_ticks:
+            raise SystemExit("killed mid-rollout")
+
+    monkeypatch.setattr(delivery_module._TickLog, "__call__", tick)
+    with pytest.raises(SystemExit):
+        dispatcher.drain("diabetes")
+    monkeypatch.undo()
+
+
+#: What a case breaks before the restart: (the restarted trigger's spec, how to mend it after).
+Broken = tuple[Any, Callable[[], object]]
+
+
+def _token_env_unset(tmp: Path, registry: LocalRegistry) -> Broken:
+    return _prometheus_spec(tmp, {"bearer_token_env": TOKEN_ENV}), lambda: None
+
+
+def _token_file_empty(tmp: Path, registry: LocalRegistry) -> Broken:
+    (tmp / "token").write_text("")
+    return _prometheus_spec(tmp, {"bearer_token_file": str(tmp / "token")}), lambda: None
+
+
+def _damaged(tmp: Path, registry: LocalRegistry) -> Broken:
+    model_file = registry.root / "diabetes" / "2" / "model.skops"
+    good = model_file.read_bytes()
+    model_file.write_bytes(good + b"x")
+    return _spec(tmp, 0.01), lambda: model_file.write_bytes(good)
+
+
+def _removed(tmp: Path, registry: LocalRegistry) -> Broken:
+    folder, aside = registry.root / "diabetes" / "2", tmp / "aside"
+    shutil.move(folder, aside)
+    return _spec(tmp, 0.01), lambda: shutil.move(aside, folder)
+
+
+@pytest.mark.parametrize(
+    ("breaks", "error", "said"),
+    [
+        # The spec's metrics are built again on a resume: a secret not readable at that moment.
+        pytest.param(_token_env_unset, SpecError, f"{TOKEN_ENV} is not set", id="token-env-unset"),
+        pytest.param(_token_file_empty, SpecError, "token is empty", id="token-file-empty"),
+        # A live rollout needs only the state store: a registry read failing closes nothing.
+        pytest.param(_damaged, IntegrityError, "diabetes:2 is corrupted", id="damaged-in-registry"),
+        pytest.param(_removed, ModelNotFound, "not found", id="gone-from-registry"),
+    ],
+)
+def test_an_error_resuming_a_live_rollout_leaves_it_open_to_be_resumed(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    breaks: Callable[[Path, LocalRegistry], Broken],
+    error: type[Exception],
+    said: str,
+) -> None:
+    # Was: each error PERMANENT (a corrupted model, an invalid spec, not in the registry), so the
+    # version was closed Failed (or `missing`) while its rollout stayed Progressing at 50 % with
+    # no controller: nothing resumed it, every later version waited for it for ever.
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    store = TriggerStore(tmp_path / "trigger")
+    store.accept("diabetes", 2, "watch")
+    # One clock for the three processes: a restart an hour later would find the step over its
+    # max_step_duration_s and hold the rollout for a human (the engine's rule, not ours).
+    clock = FakeClock(1_000.0)
+    good = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=clock)
+    _killed_mid_rollout(monkeypatch, Dispatcher(store, registry, good), after_ticks=3)
+    live = good.current()
+    assert live is not None and live.active and (live.candidate, live.weight) == (2, 50)
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    spec, mend = breaks(tmp_path, registry)
+    restarted = EngineDelivery(registry, spec, clock=clock)
+    with pytest.raises(error, match=said):  # retried: an error stops a pass, as a 503 does
+        Dispatcher(store, registry, restarted).drain("diabetes")
+    entry = store.load("diabetes").entries[2]
+    assert (entry.step, entry.outcome) == (Step.STARTED, "")
+    assert entry.reason.startswith(
+        "waits, to be retried as a resume (its rollout is live in the state store): "
+    )
+    assert said in entry.reason
+    assert good.current() == live  # not touched
+
+    mend()
+    mended = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=clock)
+    [outcome] = Dispatcher(store, registry, mended).drain("diabetes")
+    assert outcome.phase == "Succeeded", outcome.reason
+    assert store.load("diabetes").entries[2].outcome == "Succeeded"
+    assert _starts(tmp_path) == ["2"]  # resumed, not started again
+    assert registry.get("diabetes", 2).stage == "production"
+
+
+@pytest.mark.parametrize(
+    ("auth", "token", "said"),
+    [
+        pytest.param({"bearer_token_env": TOKEN_ENV}, None, f"{TOKEN_ENV} is not set", id="env"),
+        pytest.param({"bearer_token_file": "token"}, None, "does not exist", id="file-missing"),
+        pytest.param({"bearer_token_file": "token"}, "", "is empty", id="file-empty"),
+    ],
+)
+def test_a_secret_unreadable_as_a_delivery_begins_is_retried_not_failed(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    auth: dict[str, str],
+    token: str | None,
+    said: str,
+) -> None:
+    # Was: rollout's ConfigError from building the metrics client, PERMANENT for the trigger:
+    # a good candidate closed Failed for good (`watch --once` exit 5) because its token file
+    # was being rewritten, where Prometheus down at that moment is retried (exit 2).
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    if "bearer_token_file" in auth:
+        auth = {"bearer_token_file": str(tmp_path / "token")}
+        if token is not None:
+            (tmp_path / "token").write_text(token)
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    store = TriggerStore(tmp_path / "trigger")
+    store.accept("diabetes", 2, "watch")
+    delivery = EngineDelivery(registry, _prometheus_spec(tmp_path, auth), clock=FakeClock(1_000.0))
+    with pytest.raises(MetricsError, match=f"^metrics unreadable, nothing deployed: .*{said}"):
+        Dispatcher(store, registry, delivery).drain("diabetes")
+    entry = store.load("diabetes").entries[2]
+    assert (entry.step, entry.outcome) == (Step.STARTED, "")
+    assert entry.reason.startswith("waits, to be retried: metrics unreadable, nothing deployed")
+    assert delivery.current() is None
+    assert not (tmp_path / "rollout" / "packages").exists()  # nothing packaged either
+
+
+def test_a_damaged_old_candidate_of_the_last_rollout_blocks_no_delivery(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was: reconcile read the last rollout's candidate with `registry.get`, which re-hashes it:
+    # IntegrityError at every `watch --once` (exit 2) and every start, no version ever delivered
+    # again, though its tags had long been written.
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="candidate")
+    delivery = EngineDelivery(registry, _spec(tmp_path, 0.5), clock=FakeClock(1_000.0))
+    assert delivery.deliver(registry.get("diabetes", 1)).phase == "Succeeded"  # first release
+    register(registry, tmp_path, stage="candidate")
+    assert delivery.deliver(registry.get("diabetes", 2)).phase == "RolledBack"
+    model_file = registry.root / "diabetes" / "2" / "model.skops"
+    model_file.write_bytes(model_file.read_bytes() + b"x")  # history, damaged since
+    register(registry, tmp_path, stage="candidate")
+
+    dispatcher = Dispatcher(TriggerStore(tmp_path / "trigger"), registry, delivery)
+    watcher = Watcher(registry, "diabetes", dispatcher, required_tags={"stage": "candidate"})
+    caplog.set_level(logging.WARNING, "aml_pipelines.delivery")
+    outcomes = watcher.run(once=True)
+    assert [(o.version, o.phase) for o in outcomes] == [(3, "RolledBack")]  # v3 delivered
+    assert _starts(tmp_path) == ["2", "3"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "aml_pipelines.delivery"]
+    assert any(
+        line.startswith("last rollout (diabetes:2, RolledBack): cannot check its candidate: ")
+        and "diabetes:2 is corrupted" in line
+        and line.endswith("nothing to reconcile")
+        for line in warned
+    ), warned
+
+
+def test_a_hand_rollout_under_a_name_the_registry_cannot_hold_blocks_no_delivery(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was: `registry.get("acme/diabetes", 2)` raised the registry's ConfigError (an invalid
+    # model name) at every reconcile; a hand rollout of a build the registry lacks ("2-hotfix",
+    # a missing number) was already "nothing to reconcile".
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="production")
+    spec = _spec(tmp_path, 0.01)
+    delivery = EngineDelivery(registry, spec, clock=FakeClock(1_000.0))
+    v1 = package_release(registry.get("diabetes", 1), delivery.state_dir, image_registry="local")
+    bootstrap(spec, v1, state_dir=delivery.state_dir)
+    hand = Release(model="acme/diabetes", version="2", sha256="ab" * 32, model_dir=v1.model_dir)
+    ended = run_rollout(
+        spec, candidate=hand, state_dir=delivery.state_dir, clock=FakeClock(2_000.0), restart=True
+    )
+    assert ended.phase.value == "Succeeded"
+    register(registry, tmp_path, stage="candidate")
+
+    dispatcher = Dispatcher(TriggerStore(tmp_path / "trigger"), registry, delivery)
+    watcher = Watcher(registry, "diabetes", dispatcher, required_tags={"stage": "candidate"})
+    caplog.set_level(logging.WARNING, "aml_pipelines.delivery")
+    assert [(o.version, o.phase) for o in watcher.run(once=True)] == [(2, "Succeeded")]
+    assert "last rollout (acme/diabetes:2, Succeeded): cannot check its candidate: " in caplog.text
+
+
+class _BlueNeverReady:
+    """A memory router whose blue deploys never become ready (an image pull back-off)."""
+
+    problem = "pods never ready: image pull back-off"
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        deploy = MemoryRouter.deploy
+
+        def refused(router: MemoryRouter, colour: Colour, release: Release) -> None:
+            if colour is Colour.BLUE:
+                raise DeployFailed(self.problem)
+            deploy(router, colour, release)
+
+        monkeypatch.setattr(MemoryRouter, "deploy", refused)
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["uninterrupted", "killed-after-tags"])
+def test_a_failed_rollout_keeps_its_outcome_when_killed_after_its_tags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, killed: bool
+) -> None:
+    # Was: the restart settled it from the registry, whose `stage=rolled-back` is written for a
+    # Failed rollout as for a rolled-back one: RolledBack, `watch --once` exit 3 instead of 5.
+    _BlueNeverReady(monkeypatch)
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    store = TriggerStore(tmp_path / "trigger")
+    store.accept("diabetes", 2, "watch")
+
+    def dispatcher() -> Dispatcher:
+        return Dispatcher(
+            store, registry, EngineDelivery(registry, _spec(tmp_path, 0.01), clock=FakeClock(1e3))
+        )
+
+    if killed:
+        close = Dispatcher._close
+
+        def cut(self: Dispatcher, *args: Any) -> Any:
+            raise SystemExit("killed after the tags, before the cursor said done")
+
+        monkeypatch.setattr(Dispatcher, "_close", cut)
+        with pytest.raises(SystemExit):
+            dispatcher().drain("diabetes")
+        monkeypatch.setattr(Dispatcher, "_close", close)
+        assert store.load("diabetes").entries[2].step is Step.STARTED
+        assert registry.get("diabetes", 2).stage == "rolled-back"
+    [outcome] = dispatcher().drain("diabetes")
+    assert (outcome.phase, once_exit_code([outcome.phase])) == ("Failed", 5)
+    assert outcome.reason == f"diabetes:2 could not be deployed to blue: {_BlueNeverReady.problem}"
+    entry = store.load("diabetes").entries[2]
+    assert (entry.outcome, entry.reason) == ("Failed", outcome.reason)
+    assert _starts(tmp_path) == ["2"]  # settled, not rolled out again
+
+
+class _EndedRollout:
+    """A delivery whose state store holds one ended rollout, `view`; it delivers nothing."""
+
+    def __init__(self, view: RolloutView) -> None:
+        self.view = view
+
+    def current(self) -> RolloutView:
+        return self.view
+
+    def deliver(self, version: ModelVersion, **_kw: Any) -> DeliveryOutcome:
+        raise AssertionError(f"v{version.version} settled from the registry: not delivered")
+
+    def abort(self, reason: str) -> None:
+        raise AssertionError("nothing to abort")
+
+    def reconcile(self) -> list[TagChange]:
+        return []
+
+
+BLUE_NEVER_READY = "diabetes:2 could not be deployed to blue: image pull back-off"
+
+
+@pytest.mark.parametrize(
+    ("view", "tagged", "settled"),
+    [
+        pytest.param(
+            RolloutView("diabetes", 2, "Failed", BLUE_NEVER_READY),
+            ("Failed", BLUE_NEVER_READY),
+            ("Failed", BLUE_NEVER_READY),
+            id="its-failed-rollout",
+        ),
+        pytest.param(
+            RolloutView("diabetes", 2, "RolledBack", "canary error rate 4 %"),
+            ("RolledBack", "canary error rate 4 %"),
+            ("RolledBack", "canary error rate 4 %"),
+            id="its-rolled-back-rollout",
+        ),
+        # --delivery pipeline: a job whose rollout rolled back ends Failed, its step's reason
+        # in the tag.
+        pytest.param(
+            RolloutView("diabetes", 2, "Failed", "pipeline job j2 is Failed"),
+            ("RolledBack", "canary error rate 4 %"),
+            ("RolledBack", "canary error rate 4 %"),
+            id="a-pipeline-job-failed-by-its-rollback",
+        ),
+        pytest.param(
+            RolloutView("diabetes", 2, "Failed", BLUE_NEVER_READY),
+            ("RolledBack", "rolled back by hand"),
+            ("RolledBack", "rolled back by hand"),
+            id="tagged-again-by-hand-since",
+        ),
+        pytest.param(
+            RolloutView("diabetes", 3, "Failed", BLUE_NEVER_READY),
+            ("Failed", BLUE_NEVER_READY),
+            ("RolledBack", BLUE_NEVER_READY),
+            id="the-store-holds-another-version",
+        ),
+    ],
+)
+def test_a_started_version_tagged_rolled_back_settles_as_its_rollout_ended(
+    tmp_path: Path, view: RolloutView, tagged: tuple[str, str], settled: tuple[str, str]
+) -> None:
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    follow_traffic(registry, "diabetes", 2, *tagged)  # what the delivery wrote before a kill
+    store = TriggerStore(tmp_path / "trigger")
+    store.accept("diabetes", 2, "watch")
+    store.update("diabetes", 2, lambda e: replace(e, step=Step.STARTED, attempts=1))
+    [outcome] = Dispatcher(store, registry, _EndedRollout(view)).drain("diabetes")
+    assert (outcome.phase, outcome.reason) == settled
