@@ -1,0 +1,139 @@
+"""What a new user met following the README and docs (a user-journey review), each fixed.
+
+- A package folder served under whatever release the spec names (its package.json says another
+  model or version): refused by `validate`, `run` and the envoy router's scoring servers.
+- `validate` said ok for a spec whose `stable:` names the candidate; `run` refused it at once.
+- The unreachable-admin error of a stack `up` ran gave a plain `aml-rollout up` (a new stack
+  and spec: the rollout abandoned), not the command that starts that stack again.
+- `explain` cut the restart command mid-backtick (the ledger kept 200 characters).
+- The demo's last words printed a load generator's backlog as its client-side p99.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rollout.cli import app
+from rollout.core.types import Colour, Release
+from rollout.errors import DeployFailed
+from tests.engine.specs import write_spec
+
+runner = CliRunner()
+SHA = "d3a0" + "0" * 60
+ENVOY = {"kind": "envoy", "admin_url": "http://127.0.0.1:9", "routes_file": "routes.json"}
+
+
+def _package(folder: Path, **package: str) -> Path:
+    """A package folder as the package component writes it (package.json + model/model.json),
+    without the model file: what the checks read before any server starts."""
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "model.json").write_text(json.dumps({"name": "diabetes", "sha256": SHA}))
+    (folder / "package.json").write_text(json.dumps({"sha256": SHA, **package}))
+    return folder
+
+
+def _validate(tmp_path: Path, **releases: object) -> tuple[int, str]:
+    spec = write_spec(tmp_path, router=ENVOY, metrics={"kind": "static"}, **releases)
+    result = runner.invoke(app, ["rollout", "validate", str(spec)])
+    return result.exit_code, " ".join(result.output.split())
+
+
+# ----------------------------------------------------------- 1: package.json names the release
+
+
+@pytest.mark.parametrize(
+    ("release", "message"),
+    [
+        pytest.param(
+            {"model": "diabetes", "version": "3"},
+            "candidate: diabetes:3 names version 3, but its model folder {folder} is the package "
+            "of diabetes:2 ({folder}/package.json): another release's package",
+            id="bumped-version-same-sha256",
+        ),
+        pytest.param(
+            {"model": "iris", "version": "2"},
+            "candidate: iris:2 names model iris, but its model folder {folder} is the package "
+            "of diabetes:2 ({folder}/package.json): another release's package",
+            id="another-model",
+        ),
+    ],
+)
+def test_validate_refuses_a_package_of_another_release(
+    tmp_path: Path, release: dict[str, str], message: str
+) -> None:
+    # Was: `validate` said "candidate diabetes:3 deployable", and `run` promoted v2's bits as
+    # diabetes:3 (the spec's sha256 was v2's, so the sha256 check matched).
+    folder = _package(tmp_path / "packages" / "diabetes" / "2", model="diabetes", version="2")
+    candidate = {**release, "sha256": SHA, "model_dir": str(folder)}
+    code, said = _validate(tmp_path, candidate=candidate, stable=None)
+    assert code == 2, said
+    assert message.format(folder=folder) in said, said
+
+
+def test_run_refuses_a_package_of_another_release_before_deploying(tmp_path: Path) -> None:
+    folder = _package(tmp_path / "pkg", model="diabetes", version="2")
+    candidate = {"model": "diabetes", "version": "3", "model_dir": str(folder)}
+    spec = write_spec(tmp_path, router=ENVOY, metrics={"kind": "static"}, candidate=candidate)
+    result = runner.invoke(app, ["rollout", "run", str(spec)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2, said
+    assert "is the package of diabetes:2" in said, said
+    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").iterdir())
+
+
+def test_validate_accepts_the_package_of_the_release_it_names(tmp_path: Path) -> None:
+    folder = _package(tmp_path / "pkg", model="diabetes", version=2)  # type: ignore[arg-type]
+    candidate = {"model": "diabetes", "version": "2", "model_dir": str(folder)}
+    code, said = _validate(tmp_path, candidate=candidate, stable=None)
+    assert code == 0, said
+
+
+def test_a_bare_model_folder_or_a_package_without_a_version_takes_the_releases(
+    tmp_path: Path,
+) -> None:
+    from rollout.api import check_deployable
+    from rollout.config import load_spec
+
+    spec = load_spec(write_spec(tmp_path, router=ENVOY, metrics={"kind": "static"}))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.json").write_text(json.dumps({"name": "diabetes", "sha256": SHA}))
+    unversioned = _package(tmp_path / "unversioned", model="diabetes")
+    for folder in (bare, unversioned):
+        check_deployable(spec, Release("diabetes", "9", model_dir=str(folder)), "candidate")
+
+
+def test_the_scoring_server_refuses_a_package_of_another_release(tmp_path: Path) -> None:
+    # The controller's own check: a recorded release (a resume) pointing at a package folder a
+    # later run rewrote with another version.
+    from rollout.local.workloads import ScoringProcesses
+
+    folder = _package(tmp_path / "pkg", model="diabetes", version="2")
+    workloads = ScoringProcesses(tmp_path / "workloads")
+    with pytest.raises(
+        DeployFailed,
+        match=r"cannot deploy diabetes:9 to green: .* is the package of diabetes:2 ",
+    ):
+        workloads.start(Colour.GREEN, Release("diabetes", "9", sha256=SHA, model_dir=str(folder)))
+    assert workloads.records() == []
+
+
+def test_the_version_a_server_answers_comes_from_package_json_when_it_names_one(
+    tmp_path: Path,
+) -> None:
+    # `--version` overrode package.json's: the server answered the spec's version whatever the
+    # package held. Kept only for a folder that records none.
+    from rollout.local.workloads import ScoringProcesses
+
+    workloads = ScoringProcesses(tmp_path / "workloads")
+    package = _package(tmp_path / "pkg", model="diabetes", version="2")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    argv = workloads._serve_argv(Release("diabetes", "2"), str(package), Colour.BLUE, 3)
+    assert "--version" not in argv
+    argv = workloads._serve_argv(Release("diabetes", "2"), str(bare), Colour.BLUE, 3)
+    assert argv[argv.index("--version") + 1] == "2"
