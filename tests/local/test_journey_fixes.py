@@ -137,3 +137,27 @@ def test_the_version_a_server_answers_comes_from_package_json_when_it_names_one(
     assert "--version" not in argv
     argv = workloads._serve_argv(Release("diabetes", "2"), str(bare), Colour.BLUE, 3)
     assert argv[argv.index("--version") + 1] == "2"
+
+
+# ------------------------------------------------------- 4: validate refuses stable: = candidate
+
+
+def test_validate_refuses_a_stable_release_that_is_the_candidate(tmp_path: Path) -> None:
+    folder = tmp_path / "pkg2"
+    folder.mkdir()
+    release = {"model": "m", "version": "2", "model_dir": str(folder)}
+    code, said = _validate(tmp_path, candidate=release, stable=release)
+    assert code == 2, said
+    assert (
+        "error: `stable:` names the candidate m:2: a rollout compares the candidate with another "
+        "release; for a service's first release, `aml-rollout rollout bootstrap SPEC --release "
+        "m:2`" in said
+    ), said
+
+
+def test_validate_accepts_a_stable_release_of_other_bits(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    candidate = {"model": "m", "version": "2", "model_dir": str(tmp_path / "a")}
+    stable = {**candidate, "version": "1"}
+    code, said = _validate(tmp_path, candidate=candidate, stable=stable)
+    assert code == 0, said
