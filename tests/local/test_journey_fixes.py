@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 
 from rollout.cli import app
 from rollout.core.types import Colour, Release
-from rollout.errors import DeployFailed
+from rollout.errors import DeployFailed, RouterUnavailable
 from tests.engine.specs import write_spec
 
 runner = CliRunner()
@@ -161,3 +162,37 @@ def test_validate_accepts_a_stable_release_of_other_bits(tmp_path: Path) -> None
     stable = {**candidate, "version": "1"}
     code, said = _validate(tmp_path, candidate=candidate, stable=stable)
     assert code == 0, said
+
+
+# ------------------------------------------------- 3: the unreachable admin of a stack `up` ran
+
+
+def test_an_unreachable_admin_of_a_stack_gives_the_command_that_starts_it_again(
+    tmp_path: Path,
+) -> None:
+    from rollout.routers.envoy import EnvoyFiles, EnvoyRouter
+
+    stack = tmp_path / "wd"
+    (stack / "envoy").mkdir(parents=True)
+    (stack / "envoy" / "envoy.json").write_text("{}")  # `up`'s bootstrap: a stack's folder
+    releases = {
+        colour: {
+            "release": {"model": "m", "version": version, "model_dir": f"/pk/{version}"},
+            "endpoint": {"host": "127.0.0.1", "port": 8001},
+        }
+        for colour, version in (("green", "1"), ("blue", "2"))
+    }
+    (stack / "releases.json").write_text(json.dumps(releases))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))  # bound, not listening: refused for the whole test
+        router = EnvoyRouter(
+            admin_url=f"http://127.0.0.1:{probe.getsockname()[1]}",
+            files=EnvoyFiles(stack / "envoy" / "routes.json"),
+            releases_file=stack / "releases.json",
+        )
+        with pytest.raises(RouterUnavailable) as unreachable:
+            router.deploy(Colour.BLUE, Release("m", "2", model_dir="/pk/2"))
+        router.close()
+    said = str(unreachable.value)
+    assert f"`aml-rollout up --workdir {stack} --model-dir /pk/1 --candidate-dir /pk/2`" in said
+    assert "use the spec it writes" not in said
