@@ -196,3 +196,28 @@ def test_an_unreachable_admin_of_a_stack_gives_the_command_that_starts_it_again(
     said = str(unreachable.value)
     assert f"`aml-rollout up --workdir {stack} --model-dir /pk/1 --candidate-dir /pk/2`" in said
     assert "use the spec it writes" not in said
+
+
+# --------------------------------------------------------------- 5: explain keeps the hint whole
+
+
+def test_why_the_data_plane_was_unread_keeps_the_restart_command_whole() -> None:
+    from rollout.controller import UNREAD_CHARS, clipped
+
+    stack = "/tmp/day-journey/up1/wd"
+    folders = f"--model-dir {stack}/packages/diabetes/1 --candidate-dir {stack}/packages/diabetes/2"
+    why = (
+        "cannot read Envoy's config at http://127.0.0.1:42371: [Errno 111] Connection refused "
+        f"(no Envoy there any more; a stack `aml-rollout up` ran in {stack} starts again with "
+        f"`aml-rollout up --workdir {stack} {folders}`, and the rollout resumes on it)"
+    )
+    assert clipped(why, UNREAD_CHARS) == why
+
+
+def test_a_longer_reason_is_cut_at_a_word_and_says_so() -> None:
+    from rollout.controller import clipped
+
+    assert clipped("one two three four", 12) == "one two…"
+    assert clipped("one two three four", 18) == "one two three four"
+    assert clipped("x" * 30, 10) == "x" * 9 + "…"  # no space to cut at
+    assert all(len(clipped("ab cd " * 50, n)) <= n for n in range(1, 60))
