@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -221,3 +222,42 @@ def test_a_longer_reason_is_cut_at_a_word_and_says_so() -> None:
     assert clipped("one two three four", 18) == "one two three four"
     assert clipped("x" * 30, 10) == "x" * 9 + "…"  # no space to cut at
     assert all(len(clipped("ab cd " * 50, n)) <= n for n in range(1, 60))
+
+
+# ------------------------------------------------------- 7: the demo's load on a busy machine
+
+
+def _final(sent: int, seconds: float, p99_ms: float) -> SimpleNamespace:
+    return SimpleNamespace(
+        sent=sent,
+        elapsed_s=seconds,
+        rps=sent / seconds,
+        by_version={"green/diabetes:1": sent},
+        p99_ms=p99_ms,
+    )
+
+
+def test_the_load_summary_says_when_the_load_generator_fell_behind() -> None:
+    # Measured at load average 7: 8738 requests in 151 s (58 of 120 req/s), and the client's
+    # "p99 77346.4 ms" was the generator's backlog, not anyone's latency.
+    from rollout.local.demo import load_summary
+
+    lines = load_summary(_final(8738, 151.0, 77346.4), {"blue": 10.4}, 151.0, 120.0)
+    text = "\n".join(lines)
+    assert "load: 8738 requests in 151 s, 58 of the 120 req/s asked" in lines[0], text
+    assert "the load generator fell behind" in lines[0], text
+    assert lines[1].startswith("latency: p99 as Envoy measured it"), text
+    assert "client-side p99 77346.4 ms" not in text
+    assert "client-side p99 not shown: the load generator fell behind" in lines[2], text
+
+
+def test_the_load_summary_gives_the_client_p99_when_the_rate_was_kept() -> None:
+    from rollout.local.demo import load_summary
+
+    lines = load_summary(_final(18000, 150.0, 12.34), {"blue": 10.4}, 150.0, 120.0)
+    assert lines[0].startswith("load: 18000 requests in 150 s, 120 of the 120 req/s asked"), lines
+    assert "fell behind" not in "\n".join(lines)
+    assert lines[2] == (
+        "         client-side p99 12.3 ms (this process's load generator, its own delays on a "
+        "busy machine included)"
+    )
