@@ -327,7 +327,10 @@ def other_release(release: Release) -> tuple[Path, str, list[str]] | None:
     ]
     if not differs:
         return None
-    held_ref = f"{model if model not in (None, '') else release.model}:{version}"
+    held_ref = (
+        f"{model if model not in (None, '') else release.model}:"
+        f"{version if version not in (None, '') else '(no version)'}"
+    )
     return path, held_ref, differs
 
 

@@ -261,3 +261,11 @@ def test_the_load_summary_gives_the_client_p99_when_the_rate_was_kept() -> None:
         "         client-side p99 12.3 ms (this process's load generator, its own delays on a "
         "busy machine included)"
     )
+
+
+def test_a_package_of_another_model_without_a_version_is_named_plainly(tmp_path: Path) -> None:
+    folder = _package(tmp_path / "pkg", model="diabetes")
+    candidate = {"model": "iris", "version": "2", "model_dir": str(folder)}
+    code, said = _validate(tmp_path, candidate=candidate, stable=None)
+    assert code == 2, said
+    assert f"is the package of diabetes:(no version) ({folder}/package.json)" in said, said
