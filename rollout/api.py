@@ -256,9 +256,11 @@ def _field(where: str) -> str:
 def check_model_dir(spec: RolloutSpec, release: Release | None, where: str) -> None:
     """Refuse, before anything is deployed or stored, a release the envoy router cannot start
     its scoring server for as named: no model folder, a folder that is not there, or one
-    holding another model than the release's sha256. Begun, the rollout would Fail at that
+    holding another model than the release's sha256, or the package of another release
+    (package.json's model or version: `other_release`). Begun, the rollout would Fail at that
     deploy and stay Failed (`run` again: "already ended") with the spec fixed — or, for another
     model, record one release while blue served another."""
+    from rollout.local.workloads import other_release
     from scoring.model import recorded_sha256
 
     if release is None or not isinstance(spec.router, EnvoyRouterConfig):
@@ -276,6 +278,14 @@ def check_model_dir(spec: RolloutSpec, release: Release | None, where: str) -> N
         raise ConfigError(
             f"{where}: {release.ref} has no model folder {release.model_dir} (its `model_dir:`"
             f"{read}); the envoy router serves a release from its package or model folder"
+        )
+    other = other_release(release)
+    if other is not None:
+        path, held_ref, differs = other
+        raise ConfigError(
+            f"{where}: {release.ref} names {' and '.join(differs)}, but its model folder "
+            f"{release.model_dir} is the package of {held_ref} ({path}): another release's "
+            "package (name its folder in `model_dir:`)"
         )
     if not release.sha256:
         return

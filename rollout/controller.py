@@ -101,8 +101,19 @@ ROLLBACK_PAUSE_CAP_S = 30.0
 #: once, an Envoy admin restarting for a second taking the controller down with it.
 WEIGHTS_READS = 4
 WEIGHTS_REREAD_PAUSE_S = 0.5
-#: At most this much of why the data plane could not be read goes into each tick's ledger line.
-UNREAD_CHARS = 200
+#: At most this much of why the data plane could not be read goes into each tick's ledger line
+#: (`clipped`). Was 200: `explain` cut the command that starts a stopped `up` again mid-backtick,
+#: and "`aml-rollout up)" read as the command (which abandons the rollout).
+UNREAD_CHARS = 1000
+
+
+def clipped(text: str, limit: int) -> str:
+    """`text`, or its first words that fit in `limit` characters followed by "…"."""
+    if len(text) <= limit:
+        return text
+    head = text[: max(limit - 1, 0)]
+    words = head.rsplit(" ", 1)[0] if " " in head.strip() else head
+    return f"{words.rstrip()}…"
 
 
 class Clock(Protocol):
@@ -858,7 +869,7 @@ class Controller:
         if served is None and self._served_unread is not None:
             # In the ledger too, not only in a log gone with the controller's terminal:
             # `explain` tells the ticks whose changes to the data plane went unnoticed.
-            unread = self._served_unread[:UNREAD_CHARS]
+            unread = clipped(self._served_unread, UNREAD_CHARS)
             decision = replace(decision, record={**decision.record, "data_plane_unread": unread})
         record, status = self._persist(decision)
         status = self._finish_pending(status)

@@ -135,6 +135,7 @@ def validate(spec: SpecArg) -> None:
     for istio, a model folder for envoy): `run` refuses such a candidate before anything moves,
     and deploys the stable release to an empty green first, as `bootstrap` does."""
     from rollout.api import check_deployable, check_router_files
+    from rollout.controller import same_bits
     from rollout.errors import RolloutError
 
     parsed = _load(spec)
@@ -153,6 +154,15 @@ def validate(spec: SpecArg) -> None:
         check_router_files(parsed)
     except RolloutError as exc:
         problems.append(str(exc))
+    candidate, stable = releases.get("candidate"), releases.get("stable")
+    if candidate is not None and stable is not None and same_bits(candidate, stable):
+        # As the controller words it (`run` refuses it on an empty green; on a green serving
+        # the candidate there is nothing to roll out; on another, `stable:` goes unread).
+        problems.append(
+            f"`stable:` names the candidate {candidate.ref}: a rollout compares the candidate "
+            "with another release; for a service's first release, "
+            f"`aml-rollout rollout bootstrap SPEC --release {candidate.ref}`"
+        )
     if problems:
         for problem in problems:
             _err.print(f"[bold red]error:[/] {_shown(problem)}")

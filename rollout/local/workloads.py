@@ -89,8 +89,13 @@ class ScoringProcesses:
     def _serve_argv(self, release: Release, model_dir: str, colour: Colour, fd: int) -> list[str]:
         """`aml-rollout serve` for `release` (in `model_dir`) as `colour` on the socket `fd`."""
         argv = [sys.executable, "-c", _SERVE, "serve", "--model-dir", model_dir,
-                "--colour", colour.value, "--fd", str(fd), "--version", release.version,
-                "--log-level", "warning"]  # fmt: skip
+                "--colour", colour.value, "--fd", str(fd), "--log-level", "warning"]  # fmt: skip
+        recorded = package_of(Path(model_dir))
+        if recorded is None or recorded[1].get("version") in (None, ""):
+            # A bare model folder (or a package that records no version) is served as the
+            # release names it; a package's own version is the one it answers (`_check_model`
+            # refused one naming another).
+            argv += ["--version", release.version]
         fault = self.faults.get(release.version, self.faults.get("*", 0.0))
         if fault:
             log.warning(
@@ -283,14 +288,71 @@ def _warm_up(url: str, model_dir: Path, requests: int = WARM_UP_REQUESTS) -> Non
                 client.post(url, json={"data": [rows[i % len(rows)]]})
 
 
+def package_of(folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The package.json of the package in `folder` (as `resolve_model_dir` finds it) and what
+    it records; None for a bare model folder, or one that cannot be read (the server's own load
+    says why)."""
+    from scoring.errors import ModelLoadError
+    from scoring.model import PACKAGE_JSON, resolve_model_dir
+
+    try:
+        model_dir, package = resolve_model_dir(folder)
+    except ModelLoadError:
+        return None
+    return None if package is None else (model_dir.parent / PACKAGE_JSON, package)
+
+
+def other_release(release: Release) -> tuple[Path, str, list[str]] | None:
+    """When the package in `release.model_dir` records another model or version than the
+    release names: its package.json, the release it records (`model:version`) and the words
+    for what differs (`model iris`, `version 3`). None when it records this release, or none
+    (a bare model folder, or a package.json without the field: the release's name is taken).
+
+    Was not checked: a spec whose `version:` was bumped, `model_dir:` forgotten, served the old
+    package as the new version (the sha256 check passed: the spec's was the old one's too),
+    and the rollout promoted a release nobody had served.
+    """
+    recorded = package_of(Path(release.model_dir)) if release.model_dir else None
+    if recorded is None:
+        return None
+    path, package = recorded
+    model, version = package.get("model"), package.get("version")
+    differs = [
+        f"{field} {named}"
+        for field, named, held in (
+            ("model", release.model, model),
+            ("version", release.version, version),
+        )
+        if held not in (None, "") and str(held) != named
+    ]
+    if not differs:
+        return None
+    held_ref = (
+        f"{model if model not in (None, '') else release.model}:"
+        f"{version if version not in (None, '') else '(no version)'}"
+    )
+    return path, held_ref, differs
+
+
 def _check_model(colour: Colour, release: Release) -> None:
     """DeployFailed when the release's folder holds another model than the release names.
 
     A recorded release may point at a folder a later run wrote another model into (a re-run
     reusing its package path): its server would serve that model under the release's label.
-    A folder whose model.json cannot be read is left to the server, which says why in its log.
+    A package whose package.json records another model or version would answer under the
+    release's label too (`other_release`). A folder whose model.json cannot be read is left to
+    the server, which says why in its log.
     """
-    if not release.sha256 or release.model_dir is None:
+    if release.model_dir is None:
+        return
+    other = other_release(release)
+    if other is not None:
+        path, held_ref, _ = other
+        raise DeployFailed(
+            f"cannot deploy {release.ref} to {colour.value}: {release.model_dir} is the package "
+            f"of {held_ref} ({path}), not of {release.ref}"
+        )
+    if not release.sha256:
         return
     from scoring.model import recorded_sha256
 

@@ -640,10 +640,25 @@ class EnvoyRouter:
                 "(router.timeout_s)"
             ) from exc
         except httpx.TransportError as exc:
+            stack = self._stack()
+            # A stack `up` ran (its spec's rollout resumed after `up` stopped): a plain `up`
+            # starts a new folder and spec, where the rollout's state and ledger are not.
+            how = (
+                "start one with `aml-rollout up`, and use the spec it writes"
+                if stack is None
+                else f"a stack `aml-rollout up` ran in {stack} starts again with "
+                f"`{self._up_again(stack)}`, and the rollout resumes on it"
+            )
             raise RouterUnavailable(
                 f"Envoy admin at {self.admin_url} is not reachable: {exc or type(exc).__name__} "
-                "(start one with `aml-rollout up`, and use the spec it writes)"
+                f"({how})"
             ) from exc
+
+    def _stack(self) -> Path | None:
+        """The folder `aml-rollout up` ran in, when the routes file is its Envoy's (next to the
+        bootstrap `up` wrote); None for an Envoy started otherwise."""
+        envoy = self.files.routes.parent
+        return envoy.parent if (envoy / "envoy.json").is_file() else None
 
     def _point(self, colour: Colour, endpoints: list[Endpoint]) -> None:
         version = f"{colour.value}-{time.time_ns()}"

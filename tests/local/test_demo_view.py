@@ -260,9 +260,14 @@ def test_the_panel_says_when_envoys_latency_cannot_be_read() -> None:
 def test_the_final_load_lines_label_each_latency_by_who_measured_it() -> None:
     from rollout.local.demo import load_summary
 
-    final = SimpleNamespace(sent=9098, by_version={"green/diabetes:1": 9098}, p99_ms=2283.94)
-    lines = load_summary(final, {"blue": 7.0, "green": 5.123}, 75.4)
-    assert lines[0] == "load: 9098 requests, by version {'green/diabetes:1': 9098}"
+    final = SimpleNamespace(
+        sent=9098, rps=120.6, by_version={"green/diabetes:1": 9098}, p99_ms=2283.94
+    )
+    lines = load_summary(final, {"blue": 7.0, "green": 5.123}, 75.4, 120.0)
+    assert lines[0] == (
+        "load: 9098 requests in 75 s, 121 of the 120 req/s asked, "
+        "by version {'green/diabetes:1': 9098}"
+    )
     assert lines[1] == (
         "latency: p99 as Envoy measured it over the load's 75 s (what the judge reads): "
         "blue 7.0 ms, green 5.1 ms"
