@@ -773,12 +773,20 @@ def _undriven(status: Status, plan: Sequence[int]) -> str:
         queued = ", ".join(_typed(c) for c in status.commands)
         return f"`aml-rollout rollout run SPEC` acts on the queued {queued}"
     from rollout.core.machine import promotion_unapplied, resume_refused, steering_refused
+    from rollout.core.types import Phase
 
     if promotion_unapplied(status):
         # A deploy that failed for good fails again at every `run`: abort is the way out.
         return (
             "its deploy to green is not applied: `aml-rollout rollout run SPEC` tries it again; "
             "if it fails for good, `aml-rollout rollout abort SPEC` first"
+        )
+    if status.phase is Phase.PAUSED and not status.held:
+        # An operator's pause: `run` guards it, and it stays paused (was: "resume it with
+        # `run`", which read as no need for `rollout resume`).
+        return (
+            "the pause is unguarded: `aml-rollout rollout run SPEC` guards it again (it stays "
+            "paused), `aml-rollout rollout resume SPEC` lets it advance"
         )
     what = "answer with resume, promote or abort, then" if status.held else "resume it with"
     if status.held and resume_refused(status):
@@ -933,10 +941,16 @@ def _refused_now(parsed: RolloutSpec, status: Status, kind: str = "resume") -> s
     return resume_refused(now) if kind == "resume" else steering_refused(now)
 
 
-def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = None) -> None:
-    import getpass
+def _run_again(spec: Path, state_dir: Path | None, *more: str) -> str:
+    """The `run` that drives this rollout again, to copy and paste: quoted for the shell, and
+    with the --state-dir it was found in (was: neither, and the `run` pasted read the default
+    state directory, where it is not, or the shell split the spec's path)."""
+    where = ["--state-dir", str(state_dir)] if state_dir is not None else []
+    return shlex.join(["aml-rollout", "rollout", "run", str(spec), *where, *more])
 
-    from rollout.controller import check_same_router
+
+def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = None) -> None:
+    from rollout.controller import check_same_router, current_user
     from rollout.core.machine import promotion_unapplied, resume_refused, steering_refused
     from rollout.core.status import Command
     from rollout.core.types import Phase
@@ -967,7 +981,7 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
             # (green still serves the stable release: blue to 0 % undoes it; and a promotion
             # the router refuses for good has no other way out): queued, one was said to act
             # at the next tick, then dropped.
-            finish = f"`aml-rollout rollout run {spec}` finishes it"
+            finish = f"`{_run_again(spec, state_dir)}` finishes it"
             idle = "" if driven else f"; no controller is running: {finish}"
             unless = " unless aborted" if undoable else ""
             _fail(
@@ -1020,7 +1034,7 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
             kind=kind,  # type: ignore[arg-type]
             weight=weight,
             at=time.time(),
-            by=getpass.getuser(),
+            by=current_user(),
             rollout=current.id,
         )
         store.push_command(command)
@@ -1043,10 +1057,10 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
     # would be refused (the operator may be aborting to roll that one out).
     stored = current.candidate
     named = parsed.candidate.to_release() if parsed.candidate else None
-    which = f" --candidate {stored.ref}" if stored and named and named.ref != stored.ref else ""
+    which = ["--candidate", stored.ref] if stored and named and named.ref != stored.ref else []
     _out.print(
         f"queued {said} for rollout {parsed.name}; no controller is running: "
-        f"`aml-rollout rollout run {spec}{which}` acts on it",
+        f"`{_run_again(spec, state_dir, *which)}` acts on it",
         markup=False,
     )
 
