@@ -1142,11 +1142,12 @@ def explain(
     """Tell the story of a rollout from its ledger, in plain words."""
     from rollout.api import ledger_path_of
     from rollout.errors import RolloutError, StateError
+    from rollout.jsonl import TORN
     from rollout.ledger import explain as story
     from rollout.ledger import has_ledger_lines, iter_ledger, may_be_torn_ledger_line
 
     ledger = path
-    if path.suffix in (".yaml", ".yml"):
+    if path.suffix.lower() in (".yaml", ".yml"):  # as `status` takes it: DRY.YAML too
         parsed = _load(path)
         ledger = ledger_path_of(parsed, state_dir)
         if not ledger.exists():
@@ -1165,15 +1166,24 @@ def explain(
             # Only complete lines say what a file is: a controller killed in its first append
             # leaves a fragment alone, in the rollout's own ledger (which must look like the
             # beginning of a ledger line: a word, or binary bytes, without a newline is none).
+            # Torn again, each fragment but the last was ended by the next append's `#torn`.
             *lines, last = ledger.read_bytes().split(b"\n")
-            if any(line.strip() for line in lines) or not may_be_torn_ledger_line(last):
+            mark = TORN.strip()
+            ended = [line.strip() for line in lines if line.strip()]
+            fragments = [line.removesuffix(mark) for line in ended]
+            fragments += [last] if last.strip() or not ended else []
+            if not all(line.endswith(mark) for line in ended) or not all(
+                may_be_torn_ledger_line(fragment) for fragment in fragments
+            ):
                 raise StateError(
                     f"{ledger} is not a rollout ledger (no ledger lines): give the rollout's "
                     "<name>.ledger.jsonl, or its spec"
                 )
+            some = "a torn line" if len(fragments) == 1 else "torn lines"
+            them = "it" if len(fragments) == 1 else "each"
             told = [
-                "the ledger is empty but for a torn line (its writer stopped in the middle of "
-                "it): the rollout has not ticked yet"
+                f"the ledger is empty but for {some} (its writer stopped in the middle of "
+                f"{them}): the rollout has not ticked yet"
             ]
         told = told or story(iter_ledger(ledger))
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
