@@ -29,6 +29,7 @@ from __future__ import annotations
 import getpass
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -1172,13 +1173,20 @@ def _release_dict(release: Release) -> dict[str, Any]:
     }
 
 
+def current_user() -> str:
+    """Who runs this process, for a lease owner or a queued command's `by`: the login name, or
+    `uid N` for a uid with no passwd entry and no USER/LOGNAME (a container under an arbitrary
+    uid), where getpass raises KeyError (OSError from Python 3.13). Was a traceback there for
+    every steering command, abort included."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
 def default_owner() -> str:
     """A readable lease owner for messages ("ann's controller pid 12 on host since ...")."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "someone"
-    return f"{user}'s controller"
+    return f"{current_user()}'s controller"
 
 
 def _off_blue(action: Action) -> bool:

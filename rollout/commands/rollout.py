@@ -783,12 +783,20 @@ def _undriven(status: Status, plan: Sequence[int]) -> str:
         queued = ", ".join(_typed(c) for c in status.commands)
         return f"`aml-rollout rollout run SPEC` acts on the queued {queued}"
     from rollout.core.machine import promotion_unapplied, resume_refused, steering_refused
+    from rollout.core.types import Phase
 
     if promotion_unapplied(status):
         # A deploy that failed for good fails again at every `run`: abort is the way out.
         return (
             "its deploy to green is not applied: `aml-rollout rollout run SPEC` tries it again; "
             "if it fails for good, `aml-rollout rollout abort SPEC` first"
+        )
+    if status.phase is Phase.PAUSED and not status.held:
+        # An operator's pause: `run` guards it, and it stays paused (was: "resume it with
+        # `run`", which read as no need for `rollout resume`).
+        return (
+            "the pause is unguarded: `aml-rollout rollout run SPEC` guards it again (it stays "
+            "paused), `aml-rollout rollout resume SPEC` lets it advance"
         )
     what = "answer with resume, promote or abort, then" if status.held else "resume it with"
     if status.held and resume_refused(status):
@@ -943,10 +951,16 @@ def _refused_now(parsed: RolloutSpec, status: Status, kind: str = "resume") -> s
     return resume_refused(now) if kind == "resume" else steering_refused(now)
 
 
-def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = None) -> None:
-    import getpass
+def _run_again(spec: Path, state_dir: Path | None, *more: str) -> str:
+    """The `run` that drives this rollout again, to copy and paste: quoted for the shell, and
+    with the --state-dir it was found in (was: neither, and the `run` pasted read the default
+    state directory, where it is not, or the shell split the spec's path)."""
+    where = ["--state-dir", str(state_dir)] if state_dir is not None else []
+    return shlex.join(["aml-rollout", "rollout", "run", str(spec), *where, *more])
 
-    from rollout.controller import check_same_router
+
+def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = None) -> None:
+    from rollout.controller import check_same_router, current_user
     from rollout.core.machine import promotion_unapplied, resume_refused, steering_refused
     from rollout.core.status import Command
     from rollout.core.types import Phase
@@ -977,7 +991,7 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
             # (green still serves the stable release: blue to 0 % undoes it; and a promotion
             # the router refuses for good has no other way out): queued, one was said to act
             # at the next tick, then dropped.
-            finish = f"`aml-rollout rollout run {spec}` finishes it"
+            finish = f"`{_run_again(spec, state_dir)}` finishes it"
             idle = "" if driven else f"; no controller is running: {finish}"
             unless = " unless aborted" if undoable else ""
             _fail(
@@ -1030,7 +1044,7 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
             kind=kind,  # type: ignore[arg-type]
             weight=weight,
             at=time.time(),
-            by=getpass.getuser(),
+            by=current_user(),
             rollout=current.id,
         )
         store.push_command(command)
@@ -1053,10 +1067,10 @@ def _queue(spec: Path, state_dir: Path | None, kind: str, weight: int | None = N
     # would be refused (the operator may be aborting to roll that one out).
     stored = current.candidate
     named = parsed.candidate.to_release() if parsed.candidate else None
-    which = f" --candidate {stored.ref}" if stored and named and named.ref != stored.ref else ""
+    which = ["--candidate", stored.ref] if stored and named and named.ref != stored.ref else []
     _out.print(
         f"queued {said} for rollout {parsed.name}; no controller is running: "
-        f"`aml-rollout rollout run {spec}{which}` acts on it",
+        f"`{_run_again(spec, state_dir, *which)}` acts on it",
         markup=False,
     )
 
@@ -1138,11 +1152,12 @@ def explain(
     """Tell the story of a rollout from its ledger, in plain words."""
     from rollout.api import ledger_path_of
     from rollout.errors import RolloutError, StateError
+    from rollout.jsonl import TORN
     from rollout.ledger import explain as story
     from rollout.ledger import has_ledger_lines, iter_ledger, may_be_torn_ledger_line
 
     ledger = path
-    if path.suffix in (".yaml", ".yml"):
+    if path.suffix.lower() in (".yaml", ".yml"):  # as `status` takes it: DRY.YAML too
         parsed = _load(path)
         ledger = ledger_path_of(parsed, state_dir)
         if not ledger.exists():
@@ -1161,15 +1176,24 @@ def explain(
             # Only complete lines say what a file is: a controller killed in its first append
             # leaves a fragment alone, in the rollout's own ledger (which must look like the
             # beginning of a ledger line: a word, or binary bytes, without a newline is none).
+            # Torn again, each fragment but the last was ended by the next append's `#torn`.
             *lines, last = ledger.read_bytes().split(b"\n")
-            if any(line.strip() for line in lines) or not may_be_torn_ledger_line(last):
+            mark = TORN.strip()
+            ended = [line.strip() for line in lines if line.strip()]
+            fragments = [line.removesuffix(mark) for line in ended]
+            fragments += [last] if last.strip() or not ended else []
+            if not all(line.endswith(mark) for line in ended) or not all(
+                may_be_torn_ledger_line(fragment) for fragment in fragments
+            ):
                 raise StateError(
                     f"{ledger} is not a rollout ledger (no ledger lines): give the rollout's "
                     "<name>.ledger.jsonl, or its spec"
                 )
+            some = "a torn line" if len(fragments) == 1 else "torn lines"
+            them = "it" if len(fragments) == 1 else "each"
             told = [
-                "the ledger is empty but for a torn line (its writer stopped in the middle of "
-                "it): the rollout has not ticked yet"
+                f"the ledger is empty but for {some} (its writer stopped in the middle of "
+                f"{them}): the rollout has not ticked yet"
             ]
         told = told or story(iter_ledger(ledger))
     except (KeyError, TypeError, AttributeError, ValueError) as exc:

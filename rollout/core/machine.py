@@ -26,7 +26,8 @@ its actions through the router. Phases (terminal in brackets):
 - Operator commands (pause, resume, promote, abort, set_weight) arrive queued in the status and
   are handled here, in order, at the start of a tick — never racing an analysis. Counts in
   hand that fail the candidate come first: it rolls back, and a promote, set-weight, resume or
-  pause read with them is dropped (an abort rolls back as it would).
+  pause read with them is dropped (an abort rolls back as it would). An abort read after a
+  promote or set-weight in one batch wins: theirs are noted as dropped, not acted on.
 - A data plane that no longer serves what the rollout set (another rollout on it, a hand edit;
   `served`, read by the controller) holds for a human before the judge looks: those counts are
   not the step's evidence. A resume sets it back; an abort sets blue to 0 % only while blue
@@ -507,6 +508,16 @@ def _handle_commands(
     set-weight is refused while blue serves another release (`steering_refused`)."""
     actions: list[Action] = []
     notes: list[str] = []
+    # The notes of the promotes and set-weights acted on so far in this batch: an abort read
+    # after them wins, and they are noted as dropped (was: as done, and `explain` told a
+    # weight set that was never served).
+    steered: list[tuple[int, Command]] = []
+
+    def abort_wins() -> None:
+        for index, earlier in steered:
+            notes[index] = f"{_typed(earlier)}: dropped, not acted on: the abort read after it wins"
+        steered.clear()
+
     plan = spec.plan
     for cmd in status.commands:
         # Unread this tick (a router blip): what the held status last read. Once a command
@@ -523,6 +534,7 @@ def _handle_commands(
             # wins, before the promotion's weights are ever served.
             status, acts = _abort_promotion(status, cmd)
             actions = list(acts)  # an abort wins over the commands before it (below)
+            abort_wins()
         elif status.phase not in (Phase.PROGRESSING, Phase.PAUSED):
             notes.append(f"{cmd.kind}: ignored in phase {status.phase.value}")
             continue
@@ -540,11 +552,13 @@ def _handle_commands(
                 )
                 notes.append(f"{cmd.kind}: {status.reason}")
                 actions = []  # an abort wins over the commands before it (below)
+                abort_wins()
                 continue
             status, acts = _rollback(status, f"aborted{who}: blue back to 0 %", None)
             # An abort wins over the commands read before it in this batch: a set-weight's 50 %
             # served before the 0 %, a promote's deploy to blue that could fail the abort.
             actions = list(acts)
+            abort_wins()
         elif cmd.kind in ("promote", "set_weight") and (refused := _steering_refused(status, seen)):
             notes.append(f"{_typed(cmd)}: ignored, {refused}")
             continue
@@ -602,6 +616,8 @@ def _handle_commands(
                 actions.extend((*restore, SetWeights(cmd.weight, mirror)))
             if back:
                 status, served = replace(status, served=None), None  # as after a resume
+        if cmd.kind in ("promote", "set_weight"):
+            steered.append((len(notes), cmd))
         notes.append(f"{cmd.kind}: {status.reason}")
     return replace(status, commands=()), tuple(actions), notes
 

@@ -39,7 +39,7 @@ def make_store(
     if isinstance(cfg, FileStateConfig):
         return FileStateStore(directory or cfg.dir, name)
     if isinstance(cfg, MemoryStateConfig):
-        return MemoryStateStore(name)
+        return MemoryStateStore(name, directory or cfg.dir)  # its ledger's directory
     kind = getattr(cfg, "kind", None)
     if kind not in BACKENDS:
         raise ConfigError(f"state.kind: unknown kind {kind!r} (known: {', '.join(KINDS)})")

@@ -1,22 +1,35 @@
-"""In-memory StateStore for tests, dry runs and the simulator (no durability, same contract)."""
+"""In-memory StateStore for tests, dry runs and the simulator (no durability, same contract).
+
+Its status and commands live in the process, and so does its lease. A dry run still writes a
+ledger, `<dir>/<name>.memory.ledger.jsonl`: a store given that `directory` also holds an
+exclusive lock on `<dir>/<name>.memory.lock` with its lease, so that a second dry run of the
+same name there (another process) is refused, as a second controller of a file store's rollout
+is. Without it both ran, interleaving one ledger, and `explain` told one story of the two.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import ClassVar
 
 from rollout.core.status import Command, Status
-from rollout.errors import LeaseHeldError
+from rollout.errors import LeaseHeldError, StateError
+from rollout.state.file import hold_lock
 
 
 class MemoryStateStore:
-    """Status and commands in a Python object; leases per rollout name within the process."""
+    """Status and commands in a Python object; leases per rollout name within the process,
+    and across processes per ledger directory when given one."""
 
     _leases: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, name: str = "rollout") -> None:
+    def __init__(self, name: str = "rollout", directory: Path | None = None) -> None:
         self.name = name
+        #: Held with the lease: one dry run at a time writes the ledger beside it.
+        self.lock_path = Path(directory) / f"{name}.memory.lock" if directory is not None else None
         self._status: Status | None = None
         self._commands: list[Command] = []
         self.saves = 0
@@ -47,14 +60,38 @@ class MemoryStateStore:
 
     @contextmanager
     def lease(self, owner: str) -> Iterator[None]:
-        """Exclusive per rollout name in this process."""
+        """Exclusive per rollout name in this process, and per ledger directory and name."""
         holder = self._leases.get(self.name)
         if holder is not None:
             raise LeaseHeldError(
                 f"rollout {self.name!r} is already driven by another controller ({holder})"
             )
+        fd = self._lock(owner)
         self._leases[self.name] = owner
         try:
             yield
         finally:
             self._leases.pop(self.name, None)
+            if fd is not None:
+                with suppress(OSError):  # (the stamp names no one once unlocked)
+                    os.ftruncate(fd, 0)
+                os.close(fd)  # closing drops the lock
+
+    def _lock(self, owner: str) -> int | None:
+        """The lock file's fd, held (None without a directory); LeaseHeldError when another
+        dry run holds it."""
+        if self.lock_path is None:
+            return None
+        try:
+            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = hold_lock(self.lock_path, owner)
+        except OSError as exc:  # a directory another user created, a read-only mount
+            raise StateError(f"cannot take the lock {self.lock_path}: {exc.strerror}") from exc
+        if isinstance(fd, str):
+            ledger = self.lock_path.with_name(f"{self.name}.memory.ledger.jsonl")
+            raise LeaseHeldError(
+                f"rollout {self.name!r} is already driven by another dry run ({fd}), which "
+                f"writes its ledger {ledger}; stop it or let it end, or give this one another "
+                "--state-dir"
+            )
+        return fd
