@@ -255,13 +255,15 @@ def _field(where: str) -> str:
 
 def check_model_dir(spec: RolloutSpec, release: Release | None, where: str) -> None:
     """Refuse, before anything is deployed or stored, a release the envoy router cannot start
-    its scoring server for as named: no model folder, a folder that is not there, or one
+    its scoring server for as named: no model folder, a folder that is not there or that the
+    server cannot find one model in (`resolve_model_dir`: a folder of several packages), or one
     holding another model than the release's sha256, or the package of another release
     (package.json's model or version: `other_release`). Begun, the rollout would Fail at that
     deploy and stay Failed (`run` again: "already ended") with the spec fixed — or, for another
     model, record one release while blue served another."""
     from rollout.local.workloads import other_release
-    from scoring.model import recorded_sha256
+    from scoring.errors import ModelLoadError
+    from scoring.model import recorded_sha256, resolve_model_dir
 
     if release is None or not isinstance(spec.router, EnvoyRouterConfig):
         return
@@ -279,6 +281,12 @@ def check_model_dir(spec: RolloutSpec, release: Release | None, where: str) -> N
             f"{where}: {release.ref} has no model folder {release.model_dir} (its `model_dir:`"
             f"{read}); the envoy router serves a release from its package or model folder"
         )
+    try:
+        resolve_model_dir(folder)
+    except ModelLoadError as exc:  # (a folder of several packages, or of none)
+        raise ConfigError(
+            f"{where}: {release.ref}'s model folder {release.model_dir} cannot be served: {exc}"
+        ) from None
     other = other_release(release)
     if other is not None:
         path, held_ref, differs = other

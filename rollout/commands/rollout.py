@@ -155,14 +155,9 @@ def validate(spec: SpecArg) -> None:
     except RolloutError as exc:
         problems.append(str(exc))
     candidate, stable = releases.get("candidate"), releases.get("stable")
-    if candidate is not None and stable is not None and same_bits(candidate, stable):
-        # As the controller words it (`run` refuses it on an empty green; on a green serving
-        # the candidate there is nothing to roll out; on another, `stable:` goes unread).
-        problems.append(
-            f"`stable:` names the candidate {candidate.ref}: a rollout compares the candidate "
-            "with another release; for a service's first release, "
-            f"`aml-rollout rollout bootstrap SPEC --release {candidate.ref}`"
-        )
+    # Not an error: `run` refuses it only while green serves nothing (or the candidate already);
+    # on a green serving another release, `stable:` goes unread and the rollout goes on.
+    same = candidate is not None and stable is not None and same_bits(candidate, stable)
     if problems:
         for problem in problems:
             _err.print(f"[bold red]error:[/] {_shown(problem)}")
@@ -175,6 +170,14 @@ def validate(spec: SpecArg) -> None:
         f"alpha {parsed.analysis.alpha:g}, interval {parsed.analysis.interval_s:g} s, "
         f"on inconclusive: {parsed.analysis.on_inconclusive}"
     )
+    if same and candidate is not None:
+        _err.print(
+            f"[bold yellow]warning:[/] `stable:` names the candidate {candidate.ref}: `run` "
+            "refuses it while green serves nothing (a rollout compares the candidate with "
+            "another release; for a service's first release, `aml-rollout rollout bootstrap "
+            f"SPEC --release {candidate.ref}`), and reads no `stable:` while green serves "
+            "another release"
+        )
     needs = {"istio": "image", "envoy": "model folder"}.get(parsed.router.kind)
     if needs is None:
         return

@@ -46,12 +46,19 @@ _ENVOY = {"kind": "envoy", "admin_url": "http://127.0.0.1:9", "routes_file": "ro
 _ISTIO = {"kind": "istio", "namespace": "ml", "app": "diabetes"}
 
 
+def _model_folder(folder: Path) -> Path:
+    """A model folder as the scoring server finds one (its model.json; no model file: nothing
+    here starts a server)."""
+    folder.mkdir(exist_ok=True)
+    (folder / "model.json").write_text(json.dumps({"name": "m"}))
+    return folder
+
+
 def _deployable_candidate(router: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    """A candidate the router can deploy: an image for istio, a folder that is there for envoy."""
+    """A candidate the router can deploy: an image for istio, a model folder for envoy."""
     if router["kind"] == "istio":
         return {"model": "m", "version": "2", "image": "registry/m:2"}
-    (tmp_path / "pkg2").mkdir(exist_ok=True)
-    return {"model": "m", "version": "2", "model_dir": str(tmp_path / "pkg2")}
+    return {"model": "m", "version": "2", "model_dir": str(_model_folder(tmp_path / "pkg2"))}
 
 
 @pytest.mark.parametrize(
@@ -103,8 +110,7 @@ def test_validate_refuses_a_release_the_router_cannot_deploy(
 
 
 def test_validate_says_it_checked_the_candidate_deploys(tmp_path: Path) -> None:
-    folder = tmp_path / "pkg"
-    folder.mkdir()
+    folder = _model_folder(tmp_path / "pkg")
     candidate = {"model": "m", "version": "2", "model_dir": str(folder)}
     spec = write_spec(
         tmp_path, router=_ENVOY, candidate=candidate, stable=None, metrics={"kind": "static"}
@@ -1134,7 +1140,7 @@ def test_the_quick_start_spec_stops_with_the_line_the_doc_promises(
     if candidate is not None:
         spec = spec.replace('candidate: {model: diabetes, version: "2"}', candidate)
     (tmp_path / "rollout.yaml").write_text(spec)
-    (tmp_path / "pkg").mkdir()
+    _model_folder(tmp_path / "pkg")
     monkeypatch.chdir(tmp_path)
     code, out = invoke("run", "rollout.yaml")
     assert code == EXIT_ERROR, out
@@ -1856,8 +1862,7 @@ def test_validate_tells_a_bad_candidate_and_a_bad_stable_at_once(tmp_path: Path)
 def test_validate_says_it_checked_both_releases_deploy(
     tmp_path: Path, router: dict[str, str], stable: dict[str, str], told: str
 ) -> None:
-    pkg1 = tmp_path / "pkg1"
-    pkg1.mkdir()
+    pkg1 = _model_folder(tmp_path / "pkg1")
     stable = {key: value.format(pkg1=pkg1) for key, value in stable.items()}
     candidate = _deployable_candidate(router, tmp_path)
     spec = write_spec(

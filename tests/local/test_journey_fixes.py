@@ -2,7 +2,9 @@
 
 - A package folder served under whatever release the spec names (its package.json says another
   model or version): refused by `validate`, `run` and the envoy router's scoring servers.
-- `validate` said ok for a spec whose `stable:` names the candidate; `run` refused it at once.
+- `validate` said ok for a spec whose `stable:` names the candidate, which `run` refuses while green
+  serves nothing (now a warning: on a green serving another release `run` goes on), and for a model
+  folder of several packages, which the scoring server refuses at deploy.
 - The unreachable-admin error of a stack `up` ran gave a plain `aml-rollout up` (a new stack
   and spec: the rollout abandoned), not the command that starts that stack again.
 - `explain` cut the restart command mid-backtick (the ledger kept 200 characters).
@@ -141,28 +143,43 @@ def test_the_version_a_server_answers_comes_from_package_json_when_it_names_one(
     assert argv[argv.index("--version") + 1] == "2"
 
 
-# ------------------------------------------------------- 4: validate refuses stable: = candidate
+# ------------------------------------------- 4: validate on stable: = candidate, and a model folder
 
 
-def test_validate_refuses_a_stable_release_that_is_the_candidate(tmp_path: Path) -> None:
-    folder = tmp_path / "pkg2"
-    folder.mkdir()
+def test_validate_warns_of_a_stable_release_that_is_the_candidate(tmp_path: Path) -> None:
+    # A warning, not an error: `run` refuses it only while green serves nothing; on a green
+    # serving another release it reads no `stable:` and rolls the candidate out.
+    folder = _package(tmp_path / "pkg2", model="m", version="2")
     release = {"model": "m", "version": "2", "model_dir": str(folder)}
     code, said = _validate(tmp_path, candidate=release, stable=release)
-    assert code == 2, said
+    assert code == 0, said
     assert (
-        "error: `stable:` names the candidate m:2: a rollout compares the candidate with another "
-        "release; for a service's first release, `aml-rollout rollout bootstrap SPEC --release "
-        "m:2`" in said
+        "warning: `stable:` names the candidate m:2: `run` refuses it while green serves nothing "
+        "(a rollout compares the candidate with another release; for a service's first release, "
+        "`aml-rollout rollout bootstrap SPEC --release m:2`), and reads no `stable:` while green "
+        "serves another release" in said
     ), said
 
 
-def test_validate_accepts_a_stable_release_of_other_bits(tmp_path: Path) -> None:
-    (tmp_path / "a").mkdir()
-    candidate = {"model": "m", "version": "2", "model_dir": str(tmp_path / "a")}
+def test_validate_says_nothing_of_a_stable_release_of_other_bits(tmp_path: Path) -> None:
+    candidate = {"model": "m", "version": "2", "model_dir": str(_package(tmp_path / "a"))}
     stable = {**candidate, "version": "1"}
     code, said = _validate(tmp_path, candidate=candidate, stable=stable)
-    assert code == 0, said
+    assert (code, "warning" in said) == (0, False), said
+
+
+def test_validate_refuses_a_model_folder_holding_several_packages(tmp_path: Path) -> None:
+    # The scoring server cannot pick one: begun, the rollout Failed at its deploy and stayed
+    # Failed with the spec fixed ("already ended").
+    for version in ("1", "2"):
+        _package(tmp_path / "packages" / version, model="m", version=version)
+    release = {"model": "m", "version": "2", "model_dir": str(tmp_path / "packages")}
+    code, said = _validate(tmp_path, candidate=release)
+    assert code == 2, said
+    assert (
+        f"candidate: m:2's model folder {tmp_path / 'packages'} cannot be served: "
+        f"{tmp_path / 'packages'} holds 2 model or package folders (1, 2): give one of them"
+    ) in said, said
 
 
 # ------------------------------------------------- 3: the unreachable admin of a stack `up` ran
