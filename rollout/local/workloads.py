@@ -345,12 +345,21 @@ def _check_model(colour: Colour, release: Release) -> None:
     """
     if release.model_dir is None:
         return
+    # Refused for green, the candidate is a promotion's (a rollout begun before this check, or
+    # its folder rewritten since): it is no release to promote; an abort sends all traffic
+    # back to green's release.
+    way_out = (
+        "; if a rollout is promoting it, abort that rollout (`aml-rollout rollout abort SPEC`, "
+        "then `run`): all traffic goes back to green's release"
+        if colour is Colour.GREEN
+        else ""
+    )
     other = other_release(release)
     if other is not None:
         path, held_ref, _ = other
         raise DeployFailed(
             f"cannot deploy {release.ref} to {colour.value}: {release.model_dir} is the package "
-            f"of {held_ref} ({path}), not of {release.ref}"
+            f"of {held_ref} ({path}), not of {release.ref}{way_out}"
         )
     if not release.sha256:
         return
@@ -360,7 +369,8 @@ def _check_model(colour: Colour, release: Release) -> None:
     if found is not None and found != release.sha256:
         raise DeployFailed(
             f"cannot deploy {release.ref} to {colour.value}: {release.model_dir} holds a model "
-            f"of sha256 {found}, not {release.sha256} (another model was written there since)"
+            f"of sha256 {found}, not {release.sha256} (another model was written there "
+            f"since){way_out}"
         )
 
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -118,11 +119,19 @@ def test_the_scoring_server_refuses_a_package_of_another_release(tmp_path: Path)
 
     folder = _package(tmp_path / "pkg", model="diabetes", version="2")
     workloads = ScoringProcesses(tmp_path / "workloads")
-    with pytest.raises(
-        DeployFailed,
-        match=r"cannot deploy diabetes:9 to green: .* is the package of diabetes:2 ",
-    ):
-        workloads.start(Colour.GREEN, Release("diabetes", "9", sha256=SHA, model_dir=str(folder)))
+    release = Release("diabetes", "9", sha256=SHA, model_dir=str(folder))
+    with pytest.raises(DeployFailed) as refused:
+        workloads.start(Colour.GREEN, release)
+    # For green, a promotion's deploy (a rollout begun before the check): the way out named.
+    assert re.fullmatch(
+        r"cannot deploy diabetes:9 to green: .* is the package of diabetes:2 \(.*\), not of "
+        r"diabetes:9; if a rollout is promoting it, abort that rollout \(`aml-rollout rollout "
+        r"abort SPEC`, then `run`\): all traffic goes back to green's release",
+        str(refused.value),
+    ), refused.value
+    with pytest.raises(DeployFailed) as refused:
+        workloads.start(Colour.BLUE, release)
+    assert str(refused.value).endswith("not of diabetes:9"), refused.value
     assert workloads.records() == []
 
 
