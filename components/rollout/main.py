@@ -232,13 +232,20 @@ def _check_first(
     phase = FIRST_CHECK_OUTCOMES.get(check, FAILED)
 
     def record(tags: str | None) -> dict[str, Any]:
-        # Read once tagged: a report, which fails nothing that was deployed and tagged.
-        traffic = served_traffic(router, candidate.ref)
+        # Read once tagged: a report, which fails nothing that was deployed and tagged, and may
+        # be slow to fail. Not read yet for the pending record written before the tags.
+        if tags == TAGS_PENDING:
+            traffic = None
+            told = f"first release of {candidate.model} deployed to green, its check {check}: "
+            told += f"{reason} (its tags being written, the traffic it serves read after)"
+        else:
+            traffic = served_traffic(router, candidate.ref)
+            told = first_release_reason(
+                candidate.model, int(candidate.version), check, reason, traffic
+            )
         return {
             "phase": phase,
-            "reason": first_release_reason(
-                candidate.model, int(candidate.version), check, reason, traffic
-            ),
+            "reason": told,
             "ledger": str(ledger),
             "candidate": asdict(candidate),
             "stable": None,

@@ -218,6 +218,14 @@ def test_tags_that_fail_unexpectedly_still_leave_the_outcome_in_result_json(
     written = json.loads((result / "result.json").read_text())
     assert [w["tags"] for w in while_tagging] == ["pending"]
     assert while_tagging[0]["phase"] == written["phase"]
+    if first_release:  # (the traffic read once tagged: slow to fail, it waits)
+        assert while_tagging[0]["traffic"] is None
+        assert while_tagging[0]["reason"].startswith(
+            "first release of m deployed to green, its check Successful: "
+        )
+        assert while_tagging[0]["reason"].endswith(
+            "(its tags being written, the traffic it serves read after)"
+        )
     assert written["phase"] == "Succeeded"
     assert written["candidate"]["version"] == "1"
     assert written["tags"].startswith("not written: ")
