@@ -172,6 +172,8 @@ class Dispatcher:
         self._unfit: set[tuple[str, int]] = set()
         #: Per model, when the drain that stopped without `wait` can go on (see `next_read_in`).
         self._due: dict[str, float] = {}
+        #: Versions whose drain without `wait` found the endpoint busy: where their wait is.
+        self._waits: dict[tuple[str, int], _EndpointWait] = {}
         #: With supersede, per model, the newest version accepted whose check of the running
         #: rollout (`_abort_older`) is still to be made (see `check_supersede`).
         self._to_check: dict[str, int] = {}
@@ -318,8 +320,9 @@ class Dispatcher:
 
         `on_outcome` hears each as it closes: an error on a later version ends the drain with
         the exception, and the outcomes before it must not be lost with the return value.
-        A version awaited from the registry is waited for (`pause`); without `wait` the drain
-        ends there instead (the worker goes on with other models, see `next_read_in`).
+        A version awaited from the registry is waited for (`pause`), and so is the endpoint
+        while another rollout is active on it; without `wait` the drain ends there instead (the
+        worker goes on with other models, and comes back when due: see `next_read_in`).
         """
         outcomes = []
         while not self.stop.is_set():
@@ -328,7 +331,7 @@ class Dispatcher:
             # One closed by another process is awaited no more (due forever, it would end
             # every wait of the worker at once).
             still_open = {e.version for e in open_entries}
-            for closed in {*self._misses, *self._failing, *self._unfit}:
+            for closed in {*self._misses, *self._failing, *self._unfit, *self._waits}:
                 if closed[0] == model and closed[1] not in still_open:
                     self._forget(*closed)
             self._due.pop(model, None)
@@ -342,7 +345,9 @@ class Dispatcher:
                 if self.pause(later):
                     break
                 continue
-            outcome = self._deliver_one(model, version)
+            outcome = self._deliver_one(model, version, block=wait)
+            if not wait and model in self._due:  # waits for the endpoint: the worker comes back
+                break
             if outcome is not None:
                 outcomes.append(outcome)
                 if on_outcome is not None:
@@ -351,7 +356,8 @@ class Dispatcher:
 
     def next_read_in(self) -> float | None:
         """Seconds until a model whose drain stopped without `wait` can go on (0: now): a read
-        from the registry its oldest open version waits for is due; None when none waits.
+        from the registry its oldest open version waits for is due, or its next look at a busy
+        endpoint (every `wait_interval_s`); None when none waits.
 
         Only the read that blocks each model counts: an awaited version behind the model's
         oldest open one is not read before its turn, and counted, being due, it ended every wait
@@ -404,18 +410,29 @@ class Dispatcher:
 
         return sorted(models, key=lambda model: not started(model))
 
-    def _deliver_one(self, model: str, version: int) -> DeliveryOutcome | None:
+    def _deliver_one(
+        self, model: str, version: int, *, block: bool = True
+    ) -> DeliveryOutcome | None:
         """Deliver `version` under the deliver lock — let go while another rollout is active
         on the endpoint: that rollout may be one only another process sharing the state folder
         can resume (a kill left it active), and that process needs the lock to do so. Held
         through the wait, it was a deadlock: the endpoint split, with no controller. Each time
-        the lock is taken again, everything is checked again."""
-        wait = _EndpointWait()
+        the lock is taken again, everything is checked again.
+
+        Without `block` (the worker) the wait is not made here: the model is due again in an
+        interval (`_due`) and None returned. The worker must stay free to retry the resume of
+        a live rollout kept open after an error (`_kept_live`): waiting here for the endpoint,
+        it waited for that very rollout, and mended, nothing resumed it."""
+        wait = self._waits.pop((model, version), None) or _EndpointWait()
         while True:
             with self._deliver_lock.held():
                 outcome = self._deliver_locked(model, version, wait)
             if not wait.busy:
                 return outcome
+            if not block:
+                self._waits[(model, version)] = wait  # its abort and its line: once per wait
+                self._due[model] = self.clock() + self.wait_interval_s
+                return None
             if not self._wait_for_endpoint(model, version, wait):
                 return None
 
@@ -769,6 +786,7 @@ class Dispatcher:
         self._misses.pop((model, version), None)
         self._failing.discard((model, version))
         self._unfit.discard((model, version))
+        self._waits.pop((model, version), None)
         self._kept = {k for k in self._kept if k[:2] != (model, version)}
 
     def _endpoint_busy(self, model: str, version: int, wait: _EndpointWait) -> bool:

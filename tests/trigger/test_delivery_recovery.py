@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +37,7 @@ from aml_pipelines.errors import IntegrityError, ModelNotFound
 from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger.cli import once_exit_code
-from aml_pipelines.trigger.dispatch import Dispatcher
+from aml_pipelines.trigger.dispatch import DeliveryWorker, Dispatcher
 from aml_pipelines.trigger.store import Step, TriggerStore
 from aml_pipelines.trigger.watcher import Watcher
 from rollout.api import bootstrap, run_rollout
@@ -390,3 +391,59 @@ def test_a_started_version_tagged_rolled_back_settles_as_its_rollout_ended(
     store.update("diabetes", 2, lambda e: replace(e, step=Step.STARTED, attempts=1))
     [outcome] = Dispatcher(store, registry, _EndedRollout(view)).drain("diabetes")
     assert (outcome.phase, outcome.reason) == settled
+
+
+def _until(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """Until `condition()`, for up to `timeout` s (the worker runs on its own thread)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "breaks",
+    [
+        pytest.param(_removed, id="gone-from-registry-for-a-while"),
+        pytest.param(_damaged, id="damaged-in-registry-for-a-while"),
+    ],
+)
+def test_a_worker_resumes_a_mended_live_rollout_while_another_model_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, breaks: Callable[[Path, LocalRegistry], Broken]
+) -> None:
+    # Was: the kept-open resume failed, the worker went on to the other model's pending version,
+    # which waited for the endpoint inside its drain (`wait=False` did not stop that wait) until
+    # the live rollout ended — which only the resume it kept the worker from could do: mended,
+    # the rollout stayed at blue 50 % with no controller until the trigger was restarted.
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    register(registry, tmp_path, name="other", stage="candidate")
+    store = TriggerStore(tmp_path / "trigger")
+    store.accept("diabetes", 2, "watch")
+    clock = FakeClock(1_000.0)
+    good = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=clock)
+    _killed_mid_rollout(monkeypatch, Dispatcher(store, registry, good), after_ticks=3)
+    live = good.current()
+    assert live is not None and live.active and (live.candidate, live.weight) == (2, 50)
+
+    spec, mend = breaks(tmp_path, registry)
+    store.accept("other", 1, "event:e1")
+    dispatcher = Dispatcher(
+        store, registry, EngineDelivery(registry, spec, clock=clock), wait_interval_s=0.05
+    )
+    worker = DeliveryWorker(dispatcher, lambda: ["diabetes", "other"])
+    worker.start()
+    try:
+        # The resume is retried every interval, the other model's version waiting meanwhile.
+        _until(lambda: worker.failures >= 3, "the resume retried while the other model waits")
+        assert store.load("other").entries[1].step is Step.PENDING
+        assert good.current() == live  # not touched
+        mend()
+        _until(lambda: store.load("diabetes").entries[2].outcome != "", "v2 closed once mended")
+        _until(lambda: store.load("other").entries[1].step is Step.DONE, "the other delivered")
+    finally:
+        dispatcher.stop.set()
+        worker.join(10)
+    assert store.load("diabetes").entries[2].outcome == "Succeeded"
+    assert _starts(tmp_path) == ["2", "1"]  # v2 resumed, not started again; then the other's
