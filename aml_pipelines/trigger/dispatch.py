@@ -469,12 +469,16 @@ class Dispatcher:
                 # newer version open: closed at once when nothing of it is live, as an awaited
                 # pending one is, not after its ~2 min of reads.
                 return closed
+            if (ended := self._ended_unread(model, entry, exc)) is not None:
+                return ended
             if self._missed(entry, model):
                 return None  # still open: read again later, the lock let go meanwhile
             if self._kept_live(model, version, exc):
                 raise
             return self._fail(model, version, exc, MISSING, self._missing_retries(entry))
         except PERMANENT as exc:
+            if (ended := self._ended_unread(model, entry, exc)) is not None:
+                return ended
             if self._kept_live(model, version, exc):
                 raise
             return self._fail(model, version, exc)
@@ -556,6 +560,24 @@ class Dispatcher:
             f"{describe(exc)}",
         )
         return True
+
+    def _ended_unread(self, model: str, entry: Entry, exc: Exception) -> DeliveryOutcome | None:
+        """Close a `started` version the registry cannot give (`exc`: damaged, removed) with
+        the outcome of its rollout when that has ended in the state store (killed before its
+        tags); None otherwise. That outcome is what serves: closed Failed (or `missing`) from
+        the registry's error, a promoted version serving all traffic was reported a failure.
+        Its tags are written by the next reconcile that can read it (each `watch --once` pass,
+        each start); until then the registry says what it said before the rollout."""
+        version = entry.version
+        view = self.delivery.current()
+        if entry.step is not Step.STARTED or view is None or view.active:
+            return None
+        if not view.of(model, version, None):
+            return None
+        reason = f"{view.reason} (its tags not written: {describe(exc)})"
+        log.warning("%s v%d: its rollout ended %s; %s", model, version, view.phase, reason)
+        self._close(model, version, view.phase, reason)
+        return DeliveryOutcome(model, version, view.phase, reason)
 
     def _retried(self, model: str, version: int, why: str) -> None:
         """Leave `version` open, to be retried after an error; `trigger status` tells `why`."""

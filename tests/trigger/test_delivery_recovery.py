@@ -447,3 +447,46 @@ def test_a_worker_resumes_a_mended_live_rollout_while_another_model_waits(
         worker.join(10)
     assert store.load("diabetes").entries[2].outcome == "Succeeded"
     assert _starts(tmp_path) == ["2", "1"]  # v2 resumed, not started again; then the other's
+
+
+@pytest.mark.parametrize("breaks", [_damaged, _removed], ids=["damaged", "removed"])
+def test_a_promoted_version_unreadable_before_its_tags_settles_as_its_rollout_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, breaks: Callable[[Path, LocalRegistry], Broken]
+) -> None:
+    # Was: killed after the promotion, before the tags, v2 then damaged in the registry: the
+    # reconcile stepped over it (nothing to tag it from), and the dispatcher closed v2 Failed
+    # (`watch --once` exit 5) from the registry's error, though its rollout Succeeded and it
+    # serves all traffic.
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    store = TriggerStore(tmp_path / "trigger")
+    store.accept("diabetes", 2, "watch")
+    clock = FakeClock(1_000.0)
+    delivery = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=clock)
+
+    def killed(*_args: Any, **_kw: Any) -> list[TagChange]:
+        raise SystemExit("killed after the rollout ended, before its tags")
+
+    monkeypatch.setattr(delivery_module, "follow_traffic", killed)
+    with pytest.raises(SystemExit):
+        Dispatcher(store, registry, delivery).drain("diabetes")
+    monkeypatch.undo()
+    ended = delivery.current()
+    assert ended is not None and (ended.candidate, ended.phase) == (2, "Succeeded")
+    _, mend = breaks(tmp_path, registry)
+
+    def watch_once() -> list[DeliveryOutcome]:
+        dispatcher = Dispatcher(store, registry, delivery)
+        watcher = Watcher(registry, "diabetes", dispatcher, required_tags={"stage": "candidate"})
+        return watcher.run(once=True)
+
+    [outcome] = watch_once()
+    assert (outcome.version, outcome.phase, once_exit_code([outcome.phase])) == (2, "Succeeded", 0)
+    assert outcome.reason.startswith(f"{ended.reason} (its tags not written: ")
+    assert store.load("diabetes").entries[2].outcome == "Succeeded"
+    mend()
+    assert watch_once() == []  # the next pass's reconcile writes the tags the rollout says
+    assert registry.get("diabetes", 2).stage == "production"
+    assert registry.get("diabetes", 1).stage == "archived"
+    assert _starts(tmp_path) == ["2"]
