@@ -490,3 +490,38 @@ def test_a_promoted_version_unreadable_before_its_tags_settles_as_its_rollout_en
     assert registry.get("diabetes", 2).stage == "production"
     assert registry.get("diabetes", 1).stage == "archived"
     assert _starts(tmp_path) == ["2"]
+
+
+def test_a_resume_retried_after_the_same_error_says_so_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was: the engine delivery's `resuming its rollout` INFO line at every retry (at serve's
+    # 5 s, 720 lines an hour of a misnamed token variable), beside the worker's once-said error.
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    store = TriggerStore(tmp_path / "trigger")
+    store.accept("diabetes", 2, "watch")
+    clock = FakeClock(1_000.0)
+    good = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=clock)
+    _killed_mid_rollout(monkeypatch, Dispatcher(store, registry, good), after_ticks=3)
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    spec, _ = _token_env_unset(tmp_path, registry)
+    dispatcher = Dispatcher(
+        store, registry, EngineDelivery(registry, spec, clock=clock), wait_interval_s=0.01
+    )
+    worker = DeliveryWorker(dispatcher, lambda: ["diabetes"])
+    caplog.set_level(logging.DEBUG, "aml_pipelines")
+    worker.start()
+    try:
+        _until(lambda: worker.failures >= 5, "five retries of the resume")
+    finally:
+        dispatcher.stop.set()
+        worker.join(10)
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("aml_pipelines") and r.levelno >= logging.INFO
+    ]
+    assert said.count("diabetes v2: resuming its rollout") == 1, said
+    assert len(said) == 3, said  # the dispatcher's resume, the delivery's, the worker's error
