@@ -730,13 +730,21 @@ class EngineDelivery:
         return spec.model_copy(update={"stable": ReleaseConfig(**asdict(release))})
 
     def abort(self, reason: str) -> None:
-        """Queue an `abort` command for the running controller (it rolls back on its next tick)."""
+        """Queue an `abort` command for the running controller (it rolls back on its next tick);
+        once per rollout: one queued already is applied in its turn, and a rollout with no
+        controller (kept open, its version gone from the registry) got one more at every
+        restart of a trigger with --supersede, none applied."""
         from rollout.core.status import Command
 
         store = self._store()
         status = store.load()
         if status is None or status.terminal:
             log.info("nothing to abort (%s): no rollout is running", reason)
+            return
+        if any(
+            c is not None and c.kind == "abort" and c.rollout == status.id for c in store.commands()
+        ):
+            log.info("an abort of the running rollout is queued already (%s)", reason)
             return
         store.push_command(
             Command(

@@ -26,9 +26,11 @@ Crash semantics (SIGKILL anywhere):
   the delivery path turns into a *resume* (the package step is idempotent; the rollout engine
   continues the rollout of the same candidate from its state store); a rollout that already ended
   is not run again: the start-up reconcile writes its tags, which then settle the entry with the
-  rollout's outcome. An error on the way, even one that closes a version before its rollout
-  (a corrupted model, an invalid spec: PERMANENT), leaves one whose rollout is live in the state
-  store open, to be resumed once it is gone: closed, its rollout had no controller for good.
+  rollout's outcome (one the registry cannot give, damaged or removed since, is settled from the
+  state store: `_ended_unread`). An error on the way, even one that closes a version before its
+  rollout (a corrupted model, an invalid spec: PERMANENT), leaves one whose rollout is live in the
+  state store open, to be resumed once it is gone: closed, its rollout had no controller for good
+  (one the registry lost for good is resumed by hand, `rollout run`: its reason says so).
   `attempts` counts the entries into delivery;
 - after `done`: nothing to do. So each version is delivered once, and none is skipped.
 
@@ -473,13 +475,13 @@ class Dispatcher:
                 return ended
             if self._missed(entry, model):
                 return None  # still open: read again later, the lock let go meanwhile
-            if self._kept_live(model, version, exc):
+            if self._kept_live(model, version, exc, unread=True):
                 raise
             return self._fail(model, version, exc, MISSING, self._missing_retries(entry))
         except PERMANENT as exc:
             if (ended := self._ended_unread(model, entry, exc)) is not None:
                 return ended
-            if self._kept_live(model, version, exc):
+            if self._kept_live(model, version, exc, unread=True):
                 raise
             return self._fail(model, version, exc)
         self._misses.pop((model, version), None)
@@ -540,7 +542,13 @@ class Dispatcher:
         return outcome
 
     def _kept_live(
-        self, model: str, version: int, exc: Exception, sha256: str | None = None
+        self,
+        model: str,
+        version: int,
+        exc: Exception,
+        sha256: str | None = None,
+        *,
+        unread: bool = False,
     ) -> bool:
         """Whether `exc`, an error that closes a version for good (PERMANENT, or not in the
         registry), leaves it open instead, to be retried as a resume: True when its rollout is
@@ -549,16 +557,26 @@ class Dispatcher:
         version waiting for it for ever; retried, it goes on once the error is gone: a secret the
         resumed rollout's metrics read, a registry version damaged or removed meanwhile (`sha256`:
         the version's, once read; None, its number alone identifies it). A state store that
-        cannot be read raises its own error here, which keeps the version open too."""
+        cannot be read raises its own error here, which keeps the version open too.
+
+        `unread`: the registry could not give the version, which the resume needs. Gone or
+        damaged for good, it is never resumed here: the reason names the way out, the rollout
+        resumed by hand from the state store, after which its outcome settles the version
+        (`_ended_unread`)."""
         view = self.delivery.current()
         if view is None or not view.active or not view.of(model, version, sha256):
             return False
-        self._retried(
-            model,
-            version,
+        why = (
             f"waits, to be retried as a resume (its rollout is live in the state store): "
-            f"{describe(exc)}",
+            f"{describe(exc)}"
         )
+        if unread:
+            why += (
+                "; if the registry lost it for good, `aml-rollout rollout run <spec>` resumes it "
+                "from the state store (`rollout abort <spec>` first to roll it back), and the "
+                "trigger then closes it with that rollout's outcome"
+            )
+        self._retried(model, version, why)
         return True
 
     def _ended_unread(self, model: str, entry: Entry, exc: Exception) -> DeliveryOutcome | None:

@@ -525,3 +525,35 @@ def test_a_resume_retried_after_the_same_error_says_so_once(
     ]
     assert said.count("diabetes v2: resuming its rollout") == 1, said
     assert len(said) == 3, said  # the dispatcher's resume, the delivery's, the worker's error
+
+
+def test_a_live_rollout_whose_version_is_gone_for_good_names_the_way_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: the version kept open for ever (the resume needs the registry's copy), nothing in
+    # `trigger status` saying how to get out, and with --supersede one more abort queued at
+    # every restart, none applied (no controller runs).
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    store = TriggerStore(tmp_path / "trigger")
+    store.accept("diabetes", 2, "watch")
+    clock = FakeClock(1_000.0)
+    delivery = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=clock)
+    _killed_mid_rollout(monkeypatch, Dispatcher(store, registry, delivery), after_ticks=3)
+    shutil.rmtree(registry.root / "diabetes" / "2")  # removed by hand, for good
+    register(registry, tmp_path, stage="candidate")
+    store.accept("diabetes", 3, "watch")
+    for _restart in range(3):
+        with pytest.raises(ModelNotFound):
+            Dispatcher(store, registry, delivery, supersede=True).drain("diabetes")
+    reason = store.load("diabetes").entries[2].reason
+    assert "`aml-rollout rollout run <spec>` resumes it from the state store" in reason, reason
+    queued = [c for c in delivery._store().commands() if c is not None]
+    assert [c.kind for c in queued] == ["abort"]  # one per rollout, not one per restart
+
+    # The way out, by hand: the stored rollout resumed, the queued abort rolls it back.
+    ended = run_rollout(_spec(tmp_path, 0.01), state_dir=delivery.state_dir, clock=clock)
+    assert ended.phase.value == "RolledBack"
+    outcomes = Dispatcher(store, registry, delivery, supersede=True).drain("diabetes")
+    assert [(o.version, o.phase) for o in outcomes] == [(2, "RolledBack"), (3, "Succeeded")]
