@@ -563,6 +563,9 @@ class EngineDelivery:
         self.state_dir = Path(state_dir) if state_dir is not None else Path(self.spec.state.dir)
         self.image_registry = image_registry
         self.clock = clock
+        #: Versions whose resume was said and did not end yet: retried after an error (by the
+        #: trigger's worker, every interval), it is said again at debug only.
+        self._resuming: set[tuple[str, int]] = set()
 
     def _store(self) -> Any:
         from rollout.api import open_store
@@ -619,11 +622,16 @@ class EngineDelivery:
         if ours:
             # Resumed: the stored status carries the candidate; naming it keeps a spec that
             # names another `candidate:` from being taken for a different rollout.
-            log.info("%s v%d: resuming its rollout", version.name, version.version)
+            key = (version.name, version.version)
+            said = log.debug if key in self._resuming else log.info
+            said("%s v%d: resuming its rollout", version.name, version.version)
+            self._resuming.add(key)
             release = Release(
                 model=version.name, version=str(version.version), sha256=version.sha256
             )
-            return self._roll_out(version, self.spec, release, resumed=True)
+            resumed = self._roll_out(version, self.spec, release, resumed=True)
+            self._resuming.discard(key)
+            return resumed
         # One router client and one metrics client for all the delivery's calls (azureml: an
         # MLClient; azuremonitor: a credential and its token), the metrics probed first.
         router = router or make_router(self.spec.router)
@@ -722,13 +730,21 @@ class EngineDelivery:
         return spec.model_copy(update={"stable": ReleaseConfig(**asdict(release))})
 
     def abort(self, reason: str) -> None:
-        """Queue an `abort` command for the running controller (it rolls back on its next tick)."""
+        """Queue an `abort` command for the running controller (it rolls back on its next tick);
+        once per rollout: one queued already is applied in its turn, and a rollout with no
+        controller (kept open, its version gone from the registry) got one more at every
+        restart of a trigger with --supersede, none applied."""
         from rollout.core.status import Command
 
         store = self._store()
         status = store.load()
         if status is None or status.terminal:
             log.info("nothing to abort (%s): no rollout is running", reason)
+            return
+        if any(
+            c is not None and c.kind == "abort" and c.rollout == status.id for c in store.commands()
+        ):
+            log.info("an abort of the running rollout is queued already (%s)", reason)
             return
         store.push_command(
             Command(

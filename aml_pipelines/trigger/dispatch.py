@@ -26,9 +26,11 @@ Crash semantics (SIGKILL anywhere):
   the delivery path turns into a *resume* (the package step is idempotent; the rollout engine
   continues the rollout of the same candidate from its state store); a rollout that already ended
   is not run again: the start-up reconcile writes its tags, which then settle the entry with the
-  rollout's outcome. An error on the way, even one that closes a version before its rollout
-  (a corrupted model, an invalid spec: PERMANENT), leaves one whose rollout is live in the state
-  store open, to be resumed once it is gone: closed, its rollout had no controller for good.
+  rollout's outcome (one the registry cannot give, damaged or removed since, is settled from the
+  state store: `_ended_unread`). An error on the way, even one that closes a version before its
+  rollout (a corrupted model, an invalid spec: PERMANENT), leaves one whose rollout is live in the
+  state store open, to be resumed once it is gone: closed, its rollout had no controller for good
+  (one the registry lost for good is resumed by hand, `rollout run`: its reason says so).
   `attempts` counts the entries into delivery;
 - after `done`: nothing to do. So each version is delivered once, and none is skipped.
 
@@ -172,6 +174,8 @@ class Dispatcher:
         self._unfit: set[tuple[str, int]] = set()
         #: Per model, when the drain that stopped without `wait` can go on (see `next_read_in`).
         self._due: dict[str, float] = {}
+        #: Versions whose drain without `wait` found the endpoint busy: where their wait is.
+        self._waits: dict[tuple[str, int], _EndpointWait] = {}
         #: With supersede, per model, the newest version accepted whose check of the running
         #: rollout (`_abort_older`) is still to be made (see `check_supersede`).
         self._to_check: dict[str, int] = {}
@@ -318,8 +322,9 @@ class Dispatcher:
 
         `on_outcome` hears each as it closes: an error on a later version ends the drain with
         the exception, and the outcomes before it must not be lost with the return value.
-        A version awaited from the registry is waited for (`pause`); without `wait` the drain
-        ends there instead (the worker goes on with other models, see `next_read_in`).
+        A version awaited from the registry is waited for (`pause`), and so is the endpoint
+        while another rollout is active on it; without `wait` the drain ends there instead (the
+        worker goes on with other models, and comes back when due: see `next_read_in`).
         """
         outcomes = []
         while not self.stop.is_set():
@@ -328,7 +333,7 @@ class Dispatcher:
             # One closed by another process is awaited no more (due forever, it would end
             # every wait of the worker at once).
             still_open = {e.version for e in open_entries}
-            for closed in {*self._misses, *self._failing, *self._unfit}:
+            for closed in {*self._misses, *self._failing, *self._unfit, *self._waits}:
                 if closed[0] == model and closed[1] not in still_open:
                     self._forget(*closed)
             self._due.pop(model, None)
@@ -342,7 +347,9 @@ class Dispatcher:
                 if self.pause(later):
                     break
                 continue
-            outcome = self._deliver_one(model, version)
+            outcome = self._deliver_one(model, version, block=wait)
+            if not wait and model in self._due:  # waits for the endpoint: the worker comes back
+                break
             if outcome is not None:
                 outcomes.append(outcome)
                 if on_outcome is not None:
@@ -351,7 +358,8 @@ class Dispatcher:
 
     def next_read_in(self) -> float | None:
         """Seconds until a model whose drain stopped without `wait` can go on (0: now): a read
-        from the registry its oldest open version waits for is due; None when none waits.
+        from the registry its oldest open version waits for is due, or its next look at a busy
+        endpoint (every `wait_interval_s`); None when none waits.
 
         Only the read that blocks each model counts: an awaited version behind the model's
         oldest open one is not read before its turn, and counted, being due, it ended every wait
@@ -404,18 +412,29 @@ class Dispatcher:
 
         return sorted(models, key=lambda model: not started(model))
 
-    def _deliver_one(self, model: str, version: int) -> DeliveryOutcome | None:
+    def _deliver_one(
+        self, model: str, version: int, *, block: bool = True
+    ) -> DeliveryOutcome | None:
         """Deliver `version` under the deliver lock — let go while another rollout is active
         on the endpoint: that rollout may be one only another process sharing the state folder
         can resume (a kill left it active), and that process needs the lock to do so. Held
         through the wait, it was a deadlock: the endpoint split, with no controller. Each time
-        the lock is taken again, everything is checked again."""
-        wait = _EndpointWait()
+        the lock is taken again, everything is checked again.
+
+        Without `block` (the worker) the wait is not made here: the model is due again in an
+        interval (`_due`) and None returned. The worker must stay free to retry the resume of
+        a live rollout kept open after an error (`_kept_live`): waiting here for the endpoint,
+        it waited for that very rollout, and mended, nothing resumed it."""
+        wait = self._waits.pop((model, version), None) or _EndpointWait()
         while True:
             with self._deliver_lock.held():
                 outcome = self._deliver_locked(model, version, wait)
             if not wait.busy:
                 return outcome
+            if not block:
+                self._waits[(model, version)] = wait  # its abort and its line: once per wait
+                self._due[model] = self.clock() + self.wait_interval_s
+                return None
             if not self._wait_for_endpoint(model, version, wait):
                 return None
 
@@ -452,13 +471,17 @@ class Dispatcher:
                 # newer version open: closed at once when nothing of it is live, as an awaited
                 # pending one is, not after its ~2 min of reads.
                 return closed
+            if (ended := self._ended_unread(model, entry, exc)) is not None:
+                return ended
             if self._missed(entry, model):
                 return None  # still open: read again later, the lock let go meanwhile
-            if self._kept_live(model, version, exc):
+            if self._kept_live(model, version, exc, unread=True):
                 raise
             return self._fail(model, version, exc, MISSING, self._missing_retries(entry))
         except PERMANENT as exc:
-            if self._kept_live(model, version, exc):
+            if (ended := self._ended_unread(model, entry, exc)) is not None:
+                return ended
+            if self._kept_live(model, version, exc, unread=True):
                 raise
             return self._fail(model, version, exc)
         self._misses.pop((model, version), None)
@@ -519,7 +542,13 @@ class Dispatcher:
         return outcome
 
     def _kept_live(
-        self, model: str, version: int, exc: Exception, sha256: str | None = None
+        self,
+        model: str,
+        version: int,
+        exc: Exception,
+        sha256: str | None = None,
+        *,
+        unread: bool = False,
     ) -> bool:
         """Whether `exc`, an error that closes a version for good (PERMANENT, or not in the
         registry), leaves it open instead, to be retried as a resume: True when its rollout is
@@ -528,17 +557,45 @@ class Dispatcher:
         version waiting for it for ever; retried, it goes on once the error is gone: a secret the
         resumed rollout's metrics read, a registry version damaged or removed meanwhile (`sha256`:
         the version's, once read; None, its number alone identifies it). A state store that
-        cannot be read raises its own error here, which keeps the version open too."""
+        cannot be read raises its own error here, which keeps the version open too.
+
+        `unread`: the registry could not give the version, which the resume needs. Gone or
+        damaged for good, it is never resumed here: the reason names the way out, the rollout
+        resumed by hand from the state store, after which its outcome settles the version
+        (`_ended_unread`)."""
         view = self.delivery.current()
         if view is None or not view.active or not view.of(model, version, sha256):
             return False
-        self._retried(
-            model,
-            version,
+        why = (
             f"waits, to be retried as a resume (its rollout is live in the state store): "
-            f"{describe(exc)}",
+            f"{describe(exc)}"
         )
+        if unread:
+            why += (
+                "; if the registry lost it for good, `aml-rollout rollout run <spec>` resumes it "
+                "from the state store (`rollout abort <spec>` first to roll it back), and the "
+                "trigger then closes it with that rollout's outcome"
+            )
+        self._retried(model, version, why)
         return True
+
+    def _ended_unread(self, model: str, entry: Entry, exc: Exception) -> DeliveryOutcome | None:
+        """Close a `started` version the registry cannot give (`exc`: damaged, removed) with
+        the outcome of its rollout when that has ended in the state store (killed before its
+        tags); None otherwise. That outcome is what serves: closed Failed (or `missing`) from
+        the registry's error, a promoted version serving all traffic was reported a failure.
+        Its tags are written by the next reconcile that can read it (each `watch --once` pass,
+        each start); until then the registry says what it said before the rollout."""
+        version = entry.version
+        view = self.delivery.current()
+        if entry.step is not Step.STARTED or view is None or view.active:
+            return None
+        if not view.of(model, version, None):
+            return None
+        reason = f"{view.reason} (its tags not written: {describe(exc)})"
+        log.warning("%s v%d: its rollout ended %s; %s", model, version, view.phase, reason)
+        self._close(model, version, view.phase, reason)
+        return DeliveryOutcome(model, version, view.phase, reason)
 
     def _retried(self, model: str, version: int, why: str) -> None:
         """Leave `version` open, to be retried after an error; `trigger status` tells `why`."""
@@ -769,6 +826,7 @@ class Dispatcher:
         self._misses.pop((model, version), None)
         self._failing.discard((model, version))
         self._unfit.discard((model, version))
+        self._waits.pop((model, version), None)
         self._kept = {k for k in self._kept if k[:2] != (model, version)}
 
     def _endpoint_busy(self, model: str, version: int, wait: _EndpointWait) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +37,7 @@ from aml_pipelines.errors import IntegrityError, ModelNotFound
 from aml_pipelines.registry.base import ModelVersion
 from aml_pipelines.registry.local import LocalRegistry
 from aml_pipelines.trigger.cli import once_exit_code
-from aml_pipelines.trigger.dispatch import Dispatcher
+from aml_pipelines.trigger.dispatch import DeliveryWorker, Dispatcher
 from aml_pipelines.trigger.store import Step, TriggerStore
 from aml_pipelines.trigger.watcher import Watcher
 from rollout.api import bootstrap, run_rollout
@@ -390,3 +391,169 @@ def test_a_started_version_tagged_rolled_back_settles_as_its_rollout_ended(
     store.update("diabetes", 2, lambda e: replace(e, step=Step.STARTED, attempts=1))
     [outcome] = Dispatcher(store, registry, _EndedRollout(view)).drain("diabetes")
     assert (outcome.phase, outcome.reason) == settled
+
+
+def _until(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """Until `condition()`, for up to `timeout` s (the worker runs on its own thread)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "breaks",
+    [
+        pytest.param(_removed, id="gone-from-registry-for-a-while"),
+        pytest.param(_damaged, id="damaged-in-registry-for-a-while"),
+    ],
+)
+def test_a_worker_resumes_a_mended_live_rollout_while_another_model_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, breaks: Callable[[Path, LocalRegistry], Broken]
+) -> None:
+    # Was: the kept-open resume failed, the worker went on to the other model's pending version,
+    # which waited for the endpoint inside its drain (`wait=False` did not stop that wait) until
+    # the live rollout ended — which only the resume it kept the worker from could do: mended,
+    # the rollout stayed at blue 50 % with no controller until the trigger was restarted.
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    register(registry, tmp_path, name="other", stage="candidate")
+    store = TriggerStore(tmp_path / "trigger")
+    store.accept("diabetes", 2, "watch")
+    clock = FakeClock(1_000.0)
+    good = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=clock)
+    _killed_mid_rollout(monkeypatch, Dispatcher(store, registry, good), after_ticks=3)
+    live = good.current()
+    assert live is not None and live.active and (live.candidate, live.weight) == (2, 50)
+
+    spec, mend = breaks(tmp_path, registry)
+    store.accept("other", 1, "event:e1")
+    dispatcher = Dispatcher(
+        store, registry, EngineDelivery(registry, spec, clock=clock), wait_interval_s=0.05
+    )
+    worker = DeliveryWorker(dispatcher, lambda: ["diabetes", "other"])
+    worker.start()
+    try:
+        # The resume is retried every interval, the other model's version waiting meanwhile.
+        _until(lambda: worker.failures >= 3, "the resume retried while the other model waits")
+        assert store.load("other").entries[1].step is Step.PENDING
+        assert good.current() == live  # not touched
+        mend()
+        _until(lambda: store.load("diabetes").entries[2].outcome != "", "v2 closed once mended")
+        _until(lambda: store.load("other").entries[1].step is Step.DONE, "the other delivered")
+    finally:
+        dispatcher.stop.set()
+        worker.join(10)
+    assert store.load("diabetes").entries[2].outcome == "Succeeded"
+    assert _starts(tmp_path) == ["2", "1"]  # v2 resumed, not started again; then the other's
+
+
+@pytest.mark.parametrize("breaks", [_damaged, _removed], ids=["damaged", "removed"])
+def test_a_promoted_version_unreadable_before_its_tags_settles_as_its_rollout_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, breaks: Callable[[Path, LocalRegistry], Broken]
+) -> None:
+    # Was: killed after the promotion, before the tags, v2 then damaged in the registry: the
+    # reconcile stepped over it (nothing to tag it from), and the dispatcher closed v2 Failed
+    # (`watch --once` exit 5) from the registry's error, though its rollout Succeeded and it
+    # serves all traffic.
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    store = TriggerStore(tmp_path / "trigger")
+    store.accept("diabetes", 2, "watch")
+    clock = FakeClock(1_000.0)
+    delivery = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=clock)
+
+    def killed(*_args: Any, **_kw: Any) -> list[TagChange]:
+        raise SystemExit("killed after the rollout ended, before its tags")
+
+    monkeypatch.setattr(delivery_module, "follow_traffic", killed)
+    with pytest.raises(SystemExit):
+        Dispatcher(store, registry, delivery).drain("diabetes")
+    monkeypatch.undo()
+    ended = delivery.current()
+    assert ended is not None and (ended.candidate, ended.phase) == (2, "Succeeded")
+    _, mend = breaks(tmp_path, registry)
+
+    def watch_once() -> list[DeliveryOutcome]:
+        dispatcher = Dispatcher(store, registry, delivery)
+        watcher = Watcher(registry, "diabetes", dispatcher, required_tags={"stage": "candidate"})
+        return watcher.run(once=True)
+
+    [outcome] = watch_once()
+    assert (outcome.version, outcome.phase, once_exit_code([outcome.phase])) == (2, "Succeeded", 0)
+    assert outcome.reason.startswith(f"{ended.reason} (its tags not written: ")
+    assert store.load("diabetes").entries[2].outcome == "Succeeded"
+    mend()
+    assert watch_once() == []  # the next pass's reconcile writes the tags the rollout says
+    assert registry.get("diabetes", 2).stage == "production"
+    assert registry.get("diabetes", 1).stage == "archived"
+    assert _starts(tmp_path) == ["2"]
+
+
+def test_a_resume_retried_after_the_same_error_says_so_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was: the engine delivery's `resuming its rollout` INFO line at every retry (at serve's
+    # 5 s, 720 lines an hour of a misnamed token variable), beside the worker's once-said error.
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    store = TriggerStore(tmp_path / "trigger")
+    store.accept("diabetes", 2, "watch")
+    clock = FakeClock(1_000.0)
+    good = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=clock)
+    _killed_mid_rollout(monkeypatch, Dispatcher(store, registry, good), after_ticks=3)
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    spec, _ = _token_env_unset(tmp_path, registry)
+    dispatcher = Dispatcher(
+        store, registry, EngineDelivery(registry, spec, clock=clock), wait_interval_s=0.01
+    )
+    worker = DeliveryWorker(dispatcher, lambda: ["diabetes"])
+    caplog.set_level(logging.DEBUG, "aml_pipelines")
+    worker.start()
+    try:
+        _until(lambda: worker.failures >= 5, "five retries of the resume")
+    finally:
+        dispatcher.stop.set()
+        worker.join(10)
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("aml_pipelines") and r.levelno >= logging.INFO
+    ]
+    assert said.count("diabetes v2: resuming its rollout") == 1, said
+    assert len(said) == 3, said  # the dispatcher's resume, the delivery's, the worker's error
+
+
+def test_a_live_rollout_whose_version_is_gone_for_good_names_the_way_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: the version kept open for ever (the resume needs the registry's copy), nothing in
+    # `trigger status` saying how to get out, and with --supersede one more abort queued at
+    # every restart, none applied (no controller runs).
+    registry = LocalRegistry(tmp_path / "registry")
+    register(registry, tmp_path, stage="production")
+    register(registry, tmp_path, stage="candidate")
+    store = TriggerStore(tmp_path / "trigger")
+    store.accept("diabetes", 2, "watch")
+    clock = FakeClock(1_000.0)
+    delivery = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=clock)
+    _killed_mid_rollout(monkeypatch, Dispatcher(store, registry, delivery), after_ticks=3)
+    shutil.rmtree(registry.root / "diabetes" / "2")  # removed by hand, for good
+    register(registry, tmp_path, stage="candidate")
+    store.accept("diabetes", 3, "watch")
+    for _restart in range(3):
+        with pytest.raises(ModelNotFound):
+            Dispatcher(store, registry, delivery, supersede=True).drain("diabetes")
+    reason = store.load("diabetes").entries[2].reason
+    assert "`aml-rollout rollout run <spec>` resumes it from the state store" in reason, reason
+    queued = [c for c in delivery._store().commands() if c is not None]
+    assert [c.kind for c in queued] == ["abort"]  # one per rollout, not one per restart
+
+    # The way out, by hand: the stored rollout resumed, the queued abort rolls it back.
+    ended = run_rollout(_spec(tmp_path, 0.01), state_dir=delivery.state_dir, clock=clock)
+    assert ended.phase.value == "RolledBack"
+    outcomes = Dispatcher(store, registry, delivery, supersede=True).drain("diabetes")
+    assert [(o.version, o.phase) for o in outcomes] == [(2, "RolledBack"), (3, "Succeeded")]
