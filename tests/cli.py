@@ -46,3 +46,18 @@ def stop_and_wait(
         process.communicate()
         raise
     return out, err
+
+
+def invoke_rollout(*args: str) -> tuple[int, str]:
+    """`aml-rollout rollout ARGS` in this process (typer's CliRunner): its exit code and output."""
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    result = CliRunner().invoke(app, ["rollout", *args])
+    return result.exit_code, result.output
+
+
+def one_line(text: str) -> str:
+    """`text` with its folds and runs of blanks made single spaces (rich folds long lines)."""
+    return " ".join(text.split())

@@ -10,22 +10,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from rollout.cli import app
 from rollout.commands.rollout import EXIT_ERROR
+from tests.cli import invoke_rollout as invoke
+from tests.cli import one_line
 from tests.engine.specs import write_spec
-
-runner = CliRunner()
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, ["rollout", *args])
-    return result.exit_code, result.output
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 @pytest.mark.parametrize("name", ["DRY.YAML", "dry.Yml", "dry.yaml"])
@@ -76,7 +65,7 @@ def test_explain_of_a_ledger_torn_before_its_first_line(
     ledger.write_bytes(content)
     code, out = invoke("explain", str(ledger))
     assert code == 0, out
-    assert _one_line(out).startswith(said), out
+    assert one_line(out).startswith(said), out
 
 
 @pytest.mark.parametrize(
@@ -93,4 +82,4 @@ def test_explain_still_refuses_what_is_no_torn_ledger(tmp_path: Path, content: b
     path.write_bytes(content)
     code, out = invoke("explain", str(path))
     assert code == EXIT_ERROR, out
-    assert "is not a rollout ledger (no ledger lines)" in _one_line(out), out
+    assert "is not a rollout ledger (no ledger lines)" in one_line(out), out

@@ -12,26 +12,14 @@ import shlex
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from rollout.cli import app
 from rollout.commands.rollout import EXIT_ERROR, EXIT_ROLLED_BACK, EXIT_RUNNING
 from rollout.core.status import Status
 from rollout.core.types import Phase
+from tests.cli import invoke_rollout as invoke
+from tests.cli import one_line
 from tests.core.helpers import V2
 from tests.engine.specs import write_spec
-
-runner = CliRunner()
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, ["rollout", *args])
-    return result.exit_code, result.output
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
 
 # --------------------------------------------------------------------- a user without a name
 
@@ -95,7 +83,7 @@ def test_the_no_controller_hint_is_a_command_that_acts_on_the_queued_one(tmp_pat
     code, out = invoke("abort", str(spec), "--state-dir", str(state))
     printed = shlex.join(["aml-rollout", "rollout", "run", str(spec), "--state-dir", str(state)])
     assert code == 0, out
-    assert _one_line(out) == (
+    assert one_line(out) == (
         f"queued abort for rollout cli; no controller is running: `{printed}` acts on it"
     )
     argv = shlex.split(printed)
@@ -117,7 +105,7 @@ def test_the_no_controller_hint_names_the_stored_candidate(tmp_path: Path) -> No
         ["aml-rollout", "rollout", "run", str(spec), *where, "--candidate", "diabetes:2"]
     )
     assert code == 0, out
-    assert f"no controller is running: `{printed}` acts on it" in _one_line(out), out
+    assert f"no controller is running: `{printed}` acts on it" in one_line(out), out
 
 
 def test_the_hint_without_state_dir_quotes_the_spec_alone(tmp_path: Path) -> None:
@@ -128,7 +116,7 @@ def test_the_hint_without_state_dir_quotes_the_spec_alone(tmp_path: Path) -> Non
     code, out = invoke("pause", str(spec))
     assert code == 0, out
     said = shlex.join(["aml-rollout", "rollout", "run", str(spec)])
-    assert f"no controller is running: `{said}` acts on it" in _one_line(out), out
+    assert f"no controller is running: `{said}` acts on it" in one_line(out), out
 
 
 def test_the_under_way_refusal_says_a_command_that_finishes_it(tmp_path: Path) -> None:
@@ -140,7 +128,7 @@ def test_the_under_way_refusal_says_a_command_that_finishes_it(tmp_path: Path) -
     code, out = invoke("pause", str(spec), "--state-dir", str(state))
     printed = shlex.join(["aml-rollout", "rollout", "run", str(spec), "--state-dir", str(state)])
     assert code == EXIT_ERROR, out
-    assert f"no controller is running: `{printed}` finishes it" in _one_line(out), out
+    assert f"no controller is running: `{printed}` finishes it" in one_line(out), out
     assert store.commands() == []
 
 
@@ -161,10 +149,10 @@ def test_status_of_an_unguarded_operator_pause_says_run_keeps_it_paused(tmp_path
     )
     code, out = invoke("status", str(spec))
     assert code == EXIT_RUNNING
-    assert said in _one_line(out), out
+    assert said in one_line(out), out
     assert "resume it with" not in out
     code, out = invoke("status", str(spec), "--watch", "--timeout", "0")
-    assert f"(no controller running: {said.removeprefix('none running: ')})" in _one_line(out)
+    assert f"(no controller running: {said.removeprefix('none running: ')})" in one_line(out)
 
 
 def test_status_of_an_undriven_progressing_rollout_still_says_run_resumes_it(
@@ -175,4 +163,4 @@ def test_status_of_an_undriven_progressing_rollout_still_says_run_resumes_it(
 
     open_store(spec).save(Status(name="cli", id="r1", phase=Phase.PROGRESSING, blue_weight=10))
     _, out = invoke("status", str(spec))
-    assert "none running: resume it with `aml-rollout rollout run SPEC`" in _one_line(out), out
+    assert "none running: resume it with `aml-rollout rollout run SPEC`" in one_line(out), out

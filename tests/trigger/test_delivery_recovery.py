@@ -89,6 +89,28 @@ def _killed_mid_rollout(
     monkeypatch.undo()
 
 
+def _v2_killed_at_50(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch, *others: str
+) -> tuple[LocalRegistry, TriggerStore, FakeClock, EngineDelivery]:
+    """diabetes v1 in production, v2 accepted, its rollout's trigger killed at blue 50 %;
+    `others`: models with a candidate waiting too. The delivery's clock is for every restart:
+    one an hour later would find the step over its max_step_duration_s and hold the rollout
+    for a human (the engine's rule, not ours)."""
+    registry = LocalRegistry(tmp / "registry")
+    register(registry, tmp, stage="production")
+    register(registry, tmp, stage="candidate")
+    for name in others:
+        register(registry, tmp, name=name, stage="candidate")
+    store = TriggerStore(tmp / "trigger")
+    store.accept("diabetes", 2, "watch")
+    clock = FakeClock(1_000.0)
+    delivery = EngineDelivery(registry, _spec(tmp, 0.01), clock=clock)
+    _killed_mid_rollout(monkeypatch, Dispatcher(store, registry, delivery), after_ticks=3)
+    live = delivery.current()
+    assert live is not None and live.active and (live.candidate, live.weight) == (2, 50)
+    return registry, store, clock, delivery
+
+
 #: What a case breaks before the restart: (the restarted trigger's spec, how to mend it after).
 Broken = tuple[Any, Callable[[], object]]
 
@@ -136,18 +158,8 @@ def test_an_error_resuming_a_live_rollout_leaves_it_open_to_be_resumed(
     # Was: each error PERMANENT (a corrupted model, an invalid spec, not in the registry), so the
     # version was closed Failed (or `missing`) while its rollout stayed Progressing at 50 % with
     # no controller: nothing resumed it, every later version waited for it for ever.
-    registry = LocalRegistry(tmp_path / "registry")
-    register(registry, tmp_path, stage="production")
-    register(registry, tmp_path, stage="candidate")
-    store = TriggerStore(tmp_path / "trigger")
-    store.accept("diabetes", 2, "watch")
-    # One clock for the three processes: a restart an hour later would find the step over its
-    # max_step_duration_s and hold the rollout for a human (the engine's rule, not ours).
-    clock = FakeClock(1_000.0)
-    good = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=clock)
-    _killed_mid_rollout(monkeypatch, Dispatcher(store, registry, good), after_ticks=3)
+    registry, store, clock, good = _v2_killed_at_50(tmp_path, monkeypatch)
     live = good.current()
-    assert live is not None and live.active and (live.candidate, live.weight) == (2, 50)
 
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     spec, mend = breaks(tmp_path, registry)
@@ -415,17 +427,8 @@ def test_a_worker_resumes_a_mended_live_rollout_while_another_model_waits(
     # which waited for the endpoint inside its drain (`wait=False` did not stop that wait) until
     # the live rollout ended — which only the resume it kept the worker from could do: mended,
     # the rollout stayed at blue 50 % with no controller until the trigger was restarted.
-    registry = LocalRegistry(tmp_path / "registry")
-    register(registry, tmp_path, stage="production")
-    register(registry, tmp_path, stage="candidate")
-    register(registry, tmp_path, name="other", stage="candidate")
-    store = TriggerStore(tmp_path / "trigger")
-    store.accept("diabetes", 2, "watch")
-    clock = FakeClock(1_000.0)
-    good = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=clock)
-    _killed_mid_rollout(monkeypatch, Dispatcher(store, registry, good), after_ticks=3)
+    registry, store, clock, good = _v2_killed_at_50(tmp_path, monkeypatch, "other")
     live = good.current()
-    assert live is not None and live.active and (live.candidate, live.weight) == (2, 50)
 
     spec, mend = breaks(tmp_path, registry)
     store.accept("other", 1, "event:e1")
@@ -497,14 +500,7 @@ def test_a_resume_retried_after_the_same_error_says_so_once(
 ) -> None:
     # Was: the engine delivery's `resuming its rollout` INFO line at every retry (at serve's
     # 5 s, 720 lines an hour of a misnamed token variable), beside the worker's once-said error.
-    registry = LocalRegistry(tmp_path / "registry")
-    register(registry, tmp_path, stage="production")
-    register(registry, tmp_path, stage="candidate")
-    store = TriggerStore(tmp_path / "trigger")
-    store.accept("diabetes", 2, "watch")
-    clock = FakeClock(1_000.0)
-    good = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=clock)
-    _killed_mid_rollout(monkeypatch, Dispatcher(store, registry, good), after_ticks=3)
+    registry, store, clock, _ = _v2_killed_at_50(tmp_path, monkeypatch)
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     spec, _ = _token_env_unset(tmp_path, registry)
     dispatcher = Dispatcher(
@@ -533,14 +529,7 @@ def test_a_live_rollout_whose_version_is_gone_for_good_names_the_way_out(
     # Was: the version kept open for ever (the resume needs the registry's copy), nothing in
     # `trigger status` saying how to get out, and with --supersede one more abort queued at
     # every restart, none applied (no controller runs).
-    registry = LocalRegistry(tmp_path / "registry")
-    register(registry, tmp_path, stage="production")
-    register(registry, tmp_path, stage="candidate")
-    store = TriggerStore(tmp_path / "trigger")
-    store.accept("diabetes", 2, "watch")
-    clock = FakeClock(1_000.0)
-    delivery = EngineDelivery(registry, _spec(tmp_path, 0.01), clock=clock)
-    _killed_mid_rollout(monkeypatch, Dispatcher(store, registry, delivery), after_ticks=3)
+    registry, store, clock, delivery = _v2_killed_at_50(tmp_path, monkeypatch)
     shutil.rmtree(registry.root / "diabetes" / "2")  # removed by hand, for good
     register(registry, tmp_path, stage="candidate")
     store.accept("diabetes", 3, "watch")
