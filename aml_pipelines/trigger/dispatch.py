@@ -580,18 +580,32 @@ class Dispatcher:
         return True
 
     def _ended_unread(self, model: str, entry: Entry, exc: Exception) -> DeliveryOutcome | None:
-        """Close a `started` version the registry cannot give (`exc`: damaged, removed) with
-        the outcome of its rollout when that has ended in the state store (killed before its
-        tags); None otherwise. That outcome is what serves: closed Failed (or `missing`) from
-        the registry's error, a promoted version serving all traffic was reported a failure.
-        Its tags are written by the next reconcile that can read it (each `watch --once` pass,
-        each start); until then the registry says what it said before the rollout."""
+        """A `started` version the registry cannot give (`exc`: damaged, removed) whose
+        rollout has ended in the state store (killed before its tags): closed with that
+        rollout's outcome when it rolled back (the version serves nothing, whatever else
+        changed since); None when no such rollout ended. Closed Failed (or `missing`) from the
+        registry's error, a promoted version serving all traffic was reported a failure.
+
+        A promotion is not settled so: it says the version serves, which only green can tell
+        still holds (an operator may have sent green back since) and only the registry's bits
+        tell are the ones promoted (a registry reset reuses numbers). The version is kept open
+        and `exc` raised again (`watch --once` exits 2; the worker retries): the registry giving
+        it again settles it, its tags written. Either way the tags wait for a reconcile that
+        can read it (each `watch --once` pass, each start)."""
         version = entry.version
         view = self.delivery.current()
         if entry.step is not Step.STARTED or view is None or view.active:
             return None
         if not view.of(model, version, None):
             return None
+        if view.phase == SUCCEEDED:
+            self._retried(
+                model,
+                version,
+                f"waits: its rollout was promoted ({view.reason}), but the registry cannot give "
+                f"it to check that is what serves and to tag it: {describe(exc)}",
+            )
+            raise exc
         reason = f"{view.reason} (its tags not written: {describe(exc)})"
         log.warning("%s v%d: its rollout ended %s; %s", model, version, view.phase, reason)
         self._close(model, version, view.phase, reason)
