@@ -30,9 +30,10 @@ demo: $(STAMP) prometheus
 # Two pytest workers (the 2-core machine the suite is measured on; `make test TEST_WORKERS=8`
 # on a bigger one): most of the suite's time is real processes waiting on wall-clock ticks
 # (Envoy, Prometheus, uvicorn, killed controllers), which overlap well. `pytest FILE` is serial.
+# The 30 slowest tests are listed at the end: the suite is kept under ~10 min.
 TEST_WORKERS ?= 2
 test: $(STAMP) prometheus azureml-env
-	$(PY) -m pytest --numprocesses $(TEST_WORKERS) --dist worksteal
+	$(PY) -m pytest --numprocesses $(TEST_WORKERS) --dist worksteal --durations 30
 
 # azureml-inference-server-http in a venv of its own (it pins its own Flask and pydantic), which
 # tests/scoring/test_azureml_server.py and the scoring benchmark compare our server with. Made

@@ -109,12 +109,13 @@ UNREAD_CHARS = 1000
 
 
 def clipped(text: str, limit: int) -> str:
-    """`text`, or its first words that fit in `limit` characters followed by "…"."""
+    """`text`, or its first words that fit in `limit` characters followed by "…" (cut within
+    a word where the last space would leave less than half of them: one long word)."""
     if len(text) <= limit:
         return text
     head = text[: max(limit - 1, 0)]
-    words = head.rsplit(" ", 1)[0] if " " in head.strip() else head
-    return f"{words.rstrip()}…"
+    words = head.rsplit(" ", 1)[0].rstrip() if " " in head.strip() else ""
+    return f"{words if len(words) >= len(head) // 2 else head}…"
 
 
 class Clock(Protocol):

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from rollout.controller import Controller, FakeClock
+from rollout.controller import UNREAD_CHARS, Controller, FakeClock
 from rollout.core.status import Command, SetWeights
 from rollout.core.types import Colour, Phase, Release, Weights
 from rollout.errors import RolloutError, RouterError, WeightsUnsettled
@@ -288,7 +288,7 @@ def test_a_long_reason_the_data_plane_could_not_be_read_is_cut_in_the_ledger(
     router.unreadable = True
     ctl.tick(status)
     last = read_ledger(tmp_path / "t.ledger.jsonl")[-1]
-    assert last["data_plane_unread"] == router.why[:200]
+    assert last["data_plane_unread"] == router.why[: UNREAD_CHARS - 1] + "…"
 
 
 class SlowDeploy(MemoryRouter):

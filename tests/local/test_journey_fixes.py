@@ -247,6 +247,7 @@ def test_a_longer_reason_is_cut_at_a_word_and_says_so() -> None:
     assert clipped("one two three four", 12) == "one two…"
     assert clipped("one two three four", 18) == "one two three four"
     assert clipped("x" * 30, 10) == "x" * 9 + "…"  # no space to cut at
+    assert clipped("why: " + "x" * 30, 20) == "why: " + "x" * 14 + "…"  # one long word
     assert all(len(clipped("ab cd " * 50, n)) <= n for n in range(1, 60))
 
 
