@@ -45,20 +45,48 @@ def test_the_next_test_sees_them_as_they_were():
 """
 
 
+#: The same for the Azure loggers a command quiets, and the import hook it installs (a test
+#: running a command quieted them for every later test of its xdist worker, whose caplog saw no
+#: Azure record).
+QUIETING_THEN_ANOTHER_TEST = """
+import logging
+import sys
+
+from rollout.azure_credential import QuietAzureML, quiet_azure_logs
+
+
+def test_a_command_quiets_the_azure_logs():
+    quiet_azure_logs()
+
+
+def test_the_next_test_sees_them_as_they_were():
+    for name in ("azure", "azure.identity", "azure.ai.ml"):
+        assert logging.getLogger(name).level == logging.NOTSET, name
+    assert not [f for f in sys.meta_path if isinstance(f, QuietAzureML)]
+"""
+
+
+@pytest.mark.parametrize(
+    "two_tests",
+    [
+        pytest.param(CONFIGURING_THEN_ANOTHER_TEST, id="loggers-a-test-configures"),
+        pytest.param(QUIETING_THEN_ANOTHER_TEST, id="azure-loggers-a-command-quiets"),
+    ],
+)
 @pytest.mark.parametrize(
     ("options", "passes"),
     [
         pytest.param(["-p", "tests.conftest"], True, id="with-the-suites-conftest"),
-        pytest.param([], False, id="without-it-the-loggers-leak"),
+        pytest.param([], False, id="without-it-they-leak"),
     ],
 )
 def test_a_test_leaves_the_loggers_as_it_found_them(
-    tmp_path: Path, options: list[str], passes: bool
+    tmp_path: Path, two_tests: str, options: list[str], passes: bool
 ) -> None:
     """Was: only the `azure*` loggers that existed before a test had their level restored; one
     a test created (azure-ai-ml imported in it, a logger of its own) kept the level, handlers
     and propagation it set for every later test of its xdist worker."""
-    (tmp_path / "test_two.py").write_text(CONFIGURING_THEN_ANOTHER_TEST)
+    (tmp_path / "test_two.py").write_text(two_tests)
     done = subprocess.run(
         [sys.executable, "-m", "pytest", *options, "-p", "no:cacheprovider", "-o", "addopts=",
          "-q", str(tmp_path / "test_two.py")],

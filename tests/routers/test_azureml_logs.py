@@ -119,46 +119,6 @@ def test_the_quieting_applies_to_azure_ai_ml_already_imported() -> None:
     assert sum(isinstance(finder, QuietAzureML) for finder in sys.meta_path) == 1
 
 
-#: Two tests in one session: the second sees the Azure loggers as the session started.
-QUIETING_THEN_ANOTHER_TEST = """
-import logging
-import sys
-
-from rollout.azure_credential import QuietAzureML, quiet_azure_logs
-
-
-def test_a_command_quiets_the_azure_logs():
-    quiet_azure_logs()
-
-
-def test_the_next_test_sees_them_as_they_were():
-    for name in ("azure", "azure.identity", "azure.ai.ml"):
-        assert logging.getLogger(name).level == logging.NOTSET, name
-    assert not [f for f in sys.meta_path if isinstance(f, QuietAzureML)]
-"""
-
-
-@pytest.mark.parametrize(
-    ("options", "passes"),
-    [
-        pytest.param(["-p", "tests.conftest"], True, id="with-the-suites-conftest"),
-        pytest.param([], False, id="without-it-the-levels-leak"),
-    ],
-)
-def test_a_test_leaves_the_azure_log_levels_as_it_found_them(
-    tmp_path: Path, options: list[str], passes: bool
-) -> None:
-    """tests/conftest.py restores them (and drops the import hook): a test running a command
-    quieted them for every later test of its xdist worker, whose caplog saw no Azure record."""
-    (tmp_path / "test_two.py").write_text(QUIETING_THEN_ANOTHER_TEST)
-    done = _in_a_clean_interpreter(
-        "", "-m", "pytest", *options, "-p", "no:cacheprovider", "-o", "addopts=", "-q",
-        str(tmp_path / "test_two.py"),
-    )  # fmt: skip
-    assert (done.returncode == 0) is passes, done.stdout + done.stderr
-    assert ("2 passed" if passes else "1 failed, 1 passed") in done.stdout
-
-
 def test_the_hook_s_spec_copies_and_pickles_as_a_plain_one() -> None:
     """Was: copy, deepcopy and pickle of the spec the hook finds recursed for ever (the wrapper
     loader forwarded `_loader` itself, missing on a half-built copy)."""
