@@ -640,25 +640,27 @@ class EnvoyRouter:
                 "(router.timeout_s)"
             ) from exc
         except httpx.TransportError as exc:
-            stack = self._stack()
-            # A stack `up` ran (its spec's rollout resumed after `up` stopped): a plain `up`
-            # starts a new folder and spec, where the rollout's state and ledger are not.
-            how = (
-                "start one with `aml-rollout up`, and use the spec it writes"
-                if stack is None
-                else f"a stack `aml-rollout up` ran in {stack} starts again with "
-                f"`{self._up_again(stack)}`, and the rollout resumes on it"
-            )
             raise RouterUnavailable(
                 f"Envoy admin at {self.admin_url} is not reachable: {exc or type(exc).__name__} "
-                f"({how})"
+                f"({self._how_back()})"
             ) from exc
 
-    def _stack(self) -> Path | None:
-        """The folder `aml-rollout up` ran in, when the routes file is its Envoy's (next to the
-        bootstrap `up` wrote); None for an Envoy started otherwise."""
+    def _how_back(self) -> str:
+        """How to get an Envoy that went away back. One `aml-rollout up` ran (the routes file
+        beside the bootstrap it wrote; its rollout resumed after `up` stopped): the `up` that
+        starts that stack again (`_up_hint`) — a plain `up` starts a new folder and spec, where
+        the rollout's state and ledger are not."""
         envoy = self.files.routes.parent
-        return envoy.parent if (envoy / "envoy.json").is_file() else None
+        if not (envoy / "envoy.json").is_file():
+            return "start one with `aml-rollout up`, and use the spec it writes"
+        return self._up_hint(envoy.parent)
+
+    def _up_hint(self, stack: Path) -> str:
+        """The words naming the `up` that starts stack `stack` again, the rollout resumed."""
+        return (
+            f"a stack `aml-rollout up` ran in {stack} starts again with "
+            f"`{self._up_again(stack)}`, and the rollout resumes on it"
+        )
 
     def _point(self, colour: Colour, endpoints: list[Endpoint]) -> None:
         version = f"{colour.value}-{time.time_ns()}"
@@ -725,11 +727,9 @@ class EnvoyRouter:
             ) from exc
         except httpx.ConnectError as exc:
             # Most often a rollout resumed after its `aml-rollout up` stopped: say how back.
-            stack = self.files.routes.parent.parent
             raise RouterError(
                 f"cannot read Envoy's config at {self.admin_url}: {exc} (no Envoy there any "
-                f"more; a stack `aml-rollout up` ran in {stack} starts again with "
-                f"`{self._up_again(stack)}`, and the rollout resumes on it)"
+                f"more; {self._up_hint(self.files.routes.parent.parent)})"
             ) from exc
         except (httpx.HTTPError, ValueError) as exc:
             raise RouterError(f"cannot read Envoy's config at {self.admin_url}: {exc}") from exc
