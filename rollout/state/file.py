@@ -20,7 +20,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -168,28 +168,43 @@ class FileStateStore:
     def lease(self, owner: str) -> Iterator[None]:
         """Hold an exclusive fcntl lock on the lock file for the block."""
         self._ensure_dir()
-        try:
-            fd = hold_lock(self.lock_path, owner)
-        except OSError as exc:  # a state dir another user created, a read-only mount
-            raise StateError(f"cannot take the lease {self.lock_path}: {exc.strerror}") from exc
-        if isinstance(fd, str):
-            raise LeaseHeldError(
-                f"rollout {self.name!r} is already driven by another controller ({fd}); "
-                f"stop it, or steer it with `aml-rollout rollout pause|resume|promote|abort`"
+
+        def refusal(holder: str) -> str:
+            return (
+                f"rollout {self.name!r} is already driven by another controller ({holder}); "
+                "stop it, or steer it with `aml-rollout rollout pause|resume|promote|abort`"
             )
-        self._held = fd
-        self._remove_stale_temps()
-        try:
-            yield
-        finally:
-            self._held = None
+
+        with locked(self.lock_path, owner, "lease", refusal) as fd:
+            self._held = fd
+            self._remove_stale_temps()
             try:
-                # The stamp names the holder only while it is locked: one left behind names no
-                # one, and an error here would hide the one that ended the block.
-                with suppress(OSError):
-                    os.ftruncate(fd, 0)
+                yield
             finally:
-                os.close(fd)  # closing drops the lock
+                self._held = None
+
+
+@contextmanager
+def locked(path: Path, owner: str, what: str, refusal: Callable[[str], str]) -> Iterator[int]:
+    """`path`'s lock (`hold_lock`) held for the block, its fd given; StateError naming `what`
+    when it cannot be taken (a directory another user created, a read-only mount), and
+    LeaseHeldError saying `refusal(the holder's stamp)` while another process holds it. Let
+    go, its stamp is cleared first: one left behind names no one, and an error there would
+    hide the one that ended the block."""
+    try:
+        fd = hold_lock(path, owner)
+    except OSError as exc:
+        raise StateError(f"cannot take the {what} {path}: {exc.strerror}") from exc
+    if isinstance(fd, str):
+        raise LeaseHeldError(refusal(fd))
+    try:
+        yield fd
+    finally:
+        try:
+            with suppress(OSError):
+                os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)  # closing drops the lock
 
 
 #: Times `hold_lock` locks anew a lock file deleted or replaced as it was locked.

@@ -9,15 +9,14 @@ is. Without it both ran, interleaving one ledger, and `explain` told one story o
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import ClassVar
 
 from rollout.core.status import Command, Status
 from rollout.errors import LeaseHeldError, StateError
-from rollout.state.file import hold_lock
+from rollout.state.file import locked
 
 
 class MemoryStateStore:
@@ -66,32 +65,29 @@ class MemoryStateStore:
             raise LeaseHeldError(
                 f"rollout {self.name!r} is already driven by another controller ({holder})"
             )
-        fd = self._lock(owner)
-        self._leases[self.name] = owner
-        try:
-            yield
-        finally:
-            self._leases.pop(self.name, None)
-            if fd is not None:
-                with suppress(OSError):  # (the stamp names no one once unlocked)
-                    os.ftruncate(fd, 0)
-                os.close(fd)  # closing drops the lock
+        with self._locked(owner):
+            self._leases[self.name] = owner
+            try:
+                yield
+            finally:
+                self._leases.pop(self.name, None)
 
-    def _lock(self, owner: str) -> int | None:
-        """The lock file's fd, held (None without a directory); LeaseHeldError when another
-        dry run holds it."""
+    def _locked(self, owner: str) -> AbstractContextManager[object]:
+        """The lock file held (nothing without a directory); LeaseHeldError when another dry
+        run holds it."""
         if self.lock_path is None:
-            return None
+            return nullcontext()
         try:
             self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-            fd = hold_lock(self.lock_path, owner)
         except OSError as exc:  # a directory another user created, a read-only mount
             raise StateError(f"cannot take the lock {self.lock_path}: {exc.strerror}") from exc
-        if isinstance(fd, str):
-            ledger = self.lock_path.with_name(f"{self.name}.memory.ledger.jsonl")
-            raise LeaseHeldError(
-                f"rollout {self.name!r} is already driven by another dry run ({fd}), which "
+        ledger = self.lock_path.with_name(f"{self.name}.memory.ledger.jsonl")
+
+        def refusal(holder: str) -> str:
+            return (
+                f"rollout {self.name!r} is already driven by another dry run ({holder}), which "
                 f"writes its ledger {ledger}; stop it or let it end, or give this one another "
                 "--state-dir"
             )
-        return fd
+
+        return locked(self.lock_path, owner, "lock", refusal)
