@@ -357,8 +357,8 @@ def _collection_view(collector: Any, endpoint: str, deployment: str) -> Any:
     classes compare by identity): its own default data asset whatever Azure calls it."""
     if collector is None:
         return None
-    logging = collector.request_logging
-    headers = getattr(logging, "capture_headers", None) if logging is not None else None
+    requests = collector.request_logging
+    headers = getattr(requests, "capture_headers", None) if requests is not None else None
     return (
         sorted(
             (
@@ -811,15 +811,15 @@ class AzureMLRouter:
             collections[key] = DeploymentCollection(
                 enabled=collection.enabled, data=data, client_id=collection.client_id
             )
-        logging = held.request_logging
+        requests = held.request_logging
         return DataCollector(
             collections,
             rolling_rate=held.rolling_rate,
             sampling_rate=getattr(held, "sampling_rate", None),
             request_logging=(
                 None
-                if logging is None
-                else RequestLogging(capture_headers=list(logging.capture_headers or []))
+                if requests is None
+                else RequestLogging(capture_headers=list(requests.capture_headers or []))
             ),
         )
 
